@@ -1,0 +1,22 @@
+"""Model weight files: our safetensors/torch checkpoints and PaddleClas .pdparams import."""
+
+from shitu.checkpoint.io import (
+    LoadReport,
+    load_pretrained,
+    load_weights,
+    model_metadata,
+    read_weights,
+    save_weights,
+)
+from shitu.checkpoint.paddle import paddle_to_torch, read_pdparams
+
+__all__ = [
+    "LoadReport",
+    "load_pretrained",
+    "load_weights",
+    "model_metadata",
+    "paddle_to_torch",
+    "read_pdparams",
+    "read_weights",
+    "save_weights",
+]

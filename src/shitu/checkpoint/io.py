@@ -1,0 +1,198 @@
+"""Reading and writing model weights: safetensors (default), torch, and PaddleClas .pdparams."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from shitu.checkpoint.paddle import paddle_to_torch, read_pdparams
+from shitu.errors import CheckpointError
+from shitu.models.reparam import is_reparameterized, reparameterize
+
+TORCH_SUFFIXES = (".pt", ".pth")
+WEIGHT_SUFFIXES = (".safetensors", *TORCH_SUFFIXES, ".pdparams")
+REPARAMETERIZED = "shitu.reparameterized"
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadReport:
+    """What happened to each tensor when weights were loaded."""
+
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    shape_mismatch: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        text = f"loaded {len(self.loaded)} tensors"
+        for label, names in (
+            ("missing from file", self.missing),
+            ("not in model", self.unexpected),
+            ("shape mismatch", self.shape_mismatch),
+        ):
+            if names:
+                text += f"; {len(names)} {label} (e.g. {', '.join(names[:3])})"
+        return text
+
+
+def save_weights(
+    state: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
+) -> Path:
+    """Write a state dict atomically (.safetensors, or torch for .pt/.pth)."""
+    path = Path(path)
+    if path.suffix not in (".safetensors", *TORCH_SUFFIXES):
+        raise CheckpointError(f"cannot write {path}: use a .safetensors, .pt or .pth file name")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    metadata = dict(metadata or {})
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        if path.suffix == ".safetensors":
+            save_file(tensors, tmp, metadata=metadata)
+        else:
+            torch.save({"state_dict": tensors, "metadata": metadata}, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """State dict and metadata from a .safetensors or torch file written by `save_weights`.
+
+    Plain torch state dicts (and dicts with a 'state_dict' or 'model' entry) are accepted too.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weight file not found: {path}")
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = dict(handle.metadata() or {})
+            return load_file(str(path)), metadata
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from None
+    if path.suffix in TORCH_SUFFIXES:
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises many types for corrupt files
+            raise CheckpointError(f"{path} is not a readable torch checkpoint: {exc}") from None
+        metadata = {}
+        if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
+            metadata = dict(data.get("metadata") or {})
+            data = data["state_dict"]
+        elif isinstance(data, dict) and isinstance(data.get("model"), dict):
+            data = data["model"]
+        if not isinstance(data, dict) or not all(
+            isinstance(v, torch.Tensor) for v in data.values()
+        ):
+            raise CheckpointError(f"{path} does not hold a state dict of tensors")
+        return data, metadata
+    raise CheckpointError(
+        f"unsupported weight file {path}: expected one of {', '.join(WEIGHT_SUFFIXES)}"
+    )
+
+
+def state_for_model(
+    model: nn.Module, path: str | Path
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Tensors from any supported file, named and laid out for `model`; folds `model` if the file is folded."""
+    path = Path(path)
+    if path.suffix == ".pdparams":
+        return paddle_to_torch(read_pdparams(path), model)
+    state, metadata = read_weights(path)
+    if metadata.get(REPARAMETERIZED) == "true":
+        reparameterize(model)
+    return state, []
+
+
+def load_weights(
+    model: nn.Module, path: str | Path, strict: bool = True, ignore_prefixes: tuple[str, ...] = ()
+) -> LoadReport:
+    """Load weights into `model`.
+
+    strict: every tensor must be present with the right shape (else CheckpointError).
+    Not strict: load what fits, report the rest.
+    ignore_prefixes: file tensors to leave out on purpose (e.g. 'head.' for a feature extractor).
+    """
+    state, dropped = state_for_model(model, path)
+    if ignore_prefixes:
+        dropped += [k for k in state if k.startswith(ignore_prefixes)]
+        state = {k: v for k, v in state.items() if not k.startswith(ignore_prefixes)}
+    return _fit(model, state, dropped, strict, source=str(path))
+
+
+def load_pretrained(module: nn.Module, path: str | Path | bool) -> LoadReport:
+    """Initialise `module` (e.g. a backbone) from a weight file, loading only what fits.
+
+    Accepts files of the module itself, or of a whole RecModel (its `backbone.`
+    entries are used). Tensors that do not fit (a different classifier size, say)
+    are skipped and logged.
+    """
+    if path is True or path is False:
+        raise CheckpointError(
+            "pretrained: True would download weights, which shitu never does; "
+            "give the path of a .safetensors, .pt/.pth or .pdparams file"
+        )
+    state, dropped = state_for_model(module, path)
+    own = module.state_dict()
+    if not any(name in own for name in state):
+        prefix = "backbone."
+        state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    report = _fit(module, state, dropped, strict=False, source=str(path))
+    if not report.loaded:
+        raise CheckpointError(f"{path}: no tensor fits {type(module).__name__}; {report.summary()}")
+    logger.info("pretrained %s: %s", path, report.summary())
+    return report
+
+
+def _fit(
+    model: nn.Module, state: dict[str, torch.Tensor], dropped: list[str], strict: bool, source: str
+) -> LoadReport:
+    expected = model.state_dict()
+    report = LoadReport(dropped=dropped)
+    fitting: dict[str, torch.Tensor] = {}
+    mismatched: set[str] = set()
+    for name, tensor in state.items():
+        if name not in expected:
+            report.unexpected.append(name)
+        elif tuple(tensor.shape) != tuple(expected[name].shape):
+            mismatched.add(name)
+            report.shape_mismatch.append(
+                f"{name} {tuple(tensor.shape)} vs {tuple(expected[name].shape)}"
+            )
+        else:
+            fitting[name] = tensor.to(expected[name].dtype)
+    for name, value in expected.items():
+        if name not in state and name.endswith("num_batches_tracked"):
+            fitting[name] = torch.zeros_like(value)  # Paddle does not count batches
+    report.missing = [n for n in expected if n not in fitting and n not in mismatched]
+    report.loaded = sorted(fitting)
+    if strict and (report.missing or report.unexpected or report.shape_mismatch):
+        raise CheckpointError(
+            f"{source} does not fit the model: {report.summary()} (does the config match?)"
+        )
+    model.load_state_dict(fitting, strict=False)
+    return report
+
+
+def model_metadata(model: nn.Module, arch: dict | None = None) -> dict[str, str]:
+    """Metadata stored beside the weights: whether folded, and the Arch config that built them."""
+    metadata = {REPARAMETERIZED: "true" if is_reparameterized(model) else "false"}
+    if arch is not None:
+        metadata["shitu.arch"] = json.dumps(arch)
+    return metadata

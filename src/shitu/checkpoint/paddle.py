@@ -1,0 +1,112 @@
+"""Read PaddlePaddle `.pdparams` files and map them onto our modules, without Paddle.
+
+A `.pdparams` file is a pickled dict of parameter name -> numpy array. It is
+unpickled with an allow-list (numpy arrays and dicts only), so a malicious file
+cannot run code. Mapping rules, from how Paddle names and lays out tensors:
+- BatchNorm running statistics are `_mean` / `_variance` (torch: running_mean / running_var);
+- Linear weights are [in, out] (torch: [out, in]), as are the class weights of margin heads;
+- a re-parameterisable block that has not been folded also stores an unused fused conv.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from shitu.errors import CheckpointError
+
+_ALLOWED_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("collections", "OrderedDict"),
+}
+_STRUCTURE_KEY = "StructuredToParameterName@@"
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _ALLOWED_GLOBALS:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        return super().find_class(module, name)
+
+
+def read_pdparams(path: str | Path) -> dict[str, np.ndarray]:
+    """Parameter name -> numpy array from a `.pdparams` file."""
+    path = Path(path)
+    try:
+        with path.open("rb") as handle:
+            data = _ArrayUnpickler(handle).load()
+    except FileNotFoundError:
+        raise CheckpointError(f"weight file not found: {path}") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"{path} is not a readable .pdparams file: {exc}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} is not a .pdparams state dict (found {type(data).__name__})")
+    state = {k: v for k, v in data.items() if k != _STRUCTURE_KEY}
+    bad = [k for k, v in state.items() if not isinstance(v, np.ndarray)]
+    if bad:
+        raise CheckpointError(f"{path}: entry '{bad[0]}' is not an array")
+    return state
+
+
+def _torch_name(paddle_name: str) -> str:
+    if paddle_name.endswith("._mean"):
+        return paddle_name[: -len("_mean")] + "running_mean"
+    if paddle_name.endswith("._variance"):
+        return paddle_name[: -len("_variance")] + "running_var"
+    return paddle_name
+
+
+def _transposed_names(model: nn.Module) -> set[str]:
+    """Names of parameters that Paddle stores transposed relative to torch."""
+    names: set[str] = set()
+    for prefix, module in model.named_modules():
+        dot = f"{prefix}." if prefix else ""
+        if isinstance(module, nn.Linear):
+            names.add(f"{dot}weight")
+        for param in getattr(module, "paddle_transposed_params", ()):
+            names.add(f"{dot}{param}")
+    return names
+
+
+def _unused_fused_convs(model: nn.Module) -> set[str]:
+    """Paddle keeps a fused conv beside unfolded rep branches; it carries no information."""
+    names: set[str] = set()
+    for prefix, module in model.named_modules():
+        if getattr(module, "use_rep", False) and not getattr(module, "is_repped", True):
+            names.update({f"{prefix}.dw_conv.weight", f"{prefix}.dw_conv.bias"})
+    return names
+
+
+def paddle_to_torch(
+    paddle_state: dict[str, np.ndarray], model: nn.Module
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Rename and re-lay-out Paddle tensors for `model`.
+
+    Returns the torch-named state and the Paddle keys dropped as carrying no
+    information (unused fused convs, Paddle's bookkeeping). Keys `model` does not
+    know are kept under their mapped name, so the caller can report them.
+    """
+    transposed = _transposed_names(model)
+    ignorable = _unused_fused_convs(model)
+    state: dict[str, torch.Tensor] = {}
+    dropped: list[str] = []
+    for paddle_name, array in paddle_state.items():
+        name = _torch_name(paddle_name)
+        if name in ignorable:
+            dropped.append(paddle_name)
+            continue
+        tensor = torch.from_numpy(np.ascontiguousarray(array))
+        if name in transposed and tensor.ndim == 2:
+            tensor = tensor.t().contiguous()
+        state[name] = tensor
+    return state, dropped

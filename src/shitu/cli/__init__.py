@@ -1,0 +1,1 @@
+"""The `shitu` command line."""

@@ -1,0 +1,37 @@
+"""Arguments and helpers shared by subcommands."""
+
+from __future__ import annotations
+
+import argparse
+
+from shitu.config import ShituConfig, load_config
+
+DEFAULT_CONFIG = "GeneralRecognitionV2_PPLCNetV2_base"
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-c",
+        "--config",
+        default=DEFAULT_CONFIG,
+        help=f"YAML config file, or the name of a shipped config (default: {DEFAULT_CONFIG})",
+    )
+    parser.add_argument(
+        "-o",
+        "--override",
+        action="append",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. -o Global.epochs=10 -o Arch.Head.class_num=81 "
+        "(repeatable; values are parsed as YAML; list items as key[0] or key.0)",
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> ShituConfig:
+    overrides = [item for group in args.override for item in group]
+    return load_config(args.config, overrides)
+
+
+def count_parameters(module: object) -> int:
+    return sum(p.numel() for p in module.parameters()) if module is not None else 0

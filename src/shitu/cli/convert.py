@@ -1,0 +1,53 @@
+"""`shitu convert`: turn PaddleClas .pdparams (or any supported weights) into our checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+
+from shitu.checkpoint import load_weights, model_metadata, save_weights
+from shitu.cli.common import add_config_arguments, config_from_args, count_parameters
+from shitu.models import build_model
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "convert",
+        help="convert PaddleClas .pdparams weights into a safetensors/torch checkpoint",
+        description=(
+            "Load weights (PaddleClas .pdparams need no Paddle install) into the model a config "
+            "describes, check every tensor fits, and write a .safetensors (or .pt) checkpoint."
+        ),
+    )
+    parser.add_argument("weights", help="source weights: .pdparams, .safetensors, .pt or .pth")
+    parser.add_argument("--out", required=True, help="output file: .safetensors (default) or .pt")
+    add_config_arguments(parser)
+    parser.add_argument(
+        "--no-head",
+        action="store_true",
+        help="drop the classification head (feature extraction needs none)",
+    )
+    parser.add_argument(
+        "--reparameterize",
+        action="store_true",
+        help="fold re-parameterisable blocks before saving (inference-only checkpoint)",
+    )
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    if args.no_head:
+        config.Arch.Head = None
+    model = build_model(config.Arch).eval()
+    report = load_weights(model, args.weights, ignore_prefixes=("head.",) if args.no_head else ())
+    if args.reparameterize:
+        model.reparameterize()
+    out = save_weights(
+        model.state_dict(), args.out, model_metadata(model, config.Arch.model_dump(mode="json"))
+    )
+    dropped = f", {len(report.dropped)} file tensors left out" if report.dropped else ""
+    print(
+        f"wrote {out}: {len(report.loaded)} tensors, {count_parameters(model):,} parameters, "
+        f"{config.Arch.Backbone.name}{dropped}"
+    )
+    return 0

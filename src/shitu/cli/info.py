@@ -1,0 +1,60 @@
+"""`shitu info`: build the model a config describes and report its size, outputs and speed."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from shitu.checkpoint import load_weights
+from shitu.cli.common import add_config_arguments, config_from_args, count_parameters
+from shitu.models import build_model
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "info",
+        help="build the model of a config and print its parameters, outputs and CPU speed",
+        description="Build the model a config describes (no data needed) and print a summary.",
+    )
+    add_config_arguments(parser)
+    parser.add_argument("--weights", help="load these weights first (.safetensors/.pt/.pdparams)")
+    parser.add_argument("--batch-size", type=int, default=8, help="batch for the timing run")
+    parser.add_argument(
+        "--reparameterize", action="store_true", help="fold re-parameterisable blocks first"
+    )
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    model = build_model(config.Arch).eval()
+    if args.weights:
+        load_weights(model, args.weights)
+    if args.reparameterize:
+        model.reparameterize()
+    channels, height, width = config.Global.image_shape
+    batch = torch.randn(args.batch_size, channels, height, width)
+    with torch.inference_mode():
+        outputs = model(batch)
+        start = time.perf_counter()
+        model(batch)
+        elapsed = time.perf_counter() - start
+
+    arch = config.Arch
+    print(f"config       {args.config}")
+    print(f"backbone     {arch.Backbone.name:<28} {count_parameters(model.backbone):>12,} params")
+    if arch.Neck:
+        print(f"neck         {arch.Neck.name:<28} {count_parameters(model.neck):>12,} params")
+    if arch.Head:
+        print(f"head         {arch.Head.name:<28} {count_parameters(model.head):>12,} params")
+    print(f"total        {'':<28} {count_parameters(model):>12,} params")
+    print(f"input        {args.batch_size} x {channels} x {height} x {width}")
+    for key, value in outputs.items():
+        print(f"out {key:<9}{' x '.join(str(d) for d in value.shape)}")
+    print(
+        f"speed        {args.batch_size / elapsed:.1f} images/s on CPU "
+        f"({torch.get_num_threads()} threads, one timed batch)"
+    )
+    return 0

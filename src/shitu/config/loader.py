@@ -1,0 +1,117 @@
+"""Read a YAML config, apply overrides, and validate it into a `ShituConfig`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from shitu import registry
+from shitu.config.overrides import apply_overrides, override_paths
+from shitu.config.schema import ComponentConfig, ShituConfig
+from shitu.errors import ConfigError
+from shitu.registry import format_validation_error
+
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def shipped_configs() -> list[str]:
+    """Names of the configs that ship inside the package."""
+    return sorted(p.stem for p in SHIPPED_DIR.glob("*.yaml"))
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    """A path to an existing file, or the name of a shipped config (with or without .yaml)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = SHIPPED_DIR / (path.name if path.suffix == ".yaml" else f"{path.name}.yaml")
+    if path.parent == Path(".") and shipped.is_file():
+        return shipped
+    raise ConfigError(
+        f"config file not found: {name_or_path} (shipped configs: {', '.join(shipped_configs())})"
+    )
+
+
+def load_config(name_or_path: str | Path, overrides: list[str] | None = None) -> ShituConfig:
+    """Load, override and validate a config; every problem is one ConfigError line naming the file."""
+    path = resolve_config_path(name_or_path)
+    raw = _read_yaml(path)
+    overrides = list(overrides or [])
+    attribution = override_paths(overrides)
+    try:
+        apply_overrides(raw, overrides)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    try:
+        config = ShituConfig.model_validate(raw)
+        _validate_components(config)
+    except ValidationError as exc:
+        message = format_validation_error(exc, ShituConfig, what="the config")
+        raise ConfigError(_with_source(path, message, attribution)) from None
+    except ConfigError as exc:
+        raise ConfigError(_with_source(path, str(exc), attribution)) from None
+    return config
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path}: the top level must be a mapping of sections (Global, Arch, ...)"
+        )
+    return data
+
+
+def _validate_components(config: ShituConfig) -> None:
+    registry.populate()
+    arch = config.Arch
+    sections: list[tuple[str, registry.Registry, ComponentConfig | None]] = [
+        ("Arch.Backbone", registry.BACKBONES, arch.Backbone),
+        ("Arch.Neck", registry.NECKS, arch.Neck),
+        ("Arch.Head", registry.HEADS, arch.Head),
+    ]
+    for where, reg, component in sections:
+        if component is not None:
+            _check(where, lambda reg=reg, c=component: reg.validate(c.name, c.params))
+    if config.Loss is not None:
+        for split, items in (("Train", config.Loss.Train), ("Eval", config.Loss.Eval)):
+            for index, item in enumerate(items):
+                ((name, params),) = item.items()
+                where = f"Loss.{split}.{index}.{name}"
+                # `weight` is the loss's share of the total, handled by the combiner.
+                loss_params = {k: v for k, v in (params or {}).items() if k != "weight"}
+                _check(where, lambda n=name, p=loss_params: registry.LOSSES.validate(n, p))
+
+
+def _check(where: str, validate: Any) -> None:
+    try:
+        validate()
+    except ConfigError as exc:
+        message = str(exc)
+        # Registry messages start with the parameter path (or 'unknown <kind>'): prefix the section.
+        raise ConfigError(
+            f"{where}.{message}"
+            if not message.startswith("unknown ")
+            else f"{where}.name: {message}"
+        ) from None
+
+
+def _with_source(path: Path, message: str, attribution: dict[str, str]) -> str:
+    key = message.split(":", 1)[0]
+    for dotted, text in attribution.items():
+        if key == dotted or key.startswith(dotted + ".") or dotted.startswith(key + "."):
+            return f"{path}: {message} (set by -o {text})"
+    return f"{path}: {message}"

@@ -1,0 +1,99 @@
+"""`-o Section.key=value` overrides: dotted paths, list indices, YAML-typed values."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import yaml
+
+from shitu.errors import ConfigError
+
+_TOKEN = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
+
+
+def parse_override(text: str) -> tuple[list[str | int], Any]:
+    """Split 'A.b[0].c=value' into (['A', 'b', 0, 'c'], parsed value).
+
+    The value is parsed as YAML, so `3` is an int, `[1, 2]` a list, `null` None
+    and `true` a bool; anything else stays a string.
+    """
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override '{text}' is not of the form Section.key=value")
+    path = _parse_path(key.strip(), text)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return path, value
+
+
+def _parse_path(key: str, text: str) -> list[str | int]:
+    path: list[str | int] = []
+    for segment in key.split("."):
+        if not segment:
+            raise ConfigError(f"override '{text}' has an empty key segment")
+        pos = 0
+        for match in _TOKEN.finditer(segment):
+            if match.start() != pos:
+                break
+            name, index = match.groups()
+            if name is not None:
+                path.append(int(name) if name.isdigit() and path else name)
+            else:
+                path.append(int(index))
+            pos = match.end()
+        if pos != len(segment):
+            raise ConfigError(f"override '{text}': cannot parse key segment '{segment}'")
+    return path
+
+
+def apply_overrides(config: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply overrides in order to a raw config dict (in place) and return it."""
+    for text in overrides:
+        path, value = parse_override(text)
+        _set_path(config, path, value, text)
+    return config
+
+
+def _set_path(node: Any, path: list[str | int], value: Any, text: str) -> None:
+    for depth, part in enumerate(path):
+        last = depth == len(path) - 1
+        if isinstance(part, int):
+            if not isinstance(node, list):
+                raise ConfigError(f"override '{text}': {_path_str(path[:depth])} is not a list")
+            if not -len(node) <= part < len(node):
+                raise ConfigError(
+                    f"override '{text}': index {part} out of range for "
+                    f"{_path_str(path[:depth])} (length {len(node)})"
+                )
+            if last:
+                node[part] = value
+            else:
+                node = node[part]
+        else:
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{text}': {_path_str(path[:depth])} is not a mapping")
+            if last:
+                node[part] = value
+            else:
+                if node.get(part) is None:
+                    node[part] = [] if isinstance(path[depth + 1], int) else {}
+                node = node[part]
+
+
+def _path_str(path: list[str | int]) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
+    return out or "<root>"
+
+
+def override_paths(overrides: list[str]) -> dict[str, str]:
+    """Dotted path of each override -> its text, to attribute validation errors."""
+    result: dict[str, str] = {}
+    for text in overrides:
+        path, _ = parse_override(text)
+        result[".".join(str(p) for p in path)] = text
+    return result

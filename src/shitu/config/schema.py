@@ -1,0 +1,146 @@
+"""Typed config sections. Unknown keys are errors, so typos never pass silently.
+
+The shape follows PaddleClas (Global, Arch, Loss, Optimizer, DataLoader, Metric)
+so its recognition configs read naturally; component sections (`Arch.Backbone`,
+losses, ...) hold a `name` plus that component's constructor arguments, which
+are checked against the registered constructor's signature.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ComponentConfig(BaseModel):
+    """`name` of a registered component plus its keyword arguments."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class GlobalConfig(Section):
+    checkpoints: str | None = None
+    pretrained_model: str | None = None
+    output_dir: str = "./output"
+    device: Literal["auto", "cpu", "gpu", "cuda"] = "auto"
+    seed: int | None = None
+    save_interval: int = Field(1, ge=1)
+    eval_during_train: bool = True
+    eval_interval: int = Field(1, ge=1)
+    epochs: int = Field(100, ge=1)
+    print_batch_step: int = Field(20, ge=1)
+    eval_mode: Literal["retrieval", "classification"] = "retrieval"
+    retrieval_feature_from: Literal["features", "backbone"] = "features"
+    re_ranking: bool = False
+    image_shape: list[int] = Field(default_factory=lambda: [3, 224, 224])
+    save_inference_dir: str = "./inference"
+
+    @field_validator("image_shape")
+    @classmethod
+    def _chw(cls, value: list[int]) -> list[int]:
+        if len(value) != 3 or min(value) < 1:
+            raise ValueError("must be [channels, height, width] with positive sizes")
+        return value
+
+
+class StopLayerConfig(Section):
+    name: str
+
+
+class ArchConfig(Section):
+    name: Literal["RecModel"] = "RecModel"
+    infer_output_key: Literal["features", "backbone"] = "features"
+    head_feature_from: Literal["neck", "backbone"] = "neck"
+    Backbone: ComponentConfig
+    BackboneStopLayer: StopLayerConfig | None = None
+    Neck: ComponentConfig | None = None
+    Head: ComponentConfig | None = None
+
+
+LossList = list[dict[str, dict[str, Any]]]
+
+
+class LossConfig(Section):
+    Train: LossList = Field(default_factory=list)
+    Eval: LossList = Field(default_factory=list)
+
+    @field_validator("Train", "Eval")
+    @classmethod
+    def _one_loss_per_item(cls, value: LossList) -> LossList:
+        for item in value:
+            if len(item) != 1:
+                raise ValueError("each item must be a single '{LossName: {params}}' mapping")
+        return value
+
+
+class LRConfig(ComponentConfig):
+    """Learning-rate schedule: `name` plus schedule parameters (e.g. Cosine, Piecewise)."""
+
+    learning_rate: float = Field(gt=0)
+    warmup_epoch: int = Field(0, ge=0)
+
+
+class RegularizerConfig(Section):
+    name: Literal["L2", "L1"] = "L2"
+    coeff: float = Field(0.0, ge=0)
+
+
+class OptimizerConfig(Section):
+    name: Literal["Momentum", "SGD", "Adam", "AdamW"]
+    lr: LRConfig
+    momentum: float | None = None
+    beta1: float | None = None
+    beta2: float | None = None
+    weight_decay: float | None = None
+    regularizer: RegularizerConfig | None = None
+    no_weight_decay_name: str | None = None
+    clip_norm: float | None = None
+
+
+class LoaderOptions(Section):
+    num_workers: int = Field(4, ge=0)
+    use_shared_memory: bool = True
+
+
+class DataSplitConfig(Section):
+    dataset: ComponentConfig
+    sampler: ComponentConfig | None = None
+    loader: LoaderOptions = Field(default_factory=LoaderOptions)
+
+
+class EvalDataConfig(Section):
+    Query: DataSplitConfig | None = None
+    Gallery: DataSplitConfig | None = None
+
+
+class DataLoaderConfig(Section):
+    Train: DataSplitConfig | None = None
+    Eval: EvalDataConfig | None = None
+
+
+MetricList = list[dict[str, dict[str, Any] | None]]
+
+
+class MetricConfig(Section):
+    Train: MetricList = Field(default_factory=list)
+    Eval: MetricList = Field(default_factory=list)
+
+
+class ShituConfig(Section):
+    Global: GlobalConfig = Field(default_factory=GlobalConfig)
+    Arch: ArchConfig
+    Loss: LossConfig | None = None
+    Optimizer: OptimizerConfig | None = None
+    DataLoader: DataLoaderConfig | None = None
+    Metric: MetricConfig | None = None

@@ -1,0 +1,13 @@
+"""Exceptions whose message is meant for the user as-is (the CLI prints them on one line)."""
+
+
+class ShituError(Exception):
+    """Base class for errors caused by user input (files, configs, checkpoints)."""
+
+
+class ConfigError(ShituError):
+    """A config file or override is missing, malformed, or names an unknown key."""
+
+
+class CheckpointError(ShituError):
+    """A weight file cannot be read or does not fit the model."""

@@ -1,0 +1,34 @@
+"""Circle loss logits (Sun et al., https://arxiv.org/abs/2002.10857), class-level form."""
+
+from __future__ import annotations
+
+import torch
+
+from shitu.models.heads.cosine import CosineClassifier
+from shitu.registry import HEADS
+
+
+@HEADS.register("CircleMargin")
+class CircleMargin(CosineClassifier):
+    """Re-weights each similarity by its distance from its optimum.
+
+    True class: s * alpha_p * (cos - (1 - m)), alpha_p = max(0, 1 + m - cos);
+    other classes: s * alpha_n * (cos - m), alpha_n = max(0, cos + m).
+    The weights alpha are treated as constants (no gradient), as in the paper.
+    """
+
+    def __init__(self, embedding_size: int, class_num: int, margin: float, scale: float) -> None:
+        super().__init__(embedding_size, class_num)
+        self.margin = margin
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
+        cos = self.cosine(x)
+        if not self.training or label is None:
+            return cos
+        alpha_p = (1.0 + self.margin - cos.detach()).clamp(min=0.0)
+        alpha_n = (cos.detach() + self.margin).clamp(min=0.0)
+        positive = alpha_p * (cos - (1.0 - self.margin))
+        negative = alpha_n * (cos - self.margin)
+        one_hot = self.one_hot(label, cos)
+        return self.scale * (one_hot * positive + (1.0 - one_hot) * negative)

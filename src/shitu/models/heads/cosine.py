@@ -1,0 +1,30 @@
+"""Base of the margin heads: a classifier on cosine similarity to class weight vectors."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class CosineClassifier(nn.Module):
+    """Holds one weight vector per class; `cosine(x)` compares normalised x and weights.
+
+    The weight is stored [class_num, embedding_size] (torch's Linear layout);
+    PaddleClas stores it transposed, which the .pdparams importer undoes.
+    """
+
+    paddle_transposed_params = ("weight",)
+
+    def __init__(self, embedding_size: int, class_num: int) -> None:
+        super().__init__()
+        self.embedding_size = embedding_size
+        self.class_num = class_num
+        self.weight = nn.Parameter(torch.empty(class_num, embedding_size))
+        nn.init.xavier_normal_(self.weight)
+
+    def cosine(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x.flatten(1), dim=1) @ F.normalize(self.weight, dim=1).t()
+
+    def one_hot(self, label: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return F.one_hot(label.reshape(-1).long(), self.class_num).to(like.dtype)

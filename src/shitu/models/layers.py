@@ -1,0 +1,114 @@
+"""Small building blocks shared by backbones (names follow PaddleClas for weight import)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+ACTIVATIONS = {
+    "relu": nn.ReLU,
+    "relu6": nn.ReLU6,
+    "hardswish": nn.Hardswish,
+    "prelu": nn.PReLU,
+    "leaky_relu": lambda: nn.LeakyReLU(negative_slope=0.1),
+}
+
+
+def make_activation(name: str | None) -> nn.Module:
+    if name is None:
+        return nn.Identity()
+    try:
+        return ACTIVATIONS[name]()
+    except KeyError:
+        raise ValueError(
+            f"unknown activation '{name}'; available: {', '.join(ACTIVATIONS)}"
+        ) from None
+
+
+def make_divisible(value: float, divisor: int = 8, min_value: int | None = None) -> int:
+    """Round a channel count to a multiple of `divisor`, never dropping below 90% of it."""
+    min_value = divisor if min_value is None else min_value
+    rounded = max(min_value, int(value + divisor / 2) // divisor * divisor)
+    if rounded < 0.9 * value:
+        rounded += divisor
+    return rounded
+
+
+class ConvBNLayer(nn.Module):
+    """Conv (no bias, 'same' padding) -> BatchNorm -> optional activation."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        groups: int = 1,
+        act: str | None = "relu",
+    ) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride=stride,
+            padding=(kernel_size - 1) // 2,
+            groups=groups,
+            bias=False,
+        )
+        nn.init.kaiming_normal_(self.conv.weight)
+        self.bn = nn.BatchNorm2d(out_channels)
+        self.act = make_activation(act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.conv(x)))
+
+    def fused_kernel_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Kernel and bias of a single conv equal to conv -> BN in eval mode."""
+        bn = self.bn
+        std = (bn.running_var + bn.eps).sqrt()
+        scale = bn.weight / std
+        kernel = self.conv.weight * scale.reshape(-1, 1, 1, 1)
+        return kernel, bn.bias - bn.running_mean * scale
+
+
+class SEModule(nn.Module):
+    """Squeeze-and-excitation with a sigmoid gate, as in PP-LCNetV2."""
+
+    def __init__(self, channels: int, reduction: int = 4, act: str = "relu") -> None:
+        super().__init__()
+        self.avg_pool = nn.AdaptiveAvgPool2d(1)
+        self.conv1 = nn.Conv2d(channels, channels // reduction, 1)
+        self.act = make_activation(act)
+        self.conv2 = nn.Conv2d(channels // reduction, channels, 1)
+        self.gate = nn.Sigmoid()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.gate(self.conv2(self.act(self.conv1(self.avg_pool(x)))))
+        return x * weight
+
+
+class DownscaleInInferDropout(nn.Module):
+    """Paddle's `Dropout(mode='downscale_in_infer')`.
+
+    Training drops units without rescaling the survivors; inference multiplies
+    everything by (1 - p). PaddleClas's PP-LCNetV2 uses this mode, so features
+    of converted models only match if inference applies the same factor.
+    """
+
+    def __init__(self, p: float = 0.0) -> None:
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0:
+            return x
+        if self.training:
+            keep = torch.empty_like(x).bernoulli_(1.0 - self.p)
+            return x * keep
+        return x * (1.0 - self.p)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, mode=downscale_in_infer"

@@ -1,0 +1,62 @@
+"""The recognition model: Backbone -> Neck -> Head, as PaddleClas's RecModel."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from shitu import registry
+from shitu.config.schema import ArchConfig
+from shitu.models.reparam import reparameterize
+
+
+class RecModel(nn.Module):
+    """Returns a dict: `backbone`, `neck` (if any), `features` (the embedding) and `logits` (if a head).
+
+    `features` is the neck output, or the backbone output without a neck. The head
+    sees `features` (or `backbone` with head_feature_from='backbone') and the label.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        neck: nn.Module | None = None,
+        head: nn.Module | None = None,
+        head_feature_from: str = "neck",
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.neck = neck
+        self.head = head
+        self.head_feature_from = head_feature_from
+
+    def forward(
+        self, x: torch.Tensor, label: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {"backbone": self.backbone(x)}
+        if self.neck is not None:
+            out["neck"] = self.neck(out["backbone"])
+        out["features"] = out.get("neck", out["backbone"])
+        if self.head is not None:
+            source = out["backbone"] if self.head_feature_from == "backbone" else out["features"]
+            out["logits"] = self.head(source, label)
+        return out
+
+    def reparameterize(self) -> RecModel:
+        """Fold re-parameterisable blocks (e.g. PP-LCNetV2's parallel depthwise branches).
+
+        Outputs are unchanged in eval mode; inference gets faster. Returns self.
+        """
+        reparameterize(self)
+        return self
+
+
+def build_model(arch: ArchConfig) -> RecModel:
+    """Build a RecModel from the `Arch` section of a config."""
+    registry.populate()
+    backbone = registry.BACKBONES.build(arch.Backbone.name, **arch.Backbone.params)
+    if arch.BackboneStopLayer is not None:
+        backbone.stop_after(arch.BackboneStopLayer.name)
+    neck = registry.NECKS.build(arch.Neck.name, **arch.Neck.params) if arch.Neck else None
+    head = registry.HEADS.build(arch.Head.name, **arch.Head.params) if arch.Head else None
+    return RecModel(backbone, neck, head, head_feature_from=arch.head_feature_from)

@@ -1,0 +1,214 @@
+"""Name -> constructor registries, so configs can build components by name.
+
+Each component package (backbones, necks, heads, losses) owns one `Registry`;
+a component registers itself with a decorator in its own module and the
+package imports all of its modules, so adding a component is one new file.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+import pkgutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError, create_model
+
+from shitu.errors import ConfigError
+
+T = TypeVar("T", bound=Callable[..., Any])
+
+
+def did_you_mean(name: str, choices: list[str]) -> str:
+    """A ' (did you mean ...?)' hint for a misspelt name, or ''."""
+    close = difflib.get_close_matches(name, choices, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A registered preset of a constructor: some arguments fixed, some defaults changed.
+
+    Like timm's model variants (`resnet50` = `ResNet` with fixed depths), without
+    hiding the constructor's signature from config validation.
+    """
+
+    ctor: Callable[..., Any]
+    fixed: dict[str, Any] = field(default_factory=dict)
+    defaults: dict[str, Any] = field(default_factory=dict)
+
+    def __call__(self, **kwargs: Any) -> Any:
+        return self.ctor(**{**self.defaults, **kwargs, **self.fixed})
+
+
+class Registry:
+    """Maps component names to constructors (classes, factory functions or `Variant`s)."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._entries: dict[str, Callable[..., Any]] = {}
+        self._param_models: dict[str, type[BaseModel]] = {}
+
+    def register(self, name: str | None = None) -> Callable[[T], T]:
+        def decorator(obj: T) -> T:
+            key = name or obj.__name__
+            if key in self._entries:
+                raise ValueError(f"{self.kind} '{key}' is registered twice")
+            self._entries[key] = obj
+            return obj
+
+        return decorator
+
+    def register_variant(
+        self, name: str, ctor: Callable[..., Any], fixed: dict[str, Any], **defaults: Any
+    ) -> None:
+        """Register `ctor` under `name` with `fixed` arguments and changed `defaults`."""
+        self.register(name)(Variant(ctor, dict(fixed), defaults))
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+    def get(self, name: str) -> Callable[..., Any]:
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise ConfigError(
+                f"unknown {self.kind} '{name}'{did_you_mean(name, self.names())}; "
+                f"available: {', '.join(self.names())}"
+            ) from None
+
+    def params_model(self, name: str) -> type[BaseModel]:
+        """A pydantic model of the constructor's keyword arguments, from its signature."""
+        if name not in self._param_models:
+            ctor = self.get(name)
+            fixed: dict[str, Any] = {}
+            defaults: dict[str, Any] = {}
+            if isinstance(ctor, Variant):
+                fixed, defaults, ctor = ctor.fixed, ctor.defaults, ctor.ctor
+            target = ctor.__init__ if inspect.isclass(ctor) else ctor
+            sig = inspect.signature(target)
+            hints = _type_hints(target)
+            fields: dict[str, Any] = {}
+            extra = "forbid"
+            for param in sig.parameters.values():
+                if param.name == "self" or param.name in fixed:
+                    continue
+                if param.kind is inspect.Parameter.VAR_KEYWORD:
+                    extra = "allow"
+                    continue
+                if param.kind is inspect.Parameter.VAR_POSITIONAL:
+                    continue
+                annotation = hints.get(param.name, Any)
+                default = defaults.get(param.name, param.default)
+                if default is inspect.Parameter.empty:
+                    default = ...
+                fields[param.name] = (annotation, default)
+            self._param_models[name] = create_model(
+                f"{name}Params",
+                __config__=ConfigDict(extra=extra, arbitrary_types_allowed=True, strict=False),
+                **fields,
+            )
+        return self._param_models[name]
+
+    def validate(self, name: str, params: dict[str, Any]) -> dict[str, Any]:
+        """Check `params` against the constructor; raise ConfigError naming the bad key."""
+        model = self.params_model(name)
+        try:
+            validated = model.model_validate(params)
+        except ValidationError as exc:
+            raise ConfigError(
+                format_validation_error(exc, model, what=f"{self.kind} '{name}'")
+            ) from None
+        return validated.model_dump(exclude_unset=True)
+
+    def build(self, name: str, **params: Any) -> Any:
+        return self.get(name)(**self.validate(name, params))
+
+
+def _type_hints(fn: Callable[..., Any]) -> dict[str, Any]:
+    import typing
+
+    try:
+        return typing.get_type_hints(fn)
+    except Exception:  # unresolvable forward references: validate those params as Any
+        return {}
+
+
+def format_validation_error(
+    exc: ValidationError, model: type[BaseModel], what: str, prefix: str = ""
+) -> str:
+    """One line describing the first pydantic error, with the dotted key path."""
+    errors = exc.errors()
+    first = errors[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    key = f"{prefix}.{loc}" if prefix and loc else (prefix or loc)
+    if first["type"] == "extra_forbidden":
+        leaf = str(first["loc"][-1])
+        known = _fields_at(model, first["loc"][:-1])
+        message = f"{key}: unknown key{did_you_mean(leaf, known)}"
+    elif first["type"] == "missing":
+        message = f"{key}: required key missing"
+    else:
+        message = f"{key}: {first['msg']} (got {first.get('input')!r})"
+    message += f" in {what}"
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+    return message
+
+
+def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Field names of the (nested) pydantic model that `loc` points into."""
+    current: Any = model
+    for part in loc:
+        if not (inspect.isclass(current) and issubclass(current, BaseModel)):
+            return []
+        field = current.model_fields.get(str(part))
+        if field is None:
+            return []
+        current = _model_in(field.annotation)
+    if inspect.isclass(current) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return []
+
+
+def _model_in(annotation: Any) -> Any:
+    """The BaseModel class inside an annotation such as `Foo | None`, else the annotation."""
+    if inspect.isclass(annotation) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        if inspect.isclass(arg) and issubclass(arg, BaseModel):
+            return arg
+    return annotation
+
+
+def import_submodules(package_name: str) -> None:
+    """Import every module of a package so their @register decorators run."""
+    package = importlib.import_module(package_name)
+    for info in pkgutil.iter_modules(package.__path__):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{package_name}.{info.name}")
+
+
+BACKBONES = Registry("backbone")
+NECKS = Registry("neck")
+HEADS = Registry("head")
+LOSSES = Registry("loss")
+
+_COMPONENT_PACKAGES = (
+    "shitu.models.backbones",
+    "shitu.models.necks",
+    "shitu.models.heads",
+    "shitu.losses",
+)
+
+
+def populate() -> None:
+    """Import every component module so that all registries are complete."""
+    for package in _COMPONENT_PACKAGES:
+        import_submodules(package)
