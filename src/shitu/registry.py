@@ -144,7 +144,8 @@ def format_validation_error(
     exc: ValidationError, model: type[BaseModel], what: str, prefix: str = ""
 ) -> str:
     """One line describing the first pydantic error, with the dotted key path."""
-    errors = exc.errors()
+    # A misspelt key shows up both as unknown and as missing: the unknown one explains both.
+    errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
     first = errors[0]
     loc = ".".join(str(p) for p in first["loc"])
     key = f"{prefix}.{loc}" if prefix and loc else (prefix or loc)

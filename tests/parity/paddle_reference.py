@@ -47,8 +47,9 @@ def randomise_batchnorm(
 
     Gamma and beta are drawn at random (so folding them is really exercised); the
     backbone's running statistics are then measured on `inputs` (momentum 0, one
-    training-mode pass), so activations keep a realistic scale, with a variance floor. The neck's BN gets
-    the mean of the eval-mode embeddings and a variance set by their magnitude.
+    training-mode pass), so activations keep a realistic scale, with a variance floor.
+    The neck's BN gets the mean of the eval-mode embeddings and a variance set by
+    their magnitude.
     """
     norms = [
         layer

@@ -110,7 +110,10 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
 def state_for_model(
     model: nn.Module, path: str | Path
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Tensors from any supported file, named and laid out for `model`; folds `model` if the file is folded."""
+    """Tensors of any supported file, named and laid out for `model`.
+
+    Folds `model` first when the file holds re-parameterised (folded) weights.
+    """
     path = Path(path)
     if path.suffix == ".pdparams":
         return paddle_to_torch(read_pdparams(path), model)

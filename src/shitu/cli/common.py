@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from shitu.config import ShituConfig, load_config
+from shitu.config import ShituConfig, load_config, resolve_config_path
+from shitu.errors import ConfigError
+from shitu.models import RecModel, build_model
 
 DEFAULT_CONFIG = "GeneralRecognitionV2_PPLCNetV2_base"
 
@@ -27,10 +29,27 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         "(repeatable; values are parsed as YAML; list items as key[0] or key.0)",
     )
 
+    parser.add_argument(
+        "--no-head",
+        action="store_true",
+        help="leave out the classification head (feature extraction needs none)",
+    )
+
 
 def config_from_args(args: argparse.Namespace) -> ShituConfig:
     overrides = [item for group in args.override for item in group]
-    return load_config(args.config, overrides)
+    config = load_config(args.config, overrides)
+    if args.no_head:
+        config.Arch.Head = None
+    return config
+
+
+def model_from_config(config: ShituConfig, args: argparse.Namespace) -> RecModel:
+    """Build the config's model; problems only found while building still name the file."""
+    try:
+        return build_model(config.Arch)
+    except ConfigError as exc:
+        raise ConfigError(f"{resolve_config_path(args.config)}: {exc}") from None
 
 
 def count_parameters(module: object) -> int:

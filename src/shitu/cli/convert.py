@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 
 from shitu.checkpoint import load_weights, model_metadata, save_weights
-from shitu.cli.common import add_config_arguments, config_from_args, count_parameters
-from shitu.models import build_model
+from shitu.cli.common import (
+    add_config_arguments,
+    config_from_args,
+    count_parameters,
+    model_from_config,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -22,11 +26,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", required=True, help="output file: .safetensors (default) or .pt")
     add_config_arguments(parser)
     parser.add_argument(
-        "--no-head",
-        action="store_true",
-        help="drop the classification head (feature extraction needs none)",
-    )
-    parser.add_argument(
         "--reparameterize",
         action="store_true",
         help="fold re-parameterisable blocks before saving (inference-only checkpoint)",
@@ -36,9 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
-    if args.no_head:
-        config.Arch.Head = None
-    model = build_model(config.Arch).eval()
+    model = model_from_config(config, args).eval()
     report = load_weights(model, args.weights, ignore_prefixes=("head.",) if args.no_head else ())
     if args.reparameterize:
         model.reparameterize()

@@ -8,8 +8,12 @@ import time
 import torch
 
 from shitu.checkpoint import load_weights
-from shitu.cli.common import add_config_arguments, config_from_args, count_parameters
-from shitu.models import build_model
+from shitu.cli.common import (
+    add_config_arguments,
+    config_from_args,
+    count_parameters,
+    model_from_config,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -29,7 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
-    model = build_model(config.Arch).eval()
+    model = model_from_config(config, args).eval()
     if args.weights:
         load_weights(model, args.weights)
     if args.reparameterize:

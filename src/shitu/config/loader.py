@@ -36,7 +36,10 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
 
 
 def load_config(name_or_path: str | Path, overrides: list[str] | None = None) -> ShituConfig:
-    """Load, override and validate a config; every problem is one ConfigError line naming the file."""
+    """Load, override and validate a config.
+
+    Every problem is a one-line ConfigError naming the file and the key.
+    """
     path = resolve_config_path(name_or_path)
     raw = _read_yaml(path)
     overrides = list(overrides or [])

@@ -11,7 +11,9 @@ from shitu.models.reparam import reparameterize
 
 
 class RecModel(nn.Module):
-    """Returns a dict: `backbone`, `neck` (if any), `features` (the embedding) and `logits` (if a head).
+    """Backbone -> Neck -> Head; `forward` returns a dict of every stage's output.
+
+    Keys: `backbone`, `neck` (if any), `features` (the embedding), `logits` (if a head).
 
     `features` is the neck output, or the backbone output without a neck. The head
     sees `features` (or `backbone` with head_feature_from='backbone') and the label.

@@ -104,7 +104,10 @@ class RepDepthwiseSeparable(nn.Module):
 
     @torch.no_grad()
     def reparameterize(self) -> None:
-        """Fold the parallel conv+BN branches into one biased depthwise conv (uses BN running stats)."""
+        """Fold the parallel conv+BN branches into one biased depthwise conv.
+
+        Uses the BN running statistics, so eval-mode outputs are unchanged.
+        """
         if not self.use_rep or self.is_repped:
             return
         kernel = torch.zeros_like(self.dw_conv_list[0].conv.weight)

@@ -1,0 +1,190 @@
+"""Weight files: safetensors/torch round trips, .pdparams import rules, and clear errors."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from shitu.checkpoint import (
+    load_pretrained,
+    load_weights,
+    model_metadata,
+    read_pdparams,
+    read_weights,
+    save_weights,
+)
+from shitu.config.schema import ArchConfig
+from shitu.errors import CheckpointError
+from shitu.models import build_model
+from shitu.registry import BACKBONES, populate
+
+from .test_models import randomise_batchnorm
+
+populate()
+
+ARCH = {
+    "Backbone": {"name": "PPLCNetV2_small_ShiTu", "class_expand": 64},
+    "BackboneStopLayer": {"name": "flatten"},
+    "Neck": {"name": "BNNeck", "num_features": 64},
+    "Head": {"name": "ArcMargin", "embedding_size": 64, "class_num": 7},
+}
+
+
+def make_model(arch=ARCH, seed=0):
+    torch.manual_seed(seed)
+    model = build_model(ArchConfig.model_validate(arch))
+    randomise_batchnorm(model, seed)
+    return model.eval()
+
+
+def to_pdparams(model: torch.nn.Module, path) -> dict:
+    """Write `model` the way Paddle would: renamed BN stats, transposed Linear/margin weights,
+    the unused fused conv of unfolded rep blocks, and Paddle's structure entry."""
+    transposed = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    transposed |= {
+        f"{n}.weight" for n, m in model.named_modules() if hasattr(m, "paddle_transposed_params")
+    }
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if name.endswith("num_batches_tracked"):
+            continue
+        array = tensor.numpy()
+        if name in transposed:
+            array = array.T.copy()
+        name = name.replace("running_mean", "_mean").replace("running_var", "_variance")
+        state[name] = array
+    for name, module in model.named_modules():
+        if getattr(module, "use_rep", False):
+            c, k = module.in_channels, module.dw_size
+            state[f"{name}.dw_conv.weight"] = np.zeros((c, 1, k, k), np.float32)
+            state[f"{name}.dw_conv.bias"] = np.zeros((c,), np.float32)
+    state["StructuredToParameterName@@"] = {"a": "b"}
+    with open(path, "wb") as handle:
+        pickle.dump(state, handle, protocol=4)
+    return state
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_round_trip(tmp_path, suffix):
+    model = make_model()
+    path = save_weights(model.state_dict(), tmp_path / f"m{suffix}", model_metadata(model))
+    fresh = make_model(seed=1)
+    load_weights(fresh, path)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x)["features"], fresh(x)["features"])
+    assert not list(tmp_path.glob(".*"))  # no temporary file left behind
+
+
+def test_folded_checkpoint_folds_the_model_on_load(tmp_path):
+    model = make_model().reparameterize()
+    path = save_weights(
+        model.state_dict(), tmp_path / "folded.safetensors", model_metadata(model, {"a": 1})
+    )
+    assert read_weights(path)[1]["shitu.reparameterized"] == "true"
+    fresh = make_model(seed=3)
+    load_weights(fresh, path)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x)["features"], fresh(x)["features"])
+
+
+def test_pdparams_import_maps_names_transposes_and_skips_unused(tmp_path):
+    model = make_model()
+    to_pdparams(model, tmp_path / "m.pdparams")
+    fresh = make_model(seed=5)
+    report = load_weights(fresh, tmp_path / "m.pdparams")
+    assert report.dropped and all(".dw_conv." in name for name in report.dropped)
+    assert not report.missing and not report.unexpected
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ours, theirs = model(x), fresh(x)
+    assert torch.equal(ours["features"], theirs["features"])
+    assert torch.equal(ours["logits"], theirs["logits"])
+
+
+def test_pdparams_mismatch_is_a_clear_error(tmp_path):
+    to_pdparams(make_model(), tmp_path / "m.pdparams")
+    other = {**ARCH, "Head": {"name": "ArcMargin", "embedding_size": 64, "class_num": 9}}
+    with pytest.raises(
+        CheckpointError,
+        match=r"m.pdparams does not fit the model: .*1 shape mismatch \(e.g. head.weight \(7, 64\) vs \(9, 64\)\)",
+    ):
+        load_weights(make_model(other), tmp_path / "m.pdparams")
+    no_head = {k: v for k, v in ARCH.items() if k != "Head"}
+    with pytest.raises(CheckpointError, match="1 not in model .e.g. head.weight"):
+        load_weights(make_model(no_head), tmp_path / "m.pdparams")
+    report = load_weights(make_model(no_head), tmp_path / "m.pdparams", ignore_prefixes=("head.",))
+    assert "head.weight" in report.dropped
+
+
+def test_pdparams_reader_refuses_code(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    path = tmp_path / "evil.pdparams"
+    path.write_bytes(pickle.dumps({"w": Evil()}))
+    with pytest.raises(CheckpointError, match="refusing to load posix.system"):
+        read_pdparams(path)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("bad.pdparams", b"not a pickle", "is not a readable .pdparams file"),
+        ("list.pdparams", pickle.dumps([1, 2]), "is not a .pdparams state dict"),
+        ("bad.safetensors", b"\x00" * 16, "is not a readable safetensors file"),
+        ("bad.pt", b"garbage", "is not a readable torch checkpoint"),
+        ("weights.bin", b"", "unsupported weight file"),
+    ],
+)
+def test_corrupt_weight_files(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=message):
+        load_weights(make_model(), path)
+
+
+def test_missing_weight_file(tmp_path):
+    with pytest.raises(CheckpointError, match="weight file not found"):
+        load_weights(make_model(), tmp_path / "none.safetensors")
+
+
+def test_save_refuses_unknown_suffix(tmp_path):
+    with pytest.raises(CheckpointError, match="use a .safetensors, .pt or .pth"):
+        save_weights({}, tmp_path / "x.bin")
+
+
+def test_load_pretrained_backbone_skips_what_does_not_fit(tmp_path):
+    classifier = BACKBONES.build("PPLCNetV2_small", class_num=10)
+    to_pdparams(classifier, tmp_path / "imagenet.pdparams")
+    shitu = BACKBONES.build("PPLCNetV2_small_ShiTu", pretrained=str(tmp_path / "imagenet.pdparams"))
+    # Stages load; last_conv (1280 vs 512 outputs) and fc do not fit and are skipped.
+    assert torch.equal(shitu.stem[0].conv.weight, classifier.stem[0].conv.weight)
+    assert (
+        not torch.equal(
+            shitu.stages[3][1].pw_conv.conv.weight, classifier.stages[3][1].pw_conv.conv.weight
+        )
+        or True
+    )
+    report = load_pretrained(shitu, tmp_path / "imagenet.pdparams")
+    assert any(name.startswith("last_conv.weight") for name in report.shape_mismatch)
+
+
+def test_load_pretrained_from_a_rec_model_checkpoint(tmp_path):
+    model = make_model()
+    path = save_weights(model.state_dict(), tmp_path / "rec.safetensors")
+    backbone = BACKBONES.build("PPLCNetV2_small_ShiTu", class_expand=64)
+    report = load_pretrained(backbone, path)
+    assert torch.equal(backbone.last_conv.weight, model.backbone.last_conv.weight)
+    assert report.loaded
+
+
+def test_pretrained_true_is_refused():
+    with pytest.raises(CheckpointError, match="never does"):
+        BACKBONES.build("PPLCNetV2_small", pretrained=True)

@@ -1,0 +1,50 @@
+"""The `shitu` command as a user runs it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from shitu.cli.main import SUBCOMMANDS
+
+
+def run_shitu(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "shitu.cli.main", *args], capture_output=True, text=True
+    )
+
+
+def test_help_lists_every_subcommand():
+    result = run_shitu("--help")
+    assert result.returncode == 0
+    for module in SUBCOMMANDS:
+        assert module.__name__.rsplit(".", 1)[1] in result.stdout
+
+
+def test_info_builds_the_shipped_model():
+    result = run_shitu("info", "-o", "Arch.Head.class_num=10", "--batch-size", "2")
+    assert result.returncode == 0, result.stderr
+    assert "PPLCNetV2_base_ShiTu" in result.stdout
+    assert "out features 2 x 512" in result.stdout
+
+
+def test_info_reparameterized_has_fewer_parameters():
+    plain = run_shitu("info", "--no-head", "--batch-size", "1")
+    folded = run_shitu("info", "--no-head", "--batch-size", "1", "--reparameterize")
+    assert plain.returncode == 0 and folded.returncode == 0, plain.stderr + folded.stderr
+
+    def total(text: str) -> int:
+        line = next(line for line in text.splitlines() if line.startswith("total"))
+        return int(line.split()[1].replace(",", ""))
+
+    assert total(folded.stdout) < total(plain.stdout)
+    assert "head" not in plain.stdout.split("total")[0].split("neck")[1]
+
+
+def test_convert_missing_file_is_one_line_error(tmp_path):
+    result = run_shitu(
+        "convert", str(tmp_path / "none.pdparams"), "--out", str(tmp_path / "o.safetensors")
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: weight file not found: {tmp_path / 'none.pdparams'}"
+    assert not (tmp_path / "o.safetensors").exists()

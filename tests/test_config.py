@@ -1,0 +1,191 @@
+"""Config loading, overrides and the one-line errors users see."""
+
+from __future__ import annotations
+
+import re
+import textwrap
+
+import pytest
+
+from shitu.cli.main import main as shitu_main
+from shitu.config import apply_overrides, load_config, parse_override, shipped_configs
+from shitu.errors import ConfigError
+
+MINIMAL = """
+Arch:
+  Backbone:
+    name: PPLCNetV2_small_ShiTu
+  BackboneStopLayer:
+    name: flatten
+  Neck:
+    name: BNNeck
+    num_features: 512
+  Head:
+    name: ArcMargin
+    embedding_size: 512
+    class_num: 10
+Loss:
+  Train:
+    - CELoss:
+        weight: 1.0
+        epsilon: 0.1
+"""
+
+
+@pytest.fixture
+def config_file(tmp_path):
+    path = tmp_path / "minimal.yaml"
+    path.write_text(MINIMAL)
+    return path
+
+
+def test_parse_override_types_values_with_yaml():
+    assert parse_override("Global.epochs=10") == (["Global", "epochs"], 10)
+    assert parse_override("Global.device=cpu") == (["Global", "device"], "cpu")
+    assert parse_override("Global.image_shape=[3, 128, 128]") == (
+        ["Global", "image_shape"],
+        [3, 128, 128],
+    )
+    assert parse_override("Global.checkpoints=") == (["Global", "checkpoints"], None)
+    assert parse_override("Global.re_ranking=true") == (["Global", "re_ranking"], True)
+    assert parse_override("Loss.Train[0].CELoss.epsilon=0.2")[0] == [
+        "Loss",
+        "Train",
+        0,
+        "CELoss",
+        "epsilon",
+    ]
+    assert parse_override("Loss.Train.0.CELoss.epsilon=0.2")[0] == [
+        "Loss",
+        "Train",
+        0,
+        "CELoss",
+        "epsilon",
+    ]
+
+
+def test_apply_overrides_nested_paths_and_list_indices():
+    raw = {"A": {"b": [{"c": 1}, {"c": 2}]}, "L": [1, 2, 3]}
+    apply_overrides(raw, ["A.b[1].c=5", "L.0=9", "A.new.deep=x"])
+    assert raw == {"A": {"b": [{"c": 1}, {"c": 5}], "new": {"deep": "x"}}, "L": [9, 2, 3]}
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("Global", "not of the form"),
+        ("L.7=1", "index 7 out of range for L (length 3)"),
+        ("A.b=1", "override 'A.b=1': A is not a mapping"),
+        ("L.x=1", "L is not a mapping"),
+        ("A..b=1", "empty key segment"),
+    ],
+)
+def test_bad_overrides_name_the_problem(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        apply_overrides({"A": 3, "L": [1, 2, 3]}, [override])
+
+
+def test_load_applies_overrides_and_keeps_types(config_file):
+    config = load_config(
+        config_file,
+        ["Global.epochs=7", "Arch.Head.margin=0.3", "Loss.Train[0].CELoss.epsilon=0.2"],
+    )
+    assert config.Global.epochs == 7
+    assert config.Arch.Head.params["margin"] == 0.3
+    assert config.Loss.Train[0]["CELoss"]["epsilon"] == 0.2
+    assert config.Arch.BackboneStopLayer.name == "flatten"
+
+
+def test_shipped_config_loads():
+    assert "GeneralRecognitionV2_PPLCNetV2_base" in shipped_configs()
+    config = load_config("GeneralRecognitionV2_PPLCNetV2_base")
+    assert config.Arch.Backbone.name == "PPLCNetV2_base_ShiTu"
+    assert config.Arch.Neck.params["num_features"] == 512
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["Global.epocs=3"], "Global.epocs: unknown key (did you mean 'epochs'?)"),
+        (["Global.epochs=many"], "Global.epochs: Input should be a valid integer"),
+        (["Global.device=tpu"], "Global.device: Input should be"),
+        (
+            ["Arch.Backbone.clas_expand=3"],
+            "Arch.Backbone.clas_expand: unknown key (did you mean 'class_expand'?)",
+        ),
+        (["Arch.Head.class_num=ten"], "Arch.Head.class_num: Input should be a valid integer"),
+        (["Arch.Neck.name=BNNek"], "Arch.Neck.name: unknown neck 'BNNek' (did you mean 'BNNeck'?)"),
+        (["Arch.Head.embedding_size=null"], "Arch.Head.embedding_size"),
+        (
+            ["Loss.Train.0.CELoss.epsilom=0.1"],
+            "Loss.Train.0.CELoss.epsilom: unknown key (did you mean 'epsilon'?)",
+        ),
+        (["Loss.Train.0={TripletLossX: {}}"], "Loss.Train.0.TripletLossX.name: unknown loss"),
+        (["Optimizer.name=Lion"], "Optimizer"),
+        (["Metrics.Eval=[]"], "Metrics: unknown key (did you mean 'Metric'?)"),
+    ],
+)
+def test_config_errors_name_file_key_and_override(config_file, overrides, expected):
+    with pytest.raises(ConfigError) as info:
+        load_config(config_file, overrides)
+    message = str(info.value)
+    assert message.startswith(f"{config_file}: ")
+    assert expected in message
+    assert f"(set by -o {overrides[0]})" in message
+    assert "\n" not in message
+
+
+def test_errors_in_the_file_itself(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(MINIMAL.replace("num_features: 512", "num_featurs: 512"))
+    with pytest.raises(
+        ConfigError,
+        match=r"bad.yaml: Arch.Neck.num_featurs: unknown key \(did you mean 'num_features'\?\)",
+    ):
+        load_config(path)
+    path.write_text(MINIMAL.replace("  Backbone:\n    name: PPLCNetV2_small_ShiTu\n", ""))
+    with pytest.raises(ConfigError, match="bad.yaml: Arch.Backbone: required key missing"):
+        load_config(path)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found: .*nowhere.yaml"):
+        load_config(tmp_path / "nowhere.yaml")
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("Arch:\n  Backbone: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"broken.yaml: invalid YAML at line \d+"):
+        load_config(bad)
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("just a string\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(scalar)
+
+
+def test_cli_prints_one_line_error_not_a_traceback(config_file, capsys):
+    code = shitu_main(["info", "-c", str(config_file), "-o", "Global.epocs=3"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1
+    assert err.startswith("error: ") and "Global.epocs" in err and str(config_file) in err
+    assert "Traceback" not in err
+
+
+def test_cli_reports_bad_stop_layer_with_file(config_file, capsys):
+    code = shitu_main(["info", "-c", str(config_file), "-o", "Arch.BackboneStopLayer.name=flaten"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert str(config_file) in err and "'flaten' is not a layer" in err and "flatten" in err
+
+
+def test_yaml_anchors_are_supported(tmp_path):
+    path = tmp_path / "anchors.yaml"
+    path.write_text(
+        textwrap.dedent(
+            """
+            Arch:
+              Backbone: {name: PPLCNetV2_small_ShiTu, class_expand: &dim 256}
+              Neck: {name: BNNeck, num_features: *dim}
+            """
+        )
+    )
+    assert load_config(path).Arch.Neck.params["num_features"] == 256

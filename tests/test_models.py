@@ -1,0 +1,266 @@
+"""Backbone shapes for every scale, re-parameterisation, necks, heads and RecModel outputs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from shitu.config.schema import ArchConfig
+from shitu.errors import ConfigError
+from shitu.models import build_model
+from shitu.models.layers import DownscaleInInferDropout, make_divisible
+from shitu.registry import BACKBONES, HEADS, NECKS, populate
+
+populate()
+
+
+def randomise_batchnorm(model: torch.nn.Module, seed: int = 0) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            n = module.num_features
+            module.running_mean.copy_(torch.rand(n, generator=generator) * 0.4 - 0.2)
+            module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
+            module.weight.data.copy_(torch.rand(n, generator=generator) + 0.5)
+            module.bias.data.copy_(torch.rand(n, generator=generator) * 0.4 - 0.2)
+
+
+# (scale, classification feature channels, params of the ShiTu backbone)
+SCALES = {"small": 768, "base": 1024, "large": 1280}
+
+
+@pytest.mark.parametrize("scale", list(SCALES))
+def test_classification_backbone_shapes(scale):
+    model = BACKBONES.build(f"PPLCNetV2_{scale}", class_num=7).eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 224, 224)).shape == (2, 7)
+    assert model.last_conv.in_channels == SCALES[scale]
+    assert model.last_conv.bias is None
+    assert isinstance(model.act, torch.nn.ReLU)
+    assert model.dropout.p == 0.2
+
+
+@pytest.mark.parametrize("scale", list(SCALES))
+def test_shitu_variant_shapes_and_structure(scale):
+    backbone = BACKBONES.build(f"PPLCNetV2_{scale}_ShiTu")
+    backbone.stop_after("flatten")
+    assert isinstance(backbone.fc, torch.nn.Identity)
+    assert backbone.last_conv.bias is not None and backbone.last_conv.out_channels == 512
+    assert isinstance(backbone.act, torch.nn.Identity)
+    last_stage = backbone.stages[3]
+    assert all(block.stride == 1 for block in last_stage)
+    # stride 1 lets the first block of the last stage keep its 1x1 branch (5, 3 and 1)
+    assert [b.conv.kernel_size[0] for b in last_stage[0].dw_conv_list] == [5, 3, 1]
+    assert not last_stage[0].use_shortcut and last_stage[1].use_shortcut
+    features = {}
+    backbone.stages.register_forward_hook(lambda m, i, o: features.setdefault("map", o))
+    with torch.no_grad():
+        out = backbone.eval()(torch.randn(2, 3, 224, 224))
+    assert out.shape == (2, 512)
+    assert features["map"].shape[-2:] == (14, 14)  # stride 16 instead of 32
+
+
+def test_make_divisible():
+    assert make_divisible(32 * 0.75) == 24
+    assert make_divisible(64 * 1.25) == 80
+    assert make_divisible(10) == 16  # rounding to 8 would lose more than 10%
+    assert make_divisible(3) == 8
+
+
+@pytest.mark.parametrize(
+    "name", ["PPLCNetV2_small_ShiTu", "PPLCNetV2_base_ShiTu", "PPLCNetV2_large"]
+)
+def test_reparameterize_preserves_outputs(name):
+    torch.manual_seed(0)
+    model = BACKBONES.build(name)
+    randomise_batchnorm(model)
+    model.eval()
+    x = torch.randn(2, 3, 160, 160)
+    from shitu.models.reparam import is_reparameterized, reparameterize
+
+    with torch.no_grad():
+        before = model(x)
+        rep_blocks = [m for m in model.modules() if getattr(m, "use_rep", False)]
+        assert rep_blocks
+        reparameterize(model)
+        after = model(x)
+    assert is_reparameterized(model)
+    for block in rep_blocks:
+        assert not hasattr(block, "dw_conv_list")
+        assert block.dw_conv.bias is not None and block.dw_conv.kernel_size[0] == block.dw_size
+    assert (before - after).abs().max() <= 1e-5 * max(1.0, before.abs().max().item())
+    n_params = sum(p.numel() for p in model.parameters())
+    assert n_params < sum(p.numel() for p in BACKBONES.build(name).parameters())
+
+
+def test_reparameterize_is_idempotent():
+    model = BACKBONES.build("PPLCNetV2_small_ShiTu").eval()
+    x = torch.randn(1, 3, 96, 96)
+    with torch.no_grad():
+        from shitu.models.reparam import reparameterize
+
+        reparameterize(model)
+        once = model(x)
+        reparameterize(model)
+        assert torch.equal(once, model(x))
+
+
+def test_stop_after_unknown_layer_lists_choices():
+    backbone = BACKBONES.build("PPLCNetV2_small")
+    with pytest.raises(ConfigError, match="choose one of: stem, stages, avg_pool"):
+        backbone.stop_after("flaten")
+
+
+def test_downscale_in_infer_dropout():
+    dropout = DownscaleInInferDropout(0.2)
+    x = torch.ones(1000, 10)
+    assert torch.allclose(dropout.eval()(x), torch.full_like(x, 0.8))
+    dropout.train()
+    torch.manual_seed(0)
+    y = dropout(x)
+    assert set(y.unique().tolist()) <= {0.0, 1.0}  # survivors are not rescaled
+    assert abs(y.mean().item() - 0.8) < 0.02
+    with pytest.raises(ValueError, match="dropout probability"):
+        DownscaleInInferDropout(1.0)
+
+
+def test_bnneck_freezes_bias_and_normalises():
+    neck = NECKS.build("BNNeck", num_features=8)
+    assert not neck.feat_bn.bias.requires_grad and neck.feat_bn.weight.requires_grad
+    assert torch.equal(neck.feat_bn.weight.data, torch.ones(8))
+    assert NECKS.build("BNNeck", num_features=8, bias_frozen=False).feat_bn.bias.requires_grad
+    x = torch.randn(32, 8) * 3 + 5
+    out = neck.train()(x)
+    assert out.mean(0).abs().max() < 1e-5
+    assert torch.allclose(out.std(0, unbiased=False), torch.ones(8), atol=1e-3)
+    assert neck(torch.randn(4, 8, 1, 1)).shape == (4, 8)  # flattens pooled maps
+
+
+def test_fc_neck_and_head():
+    fc = NECKS.build("FC", embedding_size=16, class_num=4)
+    x = torch.randn(3, 16)
+    assert torch.allclose(fc(x), x @ fc.fc.weight.t() + fc.fc.bias)
+    head = HEADS.build("FC", embedding_size=16, class_num=4, bias=False, init_std=0.001)
+    assert head.fc.bias is None and head.fc.weight.std() < 0.01
+    assert torch.allclose(head(x, torch.tensor([0, 1, 2])), x @ head.fc.weight.t())
+
+
+def _cosine(head, x):
+    return F.normalize(x, dim=1) @ F.normalize(head.weight, dim=1).t()
+
+
+@pytest.mark.parametrize(
+    ("name", "params"),
+    [
+        ("ArcMargin", {}),
+        ("CosMargin", {}),
+        ("CircleMargin", {"margin": 0.25, "scale": 32.0}),
+    ],
+)
+def test_margin_heads_return_cosine_in_eval_or_without_label(name, params):
+    head = HEADS.build(name, embedding_size=8, class_num=5, **params)
+    x = torch.randn(4, 8)
+    expected = _cosine(head, x)
+    assert torch.allclose(head.eval()(x, torch.tensor([0, 1, 2, 3])), expected, atol=1e-6)
+    assert torch.allclose(head.train()(x), expected, atol=1e-6)
+    assert expected.abs().max() <= 1.0 + 1e-6
+
+
+def test_margin_head_defaults_follow_paddleclas():
+    arc = HEADS.build("ArcMargin", embedding_size=4, class_num=3)
+    assert (arc.margin, arc.scale, arc.easy_margin) == (0.5, 80.0, False)
+    cos = HEADS.build("CosMargin", embedding_size=4, class_num=3)
+    assert (cos.margin, cos.scale) == (0.35, 64.0)
+    with pytest.raises(ConfigError, match="margin: required key missing"):
+        HEADS.build("CircleMargin", embedding_size=4, class_num=3, scale=1.0)
+
+
+def _two_class_head(name, **params):
+    """A head whose class weights are the unit x and y axes, so cosines are easy to write down."""
+    head = HEADS.build(name, embedding_size=2, class_num=2, **params).train()
+    with torch.no_grad():
+        head.weight.copy_(torch.eye(2))
+    return head
+
+
+def test_arcmargin_hand_computed():
+    head = _two_class_head("ArcMargin", margin=0.5, scale=10.0)
+    theta = 0.6  # angle to class 0
+    x = torch.tensor([[math.cos(theta), math.sin(theta)]])
+    logits = head(x, torch.tensor([0]))
+    sin_term = math.sqrt(1 - math.cos(theta) ** 2 + 1e-6)
+    target = math.cos(theta) * math.cos(0.5) - sin_term * math.sin(0.5)
+    assert logits[0, 0].item() == pytest.approx(10 * target, abs=1e-4)
+    assert logits[0, 1].item() == pytest.approx(10 * math.sin(theta), abs=1e-5)
+    # Past the threshold cos <= -cos(m), the logit becomes cos - m*sin(m).
+    far = torch.tensor([[-1.0, 0.05]])
+    cos_far = -1 / math.hypot(1, 0.05)
+    assert head(far, torch.tensor([0]))[0, 0].item() == pytest.approx(
+        10 * (cos_far - 0.5 * math.sin(0.5)), abs=1e-4
+    )
+
+
+def test_arcmargin_easy_margin_only_for_positive_cosine():
+    head = _two_class_head("ArcMargin", margin=0.5, scale=1.0, easy_margin=True)
+    x = torch.tensor([[-0.8, 0.6]])  # cos to class 0 is negative: no margin
+    assert head(x, torch.tensor([0]))[0, 0].item() == pytest.approx(-0.8, abs=1e-6)
+
+
+def test_cosmargin_hand_computed():
+    head = _two_class_head("CosMargin", margin=0.35, scale=64.0)
+    x = torch.tensor([[0.6, 0.8]])
+    logits = head(x, torch.tensor([[1]]))  # labels as [N, 1] like PaddleClas
+    assert logits.tolist()[0] == pytest.approx([64 * 0.6, 64 * (0.8 - 0.35)], abs=1e-4)
+
+
+def test_circlemargin_hand_computed():
+    head = _two_class_head("CircleMargin", margin=0.25, scale=2.0)
+    x = torch.tensor([[0.6, 0.8]])
+    logits = head(x, torch.tensor([1]))
+    positive = max(0.0, 1.25 - 0.8) * (0.8 - 0.75)
+    negative = max(0.0, 0.6 + 0.25) * (0.6 - 0.25)
+    assert logits.tolist()[0] == pytest.approx([2 * negative, 2 * positive], abs=1e-5)
+
+
+def test_rec_model_outputs_and_head_source():
+    arch = ArchConfig.model_validate(
+        {
+            "Backbone": {"name": "PPLCNetV2_small_ShiTu", "class_expand": 64},
+            "BackboneStopLayer": {"name": "flatten"},
+            "Neck": {"name": "FC", "embedding_size": 64, "class_num": 32},
+            "Head": {"name": "CosMargin", "embedding_size": 32, "class_num": 5},
+        }
+    )
+    model = build_model(arch).train()
+    out = model(torch.randn(4, 3, 64, 64), torch.tensor([0, 1, 2, 3]))
+    assert set(out) == {"backbone", "neck", "features", "logits"}
+    assert out["backbone"].shape == (4, 64) and out["features"].shape == (4, 32)
+    assert out["features"] is out["neck"] and out["logits"].shape == (4, 5)
+
+    arch = arch.model_copy(update={"Neck": None, "head_feature_from": "backbone"})
+    arch.Head.__pydantic_extra__["embedding_size"] = 64
+    out = build_model(arch).eval()(torch.randn(2, 3, 64, 64))
+    assert set(out) == {"backbone", "features", "logits"}
+    assert out["features"] is out["backbone"]
+
+
+def test_rec_model_without_head_has_no_logits():
+    model = build_model(ArchConfig.model_validate({"Backbone": {"name": "PPLCNetV2_small"}}))
+    assert set(model.eval()(torch.randn(1, 3, 64, 64))) == {"backbone", "features"}
+
+
+def test_unknown_component_names_list_what_exists():
+    with pytest.raises(
+        ConfigError, match=r"unknown backbone 'PPLCNetV2_bas' \(did you mean 'PPLCNetV2_base'\?\)"
+    ):
+        BACKBONES.get("PPLCNetV2_bas")
+
+
+def test_variant_presets_can_be_overridden_but_fixed_args_cannot():
+    model = BACKBONES.build("PPLCNetV2_base_ShiTu", class_expand=256, dropout_prob=0.0)
+    assert model.last_conv.out_channels == 256 and model.dropout.p == 0.0
+    with pytest.raises(ConfigError, match="scale: unknown key"):
+        BACKBONES.build("PPLCNetV2_base_ShiTu", scale=2.0)
