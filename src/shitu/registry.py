@@ -47,8 +47,10 @@ class Variant:
 class Registry:
     """Maps component names to constructors (classes, factory functions or `Variant`s)."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, runtime_args: tuple[str, ...] = ()) -> None:
         self.kind = kind
+        # Constructor arguments the code supplies (e.g. a sampler's dataset), not the config.
+        self.runtime_args = frozenset(runtime_args)
         self._entries: dict[str, Callable[..., Any]] = {}
         self._param_models: dict[str, type[BaseModel]] = {}
 
@@ -97,7 +99,7 @@ class Registry:
             fields: dict[str, Any] = {}
             extra = "forbid"
             for param in sig.parameters.values():
-                if param.name == "self" or param.name in fixed:
+                if param.name == "self" or param.name in fixed or param.name in self.runtime_args:
                     continue
                 if param.kind is inspect.Parameter.VAR_KEYWORD:
                     extra = "allow"
@@ -200,12 +202,18 @@ BACKBONES = Registry("backbone")
 NECKS = Registry("neck")
 HEADS = Registry("head")
 LOSSES = Registry("loss")
+DATASETS = Registry("dataset")
+TRANSFORMS = Registry("transform")
+SAMPLERS = Registry("sampler", runtime_args=("dataset", "num_replicas", "rank", "seed"))
 
 _COMPONENT_PACKAGES = (
     "shitu.models.backbones",
     "shitu.models.necks",
     "shitu.models.heads",
     "shitu.losses",
+    "shitu.data.datasets",
+    "shitu.data.transforms",
+    "shitu.data.samplers",
 )
 
 

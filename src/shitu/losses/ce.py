@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -15,6 +17,8 @@ class CELoss(nn.Module):
 
     The smoothed target is (1 - epsilon) * one_hot + epsilon / num_classes.
     """
+
+    input_key: ClassVar[str] = "logits"
 
     def __init__(self, epsilon: float | None = None) -> None:
         super().__init__()
