@@ -132,6 +132,13 @@ class Registry:
     def build(self, name: str, **params: Any) -> Any:
         return self.get(name)(**self.validate(name, params))
 
+    def build_with_runtime(self, name: str, params: dict[str, Any], **runtime: Any) -> Any:
+        """Build from config `params` (validated) plus `runtime_args` supplied by the code."""
+        unknown = set(runtime) - self.runtime_args
+        if unknown:
+            raise TypeError(f"not runtime arguments of {self.kind}s: {', '.join(sorted(unknown))}")
+        return self.get(name)(**self.validate(name, params), **runtime)
+
 
 def _type_hints(fn: Callable[..., Any]) -> dict[str, Any]:
     import typing
@@ -191,9 +198,9 @@ def _model_in(annotation: Any) -> Any:
 
 
 def import_submodules(package_name: str) -> None:
-    """Import every module of a package so their @register decorators run."""
+    """Import a module, or every module of a package, so their @register decorators run."""
     package = importlib.import_module(package_name)
-    for info in pkgutil.iter_modules(package.__path__):
+    for info in pkgutil.iter_modules(getattr(package, "__path__", [])):
         if not info.name.startswith("_"):
             importlib.import_module(f"{package_name}.{info.name}")
 
@@ -205,6 +212,7 @@ LOSSES = Registry("loss")
 DATASETS = Registry("dataset")
 TRANSFORMS = Registry("transform")
 SAMPLERS = Registry("sampler", runtime_args=("dataset", "num_replicas", "rank", "seed"))
+LR_SCHEDULES = Registry("learning-rate schedule", runtime_args=("steps_per_epoch", "epochs"))
 
 _COMPONENT_PACKAGES = (
     "shitu.models.backbones",
@@ -214,6 +222,7 @@ _COMPONENT_PACKAGES = (
     "shitu.data.datasets",
     "shitu.data.transforms",
     "shitu.data.samplers",
+    "shitu.engine.lr",
 )
 
 

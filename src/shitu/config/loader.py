@@ -12,6 +12,7 @@ from shitu import registry
 from shitu.config.overrides import apply_overrides, override_paths
 from shitu.config.schema import ComponentConfig, ShituConfig
 from shitu.errors import ConfigError
+from shitu.losses.combined import split_loss_params
 from shitu.registry import format_validation_error
 
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -94,9 +95,16 @@ def _validate_components(config: ShituConfig) -> None:
             for index, item in enumerate(items):
                 ((name, params),) = item.items()
                 where = f"Loss.{split}.{index}.{name}"
-                # `weight` is the loss's share of the total, handled by the combiner.
-                loss_params = {k: v for k, v in (params or {}).items() if k != "weight"}
+                # `weight` and `input_key` belong to the combiner, not to the loss.
+                _, loss_params = split_loss_params(params)
                 _check(where, lambda n=name, p=loss_params: registry.LOSSES.validate(n, p))
+    if config.Optimizer is not None:
+        lr = config.Optimizer.lr
+        schedule_params = {"learning_rate": lr.learning_rate, "warmup_epoch": lr.warmup_epoch}
+        _check(
+            "Optimizer.lr",
+            lambda: registry.LR_SCHEDULES.validate(lr.name, {**schedule_params, **lr.params}),
+        )
 
 
 def _check(where: str, validate: Any) -> None:

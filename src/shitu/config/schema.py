@@ -40,11 +40,18 @@ class GlobalConfig(Section):
     eval_interval: int = Field(1, ge=1)
     epochs: int = Field(100, ge=1)
     print_batch_step: int = Field(20, ge=1)
-    eval_mode: Literal["retrieval", "classification"] = "retrieval"
+    eval_mode: Literal["retrieval"] = "retrieval"  # PaddleClas key; recognition is retrieval
     retrieval_feature_from: Literal["features", "backbone"] = "features"
     re_ranking: bool = False
     image_shape: list[int] = Field(default_factory=lambda: [3, 224, 224])
     save_inference_dir: str = "./inference"
+    # Metric that picks `best_model` and drives ReduceOnPlateau, e.g. recall@1 or mAP.
+    eval_metric: str = "recall@1"
+    # Also save `latest` every N steps (a run killed mid-epoch then loses at most N steps).
+    checkpoint_every_steps: int | None = Field(None, ge=1)
+    amp: Literal["off", "bf16", "fp16"] = "off"
+    channels_last: bool = False
+    use_tensorboard: bool = False
 
     @field_validator("image_shape")
     @classmethod
@@ -89,6 +96,8 @@ class LRConfig(ComponentConfig):
 
     learning_rate: float = Field(gt=0)
     warmup_epoch: int = Field(0, ge=0)
+    # `learning_rate` is tuned for this total batch size and is scaled linearly to the real one.
+    base_batch_size: int | None = Field(None, ge=1)
 
 
 class RegularizerConfig(Section):
@@ -104,8 +113,11 @@ class OptimizerConfig(Section):
     beta2: float | None = None
     weight_decay: float | None = None
     regularizer: RegularizerConfig | None = None
+    # Space-separated name fragments of parameters that get no weight decay (PaddleClas style).
     no_weight_decay_name: str | None = None
-    clip_norm: float | None = None
+    # Weight decay on normalisation layers and biases too (off: the usual, better choice).
+    decay_norm_and_bias: bool = False
+    clip_norm: float | None = Field(None, gt=0)
 
 
 class LoaderOptions(Section):

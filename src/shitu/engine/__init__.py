@@ -1,0 +1,1 @@
+"""Training and evaluation: optimizers, schedules, checkpoints, the training loop."""

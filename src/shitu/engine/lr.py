@@ -1,0 +1,164 @@
+"""Learning-rate schedules, evaluated per iteration, registered in `LR_SCHEDULES`.
+
+Every schedule has an optional linear warm-up over `warmup_epoch` epochs from
+`warmup_start_lr`; the learning rate is a pure function of the global step
+(plus, for ReduceOnPlateau, the eval history kept in `state_dict`), so resuming
+a run recomputes exactly the same values.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from shitu.registry import LR_SCHEDULES
+
+
+class LRSchedule:
+    """Base: warm-up, then `decayed(step)` for the steps after it."""
+
+    def __init__(
+        self,
+        learning_rate: float,
+        steps_per_epoch: int,
+        epochs: int,
+        warmup_epoch: int = 0,
+        warmup_start_lr: float = 0.0,
+    ) -> None:
+        if steps_per_epoch < 1:
+            raise ValueError("steps_per_epoch must be at least 1")
+        self.learning_rate = learning_rate
+        self.steps_per_epoch = steps_per_epoch
+        self.total_steps = steps_per_epoch * epochs
+        self.warmup_steps = min(warmup_epoch * steps_per_epoch, self.total_steps)
+        self.warmup_start_lr = warmup_start_lr
+
+    def lr_at(self, step: int) -> float:
+        if step < self.warmup_steps:
+            fraction = step / self.warmup_steps
+            return self.warmup_start_lr + fraction * (self.learning_rate - self.warmup_start_lr)
+        return self.decayed(step)
+
+    def decayed(self, step: int) -> float:
+        return self.learning_rate
+
+    def observe(self, metric: float) -> None:
+        """Called with the tracked eval metric after each evaluation (used by plateau)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        del state
+
+
+@LR_SCHEDULES.register("Constant")
+class Constant(LRSchedule):
+    """The same rate after warm-up."""
+
+
+@LR_SCHEDULES.register("Cosine")
+class Cosine(LRSchedule):
+    """Half-cosine from `learning_rate` down to `eta_min` over the steps after warm-up."""
+
+    def __init__(
+        self,
+        learning_rate: float,
+        steps_per_epoch: int,
+        epochs: int,
+        warmup_epoch: int = 0,
+        warmup_start_lr: float = 0.0,
+        eta_min: float = 0.0,
+    ) -> None:
+        super().__init__(learning_rate, steps_per_epoch, epochs, warmup_epoch, warmup_start_lr)
+        self.eta_min = eta_min
+
+    def decayed(self, step: int) -> float:
+        span = max(1, self.total_steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / span)
+        return self.eta_min + 0.5 * (self.learning_rate - self.eta_min) * (
+            1.0 + math.cos(math.pi * progress)
+        )
+
+
+@LR_SCHEDULES.register("Piecewise")
+class Piecewise(LRSchedule):
+    """Step decay at the given epochs: explicit `values`, or multiply by `gamma` each time."""
+
+    def __init__(
+        self,
+        learning_rate: float,
+        steps_per_epoch: int,
+        epochs: int,
+        decay_epochs: list[int],
+        values: list[float] | None = None,
+        gamma: float = 0.1,
+        warmup_epoch: int = 0,
+        warmup_start_lr: float = 0.0,
+    ) -> None:
+        super().__init__(learning_rate, steps_per_epoch, epochs, warmup_epoch, warmup_start_lr)
+        if sorted(decay_epochs) != list(decay_epochs):
+            raise ValueError("decay_epochs must be increasing")
+        if values is None:
+            values = [learning_rate * gamma**i for i in range(len(decay_epochs) + 1)]
+        elif len(values) != len(decay_epochs) + 1:
+            raise ValueError(
+                f"values needs one more entry than decay_epochs ({len(decay_epochs) + 1}), "
+                f"got {len(values)}"
+            )
+        self.boundaries = [epoch * steps_per_epoch for epoch in decay_epochs]
+        self.values = list(values)
+        self.learning_rate = self.values[0]
+
+    def decayed(self, step: int) -> float:
+        return self.values[sum(step >= boundary for boundary in self.boundaries)]
+
+
+@LR_SCHEDULES.register("ReduceOnPlateau")
+class ReduceOnPlateau(LRSchedule):
+    """Multiply the rate by `factor` when the eval metric has not improved for `patience` evals."""
+
+    def __init__(
+        self,
+        learning_rate: float,
+        steps_per_epoch: int,
+        epochs: int,
+        factor: float = 0.1,
+        patience: int = 3,
+        mode: Literal["max", "min"] = "max",
+        threshold: float = 1e-4,
+        min_lr: float = 0.0,
+        warmup_epoch: int = 0,
+        warmup_start_lr: float = 0.0,
+    ) -> None:
+        super().__init__(learning_rate, steps_per_epoch, epochs, warmup_epoch, warmup_start_lr)
+        if not 0.0 < factor < 1.0:
+            raise ValueError(f"factor must be in (0, 1), got {factor}")
+        self.factor, self.patience, self.mode = factor, patience, mode
+        self.threshold, self.min_lr = threshold, min_lr
+        self.current = learning_rate
+        self.best: float | None = None
+        self.bad_evals = 0
+
+    def decayed(self, step: int) -> float:
+        return self.current
+
+    def observe(self, metric: float) -> None:
+        sign = 1.0 if self.mode == "max" else -1.0
+        if self.best is None or sign * (metric - self.best) > self.threshold * abs(self.best):
+            self.best, self.bad_evals = metric, 0
+            return
+        self.bad_evals += 1
+        if self.bad_evals > self.patience:
+            self.current = max(self.min_lr, self.current * self.factor)
+            self.bad_evals = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"current": self.current, "best": self.best, "bad_evals": self.bad_evals}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.current, self.best, self.bad_evals = (
+            state["current"],
+            state["best"],
+            state["bad_evals"],
+        )

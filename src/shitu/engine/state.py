@@ -1,0 +1,76 @@
+"""Training checkpoints: everything needed to continue a run exactly where it stopped."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from shitu.errors import CheckpointError
+
+LATEST = "latest"
+BEST = "best_model"
+SUFFIX = ".pt"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Progress:
+    """Where a run is: `epoch` in progress (0-based), batches done in it, global step."""
+
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    global_step: int = 0
+    best_metric: float | None = None
+    best_epoch: int | None = None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """Accept `.../latest.pt`, `.../latest` (PaddleClas style) or the output directory."""
+    path = Path(path)
+    candidates = [path, path.with_name(path.name + SUFFIX), path / f"{LATEST}{SUFFIX}"]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise CheckpointError(
+        f"Global.checkpoints: no training checkpoint at {path} "
+        f"(give a {LATEST}{SUFFIX} file or the output directory holding one)"
+    )
+
+
+def save_training_state(path: Path, state: dict[str, Any], progress: Progress) -> Path:
+    """Write atomically (temp file + rename): a crash never leaves a half-written checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format_version": FORMAT_VERSION, "progress": asdict(progress), **state}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def load_training_state(path: str | Path) -> tuple[dict[str, Any], Progress]:
+    path = resolve_checkpoint(path)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for corrupt files
+        raise CheckpointError(f"{path} is not a readable training checkpoint: {exc}") from None
+    if not isinstance(payload, dict) or "progress" not in payload or "model" not in payload:
+        raise CheckpointError(
+            f"{path} is a weights file, not a training checkpoint; "
+            "use -o Global.pretrained_model=... to start from weights"
+        )
+    if payload.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint format {payload.get('format_version')}, "
+            f"this shitu reads {FORMAT_VERSION}"
+        )
+    return payload, Progress(**payload["progress"])

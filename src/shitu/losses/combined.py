@@ -1,0 +1,75 @@
+"""The weighted sum of the losses listed in a config's `Loss.Train` (or `Loss.Eval`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from shitu.registry import LOSSES
+
+# Keys of a loss item that belong to the combiner, not to the loss's constructor
+# (`feature_from` is PaddleClas's name for `input_key`).
+COMBINER_KEYS = ("weight", "input_key", "feature_from")
+INPUT_KEYS = ("features", "logits", "backbone", "neck")
+
+
+def split_loss_params(params: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(combiner options, constructor arguments) of one `{LossName: params}` item."""
+    params = dict(params or {})
+    options = {key: params.pop(key) for key in COMBINER_KEYS if key in params}
+    if "feature_from" in options:
+        options.setdefault("input_key", options.pop("feature_from"))
+    return options, params
+
+
+class CombinedLoss(nn.Module):
+    """sum_i weight_i * loss_i(outputs[input_key_i], labels).
+
+    Each loss reads the model output its class declares (`input_key`: logits for
+    cross-entropy, features for metric losses) unless the item sets `input_key`.
+    Stateful losses (XBM's memory) are sub-modules, so their state is checkpointed.
+    """
+
+    def __init__(self, items: list[dict[str, dict[str, Any] | None]]) -> None:
+        super().__init__()
+        if not items:
+            raise ValueError("Loss.Train needs at least one loss")
+        self.names: list[str] = []
+        self.weights: list[float] = []
+        self.input_keys: list[str] = []
+        self.losses = nn.ModuleList()
+        for item in items:
+            ((name, params),) = item.items()
+            options, ctor_params = split_loss_params(params)
+            loss = LOSSES.build(name, **ctor_params)
+            input_key = options.get("input_key", getattr(loss, "input_key", "features"))
+            if input_key not in INPUT_KEYS:
+                raise ValueError(
+                    f"{name}.input_key must be one of {', '.join(INPUT_KEYS)}, got {input_key!r}"
+                )
+            self.names.append(name)
+            self.weights.append(float(options.get("weight", 1.0)))
+            self.input_keys.append(input_key)
+            self.losses.append(loss)
+
+    def forward(
+        self, outputs: dict[str, torch.Tensor], labels: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The total loss and each loss's (unweighted) value, keyed by loss name."""
+        parts: dict[str, torch.Tensor] = {}
+        total: torch.Tensor | None = None
+        for name, weight, key, loss in zip(
+            self.names, self.weights, self.input_keys, self.losses, strict=True
+        ):
+            if key not in outputs:
+                raise ValueError(
+                    f"loss {name} reads model output '{key}', which this model does not produce "
+                    f"(it gives {', '.join(outputs)}); add a Head or set {name}.input_key"
+                )
+            value = loss(outputs[key].float(), labels)
+            parts[name if name not in parts else f"{name}_{len(parts)}"] = value.detach()
+            total = weight * value if total is None else total + weight * value
+        assert total is not None
+        return total, parts

@@ -1,0 +1,194 @@
+"""Engine building blocks: LR schedules, optimizer groups, loss combiner, seeding, checkpoints."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from shitu import registry
+from shitu.config.schema import OptimizerConfig
+from shitu.engine.optim import build_optimizer, parameter_groups
+from shitu.engine.seeding import (
+    SeededBatchSampler,
+    SeededDataset,
+    capture_rng_state,
+    restore_rng_state,
+)
+from shitu.engine.state import (
+    Progress,
+    load_training_state,
+    resolve_checkpoint,
+    save_training_state,
+)
+from shitu.errors import CheckpointError, ConfigError
+from shitu.losses.combined import CombinedLoss, split_loss_params
+from shitu.models.necks.bnneck import BNNeck
+
+registry.populate()
+
+
+def schedule(name: str, **params):
+    return registry.LR_SCHEDULES.build_with_runtime(name, params, steps_per_epoch=10, epochs=10)
+
+
+def test_cosine_with_warmup_values():
+    lr = schedule("Cosine", learning_rate=0.1, warmup_epoch=2)
+    assert lr.lr_at(0) == 0.0
+    assert lr.lr_at(10) == pytest.approx(0.05)  # half-way through 20 warm-up steps
+    assert lr.lr_at(20) == pytest.approx(0.1)
+    # 80 decay steps: at step 60 progress is 0.5 -> 0.1 * 0.5 * (1 + cos(pi/2)) = 0.05
+    assert lr.lr_at(60) == pytest.approx(0.05)
+    assert lr.lr_at(100) == pytest.approx(0.0, abs=1e-12)
+    assert lr.lr_at(40) == pytest.approx(0.05 * (1 + math.cos(math.pi * 0.25)))
+
+
+def test_piecewise_gamma_and_values():
+    lr = schedule("Piecewise", learning_rate=0.1, decay_epochs=[3, 6])
+    assert [lr.lr_at(s) for s in (0, 29, 30, 59, 60, 99)] == pytest.approx(
+        [0.1, 0.1, 0.01, 0.01, 0.001, 0.001]
+    )
+    lr = schedule("Piecewise", learning_rate=0.1, decay_epochs=[5], values=[0.2, 0.02])
+    assert (lr.lr_at(49), lr.lr_at(50)) == (0.2, 0.02)
+    with pytest.raises(ValueError, match="one more entry"):
+        schedule("Piecewise", learning_rate=0.1, decay_epochs=[5], values=[0.1])
+
+
+def test_reduce_on_plateau_and_state_round_trip():
+    lr = schedule("ReduceOnPlateau", learning_rate=0.1, patience=1, factor=0.5)
+    for metric in (0.5, 0.6, 0.6, 0.6):  # best 0.6, then two evals without gain
+        lr.observe(metric)
+    assert lr.lr_at(50) == pytest.approx(0.05)
+    other = schedule("ReduceOnPlateau", learning_rate=0.1, patience=1, factor=0.5)
+    other.load_state_dict(lr.state_dict())
+    other.observe(0.6)
+    other.observe(0.6)
+    assert other.lr_at(50) == pytest.approx(0.025)
+
+
+def test_schedule_config_errors():
+    with pytest.raises(ConfigError, match="did you mean 'Cosine'"):
+        registry.LR_SCHEDULES.validate("Cosin", {"learning_rate": 0.1})
+    with pytest.raises(ConfigError, match="eta_mn"):
+        registry.LR_SCHEDULES.validate("Cosine", {"learning_rate": 0.1, "eta_mn": 0})
+
+
+def optimizer_config(**values) -> OptimizerConfig:
+    return OptimizerConfig.model_validate(
+        {"name": "Momentum", "lr": {"name": "Cosine", "learning_rate": 0.1}, **values}
+    )
+
+
+def test_no_decay_on_norm_and_bias_and_frozen_bnneck_bias_left_out():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 2))
+    neck = BNNeck(num_features=2, bias_frozen=True)
+    groups = parameter_groups([model, neck], optimizer_config(regularizer={"coeff": 1e-4}))
+    decayed, exempt = groups
+    assert decayed["weight_decay"] == 1e-4 and exempt["weight_decay"] == 0.0
+    assert {id(p) for p in decayed["params"]} == {id(model[0].weight), id(model[3].weight)}
+    exempt_ids = {id(p) for p in exempt["params"]}
+    assert id(model[1].weight) in exempt_ids and id(model[3].bias) in exempt_ids
+    all_ids = {id(p) for g in groups for p in g["params"]}
+    assert id(neck.feat_bn.bias) not in all_ids  # frozen: never optimised, never decayed
+
+    everything = parameter_groups(
+        [model], optimizer_config(regularizer={"coeff": 1e-4}, decay_norm_and_bias=True)
+    )
+    assert len(everything) == 1
+    named = parameter_groups([model], optimizer_config(weight_decay=0.1, no_weight_decay_name="3."))
+    assert id(model[3].weight) in {id(p) for p in named[1]["params"]}
+
+
+@pytest.mark.parametrize("name", ["Momentum", "SGD", "Adam", "AdamW"])
+def test_optimizers_step(name):
+    model = nn.Linear(3, 2)
+    optimizer = build_optimizer([model], optimizer_config(name=name, weight_decay=0.01), 0.1)
+    before = model.weight.detach().clone()
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    assert not torch.equal(before, model.weight)
+
+
+def test_l1_regularizer_is_refused():
+    with pytest.raises(ConfigError, match="only L2"):
+        build_optimizer([nn.Linear(2, 2)], optimizer_config(regularizer={"name": "L1"}), 0.1)
+
+
+def test_combined_loss_weights_keys_and_paddleclas_feature_from():
+    options, params = split_loss_params({"weight": 0.5, "feature_from": "features", "epsilon": 0.1})
+    assert options == {"weight": 0.5, "input_key": "features"} and params == {"epsilon": 0.1}
+    loss = CombinedLoss([{"CELoss": {"weight": 2.0, "epsilon": 0.0}}])
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    labels = torch.tensor([0, 0])
+    total, parts = loss({"logits": logits, "features": logits}, labels)
+    expected = torch.nn.functional.cross_entropy(logits, labels)
+    assert parts["CELoss"] == pytest.approx(float(expected))
+    assert total.item() == pytest.approx(2 * float(expected))
+    with pytest.raises(ValueError, match="'logits'.*add a Head"):
+        loss({"features": logits}, labels)
+
+
+class _Noise:
+    """A dataset whose items are random draws: shows exactly how each item was seeded."""
+
+    def __len__(self):
+        return 6
+
+    def __getitem__(self, index):
+        return torch.rand(1).item(), random.random(), index
+
+
+def test_seeded_samples_do_not_depend_on_restarts_or_disturb_global_rng():
+    batches = [[0, 1], [2, 3], [4, 5]]
+
+    class Sampler(list):
+        def set_epoch(self, epoch, start_batch=0):
+            self[:] = batches[start_batch:]
+
+    sampler = SeededBatchSampler(Sampler(batches), run_seed=7)
+    dataset = SeededDataset(_Noise())
+    sampler.set_epoch(1)
+    full = [[dataset[key] for key in batch] for batch in sampler]
+    sampler.set_epoch(1, start_batch=1)
+    resumed = [[dataset[key] for key in batch] for batch in sampler]
+    assert resumed == full[1:]
+    sampler.set_epoch(2)
+    assert [[dataset[key] for key in batch] for batch in sampler] != full
+
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    dataset[(0, 123)]
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_rng_capture_and_restore():
+    state = capture_rng_state()
+    draws = (random.random(), np.random.rand(), torch.rand(2))
+    restore_rng_state(state)
+    again = (random.random(), np.random.rand(), torch.rand(2))
+    assert draws[:2] == again[:2] and torch.equal(draws[2], again[2])
+
+
+def test_training_checkpoint_round_trip_and_errors(tmp_path):
+    path = save_training_state(
+        tmp_path / "latest.pt",
+        {"model": {"w": torch.ones(2)}, "rng": [capture_rng_state()]},
+        Progress(epoch=2, batch_in_epoch=3, global_step=23),
+    )
+    for form in (path, tmp_path / "latest", tmp_path):
+        payload, progress = load_training_state(form)
+        assert progress.global_step == 23 and torch.equal(payload["model"]["w"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["latest.pt"]  # no temp files left
+    with pytest.raises(CheckpointError, match="no training checkpoint"):
+        resolve_checkpoint(tmp_path / "nope")
+    torch.save({"w": torch.ones(1)}, tmp_path / "weights.pt")
+    with pytest.raises(CheckpointError, match="weights file, not a training checkpoint"):
+        load_training_state(tmp_path / "weights.pt")
+    (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a readable training checkpoint"):
+        load_training_state(tmp_path / "broken.pt")
