@@ -11,3 +11,7 @@ class ConfigError(ShituError):
 
 class CheckpointError(ShituError):
     """A weight file cannot be read or does not fit the model."""
+
+
+class DataError(ShituError):
+    """A dataset's label file or images are missing, malformed or unreadable."""

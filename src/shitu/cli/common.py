@@ -11,7 +11,7 @@ from shitu.models import RecModel, build_model
 DEFAULT_CONFIG = "GeneralRecognitionV2_PPLCNetV2_base"
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+def add_config_arguments(parser: argparse.ArgumentParser, head_option: bool = True) -> None:
     parser.add_argument(
         "-c",
         "--config",
@@ -28,18 +28,18 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         help="override a config value, e.g. -o Global.epochs=10 -o Arch.Head.class_num=81 "
         "(repeatable; values are parsed as YAML; list items as key[0] or key.0)",
     )
-
-    parser.add_argument(
-        "--no-head",
-        action="store_true",
-        help="leave out the classification head (feature extraction needs none)",
-    )
+    if head_option:
+        parser.add_argument(
+            "--no-head",
+            action="store_true",
+            help="leave out the classification head (feature extraction needs none)",
+        )
 
 
 def config_from_args(args: argparse.Namespace) -> ShituConfig:
     overrides = [item for group in args.override for item in group]
     config = load_config(args.config, overrides)
-    if args.no_head:
+    if getattr(args, "no_head", False):
         config.Arch.Head = None
     return config
 

@@ -7,10 +7,10 @@ import logging
 import sys
 
 from shitu import __version__
-from shitu.cli import convert, info
+from shitu.cli import convert, evaluate, info, train
 from shitu.errors import ShituError
 
-SUBCOMMANDS = (convert, info)
+SUBCOMMANDS = (train, evaluate, convert, info)
 
 
 def build_parser() -> argparse.ArgumentParser:

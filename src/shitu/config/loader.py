@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from shitu import registry
 from shitu.config.overrides import apply_overrides, override_paths
-from shitu.config.schema import ComponentConfig, ShituConfig
+from shitu.config.schema import ComponentConfig, DataSplitConfig, ShituConfig
 from shitu.errors import ConfigError
 from shitu.losses.combined import split_loss_params
 from shitu.registry import format_validation_error
@@ -98,6 +98,14 @@ def _validate_components(config: ShituConfig) -> None:
                 # `weight` and `input_key` belong to the combiner, not to the loss.
                 _, loss_params = split_loss_params(params)
                 _check(where, lambda n=name, p=loss_params: registry.LOSSES.validate(n, p))
+    if config.DataLoader is not None:
+        splits = {"Train": config.DataLoader.Train}
+        if config.DataLoader.Eval is not None:
+            splits |= {"Eval.Query": config.DataLoader.Eval.Query}
+            splits |= {"Eval.Gallery": config.DataLoader.Eval.Gallery}
+        for split_name, split in splits.items():
+            if split is not None:
+                _validate_data_split(f"DataLoader.{split_name}", split)
     if config.Optimizer is not None:
         lr = config.Optimizer.lr
         schedule_params = {"learning_rate": lr.learning_rate, "warmup_epoch": lr.warmup_epoch}
@@ -105,6 +113,25 @@ def _validate_components(config: ShituConfig) -> None:
             "Optimizer.lr",
             lambda: registry.LR_SCHEDULES.validate(lr.name, {**schedule_params, **lr.params}),
         )
+
+
+def _validate_data_split(where: str, split: DataSplitConfig) -> None:
+    dataset = split.dataset
+    _check(f"{where}.dataset", lambda: registry.DATASETS.validate(dataset.name, dataset.params))
+    for index, op in enumerate(dataset.params.get("transform_ops") or []):
+        if not isinstance(op, dict) or len(op) != 1:
+            raise ConfigError(
+                f"{where}.dataset.transform_ops.{index}: each op must be one "
+                "'{OpName: {params}}' mapping"
+            )
+        ((name, params),) = op.items()
+        _check(
+            f"{where}.dataset.transform_ops.{index}.{name}",
+            lambda n=name, p=params: registry.TRANSFORMS.validate(n, p or {}),
+        )
+    if split.sampler is not None:
+        sampler = split.sampler
+        _check(f"{where}.sampler", lambda: registry.SAMPLERS.validate(sampler.name, sampler.params))
 
 
 def _check(where: str, validate: Any) -> None:

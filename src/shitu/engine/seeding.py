@@ -41,6 +41,10 @@ class SeededBatchSampler:
         if hasattr(self.batch_sampler, "set_epoch"):
             self.batch_sampler.set_epoch(epoch, start_batch=start_batch)
 
+    @property
+    def batch_size(self) -> int:
+        return self.batch_sampler.batch_size
+
     def __len__(self) -> int:
         return len(self.batch_sampler)
 

@@ -4,4 +4,6 @@ from shitu.registry import DATASETS, import_submodules
 
 import_submodules(__name__)
 
-__all__ = ["DATASETS"]
+from shitu.data.datasets.base import ImageDataset  # noqa: E402
+
+__all__ = ["DATASETS", "ImageDataset"]

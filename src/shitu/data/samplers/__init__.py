@@ -1,7 +1,10 @@
-"""Samplers, registered in `shitu.registry.SAMPLERS`."""
+"""Batch samplers, registered in `shitu.registry.SAMPLERS`."""
 
 from shitu.registry import SAMPLERS, import_submodules
 
 import_submodules(__name__)
 
-__all__ = ["SAMPLERS"]
+from shitu.data.samplers.distributed import DistributedBatchSampler  # noqa: E402
+from shitu.data.samplers.pk import PKSampler  # noqa: E402
+
+__all__ = ["SAMPLERS", "DistributedBatchSampler", "PKSampler"]

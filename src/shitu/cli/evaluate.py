@@ -1,0 +1,58 @@
+"""`shitu eval`: retrieval metrics of a trained model on the config's query/gallery sets."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from shitu.checkpoint import load_weights
+from shitu.cli.common import add_config_arguments, config_from_args, model_from_config
+from shitu.engine.distributed import init_distributed, shutdown_distributed
+from shitu.engine.evaluate import RetrievalEvaluation
+from shitu.errors import ConfigError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "eval",
+        help="evaluate retrieval (recall@k, mAP, ...) on DataLoader.Eval query/gallery sets",
+        description=(
+            "Embed DataLoader.Eval.Query and .Gallery (without a Gallery the query set is its "
+            "own gallery, each image's own entry excluded) and print Metric.Eval metrics."
+        ),
+    )
+    add_config_arguments(parser, head_option=False)
+    parser.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    weights = config.Global.pretrained_model
+    if not weights:
+        raise ConfigError(
+            "Global.pretrained_model: give the weights to evaluate, "
+            "e.g. -o Global.pretrained_model=output/best_model.safetensors"
+        )
+    config.Arch.Head = None  # retrieval needs no classifier
+    context = init_distributed(config.Global.device)
+    try:
+        model = model_from_config(config, args)
+        load_weights(model, weights, strict=True, ignore_prefixes=("head.",))
+        model.to(context.device)
+        result = RetrievalEvaluation(config, context, seed=0).run(model)
+    finally:
+        shutdown_distributed()
+    if not context.is_main:
+        return 0
+    if args.json:
+        print(json.dumps({**result.metrics, "num_queries": result.num_queries}))
+        return 0
+    width = max(len(k) for k in result.metrics)
+    print(f"{'metric':<{width}}  value")
+    for key, value in result.metrics.items():
+        print(f"{key:<{width}}  {value:.4f}")
+    print(f"queries: {result.num_queries}", end="")
+    skipped = result.num_queries_without_positive
+    print(f" ({skipped} without a match in the gallery, not counted)" if skipped else "")
+    return 0

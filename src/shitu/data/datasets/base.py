@@ -1,0 +1,213 @@
+"""Common machinery of the image datasets: checks at start-up, loading, clear errors.
+
+A dataset is a list of (image path, label, unique id). Items are
+`(image: float32 tensor [3, H, W], label: int, unique_id: int)`. Paths, labels
+and ids are kept in flat numpy buffers rather than Python lists, so DataLoader
+workers (forked processes) share them instead of copying them page by page as
+reference counts change.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any, overload
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from shitu.data.transforms.compose import Compose, build_transforms
+from shitu.data.transforms.ops import UnreadableImageError
+from shitu.errors import DataError
+
+TransformOps = list[dict[str, dict[str, Any] | None]]
+
+# How many missing or bad files an error message lists before summarising.
+_SHOW = 5
+
+
+class StringTable(Sequence[str]):
+    """Read-only list of strings packed into one byte buffer plus offsets."""
+
+    def __init__(self, items: Sequence[str]) -> None:
+        encoded = [item.encode("utf-8") for item in items]
+        self._offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum([len(b) for b in encoded], out=self._offsets[1:])
+        self._buffer = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    @overload
+    def __getitem__(self, index: int) -> str: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[str]: ...
+    def __getitem__(self, index: int | slice) -> str | list[str]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} strings")
+        start, end = self._offsets[index], self._offsets[index + 1]
+        return self._buffer[start:end].tobytes().decode("utf-8")
+
+    def __iter__(self) -> Iterator[str]:
+        return (self[i] for i in range(len(self)))
+
+
+@dataclass
+class Entry:
+    """One listed image, with where it was listed (e.g. 'train.txt:12') for messages."""
+
+    path: str
+    label: int
+    unique_id: int
+    source: str
+
+
+def check_image(path: str) -> str | None:
+    """Why `path` cannot be decoded, or None if it can.
+
+    Cheap but real: JPEGs are decoded at reduced scale (which still reads every
+    byte, so truncation shows), other formats fully.
+    """
+    try:
+        with Image.open(path) as image:
+            image.draft("RGB", (64, 64))
+            image.load()
+    except Exception as exc:  # any failure means the loader would fail too
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+class ImageDataset(Dataset):
+    """Base class: subclasses parse their listing into `Entry`s and call `_set_entries`.
+
+    Attributes the engine and samplers use: `paths`, `labels` (list of int),
+    `unique_ids`, `has_unique_ids` (True when the listing gave ids, False when
+    they are line numbers), `num_classes`, `class_names` (or None when the
+    listing has bare numbers), `skipped` (path, reason) pairs left out by
+    `skip_corrupt`.
+
+    `skip_corrupt`: False (default) stops at start-up on missing files and at
+    load time on an undecodable image, with a `DataError` naming the file. True
+    checks every listed image at start-up (a reduced-scale decode, in threads),
+    leaves out missing and undecodable ones and records them in `skipped`; an
+    image that still fails later raises `DataError` all the same.
+    """
+
+    def __init__(
+        self,
+        transform_ops: TransformOps | None,
+        skip_corrupt: bool,
+        where: str,
+    ) -> None:
+        self.where = where
+        self.skip_corrupt = skip_corrupt
+        self.transform: Compose = build_transforms(transform_ops)
+        self.skipped: list[tuple[str, str]] = []
+        self.class_names: list[str] | None = None
+        self.num_classes = 0
+        self.has_unique_ids = False
+
+    def _set_entries(self, entries: list[Entry], image_root: str | None = None) -> None:
+        if not entries:
+            raise DataError(f"{self.where}: lists no images")
+        entries = self._drop_missing(entries, image_root)
+        if self.skip_corrupt:
+            entries = self._drop_corrupt(entries)
+            if not entries:
+                raise DataError(f"{self.where}: none of the listed images can be read")
+        self.paths = StringTable([entry.path for entry in entries])
+        self._labels = np.fromiter((e.label for e in entries), dtype=np.int64, count=len(entries))
+        self._ids = np.fromiter((e.unique_id for e in entries), dtype=np.int64, count=len(entries))
+
+    def _drop_missing(self, entries: list[Entry], image_root: str | None) -> list[Entry]:
+        missing = [entry for entry in entries if not os.path.isfile(entry.path)]
+        if not missing:
+            return entries
+        if self.skip_corrupt:
+            self.skipped.extend((entry.path, "file not found") for entry in missing)
+            gone = {id(entry) for entry in missing}
+            return [entry for entry in entries if id(entry) not in gone]
+        examples = ", ".join(f"{e.path} ({e.source})" for e in missing[:_SHOW])
+        more = f" and {len(missing) - _SHOW} more" if len(missing) > _SHOW else ""
+        root = f"; paths are read relative to image_root={image_root!r}" if image_root else ""
+        raise DataError(
+            f"{self.where}: {len(missing)} of {len(entries)} listed images do not exist: "
+            f"{examples}{more}{root} (skip_corrupt: true leaves them out)"
+        )
+
+    def _drop_corrupt(self, entries: list[Entry]) -> list[Entry]:
+        workers = min(16, 2 * (os.cpu_count() or 1))
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            reasons = list(pool.map(check_image, (entry.path for entry in entries), chunksize=64))
+        kept = []
+        for entry, reason in zip(entries, reasons, strict=True):
+            if reason is None:
+                kept.append(entry)
+            else:
+                self.skipped.append((entry.path, reason))
+        return kept
+
+    @cached_property
+    def labels(self) -> list[int]:
+        return self._labels.tolist()
+
+    @cached_property
+    def unique_ids(self) -> list[int]:
+        return self._ids.tolist()
+
+    def __len__(self) -> int:
+        return len(self._labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+        path = self.paths[index]
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            raise DataError(f"{path}: cannot read the image ({exc.strerror or exc})") from exc
+        try:
+            image = self.transform(data)
+        except UnreadableImageError as exc:
+            hint = (
+                " (it passed the start-up check, so it changed since)"
+                if self.skip_corrupt
+                else "; set skip_corrupt: true in the dataset config to leave such images out"
+            )
+            raise DataError(f"{path}: {exc}{hint}") from exc
+        except DataError as exc:
+            raise DataError(f"{path}: {exc}") from exc
+        return image, int(self._labels[index]), int(self._ids[index])
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}({self.where}: {len(self)} images, {self.num_classes} classes"
+            f"{f', {len(self.skipped)} skipped' if self.skipped else ''})"
+        )
+
+
+def read_lines(path: str, what: str) -> list[tuple[int, str]]:
+    """(line number, stripped text) of the non-blank lines of a listing file."""
+    file = Path(path)
+    if not file.is_file():
+        hint = " (it is a directory)" if file.is_dir() else ""
+        raise DataError(f"{what}: label file {path} not found{hint}")
+    try:
+        text = file.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{what}: cannot read label file {path}: {exc}") from exc
+    lines = enumerate(text.splitlines(), 1)
+    return [(number, line.strip()) for number, line in lines if line.strip()]
+
+
+def check_root(root: str, what: str, key: str = "image_root") -> None:
+    if not Path(root).is_dir():
+        raise DataError(f"{what}: {key} {root} is not a directory")

@@ -1,0 +1,102 @@
+"""The Grocery Store dataset (Klasson et al.): `path, fine_id, coarse_id` per line."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+from typing import Literal
+
+from shitu.data.datasets.base import (
+    Entry,
+    ImageDataset,
+    TransformOps,
+    check_root,
+    read_lines,
+)
+from shitu.errors import DataError
+from shitu.registry import DATASETS
+
+
+@DATASETS.register("GroceryStoreDataset")
+class GroceryStoreDataset(ImageDataset):
+    """Grocery Store listing (`train.txt`, `val.txt`, `test.txt`) with `classes.csv` names.
+
+    `label_level` picks the fine classes (81 products and varieties) or the coarse
+    ones (43, e.g. all apples). Paths are relative to `image_root`, the dataset's
+    folder; `class_file` defaults to `classes.csv` there (names are None without it).
+    """
+
+    def __init__(
+        self,
+        image_root: str,
+        cls_label_path: str,
+        transform_ops: TransformOps | None = None,
+        label_level: Literal["fine", "coarse"] = "fine",
+        class_file: str | None = None,
+        skip_corrupt: bool = False,
+    ):
+        where = f"label file {cls_label_path}"
+        super().__init__(transform_ops, skip_corrupt, where)
+        self.image_root = image_root
+        self.label_level = label_level
+        check_root(image_root, where)
+        column = 1 if label_level == "fine" else 2
+        entries = []
+        for position, (number, line) in enumerate(read_lines(cls_label_path, "dataset")):
+            fields = [field.strip() for field in line.split(",")]
+            if len(fields) != 3 or not all(fields):
+                raise DataError(
+                    f"{cls_label_path}:{number}: expected 'path, fine_id, coarse_id', got {line!r}"
+                )
+            try:
+                label = int(fields[column])
+            except ValueError:
+                raise DataError(
+                    f"{cls_label_path}:{number}: class id {fields[column]!r} is not an integer"
+                ) from None
+            if label < 0:
+                raise DataError(f"{cls_label_path}:{number}: class id {label} is negative")
+            path = os.path.join(image_root, fields[0])
+            entries.append(Entry(path, label, position, f"line {number}"))
+
+        if class_file is None and (Path(image_root) / "classes.csv").is_file():
+            class_file = str(Path(image_root) / "classes.csv")
+        if class_file is not None:
+            self.class_names = read_class_names(class_file, label_level)
+        largest = max((entry.label for entry in entries), default=-1)
+        if self.class_names is not None and largest >= len(self.class_names):
+            raise DataError(
+                f"{where}: class id {largest} but {class_file} names only "
+                f"{len(self.class_names)} {label_level} classes"
+            )
+        self.num_classes = len(self.class_names) if self.class_names else largest + 1
+        self._set_entries(entries, image_root)
+
+
+def read_class_names(path: str, level: Literal["fine", "coarse"]) -> list[str]:
+    """Names by class id from `classes.csv` (columns: name, id, coarse name, coarse id, ...)."""
+    name_col, id_col = (0, 1) if level == "fine" else (2, 3)
+    names: dict[int, str] = {}
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            rows = list(csv.reader(handle))
+    except OSError as exc:
+        raise DataError(f"class file {path}: cannot read it ({exc})") from exc
+    for number, row in enumerate(rows[1:], 2):  # row 1 is the header
+        if not row:
+            continue
+        try:
+            class_id, name = int(row[id_col]), row[name_col].strip()
+        except (IndexError, ValueError):
+            raise DataError(
+                f"{path}:{number}: expected 'name, id, coarse name, coarse id, ...', got {row}"
+            ) from None
+        if names.get(class_id, name) != name:
+            raise DataError(
+                f"{path}:{number}: class id {class_id} named both {names[class_id]!r} and {name!r}"
+            )
+        names[class_id] = name
+    if sorted(names) != list(range(len(names))):
+        raise DataError(f"{path}: {level} class ids are not 0..{len(names) - 1}")
+    return [names[i] for i in range(len(names))]

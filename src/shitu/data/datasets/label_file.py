@@ -1,0 +1,132 @@
+"""PaddleClas label-file datasets: one `relative/path label [unique_id]` per line."""
+
+from __future__ import annotations
+
+import os
+
+from shitu.data.datasets.base import (
+    Entry,
+    ImageDataset,
+    TransformOps,
+    check_root,
+    read_lines,
+)
+from shitu.errors import DataError
+from shitu.registry import DATASETS
+
+
+@DATASETS.register("ImageNetDataset")
+class LabelFileDataset(ImageDataset):
+    """Images listed in a PaddleClas label file (names: ImageNetDataset, LabelFileDataset).
+
+    Each non-blank line is `path label` or `path label unique_id`, split on
+    `delimiter` (default: any run of whitespace; use a tab when paths or labels
+    contain spaces, e.g. `img.jpg<TAB>Coca Cola 330ml`). Paths are relative to
+    `image_root`.
+
+    Labels: when every label is an integer they are class ids (`relabel: true`
+    maps the distinct values, sorted, to 0..C-1, kept in `label_map`); otherwise
+    labels are class names, numbered in sorted order, with the names in
+    `class_names`. The optional third column is a unique id (e.g. a product or
+    instance id) that retrieval evaluation uses to exclude an image's own
+    entries; without it the line's index in the file (from 0) is used.
+    """
+
+    def __init__(
+        self,
+        image_root: str,
+        cls_label_path: str,
+        transform_ops: TransformOps | None = None,
+        delimiter: str | None = None,
+        relabel: bool = False,
+        skip_corrupt: bool = False,
+    ):
+        where = f"label file {cls_label_path}"
+        super().__init__(transform_ops, skip_corrupt, where)
+        self.image_root = image_root
+        self.cls_label_path = cls_label_path
+        self.relabel = relabel
+        self.label_map: dict[int | str, int] | None = None
+        check_root(image_root, where)
+        lines = read_lines(cls_label_path, "dataset")
+        if not lines:
+            raise DataError(f"{where}: lists no images")
+        rows = [self._split(number, line, delimiter) for number, line in lines]
+        texts = dict(lines)
+
+        with_ids = [len(fields) == 3 for _, fields in rows]
+        if any(with_ids) and not all(with_ids):
+            has, lacks = (rows[with_ids.index(flag)][0] for flag in (True, False))
+            raise DataError(
+                f"{cls_label_path}:{lacks}: no unique id, but line {has} has one; "
+                "give the third column on every line or on none"
+            )
+        self.has_unique_ids = all(with_ids)
+        labels = self._map_labels([(number, fields[1]) for number, fields in rows])
+
+        entries = []
+        for position, ((number, fields), label) in enumerate(zip(rows, labels, strict=True)):
+            unique_id = position
+            if self.has_unique_ids:
+                try:
+                    unique_id = int(fields[2])
+                except ValueError:
+                    hint = self._tab_hint(texts[number], delimiter, False)
+                    raise DataError(
+                        f"{cls_label_path}:{number}: unique id {fields[2]!r} is not an integer"
+                        f"{hint}"
+                    ) from None
+            path = os.path.join(image_root, fields[0])
+            entries.append(Entry(path, label, unique_id, f"line {number}"))
+        self._set_entries(entries, image_root)
+
+    def _split(self, number: int, line: str, delimiter: str | None) -> tuple[int, list[str]]:
+        if delimiter is None or delimiter == " ":
+            fields = line.split()
+        else:
+            fields = [field.strip() for field in line.split(delimiter)]
+        if len(fields) not in (2, 3) or not all(fields):
+            shown = "whitespace" if delimiter in (None, " ") else repr(delimiter)
+            raise DataError(
+                f"{self.cls_label_path}:{number}: expected 'path label [unique_id]' separated "
+                f"by {shown}, got {line!r}{self._tab_hint(line, delimiter, len(fields) > 3)}"
+            )
+        return number, fields
+
+    @staticmethod
+    def _tab_hint(line: str, delimiter: str | None, crowded: bool) -> str:
+        """Advice for whitespace-split lines that look tab-separated or have spaces in a column."""
+        if delimiter in (None, " ") and (crowded or "\t" in line):
+            return (
+                "; if paths or labels contain spaces, separate columns with tabs and set "
+                'delimiter: "\\t"'
+            )
+        return ""
+
+    def _map_labels(self, raw: list[tuple[int, str]]) -> list[int]:
+        """Class ids for the raw label strings, in file order (see the class docstring)."""
+        try:
+            values = [int(text) for _, text in raw]
+        except ValueError:
+            names = sorted({text for _, text in raw})
+            self.class_names = names
+            self.label_map = {name: index for index, name in enumerate(names)}
+            self.num_classes = len(names)
+            return [self.label_map[text] for _, text in raw]
+        if self.relabel:
+            distinct = sorted(set(values))
+            self.label_map = {value: index for index, value in enumerate(distinct)}
+            self.num_classes = len(distinct)
+            return [self.label_map[value] for value in values]
+        for (number, _), value in zip(raw, values, strict=True):
+            if value < 0:
+                raise DataError(
+                    f"{self.cls_label_path}:{number}: label {value} is negative; "
+                    "set relabel: true to renumber labels from 0"
+                )
+        # Labels index a classifier head, so it needs max + 1 outputs even if some are unused.
+        self.num_classes = max(values) + 1
+        return values
+
+
+DATASETS.register("LabelFileDataset")(LabelFileDataset)

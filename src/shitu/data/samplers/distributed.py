@@ -1,0 +1,83 @@
+"""Plain batches of consecutive (or shuffled) indices, sharded across DDP ranks."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from shitu.data.samplers._common import EpochBatchSampler, make_rng
+from shitu.registry import SAMPLERS
+
+
+@SAMPLERS.register("DistributedBatchSampler")
+class DistributedBatchSampler(EpochBatchSampler):
+    """Batches of `batch_size` indices; rank r takes every num_replicas-th index from r.
+
+    The epoch's order (0..N-1, or a permutation seeded by (seed, epoch) with
+    `shuffle`) is dealt out round-robin, so the ranks' shares are disjoint and
+    together cover the dataset. To give every rank the same number of samples,
+    `drop_last: false` (evaluation) pads the order by repeating it from the
+    start: the last `num_padding` positions of the padded order are duplicates;
+    `padding_mask()` marks them in this rank's order, `num_real_samples` counts
+    the rest (drop them, or drop duplicate dataset indices, after gathering).
+    `drop_last: true` instead cuts the order to a multiple of num_replicas and
+    drops each rank's last incomplete batch.
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        batch_size: int,
+        shuffle: bool = False,
+        drop_last: bool = False,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+        seed: int = 0,
+    ):
+        super().__init__(batch_size, num_replicas, rank, seed)
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.dataset_size = len(dataset)
+        world = self.num_replicas
+        if drop_last:
+            self.num_samples = self.dataset_size // world
+        else:
+            self.num_samples = math.ceil(self.dataset_size / world)
+        self.total_size = self.num_samples * world
+        self.num_padding = max(0, self.total_size - self.dataset_size)
+
+    def __len__(self) -> int:
+        if self.drop_last:
+            return self.num_samples // self.batch_size
+        return math.ceil(self.num_samples / self.batch_size)
+
+    def indices(self) -> np.ndarray:
+        """This rank's dataset indices for the current epoch, in order, padding included."""
+        if self.shuffle:
+            order = make_rng(self.seed, self.epoch).permutation(self.dataset_size)
+        else:
+            order = np.arange(self.dataset_size)
+        if self.total_size > self.dataset_size and self.dataset_size:
+            order = np.resize(order, self.total_size)  # repeats from the start
+        else:
+            order = order[: self.total_size]
+        return order[self.rank :: self.num_replicas]
+
+    def padding_mask(self) -> list[bool]:
+        """For each position of `indices()`: True where it is a padding duplicate."""
+        positions = self.rank + self.num_replicas * np.arange(self.num_samples)
+        return (positions >= self.dataset_size).tolist()
+
+    @property
+    def num_real_samples(self) -> int:
+        """How many of this rank's samples are not padding."""
+        return self.num_samples - sum(self.padding_mask())
+
+    def _batches(self, start: int) -> Iterator[list[int]]:
+        indices = self.indices()
+        size = self.batch_size
+        for b in range(start, len(self)):
+            yield indices[b * size : (b + 1) * size].tolist()

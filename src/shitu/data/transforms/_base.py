@@ -1,0 +1,162 @@
+"""Shared pieces of the image ops: pipeline stages, seeded random draws, resizing.
+
+Between ops an image is a numpy uint8 array in HWC order (as in PaddleClas, which
+uses OpenCV arrays), until `NormalizeImage` turns it into float32. Which ops may
+follow which is checked once, when the pipeline is built, through `Stage`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+Layout = Literal["hwc", "chw"]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """What the image looks like at one point of the pipeline, known at build time."""
+
+    decoded: bool = False
+    layout: Layout = "hwc"
+    normalized: bool = False
+
+    def with_(self, **changes: Any) -> Stage:
+        return replace(self, **changes)
+
+
+class Transform:
+    """Base of the registered ops: `plan` checks the op's place, `__call__` applies it.
+
+    The default `plan` is for pixel ops that need a decoded HWC uint8 image, which
+    is every geometric and colour op.
+    """
+
+    name: ClassVar[str] = "Transform"
+
+    def plan(self, stage: Stage) -> Stage:
+        if not stage.decoded:
+            raise ValueError("comes before the image is decoded (DecodeImage must be first)")
+        if stage.normalized:
+            raise ValueError("works on uint8 pixels; move it before NormalizeImage")
+        if stage.layout != "hwc":
+            raise ValueError("works on HWC images; move it before ToCHWImage (or channel_first)")
+        return stage
+
+    def __call__(self, image: Any) -> Any:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({fields})"
+
+
+# Random draws. All use torch's global generator: DataLoader workers seed it per worker
+# and the engine seeds it per sample, so an augmented image depends on the seed alone.
+
+
+def rand_uniform(low: float, high: float) -> float:
+    return float(low + (high - low) * torch.rand(()).item())
+
+
+def rand_int(low: int, high: int) -> int:
+    """Uniform integer in [low, high], both ends included (like `random.randint`)."""
+    return int(torch.randint(low, high + 1, ()).item())
+
+
+def coin(prob: float) -> bool:
+    """True with probability `prob`; draws nothing when the answer is certain."""
+    if prob <= 0:
+        return False
+    if prob >= 1:
+        return True
+    return bool(torch.rand(()).item() < prob)
+
+
+def pair(size: int | list[int] | tuple[int, ...], what: str = "size") -> tuple[int, int]:
+    """(width, height) from an int or a [width, height] list, as PaddleClas reads sizes."""
+    if isinstance(size, int):
+        width = height = size
+    elif len(size) == 2:
+        width, height = int(size[0]), int(size[1])
+    else:
+        raise ValueError(f"{what}: give one int or [width, height], got {list(size)}")
+    if width < 1 or height < 1:
+        raise ValueError(f"{what}: sizes must be positive, got {size}")
+    return width, height
+
+
+# Interpolation names as PaddleClas configs spell them; ints are OpenCV's codes.
+_CV2_CODES = {0: "nearest", 1: "bilinear", 2: "bicubic", 3: "area", 4: "lanczos"}
+_PIL_FILTERS = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "area": Image.Resampling.BOX,
+    "box": Image.Resampling.BOX,
+    "lanczos": Image.Resampling.LANCZOS,
+    "hamming": Image.Resampling.HAMMING,
+}
+_TORCH_MODES = {"nearest": "nearest", "bilinear": "bilinear", "bicubic": "bicubic", "area": "area"}
+
+
+def interpolation_name(value: str | int | None, default: str = "bilinear") -> str:
+    if value is None or value == -1:
+        return default
+    if isinstance(value, int):
+        if value not in _CV2_CODES:
+            raise ValueError(f"interpolation: unknown OpenCV code {value}")
+        return _CV2_CODES[value]
+    name = value.lower()
+    if name not in _PIL_FILTERS:
+        raise ValueError(
+            f"interpolation: unknown name {value!r}; use one of {', '.join(sorted(_PIL_FILTERS))}"
+        )
+    return name
+
+
+def pil_filter(name: str) -> Image.Resampling:
+    return _PIL_FILTERS[name]
+
+
+def to_pil(image: np.ndarray) -> Image.Image:
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
+    return Image.fromarray(np.ascontiguousarray(image))
+
+
+def from_pil(image: Image.Image) -> np.ndarray:
+    array = np.asarray(image)
+    return array[:, :, None] if array.ndim == 2 else array
+
+
+def resize(
+    image: np.ndarray, width: int, height: int, interpolation: str, backend: str
+) -> np.ndarray:
+    """Resize an HWC uint8 image.
+
+    Backend "cv2" reproduces OpenCV's `cv2.resize` (what PaddleClas trains and
+    evaluates with): no antialiasing when shrinking, half-pixel centres, within
+    one grey level of OpenCV's fixed-point result. Backend "pil" uses Pillow,
+    which antialiases. Lanczos, box and hamming always go through Pillow.
+    """
+    if image.shape[0] == height and image.shape[1] == width:
+        return image
+    if backend == "cv2" and interpolation in _TORCH_MODES:
+        array = np.ascontiguousarray(image)
+        if not array.flags.writeable:  # torch warns about read-only arrays (Pillow's are)
+            array = array.copy()
+        tensor = torch.from_numpy(array).permute(2, 0, 1)[None].float()
+        mode = _TORCH_MODES[interpolation]
+        options: dict[str, Any] = {}
+        if mode in ("bilinear", "bicubic"):
+            options["align_corners"] = False
+        out = F.interpolate(tensor, size=(height, width), mode=mode, **options)
+        out = out.round_().clamp_(0, 255).to(torch.uint8)[0].permute(1, 2, 0)
+        return out.numpy()
+    return from_pil(to_pil(image).resize((width, height), pil_filter(interpolation)))

@@ -1,0 +1,101 @@
+"""Build an image pipeline from PaddleClas-style `transform_ops` config lists."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from shitu.data.transforms import ops as _ops
+from shitu.data.transforms._base import Layout, Stage, Transform
+from shitu.errors import ConfigError, DataError
+from shitu.registry import TRANSFORMS
+
+OpList = Sequence[dict[str, dict[str, Any] | None]]
+
+
+class Compose:
+    """Runs the ops in order and returns a float32 CHW tensor.
+
+    The tensor holds whatever the last op produced: normalised values after
+    `NormalizeImage`, raw 0..255 pixel values otherwise. Data-dependent failures
+    (an undecodable file, a crop larger than the image) raise `DataError` naming
+    the op; the dataset adds the file name.
+    """
+
+    def __init__(self, ops: list[Transform], names: list[str], layout: Layout) -> None:
+        self.ops = ops
+        self.names = names
+        self.layout = layout
+
+    def __call__(self, data: Any) -> torch.Tensor:
+        image = data
+        for name, op in zip(self.names, self.ops, strict=True):
+            try:
+                image = op(image)
+            except DataError:
+                raise
+            except (ValueError, OSError) as exc:
+                raise DataError(f"{name}: {exc}") from exc
+        return to_chw_tensor(image, self.layout)
+
+    def __repr__(self) -> str:
+        return "Compose(" + ", ".join(repr(op) for op in self.ops) + ")"
+
+
+def to_chw_tensor(image: np.ndarray, layout: Layout) -> torch.Tensor:
+    array = image.transpose(2, 0, 1) if layout == "hwc" else image
+    array = np.ascontiguousarray(array, dtype=np.float32)
+    if not array.flags.writeable:
+        array = array.copy()
+    return torch.from_numpy(array)
+
+
+def build_transforms(ops: OpList | None, where: str = "transform_ops") -> Compose:
+    """A `Compose` from `[{OpName: {params}}, ...]`, checked before any image is read.
+
+    Each op's parameters are validated against its constructor, and the op order
+    is checked (e.g. no resizing after `NormalizeImage`); problems raise
+    `ConfigError` naming `where[index]`, the op and the key. A pipeline that does
+    not start with `DecodeImage` gets a default one (RGB, HWC) in front.
+    """
+    built: list[Transform] = []
+    names: list[str] = []
+    for index, item in enumerate(ops or []):
+        label = f"{where}[{index}]"
+        if not isinstance(item, dict) or len(item) != 1:
+            raise ConfigError(
+                f"{label}: each op is a one-key mapping like {{ResizeImage: {{size: 224}}}}, "
+                f"got {item!r}"
+            )
+        ((name, params),) = item.items()
+        if params is None:
+            params = {}
+        if not isinstance(params, dict):
+            raise ConfigError(f"{label} {name}: parameters must be a mapping, got {params!r}")
+        try:
+            validated = TRANSFORMS.validate(name, params)
+            ctor = TRANSFORMS.get(name)
+        except ConfigError as exc:
+            raise ConfigError(f"{label}: {exc}") from None
+        try:
+            op = ctor(**validated)
+        except ValueError as exc:
+            raise ConfigError(f"{label} {name}: {exc}") from None
+        built.append(op)
+        names.append(name)
+    if not built or not isinstance(built[0], _ops.DecodeImage):
+        built.insert(0, _ops.DecodeImage())
+        names.insert(0, "DecodeImage")
+        offset = -1
+    else:
+        offset = 0
+    stage = Stage()
+    for position, (name, op) in enumerate(zip(names, built, strict=True)):
+        try:
+            stage = op.plan(stage)
+        except ValueError as exc:
+            raise ConfigError(f"{where}[{position + offset}] {name}: {exc}") from None
+    return Compose(built, names, stage.layout)

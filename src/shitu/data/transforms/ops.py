@@ -1,0 +1,452 @@
+"""Image ops under PaddleClas's names and parameters, in Pillow, numpy and torch.
+
+Each op takes and returns an HWC uint8 numpy array (OpenCV's layout, which the
+PaddleClas ops use) except where noted: `DecodeImage` turns file bytes into one,
+`NormalizeImage` turns it into float32, `ToCHWImage` transposes. Random draws use
+torch's generator (see `_base`), so a seeded run augments identically.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Literal
+
+import numpy as np
+import torch
+from PIL import Image, ImageEnhance, ImageOps
+
+from shitu.data.transforms._base import (
+    Stage,
+    Transform,
+    coin,
+    from_pil,
+    interpolation_name,
+    pair,
+    pil_filter,
+    rand_int,
+    rand_uniform,
+    resize,
+    to_pil,
+)
+from shitu.errors import DataError
+from shitu.registry import TRANSFORMS
+
+Backend = Literal["cv2", "pil"]
+Interpolation = str | int | None
+
+
+class UnreadableImageError(DataError):
+    """The bytes are not a decodable image (corrupt, truncated or an unsupported format)."""
+
+
+@TRANSFORMS.register("DecodeImage")
+class DecodeImage(Transform):
+    """File bytes -> HWC uint8 RGB array (BGR with `to_rgb: false`, like OpenCV).
+
+    EXIF orientation is applied, as `cv2.imdecode` does. Grey, palette, CMYK and
+    alpha images become 3-channel. Already-decoded input (a PIL image or an
+    array) is accepted too, so the same pipeline serves in-memory images.
+    `to_np` is accepted for PaddleClas configs and has no effect.
+    """
+
+    def __init__(self, to_rgb: bool = True, channel_first: bool = False, to_np: bool = False):
+        self.to_rgb = to_rgb
+        self.channel_first = channel_first
+
+    def plan(self, stage: Stage) -> Stage:
+        if stage.decoded:
+            raise ValueError("the image is already decoded; DecodeImage must come first, once")
+        return stage.with_(decoded=True, layout="chw" if self.channel_first else "hwc")
+
+    def __call__(self, data: bytes | Image.Image | np.ndarray) -> np.ndarray:
+        if isinstance(data, np.ndarray):
+            array = data
+        else:
+            image = data if isinstance(data, Image.Image) else _decode(data)
+            if image.mode != "RGB":
+                image = image.convert("RGB")
+            array = np.asarray(image)
+            if not self.to_rgb:
+                array = array[:, :, ::-1]
+        if self.channel_first:
+            array = array.transpose(2, 0, 1)
+        return array
+
+
+def _decode(data: bytes) -> Image.Image:
+    if not data:
+        raise UnreadableImageError("cannot decode image: the file is empty")
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+        transposed = ImageOps.exif_transpose(image)
+    except Exception as exc:  # any decoder failure means a corrupt or unsupported file
+        raise UnreadableImageError(f"cannot decode image ({type(exc).__name__}: {exc})") from exc
+    return transposed if transposed is not None else image
+
+
+@TRANSFORMS.register("ResizeImage")
+class ResizeImage(Transform):
+    """Resize to `size` ([width, height] or int), or the short side to `resize_short`.
+
+    `backend: cv2` (PaddleClas's default) reproduces OpenCV's resize without
+    antialiasing; `pil` uses Pillow's antialiased filters. See `_base.resize`.
+    """
+
+    def __init__(
+        self,
+        size: int | list[int] | None = None,
+        resize_short: int | None = None,
+        interpolation: Interpolation = None,
+        backend: Backend = "cv2",
+    ):
+        if resize_short is not None and resize_short > 0:
+            self.resize_short: int | None = resize_short
+            self.size: tuple[int, int] | None = None
+        elif size is not None:
+            self.resize_short = None
+            self.size = pair(size)
+        else:
+            raise ValueError("give size or resize_short")
+        self.interpolation = interpolation_name(interpolation)
+        self.backend = backend
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        height, width = image.shape[:2]
+        if self.resize_short is not None:
+            factor = self.resize_short / min(width, height)
+            new_w, new_h = round(width * factor), round(height * factor)
+        else:
+            assert self.size is not None
+            new_w, new_h = self.size
+        return resize(image, new_w, new_h, self.interpolation, self.backend)
+
+
+@TRANSFORMS.register("CropImage")
+class CropImage(Transform):
+    """Centre crop to `size` ([width, height] or int); the image must be at least that big."""
+
+    def __init__(self, size: int | list[int]):
+        self.size = pair(size)
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        width, height = self.size
+        img_h, img_w = image.shape[:2]
+        if img_w < width or img_h < height:
+            raise ValueError(f"image {img_w}x{img_h} is smaller than the crop {width}x{height}")
+        top, left = (img_h - height) // 2, (img_w - width) // 2
+        return image[top : top + height, left : left + width]
+
+
+@TRANSFORMS.register("RandCropImage")
+class RandCropImage(Transform):
+    """Random-resized crop (PaddleClas's single-draw form of torchvision's RandomResizedCrop).
+
+    Draws an aspect ratio from `ratio` and an area fraction from `scale` (capped so
+    the crop fits), crops at a random place and resizes to `size` ([width, height]).
+    """
+
+    def __init__(
+        self,
+        size: int | list[int],
+        scale: list[float] | None = None,
+        ratio: list[float] | None = None,
+        interpolation: Interpolation = None,
+        backend: Backend = "cv2",
+    ):
+        self.size = pair(size)
+        self.scale = tuple(scale) if scale is not None else (0.08, 1.0)
+        self.ratio = tuple(ratio) if ratio is not None else (3.0 / 4.0, 4.0 / 3.0)
+        for key, value in (("scale", self.scale), ("ratio", self.ratio)):
+            if len(value) != 2 or not 0 < value[0] <= value[1]:
+                raise ValueError(f"{key}: give [low, high] with 0 < low <= high, got {list(value)}")
+        self.interpolation = interpolation_name(interpolation)
+        self.backend = backend
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        img_h, img_w = image.shape[:2]
+        aspect = rand_uniform(*self.ratio) ** 0.5
+        rel_w, rel_h = aspect, 1.0 / aspect
+        # Largest area fraction at this aspect ratio that still fits inside the image.
+        bound = min((img_w / img_h) / rel_w**2, (img_h / img_w) / rel_h**2)
+        low, high = min(self.scale[0], bound), min(self.scale[1], bound)
+        side = (img_w * img_h * rand_uniform(low, high)) ** 0.5
+        crop_w = min(img_w, max(1, int(side * rel_w)))
+        crop_h = min(img_h, max(1, int(side * rel_h)))
+        left = rand_int(0, img_w - crop_w)
+        top = rand_int(0, img_h - crop_h)
+        crop = image[top : top + crop_h, left : left + crop_w]
+        return resize(crop, *self.size, self.interpolation, self.backend)
+
+
+@TRANSFORMS.register("RandCropImageV2")
+class RandCropImageV2(Transform):
+    """Crop `size` ([width, height] or int) at a uniformly random place, no resizing.
+
+    Unlike PaddleClas, whose offsets may run one pixel past the edge (returning a
+    crop one pixel short), the crop always has exactly `size`.
+    """
+
+    def __init__(self, size: int | list[int]):
+        self.size = pair(size)
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        width, height = self.size
+        img_h, img_w = image.shape[:2]
+        if img_w < width or img_h < height:
+            raise ValueError(f"image {img_w}x{img_h} is smaller than the crop {width}x{height}")
+        top = rand_int(0, img_h - height)
+        left = rand_int(0, img_w - width)
+        return image[top : top + height, left : left + width]
+
+
+@TRANSFORMS.register("RandFlipImage")
+class RandFlipImage(Transform):
+    """Flip with probability 1/2: `flip_code` 1 horizontally, 0 vertically, -1 both (as OpenCV)."""
+
+    def __init__(self, flip_code: Literal[-1, 0, 1] = 1):
+        self.flip_code = flip_code
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        if rand_int(0, 1) == 0:
+            return image
+        if self.flip_code == 1:
+            return image[:, ::-1]
+        if self.flip_code == 0:
+            return image[::-1]
+        return image[::-1, ::-1]
+
+
+def _sides(padding: int | list[int]) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) from torchvision-style padding: int, [lr, tb] or [l, t, r, b]."""
+    if isinstance(padding, int):
+        values = [padding] * 4
+    elif len(padding) == 2:
+        values = [padding[0], padding[1], padding[0], padding[1]]
+    elif len(padding) == 4:
+        values = list(padding)
+    else:
+        raise ValueError(f"padding: give an int, [left/right, top/bottom] or 4 ints, got {padding}")
+    if min(values) < 0:
+        raise ValueError(f"padding: must not be negative, got {padding}")
+    left, top, right, bottom = (int(v) for v in values)
+    return left, top, right, bottom
+
+
+@TRANSFORMS.register("Pad")
+class Pad(Transform):
+    """Pad the borders (`padding` as torchvision: int, [lr, tb] or [l, t, r, b]).
+
+    `padding_mode` is constant (with `fill`: one grey level or one per channel),
+    edge, reflect or symmetric.
+    """
+
+    def __init__(
+        self,
+        padding: int | list[int],
+        fill: int | list[int] = 0,
+        padding_mode: Literal["constant", "edge", "reflect", "symmetric"] = "constant",
+    ):
+        self.padding = _sides(padding)
+        self.fill = fill
+        self.padding_mode = padding_mode
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        left, top, right, bottom = self.padding
+        if self.padding_mode != "constant":
+            return np.pad(image, ((top, bottom), (left, right), (0, 0)), mode=self.padding_mode)
+        img_h, img_w, channels = image.shape
+        out = np.empty((img_h + top + bottom, img_w + left + right, channels), dtype=image.dtype)
+        out[...] = np.asarray(self.fill, dtype=image.dtype)
+        out[top : top + img_h, left : left + img_w] = image
+        return out
+
+
+def _fill_color(fill: int | list[int], channels: int) -> int | tuple[int, ...]:
+    if isinstance(fill, int):
+        return fill if channels == 1 else (fill,) * channels
+    return tuple(int(v) for v in fill)
+
+
+@TRANSFORMS.register("RandomRotation")
+class RandomRotation(Transform):
+    """With probability `prob`, rotate by a uniform angle in [-degrees, degrees] (or [min, max]).
+
+    Counter-clockwise about the centre, keeping the size (or growing to fit with
+    `expand`), corners filled with `fill`, as paddle.vision's RandomRotation.
+    """
+
+    def __init__(
+        self,
+        degrees: float | list[float],
+        prob: float = 0.5,
+        interpolation: Literal["nearest", "bilinear", "bicubic"] = "nearest",
+        expand: bool = False,
+        fill: int | list[int] = 0,
+    ):
+        if isinstance(degrees, int | float):
+            if degrees < 0:
+                raise ValueError(f"degrees: a single value must not be negative, got {degrees}")
+            self.degrees = (-float(degrees), float(degrees))
+        elif len(degrees) == 2 and degrees[0] <= degrees[1]:
+            self.degrees = (float(degrees[0]), float(degrees[1]))
+        else:
+            raise ValueError(f"degrees: give a number or [min, max], got {degrees}")
+        self.prob = prob
+        self.interpolation = interpolation
+        self.expand = expand
+        self.fill = fill
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        if not coin(self.prob):
+            return image
+        angle = rand_uniform(*self.degrees)
+        rotated = to_pil(image).rotate(
+            angle,
+            resample=pil_filter(self.interpolation),
+            expand=self.expand,
+            fillcolor=_fill_color(self.fill, image.shape[2]),
+        )
+        return from_pil(rotated)
+
+
+def _factor_range(value: float | list[float], key: str, centre: float) -> tuple[float, float]:
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError(f"{key}: must not be negative, got {value}")
+        return (max(0.0, centre - value) if centre else -value, centre + value)
+    if len(value) != 2 or value[0] > value[1]:
+        raise ValueError(f"{key}: give a number or [min, max], got {value}")
+    return float(value[0]), float(value[1])
+
+
+@TRANSFORMS.register("ColorJitter")
+class ColorJitter(Transform):
+    """With probability `prob`, jitter brightness, contrast, saturation and hue in random order.
+
+    A number b gives factors in [max(0, 1 - b), 1 + b] (hue: shifts in [-h, h] of a
+    full turn, h <= 0.5); a [min, max] pair gives the range itself. Same maths as
+    paddle.vision / torchvision's ColorJitter, on Pillow.
+    """
+
+    def __init__(
+        self,
+        brightness: float | list[float] = 0.0,
+        contrast: float | list[float] = 0.0,
+        saturation: float | list[float] = 0.0,
+        hue: float | list[float] = 0.0,
+        prob: float = 1.0,
+    ):
+        self.brightness = _factor_range(brightness, "brightness", 1.0)
+        self.contrast = _factor_range(contrast, "contrast", 1.0)
+        self.saturation = _factor_range(saturation, "saturation", 1.0)
+        self.hue = _factor_range(hue, "hue", 0.0)
+        if not -0.5 <= self.hue[0] <= self.hue[1] <= 0.5:
+            raise ValueError(f"hue: shifts must lie in [-0.5, 0.5], got {list(self.hue)}")
+        self.prob = prob
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        if not coin(self.prob):
+            return image
+        pil = to_pil(image)
+        steps = [
+            (ImageEnhance.Brightness, self.brightness, (1.0, 1.0)),
+            (ImageEnhance.Contrast, self.contrast, (1.0, 1.0)),
+            (ImageEnhance.Color, self.saturation, (1.0, 1.0)),
+            (None, self.hue, (0.0, 0.0)),
+        ]
+        for index in torch.randperm(len(steps)).tolist():
+            enhancer, bounds, identity = steps[index]
+            if bounds == identity:
+                continue
+            factor = rand_uniform(*bounds)
+            pil = _shift_hue(pil, factor) if enhancer is None else enhancer(pil).enhance(factor)
+        return from_pil(pil)
+
+
+def _shift_hue(image: Image.Image, shift: float) -> Image.Image:
+    if image.mode != "RGB":
+        return image
+    hsv = np.array(image.convert("HSV"))
+    hsv[:, :, 0] = (hsv[:, :, 0].astype(np.int16) + round(shift * 255)) % 256
+    return Image.frombytes("HSV", image.size, hsv.tobytes()).convert("RGB")
+
+
+def parse_scale(scale: float | str | None) -> float:
+    """A number, or PaddleClas's string form such as '1.0/255.0' (read without eval)."""
+    if scale is None:
+        return 1.0 / 255.0
+    if isinstance(scale, int | float):
+        return float(scale)
+    parts = scale.replace(" ", "").split("/")
+    try:
+        values = [float(part) for part in parts]
+    except ValueError:
+        values = []
+    if len(values) == 1:
+        return values[0]
+    if len(values) == 2 and values[1] != 0:
+        return values[0] / values[1]
+    raise ValueError(f"scale: write a number or 'a/b' such as '1.0/255.0', got {scale!r}")
+
+
+@TRANSFORMS.register("NormalizeImage")
+class NormalizeImage(Transform):
+    """(pixel * scale - mean) / std per channel -> float32.
+
+    `order` is the layout of the incoming image, as in PaddleClas ('' means hwc);
+    left out, it follows the pipeline (HWC unless ToCHWImage or channel_first came
+    first). A stated order that disagrees with the pipeline is a config error.
+    """
+
+    def __init__(
+        self,
+        scale: float | str | None = None,
+        mean: list[float] | None = None,
+        std: list[float] | None = None,
+        order: Literal["chw", "hwc", ""] | None = None,
+    ):
+        self.scale = np.float32(parse_scale(scale))
+        self.mean = np.asarray(mean if mean is not None else [0.485, 0.456, 0.406], np.float32)
+        self.std = np.asarray(std if std is not None else [0.229, 0.224, 0.225], np.float32)
+        if self.mean.shape != self.std.shape or self.mean.ndim != 1:
+            raise ValueError("mean and std need one value per channel, the same count")
+        if np.any(self.std == 0):
+            raise ValueError("std must not contain 0")
+        self.order: str | None = "hwc" if order == "" else order
+
+    def plan(self, stage: Stage) -> Stage:
+        if not stage.decoded:
+            raise ValueError("comes before the image is decoded (DecodeImage must be first)")
+        if stage.normalized:
+            raise ValueError("the image is already normalised")
+        if self.order is not None and self.order != stage.layout:
+            raise ValueError(
+                f"order is '{self.order}' but the image is {stage.layout.upper()} here; "
+                f"set order: {stage.layout} (or leave it out)"
+            )
+        self.order = stage.layout
+        return stage.with_(normalized=True)
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        shape = (-1, 1, 1) if self.order == "chw" else (1, 1, -1)
+        channels = image.shape[0] if self.order == "chw" else image.shape[2]
+        if channels != self.mean.size:
+            raise ValueError(f"image has {channels} channels, mean/std have {self.mean.size}")
+        mean, std = self.mean.reshape(shape), self.std.reshape(shape)
+        return (image.astype(np.float32) * self.scale - mean) / std
+
+
+@TRANSFORMS.register("ToCHWImage")
+class ToCHWImage(Transform):
+    """HWC -> CHW. Optional: the pipeline ends in a CHW float32 tensor either way."""
+
+    def plan(self, stage: Stage) -> Stage:
+        if not stage.decoded:
+            raise ValueError("comes before the image is decoded (DecodeImage must be first)")
+        if stage.layout == "chw":
+            raise ValueError("the image is already CHW")
+        return stage.with_(layout="chw")
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        return image.transpose(2, 0, 1)

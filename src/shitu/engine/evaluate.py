@@ -1,0 +1,133 @@
+"""Retrieval evaluation of a model: embed query and gallery sets, then score the ranking."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from shitu.config.schema import ShituConfig
+from shitu.engine.data import build_eval_loader, dataset_of
+from shitu.engine.distributed import DistContext, all_gather_concat
+from shitu.errors import ConfigError
+from shitu.evaluation import RetrievalEvaluator, RetrievalResult
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EmbeddedSet:
+    """Features of a whole dataset in dataset order, with labels and unique ids."""
+
+    features: torch.Tensor
+    labels: torch.Tensor
+    unique_ids: torch.Tensor
+
+
+def autocast_for(device: torch.device, amp: str) -> contextlib.AbstractContextManager[None]:
+    """Mixed precision on CUDA when asked; a no-op context otherwise."""
+    if amp == "off" or device.type != "cuda":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+@torch.no_grad()
+def embed_dataset(
+    model: nn.Module,
+    loader: DataLoader,
+    context: DistContext,
+    feature_key: str = "features",
+    amp: str = "off",
+    channels_last: bool = False,
+    description: str = "embed",
+) -> EmbeddedSet:
+    """Embed every item once; under DDP each rank embeds a shard and all ranks get all.
+
+    Items come back in dataset order with the sampler's padding duplicates dropped.
+    """
+    was_training = model.training
+    model.eval()
+    features, labels, ids, indices = [], [], [], []
+    for images, batch_labels, batch_ids, batch_indices in tqdm(
+        loader, desc=description, disable=not context.is_main, leave=False, unit="batch"
+    ):
+        images = images.to(context.device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast_for(context.device, amp):
+            output = model(images)[feature_key]
+        features.append(output.float())
+        labels.append(torch.as_tensor(batch_labels).reshape(-1).to(context.device))
+        ids.append(torch.as_tensor(batch_ids).reshape(-1).to(context.device))
+        indices.append(torch.as_tensor(batch_indices).reshape(-1).to(context.device))
+    model.train(was_training)
+    if not features:
+        raise ConfigError(f"{description}: the dataset is empty")
+    gathered = [
+        all_gather_concat(torch.cat(parts), context) for parts in (features, labels, ids, indices)
+    ]
+    all_features, all_labels, all_ids, all_indices = gathered
+    order = torch.argsort(all_indices, stable=True)
+    sorted_indices = all_indices[order]
+    keep = torch.ones_like(sorted_indices, dtype=torch.bool)
+    keep[1:] = sorted_indices[1:] != sorted_indices[:-1]
+    order = order[keep]
+    return EmbeddedSet(
+        all_features[order].cpu(), all_labels[order].cpu().long(), all_ids[order].cpu().long()
+    )
+
+
+class RetrievalEvaluation:
+    """Builds the eval loaders once and scores a model against them on demand."""
+
+    def __init__(self, config: ShituConfig, context: DistContext, seed: int) -> None:
+        eval_data = config.DataLoader.Eval if config.DataLoader else None
+        if eval_data is None or eval_data.Query is None:
+            raise ConfigError("DataLoader.Eval.Query: evaluation needs a query dataset")
+        self.config = config
+        self.context = context
+        self.query_loader = build_eval_loader(eval_data.Query, context, seed)
+        self.gallery_loader = (
+            build_eval_loader(eval_data.Gallery, context, seed) if eval_data.Gallery else None
+        )
+        metric_items = (config.Metric.Eval if config.Metric else None) or [
+            {"Recallk": {"topk": [1, 5]}},
+            {"mAP": {}},
+        ]
+        self.evaluator = RetrievalEvaluator.from_metric_config(
+            metric_items, re_ranking=config.Global.re_ranking
+        )
+
+    def run(self, model: nn.Module) -> RetrievalResult:
+        options = {
+            "context": self.context,
+            "feature_key": self.config.Global.retrieval_feature_from,
+            "amp": self.config.Global.amp,
+            "channels_last": self.config.Global.channels_last,
+        }
+        query = embed_dataset(model, self.query_loader, description="query", **options)
+        if self.gallery_loader is None:
+            # Query set doubles as gallery: each query's own image is excluded.
+            gallery, exclude_ids = query, True
+        else:
+            gallery = embed_dataset(model, self.gallery_loader, description="gallery", **options)
+            exclude_ids = has_unique_ids(self.query_loader) and has_unique_ids(self.gallery_loader)
+        return self.evaluator.evaluate(
+            query.features,
+            query.labels,
+            gallery.features,
+            gallery.labels,
+            query_ids=query.unique_ids if exclude_ids else None,
+            gallery_ids=gallery.unique_ids if exclude_ids else None,
+        )
+
+
+def has_unique_ids(loader: DataLoader) -> bool:
+    """Whether the label file gave real unique ids (its third column), not line numbers."""
+    return bool(getattr(dataset_of(loader), "has_unique_ids", False))

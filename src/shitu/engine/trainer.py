@@ -1,0 +1,368 @@
+"""The training loop: config in, checkpoints and a metrics log out; resumable to the step."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from shitu import registry
+from shitu.checkpoint import load_weights, model_metadata, save_weights
+from shitu.config.schema import ShituConfig
+from shitu.engine.data import build_train_loader, dataset_of
+from shitu.engine.distributed import DistContext, all_reduce_mean, barrier, init_distributed
+from shitu.engine.evaluate import RetrievalEvaluation, autocast_for
+from shitu.engine.lr import LRSchedule
+from shitu.engine.metrics_log import MetricsLog
+from shitu.engine.optim import build_optimizer
+from shitu.engine.seeding import capture_rng_state, restore_rng_state, seed_everything
+from shitu.engine.state import (
+    BEST,
+    LATEST,
+    SUFFIX,
+    Progress,
+    load_training_state,
+    save_training_state,
+)
+from shitu.errors import ConfigError, ShituError
+from shitu.losses.combined import CombinedLoss
+from shitu.models import build_model
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingDiverged(ShituError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class FitResult:
+    progress: Progress
+    finished: bool  # False when stopped early (step/time limit or a signal); resume to go on
+    output_dir: Path
+
+
+class Trainer:
+    """Trains `config` on this process (and its torchrun peers, if any).
+
+    `Global.checkpoints` resumes a run exactly: model, optimizer, schedule, loss state
+    (e.g. XBM memory), RNG states and the position inside the epoch are restored,
+    and augmentations are seeded per sample, so the continued run matches an
+    uninterrupted one step for step.
+    """
+
+    def __init__(self, config: ShituConfig, context: DistContext | None = None) -> None:
+        for section in ("Loss", "Optimizer", "DataLoader"):
+            if getattr(config, section) is None:
+                raise ConfigError(f"{section}: training needs this section")
+        if not config.Loss.Train:
+            raise ConfigError("Loss.Train: list at least one loss")
+        if config.DataLoader.Train is None:
+            raise ConfigError("DataLoader.Train: training needs a training dataset")
+        self.config = config
+        self.context = context or init_distributed(config.Global.device)
+        self.output_dir = Path(config.Global.output_dir)
+        resume_payload: dict[str, Any] | None = None
+        self.progress = Progress()
+        if config.Global.checkpoints:
+            resume_payload, self.progress = load_training_state(config.Global.checkpoints)
+        self.seed = self._choose_seed(resume_payload)
+        seed_everything(self.seed + self.context.rank)
+
+        self.model = build_model(config.Arch).to(self.context.device)
+        if config.Global.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        if config.Global.pretrained_model and resume_payload is None:
+            report = load_weights(self.model, config.Global.pretrained_model, strict=False)
+            if self.context.is_main:
+                logger.warning(
+                    "pretrained_model %s: %s", config.Global.pretrained_model, report.summary()
+                )
+        self.loss = CombinedLoss(config.Loss.Train).to(self.context.device)
+        self.train_loader = build_train_loader(config.DataLoader.Train, self.context, self.seed)
+        self.steps_per_epoch = len(self.train_loader)
+        if self.steps_per_epoch == 0:
+            raise ConfigError(
+                "DataLoader.Train: the dataset gives no full batch; lower sampler.batch_size "
+                "or set drop_last: false"
+            )
+        self.learning_rate = self._scaled_learning_rate()
+        self.optimizer = build_optimizer(
+            [self.model, self.loss], config.Optimizer, self.learning_rate
+        )
+        lr_config = config.Optimizer.lr
+        self.schedule: LRSchedule = registry.LR_SCHEDULES.build_with_runtime(
+            lr_config.name,
+            {
+                "learning_rate": self.learning_rate,
+                "warmup_epoch": lr_config.warmup_epoch,
+                **lr_config.params,
+            },
+            steps_per_epoch=self.steps_per_epoch,
+            epochs=config.Global.epochs,
+        )
+        amp = config.Global.amp if self.context.device.type == "cuda" else "off"
+        if amp != config.Global.amp and self.context.is_main:
+            logger.warning(
+                "Global.amp=%s needs a CUDA device; training in float32", config.Global.amp
+            )
+        self.amp = amp
+        self.scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
+        if resume_payload is not None:
+            self._restore(resume_payload)
+        self.net: nn.Module = self.model
+        if self.context.distributed:
+            device_ids = [self.context.device.index] if self.context.device.type == "cuda" else None
+            self.net = DistributedDataParallel(self.model, device_ids=device_ids)
+        self.evaluation: RetrievalEvaluation | None = None
+        if config.Global.eval_during_train and config.DataLoader.Eval is not None:
+            self.evaluation = RetrievalEvaluation(config, self.context, self.seed)
+            computed = self.evaluation.evaluator.metric_names
+            if config.Global.eval_metric not in computed:
+                raise ConfigError(
+                    f"Global.eval_metric: '{config.Global.eval_metric}' is not computed; "
+                    f"Metric.Eval gives {', '.join(computed)}"
+                )
+        self.log = MetricsLog(
+            self.output_dir,
+            enabled=self.context.is_main,
+            resume_step=self.progress.global_step if resume_payload is not None else None,
+            tensorboard=config.Global.use_tensorboard,
+        )
+        self._stop_signal: int | None = None
+        self._stop_after_steps: int | None = None
+        self._deadline: float | None = None
+
+    # ----------------------------------------------------------------- set-up helpers
+    def _choose_seed(self, payload: dict[str, Any] | None) -> int:
+        if payload is not None:
+            return int(payload["seed"])
+        if self.config.Global.seed is not None:
+            return self.config.Global.seed
+        seed = torch.tensor(random.SystemRandom().randrange(1 << 31))
+        if self.context.distributed:
+            torch.distributed.broadcast(seed.to(self.context.device), src=0)
+        return int(seed)
+
+    def _scaled_learning_rate(self) -> float:
+        lr = self.config.Optimizer.lr
+        if lr.base_batch_size is None:
+            return lr.learning_rate
+        total = self.train_loader.batch_sampler.batch_size * self.context.world_size
+        return lr.learning_rate * total / lr.base_batch_size
+
+    def _restore(self, payload: dict[str, Any]) -> None:
+        try:
+            self.model.load_state_dict(payload["model"])
+            self.loss.load_state_dict(payload["loss"])
+            self.optimizer.load_state_dict(payload["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise ConfigError(
+                f"Global.checkpoints: the checkpoint does not fit this config ({exc})"
+            ) from None
+        self.schedule.load_state_dict(payload["schedule"])
+        self.scaler.load_state_dict(payload["scaler"])
+        restore_rng_state(payload["rng"][min(self.context.rank, len(payload["rng"]) - 1)])
+
+    def _state(self) -> dict[str, Any]:
+        rng = [capture_rng_state()]
+        if self.context.distributed:
+            gathered: list[Any] = [None] * self.context.world_size
+            torch.distributed.all_gather_object(gathered, rng[0])
+            rng = gathered
+        return {
+            "model": self.model.state_dict(),
+            "loss": self.loss.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rng,
+            "seed": self.seed,
+            "config": json.dumps(self.config.model_dump(mode="json")),
+        }
+
+    def save_latest(self) -> None:
+        state = self._state()  # collective under DDP: every rank takes part
+        if self.context.is_main:
+            save_training_state(self.output_dir / f"{LATEST}{SUFFIX}", state, self.progress)
+
+    def _save_best(self) -> None:
+        if self.context.is_main:
+            save_weights(
+                self.model.state_dict(),
+                self.output_dir / f"{BEST}.safetensors",
+                model_metadata(self.model, self.config.Arch.model_dump(mode="json")),
+            )
+
+    # ----------------------------------------------------------------- the loop
+    def fit(
+        self, stop_after_steps: int | None = None, time_limit_s: float | None = None
+    ) -> FitResult:
+        """Train to `Global.epochs`, or stop early (checkpointed) at a step or time limit."""
+        self._stop_after_steps = stop_after_steps
+        self._deadline = None if time_limit_s is None else time.monotonic() + time_limit_s
+        previous = {
+            sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)
+        }
+        try:
+            finished = self._run_epochs()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            self.log.close()
+        return FitResult(self.progress, finished, self.output_dir)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        del frame
+        self._stop_signal = signum  # stop after the current step, with a checkpoint
+
+    def _should_stop(self) -> bool:
+        stop = self._stop_signal is not None
+        stop |= self._stop_after_steps is not None and (
+            self.progress.global_step >= self._stop_after_steps
+        )
+        stop |= self._deadline is not None and time.monotonic() >= self._deadline
+        if self.context.distributed:  # every rank must stop at the same step
+            flag = torch.tensor(float(stop), device=self.context.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            stop = bool(flag.item())
+        return stop
+
+    def _run_epochs(self) -> bool:
+        global_config = self.config.Global
+        while self.progress.epoch < global_config.epochs:
+            epoch = self.progress.epoch
+            if not self._train_epoch():
+                self.save_latest()
+                return False
+            self.progress.epoch, self.progress.batch_in_epoch = epoch + 1, 0
+            if self.evaluation is not None and (epoch + 1) % global_config.eval_interval == 0:
+                self._evaluate(epoch + 1)
+            if (epoch + 1) % global_config.save_interval == 0 or epoch + 1 == global_config.epochs:
+                self.save_latest()
+        barrier(self.context)
+        return True
+
+    def _train_epoch(self) -> bool:
+        """One epoch from `progress.batch_in_epoch`; False if it stopped early."""
+        config = self.config.Global
+        epoch, start_batch = self.progress.epoch, self.progress.batch_in_epoch
+        self.train_loader.batch_sampler.set_epoch(epoch, start_batch=start_batch)
+        self.net.train()
+        bar = tqdm(
+            total=self.steps_per_epoch,
+            initial=start_batch,
+            desc=f"epoch {epoch + 1}/{config.epochs}",
+            disable=not self.context.is_main,
+            unit="step",
+            leave=False,
+        )
+        window_start, window_images = time.monotonic(), 0
+        try:
+            for images, labels, _ids, _indices in self.train_loader:
+                if self._should_stop():
+                    return False
+                loss_value, parts = self._step(images, labels)
+                self.progress.global_step += 1
+                self.progress.batch_in_epoch += 1
+                window_images += images.shape[0] * self.context.world_size
+                bar.update(1)
+                step = self.progress.global_step
+                if step % config.print_batch_step == 0 or self.progress.batch_in_epoch == 1:
+                    elapsed = max(time.monotonic() - window_start, 1e-9)
+                    record = {
+                        "epoch": epoch + 1,
+                        "loss": loss_value,
+                        **{k: float(all_reduce_mean(v, self.context)) for k, v in parts.items()},
+                        "lr": self.optimizer.param_groups[0]["lr"],
+                        "images_per_s": round(window_images / elapsed, 2),
+                    }
+                    self.log.write("train", step, **record)
+                    bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{record['lr']:.2e}")
+                    window_start, window_images = time.monotonic(), 0
+                every = config.checkpoint_every_steps
+                if every and step % every == 0:
+                    self.save_latest()
+            return not self._should_stop()
+        finally:
+            bar.close()
+
+    def _step(
+        self, images: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[float, dict[str, torch.Tensor]]:
+        lr = self.schedule.lr_at(self.progress.global_step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        device = self.context.device
+        images = images.to(device, non_blocking=True)
+        if self.config.Global.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        labels = torch.as_tensor(labels).reshape(-1).to(device, non_blocking=True)
+        with autocast_for(device, self.amp):
+            outputs = self.net(images, labels)
+        loss, parts = self.loss(outputs, labels)
+        value = float(all_reduce_mean(loss.detach(), self.context))
+        if not math.isfinite(value):
+            raise TrainingDiverged(
+                f"the loss became {value} at step {self.progress.global_step + 1} "
+                f"(epoch {self.progress.epoch + 1}); lower Optimizer.lr.learning_rate, "
+                "enable clip_norm, or resume from an earlier checkpoint"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.config.Optimizer.clip_norm:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(
+                [p for g in self.optimizer.param_groups for p in g["params"]],
+                self.config.Optimizer.clip_norm,
+            )
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return value, parts
+
+    def _evaluate(self, epoch: int) -> None:
+        assert self.evaluation is not None
+        if self.context.distributed:
+            # Each rank's last forward updated its own BatchNorm statistics: evaluate (and
+            # save) rank 0's, on every rank.
+            for buffer in self.model.buffers():
+                torch.distributed.broadcast(buffer, src=0)
+        result = self.evaluation.run(self.model)
+        value = result.metrics[self.config.Global.eval_metric]
+        self.schedule.observe(value)
+        self.log.write("eval", self.progress.global_step, epoch=epoch, **result.metrics)
+        if self.context.is_main:
+            summary = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())
+            tqdm.write(f"epoch {epoch}: {summary}")
+        if self.progress.best_metric is None or value > self.progress.best_metric:
+            self.progress.best_metric, self.progress.best_epoch = value, epoch
+            self._save_best()
+
+
+def training_summary(trainer: Trainer) -> dict[str, Any]:
+    """What a user wants to see before a long run starts."""
+    dataset = dataset_of(trainer.train_loader)
+    return {
+        "device": str(trainer.context.device),
+        "processes": trainer.context.world_size,
+        "train images": len(dataset),
+        "classes": getattr(dataset, "num_classes", "?"),
+        "skipped images": len(getattr(dataset, "skipped", [])),
+        "batch size per process": trainer.train_loader.batch_sampler.batch_size,
+        "steps per epoch": trainer.steps_per_epoch,
+        "learning rate": trainer.learning_rate,
+        "seed": trainer.seed,
+        "output": str(trainer.output_dir),
+    }

@@ -1,0 +1,75 @@
+"""Shared plumbing of the pair-based metric losses (triplet, angular triplet, contrastive).
+
+Every pair loss compares a batch of *query* embeddings with a set of *reference*
+embeddings. Without an explicit reference the batch is compared with itself and an
+embedding is never its own positive; with one (XBM's memory) all reference entries
+count, since they are detached copies from earlier iterations.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def resolve_reference(
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    ref_inputs: torch.Tensor | None,
+    ref_labels: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """(labels, ref_inputs, ref_labels, is_self) with labels flattened and shapes checked.
+
+    `is_self` says the reference is the batch itself, so self-pairs must be masked.
+    """
+    if inputs.ndim != 2:
+        raise ValueError(f"metric losses need [N, D] embeddings, got shape {tuple(inputs.shape)}")
+    labels = labels.reshape(-1)
+    if labels.numel() != inputs.shape[0]:
+        raise ValueError(f"{labels.numel()} labels for {inputs.shape[0]} embeddings")
+    if (ref_inputs is None) != (ref_labels is None):
+        raise ValueError("ref_inputs and ref_labels must be given together")
+    if ref_inputs is None or ref_labels is None:
+        return labels, inputs, labels, True
+    ref_labels = ref_labels.reshape(-1)
+    if ref_inputs.ndim != 2 or ref_inputs.shape[1] != inputs.shape[1]:
+        raise ValueError(
+            f"reference embeddings of shape {tuple(ref_inputs.shape)} do not match "
+            f"the batch's dimension {inputs.shape[1]}"
+        )
+    if ref_labels.numel() != ref_inputs.shape[0]:
+        raise ValueError(f"{ref_labels.numel()} reference labels for {ref_inputs.shape[0]} rows")
+    return labels, ref_inputs, ref_labels, False
+
+
+def label_masks(
+    labels: torch.Tensor, ref_labels: torch.Tensor, is_self: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boolean [N, M] masks of positive and negative (query, reference) pairs."""
+    same = labels[:, None] == ref_labels[None, :].to(labels.device)
+    positive = same.clone()
+    if is_self:
+        positive.fill_diagonal_(False)
+    return positive, ~same
+
+
+def maybe_normalize(x: torch.Tensor, normalize: bool) -> torch.Tensor:
+    return F.normalize(x, p=2.0, dim=1) if normalize else x
+
+
+def euclidean_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Pairwise L2 distances; clamped before the sqrt so equal points keep finite gradients."""
+    squared = (a * a).sum(1, keepdim=True) + (b * b).sum(1)[None, :] - 2.0 * a @ b.t()
+    return squared.clamp(min=1e-12).sqrt()
+
+
+def hardest(values: torch.Tensor, mask: torch.Tensor, largest: bool) -> torch.Tensor:
+    """Per row, the largest (or smallest) of `values` where `mask`; ±inf for empty rows."""
+    if largest:
+        return values.masked_fill(~mask, float("-inf")).amax(dim=1)
+    return values.masked_fill(~mask, float("inf")).amin(dim=1)
+
+
+def zero_loss(inputs: torch.Tensor) -> torch.Tensor:
+    """A 0 connected to `inputs`, so backward() and optimizer steps still work."""
+    return inputs.sum() * 0.0

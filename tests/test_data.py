@@ -1,0 +1,774 @@
+"""Datasets, transforms, samplers and the DataLoader helper, on real and generated images."""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from shitu import registry
+from shitu.config.schema import DataSplitConfig
+from shitu.data.datasets.folder import ImageFolderDataset
+from shitu.data.datasets.grocery import GroceryStoreDataset
+from shitu.data.datasets.label_file import LabelFileDataset
+from shitu.data.loader import build_dataloader
+from shitu.data.samplers import DistributedBatchSampler, PKSampler
+from shitu.data.transforms import build_transforms
+from shitu.errors import ConfigError, DataError
+
+registry.populate()
+
+MEAN = [0.485, 0.456, 0.406]
+STD = [0.229, 0.224, 0.225]
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def pattern(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """A random RGB uint8 image: every pixel distinct enough to detect flips and crops."""
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def save_png(path: Path, array: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(png_bytes(array))
+    return path
+
+
+def run_op(name: str, image: np.ndarray, **params) -> np.ndarray:
+    """Apply one registered op to a uint8 HWC array (as the pipeline passes it)."""
+    return registry.TRANSFORMS.build(name, **params)(image)
+
+
+def pipeline_output(ops: list[dict], image: np.ndarray) -> torch.Tensor:
+    return build_transforms(ops)(png_bytes(image))
+
+
+class Labels:
+    """The least a sampler needs: `labels` and a length."""
+
+    def __init__(self, labels: list[int]) -> None:
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def grocery_lines(root: Path, count: int) -> list[tuple[str, int]]:
+    lines = (root / "val.txt").read_text().splitlines()[:: 296 // count][:count]
+    return [(line.split(",")[0].strip(), int(line.split(",")[1])) for line in lines]
+
+
+# ---------------------------------------------------------------- datasets
+
+
+def test_label_file_dataset_on_real_images(grocery: Path, tmp_path: Path):
+    rows = grocery_lines(grocery, 6)
+    label_file = tmp_path / "list.txt"
+    label_file.write_text("".join(f"{p} {label} {1000 + i}\n" for i, (p, label) in enumerate(rows)))
+    dataset = registry.DATASETS.build(
+        "ImageNetDataset",
+        image_root=str(grocery),
+        cls_label_path=str(label_file),
+        transform_ops=[
+            {"DecodeImage": {"to_rgb": True, "channel_first": False}},
+            {"ResizeImage": {"size": [48, 32]}},
+            {"NormalizeImage": {"scale": "1.0/255.0", "mean": MEAN, "std": STD, "order": "hwc"}},
+        ],
+    )
+    assert isinstance(dataset, LabelFileDataset)
+    assert len(dataset) == 6
+    assert dataset.labels == [label for _, label in rows]
+    assert dataset.unique_ids == [1000 + i for i in range(6)]
+    assert dataset.has_unique_ids
+    assert dataset.num_classes == max(dataset.labels) + 1
+    assert dataset.class_names is None
+    assert dataset.paths[2] == str(grocery / rows[2][0])
+    image, label, unique_id = dataset[2]
+    assert image.dtype == torch.float32 and image.shape == (3, 32, 48)
+    assert (label, unique_id) == (rows[2][1], 1002)
+    assert image.min() > -2.2 and image.max() < 2.7  # normalised, not 0..255
+    # The clearer alias builds the same dataset.
+    alias = registry.DATASETS.build(
+        "LabelFileDataset", image_root=str(grocery), cls_label_path=str(label_file)
+    )
+    assert alias.labels == dataset.labels
+
+
+def test_tab_delimited_labels_with_spaces(tmp_path: Path):
+    for name in ("a.png", "b.png", "my dir/c.png"):
+        save_png(tmp_path / name, pattern(8, 8))
+    label_file = tmp_path / "list.tsv"
+    label_file.write_text(
+        "a.png\tPepsi Max\nb.png\tCoca Cola 330ml\n\nmy dir/c.png\tCoca Cola 330ml\n"
+    )
+    dataset = LabelFileDataset(str(tmp_path), str(label_file), delimiter="\t")
+    assert dataset.class_names == ["Coca Cola 330ml", "Pepsi Max"]
+    assert dataset.labels == [1, 0, 0]
+    assert dataset.num_classes == 2
+    assert dataset.unique_ids == [0, 1, 2]  # line positions when the file gives none
+    assert not dataset.has_unique_ids
+    assert dataset[2][1:] == (0, 2)
+    # Split on whitespace, the same file is malformed, and the message says what to do.
+    with pytest.raises(DataError, match=r"list\.tsv:2: .*separate columns with tabs"):
+        LabelFileDataset(str(tmp_path), str(label_file))
+
+
+def test_relabel_maps_sorted_labels_to_consecutive_ids(tmp_path: Path):
+    for name in "abcd":
+        save_png(tmp_path / f"{name}.png", pattern(4, 4))
+    label_file = tmp_path / "list.txt"
+    label_file.write_text("a.png 10\nb.png 5\nc.png 10\nd.png 7\n")
+    plain = LabelFileDataset(str(tmp_path), str(label_file))
+    assert plain.labels == [10, 5, 10, 7] and plain.num_classes == 11
+    relabelled = LabelFileDataset(str(tmp_path), str(label_file), relabel=True)
+    assert relabelled.labels == [2, 0, 2, 1]
+    assert relabelled.num_classes == 3
+    assert relabelled.label_map == {5: 0, 7: 1, 10: 2}
+    label_file.write_text("a.png -1\nb.png 5\n")
+    with pytest.raises(DataError, match=r"list\.txt:1: label -1 is negative; set relabel"):
+        LabelFileDataset(str(tmp_path), str(label_file))
+
+
+def test_label_file_errors_name_the_file_and_line(tmp_path: Path):
+    save_png(tmp_path / "a.png", pattern(4, 4))
+    label_file = tmp_path / "list.txt"
+    with pytest.raises(DataError, match=r"label file .*missing\.txt not found"):
+        LabelFileDataset(str(tmp_path), str(tmp_path / "missing.txt"))
+    with pytest.raises(DataError, match="image_root .*nowhere is not a directory"):
+        LabelFileDataset(str(tmp_path / "nowhere"), str(label_file))
+    label_file.write_text("a.png 0\njust-a-path\n")
+    with pytest.raises(DataError, match=r"list\.txt:2: expected 'path label \[unique_id\]'"):
+        LabelFileDataset(str(tmp_path), str(label_file))
+    label_file.write_text("a.png 0 7\na.png 0 x\n")
+    with pytest.raises(DataError, match=r"list\.txt:2: unique id 'x' is not an integer"):
+        LabelFileDataset(str(tmp_path), str(label_file))
+    label_file.write_text("a.png 0 7\na.png 0\n")
+    with pytest.raises(DataError, match=r"list\.txt:2: no unique id, but line 1 has one"):
+        LabelFileDataset(str(tmp_path), str(label_file))
+    label_file.write_text("a.png\tCoca Cola\n")
+    with pytest.raises(DataError, match=r"list\.txt:1: unique id 'Cola' .*tabs and set delimiter"):
+        LabelFileDataset(str(tmp_path), str(label_file))
+    label_file.write_text("\n\n")
+    with pytest.raises(DataError, match="lists no images"):
+        LabelFileDataset(str(tmp_path), str(label_file))
+
+
+def test_missing_images_are_counted_and_shown(tmp_path: Path):
+    save_png(tmp_path / "a.png", pattern(4, 4))
+    label_file = tmp_path / "list.txt"
+    label_file.write_text("a.png 0\n" + "".join(f"gone{i}.png 1\n" for i in range(8)))
+    with pytest.raises(DataError) as info:
+        LabelFileDataset(str(tmp_path), str(label_file))
+    message = str(info.value)
+    assert "8 of 9 listed images do not exist" in message
+    assert "gone0.png (line 2)" in message and "gone4.png (line 6)" in message
+    assert "gone5.png" not in message and "and 3 more" in message
+    # skip_corrupt leaves them out instead, and says so.
+    dataset = LabelFileDataset(str(tmp_path), str(label_file), skip_corrupt=True)
+    assert len(dataset) == 1 and len(dataset.skipped) == 8
+    assert dataset.skipped[0] == (str(tmp_path / "gone0.png"), "file not found")
+
+
+def corrupt_files(grocery: Path, folder: Path) -> tuple[Path, Path]:
+    jpeg = (grocery / grocery_lines(grocery, 1)[0][0]).read_bytes()
+    truncated = folder / "truncated.jpg"
+    truncated.write_bytes(jpeg[: len(jpeg) // 2])
+    garbage = folder / "garbage.jpg"
+    garbage.write_bytes(b"this is not an image at all" * 10)
+    return truncated, garbage
+
+
+def test_corrupt_image_raises_data_error_naming_the_file(grocery: Path, tmp_path: Path):
+    truncated, garbage = corrupt_files(grocery, tmp_path)
+    save_png(tmp_path / "good.png", pattern(6, 6))
+    label_file = tmp_path / "list.txt"
+    label_file.write_text("good.png 0\ntruncated.jpg 1\ngarbage.jpg 2\n")
+    dataset = LabelFileDataset(str(tmp_path), str(label_file))
+    assert dataset[0][0].shape == (3, 6, 6)
+    for index, path in ((1, truncated), (2, garbage)):
+        with pytest.raises(DataError) as info:
+            dataset[index]
+        assert str(path) in str(info.value)
+        assert "cannot decode image" in str(info.value)
+        assert "skip_corrupt: true" in str(info.value)
+
+
+def test_skip_corrupt_drops_bad_images_at_start_up(grocery: Path, tmp_path: Path):
+    corrupt_files(grocery, tmp_path)
+    save_png(tmp_path / "good.png", pattern(6, 6))
+    save_png(tmp_path / "good2.png", pattern(5, 5))
+    label_file = tmp_path / "list.txt"
+    label_file.write_text(
+        "good.png 0\ntruncated.jpg 1\ngarbage.jpg 2\nmissing.png 3\ngood2.png 4\n"
+    )
+    dataset = LabelFileDataset(str(tmp_path), str(label_file), skip_corrupt=True)
+    assert len(dataset) == 2
+    assert dataset.labels == [0, 4]
+    assert dataset.unique_ids == [0, 4]  # ids are kept from the file positions
+    skipped = dict(dataset.skipped)
+    assert set(skipped) == {
+        str(tmp_path / n) for n in ("truncated.jpg", "garbage.jpg", "missing.png")
+    }
+    assert "truncated" in skipped[str(tmp_path / "truncated.jpg")]
+    assert dataset[1][0].shape == (3, 5, 5)
+    # An image that breaks after the check still fails loudly.
+    (tmp_path / "good2.png").write_bytes(b"broken later")
+    with pytest.raises(DataError, match="good2.png: cannot decode image .*passed the start-up"):
+        dataset[1]
+    label_file.write_text("truncated.jpg 1\n")
+    with pytest.raises(DataError, match="none of the listed images can be read"):
+        LabelFileDataset(str(tmp_path), str(label_file), skip_corrupt=True)
+
+
+def test_transform_failure_names_file_and_op(tmp_path: Path):
+    save_png(tmp_path / "small.png", pattern(10, 10))
+    label_file = tmp_path / "list.txt"
+    label_file.write_text("small.png 0\n")
+    dataset = LabelFileDataset(
+        str(tmp_path), str(label_file), transform_ops=[{"CropImage": {"size": 20}}]
+    )
+    with pytest.raises(
+        DataError, match=r"small\.png: CropImage: image 10x10 is smaller than the crop"
+    ):
+        dataset[0]
+
+
+def test_grocery_store_dataset(grocery: Path):
+    fine = GroceryStoreDataset(str(grocery), str(grocery / "val.txt"))
+    lines = (grocery / "val.txt").read_text().splitlines()
+    assert len(fine) == len(lines) == 296
+    assert fine.num_classes == 81 and len(fine.class_names) == 81
+    assert fine.class_names[0] == "Golden-Delicious"
+    assert fine.labels == [int(line.split(",")[1]) for line in lines]
+    assert fine.unique_ids == list(range(296)) and not fine.has_unique_ids
+    coarse = registry.DATASETS.build(
+        "GroceryStoreDataset",
+        image_root=str(grocery),
+        cls_label_path=str(grocery / "val.txt"),
+        label_level="coarse",
+        transform_ops=[{"ResizeImage": {"resize_short": 40}}, {"CropImage": {"size": 32}}],
+    )
+    assert coarse.num_classes == 43 and coarse.class_names[:3] == ["Apple", "Avocado", "Banana"]
+    assert coarse.labels == [int(line.split(",")[2]) for line in lines]
+    image, label, _ = coarse[100]
+    assert image.shape == (3, 32, 32) and image.min() >= 0 and image.max() <= 255
+    assert coarse.class_names[label] in lines[100]
+
+
+def test_image_folder_dataset(tmp_path: Path):
+    save_png(tmp_path / "root" / "b_class" / "x.png", pattern(4, 4))
+    save_png(tmp_path / "root" / "a_class" / "sub" / "y.png", pattern(5, 5))
+    save_png(tmp_path / "root" / "a_class" / "w.PNG", pattern(6, 6))
+    (tmp_path / "root" / "a_class" / "notes.txt").write_text("not an image")
+    dataset = registry.DATASETS.build("ImageFolderDataset", root=str(tmp_path / "root"))
+    assert isinstance(dataset, ImageFolderDataset)
+    assert dataset.class_names == ["a_class", "b_class"] and dataset.num_classes == 2
+    assert [Path(p).name for p in dataset.paths] == ["w.PNG", "y.png", "x.png"]
+    assert dataset.labels == [0, 0, 1]
+    assert dataset[1][0].shape == (3, 5, 5)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no class subfolders"):
+        ImageFolderDataset(str(tmp_path / "empty"))
+
+
+# ---------------------------------------------------------------- transforms
+
+
+def test_decode_defaults_to_rgb_pixels_as_a_chw_tensor():
+    image = pattern(7, 9)
+    out = build_transforms(None)(png_bytes(image))
+    assert out.dtype == torch.float32 and out.shape == (3, 7, 9)
+    assert np.array_equal(out.numpy(), image.transpose(2, 0, 1).astype(np.float32))
+    bgr = build_transforms([{"DecodeImage": {"to_rgb": False}}])(png_bytes(image))
+    assert np.array_equal(bgr.numpy(), image[:, :, ::-1].transpose(2, 0, 1))
+    grey = np.asarray(Image.fromarray(image).convert("L"))
+    buffer = io.BytesIO()
+    Image.fromarray(grey).save(buffer, format="PNG")
+    assert build_transforms(None)(buffer.getvalue()).shape == (3, 7, 9)
+
+
+def test_decode_applies_exif_orientation():
+    image = pattern(6, 10)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to display"
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="JPEG", exif=exif, quality=95)
+    assert build_transforms(None)(buffer.getvalue()).shape == (3, 10, 6)
+
+
+def test_channel_first_decode_with_chw_normalise():
+    image = pattern(5, 6)
+    out = pipeline_output(
+        [{"DecodeImage": {"channel_first": True}}, {"NormalizeImage": {"order": "chw"}}], image
+    )
+    expected = (image.astype(np.float32) / 255 - np.float32(MEAN)) / np.float32(STD)
+    np.testing.assert_allclose(out.numpy(), expected.transpose(2, 0, 1), rtol=1e-5, atol=1e-5)
+
+
+def test_resize_sizes_and_interpolations():
+    image = pattern(30, 40)
+    assert run_op("ResizeImage", image, size=[20, 10]).shape == (10, 20, 3)
+    assert run_op("ResizeImage", image, size=16).shape == (16, 16, 3)
+    assert run_op("ResizeImage", image, resize_short=15).shape == (15, 20, 3)
+    for backend in ("cv2", "pil"):
+        for name in ("nearest", "bilinear", "bicubic", "area", "lanczos"):
+            out = run_op("ResizeImage", image, size=[13, 11], interpolation=name, backend=backend)
+            assert out.shape == (11, 13, 3) and out.dtype == np.uint8
+    # OpenCV's bilinear halving (half-pixel centres, no antialiasing) averages 2x2 blocks.
+    half = run_op("ResizeImage", image, size=[20, 15], interpolation="bilinear")
+    blocks = image.reshape(15, 2, 20, 2, 3).astype(np.float32).mean(axis=(1, 3))
+    assert np.abs(half.astype(np.float32) - blocks).max() <= 0.5
+    # Nearest keeps original pixel values: every second pixel when halving.
+    nearest = run_op("ResizeImage", image, size=[20, 15], interpolation="nearest")
+    assert np.array_equal(nearest, image[::2, ::2])
+    with pytest.raises(ConfigError, match="ResizeImage: give size or resize_short"):
+        build_transforms([{"ResizeImage": {}}])
+    with pytest.raises(ConfigError, match="interpolation: unknown name 'cubic'"):
+        build_transforms([{"ResizeImage": {"size": 4, "interpolation": "cubic"}}])
+
+
+def test_flip_really_flips():
+    image = pattern(6, 8)
+    for code, flipped in ((1, image[:, ::-1]), (0, image[::-1]), (-1, image[::-1, ::-1])):
+        seen = set()
+        for seed in range(20):
+            torch.manual_seed(seed)
+            out = run_op("RandFlipImage", image, flip_code=code)
+            if np.array_equal(out, image):
+                seen.add("same")
+            else:
+                assert np.array_equal(out, flipped)
+                seen.add("flipped")
+        assert seen == {"same", "flipped"}
+
+
+def test_pad_sides_fill_and_modes():
+    image = pattern(4, 5)
+    out = run_op("Pad", image, padding=2, fill=7)
+    assert out.shape == (8, 9, 3)
+    assert np.array_equal(out[2:6, 2:7], image)
+    assert (out[:2] == 7).all() and (out[:, :2] == 7).all() and (out[6:] == 7).all()
+    out = run_op("Pad", image, padding=[1, 2, 3, 4], fill=[1, 2, 3])
+    assert out.shape == (4 + 2 + 4, 5 + 1 + 3, 3)
+    assert np.array_equal(out[2:6, 1:6], image)
+    assert out[0, 0].tolist() == [1, 2, 3]
+    reflect = run_op("Pad", image, padding=[1, 0], padding_mode="reflect")
+    assert np.array_equal(reflect[:, 0], image[:, 1])
+
+
+def test_rotation():
+    image = pattern(8, 8)
+    assert np.array_equal(run_op("RandomRotation", image, degrees=90, prob=0.0), image)
+    quarter = run_op("RandomRotation", image, degrees=[90, 90], prob=1.0)
+    assert np.array_equal(quarter, np.rot90(image))  # counter-clockwise
+    torch.manual_seed(0)
+    tilted = run_op(
+        "RandomRotation", np.full((20, 20, 3), 200, np.uint8), degrees=[30, 40], prob=1.0, fill=9
+    )
+    assert tilted.shape == (20, 20, 3)
+    assert tilted[0, 0].tolist() == [9, 9, 9] and tilted[10, 10].tolist() == [200, 200, 200]
+    flips = sum(
+        not np.array_equal(run_op("RandomRotation", image, degrees=45, prob=0.5), image)
+        for _ in range(200)
+    )
+    assert 70 < flips < 130
+
+
+def test_random_resized_crop():
+    image = pattern(60, 80)
+    for seed in range(10):
+        torch.manual_seed(seed)
+        assert run_op("RandCropImage", image, size=[40, 30]).shape == (30, 40, 3)
+    # Full scale at the image's own aspect ratio is a plain resize of the whole image.
+    square = pattern(32, 32)
+    full = run_op("RandCropImage", square, size=16, scale=[1.0, 1.0], ratio=[1.0, 1.0])
+    assert np.array_equal(full, run_op("ResizeImage", square, size=16))
+    with pytest.raises(ConfigError, match="scale: give \\[low, high\\]"):
+        build_transforms([{"RandCropImage": {"size": 4, "scale": [0.5, 0.1]}}])
+
+
+def test_crops_cut_windows_of_the_input():
+    image = pattern(20, 30)
+    centre = run_op("CropImage", image, size=[10, 6])
+    assert np.array_equal(centre, image[7:13, 10:20])
+    offsets = set()
+    for seed in range(30):
+        torch.manual_seed(seed)
+        crop = run_op("RandCropImageV2", image, size=[24, 16])
+        assert crop.shape == (16, 24, 3)
+        windows = [
+            (top, left)
+            for top in range(5)
+            for left in range(7)
+            if np.array_equal(image[top : top + 16, left : left + 24], crop)
+        ]
+        assert len(windows) == 1
+        offsets.add(windows[0])
+    assert len(offsets) > 10  # positions vary, edges included
+    exact = run_op("RandCropImageV2", image, size=[30, 20])
+    assert np.array_equal(exact, image)
+
+
+def test_color_jitter():
+    image = pattern(10, 10) // 2
+    brighter = run_op("ColorJitter", image, brightness=[2.0, 2.0])
+    assert np.abs(brighter.astype(int) - 2 * image.astype(int)).max() <= 1
+    grey = run_op("ColorJitter", image, saturation=[0.0, 0.0])
+    assert (grey[:, :, 0] == grey[:, :, 1]).all() and (grey[:, :, 1] == grey[:, :, 2]).all()
+    assert np.array_equal(run_op("ColorJitter", image, brightness=0.5, prob=0.0), image)
+    hue = run_op("ColorJitter", pattern(10, 10), hue=[0.5, 0.5])
+    assert not np.array_equal(hue, pattern(10, 10))
+    with pytest.raises(ConfigError, match="hue: shifts must lie in"):
+        build_transforms([{"ColorJitter": {"hue": 0.7}}])
+
+
+def test_normalise_values_and_scale_strings():
+    image = pattern(4, 5)
+    expected = (image.astype(np.float32) * np.float32(1 / 255) - np.float32(MEAN)) / np.float32(STD)
+    for scale in ("1.0/255.0", 0.00392156862745098, "1/255"):
+        out = pipeline_output(
+            [{"NormalizeImage": {"scale": scale, "mean": MEAN, "std": STD, "order": "hwc"}}], image
+        )
+        np.testing.assert_allclose(out.numpy(), expected.transpose(2, 0, 1), rtol=1e-6, atol=1e-6)
+    chw = pipeline_output([{"ToCHWImage": None}, {"NormalizeImage": {"order": "chw"}}], image)
+    np.testing.assert_allclose(chw.numpy(), expected.transpose(2, 0, 1), rtol=1e-6, atol=1e-6)
+    plain = pipeline_output(
+        [{"NormalizeImage": {"scale": 2, "mean": [0, 0, 0], "std": [1, 1, 1]}}], image
+    )
+    assert np.array_equal(plain.numpy(), 2 * image.transpose(2, 0, 1).astype(np.float32))
+    with pytest.raises(
+        ConfigError, match=r"transform_ops\[0\] NormalizeImage: scale: write a number"
+    ):
+        build_transforms([{"NormalizeImage": {"scale": "__import__('os')"}}])
+
+
+def test_to_chw_is_optional():
+    image = pattern(5, 7)
+    with_op = pipeline_output([{"ToCHWImage": {}}], image)
+    without = pipeline_output([], image)
+    assert with_op.shape == (3, 5, 7) and torch.equal(with_op, without)
+
+
+TRAIN_OPS = [
+    {"DecodeImage": {"to_rgb": True, "channel_first": False}},
+    {"ResizeImage": {"size": [40, 40], "interpolation": "bilinear"}},
+    {"RandFlipImage": {"flip_code": 1}},
+    {"Pad": {"padding": 4}},
+    {"RandCropImageV2": {"size": [40, 40]}},
+    {"RandomRotation": {"prob": 0.5, "degrees": 90, "interpolation": "bilinear"}},
+    {"ColorJitter": {"brightness": 0.3, "contrast": 0.3, "saturation": 0.3, "hue": 0.1}},
+    {"RandCropImage": {"size": 32}},
+    {"NormalizeImage": {"scale": 0.00392157, "mean": MEAN, "std": STD, "order": "hwc"}},
+]
+
+
+def test_augmentations_are_reproducible_from_the_torch_seed():
+    pipeline = build_transforms(TRAIN_OPS)
+    data = png_bytes(pattern(50, 60))
+    torch.manual_seed(123)
+    random.seed(1)
+    first = pipeline(data)
+    torch.manual_seed(123)
+    random.seed(2)  # Python's RNG plays no part
+    second = pipeline(data)
+    assert first.shape == (3, 32, 32)
+    assert torch.equal(first, second)
+    outputs = []
+    for seed in range(5):
+        torch.manual_seed(seed)
+        outputs.append(pipeline(data))
+    assert all(not torch.equal(outputs[0], other) for other in outputs[1:])
+
+
+def test_build_transforms_errors_name_op_and_key():
+    with pytest.raises(
+        ConfigError,
+        match=r"transform_ops\[1\]: unknown transform 'ResizeImg' \(did you mean 'ResizeImage'\?\)",
+    ):
+        build_transforms([{"DecodeImage": {}}, {"ResizeImg": {"size": 3}}])
+    with pytest.raises(
+        ConfigError,
+        match=r"transform_ops\[0\]: sise: unknown key \(did you mean 'size'\?\) in transform 'ResizeImage'",
+    ):
+        build_transforms([{"ResizeImage": {"sise": 3}}])
+    with pytest.raises(
+        ConfigError, match=r"transform_ops\[0\]: flip_code: .* in transform 'RandFlipImage'"
+    ):
+        build_transforms([{"RandFlipImage": {"flip_code": 2}}])
+    with pytest.raises(ConfigError, match=r"transform_ops\[0\]: .*one-key mapping"):
+        build_transforms([{"ResizeImage": {"size": 3}, "Pad": {"padding": 1}}])
+    with pytest.raises(
+        ConfigError, match=r"transform_ops\[1\] ResizeImage: .*before NormalizeImage"
+    ):
+        build_transforms([{"NormalizeImage": {}}, {"ResizeImage": {"size": 3}}])
+    with pytest.raises(ConfigError, match=r"transform_ops\[1\] DecodeImage: .*must come first"):
+        build_transforms([{"ResizeImage": {"size": 3}}, {"DecodeImage": {}}])
+    with pytest.raises(
+        ConfigError, match=r"transform_ops\[0\] NormalizeImage: order is 'chw' but the image is HWC"
+    ):
+        build_transforms([{"NormalizeImage": {"order": "chw"}}])
+    with pytest.raises(ConfigError, match=r"transform_ops\[1\] Pad: works on HWC images"):
+        build_transforms([{"ToCHWImage": None}, {"Pad": {"padding": 2}}])
+
+
+# ---------------------------------------------------------------- PKSampler
+
+
+SIZES = [1, 2, 3, 5, 8, 13, 4, 4, 6, 2]  # class c has SIZES[c] images
+
+
+def skewed_labels(sizes: list[int]) -> list[int]:
+    labels = [c for c, n in enumerate(sizes) for _ in range(n)]
+    random.Random(0).shuffle(labels)
+    return labels
+
+
+def pk(labels: list[int], **params) -> PKSampler:
+    runtime = {key: params.pop(key) for key in ("num_replicas", "rank", "seed") if key in params}
+    runtime.setdefault("num_replicas", 1)
+    runtime.setdefault("rank", 0)
+    return registry.SAMPLERS.build_with_runtime(
+        "PKSampler", params, dataset=Labels(labels), **runtime
+    )
+
+
+def test_pk_batches_hold_p_classes_of_k_images():
+    labels = skewed_labels(SIZES)
+    sampler = pk(labels, batch_size=12, sample_per_id=3, drop_last=False)
+    assert len(sampler) == math.ceil(len(labels) / 12)
+    repeats = 0
+    for _ in range(20):
+        sampler.set_epoch(_)
+        for batch in sampler:
+            assert len(batch) == 12
+            classes = [labels[i] for i in batch]
+            assert [classes[i] for i in range(0, 12, 3)] == [classes[i] for i in range(2, 12, 3)]
+            counts = Counter(classes)
+            assert len(counts) == 4 and set(counts.values()) == {3}
+            for start in range(0, 12, 3):
+                group = batch[start : start + 3]
+                if SIZES[labels[group[0]]] >= 3:
+                    assert len(set(group)) == 3  # no repeats when the class has enough images
+                else:
+                    repeats += len(set(group)) < 3
+    assert repeats > 0  # small classes are drawn with replacement
+
+
+def test_pk_config_errors():
+    labels = skewed_labels(SIZES)
+    with pytest.raises(
+        ConfigError, match=r"batch_size \(10\) must be a multiple of sample_per_id \(4\)"
+    ):
+        pk(labels, batch_size=10, sample_per_id=4)
+    with pytest.raises(ConfigError, match="needs 12 distinct classes .* has 10"):
+        pk(labels, batch_size=24, sample_per_id=2)
+    with pytest.raises(
+        ConfigError, match="sample_method: Input should be 'sample_avg_prob' or 'id_avg_prob'"
+    ):
+        pk(labels, batch_size=4, sample_per_id=2, sample_method="uniform")
+    with pytest.raises(ConfigError, match="id_list holds"):
+        pk(labels, batch_size=4, sample_per_id=2, id_list=[0, 3, 5], ratio=[2.0])
+
+
+def test_pk_is_deterministic_per_epoch_and_resumable():
+    labels = skewed_labels([7] * 30)
+    sampler = pk(labels, batch_size=8, sample_per_id=2, seed=5)
+    first = list(sampler)
+    assert len(first) == len(labels) // 8
+    assert list(pk(labels, batch_size=8, sample_per_id=2, seed=5)) == first
+    assert list(pk(labels, batch_size=8, sample_per_id=2, seed=6)) != first
+    sampler.set_epoch(1)
+    second = list(sampler)
+    assert second != first
+    sampler.set_epoch(1, start_batch=10)
+    assert list(sampler) == second[10:]
+    assert list(sampler) == second[10:]  # stays until the next set_epoch
+    sampler.set_epoch(0)
+    assert list(sampler) == first
+    with pytest.raises(ValueError, match="start_batch 99 is outside"):
+        sampler.set_epoch(0, start_batch=99)
+
+
+def test_pk_ranks_share_the_epoch_evenly():
+    labels = skewed_labels([5] * 40)  # 200 images
+    single = pk(labels, batch_size=8, sample_per_id=2, seed=3, drop_last=False)
+    ranks = [
+        pk(labels, batch_size=8, sample_per_id=2, seed=3, drop_last=False, num_replicas=2, rank=r)
+        for r in range(2)
+    ]
+    assert len(ranks[0]) == len(ranks[1]) == math.ceil(100 / 8) == 13
+    batches = [list(r) for r in ranks]
+    assert all(len(b) == 8 for rank in batches for b in rank)
+    assert all(a != b for a, b in zip(*batches, strict=True))
+    # One process with the same seed draws the ranks' batches interleaved.
+    interleaved = [batch for pair in zip(*batches, strict=True) for batch in pair]
+    assert len(single) == 25 and list(single) == interleaved[:25]
+    ranks[1].set_epoch(4, start_batch=7)
+    tail = list(ranks[1])
+    ranks[1].set_epoch(4)
+    assert list(ranks[1])[7:] == tail
+
+
+def class_frequencies(sampler: PKSampler, labels: list[int], epochs: int) -> Counter:
+    seen: Counter = Counter()
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch)
+        for batch in sampler:
+            seen.update({labels[i] for i in batch})
+    return seen
+
+
+def test_pk_sampling_probabilities():
+    sizes = [100] + [2] * 9
+    labels = skewed_labels(sizes)  # 118 images, 29 batches of 4 per epoch
+    by_id = pk(labels, batch_size=4, sample_per_id=2, sample_method="id_avg_prob")
+    by_sample = pk(labels, batch_size=4, sample_per_id=2, sample_method="sample_avg_prob")
+    batches = 29 * 40
+    id_rate = class_frequencies(by_id, labels, 40)[0] / batches
+    sample_rate = class_frequencies(by_sample, labels, 40)[0] / batches
+    assert abs(id_rate - 0.2) < 0.04  # 2 of 10 classes, uniformly
+    assert sample_rate > 0.95  # 100 of 118 images: nearly every batch
+    # PaddleClas's id_list/ratio: class 0 never, classes 1..2 five times as often as the rest.
+    weighted = pk(
+        labels,
+        batch_size=4,
+        sample_per_id=2,
+        sample_method="id_avg_prob",
+        id_list=[0, 0, 1, 2],
+        ratio=[0.0, 5.0],
+    )
+    seen = class_frequencies(weighted, labels, 40)
+    assert seen[0] == 0
+    assert seen[1] > 2.5 * seen[5] and seen[2] > 2.5 * seen[6]
+
+
+# ---------------------------------------------------------------- DistributedBatchSampler
+
+
+def dbs(size: int, **params) -> DistributedBatchSampler:
+    runtime = {key: params.pop(key) for key in ("num_replicas", "rank", "seed") if key in params}
+    return registry.SAMPLERS.build_with_runtime(
+        "DistributedBatchSampler", params, dataset=range(size), **runtime
+    )
+
+
+def test_distributed_sampler_covers_every_index_once_plus_padding():
+    world = 3
+    samplers = [dbs(10, batch_size=2, num_replicas=world, rank=r) for r in range(world)]
+    assert {len(s) for s in samplers} == {2}
+    real, padded = [], []
+    for sampler in samplers:
+        flat = [i for batch in sampler for i in batch]
+        assert len(flat) == sampler.num_samples == 4
+        mask = sampler.padding_mask()
+        real += [i for i, pad in zip(flat, mask, strict=True) if not pad]
+        padded += [i for i, pad in zip(flat, mask, strict=True) if pad]
+    assert sorted(real) == list(range(10))
+    assert samplers[0].num_padding == 2 and padded == [0, 1]  # repeats from the start
+    assert [s.num_real_samples for s in samplers] == [4, 3, 3]
+    assert list(samplers[1]) == [[1, 4], [7, 0]]  # strided shares
+
+
+def test_distributed_sampler_shuffle_drop_last_and_resume():
+    plain = dbs(10, batch_size=4)
+    assert list(plain) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert not any(plain.padding_mask())
+    dropping = dbs(11, batch_size=2, drop_last=True, num_replicas=2, rank=1)
+    assert list(dropping) == [[1, 3], [5, 7]] and dropping.num_padding == 0
+    shuffled = [
+        dbs(50, batch_size=8, shuffle=True, seed=1, num_replicas=2, rank=r) for r in range(2)
+    ]
+    epoch0 = [list(s) for s in shuffled]
+    covered = sorted(i for rank in epoch0 for b in rank for i in b)
+    assert covered == list(range(50))
+    assert epoch0[0] == list(dbs(50, batch_size=8, shuffle=True, seed=1, num_replicas=2, rank=0))
+    shuffled[0].set_epoch(1)
+    epoch1 = list(shuffled[0])
+    assert epoch1 != epoch0[0]
+    shuffled[0].set_epoch(1, start_batch=2)
+    assert list(shuffled[0]) == epoch1[2:]
+    assert len(dbs(0, batch_size=4)) == 0 and list(dbs(0, batch_size=4)) == []
+
+
+# ---------------------------------------------------------------- DataLoader
+
+
+def test_dataloader_with_workers_on_real_images(grocery: Path):
+    dataset = {
+        "name": "GroceryStoreDataset",
+        "image_root": str(grocery),
+        "cls_label_path": str(grocery / "val.txt"),
+        "transform_ops": [
+            {"DecodeImage": {"to_rgb": True, "channel_first": False}},
+            {"ResizeImage": {"size": 48}},
+            {"RandFlipImage": {"flip_code": 1}},
+            {"NormalizeImage": {"scale": "1.0/255.0", "mean": MEAN, "std": STD, "order": "hwc"}},
+        ],
+    }
+    train = DataSplitConfig.model_validate(
+        {
+            "dataset": dataset,
+            "sampler": {"name": "PKSampler", "batch_size": 8, "sample_per_id": 2},
+            "loader": {"num_workers": 2},
+        }
+    )
+    loader = build_dataloader(train, seed=7, num_replicas=1, rank=0)
+    assert len(loader) == 296 // 8
+    for step, (images, labels, ids) in enumerate(loader):
+        assert images.shape == (8, 3, 48, 48) and images.dtype == torch.float32
+        assert labels.shape == ids.shape == (8,)
+        assert set(Counter(labels.tolist()).values()) == {2}
+        if step == 2:
+            break
+    evaluation = DataSplitConfig.model_validate({"dataset": dataset, "loader": {"num_workers": 0}})
+    loader = build_dataloader(evaluation)
+    assert len(loader) == math.ceil(296 / 64)
+    images, labels, ids = next(iter(loader))
+    assert images.shape == (64, 3, 48, 48) and ids.tolist() == list(range(64))
+
+
+def test_dataloader_config_errors_name_the_section(grocery: Path):
+    split = DataSplitConfig.model_validate(
+        {
+            "dataset": {
+                "name": "GroceryStoreDataset",
+                "image_root": str(grocery),
+                "cls_label_path": str(grocery / "val.txt"),
+                "label_levl": "fine",
+            }
+        }
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"DataLoader\.dataset: label_levl: unknown key \(did you mean 'label_level'\?\)",
+    ):
+        build_dataloader(split)
+    split = DataSplitConfig.model_validate(
+        {
+            "dataset": {
+                "name": "GroceryStoreDataset",
+                "image_root": str(grocery),
+                "cls_label_path": str(grocery / "val.txt"),
+            },
+            "sampler": {"name": "PKSampler", "batch_size": 8},
+        }
+    )
+    with pytest.raises(
+        ConfigError, match=r"DataLoader\.sampler: sample_per_id: required key missing"
+    ):
+        build_dataloader(split)

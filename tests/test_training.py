@@ -1,0 +1,228 @@
+"""Training end to end on real Grocery photos: exact resume, DDP on CPU, eval CLI, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from shitu.checkpoint import read_weights
+from shitu.cli.main import main
+from shitu.config import load_config
+from shitu.engine.metrics_log import read_log
+from shitu.engine.trainer import Trainer
+from shitu.errors import CheckpointError, ConfigError
+
+SIZE = 64
+NORMALIZE = {
+    "NormalizeImage": {
+        "scale": "1.0/255.0",
+        "mean": [0.485, 0.456, 0.406],
+        "std": [0.229, 0.224, 0.225],
+        "order": "hwc",
+    }
+}
+
+
+def write_subset(grocery: Path, split: str, out: Path, classes: int, per_class: int) -> Path:
+    """A PaddleClas-format label file (`path label`) of a few classes of a Grocery split."""
+    by_class: dict[int, list[str]] = {}
+    for line in (grocery / f"{split}.txt").read_text().splitlines():
+        if not line.strip():
+            continue
+        path, fine, _ = (part.strip() for part in line.split(","))
+        by_class.setdefault(int(fine), []).append(path)
+    chosen = sorted(by_class)[:: max(1, len(by_class) // classes)][:classes]
+    lines = [f"{p} {c}" for c in chosen for p in by_class[c][:per_class]]
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+def tiny_config(grocery: Path, tmp: Path, **global_options) -> Path:
+    train_list = write_subset(grocery, "train", tmp / "train.txt", classes=6, per_class=6)
+    val_list = write_subset(grocery, "val", tmp / "val.txt", classes=6, per_class=3)
+    eval_ops = [
+        {"DecodeImage": {"to_rgb": True, "channel_first": False}},
+        {"ResizeImage": {"size": [SIZE, SIZE]}},
+        NORMALIZE,
+    ]
+    config = {
+        "Global": {
+            "output_dir": str(tmp / "output"),
+            "device": "cpu",
+            "seed": 3,
+            "epochs": 2,
+            "print_batch_step": 1,
+            "image_shape": [3, SIZE, SIZE],
+            **global_options,
+        },
+        "Arch": {
+            "name": "RecModel",
+            "Backbone": {"name": "PPLCNetV2_small_ShiTu", "class_expand": 32},
+            "BackboneStopLayer": {"name": "flatten"},
+            "Neck": {"name": "BNNeck", "num_features": 32},
+            "Head": {"name": "FC", "embedding_size": 32, "class_num": 6, "bias": False},
+        },
+        "Loss": {
+            "Train": [
+                {"CELoss": {"weight": 1.0, "epsilon": 0.1}},
+                {"TripletAngularMarginLoss": {"weight": 1.0, "feature_from": "features"}},
+            ]
+        },
+        "Optimizer": {
+            "name": "Momentum",
+            "momentum": 0.9,
+            "lr": {"name": "Cosine", "learning_rate": 0.05, "warmup_epoch": 1},
+            "regularizer": {"name": "L2", "coeff": 1e-5},
+        },
+        "DataLoader": {
+            "Train": {
+                "dataset": {
+                    "name": "ImageNetDataset",
+                    "image_root": str(grocery),
+                    "cls_label_path": str(train_list),
+                    "relabel": True,
+                    "transform_ops": [
+                        {"DecodeImage": {"to_rgb": True, "channel_first": False}},
+                        {"ResizeImage": {"size": [SIZE, SIZE]}},
+                        {"RandFlipImage": {"flip_code": 1}},
+                        {"Pad": {"padding": 4}},
+                        {"RandCropImageV2": {"size": [SIZE, SIZE]}},
+                        {"RandomRotation": {"prob": 0.5, "degrees": 90}},
+                        NORMALIZE,
+                    ],
+                },
+                "sampler": {
+                    "name": "PKSampler",
+                    "batch_size": 8,
+                    "sample_per_id": 4,
+                    "drop_last": True,
+                    "shuffle": True,
+                },
+                "loader": {"num_workers": 0},
+            },
+            "Eval": {
+                "Query": {
+                    "dataset": {
+                        "name": "ImageNetDataset",
+                        "image_root": str(grocery),
+                        "cls_label_path": str(val_list),
+                        "transform_ops": eval_ops,
+                    },
+                    "sampler": {"name": "DistributedBatchSampler", "batch_size": 7},
+                    "loader": {"num_workers": 0},
+                },
+                "Gallery": {
+                    "dataset": {
+                        "name": "ImageNetDataset",
+                        "image_root": str(grocery),
+                        "cls_label_path": str(train_list),
+                        "transform_ops": eval_ops,
+                    },
+                    "sampler": {"name": "DistributedBatchSampler", "batch_size": 16},
+                    "loader": {"num_workers": 0},
+                },
+            },
+        },
+        "Metric": {"Eval": [{"Recallk": {"topk": [1, 5]}}, {"mAP": {}}]},
+    }
+    path = tmp / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def train_losses(output: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in read_log(output / "metrics.jsonl", "train")]
+
+
+def test_interrupted_and_resumed_run_matches_uninterrupted(grocery, tmp_path):
+    path = tiny_config(grocery, tmp_path)
+    full = Trainer(load_config(path, ["Global.output_dir=" + str(tmp_path / "full")])).fit()
+    assert full.finished and full.progress.epoch == 2
+
+    split_dir = tmp_path / "split"
+    first = Trainer(load_config(path, [f"Global.output_dir={split_dir}"])).fit(stop_after_steps=5)
+    assert not first.finished and first.progress.global_step == 5
+    # The resumed half loads workers: the seeding must not depend on the worker count.
+    resumed = Trainer(
+        load_config(
+            path,
+            [
+                f"Global.output_dir={split_dir}",
+                f"Global.checkpoints={split_dir / 'latest.pt'}",
+                "DataLoader.Train.loader.num_workers=2",
+            ],
+        )
+    ).fit()
+    assert resumed.finished
+
+    expected = train_losses(tmp_path / "full")
+    assert len(expected) == full.progress.global_step
+    got = train_losses(split_dir)
+    assert [s for s, _ in got] == [s for s, _ in expected]
+    assert [v for _, v in got] == pytest.approx([v for _, v in expected], abs=1e-5)
+    evals = read_log(split_dir / "metrics.jsonl", "eval")
+    assert [e["recall@1"] for e in evals] == pytest.approx(
+        [e["recall@1"] for e in read_log(tmp_path / "full" / "metrics.jsonl", "eval")]
+    )
+    a, _ = read_weights(tmp_path / "full" / "best_model.safetensors")
+    b, _ = read_weights(split_dir / "best_model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_cli_train_then_eval(grocery, tmp_path, capsys):
+    path = tiny_config(grocery, tmp_path, epochs=1)
+    assert main(["train", "-c", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "finished at epoch 1" in out and "best recall@1" in out
+    weights = tmp_path / "output" / "best_model.safetensors"
+    assert (
+        main(["eval", "-c", str(path), "-o", f"Global.pretrained_model={weights}", "--json"]) == 0
+    )
+    metrics = json.loads(capsys.readouterr().out)
+    logged = read_log(tmp_path / "output" / "metrics.jsonl", "eval")[-1]
+    assert metrics["recall@1"] == pytest.approx(logged["recall@1"])
+    assert metrics["num_queries"] == 18
+
+
+def test_ddp_on_cpu_matches_single_process_eval(grocery, tmp_path):
+    """Two gloo processes train together; their gathered eval equals a one-process eval."""
+    path = tiny_config(grocery, tmp_path, epochs=1)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        "-m", "shitu", "train", "-c", str(path),
+    ]  # fmt: skip
+    run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    logged = read_log(tmp_path / "output" / "metrics.jsonl", "eval")[-1]
+    weights = tmp_path / "output" / "best_model.safetensors"
+    single = subprocess.run(
+        [sys.executable, "-m", "shitu", "eval", "-c", str(path), "--json",
+         "-o", f"Global.pretrained_model={weights}"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert single.returncode == 0, single.stderr[-3000:]
+    metrics = json.loads(single.stdout)
+    assert metrics["recall@1"] == pytest.approx(logged["recall@1"], abs=1e-6)
+    assert metrics["mAP"] == pytest.approx(logged["mAP"], abs=1e-5)
+    # 36 train images, 2 processes x PK batches of 8: 2 steps per epoch.
+    assert read_log(tmp_path / "output" / "metrics.jsonl", "train")[-1]["step"] == 2
+
+
+def test_training_errors_are_clear(grocery, tmp_path):
+    path = tiny_config(grocery, tmp_path)
+    with pytest.raises(CheckpointError, match="no training checkpoint"):
+        Trainer(load_config(path, [f"Global.checkpoints={tmp_path / 'missing'}"]))
+    config = load_config(path)
+    config.Loss = None
+    with pytest.raises(ConfigError, match="Loss: training needs"):
+        Trainer(config)
+    with pytest.raises(ConfigError, match="Global.eval_metric"):
+        Trainer(load_config(path, ["Global.eval_metric=recall@3"]))
