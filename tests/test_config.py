@@ -103,6 +103,23 @@ def test_shipped_config_loads():
     assert config.Arch.Neck.params["num_features"] == 512
 
 
+@pytest.mark.parametrize("name", shipped_configs())
+def test_every_shipped_config_builds_its_model_and_losses(name):
+    """Each shipped recipe's model runs and its training losses construct (XBM's memory too)."""
+    import torch
+
+    from shitu.losses.combined import CombinedLoss
+    from shitu.models import build_model
+
+    config = load_config(name)
+    model = build_model(config.Arch).eval()
+    with torch.no_grad():
+        outputs = model(torch.zeros(1, 3, 64, 64))
+    assert outputs["features"].ndim == 2
+    loss = CombinedLoss(config.Loss.Train)
+    assert loss.names
+
+
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [

@@ -43,7 +43,14 @@ def test_triplet_angular_margin_hand_computed():
               relu(an - 0.4) mean (0+0.466+0.466+0)/4 = 0.2330 -> total 0.5580 + 0.1*0.7830.
     """
 
-    loss = LOSSES.build("TripletAngularMarginLoss")
+    loss = LOSSES.build(  # PP-ShiTuV2's settings
+        "TripletAngularMarginLoss",
+        margin=0.5,
+        add_absolute=True,
+        absolute_loss_weight=0.1,
+        ap_value=0.8,
+        an_value=0.4,
+    )
     r3 = math.sqrt(3) / 2
     x = torch.tensor([[1.0, 0.0], [0.5, r3], [0.0, 1.0], [-1.0, 0.0]], requires_grad=True)
     value = loss(x, torch.tensor([0, 0, 1, 1]))
@@ -55,3 +62,113 @@ def test_triplet_angular_margin_hand_computed():
     # One class only: no negatives, so nothing to learn, but still differentiable.
     zero = loss(x, torch.tensor([0, 0, 0, 0]))
     assert zero.item() == 0.0 and zero.requires_grad
+
+
+def _unit(*degrees: float) -> torch.Tensor:
+    return torch.tensor([[math.cos(math.radians(d)), math.sin(math.radians(d))] for d in degrees])
+
+
+def test_triplet_loss_batch_hard_hand_computed():
+    """Points on a line: class 0 at 0 and 1, class 1 at 3 and 7; margin 1.
+
+    Anchor 0: hardest p 1, hardest n 3 -> relu(1 - 3 + 1) = 0
+    Anchor 1: p 1, n 2 -> relu(1 - 2 + 1) = 0
+    Anchor 3: p 4, n 2 -> relu(4 - 2 + 1) = 3
+    Anchor 7: p 4, n 6 -> relu(4 - 6 + 1) = 0            -> mean 0.75
+    """
+    loss = LOSSES.build("TripletLoss", margin=1.0)
+    x = torch.tensor([[0.0, 0.0], [1.0, 0.0], [3.0, 0.0], [7.0, 0.0]], requires_grad=True)
+    value = loss(x, torch.tensor([0, 0, 1, 1]))
+    assert value.item() == pytest.approx(0.75, abs=1e-5)
+    value.backward()
+    # Only anchor 3 is active: d/dx of ((7 - a) - (a - 1) + 1) / 4 on a, 7 and 1.
+    assert x.grad[:, 0].tolist() == pytest.approx([0.0, 0.25, -0.5, 0.25], abs=1e-6)
+
+
+def test_triplet_loss_skips_anchors_without_positive():
+    loss = LOSSES.build("TripletLoss", margin=1.0)
+    x = torch.tensor([[0.0, 0.0], [1.0, 0.0], [3.0, 0.0]])
+    # Label 1 has one sample: only anchors 0 and 1 count: relu(1-3+1)=0, relu(1-2+1)=0.
+    assert loss(x, torch.tensor([0, 0, 1])).item() == pytest.approx(0.0, abs=1e-6)
+    assert loss(x, torch.tensor([0, 1, 2])).item() == 0.0  # no positives at all
+
+
+def test_contrastive_loss_hand_computed():
+    """Unit vectors at 0, 30 (class 0) and 45, 120 degrees (class 1); margin 0.5.
+
+    Positive pairs (both directions): (0,30) s=0.8660, (45,120) s=0.2588
+      -> 2 * (1 - 0.8660) + 2 * (1 - 0.2588)
+    Negative pairs above the margin: (0,45) 0.7071, (30,45) 0.9659 (twice each);
+      (0,120) -0.5 and (30,120) 0 are easy.                      Divide by 4 queries.
+    """
+    loss = LOSSES.build("ContrastiveLoss", margin=0.5)
+    x = _unit(0, 30, 45, 120)
+    c = [math.cos(math.radians(d)) for d in (30, 75, 45, 15)]
+    expected = (2 * (1 - c[0]) + 2 * (1 - c[1]) + 2 * c[2] + 2 * c[3]) / 4
+    assert loss(x, torch.tensor([0, 0, 1, 1])).item() == pytest.approx(expected, abs=1e-5)
+
+
+def test_contrastive_loss_against_a_reference_set():
+    loss = LOSSES.build("ContrastiveLoss", margin=0.5)
+    query = _unit(0)
+    ref = _unit(0, 60, 10)  # an exact copy (skipped), a positive at 60, a negative at 10
+    value = loss(query, torch.tensor([0]), ref, torch.tensor([0, 0, 1]))
+    assert value.item() == pytest.approx((1 - 0.5) + math.cos(math.radians(10)), abs=1e-5)
+    with pytest.raises(ValueError, match="dimension"):
+        loss(query, torch.tensor([0]), torch.zeros(2, 3), torch.tensor([0, 1]))
+
+
+def test_xbm_ring_is_fifo_and_starts_late():
+    xbm = LOSSES.build("XBM", memory_size=5, embedding_size=2, start_iter=1)
+    xbm.train()
+    batches = [(_unit(10 * i, 10 * i + 5), torch.tensor([i, i])) for i in range(4)]
+    xbm(*batches[0])  # iteration 1 <= start_iter: nothing stored
+    assert xbm.stored()[0].shape[0] == 0
+    xbm(*batches[1])
+    xbm(*batches[2])
+    assert xbm.stored()[1].tolist() == [1, 1, 2, 2]
+    xbm(*batches[3])  # 6 written into 5 slots: the oldest (first of batch 1) is gone
+    _, labels = xbm.stored()
+    assert sorted(labels.tolist()) == [1, 2, 2, 3, 3]
+    assert labels[0].item() == 3  # wrapped around into slot 0
+    xbm.eval()
+    before = xbm.memory.clone()
+    xbm(*batches[0])
+    assert torch.equal(before, xbm.memory)  # evaluation never writes
+
+
+def test_xbm_adds_the_memory_term():
+    pair = LOSSES.build("ContrastiveLoss", margin=0.5)
+    xbm = LOSSES.build(
+        "XBM",
+        pair_loss={"ContrastiveLoss": {"margin": 0.5}},
+        memory_size=8,
+        embedding_size=2,
+        start_iter=0,
+        memory_weight=0.5,
+    ).train()
+    old, old_labels = _unit(100, 200), torch.tensor([0, 1])
+    xbm(old, old_labels)
+    x, labels = _unit(0, 30, 45, 120), torch.tensor([0, 0, 1, 1])
+    value = xbm(x, labels)
+    memory = torch.cat([old, x])
+    memory_labels = torch.cat([old_labels, labels])
+    expected = pair(x, labels) + 0.5 * pair(x, labels, memory, memory_labels)
+    assert value.item() == pytest.approx(expected.item(), abs=1e-6)
+
+
+def test_xbm_state_round_trips_through_state_dict():
+    xbm = LOSSES.build("ContrastiveLoss_XBM", xbm_size=4, embedding_size=2, start_iter=0).train()
+    xbm(_unit(0, 90), torch.tensor([3, 4]))
+    restored = LOSSES.build("ContrastiveLoss_XBM", xbm_size=4, embedding_size=2, start_iter=0)
+    restored.load_state_dict(xbm.state_dict())
+    assert restored.stored()[1].tolist() == [3, 4]
+    assert int(restored.iteration) == 1
+
+
+def test_xbm_rejects_bad_settings():
+    with pytest.raises(ValueError, match="pair loss"):
+        LOSSES.build("XBM", pair_loss="CELoss", embedding_size=2)
+    xbm = LOSSES.build("XBM", memory_size=4, embedding_size=3, start_iter=0).train()
+    with pytest.raises(ValueError, match="embedding_size"):
+        xbm(_unit(0, 90), torch.tensor([0, 1]))

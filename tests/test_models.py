@@ -264,3 +264,27 @@ def test_variant_presets_can_be_overridden_but_fixed_args_cannot():
     assert model.last_conv.out_channels == 256 and model.dropout.p == 0.0
     with pytest.raises(ConfigError, match="scale: unknown key"):
         BACKBONES.build("PPLCNetV2_base_ShiTu", scale=2.0)
+
+
+def test_frozen_layers_keep_weights_and_batchnorm_statistics():
+    from shitu.config.schema import ArchConfig
+    from shitu.errors import ConfigError
+    from shitu.models import build_model
+
+    arch = {
+        "Backbone": {"name": "PPLCNetV2_small_ShiTu"},
+        "BackboneStopLayer": {"name": "flatten"},
+        "Neck": {"name": "BNNeck", "num_features": 512},
+        "frozen_layers": ["backbone.stem"],
+    }
+    model = build_model(ArchConfig.model_validate(arch)).train()
+    stem = model.backbone.stem
+    assert not stem.training and model.neck.training
+    before = {k: v.clone() for k, v in stem.state_dict().items()}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model(torch.randn(2, 3, 64, 64))["features"].sum().backward()
+    optimizer.step()
+    assert all(torch.equal(before[k], v) for k, v in stem.state_dict().items())
+    arch["frozen_layers"] = ["backbone.stme"]
+    with pytest.raises(ConfigError, match="no module 'backbone.stme'"):
+        build_model(ArchConfig.model_validate(arch))

@@ -189,6 +189,11 @@ def test_cli_train_then_eval(grocery, tmp_path, capsys):
     logged = read_log(tmp_path / "output" / "metrics.jsonl", "eval")[-1]
     assert metrics["recall@1"] == pytest.approx(logged["recall@1"])
     assert metrics["num_queries"] == 18
+    # Without weights: the model as the config initialises it, and a note saying so.
+    assert main(["eval", "-c", str(path), "--json"]) == 0
+    captured = capsys.readouterr()
+    assert "no Global.pretrained_model" in captured.err
+    assert json.loads(captured.out)["num_queries"] == 18
 
 
 def test_ddp_on_cpu_matches_single_process_eval(grocery, tmp_path):

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from shitu.checkpoint import load_weights
 from shitu.cli.common import add_config_arguments, config_from_args, model_from_config
 from shitu.engine.distributed import init_distributed, shutdown_distributed
 from shitu.engine.evaluate import RetrievalEvaluation
-from shitu.errors import ConfigError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -30,15 +30,18 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     weights = config.Global.pretrained_model
     if not weights:
-        raise ConfigError(
-            "Global.pretrained_model: give the weights to evaluate, "
-            "e.g. -o Global.pretrained_model=output/best_model.safetensors"
+        print(
+            "note: no Global.pretrained_model, so this evaluates the model as the config "
+            "initialises it (e.g. an ImageNet backbone); pass "
+            "-o Global.pretrained_model=output/best_model.safetensors for trained weights",
+            file=sys.stderr,
         )
     config.Arch.Head = None  # retrieval needs no classifier
     context = init_distributed(config.Global.device)
     try:
         model = model_from_config(config, args)
-        load_weights(model, weights, strict=True, ignore_prefixes=("head.",))
+        if weights:
+            load_weights(model, weights, strict=True, ignore_prefixes=("head.",))
         model.to(context.device)
         result = RetrievalEvaluation(config, context, seed=0).run(model)
     finally:

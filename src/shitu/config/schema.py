@@ -73,6 +73,10 @@ class ArchConfig(Section):
     BackboneStopLayer: StopLayerConfig | None = None
     Neck: ComponentConfig | None = None
     Head: ComponentConfig | None = None
+    # Module-name prefixes (e.g. "backbone.stem", "backbone.blocks.0") whose weights and
+    # BatchNorm statistics stay as loaded: fine-tuning only the later layers is faster and
+    # keeps generic low-level filters on small datasets.
+    frozen_layers: list[str] = Field(default_factory=list)
 
 
 LossList = list[dict[str, dict[str, Any]]]

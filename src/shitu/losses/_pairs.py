@@ -8,8 +8,11 @@ count, since they are detached copies from earlier iterations.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
+from torch import Tensor, nn
 
 
 def resolve_reference(
@@ -73,3 +76,33 @@ def hardest(values: torch.Tensor, mask: torch.Tensor, largest: bool) -> torch.Te
 def zero_loss(inputs: torch.Tensor) -> torch.Tensor:
     """A 0 connected to `inputs`, so backward() and optimizer steps still work."""
     return inputs.sum() * 0.0
+
+
+class PairLoss(nn.Module):
+    """Base of the pair losses: resolves the reference set, then calls `compare`.
+
+    Subclasses set `normalize_feature` and implement `compare(query, ref, positive,
+    negative)`, where the masks are [N, M] booleans of (query, reference) pairs.
+    """
+
+    input_key: ClassVar[str] = "features"
+    supports_reference: ClassVar[bool] = True
+    normalize_feature: bool
+
+    def forward(
+        self,
+        inputs: torch.Tensor,
+        labels: torch.Tensor,
+        ref_inputs: torch.Tensor | None = None,
+        ref_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        labels, ref_inputs, ref_labels, is_self = resolve_reference(
+            inputs, labels, ref_inputs, ref_labels
+        )
+        query = maybe_normalize(inputs, self.normalize_feature)
+        ref = query if is_self else maybe_normalize(ref_inputs, self.normalize_feature)
+        positive, negative = label_masks(labels, ref_labels, is_self)
+        return self.compare(query, ref, positive, negative)
+
+    def compare(self, query: Tensor, ref: Tensor, positive: Tensor, negative: Tensor) -> Tensor:
+        raise NotImplementedError

@@ -2,25 +2,15 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
-
-import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor
 
-from shitu.losses._pairs import (
-    euclidean_distances,
-    hardest,
-    label_masks,
-    maybe_normalize,
-    resolve_reference,
-    zero_loss,
-)
+from shitu.losses._pairs import PairLoss, euclidean_distances, hardest, zero_loss
 from shitu.registry import LOSSES
 
 
 @LOSSES.register("TripletLoss")
-class TripletLoss(nn.Module):
+class TripletLoss(PairLoss):
     """mean over anchors of relu(d(a, hardest p) - d(a, hardest n) + margin).
 
     The hardest positive is the farthest same-label embedding (never the anchor
@@ -30,9 +20,6 @@ class TripletLoss(nn.Module):
     `normalize_feature` L2-normalises first, as PaddleClas's TripletLossV2 does.
     """
 
-    input_key: ClassVar[str] = "features"
-    supports_reference: ClassVar[bool] = True
-
     def __init__(self, margin: float = 1.0, normalize_feature: bool = False) -> None:
         super().__init__()
         if margin < 0:
@@ -40,22 +27,10 @@ class TripletLoss(nn.Module):
         self.margin = margin
         self.normalize_feature = normalize_feature
 
-    def forward(
-        self,
-        inputs: torch.Tensor,
-        labels: torch.Tensor,
-        ref_inputs: torch.Tensor | None = None,
-        ref_labels: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        labels, ref_inputs, ref_labels, is_self = resolve_reference(
-            inputs, labels, ref_inputs, ref_labels
-        )
-        query = maybe_normalize(inputs, self.normalize_feature)
-        ref = query if is_self else maybe_normalize(ref_inputs, self.normalize_feature)
-        positive, negative = label_masks(labels, ref_labels, is_self)
+    def compare(self, query: Tensor, ref: Tensor, positive: Tensor, negative: Tensor) -> Tensor:
         valid = positive.any(dim=1) & negative.any(dim=1)
         if not bool(valid.any()):
-            return zero_loss(inputs)
+            return zero_loss(query)
         dist = euclidean_distances(query[valid], ref)
         d_ap = hardest(dist, positive[valid], largest=True)
         d_an = hardest(dist, negative[valid], largest=False)

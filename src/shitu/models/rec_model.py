@@ -7,6 +7,7 @@ from torch import nn
 
 from shitu import registry
 from shitu.config.schema import ArchConfig
+from shitu.errors import ConfigError
 from shitu.models.reparam import reparameterize
 
 
@@ -25,12 +26,33 @@ class RecModel(nn.Module):
         neck: nn.Module | None = None,
         head: nn.Module | None = None,
         head_feature_from: str = "neck",
+        frozen_layers: list[str] | tuple[str, ...] = (),
     ) -> None:
         super().__init__()
         self.backbone = backbone
         self.neck = neck
         self.head = head
         self.head_feature_from = head_feature_from
+        self.frozen_modules = self._freeze(frozen_layers)
+
+    def _freeze(self, prefixes: list[str] | tuple[str, ...]) -> list[nn.Module]:
+        """Stop gradients into the named modules; `train()` keeps them in eval mode."""
+        frozen: list[nn.Module] = []
+        names = dict(self.named_modules())
+        for prefix in prefixes:
+            if prefix not in names:
+                close = [name for name in names if name.startswith(prefix.rsplit(".", 1)[0])]
+                hint = f" (modules there: {', '.join(close[:8])})" if close else ""
+                raise ConfigError(f"Arch.frozen_layers: the model has no module '{prefix}'{hint}")
+            names[prefix].requires_grad_(False)
+            frozen.append(names[prefix])
+        return frozen
+
+    def train(self, mode: bool = True) -> RecModel:
+        super().train(mode)
+        for module in self.frozen_modules:
+            module.eval()
+        return self
 
     def forward(
         self, x: torch.Tensor, label: torch.Tensor | None = None
@@ -61,4 +83,10 @@ def build_model(arch: ArchConfig) -> RecModel:
         backbone.stop_after(arch.BackboneStopLayer.name)
     neck = registry.NECKS.build(arch.Neck.name, **arch.Neck.params) if arch.Neck else None
     head = registry.HEADS.build(arch.Head.name, **arch.Head.params) if arch.Head else None
-    return RecModel(backbone, neck, head, head_feature_from=arch.head_feature_from)
+    return RecModel(
+        backbone,
+        neck,
+        head,
+        head_feature_from=arch.head_feature_from,
+        frozen_layers=arch.frozen_layers,
+    )

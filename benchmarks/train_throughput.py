@@ -1,0 +1,133 @@
+"""Training-step throughput of shipped recipes: images/s and peak memory per precision.
+
+Usage: python benchmarks/train_throughput.py [-c CONFIG ...] [--batch 64] [--steps 10]
+           [--amp off bf16 fp16] [--channels-last] [--size 224] [--threads 2]
+
+Runs the recipe's model, losses and optimizer (as `shitu train` builds them) on random
+images and PK-style labels, so the number is the model's compute speed without data
+loading. Peak memory is CUDA's max_memory_allocated on a GPU and the process's peak RSS
+on a CPU; each row runs in a fresh process so rows do not share a peak. Prints a
+Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import resource
+import statistics
+import time
+
+import torch
+
+from shitu.config import load_config
+from shitu.engine.evaluate import autocast_for
+from shitu.engine.optim import build_optimizer
+from shitu.losses.combined import CombinedLoss
+from shitu.models import build_model
+
+
+def pk_labels(batch_size: int, per_class: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(batch_size, device=device) // per_class
+
+
+def measure(
+    config_name: str,
+    batch_size: int,
+    steps: int,
+    amp: str,
+    channels_last: bool,
+    size: int,
+    threads: int | None,
+) -> tuple[float, float]:
+    """(images/s, peak memory in MiB) over `steps` timed steps after two warm-up steps."""
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    config = load_config(config_name)
+    if config.Arch.Backbone.params.get("pretrained") is True:
+        config.Arch.Backbone.params["pretrained"] = False  # speed does not depend on weights
+    if config.Arch.Head is not None and "class_num" in config.Arch.Head.params:
+        config.Arch.Head.params["class_num"] = batch_size // 4  # a realistic head, not 192k
+    model = build_model(config.Arch).to(device).train()
+    loss_fn = CombinedLoss(config.Loss.Train).to(device).train()
+    optimizer = build_optimizer([model, loss_fn], config.Optimizer, 1e-4)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16" and device.type == "cuda")
+    images = torch.randn(batch_size, 3, size, size, device=device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
+    labels = pk_labels(batch_size, 4, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+    def step() -> None:
+        with autocast_for(device, amp):
+            outputs = model(images, labels)
+        loss, _ = loss_fn(outputs, labels)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    times = []
+    for index in range(steps + 2):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if index >= 2:
+            times.append(time.perf_counter() - start)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+    return batch_size / statistics.median(times), peak
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "-c", "--configs", nargs="+", default=["GeneralRecognitionV2_PPLCNetV2_base"]
+    )
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--amp", nargs="+", default=["off"], choices=["off", "bf16", "fp16"])
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
+    args = parser.parse_args()
+    if torch.cuda.is_available():
+        where = torch.cuda.get_device_name()
+    else:
+        where = f"CPU, {args.threads or torch.get_num_threads()} threads"
+    memory = "peak GPU MiB" if torch.cuda.is_available() else "peak RSS MiB"
+    print(f"torch {torch.__version__}, {where}, input {args.size}x{args.size}\n")
+    print(f"| config | batch | amp | channels_last | images/s | {memory} |")
+    print("|---|---:|---|---|---:|---:|")
+    for name in args.configs:
+        for amp in args.amp:
+            with multiprocessing.get_context("spawn").Pool(1) as pool:
+                speed, peak = pool.apply(
+                    measure,
+                    (
+                        name,
+                        args.batch,
+                        args.steps,
+                        amp,
+                        args.channels_last,
+                        args.size,
+                        args.threads,
+                    ),
+                )
+            print(
+                f"| {name} | {args.batch} | {amp} | {args.channels_last} | {speed:.1f} | "
+                f"{peak:.0f} |"
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""Contrastive loss on cosine similarity, the pair loss XBM (Wang et al., CVPR 2020) uses."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from shitu.losses._pairs import PairLoss
+from shitu.registry import LOSSES
+
+
+@LOSSES.register("ContrastiveLoss")
+class ContrastiveLoss(PairLoss):
+    """(sum over positive pairs of (1 - s) + sum over negative pairs with s > margin of s) / N.
+
+    s is the cosine similarity of a (query, reference) pair and N the number of
+    queries. Positive pairs with s >= 1 - epsilon are skipped: they are already
+    satisfied, and this drops the exact copies of the batch that a memory may hold.
+    Negatives below `margin` are "easy" and contribute nothing; above it they count
+    with s itself (not s - margin), as in the XBM authors' and PaddleClas's code.
+    Without a reference the batch is compared with itself, minus self-pairs.
+    `feat_dim` (PaddleClas's required argument) is optional and only checked.
+    """
+
+    def __init__(
+        self,
+        margin: float = 0.5,
+        normalize_feature: bool = True,
+        epsilon: float = 1e-5,
+        feat_dim: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.margin = margin
+        self.normalize_feature = normalize_feature
+        self.epsilon = epsilon
+        self.feat_dim = feat_dim
+
+    def compare(self, query: Tensor, ref: Tensor, positive: Tensor, negative: Tensor) -> Tensor:
+        if self.feat_dim is not None and query.shape[1] != self.feat_dim:
+            raise ValueError(
+                f"ContrastiveLoss.feat_dim is {self.feat_dim} but embeddings have "
+                f"{query.shape[1]} dimensions"
+            )
+        sim = query @ ref.t()
+        positive = positive & (sim < 1.0 - self.epsilon)
+        negative = negative & (sim > self.margin)
+        zero = torch.zeros((), dtype=sim.dtype, device=sim.device)
+        total = (
+            torch.where(positive, 1.0 - sim, zero).sum() + torch.where(negative, sim, zero).sum()
+        )
+        return total / query.shape[0]

@@ -1,0 +1,148 @@
+"""Cross-batch memory (XBM, Wang et al., CVPR 2020): mine pairs against past batches too.
+
+Embeddings drift slowly once training has settled, so the embeddings of the last
+few thousand images are still good stand-ins for their current values. XBM keeps
+them in a FIFO ring and adds a pair loss of the batch against that memory, giving
+each anchor far more (and harder) negatives than one batch holds.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from shitu.registry import LOSSES
+
+
+def _build_pair_loss(spec: str | dict[str, dict[str, Any] | None]) -> tuple[str, nn.Module]:
+    """`"ContrastiveLoss"` or `{"ContrastiveLoss": {"margin": 0.5}}` -> (name, loss)."""
+    if isinstance(spec, str):
+        name, params = spec, {}
+    elif isinstance(spec, dict) and len(spec) == 1:
+        ((name, params),) = spec.items()
+        params = dict(params or {})
+    else:
+        raise ValueError(f"pair_loss must be a loss name or {{name: {{params}}}}, got {spec!r}")
+    loss = LOSSES.build(name, **params)
+    if not getattr(loss, "supports_reference", False):
+        raise ValueError(
+            f"XBM needs a pair loss that compares a batch with a reference set "
+            f"(ContrastiveLoss, TripletLoss, TripletAngularMarginLoss); {name} is not one"
+        )
+    return name, loss
+
+
+@LOSSES.register("XBM")
+class CrossBatchMemory(nn.Module):
+    """batch_weight * L(batch, batch) + memory_weight * L(batch, memory) once started.
+
+    `L` is `pair_loss`. From training iteration `start_iter` + 1 on, every training
+    forward first writes the batch's detached embeddings and labels into the ring
+    (overwriting the oldest entries once `memory_size` are held), then compares
+    the batch with everything the ring holds. Before that, and in eval mode, only
+    the in-batch term is computed and nothing is written. The ring, its write
+    position and the iteration count are buffers, so checkpoints resume exactly.
+    Under DDP each process keeps its own memory of the batches it saw.
+    """
+
+    input_key: ClassVar[str] = "features"
+
+    def __init__(
+        self,
+        pair_loss: str | dict[str, dict[str, Any] | None] = "ContrastiveLoss",
+        memory_size: int = 8192,
+        embedding_size: int = 512,
+        start_iter: int = 1000,
+        memory_weight: float = 1.0,
+        batch_weight: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if memory_size < 1:
+            raise ValueError(f"memory_size must be >= 1, got {memory_size}")
+        if embedding_size < 1:
+            raise ValueError(f"embedding_size must be >= 1, got {embedding_size}")
+        if start_iter < 0:
+            raise ValueError(f"start_iter must be >= 0, got {start_iter}")
+        self.pair_loss_name, self.pair_loss = _build_pair_loss(pair_loss)
+        self.start_iter = start_iter
+        self.memory_weight = memory_weight
+        self.batch_weight = batch_weight
+        self.register_buffer("memory", torch.zeros(memory_size, embedding_size))
+        self.register_buffer("memory_labels", torch.full((memory_size,), -1, dtype=torch.long))
+        self.register_buffer("write_position", torch.zeros((), dtype=torch.long))
+        self.register_buffer("num_filled", torch.zeros((), dtype=torch.long))
+        self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
+
+    @property
+    def memory_size(self) -> int:
+        return self.memory.shape[0]
+
+    def enqueue(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        """Write a batch into the ring, oldest entries first to go."""
+        if features.shape[1] != self.memory.shape[1]:
+            raise ValueError(
+                f"XBM.embedding_size is {self.memory.shape[1]} but the model's features "
+                f"have {features.shape[1]} dimensions"
+            )
+        features = features.detach().to(self.memory.dtype)[-self.memory_size :]
+        labels = labels.reshape(-1)[-self.memory_size :].to(self.memory_labels.dtype)
+        size = features.shape[0]
+        slots = (self.write_position + torch.arange(size, device=self.memory.device)) % (
+            self.memory_size
+        )
+        self.memory[slots] = features
+        self.memory_labels[slots] = labels
+        self.write_position.copy_((self.write_position + size) % self.memory_size)
+        self.num_filled.clamp_(max=self.memory_size - size).add_(size)
+
+    def stored(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (embeddings, labels) the ring holds, in slot order."""
+        filled = int(self.num_filled)
+        return self.memory[:filled], self.memory_labels[:filled]
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        loss = self.batch_weight * self.pair_loss(features, labels)
+        if not self.training:
+            return loss
+        self.iteration += 1
+        if int(self.iteration) <= self.start_iter:
+            return loss
+        self.enqueue(features, labels)
+        memory, memory_labels = self.stored()
+        return loss + self.memory_weight * self.pair_loss(
+            features, labels, ref_inputs=memory, ref_labels=memory_labels
+        )
+
+
+@LOSSES.register("ContrastiveLoss_XBM")
+class ContrastiveLossXBM(CrossBatchMemory):
+    """PaddleClas's name and arguments for XBM around ContrastiveLoss (its XBM recipe).
+
+    `xbm_size` is `memory_size` and `xbm_weight` is `memory_weight`.
+    """
+
+    def __init__(
+        self,
+        xbm_size: int = 8192,
+        xbm_weight: float = 1.0,
+        start_iter: int = 1000,
+        margin: float = 0.5,
+        embedding_size: int = 128,
+        epsilon: float = 1e-5,
+        normalize_feature: bool = True,
+    ) -> None:
+        super().__init__(
+            pair_loss={
+                "ContrastiveLoss": {
+                    "margin": margin,
+                    "epsilon": epsilon,
+                    "normalize_feature": normalize_feature,
+                }
+            },
+            memory_size=xbm_size,
+            embedding_size=embedding_size,
+            start_iter=start_iter,
+            memory_weight=xbm_weight,
+        )
