@@ -15,3 +15,7 @@ class CheckpointError(ShituError):
 
 class DataError(ShituError):
     """A dataset's label file or images are missing, malformed or unreadable."""
+
+
+class GalleryError(ShituError):
+    """A gallery library is missing, corrupt, or does not fit the model or request."""

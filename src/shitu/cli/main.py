@@ -7,10 +7,36 @@ import logging
 import sys
 
 from shitu import __version__
-from shitu.cli import convert, evaluate, info, train
+from shitu.cli import (
+    convert,
+    demo,
+    detect,
+    detect_train,
+    eval_pipeline,
+    evaluate,
+    export,
+    extract,
+    index,
+    info,
+    recognize,
+    train,
+)
 from shitu.errors import ShituError
 
-SUBCOMMANDS = (train, evaluate, convert, info)
+SUBCOMMANDS = (
+    train,
+    evaluate,
+    convert,
+    info,
+    detect,
+    export,
+    extract,
+    index,
+    recognize,
+    eval_pipeline,
+    demo,
+    detect_train,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,89 @@
+"""Feature extraction speed of the shipped default model, end to end from JPEG files.
+
+Usage: python benchmarks/default_model_speed.py [--threads 2] [--batches 1 32] [--images 128]
+       [--rounds 3] [--int8-calibration 64]
+
+Times `FeatureExtractor.extract_files` (decode + resize + normalise in threads, overlapped
+with onnxruntime) on Grocery Store JPEGs with the default model as shipped (its ONNX model
+rebuilt once into the cache) and with an int8 quantisation of it (calibrated on train
+photos, built in a temporary folder). Timings follow one warm-up batch; rounds are
+interleaved so background load hits both alike; the table gives median and best round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from feature_extraction import grocery_images, ours, timed  # noqa: E402
+
+from shitu.inference import default_model_dir, read_manifest  # noqa: E402
+from shitu.inference.cache import full_export  # noqa: E402
+from shitu.inference.export import INT8_FILE, MANIFEST, ONNX_FILE, file_sha256  # noqa: E402
+from shitu.inference.preprocess import Preprocessing  # noqa: E402
+from shitu.inference.quantize import quantize_static_onnx  # noqa: E402
+
+
+def int8_copy(fp32_dir: Path, out: Path, calibration: list[str]) -> Path:
+    """A copy of the (cached) fp32 export with model.int8.onnx added to it."""
+    shutil.copytree(fp32_dir, out)
+    manifest = read_manifest(out)
+    preprocessing = Preprocessing.from_dict(manifest["preprocessing"])
+    quantize_static_onnx(out / ONNX_FILE, out / INT8_FILE, preprocessing, calibration)
+    manifest["files"][INT8_FILE] = file_sha256(out / INT8_FILE)
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--images", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--int8-calibration", type=int, default=64)
+    args = parser.parse_args()
+
+    paths = grocery_images(args.images)
+    shipped = default_model_dir()
+    cached = full_export(shipped, read_manifest(shipped))  # what FeatureExtractor.load uses
+    if cached is None:
+        raise SystemExit("the cache is not writable; set SHITU_CACHE_DIR")
+    with tempfile.TemporaryDirectory() as scratch:
+        int8_dir = int8_copy(cached, Path(scratch) / "int8", paths[1::2][: args.int8_calibration])
+        rows = []
+        for batch in args.batches:
+            runs = {
+                "onnxruntime fp32": ours(cached, args.threads, batch),
+                "onnxruntime int8": ours(int8_dir, args.threads, batch, precision="int8"),
+            }
+            speeds: dict[str, list[float]] = {name: [] for name in runs}
+            for _ in range(args.rounds):
+                for name, run in runs.items():
+                    speeds[name].append(timed(run, paths, batch)[0])
+            for name, values in speeds.items():
+                rows.append((name, batch, statistics.median(values), max(values)))
+
+    manifest = read_manifest(shipped)
+    size = manifest["preprocessing"].get("crop") or manifest["preprocessing"]["resize"]
+    print(
+        f"default model {manifest['arch_name']} {manifest['embedding_size']}-d, input {size}, "
+        f"{args.images} JPEGs, {args.threads} threads, {platform.processor() or platform.machine()}"
+    )
+    print("| path | batch | images/s (median) | images/s (best) |")
+    print("|---|---:|---:|---:|")
+    for name, batch, median, best in rows:
+        print(f"| {name} | {batch} | {median:.1f} | {best:.1f} |")
+
+
+if __name__ == "__main__":
+    main()

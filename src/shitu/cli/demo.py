@@ -1,0 +1,92 @@
+"""`shitu demo`: the whole system on generated product photos, offline, in one command."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+from shitu.cli.recognize import (
+    VisualisationWriter,
+    add_pipeline_arguments,
+    format_table,
+    pipeline_config_from_args,
+)
+from shitu.errors import ShituError
+from shitu.pipeline.config import PLAIN_BACKGROUND
+
+MARKER = ".shitu-demo"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "demo",
+        help="build a gallery of demo products and recognise demo photos (works offline)",
+        description=(
+            "Generates photos of invented grocery products, builds a gallery library from "
+            "three views of each with the shipped model, recognises new photos (single "
+            "products and shelves of several) and writes annotated images. The detector "
+            "defaults to 'plain-background' here, so every product on a shelf is found."
+        ),
+    )
+    parser.add_argument("--out", type=Path, default=Path("shitu-demo"), help="output folder")
+    add_pipeline_arguments(parser, gallery=False)
+    parser.set_defaults(func=run)
+
+
+def _prepare(out: Path) -> None:
+    """Refuse a folder that holds anything but an earlier demo; clear an earlier library."""
+    if out.exists() and any(out.iterdir()) and not (out / MARKER).is_file():
+        raise ShituError(f"{out}: exists and is not a shitu demo folder; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).touch()
+    shutil.rmtree(out / "gallery", ignore_errors=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    from shitu.demo import make_demo_set
+    from shitu.index import Gallery, collect_items
+    from shitu.pipeline import Recognizer
+
+    if args.detector is None:
+        args.detector = PLAIN_BACKGROUND
+    config = pipeline_config_from_args(args)
+    out: Path = args.out
+    _prepare(out)
+    demo = make_demo_set(out / "images")
+    config.IndexProcess.index_dir = str(out / "gallery")
+    print(f"demo photos written to {out / 'images'}")
+
+    from shitu.inference import FeatureExtractor, default_model_dir
+
+    model = Path(config.Global.rec_inference_model_dir or default_model_dir())
+    extractor = FeatureExtractor.load(model, config.Global.rec_backend)
+    items = collect_items([demo.gallery_list])
+    with Gallery.create(
+        out / "gallery",
+        embedding_dim=extractor.embedding_size,
+        model_fingerprint=extractor.fingerprint,
+        preprocessing=extractor.preprocessing,
+    ) as gallery:
+        gallery.add_files(extractor, items, batch_size=config.Global.batch_size)
+        labels = len({item.label for item in items})
+        print(f"gallery library {out / 'gallery'}: {len(gallery)} images of {labels} products\n")
+
+    expected = {str(item.path): [item.label] for item in collect_items([demo.queries_list])}
+    expected.update({str(path.resolve()): labels for path, labels in demo.shelves})
+    writer = VisualisationWriter(out / "vis")
+    found_right = total = 0
+    with Recognizer.from_config(config) as recognizer:
+        for found in recognizer.recognize_files(list(expected)):
+            truth = expected[found.path]
+            print(format_table(found))
+            print(f"  expected: {', '.join(truth)}\n")
+            found_right += len(set(truth) & {r.label for r in found.results})
+            total += len(truth)
+            writer.save(found.path, found.results)
+    print(f"recognised {found_right} of {total} products; annotated photos in {out / 'vis'}")
+    print(
+        "next: shitu recognize YOUR_PHOTOS --gallery "
+        f"{out / 'gallery'} --format table --save-vis {out / 'vis'}"
+    )
+    return 0

@@ -1,0 +1,77 @@
+"""`shitu detect`: run a PicoDet detector on images, one JSON line per image."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from shitu.detection import load_detector
+from shitu.errors import DataError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "detect",
+        help="find objects in images with a PicoDet detector (JSON lines on stdout)",
+        description=(
+            "Detect objects with a detector given by path: our checkpoint (.pt), a "
+            "PaddleDetection .pdparams (with --arch) or an ONNX export. Prints one JSON "
+            "object per image with boxes [x1, y1, x2, y2] in the image's pixels."
+        ),
+    )
+    parser.add_argument("images", nargs="+", help="image files")
+    parser.add_argument("--model", required=True, help="detector: .pt, .pdparams or .onnx")
+    parser.add_argument("--arch", help="architecture name (needed for .pdparams)")
+    parser.add_argument(
+        "--backend", default="auto", choices=("auto", "torch", "onnxruntime"), help="runtime"
+    )
+    parser.add_argument("--input-size", type=int, help="network input size (torch backend)")
+    parser.add_argument("--threshold", type=float, default=0.3, help="minimum score")
+    parser.add_argument("--max-boxes", type=int, default=5, help="boxes kept per image")
+    parser.add_argument(
+        "--per-class", action="store_true", help="NMS per class instead of class-agnostic"
+    )
+    parser.add_argument("--save-vis", metavar="DIR", help="write images with boxes drawn here")
+    parser.set_defaults(func=run)
+
+
+def _read(path: str) -> np.ndarray:
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except (OSError, ValueError) as exc:
+        raise DataError(f"cannot read image {path}: {exc}") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    detector = load_detector(args.model, args.backend, args.arch, args.input_size)
+    names = detector.class_names
+    vis_dir = Path(args.save_vis) if args.save_vis else None
+    if vis_dir:
+        vis_dir.mkdir(parents=True, exist_ok=True)
+    for path in args.images:
+        image = _read(path)
+        dets = detector.detect(image, args.threshold, args.max_boxes, not args.per_class)
+        boxes = [
+            {
+                "cls": int(c),
+                **({"label": names[int(c)]} if int(c) < len(names) else {}),
+                "score": round(float(s), 5),
+                "box": [round(float(v), 2) for v in box],
+            }
+            for c, s, *box in dets
+        ]
+        record = {"image": path, "width": image.shape[1], "height": image.shape[0]}
+        print(json.dumps({**record, "boxes": boxes}), flush=True)
+        if vis_dir:
+            canvas = Image.fromarray(image)
+            draw = ImageDraw.Draw(canvas)
+            for item in boxes:
+                draw.rectangle(item["box"], outline=(255, 0, 0), width=3)
+                draw.text((item["box"][0] + 3, item["box"][1] + 3), f"{item['score']:.2f}")
+            canvas.save(vis_dir / f"{Path(path).stem}.jpg")
+    return 0

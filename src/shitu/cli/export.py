@@ -1,0 +1,71 @@
+"""`shitu export`: a config's model -> an inference folder (ONNX + torch + preprocessing JSON)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from shitu.cli.common import add_config_arguments, config_from_args
+from shitu.cli.extract import image_files
+from shitu.inference import export_model, read_manifest
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "export",
+        help="export a model for inference (ONNX + torch, preprocessing recorded)",
+        description=(
+            "Build the config's model without head, load Global.pretrained_model, fold "
+            "re-parameterisable blocks and write DIR/model.onnx (dynamic batch), "
+            "DIR/model.safetensors and DIR/shitu_model.json (preprocessing, embedding size). "
+            "`shitu extract --model DIR` then needs no config file."
+        ),
+    )
+    add_config_arguments(parser, head_option=False)
+    parser.add_argument("--out", required=True, help="output folder (replaced if an export)")
+    parser.add_argument(
+        "--int8-calibration",
+        nargs="+",
+        metavar="IMAGES_OR_FOLDER",
+        help="also write model.int8.onnx, statically quantised with these images' activations",
+    )
+    parser.add_argument(
+        "--int8-images",
+        type=int,
+        default=128,
+        help="how many calibration images to use, spread over the given ones (default 128)",
+    )
+    parser.add_argument(
+        "--compact",
+        action="store_true",
+        help="float16 weights and no ONNX file, for shipping (half the size); the ONNX model "
+        "is rebuilt into the user cache on first load",
+    )
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    weights = config.Global.pretrained_model
+    if not weights:
+        print(
+            "note: no Global.pretrained_model, so the export holds the model as the config "
+            "initialises it; pass -o Global.pretrained_model=... for trained weights",
+            file=sys.stderr,
+        )
+    calibration: list[Path] = []
+    if args.int8_calibration:
+        files = image_files(args.int8_calibration)
+        step = max(1, len(files) // max(1, args.int8_images))
+        calibration = files[::step][: args.int8_images]
+    out = export_model(
+        config, weights, Path(args.out), calibration_images=calibration, compact=args.compact
+    )
+    manifest = read_manifest(out)
+    files = ", ".join(manifest["files"])
+    print(
+        f"wrote {out}: {files}, {manifest['arch_name']}, {manifest['embedding_size']}-d features, "
+        f"input {manifest['preprocessing']['crop'] or manifest['preprocessing']['resize']}"
+    )
+    return 0

@@ -1,0 +1,106 @@
+"""`shitu extract`: image files or folders -> L2-normalised features (.npy) + their paths."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from shitu.errors import DataError
+from shitu.inference import FeatureExtractor, default_model_dir
+from shitu.inference.backends import BACKENDS, PRECISIONS
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "extract",
+        help="embed images with an exported model (features .npy + paths .txt)",
+        description=(
+            "Embed image files (folders are searched recursively; hidden files are left out) "
+            "with a `shitu export` folder. Writes PREFIX.npy (float32 [N, D], L2-normalised "
+            "rows) and PREFIX.txt (the N embedded paths, one per line, same order). "
+            "Unreadable files are reported on stderr and skipped."
+        ),
+    )
+    parser.add_argument("inputs", nargs="+", metavar="IMAGES_OR_FOLDER")
+    parser.add_argument(
+        "--model", help="folder written by `shitu export` (default: the model shipped with shitu)"
+    )
+    parser.add_argument("--out", required=True, help="output prefix: writes PREFIX.npy, .txt")
+    parser.add_argument("--backend", choices=BACKENDS, default="auto")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--threads", type=int, help="inference threads (default: all cores)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run)
+
+
+def image_files(inputs: list[str]) -> list[Path]:
+    """Files given directly, plus every non-hidden file under given folders, sorted."""
+    files: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = [
+                p
+                for p in path.rglob("*")
+                if p.is_file()
+                and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            ]
+            files.extend(sorted(found))
+        elif path.exists():
+            files.append(path)
+        else:
+            raise DataError(f"{path}: no such file or folder")
+    if not files:
+        raise DataError(f"no files found in {', '.join(inputs)}")
+    return files
+
+
+def run(args: argparse.Namespace) -> int:
+    files = image_files(args.inputs)
+    if any("\n" in str(f) for f in files):
+        raise DataError("a file name contains a line break; it cannot go into the paths list")
+    extractor = FeatureExtractor.load(
+        args.model or default_model_dir(),
+        args.backend,
+        args.threads,
+        device=args.device,
+        precision=args.precision,
+    )
+    start = time.perf_counter()
+    result = extractor.extract_files(
+        files, batch_size=args.batch_size, progress=not args.no_progress and sys.stderr.isatty()
+    )
+    seconds = time.perf_counter() - start
+    for path, reason in result.failures:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomic(out.with_name(out.name + ".npy"), lambda f: np.save(f, result.features))
+    text = "".join(f"{p}\n" for p in result.paths)
+    _write_atomic(out.with_name(out.name + ".txt"), lambda f: f.write(text.encode()))
+    rate = len(result.paths) / seconds if seconds > 0 else 0.0
+    print(
+        f"embedded {len(result.paths)} images ({extractor.embedding_size}-d, "
+        f"{extractor.backend.name} {args.precision}, {rate:.1f} images/s) -> {out}.npy, "
+        f"{out}.txt; skipped {len(result.failures)} unreadable file(s)"
+    )
+    return 1 if not result.paths else 0
+
+
+def _write_atomic(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

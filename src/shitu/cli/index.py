@@ -1,0 +1,250 @@
+"""`shitu index ...`: build and curate a gallery library (add, remove, relabel, search)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from shitu.errors import GalleryError
+from shitu.index import INDEX_TYPES, METRICS, AddReport, Gallery, collect_items
+from shitu.index.embedder import Embedder
+from shitu.index.files import fsync_dir
+
+SHOWN_PROBLEMS = 10
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "index",
+        help="build and edit a gallery library (labelled image features + vector index)",
+        description="Build, edit, inspect and search a gallery library.",
+    )
+    commands = parser.add_subparsers(title="index commands", dest="index_command", metavar="CMD")
+    commands.required = True
+
+    build = commands.add_parser("build", help="embed a gallery into a new library")
+    build.add_argument(
+        "--gallery",
+        type=Path,
+        nargs="+",
+        required=True,
+        help="label file(s) (`path<TAB>label`) or folder-per-label tree(s)",
+    )
+    build.add_argument("--out", type=Path, required=True, help="library folder to create")
+    build.add_argument("--index-type", choices=INDEX_TYPES, default="Flat")
+    build.add_argument("--metric", choices=METRICS, default="ip")
+    build.add_argument("--backend", choices=("faiss", "milvus"), default="faiss")
+    build.add_argument(
+        "--milvus-uri",
+        help="Milvus server URI (http://host:19530); default: a Milvus Lite file in the library",
+    )
+    build.add_argument("--milvus-collection", help="collection name (default shitu_gallery)")
+    build.add_argument("--nprobe", type=int, help="IVF lists searched per query")
+    build.add_argument("--ef-search", type=int, help="HNSW search depth (default 64)")
+    _add_model_arguments(build)
+    build.set_defaults(func=run_build)
+
+    add = commands.add_parser("add", help="add images (files, folders, label files)")
+    add.add_argument("library", type=Path)
+    add.add_argument("sources", type=Path, nargs="+", help="images, folders or label files")
+    add.add_argument("--label", help="label for every given image and folder")
+    _add_model_arguments(add)
+    add.set_defaults(func=run_add)
+
+    remove = commands.add_parser("remove", help="remove images by id or by label")
+    remove.add_argument("library", type=Path)
+    remove.add_argument("--id", type=int, nargs="+", default=[], dest="ids")
+    remove.add_argument("--label", nargs="+", default=[], dest="labels")
+    remove.set_defaults(func=run_remove)
+
+    relabel = commands.add_parser("relabel", help="rename a label")
+    relabel.add_argument("library", type=Path)
+    relabel.add_argument("old")
+    relabel.add_argument("new")
+    relabel.set_defaults(func=run_relabel)
+
+    listing = commands.add_parser("list", help="list labels with counts, or one label's images")
+    listing.add_argument("library", type=Path)
+    listing.add_argument("--label", help="list this label's images")
+    listing.add_argument("--images", action="store_true", help="list every image")
+    listing.set_defaults(func=run_list)
+
+    stats = commands.add_parser("stats", help="show counts, model and index facts")
+    stats.add_argument("library", type=Path)
+    stats.set_defaults(func=run_stats)
+
+    verify = commands.add_parser("verify", help="check checksums, counts and the database")
+    verify.add_argument("library", type=Path)
+    verify.set_defaults(func=run_verify)
+
+    reembed = commands.add_parser("reembed", help="re-extract every image with a new model")
+    reembed.add_argument("library", type=Path)
+    _add_model_arguments(reembed)
+    reembed.set_defaults(func=run_reembed)
+
+    rebuild = commands.add_parser("rebuild", help="rebuild the index (optionally another type)")
+    rebuild.add_argument("library", type=Path)
+    rebuild.add_argument("--index-type", choices=INDEX_TYPES)
+    rebuild.set_defaults(func=run_rebuild)
+
+    search = commands.add_parser("search", help="embed query images and print the top hits")
+    search.add_argument("library", type=Path)
+    search.add_argument("images", type=Path, nargs="+")
+    search.add_argument("-k", type=int, default=5)
+    search.add_argument("--min-score", type=float, help="drop hits scoring below this")
+    _add_model_arguments(search)
+    search.set_defaults(func=run_search)
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", type=Path, help="exported model folder (default: the model shipped with shitu)"
+    )
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--threads", type=int, help="CPU threads for the model")
+    parser.add_argument(
+        "--allow-duplicates", action="store_true", help="add images whose content is present"
+    )
+
+
+def _load_model(args: argparse.Namespace) -> Embedder:
+    from shitu.inference import FeatureExtractor, default_model_dir
+
+    return FeatureExtractor.load(args.model or default_model_dir(), num_threads=args.threads)
+
+
+def _report(report: AddReport, library: Path) -> None:
+    print(f"added {len(report.ids)} images to {library}")
+    if report.duplicates:
+        print(f"skipped {len(report.duplicates)} duplicates (same content already in the library)")
+    for path, reason in report.failures[:SHOWN_PROBLEMS]:
+        print(f"warning: could not add {path}: {reason}", file=sys.stderr)
+    if len(report.failures) > SHOWN_PROBLEMS:
+        print(f"warning: ... {len(report.failures)} images failed in all", file=sys.stderr)
+
+
+def run_build(args: argparse.Namespace) -> int:
+    if args.out.exists():
+        raise GalleryError(f"{args.out}: already exists; choose a new --out or use `index add`")
+    items = collect_items(args.gallery)
+    model = _load_model(args)
+    options = {
+        key: value
+        for key, value in (
+            ("uri", args.milvus_uri),
+            ("collection", args.milvus_collection),
+            ("nprobe", args.nprobe),
+            ("ef_search", args.ef_search),
+        )
+        if value is not None
+    }
+    # Built beside the target and renamed at the end: an interrupted build leaves no library.
+    tmp = args.out.parent / f".{args.out.name}.building-{os.getpid()}"
+    with Gallery.create(
+        tmp,
+        embedding_dim=model.embedding_size,
+        model_fingerprint=model.fingerprint,
+        preprocessing=model.preprocessing,
+        metric=args.metric,
+        index_type=args.index_type,
+        backend=args.backend,
+        backend_options=options,
+    ) as gallery:
+        report = gallery.add_files(
+            model, items, args.batch_size, progress=True, allow_duplicates=args.allow_duplicates
+        )
+    os.replace(tmp, args.out)
+    fsync_dir(args.out.parent)
+    _report(report, args.out)
+    return 0
+
+
+def run_add(args: argparse.Namespace) -> int:
+    items = collect_items(args.sources, label=args.label)
+    model = _load_model(args)
+    with Gallery.open(args.library, embedder=model) as gallery:
+        report = gallery.add_files(
+            model, items, args.batch_size, progress=True, allow_duplicates=args.allow_duplicates
+        )
+    _report(report, args.library)
+    return 0
+
+
+def run_remove(args: argparse.Namespace) -> int:
+    if not args.ids and not args.labels:
+        raise GalleryError("remove: give --id and/or --label")
+    with Gallery.open(args.library) as gallery:
+        removed = gallery.remove(ids=args.ids, labels=args.labels)
+    print(f"removed {len(removed)} images from {args.library}")
+    return 0
+
+
+def run_relabel(args: argparse.Namespace) -> int:
+    with Gallery.open(args.library) as gallery:
+        count = gallery.relabel(args.old, args.new)
+    print(f"relabelled {count} images: '{args.old}' -> '{args.new}'")
+    return 0
+
+
+def run_list(args: argparse.Namespace) -> int:
+    with Gallery.open(args.library) as gallery:
+        if args.label is None and not args.images:
+            for label, count in gallery.label_counts().items():
+                print(f"{count:>8}  {label}")
+            return 0
+        for entry in gallery.entries(args.label):
+            print(f"{entry.id}\t{entry.label}\t{entry.path}\t{entry.added_at}")
+    return 0
+
+
+def run_stats(args: argparse.Namespace) -> int:
+    with Gallery.open(args.library) as gallery:
+        print(json.dumps(gallery.stats(), indent=2))
+    return 0
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    with Gallery.open(args.library) as gallery:
+        problems = gallery.verify()
+        count = len(gallery)
+    for problem in problems:
+        print(f"problem: {problem}")
+    print(f"{args.library}: {'FAILED' if problems else 'OK'} ({count} images)")
+    return 1 if problems else 0
+
+
+def run_reembed(args: argparse.Namespace) -> int:
+    model = _load_model(args)
+    with Gallery.open(args.library) as gallery:
+        count = gallery.reembed(model, args.batch_size, progress=True)
+    print(f"re-embedded {count} images with model {model.fingerprint}")
+    return 0
+
+
+def run_rebuild(args: argparse.Namespace) -> int:
+    with Gallery.open(args.library) as gallery:
+        gallery.rebuild(args.index_type)
+        print(f"rebuilt {args.library}: {gallery.stats()['index']}")
+    return 0
+
+
+def run_search(args: argparse.Namespace) -> int:
+    model = _load_model(args)
+    with Gallery.open(args.library, embedder=model) as gallery:
+        extraction = model.extract_files([str(p) for p in args.images], args.batch_size)
+        result = gallery.search(extraction.features, args.k, min_score=args.min_score)
+    for path, reason in extraction.failures:
+        print(f"warning: could not read {path}: {reason}", file=sys.stderr)
+    for row, path in enumerate(extraction.paths):
+        hits = [
+            f"{label} ({score:.3f}, id {image_id})"
+            for label, score, image_id in zip(
+                result.labels[row], result.scores[row], result.ids[row], strict=True
+            )
+            if image_id >= 0
+        ]
+        print(f"{path}\t{'; '.join(hits) or 'no match'}")
+    return 0

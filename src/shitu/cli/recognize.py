@@ -1,0 +1,173 @@
+"""`shitu recognize`: what is in these photos? Detect, embed, search a gallery library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+
+from shitu.errors import DataError
+from shitu.index.labels import IMAGE_SUFFIXES, images_in
+from shitu.pipeline import (
+    FileRecognition,
+    PipelineConfig,
+    Recognition,
+    draw_results,
+    load_pipeline_config,
+)
+from shitu.pipeline.config import DEFAULT_PIPELINE_CONFIG
+
+
+def add_pipeline_arguments(parser: argparse.ArgumentParser, gallery: bool = True) -> None:
+    """Config file, overrides and the flags that set its most used keys."""
+    parser.add_argument(
+        "-c",
+        "--config",
+        default=DEFAULT_PIPELINE_CONFIG,
+        help="pipeline YAML (PaddleClas inference_general.yaml shape) or a shipped name "
+        f"(default: {DEFAULT_PIPELINE_CONFIG})",
+    )
+    parser.add_argument(
+        "-o",
+        "--override",
+        action="append",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. -o IndexProcess.score_thres=0.6 (repeatable)",
+    )
+    if gallery:
+        parser.add_argument("--gallery", help="gallery library folder (`shitu index build --out`)")
+    parser.add_argument(
+        "--model", help="exported model folder (default: the model shipped with shitu)"
+    )
+    parser.add_argument(
+        "--detector",
+        help="mainbody detector: a .onnx/.pdparams/.pt file, 'plain-background' (objects on "
+        "a uniform surface, no model needed) or 'none' (whole image only; the default)",
+    )
+    parser.add_argument("--det-arch", help="detector architecture name (for .pdparams)")
+    parser.add_argument(
+        "--score-thres", type=float, help="cosine similarity a result needs (default 0.5)"
+    )
+    parser.add_argument("--threads", type=int, help="CPU threads for the recognition model")
+
+
+def pipeline_config_from_args(args: argparse.Namespace) -> PipelineConfig:
+    """The config file with -o overrides, then the explicit flags on top."""
+    overrides = [item for group in args.override for item in group]
+    config = load_pipeline_config(args.config, overrides)
+    flags = {
+        ("IndexProcess", "index_dir"): getattr(args, "gallery", None),
+        ("IndexProcess", "score_thres"): args.score_thres,
+        ("Global", "rec_inference_model_dir"): args.model,
+        ("Global", "det_inference_model_dir"): args.detector,
+        ("Global", "det_arch"): args.det_arch,
+        ("Global", "cpu_num_threads"): args.threads,
+    }
+    for (section, key), value in flags.items():
+        if value is not None:
+            setattr(getattr(config, section), key, value)
+    return config
+
+
+def expand_images(sources: Iterable[str]) -> tuple[list[Path], bool]:
+    """Files as given, folders as the images in them; also whether a folder was given."""
+    paths: list[Path] = []
+    folder = False
+    for source in map(Path, sources):
+        if source.is_dir():
+            folder = True
+            paths.extend(images_in(source))
+        elif source.exists() or source.suffix.lower() in IMAGE_SUFFIXES:
+            paths.append(source)  # missing files are reported per file, not fatal
+        else:
+            raise DataError(f"{source}: no such file or folder")
+    return paths, folder
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "recognize",
+        help="recognise the objects in photos against a gallery library",
+        description=(
+            "For each image: mainbody boxes from the detector (none: the whole image), crops "
+            "embedded in one batch, each box labelled by its best gallery hit if the score "
+            "passes the threshold, overlapping results reduced by NMS. Prints one JSON line "
+            "per image (or a table); folders are searched for images."
+        ),
+    )
+    parser.add_argument("images", nargs="+", help="image files and/or folders")
+    add_pipeline_arguments(parser)
+    parser.add_argument("--format", choices=("jsonl", "table"), default="jsonl")
+    parser.add_argument("--save-vis", type=Path, metavar="DIR", help="write annotated images")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run)
+
+
+def format_table(found: FileRecognition) -> str:
+    """A block per image: path, then score, label, box and gallery id per result."""
+    if found.error is not None:
+        return f"{found.path}\n  skipped: {found.error}"
+    if not found.results:
+        return f"{found.path}\n  (nothing recognised)"
+    width = max(len(r.label) for r in found.results)
+    rows = [
+        f"  {r.score:6.3f}  {r.label:<{width}}  [{', '.join(map(str, r.bbox))}]  id {r.image_id}"
+        for r in found.results
+    ]
+    return "\n".join([found.path, *rows])
+
+
+def record(found: FileRecognition) -> dict:
+    return {"image": found.path, "results": [r.to_dict() for r in found.results]}
+
+
+class VisualisationWriter:
+    """Saves annotated copies under one folder, with unique names for same-named images."""
+
+    def __init__(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.folder = folder
+        self.used: set[str] = set()
+
+    def save(self, path: str, results: list[Recognition]) -> Path:
+        from shitu.inference.preprocess import read_rgb
+
+        stem, number = Path(path).stem, 1
+        name = f"{stem}.jpg"
+        while name in self.used:
+            number += 1
+            name = f"{stem}_{number}.jpg"
+        self.used.add(name)
+        target = self.folder / name
+        draw_results(read_rgb(path), results).save(target, quality=90)
+        return target
+
+
+def run(args: argparse.Namespace) -> int:
+    from shitu.pipeline import Recognizer
+
+    paths, folder = expand_images(args.images)
+    config = pipeline_config_from_args(args)
+    writer = VisualisationWriter(args.save_vis) if args.save_vis else None
+    progress = not args.no_progress and (folder or len(paths) > 1)
+    skipped = 0
+    with Recognizer.from_config(config) as recognizer:
+        for found in recognizer.recognize_files(paths, progress=progress):
+            if found.error is not None:
+                skipped += 1
+                print(f"warning: skipped {found.path}: {found.error}", file=sys.stderr)
+                if args.format == "jsonl":
+                    continue
+            if args.format == "jsonl":
+                print(json.dumps(record(found), ensure_ascii=False), flush=True)
+            else:
+                print(format_table(found), flush=True)
+            if writer is not None and found.error is None:
+                writer.save(found.path, found.results)
+    if skipped:
+        print(f"warning: {skipped} of {len(paths)} files could not be read", file=sys.stderr)
+    return 0

@@ -1,0 +1,221 @@
+"""Detection datasets (COCO JSON, Pascal VOC XML), box-aware augmentations and batching.
+
+Samples are `(image, boxes, labels)`: a PIL RGB image, float32 [K, 4] boxes (x1, y1, x2, y2)
+in its pixels and int64 [K] class ids. Augmentations draw from Python's `random`, so the
+engine's per-sample seeding (`shitu.engine.seeding.SeededDataset`) makes them reproducible.
+Batches are resized to one square size (chosen per batch: multi-scale training) without
+keeping the aspect ratio, as PicoDet trains.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageEnhance
+
+from shitu.detection.detector import preprocess
+from shitu.errors import DataError
+
+Sample = tuple[Image.Image, np.ndarray, np.ndarray]
+FOREGROUND = ("foreground",)
+
+
+class DetectionDataset:
+    """Images + boxes held as lists; subclasses only parse their annotation format."""
+
+    def __init__(
+        self,
+        images: list[Path],
+        boxes: list[np.ndarray],
+        labels: list[np.ndarray],
+        class_names: tuple[str, ...],
+        class_agnostic: bool,
+        transform: Callable[[Sample], Sample] | None,
+    ) -> None:
+        if class_agnostic:
+            labels = [np.zeros_like(lab) for lab in labels]
+            class_names = FOREGROUND
+        self.images, self.boxes, self.labels = images, boxes, labels
+        self.class_names = class_names
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def load_image(self, index: int) -> Image.Image:
+        try:
+            with Image.open(self.images[index]) as img:
+                return img.convert("RGB")
+        except OSError as exc:
+            raise DataError(f"cannot read image {self.images[index]}: {exc}") from None
+
+    def targets(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.boxes[index], self.labels[index]
+
+    def __getitem__(self, index: int) -> Sample:
+        sample = (self.load_image(index), self.boxes[index].copy(), self.labels[index].copy())
+        return self.transform(sample) if self.transform else sample
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+
+
+class CocoDetection(DetectionDataset):
+    """COCO `instances_*.json`: category ids become 0..C-1 in id order; crowd boxes skipped."""
+
+    def __init__(
+        self,
+        annotation_file: str | Path,
+        image_root: str | Path,
+        class_agnostic: bool = False,
+        transform: Callable[[Sample], Sample] | None = None,
+    ) -> None:
+        path = Path(annotation_file)
+        try:
+            data = json.loads(_read(path, "COCO annotation file"))
+            categories = sorted(data["categories"], key=lambda c: c["id"])
+            cat_index = {c["id"]: i for i, c in enumerate(categories)}
+            image_ids = [img["id"] for img in data["images"]]
+            files = {img["id"]: Path(image_root) / img["file_name"] for img in data["images"]}
+            per_image: dict[int, list[tuple[list[float], int]]] = {i: [] for i in image_ids}
+            for ann in data["annotations"]:
+                x, y, w, h = (float(v) for v in ann["bbox"])
+                if ann.get("iscrowd", 0) or w <= 0 or h <= 0:
+                    continue
+                per_image[ann["image_id"]].append(
+                    ([x, y, x + w, y + h], cat_index[ann["category_id"]])
+                )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise DataError(f"{path} is not a valid COCO annotation file ({exc!r})") from None
+        super().__init__(
+            [files[i] for i in image_ids],
+            [np.array([b for b, _ in per_image[i]], np.float32).reshape(-1, 4) for i in image_ids],
+            [np.array([c for _, c in per_image[i]], np.int64) for i in image_ids],
+            tuple(c["name"] for c in categories),
+            class_agnostic,
+            transform,
+        )
+
+
+class VocDetection(DetectionDataset):
+    """Pascal VOC: one XML per image in `annotation_dir`, images in `image_dir` by <filename>.
+
+    Class ids follow `class_names` (default: the sorted names found); `difficult` boxes
+    are kept, as PaddleDetection does by default.
+    """
+
+    def __init__(
+        self,
+        annotation_dir: str | Path,
+        image_dir: str | Path,
+        class_names: Sequence[str] | None = None,
+        class_agnostic: bool = False,
+        transform: Callable[[Sample], Sample] | None = None,
+    ) -> None:
+        xml_files = sorted(Path(annotation_dir).glob("*.xml"))
+        if not xml_files:
+            raise DataError(f"no VOC annotation files (*.xml) in {annotation_dir}")
+        parsed = [self._parse(path) for path in xml_files]
+        names = tuple(class_names or sorted({n for _, objs in parsed for n, _ in objs}))
+        index = {name: i for i, name in enumerate(names)}
+        labels = []
+        for path, (_, objects) in zip(xml_files, parsed, strict=True):
+            unknown = {n for n, _ in objects} - set(index)
+            if unknown:
+                raise DataError(f"{path}: classes {sorted(unknown)} are not in class_names")
+            labels.append(np.array([index[n] for n, _ in objects], np.int64))
+        super().__init__(
+            [Path(image_dir) / filename for filename, _ in parsed],
+            [np.array([b for _, b in objs], np.float32).reshape(-1, 4) for _, objs in parsed],
+            labels,
+            names,
+            class_agnostic,
+            transform,
+        )
+
+    @staticmethod
+    def _parse(path: Path) -> tuple[str, list[tuple[str, list[float]]]]:
+        try:
+            root = ET.fromstring(_read(path, "VOC annotation file"))
+            filename = root.findtext("filename")
+            if not filename:
+                raise ValueError("no <filename>")
+            objects = []
+            for obj in root.iter("object"):
+                box = obj.find("bndbox")
+                coords = [float(box.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")]
+                if coords[2] > coords[0] and coords[3] > coords[1]:
+                    objects.append((obj.findtext("name").strip(), coords))
+        except (ET.ParseError, ValueError, TypeError, AttributeError) as exc:
+            raise DataError(f"{path} is not a valid VOC annotation file ({exc})") from None
+        return filename, objects
+
+
+def random_crop(sample: Sample, min_scale: float = 0.3, tries: int = 20) -> Sample:
+    """Crop a random window that keeps every box whose centre it contains (clipped to it)."""
+    image, boxes, labels = sample
+    w, h = image.size
+    for _ in range(tries):
+        cw, ch = int(w * random.uniform(min_scale, 1.0)), int(h * random.uniform(min_scale, 1.0))
+        x0, y0 = random.randint(0, w - cw), random.randint(0, h - ch)
+        centres = (boxes[:, :2] + boxes[:, 2:]) / 2
+        inside = (
+            (centres[:, 0] > x0)
+            & (centres[:, 0] < x0 + cw)
+            & (centres[:, 1] > y0)
+            & (centres[:, 1] < y0 + ch)
+        )
+        if len(boxes) and not inside.any():
+            continue
+        kept = boxes[inside] - np.array([x0, y0, x0, y0], np.float32)
+        kept = np.clip(kept, 0, [cw, ch, cw, ch]).astype(np.float32)
+        return image.crop((x0, y0, x0 + cw, y0 + ch)), kept, labels[inside]
+    return sample
+
+
+def random_flip(sample: Sample, prob: float = 0.5) -> Sample:
+    image, boxes, labels = sample
+    if random.random() >= prob:
+        return sample
+    w = image.size[0]
+    flipped = boxes.copy()
+    flipped[:, [0, 2]] = w - boxes[:, [2, 0]]
+    return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT), flipped, labels
+
+
+def random_distort(sample: Sample, strength: float = 0.3, prob: float = 0.5) -> Sample:
+    """Brightness, contrast and saturation changes, each with `prob`, in random order."""
+    image, boxes, labels = sample
+    enhancers = [ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color]
+    random.shuffle(enhancers)
+    for enhancer in enhancers:
+        if random.random() < prob:
+            image = enhancer(image).enhance(random.uniform(1 - strength, 1 + strength))
+    return image, boxes, labels
+
+
+def train_augment(sample: Sample) -> Sample:
+    """PicoDet's training augmentations (before the per-batch resize)."""
+    return random_flip(random_crop(random_distort(sample)))
+
+
+def collate(items: Sequence[Sequence], size: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Samples (extra trailing fields ignored) -> normalised images [B, 3, size, size] and
+    per image targets [K, 5] (label, x1, y1, x2, y2) in the resized pixels."""
+    images, targets = [], []
+    for image, boxes, labels, *_ in items:
+        w, h = image.size
+        images.append(preprocess(np.asarray(image), (size, size)))
+        scaled = boxes * np.array([size / w, size / h] * 2, np.float32)
+        targets.append(torch.from_numpy(np.concatenate([labels[:, None], scaled], 1)).float())
+    return torch.from_numpy(np.stack(images)), targets

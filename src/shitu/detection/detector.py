@@ -1,0 +1,182 @@
+"""Detectors: an image in, boxes `[cls, score, x1, y1, x2, y2]` in its own pixels out.
+
+Two backends share preprocessing (plain resize to the network input, ImageNet
+normalisation) and post-processing (our decode + NMS): our PyTorch PicoDet, and
+onnxruntime running either a PaddleDetection export (per-level scores and box
+distributions, batch 1) or our own export (decoded boxes and scores).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from shitu.detection.model import PicoDet, PicoDetArch
+from shitu.detection.postprocess import anchor_points, decode_boxes, level_shapes, multiclass_nms
+from shitu.errors import CheckpointError, ConfigError
+
+MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+NMS_IOU = 0.6
+NMS_TOP_K = 1000
+
+
+def preprocess(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """RGB uint8 HxWx3 -> float32 3xHxW at `size` (h, w), ImageNet-normalised."""
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"expected an RGB uint8 HxWx3 image, got {image.dtype} {image.shape}")
+    resized = Image.fromarray(image).resize((size[1], size[0]), Image.BILINEAR)
+    pixels = np.asarray(resized, dtype=np.float32) / 255.0
+    return ((pixels - MEAN) / STD).transpose(2, 0, 1)
+
+
+class Detector(ABC):
+    """Common front end; backends only turn a batch into (scores [B,N,C], boxes [B,N,4])."""
+
+    input_size: tuple[int, int]
+    class_names: tuple[str, ...] = ()
+
+    @abstractmethod
+    def predict(self, batch: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised batch [B, 3, H, W] -> scores [B, N, C], boxes [B, N, 4] in input pixels."""
+
+    def detect(
+        self,
+        image: np.ndarray,
+        score_threshold: float = 0.3,
+        max_boxes: int = 5,
+        class_agnostic: bool = True,
+    ) -> np.ndarray:
+        """Boxes [M, 6] float32 (cls, score, x1, y1, x2, y2), best first, in image pixels."""
+        return self.detect_batch([image], score_threshold, max_boxes, class_agnostic)[0]
+
+    def detect_batch(
+        self,
+        images: list[np.ndarray],
+        score_threshold: float = 0.3,
+        max_boxes: int = 5,
+        class_agnostic: bool = True,
+    ) -> list[np.ndarray]:
+        if not images:
+            return []
+        batch = np.stack([preprocess(img, self.input_size) for img in images])
+        scores, boxes = self.predict(batch)
+        results = []
+        for img, s, b in zip(images, scores, boxes, strict=True):
+            h, w = img.shape[:2]
+            scale = torch.tensor([w, h, w, h], dtype=b.dtype) / torch.tensor(
+                [self.input_size[1], self.input_size[0]] * 2, dtype=b.dtype
+            )
+            dets = multiclass_nms(
+                b * scale, s, score_threshold, NMS_IOU, NMS_TOP_K, max_boxes, class_agnostic
+            )
+            dets[:, [2, 4]] = dets[:, [2, 4]].clamp(0, w)
+            dets[:, [3, 5]] = dets[:, [3, 5]].clamp(0, h)
+            results.append(dets.numpy().astype(np.float32))
+        return results
+
+
+class TorchDetector(Detector):
+    def __init__(self, model: PicoDet, input_size: int | None = None) -> None:
+        self.model = model.eval()
+        size = input_size or model.arch.input_size
+        self.input_size = (size, size)
+        self.class_names = model.arch.class_names
+
+    @torch.inference_mode()
+    def predict(self, batch: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.predict(torch.from_numpy(batch))
+
+
+class OnnxDetector(Detector):
+    """onnxruntime session over a PaddleDetection PicoDet export or our `export_onnx` file."""
+
+    def __init__(self, path: str | Path, cell_offset: float = 0.5, threads: int = 0) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.intra_op_num_threads = threads  # 0: onnxruntime's default
+        try:
+            self.session = ort.InferenceSession(
+                str(path), options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:
+            raise CheckpointError(f"{path} cannot be opened by onnxruntime: {exc}") from None
+        inputs = self.session.get_inputs()
+        shape = inputs[0].shape
+        if len(shape) != 4 or not all(isinstance(d, int) for d in shape[2:]):
+            raise CheckpointError(f"{path}: input must be [B, 3, H, W] with a fixed H and W")
+        self.input_name = inputs[0].name
+        self.input_size = (shape[2], shape[3])
+        self.batch_one = shape[0] == 1
+        outputs = self.session.get_outputs()
+        self.decoded = [o.name for o in outputs] == ["scores", "boxes"]
+        if not self.decoded:
+            self._init_paddle_layout(path, [o.shape for o in outputs], cell_offset)
+
+    def _init_paddle_layout(self, path: str | Path, shapes: list, cell_offset: float) -> None:
+        levels = len(shapes) // 2
+        strides = [8 * 2**i for i in range(levels)]
+        sizes = level_shapes(*self.input_size, strides)
+        cells = [h * w for h, w in sizes]
+        if len(shapes) % 2 or [s[1] for s in shapes[:levels]] != cells:
+            raise CheckpointError(
+                f"{path}: outputs are neither (scores, boxes) nor PicoDet per-level "
+                f"scores and box distributions for strides {strides}"
+            )
+        self.points, self.strides = anchor_points(sizes, strides, cell_offset)
+        self.levels = levels
+
+    def _run(self, batch: np.ndarray) -> list[np.ndarray]:
+        if not self.batch_one:
+            return self.session.run(None, {self.input_name: batch})
+        runs = [
+            self.session.run(None, {self.input_name: batch[i : i + 1]}) for i in range(len(batch))
+        ]
+        return [np.concatenate(parts) for parts in zip(*runs, strict=True)]
+
+    def predict(self, batch: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        outs = [torch.from_numpy(o) for o in self._run(batch)]
+        if self.decoded:
+            return outs[0], outs[1]
+        scores = torch.cat(outs[: self.levels], dim=1)
+        reg = torch.cat(outs[self.levels :], dim=1)
+        return scores, decode_boxes(reg, self.points, self.strides)
+
+
+def load_detector(
+    path: str | Path,
+    backend: str = "auto",
+    arch: str | PicoDetArch | dict | None = None,
+    input_size: int | None = None,
+) -> Detector:
+    """A detector from our checkpoint (.pt), a PaddleDetection .pdparams (needs `arch`),
+    or an ONNX export; `backend` is "auto", "torch" or "onnxruntime"."""
+    from shitu.detection.weights import (
+        load_detector_checkpoint,
+        load_onnx_weights,
+        load_pdparams,
+    )
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"detector file not found: {path}")
+    suffix = path.suffix.lower()
+    if backend not in ("auto", "torch", "onnxruntime"):
+        raise ConfigError(f"unknown detector backend '{backend}' (auto, torch, onnxruntime)")
+    if suffix == ".onnx":
+        if backend == "torch":
+            return TorchDetector(load_onnx_weights(path, arch), input_size)
+        return OnnxDetector(path)
+    if backend == "onnxruntime":
+        raise ConfigError(f"{path}: the onnxruntime backend needs an .onnx file")
+    if suffix == ".pdparams":
+        if arch is None:
+            raise ConfigError(f"{path}: a .pdparams file needs its architecture name (arch=...)")
+        return TorchDetector(load_pdparams(path, arch), input_size)
+    return TorchDetector(load_detector_checkpoint(path), input_size)

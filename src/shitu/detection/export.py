@@ -1,0 +1,42 @@
+"""ONNX export of our PicoDet with box decoding inside the graph.
+
+The file has one input `image` [B, 3, S, S] (ImageNet-normalised RGB) and outputs
+`scores` [B, N, C] (sigmoid) and `boxes` [B, N, 4] (x1, y1, x2, y2 in input pixels);
+`OnnxDetector` adds rescaling and NMS, which stay out of the graph.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from shitu.detection.model import PicoDet
+
+
+class _Decoded(nn.Module):
+    def __init__(self, model: PicoDet) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.predict(image)
+
+
+def export_onnx(model: PicoDet, path: str | Path, input_size: int | None = None) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    size = input_size or model.arch.input_size
+    with torch.no_grad():
+        torch.onnx.export(
+            _Decoded(model.eval()),
+            (torch.zeros(1, 3, size, size),),
+            str(path),
+            input_names=["image"],
+            output_names=["scores", "boxes"],
+            dynamic_axes={"image": {0: "batch"}, "scores": {0: "batch"}, "boxes": {0: "batch"}},
+            opset_version=13,
+            dynamo=False,
+        )
+    return path

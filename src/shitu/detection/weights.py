@@ -1,0 +1,218 @@
+"""Weights for PicoDet from three sources: our checkpoints, PaddleDetection `.pdparams`,
+and the initializers of ONNX exports made by paddle2onnx.
+
+ONNX exports fold every BatchNorm into the preceding convolution and rename tensors,
+so they are matched by position: the graph lists convolutions in the order Paddle ran
+them, and our modules run theirs in the same order. Each folded (weight, bias) goes
+into our conv with its BatchNorm set to the identity plus that bias; shapes are
+checked one by one, so an export of another architecture is refused, not misloaded.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from shitu.checkpoint.paddle import read_pdparams
+from shitu.detection.model import ARCHS, PicoDet, PicoDetArch, build_picodet, resolve_arch
+from shitu.errors import CheckpointError
+
+CHECKPOINT_FORMAT = "shitu-picodet-1"
+
+
+def save_detector(model: PicoDet, path: str | Path) -> Path:
+    """Our checkpoint: architecture + state dict (loadable with weights_only)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(
+        {
+            "format": CHECKPOINT_FORMAT,
+            "arch": model.arch.to_dict(),
+            "state_dict": model.state_dict(),
+        },
+        path,
+    )
+    return path
+
+
+def load_detector_checkpoint(path: str | Path) -> PicoDet:
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"detector checkpoint not found: {path}") from None
+    except Exception as exc:
+        raise CheckpointError(f"{path} is not a readable detector checkpoint: {exc}") from None
+    if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"{path} is not a shitu PicoDet checkpoint (no '{CHECKPOINT_FORMAT}')"
+        )
+    model = PicoDet(PicoDetArch.from_dict(data["arch"]))
+    _load_state(model, data["state_dict"], path)
+    return model.eval()
+
+
+def _load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str | Path) -> None:
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{source} does not fit {type(model).__name__}: missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}"
+        )
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != tuple(own[name].shape):
+            raise CheckpointError(
+                f"{source}: '{name}' has shape {tuple(tensor.shape)}, "
+                f"the model expects {tuple(own[name].shape)}"
+            )
+    model.load_state_dict(state)
+
+
+# --- PaddleDetection .pdparams -------------------------------------------------------------
+
+_ESNET_KEEP = re.compile(r"\d+_\d+|conv[12]|weight|bias|_mean|_variance")
+
+
+def _esnet_paddle_key(key: str) -> str:
+    """backbone.blocks.2_1.conv_dw_1.conv.weight -> backbone.2_1._conv_dw_1._conv.weight."""
+    parts = key.split(".")[1:]
+    if parts[0] == "blocks":
+        parts = parts[1:]
+    out = []
+    for i, part in enumerate(parts):
+        if part == "conv" or part == "bn":
+            out.append("_conv" if part == "conv" else "_batch_norm")
+        elif _ESNET_KEEP.fullmatch(part) and not (part == "conv1" and i == 0):
+            out.append(part)
+        else:
+            out.append(f"_{part}")
+    return ".".join(["backbone", *out])
+
+
+def paddle_key(key: str, arch: PicoDetArch) -> str:
+    """Name of our state-dict entry `key` in a PaddleDetection PicoDet `.pdparams`."""
+    key = key.replace("running_mean", "_mean").replace("running_var", "_variance")
+    if key.startswith("backbone.") and arch.backbone == "ESNet":
+        return _esnet_paddle_key(key)
+    match = re.fullmatch(r"head\.conv_feat\.levels\.(\d+)\.(\d+)\.(conv|bn)\.(.+)", key)
+    if match:
+        level, index, layer, leaf = match.groups()
+        kind = "dw" if int(index) % 2 == 0 else "pw"
+        return (
+            f"head.conv_feat.cls_conv_{kind}{level}.{int(index) // 2}."
+            f"{'conv' if layer == 'conv' else 'norm'}.{leaf}"
+        )
+    return re.sub(r"^head\.head_cls\.(\d+)\.", r"head.head_cls\1.", key)
+
+
+def load_pdparams(path: str | Path, arch: str | PicoDetArch | dict) -> PicoDet:
+    """A PicoDet with the weights of a PaddleDetection (legacy PicoHead) `.pdparams`."""
+    model = build_picodet(resolve_arch(arch))
+    paddle_state = read_pdparams(path)
+    state = {}
+    for key in model.state_dict():
+        if key.endswith("num_batches_tracked"):
+            state[key] = torch.zeros((), dtype=torch.long)
+            continue
+        name = paddle_key(key, model.arch)
+        if name not in paddle_state:
+            raise CheckpointError(f"{path}: no '{name}' (for {key}); is the architecture right?")
+        state[key] = torch.from_numpy(np.ascontiguousarray(paddle_state[name]))
+    _load_state(model, state, path)
+    return model.eval()
+
+
+# --- ONNX exports (paddle2onnx) --------------------------------------------------------------
+
+
+def _onnx_convs(path: str | Path) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """(weight, bias) of every Conv node, in graph order, with constants resolved."""
+    import onnx
+    from onnx import numpy_helper
+
+    try:
+        graph = onnx.load(str(path)).graph
+    except FileNotFoundError:
+        raise CheckpointError(f"ONNX model not found: {path}") from None
+    except Exception as exc:
+        raise CheckpointError(f"{path} is not a readable ONNX model: {exc}") from None
+    values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    convs = []
+    for node in graph.node:
+        if node.op_type != "Conv":
+            continue
+        weight = values.get(node.input[1])
+        if weight is None:
+            raise CheckpointError(f"{path}: conv '{node.name}' has a computed weight")
+        bias = values.get(node.input[2]) if len(node.input) > 2 else None
+        convs.append((weight, bias))
+    return convs
+
+
+def _execution_order(model: PicoDet) -> list[tuple[nn.Conv2d, nn.BatchNorm2d | None]]:
+    """Our convs in the order they run, each with the BatchNorm that directly follows it."""
+    order: list[nn.Module] = []
+    hooks = [
+        m.register_forward_hook(lambda mod, _i, _o: order.append(mod))
+        for m in model.modules()
+        if isinstance(m, nn.Conv2d | nn.BatchNorm2d)
+    ]
+    size = model.arch.input_size
+    with torch.no_grad():
+        model.eval()(torch.zeros(1, 3, size, size))
+    for hook in hooks:
+        hook.remove()
+    pairs = []
+    for i, module in enumerate(order):
+        if isinstance(module, nn.Conv2d):
+            nxt = order[i + 1] if i + 1 < len(order) else None
+            pairs.append((module, nxt if isinstance(nxt, nn.BatchNorm2d) else None))
+    return pairs
+
+
+def _fits(model: PicoDet, convs: list[tuple[np.ndarray, np.ndarray | None]]) -> bool:
+    pairs = _execution_order(model)
+    return len(pairs) == len(convs) and all(
+        tuple(conv.weight.shape) == w.shape for (conv, _), (w, _b) in zip(pairs, convs, strict=True)
+    )
+
+
+def load_onnx_weights(path: str | Path, arch: str | PicoDetArch | dict | None = None) -> PicoDet:
+    """A PicoDet carrying the weights of a paddle2onnx export of PicoDet.
+
+    Without `arch`, the known architectures are tried (at the export's class count)
+    and the one whose every conv shape matches is used.
+    """
+    convs = _onnx_convs(path)
+    num_classes = convs[-1][0].shape[0] - 4 * 8
+    if arch is not None:
+        candidates = [resolve_arch(arch)]
+    else:
+        candidates = [resolve_arch(a, num_classes=num_classes) for a in ARCHS]
+    model = next((m for m in map(build_picodet, candidates) if _fits(m, convs)), None)
+    if model is None:
+        raise CheckpointError(
+            f"{path}: its convolutions match no PicoDet architecture "
+            f"({'the given one' if arch is not None else ', '.join(ARCHS)})"
+        )
+    with torch.no_grad():
+        for (conv, bn), (weight, bias) in zip(_execution_order(model), convs, strict=True):
+            conv.weight.copy_(torch.from_numpy(weight.copy()))
+            if conv.bias is not None:
+                conv.bias.copy_(torch.from_numpy(bias.copy()))
+            elif bn is not None:
+                bn.weight.fill_(1.0)
+                bn.bias.copy_(torch.from_numpy(bias.copy()))
+                bn.running_mean.zero_()
+                bn.running_var.fill_(1.0 - bn.eps)
+            elif bias is not None and np.any(bias != 0):
+                raise CheckpointError(f"{path}: a conv without BatchNorm carries a bias")
+    return model.eval()

@@ -1,0 +1,93 @@
+"""Vector search backends behind one interface: Faiss (embedded files) and Milvus (a service).
+
+The SQLite store is the source of truth (rows and features); a backend holds a derived,
+searchable copy. A write calls `stage` inside the SQLite transaction (the backend's new
+`index_state` is committed with the rows) and `publish` after the commit.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shitu.index.manifest import Manifest
+from shitu.index.metadata import MetadataStore
+
+EMPTY_IDS = np.zeros(0, dtype=np.int64)
+
+
+@dataclass
+class Change:
+    """What one write did to the vectors (relabels touch none)."""
+
+    added_ids: np.ndarray = field(default_factory=lambda: EMPTY_IDS)
+    added: np.ndarray | None = None
+    removed_ids: np.ndarray = field(default_factory=lambda: EMPTY_IDS)
+    rebuild: bool = False
+
+    @property
+    def touches_vectors(self) -> bool:
+        return self.rebuild or len(self.added_ids) > 0 or len(self.removed_ids) > 0
+
+
+def scores_from_distances(raw: np.ndarray, ids: np.ndarray, metric: str) -> np.ndarray:
+    """Scores where higher always means more similar; padding (id -1) scores -inf.
+
+    Inner product is already a similarity (cosine for normalised features); L2 backends
+    return squared distances, which become the negated Euclidean distance.
+    """
+    raw = raw.astype(np.float32, copy=False)
+    scores = raw if metric == "ip" else -np.sqrt(np.maximum(raw, 0.0))
+    return np.where(ids >= 0, scores, np.float32(-np.inf)).astype(np.float32, copy=False)
+
+
+class Backend(ABC):
+    """A searchable copy of the library's features, kept in step by the gallery's writes."""
+
+    def __init__(self, root: Path, manifest: Manifest, store: MetadataStore) -> None:
+        self.root = root
+        self.manifest = manifest
+        self.store = store
+
+    @abstractmethod
+    def stage(self, change: Change, manifest: Manifest) -> dict[str, Any]:
+        """Prepare `change` (inside the write transaction); return the new `index_state`."""
+
+    @abstractmethod
+    def publish(self, manifest: Manifest) -> None:
+        """Make the staged change live after the transaction committed `manifest`."""
+
+    @abstractmethod
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Scores (higher is more similar, -inf padding) and ids (-1 padding), both [Q, k]."""
+
+    @property
+    @abstractmethod
+    def ntotal(self) -> int:
+        """Number of vectors searchable now."""
+
+    @abstractmethod
+    def problems(self) -> list[str]:
+        """Disagreements between this backend and the store (empty when healthy)."""
+
+    def describe(self) -> dict[str, Any]:
+        """Backend facts for `stats` (index kind, size)."""
+        return dict(self.manifest.index_state)
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release files and connections."""
+
+
+def open_backend(root: Path, manifest: Manifest, store: MetadataStore, verify: bool) -> Backend:
+    if manifest.backend == "milvus":
+        from shitu.index.backends.milvus_backend import MilvusBackend
+
+        return MilvusBackend(root, manifest, store)
+    from shitu.index.backends.faiss_backend import FaissBackend
+
+    return FaissBackend(root, manifest, store, verify=verify)

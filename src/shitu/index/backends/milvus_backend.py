@@ -1,0 +1,185 @@
+"""Milvus backend: the library's vectors in a Milvus collection (Milvus Lite file or a server).
+
+Milvus cannot join the SQLite transaction, so the manifest records the generation the
+collection was last synced to. A write commits the rows first (collection now stale), then
+applies its change to Milvus and records the new synced generation; a library opened with a
+stale collection (a write was killed in between) re-syncs it from the stored features.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shitu.errors import GalleryError
+from shitu.index.backends import Backend, Change, scores_from_distances
+from shitu.index.manifest import Manifest
+from shitu.index.metadata import MetadataStore
+
+DEFAULT_URI = "milvus.db"
+DEFAULT_COLLECTION = "shitu_gallery"
+TOKEN_ENV = "SHITU_MILVUS_TOKEN"
+INSERT_BATCH = 5_000
+DEFAULT_NLIST = 1024
+
+
+def index_params(index_type: str, dim: int, options: dict[str, Any]) -> tuple[str, dict]:
+    nlist = options.get("nlist", DEFAULT_NLIST)
+    if index_type == "Flat":
+        return "FLAT", {}
+    if index_type == "HNSW32":
+        return "HNSW", {"M": 32, "efConstruction": 40}
+    if index_type == "IVF":
+        return "IVF_FLAT", {"nlist": nlist}
+    from shitu.index.backends.faiss_backend import pq_subquantizers
+
+    return "IVF_PQ", {"nlist": nlist, "m": pq_subquantizers(dim), "nbits": 8}
+
+
+def search_params(index_type: str, k: int, options: dict[str, Any]) -> dict[str, Any]:
+    if index_type == "HNSW32":
+        return {"ef": max(k, options.get("ef_search", 64))}
+    if index_type in ("IVF", "IVFPQ"):
+        return {"nprobe": options.get("nprobe", 16)}
+    return {}
+
+
+class MilvusBackend(Backend):
+    """Searches a Milvus collection holding (id, vector) rows; labels stay in SQLite."""
+
+    def __init__(self, root: Path, manifest: Manifest, store: MetadataStore) -> None:
+        super().__init__(root, manifest, store)
+        try:
+            from pymilvus import MilvusClient
+        except ImportError as exc:
+            raise GalleryError(
+                "the milvus backend needs pymilvus (and milvus-lite for local files): "
+                "pip install 'shitu[milvus]'"
+            ) from exc
+        options = manifest.backend_options
+        uri = options.get("uri", DEFAULT_URI)
+        self._lite_path: str | None = None
+        if "://" not in uri:  # a Milvus Lite file (must end in .db), kept inside the library
+            uri = self._lite_path = str((root / uri).resolve())
+        self.collection = options.get("collection", DEFAULT_COLLECTION)
+        self._pending: Change | None = None
+        try:
+            self.client = MilvusClient(uri, token=os.environ.get(TOKEN_ENV, ""))
+        except Exception as exc:
+            raise GalleryError(f"cannot connect to Milvus at {uri}: {exc}") from exc
+        if manifest.index_state.get("synced_generation") != manifest.generation or (
+            not self.client.has_collection(self.collection)
+        ):
+            self._resync()
+            self._mark_synced(manifest)
+        self.client.load_collection(self.collection)  # a reopened collection starts released
+
+    def _create_collection(self) -> None:
+        from pymilvus import DataType
+
+        manifest = self.manifest
+        if self.client.has_collection(self.collection):
+            self.client.drop_collection(self.collection)
+        schema = self.client.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field("id", DataType.INT64, is_primary=True)
+        schema.add_field("vector", DataType.FLOAT_VECTOR, dim=manifest.embedding_dim)
+        kind, params = index_params(
+            manifest.index_type, manifest.embedding_dim, manifest.backend_options
+        )
+        indexes = self.client.prepare_index_params()
+        indexes.add_index(
+            field_name="vector", index_type=kind, metric_type=manifest.metric.upper(), params=params
+        )
+        self.client.create_collection(self.collection, schema=schema, index_params=indexes)
+
+    def _insert(self, ids: np.ndarray, features: np.ndarray) -> None:
+        for start in range(0, len(ids), INSERT_BATCH):
+            rows = [
+                {"id": int(i), "vector": f}
+                for i, f in zip(
+                    ids[start : start + INSERT_BATCH],
+                    features[start : start + INSERT_BATCH],
+                    strict=True,
+                )
+            ]
+            self.client.insert(self.collection, rows)
+
+    def _resync(self) -> None:
+        """Rebuild the collection from the stored features (the source of truth)."""
+        self._create_collection()
+        ids, features = self.store.features(self.manifest.embedding_dim)
+        self._insert(ids, features)
+
+    def _mark_synced(self, manifest: Manifest) -> None:
+        with self.store.transaction():
+            current = self.store.read_manifest()
+            if current is not None and current.generation == manifest.generation:
+                current.index_state = {"synced_generation": manifest.generation}
+                self.store.write_manifest(current)
+                self.manifest = current
+
+    @property
+    def ntotal(self) -> int:
+        # count(*) is exact after deletes; collection stats count deleted rows until compaction.
+        rows = self.client.query(self.collection, filter="", output_fields=["count(*)"])
+        return int(rows[0]["count(*)"])
+
+    def stage(self, change: Change, manifest: Manifest) -> dict[str, Any]:
+        self._pending = change if change.touches_vectors else None
+        if self._pending is None:
+            return {"synced_generation": manifest.generation}
+        return dict(self.manifest.index_state)  # stale until publish() has applied the change
+
+    def publish(self, manifest: Manifest) -> None:
+        change, self._pending = self._pending, None
+        self.manifest = manifest
+        if change is None:
+            return
+        if change.rebuild:
+            self._resync()
+        else:
+            if len(change.removed_ids):
+                self.client.delete(self.collection, ids=[int(i) for i in change.removed_ids])
+            if len(change.added_ids):
+                self._insert(change.added_ids, change.added)
+        self._mark_synced(manifest)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        raw = np.full((len(queries), k), np.nan, np.float32)
+        ids = np.full((len(queries), k), -1, np.int64)
+        if len(queries):
+            hits = self.client.search(
+                self.collection,
+                data=list(queries),
+                limit=k,
+                search_params={
+                    "metric_type": self.manifest.metric.upper(),
+                    "params": search_params(
+                        self.manifest.index_type, k, self.manifest.backend_options
+                    ),
+                },
+            )
+            for row, row_hits in enumerate(hits):
+                for col, hit in enumerate(row_hits):
+                    ids[row, col] = hit["id"]
+                    raw[row, col] = hit["distance"]
+        return scores_from_distances(raw, ids, self.manifest.metric), ids
+
+    def problems(self) -> list[str]:
+        count, held = self.store.count(), self.ntotal
+        return [] if held == count else [f"milvus holds {held} vectors, library has {count}"]
+
+    def describe(self) -> dict[str, Any]:
+        return {**self.manifest.index_state, "collection": self.collection}
+
+    def close(self) -> None:
+        self.client.close()
+        if self._lite_path:
+            # Milvus Lite serves the file from this process until released; release it so
+            # another process can open the library.
+            from milvus_lite.server_manager import server_manager_instance
+
+            server_manager_instance.release_server(self._lite_path)

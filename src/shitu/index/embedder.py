@@ -1,0 +1,28 @@
+"""What the library needs from an embedding model, so the core never imports the inference code."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import numpy as np
+
+
+class Extraction(Protocol):
+    """Features of the images that could be read, in order, and why the others failed."""
+
+    features: np.ndarray
+    paths: list[str]
+    failures: list[tuple[str, str]]
+
+
+class Embedder(Protocol):
+    """Satisfied by `shitu.inference.extractor.FeatureExtractor` and by test doubles."""
+
+    embedding_size: int
+    fingerprint: str
+    preprocessing: dict[str, Any]
+
+    def extract_files(
+        self, paths: Sequence[str], batch_size: int = 32, progress: bool = False
+    ) -> Extraction: ...

@@ -1,0 +1,433 @@
+"""The gallery library: labelled image features that can be searched, edited and re-embedded.
+
+A library is a folder holding `gallery.sqlite` (manifest, image rows, features) and the
+backend's index (Faiss: `index-<generation>.faiss`; Milvus: a collection). Every write is
+one SQLite transaction that also commits the manifest naming the new index file, so a
+process killed at any point leaves either the previous library or the new one.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+
+from shitu.errors import GalleryError
+from shitu.index.backends import Backend, Change, open_backend
+from shitu.index.embedder import Embedder
+from shitu.index.files import crash_point, file_sha256, fsync_dir
+from shitu.index.labels import GalleryItem
+from shitu.index.manifest import Manifest, now
+from shitu.index.metadata import ImageEntry, MetadataStore, NewImage
+
+LIBRARY_FILE = "gallery.sqlite"
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """Top-k hits per query, best first, as [Q, k] arrays.
+
+    Scores are higher-is-more-similar for every metric (cosine/inner product, or the negated
+    Euclidean distance for L2). Slots without a hit (fewer than k images, or below
+    `min_score`) are padding: id -1, label "", score -inf.
+    """
+
+    labels: np.ndarray
+    scores: np.ndarray
+    ids: np.ndarray
+
+    @property
+    def found(self) -> np.ndarray:
+        """Boolean [Q, k] mask of real hits."""
+        return self.ids >= 0
+
+
+@dataclass
+class AddReport:
+    """Ids of the added images and what was skipped, so callers can tell the user."""
+
+    ids: np.ndarray
+    duplicates: list[str] = field(default_factory=list)
+    failures: list[tuple[str, str]] = field(default_factory=list)
+
+
+def normalize_rows(vectors: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return (vectors / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+class Gallery:
+    """An open library; use `Gallery.create` or `Gallery.open`, and `close()` (or `with`)."""
+
+    def __init__(self, root: Path, store: MetadataStore, backend: Backend) -> None:
+        self.root = root
+        self._store = store
+        self._backend = backend
+        self.manifest = backend.manifest
+        self._refresh_labels()
+
+    @classmethod
+    def create(
+        cls,
+        path: str | Path,
+        *,
+        embedding_dim: int,
+        model_fingerprint: str,
+        preprocessing: dict[str, Any] | None = None,
+        metric: str = "ip",
+        index_type: str = "Flat",
+        backend: str = "faiss",
+        backend_options: dict[str, Any] | None = None,
+        normalize: bool = True,
+    ) -> Gallery:
+        """Create an empty library (atomically: built in a temp folder, then renamed)."""
+        root = Path(path)
+        if root.exists() and (not root.is_dir() or any(root.iterdir())):
+            raise GalleryError(f"{root}: already exists and is not an empty folder")
+        manifest = Manifest(
+            embedding_dim=embedding_dim,
+            model_fingerprint=model_fingerprint,
+            preprocessing=preprocessing or {},
+            metric=metric,
+            normalize=normalize,
+            backend=backend,
+            index_type=index_type,
+            backend_options=backend_options or {},
+        )
+        root.parent.mkdir(parents=True, exist_ok=True)
+        tmp = root.parent / f".{root.name}.creating-{os.getpid()}"
+        tmp.mkdir()
+        store = MetadataStore(tmp / LIBRARY_FILE, create=True)
+        with store.transaction():
+            store.write_manifest(manifest)
+        store.close()
+        os.replace(tmp, root)
+        fsync_dir(root.parent)
+        return cls.open(root)
+
+    @classmethod
+    def open(
+        cls, path: str | Path, *, embedder: Embedder | None = None, verify: bool = True
+    ) -> Gallery:
+        """Open a library; with `embedder`, refuse it unless it is the library's model.
+
+        `verify` checks the index file's checksum first (a corrupt file could crash Faiss).
+        """
+        root = Path(path)
+        if not (root / LIBRARY_FILE).is_file():
+            raise GalleryError(f"{root}: not a gallery library (no {LIBRARY_FILE})")
+        store = MetadataStore(root / LIBRARY_FILE)
+        try:
+            manifest = store.read_manifest()
+            if manifest is None:
+                raise GalleryError(f"{root / LIBRARY_FILE}: library has no manifest")
+            if embedder is not None:
+                manifest.check_model(embedder.fingerprint, embedder.embedding_size, str(root))
+            gallery = cls(root, store, open_backend(root, manifest, store, verify=verify))
+        except BaseException:
+            store.close()
+            raise
+        return gallery
+
+    def close(self) -> None:
+        self._backend.close()
+        self._store.close()
+
+    def __enter__(self) -> Gallery:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def check_embedder(self, embedder: Embedder) -> None:
+        self.manifest.check_model(embedder.fingerprint, embedder.embedding_size, str(self.root))
+
+    # ----------------------------------------------------------------------------- search
+
+    def search(
+        self, vectors: np.ndarray, k: int = 5, min_score: float | None = None
+    ) -> SearchResult:
+        """The k most similar gallery images per query vector ([Q, D] or [D])."""
+        if k < 1:
+            raise GalleryError(f"k must be at least 1, got {k}")
+        queries = self._prepare(vectors)
+        scores, ids = self._backend.search(queries, k)
+        if min_score is not None:
+            below = scores < min_score
+            ids = np.where(below, -1, ids)
+            scores = np.where(below, np.float32(-np.inf), scores)
+        return SearchResult(labels=self._labels_of(ids), scores=scores, ids=ids)
+
+    def _prepare(self, vectors: np.ndarray) -> np.ndarray:
+        array = np.asarray(vectors, dtype=np.float32)
+        if array.ndim == 1:
+            array = array[None]
+        if array.ndim != 2 or array.shape[1] != self.manifest.embedding_dim:
+            raise GalleryError(
+                f"{self.root}: expected vectors of shape [N, {self.manifest.embedding_dim}], "
+                f"got {list(array.shape)}"
+            )
+        if self.manifest.normalize:
+            array = normalize_rows(array)
+        return np.ascontiguousarray(array)
+
+    def _refresh_labels(self) -> None:
+        self._ids, self._labels = self._store.id_labels()
+
+    def _labels_of(self, ids: np.ndarray) -> np.ndarray:
+        if not len(self._ids):
+            return np.full(ids.shape, "", dtype=object)
+        pos = np.searchsorted(self._ids, ids).clip(0, len(self._ids) - 1)
+        labels = self._labels.take(pos)
+        labels[self._ids.take(pos) != ids] = ""  # padding (-1) and ids no longer stored
+        return labels
+
+    # ----------------------------------------------------------------------------- writes
+
+    def _write(self, mutate: Callable[[], tuple[Change, T]], **manifest_updates: Any) -> T:
+        """Run `mutate` and stage the index in one transaction; publish after the commit."""
+        try:
+            with self._store.transaction():
+                committed = self._store.read_manifest()
+                if committed.generation != self.manifest.generation:
+                    self._reload()  # another process wrote since we opened
+                    committed = self.manifest
+                change, result = mutate()
+                crash_point("rows-written")
+                manifest = replace(
+                    committed,
+                    generation=committed.generation + 1,
+                    updated_at=now(),
+                    **manifest_updates,
+                )
+                manifest.index_state = self._backend.stage(change, manifest)
+                self._store.write_manifest(manifest)
+                crash_point("before-commit")
+        except BaseException:
+            self._reload()  # the in-memory index may hold the rolled-back change
+            raise
+        crash_point("after-commit")
+        self._backend.publish(manifest)
+        self.manifest = self._store.read_manifest()
+        self._backend.manifest = self.manifest
+        self._refresh_labels()
+        return result
+
+    def _reload(self) -> None:
+        self._backend.close()
+        self.manifest = self._store.read_manifest()
+        self._backend = open_backend(self.root, self.manifest, self._store, verify=True)
+        self._refresh_labels()
+
+    def add(
+        self,
+        features: np.ndarray,
+        labels: Sequence[str],
+        paths: Sequence[str] | None = None,
+        hashes: Sequence[str | None] | None = None,
+        allow_duplicates: bool = False,
+    ) -> AddReport:
+        """Add vectors with labels; rows whose content hash is already present are skipped."""
+        vectors = self._prepare(features)
+        count = len(vectors)
+        paths = list(paths) if paths is not None else [""] * count
+        hashes = list(hashes) if hashes is not None else [None] * count
+        if not len(labels) == len(paths) == len(hashes) == count:
+            raise GalleryError("add: features, labels, paths and hashes differ in length")
+        if any(not str(label).strip() for label in labels):
+            raise GalleryError("add: labels must not be empty")
+
+        def mutate() -> tuple[Change, AddReport]:
+            keep = list(range(count))
+            duplicates: list[str] = []
+            if not allow_duplicates:
+                seen = self._store.existing_hashes([h for h in hashes if h is not None])
+                keep = []
+                for row, digest in enumerate(hashes):
+                    if digest is not None and digest in seen:
+                        duplicates.append(paths[row] or f"row {row}")
+                    else:
+                        keep.append(row)
+                        if digest is not None:
+                            seen.add(digest)
+            stamp = now()
+            rows = [NewImage(paths[i], str(labels[i]).strip(), hashes[i], stamp) for i in keep]
+            ids = self._store.insert(rows, vectors[keep])
+            change = Change(added_ids=ids, added=vectors[keep])
+            return change, AddReport(ids=ids, duplicates=duplicates)
+
+        return self._write(mutate)
+
+    def add_files(
+        self,
+        embedder: Embedder,
+        items: Sequence[GalleryItem],
+        batch_size: int = 32,
+        progress: bool = False,
+        allow_duplicates: bool = False,
+    ) -> AddReport:
+        """Embed image files and add them; unreadable files are reported, not fatal."""
+        self.check_embedder(embedder)
+        failures: list[tuple[str, str]] = []
+        readable: list[tuple[GalleryItem, str]] = []
+        for item in items:
+            try:
+                readable.append((item, file_sha256(item.path)))
+            except OSError as exc:
+                failures.append((str(item.path), exc.strerror or str(exc)))
+        duplicates: list[str] = []
+        if not allow_duplicates:
+            present = self._store.existing_hashes([digest for _, digest in readable])
+            unique, seen = [], set(present)
+            for item, digest in readable:
+                if digest in seen:
+                    duplicates.append(str(item.path))
+                else:
+                    seen.add(digest)
+                    unique.append((item, digest))
+            readable = unique
+        paths = [str(item.path) for item, _ in readable]
+        if not paths:
+            return AddReport(np.zeros(0, np.int64), duplicates, failures)
+        result = embedder.extract_files(paths, batch_size=batch_size, progress=progress)
+        failures.extend(result.failures)
+        failed = {path for path, _ in result.failures}
+        embedded = [(item, digest) for item, digest in readable if str(item.path) not in failed]
+        if len(embedded) != len(result.features):
+            raise GalleryError(
+                f"embedder returned {len(result.features)} features for {len(embedded)} images"
+            )
+        report = self.add(
+            result.features,
+            [item.label for item, _ in embedded],
+            [str(item.path) for item, _ in embedded],
+            [digest for _, digest in embedded],
+            allow_duplicates=allow_duplicates,
+        )
+        report.duplicates = duplicates + report.duplicates
+        report.failures = failures
+        return report
+
+    def remove(self, ids: Sequence[int] = (), labels: Sequence[str] = ()) -> np.ndarray:
+        """Remove images by id and/or every image of the given labels; returns removed ids."""
+
+        def mutate() -> tuple[Change, np.ndarray]:
+            unknown = [label for label in labels if not self._store.ids_with_labels([label])]
+            if unknown:
+                raise GalleryError(f"{self.root}: no images labelled {unknown}")
+            target = sorted({int(i) for i in ids} | set(self._store.ids_with_labels(labels)))
+            removed = self._store.delete(target)
+            missing = sorted(set(target) - set(removed.tolist()))
+            if missing:
+                raise GalleryError(f"{self.root}: no images with ids {missing[:10]}")
+            return Change(removed_ids=removed), removed
+
+        return self._write(mutate)
+
+    def relabel(self, old: str, new: str) -> int:
+        """Rename a label; returns how many images it had."""
+        if not new.strip():
+            raise GalleryError("relabel: the new label must not be empty")
+
+        def mutate() -> tuple[Change, int]:
+            count = self._store.relabel(old, new.strip())
+            if count == 0:
+                raise GalleryError(f"{self.root}: no images labelled '{old}'")
+            return Change(), count
+
+        return self._write(mutate)
+
+    def rebuild(self, index_type: str | None = None, **backend_options: Any) -> None:
+        """Rebuild the index from the stored features, optionally as another type."""
+        updates: dict[str, Any] = {}
+        if index_type is not None:
+            updates["index_type"] = index_type
+        if backend_options:
+            updates["backend_options"] = {**self.manifest.backend_options, **backend_options}
+        self._write(lambda: (Change(rebuild=True), None), **updates)
+
+    def reembed(self, embedder: Embedder, batch_size: int = 32, progress: bool = False) -> int:
+        """Re-extract every image with a new model and rebuild; all or nothing."""
+        entries = self._store.entries()
+        if not entries:
+            raise GalleryError(f"{self.root}: library is empty, nothing to re-embed")
+        no_file = [e.id for e in entries if not e.path]
+        if no_file:
+            raise GalleryError(
+                f"{self.root}: {len(no_file)} images were added as vectors without a file "
+                f"(ids {no_file[:5]}); remove them before re-embedding"
+            )
+        result = embedder.extract_files([e.path for e in entries], batch_size, progress)
+        if result.failures:
+            path, reason = result.failures[0]
+            raise GalleryError(
+                f"cannot re-embed: {len(result.failures)} images failed (first: {path}: "
+                f"{reason}); remove them with `shitu index remove` and retry"
+            )
+        ids = np.asarray([e.id for e in entries], dtype=np.int64)
+        features = normalize_rows(result.features) if self.manifest.normalize else result.features
+
+        def mutate() -> tuple[Change, int]:
+            current, _ = self._store.id_labels()
+            if not np.array_equal(current, ids):
+                raise GalleryError(f"{self.root}: library changed during re-embedding; retry")
+            self._store.replace_features(ids, features)
+            return Change(rebuild=True), len(ids)
+
+        return self._write(
+            mutate,
+            model_fingerprint=embedder.fingerprint,
+            embedding_dim=embedder.embedding_size,
+            preprocessing=dict(embedder.preprocessing),
+        )
+
+    # ----------------------------------------------------------------------------- reading
+
+    def entries(self, label: str | None = None) -> list[ImageEntry]:
+        return self._store.entries(label)
+
+    def label_counts(self) -> dict[str, int]:
+        return self._store.label_counts()
+
+    def features(self) -> tuple[np.ndarray, np.ndarray]:
+        """Stored ids and (normalised) features, as indexed."""
+        return self._store.features(self.manifest.embedding_dim)
+
+    def stats(self) -> dict[str, Any]:
+        m = self.manifest
+        return {
+            "path": str(self.root),
+            "images": len(self),
+            "labels": len(set(self._labels.tolist())),
+            "model_fingerprint": m.model_fingerprint,
+            "embedding_dim": m.embedding_dim,
+            "metric": m.metric,
+            "normalize": m.normalize,
+            "backend": m.backend,
+            "index_type": m.index_type,
+            "index": self._backend.describe(),
+            "generation": m.generation,
+            "created_at": m.created_at,
+            "updated_at": m.updated_at,
+        }
+
+    def verify(self) -> list[str]:
+        """Everything wrong with the library (empty list when healthy)."""
+        problems = self._store.integrity_problems()
+        try:
+            ids, features = self._store.features(self.manifest.embedding_dim)
+        except GalleryError as exc:
+            return [*problems, str(exc)]
+        if not np.isfinite(features).all():
+            problems.append("stored features contain NaN or inf")
+        if not np.array_equal(ids, self._ids):
+            problems.append("label cache is out of date (reopen the library)")
+        return problems + self._backend.problems()

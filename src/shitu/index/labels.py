@@ -1,0 +1,75 @@
+"""Finding gallery images: `path<TAB>label` files, folder-per-label trees, plain folders."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from shitu.errors import DataError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+@dataclass(frozen=True)
+class GalleryItem:
+    """An image file to add and the label it gets."""
+
+    path: Path
+    label: str
+
+
+def parse_label_file(path: Path) -> list[GalleryItem]:
+    """PP-ShiTu gallery list: `path<TAB>label` per line, paths relative to the file's folder.
+
+    Labels may contain spaces, so only the first tab separates; blank and `#` lines are skipped.
+    """
+    items = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        image, sep, label = line.partition("\t")
+        if not sep or not image.strip() or not label.strip():
+            raise DataError(f"{path}:{number}: expected `path<TAB>label`, got {line!r}")
+        items.append(GalleryItem((path.parent / image.strip()).resolve(), label.strip()))
+    return items
+
+
+def images_in(folder: Path) -> list[Path]:
+    """Image files under `folder` (recursively), sorted so ids are reproducible."""
+    return sorted(
+        p.resolve() for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+    )
+
+
+def scan_label_folders(root: Path) -> list[GalleryItem]:
+    """Folder-per-label tree: every image under `root/<label>/` gets that label."""
+    folders = sorted(p for p in root.iterdir() if p.is_dir())
+    items = [GalleryItem(image, folder.name) for folder in folders for image in images_in(folder)]
+    if not items:
+        raise DataError(f"{root}: no images found in label sub-folders")
+    return items
+
+
+def collect_items(sources: Sequence[Path], label: str | None = None) -> list[GalleryItem]:
+    """Items from any mix of label files, folders and image files.
+
+    With `label`, every image (single files, whole folders) gets it; without, folders are
+    read as folder-per-label trees and label files carry their own labels.
+    """
+    items: list[GalleryItem] = []
+    for source in sources:
+        if source.is_dir():
+            if label is None:
+                items.extend(scan_label_folders(source))
+            else:
+                items.extend(GalleryItem(image, label) for image in images_in(source))
+        elif source.is_file() and source.suffix.lower() in IMAGE_SUFFIXES:
+            if label is None:
+                raise DataError(f"{source}: give --label for single image files")
+            items.append(GalleryItem(source.resolve(), label))
+        elif source.is_file():
+            items.extend(parse_label_file(source))
+        else:
+            raise DataError(f"{source}: no such file or folder")
+    return items

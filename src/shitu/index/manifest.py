@@ -1,0 +1,89 @@
+"""The manifest: what a library's vectors mean (model, dimension, metric) and where its index is.
+
+It is stored as one JSON document inside the library's SQLite file, so it commits in the
+same transaction as the image rows it describes: there is no moment at which the rows and
+the manifest (index file name, checksum, generation) disagree.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from datetime import UTC, datetime
+from typing import Any
+
+from shitu.errors import GalleryError
+
+FORMAT_VERSION = 1
+METRICS = ("ip", "l2")
+INDEX_TYPES = ("Flat", "HNSW32", "IVF", "IVFPQ")
+BACKENDS = ("faiss", "milvus")
+
+
+def now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+@dataclass
+class Manifest:
+    """Everything needed to interpret and check a library; `index_state` belongs to the backend."""
+
+    embedding_dim: int
+    model_fingerprint: str
+    preprocessing: dict[str, Any] = field(default_factory=dict)
+    metric: str = "ip"
+    normalize: bool = True
+    backend: str = "faiss"
+    index_type: str = "Flat"
+    backend_options: dict[str, Any] = field(default_factory=dict)
+    generation: int = 0
+    index_state: dict[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+    created_at: str = field(default_factory=now)
+    updated_at: str = field(default_factory=now)
+
+    def __post_init__(self) -> None:
+        if self.metric not in METRICS:
+            raise GalleryError(f"unknown metric '{self.metric}': choose one of {METRICS}")
+        if self.index_type not in INDEX_TYPES:
+            raise GalleryError(
+                f"unknown index type '{self.index_type}': choose one of {INDEX_TYPES}"
+            )
+        if self.backend not in BACKENDS:
+            raise GalleryError(f"unknown backend '{self.backend}': choose one of {BACKENDS}")
+        if self.embedding_dim <= 0:
+            raise GalleryError(f"embedding dimension must be positive, got {self.embedding_dim}")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str, source: str) -> Manifest:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise GalleryError(f"{source}: manifest is not valid JSON ({exc})") from exc
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise GalleryError(
+                f"{source}: library format version {version} is not supported "
+                f"(this shitu reads version {FORMAT_VERSION})"
+            )
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise GalleryError(f"{source}: manifest has unknown keys {unknown}")
+        return cls(**data)
+
+    def check_model(self, fingerprint: str, embedding_dim: int, source: str) -> None:
+        """Refuse vectors from another model: mixing embedding spaces gives silent garbage."""
+        if embedding_dim != self.embedding_dim:
+            raise GalleryError(
+                f"{source}: library holds {self.embedding_dim}-d features but the model gives "
+                f"{embedding_dim}-d; re-embed with `shitu index reembed {source} --model ...`"
+            )
+        if fingerprint != self.model_fingerprint:
+            raise GalleryError(
+                f"{source}: library was built with model {self.model_fingerprint} but this model "
+                f"is {fingerprint}; re-embed with `shitu index reembed {source} --model ...`"
+            )

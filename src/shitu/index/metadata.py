@@ -1,0 +1,192 @@
+"""SQLite store of a library: one row per image (metadata and feature) plus the manifest.
+
+Features live here, beside the index, so any index type can be rebuilt from them (HNSW
+cannot delete in place) and so every change commits in one SQLite transaction.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from shitu.errors import GalleryError
+from shitu.index.manifest import Manifest
+
+LOCK_WAIT_S = 60.0  # how long a writer waits for another process's write to finish
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS manifest (
+    key INTEGER PRIMARY KEY CHECK (key = 0),
+    document TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS images (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    path TEXT NOT NULL,
+    label TEXT NOT NULL,
+    sha256 TEXT,
+    added_at TEXT NOT NULL,
+    feature BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS images_label ON images (label);
+CREATE INDEX IF NOT EXISTS images_sha256 ON images (sha256);
+"""
+
+
+@dataclass(frozen=True)
+class ImageEntry:
+    """One gallery image as stored (without its feature)."""
+
+    id: int
+    path: str
+    label: str
+    sha256: str | None
+    added_at: str
+
+
+@dataclass(frozen=True)
+class NewImage:
+    path: str
+    label: str
+    sha256: str | None
+    added_at: str
+
+
+class MetadataStore:
+    """Thin typed wrapper over the library's SQLite file; writes happen inside `transaction()`."""
+
+    def __init__(self, path: Path, create: bool = False) -> None:
+        self.path = path
+        try:
+            # Autocommit mode: transactions are opened explicitly with BEGIN IMMEDIATE.
+            self.conn = sqlite3.connect(path, isolation_level=None, timeout=LOCK_WAIT_S)
+            self.conn.execute("PRAGMA synchronous = FULL")
+            if create:
+                self.conn.executescript(SCHEMA)
+            self.conn.execute("SELECT COUNT(*) FROM images").fetchone()
+        except sqlite3.DatabaseError as exc:
+            raise GalleryError(f"{path}: not a readable gallery database ({exc})") from exc
+
+    def close(self) -> None:
+        self.conn.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Take the write lock for the whole change; roll back on any exception.
+
+        Inside an open transaction this joins it, so helpers can be called from a write.
+        """
+        if self.conn.in_transaction:
+            yield
+            return
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            raise GalleryError(f"{self.path}: cannot lock the library for writing ({exc})") from exc
+        try:
+            yield
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+
+    def read_manifest(self) -> Manifest | None:
+        row = self.conn.execute("SELECT document FROM manifest WHERE key = 0").fetchone()
+        return Manifest.from_json(row[0], str(self.path)) if row else None
+
+    def write_manifest(self, manifest: Manifest) -> None:
+        self.conn.execute(
+            "INSERT OR REPLACE INTO manifest (key, document) VALUES (0, ?)", (manifest.to_json(),)
+        )
+
+    def insert(self, images: Sequence[NewImage], features: np.ndarray) -> np.ndarray:
+        """Insert rows; ids come from AUTOINCREMENT so a removed image's id is never reused."""
+        ids = []
+        for image, feature in zip(images, features, strict=True):
+            cursor = self.conn.execute(
+                "INSERT INTO images (path, label, sha256, added_at, feature) VALUES (?,?,?,?,?)",
+                (image.path, image.label, image.sha256, image.added_at, feature.tobytes()),
+            )
+            ids.append(cursor.lastrowid)
+        return np.asarray(ids, dtype=np.int64)
+
+    def existing_hashes(self, hashes: Sequence[str]) -> set[str]:
+        found: set[str] = set()
+        for chunk in _chunks(list(hashes)):
+            marks = ",".join("?" * len(chunk))
+            rows = self.conn.execute(f"SELECT sha256 FROM images WHERE sha256 IN ({marks})", chunk)
+            found.update(row[0] for row in rows)
+        return found
+
+    def ids_with_labels(self, labels: Sequence[str]) -> list[int]:
+        ids: list[int] = []
+        for chunk in _chunks(list(labels)):
+            marks = ",".join("?" * len(chunk))
+            rows = self.conn.execute(f"SELECT id FROM images WHERE label IN ({marks})", chunk)
+            ids.extend(row[0] for row in rows)
+        return ids
+
+    def delete(self, ids: Sequence[int]) -> np.ndarray:
+        """Delete the given ids; returns those that existed."""
+        deleted: list[int] = []
+        for chunk in _chunks([int(i) for i in ids]):
+            marks = ",".join("?" * len(chunk))
+            query = f"DELETE FROM images WHERE id IN ({marks}) RETURNING id"
+            rows = self.conn.execute(query, chunk)
+            deleted.extend(row[0] for row in rows)
+        return np.asarray(sorted(deleted), dtype=np.int64)
+
+    def relabel(self, old: str, new: str) -> int:
+        return self.conn.execute("UPDATE images SET label = ? WHERE label = ?", (new, old)).rowcount
+
+    def count(self) -> int:
+        return self.conn.execute("SELECT COUNT(*) FROM images").fetchone()[0]
+
+    def label_counts(self) -> dict[str, int]:
+        rows = self.conn.execute("SELECT label, COUNT(*) FROM images GROUP BY label ORDER BY label")
+        return dict(rows.fetchall())
+
+    def entries(self, label: str | None = None) -> list[ImageEntry]:
+        query = "SELECT id, path, label, sha256, added_at FROM images"
+        rows = (
+            self.conn.execute(query + " WHERE label = ? ORDER BY id", (label,))
+            if label is not None
+            else self.conn.execute(query + " ORDER BY id")
+        )
+        return [ImageEntry(*row) for row in rows]
+
+    def id_labels(self) -> tuple[np.ndarray, np.ndarray]:
+        """All ids (ascending) and their labels, for turning search hits into labels fast."""
+        rows = self.conn.execute("SELECT id, label FROM images ORDER BY id").fetchall()
+        ids = np.fromiter((row[0] for row in rows), dtype=np.int64, count=len(rows))
+        labels = np.empty(len(rows), dtype=object)
+        labels[:] = [row[1] for row in rows]
+        return ids, labels
+
+    def features(self, dim: int) -> tuple[np.ndarray, np.ndarray]:
+        """All ids (ascending) and their stored features [N, dim]."""
+        rows = self.conn.execute("SELECT id, feature FROM images ORDER BY id").fetchall()
+        ids = np.fromiter((row[0] for row in rows), dtype=np.int64, count=len(rows))
+        blob = b"".join(row[1] for row in rows)
+        if len(blob) != len(rows) * dim * 4:
+            raise GalleryError(f"{self.path}: stored features are not all {dim}-d float32")
+        return ids, np.frombuffer(blob, dtype=np.float32).reshape(len(rows), dim)
+
+    def replace_features(self, ids: np.ndarray, features: np.ndarray) -> None:
+        self.conn.executemany(
+            "UPDATE images SET feature = ? WHERE id = ?",
+            ((f.tobytes(), int(i)) for i, f in zip(ids, features, strict=True)),
+        )
+
+    def integrity_problems(self) -> list[str]:
+        rows = self.conn.execute("PRAGMA integrity_check").fetchall()
+        return [] if rows == [("ok",)] else [f"sqlite: {row[0]}" for row in rows]
+
+
+def _chunks(items: list, size: int = 500) -> Iterator[list]:
+    """SQLite limits the number of bound parameters per statement."""
+    for start in range(0, len(items), size):
+        yield items[start : start + size]

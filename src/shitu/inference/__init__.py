@@ -1,0 +1,16 @@
+"""Inference: export a trained model (ONNX + torch, preprocessing recorded) and extract
+L2-normalised features from image files or arrays with onnxruntime or torch."""
+
+from shitu.inference.default_model import default_model_dir
+from shitu.inference.export import export_model, read_manifest
+from shitu.inference.extractor import ExtractionResult, FeatureExtractor
+from shitu.inference.preprocess import Preprocessing
+
+__all__ = [
+    "ExtractionResult",
+    "FeatureExtractor",
+    "Preprocessing",
+    "default_model_dir",
+    "export_model",
+    "read_manifest",
+]

@@ -1,0 +1,111 @@
+"""Runtimes for an exported model: onnxruntime (the fast CPU path) and torch (fallback, GPU).
+
+Both take a float32 NCHW batch (numpy) and return raw float32 [N, D] features.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from shitu.checkpoint import load_weights
+from shitu.config import ArchConfig
+from shitu.errors import ConfigError
+from shitu.inference.export import INPUT_NAME, INT8_FILE, ONNX_FILE, TORCH_FILE, FeaturesOnly
+from shitu.models import build_model
+
+BACKENDS = ("auto", "onnxruntime", "torch")
+PRECISIONS = ("fp32", "int8", "fp16", "bf16")
+_TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class Backend(Protocol):
+    name: str
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray: ...
+
+
+def choose_backend(model_dir: Path, backend: str, precision: str) -> str:
+    """'auto': onnxruntime when installed and the export has the ONNX file, else torch."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend: unknown {backend!r}; use one of {', '.join(BACKENDS)}")
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision: unknown {precision!r}; use one of {', '.join(PRECISIONS)}")
+    if backend == "auto":
+        if precision in ("fp16", "bf16"):
+            return "torch"
+        onnx_file = INT8_FILE if precision == "int8" else ONNX_FILE
+        usable = onnxruntime_available() and (model_dir / onnx_file).is_file()
+        backend = "onnxruntime" if usable else "torch"
+    if backend == "torch" and precision == "int8":
+        raise ConfigError("precision int8 runs on onnxruntime only (--backend onnxruntime)")
+    if backend == "onnxruntime" and precision in ("fp16", "bf16"):
+        raise ConfigError(f"precision {precision} runs on the torch backend (a GPU) only")
+    return backend
+
+
+def onnxruntime_available() -> bool:
+    return importlib.util.find_spec("onnxruntime") is not None
+
+
+class OnnxBackend:
+    """onnxruntime session with all graph optimisations (BN folding, NCHWc conv layouts)."""
+
+    name = "onnxruntime"
+
+    def __init__(self, path: Path, num_threads: int | None, device: str) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.inter_op_num_threads = 1
+        if num_threads:
+            options.intra_op_num_threads = num_threads
+        providers = ["CPUExecutionProvider"]
+        if device == "cuda":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise ConfigError("device cuda: this onnxruntime has no CUDA support")
+            providers.insert(0, "CUDAExecutionProvider")
+        self.session = ort.InferenceSession(str(path), options, providers=providers)
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {INPUT_NAME: batch})[0]
+
+
+class TorchBackend:
+    """The exported weights in our own model; fp16/bf16 on a GPU."""
+
+    name = "torch"
+
+    def __init__(
+        self,
+        model_dir: Path,
+        manifest: dict[str, Any],
+        num_threads: int | None,
+        device: str,
+        precision: str,
+    ) -> None:
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.device = torch.device(device)
+        if precision != "fp32" and self.device.type == "cpu":
+            raise ConfigError(f"precision {precision} needs a GPU (device cuda)")
+        self.dtype = _TORCH_DTYPES[precision]
+        model = build_model(ArchConfig.model_validate(manifest["arch"])).eval()
+        load_weights(model, model_dir / TORCH_FILE, strict=True)  # folds, as the file says
+        self.model = FeaturesOnly(model, manifest["output_key"]).eval()
+        self.model.to(self.device, self.dtype)
+        if self.device.type == "cuda":
+            self.model.to(memory_format=torch.channels_last)
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            images = torch.from_numpy(batch).to(self.device, self.dtype, non_blocking=True)
+            if self.device.type == "cuda":
+                images = images.contiguous(memory_format=torch.channels_last)
+            return self.model(images).float().cpu().numpy()

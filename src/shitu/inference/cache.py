@@ -1,0 +1,59 @@
+"""The ONNX model of a compact export, rebuilt once into the user cache.
+
+A compact export (float16 weights, no ONNX file) is how a model ships inside a package at
+half the size; onnxruntime is the fast CPU path, so the first load builds the full export
+from it, keyed by fingerprint, and later loads reuse it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from shitu.checkpoint import load_weights
+from shitu.config import ArchConfig
+from shitu.errors import CheckpointError
+from shitu.inference.export import MANIFEST, TORCH_FILE, read_manifest, write_export
+from shitu.inference.preprocess import Preprocessing
+from shitu.models import build_model
+
+logger = logging.getLogger(__name__)
+
+
+def cache_root() -> Path:
+    """$SHITU_CACHE_DIR, else $XDG_CACHE_HOME/shitu, else ~/.cache/shitu."""
+    if os.environ.get("SHITU_CACHE_DIR"):
+        return Path(os.environ["SHITU_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "shitu"
+
+
+def full_export(model_dir: Path, manifest: dict[str, Any]) -> Path | None:
+    """The cached full export (ONNX included) of compact export `model_dir`, built on first
+    use; None when the cache cannot be written (the caller then runs the torch backend)."""
+    target = cache_root() / "exports" / manifest["fingerprint"][:24]
+    if (target / MANIFEST).is_file():
+        try:
+            if read_manifest(target)["fingerprint"] == manifest["fingerprint"]:
+                return target
+        except CheckpointError:
+            pass  # a damaged cache entry is rebuilt below
+    logger.info("building the ONNX model of %s into %s (once)", model_dir, target)
+    model = build_model(ArchConfig.model_validate(manifest["arch"])).eval()
+    load_weights(model, model_dir / TORCH_FILE, strict=True)
+    try:
+        write_export(
+            model,
+            manifest["arch"],
+            manifest["output_key"],
+            Preprocessing.from_dict(manifest["preprocessing"]),
+            target,
+            source=str(model_dir),
+        )
+    except OSError as exc:
+        logger.warning("cannot write %s (%s); using the torch backend", target, exc)
+        return None
+    if read_manifest(target)["fingerprint"] != manifest["fingerprint"]:
+        raise CheckpointError(f"{target}: rebuilt model differs from {model_dir} (corrupt?)")
+    return target

@@ -1,0 +1,279 @@
+"""Export a config's model for inference: re-parameterised, features only, ONNX + torch.
+
+The exported folder is all inference needs (no config file):
+    model.onnx          dynamic batch, input `images` (float32 NCHW), output `features`
+                        (absent from a compact export: rebuilt into the user cache on load)
+    model.safetensors   the same folded weights (metadata holds the Arch to rebuild it;
+                        float16 in a compact export)
+    model.int8.onnx     optional, statically quantised with calibration images
+    shitu_model.json    preprocessing, embedding size, arch, fingerprint, versions, file hashes
+It is written into a temporary sibling folder and renamed into place, so an export that is
+killed half-way leaves no half-written folder behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from shitu import __version__
+from shitu.checkpoint import load_weights, model_metadata, save_weights
+from shitu.config import ArchConfig, ShituConfig
+from shitu.errors import CheckpointError, ShituError
+from shitu.inference.preprocess import Preprocessing
+from shitu.models import RecModel, build_model
+
+MANIFEST = "shitu_model.json"
+ONNX_FILE = "model.onnx"
+INT8_FILE = "model.int8.onnx"
+TORCH_FILE = "model.safetensors"
+FORMAT = "shitu-feature-extractor"
+FORMAT_VERSION = 1
+INPUT_NAME = "images"
+OUTPUT_NAME = "features"
+OPSET = 17
+# Largest |ONNX - torch| difference accepted when an export checks itself.
+EXPORT_TOLERANCE = 1e-4
+
+logger = logging.getLogger(__name__)
+
+
+class ExportError(ShituError):
+    """An export could not be written or does not reproduce the torch model."""
+
+
+class FeaturesOnly(nn.Module):
+    """The deployed graph: image batch -> embedding (RecModel returns a dict of stages)."""
+
+    def __init__(self, model: RecModel, output_key: str = "features") -> None:
+        super().__init__()
+        self.model = model
+        self.output_key = output_key
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images)[self.output_key]
+
+
+def inference_arch(arch: ArchConfig) -> dict[str, Any]:
+    """The Arch without head, and without `pretrained` (the weights come from the export)."""
+    data = arch.model_dump(mode="json")
+    data["Head"] = None
+    data["Backbone"].pop("pretrained", None)
+    return data
+
+
+def fingerprint(state: dict[str, torch.Tensor], preprocessing: Preprocessing, key: str) -> str:
+    """sha256 of the weights (names, dtypes, shapes, bytes), preprocessing and output key."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.numpy().tobytes() if tensor.numel() else b"")
+    digest.update(json.dumps(preprocessing.to_dict(), sort_keys=True).encode())
+    digest.update(key.encode())
+    return digest.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def export_model(
+    config: ShituConfig,
+    weights: str | Path | None,
+    out_dir: str | Path,
+    *,
+    calibration_images: Sequence[str | Path] = (),
+    opset: int = OPSET,
+    compact: bool = False,
+) -> Path:
+    """Export `config`'s model with `weights` (None: as initialised) to `out_dir`; returns it.
+
+    calibration_images: image files for int8 static quantisation (model.int8.onnx); none
+    means no int8 model. compact: see `write_export`. An existing export at `out_dir` is
+    replaced; any other existing folder is an error (nothing of the user's is deleted).
+    """
+    arch = inference_arch(config.Arch)
+    if weights:
+        model = build_model(ArchConfig.model_validate(arch)).eval()
+        load_weights(model, weights, strict=True, ignore_prefixes=("head.",))
+    else:  # as the config initialises it, e.g. with an ImageNet backbone
+        model = build_model(config.Arch.model_copy(update={"Head": None})).eval()
+    model.reparameterize()
+    return write_export(
+        model,
+        arch,
+        config.Arch.infer_output_key,
+        Preprocessing.from_config(config),
+        out_dir,
+        source=str(weights) if weights else None,
+        calibration_images=calibration_images,
+        opset=opset,
+        compact=compact,
+    )
+
+
+def write_export(
+    model: RecModel,
+    arch: dict[str, Any],
+    output_key: str,
+    preprocessing: Preprocessing,
+    out_dir: str | Path,
+    *,
+    source: str | None,
+    calibration_images: Sequence[str | Path] = (),
+    opset: int = OPSET,
+    compact: bool = False,
+) -> Path:
+    """Write the export folder of a built, folded, eval-mode `model`.
+
+    compact: weights rounded to and stored as float16, no ONNX file (half the size, for
+    shipping a model in a package); `FeatureExtractor.load` rebuilds the ONNX model from it
+    once, into the user cache, with the same fingerprint.
+    """
+    out_dir = Path(out_dir)
+    _check_target(out_dir)
+    if compact and calibration_images:
+        raise ExportError("a compact export has no ONNX model to quantise; drop one option")
+    if compact:
+        with torch.no_grad():
+            for tensor in model.state_dict().values():
+                if tensor.is_floating_point():
+                    tensor.copy_(tensor.half())
+    wrapped = FeaturesOnly(model, output_key).eval()
+    state = model.state_dict()
+    stored = {
+        name: tensor.half() if compact and tensor.is_floating_point() else tensor
+        for name, tensor in state.items()
+    }
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        save_weights(stored, staging / TORCH_FILE, model_metadata(model, arch))
+        files = [TORCH_FILE]
+        if not compact:
+            _export_onnx(wrapped, staging / ONNX_FILE, preprocessing, opset)
+            files.insert(0, ONNX_FILE)
+        if calibration_images:
+            from shitu.inference.quantize import quantize_static_onnx
+
+            quantize_static_onnx(
+                staging / ONNX_FILE, staging / INT8_FILE, preprocessing, calibration_images
+            )
+            files.append(INT8_FILE)
+        with torch.inference_mode():
+            probe = wrapped(torch.zeros(1, 3, *reversed(preprocessing.size)))
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "shitu_version": __version__,
+            "torch_version": torch.__version__,
+            "arch_name": arch["Backbone"]["name"],
+            "arch": arch,
+            "output_key": output_key,
+            "embedding_size": int(probe.shape[1]),
+            "input": {"name": INPUT_NAME, "dtype": "float32", "layout": "NCHW"},
+            "output": {"name": OUTPUT_NAME, "normalized": False},
+            "preprocessing": preprocessing.to_dict(),
+            "fingerprint": fingerprint(state, preprocessing, output_key),
+            "source_weights": source,
+            "weights_dtype": "float16" if compact else "float32",
+            "onnx_opset": opset,
+            "files": {name: file_sha256(staging / name) for name in files},
+        }
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        for path in staging.iterdir():
+            path.chmod(0o644)  # temporary files are created private
+        staging.chmod(0o755)
+        _replace(staging, out_dir)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return out_dir
+
+
+def _check_target(out_dir: Path) -> None:
+    if out_dir.exists() and (
+        not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / MANIFEST).is_file())
+    ):
+        raise ExportError(
+            f"{out_dir} exists and is not a shitu export; choose a new folder for --out"
+        )
+
+
+def _export_onnx(model: FeaturesOnly, path: Path, preprocessing: Preprocessing, opset: int) -> None:
+    """Trace to ONNX with a dynamic batch axis, then check ONNX == torch on a batch of 2."""
+    import onnxruntime as ort
+
+    width, height = preprocessing.size
+    example = torch.randn(2, 3, height, width, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings(), torch.inference_mode():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+        torch.onnx.export(
+            model,
+            (example,),
+            str(path),
+            dynamo=False,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            opset_version=opset,
+            do_constant_folding=True,
+        )
+        expected = model(example).numpy()
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    actual = session.run(None, {INPUT_NAME: example.numpy()})[0]
+    diff = float(np.abs(actual - expected).max())
+    if diff > EXPORT_TOLERANCE:
+        raise ExportError(f"{path}: ONNX output differs from torch by {diff:.2e}")
+    logger.info("ONNX export %s: max |onnx - torch| = %.2e", path, diff)
+
+
+def _replace(staging: Path, out_dir: Path) -> None:
+    """Rename the finished export into place; an older export there goes only afterwards."""
+    if not out_dir.exists():
+        os.replace(staging, out_dir)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
+    os.replace(out_dir, old / "export")
+    try:
+        os.replace(staging, out_dir)
+    except OSError:
+        os.replace(old / "export", out_dir)
+        raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def read_manifest(model_dir: str | Path) -> dict[str, Any]:
+    """The manifest of an exported folder (CheckpointError if it is not one)."""
+    path = Path(model_dir) / MANIFEST
+    if not path.is_file():
+        raise CheckpointError(
+            f"{model_dir} is not an exported model (no {MANIFEST}); create one with `shitu export`"
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: unreadable manifest ({exc})") from None
+    if manifest.get("format") != FORMAT or manifest.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: not a {FORMAT} v{FORMAT_VERSION} manifest (written by a newer shitu?)"
+        )
+    return manifest

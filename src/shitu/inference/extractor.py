@@ -1,0 +1,190 @@
+"""Batched feature extraction from an exported model folder (no config file needed).
+
+Decoding and resizing run in worker threads (OpenCV releases the GIL) a window ahead
+of the batch being embedded, so preprocessing overlaps with inference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from shitu.data.transforms.ops import UnreadableImageError
+from shitu.errors import CheckpointError
+from shitu.inference.backends import (
+    Backend,
+    OnnxBackend,
+    TorchBackend,
+    choose_backend,
+    onnxruntime_available,
+)
+from shitu.inference.cache import full_export
+from shitu.inference.export import INT8_FILE, ONNX_FILE, TORCH_FILE, file_sha256, read_manifest
+from shitu.inference.preprocess import Preprocessing
+
+
+@dataclass
+class ExtractionResult:
+    features: np.ndarray  # float32 [N, D], L2-normalised rows
+    paths: list[str]  # the N files embedded, in input order
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) skipped
+
+
+def l2_normalize(features: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(features, axis=1, keepdims=True)
+    return (features / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
+
+
+class FeatureExtractor:
+    """Image files or arrays -> L2-normalised embeddings, with an exported model's own
+    preprocessing. Build with `FeatureExtractor.load(model_dir)`."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        preprocessing: Preprocessing,
+        embedding_size: int,
+        fingerprint: str,
+        workers: int | None = None,
+    ) -> None:
+        self.backend = backend
+        self._preprocessing = preprocessing
+        self.embedding_size = embedding_size
+        self.fingerprint = fingerprint
+        self.workers = workers or max(1, min(4, (os.cpu_count() or 2) // 2))
+
+    @classmethod
+    def load(
+        cls,
+        model_dir: str | Path,
+        backend: str = "auto",
+        num_threads: int | None = None,
+        *,
+        device: str = "cpu",
+        precision: str = "fp32",
+        workers: int | None = None,
+    ) -> FeatureExtractor:
+        """Open an export. backend: 'auto' (onnxruntime if installed and the ONNX file is
+        there or can be rebuilt from a compact export into the cache, else torch),
+        'onnxruntime' or 'torch'. num_threads: inference threads (None: the runtime's
+        default). precision: fp32; int8 (onnxruntime, needs model.int8.onnx);
+        fp16/bf16 (torch on device='cuda'). workers: decoding threads.
+
+        The fingerprint is the export's for fp32 on either backend; other precisions give
+        different features, so they get their own fingerprint.
+        """
+        model_dir = Path(model_dir)
+        manifest = read_manifest(model_dir)
+        if _compact(model_dir, manifest) and backend != "torch" and precision == "fp32":
+            _verify(model_dir, manifest, TORCH_FILE)
+            rebuilt = full_export(model_dir, manifest) if onnxruntime_available() else None
+            if rebuilt is not None:
+                model_dir, manifest = rebuilt, read_manifest(rebuilt)
+        chosen = choose_backend(model_dir, backend, precision)
+        if chosen == "onnxruntime":
+            path = model_dir / (INT8_FILE if precision == "int8" else ONNX_FILE)
+            _verify(model_dir, manifest, path.name)
+            runtime: Backend = OnnxBackend(path, num_threads, device)
+        else:
+            _verify(model_dir, manifest, TORCH_FILE)
+            runtime = TorchBackend(model_dir, manifest, num_threads, device, precision)
+        cv2.setNumThreads(1)  # parallelism comes from the decoding threads
+        fingerprint = manifest["fingerprint"]
+        if precision != "fp32":
+            fingerprint = hashlib.sha256(f"{fingerprint}:{precision}".encode()).hexdigest()
+        return cls(
+            runtime,
+            Preprocessing.from_dict(manifest["preprocessing"]),
+            int(manifest["embedding_size"]),
+            fingerprint,
+            workers,
+        )
+
+    @property
+    def preprocessing(self) -> dict:
+        """What the export's JSON records (size, mean/std, interpolation, channel order)."""
+        return self._preprocessing.to_dict()
+
+    def extract_images(self, images: Sequence[np.ndarray], batch_size: int = 32) -> np.ndarray:
+        """RGB uint8 HxWx3 arrays (e.g. detector crops) -> float32 [N, D], L2-normalised."""
+        prep = self._preprocessing
+        chunks = []
+        for start in range(0, len(images), batch_size):
+            chunk = images[start : start + batch_size]
+            chunks.append(self._embed([prep.normalize(prep.prepare(image)) for image in chunk]))
+        return np.concatenate(chunks) if chunks else self._empty()
+
+    def extract_files(
+        self, paths: Sequence[str | Path], batch_size: int = 32, progress: bool = False
+    ) -> ExtractionResult:
+        """Embed image files in order; unreadable ones are skipped and listed in `failures`."""
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        names = [str(p) for p in paths]
+        window = 2 * batch_size + self.workers  # decoded ahead: bounded memory
+        features: list[np.ndarray] = []
+        embedded: list[str] = []
+        failures: list[tuple[str, str]] = []
+        batch: list[np.ndarray] = []
+        with (
+            ThreadPoolExecutor(self.workers, thread_name_prefix="shitu-decode") as pool,
+            tqdm(total=len(names), unit="img", disable=not progress, dynamic_ncols=True) as bar,
+        ):
+            pending: deque[tuple[str, Future[np.ndarray]]] = deque()
+            upcoming = iter(names)
+
+            def fill() -> None:
+                while len(pending) < window:
+                    name = next(upcoming, None)
+                    if name is None:
+                        return
+                    pending.append((name, pool.submit(self._preprocessing.load, name)))
+
+            fill()
+            while pending:
+                name, future = pending.popleft()
+                fill()
+                try:
+                    batch.append(future.result())
+                    embedded.append(name)
+                except (UnreadableImageError, cv2.error) as exc:
+                    failures.append((name, str(exc).strip()))
+                    bar.update(1)
+                    bar.set_postfix(skipped=len(failures))
+                if len(batch) == batch_size or (not pending and batch):
+                    features.append(self._embed(batch))
+                    bar.update(len(batch))
+                    batch = []
+        return ExtractionResult(
+            np.concatenate(features) if features else self._empty(), embedded, failures
+        )
+
+    def _embed(self, images: list[np.ndarray]) -> np.ndarray:
+        return l2_normalize(self.backend(np.ascontiguousarray(np.stack(images))))
+
+    def _empty(self) -> np.ndarray:
+        return np.zeros((0, self.embedding_size), np.float32)
+
+
+def _compact(model_dir: Path, manifest: dict) -> bool:
+    return manifest.get("weights_dtype") == "float16" and not (model_dir / ONNX_FILE).is_file()
+
+
+def _verify(model_dir: Path, manifest: dict, name: str) -> None:
+    """The file must be the one the export wrote (a swapped or truncated file is an error)."""
+    path = model_dir / name
+    expected = manifest.get("files", {}).get(name)
+    if not path.is_file() or expected is None:
+        hint = " with --int8-calibration" if name == INT8_FILE else ""
+        raise CheckpointError(f"{path}: missing from the export (re-run `shitu export`{hint})")
+    if file_sha256(path) != expected:
+        raise CheckpointError(f"{path}: does not match {model_dir}/shitu_model.json (changed?)")

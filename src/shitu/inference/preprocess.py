@@ -1,0 +1,226 @@
+"""Inference preprocessing recorded beside an exported model, and its OpenCV fast path.
+
+The training pipeline (shitu.data.transforms) decodes with Pillow and resizes with a
+torch emulation of OpenCV; here the same steps run in OpenCV's C++ code (which releases
+the GIL, so decoding threads overlap with inference), with Pillow as the fallback
+decoder for formats OpenCV lacks and for Pillow-only filters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from PIL import Image, ImageOps
+
+from shitu.config import ShituConfig
+from shitu.data.transforms._base import interpolation_name, pair, pil_filter
+from shitu.data.transforms.ops import NormalizeImage, UnreadableImageError
+from shitu.errors import ConfigError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_CV2_FLAGS = {
+    "nearest": cv2.INTER_NEAREST,
+    "bilinear": cv2.INTER_LINEAR,
+    "bicubic": cv2.INTER_CUBIC,
+    "area": cv2.INTER_AREA,
+}
+# Eval-time ops an export can record; anything else (augmentation) has no place at inference.
+_SUPPORTED_OPS = ("DecodeImage", "ResizeImage", "CropImage", "NormalizeImage", "ToCHWImage")
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Image file -> model input: decode, resize, optional centre crop, normalise, NCHW.
+
+    Resize to `resize` ((width, height)) or the short side to `resize_short`, then
+    centre-crop `crop` if given. backend: 'cv2' (no antialiasing, as OpenCV and
+    PaddleClas) or 'pil' (Pillow's antialiased filters). channel_order: of the model
+    input ('RGB', or 'BGR' for DecodeImage to_rgb: false).
+    """
+
+    resize: tuple[int, int] | None = (224, 224)
+    resize_short: int | None = None
+    crop: tuple[int, int] | None = None
+    interpolation: str = "bilinear"
+    backend: str = "cv2"
+    scale: float = 1.0 / 255.0
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    channel_order: str = "RGB"
+    layout: str = "NCHW"
+    _factor: np.ndarray = field(init=False, repr=False, compare=False)
+    _offset: np.ndarray = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if (self.resize is None) == (self.resize_short is None):
+            raise ValueError("give exactly one of resize and resize_short")
+        if self.resize_short is not None and self.crop is None:
+            raise ValueError("resize_short needs a CropImage after it for a fixed input size")
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise ValueError("mean and std need 3 values")
+        # (x * scale - mean) / std == x * factor - offset, one fused pass per channel.
+        std = np.asarray(self.std, np.float32)
+        object.__setattr__(self, "_factor", np.float32(self.scale) / std)
+        object.__setattr__(self, "_offset", np.asarray(self.mean, np.float32) / std)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) of the model input."""
+        size = self.crop or self.resize
+        assert size is not None
+        return size
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("_factor")
+        data.pop("_offset")
+        for key in ("resize", "crop"):
+            data[key] = list(data[key]) if data[key] is not None else None
+        data["mean"] = list(self.mean)
+        data["std"] = list(self.std)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Preprocessing:
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        for key in ("resize", "crop", "mean", "std"):
+            if known.get(key) is not None:
+                known[key] = tuple(known[key])
+        return cls(**known)
+
+    @classmethod
+    def from_config(cls, config: ShituConfig) -> Preprocessing:
+        """The eval transforms of DataLoader.Eval.Query (or Gallery), as inference needs them.
+
+        Without eval transforms: Global.image_shape, bilinear, ImageNet mean/std.
+        """
+        ops = _eval_ops(config)
+        if not ops:
+            _, height, width = config.Global.image_shape
+            return cls(resize=(width, height))
+        values: dict[str, Any] = {}
+        resized = False
+        for index, item in enumerate(ops):
+            ((name, params),) = item.items()
+            params = params or {}
+            where = f"DataLoader.Eval transform_ops[{index}] {name}"
+            if name not in _SUPPORTED_OPS:
+                raise ConfigError(
+                    f"{where}: cannot be exported; inference supports {', '.join(_SUPPORTED_OPS)}"
+                )
+            try:
+                _read_op(name, params, values)
+            except (ValueError, TypeError) as exc:
+                raise ConfigError(f"{where}: {exc}") from None
+            resized = resized or name == "ResizeImage"
+        if not resized:
+            raise ConfigError("DataLoader.Eval transform_ops: no ResizeImage; export needs a size")
+        try:
+            return cls(**values)
+        except ValueError as exc:
+            raise ConfigError(f"DataLoader.Eval transform_ops: {exc}") from None
+
+    # --- the fast path -------------------------------------------------------------------
+
+    def load(self, path: str | Path) -> np.ndarray:
+        """Decode and resize one file -> float32 CHW model input. Raises UnreadableImageError."""
+        return self.normalize(self.prepare(read_rgb(path)))
+
+    def prepare(self, image: np.ndarray) -> np.ndarray:
+        """RGB uint8 HxWx3 -> uint8 at the model's size (crop included), model channel order."""
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise UnreadableImageError(
+                f"expected an RGB uint8 HxWx3 image, got {image.dtype} {image.shape}"
+            )
+        if self.resize_short is not None:
+            factor = self.resize_short / min(image.shape[:2])
+            image = self._resize(
+                image, round(image.shape[1] * factor), round(image.shape[0] * factor)
+            )
+        else:
+            assert self.resize is not None
+            image = self._resize(image, *self.resize)
+        if self.crop is not None:
+            width, height = self.crop
+            top = (image.shape[0] - height) // 2
+            left = (image.shape[1] - width) // 2
+            if top < 0 or left < 0:
+                raise UnreadableImageError(f"crop {width}x{height} is larger than the image")
+            image = image[top : top + height, left : left + width]
+        return image[:, :, ::-1] if self.channel_order == "BGR" else image
+
+    def normalize(self, image: np.ndarray) -> np.ndarray:
+        """uint8 HxWx3 -> float32 3xHxW, normalised (per channel: no per-pixel Python)."""
+        out = np.empty((3, *image.shape[:2]), np.float32)
+        for channel in range(3):
+            np.multiply(image[:, :, channel], self._factor[channel], out=out[channel])
+            out[channel] -= self._offset[channel]
+        return out
+
+    def _resize(self, image: np.ndarray, width: int, height: int) -> np.ndarray:
+        if image.shape[0] == height and image.shape[1] == width:
+            return image
+        if self.backend == "cv2" and self.interpolation in _CV2_FLAGS:
+            return cv2.resize(image, (width, height), interpolation=_CV2_FLAGS[self.interpolation])
+        resized = Image.fromarray(np.ascontiguousarray(image)).resize(
+            (width, height), pil_filter(self.interpolation)
+        )
+        return np.asarray(resized)
+
+
+def read_rgb(path: str | Path) -> np.ndarray:
+    """File -> RGB uint8 HxWx3 with EXIF orientation applied; OpenCV first, then Pillow.
+
+    Raises UnreadableImageError (a DataError) naming the reason.
+    """
+    try:
+        data = np.fromfile(path, np.uint8)
+    except OSError as exc:
+        raise UnreadableImageError(exc.strerror or str(exc)) from None
+    if data.size == 0:
+        raise UnreadableImageError("the file is empty")
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR)
+    if image is not None:
+        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    try:  # formats OpenCV does not read (e.g. GIF); also gives a readable reason
+        with Image.open(path) as opened:
+            opened.load()
+            rgb = ImageOps.exif_transpose(opened).convert("RGB")
+    except Exception as exc:  # any decoder failure means a corrupt or unsupported file
+        raise UnreadableImageError(f"not a readable image ({type(exc).__name__}: {exc})") from None
+    return np.asarray(rgb)
+
+
+def _eval_ops(config: ShituConfig) -> list[dict[str, Any]]:
+    evaluation = config.DataLoader.Eval if config.DataLoader else None
+    for split in (evaluation.Query, evaluation.Gallery) if evaluation else ():
+        if split is not None and split.dataset.params.get("transform_ops"):
+            return list(split.dataset.params["transform_ops"])
+    return []
+
+
+def _read_op(name: str, params: dict[str, Any], values: dict[str, Any]) -> None:
+    if name == "DecodeImage":
+        if params.get("channel_first"):
+            raise ValueError("channel_first: true is not supported at inference")
+        values["channel_order"] = "RGB" if params.get("to_rgb", True) else "BGR"
+    elif name == "ResizeImage":
+        if params.get("resize_short"):
+            values["resize_short"] = int(params["resize_short"])
+            values["resize"] = None
+        else:
+            values["resize"] = pair(params["size"])
+        values["interpolation"] = interpolation_name(params.get("interpolation"))
+        values["backend"] = params.get("backend", "cv2")
+    elif name == "CropImage":
+        values["crop"] = pair(params["size"])
+    elif name == "NormalizeImage":
+        op = NormalizeImage(params.get("scale"), params.get("mean"), params.get("std"))
+        values["scale"] = float(op.scale)
+        values["mean"] = tuple(float(v) for v in op.mean)
+        values["std"] = tuple(float(v) for v in op.std)

@@ -1,0 +1,73 @@
+"""int8 static quantisation of an exported ONNX model with onnxruntime (QDQ, per channel).
+
+Activation ranges are calibrated on real images run through the export's own
+preprocessing, so the quantised model sees exactly what it will see at inference.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from shitu.data.transforms.ops import UnreadableImageError
+from shitu.errors import DataError
+from shitu.inference.preprocess import Preprocessing
+
+CALIBRATION_BATCH = 8
+
+
+def quantize_static_onnx(
+    fp32_path: Path, out_path: Path, preprocessing: Preprocessing, images: Sequence[str | Path]
+) -> None:
+    """Write `out_path`: int8 weights (per output channel) and uint8 activations."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    batches = list(_calibration_batches(preprocessing, images))
+    if not batches:
+        raise DataError("int8 calibration: none of the calibration images could be read")
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._batches = iter(batches)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            batch = next(self._batches, None)
+            return None if batch is None else {"images": batch}
+
+    with tempfile.TemporaryDirectory(dir=out_path.parent) as scratch:
+        prepared = Path(scratch) / "prepared.onnx"
+        quant_pre_process(str(fp32_path), str(prepared))
+        quantize_static(
+            str(prepared),
+            str(out_path),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+        )
+
+
+def _calibration_batches(
+    preprocessing: Preprocessing, images: Sequence[str | Path]
+) -> Iterator[np.ndarray]:
+    batch: list[np.ndarray] = []
+    for path in images:
+        try:
+            batch.append(preprocessing.load(path))
+        except UnreadableImageError:
+            continue
+        if len(batch) == CALIBRATION_BATCH:
+            yield np.stack(batch)
+            batch = []
+    if batch:
+        yield np.stack(batch)

@@ -1,0 +1,143 @@
+"""The recognition pipeline's config: PaddleClas's `inference_general.yaml` shape, typed.
+
+PaddleClas keys that only steer Paddle's runtime (use_gpu, ir_optim, ...) or index
+building (index_method, data_file, ...) are accepted and ignored, so its files load
+as they are; any other unknown key is an error. Pre/post-processing sections are
+ignored too: an export records its own preprocessing, and the detector its own.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from shitu.config.loader import _read_yaml
+from shitu.config.overrides import apply_overrides, override_paths
+from shitu.errors import ConfigError
+from shitu.registry import format_validation_error
+
+PIPELINE_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "pipeline"
+DEFAULT_PIPELINE_CONFIG = "inference_general"
+NO_DETECTOR = "none"
+PLAIN_BACKGROUND = "plain-background"
+
+_IGNORED_GLOBAL = {
+    "infer_imgs",
+    "image_shape",
+    "label_list",
+    "use_gpu",
+    "enable_mkldnn",
+    "cpu_num_threads_det",
+    "enable_benchmark",
+    "use_fp16",
+    "ir_optim",
+    "use_tensorrt",
+    "print_config",
+}
+# Index building belongs to `shitu index build`; only the top hit is used (as PaddleClas).
+_IGNORED_INDEX = {
+    "index_method",
+    "image_root",
+    "data_file",
+    "index_operation",
+    "delimiter",
+    "dist_type",
+    "embedding_size",
+    "batch_size",
+    "return_k",
+    "hamming_radius",
+}
+_IGNORED_SECTIONS = {"DetPreProcess", "DetPostProcess", "RecPreProcess", "RecPostProcess"}
+Backend = Literal["auto", "onnxruntime", "torch"]
+
+
+def _drop(data: Any, ignored: set[str]) -> Any:
+    return {k: v for k, v in data.items() if k not in ignored} if isinstance(data, dict) else data
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PipelineGlobal(_Section):
+    # Exported model folder (`shitu export`); null: the model shipped with shitu.
+    rec_inference_model_dir: str | None = None
+    rec_backend: Backend = "auto"
+    # Detector file (.onnx, .pdparams with det_arch, our .pt), "plain-background", or
+    # "none"/null: the whole image is the only candidate box.
+    det_inference_model_dir: str | None = None
+    det_backend: Backend = "auto"
+    det_arch: str | None = None
+    threshold: float = Field(0.2, ge=0.0, le=1.0)  # detector score threshold
+    max_det_results: int = Field(5, ge=0)
+    rec_nms_thresold: float = Field(0.05, ge=0.0, le=1.0)  # PaddleClas's spelling
+    batch_size: int = Field(32, ge=1)
+    cpu_num_threads: int | None = Field(None, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _paddle_only(cls, data: Any) -> Any:
+        return _drop(data, _IGNORED_GLOBAL)
+
+
+class IndexProcessConfig(_Section):
+    index_dir: str | None = None  # gallery library folder (`shitu index build --out`)
+    # Cosine similarity in [-1, 1] a box's best hit needs (IP and L2 libraries alike).
+    score_thres: float = Field(0.5, ge=-1.0, le=1.0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _building_only(cls, data: Any) -> Any:
+        return _drop(data, _IGNORED_INDEX)
+
+
+class PipelineConfig(_Section):
+    Global: PipelineGlobal = Field(default_factory=PipelineGlobal)
+    IndexProcess: IndexProcessConfig = Field(default_factory=IndexProcessConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _processing_sections(cls, data: Any) -> Any:
+        return _drop(data, _IGNORED_SECTIONS)
+
+    @property
+    def detector(self) -> str | None:
+        """The detector path or keyword; None for the whole image only."""
+        value = self.Global.det_inference_model_dir
+        return None if value is None or value.lower() == NO_DETECTOR else value
+
+
+def resolve_pipeline_config(name_or_path: str | Path) -> Path:
+    """An existing file, or the name of a shipped pipeline config (with or without .yaml)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = PIPELINE_CONFIG_DIR / (path.name if path.suffix == ".yaml" else f"{path.name}.yaml")
+    if path.parent == Path(".") and shipped.is_file():
+        return shipped
+    names = ", ".join(sorted(p.stem for p in PIPELINE_CONFIG_DIR.glob("*.yaml")))
+    raise ConfigError(f"pipeline config not found: {name_or_path} (shipped: {names})")
+
+
+def load_pipeline_config(
+    name_or_path: str | Path | None = None, overrides: list[str] | None = None
+) -> PipelineConfig:
+    """Defaults, or a YAML file / shipped name, with `-o Section.key=value` overrides."""
+    source = resolve_pipeline_config(name_or_path) if name_or_path else None
+    raw = _read_yaml(source) if source else {}
+    where = str(source) if source else "pipeline defaults"
+    overrides = list(overrides or [])
+    try:
+        apply_overrides(raw, overrides)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as exc:
+        message = format_validation_error(exc, PipelineConfig, what=where)
+        key = ".".join(str(p) for p in exc.errors()[0]["loc"])
+        if key in override_paths(overrides):
+            message += f" (from -o {override_paths(overrides)[key]})"
+        raise ConfigError(message) from None

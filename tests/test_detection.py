@@ -1,0 +1,199 @@
+"""PicoDet detection: decode and NMS against hand-computed boxes, weight import from the
+real PicoDet-S ONNX export (parity with onnxruntime), export, checkpoints and the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from shitu.cli.main import main as shitu_main
+from shitu.detection import build_picodet, load_detector
+from shitu.detection.detector import OnnxDetector, TorchDetector, preprocess
+from shitu.detection.export import export_onnx
+from shitu.detection.postprocess import (
+    anchor_points,
+    box_iou,
+    decode_boxes,
+    multiclass_nms,
+)
+from shitu.detection.weights import load_onnx_weights, paddle_key, save_detector
+from shitu.errors import CheckpointError, ConfigError
+
+PICODET = Path("/work/shared/models/picodet_s_coco")
+ONNX_416 = PICODET / "picodet_s_416_coco.onnx"
+GROCERY = Path("/work/shared/datasets/grocery_store")
+needs_picodet = pytest.mark.skipif(not ONNX_416.is_file(), reason="picodet_s_coco not available")
+
+
+def one_hot_bins(offsets: list[float], reg_max: int = 7) -> torch.Tensor:
+    """Logits whose softmax puts (almost) all mass on each side's integer offset."""
+    logits = torch.full((4, reg_max + 1), -50.0)
+    for side, value in enumerate(offsets):
+        logits[side, int(value)] = 50.0
+    return logits.reshape(-1)
+
+
+def test_anchor_points_are_cell_centres() -> None:
+    points, strides = anchor_points([(2, 3), (1, 2)], [8, 16], 0.5)
+    expected = [[4, 4], [12, 4], [20, 4], [4, 12], [12, 12], [20, 12], [8, 8], [24, 8]]
+    assert points.tolist() == expected
+    assert strides.tolist() == [8] * 6 + [16] * 2
+
+
+def test_decode_hand_computed() -> None:
+    points = torch.tensor([[20.0, 12.0], [8.0, 8.0]])
+    strides = torch.tensor([8.0, 16.0])
+    reg = torch.stack([one_hot_bins([1, 0, 2, 3]), one_hot_bins([0, 0, 1, 1])])[None]
+    boxes = decode_boxes(reg, points, strides)[0]
+    # cell (20, 12), stride 8: l=8, t=0, r=16, b=24; cell (8, 8), stride 16: r=b=16.
+    torch.testing.assert_close(boxes, torch.tensor([[12.0, 12.0, 36.0, 36.0], [8, 8, 24, 24.0]]))
+
+
+def test_decode_uses_the_expectation_of_the_bins() -> None:
+    logits = torch.zeros(4, 8)
+    logits[:, 2] = logits[:, 3] = 30.0  # half the mass on 2, half on 3 -> 2.5
+    boxes = decode_boxes(
+        logits.reshape(1, 1, -1), torch.tensor([[100.0, 50.0]]), torch.tensor([10.0])
+    )
+    torch.testing.assert_close(boxes[0, 0], torch.tensor([75.0, 25.0, 125.0, 75.0]))
+
+
+def test_box_iou_hand_computed() -> None:
+    a = torch.tensor([[0.0, 0, 10, 10]])
+    b = torch.tensor([[5.0, 5, 15, 15], [10, 10, 20, 20], [0, 0, 10, 10], [2, 2, 1, 1]])
+    torch.testing.assert_close(box_iou(a, b)[0], torch.tensor([25 / 175, 0.0, 1.0, 0.0]))
+
+
+def test_multiclass_nms_hand_computed() -> None:
+    boxes = torch.tensor(
+        [
+            [0.0, 0, 10, 10],  # class 0, 0.9: kept
+            [1.0, 0, 11, 10],  # IoU 0.82 with box 0, class 0: suppressed
+            [1.0, 0, 11, 10],  # same box, class 1: kept (per-class NMS)
+            [20.0, 20, 30, 30],  # class 0, 0.5: kept
+            [0.0, 0, 10, 12],  # class 0, 0.01: below the threshold
+        ]
+    )
+    scores = torch.zeros(5, 2)
+    scores[0, 0], scores[1, 0], scores[2, 1], scores[3, 0], scores[4, 0] = 0.9, 0.8, 0.7, 0.5, 0.01
+    dets = multiclass_nms(boxes, scores, score_threshold=0.05, iou_threshold=0.6)
+    expected = [
+        [0, 0.9, 0, 0, 10, 10],
+        [1, 0.7, 1, 0, 11, 10],
+        [0, 0.5, 20, 20, 30, 30],
+    ]
+    torch.testing.assert_close(dets, torch.tensor(expected))
+    agnostic = multiclass_nms(boxes, scores, 0.05, 0.6, class_agnostic=True)
+    assert agnostic[:, 1].tolist() == pytest.approx([0.9, 0.5])
+    assert multiclass_nms(boxes, scores, 0.05, 0.6, keep_top_k=1).shape == (1, 6)
+
+
+def test_nms_chain_is_greedy() -> None:
+    # A suppresses B, B would suppress C, but B is gone, so C survives.
+    boxes = torch.tensor([[0.0, 0, 10, 10], [3.0, 0, 13, 10], [6.0, 0, 16, 10]])
+    scores = torch.tensor([[0.9], [0.8], [0.7]])
+    dets = multiclass_nms(boxes, scores, 0.1, 0.4)
+    assert dets[:, 1].tolist() == pytest.approx([0.9, 0.7])
+
+
+def test_model_shapes_and_paddle_names() -> None:
+    model = build_picodet("picodet_s_esnet", num_classes=3).eval()
+    with torch.no_grad():
+        scores, boxes = model.predict(torch.zeros(2, 3, 320, 320))
+    assert scores.shape == (2, 1600 + 400 + 100 + 25, 3) and boxes.shape[-1] == 4
+    keys = {paddle_key(k, model.arch) for k in model.state_dict()}
+    assert "backbone.2_1._conv_dw_1._batch_norm._mean" in keys
+    assert "head.conv_feat.cls_conv_pw3.1.norm.weight" in keys
+    assert "head.head_cls0.bias" in keys
+
+
+def _photos() -> list[np.ndarray]:
+    paths = sorted((PICODET / "samples").glob("*.jpg"))
+    lines = (GROCERY / "val.txt").read_text().splitlines()[::100] if GROCERY.is_dir() else []
+    paths += [GROCERY / line.split(",")[0] for line in lines]
+    return [np.asarray(Image.open(p).convert("RGB")) for p in paths]
+
+
+@needs_picodet
+def test_onnx_weights_give_identical_outputs_and_boxes() -> None:
+    model = load_onnx_weights(ONNX_416)
+    assert model.arch.backbone == "ESNet" and model.arch.num_classes == 80
+    reference = OnnxDetector(ONNX_416)
+    ours = TorchDetector(model)
+    photos = _photos()
+    batch = np.stack([preprocess(p, (416, 416)) for p in photos])
+    outs = [reference.session.run(None, {"image": b[None]}) for b in batch]
+    with torch.no_grad():
+        scores, reg, _ = model.raw_outputs(torch.from_numpy(batch))
+    np.testing.assert_allclose(
+        scores, np.stack([np.concatenate(o[:4], 1)[0] for o in outs]), atol=1e-4
+    )
+    np.testing.assert_allclose(
+        reg, np.stack([np.concatenate(o[4:], 1)[0] for o in outs]), atol=1e-4
+    )
+    for photo in photos:
+        a = reference.detect(photo, 0.3, 20, class_agnostic=False)
+        b = ours.detect(photo, 0.3, 20, class_agnostic=False)
+        assert a.shape == b.shape
+        np.testing.assert_array_equal(a[:, 0], b[:, 0])
+        np.testing.assert_allclose(a[:, 1:], b[:, 1:], atol=1e-2)
+    bus = ours.detect(photos[0], 0.5, 10, class_agnostic=False)
+    assert {0, 5} <= set(bus[:, 0].astype(int).tolist())  # people and the bus
+
+
+@needs_picodet
+def test_checkpoint_and_export_round_trip(tmp_path: Path) -> None:
+    model = load_onnx_weights(PICODET / "picodet_s_320_coco.onnx", "picodet_s_esnet")
+    checkpoint = save_detector(model, tmp_path / "det.pt")
+    exported = export_onnx(model, tmp_path / "det.onnx", input_size=320)
+    photo = _photos()[1]
+    a = load_detector(checkpoint, input_size=320).detect(photo, 0.3, 5)
+    b = load_detector(exported).detect_batch([photo, photo[::2, ::2].copy()], 0.3, 5)
+    assert len(a) > 0 and a.dtype == np.float32
+    np.testing.assert_allclose(a, b[0], atol=1e-2)
+    np.testing.assert_allclose(b[1][0, 2:], b[0][0, 2:] / 2, atol=3.0)  # same top box, halved
+
+
+def test_load_detector_errors(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="not found"):
+        load_detector(tmp_path / "missing.onnx")
+    params = tmp_path / "model.pdparams"
+    params.write_bytes(b"x")
+    with pytest.raises(ConfigError, match="architecture"):
+        load_detector(params)
+    with pytest.raises(ConfigError, match="unknown detector architecture"):
+        load_detector(params, arch="nope")
+    bogus = tmp_path / "bogus.pt"
+    torch.save({"a": 1}, bogus)
+    with pytest.raises(CheckpointError, match="not a shitu PicoDet checkpoint"):
+        load_detector(bogus)
+
+
+@needs_picodet
+def test_detect_cli_writes_json_lines_and_images(tmp_path: Path, capsys) -> None:
+    samples = sorted(str(p) for p in (PICODET / "samples").glob("*.jpg"))
+    code = shitu_main(
+        [
+            "detect",
+            *samples,
+            "--model",
+            str(ONNX_416),
+            "--save-vis",
+            str(tmp_path),
+            "--max-boxes",
+            "2",
+        ]
+    )
+    assert code == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["image"] for line in lines] == samples
+    assert all(1 <= len(line["boxes"]) <= 2 for line in lines)
+    box = lines[0]["boxes"][0]["box"]
+    assert 0 <= box[0] < box[2] <= lines[0]["width"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bus.jpg", "dog.jpg"]
+    assert shitu_main(["detect", samples[0], "--model", str(tmp_path / "none.onnx")]) == 2

@@ -1,0 +1,279 @@
+"""Detector training: losses, SimOTA, datasets, COCO mAP and a tiny real training run."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from shitu.cli.main import main
+from shitu.detection import build_picodet, load_detector
+from shitu.detection.assigner import simota_assign
+from shitu.detection.coco_eval import evaluate_boxes
+from shitu.detection.data import CocoDetection, VocDetection, collate, train_augment
+from shitu.detection.losses import distribution_focal_loss, giou, giou_loss, varifocal_loss
+from shitu.detection.train import DetectionTrainConfig, DetectionTrainer
+from shitu.errors import DataError
+
+# ---------------------------------------------------------------- losses
+
+
+def test_giou_of_known_boxes() -> None:
+    a = torch.tensor([[0.0, 0, 2, 2], [0, 0, 1, 1], [0, 0, 2, 2]])
+    b = torch.tensor([[1.0, 1, 3, 3], [2, 2, 3, 3], [0, 0, 2, 2]])
+    # overlap 1, union 7, hull 9 -> 1/7 - 2/9; disjoint: 0 - (9-2)/9; identical: 1.
+    expected = torch.tensor([1 / 7 - 2 / 9, -7 / 9, 1.0])
+    torch.testing.assert_close(giou(a, b), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(giou_loss(a, b), 1 - expected, atol=1e-5, rtol=0)
+
+
+def test_dfl_of_known_distribution() -> None:
+    logits = torch.log(torch.tensor([[0.1, 0.6, 0.3]]))
+    # target 1.25: 0.75 * -log(0.6) + 0.25 * -log(0.3)
+    expected = 0.75 * -math.log(0.6) + 0.25 * -math.log(0.3)
+    assert distribution_focal_loss(logits, torch.tensor([1.25])).item() == pytest.approx(expected)
+
+
+def test_varifocal_two_elements() -> None:
+    logits = torch.tensor([0.0, math.log(3.0)])  # p = 0.5 and 0.75
+    target = torch.tensor([0.8, 0.0])
+    pos = 0.8 * -(0.8 * math.log(0.5) + 0.2 * math.log(0.5))  # weight q, BCE with q
+    neg = 0.75 * 0.75**2 * -math.log(0.25)  # weight alpha p^gamma, BCE with 0
+    got = varifocal_loss(logits, target)
+    assert got.tolist() == pytest.approx([pos, neg], rel=1e-5)
+
+
+# ---------------------------------------------------------------- assignment
+
+
+def test_simota_assigns_well_predicting_anchors_near_the_centre() -> None:
+    # A 4x4 grid of stride-8 anchors over 32x32; one ground truth covering the left half.
+    ys, xs = torch.meshgrid(torch.arange(4.0), torch.arange(4.0), indexing="ij")
+    points = torch.stack([xs.flatten(), ys.flatten()], 1) * 8 + 4
+    strides = torch.full((16,), 8.0)
+    gt = torch.tensor([[0.0, 0.0, 16.0, 32.0]])
+    boxes = torch.cat([points - 4, points + 4], 1)  # every anchor predicts its own cell
+    good = [4, 8]  # (x=4, y=12) and (x=4, y=20): predict the ground truth exactly
+    boxes[good] = gt
+    scores = torch.full((16, 1), 0.1)
+    assigned, ious = simota_assign(scores, boxes, points, strides, gt, torch.tensor([0]))
+    # Candidates are inside the box (x < 16); the top-10 IoUs sum to 2 + 6 * 1/8 -> k = 2,
+    # and the two exact predictions are the cheapest.
+    assert sorted(torch.nonzero(assigned == 0).squeeze(1).tolist()) == good
+    assert ious[good].tolist() == pytest.approx([1.0, 1.0])
+    assert (assigned[[2, 3, 6, 7]] == -1).all()  # right half: never a candidate
+
+
+def test_simota_without_ground_truth_is_all_background() -> None:
+    assigned, _ = simota_assign(
+        torch.rand(5, 2),
+        torch.rand(5, 4),
+        torch.rand(5, 2),
+        torch.ones(5),
+        torch.zeros(0, 4),
+        torch.zeros(0, dtype=torch.long),
+    )
+    assert (assigned == -1).all()
+
+
+# ---------------------------------------------------------------- COCO mAP
+
+
+def test_coco_map_hand_computed() -> None:
+    gt = [
+        (np.array([[0, 0, 10, 10]], np.float32), np.array([0])),
+        (np.array([[0, 0, 10, 10], [20, 20, 30, 30]], np.float32), np.array([0, 0])),
+    ]
+    # Ordered by score: TP (img0), FP (img1, no overlap), TP (img1 first box); 3 ground truths.
+    dets = [
+        np.array([[0, 0.9, 0, 0, 10, 10]], np.float32),
+        np.array([[0, 0.8, 50, 50, 60, 60], [0, 0.7, 0, 0, 10, 10]], np.float32),
+    ]
+    # precision envelope: recall 1/3 -> 1.0, recall 2/3 -> 2/3, recall 1 unreachable.
+    # 101 points: r in [0, 1/3] (34 points) -> 1, (1/3, 2/3] (33 points) -> 2/3, rest 0.
+    expected = (34 * 1.0 + 33 * 2 / 3) / 101
+    result = evaluate_boxes(dets, gt)
+    assert result["AP50"] == pytest.approx(expected)
+    assert result["mAP"] == pytest.approx(expected)  # exact boxes: same at every IoU
+    shifted = [d.copy() for d in dets]
+    shifted[0][0, 5] = 12.0  # IoU 10/12 = 0.833: a TP only up to threshold 0.8
+    # Above it the order is FP, FP, TP: precision 1/3 up to recall 1/3 (34 points).
+    assert evaluate_boxes(shifted, gt)["mAP"] == pytest.approx(
+        (7 * expected + 3 * (34 / 3) / 101) / 10
+    )
+
+
+# ---------------------------------------------------------------- datasets
+
+
+def _write_images(root: Path, count: int, size: int = 128, seed: int = 0) -> list[list]:
+    """Noise images with 1-2 solid rectangles; returns per image [[x1, y1, x2, y2, cls], ...]."""
+    rng = np.random.default_rng(seed)
+    colours = [(230, 40, 40), (40, 60, 230)]
+    annotations = []
+    for i in range(count):
+        pixels = rng.integers(60, 190, (size, size, 3), dtype=np.uint8)
+        boxes = []
+        for _ in range(1 + i % 2):
+            w, h = rng.integers(30, 60, 2)
+            x, y = rng.integers(0, size - w), rng.integers(0, size - h)
+            cls = int(rng.integers(0, 2))
+            pixels[y : y + h, x : x + w] = colours[cls]
+            boxes.append([int(x), int(y), int(x + w), int(y + h), cls])
+        Image.fromarray(pixels).save(root / f"img{i}.png")
+        annotations.append(boxes)
+    return annotations
+
+
+def _write_coco(root: Path, annotations: list[list]) -> Path:
+    data = {
+        "images": [{"id": i + 1, "file_name": f"img{i}.png"} for i in range(len(annotations))],
+        "categories": [{"id": 7, "name": "red"}, {"id": 3, "name": "blue"}],
+        "annotations": [
+            {
+                "id": len(annotations) * 10 + j,
+                "image_id": i + 1,
+                "bbox": [x1, y1, x2 - x1, y2 - y1],
+                "category_id": (7, 3)[cls],
+                "iscrowd": 0,
+            }
+            for i, boxes in enumerate(annotations)
+            for j, (x1, y1, x2, y2, cls) in enumerate(boxes)
+        ],
+    }
+    path = root / "instances.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_coco_dataset_parsing(tmp_path: Path) -> None:
+    annotations = _write_images(tmp_path, 2, size=64)
+    dataset = CocoDetection(_write_coco(tmp_path, annotations), tmp_path)
+    assert dataset.class_names == ("blue", "red")  # ordered by category id (3, 7)
+    image, boxes, labels = dataset[1]
+    assert image.size == (64, 64)
+    np.testing.assert_allclose(boxes, np.array(annotations[1])[:, :4])
+    assert labels.tolist() == [1 - c for *_, c in annotations[1]]
+    agnostic = CocoDetection(tmp_path / "instances.json", tmp_path, class_agnostic=True)
+    assert agnostic.class_names == ("foreground",) and agnostic[1][2].tolist() == [0, 0]
+
+
+def test_voc_dataset_parsing(tmp_path: Path) -> None:
+    (tmp_path / "ann").mkdir()
+    Image.new("RGB", (40, 30)).save(tmp_path / "a.jpg")
+    (tmp_path / "ann" / "a.xml").write_text(
+        "<annotation><filename>a.jpg</filename>"
+        "<object><name>cup</name><bndbox><xmin>1</xmin><ymin>2</ymin><xmax>20</xmax>"
+        "<ymax>25</ymax></bndbox></object>"
+        "<object><name>box</name><bndbox><xmin>5</xmin><ymin>5</ymin><xmax>9</xmax>"
+        "<ymax>9</ymax></bndbox></object></annotation>"
+    )
+    dataset = VocDetection(tmp_path / "ann", tmp_path)
+    assert dataset.class_names == ("box", "cup")
+    _, boxes, labels = dataset[0]
+    assert boxes.tolist() == [[1, 2, 20, 25], [5, 5, 9, 9]] and labels.tolist() == [1, 0]
+    (tmp_path / "ann" / "b.xml").write_text("<annotation><object>")
+    with pytest.raises(DataError, match="b.xml"):
+        VocDetection(tmp_path / "ann", tmp_path)
+
+
+def test_missing_or_malformed_coco_file(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="missing.json"):
+        CocoDetection(tmp_path / "missing.json", tmp_path)
+    (tmp_path / "bad.json").write_text('{"images": []}')
+    with pytest.raises(DataError, match="bad.json"):
+        CocoDetection(tmp_path / "bad.json", tmp_path)
+
+
+def test_augment_and_collate_keep_boxes_on_the_objects(tmp_path: Path) -> None:
+    annotations = _write_images(tmp_path, 1, size=96, seed=3)
+    dataset = CocoDetection(_write_coco(tmp_path, annotations), tmp_path, transform=train_augment)
+    for seed in range(5):
+        random.seed(seed)
+        image, boxes, labels = dataset[0]
+        pixels = np.asarray(image)
+        for x1, y1, x2, y2 in boxes.round().astype(int):
+            inside = pixels[y1:y2, x1:x2].reshape(-1, 3).astype(float)
+            assert inside.std(axis=0).max() < 1.0  # a solid rectangle, not noise
+    images, targets = collate([(image, boxes, labels, 0)], 64)
+    assert images.shape == (1, 3, 64, 64)
+    scale = np.array([64 / image.size[0], 64 / image.size[1]] * 2)
+    np.testing.assert_allclose(targets[0][:, 1:].numpy(), boxes * scale, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- training
+
+
+def _trainer(root: Path, epochs: int, learning_rate: float) -> DetectionTrainer:
+    dataset = CocoDetection(
+        root / "instances.json", root, class_agnostic=True, transform=train_augment
+    )
+    config = DetectionTrainConfig(
+        epochs=epochs,
+        batch_size=4,
+        learning_rate=learning_rate,
+        warmup_epochs=2,
+        train_sizes=(96, 128, 160),
+        eval_size=128,
+        output_dir=str(root / "run"),
+    )
+    model = build_picodet("picodet_s_esnet", num_classes=1, input_size=128)
+    return DetectionTrainer(model, dataset, config)
+
+
+def test_tiny_training_run_learns(tmp_path: Path) -> None:
+    """100 steps from scratch on 4 drawn images: the loss falls, mAP on them rises."""
+    torch.set_num_threads(2)
+    _write_coco(tmp_path, _write_images(tmp_path, 4))
+    trainer = _trainer(tmp_path, epochs=100, learning_rate=0.02)
+    before = trainer.evaluate()
+    losses = [h["loss"] for h in trainer.train()]
+    after = trainer.evaluate()
+    first, last = np.mean(losses[:10]), np.mean(losses[-10:])
+    print(f"loss {first:.3f} -> {last:.3f}; {before} -> {after}")
+    assert len(losses) == 100 and last < 0.8 * first
+    assert after["AP50"] > before["AP50"] + 0.2 and after["mAP"] > before["mAP"] + 0.05
+
+
+def test_resume_continues_identically(tmp_path: Path) -> None:
+    torch.set_num_threads(2)
+    _write_coco(tmp_path, _write_images(tmp_path, 4))
+    trainer = _trainer(tmp_path, epochs=6, learning_rate=0.02)
+    trainer.train(max_steps=3)  # three one-batch epochs, checkpointed after each
+    saved = tmp_path / "after3.pt"
+    saved.write_bytes(trainer.checkpoint_path.read_bytes())
+    expected = trainer.train(max_steps=2)[-2:]
+    resumed = _trainer(tmp_path, epochs=6, learning_rate=0.02)
+    resumed.resume(saved)
+    assert resumed.progress.global_step == 3
+    got = resumed.train(max_steps=2)
+    assert [h["step"] for h in got] == [3, 4]
+    for a, b in zip(got, expected, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+    ema = resumed.ema.model.state_dict()
+    for key, value in trainer.ema.model.state_dict().items():
+        torch.testing.assert_close(ema[key], value, rtol=1e-4, atol=1e-5)
+
+
+def test_detect_train_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    torch.set_num_threads(2)
+    coco = _write_coco(tmp_path, _write_images(tmp_path, 4, size=64))
+    common = ["detect-train", "--coco", str(coco), "--images", str(tmp_path)]
+    out = tmp_path / "out"
+    args = [*common, "--class-agnostic", "--epochs", "2", "--batch-size", "2"]
+    args += ["--lr", "0.01", "--input-size", "64", "--train-sizes", "64", "--output", str(out)]
+    assert main([*args, "--val-coco", str(coco), "--val-images", str(tmp_path)]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["step"] for line in lines[:2]] == [0, 2]  # first step of each epoch
+    assert set(lines[-1]) == {"mAP", "AP50"}
+    detector = load_detector(lines[-2]["model"])
+    assert detector.class_names == ("foreground",) and detector.input_size == (64, 64)
+    assert (out / "latest.pt").is_file()
+    assert main([*common, "--val-coco", str(coco)]) == 2  # without --val-images
+    assert "error: --val-coco and --val-images go together" in capsys.readouterr().err

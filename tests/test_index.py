@@ -1,0 +1,324 @@
+"""Gallery library on real Faiss and real SQLite files: edits, search quality, crash safety."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from shitu.errors import DataError, GalleryError
+from shitu.index import Gallery, collect_items
+from shitu.index.backends.faiss_backend import MIN_TRAIN
+from shitu.index.labels import parse_label_file
+from tests.index_helpers import (
+    PixelEmbedder,
+    clustered,
+    exact_top_k,
+    make_images,
+    run_killed,
+    snapshot,
+    unit,
+)
+
+DIM = 16
+
+
+def new_gallery(path: Path, **kwargs) -> Gallery:
+    return Gallery.create(path, embedding_dim=DIM, model_fingerprint="test-model", **kwargs)
+
+
+def labels_for(count: int) -> list[str]:
+    return [f"product {i % 7}" for i in range(count)]
+
+
+# --------------------------------------------------------------------------- gallery lists
+
+
+def test_label_file_keeps_spaces_and_resolves_relative_paths(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    listing = tmp_path / "gallery.txt"
+    listing.write_text("# comment\nimgs/a.jpg\tCoca Cola 330 ml\n\nimgs/b.jpg\tFanta\n")
+    items = parse_label_file(listing)
+    assert [i.label for i in items] == ["Coca Cola 330 ml", "Fanta"]
+    assert items[0].path == (tmp_path / "imgs" / "a.jpg").resolve()
+
+
+def test_label_file_without_tab_is_a_data_error(tmp_path):
+    listing = tmp_path / "gallery.txt"
+    listing.write_text("imgs/a.jpg Coca Cola\n")
+    with pytest.raises(DataError, match=r"gallery.txt:1"):
+        parse_label_file(listing)
+
+
+def test_folder_per_label_and_explicit_label(tmp_path):
+    make_images(tmp_path / "lib" / "Green Apple", 2)
+    make_images(tmp_path / "lib" / "Pear", 1, seed=1)
+    items = collect_items([tmp_path / "lib"])
+    assert sorted({i.label for i in items}) == ["Green Apple", "Pear"] and len(items) == 3
+    relabelled = collect_items([tmp_path / "lib" / "Pear"], label="Conference Pear")
+    assert [i.label for i in relabelled] == ["Conference Pear"]
+    with pytest.raises(DataError, match="--label"):
+        collect_items([items[0].path])
+
+
+# --------------------------------------------------------------------------- search quality
+
+
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_flat_search_equals_exact_search(tmp_path, metric):
+    data = clustered(500, DIM)
+    queries = clustered(20, DIM, seed=1)
+    with new_gallery(tmp_path / "lib", metric=metric) as gallery:
+        ids = gallery.add(data, labels_for(500)).ids
+        result = gallery.search(queries, k=10)
+    stored, probe = unit(data), unit(queries)
+    expected = exact_top_k(stored, probe, 10, metric)
+    np.testing.assert_array_equal(result.ids, ids[expected])
+    if metric == "ip":
+        expected_scores = np.take_along_axis(probe @ stored.T, expected, axis=1)
+    else:
+        distance = np.linalg.norm(probe[:, None] - stored[None], axis=-1)
+        expected_scores = -np.take_along_axis(distance, expected, axis=1)
+    np.testing.assert_allclose(result.scores, expected_scores, atol=1e-4)
+    assert (np.diff(result.scores, axis=1) <= 1e-6).all(), "higher score must mean more similar"
+    assert result.labels[0, 0] == labels_for(500)[expected[0, 0]]
+
+
+@pytest.mark.parametrize(
+    ("index_type", "dim", "min_recall", "min_nn_found"),
+    [("HNSW32", DIM, 0.95, 1.0), ("IVF", DIM, 0.9, 1.0), ("IVFPQ", 32, 0.2, 0.6)],
+)
+def test_approximate_indexes_find_the_exact_neighbours(
+    tmp_path, index_type, dim, min_recall, min_nn_found
+):
+    """Recall@10 vs exact search; PQ (8 dims per code byte) is judged on 1-recall@10."""
+    count = MIN_TRAIN.get(index_type, 0) + 2000
+    data = clustered(count, dim, clusters=50)
+    queries = data[:50] + 0.2 * np.random.default_rng(2).standard_normal((50, dim), np.float32)
+    with Gallery.create(
+        tmp_path / "lib", embedding_dim=dim, model_fingerprint="m", index_type=index_type
+    ) as gallery:
+        ids = gallery.add(data, labels_for(count)).ids
+        assert gallery.stats()["index"]["built_type"] == index_type
+        result = gallery.search(queries, k=10)
+    expected = ids[exact_top_k(unit(data), unit(queries), 10, "ip")]
+    pairs = list(zip(result.ids, expected, strict=True))
+    assert np.mean([len(set(got) & set(want)) / 10 for got, want in pairs]) >= min_recall
+    assert np.mean([want[0] in got for got, want in pairs]) >= min_nn_found
+
+
+def test_trained_type_stays_exact_until_enough_data_then_trains(tmp_path):
+    data = clustered(MIN_TRAIN["IVF"] + 100, DIM)
+    with new_gallery(tmp_path / "lib", index_type="IVF") as gallery:
+        gallery.add(data[:100], labels_for(100))
+        assert gallery.stats()["index"]["built_type"] == "Flat"
+        gallery.add(data[100:], labels_for(len(data) - 100))
+        state = gallery.stats()["index"]
+        assert state["built_type"] == "IVF" and state["trained_on"] == len(data)
+        assert len(gallery) == len(data) and gallery.verify() == []
+
+
+def test_fewer_entries_than_k_are_padded(tmp_path):
+    with new_gallery(tmp_path / "lib") as gallery:
+        empty = gallery.search(np.ones(DIM), k=3)
+        assert (empty.ids == -1).all() and (empty.labels == "").all()
+        gallery.add(clustered(2, DIM), ["a", "b"])
+        result = gallery.search(clustered(4, DIM, seed=3), k=5)
+    assert result.ids.shape == result.scores.shape == result.labels.shape == (4, 5)
+    assert (result.found.sum(axis=1) == 2).all()
+    assert (result.ids[:, 2:] == -1).all() and np.isneginf(result.scores[:, 2:]).all()
+    assert set(result.labels[:, :2].ravel()) == {"a", "b"} and (result.labels[:, 2:] == "").all()
+
+
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_min_score_keeps_only_hits_at_least_that_similar(tmp_path, metric):
+    data = clustered(200, DIM)
+    with new_gallery(tmp_path / "lib", metric=metric) as gallery:
+        gallery.add(data, labels_for(200))
+        full = gallery.search(data[:10], k=20)
+        threshold = float(np.median(full.scores))
+        kept = gallery.search(data[:10], k=20, min_score=threshold)
+    assert (kept.scores[kept.found] >= threshold).all()
+    np.testing.assert_array_equal(kept.found, full.scores >= threshold)
+    np.testing.assert_array_equal(kept.ids[kept.found], full.ids[kept.found])
+
+
+# --------------------------------------------------------------------------- edits
+
+
+@pytest.mark.parametrize("index_type", ["Flat", "HNSW32", "IVF"])
+def test_add_remove_relabel_survive_reopen(tmp_path, index_type):
+    data = clustered(1200, DIM)
+    path = tmp_path / "lib"
+    with new_gallery(path, index_type=index_type) as gallery:
+        ids = gallery.add(data, labels_for(1200)).ids
+        gallery.remove(ids=ids[:5].tolist())
+        removed_label = gallery.remove(labels=["product 3"])
+        assert gallery.relabel("product 4", "Green Apple") == len(range(4 + 7, 1200, 7))
+        new_id = gallery.add(data[:1] + 1.0, ["fresh"]).ids[0]
+    assert new_id > ids.max(), "ids of removed images are never reused"
+    with Gallery.open(path) as gallery:
+        assert gallery.verify() == []
+        counts = gallery.label_counts()
+        assert "product 3" not in counts and "product 4" not in counts
+        assert counts["fresh"] == 1 and len(gallery) == 1200 - 5 - len(removed_label) + 1
+        gone = set(ids[:5].tolist()) | set(removed_label.tolist())
+        result = gallery.search(data[:50], k=10)
+        assert not gone & set(result.ids.ravel().tolist())
+        assert "product 3" not in set(result.labels.ravel())
+        own = gallery.search(data[5:6], k=1)
+        assert own.ids[0, 0] == ids[5] and own.labels[0, 0] == labels_for(6)[5]
+
+
+def test_duplicates_by_content_hash_are_skipped_unless_asked(tmp_path):
+    data = clustered(3, DIM)
+    with new_gallery(tmp_path / "lib") as gallery:
+        gallery.add(data, ["a", "b", "c"], paths=["p0", "p1", "p2"], hashes=["h0", "h1", "h2"])
+        again = gallery.add(data[:2], ["a", "a"], paths=["q0", "q1"], hashes=["h0", "h0"])
+        assert len(again.ids) == 0 and again.duplicates == ["q0", "q1"]
+        forced = gallery.add(data[:1], ["a"], hashes=["h0"], allow_duplicates=True)
+        assert len(forced.ids) == 1 and len(gallery) == 4
+
+
+def test_unknown_label_or_id_is_refused_without_change(tmp_path):
+    with new_gallery(tmp_path / "lib") as gallery:
+        ids = gallery.add(clustered(3, DIM), ["a", "b", "c"]).ids
+        with pytest.raises(GalleryError, match="no images labelled"):
+            gallery.remove(labels=["a", "zzz"])
+        with pytest.raises(GalleryError, match="no images with ids"):
+            gallery.remove(ids=[int(ids[0]), 999])
+        with pytest.raises(GalleryError, match="no images labelled 'zzz'"):
+            gallery.relabel("zzz", "y")
+        assert len(gallery) == 3 and gallery.verify() == []
+
+
+# --------------------------------------------------------------------------- model & files
+
+
+def test_files_are_embedded_hashed_and_reembedded(tmp_path):
+    images = make_images(tmp_path / "imgs", 6)
+    (tmp_path / "imgs" / "broken.png").write_bytes(b"not a png")
+    listing = tmp_path / "gallery.txt"
+    listing.write_text(
+        "".join(f"imgs/{p.name}\tItem {i // 2}\n" for i, p in enumerate(images))
+        + "imgs/broken.png\tItem 9\nimgs/missing.png\tItem 9\n"
+    )
+    model = PixelEmbedder()
+    path = tmp_path / "lib"
+    with Gallery.create(
+        path,
+        embedding_dim=model.embedding_size,
+        model_fingerprint=model.fingerprint,
+        preprocessing=model.preprocessing,
+    ) as gallery:
+        report = gallery.add_files(model, parse_label_file(listing))
+        assert len(report.ids) == 6
+        assert sorted(Path(p).name for p, _ in report.failures) == ["broken.png", "missing.png"]
+        assert len(gallery.add_files(model, parse_label_file(listing)[:2]).duplicates) == 2
+
+    bigger = PixelEmbedder(side=6, fingerprint="pixels-6", preprocessing={"resize": 6})
+    with pytest.raises(GalleryError, match="re-embed"):
+        Gallery.open(path, embedder=bigger)
+    with Gallery.open(path) as gallery:
+        with pytest.raises(GalleryError, match="48-d"):
+            gallery.add_files(bigger, parse_label_file(listing)[:1])
+        with pytest.raises(GalleryError, match=r"shape \[N, 48\]"):
+            gallery.search(np.ones((1, 108)))
+        assert gallery.reembed(bigger) == 6
+    with Gallery.open(path, embedder=bigger) as gallery:
+        assert gallery.manifest.preprocessing == {"resize": 6} and gallery.verify() == []
+        query = bigger.extract_files([str(images[3])]).features
+        result = gallery.search(query, k=1)
+        assert result.labels[0, 0] == "Item 1" and result.scores[0, 0] == pytest.approx(1.0)
+
+
+def test_model_fingerprint_mismatch_is_refused(tmp_path):
+    new_gallery(tmp_path / "lib").close()
+    other = PixelEmbedder(side=2, fingerprint="other")  # 12-d, not the library's 16-d
+    other_same_dim = PixelEmbedder(side=2, fingerprint="other")
+    with pytest.raises(GalleryError, match="16-d features but the model gives 12-d"):
+        Gallery.open(tmp_path / "lib", embedder=other)
+    Gallery.create(tmp_path / "lib12", embedding_dim=12, model_fingerprint="m12").close()
+    with pytest.raises(GalleryError, match="built with model m12 but this model is other"):
+        Gallery.open(tmp_path / "lib12", embedder=other_same_dim)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
+def test_corrupt_index_file_is_detected(tmp_path, damage):
+    path = tmp_path / "lib"
+    with new_gallery(path) as gallery:
+        gallery.add(clustered(100, DIM), labels_for(100))
+        index_file = path / gallery.manifest.index_state["file"]
+    raw = bytearray(index_file.read_bytes())
+    if damage == "flip":
+        raw[len(raw) // 2] ^= 0xFF
+        index_file.write_bytes(raw)
+    elif damage == "truncate":
+        index_file.write_bytes(raw[:-100])
+    else:
+        index_file.unlink()
+    expected = {"flip": "checksum", "truncate": "bytes", "delete": "missing"}[damage]
+    with pytest.raises(GalleryError, match=expected):
+        Gallery.open(path)
+
+
+def test_not_a_library_and_existing_target_are_refused(tmp_path):
+    with pytest.raises(GalleryError, match="not a gallery library"):
+        Gallery.open(tmp_path)
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "file").write_text("x")
+    with pytest.raises(GalleryError, match="already exists"):
+        new_gallery(tmp_path / "taken")
+    with pytest.raises(GalleryError, match="unknown index type"):
+        new_gallery(tmp_path / "bad", index_type="LSH")
+    assert not (tmp_path / "bad").exists()
+    (tmp_path / "garbage").mkdir()
+    (tmp_path / "garbage" / "gallery.sqlite").write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(GalleryError, match="not a readable gallery database"):
+        Gallery.open(tmp_path / "garbage")
+
+
+# --------------------------------------------------------------------------- crash safety
+
+WRITES = {
+    "add": "gallery.add(np.full((3, 16), 5, np.float32) + np.eye(3, 16, dtype=np.float32), ['new'] * 3)",
+    "remove": "gallery.remove(labels=['product 1'])",
+    "relabel": "gallery.relabel('product 2', 'renamed')",
+    "rebuild": "gallery.rebuild('HNSW32')",
+}
+
+
+KILL_POINTS = [
+    (write, point)
+    for write in sorted(WRITES)
+    for point in ("rows-written", "index-file-written", "before-commit")
+    if not (write == "relabel" and point == "index-file-written")  # relabels write no index
+]
+
+
+@pytest.mark.parametrize(("write", "point"), KILL_POINTS)
+def test_killed_write_leaves_previous_library(tmp_path, write, point):
+    path = tmp_path / "lib"
+    data = clustered(60, DIM)
+    with new_gallery(path) as gallery:
+        gallery.add(data, labels_for(60))
+    before = snapshot(path, data[:8])
+    killed = run_killed(path, point, WRITES[write])
+    assert killed.returncode == -9, killed.stderr
+    assert snapshot(path, data[:8]) == before
+    with Gallery.open(path) as gallery:  # and the next write works, clearing leftovers
+        gallery.add(data[:1] * 2, ["after"])
+        assert gallery.verify() == [] and len(gallery) == 61
+    assert len(list(path.glob("index-*"))) == 1
+
+
+def test_write_killed_after_commit_keeps_the_new_library(tmp_path):
+    path = tmp_path / "lib"
+    data = clustered(60, DIM)
+    with new_gallery(path) as gallery:
+        gallery.add(data, labels_for(60))
+    killed = run_killed(path, "after-commit", WRITES["remove"])
+    assert killed.returncode == -9, killed.stderr
+    with Gallery.open(path) as gallery:
+        assert gallery.verify() == [] and "product 1" not in gallery.label_counts()

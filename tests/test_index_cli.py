@@ -1,0 +1,115 @@
+"""`shitu index ...` end to end: a real exported model, real grocery photos, a real library.
+
+The CLI runs in-process through its entry point; crash safety (a killed process) is tested
+with real subprocesses in test_index.py."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from shitu.cli.main import main
+
+CLASSES = {0: "Golden Delicious apple", 1: "Granny Smith apple", 2: "Pink Lady apple"}
+
+
+def shitu(*args: str | Path) -> subprocess.CompletedProcess:
+    """Run the real CLI entry point in this process (a subprocess per call costs a torch import)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(arg) for arg in args])
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[int, Path]:
+    """Two random-weight exports with different embedding sizes (a model upgrade)."""
+    root = tmp_path_factory.mktemp("models")
+    out = {}
+    for size in (512, 128):
+        out[size] = root / f"m{size}"
+        result = shitu(
+            "export",
+            "-c",
+            "GroceryStore_EfficientNetLite0",
+            "-o",
+            "Arch.Backbone.pretrained=false",
+            f"Arch.Backbone.class_num={size}",
+            "Arch.Neck=null",
+            "--out",
+            out[size],
+        )
+        assert result.returncode == 0, result.stderr
+    return out
+
+
+@pytest.fixture
+def gallery_list(grocery: Path, tmp_path: Path) -> Path:
+    """Two photos of each of three classes, listed with paths relative to the list file."""
+    rows = [line.split(",") for line in (grocery / "train.txt").read_text().splitlines()]
+    picked = [r for cls in CLASSES for r in [r for r in rows if int(r[1]) == cls][:2]]
+    listing = grocery / "train.txt"  # only to name the root: paths in train.txt are relative
+    lines = [f"{(listing.parent / r[0].strip()).resolve()}\t{CLASSES[int(r[1])]}" for r in picked]
+    out = tmp_path / "gallery.txt"
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+def test_build_search_edit_and_reembed(models, gallery_list, tmp_path):
+    lib = tmp_path / "lib"
+    built = shitu("index", "build", "--gallery", gallery_list, "--model", models[512], "--out", lib)
+    assert built.returncode == 0, built.stderr
+    assert "added 6 images" in built.stdout
+
+    first_image = gallery_list.read_text().splitlines()[0].split("\t")[0]
+    found = shitu("index", "search", lib, first_image, "--model", models[512], "-k", "1")
+    assert found.returncode == 0, found.stderr
+    assert "Golden Delicious apple (1.000" in found.stdout
+
+    folder = tmp_path / "new"  # two new photos and a renamed copy of a gallery photo
+    folder.mkdir()
+    source = sorted(Path(first_image).parent.glob("*.jpg"))
+    for index, photo in enumerate([source[-1], source[-2], Path(first_image)]):
+        shutil.copy(photo, folder / f"{index}.jpg")
+    added = shitu("index", "add", lib, folder, "--label", "Mixed bag", "--model", models[512])
+    assert added.returncode == 0, added.stderr
+    assert "added 2 images" in added.stdout and "skipped 1 duplicates" in added.stdout
+
+    assert shitu("index", "relabel", lib, "Pink Lady apple", "Pink Lady").returncode == 0
+    removed = shitu("index", "remove", lib, "--label", "Granny Smith apple")
+    assert removed.returncode == 0 and "removed 2 images" in removed.stdout
+
+    listing = shitu("index", "list", lib)
+    counts = {line.split(None, 1)[1]: int(line.split()[0]) for line in listing.stdout.splitlines()}
+    assert counts == {"Golden Delicious apple": 2, "Mixed bag": 2, "Pink Lady": 2}
+
+    refused = shitu("index", "add", lib, gallery_list, "--model", models[128])
+    assert refused.returncode == 2 and "reembed" in refused.stderr
+
+    reembedded = shitu("index", "reembed", lib, "--model", models[128])
+    assert reembedded.returncode == 0, reembedded.stderr
+    stats = json.loads(shitu("index", "stats", lib).stdout)
+    assert stats["embedding_dim"] == 128 and stats["images"] == 6
+    verified = shitu("index", "verify", lib)
+    assert verified.returncode == 0 and "OK" in verified.stdout
+
+
+def test_build_refuses_an_existing_library_and_bad_lists(models, tmp_path):
+    (tmp_path / "lib").mkdir()
+    taken = shitu(
+        "index", "build", "--gallery", tmp_path, "--model", models[512], "--out", tmp_path / "lib"
+    )
+    assert taken.returncode == 2 and "already exists" in taken.stderr
+    bad = tmp_path / "bad.txt"
+    bad.write_text("no-tab-here.jpg label\n")
+    broken = shitu(
+        "index", "build", "--gallery", bad, "--model", models[512], "--out", tmp_path / "x"
+    )
+    assert broken.returncode == 2 and "bad.txt:1" in broken.stderr
+    assert not (tmp_path / "x").exists()

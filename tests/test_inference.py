@@ -1,0 +1,252 @@
+"""Export (ONNX + torch + preprocessing JSON) and feature extraction from the exported folder."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from shitu.checkpoint import save_weights
+from shitu.config import load_config
+from shitu.data.transforms import build_transforms
+from shitu.errors import CheckpointError, ConfigError
+from shitu.inference import FeatureExtractor, Preprocessing, export_model, read_manifest
+from shitu.inference import export as export_module
+from shitu.models import build_model
+
+SIZE = 96
+TINY_CONFIG = """
+Global: {{image_shape: [3, {size}, {size}]}}
+Arch:
+  name: RecModel
+  Backbone: {{name: PPLCNetV2_small_ShiTu}}
+  BackboneStopLayer: {{name: flatten}}
+  Neck: {{name: BNNeck, num_features: 512}}
+  Head: {{name: FC, embedding_size: 512, class_num: 10}}
+DataLoader:
+  Eval:
+    Query:
+      dataset:
+        name: GroceryStoreDataset
+        image_root: {root}
+        cls_label_path: {root}/val.txt
+        transform_ops:
+          - DecodeImage: {{to_rgb: true, channel_first: false}}
+          - ResizeImage: {{size: [{size}, {size}], interpolation: bilinear}}
+          - NormalizeImage: {{scale: 1.0/255.0, mean: [0.5, 0.4, 0.3], std: [0.2, 0.25, 0.3]}}
+"""
+
+
+def grocery_files(root: Path, count: int) -> list[Path]:
+    lines = [line for line in (root / "val.txt").read_text().splitlines() if line.strip()]
+    return [root / line.split(",")[0].strip() for line in lines[:: len(lines) // count][:count]]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, grocery) -> dict:
+    """A tiny PP-LCNetV2 with trained-looking BN statistics, exported from a weight file;
+    the config file is deleted afterwards (inference must not need it)."""
+    work = tmp_path_factory.mktemp("export")
+    config_file = work / "tiny.yaml"
+    config_file.write_text(TINY_CONFIG.format(size=SIZE, root=grocery))
+    config = load_config(config_file)
+    torch.manual_seed(0)
+    model = build_model(config.Arch).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.running_mean.uniform_(-0.2, 0.2)
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.uniform_(0.6, 1.4)
+    weights = save_weights(model.state_dict(), work / "trained.safetensors")
+    files = grocery_files(grocery, 6)
+    out = export_model(config, weights, work / "model", calibration_images=files[:4])
+    reference = model.eval()
+    config_file.unlink()
+    return {"dir": out, "files": files, "model": reference, "config": config}
+
+
+def test_export_folder_holds_everything_inference_needs(exported):
+    out = exported["dir"]
+    names = {p.name for p in out.iterdir()}
+    assert names == {"model.onnx", "model.int8.onnx", "model.safetensors", "shitu_model.json"}
+    manifest = json.loads((out / "shitu_model.json").read_text())
+    assert manifest["embedding_size"] == 512
+    assert manifest["arch_name"] == "PPLCNetV2_small_ShiTu"
+    assert manifest["arch"]["Head"] is None
+    assert manifest["preprocessing"]["resize"] == [SIZE, SIZE]
+    assert manifest["preprocessing"]["mean"] == pytest.approx([0.5, 0.4, 0.3])
+    assert manifest["preprocessing"]["channel_order"] == "RGB"
+    assert len(manifest["fingerprint"]) == 64
+    assert not list(out.parent.glob(".model.*"))  # no staging folders left behind
+
+
+def test_onnx_and_torch_backends_agree_and_match_the_trained_model(exported):
+    files = exported["files"]
+    onnx = FeatureExtractor.load(exported["dir"], backend="onnxruntime", num_threads=1)
+    torch_backend = FeatureExtractor.load(exported["dir"], backend="torch", num_threads=1)
+    a = onnx.extract_files(files, batch_size=4)
+    b = torch_backend.extract_files(files, batch_size=4)
+    assert a.paths == b.paths == [str(f) for f in files] and not a.failures
+    assert a.features.shape == (len(files), 512) and a.features.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(a.features, axis=1), 1.0, atol=1e-5)
+    assert np.abs(a.features - b.features).max() < 1e-4
+    assert onnx.fingerprint == torch_backend.fingerprint
+    assert onnx.preprocessing == torch_backend.preprocessing
+    # The unfolded training model on the training (Pillow) transform: the fast OpenCV path
+    # reproduces it closely (measured in benchmarks/extraction_accuracy.py).
+    ops = exported["config"].DataLoader.Eval.Query.dataset.params["transform_ops"]
+    transform = build_transforms(ops)
+    with torch.no_grad():
+        batch = torch.stack([transform(f.read_bytes()) for f in files])
+        expected = torch.nn.functional.normalize(exported["model"](batch)["features"]).numpy()
+    assert np.abs(a.features - expected).max() < 1e-3
+
+
+def test_extract_images_equals_extract_files(exported):
+    extractor = FeatureExtractor.load(exported["dir"], num_threads=1)
+    files = exported["files"][:3]
+    arrays = [np.asarray(Image.open(f).convert("RGB")) for f in files]
+    from_arrays = extractor.extract_images(arrays)
+    from_files = extractor.extract_files(files).features
+    assert np.abs(from_arrays - from_files).max() < 1e-5
+    assert extractor.extract_images([]).shape == (0, 512)
+
+
+def test_int8_model_is_close_and_has_its_own_fingerprint(exported):
+    fp32 = FeatureExtractor.load(exported["dir"], num_threads=1)
+    int8 = FeatureExtractor.load(exported["dir"], num_threads=1, precision="int8")
+    files = exported["files"]
+    a, b = fp32.extract_files(files).features, int8.extract_files(files).features
+    assert np.sum(a * b, axis=1).min() > 0.95  # cosine similarity per image
+    assert int8.fingerprint != fp32.fingerprint
+    with pytest.raises(ConfigError, match="onnxruntime only"):
+        FeatureExtractor.load(exported["dir"], backend="torch", precision="int8")
+
+
+def test_extract_cli_skips_corrupt_and_non_image_files(exported, tmp_path):
+    folder = tmp_path / "images"
+    (folder / "sub").mkdir(parents=True)
+    good = exported["files"][:2]
+    shutil.copy(good[0], folder / "a.jpg")
+    shutil.copy(good[1], folder / "sub" / "b.jpg")
+    (folder / "c_truncated.jpg").write_bytes(good[0].read_bytes()[:300])
+    (folder / "notes.txt").write_text("not an image\n")
+    (folder / ".hidden.jpg").write_bytes(b"ignored")
+    prefix = tmp_path / "out" / "feats"
+    args = ["extract", str(folder), "--model", str(exported["dir"]), "--out", str(prefix)]
+    result = subprocess.run(
+        [sys.executable, "-m", "shitu.cli.main", *args, "--threads", "1"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    features = np.load(prefix.with_suffix(".npy"))
+    paths = prefix.with_suffix(".txt").read_text().splitlines()
+    assert paths == [str(folder / "a.jpg"), str(folder / "sub" / "b.jpg")]
+    assert features.shape == (2, 512)
+    assert "c_truncated.jpg" in result.stderr and "notes.txt" in result.stderr
+    assert ".hidden" not in result.stderr
+    assert "embedded 2 images" in result.stdout and "skipped 2" in result.stdout
+    reference = FeatureExtractor.load(exported["dir"], num_threads=1).extract_files(good)
+    assert np.abs(features - reference.features).max() < 1e-6
+
+
+def test_killed_export_leaves_nothing_and_reexport_replaces(exported, tmp_path, monkeypatch):
+    config = exported["config"]
+    target = tmp_path / "export"
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt  # as if killed while writing the ONNX file
+
+    monkeypatch.setattr(export_module, "_export_onnx", crash)
+    with pytest.raises(KeyboardInterrupt):
+        export_model(config, None, target)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    export_model(config, None, target)
+    first = read_manifest(target)["fingerprint"]
+    export_model(config, exported["dir"] / "model.safetensors", target)
+    assert read_manifest(target)["fingerprint"] == read_manifest(exported["dir"])["fingerprint"]
+    assert read_manifest(target)["fingerprint"] != first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+
+
+def test_export_refuses_a_folder_that_is_not_an_export(exported, tmp_path):
+    (tmp_path / "keep.txt").write_text("user data")
+    with pytest.raises(export_module.ExportError, match="not a shitu export"):
+        export_model(exported["config"], None, tmp_path)
+    assert (tmp_path / "keep.txt").read_text() == "user data"
+
+
+def test_changed_model_file_is_detected(exported, tmp_path):
+    copy = shutil.copytree(exported["dir"], tmp_path / "copy")
+    data = bytearray((copy / "model.onnx").read_bytes())
+    data[-10] ^= 0xFF
+    (copy / "model.onnx").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="does not match"):
+        FeatureExtractor.load(copy, backend="onnxruntime")
+    with pytest.raises(CheckpointError, match="not an exported model"):
+        FeatureExtractor.load(tmp_path)
+
+
+def test_preprocessing_from_eval_transforms(exported):
+    config = exported["config"].model_copy(deep=True)
+    ops = [
+        {"DecodeImage": {"to_rgb": False}},
+        {"ResizeImage": {"resize_short": 256, "interpolation": "bicubic"}},
+        {"CropImage": {"size": 224}},
+        {"NormalizeImage": {"scale": "1.0/255.0"}},
+        {"ToCHWImage": None},
+    ]
+    config.DataLoader.Eval.Query.dataset.transform_ops = ops
+    prep = Preprocessing.from_config(config)
+    assert (prep.resize_short, prep.crop, prep.size) == (256, (224, 224), (224, 224))
+    assert (prep.interpolation, prep.channel_order) == ("bicubic", "BGR")
+    assert Preprocessing.from_dict(prep.to_dict()) == prep
+    image = np.zeros((300, 400, 3), np.uint8)
+    image[..., 0] = 255  # red in RGB: the BGR model input has it in channel 2
+    prepared = prep.prepare(image)
+    assert prepared.shape == (224, 224, 3) and prepared[0, 0, 2] == 255
+    config.DataLoader.Eval.Query.dataset.transform_ops = [{"RandFlipImage": {}}, *ops[1:]]
+    with pytest.raises(ConfigError, match="RandFlipImage: cannot be exported"):
+        Preprocessing.from_config(config)
+
+
+def test_compact_export_is_half_the_size_and_rebuilds_its_onnx_model_once(
+    exported, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("SHITU_CACHE_DIR", str(tmp_path / "cache"))
+    full = exported["dir"]
+    weights = save_weights(exported["model"].state_dict(), tmp_path / "trained.safetensors")
+    compact = export_model(exported["config"], weights, tmp_path / "compact", compact=True)
+    manifest = read_manifest(compact)
+    assert sorted(p.name for p in compact.iterdir()) == ["model.safetensors", "shitu_model.json"]
+    assert manifest["weights_dtype"] == "float16"
+    size = (compact / "model.safetensors").stat().st_size
+    assert size < 0.55 * (full / "model.safetensors").stat().st_size
+
+    fast = FeatureExtractor.load(compact)  # builds the ONNX model into the cache
+    assert fast.backend.name == "onnxruntime"
+    assert fast.fingerprint == manifest["fingerprint"]
+    cached = list((tmp_path / "cache" / "exports").iterdir())
+    assert len(cached) == 1 and (cached[0] / "model.onnx").is_file()
+    stamp = (cached[0] / "model.onnx").stat().st_mtime_ns
+    torch_path = FeatureExtractor.load(compact, backend="torch")
+    assert torch_path.fingerprint == manifest["fingerprint"]
+
+    files = exported["files"]
+    reference = FeatureExtractor.load(full).extract_files(files).features
+    fp16 = fast.extract_files(files).features
+    assert np.abs(fp16 - torch_path.extract_files(files).features).max() < 1e-4
+    assert (fp16 * reference).sum(1).min() > 0.999  # float16 weights: tiny rounding only
+
+    FeatureExtractor.load(compact)  # the second load reuses the cache
+    assert (cached[0] / "model.onnx").stat().st_mtime_ns == stamp

@@ -1,0 +1,363 @@
+"""The recognition pipeline end to end on real Grocery Store photos: an ImageNet
+EfficientNet-Lite0 export, a Faiss gallery of train images, val photos as queries, and
+multi-object images composed of several products on one canvas."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from shitu.cli.main import main as shitu_main
+from shitu.config import load_config
+from shitu.errors import CheckpointError, ConfigError
+from shitu.index import Gallery, GalleryItem
+from shitu.inference import FeatureExtractor, export_model
+from shitu.inference import default_model as default_model_module
+from shitu.inference.preprocess import read_rgb
+from shitu.pipeline import (
+    PlainBackgroundDetector,
+    Recognizer,
+    evaluate_pipeline,
+    load_pipeline_config,
+)
+from shitu.pipeline.recognizer import iou
+
+CLASSES = (6, 7, 30, 45, 60, 71)  # banana, kiwi, juice, oat milk, aubergine, red pepper
+GALLERY_PER_CLASS = 5
+QUERIES_PER_CLASS = 3
+GAP = 40  # plain canvas between composed products
+CANVAS = (250, 250, 250)
+
+
+def _items(root: Path, split: str, per_class: int, names: dict[int, str]) -> list[GalleryItem]:
+    chosen: dict[int, list[GalleryItem]] = {c: [] for c in CLASSES}
+    for line in (root / f"{split}.txt").read_text().splitlines():
+        path, fine, _ = (part.strip() for part in line.split(","))
+        if int(fine) in chosen and len(chosen[int(fine)]) < per_class:
+            chosen[int(fine)].append(GalleryItem(root / path, names[int(fine)]))
+    return [item for c in CLASSES for item in chosen[c]]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, grocery) -> dict:
+    """Export, gallery (IP) of train photos, val queries; labels with spaces."""
+    work = tmp_path_factory.mktemp("pipeline")
+    config = load_config(
+        "GroceryStore_EfficientNetLite0",
+        ["Arch.BackboneStopLayer.name=flatten", "Arch.Neck=null", "Arch.Head=null"],
+    )
+    model_dir = export_model(config, None, work / "model")
+    with (grocery / "classes.csv").open() as handle:
+        names = {int(row[1]): row[0].replace("-", " ") for row in list(csv.reader(handle))[1:]}
+    gallery_items = _items(grocery, "train", GALLERY_PER_CLASS, names)
+    queries = _items(grocery, "val", QUERIES_PER_CLASS, names)
+    extractor = FeatureExtractor.load(model_dir, num_threads=1)
+    with Gallery.create(
+        work / "gallery",
+        embedding_dim=extractor.embedding_size,
+        model_fingerprint=extractor.fingerprint,
+        preprocessing=extractor.preprocessing,
+    ) as gallery:
+        gallery.add_files(extractor, gallery_items)
+    label_file = work / "queries.txt"
+    label_file.write_text("".join(f"{q.path}\t{q.label}\n" for q in queries))
+    return {
+        "work": work,
+        "model": model_dir,
+        "extractor": extractor,
+        "library": work / "gallery",
+        "queries": queries,
+        "label_file": label_file,
+    }
+
+
+@pytest.fixture
+def recognizer(setup):
+    def make(detector=None, **options) -> Recognizer:
+        gallery = Gallery.open(setup["library"], embedder=setup["extractor"])
+        return Recognizer(setup["extractor"], gallery, detector, **options)
+
+    return make
+
+
+class FixedBoxes:
+    """A detector that reports given boxes (the boxes are the test's input, not its subject)."""
+
+    def __init__(self, boxes: list[tuple[int, int, int, int]]) -> None:
+        self.boxes = boxes
+
+    def detect(self, image, score_threshold=0.3, max_boxes=5):
+        rows = [[0, 0.9, *box] for box in self.boxes[:max_boxes]]
+        return np.asarray(rows, np.float32).reshape(-1, 6)
+
+
+def compose(paths: list[Path], sizes: list[int]) -> tuple[np.ndarray, list[tuple], list]:
+    """Product photos resized side by side on a plain canvas: the image, boxes, tiles."""
+    import cv2
+
+    tiles = [
+        cv2.resize(read_rgb(p), (s, s), interpolation=cv2.INTER_AREA)
+        for p, s in zip(paths, sizes, strict=True)
+    ]
+    height = max(sizes) + 2 * GAP
+    width = sum(sizes) + GAP * (len(sizes) + 1)
+    canvas = np.full((height, width, 3), CANVAS, np.uint8)
+    boxes, x = [], GAP
+    for tile, size in zip(tiles, sizes, strict=True):
+        canvas[GAP : GAP + size, x : x + size] = tile
+        boxes.append((x, GAP, x + size, GAP + size))
+        x += size + GAP
+    return canvas, boxes, tiles
+
+
+def test_whole_image_pipeline_agrees_with_direct_retrieval(setup, recognizer):
+    """Without a detector and threshold, the top result is exactly the retrieval top-1."""
+    queries = setup["queries"]
+    features = setup["extractor"].extract_files([q.path for q in queries]).features
+    with Gallery.open(setup["library"]) as gallery:
+        direct = gallery.search(features, k=1)
+    direct_right = np.mean(
+        [d == q.label for d, q in zip(direct.labels[:, 0], queries, strict=True)]
+    )
+    with recognizer(score_thres=-1.0) as rec:
+        found = list(rec.recognize_files([q.path for q in queries]))
+        report = evaluate_pipeline(rec, queries)
+    assert [f.results[0].label for f in found] == list(direct.labels[:, 0])
+    np.testing.assert_allclose([f.results[0].score for f in found], direct.scores[:, 0], atol=1e-5)
+    assert all(f.results[0].bbox[:2] == (0, 0) and len(f.results) == 1 for f in found)
+    assert report.queries == len(queries) and report.recall_at_1 == pytest.approx(direct_right)
+    assert direct_right >= 0.6  # ImageNet features do tell these six products apart
+
+
+def test_l2_library_gives_the_same_scores_as_inner_product(setup, recognizer, tmp_path):
+    with Gallery.open(setup["library"]) as ip:
+        _, features = ip.features()
+        labels = list(ip.search(features, k=1).labels[:, 0])
+    with Gallery.create(
+        tmp_path / "l2",
+        embedding_dim=features.shape[1],
+        model_fingerprint=setup["extractor"].fingerprint,
+        metric="l2",
+    ) as l2:
+        l2.add(features, labels)
+    paths = [q.path for q in setup["queries"][::3]]
+    with recognizer(score_thres=-1.0) as rec:
+        expected = [f.results[0] for f in rec.recognize_files(paths)]
+    l2_gallery = Gallery.open(tmp_path / "l2", embedder=setup["extractor"])
+    with Recognizer(setup["extractor"], l2_gallery, score_thres=-1.0) as rec:
+        got = [f.results[0] for f in rec.recognize_files(paths)]
+    assert [g.label for g in got] == [e.label for e in expected]
+    np.testing.assert_allclose([g.score for g in got], [e.score for e in expected], atol=1e-4)
+
+
+def test_several_products_are_each_recognised_and_not_suppressed_by_the_whole_image(
+    setup, recognizer
+):
+    """Three products on a plain canvas, the largest covering most of it: the detector
+    finds each, each gets the label it gets alone, the whole image is no result."""
+    picks = [setup["queries"][i] for i in (0, 3, 9)]
+    canvas, boxes, tiles = compose([p.path for p in picks], [300, 120, 120])
+    with recognizer(PlainBackgroundDetector(), score_thres=-1.0, rec_nms_thres=0.05) as rec:
+        alone = [rec.recognize(tile)[0].label for tile in tiles]
+        results = rec.recognize(canvas)
+        whole = rec.recognize_batch([canvas])[0]
+    assert len(results) == 3
+    assert [r.score for r in results] == sorted((r.score for r in results), reverse=True)
+    for box, label in zip(boxes, alone, strict=True):
+        match = [
+            r for r in results if iou(np.array(box, float), np.array([r.bbox], float))[0] > 0.9
+        ]
+        assert len(match) == 1 and match[0].label == label
+    assert (0, 0, canvas.shape[1], canvas.shape[0]) not in [r.bbox for r in results]
+    assert whole == results  # one batch of several images gives the same answer
+
+
+def test_whole_image_is_the_fallback_when_no_box_is_recognised(setup, recognizer):
+    photo = read_rgb(setup["queries"][0].path)
+    height, width = photo.shape[:2]
+    # A store photo has no plain border: no boxes, so the whole image is recognised.
+    with recognizer(PlainBackgroundDetector(), score_thres=-1.0) as rec:
+        assert [r.bbox for r in rec.recognize(photo)] == [(0, 0, width, height)]
+    # An object box that is recognised excludes the whole image ...
+    canvas, *_ = compose([setup["queries"][0].path], [200])
+    blank = (0, 0, GAP - 5, GAP - 5)  # plain canvas: a poor match for any product
+    full = (0, 0, canvas.shape[1], canvas.shape[0])
+    with recognizer(FixedBoxes([blank]), score_thres=-1.0) as rec:
+        (only,) = rec.recognize(canvas)
+    with recognizer(score_thres=-1.0) as rec:
+        (whole,) = rec.recognize(canvas)
+    assert only.bbox == blank and whole.bbox == full and whole.score > only.score
+    # ... but one that fails the threshold does not: the whole image competes instead.
+    middle = (only.score + whole.score) / 2
+    with recognizer(FixedBoxes([blank]), score_thres=middle) as rec:
+        assert rec.recognize(canvas) == [whole]
+
+
+def test_score_threshold_and_recognition_nms(setup, recognizer):
+    picks = [setup["queries"][i] for i in (1, 4, 7)]
+    canvas, boxes, _ = compose([p.path for p in picks], [160, 160, 160])
+    x1, y1, x2, y2 = boxes[0]
+    shifted = (x1 + 12, y1 + 12, x2 + 12, y2 + 12)  # IoU ~0.74 with the first product
+    detector = FixedBoxes([*boxes, shifted])
+    with recognizer(detector, score_thres=-1.0, rec_nms_thres=1.0) as rec:
+        everything = rec.recognize(canvas)
+    assert len(everything) == 4
+    with recognizer(detector, score_thres=-1.0, rec_nms_thres=0.5) as rec:
+        kept = rec.recognize(canvas)
+    pair = [r for r in everything if r.bbox in (boxes[0], shifted)]
+    assert len(kept) == 3 and max(pair, key=lambda r: r.score) in kept
+    middle = sorted(r.score for r in kept)[1]
+    with recognizer(detector, score_thres=middle, rec_nms_thres=0.5) as rec:
+        assert [r.score for r in rec.recognize(canvas)] == sorted(
+            (r.score for r in kept if r.score >= middle), reverse=True
+        )
+    with recognizer(detector, score_thres=1.0) as rec:
+        assert rec.recognize(canvas) == []
+
+
+def test_onnx_picodet_detector_boxes_feed_the_pipeline(setup, grocery):
+    model = grocery.parent.parent / "models" / "picodet_s_coco" / "picodet_s_320_coco.onnx"
+    config = load_pipeline_config(
+        "inference_general",
+        [
+            f"Global.rec_inference_model_dir={setup['model']}",
+            f"Global.det_inference_model_dir={model}",
+            f"IndexProcess.index_dir={setup['library']}",
+            "IndexProcess.score_thres=-1",
+            "Global.threshold=0.1",
+        ],
+    )
+    picks = [setup["queries"][i] for i in (0, 12)]
+    canvas, *_ = compose([p.path for p in picks], [200, 200])
+    with Recognizer.from_config(config) as rec:
+        dets = rec.detector.detect(canvas, 0.1, 5)
+        results = rec.recognize(canvas)
+    allowed = {tuple(int(v) for v in np.floor(d[2:4])) for d in dets} | {(0, 0)}
+    assert len(dets) and results
+    assert all(r.bbox[:2] in allowed for r in results)
+
+
+def test_recognize_cli_jsonl_table_visualisations_and_unreadable_files(setup, tmp_path, capsys):
+    picks = [setup["queries"][i] for i in (6, 15)]  # juice, pepper: labels with spaces
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for q in picks:
+        (folder / q.path.name).write_bytes(q.path.read_bytes())
+    (folder / "broken.jpg").write_bytes(b"not an image")
+    common = ["--gallery", str(setup["library"]), "--model", str(setup["model"]), "--no-progress"]
+    code = shitu_main(
+        [
+            "recognize",
+            str(folder),
+            *common,
+            "--score-thres",
+            "-1",
+            "--save-vis",
+            str(tmp_path / "vis"),
+        ]
+    )
+    out, err = capsys.readouterr()
+    assert code == 0
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert [Path(line["image"]).name for line in lines] == sorted(q.path.name for q in picks)
+    assert all(
+        set(r) == {"bbox", "label", "score", "image_id"} for line in lines for r in line["results"]
+    )
+    assert any(" " in r["label"] for line in lines for r in line["results"])
+    assert "broken.jpg" in err and "1 of 3 files could not be read" in err
+    assert sorted(p.name for p in (tmp_path / "vis").iterdir()) == sorted(
+        q.path.stem + ".jpg" for q in picks
+    )
+    assert (
+        shitu_main(
+            [
+                "recognize",
+                str(setup["queries"][0].path),
+                *common,
+                "--format",
+                "table",
+                "--score-thres",
+                "0.9999",
+            ]
+        )
+        == 0
+    )
+    assert "(nothing recognised)" in capsys.readouterr().out
+
+
+def test_eval_pipeline_cli_reports_the_pipeline_recall(setup, recognizer, capsys):
+    with recognizer() as rec:
+        expected = evaluate_pipeline(rec, setup["queries"]).to_dict()
+    code = shitu_main(
+        ["eval-pipeline", "--queries", str(setup["label_file"]), "--gallery", str(setup["library"]),
+         "--model", str(setup["model"]), "--json", "--no-progress"]
+    )  # fmt: skip
+    assert code == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1]) == expected
+
+
+def test_demo_builds_a_gallery_and_recognises_every_product(setup, tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert shitu_main(["demo", "--out", str(out), "--model", str(setup["model"])]) == 0
+    text = capsys.readouterr().out
+    right, total = (
+        int(v) for v in text.split("recognised ")[-1].split(" products")[0].split(" of ")
+    )
+    assert total == 16 and right >= 15
+    assert len(list((out / "vis").glob("*.jpg"))) == 8
+    # Running it again reuses its own folder; any other folder is refused.
+    assert shitu_main(["demo", "--out", str(out), "--model", str(setup["model"])]) == 0
+    assert shitu_main(["demo", "--out", str(setup["work"]), "--model", str(setup["model"])]) == 2
+
+
+def test_quick_start_demo_with_the_shipped_model(tmp_path, monkeypatch, capsys):
+    """The README's main command: the packaged compact model, its ONNX model built into
+    the (here: empty) cache, every demo product recognised with a confident score."""
+    monkeypatch.setenv("SHITU_CACHE_DIR", str(tmp_path / "cache"))
+    assert shitu_main(["demo", "--out", str(tmp_path / "demo")]) == 0
+    text = capsys.readouterr().out
+    assert "recognised 16 of 16 products" in text
+    assert list((tmp_path / "cache" / "exports").glob("*/model.onnx"))
+    scores = [float(line.split()[0]) for line in text.splitlines() if line.startswith("   0.")]
+    assert len(scores) >= 16 and min(scores) > 0.7
+
+
+def test_pipeline_config_reads_paddleclas_files_and_overrides(tmp_path):
+    paddle = tmp_path / "inference_general.yaml"
+    paddle.write_text(
+        "Global:\n  infer_imgs: ./images\n  det_inference_model_dir: ./det\n  rec_inference_model_dir: ./rec\n"
+        "  rec_nms_thresold: 0.05\n  batch_size: 1\n  threshold: 0.2\n  max_det_results: 5\n"
+        "  use_gpu: true\n  enable_mkldnn: true\n  cpu_num_threads: 10\n  ir_optim: true\n"
+        "DetPreProcess:\n  transform_ops: []\nDetPostProcess: {}\nRecPreProcess:\n  transform_ops: []\n"
+        "RecPostProcess: null\nIndexProcess:\n  index_method: HNSW32\n  index_dir: ./index\n"
+        "  dist_type: IP\n  return_k: 5\n  score_thres: 0.4\n"
+    )
+    config = load_pipeline_config(
+        paddle, ["IndexProcess.score_thres=0.6", "Global.det_inference_model_dir=none"]
+    )
+    assert config.IndexProcess.score_thres == 0.6 and config.detector is None
+    assert config.Global.rec_inference_model_dir == "./rec" and config.Global.cpu_num_threads == 10
+    assert load_pipeline_config("inference_general").IndexProcess.score_thres == 0.5
+    with pytest.raises(ConfigError, match=r"Global.treshold: unknown key"):
+        load_pipeline_config(paddle, ["Global.treshold=0.3"])
+    with pytest.raises(ConfigError, match=r"score_thres.*from -o IndexProcess.score_thres=2"):
+        load_pipeline_config(None, ["IndexProcess.score_thres=2"])
+    with pytest.raises(ConfigError, match="pipeline config not found"):
+        load_pipeline_config("no_such_config")
+
+
+def test_default_model_dir_names_the_missing_folder(tmp_path, monkeypatch, capsys):
+    from shitu.inference import default_model_dir
+
+    monkeypatch.setattr(default_model_module, "DEFAULT_MODEL_DIR", tmp_path / "default_model")
+    with pytest.raises(CheckpointError, match="default model is missing.*--model"):
+        default_model_dir()
+    code = shitu_main(["recognize", "x.jpg", "--gallery", str(tmp_path)])
+    assert code == 2 and "default model is missing" in capsys.readouterr().err
+    (tmp_path / "default_model").mkdir()
+    (tmp_path / "default_model" / "shitu_model.json").write_text("{}")
+    assert default_model_dir() == tmp_path / "default_model"
