@@ -16,29 +16,17 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+from common import model_dir, random_gallery
 
-from shitu.config import load_config
 from shitu.demo import make_demo_set
 from shitu.detection import OnnxDetector
-from shitu.errors import CheckpointError
 from shitu.index import Gallery
-from shitu.inference import FeatureExtractor, default_model_dir, export_model
+from shitu.inference import FeatureExtractor
 from shitu.inference.preprocess import read_rgb
 from shitu.pipeline import PlainBackgroundDetector, Recognizer
 
 REPO = Path(__file__).resolve().parent.parent
 PICODET = REPO.parent / "shared" / "models" / "picodet_s_coco" / "picodet_s_320_coco.onnx"
-
-
-def model_dir(given: str | None, tmp: Path) -> Path:
-    if given:
-        return Path(given)
-    try:
-        return default_model_dir()
-    except CheckpointError:
-        config = load_config("GeneralRecognitionV2_PPLCNetV2_base", ["Arch.Head=null"])
-        return export_model(config, None, tmp / "model")
 
 
 def ms_per_image(recognizer: Recognizer, path: Path, repeats: int) -> tuple[float, int]:
@@ -64,17 +52,7 @@ def main() -> None:
         demo = make_demo_set(tmp / "demo")
         photos = {1: tmp / "demo" / "queries" / "lemon_soda.jpg", 4: demo.shelves[0][0]}
         extractor = FeatureExtractor.load(model_dir(args.model, tmp), num_threads=args.threads)
-        vectors = np.random.default_rng(0).normal(
-            size=(args.gallery_size, extractor.embedding_size)
-        )
-        with Gallery.create(
-            tmp / "gallery",
-            embedding_dim=extractor.embedding_size,
-            model_fingerprint=extractor.fingerprint,
-        ) as gallery:
-            gallery.add(
-                vectors.astype(np.float32), [f"item {i % 500}" for i in range(len(vectors))]
-            )
+        random_gallery(tmp / "gallery", extractor, args.gallery_size)
         detectors: dict[str, object] = {"none": None, "plain-background": PlainBackgroundDetector()}
         if Path(args.picodet).is_file():
             detectors[Path(args.picodet).stem] = OnnxDetector(args.picodet, threads=args.threads)

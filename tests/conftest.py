@@ -48,3 +48,11 @@ def load_images(root: Path, count: int, size: int = 224) -> np.ndarray:
 @pytest.fixture(scope="session")
 def real_images(grocery: Path) -> np.ndarray:
     return load_images(grocery, 8)
+
+
+@pytest.fixture(scope="session")
+def serving_library(tmp_path_factory):
+    """The demo gallery library that the `shitu serve` tests copy for each server."""
+    from tests.serving_helpers import demo_library
+
+    return demo_library(tmp_path_factory.getbasetemp() / "serving-library")

@@ -19,6 +19,7 @@ from shitu.cli import (
     index,
     info,
     recognize,
+    serve,
     train,
 )
 from shitu.errors import ShituError
@@ -36,6 +37,7 @@ SUBCOMMANDS = (
     eval_pipeline,
     demo,
     detect_train,
+    serve,
 )
 
 

@@ -1,0 +1,37 @@
+"""Set-up shared by the recognition benchmarks: which model to time, and a gallery to search.
+
+Benchmarks run as scripts (`python benchmarks/NAME.py`), so they import this as `common`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from shitu.config import load_config
+from shitu.errors import CheckpointError
+from shitu.index import Gallery
+from shitu.inference import FeatureExtractor, default_model_dir, export_model
+
+
+def model_dir(given: str | None, tmp: Path) -> Path:
+    """The model folder given, else the shipped default model, else PP-LCNetV2 base exported
+    with random weights into `tmp` (speed does not depend on the weights)."""
+    if given:
+        return Path(given)
+    try:
+        return default_model_dir()
+    except CheckpointError:
+        config = load_config("GeneralRecognitionV2_PPLCNetV2_base", ["Arch.Head=null"])
+        return export_model(config, None, tmp / "model")
+
+
+def random_gallery(path: Path, extractor: FeatureExtractor, size: int) -> Path:
+    """A library of `size` random vectors in 500 labels: search cost depends only on size."""
+    vectors = np.random.default_rng(0).normal(size=(size, extractor.embedding_size))
+    with Gallery.create(
+        path, embedding_dim=extractor.embedding_size, model_fingerprint=extractor.fingerprint
+    ) as gallery:
+        gallery.add(vectors.astype(np.float32), [f"item {i % 500}" for i in range(size)])
+    return path

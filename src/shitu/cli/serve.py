@@ -1,0 +1,171 @@
+"""`shitu serve`: the recognition pipeline and gallery editing over HTTP, with a web page."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import socket
+import sys
+from pathlib import Path
+
+from shitu.cli.recognize import add_pipeline_arguments, pipeline_config_from_args
+from shitu.errors import ConfigError, ShituError
+
+API_KEY_ENV = "SHITU_API_KEY"
+DEFAULT_MAX_CONNECTIONS = 64
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from shitu.serving.settings import (
+        DEFAULT_MAX_BATCH,
+        DEFAULT_MAX_MEGAPIXELS,
+        DEFAULT_MAX_UPLOAD_MB,
+    )
+
+    parser = subparsers.add_parser(
+        "serve",
+        help="serve recognition and gallery editing over HTTP, with a web page",
+        description=(
+            "Loads the models and the gallery library once, then answers HTTP: POST "
+            "/v1/recognize and /v1/extract, gallery endpoints under /v1/gallery, /healthz, "
+            "/metrics (Prometheus), API docs at /docs, and a web page at / to recognise "
+            "photos and browse and edit the gallery. Needs: pip install 'shitu[serve]'."
+        ),
+    )
+    add_pipeline_arguments(parser)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument(
+        "--port", type=int, default=8000, help="port (0: any free port; the URL is printed)"
+    )
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get(API_KEY_ENV),
+        help=f"key that gallery edits need (default: ${API_KEY_ENV}; none: no key needed)",
+    )
+    parser.add_argument(
+        "--protect-reads",
+        action="store_true",
+        help="require the API key for every endpoint except /healthz, the page and the docs",
+    )
+    parser.add_argument(
+        "--max-upload-mb",
+        type=float,
+        default=DEFAULT_MAX_UPLOAD_MB,
+        help=f"largest request body (default {DEFAULT_MAX_UPLOAD_MB:g})",
+    )
+    parser.add_argument(
+        "--max-megapixels",
+        type=float,
+        default=DEFAULT_MAX_MEGAPIXELS,
+        help=f"largest image, in millions of pixels (default {DEFAULT_MAX_MEGAPIXELS:g})",
+    )
+    parser.add_argument(
+        "--max-batch",
+        type=int,
+        default=DEFAULT_MAX_BATCH,
+        help="images of concurrent requests one model call may take "
+        f"(default {DEFAULT_MAX_BATCH}; 1: no batching)",
+    )
+    parser.add_argument(
+        "--upload-dir",
+        type=Path,
+        help="where images added over HTTP are kept (default: GALLERY/uploads)",
+    )
+    parser.add_argument(
+        "--max-connections",
+        type=int,
+        default=DEFAULT_MAX_CONNECTIONS,
+        help="open connections beyond which requests get 503 (bounds the memory that "
+        f"queued uploads take; default {DEFAULT_MAX_CONNECTIONS})",
+    )
+    parser.add_argument("--access-log", action="store_true", help="log every request")
+    parser.set_defaults(func=run)
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """Bind before loading anything slow, so a taken port fails at once and port 0 works."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ShituError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.listen(2048)
+    return sock
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from shitu.serving.app import create_app
+        from shitu.serving.metrics import Metrics
+        from shitu.serving.service import RecognitionService
+        from shitu.serving.settings import MB, ServeSettings
+    except ImportError as exc:
+        raise ShituError(
+            f"shitu serve needs the serve extra ({exc.name} is missing): pip install 'shitu[serve]'"
+        ) from None
+    if min(args.max_batch, args.max_upload_mb, args.max_megapixels, args.max_connections) <= 0:
+        raise ConfigError(
+            "--max-batch, --max-upload-mb, --max-megapixels and --max-connections must be positive"
+        )
+    if args.protect_reads and not args.api_key:
+        raise ConfigError(f"--protect-reads needs an API key (--api-key or ${API_KEY_ENV})")
+    config = pipeline_config_from_args(args)
+    library = config.IndexProcess.index_dir
+    if not library:
+        raise ConfigError("give the gallery library to serve with --gallery")
+    settings = ServeSettings(
+        upload_dir=args.upload_dir or Path(library) / "uploads",
+        max_upload_bytes=int(args.max_upload_mb * MB),
+        max_pixels=int(args.max_megapixels * 1_000_000),
+        api_key=args.api_key or None,
+        protect_reads=args.protect_reads,
+        max_batch=args.max_batch,
+    )
+    sock = _listen(args.host, args.port)
+    metrics = Metrics()
+    try:
+        service = RecognitionService(config, settings, metrics.observe_batch)
+    except BaseException:
+        sock.close()
+        raise
+    app = create_app(service, metrics)
+    host, port = sock.getsockname()[:2]
+    url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+    snapshot = service.library.snapshot
+    print(
+        f"serving {library} ({len(snapshot.by_id)} images, {len(snapshot.by_label)} labels)"
+        f" at {url}  (web page: {url}/, API docs: {url}/docs)",
+        flush=True,
+    )
+    if not settings.api_key and not _is_loopback(args.host):
+        print(
+            f"warning: listening on {args.host} without an API key: anyone who can reach it "
+            "can edit the gallery (set --api-key)",
+            file=sys.stderr,
+        )
+    verbose = logging.getLogger().isEnabledFor(logging.INFO)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            log_level="info" if verbose else "warning",
+            access_log=args.access_log,
+            limit_concurrency=args.max_connections,
+            timeout_graceful_shutdown=10,
+        )
+    )
+    server.run(sockets=[sock])
+    return 0

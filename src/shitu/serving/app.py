@@ -1,0 +1,338 @@
+"""The FastAPI application: routes, error handling, the web page and the API docs.
+
+The API docs (/docs, /redoc) and the web page load nothing from outside the server, so
+both work offline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
+from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
+
+from shitu import __version__
+from shitu.errors import ShituError
+from shitu.index.metadata import ImageEntry
+from shitu.serving import schemas
+from shitu.serving.errors import BadRequest, RequestError
+from shitu.serving.http import IMAGE_FIELD, BodyLimit, RawUploads, api_key_check, read_uploads
+from shitu.serving.images import decode_image
+from shitu.serving.metrics import CONTENT_TYPE, Metrics, MetricsMiddleware
+from shitu.serving.service import RecognitionService, Upload
+
+logger = logging.getLogger(__name__)
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+# The web page may only load what this server serves (and show images it made itself).
+PAGE_POLICY = "default-src 'self'; img-src 'self' blob: data:; object-src 'none'"
+THUMBNAIL_SIZES = (16, 512)
+LABEL_PAGE = 200
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": schemas.ErrorOut} for status in (400, 401, 403, 404, 413, 415)
+}
+
+
+def _upload_body(schema: type[BaseModel], files: str, extra_fields: Sequence[str] = ()) -> dict:
+    """OpenAPI request body: a multipart form with image files, or the JSON `schema`."""
+    form: dict[str, Any] = {
+        IMAGE_FIELD: {"type": "string", "format": "binary", "description": files},
+        **{name: {"type": "string"} for name in extra_fields},
+    }
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "properties": form,
+                        "required": [IMAGE_FIELD, *extra_fields],
+                    }
+                },
+                "application/json": {"schema": schema.model_json_schema()},
+            },
+        }
+    }
+
+
+def create_app(service: RecognitionService, metrics: Metrics | None = None) -> FastAPI:
+    """The app around a loaded service; the service is closed when the app shuts down."""
+    settings = service.settings
+    metrics = metrics or Metrics()
+    metrics.follow(lambda: service.library.snapshot, lambda: service.batcher.waiting)
+    read_access = [Depends(api_key_check(settings, write=False))]
+    write_access = [Depends(api_key_check(settings, write=True))]
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await run_in_threadpool(service.close)
+
+    app = FastAPIOffline(
+        title="shitu",
+        version=__version__,
+        description=(
+            "Recognise products in photos against a gallery library, embed images, and edit "
+            "the gallery. With an API key set, gallery edits need it (and, with "
+            "--protect-reads, every endpoint but /healthz): send `Authorization: Bearer KEY` "
+            "or `X-API-Key: KEY`."
+        ),
+        lifespan=lifespan,
+        favicon_url="/static/favicon.svg",
+        swagger_ui_parameters={"validatorUrl": None},  # never send the spec to swagger.io
+    )
+    app.add_middleware(BodyLimit, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    @app.exception_handler(ShituError)
+    async def shitu_error(request: Request, exc: ShituError) -> JSONResponse:
+        """Our errors carry messages meant for the user; ones the request did not cause
+        (say, the library is locked by another process) are the server's: 500."""
+        status = exc.status if isinstance(exc, RequestError) else 500
+        if status == 500:
+            logger.error("%s %s failed: %s", request.method, request.url.path, exc)
+        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+        return JSONResponse({"detail": str(exc)}, status, headers=headers)
+
+    async def decode(uploads: RawUploads) -> list[Upload]:
+        return [
+            Upload(
+                name, data, await run_in_threadpool(decode_image, data, settings.max_pixels, name)
+            )
+            for name, data in uploads.images
+        ]
+
+    def image_out(entry: ImageEntry) -> schemas.ImageOut:
+        return schemas.ImageOut(
+            id=entry.id,
+            label=entry.label,
+            name=Path(entry.path).name,
+            added_at=entry.added_at,
+            thumbnail=f"/v1/gallery/images/{entry.id}/thumbnail",
+        )
+
+    # ---------------------------------------------------------------------- page, health
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(
+            STATIC_DIR / "index.html", headers={"Content-Security-Policy": PAGE_POLICY}
+        )
+
+    @app.get("/healthz", response_model=schemas.Health, tags=["service"])
+    async def healthz() -> schemas.Health:
+        """Liveness and readiness: models are loaded before the server accepts requests."""
+        return schemas.Health(
+            status="ok",
+            images=len(service.library.snapshot.by_id),
+            model=service.extractor.fingerprint,
+        )
+
+    @app.get("/metrics", dependencies=read_access, tags=["service"], response_class=Response)
+    async def prometheus() -> Response:
+        """Prometheus text format."""
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    # ---------------------------------------------------------------------- inference
+
+    @app.post(
+        "/v1/recognize",
+        response_model=schemas.RecognizeResponse,
+        dependencies=read_access,
+        responses=ERRORS,
+        tags=["inference"],
+        openapi_extra=_upload_body(schemas.RecognizeJSON, "the photo"),
+    )
+    async def recognize(request: Request) -> dict:
+        """What is in the photo: boxes, labels, scores and the matching gallery image ids."""
+        (upload,) = await decode(await read_uploads(request, settings, schemas.RecognizeJSON, 1))
+        results = await asyncio.wrap_future(service.recognize(upload.pixels))
+        return {"results": [r.to_dict() for r in results]}
+
+    @app.post(
+        "/v1/extract",
+        response_model=schemas.ExtractResponse,
+        dependencies=read_access,
+        responses=ERRORS,
+        tags=["inference"],
+        openapi_extra=_upload_body(schemas.ExtractJSON, "an image (repeat the field for more)"),
+    )
+    async def extract(request: Request) -> JSONResponse:
+        """L2-normalised embeddings of whole images, in the order sent."""
+        raw = await read_uploads(
+            request, settings, schemas.ExtractJSON, settings.max_images_per_request
+        )
+        uploads = await decode(raw)
+        futures = service.extract([u.pixels for u in uploads])
+        vectors = await asyncio.gather(*map(asyncio.wrap_future, futures))
+        return JSONResponse(
+            {
+                "model": service.extractor.fingerprint,
+                "dim": service.extractor.embedding_size,
+                "embeddings": [vector.tolist() for vector in vectors],
+            }
+        )
+
+    # ---------------------------------------------------------------------- gallery reads
+
+    @app.get(
+        "/v1/gallery",
+        response_model=schemas.GalleryInfo,
+        dependencies=read_access,
+        tags=["gallery"],
+    )
+    async def gallery_info() -> schemas.GalleryInfo:
+        """Size, model and index of the gallery library."""
+        return schemas.GalleryInfo.of(service.library.snapshot.stats)
+
+    @app.get(
+        "/v1/gallery/labels",
+        response_model=schemas.LabelsResponse,
+        dependencies=read_access,
+        tags=["gallery"],
+    )
+    async def labels() -> schemas.LabelsResponse:
+        """Every label with its number of images, sorted by label."""
+        snapshot = service.library.snapshot
+        return schemas.LabelsResponse(
+            images=len(snapshot.by_id),
+            labels=[
+                schemas.LabelOut(label=label, count=len(entries))
+                for label, entries in snapshot.by_label.items()
+            ],
+        )
+
+    @app.get(
+        "/v1/gallery/labels/{label:path}",
+        response_model=schemas.LabelImagesResponse,
+        dependencies=read_access,
+        responses=ERRORS,
+        tags=["gallery"],
+    )
+    async def label_images(
+        label: str,
+        offset: Annotated[int, Query(ge=0)] = 0,
+        limit: Annotated[int, Query(ge=1, le=10 * LABEL_PAGE)] = LABEL_PAGE,
+    ) -> schemas.LabelImagesResponse:
+        """The images of one label (oldest first), a page at a time."""
+        entries = service.label_images(label)
+        return schemas.LabelImagesResponse(
+            label=label,
+            count=len(entries),
+            offset=offset,
+            images=[image_out(e) for e in entries[offset : offset + limit]],
+        )
+
+    @app.get(
+        "/v1/gallery/images/{image_id}",
+        response_model=schemas.ImageOut,
+        dependencies=read_access,
+        responses=ERRORS,
+        tags=["gallery"],
+    )
+    async def image(image_id: int) -> schemas.ImageOut:
+        return image_out(service.image(image_id))
+
+    @app.get(
+        "/v1/gallery/images/{image_id}/thumbnail",
+        dependencies=read_access,
+        responses={200: {"content": {"image/jpeg": {}}}, **ERRORS},
+        response_class=Response,
+        tags=["gallery"],
+    )
+    async def thumbnail(
+        image_id: int,
+        size: Annotated[int, Query(ge=THUMBNAIL_SIZES[0], le=THUMBNAIL_SIZES[1])] = 160,
+    ) -> Response:
+        """The stored image, shrunk to fit size x size pixels, as JPEG."""
+        data = await run_in_threadpool(service.thumbnail, image_id, size)
+        # Ids are never reused, so an id's image never changes.
+        return Response(
+            data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400"}
+        )
+
+    # ---------------------------------------------------------------------- gallery writes
+
+    @app.post(
+        "/v1/gallery/images",
+        response_model=schemas.AddImagesResponse,
+        status_code=201,
+        dependencies=write_access,
+        responses=ERRORS,
+        tags=["gallery"],
+        openapi_extra=_upload_body(
+            schemas.AddImagesJSON, "an image (repeat the field for more)", ["label"]
+        ),
+    )
+    async def add_images(request: Request) -> schemas.AddImagesResponse:
+        """Add images under a label; images the library already has are skipped."""
+        raw = await read_uploads(
+            request, settings, schemas.AddImagesJSON, settings.max_images_per_request
+        )
+        if "label" not in raw.fields:
+            raise BadRequest("missing field 'label'")
+        uploads = await decode(raw)
+        outcome = await run_in_threadpool(service.add, raw.fields["label"], uploads)
+        return schemas.AddImagesResponse(
+            label=raw.fields["label"].strip(),
+            added=[image_out(e) for e in outcome.added],
+            duplicates=outcome.duplicates,
+        )
+
+    @app.delete(
+        "/v1/gallery/images/{image_id}",
+        response_model=schemas.RemovedResponse,
+        dependencies=write_access,
+        responses=ERRORS,
+        tags=["gallery"],
+    )
+    async def remove_image(image_id: int) -> schemas.RemovedResponse:
+        entry = await run_in_threadpool(service.remove_image, image_id)
+        return schemas.RemovedResponse(removed=[entry.id])
+
+    @app.delete(
+        "/v1/gallery/labels/{label:path}",
+        response_model=schemas.RemovedResponse,
+        dependencies=write_access,
+        responses=ERRORS,
+        tags=["gallery"],
+    )
+    async def remove_label(label: str) -> schemas.RemovedResponse:
+        """Remove every image of a label."""
+        return schemas.RemovedResponse(removed=await run_in_threadpool(service.remove_label, label))
+
+    @app.patch(
+        "/v1/gallery/labels/{label:path}",
+        response_model=schemas.RenamedResponse,
+        dependencies=write_access,
+        responses=ERRORS,
+        tags=["gallery"],
+    )
+    async def rename_label(label: str, body: schemas.RenameLabel) -> schemas.RenamedResponse:
+        """Rename a label; renaming onto an existing label merges the two."""
+        count = await run_in_threadpool(service.rename_label, label, body.label)
+        return schemas.RenamedResponse(old=label, new=body.label.strip(), count=count)
+
+    @app.post(
+        "/v1/gallery/rebuild",
+        response_model=schemas.GalleryInfo,
+        dependencies=write_access,
+        responses=ERRORS,
+        tags=["gallery"],
+    )
+    async def rebuild(body: schemas.RebuildRequest | None = None) -> schemas.GalleryInfo:
+        """Rebuild the search index from the stored features (optionally as another type)."""
+        stats = await run_in_threadpool(service.rebuild, body.index_type if body else None)
+        return schemas.GalleryInfo.of(stats)
+
+    return app

@@ -1,0 +1,39 @@
+"""Errors a request can cause, each with its HTTP status; the message goes to the client as-is."""
+
+from __future__ import annotations
+
+from shitu.errors import ShituError
+
+
+class RequestError(ShituError):
+    """Something wrong with the request; `status` is the HTTP status it answers with."""
+
+    status = 400
+
+
+class BadRequest(RequestError):
+    status = 400
+
+
+class Unauthorized(RequestError):
+    """No API key was sent where one is required."""
+
+    status = 401
+
+
+class Forbidden(RequestError):
+    """An API key was sent, but not the right one."""
+
+    status = 403
+
+
+class NotFound(RequestError):
+    status = 404
+
+
+class PayloadTooLarge(RequestError):
+    status = 413
+
+
+class UnsupportedMediaType(RequestError):
+    status = 415

@@ -1,0 +1,171 @@
+"""Request plumbing: the body size limit, the API key check and reading uploaded images."""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ValidationError
+from starlette.datastructures import UploadFile
+
+from shitu.serving.errors import (
+    BadRequest,
+    Forbidden,
+    PayloadTooLarge,
+    Unauthorized,
+    UnsupportedMediaType,
+)
+from shitu.serving.images import decode_base64
+from shitu.serving.settings import MB, ServeSettings
+
+IMAGE_FIELD = "image"
+# What clients send for a file part: any image type, or "some file" (curl, unknown suffix).
+GENERIC_FILE_TYPES = {"", "application/octet-stream"}
+
+
+def too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"request body is larger than the {limit / MB:g} MB limit")
+
+
+class BodyLimit:
+    """ASGI middleware: a body over `max_bytes` is refused with 413 before it is read.
+
+    A declared Content-Length over the limit is answered at once; a chunked body is counted
+    as it arrives and refused at the first byte over the limit.
+    """
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None:
+            if not declared.isdigit() or int(declared) > self.max_bytes:
+                await self._refuse(send)
+                return
+            await self.app(scope, receive, send)  # the server delivers no more than declared
+            return
+        received = 0
+
+        async def counted() -> dict:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                raise too_large(self.max_bytes)  # answered by the app's error handler
+            return message
+
+        await self.app(scope, counted, send)
+
+    async def _refuse(self, send: Callable) -> None:
+        body = json.dumps({"detail": str(too_large(self.max_bytes))}).encode()
+        headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
+        headers.append((b"content-length", str(len(body)).encode()))
+        await send({"type": "http.response.start", "status": 413, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+# --------------------------------------------------------------------------- API key
+_bearer = HTTPBearer(auto_error=False, description="the API key as a bearer token")
+_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="the API key")
+
+
+def api_key_check(settings: ServeSettings, write: bool) -> Callable[..., Awaitable[None]]:
+    """A dependency that lets a request through if it needs no key or sends the right one."""
+    needed = settings.api_key is not None and (write or settings.protect_reads)
+
+    async def check(
+        bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+        header: Annotated[str | None, Depends(_key_header)],
+    ) -> None:
+        if not needed:
+            return
+        given = header or (bearer.credentials if bearer else None)
+        if not given:
+            what = "changes to the gallery need" if write else "this server needs"
+            raise Unauthorized(
+                f"{what} the API key: send 'Authorization: Bearer KEY' or 'X-API-Key: KEY'"
+            )
+        assert settings.api_key is not None
+        if not hmac.compare_digest(given.encode(), settings.api_key.encode()):
+            raise Forbidden("wrong API key")
+
+    return check
+
+
+# --------------------------------------------------------------------------- uploads
+@dataclass
+class RawUploads:
+    """Encoded images as sent (name, bytes) and the other form or JSON fields."""
+
+    images: list[tuple[str, bytes]]
+    fields: dict[str, str]
+
+
+async def read_uploads(
+    request: Request, settings: ServeSettings, schema: type[BaseModel], at_most: int
+) -> RawUploads:
+    """Images from multipart/form-data (file fields named `image`) or JSON (`image` and/or
+    `images` as base64, validated by `schema`); anything else is 415."""
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media == "multipart/form-data":
+        uploads = await _read_multipart(request, at_most)
+    elif media == "application/json":
+        uploads = await _read_json(request, schema)
+    else:
+        raise UnsupportedMediaType(
+            f"unsupported content type '{media or 'none'}': send multipart/form-data with the "
+            f"file in field '{IMAGE_FIELD}', or application/json with base64 '{IMAGE_FIELD}'"
+        )
+    if not uploads.images:
+        raise BadRequest(f"missing field '{IMAGE_FIELD}': no image in the request")
+    if len(uploads.images) > at_most:
+        raise BadRequest(f"{len(uploads.images)} images sent; at most {at_most} per request")
+    return uploads
+
+
+async def _read_multipart(request: Request, at_most: int) -> RawUploads:
+    images: list[tuple[str, bytes]] = []
+    fields: dict[str, str] = {}
+    async with request.form(max_files=at_most, max_fields=16) as form:
+        for key, value in form.multi_items():
+            if not isinstance(value, UploadFile):
+                fields[key] = value
+                continue
+            if key != IMAGE_FIELD:
+                raise BadRequest(f"unexpected file field '{key}': send images as '{IMAGE_FIELD}'")
+            kind = (value.content_type or "").split(";")[0].strip().lower()
+            name = value.filename or f"{IMAGE_FIELD} {len(images) + 1}"
+            if not kind.startswith("image/") and kind not in GENERIC_FILE_TYPES:
+                raise UnsupportedMediaType(f"{name}: the part is {kind}; upload an image file")
+            images.append((name, await value.read()))
+    if IMAGE_FIELD in fields:
+        raise BadRequest(f"field '{IMAGE_FIELD}' must be a file upload, not text")
+    return RawUploads(images, fields)
+
+
+async def _read_json(request: Request, schema: type[BaseModel]) -> RawUploads:
+    try:
+        body = schema.model_validate_json(await request.body())
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors()
+        )
+        raise BadRequest(f"invalid JSON body: {problems}") from None
+    data = body.model_dump()
+    texts = ([data["image"]] if data.get("image") else []) + list(data.get("images") or [])
+    images = [
+        (f"image {number}", decode_base64(text, f"image {number}"))
+        for number, text in enumerate(texts, start=1)
+    ]
+    fields = {k: v for k, v in data.items() if isinstance(v, str) and k != IMAGE_FIELD}
+    return RawUploads(images, fields)

@@ -1,0 +1,85 @@
+"""Uploaded bytes -> RGB arrays, with the limits checked before anything is decoded.
+
+Decoding matches `shitu.inference.preprocess.read_rgb` (OpenCV first, Pillow for what
+OpenCV cannot read, EXIF orientation applied), so an upload gives the same features as
+the same file given to `shitu recognize` or added with `shitu index add`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+
+import cv2
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from shitu.serving.errors import BadRequest, NotFound, PayloadTooLarge
+
+THUMBNAIL_QUALITY = 85
+
+
+def check_pixels(width: int, height: int, max_pixels: int) -> None:
+    if width * height > max_pixels:
+        raise PayloadTooLarge(
+            f"image is {width}x{height} ({width * height / 1e6:.1f} megapixels); "
+            f"the limit is {max_pixels / 1e6:g} megapixels"
+        )
+
+
+def decode_image(data: bytes, max_pixels: int, name: str = "image") -> np.ndarray:
+    """Encoded image bytes -> RGB uint8 HxWx3. Raises BadRequest or PayloadTooLarge."""
+    if not data:
+        raise BadRequest(f"{name}: the upload is empty (0 bytes)")
+    try:  # reads the header only: the size is known before any pixel is decoded
+        with Image.open(io.BytesIO(data)) as header:
+            width, height = header.size
+            kind = header.format or "image"
+    except Image.DecompressionBombError as exc:
+        raise PayloadTooLarge(f"{name}: {exc}") from None
+    except (UnidentifiedImageError, OSError, ValueError):
+        raise BadRequest(
+            f"{name}: not an image file (expected JPEG, PNG, WebP, BMP, TIFF or GIF; "
+            f"got {len(data)} bytes starting {data[:8]!r})"
+        ) from None
+    check_pixels(width, height, max_pixels)
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if image is not None:
+        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    try:  # formats OpenCV lacks (e.g. GIF), and the reason when the data is damaged
+        with Image.open(io.BytesIO(data)) as opened:
+            opened.load()
+            rgb = ImageOps.exif_transpose(opened).convert("RGB")
+    except Exception as exc:  # any decoder failure means corrupt data
+        raise BadRequest(f"{name}: corrupt {kind} image ({exc})") from None
+    return np.asarray(rgb)
+
+
+def decode_base64(text: str, name: str) -> bytes:
+    """Base64 (plain, or a `data:image/...;base64,` URL) -> bytes."""
+    if text.startswith("data:"):
+        header, _, text = text.partition(",")
+        if not header.endswith(";base64"):
+            raise BadRequest(f"{name}: a data URL must be base64-encoded")
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadRequest(f"{name}: not valid base64") from None
+
+
+def thumbnail_jpeg(path: str, size: int, max_pixels: int) -> bytes:
+    """A stored gallery image shrunk to fit size x size, as JPEG bytes."""
+    try:
+        with Image.open(path) as image:
+            check_pixels(*image.size, max_pixels)
+            image.draft("RGB", (size, size))  # JPEG: decode at a reduced scale, much faster
+            small = ImageOps.exif_transpose(image).convert("RGB")
+    except FileNotFoundError:
+        raise NotFound(f"the image file is missing from the server ({path})") from None
+    except (UnidentifiedImageError, OSError) as exc:
+        raise NotFound(f"the image file cannot be read ({exc})") from None
+    small.thumbnail((size, size), Image.BILINEAR)
+    out = io.BytesIO()
+    small.save(out, "JPEG", quality=THUMBNAIL_QUALITY)
+    return out.getvalue()

@@ -1,0 +1,147 @@
+"""A gallery library shared by request threads: searches run concurrently, writes one at a time.
+
+A `Gallery` is not thread-safe: its SQLite connection belongs to the thread that opened it,
+and a write updates the in-memory index in place. So every call that touches SQLite runs on
+the library's own thread (`run`), which also serialises the writes; searches touch only the
+in-memory index and run on the caller's thread under a shared lock, which a write takes
+exclusively only around the gallery call that commits it. Listing reads a snapshot that is
+rebuilt after each write, so browsing never waits for a write either.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import numpy as np
+
+from shitu.index import Gallery, SearchResult
+from shitu.index.manifest import Manifest
+from shitu.index.metadata import ImageEntry
+
+T = TypeVar("T")
+
+
+class ReadWriteLock:
+    """Many readers or one writer; a waiting writer holds off new readers, so it never starves."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writing = False
+        self._writers_waiting = 0
+
+    @contextmanager
+    def read(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._writing and not self._writers_waiting)
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def write(self) -> Iterator[None]:
+        with self._cond:
+            self._writers_waiting += 1
+            self._cond.wait_for(lambda: not self._writing and not self._readers)
+            self._writers_waiting -= 1
+            self._writing = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writing = False
+                self._cond.notify_all()
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The library's rows and facts as of one generation (read without locks)."""
+
+    by_id: dict[int, ImageEntry]
+    by_label: dict[str, tuple[ImageEntry, ...]]
+    hashes: frozenset[str] = frozenset()  # content hashes of the stored images
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, gallery: Gallery) -> Snapshot:
+        entries = gallery.entries()  # ordered by id
+        by_label: dict[str, list[ImageEntry]] = {}
+        for entry in entries:
+            by_label.setdefault(entry.label, []).append(entry)
+        return cls(
+            by_id={entry.id: entry for entry in entries},
+            by_label={label: tuple(by_label[label]) for label in sorted(by_label)},
+            hashes=frozenset(entry.sha256 for entry in entries if entry.sha256),
+            stats=gallery.stats(),
+        )
+
+
+class SharedLibrary:
+    """Wraps an open Gallery; also stands in for it where the Recognizer searches.
+
+    Build with `SharedLibrary()`, open the gallery with `run(...)` so it belongs to the
+    library's thread, then `attach` it.
+    """
+
+    def __init__(self) -> None:
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="shitu-gallery")
+        self._thread = self._executor.submit(threading.current_thread).result()
+        self._lock = ReadWriteLock()
+        self._gallery: Gallery | None = None
+        self.snapshot = Snapshot({}, {})
+
+    def run(self, fn: Callable[[], T]) -> T:
+        """Call `fn` on the library's thread (inline if already there) and return its result."""
+        if threading.current_thread() is self._thread:
+            return fn()
+        return self._executor.submit(fn).result()
+
+    def attach(self, gallery: Gallery) -> None:
+        """Take over a gallery opened on this library's thread."""
+        self._gallery = gallery
+        self.snapshot = self.run(lambda: Snapshot.of(gallery))
+
+    @property
+    def gallery(self) -> Gallery:
+        if self._gallery is None:
+            raise RuntimeError("no gallery attached")
+        return self._gallery
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.gallery.manifest
+
+    def search(
+        self, vectors: np.ndarray, k: int = 5, min_score: float | None = None
+    ) -> SearchResult:
+        with self._lock.read():
+            return self.gallery.search(vectors, k, min_score)
+
+    def write(self, mutate: Callable[[Gallery], T]) -> T:
+        """Run `mutate(gallery)` on the library's thread with searches held off, then
+        refresh the snapshot."""
+
+        def job() -> T:
+            try:
+                with self._lock.write():
+                    return mutate(self.gallery)
+            finally:  # a failed write may still have reloaded the gallery
+                self.snapshot = Snapshot.of(self.gallery)
+
+        return self.run(job)
+
+    def close(self) -> None:
+        if self._gallery is not None:
+            self.run(self._gallery.close)
+            self._gallery = None
+        self._executor.shutdown()

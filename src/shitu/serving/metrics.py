@@ -1,0 +1,108 @@
+"""Prometheus metrics of one server: HTTP traffic, model batches and the gallery's size."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from shitu.serving.library import Snapshot
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+
+class Metrics:
+    """The server's own registry (not the process-global one), rendered by `/metrics`."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "shitu_http_requests",
+            "HTTP requests answered, by route template and status code",
+            ["method", "route", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "shitu_http_request_duration_seconds",
+            "Time from request to the end of the response",
+            ["method", "route"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "shitu_inference_batch_size",
+            "Images per model call (recognize: whole photos; extract: images to embed)",
+            ["kind"],
+            buckets=BATCH_BUCKETS,
+            registry=self.registry,
+        )
+        self.batch_seconds = Histogram(
+            "shitu_inference_batch_duration_seconds",
+            "Time of one model call",
+            ["kind"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.queue = Gauge(
+            "shitu_inference_queue_images",
+            "Images waiting for the inference thread",
+            registry=self.registry,
+        )
+        self.gallery_images = Gauge(
+            "shitu_gallery_images", "Images in the gallery library", registry=self.registry
+        )
+        self.gallery_labels = Gauge(
+            "shitu_gallery_labels", "Labels in the gallery library", registry=self.registry
+        )
+        self.gallery_generation = Gauge(
+            "shitu_gallery_generation", "Writes committed to the library", registry=self.registry
+        )
+
+    def observe_batch(self, kind: str, size: int, seconds: float) -> None:
+        self.batch_size.labels(kind).observe(size)
+        self.batch_seconds.labels(kind).observe(seconds)
+
+    def follow(self, snapshot: Callable[[], Snapshot], waiting: Callable[[], int]) -> None:
+        """Read the gallery gauges and the queue length when scraped."""
+        self.gallery_images.set_function(lambda: len(snapshot().by_id))
+        self.gallery_labels.set_function(lambda: len(snapshot().by_label))
+        self.gallery_generation.set_function(lambda: snapshot().stats.get("generation", 0))
+        self.queue.set_function(waiting)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class MetricsMiddleware:
+    """ASGI middleware counting every HTTP request by its route template (not its URL,
+    which would make one time series per image id)."""
+
+    def __init__(self, app: Any, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def record_status(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, record_status)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            method = scope["method"]
+            self.metrics.requests.labels(method, route, str(status)).inc()
+            self.metrics.latency.labels(method, route).observe(time.perf_counter() - start)

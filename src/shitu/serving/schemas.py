@@ -1,0 +1,123 @@
+"""Request and response bodies of the HTTP API (they also make the OpenAPI document)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --------------------------------------------------------------------------- JSON uploads
+BASE64_HELP = "base64 of the image file, or a data URL (data:image/jpeg;base64,...)"
+
+
+class RecognizeJSON(_Body):
+    image: str = Field(description=BASE64_HELP)
+
+
+class ExtractJSON(_Body):
+    image: str | None = Field(None, description=BASE64_HELP)
+    images: list[str] | None = Field(None, description="several images, " + BASE64_HELP)
+
+
+class AddImagesJSON(ExtractJSON):
+    label: str = Field(description="the label every image gets")
+
+
+class RenameLabel(_Body):
+    label: str = Field(description="the new label (an existing one: the two are merged)")
+
+
+class RebuildRequest(_Body):
+    index_type: str | None = Field(
+        None, description="rebuild as this type (Flat, HNSW32, IVF, IVFPQ); null: keep it"
+    )
+
+
+# --------------------------------------------------------------------------- responses
+class RecognitionOut(BaseModel):
+    bbox: list[int] = Field(description="x1, y1, x2, y2 in image pixels")
+    label: str
+    score: float = Field(description="cosine similarity to the best gallery image")
+    image_id: int = Field(description="that gallery image's id")
+
+
+class RecognizeResponse(BaseModel):
+    results: list[RecognitionOut] = Field(description="recognised objects, best first")
+
+
+class ExtractResponse(BaseModel):
+    model: str = Field(description="fingerprint of the embedding model")
+    dim: int
+    embeddings: list[list[float]] = Field(description="one L2-normalised vector per image")
+
+
+class ImageOut(BaseModel):
+    id: int
+    label: str
+    name: str = Field(description="file name of the stored image")
+    added_at: str
+    thumbnail: str = Field(description="URL of a small JPEG of the image")
+
+
+class LabelOut(BaseModel):
+    label: str
+    count: int
+
+
+class LabelsResponse(BaseModel):
+    images: int
+    labels: list[LabelOut]
+
+
+class LabelImagesResponse(BaseModel):
+    label: str
+    count: int = Field(description="images with this label (all, not only this page)")
+    offset: int
+    images: list[ImageOut]
+
+
+class AddImagesResponse(BaseModel):
+    label: str
+    added: list[ImageOut]
+    duplicates: list[str] = Field(description="uploads skipped: the library already has them")
+
+
+class RemovedResponse(BaseModel):
+    removed: list[int] = Field(description="ids of the removed images")
+
+
+class RenamedResponse(BaseModel):
+    old: str
+    new: str
+    count: int = Field(description="images relabelled")
+
+
+class GalleryInfo(BaseModel):
+    images: int
+    labels: int
+    model_fingerprint: str
+    embedding_dim: int
+    metric: str
+    backend: str
+    index_type: str
+    generation: int
+    updated_at: str | None = None
+
+    @classmethod
+    def of(cls, stats: dict[str, Any]) -> GalleryInfo:
+        return cls.model_validate({k: v for k, v in stats.items() if k in cls.model_fields})
+
+
+class Health(BaseModel):
+    status: str
+    images: int
+    model: str
+
+
+class ErrorOut(BaseModel):
+    detail: str

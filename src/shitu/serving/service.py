@@ -1,0 +1,242 @@
+"""What the HTTP layer calls: recognition, embedding and gallery edits, loaded once per process.
+
+Model calls go through the inference thread (`MicroBatcher`); SQLite and index writes go
+through the shared library's thread. Both hand back results to the request that asked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+import tempfile
+import unicodedata
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from shitu.index import INDEX_TYPES, Gallery
+from shitu.index.metadata import ImageEntry
+from shitu.pipeline import PipelineConfig, Recognition, Recognizer
+from shitu.serving.batching import BatchObserver, MicroBatcher
+from shitu.serving.errors import BadRequest, NotFound
+from shitu.serving.images import thumbnail_jpeg
+from shitu.serving.library import SharedLibrary
+from shitu.serving.settings import ServeSettings
+
+MAX_LABEL_LENGTH = 200
+SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")  # what an upload's name keeps in its file name
+MAX_NAME = 60
+SUFFIXES = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "BMP": ".bmp", "TIFF": ".tif"}
+
+
+@dataclass(frozen=True)
+class Upload:
+    """One uploaded image: the name the client gave, its bytes and its decoded pixels."""
+
+    name: str
+    data: bytes
+    pixels: np.ndarray
+
+
+@dataclass(frozen=True)
+class AddOutcome:
+    added: list[ImageEntry]
+    duplicates: list[str]  # upload names whose content the library already holds
+
+
+def check_label(label: str) -> str:
+    """A label as stored: trimmed, non-empty, one line (label files are `path<TAB>label`)."""
+    label = label.strip()
+    if not label:
+        raise BadRequest("the label is empty")
+    if len(label) > MAX_LABEL_LENGTH:
+        raise BadRequest(f"the label is longer than {MAX_LABEL_LENGTH} characters")
+    if any(unicodedata.category(char) == "Cc" for char in label):
+        raise BadRequest("the label must not contain tabs, line breaks or other control characters")
+    return label
+
+
+class RecognitionService:
+    """The recogniser (detector, embedding model, gallery) behind the HTTP API.
+
+    Use as a context manager, or call `close()`: it stops the inference thread and closes
+    the library.
+    """
+
+    def __init__(
+        self,
+        config: PipelineConfig,
+        settings: ServeSettings,
+        observe_batch: BatchObserver | None = None,
+    ) -> None:
+        self.settings = settings
+        self.library = SharedLibrary()
+        try:
+            # Built on the library's thread, so the gallery's SQLite connection belongs to it.
+            recognizer = self.library.run(lambda: Recognizer.from_config(config))
+            self.library.attach(recognizer.gallery)
+        except BaseException:
+            self.library.close()
+            raise
+        recognizer.gallery = self.library  # type: ignore[assignment]  # searches take its lock
+        self.recognizer = recognizer
+        self.extractor = recognizer.extractor
+        self.batcher = MicroBatcher(
+            {"recognize": recognizer.recognize_batch, "extract": self._embed},
+            settings.max_batch,
+            observe_batch,
+        )
+        self.upload_dir = settings.upload_dir.resolve()
+
+    def close(self) -> None:
+        self.batcher.close()
+        self.library.close()
+
+    def __enter__(self) -> RecognitionService:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------------- inference
+
+    def recognize(self, image: np.ndarray) -> Future[list[Recognition]]:
+        return self.batcher.submit("recognize", image)
+
+    def extract(self, images: Sequence[np.ndarray]) -> list[Future[np.ndarray]]:
+        """One future per image: its L2-normalised embedding of the whole image."""
+        return [self.batcher.submit("extract", image) for image in images]
+
+    def _embed(self, images: list[np.ndarray]) -> np.ndarray:
+        return self.extractor.extract_images(images, self.recognizer.batch_size)
+
+    # ------------------------------------------------------------------------- reading
+
+    def image(self, image_id: int) -> ImageEntry:
+        entry = self.library.snapshot.by_id.get(image_id)
+        if entry is None:
+            raise NotFound(f"no gallery image with id {image_id}")
+        return entry
+
+    def label_images(self, label: str) -> tuple[ImageEntry, ...]:
+        entries = self.library.snapshot.by_label.get(label)
+        if entries is None:
+            raise NotFound(f"no gallery images labelled '{label}'")
+        return entries
+
+    def thumbnail(self, image_id: int, size: int) -> bytes:
+        entry = self.image(image_id)
+        if not entry.path:
+            raise NotFound(f"gallery image {image_id} was added as a vector, without a file")
+        return thumbnail_jpeg(entry.path, size, self.settings.max_pixels)
+
+    # ------------------------------------------------------------------------- writing
+
+    def add(self, label: str, uploads: Sequence[Upload]) -> AddOutcome:
+        """Embed the images, keep their files, add them with `label`; images the library
+        already has (same bytes) are skipped.
+
+        Blocks; call from a worker thread. Embedding runs while other writes proceed; the
+        files and rows are written on the library's thread, one write at a time.
+        """
+        label = check_label(label)
+        if not uploads:
+            raise BadRequest("no images to add")
+        features = np.stack([f.result() for f in self.extract([u.pixels for u in uploads])])
+        hashes = [hashlib.sha256(upload.data).hexdigest() for upload in uploads]
+
+        def commit() -> AddOutcome:
+            stored, seen = self.library.snapshot.hashes, set()
+            rows, duplicates = [], []
+            for row, digest in enumerate(hashes):
+                (duplicates if digest in stored or digest in seen else rows).append(row)
+                seen.add(digest)
+            names = [uploads[row].name for row in duplicates]
+            if not rows:
+                return AddOutcome(added=[], duplicates=names)
+            paths = [self._keep_file(uploads[row], hashes[row]) for row in rows]
+            report = self.library.write(
+                lambda gallery: gallery.add(
+                    features[rows], [label] * len(rows), paths, [hashes[row] for row in rows]
+                )
+            )
+            by_id = self.library.snapshot.by_id
+            return AddOutcome(added=[by_id[int(i)] for i in report.ids], duplicates=names)
+
+        return self.library.run(commit)
+
+    def remove_image(self, image_id: int) -> ImageEntry:
+        def commit() -> ImageEntry:
+            entry = self.image(image_id)
+            self.library.write(lambda gallery: gallery.remove(ids=[image_id]))
+            self._forget_files([entry])
+            return entry
+
+        return self.library.run(commit)
+
+    def remove_label(self, label: str) -> list[int]:
+        def commit() -> list[int]:
+            entries = self.label_images(label)
+            removed = self.library.write(lambda gallery: gallery.remove(labels=[label]))
+            self._forget_files(entries)
+            return [int(i) for i in removed]
+
+        return self.library.run(commit)
+
+    def rename_label(self, old: str, new: str) -> int:
+        """Rename; renaming onto an existing label merges the two."""
+        new = check_label(new)
+
+        def commit() -> int:
+            count = len(self.label_images(old))
+            if new != old:
+                self.library.write(lambda gallery: gallery.relabel(old, new))
+            return count
+
+        return self.library.run(commit)
+
+    def rebuild(self, index_type: str | None = None) -> dict[str, Any]:
+        if index_type is not None and index_type not in INDEX_TYPES:
+            raise BadRequest(f"unknown index type '{index_type}': choose one of {INDEX_TYPES}")
+
+        def rebuild(gallery: Gallery) -> None:
+            gallery.rebuild(index_type)
+
+        self.library.write(rebuild)
+        return self.library.snapshot.stats
+
+    # ------------------------------------------------------------------------- files
+
+    def _keep_file(self, upload: Upload, digest: str) -> str:
+        """Store an upload (atomically) as `<its name>-<hash prefix>`; returns the path.
+
+        The library holds each content once, so the hash prefix keeps names unique.
+        """
+        with Image.open(io.BytesIO(upload.data)) as header:
+            suffix = SUFFIXES.get(header.format or "", ".img")
+        stem = SAFE_NAME.sub("_", Path(upload.name).stem)[:MAX_NAME].strip("._") or "image"
+        path = self.upload_dir / f"{stem}-{digest[:16]}{suffix}"
+        if not path.is_file():
+            self.upload_dir.mkdir(parents=True, exist_ok=True)
+            handle, tmp = tempfile.mkstemp(dir=self.upload_dir, prefix=".upload-")
+            with os.fdopen(handle, "wb") as out:
+                out.write(upload.data)
+                out.flush()
+                os.fsync(out.fileno())
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        return str(path)
+
+    def _forget_files(self, entries: Sequence[ImageEntry]) -> None:
+        """Delete the stored uploads of removed images (files added by other means stay)."""
+        for entry in entries:
+            path = Path(entry.path)
+            if entry.path and path.parent == self.upload_dir:
+                path.unlink(missing_ok=True)

@@ -1,0 +1,32 @@
+"""What an operator can set about the server, apart from the recognition pipeline itself."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+MB = 1 << 20
+DEFAULT_MAX_UPLOAD_MB = 20.0
+DEFAULT_MAX_MEGAPIXELS = 50.0
+DEFAULT_MAX_BATCH = 8
+MAX_IMAGES_PER_REQUEST = 32
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """Request limits, access control and batching.
+
+    api_key: when set, every write (gallery edits) needs it; with `protect_reads` also
+    every read (recognise, extract, gallery listing, thumbnails, metrics). `/healthz`,
+    the web page and the API docs never need it: they hold no data.
+    upload_dir: where images added over HTTP are kept (the gallery stores their path).
+    max_batch: images one model call may take from concurrent requests (1: no batching).
+    """
+
+    upload_dir: Path
+    max_upload_bytes: int = int(DEFAULT_MAX_UPLOAD_MB * MB)
+    max_pixels: int = int(DEFAULT_MAX_MEGAPIXELS * 1_000_000)
+    max_images_per_request: int = MAX_IMAGES_PER_REQUEST
+    api_key: str | None = None
+    protect_reads: bool = False
+    max_batch: int = DEFAULT_MAX_BATCH

@@ -1,0 +1,271 @@
+// The shitu web page: recognise a photo, browse and edit the gallery. Talks only to the
+// server that served it (the page's Content-Security-Policy allows nothing else).
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const SVG = "http://www.w3.org/2000/svg";
+const KEY_STORE = "shitu-api-key";
+let labels = [];
+let selected = null;
+const thumbUrls = [];
+
+// ---------------------------------------------------------------------------- requests
+
+function authHeaders() {
+  const key = $("api-key").value.trim();
+  return key ? { "X-API-Key": key } : {};
+}
+
+async function api(path, options = {}) {
+  const response = await fetch(path, {
+    ...options,
+    headers: { ...authHeaders(), ...(options.headers || {}) },
+  });
+  if (!response.ok) {
+    let detail = `${response.status} ${response.statusText}`;
+    try {
+      const body = await response.json();
+      detail = typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail);
+    } catch (ignored) { /* not JSON: keep the status line */ }
+    if (response.status === 401 || response.status === 403) {
+      detail += " (enter the API key at the top of the page)";
+    }
+    throw new Error(detail);
+  }
+  const type = response.headers.get("content-type") || "";
+  return type.includes("application/json") ? response.json() : response.blob();
+}
+
+function labelPath(label) {
+  return `/v1/gallery/labels/${encodeURIComponent(label)}`;
+}
+
+function show(text, ok = false) {
+  const box = $("message");
+  box.textContent = text;
+  box.className = ok ? "ok" : "";
+  box.hidden = !text;
+}
+
+async function attempt(action) {
+  try {
+    show("");
+    await action();
+  } catch (error) {
+    show(error.message);
+  }
+}
+
+// ---------------------------------------------------------------------------- drawing
+
+function labelColour(label) {
+  let hash = 0;
+  for (const char of label) hash = (hash * 31 + char.codePointAt(0)) >>> 0;
+  return `hsl(${hash % 360}, 75%, 45%)`;
+}
+
+function svg(name, attributes, text) {
+  const node = document.createElementNS(SVG, name);
+  for (const [key, value] of Object.entries(attributes)) node.setAttribute(key, value);
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+function drawResults(results) {
+  const image = $("photo-view");
+  const overlay = $("overlay");
+  const width = image.naturalWidth;
+  const height = image.naturalHeight;
+  overlay.setAttribute("viewBox", `0 0 ${width} ${height}`);
+  overlay.replaceChildren();
+  const stroke = Math.max(2, Math.round(Math.min(width, height) / 150));
+  const fontSize = Math.max(12, Math.round(Math.min(width, height) / 28));
+  for (const result of results) {
+    const [x1, y1, x2, y2] = result.bbox;
+    const colour = labelColour(result.label);
+    overlay.append(
+      svg("rect", {
+        x: x1, y: y1, width: x2 - x1, height: y2 - y1,
+        fill: "none", stroke: colour, "stroke-width": stroke, class: "box",
+      }),
+      svg("text", {
+        x: x1 + stroke, y: Math.max(fontSize, y1 - stroke), fill: colour,
+        "font-size": fontSize, "stroke-width": Math.max(1, stroke / 2),
+      }, `${result.label} ${result.score.toFixed(2)}`),
+    );
+  }
+  const list = $("results");
+  list.replaceChildren();
+  for (const result of results) {
+    const item = document.createElement("li");
+    const swatch = document.createElement("span");
+    swatch.className = "swatch";
+    swatch.style.background = labelColour(result.label);
+    const name = document.createElement("strong");
+    name.textContent = result.label;
+    item.append(swatch, name, ` ${result.score.toFixed(3)} (gallery image #${result.image_id})`);
+    list.append(item);
+  }
+}
+
+async function recognise(file) {
+  const image = $("photo-view");
+  const loaded = new Promise((resolve) => { image.onload = resolve; });
+  if (image.src) URL.revokeObjectURL(image.src);
+  image.src = URL.createObjectURL(file);
+  $("stage").hidden = false;
+  $("overlay").replaceChildren();
+  $("results").replaceChildren();
+  $("recognise-status").textContent = "recognising…";
+  const form = new FormData();
+  form.append("image", file);
+  try {
+    const [body] = await Promise.all([api("/v1/recognize", { method: "POST", body: form }), loaded]);
+    drawResults(body.results);
+    $("recognise-status").textContent = body.results.length
+      ? `${body.results.length} recognised`
+      : "nothing recognised";
+  } catch (error) {
+    $("recognise-status").textContent = "";
+    throw error;
+  }
+}
+
+// ---------------------------------------------------------------------------- gallery
+
+async function loadLabels() {
+  const [body, info] = await Promise.all([api("/v1/gallery/labels"), api("/v1/gallery")]);
+  labels = body.labels;
+  $("gallery-summary").textContent =
+    `${info.images} images, ${info.labels} labels · ${info.index_type} index`;
+  const options = $("label-options");
+  options.replaceChildren(...labels.map(({ label }) => Object.assign(document.createElement("option"), { value: label })));
+  renderLabels();
+}
+
+function renderLabels() {
+  const filter = $("label-filter").value.trim().toLowerCase();
+  const list = $("labels");
+  list.replaceChildren();
+  for (const { label, count } of labels) {
+    if (filter && !label.toLowerCase().includes(filter)) continue;
+    const button = document.createElement("button");
+    button.type = "button";
+    button.dataset.label = label;
+    button.className = label === selected ? "selected" : "";
+    const name = document.createElement("span");
+    name.textContent = label;
+    const number = Object.assign(document.createElement("span"), { className: "count", textContent: count });
+    button.append(name, number);
+    button.addEventListener("click", () => attempt(() => selectLabel(label)));
+    const item = document.createElement("li");
+    item.append(button);
+    list.append(item);
+  }
+}
+
+async function thumbnail(image) {
+  const blob = await api(`${image.thumbnail}?size=240`);
+  const url = URL.createObjectURL(blob);
+  thumbUrls.push(url);
+  return url;
+}
+
+async function selectLabel(label) {
+  selected = label;
+  renderLabels();
+  const body = await api(labelPath(label));
+  $("label-title").textContent = `${label} (${body.count} images)`;
+  $("rename-form").hidden = false;
+  $("rename-input").value = label;
+  $("add-label").value = label;
+  thumbUrls.splice(0).forEach((url) => URL.revokeObjectURL(url));
+  const grid = $("thumbs");
+  grid.replaceChildren();
+  for (const image of body.images) {
+    const figure = document.createElement("figure");
+    figure.className = "thumb";
+    figure.dataset.id = image.id;
+    const img = document.createElement("img");
+    img.alt = image.name;
+    const caption = document.createElement("figcaption");
+    caption.textContent = `#${image.id} ${image.name}`;
+    const remove = Object.assign(document.createElement("button"), {
+      type: "button", className: "danger", textContent: "×", title: "delete this image",
+    });
+    remove.addEventListener("click", () => attempt(async () => {
+      if (!confirm(`Delete image #${image.id} from "${label}"?`)) return;
+      await api(`/v1/gallery/images/${image.id}`, { method: "DELETE" });
+      await refresh(label);
+    }));
+    figure.append(img, caption, remove);
+    grid.append(figure);
+    thumbnail(image).then((url) => { img.src = url; }, () => { img.alt = "(no preview)"; });
+  }
+}
+
+async function refresh(label) {
+  await loadLabels();
+  if (label && labels.some((entry) => entry.label === label)) {
+    await selectLabel(label);
+  } else {
+    selected = null;
+    $("label-title").textContent = "Choose a label";
+    $("rename-form").hidden = true;
+    $("thumbs").replaceChildren();
+    renderLabels();
+  }
+}
+
+// ---------------------------------------------------------------------------- wiring
+
+window.addEventListener("DOMContentLoaded", () => {
+  $("api-key").value = sessionStorage.getItem(KEY_STORE) || "";
+  $("api-key").addEventListener("change", () => {
+    sessionStorage.setItem(KEY_STORE, $("api-key").value.trim());
+    attempt(() => refresh(selected));
+  });
+  $("photo").addEventListener("change", () => {
+    const file = $("photo").files[0];
+    if (file) attempt(() => recognise(file));
+  });
+  $("label-filter").addEventListener("input", renderLabels);
+  $("rename-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    attempt(async () => {
+      const body = await api(labelPath(selected), {
+        method: "PATCH",
+        headers: { "Content-Type": "application/json" },
+        body: JSON.stringify({ label: $("rename-input").value }),
+      });
+      show(`renamed "${body.old}" to "${body.new}" (${body.count} images)`, true);
+      await refresh(body.new);
+    });
+  });
+  $("delete-label").addEventListener("click", () => attempt(async () => {
+    if (!confirm(`Delete every image labelled "${selected}"?`)) return;
+    const body = await api(labelPath(selected), { method: "DELETE" });
+    show(`deleted ${body.removed.length} images`, true);
+    await refresh(null);
+  }));
+  $("add-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    attempt(async () => {
+      const form = new FormData();
+      form.append("label", $("add-label").value);
+      for (const file of $("add-files").files) form.append("image", file);
+      $("add-status").textContent = "adding…";
+      try {
+        const body = await api("/v1/gallery/images", { method: "POST", body: form });
+        const skipped = body.duplicates.length ? `, skipped ${body.duplicates.length} already in the gallery` : "";
+        $("add-status").textContent = `added ${body.added.length} to "${body.label}"${skipped}`;
+        $("add-files").value = "";
+        await refresh(body.label);
+      } catch (error) {
+        $("add-status").textContent = "";
+        throw error;
+      }
+    });
+  });
+  attempt(() => refresh(null));
+});

@@ -1,0 +1,115 @@
+"""Shared pieces of the `shitu serve` tests: one demo library per session, real server processes.
+
+The library is the demo's: generated product photos (shitu.demo), embedded with the shipped
+default model, with the plain-background detector so shelf photos give one box per product.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from shitu.demo import DemoSet, make_demo_set
+from shitu.index import Gallery, collect_items
+from shitu.inference import FeatureExtractor, default_model_dir
+
+STARTUP_S = 60.0
+
+
+@dataclass(frozen=True)
+class DemoLibrary:
+    model: Path
+    gallery: Path  # the pristine library; each server gets a copy
+    demo: DemoSet
+
+    def gallery_items(self) -> list[tuple[Path, str]]:
+        return [(item.path, item.label) for item in collect_items([self.demo.gallery_list])]
+
+    def queries(self) -> list[tuple[Path, str]]:
+        return [(item.path, item.label) for item in collect_items([self.demo.queries_list])]
+
+
+_build_lock = threading.Lock()
+
+
+def demo_library(root: Path) -> DemoLibrary:
+    """Build the demo library under `root` once per test session."""
+    with _build_lock:
+        model, gallery = default_model_dir(), root / "gallery"
+        demo = make_demo_set(root / "images")  # same seed, same files: cheap to redo
+        if not (gallery / "gallery.sqlite").is_file():
+            extractor = FeatureExtractor.load(model)
+            building = root / "gallery-building"
+            with Gallery.create(
+                building,
+                embedding_dim=extractor.embedding_size,
+                model_fingerprint=extractor.fingerprint,
+                preprocessing=extractor.preprocessing,
+            ) as library:
+                library.add_files(extractor, collect_items([demo.gallery_list]))
+            building.rename(gallery)
+        return DemoLibrary(model, gallery, demo)
+
+
+class ServerProcess:
+    """`shitu serve` on a free loopback port in a subprocess; `url` once /healthz answers."""
+
+    def __init__(self, library: DemoLibrary, work: Path, *args: str, env: dict | None = None):
+        self.work = work
+        self.gallery = work / "gallery"
+        shutil.copytree(library.gallery, self.gallery)
+        self.log = work / "server.log"
+        self._log_file = self.log.open("w")
+        command = [
+            sys.executable, "-m", "shitu.cli.main", "serve",
+            "--gallery", str(self.gallery), "--model", str(library.model),
+            "--detector", "plain-background", "--port", "0", "--threads", "2", *args,
+        ]  # fmt: skip
+        self.process = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=self._log_file,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+        self.url = self._wait_ready()
+
+    def _wait_ready(self) -> str:
+        deadline = time.monotonic() + STARTUP_S
+        ready, _, _ = select.select([self.process.stdout], [], [], STARTUP_S)
+        line = self.process.stdout.readline() if ready else ""  # "serving ... at URL"
+        if " at http://" not in line:
+            self.stop()
+            raise AssertionError(f"server did not start: {line!r}\n{self.log.read_text()}")
+        url = line.split(" at ", 1)[1].split()[0]
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                    return url
+            except httpx.TransportError:
+                time.sleep(0.1)
+        self.stop()
+        raise AssertionError(f"no /healthz from {url} in {STARTUP_S}s\n{self.log.read_text()}")
+
+    def stop(self) -> int:
+        """SIGTERM (graceful shutdown) and wait; returns the exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process.stdout.close()
+        self._log_file.close()
+        return self.process.returncode

@@ -1,0 +1,496 @@
+"""`shitu serve` over real HTTP: a server process on a loopback port, the demo library, the
+endpoints, their errors, the API key, metrics, and concurrent recognition and additions.
+
+The tests share the module's server and run in file order: the listing test sees the library
+as built, the later ones see the edits made before them."""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+import threading
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from shitu.index import Gallery
+from shitu.inference.preprocess import read_rgb
+from shitu.pipeline import Recognizer, load_pipeline_config
+from tests.index_helpers import make_images
+from tests.serving_helpers import DemoLibrary, ServerProcess
+
+KEY = "test-key-0123"
+WRITE = {"X-API-Key": KEY}
+MAX_UPLOAD_MB = 2
+MAX_MEGAPIXELS = 4
+
+
+@pytest.fixture(scope="module")
+def server(serving_library, tmp_path_factory):
+    """One server for the module: API key from the environment, small upload limits."""
+    process = ServerProcess(
+        serving_library,
+        tmp_path_factory.mktemp("server"),
+        "--max-upload-mb", str(MAX_UPLOAD_MB), "--max-megapixels", str(MAX_MEGAPIXELS),
+        env={"SHITU_API_KEY": KEY},
+    )  # fmt: skip
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="module")
+def reference(serving_library):
+    """The pipeline in this process, configured as the server is: what it must answer."""
+    config = load_pipeline_config(
+        None,
+        [
+            f"IndexProcess.index_dir={serving_library.gallery}",
+            f"Global.rec_inference_model_dir={serving_library.model}",
+            "Global.det_inference_model_dir=plain-background",
+        ],
+    )
+    with Recognizer.from_config(config) as recognizer:
+        yield recognizer
+
+
+@pytest.fixture
+def client(server):
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        yield http
+
+
+def photo(path: Path) -> tuple[str, bytes, str]:
+    return (path.name, path.read_bytes(), "image/jpeg")
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, "PNG")
+    return out.getvalue()
+
+
+def shelf(serving_library: DemoLibrary, number: int = 0) -> tuple[Path, list[str]]:
+    return serving_library.demo.shelves[number]
+
+
+# ------------------------------------------------------------------------------ inference
+
+
+def test_recognize_matches_the_pipeline_and_finds_every_product(serving_library, reference, client):
+    path, products = shelf(serving_library)
+    expected = [r.to_dict() for r in reference.recognize(read_rgb(path))]
+
+    uploaded = client.post("/v1/recognize", files={"image": photo(path)})
+    assert uploaded.status_code == 200, uploaded.text
+    assert uploaded.json() == {"results": expected}
+    assert sorted(r["label"] for r in expected) == sorted(products)
+
+    encoded = base64.b64encode(path.read_bytes()).decode()
+    for text in (encoded, f"data:image/jpeg;base64,{encoded}"):
+        as_json = client.post("/v1/recognize", json={"image": text})
+        assert as_json.status_code == 200, as_json.text
+        assert as_json.json() == {"results": expected}
+
+
+def test_extract_returns_the_models_normalised_embeddings(serving_library, reference, client):
+    paths = [item for item, _ in serving_library.queries()[:3]]
+    extractor = reference.extractor
+    expected = extractor.extract_files([str(p) for p in paths]).features
+
+    response = client.post("/v1/extract", files=[("image", photo(p)) for p in paths])
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model"] == extractor.fingerprint and body["dim"] == extractor.embedding_size
+    vectors = np.asarray(body["embeddings"], np.float32)
+    assert vectors.shape == expected.shape
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(vectors, expected, atol=1e-5)
+
+    one = client.post(
+        "/v1/extract", json={"images": [base64.b64encode(paths[1].read_bytes()).decode()]}
+    )
+    assert one.status_code == 200
+    np.testing.assert_allclose(one.json()["embeddings"], expected[1:2], atol=1e-5)
+
+
+# ------------------------------------------------------------------------------ gallery
+
+
+def test_gallery_listing_matches_the_library(serving_library, client):
+    labels = client.get("/v1/gallery/labels").json()
+    truth = Counter(label for _, label in serving_library.gallery_items())
+    assert {row["label"]: row["count"] for row in labels["labels"]} == dict(truth)
+    info = client.get("/v1/gallery").json()
+    assert info["images"] == labels["images"] == sum(truth.values())
+    assert info["labels"] == len(truth) and info["index_type"] == "Flat"
+
+    page = client.get("/v1/gallery/labels/Lemon Soda", params={"offset": 1, "limit": 1}).json()
+    assert page["count"] == 3 and page["offset"] == 1 and len(page["images"]) == 1
+    image = page["images"][0]
+    assert image["name"] == "lemon_soda_1.jpg"
+    assert client.get(f"/v1/gallery/images/{image['id']}").json() == image
+
+    thumb = client.get(image["thumbnail"], params={"size": 64})
+    assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
+    with Image.open(io.BytesIO(thumb.content)) as small:
+        assert max(small.size) == 64
+
+
+def test_add_rename_remove_and_rebuild(serving_library, server, client):
+    """The whole editing cycle; labels with spaces and slashes; files kept and cleaned up."""
+    query, true_label = serving_library.queries()[0]
+    repeat = serving_library.gallery_items()[0][0]  # already in the library: a duplicate
+    (blocks,) = make_images(server.work / "blocks", 1)  # no plain background: matched whole
+    added = client.post(
+        "/v1/gallery/images",
+        data={"label": "  Mystery Snack "},
+        files=[
+            ("image", photo(query)),
+            ("image", photo(repeat)),
+            ("image", photo(query)),
+            ("image", (blocks.name, blocks.read_bytes(), "image/png")),
+        ],
+        headers=WRITE,
+    )
+    assert added.status_code == 201, added.text
+    body = added.json()
+    assert body["label"] == "Mystery Snack" and len(body["added"]) == 2
+    assert body["duplicates"] == [repeat.name, query.name]
+    new_id, blocks_id = (image["id"] for image in body["added"])
+    stored = server.gallery / "uploads" / body["added"][0]["name"]
+    assert stored.read_bytes() == query.read_bytes()
+
+    # The new image is searchable at once: its own bytes match it exactly.
+    found = client.post(
+        "/v1/recognize", files={"image": (blocks.name, blocks.read_bytes(), "image/png")}
+    )
+    (hit,) = found.json()["results"]
+    assert hit["label"] == "Mystery Snack" and hit["image_id"] == blocks_id
+    assert hit["score"] == pytest.approx(1.0, abs=1e-4)
+    assert client.delete(f"/v1/gallery/images/{blocks_id}", headers=WRITE).status_code == 200
+
+    renamed = client.patch(
+        "/v1/gallery/labels/Mystery Snack", json={"label": "Snacks/Mystery 2"}, headers=WRITE
+    )
+    assert renamed.json() == {"old": "Mystery Snack", "new": "Snacks/Mystery 2", "count": 1}
+    assert client.get("/v1/gallery/labels/Mystery Snack").status_code == 404
+    listed = client.get("/v1/gallery/labels/Snacks%2FMystery%202").json()
+    assert [image["id"] for image in listed["images"]] == [new_id]
+
+    merged = client.patch(
+        "/v1/gallery/labels/Snacks/Mystery 2", json={"label": true_label}, headers=WRITE
+    )
+    assert merged.status_code == 200
+    assert client.get(f"/v1/gallery/labels/{true_label}").json()["count"] == 4
+
+    assert client.delete(f"/v1/gallery/images/{new_id}", headers=WRITE).json() == {
+        "removed": [new_id]
+    }
+    assert not stored.exists()
+    assert client.get(f"/v1/gallery/images/{new_id}/thumbnail").status_code == 404
+    assert client.delete(f"/v1/gallery/images/{new_id}", headers=WRITE).status_code == 404
+
+    gone = client.delete("/v1/gallery/labels/Tomato Soup", headers=WRITE)
+    assert gone.status_code == 200 and len(gone.json()["removed"]) == 3
+    # Files added by other means (the CLI's gallery folder) are not deleted with their rows.
+    assert all(
+        path.exists() for path, label in serving_library.gallery_items() if label == "Tomato Soup"
+    )
+
+    rebuilt = client.post("/v1/gallery/rebuild", json={"index_type": "HNSW32"}, headers=WRITE)
+    assert rebuilt.status_code == 200 and rebuilt.json()["index_type"] == "HNSW32"
+    assert rebuilt.json()["images"] == 21
+    path, products = shelf(serving_library, 1)
+    found = client.post("/v1/recognize", files={"image": photo(path)}).json()["results"]
+    labels = {r["label"] for r in found}
+    assert "Tomato Soup" not in labels and set(products) - {"Tomato Soup"} <= labels
+
+    # What the server wrote is a healthy library another process can open.
+    with Gallery.open(server.gallery) as gallery:
+        assert gallery.verify() == [] and len(gallery) == 21
+        assert (
+            gallery.manifest.index_type == "HNSW32" and "Tomato Soup" not in gallery.label_counts()
+        )
+
+
+# ------------------------------------------------------------------------------ bad input
+
+
+def test_bad_uploads_get_clear_errors(serving_library, client):
+    good = serving_library.queries()[0][0]
+    cases = {
+        "corrupt": (
+            client.post(
+                "/v1/recognize", files={"image": ("x.jpg", b"not an image at all", "image/jpeg")}
+            ),
+            400,
+            "not an image file",
+        ),
+        "truncated": (
+            client.post(
+                "/v1/recognize", files={"image": ("t.jpg", good.read_bytes()[:2000], "image/jpeg")}
+            ),
+            400,
+            "corrupt JPEG image",
+        ),
+        "empty": (
+            client.post("/v1/recognize", files={"image": ("e.jpg", b"", "image/jpeg")}),
+            400,
+            "empty",
+        ),
+        "part type": (
+            client.post("/v1/recognize", files={"image": ("a.txt", b"hello", "text/plain")}),
+            415,
+            "the part is text/plain",
+        ),
+        "body type": (
+            client.post(
+                "/v1/recognize", content=good.read_bytes(), headers={"content-type": "image/jpeg"}
+            ),
+            415,
+            "unsupported content type 'image/jpeg'",
+        ),
+        "no image": (
+            client.post(
+                "/v1/recognize", data={"label": "x"}, files={"other": ("a.jpg", b"1", "image/jpeg")}
+            ),
+            400,
+            "unexpected file field 'other'",
+        ),
+        "text image": (
+            client.post("/v1/recognize", files={"image": (None, "abc")}),
+            400,
+            "field 'image' must be a file upload",
+        ),
+        "two images": (
+            client.post("/v1/recognize", files=[("image", photo(good)), ("image", photo(good))]),
+            400,
+            "Too many files",
+        ),
+        "json field": (
+            client.post("/v1/recognize", json={"picture": "abc"}),
+            400,
+            "image: Field required",
+        ),
+        "base64": (client.post("/v1/recognize", json={"image": "%%%"}), 400, "not valid base64"),
+        "json syntax": (
+            client.post(
+                "/v1/recognize", content=b"{", headers={"content-type": "application/json"}
+            ),
+            400,
+            "invalid JSON body",
+        ),
+        "no label": (
+            client.post("/v1/gallery/images", files={"image": photo(good)}, headers=WRITE),
+            400,
+            "missing field 'label'",
+        ),
+        "bad label": (
+            client.post(
+                "/v1/gallery/images",
+                data={"label": "a\tb"},
+                files={"image": photo(good)},
+                headers=WRITE,
+            ),
+            400,
+            "control characters",
+        ),
+        "index type": (
+            client.post("/v1/gallery/rebuild", json={"index_type": "LSH"}, headers=WRITE),
+            400,
+            "unknown index type 'LSH'",
+        ),
+    }
+    for name, (response, status, message) in cases.items():
+        assert response.status_code == status, (name, response.text)
+        assert message in response.json()["detail"], (name, response.text)
+    rename = client.patch("/v1/gallery/labels/Lemon Soda", json={}, headers=WRITE)
+    assert rename.status_code == 422  # schema validation by FastAPI
+
+
+def test_unknown_labels_and_images_are_404(client):
+    for method, path in [
+        ("GET", "/v1/gallery/labels/No Such Thing"),
+        ("DELETE", "/v1/gallery/labels/No Such Thing"),
+        ("GET", "/v1/gallery/images/999999"),
+        ("DELETE", "/v1/gallery/images/999999"),
+        ("GET", "/v1/gallery/images/999999/thumbnail"),
+    ]:
+        response = client.request(method, path, headers=WRITE)
+        assert response.status_code == 404, (method, path, response.text)
+        assert "no gallery image" in response.json()["detail"]
+    rename = client.patch("/v1/gallery/labels/No Such Thing", json={"label": "x"}, headers=WRITE)
+    assert rename.status_code == 404
+
+
+def test_size_and_pixel_limits(client):
+    limit = MAX_UPLOAD_MB << 20
+    noise = np.random.default_rng(0).integers(0, 256, (1000, 1000, 3), dtype=np.uint8)
+    big = png_bytes(noise) * 2  # about 6 MB, over the 2 MB limit
+    assert len(big) > limit
+    declared = client.post("/v1/recognize", files={"image": ("big.png", big, "image/png")})
+    assert declared.status_code == 413 and "2 MB limit" in declared.json()["detail"]
+
+    def chunks():  # no Content-Length: the server counts what arrives
+        boundary = b'--b\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n'
+        yield boundary + b"Content-Type: image/png\r\n\r\n"
+        step = 1 << 16
+        for start in range(0, len(big), step):
+            yield big[start : start + step]
+        yield b"\r\n--b--\r\n"
+
+    chunked = client.post(
+        "/v1/recognize",
+        content=chunks(),
+        headers={"content-type": "multipart/form-data; boundary=b"},
+    )
+    assert chunked.status_code == 413 and "2 MB limit" in chunked.json()["detail"]
+
+    wide = png_bytes(np.zeros((1000, 4100, 3), np.uint8))  # 4.1 MP, tiny file
+    response = client.post("/v1/recognize", files={"image": ("wide.png", wide, "image/png")})
+    assert response.status_code == 413
+    assert (
+        response.json()["detail"]
+        == "image is 4100x1000 (4.1 megapixels); the limit is 4 megapixels"
+    )
+
+
+# ------------------------------------------------------------------------------ access
+
+
+def test_writes_need_the_api_key(serving_library, client):
+    good = serving_library.queries()[1][0]
+    writes = [
+        ("POST", "/v1/gallery/images", {"data": {"label": "x"}, "files": {"image": photo(good)}}),
+        ("DELETE", "/v1/gallery/images/1", {}),
+        ("DELETE", "/v1/gallery/labels/Lemon Soda", {}),
+        ("PATCH", "/v1/gallery/labels/Lemon Soda", {"json": {"label": "y"}}),
+        ("POST", "/v1/gallery/rebuild", {}),
+    ]
+    for method, path, body in writes:
+        missing = client.request(method, path, **body)
+        assert missing.status_code == 401, (path, missing.text)
+        assert missing.headers["www-authenticate"] == "Bearer"
+        assert "need the API key" in missing.json()["detail"]
+        wrong = client.request(method, path, headers={"Authorization": "Bearer nope"}, **body)
+        assert wrong.status_code == 403 and wrong.json()["detail"] == "wrong API key"
+    assert client.get("/v1/gallery/labels/Lemon Soda").json()["count"] == 3  # nothing changed
+    bearer = client.post("/v1/gallery/rebuild", headers={"Authorization": f"Bearer {KEY}"})
+    assert bearer.status_code == 200
+    for path in ("/v1/gallery", "/v1/gallery/labels", "/metrics"):
+        assert client.get(path).status_code == 200  # reads are open without --protect-reads
+
+
+# ------------------------------------------------------------------------------ service
+
+
+def test_page_and_docs_load_nothing_from_elsewhere(client):
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert page.headers["content-security-policy"].startswith("default-src 'self'")
+    for path in ("/", "/docs", "/redoc"):
+        html = client.get(path).text
+        sources = re.findall(r"""(?:src|href|spec-url)\s*=\s*["']([^"']+)""", html)
+        sources += re.findall(r"""(?:url|openapi_url)\s*:\s*["']([^"']+)""", html)
+        assert sources, path
+        assert all(s.startswith("/") for s in sources), (path, sources)
+    for asset in (
+        "/static/app.js",
+        "/static/style.css",
+        "/static-offline-docs/swagger-ui-bundle.js",
+    ):
+        assert client.get(asset).status_code == 200, asset
+    spec = client.get("/openapi.json").json()
+    assert {"/v1/recognize", "/v1/extract", "/v1/gallery/images", "/healthz"} <= set(spec["paths"])
+    assert "multipart/form-data" in spec["paths"]["/v1/recognize"]["post"]["requestBody"]["content"]
+
+
+def test_health_and_metrics(serving_library, reference, client):
+    health = client.get("/healthz").json()
+    assert health["status"] == "ok" and health["model"] == reference.extractor.fingerprint
+    client.post("/v1/recognize", files={"image": photo(serving_library.queries()[0][0])})
+    client.get("/v1/gallery/images/999999")
+    text = client.get("/metrics").text
+    assert re.search(
+        r'^shitu_http_requests_total\{method="POST",route="/v1/recognize",status="200"\} [1-9]',
+        text,
+        re.M,
+    )
+    assert re.search(
+        r'^shitu_http_requests_total\{method="GET",route="/v1/gallery/images/\{image_id\}",status="404"\} [1-9]',
+        text,
+        re.M,
+    )
+    assert re.search(r'^shitu_inference_batch_size_count\{kind="recognize"\} [1-9]', text, re.M)
+    images = client.get("/v1/gallery").json()["images"]
+    assert re.search(rf"^shitu_gallery_images {images}\.0$", text, re.M)
+
+
+def test_concurrent_recognition_and_additions_lose_nothing(serving_library, client):
+    """Recognisers and writers at once: every answer right, every added image listed."""
+    shelf_path, products = shelf(serving_library, 0)
+    # Writers add copies of a product that is not on the shelf, under new labels, so the
+    # shelf's answers must stay the same while the gallery grows.
+    elsewhere = next(
+        path for path, label in serving_library.gallery_items() if label not in products
+    )
+    base = np.asarray(Image.open(elsewhere).convert("RGB"))
+    before = client.get("/v1/gallery").json()["images"]
+    errors: list[str] = []
+    added: list[int] = []
+    lock = threading.Lock()
+
+    def recognise(rounds: int) -> None:
+        with httpx.Client(base_url=client.base_url, timeout=120) as http:
+            for _ in range(rounds):
+                response = http.post("/v1/recognize", files={"image": photo(shelf_path)})
+                labels = sorted(r["label"] for r in response.json().get("results", []))
+                if response.status_code != 200 or labels != sorted(products):
+                    with lock:
+                        errors.append(f"recognize: {response.status_code} {labels}")
+
+    def add(writer: int, count: int) -> None:
+        with httpx.Client(base_url=client.base_url, timeout=120) as http:
+            for number in range(count):
+                pixels = base.copy()
+                pixels[0, :3] = (writer, number, 7)  # unique bytes, same product
+                response = http.post(
+                    "/v1/gallery/images",
+                    data={"label": f"Concurrent {writer}"},
+                    files={"image": (f"{writer}-{number}.png", png_bytes(pixels), "image/png")},
+                    headers=WRITE,
+                )
+                if response.status_code != 201 or len(response.json()["added"]) != 1:
+                    with lock:
+                        errors.append(f"add: {response.status_code} {response.text}")
+                    continue
+                with lock:
+                    added.append(response.json()["added"][0]["id"])
+
+    writers, per_writer = 2, 3
+    threads = [threading.Thread(target=recognise, args=(3,)) for _ in range(4)]
+    threads += [threading.Thread(target=add, args=(w, per_writer)) for w in range(writers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(300)
+    assert not errors, errors[:5]
+    assert len(set(added)) == writers * per_writer
+    assert client.get("/v1/gallery").json()["images"] == before + writers * per_writer
+    for writer in range(writers):
+        listed = client.get(f"/v1/gallery/labels/Concurrent {writer}").json()["images"]
+        assert len(listed) == per_writer
+    # Concurrent requests shared model calls: fewer batches than photos recognised.
+    text = client.get("/metrics").text
+    photos = float(
+        re.search(r'^shitu_inference_batch_size_sum\{kind="recognize"\} (\S+)', text, re.M)[1]
+    )
+    batches = float(
+        re.search(r'^shitu_inference_batch_size_count\{kind="recognize"\} (\S+)', text, re.M)[1]
+    )
+    assert batches < photos

@@ -1,0 +1,183 @@
+"""The web page of `shitu serve` in headless Chromium, on a server whose every read needs the
+API key (--protect-reads): enter the key, recognise a photo, add an image to a label, rename
+the label, delete an image. Needs Debian's `chromium` and `chromium-driver`; the screenshot
+lands in the test's tmp dir and in test-artifacts/ at the repository root."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import httpx
+import pytest
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
+from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.support.ui import WebDriverWait
+
+from tests.conftest import REPO_ROOT
+from tests.serving_helpers import ServerProcess
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+ARTIFACTS = REPO_ROOT / "test-artifacts"
+KEY = "browser-key"
+WAIT_S = 60
+
+
+@pytest.fixture(scope="module")
+def server(serving_library, tmp_path_factory):
+    process = ServerProcess(
+        serving_library,
+        tmp_path_factory.mktemp("browser-server"),
+        "--api-key",
+        KEY,
+        "--protect-reads",
+    )
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    missing = [str(path) for path in (CHROMIUM, CHROMEDRIVER) if not path.is_file()]
+    if missing:
+        pytest.fail(
+            f"headless Chromium is needed for this test ({', '.join(missing)} missing): "
+            "apt-get install -y chromium chromium-driver"
+        )
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for argument in (
+        "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        "--window-size=1400,1000", f"--user-data-dir={tmp_path_factory.mktemp('chromium')}",
+    ):  # fmt: skip
+        options.add_argument(argument)
+    options.set_capability("goog:loggingPrefs", {"performance": "ALL", "browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    driver.set_page_load_timeout(WAIT_S)
+    yield driver
+    driver.quit()
+
+
+def wait(driver: WebDriver, condition, message: str):
+    return WebDriverWait(driver, WAIT_S).until(condition, message)
+
+
+def texts(driver: WebDriver, selector: str) -> list[str]:
+    return [element.text for element in driver.find_elements(By.CSS_SELECTOR, selector)]
+
+
+def label_button(driver: WebDriver, label: str):
+    return driver.find_element(By.CSS_SELECTOR, f'#labels button[data-label="{label}"]')
+
+
+def loaded_thumbnails(driver: WebDriver) -> int:
+    return driver.execute_script(
+        "return [...document.querySelectorAll('#thumbs img')]"
+        ".filter(img => img.complete && img.naturalWidth > 0).length"
+    )
+
+
+def test_protect_reads_guards_everything_but_health_page_and_docs(serving_library, server):
+    image = serving_library.queries()[0][0]
+    upload = {"files": {"image": (image.name, image.read_bytes(), "image/jpeg")}}
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        for method, path, body in [
+            ("POST", "/v1/recognize", upload),
+            ("POST", "/v1/extract", upload),
+            ("GET", "/v1/gallery", {}),
+            ("GET", "/v1/gallery/labels", {}),
+            ("GET", "/v1/gallery/labels/Lemon Soda", {}),
+            ("GET", "/v1/gallery/images/1", {}),
+            ("GET", "/v1/gallery/images/1/thumbnail", {}),
+            ("GET", "/metrics", {}),
+        ]:
+            refused = client.request(method, path, **body)
+            assert refused.status_code == 401, path
+            assert "this server needs the API key" in refused.json()["detail"]
+            allowed = client.request(method, path, headers={"X-API-Key": KEY}, **body)
+            assert allowed.status_code == 200, (path, allowed.text)
+        for path in ("/healthz", "/", "/docs", "/openapi.json", "/static/app.js"):
+            assert client.get(path).status_code == 200, path
+
+
+def test_recognise_and_edit_the_gallery_in_the_page(serving_library, server, browser, tmp_path):
+    browser.get_log("performance")  # drop what the browser loaded for itself at start
+    browser.get(f"{server.url}/")
+    message = browser.find_element(By.ID, "message")
+    wait(browser, lambda d: "needs the API key" in message.text, "the page asks for the key")
+    browser.find_element(By.ID, "api-key").send_keys(KEY, Keys.TAB)
+    wait(browser, lambda d: len(texts(d, "#labels button")) == 8, "gallery labels listed")
+    assert not message.is_displayed()
+    assert "24 images, 8 labels" in browser.find_element(By.ID, "gallery-summary").text
+    browser.get_log("browser")  # drop the 401s logged before the key was entered
+
+    # Recognise a shelf photo: one box and one list entry per product.
+    shelf, products = serving_library.demo.shelves[0]
+    browser.find_element(By.ID, "photo").send_keys(str(shelf))
+    wait(browser, lambda d: len(texts(d, "#results li")) == len(products), "results shown")
+    shown = texts(browser, "#results li strong")
+    assert sorted(shown) == sorted(products)
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#overlay rect.box")) == len(products)
+    assert browser.execute_script("return document.getElementById('photo-view').naturalWidth") > 0
+
+    # Add a new photo to an existing label.
+    query = next(path for path, label in serving_library.queries() if label == "Lemon Soda")
+    label_input = browser.find_element(By.ID, "add-label")
+    label_input.clear()
+    label_input.send_keys("Lemon Soda")
+    browser.find_element(By.ID, "add-files").send_keys(str(query))
+    browser.find_element(By.CSS_SELECTOR, "#add-form button[type=submit]").click()
+    wait(browser, lambda d: "added 1" in d.find_element(By.ID, "add-status").text, "image added")
+    wait(browser, lambda d: loaded_thumbnails(d) == 4, "four thumbnails of Lemon Soda shown")
+    assert browser.find_element(By.ID, "label-title").text == "Lemon Soda (4 images)"
+    assert label_button(browser, "Lemon Soda").text.endswith("4")
+    screenshot = tmp_path / "serving-page.png"
+    assert browser.save_screenshot(str(screenshot))
+    ARTIFACTS.mkdir(exist_ok=True)
+    shutil.copy(screenshot, ARTIFACTS / screenshot.name)
+    with httpx.Client(base_url=server.url, headers={"X-API-Key": KEY}) as client:
+        listed = client.get("/v1/gallery/labels/Lemon Soda").json()
+    assert listed["count"] == 4 and listed["images"][-1]["name"].endswith(".jpg")
+
+    # Rename the label, then delete the image just added.
+    rename = browser.find_element(By.ID, "rename-input")
+    rename.clear()
+    rename.send_keys("Lemon Soda Zero", Keys.ENTER)
+    wait(
+        browser,
+        lambda d: d.find_elements(By.CSS_SELECTOR, '#labels button[data-label="Lemon Soda Zero"]'),
+        "renamed",
+    )
+    assert "Lemon Soda" not in [
+        b.get_attribute("data-label")
+        for b in browser.find_elements(By.CSS_SELECTOR, "#labels button")
+    ]
+    new_id = listed["images"][-1]["id"]
+    browser.find_element(By.CSS_SELECTOR, f'figure.thumb[data-id="{new_id}"] button').click()
+    browser.switch_to.alert.accept()
+    wait(
+        browser,
+        lambda d: d.find_element(By.ID, "label-title").text == "Lemon Soda Zero (3 images)",
+        "image deleted",
+    )
+    with httpx.Client(base_url=server.url, headers={"X-API-Key": KEY}) as client:
+        assert client.get("/v1/gallery/labels/Lemon Soda Zero").json()["count"] == 3
+
+    # Nothing came from anywhere but this server, and the page logged no errors.
+    requested = [
+        json.loads(entry["message"])["message"]["params"]["request"]["url"]
+        for entry in browser.get_log("performance")
+        if '"Network.requestWillBeSent"' in entry["message"]
+    ]
+    outside = [
+        url for url in requested if not url.startswith((server.url, "blob:", "data:", "chrome:"))
+    ]
+    assert requested and not outside, outside
+    errors = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+    assert not errors, errors
