@@ -8,6 +8,7 @@ decoder for formats OpenCV lacks and for Pillow-only filters.
 
 from __future__ import annotations
 
+import io
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -182,13 +183,20 @@ def read_rgb(path: str | Path) -> np.ndarray:
         data = np.fromfile(path, np.uint8)
     except OSError as exc:
         raise UnreadableImageError(exc.strerror or str(exc)) from None
-    if data.size == 0:
+    return decode_rgb(data)
+
+
+def decode_rgb(data: bytes | np.ndarray) -> np.ndarray:
+    """Encoded image bytes -> RGB uint8 HxWx3, decoded as `read_rgb` decodes files, so an
+    upload gives the same pixels (and features) as the same file on disk."""
+    buffer = np.frombuffer(data, np.uint8)
+    if buffer.size == 0:
         raise UnreadableImageError("the file is empty")
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR)
+    image = cv2.imdecode(buffer, cv2.IMREAD_COLOR)
     if image is not None:
         return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
     try:  # formats OpenCV does not read (e.g. GIF); also gives a readable reason
-        with Image.open(path) as opened:
+        with Image.open(io.BytesIO(buffer.tobytes())) as opened:
             opened.load()
             rgb = ImageOps.exif_transpose(opened).convert("RGB")
     except Exception as exc:  # any decoder failure means a corrupt or unsupported file

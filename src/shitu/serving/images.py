@@ -1,8 +1,7 @@
 """Uploaded bytes -> RGB arrays, with the limits checked before anything is decoded.
 
-Decoding matches `shitu.inference.preprocess.read_rgb` (OpenCV first, Pillow for what
-OpenCV cannot read, EXIF orientation applied), so an upload gives the same features as
-the same file given to `shitu recognize` or added with `shitu index add`.
+Decoding is `shitu.inference.preprocess.decode_rgb`, the decoder of files too, so an upload
+gives the same features as the same file given to `shitu recognize` or `shitu index add`.
 """
 
 from __future__ import annotations
@@ -11,10 +10,10 @@ import base64
 import binascii
 import io
 
-import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from shitu.inference.preprocess import UnreadableImageError, decode_rgb
 from shitu.serving.errors import BadRequest, NotFound, PayloadTooLarge
 
 THUMBNAIL_QUALITY = 85
@@ -44,16 +43,10 @@ def decode_image(data: bytes, max_pixels: int, name: str = "image") -> np.ndarra
             f"got {len(data)} bytes starting {data[:8]!r})"
         ) from None
     check_pixels(width, height, max_pixels)
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    if image is not None:
-        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-    try:  # formats OpenCV lacks (e.g. GIF), and the reason when the data is damaged
-        with Image.open(io.BytesIO(data)) as opened:
-            opened.load()
-            rgb = ImageOps.exif_transpose(opened).convert("RGB")
-    except Exception as exc:  # any decoder failure means corrupt data
+    try:
+        return decode_rgb(data)
+    except UnreadableImageError as exc:
         raise BadRequest(f"{name}: corrupt {kind} image ({exc})") from None
-    return np.asarray(rgb)
 
 
 def decode_base64(text: str, name: str) -> bytes:
