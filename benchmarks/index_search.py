@@ -115,6 +115,8 @@ def main() -> None:
         "| q/s batch (ours) | overhead | q/s 1-by-1 (faiss) | q/s 1-by-1 (ours) | overhead |"
     )
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    if args.workdir:
+        args.workdir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.workdir) as work:
         for size in args.sizes:
             data = unit_vectors(size, args.dim, seed=0)
