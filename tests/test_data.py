@@ -270,6 +270,24 @@ def test_grocery_store_dataset(grocery: Path):
     assert coarse.class_names[label] in lines[100]
 
 
+def test_grocery_store_dataset_joins_listings(grocery: Path, tmp_path: Path):
+    """A final run trains on train + val: several listings become one dataset, in order,
+    with unique ids across them and errors that name the listing at fault."""
+    listings = [str(grocery / "val.txt"), str(grocery / "train.txt")]
+    both = GroceryStoreDataset(str(grocery), listings)
+    val = GroceryStoreDataset(str(grocery), listings[0])
+    assert len(both) == 296 + 2640 and both.num_classes == 81
+    assert both.paths[:296] == list(val.paths) and both.labels[:296] == list(val.labels)
+    assert both.paths[296].startswith(str(grocery / "train"))
+    assert both.unique_ids == list(range(len(both)))
+    broken = tmp_path / "broken.txt"
+    broken.write_text("train/x.jpg, 1, one\n")
+    with pytest.raises(DataError, match=r"broken\.txt:1: class id 'one' is not an integer"):
+        GroceryStoreDataset(str(grocery), [listings[0], str(broken)], label_level="coarse")
+    with pytest.raises(DataError, match="names no label file"):
+        GroceryStoreDataset(str(grocery), [])
+
+
 def test_image_folder_dataset(tmp_path: Path):
     save_png(tmp_path / "root" / "b_class" / "x.png", pattern(4, 4))
     save_png(tmp_path / "root" / "a_class" / "sub" / "y.png", pattern(5, 5))

@@ -332,7 +332,10 @@ def test_pipeline_config_reads_paddleclas_files_and_overrides(tmp_path):
     paddle.write_text(
         "Global:\n  infer_imgs: ./images\n  det_inference_model_dir: ./det\n  rec_inference_model_dir: ./rec\n"
         "  rec_nms_thresold: 0.05\n  batch_size: 1\n  threshold: 0.2\n  max_det_results: 5\n"
-        "  use_gpu: true\n  enable_mkldnn: true\n  cpu_num_threads: 10\n  ir_optim: true\n"
+        "  image_shape: [3, 640, 640]\n  labe_list:\n  - foreground\n"  # PaddleClas's spelling
+        "  use_gpu: true\n  enable_mkldnn: true\n  cpu_num_threads: 10\n  enable_benchmark: true\n"
+        "  use_fp16: false\n  ir_optim: true\n  use_tensorrt: false\n  gpu_mem: 8000\n"
+        "  enable_profile: false\n"
         "DetPreProcess:\n  transform_ops: []\nDetPostProcess: {}\nRecPreProcess:\n  transform_ops: []\n"
         "RecPostProcess: null\nIndexProcess:\n  index_method: HNSW32\n  index_dir: ./index\n"
         "  dist_type: IP\n  return_k: 5\n  score_thres: 0.4\n"

@@ -30,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     parser.add_argument("--out", type=Path, default=Path("shitu-demo"), help="output folder")
-    add_pipeline_arguments(parser, gallery=False)
+    add_pipeline_arguments(parser, gallery=False, default_detector=PLAIN_BACKGROUND)
     parser.set_defaults(func=run)
 
 
@@ -48,9 +48,9 @@ def run(args: argparse.Namespace) -> int:
     from shitu.index import Gallery, collect_items
     from shitu.pipeline import Recognizer
 
-    if args.detector is None:
-        args.detector = PLAIN_BACKGROUND
     config = pipeline_config_from_args(args)
+    if args.detector is None and config.detector is None:  # `--detector none` stays
+        config.Global.det_inference_model_dir = PLAIN_BACKGROUND
     out: Path = args.out
     _prepare(out)
     demo = make_demo_set(out / "images")

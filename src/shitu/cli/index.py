@@ -44,14 +44,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--milvus-collection", help="collection name (default shitu_gallery)")
     build.add_argument("--nprobe", type=int, help="IVF lists searched per query")
     build.add_argument("--ef-search", type=int, help="HNSW search depth (default 64)")
-    _add_model_arguments(build)
+    _add_image_arguments(build)
     build.set_defaults(func=run_build)
 
     add = commands.add_parser("add", help="add images (files, folders, label files)")
     add.add_argument("library", type=Path)
     add.add_argument("sources", type=Path, nargs="+", help="images, folders or label files")
     add.add_argument("--label", help="label for every given image and folder")
-    _add_model_arguments(add)
+    _add_image_arguments(add)
     add.set_defaults(func=run_add)
 
     remove = commands.add_parser("remove", help="remove images by id or by label")
@@ -105,6 +105,11 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, help="CPU threads for the model")
+
+
+def _add_image_arguments(parser: argparse.ArgumentParser) -> None:
+    """For commands that add images: the model, and what to do with repeated content."""
+    _add_model_arguments(parser)
     parser.add_argument(
         "--allow-duplicates", action="store_true", help="add images whose content is present"
     )

@@ -17,10 +17,12 @@ from shitu.pipeline import (
     draw_results,
     load_pipeline_config,
 )
-from shitu.pipeline.config import DEFAULT_PIPELINE_CONFIG
+from shitu.pipeline.config import DEFAULT_PIPELINE_CONFIG, NO_DETECTOR
 
 
-def add_pipeline_arguments(parser: argparse.ArgumentParser, gallery: bool = True) -> None:
+def add_pipeline_arguments(
+    parser: argparse.ArgumentParser, gallery: bool = True, default_detector: str = NO_DETECTOR
+) -> None:
     """Config file, overrides and the flags that set its most used keys."""
     parser.add_argument(
         "-c",
@@ -46,7 +48,8 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser, gallery: bool = True
     parser.add_argument(
         "--detector",
         help="mainbody detector: a .onnx/.pdparams/.pt file, 'plain-background' (objects on "
-        "a uniform surface, no model needed) or 'none' (whole image only; the default)",
+        "a uniform surface, no model needed) or 'none' (whole image only); default: the "
+        f"config's detector, else {default_detector!r}",
     )
     parser.add_argument("--det-arch", help="detector architecture name (for .pdparams)")
     parser.add_argument(

@@ -27,10 +27,13 @@ _IGNORED_GLOBAL = {
     "infer_imgs",
     "image_shape",
     "label_list",
+    "labe_list",  # PaddleClas's own spelling in its deploy configs
     "use_gpu",
     "enable_mkldnn",
     "cpu_num_threads_det",
     "enable_benchmark",
+    "enable_profile",
+    "gpu_mem",
     "use_fp16",
     "ir_optim",
     "use_tensorrt",

@@ -30,35 +30,28 @@ class GroceryStoreDataset(ImageDataset):
     def __init__(
         self,
         image_root: str,
-        cls_label_path: str,
+        cls_label_path: str | list[str],
         transform_ops: TransformOps | None = None,
         label_level: Literal["fine", "coarse"] = "fine",
         class_file: str | None = None,
         skip_corrupt: bool = False,
     ):
-        where = f"label file {cls_label_path}"
+        listings = [cls_label_path] if isinstance(cls_label_path, str) else list(cls_label_path)
+        if not listings:
+            raise DataError("dataset: cls_label_path names no label file")
+        where = f"label file {' + '.join(listings)}"
         super().__init__(transform_ops, skip_corrupt, where)
         self.image_root = image_root
         self.label_level = label_level
         check_root(image_root, where)
         column = 1 if label_level == "fine" else 2
-        entries = []
-        for position, (number, line) in enumerate(read_lines(cls_label_path, "dataset")):
-            fields = [field.strip() for field in line.split(",")]
-            if len(fields) != 3 or not all(fields):
-                raise DataError(
-                    f"{cls_label_path}:{number}: expected 'path, fine_id, coarse_id', got {line!r}"
-                )
-            try:
-                label = int(fields[column])
-            except ValueError:
-                raise DataError(
-                    f"{cls_label_path}:{number}: class id {fields[column]!r} is not an integer"
-                ) from None
-            if label < 0:
-                raise DataError(f"{cls_label_path}:{number}: class id {label} is negative")
-            path = os.path.join(image_root, fields[0])
-            entries.append(Entry(path, label, position, f"line {number}"))
+        entries: list[Entry] = []
+        for listing in listings:  # e.g. [train.txt, val.txt] for a final train+val run
+            for number, line in read_lines(listing, "dataset"):
+                label = _read_label(listing, number, line, column)
+                path = os.path.join(image_root, line.split(",")[0].strip())
+                source = f"{Path(listing).name} line {number}"
+                entries.append(Entry(path, label, len(entries), source))
 
         if class_file is None and (Path(image_root) / "classes.csv").is_file():
             class_file = str(Path(image_root) / "classes.csv")
@@ -72,6 +65,21 @@ class GroceryStoreDataset(ImageDataset):
             )
         self.num_classes = len(self.class_names) if self.class_names else largest + 1
         self._set_entries(entries, image_root)
+
+
+def _read_label(listing: str, number: int, line: str, column: int) -> int:
+    fields = [field.strip() for field in line.split(",")]
+    if len(fields) != 3 or not all(fields):
+        raise DataError(f"{listing}:{number}: expected 'path, fine_id, coarse_id', got {line!r}")
+    try:
+        label = int(fields[column])
+    except ValueError:
+        raise DataError(
+            f"{listing}:{number}: class id {fields[column]!r} is not an integer"
+        ) from None
+    if label < 0:
+        raise DataError(f"{listing}:{number}: class id {label} is negative")
+    return label
 
 
 def read_class_names(path: str, level: Literal["fine", "coarse"]) -> list[str]:
