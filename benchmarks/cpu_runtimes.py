@@ -1,0 +1,155 @@
+"""Which CPU runtime runs an exported recognition model fastest: the model call only.
+
+Usage: python benchmarks/cpu_runtimes.py [--model DIR | --pplcnet] [--threads 2]
+       [--batches 1 32] [--rounds 3]
+
+shitu runs exports on onnxruntime by default. This script checks that choice on the
+machine at hand against the other CPU runtimes within reach: OpenVINO (only if `pip
+install openvino` was done; not a shitu dependency), and torch eager, TorchScript
+(traced, frozen, optimize_for_inference) and torch.compile (inductor, freezing; needs a C
+compiler). Random 224x224 batches, no decoding: end-to-end numbers are in
+feature_extraction.py and default_model_speed.py. Model: `--model DIR`, the shipped default
+model, or with --pplcnet PP-LCNetV2_base ShiTu with random weights (the model of the
+Paddle comparison). Each runtime gets one warm-up call; the table gives the median and
+the best of the rounds, and the largest feature difference from onnxruntime.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from common import model_dir  # noqa: E402
+
+from shitu.config import load_config  # noqa: E402
+from shitu.inference import FeatureExtractor, export_model  # noqa: E402
+from shitu.inference.backends import OnnxBackend, TorchBackend  # noqa: E402
+from shitu.inference.cache import full_export  # noqa: E402
+from shitu.inference.export import ONNX_FILE, read_manifest  # noqa: E402
+
+Runner = Callable[[np.ndarray], np.ndarray]
+
+
+def openvino_runner(onnx_file: Path, threads: int) -> Runner | None:
+    try:
+        import openvino
+    except ImportError:
+        return None
+    settings = {
+        "INFERENCE_NUM_THREADS": threads,
+        "PERFORMANCE_HINT": "LATENCY",  # THROUGHPUT halves speed on 2 cores (measured)
+        "INFERENCE_PRECISION_HINT": "f32",  # no silent bf16 on CPUs that have it
+    }
+    compiled = openvino.Core().compile_model(str(onnx_file), "CPU", settings)
+    request, output = compiled.create_infer_request(), compiled.output(0)
+    return lambda batch: request.infer({0: batch})[output]
+
+
+def torch_runners(model: torch.nn.Module, example: np.ndarray) -> dict[str, Runner]:
+    """Eager, TorchScript and torch.compile forms of the same float32 module."""
+    x = torch.from_numpy(example)
+    with torch.no_grad():
+        script = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(model, x)))
+    import torch._inductor.config as inductor_config
+
+    inductor_config.freezing = True
+    compiled = torch.compile(model)
+
+    def wrap(module: Callable[[torch.Tensor], torch.Tensor]) -> Runner:
+        def run(batch: np.ndarray) -> np.ndarray:
+            with torch.no_grad():
+                return module(torch.from_numpy(batch)).numpy()
+
+        return run
+
+    return {
+        "torch eager": wrap(model),
+        "torch TorchScript": wrap(script),
+        "torch.compile": wrap(compiled),
+    }
+
+
+def images_per_s(run: Runner, batch: np.ndarray, seconds: float) -> float:
+    """Calls for about `seconds`, at least 3; images per second."""
+    calls, start = 0, time.perf_counter()
+    while calls < 3 or time.perf_counter() - start < seconds:
+        run(batch)
+        calls += 1
+    return calls * len(batch) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--model", help="exported model folder (default: the shipped model)")
+    which.add_argument("--pplcnet", action="store_true", help="PP-LCNetV2_base, random weights")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=3.0, help="per runtime, batch, round")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.pplcnet:
+            config = load_config("GeneralRecognitionV2_PPLCNetV2_base", ["Arch.Head=null"])
+            folder = export_model(config, None, Path(tmp) / "model")
+        else:
+            folder = model_dir(args.model, Path(tmp))
+        onnx = FeatureExtractor.load(folder, "onnxruntime", args.threads).backend
+        assert isinstance(onnx, OnnxBackend)
+        onnx_file = folder / ONNX_FILE
+        if not onnx_file.is_file():  # a compact export: the ONNX model lives in the cache
+            rebuilt = full_export(folder, read_manifest(folder))
+            if rebuilt is None:
+                raise SystemExit("cannot write the shitu cache to rebuild the ONNX model")
+            onnx_file = rebuilt / ONNX_FILE
+        eager = FeatureExtractor.load(folder, "torch", args.threads).backend
+        assert isinstance(eager, TorchBackend)
+        rng = np.random.default_rng(0)
+        rows = []
+        for size in args.batches:
+            batch = rng.standard_normal((size, 3, 224, 224), dtype=np.float32)
+            runners: dict[str, Runner] = {"onnxruntime": onnx}
+            openvino = openvino_runner(onnx_file, args.threads)
+            if openvino is not None:
+                runners["OpenVINO"] = openvino
+            runners.update(torch_runners(eager.model, batch))
+            reference = onnx(batch)
+            results: dict[str, list[float]] = {name: [] for name in runners}
+            differences = {}
+            for name, run in runners.items():
+                differences[name] = float(np.abs(run(batch) - reference).max())  # warm-up
+            for _ in range(args.rounds):  # interleaved: background load hits all alike
+                for name, run in runners.items():
+                    results[name].append(images_per_s(run, batch, args.seconds))
+            for name, speeds in results.items():
+                rows.append((name, size, statistics.median(speeds), max(speeds), differences[name]))
+
+    name = "PP-LCNetV2_base (random weights)" if args.pplcnet else args.model or "default model"
+    print(
+        f"\n{name}, 224x224, {args.threads} threads, "
+        f"{platform.processor() or platform.machine()}, torch {torch.__version__}"
+    )
+    print("| runtime | batch | images/s (median) | images/s (best) | max diff vs onnxruntime |")
+    print("|---|---:|---:|---:|---:|")
+    for name, size, median, best, difference in rows:
+        print(f"| {name} | {size} | {median:.1f} | {best:.1f} | {difference:.1e} |")
+    if not any(row[0] == "OpenVINO" for row in rows):
+        print("(OpenVINO not installed: pip install openvino to add it)")
+
+
+if __name__ == "__main__":
+    main()
