@@ -25,6 +25,8 @@ class GroceryStoreDataset(ImageDataset):
     `label_level` picks the fine classes (81 products and varieties) or the coarse
     ones (43, e.g. all apples). Paths are relative to `image_root`, the dataset's
     folder; `class_file` defaults to `classes.csv` there (names are None without it).
+    `cls_label_path` may list several files (e.g. train and val for a final run); their
+    images are joined in order.
     """
 
     def __init__(
