@@ -118,12 +118,12 @@ def main() -> None:
             onnx_file = rebuilt / ONNX_FILE
         eager = FeatureExtractor.load(folder, "torch", args.threads).backend
         assert isinstance(eager, TorchBackend)
+        openvino = openvino_runner(onnx_file, args.threads)  # dynamic batch: one serves all
         rng = np.random.default_rng(0)
         rows = []
         for size in args.batches:
             batch = rng.standard_normal((size, 3, 224, 224), dtype=np.float32)
             runners: dict[str, Runner] = {"onnxruntime": onnx}
-            openvino = openvino_runner(onnx_file, args.threads)
             if openvino is not None:
                 runners["OpenVINO"] = openvino
             runners.update(torch_runners(eager.model, batch))

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import httpx
 
+from shitu.cli.main import main as shitu_main
 from shitu.demo import DemoSet, make_demo_set
-from shitu.index import Gallery, collect_items
-from shitu.inference import FeatureExtractor, default_model_dir
+from shitu.index import collect_items
+from shitu.inference import default_model_dir
 
 STARTUP_S = 60.0
 
@@ -47,17 +48,10 @@ def demo_library(root: Path) -> DemoLibrary:
     with _build_lock:
         model, gallery = default_model_dir(), root / "gallery"
         demo = make_demo_set(root / "images")  # same seed, same files: cheap to redo
-        if not (gallery / "gallery.sqlite").is_file():
-            extractor = FeatureExtractor.load(model)
-            building = root / "gallery-building"
-            with Gallery.create(
-                building,
-                embedding_dim=extractor.embedding_size,
-                model_fingerprint=extractor.fingerprint,
-                preprocessing=extractor.preprocessing,
-            ) as library:
-                library.add_files(extractor, collect_items([demo.gallery_list]))
-            building.rename(gallery)
+        if not gallery.exists():  # `index build` is atomic: the folder appears complete
+            args = ["index", "build", "--gallery", str(demo.gallery_list), "--out", str(gallery)]
+            if shitu_main([*args, "--model", str(model)]) != 0:
+                raise RuntimeError(f"shitu index build failed for {gallery}")
         return DemoLibrary(model, gallery, demo)
 
 

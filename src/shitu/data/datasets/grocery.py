@@ -50,8 +50,8 @@ class GroceryStoreDataset(ImageDataset):
         entries: list[Entry] = []
         for listing in listings:  # e.g. [train.txt, val.txt] for a final train+val run
             for number, line in read_lines(listing, "dataset"):
-                label = _read_label(listing, number, line, column)
-                path = os.path.join(image_root, line.split(",")[0].strip())
+                relative, label = _parse_line(listing, number, line, column)
+                path = os.path.join(image_root, relative)
                 source = f"{Path(listing).name} line {number}"
                 entries.append(Entry(path, label, len(entries), source))
 
@@ -69,7 +69,8 @@ class GroceryStoreDataset(ImageDataset):
         self._set_entries(entries, image_root)
 
 
-def _read_label(listing: str, number: int, line: str, column: int) -> int:
+def _parse_line(listing: str, number: int, line: str, column: int) -> tuple[str, int]:
+    """(image path relative to the root, class id from `column`) of one listing line."""
     fields = [field.strip() for field in line.split(",")]
     if len(fields) != 3 or not all(fields):
         raise DataError(f"{listing}:{number}: expected 'path, fine_id, coarse_id', got {line!r}")
@@ -81,7 +82,7 @@ def _read_label(listing: str, number: int, line: str, column: int) -> int:
         ) from None
     if label < 0:
         raise DataError(f"{listing}:{number}: class id {label} is negative")
-    return label
+    return fields[0], label
 
 
 def read_class_names(path: str, level: Literal["fine", "coarse"]) -> list[str]:
