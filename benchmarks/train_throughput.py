@@ -21,8 +21,8 @@ import time
 import torch
 
 from shitu.config import load_config
-from shitu.engine.evaluate import autocast_for
 from shitu.engine.optim import build_optimizer
+from shitu.engine.precision import autocast_for, effective_amp
 from shitu.losses.combined import CombinedLoss
 from shitu.models import build_model
 
@@ -39,12 +39,16 @@ def measure(
     channels_last: bool,
     size: int,
     threads: int | None,
-) -> tuple[float, float]:
-    """(images/s, peak memory in MiB) over `steps` timed steps after two warm-up steps."""
+) -> tuple[str, float, float]:
+    """(amp run, images/s, peak memory in MiB) over `steps` timed steps after two warm-ups.
+
+    The amp run is "off" where the device cannot run the one asked for (see effective_amp).
+    """
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    amp = effective_amp(amp, device)
     config = load_config(config_name)
     if config.Arch.Backbone.params.get("pretrained") is True:
         config.Arch.Backbone.params["pretrained"] = False  # speed does not depend on weights
@@ -85,7 +89,7 @@ def measure(
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
-    return batch_size / statistics.median(times), peak
+    return amp, batch_size / statistics.median(times), peak
 
 
 def main() -> None:
@@ -111,7 +115,7 @@ def main() -> None:
     for name in args.configs:
         for amp in args.amp:
             with multiprocessing.get_context("spawn").Pool(1) as pool:
-                speed, peak = pool.apply(
+                used, speed, peak = pool.apply(
                     measure,
                     (
                         name,
@@ -124,7 +128,7 @@ def main() -> None:
                     ),
                 )
             print(
-                f"| {name} | {args.batch} | {amp} | {args.channels_last} | {speed:.1f} | "
+                f"| {name} | {args.batch} | {used} | {args.channels_last} | {speed:.1f} | "
                 f"{peak:.0f} |"
             )
 

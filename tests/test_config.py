@@ -96,6 +96,14 @@ def test_load_applies_overrides_and_keeps_types(config_file):
     assert config.Arch.BackboneStopLayer.name == "flatten"
 
 
+def test_amp_off_survives_yaml(config_file):
+    # YAML 1.1 reads a bare `off` as false; Global.amp=off must still mean "off".
+    assert load_config(config_file, ["Global.amp=off"]).Global.amp == "off"
+    assert load_config(config_file, ["Global.amp=bf16"]).Global.amp == "bf16"
+    with pytest.raises(ConfigError, match="Global.amp"):
+        load_config(config_file, ["Global.amp=true"])
+
+
 def test_shipped_config_loads():
     assert "GeneralRecognitionV2_PPLCNetV2_base" in shipped_configs()
     config = load_config("GeneralRecognitionV2_PPLCNetV2_base")

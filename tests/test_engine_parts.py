@@ -12,7 +12,9 @@ from torch import nn
 
 from shitu import registry
 from shitu.config.schema import OptimizerConfig
+from shitu.engine import precision
 from shitu.engine.optim import build_optimizer, parameter_groups
+from shitu.engine.precision import autocast_for, effective_amp
 from shitu.engine.seeding import (
     SeededBatchSampler,
     SeededDataset,
@@ -192,3 +194,23 @@ def test_training_checkpoint_round_trip_and_errors(tmp_path):
     (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="not a readable training checkpoint"):
         load_training_state(tmp_path / "broken.pt")
+
+
+def test_effective_amp_falls_back_to_float32_with_a_reason(monkeypatch, caplog):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert effective_amp("off", cpu) == "off"
+    assert effective_amp("fp16", cuda) == "fp16" and effective_amp("bf16", cuda) == "bf16"
+    with caplog.at_level("WARNING", logger="shitu.engine.precision"):
+        assert effective_amp("fp16", cpu) == "off"
+    assert "fp16 needs a CUDA device" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
+    with caplog.at_level("WARNING", logger="shitu.engine.precision"):
+        assert effective_amp("bf16", cpu) == "off"
+    assert "no native bfloat16" in caplog.text
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    assert effective_amp("bf16", cpu) == "bf16"
+    with autocast_for(cpu, "bf16"):
+        assert nn.Linear(4, 4)(torch.ones(2, 4)).dtype == torch.bfloat16
+    with autocast_for(cpu, "off"):
+        assert nn.Linear(4, 4)(torch.ones(2, 4)).dtype == torch.float32

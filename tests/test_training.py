@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from shitu.checkpoint import read_weights
 from shitu.cli.main import main
 from shitu.config import load_config
 from shitu.engine.metrics_log import read_log
+from shitu.engine.precision import cpu_has_native_bf16
 from shitu.engine.trainer import Trainer
 from shitu.errors import CheckpointError, ConfigError
 
@@ -174,6 +176,22 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(grocery, tmp_path):
     a, _ = read_weights(tmp_path / "full" / "best_model.safetensors")
     b, _ = read_weights(split_dir / "best_model.safetensors")
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+@pytest.mark.skipif(not cpu_has_native_bf16(), reason="this CPU has no native bfloat16")
+def test_bf16_training_on_cpu(grocery, tmp_path):
+    """Global.amp=bf16 trains on a CPU with native bfloat16: close to float32, not equal."""
+    path = tiny_config(grocery, tmp_path, epochs=1)
+    runs = {}
+    for amp in ("off", "bf16"):
+        output = tmp_path / amp
+        config = load_config(path, [f"Global.output_dir={output}", f"Global.amp={amp}"])
+        assert Trainer(config).fit().finished
+        runs[amp] = [loss for _, loss in train_losses(output)]
+    assert all(math.isfinite(loss) for loss in runs["bf16"])
+    assert runs["bf16"][0] == pytest.approx(runs["off"][0], rel=0.05)  # same batch, same init
+    assert runs["bf16"] != runs["off"]  # autocast really ran the model in bfloat16
+    assert read_log(tmp_path / "bf16" / "metrics.jsonl", "eval")
 
 
 def test_cli_train_then_eval(grocery, tmp_path, capsys):

@@ -53,6 +53,12 @@ class GlobalConfig(Section):
     channels_last: bool = False
     use_tensorboard: bool = False
 
+    @field_validator("amp", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        # YAML 1.1 reads a bare `off` (in a file or `-o Global.amp=off`) as false.
+        return "off" if value is False else value
+
     @field_validator("image_shape")
     @classmethod
     def _chw(cls, value: list[int]) -> list[int]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -14,6 +13,7 @@ from tqdm import tqdm
 from shitu.config.schema import ShituConfig
 from shitu.engine.data import build_eval_loader, dataset_of
 from shitu.engine.distributed import DistContext, all_gather_concat
+from shitu.engine.precision import autocast_for, effective_amp
 from shitu.errors import ConfigError
 from shitu.evaluation import RetrievalEvaluator, RetrievalResult
 
@@ -27,14 +27,6 @@ class EmbeddedSet:
     features: torch.Tensor
     labels: torch.Tensor
     unique_ids: torch.Tensor
-
-
-def autocast_for(device: torch.device, amp: str) -> contextlib.AbstractContextManager[None]:
-    """Mixed precision on CUDA when asked; a no-op context otherwise."""
-    if amp == "off" or device.type != "cuda":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    return torch.autocast(device_type="cuda", dtype=dtype)
 
 
 @torch.no_grad()
@@ -92,6 +84,7 @@ class RetrievalEvaluation:
             raise ConfigError("DataLoader.Eval.Query: evaluation needs a query dataset")
         self.config = config
         self.context = context
+        self.amp = effective_amp(config.Global.amp, context.device)
         self.query_loader = build_eval_loader(eval_data.Query, context, seed)
         self.gallery_loader = (
             build_eval_loader(eval_data.Gallery, context, seed) if eval_data.Gallery else None
@@ -108,7 +101,7 @@ class RetrievalEvaluation:
         options = {
             "context": self.context,
             "feature_key": self.config.Global.retrieval_feature_from,
-            "amp": self.config.Global.amp,
+            "amp": self.amp,
             "channels_last": self.config.Global.channels_last,
         }
         query = embed_dataset(model, self.query_loader, description="query", **options)

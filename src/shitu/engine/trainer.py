@@ -23,10 +23,11 @@ from shitu.checkpoint import load_weights, model_metadata, save_weights
 from shitu.config.schema import ShituConfig
 from shitu.engine.data import build_train_loader, dataset_of
 from shitu.engine.distributed import DistContext, all_reduce_mean, barrier, init_distributed
-from shitu.engine.evaluate import RetrievalEvaluation, autocast_for
+from shitu.engine.evaluate import RetrievalEvaluation
 from shitu.engine.lr import LRSchedule
 from shitu.engine.metrics_log import MetricsLog
 from shitu.engine.optim import build_optimizer
+from shitu.engine.precision import autocast_for, effective_amp
 from shitu.engine.seeding import capture_rng_state, restore_rng_state, seed_everything
 from shitu.engine.state import (
     BEST,
@@ -113,13 +114,8 @@ class Trainer:
             steps_per_epoch=self.steps_per_epoch,
             epochs=config.Global.epochs,
         )
-        amp = config.Global.amp if self.context.device.type == "cuda" else "off"
-        if amp != config.Global.amp and self.context.is_main:
-            logger.warning(
-                "Global.amp=%s needs a CUDA device; training in float32", config.Global.amp
-            )
-        self.amp = amp
-        self.scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
+        self.amp = effective_amp(config.Global.amp, self.context.device)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == "fp16")
         if resume_payload is not None:
             self._restore(resume_payload)
         self.net: nn.Module = self.model
