@@ -196,7 +196,13 @@ def test_bf16_training_on_cpu(grocery, tmp_path):
 
 def test_cli_train_then_eval(grocery, tmp_path, capsys):
     path = tiny_config(grocery, tmp_path, epochs=1)
-    assert main(["train", "-c", str(path)]) == 0
+    assert main(["train", "-c", str(path), "--stop-after-steps", "2"]) == 0
+    latest = tmp_path / "output" / "latest.pt"
+    assert capsys.readouterr().out.splitlines()[0] == (
+        f"stopped early after step 2 (0 of 1 epochs done); resume with "
+        f"-o Global.checkpoints={latest}"
+    )
+    assert main(["train", "-c", str(path), "-o", f"Global.checkpoints={latest}"]) == 0
     out = capsys.readouterr().out
     assert "finished at epoch 1" in out and "best recall@1" in out
     weights = tmp_path / "output" / "best_model.safetensors"

@@ -51,11 +51,14 @@ def run(args: argparse.Namespace) -> int:
         shutdown_distributed()
     if trainer.context.is_main:
         progress = result.progress
-        state = "finished" if result.finished else "stopped early; resume with"
-        print(
-            f"{state} at epoch {progress.epoch}, step {progress.global_step}"
-            + ("" if result.finished else f" -o Global.checkpoints={result.output_dir}/latest.pt")
-        )
+        if result.finished:
+            print(f"finished at epoch {progress.epoch}, step {progress.global_step}")
+        else:
+            print(
+                f"stopped early after step {progress.global_step} ({progress.epoch} of "
+                f"{config.Global.epochs} epochs done); resume with "
+                f"-o Global.checkpoints={result.output_dir}/latest.pt"
+            )
         if progress.best_metric is not None:
             print(
                 f"best {config.Global.eval_metric} {progress.best_metric:.4f} at epoch "
