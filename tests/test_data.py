@@ -288,6 +288,29 @@ def test_grocery_store_dataset_joins_listings(grocery: Path, tmp_path: Path):
         GroceryStoreDataset(str(grocery), [])
 
 
+def test_grocery_store_iconic_split(grocery: Path, tmp_path: Path):
+    """`cls_label_path: iconic` is the packshot gallery: one image per class from classes.csv."""
+    iconic = GroceryStoreDataset(str(grocery), "iconic")
+    assert len(iconic) == 81 and iconic.labels == list(range(81))
+    assert all(Path(path).is_file() for path in iconic.paths)
+    assert Path(iconic.paths[0]).name == "Golden-Delicious_Iconic.jpg"
+    coarse = GroceryStoreDataset(str(grocery), ["iconic"], label_level="coarse")
+    assert coarse.labels[:3] == [0, 0, 0] and coarse.class_names[coarse.labels[-1]] != "Apple"
+    image, label, _ = GroceryStoreDataset(
+        str(grocery), "iconic", transform_ops=[{"ResizeImage": {"size": [32, 32]}}]
+    )[5]
+    assert image.shape == (3, 32, 32) and label == 5
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    with pytest.raises(DataError, match=r"'iconic' lists the packshots named in classes\.csv"):
+        GroceryStoreDataset(str(bare), "iconic")
+    no_paths = tmp_path / "classes.csv"
+    no_paths.write_text("name,id,coarse name,coarse id\nGolden-Delicious,0,Apple,0\n")
+    with pytest.raises(DataError, match=r"classes\.csv:2: no iconic image path"):
+        GroceryStoreDataset(str(grocery), "iconic", class_file=str(no_paths))
+
+
 def test_image_folder_dataset(tmp_path: Path):
     save_png(tmp_path / "root" / "b_class" / "x.png", pattern(4, 4))
     save_png(tmp_path / "root" / "a_class" / "sub" / "y.png", pattern(5, 5))

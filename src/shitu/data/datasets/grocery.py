@@ -17,6 +17,8 @@ from shitu.data.datasets.base import (
 from shitu.errors import DataError
 from shitu.registry import DATASETS
 
+ICONIC = "iconic"  # a cls_label_path value: the one packshot per class named in classes.csv
+
 
 @DATASETS.register("GroceryStoreDataset")
 class GroceryStoreDataset(ImageDataset):
@@ -26,7 +28,9 @@ class GroceryStoreDataset(ImageDataset):
     ones (43, e.g. all apples). Paths are relative to `image_root`, the dataset's
     folder; `class_file` defaults to `classes.csv` there (names are None without it).
     `cls_label_path` may list several files (e.g. train and val for a final run); their
-    images are joined in order.
+    images are joined in order. The value `iconic` stands for the dataset's packshot
+    split: the one web "iconic" image per class that `classes.csv` names, a gallery
+    with no real photos in it.
     """
 
     def __init__(
@@ -47,16 +51,25 @@ class GroceryStoreDataset(ImageDataset):
         self.label_level = label_level
         check_root(image_root, where)
         column = 1 if label_level == "fine" else 2
-        entries: list[Entry] = []
-        for listing in listings:  # e.g. [train.txt, val.txt] for a final train+val run
-            for number, line in read_lines(listing, "dataset"):
-                relative, label = _parse_line(listing, number, line, column)
-                path = os.path.join(image_root, relative)
-                source = f"{Path(listing).name} line {number}"
-                entries.append(Entry(path, label, len(entries), source))
-
         if class_file is None and (Path(image_root) / "classes.csv").is_file():
             class_file = str(Path(image_root) / "classes.csv")
+        entries: list[Entry] = []
+        for listing in listings:  # e.g. [train.txt, val.txt] for a final train+val run
+            if listing == ICONIC:
+                if class_file is None:
+                    raise DataError(
+                        f"{where}: 'iconic' lists the packshots named in classes.csv, "
+                        f"which {image_root} does not have (set class_file)"
+                    )
+                file, lines = class_file, read_iconic_listing(class_file)
+            else:
+                file, lines = listing, read_lines(listing, "dataset")
+            for number, line in lines:
+                relative, label = _parse_line(file, number, line, column)
+                path = os.path.join(image_root, relative)
+                source = f"{Path(file).name} line {number}"
+                entries.append(Entry(path, label, len(entries), source))
+
         if class_file is not None:
             self.class_names = read_class_names(class_file, label_level)
         largest = max((entry.label for entry in entries), default=-1)
@@ -85,18 +98,31 @@ def _parse_line(listing: str, number: int, line: str, column: int) -> tuple[str,
     return fields[0], label
 
 
-def read_class_names(path: str, level: Literal["fine", "coarse"]) -> list[str]:
-    """Names by class id from `classes.csv` (columns: name, id, coarse name, coarse id, ...)."""
-    name_col, id_col = (0, 1) if level == "fine" else (2, 3)
-    names: dict[int, str] = {}
+def _read_class_rows(path: str) -> list[tuple[int, list[str]]]:
+    """(line number, fields) of the rows of `classes.csv` below its header."""
     try:
         with open(path, newline="", encoding="utf-8-sig") as handle:
             rows = list(csv.reader(handle))
     except OSError as exc:
         raise DataError(f"class file {path}: cannot read it ({exc})") from exc
-    for number, row in enumerate(rows[1:], 2):  # row 1 is the header
-        if not row:
-            continue
+    return [(number, row) for number, row in enumerate(rows[1:], 2) if row]
+
+
+def read_iconic_listing(path: str) -> list[tuple[int, str]]:
+    """`classes.csv`'s iconic images as listing lines: (line number, 'path, fine, coarse')."""
+    lines = []
+    for number, row in _read_class_rows(path):
+        if len(row) < 5 or not row[4].strip():
+            raise DataError(f"{path}:{number}: no iconic image path (5th column) in {row}")
+        lines.append((number, f"{row[4].strip().lstrip('/')}, {row[1]}, {row[3]}"))
+    return lines
+
+
+def read_class_names(path: str, level: Literal["fine", "coarse"]) -> list[str]:
+    """Names by class id from `classes.csv` (columns: name, id, coarse name, coarse id, ...)."""
+    name_col, id_col = (0, 1) if level == "fine" else (2, 3)
+    names: dict[int, str] = {}
+    for number, row in _read_class_rows(path):
         try:
             class_id, name = int(row[id_col]), row[name_col].strip()
         except (IndexError, ValueError):
