@@ -206,12 +206,7 @@ def test_files_are_embedded_hashed_and_reembedded(tmp_path):
     )
     model = PixelEmbedder()
     path = tmp_path / "lib"
-    with Gallery.create(
-        path,
-        embedding_dim=model.embedding_size,
-        model_fingerprint=model.fingerprint,
-        preprocessing=model.preprocessing,
-    ) as gallery:
+    with Gallery.create_for(path, model) as gallery:
         report = gallery.add_files(model, parse_label_file(listing))
         assert len(report.ids) == 6
         assert sorted(Path(p).name for p, _ in report.failures) == ["broken.png", "missing.png"]

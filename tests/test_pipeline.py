@@ -56,12 +56,7 @@ def setup(tmp_path_factory, grocery) -> dict:
     gallery_items = _items(grocery, "train", GALLERY_PER_CLASS, names)
     queries = _items(grocery, "val", QUERIES_PER_CLASS, names)
     extractor = FeatureExtractor.load(model_dir, num_threads=1)
-    with Gallery.create(
-        work / "gallery",
-        embedding_dim=extractor.embedding_size,
-        model_fingerprint=extractor.fingerprint,
-        preprocessing=extractor.preprocessing,
-    ) as gallery:
+    with Gallery.create_for(work / "gallery", extractor) as gallery:
         gallery.add_files(extractor, gallery_items)
     label_file = work / "queries.txt"
     label_file.write_text("".join(f"{q.path}\t{q.label}\n" for q in queries))

@@ -62,12 +62,7 @@ def run(args: argparse.Namespace) -> int:
     model = Path(config.Global.rec_inference_model_dir or default_model_dir())
     extractor = FeatureExtractor.load(model, config.Global.rec_backend)
     items = collect_items([demo.gallery_list])
-    with Gallery.create(
-        out / "gallery",
-        embedding_dim=extractor.embedding_size,
-        model_fingerprint=extractor.fingerprint,
-        preprocessing=extractor.preprocessing,
-    ) as gallery:
+    with Gallery.create_for(out / "gallery", extractor) as gallery:
         gallery.add_files(extractor, items, batch_size=config.Global.batch_size)
         labels = len({item.label for item in items})
         print(f"gallery library {out / 'gallery'}: {len(gallery)} images of {labels} products\n")

@@ -148,11 +148,9 @@ def run_build(args: argparse.Namespace) -> int:
     }
     # Built beside the target and renamed at the end: an interrupted build leaves no library.
     tmp = args.out.parent / f".{args.out.name}.building-{os.getpid()}"
-    with Gallery.create(
+    with Gallery.create_for(
         tmp,
-        embedding_dim=model.embedding_size,
-        model_fingerprint=model.fingerprint,
-        preprocessing=model.preprocessing,
+        model,
         metric=args.metric,
         index_type=args.index_type,
         backend=args.backend,

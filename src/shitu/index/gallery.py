@@ -111,6 +111,17 @@ class Gallery:
         return cls.open(root)
 
     @classmethod
+    def create_for(cls, path: str | Path, embedder: Embedder, **options: Any) -> Gallery:
+        """`create` a library for `embedder`'s features (its size, fingerprint, preprocessing)."""
+        return cls.create(
+            path,
+            embedding_dim=embedder.embedding_size,
+            model_fingerprint=embedder.fingerprint,
+            preprocessing=dict(embedder.preprocessing),
+            **options,
+        )
+
+    @classmethod
     def open(
         cls, path: str | Path, *, embedder: Embedder | None = None, verify: bool = True
     ) -> Gallery:
