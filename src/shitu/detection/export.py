@@ -7,6 +7,7 @@ The file has one input `image` [B, 3, S, S] (ImageNet-normalised RGB) and output
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -28,7 +29,8 @@ def export_onnx(model: PicoDet, path: str | Path, input_size: int | None = None)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     size = input_size or model.arch.input_size
-    with torch.no_grad():
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
         torch.onnx.export(
             _Decoded(model.eval()),
             (torch.zeros(1, 3, size, size),),
