@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from shitu.checkpoint import (
+    average_weights,
     load_pretrained,
     load_weights,
     model_metadata,
@@ -22,6 +23,7 @@ from shitu.errors import CheckpointError
 from shitu.models import build_model
 from shitu.registry import BACKBONES, populate
 
+from .test_cli import run_shitu
 from .test_models import randomise_batchnorm
 
 populate()
@@ -188,3 +190,54 @@ def test_load_pretrained_from_a_rec_model_checkpoint(tmp_path):
 def test_pretrained_true_is_refused():
     with pytest.raises(CheckpointError, match="never does"):
         BACKBONES.build("PPLCNetV2_small", pretrained=True)
+
+
+def test_average_weights_is_the_mean_of_same_model_runs(tmp_path):
+    """`shitu average`: floats are the element-wise mean (in their own dtype), integer
+    counters come from the first file, and the result loads into the same model."""
+    models = [make_model(seed=seed) for seed in range(3)]
+    paths = []
+    for index, model in enumerate(models):
+        state = model.state_dict()
+        if index == 0:  # one file in float16, as `shitu export --compact` writes
+            state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+        metadata = model_metadata(model, ARCH)
+        paths.append(save_weights(state, tmp_path / f"run{index}.safetensors", metadata))
+    result = run_shitu("average", *map(str, paths), "--out", str(tmp_path / "soup.safetensors"))
+    assert result.returncode == 0, result.stderr
+    assert "the mean of 3 checkpoints" in result.stdout
+    soup, metadata = read_weights(tmp_path / "soup.safetensors")
+    assert metadata == read_weights(paths[0])[1]
+    states = [read_weights(path)[0] for path in paths]
+    for name, tensor in soup.items():
+        assert tensor.dtype == states[0][name].dtype
+        if tensor.is_floating_point():
+            mean = sum(state[name].double() for state in states) / 3
+            torch.testing.assert_close(tensor.double(), mean, atol=2e-3, rtol=2e-3)
+        else:
+            assert torch.equal(tensor, states[0][name])
+    report = load_weights(make_model(seed=5), tmp_path / "soup.safetensors")
+    assert not report.missing and not report.unexpected and not report.shape_mismatch
+
+
+def test_average_weights_refuses_files_of_different_models(tmp_path):
+    model = make_model()
+    state, metadata = model.state_dict(), model_metadata(model, ARCH)
+    base = save_weights(state, tmp_path / "a.safetensors", metadata)
+    with pytest.raises(CheckpointError, match="at least two weight files, got 1"):
+        average_weights([base])
+    other_arch = save_weights(state, tmp_path / "b.safetensors", model_metadata(model, {"x": 1}))
+    with pytest.raises(CheckpointError, match=r"b\.safetensors: its shitu\.arch differs"):
+        average_weights([base, other_arch])
+    fewer = {k: v for k, v in state.items() if not k.startswith("head.")}
+    fewer_path = save_weights(fewer, tmp_path / "c.safetensors", metadata)
+    with pytest.raises(CheckpointError, match=r"only there: \['head\."):
+        average_weights([base, fewer_path])
+    name = next(k for k, v in state.items() if v.ndim == 4)
+    reshaped = dict(state, **{name: state[name][:1]})
+    reshaped_path = save_weights(reshaped, tmp_path / "d.safetensors", metadata)
+    with pytest.raises(CheckpointError, match=f"d\\.safetensors: {name} has shape"):
+        average_weights([base, reshaped_path])
+    result = run_shitu("average", str(base), "--out", str(tmp_path / "o.safetensors"))
+    assert result.returncode == 2 and "at least two weight files" in result.stderr
+    assert not (tmp_path / "o.safetensors").exists()

@@ -1,5 +1,6 @@
 """Model weight files: our safetensors/torch checkpoints and PaddleClas .pdparams import."""
 
+from shitu.checkpoint.average import average_weights
 from shitu.checkpoint.io import (
     LoadReport,
     load_pretrained,
@@ -12,6 +13,7 @@ from shitu.checkpoint.paddle import paddle_to_torch, read_pdparams
 
 __all__ = [
     "LoadReport",
+    "average_weights",
     "load_pretrained",
     "load_weights",
     "model_metadata",

@@ -8,6 +8,7 @@ import sys
 
 from shitu import __version__
 from shitu.cli import (
+    average,
     convert,
     demo,
     detect,
@@ -28,6 +29,7 @@ SUBCOMMANDS = (
     train,
     evaluate,
     convert,
+    average,
     info,
     detect,
     export,
