@@ -7,13 +7,13 @@ The file has one input `image` [B, 3, S, S] (ImageNet-normalised RGB) and output
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from shitu.detection.model import PicoDet
+from shitu.onnx_trace import trace_to_onnx
 
 
 class _Decoded(nn.Module):
@@ -29,16 +29,14 @@ def export_onnx(model: PicoDet, path: str | Path, input_size: int | None = None)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     size = input_size or model.arch.input_size
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
-        torch.onnx.export(
+    with torch.no_grad():
+        trace_to_onnx(
             _Decoded(model.eval()),
             (torch.zeros(1, 3, size, size),),
-            str(path),
+            path,
             input_names=["image"],
             output_names=["scores", "boxes"],
             dynamic_axes={"image": {0: "batch"}, "scores": {0: "batch"}, "boxes": {0: "batch"}},
             opset_version=13,
-            dynamo=False,
         )
     return path

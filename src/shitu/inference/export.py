@@ -19,7 +19,6 @@ import logging
 import os
 import shutil
 import tempfile
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from shitu.config import ArchConfig, ShituConfig
 from shitu.errors import CheckpointError, ShituError
 from shitu.inference.preprocess import Preprocessing
 from shitu.models import RecModel, build_model
+from shitu.onnx_trace import trace_to_onnx
 
 MANIFEST = "shitu_model.json"
 ONNX_FILE = "model.onnx"
@@ -223,13 +223,11 @@ def _export_onnx(model: FeaturesOnly, path: Path, preprocessing: Preprocessing, 
 
     width, height = preprocessing.size
     example = torch.randn(2, 3, height, width, generator=torch.Generator().manual_seed(0))
-    with warnings.catch_warnings(), torch.inference_mode():
-        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
-        torch.onnx.export(
+    with torch.inference_mode():
+        trace_to_onnx(
             model,
             (example,),
-            str(path),
-            dynamo=False,
+            path,
             input_names=[INPUT_NAME],
             output_names=[OUTPUT_NAME],
             dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},

@@ -1,0 +1,23 @@
+"""One way to write ONNX files, shared by the recogniser and the detector exports."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def trace_to_onnx(
+    model: nn.Module, inputs: tuple[torch.Tensor, ...], path: Path, **options: Any
+) -> None:
+    """`torch.onnx.export` with the TorchScript exporter (dynamo=False), without its notice.
+
+    The TorchScript exporter handles these models' dynamic batch axes without extra
+    dependencies; torch announces its deprecation on every call, which users cannot act on.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, inputs, str(path), dynamo=False, **options)
