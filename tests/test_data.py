@@ -478,6 +478,34 @@ def test_color_jitter():
         build_transforms([{"ColorJitter": {"hue": 0.7}}])
 
 
+def test_random_erasing_fills_one_rectangle_after_normalising():
+    normalise = {"NormalizeImage": {"scale": 1.0, "mean": [0, 0, 0], "std": [1, 1, 1]}}
+    image = np.full((40, 50, 3), 200, np.uint8)
+    for layout in ([], [{"ToCHWImage": None}]):
+        for seed in range(20):
+            torch.manual_seed(seed)
+            erase = {"RandomErasing": {"EPSILON": 1.0, "sl": 0.1, "sh": 0.3, "mean": [1, 2, 3]}}
+            out = pipeline_output([*layout, normalise, erase], image).numpy()
+            erased = out[0] != 200
+            rows, cols = np.nonzero(erased)
+            box = erased[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+            assert box.all()  # one solid rectangle, nothing outside it
+            assert 0.1 * 2000 * 0.9 <= box.size <= 0.3 * 2000 * 1.1
+            for channel, value in enumerate([1, 2, 3]):
+                assert (out[channel][erased] == value).all() and (
+                    out[channel][~erased] == 200
+                ).all()
+    never = {"RandomErasing": {"EPSILON": 0.0}}
+    assert (pipeline_output([normalise, never], image).numpy() == 200).all()
+    torch.manual_seed(0)
+    noise = {"RandomErasing": {"EPSILON": 1.0, "mode": "pixel"}}
+    assert len(np.unique(pipeline_output([normalise, noise], image).numpy())) > 100
+    with pytest.raises(ConfigError, match="RandomErasing: erases normalised values"):
+        build_transforms([{"RandomErasing": {}}, normalise])
+    with pytest.raises(ConfigError, match="sl, sh: area fractions"):
+        build_transforms([normalise, {"RandomErasing": {"sl": 0.5, "sh": 0.2}}])
+
+
 def test_normalise_values_and_scale_strings():
     image = pattern(4, 5)
     expected = (image.astype(np.float32) * np.float32(1 / 255) - np.float32(MEAN)) / np.float32(STD)
@@ -515,6 +543,7 @@ TRAIN_OPS = [
     {"ColorJitter": {"brightness": 0.3, "contrast": 0.3, "saturation": 0.3, "hue": 0.1}},
     {"RandCropImage": {"size": 32}},
     {"NormalizeImage": {"scale": 0.00392157, "mean": MEAN, "std": STD, "order": "hwc"}},
+    {"RandomErasing": {"EPSILON": 0.5, "mode": "rand"}},
 ]
 
 

@@ -450,3 +450,84 @@ class ToCHWImage(Transform):
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         return image.transpose(2, 0, 1)
+
+
+@TRANSFORMS.register("RandomErasing")
+class RandomErasing(Transform):
+    """With probability `EPSILON`, overwrite one random rectangle of the normalised image.
+
+    Random Erasing (Zhong et al., 2017), with PaddleClas's parameter names: the
+    rectangle covers a fraction in [`sl`, `sh`] of the image with an aspect ratio
+    in [`r1`, 1/`r1`] (log-uniform with `use_log_aspect`); up to `attempt` draws
+    look for one that fits. `mode` fills it with `mean` ("const", one value per
+    channel), one random normal value per channel ("rand") or per pixel ("pixel").
+    It simulates occlusion, so features must not hang on one part of an object.
+    """
+
+    def __init__(
+        self,
+        EPSILON: float = 0.5,  # PaddleClas's name
+        sl: float = 0.02,
+        sh: float = 0.4,
+        r1: float = 0.3,
+        mean: list[float] | None = None,
+        attempt: int = 100,
+        use_log_aspect: bool = False,
+        mode: Literal["const", "rand", "pixel"] = "const",
+    ):
+        if not 0 <= EPSILON <= 1:
+            raise ValueError(f"EPSILON: a probability in [0, 1], got {EPSILON}")
+        if not 0 < sl <= sh <= 1:
+            raise ValueError(f"sl, sh: area fractions with 0 < sl <= sh <= 1, got {sl}, {sh}")
+        if not 0 < r1 <= 1:
+            raise ValueError(f"r1: the smallest aspect ratio, in (0, 1], got {r1}")
+        if attempt < 1:
+            raise ValueError(f"attempt: at least 1, got {attempt}")
+        self.EPSILON = EPSILON
+        self.sl = sl
+        self.sh = sh
+        self.r1 = r1
+        self.mean = np.asarray(mean if mean is not None else [0.0, 0.0, 0.0], np.float32)
+        self.attempt = attempt
+        self.use_log_aspect = use_log_aspect
+        self.mode = mode
+        self._layout: str = "hwc"
+
+    def plan(self, stage: Stage) -> Stage:
+        if not stage.normalized:
+            raise ValueError("erases normalised values; move it after NormalizeImage")
+        self._layout = stage.layout
+        return stage
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        if not coin(self.EPSILON):
+            return image
+        chw = self._layout == "chw"
+        channels, img_h, img_w = image.shape if chw else image.shape[2:] + image.shape[:2]
+        if self.mode == "const" and self.mean.size != channels:
+            raise ValueError(f"image has {channels} channels, mean has {self.mean.size}")
+        low, high = (
+            (np.log(self.r1), -np.log(self.r1)) if self.use_log_aspect else (self.r1, 1 / self.r1)
+        )
+        for _ in range(self.attempt):
+            area = rand_uniform(self.sl, self.sh) * img_h * img_w
+            aspect = rand_uniform(low, high)
+            aspect = float(np.exp(aspect)) if self.use_log_aspect else aspect
+            height = round((area * aspect) ** 0.5)
+            width = round((area / aspect) ** 0.5)
+            if 0 < height < img_h and 0 < width < img_w:
+                top = rand_int(0, img_h - height)
+                left = rand_int(0, img_w - width)
+                out = image.copy()
+                planes = out if chw else np.moveaxis(out, 2, 0)  # a CHW view of `out`
+                planes[:, top : top + height, left : left + width] = self._fill(
+                    channels, height, width
+                )
+                return out
+        return image
+
+    def _fill(self, channels: int, height: int, width: int) -> np.ndarray:
+        if self.mode == "const":
+            return self.mean[:, None, None]
+        shape = (channels, 1, 1) if self.mode == "rand" else (channels, height, width)
+        return torch.randn(shape).numpy()
