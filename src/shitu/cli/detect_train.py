@@ -9,6 +9,7 @@ from pathlib import Path
 from shitu.detection.data import CocoDetection, DetectionDataset, VocDetection, train_augment
 from shitu.detection.model import build_picodet
 from shitu.detection.train import DetectionTrainConfig, DetectionTrainer, evaluate_detector
+from shitu.engine.seeding import seed_everything
 from shitu.errors import ConfigError
 
 
@@ -54,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
     if bool(args.val_coco) != bool(args.val_images):
         raise ConfigError("--val-coco and --val-images go together")
     dataset = _dataset(args.coco, args.voc, args.images, args.class_agnostic)
+    seed_everything(args.seed)  # the model's initial weights come from the seed too
     model = build_picodet(
         args.arch,
         num_classes=len(dataset.class_names),
