@@ -7,9 +7,7 @@ import json
 from pathlib import Path
 
 from shitu.detection.data import CocoDetection, DetectionDataset, VocDetection, train_augment
-from shitu.detection.model import build_picodet
 from shitu.detection.train import DetectionTrainConfig, DetectionTrainer, evaluate_detector
-from shitu.engine.seeding import seed_everything
 from shitu.errors import ConfigError
 
 
@@ -55,14 +53,8 @@ def run(args: argparse.Namespace) -> int:
     if bool(args.val_coco) != bool(args.val_images):
         raise ConfigError("--val-coco and --val-images go together")
     dataset = _dataset(args.coco, args.voc, args.images, args.class_agnostic)
-    seed_everything(args.seed)  # the model's initial weights come from the seed too
-    model = build_picodet(
-        args.arch,
-        num_classes=len(dataset.class_names),
-        class_names=dataset.class_names,
-        input_size=args.input_size,
-    )
     config = DetectionTrainConfig(
+        arch=args.arch,
         epochs=args.epochs,
         batch_size=args.batch_size,
         learning_rate=args.lr,
@@ -72,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
         num_workers=args.workers,
         output_dir=args.output,
     )
-    trainer = DetectionTrainer(model, dataset, config)
+    trainer = DetectionTrainer(dataset, config)
     if args.resume:
         trainer.resume(args.resume)
     steps_per_epoch = len(trainer.sampler)

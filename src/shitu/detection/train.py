@@ -24,7 +24,7 @@ from shitu.detection.coco_eval import evaluate_boxes
 from shitu.detection.data import DetectionDataset, collate
 from shitu.detection.detector import preprocess
 from shitu.detection.losses import picodet_loss
-from shitu.detection.model import PicoDet
+from shitu.detection.model import PicoDet, PicoDetArch, build_picodet
 from shitu.detection.postprocess import multiclass_nms
 from shitu.detection.weights import save_detector
 from shitu.engine.lr import Cosine
@@ -37,6 +37,7 @@ from shitu.engine.seeding import (
     seed_everything,
 )
 from shitu.engine.state import LATEST, SUFFIX, Progress, load_training_state, save_training_state
+from shitu.errors import CheckpointError
 
 
 @dataclass
@@ -44,6 +45,7 @@ class DetectionTrainConfig:
     """Defaults: PicoDet-S's published recipe (lr 0.4 for 4 x 80 images, cosine over 300
     epochs, weight decay 4e-5, EMA 0.9998) scaled linearly to one batch of 80."""
 
+    arch: str = "picodet_s_esnet"
     epochs: int = 300
     batch_size: int = 80
     learning_rate: float = 0.1
@@ -126,10 +128,17 @@ def evaluate_detector(
 
 
 class DetectionTrainer:
-    def __init__(
-        self, model: PicoDet, dataset: DetectionDataset, config: DetectionTrainConfig
-    ) -> None:
+    """Builds the detector for `dataset`'s classes and trains it. The model is built after
+    seeding, so `config.seed` fixes the initial weights as well as the data order."""
+
+    def __init__(self, dataset: DetectionDataset, config: DetectionTrainConfig) -> None:
         seed_everything(config.seed)
+        model = build_picodet(
+            config.arch,
+            num_classes=len(dataset.class_names),
+            class_names=dataset.class_names,
+            input_size=config.eval_size,
+        )
         self.model, self.dataset, self.config = model, dataset, config
         self.ema = ModelEMA(model, config.ema_decay)
         batches = EpochBatches(len(dataset), config.batch_size, config.seed)
@@ -228,7 +237,15 @@ class DetectionTrainer:
         return save_detector(self.ema.model, path)
 
     def resume(self, path: str | Path) -> None:
-        state, self.progress = load_training_state(path)
+        state, progress = load_training_state(path)
+        saved = PicoDetArch.from_dict(state["arch"]).to_dict()
+        # input_size is only the evaluation/export default; every other field shapes weights
+        current = self.model.arch.to_dict()
+        changed = [k for k in current if k != "input_size" and saved[k] != current[k]]
+        if changed:
+            details = "; ".join(f"{k}: {saved[k]} there, {current[k]} here" for k in changed)
+            raise CheckpointError(f"{path} was trained with a different detector ({details})")
+        self.progress = progress
         self.model.load_state_dict(state["model"])
         self.ema.model.load_state_dict(state["ema"])
         self.ema.updates = state["ema_updates"]
