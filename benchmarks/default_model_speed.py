@@ -1,13 +1,14 @@
 """Feature extraction speed of the shipped default model, end to end from JPEG files.
 
 Usage: python benchmarks/default_model_speed.py [--threads 2] [--batches 1 32] [--images 128]
-       [--rounds 3] [--int8-calibration 64]
+       [--rounds 3] [--int8-calibration 64] [--model DIR]
 
 Times `FeatureExtractor.extract_files` (decode + resize + normalise in threads, overlapped
 with onnxruntime) on Grocery Store JPEGs with the default model as shipped (its ONNX model
-rebuilt once into the cache) and with an int8 quantisation of it (calibrated on train
-photos, built in a temporary folder). Timings follow one warm-up batch; rounds are
-interleaved so background load hits both alike; the table gives median and best round.
+rebuilt once into the cache; --model times another `shitu export` folder instead) and with
+an int8 quantisation of it (calibrated on train photos, built in a temporary folder).
+Timings follow one warm-up batch; rounds are interleaved so background load hits both
+alike; the table gives median and best round.
 """
 
 from __future__ import annotations
@@ -51,10 +52,13 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--int8-calibration", type=int, default=64)
+    parser.add_argument(
+        "--model", type=Path, help="a `shitu export` folder to time instead of the default model"
+    )
     args = parser.parse_args()
 
     paths = grocery_images(args.images)
-    shipped = default_model_dir()
+    shipped = args.model or default_model_dir()
     cached = full_export(shipped, read_manifest(shipped))  # what FeatureExtractor.load uses
     if cached is None:
         raise SystemExit("the cache is not writable; set SHITU_CACHE_DIR")
@@ -75,8 +79,9 @@ def main() -> None:
 
     manifest = read_manifest(shipped)
     size = manifest["preprocessing"].get("crop") or manifest["preprocessing"]["resize"]
+    which = "model" if args.model else "default model"
     print(
-        f"default model {manifest['arch_name']} {manifest['embedding_size']}-d, input {size}, "
+        f"{which} {manifest['arch_name']} {manifest['embedding_size']}-d, input {size}, "
         f"{args.images} JPEGs, {args.threads} threads, {platform.processor() or platform.machine()}"
     )
     print("| path | batch | images/s (median) | images/s (best) |")

@@ -1,18 +1,22 @@
 """Training-step throughput of shipped recipes: images/s and peak memory per precision.
 
 Usage: python benchmarks/train_throughput.py [-c CONFIG ...] [--batch 64] [--steps 10]
-           [--amp off bf16 fp16] [--channels-last] [--size 224] [--threads 2]
+           [--amp off bf16 fp16] [--layout nhwc nchw] [--allocator keep glibc]
+           [--size 224] [--threads 2]
 
 Runs the recipe's model, losses and optimizer (as `shitu train` builds them) on random
 images and PK-style labels, so the number is the model's compute speed without data
 loading. Peak memory is CUDA's max_memory_allocated on a GPU and the process's peak RSS
-on a CPU; each row runs in a fresh process so rows do not share a peak. Prints a
-Markdown table.
+on a CPU; each row runs in a fresh process so rows do not share a peak. The defaults are
+what `shitu train` does: channels-last activations (`Global.channels_last`) and malloc
+keeping freed memory (`shitu.runtime.keep_freed_memory`); `--layout nchw` and
+`--allocator glibc` measure without them. Prints a Markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import multiprocessing
 import resource
 import statistics
@@ -25,6 +29,7 @@ from shitu.engine.optim import build_optimizer
 from shitu.engine.precision import autocast_for, effective_amp
 from shitu.losses.combined import CombinedLoss
 from shitu.models import build_model
+from shitu.runtime import keep_freed_memory
 
 
 def pk_labels(batch_size: int, per_class: int, device: torch.device) -> torch.Tensor:
@@ -39,6 +44,7 @@ def measure(
     channels_last: bool,
     size: int,
     threads: int | None,
+    allocator: str,
 ) -> tuple[str, float, float]:
     """(amp run, images/s, peak memory in MiB) over `steps` timed steps after two warm-ups.
 
@@ -46,6 +52,8 @@ def measure(
     """
     if threads:
         torch.set_num_threads(threads)
+    if allocator == "keep":
+        keep_freed_memory()
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     amp = effective_amp(amp, device)
@@ -100,9 +108,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--amp", nargs="+", default=["off"], choices=["off", "bf16", "fp16"])
-    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--layout", nargs="+", default=["nhwc"], choices=["nhwc", "nchw"])
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
+    parser.add_argument("--allocator", nargs="+", default=["keep"], choices=["keep", "glibc"])
     args = parser.parse_args()
     if torch.cuda.is_available():
         where = torch.cuda.get_device_name()
@@ -110,27 +119,28 @@ def main() -> None:
         where = f"CPU, {args.threads or torch.get_num_threads()} threads"
     memory = "peak GPU MiB" if torch.cuda.is_available() else "peak RSS MiB"
     print(f"torch {torch.__version__}, {where}, input {args.size}x{args.size}\n")
-    print(f"| config | batch | amp | channels_last | images/s | {memory} |")
-    print("|---|---:|---|---|---:|---:|")
-    for name in args.configs:
-        for amp in args.amp:
-            with multiprocessing.get_context("spawn").Pool(1) as pool:
-                used, speed, peak = pool.apply(
-                    measure,
-                    (
-                        name,
-                        args.batch,
-                        args.steps,
-                        amp,
-                        args.channels_last,
-                        args.size,
-                        args.threads,
-                    ),
-                )
-            print(
-                f"| {name} | {args.batch} | {used} | {args.channels_last} | {speed:.1f} | "
-                f"{peak:.0f} |"
+    print(f"| config | batch | amp | layout | allocator | images/s | {memory} |")
+    print("|---|---:|---|---|---|---:|---:|")
+    rows = itertools.product(args.configs, args.amp, args.layout, args.allocator)
+    for name, amp, layout, allocator in rows:
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            used, speed, peak = pool.apply(
+                measure,
+                (
+                    name,
+                    args.batch,
+                    args.steps,
+                    amp,
+                    layout == "nhwc",
+                    args.size,
+                    args.threads,
+                    allocator,
+                ),
             )
+        print(
+            f"| {name} | {args.batch} | {used} | {layout} | {allocator} | "
+            f"{speed:.1f} | {peak:.0f} |"
+        )
 
 
 if __name__ == "__main__":

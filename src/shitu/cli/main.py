@@ -24,6 +24,7 @@ from shitu.cli import (
     train,
 )
 from shitu.errors import ShituError
+from shitu.runtime import keep_freed_memory
 
 SUBCOMMANDS = (
     train,
@@ -65,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    keep_freed_memory()  # torch on the CPU: up to 4x faster forward passes (shitu.runtime)
     try:
         return args.func(args)
     except ShituError as exc:

@@ -1,0 +1,54 @@
+"""Process-wide settings that make torch fast on a plain CPU.
+
+glibc's malloc serves every block above its mmap threshold (128 KiB, rising to 32 MiB at
+most) with a fresh `mmap` and unmaps it on free, and trims the heap top as soon as 128 KiB
+lie free there. torch's CPU kernels allocate and free activation tensors of many MB per
+layer, so each forward pass page-faults all of them back in: on a 2-core machine an
+EfficientNet-Lite0 forward pass at batch 64 spent more time in the kernel than computing
+(27.5 images/s, twice as much system as user time; 117.7 images/s once freed memory is
+kept for reuse). The price is that the process keeps its peak heap resident.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import sys
+
+logger = logging.getLogger(__name__)
+
+# mallopt parameters from glibc's <malloc.h>
+M_TRIM_THRESHOLD = -1
+M_TOP_PAD = -2
+M_MMAP_THRESHOLD = -3
+
+_LARGEST = 2**31 - 1  # mallopt takes an int
+_TOP_PAD = 64 << 20  # grow the heap in 64 MiB steps rather than page by page
+
+
+def keep_freed_memory() -> bool:
+    """Let glibc reuse freed large blocks instead of returning them to the kernel.
+
+    Returns whether the settings were applied: False off Linux/glibc (other allocators
+    differ and are left alone). Affects allocations made after the call.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl and other C libraries have no mallopt
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    applied = all(
+        mallopt(param, value) == 1
+        for param, value in (
+            (M_MMAP_THRESHOLD, _LARGEST),
+            (M_TRIM_THRESHOLD, _LARGEST),
+            (M_TOP_PAD, _TOP_PAD),
+        )
+    )
+    logger.info("malloc keeps freed memory for reuse: %s", applied)
+    return applied
