@@ -3,10 +3,11 @@
 glibc's malloc serves every block above its mmap threshold (128 KiB, rising to 32 MiB at
 most) with a fresh `mmap` and unmaps it on free, and trims the heap top as soon as 128 KiB
 lie free there. torch's CPU kernels allocate and free activation tensors of many MB per
-layer, so each forward pass page-faults all of them back in: on a 2-core machine an
-EfficientNet-Lite0 forward pass at batch 64 spent more time in the kernel than computing
-(27.5 images/s, twice as much system as user time; 117.7 images/s once freed memory is
-kept for reuse). The price is that the process keeps its peak heap resident.
+layer, so each forward pass page-faults all of them back in. On a 2-core machine `shitu
+eval -c GroceryStore_EfficientNetLite0` spent more time in the kernel than computing (108 s,
+124 s system against 74 s user) and takes 33 s with freed memory kept for reuse; training
+steps gain 1.2-1.7x (benchmarks/train_throughput.py --allocator keep glibc). The price is
+that the process keeps its peak heap resident.
 """
 
 from __future__ import annotations
