@@ -58,7 +58,7 @@ def main() -> None:
     args = parser.parse_args()
 
     paths = grocery_images(args.images)
-    shipped = args.model or default_model_dir()
+    shipped = (args.model or default_model_dir()).resolve()
     cached = full_export(shipped, read_manifest(shipped))  # what FeatureExtractor.load uses
     if cached is None:
         raise SystemExit("the cache is not writable; set SHITU_CACHE_DIR")
