@@ -6,7 +6,7 @@ lie free there. torch's CPU kernels allocate and free activation tensors of many
 layer, so each forward pass page-faults all of them back in. On a 2-core machine `shitu
 eval -c GroceryStore_EfficientNetLite0` spent more time in the kernel than computing (108 s,
 124 s system against 74 s user) and takes 33 s with freed memory kept for reuse; training
-steps gain 1.2-1.7x (benchmarks/train_throughput.py --allocator keep glibc). The price is
+steps gain 1.1-1.5x (benchmarks/train_throughput.py --allocator keep glibc). The price is
 that the process keeps its peak heap resident.
 """
 

@@ -50,7 +50,7 @@ class GlobalConfig(Section):
     # Also save `latest` every N steps (a run killed mid-epoch then loses at most N steps).
     checkpoint_every_steps: int | None = Field(None, ge=1)
     amp: Literal["off", "bf16", "fp16"] = "off"
-    # NHWC activations: 1.7-2x faster float32 training steps for the shipped recipes on a
+    # NHWC activations: 1.2-1.8x faster float32 training steps for the shipped recipes on a
     # 2-core CPU (benchmarks/train_throughput.py --layout nhwc nchw), and the usual layout
     # for AMP on GPUs; results differ from NCHW only by float rounding.
     channels_last: bool = True
