@@ -200,6 +200,37 @@ def test_last_stride_one_doubles_the_final_feature_map():
     assert maps[1].shape == (1, 1280, 14, 14)
 
 
+def test_gem_pool_starts_from_imagenet_weights_and_generalises_the_average(tmp_path):
+    gem = build("lite0", pool="gem", pretrained=True).eval()
+    avg = build("lite0", pretrained=True).eval()
+    assert torch.equal(gem.head.conv.weight, avg.head.conv.weight)
+    assert gem.avg_pool.p.item() == 3.0 and gem.avg_pool.p.requires_grad
+    pool = gem.avg_pool
+    avg.stop_after("head")
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        maps = avg(x)
+        pool.p.fill_(1.0)
+        assert torch.allclose(pool(maps), maps.mean((2, 3), keepdim=True), atol=1e-5)
+        pool.p.fill_(3.0)
+        cubic = maps.clamp(min=1e-6).pow(3).mean((2, 3), keepdim=True).pow(1 / 3)
+        assert torch.allclose(pool(maps), cubic, atol=1e-5)
+        # a power mean lies between the average and the maximum, strictly for uneven maps
+        pooled = pool(maps).flatten(1)
+        assert (pooled >= maps.mean((2, 3)) - 1e-5).all()
+        assert (pooled <= maps.amax((2, 3)) + 1e-5).all()
+        uneven = maps.amax((2, 3)) > maps.amin((2, 3)) + 0.1
+        assert uneven.any() and (pooled > maps.mean((2, 3)))[uneven].all()
+    own = build("lite0", pool="gem", pretrained=True)
+    with torch.no_grad():
+        own.avg_pool.p.fill_(2.5)
+    path = tmp_path / "gem.pth"
+    torch.save(own.state_dict(), path)
+    assert build("lite0", pool="gem", pretrained=str(path)).avg_pool.p.item() == 2.5
+    with pytest.raises(ValueError, match="unknown pool 'max'; available: avg, gem"):
+        build("lite0", pool="max")
+
+
 def test_stop_after_flatten_gives_pooled_features():
     model = build("lite0", pretrained=True).eval()
     model.stop_after("flatten")

