@@ -222,24 +222,25 @@ def _trainer(root: Path, epochs: int, learning_rate: float) -> DetectionTrainer:
         train_sizes=(96, 128, 160),
         eval_size=128,
         output_dir=str(root / "run"),
-        # Fixed, so the tests do not depend on what ran before them. In 100 steps from
-        # scratch, seeds 1 and 4 get AP50 past 0.4 and seeds 0, 2, 3, 5 stay below 0.1.
-        seed=4,
+        # Fixed, so the tests do not depend on what ran before them. The learning test's
+        # 160 steps at lr 0.04 pass its checks with seeds 0-9 except 2 (AP50 0.58-1.0;
+        # seed 2 stays at 0.12): the run is not tuned to one lucky seed.
+        seed=0,
     )
     return DetectionTrainer(dataset, config)
 
 
 def test_tiny_training_run_learns(tmp_path: Path) -> None:
-    """100 steps from scratch on 4 drawn images: the loss falls, mAP on them rises."""
+    """160 steps from scratch on 4 drawn images: the loss falls, mAP on them rises."""
     torch.set_num_threads(2)
     _write_coco(tmp_path, _write_images(tmp_path, 4))
-    trainer = _trainer(tmp_path, epochs=100, learning_rate=0.02)
+    trainer = _trainer(tmp_path, epochs=160, learning_rate=0.04)
     before = trainer.evaluate()
     losses = [h["loss"] for h in trainer.train()]
     after = trainer.evaluate()
     first, last = np.mean(losses[:10]), np.mean(losses[-10:])
     print(f"loss {first:.3f} -> {last:.3f}; {before} -> {after}")
-    assert len(losses) == 100 and last < 0.8 * first
+    assert len(losses) == 160 and last < 0.8 * first
     assert after["AP50"] > before["AP50"] + 0.2 and after["mAP"] > before["mAP"] + 0.05
 
 
