@@ -194,6 +194,19 @@ def test_bf16_training_on_cpu(grocery, tmp_path):
     assert read_log(tmp_path / "bf16" / "metrics.jsonl", "eval")
 
 
+def test_run_without_evaluation_still_writes_weights(grocery, tmp_path):
+    """No evaluation, no best_model: the last epoch's weights are final_model.safetensors."""
+    path = tiny_config(grocery, tmp_path, epochs=1, eval_during_train=False)
+    trainer = Trainer(load_config(path))
+    assert trainer.fit().finished
+    output = tmp_path / "output"
+    assert not (output / "best_model.safetensors").exists()
+    state, _ = read_weights(output / "final_model.safetensors")
+    model = trainer.model.state_dict()
+    assert state.keys() == model.keys()
+    assert all(torch.equal(state[k], model[k]) for k in model)
+
+
 def test_cli_train_then_eval(grocery, tmp_path, capsys):
     path = tiny_config(grocery, tmp_path, epochs=1)
     assert main(["train", "-c", str(path), "--stop-after-steps", "2"]) == 0
@@ -204,8 +217,14 @@ def test_cli_train_then_eval(grocery, tmp_path, capsys):
     )
     assert main(["train", "-c", str(path), "-o", f"Global.checkpoints={latest}"]) == 0
     out = capsys.readouterr().out
-    assert "finished at epoch 1" in out and "best recall@1" in out
+    final = tmp_path / "output" / "final_model.safetensors"
+    assert f"finished at epoch 1, step 4: {final}" in out and "best recall@1" in out
     weights = tmp_path / "output" / "best_model.safetensors"
+    best_state, _ = read_weights(weights)  # evaluated at the last epoch: the same weights
+    final_state, final_metadata = read_weights(final)
+    assert best_state.keys() == final_state.keys()
+    assert all(torch.equal(best_state[k], final_state[k]) for k in best_state)
+    assert "shitu.arch" in final_metadata
     assert (
         main(["eval", "-c", str(path), "-o", f"Global.pretrained_model={weights}", "--json"]) == 0
     )

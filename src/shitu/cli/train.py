@@ -16,8 +16,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="train a recognition model (resume with -o Global.checkpoints=OUTPUT/latest.pt)",
         description=(
             "Train the model a config describes. Checkpoints go to Global.output_dir: "
-            "latest.pt (full state, for -o Global.checkpoints=...) and best_model.safetensors "
-            "(weights, for -o Global.pretrained_model=...). Multi-GPU: "
+            "latest.pt (full state, for -o Global.checkpoints=...), best_model.safetensors "
+            "(the best evaluated epoch's weights, for -o Global.pretrained_model=...) and, "
+            "once the run finishes, final_model.safetensors (the last epoch's). Multi-GPU: "
             "torchrun --nproc_per_node=N -m shitu train -c CONFIG."
         ),
     )
@@ -52,7 +53,10 @@ def run(args: argparse.Namespace) -> int:
     if trainer.context.is_main:
         progress = result.progress
         if result.finished:
-            print(f"finished at epoch {progress.epoch}, step {progress.global_step}")
+            print(
+                f"finished at epoch {progress.epoch}, step {progress.global_step}: "
+                f"{result.output_dir}/final_model.safetensors"
+            )
         else:
             print(
                 f"stopped early after step {progress.global_step} ({progress.epoch} of "

@@ -14,6 +14,7 @@ from shitu.errors import CheckpointError
 
 LATEST = "latest"
 BEST = "best_model"
+FINAL = "final_model"
 SUFFIX = ".pt"
 FORMAT_VERSION = 1
 

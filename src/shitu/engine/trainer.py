@@ -31,6 +31,7 @@ from shitu.engine.precision import autocast_for, effective_amp
 from shitu.engine.seeding import capture_rng_state, restore_rng_state, seed_everything
 from shitu.engine.state import (
     BEST,
+    FINAL,
     LATEST,
     SUFFIX,
     Progress,
@@ -194,11 +195,12 @@ class Trainer:
         if self.context.is_main:
             save_training_state(self.output_dir / f"{LATEST}{SUFFIX}", state, self.progress)
 
-    def _save_best(self) -> None:
+    def _save_weights(self, name: str) -> None:
+        """The model's weights alone (`shitu eval`, `export`, `average` read them)."""
         if self.context.is_main:
             save_weights(
                 self.model.state_dict(),
-                self.output_dir / f"{BEST}.safetensors",
+                self.output_dir / f"{name}.safetensors",
                 model_metadata(self.model, self.config.Arch.model_dump(mode="json")),
             )
 
@@ -248,6 +250,7 @@ class Trainer:
                 self._evaluate(epoch + 1)
             if (epoch + 1) % global_config.save_interval == 0 or epoch + 1 == global_config.epochs:
                 self.save_latest()
+        self._save_weights(FINAL)  # runs without evaluation get weights too; soups use these
         barrier(self.context)
         return True
 
@@ -344,7 +347,7 @@ class Trainer:
             tqdm.write(f"epoch {epoch}: {summary}")
         if self.progress.best_metric is None or value > self.progress.best_metric:
             self.progress.best_metric, self.progress.best_epoch = value, epoch
-            self._save_best()
+            self._save_weights(BEST)
 
 
 def training_summary(trainer: Trainer) -> dict[str, Any]:
