@@ -13,7 +13,7 @@ from torch import nn
 from shitu import registry
 from shitu.config.schema import OptimizerConfig
 from shitu.engine import precision
-from shitu.engine.optim import build_optimizer, parameter_groups
+from shitu.engine.optim import build_optimizer, parameter_groups, set_learning_rate
 from shitu.engine.precision import autocast_for, effective_amp
 from shitu.engine.seeding import (
     SeededBatchSampler,
@@ -103,6 +103,32 @@ def test_no_decay_on_norm_and_bias_and_frozen_bnneck_bias_left_out():
     assert len(everything) == 1
     named = parameter_groups([model], optimizer_config(weight_decay=0.1, no_weight_decay_name="3."))
     assert id(model[3].weight) in {id(p) for p in named[1]["params"]}
+
+
+def test_lr_mult_scales_named_modules_steps():
+    """Longest name wins; a plain SGD step moves each parameter by its group's lr x mult."""
+    model = nn.Sequential(nn.Linear(3, 3), nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2)))
+    config = optimizer_config(name="SGD", lr_mult={"1": 0.25, "1.1": 0.5})
+    groups = parameter_groups([model], config)
+    mult_of = {id(p): g["lr_mult"] for g in groups for p in g["params"]}
+    expected = [1.0, 1.0, 0.25, 0.25, 0.5, 0.5]
+    assert [mult_of[id(p)] for p in model.parameters()] == expected
+    assert [g["weight_decay"] > 0 for g in groups] == [False] * len(groups)  # no decay set
+
+    optimizer = build_optimizer([model], config, 0.1)
+    set_learning_rate(optimizer, 0.2)
+    before = [p.detach().clone() for p in model.parameters()]
+    model(torch.ones(4, 3)).square().sum().backward()
+    optimizer.step()
+    for param, old, mult in zip(model.parameters(), before, expected, strict=True):
+        torch.testing.assert_close(param.detach(), old - 0.2 * mult * param.grad)
+
+
+def test_lr_mult_errors_name_the_problem():
+    with pytest.raises(ConfigError, match=r"no trainable parameter under backbone\.blokcs"):
+        parameter_groups([nn.Linear(2, 2)], optimizer_config(lr_mult={"backbone.blokcs": 0.1}))
+    with pytest.raises(ValueError, match="not a positive multiplier"):
+        optimizer_config(lr_mult={"0": 0})
 
 
 @pytest.mark.parametrize("name", ["Momentum", "SGD", "Adam", "AdamW"])

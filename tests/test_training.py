@@ -207,6 +207,16 @@ def test_run_without_evaluation_still_writes_weights(grocery, tmp_path):
     assert all(torch.equal(state[k], model[k]) for k in model)
 
 
+def test_lr_mult_reaches_the_training_step(grocery, tmp_path):
+    path = tiny_config(grocery, tmp_path, epochs=1, eval_during_train=False)
+    config = load_config(path, ["Optimizer.lr_mult={backbone: 0.25}"])
+    trainer = Trainer(config)
+    trainer.fit(stop_after_steps=2)
+    lr = trainer.schedule.lr_at(1)
+    rates = sorted({group["lr"] for group in trainer.optimizer.param_groups})
+    assert rates == pytest.approx([0.25 * lr, lr])  # the backbone's, then neck and head's
+
+
 def test_cli_train_then_eval(grocery, tmp_path, capsys):
     path = tiny_config(grocery, tmp_path, epochs=1)
     assert main(["train", "-c", str(path), "--stop-after-steps", "2"]) == 0

@@ -131,6 +131,20 @@ class OptimizerConfig(Section):
     # Weight decay on normalisation layers and biases too (off: the usual, better choice).
     decay_norm_and_bias: bool = False
     clip_norm: float | None = Field(None, gt=0)
+    # Learning-rate multipliers by module name, e.g. {backbone.blocks: 0.25}: pretrained
+    # layers can move slower than new ones. The longest matching name wins; others get 1.
+    lr_mult: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("lr_mult")
+    @classmethod
+    def _positive_multipliers(cls, value: dict[str, float]) -> dict[str, float]:
+        for name, mult in value.items():
+            if mult <= 0:
+                raise ValueError(
+                    f"{name}: {mult} is not a positive multiplier (freeze a module with "
+                    "Arch.frozen_layers instead)"
+                )
+        return value
 
 
 class LoaderOptions(Section):

@@ -28,7 +28,7 @@ from shitu.detection.model import PicoDet, PicoDetArch, build_picodet
 from shitu.detection.postprocess import multiclass_nms
 from shitu.detection.weights import save_detector
 from shitu.engine.lr import Cosine
-from shitu.engine.optim import build_optimizer
+from shitu.engine.optim import build_optimizer, set_learning_rate
 from shitu.engine.seeding import (
     SeededBatchSampler,
     SeededDataset,
@@ -179,8 +179,7 @@ class DetectionTrainer:
         step = self.progress.global_step
         images, targets = collate(items, self.input_size_for(step))
         lr = self.schedule.lr_at(step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_learning_rate(self.optimizer, lr)
         self.model.train()
         cls_logits, reg_dists = self.model(images)
         arch = self.model.arch

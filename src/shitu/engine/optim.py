@@ -29,15 +29,19 @@ def weight_decay_of(config: OptimizerConfig) -> float:
 def parameter_groups(
     modules: Iterable[nn.Module], config: OptimizerConfig
 ) -> list[dict[str, object]]:
-    """Trainable parameters split into a decayed group and a group without decay.
+    """Trainable parameters grouped by weight decay and learning-rate multiplier.
 
     No decay on normalisation layers and biases (unless `decay_norm_and_bias`) nor on
     names containing a `no_weight_decay_name` fragment. Frozen parameters (e.g. the
-    BNNeck bias) are left out, so no optimizer state or decay ever touches them.
+    BNNeck bias) are left out, so no optimizer state or decay ever touches them. Each
+    group's `lr_mult` comes from `config.lr_mult` (longest matching module name, else 1).
     """
     fragments = (config.no_weight_decay_name or "").split()
-    decay: list[nn.Parameter] = []
-    no_decay: list[nn.Parameter] = []
+    weight_decay = weight_decay_of(config)
+    # Longest name first, so `backbone.blocks.5` overrides `backbone.blocks`.
+    multipliers = sorted(config.lr_mult.items(), key=lambda item: -len(item[0]))
+    used: set[str] = set()
+    groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
     seen: set[int] = set()
     for module in modules:
         for module_name, sub in module.named_modules():
@@ -49,16 +53,31 @@ def parameter_groups(
                 exempt = not config.decay_norm_and_bias and (
                     isinstance(sub, _NORM_TYPES) or param_name == "bias" or param.ndim <= 1
                 )
-                if exempt or any(fragment in full_name for fragment in fragments):
-                    no_decay.append(param)
-                else:
-                    decay.append(param)
-    weight_decay = weight_decay_of(config)
-    groups = [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+                decayed = not (exempt or any(fragment in full_name for fragment in fragments))
+                mult = 1.0
+                for name, value in multipliers:
+                    if full_name.startswith(f"{name}."):
+                        mult = value
+                        used.add(name)
+                        break
+                groups.setdefault((decayed, mult), []).append(param)
+    unused = [name for name in config.lr_mult if name not in used]
+    if unused:
+        raise ConfigError(
+            f"Optimizer.lr_mult: no trainable parameter under {', '.join(unused)} "
+            "(a module name such as backbone.blocks; frozen modules have none)"
+        )
+    # Decayed groups first, as checkpoints of runs without multipliers have them.
+    return [
+        {"params": groups[key], "weight_decay": weight_decay if key[0] else 0.0, "lr_mult": key[1]}
+        for key in sorted(groups, key=lambda key: (not key[0], key[1]))
     ]
-    return [group for group in groups if group["params"]]
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, learning_rate: float) -> None:
+    """The schedule's rate for this step, times each group's `lr_mult`."""
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate * group.get("lr_mult", 1.0)
 
 
 def build_optimizer(

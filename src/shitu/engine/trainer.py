@@ -26,7 +26,7 @@ from shitu.engine.distributed import DistContext, all_reduce_mean, barrier, init
 from shitu.engine.evaluate import RetrievalEvaluation
 from shitu.engine.lr import LRSchedule
 from shitu.engine.metrics_log import MetricsLog
-from shitu.engine.optim import build_optimizer
+from shitu.engine.optim import build_optimizer, set_learning_rate
 from shitu.engine.precision import autocast_for, effective_amp
 from shitu.engine.seeding import capture_rng_state, restore_rng_state, seed_everything
 from shitu.engine.state import (
@@ -302,8 +302,7 @@ class Trainer:
         self, images: torch.Tensor, labels: torch.Tensor
     ) -> tuple[float, dict[str, torch.Tensor]]:
         lr = self.schedule.lr_at(self.progress.global_step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_learning_rate(self.optimizer, lr)
         device = self.context.device
         images = images.to(device, non_blocking=True)
         if self.config.Global.channels_last:
