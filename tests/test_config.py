@@ -96,6 +96,15 @@ def test_load_applies_overrides_and_keeps_types(config_file):
     assert config.Arch.BackboneStopLayer.name == "flatten"
 
 
+def test_lr_mult_overrides_with_dotted_module_names():
+    """A dotted override path and a flow mapping name the same module."""
+    name = "GroceryStore_EfficientNetLite0"
+    dotted = load_config(name, ["Optimizer.lr_mult.backbone.blocks=0.1"]).Optimizer.lr_mult
+    assert dotted == {"backbone.blocks": 0.1, "backbone.head": 0.25}
+    replaced = load_config(name, ["Optimizer.lr_mult={backbone.blocks: 0.1}"]).Optimizer.lr_mult
+    assert replaced == {"backbone.blocks": 0.1}
+
+
 def test_amp_off_survives_yaml(config_file):
     # YAML 1.1 reads a bare `off` as false; Global.amp=off must still mean "off".
     assert load_config(config_file, ["Global.amp=off"]).Global.amp == "off"
@@ -113,9 +122,11 @@ def test_shipped_config_loads():
 
 @pytest.mark.parametrize("name", shipped_configs())
 def test_every_shipped_config_builds_its_model_and_losses(name):
-    """Each shipped recipe's model runs and its training losses construct (XBM's memory too)."""
+    """Each shipped recipe's model runs and its training losses and optimizer construct
+    (XBM's memory too; `Optimizer.lr_mult` names modules that exist)."""
     import torch
 
+    from shitu.engine.optim import build_optimizer
     from shitu.losses.combined import CombinedLoss
     from shitu.models import build_model
 
@@ -126,6 +137,9 @@ def test_every_shipped_config_builds_its_model_and_losses(name):
     assert outputs["features"].ndim == 2
     loss = CombinedLoss(config.Loss.Train)
     assert loss.names
+    optimizer = build_optimizer([model, loss], config.Optimizer, 0.1)
+    multipliers = {group["lr_mult"] for group in optimizer.param_groups}
+    assert multipliers == {1.0, *config.Optimizer.lr_mult.values()}
 
 
 @pytest.mark.parametrize(

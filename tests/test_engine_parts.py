@@ -129,6 +129,9 @@ def test_lr_mult_errors_name_the_problem():
         parameter_groups([nn.Linear(2, 2)], optimizer_config(lr_mult={"backbone.blokcs": 0.1}))
     with pytest.raises(ValueError, match="not a positive multiplier"):
         optimizer_config(lr_mult={"0": 0})
+    # Nested names (what a dotted `-o` override builds) read as dotted module names.
+    nested = optimizer_config(lr_mult={"backbone": {"blocks": 0.5, "head": 0.25}})
+    assert nested.lr_mult == {"backbone.blocks": 0.5, "backbone.head": 0.25}
 
 
 @pytest.mark.parametrize("name", ["Momentum", "SGD", "Adam", "AdamW"])

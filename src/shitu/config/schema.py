@@ -135,6 +135,21 @@ class OptimizerConfig(Section):
     # layers can move slower than new ones. The longest matching name wins; others get 1.
     lr_mult: dict[str, float] = Field(default_factory=dict)
 
+    @field_validator("lr_mult", mode="before")
+    @classmethod
+    def _dotted_names(cls, value: Any) -> Any:
+        """`{backbone: {blocks: 0.25}}` (what `-o Optimizer.lr_mult.backbone.blocks=0.25`
+        makes) means `{backbone.blocks: 0.25}`."""
+
+        def flatten(mapping: dict, prefix: str) -> dict:
+            flat: dict = {}
+            for key, item in mapping.items():
+                name = f"{prefix}{key}"
+                flat.update(flatten(item, f"{name}.") if isinstance(item, dict) else {name: item})
+            return flat
+
+        return flatten(value, "") if isinstance(value, dict) else value
+
     @field_validator("lr_mult")
     @classmethod
     def _positive_multipliers(cls, value: dict[str, float]) -> dict[str, float]:
