@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from shitu.checkpoint import read_weights
+from shitu.checkpoint import average_weights, read_weights
 from shitu.cli.main import main
 from shitu.config import load_config
 from shitu.engine.metrics_log import read_log
@@ -201,10 +201,14 @@ def test_run_without_evaluation_still_writes_weights(grocery, tmp_path):
     assert trainer.fit().finished
     output = tmp_path / "output"
     assert not (output / "best_model.safetensors").exists()
-    state, _ = read_weights(output / "final_model.safetensors")
+    state, metadata = read_weights(output / "final_model.safetensors")
     model = trainer.model.state_dict()
     assert state.keys() == model.keys()
     assert all(torch.equal(state[k], model[k]) for k in model)
+    # The training checkpoint names the same model, so `shitu average` mixes the two kinds.
+    assert read_weights(output / "latest.pt")[1] == metadata
+    soup, _ = average_weights([output / "latest.pt", output / "final_model.safetensors"])
+    assert all(torch.equal(soup[k], model[k]) for k in model)
 
 
 def test_lr_mult_reaches_the_training_step(grocery, tmp_path):

@@ -96,6 +96,7 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
             metadata = dict(data.get("metadata") or {})
             data = data["state_dict"]
         elif isinstance(data, dict) and isinstance(data.get("model"), dict):
+            metadata = _training_state_metadata(data)
             data = data["model"]
         if not isinstance(data, dict) or not all(
             isinstance(v, torch.Tensor) for v in data.values()
@@ -105,6 +106,16 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
     raise CheckpointError(
         f"unsupported weight file {path}: expected one of {', '.join(WEIGHT_SUFFIXES)}"
     )
+
+
+def _training_state_metadata(payload: dict) -> dict[str, str]:
+    """What `model_metadata` records, recovered from a training checkpoint's config, so
+    `latest.pt` averages with the run's .safetensors files (training never folds)."""
+    try:
+        arch = json.loads(payload["config"])["Arch"]
+    except (KeyError, TypeError, ValueError):
+        return {}
+    return {REPARAMETERIZED: "false", "shitu.arch": json.dumps(arch)}
 
 
 def state_for_model(
