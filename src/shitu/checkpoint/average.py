@@ -11,12 +11,12 @@ from pathlib import Path
 
 import torch
 
-from shitu.checkpoint.io import read_weights
+from shitu.checkpoint.io import ARCH, REPARAMETERIZED, read_weights
 from shitu.errors import CheckpointError
 
 # Metadata that must agree: averaging different architectures or a folded with an
 # unfolded model would give a file that loads but computes nonsense.
-MUST_MATCH = ("shitu.arch", "shitu.reparameterized")
+MUST_MATCH = (ARCH, REPARAMETERIZED)
 
 
 def average_weights(

@@ -21,6 +21,7 @@ from shitu.models.reparam import is_reparameterized, reparameterize
 TORCH_SUFFIXES = (".pt", ".pth")
 WEIGHT_SUFFIXES = (".safetensors", *TORCH_SUFFIXES, ".pdparams")
 REPARAMETERIZED = "shitu.reparameterized"
+ARCH = "shitu.arch"  # the Arch config that built the weights, as JSON
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +116,7 @@ def _training_state_metadata(payload: dict) -> dict[str, str]:
         arch = json.loads(payload["config"])["Arch"]
     except (KeyError, TypeError, ValueError):
         return {}
-    return {REPARAMETERIZED: "false", "shitu.arch": json.dumps(arch)}
+    return {REPARAMETERIZED: "false", ARCH: json.dumps(arch)}
 
 
 def state_for_model(
@@ -208,5 +209,5 @@ def model_metadata(model: nn.Module, arch: dict | None = None) -> dict[str, str]
     """Metadata stored beside the weights: whether folded, and the Arch config that built them."""
     metadata = {REPARAMETERIZED: "true" if is_reparameterized(model) else "false"}
     if arch is not None:
-        metadata["shitu.arch"] = json.dumps(arch)
+        metadata[ARCH] = json.dumps(arch)
     return metadata
