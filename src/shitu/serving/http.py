@@ -26,6 +26,10 @@ from shitu.serving.settings import MB, ServeSettings
 IMAGE_FIELD = "image"
 # What clients send for a file part: any image type, or "some file" (curl, unknown suffix).
 GENERIC_FILE_TYPES = {"", "application/octet-stream"}
+# How much of a refused body is read and thrown away before the 413 goes out. A server that
+# closes a connection with unread bytes makes the kernel reset it, and the client can lose the
+# reply it was sent; past this much the connection is closed anyway.
+DRAIN_BYTES = 64 * MB
 
 
 def too_large(limit: int) -> PayloadTooLarge:
@@ -33,10 +37,11 @@ def too_large(limit: int) -> PayloadTooLarge:
 
 
 class BodyLimit:
-    """ASGI middleware: a body over `max_bytes` is refused with 413 before it is read.
+    """ASGI middleware: a body over `max_bytes` is refused with 413 and never kept.
 
-    A declared Content-Length over the limit is answered at once; a chunked body is counted
-    as it arrives and refused at the first byte over the limit.
+    A declared Content-Length over the limit is refused before the app sees it; a chunked body
+    is counted as it arrives and refused at the first byte over the limit. Either way the rest
+    of the body (up to DRAIN_BYTES) is read and discarded first, so the client gets the reply.
     """
 
     def __init__(self, app: Any, max_bytes: int) -> None:
@@ -50,6 +55,7 @@ class BodyLimit:
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None:
             if not declared.isdigit() or int(declared) > self.max_bytes:
+                await drain(receive)
                 await self._refuse(send)
                 return
             await self.app(scope, receive, send)  # the server delivers no more than declared
@@ -61,6 +67,8 @@ class BodyLimit:
             message = await receive()
             received += len(message.get("body", b""))
             if received > self.max_bytes:
+                if message.get("more_body"):
+                    await drain(receive)
                 raise too_large(self.max_bytes)  # answered by the app's error handler
             return message
 
@@ -72,6 +80,16 @@ class BodyLimit:
         headers.append((b"content-length", str(len(body)).encode()))
         await send({"type": "http.response.start", "status": 413, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+
+async def drain(receive: Callable) -> None:
+    """Read and discard the rest of a request body, up to DRAIN_BYTES."""
+    drained = 0
+    while drained <= DRAIN_BYTES:
+        message = await receive()
+        if message["type"] != "http.request" or not message.get("more_body"):
+            return
+        drained += len(message.get("body", b""))
 
 
 # --------------------------------------------------------------------------- API key
