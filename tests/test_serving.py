@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import io
 import re
+import socket
 import threading
 from collections import Counter
 from pathlib import Path
@@ -328,7 +329,7 @@ def test_unknown_labels_and_images_are_404(client):
     assert rename.status_code == 404
 
 
-def test_size_and_pixel_limits(client):
+def test_size_and_pixel_limits(server, client):
     limit = MAX_UPLOAD_MB << 20
     noise = np.random.default_rng(0).integers(0, 256, (1000, 1000, 3), dtype=np.uint8)
     big = png_bytes(noise) * 2  # about 6 MB, over the 2 MB limit
@@ -352,6 +353,18 @@ def test_size_and_pixel_limits(client):
         headers={"content-type": "multipart/form-data; boundary=b"},
     )
     assert chunked.status_code == 413 and "2 MB limit" in chunked.json()["detail"]
+
+    # "Expect: 100-continue" (curl, large uploads): refused before any body is sent.
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as connection:
+        head = (
+            "POST /v1/recognize HTTP/1.1\r\nHost: shitu\r\n"
+            "Content-Type: multipart/form-data; boundary=b\r\n"
+            f"Content-Length: {len(big)}\r\nExpect: 100-continue\r\n\r\n"
+        )
+        connection.sendall(head.encode())
+        reply = connection.recv(4096)
+    assert reply.startswith(b"HTTP/1.1 413"), reply[:80]
 
     wide = png_bytes(np.zeros((1000, 4100, 3), np.uint8))  # 4.1 MP, tiny file
     response = client.post("/v1/recognize", files={"image": ("wide.png", wide, "image/png")})

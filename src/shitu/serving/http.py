@@ -41,7 +41,9 @@ class BodyLimit:
 
     A declared Content-Length over the limit is refused before the app sees it; a chunked body
     is counted as it arrives and refused at the first byte over the limit. Either way the rest
-    of the body (up to DRAIN_BYTES) is read and discarded first, so the client gets the reply.
+    of the body (up to DRAIN_BYTES) is read and discarded first, so the client gets the reply;
+    a client that sent "Expect: 100-continue" (curl does, for large uploads) is refused before it
+    sends the body.
     """
 
     def __init__(self, app: Any, max_bytes: int) -> None:
@@ -52,10 +54,14 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = dict(scope["headers"]).get(b"content-length")
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length")
         if declared is not None:
             if not declared.isdigit() or int(declared) > self.max_bytes:
-                await drain(receive)
+                # A client that asked "Expect: 100-continue" has sent no body and sends none
+                # after a refusal; reading would tell the server to ask for it.
+                if headers.get(b"expect", b"").lower() != b"100-continue":
+                    await drain(receive)
                 await self._refuse(send)
                 return
             await self.app(scope, receive, send)  # the server delivers no more than declared
