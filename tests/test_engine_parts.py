@@ -13,6 +13,7 @@ from torch import nn
 from shitu import registry
 from shitu.config.schema import OptimizerConfig
 from shitu.engine import precision
+from shitu.engine.ema import WeightEMA
 from shitu.engine.optim import build_optimizer, parameter_groups, set_learning_rate
 from shitu.engine.precision import autocast_for, effective_amp
 from shitu.engine.seeding import (
@@ -243,3 +244,36 @@ def test_effective_amp_falls_back_to_float32_with_a_reason(monkeypatch, caplog):
         assert nn.Linear(4, 4)(torch.ones(2, 4)).dtype == torch.bfloat16
     with autocast_for(cpu, "off"):
         assert nn.Linear(4, 4)(torch.ones(2, 4)).dtype == torch.float32
+
+
+def test_weight_ema_is_the_bias_corrected_weighted_mean_of_the_steps():
+    """Step t's average weighs the weights after step s by decay ** (t - s), normalised:
+    the initial weights get no share, BatchNorm statistics are averaged, counters copied."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    ema = WeightEMA(model, decay=0.9)
+    history = []
+    for _ in range(5):
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.add_(torch.randn_like(parameter))
+        model.train()(torch.randn(4, 3))  # moves the running statistics
+        history.append({k: v.clone() for k, v in model.state_dict().items()})
+        ema.update()
+    weights = torch.tensor([0.9 ** (4 - s) for s in range(5)])
+    weights /= weights.sum()
+    averaged = ema.module.state_dict()
+    for name in ("0.weight", "0.bias", "1.running_mean", "1.running_var"):
+        expected = sum(w * step[name] for w, step in zip(weights, history, strict=True))
+        assert torch.allclose(averaged[name], expected, atol=1e-6), name
+        assert not torch.allclose(averaged[name], model.state_dict()[name]), name
+    assert int(averaged["1.num_batches_tracked"]) == 5
+    assert not ema.module.training
+    assert not any(p.requires_grad for p in ema.module.parameters())
+
+    restored = WeightEMA(model, decay=0.9)
+    restored.load_state_dict(ema.state_dict())
+    assert restored.updates == 5
+    assert all(torch.equal(restored.module.state_dict()[k], v) for k, v in averaged.items())
+    with pytest.raises(ValueError, match="decay"):
+        WeightEMA(model, decay=1.0)

@@ -221,6 +221,35 @@ def test_lr_mult_reaches_the_training_step(grocery, tmp_path):
     assert rates == pytest.approx([0.25 * lr, lr])  # the backbone's, then neck and head's
 
 
+def test_ema_weights_are_saved_and_resume_exactly(grocery, tmp_path):
+    """With `EMA`, best/final weights are the average; latest.pt keeps both for resuming."""
+    path = tiny_config(grocery, tmp_path)
+    with_ema = "EMA.decay=0.9"
+    full_dir, split_dir = tmp_path / "full", tmp_path / "split"
+    full = Trainer(load_config(path, [f"Global.output_dir={full_dir}", with_ema]))
+    assert full.fit().finished
+    final, _ = read_weights(full_dir / "final_model.safetensors")
+    averaged, trained = full.ema.module.state_dict(), full.model.state_dict()
+    assert all(torch.equal(final[k], averaged[k]) for k in final)
+    assert any(not torch.equal(final[k], trained[k]) for k in final)
+    latest, _ = read_weights(full_dir / "latest.pt")  # `shitu eval` of latest.pt: as trained
+    assert all(torch.equal(latest[k], trained[k]) for k in latest)
+    assert (full_dir / "best_model.safetensors").exists()
+
+    Trainer(load_config(path, [f"Global.output_dir={split_dir}", with_ema])).fit(stop_after_steps=5)
+    resume = [f"Global.output_dir={split_dir}", f"Global.checkpoints={split_dir / 'latest.pt'}"]
+    assert Trainer(load_config(path, [*resume, with_ema])).fit().finished
+    resumed, _ = read_weights(split_dir / "final_model.safetensors")
+    assert all(torch.allclose(final[k].float(), resumed[k].float(), atol=1e-5) for k in final)
+
+    plain_dir = tmp_path / "plain"
+    Trainer(load_config(path, [f"Global.output_dir={plain_dir}"])).fit(stop_after_steps=1)
+    with pytest.raises(ConfigError, match="EMA: the checkpoint was trained without"):
+        Trainer(load_config(path, [f"Global.checkpoints={plain_dir / 'latest.pt'}", with_ema]))
+    with pytest.raises(ConfigError, match="EMA"):
+        load_config(path, ["EMA.decay=1.5"])
+
+
 def test_cli_train_then_eval(grocery, tmp_path, capsys):
     path = tiny_config(grocery, tmp_path, epochs=1)
     assert main(["train", "-c", str(path), "--stop-after-steps", "2"]) == 0

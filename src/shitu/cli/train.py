@@ -18,7 +18,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Train the model a config describes. Checkpoints go to Global.output_dir: "
             "latest.pt (full state, for -o Global.checkpoints=...), best_model.safetensors "
             "(the best evaluated epoch's weights, for -o Global.pretrained_model=...) and, "
-            "once the run finishes, final_model.safetensors (the last epoch's). Multi-GPU: "
+            "once the run finishes, final_model.safetensors (the last epoch's); with an EMA "
+            "section both hold the weight average. Multi-GPU: "
             "torchrun --nproc_per_node=N -m shitu train -c CONFIG."
         ),
     )

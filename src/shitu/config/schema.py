@@ -1,6 +1,6 @@
 """Typed config sections. Unknown keys are errors, so typos never pass silently.
 
-The shape follows PaddleClas (Global, Arch, Loss, Optimizer, DataLoader, Metric)
+The shape follows PaddleClas (Global, Arch, Loss, Optimizer, DataLoader, Metric, EMA)
 so its recognition configs read naturally; component sections (`Arch.Backbone`,
 losses, ...) hold a `name` plus that component's constructor arguments, which
 are checked against the registered constructor's signature.
@@ -191,6 +191,14 @@ class MetricConfig(Section):
     Eval: MetricList = Field(default_factory=list)
 
 
+class EMAConfig(Section):
+    """Evaluate and save a moving average of the weights (PaddleClas's `EMA` section).
+
+    `decay` per optimizer step: the average spans about 1 / (1 - decay) steps."""
+
+    decay: float = Field(gt=0, lt=1)
+
+
 class ShituConfig(Section):
     Global: GlobalConfig = Field(default_factory=GlobalConfig)
     Arch: ArchConfig
@@ -198,3 +206,4 @@ class ShituConfig(Section):
     Optimizer: OptimizerConfig | None = None
     DataLoader: DataLoaderConfig | None = None
     Metric: MetricConfig | None = None
+    EMA: EMAConfig | None = None

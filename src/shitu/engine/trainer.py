@@ -23,6 +23,7 @@ from shitu.checkpoint import load_weights, model_metadata, save_weights
 from shitu.config.schema import ShituConfig
 from shitu.engine.data import build_train_loader, dataset_of
 from shitu.engine.distributed import DistContext, all_reduce_mean, barrier, init_distributed
+from shitu.engine.ema import WeightEMA
 from shitu.engine.evaluate import RetrievalEvaluation
 from shitu.engine.lr import LRSchedule
 from shitu.engine.metrics_log import MetricsLog
@@ -92,6 +93,7 @@ class Trainer:
                 logger.warning(
                     "pretrained_model %s: %s", config.Global.pretrained_model, report.summary()
                 )
+        self.ema = WeightEMA(self.model, config.EMA.decay) if config.EMA else None
         self.loss = CombinedLoss(config.Loss.Train).to(self.context.device)
         self.train_loader = build_train_loader(config.DataLoader.Train, self.context, self.seed)
         self.steps_per_epoch = len(self.train_loader)
@@ -169,6 +171,13 @@ class Trainer:
             raise ConfigError(
                 f"Global.checkpoints: the checkpoint does not fit this config ({exc})"
             ) from None
+        if self.ema is not None:
+            if "ema" not in payload:
+                raise ConfigError(
+                    "EMA: the checkpoint was trained without a weight average; resume it "
+                    "without the EMA section"
+                )
+            self.ema.load_state_dict(payload["ema"])
         self.schedule.load_state_dict(payload["schedule"])
         self.scaler.load_state_dict(payload["scaler"])
         restore_rng_state(payload["rng"][min(self.context.rank, len(payload["rng"]) - 1)])
@@ -188,6 +197,7 @@ class Trainer:
             "rng": rng,
             "seed": self.seed,
             "config": json.dumps(self.config.model_dump(mode="json")),
+            **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
         }
 
     def save_latest(self) -> None:
@@ -195,13 +205,19 @@ class Trainer:
         if self.context.is_main:
             save_training_state(self.output_dir / f"{LATEST}{SUFFIX}", state, self.progress)
 
+    @property
+    def result_model(self) -> nn.Module:
+        """What evaluation sees and best/final weights hold: the weight average if `EMA` is
+        set (`latest.pt` keeps the trained weights as well, for resuming)."""
+        return self.ema.module if self.ema is not None else self.model
+
     def _save_weights(self, name: str) -> None:
         """The model's weights alone (`shitu eval`, `export`, `average` read them)."""
         if self.context.is_main:
             save_weights(
-                self.model.state_dict(),
+                self.result_model.state_dict(),
                 self.output_dir / f"{name}.safetensors",
-                model_metadata(self.model, self.config.Arch.model_dump(mode="json")),
+                model_metadata(self.result_model, self.config.Arch.model_dump(mode="json")),
             )
 
     # ----------------------------------------------------------------- the loop
@@ -328,16 +344,19 @@ class Trainer:
             )
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self.ema is not None:
+            self.ema.update()
         return value, parts
 
     def _evaluate(self, epoch: int) -> None:
         assert self.evaluation is not None
+        model = self.result_model
         if self.context.distributed:
             # Each rank's last forward updated its own BatchNorm statistics: evaluate (and
             # save) rank 0's, on every rank.
-            for buffer in self.model.buffers():
+            for buffer in model.buffers():
                 torch.distributed.broadcast(buffer, src=0)
-        result = self.evaluation.run(self.model)
+        result = self.evaluation.run(model)
         value = result.metrics[self.config.Global.eval_metric]
         self.schedule.observe(value)
         self.log.write("eval", self.progress.global_step, epoch=epoch, **result.metrics)
@@ -362,5 +381,6 @@ def training_summary(trainer: Trainer) -> dict[str, Any]:
         "steps per epoch": trainer.steps_per_epoch,
         "learning rate": trainer.learning_rate,
         "seed": trainer.seed,
+        "weight average (EMA) decay": trainer.ema.decay if trainer.ema is not None else "off",
         "output": str(trainer.output_dir),
     }
