@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +16,9 @@ from shitu.cli.main import main as shitu_main
 from shitu.config import load_config
 from shitu.errors import CheckpointError, ConfigError
 from shitu.index import Gallery, GalleryItem
-from shitu.inference import FeatureExtractor, export_model
+from shitu.inference import FeatureExtractor, export_model, read_manifest
 from shitu.inference import default_model as default_model_module
+from shitu.inference.export import MANIFEST, ExportError
 from shitu.inference.preprocess import read_rgb
 from shitu.pipeline import (
     PlainBackgroundDetector,
@@ -295,6 +297,100 @@ def test_eval_pipeline_cli_reports_the_pipeline_recall(setup, recognizer, capsys
     assert json.loads(capsys.readouterr().out.splitlines()[-1]) == expected
 
 
+UNKNOWN = "Not In The Gallery"
+
+
+def _open_set(queries: list[GalleryItem]) -> list[GalleryItem]:
+    """The queries, those of the first product relabelled to a label the gallery lacks."""
+    return [GalleryItem(q.path, UNKNOWN) if q.label == queries[0].label else q for q in queries]
+
+
+def test_open_set_evaluation_and_its_threshold_sweep_agree_with_the_pipeline(setup, recognizer):
+    queries = _open_set(setup["queries"])
+    with recognizer(score_thres=0.5) as rec:
+        report = evaluate_pipeline(rec, queries, sweep=[0.9, -1.0, 0.7, 1.0])
+        assert [p.score_thres for p in report.sweep] == [-1.0, 0.7, 0.9, 1.0]
+        for point in [report, *report.sweep]:  # each against `recognize` at that threshold
+            rec.score_thres = point.score_thres
+            firsts = [f.results[0].label if f.results else "" for f in rec.recognize_files(
+                [q.path for q in queries])]  # fmt: skip
+            known = [
+                (q.label, got) for q, got in zip(queries, firsts, strict=True) if q.label != UNKNOWN
+            ]
+            unknown = [got for q, got in zip(queries, firsts, strict=True) if q.label == UNKNOWN]
+            assert point.unknown_queries == len(unknown) == QUERIES_PER_CLASS
+            assert point.unknown_rejected == unknown.count("")
+            assert point.correct == sum(truth == got for truth, got in known)
+            assert point.no_result == sum(got == "" for _, got in known)
+            assert point.recall_at_1 == pytest.approx(point.correct / len(known))
+            assert point.open_set_accuracy == pytest.approx(
+                (point.correct + point.unknown_rejected) / len(queries)
+            )
+            assert len(point.mistakes) == len(queries) - point.correct - point.unknown_rejected
+    everything, nothing = report.sweep[0], report.sweep[-1]
+    assert everything.rejection == 0.0 and everything.no_result == 0
+    assert nothing.rejection == 1.0 and nothing.correct == 0  # no cosine similarity reaches 1
+    best = report.best_threshold()
+    assert best is not None and best.balanced_accuracy == max(
+        p.balanced_accuracy for p in report.sweep
+    )
+    assert report.to_dict()["rejection"] == round(report.rejection, 5)
+    with recognizer() as rec:  # without unknown labels: no rejection figures, no best threshold
+        closed = evaluate_pipeline(rec, setup["queries"], sweep=[0.0, 0.5])
+    assert closed.rejection is None and closed.best_threshold() is None
+    assert "rejection" not in closed.to_dict()
+
+
+def test_eval_pipeline_cli_sweep_reports_every_threshold_and_the_best(setup, tmp_path, capsys):
+    labels = tmp_path / "open_set.txt"
+    labels.write_text("".join(f"{q.path}\t{q.label}\n" for q in _open_set(setup["queries"])))
+    common = ["eval-pipeline", "--queries", str(labels), "--gallery", str(setup["library"]),
+              "--model", str(setup["model"]), "--no-progress", "--sweep", "0.25"]  # fmt: skip
+    assert shitu_main([*common, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert [p["score_thres"] for p in report["sweep"]] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert report["unknown_queries"] == QUERIES_PER_CLASS and report["score_thres"] == 0.5
+    best = max(report["sweep"], key=lambda p: p["balanced_accuracy"])
+    assert report["best_score_thres"] == best["score_thres"]
+    assert shitu_main(common) == 0
+    out = capsys.readouterr().out
+    assert f"best balanced accuracy at score_thres {best['score_thres']}" in out
+    assert "open_set_accuracy" in out and "expected 'Not In The Gallery', got" in out
+    with pytest.raises(SystemExit):
+        shitu_main([*common[:-1], "0"])
+    assert "sweep step 0: must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_a_threshold_recorded_in_the_model_applies_unless_the_config_sets_one(setup, tmp_path):
+    config = load_config(
+        "GroceryStore_EfficientNetLite0",
+        ["Arch.BackboneStopLayer.name=flatten", "Arch.Neck=null", "Arch.Head=null"],
+    )
+    model = export_model(config, None, tmp_path / "model", score_thres=0.93)
+    assert read_manifest(model)["score_thres"] == 0.93
+    assert read_manifest(setup["model"])["score_thres"] is None
+    # The threshold is not part of the features' fingerprint: the library accepts both.
+    library = [f"IndexProcess.index_dir={setup['library']}"]
+
+    def threshold(model_dir: Path, *overrides: str) -> float:
+        options = [*library, f"Global.rec_inference_model_dir={model_dir}", *overrides]
+        with Recognizer.from_config(load_pipeline_config("inference_general", options)) as rec:
+            return rec.score_thres
+
+    assert threshold(model) == 0.93
+    assert threshold(model, "IndexProcess.score_thres=0.2") == 0.2
+    assert threshold(setup["model"]) == 0.5  # no calibration recorded: PP-ShiTuV2's 0.5
+    broken = tmp_path / "broken"
+    shutil.copytree(model, broken)
+    manifest = json.loads((broken / MANIFEST).read_text())
+    (broken / MANIFEST).write_text(json.dumps(manifest | {"score_thres": "high"}))
+    with pytest.raises(CheckpointError, match="score_thres must be a cosine similarity"):
+        FeatureExtractor.load(broken)
+    with pytest.raises(ExportError, match="score_thres 1.5"):
+        export_model(config, None, tmp_path / "refused", score_thres=1.5)
+    assert not (tmp_path / "refused").exists()
+
+
 def test_demo_builds_a_gallery_and_recognises_every_product(setup, tmp_path, capsys):
     out = tmp_path / "demo"
     assert shitu_main(["demo", "--out", str(out), "--model", str(setup["model"])]) == 0
@@ -340,7 +436,7 @@ def test_pipeline_config_reads_paddleclas_files_and_overrides(tmp_path):
     )
     assert config.IndexProcess.score_thres == 0.6 and config.detector is None
     assert config.Global.rec_inference_model_dir == "./rec" and config.Global.cpu_num_threads == 10
-    assert load_pipeline_config("inference_general").IndexProcess.score_thres == 0.5
+    assert load_pipeline_config("inference_general").IndexProcess.score_thres is None  # the model's
     with pytest.raises(ConfigError, match=r"Global.treshold: unknown key"):
         load_pipeline_config(paddle, ["Global.treshold=0.3"])
     with pytest.raises(ConfigError, match=r"score_thres.*from -o IndexProcess.score_thres=2"):

@@ -1,15 +1,28 @@
-"""`shitu eval-pipeline`: end-to-end accuracy on labelled query photos (recall@1)."""
+"""`shitu eval-pipeline`: end-to-end accuracy on labelled query photos (recall@1, and
+open-set rejection for queries whose label is not in the gallery), optionally over a
+sweep of score thresholds to choose one."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from shitu.cli.recognize import add_pipeline_arguments, pipeline_config_from_args
 from shitu.index import collect_items
+from shitu.pipeline.evaluate import PipelineEvaluation
 
 SHOWN_MISTAKES = 10
+DEFAULT_SWEEP_STEP = 0.05
+SWEEP_COLUMNS = ("score_thres", "recall@1", "rejection", "open_set_accuracy", "balanced_accuracy")
+
+
+def _step(text: str) -> float:
+    step = float(text)
+    if not 0 < step <= 1:
+        raise argparse.ArgumentTypeError(f"sweep step {text}: must be in (0, 1]")
+    return step
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -18,12 +31,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="end-to-end recall@1 of `shitu recognize` on labelled query photos",
         description=(
             "Recognise every query photo with the full pipeline (detector, threshold, NMS) "
-            "and count how often its best result has the query's label. Queries with no "
-            "result count as wrong. Queries: a `path<TAB>label` file or a folder-per-label tree."
+            "and count how often its best result has the query's label (recall@1; no result "
+            "counts as wrong). Queries whose label is not in the gallery are unknown: right "
+            "when nothing is recognised (rejection). Queries: a `path<TAB>label` file or a "
+            "folder-per-label tree."
         ),
     )
     parser.add_argument("--queries", type=Path, required=True, help="label file or folder")
     add_pipeline_arguments(parser)
+    parser.add_argument(
+        "--sweep",
+        nargs="?",
+        const=DEFAULT_SWEEP_STEP,
+        type=_step,
+        metavar="STEP",
+        help="also report every score threshold from 0 to 1 in steps of STEP (default "
+        f"{DEFAULT_SWEEP_STEP}) and, with unknown queries, the one with the best balanced "
+        "accuracy: a threshold to record with `shitu export --score-thres`",
+    )
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
@@ -34,15 +59,43 @@ def run(args: argparse.Namespace) -> int:
 
     items = collect_items([args.queries])
     config = pipeline_config_from_args(args)
+    thresholds = sweep_thresholds(args.sweep) if args.sweep else []
     with Recognizer.from_config(config) as recognizer:
-        report = evaluate_pipeline(recognizer, items, progress=not args.no_progress)
+        report = evaluate_pipeline(recognizer, items, not args.no_progress, thresholds)
+    best = report.best_threshold()
     if args.json:
-        print(json.dumps(report.to_dict()))
+        output: dict = report.to_dict()
+        if thresholds:
+            output["sweep"] = [point.to_dict() for point in report.sweep]
+            output["best_score_thres"] = best.score_thres if best else None
+        print(json.dumps(output))
         return 0
     for path, truth, predicted in report.mistakes[:SHOWN_MISTAKES]:
         print(f"wrong: {path}: expected {truth!r}, got {predicted or 'nothing'!r}")
     for path, reason in report.unreadable[:SHOWN_MISTAKES]:
         print(f"skipped: {path}: {reason}")
     for key, value in report.to_dict().items():
-        print(f"{key:>10}: {value}")
+        print(f"{key:>17}: {value}")
+    if thresholds:
+        print(sweep_table(report))
+        if best is not None:
+            print(
+                f"best balanced accuracy at score_thres {best.score_thres}: recall@1 "
+                f"{best.recall_at_1:.4f}, rejection {best.rejection:.4f}"
+            )
+        else:
+            print("no query has a label outside the gallery: add some to choose a threshold")
     return 0
+
+
+def sweep_thresholds(step: float) -> list[float]:
+    """0, step, 2 step, ... up to 1, rounded so that they print as typed."""
+    count = math.floor(1 / step + 1e-9)
+    return sorted({round(i * step, 6) for i in range(count + 1)} | {1.0})
+
+
+def sweep_table(report: PipelineEvaluation) -> str:
+    rows = [[point.to_dict().get(column) for column in SWEEP_COLUMNS] for point in report.sweep]
+    lines = ["  ".join(f"{column:>17}" for column in SWEEP_COLUMNS)]
+    lines += ["  ".join(f"{'-' if v is None else v:>17}" for v in row) for row in rows]
+    return "\n".join(lines)

@@ -9,6 +9,7 @@ from pathlib import Path
 from shitu.cli.common import add_config_arguments, config_from_args
 from shitu.cli.extract import image_files
 from shitu.inference import export_model, read_manifest
+from shitu.pipeline.config import DEFAULT_SCORE_THRES
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -42,6 +43,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="float16 weights and no ONNX file, for shipping (half the size); the ONNX model "
         "is rebuilt into the user cache on first load",
     )
+    parser.add_argument(
+        "--score-thres",
+        type=float,
+        help="record the cosine similarity a gallery hit needs with this model (measure it "
+        "with `shitu eval-pipeline --sweep`); recognition uses it unless told another "
+        f"(without it: {DEFAULT_SCORE_THRES})",
+    )
     parser.set_defaults(func=run)
 
 
@@ -60,7 +68,12 @@ def run(args: argparse.Namespace) -> int:
         step = max(1, len(files) // max(1, args.int8_images))
         calibration = files[::step][: args.int8_images]
     out = export_model(
-        config, weights, Path(args.out), calibration_images=calibration, compact=args.compact
+        config,
+        weights,
+        Path(args.out),
+        calibration_images=calibration,
+        compact=args.compact,
+        score_thres=args.score_thres,
     )
     manifest = read_manifest(out)
     files = ", ".join(manifest["files"])

@@ -17,7 +17,7 @@ from shitu.pipeline import (
     draw_results,
     load_pipeline_config,
 )
-from shitu.pipeline.config import DEFAULT_PIPELINE_CONFIG, NO_DETECTOR
+from shitu.pipeline.config import DEFAULT_PIPELINE_CONFIG, DEFAULT_SCORE_THRES, NO_DETECTOR
 
 
 def add_pipeline_arguments(
@@ -53,7 +53,10 @@ def add_pipeline_arguments(
     )
     parser.add_argument("--det-arch", help="detector architecture name (for .pdparams)")
     parser.add_argument(
-        "--score-thres", type=float, help="cosine similarity a result needs (default 0.5)"
+        "--score-thres",
+        type=float,
+        help="cosine similarity a result needs (default: the model's calibrated threshold, "
+        f"else {DEFAULT_SCORE_THRES})",
     )
     parser.add_argument("--threads", type=int, help="CPU threads for the recognition model")
 

@@ -102,12 +102,14 @@ def export_model(
     calibration_images: Sequence[str | Path] = (),
     opset: int = OPSET,
     compact: bool = False,
+    score_thres: float | None = None,
 ) -> Path:
     """Export `config`'s model with `weights` (None: as initialised) to `out_dir`; returns it.
 
     calibration_images: image files for int8 static quantisation (model.int8.onnx); none
-    means no int8 model. compact: see `write_export`. An existing export at `out_dir` is
-    replaced; any other existing folder is an error (nothing of the user's is deleted).
+    means no int8 model. compact, score_thres: see `write_export`. An existing export at
+    `out_dir` is replaced; any other existing folder is an error (nothing of the user's is
+    deleted).
     """
     arch = inference_arch(config.Arch)
     if weights:
@@ -126,6 +128,7 @@ def export_model(
         calibration_images=calibration_images,
         opset=opset,
         compact=compact,
+        score_thres=score_thres,
     )
 
 
@@ -140,15 +143,21 @@ def write_export(
     calibration_images: Sequence[str | Path] = (),
     opset: int = OPSET,
     compact: bool = False,
+    score_thres: float | None = None,
 ) -> Path:
     """Write the export folder of a built, folded, eval-mode `model`.
 
     compact: weights rounded to and stored as float16, no ONNX file (half the size, for
     shipping a model in a package); `FeatureExtractor.load` rebuilds the ONNX model from it
-    once, into the user cache, with the same fingerprint.
+    once, into the user cache, with the same fingerprint. score_thres: the cosine
+    similarity this model's best gallery hit needs to count as recognised (calibrated with
+    `shitu eval-pipeline --sweep`); the recogniser uses it unless told another. Features do
+    not depend on it, so it is not part of the fingerprint.
     """
     out_dir = Path(out_dir)
     _check_target(out_dir)
+    if score_thres is not None and not -1.0 <= score_thres <= 1.0:
+        raise ExportError(f"score_thres {score_thres}: a cosine similarity, in [-1, 1]")
     if compact and calibration_images:
         raise ExportError("a compact export has no ONNX model to quantise; drop one option")
     if compact:
@@ -192,6 +201,7 @@ def write_export(
             "output": {"name": OUTPUT_NAME, "normalized": False},
             "preprocessing": preprocessing.to_dict(),
             "fingerprint": fingerprint(state, preprocessing, output_key),
+            "score_thres": score_thres,
             "source_weights": source,
             "weights_dtype": "float16" if compact else "float32",
             "onnx_opset": opset,

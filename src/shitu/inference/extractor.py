@@ -28,7 +28,14 @@ from shitu.inference.backends import (
     onnxruntime_available,
 )
 from shitu.inference.cache import full_export
-from shitu.inference.export import INT8_FILE, ONNX_FILE, TORCH_FILE, file_sha256, read_manifest
+from shitu.inference.export import (
+    INT8_FILE,
+    MANIFEST,
+    ONNX_FILE,
+    TORCH_FILE,
+    file_sha256,
+    read_manifest,
+)
 from shitu.inference.preprocess import Preprocessing
 
 
@@ -55,12 +62,15 @@ class FeatureExtractor:
         embedding_size: int,
         fingerprint: str,
         workers: int | None = None,
+        score_thres: float | None = None,
     ) -> None:
         self.backend = backend
         self._preprocessing = preprocessing
         self.embedding_size = embedding_size
         self.fingerprint = fingerprint
         self.workers = workers or max(1, min(4, (os.cpu_count() or 2) // 2))
+        # The export's calibrated recognition threshold (cosine similarity), if it has one.
+        self.score_thres = score_thres
 
     @classmethod
     def load(
@@ -84,6 +94,7 @@ class FeatureExtractor:
         """
         model_dir = Path(model_dir)
         manifest = read_manifest(model_dir)
+        score_thres = _score_thres(model_dir, manifest)  # a rebuilt cache entry has none
         if _compact(model_dir, manifest) and backend != "torch" and precision == "fp32":
             _verify(model_dir, manifest, TORCH_FILE)
             rebuilt = full_export(model_dir, manifest) if onnxruntime_available() else None
@@ -107,6 +118,7 @@ class FeatureExtractor:
             int(manifest["embedding_size"]),
             fingerprint,
             workers,
+            score_thres,
         )
 
     @property
@@ -173,6 +185,18 @@ class FeatureExtractor:
 
     def _empty(self) -> np.ndarray:
         return np.zeros((0, self.embedding_size), np.float32)
+
+
+def _score_thres(model_dir: Path, manifest: dict) -> float | None:
+    value = manifest.get("score_thres")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not -1 <= value <= 1:
+        raise CheckpointError(
+            f"{model_dir / MANIFEST}: score_thres must be a cosine similarity in [-1, 1] "
+            f"or null, got {value!r}"
+        )
+    return float(value)
 
 
 def _compact(model_dir: Path, manifest: dict) -> bool:

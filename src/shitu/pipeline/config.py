@@ -22,6 +22,8 @@ PIPELINE_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "pipe
 DEFAULT_PIPELINE_CONFIG = "inference_general"
 NO_DETECTOR = "none"
 PLAIN_BACKGROUND = "plain-background"
+# PP-ShiTuV2's score_thres: used when neither the config nor the model sets one.
+DEFAULT_SCORE_THRES = 0.5
 
 _IGNORED_GLOBAL = {
     "infer_imgs",
@@ -87,8 +89,9 @@ class PipelineGlobal(_Section):
 
 class IndexProcessConfig(_Section):
     index_dir: str | None = None  # gallery library folder (`shitu index build --out`)
-    # Cosine similarity in [-1, 1] a box's best hit needs (IP and L2 libraries alike).
-    score_thres: float = Field(0.5, ge=-1.0, le=1.0)
+    # Cosine similarity in [-1, 1] a box's best hit needs (IP and L2 libraries alike);
+    # null: the model's calibrated one (its shitu_model.json), else DEFAULT_SCORE_THRES.
+    score_thres: float | None = Field(None, ge=-1.0, le=1.0)
 
     @model_validator(mode="before")
     @classmethod

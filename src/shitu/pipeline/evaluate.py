@@ -1,4 +1,12 @@
-"""End-to-end accuracy: is the best recognition of each labelled query photo right?"""
+"""End-to-end accuracy: is the best recognition of each labelled query photo right?
+
+A query whose label has no image in the gallery is *unknown* (open set): its right
+answer is nothing recognised. Known queries count towards recall@1, unknown ones towards
+the rejection rate, and both towards the open-set accuracy. The pipeline embeds each
+query once; results at other thresholds (`sweep`) come from the same scored candidates
+through the recogniser's own selection, so they are what `shitu recognize` would return
+at those thresholds.
+"""
 
 from __future__ import annotations
 
@@ -6,51 +14,112 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from shitu.index import GalleryItem
-from shitu.pipeline.recognizer import Recognizer
+from shitu.pipeline.recognizer import Candidates, Recognizer
 
 
 @dataclass
 class PipelineEvaluation:
-    """Counts over the readable queries; `recall_at_1` counts no-result queries as wrong."""
+    """Counts over the readable queries at one score threshold."""
 
+    score_thres: float
     queries: int = 0
-    correct: int = 0
-    no_result: int = 0
+    correct: int = 0  # known queries whose best result has their label
+    no_result: int = 0  # known queries with nothing recognised
+    unknown_queries: int = 0  # queries whose label is not in the gallery
+    unknown_rejected: int = 0  # ... with nothing recognised, as it should be
     unreadable: list[tuple[str, str]] = field(default_factory=list)
     mistakes: list[tuple[str, str, str]] = field(default_factory=list)  # path, truth, predicted
+    sweep: list[PipelineEvaluation] = field(default_factory=list)
+
+    @property
+    def known_queries(self) -> int:
+        return self.queries - self.unknown_queries
 
     @property
     def recall_at_1(self) -> float:
-        return self.correct / self.queries if self.queries else 0.0
+        """Known queries answered with their label first (no result counts as wrong)."""
+        return self.correct / self.known_queries if self.known_queries else 0.0
 
-    def to_dict(self) -> dict[str, float | int]:
-        return {
+    @property
+    def rejection(self) -> float | None:
+        """Unknown queries answered with nothing; None without unknown queries."""
+        return self.unknown_rejected / self.unknown_queries if self.unknown_queries else None
+
+    @property
+    def open_set_accuracy(self) -> float:
+        """Right answers over all queries: the known label first, or nothing for unknowns."""
+        return (self.correct + self.unknown_rejected) / self.queries if self.queries else 0.0
+
+    @property
+    def balanced_accuracy(self) -> float | None:
+        """Mean of recall@1 and rejection, so neither side's query count dominates."""
+        rejection = self.rejection
+        return None if rejection is None else (self.recall_at_1 + rejection) / 2
+
+    def best_threshold(self) -> PipelineEvaluation | None:
+        """The swept threshold with the highest balanced accuracy (the lowest on ties, so
+        fewer known queries are turned away); None without unknown queries or a sweep."""
+        scored = [point for point in self.sweep if point.balanced_accuracy is not None]
+        return max(scored, key=lambda point: point.balanced_accuracy or 0.0, default=None)
+
+    def to_dict(self) -> dict[str, float | int | None]:
+        def rounded(value: float | None) -> float | None:
+            return None if value is None else round(value, 5)
+
+        report: dict[str, float | int | None] = {
+            "score_thres": self.score_thres,
             "queries": self.queries,
-            "recall@1": round(self.recall_at_1, 5),
+            "recall@1": rounded(self.recall_at_1),
             "correct": self.correct,
             "no_result": self.no_result,
             "unreadable": len(self.unreadable),
         }
+        if self.unknown_queries:
+            report |= {
+                "unknown_queries": self.unknown_queries,
+                "unknown_rejected": self.unknown_rejected,
+                "rejection": rounded(self.rejection),
+                "open_set_accuracy": rounded(self.open_set_accuracy),
+                "balanced_accuracy": rounded(self.balanced_accuracy),
+            }
+        return report
 
 
 def evaluate_pipeline(
-    recognizer: Recognizer, items: Sequence[GalleryItem], progress: bool = False
+    recognizer: Recognizer,
+    items: Sequence[GalleryItem],
+    progress: bool = False,
+    sweep: Sequence[float] = (),
 ) -> PipelineEvaluation:
-    """Run the whole pipeline on each query; its top result's label must be the query's."""
-    truth = [item.label for item in items]
-    report = PipelineEvaluation()
-    for item_label, found in zip(
-        truth, recognizer.recognize_files([item.path for item in items], progress), strict=True
-    ):
-        if found.error is not None:
-            report.unreadable.append((found.path, found.error))
-            continue
-        report.queries += 1
-        if not found.results:
-            report.no_result += 1
-            report.mistakes.append((found.path, item_label, ""))
-        elif found.results[0].label == item_label:
-            report.correct += 1
+    """Run the whole pipeline on each query at the recogniser's threshold, and at each
+    threshold of `sweep` (reported in `.sweep`)."""
+    gallery_labels = set(recognizer.gallery.label_counts())
+    scored: list[tuple[str, str, Candidates]] = []
+    unreadable: list[tuple[str, str]] = []
+    files = recognizer.score_files([item.path for item in items], progress)
+    for item, (path, candidates, error) in zip(items, files, strict=True):
+        if candidates is None:
+            unreadable.append((path, error or "unreadable"))
         else:
-            report.mistakes.append((found.path, item_label, found.results[0].label))
+            scored.append((path, item.label, candidates))
+
+    def count(threshold: float) -> PipelineEvaluation:
+        report = PipelineEvaluation(threshold, unreadable=unreadable)
+        for path, truth, candidates in scored:
+            results = recognizer.select(candidates, threshold)
+            predicted = results[0].label if results else ""
+            report.queries += 1
+            if truth not in gallery_labels:
+                report.unknown_queries += 1
+                report.unknown_rejected += not results
+            elif predicted == truth:
+                report.correct += 1
+            else:
+                report.no_result += not results
+            if predicted != (truth if truth in gallery_labels else ""):
+                report.mistakes.append((path, truth, predicted))
+        return report
+
+    report = count(recognizer.score_thres)
+    report.sweep = [count(threshold) for threshold in sorted(sweep)]
     return report

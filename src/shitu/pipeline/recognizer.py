@@ -32,7 +32,7 @@ from shitu.index import Gallery
 from shitu.inference.extractor import FeatureExtractor
 from shitu.inference.preprocess import read_rgb
 from shitu.pipeline.background import PlainBackgroundDetector
-from shitu.pipeline.config import PLAIN_BACKGROUND, PipelineConfig
+from shitu.pipeline.config import DEFAULT_SCORE_THRES, PLAIN_BACKGROUND, PipelineConfig
 
 MIN_BOX_SIDE = 2  # pixels; thinner detector boxes cannot be embedded meaningfully
 FILES_PER_BATCH = 8  # images decoded and recognised together by recognize_files
@@ -62,6 +62,15 @@ class Recognition:
             "score": round(self.score, 5),
             "image_id": self.image_id,
         }
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """One image's candidate boxes with their best gallery hits, before the score
+    threshold: the detector's boxes, and the whole image (the fallback). None: no hit."""
+
+    boxes: list[Recognition | None]
+    whole: Recognition | None
 
 
 @dataclass(frozen=True)
@@ -108,6 +117,14 @@ def pixel_box(box: Sequence[float], width: int, height: int) -> tuple[int, int, 
     return x1, y1, x2, y2
 
 
+def score_threshold(config: PipelineConfig, extractor: FeatureExtractor) -> float:
+    """The config's score_thres, else the one calibrated for the model, else the default."""
+    for value in (config.IndexProcess.score_thres, extractor.score_thres):
+        if value is not None:
+            return value
+    return DEFAULT_SCORE_THRES
+
+
 def build_detector(config: PipelineConfig) -> MainbodyDetector | None:
     """The config's detector: None (whole image), the plain-background one, or a model file."""
     name = config.detector
@@ -133,7 +150,7 @@ class Recognizer:
         gallery: Gallery,
         detector: MainbodyDetector | None = None,
         *,
-        score_thres: float = 0.5,
+        score_thres: float = DEFAULT_SCORE_THRES,
         rec_nms_thres: float = 0.05,
         det_threshold: float = 0.2,
         max_det_results: int = 5,
@@ -164,7 +181,7 @@ class Recognizer:
                 extractor,
                 gallery,
                 build_detector(config),
-                score_thres=config.IndexProcess.score_thres,
+                score_thres=score_threshold(config, extractor),
                 rec_nms_thres=g.rec_nms_thresold,
                 det_threshold=g.threshold,
                 max_det_results=g.max_det_results,
@@ -189,35 +206,47 @@ class Recognizer:
 
     def recognize_batch(self, images: Sequence[np.ndarray]) -> list[list[Recognition]]:
         """Objects per image; every crop of every image is embedded in one batch."""
+        return [self.select(candidates) for candidates in self.score_batch(images)]
+
+    def score_batch(self, images: Sequence[np.ndarray]) -> list[Candidates]:
+        """Every candidate box of every image with its best gallery hit, before the
+        threshold: `select` turns them into results, at any threshold, without re-embedding."""
         crops: list[np.ndarray] = []
-        candidates: list[list[tuple[int, int, int, int]]] = []  # per image, whole image last
+        boxes_per_image: list[list[tuple[int, int, int, int]]] = []  # whole image last
         for image in images:
             if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
                 raise UnreadableImageError(
                     f"expected an RGB uint8 HxWx3 image, got {image.dtype} {image.shape}"
                 )
             boxes = self.candidate_boxes(image)
-            candidates.append(boxes)
+            boxes_per_image.append(boxes)
             crops.extend(image[y1:y2, x1:x2] for x1, y1, x2, y2 in boxes)
         if not crops:
             return []
         hits = self.gallery.search(self.extractor.extract_images(crops, self.batch_size), k=1)
         scores = cosine_scores(hits.scores[:, 0], self.gallery.manifest.metric)
         labels, ids = hits.labels[:, 0], hits.ids[:, 0]
-        recognised = [
+        scored = [
             Recognition(box, str(labels[row]), float(scores[row]), int(ids[row]))
-            if ids[row] >= 0 and scores[row] >= self.score_thres
-            else None
-            for row, box in enumerate(box for boxes in candidates for box in boxes)
+            if ids[row] >= 0
+            else None  # an empty library has no hit
+            for row, box in enumerate(box for boxes in boxes_per_image for box in boxes)
         ]
-        results, start = [], 0
-        for boxes in candidates:
+        candidates, start = [], 0
+        for boxes in boxes_per_image:
             whole = start + len(boxes) - 1
-            objects = [r for r in recognised[start:whole] if r is not None]
-            fallback = [recognised[whole]] if recognised[whole] is not None else []
-            results.append(self._select(objects or fallback))
+            candidates.append(Candidates(scored[start:whole], scored[whole]))
             start += len(boxes)
-        return results
+        return candidates
+
+    def select(self, candidates: Candidates, score_thres: float | None = None) -> list[Recognition]:
+        """The results: detected boxes whose hit passes the threshold (default: this
+        recogniser's), else the whole image if it passes; then NMS, best first."""
+        threshold = self.score_thres if score_thres is None else score_thres
+        objects = [r for r in candidates.boxes if r is not None and r.score >= threshold]
+        whole = candidates.whole
+        found = objects or ([whole] if whole is not None and whole.score >= threshold else [])
+        return self._nms(found)
 
     def candidate_boxes(self, image: np.ndarray) -> list[tuple[int, int, int, int]]:
         """The detector's usable boxes in whole pixels, then the whole image."""
@@ -232,7 +261,7 @@ class Recognizer:
         boxes.append((0, 0, width, height))
         return boxes
 
-    def _select(self, found: list[Recognition]) -> list[Recognition]:
+    def _nms(self, found: list[Recognition]) -> list[Recognition]:
         """Greedy NMS by recognition score; best first."""
         if not found:
             return []
@@ -244,6 +273,15 @@ class Recognizer:
         self, paths: Sequence[str | Path], progress: bool = False
     ) -> Iterator[FileRecognition]:
         """Results per file in input order; unreadable files come back with an error."""
+        for path, candidates, error in self.score_files(paths, progress):
+            results = self.select(candidates) if candidates is not None else []
+            yield FileRecognition(path, results, error)
+
+    def score_files(
+        self, paths: Sequence[str | Path], progress: bool = False
+    ) -> Iterator[tuple[str, Candidates | None, str | None]]:
+        """(path, candidates, None) per file in input order, (path, None, reason) for an
+        unreadable one: `score_batch` for files, decoded in threads."""
         names = [str(p) for p in paths]
         with (
             ThreadPoolExecutor(self.extractor.workers, thread_name_prefix="shitu-read") as pool,
@@ -253,12 +291,12 @@ class Recognizer:
                 chunk = names[start : start + FILES_PER_BATCH]
                 decoded = list(pool.map(_read_or_reason, chunk))
                 readable = [image for image in decoded if isinstance(image, np.ndarray)]
-                results = iter(self.recognize_batch(readable))
+                scored = iter(self.score_batch(readable))
                 for name, image in zip(chunk, decoded, strict=True):
                     if isinstance(image, str):
-                        yield FileRecognition(name, [], image)
+                        yield name, None, image
                     else:
-                        yield FileRecognition(name, next(results))
+                        yield name, next(scored), None
                 bar.update(len(chunk))
 
 
