@@ -16,7 +16,7 @@ from shitu.cli.main import main as shitu_main
 from shitu.config import load_config
 from shitu.errors import CheckpointError, ConfigError
 from shitu.index import Gallery, GalleryItem
-from shitu.inference import FeatureExtractor, export_model, read_manifest
+from shitu.inference import FeatureExtractor, default_model_dir, export_model, read_manifest
 from shitu.inference import default_model as default_model_module
 from shitu.inference.export import MANIFEST, ExportError
 from shitu.inference.preprocess import read_rgb
@@ -414,8 +414,9 @@ def test_quick_start_demo_with_the_shipped_model(tmp_path, monkeypatch, capsys):
     assert "recognised 16 of 16 products" in text
     assert list((tmp_path / "cache" / "exports").glob("*/model.onnx"))
     scores = [float(line.split()[0]) for line in text.splitlines() if line.startswith("   0.")]
-    # one result per product, none extra, each clearly above the default threshold (0.5)
-    assert len(scores) == 16 and min(scores) > 0.6
+    # one result per product, none extra, each clearly above the model's calibrated threshold
+    threshold = read_manifest(default_model_dir())["score_thres"]
+    assert threshold == 0.6 and len(scores) == 16 and min(scores) > threshold + 0.1
 
 
 def test_pipeline_config_reads_paddleclas_files_and_overrides(tmp_path):
@@ -446,8 +447,6 @@ def test_pipeline_config_reads_paddleclas_files_and_overrides(tmp_path):
 
 
 def test_default_model_dir_names_the_missing_folder(tmp_path, monkeypatch, capsys):
-    from shitu.inference import default_model_dir
-
     monkeypatch.setattr(default_model_module, "DEFAULT_MODEL_DIR", tmp_path / "default_model")
     with pytest.raises(CheckpointError, match="default model is missing.*--model"):
         default_model_dir()

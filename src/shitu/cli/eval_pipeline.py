@@ -95,7 +95,13 @@ def sweep_thresholds(step: float) -> list[float]:
 
 
 def sweep_table(report: PipelineEvaluation) -> str:
-    rows = [[point.to_dict().get(column) for column in SWEEP_COLUMNS] for point in report.sweep]
+    """One row per swept threshold: recall@1, rejection, open-set and balanced accuracy."""
     lines = ["  ".join(f"{column:>17}" for column in SWEEP_COLUMNS)]
-    lines += ["  ".join(f"{'-' if v is None else v:>17}" for v in row) for row in rows]
+    for point in report.sweep:
+        values = point.to_dict()
+        cells = [f"{point.score_thres:>17g}"] + [
+            f"{'-' if values.get(c) is None else format(values[c], '.4f'):>17}"
+            for c in SWEEP_COLUMNS[1:]
+        ]
+        lines.append("  ".join(cells))
     return "\n".join(lines)
