@@ -378,6 +378,8 @@ def test_a_threshold_recorded_in_the_model_applies_unless_the_config_sets_one(se
             return rec.score_thres
 
     assert threshold(model) == 0.93
+    with Recognizer(FeatureExtractor.load(model), Gallery.open(setup["library"])) as rec:
+        assert rec.score_thres == 0.93  # built from parts too
     assert threshold(model, "IndexProcess.score_thres=0.2") == 0.2
     assert threshold(setup["model"]) == 0.5  # no calibration recorded: PP-ShiTuV2's 0.5
     broken = tmp_path / "broken"

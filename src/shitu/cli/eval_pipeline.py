@@ -19,7 +19,10 @@ SWEEP_COLUMNS = ("score_thres", "recall@1", "rejection", "open_set_accuracy", "b
 
 
 def _step(text: str) -> float:
-    step = float(text)
+    try:
+        step = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"sweep step {text!r}: not a number") from None
     if not 0 < step <= 1:
         raise argparse.ArgumentTypeError(f"sweep step {text}: must be in (0, 1]")
     return step

@@ -117,14 +117,6 @@ def pixel_box(box: Sequence[float], width: int, height: int) -> tuple[int, int, 
     return x1, y1, x2, y2
 
 
-def score_threshold(config: PipelineConfig, extractor: FeatureExtractor) -> float:
-    """The config's score_thres, else the one calibrated for the model, else the default."""
-    for value in (config.IndexProcess.score_thres, extractor.score_thres):
-        if value is not None:
-            return value
-    return DEFAULT_SCORE_THRES
-
-
 def build_detector(config: PipelineConfig) -> MainbodyDetector | None:
     """The config's detector: None (whole image), the plain-background one, or a model file."""
     name = config.detector
@@ -150,7 +142,7 @@ class Recognizer:
         gallery: Gallery,
         detector: MainbodyDetector | None = None,
         *,
-        score_thres: float = DEFAULT_SCORE_THRES,
+        score_thres: float | None = None,
         rec_nms_thres: float = 0.05,
         det_threshold: float = 0.2,
         max_det_results: int = 5,
@@ -160,7 +152,10 @@ class Recognizer:
         self.extractor = extractor
         self.gallery = gallery
         self.detector = detector
-        self.score_thres = score_thres
+        # None: the threshold calibrated for the model (its export's), else the default.
+        self.score_thres: float = next(
+            v for v in (score_thres, extractor.score_thres, DEFAULT_SCORE_THRES) if v is not None
+        )
         self.rec_nms_thres = rec_nms_thres
         self.det_threshold = det_threshold
         self.max_det_results = max_det_results
@@ -181,7 +176,7 @@ class Recognizer:
                 extractor,
                 gallery,
                 build_detector(config),
-                score_thres=score_threshold(config, extractor),
+                score_thres=config.IndexProcess.score_thres,
                 rec_nms_thres=g.rec_nms_thresold,
                 det_threshold=g.threshold,
                 max_det_results=g.max_det_results,
