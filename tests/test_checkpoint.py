@@ -11,6 +11,7 @@ import torch
 
 from shitu.checkpoint import (
     average_weights,
+    interpolate_toward,
     load_pretrained,
     load_weights,
     model_metadata,
@@ -18,6 +19,7 @@ from shitu.checkpoint import (
     read_weights,
     save_weights,
 )
+from shitu.config import load_config
 from shitu.config.schema import ArchConfig
 from shitu.errors import CheckpointError
 from shitu.models import build_model
@@ -241,3 +243,45 @@ def test_average_weights_refuses_files_of_different_models(tmp_path):
     result = run_shitu("average", str(base), "--out", str(tmp_path / "o.safetensors"))
     assert result.returncode == 2 and "at least two weight files" in result.stderr
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_pretrained_share_moves_only_the_named_layers_back_to_the_initialisation(tmp_path):
+    """`shitu average --pretrained-share` (WiSE-FT): the named ImageNet layers of a
+    "fine-tuned" EfficientNet-Lite0 move a quarter of the way back to the ImageNet weights
+    the config loads; its new layers (fc, BNNeck, head) and counters stay as they were."""
+    config = load_config("GroceryStore_EfficientNetLite0")
+    model = build_model(config.Arch)
+    imagenet = model.state_dict()
+    tuned = {k: v + 0.5 if v.is_floating_point() else v for k, v in imagenet.items()}
+    metadata = model_metadata(model, config.Arch.model_dump())
+    path = save_weights(tuned, tmp_path / "tuned.safetensors", metadata)
+    out = tmp_path / "mixed.safetensors"
+    layers = ["backbone.blocks", "backbone.head"]
+    result = run_shitu(
+        "average", str(path), "--pretrained-share", "0.25", "--layers", *layers,
+        "-c", "GroceryStore_EfficientNetLite0", "--out", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    mixed, mixed_metadata = read_weights(out)
+    assert mixed_metadata == metadata and mixed.keys() == tuned.keys()
+    moved = [k for k in mixed if k.startswith(("backbone.blocks.", "backbone.head."))]
+    for name, tensor in mixed.items():
+        if name in moved and tensor.is_floating_point():  # 0.75 (w + 0.5) + 0.25 w
+            torch.testing.assert_close(tensor, imagenet[name] + 0.375)
+        else:
+            assert torch.equal(tensor, tuned[name]), name
+    assert any(k.startswith("backbone.fc.") for k in mixed) and any(
+        k.startswith("neck.") for k in mixed
+    )
+    for options, message in [
+        (["--pretrained-share", "0.25"], "--pretrained-share and --layers go together"),
+        (["--pretrained-share", "1.5", "--layers", "backbone.head"], "must be between 0 and 1"),
+        (["--pretrained-share", "0.2", "--layers", "backbone.heads"], "layer 'backbone.heads'"),
+    ]:
+        result = run_shitu("average", str(path), *options, "-c", "GroceryStore_EfficientNetLite0",
+                           "--out", str(tmp_path / "refused.safetensors"))  # fmt: skip
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert not (tmp_path / "refused.safetensors").exists()
+    other = {"backbone.head.conv.weight": torch.zeros(3, 3)}  # a config of another model
+    with pytest.raises(CheckpointError, match="does the config build the same model"):
+        interpolate_toward(tuned, other, 0.2, ["backbone.head"])

@@ -1,6 +1,6 @@
 """Model weight files: our safetensors/torch checkpoints and PaddleClas .pdparams import."""
 
-from shitu.checkpoint.average import average_weights
+from shitu.checkpoint.average import average_weights, interpolate_toward
 from shitu.checkpoint.io import (
     LoadReport,
     load_pretrained,
@@ -14,6 +14,7 @@ from shitu.checkpoint.paddle import paddle_to_torch, read_pdparams
 __all__ = [
     "LoadReport",
     "average_weights",
+    "interpolate_toward",
     "load_pretrained",
     "load_weights",
     "model_metadata",

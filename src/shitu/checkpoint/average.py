@@ -2,7 +2,10 @@
 
 Runs fine-tuned from the same pretrained weights with different schedules or losses
 usually land in one basin of the loss, so their element-wise mean is a single model
-that is often better than each of them, at no extra inference cost.
+that is often better than each of them, at no extra inference cost. The same holds
+between a fine-tuned model and its pretrained start (WiSE-FT, Wortsman et al., CVPR
+2022): moving the pretrained layers part of the way back keeps more of what pretraining
+knew about other domains, often at little cost on the fine-tuning data.
 """
 
 from __future__ import annotations
@@ -61,3 +64,36 @@ def average_weights(
         for name, tensor in first.items()
     }
     return averaged, metadata
+
+
+def interpolate_toward(
+    state: dict[str, torch.Tensor],
+    reference: dict[str, torch.Tensor],
+    share: float,
+    prefixes: list[str],
+) -> dict[str, torch.Tensor]:
+    """`state` with each floating-point tensor under `prefixes` (module paths such as
+    `backbone.blocks`) replaced by (1 - share) * itself + share * its `reference` tensor,
+    e.g. the pretrained initialisation; every other tensor is kept as it is."""
+    if not 0.0 < share < 1.0:
+        raise CheckpointError(f"pretrained share {share}: must be between 0 and 1 (exclusive)")
+
+    def under(name: str, prefix: str) -> bool:
+        return name == prefix or name.startswith(prefix + ".")
+
+    for prefix in prefixes:
+        if not any(under(name, prefix) for name in state):
+            raise CheckpointError(f"layer {prefix!r}: no tensor of the weights is under it")
+    mixed = {}
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and any(under(name, prefix) for prefix in prefixes):
+            other = reference.get(name)
+            if other is None or other.shape != tensor.shape:
+                found = "missing" if other is None else f"shape {tuple(other.shape)}"
+                raise CheckpointError(
+                    f"{name}: {tuple(tensor.shape)} in the weights, {found} in the reference "
+                    "(does the config build the same model?)"
+                )
+            tensor = ((1 - share) * tensor.double() + share * other.double()).to(tensor.dtype)
+        mixed[name] = tensor
+    return mixed

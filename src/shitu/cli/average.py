@@ -1,10 +1,13 @@
-"""`shitu average`: one checkpoint from the mean of several runs' weights (a model soup)."""
+"""`shitu average`: one checkpoint from the mean of several runs' weights (a model soup),
+optionally moved part of the way back to the pretrained initialisation (WiSE-FT)."""
 
 from __future__ import annotations
 
 import argparse
 
-from shitu.checkpoint import average_weights, save_weights
+from shitu.checkpoint import average_weights, interpolate_toward, read_weights, save_weights
+from shitu.cli.common import add_config_arguments, config_from_args, model_from_config
+from shitu.errors import CheckpointError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -14,16 +17,43 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Write the element-wise mean of several checkpoints of the same architecture, "
             "e.g. best_model.safetensors of runs fine-tuned from the same ImageNet weights "
-            "with different schedules or losses. Evaluate the result with `shitu eval`."
+            "with different schedules or losses. With --pretrained-share S, the tensors under "
+            "--layers are then moved a share S of the way back to the model as the config "
+            "initialises it (its pretrained weights); one checkpoint is enough for that. "
+            "Evaluate the result with `shitu eval`."
         ),
     )
-    parser.add_argument("weights", nargs="+", help="two or more .safetensors/.pt checkpoints")
+    parser.add_argument("weights", nargs="+", help=".safetensors/.pt checkpoints")
     parser.add_argument("--out", required=True, help="output file: .safetensors or .pt")
+    parser.add_argument(
+        "--pretrained-share",
+        type=float,
+        metavar="S",
+        help="mix in the config's initial weights at this share (0 < S < 1), e.g. 0.2",
+    )
+    parser.add_argument(
+        "--layers",
+        nargs="+",
+        metavar="PREFIX",
+        help="module paths to mix (with --pretrained-share), e.g. backbone.blocks backbone.head",
+    )
+    add_config_arguments(parser, head_option=False)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    state, metadata = average_weights(args.weights)
+    if (args.pretrained_share is None) != (args.layers is None):
+        raise CheckpointError("--pretrained-share and --layers go together")
+    if len(args.weights) > 1 or args.pretrained_share is None:
+        state, metadata = average_weights(args.weights)
+        done = f"the mean of {len(args.weights)} checkpoints"
+    else:
+        state, metadata = read_weights(args.weights[0])
+        done = args.weights[0]
+    if args.pretrained_share is not None:
+        reference = model_from_config(config_from_args(args), args).state_dict()
+        state = interpolate_toward(state, reference, args.pretrained_share, args.layers)
+        done += f", {', '.join(args.layers)} mixed with {args.config} at {args.pretrained_share}"
     out = save_weights(state, args.out, metadata)
-    print(f"wrote {out}: the mean of {len(args.weights)} checkpoints, {len(state)} tensors")
+    print(f"wrote {out}: {done}, {len(state)} tensors")
     return 0
