@@ -21,6 +21,7 @@ from shitu.inference import default_model as default_model_module
 from shitu.inference.export import MANIFEST, ExportError
 from shitu.inference.preprocess import read_rgb
 from shitu.pipeline import (
+    PipelineEvaluation,
     PlainBackgroundDetector,
     Recognizer,
     evaluate_pipeline,
@@ -330,11 +331,19 @@ def test_open_set_evaluation_and_its_threshold_sweep_agree_with_the_pipeline(set
     everything, nothing = report.sweep[0], report.sweep[-1]
     assert everything.rejection == 0.0 and everything.no_result == 0
     assert nothing.rejection == 1.0 and nothing.correct == 0  # no cosine similarity reaches 1
+    top = max(p.balanced_accuracy for p in report.sweep)  # None only when no better than 0.5
     best = report.best_threshold()
-    assert best is not None and best.balanced_accuracy == max(
-        p.balanced_accuracy for p in report.sweep
-    )
+    assert (best.balanced_accuracy == top > 0.5) if best is not None else top <= 0.5
     assert report.to_dict()["rejection"] == round(report.rejection, 5)
+    # A sweep where no threshold beats rejecting everything names no best threshold.
+    useless = PipelineEvaluation(0.5, sweep=[PipelineEvaluation(t) for t in (0.2, 0.9)])
+    for point, (correct, rejected) in zip(useless.sweep, [(4, 0), (0, 4)], strict=True):
+        point.queries, point.unknown_queries = 8, 4
+        point.correct, point.unknown_rejected = correct, rejected
+    assert [p.balanced_accuracy for p in useless.sweep] == [0.5, 0.5]
+    assert useless.best_threshold() is None
+    useless.sweep[1].correct = 1  # 0.9 now keeps a known query: better than chance
+    assert useless.best_threshold() is useless.sweep[1]
     with recognizer() as rec:  # without unknown labels: no rejection figures, no best threshold
         closed = evaluate_pipeline(rec, setup["queries"], sweep=[0.0, 0.5])
     assert closed.rejection is None and closed.best_threshold() is None
@@ -342,20 +351,33 @@ def test_open_set_evaluation_and_its_threshold_sweep_agree_with_the_pipeline(set
 
 
 def test_eval_pipeline_cli_sweep_reports_every_threshold_and_the_best(setup, tmp_path, capsys):
+    import cv2
+
+    # Known queries, plus things no gallery product resembles: plain and noise images.
+    noise = np.random.default_rng(0).integers(0, 256, (120, 160, 3), dtype=np.uint8)
+    for name, image in [
+        ("black", np.zeros_like(noise)),
+        ("grey", noise * 0 + 128),
+        ("noise", noise),
+    ]:
+        cv2.imwrite(str(tmp_path / f"{name}.png"), image)
+    rows = [f"{q.path}\t{q.label}\n" for q in setup["queries"]]
+    rows += [f"{tmp_path / name}.png\t{UNKNOWN}\n" for name in ("black", "grey", "noise")]
     labels = tmp_path / "open_set.txt"
-    labels.write_text("".join(f"{q.path}\t{q.label}\n" for q in _open_set(setup["queries"])))
+    labels.write_text("".join(rows))
     common = ["eval-pipeline", "--queries", str(labels), "--gallery", str(setup["library"]),
               "--model", str(setup["model"]), "--no-progress", "--sweep", "0.25"]  # fmt: skip
     assert shitu_main([*common, "--json"]) == 0
     report = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert [p["score_thres"] for p in report["sweep"]] == [0.0, 0.25, 0.5, 0.75, 1.0]
     assert report["unknown_queries"] == QUERIES_PER_CLASS and report["score_thres"] == 0.5
-    best = max(report["sweep"], key=lambda p: p["balanced_accuracy"])
-    assert report["best_score_thres"] == best["score_thres"]
+    best = max(report["sweep"], key=lambda p: p["balanced_accuracy"])  # lowest on ties
+    assert report["best_score_thres"] == best["score_thres"] and best["balanced_accuracy"] > 0.5
+    assert best["rejection"] == 1.0  # nothing like a product passes the best threshold
     assert shitu_main(common) == 0
     out = capsys.readouterr().out
     assert f"best balanced accuracy at score_thres {best['score_thres']}" in out
-    assert "open_set_accuracy" in out and "expected 'Not In The Gallery', got" in out
+    assert "open_set_accuracy" in out and " unknown_rejected: 3" in out
     with pytest.raises(SystemExit):
         shitu_main([*common[:-1], "0"])
     assert "sweep step 0: must be in (0, 1]" in capsys.readouterr().err

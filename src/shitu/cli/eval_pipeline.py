@@ -86,6 +86,11 @@ def run(args: argparse.Namespace) -> int:
                 f"best balanced accuracy at score_thres {best.score_thres}: recall@1 "
                 f"{best.recall_at_1:.4f}, rejection {best.rejection:.4f}"
             )
+        elif report.unknown_queries:
+            print(
+                "no threshold tells unknown from known queries apart better than rejecting "
+                "everything (balanced accuracy 0.5): their scores overlap"
+            )
         else:
             print("no query has a label outside the gallery: add some to choose a threshold")
     return 0

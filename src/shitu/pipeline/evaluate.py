@@ -58,9 +58,12 @@ class PipelineEvaluation:
 
     def best_threshold(self) -> PipelineEvaluation | None:
         """The swept threshold with the highest balanced accuracy (the lowest on ties, so
-        fewer known queries are turned away); None without unknown queries or a sweep."""
+        fewer known queries are turned away). None without unknown queries or a sweep, and
+        when no threshold beats 0.5, what rejecting everything scores: then the known and
+        unknown queries' scores overlap and no threshold tells them apart."""
         scored = [point for point in self.sweep if point.balanced_accuracy is not None]
-        return max(scored, key=lambda point: point.balanced_accuracy or 0.0, default=None)
+        best = max(scored, key=lambda point: point.balanced_accuracy or 0.0, default=None)
+        return best if best is not None and (best.balanced_accuracy or 0.0) > 0.5 else None
 
     def to_dict(self) -> dict[str, float | int | None]:
         def rounded(value: float | None) -> float | None:
