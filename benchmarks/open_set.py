@@ -35,6 +35,7 @@ from pathlib import Path
 from shitu.index import Gallery, GalleryItem
 from shitu.inference import FeatureExtractor, default_model_dir
 from shitu.pipeline import Recognizer, evaluate_pipeline
+from shitu.pipeline.evaluate import sweep_thresholds
 
 ROOT = Path(__file__).resolve().parent.parent
 DATASET = ROOT.parent / "shared" / "datasets" / "grocery_store"
@@ -82,8 +83,7 @@ def main() -> int:
         sys.exit(f"{args.dataset}: no Grocery Store dataset (train.txt) there")
     models = [Path(m) for m in args.model or [default_model_dir()]]
     work = args.work or Path(tempfile.mkdtemp(prefix="shitu-open-set-"))
-    steps = range(int(1 / args.step + 1e-9) + 1)
-    thresholds = sorted({*args.thresholds, *(round(i * args.step, 6) for i in steps)})
+    thresholds = sorted({*args.thresholds, *sweep_thresholds(args.step)})
     print("| model | protocol | known / unknown queries | score_thres | recall@1 | rejection "
           "| balanced accuracy |")  # fmt: skip
     print("|---|---|---|---:|---:|---:|---:|")

@@ -62,12 +62,8 @@ def sign_classes() -> list[str]:
     )
 
 
-def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    return ImageFont.load_default(size)
-
-
 def _text(draw: ImageDraw.ImageDraw, text: str, size: int, fill: str) -> None:
-    font = _font(size)
+    font = ImageFont.load_default(size)
     box = draw.textbbox((0, 0), text, font=font)
     x = (CANVAS - (box[2] - box[0])) / 2 - box[0]
     y = (CANVAS - (box[3] - box[1])) / 2 - box[1]

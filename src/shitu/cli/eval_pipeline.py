@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 from shitu.cli.recognize import add_pipeline_arguments, pipeline_config_from_args
 from shitu.index import collect_items
-from shitu.pipeline.evaluate import PipelineEvaluation
+from shitu.pipeline.evaluate import PipelineEvaluation, sweep_thresholds
 
 SHOWN_MISTAKES = 10
 DEFAULT_SWEEP_STEP = 0.05
@@ -94,12 +93,6 @@ def run(args: argparse.Namespace) -> int:
         else:
             print("no query has a label outside the gallery: add some to choose a threshold")
     return 0
-
-
-def sweep_thresholds(step: float) -> list[float]:
-    """0, step, 2 step, ... up to 1, rounded so that they print as typed."""
-    count = math.floor(1 / step + 1e-9)
-    return sorted({round(i * step, 6) for i in range(count + 1)} | {1.0})
 
 
 def sweep_table(report: PipelineEvaluation) -> str:

@@ -10,6 +10,7 @@ at those thresholds.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -111,18 +112,25 @@ def evaluate_pipeline(
         for path, truth, candidates in scored:
             results = recognizer.select(candidates, threshold)
             predicted = results[0].label if results else ""
+            known = truth in gallery_labels
             report.queries += 1
-            if truth not in gallery_labels:
+            if not known:
                 report.unknown_queries += 1
                 report.unknown_rejected += not results
             elif predicted == truth:
                 report.correct += 1
             else:
                 report.no_result += not results
-            if predicted != (truth if truth in gallery_labels else ""):
+            if predicted != (truth if known else ""):
                 report.mistakes.append((path, truth, predicted))
         return report
 
     report = count(recognizer.score_thres)
     report.sweep = [count(threshold) for threshold in sorted(sweep)]
     return report
+
+
+def sweep_thresholds(step: float) -> list[float]:
+    """0, step, 2 step, ... up to 1, rounded so that they print as typed."""
+    count = math.floor(1 / step + 1e-9)
+    return sorted({round(i * step, 6) for i in range(count + 1)} | {1.0})
