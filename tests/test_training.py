@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import subprocess
@@ -13,12 +14,12 @@ import pytest
 import torch
 import yaml
 
-from shitu.checkpoint import average_weights, read_weights
+from shitu.checkpoint import average_weights, read_weights, save_weights
 from shitu.cli.main import main
 from shitu.config import load_config
 from shitu.engine.metrics_log import read_log
 from shitu.engine.precision import cpu_has_native_bf16
-from shitu.engine.trainer import Trainer
+from shitu.engine.trainer import Trainer, training_summary
 from shitu.errors import CheckpointError, ConfigError
 
 SIZE = 64
@@ -321,3 +322,23 @@ def test_training_errors_are_clear(grocery, tmp_path):
         Trainer(config)
     with pytest.raises(ConfigError, match="Global.eval_metric"):
         Trainer(load_config(path, ["Global.eval_metric=recall@3"]))
+
+
+def test_run_summary_names_the_weights_it_starts_from(grocery, tmp_path, caplog):
+    """A complete load is reported in the summary; only a partial one warns."""
+    path = tiny_config(grocery, tmp_path)
+    fresh = Trainer(load_config(path))
+    assert training_summary(fresh)["initial weights"] == "as the config initialises the model"
+    state = {name: tensor.detach().clone() for name, tensor in fresh.model.state_dict().items()}
+    complete, partial = tmp_path / "complete.safetensors", tmp_path / "partial.safetensors"
+    save_weights(state, complete)
+    save_weights({k: v for k, v in state.items() if not k.startswith("head.")}, partial)
+    with caplog.at_level(logging.WARNING, logger="shitu"):
+        loaded = Trainer(load_config(path, [f"Global.pretrained_model={complete}"]))
+    assert training_summary(loaded)["initial weights"] == (
+        f"{complete} (loaded {len(state)} tensors)"
+    )
+    assert not caplog.records
+    with caplog.at_level(logging.WARNING, logger="shitu"):
+        Trainer(load_config(path, [f"Global.pretrained_model={partial}"]))
+    assert "missing from file (e.g. head." in caplog.text

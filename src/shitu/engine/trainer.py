@@ -87,9 +87,15 @@ class Trainer:
         self.model = build_model(config.Arch).to(self.context.device)
         if config.Global.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        if config.Global.pretrained_model and resume_payload is None:
+        # What the run starts from, for the summary a user sees before a long run.
+        self.initial_weights = "as the config initialises the model"
+        if resume_payload is not None:
+            self.initial_weights = f"resumed from {config.Global.checkpoints}"
+        elif config.Global.pretrained_model:
             report = load_weights(self.model, config.Global.pretrained_model, strict=False)
-            if self.context.is_main:
+            self.initial_weights = f"{config.Global.pretrained_model} ({report.summary()})"
+            partial = report.missing or report.unexpected or report.shape_mismatch
+            if partial and self.context.is_main:
                 logger.warning(
                     "pretrained_model %s: %s", config.Global.pretrained_model, report.summary()
                 )
@@ -381,6 +387,7 @@ def training_summary(trainer: Trainer) -> dict[str, Any]:
         "steps per epoch": trainer.steps_per_epoch,
         "learning rate": trainer.learning_rate,
         "seed": trainer.seed,
+        "initial weights": trainer.initial_weights,
         "weight average (EMA) decay": trainer.ema.decay if trainer.ema is not None else "off",
         "output": str(trainer.output_dir),
     }
