@@ -164,6 +164,7 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(grocery, tmp_path):
         )
     ).fit()
     assert resumed.finished
+    assert training_summary(resumed)["initial weights"] == f"resumed from {split_dir / 'latest.pt'}"
 
     expected = train_losses(tmp_path / "full")
     assert len(expected) == full.progress.global_step
