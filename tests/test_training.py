@@ -153,7 +153,7 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(grocery, tmp_path):
     first = Trainer(load_config(path, [f"Global.output_dir={split_dir}"])).fit(stop_after_steps=5)
     assert not first.finished and first.progress.global_step == 5
     # The resumed half loads workers: the seeding must not depend on the worker count.
-    resumed = Trainer(
+    resuming = Trainer(
         load_config(
             path,
             [
@@ -162,9 +162,11 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(grocery, tmp_path):
                 "DataLoader.Train.loader.num_workers=2",
             ],
         )
-    ).fit()
-    assert resumed.finished
-    assert training_summary(resumed)["initial weights"] == f"resumed from {split_dir / 'latest.pt'}"
+    )
+    assert (
+        training_summary(resuming)["initial weights"] == f"resumed from {split_dir / 'latest.pt'}"
+    )
+    assert resuming.fit().finished
 
     expected = train_losses(tmp_path / "full")
     assert len(expected) == full.progress.global_step

@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+import torch
+
 from shitu.checkpoint import load_weights
 from shitu.cli.common import add_config_arguments, config_from_args, model_from_config
 from shitu.engine.distributed import init_distributed, shutdown_distributed
@@ -43,6 +45,8 @@ def run(args: argparse.Namespace) -> int:
         if weights:
             load_weights(model, weights, strict=True, ignore_prefixes=("head.",))
         model.to(context.device)
+        if config.Global.channels_last:  # the layout training evaluates in: the same rounding
+            model.to(memory_format=torch.channels_last)
         result = RetrievalEvaluation(config, context, seed=0).run(model)
     finally:
         shutdown_distributed()
