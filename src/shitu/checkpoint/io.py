@@ -36,6 +36,11 @@ class LoadReport:
     shape_mismatch: list[str] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
 
+    @property
+    def complete(self) -> bool:
+        """Every model tensor came from the file and every file tensor found its place."""
+        return not (self.missing or self.unexpected or self.shape_mismatch)
+
     def summary(self) -> str:
         text = f"loaded {len(self.loaded)} tensors"
         for label, names in (
@@ -197,7 +202,7 @@ def _fit(
             fitting[name] = torch.zeros_like(value)  # Paddle does not count batches
     report.missing = [n for n in expected if n not in fitting and n not in mismatched]
     report.loaded = sorted(fitting)
-    if strict and (report.missing or report.unexpected or report.shape_mismatch):
+    if strict and not report.complete:
         raise CheckpointError(
             f"{source} does not fit the model: {report.summary()} (does the config match?)"
         )

@@ -94,11 +94,8 @@ class Trainer:
         elif config.Global.pretrained_model:
             report = load_weights(self.model, config.Global.pretrained_model, strict=False)
             self.initial_weights = f"{config.Global.pretrained_model} ({report.summary()})"
-            partial = report.missing or report.unexpected or report.shape_mismatch
-            if partial and self.context.is_main:
-                logger.warning(
-                    "pretrained_model %s: %s", config.Global.pretrained_model, report.summary()
-                )
+            if not report.complete and self.context.is_main:
+                logger.warning("pretrained_model %s", self.initial_weights)
         self.ema = WeightEMA(self.model, config.EMA.decay) if config.EMA else None
         self.loss = CombinedLoss(config.Loss.Train).to(self.context.device)
         self.train_loader = build_train_loader(config.DataLoader.Train, self.context, self.seed)
