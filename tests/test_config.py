@@ -162,6 +162,11 @@ def test_every_shipped_config_builds_its_model_and_losses(name):
         (["Loss.Train.0={TripletLossX: {}}"], "Loss.Train.0.TripletLossX.name: unknown loss"),
         (["Optimizer.name=Lion"], "Optimizer"),
         (["Metrics.Eval=[]"], "Metrics: unknown key (did you mean 'Metric'?)"),
+        (
+            ["LinearProbe={epochs: 0, frozen_layers: [backbone]}"],
+            "LinearProbe.epochs: Input should be greater than or equal to 1",
+        ),
+        (["LinearProbe={epochs: 5}"], "LinearProbe.frozen_layers: required key missing"),
     ],
 )
 def test_config_errors_name_file_key_and_override(config_file, overrides, expected):

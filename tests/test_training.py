@@ -345,3 +345,38 @@ def test_run_summary_names_the_weights_it_starts_from(grocery, tmp_path, caplog)
     with caplog.at_level(logging.WARNING, logger="shitu"):
         Trainer(load_config(path, [f"Global.pretrained_model={partial}"]))
     assert "missing from file (e.g. head." in caplog.text
+
+
+def test_linear_probe_run_is_its_two_stages_and_resumes_without_the_probe(grocery, tmp_path):
+    """One `shitu train` with a LinearProbe section gives exactly what the probe run and the
+    fine-tuning run it stands for give; a resumed run needs nothing from the probe."""
+    path = tiny_config(grocery, tmp_path, epochs=1, eval_during_train=False)
+    probe = "LinearProbe={epochs: 1, frozen_layers: [backbone]}"
+    probed = tmp_path / "probed"
+    assert main(["train", "-c", str(path), "-o", probe, f"Global.output_dir={probed}"]) == 0
+    two = tmp_path / "two_commands"
+    probe_alone = ["Global.epochs=1", "Arch.frozen_layers=[backbone]", "Optimizer.lr_mult={}"]
+    probe_out = f"Global.output_dir={two}/linear_probe"
+    assert main(["train", "-c", str(path), "-o", *probe_alone, probe_out]) == 0
+    start = f"Global.pretrained_model={two}/linear_probe/final_model.safetensors"
+    assert main(["train", "-c", str(path), "-o", start, f"Global.output_dir={two}"]) == 0
+    for name in ("linear_probe/final_model.safetensors", "final_model.safetensors"):
+        ours, theirs = read_weights(probed / name)[0], read_weights(two / name)[0]
+        assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+    # The probe trains the neck and head on the backbone as initialised.
+    initial = Trainer(load_config(path)).model.state_dict()
+    after_probe = read_weights(probed / "linear_probe/final_model.safetensors")[0]
+    assert all(torch.equal(after_probe[k], initial[k]) for k in initial if k.startswith("backbone"))
+    assert not torch.equal(after_probe["head.fc.weight"], initial["head.fc.weight"])
+    final = read_weights(probed / "final_model.safetensors")[0]
+    assert not all(torch.equal(final[k], after_probe[k]) for k in final if k.startswith("backbone"))
+
+    stopped = tmp_path / "stopped"
+    stop = ["train", "-c", str(path), "-o", probe, f"Global.output_dir={stopped}"]
+    assert main([*stop, "--stop-after-steps", "1"]) == 0
+    for file in (stopped / "linear_probe").iterdir():
+        file.unlink()
+    assert main([*stop, f"Global.checkpoints={stopped}/latest.pt"]) == 0
+    resumed = read_weights(stopped / "final_model.safetensors")[0]
+    assert all(torch.equal(resumed[k], final[k]) for k in final)

@@ -6,7 +6,9 @@ import argparse
 import sys
 
 from shitu.cli.common import add_config_arguments, config_from_args
-from shitu.engine.distributed import shutdown_distributed
+from shitu.config.schema import ShituConfig
+from shitu.engine.distributed import DistContext, shutdown_distributed
+from shitu.engine.linear_probe import fine_tune_stage, probe_stage
 from shitu.engine.trainer import Trainer, training_summary
 
 
@@ -19,7 +21,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "latest.pt (full state, for -o Global.checkpoints=...), best_model.safetensors "
             "(the best evaluated epoch's weights, for -o Global.pretrained_model=...) and, "
             "once the run finishes, final_model.safetensors (the last epoch's); with an EMA "
-            "section both hold the weight average. Multi-GPU: "
+            "section both hold the weight average. With a LinearProbe section a probe on "
+            "frozen features runs first, into OUTPUT/linear_probe (the step and time limits "
+            "count the fine-tuning only; a resumed run skips the probe). Multi-GPU: "
             "torchrun --nproc_per_node=N -m shitu train -c CONFIG."
         ),
     )
@@ -39,14 +43,43 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
+def _print_summary(trainer: Trainer) -> None:
+    if trainer.context.is_main:
+        summary = training_summary(trainer)
+        width = max(len(k) for k in summary)
+        for key, value in summary.items():
+            print(f"{key:<{width}}  {value}", file=sys.stderr)
+
+
+def _probe(config: ShituConfig) -> tuple[bool, DistContext]:
+    """Run the LinearProbe stage to its end; False when a signal stopped it."""
+    trainer = Trainer(probe_stage(config))
+    if trainer.context.is_main:
+        print(
+            f"linear probe: {config.LinearProbe.epochs} epochs with "
+            f"{', '.join(config.LinearProbe.frozen_layers)} frozen, then the configured run",
+            file=sys.stderr,
+        )
+    _print_summary(trainer)
+    result = trainer.fit()
+    if trainer.context.is_main and not result.finished:
+        print("stopped during the linear probe; run the same command again to start over")
+    return result.finished, trainer.context
+
+
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
+    context = None
     try:
-        trainer = Trainer(config)
-        if trainer.context.is_main:
-            width = max(len(k) for k in training_summary(trainer))
-            for key, value in training_summary(trainer).items():
-                print(f"{key:<{width}}  {value}", file=sys.stderr)
+        if config.LinearProbe is not None:
+            # A resumed run's checkpoint already holds weights that went through the probe.
+            if config.Global.checkpoints is None:
+                finished, context = _probe(config)
+                if not finished:
+                    return 1
+            config = fine_tune_stage(config)
+        trainer = Trainer(config, context)
+        _print_summary(trainer)
         time_limit = args.time_limit * 60 if args.time_limit is not None else None
         result = trainer.fit(stop_after_steps=args.stop_after_steps, time_limit_s=time_limit)
     finally:

@@ -199,6 +199,20 @@ class EMAConfig(Section):
     decay: float = Field(gt=0, lt=1)
 
 
+class LinearProbeConfig(Section):
+    """Fit the new layers on frozen pretrained features before fine-tuning (LP-FT, Kumar et
+    al., ICLR 2022), so that a randomly initialised head does not pull the pretrained
+    features around in the first steps.
+
+    `shitu train` first runs a probe of its own into `output_dir/linear_probe`: `epochs`
+    epochs with `frozen_layers` frozen, every other layer at the full learning rate (no
+    `Optimizer.lr_mult`), no evaluation and no EMA; then the configured run starts from
+    the probe's weights."""
+
+    epochs: int = Field(ge=1)
+    frozen_layers: list[str] = Field(min_length=1)
+
+
 class ShituConfig(Section):
     Global: GlobalConfig = Field(default_factory=GlobalConfig)
     Arch: ArchConfig
@@ -207,3 +221,4 @@ class ShituConfig(Section):
     DataLoader: DataLoaderConfig | None = None
     Metric: MetricConfig | None = None
     EMA: EMAConfig | None = None
+    LinearProbe: LinearProbeConfig | None = None

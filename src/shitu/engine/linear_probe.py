@@ -1,0 +1,45 @@
+"""The two runs of a `LinearProbe` config (LP-FT): a probe on frozen features, then the
+configured fine-tuning from the probe's weights.
+
+Each stage is an ordinary config, so a probed run gives exactly what the two `shitu train`
+commands it stands for give, and resuming the fine-tuning needs nothing from the probe.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from shitu.config.schema import ShituConfig
+
+PROBE_DIR = "linear_probe"
+PROBE_WEIGHTS = "final_model.safetensors"
+
+
+def probe_weights_path(config: ShituConfig) -> Path:
+    """Where the probe of `config` leaves the weights the fine-tuning starts from."""
+    return Path(config.Global.output_dir) / PROBE_DIR / PROBE_WEIGHTS
+
+
+def probe_stage(config: ShituConfig) -> ShituConfig:
+    """The probe: `LinearProbe.frozen_layers` frozen, the rest at one learning rate."""
+    if config.LinearProbe is None:
+        raise ValueError("the config has no LinearProbe section")
+    stage = config.model_copy(deep=True)
+    stage.LinearProbe = None
+    stage.EMA = None
+    stage.Global.epochs = config.LinearProbe.epochs
+    stage.Global.eval_during_train = False
+    stage.Global.checkpoints = None
+    stage.Global.output_dir = str(probe_weights_path(config).parent)
+    stage.Arch.frozen_layers = list(config.LinearProbe.frozen_layers)
+    if stage.Optimizer is not None:  # (the trainer names a missing section)
+        stage.Optimizer.lr_mult = {}
+    return stage
+
+
+def fine_tune_stage(config: ShituConfig) -> ShituConfig:
+    """The configured run, started from the probe's weights."""
+    stage = config.model_copy(deep=True)
+    stage.LinearProbe = None
+    stage.Global.pretrained_model = str(probe_weights_path(config))
+    return stage
