@@ -372,6 +372,9 @@ def test_linear_probe_run_is_its_two_stages_and_resumes_without_the_probe(grocer
     final = read_weights(probed / "final_model.safetensors")[0]
     assert not all(torch.equal(final[k], after_probe[k]) for k in final if k.startswith("backbone"))
 
+    with pytest.raises(ConfigError, match="LinearProbe: a Trainer runs one stage"):
+        Trainer(load_config(path, [probe]))
+
     stopped = tmp_path / "stopped"
     stop = ["train", "-c", str(path), "-o", probe, f"Global.output_dir={stopped}"]
     assert main([*stop, "--stop-after-steps", "1"]) == 0

@@ -74,6 +74,11 @@ class Trainer:
             raise ConfigError("Loss.Train: list at least one loss")
         if config.DataLoader.Train is None:
             raise ConfigError("DataLoader.Train: training needs a training dataset")
+        if config.LinearProbe is not None:
+            raise ConfigError(
+                "LinearProbe: a Trainer runs one stage; `shitu train` runs both, or train "
+                "shitu.engine.linear_probe.probe_stage(config), then fine_tune_stage(config)"
+            )
         self.config = config
         self.context = context or init_distributed(config.Global.device)
         self.output_dir = Path(config.Global.output_dir)
