@@ -10,14 +10,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from shitu.config.schema import ShituConfig
+from shitu.engine.state import FINAL
 
 PROBE_DIR = "linear_probe"
-PROBE_WEIGHTS = "final_model.safetensors"
 
 
 def probe_weights_path(config: ShituConfig) -> Path:
     """Where the probe of `config` leaves the weights the fine-tuning starts from."""
-    return Path(config.Global.output_dir) / PROBE_DIR / PROBE_WEIGHTS
+    return Path(config.Global.output_dir) / PROBE_DIR / f"{FINAL}.safetensors"
 
 
 def probe_stage(config: ShituConfig) -> ShituConfig:
