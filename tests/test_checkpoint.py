@@ -222,6 +222,46 @@ def test_average_weights_is_the_mean_of_same_model_runs(tmp_path):
     assert not report.missing and not report.unexpected and not report.shape_mismatch
 
 
+def test_weighted_average_adds_a_run_to_an_existing_soup(tmp_path):
+    """`--weighting 3 1`: a three-run soup weighted 3 and a fourth run weighted 1 give the
+    four-run soup, so a soup can grow without keeping its runs' files."""
+    models = [make_model(seed=seed) for seed in range(4)]
+    paths = [
+        save_weights(
+            model.state_dict(), tmp_path / f"run{i}.safetensors", model_metadata(model, ARCH)
+        )
+        for i, model in enumerate(models)
+    ]
+    three, four, grown = (tmp_path / f"{name}.safetensors" for name in ("three", "four", "grown"))
+    for files, out, options in [
+        (paths[:3], three, []),
+        (paths, four, []),
+        ([three, paths[3]], grown, ["--weighting", "3", "1"]),
+    ]:
+        result = run_shitu("average", *map(str, files), *options, "--out", str(out))
+        assert result.returncode == 0, result.stderr
+    assert "the mean of 2 checkpoints weighted 3 : 1" in result.stdout
+    expected, got = read_weights(four)[0], read_weights(grown)[0]
+    moved = 0
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name], tensor, atol=1e-6, rtol=1e-5)
+        if tensor.is_floating_point():  # and not the unweighted mean of the two files
+            plain = (read_weights(three)[0][name] + read_weights(paths[3])[0][name]) / 2
+            moved += not torch.allclose(plain, tensor, atol=1e-6, rtol=1e-5)
+    assert moved > 0
+    for options, message in [
+        (["--weighting", "3"], "1 weights given for 2 weight files"),
+        (["--weighting", "1", "0"], "each must be positive"),
+    ]:
+        result = run_shitu("average", str(three), str(paths[3]), *options,
+                           "--out", str(tmp_path / "refused.safetensors"))  # fmt: skip
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+    result = run_shitu("average", str(three), "--weighting", "1", "--pretrained-share", "0.1",
+                       "--layers", "head", "--out", str(tmp_path / "refused.safetensors"))  # fmt: skip
+    assert result.returncode == 2 and "two or more weight files" in result.stderr
+    assert not (tmp_path / "refused.safetensors").exists()
+
+
 def test_average_weights_refuses_files_of_different_models(tmp_path):
     model = make_model()
     state, metadata = model.state_dict(), model_metadata(model, ARCH)

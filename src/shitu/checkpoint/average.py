@@ -24,19 +24,34 @@ MUST_MATCH = (ARCH, REPARAMETERIZED)
 
 def average_weights(
     paths: list[str | Path],
+    weighting: list[float] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Element-wise mean of the floating-point tensors of several weight files.
 
-    Integer tensors (e.g. batch-norm step counters) are taken from the first file. The
-    files must hold the same tensor names and shapes and the same architecture metadata.
-    Returns the averaged state dict and the first file's metadata.
+    `weighting` gives each file a relative weight (default: equal), so that a soup of
+    three runs, weighted 3, and a fourth run, weighted 1, give the four-run soup without
+    the first three runs' files. Integer tensors (e.g. batch-norm step counters) are taken
+    from the first file. The files must hold the same tensor names and shapes and the same
+    architecture metadata. Returns the averaged state dict and the first file's metadata.
     """
     if len(paths) < 2:
         raise CheckpointError(f"averaging needs at least two weight files, got {len(paths)}")
+    weighting = [1.0] * len(paths) if weighting is None else [float(w) for w in weighting]
+    if len(weighting) != len(paths):
+        raise CheckpointError(
+            f"{len(weighting)} weights given for {len(paths)} weight files: give one per file"
+        )
+    if not all(weight > 0 for weight in weighting):
+        raise CheckpointError(f"weights {weighting}: each must be positive")
+    total = sum(weighting)
     first_path = paths[0]
     first, metadata = read_weights(first_path)
-    sums = {name: tensor.double() for name, tensor in first.items() if tensor.is_floating_point()}
-    for path in paths[1:]:
+    sums = {
+        name: tensor.double() * weighting[0]
+        for name, tensor in first.items()
+        if tensor.is_floating_point()
+    }
+    for path, weight in zip(paths[1:], weighting[1:], strict=True):
         state, other_metadata = read_weights(path)
         for key in MUST_MATCH:
             if metadata.get(key) != other_metadata.get(key):
@@ -58,9 +73,9 @@ def average_weights(
                     f"{first_path} has {tuple(first[name].shape)}"
                 )
             if name in sums:
-                sums[name] += tensor.double()
+                sums[name] += tensor.double() * weight
     averaged = {
-        name: (sums[name] / len(paths)).to(tensor.dtype) if name in sums else tensor
+        name: (sums[name] / total).to(tensor.dtype) if name in sums else tensor
         for name, tensor in first.items()
     }
     return averaged, metadata

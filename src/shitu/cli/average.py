@@ -26,6 +26,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("weights", nargs="+", help=".safetensors/.pt checkpoints")
     parser.add_argument("--out", required=True, help="output file: .safetensors or .pt")
     parser.add_argument(
+        "--weighting",
+        nargs="+",
+        type=float,
+        metavar="W",
+        help="relative weight of each file, in their order (default: equal), e.g. 3 1 to add "
+        "a fourth run to a three-run soup",
+    )
+    parser.add_argument(
         "--pretrained-share",
         type=float,
         metavar="S",
@@ -44,9 +52,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if (args.pretrained_share is None) != (args.layers is None):
         raise CheckpointError("--pretrained-share and --layers go together")
+    if args.weighting and len(args.weights) < 2:
+        raise CheckpointError("--weighting weighs two or more weight files against each other")
     if len(args.weights) > 1 or args.pretrained_share is None:
-        state, metadata = average_weights(args.weights)
+        state, metadata = average_weights(args.weights, args.weighting)
         done = f"the mean of {len(args.weights)} checkpoints"
+        if args.weighting:
+            done += f" weighted {' : '.join(f'{w:g}' for w in args.weighting)}"
     else:
         state, metadata = read_weights(args.weights[0])
         done = args.weights[0]
