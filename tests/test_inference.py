@@ -131,6 +131,41 @@ def test_int8_model_is_close_and_has_its_own_fingerprint(exported):
         FeatureExtractor.load(exported["dir"], backend="torch", precision="int8")
 
 
+def test_int8_library_is_built_and_searched_in_int8_from_the_cli(exported, tmp_path):
+    """--precision int8 reaches index build and recognize; the library then refuses fp32
+    features, and int8 asked of an export without model.int8.onnx names what is missing."""
+
+    def shitu(*args: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "shitu.cli.main", *args, "--threads", "1"]
+        return subprocess.run(command, capture_output=True, text=True)
+
+    gallery = tmp_path / "gallery"
+    for index, path in enumerate(exported["files"][:4]):
+        (gallery / f"product {index}").mkdir(parents=True)
+        shutil.copy(path, gallery / f"product {index}" / path.name)
+    model, library = str(exported["dir"]), str(tmp_path / "library")
+    built = shitu("index", "build", "--gallery", str(gallery), "--out", library, "--model", model,
+                  "--precision", "int8")  # fmt: skip
+    assert built.returncode == 0, built.stderr
+    query = str(exported["files"][2])  # a gallery photo: its own int8 features come back
+    found = shitu("recognize", query, "--gallery", library, "--model", model, "--precision",
+                  "int8", "--score-thres", "0.99")  # fmt: skip
+    assert found.returncode == 0, found.stderr
+    (result,) = json.loads(found.stdout.splitlines()[0])["results"]
+    assert result["label"] == "product 2" and result["score"] > 0.99
+
+    refused = shitu("recognize", query, "--gallery", library, "--model", model)
+    assert refused.returncode != 0 and "another --precision" in refused.stderr
+
+    plain = export_model(exported["config"], None, tmp_path / "plain")
+    missing = shitu("extract", query, "--model", str(plain), "--out", str(tmp_path / "f"),
+                    "--precision", "int8")  # fmt: skip
+    assert missing.returncode != 0
+    assert f"{plain} has no model.int8.onnx" in missing.stderr and "--int8-calibration" in (
+        missing.stderr
+    )
+
+
 def test_extract_cli_skips_corrupt_and_non_image_files(exported, tmp_path):
     folder = tmp_path / "images"
     (folder / "sub").mkdir(parents=True)

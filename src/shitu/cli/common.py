@@ -6,9 +6,22 @@ import argparse
 
 from shitu.config import ShituConfig, load_config, resolve_config_path
 from shitu.errors import ConfigError
+from shitu.inference.backends import PRECISIONS
 from shitu.models import RecModel, build_model
 
 DEFAULT_CONFIG = "GeneralRecognitionV2_PPLCNetV2_base"
+
+
+def add_precision_argument(parser: argparse.ArgumentParser) -> None:
+    """--precision for commands that embed images (None when not given: fp32)."""
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        help="fp32 (default); int8: the export's model.int8.onnx (`shitu export "
+        "--int8-calibration IMAGES`), the fastest CPU path, whose features differ from "
+        "fp32's, so a gallery is searched in the precision it was built in; fp16/bf16: "
+        "torch on a GPU",
+    )
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, head_option: bool = True) -> None:

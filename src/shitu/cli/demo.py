@@ -60,7 +60,10 @@ def run(args: argparse.Namespace) -> int:
     from shitu.inference import FeatureExtractor, default_model_dir
 
     model = Path(config.Global.rec_inference_model_dir or default_model_dir())
-    extractor = FeatureExtractor.load(model, config.Global.rec_backend)
+    g = config.Global
+    extractor = FeatureExtractor.load(
+        model, g.rec_backend, g.cpu_num_threads, precision=g.rec_precision
+    )
     items = collect_items([demo.gallery_list])
     with Gallery.create_for(out / "gallery", extractor) as gallery:
         gallery.add_files(extractor, items, batch_size=config.Global.batch_size)
@@ -80,8 +83,11 @@ def run(args: argparse.Namespace) -> int:
             total += len(truth)
             writer.save(found.path, found.results)
     print(f"recognised {found_right} of {total} products; annotated photos in {out / 'vis'}")
+    same_model = f" --model {model}" if g.rec_inference_model_dir else ""
+    if g.rec_precision != "fp32":  # the library answers only to the precision that built it
+        same_model += f" --precision {g.rec_precision}"
     print(
-        "next: shitu recognize YOUR_PHOTOS --gallery "
-        f"{out / 'gallery'} --format table --save-vis {out / 'vis'}"
+        f"next: shitu recognize YOUR_PHOTOS --gallery {out / 'gallery'}{same_model} "
+        f"--format table --save-vis {out / 'vis'}"
     )
     return 0

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
+from shitu.cli.common import add_precision_argument
 from shitu.errors import DataError
 from shitu.inference import FeatureExtractor, default_model_dir
-from shitu.inference.backends import BACKENDS, PRECISIONS
+from shitu.inference.backends import BACKENDS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -33,7 +34,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--out", required=True, help="output prefix: writes PREFIX.npy, .txt")
     parser.add_argument("--backend", choices=BACKENDS, default="auto")
-    parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    add_precision_argument(parser)
+    parser.set_defaults(precision="fp32")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, help="inference threads (default: all cores)")

@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from shitu.cli.common import add_precision_argument
 from shitu.errors import GalleryError
 from shitu.index import INDEX_TYPES, METRICS, AddReport, Gallery, collect_items
 from shitu.index.embedder import Embedder
@@ -105,6 +106,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, help="CPU threads for the model")
+    add_precision_argument(parser)
 
 
 def _add_image_arguments(parser: argparse.ArgumentParser) -> None:
@@ -118,7 +120,11 @@ def _add_image_arguments(parser: argparse.ArgumentParser) -> None:
 def _load_model(args: argparse.Namespace) -> Embedder:
     from shitu.inference import FeatureExtractor, default_model_dir
 
-    return FeatureExtractor.load(args.model or default_model_dir(), num_threads=args.threads)
+    return FeatureExtractor.load(
+        args.model or default_model_dir(),
+        num_threads=args.threads,
+        precision=args.precision or "fp32",
+    )
 
 
 def _report(report: AddReport, library: Path) -> None:

@@ -85,5 +85,7 @@ class Manifest:
         if fingerprint != self.model_fingerprint:
             raise GalleryError(
                 f"{source}: library was built with model {self.model_fingerprint} but this model "
-                f"is {fingerprint}; re-embed with `shitu index reembed {source} --model ...`"
+                f"is {fingerprint} (another model, or another --precision); search with the "
+                f"model and precision that built it, or re-embed with `shitu index reembed "
+                f"{source} --model ...`"
             )

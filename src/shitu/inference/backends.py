@@ -35,6 +35,11 @@ def choose_backend(model_dir: Path, backend: str, precision: str) -> str:
         raise ConfigError(f"backend: unknown {backend!r}; use one of {', '.join(BACKENDS)}")
     if precision not in PRECISIONS:
         raise ConfigError(f"precision: unknown {precision!r}; use one of {', '.join(PRECISIONS)}")
+    if precision == "int8" and not (model_dir / INT8_FILE).is_file():
+        raise ConfigError(
+            f"precision int8: {model_dir} has no {INT8_FILE}; make an export that has one "
+            "with `shitu export ... --int8-calibration IMAGES` (README: int8)"
+        )
     if backend == "auto":
         if precision in ("fp16", "bf16"):
             return "torch"

@@ -56,6 +56,7 @@ _IGNORED_INDEX = {
 }
 _IGNORED_SECTIONS = {"DetPreProcess", "DetPostProcess", "RecPreProcess", "RecPostProcess"}
 Backend = Literal["auto", "onnxruntime", "torch"]
+Precision = Literal["fp32", "int8", "fp16", "bf16"]
 
 
 def _drop(data: Any, ignored: set[str]) -> Any:
@@ -70,6 +71,9 @@ class PipelineGlobal(_Section):
     # Exported model folder (`shitu export`); null: the model shipped with shitu.
     rec_inference_model_dir: str | None = None
     rec_backend: Backend = "auto"
+    # int8: the export's model.int8.onnx (`shitu export --int8-calibration`), the fastest CPU
+    # path; its features differ from fp32's, so a library built in one is searched in it.
+    rec_precision: Precision = "fp32"
     # Detector file (.onnx, .pdparams with det_arch, our .pt), "plain-background", or
     # "none"/null: the whole image is the only candidate box.
     det_inference_model_dir: str | None = None

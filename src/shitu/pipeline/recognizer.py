@@ -169,7 +169,9 @@ class Recognizer:
         if not config.IndexProcess.index_dir:
             raise ConfigError("IndexProcess.index_dir: no gallery library given (--gallery)")
         model_dir = Path(g.rec_inference_model_dir or default_model_dir())
-        extractor = FeatureExtractor.load(model_dir, g.rec_backend, g.cpu_num_threads)
+        extractor = FeatureExtractor.load(
+            model_dir, g.rec_backend, g.cpu_num_threads, precision=g.rec_precision
+        )
         gallery = Gallery.open(config.IndexProcess.index_dir, embedder=extractor)
         try:
             return cls(
