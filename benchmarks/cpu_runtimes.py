@@ -4,8 +4,8 @@ Usage: python benchmarks/cpu_runtimes.py [--model DIR | --pplcnet] [--threads 2]
        [--batches 1 32] [--rounds 3]
 
 shitu runs exports on onnxruntime by default. This script checks that choice on the
-machine at hand against the other CPU runtimes within reach: OpenVINO (only if `pip
-install openvino` was done; not a shitu dependency), and torch eager, TorchScript
+machine at hand against the other CPU runtimes within reach: OpenVINO (shitu's `--runtime
+openvino`; only if `pip install openvino` was done), and torch eager, TorchScript
 (traced, frozen, optimize_for_inference) and torch.compile (inductor, freezing; needs a C
 compiler). Random 224x224 batches, no decoding: end-to-end numbers are in
 feature_extraction.py and default_model_speed.py. Model: `--model DIR`, the shipped default
@@ -35,26 +35,14 @@ from common import model_dir  # noqa: E402
 
 from shitu.config import load_config  # noqa: E402
 from shitu.inference import FeatureExtractor, export_model  # noqa: E402
-from shitu.inference.backends import OnnxBackend, TorchBackend  # noqa: E402
-from shitu.inference.cache import full_export  # noqa: E402
-from shitu.inference.export import ONNX_FILE, read_manifest  # noqa: E402
+from shitu.inference.backends import (  # noqa: E402
+    OnnxBackend,
+    OpenVinoBackend,
+    TorchBackend,
+    openvino_available,
+)
 
 Runner = Callable[[np.ndarray], np.ndarray]
-
-
-def openvino_runner(onnx_file: Path, threads: int) -> Runner | None:
-    try:
-        import openvino
-    except ImportError:
-        return None
-    settings = {
-        "INFERENCE_NUM_THREADS": threads,
-        "PERFORMANCE_HINT": "LATENCY",  # THROUGHPUT halves speed on 2 cores (measured)
-        "INFERENCE_PRECISION_HINT": "f32",  # no silent bf16 on CPUs that have it
-    }
-    compiled = openvino.Core().compile_model(str(onnx_file), "CPU", settings)
-    request, output = compiled.create_infer_request(), compiled.output(0)
-    return lambda batch: request.infer({0: batch})[output]
 
 
 def torch_runners(model: torch.nn.Module, example: np.ndarray) -> dict[str, Runner]:
@@ -110,15 +98,12 @@ def main() -> None:
             folder = model_dir(args.model, Path(tmp))
         onnx = FeatureExtractor.load(folder, "onnxruntime", args.threads).backend
         assert isinstance(onnx, OnnxBackend)
-        onnx_file = folder / ONNX_FILE
-        if not onnx_file.is_file():  # a compact export: the ONNX model lives in the cache
-            rebuilt = full_export(folder, read_manifest(folder))
-            if rebuilt is None:
-                raise SystemExit("cannot write the shitu cache to rebuild the ONNX model")
-            onnx_file = rebuilt / ONNX_FILE
         eager = FeatureExtractor.load(folder, "torch", args.threads).backend
         assert isinstance(eager, TorchBackend)
-        openvino = openvino_runner(onnx_file, args.threads)  # dynamic batch: one serves all
+        openvino = None
+        if openvino_available():  # dynamic batch: one compiled model serves all sizes
+            openvino = FeatureExtractor.load(folder, "openvino", args.threads).backend
+            assert isinstance(openvino, OpenVinoBackend)
         rng = np.random.default_rng(0)
         rows = []
         for size in args.batches:

@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from shitu.data.transforms import build_transforms
 from shitu.errors import CheckpointError, ConfigError
 from shitu.inference import FeatureExtractor, Preprocessing, export_model, read_manifest
 from shitu.inference import export as export_module
+from shitu.inference.backends import openvino_cpu_has_bf16
 from shitu.models import build_model
 
 SIZE = 96
@@ -127,8 +129,50 @@ def test_int8_model_is_close_and_has_its_own_fingerprint(exported):
     a, b = fp32.extract_files(files).features, int8.extract_files(files).features
     assert np.sum(a * b, axis=1).min() > 0.95  # cosine similarity per image
     assert int8.fingerprint != fp32.fingerprint
-    with pytest.raises(ConfigError, match="onnxruntime only"):
+    with pytest.raises(ConfigError, match="onnxruntime or openvino, not torch"):
         FeatureExtractor.load(exported["dir"], backend="torch", precision="int8")
+
+
+def test_openvino_backend_matches_onnxruntime_and_runs_int8_and_bf16(exported):
+    """OpenVINO fp32 is float32 arithmetic (same features and fingerprint as onnxruntime),
+    runs the same int8 model, and bf16 where the CPU has it; one infer request shared by
+    threads gives each caller its own batch's features."""
+    files = exported["files"]
+    onnx = FeatureExtractor.load(exported["dir"], "onnxruntime", 1)
+    vino = FeatureExtractor.load(exported["dir"], "openvino", 1)
+    assert vino.backend.name == "openvino" and vino.fingerprint == onnx.fingerprint
+    reference = onnx.extract_files(files, batch_size=4).features
+    assert np.abs(vino.extract_files(files, batch_size=4).features - reference).max() < 1e-4
+
+    onnx_int8 = FeatureExtractor.load(exported["dir"], "onnxruntime", 1, precision="int8")
+    vino_int8 = FeatureExtractor.load(exported["dir"], "openvino", 1, precision="int8")
+    assert vino_int8.fingerprint == onnx_int8.fingerprint != onnx.fingerprint
+    a, b = onnx_int8.extract_files(files).features, vino_int8.extract_files(files).features
+    assert np.sum(a * b, axis=1).min() > 0.99
+
+    if openvino_cpu_has_bf16():
+        bf16 = FeatureExtractor.load(exported["dir"], num_threads=1, precision="bf16")
+        assert bf16.backend.name == "openvino"  # auto picks it for bf16 on the CPU
+        assert bf16.fingerprint not in (onnx.fingerprint, onnx_int8.fingerprint)
+        features = bf16.extract_files(files).features
+        assert np.sum(features * reference, axis=1).min() > 0.99
+        assert np.abs(features - reference).max() > 1e-4  # really bf16, not float32
+    else:
+        with pytest.raises(ConfigError, match="no bf16 instructions"):
+            FeatureExtractor.load(exported["dir"], "openvino", 1, precision="bf16")
+
+    images = [np.asarray(Image.open(f).convert("RGB")) for f in files]
+    with ThreadPoolExecutor(3) as pool:
+        together = list(pool.map(lambda i: vino.extract_images(images[i : i + 2]), (0, 2, 4)))
+    assert np.abs(np.concatenate(together) - reference).max() < 1e-4
+
+    for backend, precision, device, message in (
+        ("openvino", "fp16", "cpu", "fp16 runs on the torch backend"),
+        ("openvino", "fp32", "cuda", "CPU only"),
+        ("onnxruntime", "bf16", "cpu", "bf16 on the CPU, on openvino"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            FeatureExtractor.load(exported["dir"], backend, precision=precision, device=device)
 
 
 def test_int8_library_is_built_and_searched_in_int8_from_the_cli(exported, tmp_path):
@@ -153,6 +197,12 @@ def test_int8_library_is_built_and_searched_in_int8_from_the_cli(exported, tmp_p
     assert found.returncode == 0, found.stderr
     (result,) = json.loads(found.stdout.splitlines()[0])["results"]
     assert result["label"] == "product 2" and result["score"] > 0.99
+    # Built on onnxruntime, searched on OpenVINO: the same int8 model, the same library.
+    found = shitu("recognize", query, "--gallery", library, "--model", model, "--precision",
+                  "int8", "--runtime", "openvino", "--score-thres", "0.98")  # fmt: skip
+    assert found.returncode == 0, found.stderr
+    (result,) = json.loads(found.stdout.splitlines()[0])["results"]
+    assert result["label"] == "product 2"
 
     refused = shitu("recognize", query, "--gallery", library, "--model", model)
     assert refused.returncode != 0 and "another --precision" in refused.stderr
@@ -192,6 +242,14 @@ def test_extract_cli_skips_corrupt_and_non_image_files(exported, tmp_path):
     assert "embedded 2 images" in result.stdout and "skipped 2" in result.stdout
     reference = FeatureExtractor.load(exported["dir"], num_threads=1).extract_files(good)
     assert np.abs(features - reference.features).max() < 1e-6
+
+    args += ["--runtime", "openvino", "--threads", "1"]
+    result = subprocess.run(
+        [sys.executable, "-m", "shitu.cli.main", *args], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert "openvino fp32" in result.stdout
+    assert np.abs(np.load(prefix.with_suffix(".npy")) - reference.features).max() < 1e-4
 
 
 def test_killed_export_leaves_nothing_and_reexport_replaces(exported, tmp_path, monkeypatch):

@@ -6,21 +6,30 @@ import argparse
 
 from shitu.config import ShituConfig, load_config, resolve_config_path
 from shitu.errors import ConfigError
-from shitu.inference.backends import PRECISIONS
+from shitu.inference.backends import BACKENDS, PRECISIONS
 from shitu.models import RecModel, build_model
 
 DEFAULT_CONFIG = "GeneralRecognitionV2_PPLCNetV2_base"
 
 
-def add_precision_argument(parser: argparse.ArgumentParser) -> None:
-    """--precision for commands that embed images (None when not given: fp32)."""
+def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
+    """--runtime and --precision for commands that embed images (None when not given:
+    auto and fp32)."""
+    parser.add_argument(
+        "--runtime",
+        choices=BACKENDS,
+        help="runtime of the recognition model: auto (default: onnxruntime, else torch; "
+        "bf16 on the CPU: openvino), onnxruntime, openvino (pip install openvino; often "
+        "faster on x86 CPUs, same fp32 features) or torch",
+    )
     parser.add_argument(
         "--precision",
         choices=PRECISIONS,
         help="fp32 (default); int8: the export's model.int8.onnx (`shitu export "
-        "--int8-calibration IMAGES`), the fastest CPU path, whose features differ from "
-        "fp32's, so a gallery is searched in the precision it was built in; fp16/bf16: "
-        "torch on a GPU",
+        "--int8-calibration IMAGES`), a fast CPU path; bf16: OpenVINO on a CPU with bf16 "
+        "instructions (pip install openvino), or torch on a GPU; fp16: torch on a GPU. "
+        "Features differ between precisions, so a gallery is searched in the precision it "
+        "was built in",
     )
 
 

@@ -11,10 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from shitu.cli.common import add_precision_argument
+from shitu.cli.common import add_runtime_arguments
 from shitu.errors import DataError
 from shitu.inference import FeatureExtractor, default_model_dir
-from shitu.inference.backends import BACKENDS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -33,9 +32,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--model", help="folder written by `shitu export` (default: the model shipped with shitu)"
     )
     parser.add_argument("--out", required=True, help="output prefix: writes PREFIX.npy, .txt")
-    parser.add_argument("--backend", choices=BACKENDS, default="auto")
-    add_precision_argument(parser)
-    parser.set_defaults(precision="fp32")
+    add_runtime_arguments(parser)
+    parser.set_defaults(runtime="auto", precision="fp32")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, help="inference threads (default: all cores)")
@@ -71,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         raise DataError("a file name contains a line break; it cannot go into the paths list")
     extractor = FeatureExtractor.load(
         args.model or default_model_dir(),
-        args.backend,
+        args.runtime,
         args.threads,
         device=args.device,
         precision=args.precision,

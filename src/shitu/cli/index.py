@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from shitu.cli.common import add_precision_argument
+from shitu.cli.common import add_runtime_arguments
 from shitu.errors import GalleryError
 from shitu.index import INDEX_TYPES, METRICS, AddReport, Gallery, collect_items
 from shitu.index.embedder import Embedder
@@ -106,7 +106,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, help="CPU threads for the model")
-    add_precision_argument(parser)
+    add_runtime_arguments(parser)
 
 
 def _add_image_arguments(parser: argparse.ArgumentParser) -> None:
@@ -122,7 +122,8 @@ def _load_model(args: argparse.Namespace) -> Embedder:
 
     return FeatureExtractor.load(
         args.model or default_model_dir(),
-        num_threads=args.threads,
+        args.runtime or "auto",
+        args.threads,
         precision=args.precision or "fp32",
     )
 

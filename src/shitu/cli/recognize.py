@@ -8,7 +8,7 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
-from shitu.cli.common import add_precision_argument
+from shitu.cli.common import add_runtime_arguments
 from shitu.errors import DataError
 from shitu.index.labels import IMAGE_SUFFIXES, images_in
 from shitu.pipeline import (
@@ -60,7 +60,7 @@ def add_pipeline_arguments(
         f"else {DEFAULT_SCORE_THRES})",
     )
     parser.add_argument("--threads", type=int, help="CPU threads for the recognition model")
-    add_precision_argument(parser)
+    add_runtime_arguments(parser)
 
 
 def pipeline_config_from_args(args: argparse.Namespace) -> PipelineConfig:
@@ -74,6 +74,7 @@ def pipeline_config_from_args(args: argparse.Namespace) -> PipelineConfig:
         ("Global", "det_inference_model_dir"): args.detector,
         ("Global", "det_arch"): args.det_arch,
         ("Global", "cpu_num_threads"): args.threads,
+        ("Global", "rec_backend"): args.runtime,
         ("Global", "rec_precision"): args.precision,
     }
     for (section, key), value in flags.items():

@@ -56,6 +56,7 @@ _IGNORED_INDEX = {
 }
 _IGNORED_SECTIONS = {"DetPreProcess", "DetPostProcess", "RecPreProcess", "RecPostProcess"}
 Backend = Literal["auto", "onnxruntime", "torch"]
+RecBackend = Literal["auto", "onnxruntime", "openvino", "torch"]  # openvino: pip install openvino
 Precision = Literal["fp32", "int8", "fp16", "bf16"]
 
 
@@ -70,9 +71,10 @@ class _Section(BaseModel):
 class PipelineGlobal(_Section):
     # Exported model folder (`shitu export`); null: the model shipped with shitu.
     rec_inference_model_dir: str | None = None
-    rec_backend: Backend = "auto"
-    # int8: the export's model.int8.onnx (`shitu export --int8-calibration`), the fastest CPU
-    # path; its features differ from fp32's, so a library built in one is searched in it.
+    rec_backend: RecBackend = "auto"
+    # int8: the export's model.int8.onnx (`shitu export --int8-calibration`); bf16: openvino
+    # on a CPU with bf16 instructions. Their features differ from fp32's, so a library built
+    # in one precision is searched in it.
     rec_precision: Precision = "fp32"
     # Detector file (.onnx, .pdparams with det_arch, our .pt), "plain-background", or
     # "none"/null: the whole image is the only candidate box.
