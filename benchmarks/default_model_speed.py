@@ -7,8 +7,7 @@ Times `FeatureExtractor.extract_files` (decode + resize + normalise in threads, 
 with onnxruntime) on Grocery Store JPEGs with the default model as shipped (its ONNX model
 rebuilt once into the cache; --model times another `shitu export` folder instead) and with
 an int8 quantisation of it (calibrated on train photos, built in a temporary folder), on
-onnxruntime and, when `pip install openvino` was done, on OpenVINO (bf16 too on CPUs that
-have bf16 instructions).
+onnxruntime and, when `pip install openvino` was done, on OpenVINO.
 Timings follow one warm-up batch; rounds are interleaved so background load hits both
 alike; the table gives median and best round.
 """
@@ -30,7 +29,7 @@ sys.path.insert(0, str(HERE))
 from feature_extraction import grocery_images, ours, timed  # noqa: E402
 
 from shitu.inference import default_model_dir, read_manifest  # noqa: E402
-from shitu.inference.backends import openvino_available, openvino_cpu_has_bf16  # noqa: E402
+from shitu.inference.backends import openvino_available  # noqa: E402
 from shitu.inference.cache import full_export  # noqa: E402
 from shitu.inference.export import INT8_FILE, MANIFEST, ONNX_FILE, file_sha256  # noqa: E402
 from shitu.inference.preprocess import Preprocessing  # noqa: E402
@@ -78,10 +77,6 @@ def main() -> None:
                 runs["openvino int8"] = ours(
                     int8_dir, args.threads, batch, backend="openvino", precision="int8"
                 )
-                if openvino_cpu_has_bf16():
-                    runs["openvino bf16"] = ours(
-                        cached, args.threads, batch, backend="openvino", precision="bf16"
-                    )
             speeds: dict[str, list[float]] = {name: [] for name in runs}
             for _ in range(args.rounds):
                 for name, run in runs.items():

@@ -13,7 +13,7 @@ without a training run; --weights takes a trained checkpoint of the config's mod
 2. Fast paths: recall@1/5 and mAP with the val photos as queries against the train photos
    as gallery (shitu.evaluation.RetrievalEvaluator), onnxruntime fp32 vs the statically
    quantised model (calibrated on train photos) and, when OpenVINO is installed, OpenVINO
-   fp32, int8 and (on CPUs with bf16 instructions) bf16; their images/s (batch 32, end to
+   fp32 and int8; their images/s (batch 32, end to
    end).
 """
 
@@ -33,7 +33,7 @@ from shitu.config import load_config
 from shitu.data.transforms import build_transforms
 from shitu.evaluation import RetrievalEvaluator
 from shitu.inference import FeatureExtractor, Preprocessing, export_model
-from shitu.inference.backends import openvino_available, openvino_cpu_has_bf16
+from shitu.inference.backends import openvino_available
 from shitu.inference.extractor import l2_normalize
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,11 +81,10 @@ def main() -> None:
             out, "onnxruntime", args.threads, precision="int8"
         )
         if openvino_available():
-            for precision in ("fp32", "int8", "bf16"):
-                if precision != "bf16" or openvino_cpu_has_bf16():
-                    paths[f"openvino {precision}"] = FeatureExtractor.load(
-                        out, "openvino", args.threads, precision=precision
-                    )
+            for precision in ("fp32", "int8"):
+                paths[f"openvino {precision}"] = FeatureExtractor.load(
+                    out, "openvino", args.threads, precision=precision
+                )
 
         # 1. Preprocessing fidelity.
         ops = config.DataLoader.Eval.Query.dataset.params["transform_ops"]

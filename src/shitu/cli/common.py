@@ -18,16 +18,15 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--runtime",
         choices=BACKENDS,
-        help="runtime of the recognition model: auto (default: onnxruntime, else torch; "
-        "bf16 on the CPU: openvino), onnxruntime, openvino (pip install openvino; often "
-        "faster on x86 CPUs, same fp32 features) or torch",
+        help="runtime of the recognition model: auto (default: onnxruntime, else torch), "
+        "onnxruntime, openvino (pip install openvino; often faster on x86 CPUs, the same "
+        "features) or torch",
     )
     parser.add_argument(
         "--precision",
         choices=PRECISIONS,
         help="fp32 (default); int8: the export's model.int8.onnx (`shitu export "
-        "--int8-calibration IMAGES`), a fast CPU path; bf16: OpenVINO on a CPU with bf16 "
-        "instructions (pip install openvino), or torch on a GPU; fp16: torch on a GPU. "
+        "--int8-calibration IMAGES`), the fastest CPU path; fp16/bf16: torch on a GPU. "
         "Features differ between precisions, so a gallery is searched in the precision it "
         "was built in",
     )

@@ -1,5 +1,5 @@
 """Runtimes for an exported model: onnxruntime (the default CPU path), OpenVINO (optional,
-often faster on x86 CPUs, and bf16 on CPUs that have it) and torch (fallback, GPU).
+often faster on x86 CPUs) and torch (fallback, GPU).
 
 Each takes a float32 NCHW batch (numpy) and returns raw float32 [N, D] features.
 """
@@ -32,8 +32,7 @@ class Backend(Protocol):
 
 
 def choose_backend(model_dir: Path, backend: str, precision: str, device: str = "cpu") -> str:
-    """'auto': onnxruntime when installed and the export has the ONNX file, else torch; for
-    bf16 on the CPU, OpenVINO when installed (the one CPU runtime here that runs bf16)."""
+    """'auto': onnxruntime when installed and the export has the ONNX file, else torch."""
     if backend not in BACKENDS:
         raise ConfigError(f"backend: unknown {backend!r}; use one of {', '.join(BACKENDS)}")
     if precision not in PRECISIONS:
@@ -44,27 +43,20 @@ def choose_backend(model_dir: Path, backend: str, precision: str, device: str = 
             "with `shitu export ... --int8-calibration IMAGES` (README: int8)"
         )
     if backend == "auto":
-        backend = _automatic_backend(model_dir, precision, device)
+        backend = _automatic_backend(model_dir, precision)
     if backend == "torch" and precision == "int8":
         raise ConfigError("precision int8 runs on onnxruntime or openvino, not torch")
-    if backend == "onnxruntime" and precision in ("fp16", "bf16"):
-        raise ConfigError(
-            f"precision {precision} runs on the torch backend (a GPU) or, bf16 on the CPU, "
-            "on openvino (pip install openvino)"
-        )
+    if backend != "torch" and precision in ("fp16", "bf16"):
+        raise ConfigError(f"precision {precision} runs on the torch backend (a GPU) only")
     if backend == "openvino":
         if not openvino_available():
             raise ConfigError("backend openvino: not installed (pip install openvino)")
         if device != "cpu":
             raise ConfigError(f"backend openvino runs on the CPU only, not device {device}")
-        if precision == "fp16":
-            raise ConfigError("precision fp16 runs on the torch backend (a GPU) only")
     return backend
 
 
-def _automatic_backend(model_dir: Path, precision: str, device: str) -> str:
-    if precision == "bf16" and device == "cpu" and openvino_available():
-        return "openvino"
+def _automatic_backend(model_dir: Path, precision: str) -> str:
     if precision in ("fp16", "bf16"):
         return "torch"
     onnx_file = INT8_FILE if precision == "int8" else ONNX_FILE
@@ -78,13 +70,6 @@ def onnxruntime_available() -> bool:
 
 def openvino_available() -> bool:
     return importlib.util.find_spec("openvino") is not None
-
-
-def openvino_cpu_has_bf16() -> bool:
-    """Whether OpenVINO finds bf16 instructions on this CPU (AVX512-BF16, AMX)."""
-    import openvino
-
-    return "BF16" in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
 class OnnxBackend:
@@ -113,20 +98,19 @@ class OnnxBackend:
 
 
 class OpenVinoBackend:
-    """An OpenVINO CPU model compiled from the ONNX file. fp32 keeps float32 arithmetic
-    (OpenVINO would otherwise switch to bf16 by itself on CPUs that have it); bf16 asks for
-    it, and is refused on CPUs without bf16 instructions rather than emulated slowly."""
+    """An OpenVINO CPU model compiled from the ONNX file (fp32 or int8), in float32
+    arithmetic: OpenVINO's own default on CPUs with bf16 instructions is bf16, whose
+    features differ from fp32's (and which crashed a test run; see the default model's
+    record, docs/default_model_research.md)."""
 
     name = "openvino"
 
-    def __init__(self, path: Path, num_threads: int | None, precision: str) -> None:
+    def __init__(self, path: Path, num_threads: int | None) -> None:
         import openvino
 
-        if precision == "bf16" and not openvino_cpu_has_bf16():
-            raise ConfigError("precision bf16: this CPU has no bf16 instructions (use fp32)")
         settings: dict[str, Any] = {
             "PERFORMANCE_HINT": "LATENCY",  # THROUGHPUT halves speed on 2 cores (measured)
-            "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
+            "INFERENCE_PRECISION_HINT": "f32",
         }
         if num_threads:
             settings["INFERENCE_NUM_THREADS"] = num_threads

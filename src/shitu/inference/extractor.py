@@ -85,12 +85,11 @@ class FeatureExtractor:
         workers: int | None = None,
     ) -> FeatureExtractor:
         """Open an export. backend: 'auto' (onnxruntime if installed and the ONNX file is
-        there or can be rebuilt from a compact export into the cache, else torch; bf16 on
-        the CPU: openvino), 'onnxruntime', 'openvino' (`pip install openvino`, CPU) or
-        'torch'. num_threads: inference threads (None: the runtime's default). precision:
-        fp32; int8 (onnxruntime or openvino, needs model.int8.onnx); bf16 (openvino on a
-        CPU with bf16 instructions, or torch on device='cuda'); fp16 (torch on 'cuda').
-        workers: decoding threads.
+        there or can be rebuilt from a compact export into the cache, else torch),
+        'onnxruntime', 'openvino' (`pip install openvino`, CPU) or 'torch'. num_threads:
+        inference threads (None: the runtime's default). precision: fp32; int8
+        (onnxruntime or openvino, needs model.int8.onnx); fp16/bf16 (torch on
+        device='cuda'). workers: decoding threads.
 
         The fingerprint is the export's for fp32 on either backend; other precisions give
         different features, so they get their own fingerprint.
@@ -98,7 +97,7 @@ class FeatureExtractor:
         model_dir = Path(model_dir)
         manifest = read_manifest(model_dir)
         score_thres = _score_thres(model_dir, manifest)  # a rebuilt cache entry has none
-        if _compact(model_dir, manifest) and backend != "torch" and precision in ("fp32", "bf16"):
+        if _compact(model_dir, manifest) and backend != "torch" and precision == "fp32":
             _verify(model_dir, manifest, TORCH_FILE)
             rebuilt = full_export(model_dir, manifest) if onnxruntime_available() else None
             if rebuilt is not None:
@@ -110,7 +109,7 @@ class FeatureExtractor:
             if chosen == "onnxruntime":
                 runtime: Backend = OnnxBackend(path, num_threads, device)
             else:
-                runtime = OpenVinoBackend(path, num_threads, precision)
+                runtime = OpenVinoBackend(path, num_threads)
         else:
             _verify(model_dir, manifest, TORCH_FILE)
             runtime = TorchBackend(model_dir, manifest, num_threads, device, precision)

@@ -72,9 +72,8 @@ class PipelineGlobal(_Section):
     # Exported model folder (`shitu export`); null: the model shipped with shitu.
     rec_inference_model_dir: str | None = None
     rec_backend: RecBackend = "auto"
-    # int8: the export's model.int8.onnx (`shitu export --int8-calibration`); bf16: openvino
-    # on a CPU with bf16 instructions. Their features differ from fp32's, so a library built
-    # in one precision is searched in it.
+    # int8: the export's model.int8.onnx (`shitu export --int8-calibration`), the fastest CPU
+    # path; its features differ from fp32's, so a library built in one is searched in it.
     rec_precision: Precision = "fp32"
     # Detector file (.onnx, .pdparams with det_arch, our .pt), "plain-background", or
     # "none"/null: the whole image is the only candidate box.
