@@ -13,8 +13,7 @@ without a training run; --weights takes a trained checkpoint of the config's mod
 2. Fast paths: recall@1/5 and mAP with the val photos as queries against the train photos
    as gallery (shitu.evaluation.RetrievalEvaluator), onnxruntime fp32 vs the statically
    quantised model (calibrated on train photos) and, when OpenVINO is installed, OpenVINO
-   fp32 and int8; their images/s (batch 32, end to
-   end).
+   fp32 and int8; their images/s (batch 32, end to end).
 """
 
 from __future__ import annotations
@@ -75,16 +74,15 @@ def main() -> None:
         start = time.perf_counter()
         export_model(config, args.weights, out, calibration_images=calibration)
         print(f"export with int8 calibration: {time.perf_counter() - start:.0f} s", file=sys.stderr)
-        fp32 = FeatureExtractor.load(out, "onnxruntime", args.threads)
-        paths = {"onnxruntime fp32": fp32}
-        paths["onnxruntime int8"] = FeatureExtractor.load(
-            out, "onnxruntime", args.threads, precision="int8"
-        )
-        if openvino_available():
-            for precision in ("fp32", "int8"):
-                paths[f"openvino {precision}"] = FeatureExtractor.load(
-                    out, "openvino", args.threads, precision=precision
-                )
+        runtimes = ["onnxruntime", "openvino"] if openvino_available() else ["onnxruntime"]
+        paths = {
+            f"{runtime} {precision}": FeatureExtractor.load(
+                out, runtime, args.threads, precision=precision
+            )
+            for runtime in runtimes
+            for precision in ("fp32", "int8")
+        }
+        fp32 = paths["onnxruntime fp32"]
 
         # 1. Preprocessing fidelity.
         ops = config.DataLoader.Eval.Query.dataset.params["transform_ops"]

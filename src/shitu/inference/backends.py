@@ -43,7 +43,11 @@ def choose_backend(model_dir: Path, backend: str, precision: str, device: str = 
             "with `shitu export ... --int8-calibration IMAGES` (README: int8)"
         )
     if backend == "auto":
-        backend = _automatic_backend(model_dir, precision)
+        if precision in ("fp16", "bf16"):
+            return "torch"
+        onnx_file = INT8_FILE if precision == "int8" else ONNX_FILE
+        usable = onnxruntime_available() and (model_dir / onnx_file).is_file()
+        backend = "onnxruntime" if usable else "torch"
     if backend == "torch" and precision == "int8":
         raise ConfigError("precision int8 runs on onnxruntime or openvino, not torch")
     if backend != "torch" and precision in ("fp16", "bf16"):
@@ -54,14 +58,6 @@ def choose_backend(model_dir: Path, backend: str, precision: str, device: str = 
         if device != "cpu":
             raise ConfigError(f"backend openvino runs on the CPU only, not device {device}")
     return backend
-
-
-def _automatic_backend(model_dir: Path, precision: str) -> str:
-    if precision in ("fp16", "bf16"):
-        return "torch"
-    onnx_file = INT8_FILE if precision == "int8" else ONNX_FILE
-    usable = onnxruntime_available() and (model_dir / onnx_file).is_file()
-    return "onnxruntime" if usable else "torch"
 
 
 def onnxruntime_available() -> bool:
