@@ -48,3 +48,10 @@ def test_convert_missing_file_is_one_line_error(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: weight file not found: {tmp_path / 'none.pdparams'}"
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_out_of_range_numbers_are_usage_errors_not_tracebacks():
+    result = run_shitu("serve", "--port", "70000")
+    assert result.returncode == 2
+    assert "--port: expected a port number from 0 to 65535, got 70000" in result.stderr
+    assert "Traceback" not in result.stderr

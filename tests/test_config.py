@@ -199,6 +199,10 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("Arch:\n  Backbone: [unclosed\n")
     with pytest.raises(ConfigError, match=r"broken.yaml: invalid YAML at line \d+"):
         load_config(bad)
+    binary = tmp_path / "photo.yaml"
+    binary.write_bytes(bytes(range(256)))
+    with pytest.raises(ConfigError, match="photo.yaml: not a YAML config"):
+        load_config(binary)
     scalar = tmp_path / "scalar.yaml"
     scalar.write_text("just a string\n")
     with pytest.raises(ConfigError, match="top level must be a mapping"):

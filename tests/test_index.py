@@ -51,6 +51,23 @@ def test_label_file_without_tab_is_a_data_error(tmp_path):
         parse_label_file(listing)
 
 
+def test_label_files_with_a_bom_binary_files_and_empty_sources(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    listing = tmp_path / "gallery.txt"
+    listing.write_text("imgs/a.jpg\tFanta\n", encoding="utf-8-sig")  # as Notepad saves it
+    assert parse_label_file(listing)[0].path == (tmp_path / "imgs" / "a.jpg").resolve()
+    binary = tmp_path / "photo.dat"
+    binary.write_bytes(bytes(range(256)))
+    with pytest.raises(DataError, match="photo.dat: not a label file"):
+        parse_label_file(binary)
+    empty_list = tmp_path / "empty.txt"
+    empty_list.write_text("# nothing yet\n")
+    with pytest.raises(DataError, match="no images listed in .*empty.txt"):
+        collect_items([empty_list])
+    with pytest.raises(DataError, match="imgs: no images in this folder"):
+        collect_items([tmp_path / "imgs"], label="Fanta")
+
+
 def test_folder_per_label_and_explicit_label(tmp_path):
     make_images(tmp_path / "lib" / "Green Apple", 2)
     make_images(tmp_path / "lib" / "Pear", 1, seed=1)
@@ -267,6 +284,9 @@ def test_not_a_library_and_existing_target_are_refused(tmp_path):
         new_gallery(tmp_path / "taken")
     with pytest.raises(GalleryError, match="unknown index type"):
         new_gallery(tmp_path / "bad", index_type="LSH")
+    for option in ({"ef_search": 0}, {"nprobe": -1}, {"nlist": 2.5}):
+        with pytest.raises(GalleryError, match=f"{next(iter(option))} must be a whole number"):
+            new_gallery(tmp_path / "bad", index_type="HNSW32", backend_options=option)
     assert not (tmp_path / "bad").exists()
     (tmp_path / "garbage").mkdir()
     (tmp_path / "garbage" / "gallery.sqlite").write_bytes(b"this is not sqlite" * 100)

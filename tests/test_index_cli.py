@@ -113,3 +113,19 @@ def test_build_refuses_an_existing_library_and_bad_lists(models, tmp_path):
     )
     assert broken.returncode == 2 and "bad.txt:1" in broken.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_build_from_unreadable_images_leaves_nothing_and_says_why(models, tmp_path, capsys):
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    listing = tmp_path / "gallery.txt"
+    listing.write_text(f"{broken}\tFanta\n", encoding="utf-8-sig")
+    out = tmp_path / "lib"
+    result = shitu("index", "build", "--gallery", listing, "--model", models[128], "--out", out)
+    assert result.returncode == 2
+    assert "broken.jpg" in result.stderr and "none of the 1 images was added" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.jpg", "gallery.txt"]
+    with pytest.raises(SystemExit) as exit_info:  # argparse: usage and the reason, exit 2
+        main(["index", "build", "--gallery", str(listing), "--out", str(out), "--ef-search", "0"])
+    assert exit_info.value.code == 2
+    assert "--ef-search: expected a whole number >= 1, got 0" in capsys.readouterr().err

@@ -287,6 +287,27 @@ def test_recognize_cli_jsonl_table_visualisations_and_unreadable_files(setup, tm
     assert "(nothing recognised)" in capsys.readouterr().out
 
 
+def test_recognize_cli_fails_clearly_when_there_is_nothing_to_recognise(setup, tmp_path, capsys):
+    common = ["--gallery", str(setup["library"]), "--model", str(setup["model"]), "--no-progress"]
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    assert shitu_main(["recognize", str(broken), *common]) == 1
+    assert "1 of 1 files could not be read" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert shitu_main(["recognize", str(tmp_path / "empty"), *common]) == 2
+    assert "error: no images in" in capsys.readouterr().err
+    photo = str(setup["queries"][0].path)
+    assert shitu_main(["recognize", photo, *common, "--save-vis", str(broken)]) == 2
+    assert "exists and is not a folder" in capsys.readouterr().err
+    for flag, value, reason in (
+        ("--score-thres", "5", "a cosine similarity from -1 to 1"),
+        ("--threads", "0", "a whole number >= 1"),
+    ):
+        with pytest.raises(SystemExit):
+            shitu_main(["recognize", photo, *common, flag, value])
+        assert f"{flag}: expected {reason}" in capsys.readouterr().err
+
+
 def test_eval_pipeline_cli_reports_the_pipeline_recall(setup, recognizer, capsys):
     with recognizer() as rec:
         expected = evaluate_pipeline(rec, setup["queries"]).to_dict()

@@ -12,6 +12,26 @@ from shitu.models import RecModel, build_model
 DEFAULT_CONFIG = "GeneralRecognitionV2_PPLCNetV2_base"
 
 
+def _bounded(kind: type, low: float, high: float | None, what: str):
+    """An argparse type that parses `kind` and checks low <= value (<= high)."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
+        return value
+
+    return parse
+
+
+positive_int = _bounded(int, 1, None, "a whole number >= 1")
+port_number = _bounded(int, 0, 65535, "a port number from 0 to 65535")
+cosine_similarity = _bounded(float, -1.0, 1.0, "a cosine similarity from -1 to 1")
+
+
 def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
     """--runtime and --precision for commands that embed images (None when not given:
     auto and fp32)."""

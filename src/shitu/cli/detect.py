@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from shitu.cli.common import positive_int
 from shitu.detection import load_detector
 from shitu.errors import DataError
 
@@ -31,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--input-size", type=int, help="network input size (torch backend)")
     parser.add_argument("--threshold", type=float, default=0.3, help="minimum score")
-    parser.add_argument("--max-boxes", type=int, default=5, help="boxes kept per image")
+    parser.add_argument("--max-boxes", type=positive_int, default=5, help="boxes kept per image")
     parser.add_argument(
         "--per-class", action="store_true", help="NMS per class instead of class-agnostic"
     )

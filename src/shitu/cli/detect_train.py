@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from shitu.cli.common import positive_int
 from shitu.detection.data import CocoDetection, DetectionDataset, VocDetection, train_augment
 from shitu.detection.train import DetectionTrainConfig, DetectionTrainer, evaluate_detector
 from shitu.errors import ConfigError
@@ -31,8 +32,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--class-agnostic", action="store_true", help="one 'foreground' class (mainbody)"
     )
-    parser.add_argument("--epochs", type=int, default=300)
-    parser.add_argument("--batch-size", type=int, default=80)
+    parser.add_argument("--epochs", type=positive_int, default=300)
+    parser.add_argument("--batch-size", type=positive_int, default=80)
     parser.add_argument("--lr", type=float, default=0.1, help="peak learning rate")
     parser.add_argument("--input-size", type=int, default=416, help="evaluation size")
     parser.add_argument("--train-sizes", type=int, nargs="+", default=[352, 384, 416, 448, 480])

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from shitu.cli.common import add_config_arguments, config_from_args
+from shitu.cli.common import add_config_arguments, config_from_args, cosine_similarity, positive_int
 from shitu.cli.extract import image_files
 from shitu.inference import export_model, read_manifest
 from shitu.pipeline.config import DEFAULT_SCORE_THRES
@@ -33,7 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--int8-images",
-        type=int,
+        type=positive_int,
         default=128,
         help="how many calibration images to use, spread over the given ones (default 128)",
     )
@@ -45,7 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--score-thres",
-        type=float,
+        type=cosine_similarity,
         help="record the cosine similarity a gallery hit needs with this model (measure it "
         "with `shitu eval-pipeline --sweep`); recognition uses it unless told another "
         f"(without it: {DEFAULT_SCORE_THRES})",

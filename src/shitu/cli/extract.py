@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shitu.cli.common import add_runtime_arguments
+from shitu.cli.common import add_runtime_arguments, positive_int
 from shitu.errors import DataError
 from shitu.inference import FeatureExtractor, default_model_dir
 
@@ -35,8 +35,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_runtime_arguments(parser)
     parser.set_defaults(runtime="auto", precision="fp32")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--threads", type=int, help="inference threads (default: all cores)")
+    parser.add_argument("--batch-size", type=positive_int, default=32)
+    parser.add_argument(
+        "--threads", type=positive_int, help="inference threads (default: all cores)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
 

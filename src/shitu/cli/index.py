@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
-from shitu.cli.common import add_runtime_arguments
-from shitu.errors import GalleryError
+from shitu.cli.common import add_runtime_arguments, positive_int
+from shitu.errors import DataError, GalleryError
 from shitu.index import INDEX_TYPES, METRICS, AddReport, Gallery, collect_items
 from shitu.index.embedder import Embedder
 from shitu.index.files import fsync_dir
@@ -43,8 +44,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="Milvus server URI (http://host:19530); default: a Milvus Lite file in the library",
     )
     build.add_argument("--milvus-collection", help="collection name (default shitu_gallery)")
-    build.add_argument("--nprobe", type=int, help="IVF lists searched per query")
-    build.add_argument("--ef-search", type=int, help="HNSW search depth (default 64)")
+    build.add_argument("--nprobe", type=positive_int, help="IVF lists searched per query")
+    build.add_argument("--ef-search", type=positive_int, help="HNSW search depth (default 64)")
     _add_image_arguments(build)
     build.set_defaults(func=run_build)
 
@@ -104,8 +105,8 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model", type=Path, help="exported model folder (default: the model shipped with shitu)"
     )
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--threads", type=int, help="CPU threads for the model")
+    parser.add_argument("--batch-size", type=positive_int, default=32)
+    parser.add_argument("--threads", type=positive_int, help="CPU threads for the model")
     add_runtime_arguments(parser)
 
 
@@ -132,6 +133,10 @@ def _report(report: AddReport, library: Path) -> None:
     print(f"added {len(report.ids)} images to {library}")
     if report.duplicates:
         print(f"skipped {len(report.duplicates)} duplicates (same content already in the library)")
+    _warn_failures(report)
+
+
+def _warn_failures(report: AddReport) -> None:
     for path, reason in report.failures[:SHOWN_PROBLEMS]:
         print(f"warning: could not add {path}: {reason}", file=sys.stderr)
     if len(report.failures) > SHOWN_PROBLEMS:
@@ -155,17 +160,24 @@ def run_build(args: argparse.Namespace) -> int:
     }
     # Built beside the target and renamed at the end: an interrupted build leaves no library.
     tmp = args.out.parent / f".{args.out.name}.building-{os.getpid()}"
-    with Gallery.create_for(
-        tmp,
-        model,
-        metric=args.metric,
-        index_type=args.index_type,
-        backend=args.backend,
-        backend_options=options,
-    ) as gallery:
-        report = gallery.add_files(
-            model, items, args.batch_size, progress=True, allow_duplicates=args.allow_duplicates
-        )
+    try:
+        with Gallery.create_for(
+            tmp,
+            model,
+            metric=args.metric,
+            index_type=args.index_type,
+            backend=args.backend,
+            backend_options=options,
+        ) as gallery:
+            report = gallery.add_files(
+                model, items, args.batch_size, progress=True, allow_duplicates=args.allow_duplicates
+            )
+        if not len(report.ids):
+            _warn_failures(report)
+            raise DataError(f"{args.out}: not built, none of the {len(items)} images was added")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     os.replace(tmp, args.out)
     fsync_dir(args.out.parent)
     _report(report, args.out)

@@ -13,6 +13,7 @@ from shitu.cli.common import (
     config_from_args,
     count_parameters,
     model_from_config,
+    positive_int,
 )
 
 
@@ -24,7 +25,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_config_arguments(parser)
     parser.add_argument("--weights", help="load these weights first (.safetensors/.pt/.pdparams)")
-    parser.add_argument("--batch-size", type=int, default=8, help="batch for the timing run")
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=8, help="batch for the timing run"
+    )
     parser.add_argument(
         "--reparameterize", action="store_true", help="fold re-parameterisable blocks first"
     )

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
-from shitu.cli.common import add_runtime_arguments
+from shitu.cli.common import add_runtime_arguments, cosine_similarity, positive_int
 from shitu.errors import DataError
 from shitu.index.labels import IMAGE_SUFFIXES, images_in
 from shitu.pipeline import (
@@ -55,11 +55,13 @@ def add_pipeline_arguments(
     parser.add_argument("--det-arch", help="detector architecture name (for .pdparams)")
     parser.add_argument(
         "--score-thres",
-        type=float,
+        type=cosine_similarity,
         help="cosine similarity a result needs (default: the model's calibrated threshold, "
         f"else {DEFAULT_SCORE_THRES})",
     )
-    parser.add_argument("--threads", type=int, help="CPU threads for the recognition model")
+    parser.add_argument(
+        "--threads", type=positive_int, help="CPU threads for the recognition model"
+    )
     add_runtime_arguments(parser)
 
 
@@ -161,6 +163,10 @@ def run(args: argparse.Namespace) -> int:
     from shitu.pipeline import Recognizer
 
     paths, folder = expand_images(args.images)
+    if not paths:
+        raise DataError(f"no images in {', '.join(args.images)}")
+    if args.save_vis and args.save_vis.exists() and not args.save_vis.is_dir():
+        raise DataError(f"--save-vis {args.save_vis}: exists and is not a folder")
     config = pipeline_config_from_args(args)
     writer = VisualisationWriter(args.save_vis) if args.save_vis else None
     progress = not args.no_progress and (folder or len(paths) > 1)
@@ -180,4 +186,4 @@ def run(args: argparse.Namespace) -> int:
                 writer.save(found.path, found.results)
     if skipped:
         print(f"warning: {skipped} of {len(paths)} files could not be read", file=sys.stderr)
-    return 0
+    return 1 if skipped == len(paths) else 0  # nothing recognised at all: fail, like extract

@@ -10,6 +10,7 @@ import socket
 import sys
 from pathlib import Path
 
+from shitu.cli.common import port_number
 from shitu.cli.recognize import add_pipeline_arguments, pipeline_config_from_args
 from shitu.errors import ConfigError, ShituError
 
@@ -37,7 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_pipeline_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument(
-        "--port", type=int, default=8000, help="port (0: any free port; the URL is printed)"
+        "--port", type=port_number, default=8000, help="port (0: any free port; the URL is printed)"
     )
     parser.add_argument(
         "--api-key",

@@ -24,8 +24,14 @@ def parse_label_file(path: Path) -> list[GalleryItem]:
 
     Labels may contain spaces, so only the first tab separates; blank and `#` lines are skipped.
     """
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # -sig: editors that write a BOM
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not a label file (not UTF-8 text)") from None
+    except OSError as exc:
+        raise DataError(f"cannot read label file {path}: {exc.strerror}") from None
     items = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip() or line.startswith("#"):
             continue
         image, sep, label = line.partition("\t")
@@ -63,13 +69,21 @@ def collect_items(sources: Sequence[Path], label: str | None = None) -> list[Gal
             if label is None:
                 items.extend(scan_label_folders(source))
             else:
-                items.extend(GalleryItem(image, label) for image in images_in(source))
+                images = images_in(source)
+                if not images:
+                    raise DataError(f"{source}: no images in this folder")
+                items.extend(GalleryItem(image, label) for image in images)
         elif source.is_file() and source.suffix.lower() in IMAGE_SUFFIXES:
             if label is None:
-                raise DataError(f"{source}: give --label for single image files")
+                raise DataError(
+                    f"{source}: a single image needs a label: `shitu index add LIB {source} "
+                    "--label LABEL`, or list it in a `path<TAB>label` file"
+                )
             items.append(GalleryItem(source.resolve(), label))
         elif source.is_file():
             items.extend(parse_label_file(source))
         else:
             raise DataError(f"{source}: no such file or folder")
+    if not items:
+        raise DataError(f"no images listed in {', '.join(map(str, sources))}")
     return items

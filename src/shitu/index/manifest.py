@@ -18,6 +18,8 @@ FORMAT_VERSION = 1
 METRICS = ("ip", "l2")
 INDEX_TYPES = ("Flat", "HNSW32", "IVF", "IVFPQ")
 BACKENDS = ("faiss", "milvus")
+# Backend options that count something (lists, probes, search depth): 0 or less breaks search.
+COUNT_OPTIONS = ("nlist", "nprobe", "ef_search")
 
 
 def now() -> str:
@@ -53,6 +55,10 @@ class Manifest:
             raise GalleryError(f"unknown backend '{self.backend}': choose one of {BACKENDS}")
         if self.embedding_dim <= 0:
             raise GalleryError(f"embedding dimension must be positive, got {self.embedding_dim}")
+        for key in COUNT_OPTIONS:
+            value = self.backend_options.get(key)
+            if value is not None and (type(value) is not int or value < 1):
+                raise GalleryError(f"index option {key} must be a whole number >= 1, got {value!r}")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
