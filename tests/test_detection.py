@@ -172,6 +172,12 @@ def test_load_detector_errors(tmp_path: Path) -> None:
     torch.save({"a": 1}, bogus)
     with pytest.raises(CheckpointError, match="not a shitu PicoDet checkpoint"):
         load_detector(bogus)
+    photo = tmp_path / "photo.jpg"  # a user passing an image as --detector
+    photo.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    with pytest.raises(
+        CheckpointError, match=r"photo.jpg is not a readable detector checkpoint \("
+    ):
+        load_detector(photo)
 
 
 @needs_picodet

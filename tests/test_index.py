@@ -278,6 +278,8 @@ def test_corrupt_index_file_is_detected(tmp_path, damage):
 def test_not_a_library_and_existing_target_are_refused(tmp_path):
     with pytest.raises(GalleryError, match="not a gallery library"):
         Gallery.open(tmp_path)
+    with pytest.raises(GalleryError, match="nowhere: no such gallery library"):
+        Gallery.open(tmp_path / "nowhere")
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "file").write_text("x")
     with pytest.raises(GalleryError, match="already exists"):

@@ -330,3 +330,11 @@ def test_compact_export_is_half_the_size_and_rebuilds_its_onnx_model_once(
 
     FeatureExtractor.load(compact)  # the second load reuses the cache
     assert (cached[0] / "model.onnx").stat().st_mtime_ns == stamp
+
+    edited = shutil.copytree(compact, tmp_path / "edited")  # a fingerprint its weights lack
+    record = json.loads((edited / "shitu_model.json").read_text())
+    record["fingerprint"] = "f" * len(record["fingerprint"])
+    (edited / "shitu_model.json").write_text(json.dumps(record))
+    with pytest.raises(CheckpointError, match="do not give the fingerprint"):
+        FeatureExtractor.load(edited)
+    assert len(list((tmp_path / "cache" / "exports").iterdir())) == 1  # nothing left behind

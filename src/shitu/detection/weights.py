@@ -44,8 +44,11 @@ def load_detector_checkpoint(path: str | Path) -> PicoDet:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"detector checkpoint not found: {path}") from None
-    except Exception as exc:
-        raise CheckpointError(f"{path} is not a readable detector checkpoint: {exc}") from None
+    except Exception:  # torch's messages here are about unpickling, not about the file
+        raise CheckpointError(
+            f"{path} is not a readable detector checkpoint (expected a .pt file from `shitu "
+            "detect-train`, an .onnx or a .pdparams file)"
+        ) from None
     if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(
             f"{path} is not a shitu PicoDet checkpoint (no '{CHECKPOINT_FORMAT}')"

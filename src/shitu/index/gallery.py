@@ -130,6 +130,10 @@ class Gallery:
         `verify` checks the index file's checksum first (a corrupt file could crash Faiss).
         """
         root = Path(path)
+        if not root.exists():
+            raise GalleryError(
+                f"{root}: no such gallery library (build one with `shitu index build`)"
+            )
         if not (root / LIBRARY_FILE).is_file():
             raise GalleryError(f"{root}: not a gallery library (no {LIBRARY_FILE})")
         store = MetadataStore(root / LIBRARY_FILE)

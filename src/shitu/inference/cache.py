@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -55,5 +56,9 @@ def full_export(model_dir: Path, manifest: dict[str, Any]) -> Path | None:
         logger.warning("cannot write %s (%s); using the torch backend", target, exc)
         return None
     if read_manifest(target)["fingerprint"] != manifest["fingerprint"]:
-        raise CheckpointError(f"{target}: rebuilt model differs from {model_dir} (corrupt?)")
+        shutil.rmtree(target, ignore_errors=True)  # never serve it, nor keep its 30 MB around
+        raise CheckpointError(
+            f"{model_dir}: its weights do not give the fingerprint its {MANIFEST} records "
+            "(edited or corrupt model folder?)"
+        )
     return target

@@ -15,7 +15,7 @@ from typing import Any
 
 import cv2
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from shitu.config import ShituConfig
 from shitu.data.transforms._base import interpolation_name, pair, pil_filter
@@ -199,6 +199,8 @@ def decode_rgb(data: bytes | np.ndarray) -> np.ndarray:
         with Image.open(io.BytesIO(buffer.tobytes())) as opened:
             opened.load()
             rgb = ImageOps.exif_transpose(opened).convert("RGB")
+    except UnidentifiedImageError:  # its message names an in-memory buffer, not the file
+        raise UnreadableImageError("not a readable image (unknown or corrupt format)") from None
     except Exception as exc:  # any decoder failure means a corrupt or unsupported file
         raise UnreadableImageError(f"not a readable image ({type(exc).__name__}: {exc})") from None
     return np.asarray(rgb)
