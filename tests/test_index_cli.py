@@ -71,6 +71,8 @@ def test_build_search_edit_and_reembed(models, gallery_list, tmp_path):
     found = shitu("index", "search", lib, first_image, "--model", models[512], "-k", "1")
     assert found.returncode == 0, found.stderr
     assert "Golden Delicious apple (1.000" in found.stdout
+    unreadable = shitu("index", "search", lib, tmp_path / "missing.jpg", "--model", models[512])
+    assert unreadable.returncode == 1 and "could not read" in unreadable.stderr
 
     folder = tmp_path / "new"  # two new photos and a renamed copy of a gallery photo
     folder.mkdir()

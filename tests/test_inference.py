@@ -230,6 +230,15 @@ def test_extract_cli_skips_corrupt_and_non_image_files(exported, tmp_path):
     reference = FeatureExtractor.load(exported["dir"], num_threads=1).extract_files(good)
     assert np.abs(features - reference.features).max() < 1e-6
 
+    unreadable = ["extract", str(folder / "c_truncated.jpg"), "--model", str(exported["dir"])]
+    result = subprocess.run(
+        [sys.executable, "-m", "shitu.cli.main", *unreadable, "--out", str(tmp_path / "none")],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 1 and "none of the 1 files could be read" in result.stderr
+    assert not list(tmp_path.glob("none*"))
+
     args += ["--runtime", "openvino", "--threads", "1"]
     result = subprocess.run(
         [sys.executable, "-m", "shitu.cli.main", *args], capture_output=True, text=True

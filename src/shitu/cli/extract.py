@@ -83,6 +83,11 @@ def run(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
     for path, reason in result.failures:
         print(f"skipped {path}: {reason}", file=sys.stderr)
+    if not result.paths:  # exit 1 like recognize and index search: the run produced nothing
+        print(
+            f"error: none of the {len(files)} files could be read, nothing written", file=sys.stderr
+        )
+        return 1
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     _write_atomic(out.with_name(out.name + ".npy"), lambda f: np.save(f, result.features))
@@ -94,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
         f"{extractor.backend.name} {args.precision}, {rate:.1f} images/s) -> {out}.npy, "
         f"{out}.txt; skipped {len(result.failures)} unreadable file(s)"
     )
-    return 1 if not result.paths else 0
+    return 0
 
 
 def _write_atomic(path: Path, write) -> None:

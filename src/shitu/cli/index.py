@@ -269,4 +269,4 @@ def run_search(args: argparse.Namespace) -> int:
             if image_id >= 0
         ]
         print(f"{path}\t{'; '.join(hits) or 'no match'}")
-    return 0
+    return 0 if extraction.paths else 1  # no query could be read: fail, like recognize
