@@ -194,8 +194,19 @@ def test_duplicates_by_content_hash_are_skipped_unless_asked(tmp_path):
         gallery.add(data, ["a", "b", "c"], paths=["p0", "p1", "p2"], hashes=["h0", "h1", "h2"])
         again = gallery.add(data[:2], ["a", "a"], paths=["q0", "q1"], hashes=["h0", "h0"])
         assert len(again.ids) == 0 and again.duplicates == ["q0", "q1"]
+        assert gallery.manifest.generation == 1, "a write that adds nothing is no new generation"
         forced = gallery.add(data[:1], ["a"], hashes=["h0"], allow_duplicates=True)
-        assert len(forced.ids) == 1 and len(gallery) == 4
+        assert len(forced.ids) == 1 and len(gallery) == 4 and gallery.manifest.generation == 2
+
+
+def test_relabel_onto_a_label_in_use_merges_only_when_asked(tmp_path):
+    with new_gallery(tmp_path / "lib") as gallery:
+        gallery.add(clustered(3, DIM), ["a", "b", "b"])
+        with pytest.raises(GalleryError, match="label 'b' already has images.*merge"):
+            gallery.relabel("a", "b")
+        assert gallery.label_counts() == {"a": 1, "b": 2}
+        assert gallery.relabel("a", " b ", merge=True) == 1
+        assert gallery.label_counts() == {"b": 3}
 
 
 def test_unknown_label_or_id_is_refused_without_change(tmp_path):

@@ -84,6 +84,8 @@ def test_build_search_edit_and_reembed(models, gallery_list, tmp_path):
     assert "added 2 images" in added.stdout and "skipped 1 duplicates" in added.stdout
 
     assert shitu("index", "relabel", lib, "Pink Lady apple", "Pink Lady").returncode == 0
+    merging = shitu("index", "relabel", lib, "Pink Lady", "Mixed bag")
+    assert merging.returncode == 2 and "--merge" in merging.stderr
     removed = shitu("index", "remove", lib, "--label", "Granny Smith apple")
     assert removed.returncode == 0 and "removed 2 images" in removed.stdout
 

@@ -286,6 +286,16 @@ def test_changed_model_file_is_detected(exported, tmp_path):
         FeatureExtractor.load(tmp_path)
 
 
+def test_manifest_embedding_size_that_the_model_does_not_give_is_refused(exported, tmp_path):
+    copy = shutil.copytree(exported["dir"], tmp_path / "copy")
+    manifest = json.loads((copy / "shitu_model.json").read_text())
+    manifest["embedding_size"] += 1
+    (copy / "shitu_model.json").write_text(json.dumps(manifest))
+    extractor = FeatureExtractor.load(copy, backend="onnxruntime")
+    with pytest.raises(CheckpointError, match=r"features of shape \[1, \d+\].*embedding_size"):
+        extractor.extract_images([np.zeros((64, 64, 3), np.uint8)])
+
+
 def test_preprocessing_from_eval_transforms(exported):
     config = exported["config"].model_copy(deep=True)
     ops = [

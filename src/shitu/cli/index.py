@@ -66,6 +66,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     relabel.add_argument("library", type=Path)
     relabel.add_argument("old")
     relabel.add_argument("new")
+    relabel.add_argument(
+        "--merge", action="store_true", help="allow renaming onto a label that has images"
+    )
     relabel.set_defaults(func=run_relabel)
 
     listing = commands.add_parser("list", help="list labels with counts, or one label's images")
@@ -206,8 +209,8 @@ def run_remove(args: argparse.Namespace) -> int:
 
 def run_relabel(args: argparse.Namespace) -> int:
     with Gallery.open(args.library) as gallery:
-        count = gallery.relabel(args.old, args.new)
-    print(f"relabelled {count} images: '{args.old}' -> '{args.new}'")
+        count = gallery.relabel(args.old, args.new, merge=args.merge)
+    print(f"relabelled {count} images: '{args.old}' -> '{args.new.strip()}'")
     return 0
 
 

@@ -207,8 +207,11 @@ class Gallery:
 
     # ----------------------------------------------------------------------------- writes
 
-    def _write(self, mutate: Callable[[], tuple[Change, T]], **manifest_updates: Any) -> T:
-        """Run `mutate` and stage the index in one transaction; publish after the commit."""
+    def _write(
+        self, mutate: Callable[[], tuple[Change | None, T]], **manifest_updates: Any
+    ) -> T:
+        """Run `mutate` and stage the index in one transaction; publish after the commit.
+        A `mutate` that changed nothing returns no Change: the generation stays."""
         try:
             with self._store.transaction():
                 committed = self._store.read_manifest()
@@ -216,6 +219,8 @@ class Gallery:
                     self._reload()  # another process wrote since we opened
                     committed = self.manifest
                 change, result = mutate()
+                if change is None:
+                    return result
                 crash_point("rows-written")
                 manifest = replace(
                     committed,
@@ -260,7 +265,7 @@ class Gallery:
         if any(not str(label).strip() for label in labels):
             raise GalleryError("add: labels must not be empty")
 
-        def mutate() -> tuple[Change, AddReport]:
+        def mutate() -> tuple[Change | None, AddReport]:
             keep = list(range(count))
             duplicates: list[str] = []
             if not allow_duplicates:
@@ -273,6 +278,8 @@ class Gallery:
                         keep.append(row)
                         if digest is not None:
                             seen.add(digest)
+            if not keep:
+                return None, AddReport(ids=np.zeros(0, np.int64), duplicates=duplicates)
             stamp = now()
             rows = [NewImage(paths[i], str(labels[i]).strip(), hashes[i], stamp) for i in keep]
             ids = self._store.insert(rows, vectors[keep])
@@ -347,13 +354,20 @@ class Gallery:
 
         return self._write(mutate)
 
-    def relabel(self, old: str, new: str) -> int:
-        """Rename a label; returns how many images it had."""
-        if not new.strip():
+    def relabel(self, old: str, new: str, merge: bool = False) -> int:
+        """Rename a label; returns how many images it had. Renaming onto a label that has
+        images merges the two, which cannot be told apart afterwards: only with `merge`."""
+        new = new.strip()
+        if not new:
             raise GalleryError("relabel: the new label must not be empty")
 
         def mutate() -> tuple[Change, int]:
-            count = self._store.relabel(old, new.strip())
+            if not merge and new != old and self._store.ids_with_labels([new]):
+                raise GalleryError(
+                    f"{self.root}: label '{new}' already has images; renaming '{old}' onto it "
+                    "would merge the two labels (allow it with merge, `--merge` in the CLI)"
+                )
+            count = self._store.relabel(old, new)
             if count == 0:
                 raise GalleryError(f"{self.root}: no images labelled '{old}'")
             return Change(), count

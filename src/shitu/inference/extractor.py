@@ -186,7 +186,14 @@ class FeatureExtractor:
         )
 
     def _embed(self, images: list[np.ndarray]) -> np.ndarray:
-        return l2_normalize(self.backend(np.ascontiguousarray(np.stack(images))))
+        features = self.backend(np.ascontiguousarray(np.stack(images)))
+        if features.ndim != 2 or features.shape[1] != self.embedding_size:
+            # A hand-edited manifest would otherwise put wrong-sized vectors in a library.
+            raise CheckpointError(
+                f"the model gives features of shape {list(features.shape)}, but its "
+                f"{MANIFEST} says embedding_size {self.embedding_size}"
+            )
+        return l2_normalize(features)
 
     def _empty(self) -> np.ndarray:
         return np.zeros((0, self.embedding_size), np.float32)

@@ -197,7 +197,7 @@ class RecognitionService:
         def commit() -> int:
             count = len(self.label_images(old))
             if new != old:
-                self.library.write(lambda gallery: gallery.relabel(old, new))
+                self.library.write(lambda gallery: gallery.relabel(old, new, merge=True))
             return count
 
         return self.library.run(commit)
