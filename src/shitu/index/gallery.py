@@ -207,9 +207,7 @@ class Gallery:
 
     # ----------------------------------------------------------------------------- writes
 
-    def _write(
-        self, mutate: Callable[[], tuple[Change | None, T]], **manifest_updates: Any
-    ) -> T:
+    def _write(self, mutate: Callable[[], tuple[Change | None, T]], **manifest_updates: Any) -> T:
         """Run `mutate` and stage the index in one transaction; publish after the commit.
         A `mutate` that changed nothing returns no Change: the generation stays."""
         try:
