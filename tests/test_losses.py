@@ -172,3 +172,83 @@ def test_xbm_rejects_bad_settings():
     xbm = LOSSES.build("XBM", memory_size=4, embedding_size=3, start_iter=0).train()
     with pytest.raises(ValueError, match="embedding_size"):
         xbm(_unit(0, 90), torch.tensor([0, 1]))
+
+
+def _lite0_model(drop_connect_rate: float):
+    from shitu.config.schema import ArchConfig
+    from shitu.models import build_model
+
+    arch = {
+        "name": "RecModel",
+        "Backbone": {
+            "name": "EfficientNetLite0",
+            "class_num": 16,
+            "drop_connect_rate": drop_connect_rate,
+        },
+        "BackboneStopLayer": {"name": "fc"},
+        "frozen_layers": ["backbone.stem", "backbone.blocks.0"],
+    }
+    return build_model(ArchConfig.model_validate(arch))
+
+
+def test_feature_distillation_starts_at_zero_and_pulls_towards_the_frozen_start():
+    torch.manual_seed(0)
+    model = _lite0_model(drop_connect_rate=0.0).train()
+    loss = LOSSES.build("FeatureDistillLoss", layer="flatten")
+    loss.attach(model)
+    start = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    images = torch.randn(4, 3, 64, 64)
+    assert loss(model(images)["backbone"], None).item() == 0.0  # the same network, same batch
+
+    with torch.no_grad():
+        model.backbone.head.conv.weight.mul_(1.5).add_(0.01)
+    value = loss(model(images)["backbone"], None)
+
+    # The target by hand: the starting backbone, frozen parts as the run keeps them (eval),
+    # BatchNorm elsewhere on the batch's statistics.
+    reference = _lite0_model(drop_connect_rate=0.0)
+    reference.backbone.load_state_dict(start)
+    reference.train()
+    pooled = {}
+    reference.backbone.flatten.register_forward_hook(lambda m, i, o: pooled.update(t=o))
+    model.backbone.flatten.register_forward_hook(lambda m, i, o: pooled.update(s=o))
+    with torch.no_grad():
+        reference(images)
+        model(images)
+    cos = torch.nn.functional.cosine_similarity(pooled["s"], pooled["t"], dim=1)
+    assert value.item() == pytest.approx((2 - 2 * cos).mean().item(), abs=1e-6)
+    assert value.item() > 1e-3
+
+    value.backward()
+    assert model.backbone.head.conv.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in loss.teacher.parameters())
+    assert model.backbone.stem.conv.weight.grad is None  # frozen stays frozen
+    teacher_state = loss.teacher.state_dict()
+    assert all(torch.equal(teacher_state[k], start[k]) for k in start if "num_batches" not in k)
+
+    with torch.no_grad():  # evaluation passes leave nothing for the loss
+        model.eval()(images)
+    with pytest.raises(RuntimeError, match="no training batch"):
+        loss(torch.zeros(4, 16), None)
+    with pytest.raises(ValueError, match="no module 'pooled'"):
+        LOSSES.build("FeatureDistillLoss", layer="pooled").attach(model)
+
+
+def test_feature_distillation_target_has_no_stochastic_depth():
+    torch.manual_seed(0)
+    model = _lite0_model(drop_connect_rate=0.5).train()
+    loss = LOSSES.build("FeatureDistillLoss")  # the backbone's output (here the 16-d fc)
+    loss.attach(model)
+    images = torch.randn(4, 3, 64, 64)
+    targets = []
+    for _ in range(2):
+        loss(model(images)["backbone"], None)
+        with torch.no_grad():
+            targets.append(loss.teacher(images))
+    assert torch.equal(targets[0], targets[1])  # deterministic, unlike the student
+    model.train()
+    loss.train()  # the run switching modes does not switch the target's
+    assert not loss.teacher.training
+    norms = [m for m in loss.teacher.blocks[3].modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and all(m.training and m.momentum == 0.0 for m in norms)
+    assert not loss.teacher.stem.bn.training  # frozen in the run: running statistics

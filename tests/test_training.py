@@ -17,6 +17,7 @@ import yaml
 from shitu.checkpoint import average_weights, read_weights, save_weights
 from shitu.cli.main import main
 from shitu.config import load_config
+from shitu.engine.linear_probe import probe_stage
 from shitu.engine.metrics_log import read_log
 from shitu.engine.precision import cpu_has_native_bf16
 from shitu.engine.trainer import Trainer, training_summary
@@ -383,3 +384,55 @@ def test_linear_probe_run_is_its_two_stages_and_resumes_without_the_probe(grocer
     assert main([*stop, f"Global.checkpoints={stopped}/latest.pt"]) == 0
     resumed = read_weights(stopped / "final_model.safetensors")[0]
     assert all(torch.equal(resumed[k], final[k]) for k in final)
+
+
+def test_feature_distillation_resumes_towards_the_same_start(grocery, tmp_path):
+    """The frozen start travels in the checkpoint: a resumed run distils towards the weights
+    the run began from, not those it resumed with, and gives the uninterrupted run's losses."""
+    path = tiny_config(grocery, tmp_path, epochs=1, eval_during_train=False)
+    distill, no_dropout = (
+        "Loss.Train=[{CELoss: {weight: 1.0}}, "
+        "{TripletAngularMarginLoss: {weight: 1.0, feature_from: features}}, "
+        "{FeatureDistillLoss: {weight: 0.3}}]",
+        "Arch.Backbone.dropout_prob=0.0",  # the target has none: step 1 starts at 0
+    )
+    full = Trainer(
+        load_config(path, [distill, no_dropout, f"Global.output_dir={tmp_path / 'full'}"])
+    )
+    start = {k: v.clone() for k, v in full.model.backbone.state_dict().items()}
+    assert full.fit().finished
+    records = read_log(tmp_path / "full" / "metrics.jsonl", "train")
+    assert records[0]["FeatureDistillLoss"] == 0.0 and records[-1]["FeatureDistillLoss"] > 0
+    final = read_weights(tmp_path / "full" / "final_model.safetensors")[0]
+    assert not any("teacher" in key for key in final)
+
+    split = tmp_path / "split"
+    assert (
+        not Trainer(load_config(path, [distill, no_dropout, f"Global.output_dir={split}"]))
+        .fit(stop_after_steps=2)
+        .finished
+    )
+    resumed = Trainer(
+        load_config(
+            path,
+            [
+                distill,
+                no_dropout,
+                f"Global.output_dir={split}",
+                f"Global.checkpoints={split}/latest.pt",
+            ],
+        )
+    )
+    teacher = resumed.loss.losses[2].teacher.state_dict()
+    assert all(torch.equal(teacher[k], start[k]) for k in start if "num_batches" not in k)
+    assert resumed.fit().finished
+    expected = train_losses(tmp_path / "full")
+    assert [v for _, v in train_losses(split)] == pytest.approx([v for _, v in expected], abs=1e-5)
+
+    probe = probe_stage(
+        load_config(path, [distill, "LinearProbe={epochs: 1, frozen_layers: [backbone]}"])
+    )
+    assert [next(iter(item)) for item in probe.Loss.Train] == [
+        "CELoss",
+        "TripletAngularMarginLoss",
+    ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from shitu import registry
 from shitu.config.schema import ShituConfig
 from shitu.engine.state import FINAL
 
@@ -34,7 +35,16 @@ def probe_stage(config: ShituConfig) -> ShituConfig:
     stage.Arch.frozen_layers = list(config.LinearProbe.frozen_layers)
     if stage.Optimizer is not None:  # (the trainer names a missing section)
         stage.Optimizer.lr_mult = {}
+    if stage.Loss is not None:
+        stage.Loss.Train = [item for item in stage.Loss.Train if not _needs_trainable(item)]
     return stage
+
+
+def _needs_trainable(item: dict) -> bool:
+    """Whether a `Loss.Train` item is a loss with nothing to do on a frozen backbone."""
+    ((name, _),) = item.items()
+    registry.populate()
+    return getattr(registry.LOSSES.get(name), "needs_trainable_backbone", False)
 
 
 def fine_tune_stage(config: ShituConfig) -> ShituConfig:

@@ -103,6 +103,7 @@ class Trainer:
                 logger.warning("pretrained_model %s", self.initial_weights)
         self.ema = WeightEMA(self.model, config.EMA.decay) if config.EMA else None
         self.loss = CombinedLoss(config.Loss.Train).to(self.context.device)
+        self.loss.attach(self.model)  # before a resume restores the loss's state
         self.train_loader = build_train_loader(config.DataLoader.Train, self.context, self.seed)
         self.steps_per_epoch = len(self.train_loader)
         if self.steps_per_epoch == 0:

@@ -54,6 +54,13 @@ class CombinedLoss(nn.Module):
             self.input_keys.append(input_key)
             self.losses.append(loss)
 
+    def attach(self, model: nn.Module) -> None:
+        """Give losses that read the model itself (feature distillation) the model, once
+        its starting weights are loaded."""
+        for loss in self.losses:
+            if hasattr(loss, "attach"):
+                loss.attach(model)
+
     def forward(
         self, outputs: dict[str, torch.Tensor], labels: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
