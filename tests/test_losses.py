@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from shitu.errors import ConfigError
 from shitu.registry import LOSSES, populate
 
 populate()
@@ -230,7 +231,7 @@ def test_feature_distillation_starts_at_zero_and_pulls_towards_the_frozen_start(
         model.eval()(images)
     with pytest.raises(RuntimeError, match="no training batch"):
         loss(torch.zeros(4, 16), None)
-    with pytest.raises(ValueError, match="no module 'pooled'"):
+    with pytest.raises(ConfigError, match="no module 'pooled'"):
         LOSSES.build("FeatureDistillLoss", layer="pooled").attach(model)
 
 

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shitu.errors import ConfigError
 from shitu.registry import LOSSES
 
 
@@ -49,7 +50,9 @@ class FeatureDistillLoss(nn.Module):
         backbone: nn.Module = model.backbone  # type: ignore[assignment]
         modules = dict(backbone.named_modules())
         if self.layer is not None and self.layer not in modules:
-            raise ValueError(f"FeatureDistillLoss.layer: the backbone has no module '{self.layer}'")
+            raise ConfigError(
+                f"FeatureDistillLoss.layer: the backbone has no module '{self.layer}'"
+            )
         frozen = {
             id(sub) for module in getattr(model, "frozen_modules", ()) for sub in module.modules()
         }
