@@ -36,6 +36,7 @@ def probe_stage(config: ShituConfig) -> ShituConfig:
     if stage.Optimizer is not None:  # (the trainer names a missing section)
         stage.Optimizer.lr_mult = {}
     if stage.Loss is not None:
+        registry.populate()
         stage.Loss.Train = [item for item in stage.Loss.Train if not _needs_trainable(item)]
     return stage
 
@@ -43,7 +44,6 @@ def probe_stage(config: ShituConfig) -> ShituConfig:
 def _needs_trainable(item: dict) -> bool:
     """Whether a `Loss.Train` item is a loss with nothing to do on a frozen backbone."""
     ((name, _),) = item.items()
-    registry.populate()
     return getattr(registry.LOSSES.get(name), "needs_trainable_backbone", False)
 
 
