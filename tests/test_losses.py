@@ -175,7 +175,10 @@ def test_xbm_rejects_bad_settings():
         xbm(_unit(0, 90), torch.tensor([0, 1]))
 
 
-def _lite0_model(drop_connect_rate: float):
+def _lite0_model(
+    drop_connect_rate: float,
+    frozen_layers: tuple[str, ...] = ("backbone.stem", "backbone.blocks.0"),
+):
     from shitu.config.schema import ArchConfig
     from shitu.models import build_model
 
@@ -187,14 +190,23 @@ def _lite0_model(drop_connect_rate: float):
             "drop_connect_rate": drop_connect_rate,
         },
         "BackboneStopLayer": {"name": "fc"},
-        "frozen_layers": ["backbone.stem", "backbone.blocks.0"],
+        "frozen_layers": list(frozen_layers),
     }
     return build_model(ArchConfig.model_validate(arch))
 
 
-def test_feature_distillation_starts_at_zero_and_pulls_towards_the_frozen_start():
+@pytest.mark.parametrize(
+    ("frozen_layers", "trained"),
+    [
+        (("backbone.stem", "backbone.blocks.0"), "head"),  # frozen prefix: outputs replayed
+        (("backbone.blocks.2",), "stem"),  # frozen after a trained layer: computed anew
+    ],
+)
+def test_feature_distillation_starts_at_zero_and_pulls_towards_the_frozen_start(
+    frozen_layers, trained
+):
     torch.manual_seed(0)
-    model = _lite0_model(drop_connect_rate=0.0).train()
+    model = _lite0_model(drop_connect_rate=0.0, frozen_layers=frozen_layers).train()
     loss = LOSSES.build("FeatureDistillLoss", layer="flatten")
     loss.attach(model)
     start = {k: v.clone() for k, v in model.backbone.state_dict().items()}
@@ -202,12 +214,12 @@ def test_feature_distillation_starts_at_zero_and_pulls_towards_the_frozen_start(
     assert loss(model(images)["backbone"], None).item() == 0.0  # the same network, same batch
 
     with torch.no_grad():
-        model.backbone.head.conv.weight.mul_(1.5).add_(0.01)
+        getattr(model.backbone, trained).conv.weight.mul_(1.5).add_(0.01)
     value = loss(model(images)["backbone"], None)
 
     # The target by hand: the starting backbone, frozen parts as the run keeps them (eval),
     # BatchNorm elsewhere on the batch's statistics.
-    reference = _lite0_model(drop_connect_rate=0.0)
+    reference = _lite0_model(drop_connect_rate=0.0, frozen_layers=frozen_layers)
     reference.backbone.load_state_dict(start)
     reference.train()
     pooled = {}
@@ -221,9 +233,10 @@ def test_feature_distillation_starts_at_zero_and_pulls_towards_the_frozen_start(
     assert value.item() > 1e-3
 
     value.backward()
-    assert model.backbone.head.conv.weight.grad.abs().sum() > 0
+    assert getattr(model.backbone, trained).conv.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in loss.teacher.parameters())
-    assert model.backbone.stem.conv.weight.grad is None  # frozen stays frozen
+    frozen = [p for module in model.frozen_modules for p in module.parameters()]
+    assert frozen and all(p.grad is None for p in frozen)  # frozen stays frozen
     teacher_state = loss.teacher.state_dict()
     assert all(torch.equal(teacher_state[k], start[k]) for k in start if "num_batches" not in k)
 
@@ -233,6 +246,36 @@ def test_feature_distillation_starts_at_zero_and_pulls_towards_the_frozen_start(
         loss(torch.zeros(4, 16), None)
     with pytest.raises(ConfigError, match="no module 'pooled'"):
         LOSSES.build("FeatureDistillLoss", layer="pooled").attach(model)
+
+
+def test_feature_distillation_takes_frozen_prefix_outputs_from_the_trained_backbone():
+    torch.manual_seed(0)
+    model = _lite0_model(drop_connect_rate=0.0).train()  # stem and blocks.0 frozen
+    loss = LOSSES.build("FeatureDistillLoss", layer="flatten")
+    loss.attach(model)
+    computed: list[str] = []
+    for name in ("stem.conv", "blocks.0.depthwise.conv", "blocks.1.depthwise.conv"):
+        module = dict(loss.teacher.named_modules())[name]
+        module.register_forward_hook(lambda *_, name=name: computed.append(name))
+    images = torch.randn(4, 3, 64, 64)
+    assert loss(model(images)["backbone"], None).item() == 0.0
+    assert computed == ["blocks.1.depthwise.conv"]  # the frozen stem and block 0 are reused
+    with torch.no_grad():  # called on other input, a frozen layer of the copy computes
+        loss.teacher(images)
+    assert computed[1:] == ["stem.conv", "blocks.0.depthwise.conv", "blocks.1.depthwise.conv"]
+    assert set(loss.teacher.state_dict()) == set(model.backbone.state_dict())
+
+
+def test_feature_distillation_target_runs_in_the_steps_autocast():
+    torch.manual_seed(0)
+    model = _lite0_model(drop_connect_rate=0.0).train()
+    loss = LOSSES.build("FeatureDistillLoss", layer="flatten")
+    loss.attach(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outputs = model(torch.randn(4, 3, 64, 64))
+    assert outputs["backbone"].dtype == torch.bfloat16
+    # outside the autocast, as the Trainer computes losses: the same bfloat16 network
+    assert loss(outputs["backbone"], None).item() == 0.0
 
 
 def test_feature_distillation_target_has_no_stochastic_depth():

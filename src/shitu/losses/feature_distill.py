@@ -30,8 +30,14 @@ class FeatureDistillLoss(nn.Module):
     backbone made by `attach` (the Trainer calls it once the starting weights are loaded).
     The copy runs as the trained backbone does, so that at step 0 s equals t: its modules
     in eval mode (no stochastic depth) except BatchNorm, which uses the batch's statistics
-    (and keeps its running ones) wherever the trained backbone is not frozen. The copy is
-    part of this loss's state, so a resumed run distils towards the same start.
+    (and keeps its running ones) wherever the trained backbone is not frozen, under the
+    autocast the training step ran in. The copy is part of this loss's state, so a resumed
+    run distils towards the same start.
+
+    Frozen layers (`Arch.frozen_layers`) are the same in both networks, so where the copy
+    feeds one the very input the trained backbone fed it (the stem and the blocks after
+    it, up to the first trained layer), the copy takes the trained backbone's output
+    instead of computing it again.
     """
 
     input_key: ClassVar[str] = "backbone"
@@ -44,6 +50,9 @@ class FeatureDistillLoss(nn.Module):
         self.teacher: nn.Module | None = None
         self._batch_statistics: list[bool] = []
         self._captured: dict[str, torch.Tensor] = {}
+        self._autocast: tuple[str, torch.dtype, bool] = ("cpu", torch.bfloat16, False)
+        # frozen layer name -> (input, output) of the trained backbone's last training step
+        self._frozen_calls: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def attach(self, model: nn.Module) -> None:
         """Copy `model.backbone` as the target and watch the model's backbone input."""
@@ -53,9 +62,8 @@ class FeatureDistillLoss(nn.Module):
             raise ConfigError(
                 f"FeatureDistillLoss.layer: the backbone has no module '{self.layer}'"
             )
-        frozen = {
-            id(sub) for module in getattr(model, "frozen_modules", ()) for sub in module.modules()
-        }
+        frozen_roots: list[nn.Module] = list(getattr(model, "frozen_modules", ()))
+        frozen = {id(sub) for module in frozen_roots for sub in module.modules()}
         batch_statistics = [
             isinstance(sub, nn.modules.batchnorm._BatchNorm) and id(sub) not in frozen
             for sub in backbone.modules()
@@ -64,11 +72,15 @@ class FeatureDistillLoss(nn.Module):
         self._batch_statistics = batch_statistics
         self._set_teacher_modes()
         backbone.register_forward_pre_hook(self._capture_input)
+        teacher_modules = dict(self.teacher.named_modules())
         if self.layer is not None:
             modules[self.layer].register_forward_hook(self._capture("student"))
-            dict(self.teacher.named_modules())[self.layer].register_forward_hook(
-                self._capture("teacher")
-            )
+            teacher_modules[self.layer].register_forward_hook(self._capture("teacher"))
+        roots = {id(module) for module in frozen_roots}
+        for name, module in modules.items():
+            if name and id(module) in roots:
+                module.register_forward_hook(self._record_frozen_call(name))
+                self._replay_frozen_calls(name, teacher_modules[name])
 
     def _set_teacher_modes(self) -> None:
         assert self.teacher is not None
@@ -86,7 +98,37 @@ class FeatureDistillLoss(nn.Module):
 
     def _capture_input(self, _module: nn.Module, args: tuple) -> None:
         if torch.is_grad_enabled():  # training steps only; evaluation runs without grad
-            self._captured["input"] = args[0]
+            images = args[0]
+            self._captured["input"] = images
+            device = images.device.type
+            self._autocast = (
+                device,
+                torch.get_autocast_dtype(device),
+                torch.is_autocast_enabled(device),
+            )
+
+    def _record_frozen_call(self, name: str) -> Callable[[nn.Module, tuple, torch.Tensor], None]:
+        def hook(_module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            if torch.is_grad_enabled() and len(args) == 1:
+                self._frozen_calls[name] = (args[0], output)
+
+        return hook
+
+    def _replay_frozen_calls(self, name: str, module: nn.Module) -> None:
+        """Make the copy's frozen `module` return the trained one's output for the same input.
+
+        Set on the instance, not by wrapping the module, so that the copy's state_dict keys
+        (checkpoints) stay those of the backbone.
+        """
+        compute = module.forward
+
+        def forward(*args: torch.Tensor) -> torch.Tensor:
+            call = self._frozen_calls.get(name)
+            if call is not None and len(args) == 1 and args[0] is call[0]:
+                return call[1]
+            return compute(*args)
+
+        module.forward = forward  # type: ignore[method-assign]
 
     def _capture(self, key: str) -> Callable[[nn.Module, tuple, torch.Tensor], None]:
         def hook(_module: nn.Module, _args: tuple, output: torch.Tensor) -> None:
@@ -104,8 +146,10 @@ class FeatureDistillLoss(nn.Module):
         images = self._captured.pop("input", None)
         if images is None:
             raise RuntimeError("FeatureDistillLoss: no training batch went through the backbone")
-        with torch.no_grad():
+        device, dtype, enabled = self._autocast
+        with torch.no_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
             target = self.teacher(images)
+        self._frozen_calls.clear()
         if self.layer is not None:
             student, target = self._captured.pop("student"), self._captured.pop("teacher")
         else:
