@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from shitu import registry
-from shitu.config.schema import OptimizerConfig
+from shitu.config.schema import LRConfig, OptimizerConfig
 from shitu.engine import precision
 from shitu.engine.ema import WeightEMA
 from shitu.engine.optim import build_optimizer, parameter_groups, set_learning_rate
@@ -55,8 +55,15 @@ def test_piecewise_gamma_and_values():
     assert [lr.lr_at(s) for s in (0, 29, 30, 59, 60, 99)] == pytest.approx(
         [0.1, 0.1, 0.01, 0.01, 0.001, 0.001]
     )
-    lr = schedule("Piecewise", learning_rate=0.1, decay_epochs=[5], values=[0.2, 0.02])
+    lr = schedule("Piecewise", learning_rate=0.2, decay_epochs=[5], values=[0.2, 0.02])
     assert (lr.lr_at(49), lr.lr_at(50)) == (0.2, 0.02)
+    # A rate scaled for the batch size (base_batch_size) scales every piece.
+    lr = schedule("Piecewise", learning_rate=0.4, decay_epochs=[5], values=[0.2, 0.02])
+    assert (lr.lr_at(49), lr.lr_at(50)) == pytest.approx((0.4, 0.04))
+    with pytest.raises(ValueError, match=r"values start at 0.2 but learning_rate is 0.1"):
+        LRConfig.model_validate(
+            {"name": "Piecewise", "learning_rate": 0.1, "decay_epochs": [5], "values": [0.2, 0.02]}
+        )
     with pytest.raises(ValueError, match="one more entry"):
         schedule("Piecewise", learning_rate=0.1, decay_epochs=[5], values=[0.1])
 
@@ -143,6 +150,14 @@ def test_optimizers_step(name):
     model(torch.ones(1, 3)).sum().backward()
     optimizer.step()
     assert not torch.equal(before, model.weight)
+
+
+def test_adam_betas_of_zero_are_kept_and_unset_ones_default():
+    model = nn.Linear(3, 2)
+    zero = build_optimizer([model], optimizer_config(name="Adam", beta1=0.0, beta2=0.0), 0.1)
+    assert zero.param_groups[0]["betas"] == (0.0, 0.0)
+    unset = build_optimizer([model], optimizer_config(name="AdamW"), 0.1)
+    assert unset.param_groups[0]["betas"] == (0.9, 0.999)
 
 
 def test_l1_regularizer_is_refused():

@@ -82,17 +82,19 @@ def test_folder_per_label_and_explicit_label(tmp_path):
 # --------------------------------------------------------------------------- search quality
 
 
-@pytest.mark.parametrize("metric", ["ip", "l2"])
-def test_flat_search_equals_exact_search(tmp_path, metric):
+@pytest.mark.parametrize(
+    ("metric", "normalize"), [("ip", True), ("l2", True), ("ip", False), ("l2", False)]
+)
+def test_flat_search_equals_exact_search(tmp_path, metric, normalize):
     data = clustered(500, DIM)
     queries = clustered(20, DIM, seed=1)
-    with new_gallery(tmp_path / "lib", metric=metric) as gallery:
+    with new_gallery(tmp_path / "lib", metric=metric, normalize=normalize) as gallery:
         ids = gallery.add(data, labels_for(500)).ids
         result = gallery.search(queries, k=10)
-    stored, probe = unit(data), unit(queries)
+    stored, probe = (unit(data), unit(queries)) if normalize else (data, queries)
     expected = exact_top_k(stored, probe, 10, metric)
     np.testing.assert_array_equal(result.ids, ids[expected])
-    if metric == "ip":
+    if metric == "ip" or normalize:  # the cosine, whichever the metric
         expected_scores = np.take_along_axis(probe @ stored.T, expected, axis=1)
     else:
         distance = np.linalg.norm(probe[:, None] - stored[None], axis=-1)

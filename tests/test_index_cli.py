@@ -104,6 +104,26 @@ def test_build_search_edit_and_reembed(models, gallery_list, tmp_path):
     assert verified.returncode == 0 and "OK" in verified.stdout
 
 
+def test_search_scores_are_cosines_on_l2_libraries_too(models, gallery_list, tmp_path):
+    first_image = gallery_list.read_text().splitlines()[0].split("\t")[0]
+    answers = {}
+    for metric in ("ip", "l2"):
+        lib = tmp_path / metric
+        built = shitu(
+            "index", "build", "--gallery", gallery_list, "--model", models[512], "--out", lib,
+            "--metric", metric,
+        )  # fmt: skip
+        assert built.returncode == 0, built.stderr
+        found = shitu(
+            "index", "search", lib, first_image, "--model", models[512], "-k", "3",
+            "--min-score", "0.5",
+        )  # fmt: skip
+        assert found.returncode == 0, found.stderr
+        answers[metric] = found.stdout
+    assert "Golden Delicious apple (1.000" in answers["l2"]  # not the distance 0.000
+    assert answers["l2"] == answers["ip"]
+
+
 def test_build_refuses_an_existing_library_and_bad_lists(models, tmp_path):
     (tmp_path / "lib").mkdir()
     taken = shitu(

@@ -18,10 +18,10 @@ from shitu.checkpoint import average_weights, read_weights, save_weights
 from shitu.cli.main import main
 from shitu.config import load_config
 from shitu.engine.linear_probe import probe_stage
-from shitu.engine.metrics_log import read_log
+from shitu.engine.metrics_log import MetricsLog, read_log
 from shitu.engine.precision import cpu_has_native_bf16
 from shitu.engine.trainer import Trainer, training_summary
-from shitu.errors import CheckpointError, ConfigError
+from shitu.errors import CheckpointError, ConfigError, DataError
 
 SIZE = 64
 NORMALIZE = {
@@ -143,6 +143,22 @@ def tiny_config(grocery: Path, tmp: Path, **global_options) -> Path:
 
 def train_losses(output: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in read_log(output / "metrics.jsonl", "train")]
+
+
+def test_resumed_metrics_log_drops_later_records_and_a_torn_last_line(tmp_path, caplog):
+    records = [json.dumps({"kind": "train", "step": step, "loss": 1.0}) for step in (1, 2, 3)]
+    log = tmp_path / "metrics.jsonl"
+    log.write_text("\n".join(records) + '\n{"kind": "train", "st')  # killed mid-append
+    with pytest.raises(DataError, match="line 4 is not a JSON record"):
+        read_log(log)
+    with caplog.at_level(logging.WARNING):
+        MetricsLog(tmp_path, resume_step=2).write("train", 3, loss=0.5)
+    assert "dropping the unfinished last line 4" in caplog.text
+    assert [(r["step"], r["loss"]) for r in read_log(log)] == [(1, 1.0), (2, 1.0), (3, 0.5)]
+
+    log.write_text(records[0] + "\nnot json\n" + records[1] + "\n")  # damage, not a torn end
+    with pytest.raises(DataError, match="line 2 is not a JSON record"):
+        MetricsLog(tmp_path, resume_step=2)
 
 
 def test_interrupted_and_resumed_run_matches_uninterrupted(grocery, tmp_path):

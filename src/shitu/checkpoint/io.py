@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +14,7 @@ from torch import nn
 
 from shitu.checkpoint.paddle import paddle_to_torch, read_pdparams
 from shitu.errors import CheckpointError
+from shitu.fileio import write_atomically
 from shitu.models.reparam import is_reparameterized, reparameterize
 
 TORCH_SUFFIXES = (".pt", ".pth")
@@ -60,21 +59,16 @@ def save_weights(
     path = Path(path)
     if path.suffix not in (".safetensors", *TORCH_SUFFIXES):
         raise CheckpointError(f"cannot write {path}: use a .safetensors, .pt or .pth file name")
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     metadata = dict(metadata or {})
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
+
+    def write(tmp: Path) -> None:
         if path.suffix == ".safetensors":
             save_file(tensors, tmp, metadata=metadata)
         else:
             torch.save({"state_dict": tensors, "metadata": metadata}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+
+    return write_atomically(path, write)
 
 
 def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -13,6 +11,7 @@ import numpy as np
 
 from shitu.cli.common import add_runtime_arguments, positive_int
 from shitu.errors import DataError
+from shitu.fileio import write_atomically
 from shitu.inference import FeatureExtractor, default_model_dir
 
 
@@ -89,10 +88,14 @@ def run(args: argparse.Namespace) -> int:
         )
         return 1
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out.with_name(out.name + ".npy"), lambda f: np.save(f, result.features))
+
+    def save_features(tmp: Path) -> None:
+        with tmp.open("wb") as handle:  # a file name would get a second .npy appended
+            np.save(handle, result.features)
+
+    write_atomically(out.with_name(out.name + ".npy"), save_features)
     text = "".join(f"{p}\n" for p in result.paths)
-    _write_atomic(out.with_name(out.name + ".txt"), lambda f: f.write(text.encode()))
+    write_atomically(out.with_name(out.name + ".txt"), lambda tmp: tmp.write_text(text))
     rate = len(result.paths) / seconds if seconds > 0 else 0.0
     print(
         f"embedded {len(result.paths)} images ({extractor.embedding_size}-d, "
@@ -100,14 +103,3 @@ def run(args: argparse.Namespace) -> int:
         f"{out}.txt; skipped {len(result.failures)} unreadable file(s)"
     )
     return 0
-
-
-def _write_atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

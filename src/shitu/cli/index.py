@@ -11,9 +11,9 @@ from pathlib import Path
 
 from shitu.cli.common import add_runtime_arguments, positive_int
 from shitu.errors import DataError, GalleryError
+from shitu.fileio import fsync_dir
 from shitu.index import INDEX_TYPES, METRICS, AddReport, Gallery, collect_items
 from shitu.index.embedder import Embedder
-from shitu.index.files import fsync_dir
 
 SHOWN_PROBLEMS = 10
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class Section(BaseModel):
@@ -111,6 +111,17 @@ class LRConfig(ComponentConfig):
     warmup_epoch: int = Field(0, ge=0)
     # `learning_rate` is tuned for this total batch size and is scaled linearly to the real one.
     base_batch_size: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _piecewise_values_start_at_learning_rate(self) -> LRConfig:
+        # Piecewise `values` are scaled with `learning_rate`, so the two must agree.
+        values = self.params.get("values")
+        if self.name == "Piecewise" and values and values[0] != self.learning_rate:
+            raise ValueError(
+                f"Piecewise values start at {values[0]} but learning_rate is "
+                f"{self.learning_rate}: the first value is the starting rate, make them equal"
+            )
+        return self
 
 
 class RegularizerConfig(Section):

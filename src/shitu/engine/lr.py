@@ -83,7 +83,11 @@ class Cosine(LRSchedule):
 
 @LR_SCHEDULES.register("Piecewise")
 class Piecewise(LRSchedule):
-    """Step decay at the given epochs: explicit `values`, or multiply by `gamma` each time."""
+    """Step decay at the given epochs: explicit `values`, or multiply by `gamma` each time.
+
+    `values` are the rates of the pieces for the configured `learning_rate`, which equals
+    the first (the config checks it); a rate scaled for the batch size scales them all.
+    """
 
     def __init__(
         self,
@@ -106,9 +110,10 @@ class Piecewise(LRSchedule):
                 f"values needs one more entry than decay_epochs ({len(decay_epochs) + 1}), "
                 f"got {len(values)}"
             )
+        else:
+            values = [value * (learning_rate / values[0]) for value in values]
         self.boundaries = [epoch * steps_per_epoch for epoch in decay_epochs]
         self.values = list(values)
-        self.learning_rate = self.values[0]
 
     def decayed(self, step: int) -> float:
         return self.values[sum(step >= boundary for boundary in self.boundaries)]

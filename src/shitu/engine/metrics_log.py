@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
 
-from shitu.errors import ConfigError
+from shitu.errors import ConfigError, DataError
+from shitu.fileio import write_atomically
 
 LOG_NAME = "metrics.jsonl"
+logger = logging.getLogger(__name__)
 
 
 class MetricsLog:
@@ -33,14 +36,14 @@ class MetricsLog:
             return
         output_dir.mkdir(parents=True, exist_ok=True)
         if resume_step is None:
-            self.path.write_text("")
+            write_atomically(self.path, lambda tmp: tmp.write_text(""))
         elif self.path.exists():
             kept = [
-                line
-                for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= resume_step
+                json.dumps(record) + "\n"
+                for record in _parse(self.path, repair=True)
+                if record.get("step", 0) <= resume_step
             ]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            write_atomically(self.path, lambda tmp: tmp.write_text("".join(kept)))
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -67,5 +70,20 @@ class MetricsLog:
 
 
 def read_log(path: Path, kind: str | None = None) -> list[dict[str, Any]]:
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in records if kind is None or r["kind"] == kind]
+    return [r for r in _parse(path, repair=False) if kind is None or r["kind"] == kind]
+
+
+def _parse(path: Path, repair: bool) -> list[dict[str, Any]]:
+    """The log's records. A run killed while appending leaves a torn last line: with
+    `repair` (resuming) it is dropped with a warning; anything else unreadable is an error."""
+    lines = [(n, line) for n, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    records: list[dict[str, Any]] = []
+    for position, (number, line) in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            if repair and position == len(lines) - 1:
+                logger.warning("%s: dropping the unfinished last line %d (%s)", path, number, error)
+                continue
+            raise DataError(f"{path}: line {number} is not a JSON record ({error})") from None
+    return records

@@ -93,7 +93,10 @@ def build_optimizer(
             config.momentum if config.momentum is not None else (0.9 if name == "Momentum" else 0.0)
         )
         return torch.optim.SGD(groups, lr=learning_rate, momentum=momentum)
-    betas = (config.beta1 or 0.9, config.beta2 or 0.999)
+    betas = (
+        0.9 if config.beta1 is None else config.beta1,
+        0.999 if config.beta2 is None else config.beta2,
+    )
     if name == "Adam":
         return torch.optim.Adam(groups, lr=learning_rate, betas=betas)
     return torch.optim.AdamW(groups, lr=learning_rate, betas=betas)

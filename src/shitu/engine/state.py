@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -11,6 +9,7 @@ from typing import Any
 import torch
 
 from shitu.errors import CheckpointError
+from shitu.fileio import write_atomically
 
 LATEST = "latest"
 BEST = "best_model"
@@ -45,17 +44,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def save_training_state(path: Path, state: dict[str, Any], progress: Progress) -> Path:
     """Write atomically (temp file + rename): a crash never leaves a half-written checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format_version": FORMAT_VERSION, "progress": asdict(progress), **state}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return write_atomically(path, lambda tmp: torch.save(payload, tmp))
 
 
 def load_training_state(path: str | Path) -> tuple[dict[str, Any], Progress]:

@@ -17,9 +17,10 @@ from typing import Any, TypeVar
 import numpy as np
 
 from shitu.errors import GalleryError
+from shitu.fileio import file_sha256, fsync_dir
 from shitu.index.backends import Backend, Change, open_backend
 from shitu.index.embedder import Embedder
-from shitu.index.files import crash_point, file_sha256, fsync_dir
+from shitu.index.files import crash_point
 from shitu.index.labels import GalleryItem
 from shitu.index.manifest import Manifest, now
 from shitu.index.metadata import ImageEntry, MetadataStore, NewImage
@@ -32,8 +33,9 @@ T = TypeVar("T")
 class SearchResult:
     """Top-k hits per query, best first, as [Q, k] arrays.
 
-    Scores are higher-is-more-similar for every metric (cosine/inner product, or the negated
-    Euclidean distance for L2). Slots without a hit (fewer than k images, or below
+    Scores are higher-is-more-similar: the cosine similarity for every metric in a library
+    that normalises its features (the default), else the inner product or the negated
+    Euclidean distance. Slots without a hit (fewer than k images, or below
     `min_score`) are padding: id -1, label "", score -inf.
     """
 

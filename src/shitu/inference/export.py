@@ -31,6 +31,7 @@ from shitu import __version__
 from shitu.checkpoint import load_weights, model_metadata, save_weights
 from shitu.config import ArchConfig, ShituConfig
 from shitu.errors import CheckpointError, ShituError
+from shitu.fileio import file_sha256
 from shitu.inference.preprocess import Preprocessing
 from shitu.models import RecModel, build_model
 from shitu.onnx_trace import trace_to_onnx
@@ -83,14 +84,6 @@ def fingerprint(state: dict[str, torch.Tensor], preprocessing: Preprocessing, ke
         digest.update(tensor.numpy().tobytes() if tensor.numel() else b"")
     digest.update(json.dumps(preprocessing.to_dict(), sort_keys=True).encode())
     digest.update(key.encode())
-    return digest.hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
     return digest.hexdigest()
 
 

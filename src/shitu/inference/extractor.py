@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from shitu.data.transforms.ops import UnreadableImageError
 from shitu.errors import CheckpointError
+from shitu.fileio import file_sha256
 from shitu.inference.backends import (
     Backend,
     OnnxBackend,
@@ -34,7 +35,6 @@ from shitu.inference.export import (
     MANIFEST,
     ONNX_FILE,
     TORCH_FILE,
-    file_sha256,
     read_manifest,
 )
 from shitu.inference.preprocess import Preprocessing

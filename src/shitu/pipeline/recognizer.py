@@ -82,13 +82,6 @@ class FileRecognition:
     error: str | None = None
 
 
-def cosine_scores(scores: np.ndarray, metric: str) -> np.ndarray:
-    """Gallery scores (inner product, or negated L2 distance) -> cosine similarity."""
-    if metric == "ip":
-        return scores
-    return (1.0 - np.square(scores) / 2.0).astype(np.float32)
-
-
 def iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     """Intersection over union of one [4] box with [N, 4] boxes (x1, y1, x2, y2)."""
     width = np.clip(np.minimum(box[2], boxes[:, 2]) - np.maximum(box[0], boxes[:, 0]), 0, None)
@@ -221,8 +214,7 @@ class Recognizer:
         if not crops:
             return []
         hits = self.gallery.search(self.extractor.extract_images(crops, self.batch_size), k=1)
-        scores = cosine_scores(hits.scores[:, 0], self.gallery.manifest.metric)
-        labels, ids = hits.labels[:, 0], hits.ids[:, 0]
+        labels, scores, ids = hits.labels[:, 0], hits.scores[:, 0], hits.ids[:, 0]
         scored = [
             Recognition(box, str(labels[row]), float(scores[row]), int(ids[row]))
             if ids[row] >= 0

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import re
-import tempfile
 import unicodedata
 from collections.abc import Sequence
 from concurrent.futures import Future
@@ -21,6 +19,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from shitu.fileio import write_atomically
 from shitu.index import INDEX_TYPES, Gallery
 from shitu.index.metadata import ImageEntry
 from shitu.pipeline import PipelineConfig, Recognition, Recognizer
@@ -224,14 +223,7 @@ class RecognitionService:
         stem = SAFE_NAME.sub("_", Path(upload.name).stem)[:MAX_NAME].strip("._") or "image"
         path = self.upload_dir / f"{stem}-{digest[:16]}{suffix}"
         if not path.is_file():
-            self.upload_dir.mkdir(parents=True, exist_ok=True)
-            handle, tmp = tempfile.mkstemp(dir=self.upload_dir, prefix=".upload-")
-            with os.fdopen(handle, "wb") as out:
-                out.write(upload.data)
-                out.flush()
-                os.fsync(out.fileno())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
+            write_atomically(path, lambda tmp: tmp.write_bytes(upload.data), durable=True)
         return str(path)
 
     def _forget_files(self, entries: Sequence[ImageEntry]) -> None:

@@ -29,7 +29,8 @@ class LabelFileDataset(ImageDataset):
     labels are class names, numbered in sorted order, with the names in
     `class_names`. The optional third column is a unique id (e.g. a product or
     instance id) that retrieval evaluation uses to exclude an image's own
-    entries; without it the line's index in the file (from 0) is used.
+    entries; without it the entry's position among the listed images is used (from 0;
+    blank lines are not counted).
     """
 
     def __init__(

@@ -34,14 +34,23 @@ class Change:
         return self.rebuild or len(self.added_ids) > 0 or len(self.removed_ids) > 0
 
 
-def scores_from_distances(raw: np.ndarray, ids: np.ndarray, metric: str) -> np.ndarray:
+def scores_from_distances(
+    raw: np.ndarray, ids: np.ndarray, metric: str, normalized: bool
+) -> np.ndarray:
     """Scores where higher always means more similar; padding (id -1) scores -inf.
 
-    Inner product is already a similarity (cosine for normalised features); L2 backends
-    return squared distances, which become the negated Euclidean distance.
+    Inner product is already a similarity (the cosine for normalised features). L2 backends
+    return squared distances d^2: between unit vectors they become the same cosine, 1 - d^2/2,
+    so that a score (and a threshold on it) means the same for either metric; without
+    normalisation, the negated Euclidean distance.
     """
     raw = raw.astype(np.float32, copy=False)
-    scores = raw if metric == "ip" else -np.sqrt(np.maximum(raw, 0.0))
+    if metric == "ip":
+        scores = raw
+    elif normalized:
+        scores = 1.0 - raw / 2.0
+    else:
+        scores = -np.sqrt(np.maximum(raw, 0.0))
     return np.where(ids >= 0, scores, np.float32(-np.inf)).astype(np.float32, copy=False)
 
 

@@ -17,8 +17,9 @@ import faiss
 import numpy as np
 
 from shitu.errors import GalleryError
+from shitu.fileio import file_sha256, write_atomically
 from shitu.index.backends import Backend, Change, scores_from_distances
-from shitu.index.files import file_sha256, write_atomically
+from shitu.index.files import crash_point
 from shitu.index.manifest import Manifest
 from shitu.index.metadata import MetadataStore
 
@@ -162,7 +163,12 @@ class FaissBackend(Backend):
             if "trained_on" in self.manifest.index_state:
                 state["trained_on"] = self.manifest.index_state["trained_on"]
         name = f"index-{manifest.generation:08d}.faiss"
-        write_atomically(self.root / name, lambda tmp: faiss.write_index(index, str(tmp)))
+
+        def write(tmp: Path) -> None:
+            faiss.write_index(index, str(tmp))
+            crash_point("index-file-written")
+
+        write_atomically(self.root / name, write, durable=True)
         self._staged = (index, name)
         path = self.root / name
         return {**state, "file": name, "bytes": path.stat().st_size, "sha256": file_sha256(path)}
@@ -183,7 +189,8 @@ class FaissBackend(Backend):
     def _remove_orphans(self) -> None:
         """Files left by writes killed before their commit (we hold the write lock here)."""
         keep = self.manifest.index_state.get("file")
-        for path in self.root.glob("index-*.faiss*"):
+        # index files of other generations, and temporary files of unfinished writes
+        for path in [*self.root.glob("index-*.faiss"), *self.root.glob(".index-*.faiss.*")]:
             if path.name != keep:
                 path.unlink()
 
@@ -193,7 +200,7 @@ class FaissBackend(Backend):
                 (len(queries), k), -1, np.int64
             )
         raw, ids = self.index.search(queries, k)
-        return scores_from_distances(raw, ids, self.manifest.metric), ids
+        return scores_from_distances(raw, ids, self.manifest.metric, self.manifest.normalize), ids
 
     def close(self) -> None:
         self.index = None

@@ -166,7 +166,7 @@ class MilvusBackend(Backend):
                 for col, hit in enumerate(row_hits):
                     ids[row, col] = hit["id"]
                     raw[row, col] = hit["distance"]
-        return scores_from_distances(raw, ids, self.manifest.metric), ids
+        return scores_from_distances(raw, ids, self.manifest.metric, self.manifest.normalize), ids
 
     def problems(self) -> list[str]:
         count, held = self.store.count(), self.ntotal
