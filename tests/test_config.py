@@ -179,6 +179,13 @@ def test_config_errors_name_file_key_and_override(config_file, overrides, expect
     assert "\n" not in message
 
 
+def test_malformed_override_names_the_config_file(config_file):
+    with pytest.raises(
+        ConfigError, match=rf"^{re.escape(str(config_file))}: override 'Global.epochs' is not"
+    ):
+        load_config(config_file, ["Global.epochs"])
+
+
 def test_errors_in_the_file_itself(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text(MINIMAL.replace("num_features: 512", "num_featurs: 512"))

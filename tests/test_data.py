@@ -741,23 +741,18 @@ def test_distributed_sampler_covers_every_index_once_plus_padding():
     world = 3
     samplers = [dbs(10, batch_size=2, num_replicas=world, rank=r) for r in range(world)]
     assert {len(s) for s in samplers} == {2}
-    real, padded = [], []
-    for sampler in samplers:
-        flat = [i for batch in sampler for i in batch]
-        assert len(flat) == sampler.num_samples == 4
-        mask = sampler.padding_mask()
-        real += [i for i, pad in zip(flat, mask, strict=True) if not pad]
-        padded += [i for i, pad in zip(flat, mask, strict=True) if pad]
-    assert sorted(real) == list(range(10))
-    assert samplers[0].num_padding == 2 and padded == [0, 1]  # repeats from the start
-    assert [s.num_real_samples for s in samplers] == [4, 3, 3]
+    shares = [[i for batch in sampler for i in batch] for sampler in samplers]
+    assert [len(share) for share in shares] == [s.num_samples for s in samplers] == [4, 4, 4]
+    assert samplers[0].num_padding == 2
+    # every index once, plus the padding, which repeats the order from the start
+    assert sorted(i for share in shares for i in share) == sorted([*range(10), 0, 1])
     assert list(samplers[1]) == [[1, 4], [7, 0]]  # strided shares
 
 
 def test_distributed_sampler_shuffle_drop_last_and_resume():
     plain = dbs(10, batch_size=4)
     assert list(plain) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
-    assert not any(plain.padding_mask())
+    assert plain.num_padding == 0
     dropping = dbs(11, batch_size=2, drop_last=True, num_replicas=2, rank=1)
     assert list(dropping) == [[1, 3], [5, 7]] and dropping.num_padding == 0
     shuffled = [

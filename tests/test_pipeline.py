@@ -11,9 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from shitu.cli.main import main as shitu_main
 from shitu.config import load_config
+from shitu.detection.postprocess import box_iou
 from shitu.errors import CheckpointError, ConfigError
 from shitu.index import Gallery, GalleryItem
 from shitu.inference import FeatureExtractor, default_model_dir, export_model, read_manifest
@@ -27,7 +29,6 @@ from shitu.pipeline import (
     evaluate_pipeline,
     load_pipeline_config,
 )
-from shitu.pipeline.recognizer import iou
 
 CLASSES = (6, 7, 30, 45, 60, 71)  # banana, kiwi, juice, oat milk, aubergine, red pepper
 GALLERY_PER_CLASS = 5
@@ -165,10 +166,12 @@ def test_several_products_are_each_recognised_and_not_suppressed_by_the_whole_im
         whole = rec.recognize_batch([canvas])[0]
     assert len(results) == 3
     assert [r.score for r in results] == sorted((r.score for r in results), reverse=True)
-    for box, label in zip(boxes, alone, strict=True):
-        match = [
-            r for r in results if iou(np.array(box, float), np.array([r.bbox], float))[0] > 0.9
-        ]
+    overlaps = box_iou(
+        torch.tensor(boxes, dtype=torch.float64),
+        torch.tensor([r.bbox for r in results], dtype=torch.float64),
+    )
+    for row, label in zip(overlaps, alone, strict=True):
+        match = [r for r, overlap in zip(results, row, strict=True) if overlap > 0.9]
         assert len(match) == 1 and match[0].label == label
     assert (0, 0, canvas.shape[1], canvas.shape[0]) not in [r.bbox for r in results]
     assert whole == results  # one batch of several images gives the same answer
@@ -487,8 +490,14 @@ def test_pipeline_config_reads_paddleclas_files_and_overrides(tmp_path):
     assert load_pipeline_config("inference_general").IndexProcess.score_thres is None  # the model's
     with pytest.raises(ConfigError, match=r"Global.treshold: unknown key"):
         load_pipeline_config(paddle, ["Global.treshold=0.3"])
-    with pytest.raises(ConfigError, match=r"score_thres.*from -o IndexProcess.score_thres=2"):
+    with pytest.raises(ConfigError, match=r"score_thres.*set by -o IndexProcess.score_thres=2"):
         load_pipeline_config(None, ["IndexProcess.score_thres=2"])
+    with pytest.raises(ConfigError, match=r"^pipeline defaults: Globl: unknown key.*set by -o"):
+        load_pipeline_config(None, ["Globl.x=1"])  # a whole misspelt section
+    with pytest.raises(
+        ConfigError, match=r"inference_general.yaml: override 'Global.x' is not of the form"
+    ):
+        load_pipeline_config(paddle, ["Global.x"])
     with pytest.raises(ConfigError, match="pipeline config not found"):
         load_pipeline_config("no_such_config")
 

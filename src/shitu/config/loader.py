@@ -25,15 +25,19 @@ def shipped_configs() -> list[str]:
 
 def resolve_config_path(name_or_path: str | Path) -> Path:
     """A path to an existing file, or the name of a shipped config (with or without .yaml)."""
+    return find_config(name_or_path, SHIPPED_DIR, "config file")
+
+
+def find_config(name_or_path: str | Path, shipped_dir: Path, what: str) -> Path:
+    """An existing file, or the name of a YAML file in `shipped_dir` (with or without .yaml)."""
     path = Path(name_or_path)
     if path.is_file():
         return path
-    shipped = SHIPPED_DIR / (path.name if path.suffix == ".yaml" else f"{path.name}.yaml")
+    shipped = shipped_dir / (path.name if path.suffix == ".yaml" else f"{path.name}.yaml")
     if path.parent == Path(".") and shipped.is_file():
         return shipped
-    raise ConfigError(
-        f"config file not found: {name_or_path} (shipped configs: {', '.join(shipped_configs())})"
-    )
+    names = ", ".join(sorted(p.stem for p in shipped_dir.glob("*.yaml")))
+    raise ConfigError(f"{what} not found: {name_or_path} (shipped: {names})")
 
 
 def load_config(name_or_path: str | Path, overrides: list[str] | None = None) -> ShituConfig:
@@ -42,25 +46,36 @@ def load_config(name_or_path: str | Path, overrides: list[str] | None = None) ->
     Every problem is a one-line ConfigError naming the file and the key.
     """
     path = resolve_config_path(name_or_path)
-    raw = _read_yaml(path)
-    overrides = list(overrides or [])
-    attribution = override_paths(overrides)
-    try:
-        apply_overrides(raw, overrides)
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+    raw = read_yaml(path)
+    attribution = apply_attributed_overrides(raw, overrides, path)
     try:
         config = ShituConfig.model_validate(raw)
         _validate_components(config)
     except ValidationError as exc:
         message = format_validation_error(exc, ShituConfig, what="the config")
-        raise ConfigError(_with_source(path, message, attribution)) from None
+        raise ConfigError(with_source(path, message, attribution)) from None
     except ConfigError as exc:
-        raise ConfigError(_with_source(path, str(exc), attribution)) from None
+        raise ConfigError(with_source(path, str(exc), attribution)) from None
     return config
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def apply_attributed_overrides(
+    raw: dict[str, Any], overrides: list[str] | None, source: Path | str
+) -> dict[str, str]:
+    """Apply `-o` overrides to `raw`; returns dotted key -> override text for `with_source`.
+
+    A malformed override is a ConfigError naming `source`.
+    """
+    overrides = list(overrides or [])
+    try:
+        attribution = override_paths(overrides)
+        apply_overrides(raw, overrides)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    return attribution
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8-sig")
     except OSError as exc:
@@ -149,7 +164,9 @@ def _check(where: str, validate: Any) -> None:
         ) from None
 
 
-def _with_source(path: Path, message: str, attribution: dict[str, str]) -> str:
+def with_source(path: Path | str, message: str, attribution: dict[str, str]) -> str:
+    """`message` (which starts with the dotted key at fault) prefixed by the config's source,
+    and naming the `-o` override that set that key or a section around it."""
     key = message.split(":", 1)[0]
     for dotted, text in attribution.items():
         if key == dotted or key.startswith(dotted + ".") or dotted.startswith(key + "."):

@@ -24,6 +24,7 @@ from shitu.index.files import crash_point
 from shitu.index.labels import GalleryItem
 from shitu.index.manifest import Manifest, now
 from shitu.index.metadata import ImageEntry, MetadataStore, NewImage
+from shitu.vectors import l2_normalize
 
 LIBRARY_FILE = "gallery.sqlite"
 T = TypeVar("T")
@@ -56,11 +57,6 @@ class AddReport:
     ids: np.ndarray
     duplicates: list[str] = field(default_factory=list)
     failures: list[tuple[str, str]] = field(default_factory=list)
-
-
-def normalize_rows(vectors: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return (vectors / np.maximum(norms, 1e-12)).astype(np.float32)
 
 
 class Gallery:
@@ -193,7 +189,7 @@ class Gallery:
                 f"got {list(array.shape)}"
             )
         if self.manifest.normalize:
-            array = normalize_rows(array)
+            array = l2_normalize(array)
         return np.ascontiguousarray(array)
 
     def _refresh_labels(self) -> None:
@@ -402,7 +398,7 @@ class Gallery:
                 f"{reason}); remove them with `shitu index remove` and retry"
             )
         ids = np.asarray([e.id for e in entries], dtype=np.int64)
-        features = normalize_rows(result.features) if self.manifest.normalize else result.features
+        features = l2_normalize(result.features) if self.manifest.normalize else result.features
 
         def mutate() -> tuple[Change, int]:
             current, _ = self._store.id_labels()

@@ -38,6 +38,7 @@ from shitu.inference.export import (
     read_manifest,
 )
 from shitu.inference.preprocess import Preprocessing
+from shitu.vectors import l2_normalize
 
 
 @dataclass
@@ -45,11 +46,6 @@ class ExtractionResult:
     features: np.ndarray  # float32 [N, D], L2-normalised rows
     paths: list[str]  # the N files embedded, in input order
     failures: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) skipped
-
-
-def l2_normalize(features: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(features, axis=1, keepdims=True)
-    return (features / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
 
 
 class FeatureExtractor:

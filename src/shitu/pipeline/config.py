@@ -13,8 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from shitu.config.loader import _read_yaml
-from shitu.config.overrides import apply_overrides, override_paths
+from shitu.config.loader import apply_attributed_overrides, find_config, read_yaml, with_source
 from shitu.errors import ConfigError
 from shitu.registry import format_validation_error
 
@@ -120,35 +119,18 @@ class PipelineConfig(_Section):
         return None if value is None or value.lower() == NO_DETECTOR else value
 
 
-def resolve_pipeline_config(name_or_path: str | Path) -> Path:
-    """An existing file, or the name of a shipped pipeline config (with or without .yaml)."""
-    path = Path(name_or_path)
-    if path.is_file():
-        return path
-    shipped = PIPELINE_CONFIG_DIR / (path.name if path.suffix == ".yaml" else f"{path.name}.yaml")
-    if path.parent == Path(".") and shipped.is_file():
-        return shipped
-    names = ", ".join(sorted(p.stem for p in PIPELINE_CONFIG_DIR.glob("*.yaml")))
-    raise ConfigError(f"pipeline config not found: {name_or_path} (shipped: {names})")
-
-
 def load_pipeline_config(
     name_or_path: str | Path | None = None, overrides: list[str] | None = None
 ) -> PipelineConfig:
     """Defaults, or a YAML file / shipped name, with `-o Section.key=value` overrides."""
-    source = resolve_pipeline_config(name_or_path) if name_or_path else None
-    raw = _read_yaml(source) if source else {}
+    source = (
+        find_config(name_or_path, PIPELINE_CONFIG_DIR, "pipeline config") if name_or_path else None
+    )
+    raw = read_yaml(source) if source else {}
     where = str(source) if source else "pipeline defaults"
-    overrides = list(overrides or [])
-    try:
-        apply_overrides(raw, overrides)
-    except ConfigError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
+    attribution = apply_attributed_overrides(raw, overrides, where)
     try:
         return PipelineConfig.model_validate(raw)
     except ValidationError as exc:
-        message = format_validation_error(exc, PipelineConfig, what=where)
-        key = ".".join(str(p) for p in exc.errors()[0]["loc"])
-        if key in override_paths(overrides):
-            message += f" (from -o {override_paths(overrides)[key]})"
-        raise ConfigError(message) from None
+        message = format_validation_error(exc, PipelineConfig, what="the pipeline config")
+        raise ConfigError(with_source(where, message, attribution)) from None

@@ -24,9 +24,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from shitu.data.transforms.ops import UnreadableImageError
+from shitu.detection.postprocess import nms
 from shitu.errors import ConfigError
 from shitu.index import Gallery
 from shitu.inference.extractor import FeatureExtractor
@@ -80,27 +82,6 @@ class FileRecognition:
     path: str
     results: list[Recognition]
     error: str | None = None
-
-
-def iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    """Intersection over union of one [4] box with [N, 4] boxes (x1, y1, x2, y2)."""
-    width = np.clip(np.minimum(box[2], boxes[:, 2]) - np.maximum(box[0], boxes[:, 0]), 0, None)
-    height = np.clip(np.minimum(box[3], boxes[:, 3]) - np.maximum(box[1], boxes[:, 1]), 0, None)
-    inter = width * height
-    area = (box[2] - box[0]) * (box[3] - box[1])
-    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    return inter / np.maximum(area + areas - inter, 1e-9)
-
-
-def nms(boxes: np.ndarray, scores: np.ndarray, threshold: float) -> list[int]:
-    """Indices kept by greedy NMS, best score first: a box overlapping a kept one by
-    IoU > threshold is dropped."""
-    order = list(np.argsort(-scores, kind="stable"))
-    keep: list[int] = []
-    for index in order:
-        if not keep or iou(boxes[index], boxes[keep]).max() <= threshold:
-            keep.append(int(index))
-    return keep
 
 
 def pixel_box(box: Sequence[float], width: int, height: int) -> tuple[int, int, int, int]:
@@ -251,12 +232,14 @@ class Recognizer:
         return boxes
 
     def _nms(self, found: list[Recognition]) -> list[Recognition]:
-        """Greedy NMS by recognition score; best first."""
+        """Greedy NMS by recognition score, whatever the labels (as PP-ShiTu); best first."""
         if not found:
             return []
-        boxes = np.asarray([r.bbox for r in found], np.float64)
-        keep = nms(boxes, np.asarray([r.score for r in found]), self.rec_nms_thres)
-        return [found[i] for i in keep]
+        boxes = torch.tensor([r.bbox for r in found], dtype=torch.float64)
+        scores = torch.tensor([r.score for r in found], dtype=torch.float64)
+        one_group = torch.zeros(len(found), dtype=torch.long)
+        keep = nms(boxes, scores, one_group, self.rec_nms_thres)
+        return [found[i] for i in keep.tolist()]
 
     def recognize_files(
         self, paths: Sequence[str | Path], progress: bool = False

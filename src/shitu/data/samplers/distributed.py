@@ -20,9 +20,8 @@ class DistributedBatchSampler(EpochBatchSampler):
     `shuffle`) is dealt out round-robin, so the ranks' shares are disjoint and
     together cover the dataset. To give every rank the same number of samples,
     `drop_last: false` (evaluation) pads the order by repeating it from the
-    start: the last `num_padding` positions of the padded order are duplicates;
-    `padding_mask()` marks them in this rank's order, `num_real_samples` counts
-    the rest (drop them, or drop duplicate dataset indices, after gathering).
+    start: the last `num_padding` positions of the padded order are duplicates
+    (after gathering, keep each dataset index once, as evaluation does).
     `drop_last: true` instead cuts the order to a multiple of num_replicas and
     drops each rank's last incomplete batch.
     """
@@ -65,16 +64,6 @@ class DistributedBatchSampler(EpochBatchSampler):
         else:
             order = order[: self.total_size]
         return order[self.rank :: self.num_replicas]
-
-    def padding_mask(self) -> list[bool]:
-        """For each position of `indices()`: True where it is a padding duplicate."""
-        positions = self.rank + self.num_replicas * np.arange(self.num_samples)
-        return (positions >= self.dataset_size).tolist()
-
-    @property
-    def num_real_samples(self) -> int:
-        """How many of this rank's samples are not padding."""
-        return self.num_samples - sum(self.padding_mask())
 
     def _batches(self, start: int) -> Iterator[list[int]]:
         indices = self.indices()
