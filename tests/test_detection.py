@@ -4,6 +4,7 @@ real PicoDet-S ONNX export (parity with onnxruntime), export, checkpoints and th
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -202,4 +203,19 @@ def test_detect_cli_writes_json_lines_and_images(tmp_path: Path, capsys) -> None
     box = lines[0]["boxes"][0]["box"]
     assert 0 <= box[0] < box[2] <= lines[0]["width"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bus.jpg", "dog.jpg"]
+    assert all("label" not in box for line in lines for box in line["boxes"])  # names unknown
     assert shitu_main(["detect", samples[0], "--model", str(tmp_path / "none.onnx")]) == 2
+
+    # A folder, with a broken image in it that is reported and skipped; labels from a file.
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    shutil.copy(samples[1], folder / "dog.jpg")
+    (folder / "broken.jpg").write_bytes(b"not an image")
+    names = ["--class-names", str(PICODET / "coco.names")]
+    code = shitu_main(["detect", str(folder), "--model", str(ONNX_416), *names])
+    assert code == 0
+    out = capsys.readouterr()
+    (line,) = [json.loads(line) for line in out.out.splitlines()]
+    assert line["image"].endswith("dog.jpg") and "broken.jpg" in out.err
+    assert {"dog", "bicycle", "car"} <= {box["label"] for box in line["boxes"]}
+    assert shitu_main(["detect", str(folder / "broken.jpg"), "--model", str(ONNX_416)]) == 1

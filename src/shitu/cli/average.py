@@ -7,7 +7,7 @@ import argparse
 
 from shitu.checkpoint import average_weights, interpolate_toward, read_weights, save_weights
 from shitu.cli.common import add_config_arguments, config_from_args, model_from_config
-from shitu.errors import CheckpointError
+from shitu.errors import CheckpointError, ConfigError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -63,7 +63,14 @@ def run(args: argparse.Namespace) -> int:
         state, metadata = read_weights(args.weights[0])
         done = args.weights[0]
     if args.pretrained_share is not None:
-        reference = model_from_config(config_from_args(args), args).state_dict()
+        config = config_from_args(args)
+        if not config.Arch.Backbone.params.get("pretrained"):
+            raise ConfigError(
+                f"--pretrained-share mixes towards the backbone's pretrained weights, but "
+                f"{args.config} sets no Arch.Backbone.pretrained (it would mix in a random "
+                "initialisation)"
+            )
+        reference = model_from_config(config, args).state_dict()
         state = interpolate_toward(state, reference, args.pretrained_share, args.layers)
         done += f", {', '.join(args.layers)} mixed with {args.config} at {args.pretrained_share}"
     out = save_weights(state, args.out, metadata)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterable
+from pathlib import Path
 
 from shitu.config import ShituConfig, load_config, resolve_config_path
-from shitu.errors import ConfigError
+from shitu.errors import ConfigError, DataError
+from shitu.index.labels import IMAGE_SUFFIXES, images_in
 from shitu.inference.backends import BACKENDS, PRECISIONS
 from shitu.models import RecModel, build_model
 
@@ -85,13 +88,33 @@ def config_from_args(args: argparse.Namespace) -> ShituConfig:
     return config
 
 
-def model_from_config(config: ShituConfig, args: argparse.Namespace) -> RecModel:
-    """Build the config's model; problems only found while building still name the file."""
+def model_from_config(
+    config: ShituConfig, args: argparse.Namespace, pretrained: bool = True
+) -> RecModel:
+    """Build the config's model; problems only found while building still name the file.
+
+    pretrained=False: a checkpoint with every weight is loaded next (see `build_model`).
+    """
     try:
-        return build_model(config.Arch)
+        return build_model(config.Arch, pretrained)
     except ConfigError as exc:
         raise ConfigError(f"{resolve_config_path(args.config)}: {exc}") from None
 
 
 def count_parameters(module: object) -> int:
     return sum(p.numel() for p in module.parameters()) if module is not None else 0
+
+
+def expand_images(sources: Iterable[str]) -> tuple[list[Path], bool]:
+    """Files as given, folders as the images in them; also whether a folder was given."""
+    paths: list[Path] = []
+    folder = False
+    for source in map(Path, sources):
+        if source.is_dir():
+            folder = True
+            paths.extend(images_in(source))
+        elif source.exists() or source.suffix.lower() in IMAGE_SUFFIXES:
+            paths.append(source)  # missing files are reported per file, not fatal
+        else:
+            raise DataError(f"{source}: no such file or folder")
+    return paths, folder

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
-import numpy as np
 from PIL import Image, ImageDraw
 
-from shitu.cli.common import positive_int
+from shitu.cli.common import expand_images, positive_int
+from shitu.data.transforms.ops import UnreadableImageError
 from shitu.detection import load_detector
 from shitu.errors import DataError
+from shitu.inference.preprocess import read_rgb
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -21,12 +23,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Detect objects with a detector given by path: our checkpoint (.pt), a "
             "PaddleDetection .pdparams (with --arch) or an ONNX export. Prints one JSON "
-            "object per image with boxes [x1, y1, x2, y2] in the image's pixels."
+            "object per image with boxes [x1, y1, x2, y2] in the image's pixels; folders "
+            "are searched for images, unreadable ones reported and skipped."
         ),
     )
-    parser.add_argument("images", nargs="+", help="image files")
+    parser.add_argument("images", nargs="+", help="image files and/or folders")
     parser.add_argument("--model", required=True, help="detector: .pt, .pdparams or .onnx")
     parser.add_argument("--arch", help="architecture name (needed for .pdparams)")
+    parser.add_argument(
+        "--class-names",
+        metavar="FILE",
+        help="one class name per line, for each box's label (e.g. coco.names beside an ONNX "
+        "export; our checkpoints carry their own)",
+    )
     parser.add_argument(
         "--backend", default="auto", choices=("auto", "torch", "onnxruntime"), help="runtime"
     )
@@ -40,22 +49,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def _read(path: str) -> np.ndarray:
+def _class_names(path: str) -> tuple[str, ...]:
     try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))
-    except (OSError, ValueError) as exc:
-        raise DataError(f"cannot read image {path}: {exc}") from None
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"--class-names {path}: cannot read it ({exc})") from None
+    return tuple(line.strip() for line in lines if line.strip())
 
 
 def run(args: argparse.Namespace) -> int:
+    paths, _ = expand_images(args.images)
     detector = load_detector(args.model, args.backend, args.arch, args.input_size)
-    names = detector.class_names
+    names = _class_names(args.class_names) if args.class_names else detector.class_names
     vis_dir = Path(args.save_vis) if args.save_vis else None
     if vis_dir:
         vis_dir.mkdir(parents=True, exist_ok=True)
-    for path in args.images:
-        image = _read(path)
+    done = 0
+    for path in map(str, paths):
+        try:
+            image = read_rgb(path)
+        except UnreadableImageError as exc:
+            print(f"skipped {path}: {exc}", file=sys.stderr)
+            continue
+        done += 1
         dets = detector.detect(image, args.threshold, args.max_boxes, not args.per_class)
         boxes = [
             {
@@ -75,4 +91,4 @@ def run(args: argparse.Namespace) -> int:
                 draw.rectangle(item["box"], outline=(255, 0, 0), width=3)
                 draw.text((item["box"][0] + 3, item["box"][1] + 3), f"{item['score']:.2f}")
             canvas.save(vis_dir / f"{Path(path).stem}.jpg")
-    return 0
+    return 0 if done else 1  # no image could be read: fail, like recognize

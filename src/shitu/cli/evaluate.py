@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import torch
 
@@ -34,14 +35,14 @@ def run(args: argparse.Namespace) -> int:
     if not weights:
         print(
             "note: no Global.pretrained_model, so this evaluates the model as the config "
-            "initialises it (e.g. an ImageNet backbone); pass "
-            "-o Global.pretrained_model=output/best_model.safetensors for trained weights",
+            "initialises it (e.g. an ImageNet backbone); pass -o Global.pretrained_model="
+            f"{Path(config.Global.output_dir) / 'best_model.safetensors'} for trained weights",
             file=sys.stderr,
         )
     config.Arch.Head = None  # retrieval needs no classifier
     context = init_distributed(config.Global.device)
     try:
-        model = model_from_config(config, args)
+        model = model_from_config(config, args, pretrained=not weights)
         if weights:
             load_weights(model, weights, strict=True, ignore_prefixes=("head.",))
         model.to(context.device)

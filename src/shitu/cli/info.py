@@ -36,7 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
-    model = model_from_config(config, args).eval()
+    model = model_from_config(config, args, pretrained=not args.weights).eval()
     if args.weights:
         load_weights(model, args.weights)
     if args.reparameterize:

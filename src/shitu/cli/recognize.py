@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Iterable
 from pathlib import Path
 
-from shitu.cli.common import add_runtime_arguments, cosine_similarity, positive_int
+from shitu.cli.common import (
+    add_runtime_arguments,
+    cosine_similarity,
+    expand_images,
+    positive_int,
+)
 from shitu.errors import DataError
-from shitu.index.labels import IMAGE_SUFFIXES, images_in
 from shitu.pipeline import (
     FileRecognition,
     PipelineConfig,
@@ -83,21 +86,6 @@ def pipeline_config_from_args(args: argparse.Namespace) -> PipelineConfig:
         if value is not None:
             setattr(getattr(config, section), key, value)
     return config
-
-
-def expand_images(sources: Iterable[str]) -> tuple[list[Path], bool]:
-    """Files as given, folders as the images in them; also whether a folder was given."""
-    paths: list[Path] = []
-    folder = False
-    for source in map(Path, sources):
-        if source.is_dir():
-            folder = True
-            paths.extend(images_in(source))
-        elif source.exists() or source.suffix.lower() in IMAGE_SUFFIXES:
-            paths.append(source)  # missing files are reported per file, not fatal
-        else:
-            raise DataError(f"{source}: no such file or folder")
-    return paths, folder
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

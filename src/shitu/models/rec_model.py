@@ -75,10 +75,17 @@ class RecModel(nn.Module):
         return self
 
 
-def build_model(arch: ArchConfig) -> RecModel:
-    """Build a RecModel from the `Arch` section of a config."""
+def build_model(arch: ArchConfig, pretrained: bool = True) -> RecModel:
+    """Build a RecModel from the `Arch` section of a config.
+
+    pretrained=False leaves out the backbone's `pretrained` weights: for callers that load a
+    whole checkpoint over them next (nothing to read, nor a weights package to install).
+    """
     registry.populate()
-    backbone = registry.BACKBONES.build(arch.Backbone.name, **arch.Backbone.params)
+    params = arch.Backbone.params
+    if not pretrained:
+        params.pop("pretrained", None)
+    backbone = registry.BACKBONES.build(arch.Backbone.name, **params)
     if arch.BackboneStopLayer is not None:
         backbone.stop_after(arch.BackboneStopLayer.name)
     neck = registry.NECKS.build(arch.Neck.name, **arch.Neck.params) if arch.Neck else None
