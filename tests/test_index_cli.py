@@ -81,7 +81,7 @@ def test_build_search_edit_and_reembed(models, gallery_list, tmp_path):
         shutil.copy(photo, folder / f"{index}.jpg")
     added = shitu("index", "add", lib, folder, "--label", "Mixed bag", "--model", models[512])
     assert added.returncode == 0, added.stderr
-    assert "added 2 images" in added.stdout and "skipped 1 duplicates" in added.stdout
+    assert "added 2 images" in added.stdout and "skipped 1 duplicate (" in added.stdout
 
     assert shitu("index", "relabel", lib, "Pink Lady apple", "Pink Lady").returncode == 0
     merging = shitu("index", "relabel", lib, "Pink Lady", "Mixed bag")
@@ -114,6 +114,7 @@ def test_search_scores_are_cosines_on_l2_libraries_too(models, gallery_list, tmp
             "--metric", metric,
         )  # fmt: skip
         assert built.returncode == 0, built.stderr
+        assert "note:" not in built.stdout  # Flat: nothing to train
         found = shitu(
             "index", "search", lib, first_image, "--model", models[512], "-k", "3",
             "--min-score", "0.5",
@@ -122,6 +123,12 @@ def test_search_scores_are_cosines_on_l2_libraries_too(models, gallery_list, tmp
         answers[metric] = found.stdout
     assert "Golden Delicious apple (1.000" in answers["l2"]  # not the distance 0.000
     assert answers["l2"] == answers["ip"]
+    ivf = shitu(
+        "index", "build", "--gallery", gallery_list, "--model", models[512],
+        "--out", tmp_path / "ivf", "--index-type", "IVF",
+    )  # fmt: skip
+    assert ivf.returncode == 0, ivf.stderr
+    assert "too few images (6) to train the IVF index; searching them exactly (Flat)" in ivf.stdout
 
 
 def test_build_refuses_an_existing_library_and_bad_lists(models, tmp_path):

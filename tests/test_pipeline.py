@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from shitu.cli.eval_pipeline import sweep_table
 from shitu.cli.main import main as shitu_main
 from shitu.config import load_config
 from shitu.detection.postprocess import box_iou
@@ -370,6 +371,10 @@ def test_open_set_evaluation_and_its_threshold_sweep_agree_with_the_pipeline(set
     assert useless.best_threshold() is None
     useless.sweep[1].correct = 1  # 0.9 now keeps a known query: better than chance
     assert useless.best_threshold() is useless.sweep[1]
+    ragged = PipelineEvaluation(0.5, queries=23, correct=16)  # 16 / 23 = 0.695652...
+    assert ragged.to_dict()["recall@1"] == 0.69565  # which .4f would print as 0.6956
+    row = sweep_table(PipelineEvaluation(0.5, sweep=[ragged])).splitlines()[1]
+    assert row.split()[:2] == ["0.5", "0.6957"]
     with recognizer() as rec:  # without unknown labels: no rejection figures, no best threshold
         closed = evaluate_pipeline(rec, setup["queries"], sweep=[0.0, 0.5])
     assert closed.rejection is None and closed.best_threshold() is None
@@ -453,6 +458,10 @@ def test_demo_builds_a_gallery_and_recognises_every_product(setup, tmp_path, cap
     # Running it again reuses its own folder; any other folder is refused.
     assert shitu_main(["demo", "--out", str(out), "--model", str(setup["model"])]) == 0
     assert shitu_main(["demo", "--out", str(setup["work"]), "--model", str(setup["model"])]) == 2
+    # A model that cannot load (here: no int8 file) stops the demo before it writes anything.
+    fresh = tmp_path / "fresh"
+    args = ["demo", "--out", str(fresh), "--model", str(setup["model"]), "--precision", "int8"]
+    assert shitu_main(args) == 2 and not fresh.exists()
 
 
 def test_quick_start_demo_with_the_shipped_model(tmp_path, monkeypatch, capsys):
@@ -511,3 +520,20 @@ def test_default_model_dir_names_the_missing_folder(tmp_path, monkeypatch, capsy
     (tmp_path / "default_model").mkdir()
     (tmp_path / "default_model" / "shitu_model.json").write_text("{}")
     assert default_model_dir() == tmp_path / "default_model"
+
+
+def test_wrong_detector_and_model_settings_name_the_setting_and_the_way_out(tmp_path):
+    with pytest.raises(ConfigError, match="no such file: bogus; .*'none' or 'plain-background'"):
+        Recognizer.from_config(
+            load_pipeline_config(
+                None, ["Global.det_inference_model_dir=bogus", f"IndexProcess.index_dir={tmp_path}"]
+            )
+        )
+    paddle_model = tmp_path / "paddle_model"  # e.g. a PaddleClas inference folder
+    paddle_model.mkdir()
+    settings = [
+        f"Global.rec_inference_model_dir={paddle_model}",
+        f"IndexProcess.index_dir={tmp_path}",
+    ]
+    with pytest.raises(CheckpointError, match=r"rec_inference_model_dir \(--model\): .*null"):
+        Recognizer.from_config(load_pipeline_config(None, settings))

@@ -118,3 +118,8 @@ def expand_images(sources: Iterable[str]) -> tuple[list[Path], bool]:
         else:
             raise DataError(f"{source}: no such file or folder")
     return paths, folder
+
+
+def count_of(count: int, noun: str) -> str:
+    """'1 image', '2 images': counts in messages read as English."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"

@@ -51,19 +51,20 @@ def run(args: argparse.Namespace) -> int:
     config = pipeline_config_from_args(args)
     if args.detector is None and config.detector is None:  # `--detector none` stays
         config.Global.det_inference_model_dir = PLAIN_BACKGROUND
+    from shitu.inference import FeatureExtractor, default_model_dir
+
+    # The model (and its runtime) first: a setting that cannot work leaves nothing written.
+    model = Path(config.Global.rec_inference_model_dir or default_model_dir())
+    g = config.Global
+    extractor = FeatureExtractor.load(
+        model, g.rec_backend, g.cpu_num_threads, precision=g.rec_precision
+    )
     out: Path = args.out
     _prepare(out)
     demo = make_demo_set(out / "images")
     config.IndexProcess.index_dir = str(out / "gallery")
     print(f"demo photos written to {out / 'images'}")
 
-    from shitu.inference import FeatureExtractor, default_model_dir
-
-    model = Path(config.Global.rec_inference_model_dir or default_model_dir())
-    g = config.Global
-    extractor = FeatureExtractor.load(
-        model, g.rec_backend, g.cpu_num_threads, precision=g.rec_precision
-    )
     items = collect_items([demo.gallery_list])
     with Gallery.create_for(out / "gallery", extractor) as gallery:
         gallery.add_files(extractor, items, batch_size=config.Global.batch_size)

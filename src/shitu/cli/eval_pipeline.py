@@ -99,7 +99,7 @@ def sweep_table(report: PipelineEvaluation) -> str:
     """One row per swept threshold: recall@1, rejection, open-set and balanced accuracy."""
     lines = ["  ".join(f"{column:>17}" for column in SWEEP_COLUMNS)]
     for point in report.sweep:
-        values = point.to_dict()
+        values = point.to_dict(digits=None)  # rounded once, by the format below
         cells = [f"{point.score_thres:>17g}"] + [
             f"{'-' if values.get(c) is None else format(values[c], '.4f'):>17}"
             for c in SWEEP_COLUMNS[1:]

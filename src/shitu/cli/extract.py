@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shitu.cli.common import add_runtime_arguments, positive_int
+from shitu.cli.common import add_runtime_arguments, count_of, positive_int
 from shitu.errors import DataError
 from shitu.fileio import write_atomically
 from shitu.inference import FeatureExtractor, default_model_dir
@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     write_atomically(out.with_name(out.name + ".txt"), lambda tmp: tmp.write_text(text))
     rate = len(result.paths) / seconds if seconds > 0 else 0.0
     print(
-        f"embedded {len(result.paths)} images ({extractor.embedding_size}-d, "
+        f"embedded {count_of(len(result.paths), 'image')} ({extractor.embedding_size}-d, "
         f"{extractor.backend.name} {args.precision}, {rate:.1f} images/s) -> {out}.npy, "
         f"{out}.txt; skipped {len(result.failures)} unreadable file(s)"
     )

@@ -8,8 +8,9 @@ import os
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
-from shitu.cli.common import add_runtime_arguments, positive_int
+from shitu.cli.common import add_runtime_arguments, count_of, positive_int
 from shitu.errors import DataError, GalleryError
 from shitu.fileio import fsync_dir
 from shitu.index import INDEX_TYPES, METRICS, AddReport, Gallery, collect_items
@@ -132,10 +133,18 @@ def _load_model(args: argparse.Namespace) -> Embedder:
     )
 
 
-def _report(report: AddReport, library: Path) -> None:
-    print(f"added {len(report.ids)} images to {library}")
+def _report(report: AddReport, library: Path, stats: dict[str, Any]) -> None:
+    print(f"added {count_of(len(report.ids), 'image')} to {library}")
+    built = stats["index"].get("built_type", stats["index_type"])
+    if built != stats["index_type"]:
+        print(
+            f"note: too few images ({stats['images']}) to train the {stats['index_type']} "
+            f"index; searching them exactly ({built}) until there are enough (the library "
+            "switches by itself)"
+        )
     if report.duplicates:
-        print(f"skipped {len(report.duplicates)} duplicates (same content already in the library)")
+        skipped = count_of(len(report.duplicates), "duplicate")
+        print(f"skipped {skipped} (same content already in the library)")
     _warn_failures(report)
 
 
@@ -175,6 +184,7 @@ def run_build(args: argparse.Namespace) -> int:
             report = gallery.add_files(
                 model, items, args.batch_size, progress=True, allow_duplicates=args.allow_duplicates
             )
+            stats = gallery.stats()
         if not len(report.ids):
             _warn_failures(report)
             raise DataError(f"{args.out}: not built, none of the {len(items)} images was added")
@@ -183,7 +193,7 @@ def run_build(args: argparse.Namespace) -> int:
         raise
     os.replace(tmp, args.out)
     fsync_dir(args.out.parent)
-    _report(report, args.out)
+    _report(report, args.out, stats)
     return 0
 
 
@@ -194,7 +204,8 @@ def run_add(args: argparse.Namespace) -> int:
         report = gallery.add_files(
             model, items, args.batch_size, progress=True, allow_duplicates=args.allow_duplicates
         )
-    _report(report, args.library)
+        stats = gallery.stats()
+    _report(report, args.library, stats)
     return 0
 
 
@@ -203,14 +214,14 @@ def run_remove(args: argparse.Namespace) -> int:
         raise GalleryError("remove: give --id and/or --label")
     with Gallery.open(args.library) as gallery:
         removed = gallery.remove(ids=args.ids, labels=args.labels)
-    print(f"removed {len(removed)} images from {args.library}")
+    print(f"removed {count_of(len(removed), 'image')} from {args.library}")
     return 0
 
 
 def run_relabel(args: argparse.Namespace) -> int:
     with Gallery.open(args.library) as gallery:
         count = gallery.relabel(args.old, args.new, merge=args.merge)
-    print(f"relabelled {count} images: '{args.old}' -> '{args.new.strip()}'")
+    print(f"relabelled {count_of(count, 'image')}: '{args.old}' -> '{args.new.strip()}'")
     return 0
 
 
@@ -237,7 +248,7 @@ def run_verify(args: argparse.Namespace) -> int:
         count = len(gallery)
     for problem in problems:
         print(f"problem: {problem}")
-    print(f"{args.library}: {'FAILED' if problems else 'OK'} ({count} images)")
+    print(f"{args.library}: {'FAILED' if problems else 'OK'} ({count_of(count, 'image')})")
     return 1 if problems else 0
 
 
@@ -245,7 +256,7 @@ def run_reembed(args: argparse.Namespace) -> int:
     model = _load_model(args)
     with Gallery.open(args.library) as gallery:
         count = gallery.reembed(model, args.batch_size, progress=True)
-    print(f"re-embedded {count} images with model {model.fingerprint}")
+    print(f"re-embedded {count_of(count, 'image')} with model {model.fingerprint}")
     return 0
 
 

@@ -66,9 +66,11 @@ class PipelineEvaluation:
         best = max(scored, key=lambda point: point.balanced_accuracy or 0.0, default=None)
         return best if best is not None and (best.balanced_accuracy or 0.0) > 0.5 else None
 
-    def to_dict(self) -> dict[str, float | int | None]:
+    def to_dict(self, digits: int | None = 5) -> dict[str, float | int | None]:
+        """The counts and rates; rates rounded to `digits` (None: exact)."""
+
         def rounded(value: float | None) -> float | None:
-            return None if value is None else round(value, 5)
+            return value if value is None or digits is None else round(value, digits)
 
         report: dict[str, float | int | None] = {
             "score_thres": self.score_thres,

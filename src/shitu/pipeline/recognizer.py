@@ -29,12 +29,17 @@ from tqdm import tqdm
 
 from shitu.data.transforms.ops import UnreadableImageError
 from shitu.detection.postprocess import nms
-from shitu.errors import ConfigError
+from shitu.errors import CheckpointError, ConfigError
 from shitu.index import Gallery
 from shitu.inference.extractor import FeatureExtractor
 from shitu.inference.preprocess import read_rgb
 from shitu.pipeline.background import PlainBackgroundDetector
-from shitu.pipeline.config import DEFAULT_SCORE_THRES, PLAIN_BACKGROUND, PipelineConfig
+from shitu.pipeline.config import (
+    DEFAULT_SCORE_THRES,
+    NO_DETECTOR,
+    PLAIN_BACKGROUND,
+    PipelineConfig,
+)
 
 MIN_BOX_SIDE = 2  # pixels; thinner detector boxes cannot be embedded meaningfully
 FILES_PER_BATCH = 8  # images decoded and recognised together by recognize_files
@@ -98,6 +103,11 @@ def build_detector(config: PipelineConfig) -> MainbodyDetector | None:
         return None
     if name == PLAIN_BACKGROUND:
         return PlainBackgroundDetector()
+    if not Path(name).exists():
+        raise ConfigError(
+            f"Global.det_inference_model_dir (--detector): no such file: {name}; give a "
+            f"detector file (.onnx, .pt or .pdparams), '{NO_DETECTOR}' or '{PLAIN_BACKGROUND}'"
+        )
     from shitu.detection import load_detector
 
     return load_detector(name, config.Global.det_backend, config.Global.det_arch)
@@ -142,16 +152,25 @@ class Recognizer:
         g = config.Global
         if not config.IndexProcess.index_dir:
             raise ConfigError("IndexProcess.index_dir: no gallery library given (--gallery)")
+        detector = build_detector(config)
         model_dir = Path(g.rec_inference_model_dir or default_model_dir())
-        extractor = FeatureExtractor.load(
-            model_dir, g.rec_backend, g.cpu_num_threads, precision=g.rec_precision
-        )
+        try:
+            extractor = FeatureExtractor.load(
+                model_dir, g.rec_backend, g.cpu_num_threads, precision=g.rec_precision
+            )
+        except CheckpointError as exc:
+            if g.rec_inference_model_dir is None:
+                raise
+            raise CheckpointError(
+                f"Global.rec_inference_model_dir (--model): {exc} (set it to null, or give no "
+                "--model, for the model shipped with shitu)"
+            ) from None
         gallery = Gallery.open(config.IndexProcess.index_dir, embedder=extractor)
         try:
             return cls(
                 extractor,
                 gallery,
-                build_detector(config),
+                detector,
                 score_thres=config.IndexProcess.score_thres,
                 rec_nms_thres=g.rec_nms_thresold,
                 det_threshold=g.threshold,
