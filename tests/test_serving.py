@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import io
 import re
+import shutil
 import socket
 import threading
 from collections import Counter
@@ -22,6 +23,8 @@ from PIL import Image
 from shitu.index import Gallery
 from shitu.inference.preprocess import read_rgb
 from shitu.pipeline import Recognizer, load_pipeline_config
+from shitu.serving.service import RecognitionService, Upload
+from shitu.serving.settings import ServeSettings
 from tests.index_helpers import make_images
 from tests.serving_helpers import DemoLibrary, ServerProcess
 
@@ -509,3 +512,36 @@ def test_concurrent_recognition_and_additions_lose_nothing(serving_library, clie
         re.search(r'^shitu_inference_batch_size_count\{kind="recognize"\} (\S+)', text, re.M)[1]
     )
     assert batches < photos
+
+
+def test_a_failed_add_leaves_no_upload_file_behind(serving_library, tmp_path):
+    """The service in this process: when the library write fails (disk full, lock timeout),
+    the files written for the uploads go too, so no file is kept without its row."""
+    gallery = tmp_path / "gallery"
+    shutil.copytree(serving_library.gallery, gallery)
+    config = load_pipeline_config(
+        None,
+        [
+            f"IndexProcess.index_dir={gallery}",
+            f"Global.rec_inference_model_dir={serving_library.model}",
+            "Global.det_inference_model_dir=plain-background",
+        ],
+    )
+    uploads_dir = tmp_path / "uploads"
+    (path, _label), *_ = serving_library.queries()
+    data = path.read_bytes()
+    upload = Upload("new product.jpg", data, read_rgb(path))
+    with RecognitionService(config, ServeSettings(upload_dir=uploads_dir, max_batch=2)) as service:
+        before = len(service.library.snapshot.by_id)
+
+        def disk_full(_change):
+            raise OSError("No space left on device")
+
+        real_write, service.library.write = service.library.write, disk_full
+        with pytest.raises(OSError, match="No space left"):
+            service.add("New product", [upload])
+        assert not uploads_dir.exists() or not any(uploads_dir.iterdir())
+        service.library.write = real_write
+        outcome = service.add("New product", [upload])  # the same upload, now stored
+        assert len(outcome.added) == 1 and Path(outcome.added[0].path).parent == uploads_dir
+        assert len(service.library.snapshot.by_id) == before + 1

@@ -52,16 +52,18 @@ class MicroBatcher:
         self._observe = observe
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._closed = False
+        self._closing = threading.Lock()  # no job is queued behind the stop marker
         self._thread = threading.Thread(target=self._run, name="shitu-inference", daemon=True)
         self._thread.start()
 
     def submit(self, kind: str, item: Any) -> Future:
         if kind not in self.handlers:
             raise ValueError(f"unknown kind of work: {kind}")
-        if self._closed:
-            raise RuntimeError("the inference thread has stopped")
         future: Future = Future()
-        self._queue.put(_Job(kind, item, future))
+        with self._closing:
+            if self._closed:
+                raise RuntimeError("the inference thread has stopped")
+            self._queue.put(_Job(kind, item, future))
         return future
 
     @property
@@ -71,8 +73,9 @@ class MicroBatcher:
 
     def close(self) -> None:
         """Finish what is queued, then stop the thread."""
-        self._closed = True
-        self._queue.put(None)
+        with self._closing:
+            self._closed = True
+            self._queue.put(None)
         self._thread.join()
 
     def _run(self) -> None:
@@ -111,6 +114,9 @@ class MicroBatcher:
                 self._execute(kind, [job])
             return
         if self._observe is not None:
-            self._observe(kind, len(jobs), time.perf_counter() - start)
+            try:
+                self._observe(kind, len(jobs), time.perf_counter() - start)
+            except Exception:  # metrics must never stop inference
+                logger.exception("the batch observer failed")
         for job, result in zip(jobs, results, strict=True):
             job.future.set_result(result)

@@ -160,12 +160,19 @@ class RecognitionService:
             names = [uploads[row].name for row in duplicates]
             if not rows:
                 return AddOutcome(added=[], duplicates=names)
-            paths = [self._keep_file(uploads[row], hashes[row]) for row in rows]
-            report = self.library.write(
-                lambda gallery: gallery.add(
-                    features[rows], [label] * len(rows), paths, [hashes[row] for row in rows]
+            kept = [self._keep_file(uploads[row], hashes[row]) for row in rows]
+            paths = [str(path) for path, _ in kept]
+            try:
+                report = self.library.write(
+                    lambda gallery: gallery.add(
+                        features[rows], [label] * len(rows), paths, [hashes[row] for row in rows]
+                    )
                 )
-            )
+            except BaseException:  # no upload file without its library row
+                for path, created in kept:
+                    if created:
+                        path.unlink(missing_ok=True)
+                raise
             by_id = self.library.snapshot.by_id
             return AddOutcome(added=[by_id[int(i)] for i in report.ids], duplicates=names)
 
@@ -213,8 +220,9 @@ class RecognitionService:
 
     # ------------------------------------------------------------------------- files
 
-    def _keep_file(self, upload: Upload, digest: str) -> str:
-        """Store an upload (atomically) as `<its name>-<hash prefix>`; returns the path.
+    def _keep_file(self, upload: Upload, digest: str) -> tuple[Path, bool]:
+        """Store an upload (atomically) as `<its name>-<hash prefix>`; returns the path and
+        whether this call wrote it.
 
         The library holds each content once, so the hash prefix keeps names unique.
         """
@@ -222,9 +230,10 @@ class RecognitionService:
             suffix = SUFFIXES.get(header.format or "", ".img")
         stem = SAFE_NAME.sub("_", Path(upload.name).stem)[:MAX_NAME].strip("._") or "image"
         path = self.upload_dir / f"{stem}-{digest[:16]}{suffix}"
-        if not path.is_file():
-            write_atomically(path, lambda tmp: tmp.write_bytes(upload.data), durable=True)
-        return str(path)
+        if path.is_file():
+            return path, False
+        write_atomically(path, lambda tmp: tmp.write_bytes(upload.data), durable=True)
+        return path, True
 
     def _forget_files(self, entries: Sequence[ImageEntry]) -> None:
         """Delete the stored uploads of removed images (files added by other means stay)."""
