@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 
 from shitu.errors import DataError, GalleryError
 from shitu.index import Gallery, collect_items
+from shitu.index import gallery as gallery_module
 from shitu.index.backends.faiss_backend import MIN_TRAIN
 from shitu.index.labels import parse_label_file
 from tests.index_helpers import (
@@ -352,3 +354,34 @@ def test_write_killed_after_commit_keeps_the_new_library(tmp_path):
     assert killed.returncode == -9, killed.stderr
     with Gallery.open(path) as gallery:
         assert gallery.verify() == [] and "product 1" not in gallery.label_counts()
+
+
+def test_opening_keeps_one_generation_while_another_writer_publishes(tmp_path, monkeypatch):
+    """Opening reads the manifest, index file and labels under one read lock: a writer in
+    another connection commits (and deletes the old index file) only after it."""
+    path = tmp_path / "lib"
+    with new_gallery(path) as gallery:
+        gallery.add(clustered(50, DIM), labels_for(50))
+    written = threading.Event()
+
+    def write() -> None:
+        with Gallery.open(path) as writer:
+            writer.add(clustered(5, DIM, seed=3), ["new product"] * 5)
+        written.set()
+
+    thread = threading.Thread(target=write)
+    real_open_backend = gallery_module.open_backend
+
+    def open_backend_while_writing(*args, **kwargs):
+        if not thread.is_alive() and not written.is_set():  # the first open only
+            thread.start()
+            assert not written.wait(1.0)  # the writer's commit waits for the open to end
+        return real_open_backend(*args, **kwargs)
+
+    monkeypatch.setattr(gallery_module, "open_backend", open_backend_while_writing)
+    with Gallery.open(path) as reader:
+        assert len(reader) == 50 and reader.search(clustered(1, DIM), k=1).labels[0, 0]
+    thread.join(30)
+    assert written.is_set()
+    with Gallery.open(path) as reader:
+        assert len(reader) == 55

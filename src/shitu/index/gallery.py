@@ -136,12 +136,15 @@ class Gallery:
             raise GalleryError(f"{root}: not a gallery library (no {LIBRARY_FILE})")
         store = MetadataStore(root / LIBRARY_FILE)
         try:
-            manifest = store.read_manifest()
-            if manifest is None:
-                raise GalleryError(f"{root / LIBRARY_FILE}: library has no manifest")
-            if embedder is not None:
-                manifest.check_model(embedder.fingerprint, embedder.embedding_size, str(root))
-            gallery = cls(root, store, open_backend(root, manifest, store, verify=verify))
+            # Manifest, index file and labels of one generation, even while another process
+            # publishes the next one (and deletes this one's index file).
+            with store.reading():
+                manifest = store.read_manifest()
+                if manifest is None:
+                    raise GalleryError(f"{root / LIBRARY_FILE}: library has no manifest")
+                if embedder is not None:
+                    manifest.check_model(embedder.fingerprint, embedder.embedding_size, str(root))
+                gallery = cls(root, store, open_backend(root, manifest, store, verify=verify))
         except BaseException:
             store.close()
             raise

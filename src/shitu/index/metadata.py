@@ -93,6 +93,20 @@ class MetadataStore:
             raise
         self.conn.execute("COMMIT")
 
+    @contextmanager
+    def reading(self) -> Iterator[None]:
+        """Hold a read lock: everything read inside is one committed state, and no writer
+        commits (nor then deletes the index file that state names) until it ends."""
+        if self.conn.in_transaction:
+            yield
+            return
+        self.conn.execute("BEGIN")
+        try:
+            self.conn.execute("SELECT COUNT(*) FROM manifest").fetchone()  # the lock, now
+            yield
+        finally:
+            self.conn.execute("COMMIT")
+
     def read_manifest(self) -> Manifest | None:
         row = self.conn.execute("SELECT document FROM manifest WHERE key = 0").fetchone()
         return Manifest.from_json(row[0], str(self.path)) if row else None
