@@ -242,6 +242,28 @@ def test_lr_mult_reaches_the_training_step(grocery, tmp_path):
     assert rates == pytest.approx([0.25 * lr, lr])  # the backbone's, then neck and head's
 
 
+def test_resume_continues_with_the_configs_optimizer_settings(grocery, tmp_path, caplog):
+    path = tiny_config(grocery, tmp_path)
+    output = tmp_path / "output"
+    Trainer(load_config(path, [f"Global.output_dir={output}"])).fit(stop_after_steps=2)
+    resumed = Trainer(
+        load_config(
+            path,
+            [
+                f"Global.output_dir={output}",
+                f"Global.checkpoints={output / 'latest.pt'}",
+                "Optimizer.regularizer.coeff=0.001",
+                "Optimizer.momentum=0.5",
+            ],
+        )
+    )
+    decays = sorted({group["weight_decay"] for group in resumed.optimizer.param_groups})
+    assert decays == [0.0, 0.001]  # not the checkpoint's 1e-5
+    assert {group["momentum"] for group in resumed.optimizer.param_groups} == {0.5}
+    assert "with this config's weight_decay 0.001 (was 1e-05)" in caplog.text
+    assert resumed.optimizer.state  # the momentum buffers did come back
+
+
 def test_ema_weights_are_saved_and_resume_exactly(grocery, tmp_path):
     """With `EMA`, best/final weights are the average; latest.pt keeps both for resuming."""
     path = tiny_config(grocery, tmp_path)

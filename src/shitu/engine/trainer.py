@@ -172,6 +172,10 @@ class Trainer:
         return lr.learning_rate * total / lr.base_batch_size
 
     def _restore(self, payload: dict[str, Any]) -> None:
+        configured = [
+            {key: value for key, value in group.items() if key not in ("params", "lr")}
+            for group in self.optimizer.param_groups
+        ]
         try:
             self.model.load_state_dict(payload["model"])
             self.loss.load_state_dict(payload["loss"])
@@ -180,6 +184,20 @@ class Trainer:
             raise ConfigError(
                 f"Global.checkpoints: the checkpoint does not fit this config ({exc})"
             ) from None
+        # load_state_dict brings back the checkpoint's settings (weight decay, lr_mult,
+        # momentum, betas) with the state; the config given now is what the run continues with.
+        for index, (group, settings) in enumerate(
+            zip(self.optimizer.param_groups, configured, strict=True)
+        ):
+            changed = {k: (group.get(k), v) for k, v in settings.items() if group.get(k) != v}
+            if changed:
+                logger.warning(
+                    "resuming parameter group %d with this config's %s instead of the "
+                    "checkpoint's",
+                    index,
+                    ", ".join(f"{k} {new} (was {old})" for k, (old, new) in changed.items()),
+                )
+                group.update(settings)
         if self.ema is not None:
             if "ema" not in payload:
                 raise ConfigError(
