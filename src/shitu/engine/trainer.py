@@ -192,8 +192,7 @@ class Trainer:
             changed = {k: (group.get(k), v) for k, v in settings.items() if group.get(k) != v}
             if changed:
                 logger.warning(
-                    "resuming parameter group %d with this config's %s instead of the "
-                    "checkpoint's",
+                    "resuming parameter group %d with this config's %s instead of the checkpoint's",
                     index,
                     ", ".join(f"{k} {new} (was {old})" for k, (old, new) in changed.items()),
                 )
