@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from shitu.errors import DataError, GalleryError
-from shitu.index import Gallery, collect_items
+from shitu.index import Gallery, GalleryItem, collect_items
 from shitu.index import gallery as gallery_module
 from shitu.index.backends.faiss_backend import MIN_TRAIN
 from shitu.index.labels import parse_label_file
@@ -385,3 +385,26 @@ def test_opening_keeps_one_generation_while_another_writer_publishes(tmp_path, m
     assert written.is_set()
     with Gallery.open(path) as reader:
         assert len(reader) == 55
+
+
+def test_refresh_catches_up_with_other_writers_but_not_with_another_model(tmp_path):
+    embedder = PixelEmbedder()
+    images = make_images(tmp_path / "images", 6)
+    path = tmp_path / "lib"
+    with Gallery.create_for(path, embedder) as gallery:
+        gallery.add_files(embedder, [GalleryItem(p, "first") for p in images[:4]])
+    with Gallery.open(path, embedder=embedder) as reader:
+        assert not reader.stale() and not reader.refresh()
+        with Gallery.open(path) as writer:  # another process, as far as SQLite knows
+            writer.add_files(embedder, [GalleryItem(p, "second") for p in images[4:]])
+        assert reader.stale() and len(reader) == 4
+        assert reader.refresh() and len(reader) == 6 and not reader.stale()
+        assert reader.label_counts() == {"first": 4, "second": 2}
+
+        other = PixelEmbedder(fingerprint="pixels-4-retrained")
+        with Gallery.open(path) as writer:
+            writer.reembed(other)
+        with pytest.raises(GalleryError, match="built with model pixels-4-retrained"):
+            reader.refresh()  # its features would not match this model's queries
+        hits = reader.search(embedder.extract_files([str(images[0])]).features, k=1)
+        assert hits.labels[0, 0] == "first"  # still serving what it had

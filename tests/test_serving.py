@@ -12,6 +12,7 @@ import re
 import shutil
 import socket
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from shitu.cli.main import main as shitu_main
 from shitu.index import Gallery
 from shitu.inference.preprocess import read_rgb
 from shitu.pipeline import Recognizer, load_pipeline_config
@@ -220,6 +222,26 @@ def test_add_rename_remove_and_rebuild(serving_library, server, client):
         assert (
             gallery.manifest.index_type == "HNSW32" and "Tomato Soup" not in gallery.label_counts()
         )
+
+
+def test_edits_by_another_process_show_up_while_serving(serving_library, server, client):
+    """`shitu index relabel` on the served library, in this process: the server loads the
+    new generation by itself (it looks at most once a second), searches and listings alike."""
+    label = next(label for _, label in serving_library.gallery_items() if label != "Tomato Soup")
+
+    def relabel_and_wait(old: str, new: str) -> None:
+        assert shitu_main(["index", "relabel", str(server.gallery), old, new]) == 0
+        deadline = time.monotonic() + 15
+        while client.get(f"/v1/gallery/labels/{new}").status_code != 200:
+            assert time.monotonic() < deadline, f"the server never showed {new!r}"
+            time.sleep(0.2)
+        assert client.get(f"/v1/gallery/labels/{old}").status_code == 404
+
+    relabel_and_wait(label, "Renamed elsewhere")
+    query = next(path for path, truth in serving_library.queries() if truth == label)
+    found = client.post("/v1/recognize", files={"image": photo(query)}).json()["results"]
+    assert found and found[0]["label"] == "Renamed elsewhere"
+    relabel_and_wait("Renamed elsewhere", label)  # as the later tests expect it
 
 
 # ------------------------------------------------------------------------------ bad input

@@ -62,11 +62,18 @@ class AddReport:
 class Gallery:
     """An open library; use `Gallery.create` or `Gallery.open`, and `close()` (or `with`)."""
 
-    def __init__(self, root: Path, store: MetadataStore, backend: Backend) -> None:
+    def __init__(
+        self,
+        root: Path,
+        store: MetadataStore,
+        backend: Backend,
+        model: tuple[str, int] | None = None,
+    ) -> None:
         self.root = root
         self._store = store
         self._backend = backend
         self.manifest = backend.manifest
+        self._model = model  # (fingerprint, embedding size) the library must keep matching
         self._refresh_labels()
 
     @classmethod
@@ -142,9 +149,12 @@ class Gallery:
                 manifest = store.read_manifest()
                 if manifest is None:
                     raise GalleryError(f"{root / LIBRARY_FILE}: library has no manifest")
+                model = None
                 if embedder is not None:
-                    manifest.check_model(embedder.fingerprint, embedder.embedding_size, str(root))
-                gallery = cls(root, store, open_backend(root, manifest, store, verify=verify))
+                    model = (embedder.fingerprint, embedder.embedding_size)
+                    manifest.check_model(*model, str(root))
+                backend = open_backend(root, manifest, store, verify=verify)
+                gallery = cls(root, store, backend, model)
         except BaseException:
             store.close()
             raise
@@ -240,11 +250,32 @@ class Gallery:
         self._refresh_labels()
         return result
 
+    def stale(self) -> bool:
+        """Whether another process has written the library since this one last read it."""
+        latest = self._store.read_manifest()
+        return latest is None or latest.generation != self.manifest.generation
+
+    def refresh(self) -> bool:
+        """Catch up with other processes' writes; True if there were any.
+
+        A library opened with an embedder refuses to take another model's re-embedding.
+        """
+        if not self.stale():
+            return False
+        self._reload()
+        return True
+
     def _reload(self) -> None:
-        self._backend.close()
-        self.manifest = self._store.read_manifest()
-        self._backend = open_backend(self.root, self.manifest, self._store, verify=True)
-        self._refresh_labels()
+        with self._store.reading():  # one generation's manifest, index file and labels
+            manifest = self._store.read_manifest()
+            if manifest is None:
+                raise GalleryError(f"{self.root / LIBRARY_FILE}: library has no manifest")
+            if self._model is not None:
+                manifest.check_model(*self._model, str(self.root))
+            self._backend.close()
+            self.manifest = manifest
+            self._backend = open_backend(self.root, manifest, self._store, verify=True)
+            self._refresh_labels()
 
     def add(
         self,
@@ -410,12 +441,15 @@ class Gallery:
             self._store.replace_features(ids, features)
             return Change(rebuild=True), len(ids)
 
-        return self._write(
+        count = self._write(
             mutate,
             model_fingerprint=embedder.fingerprint,
             embedding_dim=embedder.embedding_size,
             preprocessing=dict(embedder.preprocessing),
         )
+        if self._model is not None:  # the library's model is the new one from now on
+            self._model = (embedder.fingerprint, embedder.embedding_size)
+        return count
 
     # ----------------------------------------------------------------------------- reading
 

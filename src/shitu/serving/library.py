@@ -6,11 +6,17 @@ the library's own thread (`run`), which also serialises the writes; searches tou
 in-memory index and run on the caller's thread under a shared lock, which a write takes
 exclusively only around the gallery call that commits it. Listing reads a snapshot that is
 rebuilt after each write, so browsing never waits for a write either.
+
+Other processes may write the library too (`shitu index add ...`): at most once a second,
+a search or a look at the snapshot has the library's thread check for a newer generation
+and load it, so their edits show up while the server runs.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -24,6 +30,8 @@ from shitu.index.manifest import Manifest
 from shitu.index.metadata import ImageEntry
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
+SYNC_INTERVAL_S = 1.0  # how often other processes' writes are looked for
 
 
 class ReadWriteLock:
@@ -98,7 +106,10 @@ class SharedLibrary:
         self._thread = self._executor.submit(threading.current_thread).result()
         self._lock = ReadWriteLock()
         self._gallery: Gallery | None = None
-        self.snapshot = Snapshot({}, {})
+        self._snapshot = Snapshot({}, {})
+        self._sync_guard = threading.Lock()
+        self._sync_pending = False
+        self._last_sync = time.monotonic()
 
     def run(self, fn: Callable[[], T]) -> T:
         """Call `fn` on the library's thread (inline if already there) and return its result."""
@@ -109,7 +120,7 @@ class SharedLibrary:
     def attach(self, gallery: Gallery) -> None:
         """Take over a gallery opened on this library's thread."""
         self._gallery = gallery
-        self.snapshot = self.run(lambda: Snapshot.of(gallery))
+        self._snapshot = self.run(lambda: Snapshot.of(gallery))
 
     @property
     def gallery(self) -> Gallery:
@@ -121,11 +132,54 @@ class SharedLibrary:
     def manifest(self) -> Manifest:
         return self.gallery.manifest
 
+    @property
+    def snapshot(self) -> Snapshot:
+        """The rows and facts of the generation loaded; no lock, no wait."""
+        self._schedule_sync()
+        return self._snapshot
+
     def search(
         self, vectors: np.ndarray, k: int = 5, min_score: float | None = None
     ) -> SearchResult:
+        self._schedule_sync()
         with self._lock.read():
             return self.gallery.search(vectors, k, min_score)
+
+    def _schedule_sync(self) -> None:
+        """Have the library's thread look for other processes' writes, if it is time."""
+        with self._sync_guard:
+            due = time.monotonic() - self._last_sync >= SYNC_INTERVAL_S
+            if self._sync_pending or not due or self._gallery is None:
+                return
+            self._sync_pending = True
+        try:
+            self._executor.submit(self._sync)
+        except RuntimeError:  # closing: the thread takes no more work
+            with self._sync_guard:
+                self._sync_pending = False
+
+    def _sync(self) -> None:
+        gallery = self._gallery
+        if gallery is None:
+            with self._sync_guard:
+                self._sync_pending = False
+            return
+        try:
+            if gallery.stale():
+                with self._lock.write():
+                    gallery.refresh()
+                self._snapshot = Snapshot.of(gallery)
+                logger.info(
+                    "%s: loaded generation %d, written by another process",
+                    gallery.root,
+                    gallery.manifest.generation,
+                )
+        except Exception:  # e.g. re-embedded with another model: keep serving, say why
+            logger.exception("%s: could not load another process's changes", gallery.root)
+        finally:
+            with self._sync_guard:
+                self._sync_pending = False
+                self._last_sync = time.monotonic()
 
     def write(self, mutate: Callable[[Gallery], T]) -> T:
         """Run `mutate(gallery)` on the library's thread with searches held off, then
@@ -136,7 +190,7 @@ class SharedLibrary:
                 with self._lock.write():
                     return mutate(self.gallery)
             finally:  # a failed write may still have reloaded the gallery
-                self.snapshot = Snapshot.of(self.gallery)
+                self._snapshot = Snapshot.of(self.gallery)
 
         return self.run(job)
 
