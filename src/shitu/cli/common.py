@@ -112,7 +112,7 @@ def expand_images(sources: Iterable[str]) -> tuple[list[Path], bool]:
     for source in map(Path, sources):
         if source.is_dir():
             folder = True
-            paths.extend(images_in(source))
+            paths.extend(images_in(source, resolve=False))
         elif source.exists() or source.suffix.lower() in IMAGE_SUFFIXES:
             paths.append(source)  # missing files are reported per file, not fatal
         else:

@@ -41,11 +41,12 @@ def parse_label_file(path: Path) -> list[GalleryItem]:
     return items
 
 
-def images_in(folder: Path) -> list[Path]:
-    """Image files under `folder` (recursively), sorted so ids are reproducible."""
-    return sorted(
-        p.resolve() for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-    )
+def images_in(folder: Path, resolve: bool = True) -> list[Path]:
+    """Image files under `folder` (recursively), sorted so ids are reproducible; absolute
+    with links resolved (what a library stores), or with `resolve=False` as found under
+    `folder` (what a command echoes back to the user)."""
+    found = (p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(p.resolve() if resolve else p for p in found)
 
 
 def scan_label_folders(root: Path) -> list[GalleryItem]:
