@@ -6,8 +6,10 @@ preprocessing, so the quantised model sees exactly what it will see at inference
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,25 @@ from shitu.errors import DataError
 from shitu.inference.preprocess import Preprocessing
 
 CALIBRATION_BATCH = 8
+
+
+class _PerTensorFallbackNotice(logging.Filter):
+    """onnxruntime warns, on the root logger, for every weight of rank 1 (the BNNeck's
+    batch norm) that per-channel quantisation falls back to one scale for: expected here,
+    not a problem for the user to act on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "is out-of-range for weight" not in record.getMessage()
+
+
+@contextmanager
+def _quiet_per_tensor_fallbacks() -> Iterator[None]:
+    root, notice = logging.getLogger(), _PerTensorFallbackNotice()
+    root.addFilter(notice)
+    try:
+        yield
+    finally:
+        root.removeFilter(notice)
 
 
 def quantize_static_onnx(
@@ -46,15 +67,16 @@ def quantize_static_onnx(
     with tempfile.TemporaryDirectory(dir=out_path.parent) as scratch:
         prepared = Path(scratch) / "prepared.onnx"
         quant_pre_process(str(fp32_path), str(prepared))
-        quantize_static(
-            str(prepared),
-            str(out_path),
-            Reader(),
-            quant_format=QuantFormat.QDQ,
-            per_channel=True,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-        )
+        with _quiet_per_tensor_fallbacks():
+            quantize_static(
+                str(prepared),
+                str(out_path),
+                Reader(),
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+            )
 
 
 def _calibration_batches(
