@@ -219,3 +219,14 @@ def test_detect_cli_writes_json_lines_and_images(tmp_path: Path, capsys) -> None
     assert line["image"].endswith("dog.jpg") and "broken.jpg" in out.err
     assert {"dog", "bicycle", "car"} <= {box["label"] for box in line["boxes"]}
     assert shitu_main(["detect", str(folder / "broken.jpg"), "--model", str(ONNX_416)]) == 1
+    (tmp_path / "empty").mkdir()
+    assert shitu_main(["detect", str(tmp_path / "empty"), "--model", str(ONNX_416)]) == 2
+    assert "no images in" in capsys.readouterr().err
+    # Same-named photos from two folders get two annotated copies.
+    (folder / "again").mkdir()
+    shutil.copy(samples[1], folder / "again" / "dog.jpg")
+    vis = tmp_path / "vis_two"
+    assert (
+        shitu_main(["detect", str(folder), "--model", str(ONNX_416), "--save-vis", str(vis)]) == 0
+    )
+    assert sorted(p.name for p in vis.iterdir()) == ["dog.jpg", "dog_2.jpg"]

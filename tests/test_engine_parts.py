@@ -60,6 +60,10 @@ def test_piecewise_gamma_and_values():
     # A rate scaled for the batch size (base_batch_size) scales every piece.
     lr = schedule("Piecewise", learning_rate=0.4, decay_epochs=[5], values=[0.2, 0.02])
     assert (lr.lr_at(49), lr.lr_at(50)) == pytest.approx((0.4, 0.04))
+    with pytest.raises(ValueError, match=r"values must be a list of rates, got 0.1"):
+        LRConfig.model_validate(
+            {"name": "Piecewise", "learning_rate": 0.1, "decay_epochs": [5], "values": 0.1}
+        )
     with pytest.raises(ValueError, match=r"values start at 0.2 but learning_rate is 0.1"):
         LRConfig.model_validate(
             {"name": "Piecewise", "learning_rate": 0.1, "decay_epochs": [5], "values": [0.2, 0.02]}

@@ -13,6 +13,7 @@ from shitu.index import Gallery, GalleryItem, collect_items
 from shitu.index import gallery as gallery_module
 from shitu.index.backends.faiss_backend import MIN_TRAIN
 from shitu.index.labels import parse_label_file
+from shitu.index.metadata import MetadataStore
 from tests.index_helpers import (
     PixelEmbedder,
     clustered,
@@ -371,13 +372,22 @@ def test_opening_keeps_one_generation_while_another_writer_publishes(tmp_path, m
 
     thread = threading.Thread(target=write)
     real_open_backend = gallery_module.open_backend
+    committing = threading.Event()  # the writer's last step before its commit
+    real_write_manifest = MetadataStore.write_manifest
+
+    def write_manifest(store, manifest):
+        real_write_manifest(store, manifest)
+        if threading.current_thread() is thread:
+            committing.set()
 
     def open_backend_while_writing(*args, **kwargs):
         if not thread.is_alive() and not written.is_set():  # the first open only
             thread.start()
-            assert not written.wait(1.0)  # the writer's commit waits for the open to end
+            assert committing.wait(10)
+            assert not written.wait(0.5)  # the writer's commit waits for the open to end
         return real_open_backend(*args, **kwargs)
 
+    monkeypatch.setattr(MetadataStore, "write_manifest", write_manifest)
     monkeypatch.setattr(gallery_module, "open_backend", open_backend_while_writing)
     with Gallery.open(path) as reader:
         assert len(reader) == 50 and reader.search(clustered(1, DIM), k=1).labels[0, 0]
@@ -400,6 +410,19 @@ def test_refresh_catches_up_with_other_writers_but_not_with_another_model(tmp_pa
         assert reader.stale() and len(reader) == 4
         assert reader.refresh() and len(reader) == 6 and not reader.stale()
         assert reader.label_counts() == {"first": 4, "second": 2}
+
+        with Gallery.open(path) as writer:  # a generation whose index file is then damaged
+            writer.remove(labels=["second"])
+            damaged = path / writer.manifest.index_state["file"]
+        sound = damaged.read_bytes()
+        damaged.write_bytes(sound[:100])
+        with pytest.raises(GalleryError, match="index file is 100 bytes"):
+            reader.refresh()
+        assert len(reader) == 6 and reader.stale()  # still serving, and it will try again
+        hits = reader.search(embedder.extract_files([str(images[5])]).features, k=1)
+        assert hits.labels[0, 0] == "second"
+        damaged.write_bytes(sound)  # e.g. a file system that caught up
+        assert reader.refresh() and reader.label_counts() == {"first": 4}
 
         other = PixelEmbedder(fingerprint="pixels-4-retrained")
         with Gallery.open(path) as writer:

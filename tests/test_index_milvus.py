@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sqlite3
+import threading
+
 import numpy as np
 import pytest
 
@@ -73,3 +76,19 @@ def test_milvus_library_recovers_from_a_killed_write(tmp_path, point):
         rows, _, labels = after
         assert len(rows) == 300 - len(range(0, 300, 9))
         assert "item 0" not in {label for row in labels for label in row}
+
+
+def test_opening_a_stale_collection_waits_for_another_writer(tmp_path):
+    """Opening re-syncs a stale collection under the read lock and records that afterwards,
+    with the write lock: a writer holding that lock is waited for, not an error."""
+    build(tmp_path, "milvus").close()
+    killed = run_killed(tmp_path / "milvus", "after-commit", "gallery.remove(labels=['item 0'])")
+    assert killed.returncode == -9, killed.stderr  # the collection now lags the manifest
+    library_file = tmp_path / "milvus" / "gallery.sqlite"
+    other = sqlite3.connect(library_file, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")  # another process in the middle of a write
+    threading.Timer(1.0, lambda: other.execute("COMMIT")).start()
+    with Gallery.open(tmp_path / "milvus") as gallery:
+        assert "item 0" not in gallery.label_counts()
+        assert gallery.manifest.index_state["synced_generation"] == gallery.manifest.generation
+    other.close()

@@ -6,6 +6,8 @@ import argparse
 from collections.abc import Iterable
 from pathlib import Path
 
+from PIL import Image
+
 from shitu.config import ShituConfig, load_config, resolve_config_path
 from shitu.errors import ConfigError, DataError
 from shitu.index.labels import IMAGE_SUFFIXES, images_in
@@ -117,9 +119,35 @@ def expand_images(sources: Iterable[str]) -> tuple[list[Path], bool]:
             paths.append(source)  # missing files are reported per file, not fatal
         else:
             raise DataError(f"{source}: no such file or folder")
+    if not paths:
+        raise DataError(f"no images in {', '.join(map(str, sources))}")
     return paths, folder
 
 
 def count_of(count: int, noun: str) -> str:
     """'1 image', '2 images': counts in messages read as English."""
     return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+class VisualisationWriter:
+    """Saves annotated copies under one folder, with unique names for same-named images
+    (photos from different folders often share names)."""
+
+    def __init__(self, folder: Path) -> None:
+        if folder.exists() and not folder.is_dir():
+            raise DataError(f"--save-vis {folder}: exists and is not a folder")
+        folder.mkdir(parents=True, exist_ok=True)
+        self.folder = folder
+        self.used: set[str] = set()
+
+    def save(self, source: str | Path, annotated: Image.Image) -> Path:
+        """Write `annotated` (a drawing over the image at `source`) as JPEG; returns its path."""
+        stem, number = Path(source).stem, 1
+        name = f"{stem}.jpg"
+        while name in self.used:
+            number += 1
+            name = f"{stem}_{number}.jpg"
+        self.used.add(name)
+        target = self.folder / name
+        annotated.convert("RGB").save(target, quality=90)
+        return target

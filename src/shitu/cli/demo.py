@@ -6,13 +6,11 @@ import argparse
 import shutil
 from pathlib import Path
 
-from shitu.cli.recognize import (
-    VisualisationWriter,
-    add_pipeline_arguments,
-    format_table,
-    pipeline_config_from_args,
-)
+from shitu.cli.common import VisualisationWriter
+from shitu.cli.recognize import add_pipeline_arguments, format_table, pipeline_config_from_args
 from shitu.errors import ShituError
+from shitu.inference.preprocess import read_rgb
+from shitu.pipeline import draw_results
 from shitu.pipeline.config import PLAIN_BACKGROUND
 
 MARKER = ".shitu-demo"
@@ -82,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"  expected: {', '.join(truth)}\n")
             found_right += len(set(truth) & {r.label for r in found.results})
             total += len(truth)
-            writer.save(found.path, found.results)
+            writer.save(found.path, draw_results(read_rgb(found.path), found.results))
     print(f"recognised {found_right} of {total} products; annotated photos in {out / 'vis'}")
     same_model = f" --model {model}" if g.rec_inference_model_dir else ""
     if g.rec_precision != "fp32":  # the library answers only to the precision that built it

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from shitu.cli.common import expand_images, positive_int
+from shitu.cli.common import VisualisationWriter, expand_images, positive_int
 from shitu.data.transforms.ops import UnreadableImageError
 from shitu.detection import load_detector
 from shitu.errors import DataError
@@ -61,9 +61,7 @@ def run(args: argparse.Namespace) -> int:
     paths, _ = expand_images(args.images)
     detector = load_detector(args.model, args.backend, args.arch, args.input_size)
     names = _class_names(args.class_names) if args.class_names else detector.class_names
-    vis_dir = Path(args.save_vis) if args.save_vis else None
-    if vis_dir:
-        vis_dir.mkdir(parents=True, exist_ok=True)
+    writer = VisualisationWriter(Path(args.save_vis)) if args.save_vis else None
     done = 0
     for path in map(str, paths):
         try:
@@ -84,11 +82,11 @@ def run(args: argparse.Namespace) -> int:
         ]
         record = {"image": path, "width": image.shape[1], "height": image.shape[0]}
         print(json.dumps({**record, "boxes": boxes}), flush=True)
-        if vis_dir:
+        if writer is not None:
             canvas = Image.fromarray(image)
             draw = ImageDraw.Draw(canvas)
             for item in boxes:
                 draw.rectangle(item["box"], outline=(255, 0, 0), width=3)
                 draw.text((item["box"][0] + 3, item["box"][1] + 3), f"{item['score']:.2f}")
-            canvas.save(vis_dir / f"{Path(path).stem}.jpg")
+            writer.save(path, canvas)
     return 0 if done else 1  # no image could be read: fail, like recognize

@@ -95,7 +95,9 @@ def run(args: argparse.Namespace) -> int:
 
     write_atomically(out.with_name(out.name + ".npy"), save_features)
     text = "".join(f"{p}\n" for p in result.paths)
-    write_atomically(out.with_name(out.name + ".txt"), lambda tmp: tmp.write_text(text))
+    write_atomically(
+        out.with_name(out.name + ".txt"), lambda tmp: tmp.write_text(text, encoding="utf-8")
+    )
     rate = len(result.paths) / seconds if seconds > 0 else 0.0
     print(
         f"embedded {count_of(len(result.paths), 'image')} ({extractor.embedding_size}-d, "

@@ -8,16 +8,16 @@ import sys
 from pathlib import Path
 
 from shitu.cli.common import (
+    VisualisationWriter,
     add_runtime_arguments,
     cosine_similarity,
     expand_images,
     positive_int,
 )
-from shitu.errors import DataError
+from shitu.inference.preprocess import read_rgb
 from shitu.pipeline import (
     FileRecognition,
     PipelineConfig,
-    Recognition,
     draw_results,
     load_pipeline_config,
 )
@@ -125,36 +125,10 @@ def record(found: FileRecognition) -> dict:
     return {"image": found.path, "results": [r.to_dict() for r in found.results]}
 
 
-class VisualisationWriter:
-    """Saves annotated copies under one folder, with unique names for same-named images."""
-
-    def __init__(self, folder: Path) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        self.folder = folder
-        self.used: set[str] = set()
-
-    def save(self, path: str, results: list[Recognition]) -> Path:
-        from shitu.inference.preprocess import read_rgb
-
-        stem, number = Path(path).stem, 1
-        name = f"{stem}.jpg"
-        while name in self.used:
-            number += 1
-            name = f"{stem}_{number}.jpg"
-        self.used.add(name)
-        target = self.folder / name
-        draw_results(read_rgb(path), results).save(target, quality=90)
-        return target
-
-
 def run(args: argparse.Namespace) -> int:
     from shitu.pipeline import Recognizer
 
     paths, folder = expand_images(args.images)
-    if not paths:
-        raise DataError(f"no images in {', '.join(args.images)}")
-    if args.save_vis and args.save_vis.exists() and not args.save_vis.is_dir():
-        raise DataError(f"--save-vis {args.save_vis}: exists and is not a folder")
     config = pipeline_config_from_args(args)
     writer = VisualisationWriter(args.save_vis) if args.save_vis else None
     progress = not args.no_progress and (folder or len(paths) > 1)
@@ -171,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
             else:
                 print(format_table(found), flush=True)
             if writer is not None and found.error is None:
-                writer.save(found.path, found.results)
+                writer.save(found.path, draw_results(read_rgb(found.path), found.results))
     if skipped:
         print(f"warning: {skipped} of {len(paths)} files could not be read", file=sys.stderr)
     return 1 if skipped == len(paths) else 0  # nothing recognised at all: fail, like extract

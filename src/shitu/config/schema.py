@@ -116,7 +116,11 @@ class LRConfig(ComponentConfig):
     def _piecewise_values_start_at_learning_rate(self) -> LRConfig:
         # Piecewise `values` are scaled with `learning_rate`, so the two must agree.
         values = self.params.get("values")
-        if self.name == "Piecewise" and values and values[0] != self.learning_rate:
+        if self.name != "Piecewise" or values is None:
+            return self
+        if not isinstance(values, list) or not values:
+            raise ValueError(f"Piecewise values must be a list of rates, got {values!r}")
+        if values[0] != self.learning_rate:
             raise ValueError(
                 f"Piecewise values start at {values[0]} but learning_rate is "
                 f"{self.learning_rate}: the first value is the starting rate, make them equal"

@@ -155,6 +155,7 @@ class Gallery:
                     manifest.check_model(*model, str(root))
                 backend = open_backend(root, manifest, store, verify=verify)
                 gallery = cls(root, store, backend, model)
+            gallery._finish_open()
         except BaseException:
             store.close()
             raise
@@ -250,10 +251,14 @@ class Gallery:
         self._refresh_labels()
         return result
 
+    def generation_on_disk(self) -> int | None:
+        """The generation last committed by any process (None: the manifest is gone)."""
+        latest = self._store.read_manifest()
+        return None if latest is None else latest.generation
+
     def stale(self) -> bool:
         """Whether another process has written the library since this one last read it."""
-        latest = self._store.read_manifest()
-        return latest is None or latest.generation != self.manifest.generation
+        return self.generation_on_disk() != self.manifest.generation
 
     def refresh(self) -> bool:
         """Catch up with other processes' writes; True if there were any.
@@ -266,16 +271,28 @@ class Gallery:
         return True
 
     def _reload(self) -> None:
+        """Load the committed generation. Where the backend allows, the new one opens before
+        the old one closes, so a generation that cannot load leaves this one serving."""
         with self._store.reading():  # one generation's manifest, index file and labels
             manifest = self._store.read_manifest()
             if manifest is None:
                 raise GalleryError(f"{self.root / LIBRARY_FILE}: library has no manifest")
             if self._model is not None:
                 manifest.check_model(*self._model, str(self.root))
-            self._backend.close()
-            self.manifest = manifest
-            self._backend = open_backend(self.root, manifest, self._store, verify=True)
+            old = self._backend
+            if not old.opens_beside_itself:
+                old.close()
+            backend = open_backend(self.root, manifest, self._store, verify=True)
+            if old.opens_beside_itself:
+                old.close()
+            self._backend, self.manifest = backend, manifest
             self._refresh_labels()
+        self._finish_open()
+
+    def _finish_open(self) -> None:
+        """The backend's writes after opening (outside the read lock), and their manifest."""
+        self._backend.finish_open()
+        self.manifest = self._backend.manifest
 
     def add(
         self,

@@ -60,6 +60,7 @@ class MetadataStore:
 
     def __init__(self, path: Path, create: bool = False) -> None:
         self.path = path
+        self._reading = False
         try:
             # Autocommit mode: transactions are opened explicitly with BEGIN IMMEDIATE.
             self.conn = sqlite3.connect(path, isolation_level=None, timeout=LOCK_WAIT_S)
@@ -80,6 +81,8 @@ class MetadataStore:
         Inside an open transaction this joins it, so helpers can be called from a write.
         """
         if self.conn.in_transaction:
+            if self._reading:
+                raise RuntimeError("a write cannot join a read: SQLite cannot upgrade its lock")
             yield
             return
         try:
@@ -101,10 +104,12 @@ class MetadataStore:
             yield
             return
         self.conn.execute("BEGIN")
+        self._reading = True
         try:
             self.conn.execute("SELECT COUNT(*) FROM manifest").fetchone()  # the lock, now
             yield
         finally:
+            self._reading = False
             self.conn.execute("COMMIT")
 
     def read_manifest(self) -> Manifest | None:

@@ -110,6 +110,7 @@ class SharedLibrary:
         self._sync_guard = threading.Lock()
         self._sync_pending = False
         self._last_sync = time.monotonic()
+        self._unloadable: int | None = None  # a generation that failed to load: said once
 
     def run(self, fn: Callable[[], T]) -> T:
         """Call `fn` on the library's thread (inline if already there) and return its result."""
@@ -164,8 +165,10 @@ class SharedLibrary:
             with self._sync_guard:
                 self._sync_pending = False
             return
+        generation = None
         try:
-            if gallery.stale():
+            generation = gallery.generation_on_disk()
+            if generation not in (gallery.manifest.generation, self._unloadable):
                 with self._lock.write():
                     gallery.refresh()
                 self._snapshot = Snapshot.of(gallery)
@@ -175,7 +178,14 @@ class SharedLibrary:
                     gallery.manifest.generation,
                 )
         except Exception:  # e.g. re-embedded with another model: keep serving, say why
-            logger.exception("%s: could not load another process's changes", gallery.root)
+            self._unloadable = generation
+            logger.exception(
+                "%s: could not load generation %s written by another process; still serving "
+                "generation %d",
+                gallery.root,
+                generation,
+                gallery.manifest.generation,
+            )
         finally:
             with self._sync_guard:
                 self._sync_pending = False
@@ -195,7 +205,7 @@ class SharedLibrary:
         return self.run(job)
 
     def close(self) -> None:
-        if self._gallery is not None:
-            self.run(self._gallery.close)
-            self._gallery = None
+        gallery, self._gallery = self._gallery, None  # a sync queued now finds none
+        if gallery is not None:
+            self.run(gallery.close)
         self._executor.shutdown()

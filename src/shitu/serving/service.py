@@ -168,11 +168,15 @@ class RecognitionService:
                         features[rows], [label] * len(rows), paths, [hashes[row] for row in rows]
                     )
                 )
-            except BaseException:  # no upload file without its library row
-                for path, created in kept:
-                    if created:
-                        path.unlink(missing_ok=True)
-                raise
+            finally:
+                # No upload file without its row: the write failed, or another process
+                # added the same content first (then this row was skipped as a duplicate).
+                created = [path for path, new in kept if new]
+                if created:
+                    stored = {entry.path for entry in self.library.snapshot.by_id.values()}
+                    for path in created:
+                        if str(path) not in stored:
+                            path.unlink(missing_ok=True)
             by_id = self.library.snapshot.by_id
             return AddOutcome(added=[by_id[int(i)] for i in report.ids], duplicates=names)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -90,6 +90,14 @@ class Backend(ABC):
     @abstractmethod
     def close(self) -> None:
         """Release files and connections."""
+
+    def finish_open(self) -> None:  # noqa: B027 (optional: most backends have nothing to do)
+        """Writes that opening needs (e.g. recording a resync), done after the read lock of
+        `Gallery.open` is released: SQLite cannot turn a read into a write."""
+
+    # Whether a second instance may open before this one closes, so that a failed reload
+    # keeps the old one serving (a Milvus Lite file has one server per process).
+    opens_beside_itself: ClassVar[bool] = True
 
 
 def open_backend(root: Path, manifest: Manifest, store: MetadataStore, verify: bool) -> Backend:

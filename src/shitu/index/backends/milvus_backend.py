@@ -50,6 +50,8 @@ def search_params(index_type: str, k: int, options: dict[str, Any]) -> dict[str,
 class MilvusBackend(Backend):
     """Searches a Milvus collection holding (id, vector) rows; labels stay in SQLite."""
 
+    opens_beside_itself = False
+
     def __init__(self, root: Path, manifest: Manifest, store: MetadataStore) -> None:
         super().__init__(root, manifest, store)
         try:
@@ -66,6 +68,7 @@ class MilvusBackend(Backend):
             uri = self._lite_path = str((root / uri).resolve())
         self.collection = options.get("collection", DEFAULT_COLLECTION)
         self._pending: Change | None = None
+        self._resynced: Manifest | None = None  # recorded by finish_open
         try:
             self.client = MilvusClient(uri, token=os.environ.get(TOKEN_ENV, ""))
         except Exception as exc:
@@ -74,7 +77,7 @@ class MilvusBackend(Backend):
             not self.client.has_collection(self.collection)
         ):
             self._resync()
-            self._mark_synced(manifest)
+            self._resynced = manifest
         self.client.load_collection(self.collection)  # a reopened collection starts released
 
     def _create_collection(self) -> None:
@@ -112,6 +115,11 @@ class MilvusBackend(Backend):
         self._create_collection()
         ids, features = self.store.features(self.manifest.embedding_dim)
         self._insert(ids, features)
+
+    def finish_open(self) -> None:
+        if self._resynced is not None:
+            self._mark_synced(self._resynced)
+            self._resynced = None
 
     def _mark_synced(self, manifest: Manifest) -> None:
         with self.store.transaction():
