@@ -21,7 +21,9 @@ from shitu.data.datasets.label_file import LabelFileDataset
 from shitu.data.loader import build_dataloader
 from shitu.data.samplers import DistributedBatchSampler, PKSampler
 from shitu.data.transforms import build_transforms
+from shitu.data.transforms.ops import DecodeImage
 from shitu.errors import ConfigError, DataError
+from shitu.inference.preprocess import decode_rgb
 
 registry.populate()
 
@@ -341,6 +343,39 @@ def test_decode_defaults_to_rgb_pixels_as_a_chw_tensor():
     buffer = io.BytesIO()
     Image.fromarray(grey).save(buffer, format="PNG")
     assert build_transforms(None)(buffer.getvalue()).shape == (3, 7, 9)
+
+
+def test_16_bit_grey_keeps_its_top_8_bits_as_opencv_does():
+    levels = np.array([[0, 1000, 20000, 65535]], np.uint16)
+    buffer = io.BytesIO()
+    Image.fromarray(levels).save(buffer, format="PNG")  # a 16-bit greyscale PNG
+    decoded = DecodeImage()(buffer.getvalue())
+    assert decoded[..., 0].ravel().tolist() == [0, 3, 78, 255]  # not clipped to white
+    assert np.array_equal(decoded, decode_rgb(buffer.getvalue()))  # as inference reads it
+
+
+def test_paddleclas_only_transform_keys_are_accepted():
+    """PP-ShiTuV2's own configs set these; they change nothing here."""
+    image = pattern(7, 9)
+    paddle = build_transforms(
+        [
+            {"DecodeImage": {"to_rgb": True, "channel_first": False}},
+            {"ResizeImage": {"size": [8, 6], "return_numpy": False}},
+            {"Pad": {"padding": 1, "backend": "cv2"}},
+            {"NormalizeImage": {"scale": "1.0/255.0", "output_fp16": False, "channel_num": 3}},
+        ]
+    )(png_bytes(image))
+    plain = build_transforms(
+        [
+            {"DecodeImage": {"to_rgb": True, "channel_first": False}},
+            {"ResizeImage": {"size": [8, 6]}},
+            {"Pad": {"padding": 1}},
+            {"NormalizeImage": {"scale": "1.0/255.0"}},
+        ]
+    )(png_bytes(image))
+    assert torch.equal(paddle, plain)
+    with pytest.raises(ConfigError, match="channel_num"):
+        build_transforms([{"DecodeImage": {}}, {"NormalizeImage": {"channel_num": 4}}])
 
 
 def test_decode_applies_exif_orientation():

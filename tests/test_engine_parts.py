@@ -68,7 +68,7 @@ def test_piecewise_gamma_and_values():
         LRConfig.model_validate(
             {"name": "Piecewise", "learning_rate": 0.1, "decay_epochs": [5], "values": [0.2, 0.02]}
         )
-    with pytest.raises(ValueError, match="one more entry"):
+    with pytest.raises(ConfigError, match="one more entry"):
         schedule("Piecewise", learning_rate=0.1, decay_epochs=[5], values=[0.1])
 
 

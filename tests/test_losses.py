@@ -30,7 +30,7 @@ def test_celoss_label_smoothing():
 
 
 def test_celoss_rejects_bad_epsilon():
-    with pytest.raises(ValueError, match="epsilon"):
+    with pytest.raises(ConfigError, match="loss 'CELoss': epsilon must be in"):
         LOSSES.build("CELoss", epsilon=1.5)
 
 
@@ -168,10 +168,10 @@ def test_xbm_state_round_trips_through_state_dict():
 
 
 def test_xbm_rejects_bad_settings():
-    with pytest.raises(ValueError, match="pair loss"):
+    with pytest.raises(ConfigError, match="loss 'XBM': .*pair loss"):
         LOSSES.build("XBM", pair_loss="CELoss", embedding_size=2)
     xbm = LOSSES.build("XBM", memory_size=4, embedding_size=3, start_iter=0).train()
-    with pytest.raises(ValueError, match="embedding_size"):
+    with pytest.raises(ConfigError, match="embedding_size"):
         xbm(_unit(0, 90), torch.tensor([0, 1]))
 
 

@@ -264,6 +264,35 @@ def test_resume_continues_with_the_configs_optimizer_settings(grocery, tmp_path,
     assert resumed.optimizer.state  # the momentum buffers did come back
 
 
+def test_a_crash_after_a_step_checkpoint_does_not_evaluate_an_epoch_twice(grocery, tmp_path):
+    """The step checkpoint of an epoch's last step is taken after its evaluation, so the
+    resumed run neither repeats nor logs that evaluation again."""
+    path = tiny_config(grocery, tmp_path, epochs=3, checkpoint_every_steps=4, save_interval=3)
+    output = tmp_path / "output"
+
+    class CrashesAtStep6(Trainer):
+        def _step(self, images, labels):
+            if self.progress.global_step == 6:
+                raise RuntimeError("killed")
+            return super()._step(images, labels)
+
+    with pytest.raises(RuntimeError, match="killed"):
+        CrashesAtStep6(load_config(path, [f"Global.output_dir={output}"])).fit()
+    resumed = Trainer(
+        load_config(path, [f"Global.output_dir={output}", f"Global.checkpoints={output}"])
+    )
+    assert resumed.steps_per_epoch == 4 and resumed.progress.global_step == 4
+    assert resumed.fit().finished
+    evals = read_log(output / "metrics.jsonl", "eval")
+    assert [(e["step"], e["epoch"]) for e in evals] == [(4, 1), (8, 2), (12, 3)]
+    logged = read_log(output / "metrics.jsonl", "train")
+    assert all(r["lr"] == resumed.schedule.lr_at(r["step"] - 1) for r in logged)
+
+    refused = [f"Global.output_dir={output}", f"Global.checkpoints={output}"]
+    with pytest.raises(ConfigError, match="4 steps per epoch, this config gives 2"):
+        Trainer(load_config(path, [*refused, "DataLoader.Train.sampler.batch_size=16"]))
+
+
 def test_ema_weights_are_saved_and_resume_exactly(grocery, tmp_path):
     """With `EMA`, best/final weights are the average; latest.pt keeps both for resuming."""
     path = tiny_config(grocery, tmp_path)

@@ -130,14 +130,22 @@ class Registry:
         return validated.model_dump(exclude_unset=True)
 
     def build(self, name: str, **params: Any) -> Any:
-        return self.get(name)(**self.validate(name, params))
+        return self._construct(name, self.validate(name, params))
 
     def build_with_runtime(self, name: str, params: dict[str, Any], **runtime: Any) -> Any:
         """Build from config `params` (validated) plus `runtime_args` supplied by the code."""
         unknown = set(runtime) - self.runtime_args
         if unknown:
             raise TypeError(f"not runtime arguments of {self.kind}s: {', '.join(sorted(unknown))}")
-        return self.get(name)(**self.validate(name, params), **runtime)
+        return self._construct(name, {**self.validate(name, params), **runtime})
+
+    def _construct(self, name: str, arguments: dict[str, Any]) -> Any:
+        """Call the constructor; a value it rejects (its own checks raise ValueError) is a
+        config error naming the component, not a traceback."""
+        try:
+            return self.get(name)(**arguments)
+        except ValueError as exc:
+            raise ConfigError(f"{self.kind} '{name}': {exc}") from None
 
 
 def _type_hints(fn: Callable[..., Any]) -> dict[str, Any]:

@@ -172,6 +172,13 @@ class Trainer:
         return lr.learning_rate * total / lr.base_batch_size
 
     def _restore(self, payload: dict[str, Any]) -> None:
+        saved_steps = payload.get("steps_per_epoch", self.steps_per_epoch)
+        if saved_steps != self.steps_per_epoch:
+            raise ConfigError(
+                f"Global.checkpoints: the run had {saved_steps} steps per epoch, this config "
+                f"gives {self.steps_per_epoch}; resume with the same training list, "
+                "DataLoader.Train.sampler.batch_size and number of processes"
+            )
         configured = [
             {key: value for key, value in group.items() if key not in ("params", "lr")}
             for group in self.optimizer.param_groups
@@ -222,6 +229,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "rng": rng,
             "seed": self.seed,
+            "steps_per_epoch": self.steps_per_epoch,  # a resume must keep the epoch's batches
             "config": json.dumps(self.config.model_dump(mode="json")),
             **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
         }
@@ -290,7 +298,12 @@ class Trainer:
             self.progress.epoch, self.progress.batch_in_epoch = epoch + 1, 0
             if self.evaluation is not None and (epoch + 1) % global_config.eval_interval == 0:
                 self._evaluate(epoch + 1)
-            if (epoch + 1) % global_config.save_interval == 0 or epoch + 1 == global_config.epochs:
+            every = global_config.checkpoint_every_steps
+            if (
+                (epoch + 1) % global_config.save_interval == 0
+                or epoch + 1 == global_config.epochs
+                or (every and self.progress.global_step % every == 0)  # held back until now
+            ):
                 self.save_latest()
         self._save_weights(FINAL)  # runs without evaluation get weights too; soups use these
         barrier(self.context)
@@ -327,14 +340,20 @@ class Trainer:
                         "epoch": epoch + 1,
                         "loss": loss_value,
                         **{k: float(all_reduce_mean(v, self.context)) for k, v in parts.items()},
-                        "lr": self.optimizer.param_groups[0]["lr"],
+                        "lr": self.schedule.lr_at(step - 1),  # before lr_mult
                         "images_per_s": round(window_images / elapsed, 2),
                     }
                     self.log.write("train", step, **record)
                     bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{record['lr']:.2e}")
                     window_start, window_images = time.monotonic(), 0
                 every = config.checkpoint_every_steps
-                if every and step % every == 0:
+                # An epoch's last step is saved after its evaluation (_run_epochs): a resume
+                # from before it would evaluate, and log, that epoch again.
+                if (
+                    every
+                    and step % every == 0
+                    and self.progress.batch_in_epoch < self.steps_per_epoch
+                ):
                     self.save_latest()
             return not self._should_stop()
         finally:

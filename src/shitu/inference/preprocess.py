@@ -19,7 +19,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from shitu.config import ShituConfig
 from shitu.data.transforms._base import interpolation_name, pair, pil_filter
-from shitu.data.transforms.ops import NormalizeImage, UnreadableImageError
+from shitu.data.transforms.ops import NormalizeImage, UnreadableImageError, to_rgb8
 from shitu.errors import ConfigError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -198,7 +198,7 @@ def decode_rgb(data: bytes | np.ndarray) -> np.ndarray:
     try:  # formats OpenCV does not read (e.g. GIF); also gives a readable reason
         with Image.open(io.BytesIO(buffer.tobytes())) as opened:
             opened.load()
-            rgb = ImageOps.exif_transpose(opened).convert("RGB")
+            rgb = to_rgb8(ImageOps.exif_transpose(opened))
     except UnidentifiedImageError:  # its message names an in-memory buffer, not the file
         raise UnreadableImageError("not a readable image (unknown or corrupt format)") from None
     except Exception as exc:  # any decoder failure means a corrupt or unsupported file

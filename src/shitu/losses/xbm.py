@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from shitu.errors import ConfigError
 from shitu.registry import LOSSES
 
 
@@ -82,7 +83,7 @@ class CrossBatchMemory(nn.Module):
     def enqueue(self, features: torch.Tensor, labels: torch.Tensor) -> None:
         """Write a batch into the ring, oldest entries first to go."""
         if features.shape[1] != self.memory.shape[1]:
-            raise ValueError(
+            raise ConfigError(
                 f"XBM.embedding_size is {self.memory.shape[1]} but the model's features "
                 f"have {features.shape[1]} dimensions"
             )

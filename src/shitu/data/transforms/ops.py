@@ -63,14 +63,23 @@ class DecodeImage(Transform):
             array = data
         else:
             image = data if isinstance(data, Image.Image) else _decode(data)
-            if image.mode != "RGB":
-                image = image.convert("RGB")
-            array = np.asarray(image)
+            array = np.asarray(to_rgb8(image))
             if not self.to_rgb:
                 array = array[:, :, ::-1]
         if self.channel_first:
             array = array.transpose(2, 0, 1)
         return array
+
+
+def to_rgb8(image: Image.Image) -> Image.Image:
+    """8-bit RGB. Pillow converts 16-bit and 32-bit grey by clipping at 255 (nearly all
+    white); the top 8 bits are kept instead, as OpenCV (PaddleClas's decoder) does."""
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        levels = np.asarray(image).astype(np.int64) >> 8
+        image = Image.fromarray(np.clip(levels, 0, 255).astype(np.uint8))
+    elif image.mode == "F":  # float data: taken as 0..255 levels
+        image = Image.fromarray(np.clip(np.asarray(image), 0, 255).astype(np.uint8))
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def _decode(data: bytes) -> Image.Image:
@@ -91,6 +100,8 @@ class ResizeImage(Transform):
 
     `backend: cv2` (PaddleClas's default) reproduces OpenCV's resize without
     antialiasing; `pil` uses Pillow's antialiased filters. See `_base.resize`.
+    `return_numpy` is accepted for PaddleClas configs and has no effect (the next
+    transform always gets an array).
     """
 
     def __init__(
@@ -99,6 +110,7 @@ class ResizeImage(Transform):
         resize_short: int | None = None,
         interpolation: Interpolation = None,
         backend: Backend = "cv2",
+        return_numpy: bool = True,
     ):
         if resize_short is not None and resize_short > 0:
             self.resize_short: int | None = resize_short
@@ -238,7 +250,8 @@ class Pad(Transform):
     """Pad the borders (`padding` as torchvision: int, [lr, tb] or [l, t, r, b]).
 
     `padding_mode` is constant (with `fill`: one grey level or one per channel),
-    edge, reflect or symmetric.
+    edge, reflect or symmetric. `backend` is accepted for PaddleClas configs: both of
+    its backends pad alike.
     """
 
     def __init__(
@@ -246,6 +259,7 @@ class Pad(Transform):
         padding: int | list[int],
         fill: int | list[int] = 0,
         padding_mode: Literal["constant", "edge", "reflect", "symmetric"] = "constant",
+        backend: Literal["pil", "cv2"] = "pil",
     ):
         self.padding = _sides(padding)
         self.fill = fill
@@ -397,6 +411,8 @@ class NormalizeImage(Transform):
     `order` is the layout of the incoming image, as in PaddleClas ('' means hwc);
     left out, it follows the pipeline (HWC unless ToCHWImage or channel_first came
     first). A stated order that disagrees with the pipeline is a config error.
+    PaddleClas's `output_fp16` and `channel_num: 3` are accepted and change nothing
+    (mixed precision is `Global.amp`; models here take 3 channels).
     """
 
     def __init__(
@@ -405,6 +421,8 @@ class NormalizeImage(Transform):
         mean: list[float] | None = None,
         std: list[float] | None = None,
         order: Literal["chw", "hwc", ""] | None = None,
+        output_fp16: bool = False,
+        channel_num: Literal[3] = 3,
     ):
         self.scale = np.float32(parse_scale(scale))
         self.mean = np.asarray(mean if mean is not None else [0.485, 0.456, 0.406], np.float32)
