@@ -87,6 +87,8 @@ class Piecewise(LRSchedule):
 
     `values` are the rates of the pieces for the configured `learning_rate`, which equals
     the first (the config checks it); a rate scaled for the batch size scales them all.
+    The decay epochs count from the end of the warm-up, as in PaddleClas (whose warm-up
+    wraps the schedule and starts it afterwards).
     """
 
     def __init__(
@@ -116,7 +118,8 @@ class Piecewise(LRSchedule):
         self.values = list(values)
 
     def decayed(self, step: int) -> float:
-        return self.values[sum(step >= boundary for boundary in self.boundaries)]
+        after_warmup = step - self.warmup_steps
+        return self.values[sum(after_warmup >= boundary for boundary in self.boundaries)]
 
 
 @LR_SCHEDULES.register("ReduceOnPlateau")
