@@ -326,6 +326,26 @@ def test_bad_uploads_get_clear_errors(serving_library, client):
             400,
             "control characters",
         ),
+        "line separator label": (
+            client.post(
+                "/v1/gallery/images",
+                data={"label": "a\u2028b"},  # splitlines() breaks label files on it
+                files={"image": photo(good)},
+                headers=WRITE,
+            ),
+            400,
+            "control characters",
+        ),
+        "dot-dot label": (
+            client.post(
+                "/v1/gallery/images",
+                data={"label": ".."},
+                files={"image": photo(good)},
+                headers=WRITE,
+            ),
+            400,
+            "'..' cannot be a label",
+        ),
         "index type": (
             client.post("/v1/gallery/rebuild", json={"index_type": "LSH"}, headers=WRITE),
             400,
@@ -378,6 +398,14 @@ def test_size_and_pixel_limits(server, client):
         headers={"content-type": "multipart/form-data; boundary=b"},
     )
     assert chunked.status_code == 413 and "2 MB limit" in chunked.json()["detail"]
+    # The same for a JSON body that FastAPI parses itself (it would answer 400).
+    padding = b'{"label": "' + b"x" * (limit + 1024) + b'"}'
+    chunked_json = client.post(
+        "/v1/gallery/rebuild",
+        content=(padding[start : start + (1 << 16)] for start in range(0, len(padding), 1 << 16)),
+        headers={"content-type": "application/json", **WRITE},
+    )
+    assert chunked_json.status_code == 413 and "2 MB limit" in chunked_json.json()["detail"]
 
     # "Expect: 100-continue" (curl, large uploads): refused before any body is sent.
     host, port = server.url.removeprefix("http://").split(":")
@@ -455,7 +483,11 @@ def test_health_and_metrics(serving_library, reference, client):
     assert health["status"] == "ok" and health["model"] == reference.extractor.fingerprint
     client.post("/v1/recognize", files={"image": photo(serving_library.queries()[0][0])})
     client.get("/v1/gallery/images/999999")
+    for made_up in ("ZZZ1", "ZZZ2"):  # methods clients invent share one series
+        client.request(made_up, "/nowhere")
     text = client.get("/metrics").text
+    assert "ZZZ" not in text
+    assert re.search(r'^shitu_http_requests_total\{method="other",route="unmatched"', text, re.M)
     assert re.search(
         r'^shitu_http_requests_total\{method="POST",route="/v1/recognize",status="200"\} [1-9]',
         text,
@@ -567,3 +599,9 @@ def test_a_failed_add_leaves_no_upload_file_behind(serving_library, tmp_path):
         outcome = service.add("New product", [upload])  # the same upload, now stored
         assert len(outcome.added) == 1 and Path(outcome.added[0].path).parent == uploads_dir
         assert len(service.library.snapshot.by_id) == before + 1
+
+
+def test_a_key_http_headers_cannot_carry_is_refused_at_start(serving_library, capsys):
+    args = ["serve", "--gallery", str(serving_library.gallery), "--api-key", "clé"]
+    assert shitu_main(args) == 2
+    assert "API key must be printable ASCII" in capsys.readouterr().err

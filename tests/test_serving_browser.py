@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from PIL import Image
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
@@ -125,6 +126,16 @@ def test_recognise_and_edit_the_gallery_in_the_page(serving_library, server, bro
     assert sorted(shown) == sorted(products)
     assert len(browser.find_elements(By.CSS_SELECTOR, "#overlay rect.box")) == len(products)
     assert browser.execute_script("return document.getElementById('photo-view').naturalWidth") > 0
+
+    # A format the server reads but the browser cannot show (TIFF): results, without boxes.
+    tiff = tmp_path / "shelf.tif"
+    with Image.open(shelf) as photo:
+        photo.save(tiff)
+    browser.find_element(By.ID, "photo").send_keys(str(tiff))
+    status = browser.find_element(By.ID, "recognise-status")
+    wait(browser, lambda d: "cannot display" in status.text, "results without the photo")
+    assert sorted(texts(browser, "#results li strong")) == sorted(products)
+    assert not browser.find_elements(By.CSS_SELECTOR, "#overlay rect.box")
 
     # Add a new photo to an existing label.
     query = next(path for path, label in serving_library.queries() if label == "Lemon Soda")

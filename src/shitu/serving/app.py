@@ -14,11 +14,13 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from shitu import __version__
 from shitu.errors import ShituError
@@ -103,6 +105,14 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
             logger.error("%s %s failed: %s", request.method, request.url.path, exc)
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
         return JSONResponse({"detail": str(exc)}, status, headers=headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        """FastAPI turns any error while it parses a JSON body into 400 "error parsing the
+        body", a chunked body over the limit too: answer with our error (413) instead."""
+        if isinstance(exc.__cause__, ShituError):
+            return await shitu_error(request, exc.__cause__)
+        return await http_exception_handler(request, exc)
 
     async def decode(uploads: RawUploads) -> list[Upload]:
         return [

@@ -32,7 +32,15 @@ from shitu.serving.settings import ServeSettings
 MAX_LABEL_LENGTH = 200
 SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")  # what an upload's name keeps in its file name
 MAX_NAME = 60
-SUFFIXES = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "BMP": ".bmp", "TIFF": ".tif"}
+SUFFIXES = {
+    "JPEG": ".jpg",
+    "MPO": ".jpg",  # many cameras' JPEGs (with a preview image)
+    "PNG": ".png",
+    "WEBP": ".webp",
+    "BMP": ".bmp",
+    "TIFF": ".tif",
+    "GIF": ".gif",
+}
 
 
 @dataclass(frozen=True)
@@ -57,8 +65,10 @@ def check_label(label: str) -> str:
         raise BadRequest("the label is empty")
     if len(label) > MAX_LABEL_LENGTH:
         raise BadRequest(f"the label is longer than {MAX_LABEL_LENGTH} characters")
-    if any(unicodedata.category(char) == "Cc" for char in label):
+    if any(unicodedata.category(char) in ("Cc", "Zl", "Zp") for char in label):
         raise BadRequest("the label must not contain tabs, line breaks or other control characters")
+    if label in (".", ".."):  # a URL path segment that browsers resolve away
+        raise BadRequest(f"'{label}' cannot be a label: it could not be addressed in a URL")
     return label
 
 

@@ -71,13 +71,29 @@ function svg(name, attributes, text) {
   return node;
 }
 
-function drawResults(results) {
+function drawResults(results, shown) {
   const image = $("photo-view");
   const overlay = $("overlay");
-  const width = image.naturalWidth;
-  const height = image.naturalHeight;
-  overlay.setAttribute("viewBox", `0 0 ${width} ${height}`);
+  image.hidden = !shown;
   overlay.replaceChildren();
+  if (shown) drawBoxes(results, image.naturalWidth, image.naturalHeight);
+  const list = $("results");
+  list.replaceChildren();
+  for (const result of results) {
+    const item = document.createElement("li");
+    const swatch = document.createElement("span");
+    swatch.className = "swatch";
+    swatch.style.background = labelColour(result.label);
+    const name = document.createElement("strong");
+    name.textContent = result.label;
+    item.append(swatch, name, ` ${result.score.toFixed(3)} (gallery image #${result.image_id})`);
+    list.append(item);
+  }
+}
+
+function drawBoxes(results, width, height) {
+  const overlay = $("overlay");
+  overlay.setAttribute("viewBox", `0 0 ${width} ${height}`);
   const stroke = Math.max(2, Math.round(Math.min(width, height) / 150));
   const fontSize = Math.max(12, Math.round(Math.min(width, height) / 28));
   for (const result of results) {
@@ -94,23 +110,14 @@ function drawResults(results) {
       }, `${result.label} ${result.score.toFixed(2)}`),
     );
   }
-  const list = $("results");
-  list.replaceChildren();
-  for (const result of results) {
-    const item = document.createElement("li");
-    const swatch = document.createElement("span");
-    swatch.className = "swatch";
-    swatch.style.background = labelColour(result.label);
-    const name = document.createElement("strong");
-    name.textContent = result.label;
-    item.append(swatch, name, ` ${result.score.toFixed(3)} (gallery image #${result.image_id})`);
-    list.append(item);
-  }
 }
 
 async function recognise(file) {
   const image = $("photo-view");
-  const loaded = new Promise((resolve) => { image.onload = resolve; });
+  const loaded = new Promise((resolve) => {
+    image.onload = () => resolve(true);
+    image.onerror = () => resolve(false); // a format this browser cannot show, e.g. TIFF
+  });
   if (image.src) URL.revokeObjectURL(image.src);
   image.src = URL.createObjectURL(file);
   $("stage").hidden = false;
@@ -120,11 +127,13 @@ async function recognise(file) {
   const form = new FormData();
   form.append("image", file);
   try {
-    const [body] = await Promise.all([api("/v1/recognize", { method: "POST", body: form }), loaded]);
-    drawResults(body.results);
-    $("recognise-status").textContent = body.results.length
+    const [body, shown] = await Promise.all([
+      api("/v1/recognize", { method: "POST", body: form }), loaded,
+    ]);
+    drawResults(body.results, shown);
+    $("recognise-status").textContent = (body.results.length
       ? `${body.results.length} recognised`
-      : "nothing recognised";
+      : "nothing recognised") + (shown ? "" : " (this browser cannot display the photo)");
   } catch (error) {
     $("recognise-status").textContent = "";
     throw error;
@@ -175,14 +184,36 @@ async function selectLabel(label) {
   selected = label;
   renderLabels();
   const body = await api(labelPath(label));
+  if (selected !== label) return; // another label was chosen while this one loaded
   $("label-title").textContent = `${label} (${body.count} images)`;
   $("rename-form").hidden = false;
   $("rename-input").value = label;
   $("add-label").value = label;
   thumbUrls.splice(0).forEach((url) => URL.revokeObjectURL(url));
+  $("thumbs").replaceChildren();
+  appendThumbs(label, body.images);
+  offerMore(label, body.images.length, body.count);
+}
+
+// A label's images come a page at a time: a button fetches the next page.
+function offerMore(label, shown, count) {
+  if (shown >= count) return;
+  const more = Object.assign(document.createElement("button"), {
+    type: "button", className: "more", textContent: `show more (${shown} of ${count} shown)`,
+  });
+  more.addEventListener("click", () => attempt(async () => {
+    const page = await api(`${labelPath(label)}?offset=${shown}`);
+    if (selected !== label) return; // another label was chosen meanwhile
+    more.remove();
+    appendThumbs(label, page.images);
+    offerMore(label, shown + page.images.length, page.count);
+  }));
+  $("thumbs").append(more);
+}
+
+function appendThumbs(label, images) {
   const grid = $("thumbs");
-  grid.replaceChildren();
-  for (const image of body.images) {
+  for (const image of images) {
     const figure = document.createElement("figure");
     figure.className = "thumb";
     figure.dataset.id = image.id;
