@@ -25,6 +25,8 @@ from shitu.cli.main import main as shitu_main
 from shitu.index import Gallery
 from shitu.inference.preprocess import read_rgb
 from shitu.pipeline import Recognizer, load_pipeline_config
+from shitu.serving.errors import NotFound
+from shitu.serving.images import thumbnail_jpeg
 from shitu.serving.service import RecognitionService, Upload
 from shitu.serving.settings import ServeSettings
 from tests.index_helpers import make_images
@@ -605,3 +607,18 @@ def test_a_key_http_headers_cannot_carry_is_refused_at_start(serving_library, ca
     args = ["serve", "--gallery", str(serving_library.gallery), "--api-key", "clé"]
     assert shitu_main(args) == 2
     assert "API key must be printable ASCII" in capsys.readouterr().err
+
+
+def test_previews_of_large_stored_images(tmp_path):
+    """The pixel limit holds for what a preview decodes: a large JPEG decodes at a reduced
+    scale and gets one; a large PNG gets a 404 that says why, not a 413 for a GET."""
+    pixels = np.random.default_rng(1).integers(0, 256, (2000, 3000, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "big.jpg", quality=80)
+    Image.fromarray(pixels).save(tmp_path / "big.png")
+    four_megapixels = 4_000_000
+    with Image.open(
+        io.BytesIO(thumbnail_jpeg(str(tmp_path / "big.jpg"), 64, four_megapixels))
+    ) as t:
+        assert max(t.size) == 64
+    with pytest.raises(NotFound, match="no preview: the image is 3000x2000, over the server's 4"):
+        thumbnail_jpeg(str(tmp_path / "big.png"), 64, four_megapixels)

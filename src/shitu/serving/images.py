@@ -62,15 +62,23 @@ def decode_base64(text: str, name: str) -> bytes:
 
 
 def thumbnail_jpeg(path: str, size: int, max_pixels: int) -> bytes:
-    """A stored gallery image shrunk to fit size x size, as JPEG bytes."""
+    """A stored gallery image shrunk to fit size x size, as JPEG bytes.
+
+    The pixel limit applies to what is decoded: a large JPEG decodes at a reduced scale
+    and passes; a stored image too large to decode has no preview (404, with the reason).
+    """
     try:
         with Image.open(path) as image:
-            check_pixels(*image.size, max_pixels)
             image.draft("RGB", (size, size))  # JPEG: decode at a reduced scale, much faster
+            if image.size[0] * image.size[1] > max_pixels:
+                raise NotFound(
+                    f"no preview: the image is {image.size[0]}x{image.size[1]}, over the "
+                    f"server's {max_pixels / 1e6:g} megapixel limit"
+                )
             small = ImageOps.exif_transpose(image).convert("RGB")
     except FileNotFoundError:
         raise NotFound(f"the image file is missing from the server ({path})") from None
-    except (UnidentifiedImageError, OSError) as exc:
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
         raise NotFound(f"the image file cannot be read ({exc})") from None
     small.thumbnail((size, size), Image.BILINEAR)
     out = io.BytesIO()
