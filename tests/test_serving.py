@@ -479,6 +479,15 @@ def test_page_and_docs_load_nothing_from_elsewhere(client):
     assert {"/v1/recognize", "/v1/extract", "/v1/gallery/images", "/healthz"} <= set(spec["paths"])
     assert "multipart/form-data" in spec["paths"]["/v1/recognize"]["post"]["requestBody"]["content"]
 
+    def image_field(path: str) -> dict:
+        body = spec["paths"][path]["post"]["requestBody"]["content"]["multipart/form-data"]
+        return body["schema"]["properties"]["image"]
+
+    assert image_field("/v1/recognize")["format"] == "binary"  # one photo
+    for many in ("/v1/extract", "/v1/gallery/images"):  # the docs page can send several
+        assert image_field(many)["type"] == "array"
+        assert image_field(many)["items"] == {"type": "string", "format": "binary"}
+
 
 def test_health_and_metrics(serving_library, reference, client):
     health = client.get("/healthz").json()

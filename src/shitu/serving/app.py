@@ -43,10 +43,15 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _upload_body(schema: type[BaseModel], files: str, extra_fields: Sequence[str] = ()) -> dict:
-    """OpenAPI request body: a multipart form with image files, or the JSON `schema`."""
+def _upload_body(
+    schema: type[BaseModel], files: str, extra_fields: Sequence[str] = (), many: bool = False
+) -> dict:
+    """OpenAPI request body: a multipart form with image files (one, or `many`: the field
+    repeated, which the docs page can then send), or the JSON `schema`."""
+    binary = {"type": "string", "format": "binary"}
+    image = {"type": "array", "items": binary} if many else binary
     form: dict[str, Any] = {
-        IMAGE_FIELD: {"type": "string", "format": "binary", "description": files},
+        IMAGE_FIELD: {**image, "description": files},
         **{name: {"type": "string"} for name in extra_fields},
     }
     return {
@@ -175,7 +180,7 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
         dependencies=read_access,
         responses=ERRORS,
         tags=["inference"],
-        openapi_extra=_upload_body(schemas.ExtractJSON, "an image (repeat the field for more)"),
+        openapi_extra=_upload_body(schemas.ExtractJSON, "images (the field repeated)", many=True),
     )
     async def extract(request: Request) -> JSONResponse:
         """L2-normalised embeddings of whole images, in the order sent."""
@@ -281,7 +286,7 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
         responses=ERRORS,
         tags=["gallery"],
         openapi_extra=_upload_body(
-            schemas.AddImagesJSON, "an image (repeat the field for more)", ["label"]
+            schemas.AddImagesJSON, "images (the field repeated)", ["label"], many=True
         ),
     )
     async def add_images(request: Request) -> schemas.AddImagesResponse:
