@@ -11,8 +11,10 @@ import torch
 from torch import nn
 
 from shitu import registry
-from shitu.config.schema import LRConfig, OptimizerConfig
+from shitu.config.schema import DataSplitConfig, LRConfig, OptimizerConfig
 from shitu.engine import precision
+from shitu.engine.data import build_eval_loader
+from shitu.engine.distributed import init_distributed
 from shitu.engine.ema import WeightEMA
 from shitu.engine.optim import build_optimizer, parameter_groups, set_learning_rate
 from shitu.engine.precision import autocast_for, effective_amp
@@ -299,3 +301,14 @@ def test_weight_ema_is_the_bias_corrected_weighted_mean_of_the_steps():
     assert all(torch.equal(restored.module.state_dict()[k], v) for k, v in averaged.items())
     with pytest.raises(ValueError, match="decay"):
         WeightEMA(model, decay=1.0)
+
+
+def test_an_evaluation_that_would_drop_images_is_refused():
+    split = DataSplitConfig.model_validate(
+        {
+            "dataset": {"name": "ImageNetDataset", "image_root": ".", "cls_label_path": "x"},
+            "sampler": {"name": "DistributedBatchSampler", "batch_size": 8, "drop_last": True},
+        }
+    )
+    with pytest.raises(ConfigError, match="drop_last: true would leave images out"):
+        build_eval_loader(split, init_distributed("cpu"), seed=0)

@@ -59,6 +59,11 @@ def build_train_loader(split: DataSplitConfig, context: DistContext, seed: int) 
 
 
 def build_eval_loader(split: DataSplitConfig, context: DistContext, seed: int) -> DataLoader:
+    if split.sampler is not None and split.sampler.params.get("drop_last"):
+        raise ConfigError(
+            "DataLoader.Eval: sampler drop_last: true would leave images out of the "
+            "evaluation; set it to false"
+        )
     return build_loader(split, context, seed, default_sampler=EVAL_SAMPLER)
 
 
