@@ -355,6 +355,7 @@ def test_cli_train_then_eval(grocery, tmp_path, capsys):
     assert main(["eval", "-c", str(path), "--json"]) == 0
     captured = capsys.readouterr()
     assert "no Global.pretrained_model" in captured.err
+    assert f"-o Global.pretrained_model={weights}" in captured.err  # where training left them
     assert json.loads(captured.out)["num_queries"] == 18
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -64,6 +65,17 @@ def add_config_arguments(parser: argparse.ArgumentParser, head_option: bool = Tr
         default=DEFAULT_CONFIG,
         help=f"YAML config file, or the name of a shipped config (default: {DEFAULT_CONFIG})",
     )
+    add_override_argument(parser, "-o Global.epochs=10 -o Arch.Head.class_num=81")
+    if head_option:
+        parser.add_argument(
+            "--no-head",
+            action="store_true",
+            help="leave out the classification head (feature extraction needs none)",
+        )
+
+
+def add_override_argument(parser: argparse.ArgumentParser, example: str) -> None:
+    """`-o KEY=VALUE ...`, repeatable, for training and pipeline configs alike."""
     parser.add_argument(
         "-o",
         "--override",
@@ -71,15 +83,24 @@ def add_config_arguments(parser: argparse.ArgumentParser, head_option: bool = Tr
         nargs="+",
         default=[],
         metavar="KEY=VALUE",
-        help="override a config value, e.g. -o Global.epochs=10 -o Arch.Head.class_num=81 "
-        "(repeatable; values are parsed as YAML; list items as key[0] or key.0)",
+        help=f"override a config value, e.g. {example} (repeatable; values are parsed as "
+        "YAML; list items as key[0] or key.0)",
     )
-    if head_option:
-        parser.add_argument(
-            "--no-head",
-            action="store_true",
-            help="leave out the classification head (feature extraction needs none)",
+
+
+def trained_weights(config: ShituConfig, doing: str) -> str | None:
+    """`Global.pretrained_model`; without it, a note that `doing` uses the model as the
+    config initialises it, and where a training run of this config leaves its weights."""
+    weights = config.Global.pretrained_model
+    if not weights:
+        best = Path(config.Global.output_dir) / "best_model.safetensors"
+        print(
+            f"note: no Global.pretrained_model, so {doing} the model as the config initialises "
+            f"it (e.g. an ImageNet backbone); pass -o Global.pretrained_model={best} (or any "
+            "weights file) for trained weights",
+            file=sys.stderr,
         )
+    return weights
 
 
 def config_from_args(args: argparse.Namespace) -> ShituConfig:

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-from pathlib import Path
 
 import torch
 
 from shitu.checkpoint import load_weights
-from shitu.cli.common import add_config_arguments, config_from_args, model_from_config
+from shitu.cli.common import (
+    add_config_arguments,
+    config_from_args,
+    model_from_config,
+    trained_weights,
+)
 from shitu.engine.distributed import init_distributed, shutdown_distributed
 from shitu.engine.evaluate import RetrievalEvaluation
 
@@ -31,14 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
-    weights = config.Global.pretrained_model
-    if not weights:
-        print(
-            "note: no Global.pretrained_model, so this evaluates the model as the config "
-            "initialises it (e.g. an ImageNet backbone); pass -o Global.pretrained_model="
-            f"{Path(config.Global.output_dir) / 'best_model.safetensors'} for trained weights",
-            file=sys.stderr,
-        )
+    weights = trained_weights(config, "this evaluates")
     config.Arch.Head = None  # retrieval needs no classifier
     context = init_distributed(config.Global.device)
     try:

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from shitu.cli.common import add_config_arguments, config_from_args, cosine_similarity, positive_int
+from shitu.cli.common import (
+    add_config_arguments,
+    config_from_args,
+    cosine_similarity,
+    positive_int,
+    trained_weights,
+)
 from shitu.cli.extract import image_files
 from shitu.inference import export_model, read_manifest
 from shitu.pipeline.config import DEFAULT_SCORE_THRES
@@ -55,13 +60,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
-    weights = config.Global.pretrained_model
-    if not weights:
-        print(
-            "note: no Global.pretrained_model, so the export holds the model as the config "
-            "initialises it; pass -o Global.pretrained_model=... for trained weights",
-            file=sys.stderr,
-        )
+    weights = trained_weights(config, "the export holds")
     calibration: list[Path] = []
     if args.int8_calibration:
         files = image_files(args.int8_calibration)

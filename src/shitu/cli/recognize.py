@@ -9,6 +9,7 @@ from pathlib import Path
 
 from shitu.cli.common import (
     VisualisationWriter,
+    add_override_argument,
     add_runtime_arguments,
     cosine_similarity,
     expand_images,
@@ -35,15 +36,7 @@ def add_pipeline_arguments(
         help="pipeline YAML (PaddleClas inference_general.yaml shape) or a shipped name "
         f"(default: {DEFAULT_PIPELINE_CONFIG})",
     )
-    parser.add_argument(
-        "-o",
-        "--override",
-        action="append",
-        nargs="+",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. -o IndexProcess.score_thres=0.6 (repeatable)",
-    )
+    add_override_argument(parser, "-o IndexProcess.score_thres=0.6")
     if gallery:
         parser.add_argument("--gallery", help="gallery library folder (`shitu index build --out`)")
     parser.add_argument(
