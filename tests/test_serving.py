@@ -428,6 +428,13 @@ def test_size_and_pixel_limits(server, client):
         response.json()["detail"]
         == "image is 4100x1000 (4.1 megapixels); the limit is 4 megapixels"
     )
+    # Each image within the limit, five together over 4 times it (16 megapixels).
+    near = png_bytes(np.zeros((1000, 3500, 3), np.uint8))
+    files = [("image", (f"near{i}.png", near, "image/png")) for i in range(5)]
+    together = client.post("/v1/extract", files=files)
+    assert together.status_code == 413
+    assert "images hold over 17.5 megapixels together; the limit is 16" in together.text
+    assert client.post("/v1/extract", files=files[:4]).status_code == 200
 
 
 # ------------------------------------------------------------------------------ access

@@ -60,7 +60,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--max-megapixels",
         type=float,
         default=DEFAULT_MAX_MEGAPIXELS,
-        help=f"largest image, in millions of pixels (default {DEFAULT_MAX_MEGAPIXELS:g})",
+        help=f"largest image, in millions of pixels (default {DEFAULT_MAX_MEGAPIXELS:g}); "
+        "a request's images together may hold 4 times that",
     )
     parser.add_argument(
         "--max-batch",

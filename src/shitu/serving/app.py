@@ -26,7 +26,7 @@ from shitu import __version__
 from shitu.errors import ShituError
 from shitu.index.metadata import ImageEntry
 from shitu.serving import schemas
-from shitu.serving.errors import BadRequest, RequestError
+from shitu.serving.errors import BadRequest, PayloadTooLarge, RequestError
 from shitu.serving.http import IMAGE_FIELD, BodyLimit, RawUploads, api_key_check, read_uploads
 from shitu.serving.images import decode_image
 from shitu.serving.metrics import CONTENT_TYPE, Metrics, MetricsMiddleware
@@ -38,6 +38,7 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 PAGE_POLICY = "default-src 'self'; img-src 'self' blob: data:; object-src 'none'"
 THUMBNAIL_SIZES = (16, 512)
 LABEL_PAGE = 200
+REQUEST_PIXELS_FACTOR = 4  # all images of one request together: at most 4 times the per-image limit
 ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": schemas.ErrorOut} for status in (400, 401, 403, 404, 413, 415)
 }
@@ -120,12 +121,20 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
         return await http_exception_handler(request, exc)
 
     async def decode(uploads: RawUploads) -> list[Upload]:
-        return [
-            Upload(
-                name, data, await run_in_threadpool(decode_image, data, settings.max_pixels, name)
-            )
-            for name, data in uploads.images
-        ]
+        """Decoded uploads; each within the pixel limit, and all of them together within
+        REQUEST_PIXELS_FACTOR times it, so one request cannot hold gigabytes of pixels."""
+        decoded, total = [], 0
+        budget = REQUEST_PIXELS_FACTOR * settings.max_pixels
+        for name, data in uploads.images:
+            pixels = await run_in_threadpool(decode_image, data, settings.max_pixels, name)
+            total += pixels.shape[0] * pixels.shape[1]
+            if total > budget:
+                raise PayloadTooLarge(
+                    f"the request's images hold over {total / 1e6:.1f} megapixels together; "
+                    f"the limit is {budget / 1e6:g} (send fewer or smaller images per request)"
+                )
+            decoded.append(Upload(name, data, pixels))
+        return decoded
 
     def image_out(entry: ImageEntry) -> schemas.ImageOut:
         return schemas.ImageOut(
