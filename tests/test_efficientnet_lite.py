@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from shitu.config.schema import ArchConfig
-from shitu.errors import CheckpointError
+from shitu.errors import CheckpointError, ConfigError
 from shitu.models import build_model
 from shitu.models.backbones.efficientnet_lite import (
     LITE_MEAN,
@@ -227,7 +227,7 @@ def test_gem_pool_starts_from_imagenet_weights_and_generalises_the_average(tmp_p
     path = tmp_path / "gem.pth"
     torch.save(own.state_dict(), path)
     assert build("lite0", pool="gem", pretrained=str(path)).avg_pool.p.item() == 2.5
-    with pytest.raises(ValueError, match="unknown pool 'max'; available: avg, gem"):
+    with pytest.raises(ConfigError, match="unknown pool 'max'; available: avg, gem"):
         build("lite0", pool="max")
 
 

@@ -8,7 +8,9 @@ import threading
 import numpy as np
 import pytest
 
+from shitu.errors import GalleryError
 from shitu.index import Gallery
+from shitu.index import gallery as gallery_module
 from tests.index_helpers import clustered, run_killed, snapshot
 
 pytest.importorskip("milvus_lite", reason="the milvus extra is not installed")
@@ -92,3 +94,28 @@ def test_opening_a_stale_collection_waits_for_another_writer(tmp_path):
         assert "item 0" not in gallery.label_counts()
         assert gallery.manifest.index_state["synced_generation"] == gallery.manifest.generation
     other.close()
+
+
+def test_a_failed_reload_keeps_the_collection_searchable(tmp_path, monkeypatch):
+    """Milvus Lite serves a file from one server per process, so a reload closes the old
+    connection before opening the new one; when the new one fails, the old one comes back."""
+    queries = clustered(3, DIM, seed=8)
+    with build(tmp_path, "milvus") as reader:
+        before = reader.search(queries, k=3)
+        with Gallery.open(tmp_path / "milvus") as writer:
+            writer.relabel("item 1", "item one")
+        real_open_backend = gallery_module.open_backend
+        calls = []
+
+        def fails_once(*args, **kwargs):
+            calls.append(args[1].generation)
+            if len(calls) == 1:
+                raise GalleryError("cannot connect to Milvus (simulated)")
+            return real_open_backend(*args, **kwargs)
+
+        monkeypatch.setattr(gallery_module, "open_backend", fails_once)
+        with pytest.raises(GalleryError, match="simulated"):
+            reader.refresh()
+        np.testing.assert_array_equal(reader.search(queries, k=3).ids, before.ids)
+        assert reader.stale() and reader.refresh()  # the next try loads the new generation
+        assert "item one" in reader.label_counts()

@@ -25,8 +25,10 @@ from shitu.cli.main import main as shitu_main
 from shitu.index import Gallery
 from shitu.inference.preprocess import read_rgb
 from shitu.pipeline import Recognizer, load_pipeline_config
+from shitu.serving import library as library_module
 from shitu.serving.errors import NotFound
 from shitu.serving.images import thumbnail_jpeg
+from shitu.serving.library import SharedLibrary
 from shitu.serving.service import RecognitionService, Upload
 from shitu.serving.settings import ServeSettings
 from tests.index_helpers import make_images
@@ -623,6 +625,7 @@ def test_a_key_http_headers_cannot_carry_is_refused_at_start(serving_library, ca
     args = ["serve", "--gallery", str(serving_library.gallery), "--api-key", "clé"]
     assert shitu_main(args) == 2
     assert "API key must be printable ASCII" in capsys.readouterr().err
+    assert shitu_main([*args[:-1], " padded-key"]) == 2
 
 
 def test_previews_of_large_stored_images(tmp_path):
@@ -638,3 +641,34 @@ def test_previews_of_large_stored_images(tmp_path):
         assert max(t.size) == 64
     with pytest.raises(NotFound, match="no preview: the image is 3000x2000, over the server's 4"):
         thumbnail_jpeg(str(tmp_path / "big.png"), 64, four_megapixels)
+
+
+def test_the_server_retries_a_generation_that_failed_to_load(tmp_path, monkeypatch, caplog):
+    """A newer generation that cannot load (here: its index file cut short, as while it is
+    still being copied) is retried every RETRY_S, its failure logged once."""
+    path = tmp_path / "lib"
+    vectors = np.random.default_rng(2).normal(size=(30, 8)).astype(np.float32)
+    with Gallery.create(path, embedding_dim=8, model_fingerprint="m") as gallery:
+        gallery.add(vectors[:20], ["old"] * 20)
+    shared = SharedLibrary()
+    try:
+        shared.attach(shared.run(lambda: Gallery.open(path)))
+        with Gallery.open(path) as writer:
+            writer.add(vectors[20:], ["new"] * 10)
+            index_file = path / writer.manifest.index_state["file"]
+        whole = index_file.read_bytes()
+        index_file.write_bytes(whole[:64])
+        monkeypatch.setattr(library_module, "RETRY_S", 3600.0)
+        for _ in range(2):
+            shared.run(shared._sync)
+        assert caplog.text.count("could not load generation") == 1  # said once
+        assert set(shared.snapshot.by_label) == {"old"}  # still serving what it had
+        index_file.write_bytes(whole)
+        shared.run(shared._sync)
+        assert set(shared.snapshot.by_label) == {"old"}  # not yet: an hour to wait
+        monkeypatch.setattr(library_module, "RETRY_S", 0.0)
+        shared.run(shared._sync)
+        assert set(shared.snapshot.by_label) == {"old", "new"}
+        assert shared.search(vectors[25:26], k=1).labels[0, 0] == "new"
+    finally:
+        shared.close()

@@ -268,6 +268,9 @@ def test_a_crash_after_a_step_checkpoint_does_not_evaluate_an_epoch_twice(grocer
     """The step checkpoint of an epoch's last step is taken after its evaluation, so the
     resumed run neither repeats nor logs that evaluation again."""
     path = tiny_config(grocery, tmp_path, epochs=3, checkpoint_every_steps=4, save_interval=3)
+    config = yaml.safe_load(path.read_text())
+    config["Optimizer"]["lr_mult"] = {"backbone": 0.25}  # the first parameter group's rate
+    path.write_text(yaml.safe_dump(config))  # is then not the schedule's
     output = tmp_path / "output"
 
     class CrashesAtStep6(Trainer):
@@ -287,6 +290,7 @@ def test_a_crash_after_a_step_checkpoint_does_not_evaluate_an_epoch_twice(grocer
     assert [(e["step"], e["epoch"]) for e in evals] == [(4, 1), (8, 2), (12, 3)]
     logged = read_log(output / "metrics.jsonl", "train")
     assert all(r["lr"] == resumed.schedule.lr_at(r["step"] - 1) for r in logged)
+    assert any(r["lr"] > 0 for r in logged)
 
     refused = [f"Global.output_dir={output}", f"Global.checkpoints={output}"]
     with pytest.raises(ConfigError, match="4 steps per epoch, this config gives 2"):

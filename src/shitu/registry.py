@@ -140,12 +140,15 @@ class Registry:
         return self._construct(name, {**self.validate(name, params), **runtime})
 
     def _construct(self, name: str, arguments: dict[str, Any]) -> Any:
-        """Call the constructor; a value it rejects (its own checks raise ValueError) is a
-        config error naming the component, not a traceback."""
+        """Call the constructor; a value it rejects (its checks raise ValueError) is a
+        config error naming the component. The original stays chained as the cause
+        (`shitu -v` prints it), for the ValueError that is a bug rather than a check."""
         try:
             return self.get(name)(**arguments)
+        except UnicodeError:  # a file's encoding, not a config value
+            raise
         except ValueError as exc:
-            raise ConfigError(f"{self.kind} '{name}': {exc}") from None
+            raise ConfigError(f"{self.kind} '{name}': {exc}") from exc
 
 
 def _type_hints(fn: Callable[..., Any]) -> dict[str, Any]:

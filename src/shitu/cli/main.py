@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 
 from shitu import __version__
 from shitu.cli import (
@@ -50,7 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="General image recognition: detect objects, embed them, search a gallery.",
     )
     parser.add_argument("--version", action="version", version=f"shitu {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="log progress details; errors with their cause"
+    )
     subparsers = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND")
     for module in SUBCOMMANDS:
         module.register(subparsers)
@@ -70,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except ShituError as exc:
+        if args.verbose:  # with what led to it, e.g. the ValueError behind a config error
+            traceback.print_exception(exc)
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -125,9 +125,11 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.protect_reads and not args.api_key:
         raise ConfigError(f"--protect-reads needs an API key (--api-key or ${API_KEY_ENV})")
-    if args.api_key and not (args.api_key.isascii() and args.api_key.isprintable()):
+    key = args.api_key
+    if key and not (key.isascii() and key.isprintable() and key == key.strip()):
         raise ConfigError(
-            "the API key must be printable ASCII: HTTP headers carry nothing else reliably"
+            "the API key must be printable ASCII without leading or trailing spaces: HTTP "
+            "headers carry nothing else reliably"
         )
     config = pipeline_config_from_args(args)
     library = config.IndexProcess.index_dir

@@ -280,11 +280,16 @@ class Gallery:
             if self._model is not None:
                 manifest.check_model(*self._model, str(self.root))
             old = self._backend
-            if not old.opens_beside_itself:
-                old.close()
-            backend = open_backend(self.root, manifest, self._store, verify=True)
             if old.opens_beside_itself:
+                backend = open_backend(self.root, manifest, self._store, verify=True)
                 old.close()
+            else:
+                old.close()
+                try:
+                    backend = open_backend(self.root, manifest, self._store, verify=True)
+                except BaseException:  # back to what was open, so searches keep working
+                    self._backend = open_backend(self.root, self.manifest, self._store, False)
+                    raise
             self._backend, self.manifest = backend, manifest
             self._refresh_labels()
         self._finish_open()

@@ -13,6 +13,7 @@ import io
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from shitu.data.transforms.ops import to_rgb8
 from shitu.inference.preprocess import UnreadableImageError, decode_rgb
 from shitu.serving.errors import BadRequest, NotFound, PayloadTooLarge
 
@@ -75,7 +76,7 @@ def thumbnail_jpeg(path: str, size: int, max_pixels: int) -> bytes:
                     f"no preview: the image is {image.size[0]}x{image.size[1]}, over the "
                     f"server's {max_pixels / 1e6:g} megapixel limit"
                 )
-            small = ImageOps.exif_transpose(image).convert("RGB")
+            small = to_rgb8(ImageOps.exif_transpose(image))
     except FileNotFoundError:
         raise NotFound(f"the image file is missing from the server ({path})") from None
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:

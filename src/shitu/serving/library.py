@@ -32,6 +32,7 @@ from shitu.index.metadata import ImageEntry
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
 SYNC_INTERVAL_S = 1.0  # how often other processes' writes are looked for
+RETRY_S = 30.0  # how long a generation that failed to load waits before another try
 
 
 class ReadWriteLock:
@@ -110,7 +111,9 @@ class SharedLibrary:
         self._sync_guard = threading.Lock()
         self._sync_pending = False
         self._last_sync = time.monotonic()
-        self._unloadable: int | None = None  # a generation that failed to load: said once
+        # The generation that last failed to load, and when: retried after RETRY_S (the
+        # cause may pass, say a file still being copied), its failure logged once.
+        self._failed: tuple[int | None, float] | None = None
 
     def run(self, fn: Callable[[], T]) -> T:
         """Call `fn` on the library's thread (inline if already there) and return its result."""
@@ -168,24 +171,33 @@ class SharedLibrary:
         generation = None
         try:
             generation = gallery.generation_on_disk()
-            if generation not in (gallery.manifest.generation, self._unloadable):
+            failed = self._failed
+            waiting = (
+                failed is not None
+                and failed[0] == generation
+                and time.monotonic() - failed[1] < RETRY_S
+            )
+            if generation != gallery.manifest.generation and not waiting:
                 with self._lock.write():
                     gallery.refresh()
                 self._snapshot = Snapshot.of(gallery)
+                self._failed = None
                 logger.info(
                     "%s: loaded generation %d, written by another process",
                     gallery.root,
                     gallery.manifest.generation,
                 )
         except Exception:  # e.g. re-embedded with another model: keep serving, say why
-            self._unloadable = generation
-            logger.exception(
-                "%s: could not load generation %s written by another process; still serving "
-                "generation %d",
-                gallery.root,
-                generation,
-                gallery.manifest.generation,
-            )
+            if self._failed is None or self._failed[0] != generation:
+                logger.exception(
+                    "%s: could not load generation %s written by another process; still "
+                    "serving generation %d (retrying every %g s)",
+                    gallery.root,
+                    generation,
+                    gallery.manifest.generation,
+                    RETRY_S,
+                )
+            self._failed = (generation, time.monotonic())
         finally:
             with self._sync_guard:
                 self._sync_pending = False

@@ -103,7 +103,7 @@ def _read_class_rows(path: str) -> list[tuple[int, list[str]]]:
     try:
         with open(path, newline="", encoding="utf-8-sig") as handle:
             rows = list(csv.reader(handle))
-    except OSError as exc:
+    except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"class file {path}: cannot read it ({exc})") from exc
     return [(number, row) for number, row in enumerate(rows[1:], 2) if row]
 

@@ -7,6 +7,7 @@ const SVG = "http://www.w3.org/2000/svg";
 const KEY_STORE = "shitu-api-key";
 let labels = [];
 let selected = null;
+let selection = 0; // counts label choices: an answer for an earlier one is dropped
 const thumbUrls = [];
 
 // ---------------------------------------------------------------------------- requests
@@ -182,9 +183,10 @@ async function thumbnail(image) {
 
 async function selectLabel(label) {
   selected = label;
+  const choice = ++selection;
   renderLabels();
   const body = await api(labelPath(label));
-  if (selected !== label) return; // another label was chosen while this one loaded
+  if (choice !== selection) return; // another choice came while this one loaded
   $("label-title").textContent = `${label} (${body.count} images)`;
   $("rename-form").hidden = false;
   $("rename-input").value = label;
@@ -192,21 +194,26 @@ async function selectLabel(label) {
   thumbUrls.splice(0).forEach((url) => URL.revokeObjectURL(url));
   $("thumbs").replaceChildren();
   appendThumbs(label, body.images);
-  offerMore(label, body.images.length, body.count);
+  offerMore(label, choice, body.images.length, body.count);
 }
 
 // A label's images come a page at a time: a button fetches the next page.
-function offerMore(label, shown, count) {
+function offerMore(label, choice, shown, count) {
   if (shown >= count) return;
   const more = Object.assign(document.createElement("button"), {
     type: "button", className: "more", textContent: `show more (${shown} of ${count} shown)`,
   });
   more.addEventListener("click", () => attempt(async () => {
-    const page = await api(`${labelPath(label)}?offset=${shown}`);
-    if (selected !== label) return; // another label was chosen meanwhile
-    more.remove();
-    appendThumbs(label, page.images);
-    offerMore(label, shown + page.images.length, page.count);
+    more.disabled = true; // one page per click
+    try {
+      const page = await api(`${labelPath(label)}?offset=${shown}`);
+      if (choice !== selection) return; // the grid shows another choice now
+      more.remove();
+      appendThumbs(label, page.images);
+      offerMore(label, choice, shown + page.images.length, page.count);
+    } finally {
+      more.disabled = false;
+    }
   }));
   $("thumbs").append(more);
 }
@@ -241,6 +248,7 @@ async function refresh(label) {
     await selectLabel(label);
   } else {
     selected = null;
+    selection++; // answers still on their way are for a label no longer shown
     $("label-title").textContent = "Choose a label";
     $("rename-form").hidden = true;
     $("thumbs").replaceChildren();
