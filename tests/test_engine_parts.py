@@ -57,6 +57,8 @@ def test_piecewise_gamma_and_values():
     assert [lr.lr_at(s) for s in (0, 29, 30, 59, 60, 99)] == pytest.approx(
         [0.1, 0.1, 0.01, 0.01, 0.001, 0.001]
     )
+    with pytest.raises(ConfigError, match="decay epoch 9 is never reached"):
+        schedule("Piecewise", learning_rate=0.1, decay_epochs=[3, 9], warmup_epoch=1)
     # Decay epochs count from the end of the warm-up (PaddleClas's warm-up wraps the schedule).
     lr = schedule("Piecewise", learning_rate=0.1, decay_epochs=[3], warmup_epoch=1)
     assert [lr.lr_at(s) for s in (5, 10, 39, 40)] == pytest.approx([0.05, 0.1, 0.1, 0.01])

@@ -295,6 +295,12 @@ def test_a_crash_after_a_step_checkpoint_does_not_evaluate_an_epoch_twice(grocer
     refused = [f"Global.output_dir={output}", f"Global.checkpoints={output}"]
     with pytest.raises(ConfigError, match="4 steps per epoch, this config gives 2"):
         Trainer(load_config(path, [*refused, "DataLoader.Train.sampler.batch_size=16"]))
+    older = torch.load(output / "latest.pt", weights_only=False)  # as saved before the field
+    del older["steps_per_epoch"]
+    torch.save(older, output / "latest.pt")
+    with pytest.raises(ConfigError, match="another epoch length, this config gives 2"):
+        Trainer(load_config(path, [*refused, "DataLoader.Train.sampler.batch_size=16"]))
+    assert Trainer(load_config(path, refused)).progress.global_step == 12  # it still fits
 
 
 def test_ema_weights_are_saved_and_resume_exactly(grocery, tmp_path):

@@ -114,6 +114,12 @@ class Piecewise(LRSchedule):
             )
         else:
             values = [value * (learning_rate / values[0]) for value in values]
+        reached = epochs - warmup_epoch
+        if decay_epochs and decay_epochs[-1] >= reached:
+            raise ValueError(
+                f"decay epoch {decay_epochs[-1]} is never reached: decay epochs count after "
+                f"the {warmup_epoch} warm-up epochs, so they must be below {reached}"
+            )
         self.boundaries = [epoch * steps_per_epoch for epoch in decay_epochs]
         self.values = list(values)
 

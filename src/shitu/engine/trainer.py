@@ -172,12 +172,16 @@ class Trainer:
         return lr.learning_rate * total / lr.base_batch_size
 
     def _restore(self, payload: dict[str, Any]) -> None:
-        saved_steps = payload.get("steps_per_epoch", self.steps_per_epoch)
-        if saved_steps != self.steps_per_epoch:
+        progress, steps = self.progress, self.steps_per_epoch
+        # Older checkpoints do not record steps_per_epoch; their position must add up.
+        saved = payload.get("steps_per_epoch")
+        position_fits = progress.global_step == progress.epoch * steps + progress.batch_in_epoch
+        if (saved is not None and saved != steps) or (saved is None and not position_fits):
+            had = f"{saved} steps per epoch" if saved is not None else "another epoch length"
             raise ConfigError(
-                f"Global.checkpoints: the run had {saved_steps} steps per epoch, this config "
-                f"gives {self.steps_per_epoch}; resume with the same training list, "
-                "DataLoader.Train.sampler.batch_size and number of processes"
+                f"Global.checkpoints: the run had {had}, this config gives {steps}; resume "
+                "with the same training list, DataLoader.Train.sampler.batch_size and number "
+                "of processes"
             )
         configured = [
             {key: value for key, value in group.items() if key not in ("params", "lr")}
