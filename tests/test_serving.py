@@ -253,6 +253,11 @@ def test_edits_by_another_process_show_up_while_serving(serving_library, server,
 
 def test_bad_uploads_get_clear_errors(serving_library, client):
     good = serving_library.queries()[0][0]
+
+    def add_labelled(label: str) -> httpx.Response:
+        files = {"image": photo(good)}
+        return client.post("/v1/gallery/images", data={"label": label}, files=files, headers=WRITE)
+
     cases = {
         "corrupt": (
             client.post(
@@ -320,36 +325,10 @@ def test_bad_uploads_get_clear_errors(serving_library, client):
             400,
             "missing field 'label'",
         ),
-        "bad label": (
-            client.post(
-                "/v1/gallery/images",
-                data={"label": "a\tb"},
-                files={"image": photo(good)},
-                headers=WRITE,
-            ),
-            400,
-            "control characters",
-        ),
-        "line separator label": (
-            client.post(
-                "/v1/gallery/images",
-                data={"label": "a\u2028b"},  # splitlines() breaks label files on it
-                files={"image": photo(good)},
-                headers=WRITE,
-            ),
-            400,
-            "control characters",
-        ),
-        "dot-dot label": (
-            client.post(
-                "/v1/gallery/images",
-                data={"label": ".."},
-                files={"image": photo(good)},
-                headers=WRITE,
-            ),
-            400,
-            "'..' cannot be a label",
-        ),
+        "bad label": (add_labelled("a\tb"), 400, "control characters"),
+        # splitlines() breaks label files on a line separator
+        "line separator label": (add_labelled("a\u2028b"), 400, "control characters"),
+        "dot-dot label": (add_labelled(".."), 400, "'..' cannot be a label"),
         "index type": (
             client.post("/v1/gallery/rebuild", json={"index_type": "LSH"}, headers=WRITE),
             400,
