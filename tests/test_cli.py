@@ -79,3 +79,21 @@ def test_commands_given_all_weights_do_not_need_the_imagenet_package(tmp_path, m
     exported = ["export", "-c", name, "-o", f"Global.pretrained_model={weights}"]
     assert main([*exported, "--out", str(tmp_path / "export")]) == 0
     assert main(["info", "-c", name, "--batch-size", "1"]) == 2
+
+
+def test_paths_that_cannot_be_used_are_one_line_errors(tmp_path):
+    folder = tmp_path / "weights.pdparams"  # a folder where a weight file should be
+    folder.mkdir()
+    converted = run_shitu("convert", str(folder), "--out", str(tmp_path / "w.safetensors"))
+    assert converted.returncode == 2 and "Traceback" not in converted.stderr
+    assert f"cannot read weight file {folder}" in converted.stderr
+    (tmp_path / "plain_file").write_text("x")
+    exported = run_shitu(
+        "export",
+        "-o",
+        "Arch.Backbone.pretrained=false",
+        "--out",
+        str(tmp_path / "plain_file" / "m"),
+    )
+    assert exported.returncode == 2 and "Traceback" not in exported.stderr
+    assert "cannot write the export to" in exported.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 
@@ -52,13 +53,14 @@ def test_cosine_with_warmup_values():
     assert lr.lr_at(40) == pytest.approx(0.05 * (1 + math.cos(math.pi * 0.25)))
 
 
-def test_piecewise_gamma_and_values():
+def test_piecewise_gamma_and_values(caplog):
     lr = schedule("Piecewise", learning_rate=0.1, decay_epochs=[3, 6])
     assert [lr.lr_at(s) for s in (0, 29, 30, 59, 60, 99)] == pytest.approx(
         [0.1, 0.1, 0.01, 0.01, 0.001, 0.001]
     )
-    with pytest.raises(ConfigError, match="decay epoch 9 is never reached"):
+    with caplog.at_level(logging.WARNING):  # a short trial or a probe stage: said, not refused
         schedule("Piecewise", learning_rate=0.1, decay_epochs=[3, 9], warmup_epoch=1)
+    assert "decay epoch 9 is not reached in this run" in caplog.text
     # Decay epochs count from the end of the warm-up (PaddleClas's warm-up wraps the schedule).
     lr = schedule("Piecewise", learning_rate=0.1, decay_epochs=[3], warmup_epoch=1)
     assert [lr.lr_at(s) for s in (5, 10, 39, 40)] == pytest.approx([0.05, 0.1, 0.1, 0.01])

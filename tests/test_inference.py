@@ -122,13 +122,21 @@ def test_extract_images_equals_extract_files(exported):
     assert extractor.extract_images([]).shape == (0, 512)
 
 
-def test_int8_model_is_close_and_has_its_own_fingerprint(exported):
+def test_int8_model_is_close_and_has_its_own_fingerprint(exported, tmp_path):
     fp32 = FeatureExtractor.load(exported["dir"], num_threads=1)
     int8 = FeatureExtractor.load(exported["dir"], num_threads=1, precision="int8")
     files = exported["files"]
     a, b = fp32.extract_files(files).features, int8.extract_files(files).features
     assert np.sum(a * b, axis=1).min() > 0.95  # cosine similarity per image
     assert int8.fingerprint != fp32.fingerprint
+    # Calibrated on other images: other int8 features, so another fingerprint.
+    weights = save_weights(exported["model"].state_dict(), tmp_path / "trained.safetensors")
+    recalibrated = export_model(
+        exported["config"], weights, tmp_path / "recalibrated", calibration_images=files[4:]
+    )
+    other = FeatureExtractor.load(recalibrated, num_threads=1, precision="int8")
+    assert other.fingerprint != int8.fingerprint
+    assert FeatureExtractor.load(recalibrated, num_threads=1).fingerprint == fp32.fingerprint
     with pytest.raises(ConfigError, match="onnxruntime or openvino, not torch"):
         FeatureExtractor.load(exported["dir"], backend="torch", precision="int8")
 
@@ -369,6 +377,20 @@ def test_compact_export_is_half_the_size_and_rebuilds_its_onnx_model_once(
 
     FeatureExtractor.load(compact)  # the second load reuses the cache
     assert (cached[0] / "model.onnx").stat().st_mtime_ns == stamp
+    (cached[0] / "model.onnx").write_bytes(b"cut short")  # a damaged entry is built again
+    again = FeatureExtractor.load(compact).extract_files(files).features
+    assert np.abs(again - fp16).max() < 1e-6
+
+    # The same weights with a setting that has none (an activation): another model, whose
+    # fingerprint is the same, but which must not be served the first one's ONNX model.
+    other_arch = json.loads((compact / "shitu_model.json").read_text())
+    other_arch["arch"]["Backbone"]["act"] = "relu"
+    relu = shutil.copytree(compact, tmp_path / "relu")
+    (relu / "shitu_model.json").write_text(json.dumps(other_arch))
+    relu_onnx = FeatureExtractor.load(relu).extract_files(files).features
+    relu_torch = FeatureExtractor.load(relu, backend="torch").extract_files(files).features
+    assert np.abs(relu_onnx - relu_torch).max() < 1e-4
+    assert len(list((tmp_path / "cache" / "exports").iterdir())) == 2
 
     edited = shutil.copytree(compact, tmp_path / "edited")  # a fingerprint its weights lack
     record = json.loads((edited / "shitu_model.json").read_text())
@@ -376,4 +398,4 @@ def test_compact_export_is_half_the_size_and_rebuilds_its_onnx_model_once(
     (edited / "shitu_model.json").write_text(json.dumps(record))
     with pytest.raises(CheckpointError, match="do not give the fingerprint"):
         FeatureExtractor.load(edited)
-    assert len(list((tmp_path / "cache" / "exports").iterdir())) == 1  # nothing left behind
+    assert len(list((tmp_path / "cache" / "exports").iterdir())) == 2  # nothing left behind

@@ -305,8 +305,9 @@ def test_recognize_cli_fails_clearly_when_there_is_nothing_to_recognise(setup, t
     assert shitu_main(["recognize", str(tmp_path / "empty"), *common]) == 2
     assert "error: no images in" in capsys.readouterr().err
     photo = str(setup["queries"][0].path)
-    assert shitu_main(["recognize", photo, *common, "--save-vis", str(broken)]) == 2
-    assert "exists and is not a folder" in capsys.readouterr().err
+    for in_the_way in (broken, broken / "sub"):  # a file where the folder, or a parent, goes
+        assert shitu_main(["recognize", photo, *common, "--save-vis", str(in_the_way)]) == 2
+        assert f"--save-vis {in_the_way}: cannot make the folder" in capsys.readouterr().err
     for flag, value, reason in (
         ("--score-thres", "5", "a cosine similarity from -1 to 1"),
         ("--threads", "0", "a whole number >= 1"),

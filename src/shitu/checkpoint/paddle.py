@@ -47,6 +47,8 @@ def read_pdparams(path: str | Path) -> dict[str, np.ndarray]:
             data = _ArrayUnpickler(handle).load()
     except FileNotFoundError:
         raise CheckpointError(f"weight file not found: {path}") from None
+    except OSError as exc:  # a folder, no permission, ...
+        raise CheckpointError(f"cannot read weight file {path}: {exc.strerror or exc}") from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as exc:
         raise CheckpointError(f"{path} is not a readable .pdparams file: {exc}") from None
     if not isinstance(data, dict):

@@ -38,9 +38,10 @@ port_number = _bounded(int, 0, 65535, "a port number from 0 to 65535")
 cosine_similarity = _bounded(float, -1.0, 1.0, "a cosine similarity from -1 to 1")
 
 
-def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
+def add_runtime_arguments(parser: argparse.ArgumentParser, gpu: bool = False) -> None:
     """--runtime and --precision for commands that embed images (None when not given:
-    auto and fp32)."""
+    auto and fp32). fp16 and bf16 run on a GPU only: offered where the command has a
+    --device option (`gpu`)."""
     parser.add_argument(
         "--runtime",
         choices=BACKENDS,
@@ -50,11 +51,12 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--precision",
-        choices=PRECISIONS,
+        choices=PRECISIONS if gpu else ("fp32", "int8"),
         help="fp32 (default); int8: the export's model.int8.onnx (`shitu export "
-        "--int8-calibration IMAGES`), the fastest CPU path; fp16/bf16: torch on a GPU. "
-        "Features differ between precisions, so a gallery is searched in the precision it "
-        "was built in",
+        "--int8-calibration IMAGES`), the fastest CPU path"
+        + ("; fp16/bf16: torch on a GPU (--device cuda)" if gpu else "")
+        + ". Features differ between precisions, so a gallery is searched in the precision "
+        "it was built in",
     )
 
 
@@ -155,9 +157,10 @@ class VisualisationWriter:
     (photos from different folders often share names)."""
 
     def __init__(self, folder: Path) -> None:
-        if folder.exists() and not folder.is_dir():
-            raise DataError(f"--save-vis {folder}: exists and is not a folder")
-        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a file there, or in the way on its path, or no permission
+            raise DataError(f"--save-vis {folder}: cannot make the folder ({exc})") from None
         self.folder = folder
         self.used: set[str] = set()
 

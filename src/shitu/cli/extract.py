@@ -31,7 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--model", help="folder written by `shitu export` (default: the model shipped with shitu)"
     )
     parser.add_argument("--out", required=True, help="output prefix: writes PREFIX.npy, .txt")
-    add_runtime_arguments(parser)
+    add_runtime_arguments(parser, gpu=True)
     parser.set_defaults(runtime="auto", precision="fp32")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--batch-size", type=positive_int, default=32)

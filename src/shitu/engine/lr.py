@@ -8,10 +8,13 @@ a run recomputes exactly the same values.
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Literal
 
 from shitu.registry import LR_SCHEDULES
+
+logger = logging.getLogger(__name__)
 
 
 class LRSchedule:
@@ -115,10 +118,13 @@ class Piecewise(LRSchedule):
         else:
             values = [value * (learning_rate / values[0]) for value in values]
         reached = epochs - warmup_epoch
-        if decay_epochs and decay_epochs[-1] >= reached:
-            raise ValueError(
-                f"decay epoch {decay_epochs[-1]} is never reached: decay epochs count after "
-                f"the {warmup_epoch} warm-up epochs, so they must be below {reached}"
+        if decay_epochs and decay_epochs[-1] >= reached:  # e.g. a short trial, or a probe
+            logger.warning(
+                "Piecewise: decay epoch %d is not reached in this run (decay epochs count "
+                "after the %d warm-up epochs, and it has %d)",
+                decay_epochs[-1],
+                warmup_epoch,
+                reached,
             )
         self.boundaries = [epoch * steps_per_epoch for epoch in decay_epochs]
         self.values = list(values)

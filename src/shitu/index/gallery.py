@@ -287,12 +287,25 @@ class Gallery:
                 old.close()
                 try:
                     backend = open_backend(self.root, manifest, self._store, verify=True)
-                except BaseException:  # back to what was open, so searches keep working
-                    self._backend = open_backend(self.root, self.manifest, self._store, False)
+                except BaseException:
+                    self._reopen_after_failed_load()
                     raise
             self._backend, self.manifest = backend, manifest
             self._refresh_labels()
         self._finish_open()
+
+    def _reopen_after_failed_load(self) -> None:
+        """Searchable again after a failed reload of a backend that had to close first: its
+        index may be half rebuilt, so it is rebuilt from the stored rows (read under the
+        same lock), with their labels; the manifest stays, so the library is still stale
+        and the next refresh tries the new generation again. If even that fails, searches
+        raise the backend's error rather than answer from a broken index."""
+        unsynced = replace(self.manifest, index_state={})
+        try:
+            self._backend = open_backend(self.root, unsynced, self._store, verify=False)
+        except Exception:
+            return
+        self._refresh_labels()
 
     def _finish_open(self) -> None:
         """The backend's writes after opening (outside the read lock), and their manifest."""

@@ -7,6 +7,8 @@ from it, keyed by fingerprint, and later loads reuse it.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import shutil
@@ -16,6 +18,7 @@ from typing import Any
 from shitu.checkpoint import load_weights
 from shitu.config import ArchConfig
 from shitu.errors import CheckpointError
+from shitu.fileio import file_sha256
 from shitu.inference.export import MANIFEST, TORCH_FILE, read_manifest, write_export
 from shitu.inference.preprocess import Preprocessing
 from shitu.models import build_model
@@ -30,16 +33,38 @@ def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "shitu"
 
 
+# What a cached export must share with its compact source: the weights' fingerprint does
+# not cover settings without weights (an activation, a stride), which change the features.
+SAME_MODEL = ("fingerprint", "arch", "output_key", "preprocessing")
+
+
+def _cache_key(manifest: dict[str, Any]) -> str:
+    same = {key: manifest[key] for key in SAME_MODEL}
+    return hashlib.sha256(json.dumps(same, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _usable(target: Path, manifest: dict[str, Any]) -> bool:
+    """A cache entry of this very model, with every file as its manifest records."""
+    try:
+        cached = read_manifest(target)
+    except CheckpointError:
+        return False
+    if any(cached.get(key) != manifest[key] for key in SAME_MODEL):
+        return False
+    files = cached.get("files", {})
+    return bool(files) and all(
+        (target / name).is_file() and file_sha256(target / name) == digest
+        for name, digest in files.items()
+    )
+
+
 def full_export(model_dir: Path, manifest: dict[str, Any]) -> Path | None:
     """The cached full export (ONNX included) of compact export `model_dir`, built on first
-    use; None when the cache cannot be written (the caller then runs the torch backend)."""
-    target = cache_root() / "exports" / manifest["fingerprint"][:24]
-    if (target / MANIFEST).is_file():
-        try:
-            if read_manifest(target)["fingerprint"] == manifest["fingerprint"]:
-                return target
-        except CheckpointError:
-            pass  # a damaged cache entry is rebuilt below
+    use, and built again if damaged; None when the cache cannot be written (the caller then
+    runs the torch backend)."""
+    target = cache_root() / "exports" / _cache_key(manifest)
+    if (target / MANIFEST).is_file() and _usable(target, manifest):
+        return target
     logger.info("building the ONNX model of %s into %s (once)", model_dir, target)
     model = build_model(ArchConfig.model_validate(manifest["arch"])).eval()
     load_weights(model, model_dir / TORCH_FILE, strict=True)

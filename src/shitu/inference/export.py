@@ -164,8 +164,11 @@ def write_export(
         name: tensor.half() if compact and tensor.is_floating_point() else tensor
         for name, tensor in state.items()
     }
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    except OSError as exc:
+        raise ExportError(f"cannot write the export to {out_dir}: {exc.strerror or exc}") from None
     try:
         save_weights(stored, staging / TORCH_FILE, model_metadata(model, arch))
         files = [TORCH_FILE]

@@ -112,7 +112,9 @@ class FeatureExtractor:
         cv2.setNumThreads(1)  # parallelism comes from the decoding threads
         fingerprint = manifest["fingerprint"]
         if precision != "fp32":
-            fingerprint = hashlib.sha256(f"{fingerprint}:{precision}".encode()).hexdigest()
+            # int8 features also depend on the calibration: the quantised file's hash counts
+            detail = manifest["files"][INT8_FILE] if precision == "int8" else ""
+            fingerprint = hashlib.sha256(f"{fingerprint}:{precision}:{detail}".encode()).hexdigest()
         return cls(
             runtime,
             Preprocessing.from_dict(manifest["preprocessing"]),

@@ -243,7 +243,9 @@ function appendThumbs(label, images) {
 }
 
 async function refresh(label) {
+  const choice = selection;
   await loadLabels();
+  if (choice !== selection) return; // a label was chosen meanwhile: that choice stands
   if (label && labels.some((entry) => entry.label === label)) {
     await selectLabel(label);
   } else {
