@@ -8,6 +8,7 @@ import random
 from collections import Counter
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -409,6 +410,9 @@ def test_resize_sizes_and_interpolations():
     half = run_op("ResizeImage", image, size=[20, 15], interpolation="bilinear")
     blocks = image.reshape(15, 2, 20, 2, 3).astype(np.float32).mean(axis=(1, 3))
     assert np.abs(half.astype(np.float32) - blocks).max() <= 0.5
+    # Area at a scale that is not a whole number: exactly what inference does (OpenCV).
+    area = run_op("ResizeImage", image, size=[13, 11], interpolation="area")
+    assert np.array_equal(area, cv2.resize(image, (13, 11), interpolation=cv2.INTER_AREA))
     # Nearest keeps original pixel values: every second pixel when halving.
     nearest = run_op("ResizeImage", image, size=[20, 15], interpolation="nearest")
     assert np.array_equal(nearest, image[::2, ::2])

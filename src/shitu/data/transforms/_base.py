@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Literal
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -102,7 +103,9 @@ _PIL_FILTERS = {
     "lanczos": Image.Resampling.LANCZOS,
     "hamming": Image.Resampling.HAMMING,
 }
-_TORCH_MODES = {"nearest": "nearest", "bilinear": "bilinear", "bicubic": "bicubic", "area": "area"}
+# torch's "area" is adaptive average pooling, which differs from OpenCV's INTER_AREA at
+# non-integer scales: that one goes to OpenCV itself.
+_TORCH_MODES = {"nearest": "nearest", "bilinear": "bilinear", "bicubic": "bicubic"}
 
 
 def interpolation_name(value: str | int | None, default: str = "bilinear") -> str:
@@ -147,6 +150,9 @@ def resize(
     """
     if image.shape[0] == height and image.shape[1] == width:
         return image
+    if backend == "cv2" and interpolation == "area":
+        out = cv2.resize(np.ascontiguousarray(image), (width, height), interpolation=cv2.INTER_AREA)
+        return out[:, :, None] if out.ndim == 2 else out
     if backend == "cv2" and interpolation in _TORCH_MODES:
         array = np.ascontiguousarray(image)
         if not array.flags.writeable:  # torch warns about read-only arrays (Pillow's are)
