@@ -59,6 +59,19 @@ class AddReport:
     failures: list[tuple[str, str]] = field(default_factory=list)
 
 
+def _committed_manifest(
+    root: Path, store: MetadataStore, model: tuple[str, int] | None
+) -> Manifest:
+    """The library's manifest as last committed; with `model` (fingerprint, embedding size),
+    refused unless the library holds that model's features."""
+    manifest = store.read_manifest()
+    if manifest is None:
+        raise GalleryError(f"{root / LIBRARY_FILE}: library has no manifest")
+    if model is not None:
+        manifest.check_model(*model, str(root))
+    return manifest
+
+
 class Gallery:
     """An open library; use `Gallery.create` or `Gallery.open`, and `close()` (or `with`)."""
 
@@ -146,13 +159,10 @@ class Gallery:
             # Manifest, index file and labels of one generation, even while another process
             # publishes the next one (and deletes this one's index file).
             with store.reading():
-                manifest = store.read_manifest()
-                if manifest is None:
-                    raise GalleryError(f"{root / LIBRARY_FILE}: library has no manifest")
-                model = None
-                if embedder is not None:
-                    model = (embedder.fingerprint, embedder.embedding_size)
-                    manifest.check_model(*model, str(root))
+                model = (
+                    None if embedder is None else (embedder.fingerprint, embedder.embedding_size)
+                )
+                manifest = _committed_manifest(root, store, model)
                 backend = open_backend(root, manifest, store, verify=verify)
                 gallery = cls(root, store, backend, model)
             gallery._finish_open()
@@ -274,11 +284,7 @@ class Gallery:
         """Load the committed generation. Where the backend allows, the new one opens before
         the old one closes, so a generation that cannot load leaves this one serving."""
         with self._store.reading():  # one generation's manifest, index file and labels
-            manifest = self._store.read_manifest()
-            if manifest is None:
-                raise GalleryError(f"{self.root / LIBRARY_FILE}: library has no manifest")
-            if self._model is not None:
-                manifest.check_model(*self._model, str(self.root))
+            manifest = _committed_manifest(self.root, self._store, self._model)
             old = self._backend
             if old.opens_beside_itself:
                 backend = open_backend(self.root, manifest, self._store, verify=True)

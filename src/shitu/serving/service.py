@@ -171,6 +171,7 @@ class RecognitionService:
             if not rows:
                 return AddOutcome(added=[], duplicates=names)
             kept = [self._keep_file(uploads[row], hashes[row]) for row in rows]
+            created = [path for path, new in kept if new]
             paths = [str(path) for path, _ in kept]
             try:
                 report = self.library.write(
@@ -178,15 +179,11 @@ class RecognitionService:
                         features[rows], [label] * len(rows), paths, [hashes[row] for row in rows]
                     )
                 )
-            finally:
-                # No upload file without its row: the write failed, or another process
-                # added the same content first (then this row was skipped as a duplicate).
-                created = [path for path, new in kept if new]
-                if created:
-                    stored = {entry.path for entry in self.library.snapshot.by_id.values()}
-                    for path in created:
-                        if str(path) not in stored:
-                            path.unlink(missing_ok=True)
+            except BaseException:
+                self._drop_unlisted(created)
+                raise
+            if len(report.ids) < len(rows):  # another process added some content first
+                self._drop_unlisted(created)
             by_id = self.library.snapshot.by_id
             return AddOutcome(added=[by_id[int(i)] for i in report.ids], duplicates=names)
 
@@ -248,6 +245,16 @@ class RecognitionService:
             return path, False
         write_atomically(path, lambda tmp: tmp.write_bytes(upload.data), durable=True)
         return path, True
+
+    def _drop_unlisted(self, written: Sequence[Path]) -> None:
+        """Delete the upload files just written that no library row names (no file is kept
+        without its row)."""
+        if not written:
+            return
+        listed = {entry.path for entry in self.library.snapshot.by_id.values()}
+        for path in written:
+            if str(path) not in listed:
+                path.unlink(missing_ok=True)
 
     def _forget_files(self, entries: Sequence[ImageEntry]) -> None:
         """Delete the stored uploads of removed images (files added by other means stay)."""
