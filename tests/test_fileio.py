@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import stat
+import sys
 
 import pytest
 
-from shitu.fileio import write_atomically
+from shitu import fileio
+from shitu.fileio import replace_folder, write_atomically
 
 
 def test_write_atomically_replaces_the_file_whole_with_plain_permissions(tmp_path):
@@ -32,3 +34,38 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temporary_file(tmp_path):
         write_atomically(target, fail_halfway)
     assert target.read_text() == "old"
     assert os.listdir(tmp_path) == ["labels.txt"]
+
+
+def _folder(path, text):
+    path.mkdir()
+    (path / "file.txt").write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("swap", ["exchange", "move aside"])
+def test_replace_folder_swaps_in_the_new_folder_and_leaves_nothing_else(
+    tmp_path, swap, monkeypatch
+):
+    if swap == "move aside":  # the path of platforms without an atomic swap
+        monkeypatch.setattr(fileio, "_exchange", lambda first, second: False)
+    elif sys.platform.startswith("linux"):
+        probe_a, probe_b = _folder(tmp_path / "a", "a"), _folder(tmp_path / "b", "b")
+        assert fileio._exchange(probe_a, probe_b)  # glibc and ext4/tmpfs/overlayfs swap
+        assert (probe_a / "file.txt").read_text() == "b"
+        for probe in (probe_a, probe_b):
+            (probe / "file.txt").unlink()
+            probe.rmdir()
+    target = tmp_path / "model"
+    replace_folder(_folder(tmp_path / ".model.new1", "first"), target)  # no folder there yet
+    replace_folder(_folder(tmp_path / ".model.new2", "second"), target)
+    assert (target / "file.txt").read_text() == "second"
+    assert os.listdir(tmp_path) == ["model"]
+
+
+def test_replace_folder_keeps_the_old_folder_when_the_new_one_cannot_move(tmp_path, monkeypatch):
+    monkeypatch.setattr(fileio, "_exchange", lambda first, second: False)
+    target = _folder(tmp_path / "model", "old")
+    with pytest.raises(OSError):
+        replace_folder(tmp_path / "missing", target)
+    assert (target / "file.txt").read_text() == "old"
+    assert os.listdir(tmp_path) == ["model"]

@@ -231,7 +231,7 @@ def test_int8_library_is_built_and_searched_in_int8_from_the_cli(exported, tmp_p
     )
 
 
-def test_extract_cli_skips_corrupt_and_non_image_files(exported, tmp_path):
+def test_extract_cli_skips_corrupt_files_and_reads_only_a_folders_images(exported, tmp_path):
     folder = tmp_path / "images"
     (folder / "sub").mkdir(parents=True)
     good = exported["files"][:2]
@@ -252,9 +252,9 @@ def test_extract_cli_skips_corrupt_and_non_image_files(exported, tmp_path):
     paths = prefix.with_suffix(".txt").read_text().splitlines()
     assert paths == [str(folder / "a.jpg"), str(folder / "sub" / "b.jpg")]
     assert features.shape == (2, 512)
-    assert "c_truncated.jpg" in result.stderr and "notes.txt" in result.stderr
-    assert ".hidden" not in result.stderr
-    assert "embedded 2 images" in result.stdout and "skipped 2" in result.stdout
+    assert "c_truncated.jpg" in result.stderr  # a folder's non-image and hidden files
+    assert "notes.txt" not in result.stderr and ".hidden" not in result.stderr  # are not read
+    assert "embedded 2 images" in result.stdout and "skipped 1" in result.stdout
     reference = FeatureExtractor.load(exported["dir"], num_threads=1).extract_files(good)
     assert np.abs(features - reference.features).max() < 1e-6
 
@@ -294,6 +294,23 @@ def test_killed_export_leaves_nothing_and_reexport_replaces(exported, tmp_path, 
     assert read_manifest(target)["fingerprint"] == read_manifest(exported["dir"])["fingerprint"]
     assert read_manifest(target)["fingerprint"] != first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+
+
+def test_fingerprint_covers_weightless_arch_settings_but_not_training_ones(exported, tmp_path):
+    """The same weights without the last activation give other features, so another
+    fingerprint (a gallery must refuse them); frozen layers only matter to training."""
+    config, weights = exported["config"], exported["dir"] / "model.safetensors"
+
+    def fingerprint_of(name: str, **arch) -> str:
+        changed = config.model_copy(update={"Arch": config.Arch.model_copy(update=arch)})
+        return read_manifest(export_model(changed, weights, tmp_path / name, compact=True))[
+            "fingerprint"
+        ]
+
+    backbone = config.Arch.Backbone.model_copy(update={"last_act": False})
+    plain = fingerprint_of("plain")
+    assert fingerprint_of("frozen", frozen_layers=["backbone.stem"]) == plain
+    assert fingerprint_of("no_last_act", Backbone=backbone) != plain
 
 
 def test_export_refuses_a_folder_that_is_not_an_export(exported, tmp_path):
@@ -381,21 +398,17 @@ def test_compact_export_is_half_the_size_and_rebuilds_its_onnx_model_once(
     again = FeatureExtractor.load(compact).extract_files(files).features
     assert np.abs(again - fp16).max() < 1e-6
 
-    # The same weights with a setting that has none (an activation): another model, whose
-    # fingerprint is the same, but which must not be served the first one's ONNX model.
-    other_arch = json.loads((compact / "shitu_model.json").read_text())
-    other_arch["arch"]["Backbone"]["act"] = "relu"
-    relu = shutil.copytree(compact, tmp_path / "relu")
-    (relu / "shitu_model.json").write_text(json.dumps(other_arch))
-    relu_onnx = FeatureExtractor.load(relu).extract_files(files).features
-    relu_torch = FeatureExtractor.load(relu, backend="torch").extract_files(files).features
-    assert np.abs(relu_onnx - relu_torch).max() < 1e-4
-    assert len(list((tmp_path / "cache" / "exports").iterdir())) == 2
-
-    edited = shutil.copytree(compact, tmp_path / "edited")  # a fingerprint its weights lack
-    record = json.loads((edited / "shitu_model.json").read_text())
-    record["fingerprint"] = "f" * len(record["fingerprint"])
-    (edited / "shitu_model.json").write_text(json.dumps(record))
-    with pytest.raises(CheckpointError, match="do not give the fingerprint"):
-        FeatureExtractor.load(edited)
-    assert len(list((tmp_path / "cache" / "exports").iterdir())) == 2  # nothing left behind
+    # A manifest edited by hand no longer matches what its weights and arch give: an
+    # activation changed (other features), or the fingerprint itself.
+    for name, edit in (("relu", ("arch", "relu")), ("edited", ("fingerprint", "f" * 64))):
+        edited = shutil.copytree(compact, tmp_path / name)
+        record = json.loads((edited / "shitu_model.json").read_text())
+        if edit[0] == "arch":
+            record["arch"]["Backbone"]["act"] = edit[1]
+        else:
+            record["fingerprint"] = edit[1]
+        (edited / "shitu_model.json").write_text(json.dumps(record))
+        for backend in ("auto", "torch"):
+            with pytest.raises(CheckpointError, match="do not give the fingerprint"):
+                FeatureExtractor.load(edited, backend=backend)
+    assert len(list((tmp_path / "cache" / "exports").iterdir())) == 1  # nothing left behind

@@ -1,4 +1,4 @@
-"""File helpers shared by every writer: checksums and write-to-temp-then-rename.
+"""File helpers shared by every writer: checksums, write-to-temp-then-rename, folder swaps.
 
 Checkpoints, exports, index files, embeddings, logs and uploads all go through
 `write_atomically`, so a crash or a full disk never leaves a half-written file under
@@ -7,8 +7,12 @@ the name a reader opens.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import os
+import shutil
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -65,3 +69,52 @@ def write_atomically(path: Path, write: Callable[[Path], None], durable: bool = 
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux renameat2); False where the
+    platform or file system cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # a libc without it (glibc < 2.28, musl < 1.2.4)
+        return False
+    status = renameat2(
+        _AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE
+    )
+    if status == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    raise OSError(code, os.strerror(code), str(second))
+
+
+def replace_folder(staging: Path, target: Path) -> None:
+    """Put the finished folder `staging` in the place of `target` (which may not exist).
+
+    Readers see the old folder or the new one, never none: on Linux the two are swapped in
+    one step; elsewhere the old folder is moved aside just before the new one takes its
+    name. The old folder is deleted afterwards, and `staging` is gone either way.
+    """
+    staging, target = Path(staging), Path(target)
+    if not target.exists():
+        os.replace(staging, target)
+    elif _exchange(staging, target):
+        shutil.rmtree(staging)  # now the old folder
+    else:
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+        os.replace(target, old / target.name)
+        try:
+            os.replace(staging, target)
+        except OSError:
+            os.replace(old / target.name, target)
+            raise
+        finally:
+            shutil.rmtree(old, ignore_errors=True)
+    fsync_dir(target.parent)

@@ -13,7 +13,9 @@ from shitu.config import ShituConfig, load_config, resolve_config_path
 from shitu.errors import ConfigError, DataError
 from shitu.index.labels import IMAGE_SUFFIXES, images_in
 from shitu.inference.backends import BACKENDS, PRECISIONS
+from shitu.inference.preprocess import read_rgb
 from shitu.models import RecModel, build_model
+from shitu.pipeline import FileRecognition, draw_results
 
 DEFAULT_CONFIG = "GeneralRecognitionV2_PPLCNetV2_base"
 
@@ -175,3 +177,7 @@ class VisualisationWriter:
         target = self.folder / name
         annotated.convert("RGB").save(target, quality=90)
         return target
+
+    def save_recognition(self, found: FileRecognition) -> Path:
+        """The photo of a recognition result with its boxes, labels and scores drawn."""
+        return self.save(found.path, draw_results(read_rgb(found.path), found.results))

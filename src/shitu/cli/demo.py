@@ -9,8 +9,6 @@ from pathlib import Path
 from shitu.cli.common import VisualisationWriter
 from shitu.cli.recognize import add_pipeline_arguments, format_table, pipeline_config_from_args
 from shitu.errors import ShituError
-from shitu.inference.preprocess import read_rgb
-from shitu.pipeline import draw_results
 from shitu.pipeline.config import PLAIN_BACKGROUND
 
 MARKER = ".shitu-demo"
@@ -80,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"  expected: {', '.join(truth)}\n")
             found_right += len(set(truth) & {r.label for r in found.results})
             total += len(truth)
-            writer.save(found.path, draw_results(read_rgb(found.path), found.results))
+            writer.save_recognition(found)
     print(f"recognised {found_right} of {total} products; annotated photos in {out / 'vis'}")
     same_model = f" --model {model}" if g.rec_inference_model_dir else ""
     if g.rec_precision != "fp32":  # the library answers only to the precision that built it

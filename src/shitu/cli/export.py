@@ -9,10 +9,10 @@ from shitu.cli.common import (
     add_config_arguments,
     config_from_args,
     cosine_similarity,
+    expand_images,
     positive_int,
     trained_weights,
 )
-from shitu.cli.extract import image_files
 from shitu.inference import export_model, read_manifest
 from shitu.pipeline.config import DEFAULT_SCORE_THRES
 
@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     weights = trained_weights(config, "the export holds")
     calibration: list[Path] = []
     if args.int8_calibration:
-        files = image_files(args.int8_calibration)
+        files, _ = expand_images(args.int8_calibration)
         step = max(1, len(files) // max(1, args.int8_images))
         calibration = files[::step][: args.int8_images]
     out = export_model(

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shitu.cli.common import add_runtime_arguments, count_of, positive_int
+from shitu.cli.common import add_runtime_arguments, count_of, expand_images, positive_int
 from shitu.errors import DataError
 from shitu.fileio import write_atomically
 from shitu.inference import FeatureExtractor, default_model_dir
@@ -42,30 +42,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def image_files(inputs: list[str]) -> list[Path]:
-    """Files given directly, plus every non-hidden file under given folders, sorted."""
-    files: list[Path] = []
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            found = [
-                p
-                for p in path.rglob("*")
-                if p.is_file()
-                and not any(part.startswith(".") for part in p.relative_to(path).parts)
-            ]
-            files.extend(sorted(found))
-        elif path.exists():
-            files.append(path)
-        else:
-            raise DataError(f"{path}: no such file or folder")
-    if not files:
-        raise DataError(f"no files found in {', '.join(inputs)}")
-    return files
-
-
 def run(args: argparse.Namespace) -> int:
-    files = image_files(args.inputs)
+    files, _ = expand_images(args.inputs)
     if any("\n" in str(f) for f in files):
         raise DataError("a file name contains a line break; it cannot go into the paths list")
     extractor = FeatureExtractor.load(

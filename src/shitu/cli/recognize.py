@@ -15,11 +15,9 @@ from shitu.cli.common import (
     expand_images,
     positive_int,
 )
-from shitu.inference.preprocess import read_rgb
 from shitu.pipeline import (
     FileRecognition,
     PipelineConfig,
-    draw_results,
     load_pipeline_config,
 )
 from shitu.pipeline.config import DEFAULT_PIPELINE_CONFIG, DEFAULT_SCORE_THRES, NO_DETECTOR
@@ -138,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
             else:
                 print(format_table(found), flush=True)
             if writer is not None and found.error is None:
-                writer.save(found.path, draw_results(read_rgb(found.path), found.results))
+                writer.save_recognition(found)
     if skipped:
         print(f"warning: {skipped} of {len(paths)} files could not be read", file=sys.stderr)
     return 1 if skipped == len(paths) else 0  # nothing recognised at all: fail, like extract

@@ -44,8 +44,15 @@ def parse_label_file(path: Path) -> list[GalleryItem]:
 def images_in(folder: Path, resolve: bool = True) -> list[Path]:
     """Image files under `folder` (recursively), sorted so ids are reproducible; absolute
     with links resolved (what a library stores), or with `resolve=False` as found under
-    `folder` (what a command echoes back to the user)."""
-    found = (p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    `folder` (what a command echoes back to the user). Hidden files and folders are left
+    out: `._photo.jpg` (macOS metadata) or `.thumbnails/` are not the user's photos."""
+    found = (
+        p
+        for p in folder.rglob("*")
+        if p.suffix.lower() in IMAGE_SUFFIXES
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+        and p.is_file()
+    )
     return sorted(p.resolve() if resolve else p for p in found)
 
 

@@ -14,11 +14,14 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from shitu.checkpoint import load_weights
-from shitu.config import ArchConfig
 from shitu.errors import ConfigError
-from shitu.inference.export import INPUT_NAME, INT8_FILE, ONNX_FILE, TORCH_FILE, FeaturesOnly
-from shitu.models import build_model
+from shitu.inference.export import (
+    INPUT_NAME,
+    INT8_FILE,
+    ONNX_FILE,
+    FeaturesOnly,
+    load_exported_model,
+)
 
 BACKENDS = ("auto", "onnxruntime", "openvino", "torch")
 PRECISIONS = ("fp32", "int8", "fp16", "bf16")
@@ -138,8 +141,7 @@ class TorchBackend:
         if precision != "fp32" and self.device.type == "cpu":
             raise ConfigError(f"precision {precision} needs a GPU (device cuda)")
         self.dtype = _TORCH_DTYPES[precision]
-        model = build_model(ArchConfig.model_validate(manifest["arch"])).eval()
-        load_weights(model, model_dir / TORCH_FILE, strict=True)  # folds, as the file says
+        model = load_exported_model(model_dir, manifest)
         self.model = FeaturesOnly(model, manifest["output_key"]).eval()
         self.model.to(self.device, self.dtype)
         if self.device.type == "cuda":

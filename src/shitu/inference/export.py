@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -31,7 +30,7 @@ from shitu import __version__
 from shitu.checkpoint import load_weights, model_metadata, save_weights
 from shitu.config import ArchConfig, ShituConfig
 from shitu.errors import CheckpointError, ShituError
-from shitu.fileio import file_sha256
+from shitu.fileio import file_sha256, replace_folder
 from shitu.inference.preprocess import Preprocessing
 from shitu.models import RecModel, build_model
 from shitu.onnx_trace import trace_to_onnx
@@ -75,8 +74,17 @@ def inference_arch(arch: ArchConfig) -> dict[str, Any]:
     return data
 
 
-def fingerprint(state: dict[str, torch.Tensor], preprocessing: Preprocessing, key: str) -> str:
-    """sha256 of the weights (names, dtypes, shapes, bytes), preprocessing and output key."""
+# Arch settings that only matter to training: two exports differing only in them give
+# the same features, so they keep one fingerprint (and one gallery stays valid for both).
+TRAINING_ONLY_ARCH = ("frozen_layers",)
+
+
+def fingerprint(
+    state: dict[str, torch.Tensor], preprocessing: Preprocessing, key: str, arch: dict[str, Any]
+) -> str:
+    """sha256 of what the features depend on: the weights (names, dtypes, shapes, bytes),
+    the arch (settings without weights, such as a stride or an activation, change the
+    features of the same weights), preprocessing and output key."""
     digest = hashlib.sha256()
     for name in sorted(state):
         tensor = state[name].detach().cpu().contiguous()
@@ -84,6 +92,8 @@ def fingerprint(state: dict[str, torch.Tensor], preprocessing: Preprocessing, ke
         digest.update(tensor.numpy().tobytes() if tensor.numel() else b"")
     digest.update(json.dumps(preprocessing.to_dict(), sort_keys=True).encode())
     digest.update(key.encode())
+    shaping = {name: value for name, value in arch.items() if name not in TRAINING_ONLY_ARCH}
+    digest.update(json.dumps(shaping, sort_keys=True).encode())
     return digest.hexdigest()
 
 
@@ -196,7 +206,7 @@ def write_export(
             "input": {"name": INPUT_NAME, "dtype": "float32", "layout": "NCHW"},
             "output": {"name": OUTPUT_NAME, "normalized": False},
             "preprocessing": preprocessing.to_dict(),
-            "fingerprint": fingerprint(state, preprocessing, output_key),
+            "fingerprint": fingerprint(state, preprocessing, output_key, arch),
             "score_thres": score_thres,
             "source_weights": source,
             "weights_dtype": "float16" if compact else "float32",
@@ -207,7 +217,7 @@ def write_export(
         for path in staging.iterdir():
             path.chmod(0o644)  # temporary files are created private
         staging.chmod(0o755)
-        _replace(staging, out_dir)
+        replace_folder(staging, out_dir)
     finally:
         if staging.exists():
             shutil.rmtree(staging)
@@ -249,20 +259,21 @@ def _export_onnx(model: FeaturesOnly, path: Path, preprocessing: Preprocessing, 
     logger.info("ONNX export %s: max |onnx - torch| = %.2e", path, diff)
 
 
-def _replace(staging: Path, out_dir: Path) -> None:
-    """Rename the finished export into place; an older export there goes only afterwards."""
-    if not out_dir.exists():
-        os.replace(staging, out_dir)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
-    os.replace(out_dir, old / "export")
-    try:
-        os.replace(staging, out_dir)
-    except OSError:
-        os.replace(old / "export", out_dir)
-        raise
-    finally:
-        shutil.rmtree(old, ignore_errors=True)
+def load_exported_model(model_dir: str | Path, manifest: dict[str, Any]) -> RecModel:
+    """The export's folded model in eval mode, checked against the fingerprint its manifest
+    records (so a hand-edited arch or preprocessing is refused, not silently served)."""
+    model = build_model(ArchConfig.model_validate(manifest["arch"])).eval()
+    load_weights(model, Path(model_dir) / TORCH_FILE, strict=True)  # folds, as the file says
+    preprocessing = Preprocessing.from_dict(manifest["preprocessing"])
+    actual = fingerprint(
+        model.state_dict(), preprocessing, manifest["output_key"], manifest["arch"]
+    )
+    if actual != manifest["fingerprint"]:
+        raise CheckpointError(
+            f"{model_dir}: its weights do not give the fingerprint its {MANIFEST} records "
+            "(edited or corrupt model folder?)"
+        )
+    return model
 
 
 def read_manifest(model_dir: str | Path) -> dict[str, Any]:
