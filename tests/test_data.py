@@ -22,7 +22,7 @@ from shitu.data.datasets.label_file import LabelFileDataset
 from shitu.data.loader import build_dataloader
 from shitu.data.samplers import DistributedBatchSampler, PKSampler
 from shitu.data.transforms import build_transforms
-from shitu.data.transforms.ops import DecodeImage
+from shitu.data.transforms.ops import DecodeImage, ResizeImage
 from shitu.errors import ConfigError, DataError
 from shitu.inference.preprocess import decode_rgb
 
@@ -386,6 +386,30 @@ def test_decode_applies_exif_orientation():
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="JPEG", exif=exif, quality=95)
     assert build_transforms(None)(buffer.getvalue()).shape == (3, 10, 6)
+
+
+def test_decode_treats_arrays_as_pillow_reads_them_and_refuses_what_is_no_image():
+    image = pattern(5, 6)
+    decode = DecodeImage()
+    assert np.array_equal(decode(image), image)
+    assert np.array_equal(DecodeImage(to_rgb=False)(image), image[:, :, ::-1])  # as for files
+    grey = np.asarray(Image.fromarray(image).convert("L"))
+    assert np.array_equal(decode(grey), np.repeat(grey[..., None], 3, axis=2))
+    rgba = np.concatenate([image, np.full((5, 6, 1), 255, np.uint8)], axis=2)
+    assert np.array_equal(decode(rgba), image)
+    with pytest.raises(DataError, match=r"complex128 array of shape \(5, 6\)"):
+        decode(np.zeros((5, 6), np.complex128))
+
+
+def test_pil_resize_defaults_and_codes_are_pillows_as_in_paddleclas():
+    """PaddleClas hands `interpolation` to Pillow as it is: left out, Pillow's default
+    (bicubic); integers are Pillow's codes (2 bilinear, 3 bicubic), not OpenCV's."""
+    image = pattern(40, 30)
+    pillow_default = np.asarray(Image.fromarray(image).resize((11, 9)))
+    assert np.array_equal(ResizeImage(size=[11, 9], backend="pil")(image), pillow_default)
+    assert ResizeImage(size=8, interpolation=2, backend="pil").interpolation == "bilinear"
+    assert ResizeImage(size=8, interpolation=2).interpolation == "bicubic"  # cv2.INTER_CUBIC
+    assert ResizeImage(size=8).interpolation == "bilinear"
 
 
 def test_channel_first_decode_with_chw_normalise():

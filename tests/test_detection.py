@@ -150,10 +150,15 @@ def test_onnx_weights_give_identical_outputs_and_boxes() -> None:
 @needs_picodet
 def test_checkpoint_and_export_round_trip(tmp_path: Path) -> None:
     model = load_onnx_weights(PICODET / "picodet_s_320_coco.onnx", "picodet_s_esnet")
+    assert model.arch.input_size == 320  # the export's size, not the architecture's 416
     checkpoint = save_detector(model, tmp_path / "det.pt")
     exported = export_onnx(model, tmp_path / "det.onnx", input_size=320)
     photo = _photos()[1]
-    a = load_detector(checkpoint, input_size=320).detect(photo, 0.3, 5)
+    a = load_detector(checkpoint).detect(photo, 0.3, 5)
+    for backend in ("torch", "onnxruntime"):  # the same file runs the same either way
+        same = load_detector(PICODET / "picodet_s_320_coco.onnx", backend=backend)
+        assert same.input_size == (320, 320)
+        np.testing.assert_allclose(same.detect(photo, 0.3, 5), a, atol=1e-2)
     b = load_detector(exported).detect_batch([photo, photo[::2, ::2].copy()], 0.3, 5)
     assert len(a) > 0 and a.dtype == np.float32
     np.testing.assert_allclose(a, b[0], atol=1e-2)

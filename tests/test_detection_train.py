@@ -164,6 +164,21 @@ def test_coco_dataset_parsing(tmp_path: Path) -> None:
     assert agnostic.class_names == ("foreground",) and agnostic[1][2].tolist() == [0, 0]
 
 
+def test_detection_images_are_decoded_upright_as_inference_sees_them(tmp_path: Path) -> None:
+    """A phone photo stored sideways with an EXIF rotation: its boxes are drawn on the photo
+    as displayed, which is what training must see (and what the detector gets later)."""
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to display": stored 300x100, shown 100x300
+    Image.new("RGB", (300, 100), "red").save(tmp_path / "img0.png", exif=exif)
+    dataset = CocoDetection(_write_coco(tmp_path, [[(10, 200, 60, 280, 0)]]), tmp_path)
+    image, boxes, _ = dataset[0]
+    assert image.size == (100, 300) and image.mode == "RGB"
+    assert boxes[0, 2] <= image.width and boxes[0, 3] <= image.height  # inside the photo
+    (tmp_path / "img0.png").write_bytes(b"not an image")
+    with pytest.raises(DataError, match="img0.png: cannot decode image"):
+        dataset[0]
+
+
 def test_voc_dataset_parsing(tmp_path: Path) -> None:
     (tmp_path / "ann").mkdir()
     Image.new("RGB", (40, 30)).save(tmp_path / "a.jpg")

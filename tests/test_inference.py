@@ -364,6 +364,26 @@ def test_preprocessing_from_eval_transforms(exported):
         Preprocessing.from_config(config)
 
 
+def test_preprocessing_replays_only_what_inference_can_and_nothing_it_was_not_given(exported):
+    """Inference runs decode, resize, crop, normalise once each in that order: other orders
+    are refused, and eval transforms without NormalizeImage give raw pixels there too."""
+    config = exported["config"].model_copy(deep=True)
+    resize = {"ResizeImage": {"size": 64, "interpolation": "bilinear"}}
+    for ops in (
+        [{"CropImage": {"size": 48}}, resize],  # a crop before the resize
+        [resize, {"ResizeImage": {"size": 32}}],  # a second resize
+    ):
+        config.DataLoader.Eval.Query.dataset.transform_ops = ops
+        with pytest.raises(ConfigError, match=r"transform_ops\[1\].*at most once, in that order"):
+            Preprocessing.from_config(config)
+    raw = [{"DecodeImage": {"to_rgb": True}}, resize]
+    config.DataLoader.Eval.Query.dataset.transform_ops = raw
+    image = exported["files"][0]
+    expected = build_transforms(raw)(image.read_bytes()).numpy()
+    actual = Preprocessing.from_config(config).load(image)
+    assert expected.max() > 100 and np.abs(actual - expected).max() <= 1.0  # one grey level
+
+
 def test_compact_export_is_half_the_size_and_rebuilds_its_onnx_model_once(
     exported, tmp_path, monkeypatch
 ):

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance
 
+from shitu.data.transforms.ops import UnreadableImageError, decode_rgb_image
 from shitu.detection.detector import preprocess
 from shitu.errors import DataError
 
@@ -49,11 +50,13 @@ class DetectionDataset:
         return len(self.images)
 
     def load_image(self, index: int) -> Image.Image:
+        """Decoded as the recogniser's training decodes (EXIF orientation applied, so the
+        boxes, annotated on the photo as displayed, fall where they belong)."""
+        path = self.images[index]
         try:
-            with Image.open(self.images[index]) as img:
-                return img.convert("RGB")
-        except OSError as exc:
-            raise DataError(f"cannot read image {self.images[index]}: {exc}") from None
+            return decode_rgb_image(_read(path, "image"))
+        except UnreadableImageError as exc:
+            raise DataError(f"{path}: {exc}") from None
 
     def targets(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         return self.boxes[index], self.labels[index]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -133,17 +134,28 @@ def load_pdparams(path: str | Path, arch: str | PicoDetArch | dict) -> PicoDet:
 # --- ONNX exports (paddle2onnx) --------------------------------------------------------------
 
 
-def _onnx_convs(path: str | Path) -> list[tuple[np.ndarray, np.ndarray | None]]:
-    """(weight, bias) of every Conv node, in graph order, with constants resolved."""
+def _onnx_graph(path: str | Path) -> Any:
     import onnx
-    from onnx import numpy_helper
 
     try:
-        graph = onnx.load(str(path)).graph
+        return onnx.load(str(path)).graph
     except FileNotFoundError:
         raise CheckpointError(f"ONNX model not found: {path}") from None
     except Exception as exc:
         raise CheckpointError(f"{path} is not a readable ONNX model: {exc}") from None
+
+
+def _onnx_input_size(graph: Any) -> int | None:
+    """The square input side the export was made for (None if not fixed and square)."""
+    dims = graph.input[0].type.tensor_type.shape.dim
+    sides = [d.dim_value for d in dims[2:]] if len(dims) == 4 else []
+    return sides[0] if len(sides) == 2 and sides[0] == sides[1] > 0 else None
+
+
+def _onnx_convs(path: str | Path, graph: Any) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """(weight, bias) of every Conv node, in graph order, with constants resolved."""
+    from onnx import numpy_helper
+
     values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
     for node in graph.node:
         if node.op_type == "Constant":
@@ -192,14 +204,18 @@ def load_onnx_weights(path: str | Path, arch: str | PicoDetArch | dict | None = 
     """A PicoDet carrying the weights of a paddle2onnx export of PicoDet.
 
     Without `arch`, the known architectures are tried (at the export's class count)
-    and the one whose every conv shape matches is used.
+    and the one whose every conv shape matches is used. The model runs at the input size
+    the export was made for, as onnxruntime would run the file.
     """
-    convs = _onnx_convs(path)
+    graph = _onnx_graph(path)
+    convs = _onnx_convs(path, graph)
     num_classes = convs[-1][0].shape[0] - 4 * 8
+    size = _onnx_input_size(graph)
+    fixed = {"input_size": size} if size else {}
     if arch is not None:
-        candidates = [resolve_arch(arch)]
+        candidates = [resolve_arch(arch, **fixed)]
     else:
-        candidates = [resolve_arch(a, num_classes=num_classes) for a in ARCHS]
+        candidates = [resolve_arch(a, num_classes=num_classes, **fixed) for a in ARCHS]
     model = next((m for m in map(build_picodet, candidates) if _fits(m, convs)), None)
     if model is None:
         raise CheckpointError(

@@ -30,8 +30,13 @@ _CV2_FLAGS = {
     "bicubic": cv2.INTER_CUBIC,
     "area": cv2.INTER_AREA,
 }
-# Eval-time ops an export can record; anything else (augmentation) has no place at inference.
+# Eval-time ops an export can record, in the order inference runs them (each at most once;
+# ToCHWImage only sets the layout, anywhere); anything else (augmentation) has no place at
+# inference.
 _SUPPORTED_OPS = ("DecodeImage", "ResizeImage", "CropImage", "NormalizeImage", "ToCHWImage")
+_ORDERED_OPS = _SUPPORTED_OPS[:-1]
+# Without a NormalizeImage the eval transforms give raw 0..255 pixels, and so must inference.
+_NO_NORMALIZATION = {"scale": 1.0, "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
 
 
 @dataclass(frozen=True)
@@ -104,8 +109,8 @@ class Preprocessing:
         if not ops:
             _, height, width = config.Global.image_shape
             return cls(resize=(width, height))
-        values: dict[str, Any] = {}
-        resized = False
+        values: dict[str, Any] = dict(_NO_NORMALIZATION)
+        seen: list[str] = []
         for index, item in enumerate(ops):
             ((name, params),) = item.items()
             params = params or {}
@@ -114,12 +119,19 @@ class Preprocessing:
                 raise ConfigError(
                     f"{where}: cannot be exported; inference supports {', '.join(_SUPPORTED_OPS)}"
                 )
+            if name in _ORDERED_OPS:
+                rank = _ORDERED_OPS.index
+                if seen and (name in seen or rank(name) < rank(seen[-1])):
+                    raise ConfigError(
+                        f"{where}: cannot be exported after {', '.join(seen)}; inference runs "
+                        f"each of {', '.join(_ORDERED_OPS)} at most once, in that order"
+                    )
+                seen.append(name)
             try:
                 _read_op(name, params, values)
             except (ValueError, TypeError) as exc:
                 raise ConfigError(f"{where}: {exc}") from None
-            resized = resized or name == "ResizeImage"
-        if not resized:
+        if "ResizeImage" not in seen:
             raise ConfigError("DataLoader.Eval transform_ops: no ResizeImage; export needs a size")
         try:
             return cls(**values)
@@ -225,8 +237,8 @@ def _read_op(name: str, params: dict[str, Any], values: dict[str, Any]) -> None:
             values["resize"] = None
         else:
             values["resize"] = pair(params["size"])
-        values["interpolation"] = interpolation_name(params.get("interpolation"))
         values["backend"] = params.get("backend", "cv2")
+        values["interpolation"] = interpolation_name(params.get("interpolation"), values["backend"])
     elif name == "CropImage":
         values["crop"] = pair(params["size"])
     elif name == "NormalizeImage":

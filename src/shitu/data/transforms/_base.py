@@ -92,8 +92,10 @@ def pair(size: int | list[int] | tuple[int, ...], what: str = "size") -> tuple[i
     return width, height
 
 
-# Interpolation names as PaddleClas configs spell them; ints are OpenCV's codes.
+# Interpolation names as PaddleClas configs spell them; ints are the backend's own codes
+# (PaddleClas hands them to cv2.resize or to Pillow's resize as they are).
 _CV2_CODES = {0: "nearest", 1: "bilinear", 2: "bicubic", 3: "area", 4: "lanczos"}
+_PIL_CODES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 _PIL_FILTERS = {
     "nearest": Image.Resampling.NEAREST,
     "bilinear": Image.Resampling.BILINEAR,
@@ -108,13 +110,16 @@ _PIL_FILTERS = {
 _TORCH_MODES = {"nearest": "nearest", "bilinear": "bilinear", "bicubic": "bicubic"}
 
 
-def interpolation_name(value: str | int | None, default: str = "bilinear") -> str:
+def interpolation_name(value: str | int | None, backend: str = "cv2") -> str:
+    """The filter a PaddleClas resize with this `interpolation` and `backend` uses: left
+    out, bilinear for cv2 and Pillow's own default, bicubic, for pil."""
     if value is None or value == -1:
-        return default
+        return "bicubic" if backend == "pil" else "bilinear"
     if isinstance(value, int):
-        if value not in _CV2_CODES:
-            raise ValueError(f"interpolation: unknown OpenCV code {value}")
-        return _CV2_CODES[value]
+        codes = _PIL_CODES if backend == "pil" else _CV2_CODES
+        if value not in codes:
+            raise ValueError(f"interpolation: unknown {backend} code {value}")
+        return codes[value]
     name = value.lower()
     if name not in _PIL_FILTERS:
         raise ValueError(

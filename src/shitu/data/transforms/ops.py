@@ -59,13 +59,18 @@ class DecodeImage(Transform):
         return stage.with_(decoded=True, layout="chw" if self.channel_first else "hwc")
 
     def __call__(self, data: bytes | Image.Image | np.ndarray) -> np.ndarray:
-        if isinstance(data, np.ndarray):
-            array = data
+        if isinstance(data, np.ndarray):  # RGB(A), grey or 16-bit grey, as Pillow reads them
+            try:
+                image = Image.fromarray(data)
+            except (TypeError, ValueError) as exc:
+                raise UnreadableImageError(
+                    f"cannot use a {data.dtype} array of shape {data.shape} as an image ({exc})"
+                ) from None
         else:
             image = data if isinstance(data, Image.Image) else _decode(data)
-            array = np.asarray(to_rgb8(image))
-            if not self.to_rgb:
-                array = array[:, :, ::-1]
+        array = np.asarray(to_rgb8(image))
+        if not self.to_rgb:
+            array = array[:, :, ::-1]
         if self.channel_first:
             array = array.transpose(2, 0, 1)
         return array
@@ -80,6 +85,11 @@ def to_rgb8(image: Image.Image) -> Image.Image:
     elif image.mode == "F":  # float data: taken as 0..255 levels
         image = Image.fromarray(np.clip(np.asarray(image), 0, 255).astype(np.uint8))
     return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def decode_rgb_image(data: bytes) -> Image.Image:
+    """File bytes -> 8-bit RGB image, EXIF orientation applied: how training reads photos."""
+    return to_rgb8(_decode(data))
 
 
 def _decode(data: bytes) -> Image.Image:
@@ -120,7 +130,7 @@ class ResizeImage(Transform):
             self.size = pair(size)
         else:
             raise ValueError("give size or resize_short")
-        self.interpolation = interpolation_name(interpolation)
+        self.interpolation = interpolation_name(interpolation, backend)
         self.backend = backend
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
@@ -172,7 +182,7 @@ class RandCropImage(Transform):
         for key, value in (("scale", self.scale), ("ratio", self.ratio)):
             if len(value) != 2 or not 0 < value[0] <= value[1]:
                 raise ValueError(f"{key}: give [low, high] with 0 < low <= high, got {list(value)}")
-        self.interpolation = interpolation_name(interpolation)
+        self.interpolation = interpolation_name(interpolation, backend)
         self.backend = backend
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
