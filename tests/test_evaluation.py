@@ -38,7 +38,8 @@ def naive_metrics(
 ) -> tuple[dict[str, float], int]:
     """Full score matrix, Python sort per query: (metrics, queries without a positive).
 
-    Ranking: score descending, ties by gallery index; same-id items removed from the list.
+    Ranking: score descending, ties by gallery index; items with the query's id and label
+    removed from the list.
     """
     if scores is None:
         qn = qf / np.linalg.norm(qf, axis=1, keepdims=True)
@@ -47,7 +48,7 @@ def naive_metrics(
     per_query: dict[str, list[float]] = {}
     skipped = 0
     for i in range(len(ql)):
-        items = [j for j in range(len(gl)) if qid is None or qid[i] != gid[j]]
+        items = [j for j in range(len(gl)) if qid is None or (qid[i], ql[i]) != (gid[j], gl[j])]
         ranked = sorted(items, key=lambda j: (-scores[i, j], j))
         relevant = [gl[j] == ql[i] for j in ranked]
         pos_ranks = [r + 1 for r, rel in enumerate(relevant) if rel]
@@ -165,8 +166,10 @@ def test_hand_computed_metrics() -> None:
 
 def test_hand_computed_same_id_exclusion() -> None:
     """q0 shares its id with gallery item 0 (its rank-1 positive): its list becomes
-    1,2,3,4,5 -> labels 1,0,2,1,0 -> positives at ranks 2, 5. q3 shares its id with item 4
-    (its rank-1 negative), so its positive moves up to rank 1. q1 and q2 are unaffected."""
+    1,2,3,4,5 -> labels 1,0,2,1,0 -> positives at ranks 2, 5. q3 shares its id with item 4,
+    but not its label: PaddleClas's rule leaves out only items with the query's id *and*
+    label, so that negative stays at rank 1 and q3's positive at rank 2. q1 and q2 are
+    unaffected."""
     queries, query_labels, gallery, gallery_labels = ranking_case()
     result = evaluate_retrieval(
         queries,
@@ -180,11 +183,11 @@ def test_hand_computed_same_id_exclusion() -> None:
         minp=True,
     )
     expected = {
-        "recall@1": (0 + 0 + 1) / 3,
+        "recall@1": 0.0,
         "recall@2": (1 + 0 + 1) / 3,
         "precision@5": (2 / 5 + 1 / 5 + 1 / 5) / 3,
-        "mAP": ((1 / 2 + 2 / 5) / 2 + 7 / 24 + 1) / 3,
-        "mINP": (2 / 5 + 2 / 6 + 1) / 3,
+        "mAP": ((1 / 2 + 2 / 5) / 2 + 7 / 24 + 1 / 2) / 3,
+        "mINP": (2 / 5 + 2 / 6 + 1 / 2) / 3,
     }
     for key, value in expected.items():
         assert result[key] == pytest.approx(value, abs=1e-6), key

@@ -328,6 +328,37 @@ def test_eval_pipeline_cli_reports_the_pipeline_recall(setup, recognizer, capsys
     assert json.loads(capsys.readouterr().out.splitlines()[-1]) == expected
 
 
+def test_eval_pipeline_cli_flags_gallery_photos_and_fails_when_nothing_was_measured(
+    setup, tmp_path, capsys
+):
+    with Gallery.open(setup["library"]) as gallery:
+        stored = gallery.entries()[0]
+    copy = tmp_path / "copy_of_a_gallery_photo.jpg"
+    copy.write_bytes(Path(stored.path).read_bytes())
+    query = setup["queries"][0]
+    labels = tmp_path / "queries.txt"
+    labels.write_text(
+        f"{stored.path}\t{stored.label}\n{copy}\t{stored.label}\n{query.path}\t{query.label}\n"
+    )
+    common = ["--gallery", str(setup["library"]), "--model", str(setup["model"]), "--no-progress"]
+    assert shitu_main(["eval-pipeline", "--queries", str(labels), *common, "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["in_gallery"] == 2  # the file itself and its copy
+    assert "2 query images of 3 are gallery images themselves" in captured.err
+
+    labels.write_text(f"{tmp_path / 'missing.jpg'}\t{stored.label}\n")
+    assert shitu_main(["eval-pipeline", "--queries", str(labels), *common]) == 1
+    captured = capsys.readouterr()
+    assert "none of the 1 queries could be read" in captured.err and "missing.jpg" in captured.err
+
+    labels.write_text(f"{query.path}\tNot In The Gallery\n")  # unknown queries only
+    assert shitu_main(["eval-pipeline", "--queries", str(labels), *common, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["recall@1"] is None and report["balanced_accuracy"] is None
+    assert shitu_main(["eval-pipeline", "--queries", str(labels), *common, "--sweep", "0.5"]) == 0
+    assert "no query has a label in the gallery" in capsys.readouterr().out
+
+
 UNKNOWN = "Not In The Gallery"
 
 

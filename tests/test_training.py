@@ -369,6 +369,30 @@ def test_cli_train_then_eval(grocery, tmp_path, capsys):
     assert json.loads(captured.out)["num_queries"] == 18
 
 
+def test_cli_eval_is_repeatable_and_warns_before_it_misleads(grocery, tmp_path, capsys, caplog):
+    path = tiny_config(grocery, tmp_path)
+    # Untrained new layers start from Global.seed: the same numbers on every run.
+    runs = []
+    for _ in range(2):
+        assert main(["eval", "-c", str(path), "--json"]) == 0
+        runs.append(json.loads(capsys.readouterr().out))
+    assert runs[0] == runs[1] and "num_queries_without_positive" in runs[0]
+    # Query photos listed in the gallery too find themselves: said before the numbers.
+    same = [f"DataLoader.Eval.Gallery.dataset.cls_label_path={tmp_path / 'val.txt'}"]
+    with caplog.at_level(logging.WARNING):
+        assert main(["eval", "-c", str(path), "-o", *same, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["recall@1"] == 1.0
+    assert "18 of 18 query images are gallery images too" in caplog.text
+    # Re-ranking settings come from the config, and a set too large fails before any work.
+    rerank = "Global.re_ranking={k1: 4, k2: 2, max_samples: 60}"
+    assert main(["eval", "-c", str(path), "-o", rerank, "--json"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "-c", str(path), "-o", "Global.re_ranking={max_samples: 20}"]) == 2
+    assert "18 queries + 36 gallery items, above its limit of max_samples=20" in (
+        capsys.readouterr().err
+    )
+
+
 def test_ddp_on_cpu_matches_single_process_eval(grocery, tmp_path):
     """Two gloo processes train together; their gathered eval equals a one-process eval."""
     path = tiny_config(grocery, tmp_path, epochs=1)

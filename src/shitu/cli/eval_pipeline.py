@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
+from shitu.cli.common import count_of
 from shitu.cli.recognize import add_pipeline_arguments, pipeline_config_from_args
 from shitu.index import collect_items
 from shitu.pipeline.evaluate import PipelineEvaluation, sweep_thresholds
@@ -65,6 +67,18 @@ def run(args: argparse.Namespace) -> int:
     with Recognizer.from_config(config) as recognizer:
         report = evaluate_pipeline(recognizer, items, not args.no_progress, thresholds)
     best = report.best_threshold()
+    if report.in_gallery:
+        print(
+            f"warning: {count_of(report.in_gallery, 'query image')} of {len(items)} "
+            "are gallery images themselves (the same file or its copy): each finds itself "
+            "first, so recall@1 overstates; query with photos that are not in the gallery",
+            file=sys.stderr,
+        )
+    if not report.queries:  # exit 1 like recognize and extract: nothing was measured
+        for path, reason in report.unreadable[:SHOWN_MISTAKES]:
+            print(f"skipped: {path}: {reason}", file=sys.stderr)
+        print(f"error: none of the {len(items)} queries could be read", file=sys.stderr)
+        return 1
     if args.json:
         output: dict = report.to_dict()
         if thresholds:
@@ -85,6 +99,8 @@ def run(args: argparse.Namespace) -> int:
                 f"best balanced accuracy at score_thres {best.score_thres}: recall@1 "
                 f"{best.recall_at_1:.4f}, rejection {best.rejection:.4f}"
             )
+        elif not report.known_queries:
+            print("no query has a label in the gallery: add some to choose a threshold")
         elif report.unknown_queries:
             print(
                 "no threshold tells unknown from known queries apart better than rejecting "

@@ -16,6 +16,7 @@ from shitu.cli.common import (
 )
 from shitu.engine.distributed import init_distributed, shutdown_distributed
 from shitu.engine.evaluate import RetrievalEvaluation
+from shitu.engine.seeding import seed_everything
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -38,6 +39,9 @@ def run(args: argparse.Namespace) -> int:
     config.Arch.Head = None  # retrieval needs no classifier
     context = init_distributed(config.Global.device)
     try:
+        # New layers (an untrained embedding) start as training starts them: the same
+        # numbers on every run.
+        seed_everything(config.Global.seed if config.Global.seed is not None else 0)
         model = model_from_config(config, args, pretrained=not weights)
         if weights:
             load_weights(model, weights, strict=True, ignore_prefixes=("head.",))
@@ -50,7 +54,11 @@ def run(args: argparse.Namespace) -> int:
     if not context.is_main:
         return 0
     if args.json:
-        print(json.dumps({**result.metrics, "num_queries": result.num_queries}))
+        counts = {
+            "num_queries": result.num_queries,
+            "num_queries_without_positive": result.num_queries_without_positive,
+        }
+        print(json.dumps({**result.metrics, **counts}))
         return 0
     width = max(len(k) for k in result.metrics)
     print(f"{'metric':<{width}}  value")

@@ -42,7 +42,8 @@ class GlobalConfig(Section):
     print_batch_step: int = Field(20, ge=1)
     eval_mode: Literal["retrieval"] = "retrieval"  # PaddleClas key; recognition is retrieval
     retrieval_feature_from: Literal["features", "backbone"] = "features"
-    re_ranking: bool = False
+    # k-reciprocal re-ranking: true, or its settings {k1, k2, lambda_value, max_samples}.
+    re_ranking: bool | dict[str, Any] = False
     image_shape: list[int] = Field(default_factory=lambda: [3, 224, 224])
     save_inference_dir: str = "./inference"
     # Metric that picks `best_model` and drives ReduceOnPlateau, e.g. recall@1 or mAP.

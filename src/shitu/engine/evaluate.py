@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,7 @@ from shitu.engine.distributed import DistContext, all_gather_concat
 from shitu.engine.precision import autocast_for, effective_amp
 from shitu.errors import ConfigError
 from shitu.evaluation import RetrievalEvaluator, RetrievalResult
+from shitu.evaluation.reranking import check_rerank_size
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +98,34 @@ class RetrievalEvaluation:
         self.evaluator = RetrievalEvaluator.from_metric_config(
             metric_items, re_ranking=config.Global.re_ranking
         )
+        self._warn_of_shared_images()
+        if self.evaluator.re_ranking is not None:
+            queries = len(dataset_of(self.query_loader))
+            gallery = dataset_of(self.gallery_loader) if self.gallery_loader else None
+            check_rerank_size(
+                queries,
+                queries if gallery is None else len(gallery),
+                self.evaluator.re_ranking.max_samples,
+            )
+
+    def _warn_of_shared_images(self) -> None:
+        """Query photos that are gallery photos too find themselves first (PaddleClas counts
+        them all the same); only unique ids on both sides leave them out."""
+        if self.gallery_loader is None or (
+            has_unique_ids(self.query_loader) and has_unique_ids(self.gallery_loader)
+        ):
+            return
+        gallery = {os.path.realpath(path) for path in dataset_of(self.gallery_loader).paths}
+        queries = dataset_of(self.query_loader).paths
+        shared = sum(os.path.realpath(path) in gallery for path in queries)
+        if shared:
+            logger.warning(
+                "%d of %d query images are gallery images too: each finds itself first and "
+                "counts as a hit. Leave out DataLoader.Eval.Gallery to search the query set "
+                "against itself without its own entries, or list unique ids (a third column)",
+                shared,
+                len(queries),
+            )
 
     def run(self, model: nn.Module) -> RetrievalResult:
         options = {

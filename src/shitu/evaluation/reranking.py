@@ -56,6 +56,19 @@ class ReRanking:
             raise ConfigError(f"re_ranking.lambda_value: must be a number in [0, 1], got {lam!r}")
 
 
+def check_rerank_size(n_query: int, n_gallery: int, max_samples: int) -> None:
+    """ReRankingTooLargeError unless re-ranking these sets fits in `max_samples`; checked
+    before any embedding work too, so a run fails at its start, not after an epoch."""
+    total = n_query + n_gallery
+    if total > max_samples:
+        raise ReRankingTooLargeError(
+            f"k-reciprocal re-ranking needs a dense {total}x{total} distance matrix "
+            f"(~{12 * total * total / 2**30:.1f} GiB) for {n_query} queries + {n_gallery} "
+            f"gallery items, above its limit of max_samples={max_samples}; raise the limit "
+            "(Global.re_ranking: {max_samples: N}) or evaluate without re-ranking"
+        )
+
+
 def k_reciprocal_distances(
     query_features: Tensor,
     gallery_features: Tensor,
@@ -75,14 +88,8 @@ def k_reciprocal_distances(
     bool mask, the [Q, G] output and chunked temporaries), hence `max_samples`.
     """
     n_query, n_gallery = len(query_features), len(gallery_features)
+    check_rerank_size(n_query, n_gallery, max_samples)
     total = n_query + n_gallery
-    if total > max_samples:
-        raise ReRankingTooLargeError(
-            f"k-reciprocal re-ranking needs a dense {total}x{total} distance matrix "
-            f"(~{12 * total * total / 2**30:.1f} GiB) for {n_query} queries + {n_gallery} "
-            f"gallery items, above its limit of max_samples={max_samples}; raise the limit "
-            "or evaluate without re-ranking"
-        )
     device = query_features.device
     dtype = (
         torch.float64

@@ -1,7 +1,9 @@
 """Retrieval metrics for a query set searched against a gallery.
 
 Definitions (per query, over its ranked gallery; a *positive* is a gallery item with the
-query's label that is not excluded by the same-id rule):
+query's label that is not excluded by the same-id rule: with ids given, gallery items with
+the query's id *and* label are left out, PaddleClas's rule, which drops a query's own entry
+when ids name images and same-camera views of the same object when they name cameras):
 
 - Recall@k (CMC, PaddleClas's `Recallk`): 1 if any of the top k items is a positive.
 - Precision@k: number of positives among the top k, divided by k (also when fewer than k
@@ -15,7 +17,10 @@ counted in `RetrievalResult.num_queries_without_positive`.
 
 Ranking and ties: items are ordered by cosine similarity, highest first (or by re-ranked
 distance, lowest first); items with equal scores keep gallery-index order (stable sort), so
-results are deterministic and a positive tied with a negative ranks by index.
+a positive tied with a negative ranks by index. Equal here means equal floats: identical
+vectors tie exactly, but distinct vectors with mathematically equal similarities can differ
+in the last bit with the size of the matrix product, so such near-ties may order differently
+with another `block_size`.
 """
 
 from __future__ import annotations
@@ -33,7 +38,9 @@ from shitu.evaluation.reranking import ReRanking, k_reciprocal_distances
 from shitu.registry import did_you_mean
 
 # Working memory the default query block may use: ~20 bytes per query-gallery score
-# (scores, sort values and indices, three bool masks) -> ~130 queries per block at G = 100k.
+# (scores, sort values and indices, three bool masks) -> ~130 queries per block at G = 100k;
+# add ~50 bytes per positive (their ranks), which only matters when a few labels fill the
+# gallery.
 DEFAULT_BLOCK_BYTES = 256 * 2**20
 
 _METRIC_PARAMS: dict[str, tuple[str, ...]] = {
@@ -194,12 +201,13 @@ class RetrievalEvaluator:
         """Rank the gallery for every query and average the metrics over the queries.
 
         Features are [N, D] float tensors (L2-normalised here), labels and the optional
-        unique ids are integer [N] (or [N, 1]) tensors. Gallery items whose id equals the
-        query's id are left out of that query's ranking, which is how a set is evaluated
+        unique ids are integer [N] (or [N, 1]) tensors. Gallery items with the query's id
+        and label are left out of that query's ranking, which is how a set is evaluated
         against itself. Computes on the query features' device.
 
         Peak memory besides the normalised feature copies: about 20 * block * G bytes for the
-        query block's scores (float32; ~260 MB for the default block at G = 100k). Re-ranking
+        query block's scores (float32; ~260 MB for the default block at G = 100k), plus ~50
+        bytes per positive in the block (a gallery of few labels: up to ~2.5x). Re-ranking
         instead holds dense (Q+G)^2 matrices; see `k_reciprocal_distances`.
         """
         q_feat = _check_features(query_features, "query_features")
@@ -333,7 +341,7 @@ def _rank_statistics(
         block_scores = scores(start, stop)
         positive = q_labels[start:stop, None] == g_labels[None, :]
         if q_ids is not None and g_ids is not None:
-            same = q_ids[start:stop, None] == g_ids[None, :]
+            same = (q_ids[start:stop, None] == g_ids[None, :]) & positive  # PaddleClas's rule
             # Excluded items sink below every finite score and are never positives, so they
             # cannot change the rank of any positive.
             block_scores.masked_fill_(same, float("-inf"))  # `scores` returns a fresh tensor

@@ -10,10 +10,14 @@ at those thresholds.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from shitu.fileio import file_sha256
 from shitu.index import GalleryItem
 from shitu.pipeline.recognizer import Candidates, Recognizer
 
@@ -28,6 +32,7 @@ class PipelineEvaluation:
     no_result: int = 0  # known queries with nothing recognised
     unknown_queries: int = 0  # queries whose label is not in the gallery
     unknown_rejected: int = 0  # ... with nothing recognised, as it should be
+    in_gallery: int = 0  # queries that are gallery images themselves (each finds itself)
     unreadable: list[tuple[str, str]] = field(default_factory=list)
     mistakes: list[tuple[str, str, str]] = field(default_factory=list)  # path, truth, predicted
     sweep: list[PipelineEvaluation] = field(default_factory=list)
@@ -37,9 +42,10 @@ class PipelineEvaluation:
         return self.queries - self.unknown_queries
 
     @property
-    def recall_at_1(self) -> float:
-        """Known queries answered with their label first (no result counts as wrong)."""
-        return self.correct / self.known_queries if self.known_queries else 0.0
+    def recall_at_1(self) -> float | None:
+        """Known queries answered with their label first (no result counts as wrong);
+        None without known queries."""
+        return self.correct / self.known_queries if self.known_queries else None
 
     @property
     def rejection(self) -> float | None:
@@ -53,9 +59,10 @@ class PipelineEvaluation:
 
     @property
     def balanced_accuracy(self) -> float | None:
-        """Mean of recall@1 and rejection, so neither side's query count dominates."""
-        rejection = self.rejection
-        return None if rejection is None else (self.recall_at_1 + rejection) / 2
+        """Mean of recall@1 and rejection, so neither side's query count dominates; None
+        unless there are both known and unknown queries."""
+        recall, rejection = self.recall_at_1, self.rejection
+        return None if recall is None or rejection is None else (recall + rejection) / 2
 
     def best_threshold(self) -> PipelineEvaluation | None:
         """The swept threshold with the highest balanced accuracy (the lowest on ties, so
@@ -80,6 +87,8 @@ class PipelineEvaluation:
             "no_result": self.no_result,
             "unreadable": len(self.unreadable),
         }
+        if self.in_gallery:
+            report["in_gallery"] = self.in_gallery
         if self.unknown_queries:
             report |= {
                 "unknown_queries": self.unknown_queries,
@@ -100,6 +109,7 @@ def evaluate_pipeline(
     """Run the whole pipeline on each query at the recogniser's threshold, and at each
     threshold of `sweep` (reported in `.sweep`)."""
     gallery_labels = set(recognizer.gallery.label_counts())
+    in_gallery = _gallery_images(recognizer, [item.path for item in items])
     scored: list[tuple[str, str, Candidates]] = []
     unreadable: list[tuple[str, str]] = []
     files = recognizer.score_files([item.path for item in items], progress)
@@ -110,7 +120,7 @@ def evaluate_pipeline(
             scored.append((path, item.label, candidates))
 
     def count(threshold: float) -> PipelineEvaluation:
-        report = PipelineEvaluation(threshold, unreadable=unreadable)
+        report = PipelineEvaluation(threshold, unreadable=unreadable, in_gallery=in_gallery)
         for path, truth, candidates in scored:
             results = recognizer.select(candidates, threshold)
             predicted = results[0].label if results else ""
@@ -130,6 +140,22 @@ def evaluate_pipeline(
     report = count(recognizer.score_thres)
     report.sweep = [count(threshold) for threshold in sorted(sweep)]
     return report
+
+
+def _gallery_images(recognizer: Recognizer, paths: Sequence[str]) -> int:
+    """How many of the query files are gallery images too (the same file, or a copy with
+    the same content): those find themselves, and measure nothing."""
+    entries = recognizer.gallery.entries()
+    stored_paths = {os.path.realpath(entry.path) for entry in entries}
+    stored_hashes = {entry.sha256 for entry in entries if entry.sha256}
+    count = 0
+    for path in paths:
+        if os.path.realpath(path) in stored_paths:
+            count += 1
+            continue
+        with contextlib.suppress(OSError):  # reported as unreadable by the evaluation
+            count += file_sha256(Path(path)) in stored_hashes
+    return count
 
 
 def sweep_thresholds(step: float) -> list[float]:
