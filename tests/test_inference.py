@@ -240,8 +240,8 @@ def test_extract_cli_skips_corrupt_files_and_reads_only_a_folders_images(exporte
     (folder / "c_truncated.jpg").write_bytes(good[0].read_bytes()[:300])
     (folder / "notes.txt").write_text("not an image\n")
     (folder / ".hidden.jpg").write_bytes(b"ignored")
-    prefix = tmp_path / "out" / "feats"
-    args = ["extract", str(folder), "--model", str(exported["dir"]), "--out", str(prefix)]
+    prefix = tmp_path / "out" / "feats"  # given as feats.npy: the same prefix
+    args = ["extract", str(folder), "--model", str(exported["dir"]), "--out", f"{prefix}.npy"]
     result = subprocess.run(
         [sys.executable, "-m", "shitu.cli.main", *args, "--threads", "1"],
         capture_output=True,
@@ -311,6 +311,18 @@ def test_fingerprint_covers_weightless_arch_settings_but_not_training_ones(expor
     plain = fingerprint_of("plain")
     assert fingerprint_of("frozen", frozen_layers=["backbone.stem"]) == plain
     assert fingerprint_of("no_last_act", Backbone=backbone) != plain
+
+
+def test_a_hand_edited_input_size_is_refused_on_every_runtime(exported, tmp_path):
+    edited = shutil.copytree(exported["dir"], tmp_path / "edited")
+    record = json.loads((edited / "shitu_model.json").read_text())
+    record["preprocessing"]["resize"] = [SIZE + 32, SIZE + 32]
+    (edited / "shitu_model.json").write_text(json.dumps(record))
+    for backend in ("onnxruntime", "openvino"):
+        with pytest.raises(CheckpointError, match=f"takes {SIZE}x{SIZE} images, but"):
+            FeatureExtractor.load(edited, backend=backend)
+    with pytest.raises(CheckpointError, match="do not give the fingerprint"):
+        FeatureExtractor.load(edited, backend="torch")
 
 
 def test_export_refuses_a_folder_that_is_not_an_export(exported, tmp_path):

@@ -80,11 +80,14 @@ def run(args: argparse.Namespace) -> int:
             total += len(truth)
             writer.save_recognition(found)
     print(f"recognised {found_right} of {total} products; annotated photos in {out / 'vis'}")
-    same_model = f" --model {model}" if g.rec_inference_model_dir else ""
+    # The same settings as this run: recognize's own default is the whole image, no detector.
+    same = f" --model {model}" if g.rec_inference_model_dir else ""
     if g.rec_precision != "fp32":  # the library answers only to the precision that built it
-        same_model += f" --precision {g.rec_precision}"
+        same += f" --precision {g.rec_precision}"
+    if config.detector is not None:
+        same += f" --detector {config.detector}"
     print(
-        f"next: shitu recognize YOUR_PHOTOS --gallery {out / 'gallery'}{same_model} "
-        f"--format table --save-vis {out / 'vis'}"
+        f"next: shitu recognize YOUR_PHOTOS --gallery {out / 'gallery'}{same} "
+        f"--format table --save-vis {out / 'vis_yours'}"
     )
     return 0

@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             image = read_rgb(path)
         except UnreadableImageError as exc:
-            print(f"skipped {path}: {exc}", file=sys.stderr)
+            print(f"warning: skipped {path}: {exc}", file=sys.stderr)
             continue
         done += 1
         dets = detector.detect(image, args.threshold, args.max_boxes, not args.per_class)

@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
         )
     if not report.queries:  # exit 1 like recognize and extract: nothing was measured
         for path, reason in report.unreadable[:SHOWN_MISTAKES]:
-            print(f"skipped: {path}: {reason}", file=sys.stderr)
+            print(f"warning: skipped {path}: {reason}", file=sys.stderr)
         print(f"error: none of the {len(items)} queries could be read", file=sys.stderr)
         return 1
     if args.json:

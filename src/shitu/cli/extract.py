@@ -20,7 +20,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "extract",
         help="embed images with an exported model (features .npy + paths .txt)",
         description=(
-            "Embed image files (folders are searched recursively; hidden files are left out) "
+            "Embed image files (folders are searched recursively for image files; hidden "
+            "files are left out) "
             "with a `shitu export` folder. Writes PREFIX.npy (float32 [N, D], L2-normalised "
             "rows) and PREFIX.txt (the N embedded paths, one per line, same order). "
             "Unreadable files are reported on stderr and skipped."
@@ -30,7 +31,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--model", help="folder written by `shitu export` (default: the model shipped with shitu)"
     )
-    parser.add_argument("--out", required=True, help="output prefix: writes PREFIX.npy, .txt")
+    parser.add_argument(
+        "--out", required=True, help="output prefix: writes PREFIX.npy, .txt (feats or feats.npy)"
+    )
     add_runtime_arguments(parser, gpu=True)
     parser.set_defaults(runtime="auto", precision="fp32")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
@@ -59,13 +62,15 @@ def run(args: argparse.Namespace) -> int:
     )
     seconds = time.perf_counter() - start
     for path, reason in result.failures:
-        print(f"skipped {path}: {reason}", file=sys.stderr)
+        print(f"warning: skipped {path}: {reason}", file=sys.stderr)
     if not result.paths:  # exit 1 like recognize and index search: the run produced nothing
         print(
             f"error: none of the {len(files)} files could be read, nothing written", file=sys.stderr
         )
         return 1
     out = Path(args.out)
+    if out.suffix.lower() in (".npy", ".txt"):  # a file name given for the prefix
+        out = out.with_suffix("")
 
     def save_features(tmp: Path) -> None:
         with tmp.open("wb") as handle:  # a file name would get a second .npy appended

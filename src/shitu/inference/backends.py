@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -30,6 +31,7 @@ _TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfl
 
 class Backend(Protocol):
     name: str
+    input_size: tuple[int, int] | None  # the graph's fixed (height, width), if it has one
 
     def __call__(self, batch: np.ndarray) -> np.ndarray: ...
 
@@ -91,9 +93,18 @@ class OnnxBackend:
                 raise ConfigError("device cuda: this onnxruntime has no CUDA support")
             providers.insert(0, "CUDAExecutionProvider")
         self.session = ort.InferenceSession(str(path), options, providers=providers)
+        self.input_size = _fixed_size(self.session.get_inputs()[0].shape)
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run(None, {INPUT_NAME: batch})[0]
+
+
+def _fixed_size(shape: Sequence[Any]) -> tuple[int, int] | None:
+    """(height, width) of an NCHW input whose spatial sides are fixed, else None."""
+    sides = tuple(shape[2:]) if len(shape) == 4 else ()
+    if len(sides) == 2 and all(isinstance(side, int) and side > 0 for side in sides):
+        return sides[0], sides[1]
+    return None
 
 
 class OpenVinoBackend:
@@ -115,6 +126,10 @@ class OpenVinoBackend:
             settings["INFERENCE_NUM_THREADS"] = num_threads
         compiled = openvino.Core().compile_model(str(path), "CPU", settings)
         self._request, self._output = compiled.create_infer_request(), compiled.output(0)
+        shape = compiled.input(0).get_partial_shape()
+        self.input_size = _fixed_size(
+            [dim.get_length() if dim.is_static else None for dim in shape]
+        )
         self._lock = threading.Lock()  # one infer request: calls from threads take turns
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
@@ -126,6 +141,7 @@ class TorchBackend:
     """The exported weights in our own model; fp16/bf16 on a GPU."""
 
     name = "torch"
+    input_size = None  # our model takes any size
 
     def __init__(
         self,

@@ -270,8 +270,8 @@ def load_exported_model(model_dir: str | Path, manifest: dict[str, Any]) -> RecM
     )
     if actual != manifest["fingerprint"]:
         raise CheckpointError(
-            f"{model_dir}: its weights do not give the fingerprint its {MANIFEST} records "
-            "(edited or corrupt model folder?)"
+            f"{model_dir}: its weights and settings (arch, preprocessing) do not give the "
+            f"fingerprint its {MANIFEST} records (edited or corrupt model folder?)"
         )
     return model
 

@@ -111,6 +111,14 @@ class FeatureExtractor:
         else:
             _verify(model_dir, manifest, TORCH_FILE)
             runtime = TorchBackend(model_dir, manifest, num_threads, device, precision)
+        preprocessing = Preprocessing.from_dict(manifest["preprocessing"])
+        takes = runtime.input_size
+        if takes is not None and takes != preprocessing.size[::-1]:
+            raise CheckpointError(
+                f"{model_dir}: the model takes {takes[1]}x{takes[0]} images, but {MANIFEST} "
+                f"preprocessing makes {preprocessing.size[0]}x{preprocessing.size[1]} "
+                "(edited by hand? export the model again)"
+            )
         cv2.setNumThreads(1)  # parallelism comes from the decoding threads
         fingerprint = manifest["fingerprint"]
         if precision != "fp32":
@@ -119,7 +127,7 @@ class FeatureExtractor:
             fingerprint = hashlib.sha256(f"{fingerprint}:{precision}:{detail}".encode()).hexdigest()
         return cls(
             runtime,
-            Preprocessing.from_dict(manifest["preprocessing"]),
+            preprocessing,
             int(manifest["embedding_size"]),
             fingerprint,
             workers,

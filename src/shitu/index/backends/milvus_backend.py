@@ -96,7 +96,10 @@ class MilvusBackend(Backend):
         indexes.add_index(
             field_name="vector", index_type=kind, metric_type=manifest.metric.upper(), params=params
         )
-        self.client.create_collection(self.collection, schema=schema, index_params=indexes)
+        self.client.create_collection(self.collection, schema=schema)
+        # Milvus Lite builds the index at once but lacks the call a synchronous create_index
+        # polls with (its server logs a NotImplementedError traceback); a server is waited for.
+        self.client.create_index(self.collection, indexes, sync=self._lite_path is None)
 
     def _insert(self, ids: np.ndarray, features: np.ndarray) -> None:
         for start in range(0, len(ids), INSERT_BATCH):
