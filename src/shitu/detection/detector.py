@@ -11,9 +11,9 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
-from PIL import Image
 
 from shitu.detection.model import PicoDet, PicoDetArch
 from shitu.detection.postprocess import anchor_points, decode_boxes, level_shapes, multiclass_nms
@@ -26,10 +26,14 @@ NMS_TOP_K = 1000
 
 
 def preprocess(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """RGB uint8 HxWx3 -> float32 3xHxW at `size` (h, w), ImageNet-normalised."""
+    """RGB uint8 HxWx3 -> float32 3xHxW at `size` (h, w), ImageNet-normalised.
+
+    PaddleDetection's PicoDet and PP-ShiTu's mainbody detector resize with OpenCV's bicubic
+    filter (`interp: 2`), aspect ratio not kept: their weights expect exactly that input.
+    """
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"expected an RGB uint8 HxWx3 image, got {image.dtype} {image.shape}")
-    resized = Image.fromarray(image).resize((size[1], size[0]), Image.BILINEAR)
+    resized = cv2.resize(image, (size[1], size[0]), interpolation=cv2.INTER_CUBIC)
     pixels = np.asarray(resized, dtype=np.float32) / 255.0
     return ((pixels - MEAN) / STD).transpose(2, 0, 1)
 
