@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 
@@ -187,6 +188,25 @@ def test_load_pretrained_from_a_rec_model_checkpoint(tmp_path):
     report = load_pretrained(backbone, path)
     assert torch.equal(backbone.last_conv.weight, model.backbone.last_conv.weight)
     assert report.loaded
+
+
+def test_pretrained_file_of_another_architecture_is_refused_or_flagged(tmp_path, caplog):
+    """BatchNorm counters the file lacks are filled in, but they are not weights: a file
+    with nothing that fits is refused, one where most does not fit is warned about."""
+    resnet = BACKBONES.build("ResNet18")
+    path = save_weights(
+        {k: v for k, v in resnet.state_dict().items() if "num_batches" not in k and "fc" not in k},
+        tmp_path / "resnet.safetensors",
+    )
+    with pytest.raises(CheckpointError, match="no tensor fits"):
+        BACKBONES.build("PPLCNetV2_small", pretrained=str(path))
+    lcnet = BACKBONES.build("PPLCNetV2_small")
+    state = lcnet.state_dict()
+    few = dict(list(state.items())[:10])  # a tenth of the backbone
+    partial = save_weights(few, tmp_path / "partial.safetensors")
+    with caplog.at_level(logging.WARNING):
+        BACKBONES.build("PPLCNetV2_small", pretrained=str(partial))
+    assert "tensors fit (a file of another architecture" in caplog.text
 
 
 def test_pretrained_true_is_refused():

@@ -96,6 +96,16 @@ def test_reparameterize_preserves_outputs(name):
     assert n_params < sum(p.numel() for p in BACKBONES.build(name).parameters())
 
 
+def test_reparameterize_keeps_a_bfloat16_model_in_bfloat16():
+    from shitu.models.reparam import reparameterize
+
+    model = BACKBONES.build("PPLCNetV2_small_ShiTu").eval().to(torch.bfloat16)
+    with torch.no_grad():
+        reparameterize(model)
+        out = model(torch.randn(1, 3, 96, 96, dtype=torch.bfloat16))
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+
+
 def test_reparameterize_is_idempotent():
     model = BACKBONES.build("PPLCNetV2_small_ShiTu").eval()
     x = torch.randn(1, 3, 96, 96)

@@ -428,6 +428,15 @@ def test_training_errors_are_clear(grocery, tmp_path):
         Trainer(config)
     with pytest.raises(ConfigError, match="Global.eval_metric"):
         Trainer(load_config(path, ["Global.eval_metric=recall@3"]))
+    # 6 classes in the listing, a classifier for 4: refused before the first step.
+    with pytest.raises(
+        ConfigError, match=r"class_num is 4, .* up to 5; set Arch.Head.class_num: 6"
+    ):
+        Trainer(load_config(path, ["Arch.Head.class_num=4"]))
+    # 36 images in batches of 35: the BNNeck would meet a batch of one at the epoch's end.
+    sampler = "DataLoader.Train.sampler={name: DistributedBatchSampler, batch_size: 35}"
+    with pytest.raises(ConfigError, match="end on a batch of 1 image .36 per process"):
+        Trainer(load_config(path, [sampler]))
 
 
 def test_run_summary_names_the_weights_it_starts_from(grocery, tmp_path, caplog):

@@ -170,7 +170,20 @@ def load_pretrained(module: nn.Module, path: str | Path | bool) -> LoadReport:
     report = _fit(module, state, dropped, strict=False, source=str(path))
     if not report.loaded:
         raise CheckpointError(f"{path}: no tensor fits {type(module).__name__}; {report.summary()}")
-    logger.info("pretrained %s: %s", path, report.summary())
+    counted = [name for name in module.state_dict() if not name.endswith("num_batches_tracked")]
+    fitted = len(set(report.loaded) & set(counted))
+    if fitted < len(counted) / 2:  # most of the module would train from random weights
+        logger.warning(
+            "pretrained %s: only %d of %s's %d tensors fit (a file of another architecture "
+            "or naming?): %s",
+            path,
+            fitted,
+            type(module).__name__,
+            len(counted),
+            report.summary(),
+        )
+    else:
+        logger.info("pretrained %s: %s", path, report.summary())
     return report
 
 
@@ -195,7 +208,7 @@ def _fit(
         if name not in state and name.endswith("num_batches_tracked"):
             fitting[name] = torch.zeros_like(value)  # Paddle does not count batches
     report.missing = [n for n in expected if n not in fitting and n not in mismatched]
-    report.loaded = sorted(fitting)
+    report.loaded = sorted(name for name in fitting if name in state)  # not the added counters
     if strict and not report.complete:
         raise CheckpointError(
             f"{source} does not fit the model: {report.summary()} (does the config match?)"

@@ -105,6 +105,8 @@ class Trainer:
         self.loss = CombinedLoss(config.Loss.Train).to(self.context.device)
         self.loss.attach(self.model)  # before a resume restores the loss's state
         self.train_loader = build_train_loader(config.DataLoader.Train, self.context, self.seed)
+        _check_class_count(config, dataset_of(self.train_loader))
+        _check_last_batch(self.train_loader.batch_sampler.batch_sampler, self.model)
         self.steps_per_epoch = len(self.train_loader)
         if self.steps_per_epoch == 0:
             raise ConfigError(
@@ -415,6 +417,40 @@ class Trainer:
         if self.progress.best_metric is None or value > self.progress.best_metric:
             self.progress.best_metric, self.progress.best_epoch = value, epoch
             self._save_weights(BEST)
+
+
+def _check_class_count(config: ShituConfig, dataset: Any) -> None:
+    """A classifier smaller than the labels fails only when such a label is first drawn,
+    with an index error (a device-side assert on a GPU): say so before the first step."""
+    head = config.Arch.Head
+    class_num = head.params.get("class_num") if head is not None else None
+    labels = getattr(dataset, "labels", None)
+    if not isinstance(class_num, int) or not labels:
+        return
+    largest = max(labels)
+    if largest >= class_num:
+        raise ConfigError(
+            f"Arch.Head.class_num is {class_num}, but DataLoader.Train has labels up to "
+            f"{largest}; set Arch.Head.class_num: {largest + 1}"
+        )
+
+
+def _check_last_batch(sampler: Any, model: nn.Module) -> None:
+    """Without drop_last an epoch can end on a batch of one image, on which a BatchNorm
+    layer that trains raises mid-run (after a whole epoch of work): refuse it up front."""
+    per_process, size = getattr(sampler, "num_samples", None), sampler.batch_size
+    if per_process is None or sampler.drop_last or per_process % size != 1:
+        return
+    if any(
+        isinstance(module, nn.modules.batchnorm._BatchNorm)
+        and any(p.requires_grad for p in module.parameters())
+        for module in model.modules()
+    ):
+        raise ConfigError(
+            f"DataLoader.Train: each epoch would end on a batch of 1 image ({per_process} per "
+            f"process, batch_size {size}), which BatchNorm cannot train on; set "
+            "sampler.drop_last: true or another batch_size"
+        )
 
 
 def training_summary(trainer: Trainer) -> dict[str, Any]:

@@ -80,13 +80,16 @@ class CrossBatchMemory(nn.Module):
     def memory_size(self) -> int:
         return self.memory.shape[0]
 
-    def enqueue(self, features: torch.Tensor, labels: torch.Tensor) -> None:
-        """Write a batch into the ring, oldest entries first to go."""
+    def _check_size(self, features: torch.Tensor) -> None:
         if features.shape[1] != self.memory.shape[1]:
             raise ConfigError(
                 f"XBM.embedding_size is {self.memory.shape[1]} but the model's features "
                 f"have {features.shape[1]} dimensions"
             )
+
+    def enqueue(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        """Write a batch into the ring, oldest entries first to go."""
+        self._check_size(features)
         features = features.detach().to(self.memory.dtype)[-self.memory_size :]
         labels = labels.reshape(-1)[-self.memory_size :].to(self.memory_labels.dtype)
         size = features.shape[0]
@@ -104,6 +107,7 @@ class CrossBatchMemory(nn.Module):
         return self.memory[:filled], self.memory_labels[:filled]
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        self._check_size(features)  # from the first step, not only once the memory starts
         loss = self.batch_weight * self.pair_loss(features, labels)
         if not self.training:
             return loss

@@ -75,9 +75,9 @@ class RepDepthwiseSeparable(nn.Module):
                 if not (k == 1 and stride != 1)
             )
             self.act = make_activation(act)
-        else:
+        else:  # PaddleClas builds this one with its default activation, ReLU, whatever `act`
             self.dw_conv = ConvBNLayer(
-                in_channels, in_channels, dw_size, stride, groups=in_channels, act=act
+                in_channels, in_channels, dw_size, stride, groups=in_channels, act="relu"
             )
         self.se = SEModule(in_channels, act=act) if use_se else nn.Identity()
         self.split_pw = split_pw
@@ -125,7 +125,7 @@ class RepDepthwiseSeparable(nn.Module):
             padding=(self.dw_size - 1) // 2,
             groups=self.in_channels,
             bias=True,
-        ).to(kernel.device)
+        ).to(device=kernel.device, dtype=kernel.dtype)  # a half/bf16 model stays so
         fused.weight.copy_(kernel)
         fused.bias.copy_(bias)
         self.dw_conv = fused

@@ -5,7 +5,9 @@ Plain ResNets use torchvision's module names and layout, so a torchvision
 3x3 stem, average-pool shortcut downsampling) use timm's `resnet*d` layout
 (`conv1` becomes a Sequential, shortcuts are `downsample.{1,2}` after a pool at
 index 0), so those files load the same way. PaddleClas `.pdparams` of ResNets use
-other names (`stem.N.conv`, `blocks.K.conv0`) and do not map onto these modules.
+other names (`stem.N.conv`, `blocks.K.conv0`) and do not map onto these modules; nor does
+their ResNet18/34 architecture quite: PaddleClas gives the first block a 1x1 projection
+shortcut even where the shape does not change, torchvision and timm (and these) an identity.
 """
 
 from __future__ import annotations
