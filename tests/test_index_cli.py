@@ -160,3 +160,44 @@ def test_build_from_unreadable_images_leaves_nothing_and_says_why(models, tmp_pa
         main(["index", "build", "--gallery", str(listing), "--out", str(out), "--ef-search", "0"])
     assert exit_info.value.code == 2
     assert "--ef-search: expected a whole number >= 1, got 0" in capsys.readouterr().err
+
+
+def test_index_commands_refuse_what_they_cannot_store_or_find(models, gallery_list, tmp_path):
+    lib, model = tmp_path / "lib", models[128]
+    dead_build = tmp_path / ".lib.building-999999999"  # left by a build killed with SIGKILL
+    (dead_build / "gallery.sqlite").parent.mkdir()
+    (dead_build / "gallery.sqlite").write_bytes(b"features")
+    assert (
+        shitu(
+            "index", "build", "--gallery", gallery_list, "--model", model, "--out", lib
+        ).returncode
+        == 0
+    )
+    assert not dead_build.exists()
+
+    first = gallery_list.read_text().splitlines()[0]
+    three_columns = tmp_path / "ids.txt"  # an evaluation listing with an id column
+    three_columns.write_text(f"{first}\t7\n")
+    refused = shitu("index", "add", lib, three_columns, "--model", model)
+    assert (
+        refused.returncode == 2 and "ids.txt:1: expected `path<TAB>label` (2 tab" in refused.stderr
+    )
+    image = first.split("\t")[0]
+    broken = shitu("index", "add", lib, image, "--label", "two\nlines", "--model", model)
+    assert broken.returncode == 2 and "line breaks" in broken.stderr
+    mixed = shitu("index", "add", lib, gallery_list, "--label", "X", "--model", model)
+    assert mixed.returncode == 2 and "carries its own labels" in mixed.stderr
+
+    missing = shitu("index", "relabel", lib, "Nope", CLASSES[1])  # not "would merge"
+    assert missing.returncode == 2 and "no images labelled 'Nope'" in missing.stderr
+    listed = shitu("index", "list", lib, "--label", "Nope")
+    assert listed.returncode == 2 and "no images labelled 'Nope'" in listed.stderr
+
+    index_file = next(lib.glob("index-*.faiss"))
+    index_file.unlink()  # lost, say, to a disk error
+    lost = shitu("index", "search", lib, image, "--model", model)
+    assert lost.returncode == 2 and f"`shitu index rebuild {lib}`" in lost.stderr
+    rebuilt = shitu("index", "rebuild", lib)
+    assert rebuilt.returncode == 0 and "6 images, Flat" in rebuilt.stdout
+    assert shitu("index", "verify", lib).returncode == 0
+    assert f"{CLASSES[0]} (1.000" in shitu("index", "search", lib, image, "--model", model).stdout

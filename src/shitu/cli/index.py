@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import shutil
@@ -135,6 +136,14 @@ def _load_model(args: argparse.Namespace) -> Embedder:
 
 def _report(report: AddReport, library: Path, stats: dict[str, Any]) -> None:
     print(f"added {count_of(len(report.ids), 'image')} to {library}")
+    _note_untrained(stats)
+    if report.duplicates:
+        skipped = count_of(len(report.duplicates), "duplicate")
+        print(f"skipped {skipped} (same content already in the library)")
+    _warn_failures(report)
+
+
+def _note_untrained(stats: dict[str, Any]) -> None:
     built = stats["index"].get("built_type", stats["index_type"])
     if built != stats["index_type"]:
         print(
@@ -142,10 +151,6 @@ def _report(report: AddReport, library: Path, stats: dict[str, Any]) -> None:
             f"index; searching them exactly ({built}) until there are enough (the library "
             "switches by itself)"
         )
-    if report.duplicates:
-        skipped = count_of(len(report.duplicates), "duplicate")
-        print(f"skipped {skipped} (same content already in the library)")
-    _warn_failures(report)
 
 
 def _warn_failures(report: AddReport) -> None:
@@ -171,6 +176,7 @@ def run_build(args: argparse.Namespace) -> int:
         if value is not None
     }
     # Built beside the target and renamed at the end: an interrupted build leaves no library.
+    _remove_dead_builds(args.out)
     tmp = args.out.parent / f".{args.out.name}.building-{os.getpid()}"
     try:
         with Gallery.create_for(
@@ -188,13 +194,37 @@ def run_build(args: argparse.Namespace) -> int:
         if not len(report.ids):
             _warn_failures(report)
             raise DataError(f"{args.out}: not built, none of the {len(items)} images was added")
+        try:
+            os.replace(tmp, args.out)
+        except OSError as exc:  # another build to the same --out finished first
+            raise GalleryError(
+                f"{args.out}: already exists (built meanwhile by another process?): {exc.strerror}"
+            ) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    os.replace(tmp, args.out)
     fsync_dir(args.out.parent)
     _report(report, args.out, stats)
     return 0
+
+
+def _remove_dead_builds(out: Path) -> None:
+    """Staging folders of builds to `out` whose process was killed (SIGKILL, power loss):
+    they hold every feature the build had made, which would otherwise stay on disk."""
+    for stale in out.parent.glob(f".{glob.escape(out.name)}.building-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def run_add(args: argparse.Namespace) -> int:
@@ -231,7 +261,10 @@ def run_list(args: argparse.Namespace) -> int:
             for label, count in gallery.label_counts().items():
                 print(f"{count:>8}  {label}")
             return 0
-        for entry in gallery.entries(args.label):
+        entries = gallery.entries(args.label)
+        if args.label is not None and not entries:  # as remove and relabel say
+            raise GalleryError(f"{args.library}: no images labelled '{args.label}'")
+        for entry in entries:
             print(f"{entry.id}\t{entry.label}\t{entry.path}\t{entry.added_at}")
     return 0
 
@@ -261,9 +294,11 @@ def run_reembed(args: argparse.Namespace) -> int:
 
 
 def run_rebuild(args: argparse.Namespace) -> int:
-    with Gallery.open(args.library) as gallery:
+    with Gallery.open(args.library, repair=True) as gallery:  # also mends a lost index file
         gallery.rebuild(args.index_type)
-        print(f"rebuilt {args.library}: {gallery.stats()['index']}")
+        stats = gallery.stats()
+    print(f"rebuilt {args.library}: {count_of(stats['images'], 'image')}, {stats['index_type']}")
+    _note_untrained(stats)
     return 0
 
 

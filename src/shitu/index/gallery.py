@@ -21,7 +21,7 @@ from shitu.fileio import file_sha256, fsync_dir
 from shitu.index.backends import Backend, Change, open_backend
 from shitu.index.embedder import Embedder
 from shitu.index.files import crash_point
-from shitu.index.labels import GalleryItem
+from shitu.index.labels import BadLabelError, GalleryItem, check_label
 from shitu.index.manifest import Manifest, now
 from shitu.index.metadata import ImageEntry, MetadataStore, NewImage
 from shitu.vectors import l2_normalize
@@ -141,11 +141,18 @@ class Gallery:
 
     @classmethod
     def open(
-        cls, path: str | Path, *, embedder: Embedder | None = None, verify: bool = True
+        cls,
+        path: str | Path,
+        *,
+        embedder: Embedder | None = None,
+        verify: bool = True,
+        repair: bool = False,
     ) -> Gallery:
         """Open a library; with `embedder`, refuse it unless it is the library's model.
 
         `verify` checks the index file's checksum first (a corrupt file could crash Faiss).
+        `repair` opens a library whose index file is missing or damaged without it, for
+        `rebuild` to make it again from the stored features.
         """
         root = Path(path)
         if not root.exists():
@@ -163,7 +170,7 @@ class Gallery:
                     None if embedder is None else (embedder.fingerprint, embedder.embedding_size)
                 )
                 manifest = _committed_manifest(root, store, model)
-                backend = open_backend(root, manifest, store, verify=verify)
+                backend = open_backend(root, manifest, store, verify=verify, repair=repair)
                 gallery = cls(root, store, backend, model)
             gallery._finish_open()
         except BaseException:
@@ -333,8 +340,10 @@ class Gallery:
         hashes = list(hashes) if hashes is not None else [None] * count
         if not len(labels) == len(paths) == len(hashes) == count:
             raise GalleryError("add: features, labels, paths and hashes differ in length")
-        if any(not str(label).strip() for label in labels):
-            raise GalleryError("add: labels must not be empty")
+        try:
+            labels = [check_label(label) for label in labels]
+        except BadLabelError as exc:
+            raise GalleryError(f"add: {exc}") from None
 
         def mutate() -> tuple[Change | None, AddReport]:
             keep = list(range(count))
@@ -369,6 +378,11 @@ class Gallery:
     ) -> AddReport:
         """Embed image files and add them; unreadable files are reported, not fatal."""
         self.check_embedder(embedder)
+        for item in items:  # before any embedding work
+            try:
+                check_label(item.label)
+            except BadLabelError as exc:
+                raise GalleryError(f"add {item.path}: {exc}") from None
         failures: list[tuple[str, str]] = []
         readable: list[tuple[GalleryItem, str]] = []
         for item in items:
@@ -428,20 +442,20 @@ class Gallery:
     def relabel(self, old: str, new: str, merge: bool = False) -> int:
         """Rename a label; returns how many images it had. Renaming onto a label that has
         images merges the two, which cannot be told apart afterwards: only with `merge`."""
-        new = new.strip()
-        if not new:
-            raise GalleryError("relabel: the new label must not be empty")
+        try:
+            new = check_label(new)
+        except BadLabelError as exc:
+            raise GalleryError(f"relabel: {exc}") from None
 
         def mutate() -> tuple[Change, int]:
+            if not self._store.ids_with_labels([old]):
+                raise GalleryError(f"{self.root}: no images labelled '{old}'")
             if not merge and new != old and self._store.ids_with_labels([new]):
                 raise GalleryError(
                     f"{self.root}: label '{new}' already has images; renaming '{old}' onto it "
                     "would merge the two labels (allow it with merge, `--merge` in the CLI)"
                 )
-            count = self._store.relabel(old, new)
-            if count == 0:
-                raise GalleryError(f"{self.root}: no images labelled '{old}'")
-            return Change(), count
+            return Change(), self._store.relabel(old, new)
 
         return self._write(mutate)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,10 +20,27 @@ class GalleryItem:
     label: str
 
 
+class BadLabelError(DataError):
+    """A label that cannot be stored: empty, or not one line of printable text."""
+
+
+def check_label(label: str) -> str:
+    """A label as stored: trimmed, non-empty, one line of text (label files are
+    `path<TAB>label` lines, and `index list`/`search` print one label per line)."""
+    label = str(label).strip()
+    if not label:
+        raise BadLabelError("the label is empty")
+    if any(unicodedata.category(char) in ("Cc", "Zl", "Zp") for char in label):
+        raise BadLabelError(
+            f"the label {label!r} must not contain tabs, line breaks or other control characters"
+        )
+    return label
+
+
 def parse_label_file(path: Path) -> list[GalleryItem]:
     """PP-ShiTu gallery list: `path<TAB>label` per line, paths relative to the file's folder.
 
-    Labels may contain spaces, so only the first tab separates; blank and `#` lines are skipped.
+    Labels may contain spaces (not tabs); blank and `#` lines are skipped.
     """
     try:
         text = path.read_text(encoding="utf-8-sig")  # -sig: editors that write a BOM
@@ -34,10 +52,18 @@ def parse_label_file(path: Path) -> list[GalleryItem]:
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip() or line.startswith("#"):
             continue
-        image, sep, label = line.partition("\t")
-        if not sep or not image.strip() or not label.strip():
-            raise DataError(f"{path}:{number}: expected `path<TAB>label`, got {line!r}")
-        items.append(GalleryItem((path.parent / image.strip()).resolve(), label.strip()))
+        columns = line.split("\t")
+        if len(columns) != 2 or not columns[0].strip() or not columns[1].strip():
+            raise DataError(
+                f"{path}:{number}: expected `path<TAB>label` (2 tab-separated columns), got "
+                f"{line!r}"
+            )
+        image, label = columns
+        try:
+            label = check_label(label)
+        except BadLabelError as exc:
+            raise DataError(f"{path}:{number}: {exc}") from None
+        items.append(GalleryItem((path.parent / image.strip()).resolve(), label))
     return items
 
 
@@ -89,6 +115,11 @@ def collect_items(sources: Sequence[Path], label: str | None = None) -> list[Gal
                 )
             items.append(GalleryItem(source.resolve(), label))
         elif source.is_file():
+            if label is not None:
+                raise DataError(
+                    f"{source}: a label file carries its own labels; --label is for images "
+                    "and folders"
+                )
             items.extend(parse_label_file(source))
         else:
             raise DataError(f"{source}: no such file or folder")

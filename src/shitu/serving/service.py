@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import io
 import re
-import unicodedata
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -21,6 +20,8 @@ from PIL import Image
 
 from shitu.fileio import write_atomically
 from shitu.index import INDEX_TYPES, Gallery
+from shitu.index.labels import BadLabelError
+from shitu.index.labels import check_label as check_stored_label
 from shitu.index.metadata import ImageEntry
 from shitu.pipeline import PipelineConfig, Recognition, Recognizer
 from shitu.serving.batching import BatchObserver, MicroBatcher
@@ -59,14 +60,14 @@ class AddOutcome:
 
 
 def check_label(label: str) -> str:
-    """A label as stored: trimmed, non-empty, one line (label files are `path<TAB>label`)."""
-    label = label.strip()
-    if not label:
-        raise BadRequest("the label is empty")
+    """A label as the library stores it (`shitu.index.labels.check_label`), short enough for a
+    request and addressable in a URL path."""
+    try:
+        label = check_stored_label(label)
+    except BadLabelError as exc:
+        raise BadRequest(str(exc)) from None
     if len(label) > MAX_LABEL_LENGTH:
         raise BadRequest(f"the label is longer than {MAX_LABEL_LENGTH} characters")
-    if any(unicodedata.category(char) in ("Cc", "Zl", "Zp") for char in label):
-        raise BadRequest("the label must not contain tabs, line breaks or other control characters")
     if label in (".", ".."):  # a URL path segment that browsers resolve away
         raise BadRequest(f"'{label}' cannot be a label: it could not be addressed in a URL")
     return label

@@ -100,11 +100,15 @@ class Backend(ABC):
     opens_beside_itself: ClassVar[bool] = True
 
 
-def open_backend(root: Path, manifest: Manifest, store: MetadataStore, verify: bool) -> Backend:
+def open_backend(
+    root: Path, manifest: Manifest, store: MetadataStore, verify: bool, repair: bool = False
+) -> Backend:
+    """repair: a damaged Faiss index file is left unloaded instead of refused (Milvus keeps
+    its vectors itself and is rebuilt from the stored features when out of step)."""
     if manifest.backend == "milvus":
         from shitu.index.backends.milvus_backend import MilvusBackend
 
         return MilvusBackend(root, manifest, store)
     from shitu.index.backends.faiss_backend import FaissBackend
 
-    return FaissBackend(root, manifest, store, verify=verify)
+    return FaissBackend(root, manifest, store, verify=verify, repair=repair)

@@ -9,6 +9,7 @@ Flat index until there is enough data to train on, and retrain when the data gre
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,8 @@ from shitu.index.backends import Backend, Change, scores_from_distances
 from shitu.index.files import crash_point
 from shitu.index.manifest import Manifest
 from shitu.index.metadata import MetadataStore
+
+logger = logging.getLogger(__name__)
 
 # Fewest vectors a trained type is built from: IVF wants >= 39 points per list; PQ trains
 # 256 centroids per sub-quantizer, for which Faiss asks for 39 x 256 points.
@@ -97,7 +100,12 @@ class FaissBackend(Backend):
     """An in-memory Faiss index loaded from the file the manifest names."""
 
     def __init__(
-        self, root: Path, manifest: Manifest, store: MetadataStore, verify: bool = True
+        self,
+        root: Path,
+        manifest: Manifest,
+        store: MetadataStore,
+        verify: bool = True,
+        repair: bool = False,
     ) -> None:
         super().__init__(root, manifest, store)
         self.index: faiss.Index | None = None
@@ -105,9 +113,15 @@ class FaissBackend(Backend):
         state = manifest.index_state
         if state.get("file"):
             path = root / state["file"]
-            problem = self._file_problem(path, state, checksum=verify)
+            problem = self._file_problem(path, state, checksum=verify or repair)
+            if problem and repair:
+                logger.warning("%s; building it again from the stored features", problem)
+                return
             if problem:
-                raise GalleryError(problem)
+                raise GalleryError(
+                    f"{problem}; `shitu index rebuild {root}` builds it again from the "
+                    "stored features"
+                )
             self.index = faiss.read_index(str(path))
             apply_search_params(self.index, state["built_type"], manifest.backend_options)
 
