@@ -201,3 +201,16 @@ def test_index_commands_refuse_what_they_cannot_store_or_find(models, gallery_li
     assert rebuilt.returncode == 0 and "6 images, Flat" in rebuilt.stdout
     assert shitu("index", "verify", lib).returncode == 0
     assert f"{CLASSES[0]} (1.000" in shitu("index", "search", lib, image, "--model", model).stdout
+
+
+def test_one_photo_listed_under_two_labels_is_reported_not_silently_dropped(
+    models, gallery_list, tmp_path
+):
+    image = gallery_list.read_text().splitlines()[0].split("\t")[0]
+    twice = tmp_path / "twice.txt"
+    twice.write_text(f"{image}\tapple\n{image}\tpear\n{image}\tapple\n")
+    lib = tmp_path / "lib"
+    built = shitu("index", "build", "--gallery", twice, "--model", models[128], "--out", lib)
+    assert built.returncode == 0 and "added 1 image" in built.stdout
+    assert "skipped 1 duplicate" in built.stdout  # the same photo under the same label
+    assert f"could not add {image}: the same photo as {image}, labelled 'apple'" in built.stderr

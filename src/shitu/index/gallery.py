@@ -394,11 +394,22 @@ class Gallery:
         if not allow_duplicates:
             present = self._store.existing_hashes([digest for _, digest in readable])
             unique, seen = [], set(present)
+            listed: dict[str, GalleryItem] = {}  # this call's first item of each content
             for item, digest in readable:
-                if digest in seen:
+                first = listed.get(digest)
+                if first is not None and first.label != item.label:  # one photo, two labels
+                    failures.append(
+                        (
+                            str(item.path),
+                            f"the same photo as {first.path}, labelled "
+                            f"'{first.label}' there; it keeps that label",
+                        )
+                    )
+                elif digest in seen:
                     duplicates.append(str(item.path))
                 else:
                     seen.add(digest)
+                    listed[digest] = item
                     unique.append((item, digest))
             readable = unique
         paths = [str(item.path) for item, _ in readable]
