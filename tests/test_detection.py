@@ -224,6 +224,15 @@ def test_detect_cli_writes_json_lines_and_images(tmp_path: Path, capsys) -> None
     assert line["image"].endswith("dog.jpg") and "broken.jpg" in out.err
     assert {"dog", "bicycle", "car"} <= {box["label"] for box in line["boxes"]}
     assert shitu_main(["detect", str(folder / "broken.jpg"), "--model", str(ONNX_416)]) == 1
+    capsys.readouterr()
+    two_names = tmp_path / "two.names"
+    two_names.write_text("product\nshelf\n")  # not the file's 80 classes
+    wrong = ["detect", str(folder), "--model", str(ONNX_416), "--class-names", str(two_names)]
+    assert shitu_main(wrong) == 2
+    assert "2 names, but the detector scores 80 classes" in capsys.readouterr().err
+    resized = ["detect", str(folder), "--model", str(ONNX_416), "--input-size", "320"]
+    assert shitu_main(resized) == 2  # onnxruntime runs the file at the size it was made for
+    assert "runs at the size it was exported for, 416x416" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     assert shitu_main(["detect", str(tmp_path / "empty"), "--model", str(ONNX_416)]) == 2
     assert "no images in" in capsys.readouterr().err

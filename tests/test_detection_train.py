@@ -299,3 +299,43 @@ def test_detect_train_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert "was trained with a different detector (num_classes: 1 there, 2 here;" in err
     assert main([*common, "--val-coco", str(coco)]) == 2  # without --val-images
     assert "error: --val-coco and --val-images go together" in capsys.readouterr().err
+    # The same detector, other batches: not a continuation of that run.
+    other = [*args[:-2], "--lr", "0.02", "--output", str(out), "--resume", str(out)]
+    other[other.index("--epochs") + 1] = "3"
+    assert main(other) == 2
+    assert "learning_rate: 0.01 there, 0.02 here" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # PicoDet's neck needs sides that halve down to 1/32
+        main([*common, "--train-sizes", "100"])
+    assert "expected a positive multiple of 32, got 100" in capsys.readouterr().err
+
+
+def test_detection_data_is_clipped_counted_and_matched_by_class_name(tmp_path: Path) -> None:
+    annotations = _write_images(tmp_path, 2, size=64)
+    path = _write_coco(tmp_path, annotations)
+    data = json.loads(path.read_text())
+    for image in data["images"]:
+        image["width"] = image["height"] = 64
+    data["annotations"][0]["bbox"] = [40, 40, 100, 100]  # runs past the 64 px image
+    path.write_text(json.dumps(data))
+    dataset = CocoDetection(path, tmp_path)
+    boxes, _ = dataset.targets(0)
+    assert boxes.max() <= 64 and boxes[0].tolist() == [40, 40, 64, 64]
+
+    reordered = json.loads(path.read_text())  # the same classes, listed the other way round
+    for category in reordered["categories"]:
+        category["id"] = 10 - category["id"]
+    for annotation in reordered["annotations"]:
+        annotation["category_id"] = 10 - annotation["category_id"]
+    (tmp_path / "val.json").write_text(json.dumps(reordered))
+    val = CocoDetection(tmp_path / "val.json", tmp_path)
+    assert val.class_names == ("red", "blue")
+    val.use_class_order(dataset.class_names)
+    assert val.class_names == dataset.class_names
+    assert all((a == b).all() for a, b in zip(val.labels, dataset.labels, strict=True))
+    with pytest.raises(DataError, match="are not the model's"):
+        val.use_class_order(("cat", "dog"))
+
+    data["images"], data["annotations"] = [], []
+    path.write_text(json.dumps(data))
+    with pytest.raises(DataError, match="lists no images"):
+        CocoDetection(path, tmp_path)

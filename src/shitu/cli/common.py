@@ -149,6 +149,18 @@ def expand_images(sources: Iterable[str]) -> tuple[list[Path], bool]:
     return paths, folder
 
 
+def input_side(text: str) -> int:
+    """A detector input side: PicoDet's strides go down to 1/32 (and its neck joins levels
+    that must halve exactly), so a positive multiple of 32."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0 or value % 32:
+        raise argparse.ArgumentTypeError(f"expected a positive multiple of 32, got {text}")
+    return value
+
+
 def count_of(count: int, noun: str) -> str:
     """'1 image', '2 images': counts in messages read as English."""
     return f"{count} {noun}{'' if count == 1 else 's'}"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from shitu.cli.common import VisualisationWriter, expand_images, positive_int
+from shitu.cli.common import VisualisationWriter, expand_images, input_side, positive_int
 from shitu.data.transforms.ops import UnreadableImageError
 from shitu.detection import load_detector
 from shitu.errors import DataError
@@ -39,7 +39,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--backend", default="auto", choices=("auto", "torch", "onnxruntime"), help="runtime"
     )
-    parser.add_argument("--input-size", type=int, help="network input size (torch backend)")
+    parser.add_argument(
+        "--input-size", type=input_side, help="network input size (torch backend; multiple of 32)"
+    )
     parser.add_argument("--threshold", type=float, default=0.3, help="minimum score")
     parser.add_argument("--max-boxes", type=positive_int, default=5, help="boxes kept per image")
     parser.add_argument(
@@ -61,6 +63,11 @@ def run(args: argparse.Namespace) -> int:
     paths, _ = expand_images(args.images)
     detector = load_detector(args.model, args.backend, args.arch, args.input_size)
     names = _class_names(args.class_names) if args.class_names else detector.class_names
+    if args.class_names and detector.num_classes not in (None, len(names)):
+        raise DataError(
+            f"--class-names {args.class_names}: {len(names)} names, but the detector scores "
+            f"{detector.num_classes} classes"
+        )
     writer = VisualisationWriter(Path(args.save_vis)) if args.save_vis else None
     done = 0
     for path in map(str, paths):

@@ -6,10 +6,10 @@ import argparse
 import json
 from pathlib import Path
 
-from shitu.cli.common import positive_int
+from shitu.cli.common import input_side, positive_int
 from shitu.detection.data import CocoDetection, DetectionDataset, VocDetection, train_augment
 from shitu.detection.train import DetectionTrainConfig, DetectionTrainer, evaluate_detector
-from shitu.errors import ConfigError
+from shitu.errors import ConfigError, DataError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -35,8 +35,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--epochs", type=positive_int, default=300)
     parser.add_argument("--batch-size", type=positive_int, default=80)
     parser.add_argument("--lr", type=float, default=0.1, help="peak learning rate")
-    parser.add_argument("--input-size", type=int, default=416, help="evaluation size")
-    parser.add_argument("--train-sizes", type=int, nargs="+", default=[352, 384, 416, 448, 480])
+    parser.add_argument("--input-size", type=input_side, default=416, help="evaluation size")
+    parser.add_argument(
+        "--train-sizes", type=input_side, nargs="+", default=[352, 384, 416, 448, 480]
+    )
     parser.add_argument("--workers", type=int, default=0, help="data loader processes")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default="output/detector", help="output directory")
@@ -54,6 +56,13 @@ def run(args: argparse.Namespace) -> int:
     if bool(args.val_coco) != bool(args.val_images):
         raise ConfigError("--val-coco and --val-images go together")
     dataset = _dataset(args.coco, args.voc, args.images, args.class_agnostic)
+    val = None
+    if args.val_coco:  # read (and matched to the training classes) before any training
+        val = CocoDetection(args.val_coco, args.val_images, args.class_agnostic)
+        try:
+            val.use_class_order(dataset.class_names)
+        except DataError as exc:
+            raise ConfigError(f"--val-coco {args.val_coco}: {exc}") from None
     config = DetectionTrainConfig(
         arch=args.arch,
         epochs=args.epochs,
@@ -77,7 +86,6 @@ def run(args: argparse.Namespace) -> int:
     trainer.train(on_step=log)
     path = trainer.export(Path(args.output) / "model.pt")
     print(json.dumps({"model": str(path)}))
-    if args.val_coco:
-        val = CocoDetection(args.val_coco, args.val_images, args.class_agnostic)
+    if val is not None:
         print(json.dumps(evaluate_detector(trainer.ema.model, val, args.input_size)))
     return 0

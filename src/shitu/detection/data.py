@@ -39,6 +39,10 @@ class DetectionDataset:
         class_agnostic: bool,
         transform: Callable[[Sample], Sample] | None,
     ) -> None:
+        if not images:
+            raise DataError("the detection dataset lists no images")
+        if not class_names:
+            raise DataError("the detection dataset names no classes (no categories)")
         if class_agnostic:
             labels = [np.zeros_like(lab) for lab in labels]
             class_names = FOREGROUND
@@ -61,9 +65,35 @@ class DetectionDataset:
     def targets(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         return self.boxes[index], self.labels[index]
 
+    def use_class_order(self, class_names: Sequence[str]) -> None:
+        """Renumber the labels to follow `class_names` (the same classes in another order,
+        e.g. a model's), so that class ids mean the same on both sides."""
+        if sorted(class_names) != sorted(self.class_names):
+            raise DataError(
+                f"the classes {list(self.class_names)} are not the model's {list(class_names)}"
+            )
+        new_id = np.array([list(class_names).index(name) for name in self.class_names], np.int64)
+        self.labels = [new_id[labels] for labels in self.labels]
+        self.class_names = tuple(class_names)
+
     def __getitem__(self, index: int) -> Sample:
-        sample = (self.load_image(index), self.boxes[index].copy(), self.labels[index].copy())
+        image = self.load_image(index)
+        boxes, labels = clip_boxes(self.boxes[index], self.labels[index], *image.size)
+        sample = (image, boxes, labels)
         return self.transform(sample) if self.transform else sample
+
+
+def clip_boxes(
+    boxes: np.ndarray, labels: np.ndarray, width: float, height: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Boxes clipped to the image, those left with no area dropped (as PaddleDetection's
+    loaders do): an annotation that runs past the border would otherwise never match a
+    prediction, which is clipped to the image."""
+    clipped = boxes.copy()
+    clipped[:, [0, 2]] = clipped[:, [0, 2]].clip(0, width)
+    clipped[:, [1, 3]] = clipped[:, [1, 3]].clip(0, height)
+    keep = (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
+    return clipped[keep], labels[keep].copy()
 
 
 def _read(path: Path, what: str) -> bytes:
@@ -100,10 +130,19 @@ class CocoDetection(DetectionDataset):
                 )
         except (ValueError, KeyError, TypeError) as exc:
             raise DataError(f"{path} is not a valid COCO annotation file ({exc!r})") from None
+        boxes, labels = [], []
+        for image in data["images"]:
+            rows = per_image[image["id"]]
+            box = np.array([b for b, _ in rows], np.float32).reshape(-1, 4)
+            label = np.array([c for _, c in rows], np.int64)
+            if image.get("width") and image.get("height"):  # optional in COCO files
+                box, label = clip_boxes(box, label, image["width"], image["height"])
+            boxes.append(box)
+            labels.append(label)
         super().__init__(
             [files[i] for i in image_ids],
-            [np.array([b for b, _ in per_image[i]], np.float32).reshape(-1, 4) for i in image_ids],
-            [np.array([c for _, c in per_image[i]], np.int64) for i in image_ids],
+            boxes,
+            labels,
             tuple(c["name"] for c in categories),
             class_agnostic,
             transform,
@@ -129,17 +168,22 @@ class VocDetection(DetectionDataset):
         if not xml_files:
             raise DataError(f"no VOC annotation files (*.xml) in {annotation_dir}")
         parsed = [self._parse(path) for path in xml_files]
-        names = tuple(class_names or sorted({n for _, objs in parsed for n, _ in objs}))
+        names = tuple(class_names or sorted({n for _, objs, _ in parsed for n, _ in objs}))
         index = {name: i for i, name in enumerate(names)}
-        labels = []
-        for path, (_, objects) in zip(xml_files, parsed, strict=True):
+        boxes, labels = [], []
+        for path, (_, objects, size) in zip(xml_files, parsed, strict=True):
             unknown = {n for n, _ in objects} - set(index)
             if unknown:
                 raise DataError(f"{path}: classes {sorted(unknown)} are not in class_names")
-            labels.append(np.array([index[n] for n, _ in objects], np.int64))
+            box = np.array([b for _, b in objects], np.float32).reshape(-1, 4)
+            label = np.array([index[n] for n, _ in objects], np.int64)
+            if size is not None:
+                box, label = clip_boxes(box, label, *size)
+            boxes.append(box)
+            labels.append(label)
         super().__init__(
-            [Path(image_dir) / filename for filename, _ in parsed],
-            [np.array([b for _, b in objs], np.float32).reshape(-1, 4) for _, objs in parsed],
+            [Path(image_dir) / filename for filename, _, _ in parsed],
+            boxes,
             labels,
             names,
             class_agnostic,
@@ -147,7 +191,10 @@ class VocDetection(DetectionDataset):
         )
 
     @staticmethod
-    def _parse(path: Path) -> tuple[str, list[tuple[str, list[float]]]]:
+    def _parse(
+        path: Path,
+    ) -> tuple[str, list[tuple[str, list[float]]], tuple[float, float] | None]:
+        """(file name, [(class name, box)], (width, height) if the XML records it)."""
         try:
             root = ET.fromstring(_read(path, "VOC annotation file"))
             filename = root.findtext("filename")
@@ -159,9 +206,10 @@ class VocDetection(DetectionDataset):
                 coords = [float(box.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")]
                 if coords[2] > coords[0] and coords[3] > coords[1]:
                     objects.append((obj.findtext("name").strip(), coords))
+            width, height = (float(root.findtext(f"size/{k}") or 0) for k in ("width", "height"))
         except (ET.ParseError, ValueError, TypeError, AttributeError) as exc:
             raise DataError(f"{path} is not a valid VOC annotation file ({exc})") from None
-        return filename, objects
+        return filename, objects, (width, height) if width > 0 and height > 0 else None
 
 
 def random_crop(sample: Sample, min_scale: float = 0.3, tries: int = 20) -> Sample:

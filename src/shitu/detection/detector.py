@@ -43,6 +43,7 @@ class Detector(ABC):
 
     input_size: tuple[int, int]
     class_names: tuple[str, ...] = ()
+    num_classes: int | None = None  # the score width, where the model tells it
 
     @abstractmethod
     def predict(self, batch: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,6 +91,7 @@ class TorchDetector(Detector):
         size = input_size or model.arch.input_size
         self.input_size = (size, size)
         self.class_names = model.arch.class_names
+        self.num_classes = model.arch.num_classes
 
     @torch.inference_mode()
     def predict(self, batch: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,6 +124,8 @@ class OnnxDetector(Detector):
         self.decoded = [o.name for o in outputs] == ["scores", "boxes"]
         if not self.decoded:
             self._init_paddle_layout(path, [o.shape for o in outputs], cell_offset)
+        width = outputs[0].shape[-1]  # class scores last, in either layout
+        self.num_classes = width if isinstance(width, int) else None
 
     def _init_paddle_layout(self, path: str | Path, shapes: list, cell_offset: float) -> None:
         levels = len(shapes) // 2
@@ -176,7 +180,14 @@ def load_detector(
     if suffix == ".onnx":
         if backend == "torch":
             return TorchDetector(load_onnx_weights(path, arch), input_size)
-        return OnnxDetector(path)
+        detector = OnnxDetector(path)
+        if input_size is not None and (input_size, input_size) != detector.input_size:
+            raise ConfigError(
+                f"{path}: an ONNX detector runs at the size it was exported for, "
+                f"{detector.input_size[1]}x{detector.input_size[0]}; another input size "
+                "needs the torch backend"
+            )
+        return detector
     if backend == "onnxruntime":
         raise ConfigError(f"{path}: the onnxruntime backend needs an .onnx file")
     if suffix == ".pdparams":

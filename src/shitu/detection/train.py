@@ -13,6 +13,7 @@ import random
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -193,6 +194,23 @@ class DetectionTrainer:
         self.history.append(record)
         return record
 
+    # Settings a resumed run must share with the run it continues: the data order and the
+    # batches depend on them (epochs may grow, to train longer).
+    SAME_RUN = ("batch_size", "seed", "train_sizes", "learning_rate")
+
+    def _check_same_run(self, path: str | Path, saved: dict[str, Any]) -> None:
+        current = asdict(self.config)
+        changed = [
+            key
+            for key in self.SAME_RUN
+            if key in saved and _as_list(saved[key]) != _as_list(current[key])
+        ]
+        if changed:
+            details = "; ".join(f"{k}: {saved[k]} there, {current[k]} here" for k in changed)
+            raise CheckpointError(
+                f"{path}: resuming with other settings would not continue that run ({details})"
+            )
+
     def train(
         self,
         max_steps: int | None = None,
@@ -236,7 +254,7 @@ class DetectionTrainer:
         return save_detector(self.ema.model, path)
 
     def resume(self, path: str | Path) -> None:
-        state, progress = load_training_state(path)
+        state, progress = load_training_state(path, option="--resume")
         saved = PicoDetArch.from_dict(state["arch"]).to_dict()
         # input_size is only the evaluation/export default; every other field shapes weights
         current = self.model.arch.to_dict()
@@ -244,9 +262,15 @@ class DetectionTrainer:
         if changed:
             details = "; ".join(f"{k}: {saved[k]} there, {current[k]} here" for k in changed)
             raise CheckpointError(f"{path} was trained with a different detector ({details})")
+        self._check_same_run(path, state.get("config", {}))
         self.progress = progress
         self.model.load_state_dict(state["model"])
         self.ema.model.load_state_dict(state["ema"])
         self.ema.updates = state["ema_updates"]
         self.optimizer.load_state_dict(state["optimizer"])
         restore_rng_state(state["rng"])
+
+
+def _as_list(value: Any) -> Any:
+    """Tuples come back from a checkpoint as lists."""
+    return list(value) if isinstance(value, tuple | list) else value

@@ -29,15 +29,16 @@ class Progress:
     best_epoch: int | None = None
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """Accept `.../latest.pt`, `.../latest` (PaddleClas style) or the output directory."""
+def resolve_checkpoint(path: str | Path, option: str = "Global.checkpoints") -> Path:
+    """Accept `.../latest.pt`, `.../latest` (PaddleClas style) or the output directory.
+    `option` names the setting that gave `path`, for the message."""
     path = Path(path)
     candidates = [path, path.with_name(path.name + SUFFIX), path / f"{LATEST}{SUFFIX}"]
     for candidate in candidates:
         if candidate.is_file():
             return candidate
     raise CheckpointError(
-        f"Global.checkpoints: no training checkpoint at {path} "
+        f"{option}: no training checkpoint at {path} "
         f"(give a {LATEST}{SUFFIX} file or the output directory holding one)"
     )
 
@@ -48,17 +49,21 @@ def save_training_state(path: Path, state: dict[str, Any], progress: Progress) -
     return write_atomically(path, lambda tmp: torch.save(payload, tmp))
 
 
-def load_training_state(path: str | Path) -> tuple[dict[str, Any], Progress]:
-    path = resolve_checkpoint(path)
+def load_training_state(
+    path: str | Path, option: str = "Global.checkpoints"
+) -> tuple[dict[str, Any], Progress]:
+    path = resolve_checkpoint(path, option)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt files
         raise CheckpointError(f"{path} is not a readable training checkpoint: {exc}") from None
     if not isinstance(payload, dict) or "progress" not in payload or "model" not in payload:
-        raise CheckpointError(
-            f"{path} is a weights file, not a training checkpoint; "
+        hint = (
             "use -o Global.pretrained_model=... to start from weights"
+            if option.startswith("Global.")
+            else f"{option} takes the run's {LATEST}{SUFFIX} or its output directory"
         )
+        raise CheckpointError(f"{path} is a weights file, not a training checkpoint; {hint}")
     if payload.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
             f"{path} has checkpoint format {payload.get('format_version')}, "
