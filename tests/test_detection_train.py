@@ -332,7 +332,9 @@ def test_detection_data_is_clipped_counted_and_matched_by_class_name(tmp_path: P
     val.use_class_order(dataset.class_names)
     assert val.class_names == dataset.class_names
     assert all((a == b).all() for a, b in zip(val.labels, dataset.labels, strict=True))
-    with pytest.raises(DataError, match="are not the model's"):
+    val.use_class_order(("green", "red", "blue"))  # a model with one class more
+    assert val.class_names == ("green", "red", "blue") and val.labels[0].min() >= 1
+    with pytest.raises(DataError, match="are not among the model.s"):
         val.use_class_order(("cat", "dog"))
 
     data["images"], data["annotations"] = [], []

@@ -69,3 +69,13 @@ def test_replace_folder_keeps_the_old_folder_when_the_new_one_cannot_move(tmp_pa
         replace_folder(tmp_path / "missing", target)
     assert (target / "file.txt").read_text() == "old"
     assert os.listdir(tmp_path) == ["model"]
+
+
+def test_replace_folder_replaces_a_link_not_the_folder_it_points_to(tmp_path):
+    kept = _folder(tmp_path / "v1", "v1")
+    (tmp_path / "current").symlink_to(kept)
+    replace_folder(_folder(tmp_path / ".current.new", "v2"), tmp_path / "current")
+    current = tmp_path / "current"
+    assert not current.is_symlink() and (current / "file.txt").read_text() == "v2"
+    assert (kept / "file.txt").read_text() == "v1"
+    assert sorted(os.listdir(tmp_path)) == ["current", "v1"]

@@ -6,10 +6,14 @@ with real subprocesses in test_index.py."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import io
 import json
 import shutil
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -164,24 +168,23 @@ def test_build_from_unreadable_images_leaves_nothing_and_says_why(models, tmp_pa
 
 def test_index_commands_refuse_what_they_cannot_store_or_find(models, gallery_list, tmp_path):
     lib, model = tmp_path / "lib", models[128]
-    dead_build = tmp_path / ".lib.building-999999999"  # left by a build killed with SIGKILL
-    (dead_build / "gallery.sqlite").parent.mkdir()
-    (dead_build / "gallery.sqlite").write_bytes(b"features")
-    assert (
-        shitu(
-            "index", "build", "--gallery", gallery_list, "--model", model, "--out", lib
-        ).returncode
-        == 0
-    )
-    assert not dead_build.exists()
+    staging = {}
+    for name in ("dead", "live"):  # a build killed with SIGKILL, and one still running
+        staging[name] = tmp_path / f".lib.building-{len(staging) + 1}"
+        staging[name].mkdir()
+        (staging[name] / "gallery.sqlite").write_bytes(b"features")
+        Path(f"{staging[name]}.lock").touch()
+    with open(f"{staging['live']}.lock") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # as the running build holds it
+        built = shitu("index", "build", "--gallery", gallery_list, "--model", model, "--out", lib)
+    assert built.returncode == 0, built.stderr
+    assert not staging["dead"].exists() and staging["live"].exists()
 
     first = gallery_list.read_text().splitlines()[0]
-    three_columns = tmp_path / "ids.txt"  # an evaluation listing with an id column
-    three_columns.write_text(f"{first}\t7\n")
-    refused = shitu("index", "add", lib, three_columns, "--model", model)
-    assert (
-        refused.returncode == 2 and "ids.txt:1: expected `path<TAB>label` (2 tab" in refused.stderr
-    )
+    three_columns = tmp_path / "ids.txt"  # an evaluation listing: path, label, id
+    three_columns.write_text(f"{first}\t7\t\n")
+    again = shitu("index", "add", lib, three_columns, "--model", model)  # the id is ignored
+    assert again.returncode == 0 and "skipped 1 duplicate" in again.stdout, again.stderr
     image = first.split("\t")[0]
     broken = shitu("index", "add", lib, image, "--label", "two\nlines", "--model", model)
     assert broken.returncode == 2 and "line breaks" in broken.stderr
@@ -214,3 +217,20 @@ def test_one_photo_listed_under_two_labels_is_reported_not_silently_dropped(
     assert built.returncode == 0 and "added 1 image" in built.stdout
     assert "skipped 1 duplicate" in built.stdout  # the same photo under the same label
     assert f"could not add {image}: the same photo as {image}, labelled 'apple'" in built.stderr
+
+
+def test_a_terminated_build_unwinds_and_ends_by_the_signal(models, grocery, tmp_path):
+    """SIGTERM (kill, a job timeout) removes the staging folder like Ctrl-C, and the
+    process still ends by the signal, as its caller or service manager expects."""
+    lib = tmp_path / "lib"
+    command = [sys.executable, "-m", "shitu", "index", "build", "--gallery", str(grocery / "train"),
+               "--model", str(models[128]), "--out", str(lib), "--threads", "1"]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".lib.building-*")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)  # embedding photos
+    process.terminate()
+    process.communicate(timeout=60)
+    assert process.returncode == -signal.SIGTERM
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

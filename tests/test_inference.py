@@ -21,6 +21,7 @@ from shitu.data.transforms import build_transforms
 from shitu.errors import CheckpointError, ConfigError
 from shitu.inference import FeatureExtractor, Preprocessing, export_model, read_manifest
 from shitu.inference import export as export_module
+from shitu.inference.export import fingerprint, load_exported_model
 from shitu.models import build_model
 
 SIZE = 96
@@ -311,6 +312,24 @@ def test_fingerprint_covers_weightless_arch_settings_but_not_training_ones(expor
     plain = fingerprint_of("plain")
     assert fingerprint_of("frozen", frozen_layers=["backbone.stem"]) == plain
     assert fingerprint_of("no_last_act", Backbone=backbone) != plain
+
+
+def test_a_version_1_export_loads_under_its_own_fingerprint(exported, tmp_path, monkeypatch):
+    """Exports written before the fingerprint covered the arch keep theirs, so the
+    libraries built with them stay valid; the cached ONNX rebuild is made once."""
+    monkeypatch.setenv("SHITU_CACHE_DIR", str(tmp_path / "cache"))
+    weights = exported["dir"] / "model.safetensors"
+    compact = export_model(exported["config"], weights, tmp_path / "v1", compact=True)
+    record = read_manifest(compact)
+    model = load_exported_model(compact, record)
+    prep = Preprocessing.from_dict(record["preprocessing"])
+    legacy = fingerprint(model.state_dict(), prep, record["output_key"], None)
+    assert legacy != record["fingerprint"]
+    record.update(format_version=1, fingerprint=legacy)
+    (compact / "shitu_model.json").write_text(json.dumps(record))
+    for backend in ("auto", "torch", "auto"):
+        assert FeatureExtractor.load(compact, backend=backend).fingerprint == legacy
+    assert len(list((tmp_path / "cache" / "exports").iterdir())) == 1
 
 
 def test_a_hand_edited_input_size_is_refused_on_every_runtime(exported, tmp_path):

@@ -437,6 +437,9 @@ def test_training_errors_are_clear(grocery, tmp_path):
     sampler = "DataLoader.Train.sampler={name: DistributedBatchSampler, batch_size: 35}"
     with pytest.raises(ConfigError, match="end on a batch of 1 image .36 per process"):
         Trainer(load_config(path, [sampler]))
+    # Without the BNNeck, BatchNorm2d on feature maps trains on one image: accepted.
+    fc_neck = "Arch.Neck={name: FC, embedding_size: 32, class_num: 32}"
+    Trainer(load_config(path, [sampler, fc_neck]))
 
 
 def test_run_summary_names_the_weights_it_starts_from(grocery, tmp_path, caplog):

@@ -103,11 +103,11 @@ def replace_folder(staging: Path, target: Path) -> None:
     name. The old folder is deleted afterwards, and `staging` is gone either way.
     """
     staging, target = Path(staging), Path(target)
-    if not target.exists():
+    if not target.exists() and not target.is_symlink():
         os.replace(staging, target)
-    elif _exchange(staging, target):
-        shutil.rmtree(staging)  # now the old folder
-    else:
+    elif not target.is_symlink() and _exchange(staging, target):
+        shutil.rmtree(staging, ignore_errors=True)  # now the old folder; it is out of sight
+    else:  # also a link to a folder, which is replaced by the folder, not followed
         old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
         os.replace(target, old / target.name)
         try:

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import glob
 import json
 import os
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from shitu.cli.common import add_runtime_arguments, count_of, positive_int
 from shitu.errors import DataError, GalleryError
 from shitu.fileio import fsync_dir
-from shitu.index import INDEX_TYPES, METRICS, AddReport, Gallery, collect_items
+from shitu.index import INDEX_TYPES, METRICS, AddReport, Gallery, GalleryItem, collect_items
 from shitu.index.embedder import Embedder
 
 SHOWN_PROBLEMS = 10
@@ -178,6 +181,17 @@ def run_build(args: argparse.Namespace) -> int:
     # Built beside the target and renamed at the end: an interrupted build leaves no library.
     _remove_dead_builds(args.out)
     tmp = args.out.parent / f".{args.out.name}.building-{os.getpid()}"
+    with _build_lock(tmp):
+        return _build(args, items, model, options, tmp)
+
+
+def _build(
+    args: argparse.Namespace,
+    items: list[GalleryItem],
+    model: Embedder,
+    options: dict[str, Any],
+    tmp: Path,
+) -> int:
     try:
         with Gallery.create_for(
             tmp,
@@ -209,21 +223,33 @@ def run_build(args: argparse.Namespace) -> int:
 
 
 def _remove_dead_builds(out: Path) -> None:
-    """Staging folders of builds to `out` whose process was killed (SIGKILL, power loss):
-    they hold every feature the build had made, which would otherwise stay on disk."""
-    for stale in out.parent.glob(f".{glob.escape(out.name)}.building-*"):
-        pid = stale.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _process_alive(int(pid)):
+    """Staging folders of builds to `out` whose process was killed outright (SIGKILL, power
+    loss): they hold every feature the build had made, which would otherwise stay on disk.
+    A build holds a lock beside its folder while it runs (an flock, released by the kernel
+    when the process dies, also across hosts on NFSv4); one that nobody holds is dead."""
+    for stale in out.parent.glob(f".{glob.escape(out.name)}.building-*[0-9]"):
+        lock_path = stale.with_name(stale.name + ".lock")
+        if not lock_path.is_file():
+            continue  # not ours to judge
+        with open(lock_path, "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # a live build
             shutil.rmtree(stale, ignore_errors=True)
+        lock_path.unlink(missing_ok=True)
 
 
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
+@contextlib.contextmanager
+def _build_lock(staging: Path) -> Iterator[None]:
+    """Held while a build writes `staging`, so that other builds leave it alone."""
+    lock_path = staging.with_name(staging.name + ".lock")
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            lock_path.unlink(missing_ok=True)
     return True
 
 

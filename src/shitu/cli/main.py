@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -84,20 +85,30 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Terminated:  # unwound: now end as SIGTERM ends a process, for the caller to see
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return 128 + signal.SIGTERM  # not reached
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the process is, so that it unwinds like Ctrl-C does."""
+
+
 def _exit_on_sigterm() -> Any:
     """`kill` or a job timeout sends SIGTERM, which by default ends the process on the spot;
-    as SystemExit it unwinds instead, so staging folders and temporary files are removed
-    like on Ctrl-C. Returns the handler it replaced (None off the main thread)."""
+    raised as `Terminated` it unwinds instead, so staging folders and temporary files are
+    removed, and the process then ends by the signal all the same (callers and service
+    managers see a SIGTERM death, not an error status). Returns the handler it replaced
+    (None off the main thread)."""
     if threading.current_thread() is not threading.main_thread():
         return None
 
-    def terminate(signum: int, _frame: Any) -> None:
-        raise SystemExit(128 + signum)
+    def terminate(_signum: int, _frame: Any) -> None:
+        raise Terminated
 
     return signal.signal(signal.SIGTERM, terminate)
 

@@ -66,12 +66,11 @@ class DetectionDataset:
         return self.boxes[index], self.labels[index]
 
     def use_class_order(self, class_names: Sequence[str]) -> None:
-        """Renumber the labels to follow `class_names` (the same classes in another order,
-        e.g. a model's), so that class ids mean the same on both sides."""
-        if sorted(class_names) != sorted(self.class_names):
-            raise DataError(
-                f"the classes {list(self.class_names)} are not the model's {list(class_names)}"
-            )
+        """Renumber the labels to follow `class_names` (a model's classes, of which these
+        may be a subset, in another order), so that class ids mean the same on both sides."""
+        unknown = sorted(set(self.class_names) - set(class_names))
+        if unknown:
+            raise DataError(f"the classes {unknown} are not among the model's {list(class_names)}")
         new_id = np.array([list(class_names).index(name) for name in self.class_names], np.int64)
         self.labels = [new_id[labels] for labels in self.labels]
         self.class_names = tuple(class_names)

@@ -436,19 +436,16 @@ def _check_class_count(config: ShituConfig, dataset: Any) -> None:
 
 
 def _check_last_batch(sampler: Any, model: nn.Module) -> None:
-    """Without drop_last an epoch can end on a batch of one image, on which a BatchNorm
-    layer that trains raises mid-run (after a whole epoch of work): refuse it up front."""
+    """Without drop_last an epoch can end on a batch of one image, on which a BatchNorm1d
+    (a BNNeck on pooled features: one value per channel) raises mid-run, after a whole
+    epoch of work: refuse it up front. BatchNorm2d on feature maps trains on one image."""
     per_process, size = getattr(sampler, "num_samples", None), sampler.batch_size
     if per_process is None or sampler.drop_last or per_process % size != 1:
         return
-    if any(
-        isinstance(module, nn.modules.batchnorm._BatchNorm)
-        and any(p.requires_grad for p in module.parameters())
-        for module in model.modules()
-    ):
+    if any(isinstance(module, nn.BatchNorm1d) for module in model.modules()):
         raise ConfigError(
             f"DataLoader.Train: each epoch would end on a batch of 1 image ({per_process} per "
-            f"process, batch_size {size}), which BatchNorm cannot train on; set "
+            f"process, batch_size {size}), which a BatchNorm1d cannot train on; set "
             "sampler.drop_last: true or another batch_size"
         )
 

@@ -40,7 +40,8 @@ def check_label(label: str) -> str:
 def parse_label_file(path: Path) -> list[GalleryItem]:
     """PP-ShiTu gallery list: `path<TAB>label` per line, paths relative to the file's folder.
 
-    Labels may contain spaces (not tabs); blank and `#` lines are skipped.
+    Labels may contain spaces (not tabs); columns after the label are ignored, as PaddleClas
+    does; blank and `#` lines are skipped.
     """
     try:
         text = path.read_text(encoding="utf-8-sig")  # -sig: editors that write a BOM
@@ -52,13 +53,10 @@ def parse_label_file(path: Path) -> list[GalleryItem]:
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip() or line.startswith("#"):
             continue
-        columns = line.split("\t")
-        if len(columns) != 2 or not columns[0].strip() or not columns[1].strip():
-            raise DataError(
-                f"{path}:{number}: expected `path<TAB>label` (2 tab-separated columns), got "
-                f"{line!r}"
-            )
-        image, label = columns
+        columns = line.rstrip().split("\t")  # later columns (an id, say) are ignored,
+        if len(columns) < 2 or not columns[0].strip() or not columns[1].strip():  # as PaddleClas
+            raise DataError(f"{path}:{number}: expected `path<TAB>label`, got {line!r}")
+        image, label = columns[:2]
         try:
             label = check_label(label)
         except BadLabelError as exc:

@@ -73,6 +73,7 @@ def full_export(model_dir: Path, manifest: dict[str, Any]) -> Path | None:
             Preprocessing.from_dict(manifest["preprocessing"]),
             target,
             source=str(model_dir),
+            format_version=manifest.get("format_version", 1),  # the same kind of fingerprint
         )
     except OSError as exc:
         logger.warning("cannot write %s (%s); using the torch backend", target, exc)

@@ -40,7 +40,9 @@ ONNX_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
 TORCH_FILE = "model.safetensors"
 FORMAT = "shitu-feature-extractor"
-FORMAT_VERSION = 1
+# 2: the fingerprint covers the arch too (version 1's covered weights, preprocessing and
+# output key only); version 1 exports still load, checked against their own kind.
+FORMAT_VERSION = 2
 INPUT_NAME = "images"
 OUTPUT_NAME = "features"
 OPSET = 17
@@ -80,11 +82,15 @@ TRAINING_ONLY_ARCH = ("frozen_layers",)
 
 
 def fingerprint(
-    state: dict[str, torch.Tensor], preprocessing: Preprocessing, key: str, arch: dict[str, Any]
+    state: dict[str, torch.Tensor],
+    preprocessing: Preprocessing,
+    key: str,
+    arch: dict[str, Any] | None,
 ) -> str:
     """sha256 of what the features depend on: the weights (names, dtypes, shapes, bytes),
     the arch (settings without weights, such as a stride or an activation, change the
-    features of the same weights), preprocessing and output key."""
+    features of the same weights), preprocessing and output key. `arch` None gives a
+    format-version-1 export's fingerprint, which left the arch out."""
     digest = hashlib.sha256()
     for name in sorted(state):
         tensor = state[name].detach().cpu().contiguous()
@@ -92,8 +98,9 @@ def fingerprint(
         digest.update(tensor.numpy().tobytes() if tensor.numel() else b"")
     digest.update(json.dumps(preprocessing.to_dict(), sort_keys=True).encode())
     digest.update(key.encode())
-    shaping = {name: value for name, value in arch.items() if name not in TRAINING_ONLY_ARCH}
-    digest.update(json.dumps(shaping, sort_keys=True).encode())
+    if arch is not None:
+        shaping = {name: value for name, value in arch.items() if name not in TRAINING_ONLY_ARCH}
+        digest.update(json.dumps(shaping, sort_keys=True).encode())
     return digest.hexdigest()
 
 
@@ -147,6 +154,7 @@ def write_export(
     opset: int = OPSET,
     compact: bool = False,
     score_thres: float | None = None,
+    format_version: int = FORMAT_VERSION,
 ) -> Path:
     """Write the export folder of a built, folded, eval-mode `model`.
 
@@ -155,7 +163,8 @@ def write_export(
     once, into the user cache, with the same fingerprint. score_thres: the cosine
     similarity this model's best gallery hit needs to count as recognised (calibrated with
     `shitu eval-pipeline --sweep`); the recogniser uses it unless told another. Features do
-    not depend on it, so it is not part of the fingerprint.
+    not depend on it, so it is not part of the fingerprint. format_version: 1 writes a
+    version-1 fingerprint (without the arch), for the cached rebuild of a version-1 export.
     """
     out_dir = Path(out_dir)
     _check_target(out_dir)
@@ -196,7 +205,7 @@ def write_export(
             probe = wrapped(torch.zeros(1, 3, *reversed(preprocessing.size)))
         manifest = {
             "format": FORMAT,
-            "format_version": FORMAT_VERSION,
+            "format_version": format_version,
             "shitu_version": __version__,
             "torch_version": torch.__version__,
             "arch_name": arch["Backbone"]["name"],
@@ -206,7 +215,9 @@ def write_export(
             "input": {"name": INPUT_NAME, "dtype": "float32", "layout": "NCHW"},
             "output": {"name": OUTPUT_NAME, "normalized": False},
             "preprocessing": preprocessing.to_dict(),
-            "fingerprint": fingerprint(state, preprocessing, output_key, arch),
+            "fingerprint": fingerprint(
+                state, preprocessing, output_key, arch if format_version >= 2 else None
+            ),
             "score_thres": score_thres,
             "source_weights": source,
             "weights_dtype": "float16" if compact else "float32",
@@ -265,9 +276,8 @@ def load_exported_model(model_dir: str | Path, manifest: dict[str, Any]) -> RecM
     model = build_model(ArchConfig.model_validate(manifest["arch"])).eval()
     load_weights(model, Path(model_dir) / TORCH_FILE, strict=True)  # folds, as the file says
     preprocessing = Preprocessing.from_dict(manifest["preprocessing"])
-    actual = fingerprint(
-        model.state_dict(), preprocessing, manifest["output_key"], manifest["arch"]
-    )
+    arch = manifest["arch"] if manifest.get("format_version", 1) >= 2 else None
+    actual = fingerprint(model.state_dict(), preprocessing, manifest["output_key"], arch)
     if actual != manifest["fingerprint"]:
         raise CheckpointError(
             f"{model_dir}: its weights and settings (arch, preprocessing) do not give the "
