@@ -440,6 +440,7 @@ def test_training_errors_are_clear(grocery, tmp_path):
     # Without the BNNeck, BatchNorm2d on feature maps trains on one image: accepted.
     fc_neck = "Arch.Neck={name: FC, embedding_size: 32, class_num: 32}"
     Trainer(load_config(path, [sampler, fc_neck]))
+    Trainer(load_config(path, [sampler, "Arch.frozen_layers=[neck]"]))  # eval mode: fine
 
 
 def test_run_summary_names_the_weights_it_starts_from(grocery, tmp_path, caplog):

@@ -99,8 +99,9 @@ def replace_folder(staging: Path, target: Path) -> None:
     """Put the finished folder `staging` in the place of `target` (which may not exist).
 
     Readers see the old folder or the new one, never none: on Linux the two are swapped in
-    one step; elsewhere the old folder is moved aside just before the new one takes its
-    name. The old folder is deleted afterwards, and `staging` is gone either way.
+    one step; elsewhere, and where `target` is a link (replaced, not followed), the old one
+    is moved aside just before the new one takes its name. The old folder is deleted
+    afterwards, and `staging` is gone either way.
     """
     staging, target = Path(staging), Path(target)
     if not target.exists() and not target.is_symlink():

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -180,7 +181,8 @@ def run_build(args: argparse.Namespace) -> int:
     }
     # Built beside the target and renamed at the end: an interrupted build leaves no library.
     _remove_dead_builds(args.out)
-    tmp = args.out.parent / f".{args.out.name}.building-{os.getpid()}"
+    # A name no other build can have, on this host or another sharing the folder.
+    tmp = args.out.parent / f".{args.out.name}.building-{uuid.uuid4().hex}"
     with _build_lock(tmp):
         return _build(args, items, model, options, tmp)
 
@@ -227,7 +229,9 @@ def _remove_dead_builds(out: Path) -> None:
     loss): they hold every feature the build had made, which would otherwise stay on disk.
     A build holds a lock beside its folder while it runs (an flock, released by the kernel
     when the process dies, also across hosts on NFSv4); one that nobody holds is dead."""
-    for stale in out.parent.glob(f".{glob.escape(out.name)}.building-*[0-9]"):
+    for stale in out.parent.glob(f".{glob.escape(out.name)}.building-*"):
+        if stale.suffix == ".lock":
+            continue
         lock_path = stale.with_name(stale.name + ".lock")
         if not lock_path.is_file():
             continue  # not ours to judge
@@ -242,15 +246,17 @@ def _remove_dead_builds(out: Path) -> None:
 
 @contextlib.contextmanager
 def _build_lock(staging: Path) -> Iterator[None]:
-    """Held while a build writes `staging`, so that other builds leave it alone."""
+    """Held while a build writes `staging`, so that other builds leave it alone. Where the
+    build could not remove its staging folder (interrupted again while cleaning up), the
+    lock file stays, unheld, for the next build to find the folder dead and remove it."""
     lock_path = staging.with_name(staging.name + ".lock")
     with open(lock_path, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a fresh name: never contended
         try:
             yield
         finally:
-            lock_path.unlink(missing_ok=True)
-    return True
+            if not staging.exists():
+                lock_path.unlink(missing_ok=True)
 
 
 def run_add(args: argparse.Namespace) -> int:

@@ -86,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except Terminated:  # unwound: now end as SIGTERM ends a process, for the caller to see
+        sys.stdout.flush()  # what a normal exit would still have written
+        sys.stderr.flush()
+        logging.shutdown()
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGTERM)
         return 128 + signal.SIGTERM  # not reached
@@ -108,6 +111,7 @@ def _exit_on_sigterm() -> Any:
         return None
 
     def terminate(_signum: int, _frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the unwind
         raise Terminated
 
     return signal.signal(signal.SIGTERM, terminate)

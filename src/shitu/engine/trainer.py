@@ -442,7 +442,11 @@ def _check_last_batch(sampler: Any, model: nn.Module) -> None:
     per_process, size = getattr(sampler, "num_samples", None), sampler.batch_size
     if per_process is None or sampler.drop_last or per_process % size != 1:
         return
-    if any(isinstance(module, nn.BatchNorm1d) for module in model.modules()):
+    was_training = model.training
+    model.train()  # frozen layers stay in eval mode, where one image is fine
+    risky = any(isinstance(m, nn.BatchNorm1d) and m.training for m in model.modules())
+    model.train(was_training)
+    if risky:
         raise ConfigError(
             f"DataLoader.Train: each epoch would end on a batch of 1 image ({per_process} per "
             f"process, batch_size {size}), which a BatchNorm1d cannot train on; set "

@@ -276,7 +276,7 @@ def load_exported_model(model_dir: str | Path, manifest: dict[str, Any]) -> RecM
     model = build_model(ArchConfig.model_validate(manifest["arch"])).eval()
     load_weights(model, Path(model_dir) / TORCH_FILE, strict=True)  # folds, as the file says
     preprocessing = Preprocessing.from_dict(manifest["preprocessing"])
-    arch = manifest["arch"] if manifest.get("format_version", 1) >= 2 else None
+    arch = manifest["arch"] if manifest["format_version"] >= 2 else None
     actual = fingerprint(model.state_dict(), preprocessing, manifest["output_key"], arch)
     if actual != manifest["fingerprint"]:
         raise CheckpointError(
@@ -297,7 +297,12 @@ def read_manifest(model_dir: str | Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path}: unreadable manifest ({exc})") from None
-    if manifest.get("format") != FORMAT or manifest.get("format_version", 0) > FORMAT_VERSION:
+    version = manifest.get("format_version")
+    if (
+        manifest.get("format") != FORMAT
+        or not isinstance(version, int)
+        or not 1 <= version <= FORMAT_VERSION
+    ):
         raise CheckpointError(
             f"{path}: not a {FORMAT} v{FORMAT_VERSION} manifest (written by a newer shitu?)"
         )
