@@ -340,10 +340,7 @@ class Gallery:
         hashes = list(hashes) if hashes is not None else [None] * count
         if not len(labels) == len(paths) == len(hashes) == count:
             raise GalleryError("add: features, labels, paths and hashes differ in length")
-        try:
-            labels = [check_label(label) for label in labels]
-        except BadLabelError as exc:
-            raise GalleryError(f"add: {exc}") from None
+        labels = [_stored_label(label, "add") for label in labels]
 
         def mutate() -> tuple[Change | None, AddReport]:
             keep = list(range(count))
@@ -379,10 +376,7 @@ class Gallery:
         """Embed image files and add them; unreadable files are reported, not fatal."""
         self.check_embedder(embedder)
         for item in items:  # before any embedding work
-            try:
-                check_label(item.label)
-            except BadLabelError as exc:
-                raise GalleryError(f"add {item.path}: {exc}") from None
+            _stored_label(item.label, f"add {item.path}")
         failures: list[tuple[str, str]] = []
         readable: list[tuple[GalleryItem, str]] = []
         for item in items:
@@ -453,10 +447,7 @@ class Gallery:
     def relabel(self, old: str, new: str, merge: bool = False) -> int:
         """Rename a label; returns how many images it had. Renaming onto a label that has
         images merges the two, which cannot be told apart afterwards: only with `merge`."""
-        try:
-            new = check_label(new)
-        except BadLabelError as exc:
-            raise GalleryError(f"relabel: {exc}") from None
+        new = _stored_label(new, "relabel")
 
         def mutate() -> tuple[Change, int]:
             if not self._store.ids_with_labels([old]):
@@ -559,3 +550,11 @@ class Gallery:
         if not np.array_equal(ids, self._ids):
             problems.append("label cache is out of date (reopen the library)")
         return problems + self._backend.problems()
+
+
+def _stored_label(label: str, where: str) -> str:
+    """`check_label`, its refusal a GalleryError that says which operation was refused."""
+    try:
+        return check_label(label)
+    except BadLabelError as exc:
+        raise GalleryError(f"{where}: {exc}") from None
