@@ -219,6 +219,21 @@ def test_arcmargin_easy_margin_only_for_positive_cosine():
     assert head(x, torch.tensor([0]))[0, 0].item() == pytest.approx(-0.8, abs=1e-6)
 
 
+def test_arcmargin_survives_a_cosine_rounded_above_one():
+    """Under fp16 autocast this feature, equal to its class weight, gets cos = 1.00098."""
+    head = HEADS.build("ArcMargin", embedding_size=3, class_num=2, scale=1.0).train()
+    x = torch.tensor([[1.0, 3.0, 3.0]], requires_grad=True)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[1.0, 3.0, 3.0], [0.0, 0.0, 1.0]]))
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert head.cosine(x)[0, 0].item() > 1.0
+        logits = head(x, torch.tensor([0]))
+    # sin = sqrt(0 + 1e-6): the target logit is about cos(m) - 0.001 * sin(m)
+    assert logits[0, 0].item() == pytest.approx(math.cos(0.5) - 0.001 * math.sin(0.5), abs=2e-3)
+    logits.float().sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
 def test_cosmargin_hand_computed():
     head = _two_class_head("CosMargin", margin=0.35, scale=64.0)
     x = torch.tensor([[0.6, 0.8]])
