@@ -243,11 +243,16 @@ def test_cosmargin_hand_computed():
 
 def test_circlemargin_hand_computed():
     head = _two_class_head("CircleMargin", margin=0.25, scale=2.0)
-    x = torch.tensor([[0.6, 0.8]])
+    x = torch.tensor([[0.6, 0.8]], requires_grad=True)
     logits = head(x, torch.tensor([1]))
     positive = max(0.0, 1.25 - 0.8) * (0.8 - 0.75)
     negative = max(0.0, 0.6 + 0.25) * (0.6 - 0.25)
     assert logits.tolist()[0] == pytest.approx([2 * negative, 2 * positive], abs=1e-5)
+    # The alphas are constants: d logit_c / dx = s * alpha * d cos_c / dx, where
+    # d cos_c / dx = e_c - cos_c * x: (0.64, -0.48) for class 0, (-0.48, 0.36) for class 1.
+    logits.sum().backward()
+    expected = [2 * (0.85 * 0.64 + 0.45 * -0.48), 2 * (0.85 * -0.48 + 0.45 * 0.36)]
+    assert x.grad[0].tolist() == pytest.approx(expected, abs=1e-5)
 
 
 def test_rec_model_outputs_and_head_source():
