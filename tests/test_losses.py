@@ -177,15 +177,20 @@ def test_xbm_adds_the_memory_term():
         embedding_size=2,
         start_iter=0,
         memory_weight=0.5,
+        batch_weight=2.0,
     ).train()
     old, old_labels = _unit(100, 200), torch.tensor([0, 1])
     xbm(old, old_labels)
-    x, labels = _unit(0, 30, 45, 120), torch.tensor([0, 0, 1, 1])
+    x, labels = _unit(0, 30, 45, 120).requires_grad_(), torch.tensor([0, 0, 1, 1])
     value = xbm(x, labels)
-    memory = torch.cat([old, x])
+    (grad,) = torch.autograd.grad(value, x)
+    # The batch is written first, as a constant: gradients reach it as queries only.
+    memory = torch.cat([old, x.detach()])
     memory_labels = torch.cat([old_labels, labels])
-    expected = pair(x, labels) + 0.5 * pair(x, labels, memory, memory_labels)
+    expected = 2.0 * pair(x, labels) + 0.5 * pair(x, labels, memory, memory_labels)
     assert value.item() == pytest.approx(expected.item(), abs=1e-6)
+    assert torch.allclose(grad, torch.autograd.grad(expected, x)[0], atol=1e-6)
+    assert not xbm.memory.requires_grad
 
 
 def test_xbm_state_round_trips_through_state_dict():
