@@ -191,6 +191,25 @@ def test_combined_loss_weights_keys_and_paddleclas_feature_from():
     with pytest.raises(ValueError, match="'logits'.*add a Head"):
         loss({"features": logits}, labels)
 
+    # Each item weighted and fed its own output; a repeated name gets a numbered key.
+    items = [
+        {"CELoss": {"weight": 2.0}},
+        {"TripletAngularMarginLoss": {"weight": 0.5}},
+        {"CELoss": {"weight": 3.0, "epsilon": 0.1}},
+    ]
+    features = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [-1.0, 0.0]])
+    labels = torch.tensor([0, 0, 1, 1])
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.5, -1.0]])
+    total, parts = CombinedLoss(items)({"logits": logits, "features": features}, labels)
+    ce = torch.nn.functional.cross_entropy(logits, labels)
+    smoothed = torch.nn.functional.cross_entropy(logits, labels, label_smoothing=0.1)
+    triplet = registry.LOSSES.build("TripletAngularMarginLoss")(features, labels)
+    assert set(parts) == {"CELoss", "TripletAngularMarginLoss", "CELoss_2"}
+    assert [parts["CELoss"], parts["TripletAngularMarginLoss"], parts["CELoss_2"]] == [
+        pytest.approx(float(v)) for v in (ce, triplet, smoothed)
+    ]
+    assert total.item() == pytest.approx(float(2 * ce + 0.5 * triplet + 3 * smoothed))
+
 
 class _Noise:
     """A dataset whose items are random draws: shows exactly how each item was seeded."""

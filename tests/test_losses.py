@@ -86,6 +86,36 @@ def test_triplet_loss_batch_hard_hand_computed():
     assert x.grad[:, 0].tolist() == pytest.approx([0.0, 0.25, -0.5, 0.25], abs=1e-6)
 
 
+def test_triplet_angular_margin_mines_the_hardest_positive_and_skips_singletons():
+    """Unit vectors at 0, 60, 120 degrees (class 0), 180 (class 1) and 270 (class 2).
+
+    Anchors 180 and 270 have no positive: left out (with itself as positive, s = 1,
+    anchor 180 would add an absolute term relu(0.5 - 0.4)). For the others:
+    anchor 0: positives 0.5, -0.5 -> s_ap -0.5; negatives -1, 0 -> s_an 0; ranking 1.0
+    anchor 60: s_ap 0.5; negatives -0.5, -0.866 -> s_an -0.5; ranking 0
+    anchor 120: s_ap -0.5; negatives 0.5, -0.866 -> s_an 0.5; ranking 1.5
+    Absolute: relu(0.8 - s_ap) = 1.3, 0.3, 1.3; relu(s_an - 0.4) = 0, 0, 0.1.
+    """
+    params = {"margin": 0.5, "add_absolute": True, "absolute_loss_weight": 0.1}
+    params |= {"ap_value": 0.8, "an_value": 0.4}
+    x, labels = _unit(0, 60, 120, 180, 270), torch.tensor([0, 0, 0, 1, 2])
+    mean = LOSSES.build("TripletAngularMarginLoss", **params)
+    assert mean(x, labels).item() == pytest.approx(2.5 / 3 + 0.1 * 3.0 / 3, abs=1e-5)
+    summed = LOSSES.build("TripletAngularMarginLoss", reduction="sum", **params)
+    assert summed(x, labels).item() == pytest.approx(2.5 + 0.1 * 3.0 / 3, abs=1e-5)
+
+
+def test_triplet_loss_mines_the_farthest_positive():
+    """Points on a line: class 0 at 0, 1 and 5, class 1 at 3 and 4; margin 1.
+
+    Anchor 0: p 5, n 3 -> 3;  anchor 1: p 4, n 2 -> 3;  anchor 5: p 5, n 1 -> 5;
+    anchor 3: p 1, n 2 -> 0;  anchor 4: p 1, n 1 -> 1            -> mean 12 / 5
+    """
+    loss = LOSSES.build("TripletLoss", margin=1.0)
+    x = torch.tensor([[0.0, 0.0], [1.0, 0.0], [5.0, 0.0], [3.0, 0.0], [4.0, 0.0]])
+    assert loss(x, torch.tensor([0, 0, 0, 1, 1])).item() == pytest.approx(2.4, abs=1e-5)
+
+
 def test_triplet_loss_skips_anchors_without_positive():
     loss = LOSSES.build("TripletLoss", margin=1.0)
     x = torch.tensor([[0.0, 0.0], [1.0, 0.0], [3.0, 0.0]])
@@ -147,15 +177,20 @@ def test_xbm_adds_the_memory_term():
         embedding_size=2,
         start_iter=0,
         memory_weight=0.5,
+        batch_weight=2.0,
     ).train()
     old, old_labels = _unit(100, 200), torch.tensor([0, 1])
     xbm(old, old_labels)
-    x, labels = _unit(0, 30, 45, 120), torch.tensor([0, 0, 1, 1])
+    x, labels = _unit(0, 30, 45, 120).requires_grad_(), torch.tensor([0, 0, 1, 1])
     value = xbm(x, labels)
-    memory = torch.cat([old, x])
+    (grad,) = torch.autograd.grad(value, x)
+    # The batch is written first, as a constant: gradients reach it as queries only.
+    memory = torch.cat([old, x.detach()])
     memory_labels = torch.cat([old_labels, labels])
-    expected = pair(x, labels) + 0.5 * pair(x, labels, memory, memory_labels)
+    expected = 2.0 * pair(x, labels) + 0.5 * pair(x, labels, memory, memory_labels)
     assert value.item() == pytest.approx(expected.item(), abs=1e-6)
+    assert torch.allclose(grad, torch.autograd.grad(expected, x)[0], atol=1e-6)
+    assert not xbm.memory.requires_grad
 
 
 def test_xbm_state_round_trips_through_state_dict():

@@ -219,6 +219,21 @@ def test_arcmargin_easy_margin_only_for_positive_cosine():
     assert head(x, torch.tensor([0]))[0, 0].item() == pytest.approx(-0.8, abs=1e-6)
 
 
+def test_arcmargin_survives_a_cosine_rounded_above_one():
+    """Under fp16 autocast this feature, equal to its class weight, gets cos = 1.00098."""
+    head = HEADS.build("ArcMargin", embedding_size=3, class_num=2, scale=1.0).train()
+    x = torch.tensor([[1.0, 3.0, 3.0]], requires_grad=True)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[1.0, 3.0, 3.0], [0.0, 0.0, 1.0]]))
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert head.cosine(x)[0, 0].item() > 1.0
+        logits = head(x, torch.tensor([0]))
+    # sin = sqrt(0 + 1e-6): the target logit is about cos(m) - 0.001 * sin(m)
+    assert logits[0, 0].item() == pytest.approx(math.cos(0.5) - 0.001 * math.sin(0.5), abs=2e-3)
+    logits.float().sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
 def test_cosmargin_hand_computed():
     head = _two_class_head("CosMargin", margin=0.35, scale=64.0)
     x = torch.tensor([[0.6, 0.8]])
@@ -228,11 +243,16 @@ def test_cosmargin_hand_computed():
 
 def test_circlemargin_hand_computed():
     head = _two_class_head("CircleMargin", margin=0.25, scale=2.0)
-    x = torch.tensor([[0.6, 0.8]])
+    x = torch.tensor([[0.6, 0.8]], requires_grad=True)
     logits = head(x, torch.tensor([1]))
     positive = max(0.0, 1.25 - 0.8) * (0.8 - 0.75)
     negative = max(0.0, 0.6 + 0.25) * (0.6 - 0.25)
     assert logits.tolist()[0] == pytest.approx([2 * negative, 2 * positive], abs=1e-5)
+    # The alphas are constants: d logit_c / dx = s * alpha * d cos_c / dx, where
+    # d cos_c / dx = e_c - cos_c * x: (0.64, -0.48) for class 0, (-0.48, 0.36) for class 1.
+    logits.sum().backward()
+    expected = [2 * (0.85 * 0.64 + 0.45 * -0.48), 2 * (0.85 * -0.48 + 0.45 * 0.36)]
+    assert x.grad[0].tolist() == pytest.approx(expected, abs=1e-5)
 
 
 def test_rec_model_outputs_and_head_source():

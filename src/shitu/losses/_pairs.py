@@ -3,7 +3,9 @@
 Every pair loss compares a batch of *query* embeddings with a set of *reference*
 embeddings. Without an explicit reference the batch is compared with itself and an
 embedding is never its own positive; with one (XBM's memory) all reference entries
-count, since they are detached copies from earlier iterations.
+count. XBM writes the batch before comparing, so an anchor's own detached copy is a
+positive at similarity 1: the contrastive loss skips it (s >= 1 - epsilon) and
+batch-hard mining picks it only where the memory holds no other positive.
 """
 
 from __future__ import annotations

@@ -16,6 +16,8 @@ class ArcMargin(CosineClassifier):
 
     Where theta + m would pass pi (cos <= -cos m), the logit becomes cos - m*sin m
     instead, keeping it monotonic; `easy_margin` applies the margin only where cos > 0.
+    sin is taken of 1 - cos^2 clamped at 0: under fp16 autocast a feature close to its
+    class weight can round to cos = 1.001, whose square root would be NaN.
     """
 
     def __init__(
@@ -35,7 +37,7 @@ class ArcMargin(CosineClassifier):
         cos = self.cosine(x)
         if not self.training or label is None:
             return cos
-        sin = torch.sqrt(1.0 - cos.square() + 1e-6)
+        sin = torch.sqrt((1.0 - cos.square()).clamp(min=0.0) + 1e-6)
         phi = cos * math.cos(self.margin) - sin * math.sin(self.margin)
         if self.easy_margin:
             phi = torch.where(cos > 0, phi, cos)
