@@ -244,3 +244,37 @@ def test_yaml_anchors_are_supported(tmp_path):
         )
     )
     assert load_config(path).Arch.Neck.params["num_features"] == 256
+
+
+def test_override_of_an_aliased_value_changes_that_place_only(tmp_path):
+    """An anchor's aliases are separate values: `-o` on one leaves the others as written."""
+    path = tmp_path / "aliases.yaml"
+    path.write_text(
+        textwrap.dedent(
+            """
+            Arch:
+              Backbone: {name: PPLCNetV2_small_ShiTu, class_expand: 256}
+              frozen_layers: &frozen [backbone.stem]
+            LinearProbe: {epochs: 1, frozen_layers: *frozen}
+            Optimizer:
+              name: Momentum
+              lr: &lr {name: Cosine, learning_rate: 0.1}
+            DataLoader:
+              Train:
+                dataset: &data {name: ImageFolderDataset, root: ./images}
+              Eval:
+                Query: {dataset: *data}
+            """
+        )
+    )
+    config = load_config(
+        path,
+        [
+            "Arch.frozen_layers[0]=backbone.blocks",
+            "DataLoader.Eval.Query.dataset.root=./queries",
+        ],
+    )
+    assert config.Arch.frozen_layers == ["backbone.blocks"]
+    assert config.LinearProbe.frozen_layers == ["backbone.stem"]
+    assert config.DataLoader.Train.dataset.params["root"] == "./images"
+    assert config.DataLoader.Eval.Query.dataset.params["root"] == "./queries"

@@ -93,7 +93,20 @@ def read_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(
             f"{path}: the top level must be a mapping of sections (Global, Arch, ...)"
         )
-    return data
+    return _unaliased(data)
+
+
+def _unaliased(node: Any) -> Any:
+    """A copy of a loaded YAML tree in which each alias (`*normalize`) is a copy of its own.
+
+    PyYAML hands every alias of an anchor the same object, so an `-o` override of one
+    place (the training NormalizeImage) would change all others too (evaluation's).
+    """
+    if isinstance(node, dict):
+        return {key: _unaliased(value) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_unaliased(item) for item in node]
+    return node
 
 
 def _validate_components(config: ShituConfig) -> None:
