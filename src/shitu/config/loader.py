@@ -9,7 +9,7 @@ import yaml
 from pydantic import ValidationError
 
 from shitu import registry
-from shitu.config.overrides import apply_overrides, override_paths
+from shitu.config.overrides import apply_overrides, load_yaml, override_paths
 from shitu.config.schema import ComponentConfig, DataSplitConfig, ShituConfig
 from shitu.errors import ConfigError
 from shitu.losses.combined import split_loss_params
@@ -83,7 +83,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a YAML config (not UTF-8 text)") from None
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
