@@ -127,3 +127,12 @@ DataLoader:
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: {tmp_path / 'garbage.jpg'}: cannot decode image")
     assert "Traceback" not in result.stderr and "worker" not in result.stderr
+
+
+def test_train_limits_must_be_positive():
+    """A step or time limit of 0 or less stopped every run before its first step."""
+    steps = run_shitu("train", "--stop-after-steps", "-3")
+    minutes = run_shitu("train", "--time-limit", "0")
+    assert steps.returncode == minutes.returncode == 2
+    assert "--stop-after-steps: expected a whole number >= 1, got -3" in steps.stderr
+    assert "--time-limit: expected a number of minutes above 0, got 0.0" in minutes.stderr
