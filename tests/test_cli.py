@@ -97,3 +97,42 @@ def test_paths_that_cannot_be_used_are_one_line_errors(tmp_path):
     )
     assert exported.returncode == 2 and "Traceback" not in exported.stderr
     assert "cannot write the export to" in exported.stderr
+
+
+def test_undecodable_image_in_a_loader_worker_is_a_one_line_error(tmp_path):
+    """torch raises a worker's error again with the worker's traceback as its message; the
+    user sees the dataset's own message, as with num_workers: 0."""
+    (tmp_path / "garbage.jpg").write_bytes(b"not an image" * 10)
+    (tmp_path / "list.txt").write_text("garbage.jpg 0\n")
+    config = tmp_path / "tiny.yaml"
+    config.write_text(
+        f"""
+Global: {{device: cpu}}
+Arch:
+  Backbone: {{name: ResNet18, class_num: 8}}
+  BackboneStopLayer: {{name: fc}}
+DataLoader:
+  Eval:
+    Query:
+      dataset:
+        name: ImageNetDataset
+        image_root: {tmp_path}
+        cls_label_path: {tmp_path / "list.txt"}
+        transform_ops: [ResizeImage: {{size: 32}}, NormalizeImage: {{}}]
+      loader: {{num_workers: 1}}
+"""
+    )
+    result = run_shitu("eval", "-c", str(config))
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {tmp_path / 'garbage.jpg'}: cannot decode image")
+    assert "Traceback" not in result.stderr and "worker" not in result.stderr
+
+
+def test_train_limits_must_be_positive():
+    """A step or time limit of 0 or less stopped every run before its first step."""
+    steps = run_shitu("train", "--stop-after-steps", "-3")
+    minutes = run_shitu("train", "--time-limit", "0")
+    assert steps.returncode == minutes.returncode == 2
+    assert "--stop-after-steps: expected a whole number >= 1, got -3" in steps.stderr
+    assert "--time-limit: expected a number of minutes above 0, got 0.0" in minutes.stderr

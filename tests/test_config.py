@@ -48,6 +48,9 @@ def test_parse_override_types_values_with_yaml():
     )
     assert parse_override("Global.checkpoints=") == (["Global", "checkpoints"], None)
     assert parse_override("Global.re_ranking=true") == (["Global", "re_ranking"], True)
+    assert parse_override("Optimizer.lr.learning_rate=1e-5")[1] == 1e-5
+    assert parse_override("Global.seed=1e3")[1] == 1000.0
+    assert parse_override("Global.output_dir=run-1e-5")[1] == "run-1e-5"
     assert parse_override("Loss.Train[0].CELoss.epsilon=0.2")[0] == [
         "Loss",
         "Train",
@@ -244,3 +247,48 @@ def test_yaml_anchors_are_supported(tmp_path):
         )
     )
     assert load_config(path).Arch.Neck.params["num_features"] == 256
+
+
+def test_override_of_an_aliased_value_changes_that_place_only(tmp_path):
+    """An anchor's aliases are separate values: `-o` on one leaves the others as written."""
+    path = tmp_path / "aliases.yaml"
+    path.write_text(
+        textwrap.dedent(
+            """
+            Arch:
+              Backbone: {name: PPLCNetV2_small_ShiTu, class_expand: 256}
+              frozen_layers: &frozen [backbone.stem]
+            LinearProbe: {epochs: 1, frozen_layers: *frozen}
+            Optimizer:
+              name: Momentum
+              lr: &lr {name: Cosine, learning_rate: 0.1}
+            DataLoader:
+              Train:
+                dataset: &data {name: ImageFolderDataset, root: ./images}
+              Eval:
+                Query: {dataset: *data}
+            """
+        )
+    )
+    config = load_config(
+        path,
+        [
+            "Arch.frozen_layers[0]=backbone.blocks",
+            "DataLoader.Eval.Query.dataset.root=./queries",
+        ],
+    )
+    assert config.Arch.frozen_layers == ["backbone.blocks"]
+    assert config.LinearProbe.frozen_layers == ["backbone.stem"]
+    assert config.DataLoader.Train.dataset.params["root"] == "./images"
+    assert config.DataLoader.Eval.Query.dataset.params["root"] == "./queries"
+
+
+def test_exponent_numbers_without_a_dot_are_numbers(config_file):
+    """`1e-2` in a file or an override is a float (YAML 1.1 reads it as a string): Piecewise
+    values compare with learning_rate, untyped settings are numbers."""
+    lr = "{name: Piecewise, learning_rate: 1e-2, values: [1e-2, 1e-3], decay_epochs: [5]}"
+    text = config_file.read_text() + f"Optimizer: {{name: Momentum, lr: {lr}}}\n"
+    config_file.write_text(text)
+    config = load_config(config_file, ["Global.re_ranking={lambda_value: 2e-1}"])
+    assert config.Optimizer.lr.params["values"] == [0.01, 0.001]
+    assert config.Global.re_ranking == {"lambda_value": 0.2}

@@ -657,6 +657,11 @@ def test_build_transforms_errors_name_op_and_key():
         build_transforms([{"NormalizeImage": {"order": "chw"}}])
     with pytest.raises(ConfigError, match=r"transform_ops\[1\] Pad: works on HWC images"):
         build_transforms([{"ToCHWImage": None}, {"Pad": {"padding": 2}}])
+    # Found when the pipeline is built, not as an error about the first image loaded.
+    with pytest.raises(
+        ConfigError, match=r"transform_ops\[0\] NormalizeImage: mean and std need one value per"
+    ):
+        build_transforms([{"NormalizeImage": {"mean": [0.5], "std": [0.5]}}])
 
 
 # ---------------------------------------------------------------- PKSampler

@@ -36,6 +36,7 @@ def _bounded(kind: type, low: float, high: float | None, what: str):
 
 
 positive_int = _bounded(int, 1, None, "a whole number >= 1")
+positive_minutes = _bounded(float, 1e-9, None, "a number of minutes above 0")
 port_number = _bounded(int, 0, 65535, "a port number from 0 to 65535")
 cosine_similarity = _bounded(float, -1.0, 1.0, "a cosine similarity from -1 to 1")
 

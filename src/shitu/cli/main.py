@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     except ShituError as exc:
         if args.verbose:  # with what led to it, e.g. the ValueError behind a config error
             traceback.print_exception(exc)
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_user_message(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -95,6 +95,16 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _user_message(exc: ShituError) -> str:
+    """The message of `exc`. Raised in a DataLoader worker (an image that cannot be
+    decoded), torch raises it again here with the worker's whole traceback as the
+    message: the original message is its last line."""
+    text = str(exc)
+    kind = type(exc)
+    _, found, message = text.rpartition(f"\n{kind.__module__}.{kind.__qualname__}: ")
+    return message.strip() if found and text.startswith("Caught ") else text
 
 
 class Terminated(BaseException):

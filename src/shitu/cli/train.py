@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from shitu.cli.common import add_config_arguments, config_from_args
+from shitu.cli.common import add_config_arguments, config_from_args, positive_int, positive_minutes
 from shitu.config.schema import ShituConfig
 from shitu.engine.distributed import DistContext, shutdown_distributed
 from shitu.engine.linear_probe import fine_tune_stage, probe_stage
@@ -30,13 +30,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_config_arguments(parser, head_option=False)
     parser.add_argument(
         "--stop-after-steps",
-        type=int,
+        type=positive_int,
         metavar="N",
         help="stop (with a checkpoint) once the run reaches global step N",
     )
     parser.add_argument(
         "--time-limit",
-        type=float,
+        type=positive_minutes,
         metavar="MINUTES",
         help="stop (with a checkpoint) after this many minutes; resume later to go on",
     )

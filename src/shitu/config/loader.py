@@ -9,7 +9,7 @@ import yaml
 from pydantic import ValidationError
 
 from shitu import registry
-from shitu.config.overrides import apply_overrides, override_paths
+from shitu.config.overrides import apply_overrides, load_yaml, override_paths
 from shitu.config.schema import ComponentConfig, DataSplitConfig, ShituConfig
 from shitu.errors import ConfigError
 from shitu.losses.combined import split_loss_params
@@ -83,7 +83,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a YAML config (not UTF-8 text)") from None
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -93,7 +93,20 @@ def read_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(
             f"{path}: the top level must be a mapping of sections (Global, Arch, ...)"
         )
-    return data
+    return _unaliased(data)
+
+
+def _unaliased(node: Any) -> Any:
+    """A copy of a loaded YAML tree in which each alias (`*normalize`) is a copy of its own.
+
+    PyYAML hands every alias of an anchor the same object, so an `-o` override of one
+    place (the training NormalizeImage) would change all others too (evaluation's).
+    """
+    if isinstance(node, dict):
+        return {key: _unaliased(value) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_unaliased(item) for item in node]
+    return node
 
 
 def _validate_components(config: ShituConfig) -> None:

@@ -12,18 +12,36 @@ from shitu.errors import ConfigError
 _TOKEN = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
 
 
+class YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that exponent notation without a dot (`1e-5`, common in
+    learning rates) is a number, as in YAML 1.2 and PaddleClas's `-o`; YAML 1.1 makes it
+    a string, which the config then rejects or compares as text."""
+
+
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML text (a config file or an override's value) with `YamlLoader`."""
+    return yaml.load(text, Loader=YamlLoader)
+
+
 def parse_override(text: str) -> tuple[list[str | int], Any]:
     """Split 'A.b[0].c=value' into (['A', 'b', 0, 'c'], parsed value).
 
-    The value is parsed as YAML, so `3` is an int, `[1, 2]` a list, `null` None
-    and `true` a bool; anything else stays a string.
+    The value is parsed as YAML, so `3` is an int, `1e-5` a float, `[1, 2]` a list,
+    `null` None and `true` a bool; anything else stays a string.
     """
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override '{text}' is not of the form Section.key=value")
     path = _parse_path(key.strip(), text)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = load_yaml(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
     return path, value

@@ -437,8 +437,11 @@ class NormalizeImage(Transform):
         self.scale = np.float32(parse_scale(scale))
         self.mean = np.asarray(mean if mean is not None else [0.485, 0.456, 0.406], np.float32)
         self.std = np.asarray(std if std is not None else [0.229, 0.224, 0.225], np.float32)
-        if self.mean.shape != self.std.shape or self.mean.ndim != 1:
-            raise ValueError("mean and std need one value per channel, the same count")
+        if self.mean.shape != (channel_num,) or self.std.shape != (channel_num,):
+            raise ValueError(
+                f"mean and std need one value per channel ({channel_num}), "
+                f"got {self.mean.tolist()} and {self.std.tolist()}"
+            )
         if np.any(self.std == 0):
             raise ValueError("std must not contain 0")
         self.order: str | None = "hwc" if order == "" else order
@@ -458,9 +461,6 @@ class NormalizeImage(Transform):
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         shape = (-1, 1, 1) if self.order == "chw" else (1, 1, -1)
-        channels = image.shape[0] if self.order == "chw" else image.shape[2]
-        if channels != self.mean.size:
-            raise ValueError(f"image has {channels} channels, mean/std have {self.mean.size}")
         mean, std = self.mean.reshape(shape), self.std.reshape(shape)
         return (image.astype(np.float32) * self.scale - mean) / std
 
