@@ -19,10 +19,11 @@ from shitu.config.schema import DataSplitConfig
 from shitu.data.datasets.folder import ImageFolderDataset
 from shitu.data.datasets.grocery import GroceryStoreDataset
 from shitu.data.datasets.label_file import LabelFileDataset
-from shitu.data.loader import build_dataloader
 from shitu.data.samplers import DistributedBatchSampler, PKSampler
 from shitu.data.transforms import build_transforms
 from shitu.data.transforms.ops import DecodeImage, ResizeImage
+from shitu.engine.data import build_eval_loader, build_train_loader
+from shitu.engine.distributed import init_distributed
 from shitu.errors import ConfigError, DataError
 from shitu.inference.preprocess import decode_rgb
 
@@ -231,7 +232,7 @@ def test_skip_corrupt_drops_bad_images_at_start_up(grocery: Path, tmp_path: Path
     assert dataset[1][0].shape == (3, 5, 5)
     # An image that breaks after the check still fails loudly.
     (tmp_path / "good2.png").write_bytes(b"broken later")
-    with pytest.raises(DataError, match="good2.png: cannot decode image .*passed the start-up"):
+    with pytest.raises(DataError, match="good2.png: cannot decode image: unknown or corrupt format.*passed the start-up"):
         dataset[1]
     label_file.write_text("truncated.jpg 1\n")
     with pytest.raises(DataError, match="none of the listed images can be read"):
@@ -860,18 +861,20 @@ def test_dataloader_with_workers_on_real_images(grocery: Path):
             "loader": {"num_workers": 2},
         }
     )
-    loader = build_dataloader(train, seed=7, num_replicas=1, rank=0)
+    loader = build_train_loader(train, init_distributed("cpu"), seed=7)
     assert len(loader) == 296 // 8
-    for step, (images, labels, ids) in enumerate(loader):
+    for step, (images, labels, ids, _) in enumerate(loader):
         assert images.shape == (8, 3, 48, 48) and images.dtype == torch.float32
         assert labels.shape == ids.shape == (8,)
         assert set(Counter(labels.tolist()).values()) == {2}
         if step == 2:
             break
     evaluation = DataSplitConfig.model_validate({"dataset": dataset, "loader": {"num_workers": 0}})
-    loader = build_dataloader(evaluation)
+    loader = build_eval_loader(
+        evaluation, init_distributed("cpu"), seed=0, where="DataLoader.Eval.Query"
+    )
     assert len(loader) == math.ceil(296 / 64)
-    images, labels, ids = next(iter(loader))
+    images, labels, ids, _ = next(iter(loader))
     assert images.shape == (64, 3, 48, 48) and ids.tolist() == list(range(64))
 
 
@@ -888,9 +891,10 @@ def test_dataloader_config_errors_name_the_section(grocery: Path):
     )
     with pytest.raises(
         ConfigError,
-        match=r"DataLoader\.dataset: label_levl: unknown key \(did you mean 'label_level'\?\)",
+        match=r"DataLoader\.Eval\.Query\.dataset: label_levl: unknown key "
+        r"\(did you mean 'label_level'\?\)",
     ):
-        build_dataloader(split)
+        build_eval_loader(split, init_distributed("cpu"), seed=0, where="DataLoader.Eval.Query")
     split = DataSplitConfig.model_validate(
         {
             "dataset": {
@@ -902,6 +906,6 @@ def test_dataloader_config_errors_name_the_section(grocery: Path):
         }
     )
     with pytest.raises(
-        ConfigError, match=r"DataLoader\.sampler: sample_per_id: required key missing"
+        ConfigError, match=r"DataLoader\.Train\.sampler: sample_per_id: required key missing"
     ):
-        build_dataloader(split)
+        build_train_loader(split, init_distributed("cpu"), seed=0)

@@ -34,6 +34,7 @@ from shitu.engine.state import (
 from shitu.errors import CheckpointError, ConfigError
 from shitu.losses.combined import CombinedLoss, split_loss_params
 from shitu.models.necks.bnneck import BNNeck
+from shitu.models.rec_model import RecModel
 
 registry.populate()
 
@@ -188,8 +189,14 @@ def test_combined_loss_weights_keys_and_paddleclas_feature_from():
     expected = torch.nn.functional.cross_entropy(logits, labels)
     assert parts["CELoss"] == pytest.approx(float(expected))
     assert total.item() == pytest.approx(2 * float(expected))
-    with pytest.raises(ValueError, match="'logits'.*add a Head"):
-        loss({"features": logits}, labels)
+    # A model without the output a loss reads is refused before the first step.
+    with pytest.raises(
+        ConfigError,
+        match=r"Loss\.Train: CELoss reads model output 'logits'.*gives backbone, features\); "
+        r"add an Arch\.Head",
+    ):
+        loss.attach(RecModel(torch.nn.Flatten()))
+    loss.attach(RecModel(torch.nn.Flatten(), head=torch.nn.Identity()))
 
     # Each item weighted and fed its own output; a repeated name gets a numbered key.
     items = [
@@ -333,5 +340,7 @@ def test_an_evaluation_that_would_drop_images_is_refused():
             "sampler": {"name": "DistributedBatchSampler", "batch_size": 8, "drop_last": True},
         }
     )
-    with pytest.raises(ConfigError, match="drop_last: true would leave images out"):
-        build_eval_loader(split, init_distributed("cpu"), seed=0)
+    with pytest.raises(
+        ConfigError, match=r"DataLoader\.Eval\.Gallery: sampler drop_last: true would leave"
+    ):
+        build_eval_loader(split, init_distributed("cpu"), seed=0, where="DataLoader.Eval.Gallery")

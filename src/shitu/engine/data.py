@@ -7,8 +7,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from shitu import registry
 from shitu.config.schema import ComponentConfig, DataSplitConfig
+from shitu.data.loader import build_dataset, build_sampler
 from shitu.engine.distributed import DistContext
 from shitu.engine.seeding import SeededBatchSampler, SeededDataset
 from shitu.errors import ConfigError
@@ -17,23 +17,27 @@ EVAL_SAMPLER = ComponentConfig(name="DistributedBatchSampler", batch_size=64, sh
 
 
 def build_loader(
-    split: DataSplitConfig, context: DistContext, seed: int, default_sampler: ComponentConfig
+    split: DataSplitConfig,
+    context: DistContext,
+    seed: int,
+    default_sampler: ComponentConfig,
+    where: str,
 ) -> DataLoader:
-    """Dataset and batch sampler from the config, wrapped so every sample is seeded.
+    """Dataset and batch sampler from the config section `where`, wrapped so every sample
+    is seeded.
 
     Batches are `(images, labels, unique_ids, dataset_indices)`. The loader has its
     own generator, so starting an epoch never draws from the global RNG.
     """
-    registry.populate()
-    dataset = registry.DATASETS.build(split.dataset.name, **split.dataset.params)
-    sampler_config = split.sampler or default_sampler
-    sampler = registry.SAMPLERS.build_with_runtime(
-        sampler_config.name,
-        sampler_config.params,
-        dataset=dataset,
+    dataset = build_dataset(split, f"{where}.dataset")
+    sampler = build_sampler(
+        split,
+        dataset,
         num_replicas=context.world_size,
         rank=context.rank,
         seed=seed,
+        default=default_sampler,
+        where=f"{where}.sampler",
     )
     workers = split.loader.num_workers
     options: dict[str, Any] = {}
@@ -55,16 +59,21 @@ def build_train_loader(split: DataSplitConfig, context: DistContext, seed: int) 
             "DataLoader.Train.sampler: training needs a sampler, e.g. "
             "{name: PKSampler, batch_size: 64, sample_per_id: 4}"
         )
-    return build_loader(split, context, seed, default_sampler=split.sampler)
+    return build_loader(
+        split, context, seed, default_sampler=split.sampler, where="DataLoader.Train"
+    )
 
 
-def build_eval_loader(split: DataSplitConfig, context: DistContext, seed: int) -> DataLoader:
+def build_eval_loader(
+    split: DataSplitConfig, context: DistContext, seed: int, where: str
+) -> DataLoader:
+    """`where` names the section in errors (DataLoader.Eval.Query, DataLoader.Eval.Gallery)."""
     if split.sampler is not None and split.sampler.params.get("drop_last"):
         raise ConfigError(
-            "DataLoader.Eval: sampler drop_last: true would leave images out of the "
+            f"{where}: sampler drop_last: true would leave images out of the "
             "evaluation; set it to false"
         )
-    return build_loader(split, context, seed, default_sampler=EVAL_SAMPLER)
+    return build_loader(split, context, seed, default_sampler=EVAL_SAMPLER, where=where)
 
 
 def dataset_of(loader: DataLoader) -> Any:

@@ -87,9 +87,13 @@ class RetrievalEvaluation:
         self.config = config
         self.context = context
         self.amp = effective_amp(config.Global.amp, context.device)
-        self.query_loader = build_eval_loader(eval_data.Query, context, seed)
+        self.query_loader = build_eval_loader(
+            eval_data.Query, context, seed, "DataLoader.Eval.Query"
+        )
         self.gallery_loader = (
-            build_eval_loader(eval_data.Gallery, context, seed) if eval_data.Gallery else None
+            build_eval_loader(eval_data.Gallery, context, seed, "DataLoader.Eval.Gallery")
+            if eval_data.Gallery
+            else None
         )
         metric_items = (config.Metric.Eval if config.Metric else None) or [
             {"Recallk": {"topk": [1, 5]}},

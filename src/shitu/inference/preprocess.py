@@ -8,18 +8,17 @@ decoder for formats OpenCV lacks and for Pillow-only filters.
 
 from __future__ import annotations
 
-import io
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from shitu.config import ShituConfig
 from shitu.data.transforms._base import interpolation_name, pair, pil_filter
-from shitu.data.transforms.ops import NormalizeImage, UnreadableImageError, to_rgb8
+from shitu.data.transforms.ops import NormalizeImage, UnreadableImageError, decode_rgb_image
 from shitu.errors import ConfigError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -202,20 +201,12 @@ def decode_rgb(data: bytes | np.ndarray) -> np.ndarray:
     """Encoded image bytes -> RGB uint8 HxWx3, decoded as `read_rgb` decodes files, so an
     upload gives the same pixels (and features) as the same file on disk."""
     buffer = np.frombuffer(data, np.uint8)
-    if buffer.size == 0:
-        raise UnreadableImageError("the file is empty")
-    image = cv2.imdecode(buffer, cv2.IMREAD_COLOR)
+    image = cv2.imdecode(buffer, cv2.IMREAD_COLOR) if buffer.size else None
     if image is not None:
         return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-    try:  # formats OpenCV does not read (e.g. GIF); also gives a readable reason
-        with Image.open(io.BytesIO(buffer.tobytes())) as opened:
-            opened.load()
-            rgb = to_rgb8(ImageOps.exif_transpose(opened))
-    except UnidentifiedImageError:  # its message names an in-memory buffer, not the file
-        raise UnreadableImageError("not a readable image (unknown or corrupt format)") from None
-    except Exception as exc:  # any decoder failure means a corrupt or unsupported file
-        raise UnreadableImageError(f"not a readable image ({type(exc).__name__}: {exc})") from None
-    return np.asarray(rgb)
+    # Formats OpenCV does not read (e.g. GIF) through Pillow, which also says why a file
+    # cannot be read.
+    return np.asarray(decode_rgb_image(buffer.tobytes()))
 
 
 def _eval_ops(config: ShituConfig) -> list[dict[str, Any]]:

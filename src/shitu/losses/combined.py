@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from shitu.errors import ConfigError
 from shitu.registry import LOSSES
+
+if TYPE_CHECKING:
+    from shitu.models.rec_model import RecModel
 
 # Keys of a loss item that belong to the combiner, not to the loss's constructor
 # (`feature_from` is PaddleClas's name for `input_key`).
@@ -54,9 +58,17 @@ class CombinedLoss(nn.Module):
             self.input_keys.append(input_key)
             self.losses.append(loss)
 
-    def attach(self, model: nn.Module) -> None:
-        """Give losses that read the model itself (feature distillation) the model, once
-        its starting weights are loaded."""
+    def attach(self, model: RecModel) -> None:
+        """Check that `model` gives every output a loss reads, before the first step; give
+        losses that read the model itself (feature distillation) the model, once its
+        starting weights are loaded."""
+        for name, key in zip(self.names, self.input_keys, strict=True):
+            if key not in model.output_keys:
+                raise ConfigError(
+                    f"Loss.Train: {name} reads model output '{key}', which this model does "
+                    f"not produce (it gives {', '.join(model.output_keys)}); add an Arch.Head "
+                    f"or set {name}.input_key"
+                )
         for loss in self.losses:
             if hasattr(loss, "attach"):
                 loss.attach(model)
@@ -70,11 +82,6 @@ class CombinedLoss(nn.Module):
         for name, weight, key, loss in zip(
             self.names, self.weights, self.input_keys, self.losses, strict=True
         ):
-            if key not in outputs:
-                raise ValueError(
-                    f"loss {name} reads model output '{key}', which this model does not produce "
-                    f"(it gives {', '.join(outputs)}); add a Head or set {name}.input_key"
-                )
             value = loss(outputs[key].float(), labels)
             parts[name if name not in parts else f"{name}_{len(parts)}"] = value.detach()
             total = weight * value if total is None else total + weight * value

@@ -54,6 +54,12 @@ class RecModel(nn.Module):
             module.eval()
         return self
 
+    @property
+    def output_keys(self) -> tuple[str, ...]:
+        """The keys `forward` returns, known before any image goes through."""
+        neck = ("neck",) if self.neck is not None else ()
+        return ("backbone", *neck, "features", *(("logits",) if self.head is not None else ()))
+
     def forward(
         self, x: torch.Tensor, label: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:

@@ -44,7 +44,7 @@ class GroceryStoreDataset(ImageDataset):
     ):
         listings = [cls_label_path] if isinstance(cls_label_path, str) else list(cls_label_path)
         if not listings:
-            raise DataError("dataset: cls_label_path names no label file")
+            raise DataError("cls_label_path names no label file")
         where = f"label file {' + '.join(listings)}"
         super().__init__(transform_ops, skip_corrupt, where)
         self.image_root = image_root
@@ -63,7 +63,7 @@ class GroceryStoreDataset(ImageDataset):
                     )
                 file, lines = class_file, read_iconic_listing(class_file)
             else:
-                file, lines = listing, read_lines(listing, "dataset")
+                file, lines = listing, read_lines(listing, "cls_label_path")
             for number, line in lines:
                 relative, label = _parse_line(file, number, line, column)
                 path = os.path.join(image_root, relative)

@@ -49,7 +49,7 @@ class LabelFileDataset(ImageDataset):
         self.relabel = relabel
         self.label_map: dict[int | str, int] | None = None
         check_root(image_root, where)
-        lines = read_lines(cls_label_path, "dataset")
+        lines = read_lines(cls_label_path, "cls_label_path")
         if not lines:
             raise DataError(f"{where}: lists no images")
         rows = [self._split(number, line, delimiter) for number, line in lines]

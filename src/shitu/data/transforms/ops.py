@@ -13,7 +13,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from PIL import Image, ImageEnhance, ImageOps
+from PIL import Image, ImageEnhance, ImageOps, UnidentifiedImageError
 
 from shitu.data.transforms._base import (
     Stage,
@@ -99,6 +99,8 @@ def _decode(data: bytes) -> Image.Image:
         image = Image.open(io.BytesIO(data))
         image.load()
         transposed = ImageOps.exif_transpose(image)
+    except UnidentifiedImageError:  # its message names an in-memory stream, not the file
+        raise UnreadableImageError("cannot decode image: unknown or corrupt format") from None
     except Exception as exc:  # any decoder failure means a corrupt or unsupported file
         raise UnreadableImageError(f"cannot decode image ({type(exc).__name__}: {exc})") from exc
     return transposed if transposed is not None else image
