@@ -201,7 +201,10 @@ def decode_rgb(data: bytes | np.ndarray) -> np.ndarray:
     """Encoded image bytes -> RGB uint8 HxWx3, decoded as `read_rgb` decodes files, so an
     upload gives the same pixels (and features) as the same file on disk."""
     buffer = np.frombuffer(data, np.uint8)
-    image = cv2.imdecode(buffer, cv2.IMREAD_COLOR) if buffer.size else None
+    try:
+        image = cv2.imdecode(buffer, cv2.IMREAD_COLOR) if buffer.size else None
+    except cv2.error:  # e.g. over OpenCV's pixel limit: Pillow, below, says why
+        image = None
     if image is not None:
         return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
     # Formats OpenCV does not read (e.g. GIF) through Pillow, which also says why a file
