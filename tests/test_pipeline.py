@@ -354,6 +354,26 @@ def test_recognize_cli_skips_an_image_over_opencvs_pixel_limit(setup, tmp_path, 
     assert f"skipped {folder / 'huge.png'}: cannot decode image (DecompressionBombError" in err
 
 
+def test_save_vis_refuses_the_folder_of_the_input_photos(setup, grocery, tmp_path, capsys):
+    """Annotated copies take the photos' names: written into the photos' own folder they
+    replaced the user's photos with the annotated copies."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    photo = folder / "photo.jpg"
+    original = setup["queries"][0].path.read_bytes()
+    photo.write_bytes(original)
+    common = ["--gallery", str(setup["library"]), "--model", str(setup["model"]), "--no-progress"]
+    detector = grocery.parent.parent / "models" / "picodet_s_coco" / "picodet_s_320_coco.onnx"
+    for command in (["recognize", *common], ["detect", "--model", str(detector)]):
+        for vis in (folder, tmp_path / "photos" / ".." / "photos"):
+            assert shitu_main([*command, str(folder), "--save-vis", str(vis)]) == 2
+            err = capsys.readouterr().err
+            assert f"error: --save-vis {vis}: holds input images ({photo})" in err
+    assert photo.read_bytes() == original and list(folder.iterdir()) == [photo]
+    assert shitu_main(["recognize", *common, str(folder), "--save-vis", str(folder / "vis")]) == 0
+    assert photo.read_bytes() == original and (folder / "vis" / "photo.jpg").is_file()
+
+
 def test_eval_pipeline_cli_reports_the_pipeline_recall(setup, recognizer, capsys):
     with recognizer() as rec:
         expected = evaluate_pipeline(rec, setup["queries"]).to_dict()

@@ -171,7 +171,16 @@ class VisualisationWriter:
     """Saves annotated copies under one folder, with unique names for same-named images
     (photos from different folders often share names)."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, inputs: Iterable[Path] = ()) -> None:
+        """`inputs`: the images to annotate. A folder holding one of them is refused: the
+        copies, named after the images, would write over the user's photos."""
+        here = folder.resolve()
+        inside = next((image for image in inputs if image.parent.resolve() == here), None)
+        if inside is not None:
+            raise DataError(
+                f"--save-vis {folder}: holds input images ({inside}), and the annotated "
+                "copies take the images' names: choose another folder"
+            )
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:  # a file there, or in the way on its path, or no permission

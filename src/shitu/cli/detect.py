@@ -47,7 +47,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--per-class", action="store_true", help="NMS per class instead of class-agnostic"
     )
-    parser.add_argument("--save-vis", metavar="DIR", help="write images with boxes drawn here")
+    parser.add_argument(
+        "--save-vis",
+        metavar="DIR",
+        help="write images with boxes drawn here, as JPEG named after them (not their folder)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -68,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
             f"--class-names {args.class_names}: {len(names)} names, but the detector scores "
             f"{detector.num_classes} classes"
         )
-    writer = VisualisationWriter(Path(args.save_vis)) if args.save_vis else None
+    writer = VisualisationWriter(Path(args.save_vis), paths) if args.save_vis else None
     done = 0
     for path in map(str, paths):
         try:

@@ -93,7 +93,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("images", nargs="+", help="image files and/or folders")
     add_pipeline_arguments(parser)
     parser.add_argument("--format", choices=("jsonl", "table"), default="jsonl")
-    parser.add_argument("--save-vis", type=Path, metavar="DIR", help="write annotated images")
+    parser.add_argument(
+        "--save-vis",
+        type=Path,
+        metavar="DIR",
+        help="write annotated copies here, as JPEG named after the images (not their folder)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
 
@@ -121,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
 
     paths, folder = expand_images(args.images)
     config = pipeline_config_from_args(args)
-    writer = VisualisationWriter(args.save_vis) if args.save_vis else None
+    writer = VisualisationWriter(args.save_vis, paths) if args.save_vis else None
     progress = not args.no_progress and (folder or len(paths) > 1)
     skipped = 0
     with Recognizer.from_config(config) as recognizer:
