@@ -50,8 +50,9 @@ def add_pipeline_arguments(
     parser.add_argument(
         "--score-thres",
         type=cosine_similarity,
-        help="cosine similarity a result needs (default: the model's calibrated threshold, "
-        f"else {DEFAULT_SCORE_THRES})",
+        help="cosine similarity a result needs (default: the config's "
+        "IndexProcess.score_thres, else the model's calibrated threshold, else "
+        f"{DEFAULT_SCORE_THRES})",
     )
     parser.add_argument(
         "--threads", type=positive_int, help="CPU threads for the recognition model"
