@@ -232,7 +232,10 @@ def test_skip_corrupt_drops_bad_images_at_start_up(grocery: Path, tmp_path: Path
     assert dataset[1][0].shape == (3, 5, 5)
     # An image that breaks after the check still fails loudly.
     (tmp_path / "good2.png").write_bytes(b"broken later")
-    with pytest.raises(DataError, match="good2.png: cannot decode image: unknown or corrupt format.*passed the start-up"):
+    with pytest.raises(
+        DataError,
+        match="good2.png: cannot decode image: unknown or corrupt format.*passed the start-up",
+    ):
         dataset[1]
     label_file.write_text("truncated.jpg 1\n")
     with pytest.raises(DataError, match="none of the listed images can be read"):
