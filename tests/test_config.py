@@ -9,6 +9,7 @@ import pytest
 
 from shitu.cli.main import main as shitu_main
 from shitu.config import apply_overrides, load_config, parse_override, shipped_configs
+from shitu.config.overrides import load_yaml
 from shitu.errors import ConfigError
 
 MINIMAL = """
@@ -213,6 +214,12 @@ def test_missing_and_malformed_files(tmp_path):
     binary.write_bytes(bytes(range(256)))
     with pytest.raises(ConfigError, match="photo.yaml: not a YAML config"):
         load_config(binary)
+    repeated = tmp_path / "repeated.yaml"  # the second Loss would silently replace the first
+    repeated.write_text(MINIMAL + "Loss:\n  Train: []\n")
+    with pytest.raises(ConfigError, match=r"repeated.yaml: invalid YAML .*duplicate key 'Loss'"):
+        load_config(repeated)
+    # A key after a merge (<<) overrides the merged one, as YAML means: not a repeat.
+    assert load_yaml("base: &b {a: 1, c: 3}\nmine:\n  <<: *b\n  a: 2\n")["mine"] == {"a": 2, "c": 3}
     scalar = tmp_path / "scalar.yaml"
     scalar.write_text("just a string\n")
     with pytest.raises(ConfigError, match="top level must be a mapping"):

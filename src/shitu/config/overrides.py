@@ -15,7 +15,25 @@ _TOKEN = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
 class YamlLoader(yaml.SafeLoader):
     """PyYAML's safe loader, except that exponent notation without a dot (`1e-5`, common in
     learning rates) is a number, as in YAML 1.2 and PaddleClas's `-o`; YAML 1.1 makes it
-    a string, which the config then rejects or compares as text."""
+    a string, which the config then rejects or compares as text. A key repeated in one
+    mapping is an error: PyYAML would keep the last silently, dropping the first's
+    settings (two `Global:` sections)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set[tuple[str, str]] = set()
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
+                continue
+            key = (key_node.tag, key_node.value)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping",
+                    node.start_mark,
+                    f"duplicate key '{key_node.value}'",
+                    key_node.start_mark,
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 YamlLoader.add_implicit_resolver(
