@@ -272,6 +272,7 @@ def test_weighted_average_adds_a_run_to_an_existing_soup(tmp_path):
     for options, message in [
         (["--weighting", "3"], "1 weights given for 2 weight files"),
         (["--weighting", "1", "0"], "each must be positive"),
+        (["--weighting", "inf", "1"], "each must be positive and finite"),
     ]:
         result = run_shitu("average", str(three), str(paths[3]), *options,
                            "--out", str(tmp_path / "refused.safetensors"))  # fmt: skip

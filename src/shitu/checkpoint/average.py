@@ -10,6 +10,7 @@ knew about other domains, often at little cost on the fine-tuning data.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -41,8 +42,8 @@ def average_weights(
         raise CheckpointError(
             f"{len(weighting)} weights given for {len(paths)} weight files: give one per file"
         )
-    if not all(weight > 0 for weight in weighting):
-        raise CheckpointError(f"weights {weighting}: each must be positive")
+    if not all(math.isfinite(weight) and weight > 0 for weight in weighting):  # inf: NaN soup
+        raise CheckpointError(f"weights {weighting}: each must be positive and finite")
     total = sum(weighting)
     first_path = paths[0]
     first, metadata = read_weights(first_path)
