@@ -160,6 +160,23 @@ def test_missing_weight_file(tmp_path):
         load_weights(make_model(), tmp_path / "none.safetensors")
 
 
+def test_average_names_what_it_cannot_read(tmp_path):
+    """`shitu average` of a .pdparams or an export folder says what to give instead (it
+    used to call an existing folder "not found" and list .pdparams as expected)."""
+    model = make_model()
+    run = save_weights(model.state_dict(), tmp_path / "run.safetensors")
+    to_pdparams(model, tmp_path / "paddle.pdparams")
+    (tmp_path / "export").mkdir()
+    for other, message in [
+        ("paddle.pdparams", "paddle.pdparams: .pdparams need a model to be read; `shitu convert`"),
+        ("export", "export is a folder: give a weight file"),
+    ]:
+        result = run_shitu("average", str(run), str(tmp_path / other),
+                           "--out", str(tmp_path / "soup.safetensors"))  # fmt: skip
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+
+
 def test_save_refuses_unknown_suffix(tmp_path):
     with pytest.raises(CheckpointError, match="use a .safetensors, .pt or .pth"):
         save_weights({}, tmp_path / "x.bin")

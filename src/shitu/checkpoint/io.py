@@ -77,8 +77,16 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
     Plain torch state dicts (and dicts with a 'state_dict' or 'model' entry) are accepted too.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(
+            f"{path} is a folder: give a weight file (an exported model's is its model.safetensors)"
+        )
     if not path.is_file():
         raise CheckpointError(f"weight file not found: {path}")
+    if path.suffix == ".pdparams":  # its names and layouts depend on the model it goes into
+        raise CheckpointError(
+            f"{path}: .pdparams need a model to be read; `shitu convert` it first"
+        )
     if path.suffix == ".safetensors":
         try:
             with safe_open(str(path), framework="pt") as handle:
