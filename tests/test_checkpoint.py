@@ -309,6 +309,15 @@ def test_average_weights_refuses_files_of_different_models(tmp_path):
     other_arch = save_weights(state, tmp_path / "b.safetensors", model_metadata(model, {"x": 1}))
     with pytest.raises(CheckpointError, match=r"b\.safetensors: its shitu\.arch differs"):
         average_weights([base, other_arch])
+    # what only steers training may differ between the runs of a soup
+    trained = dict(ARCH, frozen_layers=["backbone.stem"])
+    trained["Backbone"] = dict(ARCH["Backbone"], pretrained="imagenet.safetensors")
+    frozen = save_weights(state, tmp_path / "e.safetensors", model_metadata(model, trained))
+    assert average_weights([base, frozen])[1] == metadata
+    other_neck = dict(trained, Neck={"name": "BNNeck", "num_features": 64, "bias_frozen": True})
+    other_neck = save_weights(state, tmp_path / "f.safetensors", model_metadata(model, other_neck))
+    with pytest.raises(CheckpointError, match=r"f\.safetensors: its shitu\.arch differs"):
+        average_weights([base, other_neck])
     fewer = {k: v for k, v in state.items() if not k.startswith("head.")}
     fewer_path = save_weights(fewer, tmp_path / "c.safetensors", metadata)
     with pytest.raises(CheckpointError, match=r"only there: \['head\."):

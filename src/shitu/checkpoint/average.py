@@ -10,6 +10,7 @@ knew about other domains, often at little cost on the fine-tuning data.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -21,6 +22,24 @@ from shitu.errors import CheckpointError
 # Metadata that must agree: averaging different architectures or a folded with an
 # unfolded model would give a file that loads but computes nonsense.
 MUST_MATCH = (ARCH, REPARAMETERIZED)
+
+
+def _compared(metadata: dict[str, str], key: str) -> object:
+    """`metadata[key]`, for the ARCH config without what only steers training (which
+    layers were frozen, where the backbone's initial weights came from): soups mix runs
+    that differ in those."""
+    if key != ARCH or key not in metadata:
+        return metadata.get(key)
+    try:
+        arch = json.loads(metadata[key])
+    except ValueError:
+        return metadata[key]
+    if not isinstance(arch, dict):
+        return arch
+    arch.pop("frozen_layers", None)
+    if isinstance(arch.get("Backbone"), dict):
+        arch["Backbone"].pop("pretrained", None)
+    return arch
 
 
 def average_weights(
@@ -55,7 +74,7 @@ def average_weights(
     for path, weight in zip(paths[1:], weighting[1:], strict=True):
         state, other_metadata = read_weights(path)
         for key in MUST_MATCH:
-            if metadata.get(key) != other_metadata.get(key):
+            if _compared(metadata, key) != _compared(other_metadata, key):
                 raise CheckpointError(
                     f"{path}: its {key} differs from {first_path}'s; "
                     "only weights of the same model can be averaged"
