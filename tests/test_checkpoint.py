@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pickle
@@ -158,6 +159,19 @@ def test_corrupt_weight_files(tmp_path, name, content, message):
 def test_missing_weight_file(tmp_path):
     with pytest.raises(CheckpointError, match="weight file not found"):
         load_weights(make_model(), tmp_path / "none.safetensors")
+
+
+def test_info_no_head_loads_a_checkpoint_with_a_head(tmp_path):
+    """`shitu info --no-head --weights best_model.safetensors` leaves the head's tensors out,
+    as `shitu convert --no-head` does, instead of refusing them as not in the model."""
+    model = make_model()
+    weights = save_weights(model.state_dict(), tmp_path / "best_model.safetensors")
+    config = tmp_path / "tiny.yaml"
+    config.write_text(json.dumps({"Arch": ARCH, "Global": {"image_shape": [3, 64, 64]}}))
+    result = run_shitu("info", "-c", str(config), "--no-head", "--weights", str(weights),
+                       "--batch-size", "1")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "out features 1 x 64" in result.stdout
 
 
 def test_average_names_what_it_cannot_read(tmp_path):

@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     model = model_from_config(config, args, pretrained=not args.weights).eval()
     if args.weights:
-        load_weights(model, args.weights)
+        load_weights(model, args.weights, ignore_prefixes=("head.",) if args.no_head else ())
     if args.reparameterize:
         model.reparameterize()
     channels, height, width = config.Global.image_shape
