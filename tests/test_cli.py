@@ -28,6 +28,18 @@ def test_info_builds_the_shipped_model():
     assert "out features 2 x 512" in result.stdout
 
 
+def test_info_names_stages_that_do_not_fit():
+    # A head sized for the 512-d neck gets the pooled backbone output (1280-d for
+    # EfficientNet-Lite0) once the neck is gone: one line, not a traceback.
+    result = run_shitu(
+        "info", "-c", "GroceryStore_EfficientNetLite0", "--batch-size", "1",
+        "-o", "Arch.BackboneStopLayer.name=flatten", "Arch.Neck=null",
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: Arch: the model fails on a 1 x 3 x 224 x 224 batch")
+    assert "Head.embedding_size" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_info_reparameterized_has_fewer_parameters():
     plain = run_shitu("info", "--no-head", "--batch-size", "1")
     folded = run_shitu("info", "--no-head", "--batch-size", "1", "--reparameterize")
