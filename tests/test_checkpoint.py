@@ -196,6 +196,21 @@ def test_save_refuses_unknown_suffix(tmp_path):
         save_weights({}, tmp_path / "x.bin")
 
 
+def test_unwritable_output_is_a_clear_error(tmp_path):
+    """An --out that names a folder, or lies under a file, is a one-line error (it was an
+    IsADirectoryError traceback after the work was done)."""
+    model = make_model()
+    runs = [save_weights(make_model(seed=s).state_dict(), tmp_path / f"r{s}.pt") for s in (0, 1)]
+    (tmp_path / "soup.safetensors").mkdir()
+    result = run_shitu("average", *map(str, runs), "--out", str(tmp_path / "soup.safetensors"))
+    assert result.returncode == 2, result.stderr
+    assert f"cannot write {tmp_path / 'soup.safetensors'}: Is a directory" in result.stderr
+    assert "Traceback" not in result.stderr
+    with pytest.raises(CheckpointError, match="cannot write .*r0.pt/m.safetensors"):
+        save_weights(model.state_dict(), runs[0] / "m.safetensors")
+    assert not list(tmp_path.glob(".*"))  # no temporary file left behind
+
+
 def test_load_pretrained_backbone_skips_what_does_not_fit(tmp_path):
     classifier = BACKBONES.build("PPLCNetV2_small", class_num=10)
     to_pdparams(classifier, tmp_path / "imagenet.pdparams")
