@@ -315,6 +315,13 @@ def test_weighted_average_adds_a_run_to_an_existing_soup(tmp_path):
             plain = (read_weights(three)[0][name] + read_weights(paths[3])[0][name]) / 2
             moved += not torch.allclose(plain, tensor, atol=1e-6, rtol=1e-5)
     assert moved > 0
+    # only the ratio counts: weights whose sum overflows (or underflows) give the same soup
+    for weighting in (["3e307", "1e307"], ["3e-320", "1e-320"]):
+        result = run_shitu("average", str(three), str(paths[3]), "--weighting", *weighting,
+                           "--out", str(grown))  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        for name, tensor in read_weights(grown)[0].items():
+            torch.testing.assert_close(tensor, expected[name], atol=1e-6, rtol=1e-5)
     for options, message in [
         (["--weighting", "3"], "1 weights given for 2 weight files"),
         (["--weighting", "1", "0"], "each must be positive"),
