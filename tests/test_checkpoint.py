@@ -144,6 +144,9 @@ def test_pdparams_reader_refuses_code(tmp_path):
     [
         ("bad.pdparams", b"not a pickle", "is not a readable .pdparams file"),
         ("list.pdparams", pickle.dumps([1, 2]), "is not a .pdparams state dict"),
+        # corrupt lengths: a frame past the maximum, bytes past memory (both were tracebacks)
+        ("frame.pdparams", b"\x80\x04\x95" + (2**63).to_bytes(8, "little"), "FRAME length"),
+        ("huge.pdparams", b"\x80\x04\x8e" + (2**62).to_bytes(8, "little"), "corrupt length"),
         ("bad.safetensors", b"\x00" * 16, "is not a readable safetensors file"),
         ("bad.pt", b"garbage", "is not a readable torch checkpoint"),
         ("weights.bin", b"", "unsupported weight file"),
