@@ -416,3 +416,21 @@ def test_pretrained_share_moves_only_the_named_layers_back_to_the_initialisation
     other = {"backbone.head.conv.weight": torch.zeros(3, 3)}  # a config of another model
     with pytest.raises(CheckpointError, match="does the config build the same model"):
         interpolate_toward(tuned, other, 0.2, ["backbone.head"])
+
+
+def test_pretrained_share_refuses_folded_weights(tmp_path):
+    """Folded weights have none of the config's rep-branch tensors: the error says so, not
+    that the config builds another model."""
+    start = save_weights(make_model(seed=1).state_dict(), tmp_path / "start.safetensors")
+    folded = make_model().reparameterize()
+    path = save_weights(
+        folded.state_dict(), tmp_path / "folded.safetensors", model_metadata(folded, ARCH)
+    )
+    arch = dict(ARCH, Backbone=dict(ARCH["Backbone"], pretrained=str(start)))
+    config = tmp_path / "tiny.yaml"
+    config.write_text(json.dumps({"Arch": arch, "Global": {"image_shape": [3, 64, 64]}}))
+    result = run_shitu("average", str(path), "--pretrained-share", "0.2", "--layers", "backbone",
+                       "-c", str(config), "--out", str(tmp_path / "mixed.safetensors"))  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "folded.safetensors holds folded (re-parameterised) weights" in result.stderr
+    assert not (tmp_path / "mixed.safetensors").exists()
