@@ -144,6 +144,9 @@ def test_pdparams_reader_refuses_code(tmp_path):
     [
         ("bad.pdparams", b"not a pickle", "is not a readable .pdparams file"),
         ("list.pdparams", pickle.dumps([1, 2]), "is not a .pdparams state dict"),
+        # corrupt lengths: a frame past the maximum, bytes past memory (both were tracebacks)
+        ("frame.pdparams", b"\x80\x04\x95" + (2**63).to_bytes(8, "little"), "FRAME length"),
+        ("huge.pdparams", b"\x80\x04\x8e" + (2**62).to_bytes(8, "little"), "corrupt length"),
         ("bad.safetensors", b"\x00" * 16, "is not a readable safetensors file"),
         ("bad.pt", b"garbage", "is not a readable torch checkpoint"),
         ("weights.bin", b"", "unsupported weight file"),
@@ -194,6 +197,21 @@ def test_average_names_what_it_cannot_read(tmp_path):
 def test_save_refuses_unknown_suffix(tmp_path):
     with pytest.raises(CheckpointError, match="use a .safetensors, .pt or .pth"):
         save_weights({}, tmp_path / "x.bin")
+
+
+def test_unwritable_output_is_a_clear_error(tmp_path):
+    """An --out that names a folder, or lies under a file, is a one-line error (it was an
+    IsADirectoryError traceback after the work was done)."""
+    model = make_model()
+    runs = [save_weights(make_model(seed=s).state_dict(), tmp_path / f"r{s}.pt") for s in (0, 1)]
+    (tmp_path / "soup.safetensors").mkdir()
+    result = run_shitu("average", *map(str, runs), "--out", str(tmp_path / "soup.safetensors"))
+    assert result.returncode == 2, result.stderr
+    assert f"cannot write {tmp_path / 'soup.safetensors'}: Is a directory" in result.stderr
+    assert "Traceback" not in result.stderr
+    with pytest.raises(CheckpointError, match="cannot write .*r0.pt/m.safetensors"):
+        save_weights(model.state_dict(), runs[0] / "m.safetensors")
+    assert not list(tmp_path.glob(".*"))  # no temporary file left behind
 
 
 def test_load_pretrained_backbone_skips_what_does_not_fit(tmp_path):
@@ -300,6 +318,13 @@ def test_weighted_average_adds_a_run_to_an_existing_soup(tmp_path):
             plain = (read_weights(three)[0][name] + read_weights(paths[3])[0][name]) / 2
             moved += not torch.allclose(plain, tensor, atol=1e-6, rtol=1e-5)
     assert moved > 0
+    # only the ratio counts: weights whose sum overflows (or underflows) give the same soup
+    for weighting in (["3e307", "1e307"], ["3e-320", "1e-320"]):
+        result = run_shitu("average", str(three), str(paths[3]), "--weighting", *weighting,
+                           "--out", str(grown))  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        for name, tensor in read_weights(grown)[0].items():
+            torch.testing.assert_close(tensor, expected[name], atol=1e-6, rtol=1e-5)
     for options, message in [
         (["--weighting", "3"], "1 weights given for 2 weight files"),
         (["--weighting", "1", "0"], "each must be positive"),
@@ -391,3 +416,21 @@ def test_pretrained_share_moves_only_the_named_layers_back_to_the_initialisation
     other = {"backbone.head.conv.weight": torch.zeros(3, 3)}  # a config of another model
     with pytest.raises(CheckpointError, match="does the config build the same model"):
         interpolate_toward(tuned, other, 0.2, ["backbone.head"])
+
+
+def test_pretrained_share_refuses_folded_weights(tmp_path):
+    """Folded weights have none of the config's rep-branch tensors: the error says so, not
+    that the config builds another model."""
+    start = save_weights(make_model(seed=1).state_dict(), tmp_path / "start.safetensors")
+    folded = make_model().reparameterize()
+    path = save_weights(
+        folded.state_dict(), tmp_path / "folded.safetensors", model_metadata(folded, ARCH)
+    )
+    arch = dict(ARCH, Backbone=dict(ARCH["Backbone"], pretrained=str(start)))
+    config = tmp_path / "tiny.yaml"
+    config.write_text(json.dumps({"Arch": arch, "Global": {"image_shape": [3, 64, 64]}}))
+    result = run_shitu("average", str(path), "--pretrained-share", "0.2", "--layers", "backbone",
+                       "-c", str(config), "--out", str(tmp_path / "mixed.safetensors"))  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "folded.safetensors holds folded (re-parameterised) weights" in result.stderr
+    assert not (tmp_path / "mixed.safetensors").exists()

@@ -148,3 +148,18 @@ def test_train_limits_must_be_positive():
     assert steps.returncode == minutes.returncode == 2
     assert "--stop-after-steps: expected a whole number >= 1, got -3" in steps.stderr
     assert "--time-limit: expected a number of minutes above 0, got 0.0" in minutes.stderr
+
+
+def test_extract_refuses_a_folder_for_out_before_embedding(tmp_path):
+    """`--out` naming a folder is refused up front (it was a traceback after every image
+    had been embedded)."""
+    image = tmp_path / "a.jpg"
+    image.write_bytes(b"never read")
+    (tmp_path / "feats.npy").mkdir()
+    for out in (tmp_path / "feats", tmp_path / "feats.npy", "."):
+        result = run_shitu("extract", str(image), "--out", str(out))
+        assert result.returncode == 2, result.stderr
+        assert (
+            result.stderr
+            == f"error: --out {out}: names a folder; give a file prefix such as feats\n"
+        )

@@ -63,6 +63,8 @@ def average_weights(
         )
     if not all(math.isfinite(weight) and weight > 0 for weight in weighting):  # inf: NaN soup
         raise CheckpointError(f"weights {weighting}: each must be positive and finite")
+    largest = max(weighting)  # relative to it: a sum of huge weights is inf (a NaN soup)
+    weighting = [weight / largest for weight in weighting]
     total = sum(weighting)
     first_path = paths[0]
     first, metadata = read_weights(first_path)

@@ -68,7 +68,10 @@ def save_weights(
         else:
             torch.save({"state_dict": tensors, "metadata": metadata}, tmp)
 
-    return write_atomically(path, write)
+    try:
+        return write_atomically(path, write)
+    except OSError as exc:  # a folder of that name, a file in the way of its folder, no space
+        raise CheckpointError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -49,8 +49,17 @@ def read_pdparams(path: str | Path) -> dict[str, np.ndarray]:
         raise CheckpointError(f"weight file not found: {path}") from None
     except OSError as exc:  # a folder, no permission, ...
         raise CheckpointError(f"cannot read weight file {path}: {exc.strerror or exc}") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as exc:
-        raise CheckpointError(f"{path} is not a readable .pdparams file: {exc}") from None
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        ValueError,
+        TypeError,
+        AttributeError,
+        OverflowError,  # a corrupt length field: a frame or array larger than memory
+        MemoryError,
+    ) as exc:
+        reason = str(exc) or "a corrupt length field"
+        raise CheckpointError(f"{path} is not a readable .pdparams file: {reason}") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path} is not a .pdparams state dict (found {type(data).__name__})")
     state = {k: v for k, v in data.items() if k != _STRUCTURE_KEY}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from shitu.checkpoint import average_weights, interpolate_toward, read_weights, save_weights
+from shitu.checkpoint.io import REPARAMETERIZED
 from shitu.cli.common import add_config_arguments, config_from_args, model_from_config
 from shitu.errors import CheckpointError, ConfigError
 
@@ -63,6 +64,11 @@ def run(args: argparse.Namespace) -> int:
         state, metadata = read_weights(args.weights[0])
         done = args.weights[0]
     if args.pretrained_share is not None:
+        if metadata.get(REPARAMETERIZED) == "true":  # its tensors are not the config's
+            raise CheckpointError(
+                f"{args.weights[0]} holds folded (re-parameterised) weights: mix the "
+                "checkpoint they were folded from"
+            )
         config = config_from_args(args)
         if not config.Arch.Backbone.params.get("pretrained"):
             raise ConfigError(

@@ -49,6 +49,12 @@ def run(args: argparse.Namespace) -> int:
     files, _ = expand_images(args.inputs)
     if any("\n" in str(f) for f in files):
         raise DataError("a file name contains a line break; it cannot go into the paths list")
+    out = Path(args.out)
+    if out.suffix.lower() in (".npy", ".txt"):  # a file name given for the prefix
+        out = out.with_suffix("")
+    targets = [out.parent / f"{out.name}{suffix}" for suffix in (".npy", ".txt")]
+    if not out.name or any(target.is_dir() for target in targets):  # now, not after embedding
+        raise DataError(f"--out {args.out}: names a folder; give a file prefix such as feats")
     extractor = FeatureExtractor.load(
         args.model or default_model_dir(),
         args.runtime,
@@ -68,19 +74,14 @@ def run(args: argparse.Namespace) -> int:
             f"error: none of the {len(files)} files could be read, nothing written", file=sys.stderr
         )
         return 1
-    out = Path(args.out)
-    if out.suffix.lower() in (".npy", ".txt"):  # a file name given for the prefix
-        out = out.with_suffix("")
 
     def save_features(tmp: Path) -> None:
         with tmp.open("wb") as handle:  # a file name would get a second .npy appended
             np.save(handle, result.features)
 
-    write_atomically(out.with_name(out.name + ".npy"), save_features)
+    write_atomically(targets[0], save_features)
     text = "".join(f"{p}\n" for p in result.paths)
-    write_atomically(
-        out.with_name(out.name + ".txt"), lambda tmp: tmp.write_text(text, encoding="utf-8")
-    )
+    write_atomically(targets[1], lambda tmp: tmp.write_text(text, encoding="utf-8"))
     rate = len(result.paths) / seconds if seconds > 0 else 0.0
     print(
         f"embedded {count_of(len(result.paths), 'image')} ({extractor.embedding_size}-d, "
