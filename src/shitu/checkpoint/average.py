@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from shitu.checkpoint.io import ARCH, REPARAMETERIZED, read_weights
+from shitu.checkpoint.io import ARCH, REPARAMETERIZED, read_weights, weight_shaping_arch
 from shitu.errors import CheckpointError
 
 # Metadata that must agree: averaging different architectures or a folded with an
@@ -25,21 +25,15 @@ MUST_MATCH = (ARCH, REPARAMETERIZED)
 
 
 def _compared(metadata: dict[str, str], key: str) -> object:
-    """`metadata[key]`, for the ARCH config without what only steers training (which
-    layers were frozen, where the backbone's initial weights came from): soups mix runs
-    that differ in those."""
+    """`metadata[key]`; for the ARCH config, only what shapes the weights (soups mix runs
+    that differ in which layers were frozen or where their starting weights came from)."""
     if key != ARCH or key not in metadata:
         return metadata.get(key)
     try:
         arch = json.loads(metadata[key])
     except ValueError:
         return metadata[key]
-    if not isinstance(arch, dict):
-        return arch
-    arch.pop("frozen_layers", None)
-    if isinstance(arch.get("Backbone"), dict):
-        arch["Backbone"].pop("pretrained", None)
-    return arch
+    return weight_shaping_arch(arch) if isinstance(arch, dict) else arch
 
 
 def average_weights(

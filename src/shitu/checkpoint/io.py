@@ -6,6 +6,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -117,6 +118,21 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
     raise CheckpointError(
         f"unsupported weight file {path}: expected one of {', '.join(WEIGHT_SUFFIXES)}"
     )
+
+
+# Arch settings that only steer training (which layers are frozen): two runs or exports
+# differing only in them have weights of one model and give the same features.
+TRAINING_ONLY_ARCH = ("frozen_layers",)
+
+
+def weight_shaping_arch(arch: dict[str, Any]) -> dict[str, Any]:
+    """An Arch config (as JSON data) without its training-only settings and without where
+    the backbone's starting weights came from: soups mix runs that differ only there."""
+    shaping = {name: value for name, value in arch.items() if name not in TRAINING_ONLY_ARCH}
+    if isinstance(shaping.get("Backbone"), dict):
+        backbone = shaping["Backbone"]
+        shaping["Backbone"] = {name: v for name, v in backbone.items() if name != "pretrained"}
+    return shaping
 
 
 def _training_state_metadata(payload: dict) -> dict[str, str]:

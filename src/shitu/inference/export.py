@@ -28,6 +28,7 @@ from torch import nn
 
 from shitu import __version__
 from shitu.checkpoint import load_weights, model_metadata, save_weights
+from shitu.checkpoint.io import TRAINING_ONLY_ARCH
 from shitu.config import ArchConfig, ShituConfig
 from shitu.errors import CheckpointError, ShituError
 from shitu.fileio import file_sha256, replace_folder
@@ -76,11 +77,6 @@ def inference_arch(arch: ArchConfig) -> dict[str, Any]:
     return data
 
 
-# Arch settings that only matter to training: two exports differing only in them give
-# the same features, so they keep one fingerprint (and one gallery stays valid for both).
-TRAINING_ONLY_ARCH = ("frozen_layers",)
-
-
 def fingerprint(
     state: dict[str, torch.Tensor],
     preprocessing: Preprocessing,
@@ -99,6 +95,8 @@ def fingerprint(
     digest.update(json.dumps(preprocessing.to_dict(), sort_keys=True).encode())
     digest.update(key.encode())
     if arch is not None:
+        # Exports differing only in training settings give the same features, so they keep
+        # one fingerprint (and one gallery stays valid for both).
         shaping = {name: value for name, value in arch.items() if name not in TRAINING_ONLY_ARCH}
         digest.update(json.dumps(shaping, sort_keys=True).encode())
     return digest.hexdigest()
