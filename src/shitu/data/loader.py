@@ -26,9 +26,9 @@ def build_sampler(
     split: DataSplitConfig,
     dataset: Any,
     *,
-    num_replicas: int | None = None,
-    rank: int | None = None,
-    seed: int = 0,
+    num_replicas: int,
+    rank: int,
+    seed: int,
     default: ComponentConfig,
     where: str,
 ) -> Any:
