@@ -4,6 +4,7 @@ real PicoDet-S ONNX export (parity with onnxruntime), export, checkpoints and th
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -24,6 +25,8 @@ from shitu.detection.postprocess import (
 )
 from shitu.detection.weights import load_onnx_weights, paddle_key, save_detector
 from shitu.errors import CheckpointError, ConfigError
+from shitu.pipeline import fonts
+from tests.font_helpers import font_covering
 
 PICODET = Path("/work/shared/models/picodet_s_coco")
 ONNX_416 = PICODET / "picodet_s_416_coco.onnx"
@@ -244,3 +247,34 @@ def test_detect_cli_writes_json_lines_and_images(tmp_path: Path, capsys) -> None
         shitu_main(["detect", str(folder), "--model", str(ONNX_416), "--save-vis", str(vis)]) == 0
     )
     assert sorted(p.name for p in vis.iterdir()) == ["dog.jpg", "dog_2.jpg"]
+
+
+@needs_picodet
+def test_detect_cli_draws_chinese_class_names_in_the_vis_font(
+    tmp_path: Path, monkeypatch, caplog, capsys
+) -> None:
+    """Pillow's font has no Chinese: without a font that has it, each label is warned about
+    once and drawn as tofu; with --vis-font naming one, the captions are drawn."""
+    monkeypatch.setattr(fonts, "installed_fonts", lambda text: ())  # as on a bare machine
+    names = tmp_path / "zh.names"
+    names.write_text("".join(f"类别{i}\n" for i in range(80)), encoding="utf-8")
+    dog = str(PICODET / "samples" / "dog.jpg")
+    command = ["detect", dog, "--model", str(ONNX_416), "--class-names", str(names)]
+    assert shitu_main([*command, "--save-vis", str(tmp_path / "tofu")]) == 0
+    labels = {box["label"] for box in json.loads(capsys.readouterr().out)["boxes"]}
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(labels) > 1 and sorted(warned) == sorted(
+        f"no font found that can draw all of the label {label!r} (missing 类 别): its caption "
+        "shows empty boxes instead; give --vis-font FILE, a font that has these characters "
+        "(e.g. Noto Sans CJK for Chinese)"
+        for label in labels
+    )
+    font = font_covering("类别0123456789")
+    if font is None:
+        pytest.skip("no installed font has Chinese characters")
+    caplog.clear()
+    drawn = ["--save-vis", str(tmp_path / "font"), "--vis-font", font]
+    assert shitu_main([*command, *drawn]) == 0
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+    tofu, glyphs = (np.asarray(Image.open(tmp_path / vis / "dog.jpg")) for vis in ("tofu", "font"))
+    assert (np.abs(tofu.astype(int) - glyphs).max(axis=-1) > 64).sum() > 100

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import ImageFont
 
 from shitu.cli.eval_pipeline import sweep_table
 from shitu.cli.main import main as shitu_main
@@ -253,6 +254,8 @@ def test_recognize_cli_jsonl_table_visualisations_and_unreadable_files(setup, tm
     common = ["--gallery", str(setup["library"]), "--model", str(setup["model"]), "--no-progress"]
     link = tmp_path / "via_link"  # results name the files as the user reached them
     link.symlink_to(folder, target_is_directory=True)
+    font = tmp_path / "pillow.ttf"  # a font file that every machine has: Pillow's own
+    font.write_bytes(ImageFont.load_default(size=12).font_bytes)
     code = shitu_main(
         [
             "recognize",
@@ -262,6 +265,8 @@ def test_recognize_cli_jsonl_table_visualisations_and_unreadable_files(setup, tm
             "-1",
             "--save-vis",
             str(tmp_path / "vis"),
+            "--vis-font",
+            str(font),
         ]
     )
     out, err = capsys.readouterr()

@@ -15,7 +15,7 @@ from shitu.index.labels import IMAGE_SUFFIXES, images_in
 from shitu.inference.backends import BACKENDS, PRECISIONS
 from shitu.inference.preprocess import read_rgb
 from shitu.models import RecModel, build_model
-from shitu.pipeline import FileRecognition, draw_results
+from shitu.pipeline import CaptionFonts, FileRecognition, draw_results
 
 DEFAULT_CONFIG = "GeneralRecognitionV2_PPLCNetV2_base"
 
@@ -167,13 +167,44 @@ def count_of(count: int, noun: str) -> str:
     return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
+def add_visualisation_arguments(parser: argparse.ArgumentParser) -> None:
+    """--save-vis and --vis-font, the same on each command that draws its results."""
+    parser.add_argument(
+        "--save-vis",
+        type=Path,
+        metavar="DIR",
+        help="write copies of the images with boxes, labels and scores drawn here, as JPEG "
+        "named after the images (not their folder)",
+    )
+    parser.add_argument(
+        "--vis-font",
+        type=Path,
+        metavar="FILE",
+        help="TrueType/OpenType font for the --save-vis captions (default: Pillow's own, and "
+        "for labels it cannot draw, e.g. Chinese, an installed font that can)",
+    )
+
+
+def visualisation_writer(
+    args: argparse.Namespace, inputs: Iterable[Path]
+) -> VisualisationWriter | None:
+    """The writer that --save-vis and --vis-font ask for, None without --save-vis."""
+    if args.save_vis is None:
+        if args.vis_font is not None:
+            raise DataError(f"--vis-font {args.vis_font}: only used with --save-vis DIR")
+        return None
+    return VisualisationWriter(args.save_vis, inputs, args.vis_font)
+
+
 class VisualisationWriter:
     """Saves annotated copies under one folder, with unique names for same-named images
     (photos from different folders often share names)."""
 
-    def __init__(self, folder: Path, inputs: Iterable[Path] = ()) -> None:
+    def __init__(self, folder: Path, inputs: Iterable[Path] = (), font: Path | None = None) -> None:
         """`inputs`: the images to annotate. A folder holding one of them is refused: the
-        copies, named after the images, would write over the user's photos."""
+        copies, named after the images, would write over the user's photos. `font`: the
+        captions' font file (default: see CaptionFonts)."""
+        self.fonts = CaptionFonts(font)
         here = folder.resolve()
         inside = next((image for image in inputs if image.parent.resolve() == here), None)
         if inside is not None:
@@ -202,4 +233,4 @@ class VisualisationWriter:
 
     def save_recognition(self, found: FileRecognition) -> Path:
         """The photo of a recognition result with its boxes, labels and scores drawn."""
-        return self.save(found.path, draw_results(read_rgb(found.path), found.results))
+        return self.save(found.path, draw_results(read_rgb(found.path), found.results, self.fonts))

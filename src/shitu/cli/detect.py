@@ -7,13 +7,18 @@ import json
 import sys
 from pathlib import Path
 
-from PIL import Image, ImageDraw
-
-from shitu.cli.common import VisualisationWriter, expand_images, input_side, positive_int
+from shitu.cli.common import (
+    add_visualisation_arguments,
+    expand_images,
+    input_side,
+    positive_int,
+    visualisation_writer,
+)
 from shitu.data.transforms.ops import UnreadableImageError
 from shitu.detection import load_detector
 from shitu.errors import DataError
 from shitu.inference.preprocess import read_rgb
+from shitu.pipeline import draw_boxes
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -47,11 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--per-class", action="store_true", help="NMS per class instead of class-agnostic"
     )
-    parser.add_argument(
-        "--save-vis",
-        metavar="DIR",
-        help="write images with boxes drawn here, as JPEG named after them (not their folder)",
-    )
+    add_visualisation_arguments(parser)
     parser.set_defaults(func=run)
 
 
@@ -72,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
             f"--class-names {args.class_names}: {len(names)} names, but the detector scores "
             f"{detector.num_classes} classes"
         )
-    writer = VisualisationWriter(Path(args.save_vis), paths) if args.save_vis else None
+    writer = visualisation_writer(args, paths)
     done = 0
     for path in map(str, paths):
         try:
@@ -94,10 +95,6 @@ def run(args: argparse.Namespace) -> int:
         record = {"image": path, "width": image.shape[1], "height": image.shape[0]}
         print(json.dumps({**record, "boxes": boxes}), flush=True)
         if writer is not None:
-            canvas = Image.fromarray(image)
-            draw = ImageDraw.Draw(canvas)
-            for item in boxes:
-                draw.rectangle(item["box"], outline=(255, 0, 0), width=3)
-                draw.text((item["box"][0] + 3, item["box"][1] + 3), f"{item['score']:.2f}")
-            writer.save(path, canvas)
+            drawn = ((b["box"], b.get("label", f"class {b['cls']}"), b["score"]) for b in boxes)
+            writer.save(path, draw_boxes(image, drawn, writer.fonts))
     return 0 if done else 1  # no image could be read: fail, like recognize

@@ -5,15 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from shitu.cli.common import (
-    VisualisationWriter,
     add_override_argument,
     add_runtime_arguments,
+    add_visualisation_arguments,
     cosine_similarity,
     expand_images,
     positive_int,
+    visualisation_writer,
 )
 from shitu.pipeline import (
     FileRecognition,
@@ -94,12 +94,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("images", nargs="+", help="image files and/or folders")
     add_pipeline_arguments(parser)
     parser.add_argument("--format", choices=("jsonl", "table"), default="jsonl")
-    parser.add_argument(
-        "--save-vis",
-        type=Path,
-        metavar="DIR",
-        help="write annotated copies here, as JPEG named after the images (not their folder)",
-    )
+    add_visualisation_arguments(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
 
@@ -127,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
 
     paths, folder = expand_images(args.images)
     config = pipeline_config_from_args(args)
-    writer = VisualisationWriter(args.save_vis, paths) if args.save_vis else None
+    writer = visualisation_writer(args, paths)
     progress = not args.no_progress and (folder or len(paths) > 1)
     skipped = 0
     with Recognizer.from_config(config) as recognizer:

@@ -3,10 +3,12 @@
 from shitu.pipeline.background import PlainBackgroundDetector
 from shitu.pipeline.config import PipelineConfig, load_pipeline_config
 from shitu.pipeline.evaluate import PipelineEvaluation, evaluate_pipeline
+from shitu.pipeline.fonts import CaptionFonts
 from shitu.pipeline.recognizer import FileRecognition, Recognition, Recognizer, build_detector
-from shitu.pipeline.visualize import draw_results
+from shitu.pipeline.visualize import draw_boxes, draw_results
 
 __all__ = [
+    "CaptionFonts",
     "FileRecognition",
     "PipelineConfig",
     "PipelineEvaluation",
@@ -14,6 +16,7 @@ __all__ = [
     "Recognition",
     "Recognizer",
     "build_detector",
+    "draw_boxes",
     "draw_results",
     "evaluate_pipeline",
     "load_pipeline_config",

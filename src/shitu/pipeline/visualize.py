@@ -1,14 +1,18 @@
-"""Draw recognition results on the image (boxes, labels, scores) with Pillow."""
+"""Draw recognition and detection results on the image (boxes, labels, scores) with Pillow."""
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
+from shitu.pipeline.fonts import CaptionFonts
 from shitu.pipeline.recognizer import Recognition
+
+# A box to draw: [x1, y1, x2, y2] in pixels (x2, y2 excluded), its label and its score.
+LabelledBox = tuple[Sequence[float], str, float]
 
 
 def label_colour(label: str) -> tuple[int, int, int]:
@@ -18,20 +22,31 @@ def label_colour(label: str) -> tuple[int, int, int]:
     return rgb  # type: ignore[return-value]
 
 
-def draw_results(image: np.ndarray, results: Sequence[Recognition]) -> Image.Image:
-    """A copy of the RGB image with each result's box and `label score` caption."""
+def draw_boxes(
+    image: np.ndarray, boxes: Iterable[LabelledBox], fonts: CaptionFonts | None = None
+) -> Image.Image:
+    """A copy of the RGB image with each box in its label's colour, captioned `label score`.
+    `fonts`: one for a whole run, so that each label no font can draw is warned about once
+    (default: Pillow's font, installed fonts for the labels it cannot draw)."""
+    fonts = fonts or CaptionFonts()
     canvas = Image.fromarray(image).convert("RGB")
     draw = ImageDraw.Draw(canvas)
     size = max(12, min(canvas.size) // 30)
-    font = ImageFont.load_default(size=size)
     width = max(2, min(canvas.size) // 150)
-    for result in results:
-        colour = label_colour(result.label)
-        x1, y1, x2, y2 = result.bbox
+    for (x1, y1, x2, y2), label, score in boxes:
+        colour = label_colour(label)
         draw.rectangle((x1, y1, x2 - 1, y2 - 1), outline=colour, width=width)
-        caption = f"{result.label} {result.score:.2f}"
+        font = fonts.font_for(label, size)
+        caption = f"{label} {score:.2f}"
         left, top, right, bottom = draw.textbbox((0, 0), caption, font=font)
         text_y = y1 - (bottom - top) - 6 if y1 >= (bottom - top) + 6 else y1
         draw.rectangle((x1, text_y, x1 + right - left + 6, text_y + bottom - top + 6), fill=colour)
         draw.text((x1 + 3 - left, text_y + 3 - top), caption, fill=(255, 255, 255), font=font)
     return canvas
+
+
+def draw_results(
+    image: np.ndarray, results: Sequence[Recognition], fonts: CaptionFonts | None = None
+) -> Image.Image:
+    """A copy of the RGB image with each recognition result's box, label and score."""
+    return draw_boxes(image, ((r.bbox, r.label, r.score) for r in results), fonts)

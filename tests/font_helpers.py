@@ -1,0 +1,43 @@
+"""Finding a font on the test machine that has given characters, independently of the
+search that shitu.pipeline.fonts makes (CI machines may have no such font: tests skip)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+from shitu.pipeline import fonts
+
+# Label pairs of the same length whose characters all differ: drawn in a font that has
+# them, the two captions differ; drawn as tofu, they look the same.
+LABEL_PAIRS = (("可口可乐", "百事雪碧"), ("Жук", "Дом"), ("éèê", "ñõü"))
+
+
+def font_covering(text: str) -> str | None:
+    """A font file on this machine that has every character of `text`."""
+    listed = ""
+    if shutil.which("fc-list"):
+        listed = subprocess.run(
+            ["fc-list", "--format=%{file}\n"], capture_output=True, text=True, check=False
+        ).stdout
+    paths = [*listed.splitlines(), *map(str, fonts.SYSTEM_FONTS)]
+    for path in paths:
+        if Path(path).suffix.lower() not in (".ttf", ".otf", ".ttc") or not Path(path).is_file():
+            continue
+        try:
+            if not fonts.missing_chars(path, text + fonts.SCORE_CHARS):
+                return path
+        except OSError:
+            continue
+    return None
+
+
+def labels_and_font() -> tuple[tuple[str, str], str] | None:
+    """The first of LABEL_PAIRS that Pillow's own font cannot draw and an installed font
+    can, with that font."""
+    for pair in LABEL_PAIRS:
+        font = font_covering("".join(pair))
+        if font is not None:
+            return pair, font
+    return None

@@ -1,0 +1,122 @@
+"""Captions on --save-vis pictures: glyph coverage, the font option, the fallback to an
+installed font for labels Pillow's font cannot draw, and the warning when nothing can."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from shitu.cli.main import main as shitu_main
+from shitu.pipeline import CaptionFonts, draw_boxes, fonts
+from shitu.pipeline.visualize import label_colour
+from tests.font_helpers import labels_and_font
+
+BOX = (10, 60, 230, 110)
+
+
+@pytest.fixture
+def no_installed_fonts(monkeypatch):
+    """A machine with no fonts beyond Pillow's own (as a bare CI machine may be)."""
+    monkeypatch.setattr(fonts, "installed_fonts", lambda text: ())
+
+
+@pytest.fixture
+def found():
+    found = labels_and_font()
+    if found is None:
+        pytest.skip("no installed font draws any of the test labels")
+    return found
+
+
+def warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def text_pixels(caption_fonts: CaptionFonts, label: str) -> np.ndarray:
+    """Where the caption's white text is, drawn over black."""
+    image = draw_boxes(np.zeros((120, 240, 3), np.uint8), [(BOX, label, 0.5)], caption_fonts)
+    return np.all(np.asarray(image) == 255, axis=-1)
+
+
+def test_glyph_coverage_tells_pillows_ascii_glyphs_from_its_tofu():
+    assert fonts.missing_chars(None, "Banana juice 0.93") == ""
+    # Joiners and variation selectors need no glyph; each missing character named once.
+    assert fonts.missing_chars(None, "a\u200db\ufe0f Café 可乐 可") == "é可乐"
+
+
+def test_a_latin_label_keeps_pillows_font(caplog):
+    assert CaptionFonts().font_for("Oat milk", 20) is fonts.load_font(None, 20)
+    assert not warnings(caplog)
+
+
+def test_a_label_no_font_can_draw_keeps_its_box_and_is_warned_about_once(
+    no_installed_fonts, caplog
+):
+    caption_fonts = CaptionFonts()
+    image = np.zeros((120, 240, 3), np.uint8)
+    for _ in range(3):  # three photos of one run
+        drawn = draw_boxes(image, [(BOX, "可口可乐", 0.9), (BOX, "banana", 0.8)], caption_fonts)
+    (message,) = warnings(caplog)
+    assert "'可口可乐'" in message and "missing 可 口 乐" in message and "--vis-font" in message
+    x1, _, x2, y2 = BOX
+    assert tuple(np.asarray(drawn)[y2 - 1, (x1 + x2) // 2]) == label_colour("banana")
+    assert text_pixels(caption_fonts, "可口可乐").any()  # the caption is still drawn
+
+
+def test_the_font_given_draws_glyphs_that_pillows_font_draws_as_tofu(
+    no_installed_fonts, found, caplog
+):
+    (first, second), path = found
+    given = CaptionFonts(Path(path))
+    assert given.font_for(first, 20).path == path
+    assert (text_pixels(given, first) != text_pixels(given, second)).any()
+    assert not warnings(caplog)
+    tofu = CaptionFonts()
+    assert (text_pixels(tofu, first) == text_pixels(tofu, second)).all()
+    assert len(warnings(caplog)) == 2
+
+
+def test_without_a_font_given_an_installed_font_that_has_the_glyphs_is_used(
+    found, caplog, monkeypatch
+):
+    (first, second), _ = found
+    searched: list[str] = []
+    search = fonts.installed_fonts
+    monkeypatch.setattr(
+        fonts, "installed_fonts", lambda text: searched.append(text) or search(text)
+    )
+    caption_fonts = CaptionFonts()
+    chosen = caption_fonts.font_for(first, 20)
+    assert chosen is not fonts.load_font(None, 20)
+    assert fonts.missing_chars(chosen.path, first + fonts.SCORE_CHARS) == ""
+    for label in (second, first):
+        assert not fonts.missing_chars(caption_fonts.font_for(label, 20).path, label)
+    assert searched.count(first + fonts.SCORE_CHARS) == 1  # the font found is kept
+    assert not warnings(caplog)
+
+
+def test_vis_font_that_cannot_be_used_is_refused_before_anything_is_written(tmp_path, capsys):
+    photo = tmp_path / "photos" / "photo.jpg"
+    photo.parent.mkdir()
+    Image.new("RGB", (32, 32)).save(photo)
+    not_a_font = tmp_path / "notes.ttf"
+    not_a_font.write_text("not a font")
+    vis = tmp_path / "vis"
+    for font, problem in (
+        (tmp_path / "missing.ttf", "no such file"),
+        (not_a_font, "not a TrueType/OpenType font (unknown file format)"),
+        (tmp_path, "a folder"),
+    ):
+        code = shitu_main(
+            ["recognize", str(photo), "--save-vis", str(vis), "--vis-font", str(font)]
+        )
+        assert code == 2
+        assert capsys.readouterr().err == f"error: font {font}: {problem}\n"
+        assert not vis.exists()
+    assert shitu_main(["recognize", str(photo), "--vis-font", str(not_a_font)]) == 2
+    expected = f"error: --vis-font {not_a_font}: only used with --save-vis DIR\n"
+    assert capsys.readouterr().err == expected
