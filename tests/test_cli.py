@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
-from shitu.cli.main import SUBCOMMANDS
+import pytest
+
+from shitu.cli.main import STDOUT_CLOSED_STATUS, SUBCOMMANDS
+
+SHITU = [sys.executable, "-m", "shitu.cli.main"]
 
 
 def run_shitu(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "shitu.cli.main", *args], capture_output=True, text=True
-    )
+    return subprocess.run([*SHITU, *args], capture_output=True, text=True)
 
 
 def test_help_lists_every_subcommand():
@@ -163,3 +166,39 @@ def test_extract_refuses_a_folder_for_out_before_embedding(tmp_path):
             result.stderr
             == f"error: --out {out}: names a folder; give a file prefix such as feats\n"
         )
+
+
+def test_a_reader_that_stops_early_ends_the_command_quietly(serving_library):
+    """`shitu recognize ... | head -1`: the JSON lines after the first find no reader. The
+    images come in batches of 8 (FILES_PER_BATCH), so the second batch's lines are written
+    well after the first line was read and the pipe closed."""
+    images = [str(path) for path, _ in serving_library.gallery_items()]
+    assert len(images) > 8
+    command = [*SHITU, "recognize", *images, "--gallery", str(serving_library.gallery)]
+    command += ["--model", str(serving_library.model), "--detector", "plain-background"]
+    with subprocess.Popen(
+        [*command, "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as process:
+        assert process.stdout.readline().startswith('{"image": ')
+        process.stdout.close()
+        stderr = process.stderr.read()
+    assert process.returncode == STDOUT_CLOSED_STATUS, stderr
+    assert stderr == ""
+
+
+@pytest.mark.parametrize("what", ["index list", "--help"])
+def test_output_left_for_the_exit_flush_to_a_closed_pipe_is_dropped_quietly(what, serving_library):
+    """Block-buffered output a command leaves for the flush at exit (argparse's help ends in
+    SystemExit): with the reader gone, no "Exception ignored ... BrokenPipeError"."""
+    args = ["index", "list", str(serving_library.gallery)] if what == "index list" else [what]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before anything is written
+    try:
+        result = subprocess.run(
+            [*SHITU, *args], stdout=write, stderr=subprocess.PIPE, text=True, env=env
+        )
+    finally:
+        os.close(write)
+    assert result.returncode == STDOUT_CLOSED_STATUS, result.stderr
+    assert result.stderr == ""

@@ -64,7 +64,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# How a shell reports a process that SIGPIPE ended (128 + 13); Python ignores SIGPIPE, so
+# the status is returned instead (signal.SIGPIPE does not exist on Windows).
+STDOUT_CLOSED_STATUS = 141
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run a command; its reader of stdout going away (`shitu ... | head -1`) ends it
+    quietly with STDOUT_CLOSED_STATUS, as it ends any other Unix tool."""
+    try:
+        try:
+            return _run(argv)
+        finally:
+            sys.stdout.flush()  # a reader gone by now is seen here, not at interpreter exit
+    except BrokenPipeError:
+        # What is left in stdout's buffer cannot be written, and Python's flush at exit would
+        # print "Exception ignored ... BrokenPipeError": it goes to devnull instead.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return STDOUT_CLOSED_STATUS
+
+
+def _run(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
