@@ -421,6 +421,47 @@ def test_size_and_pixel_limits(server, client):
 # ------------------------------------------------------------------------------ access
 
 
+def test_a_fractional_upload_limit_is_enforced_to_the_byte_and_reported_as_given(
+    serving_library, tmp_path
+):
+    """0.3 MB is 314572.8 bytes: a body of 314572 gets through, one more byte does not, and
+    the 413 names the limit the operator gave (not 0.299999 MB, its bytes converted back)."""
+    server = ServerProcess(serving_library, tmp_path, "--max-upload-mb", "0.3")
+    try:
+        with httpx.Client(base_url=server.url, timeout=60) as http:
+            for size, status in [(314572, 400), (314573, 413)]:
+                body = b'{"image": "' + b"A" * (size - 13) + b'"}'
+                assert len(body) == size
+                response = http.post(
+                    "/v1/extract", content=body, headers={"content-type": "application/json"}
+                )
+                assert response.status_code == status, (size, response.text)
+    finally:
+        server.stop()
+    assert response.json()["detail"] == "request body is larger than the 0.3 MB limit"
+
+
+@pytest.mark.parametrize(
+    "option, value, expected",
+    [
+        ("--max-upload-mb", "0", "a number of MB above 0 (one byte or more), got 0.0"),
+        ("--max-upload-mb", "1e-9", "a number of MB above 0 (one byte or more), got 1e-09"),
+        ("--max-upload-mb", "nan", "a number of MB above 0 (one byte or more), got nan"),
+        ("--max-upload-mb", "inf", "a number of MB above 0 (one byte or more), got inf"),
+        ("--max-megapixels", "-1", "a number of megapixels above 0 (one pixel or more), got -1.0"),
+        ("--max-batch", "0", "a whole number >= 1, got 0"),
+        ("--max-connections", "-5", "a whole number >= 1, got -5"),
+    ],
+)
+def test_limits_that_let_nothing_through_are_usage_errors(option, value, expected, capsys):
+    """Refused before anything loads; 1e-9 MB is under one byte, nan and inf no limit."""
+    with pytest.raises(SystemExit) as exit_:
+        shitu_main(["serve", "--gallery", "unused", option, value])
+    assert exit_.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error == f"shitu serve: error: argument {option}: expected {expected}"
+
+
 def test_writes_need_the_api_key(serving_library, client):
     good = serving_library.queries()[1][0]
     writes = [

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 
@@ -20,25 +22,26 @@ from shitu.pipeline import CaptionFonts, FileRecognition, draw_results
 DEFAULT_CONFIG = "GeneralRecognitionV2_PPLCNetV2_base"
 
 
-def _bounded(kind: type, low: float, high: float | None, what: str):
-    """An argparse type that parses `kind` and checks low <= value (<= high)."""
+def bounded(kind: type, low: float, high: float | None, what: str) -> Callable[[str], Any]:
+    """An argparse type that parses `kind` and checks low <= value (<= high). NaN and
+    infinity parse as floats but are refused: no limit or setting can use them."""
 
-    def parse(text: str):
+    def parse(text: str) -> Any:
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if value < low or (high is not None and value > high):
+        if not math.isfinite(value) or value < low or (high is not None and value > high):
             raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
         return value
 
     return parse
 
 
-positive_int = _bounded(int, 1, None, "a whole number >= 1")
-positive_minutes = _bounded(float, 1e-9, None, "a number of minutes above 0")
-port_number = _bounded(int, 0, 65535, "a port number from 0 to 65535")
-cosine_similarity = _bounded(float, -1.0, 1.0, "a cosine similarity from -1 to 1")
+positive_int = bounded(int, 1, None, "a whole number >= 1")
+positive_minutes = bounded(float, 1e-9, None, "a number of minutes above 0")
+port_number = bounded(int, 0, 65535, "a port number from 0 to 65535")
+cosine_similarity = bounded(float, -1.0, 1.0, "a cosine similarity from -1 to 1")
 
 
 def add_runtime_arguments(parser: argparse.ArgumentParser, gpu: bool = False) -> None:

@@ -10,21 +10,25 @@ import socket
 import sys
 from pathlib import Path
 
-from shitu.cli.common import port_number
+from shitu.cli.common import bounded, port_number, positive_int
 from shitu.cli.recognize import add_pipeline_arguments, pipeline_config_from_args
 from shitu.errors import ConfigError, ShituError
+from shitu.serving.settings import (  # no web framework: the settings are plain values
+    DEFAULT_MAX_BATCH,
+    DEFAULT_MAX_MEGAPIXELS,
+    DEFAULT_MAX_UPLOAD_MB,
+    MB,
+    ServeSettings,
+)
 
 API_KEY_ENV = "SHITU_API_KEY"
 DEFAULT_MAX_CONNECTIONS = 64
+# The smallest limits that let anything through: limits are applied in whole bytes and pixels.
+megabytes = bounded(float, 1 / MB, None, "a number of MB above 0 (one byte or more)")
+megapixels = bounded(float, 1e-6, None, "a number of megapixels above 0 (one pixel or more)")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from shitu.serving.settings import (
-        DEFAULT_MAX_BATCH,
-        DEFAULT_MAX_MEGAPIXELS,
-        DEFAULT_MAX_UPLOAD_MB,
-    )
-
     parser = subparsers.add_parser(
         "serve",
         help="serve recognition and gallery editing over HTTP, with a web page",
@@ -52,20 +56,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--max-upload-mb",
-        type=float,
+        type=megabytes,
         default=DEFAULT_MAX_UPLOAD_MB,
         help=f"largest request body (default {DEFAULT_MAX_UPLOAD_MB:g})",
     )
     parser.add_argument(
         "--max-megapixels",
-        type=float,
+        type=megapixels,
         default=DEFAULT_MAX_MEGAPIXELS,
         help=f"largest image, in millions of pixels (default {DEFAULT_MAX_MEGAPIXELS:g}); "
         "a request's images together may hold 4 times that",
     )
     parser.add_argument(
         "--max-batch",
-        type=int,
+        type=positive_int,
         default=DEFAULT_MAX_BATCH,
         help="images of concurrent requests one model call may take "
         f"(default {DEFAULT_MAX_BATCH}; 1: no batching)",
@@ -77,7 +81,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--max-connections",
-        type=int,
+        type=positive_int,
         default=DEFAULT_MAX_CONNECTIONS,
         help="open connections beyond which requests get 503 (bounds the memory that "
         f"queued uploads take; default {DEFAULT_MAX_CONNECTIONS})",
@@ -114,15 +118,10 @@ def run(args: argparse.Namespace) -> int:
         from shitu.serving.app import create_app
         from shitu.serving.metrics import Metrics
         from shitu.serving.service import RecognitionService
-        from shitu.serving.settings import MB, ServeSettings
     except ImportError as exc:
         raise ShituError(
             f"shitu serve needs the serve extra ({exc.name} is missing): pip install 'shitu[serve]'"
         ) from None
-    if min(args.max_batch, args.max_upload_mb, args.max_megapixels, args.max_connections) <= 0:
-        raise ConfigError(
-            "--max-batch, --max-upload-mb, --max-megapixels and --max-connections must be positive"
-        )
     if args.protect_reads and not args.api_key:
         raise ConfigError(f"--protect-reads needs an API key (--api-key or ${API_KEY_ENV})")
     key = args.api_key
@@ -137,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("give the gallery library to serve with --gallery")
     settings = ServeSettings(
         upload_dir=args.upload_dir or Path(library) / "uploads",
-        max_upload_bytes=int(args.max_upload_mb * MB),
+        max_upload_mb=args.max_upload_mb,
         max_pixels=int(args.max_megapixels * 1_000_000),
         api_key=args.api_key or None,
         protect_reads=args.protect_reads,

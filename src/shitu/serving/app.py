@@ -98,7 +98,7 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
         favicon_url="/static/favicon.svg",
         swagger_ui_parameters={"validatorUrl": None},  # never send the spec to swagger.io
     )
-    app.add_middleware(BodyLimit, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(BodyLimit, settings=settings)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 

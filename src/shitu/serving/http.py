@@ -32,12 +32,13 @@ GENERIC_FILE_TYPES = {"", "application/octet-stream"}
 DRAIN_BYTES = 64 * MB
 
 
-def too_large(limit: int) -> PayloadTooLarge:
-    return PayloadTooLarge(f"request body is larger than the {limit / MB:g} MB limit")
+def too_large(limit_mb: float) -> PayloadTooLarge:
+    return PayloadTooLarge(f"request body is larger than the {limit_mb:g} MB limit")
 
 
 class BodyLimit:
-    """ASGI middleware: a body over `max_bytes` is refused with 413 and never kept.
+    """ASGI middleware: a body over the settings' upload limit is refused with 413 and never
+    kept.
 
     A declared Content-Length over the limit is refused before the app sees it; a chunked body
     is counted as it arrives and refused at the first byte over the limit. Either way the rest
@@ -46,9 +47,10 @@ class BodyLimit:
     sends the body.
     """
 
-    def __init__(self, app: Any, max_bytes: int) -> None:
+    def __init__(self, app: Any, settings: ServeSettings) -> None:
         self.app = app
-        self.max_bytes = max_bytes
+        self.max_bytes = settings.max_upload_bytes
+        self.max_mb = settings.max_upload_mb  # as the operator gave it, for the message
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -75,13 +77,13 @@ class BodyLimit:
             if received > self.max_bytes:
                 if message.get("more_body"):
                     await drain(receive)
-                raise too_large(self.max_bytes)  # answered by the app's error handler
+                raise too_large(self.max_mb)  # answered by the app's error handler
             return message
 
         await self.app(scope, counted, send)
 
     async def _refuse(self, send: Callable) -> None:
-        body = json.dumps({"detail": str(too_large(self.max_bytes))}).encode()
+        body = json.dumps({"detail": str(too_large(self.max_mb))}).encode()
         headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
         headers.append((b"content-length", str(len(body)).encode()))
         await send({"type": "http.response.start", "status": 413, "headers": headers})

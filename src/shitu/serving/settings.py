@@ -20,13 +20,20 @@ class ServeSettings:
     every read (recognise, extract, gallery listing, thumbnails, metrics). `/healthz`,
     the web page and the API docs never need it: they hold no data.
     upload_dir: where images added over HTTP are kept (the gallery stores their path).
+    max_upload_mb: the largest request body, as the operator gave it, for the 413 message
+    (0.3 is 314572.8 bytes: converted back, the byte limit would read 0.299999 MB).
     max_batch: images one model call may take from concurrent requests (1: no batching).
     """
 
     upload_dir: Path
-    max_upload_bytes: int = int(DEFAULT_MAX_UPLOAD_MB * MB)
+    max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB
     max_pixels: int = int(DEFAULT_MAX_MEGAPIXELS * 1_000_000)
     max_images_per_request: int = MAX_IMAGES_PER_REQUEST
     api_key: str | None = None
     protect_reads: bool = False
     max_batch: int = DEFAULT_MAX_BATCH
+
+    @property
+    def max_upload_bytes(self) -> int:
+        """The largest body within max_upload_mb: bodies are whole bytes."""
+        return int(self.max_upload_mb * MB)
