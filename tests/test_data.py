@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import math
 import random
 from collections import Counter
@@ -318,17 +319,24 @@ def test_grocery_store_iconic_split(grocery: Path, tmp_path: Path):
         GroceryStoreDataset(str(grocery), "iconic", class_file=str(no_paths))
 
 
-def test_image_folder_dataset(tmp_path: Path):
-    save_png(tmp_path / "root" / "b_class" / "x.png", pattern(4, 4))
-    save_png(tmp_path / "root" / "a_class" / "sub" / "y.png", pattern(5, 5))
-    save_png(tmp_path / "root" / "a_class" / "w.PNG", pattern(6, 6))
-    (tmp_path / "root" / "a_class" / "notes.txt").write_text("not an image")
-    dataset = registry.DATASETS.build("ImageFolderDataset", root=str(tmp_path / "root"))
+def test_image_folder_dataset(tmp_path: Path, caplog):
+    root = tmp_path / "root"
+    save_png(root / "b_class" / "x.png", pattern(4, 4))
+    save_png(root / "a_class" / "sub" / "y.png", pattern(5, 5))
+    save_png(root / "a_class" / "w.PNG", pattern(6, 6))
+    (root / "a_class" / "notes.txt").write_text("not an image")
+    Image.fromarray(pattern(4, 4)).save(root / "b_class" / "z.gif")
+    save_png(root / ".thumbnails" / "t.png", pattern(4, 4))  # hidden: not a class
+    with caplog.at_level(logging.WARNING):
+        dataset = registry.DATASETS.build("ImageFolderDataset", root=str(root))
     assert isinstance(dataset, ImageFolderDataset)
     assert dataset.class_names == ["a_class", "b_class"] and dataset.num_classes == 2
     assert [Path(p).name for p in dataset.paths] == ["w.PNG", "y.png", "x.png"]
     assert dataset.labels == [0, 0, 1]
     assert dataset[1][0].shape == (3, 5, 5)
+    assert f"skipped 1 file in {root} (.gif x1; e.g. {root / 'b_class' / 'z.gif'})" in caplog.text
+    gifs = registry.DATASETS.build("ImageFolderDataset", root=str(root), extensions=["GIF"])
+    assert [Path(p).name for p in gifs.paths] == ["z.gif"] and gifs.labels == [1]
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no class subfolders"):
         ImageFolderDataset(str(tmp_path / "empty"))
