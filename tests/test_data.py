@@ -133,6 +133,27 @@ def test_tab_delimited_labels_with_spaces(tmp_path: Path):
         LabelFileDataset(str(tmp_path), str(label_file))
 
 
+def test_a_space_in_a_path_is_refused_with_the_line_and_the_tab_advice(tmp_path: Path):
+    """Split on whitespace, `my photos/b.png 1` was path `my` and label `photos/b.png`: an
+    image `my` not found, a mismatch of unique-id columns, or (labels being names) a wrong
+    label."""
+    save_png(tmp_path / "a.png", pattern(4, 4))
+    save_png(tmp_path / "my photos" / "b.png", pattern(5, 5))
+    label_file = tmp_path / "train.txt"
+    for text in ("a.png 0\nmy photos/b.png 1\n", "a.png Fanta\nmy photos/b.png Coke\n"):
+        label_file.write_text(text)
+        with pytest.raises(DataError) as caught:
+            LabelFileDataset(str(tmp_path), str(label_file))
+        assert str(caught.value) == (
+            f"{label_file}:2: the label 'photos/b.png' looks like the end of an image path "
+            f"with a space in it, got {text.splitlines()[1]!r}; if paths or labels contain "
+            'spaces, separate columns with tabs and set delimiter: "\\t"'
+        )
+    label_file.write_text("a.png\t0\nmy photos/b.png\t1\n")
+    dataset = LabelFileDataset(str(tmp_path), str(label_file), delimiter="\t")
+    assert dataset.paths[1] == str(tmp_path / "my photos" / "b.png") and dataset.labels == [0, 1]
+
+
 def test_relabel_maps_sorted_labels_to_consecutive_ids(tmp_path: Path):
     for name in "abcd":
         save_png(tmp_path / f"{name}.png", pattern(4, 4))

@@ -54,7 +54,11 @@ def parse_label_file(path: Path) -> list[GalleryItem]:
             continue
         columns = line.rstrip().split("\t")  # later columns (an id, say) are ignored,
         if len(columns) < 2 or not columns[0].strip() or not columns[1].strip():  # as PaddleClas
-            raise DataError(f"{path}:{number}: expected `path<TAB>label`, got {line!r}")
+            missing = " (no tab: paths and labels may contain spaces, so only a tab separates them)"
+            raise DataError(
+                f"{path}:{number}: expected `path<TAB>label`, got {line!r}"
+                f"{missing if len(columns) < 2 else ''}"
+            )
         image, label = columns[:2]
         try:
             label = check_label(label)
