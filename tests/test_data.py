@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import math
 import random
 from collections import Counter
@@ -130,6 +131,27 @@ def test_tab_delimited_labels_with_spaces(tmp_path: Path):
     # Split on whitespace, the same file is malformed, and the message says what to do.
     with pytest.raises(DataError, match=r"list\.tsv:2: .*separate columns with tabs"):
         LabelFileDataset(str(tmp_path), str(label_file))
+
+
+def test_a_space_in_a_path_is_refused_with_the_line_and_the_tab_advice(tmp_path: Path):
+    """Split on whitespace, `my photos/b.png 1` was path `my` and label `photos/b.png`: an
+    image `my` not found, a mismatch of unique-id columns, or (labels being names) a wrong
+    label."""
+    save_png(tmp_path / "a.png", pattern(4, 4))
+    save_png(tmp_path / "my photos" / "b.png", pattern(5, 5))
+    label_file = tmp_path / "train.txt"
+    for text in ("a.png 0\nmy photos/b.png 1\n", "a.png Fanta\nmy photos/b.png Coke\n"):
+        label_file.write_text(text)
+        with pytest.raises(DataError) as caught:
+            LabelFileDataset(str(tmp_path), str(label_file))
+        assert str(caught.value) == (
+            f"{label_file}:2: the label 'photos/b.png' looks like the end of an image path "
+            f"with a space in it, got {text.splitlines()[1]!r}; if paths or labels contain "
+            'spaces, separate columns with tabs and set delimiter: "\\t"'
+        )
+    label_file.write_text("a.png\t0\nmy photos/b.png\t1\n")
+    dataset = LabelFileDataset(str(tmp_path), str(label_file), delimiter="\t")
+    assert dataset.paths[1] == str(tmp_path / "my photos" / "b.png") and dataset.labels == [0, 1]
 
 
 def test_relabel_maps_sorted_labels_to_consecutive_ids(tmp_path: Path):
@@ -318,17 +340,24 @@ def test_grocery_store_iconic_split(grocery: Path, tmp_path: Path):
         GroceryStoreDataset(str(grocery), "iconic", class_file=str(no_paths))
 
 
-def test_image_folder_dataset(tmp_path: Path):
-    save_png(tmp_path / "root" / "b_class" / "x.png", pattern(4, 4))
-    save_png(tmp_path / "root" / "a_class" / "sub" / "y.png", pattern(5, 5))
-    save_png(tmp_path / "root" / "a_class" / "w.PNG", pattern(6, 6))
-    (tmp_path / "root" / "a_class" / "notes.txt").write_text("not an image")
-    dataset = registry.DATASETS.build("ImageFolderDataset", root=str(tmp_path / "root"))
+def test_image_folder_dataset(tmp_path: Path, caplog):
+    root = tmp_path / "root"
+    save_png(root / "b_class" / "x.png", pattern(4, 4))
+    save_png(root / "a_class" / "sub" / "y.png", pattern(5, 5))
+    save_png(root / "a_class" / "w.PNG", pattern(6, 6))
+    (root / "a_class" / "notes.txt").write_text("not an image")
+    Image.fromarray(pattern(4, 4)).save(root / "b_class" / "z.gif")
+    save_png(root / ".thumbnails" / "t.png", pattern(4, 4))  # hidden: not a class
+    with caplog.at_level(logging.WARNING):
+        dataset = registry.DATASETS.build("ImageFolderDataset", root=str(root))
     assert isinstance(dataset, ImageFolderDataset)
     assert dataset.class_names == ["a_class", "b_class"] and dataset.num_classes == 2
     assert [Path(p).name for p in dataset.paths] == ["w.PNG", "y.png", "x.png"]
     assert dataset.labels == [0, 0, 1]
     assert dataset[1][0].shape == (3, 5, 5)
+    assert f"skipped 1 file in {root} (.gif x1; e.g. {root / 'b_class' / 'z.gif'})" in caplog.text
+    gifs = registry.DATASETS.build("ImageFolderDataset", root=str(root), extensions=["GIF"])
+    assert [Path(p).name for p in gifs.paths] == ["z.gif"] and gifs.labels == [1]
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no class subfolders"):
         ImageFolderDataset(str(tmp_path / "empty"))

@@ -50,8 +50,12 @@ def test_label_file_keeps_spaces_and_resolves_relative_paths(tmp_path):
 def test_label_file_without_tab_is_a_data_error(tmp_path):
     listing = tmp_path / "gallery.txt"
     listing.write_text("imgs/a.jpg Coca Cola\n")
-    with pytest.raises(DataError, match=r"gallery.txt:1"):
+    with pytest.raises(DataError) as caught:
         parse_label_file(listing)
+    assert str(caught.value) == (
+        f"{listing}:1: expected `path<TAB>label`, got 'imgs/a.jpg Coca Cola' (no tab: paths "
+        "and labels may contain spaces, so only a tab separates them)"
+    )
 
 
 def test_label_files_with_a_bom_binary_files_and_empty_sources(tmp_path):

@@ -241,6 +241,7 @@ def test_extract_cli_skips_corrupt_files_and_reads_only_a_folders_images(exporte
     (folder / "c_truncated.jpg").write_bytes(good[0].read_bytes()[:300])
     (folder / "notes.txt").write_text("not an image\n")
     (folder / ".hidden.jpg").write_bytes(b"ignored")
+    Image.open(good[0]).save(folder / "sub" / "anim.gif")  # a real GIF: not read, but said
     prefix = tmp_path / "out" / "feats"  # given as feats.npy: the same prefix
     args = ["extract", str(folder), "--model", str(exported["dir"]), "--out", f"{prefix}.npy"]
     result = subprocess.run(
@@ -255,6 +256,9 @@ def test_extract_cli_skips_corrupt_files_and_reads_only_a_folders_images(exporte
     assert features.shape == (2, 512)
     assert "c_truncated.jpg" in result.stderr  # a folder's non-image and hidden files
     assert "notes.txt" not in result.stderr and ".hidden" not in result.stderr  # are not read
+    assert f"WARNING skipped 1 file in {folder} (.gif x1; e.g. {folder / 'sub' / 'anim.gif'})" in (
+        result.stderr
+    )
     assert "embedded 2 images" in result.stdout and "skipped 1" in result.stdout
     reference = FeatureExtractor.load(exported["dir"], num_threads=1).extract_files(good)
     assert np.abs(features - reference.features).max() < 1e-6

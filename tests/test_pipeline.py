@@ -308,7 +308,7 @@ def test_recognize_cli_fails_clearly_when_there_is_nothing_to_recognise(setup, t
     assert "BytesIO" not in err
     (tmp_path / "empty").mkdir()
     assert shitu_main(["recognize", str(tmp_path / "empty"), *common]) == 2
-    assert "error: no images in" in capsys.readouterr().err
+    assert f"error: {tmp_path / 'empty'}: no images in this folder" in capsys.readouterr().err
     photo = str(setup["queries"][0].path)
     for in_the_way in (broken, broken / "sub"):  # a file where the folder, or a parent, goes
         assert shitu_main(["recognize", photo, *common, "--save-vis", str(in_the_way)]) == 2

@@ -13,7 +13,7 @@ from PIL import Image
 
 from shitu.config import ShituConfig, load_config, resolve_config_path
 from shitu.errors import ConfigError, DataError
-from shitu.index.labels import IMAGE_SUFFIXES, images_in
+from shitu.image_files import IMAGE_SUFFIXES, scan_images
 from shitu.inference.backends import BACKENDS, PRECISIONS
 from shitu.inference.preprocess import read_rgb
 from shitu.models import RecModel, build_model
@@ -137,19 +137,18 @@ def count_parameters(module: object) -> int:
 
 
 def expand_images(sources: Iterable[str]) -> tuple[list[Path], bool]:
-    """Files as given, folders as the images in them; also whether a folder was given."""
+    """Files as given, folders as the images in them (a folder without any is an error);
+    also whether a folder was given."""
     paths: list[Path] = []
     folder = False
     for source in map(Path, sources):
         if source.is_dir():
             folder = True
-            paths.extend(images_in(source, resolve=False))
+            paths.extend(scan_images(source))
         elif source.exists() or source.suffix.lower() in IMAGE_SUFFIXES:
             paths.append(source)  # missing files are reported per file, not fatal
         else:
             raise DataError(f"{source}: no such file or folder")
-    if not paths:
-        raise DataError(f"no images in {', '.join(map(str, sources))}")
     return paths, folder
 
 

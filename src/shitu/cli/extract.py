@@ -20,8 +20,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "extract",
         help="embed images with an exported model (features .npy + paths .txt)",
         description=(
-            "Embed image files (folders are searched recursively for image files; hidden "
-            "files are left out) "
+            "Embed image files (folders are searched recursively for image files; a warning "
+            "counts the other files, hidden files and sidecars such as .txt are left out "
+            "quietly) "
             "with a `shitu export` folder. Writes PREFIX.npy (float32 [N, D], L2-normalised "
             "rows) and PREFIX.txt (the N embedded paths, one per line, same order). "
             "Unreadable files are reported on stderr and skipped."

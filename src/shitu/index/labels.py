@@ -8,8 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shitu.errors import DataError
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+from shitu.image_files import IMAGE_SUFFIXES, scan_images
 
 
 @dataclass(frozen=True)
@@ -55,7 +54,11 @@ def parse_label_file(path: Path) -> list[GalleryItem]:
             continue
         columns = line.rstrip().split("\t")  # later columns (an id, say) are ignored,
         if len(columns) < 2 or not columns[0].strip() or not columns[1].strip():  # as PaddleClas
-            raise DataError(f"{path}:{number}: expected `path<TAB>label`, got {line!r}")
+            missing = " (no tab: paths and labels may contain spaces, so only a tab separates them)"
+            raise DataError(
+                f"{path}:{number}: expected `path<TAB>label`, got {line!r}"
+                f"{missing if len(columns) < 2 else ''}"
+            )
         image, label = columns[:2]
         try:
             label = check_label(label)
@@ -65,28 +68,12 @@ def parse_label_file(path: Path) -> list[GalleryItem]:
     return items
 
 
-def images_in(folder: Path, resolve: bool = True) -> list[Path]:
-    """Image files under `folder` (recursively), sorted so ids are reproducible; absolute
-    with links resolved (what a library stores), or with `resolve=False` as found under
-    `folder` (what a command echoes back to the user). Hidden files and folders are left
-    out: `._photo.jpg` (macOS metadata) or `.thumbnails/` are not the user's photos."""
-    found = (
-        p
-        for p in folder.rglob("*")
-        if p.suffix.lower() in IMAGE_SUFFIXES
-        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-        and p.is_file()
-    )
-    return sorted(p.resolve() if resolve else p for p in found)
-
-
 def scan_label_folders(root: Path) -> list[GalleryItem]:
     """Folder-per-label tree: every image under `root/<label>/` gets that label."""
-    folders = sorted(p for p in root.iterdir() if p.is_dir())
-    items = [GalleryItem(image, folder.name) for folder in folders for image in images_in(folder)]
-    if not items:
-        raise DataError(f"{root}: no images found in label sub-folders")
-    return items
+    return [
+        GalleryItem(image.resolve(), image.relative_to(root).parts[0])
+        for image in scan_images(root, loose=False)
+    ]
 
 
 def collect_items(sources: Sequence[Path], label: str | None = None) -> list[GalleryItem]:
@@ -101,10 +88,8 @@ def collect_items(sources: Sequence[Path], label: str | None = None) -> list[Gal
             if label is None:
                 items.extend(scan_label_folders(source))
             else:
-                images = images_in(source)
-                if not images:
-                    raise DataError(f"{source}: no images in this folder")
-                items.extend(GalleryItem(image, label) for image in images)
+                images = scan_images(source)
+                items.extend(GalleryItem(image.resolve(), label) for image in images)
         elif source.is_file() and source.suffix.lower() in IMAGE_SUFFIXES:
             if label is None:
                 raise DataError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from shitu.data.datasets.base import (
     Entry,
@@ -12,6 +13,7 @@ from shitu.data.datasets.base import (
     read_lines,
 )
 from shitu.errors import DataError
+from shitu.image_files import IMAGE_SUFFIXES
 from shitu.registry import DATASETS
 
 
@@ -84,6 +86,14 @@ class LabelFileDataset(ImageDataset):
     def _split(self, number: int, line: str, delimiter: str | None) -> tuple[int, list[str]]:
         if delimiter is None or delimiter == " ":
             fields = line.split()
+            if len(fields) > 1 and Path(fields[1]).suffix.lower() in IMAGE_SUFFIXES:
+                # `my photo.jpg 3` splits into path `my`, label `photo.jpg`: refused here,
+                # not later as a missing file `my` or as a wrong label
+                raise DataError(
+                    f"{self.cls_label_path}:{number}: the label {fields[1]!r} looks like the "
+                    f"end of an image path with a space in it, got {line!r}"
+                    f"{self._tab_hint(line, delimiter, True)}"
+                )
         else:
             fields = [field.strip() for field in line.split(delimiter)]
         if len(fields) not in (2, 3) or not all(fields):

@@ -1,0 +1,112 @@
+"""Finding the images in a folder, the one scan behind every command and dataset given one.
+
+A folder is searched recursively, through links to other folders. What is not taken is
+reported in one warning per folder (a user who points at 1000 files and gets 950 embedded
+must be told), except what is not meant as a photo: hidden files and folders (`.DS_Store`,
+macOS's `._photo.jpg`, `.thumbnails/`) and sidecar files (SIDECAR_SUFFIXES: label lists,
+annotations, photo metadata), which are left out quietly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from collections.abc import Collection
+from pathlib import Path
+
+from shitu.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
+
+# Files that sit beside photos without being photos: label lists and notes (.txt .csv .tsv
+# .md), detection or labelling annotations (.xml .json .yaml), photo-editor metadata (.xmp,
+# Apple's .aae) and Windows' Thumbs.db / desktop.ini.
+SIDECAR_SUFFIXES = frozenset(
+    {".txt", ".csv", ".tsv", ".md", ".json", ".xml", ".yaml", ".yml", ".xmp", ".aae", ".db", ".ini"}
+)
+
+# How many skipped paths the warning shows.
+_EXAMPLES = 3
+
+# What `_kind` calls a file that is taken, and one left out quietly (hidden, sidecar).
+_IMAGE, _QUIET = "image", "quiet"
+
+
+def scan_images(
+    folder: Path, suffixes: Collection[str] = IMAGE_SUFFIXES, loose: bool = True
+) -> list[Path]:
+    """The image files under `folder` (suffixes compared lower-case), as found (`folder /
+    relative path`, links not resolved), in an order that keeps ids and training runs
+    reproducible: a folder's files by name, then its sub-folders by name. `loose=False` is
+    for folder-per-label trees: only images inside sub-folders are taken.
+
+    Warns once about the rest (see the module docstring); no image at all is an error
+    naming the folder, as there is nothing the command could do with it.
+    """
+    images: list[Path] = []
+    skipped: list[tuple[Path, str]] = []
+
+    def unreadable(error: OSError) -> None:
+        skipped.append((Path(error.filename), "unreadable folder"))
+
+    scanned: set[Path] = set()  # real folders, so that links cannot loop or repeat them
+    for top, folders, files in os.walk(folder, onerror=unreadable, followlinks=True):
+        here = Path(top)
+        scanned.add(here.resolve())
+        kept = []
+        for name in sorted(folders):
+            link = here / name
+            if name.startswith("."):
+                continue
+            if link.is_symlink() and link.resolve() in scanned:
+                skipped.append((link, "link to a folder scanned already"))
+            else:
+                kept.append(name)
+        folders[:] = kept  # os.walk descends into these only, in this order
+        for name in sorted(files):  # every other entry: files, broken links, devices
+            path = here / name
+            kind = _QUIET if name.startswith(".") else _kind(path, suffixes)
+            if kind == _IMAGE and not loose and here == folder:
+                kind = "not in a label folder"
+            if kind == _IMAGE:
+                images.append(path)
+            elif kind != _QUIET:
+                skipped.append((path, kind))
+    if skipped:
+        logger.warning("%s", _skipped_message(folder, skipped, suffixes))
+    if not images:
+        where = "in this folder" if loose else "in its label sub-folders (FOLDER/LABEL/IMAGE)"
+        raise DataError(f"{folder}: no images {where}")
+    return images
+
+
+def _kind(path: Path, suffixes: Collection[str]) -> str:
+    """_IMAGE, _QUIET, or why else `path` is not taken (its suffix, say)."""
+    suffix = path.suffix.lower()
+    if not path.exists():  # a link whose target is gone
+        return "broken link"
+    if suffix in suffixes:
+        return _IMAGE if path.is_file() else "not a regular file"
+    if suffix in SIDECAR_SUFFIXES:
+        return _QUIET
+    return suffix or "no extension"
+
+
+def _skipped_message(
+    folder: Path, skipped: list[tuple[Path, str]], suffixes: Collection[str]
+) -> str:
+    """One line: how many, of which kinds, a few examples, and what would have been read."""
+    skipped = sorted(skipped)
+    kinds = ", ".join(
+        f"{kind} x{count}" for kind, count in Counter(r for _, r in skipped).most_common()
+    )
+    examples = ", ".join(str(path) for path, _ in skipped[:_EXAMPLES])
+    more = ", ..." if len(skipped) > _EXAMPLES else ""
+    count = len(skipped)
+    return (
+        f"skipped {count} file{'' if count == 1 else 's'} in {folder} ({kinds}; e.g. "
+        f"{examples}{more}); images are read from {' '.join(sorted(suffixes))} files"
+    )

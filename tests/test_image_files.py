@@ -1,0 +1,153 @@
+"""The folder scan behind every command given a folder: what it takes, and that it says
+what it skips (real GIFs, real broken links, real linked folders)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from shitu.cli.common import expand_images
+from shitu.errors import DataError
+from shitu.image_files import scan_images
+from shitu.index import collect_items
+
+SUPPORTED = "images are read from .bmp .jpeg .jpg .png .tif .tiff .webp files"
+
+
+def save(path: Path, fmt: str = "JPEG") -> Path:
+    """A real image file in `fmt` (GIF, PNG, ...), whatever its name says."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(path, format=fmt)
+    return path
+
+
+def warnings_of(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def test_scan_takes_the_images_and_names_what_it_skips_in_one_warning(tmp_path, caplog):
+    photos = tmp_path / "photos"
+    taken = [save(photos / "a.jpg"), save(photos / "b.PNG", "PNG"), save(photos / "sub" / "c.jpg")]
+    save(photos / "anim.gif", "GIF")
+    save(photos / "sub" / "still.gif", "GIF")
+    save(photos / "IMG_0001")  # a JPEG without its extension
+    (photos / "gone.jpg").symlink_to(tmp_path / "deleted.jpg")
+    # Quiet: hidden files and folders, and sidecars that are no one's photos.
+    save(photos / "._a.jpg")
+    save(photos / ".thumbnails" / "a.jpg")
+    (photos / ".DS_Store").write_bytes(b"\0")
+    (photos / "labels.txt").write_text("a.jpg\tApple\n")
+    (photos / "a.xmp").write_text("<x:xmpmeta/>")
+
+    with caplog.at_level(logging.WARNING, logger="shitu.image_files"):
+        assert scan_images(photos) == taken
+    assert warnings_of(caplog) == [
+        f"skipped 4 files in {photos} (.gif x2, no extension x1, broken link x1; e.g. "
+        f"{photos / 'IMG_0001'}, {photos / 'anim.gif'}, {photos / 'gone.jpg'}, ...); {SUPPORTED}"
+    ]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert scan_images(photos / "sub") == [photos / "sub" / "c.jpg"]
+    assert warnings_of(caplog) == [
+        f"skipped 1 file in {photos / 'sub'} (.gif x1; e.g. {photos / 'sub' / 'still.gif'}); "
+        f"{SUPPORTED}"
+    ]
+    caplog.clear()
+    (photos / "sub" / "still.gif").unlink()
+    with caplog.at_level(logging.WARNING):  # a folder of images only is not worth a word
+        scan_images(photos / "sub")
+    assert warnings_of(caplog) == []
+
+
+def test_linked_folders_are_searched_once_and_links_back_are_reported(tmp_path, caplog):
+    elsewhere = save(tmp_path / "elsewhere" / "d.jpg")
+    photos = tmp_path / "photos"
+    own = save(photos / "a.jpg")
+    (photos / "more").symlink_to(elsewhere.parent)
+    (photos / "loop").symlink_to(photos)  # would be searched forever
+    with caplog.at_level(logging.WARNING):
+        assert scan_images(photos) == [own, photos / "more" / "d.jpg"]
+    assert warnings_of(caplog) == [
+        f"skipped 1 file in {photos} (link to a folder scanned already x1; e.g. "
+        f"{photos / 'loop'}); {SUPPORTED}"
+    ]
+
+
+def test_label_folders_warn_once_for_the_tree_and_about_loose_images(tmp_path, caplog):
+    root = tmp_path / "gallery"
+    save(root / "Apple" / "1.jpg")
+    save(root / "Apple" / "2.gif", "GIF")
+    save(root / "Pear" / "1.jpg")
+    save(root / "Pear" / "2.gif", "GIF")
+    save(root / "loose.jpg")  # which label? none: said, not guessed
+    save(root / ".cache" / "x.jpg")  # not a label
+    with caplog.at_level(logging.WARNING):
+        items = collect_items([root])
+    assert [(i.path.name, i.label) for i in items] == [("1.jpg", "Apple"), ("1.jpg", "Pear")]
+    assert warnings_of(caplog) == [
+        f"skipped 3 files in {root} (.gif x2, not in a label folder x1; e.g. "
+        f"{root / 'Apple' / '2.gif'}, {root / 'Pear' / '2.gif'}, {root / 'loose.jpg'}); "
+        f"{SUPPORTED}"
+    ]
+
+
+def test_a_folder_without_images_is_an_error_naming_it(tmp_path, caplog):
+    gifs = tmp_path / "gifs"
+    save(gifs / "anim.gif", "GIF")
+    photos = tmp_path / "photos"
+    save(photos / "a.jpg")
+    empty = f"^{re.escape(str(gifs))}: no images in this folder$"
+    with caplog.at_level(logging.WARNING), pytest.raises(DataError, match=empty):
+        expand_images([str(photos), str(gifs)])  # one good folder does not hide it
+    assert warnings_of(caplog) == [
+        f"skipped 1 file in {gifs} (.gif x1; e.g. {gifs / 'anim.gif'}); {SUPPORTED}"
+    ]
+    with pytest.raises(DataError, match=empty):
+        collect_items([gifs], label="Fanta")
+    save(gifs / "loose.jpg")
+    with pytest.raises(
+        DataError, match=f"^{re.escape(str(gifs))}: no images in its label sub-folders"
+    ):
+        collect_items([gifs])
+
+
+def test_unreadable_folders_are_reported(tmp_path, caplog):
+    photos = tmp_path / "photos"
+    save(photos / "a.jpg")
+    locked = photos / "locked"
+    save(locked / "b.jpg")
+    locked.chmod(0)
+    try:
+        if os.access(locked, os.R_OK):
+            pytest.skip("this user reads folders whatever their permissions (root)")
+        with caplog.at_level(logging.WARNING):
+            assert scan_images(photos) == [photos / "a.jpg"]
+    finally:
+        locked.chmod(0o755)
+    assert f"(unreadable folder x1; e.g. {locked})" in warnings_of(caplog)[0]
+
+
+def test_the_cli_shows_the_warning_and_the_error(tmp_path):
+    """What a user of `shitu extract` sees, from a real process (its logging set up as
+    the entry point does)."""
+    gifs = tmp_path / "gifs"
+    save(gifs / "anim.gif", "GIF")
+    (gifs / "gone.jpg").symlink_to(tmp_path / "deleted.jpg")
+    result = subprocess.run(
+        [sys.executable, "-m", "shitu", "extract", str(gifs), "--out", str(tmp_path / "f")],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"WARNING skipped 2 files in {gifs} (.gif x1, broken link x1; e.g. "
+        f"{gifs / 'anim.gif'}, {gifs / 'gone.jpg'}); {SUPPORTED}",
+        f"error: {gifs}: no images in this folder",
+    ]
