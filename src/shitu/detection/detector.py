@@ -18,6 +18,7 @@ import torch
 from shitu.detection.model import PicoDet, PicoDetArch
 from shitu.detection.postprocess import anchor_points, decode_boxes, level_shapes, multiclass_nms
 from shitu.errors import CheckpointError, ConfigError
+from shitu.onnx_input import image_input_size
 
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
@@ -113,13 +114,16 @@ class OnnxDetector(Detector):
             )
         except Exception as exc:
             raise CheckpointError(f"{path} cannot be opened by onnxruntime: {exc}") from None
-        inputs = self.session.get_inputs()
-        shape = inputs[0].shape
-        if len(shape) != 4 or not all(isinstance(d, int) for d in shape[2:]):
-            raise CheckpointError(f"{path}: input must be [B, 3, H, W] with a fixed H and W")
-        self.input_name = inputs[0].name
-        self.input_size = (shape[2], shape[3])
-        self.batch_one = shape[0] == 1
+        image = self.session.get_inputs()[0]
+        size = image_input_size(image.shape, path)
+        if size is None:
+            raise CheckpointError(
+                f"{path}: onnxruntime runs a detector at the fixed size it was exported for, "
+                "and this export's H and W are dynamic; use the torch backend"
+            )
+        self.input_name = image.name
+        self.input_size = size
+        self.batch_one = image.shape[0] == 1
         outputs = self.session.get_outputs()
         self.decoded = [o.name for o in outputs] == ["scores", "boxes"]
         if not self.decoded:

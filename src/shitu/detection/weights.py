@@ -21,6 +21,7 @@ from torch import nn
 from shitu.checkpoint.paddle import read_pdparams
 from shitu.detection.model import ARCHS, PicoDet, PicoDetArch, build_picodet, resolve_arch
 from shitu.errors import CheckpointError
+from shitu.onnx_input import graph_input_shape, image_input_size
 
 CHECKPOINT_FORMAT = "shitu-picodet-1"
 
@@ -145,13 +146,6 @@ def _onnx_graph(path: str | Path) -> Any:
         raise CheckpointError(f"{path} is not a readable ONNX model: {exc}") from None
 
 
-def _onnx_input_size(graph: Any) -> int | None:
-    """The square input side the export was made for (None if not fixed and square)."""
-    dims = graph.input[0].type.tensor_type.shape.dim
-    sides = [d.dim_value for d in dims[2:]] if len(dims) == 4 else []
-    return sides[0] if len(sides) == 2 and sides[0] == sides[1] > 0 else None
-
-
 def _onnx_convs(path: str | Path, graph: Any) -> list[tuple[np.ndarray, np.ndarray | None]]:
     """(weight, bias) of every Conv node, in graph order, with constants resolved."""
     from onnx import numpy_helper
@@ -210,8 +204,9 @@ def load_onnx_weights(path: str | Path, arch: str | PicoDetArch | dict | None = 
     graph = _onnx_graph(path)
     convs = _onnx_convs(path, graph)
     num_classes = convs[-1][0].shape[0] - 4 * 8
-    size = _onnx_input_size(graph)
-    fixed = {"input_size": size} if size else {}
+    size = image_input_size(graph_input_shape(graph), path)
+    # PicoDet sizes are square: a non-square or dynamic export runs at the arch's default
+    fixed = {"input_size": size[0]} if size and size[0] == size[1] else {}
     if arch is not None:
         candidates = [resolve_arch(arch, **fixed)]
     else:

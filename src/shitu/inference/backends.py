@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import threading
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -23,6 +22,7 @@ from shitu.inference.export import (
     FeaturesOnly,
     load_exported_model,
 )
+from shitu.onnx_input import image_input_size
 
 BACKENDS = ("auto", "onnxruntime", "openvino", "torch")
 PRECISIONS = ("fp32", "int8", "fp16", "bf16")
@@ -93,18 +93,10 @@ class OnnxBackend:
                 raise ConfigError("device cuda: this onnxruntime has no CUDA support")
             providers.insert(0, "CUDAExecutionProvider")
         self.session = ort.InferenceSession(str(path), options, providers=providers)
-        self.input_size = _fixed_size(self.session.get_inputs()[0].shape)
+        self.input_size = image_input_size(self.session.get_inputs()[0].shape, path)
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run(None, {INPUT_NAME: batch})[0]
-
-
-def _fixed_size(shape: Sequence[Any]) -> tuple[int, int] | None:
-    """(height, width) of an NCHW input whose spatial sides are fixed, else None."""
-    sides = tuple(shape[2:]) if len(shape) == 4 else ()
-    if len(sides) == 2 and all(isinstance(side, int) and side > 0 for side in sides):
-        return sides[0], sides[1]
-    return None
 
 
 class OpenVinoBackend:
@@ -127,8 +119,8 @@ class OpenVinoBackend:
         compiled = openvino.Core().compile_model(str(path), "CPU", settings)
         self._request, self._output = compiled.create_infer_request(), compiled.output(0)
         shape = compiled.input(0).get_partial_shape()
-        self.input_size = _fixed_size(
-            [dim.get_length() if dim.is_static else None for dim in shape]
+        self.input_size = image_input_size(
+            [dim.get_length() if dim.is_static else None for dim in shape], path
         )
         self._lock = threading.Lock()  # one infer request: calls from threads take turns
 
