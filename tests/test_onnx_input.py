@@ -88,6 +88,8 @@ def test_an_input_that_is_not_an_nchw_image_batch_is_refused_naming_the_file(
     with pytest.raises(CheckpointError, match=message):
         OnnxBackend(path, 1, "cpu")
     with pytest.raises(CheckpointError, match=message):
+        OpenVinoBackend(path, 1)
+    with pytest.raises(CheckpointError, match=message):
         OnnxDetector(path)
 
 

@@ -116,12 +116,15 @@ class OpenVinoBackend:
         }
         if num_threads:
             settings["INFERENCE_NUM_THREADS"] = num_threads
-        compiled = openvino.Core().compile_model(str(path), "CPU", settings)
+        core = openvino.Core()
+        model = core.read_model(str(path))
+        # judged before compiling, which fails obscurely on an unknown rank ([] to the
+        # other readers; such a shape cannot be iterated)
+        shape = model.input(0).get_partial_shape()
+        dims = [dim.get_length() if dim.is_static else None for dim in shape]
+        self.input_size = image_input_size(dims if shape.rank.is_static else [], path)
+        compiled = core.compile_model(model, "CPU", settings)
         self._request, self._output = compiled.create_infer_request(), compiled.output(0)
-        shape = compiled.input(0).get_partial_shape()
-        self.input_size = image_input_size(
-            [dim.get_length() if dim.is_static else None for dim in shape], path
-        )
         self._lock = threading.Lock()  # one infer request: calls from threads take turns
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
