@@ -189,6 +189,39 @@ def test_load_detector_errors(tmp_path: Path) -> None:
         load_detector(photo)
 
 
+def _conv_model(path: Path, out_channels: int | None) -> Path:
+    """A real ONNX file: one 1x1 conv with `out_channels` outputs, or (None) an Identity."""
+    from onnx import TensorProto, helper, numpy_helper, save
+
+    x = helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, 32, 32])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    weights = []
+    if out_channels is None:
+        node = helper.make_node("Identity", ["image"], ["y"])
+    else:
+        weight = np.zeros((out_channels, 3, 1, 1), np.float32)
+        weights = [numpy_helper.from_array(weight, "w")]
+        node = helper.make_node("Conv", ["image", "w"], ["y"])
+    graph = helper.make_graph([node], "tiny", [x], [y], initializer=weights)
+    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("out_channels", "message"),
+    [
+        (None, "has no convolutions; it is not a PicoDet export"),
+        (8, "its convolutions match no PicoDet architecture"),  # too few for any class
+        (33, "its convolutions match no PicoDet architecture"),
+    ],
+)
+def test_an_onnx_file_that_is_no_picodet_is_refused(tmp_path: Path, out_channels, message):
+    path = _conv_model(tmp_path / "other.onnx", out_channels)
+    with pytest.raises(CheckpointError, match=message) as refused:
+        load_detector(path, backend="torch")
+    assert str(refused.value).startswith(f"{path}: ")
+
+
 @needs_picodet
 def test_detect_cli_writes_json_lines_and_images(tmp_path: Path, capsys) -> None:
     samples = sorted(str(p) for p in (PICODET / "samples").glob("*.jpg"))

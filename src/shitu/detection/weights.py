@@ -203,14 +203,18 @@ def load_onnx_weights(path: str | Path, arch: str | PicoDetArch | dict | None = 
     """
     graph = _onnx_graph(path)
     convs = _onnx_convs(path, graph)
+    if not convs:
+        raise CheckpointError(f"{path}: has no convolutions; it is not a PicoDet export")
     num_classes = convs[-1][0].shape[0] - 4 * 8
     size = image_input_size(graph_input_shape(graph), path)
     # PicoDet sizes are square: a non-square or dynamic export runs at the arch's default
     fixed = {"input_size": size[0]} if size and size[0] == size[1] else {}
     if arch is not None:
         candidates = [resolve_arch(arch, **fixed)]
-    else:
+    elif num_classes > 0:  # the last conv is the head's: classes + 4 sides x 8 bins
         candidates = [resolve_arch(a, num_classes=num_classes, **fixed) for a in ARCHS]
+    else:
+        candidates = []
     model = next((m for m in map(build_picodet, candidates) if _fits(m, convs)), None)
     if model is None:
         raise CheckpointError(
