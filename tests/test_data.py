@@ -154,6 +154,29 @@ def test_a_space_in_a_path_is_refused_with_the_line_and_the_tab_advice(tmp_path:
     assert dataset.paths[1] == str(tmp_path / "my photos" / "b.png") and dataset.labels == [0, 1]
 
 
+@pytest.mark.parametrize("skip_corrupt", [False, True])
+def test_a_space_in_a_file_name_is_refused_even_without_an_image_suffix(
+    tmp_path: Path, skip_corrupt: bool
+):
+    """Split on whitespace, `scan 01  Fanta` is path `scan`, label `01`, unique id `Fanta`:
+    the file that does exist, `scan 01`, is named instead of an id error or a missing `scan`,
+    and skip_corrupt does not hide the mistake."""
+    save_png(tmp_path / "a.png", pattern(4, 4))
+    save_png(tmp_path / "scan 01", pattern(5, 5))  # no suffix: image files need none
+    label_file = tmp_path / "train.txt"
+    label_file.write_text("a.png Coke 0\nscan 01  Fanta\n")
+    with pytest.raises(DataError) as caught:
+        LabelFileDataset(str(tmp_path), str(label_file), skip_corrupt=skip_corrupt)
+    assert str(caught.value) == (
+        f"{label_file}:2: the image path 'scan 01' has a space in it, so whitespace splits "
+        "it into columns, got 'scan 01  Fanta'; if paths or labels contain spaces, separate "
+        'columns with tabs and set delimiter: "\\t"'
+    )
+    label_file.write_text("a.png\tCoke\nscan 01\tFanta\n")
+    dataset = LabelFileDataset(str(tmp_path), str(label_file), delimiter="\t")
+    assert dataset.class_names == ["Coke", "Fanta"] and len(dataset) == 2
+
+
 def test_relabel_maps_sorted_labels_to_consecutive_ids(tmp_path: Path):
     for name in "abcd":
         save_png(tmp_path / f"{name}.png", pattern(4, 4))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from shitu.data.datasets.base import (
@@ -56,6 +57,8 @@ class LabelFileDataset(ImageDataset):
             raise DataError(f"{where}: lists no images")
         rows = [self._split(number, line, delimiter) for number, line in lines]
         texts = dict(lines)
+        if delimiter in (None, " "):
+            self._refuse_spaced_paths(rows, texts, image_root)
 
         with_ids = [len(fields) == 3 for _, fields in rows]
         if any(with_ids) and not all(with_ids):
@@ -103,6 +106,26 @@ class LabelFileDataset(ImageDataset):
                 f"by {shown}, got {line!r}{self._tab_hint(line, delimiter, len(fields) > 3)}"
             )
         return number, fields
+
+    def _refuse_spaced_paths(
+        self, rows: list[tuple[int, list[str]]], texts: dict[int, str], image_root: str
+    ) -> None:
+        """A whitespace split cuts `my photo 3` into path `my`, label `photo`, id `3`: when
+        the first column is no file but a longer prefix of the line is, say so (instead of
+        reporting `my` as missing, or skipping it under skip_corrupt)."""
+        for number, fields in rows:
+            if os.path.isfile(os.path.join(image_root, fields[0])):
+                continue
+            line = texts[number]
+            tokens = list(re.finditer(r"\S+", line))
+            for token in tokens[1:-1]:  # the path leaves at least a label after it
+                candidate = line[: token.end()]
+                if os.path.isfile(os.path.join(image_root, candidate)):
+                    raise DataError(
+                        f"{self.cls_label_path}:{number}: the image path {candidate!r} has a "
+                        f"space in it, so whitespace splits it into columns, got {line!r}"
+                        f"{self._tab_hint(line, None, True)}"
+                    )
 
     @staticmethod
     def _tab_hint(line: str, delimiter: str | None, crowded: bool) -> str:
