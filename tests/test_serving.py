@@ -27,6 +27,7 @@ from shitu.inference.preprocess import read_rgb
 from shitu.pipeline import Recognizer, load_pipeline_config
 from shitu.serving import library as library_module
 from shitu.serving.errors import NotFound
+from shitu.serving.http import too_large
 from shitu.serving.images import thumbnail_jpeg
 from shitu.serving.library import SharedLibrary
 from shitu.serving.service import RecognitionService, Upload
@@ -439,6 +440,14 @@ def test_a_fractional_upload_limit_is_enforced_to_the_byte_and_reported_as_given
     finally:
         server.stop()
     assert response.json()["detail"] == "request body is larger than the 0.3 MB limit"
+
+
+@pytest.mark.parametrize(
+    ("limit_mb", "shown"),
+    [(5e6, "5000000"), (1e16, "10000000000000000"), (1 / (1 << 20), "0.00000095367431640625")],
+)
+def test_the_413_limit_is_written_out_in_plain_digits(limit_mb, shown):
+    assert str(too_large(limit_mb)) == f"request body is larger than the {shown} MB limit"
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
+import numpy as np
 from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ValidationError
@@ -33,7 +34,9 @@ DRAIN_BYTES = 64 * MB
 
 
 def too_large(limit_mb: float) -> PayloadTooLarge:
-    return PayloadTooLarge(f"request body is larger than the {limit_mb:g} MB limit")
+    # positional, shortest round-trip digits: 5000000 and 0.3, never 5e+06 or 0.299999
+    shown = np.format_float_positional(limit_mb, trim="-")
+    return PayloadTooLarge(f"request body is larger than the {shown} MB limit")
 
 
 class BodyLimit:
