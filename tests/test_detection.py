@@ -27,6 +27,7 @@ from shitu.detection.weights import load_onnx_weights, paddle_key, save_detector
 from shitu.errors import CheckpointError, ConfigError
 from shitu.pipeline import fonts
 from tests.font_helpers import font_covering
+from tests.onnx_helpers import tiny_model
 
 PICODET = Path("/work/shared/models/picodet_s_coco")
 ONNX_416 = PICODET / "picodet_s_416_coco.onnx"
@@ -189,24 +190,6 @@ def test_load_detector_errors(tmp_path: Path) -> None:
         load_detector(photo)
 
 
-def _conv_model(path: Path, out_channels: int | None) -> Path:
-    """A real ONNX file: one 1x1 conv with `out_channels` outputs, or (None) an Identity."""
-    from onnx import TensorProto, helper, numpy_helper, save
-
-    x = helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, 32, 32])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
-    weights = []
-    if out_channels is None:
-        node = helper.make_node("Identity", ["image"], ["y"])
-    else:
-        weight = np.zeros((out_channels, 3, 1, 1), np.float32)
-        weights = [numpy_helper.from_array(weight, "w")]
-        node = helper.make_node("Conv", ["image", "w"], ["y"])
-    graph = helper.make_graph([node], "tiny", [x], [y], initializer=weights)
-    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
-    return path
-
-
 @pytest.mark.parametrize(
     ("out_channels", "message"),
     [
@@ -216,7 +199,7 @@ def _conv_model(path: Path, out_channels: int | None) -> Path:
     ],
 )
 def test_an_onnx_file_that_is_no_picodet_is_refused(tmp_path: Path, out_channels, message):
-    path = _conv_model(tmp_path / "other.onnx", out_channels)
+    path = tiny_model(tmp_path, [1, 3, 32, 32], conv_channels=out_channels)
     with pytest.raises(CheckpointError, match=message) as refused:
         load_detector(path, backend="torch")
     assert str(refused.value).startswith(f"{path}: ")

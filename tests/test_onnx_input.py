@@ -9,25 +9,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
 from shitu.detection.detector import OnnxDetector
 from shitu.errors import CheckpointError
 from shitu.inference.backends import OnnxBackend, OpenVinoBackend
-from shitu.inference.export import INPUT_NAME
 from shitu.onnx_input import Dim, graph_input_shape, image_input_size
-
-
-def tiny_model(tmp_path: Path, dims: list[Dim] | None) -> Path:
-    """An ONNX file whose one input has these dims (None: no shape, an unknown rank)."""
-    x = helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, dims)
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
-    identity = helper.make_node("Identity", [INPUT_NAME], ["y"])
-    graph = helper.make_graph([identity], "tiny", [x], [y])
-    path = tmp_path / "tiny.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
-    return path
+from tests.onnx_helpers import tiny_model
 
 
 def readers(path: Path) -> dict[str, list[Dim]]:
