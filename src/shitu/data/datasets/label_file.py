@@ -58,7 +58,7 @@ class LabelFileDataset(ImageDataset):
         rows = [self._split(number, line, delimiter) for number, line in lines]
         texts = dict(lines)
         if delimiter in (None, " "):
-            self._refuse_spaced_paths(rows, texts, image_root)
+            self._refuse_spaced_paths(texts, image_root)
 
         with_ids = [len(fields) == 3 for _, fields in rows]
         if any(with_ids) and not all(with_ids):
@@ -107,17 +107,15 @@ class LabelFileDataset(ImageDataset):
             )
         return number, fields
 
-    def _refuse_spaced_paths(
-        self, rows: list[tuple[int, list[str]]], texts: dict[int, str], image_root: str
-    ) -> None:
+    def _refuse_spaced_paths(self, texts: dict[int, str], image_root: str) -> None:
         """A whitespace split cuts `my photo 3` into path `my`, label `photo`, id `3`: when
         the first column is no file but a longer prefix of the line is, say so (instead of
         reporting `my` as missing, or skipping it under skip_corrupt)."""
-        for number, fields in rows:
-            if os.path.isfile(os.path.join(image_root, fields[0])):
-                continue
-            line = texts[number]
+        for number, line in texts.items():
             tokens = list(re.finditer(r"\S+", line))
+            # a `path label` line has no longer path to try: it costs no file check here
+            if len(tokens) < 3 or os.path.isfile(os.path.join(image_root, tokens[0].group())):
+                continue
             for token in tokens[1:-1]:  # the path leaves at least a label after it
                 candidate = line[: token.end()]
                 if os.path.isfile(os.path.join(image_root, candidate)):
