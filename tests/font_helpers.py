@@ -26,7 +26,7 @@ def font_covering(text: str) -> str | None:
         if Path(path).suffix.lower() not in (".ttf", ".otf", ".ttc") or not Path(path).is_file():
             continue
         try:
-            if not fonts.missing_chars(path, text + fonts.SCORE_CHARS):
+            if not fonts.missing_chars(fonts.FontFace(path), text + fonts.SCORE_CHARS):
                 return path
         except OSError:
             continue

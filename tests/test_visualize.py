@@ -4,6 +4,9 @@ installed font for labels Pillow's font cannot draw, and the warning when nothin
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +33,10 @@ def found():
     if found is None:
         pytest.skip("no installed font draws any of the test labels")
     return found
+
+
+def face_of(font) -> fonts.FontFace:
+    return fonts.FontFace(font.path, font.index)
 
 
 def warnings(caplog) -> list[str]:
@@ -92,11 +99,46 @@ def test_without_a_font_given_an_installed_font_that_has_the_glyphs_is_used(
     caption_fonts = CaptionFonts()
     chosen = caption_fonts.font_for(first, 20)
     assert chosen is not fonts.load_font(None, 20)
-    assert fonts.missing_chars(chosen.path, first + fonts.SCORE_CHARS) == ""
+    assert fonts.missing_chars(face_of(chosen), first + fonts.SCORE_CHARS) == ""
     for label in (second, first):
-        assert not fonts.missing_chars(caption_fonts.font_for(label, 20).path, label)
+        assert not fonts.missing_chars(face_of(caption_fonts.font_for(label, 20)), label)
     assert searched.count(first + fonts.SCORE_CHARS) == 1  # the font found is kept
     assert not warnings(caplog)
+
+
+def fontconfig_faces(text: str, languages: tuple[str, ...]) -> list[tuple[str, int]]:
+    """The face (file, index) that fontconfig picks for `text` for each language."""
+    if shutil.which("fc-match") is None:
+        pytest.skip("no fontconfig on this machine")
+    charset = " ".join(f"{ord(c):x}" for c in text)
+    picked = []
+    for language in languages:
+        found = subprocess.run(
+            ["fc-match", "--format=%{index}:%{file}", f"sans-serif:charset={charset}"],
+            env={**os.environ, "FC_LANG": language},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        index, _, path = found.partition(":")
+        picked.append((path, int(index)))
+    return picked
+
+
+def test_a_font_collection_draws_chinese_in_the_face_of_the_users_language(monkeypatch):
+    """Noto Sans CJK holds its Japanese, Simplified and Traditional Chinese faces in one
+    .ttc, and draws shared characters differently in each: the caption uses the face that
+    fontconfig picks for the user's language, not the collection's first (Japanese) one."""
+    label = "骨刃"  # characters whose regional forms differ
+    languages = ("zh-cn", "zh-tw")
+    expected = fontconfig_faces(label, languages)
+    if len(set(expected)) < 2:
+        pytest.skip("no installed font collection with regional faces for these characters")
+    for language, face in zip(languages, expected, strict=True):
+        monkeypatch.setenv("FC_LANG", language)
+        fonts.installed_fonts.cache_clear()
+        font = CaptionFonts().font_for(label, 20)
+        assert (font.path, font.index) == face
 
 
 def test_vis_font_that_cannot_be_used_is_refused_before_anything_is_written(tmp_path, capsys):

@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import unicodedata
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import cast
@@ -45,6 +46,16 @@ SYSTEM_FONTS: tuple[Path, ...] = (
 )
 
 
+@dataclass(frozen=True)
+class FontFace:
+    """One face of a font file. A collection (.ttc) holds several: Noto Sans CJK has its
+    Japanese, Korean, Simplified and Traditional Chinese faces in one file, and the same
+    character is drawn in a different regional form by each."""
+
+    path: str
+    index: int = 0
+
+
 def check_font_file(path: Path) -> None:
     """Raise a one-line DataError unless Pillow can draw with the font file at `path`:
     a wrong `--vis-font` is reported before any image is read, not after the first one."""
@@ -57,18 +68,18 @@ def check_font_file(path: Path) -> None:
 
 
 @lru_cache(maxsize=256)
-def load_font(path: str | None, size: int) -> ImageFont.FreeTypeFont:
-    """The font file at `path` (None: Pillow's built-in font) at `size` pixels."""
-    if path is None:  # with a size, Pillow >= 10.1 gives its scalable font (Aileron)
+def load_font(face: FontFace | None, size: int) -> ImageFont.FreeTypeFont:
+    """The font face (None: Pillow's built-in font) at `size` pixels."""
+    if face is None:  # with a size, Pillow >= 10.1 gives its scalable font (Aileron)
         return cast(ImageFont.FreeTypeFont, ImageFont.load_default(size))
-    return ImageFont.truetype(path, size)
+    return ImageFont.truetype(face.path, size, index=face.index)
 
 
 @lru_cache(maxsize=64)
-def _probe(path: str | None) -> tuple[ImageFont.FreeTypeFont, tuple]:
+def _probe(face: FontFace | None) -> tuple[ImageFont.FreeTypeFont, tuple]:
     """The font without text shaping (each character drawn as the glyph its cmap gives,
     with no dotted circles or ligatures standing in), and what its .notdef looks like."""
-    font = load_font(path, PROBE_SIZE).font_variant(layout_engine=ImageFont.Layout.BASIC)
+    font = load_font(face, PROBE_SIZE).font_variant(layout_engine=ImageFont.Layout.BASIC)
     return font, _drawing(font, UNMAPPED)
 
 
@@ -78,11 +89,11 @@ def _drawing(font: ImageFont.FreeTypeFont, char: str) -> tuple:
 
 
 @lru_cache(maxsize=65536)
-def has_glyph(path: str | None, char: str) -> bool:
+def has_glyph(face: FontFace | None, char: str) -> bool:
     """Whether the font has a glyph for `char`. Pillow does not expose the font's cmap, but
     a character the font lacks is drawn as its .notdef glyph (the tofu box), exactly as a
     code point no font maps is: a drawing that differs from that one is a real glyph."""
-    font, notdef = _probe(path)
+    font, notdef = _probe(face)
     return _drawing(font, char) != notdef
 
 
@@ -94,36 +105,42 @@ def needs_glyph(char: str) -> bool:
     return not (char.isspace() or selector or unicodedata.category(char).startswith("C"))
 
 
-def missing_chars(path: str | None, text: str) -> str:
+def missing_chars(face: FontFace | None, text: str) -> str:
     """The characters of `text` that the font cannot draw, each once, in order."""
-    return "".join(c for c in dict.fromkeys(text) if needs_glyph(c) and not has_glyph(path, c))
+    return "".join(c for c in dict.fromkeys(text) if needs_glyph(c) and not has_glyph(face, c))
 
 
-def _fontconfig_match(text: str) -> str | None:
-    """The font fontconfig picks for `text`'s characters (Linux, BSD; macOS with Homebrew):
-    coverage ranks first in its matching, so it names one that has them all if any does."""
+def _fontconfig_match(text: str) -> FontFace | None:
+    """The font face fontconfig picks for `text`'s characters (Linux, BSD; macOS with
+    Homebrew): coverage ranks first in its matching, so it names one that has them all if
+    any does, and the user's language picks the face of a collection (Chinese text in a
+    zh_CN locale gets Noto Sans CJK SC, not the JP face that comes first in the file)."""
     fc_match = shutil.which("fc-match")
     if fc_match is None:
         return None
     charset = " ".join(f"{ord(c):x}" for c in dict.fromkeys(text) if needs_glyph(c))
-    command = [fc_match, "--format=%{file}", f"sans-serif:charset={charset}"]
+    command = [fc_match, "--format=%{index}:%{file}", f"sans-serif:charset={charset}"]
     try:
         found = subprocess.run(command, capture_output=True, text=True, timeout=10, check=True)
     except (OSError, subprocess.SubprocessError):
         return None
-    return found.stdout.strip() or None
+    index, _, path = found.stdout.strip().partition(":")
+    if not path or not index.isdigit():
+        return None
+    return FontFace(path, int(index))
 
 
 @lru_cache(maxsize=1024)
-def installed_fonts(text: str) -> tuple[str, ...]:
-    """Installed fonts to try for `text`: fontconfig's pick, then the usual places."""
-    found = (_fontconfig_match(text), *(str(path) for path in SYSTEM_FONTS if path.is_file()))
-    return tuple(path for path in dict.fromkeys(found) if path is not None and _readable(path))
+def installed_fonts(text: str) -> tuple[FontFace, ...]:
+    """Installed font faces to try for `text`: fontconfig's pick, then the usual places."""
+    listed = (FontFace(str(path)) for path in SYSTEM_FONTS if path.is_file())
+    found = (_fontconfig_match(text), *listed)
+    return tuple(face for face in dict.fromkeys(found) if face is not None and _readable(face))
 
 
-def _readable(path: str) -> bool:
+def _readable(face: FontFace) -> bool:
     try:
-        _probe(path)
+        _probe(face)
     except OSError:  # not a font, or a colour emoji font that has one fixed size only
         return False
     return True
@@ -138,24 +155,24 @@ class CaptionFonts:
     def __init__(self, path: Path | None = None) -> None:
         if path is not None:
             check_font_file(path)
-        self.path = None if path is None else str(path)
-        self.chosen: list[str] = []
+        self.given = None if path is None else FontFace(str(path))
+        self.chosen: list[FontFace] = []
         self.warned: set[str] = set()
 
     def font_for(self, label: str, size: int) -> ImageFont.FreeTypeFont:
         """A font for `label` and its score at `size` pixels: the first that draws them all,
         else the one that lacks fewest characters (drawn as empty boxes, after a warning)."""
         text = label + SCORE_CHARS
-        path = next((p for p in (self.path, *self.chosen) if not missing_chars(p, text)), None)
-        if path is not None:
-            return load_font(path, size)
-        choices = (self.path, *installed_fonts(text))
-        path, missing = min(
+        face = next((f for f in (self.given, *self.chosen) if not missing_chars(f, text)), None)
+        if face is not None:
+            return load_font(face, size)
+        choices = (self.given, *installed_fonts(text))
+        face, missing = min(
             ((choice, missing_chars(choice, text)) for choice in choices),
             key=lambda choice: len(choice[1]),
         )
         if not missing:
-            self.chosen.append(path)
+            self.chosen.append(face)
         elif label not in self.warned:
             self.warned.add(label)
             logger.warning(
@@ -165,4 +182,4 @@ class CaptionFonts:
                 label,
                 " ".join(missing),
             )
-        return load_font(path, size)
+        return load_font(face, size)
