@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from shitu.cli.main import STDOUT_CLOSED_STATUS, SUBCOMMANDS
+from shitu.inference import default_model_dir
 
 SHITU = [sys.executable, "-m", "shitu.cli.main"]
 
@@ -63,6 +64,19 @@ def test_convert_missing_file_is_one_line_error(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: weight file not found: {tmp_path / 'none.pdparams'}"
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_convert_takes_every_tensor_from_the_file_and_loads_no_imagenet_weights(tmp_path):
+    """Converting a whole checkpoint needs no [pretrained] package: a `pretrained` file
+    that does not exist is never opened."""
+    out = tmp_path / "converted.safetensors"
+    result = run_shitu(
+        "convert", str(default_model_dir() / "model.safetensors"), "--no-head", "--out", str(out),
+        "-c", "GroceryStore_EfficientNetLite0",
+        "-o", f"Arch.Backbone.pretrained={tmp_path / 'absent.pth'}",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert f"wrote {out}: 301 tensors" in result.stdout
 
 
 def test_out_of_range_numbers_are_usage_errors_not_tracebacks():

@@ -86,6 +86,12 @@ def test_build_search_edit_and_reembed(models, gallery_list, tmp_path):
     added = shitu("index", "add", lib, folder, "--label", "Mixed bag", "--model", models[512])
     assert added.returncode == 0, added.stderr
     assert "added 2 images" in added.stdout and "skipped 1 duplicate (" in added.stdout
+    by_folder = shitu("index", "search", lib, folder, "--model", models[512], "-k", "1")
+    assert by_folder.returncode == 0, by_folder.stderr  # a folder is its images, each found
+    assert [line.split("\t")[0] for line in by_folder.stdout.splitlines()] == [
+        str(folder / f"{index}.jpg") for index in range(3)
+    ]
+    assert by_folder.stdout.count("(1.000") == 3
 
     assert shitu("index", "relabel", lib, "Pink Lady apple", "Pink Lady").returncode == 0
     merging = shitu("index", "relabel", lib, "Pink Lady", "Mixed bag")

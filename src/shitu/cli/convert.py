@@ -23,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     parser.add_argument("weights", help="source weights: .pdparams, .safetensors, .pt or .pth")
-    parser.add_argument("--out", required=True, help="output file: .safetensors (default) or .pt")
+    parser.add_argument("--out", required=True, help="output file: .safetensors, .pt or .pth")
     add_config_arguments(parser)
     parser.add_argument(
         "--reparameterize",
@@ -35,7 +35,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
-    model = model_from_config(config, args).eval()
+    # every tensor comes from the weights file: no ImageNet weights to install or load first
+    model = model_from_config(config, args, pretrained=False).eval()
     report = load_weights(model, args.weights, ignore_prefixes=("head.",) if args.no_head else ())
     if args.reparameterize:
         model.reparameterize()

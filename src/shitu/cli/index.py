@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from shitu.cli.common import add_runtime_arguments, count_of, positive_int
+from shitu.cli.common import add_runtime_arguments, count_of, expand_images, positive_int
 from shitu.errors import DataError, GalleryError
 from shitu.fileio import fsync_dir
 from shitu.index import INDEX_TYPES, METRICS, AddReport, Gallery, GalleryItem, collect_items
@@ -103,8 +103,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     search = commands.add_parser("search", help="embed query images and print the top hits")
     search.add_argument("library", type=Path)
-    search.add_argument("images", type=Path, nargs="+")
-    search.add_argument("-k", type=int, default=5)
+    search.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
+    search.add_argument("-k", type=positive_int, default=5, help="hits per image (default 5)")
     search.add_argument("--min-score", type=float, help="drop hits scoring below this")
     _add_model_arguments(search)
     search.set_defaults(func=run_search)
@@ -336,8 +336,9 @@ def run_rebuild(args: argparse.Namespace) -> int:
 
 def run_search(args: argparse.Namespace) -> int:
     model = _load_model(args)
+    images, _ = expand_images(args.images)
     with Gallery.open(args.library, embedder=model) as gallery:
-        extraction = model.extract_files([str(p) for p in args.images], args.batch_size)
+        extraction = model.extract_files([str(p) for p in images], args.batch_size)
         result = gallery.search(extraction.features, args.k, min_score=args.min_score)
     for path, reason in extraction.failures:
         print(f"warning: could not read {path}: {reason}", file=sys.stderr)
