@@ -9,7 +9,8 @@ rebuilt after each write, so browsing never waits for a write either.
 
 Other processes may write the library too (`shitu index add ...`): at most once a second,
 a search or a look at the snapshot has the library's thread check for a newer generation
-and load it, so their edits show up while the server runs.
+(one SQLite read) and load it, and waits for that before answering, so a request made after
+their edit sees it, however long the server sat idle before.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -109,7 +110,7 @@ class SharedLibrary:
         self._gallery: Gallery | None = None
         self._snapshot = Snapshot({}, {})
         self._sync_guard = threading.Lock()
-        self._sync_pending = False
+        self._pending_sync: Future[None] | None = None
         self._last_sync = time.monotonic()
         # The generation that last failed to load, and when: retried after RETRY_S (the
         # cause may pass, say a file still being copied), its failure logged once.
@@ -138,35 +139,39 @@ class SharedLibrary:
 
     @property
     def snapshot(self) -> Snapshot:
-        """The rows and facts of the generation loaded; no lock, no wait."""
-        self._schedule_sync()
+        """The rows and facts of the latest generation; no lock."""
+        self._sync_if_due()
         return self._snapshot
 
     def search(
         self, vectors: np.ndarray, k: int = 5, min_score: float | None = None
     ) -> SearchResult:
-        self._schedule_sync()
+        self._sync_if_due()
         with self._lock.read():
             return self.gallery.search(vectors, k, min_score)
 
-    def _schedule_sync(self) -> None:
-        """Have the library's thread look for other processes' writes, if it is time."""
+    def _sync_if_due(self) -> None:
+        """If it is time, have the library's thread load other processes' writes, and wait
+        for it (with every other request that finds the same check under way)."""
+        if threading.current_thread() is self._thread:
+            return  # a write job's own reads: it is the thread that would sync
         with self._sync_guard:
-            due = time.monotonic() - self._last_sync >= SYNC_INTERVAL_S
-            if self._sync_pending or not due or self._gallery is None:
-                return
-            self._sync_pending = True
-        try:
-            self._executor.submit(self._sync)
-        except RuntimeError:  # closing: the thread takes no more work
-            with self._sync_guard:
-                self._sync_pending = False
+            pending = self._pending_sync
+            if pending is None:
+                due = time.monotonic() - self._last_sync >= SYNC_INTERVAL_S
+                if not due or self._gallery is None:
+                    return
+                try:
+                    pending = self._pending_sync = self._executor.submit(self._sync)
+                except RuntimeError:  # closing: the thread takes no more work
+                    return
+        pending.result()
 
     def _sync(self) -> None:
         gallery = self._gallery
         if gallery is None:
             with self._sync_guard:
-                self._sync_pending = False
+                self._pending_sync = None
             return
         generation = None
         try:
@@ -200,7 +205,7 @@ class SharedLibrary:
             self._failed = (generation, time.monotonic())
         finally:
             with self._sync_guard:
-                self._sync_pending = False
+                self._pending_sync = None
                 self._last_sync = time.monotonic()
 
     def write(self, mutate: Callable[[Gallery], T]) -> T:
