@@ -265,6 +265,33 @@ def test_files_are_embedded_hashed_and_reembedded(tmp_path):
         assert result.labels[0, 0] == "Item 1" and result.scores[0, 0] == pytest.approx(1.0)
 
 
+def test_a_library_moved_whole_still_finds_the_files_kept_inside_it(tmp_path, monkeypatch):
+    """Files inside the library folder (the server's uploads) are stored relative to it;
+    files elsewhere keep their absolute path, a relative one taken from the working folder."""
+    path = tmp_path / "lib"
+    model = PixelEmbedder()
+    Gallery.create_for(path, model).close()
+    inside = make_images(path / "uploads", 2)
+    outside = make_images(tmp_path / "photos", 2, seed=1)
+    monkeypatch.chdir(tmp_path)
+    with Gallery.open(path, embedder=model) as gallery:
+        items = [GalleryItem(p, "inside") for p in inside]
+        items += [
+            GalleryItem(outside[0], "outside"),
+            GalleryItem(Path("photos") / outside[1].name, "outside"),
+        ]
+        assert len(gallery.add_files(model, items).ids) == 4
+    moved = tmp_path / "moved" / "lib"
+    moved.parent.mkdir()
+    path.rename(moved)
+    with Gallery.open(moved) as gallery:
+        paths = [entry.path for entry in gallery.entries()]
+        assert paths == [str(p.resolve()) for p in (moved / "uploads").iterdir()] + [
+            str(p.resolve()) for p in outside
+        ]
+        assert gallery.reembed(model) == 4 and gallery.verify() == []
+
+
 def test_model_fingerprint_mismatch_is_refused(tmp_path):
     new_gallery(tmp_path / "lib").close()
     other = PixelEmbedder(side=2, fingerprint="other")  # 12-d, not the library's 16-d

@@ -72,6 +72,11 @@ def _committed_manifest(
     return manifest
 
 
+def _with_full_path(entry: ImageEntry, root: Path) -> ImageEntry:
+    """The entry with its library-relative path made whole."""
+    return replace(entry, path=str(root / entry.path))
+
+
 class Gallery:
     """An open library; use `Gallery.create` or `Gallery.open`, and `close()` (or `with`)."""
 
@@ -358,7 +363,10 @@ class Gallery:
             if not keep:
                 return None, AddReport(ids=np.zeros(0, np.int64), duplicates=duplicates)
             stamp = now()
-            rows = [NewImage(paths[i], str(labels[i]).strip(), hashes[i], stamp) for i in keep]
+            rows = [
+                NewImage(self._stored_path(paths[i]), str(labels[i]).strip(), hashes[i], stamp)
+                for i in keep
+            ]
             ids = self._store.insert(rows, vectors[keep])
             change = Change(added_ids=ids, added=vectors[keep])
             return change, AddReport(ids=ids, duplicates=duplicates)
@@ -472,7 +480,7 @@ class Gallery:
 
     def reembed(self, embedder: Embedder, batch_size: int = 32, progress: bool = False) -> int:
         """Re-extract every image with a new model and rebuild; all or nothing."""
-        entries = self._store.entries()
+        entries = self.entries()
         if not entries:
             raise GalleryError(f"{self.root}: library is empty, nothing to re-embed")
         no_file = [e.id for e in entries if not e.path]
@@ -511,7 +519,22 @@ class Gallery:
     # ----------------------------------------------------------------------------- reading
 
     def entries(self, label: str | None = None) -> list[ImageEntry]:
-        return self._store.entries(label)
+        """The stored images (by id), each with the full path of its file."""
+        root = self.root.resolve()
+        entries = self._store.entries(label)
+        return [e if os.path.isabs(e.path) or not e.path else _with_full_path(e, root) for e in entries]
+
+    def _stored_path(self, path: str) -> str:
+        """How a file's path is stored: relative to the library folder for files inside it
+        (the server's uploads), so that the folder moved or copied whole still finds them;
+        absolute for the rest (relative paths are taken from the working directory)."""
+        if not path:
+            return path
+        full = Path(path).resolve()
+        try:
+            return full.relative_to(self.root.resolve()).as_posix()
+        except ValueError:
+            return str(full)
 
     def label_counts(self) -> dict[str, int]:
         return self._store.label_counts()
