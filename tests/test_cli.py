@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
 
 import pytest
 
+from shitu.cli import index as index_cli
 from shitu.cli.main import STDOUT_CLOSED_STATUS, SUBCOMMANDS
+from shitu.cli.main import main as shitu_main
 from shitu.inference import default_model_dir
 
 SHITU = [sys.executable, "-m", "shitu.cli.main"]
@@ -77,6 +80,37 @@ def test_convert_takes_every_tensor_from_the_file_and_loads_no_imagenet_weights(
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert f"wrote {out}: 301 tensors" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["extract", "{image}", "--out", "{blocker}/sub/feats"],
+        ["index", "build", "--gallery", "{image}", "--out", "{blocker}/lib"],
+        ["demo", "--out", "{blocker}"],
+    ],
+)
+def test_an_output_place_that_cannot_be_written_is_named_before_any_work(tmp_path, command):
+    """A file where a folder must go: one line naming it, and nothing written anywhere."""
+    image = tmp_path / "photo.jpg"  # never read: the output place is refused first
+    blocker = tmp_path / "a file"
+    blocker.write_text("in the way")
+    args = [arg.format(image=image, blocker=blocker) for arg in command]
+    result = run_shitu(*args)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().endswith(f"{blocker} is a file, not a folder")
+    assert "Traceback" not in result.stderr and sorted(tmp_path.iterdir()) == [blocker]
+
+
+def test_a_failure_of_the_file_system_is_one_line_naming_the_file(monkeypatch, capsys):
+    def full_disk(args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/data/lib/gallery.sqlite")
+
+    monkeypatch.setattr(index_cli, "run_list", full_disk)
+    assert shitu_main(["index", "list", "lib"]) == 2
+    assert capsys.readouterr().err == (
+        f"error: /data/lib/gallery.sqlite: {os.strerror(errno.ENOSPC)}\n"
+    )
 
 
 def test_out_of_range_numbers_are_usage_errors_not_tracebacks():

@@ -657,6 +657,18 @@ def test_a_key_http_headers_cannot_carry_is_refused_at_start(serving_library, ca
     assert shitu_main([*args[:-1], " padded-key"]) == 2
 
 
+def test_an_upload_folder_that_cannot_be_written_is_refused_at_start(
+    serving_library, tmp_path, capsys
+):
+    blocker = tmp_path / "a file"
+    blocker.write_text("in the way")
+    args = ["serve", "--gallery", str(serving_library.gallery), "--port", "0"]
+    assert shitu_main([*args, "--upload-dir", str(blocker / "uploads")]) == 2
+    assert capsys.readouterr().err == (
+        f"error: the upload folder (--upload-dir): {blocker} is a file, not a folder\n"
+    )
+
+
 def test_previews_of_large_stored_images(tmp_path):
     """The pixel limit holds for what a preview decodes: a large JPEG decodes at a reduced
     scale and gets one; a large PNG gets a 404 that says why, not a 413 for a GET."""

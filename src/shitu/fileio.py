@@ -17,6 +17,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from shitu.errors import DataError
+
 
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
@@ -33,6 +35,22 @@ def fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def check_writable(folder: Path, what: str) -> None:
+    """Create `folder` if needed and write a file in it, before long work whose results go
+    there: an unusable place (a file in the way, no permission, a read-only or virtual file
+    system) is a one-line error naming `what` now, not a traceback after the work."""
+    existing = next((f for f in (folder, *folder.parents) if f.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise DataError(f"{what}: {existing} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=".shitu-write-check.", dir=folder)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as exc:
+        raise DataError(f"{what}: cannot write in {folder} ({exc.strerror or exc})") from None
 
 
 def _read_umask() -> int:

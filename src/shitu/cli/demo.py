@@ -9,6 +9,7 @@ from pathlib import Path
 from shitu.cli.common import VisualisationWriter
 from shitu.cli.recognize import add_pipeline_arguments, format_table, pipeline_config_from_args
 from shitu.errors import ShituError
+from shitu.fileio import check_writable
 from shitu.pipeline.config import PLAIN_BACKGROUND
 
 MARKER = ".shitu-demo"
@@ -32,9 +33,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _prepare(out: Path) -> None:
     """Refuse a folder that holds anything but an earlier demo; clear an earlier library."""
-    if out.exists() and any(out.iterdir()) and not (out / MARKER).is_file():
+    check_writable(out, f"--out {out}")
+    if any(out.iterdir()) and not (out / MARKER).is_file():
         raise ShituError(f"{out}: exists and is not a shitu demo folder; choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).touch()
     shutil.rmtree(out / "gallery", ignore_errors=True)
 

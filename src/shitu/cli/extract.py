@@ -11,7 +11,7 @@ import numpy as np
 
 from shitu.cli.common import add_runtime_arguments, count_of, expand_images, positive_int
 from shitu.errors import DataError
-from shitu.fileio import write_atomically
+from shitu.fileio import check_writable, write_atomically
 from shitu.inference import FeatureExtractor, default_model_dir
 
 
@@ -56,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
     targets = [out.parent / f"{out.name}{suffix}" for suffix in (".npy", ".txt")]
     if not out.name or any(target.is_dir() for target in targets):  # now, not after embedding
         raise DataError(f"--out {args.out}: names a folder; give a file prefix such as feats")
+    check_writable(out.parent, f"--out {args.out}")
     extractor = FeatureExtractor.load(
         args.model or default_model_dir(),
         args.runtime,

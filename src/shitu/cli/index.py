@@ -17,7 +17,7 @@ from typing import Any
 
 from shitu.cli.common import add_runtime_arguments, count_of, expand_images, positive_int
 from shitu.errors import DataError, GalleryError
-from shitu.fileio import fsync_dir
+from shitu.fileio import check_writable, fsync_dir
 from shitu.index import INDEX_TYPES, METRICS, AddReport, Gallery, GalleryItem, collect_items
 from shitu.index.embedder import Embedder
 
@@ -167,6 +167,7 @@ def _warn_failures(report: AddReport) -> None:
 def run_build(args: argparse.Namespace) -> int:
     if args.out.exists():
         raise GalleryError(f"{args.out}: already exists; choose a new --out or use `index add`")
+    check_writable(args.out.parent, f"--out {args.out}")
     items = collect_items(args.gallery)
     model = _load_model(args)
     options = {

@@ -99,7 +99,9 @@ def _run(argv: list[str] | None) -> int:
     previous = _exit_on_sigterm()
     try:
         return args.func(args)
-    except ShituError as exc:
+    except BrokenPipeError:
+        raise  # stdout's reader went away: `main` ends quietly
+    except (ShituError, OSError) as exc:  # OSError: the system refused (disk full, no access)
         if args.verbose:  # with what led to it, e.g. the ValueError behind a config error
             traceback.print_exception(exc)
         print(f"error: {_user_message(exc)}", file=sys.stderr)
@@ -119,10 +121,12 @@ def _run(argv: list[str] | None) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
-def _user_message(exc: ShituError) -> str:
+def _user_message(exc: ShituError | OSError) -> str:
     """The message of `exc`. Raised in a DataLoader worker (an image that cannot be
     decoded), torch raises it again here with the worker's whole traceback as the
-    message: the original message is its last line."""
+    message: the original message is its last line. An OSError names its file first."""
+    if isinstance(exc, OSError) and exc.strerror and exc.filename is not None:
+        return f"{exc.filename}: {exc.strerror}"
     text = str(exc)
     kind = type(exc)
     _, found, message = text.rpartition(f"\n{kind.__module__}.{kind.__qualname__}: ")

@@ -522,7 +522,9 @@ class Gallery:
         """The stored images (by id), each with the full path of its file."""
         root = self.root.resolve()
         entries = self._store.entries(label)
-        return [e if os.path.isabs(e.path) or not e.path else _with_full_path(e, root) for e in entries]
+        return [
+            e if os.path.isabs(e.path) or not e.path else _with_full_path(e, root) for e in entries
+        ]
 
     def _stored_path(self, path: str) -> str:
         """How a file's path is stored: relative to the library folder for files inside it

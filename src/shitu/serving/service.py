@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from shitu.fileio import write_atomically
+from shitu.fileio import check_writable, write_atomically
 from shitu.index import INDEX_TYPES, Gallery
 from shitu.index.labels import BadLabelError
 from shitu.index.labels import check_label as check_stored_label
@@ -92,6 +92,8 @@ class RecognitionService:
             # Built on the library's thread, so the gallery's SQLite connection belongs to it.
             recognizer = self.library.run(lambda: Recognizer.from_config(config))
             self.library.attach(recognizer.gallery)
+            # images added over HTTP go here: refused now, not as a failure of each upload
+            check_writable(settings.upload_dir, "the upload folder (--upload-dir)")
         except BaseException:
             self.library.close()
             raise
@@ -171,10 +173,14 @@ class RecognitionService:
             names = [uploads[row].name for row in duplicates]
             if not rows:
                 return AddOutcome(added=[], duplicates=names)
-            kept = [self._keep_file(uploads[row], hashes[row]) for row in rows]
-            created = [path for path, new in kept if new]
-            paths = [str(path) for path, _ in kept]
+            created: list[Path] = []
+            paths = []
             try:
+                for row in rows:
+                    path, new = self._keep_file(uploads[row], hashes[row])
+                    paths.append(str(path))
+                    if new:
+                        created.append(path)
                 report = self.library.write(
                     lambda gallery: gallery.add(
                         features[rows], [label] * len(rows), paths, [hashes[row] for row in rows]
