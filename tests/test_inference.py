@@ -142,6 +142,14 @@ def test_int8_model_is_close_and_has_its_own_fingerprint(exported, tmp_path):
         FeatureExtractor.load(exported["dir"], backend="torch", precision="int8")
 
 
+def test_a_device_that_cannot_run_the_model_is_refused_when_loading(exported):
+    with pytest.raises(ConfigError, match="device: unknown 'cuda:0'; use one of cpu, cuda"):
+        FeatureExtractor.load(exported["dir"], device="cuda:0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="device cuda: torch here sees no CUDA GPU"):
+            FeatureExtractor.load(exported["dir"], backend="torch", device="cuda")
+
+
 def test_int8_calibration_keeps_expected_fallback_notices_out_of_the_log(
     exported, tmp_path, caplog
 ):

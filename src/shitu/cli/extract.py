@@ -13,6 +13,7 @@ from shitu.cli.common import add_runtime_arguments, count_of, expand_images, pos
 from shitu.errors import DataError
 from shitu.fileio import check_writable, write_atomically
 from shitu.inference import FeatureExtractor, default_model_dir
+from shitu.inference.backends import DEVICES
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -37,7 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_runtime_arguments(parser, gpu=True)
     parser.set_defaults(runtime="auto", precision="fp32")
-    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--device", default="cpu", choices=DEVICES, help="default: cpu")
     parser.add_argument("--batch-size", type=positive_int, default=32)
     parser.add_argument(
         "--threads", type=positive_int, help="inference threads (default: all cores)"

@@ -26,6 +26,7 @@ from shitu.onnx_input import image_input_size
 
 BACKENDS = ("auto", "onnxruntime", "openvino", "torch")
 PRECISIONS = ("fp32", "int8", "fp16", "bf16")
+DEVICES = ("cpu", "cuda")
 _TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -42,6 +43,8 @@ def choose_backend(model_dir: Path, backend: str, precision: str, device: str = 
         raise ConfigError(f"backend: unknown {backend!r}; use one of {', '.join(BACKENDS)}")
     if precision not in PRECISIONS:
         raise ConfigError(f"precision: unknown {precision!r}; use one of {', '.join(PRECISIONS)}")
+    if device not in DEVICES:
+        raise ConfigError(f"device: unknown {device!r}; use one of {', '.join(DEVICES)}")
     if precision == "int8" and not (model_dir / INT8_FILE).is_file():
         raise ConfigError(
             f"precision int8: {model_dir} has no {INT8_FILE}; make an export that has one "
@@ -149,6 +152,8 @@ class TorchBackend:
         if num_threads:
             torch.set_num_threads(num_threads)
         self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("device cuda: torch here sees no CUDA GPU")
         if precision != "fp32" and self.device.type == "cpu":
             raise ConfigError(f"precision {precision} needs a GPU (device cuda)")
         self.dtype = _TORCH_DTYPES[precision]
