@@ -361,7 +361,8 @@ def test_recognize_cli_skips_an_image_over_opencvs_pixel_limit(setup, tmp_path, 
 
 def test_save_vis_refuses_the_folder_of_the_input_photos(setup, grocery, tmp_path, capsys):
     """Annotated copies take the photos' names: written into the photos' own folder they
-    replaced the user's photos with the annotated copies."""
+    replaced the user's photos with the annotated copies; written inside a folder given as
+    input they were read as photos by the next run."""
     folder = tmp_path / "photos"
     folder.mkdir()
     photo = folder / "photo.jpg"
@@ -375,8 +376,14 @@ def test_save_vis_refuses_the_folder_of_the_input_photos(setup, grocery, tmp_pat
             err = capsys.readouterr().err
             assert f"error: --save-vis {vis}: holds input images ({photo})" in err
     assert photo.read_bytes() == original and list(folder.iterdir()) == [photo]
-    assert shitu_main(["recognize", *common, str(folder), "--save-vis", str(folder / "vis")]) == 0
-    assert photo.read_bytes() == original and (folder / "vis" / "photo.jpg").is_file()
+    inside = folder / "vis"  # the next scan of the folder would take the copies for photos
+    assert shitu_main(["recognize", *common, str(folder), "--save-vis", str(inside)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: --save-vis {inside}: is inside the input folder {folder}" in err
+    assert list(folder.iterdir()) == [photo]
+    # the photo named as a file: no folder is scanned, so a folder beside it is fine
+    assert shitu_main(["recognize", *common, str(photo), "--save-vis", str(inside)]) == 0
+    assert photo.read_bytes() == original and (inside / "photo.jpg").is_file()
 
 
 def test_eval_pipeline_cli_reports_the_pipeline_recall(setup, recognizer, capsys):

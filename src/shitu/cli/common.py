@@ -195,17 +195,26 @@ def visualisation_writer(
         if args.vis_font is not None:
             raise DataError(f"--vis-font {args.vis_font}: only used with --save-vis DIR")
         return None
-    return VisualisationWriter(args.save_vis, inputs, args.vis_font)
+    scanned = [Path(source) for source in args.images if Path(source).is_dir()]
+    return VisualisationWriter(args.save_vis, inputs, args.vis_font, scanned)
 
 
 class VisualisationWriter:
     """Saves annotated copies under one folder, with unique names for same-named images
     (photos from different folders often share names)."""
 
-    def __init__(self, folder: Path, inputs: Iterable[Path] = (), font: Path | None = None) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        inputs: Iterable[Path] = (),
+        font: Path | None = None,
+        scanned: Iterable[Path] = (),
+    ) -> None:
         """`inputs`: the images to annotate. A folder holding one of them is refused: the
-        copies, named after the images, would write over the user's photos. `font`: the
-        captions' font file (default: see CaptionFonts)."""
+        copies, named after the images, would write over the user's photos. `scanned`: the
+        input folders, searched recursively for images; the folder may not be inside one,
+        where the next run would take the copies for photos. `font`: the captions' font
+        file (default: see CaptionFonts)."""
         self.fonts = CaptionFonts(font)
         here = folder.resolve()
         inside = next((image for image in inputs if image.parent.resolve() == here), None)
@@ -213,6 +222,12 @@ class VisualisationWriter:
             raise DataError(
                 f"--save-vis {folder}: holds input images ({inside}), and the annotated "
                 "copies take the images' names: choose another folder"
+            )
+        source = next((s for s in scanned if here.is_relative_to(s.resolve())), None)
+        if source is not None:
+            raise DataError(
+                f"--save-vis {folder}: is inside the input folder {source}, where the next "
+                "run would take the annotated copies for photos: choose a folder outside it"
             )
         try:
             folder.mkdir(parents=True, exist_ok=True)
