@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 from pathlib import Path
 
@@ -216,6 +217,25 @@ def test_relabel_onto_a_label_in_use_merges_only_when_asked(tmp_path):
         assert gallery.label_counts() == {"a": 1, "b": 2}
         assert gallery.relabel("a", " b ", merge=True) == 1
         assert gallery.label_counts() == {"b": 3}
+
+
+def test_a_label_with_accents_is_one_label_however_its_accents_are_encoded(tmp_path):
+    """'Café' typed (é one code point) and from a macOS folder name (e + combining accent)
+    is one label; rows stored decomposed before labels were normalised answer to it too."""
+    typed, decomposed = "Caf\u00e9", "Cafe\u0301"
+    path = tmp_path / "lib"
+    with new_gallery(path) as gallery:
+        gallery.add(clustered(3, DIM), [typed, decomposed, "Tea"])
+        assert gallery.label_counts() == {typed: 2, "Tea": 1}
+    with sqlite3.connect(path / "gallery.sqlite") as conn:  # as an older version stored it
+        conn.execute("UPDATE images SET label = ? WHERE id = 1", (decomposed,))
+    with Gallery.open(path) as gallery:
+        assert [e.id for e in gallery.entries(decomposed)] == [1, 2]
+        with pytest.raises(GalleryError, match="label 'Tea' already has images"):
+            gallery.relabel(typed, "Tea")
+        assert gallery.relabel(decomposed, typed) == 2  # no merge: it is the same label
+        assert gallery.label_counts() == {typed: 2, "Tea": 1}
+        assert len(gallery.remove(labels=[decomposed])) == 2
 
 
 def test_unknown_label_or_id_is_refused_without_change(tmp_path):

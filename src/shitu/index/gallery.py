@@ -21,7 +21,7 @@ from shitu.fileio import file_sha256, fsync_dir
 from shitu.index.backends import Backend, Change, open_backend
 from shitu.index.embedder import Embedder
 from shitu.index.files import crash_point
-from shitu.index.labels import BadLabelError, GalleryItem, check_label
+from shitu.index.labels import BadLabelError, GalleryItem, check_label, normal_form
 from shitu.index.manifest import Manifest, now
 from shitu.index.metadata import ImageEntry, MetadataStore, NewImage
 from shitu.vectors import l2_normalize
@@ -460,7 +460,7 @@ class Gallery:
         def mutate() -> tuple[Change, int]:
             if not self._store.ids_with_labels([old]):
                 raise GalleryError(f"{self.root}: no images labelled '{old}'")
-            if not merge and new != old and self._store.ids_with_labels([new]):
+            if not merge and new != normal_form(old) and self._store.ids_with_labels([new]):
                 raise GalleryError(
                     f"{self.root}: label '{new}' already has images; renaming '{old}' onto it "
                     "would merge the two labels (allow it with merge, `--merge` in the CLI)"

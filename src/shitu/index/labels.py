@@ -23,10 +23,16 @@ class BadLabelError(DataError):
     """A label that cannot be stored: empty, or not one line of printable text."""
 
 
+def normal_form(label: str) -> str:
+    """How labels compare: Unicode NFC, so that a name typed on a keyboard and the same
+    name from a file system that keeps accents decomposed (macOS) are one label."""
+    return unicodedata.normalize("NFC", label)
+
+
 def check_label(label: str) -> str:
     """A label as stored: trimmed, non-empty, one line of text (label files are
-    `path<TAB>label` lines, and `index list`/`search` print one label per line)."""
-    label = str(label).strip()
+    `path<TAB>label` lines, and `index list`/`search` print one label per line), NFC."""
+    label = normal_form(str(label).strip())
     if not label:
         raise BadLabelError("the label is empty")
     if any(unicodedata.category(char) in ("Cc", "Zl", "Zp") for char in label):

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from shitu.errors import GalleryError
+from shitu.index.labels import normal_form
 from shitu.index.manifest import Manifest
 
 LOCK_WAIT_S = 60.0  # how long a writer waits for another process's write to finish
@@ -64,6 +65,9 @@ class MetadataStore:
         try:
             # Autocommit mode: transactions are opened explicitly with BEGIN IMMEDIATE.
             self.conn = sqlite3.connect(path, isolation_level=None, timeout=LOCK_WAIT_S)
+            # labels are looked up by their normal form: rows stored before labels were
+            # normalised still answer to the name as typed
+            self.conn.create_function("nfc", 1, normal_form, deterministic=True)
             self.conn.execute("PRAGMA synchronous = FULL")
             if create:
                 self.conn.executescript(SCHEMA)
@@ -142,9 +146,9 @@ class MetadataStore:
 
     def ids_with_labels(self, labels: Sequence[str]) -> list[int]:
         ids: list[int] = []
-        for chunk in _chunks(list(labels)):
+        for chunk in _chunks([normal_form(label) for label in labels]):
             marks = ",".join("?" * len(chunk))
-            rows = self.conn.execute(f"SELECT id FROM images WHERE label IN ({marks})", chunk)
+            rows = self.conn.execute(f"SELECT id FROM images WHERE nfc(label) IN ({marks})", chunk)
             ids.extend(row[0] for row in rows)
         return ids
 
@@ -159,7 +163,8 @@ class MetadataStore:
         return np.asarray(sorted(deleted), dtype=np.int64)
 
     def relabel(self, old: str, new: str) -> int:
-        return self.conn.execute("UPDATE images SET label = ? WHERE label = ?", (new, old)).rowcount
+        query = "UPDATE images SET label = ? WHERE nfc(label) = ?"
+        return self.conn.execute(query, (new, normal_form(old))).rowcount
 
     def count(self) -> int:
         return self.conn.execute("SELECT COUNT(*) FROM images").fetchone()[0]
@@ -171,7 +176,7 @@ class MetadataStore:
     def entries(self, label: str | None = None) -> list[ImageEntry]:
         query = "SELECT id, path, label, sha256, added_at FROM images"
         rows = (
-            self.conn.execute(query + " WHERE label = ? ORDER BY id", (label,))
+            self.conn.execute(query + " WHERE nfc(label) = ? ORDER BY id", (normal_form(label),))
             if label is not None
             else self.conn.execute(query + " ORDER BY id")
         )

@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from shitu.index import Gallery, SearchResult
+from shitu.index.labels import normal_form
 from shitu.index.manifest import Manifest
 from shitu.index.metadata import ImageEntry
 
@@ -87,7 +88,7 @@ class Snapshot:
         entries = gallery.entries()  # ordered by id
         by_label: dict[str, list[ImageEntry]] = {}
         for entry in entries:
-            by_label.setdefault(entry.label, []).append(entry)
+            by_label.setdefault(normal_form(entry.label), []).append(entry)
         return cls(
             by_id={entry.id: entry for entry in entries},
             by_label={label: tuple(by_label[label]) for label in sorted(by_label)},

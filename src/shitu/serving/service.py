@@ -20,7 +20,7 @@ from PIL import Image
 
 from shitu.fileio import check_writable, write_atomically
 from shitu.index import INDEX_TYPES, Gallery
-from shitu.index.labels import BadLabelError
+from shitu.index.labels import BadLabelError, normal_form
 from shitu.index.labels import check_label as check_stored_label
 from shitu.index.metadata import ImageEntry
 from shitu.pipeline import PipelineConfig, Recognition, Recognizer
@@ -138,7 +138,7 @@ class RecognitionService:
         return entry
 
     def label_images(self, label: str) -> tuple[ImageEntry, ...]:
-        entries = self.library.snapshot.by_label.get(label)
+        entries = self.library.snapshot.by_label.get(normal_form(label))
         if entries is None:
             raise NotFound(f"no gallery images labelled '{label}'")
         return entries
@@ -220,7 +220,7 @@ class RecognitionService:
 
         def commit() -> int:
             count = len(self.label_images(old))
-            if new != old:
+            if new != normal_form(old):
                 self.library.write(lambda gallery: gallery.relabel(old, new, merge=True))
             return count
 
