@@ -157,6 +157,9 @@ def test_every_shipped_config_builds_its_model_and_losses(name):
             "Arch.Backbone.clas_expand: unknown key (did you mean 'class_expand'?)",
         ),
         (["Arch.Head.class_num=ten"], "Arch.Head.class_num: Input should be a valid integer"),
+        (["Arch.Head.class_num=0"], "Arch.Head.class_num: Input should be greater than 0"),
+        (["Arch.Neck.num_features=-5"], "Arch.Neck.num_features: Input should be greater than 0"),
+        (["Arch.Backbone.class_expand=0"], "Arch.Backbone.class_expand: Input should be greater"),
         (["Arch.Neck.name=BNNek"], "Arch.Neck.name: unknown neck 'BNNek' (did you mean 'BNNeck'?)"),
         (["Arch.Head.embedding_size=null"], "Arch.Head.embedding_size"),
         (

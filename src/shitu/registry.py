@@ -13,13 +13,17 @@ import inspect
 import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from shitu.errors import ConfigError
 
 T = TypeVar("T", bound=Callable[..., Any])
+
+# A count in a component's signature (features, channels, classes): a config giving 0 or a
+# negative number is refused by name, not by torch later with a shape error.
+Size = Annotated[int, Field(gt=0)]
 
 
 def did_you_mean(name: str, choices: list[str]) -> str:
@@ -155,7 +159,7 @@ def _type_hints(fn: Callable[..., Any]) -> dict[str, Any]:
     import typing
 
     try:
-        return typing.get_type_hints(fn)
+        return typing.get_type_hints(fn, include_extras=True)  # keeps Size's bound
     except Exception:  # unresolvable forward references: validate those params as Any
         return {}
 

@@ -30,7 +30,7 @@ from shitu.checkpoint.io import read_weights
 from shitu.errors import CheckpointError
 from shitu.models.backbones.base import SequentialBackbone
 from shitu.models.layers import make_divisible, make_global_pool
-from shitu.registry import BACKBONES
+from shitu.registry import BACKBONES, Size
 
 logger = logging.getLogger(__name__)
 
@@ -217,7 +217,7 @@ class EfficientNetLite(SequentialBackbone):
     def __init__(
         self,
         variant: str = "lite0",
-        class_num: int = 1000,
+        class_num: Size = 1000,
         dropout_prob: float = 0.2,
         drop_connect_rate: float = 0.2,
         last_stride: int = 2,

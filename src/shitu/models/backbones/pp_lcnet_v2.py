@@ -19,7 +19,7 @@ from shitu.models.layers import (
     make_activation,
     make_divisible,
 )
-from shitu.registry import BACKBONES
+from shitu.registry import BACKBONES, Size
 
 
 class StageSpec(NamedTuple):
@@ -155,10 +155,10 @@ class PPLCNetV2(SequentialBackbone):
         self,
         scale: float = 1.0,
         depths: tuple[int, int, int, int] = (2, 2, 6, 2),
-        class_num: int = 1000,
+        class_num: Size = 1000,
         dropout_prob: float = 0.0,
         use_last_conv: bool = True,
-        class_expand: int = 1280,
+        class_expand: Size = 1280,
         act: str = "relu",
         last_stride: int = 2,
         last_conv_bias: bool = False,

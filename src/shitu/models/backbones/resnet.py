@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from shitu.models.backbones.base import SequentialBackbone
-from shitu.registry import BACKBONES
+from shitu.registry import BACKBONES, Size
 
 # PaddleClas's names for the layers of its ResNet, for `BackboneStopLayer` in its configs.
 PADDLE_LAYER_NAMES = {
@@ -146,7 +146,7 @@ class ResNet(SequentialBackbone):
         block: Literal["basic", "bottleneck"],
         layers: tuple[int, int, int, int],
         vd: bool = False,
-        class_num: int = 1000,
+        class_num: Size = 1000,
         last_stride: Literal[1, 2] = 2,
         zero_init_residual: bool = False,
         pretrained: str | bool | None = None,

@@ -7,7 +7,7 @@ import math
 import torch
 
 from shitu.models.heads.cosine import CosineClassifier
-from shitu.registry import HEADS
+from shitu.registry import HEADS, Size
 
 
 @HEADS.register("ArcMargin")
@@ -22,8 +22,8 @@ class ArcMargin(CosineClassifier):
 
     def __init__(
         self,
-        embedding_size: int,
-        class_num: int,
+        embedding_size: Size,
+        class_num: Size,
         margin: float = 0.5,
         scale: float = 80.0,
         easy_margin: bool = False,

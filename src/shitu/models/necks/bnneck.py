@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from shitu.registry import NECKS
+from shitu.registry import NECKS, Size
 
 
 @NECKS.register("BNNeck")
@@ -16,7 +16,7 @@ class BNNeck(nn.Module):
     cosine-based head and triplet losses both rely on (PP-ShiTuV2 does the same).
     """
 
-    def __init__(self, num_features: int, bias_frozen: bool = True) -> None:
+    def __init__(self, num_features: Size, bias_frozen: bool = True) -> None:
         super().__init__()
         self.flatten = nn.Flatten(1)
         self.feat_bn = nn.BatchNorm1d(num_features, eps=1e-5, momentum=0.1)

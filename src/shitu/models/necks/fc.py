@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from shitu.registry import HEADS, NECKS
+from shitu.registry import HEADS, NECKS, Size
 
 
 @NECKS.register("FC")
@@ -21,7 +21,11 @@ class FC(nn.Module):
     """
 
     def __init__(
-        self, embedding_size: int, class_num: int, bias: bool = True, init_std: float | None = None
+        self,
+        embedding_size: Size,
+        class_num: Size,
+        bias: bool = True,
+        init_std: float | None = None,
     ) -> None:
         super().__init__()
         self.fc = nn.Linear(embedding_size, class_num, bias=bias)
