@@ -372,6 +372,8 @@ def test_changed_model_file_is_detected(exported, tmp_path):
         FeatureExtractor.load(copy, backend="onnxruntime")
     with pytest.raises(CheckpointError, match="not an exported model"):
         FeatureExtractor.load(tmp_path)
+    with pytest.raises(CheckpointError, match=f"^model {tmp_path / 'gone'}: no such folder$"):
+        FeatureExtractor.load(tmp_path / "gone")
 
 
 def test_manifest_embedding_size_that_the_model_does_not_give_is_refused(exported, tmp_path):

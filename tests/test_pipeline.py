@@ -31,6 +31,7 @@ from shitu.pipeline import (
     evaluate_pipeline,
     load_pipeline_config,
 )
+from tests.image_helpers import declared_png
 
 CLASSES = (6, 7, 30, 45, 60, 71)  # banana, kiwi, juice, oat milk, aubergine, red pepper
 GALLERY_PER_CLASS = 5
@@ -322,25 +323,6 @@ def test_recognize_cli_fails_clearly_when_there_is_nothing_to_recognise(setup, t
         assert f"{flag}: expected {reason}" in capsys.readouterr().err
 
 
-def _png_header(path: Path, width: int, height: int) -> None:
-    """A grayscale PNG that declares width x height but holds one row: what an image too
-    large to decode looks like to a decoder, without its gigabytes."""
-    import struct
-    import zlib
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        body = kind + data
-        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    path.write_bytes(
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(bytes(width + 1)))
-        + chunk(b"IEND", b"")
-    )
-
-
 def test_recognize_cli_skips_an_image_over_opencvs_pixel_limit(setup, tmp_path, capsys):
     """OpenCV raises (not returns None) on an image over its pixel limit: the file is
     reported with Pillow's reason and the batch goes on, no traceback."""
@@ -348,7 +330,7 @@ def test_recognize_cli_skips_an_image_over_opencvs_pixel_limit(setup, tmp_path, 
     folder.mkdir()
     photo = setup["queries"][0].path
     (folder / photo.name).write_bytes(photo.read_bytes())
-    _png_header(folder / "huge.png", 40_000, 40_000)  # 1.6 Gpx, over OpenCV's 2^30
+    (folder / "huge.png").write_bytes(declared_png(40_000, 40_000))  # 1.6 Gpx, over 2^30
     common = ["--gallery", str(setup["library"]), "--model", str(setup["model"]), "--no-progress"]
     assert shitu_main(["recognize", str(folder), *common, "--score-thres", "-1"]) == 0
     out, err = capsys.readouterr()

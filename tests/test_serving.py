@@ -11,6 +11,8 @@ import io
 import re
 import shutil
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -417,6 +419,14 @@ def test_size_and_pixel_limits(server, client):
     assert together.status_code == 413
     assert "images hold over 17.5 megapixels together; the limit is 16" in together.text
     assert client.post("/v1/extract", files=files[:4]).status_code == 200
+    # Refused before routing, each still counted under its route.
+    text = client.get("/metrics").text
+    assert re.search(
+        r'^shitu_http_requests_total\{method="POST",route="/v1/gallery/rebuild",status="413"\} 1',
+        text,
+        re.M,
+    )
+    assert re.search(r'route="/v1/recognize",status="413"\} [1-9][0-9]{2}', text)
 
 
 # ------------------------------------------------------------------------------ access
@@ -667,6 +677,30 @@ def test_an_upload_folder_that_cannot_be_written_is_refused_at_start(
     assert capsys.readouterr().err == (
         f"error: the upload folder (--upload-dir): {blocker} is a file, not a folder\n"
     )
+
+
+def test_an_image_over_pillows_own_limit_gets_the_413_without_a_warning():
+    """100 megapixels is over Pillow's decompression-bomb warning (89.5): the server's
+    limit answers for it, and the log stays free of Pillow's warning (here an error)."""
+    code = (
+        "from shitu.serving.images import decode_image\n"
+        "from tests.image_helpers import declared_png\n"
+        "try:\n"
+        "    decode_image(declared_png(10_000, 10_000), 4_000_000)\n"
+        "except Exception as exc:\n"
+        "    print(type(exc).__name__, exc)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-W", "error", "-c", code],
+        cwd=Path(__file__).parents[1],  # the repository: `tests` is importable
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert result.stdout == (
+        "PayloadTooLarge image is 10000x10000 (100.0 megapixels); the limit is 4 megapixels\n"
+    )
+    assert result.stderr == ""
 
 
 def test_previews_of_large_stored_images(tmp_path):

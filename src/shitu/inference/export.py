@@ -287,6 +287,8 @@ def load_exported_model(model_dir: str | Path, manifest: dict[str, Any]) -> RecM
 def read_manifest(model_dir: str | Path) -> dict[str, Any]:
     """The manifest of an exported folder (CheckpointError if it is not one)."""
     path = Path(model_dir) / MANIFEST
+    if not Path(model_dir).exists():
+        raise CheckpointError(f"model {model_dir}: no such folder")
     if not path.is_file():
         raise CheckpointError(
             f"{model_dir} is not an exported model (no {MANIFEST}); create one with `shitu export`"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import warnings
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -18,6 +19,9 @@ from shitu.inference.preprocess import UnreadableImageError, decode_rgb
 from shitu.serving.errors import BadRequest, NotFound, PayloadTooLarge
 
 THUMBNAIL_QUALITY = 85
+# The server holds every image to its own pixel limit (--max-megapixels) before decoding it;
+# Pillow's warning for images over its default limit would only add noise to the log.
+warnings.simplefilter("ignore", Image.DecompressionBombWarning)
 
 
 def check_pixels(width: int, height: int, max_pixels: int) -> None:

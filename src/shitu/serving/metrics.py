@@ -8,6 +8,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from starlette.routing import Match
 
 from shitu.serving.library import Snapshot
 
@@ -79,6 +80,16 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+def _route_template(scope: dict) -> str:
+    """The path template of the route a request was for; also for one answered before
+    routing (a body over the size limit gets its 413 there), found from the app's routes."""
+    route = scope.get("route")
+    if route is None:
+        routes = getattr(getattr(scope.get("app"), "router", None), "routes", ())
+        route = next((r for r in routes if r.matches(scope)[0] is Match.FULL), None)
+    return getattr(route, "path", "unmatched")
+
+
 class MetricsMiddleware:
     """ASGI middleware counting every HTTP request by its route template (not its URL,
     which would make one time series per image id)."""
@@ -103,7 +114,7 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, record_status)
         finally:
-            route = getattr(scope.get("route"), "path", "unmatched")
+            route = _route_template(scope)
             # Clients choose the method: unknown ones share one series, not one each.
             method = scope["method"] if scope["method"] in HTTP_METHODS else "other"
             self.metrics.requests.labels(method, route, str(status)).inc()
