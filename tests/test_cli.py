@@ -7,7 +7,9 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from shitu.cli import index as index_cli
 from shitu.cli.main import STDOUT_CLOSED_STATUS, SUBCOMMANDS
@@ -100,6 +102,14 @@ def test_an_output_place_that_cannot_be_written_is_named_before_any_work(tmp_pat
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().endswith(f"{blocker} is a file, not a folder")
     assert "Traceback" not in result.stderr and sorted(tmp_path.iterdir()) == [blocker]
+
+
+def test_an_image_opencv_cannot_decode_goes_to_pillow_without_opencvs_warning(tmp_path):
+    float_tiff = tmp_path / "float.tif"  # 32-bit float samples: OpenCV gives up and warns
+    Image.fromarray(np.full((40, 40), 200.0, np.float32), mode="F").save(float_tiff)
+    result = run_shitu("extract", str(float_tiff), "--out", str(tmp_path / "feats"))
+    assert result.returncode == 0, result.stderr
+    assert "embedded 1 image" in result.stdout and result.stderr == ""
 
 
 def test_a_failure_of_the_file_system_is_one_line_naming_the_file(monkeypatch, capsys):

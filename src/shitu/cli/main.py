@@ -96,6 +96,7 @@ def _run(argv: list[str] | None) -> int:
         parser.print_help()
         return 2
     keep_freed_memory()  # torch on the CPU: `shitu eval` 3.3x faster (see shitu.runtime)
+    _quiet_opencv()
     previous = _exit_on_sigterm()
     try:
         return args.func(args)
@@ -119,6 +120,14 @@ def _run(argv: list[str] | None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _quiet_opencv() -> None:
+    """Images OpenCV cannot decode go on to Pillow, which decodes them or says why:
+    OpenCV's own warnings about them (a TIFF of 32-bit samples, say) are noise here."""
+    import cv2
+
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
 
 
 def _user_message(exc: ShituError | OSError) -> str:
