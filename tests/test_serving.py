@@ -718,30 +718,10 @@ def test_previews_of_large_stored_images(tmp_path):
         thumbnail_jpeg(str(tmp_path / "big.png"), 64, four_megapixels)
 
 
-def test_the_first_request_after_another_process_writes_sees_the_write(tmp_path, monkeypatch):
-    """An idle server does not answer its next request from the generation it had: the
-    check for other processes' writes finishes before the answer."""
-    path = tmp_path / "lib"
-    vectors = np.random.default_rng(3).normal(size=(30, 8)).astype(np.float32)
-    with Gallery.create(path, embedding_dim=8, model_fingerprint="m") as gallery:
-        gallery.add(vectors[:20], ["old"] * 20)
-    shared = SharedLibrary()
-    try:
-        shared.attach(shared.run(lambda: Gallery.open(path)))
-        with Gallery.open(path) as writer:
-            writer.add(vectors[20:], ["new"] * 10)
-        monkeypatch.setattr(library_module, "SYNC_INTERVAL_S", 0.0)  # as after a quiet second
-        assert shared.search(vectors[25:26], k=1).labels[0, 0] == "new"
-        with Gallery.open(path) as writer:
-            writer.remove(labels=["new"])
-        assert set(shared.snapshot.by_label) == {"old"}
-    finally:
-        shared.close()
-
-
-def test_the_server_retries_a_generation_that_failed_to_load(tmp_path, monkeypatch, caplog):
-    """A newer generation that cannot load (here: its index file cut short, as while it is
-    still being copied) is retried every RETRY_S, its failure logged once."""
+@pytest.fixture
+def written_since(tmp_path):
+    """A shared library serving 20 vectors labelled "old", and the library's path, where
+    another writer has since added 10 labelled "new" (not loaded yet); all 30 vectors."""
     path = tmp_path / "lib"
     vectors = np.random.default_rng(2).normal(size=(30, 8)).astype(np.float32)
     with Gallery.create(path, embedding_dim=8, model_fingerprint="m") as gallery:
@@ -751,20 +731,39 @@ def test_the_server_retries_a_generation_that_failed_to_load(tmp_path, monkeypat
         shared.attach(shared.run(lambda: Gallery.open(path)))
         with Gallery.open(path) as writer:
             writer.add(vectors[20:], ["new"] * 10)
-            index_file = path / writer.manifest.index_state["file"]
-        whole = index_file.read_bytes()
-        index_file.write_bytes(whole[:64])
-        monkeypatch.setattr(library_module, "RETRY_S", 3600.0)
-        for _ in range(2):
-            shared.run(shared._sync)
-        assert caplog.text.count("could not load generation") == 1  # said once
-        assert set(shared.snapshot.by_label) == {"old"}  # still serving what it had
-        index_file.write_bytes(whole)
-        shared.run(shared._sync)
-        assert set(shared.snapshot.by_label) == {"old"}  # not yet: an hour to wait
-        monkeypatch.setattr(library_module, "RETRY_S", 0.0)
-        shared.run(shared._sync)
-        assert set(shared.snapshot.by_label) == {"old", "new"}
-        assert shared.search(vectors[25:26], k=1).labels[0, 0] == "new"
+        yield shared, path, vectors
     finally:
         shared.close()
+
+
+def test_the_first_request_after_another_process_writes_sees_the_write(written_since, monkeypatch):
+    """An idle server does not answer its next request from the generation it had: the
+    check for other processes' writes finishes before the answer."""
+    shared, path, vectors = written_since
+    monkeypatch.setattr(library_module, "SYNC_INTERVAL_S", 0.0)  # as after a quiet second
+    assert shared.search(vectors[25:26], k=1).labels[0, 0] == "new"
+    with Gallery.open(path) as writer:
+        writer.remove(labels=["new"])
+    assert set(shared.snapshot.by_label) == {"old"}
+
+
+def test_the_server_retries_a_generation_that_failed_to_load(written_since, monkeypatch, caplog):
+    """A newer generation that cannot load (here: its index file cut short, as while it is
+    still being copied) is retried every RETRY_S, its failure logged once."""
+    shared, path, vectors = written_since
+    with Gallery.open(path) as reader:
+        index_file = path / reader.manifest.index_state["file"]
+    whole = index_file.read_bytes()
+    index_file.write_bytes(whole[:64])
+    monkeypatch.setattr(library_module, "RETRY_S", 3600.0)
+    for _ in range(2):
+        shared.run(shared._sync)
+    assert caplog.text.count("could not load generation") == 1  # said once
+    assert set(shared.snapshot.by_label) == {"old"}  # still serving what it had
+    index_file.write_bytes(whole)
+    shared.run(shared._sync)
+    assert set(shared.snapshot.by_label) == {"old"}  # not yet: an hour to wait
+    monkeypatch.setattr(library_module, "RETRY_S", 0.0)
+    shared.run(shared._sync)
+    assert set(shared.snapshot.by_label) == {"old", "new"}
+    assert shared.search(vectors[25:26], k=1).labels[0, 0] == "new"
