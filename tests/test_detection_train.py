@@ -19,6 +19,7 @@ from shitu.detection.coco_eval import evaluate_boxes
 from shitu.detection.data import CocoDetection, VocDetection, collate, train_augment
 from shitu.detection.losses import distribution_focal_loss, giou, giou_loss, varifocal_loss
 from shitu.detection.train import DetectionTrainConfig, DetectionTrainer
+from shitu.engine.state import Progress, save_training_state
 from shitu.errors import DataError
 
 # ---------------------------------------------------------------- losses
@@ -307,6 +308,23 @@ def test_detect_train_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     with pytest.raises(SystemExit):  # PicoDet's neck needs sides that halve down to 1/32
         main([*common, "--train-sizes", "100"])
     assert "expected a positive multiple of 32, got 100" in capsys.readouterr().err
+    for option, value, expected in (("--lr", "0", "above 0"), ("--workers", "-1", ">= 0")):
+        with pytest.raises(SystemExit):
+            main([*common, option, value])
+        assert f"expected a {'number' if option == '--lr' else 'whole number'} {expected}" in (
+            capsys.readouterr().err
+        )
+    # A new run over the finished one would write over its files: refused.
+    assert main(args) == 2
+    assert f"--output {out}: holds an earlier run (latest.pt, model.pt)" in capsys.readouterr().err
+    # A recognition run's checkpoint is not a detector's.
+    recognition = tmp_path / "recognition.pt"
+    save_training_state(recognition, {"model": {}, "seed": 0}, Progress())
+    assert main([*args, "--resume", str(recognition)]) == 2
+    assert (
+        f"--resume {recognition}: a recognition training checkpoint, not a detector one; "
+        "resume it with `shitu train -o Global.checkpoints=...`"
+    ) in capsys.readouterr().err
 
 
 def test_detection_data_is_clipped_counted_and_matched_by_class_name(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -20,8 +21,10 @@ from shitu.config import load_config
 from shitu.engine.linear_probe import probe_stage
 from shitu.engine.metrics_log import MetricsLog, read_log
 from shitu.engine.precision import cpu_has_native_bf16
+from shitu.engine.state import Progress, save_training_state
 from shitu.engine.trainer import Trainer, training_summary
 from shitu.errors import CheckpointError, ConfigError, DataError
+from shitu.evaluation.retrieval import EvaluationInputError
 
 SIZE = 64
 NORMALIZE = {
@@ -344,6 +347,11 @@ def test_cli_train_then_eval(grocery, tmp_path, capsys):
         f"stopped early after step 2 (0 of 1 epochs done); resume with "
         f"-o Global.checkpoints={latest}"
     )
+    # The same command again would start over, writing over the stopped run's files.
+    assert main(["train", "-c", str(path)]) == 2
+    assert "holds an earlier run (latest.pt, metrics.jsonl); resume it with -o Global." in (
+        capsys.readouterr().err
+    )
     assert main(["train", "-c", str(path), "-o", f"Global.checkpoints={latest}"]) == 0
     out = capsys.readouterr().out
     final = tmp_path / "output" / "final_model.safetensors"
@@ -422,6 +430,9 @@ def test_training_errors_are_clear(grocery, tmp_path):
     path = tiny_config(grocery, tmp_path)
     with pytest.raises(CheckpointError, match="no training checkpoint"):
         Trainer(load_config(path, [f"Global.checkpoints={tmp_path / 'missing'}"]))
+    detector = save_training_state(tmp_path / "det.pt", {"model": {}, "arch": {}}, Progress())
+    with pytest.raises(CheckpointError, match="a detector training checkpoint, not a recognition"):
+        Trainer(load_config(path, [f"Global.checkpoints={detector}"]))
     config = load_config(path)
     config.Loss = None
     with pytest.raises(ConfigError, match="Loss: training needs"):
@@ -437,6 +448,14 @@ def test_training_errors_are_clear(grocery, tmp_path):
     sampler = "DataLoader.Train.sampler={name: DistributedBatchSampler, batch_size: 35}"
     with pytest.raises(ConfigError, match="end on a batch of 1 image .36 per process"):
         Trainer(load_config(path, [sampler]))
+    # Queries of a class the gallery lacks: refused before training, not at its first
+    # evaluation an epoch later.
+    strangers = tmp_path / "strangers.txt"
+    val_lines = (tmp_path / "val.txt").read_text().splitlines()
+    strangers.write_text("".join(f"{line.split()[0]} 999\n" for line in val_lines))
+    query_list = f"DataLoader.Eval.Query.dataset.cls_label_path={strangers}"
+    with pytest.raises(EvaluationInputError, match="none of the 18 queries has a positive"):
+        Trainer(load_config(path, [query_list]))
     # Without the BNNeck, BatchNorm2d on feature maps trains on one image: accepted.
     fc_neck = "Arch.Neck={name: FC, embedding_size: 32, class_num: 32}"
     Trainer(load_config(path, [sampler, fc_neck]))
@@ -499,6 +518,37 @@ def test_linear_probe_run_is_its_two_stages_and_resumes_without_the_probe(grocer
     assert main([*stop, f"Global.checkpoints={stopped}/latest.pt"]) == 0
     resumed = read_weights(stopped / "final_model.safetensors")[0]
     assert all(torch.equal(resumed[k], final[k]) for k in final)
+
+
+def test_a_probe_run_checks_its_fine_tuning_before_probing(grocery, tmp_path, capsys):
+    """A mistake in the fine-tuning settings is reported before the probe's minutes."""
+    path = tiny_config(grocery, tmp_path, epochs=1)
+    output = tmp_path / "output"
+    probe = "LinearProbe={epochs: 1, frozen_layers: [backbone]}"
+    assert main(["train", "-c", str(path), "-o", probe, "Global.eval_metric=recall@3"]) == 2
+    assert "Global.eval_metric: 'recall@3' is not computed" in capsys.readouterr().err
+    assert not output.exists()
+
+
+@pytest.mark.parametrize("probe", [False, True])
+def test_a_run_stopped_by_a_signal_ends_with_that_signals_status(
+    grocery, tmp_path, monkeypatch, capsys, probe
+):
+    """Ctrl-C or SIGTERM stops a run with a checkpoint, and the command then fails as the
+    signal would have made it fail (`train && export` goes no further); in the probe too."""
+    path = tiny_config(grocery, tmp_path, epochs=1, eval_during_train=False)
+    fit = Trainer.fit
+
+    def fit_with_sigterm(trainer, *args, **kwargs):
+        trainer._on_signal(signal.SIGTERM, None)  # as if it arrived during the first step
+        return fit(trainer, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "fit", fit_with_sigterm)
+    options = ["-o", "LinearProbe={epochs: 1, frozen_layers: [backbone]}"] if probe else []
+    assert main(["train", "-c", str(path), *options]) == 128 + signal.SIGTERM
+    out = capsys.readouterr().out
+    expected = "stopped during the linear probe" if probe else "stopped early after step 0"
+    assert out.startswith(expected)
 
 
 def test_feature_distillation_resumes_towards_the_same_start(grocery, tmp_path):

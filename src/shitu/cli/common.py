@@ -39,9 +39,12 @@ def bounded(kind: type, low: float, high: float | None, what: str) -> Callable[[
 
 
 positive_int = bounded(int, 1, None, "a whole number >= 1")
+non_negative_int = bounded(int, 0, None, "a whole number >= 0")
+positive_float = bounded(float, 1e-12, None, "a number above 0")
 positive_minutes = bounded(float, 1e-9, None, "a number of minutes above 0")
 port_number = bounded(int, 0, 65535, "a port number from 0 to 65535")
 cosine_similarity = bounded(float, -1.0, 1.0, "a cosine similarity from -1 to 1")
+detection_score = bounded(float, 0.0, 1.0, "a score from 0 to 1")
 
 
 def add_runtime_arguments(parser: argparse.ArgumentParser, gpu: bool = False) -> None:

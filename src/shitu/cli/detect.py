@@ -9,6 +9,7 @@ from pathlib import Path
 
 from shitu.cli.common import (
     add_visualisation_arguments,
+    detection_score,
     expand_images,
     input_side,
     positive_int,
@@ -47,7 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--input-size", type=input_side, help="network input size (torch backend; multiple of 32)"
     )
-    parser.add_argument("--threshold", type=float, default=0.3, help="minimum score")
+    parser.add_argument("--threshold", type=detection_score, default=0.3, help="minimum score")
     parser.add_argument("--max-boxes", type=positive_int, default=5, help="boxes kept per image")
     parser.add_argument(
         "--per-class", action="store_true", help="NMS per class instead of class-agnostic"

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from shitu.cli.common import input_side, positive_int
+from shitu.cli.common import input_side, non_negative_int, positive_float, positive_int
 from shitu.detection.data import CocoDetection, DetectionDataset, VocDetection, train_augment
 from shitu.detection.train import DetectionTrainConfig, DetectionTrainer, evaluate_detector
 from shitu.errors import ConfigError, DataError
@@ -34,12 +34,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--epochs", type=positive_int, default=300)
     parser.add_argument("--batch-size", type=positive_int, default=80)
-    parser.add_argument("--lr", type=float, default=0.1, help="peak learning rate")
+    parser.add_argument("--lr", type=positive_float, default=0.1, help="peak learning rate")
     parser.add_argument("--input-size", type=input_side, default=416, help="evaluation size")
     parser.add_argument(
         "--train-sizes", type=input_side, nargs="+", default=[352, 384, 416, 448, 480]
     )
-    parser.add_argument("--workers", type=int, default=0, help="data loader processes")
+    parser.add_argument("--workers", type=non_negative_int, default=0, help="data loader processes")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default="output/detector", help="output directory")
     parser.add_argument("--resume", help="training checkpoint (latest.pt or its directory)")
@@ -55,6 +55,13 @@ def _dataset(coco: str | None, voc: str | None, images: str, agnostic: bool) -> 
 def run(args: argparse.Namespace) -> int:
     if bool(args.val_coco) != bool(args.val_images):
         raise ConfigError("--val-coco and --val-images go together")
+    output = Path(args.output)
+    earlier = [name for name in ("latest.pt", "model.pt") if (output / name).exists()]
+    if earlier and not args.resume:  # a new run would write over them
+        raise ConfigError(
+            f"--output {output}: holds an earlier run ({', '.join(earlier)}); resume it with "
+            f"--resume {output / 'latest.pt'}, or give another --output (or remove that one)"
+        )
     dataset = _dataset(args.coco, args.voc, args.images, args.class_agnostic)
     val = None
     if args.val_coco:  # read (and matched to the training classes) before any training

@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
+from pathlib import Path
 
 from shitu.cli.common import add_config_arguments, config_from_args, positive_int, positive_minutes
 from shitu.config.schema import ShituConfig
 from shitu.engine.distributed import DistContext, shutdown_distributed
 from shitu.engine.linear_probe import fine_tune_stage, probe_stage
+from shitu.engine.metrics_log import LOG_NAME
+from shitu.engine.state import BEST, FINAL, LATEST, SUFFIX
 from shitu.engine.trainer import Trainer, training_summary
+from shitu.errors import ConfigError
+
+# What a run leaves in its output folder (resumable checkpoint first).
+RUN_FILES = (f"{LATEST}{SUFFIX}", f"{FINAL}.safetensors", f"{BEST}.safetensors", LOG_NAME)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -51,9 +59,34 @@ def _print_summary(trainer: Trainer) -> None:
             print(f"{key:<{width}}  {value}", file=sys.stderr)
 
 
-def _probe(config: ShituConfig) -> tuple[bool, DistContext]:
-    """Run the LinearProbe stage to its end; False when a signal stopped it."""
-    trainer = Trainer(probe_stage(config))
+def _refuse_earlier_run(output_dir: Path) -> None:
+    """A new run writes its files over those of a run already in its folder: refuse, so
+    that no finished run is lost and no folder mixes two runs' files."""
+    found = [name for name in RUN_FILES if (output_dir / name).exists()]
+    if found:
+        raise ConfigError(
+            f"Global.output_dir {output_dir}: holds an earlier run ({', '.join(found)}); "
+            f"resume it with -o Global.checkpoints={output_dir / RUN_FILES[0]}, or give "
+            "another output_dir (or remove that one)"
+        )
+
+
+def _check_fine_tuning(config: ShituConfig) -> DistContext:
+    """Build the fine-tuning stage once before the probe, so that its errors (an eval metric
+    not computed, an lr_mult matching no layer, eval sets without matches) come before the
+    probe's minutes, not after. Built in a scratch folder, without the probe's weights."""
+    stage = fine_tune_stage(config)
+    stage.Global.pretrained_model = None  # the probe makes them
+    with tempfile.TemporaryDirectory(prefix="shitu-check-") as scratch:
+        stage.Global.output_dir = scratch
+        trainer = Trainer(stage)
+        trainer.log.close()
+    return trainer.context
+
+
+def _probe(config: ShituConfig, context: DistContext) -> int | None:
+    """Run the LinearProbe stage to its end; the signal that stopped it, if one did."""
+    trainer = Trainer(probe_stage(config), context)
     if trainer.context.is_main:
         print(
             f"linear probe: {config.LinearProbe.epochs} epochs with "
@@ -64,19 +97,22 @@ def _probe(config: ShituConfig) -> tuple[bool, DistContext]:
     result = trainer.fit()
     if trainer.context.is_main and not result.finished:
         print("stopped during the linear probe; run the same command again to start over")
-    return result.finished, trainer.context
+    return result.stop_signal
 
 
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     context = None
     try:
+        if config.Global.checkpoints is None:
+            _refuse_earlier_run(Path(config.Global.output_dir))
         if config.LinearProbe is not None:
             # A resumed run's checkpoint already holds weights that went through the probe.
             if config.Global.checkpoints is None:
-                finished, context = _probe(config)
-                if not finished:
-                    return 1
+                context = _check_fine_tuning(config)
+                stop_signal = _probe(config, context)
+                if stop_signal is not None:
+                    return 128 + stop_signal
             config = fine_tune_stage(config)
         trainer = Trainer(config, context)
         _print_summary(trainer)
@@ -102,4 +138,6 @@ def run(args: argparse.Namespace) -> int:
                 f"best {config.Global.eval_metric} {progress.best_metric:.4f} at epoch "
                 f"{progress.best_epoch}: {result.output_dir}/best_model.safetensors"
             )
-    return 0
+    # Stopped by Ctrl-C or SIGTERM: not done, as a caller (`train && export`) must see; a
+    # step or time limit asked for is a normal end.
+    return 0 if result.stop_signal is None else 128 + result.stop_signal

@@ -254,7 +254,7 @@ class DetectionTrainer:
         return save_detector(self.ema.model, path)
 
     def resume(self, path: str | Path) -> None:
-        state, progress = load_training_state(path, option="--resume")
+        state, progress = load_training_state(path, option="--resume", kind="detector")
         saved = PicoDetArch.from_dict(state["arch"]).to_dict()
         # input_size is only the evaluation/export default; every other field shapes weights
         current = self.model.arch.to_dict()

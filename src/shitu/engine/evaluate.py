@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,7 @@ from shitu.engine.precision import autocast_for, effective_amp
 from shitu.errors import ConfigError
 from shitu.evaluation import RetrievalEvaluator, RetrievalResult
 from shitu.evaluation.reranking import check_rerank_size
+from shitu.evaluation.retrieval import EvaluationInputError
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +105,7 @@ class RetrievalEvaluation:
             metric_items, re_ranking=config.Global.re_ranking
         )
         self._warn_of_shared_images()
+        self._check_positives()
         if self.evaluator.re_ranking is not None:
             queries = len(dataset_of(self.query_loader))
             gallery = dataset_of(self.gallery_loader) if self.gallery_loader else None
@@ -130,6 +133,25 @@ class RetrievalEvaluation:
                 shared,
                 len(queries),
             )
+
+    def _check_positives(self) -> None:
+        """Refuse query and gallery sets that share no label now, before any embedding (or a
+        training run's epochs): no query would have a match, so no metric is defined."""
+        queries = dataset_of(self.query_loader)
+        gallery = dataset_of(self.gallery_loader) if self.gallery_loader else queries
+        excluded = self.gallery_loader is None or (
+            has_unique_ids(self.query_loader) and has_unique_ids(self.gallery_loader)
+        )
+        per_label = Counter(gallery.labels)
+        pairs = zip(gallery.labels, gallery.unique_ids, strict=True)
+        own = Counter(pairs) if excluded else Counter()
+        for label, unique_id in zip(queries.labels, queries.unique_ids, strict=True):
+            if per_label[label] > own[(label, unique_id)]:
+                return
+        raise EvaluationInputError(
+            f"DataLoader.Eval: none of the {len(queries)} queries has a positive (same label, "
+            "different id) in the gallery, so no retrieval metric is defined"
+        )
 
     def run(self, model: nn.Module) -> RetrievalResult:
         options = {

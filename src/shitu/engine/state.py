@@ -49,9 +49,17 @@ def save_training_state(path: Path, state: dict[str, Any], progress: Progress) -
     return write_atomically(path, lambda tmp: torch.save(payload, tmp))
 
 
+# A key only one trainer's checkpoints hold, telling them apart; how to resume each.
+_KINDS = {
+    "recognition": ("seed", "shitu train -o Global.checkpoints=..."),
+    "detector": ("arch", "shitu detect-train --resume ..."),
+}
+
+
 def load_training_state(
-    path: str | Path, option: str = "Global.checkpoints"
+    path: str | Path, option: str = "Global.checkpoints", kind: str = "recognition"
 ) -> tuple[dict[str, Any], Progress]:
+    """The checkpoint of a `kind` run ("recognition" or "detector") and where it stopped."""
     path = resolve_checkpoint(path, option)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
@@ -68,5 +76,11 @@ def load_training_state(
         raise CheckpointError(
             f"{path} has checkpoint format {payload.get('format_version')}, "
             f"this shitu reads {FORMAT_VERSION}"
+        )
+    found = next((name for name, (key, _) in _KINDS.items() if key in payload), None)
+    if found != kind:
+        resume = f"; resume it with `{_KINDS[found][1]}`" if found else ""
+        raise CheckpointError(
+            f"{option} {path}: a {found or 'unknown'} training checkpoint, not a {kind} one{resume}"
         )
     return payload, Progress(**payload["progress"])

@@ -55,6 +55,7 @@ class FitResult:
     progress: Progress
     finished: bool  # False when stopped early (step/time limit or a signal); resume to go on
     output_dir: Path
+    stop_signal: int | None = None  # the signal (SIGINT, SIGTERM) that stopped it, if one did
 
 
 class Trainer:
@@ -276,7 +277,7 @@ class Trainer:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             self.log.close()
-        return FitResult(self.progress, finished, self.output_dir)
+        return FitResult(self.progress, finished, self.output_dir, self._stop_signal)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         del frame
