@@ -167,6 +167,9 @@ def test_every_shipped_config_builds_its_model_and_losses(name):
             "Loss.Train.0.CELoss.epsilom: unknown key (did you mean 'epsilon'?)",
         ),
         (["Loss.Train.0={TripletLossX: {}}"], "Loss.Train.0.TripletLossX.name: unknown loss"),
+        (["Loss.Train.0.CELoss.weight=abc"], "Loss.Train.0.CELoss.weight: Input should be"),
+        (["Loss.Train.0.CELoss.weight=-1"], "Loss.Train.0.CELoss.weight: Input should be greater"),
+        (["Loss.Train.0.CELoss.input_key=nope"], "Loss.Train.0.CELoss.input_key: Input should be"),
         (["Optimizer.name=Lion"], "Optimizer"),
         (["Metrics.Eval=[]"], "Metrics: unknown key (did you mean 'Metric'?)"),
         (

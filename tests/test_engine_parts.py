@@ -181,7 +181,8 @@ def test_l1_regularizer_is_refused():
 
 def test_combined_loss_weights_keys_and_paddleclas_feature_from():
     options, params = split_loss_params({"weight": 0.5, "feature_from": "features", "epsilon": 0.1})
-    assert options == {"weight": 0.5, "input_key": "features"} and params == {"epsilon": 0.1}
+    assert options.model_dump() == {"weight": 0.5, "input_key": "features"}
+    assert params == {"epsilon": 0.1}
     loss = CombinedLoss([{"CELoss": {"weight": 2.0, "epsilon": 0.0}}])
     logits = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
     labels = torch.tensor([0, 0])
@@ -263,7 +264,7 @@ def test_rng_capture_and_restore():
 def test_training_checkpoint_round_trip_and_errors(tmp_path):
     path = save_training_state(
         tmp_path / "latest.pt",
-        {"model": {"w": torch.ones(2)}, "rng": [capture_rng_state()]},
+        {"model": {"w": torch.ones(2)}, "rng": [capture_rng_state()], "seed": 0},
         Progress(epoch=2, batch_in_epoch=3, global_step=23),
     )
     for form in (path, tmp_path / "latest", tmp_path):
@@ -275,6 +276,9 @@ def test_training_checkpoint_round_trip_and_errors(tmp_path):
     torch.save({"w": torch.ones(1)}, tmp_path / "weights.pt")
     with pytest.raises(CheckpointError, match="weights file, not a training checkpoint"):
         load_training_state(tmp_path / "weights.pt")
+    other = save_training_state(tmp_path / "other.pt", {"model": {}}, Progress())
+    with pytest.raises(CheckpointError, match="an unrecognised training checkpoint, not a rec"):
+        load_training_state(other)
     (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="not a readable training checkpoint"):
         load_training_state(tmp_path / "broken.pt")

@@ -126,6 +126,7 @@ def _validate_components(config: ShituConfig) -> None:
                 ((name, params),) = item.items()
                 where = f"Loss.{split}.{index}.{name}"
                 # `weight` and `input_key` belong to the combiner, not to the loss.
+                _check(where, lambda p=params: split_loss_params(p))
                 _, loss_params = split_loss_params(params)
                 _check(where, lambda n=name, p=loss_params: registry.LOSSES.validate(n, p))
     if config.DataLoader is not None:

@@ -80,7 +80,8 @@ def load_training_state(
     found = next((name for name, (key, _) in _KINDS.items() if key in payload), None)
     if found != kind:
         resume = f"; resume it with `{_KINDS[found][1]}`" if found else ""
+        what = f"a {found}" if found else "an unrecognised"
         raise CheckpointError(
-            f"{option} {path}: a {found or 'unknown'} training checkpoint, not a {kind} one{resume}"
+            f"{option} {path}: {what} training checkpoint, not a {kind} one{resume}"
         )
     return payload, Progress(**payload["progress"])

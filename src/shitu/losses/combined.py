@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
 from shitu.errors import ConfigError
-from shitu.registry import LOSSES
+from shitu.registry import LOSSES, format_validation_error
 
 if TYPE_CHECKING:
     from shitu.models.rec_model import RecModel
@@ -16,16 +17,29 @@ if TYPE_CHECKING:
 # Keys of a loss item that belong to the combiner, not to the loss's constructor
 # (`feature_from` is PaddleClas's name for `input_key`).
 COMBINER_KEYS = ("weight", "input_key", "feature_from")
-INPUT_KEYS = ("features", "logits", "backbone", "neck")
 
 
-def split_loss_params(params: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(combiner options, constructor arguments) of one `{LossName: params}` item."""
+class CombinerOptions(BaseModel):
+    """How the sum takes one loss: its weight (0 leaves it out; a negative weight would
+    maximise it) and the model output it reads (default: the one its class declares)."""
+
+    model_config = ConfigDict(extra="forbid")
+    weight: float = Field(1.0, ge=0.0, allow_inf_nan=False)
+    input_key: Literal["features", "logits", "backbone", "neck"] | None = None
+
+
+def split_loss_params(params: dict[str, Any] | None) -> tuple[CombinerOptions, dict[str, Any]]:
+    """(combiner options, constructor arguments) of one `{LossName: params}` item; a
+    combiner option the sum cannot use is a ConfigError naming the key."""
     params = dict(params or {})
     options = {key: params.pop(key) for key in COMBINER_KEYS if key in params}
     if "feature_from" in options:
         options.setdefault("input_key", options.pop("feature_from"))
-    return options, params
+    try:
+        return CombinerOptions.model_validate(options), params
+    except ValidationError as exc:
+        message = format_validation_error(exc, CombinerOptions, "the loss sum")
+        raise ConfigError(message) from None
 
 
 class CombinedLoss(nn.Module):
@@ -48,14 +62,9 @@ class CombinedLoss(nn.Module):
             ((name, params),) = item.items()
             options, ctor_params = split_loss_params(params)
             loss = LOSSES.build(name, **ctor_params)
-            input_key = options.get("input_key", getattr(loss, "input_key", "features"))
-            if input_key not in INPUT_KEYS:
-                raise ValueError(
-                    f"{name}.input_key must be one of {', '.join(INPUT_KEYS)}, got {input_key!r}"
-                )
             self.names.append(name)
-            self.weights.append(float(options.get("weight", 1.0)))
-            self.input_keys.append(input_key)
+            self.weights.append(options.weight)
+            self.input_keys.append(options.input_key or getattr(loss, "input_key", "features"))
             self.losses.append(loss)
 
     def attach(self, model: RecModel) -> None:
