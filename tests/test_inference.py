@@ -150,21 +150,26 @@ def test_a_device_that_cannot_run_the_model_is_refused_when_loading(exported):
             FeatureExtractor.load(exported["dir"], backend="torch", device="cuda")
 
 
-def test_int8_calibration_keeps_expected_fallback_notices_out_of_the_log(
+def test_int8_calibration_logs_what_it_skips_but_not_expected_fallback_notices(
     exported, tmp_path, caplog
 ):
     from shitu.inference.quantize import quantize_static_onnx
 
     manifest = json.loads((exported["dir"] / "shitu_model.json").read_text())
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image")
     with caplog.at_level(logging.WARNING):
         quantize_static_onnx(
             exported["dir"] / "model.onnx",
             tmp_path / "again.int8.onnx",
             Preprocessing.from_dict(manifest["preprocessing"]),
-            exported["files"][:2],
+            [*exported["files"][:2], broken],
         )
     assert (tmp_path / "again.int8.onnx").is_file()
     assert "out-of-range for weight" not in caplog.text  # the BNNeck's rank-1 batch norm
+    # An unreadable image is said, with how many were used.
+    assert f"1 of 3 images could not be read and were left out (first: {broken}:" in caplog.text
+    assert "calibrated on the other 2" in caplog.text
     logging.getLogger().warning("still heard")  # the filter went with the call
     assert "still heard" in caplog.text
 

@@ -19,6 +19,7 @@ from shitu.errors import DataError
 from shitu.inference.preprocess import Preprocessing
 
 CALIBRATION_BATCH = 8
+logger = logging.getLogger(__name__)
 
 
 class _PerTensorFallbackNotice(logging.Filter):
@@ -52,9 +53,19 @@ def quantize_static_onnx(
     )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    batches = list(_calibration_batches(preprocessing, images))
+    skipped: list[str] = []
+    batches = list(_calibration_batches(preprocessing, images, skipped))
     if not batches:
         raise DataError("int8 calibration: none of the calibration images could be read")
+    if skipped:
+        logger.warning(
+            "int8 calibration: %d of %d images could not be read and were left out (first: "
+            "%s); calibrated on the other %d",
+            len(skipped),
+            len(images),
+            skipped[0],
+            len(images) - len(skipped),
+        )
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -80,13 +91,15 @@ def quantize_static_onnx(
 
 
 def _calibration_batches(
-    preprocessing: Preprocessing, images: Sequence[str | Path]
+    preprocessing: Preprocessing, images: Sequence[str | Path], skipped: list[str]
 ) -> Iterator[np.ndarray]:
+    """The readable images in batches; each unreadable one goes to `skipped`, with why."""
     batch: list[np.ndarray] = []
     for path in images:
         try:
             batch.append(preprocessing.load(path))
-        except UnreadableImageError:
+        except UnreadableImageError as exc:
+            skipped.append(f"{path}: {exc}")
             continue
         if len(batch) == CALIBRATION_BATCH:
             yield np.stack(batch)
