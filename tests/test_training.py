@@ -257,6 +257,8 @@ def test_resume_continues_with_the_configs_optimizer_settings(grocery, tmp_path,
                 f"Global.checkpoints={output / 'latest.pt'}",
                 "Optimizer.regularizer.coeff=0.001",
                 "Optimizer.momentum=0.5",
+                "Optimizer.lr.learning_rate=0.02",
+                "Global.seed=4",
             ],
         )
     )
@@ -264,6 +266,10 @@ def test_resume_continues_with_the_configs_optimizer_settings(grocery, tmp_path,
     assert decays == [0.0, 0.001]  # not the checkpoint's 1e-5
     assert {group["momentum"] for group in resumed.optimizer.param_groups} == {0.5}
     assert "with this config's weight_decay 0.001 (was 1e-05)" in caplog.text
+    assert "with this config's learning-rate schedule: learning_rate 0.02 (was 0.05)" in (
+        caplog.text
+    )
+    assert "Global.seed 4 is not used: a resumed run keeps its checkpoint's seed 3" in caplog.text
     assert resumed.optimizer.state  # the momentum buffers did come back
 
 
@@ -306,7 +312,7 @@ def test_a_crash_after_a_step_checkpoint_does_not_evaluate_an_epoch_twice(grocer
     assert Trainer(load_config(path, refused)).progress.global_step == 12  # it still fits
 
 
-def test_ema_weights_are_saved_and_resume_exactly(grocery, tmp_path):
+def test_ema_weights_are_saved_and_resume_exactly(grocery, tmp_path, caplog):
     """With `EMA`, best/final weights are the average; latest.pt keeps both for resuming."""
     path = tiny_config(grocery, tmp_path)
     with_ema = "EMA.decay=0.9"
@@ -317,8 +323,10 @@ def test_ema_weights_are_saved_and_resume_exactly(grocery, tmp_path):
     averaged, trained = full.ema.module.state_dict(), full.model.state_dict()
     assert all(torch.equal(final[k], averaged[k]) for k in final)
     assert any(not torch.equal(final[k], trained[k]) for k in final)
-    latest, _ = read_weights(full_dir / "latest.pt")  # `shitu eval` of latest.pt: as trained
+    with caplog.at_level(logging.WARNING, logger="shitu"):
+        latest, _ = read_weights(full_dir / "latest.pt")  # `shitu eval` of it: as trained
     assert all(torch.equal(latest[k], trained[k]) for k in latest)
+    assert "the weights of the run's last step, not the moving average" in caplog.text
     assert (full_dir / "best_model.safetensors").exists()
 
     Trainer(load_config(path, [f"Global.output_dir={split_dir}", with_ema])).fit(stop_after_steps=5)

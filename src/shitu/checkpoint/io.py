@@ -109,6 +109,13 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
             data = data["state_dict"]
         elif isinstance(data, dict) and isinstance(data.get("model"), dict):
             metadata = _training_state_metadata(data)
+            if "ema" in data:
+                logger.warning(
+                    "%s: the weights of the run's last step, not the moving average of "
+                    "its EMA section that the run evaluated and saved (its best_model and "
+                    "final_model .safetensors hold that)",
+                    path,
+                )
             data = data["model"]
         if not isinstance(data, dict) or not all(
             isinstance(v, torch.Tensor) for v in data.values()

@@ -159,7 +159,16 @@ class Trainer:
     # ----------------------------------------------------------------- set-up helpers
     def _choose_seed(self, payload: dict[str, Any] | None) -> int:
         if payload is not None:
-            return int(payload["seed"])
+            seed = int(payload["seed"])
+            asked = self.config.Global.seed
+            if asked is not None and asked != seed and self.context.is_main:
+                logger.warning(
+                    "Global.seed %d is not used: a resumed run keeps its checkpoint's seed %d "
+                    "(its batches and augmentation follow from it)",
+                    asked,
+                    seed,
+                )
+            return seed
         if self.config.Global.seed is not None:
             return self.config.Global.seed
         seed = torch.tensor(random.SystemRandom().randrange(1 << 31))
@@ -211,6 +220,7 @@ class Trainer:
                     ", ".join(f"{k} {new} (was {old})" for k, (old, new) in changed.items()),
                 )
                 group.update(settings)
+        self._warn_of_new_schedule(payload)
         if self.ema is not None:
             if "ema" not in payload:
                 raise ConfigError(
@@ -221,6 +231,21 @@ class Trainer:
         self.schedule.load_state_dict(payload["schedule"])
         self.scaler.load_state_dict(payload["scaler"])
         restore_rng_state(payload["rng"][min(self.context.rank, len(payload["rng"]) - 1)])
+
+    def _warn_of_new_schedule(self, payload: dict[str, Any]) -> None:
+        """The learning-rate schedule is computed from the config, so a resumed run follows
+        the config given now: say so where that differs from the checkpoint's."""
+        try:
+            saved = json.loads(payload["config"])["Optimizer"]["lr"]
+        except (KeyError, TypeError, ValueError):
+            return  # an older checkpoint without its config
+        current = self.config.Optimizer.lr.model_dump(mode="json")
+        changed = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
+        if changed and self.context.is_main:
+            logger.warning(
+                "resuming with this config's learning-rate schedule: %s",
+                ", ".join(f"{k} {new} (was {old})" for k, (old, new) in changed.items()),
+            )
 
     def _state(self) -> dict[str, Any]:
         rng = [capture_rng_state()]
