@@ -171,6 +171,10 @@ def test_every_shipped_config_builds_its_model_and_losses(name):
         (["Loss.Train.0.CELoss.weight=-1"], "Loss.Train.0.CELoss.weight: Input should be greater"),
         (["Loss.Train.0.CELoss.input_key=nope"], "Loss.Train.0.CELoss.input_key: Input should be"),
         (["Optimizer.name=Lion"], "Optimizer"),
+        (
+            ["Metric.Eval=[{Recallk: {topk: [1, abc]}}]"],
+            "Metric.Eval[0].Recallk.topk: must be a positive integer or a list of them",
+        ),
         (["Metrics.Eval=[]"], "Metrics: unknown key (did you mean 'Metric'?)"),
         (
             ["LinearProbe={epochs: 0, frozen_layers: [backbone]}"],

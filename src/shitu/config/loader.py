@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ from shitu import registry
 from shitu.config.overrides import apply_overrides, load_yaml, override_paths
 from shitu.config.schema import ComponentConfig, DataSplitConfig, ShituConfig
 from shitu.errors import ConfigError
+from shitu.evaluation.retrieval import RetrievalEvaluator
 from shitu.losses.combined import split_loss_params
 from shitu.registry import format_validation_error
 
@@ -137,6 +139,10 @@ def _validate_components(config: ShituConfig) -> None:
         for split_name, split in splits.items():
             if split is not None:
                 _validate_data_split(f"DataLoader.{split_name}", split)
+    # Built as training and `shitu eval` build it, so that a wrong entry names the file now.
+    RetrievalEvaluator.from_metric_config(
+        config.Metric.Eval if config.Metric else None, re_ranking=config.Global.re_ranking
+    )
     if config.Optimizer is not None:
         lr = config.Optimizer.lr
         schedule_params = {"learning_rate": lr.learning_rate, "warmup_epoch": lr.warmup_epoch}
@@ -181,7 +187,7 @@ def _check(where: str, validate: Any) -> None:
 def with_source(path: Path | str, message: str, attribution: dict[str, str]) -> str:
     """`message` (which starts with the dotted key at fault) prefixed by the config's source,
     and naming the `-o` override that set that key or a section around it."""
-    key = message.split(":", 1)[0]
+    key = re.sub(r"\[(\d+)\]", r".\1", message.split(":", 1)[0])  # Eval[0] -> Eval.0
     for dotted, text in attribution.items():
         if key == dotted or key.startswith(dotted + ".") or dotted.startswith(key + "."):
             return f"{path}: {message} (set by -o {text})"
