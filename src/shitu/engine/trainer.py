@@ -487,7 +487,7 @@ def training_summary(trainer: Trainer) -> dict[str, Any]:
         "device": str(trainer.context.device),
         "processes": trainer.context.world_size,
         "train images": len(dataset),
-        "classes": getattr(dataset, "num_classes", "?"),
+        "classes": len(set(dataset.labels)),  # in the training list, not the label map's
         "skipped images": len(getattr(dataset, "skipped", [])),
         "batch size per process": trainer.train_loader.batch_sampler.batch_size,
         "steps per epoch": trainer.steps_per_epoch,
