@@ -317,6 +317,10 @@ def test_detect_train_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     # A new run over the finished one would write over its files: refused.
     assert main(args) == 2
     assert f"--output {out}: holds an earlier run (latest.pt, model.pt)" in capsys.readouterr().err
+    # A detector's weights are not a recognition model's: not averaged as one.
+    model = out / "model.pt"
+    assert main(["average", str(model), str(model), "--out", str(tmp_path / "mean.pt")]) == 2
+    assert f"{model} is a PicoDet detector checkpoint, not the weights" in capsys.readouterr().err
     # A recognition run's checkpoint is not a detector's.
     recognition = tmp_path / "recognition.pt"
     save_training_state(recognition, {"model": {}, "seed": 0}, Progress())

@@ -104,6 +104,11 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
         except Exception as exc:  # torch raises many types for corrupt files
             raise CheckpointError(f"{path} is not a readable torch checkpoint: {exc}") from None
         metadata = {}
+        if isinstance(data, dict) and str(data.get("format", "")).startswith("shitu-picodet"):
+            raise CheckpointError(  # shitu.detection's format (not imported: it sits above)
+                f"{path} is a PicoDet detector checkpoint, not the weights of a recognition "
+                "model (`shitu detect --model` takes it)"
+            )
         if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
             metadata = dict(data.get("metadata") or {})
             data = data["state_dict"]
