@@ -175,8 +175,9 @@ def test_paths_that_cannot_be_used_are_one_line_errors(tmp_path):
 def test_undecodable_image_in_a_loader_worker_is_a_one_line_error(tmp_path):
     """torch raises a worker's error again with the worker's traceback as its message; the
     user sees the dataset's own message, as with num_workers: 0."""
-    (tmp_path / "garbage.jpg").write_bytes(b"not an image" * 10)
-    (tmp_path / "list.txt").write_text("garbage.jpg 0\n")
+    for name in ("garbage.jpg", "rubbish.jpg"):  # one class of two: each matches the other
+        (tmp_path / name).write_bytes(b"not an image" * 10)
+    (tmp_path / "list.txt").write_text("garbage.jpg 0\nrubbish.jpg 0\n")
     config = tmp_path / "tiny.yaml"
     config.write_text(
         f"""
