@@ -231,3 +231,75 @@ def test_a_label_with_more_images_than_a_page(server, browser, tmp_path):
         f.get_attribute("data-id") for f in browser.find_elements(By.CSS_SELECTOR, "figure.thumb")
     ]
     assert len(set(ids)) == 205
+
+
+# ------------------------------------------------------------------------------ phone, errors
+
+
+@pytest.fixture
+def phone(browser):
+    """The browser as a 390x844 phone screen (touch, viewport meta honoured)."""
+    browser.execute_cdp_cmd(
+        "Emulation.setDeviceMetricsOverride",
+        {"width": 390, "height": 844, "deviceScaleFactor": 1, "mobile": True},
+    )
+    yield browser
+    browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+
+
+def open_page(driver: WebDriver, server, key: str = KEY) -> None:
+    """The page, with `key` in the API key box, its labels listed."""
+    driver.get(f"{server.url}/")
+    field = driver.find_element(By.ID, "api-key")
+    field.clear()
+    if key:
+        field.send_keys(key, Keys.TAB)
+        wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#labels button"), "labels listed")
+
+
+def choose_label(driver: WebDriver, label: str) -> None:
+    driver.execute_script(
+        "document.querySelector(`#labels button[data-label='${arguments[0]}']`).click()", label
+    )
+    wait(
+        driver,
+        lambda d: d.find_element(By.ID, "label-title").text.startswith(f"{label} ("),
+        f"{label} shown",
+    )
+
+
+def overflowing(driver: WebDriver) -> list[str]:
+    """The page's width if wider than the screen, and the visible elements that stick out."""
+    return driver.execute_script(
+        """
+        const width = document.documentElement.clientWidth, out = [];
+        if (document.documentElement.scrollWidth > width)
+          out.push(`page ${document.documentElement.scrollWidth} px wide`);
+        for (const node of document.querySelectorAll("body *")) {
+          const box = node.getBoundingClientRect();
+          if (box.width && box.height && (box.right > width + 0.5 || box.left < -0.5))
+            out.push(`${node.tagName.toLowerCase()}#${node.id}.${node.className} ` +
+                     `${Math.round(box.left)}..${Math.round(box.right)}`);
+        }
+        return out;
+        """
+    )
+
+
+def test_the_page_fits_a_phone_screen(serving_library, server, phone):
+    open_page(phone, server)
+    assert phone.execute_script("return window.innerWidth") == 390
+    assert not overflowing(phone)
+    shelf, products = serving_library.demo.shelves[0]
+    phone.find_element(By.ID, "photo").send_keys(str(shelf))
+    wait(phone, lambda d: len(texts(d, "#results li")) == len(products), "results shown")
+    choose_label(phone, "Many")  # the longest list: 200 thumbnails and a button for more
+    wait(phone, lambda d: loaded_thumbnails(d) >= 4, "thumbnails shown")
+    assert not overflowing(phone)
+    # One column: the thumbnails are below the label list, not beside it.
+    labels = phone.find_element(By.ID, "labels").rect
+    thumbs = phone.find_element(By.ID, "thumbs").rect
+    assert thumbs["y"] >= labels["y"] + labels["height"]
+    add = phone.find_element(By.CSS_SELECTOR, "#add-form button[type=submit]")
+    phone.execute_script("arguments[0].scrollIntoView()", add)
+    assert add.text == "Add" and add.rect["x"] + add.rect["width"] <= 390
