@@ -303,3 +303,38 @@ def test_the_page_fits_a_phone_screen(serving_library, server, phone):
     add = phone.find_element(By.CSS_SELECTOR, "#add-form button[type=submit]")
     phone.execute_script("arguments[0].scrollIntoView()", add)
     assert add.text == "Add" and add.rect["x"] + add.rect["width"] <= 390
+
+
+# The page's fetch, wrapped: the first answer to /v1/recognize is held until the test lets it
+# through, so it arrives after the answer for a photo chosen later.
+HOLD_FIRST_RECOGNITION = """
+const realFetch = window.fetch;
+window.fetch = (url, options) => {
+  const answer = realFetch(url, options);
+  if (url !== "/v1/recognize" || window.held) return answer;
+  window.held = true;
+  return new Promise((resolve) => {
+    window.release = () => { resolve(answer); return answer; };
+  });
+};
+"""
+RELEASE_HELD = """
+const done = arguments[arguments.length - 1];
+window.release().then(() => setTimeout(done, 500), () => setTimeout(done, 500));
+"""
+
+
+def test_an_answer_for_a_replaced_photo_is_dropped(serving_library, server, browser):
+    open_page(browser, server)
+    browser.execute_script(HOLD_FIRST_RECOGNITION)
+    (first, _), (second, products) = serving_library.demo.shelves[:2]
+    photo = browser.find_element(By.ID, "photo")
+    photo.send_keys(str(first))
+    wait(browser, lambda d: d.execute_script("return !!window.release"), "first request held")
+    photo.send_keys(str(second))
+    wait(browser, lambda d: len(texts(d, "#results li")) == len(products), "second photo's results")
+    shown = sorted(texts(browser, "#results li strong"))
+    browser.execute_async_script(RELEASE_HELD)  # the first photo's answer arrives now
+    assert sorted(texts(browser, "#results li strong")) == shown == sorted(products)
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#overlay rect.box")) == len(products)
+    assert browser.find_element(By.ID, "recognise-status").text == f"{len(products)} recognised"

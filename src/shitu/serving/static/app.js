@@ -8,6 +8,7 @@ const KEY_STORE = "shitu-api-key";
 let labels = [];
 let selected = null;
 let selection = 0; // counts label choices: an answer for an earlier one is dropped
+let photoChoice = 0; // counts photos chosen: an answer for an earlier photo is dropped
 const thumbUrls = [];
 
 // ---------------------------------------------------------------------------- requests
@@ -114,7 +115,9 @@ function drawBoxes(results, width, height) {
 }
 
 async function recognise(file) {
+  const choice = ++photoChoice;
   const image = $("photo-view");
+  if (image.onerror) image.onerror(); // the previous photo's wait ends: its answer is dropped
   const loaded = new Promise((resolve) => {
     image.onload = () => resolve(true);
     image.onerror = () => resolve(false); // a format this browser cannot show, e.g. TIFF
@@ -131,11 +134,13 @@ async function recognise(file) {
     const [body, shown] = await Promise.all([
       api("/v1/recognize", { method: "POST", body: form }), loaded,
     ]);
+    if (choice !== photoChoice) return; // another photo was chosen meanwhile: it stands
     drawResults(body.results, shown);
     $("recognise-status").textContent = (body.results.length
       ? `${body.results.length} recognised`
       : "nothing recognised") + (shown ? "" : " (this browser cannot display the photo)");
   } catch (error) {
+    if (choice !== photoChoice) return; // about a photo no longer shown
     $("recognise-status").textContent = "";
     throw error;
   }
