@@ -42,6 +42,7 @@ function labelPath(label) {
   return `/v1/gallery/labels/${encodeURIComponent(label)}`;
 }
 
+// The message box at the top: for what no form on the page did (loading the gallery).
 function show(text, ok = false) {
   const box = $("message");
   box.textContent = text;
@@ -49,12 +50,26 @@ function show(text, ok = false) {
   box.hidden = !text;
 }
 
-async function attempt(action) {
+// A status line next to a form: progress, the outcome, or ("error") why it failed.
+function setStatus(id, text, kind = "") {
+  const line = $(id);
+  line.textContent = text;
+  line.classList.toggle("error", kind === "error");
+  line.classList.toggle("ok", kind === "ok");
+}
+
+// Runs an action; its error goes to the status line `where` (next to the form that failed,
+// scrolled into view), or without one to the message box at the top.
+async function attempt(action, where = null) {
   try {
     show("");
+    if (where) setStatus(where, "");
     await action();
   } catch (error) {
-    show(error.message);
+    const box = where ? $(where) : $("message");
+    if (where) setStatus(where, error.message, "error");
+    else show(error.message);
+    box.scrollIntoView({ block: "nearest" });
   }
 }
 
@@ -141,7 +156,6 @@ async function recognise(file) {
       : "nothing recognised") + (shown ? "" : " (this browser cannot display the photo)");
   } catch (error) {
     if (choice !== photoChoice) return; // about a photo no longer shown
-    $("recognise-status").textContent = "";
     throw error;
   }
 }
@@ -172,7 +186,7 @@ function renderLabels() {
     name.textContent = label;
     const number = Object.assign(document.createElement("span"), { className: "count", textContent: count });
     button.append(name, number);
-    button.addEventListener("click", () => attempt(() => selectLabel(label)));
+    button.addEventListener("click", () => attempt(() => selectLabel(label), "label-status"));
     const item = document.createElement("li");
     item.append(button);
     list.append(item);
@@ -219,7 +233,7 @@ function offerMore(label, choice, shown, count) {
     } finally {
       more.disabled = false;
     }
-  }));
+  }, "label-status"));
   $("thumbs").append(more);
 }
 
@@ -240,7 +254,7 @@ function appendThumbs(label, images) {
       if (!confirm(`Delete image #${image.id} from "${label}"?`)) return;
       await api(`/v1/gallery/images/${image.id}`, { method: "DELETE" });
       await refresh(label);
-    }));
+    }, "label-status"));
     figure.append(img, caption, remove);
     grid.append(figure);
     thumbnail(image).then((url) => { img.src = url; }, () => { img.alt = "(no preview)"; });
@@ -273,7 +287,7 @@ window.addEventListener("DOMContentLoaded", () => {
   });
   $("photo").addEventListener("change", () => {
     const file = $("photo").files[0];
-    if (file) attempt(() => recognise(file));
+    if (file) attempt(() => recognise(file), "recognise-status");
   });
   $("label-filter").addEventListener("input", renderLabels);
   $("rename-form").addEventListener("submit", (event) => {
@@ -284,34 +298,29 @@ window.addEventListener("DOMContentLoaded", () => {
         headers: { "Content-Type": "application/json" },
         body: JSON.stringify({ label: $("rename-input").value }),
       });
-      show(`renamed "${body.old}" to "${body.new}" (${body.count} images)`, true);
+      setStatus("label-status", `renamed "${body.old}" to "${body.new}" (${body.count} images)`, "ok");
       await refresh(body.new);
-    });
+    }, "label-status");
   });
   $("delete-label").addEventListener("click", () => attempt(async () => {
     if (!confirm(`Delete every image labelled "${selected}"?`)) return;
     const body = await api(labelPath(selected), { method: "DELETE" });
-    show(`deleted ${body.removed.length} images`, true);
+    setStatus("label-status", `deleted ${body.removed.length} images`, "ok");
     await refresh(null);
-  }));
+  }, "label-status"));
   $("add-form").addEventListener("submit", (event) => {
     event.preventDefault();
     attempt(async () => {
       const form = new FormData();
       form.append("label", $("add-label").value);
       for (const file of $("add-files").files) form.append("image", file);
-      $("add-status").textContent = "adding…";
-      try {
-        const body = await api("/v1/gallery/images", { method: "POST", body: form });
-        const skipped = body.duplicates.length ? `, skipped ${body.duplicates.length} already in the gallery` : "";
-        $("add-status").textContent = `added ${body.added.length} to "${body.label}"${skipped}`;
-        $("add-files").value = "";
-        await refresh(body.label);
-      } catch (error) {
-        $("add-status").textContent = "";
-        throw error;
-      }
-    });
+      setStatus("add-status", "adding…");
+      const body = await api("/v1/gallery/images", { method: "POST", body: form });
+      const skipped = body.duplicates.length ? `, skipped ${body.duplicates.length} already in the gallery` : "";
+      setStatus("add-status", `added ${body.added.length} to "${body.label}"${skipped}`, "ok");
+      $("add-files").value = "";
+      await refresh(body.label);
+    }, "add-status");
   });
   attempt(() => refresh(null));
 });
