@@ -540,6 +540,12 @@ def test_page_and_docs_load_nothing_from_elsewhere(client):
 def test_health_and_metrics(serving_library, reference, client):
     health = client.get("/healthz").json()
     assert health["status"] == "ok" and health["model"] == reference.extractor.fingerprint
+    assert health["limits"] == {
+        "max_upload_bytes": MAX_UPLOAD_MB << 20,
+        "max_upload_mb": MAX_UPLOAD_MB,
+        "max_images_per_request": 32,
+        "max_megapixels": MAX_MEGAPIXELS,
+    }
     client.post("/v1/recognize", files={"image": photo(serving_library.queries()[0][0])})
     client.get("/v1/gallery/images/999999")
     for made_up in ("ZZZ1", "ZZZ2"):  # methods clients invent share one series

@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from PIL import Image
 from selenium import webdriver
@@ -365,3 +366,42 @@ def test_an_error_shows_next_to_the_form_that_failed(serving_library, server, ph
     assert "error" in status.get_attribute("class").split()
     assert in_view(phone, status)
     assert not phone.find_element(By.ID, "message").is_displayed()
+
+
+def test_many_images_are_added_in_requests_within_the_limits(server, browser, tmp_path):
+    """More files than one request may hold (32), and more bytes (20 MB): the page sends them
+    in several requests; a file that is no image fails alone, named, and the rest go in."""
+    small = make_images(tmp_path / "small", 34, seed=11)
+    rng = np.random.default_rng(3)
+    large = []
+    for number in range(8):  # noise does not compress: about 2.7 MB each, 21.6 MB together
+        path = tmp_path / f"noise{number}.png"
+        Image.fromarray(rng.integers(0, 256, (950, 950, 3), dtype=np.uint8)).save(path)
+        large.append(path)
+    assert sum(p.stat().st_size for p in large) > 20 << 20
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"this is no image")
+    files = [*small[:20], broken, *large, *small[20:]]
+    open_page(browser, server)
+    label = browser.find_element(By.ID, "add-label")
+    label.clear()
+    label.send_keys("Bulk")
+    browser.find_element(By.ID, "add-files").send_keys("\n".join(map(str, files)))
+    browser.find_element(By.CSS_SELECTOR, "#add-form button[type=submit]").click()
+    status = browser.find_element(By.ID, "add-status")
+    wait(browser, lambda d: status.text.startswith("added"), "all requests answered")
+    assert status.text == 'added 42 to "Bulk"; 1 could not be added:'
+    assert texts(browser, "#add-failures li") == [
+        "broken.jpg: not an image file (expected JPEG, PNG, WebP, BMP, TIFF or GIF; "
+        "got 16 bytes starting b'this is '"
+        ")"
+    ]
+    wait(
+        browser,
+        lambda d: d.find_element(By.ID, "label-title").text == "Bulk (42 images)",
+        "the label shown",
+    )
+    with httpx.Client(base_url=server.url, headers={"X-API-Key": KEY}) as client:
+        listed = client.get("/v1/gallery/labels/Bulk").json()
+    stored = [Path(image["name"]).stem.rsplit("-", 1)[0] for image in listed["images"]]
+    assert sorted(stored) == sorted(p.stem for p in files if p != broken)

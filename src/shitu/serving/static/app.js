@@ -32,10 +32,14 @@ async function api(path, options = {}) {
     if (response.status === 401 || response.status === 403) {
       detail += " (enter the API key at the top of the page)";
     }
-    throw new Error(detail);
+    throw Object.assign(new Error(detail), { status: response.status });
   }
   const type = response.headers.get("content-type") || "";
   return type.includes("application/json") ? response.json() : response.blob();
+}
+
+function plural(count, noun) {
+  return `${count} ${noun}${count === 1 ? "" : "s"}`;
 }
 
 function labelPath(label) {
@@ -277,6 +281,103 @@ async function refresh(label) {
   }
 }
 
+// ---------------------------------------------------------------------------- adding images
+
+// What one request may hold, from the server's /healthz (which needs no API key).
+let limits = null;
+async function serverLimits() {
+  if (!limits) limits = (await api("/healthz")).limits;
+  return limits;
+}
+
+// A file's share of a multipart body: its bytes, and its part's headers with the file name
+// (escaped, at most 3 bytes a character) around them.
+const PART_HEADERS = 256;
+const partSize = (file) => file.size + PART_HEADERS + 3 * file.name.length;
+
+// Groups of files that each fit one request (count and body size); files too large to be
+// sent at all are reported at once.
+function splitUpload(files, label, { max_upload_bytes: maxBytes, max_images_per_request: maxCount }) {
+  const budget = maxBytes - PART_HEADERS - 3 * label.length - 1024;
+  const groups = [], tooLarge = [];
+  let group = [], bytes = 0;
+  for (const file of files) {
+    const size = partSize(file);
+    if (size > budget) {
+      tooLarge.push(file);
+      continue;
+    }
+    if (group.length >= maxCount || bytes + size > budget) {
+      groups.push(group);
+      group = [];
+      bytes = 0;
+    }
+    group.push(file);
+    bytes += size;
+  }
+  if (group.length) groups.push(group);
+  return { groups, tooLarge };
+}
+
+const megabytes = (bytes) => `${(bytes / 1048576).toFixed(1)} MB`;
+const named = (file, message) => (message.startsWith(`${file.name}:`) ? message : `${file.name}: ${message}`);
+
+// Sends the files in as many requests as the server's limits need. A request the server
+// refuses for what it holds (400, 413, 415) is split in two and each half sent again, down
+// to single files: one bad file costs only itself. Missing or wrong keys stop everything.
+async function addImages(label, files) {
+  const { groups, tooLarge } = splitUpload(files, label, await serverLimits());
+  const outcome = { label, added: 0, duplicates: [], failed: [], settled: tooLarge.length };
+  for (const file of tooLarge) {
+    outcome.failed.push(`${file.name}: ${megabytes(file.size)}, over the server's ` +
+      `${limits.max_upload_mb} MB limit on a request`);
+  }
+  const progress = () => setStatus("add-status",
+    `adding… ${outcome.settled} of ${files.length} files done, ${outcome.added} added`);
+  async function send(group) {
+    const form = new FormData();
+    form.append("label", label);
+    for (const file of group) form.append("image", file);
+    try {
+      const body = await api("/v1/gallery/images", { method: "POST", body: form });
+      outcome.label = body.label;
+      outcome.added += body.added.length;
+      outcome.duplicates.push(...body.duplicates);
+    } catch (error) {
+      if (group.length > 1 && [400, 413, 415].includes(error.status)) {
+        const half = Math.ceil(group.length / 2);
+        await send(group.slice(0, half));
+        await send(group.slice(half));
+        return;
+      }
+      if (!error.status || error.status === 401 || error.status === 403) throw error;
+      for (const file of group) outcome.failed.push(named(file, error.message));
+    }
+    outcome.settled += group.length;
+    progress();
+  }
+  progress();
+  try {
+    for (const group of groups) await send(group);
+  } catch (error) {
+    if (outcome.added) error.message += ` (${plural(outcome.added, "image")} added before that)`;
+    throw error;
+  } finally {
+    if (outcome.added) await refresh(outcome.label);
+  }
+  return outcome;
+}
+
+function reportAdded({ label, added, duplicates, failed }) {
+  let text = `added ${added} to "${label}"`;
+  if (duplicates.length) text += `, skipped ${duplicates.length} already in the gallery`;
+  if (failed.length) text += `; ${failed.length} could not be added:`;
+  setStatus("add-status", text, failed.length ? "error" : "ok");
+  const list = $("add-failures");
+  list.replaceChildren(...failed.map((reason) => Object.assign(document.createElement("li"), { textContent: reason })));
+  if (failed.length) list.scrollIntoView({ block: "nearest" });
+}
+
 // ---------------------------------------------------------------------------- wiring
 
 window.addEventListener("DOMContentLoaded", () => {
@@ -311,15 +412,10 @@ window.addEventListener("DOMContentLoaded", () => {
   $("add-form").addEventListener("submit", (event) => {
     event.preventDefault();
     attempt(async () => {
-      const form = new FormData();
-      form.append("label", $("add-label").value);
-      for (const file of $("add-files").files) form.append("image", file);
-      setStatus("add-status", "adding…");
-      const body = await api("/v1/gallery/images", { method: "POST", body: form });
-      const skipped = body.duplicates.length ? `, skipped ${body.duplicates.length} already in the gallery` : "";
-      setStatus("add-status", `added ${body.added.length} to "${body.label}"${skipped}`, "ok");
-      $("add-files").value = "";
-      await refresh(body.label);
+      $("add-failures").replaceChildren();
+      const outcome = await addImages($("add-label").value, [...$("add-files").files]);
+      reportAdded(outcome);
+      if (!outcome.failed.length) $("add-files").value = "";
     }, "add-status");
   });
   attempt(() => refresh(null));
