@@ -405,3 +405,29 @@ def test_many_images_are_added_in_requests_within_the_limits(server, browser, tm
         listed = client.get("/v1/gallery/labels/Bulk").json()
     stored = [Path(image["name"]).stem.rsplit("-", 1)[0] for image in listed["images"]]
     assert sorted(stored) == sorted(p.stem for p in files if p != broken)
+
+
+def test_renaming_onto_an_existing_label_asks_before_merging(server, browser):
+    open_page(browser, server)
+    choose_label(browser, "Cocoa Crunch")
+    rename = browser.find_element(By.ID, "rename-input")
+    rename.clear()
+    rename.send_keys("Tomato Soup", Keys.ENTER)
+    alert = wait(browser, lambda d: d.switch_to.alert, "asked before merging")
+    assert alert.text == (
+        '"Tomato Soup" already has 3 images: merge the images of "Cocoa Crunch" into it?'
+    )
+    alert.dismiss()  # nothing changes
+    with httpx.Client(base_url=server.url, headers={"X-API-Key": KEY}) as client:
+        assert client.get("/v1/gallery/labels/Cocoa Crunch").json()["count"] == 3
+    rename.send_keys(Keys.ENTER)
+    wait(browser, lambda d: d.switch_to.alert, "asked again").accept()
+    status = browser.find_element(By.ID, "label-status")
+    wait(browser, lambda d: status.text.startswith("merged"), "merged")
+    assert status.text == 'merged "Cocoa Crunch" into "Tomato Soup": 3 images moved, 6 images now'
+    wait(
+        browser,
+        lambda d: d.find_element(By.ID, "label-title").text == "Tomato Soup (6 images)",
+        "the merged label shown",
+    )
+    assert not browser.find_elements(By.CSS_SELECTOR, '#labels button[data-label="Cocoa Crunch"]')

@@ -394,12 +394,20 @@ window.addEventListener("DOMContentLoaded", () => {
   $("rename-form").addEventListener("submit", (event) => {
     event.preventDefault();
     attempt(async () => {
-      const body = await api(labelPath(selected), {
+      const old = selected;
+      const wanted = $("rename-input").value.trim().normalize("NFC"); // as the server keeps labels
+      const existing = labels.find((entry) => entry.label === wanted && entry.label !== old);
+      if (existing && !confirm(`"${wanted}" already has ${plural(existing.count, "image")}: ` +
+        `merge the images of "${old}" into it?`)) return;
+      const body = await api(labelPath(old), {
         method: "PATCH",
         headers: { "Content-Type": "application/json" },
         body: JSON.stringify({ label: $("rename-input").value }),
       });
-      setStatus("label-status", `renamed "${body.old}" to "${body.new}" (${body.count} images)`, "ok");
+      setStatus("label-status", existing
+        ? `merged "${body.old}" into "${body.new}": ${plural(body.count, "image")} moved, ` +
+          `${plural(existing.count + body.count, "image")} now`
+        : `renamed "${body.old}" to "${body.new}" (${plural(body.count, "image")})`, "ok");
       await refresh(body.new);
     }, "label-status");
   });
