@@ -251,6 +251,9 @@ def phone(browser):
 def open_page(driver: WebDriver, server, key: str = KEY) -> None:
     """The page, with `key` in the API key box, its labels listed."""
     driver.get(f"{server.url}/")
+    if not key:  # the key an earlier test entered is kept for the browser's session
+        driver.execute_script("sessionStorage.clear()")
+        driver.get(f"{server.url}/")
     field = driver.find_element(By.ID, "api-key")
     field.clear()
     if key:
@@ -431,3 +434,24 @@ def test_renaming_onto_an_existing_label_asks_before_merging(server, browser):
         "the merged label shown",
     )
     assert not browser.find_elements(By.CSS_SELECTOR, '#labels button[data-label="Cocoa Crunch"]')
+
+
+def test_a_failed_recognition_leaves_no_photo_behind(serving_library, server, browser, tmp_path):
+    open_page(browser, server, key="")
+    summary = browser.find_element(By.ID, "gallery-summary")
+    wait(browser, lambda d: summary.text == "API key needed", "the header says what is missing")
+    open_page(browser, server)
+    photo = browser.find_element(By.ID, "photo")
+    shelf, products = serving_library.demo.shelves[0]
+    photo.send_keys(str(shelf))
+    wait(browser, lambda d: len(texts(d, "#results li")) == len(products), "results shown")
+    broken = tmp_path / "holiday.jpg"
+    broken.write_bytes(b"no image here")
+    photo.send_keys(str(broken))
+    status = browser.find_element(By.ID, "recognise-status")
+    wait(browser, lambda d: "not an image file" in status.text, "the reason shown")
+    assert status.text.startswith("holiday.jpg: not an image file")
+    assert not browser.find_element(By.ID, "stage").is_displayed()
+    assert not browser.find_element(By.ID, "photo-view").get_attribute("src")
+    assert not texts(browser, "#results li")
+    assert not browser.find_elements(By.CSS_SELECTOR, "#overlay rect")

@@ -139,8 +139,12 @@ async function recognise(file) {
   if (image.onerror) image.onerror(); // the previous photo's wait ends: its answer is dropped
   const loaded = new Promise((resolve) => {
     image.onload = () => resolve(true);
-    image.onerror = () => resolve(false); // a format this browser cannot show, e.g. TIFF
+    image.onerror = () => { // a format this browser cannot show (TIFF), or no image at all
+      image.hidden = true; // no broken-image icon
+      resolve(false);
+    };
   });
+  image.hidden = false;
   if (image.src) URL.revokeObjectURL(image.src);
   image.src = URL.createObjectURL(file);
   $("stage").hidden = false;
@@ -160,6 +164,9 @@ async function recognise(file) {
       : "nothing recognised") + (shown ? "" : " (this browser cannot display the photo)");
   } catch (error) {
     if (choice !== photoChoice) return; // about a photo no longer shown
+    $("stage").hidden = true; // no photo is shown as if it had been recognised
+    URL.revokeObjectURL(image.src);
+    image.removeAttribute("src");
     throw error;
   }
 }
@@ -167,7 +174,15 @@ async function recognise(file) {
 // ---------------------------------------------------------------------------- gallery
 
 async function loadLabels() {
-  const [body, info] = await Promise.all([api("/v1/gallery/labels"), api("/v1/gallery")]);
+  let body, info;
+  try {
+    [body, info] = await Promise.all([api("/v1/gallery/labels"), api("/v1/gallery")]);
+  } catch (error) {
+    $("gallery-summary").textContent = {
+      401: "API key needed", 403: "wrong API key",
+    }[error.status] || "gallery not loaded";
+    throw error;
+  }
   labels = body.labels;
   $("gallery-summary").textContent =
     `${info.images} images, ${info.labels} labels · ${info.index_type} index`;
