@@ -455,3 +455,17 @@ def test_a_failed_recognition_leaves_no_photo_behind(serving_library, server, br
     assert not browser.find_element(By.ID, "photo-view").get_attribute("src")
     assert not texts(browser, "#results li")
     assert not browser.find_elements(By.CSS_SELECTOR, "#overlay rect")
+
+
+def test_controls_have_names_and_status_lines_are_announced(server, browser):
+    open_page(browser, server)
+    choose_label(browser, "Tomato Soup")
+    wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "figure.thumb button"), "thumbnails")
+    for figure in browser.find_elements(By.CSS_SELECTOR, "figure.thumb"):
+        button = figure.find_element(By.TAG_NAME, "button")
+        assert button.accessible_name == f"delete image #{figure.get_attribute('data-id')}"
+    chosen = browser.find_elements(By.CSS_SELECTOR, '#labels button[aria-current="true"]')
+    assert [button.get_attribute("data-label") for button in chosen] == ["Tomato Soup"]
+    assert browser.find_element(By.ID, "label-filter").accessible_name == "filter labels"
+    for status in ("recognise-status", "label-status", "add-status"):
+        assert browser.find_element(By.ID, status).get_attribute("aria-live") == "polite"

@@ -201,6 +201,7 @@ function renderLabels() {
     button.type = "button";
     button.dataset.label = label;
     button.className = label === selected ? "selected" : "";
+    if (label === selected) button.setAttribute("aria-current", "true");
     const name = document.createElement("span");
     name.textContent = label;
     const number = Object.assign(document.createElement("span"), { className: "count", textContent: count });
@@ -269,6 +270,7 @@ function appendThumbs(label, images) {
     const remove = Object.assign(document.createElement("button"), {
       type: "button", className: "danger", textContent: "×", title: "delete this image",
     });
+    remove.setAttribute("aria-label", `delete image #${image.id}`);
     remove.addEventListener("click", () => attempt(async () => {
       if (!confirm(`Delete image #${image.id} from "${label}"?`)) return;
       await api(`/v1/gallery/images/${image.id}`, { method: "DELETE" });
