@@ -258,7 +258,8 @@ def open_page(driver: WebDriver, server, key: str = KEY) -> None:
     field.clear()
     if key:
         field.send_keys(key, Keys.TAB)
-        wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#labels button"), "labels listed")
+        summary = driver.find_element(By.ID, "gallery-summary")
+        wait(driver, lambda d: " label" in summary.text, "the gallery loaded")
 
 
 def choose_label(driver: WebDriver, label: str) -> None:
@@ -469,3 +470,37 @@ def test_controls_have_names_and_status_lines_are_announced(server, browser):
     assert browser.find_element(By.ID, "label-filter").accessible_name == "filter labels"
     for status in ("recognise-status", "label-status", "add-status"):
         assert browser.find_element(By.ID, status).get_attribute("aria-live") == "polite"
+
+
+# Last: it empties the gallery.
+def test_one_image_is_one_image_and_an_empty_gallery_says_how_to_fill_it(
+    serving_library, server, browser
+):
+    open_page(browser, server, key="")
+    message = browser.find_element(By.ID, "message")
+    wait(browser, lambda d: message.text, "the page asks for the key")
+    assert message.text == (
+        "this server needs the API key: enter it in the API key box at the top of the page"
+    )
+    with httpx.Client(base_url=server.url, headers={"X-API-Key": KEY}, timeout=60) as client:
+        image = serving_library.queries()[0][0]
+        files = {"image": ("single.jpg", image.read_bytes(), "image/jpeg")}
+        assert client.post("/v1/gallery/images", data={"label": "Single"}, files=files).is_success
+        open_page(browser, server)
+        choose_label(browser, "Single")
+        assert browser.find_element(By.ID, "label-title").text == "Single (1 image)"
+        browser.find_element(By.ID, "delete-label").click()
+        browser.switch_to.alert.accept()
+        status = browser.find_element(By.ID, "label-status")
+        wait(browser, lambda d: status.text.startswith("deleted"), "label deleted")
+        assert status.text == "deleted 1 image"
+        title = browser.find_element(By.ID, "label-title")
+        wait(browser, lambda d: title.text == "Choose a label", "no label chosen")
+        for entry in client.get("/v1/gallery/labels").json()["labels"]:
+            client.delete(f"/v1/gallery/labels/{entry['label']}").raise_for_status()
+    open_page(browser, server)
+    summary = browser.find_element(By.ID, "gallery-summary")
+    wait(browser, lambda d: summary.text.startswith("0 images"), "the empty gallery loaded")
+    assert browser.find_element(By.ID, "label-title").text == (
+        "The gallery is empty: add images below"
+    )

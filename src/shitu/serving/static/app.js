@@ -29,8 +29,10 @@ async function api(path, options = {}) {
       const body = await response.json();
       detail = typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail);
     } catch (ignored) { /* not JSON: keep the status line */ }
-    if (response.status === 401 || response.status === 403) {
-      detail += " (enter the API key at the top of the page)";
+    if (response.status === 401) { // the server's advice on headers is for other clients
+      detail = `${detail.split(": send ")[0]}: enter it in the API key box at the top of the page`;
+    } else if (response.status === 403) {
+      detail += " (check the API key at the top of the page)";
     }
     throw Object.assign(new Error(detail), { status: response.status });
   }
@@ -185,7 +187,7 @@ async function loadLabels() {
   }
   labels = body.labels;
   $("gallery-summary").textContent =
-    `${info.images} images, ${info.labels} labels · ${info.index_type} index`;
+    `${plural(info.images, "image")}, ${plural(info.labels, "label")} · ${info.index_type} index`;
   const options = $("label-options");
   options.replaceChildren(...labels.map(({ label }) => Object.assign(document.createElement("option"), { value: label })));
   renderLabels();
@@ -226,7 +228,7 @@ async function selectLabel(label) {
   renderLabels();
   const body = await api(labelPath(label));
   if (choice !== selection) return; // another choice came while this one loaded
-  $("label-title").textContent = `${label} (${body.count} images)`;
+  $("label-title").textContent = `${label} (${plural(body.count, "image")})`;
   $("rename-form").hidden = false;
   $("rename-input").value = label;
   $("add-label").value = label;
@@ -291,7 +293,9 @@ async function refresh(label) {
   } else {
     selected = null;
     selection++; // answers still on their way are for a label no longer shown
-    $("label-title").textContent = "Choose a label";
+    $("label-title").textContent = labels.length
+      ? "Choose a label"
+      : "The gallery is empty: add images below";
     $("rename-form").hidden = true;
     $("thumbs").replaceChildren();
     renderLabels();
@@ -431,7 +435,7 @@ window.addEventListener("DOMContentLoaded", () => {
   $("delete-label").addEventListener("click", () => attempt(async () => {
     if (!confirm(`Delete every image labelled "${selected}"?`)) return;
     const body = await api(labelPath(selected), { method: "DELETE" });
-    setStatus("label-status", `deleted ${body.removed.length} images`, "ok");
+    setStatus("label-status", `deleted ${plural(body.removed.length, "image")}`, "ok");
     await refresh(null);
   }, "label-status"));
   $("add-form").addEventListener("submit", (event) => {
