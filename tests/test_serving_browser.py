@@ -472,6 +472,25 @@ def test_controls_have_names_and_status_lines_are_announced(server, browser):
         assert browser.find_element(By.ID, status).get_attribute("aria-live") == "polite"
 
 
+def focused(driver: WebDriver, attribute: str) -> str | None:
+    return driver.switch_to.active_element.get_attribute(attribute)
+
+
+def test_keyboard_focus_stays_on_the_chosen_label_and_the_images(server, browser):
+    open_page(browser, server)
+    browser.execute_script("document.querySelector('#labels button[data-label=\"Bulk\"]').focus()")
+    browser.switch_to.active_element.send_keys(Keys.ENTER)
+    title = browser.find_element(By.ID, "label-title")
+    wait(browser, lambda d: title.text == "Bulk (42 images)", "the label shown")
+    assert focused(browser, "data-label") == "Bulk"
+    second = browser.find_elements(By.CSS_SELECTOR, "figure.thumb")[1]
+    second.find_element(By.TAG_NAME, "button").send_keys(Keys.ENTER)
+    browser.switch_to.alert.accept()
+    wait(browser, lambda d: title.text == "Bulk (41 images)", "the image deleted")
+    third = browser.find_elements(By.CSS_SELECTOR, "figure.thumb")[1].get_attribute("data-id")
+    assert focused(browser, "aria-label") == f"delete image #{third}"
+
+
 # Last: it empties the gallery.
 def test_one_image_is_one_image_and_an_empty_gallery_says_how_to_fill_it(
     serving_library, server, browser
@@ -496,6 +515,7 @@ def test_one_image_is_one_image_and_an_empty_gallery_says_how_to_fill_it(
         assert status.text == "deleted 1 image"
         title = browser.find_element(By.ID, "label-title")
         wait(browser, lambda d: title.text == "Choose a label", "no label chosen")
+        assert focused(browser, "id") == "label-title"  # not lost with the hidden button
         for entry in client.get("/v1/gallery/labels").json()["labels"]:
             client.delete(f"/v1/gallery/labels/{entry['label']}").raise_for_status()
     open_page(browser, server)

@@ -196,6 +196,8 @@ async function loadLabels() {
 function renderLabels() {
   const filter = $("label-filter").value.trim().toLowerCase();
   const list = $("labels");
+  // The list is drawn anew: focus on one of its buttons moves to the same label's new one.
+  const focused = list.contains(document.activeElement) ? document.activeElement.dataset.label : null;
   list.replaceChildren();
   for (const { label, count } of labels) {
     if (filter && !label.toLowerCase().includes(filter)) continue;
@@ -212,6 +214,7 @@ function renderLabels() {
     const item = document.createElement("li");
     item.append(button);
     list.append(item);
+    if (label === focused) button.focus();
   }
 }
 
@@ -275,8 +278,12 @@ function appendThumbs(label, images) {
     remove.setAttribute("aria-label", `delete image #${image.id}`);
     remove.addEventListener("click", () => attempt(async () => {
       if (!confirm(`Delete image #${image.id} from "${label}"?`)) return;
+      const place = [...$("thumbs").querySelectorAll("figure")].indexOf(figure);
       await api(`/v1/gallery/images/${image.id}`, { method: "DELETE" });
       await refresh(label);
+      // Focus goes to the image now in its place (or the last one), not back to the page's top.
+      const buttons = $("thumbs").querySelectorAll("figure button");
+      (buttons[Math.min(place, buttons.length - 1)] || $("label-title")).focus();
     }, "label-status"));
     figure.append(img, caption, remove);
     grid.append(figure);
@@ -437,6 +444,7 @@ window.addEventListener("DOMContentLoaded", () => {
     const body = await api(labelPath(selected), { method: "DELETE" });
     setStatus("label-status", `deleted ${plural(body.removed.length, "image")}`, "ok");
     await refresh(null);
+    $("label-title").focus(); // the button that had it is hidden
   }, "label-status"));
   $("add-form").addEventListener("submit", (event) => {
     event.preventDefault();
