@@ -472,6 +472,31 @@ def test_controls_have_names_and_status_lines_are_announced(server, browser):
         assert browser.find_element(By.ID, status).get_attribute("aria-live") == "polite"
 
 
+def test_captions_are_readable_and_inside_a_wide_photo(serving_library, server, browser, tmp_path):
+    """A shelf at the right end of a photo 8 times as wide: shown about 0.1 times its size,
+    captions in photo pixels would be 2 px high and run off the right edge."""
+    shelf, products = serving_library.demo.shelves[0]
+    with Image.open(shelf) as photo:
+        pixels = np.asarray(photo.convert("RGB"))
+    wide = tmp_path / "wide.png"
+    Image.fromarray(np.pad(pixels, ((0, 0), (7 * pixels.shape[1], 0), (0, 0)), "edge")).save(wide)
+    open_page(browser, server)
+    browser.find_element(By.ID, "photo").send_keys(str(wide))
+    wait(browser, lambda d: len(texts(d, "#results li")) == len(products), "results shown")
+    photo_box, captions = browser.execute_script(
+        "const box = (node) => node.getBoundingClientRect().toJSON();"
+        "return [box(document.getElementById('photo-view')),"
+        "        [...document.querySelectorAll('#overlay text')].map(box)]"
+    )
+    assert photo_box["width"] < pixels.shape[1]  # scaled down
+    assert len(captions) == len(products)
+    for caption in captions:
+        assert caption["height"] >= 12, caption
+        assert photo_box["left"] - 1 <= caption["left"], (caption, photo_box)
+        assert caption["right"] <= photo_box["right"] + 1, (caption, photo_box)
+        assert photo_box["top"] - 1 <= caption["top"], (caption, photo_box)
+
+
 def focused(driver: WebDriver, attribute: str) -> str | None:
     return driver.switch_to.active_element.get_attribute(attribute)
 

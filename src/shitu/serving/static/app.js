@@ -94,7 +94,10 @@ function svg(name, attributes, text) {
   return node;
 }
 
+let drawn = []; // the results over the photo, drawn again when the photo's size changes
+
 function drawResults(results, shown) {
+  drawn = shown ? results : [];
   const image = $("photo-view");
   const overlay = $("overlay");
   image.hidden = !shown;
@@ -114,24 +117,39 @@ function drawResults(results, shown) {
   }
 }
 
+// Sizes on screen, in CSS pixels, whatever the photo's size and how much it is scaled down.
+const MIN_CAPTION_PX = 13;
+const MIN_STROKE_PX = 2;
+
 function drawBoxes(results, width, height) {
   const overlay = $("overlay");
+  overlay.replaceChildren();
   overlay.setAttribute("viewBox", `0 0 ${width} ${height}`);
-  const stroke = Math.max(2, Math.round(Math.min(width, height) / 150));
-  const fontSize = Math.max(12, Math.round(Math.min(width, height) / 28));
+  const scale = $("photo-view").clientWidth / width || 1; // screen pixels per photo pixel
+  const stroke = Math.max(MIN_STROKE_PX / scale, Math.min(width, height) / 150);
+  const fontSize = Math.max(MIN_CAPTION_PX / scale, Math.min(width, height) / 28);
   for (const result of results) {
     const [x1, y1, x2, y2] = result.bbox;
     const colour = labelColour(result.label);
-    overlay.append(
-      svg("rect", {
-        x: x1, y: y1, width: x2 - x1, height: y2 - y1,
-        fill: "none", stroke: colour, "stroke-width": stroke, class: "box",
-      }),
-      svg("text", {
-        x: x1 + stroke, y: Math.max(fontSize, y1 - stroke), fill: colour,
-        "font-size": fontSize, "stroke-width": Math.max(1, stroke / 2),
-      }, `${result.label} ${result.score.toFixed(2)}`),
-    );
+    const caption = svg("text", {
+      fill: colour, "font-size": fontSize, "stroke-width": Math.max(1 / scale, stroke / 2),
+    }, `${result.label} ${result.score.toFixed(2)}`);
+    overlay.append(svg("rect", {
+      x: x1, y: y1, width: x2 - x1, height: y2 - y1,
+      fill: "none", stroke: colour, "stroke-width": stroke, class: "box",
+    }), caption);
+    // Within the photo: shortened with an ellipsis while wider than it, moved left from the
+    // right edge, and inside the box when there is no room above it.
+    let text = caption.textContent;
+    while (caption.getComputedTextLength() > width && text.length > 1) {
+      text = text.slice(0, -1);
+      caption.textContent = `${text}…`;
+    }
+    const length = caption.getComputedTextLength();
+    const above = y1 - stroke;
+    caption.setAttribute("x", Math.max(0, Math.min(x1 + stroke, width - length)));
+    caption.setAttribute("y", Math.min(height - fontSize * 0.25,
+      above >= fontSize ? above : y1 + stroke + fontSize));
   }
 }
 
@@ -151,6 +169,7 @@ async function recognise(file) {
   image.src = URL.createObjectURL(file);
   $("stage").hidden = false;
   $("overlay").replaceChildren();
+  drawn = [];
   $("results").replaceChildren();
   $("recognise-status").textContent = "recognising…";
   const form = new FormData();
@@ -419,6 +438,10 @@ window.addEventListener("DOMContentLoaded", () => {
     if (file) attempt(() => recognise(file), "recognise-status");
   });
   $("label-filter").addEventListener("input", renderLabels);
+  window.addEventListener("resize", () => { // a caption's size on screen follows the photo's
+    const image = $("photo-view");
+    if (drawn.length && !image.hidden) drawBoxes(drawn, image.naturalWidth, image.naturalHeight);
+  });
   $("rename-form").addEventListener("submit", (event) => {
     event.preventDefault();
     attempt(async () => {
