@@ -1,7 +1,9 @@
 """The web page of `shitu serve` in headless Chromium, on a server whose every read needs the
 API key (--protect-reads): enter the key, recognise a photo, add an image to a label, rename
-the label, delete an image. Needs Debian's `chromium` and `chromium-driver`; the screenshot
-lands in the test's tmp dir and in test-artifacts/ at the repository root."""
+the label, delete an image; then the page on a phone screen, errors beside their form, uploads
+split within the server's limits, stale answers, captions, focus and accessible names. The
+tests share the server and run in file order. Needs Debian's `chromium` and `chromium-driver`;
+the screenshot lands in the test's tmp dir and in test-artifacts/ at the repository root."""
 
 from __future__ import annotations
 
