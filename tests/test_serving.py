@@ -410,8 +410,17 @@ def test_size_and_pixel_limits(server, client):
     assert response.status_code == 413
     assert (
         response.json()["detail"]
-        == "image is 4100x1000 (4.1 megapixels); the limit is 4 megapixels"
+        == "wide.png: 4100x1000 pixels (4.1 megapixels); the limit is 4 megapixels"
     )
+    # Among several files, the one over the limit is named.
+    small = png_bytes(np.zeros((100, 100, 3), np.uint8))
+    files = [
+        ("image", ("small.png", small, "image/png")),
+        ("image", ("wide.png", wide, "image/png")),
+    ]
+    several = client.post("/v1/gallery/images", data={"label": "Wide"}, files=files, headers=WRITE)
+    assert several.status_code == 413
+    assert several.json()["detail"].startswith("wide.png: 4100x1000 pixels")
     # Each image within the limit, five together over 4 times it (16 megapixels).
     near = png_bytes(np.zeros((1000, 3500, 3), np.uint8))
     files = [("image", (f"near{i}.png", near, "image/png")) for i in range(5)]
@@ -540,6 +549,12 @@ def test_page_and_docs_load_nothing_from_elsewhere(client):
 def test_health_and_metrics(serving_library, reference, client):
     health = client.get("/healthz").json()
     assert health["status"] == "ok" and health["model"] == reference.extractor.fingerprint
+    assert health["limits"] == {
+        "max_upload_bytes": MAX_UPLOAD_MB << 20,
+        "max_upload_mb": MAX_UPLOAD_MB,
+        "max_images_per_request": 32,
+        "max_megapixels": MAX_MEGAPIXELS,
+    }
     client.post("/v1/recognize", files={"image": photo(serving_library.queries()[0][0])})
     client.get("/v1/gallery/images/999999")
     for made_up in ("ZZZ1", "ZZZ2"):  # methods clients invent share one series
@@ -698,7 +713,7 @@ def test_an_image_over_pillows_own_limit_gets_the_413_without_a_warning():
         check=True,
     )
     assert result.stdout == (
-        "PayloadTooLarge image is 10000x10000 (100.0 megapixels); the limit is 4 megapixels\n"
+        "PayloadTooLarge image: 10000x10000 pixels (100.0 megapixels); the limit is 4 megapixels\n"
     )
     assert result.stderr == ""
 

@@ -1,7 +1,9 @@
 """The web page of `shitu serve` in headless Chromium, on a server whose every read needs the
 API key (--protect-reads): enter the key, recognise a photo, add an image to a label, rename
-the label, delete an image. Needs Debian's `chromium` and `chromium-driver`; the screenshot
-lands in the test's tmp dir and in test-artifacts/ at the repository root."""
+the label, delete an image; then the page on a phone screen, errors beside their form, uploads
+split within the server's limits, stale answers, captions, focus and accessible names. The
+tests share the server and run in file order. Needs Debian's `chromium` and `chromium-driver`;
+the screenshot lands in the test's tmp dir and in test-artifacts/ at the repository root."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import shutil
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from PIL import Image
 from selenium import webdriver
@@ -231,3 +234,320 @@ def test_a_label_with_more_images_than_a_page(server, browser, tmp_path):
         f.get_attribute("data-id") for f in browser.find_elements(By.CSS_SELECTOR, "figure.thumb")
     ]
     assert len(set(ids)) == 205
+
+
+# ------------------------------------------------------------------------------ phone, errors
+
+
+@pytest.fixture
+def phone(browser):
+    """The browser as a 390x844 phone screen (touch, viewport meta honoured)."""
+    browser.execute_cdp_cmd(
+        "Emulation.setDeviceMetricsOverride",
+        {"width": 390, "height": 844, "deviceScaleFactor": 1, "mobile": True},
+    )
+    yield browser
+    browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+
+
+def open_page(driver: WebDriver, server, key: str = KEY) -> None:
+    """The page, with `key` in the API key box, its labels listed."""
+    driver.get(f"{server.url}/")
+    if not key:  # the key an earlier test entered is kept for the browser's session
+        driver.execute_script("sessionStorage.clear()")
+        driver.get(f"{server.url}/")
+    field = driver.find_element(By.ID, "api-key")
+    field.clear()
+    if key:
+        field.send_keys(key, Keys.TAB)
+        summary = driver.find_element(By.ID, "gallery-summary")
+        wait(driver, lambda d: " label" in summary.text, "the gallery loaded")
+
+
+def choose_label(driver: WebDriver, label: str) -> None:
+    driver.execute_script(
+        "document.querySelector(`#labels button[data-label='${arguments[0]}']`).click()", label
+    )
+    wait(
+        driver,
+        lambda d: d.find_element(By.ID, "label-title").text.startswith(f"{label} ("),
+        f"{label} shown",
+    )
+
+
+def overflowing(driver: WebDriver) -> list[str]:
+    """The page's width if wider than the screen, and the visible elements that stick out."""
+    return driver.execute_script(
+        """
+        const width = document.documentElement.clientWidth, out = [];
+        if (document.documentElement.scrollWidth > width)
+          out.push(`page ${document.documentElement.scrollWidth} px wide`);
+        for (const node of document.querySelectorAll("body *")) {
+          const box = node.getBoundingClientRect();
+          if (box.width && box.height && (box.right > width + 0.5 || box.left < -0.5))
+            out.push(`${node.tagName.toLowerCase()}#${node.id}.${node.className} ` +
+                     `${Math.round(box.left)}..${Math.round(box.right)}`);
+        }
+        return out;
+        """
+    )
+
+
+def test_the_page_fits_a_phone_screen(serving_library, server, phone):
+    open_page(phone, server)
+    assert phone.execute_script("return window.innerWidth") == 390
+    assert not overflowing(phone)
+    shelf, products = serving_library.demo.shelves[0]
+    phone.find_element(By.ID, "photo").send_keys(str(shelf))
+    wait(phone, lambda d: len(texts(d, "#results li")) == len(products), "results shown")
+    choose_label(phone, "Many")  # the longest list: 200 thumbnails and a button for more
+    wait(phone, lambda d: loaded_thumbnails(d) >= 4, "thumbnails shown")
+    assert not overflowing(phone)
+    # One column: the thumbnails are below the label list, not beside it.
+    labels = phone.find_element(By.ID, "labels").rect
+    thumbs = phone.find_element(By.ID, "thumbs").rect
+    assert thumbs["y"] >= labels["y"] + labels["height"]
+    add = phone.find_element(By.CSS_SELECTOR, "#add-form button[type=submit]")
+    phone.execute_script("arguments[0].scrollIntoView()", add)
+    assert add.text == "Add" and add.rect["x"] + add.rect["width"] <= 390
+
+
+# The page's fetch, wrapped: the first answer to /v1/recognize is held until the test lets it
+# through, so it arrives after the answer for a photo chosen later.
+HOLD_FIRST_RECOGNITION = """
+const realFetch = window.fetch;
+window.fetch = (url, options) => {
+  const answer = realFetch(url, options);
+  if (url !== "/v1/recognize" || window.held) return answer;
+  window.held = true;
+  return new Promise((resolve) => {
+    window.release = () => { resolve(answer); return answer; };
+  });
+};
+"""
+RELEASE_HELD = """
+const done = arguments[arguments.length - 1];
+window.release().then(() => setTimeout(done, 500), () => setTimeout(done, 500));
+"""
+
+
+def test_an_answer_for_a_replaced_photo_is_dropped(serving_library, server, browser):
+    open_page(browser, server)
+    browser.execute_script(HOLD_FIRST_RECOGNITION)
+    (first, _), (second, products) = serving_library.demo.shelves[:2]
+    photo = browser.find_element(By.ID, "photo")
+    photo.send_keys(str(first))
+    wait(browser, lambda d: d.execute_script("return !!window.release"), "first request held")
+    photo.send_keys(str(second))
+    wait(browser, lambda d: len(texts(d, "#results li")) == len(products), "second photo's results")
+    shown = sorted(texts(browser, "#results li strong"))
+    browser.execute_async_script(RELEASE_HELD)  # the first photo's answer arrives now
+    assert sorted(texts(browser, "#results li strong")) == shown
+    # (the earlier test renamed Lemon Soda)
+    assert [label.removesuffix(" Zero") for label in shown] == sorted(products)
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#overlay rect.box")) == len(products)
+    assert browser.find_element(By.ID, "recognise-status").text == f"{len(products)} recognised"
+
+
+def in_view(driver: WebDriver, element) -> bool:
+    return driver.execute_script(
+        "const box = arguments[0].getBoundingClientRect();"
+        "return box.height > 0 && box.top >= -1 && box.bottom <= window.innerHeight + 1",
+        element,
+    )
+
+
+def test_an_error_shows_next_to_the_form_that_failed(serving_library, server, phone):
+    """Far down a long label on a phone, Add without the key: the reason is beside Add."""
+    open_page(phone, server)
+    choose_label(phone, "Many")
+    phone.execute_script("document.getElementById('api-key').value = ''")  # the key forgotten
+    label = phone.find_element(By.ID, "add-label")
+    label.clear()
+    label.send_keys("Many")
+    phone.find_element(By.ID, "add-files").send_keys(str(serving_library.queries()[0][0]))
+    phone.find_element(By.CSS_SELECTOR, "#add-form button[type=submit]").click()
+    status = phone.find_element(By.ID, "add-status")
+    wait(phone, lambda d: "need the API key" in status.text, "the error beside the form")
+    assert "error" in status.get_attribute("class").split()
+    assert in_view(phone, status)
+    assert not phone.find_element(By.ID, "message").is_displayed()
+
+
+def test_many_images_are_added_in_requests_within_the_limits(server, browser, tmp_path):
+    """More files than one request may hold (32), and more bytes (20 MB): the page sends them
+    in several requests; a file that is no image fails alone, named, and the rest go in."""
+    small = make_images(tmp_path / "small", 34, seed=11)
+    rng = np.random.default_rng(3)
+    large = []
+    for number in range(8):  # noise does not compress: about 2.7 MB each, 21.6 MB together
+        path = tmp_path / f"noise{number}.png"
+        Image.fromarray(rng.integers(0, 256, (950, 950, 3), dtype=np.uint8)).save(path)
+        large.append(path)
+    assert sum(p.stat().st_size for p in large) > 20 << 20
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"this is no image")
+    files = [*small[:20], broken, *large, *small[20:]]
+    open_page(browser, server)
+    label = browser.find_element(By.ID, "add-label")
+    label.clear()
+    label.send_keys("Bulk")
+    browser.find_element(By.ID, "add-files").send_keys("\n".join(map(str, files)))
+    browser.find_element(By.CSS_SELECTOR, "#add-form button[type=submit]").click()
+    status = browser.find_element(By.ID, "add-status")
+    wait(browser, lambda d: status.text.startswith("added"), "all requests answered")
+    assert status.text == 'added 42 to "Bulk"; 1 could not be added:'
+    assert texts(browser, "#add-failures li") == [
+        "broken.jpg: not an image file (expected JPEG, PNG, WebP, BMP, TIFF or GIF; "
+        "got 16 bytes starting b'this is '"
+        ")"
+    ]
+    wait(
+        browser,
+        lambda d: d.find_element(By.ID, "label-title").text == "Bulk (42 images)",
+        "the label shown",
+    )
+    with httpx.Client(base_url=server.url, headers={"X-API-Key": KEY}) as client:
+        listed = client.get("/v1/gallery/labels/Bulk").json()
+    stored = [Path(image["name"]).stem.rsplit("-", 1)[0] for image in listed["images"]]
+    assert sorted(stored) == sorted(p.stem for p in files if p != broken)
+
+
+def test_renaming_onto_an_existing_label_asks_before_merging(server, browser):
+    open_page(browser, server)
+    choose_label(browser, "Cocoa Crunch")
+    rename = browser.find_element(By.ID, "rename-input")
+    rename.clear()
+    rename.send_keys("Tomato Soup", Keys.ENTER)
+    alert = wait(browser, lambda d: d.switch_to.alert, "asked before merging")
+    assert alert.text == (
+        '"Tomato Soup" already has 3 images: merge the images of "Cocoa Crunch" into it?'
+    )
+    alert.dismiss()  # nothing changes
+    with httpx.Client(base_url=server.url, headers={"X-API-Key": KEY}) as client:
+        assert client.get("/v1/gallery/labels/Cocoa Crunch").json()["count"] == 3
+    rename.send_keys(Keys.ENTER)
+    wait(browser, lambda d: d.switch_to.alert, "asked again").accept()
+    status = browser.find_element(By.ID, "label-status")
+    wait(browser, lambda d: status.text.startswith("merged"), "merged")
+    assert status.text == 'merged "Cocoa Crunch" into "Tomato Soup": 3 images moved, 6 images now'
+    wait(
+        browser,
+        lambda d: d.find_element(By.ID, "label-title").text == "Tomato Soup (6 images)",
+        "the merged label shown",
+    )
+    assert not browser.find_elements(By.CSS_SELECTOR, '#labels button[data-label="Cocoa Crunch"]')
+
+
+def test_a_failed_recognition_leaves_no_photo_behind(serving_library, server, browser, tmp_path):
+    open_page(browser, server, key="")
+    summary = browser.find_element(By.ID, "gallery-summary")
+    wait(browser, lambda d: summary.text == "API key needed", "the header says what is missing")
+    open_page(browser, server)
+    photo = browser.find_element(By.ID, "photo")
+    shelf, products = serving_library.demo.shelves[0]
+    photo.send_keys(str(shelf))
+    wait(browser, lambda d: len(texts(d, "#results li")) == len(products), "results shown")
+    broken = tmp_path / "holiday.jpg"
+    broken.write_bytes(b"no image here")
+    photo.send_keys(str(broken))
+    status = browser.find_element(By.ID, "recognise-status")
+    wait(browser, lambda d: "not an image file" in status.text, "the reason shown")
+    assert status.text.startswith("holiday.jpg: not an image file")
+    assert not browser.find_element(By.ID, "stage").is_displayed()
+    assert not browser.find_element(By.ID, "photo-view").get_attribute("src")
+    assert not texts(browser, "#results li")
+    assert not browser.find_elements(By.CSS_SELECTOR, "#overlay rect")
+
+
+def test_controls_have_names_and_status_lines_are_announced(server, browser):
+    open_page(browser, server)
+    choose_label(browser, "Tomato Soup")
+    wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "figure.thumb button"), "thumbnails")
+    for figure in browser.find_elements(By.CSS_SELECTOR, "figure.thumb"):
+        button = figure.find_element(By.TAG_NAME, "button")
+        assert button.accessible_name == f"delete image #{figure.get_attribute('data-id')}"
+    chosen = browser.find_elements(By.CSS_SELECTOR, '#labels button[aria-current="true"]')
+    assert [button.get_attribute("data-label") for button in chosen] == ["Tomato Soup"]
+    assert browser.find_element(By.ID, "label-filter").accessible_name == "filter labels"
+    for status in ("recognise-status", "label-status", "add-status"):
+        assert browser.find_element(By.ID, status).get_attribute("aria-live") == "polite"
+
+
+def test_captions_are_readable_and_inside_a_wide_photo(serving_library, server, browser, tmp_path):
+    """A shelf at the right end of a photo 8 times as wide: shown about 0.1 times its size,
+    captions in photo pixels would be 2 px high and run off the right edge."""
+    shelf, products = serving_library.demo.shelves[0]
+    with Image.open(shelf) as photo:
+        pixels = np.asarray(photo.convert("RGB"))
+    wide = tmp_path / "wide.png"
+    Image.fromarray(np.pad(pixels, ((0, 0), (7 * pixels.shape[1], 0), (0, 0)), "edge")).save(wide)
+    open_page(browser, server)
+    browser.find_element(By.ID, "photo").send_keys(str(wide))
+    wait(browser, lambda d: len(texts(d, "#results li")) == len(products), "results shown")
+    photo_box, captions = browser.execute_script(
+        "const box = (node) => node.getBoundingClientRect().toJSON();"
+        "return [box(document.getElementById('photo-view')),"
+        "        [...document.querySelectorAll('#overlay text')].map(box)]"
+    )
+    assert photo_box["width"] < pixels.shape[1]  # scaled down
+    assert len(captions) == len(products)
+    for caption in captions:
+        assert caption["height"] >= 12, caption
+        assert photo_box["left"] - 1 <= caption["left"], (caption, photo_box)
+        assert caption["right"] <= photo_box["right"] + 1, (caption, photo_box)
+        assert photo_box["top"] - 1 <= caption["top"], (caption, photo_box)
+
+
+def focused(driver: WebDriver, attribute: str) -> str | None:
+    return driver.switch_to.active_element.get_attribute(attribute)
+
+
+def test_keyboard_focus_stays_on_the_chosen_label_and_the_images(server, browser):
+    open_page(browser, server)
+    browser.execute_script("document.querySelector('#labels button[data-label=\"Bulk\"]').focus()")
+    browser.switch_to.active_element.send_keys(Keys.ENTER)
+    title = browser.find_element(By.ID, "label-title")
+    wait(browser, lambda d: title.text == "Bulk (42 images)", "the label shown")
+    assert focused(browser, "data-label") == "Bulk"
+    second = browser.find_elements(By.CSS_SELECTOR, "figure.thumb")[1]
+    second.find_element(By.TAG_NAME, "button").send_keys(Keys.ENTER)
+    browser.switch_to.alert.accept()
+    wait(browser, lambda d: title.text == "Bulk (41 images)", "the image deleted")
+    third = browser.find_elements(By.CSS_SELECTOR, "figure.thumb")[1].get_attribute("data-id")
+    assert focused(browser, "aria-label") == f"delete image #{third}"
+
+
+# Last: it empties the gallery.
+def test_one_image_is_one_image_and_an_empty_gallery_says_how_to_fill_it(
+    serving_library, server, browser
+):
+    open_page(browser, server, key="")
+    message = browser.find_element(By.ID, "message")
+    wait(browser, lambda d: message.text, "the page asks for the key")
+    assert message.text == (
+        "this server needs the API key: enter it in the API key box at the top of the page"
+    )
+    with httpx.Client(base_url=server.url, headers={"X-API-Key": KEY}, timeout=60) as client:
+        image = serving_library.queries()[0][0]
+        files = {"image": ("single.jpg", image.read_bytes(), "image/jpeg")}
+        assert client.post("/v1/gallery/images", data={"label": "Single"}, files=files).is_success
+        open_page(browser, server)
+        choose_label(browser, "Single")
+        assert browser.find_element(By.ID, "label-title").text == "Single (1 image)"
+        browser.find_element(By.ID, "delete-label").click()
+        browser.switch_to.alert.accept()
+        status = browser.find_element(By.ID, "label-status")
+        wait(browser, lambda d: status.text.startswith("deleted"), "label deleted")
+        assert status.text == "deleted 1 image"
+        title = browser.find_element(By.ID, "label-title")
+        wait(browser, lambda d: title.text == "Choose a label", "no label chosen")
+        assert focused(browser, "id") == "label-title"  # not lost with the hidden button
+        for entry in client.get("/v1/gallery/labels").json()["labels"]:
+            client.delete(f"/v1/gallery/labels/{entry['label']}").raise_for_status()
+    open_page(browser, server)
+    summary = browser.find_element(By.ID, "gallery-summary")
+    wait(browser, lambda d: summary.text.startswith("0 images"), "the empty gallery loaded")
+    assert browser.find_element(By.ID, "label-title").text == (
+        "The gallery is empty: add images below"
+    )

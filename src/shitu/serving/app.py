@@ -155,11 +155,18 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
 
     @app.get("/healthz", response_model=schemas.Health, tags=["service"])
     async def healthz() -> schemas.Health:
-        """Liveness and readiness: models are loaded before the server accepts requests."""
+        """Liveness and readiness: models are loaded before the server accepts requests.
+        Also the request limits, which hold no data (the web page splits uploads by them)."""
         return schemas.Health(
             status="ok",
             images=len(service.library.snapshot.by_id),
             model=service.extractor.fingerprint,
+            limits=schemas.Limits(
+                max_upload_bytes=settings.max_upload_bytes,
+                max_upload_mb=settings.max_upload_mb,
+                max_images_per_request=settings.max_images_per_request,
+                max_megapixels=settings.max_pixels / 1e6,
+            ),
         )
 
     @app.get("/metrics", dependencies=read_access, tags=["service"], response_class=Response)

@@ -24,10 +24,11 @@ THUMBNAIL_QUALITY = 85
 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
 
 
-def check_pixels(width: int, height: int, max_pixels: int) -> None:
+def check_pixels(width: int, height: int, max_pixels: int, name: str = "image") -> None:
+    """PayloadTooLarge, its message starting with `name` as the other upload errors do."""
     if width * height > max_pixels:
         raise PayloadTooLarge(
-            f"image is {width}x{height} ({width * height / 1e6:.1f} megapixels); "
+            f"{name}: {width}x{height} pixels ({width * height / 1e6:.1f} megapixels); "
             f"the limit is {max_pixels / 1e6:g} megapixels"
         )
 
@@ -47,7 +48,7 @@ def decode_image(data: bytes, max_pixels: int, name: str = "image") -> np.ndarra
             f"{name}: not an image file (expected JPEG, PNG, WebP, BMP, TIFF or GIF; "
             f"got {len(data)} bytes starting {data[:8]!r})"
         ) from None
-    check_pixels(width, height, max_pixels)
+    check_pixels(width, height, max_pixels, name)
     try:
         return decode_rgb(data)
     except UnreadableImageError as exc:

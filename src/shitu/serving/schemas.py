@@ -113,10 +113,22 @@ class GalleryInfo(BaseModel):
         return cls.model_validate({k: v for k, v in stats.items() if k in cls.model_fields})
 
 
+class Limits(BaseModel):
+    """What one request may hold (clients such as the web page split larger uploads)."""
+
+    max_upload_bytes: int = Field(description="the largest request body, in bytes")
+    max_upload_mb: float = Field(description="the same limit in MB, as the server was given it")
+    max_images_per_request: int = Field(description="images one add or extract may send")
+    max_megapixels: float = Field(
+        description="the largest image; the images of one request together: 4 times this"
+    )
+
+
 class Health(BaseModel):
     status: str
     images: int
     model: str
+    limits: Limits
 
 
 class ErrorOut(BaseModel):

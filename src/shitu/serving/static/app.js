@@ -8,6 +8,7 @@ const KEY_STORE = "shitu-api-key";
 let labels = [];
 let selected = null;
 let selection = 0; // counts label choices: an answer for an earlier one is dropped
+let photoChoice = 0; // counts photos chosen: an answer for an earlier photo is dropped
 const thumbUrls = [];
 
 // ---------------------------------------------------------------------------- requests
@@ -28,19 +29,26 @@ async function api(path, options = {}) {
       const body = await response.json();
       detail = typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail);
     } catch (ignored) { /* not JSON: keep the status line */ }
-    if (response.status === 401 || response.status === 403) {
-      detail += " (enter the API key at the top of the page)";
+    if (response.status === 401) { // the server's advice on headers is for other clients
+      detail = `${detail.split(": send ")[0]}: enter it in the API key box at the top of the page`;
+    } else if (response.status === 403) {
+      detail += " (check the API key at the top of the page)";
     }
-    throw new Error(detail);
+    throw Object.assign(new Error(detail), { status: response.status });
   }
   const type = response.headers.get("content-type") || "";
   return type.includes("application/json") ? response.json() : response.blob();
+}
+
+function plural(count, noun) {
+  return `${count} ${noun}${count === 1 ? "" : "s"}`;
 }
 
 function labelPath(label) {
   return `/v1/gallery/labels/${encodeURIComponent(label)}`;
 }
 
+// The message box at the top: for what no form on the page did (loading the gallery).
 function show(text, ok = false) {
   const box = $("message");
   box.textContent = text;
@@ -48,12 +56,26 @@ function show(text, ok = false) {
   box.hidden = !text;
 }
 
-async function attempt(action) {
+// A status line next to a form: progress, the outcome, or ("error") why it failed.
+function setStatus(id, text, kind = "") {
+  const line = $(id);
+  line.textContent = text;
+  line.classList.toggle("error", kind === "error");
+  line.classList.toggle("ok", kind === "ok");
+}
+
+// Runs an action; its error goes to the status line `where` (next to the form that failed,
+// scrolled into view), or without one to the message box at the top.
+async function attempt(action, where = null) {
   try {
     show("");
+    if (where) setStatus(where, "");
     await action();
   } catch (error) {
-    show(error.message);
+    const box = where ? $(where) : $("message");
+    if (where) setStatus(where, error.message, "error");
+    else show(error.message);
+    box.scrollIntoView({ block: "nearest" });
   }
 }
 
@@ -72,7 +94,10 @@ function svg(name, attributes, text) {
   return node;
 }
 
+let drawn = []; // the results over the photo, drawn again when the photo's size changes
+
 function drawResults(results, shown) {
+  drawn = shown ? results : [];
   const image = $("photo-view");
   const overlay = $("overlay");
   image.hidden = !shown;
@@ -92,37 +117,59 @@ function drawResults(results, shown) {
   }
 }
 
+// Sizes on screen, in CSS pixels, whatever the photo's size and how much it is scaled down.
+const MIN_CAPTION_PX = 13;
+const MIN_STROKE_PX = 2;
+
 function drawBoxes(results, width, height) {
   const overlay = $("overlay");
+  overlay.replaceChildren();
   overlay.setAttribute("viewBox", `0 0 ${width} ${height}`);
-  const stroke = Math.max(2, Math.round(Math.min(width, height) / 150));
-  const fontSize = Math.max(12, Math.round(Math.min(width, height) / 28));
+  const scale = $("photo-view").clientWidth / width || 1; // screen pixels per photo pixel
+  const stroke = Math.max(MIN_STROKE_PX / scale, Math.min(width, height) / 150);
+  const fontSize = Math.max(MIN_CAPTION_PX / scale, Math.min(width, height) / 28);
   for (const result of results) {
     const [x1, y1, x2, y2] = result.bbox;
     const colour = labelColour(result.label);
-    overlay.append(
-      svg("rect", {
-        x: x1, y: y1, width: x2 - x1, height: y2 - y1,
-        fill: "none", stroke: colour, "stroke-width": stroke, class: "box",
-      }),
-      svg("text", {
-        x: x1 + stroke, y: Math.max(fontSize, y1 - stroke), fill: colour,
-        "font-size": fontSize, "stroke-width": Math.max(1, stroke / 2),
-      }, `${result.label} ${result.score.toFixed(2)}`),
-    );
+    const caption = svg("text", {
+      fill: colour, "font-size": fontSize, "stroke-width": Math.max(1 / scale, stroke / 2),
+    }, `${result.label} ${result.score.toFixed(2)}`);
+    overlay.append(svg("rect", {
+      x: x1, y: y1, width: x2 - x1, height: y2 - y1,
+      fill: "none", stroke: colour, "stroke-width": stroke, class: "box",
+    }), caption);
+    // Within the photo: shortened with an ellipsis while wider than it, moved left from the
+    // right edge, and inside the box when there is no room above it.
+    let text = caption.textContent;
+    while (caption.getComputedTextLength() > width && text.length > 1) {
+      text = text.slice(0, -1);
+      caption.textContent = `${text}…`;
+    }
+    const length = caption.getComputedTextLength();
+    const above = y1 - stroke;
+    caption.setAttribute("x", Math.max(0, Math.min(x1 + stroke, width - length)));
+    caption.setAttribute("y", Math.min(height - fontSize * 0.25,
+      above >= fontSize ? above : y1 + stroke + fontSize));
   }
 }
 
 async function recognise(file) {
+  const choice = ++photoChoice;
   const image = $("photo-view");
+  if (image.onerror) image.onerror(); // the previous photo's wait ends: its answer is dropped
   const loaded = new Promise((resolve) => {
     image.onload = () => resolve(true);
-    image.onerror = () => resolve(false); // a format this browser cannot show, e.g. TIFF
+    image.onerror = () => { // a format this browser cannot show (TIFF), or no image at all
+      image.hidden = true; // no broken-image icon
+      resolve(false);
+    };
   });
+  image.hidden = false;
   if (image.src) URL.revokeObjectURL(image.src);
   image.src = URL.createObjectURL(file);
   $("stage").hidden = false;
   $("overlay").replaceChildren();
+  drawn = [];
   $("results").replaceChildren();
   $("recognise-status").textContent = "recognising…";
   const form = new FormData();
@@ -131,12 +178,16 @@ async function recognise(file) {
     const [body, shown] = await Promise.all([
       api("/v1/recognize", { method: "POST", body: form }), loaded,
     ]);
+    if (choice !== photoChoice) return; // another photo was chosen meanwhile: it stands
     drawResults(body.results, shown);
     $("recognise-status").textContent = (body.results.length
       ? `${body.results.length} recognised`
       : "nothing recognised") + (shown ? "" : " (this browser cannot display the photo)");
   } catch (error) {
-    $("recognise-status").textContent = "";
+    if (choice !== photoChoice) return; // about a photo no longer shown
+    $("stage").hidden = true; // no photo is shown as if it had been recognised
+    URL.revokeObjectURL(image.src);
+    image.removeAttribute("src");
     throw error;
   }
 }
@@ -144,10 +195,18 @@ async function recognise(file) {
 // ---------------------------------------------------------------------------- gallery
 
 async function loadLabels() {
-  const [body, info] = await Promise.all([api("/v1/gallery/labels"), api("/v1/gallery")]);
+  let body, info;
+  try {
+    [body, info] = await Promise.all([api("/v1/gallery/labels"), api("/v1/gallery")]);
+  } catch (error) {
+    $("gallery-summary").textContent = {
+      401: "API key needed", 403: "wrong API key",
+    }[error.status] || "gallery not loaded";
+    throw error;
+  }
   labels = body.labels;
   $("gallery-summary").textContent =
-    `${info.images} images, ${info.labels} labels · ${info.index_type} index`;
+    `${plural(info.images, "image")}, ${plural(info.labels, "label")} · ${info.index_type} index`;
   const options = $("label-options");
   options.replaceChildren(...labels.map(({ label }) => Object.assign(document.createElement("option"), { value: label })));
   renderLabels();
@@ -156,6 +215,8 @@ async function loadLabels() {
 function renderLabels() {
   const filter = $("label-filter").value.trim().toLowerCase();
   const list = $("labels");
+  // The list is drawn anew: focus on one of its buttons moves to the same label's new one.
+  const focused = list.contains(document.activeElement) ? document.activeElement.dataset.label : null;
   list.replaceChildren();
   for (const { label, count } of labels) {
     if (filter && !label.toLowerCase().includes(filter)) continue;
@@ -163,14 +224,16 @@ function renderLabels() {
     button.type = "button";
     button.dataset.label = label;
     button.className = label === selected ? "selected" : "";
+    if (label === selected) button.setAttribute("aria-current", "true");
     const name = document.createElement("span");
     name.textContent = label;
     const number = Object.assign(document.createElement("span"), { className: "count", textContent: count });
     button.append(name, number);
-    button.addEventListener("click", () => attempt(() => selectLabel(label)));
+    button.addEventListener("click", () => attempt(() => selectLabel(label), "label-status"));
     const item = document.createElement("li");
     item.append(button);
     list.append(item);
+    if (label === focused) button.focus();
   }
 }
 
@@ -187,7 +250,7 @@ async function selectLabel(label) {
   renderLabels();
   const body = await api(labelPath(label));
   if (choice !== selection) return; // another choice came while this one loaded
-  $("label-title").textContent = `${label} (${body.count} images)`;
+  $("label-title").textContent = `${label} (${plural(body.count, "image")})`;
   $("rename-form").hidden = false;
   $("rename-input").value = label;
   $("add-label").value = label;
@@ -214,7 +277,7 @@ function offerMore(label, choice, shown, count) {
     } finally {
       more.disabled = false;
     }
-  }));
+  }, "label-status"));
   $("thumbs").append(more);
 }
 
@@ -231,11 +294,16 @@ function appendThumbs(label, images) {
     const remove = Object.assign(document.createElement("button"), {
       type: "button", className: "danger", textContent: "×", title: "delete this image",
     });
+    remove.setAttribute("aria-label", `delete image #${image.id}`);
     remove.addEventListener("click", () => attempt(async () => {
       if (!confirm(`Delete image #${image.id} from "${label}"?`)) return;
+      const place = [...$("thumbs").querySelectorAll("figure")].indexOf(figure);
       await api(`/v1/gallery/images/${image.id}`, { method: "DELETE" });
       await refresh(label);
-    }));
+      // Focus goes to the image now in its place (or the last one), not back to the page's top.
+      const buttons = $("thumbs").querySelectorAll("figure button");
+      (buttons[Math.min(place, buttons.length - 1)] || $("label-title")).focus();
+    }, "label-status"));
     figure.append(img, caption, remove);
     grid.append(figure);
     thumbnail(image).then((url) => { img.src = url; }, () => { img.alt = "(no preview)"; });
@@ -251,11 +319,110 @@ async function refresh(label) {
   } else {
     selected = null;
     selection++; // answers still on their way are for a label no longer shown
-    $("label-title").textContent = "Choose a label";
+    $("label-title").textContent = labels.length
+      ? "Choose a label"
+      : "The gallery is empty: add images below";
     $("rename-form").hidden = true;
     $("thumbs").replaceChildren();
     renderLabels();
   }
+}
+
+// ---------------------------------------------------------------------------- adding images
+
+// What one request may hold, from the server's /healthz (which needs no API key).
+let limits = null;
+async function serverLimits() {
+  if (!limits) limits = (await api("/healthz")).limits;
+  return limits;
+}
+
+// A file's share of a multipart body: its bytes, and its part's headers with the file name
+// (escaped, at most 3 bytes a character) around them.
+const PART_HEADERS = 256;
+const partSize = (file) => file.size + PART_HEADERS + 3 * file.name.length;
+
+// Groups of files that each fit one request (count and body size); files too large to be
+// sent at all are reported at once.
+function splitUpload(files, label, { max_upload_bytes: maxBytes, max_images_per_request: maxCount }) {
+  const budget = maxBytes - PART_HEADERS - 3 * label.length - 1024;
+  const groups = [], tooLarge = [];
+  let group = [], bytes = 0;
+  for (const file of files) {
+    const size = partSize(file);
+    if (size > budget) {
+      tooLarge.push(file);
+      continue;
+    }
+    if (group.length >= maxCount || bytes + size > budget) {
+      groups.push(group);
+      group = [];
+      bytes = 0;
+    }
+    group.push(file);
+    bytes += size;
+  }
+  if (group.length) groups.push(group);
+  return { groups, tooLarge };
+}
+
+const megabytes = (bytes) => `${(bytes / 1048576).toFixed(1)} MB`;
+const named = (file, message) => (message.startsWith(`${file.name}:`) ? message : `${file.name}: ${message}`);
+
+// Sends the files in as many requests as the server's limits need. A request the server
+// refuses for what it holds (400, 413, 415) is split in two and each half sent again, down
+// to single files: one bad file costs only itself. Missing or wrong keys stop everything.
+async function addImages(label, files) {
+  const { groups, tooLarge } = splitUpload(files, label, await serverLimits());
+  const outcome = { label, added: 0, duplicates: [], failed: [], settled: tooLarge.length };
+  for (const file of tooLarge) {
+    outcome.failed.push(`${file.name}: ${megabytes(file.size)}, over the server's ` +
+      `${limits.max_upload_mb} MB limit on a request`);
+  }
+  const progress = () => setStatus("add-status",
+    `adding… ${outcome.settled} of ${files.length} files done, ${outcome.added} added`);
+  async function send(group) {
+    const form = new FormData();
+    form.append("label", label);
+    for (const file of group) form.append("image", file);
+    try {
+      const body = await api("/v1/gallery/images", { method: "POST", body: form });
+      outcome.label = body.label;
+      outcome.added += body.added.length;
+      outcome.duplicates.push(...body.duplicates);
+    } catch (error) {
+      if (group.length > 1 && [400, 413, 415].includes(error.status)) {
+        const half = Math.ceil(group.length / 2);
+        await send(group.slice(0, half));
+        await send(group.slice(half));
+        return;
+      }
+      if (!error.status || error.status === 401 || error.status === 403) throw error;
+      for (const file of group) outcome.failed.push(named(file, error.message));
+    }
+    outcome.settled += group.length;
+    progress();
+  }
+  progress();
+  try {
+    for (const group of groups) await send(group);
+  } catch (error) {
+    if (outcome.added) error.message += ` (${plural(outcome.added, "image")} added before that)`;
+    throw error;
+  } finally {
+    if (outcome.added) await refresh(outcome.label);
+  }
+  return outcome;
+}
+
+function reportAdded({ label, added, duplicates, failed }) {
+  let text = `added ${added} to "${label}"`;
+  if (duplicates.length) text += `, skipped ${duplicates.length} already in the gallery`;
+  if (failed.length) text += `; ${failed.length} could not be added:`;
+  setStatus("add-status", text, failed.length ? "error" : "ok");
+  const list = $("add-failures");
+  list.replaceChildren(...failed.map((reason) => Object.assign(document.createElement("li"), { textContent: reason })));
+  if (failed.length) list.scrollIntoView({ block: "nearest" });
 }
 
 // ---------------------------------------------------------------------------- wiring
@@ -268,45 +435,48 @@ window.addEventListener("DOMContentLoaded", () => {
   });
   $("photo").addEventListener("change", () => {
     const file = $("photo").files[0];
-    if (file) attempt(() => recognise(file));
+    if (file) attempt(() => recognise(file), "recognise-status");
   });
   $("label-filter").addEventListener("input", renderLabels);
+  window.addEventListener("resize", () => { // a caption's size on screen follows the photo's
+    const image = $("photo-view");
+    if (drawn.length && !image.hidden) drawBoxes(drawn, image.naturalWidth, image.naturalHeight);
+  });
   $("rename-form").addEventListener("submit", (event) => {
     event.preventDefault();
     attempt(async () => {
-      const body = await api(labelPath(selected), {
+      const old = selected;
+      const wanted = $("rename-input").value.trim().normalize("NFC"); // as the server keeps labels
+      const existing = labels.find((entry) => entry.label === wanted && entry.label !== old);
+      if (existing && !confirm(`"${wanted}" already has ${plural(existing.count, "image")}: ` +
+        `merge the images of "${old}" into it?`)) return;
+      const body = await api(labelPath(old), {
         method: "PATCH",
         headers: { "Content-Type": "application/json" },
         body: JSON.stringify({ label: $("rename-input").value }),
       });
-      show(`renamed "${body.old}" to "${body.new}" (${body.count} images)`, true);
+      setStatus("label-status", existing
+        ? `merged "${body.old}" into "${body.new}": ${plural(body.count, "image")} moved, ` +
+          `${plural(existing.count + body.count, "image")} now`
+        : `renamed "${body.old}" to "${body.new}" (${plural(body.count, "image")})`, "ok");
       await refresh(body.new);
-    });
+    }, "label-status");
   });
   $("delete-label").addEventListener("click", () => attempt(async () => {
     if (!confirm(`Delete every image labelled "${selected}"?`)) return;
     const body = await api(labelPath(selected), { method: "DELETE" });
-    show(`deleted ${body.removed.length} images`, true);
+    setStatus("label-status", `deleted ${plural(body.removed.length, "image")}`, "ok");
     await refresh(null);
-  }));
+    $("label-title").focus(); // the button that had it is hidden
+  }, "label-status"));
   $("add-form").addEventListener("submit", (event) => {
     event.preventDefault();
     attempt(async () => {
-      const form = new FormData();
-      form.append("label", $("add-label").value);
-      for (const file of $("add-files").files) form.append("image", file);
-      $("add-status").textContent = "adding…";
-      try {
-        const body = await api("/v1/gallery/images", { method: "POST", body: form });
-        const skipped = body.duplicates.length ? `, skipped ${body.duplicates.length} already in the gallery` : "";
-        $("add-status").textContent = `added ${body.added.length} to "${body.label}"${skipped}`;
-        $("add-files").value = "";
-        await refresh(body.label);
-      } catch (error) {
-        $("add-status").textContent = "";
-        throw error;
-      }
-    });
+      $("add-failures").replaceChildren();
+      const outcome = await addImages($("add-label").value, [...$("add-files").files]);
+      reportAdded(outcome);
+      if (!outcome.failed.length) $("add-files").value = "";
+    }, "add-status");
   });
   attempt(() => refresh(null));
 });
