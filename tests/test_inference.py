@@ -18,7 +18,8 @@ from PIL import Image
 from shitu.checkpoint import save_weights
 from shitu.config import load_config
 from shitu.data.transforms import build_transforms
-from shitu.errors import CheckpointError, ConfigError
+from shitu.data.transforms.ops import UnreadableImageError
+from shitu.errors import CheckpointError, ConfigError, DataError
 from shitu.inference import FeatureExtractor, Preprocessing, export_model, read_manifest
 from shitu.inference import export as export_module
 from shitu.inference.export import fingerprint, load_exported_model
@@ -140,6 +141,25 @@ def test_int8_model_is_close_and_has_its_own_fingerprint(exported, tmp_path):
     assert FeatureExtractor.load(recalibrated, num_threads=1).fingerprint == fp32.fingerprint
     with pytest.raises(ConfigError, match="onnxruntime or openvino, not torch"):
         FeatureExtractor.load(exported["dir"], backend="torch", precision="int8")
+
+
+def test_the_extractor_names_what_it_cannot_take(exported):
+    extractor = FeatureExtractor.load(exported["dir"], num_threads=1)
+    image = np.zeros((40, 30, 3), np.uint8)
+    with pytest.raises(UnreadableImageError, match=r"one image array \(40, 30, 3\): pass"):
+        extractor.extract_images(image)
+    assert extractor.extract_images(np.stack([image, image])).shape[0] == 2  # a stack is N
+    for size in (0, -3):
+        with pytest.raises(
+            ConfigError, match=f"batch_size: expected a whole number >= 1, got {size}"
+        ):
+            extractor.extract_images([image], batch_size=size)
+    with pytest.raises(ConfigError, match="batch_size"):
+        extractor.extract_files(exported["files"], batch_size=0)
+    with pytest.raises(DataError, match="expected a list of image paths, got the single path"):
+        extractor.extract_files(str(exported["files"][0]))
+    with pytest.raises(ConfigError, match="workers: expected a whole number >= 1"):
+        FeatureExtractor.load(exported["dir"], workers=-1)
 
 
 def test_a_device_that_cannot_run_the_model_is_refused_when_loading(exported):

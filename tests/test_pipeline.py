@@ -12,13 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import ImageFont
+from PIL import Image, ImageFont
 
 from shitu.cli.eval_pipeline import sweep_table
 from shitu.cli.main import main as shitu_main
 from shitu.config import load_config
+from shitu.data.transforms.ops import UnreadableImageError
 from shitu.detection.postprocess import box_iou
-from shitu.errors import CheckpointError, ConfigError
+from shitu.errors import CheckpointError, ConfigError, DataError
 from shitu.index import Gallery, GalleryItem
 from shitu.inference import FeatureExtractor, default_model_dir, export_model, read_manifest
 from shitu.inference import default_model as default_model_module
@@ -79,11 +80,16 @@ def setup(tmp_path_factory, grocery) -> dict:
 
 @pytest.fixture
 def recognizer(setup):
+    opened: list[Gallery] = []  # a library passed in stays the caller's to close
+
     def make(detector=None, **options) -> Recognizer:
         gallery = Gallery.open(setup["library"], embedder=setup["extractor"])
+        opened.append(gallery)
         return Recognizer(setup["extractor"], gallery, detector, **options)
 
-    return make
+    yield make
+    for gallery in opened:
+        gallery.close()
 
 
 class FixedBoxes:
@@ -149,11 +155,50 @@ def test_l2_library_gives_the_same_scores_as_inner_product(setup, recognizer, tm
     paths = [q.path for q in setup["queries"][::3]]
     with recognizer(score_thres=-1.0) as rec:
         expected = [f.results[0] for f in rec.recognize_files(paths)]
-    l2_gallery = Gallery.open(tmp_path / "l2", embedder=setup["extractor"])
-    with Recognizer(setup["extractor"], l2_gallery, score_thres=-1.0) as rec:
+    with (
+        Gallery.open(tmp_path / "l2", embedder=setup["extractor"]) as l2_gallery,
+        Recognizer(setup["extractor"], l2_gallery, score_thres=-1.0) as rec,
+    ):
         got = [f.results[0] for f in rec.recognize_files(paths)]
     assert [g.label for g in got] == [e.label for e in expected]
     np.testing.assert_allclose([g.score for g in got], [e.score for e in expected], atol=1e-4)
+    # Without normalisation an L2 library scores by distance: no threshold fits it.
+    with (
+        Gallery.create(
+            tmp_path / "raw",
+            embedding_dim=features.shape[1],
+            model_fingerprint=setup["extractor"].fingerprint,
+            metric="l2",
+            normalize=False,
+        ) as raw,
+        pytest.raises(ConfigError, match="an L2 library without normalisation scores by"),
+    ):
+        Recognizer(setup["extractor"], raw)
+
+
+def test_the_recogniser_names_what_it_cannot_take(setup, recognizer):
+    """Inputs a caller can get wrong: one error naming the problem, not numpy's or OpenCV's."""
+    rec = recognizer()
+    photo = read_rgb(setup["queries"][0].path)
+    for images, problem in (
+        ([Image.fromarray(photo)], "got JpegImageFile|got Image .np.asarray"),
+        ([np.zeros((0, 10, 3), np.uint8)], r"the image is empty \(10x0 pixels\)"),
+        (photo, r"got one image array \(\d+, \d+, 3\): pass \[image\]"),
+        ([photo[:, :, 0]], "expected an RGB uint8 HxWx3 image, got uint8"),
+    ):
+        with pytest.raises(UnreadableImageError, match=problem):
+            rec.recognize_batch(images)
+    with pytest.raises(DataError, match="expected a list of image paths, got the single path"):
+        list(rec.recognize_files(str(setup["queries"][0].path)))
+    with pytest.raises(ConfigError, match="batch_size: expected a whole number >= 1, got 0"):
+        recognizer(batch_size=0)
+
+
+def test_closing_a_recogniser_leaves_a_library_it_was_given_open(setup):
+    with Gallery.open(setup["library"], embedder=setup["extractor"]) as gallery:
+        with Recognizer(setup["extractor"], gallery):
+            pass
+        assert gallery.label_counts()  # still open: the caller's to close
 
 
 def test_several_products_are_each_recognised_and_not_suppressed_by_the_whole_image(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 from shitu.errors import DataError
@@ -110,3 +110,11 @@ def _skipped_message(
         f"skipped {count} file{'' if count == 1 else 's'} in {folder} ({kinds}; e.g. "
         f"{examples}{more}); images are read from {' '.join(sorted(suffixes))} files"
     )
+
+
+def path_list(paths: Sequence[str | Path]) -> list[str]:
+    """`paths` as strings; one path passed alone is refused with the reason (iterating a
+    string would take each of its characters for a file name)."""
+    if isinstance(paths, str | Path):
+        raise DataError(f"expected a list of image paths, got the single path {str(paths)!r}")
+    return [str(path) for path in paths]

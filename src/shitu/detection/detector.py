@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 import torch
 
+from shitu.data.transforms.ops import check_rgb_image
 from shitu.detection.model import PicoDet, PicoDetArch
 from shitu.detection.postprocess import anchor_points, decode_boxes, level_shapes, multiclass_nms
 from shitu.errors import CheckpointError, ConfigError
@@ -32,8 +33,7 @@ def preprocess(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     PaddleDetection's PicoDet and PP-ShiTu's mainbody detector resize with OpenCV's bicubic
     filter (`interp: 2`), aspect ratio not kept: their weights expect exactly that input.
     """
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"expected an RGB uint8 HxWx3 image, got {image.dtype} {image.shape}")
+    check_rgb_image(image)
     resized = cv2.resize(image, (size[1], size[0]), interpolation=cv2.INTER_CUBIC)
     pixels = np.asarray(resized, dtype=np.float32) / 255.0
     return ((pixels - MEAN) / STD).transpose(2, 0, 1)

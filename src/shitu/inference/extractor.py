@@ -12,15 +12,17 @@ from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from numbers import Integral
 from pathlib import Path
 
 import cv2
 import numpy as np
 from tqdm import tqdm
 
-from shitu.data.transforms.ops import UnreadableImageError
-from shitu.errors import CheckpointError
+from shitu.data.transforms.ops import UnreadableImageError, image_list
+from shitu.errors import CheckpointError, ConfigError
 from shitu.fileio import file_sha256
+from shitu.image_files import path_list
 from shitu.inference.backends import (
     Backend,
     OnnxBackend,
@@ -85,11 +87,14 @@ class FeatureExtractor:
         'onnxruntime', 'openvino' (`pip install openvino`, CPU) or 'torch'. num_threads:
         inference threads (None: the runtime's default). precision: fp32; int8
         (onnxruntime or openvino, needs model.int8.onnx); fp16/bf16 (torch on
-        device='cuda'). workers: decoding threads.
+        device='cuda'). workers: decoding threads (each decodes and resizes whole images,
+        so loading sets OpenCV's own thread count, process-wide, to 1).
 
         The fingerprint is the export's for fp32 on either backend; other precisions give
         different features, so they get their own fingerprint.
         """
+        if workers is not None and (not isinstance(workers, int) or workers < 1):
+            raise ConfigError(f"workers: expected a whole number >= 1 (or None), got {workers!r}")
         model_dir = Path(model_dir)
         manifest = read_manifest(model_dir)
         score_thres = _score_thres(model_dir, manifest)  # a rebuilt cache entry has none
@@ -119,7 +124,9 @@ class FeatureExtractor:
                 f"preprocessing makes {preprocessing.size[0]}x{preprocessing.size[1]} "
                 "(edited by hand? export the model again)"
             )
-        cv2.setNumThreads(1)  # parallelism comes from the decoding threads
+        # Process-wide (OpenCV has no other setting): parallelism comes from the decoding
+        # threads, so OpenCV's own would only compete with them; the docstring says so.
+        cv2.setNumThreads(1)
         fingerprint = manifest["fingerprint"]
         if precision != "fp32":
             # int8 features also depend on the calibration: the quantised file's hash counts
@@ -141,6 +148,8 @@ class FeatureExtractor:
 
     def extract_images(self, images: Sequence[np.ndarray], batch_size: int = 32) -> np.ndarray:
         """RGB uint8 HxWx3 arrays (e.g. detector crops) -> float32 [N, D], L2-normalised."""
+        check_batch_size(batch_size)
+        images = image_list(images)
         prep = self._preprocessing
         chunks = []
         for start in range(0, len(images), batch_size):
@@ -152,9 +161,8 @@ class FeatureExtractor:
         self, paths: Sequence[str | Path], batch_size: int = 32, progress: bool = False
     ) -> ExtractionResult:
         """Embed image files in order; unreadable ones are skipped and listed in `failures`."""
-        if batch_size < 1:
-            raise ValueError("batch_size must be at least 1")
-        names = [str(p) for p in paths]
+        check_batch_size(batch_size)
+        names = path_list(paths)
         window = 2 * batch_size + self.workers  # decoded ahead: bounded memory
         features: list[np.ndarray] = []
         embedded: list[str] = []
@@ -205,6 +213,13 @@ class FeatureExtractor:
 
     def _empty(self) -> np.ndarray:
         return np.zeros((0, self.embedding_size), np.float32)
+
+
+def check_batch_size(batch_size: int) -> None:
+    """A ConfigError unless `batch_size` is a whole number >= 1 (0 or less would embed
+    nothing, or fail deep inside)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, Integral) or batch_size < 1:
+        raise ConfigError(f"batch_size: expected a whole number >= 1, got {batch_size!r}")
 
 
 def _score_thres(model_dir: Path, manifest: dict) -> float | None:

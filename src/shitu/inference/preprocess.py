@@ -18,7 +18,12 @@ from PIL import Image
 
 from shitu.config import ShituConfig
 from shitu.data.transforms._base import interpolation_name, pair, pil_filter
-from shitu.data.transforms.ops import NormalizeImage, UnreadableImageError, decode_rgb_image
+from shitu.data.transforms.ops import (
+    NormalizeImage,
+    UnreadableImageError,
+    check_rgb_image,
+    decode_rgb_image,
+)
 from shitu.errors import ConfigError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -145,10 +150,7 @@ class Preprocessing:
 
     def prepare(self, image: np.ndarray) -> np.ndarray:
         """RGB uint8 HxWx3 -> uint8 at the model's size (crop included), model channel order."""
-        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise UnreadableImageError(
-                f"expected an RGB uint8 HxWx3 image, got {image.dtype} {image.shape}"
-            )
+        check_rgb_image(image)
         if self.resize_short is not None:
             factor = self.resize_short / min(image.shape[:2])
             image = self._resize(

@@ -27,11 +27,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from shitu.data.transforms.ops import UnreadableImageError
+from shitu.data.transforms.ops import UnreadableImageError, check_rgb_image, image_list
 from shitu.detection.postprocess import nms
 from shitu.errors import CheckpointError, ConfigError
+from shitu.image_files import path_list
 from shitu.index import Gallery
-from shitu.inference.extractor import FeatureExtractor
+from shitu.inference.extractor import FeatureExtractor, check_batch_size
 from shitu.inference.preprocess import read_rgb
 from shitu.pipeline.background import PlainBackgroundDetector
 from shitu.pipeline.config import (
@@ -117,7 +118,9 @@ class Recognizer:
     """Recognise the objects in images against a gallery library.
 
     Build from parts, or with `Recognizer.from_config(config)`; `close()` (or `with`)
-    closes the library it opened.
+    closes the library `from_config` opened (a library passed in stays its caller's).
+    Scores are cosine similarities; images are RGB (OpenCV's BGR arrays need
+    `image[:, :, ::-1]` first).
     """
 
     def __init__(
@@ -133,6 +136,13 @@ class Recognizer:
         batch_size: int = 32,
     ) -> None:
         gallery.check_embedder(extractor)
+        if gallery.manifest.metric == "l2" and not gallery.manifest.normalize:
+            raise ConfigError(
+                f"{gallery.root}: an L2 library without normalisation scores by distance, "
+                "not cosine similarity, so no score_thres means anything on it; build the "
+                "library with normalize (the default) to recognise with it"
+            )
+        check_batch_size(batch_size)
         self.extractor = extractor
         self.gallery = gallery
         self.detector = detector
@@ -144,6 +154,7 @@ class Recognizer:
         self.det_threshold = det_threshold
         self.max_det_results = max_det_results
         self.batch_size = batch_size
+        self._owns_gallery = False  # from_config's library is closed with the recogniser
 
     @classmethod
     def from_config(cls, config: PipelineConfig) -> Recognizer:
@@ -167,7 +178,7 @@ class Recognizer:
             ) from None
         gallery = Gallery.open(config.IndexProcess.index_dir, embedder=extractor)
         try:
-            return cls(
+            recognizer = cls(
                 extractor,
                 gallery,
                 detector,
@@ -180,9 +191,12 @@ class Recognizer:
         except BaseException:
             gallery.close()
             raise
+        recognizer._owns_gallery = True
+        return recognizer
 
     def close(self) -> None:
-        self.gallery.close()
+        if self._owns_gallery:
+            self.gallery.close()
 
     def __enter__(self) -> Recognizer:
         return self
@@ -203,12 +217,8 @@ class Recognizer:
         threshold: `select` turns them into results, at any threshold, without re-embedding."""
         crops: list[np.ndarray] = []
         boxes_per_image: list[list[tuple[int, int, int, int]]] = []  # whole image last
-        for image in images:
-            if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-                raise UnreadableImageError(
-                    f"expected an RGB uint8 HxWx3 image, got {image.dtype} {image.shape}"
-                )
-            boxes = self.candidate_boxes(image)
+        for image in image_list(images):
+            boxes = self.candidate_boxes(check_rgb_image(image))
             boxes_per_image.append(boxes)
             crops.extend(image[y1:y2, x1:x2] for x1, y1, x2, y2 in boxes)
         if not crops:
@@ -273,7 +283,7 @@ class Recognizer:
     ) -> Iterator[tuple[str, Candidates | None, str | None]]:
         """(path, candidates, None) per file in input order, (path, None, reason) for an
         unreadable one: `score_batch` for files, decoded in threads."""
-        names = [str(p) for p in paths]
+        names = path_list(paths)
         with (
             ThreadPoolExecutor(self.extractor.workers, thread_name_prefix="shitu-read") as pool,
             tqdm(total=len(names), unit="img", disable=not progress, dynamic_ncols=True) as bar,

@@ -9,6 +9,7 @@ torch's generator (see `_base`), so a seeded run augments identically.
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
@@ -37,6 +38,34 @@ Interpolation = str | int | None
 
 class UnreadableImageError(DataError):
     """The bytes are not a decodable image (corrupt, truncated or an unsupported format)."""
+
+
+def image_list(images: Sequence[np.ndarray]) -> Sequence[np.ndarray]:
+    """`images`, a sequence of images; one image array passed alone is refused with the
+    reason (iterating it would take its rows for images). An N x H x W x 3 stack is a
+    sequence of N images."""
+    if isinstance(images, np.ndarray) and images.ndim == 3:
+        raise UnreadableImageError(
+            f"expected a sequence of images, got one image array {images.shape}: pass [image]"
+        )
+    return images
+
+
+def check_rgb_image(image: object) -> np.ndarray:
+    """`image` if it is what the models take, an RGB uint8 HxWx3 numpy array with pixels;
+    else an UnreadableImageError that says what it is instead."""
+    if not isinstance(image, np.ndarray):
+        hint = " (np.asarray(image.convert('RGB')) gives one)" if hasattr(image, "convert") else ""
+        raise UnreadableImageError(
+            f"expected an RGB uint8 HxWx3 numpy array, got {type(image).__name__}{hint}"
+        )
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise UnreadableImageError(
+            f"expected an RGB uint8 HxWx3 image, got {image.dtype} {image.shape}"
+        )
+    if not image.shape[0] or not image.shape[1]:
+        raise UnreadableImageError(f"the image is empty ({image.shape[1]}x{image.shape[0]} pixels)")
+    return image
 
 
 @TRANSFORMS.register("DecodeImage")
