@@ -192,6 +192,9 @@ def test_the_recogniser_names_what_it_cannot_take(setup, recognizer):
         list(rec.recognize_files(str(setup["queries"][0].path)))
     with pytest.raises(ConfigError, match="batch_size: expected a whole number >= 1, got 0"):
         recognizer(batch_size=0)
+    for threshold in (2.0, float("nan")):
+        with pytest.raises(ConfigError, match="score_thres: expected a cosine similarity"):
+            recognizer(score_thres=threshold)
 
 
 def test_closing_a_recogniser_leaves_a_library_it_was_given_open(setup):

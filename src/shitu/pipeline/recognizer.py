@@ -150,6 +150,10 @@ class Recognizer:
         self.score_thres: float = next(
             v for v in (score_thres, extractor.score_thres, DEFAULT_SCORE_THRES) if v is not None
         )
+        if not -1.0 <= self.score_thres <= 1.0:  # NaN fails too
+            raise ConfigError(
+                f"score_thres: expected a cosine similarity from -1 to 1, got {self.score_thres}"
+            )
         self.rec_nms_thres = rec_nms_thres
         self.det_threshold = det_threshold
         self.max_det_results = max_det_results
