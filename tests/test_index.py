@@ -482,3 +482,39 @@ def test_refresh_catches_up_with_other_writers_but_not_with_another_model(tmp_pa
             reader.refresh()  # its features would not match this model's queries
         hits = reader.search(embedder.extract_files([str(images[0])]).features, k=1)
         assert hits.labels[0, 0] == "first"  # still serving what it had
+
+
+# --------------------------------------------------------------------------- API misuse
+
+
+def test_a_closed_library_refuses_every_call(tmp_path):
+    embedder = PixelEmbedder()
+    image = make_images(tmp_path / "images", 1)[0]
+    gallery = new_gallery(tmp_path / "lib")
+    gallery.add(clustered(5, DIM), labels_for(5))
+    gallery.close()
+    gallery.close()  # closing twice is harmless
+    calls = {
+        "search": lambda: gallery.search(clustered(1, DIM), k=3),
+        "len": lambda: len(gallery),
+        "with": lambda: gallery.__enter__(),
+        "check_embedder": lambda: gallery.check_embedder(embedder),
+        "generation_on_disk": gallery.generation_on_disk,
+        "stale": gallery.stale,
+        "refresh": gallery.refresh,
+        "add": lambda: gallery.add(clustered(1, DIM), ["x"]),
+        "add_files": lambda: gallery.add_files(embedder, [GalleryItem(image, "x")]),
+        "remove": lambda: gallery.remove(ids=[1]),
+        "relabel": lambda: gallery.relabel("product 0", "y"),
+        "rebuild": gallery.rebuild,
+        "reembed": lambda: gallery.reembed(embedder),
+        "entries": gallery.entries,
+        "label_counts": gallery.label_counts,
+        "features": gallery.features,
+        "stats": gallery.stats,
+        "verify": gallery.verify,
+    }
+    for name, call in calls.items():
+        with pytest.raises(GalleryError) as caught:
+            call()
+        assert str(caught.value) == f"{tmp_path / 'lib'}: the library is closed", name

@@ -92,7 +92,13 @@ class Gallery:
         self._backend = backend
         self.manifest = backend.manifest
         self._model = model  # (fingerprint, embedding size) the library must keep matching
+        self._closed = False
         self._refresh_labels()
+
+    def _check_usable(self) -> None:
+        """Refuse a call on a closed library (its index and database are released)."""
+        if self._closed:
+            raise GalleryError(f"{self.root}: the library is closed")
 
     @classmethod
     def create(
@@ -184,19 +190,26 @@ class Gallery:
         return gallery
 
     def close(self) -> None:
+        """Release the index and the database; every later call but `close` is refused."""
+        if self._closed:
+            return
+        self._closed = True
         self._backend.close()
         self._store.close()
 
     def __enter__(self) -> Gallery:
+        self._check_usable()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __len__(self) -> int:
+        self._check_usable()
         return len(self._ids)
 
     def check_embedder(self, embedder: Embedder) -> None:
+        self._check_usable()
         self.manifest.check_model(embedder.fingerprint, embedder.embedding_size, str(self.root))
 
     # ----------------------------------------------------------------------------- search
@@ -205,6 +218,7 @@ class Gallery:
         self, vectors: np.ndarray, k: int = 5, min_score: float | None = None
     ) -> SearchResult:
         """The k most similar gallery images per query vector ([Q, D] or [D])."""
+        self._check_usable()
         if k < 1:
             raise GalleryError(f"k must be at least 1, got {k}")
         queries = self._prepare(vectors)
@@ -275,6 +289,7 @@ class Gallery:
 
     def generation_on_disk(self) -> int | None:
         """The generation last committed by any process (None: the manifest is gone)."""
+        self._check_usable()
         latest = self._store.read_manifest()
         return None if latest is None else latest.generation
 
@@ -287,6 +302,7 @@ class Gallery:
 
         A library opened with an embedder refuses to take another model's re-embedding.
         """
+        self._check_usable()
         if not self.stale():
             return False
         self._reload()
@@ -339,6 +355,7 @@ class Gallery:
         allow_duplicates: bool = False,
     ) -> AddReport:
         """Add vectors with labels; rows whose content hash is already present are skipped."""
+        self._check_usable()
         vectors = self._prepare(features)
         count = len(vectors)
         paths = list(paths) if paths is not None else [""] * count
@@ -382,6 +399,7 @@ class Gallery:
         allow_duplicates: bool = False,
     ) -> AddReport:
         """Embed image files and add them; unreadable files are reported, not fatal."""
+        self._check_usable()
         self.check_embedder(embedder)
         for item in items:  # before any embedding work
             _stored_label(item.label, f"add {item.path}")
@@ -438,6 +456,7 @@ class Gallery:
 
     def remove(self, ids: Sequence[int] = (), labels: Sequence[str] = ()) -> np.ndarray:
         """Remove images by id and/or every image of the given labels; returns removed ids."""
+        self._check_usable()
 
         def mutate() -> tuple[Change, np.ndarray]:
             unknown = [label for label in labels if not self._store.ids_with_labels([label])]
@@ -455,6 +474,7 @@ class Gallery:
     def relabel(self, old: str, new: str, merge: bool = False) -> int:
         """Rename a label; returns how many images it had. Renaming onto a label that has
         images merges the two, which cannot be told apart afterwards: only with `merge`."""
+        self._check_usable()
         new = _stored_label(new, "relabel")
 
         def mutate() -> tuple[Change, int]:
@@ -471,6 +491,7 @@ class Gallery:
 
     def rebuild(self, index_type: str | None = None, **backend_options: Any) -> None:
         """Rebuild the index from the stored features, optionally as another type."""
+        self._check_usable()
         updates: dict[str, Any] = {}
         if index_type is not None:
             updates["index_type"] = index_type
@@ -480,6 +501,7 @@ class Gallery:
 
     def reembed(self, embedder: Embedder, batch_size: int = 32, progress: bool = False) -> int:
         """Re-extract every image with a new model and rebuild; all or nothing."""
+        self._check_usable()
         entries = self.entries()
         if not entries:
             raise GalleryError(f"{self.root}: library is empty, nothing to re-embed")
@@ -520,6 +542,7 @@ class Gallery:
 
     def entries(self, label: str | None = None) -> list[ImageEntry]:
         """The stored images (by id), each with the full path of its file."""
+        self._check_usable()
         root = self.root.resolve()
         entries = self._store.entries(label)
         return [
@@ -539,13 +562,16 @@ class Gallery:
             return str(full)
 
     def label_counts(self) -> dict[str, int]:
+        self._check_usable()
         return self._store.label_counts()
 
     def features(self) -> tuple[np.ndarray, np.ndarray]:
         """Stored ids and (normalised) features, as indexed."""
+        self._check_usable()
         return self._store.features(self.manifest.embedding_dim)
 
     def stats(self) -> dict[str, Any]:
+        self._check_usable()
         m = self.manifest
         return {
             "path": str(self.root),
@@ -565,6 +591,7 @@ class Gallery:
 
     def verify(self) -> list[str]:
         """Everything wrong with the library (empty list when healthy)."""
+        self._check_usable()
         problems = self._store.integrity_problems()
         try:
             ids, features = self._store.features(self.manifest.embedding_dim)
