@@ -518,3 +518,31 @@ def test_a_closed_library_refuses_every_call(tmp_path):
         with pytest.raises(GalleryError) as caught:
             call()
         assert str(caught.value) == f"{tmp_path / 'lib'}: the library is closed", name
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_vectors_without_a_value_or_direction_are_refused(tmp_path, normalize):
+    with new_gallery(tmp_path / "lib", normalize=normalize) as gallery:
+        gallery.add(clustered(3, DIM), labels_for(3))
+        features = clustered(14, DIM)
+        features[2, 5] = np.nan
+        features[7, 0] = np.inf
+        features[9, 1] = -np.inf
+        with pytest.raises(GalleryError) as caught:
+            gallery.add(features, labels_for(14))
+        assert str(caught.value) == f"{tmp_path / 'lib'}: add: rows 2, 7, 9 contain NaN or inf"
+        zero = clustered(12, DIM)
+        zero[[0, 3, 4, 5, 6, 7, 8, 9, 10, 11]] = 0
+        if normalize:  # a zero vector has no direction, so no cosine with anything
+            with pytest.raises(GalleryError) as caught:
+                gallery.add(zero, labels_for(12))
+            assert str(caught.value) == (
+                f"{tmp_path / 'lib'}: add: rows 0, 3, 4, 5, 6, 7, 8, 9, 10, 11 are all zero or "
+                "cannot be normalised: a library that normalises its features needs vectors "
+                "with a direction"
+            )
+            assert len(gallery) == 3
+        else:  # a point at the origin has a Euclidean distance to everything
+            gallery.add(zero, labels_for(12))
+            assert len(gallery) == 15
+        assert gallery.verify() == []

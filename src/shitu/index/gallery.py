@@ -229,18 +229,42 @@ class Gallery:
             scores = np.where(below, np.float32(-np.inf), scores)
         return SearchResult(labels=self._labels_of(ids), scores=scores, ids=ids)
 
-    def _prepare(self, vectors: np.ndarray) -> np.ndarray:
+    def _prepare(
+        self, vectors: np.ndarray, dim: int | None = None, normalize: bool | None = None
+    ) -> np.ndarray:
+        """[N, dim] contiguous float32 rows (`dim` the library's unless given), normalised
+        where the library normalises unless `normalize` says otherwise."""
+        dim = self.manifest.embedding_dim if dim is None else dim
         array = np.asarray(vectors, dtype=np.float32)
         if array.ndim == 1:
             array = array[None]
-        if array.ndim != 2 or array.shape[1] != self.manifest.embedding_dim:
+        if array.ndim != 2 or array.shape[1] != dim:
             raise GalleryError(
-                f"{self.root}: expected vectors of shape [N, {self.manifest.embedding_dim}], "
-                f"got {list(array.shape)}"
+                f"{self.root}: expected vectors of shape [N, {dim}], got {list(array.shape)}"
             )
-        if self.manifest.normalize:
+        if self.manifest.normalize if normalize is None else normalize:
             array = l2_normalize(array)
         return np.ascontiguousarray(array)
+
+    def _stored_features(
+        self, features: np.ndarray, where: str, dim: int | None = None
+    ) -> np.ndarray:
+        """Features as stored and indexed (`dim`: their size, the library's by default),
+        refused if any row has NaN or inf, or, in a library that normalises, no direction."""
+        raw = self._prepare(features, dim, normalize=False)
+        bad = np.flatnonzero(~np.isfinite(raw).all(axis=1))
+        if len(bad):
+            raise GalleryError(f"{self.root}: {where}: rows {_rows(bad)} contain NaN or inf")
+        if not self.manifest.normalize:
+            return raw
+        vectors = l2_normalize(raw)
+        bad = np.flatnonzero(~(np.abs(vectors).sum(axis=1) > 0.5))  # unit rows sum >= 1
+        if len(bad):
+            raise GalleryError(
+                f"{self.root}: {where}: rows {_rows(bad)} are all zero or cannot be "
+                "normalised: a library that normalises its features needs vectors with a direction"
+            )
+        return vectors
 
     def _refresh_labels(self) -> None:
         self._ids, self._labels = self._store.id_labels()
@@ -354,9 +378,13 @@ class Gallery:
         hashes: Sequence[str | None] | None = None,
         allow_duplicates: bool = False,
     ) -> AddReport:
-        """Add vectors with labels; rows whose content hash is already present are skipped."""
+        """Add vectors with labels; rows whose content hash is already present are skipped.
+
+        A vector with NaN or inf, or all zero in a library that normalises (it has no
+        direction), is refused, and then nothing is added.
+        """
         self._check_usable()
-        vectors = self._prepare(features)
+        vectors = self._stored_features(features, "add")
         count = len(vectors)
         paths = list(paths) if paths is not None else [""] * count
         hashes = list(hashes) if hashes is not None else [None] * count
@@ -519,7 +547,7 @@ class Gallery:
                 f"{reason}); remove them with `shitu index remove` and retry"
             )
         ids = np.asarray([e.id for e in entries], dtype=np.int64)
-        features = l2_normalize(result.features) if self.manifest.normalize else result.features
+        features = self._stored_features(result.features, "re-embed", embedder.embedding_size)
 
         def mutate() -> tuple[Change, int]:
             current, _ = self._store.id_labels()
@@ -602,6 +630,12 @@ class Gallery:
         if not np.array_equal(ids, self._ids):
             problems.append("label cache is out of date (reopen the library)")
         return problems + self._backend.problems()
+
+
+def _rows(rows: np.ndarray, shown: int = 10) -> str:
+    """Row numbers for a message: the first `shown`, and how many more."""
+    listed = ", ".join(str(row) for row in rows[:shown].tolist())
+    return listed + (f" and {len(rows) - shown} more" if len(rows) > shown else "")
 
 
 def _stored_label(label: str, where: str) -> str:
