@@ -546,3 +546,80 @@ def test_vectors_without_a_value_or_direction_are_refused(tmp_path, normalize):
             gallery.add(zero, labels_for(12))
             assert len(gallery) == 15
         assert gallery.verify() == []
+
+
+@pytest.mark.parametrize("index_type", ["Flat", "HNSW32"])
+def test_searches_in_another_thread_see_each_write_whole(tmp_path, index_type):
+    features = clustered(200, DIM, seed=3)
+    with new_gallery(tmp_path / "lib", index_type=index_type) as gallery:
+        gallery.add(features[:20], labels_for(20))
+        done = threading.Event()
+        seen: list[tuple[np.ndarray, np.ndarray]] = []
+        errors: list[BaseException] = []
+
+        def search() -> None:
+            try:
+                while not done.is_set():
+                    hits = gallery.search(features, k=3)  # the rows added meanwhile, too
+                    seen.append((hits.ids, hits.labels))
+            except BaseException as exc:  # reported in the test's thread
+                errors.append(exc)
+
+        reader = threading.Thread(target=search)
+        reader.start()
+        try:
+            for start in range(20, 200, 6):  # the owner thread writes meanwhile
+                added = gallery.add(features[start : start + 6], labels_for(6)).ids
+                gallery.relabel("product 1", f"product 1 v{start}")
+                gallery.remove(ids=added[:2])
+        finally:
+            done.set()
+            reader.join(30)
+        assert not errors and len(seen) > 10
+        for ids, labels in seen:
+            assert (labels[ids >= 0] != "").all() and (labels[ids < 0] == "").all()
+
+
+def test_only_search_may_run_in_other_threads(tmp_path):
+    embedder = PixelEmbedder()
+    image = make_images(tmp_path / "images", 1)[0]
+    path = tmp_path / "lib"
+    gallery = new_gallery(path)
+    gallery.add(clustered(5, DIM), labels_for(5))
+    outcome: dict[str, object] = {}
+
+    def elsewhere() -> None:
+        outcome["search"] = gallery.search(clustered(1, DIM), k=2).labels.tolist()
+        outcome["len"], outcome["stats"] = len(gallery), gallery.stats()["images"]
+        for name, call in {
+            "add": lambda: gallery.add(clustered(1, DIM), ["x"]),
+            "add_files": lambda: gallery.add_files(embedder, [GalleryItem(image, "x")]),
+            "remove": lambda: gallery.remove(ids=[1]),
+            "relabel": lambda: gallery.relabel("product 0", "y"),
+            "rebuild": gallery.rebuild,
+            "reembed": lambda: gallery.reembed(embedder),
+            "refresh": gallery.refresh,
+            "stale": gallery.stale,
+            "entries": gallery.entries,
+            "label_counts": gallery.label_counts,
+            "features": gallery.features,
+            "verify": gallery.verify,
+            "close": gallery.close,
+        }.items():
+            try:
+                call()
+            except GalleryError as exc:
+                outcome[name] = str(exc)
+
+    thread = threading.Thread(target=elsewhere)
+    thread.start()
+    thread.join(30)
+    refused = (
+        f"{path}: a Gallery is used from the thread that opened it (only search may run in "
+        "other threads); open one per thread, or make every other call on one thread, as "
+        "`shitu serve` does"
+    )
+    assert len(outcome.pop("search")[0]) == 2 and outcome.pop("len") == outcome.pop("stats") == 5
+    assert outcome == dict.fromkeys(outcome, refused) and len(outcome) == 13
+    assert gallery.label_counts() == {f"product {i}": 1 for i in range(5)}  # still usable here
+    gallery.close()

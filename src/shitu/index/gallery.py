@@ -9,6 +9,7 @@ process killed at any point leaves either the previous library or the new one.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -22,6 +23,7 @@ from shitu.index.backends import Backend, Change, open_backend
 from shitu.index.embedder import Embedder
 from shitu.index.files import crash_point
 from shitu.index.labels import BadLabelError, GalleryItem, check_label, normal_form
+from shitu.index.locking import ReadWriteLock
 from shitu.index.manifest import Manifest, now
 from shitu.index.metadata import ImageEntry, MetadataStore, NewImage
 from shitu.vectors import l2_normalize
@@ -78,7 +80,15 @@ def _with_full_path(entry: ImageEntry, root: Path) -> ImageEntry:
 
 
 class Gallery:
-    """An open library; use `Gallery.create` or `Gallery.open`, and `close()` (or `with`)."""
+    """An open library; use `Gallery.create` or `Gallery.open`, and `close()` (or `with`).
+
+    Threads: `search` (and `len`, `stats`, `check_embedder`) may run in any thread, also
+    while the thread that opened the library writes: each search sees one whole generation
+    (the index and the labels of its ids), never half of a write. Every other method reads
+    or writes the library's SQLite database, whose connection belongs to the thread that
+    opened the library: from another thread it raises GalleryError. Open one Gallery per
+    thread, or make those calls on one thread that owns it, as `shitu serve` does.
+    """
 
     def __init__(
         self,
@@ -93,12 +103,23 @@ class Gallery:
         self.manifest = backend.manifest
         self._model = model  # (fingerprint, embedding size) the library must keep matching
         self._closed = False
-        self._refresh_labels()
+        self._owner = threading.get_ident()  # the thread whose SQLite connection this is
+        # Searches share it, a write takes it alone to swap the index, ids and labels
+        self._swap = ReadWriteLock()
+        # Ids (ascending) and their labels, replaced together (one tuple) by each write
+        self._id_labels = self._store.id_labels()
 
-    def _check_usable(self) -> None:
-        """Refuse a call on a closed library (its index and database are released)."""
+    def _check_usable(self, sqlite: bool = True) -> None:
+        """Refuse a call on a closed library (its index and database are released), or one
+        that touches SQLite from another thread than the one that opened the library."""
         if self._closed:
             raise GalleryError(f"{self.root}: the library is closed")
+        if sqlite and threading.get_ident() != self._owner:
+            raise GalleryError(
+                f"{self.root}: a Gallery is used from the thread that opened it (only search "
+                "may run in other threads); open one per thread, or make every other call "
+                "on one thread, as `shitu serve` does"
+            )
 
     @classmethod
     def create(
@@ -193,23 +214,25 @@ class Gallery:
         """Release the index and the database; every later call but `close` is refused."""
         if self._closed:
             return
-        self._closed = True
-        self._backend.close()
+        self._check_usable()
+        with self._swap.write():  # after the searches under way
+            self._closed = True
+            self._backend.close()
         self._store.close()
 
     def __enter__(self) -> Gallery:
-        self._check_usable()
+        self._check_usable(sqlite=False)
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __len__(self) -> int:
-        self._check_usable()
-        return len(self._ids)
+        self._check_usable(sqlite=False)
+        return len(self._id_labels[0])
 
     def check_embedder(self, embedder: Embedder) -> None:
-        self._check_usable()
+        self._check_usable(sqlite=False)
         self.manifest.check_model(embedder.fingerprint, embedder.embedding_size, str(self.root))
 
     # ----------------------------------------------------------------------------- search
@@ -217,17 +240,20 @@ class Gallery:
     def search(
         self, vectors: np.ndarray, k: int = 5, min_score: float | None = None
     ) -> SearchResult:
-        """The k most similar gallery images per query vector ([Q, D] or [D])."""
-        self._check_usable()
+        """The k most similar gallery images per query vector ([Q, D] or [D]); any thread."""
+        self._check_usable(sqlite=False)
         if k < 1:
             raise GalleryError(f"k must be at least 1, got {k}")
         queries = self._prepare(vectors)
-        scores, ids = self._backend.search(queries, k)
+        with self._swap.read():  # one generation's index and labels
+            self._check_usable(sqlite=False)  # not closed while this waited
+            scores, ids = self._backend.search(queries, k)
+            id_labels = self._id_labels
         if min_score is not None:
             below = scores < min_score
             ids = np.where(below, -1, ids)
             scores = np.where(below, np.float32(-np.inf), scores)
-        return SearchResult(labels=self._labels_of(ids), scores=scores, ids=ids)
+        return SearchResult(labels=_labels_of(ids, *id_labels), scores=scores, ids=ids)
 
     def _prepare(
         self, vectors: np.ndarray, dim: int | None = None, normalize: bool | None = None
@@ -266,17 +292,6 @@ class Gallery:
             )
         return vectors
 
-    def _refresh_labels(self) -> None:
-        self._ids, self._labels = self._store.id_labels()
-
-    def _labels_of(self, ids: np.ndarray) -> np.ndarray:
-        if not len(self._ids):
-            return np.full(ids.shape, "", dtype=object)
-        pos = np.searchsorted(self._ids, ids).clip(0, len(self._ids) - 1)
-        labels = self._labels.take(pos)
-        labels[self._ids.take(pos) != ids] = ""  # padding (-1) and ids no longer stored
-        return labels
-
     # ----------------------------------------------------------------------------- writes
 
     def _write(self, mutate: Callable[[], tuple[Change | None, T]], **manifest_updates: Any) -> T:
@@ -291,6 +306,7 @@ class Gallery:
                 change, result = mutate()
                 if change is None:
                     return result
+                id_labels = self._store.id_labels()  # as committed
                 crash_point("rows-written")
                 manifest = replace(
                     committed,
@@ -305,10 +321,11 @@ class Gallery:
             self._reload()  # the in-memory index may hold the rolled-back change
             raise
         crash_point("after-commit")
-        self._backend.publish(manifest)
-        self.manifest = self._store.read_manifest()
-        self._backend.manifest = self.manifest
-        self._refresh_labels()
+        with self._swap.write():
+            self._backend.publish(manifest)
+            self.manifest = self._store.read_manifest()
+            self._backend.manifest = self.manifest
+            self._id_labels = id_labels
         return result
 
     def generation_on_disk(self) -> int | None:
@@ -337,19 +354,22 @@ class Gallery:
         the old one closes, so a generation that cannot load leaves this one serving."""
         with self._store.reading():  # one generation's manifest, index file and labels
             manifest = _committed_manifest(self.root, self._store, self._model)
+            id_labels = self._store.id_labels()
             old = self._backend
             if old.opens_beside_itself:
                 backend = open_backend(self.root, manifest, self._store, verify=True)
+                with self._swap.write():
+                    self._backend, self.manifest, self._id_labels = backend, manifest, id_labels
                 old.close()
             else:
-                old.close()
-                try:
-                    backend = open_backend(self.root, manifest, self._store, verify=True)
-                except BaseException:
-                    self._reopen_after_failed_load()
-                    raise
-            self._backend, self.manifest = backend, manifest
-            self._refresh_labels()
+                with self._swap.write():
+                    old.close()
+                    try:
+                        backend = open_backend(self.root, manifest, self._store, verify=True)
+                    except BaseException:
+                        self._reopen_after_failed_load()
+                        raise
+                    self._backend, self.manifest, self._id_labels = backend, manifest, id_labels
         self._finish_open()
 
     def _reopen_after_failed_load(self) -> None:
@@ -363,7 +383,7 @@ class Gallery:
             self._backend = open_backend(self.root, unsynced, self._store, verify=False)
         except Exception:
             return
-        self._refresh_labels()
+        self._id_labels = self._store.id_labels()
 
     def _finish_open(self) -> None:
         """The backend's writes after opening (outside the read lock), and their manifest."""
@@ -599,12 +619,12 @@ class Gallery:
         return self._store.features(self.manifest.embedding_dim)
 
     def stats(self) -> dict[str, Any]:
-        self._check_usable()
+        self._check_usable(sqlite=False)
         m = self.manifest
         return {
             "path": str(self.root),
             "images": len(self),
-            "labels": len(set(self._labels.tolist())),
+            "labels": len(set(self._id_labels[1].tolist())),
             "model_fingerprint": m.model_fingerprint,
             "embedding_dim": m.embedding_dim,
             "metric": m.metric,
@@ -627,9 +647,19 @@ class Gallery:
             return [*problems, str(exc)]
         if not np.isfinite(features).all():
             problems.append("stored features contain NaN or inf")
-        if not np.array_equal(ids, self._ids):
+        if not np.array_equal(ids, self._id_labels[0]):
             problems.append("label cache is out of date (reopen the library)")
         return problems + self._backend.problems()
+
+
+def _labels_of(hits: np.ndarray, ids: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """The labels of hit ids, given all stored `ids` (ascending) and their `labels`."""
+    if not len(ids):
+        return np.full(hits.shape, "", dtype=object)
+    pos = np.searchsorted(ids, hits).clip(0, len(ids) - 1)
+    found = labels.take(pos)
+    found[ids.take(pos) != hits] = ""  # padding (-1)
+    return found
 
 
 def _rows(rows: np.ndarray, shown: int = 10) -> str:
