@@ -623,3 +623,19 @@ def test_only_search_may_run_in_other_threads(tmp_path):
     assert outcome == dict.fromkeys(outcome, refused) and len(outcome) == 13
     assert gallery.label_counts() == {f"product {i}": 1 for i in range(5)}  # still usable here
     gallery.close()
+
+
+@pytest.mark.parametrize("dim", [4.5, "4", 0, -3, True, None])
+def test_an_embedding_size_that_is_not_a_positive_integer_is_refused(tmp_path, dim):
+    with pytest.raises(GalleryError) as caught:
+        Gallery.create(tmp_path / "lib", embedding_dim=dim, model_fingerprint="m")
+    assert str(caught.value) == f"embedding_dim must be a positive integer, got {dim!r}"
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_a_numpy_integer_embedding_size_is_stored_as_a_number(tmp_path):
+    with Gallery.create(tmp_path / "lib", embedding_dim=np.int64(DIM), model_fingerprint="m"):
+        pass
+    with Gallery.open(tmp_path / "lib") as gallery:
+        assert gallery.manifest.embedding_dim == DIM
+        assert type(gallery.manifest.embedding_dim) is int

@@ -8,6 +8,7 @@ the manifest (index file name, checksum, generation) disagree.
 from __future__ import annotations
 
 import json
+import numbers
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any
@@ -53,8 +54,10 @@ class Manifest:
             )
         if self.backend not in BACKENDS:
             raise GalleryError(f"unknown backend '{self.backend}': choose one of {BACKENDS}")
-        if self.embedding_dim <= 0:
-            raise GalleryError(f"embedding dimension must be positive, got {self.embedding_dim}")
+        dim = self.embedding_dim
+        if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or dim < 1:
+            raise GalleryError(f"embedding_dim must be a positive integer, got {dim!r}")
+        self.embedding_dim = int(dim)  # a numpy integer, say, as JSON can store it
         for key in COUNT_OPTIONS:
             value = self.backend_options.get(key)
             if value is not None and (type(value) is not int or value < 1):
