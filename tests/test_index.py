@@ -353,7 +353,7 @@ def test_not_a_library_and_existing_target_are_refused(tmp_path):
         new_gallery(tmp_path / "taken")
     with pytest.raises(GalleryError, match="unknown index type"):
         new_gallery(tmp_path / "bad", index_type="LSH")
-    for option in ({"ef_search": 0}, {"nprobe": -1}, {"nlist": 2.5}):
+    for option in ({"ef_search": 0}, {"nprobe": -1}, {"ef_search": 2.5}):
         with pytest.raises(GalleryError, match=f"{next(iter(option))} must be a whole number"):
             new_gallery(tmp_path / "bad", index_type="HNSW32", backend_options=option)
     assert not (tmp_path / "bad").exists()
@@ -639,3 +639,45 @@ def test_a_numpy_integer_embedding_size_is_stored_as_a_number(tmp_path):
     with Gallery.open(tmp_path / "lib") as gallery:
         assert gallery.manifest.embedding_dim == DIM
         assert type(gallery.manifest.embedding_dim) is int
+
+
+def test_unknown_index_options_and_wrong_values_are_refused(tmp_path):
+    path = tmp_path / "lib"
+    for backend, options, expected in [
+        (
+            "faiss",
+            {"M": "abc", "bogus": 1},
+            "unknown faiss index option 'M': valid options are ef_search, nprobe",
+        ),
+        (
+            "faiss",
+            {"nlist": 8},  # Faiss libraries choose their lists from the size of the data
+            "unknown faiss index option 'nlist': valid options are ef_search, nprobe",
+        ),
+        (
+            "milvus",
+            {"efSearch": 128},
+            "unknown milvus index option 'efSearch' (did you mean 'ef_search'?): valid "
+            "options are ef_search, nprobe, nlist, uri, collection",
+        ),
+        ("milvus", {"uri": 5}, "index option uri must be a non-empty string, got 5"),
+        ("milvus", {"nlist": "8"}, "index option nlist must be a whole number >= 1, got '8'"),
+    ]:
+        with pytest.raises(GalleryError) as caught:
+            new_gallery(path, backend=backend, backend_options=options)
+        assert str(caught.value) == expected
+        assert not path.exists()
+    with new_gallery(path, index_type="HNSW32", backend_options={"ef_search": 32}) as gallery:
+        gallery.add(clustered(20, DIM), labels_for(20))
+        with pytest.raises(GalleryError) as caught:
+            gallery.rebuild("HNSW32", efSearch=128)
+        assert str(caught.value) == (
+            "unknown faiss index option 'efSearch' (did you mean 'ef_search'?): valid options "
+            "are ef_search, nprobe"
+        )
+        with pytest.raises(GalleryError, match="ef_search must be a whole number >= 1, got 1.5"):
+            gallery.rebuild(ef_search=1.5)
+        assert gallery.manifest.generation == 1
+        gallery.rebuild(ef_search=128, nprobe=4)
+        assert gallery.manifest.backend_options == {"ef_search": 128, "nprobe": 4}
+        assert gallery.search(clustered(1, DIM), k=3).found.all()

@@ -24,7 +24,7 @@ from shitu.index.embedder import Embedder
 from shitu.index.files import crash_point
 from shitu.index.labels import BadLabelError, GalleryItem, check_label, normal_form
 from shitu.index.locking import ReadWriteLock
-from shitu.index.manifest import Manifest, now
+from shitu.index.manifest import BACKENDS, Manifest, now
 from shitu.index.metadata import ImageEntry, MetadataStore, NewImage
 from shitu.vectors import l2_normalize
 
@@ -135,10 +135,20 @@ class Gallery:
         backend_options: dict[str, Any] | None = None,
         normalize: bool = True,
     ) -> Gallery:
-        """Create an empty library (atomically: built in a temp folder, then renamed)."""
+        """Create an empty library (atomically: built in a temp folder, then renamed).
+
+        `index_type` is one of `INDEX_TYPES`. `backend_options` (validated, stored in the
+        manifest): for Faiss `ef_search` (HNSW32 search depth, default 64) and `nprobe`
+        (IVF lists searched per query, default nlist/16, at least 8); for Milvus those two
+        (`nprobe` default 16), `nlist` (IVF lists, default 1024), `uri` (a Milvus Lite `.db`
+        file in the library, default `milvus.db`, or a server's `http://host:19530`) and
+        `collection` (default `shitu_gallery`). Faiss's own names (`efSearch`) are refused.
+        """
         root = Path(path)
         if root.exists() and (not root.is_dir() or any(root.iterdir())):
             raise GalleryError(f"{root}: already exists and is not an empty folder")
+        if backend in BACKENDS:  # an unknown backend is refused by name below
+            Manifest.check_backend_options(backend, backend_options or {})
         manifest = Manifest(
             embedding_dim=embedding_dim,
             model_fingerprint=model_fingerprint,
@@ -538,8 +548,10 @@ class Gallery:
         return self._write(mutate)
 
     def rebuild(self, index_type: str | None = None, **backend_options: Any) -> None:
-        """Rebuild the index from the stored features, optionally as another type."""
+        """Rebuild the index from the stored features, optionally as another type and with
+        other `backend_options` (the names `create` takes, e.g. `ef_search=128`)."""
         self._check_usable()
+        Manifest.check_backend_options(self.manifest.backend, backend_options)
         updates: dict[str, Any] = {}
         if index_type is not None:
             updates["index_type"] = index_type
