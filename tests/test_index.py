@@ -681,3 +681,46 @@ def test_unknown_index_options_and_wrong_values_are_refused(tmp_path):
         gallery.rebuild(ef_search=128, nprobe=4)
         assert gallery.manifest.backend_options == {"ef_search": 128, "nprobe": 4}
         assert gallery.search(clustered(1, DIM), k=3).found.all()
+
+
+def test_a_string_where_a_list_belongs_is_not_read_a_character_at_a_time(tmp_path):
+    with new_gallery(tmp_path / "lib") as gallery:
+        gallery.add(clustered(3, DIM), ["zero", "one", "two"])
+        for call, expected in [
+            (
+                lambda: gallery.add(clustered(3, DIM), "abc"),
+                "add: expected a list of labels, got the string 'abc'",
+            ),
+            (
+                lambda: gallery.add(clustered(3, DIM), ["a", "b", "c"], paths="xyz"),
+                "add: expected a list of paths, got the string 'xyz'",
+            ),
+            (
+                lambda: gallery.remove(labels="zero"),
+                "remove: expected a list of labels, got the string 'zero'",
+            ),
+            (
+                lambda: gallery.remove(ids="12"),
+                "remove: expected a list of ids, got the string '12'",
+            ),
+            (lambda: gallery.remove(ids=1), "remove: expected a list of ids, got 1"),
+        ]:
+            with pytest.raises(GalleryError) as caught:
+                call()
+            assert str(caught.value) == expected
+        assert gallery.label_counts() == {"one": 1, "two": 1, "zero": 1}
+        assert len(gallery.remove(labels=["zero"])) == 1
+
+
+def test_sources_given_as_strings_or_as_one_path(tmp_path, monkeypatch):
+    make_images(tmp_path / "photos" / "Fanta", 2)
+    make_images(tmp_path / "photos" / "Sprite", 1)
+    expected = collect_items([tmp_path / "photos"])
+    assert len(expected) == 3
+    assert collect_items(str(tmp_path / "photos")) == expected
+    assert collect_items([str(tmp_path / "photos")]) == expected
+    assert collect_items(tmp_path / "photos") == expected
+    monkeypatch.chdir(tmp_path)
+    assert collect_items("photos") == expected
+    with pytest.raises(DataError, match="nowhere: no such file or folder"):
+        collect_items("nowhere")

@@ -416,8 +416,9 @@ class Gallery:
         self._check_usable()
         vectors = self._stored_features(features, "add")
         count = len(vectors)
-        paths = list(paths) if paths is not None else [""] * count
-        hashes = list(hashes) if hashes is not None else [None] * count
+        labels = _listed(labels, "labels", "add")
+        paths = _listed(paths, "paths", "add") if paths is not None else [""] * count
+        hashes = _listed(hashes, "hashes", "add") if hashes is not None else [None] * count
         if not len(labels) == len(paths) == len(hashes) == count:
             raise GalleryError("add: features, labels, paths and hashes differ in length")
         labels = [_stored_label(label, "add") for label in labels]
@@ -515,6 +516,7 @@ class Gallery:
     def remove(self, ids: Sequence[int] = (), labels: Sequence[str] = ()) -> np.ndarray:
         """Remove images by id and/or every image of the given labels; returns removed ids."""
         self._check_usable()
+        ids, labels = _listed(ids, "ids", "remove"), _listed(labels, "labels", "remove")
 
         def mutate() -> tuple[Change, np.ndarray]:
             unknown = [label for label in labels if not self._store.ids_with_labels([label])]
@@ -672,6 +674,17 @@ def _labels_of(hits: np.ndarray, ids: np.ndarray, labels: np.ndarray) -> np.ndar
     found = labels.take(pos)
     found[ids.take(pos) != hits] = ""  # padding (-1)
     return found
+
+
+def _listed(values: Any, what: str, where: str) -> list:
+    """`values` as a list; a bare string, which would be taken a character at a time (or a
+    number: not a list at all), is refused."""
+    if isinstance(values, str | bytes):
+        raise GalleryError(f"{where}: expected a list of {what}, got the string {values!r}")
+    try:
+        return list(values)
+    except TypeError:
+        raise GalleryError(f"{where}: expected a list of {what}, got {values!r}") from None
 
 
 def _rows(rows: np.ndarray, shown: int = 10) -> str:
