@@ -724,3 +724,22 @@ def test_sources_given_as_strings_or_as_one_path(tmp_path, monkeypatch):
     assert collect_items("photos") == expected
     with pytest.raises(DataError, match="nowhere: no such file or folder"):
         collect_items("nowhere")
+
+
+def test_queries_that_are_not_float_arrays_are_refused_by_name(tmp_path):
+    path = tmp_path / "lib"
+    expected = f"{path}: expected a float array of shape [N, {DIM}] or [{DIM}], got"
+    with new_gallery(path) as gallery:
+        gallery.add(clustered(3, DIM), labels_for(3))
+        for query, got in [
+            ("abc", "the string 'abc'"),
+            ([[1.0, 2.0], [3.0]], "list [[1.0, 2.0], [3.0]]"),
+            (None, "NoneType None"),
+            (np.zeros((2, DIM + 1)), f"shape [2, {DIM + 1}]"),
+        ]:
+            with pytest.raises(GalleryError) as caught:
+                gallery.search(query)
+            assert str(caught.value) == f"{expected} {got}"
+        with pytest.raises(GalleryError, match="got the string 'abc'"):
+            gallery.add("abc", ["x"])
+        assert gallery.search(clustered(1, DIM)[0].tolist(), k=2).found.all()  # a list is fine

@@ -250,7 +250,8 @@ class Gallery:
     def search(
         self, vectors: np.ndarray, k: int = 5, min_score: float | None = None
     ) -> SearchResult:
-        """The k most similar gallery images per query vector ([Q, D] or [D]); any thread."""
+        """The k most similar gallery images per query vector (a float array [Q, D] or [D]);
+        any thread may search."""
         self._check_usable(sqlite=False)
         if k < 1:
             raise GalleryError(f"k must be at least 1, got {k}")
@@ -271,13 +272,21 @@ class Gallery:
         """[N, dim] contiguous float32 rows (`dim` the library's unless given), normalised
         where the library normalises unless `normalize` says otherwise."""
         dim = self.manifest.embedding_dim if dim is None else dim
-        array = np.asarray(vectors, dtype=np.float32)
+        expected = f"{self.root}: expected a float array of shape [N, {dim}] or [{dim}]"
+        if isinstance(vectors, str | bytes):
+            raise GalleryError(f"{expected}, got the string {vectors!r:.40}")
+        try:
+            array = np.asarray(vectors, dtype=np.float32)
+            if not array.ndim:  # one number, or None
+                raise TypeError
+        except (TypeError, ValueError):  # text, ragged lists, objects
+            raise GalleryError(
+                f"{expected}, got {type(vectors).__name__} {vectors!r:.40}"
+            ) from None
         if array.ndim == 1:
             array = array[None]
         if array.ndim != 2 or array.shape[1] != dim:
-            raise GalleryError(
-                f"{self.root}: expected vectors of shape [N, {dim}], got {list(array.shape)}"
-            )
+            raise GalleryError(f"{expected}, got shape {list(np.shape(vectors))}")
         if self.manifest.normalize if normalize is None else normalize:
             array = l2_normalize(array)
         return np.ascontiguousarray(array)
