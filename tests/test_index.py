@@ -743,3 +743,27 @@ def test_queries_that_are_not_float_arrays_are_refused_by_name(tmp_path):
         with pytest.raises(GalleryError, match="got the string 'abc'"):
             gallery.add("abc", ["x"])
         assert gallery.search(clustered(1, DIM)[0].tolist(), k=2).found.all()  # a list is fine
+
+
+@pytest.mark.parametrize("damage", ["flip", "delete"])
+def test_opening_with_repair_builds_a_damaged_index_again(tmp_path, damage):
+    path = tmp_path / "lib"
+    features = clustered(9, DIM)
+    with new_gallery(path, index_type="HNSW32") as gallery:
+        gallery.add(features, labels_for(9))
+        index_file = path / gallery.manifest.index_state["file"]
+        assert not gallery.repaired
+    if damage == "flip":
+        raw = bytearray(index_file.read_bytes())
+        raw[len(raw) // 2] ^= 0xFF
+        index_file.write_bytes(raw)
+    else:
+        index_file.unlink()
+    with Gallery.open(path, repair=True) as gallery:
+        assert gallery.repaired and gallery.verify() == []
+        assert gallery.manifest.generation == 2 and not index_file.exists()
+        hits = gallery.search(features, k=1)
+        assert hits.ids[:, 0].tolist() == list(range(1, 10))
+        assert hits.labels[:, 0].tolist() == labels_for(9)
+    with Gallery.open(path) as gallery:  # a sound library again, for anyone
+        assert not gallery.repaired and gallery.verify() == [] and len(gallery) == 9

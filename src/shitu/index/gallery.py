@@ -103,6 +103,7 @@ class Gallery:
         self.manifest = backend.manifest
         self._model = model  # (fingerprint, embedding size) the library must keep matching
         self._closed = False
+        self.repaired = False  # whether `open(repair=True)` had to rebuild the index
         self._owner = threading.get_ident()  # the thread whose SQLite connection this is
         # Searches share it, a write takes it alone to swap the index, ids and labels
         self._swap = ReadWriteLock()
@@ -193,8 +194,9 @@ class Gallery:
         """Open a library; with `embedder`, refuse it unless it is the library's model.
 
         `verify` checks the index file's checksum first (a corrupt file could crash Faiss).
-        `repair` opens a library whose index file is missing or damaged without it, for
-        `rebuild` to make it again from the stored features.
+        `repair` opens a library whose index file is missing or damaged by building the
+        index again from the stored features (a write: a new generation and index file);
+        `repaired` then says so.
         """
         root = Path(path)
         if not root.exists():
@@ -215,6 +217,9 @@ class Gallery:
                 backend = open_backend(root, manifest, store, verify=verify, repair=repair)
                 gallery = cls(root, store, backend, model)
             gallery._finish_open()
+            if gallery._backend.damaged:
+                gallery.rebuild()
+                gallery.repaired = True
         except BaseException:
             store.close()
             raise

@@ -116,6 +116,7 @@ class FaissBackend(Backend):
             problem = self._file_problem(path, state, checksum=verify or repair)
             if problem and repair:
                 logger.warning("%s; building it again from the stored features", problem)
+                self.damaged = problem
                 return
             if problem:
                 raise GalleryError(
