@@ -353,7 +353,7 @@ def test_not_a_library_and_existing_target_are_refused(tmp_path):
         new_gallery(tmp_path / "taken")
     with pytest.raises(GalleryError, match="unknown index type"):
         new_gallery(tmp_path / "bad", index_type="LSH")
-    for option in ({"ef_search": 0}, {"nprobe": -1}, {"nlist": 2.5}):
+    for option in ({"ef_search": 0}, {"nprobe": -1}, {"ef_search": 2.5}):
         with pytest.raises(GalleryError, match=f"{next(iter(option))} must be a whole number"):
             new_gallery(tmp_path / "bad", index_type="HNSW32", backend_options=option)
     assert not (tmp_path / "bad").exists()
@@ -482,3 +482,288 @@ def test_refresh_catches_up_with_other_writers_but_not_with_another_model(tmp_pa
             reader.refresh()  # its features would not match this model's queries
         hits = reader.search(embedder.extract_files([str(images[0])]).features, k=1)
         assert hits.labels[0, 0] == "first"  # still serving what it had
+
+
+# --------------------------------------------------------------------------- API misuse
+
+
+def test_a_closed_library_refuses_every_call(tmp_path):
+    embedder = PixelEmbedder()
+    image = make_images(tmp_path / "images", 1)[0]
+    gallery = new_gallery(tmp_path / "lib")
+    gallery.add(clustered(5, DIM), labels_for(5))
+    gallery.close()
+    gallery.close()  # closing twice is harmless
+    calls = {
+        "search": lambda: gallery.search(clustered(1, DIM), k=3),
+        "len": lambda: len(gallery),
+        "with": lambda: gallery.__enter__(),
+        "check_embedder": lambda: gallery.check_embedder(embedder),
+        "generation_on_disk": gallery.generation_on_disk,
+        "stale": gallery.stale,
+        "refresh": gallery.refresh,
+        "add": lambda: gallery.add(clustered(1, DIM), ["x"]),
+        "add_files": lambda: gallery.add_files(embedder, [GalleryItem(image, "x")]),
+        "remove": lambda: gallery.remove(ids=[1]),
+        "relabel": lambda: gallery.relabel("product 0", "y"),
+        "rebuild": gallery.rebuild,
+        "reembed": lambda: gallery.reembed(embedder),
+        "entries": gallery.entries,
+        "label_counts": gallery.label_counts,
+        "features": gallery.features,
+        "stats": gallery.stats,
+        "verify": gallery.verify,
+    }
+    for name, call in calls.items():
+        with pytest.raises(GalleryError) as caught:
+            call()
+        assert str(caught.value) == f"{tmp_path / 'lib'}: the library is closed", name
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_vectors_without_a_value_or_direction_are_refused(tmp_path, normalize):
+    with new_gallery(tmp_path / "lib", normalize=normalize) as gallery:
+        gallery.add(clustered(3, DIM), labels_for(3))
+        features = clustered(14, DIM)
+        features[2, 5] = np.nan
+        features[7, 0] = np.inf
+        features[9, 1] = -np.inf
+        with pytest.raises(GalleryError) as caught:
+            gallery.add(features, labels_for(14))
+        assert str(caught.value) == f"{tmp_path / 'lib'}: add: rows 2, 7, 9 contain NaN or inf"
+        zero = clustered(12, DIM)
+        zero[[0, 3, 4, 5, 6, 7, 8, 9, 10, 11]] = 0
+        if normalize:  # a zero vector has no direction, so no cosine with anything
+            with pytest.raises(GalleryError) as caught:
+                gallery.add(zero, labels_for(12))
+            assert str(caught.value) == (
+                f"{tmp_path / 'lib'}: add: rows 0, 3, 4, 5, 6, 7, 8, 9, 10, 11 are all zero or "
+                "cannot be normalised: a library that normalises its features needs vectors "
+                "with a direction"
+            )
+            assert len(gallery) == 3
+        else:  # a point at the origin has a Euclidean distance to everything
+            gallery.add(zero, labels_for(12))
+            assert len(gallery) == 15
+        assert gallery.verify() == []
+
+
+@pytest.mark.parametrize("index_type", ["Flat", "HNSW32"])
+def test_searches_in_another_thread_see_each_write_whole(tmp_path, index_type):
+    features = clustered(200, DIM, seed=3)
+    with new_gallery(tmp_path / "lib", index_type=index_type) as gallery:
+        gallery.add(features[:20], labels_for(20))
+        done = threading.Event()
+        seen: list[tuple[np.ndarray, np.ndarray]] = []
+        errors: list[BaseException] = []
+
+        def search() -> None:
+            try:
+                while not done.is_set():
+                    hits = gallery.search(features, k=3)  # the rows added meanwhile, too
+                    seen.append((hits.ids, hits.labels))
+            except BaseException as exc:  # reported in the test's thread
+                errors.append(exc)
+
+        reader = threading.Thread(target=search)
+        reader.start()
+        try:
+            for start in range(20, 200, 6):  # the owner thread writes meanwhile
+                added = gallery.add(features[start : start + 6], labels_for(6)).ids
+                gallery.relabel("product 1", f"product 1 v{start}")
+                gallery.remove(ids=added[:2])
+        finally:
+            done.set()
+            reader.join(30)
+        assert not errors and len(seen) > 10
+        for ids, labels in seen:
+            assert (labels[ids >= 0] != "").all() and (labels[ids < 0] == "").all()
+
+
+def test_only_search_may_run_in_other_threads(tmp_path):
+    embedder = PixelEmbedder()
+    image = make_images(tmp_path / "images", 1)[0]
+    path = tmp_path / "lib"
+    gallery = new_gallery(path)
+    gallery.add(clustered(5, DIM), labels_for(5))
+    outcome: dict[str, object] = {}
+
+    def elsewhere() -> None:
+        outcome["search"] = gallery.search(clustered(1, DIM), k=2).labels.tolist()
+        outcome["len"], outcome["stats"] = len(gallery), gallery.stats()["images"]
+        for name, call in {
+            "add": lambda: gallery.add(clustered(1, DIM), ["x"]),
+            "add_files": lambda: gallery.add_files(embedder, [GalleryItem(image, "x")]),
+            "remove": lambda: gallery.remove(ids=[1]),
+            "relabel": lambda: gallery.relabel("product 0", "y"),
+            "rebuild": gallery.rebuild,
+            "reembed": lambda: gallery.reembed(embedder),
+            "refresh": gallery.refresh,
+            "stale": gallery.stale,
+            "entries": gallery.entries,
+            "label_counts": gallery.label_counts,
+            "features": gallery.features,
+            "verify": gallery.verify,
+            "close": gallery.close,
+        }.items():
+            try:
+                call()
+            except GalleryError as exc:
+                outcome[name] = str(exc)
+
+    thread = threading.Thread(target=elsewhere)
+    thread.start()
+    thread.join(30)
+    refused = (
+        f"{path}: a Gallery is used from the thread that opened it (only search may run in "
+        "other threads); open one per thread, or make every other call on one thread, as "
+        "`shitu serve` does"
+    )
+    assert len(outcome.pop("search")[0]) == 2 and outcome.pop("len") == outcome.pop("stats") == 5
+    assert outcome == dict.fromkeys(outcome, refused) and len(outcome) == 13
+    assert gallery.label_counts() == {f"product {i}": 1 for i in range(5)}  # still usable here
+    gallery.close()
+
+
+@pytest.mark.parametrize("dim", [4.5, "4", 0, -3, True, None])
+def test_an_embedding_size_that_is_not_a_positive_integer_is_refused(tmp_path, dim):
+    with pytest.raises(GalleryError) as caught:
+        Gallery.create(tmp_path / "lib", embedding_dim=dim, model_fingerprint="m")
+    assert str(caught.value) == f"embedding_dim must be a positive integer, got {dim!r}"
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_a_numpy_integer_embedding_size_is_stored_as_a_number(tmp_path):
+    with Gallery.create(tmp_path / "lib", embedding_dim=np.int64(DIM), model_fingerprint="m"):
+        pass
+    with Gallery.open(tmp_path / "lib") as gallery:
+        assert gallery.manifest.embedding_dim == DIM
+        assert type(gallery.manifest.embedding_dim) is int
+
+
+def test_unknown_index_options_and_wrong_values_are_refused(tmp_path):
+    path = tmp_path / "lib"
+    for backend, options, expected in [
+        (
+            "faiss",
+            {"M": "abc", "bogus": 1},
+            "unknown faiss index option 'M': valid options are ef_search, nprobe",
+        ),
+        (
+            "faiss",
+            {"nlist": 8},  # Faiss libraries choose their lists from the size of the data
+            "unknown faiss index option 'nlist': valid options are ef_search, nprobe",
+        ),
+        (
+            "milvus",
+            {"efSearch": 128},
+            "unknown milvus index option 'efSearch' (did you mean 'ef_search'?): valid "
+            "options are ef_search, nprobe, nlist, uri, collection",
+        ),
+        ("milvus", {"uri": 5}, "index option uri must be a non-empty string, got 5"),
+        ("milvus", {"nlist": "8"}, "index option nlist must be a whole number >= 1, got '8'"),
+    ]:
+        with pytest.raises(GalleryError) as caught:
+            new_gallery(path, backend=backend, backend_options=options)
+        assert str(caught.value) == expected
+        assert not path.exists()
+    with new_gallery(path, index_type="HNSW32", backend_options={"ef_search": 32}) as gallery:
+        gallery.add(clustered(20, DIM), labels_for(20))
+        with pytest.raises(GalleryError) as caught:
+            gallery.rebuild("HNSW32", efSearch=128)
+        assert str(caught.value) == (
+            "unknown faiss index option 'efSearch' (did you mean 'ef_search'?): valid options "
+            "are ef_search, nprobe"
+        )
+        with pytest.raises(GalleryError, match="ef_search must be a whole number >= 1, got 1.5"):
+            gallery.rebuild(ef_search=1.5)
+        assert gallery.manifest.generation == 1
+        gallery.rebuild(ef_search=128, nprobe=4)
+        assert gallery.manifest.backend_options == {"ef_search": 128, "nprobe": 4}
+        assert gallery.search(clustered(1, DIM), k=3).found.all()
+
+
+def test_a_string_where_a_list_belongs_is_not_read_a_character_at_a_time(tmp_path):
+    with new_gallery(tmp_path / "lib") as gallery:
+        gallery.add(clustered(3, DIM), ["zero", "one", "two"])
+        for call, expected in [
+            (
+                lambda: gallery.add(clustered(3, DIM), "abc"),
+                "add: expected a list of labels, got the string 'abc'",
+            ),
+            (
+                lambda: gallery.add(clustered(3, DIM), ["a", "b", "c"], paths="xyz"),
+                "add: expected a list of paths, got the string 'xyz'",
+            ),
+            (
+                lambda: gallery.remove(labels="zero"),
+                "remove: expected a list of labels, got the string 'zero'",
+            ),
+            (
+                lambda: gallery.remove(ids="12"),
+                "remove: expected a list of ids, got the string '12'",
+            ),
+            (lambda: gallery.remove(ids=1), "remove: expected a list of ids, got 1"),
+        ]:
+            with pytest.raises(GalleryError) as caught:
+                call()
+            assert str(caught.value) == expected
+        assert gallery.label_counts() == {"one": 1, "two": 1, "zero": 1}
+        assert len(gallery.remove(labels=["zero"])) == 1
+
+
+def test_sources_given_as_strings_or_as_one_path(tmp_path, monkeypatch):
+    make_images(tmp_path / "photos" / "Fanta", 2)
+    make_images(tmp_path / "photos" / "Sprite", 1)
+    expected = collect_items([tmp_path / "photos"])
+    assert len(expected) == 3
+    assert collect_items(str(tmp_path / "photos")) == expected
+    assert collect_items([str(tmp_path / "photos")]) == expected
+    assert collect_items(tmp_path / "photos") == expected
+    monkeypatch.chdir(tmp_path)
+    assert collect_items("photos") == expected
+    with pytest.raises(DataError, match="nowhere: no such file or folder"):
+        collect_items("nowhere")
+
+
+def test_queries_that_are_not_float_arrays_are_refused_by_name(tmp_path):
+    path = tmp_path / "lib"
+    expected = f"{path}: expected a float array of shape [N, {DIM}] or [{DIM}], got"
+    with new_gallery(path) as gallery:
+        gallery.add(clustered(3, DIM), labels_for(3))
+        for query, got in [
+            ("abc", "the string 'abc'"),
+            ([[1.0, 2.0], [3.0]], "list [[1.0, 2.0], [3.0]]"),
+            (None, "NoneType None"),
+            (np.zeros((2, DIM + 1)), f"shape [2, {DIM + 1}]"),
+        ]:
+            with pytest.raises(GalleryError) as caught:
+                gallery.search(query)
+            assert str(caught.value) == f"{expected} {got}"
+        with pytest.raises(GalleryError, match="got the string 'abc'"):
+            gallery.add("abc", ["x"])
+        assert gallery.search(clustered(1, DIM)[0].tolist(), k=2).found.all()  # a list is fine
+
+
+@pytest.mark.parametrize("damage", ["flip", "delete"])
+def test_opening_with_repair_builds_a_damaged_index_again(tmp_path, damage):
+    path = tmp_path / "lib"
+    features = clustered(9, DIM)
+    with new_gallery(path, index_type="HNSW32") as gallery:
+        gallery.add(features, labels_for(9))
+        index_file = path / gallery.manifest.index_state["file"]
+        assert not gallery.repaired
+    if damage == "flip":
+        raw = bytearray(index_file.read_bytes())
+        raw[len(raw) // 2] ^= 0xFF
+        index_file.write_bytes(raw)
+    else:
+        index_file.unlink()
+    with Gallery.open(path, repair=True) as gallery:
+        assert gallery.repaired and gallery.verify() == []
+        assert gallery.manifest.generation == 2 and not index_file.exists()
+        hits = gallery.search(features, k=1)
+        assert hits.ids[:, 0].tolist() == list(range(1, 10))
+        assert hits.labels[:, 0].tolist() == labels_for(9)
+    with Gallery.open(path) as gallery:  # a sound library again, for anyone
+        assert not gallery.repaired and gallery.verify() == [] and len(gallery) == 9

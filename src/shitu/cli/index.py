@@ -328,7 +328,8 @@ def run_reembed(args: argparse.Namespace) -> int:
 
 def run_rebuild(args: argparse.Namespace) -> int:
     with Gallery.open(args.library, repair=True) as gallery:  # also mends a lost index file
-        gallery.rebuild(args.index_type)
+        if not gallery.repaired or args.index_type not in (None, gallery.manifest.index_type):
+            gallery.rebuild(args.index_type)
         stats = gallery.stats()
     print(f"rebuilt {args.library}: {count_of(stats['images'], 'image')}, {stats['index_type']}")
     _note_untrained(stats)

@@ -9,6 +9,7 @@ process killed at any point leaves either the previous library or the new one.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -22,7 +23,8 @@ from shitu.index.backends import Backend, Change, open_backend
 from shitu.index.embedder import Embedder
 from shitu.index.files import crash_point
 from shitu.index.labels import BadLabelError, GalleryItem, check_label, normal_form
-from shitu.index.manifest import Manifest, now
+from shitu.index.locking import ReadWriteLock
+from shitu.index.manifest import BACKENDS, Manifest, now
 from shitu.index.metadata import ImageEntry, MetadataStore, NewImage
 from shitu.vectors import l2_normalize
 
@@ -78,7 +80,15 @@ def _with_full_path(entry: ImageEntry, root: Path) -> ImageEntry:
 
 
 class Gallery:
-    """An open library; use `Gallery.create` or `Gallery.open`, and `close()` (or `with`)."""
+    """An open library; use `Gallery.create` or `Gallery.open`, and `close()` (or `with`).
+
+    Threads: `search` (and `len`, `stats`, `check_embedder`) may run in any thread, also
+    while the thread that opened the library writes: each search sees one whole generation
+    (the index and the labels of its ids), never half of a write. Every other method reads
+    or writes the library's SQLite database, whose connection belongs to the thread that
+    opened the library: from another thread it raises GalleryError. Open one Gallery per
+    thread, or make those calls on one thread that owns it, as `shitu serve` does.
+    """
 
     def __init__(
         self,
@@ -92,7 +102,25 @@ class Gallery:
         self._backend = backend
         self.manifest = backend.manifest
         self._model = model  # (fingerprint, embedding size) the library must keep matching
-        self._refresh_labels()
+        self._closed = False
+        self.repaired = False  # whether `open(repair=True)` had to rebuild the index
+        self._owner = threading.get_ident()  # the thread whose SQLite connection this is
+        # Searches share it, a write takes it alone to swap the index, ids and labels
+        self._swap = ReadWriteLock()
+        # Ids (ascending) and their labels, replaced together (one tuple) by each write
+        self._id_labels = self._store.id_labels()
+
+    def _check_usable(self, sqlite: bool = True) -> None:
+        """Refuse a call on a closed library (its index and database are released), or one
+        that touches SQLite from another thread than the one that opened the library."""
+        if self._closed:
+            raise GalleryError(f"{self.root}: the library is closed")
+        if sqlite and threading.get_ident() != self._owner:
+            raise GalleryError(
+                f"{self.root}: a Gallery is used from the thread that opened it (only search "
+                "may run in other threads); open one per thread, or make every other call "
+                "on one thread, as `shitu serve` does"
+            )
 
     @classmethod
     def create(
@@ -108,10 +136,20 @@ class Gallery:
         backend_options: dict[str, Any] | None = None,
         normalize: bool = True,
     ) -> Gallery:
-        """Create an empty library (atomically: built in a temp folder, then renamed)."""
+        """Create an empty library (atomically: built in a temp folder, then renamed).
+
+        `index_type` is one of `INDEX_TYPES`. `backend_options` (validated, stored in the
+        manifest): for Faiss `ef_search` (HNSW32 search depth, default 64) and `nprobe`
+        (IVF lists searched per query, default nlist/16, at least 8); for Milvus those two
+        (`nprobe` default 16), `nlist` (IVF lists, default 1024), `uri` (a Milvus Lite `.db`
+        file in the library, default `milvus.db`, or a server's `http://host:19530`) and
+        `collection` (default `shitu_gallery`). Faiss's own names (`efSearch`) are refused.
+        """
         root = Path(path)
         if root.exists() and (not root.is_dir() or any(root.iterdir())):
             raise GalleryError(f"{root}: already exists and is not an empty folder")
+        if backend in BACKENDS:  # an unknown backend is refused by name below
+            Manifest.check_backend_options(backend, backend_options or {})
         manifest = Manifest(
             embedding_dim=embedding_dim,
             model_fingerprint=model_fingerprint,
@@ -156,8 +194,9 @@ class Gallery:
         """Open a library; with `embedder`, refuse it unless it is the library's model.
 
         `verify` checks the index file's checksum first (a corrupt file could crash Faiss).
-        `repair` opens a library whose index file is missing or damaged without it, for
-        `rebuild` to make it again from the stored features.
+        `repair` opens a library whose index file is missing or damaged by building the
+        index again from the stored features (a write: a new generation and index file);
+        `repaired` then says so.
         """
         root = Path(path)
         if not root.exists():
@@ -178,25 +217,37 @@ class Gallery:
                 backend = open_backend(root, manifest, store, verify=verify, repair=repair)
                 gallery = cls(root, store, backend, model)
             gallery._finish_open()
+            if gallery._backend.damaged:
+                gallery.rebuild()
+                gallery.repaired = True
         except BaseException:
             store.close()
             raise
         return gallery
 
     def close(self) -> None:
-        self._backend.close()
+        """Release the index and the database; every later call but `close` is refused."""
+        if self._closed:
+            return
+        self._check_usable()
+        with self._swap.write():  # after the searches under way
+            self._closed = True
+            self._backend.close()
         self._store.close()
 
     def __enter__(self) -> Gallery:
+        self._check_usable(sqlite=False)
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __len__(self) -> int:
-        return len(self._ids)
+        self._check_usable(sqlite=False)
+        return len(self._id_labels[0])
 
     def check_embedder(self, embedder: Embedder) -> None:
+        self._check_usable(sqlite=False)
         self.manifest.check_model(embedder.fingerprint, embedder.embedding_size, str(self.root))
 
     # ----------------------------------------------------------------------------- search
@@ -204,40 +255,66 @@ class Gallery:
     def search(
         self, vectors: np.ndarray, k: int = 5, min_score: float | None = None
     ) -> SearchResult:
-        """The k most similar gallery images per query vector ([Q, D] or [D])."""
+        """The k most similar gallery images per query vector (a float array [Q, D] or [D]);
+        any thread may search."""
+        self._check_usable(sqlite=False)
         if k < 1:
             raise GalleryError(f"k must be at least 1, got {k}")
         queries = self._prepare(vectors)
-        scores, ids = self._backend.search(queries, k)
+        with self._swap.read():  # one generation's index and labels
+            self._check_usable(sqlite=False)  # not closed while this waited
+            scores, ids = self._backend.search(queries, k)
+            id_labels = self._id_labels
         if min_score is not None:
             below = scores < min_score
             ids = np.where(below, -1, ids)
             scores = np.where(below, np.float32(-np.inf), scores)
-        return SearchResult(labels=self._labels_of(ids), scores=scores, ids=ids)
+        return SearchResult(labels=_labels_of(ids, *id_labels), scores=scores, ids=ids)
 
-    def _prepare(self, vectors: np.ndarray) -> np.ndarray:
-        array = np.asarray(vectors, dtype=np.float32)
+    def _prepare(
+        self, vectors: np.ndarray, dim: int | None = None, normalize: bool | None = None
+    ) -> np.ndarray:
+        """[N, dim] contiguous float32 rows (`dim` the library's unless given), normalised
+        where the library normalises unless `normalize` says otherwise."""
+        dim = self.manifest.embedding_dim if dim is None else dim
+        expected = f"{self.root}: expected a float array of shape [N, {dim}] or [{dim}]"
+        if isinstance(vectors, str | bytes):
+            raise GalleryError(f"{expected}, got the string {vectors!r:.40}")
+        try:
+            array = np.asarray(vectors, dtype=np.float32)
+            if not array.ndim:  # one number, or None
+                raise TypeError
+        except (TypeError, ValueError):  # text, ragged lists, objects
+            raise GalleryError(
+                f"{expected}, got {type(vectors).__name__} {vectors!r:.40}"
+            ) from None
         if array.ndim == 1:
             array = array[None]
-        if array.ndim != 2 or array.shape[1] != self.manifest.embedding_dim:
-            raise GalleryError(
-                f"{self.root}: expected vectors of shape [N, {self.manifest.embedding_dim}], "
-                f"got {list(array.shape)}"
-            )
-        if self.manifest.normalize:
+        if array.ndim != 2 or array.shape[1] != dim:
+            raise GalleryError(f"{expected}, got shape {list(np.shape(vectors))}")
+        if self.manifest.normalize if normalize is None else normalize:
             array = l2_normalize(array)
         return np.ascontiguousarray(array)
 
-    def _refresh_labels(self) -> None:
-        self._ids, self._labels = self._store.id_labels()
-
-    def _labels_of(self, ids: np.ndarray) -> np.ndarray:
-        if not len(self._ids):
-            return np.full(ids.shape, "", dtype=object)
-        pos = np.searchsorted(self._ids, ids).clip(0, len(self._ids) - 1)
-        labels = self._labels.take(pos)
-        labels[self._ids.take(pos) != ids] = ""  # padding (-1) and ids no longer stored
-        return labels
+    def _stored_features(
+        self, features: np.ndarray, where: str, dim: int | None = None
+    ) -> np.ndarray:
+        """Features as stored and indexed (`dim`: their size, the library's by default),
+        refused if any row has NaN or inf, or, in a library that normalises, no direction."""
+        raw = self._prepare(features, dim, normalize=False)
+        bad = np.flatnonzero(~np.isfinite(raw).all(axis=1))
+        if len(bad):
+            raise GalleryError(f"{self.root}: {where}: rows {_rows(bad)} contain NaN or inf")
+        if not self.manifest.normalize:
+            return raw
+        vectors = l2_normalize(raw)
+        bad = np.flatnonzero(~(np.abs(vectors).sum(axis=1) > 0.5))  # unit rows sum >= 1
+        if len(bad):
+            raise GalleryError(
+                f"{self.root}: {where}: rows {_rows(bad)} are all zero or cannot be "
+                "normalised: a library that normalises its features needs vectors with a direction"
+            )
+        return vectors
 
     # ----------------------------------------------------------------------------- writes
 
@@ -253,6 +330,7 @@ class Gallery:
                 change, result = mutate()
                 if change is None:
                     return result
+                id_labels = self._store.id_labels()  # as committed
                 crash_point("rows-written")
                 manifest = replace(
                     committed,
@@ -267,14 +345,16 @@ class Gallery:
             self._reload()  # the in-memory index may hold the rolled-back change
             raise
         crash_point("after-commit")
-        self._backend.publish(manifest)
-        self.manifest = self._store.read_manifest()
-        self._backend.manifest = self.manifest
-        self._refresh_labels()
+        with self._swap.write():
+            self._backend.publish(manifest)
+            self.manifest = self._store.read_manifest()
+            self._backend.manifest = self.manifest
+            self._id_labels = id_labels
         return result
 
     def generation_on_disk(self) -> int | None:
         """The generation last committed by any process (None: the manifest is gone)."""
+        self._check_usable()
         latest = self._store.read_manifest()
         return None if latest is None else latest.generation
 
@@ -287,6 +367,7 @@ class Gallery:
 
         A library opened with an embedder refuses to take another model's re-embedding.
         """
+        self._check_usable()
         if not self.stale():
             return False
         self._reload()
@@ -297,19 +378,22 @@ class Gallery:
         the old one closes, so a generation that cannot load leaves this one serving."""
         with self._store.reading():  # one generation's manifest, index file and labels
             manifest = _committed_manifest(self.root, self._store, self._model)
+            id_labels = self._store.id_labels()
             old = self._backend
             if old.opens_beside_itself:
                 backend = open_backend(self.root, manifest, self._store, verify=True)
+                with self._swap.write():
+                    self._backend, self.manifest, self._id_labels = backend, manifest, id_labels
                 old.close()
             else:
-                old.close()
-                try:
-                    backend = open_backend(self.root, manifest, self._store, verify=True)
-                except BaseException:
-                    self._reopen_after_failed_load()
-                    raise
-            self._backend, self.manifest = backend, manifest
-            self._refresh_labels()
+                with self._swap.write():
+                    old.close()
+                    try:
+                        backend = open_backend(self.root, manifest, self._store, verify=True)
+                    except BaseException:
+                        self._reopen_after_failed_load()
+                        raise
+                    self._backend, self.manifest, self._id_labels = backend, manifest, id_labels
         self._finish_open()
 
     def _reopen_after_failed_load(self) -> None:
@@ -323,7 +407,7 @@ class Gallery:
             self._backend = open_backend(self.root, unsynced, self._store, verify=False)
         except Exception:
             return
-        self._refresh_labels()
+        self._id_labels = self._store.id_labels()
 
     def _finish_open(self) -> None:
         """The backend's writes after opening (outside the read lock), and their manifest."""
@@ -338,11 +422,17 @@ class Gallery:
         hashes: Sequence[str | None] | None = None,
         allow_duplicates: bool = False,
     ) -> AddReport:
-        """Add vectors with labels; rows whose content hash is already present are skipped."""
-        vectors = self._prepare(features)
+        """Add vectors with labels; rows whose content hash is already present are skipped.
+
+        A vector with NaN or inf, or all zero in a library that normalises (it has no
+        direction), is refused, and then nothing is added.
+        """
+        self._check_usable()
+        vectors = self._stored_features(features, "add")
         count = len(vectors)
-        paths = list(paths) if paths is not None else [""] * count
-        hashes = list(hashes) if hashes is not None else [None] * count
+        labels = _listed(labels, "labels", "add")
+        paths = _listed(paths, "paths", "add") if paths is not None else [""] * count
+        hashes = _listed(hashes, "hashes", "add") if hashes is not None else [None] * count
         if not len(labels) == len(paths) == len(hashes) == count:
             raise GalleryError("add: features, labels, paths and hashes differ in length")
         labels = [_stored_label(label, "add") for label in labels]
@@ -382,6 +472,7 @@ class Gallery:
         allow_duplicates: bool = False,
     ) -> AddReport:
         """Embed image files and add them; unreadable files are reported, not fatal."""
+        self._check_usable()
         self.check_embedder(embedder)
         for item in items:  # before any embedding work
             _stored_label(item.label, f"add {item.path}")
@@ -438,6 +529,8 @@ class Gallery:
 
     def remove(self, ids: Sequence[int] = (), labels: Sequence[str] = ()) -> np.ndarray:
         """Remove images by id and/or every image of the given labels; returns removed ids."""
+        self._check_usable()
+        ids, labels = _listed(ids, "ids", "remove"), _listed(labels, "labels", "remove")
 
         def mutate() -> tuple[Change, np.ndarray]:
             unknown = [label for label in labels if not self._store.ids_with_labels([label])]
@@ -455,6 +548,7 @@ class Gallery:
     def relabel(self, old: str, new: str, merge: bool = False) -> int:
         """Rename a label; returns how many images it had. Renaming onto a label that has
         images merges the two, which cannot be told apart afterwards: only with `merge`."""
+        self._check_usable()
         new = _stored_label(new, "relabel")
 
         def mutate() -> tuple[Change, int]:
@@ -470,7 +564,10 @@ class Gallery:
         return self._write(mutate)
 
     def rebuild(self, index_type: str | None = None, **backend_options: Any) -> None:
-        """Rebuild the index from the stored features, optionally as another type."""
+        """Rebuild the index from the stored features, optionally as another type and with
+        other `backend_options` (the names `create` takes, e.g. `ef_search=128`)."""
+        self._check_usable()
+        Manifest.check_backend_options(self.manifest.backend, backend_options)
         updates: dict[str, Any] = {}
         if index_type is not None:
             updates["index_type"] = index_type
@@ -480,6 +577,7 @@ class Gallery:
 
     def reembed(self, embedder: Embedder, batch_size: int = 32, progress: bool = False) -> int:
         """Re-extract every image with a new model and rebuild; all or nothing."""
+        self._check_usable()
         entries = self.entries()
         if not entries:
             raise GalleryError(f"{self.root}: library is empty, nothing to re-embed")
@@ -497,7 +595,7 @@ class Gallery:
                 f"{reason}); remove them with `shitu index remove` and retry"
             )
         ids = np.asarray([e.id for e in entries], dtype=np.int64)
-        features = l2_normalize(result.features) if self.manifest.normalize else result.features
+        features = self._stored_features(result.features, "re-embed", embedder.embedding_size)
 
         def mutate() -> tuple[Change, int]:
             current, _ = self._store.id_labels()
@@ -520,6 +618,7 @@ class Gallery:
 
     def entries(self, label: str | None = None) -> list[ImageEntry]:
         """The stored images (by id), each with the full path of its file."""
+        self._check_usable()
         root = self.root.resolve()
         entries = self._store.entries(label)
         return [
@@ -539,18 +638,21 @@ class Gallery:
             return str(full)
 
     def label_counts(self) -> dict[str, int]:
+        self._check_usable()
         return self._store.label_counts()
 
     def features(self) -> tuple[np.ndarray, np.ndarray]:
         """Stored ids and (normalised) features, as indexed."""
+        self._check_usable()
         return self._store.features(self.manifest.embedding_dim)
 
     def stats(self) -> dict[str, Any]:
+        self._check_usable(sqlite=False)
         m = self.manifest
         return {
             "path": str(self.root),
             "images": len(self),
-            "labels": len(set(self._labels.tolist())),
+            "labels": len(set(self._id_labels[1].tolist())),
             "model_fingerprint": m.model_fingerprint,
             "embedding_dim": m.embedding_dim,
             "metric": m.metric,
@@ -565,6 +667,7 @@ class Gallery:
 
     def verify(self) -> list[str]:
         """Everything wrong with the library (empty list when healthy)."""
+        self._check_usable()
         problems = self._store.integrity_problems()
         try:
             ids, features = self._store.features(self.manifest.embedding_dim)
@@ -572,9 +675,36 @@ class Gallery:
             return [*problems, str(exc)]
         if not np.isfinite(features).all():
             problems.append("stored features contain NaN or inf")
-        if not np.array_equal(ids, self._ids):
+        if not np.array_equal(ids, self._id_labels[0]):
             problems.append("label cache is out of date (reopen the library)")
         return problems + self._backend.problems()
+
+
+def _labels_of(hits: np.ndarray, ids: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """The labels of hit ids, given all stored `ids` (ascending) and their `labels`."""
+    if not len(ids):
+        return np.full(hits.shape, "", dtype=object)
+    pos = np.searchsorted(ids, hits).clip(0, len(ids) - 1)
+    found = labels.take(pos)
+    found[ids.take(pos) != hits] = ""  # padding (-1)
+    return found
+
+
+def _listed(values: Any, what: str, where: str) -> list:
+    """`values` as a list; a bare string, which would be taken a character at a time (or a
+    number: not a list at all), is refused."""
+    if isinstance(values, str | bytes):
+        raise GalleryError(f"{where}: expected a list of {what}, got the string {values!r}")
+    try:
+        return list(values)
+    except TypeError:
+        raise GalleryError(f"{where}: expected a list of {what}, got {values!r}") from None
+
+
+def _rows(rows: np.ndarray, shown: int = 10) -> str:
+    """Row numbers for a message: the first `shown`, and how many more."""
+    listed = ", ".join(str(row) for row in rows[:shown].tolist())
+    return listed + (f" and {len(rows) - shown} more" if len(rows) > shown else "")
 
 
 def _stored_label(label: str, where: str) -> str:

@@ -82,12 +82,18 @@ def scan_label_folders(root: Path) -> list[GalleryItem]:
     ]
 
 
-def collect_items(sources: Sequence[Path], label: str | None = None) -> list[GalleryItem]:
-    """Items from any mix of label files, folders and image files.
+def collect_items(
+    sources: Sequence[str | Path] | str | Path, label: str | None = None
+) -> list[GalleryItem]:
+    """Items from any mix of label files, folders and image files (paths or strings; one
+    path alone is a list of one).
 
     With `label`, every image (single files, whole folders) gets it; without, folders are
     read as folder-per-label trees and label files carry their own labels.
     """
+    if isinstance(sources, str | Path):
+        sources = [sources]
+    sources = [Path(source) for source in sources]
     items: list[GalleryItem] = []
     for source in sources:
         if source.is_dir():

@@ -8,6 +8,7 @@ the manifest (index file name, checksum, generation) disagree.
 from __future__ import annotations
 
 import json
+import numbers
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any
@@ -20,6 +21,11 @@ INDEX_TYPES = ("Flat", "HNSW32", "IVF", "IVFPQ")
 BACKENDS = ("faiss", "milvus")
 # Backend options that count something (lists, probes, search depth): 0 or less breaks search.
 COUNT_OPTIONS = ("nlist", "nprobe", "ef_search")
+# The options each backend reads, and what they hold: counts (above) or text.
+BACKEND_OPTIONS = {
+    "faiss": ("ef_search", "nprobe"),
+    "milvus": ("ef_search", "nprobe", "nlist", "uri", "collection"),
+}
 
 
 def now() -> str:
@@ -53,12 +59,31 @@ class Manifest:
             )
         if self.backend not in BACKENDS:
             raise GalleryError(f"unknown backend '{self.backend}': choose one of {BACKENDS}")
-        if self.embedding_dim <= 0:
-            raise GalleryError(f"embedding dimension must be positive, got {self.embedding_dim}")
+        dim = self.embedding_dim
+        if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or dim < 1:
+            raise GalleryError(f"embedding_dim must be a positive integer, got {dim!r}")
+        self.embedding_dim = int(dim)  # a numpy integer, say, as JSON can store it
         for key in COUNT_OPTIONS:
             value = self.backend_options.get(key)
             if value is not None and (type(value) is not int or value < 1):
                 raise GalleryError(f"index option {key} must be a whole number >= 1, got {value!r}")
+
+    @staticmethod
+    def check_backend_options(backend: str, options: dict[str, Any]) -> None:
+        """Refuse options `backend` does not read (a misspelt one would be ignored) and
+        values of the wrong type; counts are checked with the rest of a manifest."""
+        valid = BACKEND_OPTIONS.get(backend, ())
+        for name, value in options.items():
+            if name not in valid:
+                from shitu.registry import did_you_mean
+
+                raise GalleryError(
+                    f"unknown {backend} index option '{name}'"
+                    f"{did_you_mean(str(name), list(valid))}: valid options are "
+                    f"{', '.join(valid)}"
+                )
+            if name not in COUNT_OPTIONS and (not isinstance(value, str) or not value):
+                raise GalleryError(f"index option {name} must be a non-empty string, got {value!r}")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)

@@ -1,10 +1,11 @@
 """A gallery library shared by request threads: searches run concurrently, writes one at a time.
 
-A `Gallery` is not thread-safe: its SQLite connection belongs to the thread that opened it,
-and a write updates the in-memory index in place. So every call that touches SQLite runs on
-the library's own thread (`run`), which also serialises the writes; searches touch only the
-in-memory index and run on the caller's thread under a shared lock, which a write takes
-exclusively only around the gallery call that commits it. Listing reads a snapshot that is
+A `Gallery`'s SQLite connection belongs to the thread that opened it (other threads may
+only search). So every call that touches SQLite runs on the library's own thread (`run`),
+which also serialises the writes; searches touch only the in-memory index and run on the
+caller's thread under a shared lock, which a write takes exclusively only around the gallery
+call that commits it (so a request sees the library before or after a whole edit, and the
+snapshot of the rows that goes with it). Listing reads a snapshot that is
 rebuilt after each write, so browsing never waits for a write either.
 
 Other processes may write the library too (`shitu index add ...`): at most once a second,
@@ -18,9 +19,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -28,6 +28,7 @@ import numpy as np
 
 from shitu.index import Gallery, SearchResult
 from shitu.index.labels import normal_form
+from shitu.index.locking import ReadWriteLock
 from shitu.index.manifest import Manifest
 from shitu.index.metadata import ImageEntry
 
@@ -35,43 +36,6 @@ T = TypeVar("T")
 logger = logging.getLogger(__name__)
 SYNC_INTERVAL_S = 1.0  # how often other processes' writes are looked for
 RETRY_S = 30.0  # how long a generation that failed to load waits before another try
-
-
-class ReadWriteLock:
-    """Many readers or one writer; a waiting writer holds off new readers, so it never starves."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._readers = 0
-        self._writing = False
-        self._writers_waiting = 0
-
-    @contextmanager
-    def read(self) -> Iterator[None]:
-        with self._cond:
-            self._cond.wait_for(lambda: not self._writing and not self._writers_waiting)
-            self._readers += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._readers -= 1
-                if not self._readers:
-                    self._cond.notify_all()
-
-    @contextmanager
-    def write(self) -> Iterator[None]:
-        with self._cond:
-            self._writers_waiting += 1
-            self._cond.wait_for(lambda: not self._writing and not self._readers)
-            self._writers_waiting -= 1
-            self._writing = True
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._writing = False
-                self._cond.notify_all()
 
 
 @dataclass(frozen=True)

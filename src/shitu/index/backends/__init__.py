@@ -98,13 +98,17 @@ class Backend(ABC):
     # Whether a second instance may open before this one closes, so that a failed reload
     # keeps the old one serving (a Milvus Lite file has one server per process).
     opens_beside_itself: ClassVar[bool] = True
+    # Why the index was left unloaded when opened with `repair` (then `Gallery.open`
+    # rebuilds it from the stored features); None when it loaded.
+    damaged: str | None = None
 
 
 def open_backend(
     root: Path, manifest: Manifest, store: MetadataStore, verify: bool, repair: bool = False
 ) -> Backend:
-    """repair: a damaged Faiss index file is left unloaded instead of refused (Milvus keeps
-    its vectors itself and is rebuilt from the stored features when out of step)."""
+    """repair: a damaged Faiss index file is left unloaded, and named in `damaged`, instead
+    of refused (Milvus keeps its vectors itself and is rebuilt from the stored features
+    when out of step)."""
     if manifest.backend == "milvus":
         from shitu.index.backends.milvus_backend import MilvusBackend
 

@@ -1,10 +1,10 @@
 """Faiss backend: one immutable index file per generation, named and checksummed in the manifest.
 
-A write builds the next index (incrementally when the index type allows, otherwise from the
-stored features) and writes it under a new name before the transaction commits, so the
-committed manifest always names a complete file. Trained types (IVF, IVF-PQ) keep an exact
-Flat index until there is enough data to train on, and retrain when the data grew or shrank
-4x since the last training.
+A write builds the next index (incrementally on a copy of the live one when the index type
+allows, otherwise from the stored features; the live one keeps serving searches) and writes
+it under a new name before the transaction commits, so the committed manifest always names
+a complete file. Trained types (IVF, IVF-PQ) keep an exact Flat index until there is enough
+data to train on, and retrain when the data grew or shrank 4x since the last training.
 """
 
 from __future__ import annotations
@@ -116,6 +116,7 @@ class FaissBackend(Backend):
             problem = self._file_problem(path, state, checksum=verify or repair)
             if problem and repair:
                 logger.warning("%s; building it again from the stored features", problem)
+                self.damaged = problem
                 return
             if problem:
                 raise GalleryError(
@@ -168,8 +169,8 @@ class FaissBackend(Backend):
             index = build_index(target, manifest.metric, features, ids)
             if target in MIN_TRAIN:
                 state["trained_on"] = count
-        else:
-            index = self.index
+        else:  # a copy: searches in other threads use the live index until publish
+            index = faiss.clone_index(self.index)
             if len(change.removed_ids):
                 index.remove_ids(change.removed_ids)
             if len(change.added_ids):
@@ -192,11 +193,11 @@ class FaissBackend(Backend):
         self.manifest = manifest
         if self._staged is None:
             return
-        self.index, current = self._staged
+        index, current = self._staged
         self._staged = None
-        if self.index is not None:
-            built = manifest.index_state["built_type"]
-            apply_search_params(self.index, built, manifest.backend_options)
+        if index is not None:
+            apply_search_params(index, manifest.index_state["built_type"], manifest.backend_options)
+        self.index = index
         if previous and previous != current:
             (self.root / previous).unlink(missing_ok=True)
 
@@ -209,11 +210,12 @@ class FaissBackend(Backend):
                 path.unlink()
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        if self.index is None or self.index.ntotal == 0:
+        index = self.index
+        if index is None or index.ntotal == 0:
             return np.full((len(queries), k), -np.inf, np.float32), np.full(
                 (len(queries), k), -1, np.int64
             )
-        raw, ids = self.index.search(queries, k)
+        raw, ids = index.search(queries, k)
         return scores_from_distances(raw, ids, self.manifest.metric, self.manifest.normalize), ids
 
     def close(self) -> None:
