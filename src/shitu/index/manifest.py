@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from shitu.errors import GalleryError
+from shitu.registry import did_you_mean
 
 FORMAT_VERSION = 1
 METRICS = ("ip", "l2")
@@ -75,8 +76,6 @@ class Manifest:
         valid = BACKEND_OPTIONS.get(backend, ())
         for name, value in options.items():
             if name not in valid:
-                from shitu.registry import did_you_mean
-
                 raise GalleryError(
                     f"unknown {backend} index option '{name}'"
                     f"{did_you_mean(str(name), list(valid))}: valid options are "
