@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -487,18 +488,11 @@ def test_refresh_catches_up_with_other_writers_but_not_with_another_model(tmp_pa
 # --------------------------------------------------------------------------- API misuse
 
 
-def test_a_closed_library_refuses_every_call(tmp_path):
+def sqlite_calls(gallery: Gallery, tmp_path: Path) -> dict[str, Callable[[], object]]:
+    """Every Gallery call that reads or writes the library's database, by name."""
     embedder = PixelEmbedder()
     image = make_images(tmp_path / "images", 1)[0]
-    gallery = new_gallery(tmp_path / "lib")
-    gallery.add(clustered(5, DIM), labels_for(5))
-    gallery.close()
-    gallery.close()  # closing twice is harmless
-    calls = {
-        "search": lambda: gallery.search(clustered(1, DIM), k=3),
-        "len": lambda: len(gallery),
-        "with": lambda: gallery.__enter__(),
-        "check_embedder": lambda: gallery.check_embedder(embedder),
+    return {
         "generation_on_disk": gallery.generation_on_disk,
         "stale": gallery.stale,
         "refresh": gallery.refresh,
@@ -511,8 +505,23 @@ def test_a_closed_library_refuses_every_call(tmp_path):
         "entries": gallery.entries,
         "label_counts": gallery.label_counts,
         "features": gallery.features,
-        "stats": gallery.stats,
         "verify": gallery.verify,
+    }
+
+
+def test_a_closed_library_refuses_every_call(tmp_path):
+    embedder = PixelEmbedder()
+    gallery = new_gallery(tmp_path / "lib")
+    gallery.add(clustered(5, DIM), labels_for(5))
+    gallery.close()
+    gallery.close()  # closing twice is harmless
+    calls = {
+        "search": lambda: gallery.search(clustered(1, DIM), k=3),
+        "len": lambda: len(gallery),
+        "with": lambda: gallery.__enter__(),
+        "check_embedder": lambda: gallery.check_embedder(embedder),
+        "stats": gallery.stats,
+        **sqlite_calls(gallery, tmp_path),
     }
     for name, call in calls.items():
         with pytest.raises(GalleryError) as caught:
@@ -581,8 +590,6 @@ def test_searches_in_another_thread_see_each_write_whole(tmp_path, index_type):
 
 
 def test_only_search_may_run_in_other_threads(tmp_path):
-    embedder = PixelEmbedder()
-    image = make_images(tmp_path / "images", 1)[0]
     path = tmp_path / "lib"
     gallery = new_gallery(path)
     gallery.add(clustered(5, DIM), labels_for(5))
@@ -591,21 +598,8 @@ def test_only_search_may_run_in_other_threads(tmp_path):
     def elsewhere() -> None:
         outcome["search"] = gallery.search(clustered(1, DIM), k=2).labels.tolist()
         outcome["len"], outcome["stats"] = len(gallery), gallery.stats()["images"]
-        for name, call in {
-            "add": lambda: gallery.add(clustered(1, DIM), ["x"]),
-            "add_files": lambda: gallery.add_files(embedder, [GalleryItem(image, "x")]),
-            "remove": lambda: gallery.remove(ids=[1]),
-            "relabel": lambda: gallery.relabel("product 0", "y"),
-            "rebuild": gallery.rebuild,
-            "reembed": lambda: gallery.reembed(embedder),
-            "refresh": gallery.refresh,
-            "stale": gallery.stale,
-            "entries": gallery.entries,
-            "label_counts": gallery.label_counts,
-            "features": gallery.features,
-            "verify": gallery.verify,
-            "close": gallery.close,
-        }.items():
+        calls = {**sqlite_calls(gallery, tmp_path), "close": gallery.close}
+        for name, call in calls.items():
             try:
                 call()
             except GalleryError as exc:
@@ -620,7 +614,7 @@ def test_only_search_may_run_in_other_threads(tmp_path):
         "`shitu serve` does"
     )
     assert len(outcome.pop("search")[0]) == 2 and outcome.pop("len") == outcome.pop("stats") == 5
-    assert outcome == dict.fromkeys(outcome, refused) and len(outcome) == 13
+    assert outcome == dict.fromkeys(outcome, refused) and len(outcome) == 14
     assert gallery.label_counts() == {f"product {i}": 1 for i in range(5)}  # still usable here
     gallery.close()
 
