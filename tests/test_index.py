@@ -737,6 +737,10 @@ def test_queries_that_are_not_float_arrays_are_refused_by_name(tmp_path):
         with pytest.raises(GalleryError, match="got the string 'abc'"):
             gallery.add("abc", ["x"])
         assert gallery.search(clustered(1, DIM)[0].tolist(), k=2).found.all()  # a list is fine
+        queries = clustered(3, DIM)
+        queries[1, 0] = np.nan
+        with pytest.raises(GalleryError, match=r"search: query rows 1 contain NaN or inf"):
+            gallery.search(queries)
 
 
 @pytest.mark.parametrize("damage", ["flip", "delete"])
