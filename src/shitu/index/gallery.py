@@ -261,13 +261,16 @@ class Gallery:
         if k < 1:
             raise GalleryError(f"k must be at least 1, got {k}")
         queries = self._prepare(vectors)
-        bad = np.flatnonzero(~np.isfinite(queries).all(axis=1))
-        if len(bad):  # their scores would rank nothing: NaN compares false with everything
+        if not np.isfinite(queries).all():  # their scores would rank nothing
+            bad = np.flatnonzero(~np.isfinite(queries).all(axis=1))
             raise GalleryError(f"{self.root}: search: query rows {_rows(bad)} contain NaN or inf")
-        with self._swap.read():  # one generation's index and labels
+        self._swap.acquire_read()  # one generation's index and labels
+        try:
             self._check_usable(sqlite=False)  # not closed while this waited
             scores, ids = self._backend.search(queries, k)
             id_labels = self._id_labels
+        finally:
+            self._swap.release_read()
         if min_score is not None:
             below = scores < min_score
             ids = np.where(below, -1, ids)

@@ -18,16 +18,24 @@ class ReadWriteLock:
 
     @contextmanager
     def read(self) -> Iterator[None]:
-        with self._cond:
-            self._cond.wait_for(lambda: not self._writing and not self._writers_waiting)
-            self._readers += 1
+        self.acquire_read()
         try:
             yield
         finally:
-            with self._cond:
-                self._readers -= 1
-                if not self._readers:
-                    self._cond.notify_all()
+            self.release_read()
+
+    def acquire_read(self) -> None:
+        """The shared side, as two calls: a search pays no context manager on its hot path."""
+        with self._cond:
+            while self._writing or self._writers_waiting:
+                self._cond.wait()
+            self._readers += 1
+
+    def release_read(self) -> None:
+        with self._cond:
+            self._readers -= 1
+            if not self._readers and self._writers_waiting:  # only writers wait for readers
+                self._cond.notify_all()
 
     @contextmanager
     def write(self) -> Iterator[None]:
