@@ -6,7 +6,7 @@ Usage: python benchmarks/default_model_speed.py [--threads 2] [--batches 1 32] [
 Times `FeatureExtractor.extract_files` (decode + resize + normalise in threads, overlapped
 with the runtime) on Grocery Store JPEGs with the default model as shipped (its ONNX model
 rebuilt once into the cache; --model times another `shitu export` folder instead) and with
-an int8 quantisation of it (calibrated on train photos, built in a temporary folder), on
+an int8 quantisation of it (calibrated on every other timed photo, built in a temporary folder), on
 onnxruntime and, when `pip install openvino` was done, on OpenVINO.
 Timings follow one warm-up batch; rounds are interleaved so background load hits all
 alike; the table gives median and best round.

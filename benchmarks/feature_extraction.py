@@ -60,7 +60,13 @@ def grocery_images(count: int) -> list[str]:
 
 
 def paddle_env(threads: int) -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": str(threads), "GLOG_minloglevel": "3"}
+    # paddle2onnx's optimiser (polygraphy) would otherwise pip-install packages mid-run
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": str(threads),
+        "GLOG_minloglevel": "3",
+        "POLYGRAPHY_AUTOINSTALL_DEPS": "0",
+    }
 
 
 def build_models(work: Path, paths_file: Path, paths: list[str]) -> Path:
@@ -70,16 +76,24 @@ def build_models(work: Path, paths_file: Path, paths: list[str]) -> Path:
     if not (paddle_dir / "paddle2onnx.onnx").is_file():
         probe = subprocess.run([str(python), "-c", "import paddle2onnx"], capture_output=True)
         if probe.returncode != 0:
+            if os.environ.get("SHITU_PADDLE_PYTHON"):  # the user's environment: not ours to change
+                sys.exit(
+                    f"{python} has no paddle2onnx: `{python} -m pip install {PADDLE2ONNX}`, or "
+                    "unset SHITU_PADDLE_PYTHON to use the cached Paddle reference venv"
+                )
+            print(f"adding {PADDLE2ONNX} to the cached Paddle venv (once)", file=sys.stderr)
             subprocess.run(
                 [str(python), "-m", "pip", "install", "-q", PADDLE2ONNX, "packaging"], check=True
             )
         paddle_dir.mkdir(parents=True, exist_ok=True)
-        subprocess.run(
+        built = subprocess.run(
             [str(python), str(PADDLE_SCRIPT), "build", str(paddle_dir), str(paths_file)],
-            check=True,
             capture_output=True,
+            text=True,
             env=paddle_env(2),
         )
+        if built.returncode != 0:
+            sys.exit(f"building the Paddle model failed:\n{built.stderr[-3000:]}")
     ours = work / "ours"
     if not (ours / "model.int8.onnx").is_file():
         config = load_config("GeneralRecognitionV2_PPLCNetV2_base", [])

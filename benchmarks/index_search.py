@@ -111,7 +111,7 @@ def main() -> None:
         f"{args.queries} queries, k={args.k}, search options {options or 'default'}\n"
     )
     print(
-        "| N | index | build s | index MB | disk MB | recall@10 | q/s batch (faiss) "
+        f"| N | index | build s | index MB | disk MB | recall@{args.k} | q/s batch (faiss) "
         "| q/s batch (ours) | overhead | q/s 1-by-1 (faiss) | q/s 1-by-1 (ours) | overhead |"
     )
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")

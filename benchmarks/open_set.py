@@ -26,7 +26,9 @@ on a sweep of `--step`.
 from __future__ import annotations
 
 import argparse
+import atexit
 import csv
+import shutil
 import sys
 import tempfile
 from collections import defaultdict
@@ -83,6 +85,8 @@ def main() -> int:
         sys.exit(f"{args.dataset}: no Grocery Store dataset (train.txt) there")
     models = [Path(m) for m in args.model or [default_model_dir()]]
     work = args.work or Path(tempfile.mkdtemp(prefix="shitu-open-set-"))
+    if args.work is None:  # a scratch folder: gone when the table is printed
+        atexit.register(shutil.rmtree, work, ignore_errors=True)
     thresholds = sorted({*args.thresholds, *sweep_thresholds(args.step)})
     print("| model | protocol | known / unknown queries | score_thres | recall@1 | rejection "
           "| balanced accuracy |")  # fmt: skip

@@ -24,7 +24,13 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests" / "parity"))
 sys.path.insert(0, str(HERE))
 
-import paddle  # noqa: E402
+try:
+    import paddle
+except ModuleNotFoundError:  # run from the project's environment by mistake
+    sys.exit(
+        "paddle_feature_extraction.py runs inside the Paddle reference venv; run "
+        "benchmarks/feature_extraction.py, which builds that venv and calls this script"
+    )
 from deploy_preprocess import SIZE, batch  # noqa: E402
 from paddle import inference  # noqa: E402
 from paddle_reference import randomise_batchnorm, rec_model  # noqa: E402
@@ -96,6 +102,9 @@ def run(model_dir: Path, paths: list[str], batch_size: int, threads: int, out: P
 
 
 def main() -> None:
+    arguments = {"build": 4, "run": 7}  # argv lengths, the script's name included
+    if len(sys.argv) < 2 or arguments.get(sys.argv[1]) != len(sys.argv):
+        sys.exit(__doc__)  # its usage lines
     command, target = sys.argv[1], Path(sys.argv[2])
     paths = Path(sys.argv[3]).read_text().splitlines()
     if command == "build":

@@ -84,11 +84,12 @@ def load(url: str, photo: bytes, clients: int, requests: int, seconds: float) ->
         thread.join()
     wall = time.perf_counter() - start
     values = np.asarray(latencies)
+    no_request = not len(values)  # --seconds shorter than one request: no latency to show
     return {
         "done": len(values),
         "rps": len(values) / wall,
-        "p50": float(np.percentile(values, 50)),
-        "p99": float(np.percentile(values, 99)),
+        "p50": float("nan") if no_request else float(np.percentile(values, 50)),
+        "p99": float("nan") if no_request else float(np.percentile(values, 99)),
         "errors": errors,
     }
 

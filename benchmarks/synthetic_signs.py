@@ -17,7 +17,9 @@ recall@1, recall@5 and mAP per model (`shitu.evaluation.RetrievalEvaluator`, cos
 from __future__ import annotations
 
 import argparse
+import atexit
 import random
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -231,6 +233,8 @@ def main() -> int:
     if not 0 < args.gallery_per_class < args.per_class:
         sys.exit("--gallery-per-class must be at least 1 and below --per-class")
     work = args.work or Path(tempfile.mkdtemp(prefix="shitu-signs-"))
+    if args.work is None:  # a scratch folder: gone when the table is printed
+        atexit.register(shutil.rmtree, work, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
     paths, labels = make_signs(work, args.per_class, args.seed)
     in_gallery = np.arange(len(paths)) % args.per_class < args.gallery_per_class
