@@ -65,9 +65,6 @@ class MetadataStore:
         try:
             # Autocommit mode: transactions are opened explicitly with BEGIN IMMEDIATE.
             self.conn = sqlite3.connect(path, isolation_level=None, timeout=LOCK_WAIT_S)
-            # labels are looked up by their normal form: rows stored before labels were
-            # normalised still answer to the name as typed
-            self.conn.create_function("nfc", 1, normal_form, deterministic=True)
             self.conn.execute("PRAGMA synchronous = FULL")
             if create:
                 self.conn.executescript(SCHEMA)
@@ -144,11 +141,19 @@ class MetadataStore:
             found.update(row[0] for row in rows)
         return found
 
+    def stored_forms(self, labels: Sequence[str]) -> list[str]:
+        """The labels as stored that are `labels` in normal form (rows stored before labels
+        were normalised may hold another form of a name), picked from the distinct labels
+        so that the rows are then found through the label index, not a scan of them all."""
+        wanted = {normal_form(label) for label in labels}
+        distinct = self.conn.execute("SELECT DISTINCT label FROM images")
+        return [stored for (stored,) in distinct if normal_form(stored) in wanted]
+
     def ids_with_labels(self, labels: Sequence[str]) -> list[int]:
         ids: list[int] = []
-        for chunk in _chunks([normal_form(label) for label in labels]):
+        for chunk in _chunks(self.stored_forms(labels)):
             marks = ",".join("?" * len(chunk))
-            rows = self.conn.execute(f"SELECT id FROM images WHERE nfc(label) IN ({marks})", chunk)
+            rows = self.conn.execute(f"SELECT id FROM images WHERE label IN ({marks})", chunk)
             ids.extend(row[0] for row in rows)
         return ids
 
@@ -163,8 +168,9 @@ class MetadataStore:
         return np.asarray(sorted(deleted), dtype=np.int64)
 
     def relabel(self, old: str, new: str) -> int:
-        query = "UPDATE images SET label = ? WHERE nfc(label) = ?"
-        return self.conn.execute(query, (new, normal_form(old))).rowcount
+        forms = self.stored_forms([old])  # one form, or a few from older versions
+        query = f"UPDATE images SET label = ? WHERE label IN ({','.join('?' * len(forms))})"
+        return self.conn.execute(query, (new, *forms)).rowcount
 
     def count(self) -> int:
         return self.conn.execute("SELECT COUNT(*) FROM images").fetchone()[0]
@@ -175,11 +181,11 @@ class MetadataStore:
 
     def entries(self, label: str | None = None) -> list[ImageEntry]:
         query = "SELECT id, path, label, sha256, added_at FROM images"
-        rows = (
-            self.conn.execute(query + " WHERE nfc(label) = ? ORDER BY id", (normal_form(label),))
-            if label is not None
-            else self.conn.execute(query + " ORDER BY id")
-        )
+        if label is None:
+            return [ImageEntry(*row) for row in self.conn.execute(query + " ORDER BY id")]
+        forms = self.stored_forms([label])
+        marks = ",".join("?" * len(forms))
+        rows = self.conn.execute(query + f" WHERE label IN ({marks}) ORDER BY id", forms)
         return [ImageEntry(*row) for row in rows]
 
     def id_labels(self) -> tuple[np.ndarray, np.ndarray]:
