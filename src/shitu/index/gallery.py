@@ -261,9 +261,7 @@ class Gallery:
         if k < 1:
             raise GalleryError(f"k must be at least 1, got {k}")
         queries = self._prepare(vectors)
-        if not np.isfinite(queries).all():  # their scores would rank nothing
-            bad = np.flatnonzero(~np.isfinite(queries).all(axis=1))
-            raise GalleryError(f"{self.root}: search: query rows {_rows(bad)} contain NaN or inf")
+        self._refuse_non_finite(queries, "search: query rows")  # they would rank nothing
         self._swap.acquire_read()  # one generation's index and labels
         try:
             self._check_usable(sqlite=False)  # not closed while this waited
@@ -283,24 +281,34 @@ class Gallery:
         """[N, dim] contiguous float32 rows (`dim` the library's unless given), normalised
         where the library normalises unless `normalize` says otherwise."""
         dim = self.manifest.embedding_dim if dim is None else dim
-        expected = f"{self.root}: expected a float array of shape [N, {dim}] or [{dim}]"
+
+        def refused(got: str) -> GalleryError:  # the message is made only when needed
+            return GalleryError(
+                f"{self.root}: expected a float array of shape [N, {dim}] or [{dim}], got {got}"
+            )
+
         if isinstance(vectors, str | bytes):
-            raise GalleryError(f"{expected}, got the string {vectors!r:.40}")
+            raise refused(f"the string {vectors!r:.40}")
         try:
             array = np.asarray(vectors, dtype=np.float32)
             if not array.ndim:  # one number, or None
                 raise TypeError
         except (TypeError, ValueError):  # text, ragged lists, objects
-            raise GalleryError(
-                f"{expected}, got {type(vectors).__name__} {vectors!r:.40}"
-            ) from None
+            raise refused(f"{type(vectors).__name__} {vectors!r:.40}") from None
         if array.ndim == 1:
             array = array[None]
         if array.ndim != 2 or array.shape[1] != dim:
-            raise GalleryError(f"{expected}, got shape {list(np.shape(vectors))}")
+            raise refused(f"shape {list(np.shape(vectors))}")
         if self.manifest.normalize if normalize is None else normalize:
             array = l2_normalize(array)
         return np.ascontiguousarray(array)
+
+    def _refuse_non_finite(self, rows: np.ndarray, named: str) -> None:
+        """A GalleryError naming the rows (`named`: how the message calls them) that hold
+        NaN or inf; one check of the whole array when there are none."""
+        if not np.isfinite(rows).all():
+            bad = np.flatnonzero(~np.isfinite(rows).all(axis=1))
+            raise GalleryError(f"{self.root}: {named} {_rows(bad)} contain NaN or inf")
 
     def _stored_features(
         self, features: np.ndarray, where: str, dim: int | None = None
@@ -308,9 +316,7 @@ class Gallery:
         """Features as stored and indexed (`dim`: their size, the library's by default),
         refused if any row has NaN or inf, or, in a library that normalises, no direction."""
         raw = self._prepare(features, dim, normalize=False)
-        bad = np.flatnonzero(~np.isfinite(raw).all(axis=1))
-        if len(bad):
-            raise GalleryError(f"{self.root}: {where}: rows {_rows(bad)} contain NaN or inf")
+        self._refuse_non_finite(raw, f"{where}: rows")
         if not self.manifest.normalize:
             return raw
         vectors = l2_normalize(raw)
