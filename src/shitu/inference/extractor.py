@@ -93,8 +93,8 @@ class FeatureExtractor:
         The fingerprint is the export's for fp32 on either backend; other precisions give
         different features, so they get their own fingerprint.
         """
-        if workers is not None and (not isinstance(workers, int) or workers < 1):
-            raise ConfigError(f"workers: expected a whole number >= 1 (or None), got {workers!r}")
+        if workers is not None:  # None: a share of the cores
+            check_count(workers, "workers")
         model_dir = Path(model_dir)
         manifest = read_manifest(model_dir)
         score_thres = _score_thres(model_dir, manifest)  # a rebuilt cache entry has none
@@ -148,7 +148,7 @@ class FeatureExtractor:
 
     def extract_images(self, images: Sequence[np.ndarray], batch_size: int = 32) -> np.ndarray:
         """RGB uint8 HxWx3 arrays (e.g. detector crops) -> float32 [N, D], L2-normalised."""
-        check_batch_size(batch_size)
+        check_count(batch_size, "batch_size")
         images = image_list(images)
         prep = self._preprocessing
         chunks = []
@@ -161,7 +161,7 @@ class FeatureExtractor:
         self, paths: Sequence[str | Path], batch_size: int = 32, progress: bool = False
     ) -> ExtractionResult:
         """Embed image files in order; unreadable ones are skipped and listed in `failures`."""
-        check_batch_size(batch_size)
+        check_count(batch_size, "batch_size")
         names = path_list(paths)
         window = 2 * batch_size + self.workers  # decoded ahead: bounded memory
         features: list[np.ndarray] = []
@@ -215,11 +215,11 @@ class FeatureExtractor:
         return np.zeros((0, self.embedding_size), np.float32)
 
 
-def check_batch_size(batch_size: int) -> None:
-    """A ConfigError unless `batch_size` is a whole number >= 1 (0 or less would embed
-    nothing, or fail deep inside)."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, Integral) or batch_size < 1:
-        raise ConfigError(f"batch_size: expected a whole number >= 1, got {batch_size!r}")
+def check_count(value: int, name: str) -> None:
+    """A ConfigError naming `name` unless `value` is a whole number >= 1 (a batch size or a
+    number of threads of 0 or less would embed nothing, or fail deep inside)."""
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
+        raise ConfigError(f"{name}: expected a whole number >= 1, got {value!r}")
 
 
 def _score_thres(model_dir: Path, manifest: dict) -> float | None:

@@ -32,7 +32,7 @@ from shitu.detection.postprocess import nms
 from shitu.errors import CheckpointError, ConfigError
 from shitu.image_files import path_list
 from shitu.index import Gallery
-from shitu.inference.extractor import FeatureExtractor, check_batch_size
+from shitu.inference.extractor import FeatureExtractor, check_count
 from shitu.inference.preprocess import read_rgb
 from shitu.pipeline.background import PlainBackgroundDetector
 from shitu.pipeline.config import (
@@ -142,7 +142,7 @@ class Recognizer:
                 "not cosine similarity, so no score_thres means anything on it; build the "
                 "library with normalize (the default) to recognise with it"
             )
-        check_batch_size(batch_size)
+        check_count(batch_size, "batch_size")
         self.extractor = extractor
         self.gallery = gallery
         self.detector = detector
