@@ -127,10 +127,12 @@ def _validate_components(config: ShituConfig) -> None:
             for index, item in enumerate(items):
                 ((name, params),) = item.items()
                 where = f"Loss.{split}.{index}.{name}"
-                # `weight` and `input_key` belong to the combiner, not to the loss.
-                _check(where, lambda p=params: split_loss_params(p))
-                _, loss_params = split_loss_params(params)
-                _check(where, lambda n=name, p=loss_params: registry.LOSSES.validate(n, p))
+                # `weight` and `input_key` belong to the combiner (checked as they are
+                # split off), the rest to the loss.
+                _check(
+                    where,
+                    lambda n=name, p=params: registry.LOSSES.validate(n, split_loss_params(p)[1]),
+                )
     if config.DataLoader is not None:
         splits = {"Train": config.DataLoader.Train}
         if config.DataLoader.Eval is not None:
