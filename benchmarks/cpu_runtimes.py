@@ -16,7 +16,6 @@ the best of the rounds, and the largest feature difference from onnxruntime.
 
 from __future__ import annotations
 
-import argparse
 import platform
 import statistics
 import sys
@@ -31,6 +30,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from arguments import benchmark_parser  # noqa: E402
 from common import model_dir  # noqa: E402
 
 from shitu.config import load_config  # noqa: E402
@@ -79,13 +79,13 @@ def images_per_s(run: Runner, batch: np.ndarray, seconds: float) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = benchmark_parser(__doc__)
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--model", help="exported model folder (default: the shipped model)")
     which.add_argument("--pplcnet", action="store_true", help="PP-LCNetV2_base, random weights")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads per runtime")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 32], help="batch sizes")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
     parser.add_argument("--seconds", type=float, default=3.0, help="per runtime, batch, round")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

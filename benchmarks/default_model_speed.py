@@ -14,7 +14,6 @@ alike; the table gives median and best round.
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import shutil
@@ -26,6 +25,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from arguments import benchmark_parser  # noqa: E402
 from feature_extraction import grocery_images, ours, timed  # noqa: E402
 
 from shitu.inference import default_model_dir, read_manifest  # noqa: E402
@@ -48,12 +48,14 @@ def int8_copy(fp32_dir: Path, out: Path, calibration: list[str]) -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
-    parser.add_argument("--images", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--int8-calibration", type=int, default=64)
+    parser = benchmark_parser(__doc__)
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 32], help="batch sizes")
+    parser.add_argument("--images", type=int, default=128, help="Grocery Store JPEGs timed")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
+    parser.add_argument(
+        "--int8-calibration", type=int, default=64, help="photos that calibrate the int8 model"
+    )
     parser.add_argument(
         "--model", type=Path, help="a `shitu export` folder to time instead of the default model"
     )

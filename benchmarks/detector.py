@@ -8,13 +8,13 @@ when given). Random weights are fine for speed; the mainbody architecture runs a
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from arguments import benchmark_parser
 
 from shitu.detection import OnnxDetector, TorchDetector, build_picodet, load_detector
 from shitu.detection.export import export_onnx
@@ -29,9 +29,9 @@ def ms_per_image(detector, image: np.ndarray, repeats: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--onnx", action="append", default=[], help="extra ONNX detectors")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per image")
     parser.add_argument("--threads", type=int, default=1, help="torch and onnxruntime threads")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -15,11 +15,11 @@ measurable stand-in for "IoU >= 0.5 with the product".
 
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 
 import numpy as np
+from arguments import benchmark_parser
 from tqdm import tqdm
 
 from shitu.detection import load_detector
@@ -35,7 +35,7 @@ def split(root: Path, name: str) -> tuple[list[Path], np.ndarray]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--model", required=True, help="detector (ONNX / checkpoint)")
     parser.add_argument("--rec-model", help="exported recogniser (default: the shipped one)")
     parser.add_argument(
@@ -43,9 +43,15 @@ def main() -> None:
         default=os.environ.get(
             "SHITU_GROCERY_ROOT", str(ROOT.parent / "shared" / "datasets" / "grocery_store")
         ),
+        help="Grocery Store folder",
     )
-    parser.add_argument("--threshold", type=float, default=0.3)
-    parser.add_argument("--min-coverage", type=float, default=0.3)
+    parser.add_argument("--threshold", type=float, default=0.3, help="lowest box score")
+    parser.add_argument(
+        "--min-coverage",
+        type=float,
+        default=0.3,
+        help="box area over image area for a photo to count as covered",
+    )
     args = parser.parse_args()
 
     root = Path(args.data)

@@ -19,7 +19,6 @@ without a training run; --weights takes a trained checkpoint of the config's mod
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from arguments import benchmark_parser
 
 from shitu.config import load_config
 from shitu.data.transforms import build_transforms
@@ -47,13 +47,24 @@ def split(root: Path, name: str) -> tuple[list[Path], np.ndarray]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("-c", "--config", default="GroceryStore_EfficientNetLite0")
-    parser.add_argument("-o", "--override", nargs="+", default=[])
+    parser = benchmark_parser(__doc__)
+    parser.add_argument(
+        "-c",
+        "--config",
+        default="GroceryStore_EfficientNetLite0",
+        help="training config of the model",
+    )
+    parser.add_argument(
+        "-o", "--override", nargs="+", default=[], help="KEY=VALUE config overrides"
+    )
     parser.add_argument("--weights", help="trained weights of the config's model")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--fidelity-images", type=int, default=128)
-    parser.add_argument("--calibration-images", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads")
+    parser.add_argument(
+        "--fidelity-images", type=int, default=128, help="val photos whose features are compared"
+    )
+    parser.add_argument(
+        "--calibration-images", type=int, default=128, help="photos that calibrate the int8 model"
+    )
     parser.add_argument("--work", type=Path, help="export folder (default: temporary)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -19,7 +19,6 @@ the best round. Feature differences are on L2-normalised features, against Paddl
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -38,6 +37,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
+from arguments import benchmark_parser  # noqa: E402
 from deploy_preprocess import batch as deploy_batch  # noqa: E402
 
 from shitu.config import load_config  # noqa: E402
@@ -157,11 +157,11 @@ def ours(model: Path, threads: int, batch: int, **options) -> Callable[[list[str
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
-    parser.add_argument("--images", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser = benchmark_parser(__doc__)
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 32], help="batch sizes")
+    parser.add_argument("--images", type=int, default=128, help="Grocery Store JPEGs timed")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
     parser.add_argument("--torch", action="store_true", help="also time the torch backend")
     parser.add_argument("--work", type=Path, help="model cache (default: a temporary folder)")
     args = parser.parse_args()

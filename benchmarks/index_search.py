@@ -13,13 +13,13 @@ Prints a Markdown table.
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
 
 import faiss
 import numpy as np
+from arguments import benchmark_parser
 
 from shitu.index import Gallery
 
@@ -87,17 +87,21 @@ def recall_at(found: np.ndarray, truth: np.ndarray) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[100_000])
-    parser.add_argument("--types", nargs="+", default=["Flat", "HNSW32", "IVFPQ"])
-    parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--queries", type=int, default=1000)
-    parser.add_argument("--k", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser = benchmark_parser(__doc__)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100_000], help="gallery sizes")
+    parser.add_argument(
+        "--types", nargs="+", default=["Flat", "HNSW32", "IVFPQ"], help="index types"
+    )
+    parser.add_argument("--dim", type=int, default=512, help="vector dimension")
+    parser.add_argument("--queries", type=int, default=1000, help="query vectors")
+    parser.add_argument("--k", type=int, default=10, help="results per query")
+    parser.add_argument("--threads", type=int, default=2, help="Faiss threads")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs, best kept")
     parser.add_argument("--ef-search", type=int, help="HNSW search depth (library default 64)")
     parser.add_argument("--nprobe", type=int, help="IVF lists searched (default nlist/16, >= 8)")
-    parser.add_argument("--workdir", type=Path, default=None, help="where libraries are built")
+    parser.add_argument(
+        "--workdir", type=Path, help="where libraries are built (default: a temporary folder)"
+    )
     args = parser.parse_args()
     faiss.omp_set_num_threads(args.threads)
     options = {

@@ -25,7 +25,6 @@ on a sweep of `--step`.
 
 from __future__ import annotations
 
-import argparse
 import atexit
 import csv
 import shutil
@@ -33,6 +32,8 @@ import sys
 import tempfile
 from collections import defaultdict
 from pathlib import Path
+
+from arguments import benchmark_parser
 
 from shitu.index import Gallery, GalleryItem
 from shitu.inference import FeatureExtractor, default_model_dir
@@ -74,11 +75,17 @@ def protocols(root: Path) -> dict[str, tuple[list[GalleryItem], list[GalleryItem
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--model", action="append", help="export folder (repeatable)")
-    parser.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.6, 0.7, 0.8])
+    parser.add_argument(
+        "--thresholds",
+        type=float,
+        nargs="+",
+        default=[0.5, 0.6, 0.7, 0.8],
+        help="score thresholds tabled",
+    )
     parser.add_argument("--step", type=float, default=0.05, help="sweep step for the best")
-    parser.add_argument("--dataset", type=Path, default=DATASET)
+    parser.add_argument("--dataset", type=Path, default=DATASET, help="Grocery Store folder")
     parser.add_argument("--work", type=Path, help="keep the gallery libraries here")
     args = parser.parse_args()
     if not (args.dataset / "train.txt").is_file():

@@ -11,11 +11,11 @@ installed, else the default architecture (PP-LCNetV2 base) is exported with rand
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
 
+from arguments import benchmark_parser
 from common import model_dir, random_gallery
 
 from shitu.demo import make_demo_set
@@ -40,11 +40,11 @@ def ms_per_image(recognizer: Recognizer, path: Path, repeats: int) -> tuple[floa
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--model", help="exported model folder")
     parser.add_argument("--picodet", default=str(PICODET), help="PicoDet ONNX (skipped if absent)")
-    parser.add_argument("--gallery-size", type=int, default=10000)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--gallery-size", type=int, default=10000, help="random gallery vectors")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per photo")
     parser.add_argument("--threads", type=int, default=1, help="model and detector threads")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp_name:

@@ -6,11 +6,11 @@ Prints a Markdown table: images/s (median of repeats) and the largest output cha
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
 import torch
+from arguments import benchmark_parser
 
 from shitu.config.schema import ArchConfig
 from shitu.models import build_model
@@ -28,12 +28,14 @@ def images_per_second(model: torch.nn.Module, batch: torch.Tensor, repeats: int)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--scales", nargs="+", default=["small", "base", "large"])
+    parser = benchmark_parser(__doc__)
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 32], help="batch sizes")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs, median kept")
+    parser.add_argument("--size", type=int, default=224, help="input size in pixels")
+    parser.add_argument(
+        "--scales", nargs="+", default=["small", "base", "large"], help="PP-LCNetV2 scales"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

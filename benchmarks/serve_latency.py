@@ -13,7 +13,6 @@ exported with random weights.
 
 from __future__ import annotations
 
-import argparse
 import select
 import signal
 import subprocess
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from arguments import benchmark_parser
 from common import model_dir, random_gallery
 
 from shitu.demo import make_demo_set
@@ -95,11 +95,15 @@ def load(url: str, photo: bytes, clients: int, requests: int, seconds: float) ->
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--model", help="exported model folder")
-    parser.add_argument("--gallery-size", type=int, default=10000)
-    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--max-batch", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--gallery-size", type=int, default=10000, help="random gallery vectors")
+    parser.add_argument(
+        "--clients", type=int, nargs="+", default=[1, 4, 16], help="concurrent clients"
+    )
+    parser.add_argument(
+        "--max-batch", type=int, nargs="+", default=[1, 8], help="the service's --max-batch values"
+    )
     parser.add_argument("--requests", type=int, default=100, help="requests per row")
     parser.add_argument("--seconds", type=float, default=60, help="longest time per row")
     parser.add_argument("--threads", type=int, help="model threads (default: the runtime's)")

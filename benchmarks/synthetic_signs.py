@@ -16,7 +16,6 @@ recall@1, recall@5 and mAP per model (`shitu.evaluation.RetrievalEvaluator`, cos
 
 from __future__ import annotations
 
-import argparse
 import atexit
 import random
 import shutil
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from arguments import benchmark_parser
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont
 
 from shitu.evaluation import RetrievalEvaluator
@@ -223,11 +223,11 @@ def make_signs(folder: Path, per_class: int, seed: int) -> tuple[list[Path], np.
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--model", action="append", help="export folder (repeatable)")
-    parser.add_argument("--per-class", type=int, default=30)
-    parser.add_argument("--gallery-per-class", type=int, default=5)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--per-class", type=int, default=30, help="photos drawn per sign")
+    parser.add_argument("--gallery-per-class", type=int, default=5, help="of them, gallery photos")
+    parser.add_argument("--seed", type=int, default=0, help="drawing seed")
     parser.add_argument("--work", type=Path, help="keep the drawn photos here")
     args = parser.parse_args()
     if not 0 < args.gallery_per_class < args.per_class:

@@ -15,7 +15,6 @@ keeping freed memory (`shitu.runtime.keep_freed_memory`); `--layout nchw` and
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import multiprocessing
 import resource
@@ -23,6 +22,7 @@ import statistics
 import time
 
 import torch
+from arguments import benchmark_parser
 
 from shitu.config import load_config
 from shitu.engine.optim import build_optimizer
@@ -101,17 +101,31 @@ def measure(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = benchmark_parser(__doc__)
     parser.add_argument(
-        "-c", "--configs", nargs="+", default=["GeneralRecognitionV2_PPLCNetV2_base"]
+        "-c",
+        "--configs",
+        nargs="+",
+        default=["GeneralRecognitionV2_PPLCNetV2_base"],
+        help="training configs",
     )
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--amp", nargs="+", default=["off"], choices=["off", "bf16", "fp16"])
-    parser.add_argument("--layout", nargs="+", default=["nhwc"], choices=["nhwc", "nchw"])
-    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--batch", type=int, default=64, help="images per step")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps")
+    parser.add_argument(
+        "--amp", nargs="+", default=["off"], choices=["off", "bf16", "fp16"], help="precisions"
+    )
+    parser.add_argument(
+        "--layout", nargs="+", default=["nhwc"], choices=["nhwc", "nchw"], help="memory layouts"
+    )
+    parser.add_argument("--size", type=int, default=224, help="input size in pixels")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
-    parser.add_argument("--allocator", nargs="+", default=["keep"], choices=["keep", "glibc"])
+    parser.add_argument(
+        "--allocator",
+        nargs="+",
+        default=["keep"],
+        choices=["keep", "glibc"],
+        help="memory allocators",
+    )
     args = parser.parse_args()
     if torch.cuda.is_available():
         where = torch.cuda.get_device_name()

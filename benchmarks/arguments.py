@@ -1,0 +1,29 @@
+"""The command line every benchmark shares, so that `--help` reads the same everywhere.
+
+Benchmarks run as scripts (`python benchmarks/NAME.py`), so they import this as `arguments`.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Shows each option's default after its help, unless there is none or the help already
+    says what it is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        default = action.default
+        if default is None or default is False or default == argparse.SUPPRESS:
+            return help_text
+        if "default" in help_text:
+            return help_text
+        shown = " ".join(map(str, default)) if isinstance(default, list) else "%(default)s"
+        return f"{help_text} (default: {shown})"
+
+
+def benchmark_parser(doc: str) -> argparse.ArgumentParser:
+    """A parser described by the first paragraph of the benchmark's docstring `doc`."""
+    summary = " ".join(doc.split("\n\n")[0].split())
+    return argparse.ArgumentParser(description=summary, formatter_class=_DefaultsFormatter)

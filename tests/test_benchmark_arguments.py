@@ -1,0 +1,67 @@
+"""The benchmarks' shared command line: a whole description and every default in --help."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _benchmark_parser():
+    spec = importlib.util.spec_from_file_location("arguments", BENCHMARKS / "arguments.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.benchmark_parser
+
+
+DOC = """What this benchmark measures, in a first paragraph
+that wraps onto a second line.
+
+Details that --help leaves to the script's docstring.
+"""
+
+
+def test_description_is_the_whole_first_paragraph() -> None:
+    parser = _benchmark_parser()(DOC)
+    assert parser.description == (
+        "What this benchmark measures, in a first paragraph that wraps onto a second line."
+    )
+    assert "Details" not in parser.format_help()
+
+
+def test_help_shows_defaults_zero_and_lists_included() -> None:
+    parser = _benchmark_parser()(DOC)
+    parser.add_argument("--seed", type=int, default=0, help="drawing seed")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 32], help="batch sizes")
+    parser.add_argument("--work", help="keep files here")
+    parser.add_argument("--threads", type=int, help="threads (default: all)")
+    parser.add_argument("--torch", action="store_true", help="also time torch")
+    text = " ".join(parser.format_help().split())
+    assert "drawing seed (default: 0)" in text
+    assert "batch sizes (default: 1 32)" in text
+    assert "keep files here --threads" in text  # no "(default: None)"
+    assert "threads (default: all) --torch" in text  # not said twice
+    assert text.endswith("also time torch")
+
+
+def test_every_benchmark_option_has_help() -> None:
+    """Each script builds its parser with `benchmark_parser` and says what each option is."""
+    missing = []
+    for script in sorted(BENCHMARKS.glob("*.py")):
+        tree = ast.parse(script.read_text())
+        calls = [node for node in ast.walk(tree) if isinstance(node, ast.Call)]
+        options = [
+            call
+            for call in calls
+            if isinstance(call.func, ast.Attribute) and call.func.attr == "add_argument"
+        ]
+        if not options or script.name == "arguments.py":
+            continue
+        if not any(isinstance(c.func, ast.Name) and c.func.id == "benchmark_parser" for c in calls):
+            missing.append(f"{script.name}: parser not from benchmark_parser")
+        for option in options:
+            if not any(keyword.arg == "help" for keyword in option.keywords):
+                missing.append(f"{script.name}: {ast.literal_eval(option.args[-1])}")
+    assert missing == []
