@@ -22,6 +22,9 @@ TORCH_SUFFIXES = (".pt", ".pth")
 WEIGHT_SUFFIXES = (".safetensors", *TORCH_SUFFIXES, ".pdparams")
 REPARAMETERIZED = "shitu.reparameterized"
 ARCH = "shitu.arch"  # the Arch config that built the weights, as JSON
+# The "format" entry of shitu.detection's checkpoints starts with this (defined here, below
+# it, so that recognition loading can refuse them without importing detection).
+DETECTOR_FORMAT_PREFIX = "shitu-picodet"
 
 logger = logging.getLogger(__name__)
 
@@ -104,8 +107,10 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
         except Exception as exc:  # torch raises many types for corrupt files
             raise CheckpointError(f"{path} is not a readable torch checkpoint: {exc}") from None
         metadata = {}
-        if isinstance(data, dict) and str(data.get("format", "")).startswith("shitu-picodet"):
-            raise CheckpointError(  # shitu.detection's format (not imported: it sits above)
+        if isinstance(data, dict) and str(data.get("format", "")).startswith(
+            DETECTOR_FORMAT_PREFIX
+        ):
+            raise CheckpointError(
                 f"{path} is a PicoDet detector checkpoint, not the weights of a recognition "
                 "model (`shitu detect --model` takes it)"
             )

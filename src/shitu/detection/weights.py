@@ -18,12 +18,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from shitu.checkpoint.io import DETECTOR_FORMAT_PREFIX
 from shitu.checkpoint.paddle import read_pdparams
 from shitu.detection.model import ARCHS, PicoDet, PicoDetArch, build_picodet, resolve_arch
 from shitu.errors import CheckpointError
 from shitu.onnx_input import graph_input_shape, image_input_size
 
-CHECKPOINT_FORMAT = "shitu-picodet-1"
+CHECKPOINT_FORMAT = f"{DETECTOR_FORMAT_PREFIX}-1"
 
 
 def save_detector(model: PicoDet, path: str | Path) -> Path:
