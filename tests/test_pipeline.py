@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -512,6 +513,27 @@ def test_open_set_evaluation_and_its_threshold_sweep_agree_with_the_pipeline(set
         closed = evaluate_pipeline(rec, setup["queries"], sweep=[0.0, 0.5])
     assert closed.rejection is None and closed.best_threshold() is None
     assert "rejection" not in closed.to_dict()
+
+
+def test_query_labels_are_compared_as_the_library_stores_them(setup, tmp_path):
+    """A folder-per-label tree from macOS names a product in NFD (its accent a separate code
+    point); the library stores NFC: the same product, not an unknown one."""
+    shutil.copytree(setup["library"], tmp_path / "library")
+    first = setup["queries"][0].label
+    stored = unicodedata.normalize("NFC", f"Crème {first}")
+    with Gallery.open(tmp_path / "library", embedder=setup["extractor"]) as gallery:
+        gallery.relabel(first, stored)
+        rec = Recognizer(setup["extractor"], gallery)
+        relabelled = [
+            GalleryItem(q.path, stored if q.label == first else q.label) for q in setup["queries"]
+        ]
+        expected = evaluate_pipeline(rec, relabelled)
+        as_folders = [
+            GalleryItem(q.path, unicodedata.normalize("NFD", q.label) + " ") for q in relabelled
+        ]
+        report = evaluate_pipeline(rec, as_folders)
+    assert report.to_dict() == expected.to_dict() and report.unknown_queries == 0
+    assert report.mistakes == expected.mistakes  # none "expected 'Crème X', got 'Crème X'"
 
 
 def test_eval_pipeline_cli_sweep_reports_every_threshold_and_the_best(setup, tmp_path, capsys):
