@@ -686,6 +686,18 @@ def test_wrong_detector_and_model_settings_name_the_setting_and_the_way_out(tmp_
         )
     paddle_model = tmp_path / "paddle_model"  # e.g. a PaddleClas inference folder
     paddle_model.mkdir()
+    with pytest.raises(
+        ConfigError, match=r"\(--detector\): is a folder, not a file: .*paddle_model"
+    ):
+        Recognizer.from_config(
+            load_pipeline_config(
+                None,
+                [
+                    f"Global.det_inference_model_dir={paddle_model}",
+                    f"IndexProcess.index_dir={tmp_path}",
+                ],
+            )
+        )
     settings = [
         f"Global.rec_inference_model_dir={paddle_model}",
         f"IndexProcess.index_dir={tmp_path}",
