@@ -30,6 +30,7 @@ from shitu.pipeline import (
     PipelineEvaluation,
     PlainBackgroundDetector,
     Recognizer,
+    build_detector,
     evaluate_pipeline,
     load_pipeline_config,
 )
@@ -652,6 +653,14 @@ def test_pipeline_config_reads_paddleclas_files_and_overrides(tmp_path):
     assert config.IndexProcess.score_thres == 0.6 and config.detector is None
     assert config.Global.rec_inference_model_dir == "./rec" and config.Global.cpu_num_threads == 10
     assert load_pipeline_config("inference_general").IndexProcess.score_thres is None  # the model's
+
+    def detector(keyword: str) -> object:
+        return build_detector(
+            load_pipeline_config(None, [f"Global.det_inference_model_dir={keyword}"])
+        )
+
+    assert detector("NONE") is None  # keywords in any case
+    assert isinstance(detector("Plain-Background"), PlainBackgroundDetector)
     with pytest.raises(ConfigError, match=r"Global.treshold: unknown key"):
         load_pipeline_config(paddle, ["Global.treshold=0.3"])
     with pytest.raises(ConfigError, match=r"score_thres.*set by -o IndexProcess.score_thres=2"):
