@@ -458,6 +458,9 @@ def test_eval_pipeline_cli_flags_gallery_photos_and_fails_when_nothing_was_measu
     assert report["recall@1"] is None and report["balanced_accuracy"] is None
     assert shitu_main(["eval-pipeline", "--queries", str(labels), *common, "--sweep", "0.5"]) == 0
     assert "no query has a label in the gallery" in capsys.readouterr().out
+    assert shitu_main(["eval-pipeline", "--queries", str(labels), *common, "--score-thres=-1"]) == 0
+    wrong = capsys.readouterr().out.splitlines()[0]  # at -1 it is recognised as something
+    assert "expected nothing ('Not In The Gallery' is not in the gallery), got '" in wrong
 
 
 UNKNOWN = "Not In The Gallery"
