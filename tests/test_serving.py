@@ -104,7 +104,8 @@ def test_recognize_matches_the_pipeline_and_finds_every_product(serving_library,
     assert sorted(r["label"] for r in expected) == sorted(products)
 
     encoded = base64.b64encode(path.read_bytes()).decode()
-    for text in (encoded, f"data:image/jpeg;base64,{encoded}"):
+    wrapped = base64.encodebytes(path.read_bytes()).decode()  # as `base64 FILE`: 76 a line
+    for text in (encoded, f"data:image/jpeg;base64,{encoded}", wrapped):
         as_json = client.post("/v1/recognize", json={"image": text})
         assert as_json.status_code == 200, as_json.text
         assert as_json.json() == {"results": expected}
