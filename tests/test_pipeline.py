@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,7 @@ from shitu.pipeline import (
     PipelineEvaluation,
     PlainBackgroundDetector,
     Recognizer,
+    build_detector,
     evaluate_pipeline,
     load_pipeline_config,
 )
@@ -456,6 +458,9 @@ def test_eval_pipeline_cli_flags_gallery_photos_and_fails_when_nothing_was_measu
     assert report["recall@1"] is None and report["balanced_accuracy"] is None
     assert shitu_main(["eval-pipeline", "--queries", str(labels), *common, "--sweep", "0.5"]) == 0
     assert "no query has a label in the gallery" in capsys.readouterr().out
+    assert shitu_main(["eval-pipeline", "--queries", str(labels), *common, "--score-thres=-1"]) == 0
+    wrong = capsys.readouterr().out.splitlines()[0]  # at -1 it is recognised as something
+    assert "expected nothing ('Not In The Gallery' is not in the gallery), got '" in wrong
 
 
 UNKNOWN = "Not In The Gallery"
@@ -512,6 +517,27 @@ def test_open_set_evaluation_and_its_threshold_sweep_agree_with_the_pipeline(set
         closed = evaluate_pipeline(rec, setup["queries"], sweep=[0.0, 0.5])
     assert closed.rejection is None and closed.best_threshold() is None
     assert "rejection" not in closed.to_dict()
+
+
+def test_query_labels_are_compared_as_the_library_stores_them(setup, tmp_path):
+    """A folder-per-label tree from macOS names a product in NFD (its accent a separate code
+    point); the library stores NFC: the same product, not an unknown one."""
+    shutil.copytree(setup["library"], tmp_path / "library")
+    first = setup["queries"][0].label
+    stored = unicodedata.normalize("NFC", f"Crème {first}")
+    with Gallery.open(tmp_path / "library", embedder=setup["extractor"]) as gallery:
+        gallery.relabel(first, stored)
+        rec = Recognizer(setup["extractor"], gallery)
+        relabelled = [
+            GalleryItem(q.path, stored if q.label == first else q.label) for q in setup["queries"]
+        ]
+        expected = evaluate_pipeline(rec, relabelled)
+        as_folders = [
+            GalleryItem(q.path, unicodedata.normalize("NFD", q.label) + " ") for q in relabelled
+        ]
+        report = evaluate_pipeline(rec, as_folders)
+    assert report.to_dict() == expected.to_dict() and report.unknown_queries == 0
+    assert report.mistakes == expected.mistakes  # none "expected 'Crème X', got 'Crème X'"
 
 
 def test_eval_pipeline_cli_sweep_reports_every_threshold_and_the_best(setup, tmp_path, capsys):
@@ -630,6 +656,14 @@ def test_pipeline_config_reads_paddleclas_files_and_overrides(tmp_path):
     assert config.IndexProcess.score_thres == 0.6 and config.detector is None
     assert config.Global.rec_inference_model_dir == "./rec" and config.Global.cpu_num_threads == 10
     assert load_pipeline_config("inference_general").IndexProcess.score_thres is None  # the model's
+
+    def detector(keyword: str) -> object:
+        return build_detector(
+            load_pipeline_config(None, [f"Global.det_inference_model_dir={keyword}"])
+        )
+
+    assert detector("NONE") is None  # keywords in any case
+    assert isinstance(detector("Plain-Background"), PlainBackgroundDetector)
     with pytest.raises(ConfigError, match=r"Global.treshold: unknown key"):
         load_pipeline_config(paddle, ["Global.treshold=0.3"])
     with pytest.raises(ConfigError, match=r"score_thres.*set by -o IndexProcess.score_thres=2"):
@@ -664,6 +698,18 @@ def test_wrong_detector_and_model_settings_name_the_setting_and_the_way_out(tmp_
         )
     paddle_model = tmp_path / "paddle_model"  # e.g. a PaddleClas inference folder
     paddle_model.mkdir()
+    with pytest.raises(
+        ConfigError, match=r"\(--detector\): is a folder, not a file: .*paddle_model"
+    ):
+        Recognizer.from_config(
+            load_pipeline_config(
+                None,
+                [
+                    f"Global.det_inference_model_dir={paddle_model}",
+                    f"IndexProcess.index_dir={tmp_path}",
+                ],
+            )
+        )
     settings = [
         f"Global.rec_inference_model_dir={paddle_model}",
         f"IndexProcess.index_dir={tmp_path}",

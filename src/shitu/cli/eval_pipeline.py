@@ -66,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
     thresholds = sweep_thresholds(args.sweep) if args.sweep else []
     with Recognizer.from_config(config) as recognizer:
         report = evaluate_pipeline(recognizer, items, not args.no_progress, thresholds)
+        known = set(recognizer.gallery.label_counts())
     best = report.best_threshold()
     if report.in_gallery:
         print(
@@ -87,7 +88,9 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(output))
         return 0
     for path, truth, predicted in report.mistakes[:SHOWN_MISTAKES]:
-        print(f"wrong: {path}: expected {truth!r}, got {predicted or 'nothing'!r}")
+        # An unknown query's right answer is nothing, not its label.
+        expected = repr(truth) if truth in known else f"nothing ({truth!r} is not in the gallery)"
+        print(f"wrong: {path}: expected {expected}, got {predicted or 'nothing'!r}")
     for path, reason in report.unreadable[:SHOWN_MISTAKES]:
         print(f"skipped: {path}: {reason}")
     for key, value in report.to_dict().items():

@@ -114,9 +114,13 @@ class PipelineConfig(_Section):
 
     @property
     def detector(self) -> str | None:
-        """The detector path or keyword; None for the whole image only."""
+        """The detector path or PLAIN_BACKGROUND; None for the whole image only. Keywords
+        in any case, as `None` in a YAML file or `--detector None` is no detector."""
         value = self.Global.det_inference_model_dir
-        return None if value is None or value.lower() == NO_DETECTOR else value
+        keyword = None if value is None else value.lower()
+        if keyword == PLAIN_BACKGROUND:
+            return PLAIN_BACKGROUND
+        return None if keyword is None or keyword == NO_DETECTOR else value
 
 
 def load_pipeline_config(

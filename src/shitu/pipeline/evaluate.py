@@ -19,6 +19,7 @@ from pathlib import Path
 
 from shitu.fileio import file_sha256
 from shitu.index import GalleryItem
+from shitu.index.labels import check_label
 from shitu.pipeline.recognizer import Candidates, Recognizer
 
 
@@ -116,8 +117,8 @@ def evaluate_pipeline(
     for item, (path, candidates, error) in zip(items, files, strict=True):
         if candidates is None:
             unreadable.append((path, error or "unreadable"))
-        else:
-            scored.append((path, item.label, candidates))
+        else:  # as the library stores it: a folder name may be NFD (macOS) or padded
+            scored.append((path, check_label(item.label), candidates))
 
     def count(threshold: float) -> PipelineEvaluation:
         report = PipelineEvaluation(threshold, unreadable=unreadable, in_gallery=in_gallery)

@@ -104,9 +104,10 @@ def build_detector(config: PipelineConfig) -> MainbodyDetector | None:
         return None
     if name == PLAIN_BACKGROUND:
         return PlainBackgroundDetector()
-    if not Path(name).exists():
+    if not Path(name).is_file():  # PaddleClas configs name a Paddle inference folder here
+        problem = "is a folder, not a file" if Path(name).is_dir() else "no such file"
         raise ConfigError(
-            f"Global.det_inference_model_dir (--detector): no such file: {name}; give a "
+            f"Global.det_inference_model_dir (--detector): {problem}: {name}; give a "
             f"detector file (.onnx, .pt or .pdparams), '{NO_DETECTOR}' or '{PLAIN_BACKGROUND}'"
         )
     from shitu.detection import load_detector

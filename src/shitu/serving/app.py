@@ -30,7 +30,7 @@ from shitu.serving.errors import BadRequest, PayloadTooLarge, RequestError
 from shitu.serving.http import IMAGE_FIELD, BodyLimit, RawUploads, api_key_check, read_uploads
 from shitu.serving.images import decode_image
 from shitu.serving.metrics import CONTENT_TYPE, Metrics, MetricsMiddleware
-from shitu.serving.service import RecognitionService, Upload
+from shitu.serving.service import RecognitionService, Upload, check_label
 
 logger = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -312,10 +312,11 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
         )
         if "label" not in raw.fields:
             raise BadRequest("missing field 'label'")
+        label = check_label(raw.fields["label"])  # as stored (NFC), before any decoding
         uploads = await decode(raw)
-        outcome = await run_in_threadpool(service.add, raw.fields["label"], uploads)
+        outcome = await run_in_threadpool(service.add, label, uploads)
         return schemas.AddImagesResponse(
-            label=raw.fields["label"].strip(),
+            label=label,
             added=[image_out(e) for e in outcome.added],
             duplicates=outcome.duplicates,
         )
@@ -351,8 +352,9 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
     )
     async def rename_label(label: str, body: schemas.RenameLabel) -> schemas.RenamedResponse:
         """Rename a label; renaming onto an existing label merges the two."""
-        count = await run_in_threadpool(service.rename_label, label, body.label)
-        return schemas.RenamedResponse(old=label, new=body.label.strip(), count=count)
+        new = check_label(body.label)
+        count = await run_in_threadpool(service.rename_label, label, new)
+        return schemas.RenamedResponse(old=label, new=new, count=count)
 
     @app.post(
         "/v1/gallery/rebuild",

@@ -56,13 +56,14 @@ def decode_image(data: bytes, max_pixels: int, name: str = "image") -> np.ndarra
 
 
 def decode_base64(text: str, name: str) -> bytes:
-    """Base64 (plain, or a `data:image/...;base64,` URL) -> bytes."""
+    """Base64 (plain, or a `data:image/...;base64,` URL) -> bytes. Whitespace is left out:
+    `base64 photo.jpg` and MIME encoders wrap lines at 76 characters."""
     if text.startswith("data:"):
         header, _, text = text.partition(",")
         if not header.endswith(";base64"):
             raise BadRequest(f"{name}: a data URL must be base64-encoded")
     try:
-        return base64.b64decode(text, validate=True)
+        return base64.b64decode("".join(text.split()), validate=True)
     except (binascii.Error, ValueError):
         raise BadRequest(f"{name}: not valid base64") from None
 

@@ -12,7 +12,9 @@ class _Body(BaseModel):
 
 
 # --------------------------------------------------------------------------- JSON uploads
-BASE64_HELP = "base64 of the image file, or a data URL (data:image/jpeg;base64,...)"
+BASE64_HELP = (
+    "base64 of the image file (line breaks allowed), or a data URL (data:image/jpeg;base64,...)"
+)
 
 
 class RecognizeJSON(_Body):
