@@ -418,6 +418,26 @@ def test_save_vis_refuses_the_folder_of_the_input_photos(setup, grocery, tmp_pat
     assert photo.read_bytes() == original and (inside / "photo.jpg").is_file()
 
 
+def test_an_interrupted_annotated_copy_leaves_no_truncated_file(
+    setup, tmp_path, monkeypatch, capsys
+):
+    """Ctrl-C while a copy is written: no half JPEG under the copy's name, no stray file."""
+    photo = setup["queries"][0].path
+    vis = tmp_path / "vis"
+    real_save = Image.Image.save
+
+    def save_half_then_stop(image, target, *args, **kwargs):
+        real_save(image, target, *args, **kwargs)
+        Path(target).write_bytes(Path(target).read_bytes()[:100])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Image.Image, "save", save_half_then_stop)
+    common = ["--gallery", str(setup["library"]), "--model", str(setup["model"]), "--no-progress"]
+    assert shitu_main(["recognize", str(photo), *common, "--save-vis", str(vis)]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert list(vis.iterdir()) == []
+
+
 def test_eval_pipeline_cli_reports_the_pipeline_recall(setup, recognizer, capsys):
     with recognizer() as rec:
         expected = evaluate_pipeline(rec, setup["queries"]).to_dict()

@@ -13,6 +13,7 @@ from PIL import Image
 
 from shitu.config import ShituConfig, load_config, resolve_config_path
 from shitu.errors import ConfigError, DataError
+from shitu.fileio import write_atomically
 from shitu.image_files import IMAGE_SUFFIXES, scan_images
 from shitu.inference.backends import BACKENDS, PRECISIONS
 from shitu.inference.preprocess import read_rgb
@@ -247,9 +248,8 @@ class VisualisationWriter:
             number += 1
             name = f"{stem}_{number}.jpg"
         self.used.add(name)
-        target = self.folder / name
-        annotated.convert("RGB").save(target, quality=90)
-        return target
+        rgb = annotated.convert("RGB")  # whole or not at all, if the run is stopped mid-write
+        return write_atomically(self.folder / name, lambda tmp: rgb.save(tmp, "JPEG", quality=90))
 
     def save_recognition(self, found: FileRecognition) -> Path:
         """The photo of a recognition result with its boxes, labels and scores drawn."""
