@@ -106,7 +106,8 @@ def test_recognize_matches_the_pipeline_and_finds_every_product(serving_library,
 
     encoded = base64.b64encode(path.read_bytes()).decode()
     wrapped = base64.encodebytes(path.read_bytes()).decode()  # as `base64 FILE`: 76 a line
-    for text in (encoded, f"data:image/jpeg;base64,{encoded}", wrapped):
+    data_urls = (f"data:image/jpeg;base64,{encoded}", f"data:image/jpeg;BASE64,{encoded}")
+    for text in (encoded, *data_urls, wrapped):  # RFC 2397's "base64" in any case
         as_json = client.post("/v1/recognize", json={"image": text})
         assert as_json.status_code == 200, as_json.text
         assert as_json.json() == {"results": expected}

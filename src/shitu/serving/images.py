@@ -60,7 +60,7 @@ def decode_base64(text: str, name: str) -> bytes:
     `base64 photo.jpg` and MIME encoders wrap lines at 76 characters."""
     if text.startswith("data:"):
         header, _, text = text.partition(",")
-        if not header.endswith(";base64"):
+        if not header.lower().endswith(";base64"):  # RFC 2397: case-insensitive
             raise BadRequest(f"{name}: a data URL must be base64-encoded")
     try:
         return base64.b64decode("".join(text.split()), validate=True)
