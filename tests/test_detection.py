@@ -244,6 +244,11 @@ def test_detect_cli_writes_json_lines_and_images(tmp_path: Path, capsys) -> None
     assert {"dog", "bicycle", "car"} <= {box["label"] for box in line["boxes"]}
     assert shitu_main(["detect", str(folder / "broken.jpg"), "--model", str(ONNX_416)]) == 1
     capsys.readouterr()
+    bom_names = tmp_path / "bom.names"  # as Notepad saves it: a BOM first, not in "person"
+    bom_names.write_text((PICODET / "coco.names").read_text(), encoding="utf-8-sig")
+    bus = ["detect", samples[0], "--model", str(ONNX_416), "--class-names", str(bom_names)]
+    assert shitu_main(bus) == 0
+    assert "person" in {box["label"] for box in json.loads(capsys.readouterr().out)["boxes"]}
     two_names = tmp_path / "two.names"
     two_names.write_text("product\nshelf\n")  # not the file's 80 classes
     wrong = ["detect", str(folder), "--model", str(ONNX_416), "--class-names", str(two_names)]
