@@ -207,6 +207,26 @@ def test_missing_or_malformed_coco_file(tmp_path: Path) -> None:
         CocoDetection(tmp_path / "bad.json", tmp_path)
 
 
+def test_detection_images_that_do_not_exist_are_named_before_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    coco = _write_coco(tmp_path, _write_images(tmp_path, 7, size=64))
+    elsewhere = str(tmp_path / "elsewhere")
+    with pytest.raises(DataError, match=r"^7 of the 7 images .* exist: \S*img0.png, .* 2 more"):
+        CocoDetection(coco, elsewhere)
+    (tmp_path / "img3.png").unlink()
+    with pytest.raises(DataError, match=r"^1 of the 7 images .* exist: \S*img3.png \(is the"):
+        CocoDetection(coco, tmp_path)
+    _write_images(tmp_path, 7, size=64)
+    # A wrong --val-images is refused at once, not after the whole training run.
+    out = tmp_path / "out"
+    train = ["detect-train", "--coco", str(coco), "--images", str(tmp_path), "--epochs", "1"]
+    val = ["--val-coco", str(coco), "--val-images", elsewhere, "--output", str(out)]
+    assert main([*train, *val]) == 2
+    assert "error: 7 of the 7 images the detection dataset lists" in capsys.readouterr().err
+    assert not (out / "latest.pt").exists()
+
+
 def test_augment_and_collate_keep_boxes_on_the_objects(tmp_path: Path) -> None:
     annotations = _write_images(tmp_path, 1, size=96, seed=3)
     dataset = CocoDetection(_write_coco(tmp_path, annotations), tmp_path, transform=train_augment)
