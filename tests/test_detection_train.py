@@ -320,6 +320,11 @@ def test_detect_train_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert "was trained with a different detector (num_classes: 1 there, 2 here;" in err
     assert main([*common, "--val-coco", str(coco)]) == 2  # without --val-images
     assert "error: --val-coco and --val-images go together" in capsys.readouterr().err
+    (tmp_path / "taken").write_text("")  # an --output that cannot be written: said at once
+    assert main([*args[:-1], str(tmp_path / "taken")]) == 2
+    out_err = capsys.readouterr()
+    assert out_err.out == "" and f"--output {tmp_path / 'taken'}: " in out_err.err
+    assert "is a file, not a folder" in out_err.err
     # The same detector, other batches: not a continuation of that run.
     other = [*args[:-2], "--lr", "0.02", "--output", str(out), "--resume", str(out)]
     other[other.index("--epochs") + 1] = "3"
