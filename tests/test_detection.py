@@ -3,8 +3,10 @@ real PicoDet-S ONNX export (parity with onnxruntime), export, checkpoints and th
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -167,6 +169,21 @@ def test_checkpoint_and_export_round_trip(tmp_path: Path) -> None:
     assert len(a) > 0 and a.dtype == np.float32
     np.testing.assert_allclose(a, b[0], atol=1e-2)
     np.testing.assert_allclose(b[1][0, 2:], b[0][0, 2:] / 2, atol=3.0)  # same top box, halved
+
+
+def test_a_failed_checkpoint_write_leaves_the_earlier_file(tmp_path: Path, monkeypatch) -> None:
+    model = build_picodet("picodet_s_esnet", num_classes=2, input_size=64)
+    path = save_detector(model, tmp_path / "model.pt")
+    saved = path.read_bytes()
+
+    def disk_full(payload: object, file: Path) -> None:
+        Path(file).write_bytes(b"PK\x03\x04 half a zip")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match=os.strerror(errno.ENOSPC)):
+        save_detector(model, path)
+    assert path.read_bytes() == saved and [p.name for p in tmp_path.iterdir()] == ["model.pt"]
 
 
 def test_load_detector_errors(tmp_path: Path) -> None:

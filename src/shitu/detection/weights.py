@@ -21,24 +21,21 @@ from torch import nn
 from shitu.checkpoint.paddle import read_pdparams
 from shitu.detection.model import ARCHS, PicoDet, PicoDetArch, build_picodet, resolve_arch
 from shitu.errors import CheckpointError
+from shitu.fileio import write_atomically
 from shitu.onnx_input import graph_input_shape, image_input_size
 
 CHECKPOINT_FORMAT = "shitu-picodet-1"
 
 
 def save_detector(model: PicoDet, path: str | Path) -> Path:
-    """Our checkpoint: architecture + state dict (loadable with weights_only)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(
-        {
-            "format": CHECKPOINT_FORMAT,
-            "arch": model.arch.to_dict(),
-            "state_dict": model.state_dict(),
-        },
-        path,
-    )
-    return path
+    """Our checkpoint: architecture + state dict (loadable with weights_only), written
+    atomically: a full disk or a stopped run leaves the earlier file, not a truncated one."""
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "arch": model.arch.to_dict(),
+        "state_dict": model.state_dict(),
+    }
+    return write_atomically(Path(path), lambda tmp: torch.save(payload, tmp))
 
 
 def load_detector_checkpoint(path: str | Path) -> PicoDet:
