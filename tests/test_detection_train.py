@@ -314,6 +314,11 @@ def test_detect_train_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     detector = load_detector(lines[-2]["model"])
     assert detector.class_names == ("foreground",) and detector.input_size == (64, 64)
     assert (out / "latest.pt").is_file()
+    assert main(["detect", str(coco.parent / "img0.png"), "--model", str(out / "latest.pt")]) == 2
+    assert (
+        f"error: {out / 'latest.pt'} is a detector training checkpoint (for `shitu detect-train "
+        "--resume`); detect with the model.pt its run wrote beside it"
+    ) in capsys.readouterr().err
     resume = [*common, "--epochs", "3", "--batch-size", "2", "--resume", str(out / "latest.pt")]
     assert main(resume) == 2  # the checkpoint's detector has one class-agnostic label
     err = capsys.readouterr().err

@@ -48,6 +48,11 @@ def load_detector_checkpoint(path: str | Path) -> PicoDet:
             f"{path} is not a readable detector checkpoint (expected a .pt file from `shitu "
             "detect-train`, an .onnx or a .pdparams file)"
         ) from None
+    if isinstance(data, dict) and "progress" in data and "arch" in data:  # detect-train's state
+        raise CheckpointError(
+            f"{path} is a detector training checkpoint (for `shitu detect-train --resume`); "
+            "detect with the model.pt its run wrote beside it"
+        )
     if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(
             f"{path} is not a shitu PicoDet checkpoint (no '{CHECKPOINT_FORMAT}')"
