@@ -187,6 +187,13 @@ def test_a_failed_checkpoint_write_leaves_the_earlier_file(tmp_path: Path, monke
 
 
 def test_load_detector_errors(tmp_path: Path) -> None:
+    checkpoint = save_detector(build_picodet("picodet_s_esnet", input_size=64), tmp_path / "d.pt")
+    for size in (100, 0, 64.0):  # PicoDet's neck fails on sides that do not halve to 1/32
+        with pytest.raises(ConfigError, match=f"a positive multiple of 32, got {size!r}$"):
+            load_detector(checkpoint, input_size=size)
+        with pytest.raises(ConfigError, match="multiple of 32"):
+            export_onnx(build_picodet("picodet_s_esnet"), tmp_path / "d.onnx", input_size=size)
+    assert not (tmp_path / "d.onnx").exists()
     with pytest.raises(CheckpointError, match="not found"):
         load_detector(tmp_path / "missing.onnx")
     params = tmp_path / "model.pdparams"
