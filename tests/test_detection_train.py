@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import random
@@ -203,8 +204,18 @@ def test_missing_or_malformed_coco_file(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="missing.json"):
         CocoDetection(tmp_path / "missing.json", tmp_path)
     (tmp_path / "bad.json").write_text('{"images": []}')
-    with pytest.raises(DataError, match="bad.json"):
+    with pytest.raises(DataError, match=r"bad.json is not a valid COCO .* \(no 'categories' key\)"):
         CocoDetection(tmp_path / "bad.json", tmp_path)
+    coco = _write_coco(tmp_path, _write_images(tmp_path, 2, size=64))
+    data = json.loads(coco.read_text())
+    for key, wrong in (("image_id", 42), ("category_id", 99)):
+        broken = copy.deepcopy(data)
+        broken["annotations"][0][key] = wrong
+        coco.write_text(json.dumps(broken))
+        what = key.removesuffix("_id")
+        expected = f"annotation {broken['annotations'][0]['id']}: no {what} has its {key} {wrong}"
+        with pytest.raises(DataError, match=rf"valid COCO annotation file \({expected}\)$"):
+            CocoDetection(coco, tmp_path)
 
 
 def test_detection_images_that_do_not_exist_are_named_before_training(

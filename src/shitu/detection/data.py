@@ -139,11 +139,21 @@ class CocoDetection(DetectionDataset):
                 x, y, w, h = (float(v) for v in ann["bbox"])
                 if ann.get("iscrowd", 0) or w <= 0 or h <= 0:
                     continue
+                for key, what, known in (
+                    ("image_id", "image", per_image),
+                    ("category_id", "category", cat_index),
+                ):
+                    if ann[key] not in known:  # named, not a bare KeyError(42)
+                        raise ValueError(
+                            f"annotation {ann.get('id')}: no {what} has its {key} {ann[key]!r}"
+                        )
                 per_image[ann["image_id"]].append(
                     ([x, y, x + w, y + h], cat_index[ann["category_id"]])
                 )
-        except (ValueError, KeyError, TypeError) as exc:
-            raise DataError(f"{path} is not a valid COCO annotation file ({exc!r})") from None
+        except KeyError as exc:
+            raise DataError(f"{path} is not a valid COCO annotation file (no {exc} key)") from None
+        except (ValueError, TypeError) as exc:
+            raise DataError(f"{path} is not a valid COCO annotation file ({exc})") from None
         boxes, labels = [], []
         for image in data["images"]:
             rows = per_image[image["id"]]
