@@ -3,8 +3,10 @@ real PicoDet-S ONNX export (parity with onnxruntime), export, checkpoints and th
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -169,7 +171,29 @@ def test_checkpoint_and_export_round_trip(tmp_path: Path) -> None:
     np.testing.assert_allclose(b[1][0, 2:], b[0][0, 2:] / 2, atol=3.0)  # same top box, halved
 
 
+def test_a_failed_checkpoint_write_leaves_the_earlier_file(tmp_path: Path, monkeypatch) -> None:
+    model = build_picodet("picodet_s_esnet", num_classes=2, input_size=64)
+    path = save_detector(model, tmp_path / "model.pt")
+    saved = path.read_bytes()
+
+    def disk_full(payload: object, file: Path) -> None:
+        Path(file).write_bytes(b"PK\x03\x04 half a zip")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match=os.strerror(errno.ENOSPC)):
+        save_detector(model, path)
+    assert path.read_bytes() == saved and [p.name for p in tmp_path.iterdir()] == ["model.pt"]
+
+
 def test_load_detector_errors(tmp_path: Path) -> None:
+    checkpoint = save_detector(build_picodet("picodet_s_esnet", input_size=64), tmp_path / "d.pt")
+    for size in (100, 0, 64.0):  # PicoDet's neck fails on sides that do not halve to 1/32
+        with pytest.raises(ConfigError, match=f"a positive multiple of 32, got {size!r}$"):
+            load_detector(checkpoint, input_size=size)
+        with pytest.raises(ConfigError, match="multiple of 32"):
+            export_onnx(build_picodet("picodet_s_esnet"), tmp_path / "d.onnx", input_size=size)
+    assert not (tmp_path / "d.onnx").exists()
     with pytest.raises(CheckpointError, match="not found"):
         load_detector(tmp_path / "missing.onnx")
     params = tmp_path / "model.pdparams"
@@ -244,6 +268,11 @@ def test_detect_cli_writes_json_lines_and_images(tmp_path: Path, capsys) -> None
     assert {"dog", "bicycle", "car"} <= {box["label"] for box in line["boxes"]}
     assert shitu_main(["detect", str(folder / "broken.jpg"), "--model", str(ONNX_416)]) == 1
     capsys.readouterr()
+    bom_names = tmp_path / "bom.names"  # as Notepad saves it: a BOM first, not in "person"
+    bom_names.write_text((PICODET / "coco.names").read_text(), encoding="utf-8-sig")
+    bus = ["detect", samples[0], "--model", str(ONNX_416), "--class-names", str(bom_names)]
+    assert shitu_main(bus) == 0
+    assert "person" in {box["label"] for box in json.loads(capsys.readouterr().out)["boxes"]}
     two_names = tmp_path / "two.names"
     two_names.write_text("product\nshelf\n")  # not the file's 80 classes
     wrong = ["detect", str(folder), "--model", str(ONNX_416), "--class-names", str(two_names)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import random
@@ -203,8 +204,38 @@ def test_missing_or_malformed_coco_file(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="missing.json"):
         CocoDetection(tmp_path / "missing.json", tmp_path)
     (tmp_path / "bad.json").write_text('{"images": []}')
-    with pytest.raises(DataError, match="bad.json"):
+    with pytest.raises(DataError, match=r"bad.json is not a valid COCO .* \(no 'categories' key\)"):
         CocoDetection(tmp_path / "bad.json", tmp_path)
+    coco = _write_coco(tmp_path, _write_images(tmp_path, 2, size=64))
+    data = json.loads(coco.read_text())
+    for key, wrong in (("image_id", 42), ("category_id", 99)):
+        broken = copy.deepcopy(data)
+        broken["annotations"][0][key] = wrong
+        coco.write_text(json.dumps(broken))
+        what = key.removesuffix("_id")
+        expected = f"annotation {broken['annotations'][0]['id']}: no {what} has its {key} {wrong}"
+        with pytest.raises(DataError, match=rf"valid COCO annotation file \({expected}\)$"):
+            CocoDetection(coco, tmp_path)
+
+
+def test_detection_images_that_do_not_exist_are_named_before_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    coco = _write_coco(tmp_path, _write_images(tmp_path, 7, size=64))
+    elsewhere = str(tmp_path / "elsewhere")
+    with pytest.raises(DataError, match=r"^7 of the 7 images .* exist: \S*img0.png, .* 2 more"):
+        CocoDetection(coco, elsewhere)
+    (tmp_path / "img3.png").unlink()
+    with pytest.raises(DataError, match=r"^1 of the 7 images .* exist: \S*img3.png \(is the"):
+        CocoDetection(coco, tmp_path)
+    _write_images(tmp_path, 7, size=64)
+    # A wrong --val-images is refused at once, not after the whole training run.
+    out = tmp_path / "out"
+    train = ["detect-train", "--coco", str(coco), "--images", str(tmp_path), "--epochs", "1"]
+    val = ["--val-coco", str(coco), "--val-images", elsewhere, "--output", str(out)]
+    assert main([*train, *val]) == 2
+    assert "error: 7 of the 7 images the detection dataset lists" in capsys.readouterr().err
+    assert not (out / "latest.pt").exists()
 
 
 def test_augment_and_collate_keep_boxes_on_the_objects(tmp_path: Path) -> None:
@@ -294,12 +325,22 @@ def test_detect_train_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     detector = load_detector(lines[-2]["model"])
     assert detector.class_names == ("foreground",) and detector.input_size == (64, 64)
     assert (out / "latest.pt").is_file()
+    assert main(["detect", str(coco.parent / "img0.png"), "--model", str(out / "latest.pt")]) == 2
+    assert (
+        f"error: {out / 'latest.pt'} is a detector training checkpoint (for `shitu detect-train "
+        "--resume`); detect with the model.pt its run wrote beside it"
+    ) in capsys.readouterr().err
     resume = [*common, "--epochs", "3", "--batch-size", "2", "--resume", str(out / "latest.pt")]
     assert main(resume) == 2  # the checkpoint's detector has one class-agnostic label
     err = capsys.readouterr().err
     assert "was trained with a different detector (num_classes: 1 there, 2 here;" in err
     assert main([*common, "--val-coco", str(coco)]) == 2  # without --val-images
     assert "error: --val-coco and --val-images go together" in capsys.readouterr().err
+    (tmp_path / "taken").write_text("")  # an --output that cannot be written: said at once
+    assert main([*args[:-1], str(tmp_path / "taken")]) == 2
+    out_err = capsys.readouterr()
+    assert out_err.out == "" and f"--output {tmp_path / 'taken'}: " in out_err.err
+    assert "is a file, not a folder" in out_err.err
     # The same detector, other batches: not a continuation of that run.
     other = [*args[:-2], "--lr", "0.02", "--output", str(out), "--resume", str(out)]
     other[other.index("--epochs") + 1] = "3"

@@ -12,6 +12,7 @@ from typing import Any
 from PIL import Image
 
 from shitu.config import ShituConfig, load_config, resolve_config_path
+from shitu.detection.model import check_input_size
 from shitu.errors import ConfigError, DataError
 from shitu.fileio import write_atomically
 from shitu.image_files import IMAGE_SUFFIXES, scan_images
@@ -157,15 +158,12 @@ def expand_images(sources: Iterable[str]) -> tuple[list[Path], bool]:
 
 
 def input_side(text: str) -> int:
-    """A detector input side: PicoDet's strides go down to 1/32 (and its neck joins levels
-    that must halve exactly), so a positive multiple of 32."""
+    """A detector input side (`check_input_size`: a positive multiple of 32)."""
     try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value <= 0 or value % 32:
-        raise argparse.ArgumentTypeError(f"expected a positive multiple of 32, got {text}")
-    return value
+        return check_input_size(int(text))
+    except (ValueError, ConfigError):
+        message = f"expected a positive multiple of 32, got {text}"
+        raise argparse.ArgumentTypeError(message) from None
 
 
 def count_of(count: int, noun: str) -> str:

@@ -59,7 +59,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _class_names(path: str) -> tuple[str, ...]:
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        lines = Path(path).read_text(encoding="utf-8-sig").splitlines()  # -sig: a BOM dropped
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"--class-names {path}: cannot read it ({exc})") from None
     return tuple(line.strip() for line in lines if line.strip())

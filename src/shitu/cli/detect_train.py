@@ -10,6 +10,7 @@ from shitu.cli.common import input_side, non_negative_int, positive_float, posit
 from shitu.detection.data import CocoDetection, DetectionDataset, VocDetection, train_augment
 from shitu.detection.train import DetectionTrainConfig, DetectionTrainer, evaluate_detector
 from shitu.errors import ConfigError, DataError
+from shitu.fileio import check_writable
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -62,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
             f"--output {output}: holds an earlier run ({', '.join(earlier)}); resume it with "
             f"--resume {output / 'latest.pt'}, or give another --output (or remove that one)"
         )
+    check_writable(output, f"--output {output}")  # now, not after the first epoch
     dataset = _dataset(args.coco, args.voc, args.images, args.class_agnostic)
     val = None
     if args.val_coco:  # read (and matched to the training classes) before any training

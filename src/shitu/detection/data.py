@@ -25,6 +25,7 @@ from shitu.errors import DataError
 
 Sample = tuple[Image.Image, np.ndarray, np.ndarray]
 FOREGROUND = ("foreground",)
+_SHOW = 5  # missing images named in an error message before the rest are counted
 
 
 class DetectionDataset:
@@ -43,6 +44,7 @@ class DetectionDataset:
             raise DataError("the detection dataset lists no images")
         if not class_names:
             raise DataError("the detection dataset names no classes (no categories)")
+        _check_images_exist(images)
         if class_agnostic:
             labels = [np.zeros_like(lab) for lab in labels]
             class_names = FOREGROUND
@@ -80,6 +82,19 @@ class DetectionDataset:
         boxes, labels = clip_boxes(self.boxes[index], self.labels[index], *image.size)
         sample = (image, boxes, labels)
         return self.transform(sample) if self.transform else sample
+
+
+def _check_images_exist(images: list[Path]) -> None:
+    """At start-up, not when training (or, for a validation set, evaluation after it) first
+    reads a missing image: a wrong image folder is named before hours of work are lost."""
+    missing = [path for path in images if not path.is_file()]
+    if missing:
+        shown = ", ".join(map(str, missing[:_SHOW]))
+        more = f" and {len(missing) - _SHOW} more" if len(missing) > _SHOW else ""
+        raise DataError(
+            f"{len(missing)} of the {len(images)} images the detection dataset lists do not "
+            f"exist: {shown}{more} (is the image folder right?)"
+        )
 
 
 def clip_boxes(
@@ -124,11 +139,21 @@ class CocoDetection(DetectionDataset):
                 x, y, w, h = (float(v) for v in ann["bbox"])
                 if ann.get("iscrowd", 0) or w <= 0 or h <= 0:
                     continue
+                for key, what, known in (
+                    ("image_id", "image", per_image),
+                    ("category_id", "category", cat_index),
+                ):
+                    if ann[key] not in known:  # named, not a bare KeyError(42)
+                        raise ValueError(
+                            f"annotation {ann.get('id')}: no {what} has its {key} {ann[key]!r}"
+                        )
                 per_image[ann["image_id"]].append(
                     ([x, y, x + w, y + h], cat_index[ann["category_id"]])
                 )
-        except (ValueError, KeyError, TypeError) as exc:
-            raise DataError(f"{path} is not a valid COCO annotation file ({exc!r})") from None
+        except KeyError as exc:
+            raise DataError(f"{path} is not a valid COCO annotation file (no {exc} key)") from None
+        except (ValueError, TypeError) as exc:
+            raise DataError(f"{path} is not a valid COCO annotation file ({exc})") from None
         boxes, labels = [], []
         for image in data["images"]:
             rows = per_image[image["id"]]

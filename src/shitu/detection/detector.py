@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from shitu.data.transforms.ops import check_rgb_image
-from shitu.detection.model import PicoDet, PicoDetArch
+from shitu.detection.model import PicoDet, PicoDetArch, check_input_size
 from shitu.detection.postprocess import anchor_points, decode_boxes, level_shapes, multiclass_nms
 from shitu.errors import CheckpointError, ConfigError
 from shitu.onnx_input import image_input_size
@@ -89,7 +89,7 @@ class Detector(ABC):
 class TorchDetector(Detector):
     def __init__(self, model: PicoDet, input_size: int | None = None) -> None:
         self.model = model.eval()
-        size = input_size or model.arch.input_size
+        size = check_input_size(model.arch.input_size if input_size is None else input_size)
         self.input_size = (size, size)
         self.class_names = model.arch.class_names
         self.num_classes = model.arch.num_classes

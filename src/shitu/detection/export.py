@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from shitu.detection.model import PicoDet
+from shitu.detection.model import PicoDet, check_input_size
 from shitu.onnx_trace import trace_to_onnx
 
 
@@ -26,9 +26,9 @@ class _Decoded(nn.Module):
 
 
 def export_onnx(model: PicoDet, path: str | Path, input_size: int | None = None) -> Path:
+    size = check_input_size(model.arch.input_size if input_size is None else input_size)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    size = input_size or model.arch.input_size
     with torch.no_grad():
         trace_to_onnx(
             _Decoded(model.eval()),

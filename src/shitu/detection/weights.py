@@ -22,24 +22,21 @@ from shitu.checkpoint.io import DETECTOR_FORMAT_PREFIX
 from shitu.checkpoint.paddle import read_pdparams
 from shitu.detection.model import ARCHS, PicoDet, PicoDetArch, build_picodet, resolve_arch
 from shitu.errors import CheckpointError
+from shitu.fileio import write_atomically
 from shitu.onnx_input import graph_input_shape, image_input_size
 
 CHECKPOINT_FORMAT = f"{DETECTOR_FORMAT_PREFIX}-1"
 
 
 def save_detector(model: PicoDet, path: str | Path) -> Path:
-    """Our checkpoint: architecture + state dict (loadable with weights_only)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(
-        {
-            "format": CHECKPOINT_FORMAT,
-            "arch": model.arch.to_dict(),
-            "state_dict": model.state_dict(),
-        },
-        path,
-    )
-    return path
+    """Our checkpoint: architecture + state dict (loadable with weights_only), written
+    atomically: a full disk or a stopped run leaves the earlier file, not a truncated one."""
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "arch": model.arch.to_dict(),
+        "state_dict": model.state_dict(),
+    }
+    return write_atomically(Path(path), lambda tmp: torch.save(payload, tmp))
 
 
 def load_detector_checkpoint(path: str | Path) -> PicoDet:
@@ -52,6 +49,11 @@ def load_detector_checkpoint(path: str | Path) -> PicoDet:
             f"{path} is not a readable detector checkpoint (expected a .pt file from `shitu "
             "detect-train`, an .onnx or a .pdparams file)"
         ) from None
+    if isinstance(data, dict) and "progress" in data and "arch" in data:  # detect-train's state
+        raise CheckpointError(
+            f"{path} is a detector training checkpoint (for `shitu detect-train --resume`); "
+            "detect with the model.pt its run wrote beside it"
+        )
     if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(
             f"{path} is not a shitu PicoDet checkpoint (no '{CHECKPOINT_FORMAT}')"
