@@ -186,7 +186,7 @@ def test_a_failed_checkpoint_write_leaves_the_earlier_file(tmp_path: Path, monke
     assert path.read_bytes() == saved and [p.name for p in tmp_path.iterdir()] == ["model.pt"]
 
 
-def test_load_detector_errors(tmp_path: Path) -> None:
+def test_load_detector_errors(tmp_path: Path, caplog) -> None:
     checkpoint = save_detector(build_picodet("picodet_s_esnet", input_size=64), tmp_path / "d.pt")
     for size in (100, 0, 64.0):  # PicoDet's neck fails on sides that do not halve to 1/32
         with pytest.raises(ConfigError, match=f"a positive multiple of 32, got {size!r}$"):
@@ -202,6 +202,9 @@ def test_load_detector_errors(tmp_path: Path) -> None:
         load_detector(params)
     with pytest.raises(ConfigError, match="unknown detector architecture"):
         load_detector(params, arch="nope")
+    with caplog.at_level(logging.WARNING, logger="shitu.detection.detector"):
+        load_detector(checkpoint, arch="picodet_s_esnet")  # the checkpoint's own arch is used
+    assert f"{checkpoint}: the detector architecture given is not used" in caplog.text
     bogus = tmp_path / "bogus.pt"
     torch.save({"a": 1}, bogus)
     with pytest.raises(CheckpointError, match="not a shitu PicoDet checkpoint"):
@@ -278,6 +281,12 @@ def test_detect_cli_writes_json_lines_and_images(tmp_path: Path, capsys) -> None
     wrong = ["detect", str(folder), "--model", str(ONNX_416), "--class-names", str(two_names)]
     assert shitu_main(wrong) == 2
     assert "2 names, but the detector scores 80 classes" in capsys.readouterr().err
+    gap = tmp_path / "gap.names"  # a blank line would shift every later name by one class
+    gap.write_text((PICODET / "coco.names").read_text().replace("\nbicycle\n", "\n\nbicycle\n"))
+    assert (
+        shitu_main(["detect", samples[0], "--model", str(ONNX_416), "--class-names", str(gap)]) == 2
+    )
+    assert f"--class-names {gap}: line 2 is blank;" in capsys.readouterr().err
     resized = ["detect", str(folder), "--model", str(ONNX_416), "--input-size", "320"]
     assert shitu_main(resized) == 2  # onnxruntime runs the file at the size it was made for
     assert "runs at the size it was exported for, 416x416" in capsys.readouterr().err

@@ -62,7 +62,15 @@ def _class_names(path: str) -> tuple[str, ...]:
         lines = Path(path).read_text(encoding="utf-8-sig").splitlines()  # -sig: a BOM dropped
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"--class-names {path}: cannot read it ({exc})") from None
-    return tuple(line.strip() for line in lines if line.strip())
+    names = [line.strip() for line in lines]
+    while names and not names[-1]:  # trailing blank lines name nothing
+        names.pop()
+    if "" in names:  # dropping it would give every later class the name of the next one
+        raise DataError(
+            f"--class-names {path}: line {names.index('') + 1} is blank; a name's line number "
+            "is its class number, so each class needs a name"
+        )
+    return tuple(names)
 
 
 def run(args: argparse.Namespace) -> int:

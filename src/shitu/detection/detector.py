@@ -8,6 +8,7 @@ distributions, batch 1) or our own export (decoded boxes and scores).
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from shitu.detection.model import PicoDet, PicoDetArch, check_input_size
 from shitu.detection.postprocess import anchor_points, decode_boxes, level_shapes, multiclass_nms
 from shitu.errors import CheckpointError, ConfigError
 from shitu.onnx_input import image_input_size
+
+logger = logging.getLogger(__name__)
 
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
@@ -184,6 +187,7 @@ def load_detector(
     if suffix == ".onnx":
         if backend == "torch":
             return TorchDetector(load_onnx_weights(path, arch), input_size)
+        _ignored_arch(path, arch, "onnxruntime runs the graph it holds")
         detector = OnnxDetector(path)
         if input_size is not None and (input_size, input_size) != detector.input_size:
             raise ConfigError(
@@ -198,4 +202,12 @@ def load_detector(
         if arch is None:
             raise ConfigError(f"{path}: a .pdparams file needs its architecture name (arch=...)")
         return TorchDetector(load_pdparams(path, arch), input_size)
+    _ignored_arch(path, arch, "our checkpoints carry their own")
     return TorchDetector(load_detector_checkpoint(path), input_size)
+
+
+def _ignored_arch(path: Path, arch: object, why: str) -> None:
+    """An architecture name only shapes .pdparams and ONNX weights read into torch: say so
+    when one is given for a file that does not use it, rather than drop it unnoticed."""
+    if arch is not None:
+        logger.warning("%s: the detector architecture given is not used (%s)", path, why)
