@@ -358,6 +358,14 @@ def test_detect_train_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     # A new run over the finished one would write over its files: refused.
     assert main(args) == 2
     assert f"--output {out}: holds an earlier run (latest.pt, model.pt)" in capsys.readouterr().err
+    # Nor may a resumed run write over another run's files.
+    other_run = tmp_path / "other_run"
+    other_run.mkdir()
+    (other_run / "model.pt").write_bytes(b"another run's detector")
+    elsewhere = [*args[:-2], "--output", str(other_run), "--resume", str(out / "latest.pt")]
+    assert main(elsewhere) == 2
+    assert f"--output {other_run}: holds an earlier run (model.pt)" in capsys.readouterr().err
+    assert (other_run / "model.pt").read_bytes() == b"another run's detector"
     # A detector's weights are not a recognition model's: not averaged as one.
     model = out / "model.pt"
     assert main(["average", str(model), str(model), "--out", str(tmp_path / "mean.pt")]) == 2
@@ -365,7 +373,8 @@ def test_detect_train_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     # A recognition run's checkpoint is not a detector's.
     recognition = tmp_path / "recognition.pt"
     save_training_state(recognition, {"model": {}, "seed": 0}, Progress())
-    assert main([*args, "--resume", str(recognition)]) == 2
+    fresh = [*args[:-2], "--output", str(tmp_path / "fresh")]
+    assert main([*fresh, "--resume", str(recognition)]) == 2
     assert (
         f"--resume {recognition}: a recognition training checkpoint, not a detector one; "
         "resume it with `shitu train -o Global.checkpoints=...`"

@@ -58,7 +58,11 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--val-coco and --val-images go together")
     output = Path(args.output)
     earlier = [name for name in ("latest.pt", "model.pt") if (output / name).exists()]
-    if earlier and not args.resume:  # a new run would write over them
+    resumed = Path(args.resume) if args.resume else None
+    if resumed is not None and not resumed.is_dir():
+        resumed = resumed.parent  # the run's folder, as --resume also takes it
+    if earlier and (resumed is None or resumed.resolve() != output.resolve()):
+        # a new run, or one resumed from elsewhere, would write over them
         raise ConfigError(
             f"--output {output}: holds an earlier run ({', '.join(earlier)}); resume it with "
             f"--resume {output / 'latest.pt'}, or give another --output (or remove that one)"
