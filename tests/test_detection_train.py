@@ -6,6 +6,7 @@ import copy
 import json
 import math
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from shitu.detection.data import CocoDetection, VocDetection, collate, train_aug
 from shitu.detection.losses import distribution_focal_loss, giou, giou_loss, varifocal_loss
 from shitu.detection.train import DetectionTrainConfig, DetectionTrainer
 from shitu.engine.state import Progress, save_training_state
-from shitu.errors import DataError
+from shitu.errors import ConfigError, DataError
 
 # ---------------------------------------------------------------- losses
 
@@ -413,3 +414,25 @@ def test_detection_data_is_clipped_counted_and_matched_by_class_name(tmp_path: P
     path.write_text(json.dumps(data))
     with pytest.raises(DataError, match="lists no images"):
         CocoDetection(path, tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "expected"),
+    [
+        ("train_sizes", (), "a positive multiple of 32"),
+        ("train_sizes", (320, 100), "a positive multiple of 32"),
+        ("eval_size", 0, "a positive multiple of 32"),
+        ("epochs", 0, "a whole number >= 1"),
+        ("batch_size", 2.0, "a whole number >= 1"),
+        ("num_workers", -1, "a whole number >= 0"),
+        ("learning_rate", float("nan"), "a number above 0"),
+        ("weight_decay", -1e-4, "a number >= 0"),
+        ("ema_decay", 1.0, "a number in [0, 1)"),
+    ],
+)
+def test_detection_train_config_refuses_values_that_cannot_train(field, value, expected):
+    """Python callers get the CLI's checks: an empty size list failed at the first batch."""
+    with pytest.raises(
+        ConfigError, match=rf"^DetectionTrainConfig\.{field}: expected {re.escape(expected)}"
+    ):
+        DetectionTrainConfig(**{field: value})

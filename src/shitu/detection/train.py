@@ -25,7 +25,7 @@ from shitu.detection.coco_eval import evaluate_boxes
 from shitu.detection.data import DetectionDataset, collate
 from shitu.detection.detector import preprocess
 from shitu.detection.losses import picodet_loss
-from shitu.detection.model import PicoDet, PicoDetArch, build_picodet
+from shitu.detection.model import PicoDet, PicoDetArch, build_picodet, check_input_size
 from shitu.detection.postprocess import multiclass_nms
 from shitu.detection.weights import save_detector
 from shitu.engine.lr import Cosine
@@ -38,7 +38,7 @@ from shitu.engine.seeding import (
     seed_everything,
 )
 from shitu.engine.state import LATEST, SUFFIX, Progress, load_training_state, save_training_state
-from shitu.errors import CheckpointError
+from shitu.errors import CheckpointError, ConfigError
 
 
 @dataclass
@@ -60,6 +60,34 @@ class DetectionTrainConfig:
     seed: int = 0
     num_workers: int = 0
     output_dir: str = "output/detector"
+
+    def __post_init__(self) -> None:
+        """Checked here, for Python callers too: a bad value otherwise fails steps into the
+        run (an empty size list at the first batch) or trains nothing (a zero rate)."""
+
+        def refuse(name: str, expected: str) -> None:
+            value = getattr(self, name)
+            raise ConfigError(f"DetectionTrainConfig.{name}: expected {expected}, got {value!r}")
+
+        counts = (("epochs", 1), ("batch_size", 1), ("warmup_epochs", 0), ("num_workers", 0))
+        for name, least in counts:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                refuse(name, f"a whole number >= {least}")
+        if not self.learning_rate > 0:
+            refuse("learning_rate", "a number above 0")
+        for name in ("warmup_start_lr", "weight_decay"):
+            if not getattr(self, name) >= 0:
+                refuse(name, "a number >= 0")
+        for name in ("momentum", "ema_decay"):
+            if not 0 <= getattr(self, name) < 1:
+                refuse(name, "a number in [0, 1)")
+        for name, sizes in (("train_sizes", self.train_sizes), ("eval_size", (self.eval_size,))):
+            try:
+                for size in sizes or [None]:  # None: no size at all is refused too
+                    check_input_size(size)
+            except ConfigError:
+                refuse(name, "a positive multiple of 32 (PicoDet's strides)")
 
 
 class ModelEMA:
