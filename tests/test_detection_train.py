@@ -217,6 +217,12 @@ def test_missing_or_malformed_coco_file(tmp_path: Path) -> None:
         expected = f"annotation {broken['annotations'][0]['id']}: no {what} has its {key} {wrong}"
         with pytest.raises(DataError, match=rf"valid COCO annotation file \({expected}\)$"):
             CocoDetection(coco, tmp_path)
+    broken = copy.deepcopy(data)
+    broken["annotations"][0]["bbox"] = [1, 2, 3]
+    coco.write_text(json.dumps(broken))
+    expected = rf"annotation {broken['annotations'][0]['id']}: its bbox \[1, 2, 3\] is not \[x,"
+    with pytest.raises(DataError, match=rf"valid COCO annotation file \({expected}"):
+        CocoDetection(coco, tmp_path)
 
 
 def test_detection_images_that_do_not_exist_are_named_before_training(

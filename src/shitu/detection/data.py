@@ -136,7 +136,12 @@ class CocoDetection(DetectionDataset):
             files = {img["id"]: Path(image_root) / img["file_name"] for img in data["images"]}
             per_image: dict[int, list[tuple[list[float], int]]] = {i: [] for i in image_ids}
             for ann in data["annotations"]:
-                x, y, w, h = (float(v) for v in ann["bbox"])
+                bbox = ann["bbox"]
+                if not isinstance(bbox, list) or len(bbox) != 4:
+                    raise ValueError(
+                        f"annotation {ann.get('id')}: its bbox {bbox!r} is not [x, y, w, h]"
+                    )
+                x, y, w, h = (float(v) for v in bbox)
                 if ann.get("iscrowd", 0) or w <= 0 or h <= 0:
                     continue
                 for key, what, known in (
