@@ -381,6 +381,45 @@ def test_a_hand_edited_input_size_is_refused_on_every_runtime(exported, tmp_path
         FeatureExtractor.load(edited, backend="torch")
 
 
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda m: m.pop("fingerprint"), "fingerprint must be a string, is missing"),
+        (
+            lambda m: m.update(embedding_size="512"),
+            'embedding_size must be a whole number >= 1, is "512"',
+        ),
+        (lambda m: m.update(preprocessing=[224]), r"preprocessing must be an object, is \[224\]"),
+        (lambda m: m["preprocessing"].update(mean=[0.5]), "preprocessing: mean and std need 3"),
+        (lambda m: m["preprocessing"].update(resize="big"), "preprocessing: resize: give one int"),
+        (
+            lambda m: m["preprocessing"].update(interpolation="foo"),
+            "preprocessing: interpolation: unknown",
+        ),
+        (
+            lambda m: m["preprocessing"].update(channel_order="BRG"),
+            "preprocessing: channel_order: unknown",
+        ),
+        (
+            lambda m: m["preprocessing"].update(std=[0, 1, 1]),
+            "preprocessing: std: a channel's std of 0",
+        ),
+    ],
+)
+def test_a_missing_or_malformed_manifest_entry_is_named_on_every_runtime(
+    exported, tmp_path, edit, message
+):
+    """Not a KeyError or ValueError from inside loading, and not, for settings that only
+    preprocessing reads (a channel order), served by the ONNX runtimes as they are."""
+    edited = shutil.copytree(exported["dir"], tmp_path / "edited")
+    record = json.loads((edited / "shitu_model.json").read_text())
+    edit(record)
+    (edited / "shitu_model.json").write_text(json.dumps(record))
+    for backend in ("onnxruntime", "torch"):
+        with pytest.raises(CheckpointError, match=f"shitu_model.json: {message}"):
+            FeatureExtractor.load(edited, backend=backend)
+
+
 def test_export_refuses_a_folder_that_is_not_an_export(exported, tmp_path):
     (tmp_path / "keep.txt").write_text("user data")
     with pytest.raises(export_module.ExportError, match="not a shitu export"):

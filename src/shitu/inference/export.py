@@ -297,13 +297,42 @@ def read_manifest(model_dir: str | Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path}: unreadable manifest ({exc})") from None
-    version = manifest.get("format_version")
+    version = manifest.get("format_version") if isinstance(manifest, dict) else None
     if (
-        manifest.get("format") != FORMAT
-        or not isinstance(version, int)
+        not isinstance(version, int)
         or not 1 <= version <= FORMAT_VERSION
+        or manifest.get("format") != FORMAT
     ):
         raise CheckpointError(
             f"{path}: not a {FORMAT} v{FORMAT_VERSION} manifest (written by a newer shitu?)"
         )
+    _check_entries(path, manifest)
     return manifest
+
+
+# What loading a model reads from its manifest: the JSON type each entry must have.
+_MANIFEST_ENTRIES = {
+    "arch": (dict, "an object"),
+    "output_key": (str, "a string"),
+    "embedding_size": (int, "a whole number >= 1"),
+    "preprocessing": (dict, "an object"),
+    "fingerprint": (str, "a string"),
+    "files": (dict, "an object"),
+}
+
+
+def _check_entries(path: Path, manifest: dict[str, Any]) -> None:
+    """A CheckpointError naming the first entry that is missing or malformed (a hand-edited
+    or truncated manifest), instead of a KeyError or ValueError deep inside loading."""
+    for name, (kind, described) in _MANIFEST_ENTRIES.items():
+        value = manifest.get(name)
+        if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 1):
+            shown = "missing" if name not in manifest else json.dumps(value)[:80]
+            raise CheckpointError(
+                f"{path}: {name} must be {described}, is {shown} (edited by hand? export the "
+                "model again)"
+            )
+    try:
+        Preprocessing.from_dict(manifest["preprocessing"])
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"{path}: preprocessing: {exc} (edited by hand?)") from None
