@@ -192,6 +192,15 @@ def test_int8_calibration_logs_what_it_skips_but_not_expected_fallback_notices(
     assert "calibrated on the other 2" in caplog.text
     logging.getLogger().warning("still heard")  # the filter went with the call
     assert "still heard" in caplog.text
+    # None readable: the error says why, as the warning does.
+    missing = tmp_path / "missing.jpg"
+    with pytest.raises(DataError, match=rf"\(2 given; first: {broken}: cannot decode image"):
+        quantize_static_onnx(
+            exported["dir"] / "model.onnx",
+            tmp_path / "none.int8.onnx",
+            Preprocessing.from_dict(manifest["preprocessing"]),
+            [broken, missing],
+        )
 
 
 def test_openvino_backend_matches_onnxruntime_and_runs_int8(exported):
