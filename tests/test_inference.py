@@ -390,6 +390,22 @@ def test_a_hand_edited_input_size_is_refused_on_every_runtime(exported, tmp_path
         FeatureExtractor.load(edited, backend="torch")
 
 
+def test_hand_edited_preprocessing_is_refused_by_its_fingerprint_on_every_runtime(
+    exported, tmp_path
+):
+    """The ONNX graph leaves preprocessing out, so only the fingerprint shows such an edit;
+    served, it would give other features under the fingerprint of the unedited model."""
+    edited = shutil.copytree(exported["dir"], tmp_path / "edited")
+    record = json.loads((edited / "shitu_model.json").read_text())
+    record["preprocessing"]["channel_order"] = "BGR"
+    (edited / "shitu_model.json").write_text(json.dumps(record))
+    for backend in ("onnxruntime", "openvino", "torch"):
+        with pytest.raises(CheckpointError, match="do not give the fingerprint"):
+            FeatureExtractor.load(edited, backend=backend)
+    for precision in ("fp32", "int8"):  # the unedited export loads on each
+        FeatureExtractor.load(exported["dir"], backend="onnxruntime", precision=precision)
+
+
 @pytest.mark.parametrize(
     ("edit", "message"),
     [

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from shitu import __version__
-from shitu.checkpoint import load_weights, model_metadata, save_weights
+from shitu.checkpoint import load_weights, model_metadata, read_weights, save_weights
 from shitu.checkpoint.io import TRAINING_ONLY_ARCH
 from shitu.config import ArchConfig, ShituConfig
 from shitu.errors import CheckpointError, ShituError
@@ -273,15 +273,25 @@ def load_exported_model(model_dir: str | Path, manifest: dict[str, Any]) -> RecM
     records (so a hand-edited arch or preprocessing is refused, not silently served)."""
     model = build_model(ArchConfig.model_validate(manifest["arch"])).eval()
     load_weights(model, Path(model_dir) / TORCH_FILE, strict=True)  # folds, as the file says
+    check_fingerprint(model_dir, manifest, model.state_dict())
+    return model
+
+
+def check_fingerprint(
+    model_dir: str | Path, manifest: dict[str, Any], state: dict[str, torch.Tensor] | None = None
+) -> None:
+    """A CheckpointError unless the export's weights (`state`, the loaded model's; None: its
+    weight file's, for the ONNX runtimes, which do not load them) and settings give the
+    fingerprint its manifest records."""
+    if state is None:
+        state, _ = read_weights(Path(model_dir) / TORCH_FILE)  # float32: not a compact export
     preprocessing = Preprocessing.from_dict(manifest["preprocessing"])
     arch = manifest["arch"] if manifest["format_version"] >= 2 else None
-    actual = fingerprint(model.state_dict(), preprocessing, manifest["output_key"], arch)
-    if actual != manifest["fingerprint"]:
+    if fingerprint(state, preprocessing, manifest["output_key"], arch) != manifest["fingerprint"]:
         raise CheckpointError(
             f"{model_dir}: its weights and settings (arch, preprocessing) do not give the "
             f"fingerprint its {MANIFEST} records (edited or corrupt model folder?)"
         )
-    return model
 
 
 def read_manifest(model_dir: str | Path) -> dict[str, Any]:
