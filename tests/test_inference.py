@@ -566,3 +566,10 @@ def test_compact_export_is_half_the_size_and_rebuilds_its_onnx_model_once(
             with pytest.raises(CheckpointError, match="do not give the fingerprint"):
                 FeatureExtractor.load(edited, backend=backend)
     assert len(list((tmp_path / "cache" / "exports").iterdir())) == 1  # nothing left behind
+
+    # A cache that cannot be written (here a file in its place): the torch backend serves.
+    (tmp_path / "not_a_folder").write_text("")
+    monkeypatch.setenv("SHITU_CACHE_DIR", str(tmp_path / "not_a_folder" / "cache"))
+    fallback = FeatureExtractor.load(compact)
+    assert fallback.backend.name == "torch"
+    assert fallback.fingerprint == manifest["fingerprint"]
