@@ -510,6 +510,20 @@ def test_preprocessing_replays_only_what_inference_can_and_nothing_it_was_not_gi
         config.DataLoader.Eval.Query.dataset.transform_ops = ops
         with pytest.raises(ConfigError, match=r"transform_ops\[1\].*at most once, in that order"):
             Preprocessing.from_config(config)
+    # A crop no resized image can hold would skip every image as unreadable.
+    for ops, message in (
+        ([resize, {"CropImage": {"size": [48, 96]}}], r"crop \[48, 96\] is larger than the resize"),
+        (
+            [{"ResizeImage": {"resize_short": 64}}, {"CropImage": {"size": 72}}],
+            "larger than the resize_short 64 on both sides",
+        ),
+    ):
+        config.DataLoader.Eval.Query.dataset.transform_ops = ops
+        with pytest.raises(ConfigError, match=message):
+            Preprocessing.from_config(config)
+    short = [{"ResizeImage": {"resize_short": 64}}, {"CropImage": {"size": [72, 64]}}]
+    config.DataLoader.Eval.Query.dataset.transform_ops = short  # landscape images fit
+    assert Preprocessing.from_config(config).size == (72, 64)
     raw = [{"DecodeImage": {"to_rgb": True}}, resize]
     config.DataLoader.Eval.Query.dataset.transform_ops = raw
     image = exported["files"][0]

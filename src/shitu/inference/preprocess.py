@@ -71,6 +71,17 @@ class Preprocessing:
             raise ValueError("give exactly one of resize and resize_short")
         if self.resize_short is not None and self.crop is None:
             raise ValueError("resize_short needs a CropImage after it for a fixed input size")
+        # A crop that no resized image can hold would refuse every image, one by one.
+        if self.crop is not None and self.resize is not None:
+            if self.crop[0] > self.resize[0] or self.crop[1] > self.resize[1]:
+                raise ValueError(
+                    f"crop {list(self.crop)} is larger than the resize {list(self.resize)}"
+                )
+        elif self.crop is not None and min(self.crop) > self.resize_short:
+            raise ValueError(
+                f"crop {list(self.crop)} is larger than the resize_short {self.resize_short} "
+                "on both sides"
+            )
         if len(self.mean) != 3 or len(self.std) != 3:
             raise ValueError("mean and std need 3 values")
         # Checked here, not where an image is resized: a hand-edited manifest is refused
