@@ -463,6 +463,8 @@ def test_changed_model_file_is_detected(exported, tmp_path):
         FeatureExtractor.load(tmp_path)
     with pytest.raises(CheckpointError, match=f"^model {tmp_path / 'gone'}: no such folder$"):
         FeatureExtractor.load(tmp_path / "gone")
+    with pytest.raises(CheckpointError, match=f"is a file; give the folder of an export: {copy}$"):
+        FeatureExtractor.load(copy / "model.onnx")
 
 
 def test_manifest_embedding_size_that_the_model_does_not_give_is_refused(exported, tmp_path):

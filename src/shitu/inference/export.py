@@ -299,6 +299,10 @@ def read_manifest(model_dir: str | Path) -> dict[str, Any]:
     path = Path(model_dir) / MANIFEST
     if not Path(model_dir).exists():
         raise CheckpointError(f"model {model_dir}: no such folder")
+    if Path(model_dir).is_file():  # e.g. the export's model.onnx for the export
+        folder = Path(model_dir).parent
+        hint = f": {folder}" if (folder / MANIFEST).is_file() else ""
+        raise CheckpointError(f"model {model_dir} is a file; give the folder of an export{hint}")
     if not path.is_file():
         raise CheckpointError(
             f"{model_dir} is not an exported model (no {MANIFEST}); create one with `shitu export`"
