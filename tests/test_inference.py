@@ -160,6 +160,9 @@ def test_the_extractor_names_what_it_cannot_take(exported):
         extractor.extract_files(str(exported["files"][0]))
     with pytest.raises(ConfigError, match="workers: expected a whole number >= 1"):
         FeatureExtractor.load(exported["dir"], workers=-1)
+    for backend, threads in (("onnxruntime", 2.5), ("openvino", -1), ("torch", 0)):
+        with pytest.raises(ConfigError, match="num_threads: expected a whole number >= 1"):
+            FeatureExtractor.load(exported["dir"], backend, threads)
 
 
 def test_a_device_that_cannot_run_the_model_is_refused_when_loading(exported):

@@ -96,6 +96,8 @@ class FeatureExtractor:
         """
         if workers is not None:  # None: a share of the cores
             check_count(workers, "workers")
+        if num_threads is not None:  # None: the runtime's default
+            check_count(num_threads, "num_threads")
         model_dir = Path(model_dir)
         manifest = read_manifest(model_dir)
         score_thres = _score_thres(model_dir, manifest)  # a rebuilt cache entry has none
