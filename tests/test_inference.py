@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import onnxruntime
 import pytest
 import torch
 from PIL import Image
@@ -22,6 +23,7 @@ from shitu.data.transforms.ops import UnreadableImageError
 from shitu.errors import CheckpointError, ConfigError, DataError
 from shitu.inference import FeatureExtractor, Preprocessing, export_model, read_manifest
 from shitu.inference import export as export_module
+from shitu.inference.backends import choose_backend
 from shitu.inference.export import fingerprint, load_exported_model
 from shitu.models import build_model
 
@@ -171,6 +173,12 @@ def test_a_device_that_cannot_run_the_model_is_refused_when_loading(exported):
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="device cuda: torch here sees no CUDA GPU"):
             FeatureExtractor.load(exported["dir"], backend="torch", device="cuda")
+    # auto on a GPU: onnxruntime where its package has CUDA, else torch (the default
+    # onnxruntime package has none, and would refuse the device)
+    onnx_cuda = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+    expected = "onnxruntime" if onnx_cuda else "torch"
+    assert choose_backend(exported["dir"], "auto", "fp32", "cuda") == expected
+    assert choose_backend(exported["dir"], "auto", "fp32", "cpu") == "onnxruntime"
 
 
 def test_int8_calibration_logs_what_it_skips_but_not_expected_fallback_notices(
