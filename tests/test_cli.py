@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from shitu.cli import index as index_cli
+from shitu.cli.export import spread
 from shitu.cli.main import STDOUT_CLOSED_STATUS, SUBCOMMANDS
 from shitu.cli.main import main as shitu_main
 from shitu.inference import default_model_dir
@@ -210,6 +211,16 @@ def test_train_limits_must_be_positive():
     assert steps.returncode == minutes.returncode == 2
     assert "--stop-after-steps: expected a whole number >= 1, got -3" in steps.stderr
     assert "--time-limit: expected a number of minutes above 0, got 0.0" in minutes.stderr
+
+
+def test_int8_images_are_spread_over_all_the_calibration_images():
+    """--int8-images 128 of a 200-image folder (sorted by class) reaches its last classes,
+    not only its first 128 images."""
+    files = list(range(200))
+    chosen = spread(files, 128)
+    assert len(set(chosen)) == 128 and chosen[0] == 0 and chosen[-1] >= 198
+    assert spread(files, 7) == [0, 28, 57, 85, 114, 142, 171]
+    assert spread(files[:5], 128) == files[:5]
 
 
 def test_extract_refuses_a_folder_for_out_before_embedding(tmp_path):

@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import onnxruntime
 import pytest
 import torch
 from PIL import Image
@@ -22,6 +23,7 @@ from shitu.data.transforms.ops import UnreadableImageError
 from shitu.errors import CheckpointError, ConfigError, DataError
 from shitu.inference import FeatureExtractor, Preprocessing, export_model, read_manifest
 from shitu.inference import export as export_module
+from shitu.inference.backends import choose_backend
 from shitu.inference.export import fingerprint, load_exported_model
 from shitu.models import build_model
 
@@ -160,6 +162,9 @@ def test_the_extractor_names_what_it_cannot_take(exported):
         extractor.extract_files(str(exported["files"][0]))
     with pytest.raises(ConfigError, match="workers: expected a whole number >= 1"):
         FeatureExtractor.load(exported["dir"], workers=-1)
+    for backend, threads in (("onnxruntime", 2.5), ("openvino", -1), ("torch", 0)):
+        with pytest.raises(ConfigError, match="num_threads: expected a whole number >= 1"):
+            FeatureExtractor.load(exported["dir"], backend, threads)
 
 
 def test_a_device_that_cannot_run_the_model_is_refused_when_loading(exported):
@@ -168,6 +173,12 @@ def test_a_device_that_cannot_run_the_model_is_refused_when_loading(exported):
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="device cuda: torch here sees no CUDA GPU"):
             FeatureExtractor.load(exported["dir"], backend="torch", device="cuda")
+    # auto on a GPU: onnxruntime where its package has CUDA, else torch (the default
+    # onnxruntime package has none, and would refuse the device)
+    onnx_cuda = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+    expected = "onnxruntime" if onnx_cuda else "torch"
+    assert choose_backend(exported["dir"], "auto", "fp32", "cuda") == expected
+    assert choose_backend(exported["dir"], "auto", "fp32", "cpu") == "onnxruntime"
 
 
 def test_int8_calibration_logs_what_it_skips_but_not_expected_fallback_notices(
@@ -192,6 +203,15 @@ def test_int8_calibration_logs_what_it_skips_but_not_expected_fallback_notices(
     assert "calibrated on the other 2" in caplog.text
     logging.getLogger().warning("still heard")  # the filter went with the call
     assert "still heard" in caplog.text
+    # None readable: the error says why, as the warning does.
+    missing = tmp_path / "missing.jpg"
+    with pytest.raises(DataError, match=rf"\(2 given; first: {broken}: cannot decode image"):
+        quantize_static_onnx(
+            exported["dir"] / "model.onnx",
+            tmp_path / "none.int8.onnx",
+            Preprocessing.from_dict(manifest["preprocessing"]),
+            [broken, missing],
+        )
 
 
 def test_openvino_backend_matches_onnxruntime_and_runs_int8(exported):
@@ -381,6 +401,61 @@ def test_a_hand_edited_input_size_is_refused_on_every_runtime(exported, tmp_path
         FeatureExtractor.load(edited, backend="torch")
 
 
+def test_hand_edited_preprocessing_is_refused_by_its_fingerprint_on_every_runtime(
+    exported, tmp_path
+):
+    """The ONNX graph leaves preprocessing out, so only the fingerprint shows such an edit;
+    served, it would give other features under the fingerprint of the unedited model."""
+    edited = shutil.copytree(exported["dir"], tmp_path / "edited")
+    record = json.loads((edited / "shitu_model.json").read_text())
+    record["preprocessing"]["channel_order"] = "BGR"
+    (edited / "shitu_model.json").write_text(json.dumps(record))
+    for backend in ("onnxruntime", "openvino", "torch"):
+        with pytest.raises(CheckpointError, match="do not give the fingerprint"):
+            FeatureExtractor.load(edited, backend=backend)
+    for precision in ("fp32", "int8"):  # the unedited export loads on each
+        FeatureExtractor.load(exported["dir"], backend="onnxruntime", precision=precision)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda m: m.pop("fingerprint"), "fingerprint must be a string, is missing"),
+        (
+            lambda m: m.update(embedding_size="512"),
+            'embedding_size must be a whole number >= 1, is "512"',
+        ),
+        (lambda m: m.update(preprocessing=[224]), r"preprocessing must be an object, is \[224\]"),
+        (lambda m: m["preprocessing"].update(mean=[0.5]), "preprocessing: mean and std need 3"),
+        (lambda m: m["preprocessing"].update(resize="big"), "preprocessing: resize: give one int"),
+        (
+            lambda m: m["preprocessing"].update(interpolation="foo"),
+            "preprocessing: interpolation: unknown",
+        ),
+        (
+            lambda m: m["preprocessing"].update(channel_order="BRG"),
+            "preprocessing: channel_order: unknown",
+        ),
+        (
+            lambda m: m["preprocessing"].update(std=[0, 1, 1]),
+            "preprocessing: std: a channel's std of 0",
+        ),
+    ],
+)
+def test_a_missing_or_malformed_manifest_entry_is_named_on_every_runtime(
+    exported, tmp_path, edit, message
+):
+    """Not a KeyError or ValueError from inside loading, and not, for settings that only
+    preprocessing reads (a channel order), served by the ONNX runtimes as they are."""
+    edited = shutil.copytree(exported["dir"], tmp_path / "edited")
+    record = json.loads((edited / "shitu_model.json").read_text())
+    edit(record)
+    (edited / "shitu_model.json").write_text(json.dumps(record))
+    for backend in ("onnxruntime", "torch"):
+        with pytest.raises(CheckpointError, match=f"shitu_model.json: {message}"):
+            FeatureExtractor.load(edited, backend=backend)
+
+
 def test_export_refuses_a_folder_that_is_not_an_export(exported, tmp_path):
     (tmp_path / "keep.txt").write_text("user data")
     with pytest.raises(export_module.ExportError, match="not a shitu export"):
@@ -399,6 +474,8 @@ def test_changed_model_file_is_detected(exported, tmp_path):
         FeatureExtractor.load(tmp_path)
     with pytest.raises(CheckpointError, match=f"^model {tmp_path / 'gone'}: no such folder$"):
         FeatureExtractor.load(tmp_path / "gone")
+    with pytest.raises(CheckpointError, match=f"is a file; give the folder of an export: {copy}$"):
+        FeatureExtractor.load(copy / "model.onnx")
 
 
 def test_manifest_embedding_size_that_the_model_does_not_give_is_refused(exported, tmp_path):
@@ -446,6 +523,20 @@ def test_preprocessing_replays_only_what_inference_can_and_nothing_it_was_not_gi
         config.DataLoader.Eval.Query.dataset.transform_ops = ops
         with pytest.raises(ConfigError, match=r"transform_ops\[1\].*at most once, in that order"):
             Preprocessing.from_config(config)
+    # A crop no resized image can hold would skip every image as unreadable.
+    for ops, message in (
+        ([resize, {"CropImage": {"size": [48, 96]}}], r"crop \[48, 96\] is larger than the resize"),
+        (
+            [{"ResizeImage": {"resize_short": 64}}, {"CropImage": {"size": 72}}],
+            "larger than the resize_short 64 on both sides",
+        ),
+    ):
+        config.DataLoader.Eval.Query.dataset.transform_ops = ops
+        with pytest.raises(ConfigError, match=message):
+            Preprocessing.from_config(config)
+    short = [{"ResizeImage": {"resize_short": 64}}, {"CropImage": {"size": [72, 64]}}]
+    config.DataLoader.Eval.Query.dataset.transform_ops = short  # landscape images fit
+    assert Preprocessing.from_config(config).size == (72, 64)
     raw = [{"DecodeImage": {"to_rgb": True}}, resize]
     config.DataLoader.Eval.Query.dataset.transform_ops = raw
     image = exported["files"][0]
@@ -502,3 +593,10 @@ def test_compact_export_is_half_the_size_and_rebuilds_its_onnx_model_once(
             with pytest.raises(CheckpointError, match="do not give the fingerprint"):
                 FeatureExtractor.load(edited, backend=backend)
     assert len(list((tmp_path / "cache" / "exports").iterdir())) == 1  # nothing left behind
+
+    # A cache that cannot be written (here a file in its place): the torch backend serves.
+    (tmp_path / "not_a_folder").write_text("")
+    monkeypatch.setenv("SHITU_CACHE_DIR", str(tmp_path / "not_a_folder" / "cache"))
+    fallback = FeatureExtractor.load(compact)
+    assert fallback.backend.name == "torch"
+    assert fallback.fingerprint == manifest["fingerprint"]

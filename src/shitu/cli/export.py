@@ -63,9 +63,7 @@ def run(args: argparse.Namespace) -> int:
     weights = trained_weights(config, "the export holds")
     calibration: list[Path] = []
     if args.int8_calibration:
-        files, _ = expand_images(args.int8_calibration)
-        step = max(1, len(files) // max(1, args.int8_images))
-        calibration = files[::step][: args.int8_images]
+        calibration = spread(expand_images(args.int8_calibration)[0], args.int8_images)
     out = export_model(
         config,
         weights,
@@ -81,3 +79,10 @@ def run(args: argparse.Namespace) -> int:
         f"input {manifest['preprocessing']['crop'] or manifest['preprocessing']['resize']}"
     )
     return 0
+
+
+def spread(files: list[Path], count: int) -> list[Path]:
+    """`count` of `files` (all, if fewer), evenly spaced from the first to the last: a
+    folder's images come sorted by class, so its first ones would show only a few classes."""
+    total = len(files)
+    return [files[i * total // count] for i in range(count)] if total > count else files

@@ -38,7 +38,8 @@ class Backend(Protocol):
 
 
 def choose_backend(model_dir: Path, backend: str, precision: str, device: str = "cpu") -> str:
-    """'auto': onnxruntime when installed and the export has the ONNX file, else torch."""
+    """'auto': onnxruntime when installed, able to run on `device` and the export has the
+    ONNX file, else torch (the onnxruntime package shitu installs has no CUDA, torch may)."""
     if backend not in BACKENDS:
         raise ConfigError(f"backend: unknown {backend!r}; use one of {', '.join(BACKENDS)}")
     if precision not in PRECISIONS:
@@ -55,6 +56,8 @@ def choose_backend(model_dir: Path, backend: str, precision: str, device: str = 
             return "torch"
         onnx_file = INT8_FILE if precision == "int8" else ONNX_FILE
         usable = onnxruntime_available() and (model_dir / onnx_file).is_file()
+        if device == "cuda" and precision == "fp32":  # int8 has no torch path to fall back to
+            usable = usable and _onnxruntime_has_cuda()
         backend = "onnxruntime" if usable else "torch"
     if backend == "torch" and precision == "int8":
         raise ConfigError("precision int8 runs on onnxruntime or openvino, not torch")
@@ -70,6 +73,12 @@ def choose_backend(model_dir: Path, backend: str, precision: str, device: str = 
 
 def onnxruntime_available() -> bool:
     return importlib.util.find_spec("onnxruntime") is not None
+
+
+def _onnxruntime_has_cuda() -> bool:
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers()
 
 
 def openvino_available() -> bool:
@@ -92,7 +101,7 @@ class OnnxBackend:
             options.intra_op_num_threads = num_threads
         providers = ["CPUExecutionProvider"]
         if device == "cuda":
-            if "CUDAExecutionProvider" not in ort.get_available_providers():
+            if not _onnxruntime_has_cuda():
                 raise ConfigError("device cuda: this onnxruntime has no CUDA support")
             providers.insert(0, "CUDAExecutionProvider")
         self.session = ort.InferenceSession(str(path), options, providers=providers)

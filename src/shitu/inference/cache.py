@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from shitu.errors import CheckpointError
+from shitu.errors import CheckpointError, ShituError
 from shitu.fileio import file_sha256
 from shitu.inference.export import MANIFEST, load_exported_model, read_manifest, write_export
 from shitu.inference.preprocess import Preprocessing
@@ -75,7 +75,11 @@ def full_export(model_dir: Path, manifest: dict[str, Any]) -> Path | None:
             source=str(model_dir),
             format_version=manifest.get("format_version", 1),  # the same kind of fingerprint
         )
-    except OSError as exc:
-        logger.warning("cannot write %s (%s); using the torch backend", target, exc)
+    except (OSError, ShituError) as exc:  # write_export names most failures in its errors
+        logger.warning(
+            "cannot build the ONNX model of %s into the cache (%s); using the torch backend",
+            model_dir,
+            exc,
+        )
         return None
     return target

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from shitu import __version__
-from shitu.checkpoint import load_weights, model_metadata, save_weights
+from shitu.checkpoint import load_weights, model_metadata, read_weights, save_weights
 from shitu.checkpoint.io import TRAINING_ONLY_ARCH
 from shitu.config import ArchConfig, ShituConfig
 from shitu.errors import CheckpointError, ShituError
@@ -273,15 +273,25 @@ def load_exported_model(model_dir: str | Path, manifest: dict[str, Any]) -> RecM
     records (so a hand-edited arch or preprocessing is refused, not silently served)."""
     model = build_model(ArchConfig.model_validate(manifest["arch"])).eval()
     load_weights(model, Path(model_dir) / TORCH_FILE, strict=True)  # folds, as the file says
+    check_fingerprint(model_dir, manifest, model.state_dict())
+    return model
+
+
+def check_fingerprint(
+    model_dir: str | Path, manifest: dict[str, Any], state: dict[str, torch.Tensor] | None = None
+) -> None:
+    """A CheckpointError unless the export's weights (`state`, the loaded model's; None: its
+    weight file's, for the ONNX runtimes, which do not load them) and settings give the
+    fingerprint its manifest records."""
+    if state is None:
+        state, _ = read_weights(Path(model_dir) / TORCH_FILE)  # float32: not a compact export
     preprocessing = Preprocessing.from_dict(manifest["preprocessing"])
     arch = manifest["arch"] if manifest["format_version"] >= 2 else None
-    actual = fingerprint(model.state_dict(), preprocessing, manifest["output_key"], arch)
-    if actual != manifest["fingerprint"]:
+    if fingerprint(state, preprocessing, manifest["output_key"], arch) != manifest["fingerprint"]:
         raise CheckpointError(
             f"{model_dir}: its weights and settings (arch, preprocessing) do not give the "
             f"fingerprint its {MANIFEST} records (edited or corrupt model folder?)"
         )
-    return model
 
 
 def read_manifest(model_dir: str | Path) -> dict[str, Any]:
@@ -289,6 +299,10 @@ def read_manifest(model_dir: str | Path) -> dict[str, Any]:
     path = Path(model_dir) / MANIFEST
     if not Path(model_dir).exists():
         raise CheckpointError(f"model {model_dir}: no such folder")
+    if Path(model_dir).is_file():  # e.g. the export's model.onnx for the export
+        folder = Path(model_dir).parent
+        hint = f": {folder}" if (folder / MANIFEST).is_file() else ""
+        raise CheckpointError(f"model {model_dir} is a file; give the folder of an export{hint}")
     if not path.is_file():
         raise CheckpointError(
             f"{model_dir} is not an exported model (no {MANIFEST}); create one with `shitu export`"
@@ -297,13 +311,42 @@ def read_manifest(model_dir: str | Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path}: unreadable manifest ({exc})") from None
-    version = manifest.get("format_version")
+    version = manifest.get("format_version") if isinstance(manifest, dict) else None
     if (
-        manifest.get("format") != FORMAT
-        or not isinstance(version, int)
+        not isinstance(version, int)
         or not 1 <= version <= FORMAT_VERSION
+        or manifest.get("format") != FORMAT
     ):
         raise CheckpointError(
             f"{path}: not a {FORMAT} v{FORMAT_VERSION} manifest (written by a newer shitu?)"
         )
+    _check_entries(path, manifest)
     return manifest
+
+
+# What loading a model reads from its manifest: the JSON type each entry must have.
+_MANIFEST_ENTRIES = {
+    "arch": (dict, "an object"),
+    "output_key": (str, "a string"),
+    "embedding_size": (int, "a whole number >= 1"),
+    "preprocessing": (dict, "an object"),
+    "fingerprint": (str, "a string"),
+    "files": (dict, "an object"),
+}
+
+
+def _check_entries(path: Path, manifest: dict[str, Any]) -> None:
+    """A CheckpointError naming the first entry that is missing or malformed (a hand-edited
+    or truncated manifest), instead of a KeyError or ValueError deep inside loading."""
+    for name, (kind, described) in _MANIFEST_ENTRIES.items():
+        value = manifest.get(name)
+        if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 1):
+            shown = "missing" if name not in manifest else json.dumps(value)[:80]
+            raise CheckpointError(
+                f"{path}: {name} must be {described}, is {shown} (edited by hand? export the "
+                "model again)"
+            )
+    try:
+        Preprocessing.from_dict(manifest["preprocessing"])
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"{path}: preprocessing: {exc} (edited by hand?)") from None

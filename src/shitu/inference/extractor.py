@@ -37,6 +37,7 @@ from shitu.inference.export import (
     MANIFEST,
     ONNX_FILE,
     TORCH_FILE,
+    check_fingerprint,
     read_manifest,
 )
 from shitu.inference.preprocess import Preprocessing
@@ -95,6 +96,8 @@ class FeatureExtractor:
         """
         if workers is not None:  # None: a share of the cores
             check_count(workers, "workers")
+        if num_threads is not None:  # None: the runtime's default
+            check_count(num_threads, "num_threads")
         model_dir = Path(model_dir)
         manifest = read_manifest(model_dir)
         score_thres = _score_thres(model_dir, manifest)  # a rebuilt cache entry has none
@@ -105,6 +108,8 @@ class FeatureExtractor:
             if rebuilt is not None:  # its files were hashed when it was checked or built
                 model_dir, manifest = rebuilt, read_manifest(rebuilt)
         chosen = choose_backend(model_dir, backend, precision, device)
+        if rebuilt is None:
+            _verify(model_dir, manifest, TORCH_FILE)
         if chosen in ("onnxruntime", "openvino"):
             path = model_dir / (INT8_FILE if precision == "int8" else ONNX_FILE)
             if rebuilt is None:
@@ -114,7 +119,6 @@ class FeatureExtractor:
             else:
                 runtime = OpenVinoBackend(path, num_threads)
         else:
-            _verify(model_dir, manifest, TORCH_FILE)
             runtime = TorchBackend(model_dir, manifest, num_threads, device, precision)
         preprocessing = Preprocessing.from_dict(manifest["preprocessing"])
         takes = runtime.input_size
@@ -124,6 +128,10 @@ class FeatureExtractor:
                 f"preprocessing makes {preprocessing.size[0]}x{preprocessing.size[1]} "
                 "(edited by hand? export the model again)"
             )
+        if chosen != "torch" and rebuilt is None:
+            # The torch backend checked it as it loaded the weights; the ONNX graph leaves
+            # out preprocessing, so an edit there would change the features unseen.
+            check_fingerprint(model_dir, manifest)
         # Process-wide (OpenCV has no other setting): parallelism comes from the decoding
         # threads, so OpenCV's own would only compete with them; the docstring says so.
         cv2.setNumThreads(1)

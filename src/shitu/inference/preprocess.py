@@ -71,8 +71,33 @@ class Preprocessing:
             raise ValueError("give exactly one of resize and resize_short")
         if self.resize_short is not None and self.crop is None:
             raise ValueError("resize_short needs a CropImage after it for a fixed input size")
+        # A crop that no resized image can hold would refuse every image, one by one.
+        if self.crop is not None and self.resize is not None:
+            if self.crop[0] > self.resize[0] or self.crop[1] > self.resize[1]:
+                raise ValueError(
+                    f"crop {list(self.crop)} is larger than the resize {list(self.resize)}"
+                )
+        elif self.crop is not None and min(self.crop) > self.resize_short:
+            raise ValueError(
+                f"crop {list(self.crop)} is larger than the resize_short {self.resize_short} "
+                "on both sides"
+            )
         if len(self.mean) != 3 or len(self.std) != 3:
             raise ValueError("mean and std need 3 values")
+        # Checked here, not where an image is resized: a hand-edited manifest is refused
+        # when the model loads, not at its first image (or never, for a channel order).
+        if self.backend not in ("cv2", "pil"):
+            raise ValueError(f"backend: unknown {self.backend!r}; use cv2 or pil")
+        if not isinstance(self.interpolation, str) or (
+            interpolation_name(self.interpolation, self.backend) != self.interpolation
+        ):
+            raise ValueError(f"interpolation: unknown {self.interpolation!r}")
+        if self.channel_order not in ("RGB", "BGR"):
+            raise ValueError(f"channel_order: unknown {self.channel_order!r}; use RGB or BGR")
+        if self.layout != "NCHW":
+            raise ValueError(f"layout: unknown {self.layout!r}; models take NCHW")
+        if not all(self.std):
+            raise ValueError(f"std: a channel's std of 0 divides by zero, got {list(self.std)}")
         # (x * scale - mean) / std == x * factor - offset, one fused pass per channel.
         std = np.asarray(self.std, np.float32)
         object.__setattr__(self, "_factor", np.float32(self.scale) / std)
@@ -98,7 +123,10 @@ class Preprocessing:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Preprocessing:
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        for key in ("resize", "crop", "mean", "std"):
+        for key in ("resize", "crop"):
+            if known.get(key) is not None:
+                known[key] = pair(known[key], key)
+        for key in ("mean", "std"):
             if known.get(key) is not None:
                 known[key] = tuple(known[key])
         return cls(**known)

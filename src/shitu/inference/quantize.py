@@ -56,7 +56,10 @@ def quantize_static_onnx(
     skipped: list[str] = []
     batches = list(_calibration_batches(preprocessing, images, skipped))
     if not batches:
-        raise DataError("int8 calibration: none of the calibration images could be read")
+        first = f"; first: {skipped[0]}" if skipped else ""
+        raise DataError(
+            f"int8 calibration: no calibration image could be read ({len(images)} given{first})"
+        )
     if skipped:
         logger.warning(
             "int8 calibration: %d of %d images could not be read and were left out (first: "
