@@ -318,3 +318,25 @@ def test_frozen_layers_keep_weights_and_batchnorm_statistics():
     arch["frozen_layers"] = ["backbone.stme"]
     with pytest.raises(ConfigError, match="no module 'backbone.stme'"):
         build_model(ArchConfig.model_validate(arch))
+
+
+@pytest.mark.parametrize(
+    ("section", "wrong"),
+    [
+        ("Neck", {"name": "BNNeck", "num_features": 128}),  # the backbone gives 512
+        ("Head", {"name": "FC", "embedding_size": 256, "class_num": 3}),
+    ],
+)
+def test_stage_sizes_that_do_not_fit_are_named_when_the_model_is_built(section, wrong):
+    """They failed as a bare shape error inside training or export."""
+    arch = {
+        "Backbone": {"name": "PPLCNetV2_small_ShiTu"},
+        "BackboneStopLayer": {"name": "flatten"},
+        "Neck": {"name": "BNNeck", "num_features": 512},
+        "Head": {"name": "FC", "embedding_size": 512, "class_num": 3},
+    }
+    model = build_model(ArchConfig.model_validate(arch))
+    assert model.training and model.neck.feat_bn.num_batches_tracked == 0  # nothing changed
+    arch[section] = wrong
+    with pytest.raises(ConfigError, match=r"^Arch: the Neck or Head does not take what the stage"):
+        build_model(ArchConfig.model_validate(arch))

@@ -96,10 +96,30 @@ def build_model(arch: ArchConfig, pretrained: bool = True) -> RecModel:
         backbone.stop_after(arch.BackboneStopLayer.name)
     neck = registry.NECKS.build(arch.Neck.name, **arch.Neck.params) if arch.Neck else None
     head = registry.HEADS.build(arch.Head.name, **arch.Head.params) if arch.Head else None
-    return RecModel(
+    model = RecModel(
         backbone,
         neck,
         head,
         head_feature_from=arch.head_feature_from,
         frozen_layers=arch.frozen_layers,
     )
+    _check_stage_sizes(model)
+    return model
+
+
+def _check_stage_sizes(model: RecModel) -> None:
+    """One small image through every stage (eval mode, no gradients: nothing changes), so
+    that a Neck or Head sized for another output than the stage before it gives is named
+    now, not as a shape error inside training or export."""
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, 64, 64), torch.zeros(1, dtype=torch.long))
+    except RuntimeError as exc:
+        raise ConfigError(
+            "Arch: the Neck or Head does not take what the stage before it gives (check "
+            f"sizes such as num_features and embedding_size): {exc}"
+        ) from None
+    finally:
+        model.train(training)
