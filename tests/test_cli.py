@@ -46,7 +46,7 @@ def test_info_names_stages_that_do_not_fit():
         "-o", "Arch.BackboneStopLayer.name=flatten", "Arch.Neck=null",
     )  # fmt: skip
     assert result.returncode == 2
-    assert result.stderr.startswith("error: Arch: the model fails on a 1 x 3 x 224 x 224 batch")
+    assert "yaml: Arch: the model fails on a 1 x 3 x 64 x 64 image" in result.stderr
     assert "Head.embedding_size" in result.stderr and "Traceback" not in result.stderr
 
 

@@ -118,8 +118,9 @@ def _check_stage_sizes(model: RecModel) -> None:
             model(torch.zeros(1, 3, 64, 64), torch.zeros(1, dtype=torch.long))
     except RuntimeError as exc:
         raise ConfigError(
-            "Arch: the Neck or Head does not take what the stage before it gives (check "
-            f"sizes such as num_features and embedding_size): {exc}"
+            f"Arch: the model fails on a 1 x 3 x 64 x 64 image ({exc}); check that each stage "
+            "takes the width the one before gives (e.g. Neck.num_features or "
+            "Head.embedding_size against the output before it)"
         ) from None
     finally:
         model.train(training)
