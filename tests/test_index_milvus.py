@@ -56,6 +56,24 @@ def test_milvus_edits_survive_reopen_and_match_faiss(tmp_path):
     np.testing.assert_array_equal(results["milvus"].labels, results["faiss"].labels)
 
 
+def test_a_new_library_refuses_a_collection_that_another_library_holds(tmp_path):
+    """Two libraries on one Milvus (a server, or a Lite file outside the library) with the
+    same collection: the second one's sync would drop the first one's vectors."""
+    shared = {"uri": str(tmp_path / "shared.db")}
+    queries = clustered(4, DIM, seed=9)
+    first = Gallery.create(tmp_path / "a", embedding_dim=DIM, model_fingerprint="m",
+                           backend="milvus", backend_options=shared)  # fmt: skip
+    with first:
+        first.add(clustered(30, DIM), [f"item {i % 3}" for i in range(30)])
+        before = first.search(queries, k=3)
+    with pytest.raises(GalleryError, match="collection 'shitu_gallery' at .* already exists"):
+        Gallery.create(tmp_path / "b", embedding_dim=DIM, model_fingerprint="m",
+                       backend="milvus", backend_options=shared)  # fmt: skip
+    with Gallery.open(tmp_path / "a") as first:
+        assert first.verify() == []
+        np.testing.assert_array_equal(first.search(queries, k=3).ids, before.ids)
+
+
 def test_milvus_pads_when_fewer_than_k(tmp_path):
     with build(tmp_path, "milvus", count=3) as gallery:
         result = gallery.search(clustered(2, DIM, seed=6), k=5)

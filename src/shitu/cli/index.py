@@ -47,9 +47,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--backend", choices=("faiss", "milvus"), default="faiss")
     build.add_argument(
         "--milvus-uri",
-        help="Milvus server URI (http://host:19530); default: a Milvus Lite file in the library",
+        help="Milvus server URI (http://host:19530) or Milvus Lite FILE.db (a relative path "
+        "is inside the library); default: milvus.db in the library",
     )
-    build.add_argument("--milvus-collection", help="collection name (default shitu_gallery)")
+    build.add_argument(
+        "--milvus-collection",
+        help="collection name, one per library (default shitu_gallery; an existing one is refused)",
+    )
     build.add_argument("--nprobe", type=positive_int, help="IVF lists searched per query")
     build.add_argument("--ef-search", type=positive_int, help="HNSW search depth (default 64)")
     _add_image_arguments(build)

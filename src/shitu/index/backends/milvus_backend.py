@@ -73,6 +73,15 @@ class MilvusBackend(Backend):
             self.client = MilvusClient(uri, token=os.environ.get(TOKEN_ENV, ""))
         except Exception as exc:
             raise GalleryError(f"cannot connect to Milvus at {uri}: {exc}") from exc
+        if "synced_generation" not in manifest.index_state and self.client.has_collection(
+            self.collection
+        ):  # a new library: the collection is another's, which a sync would drop
+            self.close()
+            raise GalleryError(
+                f"Milvus collection '{self.collection}' at {uri} already exists (another "
+                "library's?); choose another collection (`collection`, --milvus-collection in the "
+                "CLI) or drop that one"
+            )
         if manifest.index_state.get("synced_generation") != manifest.generation or (
             not self.client.has_collection(self.collection)
         ):
