@@ -172,6 +172,24 @@ def test_build_from_unreadable_images_leaves_nothing_and_says_why(models, tmp_pa
     assert "--ef-search: expected a whole number >= 1, got 0" in capsys.readouterr().err
 
 
+def test_a_label_file_written_from_the_working_directory_is_refused_saying_so(
+    models, gallery_list, tmp_path, monkeypatch
+):
+    """Paths in a label file are relative to its folder; one written relative to where the
+    command runs would fail image by image with 'No such file', the convention unsaid."""
+    image = Path(gallery_list.read_text().splitlines()[0].split("\t")[0])
+    (tmp_path / "photos").mkdir()
+    shutil.copy(image, tmp_path / "photos" / "a.jpg")
+    listing = tmp_path / "lists" / "gallery.txt"
+    listing.parent.mkdir()
+    listing.write_text("# from the project folder\nphotos/a.jpg\tapple\n")
+    monkeypatch.chdir(tmp_path)
+    result = shitu("index", "build", "--gallery", listing, "--model", models[128], "--out", "lib")
+    assert result.returncode == 2
+    assert f"gallery.txt:2: photos/a.jpg is not in {listing.parent}" in result.stderr
+    assert "relative to its folder" in result.stderr and not (tmp_path / "lib").exists()
+
+
 def test_index_commands_refuse_what_they_cannot_store_or_find(models, gallery_list, tmp_path):
     lib, model = tmp_path / "lib", models[128]
     staging = {}

@@ -39,7 +39,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=Path,
         nargs="+",
         required=True,
-        help="label file(s) (`path<TAB>label`) or folder-per-label tree(s)",
+        help="label file(s) (`path<TAB>label`, paths relative to the file's folder) or "
+        "folder-per-label tree(s)",
     )
     build.add_argument("--out", type=Path, required=True, help="library folder to create")
     build.add_argument("--index-type", choices=INDEX_TYPES, default="Flat")
