@@ -75,6 +75,9 @@ def test_build_search_edit_and_reembed(models, gallery_list, tmp_path):
     found = shitu("index", "search", lib, first_image, "--model", models[512], "-k", "1")
     assert found.returncode == 0, found.stderr
     assert "Golden Delicious apple (1.000" in found.stdout
+    every = shitu("index", "search", lib, first_image, "--model", models[512], "-k", 10**15)
+    assert every.returncode == 0, every.stderr  # all 6 hits, no 4-petabyte score array
+    assert every.stdout.count(", id ") == 6
     unreadable = shitu("index", "search", lib, tmp_path / "missing.jpg", "--model", models[512])
     assert unreadable.returncode == 1 and "could not read" in unreadable.stderr
 

@@ -346,7 +346,9 @@ def run_search(args: argparse.Namespace) -> int:
     images, _ = expand_images(args.images)
     with Gallery.open(args.library, embedder=model) as gallery:
         extraction = model.extract_files([str(p) for p in images], args.batch_size)
-        result = gallery.search(extraction.features, args.k, min_score=args.min_score)
+        # Hits past the gallery's size are padding, not printed: a huge -k allocates none.
+        k = min(args.k, max(len(gallery), 1))
+        result = gallery.search(extraction.features, k, min_score=args.min_score)
     for path, reason in extraction.failures:
         print(f"warning: could not read {path}: {reason}", file=sys.stderr)
     for row, path in enumerate(extraction.paths):
