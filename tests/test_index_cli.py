@@ -117,7 +117,7 @@ def test_build_search_edit_and_reembed(models, gallery_list, tmp_path):
     assert verified.returncode == 0 and "OK" in verified.stdout
 
 
-def test_search_scores_are_cosines_on_l2_libraries_too(models, gallery_list, tmp_path):
+def test_search_scores_are_cosines_on_l2_libraries_too(models, gallery_list, tmp_path, capsys):
     first_image = gallery_list.read_text().splitlines()[0].split("\t")[0]
     answers = {}
     for metric in ("ip", "l2"):
@@ -136,6 +136,10 @@ def test_search_scores_are_cosines_on_l2_libraries_too(models, gallery_list, tmp
         answers[metric] = found.stdout
     assert "Golden Delicious apple (1.000" in answers["l2"]  # not the distance 0.000
     assert answers["l2"] == answers["ip"]
+    with pytest.raises(SystemExit) as exit_info:  # NaN would compare false: no hit dropped
+        main(["index", "search", str(lib), first_image, "--min-score", "nan"])
+    assert exit_info.value.code == 2
+    assert "--min-score: expected a finite number, got nan" in capsys.readouterr().err
     ivf = shitu(
         "index", "build", "--gallery", gallery_list, "--model", models[512],
         "--out", tmp_path / "ivf", "--index-type", "IVF",

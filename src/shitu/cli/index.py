@@ -15,7 +15,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from shitu.cli.common import add_runtime_arguments, count_of, expand_images, positive_int
+from shitu.cli.common import (
+    add_runtime_arguments,
+    count_of,
+    expand_images,
+    finite_float,
+    positive_int,
+)
 from shitu.errors import DataError, GalleryError
 from shitu.fileio import check_writable, fsync_dir
 from shitu.index import INDEX_TYPES, METRICS, AddReport, Gallery, GalleryItem, collect_items
@@ -110,7 +116,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     search.add_argument("library", type=Path)
     search.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
     search.add_argument("-k", type=positive_int, default=5, help="hits per image (default 5)")
-    search.add_argument("--min-score", type=float, help="drop hits scoring below this")
+    search.add_argument(
+        "--min-score",
+        type=finite_float,
+        help="drop hits scoring below this (scores are cosine similarities in libraries from "
+        "`index build`)",
+    )
     _add_model_arguments(search)
     search.set_defaults(func=run_search)
 
