@@ -74,6 +74,22 @@ def test_a_new_library_refuses_a_collection_that_another_library_holds(tmp_path)
         np.testing.assert_array_equal(first.search(queries, k=3).ids, before.ids)
 
 
+def test_milvus_lite_refuses_ivfpq_before_it_writes_a_library_that_cannot_open(tmp_path):
+    """Milvus Lite cannot build IVF_PQ: the collection's rows would stay unindexed and the
+    collection would never load again, so every later command would fail."""
+    with pytest.raises(GalleryError, match="Milvus Lite has no IVFPQ index"):
+        Gallery.create(tmp_path / "pq", embedding_dim=DIM, model_fingerprint="m",
+                       backend="milvus", index_type="IVFPQ")  # fmt: skip
+    queries = clustered(4, DIM, seed=10)
+    with build(tmp_path, "milvus", count=30) as gallery:
+        before = gallery.search(queries, k=3)
+        with pytest.raises(GalleryError, match="Milvus Lite has no IVFPQ index"):
+            gallery.rebuild("IVFPQ")
+    with Gallery.open(tmp_path / "milvus") as gallery:  # still Flat, and searchable
+        assert gallery.manifest.index_type == "Flat" and gallery.verify() == []
+        np.testing.assert_array_equal(gallery.search(queries, k=3).ids, before.ids)
+
+
 def test_milvus_pads_when_fewer_than_k(tmp_path):
     with build(tmp_path, "milvus", count=3) as gallery:
         result = gallery.search(clustered(2, DIM, seed=6), k=5)

@@ -89,10 +89,20 @@ class MilvusBackend(Backend):
             self._resynced = manifest
         self.client.load_collection(self.collection)  # a reopened collection starts released
 
+    def _check_index_type(self, index_type: str) -> None:
+        """Milvus Lite has no IVF_PQ: its background index build fails, the rows stay
+        unindexed, and the collection then never loads (the library would not open)."""
+        if self._lite_path and index_type == "IVFPQ":
+            raise GalleryError(
+                "Milvus Lite has no IVFPQ index; choose Flat, IVF or HNSW32, or "
+                "a Milvus server (--milvus-uri http://host:19530)"
+            )
+
     def _create_collection(self) -> None:
         from pymilvus import DataType
 
         manifest = self.manifest
+        self._check_index_type(manifest.index_type)
         if self.client.has_collection(self.collection):
             self.client.drop_collection(self.collection)
         schema = self.client.create_schema(auto_id=False, enable_dynamic_field=False)
@@ -148,6 +158,7 @@ class MilvusBackend(Backend):
         return int(rows[0]["count(*)"])
 
     def stage(self, change: Change, manifest: Manifest) -> dict[str, Any]:
+        self._check_index_type(manifest.index_type)  # before the commit that would record it
         self._pending = change if change.touches_vectors else None
         if self._pending is None:
             return {"synced_generation": manifest.generation}
