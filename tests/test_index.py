@@ -655,6 +655,12 @@ def test_unknown_index_options_and_wrong_values_are_refused(tmp_path):
             "options are ef_search, nprobe, nlist, uri, collection",
         ),
         ("milvus", {"uri": 5}, "index option uri must be a non-empty string, got 5"),
+        (
+            "milvus",
+            {"uri": "vectors"},
+            "index option uri must be a server's http://host:port or a Milvus Lite file "
+            "ending in .db, got 'vectors'",
+        ),
         ("milvus", {"nlist": "8"}, "index option nlist must be a whole number >= 1, got '8'"),
     ]:
         with pytest.raises(GalleryError) as caught:
