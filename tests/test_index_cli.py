@@ -231,6 +231,11 @@ def test_index_commands_refuse_what_they_cannot_store_or_find(models, gallery_li
     index_file.unlink()  # lost, say, to a disk error
     lost = shitu("index", "search", lib, image, "--model", model)
     assert lost.returncode == 2 and f"`shitu index rebuild {lib}`" in lost.stderr
+    checked = shitu("index", "verify", lib)  # a failed check, not a failed command
+    assert checked.returncode == 1, checked.stderr
+    assert f"problem: {index_file}: index file is missing" in checked.stdout
+    assert checked.stdout.endswith(f"{lib}: FAILED\n")
+    assert shitu("index", "verify", tmp_path / "nothing").returncode == 2
     rebuilt = shitu("index", "rebuild", lib)
     assert rebuilt.returncode == 0 and "6 images, Flat" in rebuilt.stdout
     assert shitu("index", "verify", lib).returncode == 0

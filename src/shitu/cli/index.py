@@ -26,6 +26,7 @@ from shitu.errors import DataError, GalleryError
 from shitu.fileio import check_writable, fsync_dir
 from shitu.index import INDEX_TYPES, METRICS, AddReport, Gallery, GalleryItem, collect_items
 from shitu.index.embedder import Embedder
+from shitu.index.gallery import LIBRARY_FILE
 
 SHOWN_PROBLEMS = 10
 
@@ -98,7 +99,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     stats.add_argument("library", type=Path)
     stats.set_defaults(func=run_stats)
 
-    verify = commands.add_parser("verify", help="check checksums, counts and the database")
+    verify = commands.add_parser(
+        "verify", help="check checksums, counts and the database (exit status 1 on a problem)"
+    )
     verify.add_argument("library", type=Path)
     verify.set_defaults(func=run_verify)
 
@@ -325,12 +328,21 @@ def run_stats(args: argparse.Namespace) -> int:
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    with Gallery.open(args.library) as gallery:
-        problems = gallery.verify()
-        count = len(gallery)
+    """Exit 1 with the problems for a library that is damaged, also one too damaged to
+    open (a lost or corrupt index file); 2 only where there is no library."""
+    try:
+        gallery = Gallery.open(args.library)
+    except GalleryError as exc:
+        if not (args.library / LIBRARY_FILE).is_file():
+            raise
+        problems, counted = [str(exc)], ""
+    else:
+        with gallery:
+            problems = gallery.verify()
+            counted = f" ({count_of(len(gallery), 'image')})"
     for problem in problems:
         print(f"problem: {problem}")
-    print(f"{args.library}: {'FAILED' if problems else 'OK'} ({count_of(count, 'image')})")
+    print(f"{args.library}: {'FAILED' if problems else 'OK'}{counted}")
     return 1 if problems else 0
 
 
