@@ -313,6 +313,20 @@ def test_a_library_moved_whole_still_finds_the_files_kept_inside_it(tmp_path, mo
         assert gallery.reembed(model) == 4 and gallery.verify() == []
 
 
+def test_reembed_names_the_ids_of_images_it_cannot_read(tmp_path):
+    """`shitu index remove` takes ids, so the refusal names them, not only a path."""
+    path, model = tmp_path / "lib", PixelEmbedder()
+    photos = make_images(tmp_path / "photos", 3)
+    with Gallery.create_for(path, model) as gallery:
+        ids = gallery.add_files(model, [GalleryItem(p, "x") for p in photos]).ids
+        photos[1].unlink()
+        with pytest.raises(GalleryError) as caught:
+            gallery.reembed(PixelEmbedder(side=2, fingerprint="new"))
+    assert f"1 of the 3 images could not be read (first: {photos[1]}: " in str(caught.value)
+    assert f"ids {ids[1]}; put the files back" in str(caught.value)
+    assert f"`shitu index remove {path} --id ID ...`" in str(caught.value)
+
+
 def test_model_fingerprint_mismatch_is_refused(tmp_path):
     new_gallery(tmp_path / "lib").close()
     other = PixelEmbedder(side=2, fingerprint="other")  # 12-d, not the library's 16-d

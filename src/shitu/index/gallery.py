@@ -600,11 +600,14 @@ class Gallery:
                 f"(ids {no_file[:5]}); remove them before re-embedding"
             )
         result = embedder.extract_files([e.path for e in entries], batch_size, progress)
-        if result.failures:
+        if result.failures:  # named by id: what `shitu index remove` takes
+            failed = {path for path, _ in result.failures}
+            bad = np.asarray([e.id for e in entries if e.path in failed])
             path, reason = result.failures[0]
             raise GalleryError(
-                f"cannot re-embed: {len(result.failures)} images failed (first: {path}: "
-                f"{reason}); remove them with `shitu index remove` and retry"
+                f"cannot re-embed: {len(bad)} of the {len(entries)} images could not be read "
+                f"(first: {path}: {reason}), ids {_rows(bad)}; put the files back, or remove "
+                f"those images (`shitu index remove {self.root} --id ID ...`), and retry"
             )
         ids = np.asarray([e.id for e in entries], dtype=np.int64)
         features = self._stored_features(result.features, "re-embed", embedder.embedding_size)
