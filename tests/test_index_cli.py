@@ -161,6 +161,10 @@ def test_build_refuses_an_existing_library_and_bad_lists(models, tmp_path):
     )
     assert broken.returncode == 2 and "bad.txt:1" in broken.stderr
     assert not (tmp_path / "x").exists()
+    faiss = shitu("index", "build", "--gallery", bad, "--out", tmp_path / "x",
+                  "--milvus-uri", "vectors.db")  # fmt: skip
+    assert faiss.returncode == 2
+    assert "--milvus-uri: only with --backend milvus" in faiss.stderr
 
 
 def test_build_from_unreadable_images_leaves_nothing_and_says_why(models, tmp_path, capsys):

@@ -184,6 +184,10 @@ def _warn_failures(report: AddReport) -> None:
 
 
 def run_build(args: argparse.Namespace) -> int:
+    given = {"--milvus-uri": args.milvus_uri, "--milvus-collection": args.milvus_collection}
+    milvus_only = [flag for flag, value in given.items() if value is not None]
+    if milvus_only and args.backend != "milvus":  # else refused as faiss options it never named
+        raise GalleryError(f"{' and '.join(milvus_only)}: only with --backend milvus")
     if args.out.exists():
         raise GalleryError(f"{args.out}: already exists; choose a new --out or use `index add`")
     check_writable(args.out.parent, f"--out {args.out}")
