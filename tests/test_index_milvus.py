@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import sqlite3
 import threading
 
@@ -80,6 +81,8 @@ def test_milvus_lite_refuses_ivfpq_before_it_writes_a_library_that_cannot_open(t
     with pytest.raises(GalleryError, match="Milvus Lite has no IVFPQ index"):
         Gallery.create(tmp_path / "pq", embedding_dim=DIM, model_fingerprint="m",
                        backend="milvus", index_type="IVFPQ")  # fmt: skip
+    with open(tmp_path / "pq" / "milvus.db" / "LOCK") as lock:  # the refusal closed its server
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     queries = clustered(4, DIM, seed=10)
     with build(tmp_path, "milvus", count=30) as gallery:
         before = gallery.search(queries, k=3)

@@ -73,10 +73,18 @@ class MilvusBackend(Backend):
             self.client = MilvusClient(uri, token=os.environ.get(TOKEN_ENV, ""))
         except Exception as exc:
             raise GalleryError(f"cannot connect to Milvus at {uri}: {exc}") from exc
+        try:
+            self._open_collection(uri)
+        except BaseException:
+            self.close()  # else a Milvus Lite server keeps serving the file in this process
+            raise
+
+    def _open_collection(self, uri: str) -> None:
+        """The collection, synced with the stored features, and loaded for searching."""
+        manifest = self.manifest
         if "synced_generation" not in manifest.index_state and self.client.has_collection(
             self.collection
         ):  # a new library: the collection is another's, which a sync would drop
-            self.close()
             raise GalleryError(
                 f"Milvus collection '{self.collection}' at {uri} already exists (another "
                 "library's?); choose another collection (`collection`, --milvus-collection in the "
