@@ -86,11 +86,14 @@ def test_build_search_edit_and_reembed(models, gallery_list, tmp_path):
     source = sorted(Path(first_image).parent.glob("*.jpg"))
     for index, photo in enumerate([source[-1], source[-2], Path(first_image)]):
         shutil.copy(photo, folder / f"{index}.jpg")
-    added = shitu("index", "add", lib, folder, "--label", "Mixed bag", "--model", models[512])
-    assert added.returncode == 0, added.stderr
+    added = shitu(
+        "index", "add", lib, folder, "--label", "Mixed bag", "--model", models[512], "--no-progress"
+    )  # fmt: skip
+    assert added.returncode == 0 and "img/s" not in added.stderr, added.stderr
     assert "added 2 images" in added.stdout and "skipped 1 duplicate (" in added.stdout
     by_folder = shitu("index", "search", lib, folder, "--model", models[512], "-k", "1")
     assert by_folder.returncode == 0, by_folder.stderr  # a folder is its images, each found
+    assert "3/3" in by_folder.stderr and "img/s" not in found.stderr  # a bar, as recognize's
     assert [line.split("\t")[0] for line in by_folder.stdout.splitlines()] == [
         str(folder / f"{index}.jpg") for index in range(3)
     ]

@@ -136,6 +136,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=positive_int, default=32)
     parser.add_argument("--threads", type=positive_int, help="CPU threads for the model")
     add_runtime_arguments(parser)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _add_image_arguments(parser: argparse.ArgumentParser) -> None:
@@ -228,7 +229,11 @@ def _build(
             backend_options=options,
         ) as gallery:
             report = gallery.add_files(
-                model, items, args.batch_size, progress=True, allow_duplicates=args.allow_duplicates
+                model,
+                items,
+                args.batch_size,
+                progress=not args.no_progress,
+                allow_duplicates=args.allow_duplicates,
             )
             stats = gallery.stats()
         if not len(report.ids):
@@ -288,7 +293,11 @@ def run_add(args: argparse.Namespace) -> int:
     model = _load_model(args)
     with Gallery.open(args.library, embedder=model) as gallery:
         report = gallery.add_files(
-            model, items, args.batch_size, progress=True, allow_duplicates=args.allow_duplicates
+            model,
+            items,
+            args.batch_size,
+            progress=not args.no_progress,
+            allow_duplicates=args.allow_duplicates,
         )
         stats = gallery.stats()
     _report(report, args.library, stats)
@@ -353,7 +362,7 @@ def run_verify(args: argparse.Namespace) -> int:
 def run_reembed(args: argparse.Namespace) -> int:
     model = _load_model(args)
     with Gallery.open(args.library) as gallery:
-        count = gallery.reembed(model, args.batch_size, progress=True)
+        count = gallery.reembed(model, args.batch_size, progress=not args.no_progress)
     print(f"re-embedded {count_of(count, 'image')} with model {model.fingerprint}")
     return 0
 
@@ -370,9 +379,10 @@ def run_rebuild(args: argparse.Namespace) -> int:
 
 def run_search(args: argparse.Namespace) -> int:
     model = _load_model(args)
-    images, _ = expand_images(args.images)
+    images, folder = expand_images(args.images)
+    progress = not args.no_progress and (folder or len(images) > 1)  # as `shitu recognize`
     with Gallery.open(args.library, embedder=model) as gallery:
-        extraction = model.extract_files([str(p) for p in images], args.batch_size)
+        extraction = model.extract_files([str(p) for p in images], args.batch_size, progress)
         # Hits past the gallery's size are padding, not printed: a huge -k allocates none.
         k = min(args.k, max(len(gallery), 1))
         result = gallery.search(extraction.features, k, min_score=args.min_score)
