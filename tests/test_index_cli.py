@@ -228,6 +228,10 @@ def test_index_commands_refuse_what_they_cannot_store_or_find(models, gallery_li
     assert broken.returncode == 2 and "line breaks" in broken.stderr
     mixed = shitu("index", "add", lib, gallery_list, "--label", "X", "--model", model)
     assert mixed.returncode == 2 and "carries its own labels" in mixed.stderr
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    unread = shitu("index", "add", lib, tmp_path / "broken.jpg", "--label", "X", "--model", model)
+    assert unread.returncode == 1 and "added 0 images" in unread.stdout  # a failure, not 0
+    assert "could not add" in unread.stderr
 
     missing = shitu("index", "relabel", lib, "Nope", CLASSES[1])  # not "would merge"
     assert missing.returncode == 2 and "no images labelled 'Nope'" in missing.stderr

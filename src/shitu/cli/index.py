@@ -301,7 +301,7 @@ def run_add(args: argparse.Namespace) -> int:
         )
         stats = gallery.stats()
     _report(report, args.library, stats)
-    return 0
+    return 1 if report.failures and not len(report.ids) else 0  # nothing could be added
 
 
 def run_remove(args: argparse.Namespace) -> int:
