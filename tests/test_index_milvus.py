@@ -62,12 +62,17 @@ def test_a_new_library_refuses_a_collection_that_another_library_holds(tmp_path)
     same collection: the second one's sync would drop the first one's vectors."""
     shared = {"uri": str(tmp_path / "shared.db")}
     queries = clustered(4, DIM, seed=9)
+    for failed_build in ("empty 1", "empty 2"):  # a collection without rows is taken over
+        Gallery.create(tmp_path / failed_build, embedding_dim=DIM, model_fingerprint="m",
+                       backend="milvus", backend_options=shared).close()  # fmt: skip
     first = Gallery.create(tmp_path / "a", embedding_dim=DIM, model_fingerprint="m",
                            backend="milvus", backend_options=shared)  # fmt: skip
     with first:
         first.add(clustered(30, DIM), [f"item {i % 3}" for i in range(30)])
         before = first.search(queries, k=3)
-    with pytest.raises(GalleryError, match="collection 'shitu_gallery' at .* already exists"):
+    with pytest.raises(
+        GalleryError, match="collection 'shitu_gallery' at .* already holds vectors"
+    ):
         Gallery.create(tmp_path / "b", embedding_dim=DIM, model_fingerprint="m",
                        backend="milvus", backend_options=shared)  # fmt: skip
     with Gallery.open(tmp_path / "a") as first:

@@ -60,7 +60,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     build.add_argument(
         "--milvus-collection",
-        help="collection name, one per library (default shitu_gallery; an existing one is refused)",
+        help="collection name, one per library (default shitu_gallery; one that holds "
+        "vectors is refused)",
     )
     build.add_argument("--nprobe", type=positive_int, help="IVF lists searched per query")
     build.add_argument("--ef-search", type=positive_int, help="HNSW search depth (default 64)")

@@ -82,11 +82,11 @@ class MilvusBackend(Backend):
     def _open_collection(self, uri: str) -> None:
         """The collection, synced with the stored features, and loaded for searching."""
         manifest = self.manifest
-        if "synced_generation" not in manifest.index_state and self.client.has_collection(
-            self.collection
-        ):  # a new library: the collection is another's, which a sync would drop
+        if "synced_generation" not in manifest.index_state and self._holds_rows():
+            # A new library: the vectors are another library's, which a sync would drop (an
+            # empty collection, say a failed build's on a server, is taken over).
             raise GalleryError(
-                f"Milvus collection '{self.collection}' at {uri} already exists (another "
+                f"Milvus collection '{self.collection}' at {uri} already holds vectors (another "
                 "library's?); choose another collection (`collection`, --milvus-collection in the "
                 "CLI) or drop that one"
             )
@@ -96,6 +96,12 @@ class MilvusBackend(Backend):
             self._resync()
             self._resynced = manifest
         self.client.load_collection(self.collection)  # a reopened collection starts released
+
+    def _holds_rows(self) -> bool:
+        """Whether the collection exists with rows (deleted ones count until compaction)."""
+        if not self.client.has_collection(self.collection):
+            return False
+        return int(self.client.get_collection_stats(self.collection)["row_count"]) > 0
 
     def _check_index_type(self, index_type: str) -> None:
         """Milvus Lite has no IVF_PQ: its background index build fails, the rows stay
