@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from shitu.errors import GalleryError
-from shitu.index import Gallery
+from shitu.index import Gallery, metadata
 from shitu.index import gallery as gallery_module
 from tests.index_helpers import clustered, run_killed, snapshot
 
@@ -136,6 +136,23 @@ def test_opening_a_stale_collection_waits_for_another_writer(tmp_path):
         assert "item 0" not in gallery.label_counts()
         assert gallery.manifest.index_state["synced_generation"] == gallery.manifest.generation
     other.close()
+
+
+def test_an_open_that_fails_after_connecting_releases_the_milvus_lite_file(tmp_path, monkeypatch):
+    """Recording a re-sync needs the write lock; when it cannot be had, the open fails and
+    closes its connection, else Milvus Lite's server keeps the file locked in this process."""
+    build(tmp_path, "milvus").close()
+    killed = run_killed(tmp_path / "milvus", "after-commit", "gallery.remove(labels=['item 0'])")
+    assert killed.returncode == -9, killed.stderr  # the collection now lags the manifest
+    monkeypatch.setattr(metadata, "LOCK_WAIT_S", 0.2)
+    other = sqlite3.connect(tmp_path / "milvus" / "gallery.sqlite", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # a writer that does not finish in time
+    with pytest.raises(GalleryError, match="cannot lock the library for writing"):
+        Gallery.open(tmp_path / "milvus")
+    other.execute("ROLLBACK")
+    other.close()
+    with open(tmp_path / "milvus" / "milvus.db" / "LOCK") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 def test_a_failed_reload_keeps_the_collection_searchable(tmp_path, monkeypatch):

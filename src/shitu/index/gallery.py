@@ -206,6 +206,7 @@ class Gallery:
         if not (root / LIBRARY_FILE).is_file():
             raise GalleryError(f"{root}: not a gallery library (no {LIBRARY_FILE})")
         store = MetadataStore(root / LIBRARY_FILE)
+        backend: Backend | None = None
         try:
             # Manifest, index file and labels of one generation, even while another process
             # publishes the next one (and deletes this one's index file).
@@ -221,6 +222,8 @@ class Gallery:
                 gallery.rebuild()
                 gallery.repaired = True
         except BaseException:
+            if backend is not None:  # a Milvus Lite server would keep its file locked
+                backend.close()
             store.close()
             raise
         return gallery
