@@ -82,9 +82,10 @@ class MilvusBackend(Backend):
     def _open_collection(self, uri: str) -> None:
         """The collection, synced with the stored features, and loaded for searching."""
         manifest = self.manifest
-        if "synced_generation" not in manifest.index_state and self._holds_rows():
-            # A new library: the vectors are another library's, which a sync would drop (an
-            # empty collection, say a failed build's on a server, is taken over).
+        if manifest.generation == 0 and self._holds_rows():
+            # A new library (every write makes a generation): the vectors are another
+            # library's, which a sync would drop (an empty collection, say a failed build's
+            # on a server, is taken over).
             raise GalleryError(
                 f"Milvus collection '{self.collection}' at {uri} already holds vectors (another "
                 "library's?); choose another collection (`collection`, --milvus-collection in the "
