@@ -122,6 +122,25 @@ def test_milvus_library_recovers_from_a_killed_write(tmp_path, point):
         assert "item 0" not in {label for row in labels for label in row}
 
 
+def test_a_collection_milvus_cannot_read_is_refused_and_repaired_like_a_faiss_file(tmp_path):
+    """Damaged Milvus Lite files: a one-line refusal that names `shitu index rebuild`, not
+    Milvus's traceback, and open(repair=True) builds the collection again."""
+    queries = clustered(5, DIM, seed=11)
+    build(tmp_path, "milvus").close()
+    before = snapshot(tmp_path / "milvus", queries)
+    collections = tmp_path / "milvus" / "milvus.db" / "collections"
+    if not collections.is_dir():
+        pytest.skip("this milvus-lite keeps its data in one file")
+    for part in collections.rglob("*"):
+        if part.is_file():
+            part.write_text("garbage")
+    with pytest.raises(GalleryError, match="'shitu_gallery' cannot be read .*shitu index rebuild"):
+        Gallery.open(tmp_path / "milvus")
+    with Gallery.open(tmp_path / "milvus", repair=True) as gallery:
+        assert gallery.repaired
+    assert snapshot(tmp_path / "milvus", queries) == before
+
+
 def test_opening_a_stale_collection_waits_for_another_writer(tmp_path):
     """Opening re-syncs a stale collection under the read lock and records that afterwards,
     with the write lock: a writer holding that lock is waited for, not an error."""

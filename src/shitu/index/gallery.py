@@ -194,9 +194,9 @@ class Gallery:
         """Open a library; with `embedder`, refuse it unless it is the library's model.
 
         `verify` checks the index file's checksum first (a corrupt file could crash Faiss).
-        `repair` opens a library whose index file is missing or damaged by building the
-        index again from the stored features (a write: a new generation and index file);
-        `repaired` then says so.
+        `repair` opens a library whose index file is missing or damaged, or whose Milvus
+        collection cannot be read, by building the index again from the stored features (a
+        write: a new generation); `repaired` then says so.
         """
         root = Path(path)
         if not root.exists():

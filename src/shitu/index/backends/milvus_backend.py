@@ -8,6 +8,7 @@ stale collection (a write was killed in between) re-syncs it from the stored fea
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ from shitu.errors import GalleryError
 from shitu.index.backends import Backend, Change, scores_from_distances
 from shitu.index.manifest import Manifest
 from shitu.index.metadata import MetadataStore
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_URI = "milvus.db"
 DEFAULT_COLLECTION = "shitu_gallery"
@@ -52,7 +55,9 @@ class MilvusBackend(Backend):
 
     opens_beside_itself = False
 
-    def __init__(self, root: Path, manifest: Manifest, store: MetadataStore) -> None:
+    def __init__(
+        self, root: Path, manifest: Manifest, store: MetadataStore, repair: bool = False
+    ) -> None:
         super().__init__(root, manifest, store)
         try:
             from pymilvus import MilvusClient
@@ -74,13 +79,16 @@ class MilvusBackend(Backend):
         except Exception as exc:
             raise GalleryError(f"cannot connect to Milvus at {uri}: {exc}") from exc
         try:
-            self._open_collection(uri)
+            self._open_collection(uri, repair)
         except BaseException:
             self.close()  # else a Milvus Lite server keeps serving the file in this process
             raise
 
-    def _open_collection(self, uri: str) -> None:
-        """The collection, synced with the stored features, and loaded for searching."""
+    def _open_collection(self, uri: str, repair: bool) -> None:
+        """The collection, synced with the stored features, and loaded for searching; one
+        that Milvus cannot read is refused, or with `repair` dropped and left `damaged`."""
+        from pymilvus.exceptions import MilvusException
+
         manifest = self.manifest
         if manifest.generation == 0 and self._holds_rows():
             # A new library (every write makes a generation): the vectors are another
@@ -91,12 +99,24 @@ class MilvusBackend(Backend):
                 "library's?); choose another collection (`collection`, --milvus-collection in the "
                 "CLI) or drop that one"
             )
-        if manifest.index_state.get("synced_generation") != manifest.generation or (
-            not self.client.has_collection(self.collection)
-        ):
-            self._resync()
-            self._resynced = manifest
-        self.client.load_collection(self.collection)  # a reopened collection starts released
+        try:
+            if manifest.index_state.get("synced_generation") != manifest.generation or (
+                not self.client.has_collection(self.collection)
+            ):
+                self._resync()
+                self._resynced = manifest
+            self.client.load_collection(self.collection)  # a reopened one starts released
+        except MilvusException as exc:  # damaged files of a Milvus Lite collection, say
+            problem = f"{self.root}: Milvus collection '{self.collection}' cannot be read"
+            if not repair:
+                raise GalleryError(
+                    f"{problem} ({exc.message}); `shitu index rebuild {self.root}` builds it "
+                    "again from the stored features"
+                ) from None
+            why = exc.message
+            logger.warning("%s (%s); building it again from the stored features", problem, why)
+            self.client.drop_collection(self.collection)
+            self.damaged = problem  # Gallery.open rebuilds it
 
     def _holds_rows(self) -> bool:
         """Whether the collection exists with rows (deleted ones count until compaction)."""
