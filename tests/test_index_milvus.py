@@ -174,6 +174,16 @@ def test_an_open_that_fails_after_connecting_releases_the_milvus_lite_file(tmp_p
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
+def test_a_milvus_lite_file_open_elsewhere_is_refused_saying_so(tmp_path):
+    """Milvus Lite says why (another process holds the file) only in its log; the error
+    itself was 'Open local milvus failed'."""
+    build(tmp_path, "milvus").close()
+    with open(tmp_path / "milvus" / "milvus.db" / "LOCK") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a `shitu serve` holds it
+        with pytest.raises(GalleryError, match="is the library open in another process"):
+            Gallery.open(tmp_path / "milvus")
+
+
 def test_a_failed_reload_keeps_the_collection_searchable(tmp_path, monkeypatch):
     """Milvus Lite serves a file from one server per process, so a reload closes the old
     connection before opening the new one; when the new one fails, the old one comes back."""

@@ -77,7 +77,13 @@ class MilvusBackend(Backend):
         try:
             self.client = MilvusClient(uri, token=os.environ.get(TOKEN_ENV, ""))
         except Exception as exc:
-            raise GalleryError(f"cannot connect to Milvus at {uri}: {exc}") from exc
+            busy = (  # Milvus Lite's own reason ("another process holds the lock") is only logged
+                "; is the library open in another process, such as `shitu serve`? A Milvus Lite "
+                "file is open in one process at a time"
+                if self._lite_path
+                else ""
+            )
+            raise GalleryError(f"cannot connect to Milvus at {uri}: {exc}{busy}") from exc
         try:
             self._open_collection(uri, repair)
         except BaseException:
