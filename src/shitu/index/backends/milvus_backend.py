@@ -128,6 +128,7 @@ class MilvusBackend(Backend):
         """Whether the collection exists with rows (deleted ones count until compaction)."""
         if not self.client.has_collection(self.collection):
             return False
+        self.client.flush(self.collection)  # a server's count leaves out rows not yet flushed
         return int(self.client.get_collection_stats(self.collection)["row_count"]) > 0
 
     def _check_index_type(self, index_type: str) -> None:
