@@ -55,8 +55,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--backend", choices=("faiss", "milvus"), default="faiss")
     build.add_argument(
         "--milvus-uri",
-        help="Milvus server URI (http://host:19530) or Milvus Lite FILE.db (a relative path "
-        "is inside the library); default: milvus.db in the library",
+        help="Milvus server URI (http://host:19530; its token, if it needs one, from "
+        "$SHITU_MILVUS_TOKEN) or Milvus Lite FILE.db (a relative path is inside the library); "
+        "default: milvus.db in the library",
     )
     build.add_argument(
         "--milvus-collection",
