@@ -117,7 +117,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     rebuild.add_argument("--index-type", choices=INDEX_TYPES)
     rebuild.set_defaults(func=run_rebuild)
 
-    search = commands.add_parser("search", help="embed query images and print the top hits")
+    search = commands.add_parser(
+        "search",
+        help="embed query images and print the top hits",
+        description="Prints a line per image that could be read: `PATH<TAB>LABEL (SCORE, id ID); "
+        "...`, best first, or `PATH<TAB>no match`. Exit status 1 when no image could be read.",
+    )
     search.add_argument("library", type=Path)
     search.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
     search.add_argument("-k", type=positive_int, default=5, help="hits per image (default 5)")
