@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
 from collections.abc import Callable
@@ -336,6 +337,29 @@ def test_model_fingerprint_mismatch_is_refused(tmp_path):
     Gallery.create(tmp_path / "lib12", embedding_dim=12, model_fingerprint="m12").close()
     with pytest.raises(GalleryError, match="built with model m12 but this model is other"):
         Gallery.open(tmp_path / "lib12", embedder=other_same_dim)
+
+
+@pytest.mark.parametrize("table", ["manifest", "sqlite_sequence"])
+def test_a_damaged_database_page_is_a_gallery_error_not_sqlites_traceback(tmp_path, table):
+    """The manifest's page: every command's open fails, naming the file; the ids' counter:
+    the library opens, and verify (PRAGMA integrity_check cannot finish) reports it."""
+    path = tmp_path / "lib"
+    with new_gallery(path) as gallery:
+        gallery.add(clustered(20, DIM), labels_for(20))
+    database = path / "gallery.sqlite"
+    with contextlib.closing(sqlite3.connect(database)) as conn:
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        query = "SELECT rootpage FROM sqlite_master WHERE name = ?"
+        page = conn.execute(query, (table,)).fetchone()[0]
+    with open(database, "r+b") as handle:
+        handle.seek((page - 1) * page_size)
+        handle.write(b"\x13" * page_size)
+    if table == "manifest":
+        with pytest.raises(GalleryError, match="gallery.sqlite: not a readable gallery database"):
+            Gallery.open(path)
+    else:
+        with Gallery.open(path) as gallery:
+            assert gallery.verify()[0] == "sqlite: database disk image is malformed"
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
