@@ -78,8 +78,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     remove = commands.add_parser("remove", help="remove images by id or by label")
     remove.add_argument("library", type=Path)
-    remove.add_argument("--id", type=int, nargs="+", default=[], dest="ids")
-    remove.add_argument("--label", nargs="+", default=[], dest="labels")
+    remove.add_argument(
+        "--id", type=int, nargs="+", default=[], dest="ids", help="ids (`index list --images`)"
+    )
+    remove.add_argument(
+        "--label", nargs="+", default=[], dest="labels", help="every image of these labels"
+    )
     remove.set_defaults(func=run_remove)
 
     relabel = commands.add_parser("relabel", help="rename a label")
