@@ -70,11 +70,13 @@ def test_a_new_library_refuses_a_collection_that_another_library_holds(tmp_path)
     with first:
         first.add(clustered(30, DIM), [f"item {i % 3}" for i in range(30)])
         before = first.search(queries, k=3)
+    (tmp_path / "b").mkdir()
     with pytest.raises(
         GalleryError, match="collection 'shitu_gallery' at .* already holds vectors"
     ):
         Gallery.create(tmp_path / "b", embedding_dim=DIM, model_fingerprint="m",
                        backend="milvus", backend_options=shared)  # fmt: skip
+    assert not any((tmp_path / "b").iterdir())  # the empty folder it was given, as it was
     with Gallery.open(tmp_path / "a") as first:
         assert first.verify() == []
         np.testing.assert_array_equal(first.search(queries, k=3).ids, before.ids)
@@ -86,8 +88,7 @@ def test_milvus_lite_refuses_ivfpq_before_it_writes_a_library_that_cannot_open(t
     with pytest.raises(GalleryError, match="Milvus Lite has no IVFPQ index"):
         Gallery.create(tmp_path / "pq", embedding_dim=DIM, model_fingerprint="m",
                        backend="milvus", index_type="IVFPQ")  # fmt: skip
-    with open(tmp_path / "pq" / "milvus.db" / "LOCK") as lock:  # the refusal closed its server
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    assert not (tmp_path / "pq").exists()  # no library that would never open
     queries = clustered(4, DIM, seed=10)
     with build(tmp_path, "milvus", count=30) as gallery:
         before = gallery.search(queries, k=3)
@@ -136,6 +137,8 @@ def test_a_collection_milvus_cannot_read_is_refused_and_repaired_like_a_faiss_fi
             part.write_text("garbage")
     with pytest.raises(GalleryError, match="'shitu_gallery' cannot be read .*shitu index rebuild"):
         Gallery.open(tmp_path / "milvus")
+    with open(tmp_path / "milvus" / "milvus.db" / "LOCK") as lock:  # the refusal closed its server
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     with Gallery.open(tmp_path / "milvus", repair=True) as gallery:
         assert gallery.repaired
     assert snapshot(tmp_path / "milvus", queries) == before

@@ -9,6 +9,7 @@ process killed at any point leaves either the previous library or the new one.
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -146,7 +147,8 @@ class Gallery:
         `collection` (default `shitu_gallery`). Faiss's own names (`efSearch`) are refused.
         """
         root = Path(path)
-        if root.exists() and (not root.is_dir() or any(root.iterdir())):
+        existed = root.exists()
+        if existed and (not root.is_dir() or any(root.iterdir())):
             raise GalleryError(f"{root}: already exists and is not an empty folder")
         if backend in BACKENDS:  # an unknown backend is refused by name below
             Manifest.check_backend_options(backend, backend_options or {})
@@ -169,7 +171,14 @@ class Gallery:
         store.close()
         os.replace(tmp, root)
         fsync_dir(root.parent)
-        return cls.open(root)
+        try:
+            return cls.open(root)
+        except BaseException:  # e.g. a Milvus collection another library holds: none made
+            os.replace(root, tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+            if existed:  # the empty folder it was given
+                root.mkdir()
+            raise
 
     @classmethod
     def create_for(cls, path: str | Path, embedder: Embedder, **options: Any) -> Gallery:
