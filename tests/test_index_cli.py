@@ -157,6 +157,7 @@ def test_build_refuses_an_existing_library_and_bad_lists(models, tmp_path):
         "index", "build", "--gallery", tmp_path, "--model", models[512], "--out", tmp_path / "lib"
     )
     assert taken.returncode == 2 and "already exists" in taken.stderr
+    assert "index add" not in taken.stderr  # a folder, not a library to add to
     bad = tmp_path / "bad.txt"
     bad.write_text("no-tab-here.jpg label\n")
     broken = shitu(

@@ -201,7 +201,9 @@ def run_build(args: argparse.Namespace) -> int:
     if milvus_only and args.backend != "milvus":  # else refused as faiss options it never named
         raise GalleryError(f"{' and '.join(milvus_only)}: only with --backend milvus")
     if args.out.exists():
-        raise GalleryError(f"{args.out}: already exists; choose a new --out or use `index add`")
+        library = (args.out / LIBRARY_FILE).is_file()  # else `index add` would refuse it too
+        add = f" or add to it with `shitu index add {args.out} ...`" if library else ""
+        raise GalleryError(f"{args.out}: already exists; choose a new --out{add}")
     check_writable(args.out.parent, f"--out {args.out}")
     items = collect_items(args.gallery)
     model = _load_model(args)
