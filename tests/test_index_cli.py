@@ -213,11 +213,17 @@ def test_index_commands_refuse_what_they_cannot_store_or_find(models, gallery_li
         staging[name].mkdir()
         (staging[name] / "gallery.sqlite").write_bytes(b"features")
         Path(f"{staging[name]}.lock").touch()
+    died_early = tmp_path / ".lib.building-3.lock"  # killed before it made its folder
+    died_early.touch()
     with open(f"{staging['live']}.lock") as held:
         fcntl.flock(held, fcntl.LOCK_EX)  # as the running build holds it
         built = shitu("index", "build", "--gallery", gallery_list, "--model", model, "--out", lib)
     assert built.returncode == 0, built.stderr
     assert not staging["dead"].exists() and staging["live"].exists()
+    assert sorted(p.name for p in tmp_path.glob(".lib.*")) == [
+        ".lib.building-2",
+        ".lib.building-2.lock",
+    ]
 
     first = gallery_list.read_text().splitlines()[0]
     three_columns = tmp_path / "ids.txt"  # an evaluation listing: path, label, id

@@ -270,19 +270,16 @@ def _remove_dead_builds(out: Path) -> None:
     """Staging folders of builds to `out` whose process was killed outright (SIGKILL, power
     loss): they hold every feature the build had made, which would otherwise stay on disk.
     A build holds a lock beside its folder while it runs (an flock, released by the kernel
-    when the process dies, also across hosts on NFSv4); one that nobody holds is dead."""
-    for stale in out.parent.glob(f".{glob.escape(out.name)}.building-*"):
-        if stale.suffix == ".lock":
-            continue
-        lock_path = stale.with_name(stale.name + ".lock")
-        if not lock_path.is_file():
-            continue  # not ours to judge
+    when the process dies, also across hosts on NFSv4); one that nobody holds is dead, and
+    goes with its folder, or alone where the build died before it made one. A folder
+    without a lock is not ours to judge."""
+    for lock_path in out.parent.glob(f".{glob.escape(out.name)}.building-*.lock"):
         with open(lock_path, "a") as lock:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
                 continue  # a live build
-            shutil.rmtree(stale, ignore_errors=True)
+            shutil.rmtree(lock_path.with_suffix(""), ignore_errors=True)
         lock_path.unlink(missing_ok=True)
 
 
