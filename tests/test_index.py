@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
 from collections.abc import Callable
@@ -313,6 +314,20 @@ def test_a_library_moved_whole_still_finds_the_files_kept_inside_it(tmp_path, mo
         assert gallery.reembed(model) == 4 and gallery.verify() == []
 
 
+def test_reembed_names_the_ids_of_images_it_cannot_read(tmp_path):
+    """`shitu index remove` takes ids, so the refusal names them, not only a path."""
+    path, model = tmp_path / "lib", PixelEmbedder()
+    photos = make_images(tmp_path / "photos", 3)
+    with Gallery.create_for(path, model) as gallery:
+        ids = gallery.add_files(model, [GalleryItem(p, "x") for p in photos]).ids
+        photos[1].unlink()
+        with pytest.raises(GalleryError) as caught:
+            gallery.reembed(PixelEmbedder(side=2, fingerprint="new"))
+    assert f"1 of the 3 images could not be read (first: {photos[1]}: " in str(caught.value)
+    assert f"ids {ids[1]}; put the files back" in str(caught.value)
+    assert f"`shitu index remove {path} --id ID ...`" in str(caught.value)
+
+
 def test_model_fingerprint_mismatch_is_refused(tmp_path):
     new_gallery(tmp_path / "lib").close()
     other = PixelEmbedder(side=2, fingerprint="other")  # 12-d, not the library's 16-d
@@ -322,6 +337,29 @@ def test_model_fingerprint_mismatch_is_refused(tmp_path):
     Gallery.create(tmp_path / "lib12", embedding_dim=12, model_fingerprint="m12").close()
     with pytest.raises(GalleryError, match="built with model m12 but this model is other"):
         Gallery.open(tmp_path / "lib12", embedder=other_same_dim)
+
+
+@pytest.mark.parametrize("table", ["manifest", "sqlite_sequence"])
+def test_a_damaged_database_page_is_a_gallery_error_not_sqlites_traceback(tmp_path, table):
+    """The manifest's page: every command's open fails, naming the file; the ids' counter:
+    the library opens, and verify (PRAGMA integrity_check cannot finish) reports it."""
+    path = tmp_path / "lib"
+    with new_gallery(path) as gallery:
+        gallery.add(clustered(20, DIM), labels_for(20))
+    database = path / "gallery.sqlite"
+    with contextlib.closing(sqlite3.connect(database)) as conn:
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        query = "SELECT rootpage FROM sqlite_master WHERE name = ?"
+        page = conn.execute(query, (table,)).fetchone()[0]
+    with open(database, "r+b") as handle:
+        handle.seek((page - 1) * page_size)
+        handle.write(b"\x13" * page_size)
+    if table == "manifest":
+        with pytest.raises(GalleryError, match="gallery.sqlite: not a readable gallery database"):
+            Gallery.open(path)
+    else:
+        with Gallery.open(path) as gallery:
+            assert gallery.verify()[0] == "sqlite: database disk image is malformed"
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
@@ -655,6 +693,12 @@ def test_unknown_index_options_and_wrong_values_are_refused(tmp_path):
             "options are ef_search, nprobe, nlist, uri, collection",
         ),
         ("milvus", {"uri": 5}, "index option uri must be a non-empty string, got 5"),
+        (
+            "milvus",
+            {"uri": "vectors"},
+            "index option uri must be a server's http://host:port or a Milvus Lite file "
+            "ending in .db, got 'vectors'",
+        ),
         ("milvus", {"nlist": "8"}, "index option nlist must be a whole number >= 1, got '8'"),
     ]:
         with pytest.raises(GalleryError) as caught:

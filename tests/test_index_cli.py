@@ -75,6 +75,9 @@ def test_build_search_edit_and_reembed(models, gallery_list, tmp_path):
     found = shitu("index", "search", lib, first_image, "--model", models[512], "-k", "1")
     assert found.returncode == 0, found.stderr
     assert "Golden Delicious apple (1.000" in found.stdout
+    every = shitu("index", "search", lib, first_image, "--model", models[512], "-k", 10**15)
+    assert every.returncode == 0, every.stderr  # all 6 hits, no 4-petabyte score array
+    assert every.stdout.count(", id ") == 6
     unreadable = shitu("index", "search", lib, tmp_path / "missing.jpg", "--model", models[512])
     assert unreadable.returncode == 1 and "could not read" in unreadable.stderr
 
@@ -83,11 +86,14 @@ def test_build_search_edit_and_reembed(models, gallery_list, tmp_path):
     source = sorted(Path(first_image).parent.glob("*.jpg"))
     for index, photo in enumerate([source[-1], source[-2], Path(first_image)]):
         shutil.copy(photo, folder / f"{index}.jpg")
-    added = shitu("index", "add", lib, folder, "--label", "Mixed bag", "--model", models[512])
-    assert added.returncode == 0, added.stderr
+    added = shitu(
+        "index", "add", lib, folder, "--label", "Mixed bag", "--model", models[512], "--no-progress"
+    )  # fmt: skip
+    assert added.returncode == 0 and "img/s" not in added.stderr, added.stderr
     assert "added 2 images" in added.stdout and "skipped 1 duplicate (" in added.stdout
     by_folder = shitu("index", "search", lib, folder, "--model", models[512], "-k", "1")
     assert by_folder.returncode == 0, by_folder.stderr  # a folder is its images, each found
+    assert "3/3" in by_folder.stderr and "img/s" not in found.stderr  # a bar, as recognize's
     assert [line.split("\t")[0] for line in by_folder.stdout.splitlines()] == [
         str(folder / f"{index}.jpg") for index in range(3)
     ]
@@ -114,7 +120,7 @@ def test_build_search_edit_and_reembed(models, gallery_list, tmp_path):
     assert verified.returncode == 0 and "OK" in verified.stdout
 
 
-def test_search_scores_are_cosines_on_l2_libraries_too(models, gallery_list, tmp_path):
+def test_search_scores_are_cosines_on_l2_libraries_too(models, gallery_list, tmp_path, capsys):
     first_image = gallery_list.read_text().splitlines()[0].split("\t")[0]
     answers = {}
     for metric in ("ip", "l2"):
@@ -133,6 +139,10 @@ def test_search_scores_are_cosines_on_l2_libraries_too(models, gallery_list, tmp
         answers[metric] = found.stdout
     assert "Golden Delicious apple (1.000" in answers["l2"]  # not the distance 0.000
     assert answers["l2"] == answers["ip"]
+    with pytest.raises(SystemExit) as exit_info:  # NaN would compare false: no hit dropped
+        main(["index", "search", str(lib), first_image, "--min-score", "nan"])
+    assert exit_info.value.code == 2
+    assert "--min-score: expected a finite number, got nan" in capsys.readouterr().err
     ivf = shitu(
         "index", "build", "--gallery", gallery_list, "--model", models[512],
         "--out", tmp_path / "ivf", "--index-type", "IVF",
@@ -147,6 +157,7 @@ def test_build_refuses_an_existing_library_and_bad_lists(models, tmp_path):
         "index", "build", "--gallery", tmp_path, "--model", models[512], "--out", tmp_path / "lib"
     )
     assert taken.returncode == 2 and "already exists" in taken.stderr
+    assert "index add" not in taken.stderr  # a folder, not a library to add to
     bad = tmp_path / "bad.txt"
     bad.write_text("no-tab-here.jpg label\n")
     broken = shitu(
@@ -154,6 +165,10 @@ def test_build_refuses_an_existing_library_and_bad_lists(models, tmp_path):
     )
     assert broken.returncode == 2 and "bad.txt:1" in broken.stderr
     assert not (tmp_path / "x").exists()
+    faiss = shitu("index", "build", "--gallery", bad, "--out", tmp_path / "x",
+                  "--milvus-uri", "vectors.db")  # fmt: skip
+    assert faiss.returncode == 2
+    assert "--milvus-uri: only with --backend milvus" in faiss.stderr
 
 
 def test_build_from_unreadable_images_leaves_nothing_and_says_why(models, tmp_path, capsys):
@@ -172,6 +187,24 @@ def test_build_from_unreadable_images_leaves_nothing_and_says_why(models, tmp_pa
     assert "--ef-search: expected a whole number >= 1, got 0" in capsys.readouterr().err
 
 
+def test_a_label_file_written_from_the_working_directory_is_refused_saying_so(
+    models, gallery_list, tmp_path, monkeypatch
+):
+    """Paths in a label file are relative to its folder; one written relative to where the
+    command runs would fail image by image with 'No such file', the convention unsaid."""
+    image = Path(gallery_list.read_text().splitlines()[0].split("\t")[0])
+    (tmp_path / "photos").mkdir()
+    shutil.copy(image, tmp_path / "photos" / "a.jpg")
+    listing = tmp_path / "lists" / "gallery.txt"
+    listing.parent.mkdir()
+    listing.write_text("# from the project folder\nphotos/a.jpg\tapple\n")
+    monkeypatch.chdir(tmp_path)
+    result = shitu("index", "build", "--gallery", listing, "--model", models[128], "--out", "lib")
+    assert result.returncode == 2
+    assert f"gallery.txt:2: photos/a.jpg is not in {listing.parent}" in result.stderr
+    assert "relative to its folder" in result.stderr and not (tmp_path / "lib").exists()
+
+
 def test_index_commands_refuse_what_they_cannot_store_or_find(models, gallery_list, tmp_path):
     lib, model = tmp_path / "lib", models[128]
     staging = {}
@@ -180,11 +213,17 @@ def test_index_commands_refuse_what_they_cannot_store_or_find(models, gallery_li
         staging[name].mkdir()
         (staging[name] / "gallery.sqlite").write_bytes(b"features")
         Path(f"{staging[name]}.lock").touch()
+    died_early = tmp_path / ".lib.building-3.lock"  # killed before it made its folder
+    died_early.touch()
     with open(f"{staging['live']}.lock") as held:
         fcntl.flock(held, fcntl.LOCK_EX)  # as the running build holds it
         built = shitu("index", "build", "--gallery", gallery_list, "--model", model, "--out", lib)
     assert built.returncode == 0, built.stderr
     assert not staging["dead"].exists() and staging["live"].exists()
+    assert sorted(p.name for p in tmp_path.glob(".lib.*")) == [
+        ".lib.building-2",
+        ".lib.building-2.lock",
+    ]
 
     first = gallery_list.read_text().splitlines()[0]
     three_columns = tmp_path / "ids.txt"  # an evaluation listing: path, label, id
@@ -196,6 +235,10 @@ def test_index_commands_refuse_what_they_cannot_store_or_find(models, gallery_li
     assert broken.returncode == 2 and "line breaks" in broken.stderr
     mixed = shitu("index", "add", lib, gallery_list, "--label", "X", "--model", model)
     assert mixed.returncode == 2 and "carries its own labels" in mixed.stderr
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    unread = shitu("index", "add", lib, tmp_path / "broken.jpg", "--label", "X", "--model", model)
+    assert unread.returncode == 1 and "added 0 images" in unread.stdout  # a failure, not 0
+    assert "could not add" in unread.stderr
 
     missing = shitu("index", "relabel", lib, "Nope", CLASSES[1])  # not "would merge"
     assert missing.returncode == 2 and "no images labelled 'Nope'" in missing.stderr
@@ -206,6 +249,11 @@ def test_index_commands_refuse_what_they_cannot_store_or_find(models, gallery_li
     index_file.unlink()  # lost, say, to a disk error
     lost = shitu("index", "search", lib, image, "--model", model)
     assert lost.returncode == 2 and f"`shitu index rebuild {lib}`" in lost.stderr
+    checked = shitu("index", "verify", lib)  # a failed check, not a failed command
+    assert checked.returncode == 1, checked.stderr
+    assert f"problem: {index_file}: index file is missing" in checked.stdout
+    assert checked.stdout.endswith(f"{lib}: FAILED\n")
+    assert shitu("index", "verify", tmp_path / "nothing").returncode == 2
     rebuilt = shitu("index", "rebuild", lib)
     assert rebuilt.returncode == 0 and "6 images, Flat" in rebuilt.stdout
     assert shitu("index", "verify", lib).returncode == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import sqlite3
 import threading
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 from shitu.errors import GalleryError
-from shitu.index import Gallery
+from shitu.index import Gallery, metadata
 from shitu.index import gallery as gallery_module
 from tests.index_helpers import clustered, run_killed, snapshot
 
@@ -56,6 +57,48 @@ def test_milvus_edits_survive_reopen_and_match_faiss(tmp_path):
     np.testing.assert_array_equal(results["milvus"].labels, results["faiss"].labels)
 
 
+def test_a_new_library_refuses_a_collection_that_another_library_holds(tmp_path):
+    """Two libraries on one Milvus (a server, or a Lite file outside the library) with the
+    same collection: the second one's sync would drop the first one's vectors."""
+    shared = {"uri": str(tmp_path / "shared.db")}
+    queries = clustered(4, DIM, seed=9)
+    for failed_build in ("empty 1", "empty 2"):  # a collection without rows is taken over
+        Gallery.create(tmp_path / failed_build, embedding_dim=DIM, model_fingerprint="m",
+                       backend="milvus", backend_options=shared).close()  # fmt: skip
+    first = Gallery.create(tmp_path / "a", embedding_dim=DIM, model_fingerprint="m",
+                           backend="milvus", backend_options=shared)  # fmt: skip
+    with first:
+        first.add(clustered(30, DIM), [f"item {i % 3}" for i in range(30)])
+        before = first.search(queries, k=3)
+    (tmp_path / "b").mkdir()
+    with pytest.raises(
+        GalleryError, match="collection 'shitu_gallery' at .* already holds vectors"
+    ):
+        Gallery.create(tmp_path / "b", embedding_dim=DIM, model_fingerprint="m",
+                       backend="milvus", backend_options=shared)  # fmt: skip
+    assert not any((tmp_path / "b").iterdir())  # the empty folder it was given, as it was
+    with Gallery.open(tmp_path / "a") as first:
+        assert first.verify() == []
+        np.testing.assert_array_equal(first.search(queries, k=3).ids, before.ids)
+
+
+def test_milvus_lite_refuses_ivfpq_before_it_writes_a_library_that_cannot_open(tmp_path):
+    """Milvus Lite cannot build IVF_PQ: the collection's rows would stay unindexed and the
+    collection would never load again, so every later command would fail."""
+    with pytest.raises(GalleryError, match="Milvus Lite has no IVFPQ index"):
+        Gallery.create(tmp_path / "pq", embedding_dim=DIM, model_fingerprint="m",
+                       backend="milvus", index_type="IVFPQ")  # fmt: skip
+    assert not (tmp_path / "pq").exists()  # no library that would never open
+    queries = clustered(4, DIM, seed=10)
+    with build(tmp_path, "milvus", count=30) as gallery:
+        before = gallery.search(queries, k=3)
+        with pytest.raises(GalleryError, match="Milvus Lite has no IVFPQ index"):
+            gallery.rebuild("IVFPQ")
+    with Gallery.open(tmp_path / "milvus") as gallery:  # still Flat, and searchable
+        assert gallery.manifest.index_type == "Flat" and gallery.verify() == []
+        np.testing.assert_array_equal(gallery.search(queries, k=3).ids, before.ids)
+
+
 def test_milvus_pads_when_fewer_than_k(tmp_path):
     with build(tmp_path, "milvus", count=3) as gallery:
         result = gallery.search(clustered(2, DIM, seed=6), k=5)
@@ -80,6 +123,27 @@ def test_milvus_library_recovers_from_a_killed_write(tmp_path, point):
         assert "item 0" not in {label for row in labels for label in row}
 
 
+def test_a_collection_milvus_cannot_read_is_refused_and_repaired_like_a_faiss_file(tmp_path):
+    """Damaged Milvus Lite files: a one-line refusal that names `shitu index rebuild`, not
+    Milvus's traceback, and open(repair=True) builds the collection again."""
+    queries = clustered(5, DIM, seed=11)
+    build(tmp_path, "milvus").close()
+    before = snapshot(tmp_path / "milvus", queries)
+    collections = tmp_path / "milvus" / "milvus.db" / "collections"
+    if not collections.is_dir():
+        pytest.skip("this milvus-lite keeps its data in one file")
+    for part in collections.rglob("*"):
+        if part.is_file():
+            part.write_text("garbage")
+    with pytest.raises(GalleryError, match="'shitu_gallery' cannot be read .*shitu index rebuild"):
+        Gallery.open(tmp_path / "milvus")
+    with open(tmp_path / "milvus" / "milvus.db" / "LOCK") as lock:  # the refusal closed its server
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with Gallery.open(tmp_path / "milvus", repair=True) as gallery:
+        assert gallery.repaired
+    assert snapshot(tmp_path / "milvus", queries) == before
+
+
 def test_opening_a_stale_collection_waits_for_another_writer(tmp_path):
     """Opening re-syncs a stale collection under the read lock and records that afterwards,
     with the write lock: a writer holding that lock is waited for, not an error."""
@@ -94,6 +158,33 @@ def test_opening_a_stale_collection_waits_for_another_writer(tmp_path):
         assert "item 0" not in gallery.label_counts()
         assert gallery.manifest.index_state["synced_generation"] == gallery.manifest.generation
     other.close()
+
+
+def test_an_open_that_fails_after_connecting_releases_the_milvus_lite_file(tmp_path, monkeypatch):
+    """Recording a re-sync needs the write lock; when it cannot be had, the open fails and
+    closes its connection, else Milvus Lite's server keeps the file locked in this process."""
+    build(tmp_path, "milvus").close()
+    killed = run_killed(tmp_path / "milvus", "after-commit", "gallery.remove(labels=['item 0'])")
+    assert killed.returncode == -9, killed.stderr  # the collection now lags the manifest
+    monkeypatch.setattr(metadata, "LOCK_WAIT_S", 0.2)
+    other = sqlite3.connect(tmp_path / "milvus" / "gallery.sqlite", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # a writer that does not finish in time
+    with pytest.raises(GalleryError, match="cannot lock the library for writing"):
+        Gallery.open(tmp_path / "milvus")
+    other.execute("ROLLBACK")
+    other.close()
+    with open(tmp_path / "milvus" / "milvus.db" / "LOCK") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_a_milvus_lite_file_open_elsewhere_is_refused_saying_so(tmp_path):
+    """Milvus Lite says why (another process holds the file) only in its log; the error
+    itself was 'Open local milvus failed'."""
+    build(tmp_path, "milvus").close()
+    with open(tmp_path / "milvus" / "milvus.db" / "LOCK") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a `shitu serve` holds it
+        with pytest.raises(GalleryError, match="is the library open in another process"):
+            Gallery.open(tmp_path / "milvus")
 
 
 def test_a_failed_reload_keeps_the_collection_searchable(tmp_path, monkeypatch):

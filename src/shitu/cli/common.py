@@ -40,6 +40,7 @@ def bounded(kind: type, low: float, high: float | None, what: str) -> Callable[[
     return parse
 
 
+finite_float = bounded(float, -math.inf, None, "a finite number")
 positive_int = bounded(int, 1, None, "a whole number >= 1")
 non_negative_int = bounded(int, 0, None, "a whole number >= 0")
 positive_float = bounded(float, 1e-12, None, "a number above 0")

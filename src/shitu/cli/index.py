@@ -15,11 +15,18 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from shitu.cli.common import add_runtime_arguments, count_of, expand_images, positive_int
+from shitu.cli.common import (
+    add_runtime_arguments,
+    count_of,
+    expand_images,
+    finite_float,
+    positive_int,
+)
 from shitu.errors import DataError, GalleryError
 from shitu.fileio import check_writable, fsync_dir
 from shitu.index import INDEX_TYPES, METRICS, AddReport, Gallery, GalleryItem, collect_items
 from shitu.index.embedder import Embedder
+from shitu.index.gallery import LIBRARY_FILE
 
 SHOWN_PROBLEMS = 10
 
@@ -39,7 +46,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=Path,
         nargs="+",
         required=True,
-        help="label file(s) (`path<TAB>label`) or folder-per-label tree(s)",
+        help="label file(s) (`path<TAB>label`, paths relative to the file's folder) or "
+        "folder-per-label tree(s)",
     )
     build.add_argument("--out", type=Path, required=True, help="library folder to create")
     build.add_argument("--index-type", choices=INDEX_TYPES, default="Flat")
@@ -47,9 +55,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--backend", choices=("faiss", "milvus"), default="faiss")
     build.add_argument(
         "--milvus-uri",
-        help="Milvus server URI (http://host:19530); default: a Milvus Lite file in the library",
+        help="Milvus server URI (http://host:19530; its token, if it needs one, from "
+        "$SHITU_MILVUS_TOKEN) or Milvus Lite FILE.db (a relative path is inside the library); "
+        "default: milvus.db in the library",
     )
-    build.add_argument("--milvus-collection", help="collection name (default shitu_gallery)")
+    build.add_argument(
+        "--milvus-collection",
+        help="collection name, one per library (default shitu_gallery; one that holds "
+        "vectors is refused)",
+    )
     build.add_argument("--nprobe", type=positive_int, help="IVF lists searched per query")
     build.add_argument("--ef-search", type=positive_int, help="HNSW search depth (default 64)")
     _add_image_arguments(build)
@@ -64,8 +78,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     remove = commands.add_parser("remove", help="remove images by id or by label")
     remove.add_argument("library", type=Path)
-    remove.add_argument("--id", type=int, nargs="+", default=[], dest="ids")
-    remove.add_argument("--label", nargs="+", default=[], dest="labels")
+    remove.add_argument(
+        "--id", type=int, nargs="+", default=[], dest="ids", help="ids (`index list --images`)"
+    )
+    remove.add_argument(
+        "--label", nargs="+", default=[], dest="labels", help="every image of these labels"
+    )
     remove.set_defaults(func=run_remove)
 
     relabel = commands.add_parser("relabel", help="rename a label")
@@ -87,7 +105,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     stats.add_argument("library", type=Path)
     stats.set_defaults(func=run_stats)
 
-    verify = commands.add_parser("verify", help="check checksums, counts and the database")
+    verify = commands.add_parser(
+        "verify", help="check checksums, counts and the database (exit status 1 on a problem)"
+    )
     verify.add_argument("library", type=Path)
     verify.set_defaults(func=run_verify)
 
@@ -101,11 +121,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     rebuild.add_argument("--index-type", choices=INDEX_TYPES)
     rebuild.set_defaults(func=run_rebuild)
 
-    search = commands.add_parser("search", help="embed query images and print the top hits")
+    search = commands.add_parser(
+        "search",
+        help="embed query images and print the top hits",
+        description="Prints a line per image that could be read: `PATH<TAB>LABEL (SCORE, id ID); "
+        "...`, best first, or `PATH<TAB>no match`. Exit status 1 when no image could be read.",
+    )
     search.add_argument("library", type=Path)
     search.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
     search.add_argument("-k", type=positive_int, default=5, help="hits per image (default 5)")
-    search.add_argument("--min-score", type=float, help="drop hits scoring below this")
+    search.add_argument(
+        "--min-score",
+        type=finite_float,
+        help="drop hits scoring below this (scores are cosine similarities in libraries from "
+        "`index build`)",
+    )
     _add_model_arguments(search)
     search.set_defaults(func=run_search)
 
@@ -117,6 +147,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=positive_int, default=32)
     parser.add_argument("--threads", type=positive_int, help="CPU threads for the model")
     add_runtime_arguments(parser)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _add_image_arguments(parser: argparse.ArgumentParser) -> None:
@@ -165,8 +196,14 @@ def _warn_failures(report: AddReport) -> None:
 
 
 def run_build(args: argparse.Namespace) -> int:
+    given = {"--milvus-uri": args.milvus_uri, "--milvus-collection": args.milvus_collection}
+    milvus_only = [flag for flag, value in given.items() if value is not None]
+    if milvus_only and args.backend != "milvus":  # else refused as faiss options it never named
+        raise GalleryError(f"{' and '.join(milvus_only)}: only with --backend milvus")
     if args.out.exists():
-        raise GalleryError(f"{args.out}: already exists; choose a new --out or use `index add`")
+        library = (args.out / LIBRARY_FILE).is_file()  # else `index add` would refuse it too
+        add = f" or add to it with `shitu index add {args.out} ...`" if library else ""
+        raise GalleryError(f"{args.out}: already exists; choose a new --out{add}")
     check_writable(args.out.parent, f"--out {args.out}")
     items = collect_items(args.gallery)
     model = _load_model(args)
@@ -205,7 +242,11 @@ def _build(
             backend_options=options,
         ) as gallery:
             report = gallery.add_files(
-                model, items, args.batch_size, progress=True, allow_duplicates=args.allow_duplicates
+                model,
+                items,
+                args.batch_size,
+                progress=not args.no_progress,
+                allow_duplicates=args.allow_duplicates,
             )
             stats = gallery.stats()
         if not len(report.ids):
@@ -229,19 +270,16 @@ def _remove_dead_builds(out: Path) -> None:
     """Staging folders of builds to `out` whose process was killed outright (SIGKILL, power
     loss): they hold every feature the build had made, which would otherwise stay on disk.
     A build holds a lock beside its folder while it runs (an flock, released by the kernel
-    when the process dies, also across hosts on NFSv4); one that nobody holds is dead."""
-    for stale in out.parent.glob(f".{glob.escape(out.name)}.building-*"):
-        if stale.suffix == ".lock":
-            continue
-        lock_path = stale.with_name(stale.name + ".lock")
-        if not lock_path.is_file():
-            continue  # not ours to judge
+    when the process dies, also across hosts on NFSv4); one that nobody holds is dead, and
+    goes with its folder, or alone where the build died before it made one. A folder
+    without a lock is not ours to judge."""
+    for lock_path in out.parent.glob(f".{glob.escape(out.name)}.building-*.lock"):
         with open(lock_path, "a") as lock:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
                 continue  # a live build
-            shutil.rmtree(stale, ignore_errors=True)
+            shutil.rmtree(lock_path.with_suffix(""), ignore_errors=True)
         lock_path.unlink(missing_ok=True)
 
 
@@ -265,11 +303,15 @@ def run_add(args: argparse.Namespace) -> int:
     model = _load_model(args)
     with Gallery.open(args.library, embedder=model) as gallery:
         report = gallery.add_files(
-            model, items, args.batch_size, progress=True, allow_duplicates=args.allow_duplicates
+            model,
+            items,
+            args.batch_size,
+            progress=not args.no_progress,
+            allow_duplicates=args.allow_duplicates,
         )
         stats = gallery.stats()
     _report(report, args.library, stats)
-    return 0
+    return 1 if report.failures and not len(report.ids) else 0  # nothing could be added
 
 
 def run_remove(args: argparse.Namespace) -> int:
@@ -309,19 +351,28 @@ def run_stats(args: argparse.Namespace) -> int:
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    with Gallery.open(args.library) as gallery:
-        problems = gallery.verify()
-        count = len(gallery)
+    """Exit 1 with the problems for a library that is damaged, also one too damaged to
+    open (a lost or corrupt index file); 2 only where there is no library."""
+    try:
+        gallery = Gallery.open(args.library)
+    except GalleryError as exc:
+        if not (args.library / LIBRARY_FILE).is_file():
+            raise
+        problems, counted = [str(exc)], ""
+    else:
+        with gallery:
+            problems = gallery.verify()
+            counted = f" ({count_of(len(gallery), 'image')})"
     for problem in problems:
         print(f"problem: {problem}")
-    print(f"{args.library}: {'FAILED' if problems else 'OK'} ({count_of(count, 'image')})")
+    print(f"{args.library}: {'FAILED' if problems else 'OK'}{counted}")
     return 1 if problems else 0
 
 
 def run_reembed(args: argparse.Namespace) -> int:
     model = _load_model(args)
     with Gallery.open(args.library) as gallery:
-        count = gallery.reembed(model, args.batch_size, progress=True)
+        count = gallery.reembed(model, args.batch_size, progress=not args.no_progress)
     print(f"re-embedded {count_of(count, 'image')} with model {model.fingerprint}")
     return 0
 
@@ -338,10 +389,13 @@ def run_rebuild(args: argparse.Namespace) -> int:
 
 def run_search(args: argparse.Namespace) -> int:
     model = _load_model(args)
-    images, _ = expand_images(args.images)
+    images, folder = expand_images(args.images)
+    progress = not args.no_progress and (folder or len(images) > 1)  # as `shitu recognize`
     with Gallery.open(args.library, embedder=model) as gallery:
-        extraction = model.extract_files([str(p) for p in images], args.batch_size)
-        result = gallery.search(extraction.features, args.k, min_score=args.min_score)
+        extraction = model.extract_files([str(p) for p in images], args.batch_size, progress)
+        # Hits past the gallery's size are padding, not printed: a huge -k allocates none.
+        k = min(args.k, max(len(gallery), 1))
+        result = gallery.search(extraction.features, k, min_score=args.min_score)
     for path, reason in extraction.failures:
         print(f"warning: could not read {path}: {reason}", file=sys.stderr)
     for row, path in enumerate(extraction.paths):

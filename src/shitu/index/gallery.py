@@ -9,6 +9,7 @@ process killed at any point leaves either the previous library or the new one.
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -146,7 +147,8 @@ class Gallery:
         `collection` (default `shitu_gallery`). Faiss's own names (`efSearch`) are refused.
         """
         root = Path(path)
-        if root.exists() and (not root.is_dir() or any(root.iterdir())):
+        existed = root.exists()
+        if existed and (not root.is_dir() or any(root.iterdir())):
             raise GalleryError(f"{root}: already exists and is not an empty folder")
         if backend in BACKENDS:  # an unknown backend is refused by name below
             Manifest.check_backend_options(backend, backend_options or {})
@@ -169,7 +171,14 @@ class Gallery:
         store.close()
         os.replace(tmp, root)
         fsync_dir(root.parent)
-        return cls.open(root)
+        try:
+            return cls.open(root)
+        except BaseException:  # e.g. a Milvus collection another library holds: none made
+            os.replace(root, tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+            if existed:  # the empty folder it was given
+                root.mkdir()
+            raise
 
     @classmethod
     def create_for(cls, path: str | Path, embedder: Embedder, **options: Any) -> Gallery:
@@ -194,9 +203,9 @@ class Gallery:
         """Open a library; with `embedder`, refuse it unless it is the library's model.
 
         `verify` checks the index file's checksum first (a corrupt file could crash Faiss).
-        `repair` opens a library whose index file is missing or damaged by building the
-        index again from the stored features (a write: a new generation and index file);
-        `repaired` then says so.
+        `repair` opens a library whose index file is missing or damaged, or whose Milvus
+        collection cannot be read, by building the index again from the stored features (a
+        write: a new generation); `repaired` then says so.
         """
         root = Path(path)
         if not root.exists():
@@ -206,6 +215,7 @@ class Gallery:
         if not (root / LIBRARY_FILE).is_file():
             raise GalleryError(f"{root}: not a gallery library (no {LIBRARY_FILE})")
         store = MetadataStore(root / LIBRARY_FILE)
+        backend: Backend | None = None
         try:
             # Manifest, index file and labels of one generation, even while another process
             # publishes the next one (and deletes this one's index file).
@@ -221,6 +231,8 @@ class Gallery:
                 gallery.rebuild()
                 gallery.repaired = True
         except BaseException:
+            if backend is not None:  # a Milvus Lite server would keep its file locked
+                backend.close()
             store.close()
             raise
         return gallery
@@ -600,11 +612,14 @@ class Gallery:
                 f"(ids {no_file[:5]}); remove them before re-embedding"
             )
         result = embedder.extract_files([e.path for e in entries], batch_size, progress)
-        if result.failures:
+        if result.failures:  # named by id: what `shitu index remove` takes
+            failed = {path for path, _ in result.failures}
+            bad = np.asarray([e.id for e in entries if e.path in failed])
             path, reason = result.failures[0]
             raise GalleryError(
-                f"cannot re-embed: {len(result.failures)} images failed (first: {path}: "
-                f"{reason}); remove them with `shitu index remove` and retry"
+                f"cannot re-embed: {len(bad)} of the {len(entries)} images could not be read "
+                f"(first: {path}: {reason}), ids {_rows(bad)}; put the files back, or remove "
+                f"those images (`shitu index remove {self.root} --id ID ...`), and retry"
             )
         ids = np.asarray([e.id for e in entries], dtype=np.int64)
         features = self._stored_features(result.features, "re-embed", embedder.embedding_size)

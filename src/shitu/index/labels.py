@@ -46,7 +46,9 @@ def parse_label_file(path: Path) -> list[GalleryItem]:
     """PP-ShiTu gallery list: `path<TAB>label` per line, paths relative to the file's folder.
 
     Labels may contain spaces (not tabs); columns after the label are ignored, as PaddleClas
-    does; blank and `#` lines are skipped.
+    does; blank and `#` lines are skipped. A relative path that is missing beside the file
+    but present from the working directory is refused with that said: every image of such
+    a list would otherwise fail one by one.
     """
     try:
         text = path.read_text(encoding="utf-8-sig")  # -sig: editors that write a BOM
@@ -70,7 +72,15 @@ def parse_label_file(path: Path) -> list[GalleryItem]:
             label = check_label(label)
         except BadLabelError as exc:
             raise DataError(f"{path}:{number}: {exc}") from None
-        items.append(GalleryItem((path.parent / image.strip()).resolve(), label))
+        image = image.strip()
+        full = (path.parent / image).resolve()
+        if not full.exists() and Path(image).exists():
+            raise DataError(
+                f"{path}:{number}: {image} is not in {path.parent.resolve()} but is in the "
+                "working directory; paths in a label file are relative to its folder (or "
+                "absolute)"
+            )
+        items.append(GalleryItem(full, label))
     return items
 
 

@@ -83,6 +83,11 @@ class Manifest:
                 )
             if name not in COUNT_OPTIONS and (not isinstance(value, str) or not value):
                 raise GalleryError(f"index option {name} must be a non-empty string, got {value!r}")
+            if name == "uri" and "://" not in value and not value.endswith(".db"):
+                raise GalleryError(  # else refused after the library is made, by Milvus
+                    f"index option uri must be a server's http://host:port or a Milvus Lite "
+                    f"file ending in .db, got {value!r}"
+                )
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)

@@ -11,6 +11,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -35,6 +36,32 @@ CREATE TABLE IF NOT EXISTS images (
 CREATE INDEX IF NOT EXISTS images_label ON images (label);
 CREATE INDEX IF NOT EXISTS images_sha256 ON images (sha256);
 """
+
+
+class _Connection(sqlite3.Connection):
+    """Statements that find the file damaged ("database disk image is malformed") raise a
+    GalleryError naming it, as opening such a file does, not SQLite's bare error; locks
+    and constraint errors stay as SQLite raises them."""
+
+    path: Path
+
+    def execute(self, sql: str, parameters: Any = (), /) -> sqlite3.Cursor:
+        try:
+            return super().execute(sql, parameters)
+        except sqlite3.DatabaseError as exc:
+            self._refuse_damaged(exc)
+            raise
+
+    def executemany(self, sql: str, parameters: Any, /) -> sqlite3.Cursor:
+        try:
+            return super().executemany(sql, parameters)
+        except sqlite3.DatabaseError as exc:
+            self._refuse_damaged(exc)
+            raise
+
+    def _refuse_damaged(self, exc: sqlite3.DatabaseError) -> None:
+        if type(exc) is sqlite3.DatabaseError:  # its subclasses: locked, a constraint, ...
+            raise GalleryError(f"{self.path}: not a readable gallery database ({exc})") from exc
 
 
 @dataclass(frozen=True)
@@ -64,7 +91,10 @@ class MetadataStore:
         self._reading = False
         try:
             # Autocommit mode: transactions are opened explicitly with BEGIN IMMEDIATE.
-            self.conn = sqlite3.connect(path, isolation_level=None, timeout=LOCK_WAIT_S)
+            self.conn = sqlite3.connect(
+                path, isolation_level=None, timeout=LOCK_WAIT_S, factory=_Connection
+            )
+            self.conn.path = path
             self.conn.execute("PRAGMA synchronous = FULL")
             if create:
                 self.conn.executescript(SCHEMA)
@@ -212,7 +242,10 @@ class MetadataStore:
         )
 
     def integrity_problems(self) -> list[str]:
-        rows = self.conn.execute("PRAGMA integrity_check").fetchall()
+        try:
+            rows = self.conn.execute("PRAGMA integrity_check").fetchall()
+        except (sqlite3.DatabaseError, GalleryError) as exc:  # too damaged to be checked
+            return [f"sqlite: {exc}"]
         return [] if rows == [("ok",)] else [f"sqlite: {row[0]}" for row in rows]
 
 

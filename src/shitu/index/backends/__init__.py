@@ -106,13 +106,13 @@ class Backend(ABC):
 def open_backend(
     root: Path, manifest: Manifest, store: MetadataStore, verify: bool, repair: bool = False
 ) -> Backend:
-    """repair: a damaged Faiss index file is left unloaded, and named in `damaged`, instead
-    of refused (Milvus keeps its vectors itself and is rebuilt from the stored features
-    when out of step)."""
+    """repair: a damaged Faiss index file, or a Milvus collection that cannot be read
+    (dropped), is left unloaded and named in `damaged` instead of refused (a Milvus
+    collection merely out of step is re-synced from the stored features either way)."""
     if manifest.backend == "milvus":
         from shitu.index.backends.milvus_backend import MilvusBackend
 
-        return MilvusBackend(root, manifest, store)
+        return MilvusBackend(root, manifest, store, repair=repair)
     from shitu.index.backends.faiss_backend import FaissBackend
 
     return FaissBackend(root, manifest, store, verify=verify, repair=repair)

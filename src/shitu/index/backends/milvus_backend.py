@@ -8,6 +8,7 @@ stale collection (a write was killed in between) re-syncs it from the stored fea
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ from shitu.errors import GalleryError
 from shitu.index.backends import Backend, Change, scores_from_distances
 from shitu.index.manifest import Manifest
 from shitu.index.metadata import MetadataStore
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_URI = "milvus.db"
 DEFAULT_COLLECTION = "shitu_gallery"
@@ -52,7 +55,9 @@ class MilvusBackend(Backend):
 
     opens_beside_itself = False
 
-    def __init__(self, root: Path, manifest: Manifest, store: MetadataStore) -> None:
+    def __init__(
+        self, root: Path, manifest: Manifest, store: MetadataStore, repair: bool = False
+    ) -> None:
         super().__init__(root, manifest, store)
         try:
             from pymilvus import MilvusClient
@@ -72,18 +77,74 @@ class MilvusBackend(Backend):
         try:
             self.client = MilvusClient(uri, token=os.environ.get(TOKEN_ENV, ""))
         except Exception as exc:
-            raise GalleryError(f"cannot connect to Milvus at {uri}: {exc}") from exc
-        if manifest.index_state.get("synced_generation") != manifest.generation or (
-            not self.client.has_collection(self.collection)
-        ):
-            self._resync()
-            self._resynced = manifest
-        self.client.load_collection(self.collection)  # a reopened collection starts released
+            busy = (  # Milvus Lite's own reason ("another process holds the lock") is only logged
+                "; is the library open in another process, such as `shitu serve`? A Milvus Lite "
+                "file is open in one process at a time"
+                if self._lite_path
+                else ""
+            )
+            raise GalleryError(f"cannot connect to Milvus at {uri}: {exc}{busy}") from exc
+        try:
+            self._open_collection(uri, repair)
+        except BaseException:
+            self.close()  # else a Milvus Lite server keeps serving the file in this process
+            raise
+
+    def _open_collection(self, uri: str, repair: bool) -> None:
+        """The collection, synced with the stored features, and loaded for searching; one
+        that Milvus cannot read is refused, or with `repair` dropped and left `damaged`."""
+        from pymilvus.exceptions import MilvusException
+
+        manifest = self.manifest
+        if manifest.generation == 0 and self._holds_rows():
+            # A new library (every write makes a generation): the vectors are another
+            # library's, which a sync would drop (an empty collection, say a failed build's
+            # on a server, is taken over).
+            raise GalleryError(
+                f"Milvus collection '{self.collection}' at {uri} already holds vectors (another "
+                "library's?); choose another collection (`collection`, --milvus-collection in the "
+                "CLI) or drop that one"
+            )
+        try:
+            if manifest.index_state.get("synced_generation") != manifest.generation or (
+                not self.client.has_collection(self.collection)
+            ):
+                self._resync()
+                self._resynced = manifest
+            self.client.load_collection(self.collection)  # a reopened one starts released
+        except MilvusException as exc:  # damaged files of a Milvus Lite collection, say
+            problem = f"{self.root}: Milvus collection '{self.collection}' cannot be read"
+            if not repair:
+                raise GalleryError(
+                    f"{problem} ({exc.message}); `shitu index rebuild {self.root}` builds it "
+                    "again from the stored features"
+                ) from None
+            why = exc.message
+            logger.warning("%s (%s); building it again from the stored features", problem, why)
+            self.client.drop_collection(self.collection)
+            self.damaged = problem  # Gallery.open rebuilds it
+
+    def _holds_rows(self) -> bool:
+        """Whether the collection exists with rows (deleted ones count until compaction)."""
+        if not self.client.has_collection(self.collection):
+            return False
+        self.client.flush(self.collection)  # a server's count leaves out rows not yet flushed
+        return int(self.client.get_collection_stats(self.collection)["row_count"]) > 0
+
+    def _check_index_type(self, index_type: str) -> None:
+        """Milvus Lite has no IVF_PQ: its background index build fails, the rows stay
+        unindexed, and the collection then never loads (the library would not open)."""
+        if self._lite_path and index_type == "IVFPQ":
+            raise GalleryError(
+                "Milvus Lite has no IVFPQ index; choose Flat, IVF or HNSW32, or "
+                "a Milvus server (--milvus-uri http://host:19530)"
+            )
 
     def _create_collection(self) -> None:
         from pymilvus import DataType
 
         manifest = self.manifest
+        self._check_index_type(manifest.index_type)
         if self.client.has_collection(self.collection):
             self.client.drop_collection(self.collection)
         schema = self.client.create_schema(auto_id=False, enable_dynamic_field=False)
@@ -139,6 +200,7 @@ class MilvusBackend(Backend):
         return int(rows[0]["count(*)"])
 
     def stage(self, change: Change, manifest: Manifest) -> dict[str, Any]:
+        self._check_index_type(manifest.index_type)  # before the commit that would record it
         self._pending = change if change.touches_vectors else None
         if self._pending is None:
             return {"synced_generation": manifest.generation}
