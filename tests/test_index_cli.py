@@ -69,7 +69,7 @@ def test_build_search_edit_and_reembed(models, gallery_list, tmp_path):
     lib = tmp_path / "lib"
     built = shitu("index", "build", "--gallery", gallery_list, "--model", models[512], "--out", lib)
     assert built.returncode == 0, built.stderr
-    assert "added 6 images" in built.stdout
+    assert f"added 6 images to {lib} (now 6 images of 3 labels)" in built.stdout
 
     first_image = gallery_list.read_text().splitlines()[0].split("\t")[0]
     found = shitu("index", "search", lib, first_image, "--model", models[512], "-k", "1")
@@ -169,6 +169,13 @@ def test_build_refuses_an_existing_library_and_bad_lists(models, tmp_path):
                   "--milvus-uri", "vectors.db")  # fmt: skip
     assert faiss.returncode == 2
     assert "--milvus-uri: only with --backend milvus" in faiss.stderr
+    for option, index_type, expected in (
+        ("--nprobe", "Flat", "--nprobe: only with --index-type IVF or IVFPQ (not Flat)"),
+        ("--ef-search", "IVF", "--ef-search: only with --index-type HNSW32 (not IVF)"),
+    ):
+        ignored = shitu("index", "build", "--gallery", bad, "--out", tmp_path / "x",
+                        "--index-type", index_type, option, "8")  # fmt: skip
+        assert ignored.returncode == 2 and expected in ignored.stderr
 
 
 def test_build_from_unreadable_images_leaves_nothing_and_says_why(models, tmp_path, capsys):

@@ -170,7 +170,9 @@ def _load_model(args: argparse.Namespace) -> Embedder:
 
 
 def _report(report: AddReport, library: Path, stats: dict[str, Any]) -> None:
-    print(f"added {count_of(len(report.ids), 'image')} to {library}")
+    # The label count shows a folder given one level too high (its subfolders as labels).
+    whole = f"{count_of(stats['images'], 'image')} of {count_of(stats['labels'], 'label')}"
+    print(f"added {count_of(len(report.ids), 'image')} to {library} (now {whole})")
     _note_untrained(stats)
     if report.duplicates:
         skipped = count_of(len(report.duplicates), "duplicate")
@@ -200,6 +202,14 @@ def run_build(args: argparse.Namespace) -> int:
     milvus_only = [flag for flag, value in given.items() if value is not None]
     if milvus_only and args.backend != "milvus":  # else refused as faiss options it never named
         raise GalleryError(f"{' and '.join(milvus_only)}: only with --backend milvus")
+    for flag, value, types in (
+        ("--nprobe", args.nprobe, ("IVF", "IVFPQ")),
+        ("--ef-search", args.ef_search, ("HNSW32",)),
+    ):
+        if value is not None and args.index_type not in types:  # else stored and never read
+            raise GalleryError(
+                f"{flag}: only with --index-type {' or '.join(types)} (not {args.index_type})"
+            )
     if args.out.exists():
         library = (args.out / LIBRARY_FILE).is_file()  # else `index add` would refuse it too
         add = f" or add to it with `shitu index add {args.out} ...`" if library else ""
