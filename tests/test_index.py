@@ -237,6 +237,7 @@ def test_a_label_with_accents_is_one_label_however_its_accents_are_encoded(tmp_p
             gallery.relabel(typed, "Tea")
         assert gallery.relabel(decomposed, typed) == 2  # no merge: it is the same label
         assert gallery.label_counts() == {typed: 2, "Tea": 1}
+        assert [e.id for e in gallery.entries(" Tea ")] == [3]  # as `add` trims it
         assert len(gallery.remove(labels=[decomposed])) == 2
 
 

@@ -172,10 +172,11 @@ class MetadataStore:
         return found
 
     def stored_forms(self, labels: Sequence[str]) -> list[str]:
-        """The labels as stored that are `labels` in normal form (rows stored before labels
-        were normalised may hold another form of a name), picked from the distinct labels
-        so that the rows are then found through the label index, not a scan of them all."""
-        wanted = {normal_form(label) for label in labels}
+        """The labels as stored that are `labels` trimmed and in normal form (rows stored
+        before labels were normalised may hold another form of a name), picked from the
+        distinct labels so that the rows are then found through the label index, not a scan
+        of them all."""
+        wanted = {normal_form(str(label).strip()) for label in labels}  # stored: trimmed
         distinct = self.conn.execute("SELECT DISTINCT label FROM images")
         return [stored for (stored,) in distinct if normal_form(stored) in wanted]
 
