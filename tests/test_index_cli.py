@@ -263,6 +263,18 @@ def test_index_commands_refuse_what_they_cannot_store_or_find(models, gallery_li
     assert shitu("index", "verify", tmp_path / "nothing").returncode == 2
     rebuilt = shitu("index", "rebuild", lib)
     assert rebuilt.returncode == 0 and "6 images, Flat" in rebuilt.stdout
+    # Search settings are set again on a rebuild, checked against the index type it makes.
+    wrong = shitu("index", "rebuild", lib, "--ef-search", "128")
+    assert wrong.returncode == 2 and "--ef-search: only with --index-type HNSW32 (not Flat)" in (
+        wrong.stderr
+    )
+    hnsw = shitu("index", "rebuild", lib, "--index-type", "HNSW32", "--ef-search", "128")
+    assert hnsw.returncode == 0 and "6 images, HNSW32" in hnsw.stdout
+    stats = json.loads(shitu("index", "stats", lib).stdout)
+    assert stats["index_type"] == "HNSW32" and stats["backend_options"] == {"ef_search": 128}
+    assert shitu("index", "rebuild", lib, "--ef-search", "64").returncode == 0  # same type
+    assert json.loads(shitu("index", "stats", lib).stdout)["backend_options"]["ef_search"] == 64
+    assert shitu("index", "rebuild", lib, "--index-type", "Flat").returncode == 0
     assert shitu("index", "verify", lib).returncode == 0
     assert f"{CLASSES[0]} (1.000" in shitu("index", "search", lib, image, "--model", model).stdout
 

@@ -64,8 +64,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="collection name, one per library (default shitu_gallery; one that holds "
         "vectors is refused)",
     )
-    build.add_argument("--nprobe", type=positive_int, help="IVF lists searched per query")
-    build.add_argument("--ef-search", type=positive_int, help="HNSW search depth (default 64)")
+    _add_search_arguments(build)
     _add_image_arguments(build)
     build.set_defaults(func=run_build)
 
@@ -119,6 +118,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     rebuild = commands.add_parser("rebuild", help="rebuild the index (optionally another type)")
     rebuild.add_argument("library", type=Path)
     rebuild.add_argument("--index-type", choices=INDEX_TYPES)
+    _add_search_arguments(rebuild)
     rebuild.set_defaults(func=run_rebuild)
 
     search = commands.add_parser(
@@ -148,6 +148,29 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=positive_int, help="CPU threads for the model")
     add_runtime_arguments(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _add_search_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--nprobe", type=positive_int, help="IVF lists searched per query")
+    parser.add_argument("--ef-search", type=positive_int, help="HNSW search depth (default 64)")
+
+
+def _search_options(args: argparse.Namespace, index_type: str) -> dict[str, int]:
+    """The search settings given, each refused for an index type that never reads it (it
+    would be stored and ignored)."""
+    options = {}
+    for name, value, types in (
+        ("nprobe", args.nprobe, ("IVF", "IVFPQ")),
+        ("ef_search", args.ef_search, ("HNSW32",)),
+    ):
+        if value is not None and index_type not in types:
+            flag = "--" + name.replace("_", "-")
+            raise GalleryError(
+                f"{flag}: only with --index-type {' or '.join(types)} (not {index_type})"
+            )
+        if value is not None:
+            options[name] = value
+    return options
 
 
 def _add_image_arguments(parser: argparse.ArgumentParser) -> None:
@@ -202,14 +225,7 @@ def run_build(args: argparse.Namespace) -> int:
     milvus_only = [flag for flag, value in given.items() if value is not None]
     if milvus_only and args.backend != "milvus":  # else refused as faiss options it never named
         raise GalleryError(f"{' and '.join(milvus_only)}: only with --backend milvus")
-    for flag, value, types in (
-        ("--nprobe", args.nprobe, ("IVF", "IVFPQ")),
-        ("--ef-search", args.ef_search, ("HNSW32",)),
-    ):
-        if value is not None and args.index_type not in types:  # else stored and never read
-            raise GalleryError(
-                f"{flag}: only with --index-type {' or '.join(types)} (not {args.index_type})"
-            )
+    search_options = _search_options(args, args.index_type)
     if args.out.exists():
         library = (args.out / LIBRARY_FILE).is_file()  # else `index add` would refuse it too
         add = f" or add to it with `shitu index add {args.out} ...`" if library else ""
@@ -217,16 +233,8 @@ def run_build(args: argparse.Namespace) -> int:
     check_writable(args.out.parent, f"--out {args.out}")
     items = collect_items(args.gallery)
     model = _load_model(args)
-    options = {
-        key: value
-        for key, value in (
-            ("uri", args.milvus_uri),
-            ("collection", args.milvus_collection),
-            ("nprobe", args.nprobe),
-            ("ef_search", args.ef_search),
-        )
-        if value is not None
-    }
+    given = {"uri": args.milvus_uri, "collection": args.milvus_collection}
+    options = {key: value for key, value in given.items() if value is not None} | search_options
     # Built beside the target and renamed at the end: an interrupted build leaves no library.
     _remove_dead_builds(args.out)
     # A name no other build can have, on this host or another sharing the folder.
@@ -389,8 +397,10 @@ def run_reembed(args: argparse.Namespace) -> int:
 
 def run_rebuild(args: argparse.Namespace) -> int:
     with Gallery.open(args.library, repair=True) as gallery:  # also mends a lost index file
-        if not gallery.repaired or args.index_type not in (None, gallery.manifest.index_type):
-            gallery.rebuild(args.index_type)
+        options = _search_options(args, args.index_type or gallery.manifest.index_type)
+        changed = args.index_type not in (None, gallery.manifest.index_type) or options
+        if not gallery.repaired or changed:
+            gallery.rebuild(args.index_type, **options)
         stats = gallery.stats()
     print(f"rebuilt {args.library}: {count_of(stats['images'], 'image')}, {stats['index_type']}")
     _note_untrained(stats)

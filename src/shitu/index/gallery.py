@@ -686,6 +686,7 @@ class Gallery:
             "normalize": m.normalize,
             "backend": m.backend,
             "index_type": m.index_type,
+            "backend_options": m.backend_options,  # search settings, Milvus uri, ...
             "index": self._backend.describe(),
             "generation": m.generation,
             "created_at": m.created_at,
