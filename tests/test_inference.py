@@ -558,6 +558,9 @@ def test_compact_export_is_half_the_size_and_rebuilds_its_onnx_model_once(
     size = (compact / "model.safetensors").stat().st_size
     assert size < 0.55 * (full / "model.safetensors").stat().st_size
 
+    with pytest.raises(ConfigError, match="backend: unknown 'bogus'"):  # before any work
+        FeatureExtractor.load(compact, backend="bogus")
+    assert not (tmp_path / "cache").exists()
     fast = FeatureExtractor.load(compact)  # builds the ONNX model into the cache
     assert fast.backend.name == "onnxruntime"
     assert fast.fingerprint == manifest["fingerprint"]

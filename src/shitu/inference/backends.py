@@ -37,15 +37,22 @@ class Backend(Protocol):
     def __call__(self, batch: np.ndarray) -> np.ndarray: ...
 
 
+def check_runtime_names(backend: str, precision: str, device: str) -> None:
+    """A ConfigError for a name that is none of the known ones; checked before any work (a
+    compact export's ONNX model is built into the cache before the backend is chosen)."""
+    for what, value, known in (
+        ("backend", backend, BACKENDS),
+        ("precision", precision, PRECISIONS),
+        ("device", device, DEVICES),
+    ):
+        if value not in known:
+            raise ConfigError(f"{what}: unknown {value!r}; use one of {', '.join(known)}")
+
+
 def choose_backend(model_dir: Path, backend: str, precision: str, device: str = "cpu") -> str:
     """'auto': onnxruntime when installed, able to run on `device` and the export has the
     ONNX file, else torch (the onnxruntime package shitu installs has no CUDA, torch may)."""
-    if backend not in BACKENDS:
-        raise ConfigError(f"backend: unknown {backend!r}; use one of {', '.join(BACKENDS)}")
-    if precision not in PRECISIONS:
-        raise ConfigError(f"precision: unknown {precision!r}; use one of {', '.join(PRECISIONS)}")
-    if device not in DEVICES:
-        raise ConfigError(f"device: unknown {device!r}; use one of {', '.join(DEVICES)}")
+    check_runtime_names(backend, precision, device)
     if precision == "int8" and not (model_dir / INT8_FILE).is_file():
         raise ConfigError(
             f"precision int8: {model_dir} has no {INT8_FILE}; make an export that has one "

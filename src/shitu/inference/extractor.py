@@ -28,6 +28,7 @@ from shitu.inference.backends import (
     OnnxBackend,
     OpenVinoBackend,
     TorchBackend,
+    check_runtime_names,
     choose_backend,
     onnxruntime_available,
 )
@@ -98,6 +99,7 @@ class FeatureExtractor:
             check_count(workers, "workers")
         if num_threads is not None:  # None: the runtime's default
             check_count(num_threads, "num_threads")
+        check_runtime_names(backend, precision, device)
         model_dir = Path(model_dir)
         manifest = read_manifest(model_dir)
         score_thres = _score_thres(model_dir, manifest)  # a rebuilt cache entry has none
