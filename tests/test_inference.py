@@ -283,6 +283,10 @@ def test_int8_library_is_built_and_searched_in_int8_from_the_cli(exported, tmp_p
     assert f"{plain} has no model.int8.onnx" in missing.stderr and "--int8-calibration" in (
         missing.stderr
     )
+    shutil.copy(exported["dir"] / "model.int8.onnx", plain)  # another export's, by hand
+    foreign = shitu("extract", query, "--model", str(plain), "--out", str(tmp_path / "f"),
+                    "--precision", "int8")  # fmt: skip
+    assert f"{plain / 'model.int8.onnx'}: not one the export recorded" in foreign.stderr
 
 
 def test_extract_cli_skips_corrupt_files_and_reads_only_a_folders_images(exported, tmp_path):

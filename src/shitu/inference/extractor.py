@@ -254,6 +254,8 @@ def _verify(model_dir: Path, manifest: dict, name: str) -> None:
     expected = manifest.get("files", {}).get(name)
     if not path.is_file() or expected is None:
         hint = " with --int8-calibration" if name == INT8_FILE else ""
-        raise CheckpointError(f"{path}: missing from the export (re-run `shitu export`{hint})")
+        # A file there but not recorded was put there by hand (or by another export).
+        problem = "not one the export recorded" if path.is_file() else "missing from the export"
+        raise CheckpointError(f"{path}: {problem} (re-run `shitu export`{hint})")
     if file_sha256(path) != expected:
         raise CheckpointError(f"{path}: does not match {model_dir}/shitu_model.json (changed?)")
