@@ -70,8 +70,11 @@ def test_parse_override_types_values_with_yaml():
 
 def test_apply_overrides_nested_paths_and_list_indices():
     raw = {"A": {"b": [{"c": 1}, {"c": 2}]}, "L": [1, 2, 3]}
-    apply_overrides(raw, ["A.b[1].c=5", "L.0=9", "A.new.deep=x"])
-    assert raw == {"A": {"b": [{"c": 1}, {"c": 5}], "new": {"deep": "x"}}, "L": [9, 2, 3]}
+    apply_overrides(raw, ["A.b[1].c=5", "L.0=9", "A.new.deep=x", "A.n.0=y"])
+    assert raw == {
+        "A": {"b": [{"c": 1}, {"c": 5}], "new": {"deep": "x"}, "n": {"0": "y"}},
+        "L": [9, 2, 3],
+    }
 
 
 @pytest.mark.parametrize(
@@ -107,6 +110,9 @@ def test_lr_mult_overrides_with_dotted_module_names():
     assert dotted == {"backbone.blocks": 0.1, "backbone.head": 0.25}
     replaced = load_config(name, ["Optimizer.lr_mult={backbone.blocks: 0.1}"]).Optimizer.lr_mult
     assert replaced == {"backbone.blocks": 0.1}
+    # A numbered module (a block of a stage) is a key under the mapping, not a list index.
+    numbered = load_config(name, ["Optimizer.lr_mult.backbone.blocks.0=0.1"]).Optimizer.lr_mult
+    assert numbered["backbone.blocks.0"] == 0.1
 
 
 def test_amp_off_survives_yaml(config_file):
