@@ -531,6 +531,16 @@ def test_pad_sides_fill_and_modes():
     assert np.array_equal(reflect[:, 0], image[:, 1])
 
 
+@pytest.mark.parametrize("op", ["Pad", "RandomRotation"])
+@pytest.mark.parametrize("fill", [300, -1, [1, 2], [0, 0, 256]])
+def test_fill_outside_one_level_or_one_per_channel_is_a_config_error(op, fill):
+    """Refused when the pipeline is built: it failed on every image (OverflowError, a
+    broadcast error, Pillow's TypeError) or wrapped around."""
+    params = {"padding": 2} if op == "Pad" else {"degrees": 30, "prob": 1.0}
+    with pytest.raises(ConfigError, match=rf"transform_ops\[0\] {op}: fill: give one level"):
+        build_transforms([{op: {**params, "fill": fill}}])
+
+
 def test_rotation():
     image = pattern(8, 8)
     assert np.array_equal(run_op("RandomRotation", image, degrees=90, prob=0.0), image)

@@ -303,7 +303,7 @@ class Pad(Transform):
         backend: Literal["pil", "cv2"] = "pil",
     ):
         self.padding = _sides(padding)
-        self.fill = fill
+        self.fill = _check_fill(fill)
         self.padding_mode = padding_mode
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
@@ -315,6 +315,15 @@ class Pad(Transform):
         out[...] = np.asarray(self.fill, dtype=image.dtype)
         out[top : top + img_h, left : left + img_w] = image
         return out
+
+
+def _check_fill(fill: int | list[int]) -> int | list[int]:
+    """`fill` if it is one level or one per channel, each 0..255: checked when the pipeline
+    is built, as a wrong one fails on every image (or wraps around in uint8)."""
+    values = [fill] if isinstance(fill, int) else list(fill)
+    if len(values) not in (1, 3) or not all(0 <= value <= 255 for value in values):
+        raise ValueError(f"fill: give one level or one per channel (3), each 0..255, got {fill}")
+    return values[0] if len(values) == 1 else values
 
 
 def _fill_color(fill: int | list[int], channels: int) -> int | tuple[int, ...]:
@@ -350,7 +359,7 @@ class RandomRotation(Transform):
         self.prob = prob
         self.interpolation = interpolation
         self.expand = expand
-        self.fill = fill
+        self.fill = _check_fill(fill)
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         if not coin(self.prob):
