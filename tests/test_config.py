@@ -32,6 +32,9 @@ Loss:
         epsilon: 0.1
 """
 
+# A DataLoader split's dataset as an -o flow mapping (no file is read when a config loads).
+DATASET = "dataset: {name: ImageNetDataset, image_root: ., cls_label_path: train.txt}"
+
 
 @pytest.fixture
 def config_file(tmp_path):
@@ -187,6 +190,17 @@ def test_every_shipped_config_builds_its_model_and_losses(name):
             "LinearProbe.epochs: Input should be greater than or equal to 1",
         ),
         (["LinearProbe={epochs: 5}"], "LinearProbe.frozen_layers: required key missing"),
+        (
+            [f"DataLoader.Train={{{DATASET}, sampler: {{name: PKSampler, batch_size: 0}}}}"],
+            "DataLoader.Train.sampler.batch_size: Input should be greater than 0",
+        ),
+        (
+            [
+                f"DataLoader.Train={{{DATASET}, sampler: {{name: PKSampler, batch_size: 8, "
+                "sample_per_id: -4}}"
+            ],
+            "DataLoader.Train.sampler.sample_per_id: Input should be greater than 0",
+        ),
     ],
 )
 def test_config_errors_name_file_key_and_override(config_file, overrides, expected):
