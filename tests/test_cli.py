@@ -72,6 +72,20 @@ def test_convert_missing_file_is_one_line_error(tmp_path):
     assert not (tmp_path / "o.safetensors").exists()
 
 
+def test_overrides_before_a_positional_leave_it_to_the_command(tmp_path):
+    """`-o A=1 B=2 file` gives -o the KEY=VALUE words only (argparse took `file` too and
+    said 'the following arguments are required: weights')."""
+    weights = tmp_path / "none.pdparams"
+    for overrides in (["-o", "Global.epochs=3", "Global.seed=1"], ["--override", "Global.seed=1"]):
+        result = run_shitu("convert", *overrides, str(weights), "--out", str(tmp_path / "o"))
+        assert result.returncode == 2
+        assert result.stderr.strip() == f"error: weight file not found: {weights}"
+    # The first word after -o is its value, with or without '=': the config names it.
+    result = run_shitu("info", "-o", "Global.epochs")
+    assert "override 'Global.epochs' is not of the form Section.key=value" in result.stderr
+    assert "expected at least one argument" in run_shitu("info", "-o").stderr
+
+
 def test_convert_takes_every_tensor_from_the_file_and_loads_no_imagenet_weights(tmp_path):
     """Converting a whole checkpoint needs no [pretrained] package: a `pretrained` file
     that does not exist is never opened."""

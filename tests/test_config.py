@@ -32,6 +32,9 @@ Loss:
         epsilon: 0.1
 """
 
+# A DataLoader split's dataset as an -o flow mapping (no file is read when a config loads).
+DATASET = "dataset: {name: ImageNetDataset, image_root: ., cls_label_path: train.txt}"
+
 
 @pytest.fixture
 def config_file(tmp_path):
@@ -70,8 +73,11 @@ def test_parse_override_types_values_with_yaml():
 
 def test_apply_overrides_nested_paths_and_list_indices():
     raw = {"A": {"b": [{"c": 1}, {"c": 2}]}, "L": [1, 2, 3]}
-    apply_overrides(raw, ["A.b[1].c=5", "L.0=9", "A.new.deep=x"])
-    assert raw == {"A": {"b": [{"c": 1}, {"c": 5}], "new": {"deep": "x"}}, "L": [9, 2, 3]}
+    apply_overrides(raw, ["A.b[1].c=5", "L.0=9", "A.new.deep=x", "A.n.0=y"])
+    assert raw == {
+        "A": {"b": [{"c": 1}, {"c": 5}], "new": {"deep": "x"}, "n": {"0": "y"}},
+        "L": [9, 2, 3],
+    }
 
 
 @pytest.mark.parametrize(
@@ -107,6 +113,9 @@ def test_lr_mult_overrides_with_dotted_module_names():
     assert dotted == {"backbone.blocks": 0.1, "backbone.head": 0.25}
     replaced = load_config(name, ["Optimizer.lr_mult={backbone.blocks: 0.1}"]).Optimizer.lr_mult
     assert replaced == {"backbone.blocks": 0.1}
+    # A numbered module (a block of a stage) is a key under the mapping, not a list index.
+    numbered = load_config(name, ["Optimizer.lr_mult.backbone.blocks.0=0.1"]).Optimizer.lr_mult
+    assert numbered["backbone.blocks.0"] == 0.1
 
 
 def test_amp_off_survives_yaml(config_file):
@@ -181,6 +190,17 @@ def test_every_shipped_config_builds_its_model_and_losses(name):
             "LinearProbe.epochs: Input should be greater than or equal to 1",
         ),
         (["LinearProbe={epochs: 5}"], "LinearProbe.frozen_layers: required key missing"),
+        (
+            [f"DataLoader.Train={{{DATASET}, sampler: {{name: PKSampler, batch_size: 0}}}}"],
+            "DataLoader.Train.sampler.batch_size: Input should be greater than 0",
+        ),
+        (
+            [
+                f"DataLoader.Train={{{DATASET}, sampler: {{name: PKSampler, batch_size: 8, "
+                "sample_per_id: -4}}"
+            ],
+            "DataLoader.Train.sampler.sample_per_id: Input should be greater than 0",
+        ),
     ],
 )
 def test_config_errors_name_file_key_and_override(config_file, overrides, expected):

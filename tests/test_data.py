@@ -6,6 +6,7 @@ import io
 import logging
 import math
 import random
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -531,6 +532,16 @@ def test_pad_sides_fill_and_modes():
     assert np.array_equal(reflect[:, 0], image[:, 1])
 
 
+@pytest.mark.parametrize("op", ["Pad", "RandomRotation"])
+@pytest.mark.parametrize("fill", [300, -1, [1, 2], [0, 0, 256]])
+def test_fill_outside_one_level_or_one_per_channel_is_a_config_error(op, fill):
+    """Refused when the pipeline is built: it failed on every image (OverflowError, a
+    broadcast error, Pillow's TypeError) or wrapped around."""
+    params = {"padding": 2} if op == "Pad" else {"degrees": 30, "prob": 1.0}
+    with pytest.raises(ConfigError, match=rf"transform_ops\[0\] {op}: fill: give one level"):
+        build_transforms([{op: {**params, "fill": fill}}])
+
+
 def test_rotation():
     image = pattern(8, 8)
     assert np.array_equal(run_op("RandomRotation", image, degrees=90, prob=0.0), image)
@@ -595,6 +606,21 @@ def test_color_jitter():
     assert not np.array_equal(hue, pattern(10, 10))
     with pytest.raises(ConfigError, match="hue: shifts must lie in"):
         build_transforms([{"ColorJitter": {"hue": 0.7}}])
+
+
+@pytest.mark.parametrize(
+    ("op", "params", "message"),
+    [
+        ("RandomRotation", {"degrees": 30, "prob": 50}, "prob: a probability in [0, 1], got 50"),
+        ("ColorJitter", {"brightness": 0.2, "prob": -1}, "prob: a probability in [0, 1]"),
+        ("ColorJitter", {"contrast": [-0.5, 1.5]}, "contrast: factors must not be negative"),
+        ("ColorJitter", {"saturation": [-1, 0]}, "saturation: factors must not be negative"),
+    ],
+)
+def test_probabilities_and_jitter_factors_out_of_range_are_config_errors(op, params, message):
+    """Once applied always or never, or an inverted image, without a word."""
+    with pytest.raises(ConfigError, match=re.escape(f"transform_ops[0] {op}: {message}")):
+        build_transforms([{op: params}])
 
 
 def test_random_erasing_fills_one_rectangle_after_normalising():

@@ -102,6 +102,36 @@ def add_override_argument(parser: argparse.ArgumentParser, example: str) -> None
     )
 
 
+OVERRIDE_FLAGS = ("-o", "--override")
+
+
+def separate_overrides(argv: list[str]) -> list[str]:
+    """`argv` with each `-o` value written as `--override=VALUE`: the word after `-o` and
+    the `KEY=VALUE` words that follow it. argparse would also give `-o` (nargs '+') the
+    positional words after them (`shitu recognize -o A=1 photo.jpg`), then report those
+    as missing."""
+    result: list[str] = []
+    flag: str | None = None  # the `-o` whose values are being read; `first` until it has one
+    first = False
+    for index, word in enumerate(argv):
+        if word == "--":
+            return result + ([flag] if first else []) + argv[index:]
+        if word in OVERRIDE_FLAGS:
+            if first:
+                result.append(flag)  # an `-o` without a value: argparse names it
+            flag, first = word, True
+            continue
+        if flag is not None and not word.startswith("-") and (first or "=" in word):
+            result.append(f"--override={word}")
+            first = False
+            continue
+        if first:
+            result.append(flag)
+        flag, first = None, False
+        result.append(word)
+    return result + ([flag] if first else [])
+
+
 def trained_weights(config: ShituConfig, doing: str) -> str | None:
     """`Global.pretrained_model`; without it, a note that `doing` uses the model as the
     config initialises it, and where a training run of this config leaves its weights."""

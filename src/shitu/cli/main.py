@@ -28,6 +28,7 @@ from shitu.cli import (
     serve,
     train,
 )
+from shitu.cli.common import separate_overrides
 from shitu.errors import ShituError
 from shitu.runtime import keep_freed_memory
 
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(argv: list[str] | None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(separate_overrides(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
     )

@@ -96,6 +96,10 @@ def apply_overrides(config: dict[str, Any], overrides: list[str]) -> dict[str, A
 def _set_path(node: Any, path: list[str | int], value: Any, text: str) -> None:
     for depth, part in enumerate(path):
         last = depth == len(path) - 1
+        if isinstance(part, int) and isinstance(node, dict):
+            # A number under a mapping is a key: `Optimizer.lr_mult.backbone.blocks.0`
+            # names the module `backbone.blocks.0`.
+            part = str(part)
         if isinstance(part, int):
             if not isinstance(node, list):
                 raise ConfigError(f"override '{text}': {_path_str(path[:depth])} is not a list")
@@ -114,8 +118,8 @@ def _set_path(node: Any, path: list[str | int], value: Any, text: str) -> None:
             if last:
                 node[part] = value
             else:
-                if node.get(part) is None:
-                    node[part] = [] if isinstance(path[depth + 1], int) else {}
+                if node.get(part) is None:  # a new list could hold no index: a mapping
+                    node[part] = {}
                 node = node[part]
 
 

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from shitu.data.samplers._common import EpochBatchSampler, make_rng
-from shitu.registry import SAMPLERS
+from shitu.registry import SAMPLERS, Size
 
 
 @SAMPLERS.register("DistributedBatchSampler")
@@ -29,7 +29,7 @@ class DistributedBatchSampler(EpochBatchSampler):
     def __init__(
         self,
         dataset: Any,
-        batch_size: int,
+        batch_size: Size,
         shuffle: bool = False,
         drop_last: bool = False,
         num_replicas: int | None = None,

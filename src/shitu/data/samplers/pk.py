@@ -10,7 +10,7 @@ import numpy as np
 
 from shitu.data.samplers._common import EpochBatchSampler, make_rng
 from shitu.errors import ConfigError
-from shitu.registry import SAMPLERS
+from shitu.registry import SAMPLERS, Size
 
 
 @SAMPLERS.register("PKSampler")
@@ -41,8 +41,8 @@ class PKSampler(EpochBatchSampler):
     def __init__(
         self,
         dataset: Any,
-        batch_size: int,
-        sample_per_id: int,
+        batch_size: Size,
+        sample_per_id: Size,
         shuffle: bool = True,
         drop_last: bool = True,
         sample_method: Literal["sample_avg_prob", "id_avg_prob"] = "sample_avg_prob",

@@ -270,6 +270,14 @@ class RandFlipImage(Transform):
         return image[::-1, ::-1]
 
 
+def _probability(value: float, key: str) -> float:
+    """`value` if it lies in [0, 1]: a percentage (50) or a negative one would silently mean
+    always or never."""
+    if not 0 <= value <= 1:
+        raise ValueError(f"{key}: a probability in [0, 1], got {value}")
+    return value
+
+
 def _sides(padding: int | list[int]) -> tuple[int, int, int, int]:
     """(left, top, right, bottom) from torchvision-style padding: int, [lr, tb] or [l, t, r, b]."""
     if isinstance(padding, int):
@@ -303,7 +311,7 @@ class Pad(Transform):
         backend: Literal["pil", "cv2"] = "pil",
     ):
         self.padding = _sides(padding)
-        self.fill = fill
+        self.fill = _check_fill(fill)
         self.padding_mode = padding_mode
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
@@ -315,6 +323,15 @@ class Pad(Transform):
         out[...] = np.asarray(self.fill, dtype=image.dtype)
         out[top : top + img_h, left : left + img_w] = image
         return out
+
+
+def _check_fill(fill: int | list[int]) -> int | list[int]:
+    """`fill` if it is one level or one per channel, each 0..255: checked when the pipeline
+    is built, as a wrong one fails on every image (or wraps around in uint8)."""
+    values = [fill] if isinstance(fill, int) else list(fill)
+    if len(values) not in (1, 3) or not all(0 <= value <= 255 for value in values):
+        raise ValueError(f"fill: give one level or one per channel (3), each 0..255, got {fill}")
+    return values[0] if len(values) == 1 else values
 
 
 def _fill_color(fill: int | list[int], channels: int) -> int | tuple[int, ...]:
@@ -347,10 +364,10 @@ class RandomRotation(Transform):
             self.degrees = (float(degrees[0]), float(degrees[1]))
         else:
             raise ValueError(f"degrees: give a number or [min, max], got {degrees}")
-        self.prob = prob
+        self.prob = _probability(prob, "prob")
         self.interpolation = interpolation
         self.expand = expand
-        self.fill = fill
+        self.fill = _check_fill(fill)
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         if not coin(self.prob):
@@ -372,6 +389,8 @@ def _factor_range(value: float | list[float], key: str, centre: float) -> tuple[
         return (max(0.0, centre - value) if centre else -value, centre + value)
     if len(value) != 2 or value[0] > value[1]:
         raise ValueError(f"{key}: give a number or [min, max], got {value}")
+    if centre and value[0] < 0:  # a negative factor inverts the image (torchvision refuses it)
+        raise ValueError(f"{key}: factors must not be negative, got {value}")
     return float(value[0]), float(value[1])
 
 
@@ -398,7 +417,7 @@ class ColorJitter(Transform):
         self.hue = _factor_range(hue, "hue", 0.0)
         if not -0.5 <= self.hue[0] <= self.hue[1] <= 0.5:
             raise ValueError(f"hue: shifts must lie in [-0.5, 0.5], got {list(self.hue)}")
-        self.prob = prob
+        self.prob = _probability(prob, "prob")
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         if not coin(self.prob):
@@ -534,8 +553,7 @@ class RandomErasing(Transform):
         use_log_aspect: bool = False,
         mode: Literal["const", "rand", "pixel"] = "const",
     ):
-        if not 0 <= EPSILON <= 1:
-            raise ValueError(f"EPSILON: a probability in [0, 1], got {EPSILON}")
+        _probability(EPSILON, "EPSILON")
         if not 0 < sl <= sh <= 1:
             raise ValueError(f"sl, sh: area fractions with 0 < sl <= sh <= 1, got {sl}, {sh}")
         if not 0 < r1 <= 1:
