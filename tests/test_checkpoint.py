@@ -28,6 +28,7 @@ from shitu.models import build_model
 from shitu.registry import BACKBONES, populate
 
 from .test_cli import run_shitu
+from .test_detection_train import _trainer, _write_coco, _write_images
 from .test_models import randomise_batchnorm
 
 populate()
@@ -162,6 +163,17 @@ def test_corrupt_weight_files(tmp_path, name, content, message):
 def test_missing_weight_file(tmp_path):
     with pytest.raises(CheckpointError, match="weight file not found"):
         load_weights(make_model(), tmp_path / "none.safetensors")
+
+
+def test_detector_training_checkpoint_is_not_recognition_weights(tmp_path):
+    """A detect-train latest.pt is named as such, not averaged into a soup nothing loads."""
+    _write_coco(tmp_path, _write_images(tmp_path, 2, size=64))
+    latest = _trainer(tmp_path, epochs=1, learning_rate=0.01).save()
+    out = tmp_path / "soup.pt"
+    result = run_shitu("average", str(latest), str(latest), "--out", str(out))
+    assert result.returncode == 2, result.stdout
+    assert "is a detector training checkpoint (for `shitu detect-train --resume`)" in result.stderr
+    assert not out.exists()
 
 
 def test_info_no_head_loads_a_checkpoint_with_a_head(tmp_path):
