@@ -363,6 +363,11 @@ def test_average_weights_refuses_files_of_different_models(tmp_path):
     other_arch = save_weights(state, tmp_path / "b.safetensors", model_metadata(model, {"x": 1}))
     with pytest.raises(CheckpointError, match=r"b\.safetensors: its shitu\.arch differs"):
         average_weights([base, other_arch])
+    plain = tmp_path / "plain.pt"  # weights alone, as torch.save(model.state_dict()) writes
+    torch.save(state, plain)
+    for pair in ([base, plain], [plain, base]):
+        with pytest.raises(CheckpointError, match=r"plain\.pt has no shitu\.arch metadata, "):
+            average_weights(pair)
     # what only steers training may differ between the runs of a soup
     trained = dict(ARCH, frozen_layers=["backbone.stem"])
     trained["Backbone"] = dict(ARCH["Backbone"], pretrained="imagenet.safetensors")

@@ -73,11 +73,18 @@ def average_weights(
     for path, weight in zip(paths[1:], weighting[1:], strict=True):
         state, other_metadata = read_weights(path)
         for key in MUST_MATCH:
-            if _compared(metadata, key) != _compared(other_metadata, key):
+            if _compared(metadata, key) == _compared(other_metadata, key):
+                continue
+            if (key in metadata) != (key in other_metadata):  # e.g. a plain torch.save
+                bare, other = (first_path, path) if key in other_metadata else (path, first_path)
                 raise CheckpointError(
-                    f"{path}: its {key} differs from {first_path}'s; "
-                    "only weights of the same model can be averaged"
+                    f"{bare} has no {key} metadata, {other} has: cannot tell whether they "
+                    f"hold the same model (`shitu convert {bare} -c CONFIG` records it)"
                 )
+            raise CheckpointError(
+                f"{path}: its {key} differs from {first_path}'s; "
+                "only weights of the same model can be averaged"
+            )
         if state.keys() != first.keys():
             extra = sorted(state.keys() - first.keys())[:3]
             lacking = sorted(first.keys() - state.keys())[:3]
