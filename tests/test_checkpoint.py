@@ -28,6 +28,7 @@ from shitu.models import build_model
 from shitu.registry import BACKBONES, populate
 
 from .test_cli import run_shitu
+from .test_detection_train import _trainer, _write_coco, _write_images
 from .test_models import randomise_batchnorm
 
 populate()
@@ -164,6 +165,17 @@ def test_missing_weight_file(tmp_path):
         load_weights(make_model(), tmp_path / "none.safetensors")
 
 
+def test_detector_training_checkpoint_is_not_recognition_weights(tmp_path):
+    """A detect-train latest.pt is named as such, not averaged into a soup nothing loads."""
+    _write_coco(tmp_path, _write_images(tmp_path, 2, size=64))
+    latest = _trainer(tmp_path, epochs=1, learning_rate=0.01).save()
+    out = tmp_path / "soup.pt"
+    result = run_shitu("average", str(latest), str(latest), "--out", str(out))
+    assert result.returncode == 2, result.stdout
+    assert "is a detector training checkpoint (for `shitu detect-train --resume`)" in result.stderr
+    assert not out.exists()
+
+
 def test_info_no_head_loads_a_checkpoint_with_a_head(tmp_path):
     """`shitu info --no-head --weights best_model.safetensors` leaves the head's tensors out,
     as `shitu convert --no-head` does, instead of refusing them as not in the model."""
@@ -264,8 +276,9 @@ def test_pretrained_true_is_refused():
 
 
 def test_average_weights_is_the_mean_of_same_model_runs(tmp_path):
-    """`shitu average`: floats are the element-wise mean (in their own dtype), integer
-    counters come from the first file, and the result loads into the same model."""
+    """`shitu average`: floats are the element-wise mean (in the widest dtype of the files,
+    whatever their order), integer counters come from the first file, and the result loads
+    into the same model."""
     models = [make_model(seed=seed) for seed in range(3)]
     paths = []
     for index, model in enumerate(models):
@@ -280,11 +293,13 @@ def test_average_weights_is_the_mean_of_same_model_runs(tmp_path):
     soup, metadata = read_weights(tmp_path / "soup.safetensors")
     assert metadata == read_weights(paths[0])[1]
     states = [read_weights(path)[0] for path in paths]
+    reordered = average_weights([paths[1], paths[0], paths[2]])[0]
     for name, tensor in soup.items():
-        assert tensor.dtype == states[0][name].dtype
+        assert tensor.dtype == states[1][name].dtype  # float32 where the first is float16
         if tensor.is_floating_point():
             mean = sum(state[name].double() for state in states) / 3
-            torch.testing.assert_close(tensor.double(), mean, atol=2e-3, rtol=2e-3)
+            torch.testing.assert_close(tensor.double(), mean, atol=1e-6, rtol=1e-6)
+            torch.testing.assert_close(reordered[name], tensor, atol=1e-6, rtol=1e-6)
         else:
             assert torch.equal(tensor, states[0][name])
     report = load_weights(make_model(seed=5), tmp_path / "soup.safetensors")
@@ -348,6 +363,11 @@ def test_average_weights_refuses_files_of_different_models(tmp_path):
     other_arch = save_weights(state, tmp_path / "b.safetensors", model_metadata(model, {"x": 1}))
     with pytest.raises(CheckpointError, match=r"b\.safetensors: its shitu\.arch differs"):
         average_weights([base, other_arch])
+    plain = tmp_path / "plain.pt"  # weights alone, as torch.save(model.state_dict()) writes
+    torch.save(state, plain)
+    for pair in ([base, plain], [plain, base]):
+        with pytest.raises(CheckpointError, match=r"plain\.pt has no shitu\.arch metadata, "):
+            average_weights(pair)
     # what only steers training may differ between the runs of a soup
     trained = dict(ARCH, frozen_layers=["backbone.stem"])
     trained["Backbone"] = dict(ARCH["Backbone"], pretrained="imagenet.safetensors")

@@ -265,6 +265,17 @@ def test_other_class_num_skips_only_fc():
     assert torch.equal(model.head.conv.weight, reference.head.conv.weight)
 
 
+def test_feature_extractor_file_without_fc_loads(tmp_path):
+    """The weights of a model stopped before `fc` (a BackboneStopLayer flatten run) start a
+    model with a classifier, as a file with a classifier of another size does."""
+    source = build("lite0", pretrained=True)
+    source.stop_after("flatten")
+    path = tmp_path / "features.pth"
+    torch.save({f"backbone.{k}": v for k, v in source.state_dict().items()}, path)
+    model = build("lite0", pretrained=str(path), class_num=10)
+    assert torch.equal(model.head.conv.weight, source.head.conv.weight)
+
+
 def test_own_and_prefixed_files_load(tmp_path):
     source = build("lite0", pretrained=True)
     own = tmp_path / "own.pth"

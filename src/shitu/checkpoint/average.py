@@ -44,9 +44,11 @@ def average_weights(
 
     `weighting` gives each file a relative weight (default: equal), so that a soup of
     three runs, weighted 3, and a fourth run, weighted 1, give the four-run soup without
-    the first three runs' files. Integer tensors (e.g. batch-norm step counters) are taken
-    from the first file. The files must hold the same tensor names and shapes and the same
-    architecture metadata. Returns the averaged state dict and the first file's metadata.
+    the first three runs' files. Each mean has the widest floating dtype the files give its
+    tensor (a float16 export does not round a soup with float32 runs, whatever the order);
+    integer tensors (e.g. batch-norm step counters) are taken from the first file. The files
+    must hold the same tensor names and shapes and the same architecture metadata. Returns
+    the averaged state dict and the first file's metadata.
     """
     if len(paths) < 2:
         raise CheckpointError(f"averaging needs at least two weight files, got {len(paths)}")
@@ -67,14 +69,22 @@ def average_weights(
         for name, tensor in first.items()
         if tensor.is_floating_point()
     }
+    dtypes = {name: first[name].dtype for name in sums}
     for path, weight in zip(paths[1:], weighting[1:], strict=True):
         state, other_metadata = read_weights(path)
         for key in MUST_MATCH:
-            if _compared(metadata, key) != _compared(other_metadata, key):
+            if _compared(metadata, key) == _compared(other_metadata, key):
+                continue
+            if (key in metadata) != (key in other_metadata):  # e.g. a plain torch.save
+                bare, other = (first_path, path) if key in other_metadata else (path, first_path)
                 raise CheckpointError(
-                    f"{path}: its {key} differs from {first_path}'s; "
-                    "only weights of the same model can be averaged"
+                    f"{bare} has no {key} metadata, {other} has: cannot tell whether they "
+                    f"hold the same model (`shitu convert {bare} -c CONFIG` records it)"
                 )
+            raise CheckpointError(
+                f"{path}: its {key} differs from {first_path}'s; "
+                "only weights of the same model can be averaged"
+            )
         if state.keys() != first.keys():
             extra = sorted(state.keys() - first.keys())[:3]
             lacking = sorted(first.keys() - state.keys())[:3]
@@ -90,8 +100,9 @@ def average_weights(
                 )
             if name in sums:
                 sums[name] += tensor.double() * weight
+                dtypes[name] = torch.promote_types(dtypes[name], tensor.dtype)
     averaged = {
-        name: (sums[name] / total).to(tensor.dtype) if name in sums else tensor
+        name: (sums[name] / total).to(dtypes[name]) if name in sums else tensor
         for name, tensor in first.items()
     }
     return averaged, metadata

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from shitu.checkpoint.paddle import paddle_to_torch, read_pdparams
+from shitu.engine.state import training_state_kind
 from shitu.errors import CheckpointError
 from shitu.fileio import write_atomically
 from shitu.models.reparam import is_reparameterized, reparameterize
@@ -113,6 +114,11 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
             raise CheckpointError(
                 f"{path} is a PicoDet detector checkpoint, not the weights of a recognition "
                 "model (`shitu detect --model` takes it)"
+            )
+        if training_state_kind(data) == "detector":
+            raise CheckpointError(
+                f"{path} is a detector training checkpoint (for `shitu detect-train --resume`), "
+                "not the weights of a recognition model"
             )
         if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
             metadata = dict(data.get("metadata") or {})

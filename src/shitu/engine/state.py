@@ -56,6 +56,14 @@ _KINDS = {
 }
 
 
+def training_state_kind(payload: object) -> str | None:
+    """Which trainer (a `_KINDS` name) wrote `payload`, loaded from a .pt file; None for
+    anything else, such as weights alone."""
+    if not isinstance(payload, dict) or "progress" not in payload:
+        return None
+    return next((name for name, (key, _) in _KINDS.items() if key in payload), None)
+
+
 def load_training_state(
     path: str | Path, option: str = "Global.checkpoints", kind: str = "recognition"
 ) -> tuple[dict[str, Any], Progress]:
@@ -77,7 +85,7 @@ def load_training_state(
             f"{path} has checkpoint format {payload.get('format_version')}, "
             f"this shitu reads {FORMAT_VERSION}"
         )
-    found = next((name for name, (key, _) in _KINDS.items() if key in payload), None)
+    found = training_state_kind(payload)
     if found != kind:
         resume = f"; resume it with `{_KINDS[found][1]}`" if found else ""
         what = f"a {found}" if found else "an unrecognised"

@@ -333,9 +333,10 @@ def from_lukemelas_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
 def load_lite_weights(model: EfficientNetLite, path: str | Path) -> list[str]:
     """Load `path` into `model` strictly: every tensor of both must pair up with equal shapes.
 
-    The exceptions: a classifier of another size (`class_num` != the file's), whose `fc`
-    tensors are skipped, as for any fine-tuning, and a GeM exponent missing from a file of
-    an average-pooled model, which keeps its initial value. Returns the names loaded.
+    The exceptions: a classifier of another size (`class_num` != the file's) or none (the
+    file of a feature extractor, stopped before `fc`), whose `fc` keeps its initial values,
+    as for any fine-tuning, and a GeM exponent missing from a file of an average-pooled
+    model, which keeps its initial value. Returns the names loaded.
     """
     state, _ = read_weights(path)
     if any(name.startswith("_blocks.") for name in state):
@@ -347,10 +348,10 @@ def load_lite_weights(model: EfficientNetLite, path: str | Path) -> list[str]:
     skipped = [
         name
         for name in ("fc.weight", "fc.bias")
-        if name in state and name in expected and state[name].shape != expected[name].shape
+        if name in expected and (name not in state or state[name].shape != expected[name].shape)
     ]
     for name in skipped:
-        del state[name]
+        state.pop(name, None)
     fresh_pool = [n for n in expected if n.startswith("avg_pool.") and n not in state]
     missing = [n for n in expected if n not in state and n not in skipped + fresh_pool]
     unexpected = [name for name in state if name not in expected]
@@ -374,7 +375,7 @@ def load_lite_weights(model: EfficientNetLite, path: str | Path) -> list[str]:
         )
     model.load_state_dict(state, strict=not (skipped or fresh_pool))
     if skipped:
-        logger.info("pretrained %s: fc skipped (class_num differs from the file's)", path)
+        logger.info("pretrained %s: fc left as initialised (the file has none of this size)", path)
     logger.info("pretrained %s: loaded %d tensors", path, len(state))
     return sorted(state)
 
