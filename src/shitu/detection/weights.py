@@ -21,6 +21,7 @@ from torch import nn
 from shitu.checkpoint.io import DETECTOR_FORMAT_PREFIX
 from shitu.checkpoint.paddle import read_pdparams
 from shitu.detection.model import ARCHS, PicoDet, PicoDetArch, build_picodet, resolve_arch
+from shitu.engine.state import training_state_kind
 from shitu.errors import CheckpointError
 from shitu.fileio import write_atomically
 from shitu.onnx_input import graph_input_shape, image_input_size
@@ -49,7 +50,7 @@ def load_detector_checkpoint(path: str | Path) -> PicoDet:
             f"{path} is not a readable detector checkpoint (expected a .pt file from `shitu "
             "detect-train`, an .onnx or a .pdparams file)"
         ) from None
-    if isinstance(data, dict) and "progress" in data and "arch" in data:  # detect-train's state
+    if training_state_kind(data) == "detector":
         raise CheckpointError(
             f"{path} is a detector training checkpoint (for `shitu detect-train --resume`); "
             "detect with the model.pt its run wrote beside it"
