@@ -7,7 +7,12 @@ import argparse
 
 from shitu.checkpoint import average_weights, interpolate_toward, read_weights, save_weights
 from shitu.checkpoint.io import REPARAMETERIZED
-from shitu.cli.common import add_config_arguments, config_from_args, model_from_config
+from shitu.cli.common import (
+    DEFAULT_CONFIG,
+    add_config_arguments,
+    config_from_args,
+    model_from_config,
+)
 from shitu.errors import CheckpointError, ConfigError
 
 
@@ -53,6 +58,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if (args.pretrained_share is None) != (args.layers is None):
         raise CheckpointError("--pretrained-share and --layers go together")
+    if args.pretrained_share is None and (args.override or args.config != DEFAULT_CONFIG):
+        raise CheckpointError(  # else ignored: the files carry their own architecture
+            "-c and -o are read only with --pretrained-share (they name the model mixed in)"
+        )
     if args.weighting and len(args.weights) < 2:
         raise CheckpointError("--weighting weighs two or more weight files against each other")
     if len(args.weights) > 1 or args.pretrained_share is None:
