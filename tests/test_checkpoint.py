@@ -455,3 +455,13 @@ def test_pretrained_share_refuses_folded_weights(tmp_path):
     assert result.returncode == 2, result.stderr
     assert "folded.safetensors holds folded (re-parameterised) weights" in result.stderr
     assert not (tmp_path / "mixed.safetensors").exists()
+
+
+@pytest.mark.parametrize("command", ["average", "convert"])
+def test_an_output_name_no_weight_file_can_have_is_refused_before_any_work(command, tmp_path):
+    """Before reading (and averaging or converting) every input, not after."""
+    missing = str(tmp_path / "not-read.safetensors")  # reading it first would fail otherwise
+    inputs = [missing, missing] if command == "average" else [missing]
+    result = run_shitu(command, *inputs, "--out", str(tmp_path / "soup.bin"))
+    assert result.returncode == 2
+    assert f"cannot write {tmp_path / 'soup.bin'}: use a .safetensors" in result.stderr

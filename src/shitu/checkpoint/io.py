@@ -57,13 +57,20 @@ class LoadReport:
         return text
 
 
+def check_weights_name(path: str | Path) -> Path:
+    """`path` if `save_weights` can write that kind of file; commands check their output
+    name with it first, before the minutes of work whose result it names."""
+    path = Path(path)
+    if path.suffix not in (".safetensors", *TORCH_SUFFIXES):
+        raise CheckpointError(f"cannot write {path}: use a .safetensors, .pt or .pth file name")
+    return path
+
+
 def save_weights(
     state: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
 ) -> Path:
     """Write a state dict atomically (.safetensors, or torch for .pt/.pth)."""
-    path = Path(path)
-    if path.suffix not in (".safetensors", *TORCH_SUFFIXES):
-        raise CheckpointError(f"cannot write {path}: use a .safetensors, .pt or .pth file name")
+    path = check_weights_name(path)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     metadata = dict(metadata or {})
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from shitu.checkpoint import average_weights, interpolate_toward, read_weights, save_weights
-from shitu.checkpoint.io import REPARAMETERIZED
+from shitu.checkpoint.io import REPARAMETERIZED, check_weights_name
 from shitu.cli.common import (
     DEFAULT_CONFIG,
     add_config_arguments,
@@ -56,6 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_weights_name(args.out)
     if (args.pretrained_share is None) != (args.layers is None):
         raise CheckpointError("--pretrained-share and --layers go together")
     if args.pretrained_share is None and (args.override or args.config != DEFAULT_CONFIG):
