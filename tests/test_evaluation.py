@@ -384,6 +384,24 @@ def test_rerank_self_distances_are_symmetric() -> None:
     assert mixed.shape == (10, 30) and mixed.min() >= 0 and mixed.max() <= 1 + 1e-6
 
 
+def test_rerank_many_exact_duplicates_give_no_nan() -> None:
+    """Six identical gallery vectors with k1 = 2: the last ones have three copies before
+    them in every neighbour list, so no k-reciprocal set holds them (an empty weight row,
+    which must stay zero as in the reference code, not become 0/0 = NaN)."""
+    qf = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
+    gf = torch.tensor([[1.0, 0.0]] * 6 + [[0.6, 0.8], [0.0, 1.0]], dtype=torch.float64)
+    for k2 in (1, 3):
+        got = k_reciprocal_distances(qf, gf, k1=2, k2=k2, lambda_value=0.3)
+        assert bool(torch.isfinite(got).all())
+        expected = naive_rerank(qf.numpy(), gf.numpy(), 2, k2, 0.3)
+        np.testing.assert_allclose(got.numpy(), expected, rtol=0, atol=1e-10)
+    # Far negatives with NaN distances would sort first, above the query's near positive.
+    gf = torch.tensor([[0.0, 1.0]] * 6 + [[0.98, 0.2]], dtype=torch.float64)
+    labels = torch.tensor([1, 1, 1, 1, 1, 1, 0])
+    result = evaluate_retrieval(qf, torch.tensor([0]), gf, labels, re_ranking=ReRanking(k1=2, k2=1))
+    assert result["recall@1"] == 1.0
+
+
 def hub_case() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """A query (label 0) whose single nearest gallery item `nb` (label 1) belongs to a tight
     cluster of five other label-1 items, while three label-0 items are a bit farther away.

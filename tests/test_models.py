@@ -162,14 +162,14 @@ def _cosine(head, x):
     return F.normalize(x, dim=1) @ F.normalize(head.weight, dim=1).t()
 
 
-@pytest.mark.parametrize(
-    ("name", "params"),
-    [
-        ("ArcMargin", {}),
-        ("CosMargin", {}),
-        ("CircleMargin", {"margin": 0.25, "scale": 32.0}),
-    ],
-)
+MARGIN_HEADS = [
+    ("ArcMargin", {}),
+    ("CosMargin", {}),
+    ("CircleMargin", {"margin": 0.25, "scale": 32.0}),
+]
+
+
+@pytest.mark.parametrize(("name", "params"), MARGIN_HEADS)
 def test_margin_heads_return_cosine_in_eval_or_without_label(name, params):
     head = HEADS.build(name, embedding_size=8, class_num=5, **params)
     x = torch.randn(4, 8)
@@ -177,6 +177,22 @@ def test_margin_heads_return_cosine_in_eval_or_without_label(name, params):
     assert torch.allclose(head.eval()(x, torch.tensor([0, 1, 2, 3])), expected, atol=1e-6)
     assert torch.allclose(head.train()(x), expected, atol=1e-6)
     assert expected.abs().max() <= 1.0 + 1e-6
+
+
+@pytest.mark.parametrize(("name", "params"), MARGIN_HEADS)
+def test_margin_heads_compute_in_float32_under_bf16_autocast(name, params):
+    """Features at cos 0.999 to their class: bf16 rounds such cosines in steps of 0.004,
+    which moved ArcMargin's true-class logit (scale 80) by about 2 under autocast."""
+    torch.manual_seed(0)
+    head = HEADS.build(name, embedding_size=64, class_num=10, **params).train()
+    labels = torch.arange(10)
+    unit_weights = F.normalize(head.weight.detach(), dim=1)
+    x = 0.999 * unit_weights + 0.045 * F.normalize(torch.randn(10, 64), dim=1)
+    expected = head(x, labels)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = head(x, labels)
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-4)
 
 
 def test_margin_head_defaults_follow_paddleclas():
@@ -220,11 +236,11 @@ def test_arcmargin_easy_margin_only_for_positive_cosine():
 
 
 def test_arcmargin_survives_a_cosine_rounded_above_one():
-    """Under fp16 autocast this feature, equal to its class weight, gets cos = 1.00098."""
+    """This feature, equal to its class weight, gets cos = 1 + 2^-23 (float32 rounding)."""
     head = HEADS.build("ArcMargin", embedding_size=3, class_num=2, scale=1.0).train()
-    x = torch.tensor([[1.0, 3.0, 3.0]], requires_grad=True)
+    x = torch.tensor([[1.0, 1.0, 4.0]], requires_grad=True)
     with torch.no_grad():
-        head.weight.copy_(torch.tensor([[1.0, 3.0, 3.0], [0.0, 0.0, 1.0]]))
+        head.weight.copy_(torch.tensor([[1.0, 1.0, 4.0], [0.0, 0.0, 1.0]]))
     with torch.autocast("cpu", dtype=torch.float16):
         assert head.cosine(x)[0, 0].item() > 1.0
         logits = head(x, torch.tensor([0]))

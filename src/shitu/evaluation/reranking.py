@@ -113,7 +113,9 @@ def k_reciprocal_distances(
         base = dist[:n_query, n_query:].clone()
         weights = dist.neg_().exp_().mul_(members)  # reuses the distance matrix's memory
         del dist, members
-        weights /= weights.sum(dim=1, keepdim=True)
+        # A sample with more than k1 exact duplicates before it (by index) is in none of its
+        # k-reciprocal sets: its row stays empty, all zeros as in the reference code, not 0/0.
+        weights /= weights.sum(dim=1, keepdim=True).clamp_(min=torch.finfo(dtype).tiny)
         if k_qe > 1:
             weights = _query_expansion(weights, rank[:, :k_qe])
         # Rows of `weights` sum to 1, so the overlap is at most 1 up to rounding.

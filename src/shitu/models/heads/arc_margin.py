@@ -16,8 +16,8 @@ class ArcMargin(CosineClassifier):
 
     Where theta + m would pass pi (cos <= -cos m), the logit becomes cos - m*sin m
     instead, keeping it monotonic; `easy_margin` applies the margin only where cos > 0.
-    sin is taken of 1 - cos^2 clamped at 0: under fp16 autocast a feature close to its
-    class weight can round to cos = 1.001, whose square root would be NaN.
+    sin is taken of 1 - cos^2 clamped at 0: rounding can put the cosine of a feature equal
+    to its class weight a little above 1, whose square root would be NaN.
     """
 
     def __init__(
