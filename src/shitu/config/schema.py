@@ -94,6 +94,8 @@ LossList = list[dict[str, dict[str, Any]]]
 
 class LossConfig(Section):
     Train: LossList = Field(default_factory=list)
+    # PaddleClas configs list their eval losses here: read and checked, not computed
+    # (retrieval evaluation reports recall and mAP, not a loss).
     Eval: LossList = Field(default_factory=list)
 
     @field_validator("Train", "Eval")

@@ -73,7 +73,8 @@ class RetrievalResult:
         return self.metrics[name]
 
     def summary(self) -> str:
-        """One log line, e.g. 'recall@1: 0.8125, mAP: 0.6002 (16 queries, 1 without a positive)'."""
+        """One log line, e.g. 'recall@1: 0.8125, mAP: 0.6002 (16 queries, 1 without a
+        positive, not counted)'."""
         values = ", ".join(f"{name}: {value:.4f}" for name, value in self.metrics.items())
         skipped = self.num_queries_without_positive
         note = f", {skipped} without a positive, not counted" if skipped else ""

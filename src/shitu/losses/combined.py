@@ -1,4 +1,4 @@
-"""The weighted sum of the losses listed in a config's `Loss.Train` (or `Loss.Eval`)."""
+"""The weighted sum of the losses listed in a config's `Loss.Train`."""
 
 from __future__ import annotations
 
