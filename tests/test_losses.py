@@ -331,3 +331,13 @@ def test_feature_distillation_target_has_no_stochastic_depth():
     norms = [m for m in loss.teacher.blocks[3].modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert norms and all(m.training and m.momentum == 0.0 for m in norms)
     assert not loss.teacher.stem.bn.training  # frozen in the run: running statistics
+
+
+def test_a_batch_with_no_pair_gives_a_plain_zero_loss():
+    """One sample has no pair: the loss is 0 (logged as 0.0000, not -0.0000) and still
+    backpropagates."""
+    features = torch.tensor([[-1.0, -2.0, -3.0, -4.0]], requires_grad=True)
+    loss = LOSSES.build("TripletLoss")(features, torch.tensor([0]))
+    assert loss.item() == 0.0 and str(loss.item()) == "0.0"
+    loss.backward()
+    assert torch.equal(features.grad, torch.zeros_like(features))

@@ -76,8 +76,9 @@ def hardest(values: torch.Tensor, mask: torch.Tensor, largest: bool) -> torch.Te
 
 
 def zero_loss(inputs: torch.Tensor) -> torch.Tensor:
-    """A 0 connected to `inputs`, so backward() and optimizer steps still work."""
-    return inputs.sum() * 0.0
+    """A 0 connected to `inputs`, so backward() and optimizer steps still work (+ 0.0: a
+    negative sum times 0 is -0.0, which the training log would print)."""
+    return inputs.sum() * 0.0 + 0.0
 
 
 class PairLoss(nn.Module):
