@@ -77,7 +77,9 @@ def test_overrides_before_a_positional_leave_it_to_the_command(tmp_path):
     said 'the following arguments are required: weights')."""
     weights = tmp_path / "none.pdparams"
     for overrides in (["-o", "Global.epochs=3", "Global.seed=1"], ["--override", "Global.seed=1"]):
-        result = run_shitu("convert", *overrides, str(weights), "--out", str(tmp_path / "o"))
+        result = run_shitu(
+            "convert", *overrides, str(weights), "--out", str(tmp_path / "o.safetensors")
+        )
         assert result.returncode == 2
         assert result.stderr.strip() == f"error: weight file not found: {weights}"
     # The first word after -o is its value, with or without '=': the config names it.
