@@ -27,3 +27,11 @@ def benchmark_parser(doc: str) -> argparse.ArgumentParser:
     """A parser described by the first paragraph of the benchmark's docstring `doc`."""
     summary = " ".join(doc.split("\n\n")[0].split())
     return argparse.ArgumentParser(description=summary, formatter_class=_DefaultsFormatter)
+
+
+def add_batch_timing_arguments(
+    parser: argparse.ArgumentParser, threads: str = "CPU threads"
+) -> None:
+    """--threads and --batches, as the extraction speed benchmarks share them."""
+    parser.add_argument("--threads", type=int, default=2, help=threads)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 32], help="batch sizes")

@@ -25,7 +25,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from arguments import benchmark_parser  # noqa: E402
+from arguments import add_batch_timing_arguments, benchmark_parser  # noqa: E402
 from feature_extraction import grocery_images, ours, timed  # noqa: E402
 
 from shitu.inference import default_model_dir, read_manifest  # noqa: E402
@@ -49,8 +49,7 @@ def int8_copy(fp32_dir: Path, out: Path, calibration: list[str]) -> Path:
 
 def main() -> None:
     parser = benchmark_parser(__doc__)
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads")
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 32], help="batch sizes")
+    add_batch_timing_arguments(parser)
     parser.add_argument("--images", type=int, default=128, help="Grocery Store JPEGs timed")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
     parser.add_argument(

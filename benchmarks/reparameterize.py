@@ -10,7 +10,7 @@ import statistics
 import time
 
 import torch
-from arguments import benchmark_parser
+from arguments import add_batch_timing_arguments, benchmark_parser
 
 from shitu.config.schema import ArchConfig
 from shitu.models import build_model
@@ -29,8 +29,7 @@ def images_per_second(model: torch.nn.Module, batch: torch.Tensor, repeats: int)
 
 def main() -> None:
     parser = benchmark_parser(__doc__)
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads")
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 32], help="batch sizes")
+    add_batch_timing_arguments(parser)
     parser.add_argument("--repeats", type=int, default=5, help="timed runs, median kept")
     parser.add_argument("--size", type=int, default=224, help="input size in pixels")
     parser.add_argument(
