@@ -645,12 +645,10 @@ def test_concurrent_recognition_and_additions_lose_nothing(serving_library, clie
     assert batches < photos
 
 
-def test_a_failed_add_leaves_no_upload_file_behind(serving_library, tmp_path):
-    """The service in this process: when the library write fails (disk full, lock timeout),
-    the files written for the uploads go too, so no file is kept without its row."""
-    gallery = tmp_path / "gallery"
+def local_config(serving_library: DemoLibrary, gallery: Path):
+    """The pipeline config of a service in this process, on a copy of the demo library."""
     shutil.copytree(serving_library.gallery, gallery)
-    config = load_pipeline_config(
+    return load_pipeline_config(
         None,
         [
             f"IndexProcess.index_dir={gallery}",
@@ -658,6 +656,12 @@ def test_a_failed_add_leaves_no_upload_file_behind(serving_library, tmp_path):
             "Global.det_inference_model_dir=plain-background",
         ],
     )
+
+
+def test_a_failed_add_leaves_no_upload_file_behind(serving_library, tmp_path):
+    """The service in this process: when the library write fails (disk full, lock timeout),
+    the files written for the uploads go too, so no file is kept without its row."""
+    config = local_config(serving_library, tmp_path / "gallery")
     uploads_dir = tmp_path / "uploads"
     (path, _label), *_ = serving_library.queries()
     data = path.read_bytes()
@@ -676,6 +680,30 @@ def test_a_failed_add_leaves_no_upload_file_behind(serving_library, tmp_path):
         outcome = service.add("New product", [upload])  # the same upload, now stored
         assert len(outcome.added) == 1 and Path(outcome.added[0].path).parent == uploads_dir
         assert len(service.library.snapshot.by_id) == before + 1
+
+
+def test_edits_check_the_library_as_another_process_left_it(serving_library, tmp_path, monkeypatch):
+    """Within a second of its last look (here: never again), a server's listing may lag
+    another process's writes, but its edits must not: removing what the other process
+    removed is 404 (was a 500), and an image it added can be removed (was 404)."""
+    monkeypatch.setattr(library_module, "SYNC_INTERVAL_S", 3600.0)
+    config = local_config(serving_library, tmp_path / "gallery")
+    settings = ServeSettings(upload_dir=tmp_path / "uploads")
+    with RecognitionService(config, settings) as service:
+        gone, *_ = service.library.snapshot.by_id.values()
+        with Gallery.open(tmp_path / "gallery") as writer:
+            writer.remove(ids=[gone.id])
+            writer.remove(labels=["Lemon Soda"])
+            vector = np.zeros((1, service.extractor.embedding_size), np.float32)
+            vector[0, 0] = 1
+            (new_id,) = writer.add(vector, ["Added elsewhere"]).ids
+        assert gone.id in service.library.snapshot.by_id  # not synced yet
+        with pytest.raises(NotFound, match=f"no gallery image with id {gone.id}"):
+            service.remove_image(gone.id)
+        for edit in (service.remove_label, lambda label: service.rename_label(label, "New")):
+            with pytest.raises(NotFound, match="no gallery images labelled 'Lemon Soda'"):
+                edit("Lemon Soda")
+        assert service.remove_image(int(new_id)).label == "Added elsewhere"
 
 
 def test_a_key_http_headers_cannot_carry_is_refused_at_start(serving_library, capsys):

@@ -194,7 +194,7 @@ class RecognitionService:
             by_id = self.library.snapshot.by_id
             return AddOutcome(added=[by_id[int(i)] for i in report.ids], duplicates=names)
 
-        return self.library.run(commit)
+        return self.library.edit(commit)
 
     def remove_image(self, image_id: int) -> ImageEntry:
         def commit() -> ImageEntry:
@@ -203,7 +203,7 @@ class RecognitionService:
             self._forget_files([entry])
             return entry
 
-        return self.library.run(commit)
+        return self.library.edit(commit)
 
     def remove_label(self, label: str) -> list[int]:
         def commit() -> list[int]:
@@ -212,7 +212,7 @@ class RecognitionService:
             self._forget_files(entries)
             return [int(i) for i in removed]
 
-        return self.library.run(commit)
+        return self.library.edit(commit)
 
     def rename_label(self, old: str, new: str) -> int:
         """Rename; renaming onto an existing label merges the two."""
@@ -224,7 +224,7 @@ class RecognitionService:
                 self.library.write(lambda gallery: gallery.relabel(old, new, merge=True))
             return count
 
-        return self.library.run(commit)
+        return self.library.edit(commit)
 
     def rebuild(self, index_type: str | None = None) -> dict[str, Any]:
         if index_type is not None and index_type not in INDEX_TYPES:
