@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hmac
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -131,6 +131,25 @@ def api_key_check(settings: ServeSettings, write: bool) -> Callable[..., Awaitab
     return check
 
 
+# --------------------------------------------------------------------------- bodies
+def media_type(request: Request) -> str:
+    """The request's content type without parameters, lower case ('' when none is sent)."""
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+def validation_problems(errors: Iterable[Any], skip: int = 0) -> str:
+    """Pydantic's validation errors as one line, `where: what; ...`; `skip` leading parts of
+    each location (FastAPI's start with where the value came from: body, path, query)."""
+    problems = []
+    for error in errors:
+        if error["type"] == "json_invalid":  # FastAPI's: located at a character offset
+            reason = error.get("ctx", {}).get("error")
+            problems.append(f"body: {error['msg']}" + (f" ({reason})" if reason else ""))
+        else:
+            problems.append(f"{'.'.join(map(str, error['loc'][skip:])) or 'body'}: {error['msg']}")
+    return "; ".join(problems)
+
+
 # --------------------------------------------------------------------------- uploads
 @dataclass
 class RawUploads:
@@ -145,7 +164,7 @@ async def read_uploads(
 ) -> RawUploads:
     """Images from multipart/form-data (file fields named `image`) or JSON (`image` and/or
     `images` as base64, validated by `schema`); anything else is 415."""
-    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    media = media_type(request)
     if media == "multipart/form-data":
         uploads = await _read_multipart(request, at_most)
     elif media == "application/json":
@@ -186,10 +205,7 @@ async def _read_json(request: Request, schema: type[BaseModel]) -> RawUploads:
     try:
         body = schema.model_validate_json(await request.body())
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors()
-        )
-        raise BadRequest(f"invalid JSON body: {problems}") from None
+        raise BadRequest(f"invalid JSON body: {validation_problems(exc.errors())}") from None
     data = body.model_dump()
     texts = ([data["image"]] if data.get("image") else []) + list(data.get("images") or [])
     images = [
