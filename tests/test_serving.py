@@ -541,9 +541,17 @@ def test_writes_need_the_api_key(serving_library, client):
         assert "need the API key" in missing.json()["detail"]
         wrong = client.request(method, path, headers={"Authorization": "Bearer nope"}, **body)
         assert wrong.status_code == 403 and wrong.json()["detail"] == "wrong API key"
+        # A page of another site can post a form without a key: what a browser says where
+        # a request comes from counts, key or not.
+        for site in ("cross-site", "same-site"):
+            other = client.request(method, path, headers={**WRITE, "Sec-Fetch-Site": site}, **body)
+            assert other.status_code == 403, (path, site, other.text)
+            assert "cannot come from another web site's page" in other.json()["detail"]
     assert client.get("/v1/gallery/labels/Lemon Soda").json()["count"] == 3  # nothing changed
     bearer = client.post("/v1/gallery/rebuild", headers={"Authorization": f"Bearer {KEY}"})
     assert bearer.status_code == 200
+    own_page = {**WRITE, "Sec-Fetch-Site": "same-origin"}
+    assert client.post("/v1/gallery/rebuild", headers=own_page).status_code == 200
     for path in ("/v1/gallery", "/v1/gallery/labels", "/metrics"):
         assert client.get(path).status_code == 200  # reads are open without --protect-reads
 

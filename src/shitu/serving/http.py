@@ -31,6 +31,9 @@ GENERIC_FILE_TYPES = {"", "application/octet-stream"}
 # closes a connection with unread bytes makes the kernel reset it, and the client can lose the
 # reply it was sent; past this much the connection is closed anyway.
 DRAIN_BYTES = 64 * MB
+# What browsers send as Sec-Fetch-Site for a request made by a page from another origin
+# ("same-site" is another port or subdomain); this server's own page sends "same-origin".
+OTHER_SITES = {"cross-site", "same-site"}
 
 
 def too_large(limit_mb: float) -> PayloadTooLarge:
@@ -109,13 +112,24 @@ _key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="the 
 
 
 def api_key_check(settings: ServeSettings, write: bool) -> Callable[..., Awaitable[None]]:
-    """A dependency that lets a request through if it needs no key or sends the right one."""
+    """A dependency that lets a request through if it needs no key or sends the right one.
+
+    A write that a browser says comes from another site's page is refused, key or not: a
+    page can post a form to any address without asking (no CORS preflight), so without a key
+    any web site the operator visits could add images to a server on their machine.
+    """
     needed = settings.api_key is not None and (write or settings.protect_reads)
 
     async def check(
+        request: Request,
         bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
         header: Annotated[str | None, Depends(_key_header)],
     ) -> None:
+        if write and request.headers.get("sec-fetch-site") in OTHER_SITES:
+            raise Forbidden(
+                "changes to the gallery cannot come from another web site's page: use this "
+                "server's page, or a client that is not a browser"
+            )
         if not needed:
             return
         given = header or (bearer.credentials if bearer else None)
