@@ -7,6 +7,7 @@ as built, the later ones see the edits made before them."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import re
 import shutil
@@ -723,6 +724,29 @@ def test_a_failed_add_leaves_no_upload_file_behind(serving_library, tmp_path):
         outcome = service.add("New product", [upload])  # the same upload, now stored
         assert len(outcome.added) == 1 and Path(outcome.added[0].path).parent == uploads_dir
         assert len(service.library.snapshot.by_id) == before + 1
+
+
+def test_an_upload_another_process_adds_first_is_answered_as_a_duplicate(serving_library, tmp_path):
+    """Content another process adds between the service's look at the library and its
+    write is skipped by the write: the answer names it a duplicate (it was in neither list)."""
+    config = local_config(serving_library, tmp_path / "gallery")
+    (path, _label), *_ = serving_library.queries()
+    data = path.read_bytes()
+    upload = Upload("same photo.jpg", data, read_rgb(path))
+    with RecognitionService(config, ServeSettings(upload_dir=tmp_path / "uploads")) as service:
+        vector = np.zeros((1, service.extractor.embedding_size), np.float32)
+        vector[0, 0] = 1
+        real_write = service.library.write
+
+        def after_another_process(mutate):
+            with Gallery.open(tmp_path / "gallery") as writer:
+                writer.add(vector, ["Elsewhere"], hashes=[hashlib.sha256(data).hexdigest()])
+            return real_write(mutate)
+
+        service.library.write = after_another_process
+        outcome = service.add("New product", [upload])
+        assert outcome.added == [] and outcome.duplicates == ["same photo.jpg"]
+        assert not any((tmp_path / "uploads").iterdir())  # its file went with it
 
 
 def test_edits_check_the_library_as_another_process_left_it(serving_library, tmp_path, monkeypatch):

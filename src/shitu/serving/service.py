@@ -189,8 +189,11 @@ class RecognitionService:
             except BaseException:
                 self._drop_unlisted(created)
                 raise
-            if len(report.ids) < len(rows):  # another process added some content first
+            if report.duplicates:  # another process added some of the content first
                 self._drop_unlisted(created)
+                skipped = set(report.duplicates)  # by the paths given, one per content
+                listed = zip(rows, paths, strict=True)
+                names += [uploads[row].name for row, path in listed if path in skipped]
             by_id = self.library.snapshot.by_id
             return AddOutcome(added=[by_id[int(i)] for i in report.ids], duplicates=names)
 
