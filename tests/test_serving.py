@@ -7,6 +7,7 @@ as built, the later ones see the edits made before them."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import re
 import shutil
@@ -340,12 +341,44 @@ def test_bad_uploads_get_clear_errors(serving_library, client):
             400,
             "unknown index type 'LSH'",
         ),
+        # the routes whose body or parameters FastAPI checks answer alike
+        "rename field": (
+            client.patch("/v1/gallery/labels/Lemon Soda", json={}, headers=WRITE),
+            400,
+            "invalid JSON body: label: Field required",
+        ),
+        "rename type": (
+            client.patch(
+                "/v1/gallery/labels/Lemon Soda",
+                content=b"New name",
+                headers={**WRITE, "content-type": "text/plain"},
+            ),
+            415,
+            "unsupported content type 'text/plain': send application/json",
+        ),
+        "rebuild syntax": (
+            client.post(
+                "/v1/gallery/rebuild",
+                content=b"{",
+                headers={**WRITE, "content-type": "application/json"},
+            ),
+            400,
+            "invalid JSON body: body: JSON decode error",
+        ),
+        "path": (
+            client.get("/v1/gallery/images/first"),
+            400,
+            "invalid path: image_id: Input should be a valid integer",
+        ),
+        "query": (
+            client.get("/v1/gallery/labels/Lemon Soda", params={"offset": -1}),
+            400,
+            "invalid query: offset: Input should be greater than or equal to 0",
+        ),
     }
     for name, (response, status, message) in cases.items():
         assert response.status_code == status, (name, response.text)
         assert message in response.json()["detail"], (name, response.text)
-    rename = client.patch("/v1/gallery/labels/Lemon Soda", json={}, headers=WRITE)
-    assert rename.status_code == 422  # schema validation by FastAPI
 
 
 def test_unknown_labels_and_images_are_404(client):
@@ -509,9 +542,17 @@ def test_writes_need_the_api_key(serving_library, client):
         assert "need the API key" in missing.json()["detail"]
         wrong = client.request(method, path, headers={"Authorization": "Bearer nope"}, **body)
         assert wrong.status_code == 403 and wrong.json()["detail"] == "wrong API key"
+        # A page of another site can post a form without a key: what a browser says where
+        # a request comes from counts, key or not.
+        for site in ("cross-site", "same-site"):
+            other = client.request(method, path, headers={**WRITE, "Sec-Fetch-Site": site}, **body)
+            assert other.status_code == 403, (path, site, other.text)
+            assert "cannot come from another web site's page" in other.json()["detail"]
     assert client.get("/v1/gallery/labels/Lemon Soda").json()["count"] == 3  # nothing changed
     bearer = client.post("/v1/gallery/rebuild", headers={"Authorization": f"Bearer {KEY}"})
     assert bearer.status_code == 200
+    own_page = {**WRITE, "Sec-Fetch-Site": "same-origin"}
+    assert client.post("/v1/gallery/rebuild", headers=own_page).status_code == 200
     for path in ("/v1/gallery", "/v1/gallery/labels", "/metrics"):
         assert client.get(path).status_code == 200  # reads are open without --protect-reads
 
@@ -538,6 +579,9 @@ def test_page_and_docs_load_nothing_from_elsewhere(client):
     spec = client.get("/openapi.json").json()
     assert {"/v1/recognize", "/v1/extract", "/v1/gallery/images", "/healthz"} <= set(spec["paths"])
     assert "multipart/form-data" in spec["paths"]["/v1/recognize"]["post"]["requestBody"]["content"]
+    answers = [set(op["responses"]) for path in spec["paths"].values() for op in path.values()]
+    assert not any("422" in codes for codes in answers)  # invalid requests get 400
+    assert "400" in spec["paths"]["/v1/gallery/images/{image_id}"]["get"]["responses"]
 
     def image_field(path: str) -> dict:
         body = spec["paths"][path]["post"]["requestBody"]["content"]["multipart/form-data"]
@@ -645,12 +689,10 @@ def test_concurrent_recognition_and_additions_lose_nothing(serving_library, clie
     assert batches < photos
 
 
-def test_a_failed_add_leaves_no_upload_file_behind(serving_library, tmp_path):
-    """The service in this process: when the library write fails (disk full, lock timeout),
-    the files written for the uploads go too, so no file is kept without its row."""
-    gallery = tmp_path / "gallery"
+def local_config(serving_library: DemoLibrary, gallery: Path):
+    """The pipeline config of a service in this process, on a copy of the demo library."""
     shutil.copytree(serving_library.gallery, gallery)
-    config = load_pipeline_config(
+    return load_pipeline_config(
         None,
         [
             f"IndexProcess.index_dir={gallery}",
@@ -658,6 +700,12 @@ def test_a_failed_add_leaves_no_upload_file_behind(serving_library, tmp_path):
             "Global.det_inference_model_dir=plain-background",
         ],
     )
+
+
+def test_a_failed_add_leaves_no_upload_file_behind(serving_library, tmp_path):
+    """The service in this process: when the library write fails (disk full, lock timeout),
+    the files written for the uploads go too, so no file is kept without its row."""
+    config = local_config(serving_library, tmp_path / "gallery")
     uploads_dir = tmp_path / "uploads"
     (path, _label), *_ = serving_library.queries()
     data = path.read_bytes()
@@ -676,6 +724,53 @@ def test_a_failed_add_leaves_no_upload_file_behind(serving_library, tmp_path):
         outcome = service.add("New product", [upload])  # the same upload, now stored
         assert len(outcome.added) == 1 and Path(outcome.added[0].path).parent == uploads_dir
         assert len(service.library.snapshot.by_id) == before + 1
+
+
+def test_an_upload_another_process_adds_first_is_answered_as_a_duplicate(serving_library, tmp_path):
+    """Content another process adds between the service's look at the library and its
+    write is skipped by the write: the answer names it a duplicate (it was in neither list)."""
+    config = local_config(serving_library, tmp_path / "gallery")
+    (path, _label), *_ = serving_library.queries()
+    data = path.read_bytes()
+    upload = Upload("same photo.jpg", data, read_rgb(path))
+    with RecognitionService(config, ServeSettings(upload_dir=tmp_path / "uploads")) as service:
+        vector = np.zeros((1, service.extractor.embedding_size), np.float32)
+        vector[0, 0] = 1
+        real_write = service.library.write
+
+        def after_another_process(mutate):
+            with Gallery.open(tmp_path / "gallery") as writer:
+                writer.add(vector, ["Elsewhere"], hashes=[hashlib.sha256(data).hexdigest()])
+            return real_write(mutate)
+
+        service.library.write = after_another_process
+        outcome = service.add("New product", [upload])
+        assert outcome.added == [] and outcome.duplicates == ["same photo.jpg"]
+        assert not any((tmp_path / "uploads").iterdir())  # its file went with it
+
+
+def test_edits_check_the_library_as_another_process_left_it(serving_library, tmp_path, monkeypatch):
+    """Within a second of its last look (here: never again), a server's listing may lag
+    another process's writes, but its edits must not: removing what the other process
+    removed is 404 (was a 500), and an image it added can be removed (was 404)."""
+    monkeypatch.setattr(library_module, "SYNC_INTERVAL_S", 3600.0)
+    config = local_config(serving_library, tmp_path / "gallery")
+    settings = ServeSettings(upload_dir=tmp_path / "uploads")
+    with RecognitionService(config, settings) as service:
+        gone, *_ = service.library.snapshot.by_id.values()
+        with Gallery.open(tmp_path / "gallery") as writer:
+            writer.remove(ids=[gone.id])
+            writer.remove(labels=["Lemon Soda"])
+            vector = np.zeros((1, service.extractor.embedding_size), np.float32)
+            vector[0, 0] = 1
+            (new_id,) = writer.add(vector, ["Added elsewhere"]).ids
+        assert gone.id in service.library.snapshot.by_id  # not synced yet
+        with pytest.raises(NotFound, match=f"no gallery image with id {gone.id}"):
+            service.remove_image(gone.id)
+        for edit in (service.remove_label, lambda label: service.rename_label(label, "New")):
+            with pytest.raises(NotFound, match="no gallery images labelled 'Lemon Soda'"):
+                edit("Lemon Soda")
+        assert service.remove_image(int(new_id)).label == "Added elsewhere"
 
 
 def test_a_key_http_headers_cannot_carry_is_refused_at_start(serving_library, capsys):

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from itertools import groupby
 from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exception_handlers import http_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
@@ -26,8 +29,16 @@ from shitu import __version__
 from shitu.errors import ShituError
 from shitu.index.metadata import ImageEntry
 from shitu.serving import schemas
-from shitu.serving.errors import BadRequest, PayloadTooLarge, RequestError
-from shitu.serving.http import IMAGE_FIELD, BodyLimit, RawUploads, api_key_check, read_uploads
+from shitu.serving.errors import BadRequest, PayloadTooLarge, RequestError, UnsupportedMediaType
+from shitu.serving.http import (
+    IMAGE_FIELD,
+    BodyLimit,
+    RawUploads,
+    api_key_check,
+    media_type,
+    read_uploads,
+    validation_problems,
+)
 from shitu.serving.images import decode_image
 from shitu.serving.metrics import CONTENT_TYPE, Metrics, MetricsMiddleware
 from shitu.serving.service import RecognitionService, Upload, check_label
@@ -39,6 +50,9 @@ PAGE_POLICY = "default-src 'self'; img-src 'self' blob: data:; object-src 'none'
 THUMBNAIL_SIZES = (16, 512)
 LABEL_PAGE = 200
 REQUEST_PIXELS_FACTOR = 4  # all images of one request together: at most 4 times the per-image limit
+# FastAPI parses a body as JSON when it is sent as that, or with no content type.
+JSON_TYPE = re.compile(r"|application/json|application/[^/]+\+json")
+SOURCES = {"body": "JSON body", "path": "path", "query": "query"}  # where FastAPI found a value
 ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": schemas.ErrorOut} for status in (400, 401, 403, 404, 413, 415)
 }
@@ -119,6 +133,38 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
         if isinstance(exc.__cause__, ShituError):
             return await shitu_error(request, exc.__cause__)
         return await http_exception_handler(request, exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        """Parameters and JSON bodies that FastAPI checks are answered as the upload routes'
+        are: 400 with one line of text (415 for a body that is not JSON), not 422 with a list."""
+        errors = sorted(exc.errors(), key=lambda e: e["loc"][0])
+        media = media_type(request)
+        if any(e["loc"][0] == "body" for e in errors) and not JSON_TYPE.fullmatch(media):
+            error: RequestError = UnsupportedMediaType(
+                f"unsupported content type '{media}': send application/json"
+            )
+        else:
+            error = BadRequest(
+                "; ".join(
+                    f"invalid {SOURCES.get(source, source)}: {validation_problems(group, skip=1)}"
+                    for source, group in groupby(errors, key=lambda e: e["loc"][0])
+                )
+            )
+        return await shitu_error(request, error)
+
+    def openapi() -> dict[str, Any]:
+        """FastAPI's OpenAPI document, less the 422 answers it lists: invalid requests get 400."""
+        if app.openapi_schema is None:
+            spec = FastAPI.openapi(app)
+            for operations in spec["paths"].values():
+                for operation in operations.values():
+                    operation["responses"].pop("422", None)
+            for unused in ("HTTPValidationError", "ValidationError"):
+                spec.get("components", {}).get("schemas", {}).pop(unused, None)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     async def decode(uploads: RawUploads) -> list[Upload]:
         """Decoded uploads; each within the pixel limit, and all of them together within

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hmac
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -31,6 +31,9 @@ GENERIC_FILE_TYPES = {"", "application/octet-stream"}
 # closes a connection with unread bytes makes the kernel reset it, and the client can lose the
 # reply it was sent; past this much the connection is closed anyway.
 DRAIN_BYTES = 64 * MB
+# What browsers send as Sec-Fetch-Site for a request made by a page from another origin
+# ("same-site" is another port or subdomain); this server's own page sends "same-origin".
+OTHER_SITES = {"cross-site", "same-site"}
 
 
 def too_large(limit_mb: float) -> PayloadTooLarge:
@@ -109,13 +112,24 @@ _key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="the 
 
 
 def api_key_check(settings: ServeSettings, write: bool) -> Callable[..., Awaitable[None]]:
-    """A dependency that lets a request through if it needs no key or sends the right one."""
+    """A dependency that lets a request through if it needs no key or sends the right one.
+
+    A write that a browser says comes from another site's page is refused, key or not: a
+    page can post a form to any address without asking (no CORS preflight), so without a key
+    any web site the operator visits could add images to a server on their machine.
+    """
     needed = settings.api_key is not None and (write or settings.protect_reads)
 
     async def check(
+        request: Request,
         bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
         header: Annotated[str | None, Depends(_key_header)],
     ) -> None:
+        if write and request.headers.get("sec-fetch-site") in OTHER_SITES:
+            raise Forbidden(
+                "changes to the gallery cannot come from another web site's page: use this "
+                "server's page, or a client that is not a browser"
+            )
         if not needed:
             return
         given = header or (bearer.credentials if bearer else None)
@@ -129,6 +143,25 @@ def api_key_check(settings: ServeSettings, write: bool) -> Callable[..., Awaitab
             raise Forbidden("wrong API key")
 
     return check
+
+
+# --------------------------------------------------------------------------- bodies
+def media_type(request: Request) -> str:
+    """The request's content type without parameters, lower case ('' when none is sent)."""
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+def validation_problems(errors: Iterable[Any], skip: int = 0) -> str:
+    """Pydantic's validation errors as one line, `where: what; ...`; `skip` leading parts of
+    each location (FastAPI's start with where the value came from: body, path, query)."""
+    problems = []
+    for error in errors:
+        if error["type"] == "json_invalid":  # FastAPI's: located at a character offset
+            reason = error.get("ctx", {}).get("error")
+            problems.append(f"body: {error['msg']}" + (f" ({reason})" if reason else ""))
+        else:
+            problems.append(f"{'.'.join(map(str, error['loc'][skip:])) or 'body'}: {error['msg']}")
+    return "; ".join(problems)
 
 
 # --------------------------------------------------------------------------- uploads
@@ -145,7 +178,7 @@ async def read_uploads(
 ) -> RawUploads:
     """Images from multipart/form-data (file fields named `image`) or JSON (`image` and/or
     `images` as base64, validated by `schema`); anything else is 415."""
-    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    media = media_type(request)
     if media == "multipart/form-data":
         uploads = await _read_multipart(request, at_most)
     elif media == "application/json":
@@ -186,10 +219,7 @@ async def _read_json(request: Request, schema: type[BaseModel]) -> RawUploads:
     try:
         body = schema.model_validate_json(await request.body())
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors()
-        )
-        raise BadRequest(f"invalid JSON body: {problems}") from None
+        raise BadRequest(f"invalid JSON body: {validation_problems(exc.errors())}") from None
     data = body.model_dump()
     texts = ([data["image"]] if data.get("image") else []) + list(data.get("images") or [])
     images = [

@@ -11,7 +11,8 @@ rebuilt after each write, so browsing never waits for a write either.
 Other processes may write the library too (`shitu index add ...`): at most once a second,
 a search or a look at the snapshot has the library's thread check for a newer generation
 (one SQLite read) and load it, and waits for that before answering, so a request made after
-their edit sees it, however long the server sat idle before.
+their edit sees it, however long the server sat idle before. An edit loads them first, always:
+it checks what it changes against the library as it is.
 """
 
 from __future__ import annotations
@@ -86,6 +87,17 @@ class SharedLibrary:
         if threading.current_thread() is self._thread:
             return fn()
         return self._executor.submit(fn).result()
+
+    def edit(self, fn: Callable[[], T]) -> T:
+        """`run(fn)` once other processes' writes are loaded: an edit checks the ids and
+        labels it changes against the library as it is, not as of the last sync (up to
+        SYNC_INTERVAL_S old, where an image another process removed is still listed)."""
+
+        def job() -> T:
+            self._sync()
+            return fn()
+
+        return self.run(job)
 
     def attach(self, gallery: Gallery) -> None:
         """Take over a gallery opened on this library's thread."""

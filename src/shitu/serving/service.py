@@ -189,12 +189,15 @@ class RecognitionService:
             except BaseException:
                 self._drop_unlisted(created)
                 raise
-            if len(report.ids) < len(rows):  # another process added some content first
+            if report.duplicates:  # another process added some of the content first
                 self._drop_unlisted(created)
+                skipped = set(report.duplicates)  # by the paths given, one per content
+                listed = zip(rows, paths, strict=True)
+                names += [uploads[row].name for row, path in listed if path in skipped]
             by_id = self.library.snapshot.by_id
             return AddOutcome(added=[by_id[int(i)] for i in report.ids], duplicates=names)
 
-        return self.library.run(commit)
+        return self.library.edit(commit)
 
     def remove_image(self, image_id: int) -> ImageEntry:
         def commit() -> ImageEntry:
@@ -203,7 +206,7 @@ class RecognitionService:
             self._forget_files([entry])
             return entry
 
-        return self.library.run(commit)
+        return self.library.edit(commit)
 
     def remove_label(self, label: str) -> list[int]:
         def commit() -> list[int]:
@@ -212,7 +215,7 @@ class RecognitionService:
             self._forget_files(entries)
             return [int(i) for i in removed]
 
-        return self.library.run(commit)
+        return self.library.edit(commit)
 
     def rename_label(self, old: str, new: str) -> int:
         """Rename; renaming onto an existing label merges the two."""
@@ -224,7 +227,7 @@ class RecognitionService:
                 self.library.write(lambda gallery: gallery.relabel(old, new, merge=True))
             return count
 
-        return self.library.run(commit)
+        return self.library.edit(commit)
 
     def rebuild(self, index_type: str | None = None) -> dict[str, Any]:
         if index_type is not None and index_type not in INDEX_TYPES:
