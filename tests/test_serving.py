@@ -595,6 +595,8 @@ def test_page_and_docs_load_nothing_from_elsewhere(client):
 
 def test_health_and_metrics(serving_library, reference, client):
     health = client.get("/healthz").json()
+    head = client.head("/healthz")  # as load balancers and monitors check it
+    assert head.status_code == 200 and head.content == b""
     assert health["status"] == "ok" and health["model"] == reference.extractor.fingerprint
     assert health["limits"] == {
         "max_upload_bytes": MAX_UPLOAD_MB << 20,

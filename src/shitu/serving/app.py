@@ -199,7 +199,10 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
             STATIC_DIR / "index.html", headers={"Content-Security-Policy": PAGE_POLICY}
         )
 
-    @app.get("/healthz", response_model=schemas.Health, tags=["service"])
+    # HEAD too: load balancers and uptime monitors often check health with it.
+    @app.api_route(
+        "/healthz", methods=["GET", "HEAD"], response_model=schemas.Health, tags=["service"]
+    )
     async def healthz() -> schemas.Health:
         """Liveness and readiness: models are loaded before the server accepts requests.
         Also the request limits, which hold no data (the web page splits uploads by them)."""
