@@ -202,6 +202,20 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(grocery, tmp_path):
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 
 
+def test_a_step_limit_at_an_epochs_end_still_evaluates_it(grocery, tmp_path):
+    """A limit at an epoch's last step leaves that epoch evaluated and counted as done; one
+    at the run's last step finishes the run (final weights), with nothing left to resume."""
+    path = tiny_config(grocery, tmp_path)  # 4 steps per epoch, 2 epochs
+    output = tmp_path / "output"
+    first = Trainer(load_config(path)).fit(stop_after_steps=4)
+    assert not first.finished and first.progress.epoch == 1
+    assert [e["epoch"] for e in read_log(output / "metrics.jsonl", "eval")] == [1]
+    resumed = Trainer(load_config(path, [f"Global.checkpoints={output}"]))
+    assert resumed.fit(stop_after_steps=8).finished
+    assert [e["epoch"] for e in read_log(output / "metrics.jsonl", "eval")] == [1, 2]
+    assert (output / "final_model.safetensors").exists()
+
+
 @pytest.mark.skipif(not cpu_has_native_bf16(), reason="this CPU has no native bfloat16")
 def test_bf16_training_on_cpu(grocery, tmp_path):
     """Global.amp=bf16 trains on a CPU with native bfloat16: close to float32, not equal."""

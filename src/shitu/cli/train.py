@@ -40,7 +40,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--stop-after-steps",
         type=positive_int,
         metavar="N",
-        help="stop (with a checkpoint) once the run reaches global step N",
+        help=(
+            "stop (with a checkpoint) once the run reaches global step N; an epoch ending "
+            "there is evaluated first, and N at the run's last step finishes it"
+        ),
     )
     parser.add_argument(
         "--time-limit",

@@ -308,10 +308,15 @@ class Trainer:
         del frame
         self._stop_signal = signum  # stop after the current step, with a checkpoint
 
-    def _should_stop(self) -> bool:
+    def _should_stop(self, before_step: bool = True) -> bool:
+        """Whether to stop now. The step limit only holds back further steps: at an epoch's
+        end (`before_step` False) the epoch is still evaluated and saved, and a limit at
+        the run's last step finishes it. A signal or the time limit stops there too."""
         stop = self._stop_signal is not None
-        stop |= self._stop_after_steps is not None and (
-            self.progress.global_step >= self._stop_after_steps
+        stop |= (
+            before_step
+            and self._stop_after_steps is not None
+            and self.progress.global_step >= self._stop_after_steps
         )
         stop |= self._deadline is not None and time.monotonic() >= self._deadline
         if self.context.distributed:  # every rank must stop at the same step
@@ -387,7 +392,7 @@ class Trainer:
                     and self.progress.batch_in_epoch < self.steps_per_epoch
                 ):
                     self.save_latest()
-            return not self._should_stop()
+            return not self._should_stop(before_step=False)
         finally:
             bar.close()
 
