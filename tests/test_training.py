@@ -399,6 +399,19 @@ def test_cli_train_then_eval(grocery, tmp_path, capsys):
     assert json.loads(captured.out)["num_queries"] == 18
 
 
+def test_a_run_that_failed_before_its_first_checkpoint_is_not_offered_for_resuming(
+    grocery, tmp_path, capsys
+):
+    path = tiny_config(grocery, tmp_path, epochs=1)
+    diverges = ["-o", "Optimizer.lr.learning_rate=1e30", "Optimizer.lr.warmup_epoch=0"]
+    assert main(["train", "-c", str(path), *diverges]) == 2
+    assert "the loss became nan at step 2" in capsys.readouterr().err
+    assert main(["train", "-c", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "holds an earlier run (metrics.jsonl); it left no latest.pt to resume;" in err
+    assert "Global.checkpoints" not in err
+
+
 def test_cli_eval_is_repeatable_and_warns_before_it_misleads(grocery, tmp_path, capsys, caplog):
     path = tiny_config(grocery, tmp_path)
     # Untrained new layers start from Global.seed: the same numbers on every run.

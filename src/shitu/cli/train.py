@@ -67,10 +67,15 @@ def _refuse_earlier_run(output_dir: Path) -> None:
     that no finished run is lost and no folder mixes two runs' files."""
     found = [name for name in RUN_FILES if (output_dir / name).exists()]
     if found:
+        # A run that failed before its first checkpoint left nothing to resume.
+        resume = (
+            f"resume it with -o Global.checkpoints={output_dir / RUN_FILES[0]}, or"
+            if found[0] == RUN_FILES[0]
+            else f"it left no {RUN_FILES[0]} to resume;"
+        )
         raise ConfigError(
             f"Global.output_dir {output_dir}: holds an earlier run ({', '.join(found)}); "
-            f"resume it with -o Global.checkpoints={output_dir / RUN_FILES[0]}, or give "
-            "another output_dir (or remove that one)"
+            f"{resume} give another output_dir (or remove that one)"
         )
 
 
