@@ -586,6 +586,34 @@ def test_a_run_stopped_by_a_signal_ends_with_that_signals_status(
     assert out.startswith(expected)
 
 
+@pytest.mark.parametrize("signals", [1, 2])
+def test_a_signal_says_the_run_stops_after_this_step_and_a_second_stops_it_now(
+    grocery, tmp_path, caplog, signals
+):
+    path = tiny_config(grocery, tmp_path, epochs=1, eval_during_train=False)
+    before = signal.getsignal(signal.SIGINT)
+
+    class InterruptedInStep2(Trainer):
+        def _step(self, images, labels):
+            if self.progress.global_step == 1:
+                for _ in range(signals):
+                    os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C, pressed `signals` times
+            return super()._step(images, labels)
+
+    trainer = InterruptedInStep2(load_config(path))
+    with caplog.at_level(logging.WARNING, logger="shitu"):
+        if signals == 1:
+            result = trainer.fit()
+            assert result.stop_signal == signal.SIGINT and result.progress.global_step == 2
+            assert (tmp_path / "output" / "latest.pt").exists()
+        else:
+            with pytest.raises(KeyboardInterrupt):
+                trainer.fit()
+            assert not (tmp_path / "output" / "latest.pt").exists()
+    assert "SIGINT: stopping after this step, with a checkpoint (send it again" in caplog.text
+    assert signal.getsignal(signal.SIGINT) is before
+
+
 def test_feature_distillation_resumes_towards_the_same_start(grocery, tmp_path):
     """The frozen start travels in the checkpoint: a resumed run distils towards the weights
     the run began from, not those it resumed with, and gives the uninterrupted run's losses."""

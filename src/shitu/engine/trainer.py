@@ -153,6 +153,7 @@ class Trainer:
             tensorboard=config.Global.use_tensorboard,
         )
         self._stop_signal: int | None = None
+        self._previous_handlers: dict[int, Any] = {}
         self._stop_after_steps: int | None = None
         self._deadline: float | None = None
 
@@ -293,20 +294,32 @@ class Trainer:
         """Train to `Global.epochs`, or stop early (checkpointed) at a step or time limit."""
         self._stop_after_steps = stop_after_steps
         self._deadline = None if time_limit_s is None else time.monotonic() + time_limit_s
-        previous = {
+        self._previous_handlers = {
             sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)
         }
         try:
             finished = self._run_epochs()
         finally:
-            for sig, handler in previous.items():
+            for sig, handler in self._previous_handlers.items():
                 signal.signal(sig, handler)
             self.log.close()
         return FitResult(self.progress, finished, self.output_dir, self._stop_signal)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        """The first signal stops the run after the current step, with a checkpoint; a
+        second one (a step or an evaluation can take minutes) acts as without this handler."""
         del frame
-        self._stop_signal = signum  # stop after the current step, with a checkpoint
+        if self._stop_signal is not None:
+            signal.signal(signum, self._previous_handlers[signum])
+            signal.raise_signal(signum)
+            return
+        self._stop_signal = signum
+        if self.context.is_main:
+            logger.warning(
+                "%s: stopping after this step, with a checkpoint (send it again to stop at "
+                "once, without one)",
+                signal.Signals(signum).name,
+            )
 
     def _should_stop(self, before_step: bool = True) -> bool:
         """Whether to stop now. The step limit only holds back further steps: at an epoch's
