@@ -18,7 +18,7 @@ from shitu.engine.data import build_eval_loader
 from shitu.engine.distributed import init_distributed
 from shitu.engine.ema import WeightEMA
 from shitu.engine.optim import build_optimizer, parameter_groups, set_learning_rate
-from shitu.engine.precision import autocast_for, effective_amp
+from shitu.engine.precision import autocast_for, effective_amp, load_scaler_state
 from shitu.engine.seeding import (
     SeededBatchSampler,
     SeededDataset,
@@ -302,6 +302,23 @@ def test_effective_amp_falls_back_to_float32_with_a_reason(monkeypatch, caplog):
         assert nn.Linear(4, 4)(torch.ones(2, 4)).dtype == torch.bfloat16
     with autocast_for(cpu, "off"):
         assert nn.Linear(4, 4)(torch.ones(2, 4)).dtype == torch.float32
+
+
+def test_fp16_loss_scaling_resumes_from_a_checkpoint_that_ran_without_it(caplog):
+    """A run started without fp16 (or on a CPU, where fp16 falls back to float32) saved an
+    empty scaler state; resumed with fp16 on a GPU it starts scaling afresh, not a crash."""
+    saved = torch.amp.GradScaler("cpu", enabled=False).state_dict()
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)  # enabled, as fp16 on CUDA
+    with caplog.at_level("WARNING", logger="shitu.engine.precision"):
+        load_scaler_state(scaler, saved)
+    assert "the checkpoint ran without fp16 loss scaling" in caplog.text
+    assert scaler.is_enabled() and scaler.get_scale() == 1024.0
+    scaler.scale(torch.ones(()))  # as a step does, before it sets the scale
+    scaler.update(512.0)
+    resumed = torch.amp.GradScaler("cpu")
+    load_scaler_state(resumed, scaler.state_dict())
+    assert resumed.get_scale() == 512.0
+    load_scaler_state(torch.amp.GradScaler("cpu", enabled=False), scaler.state_dict())
 
 
 def test_weight_ema_is_the_bias_corrected_weighted_mean_of_the_steps():

@@ -28,7 +28,7 @@ from shitu.engine.evaluate import RetrievalEvaluation
 from shitu.engine.lr import LRSchedule
 from shitu.engine.metrics_log import MetricsLog
 from shitu.engine.optim import build_optimizer, set_learning_rate
-from shitu.engine.precision import autocast_for, effective_amp
+from shitu.engine.precision import autocast_for, effective_amp, load_scaler_state
 from shitu.engine.seeding import capture_rng_state, restore_rng_state, seed_everything
 from shitu.engine.state import (
     BEST,
@@ -230,7 +230,7 @@ class Trainer:
                 )
             self.ema.load_state_dict(payload["ema"])
         self.schedule.load_state_dict(payload["schedule"])
-        self.scaler.load_state_dict(payload["scaler"])
+        load_scaler_state(self.scaler, payload["scaler"])
         restore_rng_state(payload["rng"][min(self.context.rank, len(payload["rng"]) - 1)])
 
     def _warn_of_new_schedule(self, payload: dict[str, Any]) -> None:
