@@ -149,6 +149,10 @@ def test_lr_mult_scales_named_modules_steps():
 def test_lr_mult_errors_name_the_problem():
     with pytest.raises(ConfigError, match=r"no trainable parameter under backbone\.blokcs"):
         parameter_groups([nn.Linear(2, 2)], optimizer_config(lr_mult={"backbone.blokcs": 0.1}))
+    # A module whose parameters all lie under a longer name's is not a name that is wrong.
+    inner = nn.Sequential(nn.Sequential(nn.Linear(2, 2)))
+    groups = parameter_groups([inner], optimizer_config(lr_mult={"0": 0.1, "0.0": 0.5}))
+    assert {group["lr_mult"] for group in groups} == {0.5}
     with pytest.raises(ValueError, match="not a positive multiplier"):
         optimizer_config(lr_mult={"0": 0})
     # Nested names (what a dotted `-o` override builds) read as dotted module names.
