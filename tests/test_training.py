@@ -474,6 +474,8 @@ def test_training_errors_are_clear(grocery, tmp_path):
         Trainer(config)
     with pytest.raises(ConfigError, match="Global.eval_metric"):
         Trainer(load_config(path, ["Global.eval_metric=recall@3"]))
+    with pytest.raises(ConfigError, match="Arch.frozen_layers: nothing to train, every param"):
+        Trainer(load_config(path, ["Arch.frozen_layers=[backbone, neck, head]"]))
     # 6 classes in the listing, a classifier for 4: refused before the first step.
     with pytest.raises(
         ConfigError, match=r"class_num is 4, .* up to 5; set Arch.Head.class_num: 6"

@@ -84,7 +84,10 @@ def build_optimizer(
     """The configured optimizer over every trainable parameter of `modules` (model, loss)."""
     groups = parameter_groups(modules, config)
     if not groups:
-        raise ConfigError("the model has no trainable parameters")
+        raise ConfigError(
+            "Arch.frozen_layers: nothing to train, every parameter is frozen (in the probe "
+            "of a LinearProbe run, by LinearProbe.frozen_layers); leave a layer unfrozen"
+        )
     name = config.name
     if name in ("Momentum", "SGD"):
         momentum = (
