@@ -412,6 +412,25 @@ def test_a_run_that_failed_before_its_first_checkpoint_is_not_offered_for_resumi
     assert "Global.checkpoints" not in err
 
 
+def test_a_run_resumed_into_another_runs_folder_is_refused(grocery, tmp_path, capsys):
+    """Resuming writes over the output folder's run files: into the checkpoint's own folder
+    that is the point, into another run's folder it would lose that run."""
+    path = tiny_config(grocery, tmp_path, epochs=1, eval_during_train=False)
+    first, other, new = tmp_path / "first", tmp_path / "other", tmp_path / "new"
+
+    def train(output: Path, *options: str) -> int:
+        command = ["train", "-c", str(path), "-o", f"Global.output_dir={output}", *options]
+        return main([*command, "--stop-after-steps", "2"])
+
+    assert train(first) == 0 and train(other) == 0
+    before = (other / "latest.pt").read_bytes()
+    assert train(other, f"Global.checkpoints={first}") == 2
+    assert f"Global.output_dir {other}: holds an earlier run" in capsys.readouterr().err
+    assert (other / "latest.pt").read_bytes() == before
+    assert train(new, f"Global.checkpoints={first}") == 0  # a new folder: a branch of it
+    assert train(first, f"Global.checkpoints={first}") == 0
+
+
 def test_cli_eval_is_repeatable_and_warns_before_it_misleads(grocery, tmp_path, capsys, caplog):
     path = tiny_config(grocery, tmp_path)
     # Untrained new layers start from Global.seed: the same numbers on every run.

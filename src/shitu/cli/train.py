@@ -12,7 +12,7 @@ from shitu.config.schema import ShituConfig
 from shitu.engine.distributed import DistContext, shutdown_distributed
 from shitu.engine.linear_probe import fine_tune_stage, probe_stage
 from shitu.engine.metrics_log import LOG_NAME
-from shitu.engine.state import BEST, FINAL, LATEST, SUFFIX
+from shitu.engine.state import BEST, FINAL, LATEST, SUFFIX, resolve_checkpoint
 from shitu.engine.trainer import Trainer, training_summary
 from shitu.errors import ConfigError
 
@@ -112,8 +112,13 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     context = None
     try:
-        if config.Global.checkpoints is None:
-            _refuse_earlier_run(Path(config.Global.output_dir))
+        output_dir = Path(config.Global.output_dir)
+        checkpoints = config.Global.checkpoints
+        # A run resumed into another folder starts a new run there, as far as it is concerned.
+        if checkpoints is None or resolve_checkpoint(checkpoints).parent.resolve() != (
+            output_dir.resolve()
+        ):
+            _refuse_earlier_run(output_dir)
         if config.LinearProbe is not None:
             # A resumed run's checkpoint already holds weights that went through the probe.
             if config.Global.checkpoints is None:
