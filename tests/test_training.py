@@ -273,6 +273,7 @@ def test_resume_continues_with_the_configs_optimizer_settings(grocery, tmp_path,
                 "Optimizer.momentum=0.5",
                 "Optimizer.lr.learning_rate=0.02",
                 "Global.seed=4",
+                "Global.epochs=3",
             ],
         )
     )
@@ -280,9 +281,10 @@ def test_resume_continues_with_the_configs_optimizer_settings(grocery, tmp_path,
     assert decays == [0.0, 0.001]  # not the checkpoint's 1e-5
     assert {group["momentum"] for group in resumed.optimizer.param_groups} == {0.5}
     assert "with this config's weight_decay 0.001 (was 1e-05)" in caplog.text
-    assert "with this config's learning-rate schedule: learning_rate 0.02 (was 0.05)" in (
-        caplog.text
-    )
+    assert (
+        "with this config's learning-rate schedule: learning_rate 0.02 (was 0.05), "
+        "Global.epochs 3 (was 2)"
+    ) in caplog.text
     assert "Global.seed 4 is not used: a resumed run keeps its checkpoint's seed 3" in caplog.text
     assert resumed.optimizer.state  # the momentum buffers did come back
 

@@ -235,12 +235,17 @@ class Trainer:
 
     def _warn_of_new_schedule(self, payload: dict[str, Any]) -> None:
         """The learning-rate schedule is computed from the config, so a resumed run follows
-        the config given now: say so where that differs from the checkpoint's."""
+        the config given now (its Global.epochs too: a longer run stretches a decay over
+        the new length): say so where that differs from the checkpoint's."""
         try:
-            saved = json.loads(payload["config"])["Optimizer"]["lr"]
+            run = json.loads(payload["config"])
+            saved = {**run["Optimizer"]["lr"], "Global.epochs": run["Global"]["epochs"]}
         except (KeyError, TypeError, ValueError):
             return  # an older checkpoint without its config
-        current = self.config.Optimizer.lr.model_dump(mode="json")
+        current = {
+            **self.config.Optimizer.lr.model_dump(mode="json"),
+            "Global.epochs": self.config.Global.epochs,
+        }
         changed = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
         if changed and self.context.is_main:
             logger.warning(
