@@ -43,7 +43,7 @@ def schedule(name: str, **params):
     return registry.LR_SCHEDULES.build_with_runtime(name, params, steps_per_epoch=10, epochs=10)
 
 
-def test_cosine_with_warmup_values():
+def test_cosine_with_warmup_values(caplog):
     lr = schedule("Cosine", learning_rate=0.1, warmup_epoch=2)
     assert lr.lr_at(0) == 0.0
     assert lr.lr_at(10) == pytest.approx(0.05)  # half-way through 20 warm-up steps
@@ -52,6 +52,10 @@ def test_cosine_with_warmup_values():
     assert lr.lr_at(60) == pytest.approx(0.05)
     assert lr.lr_at(100) == pytest.approx(0.0, abs=1e-12)
     assert lr.lr_at(40) == pytest.approx(0.05 * (1 + math.cos(math.pi * 0.25)))
+    with caplog.at_level(logging.WARNING):  # said, not refused
+        whole = schedule("Cosine", learning_rate=0.1, warmup_epoch=10)
+    assert "a warm-up of 10 epochs is not shorter than the run's 10: the learning" in caplog.text
+    assert whole.lr_at(99) == pytest.approx(0.099)
 
 
 def test_piecewise_gamma_and_values(caplog):
