@@ -637,6 +637,22 @@ def test_a_signal_says_the_run_stops_after_this_step_and_a_second_stops_it_now(
     assert signal.getsignal(signal.SIGINT) is before
 
 
+def test_a_signal_during_the_last_evaluation_leaves_a_finished_run_a_success(
+    grocery, tmp_path, monkeypatch, capsys
+):
+    """Too late to stop anything: the run finishes, and says so with status 0."""
+    path = tiny_config(grocery, tmp_path, epochs=1)
+    evaluate = Trainer._evaluate
+
+    def evaluate_during_sigterm(trainer, epoch):
+        os.kill(os.getpid(), signal.SIGTERM)
+        evaluate(trainer, epoch)
+
+    monkeypatch.setattr(Trainer, "_evaluate", evaluate_during_sigterm)
+    assert main(["train", "-c", str(path)]) == 0
+    assert "\nfinished at epoch 1, step 4: " in capsys.readouterr().out
+
+
 def test_feature_distillation_resumes_towards_the_same_start(grocery, tmp_path):
     """The frozen start travels in the checkpoint: a resumed run distils towards the weights
     the run began from, not those it resumed with, and gives the uninterrupted run's losses."""

@@ -152,5 +152,6 @@ def run(args: argparse.Namespace) -> int:
                 f"{progress.best_epoch}: {result.output_dir}/best_model.safetensors"
             )
     # Stopped by Ctrl-C or SIGTERM: not done, as a caller (`train && export`) must see; a
-    # step or time limit asked for is a normal end.
-    return 0 if result.stop_signal is None else 128 + result.stop_signal
+    # step or time limit asked for is a normal end, and so is a signal that came too late
+    # to stop the run (during its last evaluation).
+    return 0 if result.finished or result.stop_signal is None else 128 + result.stop_signal
