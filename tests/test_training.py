@@ -412,6 +412,15 @@ def test_a_run_that_failed_before_its_first_checkpoint_is_not_offered_for_resumi
     err = capsys.readouterr().err
     assert "holds an earlier run (metrics.jsonl); it left no latest.pt to resume;" in err
     assert "Global.checkpoints" not in err
+    # Failed before its first record (here on weights that give a NaN loss at once): its
+    # empty log is no run to keep, and the same command, corrected, runs.
+    nan_weights = tmp_path / "nan.safetensors"
+    state = Trainer(load_config(path)).model.state_dict()
+    save_weights({k: v.float().fill_(math.nan) for k, v in state.items()}, nan_weights)
+    fresh = ["-o", f"Global.output_dir={tmp_path / 'fresh'}"]
+    assert main(["train", "-c", str(path), *fresh, f"Global.pretrained_model={nan_weights}"]) == 2
+    assert "the loss became nan at step 1" in capsys.readouterr().err
+    assert main(["train", "-c", str(path), *fresh, "--stop-after-steps", "1"]) == 0
 
 
 def test_a_run_resumed_into_another_runs_folder_is_refused(grocery, tmp_path, capsys):

@@ -65,7 +65,8 @@ def _print_summary(trainer: Trainer) -> None:
 def _refuse_earlier_run(output_dir: Path) -> None:
     """A new run writes its files over those of a run already in its folder: refuse, so
     that no finished run is lost and no folder mixes two runs' files."""
-    found = [name for name in RUN_FILES if (output_dir / name).exists()]
+    # An empty file (the log of a run that failed before its first record) holds nothing.
+    found = [name for name in RUN_FILES if _has_content(output_dir / name)]
     if found:
         # A run that failed before its first checkpoint left nothing to resume.
         resume = (
@@ -77,6 +78,10 @@ def _refuse_earlier_run(output_dir: Path) -> None:
             f"Global.output_dir {output_dir}: holds an earlier run ({', '.join(found)}); "
             f"{resume} give another output_dir (or remove that one)"
         )
+
+
+def _has_content(path: Path) -> bool:
+    return path.exists() and path.stat().st_size > 0
 
 
 def _check_fine_tuning(config: ShituConfig) -> DistContext:
