@@ -347,6 +347,10 @@ def test_ema_weights_are_saved_and_resume_exactly(grocery, tmp_path, caplog):
 
     Trainer(load_config(path, [f"Global.output_dir={split_dir}", with_ema])).fit(stop_after_steps=5)
     resume = [f"Global.output_dir={split_dir}", f"Global.checkpoints={split_dir / 'latest.pt'}"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="shitu"):
+        Trainer(load_config(path, resume))  # the EMA override forgotten
+    assert "EMA: the checkpoint's weight average is dropped" in caplog.text
     assert Trainer(load_config(path, [*resume, with_ema])).fit().finished
     resumed, _ = read_weights(split_dir / "final_model.safetensors")
     assert all(torch.allclose(final[k].float(), resumed[k].float(), atol=1e-5) for k in final)

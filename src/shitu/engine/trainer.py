@@ -229,6 +229,12 @@ class Trainer:
                     "without the EMA section"
                 )
             self.ema.load_state_dict(payload["ema"])
+        elif "ema" in payload and self.context.is_main:
+            logger.warning(
+                "EMA: the checkpoint's weight average is dropped, this config has no EMA "
+                "section (best and final weights will be the trained ones); resume with the "
+                "section to keep it"
+            )
         self.schedule.load_state_dict(payload["schedule"])
         load_scaler_state(self.scaler, payload["scaler"])
         restore_rng_state(payload["rng"][min(self.context.rank, len(payload["rng"]) - 1)])
