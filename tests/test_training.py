@@ -326,6 +326,8 @@ def test_a_crash_after_a_step_checkpoint_does_not_evaluate_an_epoch_twice(grocer
     with pytest.raises(ConfigError, match="another epoch length, this config gives 2"):
         Trainer(load_config(path, [*refused, "DataLoader.Train.sampler.batch_size=16"]))
     assert Trainer(load_config(path, refused)).progress.global_step == 12  # it still fits
+    with pytest.raises(ConfigError, match="step 12, past the 2 epochs .8 steps.*epochs=3"):
+        Trainer(load_config(path, [*refused, "Global.epochs=2"]))
 
 
 def test_ema_weights_are_saved_and_resume_exactly(grocery, tmp_path, caplog):

@@ -196,6 +196,13 @@ class Trainer:
                 "with the same training list, DataLoader.Train.sampler.batch_size and number "
                 "of processes"
             )
+        epochs = self.config.Global.epochs
+        if progress.global_step > epochs * steps:  # it would "finish" without a step
+            raise ConfigError(
+                f"Global.epochs: the checkpoint is at step {progress.global_step}, past the "
+                f"{epochs} epochs ({epochs * steps} steps) of this config; give at least "
+                f"Global.epochs={math.ceil(progress.global_step / steps)}"
+            )
         configured = [
             {key: value for key, value in group.items() if key not in ("params", "lr")}
             for group in self.optimizer.param_groups
