@@ -18,7 +18,7 @@ from shitu.engine.data import build_eval_loader
 from shitu.engine.distributed import init_distributed
 from shitu.engine.ema import WeightEMA
 from shitu.engine.optim import build_optimizer, parameter_groups, set_learning_rate
-from shitu.engine.precision import autocast_for, effective_amp
+from shitu.engine.precision import autocast_for, effective_amp, load_scaler_state
 from shitu.engine.seeding import (
     SeededBatchSampler,
     SeededDataset,
@@ -43,7 +43,7 @@ def schedule(name: str, **params):
     return registry.LR_SCHEDULES.build_with_runtime(name, params, steps_per_epoch=10, epochs=10)
 
 
-def test_cosine_with_warmup_values():
+def test_cosine_with_warmup_values(caplog):
     lr = schedule("Cosine", learning_rate=0.1, warmup_epoch=2)
     assert lr.lr_at(0) == 0.0
     assert lr.lr_at(10) == pytest.approx(0.05)  # half-way through 20 warm-up steps
@@ -52,6 +52,10 @@ def test_cosine_with_warmup_values():
     assert lr.lr_at(60) == pytest.approx(0.05)
     assert lr.lr_at(100) == pytest.approx(0.0, abs=1e-12)
     assert lr.lr_at(40) == pytest.approx(0.05 * (1 + math.cos(math.pi * 0.25)))
+    with caplog.at_level(logging.WARNING):  # said, not refused
+        whole = schedule("Cosine", learning_rate=0.1, warmup_epoch=10)
+    assert "a warm-up of 10 epochs is not shorter than the run's 10: the learning" in caplog.text
+    assert whole.lr_at(99) == pytest.approx(0.099)
 
 
 def test_piecewise_gamma_and_values(caplog):
@@ -149,6 +153,10 @@ def test_lr_mult_scales_named_modules_steps():
 def test_lr_mult_errors_name_the_problem():
     with pytest.raises(ConfigError, match=r"no trainable parameter under backbone\.blokcs"):
         parameter_groups([nn.Linear(2, 2)], optimizer_config(lr_mult={"backbone.blokcs": 0.1}))
+    # A module whose parameters all lie under a longer name's is not a name that is wrong.
+    inner = nn.Sequential(nn.Sequential(nn.Linear(2, 2)))
+    groups = parameter_groups([inner], optimizer_config(lr_mult={"0": 0.1, "0.0": 0.5}))
+    assert {group["lr_mult"] for group in groups} == {0.5}
     with pytest.raises(ValueError, match="not a positive multiplier"):
         optimizer_config(lr_mult={"0": 0})
     # Nested names (what a dotted `-o` override builds) read as dotted module names.
@@ -302,6 +310,23 @@ def test_effective_amp_falls_back_to_float32_with_a_reason(monkeypatch, caplog):
         assert nn.Linear(4, 4)(torch.ones(2, 4)).dtype == torch.bfloat16
     with autocast_for(cpu, "off"):
         assert nn.Linear(4, 4)(torch.ones(2, 4)).dtype == torch.float32
+
+
+def test_fp16_loss_scaling_resumes_from_a_checkpoint_that_ran_without_it(caplog):
+    """A run started without fp16 (or on a CPU, where fp16 falls back to float32) saved an
+    empty scaler state; resumed with fp16 on a GPU it starts scaling afresh, not a crash."""
+    saved = torch.amp.GradScaler("cpu", enabled=False).state_dict()
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)  # enabled, as fp16 on CUDA
+    with caplog.at_level("WARNING", logger="shitu.engine.precision"):
+        load_scaler_state(scaler, saved)
+    assert "the checkpoint ran without fp16 loss scaling" in caplog.text
+    assert scaler.is_enabled() and scaler.get_scale() == 1024.0
+    scaler.scale(torch.ones(()))  # as a step does, before it sets the scale
+    scaler.update(512.0)
+    resumed = torch.amp.GradScaler("cpu")
+    load_scaler_state(resumed, scaler.state_dict())
+    assert resumed.get_scale() == 512.0
+    load_scaler_state(torch.amp.GradScaler("cpu", enabled=False), scaler.state_dict())
 
 
 def test_weight_ema_is_the_bias_corrected_weighted_mean_of_the_steps():

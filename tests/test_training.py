@@ -202,6 +202,20 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(grocery, tmp_path):
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 
 
+def test_a_step_limit_at_an_epochs_end_still_evaluates_it(grocery, tmp_path):
+    """A limit at an epoch's last step leaves that epoch evaluated and counted as done; one
+    at the run's last step finishes the run (final weights), with nothing left to resume."""
+    path = tiny_config(grocery, tmp_path)  # 4 steps per epoch, 2 epochs
+    output = tmp_path / "output"
+    first = Trainer(load_config(path)).fit(stop_after_steps=4)
+    assert not first.finished and first.progress.epoch == 1
+    assert [e["epoch"] for e in read_log(output / "metrics.jsonl", "eval")] == [1]
+    resumed = Trainer(load_config(path, [f"Global.checkpoints={output}"]))
+    assert resumed.fit(stop_after_steps=8).finished
+    assert [e["epoch"] for e in read_log(output / "metrics.jsonl", "eval")] == [1, 2]
+    assert (output / "final_model.safetensors").exists()
+
+
 @pytest.mark.skipif(not cpu_has_native_bf16(), reason="this CPU has no native bfloat16")
 def test_bf16_training_on_cpu(grocery, tmp_path):
     """Global.amp=bf16 trains on a CPU with native bfloat16: close to float32, not equal."""
@@ -259,6 +273,7 @@ def test_resume_continues_with_the_configs_optimizer_settings(grocery, tmp_path,
                 "Optimizer.momentum=0.5",
                 "Optimizer.lr.learning_rate=0.02",
                 "Global.seed=4",
+                "Global.epochs=3",
             ],
         )
     )
@@ -266,9 +281,10 @@ def test_resume_continues_with_the_configs_optimizer_settings(grocery, tmp_path,
     assert decays == [0.0, 0.001]  # not the checkpoint's 1e-5
     assert {group["momentum"] for group in resumed.optimizer.param_groups} == {0.5}
     assert "with this config's weight_decay 0.001 (was 1e-05)" in caplog.text
-    assert "with this config's learning-rate schedule: learning_rate 0.02 (was 0.05)" in (
-        caplog.text
-    )
+    assert (
+        "with this config's learning-rate schedule: learning_rate 0.02 (was 0.05), "
+        "Global.epochs 3 (was 2)"
+    ) in caplog.text
     assert "Global.seed 4 is not used: a resumed run keeps its checkpoint's seed 3" in caplog.text
     assert resumed.optimizer.state  # the momentum buffers did come back
 
@@ -310,6 +326,8 @@ def test_a_crash_after_a_step_checkpoint_does_not_evaluate_an_epoch_twice(grocer
     with pytest.raises(ConfigError, match="another epoch length, this config gives 2"):
         Trainer(load_config(path, [*refused, "DataLoader.Train.sampler.batch_size=16"]))
     assert Trainer(load_config(path, refused)).progress.global_step == 12  # it still fits
+    with pytest.raises(ConfigError, match="step 12, past the 2 epochs .8 steps.*epochs=3"):
+        Trainer(load_config(path, [*refused, "Global.epochs=2"]))
 
 
 def test_ema_weights_are_saved_and_resume_exactly(grocery, tmp_path, caplog):
@@ -331,6 +349,10 @@ def test_ema_weights_are_saved_and_resume_exactly(grocery, tmp_path, caplog):
 
     Trainer(load_config(path, [f"Global.output_dir={split_dir}", with_ema])).fit(stop_after_steps=5)
     resume = [f"Global.output_dir={split_dir}", f"Global.checkpoints={split_dir / 'latest.pt'}"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="shitu"):
+        Trainer(load_config(path, resume))  # the EMA override forgotten
+    assert "EMA: the checkpoint's weight average is dropped" in caplog.text
     assert Trainer(load_config(path, [*resume, with_ema])).fit().finished
     resumed, _ = read_weights(split_dir / "final_model.safetensors")
     assert all(torch.allclose(final[k].float(), resumed[k].float(), atol=1e-5) for k in final)
@@ -383,6 +405,47 @@ def test_cli_train_then_eval(grocery, tmp_path, capsys):
     assert "no Global.pretrained_model" in captured.err
     assert f"-o Global.pretrained_model={weights}" in captured.err  # where training left them
     assert json.loads(captured.out)["num_queries"] == 18
+
+
+def test_a_run_that_failed_before_its_first_checkpoint_is_not_offered_for_resuming(
+    grocery, tmp_path, capsys
+):
+    path = tiny_config(grocery, tmp_path, epochs=1)
+    diverges = ["-o", "Optimizer.lr.learning_rate=1e30", "Optimizer.lr.warmup_epoch=0"]
+    assert main(["train", "-c", str(path), *diverges]) == 2
+    assert "the loss became nan at step 2" in capsys.readouterr().err
+    assert main(["train", "-c", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "holds an earlier run (metrics.jsonl); it left no latest.pt to resume;" in err
+    assert "Global.checkpoints" not in err
+    # Failed before its first record (here on weights that give a NaN loss at once): its
+    # empty log is no run to keep, and the same command, corrected, runs.
+    nan_weights = tmp_path / "nan.safetensors"
+    state = Trainer(load_config(path)).model.state_dict()
+    save_weights({k: v.float().fill_(math.nan) for k, v in state.items()}, nan_weights)
+    fresh = ["-o", f"Global.output_dir={tmp_path / 'fresh'}"]
+    assert main(["train", "-c", str(path), *fresh, f"Global.pretrained_model={nan_weights}"]) == 2
+    assert "the loss became nan at step 1" in capsys.readouterr().err
+    assert main(["train", "-c", str(path), *fresh, "--stop-after-steps", "1"]) == 0
+
+
+def test_a_run_resumed_into_another_runs_folder_is_refused(grocery, tmp_path, capsys):
+    """Resuming writes over the output folder's run files: into the checkpoint's own folder
+    that is the point, into another run's folder it would lose that run."""
+    path = tiny_config(grocery, tmp_path, epochs=1, eval_during_train=False)
+    first, other, new = tmp_path / "first", tmp_path / "other", tmp_path / "new"
+
+    def train(output: Path, *options: str) -> int:
+        command = ["train", "-c", str(path), "-o", f"Global.output_dir={output}", *options]
+        return main([*command, "--stop-after-steps", "2"])
+
+    assert train(first) == 0 and train(other) == 0
+    before = (other / "latest.pt").read_bytes()
+    assert train(other, f"Global.checkpoints={first}") == 2
+    assert f"Global.output_dir {other}: holds an earlier run" in capsys.readouterr().err
+    assert (other / "latest.pt").read_bytes() == before
+    assert train(new, f"Global.checkpoints={first}") == 0  # a new folder: a branch of it
+    assert train(first, f"Global.checkpoints={first}") == 0
 
 
 def test_cli_eval_is_repeatable_and_warns_before_it_misleads(grocery, tmp_path, capsys, caplog):
@@ -447,6 +510,8 @@ def test_training_errors_are_clear(grocery, tmp_path):
         Trainer(config)
     with pytest.raises(ConfigError, match="Global.eval_metric"):
         Trainer(load_config(path, ["Global.eval_metric=recall@3"]))
+    with pytest.raises(ConfigError, match="Arch.frozen_layers: nothing to train, every param"):
+        Trainer(load_config(path, ["Arch.frozen_layers=[backbone, neck, head]"]))
     # 6 classes in the listing, a classifier for 4: refused before the first step.
     with pytest.raises(
         ConfigError, match=r"class_num is 4, .* up to 5; set Arch.Head.class_num: 6"
@@ -557,6 +622,50 @@ def test_a_run_stopped_by_a_signal_ends_with_that_signals_status(
     out = capsys.readouterr().out
     expected = "stopped during the linear probe" if probe else "stopped early after step 0"
     assert out.startswith(expected)
+
+
+@pytest.mark.parametrize("signals", [1, 2])
+def test_a_signal_says_the_run_stops_after_this_step_and_a_second_stops_it_now(
+    grocery, tmp_path, caplog, signals
+):
+    path = tiny_config(grocery, tmp_path, epochs=1, eval_during_train=False)
+    before = signal.getsignal(signal.SIGINT)
+
+    class InterruptedInStep2(Trainer):
+        def _step(self, images, labels):
+            if self.progress.global_step == 1:
+                for _ in range(signals):
+                    os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C, pressed `signals` times
+            return super()._step(images, labels)
+
+    trainer = InterruptedInStep2(load_config(path))
+    with caplog.at_level(logging.WARNING, logger="shitu"):
+        if signals == 1:
+            result = trainer.fit()
+            assert result.stop_signal == signal.SIGINT and result.progress.global_step == 2
+            assert (tmp_path / "output" / "latest.pt").exists()
+        else:
+            with pytest.raises(KeyboardInterrupt):
+                trainer.fit()
+            assert not (tmp_path / "output" / "latest.pt").exists()
+    assert "SIGINT: stopping after this step, with a checkpoint (send it again" in caplog.text
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_a_signal_during_the_last_evaluation_leaves_a_finished_run_a_success(
+    grocery, tmp_path, monkeypatch, capsys
+):
+    """Too late to stop anything: the run finishes, and says so with status 0."""
+    path = tiny_config(grocery, tmp_path, epochs=1)
+    evaluate = Trainer._evaluate
+
+    def evaluate_during_sigterm(trainer, epoch):
+        os.kill(os.getpid(), signal.SIGTERM)
+        evaluate(trainer, epoch)
+
+    monkeypatch.setattr(Trainer, "_evaluate", evaluate_during_sigterm)
+    assert main(["train", "-c", str(path)]) == 0
+    assert "\nfinished at epoch 1, step 4: " in capsys.readouterr().out
 
 
 def test_feature_distillation_resumes_towards_the_same_start(grocery, tmp_path):

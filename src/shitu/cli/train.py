@@ -12,7 +12,7 @@ from shitu.config.schema import ShituConfig
 from shitu.engine.distributed import DistContext, shutdown_distributed
 from shitu.engine.linear_probe import fine_tune_stage, probe_stage
 from shitu.engine.metrics_log import LOG_NAME
-from shitu.engine.state import BEST, FINAL, LATEST, SUFFIX
+from shitu.engine.state import BEST, FINAL, LATEST, SUFFIX, resolve_checkpoint
 from shitu.engine.trainer import Trainer, training_summary
 from shitu.errors import ConfigError
 
@@ -40,7 +40,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--stop-after-steps",
         type=positive_int,
         metavar="N",
-        help="stop (with a checkpoint) once the run reaches global step N",
+        help=(
+            "stop (with a checkpoint) once the run reaches global step N; an epoch ending "
+            "there is evaluated first, and N at the run's last step finishes it"
+        ),
     )
     parser.add_argument(
         "--time-limit",
@@ -62,13 +65,23 @@ def _print_summary(trainer: Trainer) -> None:
 def _refuse_earlier_run(output_dir: Path) -> None:
     """A new run writes its files over those of a run already in its folder: refuse, so
     that no finished run is lost and no folder mixes two runs' files."""
-    found = [name for name in RUN_FILES if (output_dir / name).exists()]
+    # An empty file (the log of a run that failed before its first record) holds nothing.
+    found = [name for name in RUN_FILES if _has_content(output_dir / name)]
     if found:
+        # A run that failed before its first checkpoint left nothing to resume.
+        resume = (
+            f"resume it with -o Global.checkpoints={output_dir / RUN_FILES[0]}, or"
+            if found[0] == RUN_FILES[0]
+            else f"it left no {RUN_FILES[0]} to resume;"
+        )
         raise ConfigError(
             f"Global.output_dir {output_dir}: holds an earlier run ({', '.join(found)}); "
-            f"resume it with -o Global.checkpoints={output_dir / RUN_FILES[0]}, or give "
-            "another output_dir (or remove that one)"
+            f"{resume} give another output_dir (or remove that one)"
         )
+
+
+def _has_content(path: Path) -> bool:
+    return path.exists() and path.stat().st_size > 0
 
 
 def _check_fine_tuning(config: ShituConfig) -> DistContext:
@@ -104,8 +117,13 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     context = None
     try:
-        if config.Global.checkpoints is None:
-            _refuse_earlier_run(Path(config.Global.output_dir))
+        output_dir = Path(config.Global.output_dir)
+        checkpoints = config.Global.checkpoints
+        # A run resumed into another folder starts a new run there, as far as it is concerned.
+        if checkpoints is None or resolve_checkpoint(checkpoints).parent.resolve() != (
+            output_dir.resolve()
+        ):
+            _refuse_earlier_run(output_dir)
         if config.LinearProbe is not None:
             # A resumed run's checkpoint already holds weights that went through the probe.
             if config.Global.checkpoints is None:
@@ -139,5 +157,6 @@ def run(args: argparse.Namespace) -> int:
                 f"{progress.best_epoch}: {result.output_dir}/best_model.safetensors"
             )
     # Stopped by Ctrl-C or SIGTERM: not done, as a caller (`train && export`) must see; a
-    # step or time limit asked for is a normal end.
-    return 0 if result.stop_signal is None else 128 + result.stop_signal
+    # step or time limit asked for is a normal end, and so is a signal that came too late
+    # to stop the run (during its last evaluation).
+    return 0 if result.finished or result.stop_signal is None else 128 + result.stop_signal

@@ -35,6 +35,14 @@ class LRSchedule:
         self.total_steps = steps_per_epoch * epochs
         self.warmup_steps = min(warmup_epoch * steps_per_epoch, self.total_steps)
         self.warmup_start_lr = warmup_start_lr
+        if warmup_epoch >= epochs:  # e.g. a short trial, or a probe
+            logger.warning(
+                "a warm-up of %d epochs is not shorter than the run's %d: the learning rate "
+                "never reaches its full %g",
+                warmup_epoch,
+                epochs,
+                learning_rate,
+            )
 
     def lr_at(self, step: int) -> float:
         if step < self.warmup_steps:

@@ -54,12 +54,10 @@ def parameter_groups(
                     isinstance(sub, _NORM_TYPES) or param_name == "bias" or param.ndim <= 1
                 )
                 decayed = not (exempt or any(fragment in full_name for fragment in fragments))
-                mult = 1.0
-                for name, value in multipliers:
-                    if full_name.startswith(f"{name}."):
-                        mult = value
-                        used.add(name)
-                        break
+                # A name whose parameters all fall under longer names is used, not a typo.
+                matching = [(n, v) for n, v in multipliers if full_name.startswith(f"{n}.")]
+                used.update(name for name, _ in matching)
+                mult = matching[0][1] if matching else 1.0
                 groups.setdefault((decayed, mult), []).append(param)
     unused = [name for name in config.lr_mult if name not in used]
     if unused:
@@ -86,7 +84,10 @@ def build_optimizer(
     """The configured optimizer over every trainable parameter of `modules` (model, loss)."""
     groups = parameter_groups(modules, config)
     if not groups:
-        raise ConfigError("the model has no trainable parameters")
+        raise ConfigError(
+            "Arch.frozen_layers: nothing to train, every parameter is frozen (in the probe "
+            "of a LinearProbe run, by LinearProbe.frozen_layers); leave a layer unfrozen"
+        )
     name = config.name
     if name in ("Momentum", "SGD"):
         momentum = (

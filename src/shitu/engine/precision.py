@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from typing import Any
 
 import torch
 
@@ -48,3 +49,16 @@ def autocast_for(device: torch.device, amp: str) -> contextlib.AbstractContextMa
     if amp == "off":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=_DTYPES[amp])
+
+
+def load_scaler_state(scaler: torch.amp.GradScaler, state: dict[str, Any]) -> None:
+    """Restore fp16 loss scaling from a checkpoint. One of a run without it (amp off or
+    bf16, or fp16 on a CPU, which ran in float32) has no scale, on which GradScaler raises:
+    an fp16 run resumed from it starts from the initial scale instead, with a warning."""
+    if state or not scaler.is_enabled():
+        scaler.load_state_dict(state)
+    else:
+        logger.warning(
+            "Global.amp=fp16: the checkpoint ran without fp16 loss scaling; the loss scale "
+            "starts from its initial value"
+        )

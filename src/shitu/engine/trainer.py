@@ -28,7 +28,7 @@ from shitu.engine.evaluate import RetrievalEvaluation
 from shitu.engine.lr import LRSchedule
 from shitu.engine.metrics_log import MetricsLog
 from shitu.engine.optim import build_optimizer, set_learning_rate
-from shitu.engine.precision import autocast_for, effective_amp
+from shitu.engine.precision import autocast_for, effective_amp, load_scaler_state
 from shitu.engine.seeding import capture_rng_state, restore_rng_state, seed_everything
 from shitu.engine.state import (
     BEST,
@@ -153,6 +153,7 @@ class Trainer:
             tensorboard=config.Global.use_tensorboard,
         )
         self._stop_signal: int | None = None
+        self._previous_handlers: dict[int, Any] = {}
         self._stop_after_steps: int | None = None
         self._deadline: float | None = None
 
@@ -195,6 +196,13 @@ class Trainer:
                 "with the same training list, DataLoader.Train.sampler.batch_size and number "
                 "of processes"
             )
+        epochs = self.config.Global.epochs
+        if progress.global_step > epochs * steps:  # it would "finish" without a step
+            raise ConfigError(
+                f"Global.epochs: the checkpoint is at step {progress.global_step}, past the "
+                f"{epochs} epochs ({epochs * steps} steps) of this config; give at least "
+                f"Global.epochs={math.ceil(progress.global_step / steps)}"
+            )
         configured = [
             {key: value for key, value in group.items() if key not in ("params", "lr")}
             for group in self.optimizer.param_groups
@@ -228,18 +236,29 @@ class Trainer:
                     "without the EMA section"
                 )
             self.ema.load_state_dict(payload["ema"])
+        elif "ema" in payload and self.context.is_main:
+            logger.warning(
+                "EMA: the checkpoint's weight average is dropped, this config has no EMA "
+                "section (best and final weights will be the trained ones); resume with the "
+                "section to keep it"
+            )
         self.schedule.load_state_dict(payload["schedule"])
-        self.scaler.load_state_dict(payload["scaler"])
+        load_scaler_state(self.scaler, payload["scaler"])
         restore_rng_state(payload["rng"][min(self.context.rank, len(payload["rng"]) - 1)])
 
     def _warn_of_new_schedule(self, payload: dict[str, Any]) -> None:
         """The learning-rate schedule is computed from the config, so a resumed run follows
-        the config given now: say so where that differs from the checkpoint's."""
+        the config given now (its Global.epochs too: a longer run stretches a decay over
+        the new length): say so where that differs from the checkpoint's."""
         try:
-            saved = json.loads(payload["config"])["Optimizer"]["lr"]
+            run = json.loads(payload["config"])
+            saved = {**run["Optimizer"]["lr"], "Global.epochs": run["Global"]["epochs"]}
         except (KeyError, TypeError, ValueError):
             return  # an older checkpoint without its config
-        current = self.config.Optimizer.lr.model_dump(mode="json")
+        current = {
+            **self.config.Optimizer.lr.model_dump(mode="json"),
+            "Global.epochs": self.config.Global.epochs,
+        }
         changed = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
         if changed and self.context.is_main:
             logger.warning(
@@ -293,25 +312,42 @@ class Trainer:
         """Train to `Global.epochs`, or stop early (checkpointed) at a step or time limit."""
         self._stop_after_steps = stop_after_steps
         self._deadline = None if time_limit_s is None else time.monotonic() + time_limit_s
-        previous = {
+        self._previous_handlers = {
             sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)
         }
         try:
             finished = self._run_epochs()
         finally:
-            for sig, handler in previous.items():
+            for sig, handler in self._previous_handlers.items():
                 signal.signal(sig, handler)
             self.log.close()
         return FitResult(self.progress, finished, self.output_dir, self._stop_signal)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        """The first signal stops the run after the current step, with a checkpoint; a
+        second one (a step or an evaluation can take minutes) acts as without this handler."""
         del frame
-        self._stop_signal = signum  # stop after the current step, with a checkpoint
+        if self._stop_signal is not None:
+            signal.signal(signum, self._previous_handlers[signum])
+            signal.raise_signal(signum)
+            return
+        self._stop_signal = signum
+        if self.context.is_main:
+            logger.warning(
+                "%s: stopping after this step, with a checkpoint (send it again to stop at "
+                "once, without one)",
+                signal.Signals(signum).name,
+            )
 
-    def _should_stop(self) -> bool:
+    def _should_stop(self, before_step: bool = True) -> bool:
+        """Whether to stop now. The step limit only holds back further steps: at an epoch's
+        end (`before_step` False) the epoch is still evaluated and saved, and a limit at
+        the run's last step finishes it. A signal or the time limit stops there too."""
         stop = self._stop_signal is not None
-        stop |= self._stop_after_steps is not None and (
-            self.progress.global_step >= self._stop_after_steps
+        stop |= (
+            before_step
+            and self._stop_after_steps is not None
+            and self.progress.global_step >= self._stop_after_steps
         )
         stop |= self._deadline is not None and time.monotonic() >= self._deadline
         if self.context.distributed:  # every rank must stop at the same step
@@ -387,7 +423,7 @@ class Trainer:
                     and self.progress.batch_in_epoch < self.steps_per_epoch
                 ):
                     self.save_latest()
-            return not self._should_stop()
+            return not self._should_stop(before_step=False)
         finally:
             bar.close()
 
