@@ -555,7 +555,9 @@ def test_run_summary_names_the_weights_it_starts_from(grocery, tmp_path, caplog)
     assert "missing from file (e.g. head." in caplog.text
 
 
-def test_linear_probe_run_is_its_two_stages_and_resumes_without_the_probe(grocery, tmp_path):
+def test_linear_probe_run_is_its_two_stages_and_resumes_without_the_probe(
+    grocery, tmp_path, capsys
+):
     """One `shitu train` with a LinearProbe section gives exactly what the probe run and the
     fine-tuning run it stands for give; a resumed run needs nothing from the probe."""
     path = tiny_config(grocery, tmp_path, epochs=1, eval_during_train=False)
@@ -582,6 +584,12 @@ def test_linear_probe_run_is_its_two_stages_and_resumes_without_the_probe(grocer
 
     with pytest.raises(ConfigError, match="LinearProbe: a Trainer runs one stage"):
         Trainer(load_config(path, [probe]))
+    probe_checkpoint = f"Global.checkpoints={probed}/linear_probe/latest.pt"
+    again = ["train", "-c", str(path), "-o", probe, f"Global.output_dir={probed}"]
+    assert main([*again, probe_checkpoint]) == 2  # was: 'does not fit this config (...)'
+    assert "the LinearProbe stage's own checkpoint, which is not resumed" in (
+        capsys.readouterr().err
+    )
 
     stopped = tmp_path / "stopped"
     stop = ["train", "-c", str(path), "-o", probe, f"Global.output_dir={stopped}"]

@@ -10,7 +10,7 @@ from pathlib import Path
 from shitu.cli.common import add_config_arguments, config_from_args, positive_int, positive_minutes
 from shitu.config.schema import ShituConfig
 from shitu.engine.distributed import DistContext, shutdown_distributed
-from shitu.engine.linear_probe import fine_tune_stage, probe_stage
+from shitu.engine.linear_probe import fine_tune_stage, probe_stage, probe_weights_path
 from shitu.engine.metrics_log import LOG_NAME
 from shitu.engine.state import BEST, FINAL, LATEST, SUFFIX, resolve_checkpoint
 from shitu.engine.trainer import Trainer, training_summary
@@ -119,10 +119,18 @@ def run(args: argparse.Namespace) -> int:
     try:
         output_dir = Path(config.Global.output_dir)
         checkpoints = config.Global.checkpoints
-        # A run resumed into another folder starts a new run there, as far as it is concerned.
-        if checkpoints is None or resolve_checkpoint(checkpoints).parent.resolve() != (
-            output_dir.resolve()
+        resumed = None if checkpoints is None else resolve_checkpoint(checkpoints).parent.resolve()
+        if (
+            config.LinearProbe is not None
+            and resumed == probe_weights_path(config).parent.resolve()
         ):
+            raise ConfigError(
+                f"Global.checkpoints {checkpoints}: the LinearProbe stage's own checkpoint, "
+                "which is not resumed (the probe takes minutes); run the same command without "
+                "Global.checkpoints to start it over"
+            )
+        # A run resumed into another folder starts a new run there, as far as it is concerned.
+        if resumed != output_dir.resolve():
             _refuse_earlier_run(output_dir)
         if config.LinearProbe is not None:
             # A resumed run's checkpoint already holds weights that went through the probe.
