@@ -434,6 +434,10 @@ def test_pretrained_share_moves_only_the_named_layers_back_to_the_initialisation
                            "--out", str(tmp_path / "refused.safetensors"))  # fmt: skip
         assert result.returncode == 2 and message in result.stderr, result.stderr
     assert not (tmp_path / "refused.safetensors").exists()
+    unnamed = run_shitu("average", str(path), "--pretrained-share", "0.2", "--layers",
+                        "backbone.head", "--out", str(tmp_path / "refused.safetensors"))  # fmt: skip
+    assert unnamed.returncode == 2
+    assert "--pretrained-share needs -c CONFIG" in unnamed.stderr  # no default to fall back on
     other = {"backbone.head.conv.weight": torch.zeros(3, 3)}  # a config of another model
     with pytest.raises(CheckpointError, match="does the config build the same model"):
         interpolate_toward(tuned, other, 0.2, ["backbone.head"])

@@ -453,11 +453,11 @@ def static_checks(args: argparse.Namespace, monkeypatch: pytest.MonkeyPatch, tmp
     placeholder = any(re.search(r"\.\.\.|=[A-Z_]+$|^KEY=", item) for item in overrides)
     if args.command in TRAINING_CONFIG_COMMANDS and not placeholder:
         unchecked = args.config in UNCHECKED_CONFIGS or _placeholder(args.config)
-        if not unchecked and (args.command != "average" or args.pretrained_share):
+        if not unchecked and args.config is not None:  # None: `average` without -c
             load_config(args.config, overrides)
     if args.command in PIPELINE_CONFIG_COMMANDS and not placeholder:
         pipeline_config_from_args(args)  # the config, -o, then --gallery, --detector, ...
-    if args.command == "average" and not _placeholder(args.out or ""):
+    if args.command == "average" and not _placeholder(args.out):
         # Files left out of prose (`shitu average --weighting 1 3`) as two or as weighted;
         # no file is read (empty weights) and none written.
         args.weights = args.weights or ["run.safetensors"] * max(2, len(args.weighting or ()))
@@ -481,8 +481,8 @@ def static_checks(args: argparse.Namespace, monkeypatch: pytest.MonkeyPatch, tmp
         index_cli._search_options(args, args.index_type)
 
 
-def _placeholder(value: str) -> bool:
-    return bool(re.fullmatch(r"[A-Z][A-Z0-9_]*", value))
+def _placeholder(value: str | None) -> bool:
+    return value is not None and bool(re.fullmatch(r"[A-Z][A-Z0-9_]*", value))
 
 
 def _reach_work(*_args: object, **_kwargs: object) -> None:
@@ -549,7 +549,7 @@ def check(
         ("recognize --gallery LIB", False, "required: images"),
         ("average -c X a.safetensors b.safetensors --out c.safetensors", False, "-c and -o"),
         ("average a.pt --weighting 1 --out c.safetensors", False, "two or more"),
-        ("average --pretrained-share 0.1 --layers backbone.head", True, "no Arch.Backbone.pre"),
+        ("average --pretrained-share 0.1 --layers backbone.head", True, "needs -c CONFIG"),
         ("index build --gallery g/ --out lib --nprobe 8", False, "--nprobe: only with"),
         ("index build --gallery g/ --out lib --index-type IVF --ef-search 8", False, "HNSW32"),
         ("recognize -o photo.jpg shelf.jpg --gallery LIB", False, "not KEY=VALUE"),

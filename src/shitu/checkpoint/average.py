@@ -108,6 +108,12 @@ def average_weights(
     return averaged, metadata
 
 
+def check_share(share: float) -> None:
+    """A share of the way back to the reference weights: strictly between 0 and 1."""
+    if not 0.0 < share < 1.0:
+        raise CheckpointError(f"pretrained share {share}: must be between 0 and 1 (exclusive)")
+
+
 def interpolate_toward(
     state: dict[str, torch.Tensor],
     reference: dict[str, torch.Tensor],
@@ -117,8 +123,7 @@ def interpolate_toward(
     """`state` with each floating-point tensor under `prefixes` (module paths such as
     `backbone.blocks`) replaced by (1 - share) * itself + share * its `reference` tensor,
     e.g. the pretrained initialisation; every other tensor is kept as it is."""
-    if not 0.0 < share < 1.0:
-        raise CheckpointError(f"pretrained share {share}: must be between 0 and 1 (exclusive)")
+    check_share(share)
 
     def under(name: str, prefix: str) -> bool:
         return name == prefix or name.startswith(prefix + ".")

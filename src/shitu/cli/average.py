@@ -6,13 +6,9 @@ from __future__ import annotations
 import argparse
 
 from shitu.checkpoint import average_weights, interpolate_toward, read_weights, save_weights
+from shitu.checkpoint.average import check_share
 from shitu.checkpoint.io import REPARAMETERIZED, check_weights_name
-from shitu.cli.common import (
-    DEFAULT_CONFIG,
-    add_config_arguments,
-    config_from_args,
-    model_from_config,
-)
+from shitu.cli.common import add_config_arguments, config_from_args, model_from_config
 from shitu.errors import CheckpointError, ConfigError
 
 
@@ -51,7 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="PREFIX",
         help="module paths to mix (with --pretrained-share), e.g. backbone.blocks backbone.head",
     )
-    add_config_arguments(parser, head_option=False)
+    add_config_arguments(parser, head_option=False, default=None)  # with --pretrained-share
     parser.set_defaults(func=run)
 
 
@@ -59,25 +55,20 @@ def run(args: argparse.Namespace) -> int:
     check_weights_name(args.out)
     if (args.pretrained_share is None) != (args.layers is None):
         raise CheckpointError("--pretrained-share and --layers go together")
-    if args.pretrained_share is None and (args.override or args.config != DEFAULT_CONFIG):
-        raise CheckpointError(  # else ignored: the files carry their own architecture
-            "-c and -o are read only with --pretrained-share (they name the model mixed in)"
-        )
     if args.weighting and len(args.weights) < 2:
         raise CheckpointError("--weighting weighs two or more weight files against each other")
-    if len(args.weights) > 1 or args.pretrained_share is None:
-        state, metadata = average_weights(args.weights, args.weighting)
-        done = f"the mean of {len(args.weights)} checkpoints"
-        if args.weighting:
-            done += f" weighted {' : '.join(f'{w:g}' for w in args.weighting)}"
-    else:
-        state, metadata = read_weights(args.weights[0])
-        done = args.weights[0]
-    if args.pretrained_share is not None:
-        if metadata.get(REPARAMETERIZED) == "true":  # its tensors are not the config's
+    config = None  # the model mixed in, checked before any weight file is read
+    if args.pretrained_share is None:
+        if args.override or args.config is not None:  # else ignored: the files say the model
             raise CheckpointError(
-                f"{args.weights[0]} holds folded (re-parameterised) weights: mix the "
-                "checkpoint they were folded from"
+                "-c and -o are read only with --pretrained-share (they name the model mixed in)"
+            )
+    else:
+        check_share(args.pretrained_share)
+        if args.config is None:
+            raise ConfigError(
+                "--pretrained-share needs -c CONFIG: the config whose pretrained backbone is "
+                "mixed in"
             )
         config = config_from_args(args)
         if not config.Arch.Backbone.params.get("pretrained"):
@@ -85,6 +76,20 @@ def run(args: argparse.Namespace) -> int:
                 f"--pretrained-share mixes towards the backbone's pretrained weights, but "
                 f"{args.config} sets no Arch.Backbone.pretrained (it would mix in a random "
                 "initialisation)"
+            )
+    if len(args.weights) > 1 or config is None:
+        state, metadata = average_weights(args.weights, args.weighting)
+        done = f"the mean of {len(args.weights)} checkpoints"
+        if args.weighting:
+            done += f" weighted {' : '.join(f'{w:g}' for w in args.weighting)}"
+    else:
+        state, metadata = read_weights(args.weights[0])
+        done = args.weights[0]
+    if config is not None:
+        if metadata.get(REPARAMETERIZED) == "true":  # its tensors are not the config's
+            raise CheckpointError(
+                f"{args.weights[0]} holds folded (re-parameterised) weights: mix the "
+                "checkpoint they were folded from"
             )
         reference = model_from_config(config, args).state_dict()
         state = interpolate_toward(state, reference, args.pretrained_share, args.layers)

@@ -72,12 +72,17 @@ def add_runtime_arguments(parser: argparse.ArgumentParser, gpu: bool = False) ->
     )
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, head_option: bool = True) -> None:
+def add_config_arguments(
+    parser: argparse.ArgumentParser, head_option: bool = True, default: str | None = DEFAULT_CONFIG
+) -> None:
+    """`-c CONFIG` and `-o`; `default` None for a command that reads a config only when -c
+    names one."""
+    shown = f" (default: {default})" if default else ""
     parser.add_argument(
         "-c",
         "--config",
-        default=DEFAULT_CONFIG,
-        help=f"YAML config file, or the name of a shipped config (default: {DEFAULT_CONFIG})",
+        default=default,
+        help=f"YAML config file, or the name of a shipped config{shown}",
     )
     add_override_argument(parser, "-o Global.epochs=10 -o Arch.Head.class_num=81")
     if head_option:
