@@ -5,8 +5,13 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import random
 import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -442,3 +447,47 @@ def test_detection_train_config_refuses_values_that_cannot_train(field, value, e
         ConfigError, match=rf"^DetectionTrainConfig\.{field}: expected {re.escape(expected)}"
     ):
         DetectionTrainConfig(**{field: value})
+
+
+def _live_children(pid: int) -> list[int]:
+    """The processes whose parent is `pid`, but for those that have ended (zombies)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, parent = stat.read_text().rpartition(")")[2].split()[:2]
+        except OSError:  # ended meanwhile
+            continue
+        if int(parent) == pid and state != "Z":
+            children.append(int(stat.parent.name))
+    return children
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads processes in /proc")
+def test_sigterm_to_the_process_group_ends_training_with_its_workers_quietly(
+    tmp_path: Path,
+) -> None:
+    """systemd, Slurm and `kill -- -PGID` send SIGTERM to the data loader's workers too:
+    the run ends by the signal, without a traceback about the workers' deaths. The
+    workers get it first here, as they may in such a stop (the order is the kernel's)."""
+    coco = _write_coco(tmp_path, _write_images(tmp_path, 16))
+    command = [sys.executable, "-m", "shitu", "detect-train", "--coco", str(coco),
+               "--images", str(tmp_path), "--epochs", "1000", "--batch-size", "4",
+               "--workers", "2", "--output", str(tmp_path / "out")]  # fmt: skip
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        assert '"step": 0' in process.stdout.readline()  # training, its workers loading
+        workers = _live_children(process.pid)
+        assert len(workers) == 2
+        for worker in workers:
+            os.kill(worker, signal.SIGTERM)
+        while set(workers) & set(_live_children(process.pid)):
+            time.sleep(0.05)
+        process.terminate()
+        _, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == -signal.SIGTERM
+    assert err == "", err

@@ -28,6 +28,7 @@ from shitu.detection.losses import picodet_loss
 from shitu.detection.model import PicoDet, PicoDetArch, build_picodet, check_input_size
 from shitu.detection.postprocess import multiclass_nms
 from shitu.detection.weights import save_detector
+from shitu.engine.data import end_quietly_on_sigterm
 from shitu.engine.lr import Cosine
 from shitu.engine.optim import build_optimizer, set_learning_rate
 from shitu.engine.seeding import (
@@ -177,6 +178,7 @@ class DetectionTrainer:
             batch_sampler=self.sampler,
             collate_fn=list,
             num_workers=config.num_workers,
+            worker_init_fn=end_quietly_on_sigterm,
         )
         lr_config = LRConfig(name="Cosine", learning_rate=config.learning_rate)
         optim_config = OptimizerConfig(
