@@ -103,15 +103,14 @@ class FeatureExtractor:
         model_dir = Path(model_dir)
         manifest = read_manifest(model_dir)
         score_thres = _score_thres(model_dir, manifest)  # a rebuilt cache entry has none
+        # The weights every path loads, converts or fingerprints: checked once, here.
+        _verify(model_dir, manifest, TORCH_FILE)
         rebuilt = None
         if _compact(model_dir, manifest) and backend != "torch" and precision == "fp32":
-            _verify(model_dir, manifest, TORCH_FILE)
             rebuilt = full_export(model_dir, manifest) if onnxruntime_available() else None
             if rebuilt is not None:  # its files were hashed when it was checked or built
                 model_dir, manifest = rebuilt, read_manifest(rebuilt)
         chosen = choose_backend(model_dir, backend, precision, device)
-        if rebuilt is None:
-            _verify(model_dir, manifest, TORCH_FILE)
         if chosen in ("onnxruntime", "openvino"):
             path = model_dir / (INT8_FILE if precision == "int8" else ONNX_FILE)
             if rebuilt is None:
