@@ -9,6 +9,7 @@ from pathlib import Path
 from shitu.cli.common import input_side, non_negative_int, positive_float, positive_int
 from shitu.detection.data import CocoDetection, DetectionDataset, VocDetection, train_augment
 from shitu.detection.train import DetectionTrainConfig, DetectionTrainer, evaluate_detector
+from shitu.engine.state import resolve_checkpoint
 from shitu.errors import ConfigError, DataError
 from shitu.fileio import check_writable
 
@@ -58,9 +59,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--val-coco and --val-images go together")
     output = Path(args.output)
     earlier = [name for name in ("latest.pt", "model.pt") if (output / name).exists()]
-    resumed = Path(args.resume) if args.resume else None
-    if resumed is not None and not resumed.is_dir():
-        resumed = resumed.parent  # the run's folder, as --resume also takes it
+    # The folder of the run resumed (--resume names its latest.pt or the folder itself).
+    resumed = resolve_checkpoint(args.resume, "--resume").parent if args.resume else None
     if earlier and (resumed is None or resumed.resolve() != output.resolve()):
         # a new run, or one resumed from elsewhere, would write over them
         raise ConfigError(
