@@ -369,6 +369,30 @@ def test_ema_weights_are_saved_and_resume_exactly(grocery, tmp_path, caplog):
         load_config(path, ["EMA.decay=1.5"])
 
 
+def test_a_step_that_fp16_loss_scaling_skips_leaves_the_weight_average_alone(grocery, tmp_path):
+    """An fp16 step whose gradients overflow is skipped: the average neither moves nor
+    counts it (it would weigh the unchanged weights again)."""
+    path = tiny_config(grocery, tmp_path, eval_during_train=False)
+    trainer = Trainer(load_config(path, ["EMA.decay=0.9"]))
+    trainer.scaler = torch.amp.GradScaler("cpu")  # as fp16 on CUDA, on float32 gradients
+    backward_passes = 0
+
+    def overflow_in_the_second(grad: torch.Tensor) -> torch.Tensor:
+        nonlocal backward_passes
+        backward_passes += 1
+        return grad * math.inf if backward_passes == 2 else grad
+
+    trainer.model.head.fc.weight.register_hook(overflow_in_the_second)
+    trainer.fit(stop_after_steps=1)
+    averaged = {k: v.clone() for k, v in trainer.ema.module.state_dict().items()}
+    trainer.fit(stop_after_steps=2)
+    assert trainer.scaler.get_scale() < 2.0**16  # the step was skipped
+    assert trainer.ema.updates == 1
+    assert all(torch.equal(v, averaged[k]) for k, v in trainer.ema.module.state_dict().items())
+    trainer.fit(stop_after_steps=3)
+    assert trainer.ema.updates == 2
+
+
 def test_cli_train_then_eval(grocery, tmp_path, capsys):
     path = tiny_config(grocery, tmp_path, epochs=1)
     assert main(["train", "-c", str(path), "--stop-after-steps", "2"]) == 0

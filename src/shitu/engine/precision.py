@@ -51,6 +51,16 @@ def autocast_for(device: torch.device, amp: str) -> contextlib.AbstractContextMa
     return torch.autocast(device_type=device.type, dtype=_DTYPES[amp])
 
 
+def scaled_step(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> bool:
+    """Step `optimizer` through `scaler` and update the loss scale; False where fp16 loss
+    scaling skipped the step (its gradients overflowed), which GradScaler tells only by
+    lowering the scale. A disabled scaler always steps."""
+    scale = scaler.get_scale()
+    scaler.step(optimizer)
+    scaler.update()
+    return scaler.get_scale() >= scale
+
+
 def load_scaler_state(scaler: torch.amp.GradScaler, state: dict[str, Any]) -> None:
     """Restore fp16 loss scaling from a checkpoint. One of a run without it (amp off or
     bf16, or fp16 on a CPU, which ran in float32) has no scale, on which GradScaler raises:

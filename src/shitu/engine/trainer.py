@@ -28,7 +28,7 @@ from shitu.engine.evaluate import RetrievalEvaluation
 from shitu.engine.lr import LRSchedule
 from shitu.engine.metrics_log import MetricsLog
 from shitu.engine.optim import build_optimizer, set_learning_rate
-from shitu.engine.precision import autocast_for, effective_amp, load_scaler_state
+from shitu.engine.precision import autocast_for, effective_amp, load_scaler_state, scaled_step
 from shitu.engine.seeding import capture_rng_state, restore_rng_state, seed_everything
 from shitu.engine.state import (
     BEST,
@@ -455,9 +455,8 @@ class Trainer:
                 [p for g in self.optimizer.param_groups for p in g["params"]],
                 self.config.Optimizer.clip_norm,
             )
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        if self.ema is not None:
+        # A skipped step left the weights as they were: the average must not count them again.
+        if scaled_step(self.scaler, self.optimizer) and self.ema is not None:
             self.ema.update()
         return value, parts
 
