@@ -213,6 +213,31 @@ def test_config_errors_name_file_key_and_override(config_file, overrides, expect
     assert "\n" not in message
 
 
+def test_a_schedule_driven_by_evaluations_is_refused_in_a_run_without_them(config_file):
+    """ReduceOnPlateau lowers the rate on evaluations: without any it would never lower it."""
+    plateau = "Optimizer={name: Momentum, lr: {name: ReduceOnPlateau, learning_rate: 0.1}}"
+    train = f"DataLoader.Train={{{DATASET}}}"
+    evaluation = f"DataLoader.Eval={{Query: {{{DATASET}}}}}"
+    for overrides, reason in [
+        ([], "it has no DataLoader.Eval"),
+        ([evaluation, "Global.eval_during_train=false"], "Global.eval_during_train is false"),
+        (
+            [evaluation, "Global.epochs=3", "Global.eval_interval=4"],
+            "Global.eval_interval 4 is more than Global.epochs 3",
+        ),
+    ]:
+        with pytest.raises(ConfigError) as info:
+            load_config(config_file, [plateau, train, *overrides])
+        assert str(info.value) == (
+            f"{config_file}: Optimizer.lr.name: ReduceOnPlateau lowers the rate when "
+            f"Global.eval_metric stops improving, but the run never evaluates ({reason}); "
+            f"evaluate during training or choose another schedule (set by -o {plateau})"
+        )
+    load_config(config_file, [plateau, train, evaluation])
+    load_config(config_file, [plateau])  # no training data: not a training config
+    load_config(config_file, [plateau.replace("ReduceOnPlateau", "Cosine"), train])
+
+
 def test_malformed_override_names_the_config_file(config_file):
     with pytest.raises(
         ConfigError, match=rf"^{re.escape(str(config_file))}: override 'Global.epochs' is not"

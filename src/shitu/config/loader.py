@@ -152,6 +152,33 @@ def _validate_components(config: ShituConfig) -> None:
             "Optimizer.lr",
             lambda: registry.LR_SCHEDULES.validate(lr.name, {**schedule_params, **lr.params}),
         )
+        _check_schedule_is_evaluated(lr.name, config)
+
+
+def _check_schedule_is_evaluated(schedule: str, config: ShituConfig) -> None:
+    """A schedule driven by evaluations (ReduceOnPlateau) in a run that never evaluates
+    would keep its starting rate to the end, silently."""
+    if not registry.LR_SCHEDULES.get(schedule).needs_evaluation:
+        return
+    data, settings = config.DataLoader, config.Global
+    if data is None or data.Train is None:
+        return  # not a training config (training refuses it, and says why)
+    if not settings.eval_during_train:
+        reason = "Global.eval_during_train is false"
+    elif data.Eval is None:
+        reason = "it has no DataLoader.Eval"
+    elif settings.eval_interval > settings.epochs:
+        reason = (
+            f"Global.eval_interval {settings.eval_interval} is more than Global.epochs "
+            f"{settings.epochs}"
+        )
+    else:
+        return
+    raise ConfigError(
+        f"Optimizer.lr.name: {schedule} lowers the rate when Global.eval_metric stops "
+        f"improving, but the run never evaluates ({reason}); evaluate during training or "
+        "choose another schedule"
+    )
 
 
 def _validate_data_split(where: str, split: DataSplitConfig) -> None:

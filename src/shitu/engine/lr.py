@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from shitu.registry import LR_SCHEDULES
 
@@ -19,6 +19,9 @@ logger = logging.getLogger(__name__)
 
 class LRSchedule:
     """Base: warm-up, then `decayed(step)` for the steps after it."""
+
+    # Whether the rate follows `observe`d evaluations, which a config must then run.
+    needs_evaluation: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -145,6 +148,8 @@ class Piecewise(LRSchedule):
 @LR_SCHEDULES.register("ReduceOnPlateau")
 class ReduceOnPlateau(LRSchedule):
     """Multiply the rate by `factor` when the eval metric has not improved for `patience` evals."""
+
+    needs_evaluation = True
 
     def __init__(
         self,
