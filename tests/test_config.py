@@ -290,6 +290,19 @@ def test_cli_prints_one_line_error_not_a_traceback(config_file, capsys):
     assert "Traceback" not in err
 
 
+def test_train_refuses_a_pk_batch_of_partial_groups_as_the_config_loads(config_file, capsys):
+    """A PKSampler batch_size that is no multiple of sample_per_id is a config error: `shitu
+    train` names it at once, not after building the model and reading the data (here it
+    would first have found the Optimizer section missing)."""
+    sampler = "{name: PKSampler, batch_size: 10, sample_per_id: 4}"
+    override = f"DataLoader.Train={{{DATASET}, sampler: {sampler}}}"
+    assert shitu_main(["train", "-c", str(config_file), "-o", override]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {config_file}: DataLoader.Train.sampler.batch_size: 10 is not a multiple of "
+        f"sample_per_id (4) in sampler 'PKSampler' (set by -o {override})\n"
+    )
+
+
 def test_cli_reports_bad_stop_layer_with_file(config_file, capsys):
     code = shitu_main(["info", "-c", str(config_file), "-o", "Arch.BackboneStopLayer.name=flaten"])
     err = capsys.readouterr().err

@@ -792,7 +792,8 @@ def test_pk_batches_hold_p_classes_of_k_images():
 def test_pk_config_errors():
     labels = skewed_labels(SIZES)
     with pytest.raises(
-        ConfigError, match=r"batch_size \(10\) must be a multiple of sample_per_id \(4\)"
+        ConfigError,
+        match=r"^batch_size: 10 is not a multiple of sample_per_id \(4\) in sampler 'PKSampler'$",
     ):
         pk(labels, batch_size=10, sample_per_id=4)
     with pytest.raises(ConfigError, match="needs 12 distinct classes .* has 10"):

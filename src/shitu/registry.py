@@ -123,7 +123,12 @@ class Registry:
         return self._param_models[name]
 
     def validate(self, name: str, params: dict[str, Any]) -> dict[str, Any]:
-        """Check `params` against the constructor; raise ConfigError naming the bad key."""
+        """Check `params` against the constructor; raise ConfigError naming the bad key.
+
+        A constructor with a `check_params(**params)` (a rule between its parameters,
+        which the signature cannot say) has it called too, so that a config that breaks
+        the rule is refused when it loads, not when the component is built. It raises
+        ValueError('<param>: <problem>')."""
         model = self.params_model(name)
         try:
             validated = model.model_validate(params)
@@ -131,6 +136,12 @@ class Registry:
             raise ConfigError(
                 format_validation_error(exc, model, what=f"{self.kind} '{name}'")
             ) from None
+        check_params = getattr(self.get(name), "check_params", None)
+        if check_params is not None:
+            try:
+                check_params(**dict(validated))
+            except ValueError as exc:
+                raise ConfigError(f"{exc} in {self.kind} '{name}'") from None
         return validated.model_dump(exclude_unset=True)
 
     def build(self, name: str, **params: Any) -> Any:

@@ -53,11 +53,7 @@ class PKSampler(EpochBatchSampler):
         seed: int = 0,
     ):
         super().__init__(batch_size, num_replicas, rank, seed)
-        if sample_per_id < 1 or batch_size % sample_per_id:
-            raise ConfigError(
-                f"PKSampler: batch_size ({batch_size}) must be a multiple of sample_per_id "
-                f"({sample_per_id})"
-            )
+        self.check_params(batch_size, sample_per_id)
         labels = getattr(dataset, "labels", None)
         if labels is None:
             raise ConfigError(f"PKSampler: the dataset ({type(dataset).__name__}) has no labels")
@@ -84,6 +80,14 @@ class PKSampler(EpochBatchSampler):
                 f"{drawable} that can be drawn; lower batch_size or raise sample_per_id"
             )
         self.class_probs = weights / weights.sum()
+
+    @staticmethod
+    def check_params(batch_size: int, sample_per_id: int, **_others: Any) -> None:
+        """Batches are whole groups of K: also checked as a config loads (by the registry)."""
+        if sample_per_id < 1 or batch_size % sample_per_id:
+            raise ValueError(
+                f"batch_size: {batch_size} is not a multiple of sample_per_id ({sample_per_id})"
+            )
 
     def __len__(self) -> int:
         per_rank = math.ceil(self.num_images / self.num_replicas)
