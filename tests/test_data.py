@@ -469,6 +469,17 @@ def test_pil_resize_defaults_and_codes_are_pillows_as_in_paddleclas():
     assert ResizeImage(size=8).interpolation == "bilinear"
 
 
+def test_resize_short_refuses_an_image_it_would_blow_up(monkeypatch):
+    """A thin image grown to resize_short could take gigabytes: past Pillow's decompression-
+    bomb threshold (lowered here, to keep the test small) it is refused, naming its size."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)
+    assert run_op("ResizeImage", pattern(50, 100), resize_short=40).shape == (40, 80, 3)
+    with pytest.raises(DataError, match=r"ResizeImage: image 400x2 .* makes 4000x20 pixels"):
+        pipeline_output([{"ResizeImage": {"resize_short": 20}}], pattern(2, 400))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # Pillow's "no limit"
+    assert run_op("ResizeImage", pattern(2, 400), resize_short=20).shape == (20, 4000, 3)
+
+
 def test_channel_first_decode_with_chw_normalise():
     image = pattern(5, 6)
     out = pipeline_output(
