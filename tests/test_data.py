@@ -8,6 +8,8 @@ import math
 import random
 import re
 from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import Executor, Future
 from pathlib import Path
 
 import cv2
@@ -18,6 +20,7 @@ from PIL import Image
 
 from shitu import registry
 from shitu.config.schema import DataSplitConfig
+from shitu.data.datasets import base
 from shitu.data.datasets.folder import ImageFolderDataset
 from shitu.data.datasets.grocery import GroceryStoreDataset
 from shitu.data.datasets.label_file import LabelFileDataset
@@ -286,6 +289,47 @@ def test_skip_corrupt_drops_bad_images_at_start_up(grocery: Path, tmp_path: Path
     label_file.write_text("truncated.jpg 1\n")
     with pytest.raises(DataError, match="none of the listed images can be read"):
         LabelFileDataset(str(tmp_path), str(label_file), skip_corrupt=True)
+
+
+def test_skip_corrupt_queues_a_bounded_number_of_checks(tmp_path: Path, monkeypatch):
+    """The start-up check queues a few images per thread, not the whole dataset (whose
+    queue an interrupt would wait out), and keeps the order. Checks run lazily, when their
+    result is taken, so what is queued is counted exactly, without threads or timing."""
+    queued = Counter()
+
+    class LazyFuture(Future):
+        def __init__(self, run: Callable[[], object]) -> None:
+            super().__init__()
+            self.run = run
+
+        def result(self, timeout: float | None = None) -> object:
+            if not self.done():
+                self.set_result(self.run())
+                queued["now"] -= 1
+            return super().result(timeout)
+
+    class LazyPool(Executor):
+        def __init__(self, max_workers: int) -> None:
+            pass
+
+        def submit(self, fn: Callable, /, *args: object) -> Future:
+            queued["now"] += 1
+            queued["most"] = max(queued["most"], queued["now"])
+            return LazyFuture(lambda: fn(*args))
+
+    monkeypatch.setattr(base, "ThreadPoolExecutor", LazyPool)
+    monkeypatch.setattr(base, "check_image", lambda path: "bad" if path.endswith("7.png") else None)
+    count = 500
+    for index in range(count):
+        (tmp_path / f"{index}.png").touch()
+    label_file = tmp_path / "list.txt"
+    label_file.write_text("".join(f"{index}.png {index}\n" for index in range(count)))
+    dataset = LabelFileDataset(str(tmp_path), str(label_file), skip_corrupt=True)
+    assert dataset.labels == [index for index in range(count) if index % 10 != 7]
+    assert [path for path, _ in dataset.skipped] == [
+        str(tmp_path / f"{index}.png") for index in range(7, count, 10)
+    ]
+    assert queued["now"] == 0 and 0 < queued["most"] <= 64
 
 
 def test_transform_failure_names_file_and_op(tmp_path: Path):
