@@ -197,6 +197,25 @@ def test_relabel_maps_sorted_labels_to_consecutive_ids(tmp_path: Path):
         LabelFileDataset(str(tmp_path), str(label_file))
 
 
+def test_labels_mixing_ids_and_names_are_refused(tmp_path: Path):
+    """One name among class ids would make every label a name, sorted as text: id 10 would
+    come before id 2 and every class would be renumbered unseen."""
+    for name in "abcd":
+        save_png(tmp_path / f"{name}.png", pattern(4, 4))
+    label_file = tmp_path / "list.txt"
+    label_file.write_text("a.png 2\nb.png 10\nc.png apple\nd.png 2\n")
+    with pytest.raises(DataError) as caught:
+        LabelFileDataset(str(tmp_path), str(label_file))
+    assert str(caught.value) == (
+        f"{label_file}:3: label 'apple' is a class name, but line 1 has the class id '2'; "
+        "label every line with an integer class id or every line with a class name (a name "
+        "cannot be a bare number)"
+    )
+    label_file.write_text("a.png 2\nb.png 10\nc.png 1\nd.png 2\n")
+    dataset = LabelFileDataset(str(tmp_path), str(label_file), relabel=True)
+    assert dataset.label_map == {1: 0, 2: 1, 10: 2} and dataset.labels == [1, 2, 0, 1]
+
+
 def test_label_file_errors_name_the_file_and_line(tmp_path: Path):
     save_png(tmp_path / "a.png", pattern(4, 4))
     label_file = tmp_path / "list.txt"
