@@ -8,6 +8,8 @@ import math
 import random
 import re
 from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import Executor, Future
 from pathlib import Path
 
 import cv2
@@ -18,6 +20,7 @@ from PIL import Image
 
 from shitu import registry
 from shitu.config.schema import DataSplitConfig
+from shitu.data.datasets import base
 from shitu.data.datasets.folder import ImageFolderDataset
 from shitu.data.datasets.grocery import GroceryStoreDataset
 from shitu.data.datasets.label_file import LabelFileDataset
@@ -194,6 +197,25 @@ def test_relabel_maps_sorted_labels_to_consecutive_ids(tmp_path: Path):
         LabelFileDataset(str(tmp_path), str(label_file))
 
 
+def test_labels_mixing_ids_and_names_are_refused(tmp_path: Path):
+    """One name among class ids would make every label a name, sorted as text: id 10 would
+    come before id 2 and every class would be renumbered unseen."""
+    for name in "abcd":
+        save_png(tmp_path / f"{name}.png", pattern(4, 4))
+    label_file = tmp_path / "list.txt"
+    label_file.write_text("a.png 2\nb.png 10\nc.png apple\nd.png 2\n")
+    with pytest.raises(DataError) as caught:
+        LabelFileDataset(str(tmp_path), str(label_file))
+    assert str(caught.value) == (
+        f"{label_file}:3: label 'apple' is a class name, but line 1 has the class id '2'; "
+        "label every line with an integer class id or every line with a class name (a name "
+        "cannot be a bare number)"
+    )
+    label_file.write_text("a.png 2\nb.png 10\nc.png 1\nd.png 2\n")
+    dataset = LabelFileDataset(str(tmp_path), str(label_file), relabel=True)
+    assert dataset.label_map == {1: 0, 2: 1, 10: 2} and dataset.labels == [1, 2, 0, 1]
+
+
 def test_label_file_errors_name_the_file_and_line(tmp_path: Path):
     save_png(tmp_path / "a.png", pattern(4, 4))
     label_file = tmp_path / "list.txt"
@@ -286,6 +308,47 @@ def test_skip_corrupt_drops_bad_images_at_start_up(grocery: Path, tmp_path: Path
     label_file.write_text("truncated.jpg 1\n")
     with pytest.raises(DataError, match="none of the listed images can be read"):
         LabelFileDataset(str(tmp_path), str(label_file), skip_corrupt=True)
+
+
+def test_skip_corrupt_queues_a_bounded_number_of_checks(tmp_path: Path, monkeypatch):
+    """The start-up check queues a few images per thread, not the whole dataset (whose
+    queue an interrupt would wait out), and keeps the order. Checks run lazily, when their
+    result is taken, so what is queued is counted exactly, without threads or timing."""
+    queued = Counter()
+
+    class LazyFuture(Future):
+        def __init__(self, run: Callable[[], object]) -> None:
+            super().__init__()
+            self.run = run
+
+        def result(self, timeout: float | None = None) -> object:
+            if not self.done():
+                self.set_result(self.run())
+                queued["now"] -= 1
+            return super().result(timeout)
+
+    class LazyPool(Executor):
+        def __init__(self, max_workers: int) -> None:
+            pass
+
+        def submit(self, fn: Callable, /, *args: object) -> Future:
+            queued["now"] += 1
+            queued["most"] = max(queued["most"], queued["now"])
+            return LazyFuture(lambda: fn(*args))
+
+    monkeypatch.setattr(base, "ThreadPoolExecutor", LazyPool)
+    monkeypatch.setattr(base, "check_image", lambda path: "bad" if path.endswith("7.png") else None)
+    count = 500
+    for index in range(count):
+        (tmp_path / f"{index}.png").touch()
+    label_file = tmp_path / "list.txt"
+    label_file.write_text("".join(f"{index}.png {index}\n" for index in range(count)))
+    dataset = LabelFileDataset(str(tmp_path), str(label_file), skip_corrupt=True)
+    assert dataset.labels == [index for index in range(count) if index % 10 != 7]
+    assert [path for path, _ in dataset.skipped] == [
+        str(tmp_path / f"{index}.png") for index in range(7, count, 10)
+    ]
+    assert queued["now"] == 0 and 0 < queued["most"] <= 64
 
 
 def test_transform_failure_names_file_and_op(tmp_path: Path):
@@ -467,6 +530,17 @@ def test_pil_resize_defaults_and_codes_are_pillows_as_in_paddleclas():
     assert ResizeImage(size=8, interpolation=2, backend="pil").interpolation == "bilinear"
     assert ResizeImage(size=8, interpolation=2).interpolation == "bicubic"  # cv2.INTER_CUBIC
     assert ResizeImage(size=8).interpolation == "bilinear"
+
+
+def test_resize_short_refuses_an_image_it_would_blow_up(monkeypatch):
+    """A thin image grown to resize_short could take gigabytes: past Pillow's decompression-
+    bomb threshold (lowered here, to keep the test small) it is refused, naming its size."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)
+    assert run_op("ResizeImage", pattern(50, 100), resize_short=40).shape == (40, 80, 3)
+    with pytest.raises(DataError, match=r"ResizeImage: image 400x2 .* makes 4000x20 pixels"):
+        pipeline_output([{"ResizeImage": {"resize_short": 20}}], pattern(2, 400))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # Pillow's "no limit"
+    assert run_op("ResizeImage", pattern(2, 400), resize_short=20).shape == (20, 4000, 3)
 
 
 def test_channel_first_decode_with_chw_normalise():

@@ -515,6 +515,15 @@ def test_preprocessing_from_eval_transforms(exported):
         Preprocessing.from_config(config)
 
 
+def test_preprocessing_refuses_an_image_resize_short_would_blow_up(monkeypatch):
+    """Inference resizes as training does: a thin image is unreadable, not gigabytes."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)
+    prep = Preprocessing(resize=None, resize_short=20, crop=(16, 16))
+    assert prep.prepare(np.zeros((40, 30, 3), np.uint8)).shape == (16, 16, 3)
+    with pytest.raises(UnreadableImageError, match=r"image 400x2 .* makes 4000x20 pixels"):
+        prep.prepare(np.zeros((2, 400, 3), np.uint8))
+
+
 def test_preprocessing_replays_only_what_inference_can_and_nothing_it_was_not_given(exported):
     """Inference runs decode, resize, crop, normalise once each in that order: other orders
     are refused, and eval transforms without NormalizeImage give raw pixels there too."""

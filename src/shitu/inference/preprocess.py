@@ -23,6 +23,7 @@ from shitu.data.transforms.ops import (
     UnreadableImageError,
     check_rgb_image,
     decode_rgb_image,
+    short_side_size,
 )
 from shitu.errors import ConfigError
 
@@ -180,10 +181,11 @@ class Preprocessing:
         """RGB uint8 HxWx3 -> uint8 at the model's size (crop included), model channel order."""
         check_rgb_image(image)
         if self.resize_short is not None:
-            factor = self.resize_short / min(image.shape[:2])
-            image = self._resize(
-                image, round(image.shape[1] * factor), round(image.shape[0] * factor)
-            )
+            try:
+                size = short_side_size(image.shape[1], image.shape[0], self.resize_short)
+            except ValueError as exc:
+                raise UnreadableImageError(str(exc)) from None
+            image = self._resize(image, *size)
         else:
             assert self.resize is not None
             image = self._resize(image, *self.resize)

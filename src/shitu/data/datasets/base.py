@@ -10,8 +10,9 @@ reference counts change.
 from __future__ import annotations
 
 import os
+from collections import deque
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -87,6 +88,28 @@ def check_image(path: str) -> str | None:
     return None
 
 
+def check_images(paths: Sequence[str]) -> list[str | None]:
+    """`check_image` of each path, in order, in threads.
+
+    Only a few checks per thread are queued at a time, and an interrupt cancels those, so
+    Ctrl-C on a big dataset stops within a few checks rather than after all of them.
+    """
+    workers = min(16, 2 * (os.cpu_count() or 1))
+    window = 4 * workers
+    reasons: list[str | None] = []
+    pending: deque[Future[str | None]] = deque()
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
+        for path in paths:
+            if len(pending) == window:
+                reasons.append(pending.popleft().result())
+            pending.append(pool.submit(check_image, path))
+        reasons.extend(future.result() for future in pending)
+    finally:
+        pool.shutdown(cancel_futures=True)
+    return reasons
+
+
 class ImageDataset(Dataset):
     """Base class: subclasses parse their listing into `Entry`s and call `_set_entries`.
 
@@ -146,9 +169,7 @@ class ImageDataset(Dataset):
         )
 
     def _drop_corrupt(self, entries: list[Entry]) -> list[Entry]:
-        workers = min(16, 2 * (os.cpu_count() or 1))
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            reasons = list(pool.map(check_image, (entry.path for entry in entries), chunksize=64))
+        reasons = check_images([entry.path for entry in entries])
         kept = []
         for entry, reason in zip(entries, reasons, strict=True):
             if reason is None:

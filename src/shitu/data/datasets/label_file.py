@@ -28,12 +28,14 @@ class LabelFileDataset(ImageDataset):
     `image_root`.
 
     Labels: when every label is an integer they are class ids (`relabel: true`
-    maps the distinct values, sorted, to 0..C-1, kept in `label_map`); otherwise
-    labels are class names, numbered in sorted order, with the names in
-    `class_names`. The optional third column is a unique id (e.g. a product or
-    instance id) that retrieval evaluation uses to exclude an image's own
-    entries; without it the entry's position among the listed images is used (from 0;
-    blank lines are not counted).
+    maps the distinct values, sorted, to 0..C-1, kept in `label_map`); when none
+    is, they are class names, numbered in sorted order, with the names in
+    `class_names`. A file that mixes the two is refused: a name among ids is most
+    likely a mistake, and taking every label for a name would renumber the classes
+    unseen (id 10 before id 2, as text sorts). The optional third column is a
+    unique id (e.g. a product or instance id) that retrieval evaluation uses to
+    exclude an image's own entries; without it the entry's position among the
+    listed images is used (from 0; blank lines are not counted).
     """
 
     def __init__(
@@ -137,14 +139,22 @@ class LabelFileDataset(ImageDataset):
 
     def _map_labels(self, raw: list[tuple[int, str]]) -> list[int]:
         """Class ids for the raw label strings, in file order (see the class docstring)."""
-        try:
-            values = [int(text) for _, text in raw]
-        except ValueError:
+        named = [(number, text) for number, text in raw if not _is_integer(text)]
+        if named:
+            if len(named) < len(raw):
+                id_line, id_text = next(item for item in raw if _is_integer(item[1]))
+                raise DataError(
+                    f"{self.cls_label_path}:{named[0][0]}: label {named[0][1]!r} is a class "
+                    f"name, but line {id_line} has the class id {id_text!r}; label every line "
+                    "with an integer class id or every line with a class name (a name cannot "
+                    "be a bare number)"
+                )
             names = sorted({text for _, text in raw})
             self.class_names = names
             self.label_map = {name: index for index, name in enumerate(names)}
             self.num_classes = len(names)
             return [self.label_map[text] for _, text in raw]
+        values = [int(text) for _, text in raw]
         if self.relabel:
             distinct = sorted(set(values))
             self.label_map = {value: index for index, value in enumerate(distinct)}
@@ -159,6 +169,15 @@ class LabelFileDataset(ImageDataset):
         # Labels index a classifier head, so it needs max + 1 outputs even if some are unused.
         self.num_classes = max(values) + 1
         return values
+
+
+def _is_integer(text: str) -> bool:
+    """Whether `text` is a class id (as `int` reads it) rather than a class name."""
+    try:
+        int(text)
+    except ValueError:
+        return False
+    return True
 
 
 DATASETS.register("LabelFileDataset")(LabelFileDataset)

@@ -167,12 +167,30 @@ class ResizeImage(Transform):
     def __call__(self, image: np.ndarray) -> np.ndarray:
         height, width = image.shape[:2]
         if self.resize_short is not None:
-            factor = self.resize_short / min(width, height)
-            new_w, new_h = round(width * factor), round(height * factor)
+            new_w, new_h = short_side_size(width, height, self.resize_short)
         else:
             assert self.size is not None
             new_w, new_h = self.size
         return resize(image, new_w, new_h, self.interpolation, self.backend)
+
+
+def short_side_size(width: int, height: int, short: int) -> tuple[int, int]:
+    """(width, height) with the short side scaled to `short` and the aspect ratio kept.
+
+    A very thin image (1x4000, say) would grow into an array of gigabytes, so a result
+    with more pixels than Pillow's decompression-bomb threshold (`PIL.Image.MAX_IMAGE_PIXELS`;
+    None: no limit) is refused with a ValueError, as Pillow refuses to decode one.
+    """
+    factor = short / min(width, height)
+    new_w, new_h = round(width * factor), round(height * factor)
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and new_w * new_h > limit:
+        raise ValueError(
+            f"image {width}x{height} is too elongated to resize its short side to {short}: "
+            f"that makes {new_w}x{new_h} pixels, over the limit of {limit} "
+            "(PIL.Image.MAX_IMAGE_PIXELS)"
+        )
+    return new_w, new_h
 
 
 @TRANSFORMS.register("CropImage")
