@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import subprocess
 import sys
@@ -288,3 +289,68 @@ def test_output_left_for_the_exit_flush_to_a_closed_pipe_is_dropped_quietly(what
         os.close(write)
     assert result.returncode == STDOUT_CLOSED_STATUS, result.stderr
     assert result.stderr == ""
+
+
+# Each class's gallery photo; the query photo of a class is a copy of it, so it finds that
+# photo first whatever the model. The gallery has a class the queries lack (apple) and the
+# queries one it lacks (durian): numbered on their own, the two sets' ids differ.
+GALLERY_CLASSES = {"apple": 10, "banana": 20, "cherry": 30}
+QUERY_CLASSES = {"banana": 20, "cherry": 30, "durian": 40}
+
+
+def write_eval_set(root, classes, kind):
+    """`classes` as a dataset config of `kind`: `names` (a label file of class names), `ids`
+    (a label file of integer ids, relabelled), `plain` (the same ids, as they are) or
+    `folder` (a folder per class)."""
+    for name, number in classes.items():
+        pixels = np.random.default_rng(number).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+        folder = root / name if kind == "folder" else root
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(folder / f"{name}.png")
+    ops = "[ResizeImage: {size: 32}, NormalizeImage: {}]"
+    if kind == "folder":
+        return f"{{name: ImageFolderDataset, root: {root}, transform_ops: {ops}}}"
+    labels = {name: name if kind == "names" else number for name, number in classes.items()}
+    (root / "list.txt").write_text("".join(f"{n}.png {labels[n]}\n" for n in classes))
+    return (
+        f"{{name: LabelFileDataset, image_root: {root}, cls_label_path: {root / 'list.txt'}, "
+        f"relabel: {kind == 'ids'}, transform_ops: {ops}}}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("query_kind", "gallery_kind"),
+    [
+        ("names", "names"),
+        ("ids", "ids"),
+        ("ids", "plain"),
+        ("folder", "folder"),
+        ("folder", "names"),
+    ],
+)
+def test_eval_matches_query_and_gallery_classes_by_label_not_by_number(
+    tmp_path, capsys, query_kind, gallery_kind
+):
+    """Query and gallery sets that number their class names (or relabelled ids) on their own
+    are compared by label: each known query finds its own class first, and durian, absent
+    from the gallery, is a query without a positive."""
+    query = write_eval_set(tmp_path / "query", QUERY_CLASSES, query_kind)
+    gallery = write_eval_set(tmp_path / "gallery", GALLERY_CLASSES, gallery_kind)
+    config = tmp_path / "eval.yaml"
+    config.write_text(
+        f"""
+Global: {{device: cpu}}
+Arch:
+  Backbone: {{name: ResNet18, class_num: 8}}
+  BackboneStopLayer: {{name: fc}}
+DataLoader:
+  Eval:
+    Query: {{dataset: {query}, loader: {{num_workers: 0}}}}
+    Gallery: {{dataset: {gallery}, loader: {{num_workers: 0}}}}
+Metric:
+  Eval: [Recallk: {{topk: [1]}}]
+"""
+    )
+    assert shitu_main(["eval", "-c", str(config), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result == {"recall@1": 1.0, "num_queries": 3, "num_queries_without_positive": 1}

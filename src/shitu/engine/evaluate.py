@@ -6,6 +6,7 @@ import logging
 import os
 from collections import Counter
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -97,6 +98,11 @@ class RetrievalEvaluation:
             if eval_data.Gallery
             else None
         )
+        self._gallery_labels = (
+            gallery_numbering(dataset_of(self.query_loader), dataset_of(self.gallery_loader))
+            if self.gallery_loader
+            else None
+        )
         metric_items = (config.Metric.Eval if config.Metric else None) or [
             {"Recallk": {"topk": [1, 5]}},
             {"mAP": {}},
@@ -145,7 +151,8 @@ class RetrievalEvaluation:
         per_label = Counter(gallery.labels)
         pairs = zip(gallery.labels, gallery.unique_ids, strict=True)
         own = Counter(pairs) if excluded else Counter()
-        for label, unique_id in zip(queries.labels, queries.unique_ids, strict=True):
+        labels = self._in_gallery_numbering(torch.tensor(queries.labels)).tolist()
+        for label, unique_id in zip(labels, queries.unique_ids, strict=True):
             if per_label[label] > own[(label, unique_id)]:
                 return
         raise EvaluationInputError(
@@ -169,12 +176,39 @@ class RetrievalEvaluation:
             exclude_ids = has_unique_ids(self.query_loader) and has_unique_ids(self.gallery_loader)
         return self.evaluator.evaluate(
             query.features,
-            query.labels,
+            self._in_gallery_numbering(query.labels),
             gallery.features,
             gallery.labels,
             query_ids=query.unique_ids if exclude_ids else None,
             gallery_ids=gallery.unique_ids if exclude_ids else None,
         )
+
+    def _in_gallery_numbering(self, labels: torch.Tensor) -> torch.Tensor:
+        """Query labels as the gallery numbers their classes (see `gallery_numbering`)."""
+        table = self._gallery_labels
+        return labels if table is None else table[labels]
+
+
+def gallery_numbering(queries: Any, gallery: Any) -> torch.Tensor | None:
+    """By query label, the gallery's label of the same class; None when neither dataset
+    numbers its labels itself (both hold the listed ids).
+
+    A label file of class names (or of relabelled ids) or an image folder numbers only the
+    classes it lists, so one number can stand for two classes in the two sets: they are
+    matched through `label_keys` instead, a dataset without them standing for its own
+    numbers. A query class the gallery lacks gets a label no gallery item has, so its
+    queries have no positive, as with listed ids.
+    """
+    datasets = (queries, gallery)
+    numbered = [getattr(dataset, "label_keys", None) for dataset in datasets]
+    if all(keys is None for keys in numbered):
+        return None
+    query_keys, gallery_keys = (
+        range(max(dataset.labels) + 1) if keys is None else keys
+        for dataset, keys in zip(datasets, numbered, strict=True)
+    )
+    ids = {key: label for label, key in enumerate(gallery_keys)}
+    return torch.tensor([ids.get(key, len(gallery_keys)) for key in query_keys])
 
 
 def has_unique_ids(loader: DataLoader) -> bool:

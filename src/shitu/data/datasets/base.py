@@ -116,8 +116,14 @@ class ImageDataset(Dataset):
     Attributes the engine and samplers use: `paths`, `labels` (list of int),
     `unique_ids`, `has_unique_ids` (True when the listing gave ids, False when
     they are line numbers), `num_classes`, `class_names` (or None when the
-    listing has bare numbers), `skipped` (path, reason) pairs left out by
-    `skip_corrupt`.
+    listing has bare numbers), `label_keys` (by class id, the listed label it
+    numbers: a class name, or an integer id that `relabel` renumbered; None when
+    labels are the listed ids themselves), `skipped` (path, reason) pairs left out
+    by `skip_corrupt`.
+
+    A dataset numbers only the labels it lists, so two datasets (a query and a
+    gallery set) can give one number to two classes: evaluation matches their
+    labels through `label_keys`.
 
     `skip_corrupt`: False (default) stops at start-up on missing files and at
     load time on an undecodable image, with a `DataError` naming the file. True
@@ -137,6 +143,7 @@ class ImageDataset(Dataset):
         self.transform: Compose = build_transforms(transform_ops)
         self.skipped: list[tuple[str, str]] = []
         self.class_names: list[str] | None = None
+        self.label_keys: list[str] | list[int] | None = None
         self.num_classes = 0
         self.has_unique_ids = False
 

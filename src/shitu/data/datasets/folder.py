@@ -38,6 +38,7 @@ class ImageFolderDataset(ImageDataset):
         )
         if not self.class_names:
             raise DataError(f"{where}: has no class subfolders (expected root/<class>/<image>)")
+        self.label_keys = self.class_names
         self.num_classes = len(self.class_names)
         ids = {name: label for label, name in enumerate(self.class_names)}
         entries: list[Entry] = []

@@ -32,10 +32,13 @@ class LabelFileDataset(ImageDataset):
     is, they are class names, numbered in sorted order, with the names in
     `class_names`. A file that mixes the two is refused: a name among ids is most
     likely a mistake, and taking every label for a name would renumber the classes
-    unseen (id 10 before id 2, as text sorts). The optional third column is a
-    unique id (e.g. a product or instance id) that retrieval evaluation uses to
-    exclude an image's own entries; without it the entry's position among the
-    listed images is used (from 0; blank lines are not counted).
+    unseen (id 10 before id 2, as text sorts). Names and relabelled ids number only
+    the labels this file lists, kept in `label_keys`: evaluation matches a query
+    and a gallery file's classes through them, not by number. The optional third
+    column is a unique id (e.g. a product or instance id) that retrieval
+    evaluation uses to exclude an image's own entries; without it the entry's
+    position among the listed images is used (from 0; blank lines are not
+    counted).
     """
 
     def __init__(
@@ -149,17 +152,11 @@ class LabelFileDataset(ImageDataset):
                     "with an integer class id or every line with a class name (a name cannot "
                     "be a bare number)"
                 )
-            names = sorted({text for _, text in raw})
-            self.class_names = names
-            self.label_map = {name: index for index, name in enumerate(names)}
-            self.num_classes = len(names)
-            return [self.label_map[text] for _, text in raw]
+            self.class_names = sorted({text for _, text in raw})
+            return self._number(self.class_names, [text for _, text in raw])
         values = [int(text) for _, text in raw]
         if self.relabel:
-            distinct = sorted(set(values))
-            self.label_map = {value: index for index, value in enumerate(distinct)}
-            self.num_classes = len(distinct)
-            return [self.label_map[value] for value in values]
+            return self._number(sorted(set(values)), values)
         for (number, _), value in zip(raw, values, strict=True):
             if value < 0:
                 raise DataError(
@@ -169,6 +166,13 @@ class LabelFileDataset(ImageDataset):
         # Labels index a classifier head, so it needs max + 1 outputs even if some are unused.
         self.num_classes = max(values) + 1
         return values
+
+    def _number(self, keys: list[str] | list[int], labels: list[str] | list[int]) -> list[int]:
+        """Ids 0..C-1 for the sorted distinct `keys`, kept in `label_keys` and `label_map`."""
+        self.label_keys = keys
+        self.label_map = {key: index for index, key in enumerate(keys)}
+        self.num_classes = len(keys)
+        return [self.label_map[label] for label in labels]
 
 
 def _is_integer(text: str) -> bool:
