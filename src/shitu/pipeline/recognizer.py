@@ -295,7 +295,7 @@ class Recognizer:
         ):
             for start in range(0, len(names), FILES_PER_BATCH):
                 chunk = names[start : start + FILES_PER_BATCH]
-                decoded = list(pool.map(_read_or_reason, chunk))
+                decoded = list(pool.map(self._read_or_reason, chunk))
                 readable = [image for image in decoded if isinstance(image, np.ndarray)]
                 scored = iter(self.score_batch(readable))
                 for name, image in zip(chunk, decoded, strict=True):
@@ -305,9 +305,12 @@ class Recognizer:
                         yield name, next(scored), None
                 bar.update(len(chunk))
 
-
-def _read_or_reason(path: str) -> np.ndarray | str:
-    try:
-        return read_rgb(path)
-    except UnreadableImageError as exc:
-        return str(exc)
+    def _read_or_reason(self, path: str) -> np.ndarray | str:
+        """The decoded file, or why it cannot be used: unreadable, or a size the model cannot
+        take (too elongated to resize, say), which would fail the batch it joined."""
+        try:
+            image = read_rgb(path)
+            self.extractor.check_size(image.shape[1], image.shape[0])
+        except UnreadableImageError as exc:
+            return str(exc)
+        return image
