@@ -260,10 +260,22 @@ class Recognizer:
             dets = self.detector.detect(image, self.det_threshold, self.max_det_results)
             for det in dets:
                 x1, y1, x2, y2 = pixel_box(det[2:6], width, height)
-                if x2 - x1 >= MIN_BOX_SIDE and y2 - y1 >= MIN_BOX_SIDE:
+                if self._usable_box(x2 - x1, y2 - y1):
                     boxes.append((x1, y1, x2, y2))
         boxes.append((0, 0, width, height))
         return boxes
+
+    def _usable_box(self, width: int, height: int) -> bool:
+        """Whether a detected box can be embedded: a sliver thinner than MIN_BOX_SIDE, or too
+        elongated for the model's preprocessing to resize, holds no object to recognise, and
+        embedding it would fail the whole photo."""
+        if width < MIN_BOX_SIDE or height < MIN_BOX_SIDE:
+            return False
+        try:
+            self.extractor.check_size(width, height)
+        except UnreadableImageError:
+            return False
+        return True
 
     def _nms(self, found: list[Recognition]) -> list[Recognition]:
         """Greedy NMS by recognition score, whatever the labels (as PP-ShiTu); best first."""
