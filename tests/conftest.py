@@ -56,3 +56,55 @@ def serving_library(tmp_path_factory):
     from tests.serving_helpers import demo_library
 
     return demo_library(tmp_path_factory.getbasetemp() / "serving-library")
+
+
+RESIZE_SHORT_CONFIG = """
+Global: {{image_shape: [3, {size}, {size}]}}
+Arch:
+  name: RecModel
+  Backbone: {{name: PPLCNetV2_small_ShiTu}}
+  BackboneStopLayer: {{name: flatten}}
+DataLoader:
+  Eval:
+    Query:
+      dataset:
+        name: ImageNetDataset
+        image_root: {root}
+        cls_label_path: {root}/unused.txt
+        transform_ops:
+          - DecodeImage: {{to_rgb: true, channel_first: false}}
+          - ResizeImage: {{resize_short: {size}}}
+          - CropImage: {{size: {size}}}
+          - NormalizeImage: {{}}
+"""
+
+
+@pytest.fixture(scope="session")
+def resize_short_library(tmp_path_factory) -> dict[str, Path]:
+    """A tiny export that resizes the short side, then crops (as xbm_resnet50; the shipped
+    model resizes to a fixed size), and a library of generated 32x32 images embedded with
+    it: `model`, `gallery`, and its `images` folder."""
+    from shitu.config import load_config
+    from shitu.index import Gallery, GalleryItem
+    from shitu.inference import FeatureExtractor, export_model
+    from tests.index_helpers import make_images
+
+    work = tmp_path_factory.mktemp("resize-short")
+    config_file = work / "tiny.yaml"
+    config_file.write_text(RESIZE_SHORT_CONFIG.format(size=32, root=work))
+    model = export_model(load_config(config_file), None, work / "model")
+    images = make_images(work / "images", 4)
+    extractor = FeatureExtractor.load(model, num_threads=1)
+    with Gallery.create_for(work / "gallery", extractor) as gallery:
+        gallery.add_files(extractor, [GalleryItem(p, f"block {p.stem}") for p in images])
+    return {"model": model, "gallery": work / "gallery", "images": work / "images"}
+
+
+@pytest.fixture
+def thin_limit(monkeypatch) -> int:
+    """Pillow's decompression-bomb threshold lowered to 50,000 pixels, so a resize_short of
+    32 refuses an image as thin as 2x400 (32x6400 pixels) and thin cases stay cheap."""
+    from PIL import Image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50_000)
+    return 50_000

@@ -522,6 +522,13 @@ def test_preprocessing_refuses_an_image_resize_short_would_blow_up(monkeypatch):
     assert prep.prepare(np.zeros((40, 30, 3), np.uint8)).shape == (16, 16, 3)
     with pytest.raises(UnreadableImageError, match=r"image 400x2 .* makes 4000x20 pixels"):
         prep.prepare(np.zeros((2, 400, 3), np.uint8))
+    # The same checks from the size alone, for callers that refuse such an image up front.
+    assert prep.check_size(30, 40) == (20, 27)
+    with pytest.raises(UnreadableImageError, match=r"image 400x2 .* makes 4000x20 pixels"):
+        prep.check_size(400, 2)
+    portrait_crop = Preprocessing(resize=None, resize_short=20, crop=(16, 24))
+    with pytest.raises(UnreadableImageError, match=r"crop 16x24 is larger than the image "):
+        portrait_crop.check_size(40, 30)  # resized to 27x20
 
 
 def test_preprocessing_replays_only_what_inference_can_and_nothing_it_was_not_given(exported):

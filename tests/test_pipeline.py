@@ -230,6 +230,26 @@ def test_several_products_are_each_recognised_and_not_suppressed_by_the_whole_im
     assert whole == results  # one batch of several images gives the same answer
 
 
+def test_a_detected_sliver_too_elongated_for_the_model_is_left_out_not_the_photo(
+    resize_short_library, thin_limit
+):
+    """A detector box 2 pixels wide down a normal photo passes MIN_BOX_SIDE, but a model
+    that resizes the short side cannot take it (under Pillow's limit, lowered here): the
+    box is left out like a thinner one, and the photo's other box is recognised (the
+    sliver failed the photo, and in `shitu serve` the request, with a 500)."""
+    product = read_rgb(resize_short_library["images"] / "img000.png")  # 32x32
+    photo = np.full((200, 200, 3), 255, np.uint8)
+    photo[50:146, 50:146] = np.kron(product, np.ones((3, 3, 1), np.uint8))
+    extractor = FeatureExtractor.load(resize_short_library["model"], num_threads=1)
+    detector = FixedBoxes([(0, 0, 2, 200), (50, 50, 146, 146)])
+    with Gallery.open(resize_short_library["gallery"], embedder=extractor) as gallery:
+        rec = Recognizer(extractor, gallery, detector, score_thres=-1)
+        (candidates,) = rec.score_batch([photo])
+        (found,) = rec.recognize_batch([photo])
+    assert [box.bbox for box in candidates.boxes] == [(50, 50, 146, 146)]
+    assert [(r.bbox, r.label) for r in found] == [((50, 50, 146, 146), "block img000")]
+
+
 def test_whole_image_is_the_fallback_when_no_box_is_recognised(setup, recognizer):
     photo = read_rgb(setup["queries"][0].path)
     height, width = photo.shape[:2]
@@ -389,6 +409,40 @@ def test_recognize_cli_skips_an_image_over_opencvs_pixel_limit(setup, tmp_path, 
     }
     assert list(lines) == [photo.name] and lines[photo.name]
     assert f"skipped {folder / 'huge.png'}: cannot decode image (DecompressionBombError" in err
+
+
+def test_a_file_too_elongated_for_the_model_is_skipped_as_unreadable(
+    resize_short_library, thin_limit, tmp_path, capsys
+):
+    """With a model that resizes the short side, a file too thin for that (under Pillow's
+    limit, lowered here) is reported as unreadable, as a corrupt one is, and the files
+    beside it are recognised (it stopped the run); extract_files (`shitu extract`, `index
+    build` and `add`) skips it alike."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for path in sorted(resize_short_library["images"].iterdir())[:2]:
+        shutil.copy(path, folder)
+    Image.fromarray(np.zeros((400, 2, 3), np.uint8)).save(folder / "thin.png")
+    (folder / "broken.jpg").write_bytes(b"not an image")
+    paths = sorted(str(p) for p in folder.iterdir())  # broken, img000, img001, thin
+    thin = str(folder / "thin.png")
+    too_thin = "image 2x400 is too elongated to resize its short side to 32"
+    extractor = FeatureExtractor.load(resize_short_library["model"], num_threads=1)
+    with Gallery.open(resize_short_library["gallery"], embedder=extractor) as gallery:
+        found = list(Recognizer(extractor, gallery, score_thres=-1).recognize_files(paths))
+    assert [f.path for f in found] == paths
+    errors = {Path(f.path).name: f.error for f in found}
+    assert "unknown or corrupt format" in errors["broken.jpg"]
+    assert errors["thin.png"].startswith(too_thin)
+    labels = [f.results[0].label for f in found if f.error is None]
+    assert labels == ["block img000", "block img001"]
+    assert dict(extractor.extract_files(paths).failures)[thin] == errors["thin.png"]
+    common = ["--gallery", str(resize_short_library["gallery"]), "--no-progress"]
+    args = ["recognize", str(folder), *common, "--model", str(resize_short_library["model"])]
+    assert shitu_main(args) == 0
+    out, err = capsys.readouterr()
+    assert len(out.splitlines()) == 2
+    assert f"skipped {thin}: {too_thin}" in err and "2 of 4 files could not be read" in err
 
 
 def test_save_vis_refuses_the_folder_of_the_input_photos(setup, grocery, tmp_path, capsys):

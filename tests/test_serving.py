@@ -6,6 +6,7 @@ as built, the later ones see the edits made before them."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import io
@@ -792,6 +793,52 @@ def test_an_upload_folder_that_cannot_be_written_is_refused_at_start(
     assert capsys.readouterr().err == (
         f"error: the upload folder (--upload-dir): {blocker} is a file, not a folder\n"
     )
+
+
+def test_an_image_the_model_cannot_resize_is_a_bad_upload(
+    resize_short_library, thin_limit, tmp_path
+):
+    """A model that resizes the short side refuses an image too elongated for that (under
+    Pillow's limit, lowered here, so in this process): every route that embeds answers 400
+    naming the upload and why, as for a corrupt one (was 500); a normal image goes through."""
+    from shitu.serving.app import create_app
+
+    shutil.copytree(resize_short_library["gallery"], tmp_path / "gallery")
+    config = load_pipeline_config(
+        None,
+        [
+            f"IndexProcess.index_dir={tmp_path / 'gallery'}",
+            f"Global.rec_inference_model_dir={resize_short_library['model']}",
+        ],
+    )
+    thin = ("thin.png", png_bytes(np.zeros((400, 2, 3), np.uint8)), "image/png")
+    normal = ("normal.png", png_bytes(np.zeros((40, 30, 3), np.uint8)), "image/png")
+
+    async def post(app, *requests: tuple[str, list, dict]) -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://shitu") as client:
+            return [await client.post(r, files=f, data=d) for r, f, d in requests]
+
+    uploads = tmp_path / "uploads"
+    with RecognitionService(config, ServeSettings(upload_dir=uploads)) as service:
+        *refused, fine, mixed = asyncio.run(
+            post(
+                create_app(service),
+                ("/v1/recognize", [("image", thin)], {}),
+                ("/v1/extract", [("image", thin)], {}),
+                ("/v1/gallery/images", [("image", thin)], {"label": "thin"}),
+                ("/v1/recognize", [("image", normal)], {}),
+                ("/v1/extract", [("image", normal), ("image", thin)], {}),
+            )
+        )
+    for response in [*refused, mixed]:
+        assert response.status_code == 400, response.text
+        assert response.json()["detail"] == (
+            "thin.png: image 2x400 is too elongated to resize its short side to 32: that makes "
+            f"32x6400 pixels, over the limit of {thin_limit} (PIL.Image.MAX_IMAGE_PIXELS)"
+        )
+    assert fine.status_code == 200, fine.text
+    assert not uploads.exists() or not any(uploads.iterdir())
 
 
 def test_an_image_over_pillows_own_limit_gets_the_413_without_a_warning():

@@ -155,6 +155,12 @@ class FeatureExtractor:
         """What the export's JSON records (size, mean/std, interpolation, channel order)."""
         return self._preprocessing.to_dict()
 
+    def check_size(self, width: int, height: int) -> None:
+        """UnreadableImageError, naming the problem, for an image size this model's
+        preprocessing cannot take (one too elongated to resize its short side, say): check
+        before `extract_images`, where one such image fails the whole call."""
+        self._preprocessing.check_size(width, height)
+
     def extract_images(self, images: Sequence[np.ndarray], batch_size: int = 32) -> np.ndarray:
         """RGB uint8 HxWx3 arrays (e.g. detector crops) -> float32 [N, D], L2-normalised."""
         check_count(batch_size, "batch_size")

@@ -180,23 +180,33 @@ class Preprocessing:
     def prepare(self, image: np.ndarray) -> np.ndarray:
         """RGB uint8 HxWx3 -> uint8 at the model's size (crop included), model channel order."""
         check_rgb_image(image)
-        if self.resize_short is not None:
-            try:
-                size = short_side_size(image.shape[1], image.shape[0], self.resize_short)
-            except ValueError as exc:
-                raise UnreadableImageError(str(exc)) from None
-            image = self._resize(image, *size)
-        else:
-            assert self.resize is not None
-            image = self._resize(image, *self.resize)
+        image = self._resize(image, *self.check_size(image.shape[1], image.shape[0]))
         if self.crop is not None:
             width, height = self.crop
             top = (image.shape[0] - height) // 2
             left = (image.shape[1] - width) // 2
-            if top < 0 or left < 0:
-                raise UnreadableImageError(f"crop {width}x{height} is larger than the image")
             image = image[top : top + height, left : left + width]
         return image[:, :, ::-1] if self.channel_order == "BGR" else image
+
+    def check_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) an image of this size is resized to, or UnreadableImageError if
+        this preprocessing cannot take it (too elongated to resize its short side, or
+        smaller than the crop): from the size alone, so callers can refuse such an image
+        before it joins a batch and fails the others."""
+        if self.resize_short is None:
+            assert self.resize is not None
+            size = self.resize
+        else:
+            try:
+                size = short_side_size(width, height, self.resize_short)
+            except ValueError as exc:
+                raise UnreadableImageError(str(exc)) from None
+        if self.crop is not None and (self.crop[0] > size[0] or self.crop[1] > size[1]):
+            raise UnreadableImageError(
+                f"crop {self.crop[0]}x{self.crop[1]} is larger than the image "
+                f"({width}x{height}, resized to {size[0]}x{size[1]})"
+            )
+        return size
 
     def normalize(self, image: np.ndarray) -> np.ndarray:
         """uint8 HxWx3 -> float32 3xHxW, normalised (per channel: no per-pixel Python)."""

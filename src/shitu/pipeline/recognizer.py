@@ -260,10 +260,22 @@ class Recognizer:
             dets = self.detector.detect(image, self.det_threshold, self.max_det_results)
             for det in dets:
                 x1, y1, x2, y2 = pixel_box(det[2:6], width, height)
-                if x2 - x1 >= MIN_BOX_SIDE and y2 - y1 >= MIN_BOX_SIDE:
+                if self._usable_box(x2 - x1, y2 - y1):
                     boxes.append((x1, y1, x2, y2))
         boxes.append((0, 0, width, height))
         return boxes
+
+    def _usable_box(self, width: int, height: int) -> bool:
+        """Whether a detected box can be embedded: a sliver thinner than MIN_BOX_SIDE, or too
+        elongated for the model's preprocessing to resize, holds no object to recognise, and
+        embedding it would fail the whole photo."""
+        if width < MIN_BOX_SIDE or height < MIN_BOX_SIDE:
+            return False
+        try:
+            self.extractor.check_size(width, height)
+        except UnreadableImageError:
+            return False
+        return True
 
     def _nms(self, found: list[Recognition]) -> list[Recognition]:
         """Greedy NMS by recognition score, whatever the labels (as PP-ShiTu); best first."""
@@ -295,7 +307,7 @@ class Recognizer:
         ):
             for start in range(0, len(names), FILES_PER_BATCH):
                 chunk = names[start : start + FILES_PER_BATCH]
-                decoded = list(pool.map(_read_or_reason, chunk))
+                decoded = list(pool.map(self._read_or_reason, chunk))
                 readable = [image for image in decoded if isinstance(image, np.ndarray)]
                 scored = iter(self.score_batch(readable))
                 for name, image in zip(chunk, decoded, strict=True):
@@ -305,9 +317,12 @@ class Recognizer:
                         yield name, next(scored), None
                 bar.update(len(chunk))
 
-
-def _read_or_reason(path: str) -> np.ndarray | str:
-    try:
-        return read_rgb(path)
-    except UnreadableImageError as exc:
-        return str(exc)
+    def _read_or_reason(self, path: str) -> np.ndarray | str:
+        """The decoded file, or why it cannot be used: unreadable, or a size the model cannot
+        take (too elongated to resize, say), which would fail the batch it joined."""
+        try:
+            image = read_rgb(path)
+            self.extractor.check_size(image.shape[1], image.shape[0])
+        except UnreadableImageError as exc:
+            return str(exc)
+        return image

@@ -167,12 +167,14 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
     app.openapi = openapi  # type: ignore[method-assign]
 
     async def decode(uploads: RawUploads) -> list[Upload]:
-        """Decoded uploads; each within the pixel limit, and all of them together within
-        REQUEST_PIXELS_FACTOR times it, so one request cannot hold gigabytes of pixels."""
+        """Decoded uploads, each one the model can take; each within the pixel limit, and all
+        of them together within REQUEST_PIXELS_FACTOR times it, so one request cannot hold
+        gigabytes of pixels."""
         decoded, total = [], 0
         budget = REQUEST_PIXELS_FACTOR * settings.max_pixels
         for name, data in uploads.images:
             pixels = await run_in_threadpool(decode_image, data, settings.max_pixels, name)
+            service.check_image(name, pixels)
             total += pixels.shape[0] * pixels.shape[1]
             if total > budget:
                 raise PayloadTooLarge(

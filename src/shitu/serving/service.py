@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from shitu.data.transforms.ops import UnreadableImageError
 from shitu.fileio import check_writable, write_atomically
 from shitu.index import INDEX_TYPES, Gallery
 from shitu.index.labels import BadLabelError, normal_form
@@ -118,6 +119,15 @@ class RecognitionService:
         self.close()
 
     # ------------------------------------------------------------------------- inference
+
+    def check_image(self, name: str, pixels: np.ndarray) -> None:
+        """BadRequest, as for a corrupt upload, for an image the model's preprocessing cannot
+        take (one too elongated to resize its short side, say): checked before it is queued,
+        as the model would refuse it there with an error that is the server's (500)."""
+        try:
+            self.extractor.check_size(pixels.shape[1], pixels.shape[0])
+        except UnreadableImageError as exc:
+            raise BadRequest(f"{name}: {exc}") from None
 
     def recognize(self, image: np.ndarray) -> Future[list[Recognition]]:
         return self.batcher.submit("recognize", image)
