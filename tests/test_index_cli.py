@@ -19,6 +19,9 @@ from pathlib import Path
 import pytest
 
 from shitu.cli.main import main
+from shitu.index import Gallery
+from shitu.index import gallery as gallery_module
+from tests.index_helpers import clustered, make_images
 
 CLASSES = {0: "Golden Delicious apple", 1: "Granny Smith apple", 2: "Pink Lady apple"}
 
@@ -307,3 +310,31 @@ def test_a_terminated_build_unwinds_and_ends_by_the_signal(models, grocery, tmp_
     process.communicate(timeout=60)
     assert process.returncode == -signal.SIGTERM
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("backend", ["faiss", "milvus"])
+def test_list_and_stats_read_the_rows_without_loading_the_index(tmp_path, monkeypatch, backend):
+    """On a big library loading the index (a Faiss file read whole and checksummed, a
+    Milvus collection loaded) costs far more than the rows these commands print."""
+    if backend == "milvus":
+        pytest.importorskip("milvus_lite", reason="the milvus extra is not installed")
+    lib = tmp_path / "lib"
+    photos = make_images(tmp_path / "photos", 5)
+    with Gallery.create(lib, embedding_dim=8, model_fingerprint="m", backend=backend) as gallery:
+        labels = ["pear", "apple", "pear", "fig", "pear"]
+        gallery.add(clustered(5, 8), labels, [str(path) for path in photos])
+        expected_stats, entries = gallery.stats(), gallery.entries("pear")
+    monkeypatch.setattr(gallery_module, "open_backend", _no_index)
+    stats = shitu("index", "stats", lib)
+    assert stats.returncode == 0, stats.stderr
+    assert json.loads(stats.stdout) == expected_stats
+    listed = shitu("index", "list", lib)
+    assert listed.stdout == "       1  apple\n       1  fig\n       3  pear\n", listed.stderr
+    images = shitu("index", "list", lib, "--label", "pear")
+    assert images.stdout.splitlines() == [
+        f"{e.id}\t{e.label}\t{e.path}\t{e.added_at}" for e in entries
+    ], images.stderr
+
+
+def _no_index(*args: object, **kwargs: object) -> None:
+    raise AssertionError("the index was loaded")

@@ -24,7 +24,15 @@ from shitu.cli.common import (
 )
 from shitu.errors import DataError, GalleryError
 from shitu.fileio import check_writable, fsync_dir
-from shitu.index import INDEX_TYPES, METRICS, AddReport, Gallery, GalleryItem, collect_items
+from shitu.index import (
+    INDEX_TYPES,
+    METRICS,
+    AddReport,
+    Catalog,
+    Gallery,
+    GalleryItem,
+    collect_items,
+)
 from shitu.index.embedder import Embedder
 from shitu.index.gallery import LIBRARY_FILE
 
@@ -349,12 +357,12 @@ def run_relabel(args: argparse.Namespace) -> int:
 
 
 def run_list(args: argparse.Namespace) -> int:
-    with Gallery.open(args.library) as gallery:
+    with Catalog(args.library) as catalog:  # no index loaded: fast on a big library
         if args.label is None and not args.images:
-            for label, count in gallery.label_counts().items():
+            for label, count in catalog.label_counts().items():
                 print(f"{count:>8}  {label}")
             return 0
-        entries = gallery.entries(args.label)
+        entries = catalog.entries(args.label)
         if args.label is not None and not entries:  # as remove and relabel say
             raise GalleryError(f"{args.library}: no images labelled '{args.label}'")
         for entry in entries:
@@ -363,8 +371,8 @@ def run_list(args: argparse.Namespace) -> int:
 
 
 def run_stats(args: argparse.Namespace) -> int:
-    with Gallery.open(args.library) as gallery:
-        print(json.dumps(gallery.stats(), indent=2))
+    with Catalog(args.library) as catalog:
+        print(json.dumps(catalog.stats(), indent=2))
     return 0
 
 

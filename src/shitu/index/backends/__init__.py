@@ -83,10 +83,6 @@ class Backend(ABC):
     def problems(self) -> list[str]:
         """Disagreements between this backend and the store (empty when healthy)."""
 
-    def describe(self) -> dict[str, Any]:
-        """Backend facts for `stats` (index kind, size)."""
-        return dict(self.manifest.index_state)
-
     @abstractmethod
     def close(self) -> None:
         """Release files and connections."""
@@ -101,6 +97,17 @@ class Backend(ABC):
     # Why the index was left unloaded when opened with `repair` (then `Gallery.open`
     # rebuilds it from the stored features); None when it loaded.
     damaged: str | None = None
+
+
+def describe_index(manifest: Manifest) -> dict[str, Any]:
+    """Backend facts for `stats` (index kind, size), from the manifest alone: `index stats`
+    reports them without loading the index."""
+    facts = dict(manifest.index_state)
+    if manifest.backend == "milvus":
+        from shitu.index.backends.milvus_backend import collection_name
+
+        facts["collection"] = collection_name(manifest)
+    return facts
 
 
 def open_backend(

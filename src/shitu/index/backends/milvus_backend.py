@@ -42,6 +42,10 @@ def index_params(index_type: str, dim: int, options: dict[str, Any]) -> tuple[st
     return "IVF_PQ", {"nlist": nlist, "m": pq_subquantizers(dim), "nbits": 8}
 
 
+def collection_name(manifest: Manifest) -> str:
+    return manifest.backend_options.get("collection", DEFAULT_COLLECTION)
+
+
 def search_params(index_type: str, k: int, options: dict[str, Any]) -> dict[str, Any]:
     if index_type == "HNSW32":
         return {"ef": max(k, options.get("ef_search", 64))}
@@ -71,7 +75,7 @@ class MilvusBackend(Backend):
         self._lite_path: str | None = None
         if "://" not in uri:  # a Milvus Lite file (must end in .db), kept inside the library
             uri = self._lite_path = str((root / uri).resolve())
-        self.collection = options.get("collection", DEFAULT_COLLECTION)
+        self.collection = collection_name(manifest)
         self._pending: Change | None = None
         self._resynced: Manifest | None = None  # recorded by finish_open
         try:
@@ -244,9 +248,6 @@ class MilvusBackend(Backend):
     def problems(self) -> list[str]:
         count, held = self.store.count(), self.ntotal
         return [] if held == count else [f"milvus holds {held} vectors, library has {count}"]
-
-    def describe(self) -> dict[str, Any]:
-        return {**self.manifest.index_state, "collection": self.collection}
 
     def close(self) -> None:
         self.client.close()
