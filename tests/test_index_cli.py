@@ -338,3 +338,46 @@ def test_list_and_stats_read_the_rows_without_loading_the_index(tmp_path, monkey
 
 def _no_index(*args: object, **kwargs: object) -> None:
     raise AssertionError("the index was loaded")
+
+
+def test_a_milvus_failure_while_writing_is_one_line_and_leaves_no_half_library(
+    models, tmp_path, monkeypatch
+):
+    """Milvus failing an insert (its server gone, its storage full): a build leaves nothing,
+    an add keeps its committed rows and the collection is built again from them."""
+    pytest.importorskip("milvus_lite", reason="the milvus extra is not installed")
+    from pymilvus import MilvusClient
+    from pymilvus.exceptions import MilvusException
+
+    def disk_full(*args: object, **kwargs: object) -> None:
+        raise MilvusException(message="simulated: disk full")
+
+    make_images(tmp_path / "gallery" / "blocks", 4)
+    lib = tmp_path / "lib"
+    build = ("index", "build", "--gallery", tmp_path / "gallery", "--out", lib, "--backend",
+             "milvus", "--model", models[128], "--no-progress")  # fmt: skip
+    with monkeypatch.context() as failing:
+        failing.setattr(MilvusClient, "insert", disk_full)
+        refused = shitu(*build)
+    assert refused.returncode == 2 and refused.stderr.splitlines()[-1] == (
+        f"error: {lib}: not built: Milvus failed while adding vectors to collection "
+        "'shitu_gallery' (simulated: disk full)"
+    )
+    assert "Traceback" not in refused.stderr
+    assert not lib.exists() and not list(tmp_path.glob(".lib*"))  # no staging folder either
+
+    assert shitu(*build).returncode == 0
+    new = make_images(tmp_path / "new", 1, seed=1)[0]
+    add = ("index", "add", lib, new, "--label", "new", "--model", models[128], "--no-progress")
+    with monkeypatch.context() as failing:
+        failing.setattr(MilvusClient, "insert", disk_full)
+        refused = shitu(*add)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert refused.stderr.splitlines()[-1].startswith(
+        f"error: {lib}: Milvus failed while adding vectors to collection 'shitu_gallery' "
+        "(simulated: disk full); the library keeps the change"
+    )
+    verified = shitu("index", "verify", lib)  # opening builds the stale collection again
+    assert verified.returncode == 0 and "OK (5 images)" in verified.stdout, verified.stdout
+    found = shitu("index", "search", lib, new, "--model", models[128], "-k", "1")
+    assert "\tnew (1.000" in found.stdout, found.stdout

@@ -33,6 +33,7 @@ from shitu.index import (
     GalleryItem,
     collect_items,
 )
+from shitu.index.backends import IndexSyncError
 from shitu.index.embedder import Embedder
 from shitu.index.gallery import LIBRARY_FILE
 
@@ -284,8 +285,10 @@ def _build(
             raise GalleryError(
                 f"{args.out}: already exists (built meanwhile by another process?): {exc.strerror}"
             ) from None
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, IndexSyncError):  # not "kept": its library was the staging folder
+            raise GalleryError(f"{args.out}: not built: {exc.failure}") from exc
         raise
     fsync_dir(args.out.parent)
     _report(report, args.out, stats)
