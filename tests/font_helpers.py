@@ -14,15 +14,19 @@ from shitu.pipeline import fonts
 LABEL_PAIRS = (("可口可乐", "百事雪碧"), ("Жук", "Дом"), ("éèê", "ñõü"))
 
 
+def _listed_fonts() -> list[str]:
+    """The font files fontconfig knows (none without it)."""
+    if not shutil.which("fc-list"):
+        return []
+    listed = subprocess.run(
+        ["fc-list", "--format=%{file}\n"], capture_output=True, text=True, check=False
+    ).stdout
+    return listed.splitlines()
+
+
 def font_covering(text: str) -> str | None:
     """A font file on this machine that has every character of `text`."""
-    listed = ""
-    if shutil.which("fc-list"):
-        listed = subprocess.run(
-            ["fc-list", "--format=%{file}\n"], capture_output=True, text=True, check=False
-        ).stdout
-    paths = [*listed.splitlines(), *map(str, fonts.SYSTEM_FONTS)]
-    for path in paths:
+    for path in (*_listed_fonts(), *map(str, fonts.SYSTEM_FONTS)):
         if Path(path).suffix.lower() not in (".ttf", ".otf", ".ttc") or not Path(path).is_file():
             continue
         try:
@@ -40,4 +44,17 @@ def labels_and_font() -> tuple[tuple[str, str], str] | None:
         font = font_covering("".join(pair))
         if font is not None:
             return pair, font
+    return None
+
+
+def font_collection() -> str | None:
+    """An installed font collection (.ttc) with more than one face."""
+    for path in (*_listed_fonts(), *map(str, fonts.SYSTEM_FONTS)):
+        if Path(path).suffix.lower() != ".ttc" or not Path(path).is_file():
+            continue
+        try:
+            fonts.load_font(fonts.FontFace(path, 1), fonts.PROBE_SIZE)
+        except OSError:
+            continue
+        return path
     return None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shlex
 import subprocess
 import sys
 
@@ -13,9 +14,12 @@ import pytest
 from PIL import Image
 
 from shitu.cli import index as index_cli
+from shitu.cli.common import separate_overrides
+from shitu.cli.demo import demo_settings
 from shitu.cli.export import spread
-from shitu.cli.main import STDOUT_CLOSED_STATUS, SUBCOMMANDS
+from shitu.cli.main import STDOUT_CLOSED_STATUS, SUBCOMMANDS, build_parser
 from shitu.cli.main import main as shitu_main
+from shitu.cli.recognize import pipeline_config_from_args
 from shitu.inference import default_model_dir
 
 SHITU = [sys.executable, "-m", "shitu.cli.main"]
@@ -354,3 +358,31 @@ Metric:
     assert shitu_main(["eval", "-c", str(config), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result == {"recall@1": 1.0, "num_queries": 3, "num_queries_without_positive": 1}
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        [],
+        ["--score-thres", "0.7", "--runtime", "torch", "--threads", "2", "--precision", "int8"],
+        ["-o", "Global.threshold=0.3", "IndexProcess.score_thres=0.4", "--det-arch", "x s"],
+        ["--model", "my models/m1", "--detector", "none"],
+        ["-c", "{config}", "-o", "Global.det_inference_model_dir=none"],
+    ],
+)
+def test_the_demos_next_command_repeats_what_the_demo_did(tmp_path, given):
+    """The closing hint is `shitu recognize` with the demo's settings: parsed by the real
+    parser, it gives the config the demo recognised its photos with."""
+    config_file = tmp_path / "my pipeline.yaml"
+    config_file.write_text("Global:\n  max_det_results: 2\n  det_inference_model_dir: d.onnx\n")
+    words = [word.format(config=config_file) for word in given]
+    parser = build_parser()
+    demo = parser.parse_args(
+        separate_overrides(["demo", "--out", str(tmp_path / "my demo"), *words])
+    )
+    config, hint = demo_settings(demo)
+    command = shlex.split(hint)
+    assert command[:3] == ["shitu", "recognize", "YOUR_PHOTOS"]
+    again = parser.parse_args(separate_overrides(command[1:]))
+    assert again.images == ["YOUR_PHOTOS"] and again.gallery == str(tmp_path / "my demo/gallery")
+    assert pipeline_config_from_args(again) == config

@@ -19,6 +19,9 @@ from pathlib import Path
 import pytest
 
 from shitu.cli.main import main
+from shitu.index import Gallery
+from shitu.index import gallery as gallery_module
+from tests.index_helpers import clustered, make_images
 
 CLASSES = {0: "Golden Delicious apple", 1: "Granny Smith apple", 2: "Pink Lady apple"}
 
@@ -307,3 +310,74 @@ def test_a_terminated_build_unwinds_and_ends_by_the_signal(models, grocery, tmp_
     process.communicate(timeout=60)
     assert process.returncode == -signal.SIGTERM
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("backend", ["faiss", "milvus"])
+def test_list_and_stats_read_the_rows_without_loading_the_index(tmp_path, monkeypatch, backend):
+    """On a big library loading the index (a Faiss file read whole and checksummed, a
+    Milvus collection loaded) costs far more than the rows these commands print."""
+    if backend == "milvus":
+        pytest.importorskip("milvus_lite", reason="the milvus extra is not installed")
+    lib = tmp_path / "lib"
+    photos = make_images(tmp_path / "photos", 5)
+    with Gallery.create(lib, embedding_dim=8, model_fingerprint="m", backend=backend) as gallery:
+        labels = ["pear", "apple", "pear", "fig", "pear"]
+        gallery.add(clustered(5, 8), labels, [str(path) for path in photos])
+        expected_stats, entries = gallery.stats(), gallery.entries("pear")
+    monkeypatch.setattr(gallery_module, "open_backend", _no_index)
+    stats = shitu("index", "stats", lib)
+    assert stats.returncode == 0, stats.stderr
+    assert json.loads(stats.stdout) == expected_stats
+    listed = shitu("index", "list", lib)
+    assert listed.stdout == "       1  apple\n       1  fig\n       3  pear\n", listed.stderr
+    images = shitu("index", "list", lib, "--label", "pear")
+    assert images.stdout.splitlines() == [
+        f"{e.id}\t{e.label}\t{e.path}\t{e.added_at}" for e in entries
+    ], images.stderr
+
+
+def _no_index(*args: object, **kwargs: object) -> None:
+    raise AssertionError("the index was loaded")
+
+
+def test_a_milvus_failure_while_writing_is_one_line_and_leaves_no_half_library(
+    models, tmp_path, monkeypatch
+):
+    """Milvus failing an insert (its server gone, its storage full): a build leaves nothing,
+    an add keeps its committed rows and the collection is built again from them."""
+    pytest.importorskip("milvus_lite", reason="the milvus extra is not installed")
+    from pymilvus import MilvusClient
+    from pymilvus.exceptions import MilvusException
+
+    def disk_full(*args: object, **kwargs: object) -> None:
+        raise MilvusException(message="simulated: disk full")
+
+    make_images(tmp_path / "gallery" / "blocks", 4)
+    lib = tmp_path / "lib"
+    build = ("index", "build", "--gallery", tmp_path / "gallery", "--out", lib, "--backend",
+             "milvus", "--model", models[128], "--no-progress")  # fmt: skip
+    with monkeypatch.context() as failing:
+        failing.setattr(MilvusClient, "insert", disk_full)
+        refused = shitu(*build)
+    assert refused.returncode == 2 and refused.stderr.splitlines()[-1] == (
+        f"error: {lib}: not built: Milvus failed while adding vectors to collection "
+        "'shitu_gallery' (simulated: disk full)"
+    )
+    assert "Traceback" not in refused.stderr
+    assert not lib.exists() and not list(tmp_path.glob(".lib*"))  # no staging folder either
+
+    assert shitu(*build).returncode == 0
+    new = make_images(tmp_path / "new", 1, seed=1)[0]
+    add = ("index", "add", lib, new, "--label", "new", "--model", models[128], "--no-progress")
+    with monkeypatch.context() as failing:
+        failing.setattr(MilvusClient, "insert", disk_full)
+        refused = shitu(*add)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert refused.stderr.splitlines()[-1].startswith(
+        f"error: {lib}: Milvus failed while adding vectors to collection 'shitu_gallery' "
+        "(simulated: disk full); the library keeps the change"
+    )
+    verified = shitu("index", "verify", lib)  # opening builds the stale collection again
+    assert verified.returncode == 0 and "OK (5 images)" in verified.stdout, verified.stdout
+    found = shitu("index", "search", lib, new, "--model", models[128], "-k", "1")
+    assert "\tnew (1.000" in found.stdout, found.stdout

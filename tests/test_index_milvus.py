@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import re
 import sqlite3
 import threading
 
@@ -12,6 +13,7 @@ import pytest
 from shitu.errors import GalleryError
 from shitu.index import Gallery, metadata
 from shitu.index import gallery as gallery_module
+from shitu.index.backends import IndexSyncError
 from tests.index_helpers import clustered, run_killed, snapshot
 
 pytest.importorskip("milvus_lite", reason="the milvus extra is not installed")
@@ -210,3 +212,38 @@ def test_a_failed_reload_keeps_the_collection_searchable(tmp_path, monkeypatch):
         np.testing.assert_array_equal(reader.search(queries, k=3).ids, before.ids)
         assert reader.stale() and reader.refresh()  # the next try loads the new generation
         assert "item one" in reader.label_counts()
+
+
+@pytest.mark.parametrize("write", ["add", "remove", "rebuild"])
+def test_a_milvus_failure_after_the_commit_is_a_gallery_error_and_reopening_mends_it(
+    tmp_path, monkeypatch, write
+):
+    """The rows are committed before Milvus is written: its failure leaves the collection
+    stale (half written, say), which the next open builds again from the stored rows."""
+    from pymilvus import MilvusClient
+    from pymilvus.exceptions import MilvusException
+
+    queries = clustered(4, DIM, seed=12)
+    build(tmp_path, "milvus", count=30).close()
+
+    def fails(*args: object, **kwargs: object) -> None:
+        raise MilvusException(message="simulated: disk full")
+
+    doing = {"add": "adding vectors to", "remove": "removing vectors from"}.get(write, "rebuilding")
+    with monkeypatch.context() as failing, Gallery.open(tmp_path / "milvus") as gallery:
+        failing.setattr(MilvusClient, "delete" if write == "remove" else "insert", fails)
+        with pytest.raises(
+            IndexSyncError,
+            match=f"^{re.escape(str(tmp_path / 'milvus'))}: Milvus failed while {doing} collection "
+            r"'shitu_gallery' \(simulated: disk full\); the library keeps the change",
+        ):
+            if write == "add":
+                gallery.add(queries[:2], ["new a", "new b"])
+            elif write == "remove":
+                gallery.remove(labels=["item 0"])
+            else:
+                gallery.rebuild()
+    with Gallery.open(tmp_path / "milvus") as gallery:
+        assert gallery.verify() == []  # as many vectors in the collection as rows
+        found = set(gallery.search(queries, k=30).labels.ravel().tolist())
+    assert ("new a" in found) == (write == "add") and ("item 0" in found) == (write != "remove")

@@ -1,9 +1,10 @@
 """The web page of `shitu serve` in headless Chromium, on a server whose every read needs the
 API key (--protect-reads): enter the key, recognise a photo, add an image to a label, rename
 the label, delete an image; then the page on a phone screen, errors beside their form, uploads
-split within the server's limits, stale answers, captions, focus and accessible names. The
-tests share the server and run in file order. Needs Debian's `chromium` and `chromium-driver`;
-the screenshot lands in the test's tmp dir and in test-artifacts/ at the repository root."""
+split within the server's limits, stale answers, captions, WebP photos' EXIF orientation,
+focus and accessible names. The tests share the server and run in file order. Needs Debian's
+`chromium` and `chromium-driver`; the screenshot lands in the test's tmp dir and in
+test-artifacts/ at the repository root."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 
+from shitu.inference.preprocess import decode_rgb
 from tests.conftest import REPO_ROOT
 from tests.index_helpers import make_images
 from tests.serving_helpers import ServerProcess
@@ -497,6 +499,58 @@ def test_captions_are_readable_and_inside_a_wide_photo(serving_library, server, 
         assert photo_box["left"] - 1 <= caption["left"], (caption, photo_box)
         assert caption["right"] <= photo_box["right"] + 1, (caption, photo_box)
         assert photo_box["top"] - 1 <= caption["top"], (caption, photo_box)
+
+
+# Per EXIF orientation, the turn that stores an upright photo so that the orientation
+# turns it upright again (the inverse of what ImageOps.exif_transpose does).
+STORED_AS = {
+    1: None,
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_90,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_270,
+}
+SHOWN_PIXELS = """
+const image = document.getElementById('photo-view');
+const canvas = document.createElement('canvas');
+[canvas.width, canvas.height] = [image.naturalWidth, image.naturalHeight];
+const context = canvas.getContext('2d');
+context.drawImage(image, 0, 0);
+const at = ([x, y]) => [...context.getImageData(x, y, 1, 1).data.slice(0, 3)];
+return [canvas.width, canvas.height, arguments[0].map(at)];
+"""
+
+
+def test_a_webp_photo_is_shown_upright_as_the_server_reads_it(
+    serving_library, server, browser, tmp_path
+):
+    """The server turns a photo upright by its EXIF orientation, WebP too, and answers with
+    boxes in upright pixels; Chromium shows a WebP as stored (JPEG and PNG upright), so the
+    boxes would be drawn over a photo turned on its side or mirrored."""
+    shelf, products = serving_library.demo.shelves[0]
+    upright = decode_rgb(shelf.read_bytes())
+    height, width = upright.shape[:2]
+    points = [(x, y) for x in range(5, width, width // 7) for y in range(5, height, height // 7)]
+    open_page(browser, server)
+    status = browser.find_element(By.ID, "recognise-status")
+    for orientation, turn in STORED_AS.items():
+        stored = Image.fromarray(upright)
+        exif = Image.Exif()
+        exif[0x0112] = orientation  # Orientation
+        photo = tmp_path / f"shelf-{orientation}.webp"
+        (stored if turn is None else stored.transpose(turn)).save(photo, lossless=True, exif=exif)
+        assert np.array_equal(decode_rgb(photo.read_bytes()), upright)  # the server's view
+        browser.execute_script("arguments[0].textContent = ''", status)
+        browser.find_element(By.ID, "photo").send_keys(str(photo))
+        wait(browser, lambda d: status.text.endswith(" recognised"), f"results of {photo.name}")
+        assert status.text == f"{len(products)} recognised"
+        shown_width, shown_height, pixels = browser.execute_script(SHOWN_PIXELS, points)
+        assert (shown_width, shown_height) == (width, height), orientation
+        expected = [upright[y, x].tolist() for x, y in points]
+        assert np.abs(np.array(pixels) - expected).max() <= 2, orientation
 
 
 def focused(driver: WebDriver, attribute: str) -> str | None:

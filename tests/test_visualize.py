@@ -13,10 +13,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from shitu.cli.common import visualisation_writer
+from shitu.cli.main import build_parser
 from shitu.cli.main import main as shitu_main
 from shitu.pipeline import CaptionFonts, draw_boxes, fonts
 from shitu.pipeline.visualize import label_colour
-from tests.font_helpers import labels_and_font
+from tests.font_helpers import font_collection, labels_and_font
 
 BOX = (10, 60, 230, 110)
 
@@ -161,4 +163,28 @@ def test_vis_font_that_cannot_be_used_is_refused_before_anything_is_written(tmp_
         assert not vis.exists()
     assert shitu_main(["recognize", str(photo), "--vis-font", str(not_a_font)]) == 2
     expected = f"error: --vis-font {not_a_font}: only used with --save-vis DIR\n"
+    assert capsys.readouterr().err == expected
+
+
+def test_vis_font_index_picks_the_face_of_a_font_collection(tmp_path, capsys):
+    """A .ttc holds several faces (Noto Sans CJK: one per region, each drawing some
+    characters in its own form); without --vis-font-index its first face is used."""
+    collection = font_collection()
+    if collection is None:
+        pytest.skip("no font collection (.ttc) with several faces is installed")
+    photo = tmp_path / "photo.jpg"
+    Image.new("RGB", (32, 32)).save(photo)
+    command = ["recognize", str(photo), "--save-vis", str(tmp_path / "vis")]
+
+    def font(*options: str) -> tuple[str, str]:
+        args = build_parser().parse_args([*command, "--vis-font", collection, *options])
+        return visualisation_writer(args, [photo]).fonts.font_for("Oat milk", 20).getname()
+
+    first, second = (fonts.load_font(fonts.FontFace(collection, i), 20) for i in (0, 1))
+    assert font() == first.getname() != second.getname() == font("--vis-font-index", "1")
+    assert shitu_main([*command, "--vis-font", collection, "--vis-font-index", "999"]) == 2
+    refused = f"error: font {collection}: has no face 999 (faces count from 0)\n"
+    assert capsys.readouterr().err == refused
+    assert shitu_main([*command, "--vis-font-index", "1"]) == 2
+    expected = "error: --vis-font-index 1: only used with --vis-font FILE\n"
     assert capsys.readouterr().err == expected

@@ -223,18 +223,29 @@ def add_visualisation_arguments(parser: argparse.ArgumentParser) -> None:
         help="TrueType/OpenType font for the --save-vis captions (default: Pillow's own, and "
         "for labels it cannot draw, e.g. Chinese, an installed font that can)",
     )
+    parser.add_argument(
+        "--vis-font-index",
+        type=non_negative_int,
+        metavar="N",
+        help="face of a --vis-font collection (.ttc) to draw with, counted from 0 (default "
+        "0); e.g. NotoSansCJK-Regular.ttc holds JP, KR, SC, TC, HK: 2 draws Simplified "
+        "Chinese forms",
+    )
 
 
 def visualisation_writer(
     args: argparse.Namespace, inputs: Iterable[Path]
 ) -> VisualisationWriter | None:
     """The writer that --save-vis and --vis-font ask for, None without --save-vis."""
+    if args.vis_font_index is not None and args.vis_font is None:
+        raise DataError(f"--vis-font-index {args.vis_font_index}: only used with --vis-font FILE")
     if args.save_vis is None:
         if args.vis_font is not None:
             raise DataError(f"--vis-font {args.vis_font}: only used with --save-vis DIR")
         return None
     scanned = [Path(source) for source in args.images if Path(source).is_dir()]
-    return VisualisationWriter(args.save_vis, inputs, args.vis_font, scanned)
+    font_index = args.vis_font_index or 0
+    return VisualisationWriter(args.save_vis, inputs, args.vis_font, scanned, font_index)
 
 
 class VisualisationWriter:
@@ -247,13 +258,14 @@ class VisualisationWriter:
         inputs: Iterable[Path] = (),
         font: Path | None = None,
         scanned: Iterable[Path] = (),
+        font_index: int = 0,
     ) -> None:
         """`inputs`: the images to annotate. A folder holding one of them is refused: the
         copies, named after the images, would write over the user's photos. `scanned`: the
         input folders, searched recursively for images; the folder may not be inside one,
         where the next run would take the copies for photos. `font`: the captions' font
-        file (default: see CaptionFonts)."""
-        self.fonts = CaptionFonts(font)
+        file (default: see CaptionFonts), `font_index` its face in a collection (.ttc)."""
+        self.fonts = CaptionFonts(font, font_index)
         here = folder.resolve()
         inside = next((image for image in inputs if image.parent.resolve() == here), None)
         if inside is not None:

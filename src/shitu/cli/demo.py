@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import shutil
 from pathlib import Path
 
 from shitu.cli.common import VisualisationWriter
-from shitu.cli.recognize import add_pipeline_arguments, format_table, pipeline_config_from_args
+from shitu.cli.recognize import (
+    add_pipeline_arguments,
+    format_table,
+    pipeline_arguments,
+    pipeline_config_from_args,
+)
 from shitu.errors import ShituError
 from shitu.fileio import check_writable
-from shitu.pipeline.config import PLAIN_BACKGROUND
+from shitu.pipeline.config import PLAIN_BACKGROUND, PipelineConfig
 
 MARKER = ".shitu-demo"
 
@@ -40,16 +46,29 @@ def _prepare(out: Path) -> None:
     shutil.rmtree(out / "gallery", ignore_errors=True)
 
 
+def demo_settings(args: argparse.Namespace) -> tuple[PipelineConfig, str]:
+    """The pipeline config of the demo's recognition, and the `shitu recognize` command
+    that recognises the user's photos with the same config (the settings given to the
+    demo repeated, and what the demo itself sets: its library and detector)."""
+    config = pipeline_config_from_args(args)
+    gallery = str(args.out / "gallery")
+    config.IndexProcess.index_dir = gallery
+    same = ["--gallery", gallery, *pipeline_arguments(args)]
+    if args.detector is None and config.detector is None:  # `--detector none` stays
+        config.Global.det_inference_model_dir = PLAIN_BACKGROUND
+        same += ["--detector", PLAIN_BACKGROUND]  # recognize's own default is none
+    command = ["shitu", "recognize", "YOUR_PHOTOS", *same]
+    command += ["--format", "table", "--save-vis", str(args.out / "vis_yours")]
+    return config, shlex.join(command)
+
+
 def run(args: argparse.Namespace) -> int:
     from shitu.demo import make_demo_set
     from shitu.index import Gallery, collect_items
+    from shitu.inference import FeatureExtractor, default_model_dir
     from shitu.pipeline import Recognizer
 
-    config = pipeline_config_from_args(args)
-    if args.detector is None and config.detector is None:  # `--detector none` stays
-        config.Global.det_inference_model_dir = PLAIN_BACKGROUND
-    from shitu.inference import FeatureExtractor, default_model_dir
-
+    config, next_command = demo_settings(args)
     # The model (and its runtime) first: a setting that cannot work leaves nothing written.
     model = Path(config.Global.rec_inference_model_dir or default_model_dir())
     g = config.Global
@@ -59,7 +78,6 @@ def run(args: argparse.Namespace) -> int:
     out: Path = args.out
     _prepare(out)
     demo = make_demo_set(out / "images")
-    config.IndexProcess.index_dir = str(out / "gallery")
     print(f"demo photos written to {out / 'images'}")
 
     items = collect_items([demo.gallery_list])
@@ -81,14 +99,5 @@ def run(args: argparse.Namespace) -> int:
             total += len(truth)
             writer.save_recognition(found)
     print(f"recognised {found_right} of {total} products; annotated photos in {out / 'vis'}")
-    # The same settings as this run: recognize's own default is the whole image, no detector.
-    same = f" --model {model}" if g.rec_inference_model_dir else ""
-    if g.rec_precision != "fp32":  # the library answers only to the precision that built it
-        same += f" --precision {g.rec_precision}"
-    if config.detector is not None:
-        same += f" --detector {config.detector}"
-    print(
-        f"next: shitu recognize YOUR_PHOTOS --gallery {out / 'gallery'}{same} "
-        f"--format table --save-vis {out / 'vis_yours'}"
-    )
+    print(f"next: {next_command}")
     return 0

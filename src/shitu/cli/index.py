@@ -24,7 +24,16 @@ from shitu.cli.common import (
 )
 from shitu.errors import DataError, GalleryError
 from shitu.fileio import check_writable, fsync_dir
-from shitu.index import INDEX_TYPES, METRICS, AddReport, Gallery, GalleryItem, collect_items
+from shitu.index import (
+    INDEX_TYPES,
+    METRICS,
+    AddReport,
+    Catalog,
+    Gallery,
+    GalleryItem,
+    collect_items,
+)
+from shitu.index.backends import IndexSyncError
 from shitu.index.embedder import Embedder
 from shitu.index.gallery import LIBRARY_FILE
 
@@ -276,8 +285,10 @@ def _build(
             raise GalleryError(
                 f"{args.out}: already exists (built meanwhile by another process?): {exc.strerror}"
             ) from None
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, IndexSyncError):  # not "kept": its library was the staging folder
+            raise GalleryError(f"{args.out}: not built: {exc.failure}") from exc
         raise
     fsync_dir(args.out.parent)
     _report(report, args.out, stats)
@@ -349,12 +360,12 @@ def run_relabel(args: argparse.Namespace) -> int:
 
 
 def run_list(args: argparse.Namespace) -> int:
-    with Gallery.open(args.library) as gallery:
+    with Catalog(args.library) as catalog:  # no index loaded: fast on a big library
         if args.label is None and not args.images:
-            for label, count in gallery.label_counts().items():
+            for label, count in catalog.label_counts().items():
                 print(f"{count:>8}  {label}")
             return 0
-        entries = gallery.entries(args.label)
+        entries = catalog.entries(args.label)
         if args.label is not None and not entries:  # as remove and relabel say
             raise GalleryError(f"{args.library}: no images labelled '{args.label}'")
         for entry in entries:
@@ -363,8 +374,8 @@ def run_list(args: argparse.Namespace) -> int:
 
 
 def run_stats(args: argparse.Namespace) -> int:
-    with Gallery.open(args.library) as gallery:
-        print(json.dumps(gallery.stats(), indent=2))
+    with Catalog(args.library) as catalog:
+        print(json.dumps(catalog.stats(), indent=2))
     return 0
 
 

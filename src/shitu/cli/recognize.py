@@ -22,6 +22,18 @@ from shitu.pipeline import (
 )
 from shitu.pipeline.config import DEFAULT_PIPELINE_CONFIG, DEFAULT_SCORE_THRES, NO_DETECTOR
 
+# The flags (by their argparse dest) that set pipeline config keys, over the file's values.
+CONFIG_FLAGS = {
+    "gallery": ("IndexProcess", "index_dir"),
+    "score_thres": ("IndexProcess", "score_thres"),
+    "model": ("Global", "rec_inference_model_dir"),
+    "detector": ("Global", "det_inference_model_dir"),
+    "det_arch": ("Global", "det_arch"),
+    "threads": ("Global", "cpu_num_threads"),
+    "runtime": ("Global", "rec_backend"),
+    "precision": ("Global", "rec_precision"),
+}
+
 
 def add_pipeline_arguments(
     parser: argparse.ArgumentParser, gallery: bool = True, default_detector: str = NO_DETECTOR
@@ -64,20 +76,23 @@ def pipeline_config_from_args(args: argparse.Namespace) -> PipelineConfig:
     """The config file with -o overrides, then the explicit flags on top."""
     overrides = [item for group in args.override for item in group]
     config = load_pipeline_config(args.config, overrides)
-    flags = {
-        ("IndexProcess", "index_dir"): getattr(args, "gallery", None),
-        ("IndexProcess", "score_thres"): args.score_thres,
-        ("Global", "rec_inference_model_dir"): args.model,
-        ("Global", "det_inference_model_dir"): args.detector,
-        ("Global", "det_arch"): args.det_arch,
-        ("Global", "cpu_num_threads"): args.threads,
-        ("Global", "rec_backend"): args.runtime,
-        ("Global", "rec_precision"): args.precision,
-    }
-    for (section, key), value in flags.items():
+    for dest, (section, key) in CONFIG_FLAGS.items():
+        value = getattr(args, dest, None)  # `demo` has no --gallery
         if value is not None:
             setattr(getattr(config, section), key, value)
     return config
+
+
+def pipeline_arguments(args: argparse.Namespace) -> list[str]:
+    """The words that give `args`'s pipeline settings to another command (the config,
+    its overrides and the flags, as given), e.g. for a hint to repeat a run."""
+    words = [] if args.config == DEFAULT_PIPELINE_CONFIG else ["-c", args.config]
+    words += [word for group in args.override for item in group for word in ("-o", item)]
+    for dest in CONFIG_FLAGS:
+        value = getattr(args, dest, None)
+        if value is not None:
+            words += [f"--{dest.replace('_', '-')}", str(value)]
+    return words
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

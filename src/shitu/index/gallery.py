@@ -20,7 +20,7 @@ import numpy as np
 
 from shitu.errors import GalleryError
 from shitu.fileio import file_sha256, fsync_dir
-from shitu.index.backends import Backend, Change, open_backend
+from shitu.index.backends import Backend, Change, describe_index, open_backend
 from shitu.index.embedder import Embedder
 from shitu.index.files import crash_point
 from shitu.index.labels import BadLabelError, GalleryItem, check_label, normal_form
@@ -75,9 +75,81 @@ def _committed_manifest(
     return manifest
 
 
-def _with_full_path(entry: ImageEntry, root: Path) -> ImageEntry:
-    """The entry with its library-relative path made whole."""
-    return replace(entry, path=str(root / entry.path))
+def _open_store(root: Path) -> MetadataStore:
+    """The library's database, refused with a one-line error where there is no library."""
+    if not root.exists():
+        raise GalleryError(f"{root}: no such gallery library (build one with `shitu index build`)")
+    if not (root / LIBRARY_FILE).is_file():
+        raise GalleryError(f"{root}: not a gallery library (no {LIBRARY_FILE})")
+    return MetadataStore(root / LIBRARY_FILE)
+
+
+def _full_entries(store: MetadataStore, root: Path, label: str | None) -> list[ImageEntry]:
+    """The stored images (by id), each with the full path of its file (library-relative
+    paths made whole)."""
+    base = root.resolve()
+    return [
+        e if os.path.isabs(e.path) or not e.path else replace(e, path=str(base / e.path))
+        for e in store.entries(label)
+    ]
+
+
+def _stats(root: Path, manifest: Manifest, images: int, labels: int) -> dict[str, Any]:
+    """What `stats` reports: the counts, and the manifest's model and index facts."""
+    return {
+        "path": str(root),
+        "images": images,
+        "labels": labels,
+        "model_fingerprint": manifest.model_fingerprint,
+        "embedding_dim": manifest.embedding_dim,
+        "metric": manifest.metric,
+        "normalize": manifest.normalize,
+        "backend": manifest.backend,
+        "index_type": manifest.index_type,
+        "backend_options": manifest.backend_options,  # search settings, Milvus uri, ...
+        "index": describe_index(manifest),
+        "generation": manifest.generation,
+        "created_at": manifest.created_at,
+        "updated_at": manifest.updated_at,
+    }
+
+
+class Catalog:
+    """A library's labels, images and stats, read without its index (`shitu index list`
+    and `stats`): a Faiss index is read whole and checksummed when a Gallery opens, and a
+    Milvus collection is connected to and loaded, which on a big library takes long."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.root = Path(path)
+        self._store = _open_store(self.root)
+        try:
+            _committed_manifest(self.root, self._store, None)  # refused as Gallery.open does
+        except BaseException:
+            self._store.close()
+            raise
+
+    def close(self) -> None:
+        self._store.close()
+
+    def __enter__(self) -> Catalog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def label_counts(self) -> dict[str, int]:
+        return self._store.label_counts()
+
+    def entries(self, label: str | None = None) -> list[ImageEntry]:
+        """As `Gallery.entries`."""
+        return _full_entries(self._store, self.root, label)
+
+    def stats(self) -> dict[str, Any]:
+        """As `Gallery.stats`."""
+        with self._store.reading():  # the manifest and the counts of one generation
+            manifest = _committed_manifest(self.root, self._store, None)
+            images, labels = self._store.counts()
+        return _stats(self.root, manifest, images, labels)
 
 
 class Gallery:
@@ -208,13 +280,7 @@ class Gallery:
         write: a new generation); `repaired` then says so.
         """
         root = Path(path)
-        if not root.exists():
-            raise GalleryError(
-                f"{root}: no such gallery library (build one with `shitu index build`)"
-            )
-        if not (root / LIBRARY_FILE).is_file():
-            raise GalleryError(f"{root}: not a gallery library (no {LIBRARY_FILE})")
-        store = MetadataStore(root / LIBRARY_FILE)
+        store = _open_store(root)
         backend: Backend | None = None
         try:
             # Manifest, index file and labels of one generation, even while another process
@@ -646,11 +712,7 @@ class Gallery:
     def entries(self, label: str | None = None) -> list[ImageEntry]:
         """The stored images (by id), each with the full path of its file."""
         self._check_usable()
-        root = self.root.resolve()
-        entries = self._store.entries(label)
-        return [
-            e if os.path.isabs(e.path) or not e.path else _with_full_path(e, root) for e in entries
-        ]
+        return _full_entries(self._store, self.root, label)
 
     def _stored_path(self, path: str) -> str:
         """How a file's path is stored: relative to the library folder for files inside it
@@ -675,23 +737,8 @@ class Gallery:
 
     def stats(self) -> dict[str, Any]:
         self._check_usable(sqlite=False)
-        m = self.manifest
-        return {
-            "path": str(self.root),
-            "images": len(self),
-            "labels": len(set(self._id_labels[1].tolist())),
-            "model_fingerprint": m.model_fingerprint,
-            "embedding_dim": m.embedding_dim,
-            "metric": m.metric,
-            "normalize": m.normalize,
-            "backend": m.backend,
-            "index_type": m.index_type,
-            "backend_options": m.backend_options,  # search settings, Milvus uri, ...
-            "index": self._backend.describe(),
-            "generation": m.generation,
-            "created_at": m.created_at,
-            "updated_at": m.updated_at,
-        }
+        ids, labels = self._id_labels
+        return _stats(self.root, self.manifest, len(ids), len(set(labels.tolist())))
 
     def verify(self) -> list[str]:
         """Everything wrong with the library (empty list when healthy)."""

@@ -206,6 +206,10 @@ class MetadataStore:
     def count(self) -> int:
         return self.conn.execute("SELECT COUNT(*) FROM images").fetchone()[0]
 
+    def counts(self) -> tuple[int, int]:
+        """How many images, and how many distinct labels they have."""
+        return self.conn.execute("SELECT COUNT(*), COUNT(DISTINCT label) FROM images").fetchone()
+
     def label_counts(self) -> dict[str, int]:
         rows = self.conn.execute("SELECT label, COUNT(*) FROM images GROUP BY label ORDER BY label")
         return dict(rows.fetchall())

@@ -56,15 +56,20 @@ class FontFace:
     index: int = 0
 
 
-def check_font_file(path: Path) -> None:
-    """Raise a one-line DataError unless Pillow can draw with the font file at `path`:
-    a wrong `--vis-font` is reported before any image is read, not after the first one."""
+def check_font_file(path: Path, index: int = 0) -> None:
+    """Raise a one-line DataError unless Pillow can draw with face `index` of the font file
+    at `path`: a wrong `--vis-font` (or `--vis-font-index`) is reported before any image is
+    read, not after the first one."""
     if not path.is_file():
         raise DataError(f"font {path}: {'a folder' if path.is_dir() else 'no such file'}")
     try:
         ImageFont.truetype(str(path), PROBE_SIZE)
     except OSError as exc:
         raise DataError(f"font {path}: not a TrueType/OpenType font ({exc})") from None
+    try:
+        ImageFont.truetype(str(path), PROBE_SIZE, index=index)
+    except OSError:
+        raise DataError(f"font {path}: has no face {index} (faces count from 0)") from None
 
 
 @lru_cache(maxsize=256)
@@ -147,15 +152,16 @@ def _readable(face: FontFace) -> bool:
 
 
 class CaptionFonts:
-    """Chooses the font for each caption: the given font file, else Pillow's built-in
-    font; for a label that one cannot draw, an installed font that can. Use one for a
-    whole run: a label that no font can draw is warned about once, not on every image,
-    and the installed fonts chosen before are tried first (a search runs `fc-match`)."""
+    """Chooses the font for each caption: the given font file (face `index` of a
+    collection), else Pillow's built-in font; for a label that one cannot draw, an
+    installed font that can. Use one for a whole run: a label that no font can draw is
+    warned about once, not on every image, and the installed fonts chosen before are tried
+    first (a search runs `fc-match`)."""
 
-    def __init__(self, path: Path | None = None) -> None:
+    def __init__(self, path: Path | None = None, index: int = 0) -> None:
         if path is not None:
-            check_font_file(path)
-        self.given = None if path is None else FontFace(str(path))
+            check_font_file(path, index)
+        self.given = None if path is None else FontFace(str(path), index)
         self.chosen: list[FontFace] = []
         self.warned: set[str] = set()
 

@@ -14,10 +14,26 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from shitu.errors import GalleryError
 from shitu.index.manifest import Manifest
 from shitu.index.metadata import MetadataStore
 
 EMPTY_IDS = np.zeros(0, dtype=np.int64)
+
+
+class IndexSyncError(GalleryError):
+    """`publish` failed: the index service (Milvus) did not apply a write that the library
+    had committed. The rows are stored and the manifest still marks the service's copy
+    stale, so the library builds it again from them when it next opens. `failure` says
+    what failed, for a caller that words the rest itself (a build that is abandoned)."""
+
+    def __init__(self, library: Path, failure: str) -> None:
+        self.failure = failure
+        super().__init__(
+            f"{library}: {failure}; the library keeps the change (its rows are committed) "
+            f"and builds the index again from them when it next opens, or now with "
+            f"`shitu index rebuild {library}`"
+        )
 
 
 @dataclass
@@ -68,7 +84,8 @@ class Backend(ABC):
 
     @abstractmethod
     def publish(self, manifest: Manifest) -> None:
-        """Make the staged change live after the transaction committed `manifest`."""
+        """Make the staged change live after the transaction committed `manifest`;
+        a service that fails to raises IndexSyncError."""
 
     @abstractmethod
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -82,10 +99,6 @@ class Backend(ABC):
     @abstractmethod
     def problems(self) -> list[str]:
         """Disagreements between this backend and the store (empty when healthy)."""
-
-    def describe(self) -> dict[str, Any]:
-        """Backend facts for `stats` (index kind, size)."""
-        return dict(self.manifest.index_state)
 
     @abstractmethod
     def close(self) -> None:
@@ -101,6 +114,17 @@ class Backend(ABC):
     # Why the index was left unloaded when opened with `repair` (then `Gallery.open`
     # rebuilds it from the stored features); None when it loaded.
     damaged: str | None = None
+
+
+def describe_index(manifest: Manifest) -> dict[str, Any]:
+    """Backend facts for `stats` (index kind, size), from the manifest alone: `index stats`
+    reports them without loading the index."""
+    facts = dict(manifest.index_state)
+    if manifest.backend == "milvus":
+        from shitu.index.backends.milvus_backend import collection_name
+
+        facts["collection"] = collection_name(manifest)
+    return facts
 
 
 def open_backend(

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from shitu.errors import GalleryError
-from shitu.index.backends import Backend, Change, scores_from_distances
+from shitu.index.backends import Backend, Change, IndexSyncError, scores_from_distances
 from shitu.index.manifest import Manifest
 from shitu.index.metadata import MetadataStore
 
@@ -40,6 +42,26 @@ def index_params(index_type: str, dim: int, options: dict[str, Any]) -> tuple[st
     from shitu.index.backends.faiss_backend import pq_subquantizers
 
     return "IVF_PQ", {"nlist": nlist, "m": pq_subquantizers(dim), "nbits": 8}
+
+
+def collection_name(manifest: Manifest) -> str:
+    return manifest.backend_options.get("collection", DEFAULT_COLLECTION)
+
+
+def _service_failures() -> tuple[type[Exception], ...]:
+    """What pymilvus raises when Milvus fails a call (the server gone, its storage full):
+    its own errors, and the gRPC errors it passes on as they are."""
+    import grpc
+    from pymilvus.exceptions import MilvusException
+
+    return MilvusException, grpc.RpcError
+
+
+def _failure_reason(exc: Exception) -> str:
+    """Why Milvus failed, without the class and code that its exceptions print around it."""
+    message = getattr(exc, "message", None)  # MilvusException
+    details = getattr(exc, "details", None)  # a failed gRPC call
+    return str(message or (details() if callable(details) else exc))
 
 
 def search_params(index_type: str, k: int, options: dict[str, Any]) -> dict[str, Any]:
@@ -71,7 +93,7 @@ class MilvusBackend(Backend):
         self._lite_path: str | None = None
         if "://" not in uri:  # a Milvus Lite file (must end in .db), kept inside the library
             uri = self._lite_path = str((root / uri).resolve())
-        self.collection = options.get("collection", DEFAULT_COLLECTION)
+        self.collection = collection_name(manifest)
         self._pending: Change | None = None
         self._resynced: Manifest | None = None  # recorded by finish_open
         try:
@@ -93,8 +115,6 @@ class MilvusBackend(Backend):
     def _open_collection(self, uri: str, repair: bool) -> None:
         """The collection, synced with the stored features, and loaded for searching; one
         that Milvus cannot read is refused, or with `repair` dropped and left `damaged`."""
-        from pymilvus.exceptions import MilvusException
-
         manifest = self.manifest
         if manifest.generation == 0 and self._holds_rows():
             # A new library (every write makes a generation): the vectors are another
@@ -112,14 +132,14 @@ class MilvusBackend(Backend):
                 self._resync()
                 self._resynced = manifest
             self.client.load_collection(self.collection)  # a reopened one starts released
-        except MilvusException as exc:  # damaged files of a Milvus Lite collection, say
+        except _service_failures() as exc:  # damaged files of a Milvus Lite collection, say
             problem = f"{self.root}: Milvus collection '{self.collection}' cannot be read"
+            why = _failure_reason(exc)
             if not repair:
                 raise GalleryError(
-                    f"{problem} ({exc.message}); `shitu index rebuild {self.root}` builds it "
+                    f"{problem} ({why}); `shitu index rebuild {self.root}` builds it "
                     "again from the stored features"
                 ) from None
-            why = exc.message
             logger.warning("%s (%s); building it again from the stored features", problem, why)
             self.client.drop_collection(self.collection)
             self.damaged = problem  # Gallery.open rebuilds it
@@ -212,13 +232,25 @@ class MilvusBackend(Backend):
         if change is None:
             return
         if change.rebuild:
-            self._resync()
+            with self._applying("rebuilding"):
+                self._resync()
         else:
             if len(change.removed_ids):
-                self.client.delete(self.collection, ids=[int(i) for i in change.removed_ids])
+                with self._applying("removing vectors from"):
+                    self.client.delete(self.collection, ids=[int(i) for i in change.removed_ids])
             if len(change.added_ids):
-                self._insert(change.added_ids, change.added)
-        self._mark_synced(manifest)
+                with self._applying("adding vectors to"):
+                    self._insert(change.added_ids, change.added)
+        self._mark_synced(manifest)  # not reached after a failure: the collection stays stale
+
+    @contextmanager
+    def _applying(self, doing: str) -> Iterator[None]:
+        """Milvus failing to apply a committed write, as an IndexSyncError that says so."""
+        try:
+            yield
+        except _service_failures() as exc:
+            failure = f"Milvus failed while {doing} collection '{self.collection}'"
+            raise IndexSyncError(self.root, f"{failure} ({_failure_reason(exc)})") from exc
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         raw = np.full((len(queries), k), np.nan, np.float32)
@@ -244,9 +276,6 @@ class MilvusBackend(Backend):
     def problems(self) -> list[str]:
         count, held = self.store.count(), self.ntotal
         return [] if held == count else [f"milvus holds {held} vectors, library has {count}"]
-
-    def describe(self) -> dict[str, Any]:
-        return {**self.manifest.index_state, "collection": self.collection}
 
     def close(self) -> None:
         self.client.close()

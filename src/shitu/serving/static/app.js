@@ -153,8 +153,64 @@ function drawBoxes(results, width, height) {
   }
 }
 
+// EXIF orientation (1-8) -> the canvas transform that turns a w x h photo upright.
+const UPRIGHT = {
+  2: (w, h) => [-1, 0, 0, 1, w, 0], 3: (w, h) => [-1, 0, 0, -1, w, h],
+  4: (w, h) => [1, 0, 0, -1, 0, h], 5: (w, h) => [0, 1, 1, 0, 0, 0],
+  6: (w, h) => [0, 1, -1, 0, h, 0], 7: (w, h) => [0, -1, -1, 0, h, w],
+  8: (w, h) => [0, -1, 1, 0, 0, w],
+};
+
+// The EXIF orientation of a WebP file (its RIFF chunk "EXIF": TIFF data, after "Exif\0\0"
+// in some writers' files); 1 for other files and where there is none or it cannot be read.
+async function webpOrientation(file) {
+  const head = new Uint8Array(await file.slice(0, 12).arrayBuffer());
+  const text = (bytes, at, length) => String.fromCharCode(...bytes.subarray(at, at + length));
+  if (text(head, 0, 4) !== "RIFF" || text(head, 8, 4) !== "WEBP") return 1;
+  const bytes = new Uint8Array(await file.arrayBuffer());
+  const view = new DataView(bytes.buffer);
+  try {
+    for (let at = 12, size = 0; at + 8 <= bytes.length; at += 8 + size + (size & 1)) {
+      size = view.getUint32(at + 4, true);
+      if (text(bytes, at, 4) !== "EXIF") continue;
+      const tiff = at + 8 + (text(bytes, at + 8, 6) === "Exif\0\0" ? 6 : 0);
+      const little = text(bytes, tiff, 2) === "II";
+      const ifd = tiff + view.getUint32(tiff + 4, little);
+      for (let entry = ifd + 2; entry < ifd + 2 + 12 * view.getUint16(ifd, little); entry += 12) {
+        if (view.getUint16(entry, little) === 0x0112) return view.getUint16(entry + 8, little);
+      }
+      return 1;
+    }
+  } catch (ignored) { /* cut short: a RangeError */ }
+  return 1;
+}
+
+// The photo as the server reads it, which turns photos upright by their EXIF orientation
+// and gives boxes in upright pixels. Browsers do the same for JPEG and PNG, but Chromium
+// shows a WebP as stored: such a photo is drawn upright here (the file sent is unchanged).
+async function uprightPhoto(file) {
+  const orientation = await webpOrientation(file);
+  if (!UPRIGHT[orientation]) return file;
+  try { // the stored pixels, whether or not this browser turns WebP itself
+    const bitmap = await createImageBitmap(file, { imageOrientation: "none" });
+    const [width, height] = [bitmap.width, bitmap.height];
+    const canvas = document.createElement("canvas");
+    const quarterTurn = orientation >= 5; // width and height swap
+    [canvas.width, canvas.height] = quarterTurn ? [height, width] : [width, height];
+    const context = canvas.getContext("2d");
+    context.setTransform(...UPRIGHT[orientation](width, height));
+    context.drawImage(bitmap, 0, 0);
+    bitmap.close();
+    return await new Promise((resolve) => canvas.toBlob((blob) => resolve(blob || file)));
+  } catch (ignored) { // not decodable here: shown as it is, or reported as not shown
+    return file;
+  }
+}
+
 async function recognise(file) {
   const choice = ++photoChoice;
+  const shownFile = await uprightPhoto(file);
+  if (choice !== photoChoice) return; // another photo was chosen meanwhile
   const image = $("photo-view");
   if (image.onerror) image.onerror(); // the previous photo's wait ends: its answer is dropped
   const loaded = new Promise((resolve) => {
@@ -166,7 +222,7 @@ async function recognise(file) {
   });
   image.hidden = false;
   if (image.src) URL.revokeObjectURL(image.src);
-  image.src = URL.createObjectURL(file);
+  image.src = URL.createObjectURL(shownFile);
   $("stage").hidden = false;
   $("overlay").replaceChildren();
   drawn = [];
