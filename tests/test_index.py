@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import sqlite3
 import threading
 from collections.abc import Callable
@@ -383,7 +384,8 @@ def test_corrupt_index_file_is_detected(tmp_path, damage):
 
 
 def test_not_a_library_and_existing_target_are_refused(tmp_path):
-    with pytest.raises(GalleryError, match="not a gallery library"):
+    build = f"`shitu index build --gallery {tmp_path} --out LIB`"  # images given as a library
+    with pytest.raises(GalleryError, match=f"not a gallery library .*{re.escape(build)}"):
         Gallery.open(tmp_path)
     with pytest.raises(GalleryError, match="nowhere: no such gallery library"):
         Gallery.open(tmp_path / "nowhere")

@@ -213,7 +213,12 @@ class Gallery:
                 f"{root}: no such gallery library (build one with `shitu index build`)"
             )
         if not (root / LIBRARY_FILE).is_file():
-            raise GalleryError(f"{root}: not a gallery library (no {LIBRARY_FILE})")
+            # `index build --gallery` takes images, `recognize --gallery` a library: easily
+            # given the one for the other.
+            raise GalleryError(
+                f"{root}: not a gallery library (no {LIBRARY_FILE}); for a folder or list of "
+                f"gallery images, build one first: `shitu index build --gallery {root} --out LIB`"
+            )
         store = MetadataStore(root / LIBRARY_FILE)
         backend: Backend | None = None
         try:
