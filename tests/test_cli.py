@@ -264,6 +264,12 @@ def test_extract_refuses_a_folder_for_out_before_embedding(tmp_path):
             result.stderr
             == f"error: --out {out}: names a folder; give a file prefix such as feats\n"
         )
+    (tmp_path / "features").mkdir()  # PREFIX.npy would go beside it, not into it
+    result = run_shitu("extract", str(image), "--out", f"{tmp_path / 'features'}/")
+    assert result.returncode == 2 and result.stderr == (
+        f"error: --out {tmp_path / 'features'}/: names a folder; give a file prefix in it, "
+        f"such as {tmp_path / 'features' / 'feats'}\n"
+    )
 
 
 def test_a_reader_that_stops_early_ends_the_command_quietly(serving_library):
