@@ -28,6 +28,7 @@ from shitu.index import INDEX_TYPES, METRICS, AddReport, Gallery, GalleryItem, c
 from shitu.index.embedder import Embedder
 from shitu.index.gallery import LIBRARY_FILE
 from shitu.index.manifest import SHIPPED_MODEL_NOTE, ModelMismatchError
+from shitu.registry import did_you_mean
 
 SHOWN_PROBLEMS = 10
 
@@ -368,7 +369,8 @@ def run_list(args: argparse.Namespace) -> int:
             return 0
         entries = gallery.entries(args.label)
         if args.label is not None and not entries:  # as remove and relabel say
-            raise GalleryError(f"{args.library}: no images labelled '{args.label}'")
+            hint = did_you_mean(args.label, list(gallery.label_counts()))
+            raise GalleryError(f"{args.library}: no images labelled '{args.label}'{hint}")
         for entry in entries:
             print(f"{entry.id}\t{entry.label}\t{entry.path}\t{entry.added_at}")
     return 0
