@@ -152,6 +152,18 @@ def test_out_of_range_numbers_are_usage_errors_not_tracebacks():
     assert "Traceback" not in result.stderr
 
 
+def test_a_misspelt_option_is_named_by_its_command_with_the_option_meant(capsys):
+    """Not `shitu`'s own usage line, which lists none of the command's options."""
+    with pytest.raises(SystemExit) as exit_info:
+        shitu_main(["index", "add", "LIB", "photos", "--lable", "Kiwi"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: shitu index add " in err
+    assert err.rstrip().endswith(
+        "shitu index add: error: unrecognized arguments: --lable Kiwi (did you mean '--label'?)"
+    )
+
+
 def test_commands_given_all_weights_do_not_need_the_imagenet_package(tmp_path, monkeypatch):
     """info and export with a checkpoint never read the backbone's ImageNet weights, so they
     work without the `pretrained` extra; starting from ImageNet still asks for it."""
@@ -257,6 +269,12 @@ def test_extract_refuses_a_folder_for_out_before_embedding(tmp_path):
             result.stderr
             == f"error: --out {out}: names a folder; give a file prefix such as feats\n"
         )
+    (tmp_path / "features").mkdir()  # PREFIX.npy would go beside it, not into it
+    result = run_shitu("extract", str(image), "--out", f"{tmp_path / 'features'}/")
+    assert result.returncode == 2 and result.stderr == (
+        f"error: --out {tmp_path / 'features'}/: names a folder; give a file prefix in it, "
+        f"such as {tmp_path / 'features' / 'feats'}\n"
+    )
 
 
 def test_a_reader_that_stops_early_ends_the_command_quietly(serving_library):

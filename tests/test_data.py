@@ -216,13 +216,19 @@ def test_labels_mixing_ids_and_names_are_refused(tmp_path: Path):
     assert dataset.label_map == {1: 0, 2: 1, 10: 2} and dataset.labels == [1, 2, 0, 1]
 
 
-def test_label_file_errors_name_the_file_and_line(tmp_path: Path):
+def test_label_file_errors_name_the_file_and_line(tmp_path: Path, monkeypatch):
     save_png(tmp_path / "a.png", pattern(4, 4))
     label_file = tmp_path / "list.txt"
     with pytest.raises(DataError, match=r"label file .*missing\.txt not found"):
         LabelFileDataset(str(tmp_path), str(tmp_path / "missing.txt"))
     with pytest.raises(DataError, match="image_root .*nowhere is not a directory"):
         LabelFileDataset(str(tmp_path / "nowhere"), str(label_file))
+    monkeypatch.chdir(tmp_path)  # a relative path says where it was looked for
+    cwd = f"(relative paths are taken from the working directory, {tmp_path})"
+    with pytest.raises(DataError, match=rf"image_root nowhere is not a directory {re.escape(cwd)}"):
+        LabelFileDataset("nowhere", "missing.txt")
+    with pytest.raises(DataError, match=rf"label file missing\.txt not found {re.escape(cwd)}"):
+        LabelFileDataset(".", "missing.txt")
     label_file.write_text("a.png 0\njust-a-path\n")
     with pytest.raises(DataError, match=r"list\.txt:2: expected 'path label \[unique_id\]'"):
         LabelFileDataset(str(tmp_path), str(label_file))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import sqlite3
 import threading
 from collections.abc import Callable
@@ -11,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from shitu.cli.main import main as shitu_main
 from shitu.errors import DataError, GalleryError
 from shitu.index import Gallery, GalleryItem, collect_items
 from shitu.index import gallery as gallery_module
@@ -253,6 +255,19 @@ def test_unknown_label_or_id_is_refused_without_change(tmp_path):
         assert len(gallery) == 3 and gallery.verify() == []
 
 
+def test_an_unknown_label_is_refused_with_the_label_it_may_misspell(tmp_path, capsys):
+    """Labels compare exactly: `Kiwi` typed for the library's `kiwi` is told which it has."""
+    with new_gallery(tmp_path / "lib") as gallery:
+        gallery.add(clustered(2, DIM), ["kiwi", "Banana"])
+        meant = r" \(did you mean 'kiwi'\?\)$"
+        with pytest.raises(GalleryError, match=r"no images labelled \['Kiwi'\]" + meant):
+            gallery.remove(labels=["Kiwi"])
+        with pytest.raises(GalleryError, match="no images labelled 'Kiwi'" + meant):
+            gallery.relabel("Kiwi", "Kiwi fruit")
+    assert shitu_main(["index", "list", str(tmp_path / "lib"), "--label", "Kiwi"]) == 2
+    assert capsys.readouterr().err.endswith("no images labelled 'Kiwi' (did you mean 'kiwi'?)\n")
+
+
 # --------------------------------------------------------------------------- model & files
 
 
@@ -383,7 +398,8 @@ def test_corrupt_index_file_is_detected(tmp_path, damage):
 
 
 def test_not_a_library_and_existing_target_are_refused(tmp_path):
-    with pytest.raises(GalleryError, match="not a gallery library"):
+    build = f"`shitu index build --gallery {tmp_path} --out LIB`"  # images given as a library
+    with pytest.raises(GalleryError, match=f"not a gallery library .*{re.escape(build)}"):
         Gallery.open(tmp_path)
     with pytest.raises(GalleryError, match="nowhere: no such gallery library"):
         Gallery.open(tmp_path / "nowhere")

@@ -752,6 +752,26 @@ def test_pipeline_config_reads_paddleclas_files_and_overrides(tmp_path):
         load_pipeline_config("no_such_config")
 
 
+def test_a_library_of_an_export_searched_without_model_says_the_shipped_model_was_used(
+    setup, capsys
+):
+    """Built with `--model EXPORT`, then searched without it: the refusal says which
+    model it got (the fingerprints alone do not); with a --model it says nothing of it."""
+    photo, library = str(setup["queries"][0].path), str(setup["library"])
+    note = "no --model was given, so this model is the one shipped with shitu"
+    for command in (
+        ["recognize", photo, "--gallery", library],
+        ["index", "search", library, photo],
+    ):
+        assert shitu_main([*command, "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {library}: library ") and err.rstrip().endswith(f"({note})")
+    assert (
+        shitu_main(["recognize", photo, "--gallery", library, "--model", str(setup["model"])]) == 0
+    )
+    assert note not in capsys.readouterr().err
+
+
 def test_default_model_dir_names_the_missing_folder(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(default_model_module, "DEFAULT_MODEL_DIR", tmp_path / "default_model")
     with pytest.raises(CheckpointError, match="default model is missing.*--model"):

@@ -57,6 +57,10 @@ def run(args: argparse.Namespace) -> int:
     targets = [out.parent / f"{out.name}{suffix}" for suffix in (".npy", ".txt")]
     if not out.name or any(target.is_dir() for target in targets):  # now, not after embedding
         raise DataError(f"--out {args.out}: names a folder; give a file prefix such as feats")
+    if Path(args.out).is_dir():  # `--out feats/`: the files would go beside it, not into it
+        raise DataError(
+            f"--out {args.out}: names a folder; give a file prefix in it, such as {out / 'feats'}"
+        )
     check_writable(out.parent, f"--out {args.out}")
     extractor = FeatureExtractor.load(
         args.model or default_model_dir(),

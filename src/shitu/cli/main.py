@@ -30,6 +30,7 @@ from shitu.cli import (
 )
 from shitu.cli.common import separate_overrides
 from shitu.errors import ShituError
+from shitu.registry import did_you_mean
 from shitu.runtime import keep_freed_memory
 
 SUBCOMMANDS = (
@@ -62,7 +63,31 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND")
     for module in SUBCOMMANDS:
         module.register(subparsers)
+    _mark_commands(parser)
     return parser
+
+
+def _mark_commands(parser: argparse.ArgumentParser) -> None:
+    """Give each (sub)command's parser itself as the default `command_parser`, so that an
+    unknown option is reported with the usage of the command it was given to (argparse
+    reports it with `shitu`'s, which lists no option of the command)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command in action.choices.values():
+                command.set_defaults(command_parser=command)
+                _mark_commands(command)
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """`parser.parse_args`, with unknown options reported by their command's parser,
+    with the option they may be a misspelling of."""
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        command: argparse.ArgumentParser = getattr(args, "command_parser", parser)
+        options = [name for action in command._actions for name in action.option_strings]
+        typo = next((word.split("=")[0] for word in unknown if word.startswith("--")), "")
+        command.error(f"unrecognized arguments: {' '.join(unknown)}{did_you_mean(typo, options)}")
+    return args
 
 
 # How a shell reports a process that SIGPIPE ended (128 + 13); Python ignores SIGPIPE, so
@@ -89,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(argv: list[str] | None) -> int:
     parser = build_parser()
-    args = parser.parse_args(separate_overrides(sys.argv[1:] if argv is None else argv))
+    args = _parse(parser, separate_overrides(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
     )

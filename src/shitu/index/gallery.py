@@ -27,6 +27,7 @@ from shitu.index.labels import BadLabelError, GalleryItem, check_label, normal_f
 from shitu.index.locking import ReadWriteLock
 from shitu.index.manifest import BACKENDS, Manifest, now
 from shitu.index.metadata import ImageEntry, MetadataStore, NewImage
+from shitu.registry import did_you_mean
 from shitu.vectors import l2_normalize
 
 LIBRARY_FILE = "gallery.sqlite"
@@ -80,7 +81,12 @@ def _open_store(root: Path) -> MetadataStore:
     if not root.exists():
         raise GalleryError(f"{root}: no such gallery library (build one with `shitu index build`)")
     if not (root / LIBRARY_FILE).is_file():
-        raise GalleryError(f"{root}: not a gallery library (no {LIBRARY_FILE})")
+        # `index build --gallery` takes images, `recognize --gallery` a library: easily
+        # given the one for the other.
+        raise GalleryError(
+            f"{root}: not a gallery library (no {LIBRARY_FILE}); for a folder or list of "
+            f"gallery images, build one first: `shitu index build --gallery {root} --out LIB`"
+        )
     return MetadataStore(root / LIBRARY_FILE)
 
 
@@ -625,7 +631,8 @@ class Gallery:
         def mutate() -> tuple[Change, np.ndarray]:
             unknown = [label for label in labels if not self._store.ids_with_labels([label])]
             if unknown:
-                raise GalleryError(f"{self.root}: no images labelled {unknown}")
+                hint = did_you_mean(unknown[0], list(self._store.label_counts()))
+                raise GalleryError(f"{self.root}: no images labelled {unknown}{hint}")
             target = sorted({int(i) for i in ids} | set(self._store.ids_with_labels(labels)))
             removed = self._store.delete(target)
             missing = sorted(set(target) - set(removed.tolist()))
@@ -643,7 +650,8 @@ class Gallery:
 
         def mutate() -> tuple[Change, int]:
             if not self._store.ids_with_labels([old]):
-                raise GalleryError(f"{self.root}: no images labelled '{old}'")
+                hint = did_you_mean(old, list(self._store.label_counts()))
+                raise GalleryError(f"{self.root}: no images labelled '{old}'{hint}")
             if not merge and new != normal_form(old) and self._store.ids_with_labels([new]):
                 raise GalleryError(
                     f"{self.root}: label '{new}' already has images; renaming '{old}' onto it "

@@ -85,11 +85,31 @@ def parse_label_file(path: Path) -> list[GalleryItem]:
 
 
 def scan_label_folders(root: Path) -> list[GalleryItem]:
-    """Folder-per-label tree: every image under `root/<label>/` gets that label."""
-    return [
-        GalleryItem(image.resolve(), image.relative_to(root).parts[0])
-        for image in scan_images(root, loose=False)
-    ]
+    """Folder-per-label tree: every image under `root/<label>/` gets that label.
+
+    A folder of photos without label folders is most often one product's photos: the
+    error says how to give them a label.
+    """
+    try:
+        images = scan_images(root, loose=False)
+    except DataError as exc:
+        if _has_loose_images(root):
+            raise DataError(
+                f"{exc}; the images directly in it have no label: move them into a sub-folder "
+                f"named after their label, or add them under one label with `shitu index add "
+                f"LIB {root} --label LABEL`"
+            ) from None
+        raise
+    return [GalleryItem(image.resolve(), image.relative_to(root).parts[0]) for image in images]
+
+
+def _has_loose_images(folder: Path) -> bool:
+    """Whether `folder` itself holds image files (False where it cannot be listed: the
+    scan's warning has said so)."""
+    try:
+        return any(path.suffix.lower() in IMAGE_SUFFIXES for path in folder.iterdir())
+    except OSError:
+        return False
 
 
 def collect_items(

@@ -29,6 +29,15 @@ BACKEND_OPTIONS = {
 }
 
 
+class ModelMismatchError(GalleryError):
+    """A library opened with another model's (or precision's) features than built it."""
+
+
+# Added to a ModelMismatchError where no model was named and the shipped one was used: the
+# usual cause is a library built with `--model EXPORT`, then searched without it.
+SHIPPED_MODEL_NOTE = "no --model was given, so this model is the one shipped with shitu"
+
+
 def now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
@@ -113,12 +122,12 @@ class Manifest:
     def check_model(self, fingerprint: str, embedding_dim: int, source: str) -> None:
         """Refuse vectors from another model: mixing embedding spaces gives silent garbage."""
         if embedding_dim != self.embedding_dim:
-            raise GalleryError(
+            raise ModelMismatchError(
                 f"{source}: library holds {self.embedding_dim}-d features but the model gives "
                 f"{embedding_dim}-d; re-embed with `shitu index reembed {source} --model ...`"
             )
         if fingerprint != self.model_fingerprint:
-            raise GalleryError(
+            raise ModelMismatchError(
                 f"{source}: library was built with model {self.model_fingerprint} but this model "
                 f"is {fingerprint} (another model, or another --precision); search with the "
                 f"model and precision that built it, or re-embed with `shitu index reembed "

@@ -226,7 +226,7 @@ def read_lines(path: str, what: str) -> list[tuple[int, str]]:
     """(line number, stripped text) of the non-blank lines of a listing file."""
     file = Path(path)
     if not file.is_file():
-        hint = " (it is a directory)" if file.is_dir() else ""
+        hint = " (it is a directory)" if file.is_dir() else _from_working_directory(path)
         raise DataError(f"{what}: label file {path} not found{hint}")
     try:
         text = file.read_text(encoding="utf-8-sig")
@@ -238,4 +238,12 @@ def read_lines(path: str, what: str) -> list[tuple[int, str]]:
 
 def check_root(root: str, what: str, key: str = "image_root") -> None:
     if not Path(root).is_dir():
-        raise DataError(f"{what}: {key} {root} is not a directory")
+        raise DataError(f"{what}: {key} {root} is not a directory{_from_working_directory(root)}")
+
+
+def _from_working_directory(path: str) -> str:
+    """Where a relative config path was looked for: from the working directory, not the
+    config's folder (the shipped configs' `../shared/...` fit the repository's root only)."""
+    if Path(path).is_absolute():
+        return ""
+    return f" (relative paths are taken from the working directory, {Path.cwd()})"
