@@ -282,7 +282,7 @@ def _read_op(name: str, params: dict[str, Any], values: dict[str, Any]) -> None:
             raise ValueError("channel_first: true is not supported at inference")
         values["channel_order"] = "RGB" if params.get("to_rgb", True) else "BGR"
     elif name == "ResizeImage":
-        if params.get("resize_short"):
+        if (params.get("resize_short") or 0) > 0:  # as ResizeImage: -1 or 0 stands for none
             values["resize_short"] = int(params["resize_short"])
             values["resize"] = None
         else:
