@@ -340,6 +340,34 @@ def write_eval_set(root, classes, kind):
     )
 
 
+def test_eval_matches_class_names_in_any_unicode_normal_form(tmp_path, capsys):
+    """A class name typed into a label file (composed, NFC) and the same name as a folder
+    from a file system that decomposes accents (NFD, macOS) are one class, as gallery
+    libraries take them: not a query class the gallery lacks."""
+    composed, decomposed = "caf\u00e9", "cafe\u0301"
+    query = write_eval_set(tmp_path / "query", {composed: 20, "banana": 30}, "names")
+    gallery = write_eval_set(tmp_path / "gallery", {decomposed: 20, "banana": 30}, "folder")
+    config = tmp_path / "eval.yaml"
+    config.write_text(
+        f"""
+Global: {{device: cpu}}
+Arch:
+  Backbone: {{name: ResNet18, class_num: 8}}
+  BackboneStopLayer: {{name: fc}}
+DataLoader:
+  Eval:
+    Query: {{dataset: {query}, loader: {{num_workers: 0}}}}
+    Gallery: {{dataset: {gallery}, loader: {{num_workers: 0}}}}
+Metric:
+  Eval: [Recallk: {{topk: [1]}}]
+""",
+        encoding="utf-8",
+    )
+    assert shitu_main(["eval", "-c", str(config), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result == {"recall@1": 1.0, "num_queries": 2, "num_queries_without_positive": 0}
+
+
 @pytest.mark.parametrize(
     ("query_kind", "gallery_kind"),
     [

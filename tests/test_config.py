@@ -238,6 +238,23 @@ def test_a_schedule_driven_by_evaluations_is_refused_in_a_run_without_them(confi
     load_config(config_file, [plateau.replace("ReduceOnPlateau", "Cosine"), train])
 
 
+def test_evaluation_and_export_must_use_the_same_features(config_file):
+    """`shitu eval` (and the best_model training keeps) scores Global.retrieval_feature_from,
+    `shitu export` ships Arch.infer_output_key: with a neck the two are different vectors, so
+    a config that names two would deploy an embedding nobody evaluated."""
+    evaluation = f"DataLoader.Eval={{Query: {{{DATASET}}}}}"
+    backbone = "Global.retrieval_feature_from=backbone"
+    with pytest.raises(ConfigError) as info:
+        load_config(config_file, [backbone, evaluation])
+    message = str(info.value)
+    assert message.startswith(f"{config_file}: Global.retrieval_feature_from: ")
+    assert "'backbone'" in message and "Arch.infer_output_key 'features'" in message
+    assert f"(set by -o {backbone})" in message
+    load_config(config_file, [backbone, "Arch.infer_output_key=backbone", evaluation])
+    load_config(config_file, [backbone, "Arch.Neck=null", evaluation])  # one and the same vector
+    load_config(config_file, [backbone])  # nothing is evaluated
+
+
 def test_malformed_override_names_the_config_file(config_file):
     with pytest.raises(
         ConfigError, match=rf"^{re.escape(str(config_file))}: override 'Global.epochs' is not"

@@ -515,6 +515,47 @@ def test_preprocessing_from_eval_transforms(exported):
         Preprocessing.from_config(config)
 
 
+def test_preprocessing_refuses_query_and_gallery_sets_preprocessed_differently(exported):
+    """`shitu eval` embeds the Query set with its transforms and the Gallery set with its
+    own; an export has one preprocessing for both, so taking either side's would deploy a
+    pairing that was never evaluated (it silently took the Query's)."""
+    config = exported["config"].model_copy(deep=True)
+    evaluation = config.DataLoader.Eval
+    query_ops = evaluation.Query.dataset.params["transform_ops"]
+    evaluation.Gallery = evaluation.Query.model_copy(deep=True)
+    gallery_ops = [{**op} for op in query_ops]
+    gallery_ops[1] = {"ResizeImage": {"size": [2 * SIZE, 2 * SIZE], "interpolation": "bilinear"}}
+    evaluation.Gallery.dataset.transform_ops = gallery_ops
+    with pytest.raises(ConfigError, match="Query and Gallery transform_ops differ"):
+        Preprocessing.from_config(config)
+    evaluation.Gallery.dataset.transform_ops = None  # decoded only, not resized nor normalised
+    with pytest.raises(ConfigError, match="Query and Gallery transform_ops differ"):
+        Preprocessing.from_config(config)
+    # the same ops, one spelling `ToCHWImage:` with no parameters and one with {}
+    evaluation.Query.dataset.transform_ops = [*query_ops, {"ToCHWImage": None}]
+    evaluation.Gallery.dataset.transform_ops = [*query_ops, {"ToCHWImage": {}}]
+    assert Preprocessing.from_config(config).resize == (SIZE, SIZE)
+
+
+def test_preprocessing_takes_a_resize_short_of_zero_or_less_as_unset(exported):
+    """ResizeImage resizes to `size` unless resize_short > 0 (as PaddleClas, whose configs
+    write -1 for none): the export must read the op as evaluation runs it, not as a
+    resize_short of -1 that it then refuses."""
+    config = exported["config"].model_copy(deep=True)
+    for unset in (-1, 0):
+        ops = [
+            {"DecodeImage": {"to_rgb": True}},
+            {"ResizeImage": {"size": 64, "resize_short": unset, "interpolation": "bilinear"}},
+            {"CropImage": {"size": 48}},
+        ]
+        config.DataLoader.Eval.Query.dataset.transform_ops = ops
+        prep = Preprocessing.from_config(config)
+        assert (prep.resize, prep.resize_short, prep.crop) == ((64, 64), None, (48, 48))
+        image = exported["files"][0]
+        expected = build_transforms(ops)(image.read_bytes()).numpy()
+        assert np.abs(prep.load(image) - expected).max() <= 1.0  # one grey level
+
+
 def test_preprocessing_refuses_an_image_resize_short_would_blow_up(monkeypatch):
     """Inference resizes as training does: a thin image is unreadable, not gigabytes."""
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import sqlite3
 import unicodedata
 from pathlib import Path
 
@@ -612,6 +613,30 @@ def test_query_labels_are_compared_as_the_library_stores_them(setup, tmp_path):
         report = evaluate_pipeline(rec, as_folders)
     assert report.to_dict() == expected.to_dict() and report.unknown_queries == 0
     assert report.mistakes == expected.mistakes  # none "expected 'Crème X', got 'Crème X'"
+
+
+def test_queries_match_labels_an_older_library_stored_decomposed(setup, tmp_path):
+    """Rows stored before labels were normalised may hold a name in NFD; the library answers
+    to it in any form (`index list --label`, `remove`), and so does the evaluation: such a
+    product is known, and recognising it is right, as in a library that stores it in NFC."""
+    shutil.copytree(setup["library"], tmp_path / "library")
+    first = setup["queries"][0].label
+    composed = unicodedata.normalize("NFC", f"Crème {first}")
+    queries = [
+        GalleryItem(q.path, composed if q.label == first else q.label) for q in setup["queries"]
+    ]
+    with Gallery.open(tmp_path / "library", embedder=setup["extractor"]) as gallery:
+        gallery.relabel(first, composed)
+        expected = evaluate_pipeline(Recognizer(setup["extractor"], gallery), queries)
+    with sqlite3.connect(tmp_path / "library" / "gallery.sqlite") as conn:  # as stored before
+        decomposed = unicodedata.normalize("NFD", composed)
+        conn.execute("UPDATE images SET label = ? WHERE label = ?", (decomposed, composed))
+    with Gallery.open(tmp_path / "library", embedder=setup["extractor"]) as gallery:
+        assert decomposed in gallery.label_counts()
+        report = evaluate_pipeline(Recognizer(setup["extractor"], gallery), queries)
+    assert expected.correct > 0
+    assert report.to_dict() == expected.to_dict() and report.unknown_queries == 0
+    assert report.mistakes == expected.mistakes
 
 
 def test_eval_pipeline_cli_sweep_reports_every_threshold_and_the_best(setup, tmp_path, capsys):

@@ -60,13 +60,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from shitu.pipeline import Recognizer, evaluate_pipeline
+    from shitu.pipeline.evaluate import known_labels
 
     items = collect_items([args.queries])
     config = pipeline_config_from_args(args)
     thresholds = sweep_thresholds(args.sweep) if args.sweep else []
     with Recognizer.from_config(config) as recognizer:
         report = evaluate_pipeline(recognizer, items, not args.no_progress, thresholds)
-        known = set(recognizer.gallery.label_counts())
+        known = known_labels(recognizer)
     best = report.best_threshold()
     if report.in_gallery:
         print(

@@ -153,6 +153,7 @@ def _validate_components(config: ShituConfig) -> None:
             lambda: registry.LR_SCHEDULES.validate(lr.name, {**schedule_params, **lr.params}),
         )
         _check_schedule_is_evaluated(lr.name, config)
+    _check_evaluated_features_are_exported(config)
 
 
 def _check_schedule_is_evaluated(schedule: str, config: ShituConfig) -> None:
@@ -178,6 +179,21 @@ def _check_schedule_is_evaluated(schedule: str, config: ShituConfig) -> None:
         f"Optimizer.lr.name: {schedule} lowers the rate when Global.eval_metric stops "
         f"improving, but the run never evaluates ({reason}); evaluate during training or "
         "choose another schedule"
+    )
+
+
+def _check_evaluated_features_are_exported(config: ShituConfig) -> None:
+    """Evaluation (`shitu eval`, and the best_model a training run keeps) scores
+    Global.retrieval_feature_from, `shitu export` ships Arch.infer_output_key: with a neck
+    they are different vectors, and the deployed one would be one nobody evaluated."""
+    key, exported = config.Global.retrieval_feature_from, config.Arch.infer_output_key
+    evaluated = config.DataLoader is not None and config.DataLoader.Eval is not None
+    if key == exported or config.Arch.Neck is None or not evaluated:
+        return
+    raise ConfigError(
+        f"Global.retrieval_feature_from: evaluation scores the '{key}' features, but "
+        f"Arch.infer_output_key '{exported}' is what `shitu export` ships; set both to the "
+        "same key"
     )
 
 

@@ -21,6 +21,7 @@ from shitu.errors import ConfigError
 from shitu.evaluation import RetrievalEvaluator, RetrievalResult
 from shitu.evaluation.reranking import check_rerank_size
 from shitu.evaluation.retrieval import EvaluationInputError
+from shitu.index.labels import normal_form
 
 logger = logging.getLogger(__name__)
 
@@ -207,8 +208,15 @@ def gallery_numbering(queries: Any, gallery: Any) -> torch.Tensor | None:
         range(max(dataset.labels) + 1) if keys is None else keys
         for dataset, keys in zip(datasets, numbered, strict=True)
     )
-    ids = {key: label for label, key in enumerate(gallery_keys)}
-    return torch.tensor([ids.get(key, len(gallery_keys)) for key in query_keys])
+    ids = {_comparable(key): label for label, key in enumerate(gallery_keys)}
+    return torch.tensor([ids.get(_comparable(key), len(gallery_keys)) for key in query_keys])
+
+
+def _comparable(key: object) -> object:
+    """A class name as gallery libraries compare labels (NFC): a name typed into a label
+    file and the same name as a folder from a file system that decomposes accents (macOS)
+    are one class."""
+    return normal_form(key) if isinstance(key, str) else key
 
 
 def has_unique_ids(loader: DataLoader) -> bool:

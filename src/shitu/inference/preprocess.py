@@ -134,7 +134,7 @@ class Preprocessing:
 
     @classmethod
     def from_config(cls, config: ShituConfig) -> Preprocessing:
-        """The eval transforms of DataLoader.Eval.Query (or Gallery), as inference needs them.
+        """DataLoader.Eval's transforms (Query and Gallery alike), as inference needs them.
 
         Without eval transforms: Global.image_shape, bilinear, ImageNet mean/std.
         """
@@ -255,11 +255,25 @@ def decode_rgb(data: bytes | np.ndarray) -> np.ndarray:
 
 
 def _eval_ops(config: ShituConfig) -> list[dict[str, Any]]:
+    """The eval transforms of DataLoader.Eval. An export embeds queries and gallery images
+    alike, so a Query and a Gallery set that `shitu eval` preprocesses differently are
+    refused: either one's transforms would deploy a pairing that was never evaluated."""
     evaluation = config.DataLoader.Eval if config.DataLoader else None
-    for split in (evaluation.Query, evaluation.Gallery) if evaluation else ():
-        if split is not None and split.dataset.params.get("transform_ops"):
-            return list(split.dataset.params["transform_ops"])
-    return []
+    splits = {"Query": evaluation.Query, "Gallery": evaluation.Gallery} if evaluation else {}
+    found = {
+        name: [
+            {op: params or {} for op, params in item.items()}
+            for item in split.dataset.params.get("transform_ops") or []
+        ]
+        for name, split in splits.items()
+        if split is not None
+    }
+    if len(found) == 2 and found["Query"] != found["Gallery"]:
+        raise ConfigError(
+            "DataLoader.Eval: Query and Gallery transform_ops differ, but an export has one "
+            "preprocessing for queries and gallery images alike; give both the same ops"
+        )
+    return next(iter(found.values()), [])
 
 
 def _read_op(name: str, params: dict[str, Any], values: dict[str, Any]) -> None:
@@ -268,7 +282,7 @@ def _read_op(name: str, params: dict[str, Any], values: dict[str, Any]) -> None:
             raise ValueError("channel_first: true is not supported at inference")
         values["channel_order"] = "RGB" if params.get("to_rgb", True) else "BGR"
     elif name == "ResizeImage":
-        if params.get("resize_short"):
+        if (params.get("resize_short") or 0) > 0:  # as ResizeImage: -1 or 0 stands for none
             values["resize_short"] = int(params["resize_short"])
             values["resize"] = None
         else:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from shitu.fileio import file_sha256
 from shitu.index import GalleryItem
-from shitu.index.labels import check_label
+from shitu.index.labels import check_label, normal_form
 from shitu.pipeline.recognizer import Candidates, Recognizer
 
 
@@ -109,7 +109,7 @@ def evaluate_pipeline(
 ) -> PipelineEvaluation:
     """Run the whole pipeline on each query at the recogniser's threshold, and at each
     threshold of `sweep` (reported in `.sweep`)."""
-    gallery_labels = set(recognizer.gallery.label_counts())
+    gallery_labels = known_labels(recognizer)
     in_gallery = _gallery_images(recognizer, [item.path for item in items])
     scored: list[tuple[str, str, Candidates]] = []
     unreadable: list[tuple[str, str]] = []
@@ -124,7 +124,7 @@ def evaluate_pipeline(
         report = PipelineEvaluation(threshold, unreadable=unreadable, in_gallery=in_gallery)
         for path, truth, candidates in scored:
             results = recognizer.select(candidates, threshold)
-            predicted = results[0].label if results else ""
+            predicted = normal_form(results[0].label) if results else ""
             known = truth in gallery_labels
             report.queries += 1
             if not known:
@@ -141,6 +141,12 @@ def evaluate_pipeline(
     report = count(recognizer.score_thres)
     report.sweep = [count(threshold) for threshold in sorted(sweep)]
     return report
+
+
+def known_labels(recognizer: Recognizer) -> set[str]:
+    """The library's labels as queries' labels are compared (NFC): rows stored before labels
+    were normalised may hold a name decomposed, and it is the same product all the same."""
+    return {normal_form(label) for label in recognizer.gallery.label_counts()}
 
 
 def _gallery_images(recognizer: Recognizer, paths: Sequence[str]) -> int:
