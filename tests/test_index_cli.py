@@ -181,6 +181,23 @@ def test_build_refuses_an_existing_library_and_bad_lists(models, tmp_path):
         assert ignored.returncode == 2 and expected in ignored.stderr
 
 
+def test_a_single_unlabelled_image_is_told_a_build_option_that_works(
+    models, gallery_list, tmp_path
+):
+    """There is no library yet to `index add` to: the advice is --label, which build takes."""
+    image = gallery_list.read_text().splitlines()[0].split("\t")[0]
+    lib = tmp_path / "lib"
+    build = ("index", "build", "--gallery", image, "--model", models[128], "--out", lib)
+    unlabelled = shitu(*build)
+    assert unlabelled.returncode == 2 and "needs a label: give it one with --label LABEL" in (
+        unlabelled.stderr
+    )
+    assert "index add LIB" not in unlabelled.stderr
+    labelled = shitu(*build, "--label", "Lemon")
+    assert labelled.returncode == 0, labelled.stderr
+    assert shitu("index", "list", lib).stdout.split() == ["1", "Lemon"]
+
+
 def test_build_from_unreadable_images_leaves_nothing_and_says_why(models, tmp_path, capsys):
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not a jpeg")

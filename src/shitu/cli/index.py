@@ -58,9 +58,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         nargs="+",
         required=True,
         help="label file(s) (`path<TAB>label`, paths relative to the file's folder) or "
-        "folder-per-label tree(s)",
+        "folder-per-label tree(s); with --label, images and folders of images",
     )
     build.add_argument("--out", type=Path, required=True, help="library folder to create")
+    build.add_argument("--label", help="label for every given image and folder (as `index add`)")
     build.add_argument("--index-type", choices=INDEX_TYPES, default="Flat")
     build.add_argument("--metric", choices=METRICS, default="ip")
     build.add_argument("--backend", choices=("faiss", "milvus"), default="faiss")
@@ -253,7 +254,7 @@ def run_build(args: argparse.Namespace) -> int:
         add = f" or add to it with `shitu index add {args.out} ...`" if library else ""
         raise GalleryError(f"{args.out}: already exists; choose a new --out{add}")
     check_writable(args.out.parent, f"--out {args.out}")
-    items = collect_items(args.gallery)
+    items = collect_items(args.gallery, label=args.label)
     model = _load_model(args)
     given = {"uri": args.milvus_uri, "collection": args.milvus_collection}
     options = {key: value for key, value in given.items() if value is not None} | search_options
