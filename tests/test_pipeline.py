@@ -186,10 +186,19 @@ def test_the_recogniser_names_what_it_cannot_take(setup, recognizer):
         ([Image.fromarray(photo)], "got JpegImageFile|got Image .np.asarray"),
         ([np.zeros((0, 10, 3), np.uint8)], r"the image is empty \(10x0 pixels\)"),
         (photo, r"got one image array \(\d+, \d+, 3\): pass \[image\]"),
-        ([photo[:, :, 0]], "expected an RGB uint8 HxWx3 image, got uint8"),
+        (
+            [photo[:, :, 0]],
+            r"HxWx3 image, got uint8 \(\d+, \d+\) \(grey: np.dstack\(\[image\] \* 3\)",
+        ),
+        ([photo[:, :, :1]], r"got uint8 \(\d+, \d+, 1\) \(grey: np.dstack"),
+        (
+            [np.dstack([photo, photo[:, :, :1]])],
+            r", 4\) \(RGBA: image\[:, :, :3\] drops the alpha\)$",
+        ),
     ):
         with pytest.raises(UnreadableImageError, match=problem):
             rec.recognize_batch(images)
+    rec.recognize(np.dstack([photo[:, :, 0]] * 3))  # as the hint says: taken
     with pytest.raises(DataError, match="expected a list of image paths, got the single path"):
         list(rec.recognize_files(str(setup["queries"][0].path)))
     with pytest.raises(ConfigError, match="batch_size: expected a whole number >= 1, got 0"):
