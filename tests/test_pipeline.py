@@ -402,6 +402,35 @@ def test_recognize_cli_fails_clearly_when_there_is_nothing_to_recognise(setup, t
         assert f"{flag}: expected {reason}" in capsys.readouterr().err
 
 
+def test_a_missing_library_from_a_config_file_names_the_file_and_key(
+    setup, tmp_path, capsys, monkeypatch
+):
+    """`no such gallery library` for a path the user never typed: where it was read from."""
+    config = tmp_path / "my_pipeline.yaml"
+    config.write_text(f"Global:\n  rec_inference_model_dir: {setup['model']}\n"
+                      "IndexProcess:\n  index_dir: my_lib\n")  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    photo = str(setup["queries"][0].path)
+    assert shitu_main(["recognize", photo, "-c", str(config)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {config}: IndexProcess.index_dir: my_lib: no such gallery library (build one "
+        f"with `shitu index build`) (read from the working directory {tmp_path})\n"
+    )
+    gone = tmp_path / "gone"
+    assert (
+        shitu_main(["recognize", photo, "-c", str(config), "-o", f"IndexProcess.index_dir={gone}"])
+        == 2
+    )
+    assert capsys.readouterr().err == (
+        f"error: {config}: IndexProcess.index_dir: {gone}: no such gallery library (build one "
+        f"with `shitu index build`) (set by -o IndexProcess.index_dir={gone})\n"
+    )
+    assert shitu_main(["recognize", photo, "-c", str(config), "--gallery", str(gone)]) == 2
+    assert capsys.readouterr().err == (  # the path given on the command line: as it was
+        f"error: {gone}: no such gallery library (build one with `shitu index build`)\n"
+    )
+
+
 def test_recognize_cli_skips_an_image_over_opencvs_pixel_limit(setup, tmp_path, capsys):
     """OpenCV raises (not returns None) on an image over its pixel limit: the file is
     reported with Pillow's reason and the batch goes on, no traceback."""
