@@ -5,6 +5,7 @@ with real subprocesses in test_index.py."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import fcntl
 import io
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from shitu.cli.main import main
+from shitu.cli.main import build_parser, main
 from shitu.index import Gallery
 from shitu.index import gallery as gallery_module
 from tests.index_helpers import clustered, make_images
@@ -152,6 +153,24 @@ def test_search_scores_are_cosines_on_l2_libraries_too(models, gallery_list, tmp
     )  # fmt: skip
     assert ivf.returncode == 0, ivf.stderr
     assert "too few images (6) to train the IVF index; searching them exactly (Flat)" in ivf.stdout
+
+
+def test_index_help_gives_the_default_of_every_option_that_has_one():
+    """argparse shows a default only where the help says it: `--index-type` and `--metric`
+    were listed bare, their defaults (Flat, ip) unsaid."""
+    (index,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    (commands,) = [
+        a for a in index.choices["index"]._actions if isinstance(a, argparse._SubParsersAction)
+    ]
+    checked = set()
+    for name, command in commands.choices.items():
+        words = " ".join(command.format_help().split())
+        for action in command._actions:
+            if action.default in (None, False, [], argparse.SUPPRESS) or not action.option_strings:
+                continue
+            assert f"default {action.default})" in words, (name, action.option_strings)
+            checked.add(action.option_strings[-1])
+    assert {"--index-type", "--metric", "--backend", "--batch-size", "-k"} <= checked
 
 
 def test_build_refuses_an_existing_library_and_bad_lists(models, tmp_path):
