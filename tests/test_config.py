@@ -1,4 +1,4 @@
-"""Config loading, overrides and the one-line errors users see."""
+"""Config loading, overrides and the errors users see (a line per problem)."""
 
 from __future__ import annotations
 
@@ -210,7 +210,37 @@ def test_config_errors_name_file_key_and_override(config_file, overrides, expect
     assert message.startswith(f"{config_file}: ")
     assert expected in message
     assert f"(set by -o {overrides[0]})" in message
-    assert "\n" not in message
+    assert all(line.startswith("  ") for line in message.splitlines()[1:])  # one per problem
+
+
+def test_every_problem_is_listed_on_its_own_line_naming_its_override(config_file, capsys):
+    """Fixing the one problem shown must not merely uncover the next."""
+    config_file.write_text(MINIMAL + "Global:\n  epocs: 3\n  sed: 0\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(config_file)
+    assert str(info.value).splitlines() == [
+        f"{config_file}: 2 problems in the config:",
+        "  Global.epocs: unknown key (did you mean 'epochs'?)",
+        "  Global.sed: unknown key (did you mean 'seed'?)",
+    ]
+    config_file.write_text(MINIMAL)
+    assert shitu_main(["info", "-c", str(config_file), "-o", "Arch.Head.clas_num=3",
+                       "Arch.Head.embedding_size=big"]) == 2  # fmt: skip
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: {config_file}: 2 problems in head 'ArcMargin':",
+        "  Arch.Head.clas_num: unknown key (did you mean 'class_num'?) (set by -o "
+        "Arch.Head.clas_num=3)",
+        "  Arch.Head.embedding_size: Input should be a valid integer, unable to parse string "
+        "as an integer (got 'big') (set by -o Arch.Head.embedding_size=big)",
+    ]
+    many = [f"Global.typo{number}=1" for number in range(12)]
+    with pytest.raises(ConfigError) as info:
+        load_config(config_file, many)
+    lines = str(info.value).splitlines()
+    assert lines[0] == f"{config_file}: 12 problems in the config (the first 10):"
+    assert lines[1:] == [
+        f"  Global.typo{n}: unknown key (set by -o Global.typo{n}=1)" for n in range(10)
+    ]
 
 
 def test_a_schedule_driven_by_evaluations_is_refused_in_a_run_without_them(config_file):

@@ -1040,6 +1040,35 @@ def test_dataloader_with_workers_on_real_images(grocery: Path):
     assert images.shape == (64, 3, 48, 48) and ids.tolist() == list(range(64))
 
 
+def test_an_eval_set_without_normalisation_or_resize_is_warned_of_by_key(grocery: Path, caplog):
+    """Replacing a whole dataset with -o drops its transform_ops: the model then scores raw
+    pixels at each photo's size, recall falls and nothing else says why."""
+    dataset = {"name": "GroceryStoreDataset", "image_root": str(grocery),
+               "cls_label_path": str(grocery / "val.txt")}  # fmt: skip
+    resize = {"ResizeImage": {"size": 48}}
+    normalize = {"NormalizeImage": {"mean": MEAN, "std": STD}}
+    for ops, missing in (
+        (None, "no NormalizeImage and no resize (ResizeImage, RandCropImage, CropImage, "
+               "RandCropImageV2): the model gets unnormalised 0-255 pixels, each image at its "
+               "own size"),
+        ([resize], "no NormalizeImage: the model gets unnormalised 0-255 pixels, not"),
+        ([normalize], "no resize (ResizeImage, RandCropImage, CropImage, RandCropImageV2): "
+                      "the model gets each image at its own size, not"),
+        ([resize, normalize], None),
+    ):  # fmt: skip
+        split = DataSplitConfig.model_validate(
+            {"dataset": {**dataset, "transform_ops": ops}, "loader": {"num_workers": 0}}
+        )
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="shitu"):
+            build_eval_loader(split, init_distributed("cpu"), seed=0, where="DataLoader.Eval.Query")
+        if missing is None:
+            assert not caplog.records
+        else:
+            assert f"DataLoader.Eval.Query.dataset.transform_ops has {missing}" in caplog.text
+            assert "override only the keys that change" in caplog.text
+
+
 def test_dataloader_config_errors_name_the_section(grocery: Path):
     split = DataSplitConfig.model_validate(
         {

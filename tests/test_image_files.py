@@ -121,7 +121,7 @@ def test_a_folder_without_images_is_an_error_naming_it(tmp_path, caplog):
 def test_a_folder_of_photos_without_label_folders_is_told_how_to_label_them(tmp_path):
     photos = tmp_path / "Lemon"
     save(photos / "a.jpg")
-    hint = f"`shitu index add LIB {photos} --label LABEL`"
+    hint = "give them all one label with --label LABEL (`shitu index build` and `shitu index add`)"
     with pytest.raises(DataError, match=f"no images in its label sub-folders.*{re.escape(hint)}$"):
         collect_items([photos])
 

@@ -5,6 +5,7 @@ with real subprocesses in test_index.py."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import fcntl
 import io
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from shitu.cli.main import main
+from shitu.cli.main import build_parser, main
 from shitu.index import Gallery
 from shitu.index import gallery as gallery_module
 from tests.index_helpers import clustered, make_images
@@ -154,6 +155,24 @@ def test_search_scores_are_cosines_on_l2_libraries_too(models, gallery_list, tmp
     assert "too few images (6) to train the IVF index; searching them exactly (Flat)" in ivf.stdout
 
 
+def test_index_help_gives_the_default_of_every_option_that_has_one():
+    """argparse shows a default only where the help says it: `--index-type` and `--metric`
+    were listed bare, their defaults (Flat, ip) unsaid."""
+    (index,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    (commands,) = [
+        a for a in index.choices["index"]._actions if isinstance(a, argparse._SubParsersAction)
+    ]
+    checked = set()
+    for name, command in commands.choices.items():
+        words = " ".join(command.format_help().split())
+        for action in command._actions:
+            if action.default in (None, False, [], argparse.SUPPRESS) or not action.option_strings:
+                continue
+            assert f"default {action.default})" in words, (name, action.option_strings)
+            checked.add(action.option_strings[-1])
+    assert {"--index-type", "--metric", "--backend", "--batch-size", "-k"} <= checked
+
+
 def test_build_refuses_an_existing_library_and_bad_lists(models, tmp_path):
     (tmp_path / "lib").mkdir()
     taken = shitu(
@@ -179,6 +198,23 @@ def test_build_refuses_an_existing_library_and_bad_lists(models, tmp_path):
         ignored = shitu("index", "build", "--gallery", bad, "--out", tmp_path / "x",
                         "--index-type", index_type, option, "8")  # fmt: skip
         assert ignored.returncode == 2 and expected in ignored.stderr
+
+
+def test_a_single_unlabelled_image_is_told_a_build_option_that_works(
+    models, gallery_list, tmp_path
+):
+    """There is no library yet to `index add` to: the advice is --label, which build takes."""
+    image = gallery_list.read_text().splitlines()[0].split("\t")[0]
+    lib = tmp_path / "lib"
+    build = ("index", "build", "--gallery", image, "--model", models[128], "--out", lib)
+    unlabelled = shitu(*build)
+    assert unlabelled.returncode == 2 and "needs a label: give it one with --label LABEL" in (
+        unlabelled.stderr
+    )
+    assert "index add LIB" not in unlabelled.stderr
+    labelled = shitu(*build, "--label", "Lemon")
+    assert labelled.returncode == 0, labelled.stderr
+    assert shitu("index", "list", lib).stdout.split() == ["1", "Lemon"]
 
 
 def test_build_from_unreadable_images_leaves_nothing_and_says_why(models, tmp_path, capsys):

@@ -187,10 +187,19 @@ def test_the_recogniser_names_what_it_cannot_take(setup, recognizer):
         ([Image.fromarray(photo)], "got JpegImageFile|got Image .np.asarray"),
         ([np.zeros((0, 10, 3), np.uint8)], r"the image is empty \(10x0 pixels\)"),
         (photo, r"got one image array \(\d+, \d+, 3\): pass \[image\]"),
-        ([photo[:, :, 0]], "expected an RGB uint8 HxWx3 image, got uint8"),
+        (
+            [photo[:, :, 0]],
+            r"HxWx3 image, got uint8 \(\d+, \d+\) \(grey: np.dstack\(\[image\] \* 3\)",
+        ),
+        ([photo[:, :, :1]], r"got uint8 \(\d+, \d+, 1\) \(grey: np.dstack"),
+        (
+            [np.dstack([photo, photo[:, :, :1]])],
+            r", 4\) \(RGBA: image\[:, :, :3\] drops the alpha\)$",
+        ),
     ):
         with pytest.raises(UnreadableImageError, match=problem):
             rec.recognize_batch(images)
+    rec.recognize(np.dstack([photo[:, :, 0]] * 3))  # as the hint says: taken
     with pytest.raises(DataError, match="expected a list of image paths, got the single path"):
         list(rec.recognize_files(str(setup["queries"][0].path)))
     with pytest.raises(ConfigError, match="batch_size: expected a whole number >= 1, got 0"):
@@ -392,6 +401,35 @@ def test_recognize_cli_fails_clearly_when_there_is_nothing_to_recognise(setup, t
         with pytest.raises(SystemExit):
             shitu_main(["recognize", photo, *common, flag, value])
         assert f"{flag}: expected {reason}" in capsys.readouterr().err
+
+
+def test_a_missing_library_from_a_config_file_names_the_file_and_key(
+    setup, tmp_path, capsys, monkeypatch
+):
+    """`no such gallery library` for a path the user never typed: where it was read from."""
+    config = tmp_path / "my_pipeline.yaml"
+    config.write_text(f"Global:\n  rec_inference_model_dir: {setup['model']}\n"
+                      "IndexProcess:\n  index_dir: my_lib\n")  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    photo = str(setup["queries"][0].path)
+    assert shitu_main(["recognize", photo, "-c", str(config)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {config}: IndexProcess.index_dir: my_lib: no such gallery library (build one "
+        f"with `shitu index build`) (read from the working directory {tmp_path})\n"
+    )
+    gone = tmp_path / "gone"
+    assert (
+        shitu_main(["recognize", photo, "-c", str(config), "-o", f"IndexProcess.index_dir={gone}"])
+        == 2
+    )
+    assert capsys.readouterr().err == (
+        f"error: {config}: IndexProcess.index_dir: {gone}: no such gallery library (build one "
+        f"with `shitu index build`) (set by -o IndexProcess.index_dir={gone})\n"
+    )
+    assert shitu_main(["recognize", photo, "-c", str(config), "--gallery", str(gone)]) == 2
+    assert capsys.readouterr().err == (  # the path given on the command line: as it was
+        f"error: {gone}: no such gallery library (build one with `shitu index build`)\n"
+    )
 
 
 def test_recognize_cli_skips_an_image_over_opencvs_pixel_limit(setup, tmp_path, capsys):

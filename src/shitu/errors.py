@@ -1,4 +1,5 @@
-"""Exceptions whose message is meant for the user as-is (the CLI prints them on one line)."""
+"""Exceptions whose message is meant for the user as-is (the CLI prints them after
+`error: `: one line, or several problems a line each)."""
 
 
 class ShituError(Exception):

@@ -175,27 +175,50 @@ def _type_hints(fn: Callable[..., Any]) -> dict[str, Any]:
         return {}
 
 
-def format_validation_error(
-    exc: ValidationError, model: type[BaseModel], what: str, prefix: str = ""
-) -> str:
-    """One line describing the first pydantic error, with the dotted key path."""
+SHOWN_PROBLEMS = 10
+PROBLEM_INDENT = "  "
+
+
+def format_validation_error(exc: ValidationError, model: type[BaseModel], what: str) -> str:
+    """The pydantic errors, each starting with its dotted key path: one line for one, else a
+    '<N> problems in WHAT:' line and an indented line each (the first SHOWN_PROBLEMS), so
+    that fixing one does not merely uncover the next."""
+    suggested = {}  # unknown key -> the known key it is most like
+    for error in exc.errors():
+        if error["type"] == "extra_forbidden":
+            known = _fields_at(model, error["loc"][:-1])
+            close = difflib.get_close_matches(str(error["loc"][-1]), known, n=1)
+            suggested[error["loc"]] = close[0] if close else None
     # A misspelt key shows up both as unknown and as missing: the unknown one explains both.
-    errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
-    first = errors[0]
-    loc = ".".join(str(p) for p in first["loc"])
-    key = f"{prefix}.{loc}" if prefix and loc else (prefix or loc)
-    if first["type"] == "extra_forbidden":
-        leaf = str(first["loc"][-1])
-        known = _fields_at(model, first["loc"][:-1])
-        message = f"{key}: unknown key{did_you_mean(leaf, known)}"
-    elif first["type"] == "missing":
-        message = f"{key}: required key missing"
-    else:
-        message = f"{key}: {first['msg']} (got {first.get('input')!r})"
-    message += f" in {what}"
-    if len(errors) > 1:
-        message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
-    return message
+    explained = {(*loc[:-1], close) for loc, close in suggested.items() if close}
+    errors = [e for e in exc.errors() if not (e["type"] == "missing" and e["loc"] in explained)]
+    errors.sort(key=lambda e: e["type"] != "extra_forbidden")
+    problems = [_problem(error, suggested) for error in errors[:SHOWN_PROBLEMS]]
+    if len(errors) == 1:
+        return f"{problems[0]} in {what}"
+    shown = f" (the first {SHOWN_PROBLEMS})" if len(errors) > SHOWN_PROBLEMS else ""
+    lines = [f"{len(errors)} problems in {what}{shown}:"]
+    return "\n".join(lines + [PROBLEM_INDENT + problem for problem in problems])
+
+
+def each_problem(message: str, edit: Callable[[str], str]) -> str:
+    """`message` (as `format_validation_error` writes it) with `edit` applied to each problem,
+    for callers that add where a key is (a section, a file, an override)."""
+    header, *problems = message.split("\n")
+    if not problems:
+        return edit(header)
+    return "\n".join([header, *(PROBLEM_INDENT + edit(p.strip()) for p in problems)])
+
+
+def _problem(error: Any, suggested: dict[tuple[Any, ...], str | None]) -> str:
+    """`dotted.key: what is wrong` for one pydantic error."""
+    key = ".".join(str(p) for p in error["loc"])
+    if error["type"] == "extra_forbidden":
+        close = suggested[error["loc"]]
+        return f"{key}: unknown key" + (f" (did you mean '{close}'?)" if close else "")
+    if error["type"] == "missing":
+        return f"{key}: required key missing"
+    return f"{key}: {error['msg']} (got {error.get('input')!r})"
 
 
 def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:

@@ -10,7 +10,11 @@ import sys
 from pathlib import Path
 
 from shitu.cli.common import count_of
-from shitu.cli.recognize import add_pipeline_arguments, pipeline_config_from_args
+from shitu.cli.recognize import (
+    add_pipeline_arguments,
+    naming_library_source,
+    pipeline_config_from_args,
+)
 from shitu.index import collect_items
 from shitu.pipeline.evaluate import PipelineEvaluation, sweep_thresholds
 
@@ -65,7 +69,9 @@ def run(args: argparse.Namespace) -> int:
     items = collect_items([args.queries])
     config = pipeline_config_from_args(args)
     thresholds = sweep_thresholds(args.sweep) if args.sweep else []
-    with Recognizer.from_config(config) as recognizer:
+    with naming_library_source(args, config):
+        recognizer = Recognizer.from_config(config)
+    with recognizer:
         report = evaluate_pipeline(recognizer, items, not args.no_progress, thresholds)
         known = known_labels(recognizer)
     best = report.best_threshold()

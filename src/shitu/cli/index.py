@@ -58,12 +58,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         nargs="+",
         required=True,
         help="label file(s) (`path<TAB>label`, paths relative to the file's folder) or "
-        "folder-per-label tree(s)",
+        "folder-per-label tree(s); with --label, images and folders of images",
     )
     build.add_argument("--out", type=Path, required=True, help="library folder to create")
-    build.add_argument("--index-type", choices=INDEX_TYPES, default="Flat")
-    build.add_argument("--metric", choices=METRICS, default="ip")
-    build.add_argument("--backend", choices=("faiss", "milvus"), default="faiss")
+    build.add_argument("--label", help="label for every given image and folder (as `index add`)")
+    build.add_argument(
+        "--index-type",
+        choices=INDEX_TYPES,
+        default="Flat",
+        help="Flat searches exactly; HNSW32, IVF and IVFPQ approximately, faster on large "
+        "galleries (default %(default)s)",
+    )
+    build.add_argument(
+        "--metric",
+        choices=METRICS,
+        default="ip",
+        help="ip (inner product) or l2 (distance) of the normalised features; scores are "
+        "cosine similarities either way (default %(default)s)",
+    )
+    build.add_argument(
+        "--backend",
+        choices=("faiss", "milvus"),
+        default="faiss",
+        help="faiss: an index file in the library; milvus: a Milvus Lite file or server "
+        "(default %(default)s)",
+    )
     build.add_argument(
         "--milvus-uri",
         help="Milvus server URI (http://host:19530; its token, if it needs one, from "
@@ -128,7 +147,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     rebuild = commands.add_parser("rebuild", help="rebuild the index (optionally another type)")
     rebuild.add_argument("library", type=Path)
-    rebuild.add_argument("--index-type", choices=INDEX_TYPES)
+    rebuild.add_argument(
+        "--index-type", choices=INDEX_TYPES, help="rebuild as this type (default: the same)"
+    )
     _add_search_arguments(rebuild)
     rebuild.set_defaults(func=run_rebuild)
 
@@ -155,14 +176,25 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model", type=Path, help="exported model folder (default: the model shipped with shitu)"
     )
-    parser.add_argument("--batch-size", type=positive_int, default=32)
-    parser.add_argument("--threads", type=positive_int, help="CPU threads for the model")
+    parser.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=32,
+        help="images per model call (default %(default)s)",
+    )
+    parser.add_argument(
+        "--threads", type=positive_int, help="CPU threads for the model (default: the runtime's)"
+    )
     add_runtime_arguments(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _add_search_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--nprobe", type=positive_int, help="IVF lists searched per query")
+    parser.add_argument(
+        "--nprobe",
+        type=positive_int,
+        help="IVF lists searched per query (default: a 16th of the lists, at least 8; Milvus: 16)",
+    )
     parser.add_argument("--ef-search", type=positive_int, help="HNSW search depth (default 64)")
 
 
@@ -253,7 +285,7 @@ def run_build(args: argparse.Namespace) -> int:
         add = f" or add to it with `shitu index add {args.out} ...`" if library else ""
         raise GalleryError(f"{args.out}: already exists; choose a new --out{add}")
     check_writable(args.out.parent, f"--out {args.out}")
-    items = collect_items(args.gallery)
+    items = collect_items(args.gallery, label=args.label)
     model = _load_model(args)
     given = {"uri": args.milvus_uri, "collection": args.milvus_collection}
     options = {key: value for key, value in given.items() if value is not None} | search_options

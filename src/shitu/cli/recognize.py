@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
+from collections.abc import Iterator
+from pathlib import Path
 
 from shitu.cli.common import (
     add_override_argument,
@@ -15,12 +18,20 @@ from shitu.cli.common import (
     positive_int,
     visualisation_writer,
 )
+from shitu.config.loader import find_config, with_source
+from shitu.config.overrides import override_paths
+from shitu.errors import GalleryError
 from shitu.pipeline import (
     FileRecognition,
     PipelineConfig,
     load_pipeline_config,
 )
-from shitu.pipeline.config import DEFAULT_PIPELINE_CONFIG, DEFAULT_SCORE_THRES, NO_DETECTOR
+from shitu.pipeline.config import (
+    DEFAULT_PIPELINE_CONFIG,
+    DEFAULT_SCORE_THRES,
+    NO_DETECTOR,
+    PIPELINE_CONFIG_DIR,
+)
 
 # The flags (by their argparse dest) that set pipeline config keys, over the file's values.
 CONFIG_FLAGS = {
@@ -83,6 +94,24 @@ def pipeline_config_from_args(args: argparse.Namespace) -> PipelineConfig:
     return config
 
 
+@contextlib.contextmanager
+def naming_library_source(args: argparse.Namespace, config: PipelineConfig) -> Iterator[None]:
+    """A library that cannot be opened (no such folder, not a library, another model's),
+    named with the config file (or -o override) its path came from where --gallery did not
+    give it: a path read from a file the user may not have in mind says neither."""
+    try:
+        yield
+    except GalleryError as exc:
+        if args.gallery is not None:
+            raise
+        source = find_config(args.config, PIPELINE_CONFIG_DIR, "pipeline config")
+        relative = not Path(config.IndexProcess.index_dir or "").is_absolute()
+        note = f" (read from the working directory {Path.cwd()})" if relative else ""
+        overrides = override_paths([item for group in args.override for item in group])
+        message = with_source(source, f"IndexProcess.index_dir: {exc}{note}", overrides)
+        raise GalleryError(message) from None
+
+
 def pipeline_arguments(args: argparse.Namespace) -> list[str]:
     """The words that give `args`'s pipeline settings to another command (the config,
     its overrides and the flags, as given), e.g. for a hint to repeat a run."""
@@ -140,7 +169,9 @@ def run(args: argparse.Namespace) -> int:
     writer = visualisation_writer(args, paths)
     progress = not args.no_progress and (folder or len(paths) > 1)
     skipped = 0
-    with Recognizer.from_config(config) as recognizer:
+    with naming_library_source(args, config):
+        recognizer = Recognizer.from_config(config)
+    with recognizer:
         for found in recognizer.recognize_files(paths, progress=progress):
             if found.error is not None:
                 skipped += 1

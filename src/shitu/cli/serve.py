@@ -11,7 +11,11 @@ import sys
 from pathlib import Path
 
 from shitu.cli.common import bounded, port_number, positive_int
-from shitu.cli.recognize import add_pipeline_arguments, pipeline_config_from_args
+from shitu.cli.recognize import (
+    add_pipeline_arguments,
+    naming_library_source,
+    pipeline_config_from_args,
+)
 from shitu.errors import ConfigError, ShituError
 from shitu.serving.settings import (  # no web framework: the settings are plain values
     DEFAULT_MAX_BATCH,
@@ -145,7 +149,8 @@ def run(args: argparse.Namespace) -> int:
     sock = _listen(args.host, args.port)
     metrics = Metrics()
     try:
-        service = RecognitionService(config, settings, metrics.observe_batch)
+        with naming_library_source(args, config):
+            service = RecognitionService(config, settings, metrics.observe_batch)
     except BaseException:
         sock.close()
         raise

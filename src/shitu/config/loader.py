@@ -15,7 +15,7 @@ from shitu.config.schema import ComponentConfig, DataSplitConfig, ShituConfig
 from shitu.errors import ConfigError
 from shitu.evaluation.retrieval import RetrievalEvaluator
 from shitu.losses.combined import split_loss_params
-from shitu.registry import format_validation_error
+from shitu.registry import each_problem, format_validation_error
 
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -45,7 +45,7 @@ def find_config(name_or_path: str | Path, shipped_dir: Path, what: str) -> Path:
 def load_config(name_or_path: str | Path, overrides: list[str] | None = None) -> ShituConfig:
     """Load, override and validate a config.
 
-    Every problem is a one-line ConfigError naming the file and the key.
+    Every problem is a ConfigError naming the file and the key, a line per problem.
     """
     path = resolve_config_path(name_or_path)
     raw = read_yaml(path)
@@ -220,20 +220,29 @@ def _check(where: str, validate: Any) -> None:
     try:
         validate()
     except ConfigError as exc:
-        message = str(exc)
         # Registry messages start with the parameter path (or 'unknown <kind>'): prefix the section.
         raise ConfigError(
-            f"{where}.{message}"
-            if not message.startswith("unknown ")
-            else f"{where}.name: {message}"
+            each_problem(
+                str(exc),
+                lambda problem: (
+                    f"{where}.{problem}"
+                    if not problem.startswith("unknown ")
+                    else f"{where}.name: {problem}"
+                ),
+            )
         ) from None
 
 
 def with_source(path: Path | str, message: str, attribution: dict[str, str]) -> str:
-    """`message` (which starts with the dotted key at fault) prefixed by the config's source,
-    and naming the `-o` override that set that key or a section around it."""
-    key = re.sub(r"\[(\d+)\]", r".\1", message.split(":", 1)[0])  # Eval[0] -> Eval.0
-    for dotted, text in attribution.items():
-        if key == dotted or key.startswith(dotted + ".") or dotted.startswith(key + "."):
-            return f"{path}: {message} (set by -o {text})"
-    return f"{path}: {message}"
+    """`message` (each problem of which starts with the dotted key at fault) prefixed by the
+    config's source, each problem naming the `-o` override that set its key or a section
+    around it."""
+
+    def attributed(problem: str) -> str:
+        key = re.sub(r"\[(\d+)\]", r".\1", problem.split(":", 1)[0])  # Eval[0] -> Eval.0
+        for dotted, text in attribution.items():
+            if key == dotted or key.startswith(dotted + ".") or dotted.startswith(key + "."):
+                return f"{problem} (set by -o {text})"
+        return problem
+
+    return f"{path}: {each_problem(message, attributed)}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 from typing import Any
@@ -16,6 +17,10 @@ from shitu.engine.seeding import SeededBatchSampler, SeededDataset
 from shitu.errors import ConfigError
 
 EVAL_SAMPLER = ComponentConfig(name="DistributedBatchSampler", batch_size=64, shuffle=False)
+# Ops after which every image has one size (what a batch and the model's training need).
+SIZING_OPS = ("ResizeImage", "RandCropImage", "CropImage", "RandCropImageV2")
+
+logger = logging.getLogger(__name__)
 
 
 def build_loader(
@@ -32,6 +37,7 @@ def build_loader(
     own generator, so starting an epoch never draws from the global RNG.
     """
     dataset = build_dataset(split, f"{where}.dataset")
+    _warn_of_raw_images(split, f"{where}.dataset.transform_ops")
     sampler = build_sampler(
         split,
         dataset,
@@ -54,6 +60,27 @@ def build_loader(
         worker_init_fn=end_quietly_on_sigterm,
         **options,
     )
+
+
+def _warn_of_raw_images(split: DataSplitConfig, where: str) -> None:
+    """The model trained on normalised images of one size; without those ops it gets raw
+    0-255 pixels at each photo's own size and scores badly, without an error. It happens
+    most by replacing a whole `dataset` with -o, which drops its transform_ops."""
+    names = [next(iter(op)) for op in split.dataset.params.get("transform_ops") or []]
+    missing = []  # (op, what the model gets without it)
+    if "NormalizeImage" not in names:
+        missing.append(("NormalizeImage", "unnormalised 0-255 pixels"))
+    if not any(name in SIZING_OPS for name in names):
+        missing.append((f"resize ({', '.join(SIZING_OPS)})", "each image at its own size"))
+    if missing:
+        logger.warning(
+            "%s has no %s: the model gets %s, not what it was trained on. Replacing a whole "
+            "dataset (-o ...dataset={...}) drops its transform_ops: override only the keys "
+            "that change (e.g. -o ...dataset.cls_label_path=FILE), or give transform_ops too",
+            where,
+            " and no ".join(op for op, _ in missing),
+            ", ".join(effect for _, effect in missing),
+        )
 
 
 def end_quietly_on_sigterm(_worker_id: int) -> None:

@@ -96,8 +96,8 @@ def scan_label_folders(root: Path) -> list[GalleryItem]:
         if _has_loose_images(root):
             raise DataError(
                 f"{exc}; the images directly in it have no label: move them into a sub-folder "
-                f"named after their label, or add them under one label with `shitu index add "
-                f"LIB {root} --label LABEL`"
+                f"named after their label, or give them all one label with --label LABEL "
+                "(`shitu index build` and `shitu index add`)"
             ) from None
         raise
     return [GalleryItem(image.resolve(), image.relative_to(root).parts[0]) for image in images]
@@ -135,8 +135,9 @@ def collect_items(
         elif source.is_file() and source.suffix.lower() in IMAGE_SUFFIXES:
             if label is None:
                 raise DataError(
-                    f"{source}: a single image needs a label: `shitu index add LIB {source} "
-                    "--label LABEL`, or list it in a `path<TAB>label` file"
+                    f"{source}: a single image needs a label: give it one with --label LABEL "
+                    "(`shitu index build` and `shitu index add`), or list it in a "
+                    "`path<TAB>label` file"
                 )
             items.append(GalleryItem(source.resolve(), label))
         elif source.is_file():

@@ -61,11 +61,23 @@ def check_rgb_image(image: object) -> np.ndarray:
         )
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise UnreadableImageError(
-            f"expected an RGB uint8 HxWx3 image, got {image.dtype} {image.shape}"
+            f"expected an RGB uint8 HxWx3 image, got {image.dtype} {image.shape}{_rgb_hint(image)}"
         )
     if not image.shape[0] or not image.shape[1]:
         raise UnreadableImageError(f"the image is empty ({image.shape[1]}x{image.shape[0]} pixels)")
     return image
+
+
+def _rgb_hint(image: np.ndarray) -> str:
+    """How to make an RGB array of the uint8 arrays callers most often have instead (grey,
+    RGBA), as the hint for a Pillow image says how to convert that."""
+    if image.dtype != np.uint8:
+        return ""
+    if image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 1):
+        return " (grey: np.dstack([image] * 3) makes it RGB)"
+    if image.ndim == 3 and image.shape[2] == 4:
+        return " (RGBA: image[:, :, :3] drops the alpha)"
+    return ""
 
 
 @TRANSFORMS.register("DecodeImage")
