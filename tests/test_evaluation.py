@@ -17,6 +17,7 @@ from shitu.evaluation import (
     RetrievalEvaluator,
     evaluate_retrieval,
     k_reciprocal_distances,
+    retrieval,
 )
 
 ALL_METRICS = {"recall_k": (1, 2, 5, 10), "precision_k": (1, 3, 5, 300), "map": True, "minp": True}
@@ -270,20 +271,89 @@ def test_float32_and_labels_as_column() -> None:
         assert got[key] == pytest.approx(value, abs=1e-6), key
 
 
-def test_query_blocks_bound_the_sorted_matrix(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Only [block, G] score matrices are ever sorted, never the full [Q, G] one."""
+def test_query_blocks_bound_the_score_matrix(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only [block, G] score matrices are ever ranked, never the full [Q, G] one."""
     shapes: list[tuple[int, ...]] = []
+    real = retrieval._positive_ranks
+
+    def recording(scores: torch.Tensor, *args):
+        shapes.append(tuple(scores.shape))
+        return real(scores, *args)
+
+    monkeypatch.setattr(retrieval, "_positive_ranks", recording)
+    qf, ql, gf, gl = random_set(seed=5, num_q=50, num_g=80)
+    evaluate_retrieval(qf, ql, gf, gl, block_size=3)
+    assert max(s[0] for s in shapes) == 3 and {s[1] for s in shapes} == {80}
+    assert sum(s[0] for s in shapes) == 50
+
+
+def test_only_items_that_outrank_a_positive_are_sorted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A query sorts the items scoring at least its lowest positive, not the whole gallery:
+    where every positive is ahead of every negative, just its positives."""
+    sizes: list[int] = []
     real_sort = torch.sort
 
     def recording_sort(tensor: torch.Tensor, *args, **kwargs):
-        shapes.append(tuple(tensor.shape))
+        sizes.append(tensor.numel())
         return real_sort(tensor, *args, **kwargs)
 
     monkeypatch.setattr(torch, "sort", recording_sort)
-    qf, ql, gf, gl = random_set(seed=5, num_q=50, num_g=80)
-    evaluate_retrieval(qf, ql, gf, gl, block_size=3)
-    assert shapes and max(s[0] for s in shapes) == 3 and {s[1] for s in shapes} == {80}
-    assert sum(s[0] for s in shapes) == 50
+    gen = torch.Generator().manual_seed(6)
+    ql, gl = torch.randint(0, 10, (20,), generator=gen), torch.randint(0, 10, (300,), generator=gen)
+    centers = torch.eye(10, 16, dtype=torch.float64)  # classes far apart: positives first
+    qf = centers[ql] + 0.05 * torch.randn(20, 16, generator=gen, dtype=torch.float64)
+    gf = centers[gl] + 0.05 * torch.randn(300, 16, generator=gen, dtype=torch.float64)
+    result = evaluate_retrieval(qf, ql, gf, gl, block_size=7, recall_k=(1,), precision_k=())
+    assert result["mAP"] == 1.0
+    assert sum(sizes) == int((ql[:, None] == gl[None, :]).sum())
+
+
+def full_sort_statistics(
+    scores: torch.Tensor, ql: torch.Tensor, gl: torch.Tensor, qid=None, gid=None
+) -> torch.Tensor:
+    """[Q, G] bool: query i's positives in the order of its whole gallery, sorted at once."""
+    positive = ql[:, None] == gl[None, :]
+    scores = scores.clone()
+    if qid is not None:
+        same = (qid[:, None] == gid[None, :]) & positive
+        scores[same] = float("-inf")
+        positive &= ~same
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+    return positive.gather(1, order)
+
+
+@pytest.mark.parametrize("block_size", [1, 4, None])
+def test_rank_statistics_equal_the_full_sort(block_size: int | None) -> None:
+    """Ranks, AP and hits are exactly those of sorting each query's whole gallery, ties and
+    excluded ids included."""
+    gen = torch.Generator().manual_seed(7)
+    qf = torch.randint(0, 2, (30, 16), generator=gen).double() * 2 - 1
+    gf = torch.cat([qf[:10], torch.randint(0, 2, (110, 16), generator=gen).double() * 2 - 1])
+    gf[60:] = gf[:60]  # exact duplicates: many exact ties
+    ql = torch.randint(0, 4, (30,), generator=gen)
+    ql[:2] = 9  # no positive
+    gl = torch.randint(0, 4, (120,), generator=gen)
+    gl[:10] = ql[:10]
+    qid, gid = torch.arange(30), torch.arange(120) % 40
+    scores = (qf / 4) @ (gf / 4).T  # unit rows
+    for ids in [(None, None), (qid, gid)]:
+        stats = retrieval._rank_statistics(
+            lambda a, b: scores[a:b].clone(), ql, gl, *ids, block_size or 30, (1, 5)
+        )
+        hit = full_sort_statistics(scores, ql, gl, *ids)
+        rank = torch.arange(1, 121, dtype=torch.float64).expand(30, 120)
+        count = hit.sum(dim=1)
+        ordinal = hit.cumsum(dim=1).double()
+        has = count > 0
+        first = torch.where(hit, rank, torch.inf).amin(dim=1)
+        last = torch.where(hit, rank, 0).amax(dim=1)
+        ap = torch.where(hit, ordinal / rank, 0).sum(dim=1) / count.clamp(min=1)
+        assert torch.equal(stats.num_positives, count)
+        assert torch.equal(stats.first_rank[has], first[has])
+        assert torch.equal(stats.last_rank[has], last[has])
+        assert torch.allclose(stats.average_precision, ap, rtol=0, atol=1e-15)
+        for k, hits in zip((1, 5), stats.hits_at_k, strict=True):
+            assert torch.equal(hits, hit[:, :k].sum(dim=1).double())
 
 
 # --------------------------------------------------------------------------- pytorch-metric-learning

@@ -14,11 +14,12 @@ import pytest
 
 from shitu.cli.main import main as shitu_main
 from shitu.errors import DataError, GalleryError
-from shitu.index import Gallery, GalleryItem, collect_items
+from shitu.index import Gallery, GalleryItem, collect_items, metadata
 from shitu.index import gallery as gallery_module
 from shitu.index.backends.faiss_backend import MIN_TRAIN
 from shitu.index.labels import parse_label_file
 from shitu.index.metadata import MetadataStore
+from shitu.vectors import l2_normalize
 from tests.index_helpers import (
     PixelEmbedder,
     clustered,
@@ -395,6 +396,51 @@ def test_corrupt_index_file_is_detected(tmp_path, damage):
     expected = {"flip": "checksum", "truncate": "bytes", "delete": "missing"}[damage]
     with pytest.raises(GalleryError, match=expected):
         Gallery.open(path)
+
+
+def test_stored_features_are_read_a_few_rows_at_a_time(tmp_path, monkeypatch):
+    """`features` (rebuilds, verify, a Milvus resync) fills one array FETCH_ROWS rows at a
+    time, never holding every row's bytes besides it, and gives what was added, by id; a
+    row of another size is refused even where another one's would make up the length."""
+    monkeypatch.setattr(metadata, "FETCH_ROWS", 3, raising=False)  # steps of 3: checked below
+    features = clustered(11, DIM)
+    fetched: list[int] = []
+
+    class Steps:  # the feature query's cursor, recording how many rows each step brings
+        def __init__(self, cursor: sqlite3.Cursor) -> None:
+            self.cursor = cursor
+
+        def fetchmany(self, size: int) -> list:
+            rows = self.cursor.fetchmany(size)
+            fetched.append(len(rows))
+            return rows
+
+    class Recording:
+        def __init__(self, conn: sqlite3.Connection) -> None:
+            self.conn = conn
+
+        def __getattr__(self, name: str):
+            return getattr(self.conn, name)
+
+        def execute(self, sql: str, *args):
+            cursor = self.conn.execute(sql, *args)
+            return Steps(cursor) if "feature FROM" in sql else cursor
+
+    with new_gallery(tmp_path / "lib") as gallery:
+        ids = gallery.add(features, labels_for(11)).ids
+        gallery.remove(ids=[int(ids[4])])
+        store = gallery._store
+        monkeypatch.setattr(store, "conn", Recording(store.conn))
+        got_ids, got = gallery.features()
+        assert np.array_equal(got_ids, np.delete(ids, 4))
+        assert np.array_equal(got, l2_normalize(np.delete(features, 4, axis=0)))
+        assert max(fetched) == 3 and sum(fetched) == 10
+        monkeypatch.undo()
+        short, long = bytes(4 * (DIM - 1)), bytes(4 * (DIM + 1))
+        rows = [(short, int(ids[0])), (long, int(ids[1]))]
+        store.conn.executemany("UPDATE images SET feature = ? WHERE id = ?", rows)
+        with pytest.raises(GalleryError, match=f"stored features are not all {DIM}-d float32"):
+            gallery.features()
 
 
 def test_not_a_library_and_existing_target_are_refused(tmp_path):

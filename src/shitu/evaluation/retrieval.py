@@ -37,10 +37,10 @@ from shitu.errors import ConfigError, ShituError
 from shitu.evaluation.reranking import ReRanking, k_reciprocal_distances
 from shitu.registry import did_you_mean
 
-# Working memory the default query block may use: ~20 bytes per query-gallery score
-# (scores, sort values and indices, three bool masks) -> ~130 queries per block at G = 100k;
-# add ~50 bytes per positive (their ranks), which only matters when a few labels fill the
-# gallery.
+# Working memory the default query block may use: ~7 bytes per query-gallery score (float32
+# scores, three bool masks) -> ~380 queries per block at G = 100k; add ~50 bytes per positive
+# (their ranks), which only matters when a few labels fill the gallery, and one query's sort
+# of the items that outrank its lowest positive (at most ~25 bytes per gallery item).
 DEFAULT_BLOCK_BYTES = 256 * 2**20
 
 _METRIC_PARAMS: dict[str, tuple[str, ...]] = {
@@ -86,7 +86,7 @@ class RetrievalEvaluator:
     """Which retrieval metrics to compute, and how (query block size, optional re-ranking).
 
     block_size: queries scored against the whole gallery at once; None picks the largest
-    block whose working set (~20 bytes per score) fits in `DEFAULT_BLOCK_BYTES`.
+    block whose working set (~7 bytes per score) fits in `DEFAULT_BLOCK_BYTES`.
     """
 
     recall_k: tuple[int, ...] = _DEFAULT_TOPK
@@ -206,9 +206,9 @@ class RetrievalEvaluator:
         and label are left out of that query's ranking, which is how a set is evaluated
         against itself. Computes on the query features' device.
 
-        Peak memory besides the normalised feature copies: about 20 * block * G bytes for the
-        query block's scores (float32; ~260 MB for the default block at G = 100k), plus ~50
-        bytes per positive in the block (a gallery of few labels: up to ~2.5x). Re-ranking
+        Peak memory besides the normalised feature copies: about 7 * block * G bytes for the
+        query block's scores (float32; ~270 MB for the default block at G = 100k), plus ~50
+        bytes per positive in the block (a gallery of few labels: up to ~8x). Re-ranking
         instead holds dense (Q+G)^2 matrices; see `k_reciprocal_distances`.
         """
         q_feat = _check_features(query_features, "query_features")
@@ -325,8 +325,8 @@ def _rank_statistics(
 ) -> _QueryStats:
     """Ranks of every query's positives, one block of queries at a time.
 
-    Only [block, G] tensors are alive: the block's scores are sorted along the gallery, and
-    the positives' positions in that order are their ranks.
+    Only [block, G] tensors are alive; each query sorts just the items that can outrank one
+    of its positives (see `_positive_ranks`).
     """
     num_q, device = len(q_labels), q_labels.device
     f64 = {"dtype": torch.float64, "device": device}
@@ -348,14 +348,8 @@ def _rank_statistics(
             block_scores.masked_fill_(same, float("-inf"))  # `scores` returns a fresh tensor
             positive &= ~same
             del same
-        order = torch.sort(block_scores, dim=1, descending=True, stable=True).indices
-        del block_scores
-        hit = positive.gather(1, order)
-        del order, positive
-        rows, cols = hit.nonzero(as_tuple=True)  # row-major: each query's positives by rank
-        count = hit.sum(dim=1)
-        del hit
-        ranks = (cols + 1).to(torch.float64)
+        count, rows, ranks = _positive_ranks(block_scores, positive)
+        del block_scores, positive
         offset = count.cumsum(0) - count
         ordinal = torch.arange(len(rows), device=device) - offset[rows] + 1
         found = count > 0
@@ -370,8 +364,35 @@ def _rank_statistics(
     return stats
 
 
+def _positive_ranks(scores: Tensor, positive: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Each row's number of positives, and each positive's row and 1-based rank (float64),
+    row by row in rank order.
+
+    An item scoring below a query's lowest positive ranks after all of its positives, so
+    only the others (a small share of the gallery for a useful model) are sorted, not the
+    whole gallery per query: the same ranks, as the sort is stable and keeps the gallery
+    order of the items it sorts. Positives are counted per row too: summing the whole
+    [block, G] mask would first copy it as int64, 8 bytes per score.
+    """
+    device = scores.device
+    counts: list[int] = []
+    empty = torch.zeros(0, dtype=torch.long, device=device)
+    rows, ranks = [empty], [empty]
+    for row, (row_scores, row_positive) in enumerate(zip(scores, positive, strict=True)):
+        cols = row_positive.nonzero().squeeze(1)
+        counts.append(len(cols))
+        if not len(cols):
+            continue
+        contenders = (row_scores >= row_scores[cols].min()).nonzero().squeeze(1)
+        order = torch.sort(row_scores[contenders], descending=True, stable=True).indices
+        ranks.append(row_positive[contenders[order]].nonzero().squeeze(1) + 1)
+        rows.append(torch.full((len(cols),), row, device=device))
+    count = torch.tensor(counts, dtype=torch.long, device=device)
+    return count, torch.cat(rows), torch.cat(ranks).double()
+
+
 def _default_block(num_gallery: int, score_bytes: int) -> int:
-    per_query = num_gallery * (2 * score_bytes + 8 + 3)
+    per_query = num_gallery * (score_bytes + 3)
     return max(1, DEFAULT_BLOCK_BYTES // per_query)
 
 
