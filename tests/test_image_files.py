@@ -155,7 +155,7 @@ def test_the_cli_shows_the_warning_and_the_error(tmp_path):
     )
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
-        f"WARNING skipped 2 files in {gifs} (.gif x1, broken link x1; e.g. "
+        f"warning: skipped 2 files in {gifs} (.gif x1, broken link x1; e.g. "
         f"{gifs / 'anim.gif'}, {gifs / 'gone.jpg'}); {SUPPORTED}",
         f"error: {gifs}: no images in this folder",
     ]

@@ -313,7 +313,7 @@ def test_extract_cli_skips_corrupt_files_and_reads_only_a_folders_images(exporte
     assert features.shape == (2, 512)
     assert "c_truncated.jpg" in result.stderr  # a folder's non-image and hidden files
     assert "notes.txt" not in result.stderr and ".hidden" not in result.stderr  # are not read
-    assert f"WARNING skipped 1 file in {folder} (.gif x1; e.g. {folder / 'sub' / 'anim.gif'})" in (
+    assert f"warning: skipped 1 file in {folder} (.gif x1; e.g. {folder / 'sub' / 'anim.gif'})" in (
         result.stderr
     )
     assert "embedded 2 images" in result.stdout and "skipped 1" in result.stdout
@@ -336,6 +336,24 @@ def test_extract_cli_skips_corrupt_files_and_reads_only_a_folders_images(exporte
     assert result.returncode == 0, result.stderr
     assert "openvino fp32" in result.stdout
     assert np.abs(np.load(prefix.with_suffix(".npy")) - reference.features).max() < 1e-4
+
+
+def test_cli_warnings_logged_and_printed_look_the_same(exported, tmp_path):
+    """The folder scan (library code) logs its warning, `shitu extract` prints its own:
+    a user sees both as `warning: ...` on stderr."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    shutil.copy(exported["files"][0], folder / "a.jpg")
+    (folder / "b.jpg").write_bytes(b"not a jpeg")
+    (folder / "c.gif").write_bytes(b"GIF89a")
+    args = ["extract", str(folder), "--model", str(exported["dir"]), "--out", str(tmp_path / "f")]
+    result = subprocess.run(
+        [sys.executable, "-m", "shitu", *args, "--threads", "1"], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    logged, printed = result.stderr.splitlines()
+    assert logged.startswith(f"warning: skipped 1 file in {folder} (.gif x1; ")
+    assert printed.startswith(f"warning: skipped {folder / 'b.jpg'}: ")
 
 
 def test_killed_export_leaves_nothing_and_reexport_replaces(exported, tmp_path, monkeypatch):

@@ -115,9 +115,9 @@ def main(argv: list[str] | None = None) -> int:
 def _run(argv: list[str] | None) -> int:
     parser = build_parser()
     args = _parse(parser, separate_overrides(sys.argv[1:] if argv is None else argv))
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
-    )
+    handler = logging.StreamHandler()  # stderr
+    handler.setFormatter(_LevelPrefixFormatter())
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, handlers=[handler])
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
@@ -146,6 +146,14 @@ def _run(argv: list[str] | None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+class _LevelPrefixFormatter(logging.Formatter):
+    """`warning: MESSAGE`, as git and pip say it and as the commands print their own
+    warnings and errors: a logged warning and a printed one look the same to a user."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{record.levelname.lower()}: {super().format(record)}"
 
 
 def _quiet_opencv() -> None:
