@@ -357,6 +357,39 @@ def test_skip_corrupt_queues_a_bounded_number_of_checks(tmp_path: Path, monkeypa
     assert queued["now"] == 0 and 0 < queued["most"] <= 64
 
 
+def test_reused_scans_check_each_image_once_until_the_listing_changes(tmp_path: Path, monkeypatch):
+    """Built again within `reused_scans`, a dataset takes the first build's start-up scan;
+    a listing changed to name other images is scanned again, and outside it every build is."""
+    checked = Counter()
+    check_image = base.check_image
+    monkeypatch.setattr(
+        base, "check_image", lambda path: checked.update([path]) or check_image(path)
+    )
+    save_png(tmp_path / "good.png", pattern(4, 4))
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    label_file = tmp_path / "list.txt"
+    label_file.write_text("good.png 0\nbad.png 1\nmissing.png 2\n")
+
+    def build() -> LabelFileDataset:
+        return LabelFileDataset(str(tmp_path), str(label_file), skip_corrupt=True)
+
+    with base.reused_scans():
+        first = build()
+        assert checked.total() == 2  # the missing file is not decoded
+        again = build()
+        assert checked.total() == 2
+        for dataset in (first, again):
+            assert list(dataset.paths) == [str(tmp_path / "good.png")]
+            assert [path for path, _ in dataset.skipped] == [
+                str(tmp_path / name) for name in ("missing.png", "bad.png")
+            ]
+        save_png(tmp_path / "new.png", pattern(5, 5))
+        label_file.write_text("good.png 0\nbad.png 1\nnew.png 3\n")
+        assert len(build()) == 2 and checked.total() == 5
+    build()
+    assert checked.total() == 8
+
+
 def test_transform_failure_names_file_and_op(tmp_path: Path):
     save_png(tmp_path / "small.png", pattern(10, 10))
     label_file = tmp_path / "list.txt"

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ import yaml
 from shitu.checkpoint import average_weights, read_weights, save_weights
 from shitu.cli.main import main
 from shitu.config import load_config
+from shitu.data.datasets import base
 from shitu.engine.linear_probe import probe_stage
 from shitu.engine.metrics_log import MetricsLog, read_log
 from shitu.engine.precision import cpu_has_native_bf16
@@ -633,6 +635,22 @@ def test_a_probe_run_checks_its_fine_tuning_before_probing(grocery, tmp_path, ca
     assert main(["train", "-c", str(path), "-o", probe, "Global.eval_metric=recall@3"]) == 2
     assert "Global.eval_metric: 'recall@3' is not computed" in capsys.readouterr().err
     assert not output.exists()
+
+
+def test_a_probe_run_checks_each_image_once(grocery, tmp_path, monkeypatch):
+    """`shitu train` with a LinearProbe builds its datasets three times (check, probe,
+    fine-tuning); skip_corrupt's decode check of every image runs once."""
+    path = tiny_config(grocery, tmp_path, epochs=1, eval_during_train=False)
+    checked = Counter()
+    check_image = base.check_image
+    monkeypatch.setattr(
+        base, "check_image", lambda path: checked.update([path]) or check_image(path)
+    )
+    options = ["LinearProbe={epochs: 1, frozen_layers: [backbone]}"]
+    options.append("DataLoader.Train.dataset.skip_corrupt=true")
+    assert main(["train", "-c", str(path), "-o", *options, "--stop-after-steps", "1"]) == 0
+    listed = (tmp_path / "train.txt").read_text().splitlines()
+    assert len(checked) == len(listed) and set(checked.values()) == {1}
 
 
 @pytest.mark.parametrize("probe", [False, True])

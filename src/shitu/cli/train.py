@@ -9,6 +9,7 @@ from pathlib import Path
 
 from shitu.cli.common import add_config_arguments, config_from_args, positive_int, positive_minutes
 from shitu.config.schema import ShituConfig
+from shitu.data.datasets.base import reused_scans
 from shitu.engine.distributed import DistContext, shutdown_distributed
 from shitu.engine.linear_probe import fine_tune_stage, probe_stage, probe_weights_path
 from shitu.engine.metrics_log import LOG_NAME
@@ -114,6 +115,13 @@ def _probe(config: ShituConfig, context: DistContext) -> int | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """`_train`, with each dataset's start-up scan done once although a LinearProbe run
+    builds the datasets three times (see `reused_scans`)."""
+    with reused_scans():
+        return _train(args)
+
+
+def _train(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     context = None
     try:

@@ -9,14 +9,16 @@ reference counts change.
 
 from __future__ import annotations
 
+import hashlib
 import os
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, overload
+from typing import Any, NoReturn, overload
 
 import numpy as np
 import torch
@@ -28,9 +30,16 @@ from shitu.data.transforms.ops import UnreadableImageError
 from shitu.errors import DataError
 
 TransformOps = list[dict[str, dict[str, Any] | None]]
+# (index, why) of each listed path a dataset cannot use.
+Problems = tuple[tuple[int, str], ...]
 
 # How many missing or bad files an error message lists before summarising.
 _SHOW = 5
+# How many start-up scans `reused_scans` keeps (a run's train, query and gallery sets fit).
+_SCANS_KEPT = 8
+# Within `reused_scans`: (skip_corrupt, working directory, digest of the listed paths) ->
+# the scan's problems, least recently used first. None outside it.
+_scans: OrderedDict[tuple[bool, str, bytes], Problems] | None = None
 
 
 class StringTable(Sequence[str]):
@@ -110,6 +119,53 @@ def check_images(paths: Sequence[str]) -> list[str | None]:
     return reasons
 
 
+@contextmanager
+def reused_scans() -> Iterator[None]:
+    """Within it, a dataset built again over the same listed paths reuses the first build's
+    start-up scan (a file check of every image, with skip_corrupt a decode of every image:
+    minutes on a big dataset) instead of repeating it. `shitu train` with a LinearProbe
+    builds its datasets three times (check, probe, fine-tuning).
+
+    The scan depends on the listed paths only, so it is keyed on them: a listing changed to
+    list other images is scanned again. Assumes the images themselves do not change within
+    the block: one that breaks later fails when it is loaded, as after any start-up check.
+    Outside the block (library use) every build scans."""
+    global _scans
+    outer = _scans
+    if outer is None:
+        _scans = OrderedDict()
+    try:
+        yield
+    finally:
+        _scans = outer
+
+
+def _scan_problems(paths: Sequence[str], skip_corrupt: bool) -> Problems:
+    """The missing files among `paths`, and with `skip_corrupt` the undecodable ones;
+    within `reused_scans`, from an earlier scan of the same paths when there was one."""
+    if _scans is None:
+        return _scan(paths, skip_corrupt)
+    digest = hashlib.sha256("\0".join(paths).encode("utf-8", "surrogatepass")).digest()
+    key = (skip_corrupt, os.getcwd(), digest)  # relative paths name other files elsewhere
+    if key in _scans:
+        _scans.move_to_end(key)
+        return _scans[key]
+    problems = _scans[key] = _scan(paths, skip_corrupt)
+    if len(_scans) > _SCANS_KEPT:
+        _scans.popitem(last=False)
+    return problems
+
+
+def _scan(paths: Sequence[str], skip_corrupt: bool) -> Problems:
+    missing = [(i, "file not found") for i, path in enumerate(paths) if not os.path.isfile(path)]
+    if not skip_corrupt:
+        return tuple(missing)
+    gone = {i for i, _ in missing}
+    present = [i for i in range(len(paths)) if i not in gone]
+    reasons = check_images([paths[i] for i in present])
+    return (*missing, *((i, why) for i, why in zip(present, reasons, strict=True) if why))
+
+
 class ImageDataset(Dataset):
     """Base class: subclasses parse their listing into `Entry`s and call `_set_entries`.
 
@@ -150,40 +206,26 @@ class ImageDataset(Dataset):
     def _set_entries(self, entries: list[Entry], image_root: str | None = None) -> None:
         if not entries:
             raise DataError(f"{self.where}: lists no images")
-        entries = self._drop_missing(entries, image_root)
-        if self.skip_corrupt:
-            entries = self._drop_corrupt(entries)
-            if not entries:
-                raise DataError(f"{self.where}: none of the listed images can be read")
+        problems = _scan_problems([entry.path for entry in entries], self.skip_corrupt)
+        if problems and not self.skip_corrupt:  # missing files: the only problem looked for
+            self._refuse_missing([entries[i] for i, _ in problems], len(entries), image_root)
+        self.skipped.extend((entries[i].path, why) for i, why in problems)
+        dropped = {i for i, _ in problems}
+        entries = [entry for i, entry in enumerate(entries) if i not in dropped]
+        if not entries:
+            raise DataError(f"{self.where}: none of the listed images can be read")
         self.paths = StringTable([entry.path for entry in entries])
         self._labels = np.fromiter((e.label for e in entries), dtype=np.int64, count=len(entries))
         self._ids = np.fromiter((e.unique_id for e in entries), dtype=np.int64, count=len(entries))
 
-    def _drop_missing(self, entries: list[Entry], image_root: str | None) -> list[Entry]:
-        missing = [entry for entry in entries if not os.path.isfile(entry.path)]
-        if not missing:
-            return entries
-        if self.skip_corrupt:
-            self.skipped.extend((entry.path, "file not found") for entry in missing)
-            gone = {id(entry) for entry in missing}
-            return [entry for entry in entries if id(entry) not in gone]
+    def _refuse_missing(self, missing: list[Entry], total: int, image_root: str | None) -> NoReturn:
         examples = ", ".join(f"{e.path} ({e.source})" for e in missing[:_SHOW])
         more = f" and {len(missing) - _SHOW} more" if len(missing) > _SHOW else ""
         root = f"; paths are read relative to image_root={image_root!r}" if image_root else ""
         raise DataError(
-            f"{self.where}: {len(missing)} of {len(entries)} listed images do not exist: "
+            f"{self.where}: {len(missing)} of {total} listed images do not exist: "
             f"{examples}{more}{root} (skip_corrupt: true leaves them out)"
         )
-
-    def _drop_corrupt(self, entries: list[Entry]) -> list[Entry]:
-        reasons = check_images([entry.path for entry in entries])
-        kept = []
-        for entry, reason in zip(entries, reasons, strict=True):
-            if reason is None:
-                kept.append(entry)
-            else:
-                self.skipped.append((entry.path, reason))
-        return kept
 
     @cached_property
     def labels(self) -> list[int]:
