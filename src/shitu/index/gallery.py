@@ -426,7 +426,9 @@ class Gallery:
                 change, result = mutate()
                 if change is None:
                     return result
-                id_labels = self._store.id_labels()  # as committed
+                # The ids and labels as committed, from the change (this process's are the
+                # committed ones before it): reading them all again takes 0.2 s per 200k rows
+                id_labels = _edited(self._id_labels, change)
                 crash_point("rows-written")
                 manifest = replace(
                     committed,
@@ -554,7 +556,8 @@ class Gallery:
                 for i in keep
             ]
             ids = self._store.insert(rows, vectors[keep])
-            change = Change(added_ids=ids, added=vectors[keep])
+            labels_added = [row.label for row in rows]
+            change = Change(added_ids=ids, added=vectors[keep], added_labels=labels_added)
             return change, AddReport(ids=ids, duplicates=duplicates)
 
         return self._write(mutate)
@@ -657,7 +660,8 @@ class Gallery:
                     f"{self.root}: label '{new}' already has images; renaming '{old}' onto it "
                     "would merge the two labels (allow it with merge, `--merge` in the CLI)"
                 )
-            return Change(), self._store.relabel(old, new)
+            relabelled = self._store.relabel(old, new)
+            return Change(relabelled_ids=relabelled, relabelled_to=new), len(relabelled)
 
         return self._write(mutate)
 
@@ -761,6 +765,25 @@ class Gallery:
         if not np.array_equal(ids, self._id_labels[0]):
             problems.append("label cache is out of date (reopen the library)")
         return problems + self._backend.problems()
+
+
+def _edited(
+    id_labels: tuple[np.ndarray, np.ndarray], change: Change
+) -> tuple[np.ndarray, np.ndarray]:
+    """Ids (ascending) and labels after `change`, as new arrays (searches may hold the old
+    ones). Added ids come last: AUTOINCREMENT gives each new row an id above any before."""
+    ids, labels = id_labels
+    if len(change.removed_ids):
+        kept = ~np.isin(ids, change.removed_ids)
+        ids, labels = ids[kept], labels[kept]
+    if len(change.relabelled_ids):
+        labels = labels.copy()
+        labels[np.searchsorted(ids, change.relabelled_ids)] = change.relabelled_to
+    if len(change.added_ids):
+        added = np.empty(len(change.added_ids), dtype=object)
+        added[:] = list(change.added_labels)
+        ids, labels = np.concatenate([ids, change.added_ids]), np.concatenate([labels, added])
+    return ids, labels
 
 
 def _labels_of(hits: np.ndarray, ids: np.ndarray, labels: np.ndarray) -> np.ndarray:

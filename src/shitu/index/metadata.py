@@ -199,10 +199,13 @@ class MetadataStore:
             deleted.extend(row[0] for row in rows)
         return np.asarray(sorted(deleted), dtype=np.int64)
 
-    def relabel(self, old: str, new: str) -> int:
+    def relabel(self, old: str, new: str) -> np.ndarray:
+        """Give every image labelled `old` (any stored form) the label `new`; returns their ids."""
         forms = self.stored_forms([old])  # one form, or a few from older versions
-        query = f"UPDATE images SET label = ? WHERE label IN ({','.join('?' * len(forms))})"
-        return self.conn.execute(query, (new, *forms)).rowcount
+        marks = ",".join("?" * len(forms))
+        query = f"UPDATE images SET label = ? WHERE label IN ({marks}) RETURNING id"
+        ids = [row[0] for row in self.conn.execute(query, (new, *forms))]
+        return np.asarray(sorted(ids), dtype=np.int64)
 
     def count(self) -> int:
         return self.conn.execute("SELECT COUNT(*) FROM images").fetchone()[0]
