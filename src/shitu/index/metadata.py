@@ -227,6 +227,15 @@ class MetadataStore:
         rows = self.conn.execute(query + f" WHERE label IN ({marks}) ORDER BY id", forms)
         return [ImageEntry(*row) for row in rows]
 
+    def entries_with_ids(self, ids: Sequence[int]) -> list[ImageEntry]:
+        """The rows with these ids (ordered by id), found through the primary key."""
+        found: list[ImageEntry] = []
+        for chunk in _chunks([int(i) for i in ids]):
+            marks = ",".join("?" * len(chunk))
+            query = f"SELECT id, path, label, sha256, added_at FROM images WHERE id IN ({marks})"
+            found.extend(ImageEntry(*row) for row in self.conn.execute(query, chunk))
+        return sorted(found, key=lambda entry: entry.id)
+
     def id_labels(self) -> tuple[np.ndarray, np.ndarray]:
         """All ids (ascending) and their labels, for turning search hits into labels fast."""
         rows = self.conn.execute("SELECT id, label FROM images ORDER BY id").fetchall()
