@@ -27,6 +27,7 @@ import pytest
 from PIL import Image
 
 from shitu.cli.main import main as shitu_main
+from shitu.errors import GalleryError
 from shitu.index import Gallery
 from shitu.inference.preprocess import read_rgb
 from shitu.pipeline import Recognizer, load_pipeline_config
@@ -34,7 +35,7 @@ from shitu.serving import library as library_module
 from shitu.serving.errors import NotFound
 from shitu.serving.http import too_large
 from shitu.serving.images import thumbnail_jpeg
-from shitu.serving.library import SharedLibrary
+from shitu.serving.library import SharedLibrary, Snapshot
 from shitu.serving.service import RecognitionService, Upload
 from shitu.serving.settings import ServeSettings
 from tests.index_helpers import make_images
@@ -929,3 +930,57 @@ def test_the_server_retries_a_generation_that_failed_to_load(written_since, monk
     shared.run(shared._sync)
     assert set(shared.snapshot.by_label) == {"old", "new"}
     assert shared.search(vectors[25:26], k=1).labels[0, 0] == "new"
+
+
+def test_the_listing_follows_each_edit_as_reading_the_library_whole_gives_it(tmp_path, monkeypatch):
+    """After an edit the server lists what reading every row gives, but has read only the
+    rows the edit touched (every row: seconds a write with 200k images); after another
+    process's write, which it does not know, or a failed one, it reads them all."""
+    path = tmp_path / "lib"
+    vectors = np.random.default_rng(3).normal(size=(40, 8)).astype(np.float32)
+    files = [str(path / "uploads" / f"{i}.jpg") for i in range(40)]  # stored relative
+    with Gallery.create(path, embedding_dim=8, model_fingerprint="m") as gallery:
+        gallery.add(vectors[:30], [f"label {i % 4}" for i in range(30)], files[:30])
+    read_whole = Snapshot.of
+    reads: list[int] = []
+    monkeypatch.setattr(
+        Snapshot, "of", classmethod(lambda _, gallery: reads.append(1) or read_whole(gallery))
+    )
+    shared = SharedLibrary()
+
+    def same_as_read_whole() -> None:
+        whole = shared.run(lambda: read_whole(shared.gallery))
+        assert list(shared.snapshot.by_id.items()) == list(whole.by_id.items())
+        assert list(shared.snapshot.by_label.items()) == list(whole.by_label.items())
+        assert shared.snapshot.stats == whole.stats
+
+    try:
+        shared.attach(shared.run(lambda: Gallery.open(path)))
+        edits = [
+            lambda g: g.add(vectors[30:33], ["label 1", "new", "Cafe\u0301"], files[30:33]),
+            lambda g: g.remove(ids=[2, 7]),
+            lambda g: g.relabel("label 2", "renamed"),
+            lambda g: g.relabel("label 3", "label 1", merge=True),
+            lambda g: g.remove(labels=["new", "label 0"]),
+            lambda g: g.add(vectors[33:35], ["Caf\u00e9", "a first label"], hashes=["x", "y"]),
+            lambda g: g.add(vectors[35:36], ["ignored"], hashes=["x"]),  # a duplicate: no write
+            lambda g: g.relabel("Caf\u00e9", "zz last"),
+            lambda g: g.rebuild("HNSW32"),
+        ]
+        for edit in edits:
+            reads.clear()
+            shared.write(edit)
+            assert reads == []
+            same_as_read_whole()
+        with Gallery.open(path) as other:
+            other.relabel("renamed", "elsewhere")
+        shared.write(lambda g: g.add(vectors[36:], ["late"] * 4))
+        same_as_read_whole()
+        with pytest.raises(GalleryError):
+            shared.write(lambda g: g.remove(labels=["no such label"]))
+        same_as_read_whole()
+        assert set(shared.snapshot.by_label) == {
+            "a first label", "elsewhere", "label 1", "late", "zz last"
+        }  # fmt: skip
+    finally:
+        shared.close()

@@ -199,10 +199,13 @@ class MetadataStore:
             deleted.extend(row[0] for row in rows)
         return np.asarray(sorted(deleted), dtype=np.int64)
 
-    def relabel(self, old: str, new: str) -> int:
+    def relabel(self, old: str, new: str) -> np.ndarray:
+        """Give every image labelled `old` (any stored form) the label `new`; returns their ids."""
         forms = self.stored_forms([old])  # one form, or a few from older versions
-        query = f"UPDATE images SET label = ? WHERE label IN ({','.join('?' * len(forms))})"
-        return self.conn.execute(query, (new, *forms)).rowcount
+        marks = ",".join("?" * len(forms))
+        query = f"UPDATE images SET label = ? WHERE label IN ({marks}) RETURNING id"
+        ids = [row[0] for row in self.conn.execute(query, (new, *forms))]
+        return np.asarray(sorted(ids), dtype=np.int64)
 
     def count(self) -> int:
         return self.conn.execute("SELECT COUNT(*) FROM images").fetchone()[0]
@@ -223,6 +226,15 @@ class MetadataStore:
         marks = ",".join("?" * len(forms))
         rows = self.conn.execute(query + f" WHERE label IN ({marks}) ORDER BY id", forms)
         return [ImageEntry(*row) for row in rows]
+
+    def entries_with_ids(self, ids: Sequence[int]) -> list[ImageEntry]:
+        """The rows with these ids (ordered by id), found through the primary key."""
+        found: list[ImageEntry] = []
+        for chunk in _chunks([int(i) for i in ids]):
+            marks = ",".join("?" * len(chunk))
+            query = f"SELECT id, path, label, sha256, added_at FROM images WHERE id IN ({marks})"
+            found.extend(ImageEntry(*row) for row in self.conn.execute(query, chunk))
+        return sorted(found, key=lambda entry: entry.id)
 
     def id_labels(self) -> tuple[np.ndarray, np.ndarray]:
         """All ids (ascending) and their labels, for turning search hits into labels fast."""

@@ -6,7 +6,7 @@ which also serialises the writes; searches touch only the in-memory index and ru
 caller's thread under a shared lock, which a write takes exclusively only around the gallery
 call that commits it (so a request sees the library before or after a whole edit, and the
 snapshot of the rows that goes with it). Listing reads a snapshot that is
-rebuilt after each write, so browsing never waits for a write either.
+replaced after each write, so browsing never waits for a write either.
 
 Other processes may write the library too (`shitu index add ...`): at most once a second,
 a search or a look at the snapshot has the library's thread check for a newer generation
@@ -22,12 +22,13 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import numpy as np
 
 from shitu.index import Gallery, SearchResult
+from shitu.index.backends import Change
 from shitu.index.labels import normal_form
 from shitu.index.locking import ReadWriteLock
 from shitu.index.manifest import Manifest
@@ -41,15 +42,16 @@ RETRY_S = 30.0  # how long a generation that failed to load waits before another
 
 @dataclass(frozen=True)
 class Snapshot:
-    """The library's rows and facts as of one generation (read without locks)."""
+    """The library's rows and facts as of one generation (read without locks, so never
+    changed: a write makes a new one)."""
 
-    by_id: dict[int, ImageEntry]
-    by_label: dict[str, tuple[ImageEntry, ...]]
-    hashes: frozenset[str] = frozenset()  # content hashes of the stored images
+    by_id: dict[int, ImageEntry]  # ordered by id
+    by_label: dict[str, tuple[ImageEntry, ...]]  # by label (normal form), each by id
     stats: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def of(cls, gallery: Gallery) -> Snapshot:
+        """Every row read: seconds in a library of 200k images."""
         entries = gallery.entries()  # ordered by id
         by_label: dict[str, list[ImageEntry]] = {}
         for entry in entries:
@@ -57,9 +59,33 @@ class Snapshot:
         return cls(
             by_id={entry.id: entry for entry in entries},
             by_label={label: tuple(by_label[label]) for label in sorted(by_label)},
-            hashes=frozenset(entry.sha256 for entry in entries if entry.sha256),
             stats=gallery.stats(),
         )
+
+    def edited(self, change: Change, added: list[ImageEntry], stats: dict[str, Any]) -> Snapshot:
+        """This snapshot after `change`, a write made on top of its generation (`added`: the
+        rows it added): only the labels that the change touched are listed again."""
+        by_id = dict(self.by_id)
+        removed = [by_id.pop(int(i)) for i in change.removed_ids]
+        before = [by_id[int(i)] for i in change.relabelled_ids]
+        renamed = [replace(entry, label=change.relabelled_to) for entry in before]
+        by_id.update((entry.id, entry) for entry in [*renamed, *added])  # added: the last ids
+        left = {entry.id for entry in [*removed, *before]}  # their listings lose these
+        listings: dict[str, list[ImageEntry]] = {
+            label: [entry for entry in self.by_label.get(label, ()) if entry.id not in left]
+            for label in {normal_form(e.label) for e in [*removed, *before, *renamed, *added]}
+        }
+        for entry in [*renamed, *added]:
+            listings[normal_form(entry.label)].append(entry)
+        by_label = dict(self.by_label)
+        for label, entries in listings.items():
+            if entries:
+                by_label[label] = tuple(sorted(entries, key=lambda entry: entry.id))
+            else:
+                del by_label[label]
+        if by_label.keys() != self.by_label.keys():  # a label came or went: sorted again
+            by_label = {label: by_label[label] for label in sorted(by_label)}
+        return Snapshot(by_id, by_label, stats)
 
 
 class SharedLibrary:
@@ -187,16 +213,32 @@ class SharedLibrary:
 
     def write(self, mutate: Callable[[Gallery], T]) -> T:
         """Run `mutate(gallery)` on the library's thread with searches held off, then
-        refresh the snapshot."""
+        bring the snapshot up to date."""
 
         def job() -> T:
+            before = self._snapshot
             try:
                 with self._lock.write():
-                    return mutate(self.gallery)
-            finally:  # a failed write may still have reloaded the gallery
+                    result = mutate(self.gallery)
+            except BaseException:  # a failed write may still have reloaded the gallery
                 self._snapshot = Snapshot.of(self.gallery)
+                raise
+            self._snapshot = self._after_write(before)
+            return result
 
         return self.run(job)
+
+    def _after_write(self, before: Snapshot) -> Snapshot:
+        """The snapshot after a write that began at `before`: the same if it wrote nothing,
+        `before` edited where the gallery's generation is its own write on top of it, else
+        (it loaded other processes' writes first, or made several) read whole."""
+        gallery = self.gallery
+        generation, change = gallery.manifest.generation, gallery.last_change
+        if generation == before.stats.get("generation"):
+            return before
+        if change is None or generation - 1 != before.stats.get("generation"):
+            return Snapshot.of(gallery)
+        return before.edited(change, gallery.entries_with_ids(change.added_ids), gallery.stats())
 
     def close(self) -> None:
         gallery, self._gallery = self._gallery, None  # a sync queued now finds none

@@ -175,7 +175,7 @@ class RecognitionService:
         hashes = [hashlib.sha256(upload.data).hexdigest() for upload in uploads]
 
         def commit() -> AddOutcome:
-            stored, seen = self.library.snapshot.hashes, set()
+            stored, seen = self.library.gallery.stored_hashes(hashes), set()
             rows, duplicates = [], []
             for row, digest in enumerate(hashes):
                 (duplicates if digest in stored or digest in seen else rows).append(row)

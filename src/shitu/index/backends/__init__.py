@@ -8,6 +8,7 @@ searchable copy. A write calls `stage` inside the SQLite transaction (the backen
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -38,11 +39,15 @@ class IndexSyncError(GalleryError):
 
 @dataclass
 class Change:
-    """What one write did to the vectors (relabels touch none)."""
+    """What one write did to the rows: their vectors, which the backend follows (relabels
+    touch none), and their labels, which the library's ids and labels in memory follow."""
 
     added_ids: np.ndarray = field(default_factory=lambda: EMPTY_IDS)
     added: np.ndarray | None = None
+    added_labels: Sequence[str] = ()  # as stored, one per added id
     removed_ids: np.ndarray = field(default_factory=lambda: EMPTY_IDS)
+    relabelled_ids: np.ndarray = field(default_factory=lambda: EMPTY_IDS)
+    relabelled_to: str = ""  # the label the relabelled ids now have
     rebuild: bool = False
 
     @property
