@@ -340,13 +340,8 @@ def write_eval_set(root, classes, kind):
     )
 
 
-def test_eval_matches_class_names_in_any_unicode_normal_form(tmp_path, capsys):
-    """A class name typed into a label file (composed, NFC) and the same name as a folder
-    from a file system that decomposes accents (NFD, macOS) are one class, as gallery
-    libraries take them: not a query class the gallery lacks."""
-    composed, decomposed = "caf\u00e9", "cafe\u0301"
-    query = write_eval_set(tmp_path / "query", {composed: 20, "banana": 30}, "names")
-    gallery = write_eval_set(tmp_path / "gallery", {decomposed: 20, "banana": 30}, "folder")
+def write_eval_config(tmp_path, query, gallery):
+    """A config evaluating recall@1 of a small untrained model, `query` against `gallery`."""
     config = tmp_path / "eval.yaml"
     config.write_text(
         f"""
@@ -363,6 +358,17 @@ Metric:
 """,
         encoding="utf-8",
     )
+    return config
+
+
+def test_eval_matches_class_names_in_any_unicode_normal_form(tmp_path, capsys):
+    """A class name typed into a label file (composed, NFC) and the same name as a folder
+    from a file system that decomposes accents (NFD, macOS) are one class, as gallery
+    libraries take them: not a query class the gallery lacks."""
+    composed, decomposed = "caf\u00e9", "cafe\u0301"
+    query = write_eval_set(tmp_path / "query", {composed: 20, "banana": 30}, "names")
+    gallery = write_eval_set(tmp_path / "gallery", {decomposed: 20, "banana": 30}, "folder")
+    config = write_eval_config(tmp_path, query, gallery)
     assert shitu_main(["eval", "-c", str(config), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result == {"recall@1": 1.0, "num_queries": 2, "num_queries_without_positive": 0}
@@ -386,21 +392,7 @@ def test_eval_matches_query_and_gallery_classes_by_label_not_by_number(
     from the gallery, is a query without a positive."""
     query = write_eval_set(tmp_path / "query", QUERY_CLASSES, query_kind)
     gallery = write_eval_set(tmp_path / "gallery", GALLERY_CLASSES, gallery_kind)
-    config = tmp_path / "eval.yaml"
-    config.write_text(
-        f"""
-Global: {{device: cpu}}
-Arch:
-  Backbone: {{name: ResNet18, class_num: 8}}
-  BackboneStopLayer: {{name: fc}}
-DataLoader:
-  Eval:
-    Query: {{dataset: {query}, loader: {{num_workers: 0}}}}
-    Gallery: {{dataset: {gallery}, loader: {{num_workers: 0}}}}
-Metric:
-  Eval: [Recallk: {{topk: [1]}}]
-"""
-    )
+    config = write_eval_config(tmp_path, query, gallery)
     assert shitu_main(["eval", "-c", str(config), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result == {"recall@1": 1.0, "num_queries": 3, "num_queries_without_positive": 1}
