@@ -559,6 +559,21 @@ def test_training_errors_are_clear(grocery, tmp_path):
     Trainer(load_config(path, [sampler, "Arch.frozen_layers=[neck]"]))  # eval mode: fine
 
 
+def test_a_classifier_larger_than_the_named_classes_is_warned_about(grocery, tmp_path, caplog):
+    """A copied config's class_num (81) left as it was, on a 6-class folder or listing:
+    it trains, but the user asked for 6 outputs and should hear of the other 75."""
+    path = tiny_config(grocery, tmp_path)  # relabel: true, 6 classes
+    with caplog.at_level(logging.WARNING, logger="shitu"):
+        Trainer(load_config(path))
+    assert "class_num" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="shitu"):
+        Trainer(load_config(path, ["Arch.Head.class_num=81"]))
+    assert (
+        "Arch.Head.class_num is 81, but DataLoader.Train has 6 classes: the other 75 outputs "
+        "of the classifier are never a label; set Arch.Head.class_num: 6"
+    ) in caplog.text
+
+
 def test_run_summary_names_the_weights_it_starts_from(grocery, tmp_path, caplog):
     """A complete load is reported in the summary; only a partial one warns."""
     path = tiny_config(grocery, tmp_path)

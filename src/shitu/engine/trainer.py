@@ -106,7 +106,7 @@ class Trainer:
         self.loss = CombinedLoss(config.Loss.Train).to(self.context.device)
         self.loss.attach(self.model)  # before a resume restores the loss's state
         self.train_loader = build_train_loader(config.DataLoader.Train, self.context, self.seed)
-        _check_class_count(config, dataset_of(self.train_loader))
+        _check_class_count(config, dataset_of(self.train_loader), warn=self.context.is_main)
         _check_last_batch(self.train_loader.batch_sampler.batch_sampler, self.model)
         self.steps_per_epoch = len(self.train_loader)
         if self.steps_per_epoch == 0:
@@ -480,9 +480,12 @@ class Trainer:
             self._save_weights(BEST)
 
 
-def _check_class_count(config: ShituConfig, dataset: Any) -> None:
+def _check_class_count(config: ShituConfig, dataset: Any, warn: bool) -> None:
     """A classifier smaller than the labels fails only when such a label is first drawn,
-    with an index error (a device-side assert on a GPU): say so before the first step."""
+    with an index error (a device-side assert on a GPU): say so before the first step.
+    One larger than a dataset that numbers its own classes (a folder per class, class
+    names) is a copied config's class_num left as it was: trained without a word, its
+    extra outputs are never a label. Bare class ids may leave gaps: not counted."""
     head = config.Arch.Head
     class_num = head.params.get("class_num") if head is not None else None
     labels = getattr(dataset, "labels", None)
@@ -493,6 +496,16 @@ def _check_class_count(config: ShituConfig, dataset: Any) -> None:
         raise ConfigError(
             f"Arch.Head.class_num is {class_num}, but DataLoader.Train has labels up to "
             f"{largest}; set Arch.Head.class_num: {largest + 1}"
+        )
+    classes = getattr(dataset, "label_keys", None)
+    if warn and classes is not None and class_num > len(classes):
+        logger.warning(
+            "Arch.Head.class_num is %d, but DataLoader.Train has %d classes: the other %d "
+            "outputs of the classifier are never a label; set Arch.Head.class_num: %d",
+            class_num,
+            len(classes),
+            class_num - len(classes),
+            len(classes),
         )
 
 
