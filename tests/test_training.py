@@ -715,6 +715,52 @@ def test_a_signal_during_the_last_evaluation_leaves_a_finished_run_a_success(
     assert "\nfinished at epoch 1, step 4: " in capsys.readouterr().out
 
 
+# Runs `shitu train ARGS`, sending SIGNAL to its whole process group (Ctrl-C in a terminal,
+# SIGTERM from Slurm or systemd: the data loader's workers get it too) while the first
+# evaluation embeds its gallery.
+SIGNAL_THE_GROUP_DURING_EVALUATION = """
+import os, signal, sys
+import shitu.engine.evaluate as evaluate
+from shitu.cli.main import main
+
+shown = evaluate.tqdm
+
+def signalled(loader, **options):
+    for number, batch in enumerate(shown(loader, **options)):
+        if number == 1 and options["desc"] == "gallery":
+            os.killpg(0, int(sys.argv[1]))
+        yield batch
+
+evaluate.tqdm = signalled
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_to_the_process_group_stops_the_run_once_with_a_checkpoint(
+    grocery, tmp_path, signum
+):
+    """The workers leave stopping to the trainer: the evaluation their batches feed ends,
+    the run stops with a checkpoint and its signal's status, and says so once."""
+    path = tiny_config(grocery, tmp_path, epochs=2, eval_interval=1)
+    workers = [
+        "DataLoader.Train.loader.num_workers=1",
+        "DataLoader.Eval.Gallery.loader.num_workers=2",
+        "DataLoader.Eval.Gallery.sampler.batch_size=1",  # more batches than are prefetched
+    ]
+    command = [sys.executable, "-c", SIGNAL_THE_GROUP_DURING_EVALUATION, str(int(signum)),
+               "train", "-c", str(path), "-o", *workers]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(
+        command, capture_output=True, text=True, env=env, timeout=300, start_new_session=True
+    )
+    assert run.returncode == 128 + signum, run.stderr[-3000:]
+    assert "Traceback" not in run.stderr
+    assert run.stderr.count("stopping after this step, with a checkpoint") == 1
+    assert "stopped early after step 4 (1 of 2 epochs done)" in run.stdout
+    assert (tmp_path / "output" / "latest.pt").is_file()
+
+
 def test_feature_distillation_resumes_towards_the_same_start(grocery, tmp_path):
     """The frozen start travels in the checkpoint: a resumed run distils towards the weights
     the run began from, not those it resumed with, and gives the uninterrupted run's losses."""

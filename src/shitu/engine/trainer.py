@@ -21,7 +21,7 @@ from tqdm import tqdm
 from shitu import registry
 from shitu.checkpoint import load_weights, model_metadata, save_weights
 from shitu.config.schema import ShituConfig
-from shitu.engine.data import build_train_loader, dataset_of
+from shitu.engine.data import build_train_loader, dataset_of, leave_stopping_to_the_trainer
 from shitu.engine.distributed import DistContext, all_reduce_mean, barrier, init_distributed
 from shitu.engine.ema import WeightEMA
 from shitu.engine.evaluate import RetrievalEvaluation
@@ -139,7 +139,9 @@ class Trainer:
             self.net = DistributedDataParallel(self.model, device_ids=device_ids)
         self.evaluation: RetrievalEvaluation | None = None
         if config.Global.eval_during_train and config.DataLoader.Eval is not None:
-            self.evaluation = RetrievalEvaluation(config, self.context, self.seed)
+            self.evaluation = RetrievalEvaluation(
+                config, self.context, self.seed, leave_stopping_to_the_trainer
+            )
             computed = self.evaluation.evaluator.metric_names
             if config.Global.eval_metric not in computed:
                 raise ConfigError(
