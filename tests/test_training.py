@@ -466,7 +466,12 @@ def test_a_run_resumed_into_another_runs_folder_is_refused(grocery, tmp_path, ca
     assert train(first) == 0 and train(other) == 0
     before = (other / "latest.pt").read_bytes()
     assert train(other, f"Global.checkpoints={first}") == 2
-    assert f"Global.output_dir {other}: holds an earlier run" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"Global.output_dir {other}: holds an earlier run" in err
+    # Not "resume it" (this run does resume), but where that checkpoint's run goes on.
+    assert (
+        f"resumes the run in {first.resolve()}: add -o Global.output_dir={first.resolve()}" in err
+    )
     assert (other / "latest.pt").read_bytes() == before
     assert train(new, f"Global.checkpoints={first}") == 0  # a new folder: a branch of it
     assert train(first, f"Global.checkpoints={first}") == 0
