@@ -579,6 +579,20 @@ def test_a_classifier_larger_than_the_named_classes_is_warned_about(grocery, tmp
     ) in caplog.text
 
 
+def test_a_run_too_short_for_its_eval_interval_is_warned_about(grocery, tmp_path, caplog):
+    """The Grocery config evaluates every 5 epochs: a 2-epoch run of it evaluates nothing."""
+    path = tiny_config(grocery, tmp_path, epochs=2)
+    with caplog.at_level(logging.WARNING, logger="shitu"):
+        Trainer(load_config(path, ["Global.eval_interval=2"]))
+    assert "eval_interval" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="shitu"):
+        Trainer(load_config(path, ["Global.eval_interval=5"]))
+    assert (
+        "Global.eval_interval 5 is more than Global.epochs 2: nothing is evaluated and no "
+        "best_model.safetensors is written"
+    ) in caplog.text
+
+
 def test_run_summary_names_the_weights_it_starts_from(grocery, tmp_path, caplog):
     """A complete load is reported in the summary; only a partial one warns."""
     path = tiny_config(grocery, tmp_path)
