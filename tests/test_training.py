@@ -550,6 +550,10 @@ def test_training_errors_are_clear(grocery, tmp_path):
     sampler = "DataLoader.Train.sampler={name: DistributedBatchSampler, batch_size: 35}"
     with pytest.raises(ConfigError, match="end on a batch of 1 image .36 per process"):
         Trainer(load_config(path, [sampler]))
+    # A dataset smaller than one batch: how small, against what.
+    large = ["DataLoader.Train.sampler.batch_size=40", "DataLoader.Train.sampler.sample_per_id=8"]
+    with pytest.raises(ConfigError, match="dataset's 36 images give no full batch of 40; lower"):
+        Trainer(load_config(path, large))
     # Queries of a class the gallery lacks: refused before training, not at its first
     # evaluation an epoch later.
     strangers = tmp_path / "strangers.txt"

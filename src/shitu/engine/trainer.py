@@ -110,8 +110,12 @@ class Trainer:
         _check_last_batch(self.train_loader.batch_sampler.batch_sampler, self.model)
         self.steps_per_epoch = len(self.train_loader)
         if self.steps_per_epoch == 0:
+            images = len(dataset_of(self.train_loader))
+            processes = self.context.world_size
+            share = f" shared by {processes} processes" if processes > 1 else ""
             raise ConfigError(
-                "DataLoader.Train: the dataset gives no full batch; lower sampler.batch_size "
+                f"DataLoader.Train: the dataset's {images} images{share} give no full batch "
+                f"of {self.train_loader.batch_sampler.batch_size}; lower sampler.batch_size "
                 "or set drop_last: false"
             )
         self.learning_rate = self._scaled_learning_rate()
