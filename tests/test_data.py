@@ -482,8 +482,13 @@ def test_image_folder_dataset(tmp_path: Path, caplog):
     assert dataset.labels == [0, 0, 1]
     assert dataset[1][0].shape == (3, 5, 5)
     assert f"skipped 1 file in {root} (.gif x1; e.g. {root / 'b_class' / 'z.gif'})" in caplog.text
-    gifs = registry.DATASETS.build("ImageFolderDataset", root=str(root), extensions=["GIF"])
+    assert "no images in" not in caplog.text
+    with caplog.at_level(logging.WARNING):
+        gifs = registry.DATASETS.build("ImageFolderDataset", root=str(root), extensions=["GIF"])
     assert [Path(p).name for p in gifs.paths] == ["z.gif"] and gifs.labels == [1]
+    # a_class has no GIF: still class 0, which a class_num counting folders with photos misses.
+    message = f"image folder {root}: no images in class folder(s) a_class, which count as"
+    assert f"{message} classes all the same" in caplog.text
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no class subfolders"):
         ImageFolderDataset(str(tmp_path / "empty"))

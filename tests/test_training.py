@@ -468,7 +468,12 @@ def test_a_run_resumed_into_another_runs_folder_is_refused(grocery, tmp_path, ca
     assert train(first) == 0 and train(other) == 0
     before = (other / "latest.pt").read_bytes()
     assert train(other, f"Global.checkpoints={first}") == 2
-    assert f"Global.output_dir {other}: holds an earlier run" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"Global.output_dir {other}: holds an earlier run" in err
+    # Not "resume it" (this run does resume), but where that checkpoint's run goes on.
+    assert (
+        f"resumes the run in {first.resolve()}: add -o Global.output_dir={first.resolve()}" in err
+    )
     assert (other / "latest.pt").read_bytes() == before
     assert train(new, f"Global.checkpoints={first}") == 0  # a new folder: a branch of it
     assert train(first, f"Global.checkpoints={first}") == 0
@@ -547,6 +552,10 @@ def test_training_errors_are_clear(grocery, tmp_path):
     sampler = "DataLoader.Train.sampler={name: DistributedBatchSampler, batch_size: 35}"
     with pytest.raises(ConfigError, match="end on a batch of 1 image .36 per process"):
         Trainer(load_config(path, [sampler]))
+    # A dataset smaller than one batch: how small, against what.
+    large = ["DataLoader.Train.sampler.batch_size=40", "DataLoader.Train.sampler.sample_per_id=8"]
+    with pytest.raises(ConfigError, match="dataset's 36 images give no full batch of 40; lower"):
+        Trainer(load_config(path, large))
     # Queries of a class the gallery lacks: refused before training, not at its first
     # evaluation an epoch later.
     strangers = tmp_path / "strangers.txt"
@@ -559,6 +568,35 @@ def test_training_errors_are_clear(grocery, tmp_path):
     fc_neck = "Arch.Neck={name: FC, embedding_size: 32, class_num: 32}"
     Trainer(load_config(path, [sampler, fc_neck]))
     Trainer(load_config(path, [sampler, "Arch.frozen_layers=[neck]"]))  # eval mode: fine
+
+
+def test_a_classifier_larger_than_the_named_classes_is_warned_about(grocery, tmp_path, caplog):
+    """A copied config's class_num (81) left as it was, on a 6-class folder or listing:
+    it trains, but the user asked for 6 outputs and should hear of the other 75."""
+    path = tiny_config(grocery, tmp_path)  # relabel: true, 6 classes
+    with caplog.at_level(logging.WARNING, logger="shitu"):
+        Trainer(load_config(path))
+    assert "class_num" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="shitu"):
+        Trainer(load_config(path, ["Arch.Head.class_num=81"]))
+    assert (
+        "Arch.Head.class_num is 81, but DataLoader.Train has 6 classes: the other 75 outputs "
+        "of the classifier are never a label; set Arch.Head.class_num: 6"
+    ) in caplog.text
+
+
+def test_a_run_too_short_for_its_eval_interval_is_warned_about(grocery, tmp_path, caplog):
+    """The Grocery config evaluates every 5 epochs: a 2-epoch run of it evaluates nothing."""
+    path = tiny_config(grocery, tmp_path, epochs=2)
+    with caplog.at_level(logging.WARNING, logger="shitu"):
+        Trainer(load_config(path, ["Global.eval_interval=2"]))
+    assert "eval_interval" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="shitu"):
+        Trainer(load_config(path, ["Global.eval_interval=5"]))
+    assert (
+        "Global.eval_interval 5 is more than Global.epochs 2: nothing is evaluated and no "
+        "best_model.safetensors is written"
+    ) in caplog.text
 
 
 def test_run_summary_names_the_weights_it_starts_from(grocery, tmp_path, caplog):
@@ -716,6 +754,52 @@ def test_a_signal_during_the_last_evaluation_leaves_a_finished_run_a_success(
     monkeypatch.setattr(Trainer, "_evaluate", evaluate_during_sigterm)
     assert main(["train", "-c", str(path)]) == 0
     assert "\nfinished at epoch 1, step 4: " in capsys.readouterr().out
+
+
+# Runs `shitu train ARGS`, sending SIGNAL to its whole process group (Ctrl-C in a terminal,
+# SIGTERM from Slurm or systemd: the data loader's workers get it too) while the first
+# evaluation embeds its gallery.
+SIGNAL_THE_GROUP_DURING_EVALUATION = """
+import os, signal, sys
+import shitu.engine.evaluate as evaluate
+from shitu.cli.main import main
+
+shown = evaluate.tqdm
+
+def signalled(loader, **options):
+    for number, batch in enumerate(shown(loader, **options)):
+        if number == 1 and options["desc"] == "gallery":
+            os.killpg(0, int(sys.argv[1]))
+        yield batch
+
+evaluate.tqdm = signalled
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_to_the_process_group_stops_the_run_once_with_a_checkpoint(
+    grocery, tmp_path, signum
+):
+    """The workers leave stopping to the trainer: the evaluation their batches feed ends,
+    the run stops with a checkpoint and its signal's status, and says so once."""
+    path = tiny_config(grocery, tmp_path, epochs=2, eval_interval=1)
+    workers = [
+        "DataLoader.Train.loader.num_workers=1",
+        "DataLoader.Eval.Gallery.loader.num_workers=2",
+        "DataLoader.Eval.Gallery.sampler.batch_size=1",  # more batches than are prefetched
+    ]
+    command = [sys.executable, "-c", SIGNAL_THE_GROUP_DURING_EVALUATION, str(int(signum)),
+               "train", "-c", str(path), "-o", *workers]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(
+        command, capture_output=True, text=True, env=env, timeout=300, start_new_session=True
+    )
+    assert run.returncode == 128 + signum, run.stderr[-3000:]
+    assert "Traceback" not in run.stderr
+    assert run.stderr.count("stopping after this step, with a checkpoint") == 1
+    assert "stopped early after step 4 (1 of 2 epochs done)" in run.stdout
+    assert (tmp_path / "output" / "latest.pt").is_file()
 
 
 def test_feature_distillation_resumes_towards_the_same_start(grocery, tmp_path):

@@ -63,22 +63,32 @@ def _print_summary(trainer: Trainer) -> None:
             print(f"{key:<{width}}  {value}", file=sys.stderr)
 
 
-def _refuse_earlier_run(output_dir: Path) -> None:
+def _refuse_earlier_run(output_dir: Path, resumed: Path | None) -> None:
     """A new run writes its files over those of a run already in its folder: refuse, so
-    that no finished run is lost and no folder mixes two runs' files."""
+    that no finished run is lost and no folder mixes two runs' files. `resumed`: the
+    folder of the checkpoint resumed into `output_dir`, most often the folder an
+    `-o Global.output_dir=...` of the first command named, left out of this one."""
     # An empty file (the log of a run that failed before its first record) holds nothing.
     found = [name for name in RUN_FILES if _has_content(output_dir / name)]
-    if found:
-        # A run that failed before its first checkpoint left nothing to resume.
-        resume = (
-            f"resume it with -o Global.checkpoints={output_dir / RUN_FILES[0]}, or"
-            if found[0] == RUN_FILES[0]
-            else f"it left no {RUN_FILES[0]} to resume;"
+    if not found:
+        return
+    if resumed is not None:
+        advice = (
+            f"Global.checkpoints resumes the run in {resumed}: add -o "
+            f"Global.output_dir={resumed} to go on in its folder, or give a new output_dir"
         )
-        raise ConfigError(
-            f"Global.output_dir {output_dir}: holds an earlier run ({', '.join(found)}); "
-            f"{resume} give another output_dir (or remove that one)"
+    elif found[0] == RUN_FILES[0]:
+        advice = (
+            f"resume it with -o Global.checkpoints={output_dir / RUN_FILES[0]}, or give "
+            "another output_dir (or remove that one)"
         )
+    else:  # a run that failed before its first checkpoint left nothing to resume
+        advice = (
+            f"it left no {RUN_FILES[0]} to resume; give another output_dir (or remove that one)"
+        )
+    raise ConfigError(
+        f"Global.output_dir {output_dir}: holds an earlier run ({', '.join(found)}); {advice}"
+    )
 
 
 def _has_content(path: Path) -> bool:
@@ -139,7 +149,7 @@ def _train(args: argparse.Namespace) -> int:
             )
         # A run resumed into another folder starts a new run there, as far as it is concerned.
         if resumed != output_dir.resolve():
-            _refuse_earlier_run(output_dir)
+            _refuse_earlier_run(output_dir, resumed)
         if config.LinearProbe is not None:
             # A resumed run's checkpoint already holds weights that went through the probe.
             if config.Global.checkpoints is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -29,9 +30,10 @@ def build_loader(
     seed: int,
     default_sampler: ComponentConfig,
     where: str,
+    worker_init: Callable[[int], None],
 ) -> DataLoader:
     """Dataset and batch sampler from the config section `where`, wrapped so every sample
-    is seeded.
+    is seeded; `worker_init` sets up each worker process (its signals).
 
     Batches are `(images, labels, unique_ids, dataset_indices)`. The loader has its
     own generator, so starting an epoch never draws from the global RNG.
@@ -57,7 +59,7 @@ def build_loader(
         num_workers=workers,
         pin_memory=context.device.type == "cuda",
         generator=torch.Generator().manual_seed(seed),
-        worker_init_fn=end_quietly_on_sigterm,
+        worker_init_fn=worker_init,
         **options,
     )
 
@@ -93,6 +95,16 @@ def end_quietly_on_sigterm(_worker_id: int) -> None:
     signal.signal(signal.SIGTERM, lambda _signum, _frame: os._exit(0))
 
 
+def leave_stopping_to_the_trainer(_worker_id: int) -> None:
+    """The `worker_init_fn` of a training run's loaders. Ctrl-C in a terminal and SIGTERM
+    sent to the process group reach the workers too, while the trainer stops only after
+    its current step, and the evaluation of an epoch that step ends: a worker that ended
+    on the signal would fail that evaluation, and one keeping the trainer's handler it was
+    forked with would repeat its warning. The main process ends the workers as it stops."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def build_train_loader(split: DataSplitConfig, context: DistContext, seed: int) -> DataLoader:
     if split.sampler is None:
         raise ConfigError(
@@ -100,12 +112,21 @@ def build_train_loader(split: DataSplitConfig, context: DistContext, seed: int) 
             "{name: PKSampler, batch_size: 64, sample_per_id: 4}"
         )
     return build_loader(
-        split, context, seed, default_sampler=split.sampler, where="DataLoader.Train"
+        split,
+        context,
+        seed,
+        default_sampler=split.sampler,
+        where="DataLoader.Train",
+        worker_init=leave_stopping_to_the_trainer,
     )
 
 
 def build_eval_loader(
-    split: DataSplitConfig, context: DistContext, seed: int, where: str
+    split: DataSplitConfig,
+    context: DistContext,
+    seed: int,
+    where: str,
+    worker_init: Callable[[int], None] = end_quietly_on_sigterm,
 ) -> DataLoader:
     """`where` names the section in errors (DataLoader.Eval.Query, DataLoader.Eval.Gallery)."""
     if split.sampler is not None and split.sampler.params.get("drop_last"):
@@ -113,7 +134,9 @@ def build_eval_loader(
             f"{where}: sampler drop_last: true would leave images out of the "
             "evaluation; set it to false"
         )
-    return build_loader(split, context, seed, default_sampler=EVAL_SAMPLER, where=where)
+    return build_loader(
+        split, context, seed, default_sampler=EVAL_SAMPLER, where=where, worker_init=worker_init
+    )
 
 
 def dataset_of(loader: DataLoader) -> Any:

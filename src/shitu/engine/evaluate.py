@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,7 +15,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from shitu.config.schema import ShituConfig
-from shitu.engine.data import build_eval_loader, dataset_of
+from shitu.engine.data import build_eval_loader, dataset_of, end_quietly_on_sigterm
 from shitu.engine.distributed import DistContext, all_gather_concat
 from shitu.engine.precision import autocast_for, effective_amp
 from shitu.errors import ConfigError
@@ -84,7 +85,14 @@ def embed_dataset(
 class RetrievalEvaluation:
     """Builds the eval loaders once and scores a model against them on demand."""
 
-    def __init__(self, config: ShituConfig, context: DistContext, seed: int) -> None:
+    def __init__(
+        self,
+        config: ShituConfig,
+        context: DistContext,
+        seed: int,
+        worker_init: Callable[[int], None] = end_quietly_on_sigterm,
+    ) -> None:
+        """`worker_init` sets up the loaders' worker processes (see `build_loader`)."""
         eval_data = config.DataLoader.Eval if config.DataLoader else None
         if eval_data is None or eval_data.Query is None:
             raise ConfigError("DataLoader.Eval.Query: evaluation needs a query dataset")
@@ -92,10 +100,12 @@ class RetrievalEvaluation:
         self.context = context
         self.amp = effective_amp(config.Global.amp, context.device)
         self.query_loader = build_eval_loader(
-            eval_data.Query, context, seed, "DataLoader.Eval.Query"
+            eval_data.Query, context, seed, "DataLoader.Eval.Query", worker_init
         )
         self.gallery_loader = (
-            build_eval_loader(eval_data.Gallery, context, seed, "DataLoader.Eval.Gallery")
+            build_eval_loader(
+                eval_data.Gallery, context, seed, "DataLoader.Eval.Gallery", worker_init
+            )
             if eval_data.Gallery
             else None
         )

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from shitu import registry
 from shitu.checkpoint import load_weights, model_metadata, save_weights
 from shitu.config.schema import ShituConfig
-from shitu.engine.data import build_train_loader, dataset_of
+from shitu.engine.data import build_train_loader, dataset_of, leave_stopping_to_the_trainer
 from shitu.engine.distributed import DistContext, all_reduce_mean, barrier, init_distributed
 from shitu.engine.ema import WeightEMA
 from shitu.engine.evaluate import RetrievalEvaluation
@@ -106,12 +106,16 @@ class Trainer:
         self.loss = CombinedLoss(config.Loss.Train).to(self.context.device)
         self.loss.attach(self.model)  # before a resume restores the loss's state
         self.train_loader = build_train_loader(config.DataLoader.Train, self.context, self.seed)
-        _check_class_count(config, dataset_of(self.train_loader))
+        _check_class_count(config, dataset_of(self.train_loader), warn=self.context.is_main)
         _check_last_batch(self.train_loader.batch_sampler.batch_sampler, self.model)
         self.steps_per_epoch = len(self.train_loader)
         if self.steps_per_epoch == 0:
+            images = len(dataset_of(self.train_loader))
+            processes = self.context.world_size
+            share = f" shared by {processes} processes" if processes > 1 else ""
             raise ConfigError(
-                "DataLoader.Train: the dataset gives no full batch; lower sampler.batch_size "
+                f"DataLoader.Train: the dataset's {images} images{share} give no full batch "
+                f"of {self.train_loader.batch_sampler.batch_size}; lower sampler.batch_size "
                 "or set drop_last: false"
             )
         self.learning_rate = self._scaled_learning_rate()
@@ -139,12 +143,23 @@ class Trainer:
             self.net = DistributedDataParallel(self.model, device_ids=device_ids)
         self.evaluation: RetrievalEvaluation | None = None
         if config.Global.eval_during_train and config.DataLoader.Eval is not None:
-            self.evaluation = RetrievalEvaluation(config, self.context, self.seed)
+            self.evaluation = RetrievalEvaluation(
+                config, self.context, self.seed, leave_stopping_to_the_trainer
+            )
             computed = self.evaluation.evaluator.metric_names
             if config.Global.eval_metric not in computed:
                 raise ConfigError(
                     f"Global.eval_metric: '{config.Global.eval_metric}' is not computed; "
                     f"Metric.Eval gives {', '.join(computed)}"
+                )
+            # A copied config's interval (5) on a short run: only its end would tell.
+            if config.Global.eval_interval > config.Global.epochs and self.context.is_main:
+                logger.warning(
+                    "Global.eval_interval %d is more than Global.epochs %d: nothing is "
+                    "evaluated and no best_model.safetensors is written; lower eval_interval "
+                    "(or evaluate final_model.safetensors with shitu eval)",
+                    config.Global.eval_interval,
+                    config.Global.epochs,
                 )
         self.log = MetricsLog(
             self.output_dir,
@@ -480,9 +495,12 @@ class Trainer:
             self._save_weights(BEST)
 
 
-def _check_class_count(config: ShituConfig, dataset: Any) -> None:
+def _check_class_count(config: ShituConfig, dataset: Any, warn: bool) -> None:
     """A classifier smaller than the labels fails only when such a label is first drawn,
-    with an index error (a device-side assert on a GPU): say so before the first step."""
+    with an index error (a device-side assert on a GPU): say so before the first step.
+    One larger than a dataset that numbers its own classes (a folder per class, class
+    names) is a copied config's class_num left as it was: trained without a word, its
+    extra outputs are never a label. Bare class ids may leave gaps: not counted."""
     head = config.Arch.Head
     class_num = head.params.get("class_num") if head is not None else None
     labels = getattr(dataset, "labels", None)
@@ -493,6 +511,16 @@ def _check_class_count(config: ShituConfig, dataset: Any) -> None:
         raise ConfigError(
             f"Arch.Head.class_num is {class_num}, but DataLoader.Train has labels up to "
             f"{largest}; set Arch.Head.class_num: {largest + 1}"
+        )
+    classes = getattr(dataset, "label_keys", None)
+    if warn and classes is not None and class_num > len(classes):
+        logger.warning(
+            "Arch.Head.class_num is %d, but DataLoader.Train has %d classes: the other %d "
+            "outputs of the classifier are never a label; set Arch.Head.class_num: %d",
+            class_num,
+            len(classes),
+            class_num - len(classes),
+            len(classes),
         )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -9,6 +10,8 @@ from shitu.data.datasets.base import Entry, ImageDataset, TransformOps, check_ro
 from shitu.errors import DataError
 from shitu.image_files import IMAGE_SUFFIXES, scan_images
 from shitu.registry import DATASETS
+
+logger = logging.getLogger(__name__)
 
 
 @DATASETS.register("ImageFolderDataset")
@@ -46,3 +49,13 @@ class ImageFolderDataset(ImageDataset):
             path = str(image)
             entries.append(Entry(path, ids[image.relative_to(root).parts[0]], len(entries), path))
         self._set_entries(entries)
+        # Still classes (ids follow the folder names), so a head sized to the folders with
+        # photos is refused as too small: say which ones have none.
+        empty = sorted(set(self.class_names) - {self.class_names[e.label] for e in entries})
+        if empty:
+            shown = ", ".join(empty[:5]) + (", ..." if len(empty) > 5 else "")
+            logger.warning(
+                "%s: no images in class folder(s) %s, which count as classes all the same",
+                where,
+                shown,
+            )
