@@ -715,9 +715,12 @@ def test_a_run_stopped_by_a_signal_ends_with_that_signals_status(
 
 @pytest.mark.parametrize("signals", [1, 2])
 def test_a_signal_says_the_run_stops_after_this_step_and_a_second_stops_it_now(
-    grocery, tmp_path, caplog, signals
+    grocery, tmp_path, caplog, request, signals
 ):
     path = tiny_config(grocery, tmp_path, epochs=1, eval_during_train=False)
+    # Python's own Ctrl-C handling, whatever an earlier test in this process left installed.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
     before = signal.getsignal(signal.SIGINT)
 
     class InterruptedInStep2(Trainer):
