@@ -818,13 +818,14 @@ def test_pipeline_config_reads_paddleclas_files_and_overrides(tmp_path):
 def test_a_library_of_an_export_searched_without_model_says_the_shipped_model_was_used(
     setup, capsys
 ):
-    """Built with `--model EXPORT`, then searched without it: the refusal says which
+    """Built with `--model EXPORT`, then used without it: the refusal says which
     model it got (the fingerprints alone do not); with a --model it says nothing of it."""
     photo, library = str(setup["queries"][0].path), str(setup["library"])
     note = "no --model was given, so this model is the one shipped with shitu"
     for command in (
         ["recognize", photo, "--gallery", library],
         ["index", "search", library, photo],
+        ["index", "add", library, photo, "--label", "Banana"],
     ):
         assert shitu_main([*command, "--no-progress"]) == 2
         err = capsys.readouterr().err

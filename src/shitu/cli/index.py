@@ -36,7 +36,6 @@ from shitu.index import (
 from shitu.index.backends import IndexSyncError
 from shitu.index.embedder import Embedder
 from shitu.index.gallery import LIBRARY_FILE
-from shitu.index.manifest import SHIPPED_MODEL_NOTE, ModelMismatchError
 from shitu.registry import did_you_mean
 
 SHOWN_PROBLEMS = 10
@@ -235,17 +234,6 @@ def _load_model(args: argparse.Namespace) -> Embedder:
     )
 
 
-def _open_for(args: argparse.Namespace, model: Embedder) -> Gallery:
-    """The library, refused unless `model` built it; without --model the refusal says that
-    the shipped model was used."""
-    try:
-        return Gallery.open(args.library, embedder=model)
-    except ModelMismatchError as exc:
-        if args.model is not None:
-            raise
-        raise ModelMismatchError(f"{exc} ({SHIPPED_MODEL_NOTE})") from None
-
-
 def _report(report: AddReport, library: Path, stats: dict[str, Any]) -> None:
     # The label count shows a folder given one level too high (its subfolders as labels).
     whole = f"{count_of(stats['images'], 'image')} of {count_of(stats['labels'], 'label')}"
@@ -375,7 +363,7 @@ def _build_lock(staging: Path) -> Iterator[None]:
 def run_add(args: argparse.Namespace) -> int:
     items = collect_items(args.sources, label=args.label)
     model = _load_model(args)
-    with _open_for(args, model) as gallery:
+    with Gallery.open_for(args.library, model, shipped_model=args.model is None) as gallery:
         report = gallery.add_files(
             model,
             items,
@@ -468,7 +456,7 @@ def run_search(args: argparse.Namespace) -> int:
     model = _load_model(args)
     images, folder = expand_images(args.images)
     progress = not args.no_progress and (folder or len(images) > 1)  # as `shitu recognize`
-    with _open_for(args, model) as gallery:
+    with Gallery.open_for(args.library, model, shipped_model=args.model is None) as gallery:
         extraction = model.extract_files([str(p) for p in images], args.batch_size, progress)
         # Hits past the gallery's size are padding, not printed: a huge -k allocates none.
         k = min(args.k, max(len(gallery), 1))

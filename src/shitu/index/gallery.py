@@ -25,7 +25,7 @@ from shitu.index.embedder import Embedder
 from shitu.index.files import crash_point
 from shitu.index.labels import BadLabelError, GalleryItem, check_label, normal_form
 from shitu.index.locking import ReadWriteLock
-from shitu.index.manifest import BACKENDS, Manifest, now
+from shitu.index.manifest import BACKENDS, SHIPPED_MODEL_NOTE, Manifest, ModelMismatchError, now
 from shitu.index.metadata import ImageEntry, MetadataStore, NewImage
 from shitu.registry import did_you_mean
 from shitu.vectors import l2_normalize
@@ -270,6 +270,18 @@ class Gallery:
             preprocessing=dict(embedder.preprocessing),
             **options,
         )
+
+    @classmethod
+    def open_for(cls, path: str | Path, embedder: Embedder, *, shipped_model: bool) -> Gallery:
+        """`open` the library for `embedder`'s features; where `embedder` is the shipped
+        model (no --model was given), a refusal says so: the fingerprints alone do not tell
+        that the library was built with `--model EXPORT` and used without it."""
+        try:
+            return cls.open(path, embedder=embedder)
+        except ModelMismatchError as exc:
+            if not shipped_model:
+                raise
+            raise ModelMismatchError(f"{exc} ({SHIPPED_MODEL_NOTE})") from None
 
     @classmethod
     def open(

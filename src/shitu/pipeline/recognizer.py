@@ -32,7 +32,6 @@ from shitu.detection.postprocess import nms
 from shitu.errors import CheckpointError, ConfigError
 from shitu.image_files import path_list
 from shitu.index import Gallery
-from shitu.index.manifest import SHIPPED_MODEL_NOTE, ModelMismatchError
 from shitu.inference.extractor import FeatureExtractor, check_count
 from shitu.inference.preprocess import read_rgb
 from shitu.pipeline.background import PlainBackgroundDetector
@@ -182,12 +181,11 @@ class Recognizer:
                 f"Global.rec_inference_model_dir (--model): {exc} (set it to null, or give no "
                 "--model, for the model shipped with shitu)"
             ) from None
-        try:
-            gallery = Gallery.open(config.IndexProcess.index_dir, embedder=extractor)
-        except ModelMismatchError as exc:
-            if g.rec_inference_model_dir is not None:
-                raise
-            raise ModelMismatchError(f"{exc} ({SHIPPED_MODEL_NOTE})") from None
+        gallery = Gallery.open_for(
+            config.IndexProcess.index_dir,
+            extractor,
+            shipped_model=g.rec_inference_model_dir is None,
+        )
         try:
             recognizer = cls(
                 extractor,
