@@ -168,11 +168,8 @@ def _check_schedule_is_evaluated(schedule: str, config: ShituConfig) -> None:
         reason = "Global.eval_during_train is false"
     elif data.Eval is None:
         reason = "it has no DataLoader.Eval"
-    elif settings.eval_interval > settings.epochs:
-        reason = (
-            f"Global.eval_interval {settings.eval_interval} is more than Global.epochs "
-            f"{settings.epochs}"
-        )
+    elif (unreached := settings.unreached_eval_interval()) is not None:
+        reason = unreached
     else:
         return
     raise ConfigError(

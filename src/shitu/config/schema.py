@@ -57,6 +57,13 @@ class GlobalConfig(Section):
     channels_last: bool = True
     use_tensorboard: bool = False
 
+    def unreached_eval_interval(self) -> str | None:
+        """Why no epoch is evaluated where eval_interval exceeds epochs (a copied config's
+        interval on a short run), else None: a fault that only the run's end would show."""
+        if self.eval_interval <= self.epochs:
+            return None
+        return f"Global.eval_interval {self.eval_interval} is more than Global.epochs {self.epochs}"
+
     @field_validator("amp", mode="before")
     @classmethod
     def _yaml_off(cls, value: Any) -> Any:

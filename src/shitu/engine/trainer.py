@@ -152,14 +152,12 @@ class Trainer:
                     f"Global.eval_metric: '{config.Global.eval_metric}' is not computed; "
                     f"Metric.Eval gives {', '.join(computed)}"
                 )
-            # A copied config's interval (5) on a short run: only its end would tell.
-            if config.Global.eval_interval > config.Global.epochs and self.context.is_main:
+            unreached = config.Global.unreached_eval_interval()
+            if unreached is not None and self.context.is_main:
                 logger.warning(
-                    "Global.eval_interval %d is more than Global.epochs %d: nothing is "
-                    "evaluated and no best_model.safetensors is written; lower eval_interval "
-                    "(or evaluate final_model.safetensors with shitu eval)",
-                    config.Global.eval_interval,
-                    config.Global.epochs,
+                    "%s: nothing is evaluated and no best_model.safetensors is written; lower "
+                    "eval_interval (or evaluate final_model.safetensors with shitu eval)",
+                    unreached,
                 )
         self.log = MetricsLog(
             self.output_dir,
