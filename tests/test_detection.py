@@ -11,8 +11,10 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
+from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
 from shitu.cli.main import main as shitu_main
@@ -332,3 +334,59 @@ def test_detect_cli_draws_chinese_class_names_in_the_vis_font(
     assert not [r for r in caplog.records if r.levelno == logging.WARNING]
     tofu, glyphs = (np.asarray(Image.open(tmp_path / vis / "dog.jpg")) for vis in ("tofu", "font"))
     assert (np.abs(tofu.astype(int) - glyphs).max(axis=-1) > 64).sum() > 100
+
+
+def _onnx_with_nms_inside(tmp_path: Path, inputs: dict[str, int]) -> Path:
+    """A graph shaped like PaddleDetection's default export (NMS inside): `inputs` (name ->
+    ONNX element type, 4-D image-like first) in, boxes [M, 6] (cls, score, x1..y2) and the
+    box count out."""
+    graph_inputs = [
+        helper.make_tensor_value_info(name, kind, [1, 3, 64, 64] if i == 0 else [1, 2])
+        for i, (name, kind) in enumerate(inputs.items())
+    ]
+    first = next(iter(inputs))
+    nodes = [
+        helper.make_node("Cast", [first], ["as_float"], to=TensorProto.FLOAT),
+        helper.make_node("ReduceMean", ["as_float"], ["mean"], axes=[1, 2, 3], keepdims=0),
+        helper.make_node("Concat", ["mean"] * 6, ["row"], axis=0),
+        helper.make_node("Reshape", ["row", "one_by_six"], ["boxes"]),
+        helper.make_node("Shape", ["boxes"], ["count"], start=0, end=1),
+    ]
+    outputs = [
+        helper.make_tensor_value_info("boxes", TensorProto.FLOAT, [None, 6]),
+        helper.make_tensor_value_info("count", TensorProto.INT64, [1]),
+    ]
+    shape = numpy_helper.from_array(np.array([1, 6], np.int64), "one_by_six")
+    graph = helper.make_graph(nodes, "nms_inside", graph_inputs, outputs, initializer=[shape])
+    path = tmp_path / "nms_inside.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)]), path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("inputs", "message"),
+    [
+        (
+            {"image": TensorProto.FLOAT, "scale_factor": TensorProto.FLOAT},
+            r"the graph takes 2 inputs \['image', 'scale_factor'\]; a detector takes one, the "
+            r"image batch \[N, 3, H, W\]; PaddleDetection exports post-processing and NMS in "
+            r"the graph unless told not to: export with -o export.benchmark=True$",
+        ),
+        (
+            {"image": TensorProto.UINT8},
+            r"input 'image' is tensor\(uint8\); a detector takes float32",
+        ),
+        (
+            {"image": TensorProto.FLOAT},
+            r"outputs \[1, 6\], \[1\] are neither our export's \(scores, boxes\) nor PicoDet's",
+        ),
+    ],
+)
+def test_an_onnx_detector_that_cannot_take_our_images_is_refused_when_loaded(
+    tmp_path: Path, inputs: dict[str, int], message: str
+) -> None:
+    """Refused up front, naming the file, not at the first image by onnxruntime."""
+    path = _onnx_with_nms_inside(tmp_path, inputs)
+    with pytest.raises(CheckpointError, match=message) as refused:
+        load_detector(path)
+    assert str(refused.value).startswith(f"{path}: ")

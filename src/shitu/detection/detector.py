@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from abc import ABC, abstractmethod
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
@@ -21,6 +22,9 @@ from shitu.detection.model import PicoDet, PicoDetArch, check_input_size
 from shitu.detection.postprocess import anchor_points, decode_boxes, level_shapes, multiclass_nms
 from shitu.errors import CheckpointError, ConfigError
 from shitu.onnx_input import image_input_size
+
+if TYPE_CHECKING:
+    from onnxruntime import NodeArg
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +121,7 @@ class OnnxDetector(Detector):
             )
         except Exception as exc:
             raise CheckpointError(f"{path} cannot be opened by onnxruntime: {exc}") from None
-        image = self.session.get_inputs()[0]
+        image = _single_float_input(self.session.get_inputs(), path)
         size = image_input_size(image.shape, path)
         if size is None:
             raise CheckpointError(
@@ -140,9 +144,12 @@ class OnnxDetector(Detector):
         sizes = level_shapes(*self.input_size, strides)
         cells = [h * w for h, w in sizes]
         if len(shapes) % 2 or [s[1] for s in shapes[:levels]] != cells:
+            dims = (", ".join("?" if d is None else str(d) for d in shape) for shape in shapes)
+            shown = ", ".join(f"[{text}]" for text in dims)
             raise CheckpointError(
-                f"{path}: outputs are neither (scores, boxes) nor PicoDet per-level "
-                f"scores and box distributions for strides {strides}"
+                f"{path}: outputs {shown} are neither our export's (scores, boxes) nor "
+                "PicoDet's per-level scores and box distributions (PaddleDetection's export "
+                "without post-processing)"
             )
         self.points, self.strides = anchor_points(sizes, strides, cell_offset)
         self.levels = levels
@@ -162,6 +169,30 @@ class OnnxDetector(Detector):
         scores = torch.cat(outs[: self.levels], dim=1)
         reg = torch.cat(outs[self.levels :], dim=1)
         return scores, decode_boxes(reg, self.points, self.strides)
+
+
+def _single_float_input(inputs: list[NodeArg], path: str | Path) -> NodeArg:
+    """The one input of a detector graph, which shitu feeds float32 images: a graph that also
+    takes other inputs (PaddleDetection's default export, post-processing and NMS inside,
+    also wants `scale_factor`) or another type would only fail at the first image."""
+    names = [item.name for item in inputs]
+    if len(inputs) != 1:
+        in_graph_nms = (
+            "; PaddleDetection exports post-processing and NMS in the graph unless told not "
+            "to: export with -o export.benchmark=True"
+            if "scale_factor" in names
+            else ""
+        )
+        raise CheckpointError(
+            f"{path}: the graph takes {len(inputs)} inputs {names}; a detector takes one, "
+            f"the image batch [N, 3, H, W]{in_graph_nms}"
+        )
+    if inputs[0].type != "tensor(float)":
+        raise CheckpointError(
+            f"{path}: input '{names[0]}' is {inputs[0].type}; a detector takes float32 "
+            "(tensor(float)) ImageNet-normalised images"
+        )
+    return inputs[0]
 
 
 def load_detector(
