@@ -29,7 +29,7 @@ from shitu.detection.postprocess import (
 )
 from shitu.detection.weights import load_onnx_weights, paddle_key, save_detector
 from shitu.errors import CheckpointError, ConfigError
-from shitu.pipeline import fonts
+from shitu.pipeline import build_detector, fonts, load_pipeline_config
 from tests.font_helpers import font_covering
 from tests.onnx_helpers import tiny_model
 
@@ -390,3 +390,28 @@ def test_an_onnx_detector_that_cannot_take_our_images_is_refused_when_loaded(
     with pytest.raises(CheckpointError, match=message) as refused:
         load_detector(path)
     assert str(refused.value).startswith(f"{path}: ")
+
+
+@needs_picodet
+def test_the_pipelines_cpu_num_threads_limits_the_detector_too() -> None:
+    """As PaddleClas's: `Global.cpu_num_threads` (`--threads`) limits the detector as well
+    as the recognition model, in onnxruntime and in torch."""
+    before = torch.get_num_threads()
+    try:
+        for backend in ("onnxruntime", "torch"):
+            torch.set_num_threads(2)
+            config = load_pipeline_config(
+                None,
+                [
+                    f"Global.det_inference_model_dir={ONNX_416}",
+                    f"Global.det_backend={backend}",
+                    "Global.cpu_num_threads=1",
+                ],
+            )
+            detector = build_detector(config)
+            if backend == "onnxruntime":
+                assert isinstance(detector, OnnxDetector)
+                assert detector.session.get_session_options().intra_op_num_threads == 1
+            assert torch.get_num_threads() == (2 if backend == "onnxruntime" else 1)
+    finally:
+        torch.set_num_threads(before)

@@ -200,9 +200,11 @@ def load_detector(
     backend: str = "auto",
     arch: str | PicoDetArch | dict | None = None,
     input_size: int | None = None,
+    num_threads: int | None = None,
 ) -> Detector:
     """A detector from our checkpoint (.pt), a PaddleDetection .pdparams (needs `arch`),
-    or an ONNX export; `backend` is "auto", "torch" or "onnxruntime"."""
+    or an ONNX export; `backend` is "auto", "torch" or "onnxruntime". num_threads: inference
+    threads (None: the runtime's default; torch's setting is process-wide)."""
     from shitu.detection.weights import (
         load_detector_checkpoint,
         load_onnx_weights,
@@ -215,11 +217,13 @@ def load_detector(
     suffix = path.suffix.lower()
     if backend not in ("auto", "torch", "onnxruntime"):
         raise ConfigError(f"unknown detector backend '{backend}' (auto, torch, onnxruntime)")
+    if num_threads and (backend == "torch" or suffix != ".onnx"):
+        torch.set_num_threads(num_threads)  # process-wide, as the recogniser's torch backend
     if suffix == ".onnx":
         if backend == "torch":
             return TorchDetector(load_onnx_weights(path, arch), input_size)
         _ignored_arch(path, arch, "onnxruntime runs the graph it holds")
-        detector = OnnxDetector(path)
+        detector = OnnxDetector(path, threads=num_threads or 0)
         if input_size is not None and (input_size, input_size) != detector.input_size:
             raise ConfigError(
                 f"{path}: an ONNX detector runs at the size it was exported for, "
