@@ -415,3 +415,24 @@ def test_the_pipelines_cpu_num_threads_limits_the_detector_too() -> None:
             assert torch.get_num_threads() == (2 if backend == "onnxruntime" else 1)
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(
+    ("score_threshold", "max_boxes", "message"),
+    [
+        (0.3, -1, r"max_boxes: expected a whole number >= 0, got -1$"),
+        (0.3, 2.5, r"max_boxes: expected a whole number >= 0, got 2.5$"),
+        (float("nan"), 5, r"score_threshold: expected a score from 0 to 1, got nan$"),
+        (1.5, 5, r"score_threshold: expected a score from 0 to 1, got 1.5$"),
+    ],
+)
+def test_detect_refuses_arguments_that_would_quietly_give_the_wrong_boxes(
+    score_threshold: float, max_boxes: int, message: str
+) -> None:
+    """max_boxes=-1 kept every box but the last; a NaN threshold kept none."""
+    detector = TorchDetector(build_picodet("picodet_s_esnet", num_classes=2, input_size=64))
+    image = np.full((48, 40, 3), 128, np.uint8)
+    assert detector.detect(image, 0.0, 3).shape == (3, 6)
+    assert detector.detect(image, 0.0, 0).shape == (0, 6)
+    with pytest.raises(ConfigError, match=message):
+        detector.detect(image, score_threshold, max_boxes)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
+from numbers import Integral
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -74,6 +75,7 @@ class Detector(ABC):
         max_boxes: int = 5,
         class_agnostic: bool = True,
     ) -> list[np.ndarray]:
+        _check_detect_arguments(score_threshold, max_boxes)
         if not images:
             return []
         batch = np.stack([preprocess(img, self.input_size) for img in images])
@@ -91,6 +93,16 @@ class Detector(ABC):
             dets[:, [3, 5]] = dets[:, [3, 5]].clamp(0, h)
             results.append(dets.numpy().astype(np.float32))
         return results
+
+
+def _check_detect_arguments(score_threshold: float, max_boxes: int) -> None:
+    """A ConfigError for values that would quietly give the wrong boxes: a negative
+    `max_boxes` slices off the last boxes instead of keeping the first, and a threshold
+    outside 0..1 (NaN too) keeps every box or none."""
+    if isinstance(max_boxes, bool) or not isinstance(max_boxes, Integral) or max_boxes < 0:
+        raise ConfigError(f"max_boxes: expected a whole number >= 0, got {max_boxes!r}")
+    if not 0.0 <= score_threshold <= 1.0:
+        raise ConfigError(f"score_threshold: expected a score from 0 to 1, got {score_threshold!r}")
 
 
 class TorchDetector(Detector):
