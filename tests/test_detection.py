@@ -436,3 +436,12 @@ def test_detect_refuses_arguments_that_would_quietly_give_the_wrong_boxes(
     assert detector.detect(image, 0.0, 0).shape == (0, 6)
     with pytest.raises(ConfigError, match=message):
         detector.detect(image, score_threshold, max_boxes)
+
+
+def test_the_score_threshold_is_a_minimum_score() -> None:
+    """`--threshold` is the lowest score kept (PaddleClas drops only scores below its
+    threshold): a box scoring exactly the threshold stays, even at 1.0 (a saturated sigmoid)."""
+    boxes = torch.tensor([[0.0, 0, 10, 10], [20.0, 20, 30, 30], [40.0, 40, 50, 50]])
+    scores = torch.tensor([[0.5], [1.0], [0.25]])
+    assert multiclass_nms(boxes, scores, 0.5, 0.6)[:, 1].tolist() == [1.0, 0.5]
+    assert multiclass_nms(boxes, scores, 1.0, 0.6)[:, 1].tolist() == [1.0]
