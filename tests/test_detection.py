@@ -11,8 +11,10 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
+from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
 from shitu.cli.main import main as shitu_main
@@ -27,7 +29,7 @@ from shitu.detection.postprocess import (
 )
 from shitu.detection.weights import load_onnx_weights, paddle_key, save_detector
 from shitu.errors import CheckpointError, ConfigError
-from shitu.pipeline import fonts
+from shitu.pipeline import build_detector, fonts, load_pipeline_config
 from tests.font_helpers import font_covering
 from tests.onnx_helpers import tiny_model
 
@@ -332,3 +334,114 @@ def test_detect_cli_draws_chinese_class_names_in_the_vis_font(
     assert not [r for r in caplog.records if r.levelno == logging.WARNING]
     tofu, glyphs = (np.asarray(Image.open(tmp_path / vis / "dog.jpg")) for vis in ("tofu", "font"))
     assert (np.abs(tofu.astype(int) - glyphs).max(axis=-1) > 64).sum() > 100
+
+
+def _onnx_with_nms_inside(tmp_path: Path, inputs: dict[str, int]) -> Path:
+    """A graph shaped like PaddleDetection's default export (NMS inside): `inputs` (name ->
+    ONNX element type, 4-D image-like first) in, boxes [M, 6] (cls, score, x1..y2) and the
+    box count out."""
+    graph_inputs = [
+        helper.make_tensor_value_info(name, kind, [1, 3, 64, 64] if i == 0 else [1, 2])
+        for i, (name, kind) in enumerate(inputs.items())
+    ]
+    first = next(iter(inputs))
+    nodes = [
+        helper.make_node("Cast", [first], ["as_float"], to=TensorProto.FLOAT),
+        helper.make_node("ReduceMean", ["as_float"], ["mean"], axes=[1, 2, 3], keepdims=0),
+        helper.make_node("Concat", ["mean"] * 6, ["row"], axis=0),
+        helper.make_node("Reshape", ["row", "one_by_six"], ["boxes"]),
+        helper.make_node("Shape", ["boxes"], ["count"], start=0, end=1),
+    ]
+    outputs = [
+        helper.make_tensor_value_info("boxes", TensorProto.FLOAT, [None, 6]),
+        helper.make_tensor_value_info("count", TensorProto.INT64, [1]),
+    ]
+    shape = numpy_helper.from_array(np.array([1, 6], np.int64), "one_by_six")
+    graph = helper.make_graph(nodes, "nms_inside", graph_inputs, outputs, initializer=[shape])
+    path = tmp_path / "nms_inside.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)]), path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("inputs", "message"),
+    [
+        (
+            {"image": TensorProto.FLOAT, "scale_factor": TensorProto.FLOAT},
+            r"the graph takes 2 inputs \['image', 'scale_factor'\]; a detector takes one, the "
+            r"image batch \[N, 3, H, W\]; PaddleDetection exports post-processing and NMS in "
+            r"the graph unless told not to: export with -o export.benchmark=True$",
+        ),
+        (
+            {"image": TensorProto.UINT8},
+            r"input 'image' is tensor\(uint8\); a detector takes float32",
+        ),
+        (
+            {"image": TensorProto.FLOAT},
+            r"outputs \[1, 6\], \[1\] are neither our export's \(scores, boxes\) nor PicoDet's",
+        ),
+    ],
+)
+def test_an_onnx_detector_that_cannot_take_our_images_is_refused_when_loaded(
+    tmp_path: Path, inputs: dict[str, int], message: str
+) -> None:
+    """Refused up front, naming the file, not at the first image by onnxruntime."""
+    path = _onnx_with_nms_inside(tmp_path, inputs)
+    with pytest.raises(CheckpointError, match=message) as refused:
+        load_detector(path)
+    assert str(refused.value).startswith(f"{path}: ")
+
+
+@needs_picodet
+def test_the_pipelines_cpu_num_threads_limits_the_detector_too() -> None:
+    """As PaddleClas's: `Global.cpu_num_threads` (`--threads`) limits the detector as well
+    as the recognition model, in onnxruntime and in torch."""
+    before = torch.get_num_threads()
+    try:
+        for backend in ("onnxruntime", "torch"):
+            torch.set_num_threads(2)
+            config = load_pipeline_config(
+                None,
+                [
+                    f"Global.det_inference_model_dir={ONNX_416}",
+                    f"Global.det_backend={backend}",
+                    "Global.cpu_num_threads=1",
+                ],
+            )
+            detector = build_detector(config)
+            if backend == "onnxruntime":
+                assert isinstance(detector, OnnxDetector)
+                assert detector.session.get_session_options().intra_op_num_threads == 1
+            assert torch.get_num_threads() == (2 if backend == "onnxruntime" else 1)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(
+    ("score_threshold", "max_boxes", "message"),
+    [
+        (0.3, -1, r"max_boxes: expected a whole number >= 0, got -1$"),
+        (0.3, 2.5, r"max_boxes: expected a whole number >= 0, got 2.5$"),
+        (float("nan"), 5, r"score_threshold: expected a score from 0 to 1, got nan$"),
+        (1.5, 5, r"score_threshold: expected a score from 0 to 1, got 1.5$"),
+    ],
+)
+def test_detect_refuses_arguments_that_would_quietly_give_the_wrong_boxes(
+    score_threshold: float, max_boxes: int, message: str
+) -> None:
+    """max_boxes=-1 kept every box but the last; a NaN threshold kept none."""
+    detector = TorchDetector(build_picodet("picodet_s_esnet", num_classes=2, input_size=64))
+    image = np.full((48, 40, 3), 128, np.uint8)
+    assert detector.detect(image, 0.0, 3).shape == (3, 6)
+    assert detector.detect(image, 0.0, 0).shape == (0, 6)
+    with pytest.raises(ConfigError, match=message):
+        detector.detect(image, score_threshold, max_boxes)
+
+
+def test_the_score_threshold_is_a_minimum_score() -> None:
+    """`--threshold` is the lowest score kept (PaddleClas drops only scores below its
+    threshold): a box scoring exactly the threshold stays, even at 1.0 (a saturated sigmoid)."""
+    boxes = torch.tensor([[0.0, 0, 10, 10], [20.0, 20, 30, 30], [40.0, 40, 50, 50]])
+    scores = torch.tensor([[0.5], [1.0], [0.25]])
+    assert multiclass_nms(boxes, scores, 0.5, 0.6)[:, 1].tolist() == [1.0, 0.5]
+    assert multiclass_nms(boxes, scores, 1.0, 0.6)[:, 1].tolist() == [1.0]

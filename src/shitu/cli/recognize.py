@@ -78,7 +78,9 @@ def add_pipeline_arguments(
         f"{DEFAULT_SCORE_THRES})",
     )
     parser.add_argument(
-        "--threads", type=positive_int, help="CPU threads for the recognition model"
+        "--threads",
+        type=positive_int,
+        help="CPU threads for the recognition model and the detector",
     )
     add_runtime_arguments(parser)
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
+from numbers import Integral
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
@@ -21,6 +23,9 @@ from shitu.detection.model import PicoDet, PicoDetArch, check_input_size
 from shitu.detection.postprocess import anchor_points, decode_boxes, level_shapes, multiclass_nms
 from shitu.errors import CheckpointError, ConfigError
 from shitu.onnx_input import image_input_size
+
+if TYPE_CHECKING:
+    from onnxruntime import NodeArg
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +75,7 @@ class Detector(ABC):
         max_boxes: int = 5,
         class_agnostic: bool = True,
     ) -> list[np.ndarray]:
+        _check_detect_arguments(score_threshold, max_boxes)
         if not images:
             return []
         batch = np.stack([preprocess(img, self.input_size) for img in images])
@@ -87,6 +93,16 @@ class Detector(ABC):
             dets[:, [3, 5]] = dets[:, [3, 5]].clamp(0, h)
             results.append(dets.numpy().astype(np.float32))
         return results
+
+
+def _check_detect_arguments(score_threshold: float, max_boxes: int) -> None:
+    """A ConfigError for values that would quietly give the wrong boxes: a negative
+    `max_boxes` slices off the last boxes instead of keeping the first, and a threshold
+    outside 0..1 (NaN too) keeps every box or none."""
+    if isinstance(max_boxes, bool) or not isinstance(max_boxes, Integral) or max_boxes < 0:
+        raise ConfigError(f"max_boxes: expected a whole number >= 0, got {max_boxes!r}")
+    if not 0.0 <= score_threshold <= 1.0:
+        raise ConfigError(f"score_threshold: expected a score from 0 to 1, got {score_threshold!r}")
 
 
 class TorchDetector(Detector):
@@ -117,7 +133,7 @@ class OnnxDetector(Detector):
             )
         except Exception as exc:
             raise CheckpointError(f"{path} cannot be opened by onnxruntime: {exc}") from None
-        image = self.session.get_inputs()[0]
+        image = _single_float_input(self.session.get_inputs(), path)
         size = image_input_size(image.shape, path)
         if size is None:
             raise CheckpointError(
@@ -140,9 +156,12 @@ class OnnxDetector(Detector):
         sizes = level_shapes(*self.input_size, strides)
         cells = [h * w for h, w in sizes]
         if len(shapes) % 2 or [s[1] for s in shapes[:levels]] != cells:
+            dims = (", ".join("?" if d is None else str(d) for d in shape) for shape in shapes)
+            shown = ", ".join(f"[{text}]" for text in dims)
             raise CheckpointError(
-                f"{path}: outputs are neither (scores, boxes) nor PicoDet per-level "
-                f"scores and box distributions for strides {strides}"
+                f"{path}: outputs {shown} are neither our export's (scores, boxes) nor "
+                "PicoDet's per-level scores and box distributions (PaddleDetection's export "
+                "without post-processing)"
             )
         self.points, self.strides = anchor_points(sizes, strides, cell_offset)
         self.levels = levels
@@ -164,14 +183,40 @@ class OnnxDetector(Detector):
         return scores, decode_boxes(reg, self.points, self.strides)
 
 
+def _single_float_input(inputs: list[NodeArg], path: str | Path) -> NodeArg:
+    """The one input of a detector graph, which shitu feeds float32 images: a graph that also
+    takes other inputs (PaddleDetection's default export, post-processing and NMS inside,
+    also wants `scale_factor`) or another type would only fail at the first image."""
+    names = [item.name for item in inputs]
+    if len(inputs) != 1:
+        in_graph_nms = (
+            "; PaddleDetection exports post-processing and NMS in the graph unless told not "
+            "to: export with -o export.benchmark=True"
+            if "scale_factor" in names
+            else ""
+        )
+        raise CheckpointError(
+            f"{path}: the graph takes {len(inputs)} inputs {names}; a detector takes one, "
+            f"the image batch [N, 3, H, W]{in_graph_nms}"
+        )
+    if inputs[0].type != "tensor(float)":
+        raise CheckpointError(
+            f"{path}: input '{names[0]}' is {inputs[0].type}; a detector takes float32 "
+            "(tensor(float)) ImageNet-normalised images"
+        )
+    return inputs[0]
+
+
 def load_detector(
     path: str | Path,
     backend: str = "auto",
     arch: str | PicoDetArch | dict | None = None,
     input_size: int | None = None,
+    num_threads: int | None = None,
 ) -> Detector:
     """A detector from our checkpoint (.pt), a PaddleDetection .pdparams (needs `arch`),
-    or an ONNX export; `backend` is "auto", "torch" or "onnxruntime"."""
+    or an ONNX export; `backend` is "auto", "torch" or "onnxruntime". num_threads: inference
+    threads (None: the runtime's default; torch's setting is process-wide)."""
     from shitu.detection.weights import (
         load_detector_checkpoint,
         load_onnx_weights,
@@ -184,11 +229,13 @@ def load_detector(
     suffix = path.suffix.lower()
     if backend not in ("auto", "torch", "onnxruntime"):
         raise ConfigError(f"unknown detector backend '{backend}' (auto, torch, onnxruntime)")
+    if num_threads and (backend == "torch" or suffix != ".onnx"):
+        torch.set_num_threads(num_threads)  # process-wide, as the recogniser's torch backend
     if suffix == ".onnx":
         if backend == "torch":
             return TorchDetector(load_onnx_weights(path, arch), input_size)
         _ignored_arch(path, arch, "onnxruntime runs the graph it holds")
-        detector = OnnxDetector(path)
+        detector = OnnxDetector(path, threads=num_threads or 0)
         if input_size is not None and (input_size, input_size) != detector.input_size:
             raise ConfigError(
                 f"{path}: an ONNX detector runs at the size it was exported for, "

@@ -97,9 +97,10 @@ def multiclass_nms(
 ) -> torch.Tensor:
     """Boxes [N, 4] and class scores [N, C] -> detections [M, 6] (cls, score, x1, y1, x2, y2).
 
-    Per class, the `nms_top_k` best boxes above `score_threshold` enter NMS; the
-    survivors of all classes are sorted by score and cut to `keep_top_k`. In the
-    class-agnostic mode each box competes once, with its best class and score.
+    Per class, the `nms_top_k` best boxes scoring at least `score_threshold` (a minimum, as
+    PP-ShiTu's detector threshold) enter NMS; the survivors of all classes are sorted by
+    score and cut to `keep_top_k`. In the class-agnostic mode each box competes once, with
+    its best class and score.
     """
     if class_agnostic:
         best, labels = scores.max(dim=1)
@@ -107,7 +108,7 @@ def multiclass_nms(
     k = min(nms_top_k, scores.shape[0])
     top_scores, top_index = scores.t().topk(k, dim=1)
     classes = torch.arange(scores.shape[1], device=scores.device)[:, None].expand(-1, k)
-    mask = top_scores > score_threshold
+    mask = top_scores >= score_threshold
     cand_scores, cand_index, cand_classes = top_scores[mask], top_index[mask], classes[mask]
     cand_boxes = boxes[cand_index]
     kept = nms(cand_boxes, cand_scores, cand_classes, iou_threshold)[:keep_top_k]

@@ -112,7 +112,8 @@ def build_detector(config: PipelineConfig) -> MainbodyDetector | None:
         )
     from shitu.detection import load_detector
 
-    return load_detector(name, config.Global.det_backend, config.Global.det_arch)
+    g = config.Global
+    return load_detector(name, g.det_backend, g.det_arch, num_threads=g.cpu_num_threads)
 
 
 class Recognizer:
