@@ -984,3 +984,51 @@ def test_the_listing_follows_each_edit_as_reading_the_library_whole_gives_it(tmp
         }  # fmt: skip
     finally:
         shared.close()
+
+
+def test_a_long_gallery_write_holds_up_neither_health_nor_other_requests(
+    serving_library, tmp_path, monkeypatch
+):
+    """While the library's thread is busy (a write: seconds with 200k images, minutes for a
+    rebuild) and the check for other processes' writes is due, a listing waits for it in a
+    worker thread, not on the event loop: /healthz (which never waits for the library) and
+    requests that do not touch the library are answered meanwhile (all waited: the event
+    loop was blocked)."""
+    import uvicorn
+
+    from shitu.serving.app import create_app
+
+    monkeypatch.setattr(library_module, "SYNC_INTERVAL_S", 0.0)
+    config = local_config(serving_library, tmp_path / "gallery")
+    settings = ServeSettings(upload_dir=tmp_path / "uploads")
+    with RecognitionService(config, settings) as service:
+        server = uvicorn.Server(uvicorn.Config(create_app(service), log_level="warning"))
+        sock = socket.create_server(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        serving = threading.Thread(target=server.run, kwargs={"sockets": [sock]})
+        serving.start()
+        write_done = threading.Event()
+        writing = threading.Thread(target=service.library.run, args=(write_done.wait,))
+        try:
+            while not server.started:
+                time.sleep(0.05)
+            writing.start()  # the library's thread is busy until write_done is set
+            listing: list[httpx.Response] = []
+            waiting = threading.Thread(
+                target=lambda: listing.append(httpx.get(f"{url}/v1/gallery/labels", timeout=60))
+            )
+            waiting.start()
+            time.sleep(0.5)  # the listing is waiting for the library's thread
+            with httpx.Client(base_url=url, timeout=5) as client:
+                assert client.get("/healthz").json()["status"] == "ok"
+                assert client.get("/static/style.css").status_code == 200
+            assert not listing  # still waiting for the write
+            write_done.set()
+            waiting.join(60)
+            assert listing[0].status_code == 200
+        finally:
+            write_done.set()
+            server.should_exit = True
+            serving.join(30)
+            if writing.is_alive():
+                writing.join(30)
