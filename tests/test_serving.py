@@ -528,6 +528,39 @@ def test_limits_that_let_nothing_through_are_usage_errors(option, value, expecte
     assert error == f"shitu serve: error: argument {option}: expected {expected}"
 
 
+def test_requests_over_the_limit_in_progress_get_a_json_503_with_retry_after(
+    serving_library, tmp_path
+):
+    """Two uploads still being sent fill --max-connections 2: the next request is refused
+    as every error is, JSON naming the limit (was uvicorn's text "Service Unavailable"), and
+    told when to retry; once they end, requests go through again."""
+    server = ServerProcess(serving_library, tmp_path, "--max-connections", "2")
+    host, port = httpx.URL(server.url).host, httpx.URL(server.url).port
+    stalled = [socket.create_connection((host, port)) for _ in range(2)]
+    try:
+        for connection in stalled:  # a body of 100 bytes, one sent
+            connection.sendall(
+                b"POST /v1/recognize HTTP/1.1\r\nHost: shitu\r\n"
+                b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
+            )
+        time.sleep(0.5)  # both are in progress, reading their bodies
+        busy = httpx.get(f"{server.url}/v1/gallery", timeout=10)
+        assert busy.status_code == 503
+        assert busy.headers["retry-after"] == "1"
+        assert busy.json() == {
+            "detail": "the server is busy: 2 requests in progress, its limit "
+            "(--max-connections); retry in a moment"
+        }
+    finally:
+        for connection in stalled:
+            connection.close()
+    try:
+        time.sleep(0.5)
+        assert httpx.get(f"{server.url}/v1/gallery", timeout=10).status_code == 200
+    finally:
+        server.stop()
+
+
 def test_writes_need_the_api_key(serving_library, client):
     good = serving_library.queries()[1][0]
     writes = [

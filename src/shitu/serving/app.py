@@ -34,6 +34,7 @@ from shitu.serving.http import (
     IMAGE_FIELD,
     BodyLimit,
     RawUploads,
+    RequestLimit,
     api_key_check,
     media_type,
     read_uploads,
@@ -54,7 +55,7 @@ REQUEST_PIXELS_FACTOR = 4  # all images of one request together: at most 4 times
 JSON_TYPE = re.compile(r"|application/json|application/[^/]+\+json")
 SOURCES = {"body": "JSON body", "path": "path", "query": "query"}  # where FastAPI found a value
 ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": schemas.ErrorOut} for status in (400, 401, 403, 404, 413, 415)
+    status: {"model": schemas.ErrorOut} for status in (400, 401, 403, 404, 413, 415, 503)
 }
 
 
@@ -113,6 +114,7 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
         swagger_ui_parameters={"validatorUrl": None},  # never send the spec to swagger.io
     )
     app.add_middleware(BodyLimit, settings=settings)
+    app.add_middleware(RequestLimit, settings=settings)  # inside the metrics: 503s counted
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
