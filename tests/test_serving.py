@@ -383,6 +383,20 @@ def test_bad_uploads_get_clear_errors(serving_library, client):
         assert message in response.json()["detail"], (name, response.text)
 
 
+def test_json_that_does_not_parse_is_named_once(client):
+    """Pydantic's message already holds the reason, which was repeated in parentheses."""
+    cases = {
+        b"{": "EOF while parsing an object at line 1 column 1",
+        b"": "EOF while parsing a value at line 1 column 0",
+    }
+    for body, reason in cases.items():
+        response = client.post(
+            "/v1/recognize", content=body, headers={"content-type": "application/json"}
+        )
+        assert response.status_code == 400
+        assert response.json() == {"detail": f"invalid JSON body: body: Invalid JSON: {reason}"}
+
+
 def test_unknown_labels_and_images_are_404(client):
     for method, path in [
         ("GET", "/v1/gallery/labels/No Such Thing"),

@@ -196,9 +196,10 @@ def validation_problems(errors: Iterable[Any], skip: int = 0) -> str:
     each location (FastAPI's start with where the value came from: body, path, query)."""
     problems = []
     for error in errors:
-        if error["type"] == "json_invalid":  # FastAPI's: located at a character offset
-            reason = error.get("ctx", {}).get("error")
-            problems.append(f"body: {error['msg']}" + (f" ({reason})" if reason else ""))
+        if error["type"] == "json_invalid":  # located at a character offset
+            # FastAPI's message is "JSON decode error", the reason apart; Pydantic's has it
+            message, reason = error["msg"], str(error.get("ctx", {}).get("error", ""))
+            problems.append(f"body: {message}" + (f" ({reason})" if reason not in message else ""))
         else:
             problems.append(f"{'.'.join(map(str, error['loc'][skip:])) or 'body'}: {error['msg']}")
     return "; ".join(problems)
