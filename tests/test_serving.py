@@ -383,6 +383,20 @@ def test_bad_uploads_get_clear_errors(serving_library, client):
         assert message in response.json()["detail"], (name, response.text)
 
 
+def test_json_that_does_not_parse_is_named_once(client):
+    """Pydantic's message already holds the reason, which was repeated in parentheses."""
+    cases = {
+        b"{": "EOF while parsing an object at line 1 column 1",
+        b"": "EOF while parsing a value at line 1 column 0",
+    }
+    for body, reason in cases.items():
+        response = client.post(
+            "/v1/recognize", content=body, headers={"content-type": "application/json"}
+        )
+        assert response.status_code == 400
+        assert response.json() == {"detail": f"invalid JSON body: body: Invalid JSON: {reason}"}
+
+
 def test_unknown_labels_and_images_are_404(client):
     for method, path in [
         ("GET", "/v1/gallery/labels/No Such Thing"),
@@ -526,6 +540,39 @@ def test_limits_that_let_nothing_through_are_usage_errors(option, value, expecte
     assert exit_.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error == f"shitu serve: error: argument {option}: expected {expected}"
+
+
+def test_requests_over_the_limit_in_progress_get_a_json_503_with_retry_after(
+    serving_library, tmp_path
+):
+    """Two uploads still being sent fill --max-connections 2: the next request is refused
+    as every error is, JSON naming the limit (was uvicorn's text "Service Unavailable"), and
+    told when to retry; once they end, requests go through again."""
+    server = ServerProcess(serving_library, tmp_path, "--max-connections", "2")
+    host, port = httpx.URL(server.url).host, httpx.URL(server.url).port
+    stalled = [socket.create_connection((host, port)) for _ in range(2)]
+    try:
+        for connection in stalled:  # a body of 100 bytes, one sent
+            connection.sendall(
+                b"POST /v1/recognize HTTP/1.1\r\nHost: shitu\r\n"
+                b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
+            )
+        time.sleep(0.5)  # both are in progress, reading their bodies
+        busy = httpx.get(f"{server.url}/v1/gallery", timeout=10)
+        assert busy.status_code == 503
+        assert busy.headers["retry-after"] == "1"
+        assert busy.json() == {
+            "detail": "the server is busy: 2 requests in progress, its limit "
+            "(--max-connections); retry in a moment"
+        }
+    finally:
+        for connection in stalled:
+            connection.close()
+    try:
+        time.sleep(0.5)
+        assert httpx.get(f"{server.url}/v1/gallery", timeout=10).status_code == 200
+    finally:
+        server.stop()
 
 
 def test_writes_need_the_api_key(serving_library, client):
@@ -984,3 +1031,51 @@ def test_the_listing_follows_each_edit_as_reading_the_library_whole_gives_it(tmp
         }  # fmt: skip
     finally:
         shared.close()
+
+
+def test_a_long_gallery_write_holds_up_neither_health_nor_other_requests(
+    serving_library, tmp_path, monkeypatch
+):
+    """While the library's thread is busy (a write: seconds with 200k images, minutes for a
+    rebuild) and the check for other processes' writes is due, a listing waits for it in a
+    worker thread, not on the event loop: /healthz (which never waits for the library) and
+    requests that do not touch the library are answered meanwhile (all waited: the event
+    loop was blocked)."""
+    import uvicorn
+
+    from shitu.serving.app import create_app
+
+    monkeypatch.setattr(library_module, "SYNC_INTERVAL_S", 0.0)
+    config = local_config(serving_library, tmp_path / "gallery")
+    settings = ServeSettings(upload_dir=tmp_path / "uploads")
+    with RecognitionService(config, settings) as service:
+        server = uvicorn.Server(uvicorn.Config(create_app(service), log_level="warning"))
+        sock = socket.create_server(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        serving = threading.Thread(target=server.run, kwargs={"sockets": [sock]})
+        serving.start()
+        write_done = threading.Event()
+        writing = threading.Thread(target=service.library.run, args=(write_done.wait,))
+        try:
+            while not server.started:
+                time.sleep(0.05)
+            writing.start()  # the library's thread is busy until write_done is set
+            listing: list[httpx.Response] = []
+            waiting = threading.Thread(
+                target=lambda: listing.append(httpx.get(f"{url}/v1/gallery/labels", timeout=60))
+            )
+            waiting.start()
+            time.sleep(0.5)  # the listing is waiting for the library's thread
+            with httpx.Client(base_url=url, timeout=5) as client:
+                assert client.get("/healthz").json()["status"] == "ok"
+                assert client.get("/static/style.css").status_code == 200
+            assert not listing  # still waiting for the write
+            write_done.set()
+            waiting.join(60)
+            assert listing[0].status_code == 200
+        finally:
+            write_done.set()
+            server.should_exit = True
+            serving.join(30)
+            if writing.is_alive():
+                writing.join(30)

@@ -20,13 +20,13 @@ from shitu.errors import ConfigError, ShituError
 from shitu.serving.settings import (  # no web framework: the settings are plain values
     DEFAULT_MAX_BATCH,
     DEFAULT_MAX_MEGAPIXELS,
+    DEFAULT_MAX_REQUESTS,
     DEFAULT_MAX_UPLOAD_MB,
     MB,
     ServeSettings,
 )
 
 API_KEY_ENV = "SHITU_API_KEY"
-DEFAULT_MAX_CONNECTIONS = 64
 # The smallest limits that let anything through: limits are applied in whole bytes and pixels.
 megabytes = bounded(float, 1 / MB, None, "a number of MB above 0 (one byte or more)")
 megapixels = bounded(float, 1e-6, None, "a number of megapixels above 0 (one pixel or more)")
@@ -86,9 +86,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--max-connections",
         type=positive_int,
-        default=DEFAULT_MAX_CONNECTIONS,
-        help="open connections beyond which requests get 503 (bounds the memory that "
-        f"queued uploads take; default {DEFAULT_MAX_CONNECTIONS})",
+        default=DEFAULT_MAX_REQUESTS,
+        help="requests in progress beyond which requests get 503 (bounds the memory that "
+        f"queued uploads take; default {DEFAULT_MAX_REQUESTS})",
     )
     parser.add_argument("--access-log", action="store_true", help="log every request")
     parser.set_defaults(func=run)
@@ -145,6 +145,7 @@ def run(args: argparse.Namespace) -> int:
         api_key=args.api_key or None,
         protect_reads=args.protect_reads,
         max_batch=args.max_batch,
+        max_requests=args.max_connections,
     )
     sock = _listen(args.host, args.port)
     metrics = Metrics()
@@ -175,7 +176,6 @@ def run(args: argparse.Namespace) -> int:
             app,
             log_level="info" if verbose else "warning",
             access_log=args.access_log,
-            limit_concurrency=args.max_connections,
             timeout_graceful_shutdown=10,
         )
     )

@@ -34,6 +34,7 @@ from shitu.serving.http import (
     IMAGE_FIELD,
     BodyLimit,
     RawUploads,
+    RequestLimit,
     api_key_check,
     media_type,
     read_uploads,
@@ -54,7 +55,7 @@ REQUEST_PIXELS_FACTOR = 4  # all images of one request together: at most 4 times
 JSON_TYPE = re.compile(r"|application/json|application/[^/]+\+json")
 SOURCES = {"body": "JSON body", "path": "path", "query": "query"}  # where FastAPI found a value
 ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": schemas.ErrorOut} for status in (400, 401, 403, 404, 413, 415)
+    status: {"model": schemas.ErrorOut} for status in (400, 401, 403, 404, 413, 415, 503)
 }
 
 
@@ -90,7 +91,7 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
     """The app around a loaded service; the service is closed when the app shuts down."""
     settings = service.settings
     metrics = metrics or Metrics()
-    metrics.follow(lambda: service.library.snapshot, lambda: service.batcher.waiting)
+    metrics.follow(lambda: service.library.last_loaded, lambda: service.batcher.waiting)
     read_access = [Depends(api_key_check(settings, write=False))]
     write_access = [Depends(api_key_check(settings, write=True))]
 
@@ -113,6 +114,7 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
         swagger_ui_parameters={"validatorUrl": None},  # never send the spec to swagger.io
     )
     app.add_middleware(BodyLimit, settings=settings)
+    app.add_middleware(RequestLimit, settings=settings)  # inside the metrics: 503s counted
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
@@ -207,10 +209,11 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
     )
     async def healthz() -> schemas.Health:
         """Liveness and readiness: models are loaded before the server accepts requests.
-        Also the request limits, which hold no data (the web page splits uploads by them)."""
+        Also the request limits, which hold no data (the web page splits uploads by them).
+        Never waits for a gallery write: the image count is as the last one left it."""
         return schemas.Health(
             status="ok",
-            images=len(service.library.snapshot.by_id),
+            images=len(service.library.last_loaded.by_id),
             model=service.extractor.fingerprint,
             limits=schemas.Limits(
                 max_upload_bytes=settings.max_upload_bytes,
@@ -266,6 +269,8 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
         )
 
     # ---------------------------------------------------------------------- gallery reads
+    # Plain functions, which FastAPI runs in worker threads: the snapshot may wait for a
+    # gallery write, and the event loop, which answers every request, must not.
 
     @app.get(
         "/v1/gallery",
@@ -273,7 +278,7 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
         dependencies=read_access,
         tags=["gallery"],
     )
-    async def gallery_info() -> schemas.GalleryInfo:
+    def gallery_info() -> schemas.GalleryInfo:
         """Size, model and index of the gallery library."""
         return schemas.GalleryInfo.of(service.library.snapshot.stats)
 
@@ -283,7 +288,7 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
         dependencies=read_access,
         tags=["gallery"],
     )
-    async def labels() -> schemas.LabelsResponse:
+    def labels() -> schemas.LabelsResponse:
         """Every label with its number of images, sorted by label."""
         snapshot = service.library.snapshot
         return schemas.LabelsResponse(
@@ -301,7 +306,7 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
         responses=ERRORS,
         tags=["gallery"],
     )
-    async def label_images(
+    def label_images(
         label: str,
         offset: Annotated[int, Query(ge=0)] = 0,
         limit: Annotated[int, Query(ge=1, le=10 * LABEL_PAGE)] = LABEL_PAGE,
@@ -322,7 +327,7 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
         responses=ERRORS,
         tags=["gallery"],
     )
-    async def image(image_id: int) -> schemas.ImageOut:
+    def image(image_id: int) -> schemas.ImageOut:
         return image_out(service.image(image_id))
 
     @app.get(

@@ -37,3 +37,9 @@ class PayloadTooLarge(RequestError):
 
 class UnsupportedMediaType(RequestError):
     status = 415
+
+
+class ServiceUnavailable(RequestError):
+    """Too many requests in progress; the client may retry."""
+
+    status = 503

@@ -18,6 +18,8 @@ from shitu.serving.errors import (
     BadRequest,
     Forbidden,
     PayloadTooLarge,
+    RequestError,
+    ServiceUnavailable,
     Unauthorized,
     UnsupportedMediaType,
 )
@@ -31,6 +33,7 @@ GENERIC_FILE_TYPES = {"", "application/octet-stream"}
 # closes a connection with unread bytes makes the kernel reset it, and the client can lose the
 # reply it was sent; past this much the connection is closed anyway.
 DRAIN_BYTES = 64 * MB
+RETRY_AFTER_S = 1  # what a request refused for want of capacity is told to wait
 # What browsers send as Sec-Fetch-Site for a request made by a page from another origin
 # ("same-site" is another port or subdomain); this server's own page sends "same-origin".
 OTHER_SITES = {"cross-site", "same-site"}
@@ -66,11 +69,7 @@ class BodyLimit:
         declared = headers.get(b"content-length")
         if declared is not None:
             if not declared.isdigit() or int(declared) > self.max_bytes:
-                # A client that asked "Expect: 100-continue" has sent no body and sends none
-                # after a refusal; reading would tell the server to ask for it.
-                if headers.get(b"expect", b"").lower() != b"100-continue":
-                    await drain(receive)
-                await self._refuse(send)
+                await refuse(headers, receive, send, too_large(self.max_mb))
                 return
             await self.app(scope, receive, send)  # the server delivers no more than declared
             return
@@ -88,12 +87,53 @@ class BodyLimit:
 
         await self.app(scope, counted, send)
 
-    async def _refuse(self, send: Callable) -> None:
-        body = json.dumps({"detail": str(too_large(self.max_mb))}).encode()
-        headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
-        headers.append((b"content-length", str(len(body)).encode()))
-        await send({"type": "http.response.start", "status": 413, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+
+class RequestLimit:
+    """ASGI middleware: beyond the settings' number of requests in progress, a request is
+    answered 503, as JSON naming the limit, with Retry-After, and its body is never kept."""
+
+    def __init__(self, app: Any, settings: ServeSettings) -> None:
+        self.app = app
+        self.max_requests = settings.max_requests
+        self.in_progress = 0  # changed on the event loop only: no lock
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self.in_progress >= self.max_requests:
+            busy = ServiceUnavailable(
+                f"the server is busy: {self.in_progress} requests in progress, its limit "
+                "(--max-connections); retry in a moment"
+            )
+            retry = [(b"retry-after", str(RETRY_AFTER_S).encode())]
+            await refuse(dict(scope["headers"]), receive, send, busy, retry)
+            return
+        self.in_progress += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_progress -= 1
+
+
+async def refuse(
+    headers: dict[bytes, bytes],
+    receive: Callable,
+    send: Callable,
+    error: RequestError,
+    extra_headers: Iterable[tuple[bytes, bytes]] = (),
+) -> None:
+    """Answer `error` as JSON `{"detail": ...}` and close the connection, the request's body
+    read and discarded first (up to DRAIN_BYTES) so the client gets the reply."""
+    # A client that asked "Expect: 100-continue" has sent no body and sends none after a
+    # refusal; reading would tell the server to ask for it.
+    if headers.get(b"expect", b"").lower() != b"100-continue":
+        await drain(receive)
+    body = json.dumps({"detail": str(error)}).encode()
+    response_headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
+    response_headers += [(b"content-length", str(len(body)).encode()), *extra_headers]
+    await send({"type": "http.response.start", "status": error.status, "headers": response_headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 async def drain(receive: Callable) -> None:
@@ -156,9 +196,10 @@ def validation_problems(errors: Iterable[Any], skip: int = 0) -> str:
     each location (FastAPI's start with where the value came from: body, path, query)."""
     problems = []
     for error in errors:
-        if error["type"] == "json_invalid":  # FastAPI's: located at a character offset
-            reason = error.get("ctx", {}).get("error")
-            problems.append(f"body: {error['msg']}" + (f" ({reason})" if reason else ""))
+        if error["type"] == "json_invalid":  # located at a character offset
+            # FastAPI's message is "JSON decode error", the reason apart; Pydantic's has it
+            message, reason = error["msg"], str(error.get("ctx", {}).get("error", ""))
+            problems.append(f"body: {message}" + (f" ({reason})" if reason not in message else ""))
         else:
             problems.append(f"{'.'.join(map(str, error['loc'][skip:])) or 'body'}: {error['msg']}")
     return "; ".join(problems)

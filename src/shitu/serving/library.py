@@ -6,7 +6,7 @@ which also serialises the writes; searches touch only the in-memory index and ru
 caller's thread under a shared lock, which a write takes exclusively only around the gallery
 call that commits it (so a request sees the library before or after a whole edit, and the
 snapshot of the rows that goes with it). Listing reads a snapshot that is
-replaced after each write, so browsing never waits for a write either.
+replaced after each write, so browsing waits for a write only when the check below is due.
 
 Other processes may write the library too (`shitu index add ...`): at most once a second,
 a search or a look at the snapshot has the library's thread check for a newer generation
@@ -142,8 +142,16 @@ class SharedLibrary:
 
     @property
     def snapshot(self) -> Snapshot:
-        """The rows and facts of the latest generation; no lock."""
+        """The rows and facts of the latest generation; no lock, but once a second it waits
+        for the check for other processes' writes (behind a write under way): call it from
+        a worker thread, never from the event loop."""
         self._sync_if_due()
+        return self._snapshot
+
+    @property
+    def last_loaded(self) -> Snapshot:
+        """The snapshot as the last write or check left it, without checking again: never
+        waits, for answers that must come while a long write runs (/healthz, /metrics)."""
         return self._snapshot
 
     def search(

@@ -10,6 +10,7 @@ DEFAULT_MAX_UPLOAD_MB = 20.0
 DEFAULT_MAX_MEGAPIXELS = 50.0
 DEFAULT_MAX_BATCH = 8
 MAX_IMAGES_PER_REQUEST = 32
+DEFAULT_MAX_REQUESTS = 64
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,8 @@ class ServeSettings:
     max_upload_mb: the largest request body, as the operator gave it, for the 413 message
     (0.3 is 314572.8 bytes: converted back, the byte limit would read 0.299999 MB).
     max_batch: images one model call may take from concurrent requests (1: no batching).
+    max_requests: requests in progress beyond which a request gets 503 (--max-connections:
+    each may hold an upload, so this bounds the memory they take).
     """
 
     upload_dir: Path
@@ -32,6 +35,7 @@ class ServeSettings:
     api_key: str | None = None
     protect_reads: bool = False
     max_batch: int = DEFAULT_MAX_BATCH
+    max_requests: int = DEFAULT_MAX_REQUESTS
 
     @property
     def max_upload_bytes(self) -> int:
