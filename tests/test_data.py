@@ -907,6 +907,31 @@ def test_pk_batches_hold_p_classes_of_k_images():
     assert repeats > 0  # small classes are drawn with replacement
 
 
+def test_pk_warns_of_classes_with_fewer_images_than_k(caplog):
+    """Their images are repeated to fill a batch: the warning names them (by class name
+    where the dataset has names), leaves out classes never drawn, and comes from rank 0."""
+    labels = skewed_labels(SIZES)
+    named = Labels(labels)
+    named.label_keys = [f"class{c}" for c in range(len(SIZES))]
+    with caplog.at_level(logging.WARNING, logger="shitu"):
+        pk(labels, batch_size=12, sample_per_id=3)
+        registry.SAMPLERS.build_with_runtime(
+            "PKSampler", {"batch_size": 12, "sample_per_id": 3}, dataset=named
+        )
+        pk(labels, batch_size=4, sample_per_id=2, id_list=[0, 0], ratio=[0.0])  # class 0: 1
+        pk(labels, batch_size=12, sample_per_id=3, num_replicas=2, rank=1)
+    effect = (
+        "a batch repeats their images (each copy augmented anew) to fill its 3 places for each, "
+        "so their pairs show less variety; add photos of them, or lower sample_per_id"
+    )
+    assert [record.getMessage() for record in caplog.records] == [
+        f"PKSampler: 3 of 10 classes have fewer images than sample_per_id 3 (0 has 1, 1 has 2, "
+        f"9 has 2): {effect}",
+        "PKSampler: 3 of 10 classes have fewer images than sample_per_id 3 (class0 has 1, "
+        f"class1 has 2, class9 has 2): {effect}",
+    ]
+
+
 def test_pk_config_errors():
     labels = skewed_labels(SIZES)
     with pytest.raises(
