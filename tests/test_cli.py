@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import shlex
 import subprocess
@@ -20,7 +21,7 @@ from shitu.cli.export import spread
 from shitu.cli.main import STDOUT_CLOSED_STATUS, SUBCOMMANDS, build_parser
 from shitu.cli.main import main as shitu_main
 from shitu.cli.recognize import pipeline_config_from_args
-from shitu.inference import default_model_dir
+from shitu.inference import default_model_dir, read_manifest
 
 SHITU = [sys.executable, "-m", "shitu.cli.main"]
 
@@ -186,6 +187,28 @@ def test_commands_given_all_weights_do_not_need_the_imagenet_package(tmp_path, m
     exported = ["export", "-c", name, "-o", f"Global.pretrained_model={weights}"]
     assert main([*exported, "--out", str(tmp_path / "export")]) == 0
     assert main(["info", "-c", name, "--batch-size", "1"]) == 2
+
+
+def test_an_export_without_a_threshold_warns_that_recognition_uses_the_default(tmp_path, caplog):
+    """Without --score-thres the export records no threshold and recognition falls back to
+    PP-ShiTuV2's 0.5: the user is told, with how to calibrate one; with it, nothing."""
+    config = tmp_path / "tiny.yaml"
+    config.write_text(
+        "Global: {image_shape: [3, 32, 32]}\n"
+        "Arch: {Backbone: {name: PPLCNetV2_small_ShiTu}, BackboneStopLayer: {name: flatten}}\n"
+    )
+    export = ["export", "-c", str(config), "--out"]
+    with caplog.at_level(logging.WARNING, logger="shitu"):
+        assert shitu_main([*export, str(tmp_path / "calibrated"), "--score-thres", "0.6"]) == 0
+        assert not caplog.records
+        assert shitu_main([*export, str(tmp_path / "default")]) == 0
+    assert read_manifest(tmp_path / "default")["score_thres"] is None
+    assert [record.getMessage() for record in caplog.records] == [
+        "no --score-thres: the export records no recognition threshold calibrated for this "
+        "model, so recognition uses the default 0.5 (PP-ShiTuV2's, for its own model); measure "
+        "one with `shitu eval-pipeline --sweep` on your gallery and photos, then export again "
+        "with --score-thres S (or give --score-thres to recognize)"
+    ]
 
 
 def test_paths_that_cannot_be_used_are_one_line_errors(tmp_path):

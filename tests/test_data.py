@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import ExifTags, Image
 
 from shitu import registry
 from shitu.config.schema import DataSplitConfig
@@ -316,6 +316,45 @@ def test_skip_corrupt_drops_bad_images_at_start_up(grocery: Path, tmp_path: Path
         LabelFileDataset(str(tmp_path), str(label_file), skip_corrupt=True)
 
 
+def test_skip_corrupt_drops_images_of_a_size_the_transforms_cannot_take(
+    tmp_path: Path, thin_limit: int
+):
+    """A photo too elongated to resize its short side, or smaller than a crop after the
+    resize, fails when loaded: skip_corrupt leaves it out at start-up, with the reason
+    (sizes as the ops before would make them, EXIF orientation applied); without it the
+    error names the file and the fix."""
+    save_png(tmp_path / "good.png", pattern(40, 30))
+    save_png(tmp_path / "thin.png", pattern(400, 2))
+    save_png(tmp_path / "wide.png", pattern(30, 100))
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = 6  # a quarter turn: upright it is 30x100
+    Image.fromarray(pattern(30, 100)).save(tmp_path / "turned.jpg", exif=exif)
+    label_file = tmp_path / "list.txt"
+    label_file.write_text("good.png 0\nthin.png 1\nwide.png 2\nturned.jpg 3\n")
+    ops = [{"ResizeImage": {"resize_short": 32}}, {"CropImage": {"size": [32, 40]}}]
+
+    def build(skip_corrupt: bool) -> LabelFileDataset:
+        return LabelFileDataset(str(tmp_path), str(label_file), ops, skip_corrupt=skip_corrupt)
+
+    dataset = build(skip_corrupt=True)
+    assert dataset.labels == [0, 3] and [image.shape for image, *_ in dataset] == [(3, 40, 32)] * 2
+    assert dataset.skipped == [
+        (
+            str(tmp_path / "thin.png"),
+            "ResizeImage: image 2x400 is too elongated to resize its short side to 32: that "
+            f"makes 32x6400 pixels, over the limit of {thin_limit} (PIL.Image.MAX_IMAGE_PIXELS)",
+        ),
+        (str(tmp_path / "wide.png"), "CropImage: image 107x32 is smaller than the crop 32x40"),
+    ]
+    dataset = build(skip_corrupt=False)
+    with pytest.raises(
+        DataError,
+        match=r"thin\.png: ResizeImage: image 2x400 is too elongated .*MAX_IMAGE_PIXELS\); set "
+        "skip_corrupt: true in the dataset config to leave such images out$",
+    ):
+        dataset[1]
+
+
 def test_skip_corrupt_queues_a_bounded_number_of_checks(tmp_path: Path, monkeypatch):
     """The start-up check queues a few images per thread, not the whole dataset (whose
     queue an interrupt would wait out), and keeps the order. Checks run lazily, when their
@@ -343,7 +382,9 @@ def test_skip_corrupt_queues_a_bounded_number_of_checks(tmp_path: Path, monkeypa
             return LazyFuture(lambda: fn(*args))
 
     monkeypatch.setattr(base, "ThreadPoolExecutor", LazyPool)
-    monkeypatch.setattr(base, "check_image", lambda path: "bad" if path.endswith("7.png") else None)
+    monkeypatch.setattr(
+        base, "check_image", lambda path: "bad" if path.endswith("7.png") else (4, 4)
+    )
     count = 500
     for index in range(count):
         (tmp_path / f"{index}.png").touch()
@@ -905,6 +946,31 @@ def test_pk_batches_hold_p_classes_of_k_images():
                 else:
                     repeats += len(set(group)) < 3
     assert repeats > 0  # small classes are drawn with replacement
+
+
+def test_pk_warns_of_classes_with_fewer_images_than_k(caplog):
+    """Their images are repeated to fill a batch: the warning names them (by class name
+    where the dataset has names), leaves out classes never drawn, and comes from rank 0."""
+    labels = skewed_labels(SIZES)
+    named = Labels(labels)
+    named.label_keys = [f"class{c}" for c in range(len(SIZES))]
+    with caplog.at_level(logging.WARNING, logger="shitu"):
+        pk(labels, batch_size=12, sample_per_id=3)
+        registry.SAMPLERS.build_with_runtime(
+            "PKSampler", {"batch_size": 12, "sample_per_id": 3}, dataset=named
+        )
+        pk(labels, batch_size=4, sample_per_id=2, id_list=[0, 0], ratio=[0.0])  # class 0: 1
+        pk(labels, batch_size=12, sample_per_id=3, num_replicas=2, rank=1)
+    effect = (
+        "a batch repeats their images (each copy augmented anew) to fill its 3 places for each, "
+        "so their pairs show less variety; add photos of them, or lower sample_per_id"
+    )
+    assert [record.getMessage() for record in caplog.records] == [
+        f"PKSampler: 3 of 10 classes have fewer images than sample_per_id 3 (0 has 1, 1 has 2, "
+        f"9 has 2): {effect}",
+        "PKSampler: 3 of 10 classes have fewer images than sample_per_id 3 (class0 has 1, "
+        f"class1 has 2, class9 has 2): {effect}",
+    ]
 
 
 def test_pk_config_errors():

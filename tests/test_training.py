@@ -692,6 +692,18 @@ def test_a_probe_run_checks_each_image_once(grocery, tmp_path, monkeypatch):
     assert len(checked) == len(listed) and set(checked.values()) == {1}
 
 
+def test_a_probe_run_shows_each_warning_once(grocery, tmp_path, caplog):
+    """A LinearProbe run builds a Trainer three times (check, probe, fine-tuning) over the
+    same config and data: a warning about them is shown once, not once per build."""
+    path = tiny_config(grocery, tmp_path, epochs=1, eval_interval=2)
+    probe = "LinearProbe={epochs: 1, frozen_layers: [backbone]}"
+    with caplog.at_level(logging.WARNING, logger="shitu"):
+        assert main(["train", "-c", str(path), "-o", probe, "--stop-after-steps", "1"]) == 0
+    shown = Counter(record.getMessage() for record in caplog.records)
+    assert any(message.startswith("Global.eval_interval 2 is more than") for message in shown)
+    assert set(shown.values()) == {1}, shown
+
+
 @pytest.mark.parametrize("probe", [False, True])
 def test_a_run_stopped_by_a_signal_ends_with_that_signals_status(
     grocery, tmp_path, monkeypatch, capsys, probe

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 from shitu.cli.common import (
@@ -15,6 +16,8 @@ from shitu.cli.common import (
 )
 from shitu.inference import export_model, read_manifest
 from shitu.pipeline.config import DEFAULT_SCORE_THRES
+
+logger = logging.getLogger(__name__)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -78,7 +81,22 @@ def run(args: argparse.Namespace) -> int:
         f"wrote {out}: {files}, {manifest['arch_name']}, {manifest['embedding_size']}-d features, "
         f"input {manifest['preprocessing']['crop'] or manifest['preprocessing']['resize']}"
     )
+    if args.score_thres is None:
+        _warn_of_default_threshold()
     return 0
+
+
+def _warn_of_default_threshold() -> None:
+    """Without a threshold of its own, recognition with the export falls back to
+    PP-ShiTuV2's, which was chosen for another model: where it turns too many objects away,
+    or lets unknown ones through, nothing would say why."""
+    logger.warning(
+        "no --score-thres: the export records no recognition threshold calibrated for this "
+        "model, so recognition uses the default %g (PP-ShiTuV2's, for its own model); measure "
+        "one with `shitu eval-pipeline --sweep` on your gallery and photos, then export again "
+        "with --score-thres S (or give --score-thres to recognize)",
+        DEFAULT_SCORE_THRES,
+    )
 
 
 def spread(files: list[Path], count: int) -> list[Path]:

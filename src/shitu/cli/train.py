@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from shitu.cli.common import add_config_arguments, config_from_args, positive_int, positive_minutes
@@ -124,10 +127,39 @@ def _probe(config: ShituConfig, context: DistContext) -> int | None:
     return result.stop_signal
 
 
+class _RepeatedWarnings(logging.Filter):
+    """Passes the first record of each warning text and drops later ones. The first passes
+    every handler it is added to (a test's log capture as well as the terminal)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._first: dict[tuple[str, str], logging.LogRecord] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        return self._first.setdefault((record.name, record.getMessage()), record) is record
+
+
+@contextmanager
+def _each_warning_once() -> Iterator[None]:
+    """Within it, a warning logged again with the same text is not shown again. A
+    LinearProbe run builds a Trainer three times (check, probe, fine-tuning) over the same
+    config and datasets, and each build would repeat the start-up checks' warnings."""
+    repeated, handlers = _RepeatedWarnings(), list(logging.getLogger().handlers)
+    for handler in handlers:
+        handler.addFilter(repeated)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(repeated)
+
+
 def run(args: argparse.Namespace) -> int:
-    """`_train`, with each dataset's start-up scan done once although a LinearProbe run
-    builds the datasets three times (see `reused_scans`)."""
-    with reused_scans():
+    """`_train`, with each dataset's start-up scan done once and each warning shown once
+    although a LinearProbe run builds the datasets three times (see `reused_scans`)."""
+    with reused_scans(), _each_warning_once():
         return _train(args)
 
 

@@ -22,7 +22,7 @@ from typing import Any, NoReturn, overload
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import ExifTags, Image
 from torch.utils.data import Dataset
 
 from shitu.data.transforms.compose import Compose, build_transforms
@@ -37,9 +37,23 @@ Problems = tuple[tuple[int, str], ...]
 _SHOW = 5
 # How many start-up scans `reused_scans` keeps (a run's train, query and gallery sets fit).
 _SCANS_KEPT = 8
+# EXIF orientations that turn the image a quarter (DecodeImage applies them).
+_QUARTER_TURNS = (5, 6, 7, 8)
+
+
+@dataclass(frozen=True)
+class Scan:
+    """A start-up scan of the listed paths: the ones that cannot be used, and with
+    skip_corrupt the upright (width, height) of each decoded image (by index; rows of the
+    others unused), for each dataset to check against its own transforms."""
+
+    problems: Problems
+    sizes: np.ndarray | None
+
+
 # Within `reused_scans`: (skip_corrupt, working directory, digest of the listed paths) ->
-# the scan's problems, least recently used first. None outside it.
-_scans: OrderedDict[tuple[bool, str, bytes], Problems] | None = None
+# the scan, least recently used first. None outside it.
+_scans: OrderedDict[tuple[bool, str, bytes], Scan] | None = None
 
 
 class StringTable(Sequence[str]):
@@ -82,22 +96,25 @@ class Entry:
     source: str
 
 
-def check_image(path: str) -> str | None:
-    """Why `path` cannot be decoded, or None if it can.
+def check_image(path: str) -> str | tuple[int, int]:
+    """Why `path` cannot be decoded, or its (width, height) as decoded (EXIF orientation
+    applied) if it can.
 
     Cheap but real: JPEGs are decoded at reduced scale (which still reads every
     byte, so truncation shows), other formats fully.
     """
     try:
         with Image.open(path) as image:
+            width, height = image.size
+            turned = image.getexif().get(ExifTags.Base.Orientation) in _QUARTER_TURNS
             image.draft("RGB", (64, 64))
             image.load()
     except Exception as exc:  # any failure means the loader would fail too
         return f"{type(exc).__name__}: {exc}"
-    return None
+    return (height, width) if turned else (width, height)
 
 
-def check_images(paths: Sequence[str]) -> list[str | None]:
+def check_images(paths: Sequence[str]) -> list[str | tuple[int, int]]:
     """`check_image` of each path, in order, in threads.
 
     Only a few checks per thread are queued at a time, and an interrupt cancels those, so
@@ -105,8 +122,8 @@ def check_images(paths: Sequence[str]) -> list[str | None]:
     """
     workers = min(16, 2 * (os.cpu_count() or 1))
     window = 4 * workers
-    reasons: list[str | None] = []
-    pending: deque[Future[str | None]] = deque()
+    reasons: list[str | tuple[int, int]] = []
+    pending: deque[Future[str | tuple[int, int]]] = deque()
     pool = ThreadPoolExecutor(max_workers=workers)
     try:
         for path in paths:
@@ -140,9 +157,10 @@ def reused_scans() -> Iterator[None]:
         _scans = outer
 
 
-def _scan_problems(paths: Sequence[str], skip_corrupt: bool) -> Problems:
-    """The missing files among `paths`, and with `skip_corrupt` the undecodable ones;
-    within `reused_scans`, from an earlier scan of the same paths when there was one."""
+def _scan_paths(paths: Sequence[str], skip_corrupt: bool) -> Scan:
+    """The missing files among `paths`, and with `skip_corrupt` the undecodable ones and
+    the others' sizes; within `reused_scans`, from an earlier scan of the same paths when
+    there was one."""
     if _scans is None:
         return _scan(paths, skip_corrupt)
     digest = hashlib.sha256("\0".join(paths).encode("utf-8", "surrogatepass")).digest()
@@ -150,20 +168,26 @@ def _scan_problems(paths: Sequence[str], skip_corrupt: bool) -> Problems:
     if key in _scans:
         _scans.move_to_end(key)
         return _scans[key]
-    problems = _scans[key] = _scan(paths, skip_corrupt)
+    scan = _scans[key] = _scan(paths, skip_corrupt)
     if len(_scans) > _SCANS_KEPT:
         _scans.popitem(last=False)
-    return problems
+    return scan
 
 
-def _scan(paths: Sequence[str], skip_corrupt: bool) -> Problems:
+def _scan(paths: Sequence[str], skip_corrupt: bool) -> Scan:
     missing = [(i, "file not found") for i, path in enumerate(paths) if not os.path.isfile(path)]
     if not skip_corrupt:
-        return tuple(missing)
+        return Scan(tuple(missing), None)
     gone = {i for i, _ in missing}
     present = [i for i in range(len(paths)) if i not in gone]
-    reasons = check_images([paths[i] for i in present])
-    return (*missing, *((i, why) for i, why in zip(present, reasons, strict=True) if why))
+    undecodable = []
+    sizes = np.zeros((len(paths), 2), dtype=np.int64)
+    for i, found in zip(present, check_images([paths[i] for i in present]), strict=True):
+        if isinstance(found, str):
+            undecodable.append((i, found))
+        else:
+            sizes[i] = found
+    return Scan((*missing, *undecodable), sizes)
 
 
 class ImageDataset(Dataset):
@@ -184,8 +208,9 @@ class ImageDataset(Dataset):
     `skip_corrupt`: False (default) stops at start-up on missing files and at
     load time on an undecodable image, with a `DataError` naming the file. True
     checks every listed image at start-up (a reduced-scale decode, in threads),
-    leaves out missing and undecodable ones and records them in `skipped`; an
-    image that still fails later raises `DataError` all the same.
+    leaves out missing and undecodable ones, and those of a size the transforms
+    cannot take (too elongated to resize, smaller than a crop), and records them in
+    `skipped`; an image that still fails later raises `DataError` all the same.
     """
 
     def __init__(
@@ -206,9 +231,11 @@ class ImageDataset(Dataset):
     def _set_entries(self, entries: list[Entry], image_root: str | None = None) -> None:
         if not entries:
             raise DataError(f"{self.where}: lists no images")
-        problems = _scan_problems([entry.path for entry in entries], self.skip_corrupt)
+        scan = _scan_paths([entry.path for entry in entries], self.skip_corrupt)
+        problems = scan.problems
         if problems and not self.skip_corrupt:  # missing files: the only problem looked for
             self._refuse_missing([entries[i] for i, _ in problems], len(entries), image_root)
+        problems += self._size_problems(scan)
         self.skipped.extend((entries[i].path, why) for i, why in problems)
         dropped = {i for i, _ in problems}
         entries = [entry for i, entry in enumerate(entries) if i not in dropped]
@@ -217,6 +244,19 @@ class ImageDataset(Dataset):
         self.paths = StringTable([entry.path for entry in entries])
         self._labels = np.fromiter((e.label for e in entries), dtype=np.int64, count=len(entries))
         self._ids = np.fromiter((e.unique_id for e in entries), dtype=np.int64, count=len(entries))
+
+    def _size_problems(self, scan: Scan) -> Problems:
+        """The decoded images of a size this dataset's transforms cannot take (a photo one
+        pixel wide, say), which would otherwise stop a run when first loaded."""
+        if scan.sizes is None:
+            return ()
+        unusable = {i for i, _ in scan.problems}
+        problems = []
+        for i, (width, height) in enumerate(scan.sizes.tolist()):
+            why = None if i in unusable else self.transform.size_problem(width, height)
+            if why:
+                problems.append((i, why))
+        return tuple(problems)
 
     def _refuse_missing(self, missing: list[Entry], total: int, image_root: str | None) -> NoReturn:
         examples = ", ".join(f"{e.path} ({e.source})" for e in missing[:_SHOW])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator
 from typing import Any, Literal
@@ -12,6 +13,10 @@ from shitu.data.samplers._common import EpochBatchSampler, make_rng
 from shitu.errors import ConfigError
 from shitu.registry import SAMPLERS, Size
 
+# How many classes a warning names before summarising.
+_SHOW = 5
+logger = logging.getLogger(__name__)
+
 
 @SAMPLERS.register("PKSampler")
 class PKSampler(EpochBatchSampler):
@@ -20,7 +25,7 @@ class PKSampler(EpochBatchSampler):
     Classes are drawn without replacement within a batch, with probability
     uniform over classes (`id_avg_prob`) or proportional to their image count
     (`sample_avg_prob`, PaddleClas's default). Images are drawn without
-    replacement, or with replacement when a class has fewer than K.
+    replacement, or with replacement when a class has fewer than K (with a warning).
 
     `id_list` and `ratio` reweight classes as in PaddleClas: `id_list` is a flat
     list of inclusive [first, last] class-id ranges and each range's
@@ -80,6 +85,32 @@ class PKSampler(EpochBatchSampler):
                 f"{drawable} that can be drawn; lower batch_size or raise sample_per_id"
             )
         self.class_probs = weights / weights.sum()
+        if self.rank == 0:
+            self._warn_of_small_classes(dataset, counts, weights)
+
+    def _warn_of_small_classes(self, dataset: Any, counts: np.ndarray, weights: np.ndarray) -> None:
+        """A class with fewer than K images fills its K places in a batch by drawing its
+        images again, so its pairs show less variety than K suggests (a copy differs only by
+        its augmentation): something to tell the user, who can add photos or lower K."""
+        small = np.flatnonzero((counts < self.sample_per_id) & (weights > 0))
+        if not len(small):
+            return
+        names = getattr(dataset, "label_keys", None)
+        shown = []
+        for c in small[:_SHOW].tolist():
+            label = int(self.class_ids[c])
+            shown.append(f"{names[label] if names is not None else label} has {counts[c]}")
+        logger.warning(
+            "PKSampler: %d of %d classes have fewer images than sample_per_id %d (%s%s): a "
+            "batch repeats their images (each copy augmented anew) to fill its %d places for "
+            "each, so their pairs show less variety; add photos of them, or lower sample_per_id",
+            len(small),
+            len(counts),
+            self.sample_per_id,
+            ", ".join(shown),
+            ", ..." if len(small) > _SHOW else "",
+            self.sample_per_id,
+        )
 
     @staticmethod
     def check_params(batch_size: int, sample_per_id: int, **_others: Any) -> None:

@@ -31,6 +31,11 @@ class Stage:
         return replace(self, **changes)
 
 
+class ImageSizeError(ValueError):
+    """An image of a size an op cannot take (too elongated to resize its short side,
+    smaller than a crop): a fault of that image, not of the pipeline."""
+
+
 class Transform:
     """Base of the registered ops: `plan` checks the op's place, `__call__` applies it.
 
@@ -48,6 +53,12 @@ class Transform:
         if stage.layout != "hwc":
             raise ValueError("works on HWC images; move it before ToCHWImage (or channel_first)")
         return stage
+
+    def output_size(self, width: int, height: int) -> tuple[int, int] | None:
+        """The (width, height) this op makes of an image of that size, None where it is
+        drawn at random; ImageSizeError for a size the op cannot take. From the size alone,
+        so that a dataset can find such images at start-up. By default the size is kept."""
+        return width, height
 
     def __call__(self, image: Any) -> Any:
         raise NotImplementedError

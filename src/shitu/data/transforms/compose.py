@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from shitu.data.transforms import ops as _ops
-from shitu.data.transforms._base import Layout, Stage, Transform
+from shitu.data.transforms._base import ImageSizeError, Layout, Stage, Transform
 from shitu.errors import ConfigError, DataError
 from shitu.registry import TRANSFORMS
 
@@ -37,9 +37,27 @@ class Compose:
                 image = op(image)
             except DataError:
                 raise
+            except ImageSizeError as exc:  # the image's fault, as an undecodable one's
+                raise _ops.UnreadableImageError(f"{name}: {exc}") from exc
             except (ValueError, OSError) as exc:
                 raise DataError(f"{name}: {exc}") from exc
         return to_chw_tensor(image, self.layout)
+
+    def size_problem(self, width: int, height: int) -> str | None:
+        """Why an image of this upright size cannot go through the ops (too elongated to
+        resize its short side, smaller than a crop), or None: from the size alone, so that
+        a dataset can leave such images out at start-up. Ops after one that draws its
+        output size at random are not checked."""
+        size = (width, height)
+        for name, op in zip(self.names, self.ops, strict=True):
+            try:
+                output = op.output_size(*size)
+            except ImageSizeError as exc:
+                return f"{name}: {exc}"
+            if output is None:
+                break
+            size = output
+        return None
 
     def __repr__(self) -> str:
         return "Compose(" + ", ".join(repr(op) for op in self.ops) + ")"

@@ -17,6 +17,7 @@ import torch
 from PIL import Image, ImageEnhance, ImageOps, UnidentifiedImageError
 
 from shitu.data.transforms._base import (
+    ImageSizeError,
     Stage,
     Transform,
     coin,
@@ -37,7 +38,8 @@ Interpolation = str | int | None
 
 
 class UnreadableImageError(DataError):
-    """The bytes are not a decodable image (corrupt, truncated or an unsupported format)."""
+    """The bytes are not a decodable image (corrupt, truncated or an unsupported format),
+    or one of a size the pipeline cannot take (see `ImageSizeError`)."""
 
 
 def image_list(images: Sequence[np.ndarray]) -> Sequence[np.ndarray]:
@@ -176,14 +178,15 @@ class ResizeImage(Transform):
         self.interpolation = interpolation_name(interpolation, backend)
         self.backend = backend
 
+    def output_size(self, width: int, height: int) -> tuple[int, int]:
+        if self.resize_short is not None:
+            return short_side_size(width, height, self.resize_short)
+        assert self.size is not None
+        return self.size
+
     def __call__(self, image: np.ndarray) -> np.ndarray:
         height, width = image.shape[:2]
-        if self.resize_short is not None:
-            new_w, new_h = short_side_size(width, height, self.resize_short)
-        else:
-            assert self.size is not None
-            new_w, new_h = self.size
-        return resize(image, new_w, new_h, self.interpolation, self.backend)
+        return resize(image, *self.output_size(width, height), self.interpolation, self.backend)
 
 
 def short_side_size(width: int, height: int, short: int) -> tuple[int, int]:
@@ -191,13 +194,13 @@ def short_side_size(width: int, height: int, short: int) -> tuple[int, int]:
 
     A very thin image (1x4000, say) would grow into an array of gigabytes, so a result
     with more pixels than Pillow's decompression-bomb threshold (`PIL.Image.MAX_IMAGE_PIXELS`;
-    None: no limit) is refused with a ValueError, as Pillow refuses to decode one.
+    None: no limit) is refused with an ImageSizeError, as Pillow refuses to decode one.
     """
     factor = short / min(width, height)
     new_w, new_h = round(width * factor), round(height * factor)
     limit = Image.MAX_IMAGE_PIXELS
     if limit is not None and new_w * new_h > limit:
-        raise ValueError(
+        raise ImageSizeError(
             f"image {width}x{height} is too elongated to resize its short side to {short}: "
             f"that makes {new_w}x{new_h} pixels, over the limit of {limit} "
             "(PIL.Image.MAX_IMAGE_PIXELS)"
@@ -205,18 +208,28 @@ def short_side_size(width: int, height: int, short: int) -> tuple[int, int]:
     return new_w, new_h
 
 
-@TRANSFORMS.register("CropImage")
-class CropImage(Transform):
-    """Centre crop to `size` ([width, height] or int); the image must be at least that big."""
+class _Crop(Transform):
+    """A crop of `size` ([width, height] or int), without resizing: the image must be at
+    least that big."""
 
     def __init__(self, size: int | list[int]):
         self.size = pair(size)
 
+    def output_size(self, width: int, height: int) -> tuple[int, int]:
+        if width < self.size[0] or height < self.size[1]:
+            raise ImageSizeError(
+                f"image {width}x{height} is smaller than the crop {self.size[0]}x{self.size[1]}"
+            )
+        return self.size
+
+
+@TRANSFORMS.register("CropImage")
+class CropImage(_Crop):
+    """Centre crop to `size` ([width, height] or int); the image must be at least that big."""
+
     def __call__(self, image: np.ndarray) -> np.ndarray:
-        width, height = self.size
         img_h, img_w = image.shape[:2]
-        if img_w < width or img_h < height:
-            raise ValueError(f"image {img_w}x{img_h} is smaller than the crop {width}x{height}")
+        width, height = self.output_size(img_w, img_h)
         top, left = (img_h - height) // 2, (img_w - width) // 2
         return image[top : top + height, left : left + width]
 
@@ -246,6 +259,9 @@ class RandCropImage(Transform):
         self.interpolation = interpolation_name(interpolation, backend)
         self.backend = backend
 
+    def output_size(self, width: int, height: int) -> tuple[int, int]:
+        return self.size
+
     def __call__(self, image: np.ndarray) -> np.ndarray:
         img_h, img_w = image.shape[:2]
         aspect = rand_uniform(*self.ratio) ** 0.5
@@ -263,21 +279,16 @@ class RandCropImage(Transform):
 
 
 @TRANSFORMS.register("RandCropImageV2")
-class RandCropImageV2(Transform):
+class RandCropImageV2(_Crop):
     """Crop `size` ([width, height] or int) at a uniformly random place, no resizing.
 
     Unlike PaddleClas, whose offsets may run one pixel past the edge (returning a
     crop one pixel short), the crop always has exactly `size`.
     """
 
-    def __init__(self, size: int | list[int]):
-        self.size = pair(size)
-
     def __call__(self, image: np.ndarray) -> np.ndarray:
-        width, height = self.size
         img_h, img_w = image.shape[:2]
-        if img_w < width or img_h < height:
-            raise ValueError(f"image {img_w}x{img_h} is smaller than the crop {width}x{height}")
+        width, height = self.output_size(img_w, img_h)
         top = rand_int(0, img_h - height)
         left = rand_int(0, img_w - width)
         return image[top : top + height, left : left + width]
@@ -344,6 +355,10 @@ class Pad(Transform):
         self.fill = _check_fill(fill)
         self.padding_mode = padding_mode
 
+    def output_size(self, width: int, height: int) -> tuple[int, int]:
+        left, top, right, bottom = self.padding
+        return width + left + right, height + top + bottom
+
     def __call__(self, image: np.ndarray) -> np.ndarray:
         left, top, right, bottom = self.padding
         if self.padding_mode != "constant":
@@ -398,6 +413,9 @@ class RandomRotation(Transform):
         self.interpolation = interpolation
         self.expand = expand
         self.fill = _check_fill(fill)
+
+    def output_size(self, width: int, height: int) -> tuple[int, int] | None:
+        return None if self.expand else (width, height)  # grown to fit the angle drawn
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         if not coin(self.prob):
