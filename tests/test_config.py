@@ -243,6 +243,24 @@ def test_every_problem_is_listed_on_its_own_line_naming_its_override(config_file
     ]
 
 
+def test_problems_in_several_components_are_listed_together(config_file):
+    """Each component is checked against its own constructor: a typo in the neck and one in
+    the head are both named at once, each with its component."""
+    config_file.write_text(MINIMAL)
+    overrides = ["Arch.Neck.num_feature=512", "Arch.Head.clas_num=3", "Arch.Head.margin=big"]
+    with pytest.raises(ConfigError) as info:
+        load_config(config_file, overrides)
+    assert str(info.value).splitlines() == [
+        f"{config_file}: 3 problems in the config:",
+        "  Arch.Neck.num_feature: unknown key (did you mean 'num_features'?) in neck 'BNNeck' "
+        "(set by -o Arch.Neck.num_feature=512)",
+        "  Arch.Head.clas_num: unknown key (did you mean 'class_num'?) in head 'ArcMargin' "
+        "(set by -o Arch.Head.clas_num=3)",
+        "  Arch.Head.margin: Input should be a valid number, unable to parse string as a "
+        "number (got 'big') in head 'ArcMargin' (set by -o Arch.Head.margin=big)",
+    ]
+
+
 def test_a_schedule_driven_by_evaluations_is_refused_in_a_run_without_them(config_file):
     """ReduceOnPlateau lowers the rate on evaluations: without any it would never lower it."""
     plateau = "Optimizer={name: Momentum, lr: {name: ReduceOnPlateau, learning_rate: 0.1}}"

@@ -196,9 +196,15 @@ def format_validation_error(exc: ValidationError, model: type[BaseModel], what: 
     problems = [_problem(error, suggested) for error in errors[:SHOWN_PROBLEMS]]
     if len(errors) == 1:
         return f"{problems[0]} in {what}"
-    shown = f" (the first {SHOWN_PROBLEMS})" if len(errors) > SHOWN_PROBLEMS else ""
-    lines = [f"{len(errors)} problems in {what}{shown}:"]
-    return "\n".join(lines + [PROBLEM_INDENT + problem for problem in problems])
+    return problem_list(len(errors), what, problems)
+
+
+def problem_list(count: int, what: str, problems: list[str]) -> str:
+    """'<count> problems in WHAT:' and an indented line for each of the first SHOWN_PROBLEMS
+    `problems` (of `count` in all)."""
+    shown = f" (the first {SHOWN_PROBLEMS})" if count > SHOWN_PROBLEMS else ""
+    lines = [f"{count} problems in {what}{shown}:"]
+    return "\n".join(lines + [PROBLEM_INDENT + problem for problem in problems[:SHOWN_PROBLEMS]])
 
 
 def each_problem(message: str, edit: Callable[[str], str]) -> str:

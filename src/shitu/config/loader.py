@@ -15,7 +15,7 @@ from shitu.config.schema import ComponentConfig, DataSplitConfig, ShituConfig
 from shitu.errors import ConfigError
 from shitu.evaluation.retrieval import RetrievalEvaluator
 from shitu.losses.combined import split_loss_params
-from shitu.registry import each_problem, format_validation_error
+from shitu.registry import each_problem, format_validation_error, problem_list
 
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -112,7 +112,27 @@ def _unaliased(node: Any) -> Any:
 
 
 def _validate_components(config: ShituConfig) -> None:
+    """Check each component section against its constructor. The problems of all of them
+    are raised together (one component's alone as that component words them), so that
+    fixing one section's does not merely uncover the next section's."""
     registry.populate()
+    failed: list[ConfigError] = []
+    _check_component_sections(config, failed)
+    if len(failed) == 1:
+        raise failed[0]
+    if failed:
+        raise ConfigError(_joined_problems(failed))
+    # Built as training and `shitu eval` build it, so that a wrong entry names the file now.
+    RetrievalEvaluator.from_metric_config(
+        config.Metric.Eval if config.Metric else None, re_ranking=config.Global.re_ranking
+    )
+    if config.Optimizer is not None:
+        _check_schedule_is_evaluated(config.Optimizer.lr.name, config)
+    _check_evaluated_features_are_exported(config)
+
+
+def _check_component_sections(config: ShituConfig, failed: list[ConfigError]) -> None:
+    """Validate each component section, adding the error of each one that fails to `failed`."""
     arch = config.Arch
     sections: list[tuple[str, registry.Registry, ComponentConfig | None]] = [
         ("Arch.Backbone", registry.BACKBONES, arch.Backbone),
@@ -121,7 +141,7 @@ def _validate_components(config: ShituConfig) -> None:
     ]
     for where, reg, component in sections:
         if component is not None:
-            _check(where, lambda reg=reg, c=component: reg.validate(c.name, c.params))
+            _check(failed, where, lambda reg=reg, c=component: reg.validate(c.name, c.params))
     if config.Loss is not None:
         for split, items in (("Train", config.Loss.Train), ("Eval", config.Loss.Eval)):
             for index, item in enumerate(items):
@@ -130,6 +150,7 @@ def _validate_components(config: ShituConfig) -> None:
                 # `weight` and `input_key` belong to the combiner (checked as they are
                 # split off), the rest to the loss.
                 _check(
+                    failed,
                     where,
                     lambda n=name, p=params: registry.LOSSES.validate(n, split_loss_params(p)[1]),
                 )
@@ -140,20 +161,15 @@ def _validate_components(config: ShituConfig) -> None:
             splits |= {"Eval.Gallery": config.DataLoader.Eval.Gallery}
         for split_name, split in splits.items():
             if split is not None:
-                _validate_data_split(f"DataLoader.{split_name}", split)
-    # Built as training and `shitu eval` build it, so that a wrong entry names the file now.
-    RetrievalEvaluator.from_metric_config(
-        config.Metric.Eval if config.Metric else None, re_ranking=config.Global.re_ranking
-    )
+                _validate_data_split(f"DataLoader.{split_name}", split, failed)
     if config.Optimizer is not None:
         lr = config.Optimizer.lr
         schedule_params = {"learning_rate": lr.learning_rate, "warmup_epoch": lr.warmup_epoch}
         _check(
+            failed,
             "Optimizer.lr",
             lambda: registry.LR_SCHEDULES.validate(lr.name, {**schedule_params, **lr.params}),
         )
-        _check_schedule_is_evaluated(lr.name, config)
-    _check_evaluated_features_are_exported(config)
 
 
 def _check_schedule_is_evaluated(schedule: str, config: ShituConfig) -> None:
@@ -194,9 +210,11 @@ def _check_evaluated_features_are_exported(config: ShituConfig) -> None:
     )
 
 
-def _validate_data_split(where: str, split: DataSplitConfig) -> None:
+def _validate_data_split(where: str, split: DataSplitConfig, failed: list[ConfigError]) -> None:
     dataset = split.dataset
-    _check(f"{where}.dataset", lambda: registry.DATASETS.validate(dataset.name, dataset.params))
+    _check(
+        failed, f"{where}.dataset", lambda: registry.DATASETS.validate(dataset.name, dataset.params)
+    )
     for index, op in enumerate(dataset.params.get("transform_ops") or []):
         if not isinstance(op, dict) or len(op) != 1:
             raise ConfigError(
@@ -205,29 +223,55 @@ def _validate_data_split(where: str, split: DataSplitConfig) -> None:
             )
         ((name, params),) = op.items()
         _check(
+            failed,
             f"{where}.dataset.transform_ops.{index}.{name}",
             lambda n=name, p=params: registry.TRANSFORMS.validate(n, p or {}),
         )
     if split.sampler is not None:
         sampler = split.sampler
-        _check(f"{where}.sampler", lambda: registry.SAMPLERS.validate(sampler.name, sampler.params))
+        _check(
+            failed,
+            f"{where}.sampler",
+            lambda: registry.SAMPLERS.validate(sampler.name, sampler.params),
+        )
 
 
-def _check(where: str, validate: Any) -> None:
+def _check(failed: list[ConfigError], where: str, validate: Any) -> None:
+    """Run a component's `validate`; its error, each problem prefixed by `where`, goes to
+    `failed`."""
     try:
         validate()
     except ConfigError as exc:
         # Registry messages start with the parameter path (or 'unknown <kind>'): prefix the section.
-        raise ConfigError(
-            each_problem(
-                str(exc),
-                lambda problem: (
-                    f"{where}.{problem}"
-                    if not problem.startswith("unknown ")
-                    else f"{where}.name: {problem}"
-                ),
+        failed.append(
+            ConfigError(
+                each_problem(
+                    str(exc),
+                    lambda problem: (
+                        f"{where}.{problem}"
+                        if not problem.startswith("unknown ")
+                        else f"{where}.name: {problem}"
+                    ),
+                )
             )
-        ) from None
+        )
+
+
+def _joined_problems(failed: list[ConfigError]) -> str:
+    """The problems of several components as one message: a line each, each naming its
+    component ('... in head 'ArcMargin''), as `format_validation_error` words one's."""
+    lines: list[str] = []
+    count = 0  # beyond the lines where a component's message shows only its first ones
+    for error in failed:
+        header, *problems = str(error).split("\n")
+        counted = re.fullmatch(r"(\d+) problems in (.*?)(?: \(the first \d+\))?:", header)
+        if counted is None:  # one problem, its component named in its line
+            lines.append(header)
+            count += 1
+            continue
+        count += int(counted.group(1))
+        lines.extend(f"{problem.strip()} in {counted.group(2)}" for problem in problems)
+    return problem_list(count, "the config", lines)
 
 
 def with_source(path: Path | str, message: str, attribution: dict[str, str]) -> str:
