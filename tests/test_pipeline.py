@@ -558,7 +558,7 @@ def test_eval_pipeline_cli_flags_gallery_photos_and_fails_when_nothing_was_measu
     assert shitu_main(["eval-pipeline", "--queries", str(labels), *common, "--json"]) == 0
     captured = capsys.readouterr()
     assert json.loads(captured.out)["in_gallery"] == 2  # the file itself and its copy
-    assert "2 query images of 3 are gallery images themselves" in captured.err
+    assert "2 of 3 query images are gallery images themselves" in captured.err
 
     labels.write_text(f"{tmp_path / 'missing.jpg'}\t{stored.label}\n")
     assert shitu_main(["eval-pipeline", "--queries", str(labels), *common]) == 1

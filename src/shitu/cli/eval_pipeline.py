@@ -76,9 +76,11 @@ def run(args: argparse.Namespace) -> int:
         known = known_labels(recognizer)
     best = report.best_threshold()
     if report.in_gallery:
+        one = report.in_gallery == 1
         print(
-            f"warning: {count_of(report.in_gallery, 'query image')} of {len(items)} "
-            "are gallery images themselves (the same file or its copy): each finds itself "
+            f"warning: {report.in_gallery} of {count_of(len(items), 'query image')} "
+            f"{'is a gallery image itself' if one else 'are gallery images themselves'} (the "
+            f"same file or its copy): {'it finds itself' if one else 'each finds itself'} "
             "first, so recall@1 overstates; query with photos that are not in the gallery",
             file=sys.stderr,
         )

@@ -93,6 +93,6 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"embedded {count_of(len(result.paths), 'image')} ({extractor.embedding_size}-d, "
         f"{extractor.backend.name} {args.precision}, {rate:.1f} images/s) -> {out}.npy, "
-        f"{out}.txt; skipped {len(result.failures)} unreadable file(s)"
+        f"{out}.txt; skipped {count_of(len(result.failures), 'unreadable file')}"
     )
     return 0

@@ -11,6 +11,7 @@ from shitu.checkpoint import load_weights
 from shitu.cli.common import (
     add_config_arguments,
     config_from_args,
+    count_of,
     count_parameters,
     model_from_config,
     positive_int,
@@ -62,6 +63,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"out {key:<9}{' x '.join(str(d) for d in value.shape)}")
     print(
         f"speed        {args.batch_size / elapsed:.1f} images/s on CPU "
-        f"({torch.get_num_threads()} threads, one timed batch)"
+        f"({count_of(torch.get_num_threads(), 'thread')}, one timed batch)"
     )
     return 0
