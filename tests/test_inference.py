@@ -485,6 +485,21 @@ def test_export_refuses_a_folder_that_is_not_an_export(exported, tmp_path):
     assert (tmp_path / "keep.txt").read_text() == "user data"
 
 
+def test_reexport_refuses_an_export_folder_that_holds_other_files(exported, tmp_path):
+    """Re-exporting replaces the whole folder, so files the user added to it would go too."""
+    target = export_model(exported["config"], None, tmp_path / "model")
+    first = read_manifest(target)["fingerprint"]
+    (target / "gallery").mkdir()
+    (target / "gallery" / "index.faiss").write_text("user data")
+    (target / "notes.txt").write_text("user data")
+    with pytest.raises(export_module.ExportError, match=r"also holds gallery, notes.txt, which"):
+        export_model(exported["config"], exported["dir"] / "model.safetensors", target)
+    assert (target / "gallery" / "index.faiss").read_text() == "user data"
+    assert (target / "notes.txt").read_text() == "user data"
+    assert read_manifest(target)["fingerprint"] == first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no staging folder left
+
+
 def test_changed_model_file_is_detected(exported, tmp_path):
     copy = shutil.copytree(exported["dir"], tmp_path / "copy")
     data = bytearray((copy / "model.onnx").read_bytes())

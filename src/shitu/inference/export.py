@@ -40,6 +40,8 @@ MANIFEST = "shitu_model.json"
 ONNX_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
 TORCH_FILE = "model.safetensors"
+# Everything an export folder may hold; re-exporting replaces the folder with all of it.
+EXPORT_FILES = (MANIFEST, ONNX_FILE, INT8_FILE, TORCH_FILE)
 FORMAT = "shitu-feature-extractor"
 # 2: the fingerprint covers the arch too (version 1's covered weights, preprocessing and
 # output key only); version 1 exports still load, checked against their own kind.
@@ -116,8 +118,8 @@ def export_model(
 
     calibration_images: image files for int8 static quantisation (model.int8.onnx); none
     means no int8 model. compact, score_thres: see `write_export`. An existing export at
-    `out_dir` is replaced; any other existing folder is an error (nothing of the user's is
-    deleted).
+    `out_dir` is replaced; any other existing folder, or an export that also holds other
+    files, is an error (nothing of the user's is deleted).
     """
     arch = inference_arch(config.Arch)
     if weights:
@@ -234,11 +236,19 @@ def write_export(
 
 
 def _check_target(out_dir: Path) -> None:
-    if out_dir.exists() and (
-        not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / MANIFEST).is_file())
-    ):
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / MANIFEST).is_file()):
         raise ExportError(
             f"{out_dir} exists and is not a shitu export; choose a new folder for --out"
+        )
+    # The old export is replaced as a whole folder: anything else in it would go with it.
+    others = sorted(p.name for p in out_dir.iterdir() if p.name not in EXPORT_FILES)
+    if others:
+        shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        raise ExportError(
+            f"{out_dir} is an export that also holds {shown}, which replacing it would "
+            "delete; move them out of it or choose a new folder for --out"
         )
 
 
