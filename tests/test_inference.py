@@ -697,3 +697,23 @@ def test_compact_export_is_half_the_size_and_rebuilds_its_onnx_model_once(
     fallback = FeatureExtractor.load(compact)
     assert fallback.backend.name == "torch"
     assert fallback.fingerprint == manifest["fingerprint"]
+
+
+def test_a_cache_entry_that_lost_its_manifest_or_is_a_file_is_built_again(
+    exported, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("SHITU_CACHE_DIR", str(tmp_path / "cache"))
+    weights = save_weights(exported["model"].state_dict(), tmp_path / "trained.safetensors")
+    compact = export_model(exported["config"], weights, tmp_path / "compact", compact=True)
+    files = exported["files"][:2]
+    expected = FeatureExtractor.load(compact, num_threads=1).extract_files(files).features
+    (entry,) = (tmp_path / "cache" / "exports").iterdir()
+    (entry / "shitu_model.json").unlink()  # e.g. a cache cleaner that removes by age
+    rebuilt = FeatureExtractor.load(compact, num_threads=1)
+    assert rebuilt.backend.name == "onnxruntime"
+    assert np.abs(rebuilt.extract_files(files).features - expected).max() < 1e-6
+    assert (entry / "shitu_model.json").is_file()
+    shutil.rmtree(entry)
+    entry.write_text("")  # a file in its place
+    assert FeatureExtractor.load(compact, num_threads=1).backend.name == "onnxruntime"
+    assert (entry / "model.onnx").is_file()

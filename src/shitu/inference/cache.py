@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,21 @@ def _usable(target: Path, manifest: dict[str, Any]) -> bool:
     )
 
 
+def _discard_without_manifest(entry: Path) -> None:
+    """Remove what is left of a cache entry that lost its manifest: no export to replace,
+    it would block the rebuild for good. An entry with one is replaced in one step by the
+    rebuild instead, as another process may be loading it (or have just built it)."""
+    if (entry / MANIFEST).is_file():
+        return
+    try:
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    except FileNotFoundError:  # none, or another process removed it first
+        pass
+
+
 def full_export(model_dir: Path, manifest: dict[str, Any]) -> Path | None:
     """The cached full export (ONNX included) of compact export `model_dir`, built on first
     use, and built again if damaged; None when the cache cannot be written (the caller then
@@ -66,6 +82,7 @@ def full_export(model_dir: Path, manifest: dict[str, Any]) -> Path | None:
     logger.info("building the ONNX model of %s into %s (once)", model_dir, target)
     model = load_exported_model(model_dir, manifest)
     try:
+        _discard_without_manifest(target)
         write_export(
             model,
             manifest["arch"],
