@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -717,3 +718,22 @@ def test_a_cache_entry_that_lost_its_manifest_or_is_a_file_is_built_again(
     entry.write_text("")  # a file in its place
     assert FeatureExtractor.load(compact, num_threads=1).backend.name == "onnxruntime"
     assert (entry / "model.onnx").is_file()
+
+
+def test_extract_cli_lists_a_file_name_that_is_not_utf8_as_the_file_system_has_it(
+    exported, tmp_path
+):
+    from shitu.cli.main import main as shitu_main
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    latin1 = folder / os.fsdecode(b"caf\xe9.jpg")  # a Latin-1 name, as old archives hold
+    shutil.copy(exported["files"][0], latin1)
+    shutil.copy(exported["files"][1], folder / "ok.jpg")
+    prefix = tmp_path / "feats"
+    args = ["extract", str(folder), "--model", str(exported["dir"]), "--out", str(prefix)]
+    assert shitu_main([*args, "--threads", "1", "--no-progress"]) == 0
+    listed = prefix.with_suffix(".txt").read_bytes().splitlines()
+    assert listed == [os.fsencode(latin1), os.fsencode(folder / "ok.jpg")]
+    assert Path(os.fsdecode(listed[0])).is_file()
+    assert np.load(prefix.with_suffix(".npy")).shape == (2, 512)
