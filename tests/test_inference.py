@@ -479,6 +479,30 @@ def test_a_missing_or_malformed_manifest_entry_is_named_on_every_runtime(
             FeatureExtractor.load(edited, backend=backend)
 
 
+def test_an_arch_edited_into_one_that_cannot_be_built_is_named_with_its_manifest(
+    exported, tmp_path, monkeypatch
+):
+    """The torch backend, and the cache's rebuild of a compact export (the default path for
+    the shipped model), build the model from the recorded arch: not a pydantic traceback."""
+    monkeypatch.setenv("SHITU_CACHE_DIR", str(tmp_path / "cache"))
+    weights = save_weights(exported["model"].state_dict(), tmp_path / "trained.safetensors")
+    compact = export_model(exported["config"], weights, tmp_path / "compact", compact=True)
+    edits = {
+        "Backbone: required key missing in arch": lambda arch: arch.pop("Backbone"),
+        "arch: unknown backbone 'Nope'": lambda arch: arch["Backbone"].update(name="Nope"),
+    }
+    for source, backend in ((exported["dir"], "torch"), (compact, "auto")):
+        for message, edit in edits.items():
+            edited = tmp_path / "edited"
+            shutil.rmtree(edited, ignore_errors=True)
+            shutil.copytree(source, edited)
+            record = json.loads((edited / "shitu_model.json").read_text())
+            edit(record["arch"])
+            (edited / "shitu_model.json").write_text(json.dumps(record))
+            with pytest.raises(CheckpointError, match=f"^{edited}/shitu_model.json: {message}"):
+                FeatureExtractor.load(edited, backend=backend)
+
+
 def test_export_refuses_a_folder_that_is_not_an_export(exported, tmp_path):
     (tmp_path / "keep.txt").write_text("user data")
     with pytest.raises(export_module.ExportError, match="not a shitu export"):

@@ -24,17 +24,19 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 from torch import nn
 
 from shitu import __version__
 from shitu.checkpoint import load_weights, model_metadata, read_weights, save_weights
 from shitu.checkpoint.io import TRAINING_ONLY_ARCH
 from shitu.config import ArchConfig, ShituConfig
-from shitu.errors import CheckpointError, ShituError
+from shitu.errors import CheckpointError, ConfigError, ShituError
 from shitu.fileio import file_sha256, replace_folder
 from shitu.inference.preprocess import Preprocessing
 from shitu.models import RecModel, build_model
 from shitu.onnx_trace import trace_to_onnx
+from shitu.registry import format_validation_error
 
 MANIFEST = "shitu_model.json"
 ONNX_FILE = "model.onnx"
@@ -281,7 +283,17 @@ def _export_onnx(model: FeaturesOnly, path: Path, preprocessing: Preprocessing, 
 def load_exported_model(model_dir: str | Path, manifest: dict[str, Any]) -> RecModel:
     """The export's folded model in eval mode, checked against the fingerprint its manifest
     records (so a hand-edited arch or preprocessing is refused, not silently served)."""
-    model = build_model(ArchConfig.model_validate(manifest["arch"])).eval()
+    try:
+        model = build_model(ArchConfig.model_validate(manifest["arch"])).eval()
+    except (ValidationError, ConfigError) as exc:  # an arch edited by hand, say
+        problem = (
+            format_validation_error(exc, ArchConfig, what="arch")
+            if isinstance(exc, ValidationError)
+            else f"arch: {exc}"
+        )
+        raise CheckpointError(
+            f"{Path(model_dir) / MANIFEST}: {problem} (edited by hand? export the model again)"
+        ) from None
     load_weights(model, Path(model_dir) / TORCH_FILE, strict=True)  # folds, as the file says
     check_fingerprint(model_dir, manifest, model.state_dict())
     return model
