@@ -761,3 +761,22 @@ def test_extract_cli_lists_a_file_name_that_is_not_utf8_as_the_file_system_has_i
     assert listed == [os.fsencode(latin1), os.fsencode(folder / "ok.jpg")]
     assert Path(os.fsdecode(listed[0])).is_file()
     assert np.load(prefix.with_suffix(".npy")).shape == (2, 512)
+
+
+def test_a_compact_export_on_an_onnx_runtime_asked_for_names_the_cache_it_cannot_write(
+    exported, tmp_path, monkeypatch
+):
+    """Not a warning that the torch backend serves followed by 'model.onnx: missing from
+    the export (re-run `shitu export`)', which the shipped model gave."""
+    (tmp_path / "not_a_folder").write_text("")
+    monkeypatch.setenv("SHITU_CACHE_DIR", str(tmp_path / "not_a_folder" / "cache"))
+    weights = save_weights(exported["model"].state_dict(), tmp_path / "trained.safetensors")
+    compact = export_model(exported["config"], weights, tmp_path / "compact", compact=True)
+    for backend in ("onnxruntime", "openvino"):
+        with pytest.raises(
+            ConfigError,
+            match=rf"^backend {backend}: cannot build the ONNX model of {compact} into the "
+            r"cache \(.*SHITU_CACHE_DIR names another cache folder\), or use the torch",
+        ):
+            FeatureExtractor.load(compact, backend=backend)
+    assert FeatureExtractor.load(compact).backend.name == "torch"  # auto: torch serves

@@ -17,7 +17,13 @@ from typing import Any
 
 from shitu.errors import CheckpointError, ShituError
 from shitu.fileio import file_sha256
-from shitu.inference.export import MANIFEST, load_exported_model, read_manifest, write_export
+from shitu.inference.export import (
+    MANIFEST,
+    ExportError,
+    load_exported_model,
+    read_manifest,
+    write_export,
+)
 from shitu.inference.preprocess import Preprocessing
 
 logger = logging.getLogger(__name__)
@@ -72,10 +78,10 @@ def _discard_without_manifest(entry: Path) -> None:
         pass
 
 
-def full_export(model_dir: Path, manifest: dict[str, Any]) -> Path | None:
+def full_export(model_dir: Path, manifest: dict[str, Any]) -> Path:
     """The cached full export (ONNX included) of compact export `model_dir`, built on first
-    use, and built again if damaged; None when the cache cannot be written (the caller then
-    runs the torch backend)."""
+    use, and built again if damaged; an ExportError, naming the cache, when it cannot be
+    built there (the caller decides whether the torch backend serves instead)."""
     target = cache_root() / "exports" / _cache_key(manifest)
     if (target / MANIFEST).is_file() and _usable(target, manifest):
         return target
@@ -93,10 +99,8 @@ def full_export(model_dir: Path, manifest: dict[str, Any]) -> Path | None:
             format_version=manifest.get("format_version", 1),  # the same kind of fingerprint
         )
     except (OSError, ShituError) as exc:  # write_export names most failures in its errors
-        logger.warning(
-            "cannot build the ONNX model of %s into the cache (%s); using the torch backend",
-            model_dir,
-            exc,
-        )
-        return None
+        raise ExportError(
+            f"cannot build the ONNX model of {model_dir} into the cache ({exc}; "
+            "SHITU_CACHE_DIR names another cache folder)"
+        ) from None
     return target
