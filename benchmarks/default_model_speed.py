@@ -31,7 +31,13 @@ from feature_extraction import grocery_images, ours, timed  # noqa: E402
 from shitu.inference import default_model_dir, read_manifest  # noqa: E402
 from shitu.inference.backends import openvino_available  # noqa: E402
 from shitu.inference.cache import full_export  # noqa: E402
-from shitu.inference.export import INT8_FILE, MANIFEST, ONNX_FILE, file_sha256  # noqa: E402
+from shitu.inference.export import (  # noqa: E402
+    INT8_FILE,
+    MANIFEST,
+    ONNX_FILE,
+    ExportError,
+    file_sha256,
+)
 from shitu.inference.preprocess import Preprocessing  # noqa: E402
 from shitu.inference.quantize import quantize_static_onnx  # noqa: E402
 
@@ -62,9 +68,10 @@ def main() -> None:
 
     paths = grocery_images(args.images)
     shipped = (args.model or default_model_dir()).resolve()
-    cached = full_export(shipped, read_manifest(shipped))  # what FeatureExtractor.load uses
-    if cached is None:
-        raise SystemExit("the cache is not writable; set SHITU_CACHE_DIR")
+    try:
+        cached = full_export(shipped, read_manifest(shipped))  # what FeatureExtractor.load uses
+    except ExportError as exc:
+        raise SystemExit(str(exc)) from None
     with tempfile.TemporaryDirectory() as scratch:
         int8_dir = int8_copy(cached, Path(scratch) / "int8", paths[1::2][: args.int8_calibration])
         rows = []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -478,11 +479,50 @@ def test_a_missing_or_malformed_manifest_entry_is_named_on_every_runtime(
             FeatureExtractor.load(edited, backend=backend)
 
 
+def test_an_arch_edited_into_one_that_cannot_be_built_is_named_with_its_manifest(
+    exported, tmp_path, monkeypatch
+):
+    """The torch backend, and the cache's rebuild of a compact export (the default path for
+    the shipped model), build the model from the recorded arch: not a pydantic traceback."""
+    monkeypatch.setenv("SHITU_CACHE_DIR", str(tmp_path / "cache"))
+    weights = save_weights(exported["model"].state_dict(), tmp_path / "trained.safetensors")
+    compact = export_model(exported["config"], weights, tmp_path / "compact", compact=True)
+    edits = {
+        "Backbone: required key missing in arch": lambda arch: arch.pop("Backbone"),
+        "arch: unknown backbone 'Nope'": lambda arch: arch["Backbone"].update(name="Nope"),
+    }
+    for source, backend in ((exported["dir"], "torch"), (compact, "auto")):
+        for message, edit in edits.items():
+            edited = tmp_path / "edited"
+            shutil.rmtree(edited, ignore_errors=True)
+            shutil.copytree(source, edited)
+            record = json.loads((edited / "shitu_model.json").read_text())
+            edit(record["arch"])
+            (edited / "shitu_model.json").write_text(json.dumps(record))
+            with pytest.raises(CheckpointError, match=f"^{edited}/shitu_model.json: {message}"):
+                FeatureExtractor.load(edited, backend=backend)
+
+
 def test_export_refuses_a_folder_that_is_not_an_export(exported, tmp_path):
     (tmp_path / "keep.txt").write_text("user data")
     with pytest.raises(export_module.ExportError, match="not a shitu export"):
         export_model(exported["config"], None, tmp_path)
     assert (tmp_path / "keep.txt").read_text() == "user data"
+
+
+def test_reexport_refuses_an_export_folder_that_holds_other_files(exported, tmp_path):
+    """Re-exporting replaces the whole folder, so files the user added to it would go too."""
+    target = export_model(exported["config"], None, tmp_path / "model")
+    first = read_manifest(target)["fingerprint"]
+    (target / "gallery").mkdir()
+    (target / "gallery" / "index.faiss").write_text("user data")
+    (target / "notes.txt").write_text("user data")
+    with pytest.raises(export_module.ExportError, match=r"also holds gallery, notes.txt, which"):
+        export_model(exported["config"], exported["dir"] / "model.safetensors", target)
+    assert (target / "gallery" / "index.faiss").read_text() == "user data"
+    assert (target / "notes.txt").read_text() == "user data"
+    assert read_manifest(target)["fingerprint"] == first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no staging folder left
 
 
 def test_changed_model_file_is_detected(exported, tmp_path):
@@ -682,3 +722,61 @@ def test_compact_export_is_half_the_size_and_rebuilds_its_onnx_model_once(
     fallback = FeatureExtractor.load(compact)
     assert fallback.backend.name == "torch"
     assert fallback.fingerprint == manifest["fingerprint"]
+
+
+def test_a_cache_entry_that_lost_its_manifest_or_is_a_file_is_built_again(
+    exported, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("SHITU_CACHE_DIR", str(tmp_path / "cache"))
+    weights = save_weights(exported["model"].state_dict(), tmp_path / "trained.safetensors")
+    compact = export_model(exported["config"], weights, tmp_path / "compact", compact=True)
+    files = exported["files"][:2]
+    expected = FeatureExtractor.load(compact, num_threads=1).extract_files(files).features
+    (entry,) = (tmp_path / "cache" / "exports").iterdir()
+    (entry / "shitu_model.json").unlink()  # e.g. a cache cleaner that removes by age
+    rebuilt = FeatureExtractor.load(compact, num_threads=1)
+    assert rebuilt.backend.name == "onnxruntime"
+    assert np.abs(rebuilt.extract_files(files).features - expected).max() < 1e-6
+    assert (entry / "shitu_model.json").is_file()
+    shutil.rmtree(entry)
+    entry.write_text("")  # a file in its place
+    assert FeatureExtractor.load(compact, num_threads=1).backend.name == "onnxruntime"
+    assert (entry / "model.onnx").is_file()
+
+
+def test_extract_cli_lists_a_file_name_that_is_not_utf8_as_the_file_system_has_it(
+    exported, tmp_path
+):
+    from shitu.cli.main import main as shitu_main
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    latin1 = folder / os.fsdecode(b"caf\xe9.jpg")  # a Latin-1 name, as old archives hold
+    shutil.copy(exported["files"][0], latin1)
+    shutil.copy(exported["files"][1], folder / "ok.jpg")
+    prefix = tmp_path / "feats"
+    args = ["extract", str(folder), "--model", str(exported["dir"]), "--out", str(prefix)]
+    assert shitu_main([*args, "--threads", "1", "--no-progress"]) == 0
+    listed = prefix.with_suffix(".txt").read_bytes().splitlines()
+    assert listed == [os.fsencode(latin1), os.fsencode(folder / "ok.jpg")]
+    assert Path(os.fsdecode(listed[0])).is_file()
+    assert np.load(prefix.with_suffix(".npy")).shape == (2, 512)
+
+
+def test_a_compact_export_on_an_onnx_runtime_asked_for_names_the_cache_it_cannot_write(
+    exported, tmp_path, monkeypatch
+):
+    """Not a warning that the torch backend serves followed by 'model.onnx: missing from
+    the export (re-run `shitu export`)', which the shipped model gave."""
+    (tmp_path / "not_a_folder").write_text("")
+    monkeypatch.setenv("SHITU_CACHE_DIR", str(tmp_path / "not_a_folder" / "cache"))
+    weights = save_weights(exported["model"].state_dict(), tmp_path / "trained.safetensors")
+    compact = export_model(exported["config"], weights, tmp_path / "compact", compact=True)
+    for backend in ("onnxruntime", "openvino"):
+        with pytest.raises(
+            ConfigError,
+            match=rf"^backend {backend}: cannot build the ONNX model of {compact} into the "
+            r"cache \(.*SHITU_CACHE_DIR names another cache folder\), or use the torch",
+        ):
+            FeatureExtractor.load(compact, backend=backend)
+    assert FeatureExtractor.load(compact).backend.name == "torch"  # auto: torch serves

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -25,7 +26,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "counts the other files, hidden files and sidecars such as .txt are left out "
             "quietly) "
             "with a `shitu export` folder. Writes PREFIX.npy (float32 [N, D], L2-normalised "
-            "rows) and PREFIX.txt (the N embedded paths, one per line, same order). "
+            "rows) and PREFIX.txt (the N embedded paths, one per line, same order, in the bytes "
+            "the file system names them with). "
             "Unreadable files are reported on stderr and skipped."
         ),
     )
@@ -86,9 +88,11 @@ def run(args: argparse.Namespace) -> int:
         with tmp.open("wb") as handle:  # a file name would get a second .npy appended
             np.save(handle, result.features)
 
+    # The names as the file system has them: one that is not UTF-8 (a Latin-1 name from an
+    # old archive, say) has no text form, and is still a file the list must name.
+    names = b"".join(os.fsencode(path) + b"\n" for path in result.paths)
     write_atomically(targets[0], save_features)
-    text = "".join(f"{p}\n" for p in result.paths)
-    write_atomically(targets[1], lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    write_atomically(targets[1], lambda tmp: tmp.write_bytes(names))
     rate = len(result.paths) / seconds if seconds > 0 else 0.0
     print(
         f"embedded {count_of(len(result.paths), 'image')} ({extractor.embedding_size}-d, "

@@ -11,12 +11,19 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 from shitu.errors import CheckpointError, ShituError
 from shitu.fileio import file_sha256
-from shitu.inference.export import MANIFEST, load_exported_model, read_manifest, write_export
+from shitu.inference.export import (
+    MANIFEST,
+    ExportError,
+    load_exported_model,
+    read_manifest,
+    write_export,
+)
 from shitu.inference.preprocess import Preprocessing
 
 logger = logging.getLogger(__name__)
@@ -56,16 +63,32 @@ def _usable(target: Path, manifest: dict[str, Any]) -> bool:
     )
 
 
-def full_export(model_dir: Path, manifest: dict[str, Any]) -> Path | None:
+def _discard_without_manifest(entry: Path) -> None:
+    """Remove what is left of a cache entry that lost its manifest: no export to replace,
+    it would block the rebuild for good. An entry with one is replaced in one step by the
+    rebuild instead, as another process may be loading it (or have just built it)."""
+    if (entry / MANIFEST).is_file():
+        return
+    try:
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    except FileNotFoundError:  # none, or another process removed it first
+        pass
+
+
+def full_export(model_dir: Path, manifest: dict[str, Any]) -> Path:
     """The cached full export (ONNX included) of compact export `model_dir`, built on first
-    use, and built again if damaged; None when the cache cannot be written (the caller then
-    runs the torch backend)."""
+    use, and built again if damaged; an ExportError, naming the cache, when it cannot be
+    built there (the caller decides whether the torch backend serves instead)."""
     target = cache_root() / "exports" / _cache_key(manifest)
     if (target / MANIFEST).is_file() and _usable(target, manifest):
         return target
     logger.info("building the ONNX model of %s into %s (once)", model_dir, target)
     model = load_exported_model(model_dir, manifest)
     try:
+        _discard_without_manifest(target)
         write_export(
             model,
             manifest["arch"],
@@ -76,10 +99,8 @@ def full_export(model_dir: Path, manifest: dict[str, Any]) -> Path | None:
             format_version=manifest.get("format_version", 1),  # the same kind of fingerprint
         )
     except (OSError, ShituError) as exc:  # write_export names most failures in its errors
-        logger.warning(
-            "cannot build the ONNX model of %s into the cache (%s); using the torch backend",
-            model_dir,
-            exc,
-        )
-        return None
+        raise ExportError(
+            f"cannot build the ONNX model of {model_dir} into the cache ({exc}; "
+            "SHITU_CACHE_DIR names another cache folder)"
+        ) from None
     return target

@@ -24,22 +24,26 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 from torch import nn
 
 from shitu import __version__
 from shitu.checkpoint import load_weights, model_metadata, read_weights, save_weights
 from shitu.checkpoint.io import TRAINING_ONLY_ARCH
 from shitu.config import ArchConfig, ShituConfig
-from shitu.errors import CheckpointError, ShituError
+from shitu.errors import CheckpointError, ConfigError, ShituError
 from shitu.fileio import file_sha256, replace_folder
 from shitu.inference.preprocess import Preprocessing
 from shitu.models import RecModel, build_model
 from shitu.onnx_trace import trace_to_onnx
+from shitu.registry import format_validation_error
 
 MANIFEST = "shitu_model.json"
 ONNX_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
 TORCH_FILE = "model.safetensors"
+# Everything an export folder may hold; re-exporting replaces the folder with all of it.
+EXPORT_FILES = (MANIFEST, ONNX_FILE, INT8_FILE, TORCH_FILE)
 FORMAT = "shitu-feature-extractor"
 # 2: the fingerprint covers the arch too (version 1's covered weights, preprocessing and
 # output key only); version 1 exports still load, checked against their own kind.
@@ -116,8 +120,8 @@ def export_model(
 
     calibration_images: image files for int8 static quantisation (model.int8.onnx); none
     means no int8 model. compact, score_thres: see `write_export`. An existing export at
-    `out_dir` is replaced; any other existing folder is an error (nothing of the user's is
-    deleted).
+    `out_dir` is replaced; any other existing folder, or an export that also holds other
+    files, is an error (nothing of the user's is deleted).
     """
     arch = inference_arch(config.Arch)
     if weights:
@@ -234,11 +238,19 @@ def write_export(
 
 
 def _check_target(out_dir: Path) -> None:
-    if out_dir.exists() and (
-        not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / MANIFEST).is_file())
-    ):
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / MANIFEST).is_file()):
         raise ExportError(
             f"{out_dir} exists and is not a shitu export; choose a new folder for --out"
+        )
+    # The old export is replaced as a whole folder: anything else in it would go with it.
+    others = sorted(p.name for p in out_dir.iterdir() if p.name not in EXPORT_FILES)
+    if others:
+        shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        raise ExportError(
+            f"{out_dir} is an export that also holds {shown}, which replacing it would "
+            "delete; move them out of it or choose a new folder for --out"
         )
 
 
@@ -271,7 +283,17 @@ def _export_onnx(model: FeaturesOnly, path: Path, preprocessing: Preprocessing, 
 def load_exported_model(model_dir: str | Path, manifest: dict[str, Any]) -> RecModel:
     """The export's folded model in eval mode, checked against the fingerprint its manifest
     records (so a hand-edited arch or preprocessing is refused, not silently served)."""
-    model = build_model(ArchConfig.model_validate(manifest["arch"])).eval()
+    try:
+        model = build_model(ArchConfig.model_validate(manifest["arch"])).eval()
+    except (ValidationError, ConfigError) as exc:  # an arch edited by hand, say
+        problem = (
+            format_validation_error(exc, ArchConfig, what="arch")
+            if isinstance(exc, ValidationError)
+            else f"arch: {exc}"
+        )
+        raise CheckpointError(
+            f"{Path(model_dir) / MANIFEST}: {problem} (edited by hand? export the model again)"
+        ) from None
     load_weights(model, Path(model_dir) / TORCH_FILE, strict=True)  # folds, as the file says
     check_fingerprint(model_dir, manifest, model.state_dict())
     return model

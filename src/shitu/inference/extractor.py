@@ -7,6 +7,7 @@ of the batch being embedded, so preprocessing overlaps with inference.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from collections import deque
 from collections.abc import Sequence
@@ -38,11 +39,14 @@ from shitu.inference.export import (
     MANIFEST,
     ONNX_FILE,
     TORCH_FILE,
+    ExportError,
     check_fingerprint,
     read_manifest,
 )
 from shitu.inference.preprocess import Preprocessing
 from shitu.vectors import l2_normalize
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -106,9 +110,20 @@ class FeatureExtractor:
         # The weights every path loads, converts or fingerprints: checked once, here.
         _verify(model_dir, manifest, TORCH_FILE)
         rebuilt = None
-        if _compact(model_dir, manifest) and backend != "torch" and precision == "fp32":
-            rebuilt = full_export(model_dir, manifest) if onnxruntime_available() else None
-            if rebuilt is not None:  # its files were hashed when it was checked or built
+        if (
+            _compact(model_dir, manifest)
+            and backend != "torch"
+            and precision == "fp32"
+            and onnxruntime_available()
+        ):
+            try:
+                rebuilt = full_export(model_dir, manifest)
+            except ExportError as exc:
+                if backend != "auto":  # the runtime asked for runs the ONNX model only
+                    message = f"backend {backend}: {exc}, or use the torch backend"
+                    raise ConfigError(message) from None
+                logger.warning("%s; using the torch backend", exc)
+            else:  # its files were hashed when it was checked or built
                 model_dir, manifest = rebuilt, read_manifest(rebuilt)
         chosen = choose_backend(model_dir, backend, precision, device)
         if chosen in ("onnxruntime", "openvino"):
