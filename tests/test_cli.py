@@ -322,15 +322,15 @@ QUERY_CLASSES = {"banana": 20, "cherry": 30, "durian": 40}
 
 def write_eval_set(root, classes, kind):
     """`classes` as a dataset config of `kind`: `names` (a label file of class names), `ids`
-    (a label file of integer ids, relabelled), `plain` (the same ids, as they are) or
-    `folder` (a folder per class)."""
+    (a label file of integer ids, relabelled), `plain` (the same ids, as they are),
+    `folder` (a folder per class) or `numbered folder` (a folder per class, named by its id)."""
     for name, number in classes.items():
         pixels = np.random.default_rng(number).integers(0, 256, (32, 32, 3), dtype=np.uint8)
-        folder = root / name if kind == "folder" else root
+        folder = {"folder": root / name, "numbered folder": root / str(number)}.get(kind, root)
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(pixels).save(folder / f"{name}.png")
     ops = "[ResizeImage: {size: 32}, NormalizeImage: {}]"
-    if kind == "folder":
+    if kind in ("folder", "numbered folder"):
         return f"{{name: ImageFolderDataset, root: {root}, transform_ops: {ops}}}"
     labels = {name: name if kind == "names" else number for name, number in classes.items()}
     (root / "list.txt").write_text("".join(f"{n}.png {labels[n]}\n" for n in classes))
@@ -382,6 +382,9 @@ def test_eval_matches_class_names_in_any_unicode_normal_form(tmp_path, capsys):
         ("ids", "plain"),
         ("folder", "folder"),
         ("folder", "names"),
+        ("numbered folder", "plain"),
+        ("ids", "numbered folder"),
+        ("numbered folder", "numbered folder"),
     ],
 )
 def test_eval_matches_query_and_gallery_classes_by_label_not_by_number(
