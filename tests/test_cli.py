@@ -401,6 +401,17 @@ def test_eval_matches_query_and_gallery_classes_by_label_not_by_number(
     assert result == {"recall@1": 1.0, "num_queries": 3, "num_queries_without_positive": 1}
 
 
+def test_eval_names_both_sets_classes_when_they_share_none(tmp_path, capsys):
+    """Class names against class ids: no query can match, and the error shows why (both
+    sets' classes), not only that no query has a positive."""
+    query = write_eval_set(tmp_path / "query", QUERY_CLASSES, "names")
+    gallery = write_eval_set(tmp_path / "gallery", GALLERY_CLASSES, "plain")
+    config = write_eval_config(tmp_path, query, gallery)
+    assert shitu_main(["eval", "-c", str(config)]) == 2
+    error = capsys.readouterr().err
+    assert "no query class ('banana', 'cherry', 'durian') is a gallery class (10, 20, 30)" in error
+
+
 @pytest.mark.parametrize(
     "given",
     [

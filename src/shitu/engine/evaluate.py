@@ -167,9 +167,19 @@ class RetrievalEvaluation:
         for label, unique_id in zip(labels, queries.unique_ids, strict=True):
             if per_label[label] > own[(label, unique_id)]:
                 return
+        if per_label.keys().isdisjoint(labels):
+            reason = (
+                f"no query class ({_class_list(queries)}) is a gallery class "
+                f"({_class_list(gallery)})"
+            )
+        else:
+            reason = (
+                "every gallery image of a query's class is that query's own entry (same "
+                "label and unique id), which is left out"
+            )
         raise EvaluationInputError(
-            f"DataLoader.Eval: none of the {len(queries)} queries has a positive (same label, "
-            "different id) in the gallery, so no retrieval metric is defined"
+            f"DataLoader.Eval: none of the {len(queries)} queries has a positive in the "
+            f"gallery: {reason}, so no retrieval metric is defined"
         )
 
     def run(self, model: nn.Module) -> RetrievalResult:
@@ -234,6 +244,14 @@ def _comparable(key: str | int, by_id: bool) -> str | int:
         return key
     key = normal_form(key)
     return int(key) if by_id and is_class_id(key) else key
+
+
+def _class_list(dataset: Any, shown: int = 5) -> str:
+    """The first few of a dataset's classes as it lists them: names quoted, ids bare."""
+    keys = getattr(dataset, "label_keys", None)
+    classes = sorted({label if keys is None else keys[label] for label in dataset.labels})
+    more = ", ..." if len(classes) > shown else ""
+    return ", ".join(repr(key) for key in classes[:shown]) + more
 
 
 def has_unique_ids(loader: DataLoader) -> bool:
