@@ -345,15 +345,15 @@ QUERY_CLASSES = {"banana": 20, "cherry": 30, "durian": 40}
 
 def write_eval_set(root, classes, kind):
     """`classes` as a dataset config of `kind`: `names` (a label file of class names), `ids`
-    (a label file of integer ids, relabelled), `plain` (the same ids, as they are) or
-    `folder` (a folder per class)."""
+    (a label file of integer ids, relabelled), `plain` (the same ids, as they are),
+    `folder` (a folder per class) or `numbered folder` (a folder per class, named by its id)."""
     for name, number in classes.items():
         pixels = np.random.default_rng(number).integers(0, 256, (32, 32, 3), dtype=np.uint8)
-        folder = root / name if kind == "folder" else root
+        folder = {"folder": root / name, "numbered folder": root / str(number)}.get(kind, root)
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(pixels).save(folder / f"{name}.png")
     ops = "[ResizeImage: {size: 32}, NormalizeImage: {}]"
-    if kind == "folder":
+    if kind in ("folder", "numbered folder"):
         return f"{{name: ImageFolderDataset, root: {root}, transform_ops: {ops}}}"
     labels = {name: name if kind == "names" else number for name, number in classes.items()}
     (root / "list.txt").write_text("".join(f"{n}.png {labels[n]}\n" for n in classes))
@@ -405,6 +405,9 @@ def test_eval_matches_class_names_in_any_unicode_normal_form(tmp_path, capsys):
         ("ids", "plain"),
         ("folder", "folder"),
         ("folder", "names"),
+        ("numbered folder", "plain"),
+        ("ids", "numbered folder"),
+        ("numbered folder", "numbered folder"),
     ],
 )
 def test_eval_matches_query_and_gallery_classes_by_label_not_by_number(
@@ -419,6 +422,17 @@ def test_eval_matches_query_and_gallery_classes_by_label_not_by_number(
     assert shitu_main(["eval", "-c", str(config), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result == {"recall@1": 1.0, "num_queries": 3, "num_queries_without_positive": 1}
+
+
+def test_eval_names_both_sets_classes_when_they_share_none(tmp_path, capsys):
+    """Class names against class ids: no query can match, and the error shows why (both
+    sets' classes), not only that no query has a positive."""
+    query = write_eval_set(tmp_path / "query", QUERY_CLASSES, "names")
+    gallery = write_eval_set(tmp_path / "gallery", GALLERY_CLASSES, "plain")
+    config = write_eval_config(tmp_path, query, gallery)
+    assert shitu_main(["eval", "-c", str(config)]) == 2
+    error = capsys.readouterr().err
+    assert "no query class ('banana', 'cherry', 'durian') is a gallery class (10, 20, 30)" in error
 
 
 @pytest.mark.parametrize(

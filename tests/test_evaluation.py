@@ -262,6 +262,26 @@ def test_ties_follow_gallery_index_order() -> None:
         assert result.num_queries_without_positive == skipped
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_identical_gallery_vectors_tie_for_a_query_alone_in_its_block(dtype) -> None:
+    """Seven copies of one gallery vector, one of them the positive: its rank is its index
+    + 1 whether the query is scored alone (a one-query block, e.g. the last one) or with
+    others. A one-row product takes BLAS's matrix-vector path, which rounds the columns past
+    its unrolled width differently, so the copies did not tie there."""
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(10):
+        gallery = torch.randn(1, 64, generator=gen, dtype=dtype).repeat(7, 1)
+        queries = torch.randn(2, 64, generator=gen, dtype=dtype)
+        for positive in range(7):
+            labels = torch.ones(7, dtype=torch.long)
+            labels[positive] = 0
+            for block_size in (1, 2):
+                result = evaluate_retrieval(
+                    queries, torch.tensor([0, 0]), gallery, labels, block_size=block_size
+                )
+                assert result["mAP"] == 1 / (positive + 1), (positive, block_size)
+
+
 def test_float32_and_labels_as_column() -> None:
     """float32 features and [N, 1] labels (as label files load) give the same numbers."""
     qf, ql, gf, gl = random_set(seed=4, num_q=40, num_g=150)

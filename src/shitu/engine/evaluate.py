@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from shitu.config.schema import ShituConfig
+from shitu.data.datasets.label_file import is_class_id
 from shitu.engine.data import build_eval_loader, dataset_of, end_quietly_on_sigterm
 from shitu.engine.distributed import DistContext, all_gather_concat
 from shitu.engine.precision import autocast_for, effective_amp
@@ -166,9 +167,19 @@ class RetrievalEvaluation:
         for label, unique_id in zip(labels, queries.unique_ids, strict=True):
             if per_label[label] > own[(label, unique_id)]:
                 return
+        if per_label.keys().isdisjoint(labels):
+            reason = (
+                f"no query class ({_class_list(queries)}) is a gallery class "
+                f"({_class_list(gallery)})"
+            )
+        else:
+            reason = (
+                "every gallery image of a query's class is that query's own entry (same "
+                "label and unique id), which is left out"
+            )
         raise EvaluationInputError(
-            f"DataLoader.Eval: none of the {len(queries)} queries has a positive (same label, "
-            "different id) in the gallery, so no retrieval metric is defined"
+            f"DataLoader.Eval: none of the {len(queries)} queries has a positive in the "
+            f"gallery: {reason}, so no retrieval metric is defined"
         )
 
     def run(self, model: nn.Module) -> RetrievalResult:
@@ -218,15 +229,29 @@ def gallery_numbering(queries: Any, gallery: Any) -> torch.Tensor | None:
         range(max(dataset.labels) + 1) if keys is None else keys
         for dataset, keys in zip(datasets, numbered, strict=True)
     )
-    ids = {_comparable(key): label for label, key in enumerate(gallery_keys)}
-    return torch.tensor([ids.get(_comparable(key), len(gallery_keys)) for key in query_keys])
+    # Keys of one set are all names (str) or all ids (int); against ids, a name is its id.
+    by_id = not all(isinstance(keys[0], str) for keys in (query_keys, gallery_keys))
+    ids = {_comparable(key, by_id): label for label, key in enumerate(gallery_keys)}
+    return torch.tensor([ids.get(_comparable(key, by_id), len(gallery_keys)) for key in query_keys])
 
 
-def _comparable(key: object) -> object:
+def _comparable(key: str | int, by_id: bool) -> str | int:
     """A class name as gallery libraries compare labels (NFC): a name typed into a label
     file and the same name as a folder from a file system that decomposes accents (macOS)
-    are one class."""
-    return normal_form(key) if isinstance(key, str) else key
+    are one class. `by_id` (the other set numbers its classes): a name that is an integer,
+    as a label file reads one (a folder `12`), is that class id."""
+    if not isinstance(key, str):
+        return key
+    key = normal_form(key)
+    return int(key) if by_id and is_class_id(key) else key
+
+
+def _class_list(dataset: Any, shown: int = 5) -> str:
+    """The first few of a dataset's classes as it lists them: names quoted, ids bare."""
+    keys = getattr(dataset, "label_keys", None)
+    classes = sorted({label if keys is None else keys[label] for label in dataset.labels})
+    more = ", ..." if len(classes) > shown else ""
+    return ", ".join(repr(key) for key in classes[:shown]) + more
 
 
 def has_unique_ids(loader: DataLoader) -> bool:

@@ -243,7 +243,13 @@ class RetrievalEvaluator:
                 g_unit = F.normalize(g_feat.to(device, dtype), dim=1)
 
                 def scores(start: int, stop: int) -> Tensor:
-                    return q_unit[start:stop] @ g_unit.T
+                    block = q_unit[start:stop]
+                    if len(block) == 1:
+                        # A one-row product takes BLAS's matrix-vector path, which rounds
+                        # the columns past its unrolled width differently: identical
+                        # gallery vectors would not tie. Two rows take the matrix path.
+                        return (block.repeat(2, 1) @ g_unit.T)[:1]
+                    return block @ g_unit.T
 
             block = self.block_size or _default_block(len(g_feat), torch.finfo(dtype).bits // 8)
             stats = _rank_statistics(

@@ -142,10 +142,10 @@ class LabelFileDataset(ImageDataset):
 
     def _map_labels(self, raw: list[tuple[int, str]]) -> list[int]:
         """Class ids for the raw label strings, in file order (see the class docstring)."""
-        named = [(number, text) for number, text in raw if not _is_integer(text)]
+        named = [(number, text) for number, text in raw if not is_class_id(text)]
         if named:
             if len(named) < len(raw):
-                id_line, id_text = next(item for item in raw if _is_integer(item[1]))
+                id_line, id_text = next(item for item in raw if is_class_id(item[1]))
                 raise DataError(
                     f"{self.cls_label_path}:{named[0][0]}: label {named[0][1]!r} is a class "
                     f"name, but line {id_line} has the class id {id_text!r}; label every line "
@@ -175,7 +175,7 @@ class LabelFileDataset(ImageDataset):
         return [self.label_map[label] for label in labels]
 
 
-def _is_integer(text: str) -> bool:
+def is_class_id(text: str) -> bool:
     """Whether `text` is a class id (as `int` reads it) rather than a class name."""
     try:
         int(text)
