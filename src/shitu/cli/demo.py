@@ -32,7 +32,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "defaults to 'plain-background' here, so every product on a shelf is found."
         ),
     )
-    parser.add_argument("--out", type=Path, default=Path("shitu-demo"), help="output folder")
+    parser.add_argument(
+        "--out", type=Path, default=Path("shitu-demo"), help="output folder (default shitu-demo)"
+    )
     add_pipeline_arguments(parser, gallery=False, default_detector=PLAIN_BACKGROUND)
     parser.set_defaults(func=run)
 

@@ -43,13 +43,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "export; our checkpoints carry their own)",
     )
     parser.add_argument(
-        "--backend", default="auto", choices=("auto", "torch", "onnxruntime"), help="runtime"
+        "--backend",
+        default="auto",
+        choices=("auto", "torch", "onnxruntime"),
+        help="runtime (default auto)",
     )
     parser.add_argument(
         "--input-size", type=input_side, help="network input size (torch backend; multiple of 32)"
     )
-    parser.add_argument("--threshold", type=detection_score, default=0.3, help="minimum score")
-    parser.add_argument("--max-boxes", type=positive_int, default=5, help="boxes kept per image")
+    parser.add_argument(
+        "--threshold", type=detection_score, default=0.3, help="minimum score (default 0.3)"
+    )
+    parser.add_argument(
+        "--max-boxes", type=positive_int, default=5, help="boxes kept per image (default 5)"
+    )
     parser.add_argument(
         "--per-class", action="store_true", help="NMS per class instead of class-agnostic"
     )

@@ -87,7 +87,12 @@ def run(args: argparse.Namespace) -> int:
     if not report.queries:  # exit 1 like recognize and extract: nothing was measured
         for path, reason in report.unreadable[:SHOWN_MISTAKES]:
             print(f"warning: skipped {path}: {reason}", file=sys.stderr)
-        print(f"error: none of the {len(items)} queries could be read", file=sys.stderr)
+        unread = (
+            "the query could not be read"
+            if len(items) == 1
+            else f"none of the {len(items)} queries could be read"
+        )
+        print(f"error: {unread}", file=sys.stderr)
         return 1
     if args.json:
         output: dict = report.to_dict()
@@ -103,7 +108,8 @@ def run(args: argparse.Namespace) -> int:
     for path, reason in report.unreadable[:SHOWN_MISTAKES]:
         print(f"skipped: {path}: {reason}")
     for key, value in report.to_dict().items():
-        print(f"{key:>17}: {value}")
+        # A rate of no queries (recall@1 when no query's label is in the gallery) is undefined.
+        print(f"{key:>17}: {'- (no query it applies to)' if value is None else value}")
     if thresholds:
         print(sweep_table(report))
         if best is not None:
