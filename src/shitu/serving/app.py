@@ -57,6 +57,9 @@ SOURCES = {"body": "JSON body", "path": "path", "query": "query"}  # where FastA
 ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": schemas.ErrorOut} for status in (400, 401, 403, 404, 413, 415, 503)
 }
+# What a request that cannot go wrong otherwise may still get: refused access (with an API
+# key, or --protect-reads for reads), or too many requests in progress.
+ACCESS_ERRORS = {status: ERRORS[status] for status in (401, 403, 503)}
 
 
 def _upload_body(
@@ -223,7 +226,13 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
             ),
         )
 
-    @app.get("/metrics", dependencies=read_access, tags=["service"], response_class=Response)
+    @app.get(
+        "/metrics",
+        dependencies=read_access,
+        responses=ACCESS_ERRORS,
+        tags=["service"],
+        response_class=Response,
+    )
     async def prometheus() -> Response:
         """Prometheus text format."""
         return Response(metrics.render(), media_type=CONTENT_TYPE)
@@ -276,6 +285,7 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
         "/v1/gallery",
         response_model=schemas.GalleryInfo,
         dependencies=read_access,
+        responses=ACCESS_ERRORS,
         tags=["gallery"],
     )
     def gallery_info() -> schemas.GalleryInfo:
@@ -286,6 +296,7 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
         "/v1/gallery/labels",
         response_model=schemas.LabelsResponse,
         dependencies=read_access,
+        responses=ACCESS_ERRORS,
         tags=["gallery"],
     )
     def labels() -> schemas.LabelsResponse:
