@@ -508,6 +508,8 @@ def test_export_refuses_a_folder_that_is_not_an_export(exported, tmp_path):
     with pytest.raises(export_module.ExportError, match="not a shitu export"):
         export_model(exported["config"], None, tmp_path)
     assert (tmp_path / "keep.txt").read_text() == "user data"
+    with pytest.raises(export_module.ExportError, match="keep.txt is a file, not a folder"):
+        export_model(exported["config"], None, tmp_path / "keep.txt" / "model")
 
 
 def test_reexport_refuses_an_export_folder_that_holds_other_files(exported, tmp_path):

@@ -238,6 +238,12 @@ def write_export(
 
 
 def _check_target(out_dir: Path) -> None:
+    # A file on the way would fail the write with a bare "File exists" / "Not a directory".
+    in_the_way = next((p for p in out_dir.parents if p.exists() and not p.is_dir()), None)
+    if in_the_way is not None:
+        raise ExportError(
+            f"{out_dir}: {in_the_way} is a file, not a folder; choose another folder for --out"
+        )
     if not out_dir.exists():
         return
     if not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / MANIFEST).is_file()):
