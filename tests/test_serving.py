@@ -1081,3 +1081,16 @@ def test_a_long_gallery_write_holds_up_neither_health_nor_other_requests(
             serving.join(30)
             if writing.is_alive():
                 writing.join(30)
+
+
+def test_access_log_lists_each_request_in_shitus_log_format(serving_library, tmp_path):
+    """--access-log without -v logs every request (uvicorn's access logger at the server's
+    warning level dropped them all), in the `level: message` form of shitu's own lines."""
+    server = ServerProcess(serving_library, tmp_path, "--access-log")
+    try:
+        assert httpx.get(f"{server.url}/v1/gallery/labels", timeout=10).status_code == 200
+    finally:
+        server.stop()
+    log = server.log.read_text()
+    assert re.search(r'^info: 127\.0\.0\.1:\d+ - "GET /v1/gallery/labels HTTP/1\.1" 200', log, re.M)
+    assert "INFO:" not in log and "WARNING:" not in log

@@ -171,13 +171,15 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     verbose = logging.getLogger().isEnabledFor(logging.INFO)
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            log_level="info" if verbose else "warning",
-            access_log=args.access_log,
-            timeout_graceful_shutdown=10,
-        )
+    config = uvicorn.Config(
+        app,
+        log_config=None,  # its records go to shitu's handler: "warning: ...", as every command's
+        log_level="info" if verbose else "warning",
+        access_log=args.access_log,
+        timeout_graceful_shutdown=10,
     )
+    if args.access_log:  # uvicorn gives its access log the log level: "warning" would drop it
+        logging.getLogger("uvicorn.access").setLevel(logging.INFO)
+    server = uvicorn.Server(config)
     server.run(sockets=[sock])
     return 0
