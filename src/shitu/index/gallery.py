@@ -1,9 +1,11 @@
 """The gallery library: labelled image features that can be searched, edited and re-embedded.
 
 A library is a folder holding `gallery.sqlite` (manifest, image rows, features) and the
-backend's index (Faiss: `index-<generation>.faiss`; Milvus: a collection). Every write is
-one SQLite transaction that also commits the manifest naming the new index file, so a
-process killed at any point leaves either the previous library or the new one.
+backend's index (Faiss: an `index-<generation>.faiss` checkpoint; Milvus: a collection).
+Every write is one SQLite transaction that commits the rows with the manifest, which names
+the index file and counts the rows changed since it (a small write leaves the file and
+changes the index in memory; opening replays those rows from SQLite), so a process killed
+at any point leaves either the previous library or the new one.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 The SQLite store is the source of truth (rows and features); a backend holds a derived,
 searchable copy. A write calls `stage` inside the SQLite transaction (the backend's new
-`index_state` is committed with the rows) and `publish` after the commit.
+`index_state` is committed with the rows) and `publish` after the commit, which is where
+the copy that searches use changes.
 """
 
 from __future__ import annotations
