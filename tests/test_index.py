@@ -9,6 +9,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pytest
 
@@ -268,6 +269,29 @@ def test_the_index_file_is_written_again_when_a_tenth_of_the_library_changed_sin
         gallery.add(data[45:], ["many"] * 25)
         assert gallery.manifest.index_state[CHANGES_KEY] == 0
         finds_the_same_reopened(gallery, data)
+
+
+def test_a_reader_follows_writes_that_kept_the_index_file_without_loading_it(tmp_path, monkeypatch):
+    """Another process's writes that left the index file are applied to a reader's live
+    index (loading and checksumming the file took seconds with 200k images); after a write
+    that wrote the file again, the reader loads it."""
+    data = clustered(60, DIM)
+    path = tmp_path / "lib"
+    loads: list[str] = []
+    read_index = faiss.read_index
+    monkeypatch.setattr(faiss, "read_index", lambda file: loads.append(file) or read_index(file))
+    with new_gallery(path) as writer:
+        ids = writer.add(data[:50], labels_for(50)).ids
+        with Gallery.open(path) as reader:
+            loads.clear()
+            writer.add(data[50:53], ["new"] * 3)
+            writer.remove(ids=[int(ids[0])])
+            assert reader.refresh() and loads == [] and reader.verify() == []
+            assert reader.search(data, k=5).ids.tolist() == writer.search(data, k=5).ids.tolist()
+            writer.add(data[53:], ["more"] * 7)  # 11 changes > 5.9: the file again
+            assert reader.refresh() and len(loads) == 1 and reader.verify() == []
+            assert reader.search(data, k=5).ids.tolist() == writer.search(data, k=5).ids.tolist()
+            assert reader.label_counts() == writer.label_counts()
 
 
 def test_hnsw_takes_adds_in_place_and_is_built_again_on_a_removal(tmp_path):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -178,12 +179,32 @@ class FaissBackend(Backend):
     def _replay_since_checkpoint(self) -> None:
         """Bring the loaded index file up to the rows committed since it was written (called
         under the read lock that keeps the manifest and the rows of one generation)."""
+        apply_change(self.index, self._unindexed_change())
+
+    def _unindexed_change(self) -> Change:
+        """What makes the index hold the stored rows: the ids it lacks (with their stored
+        features) added, the ids SQLite lacks removed."""
         stored = self.store.ids()
         held = indexed_ids(self.index)
         removed = np.setdiff1d(held, stored, assume_unique=True)
         added = np.setdiff1d(stored, held, assume_unique=True)  # ascending: as they were added
         features = self.store.features_with_ids(added, self.manifest.embedding_dim)
-        apply_change(self.index, Change(added_ids=added, added=features, removed_ids=removed))
+        return Change(added_ids=added, added=features, removed_ids=removed)
+
+    def follow(self, manifest: Manifest) -> Callable[[], None] | None:
+        """Other processes' writes that kept this index's file (so changed no stored
+        feature, search setting or index type: those build a new one) are applied to the
+        live index; after a new file, it is loaded."""
+        state, ours = manifest.index_state, self.manifest.index_state
+        if self.index is None or not state.get("file") or state.get("file") != ours.get("file"):
+            return None
+        change = self._unindexed_change()
+
+        def catch_up() -> None:
+            apply_change(self.index, change)
+            self.manifest = manifest
+
+        return catch_up
 
     @staticmethod
     def _file_problem(path: Path, state: dict[str, Any], checksum: bool) -> str | None:
