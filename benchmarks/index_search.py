@@ -1,4 +1,5 @@
-"""Gallery library vs Faiss called directly: build time, memory, queries/s and recall@10.
+"""Gallery library vs Faiss called directly: build time, memory, queries/s, recall@10, and
+the time one small write takes.
 
 Usage: python benchmarks/index_search.py [--sizes 100000 1000000] [--types Flat HNSW32 IVFPQ]
        [--dim 512] [--queries 1000] [--threads 2] [--ef-search 64] [--nprobe N]
@@ -8,6 +9,9 @@ Random unit vectors (the hardest case for approximate indexes: no cluster struct
 The Faiss time is measured inside each `Gallery.search` call (best of --repeats), so the
 overhead is not blurred by run-to-run noise on a shared machine. Build time is the whole
 library write (SQLite rows with features, index, checksum); "disk MB" is the library folder.
+"add 1 s" times --writes adds of one vector to the built library, opened anew (each a whole
+write: SQLite commit and whatever the index needs), the cost of one upload to `shitu serve`:
+the first, and the median of the others.
 Prints a Markdown table.
 """
 
@@ -81,6 +85,17 @@ def search_rates(gallery: Gallery, queries: np.ndarray, k: int, repeats: int) ->
     return rates
 
 
+def write_seconds(gallery: Gallery, writes: int, dim: int) -> tuple[float, float]:
+    """Seconds of the first of `writes` adds of one new vector each (Faiss grows a loaded
+    index's storage then, copying it), and the median of the rest."""
+    times = []
+    for vector in unit_vectors(writes, dim, seed=2):
+        start = time.perf_counter()
+        gallery.add(vector, ["added"])
+        times.append(time.perf_counter() - start)
+    return times[0], float(np.median(times[1:]))
+
+
 def recall_at(found: np.ndarray, truth: np.ndarray) -> float:
     k = truth.shape[1]
     return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(found, truth, strict=True)]))
@@ -97,6 +112,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=10, help="results per query")
     parser.add_argument("--threads", type=int, default=2, help="Faiss threads")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs, best kept")
+    parser.add_argument("--writes", type=int, default=6, help="timed one-vector adds (>= 2)")
     parser.add_argument("--ef-search", type=int, help="HNSW search depth (library default 64)")
     parser.add_argument("--nprobe", type=int, help="IVF lists searched (default nlist/16, >= 8)")
     parser.add_argument(
@@ -116,9 +132,10 @@ def main() -> None:
     )
     print(
         f"| N | index | build s | index MB | disk MB | recall@{args.k} | q/s batch (faiss) "
-        "| q/s batch (ours) | overhead | q/s 1-by-1 (faiss) | q/s 1-by-1 (ours) | overhead |"
+        "| q/s batch (ours) | overhead | q/s 1-by-1 (faiss) | q/s 1-by-1 (ours) | overhead "
+        "| add 1 s first | add 1 s later |"
     )
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     if args.workdir:
         args.workdir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.workdir) as work:
@@ -150,6 +167,7 @@ def main() -> None:
                 rates = search_rates(gallery, queries, args.k, args.repeats)
                 index_mb = gallery.manifest.index_state["bytes"] / 2**20
                 built = gallery.manifest.index_state["built_type"]
+                first_add, later_add = write_seconds(gallery, args.writes, args.dim)
                 gallery.close()
                 # Too few vectors to train IVF/IVFPQ: the library searches exactly (Flat).
                 shown = index_type if built == index_type else f"{index_type} (as {built})"
@@ -157,7 +175,8 @@ def main() -> None:
                     f"| {size:,} | {shown} | {build:.1f} | {index_mb:.0f} | {disk_mb:.0f} "
                     f"| {recall:.3f} | {rates[0]:,.0f} | {rates[1]:,.0f} "
                     f"| {100 * (rates[0] / rates[1] - 1):+.1f}% | {rates[2]:,.0f} "
-                    f"| {rates[3]:,.0f} | {100 * (rates[2] / rates[3] - 1):+.1f}% |",
+                    f"| {rates[3]:,.0f} | {100 * (rates[2] / rates[3] - 1):+.1f}% "
+                    f"| {first_add:.3f} | {later_add:.3f} |",
                     flush=True,
                 )
                 for leftover in path.iterdir():

@@ -9,6 +9,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pytest
 
@@ -16,7 +17,7 @@ from shitu.cli.main import main as shitu_main
 from shitu.errors import DataError, GalleryError
 from shitu.index import Gallery, GalleryItem, collect_items, metadata
 from shitu.index import gallery as gallery_module
-from shitu.index.backends.faiss_backend import MIN_TRAIN
+from shitu.index.backends.faiss_backend import CHANGES_KEY, MIN_TRAIN
 from shitu.index.labels import parse_label_file
 from shitu.index.metadata import MetadataStore
 from shitu.vectors import l2_normalize
@@ -201,6 +202,113 @@ def test_add_remove_relabel_survive_reopen(tmp_path, index_type):
         assert "product 3" not in set(result.labels.ravel())
         own = gallery.search(data[5:6], k=1)
         assert own.ids[0, 0] == ids[5] and own.labels[0, 0] == labels_for(6)[5]
+
+
+def finds_the_same_reopened(gallery: Gallery, queries: np.ndarray) -> None:
+    """The library opened anew (index file, and the changes since it replayed) answers
+    as the writer's live index does."""
+    expected = gallery.search(queries, k=5)
+    with Gallery.open(gallery.root) as fresh:
+        assert fresh.verify() == []
+        found = fresh.search(queries, k=5)
+    assert found.ids.tolist() == expected.ids.tolist()
+    assert found.labels.tolist() == expected.labels.tolist()
+
+
+@pytest.mark.parametrize("index_type", ["Flat", "IVF"])
+def test_a_small_write_leaves_the_index_file_and_opening_replays_it(tmp_path, index_type):
+    """Adds, removals and relabels of a few images change the live index and the manifest's
+    count of changes, not the index file (rewriting it took seconds a write with 200k
+    images); a reader open before them catches up, and `repair` without the file builds
+    the index again from every stored row."""
+    count = MIN_TRAIN.get(index_type, 0) + 200
+    data = clustered(count + 6, DIM)
+    path = tmp_path / "lib"
+    with new_gallery(path, index_type=index_type) as gallery:
+        ids = gallery.add(data[:count], labels_for(count)).ids
+        checkpoint = path / gallery.manifest.index_state["file"]
+        written = checkpoint.stat().st_mtime_ns
+        with Gallery.open(path) as reader:
+            gallery.add(data[count:], ["new"] * 6)
+            gallery.remove(ids=ids[:4].tolist())
+            gallery.relabel("new", "newer")
+            assert gallery.manifest.index_state[CHANGES_KEY] == 10
+            assert list(path.glob("index-*")) == [checkpoint]
+            assert checkpoint.stat().st_mtime_ns == written
+            assert reader.refresh() and len(reader) == count + 2
+            found, expected = reader.search(data, k=5), gallery.search(data, k=5)
+            assert found.ids.tolist() == expected.ids.tolist()
+            assert found.labels.tolist() == expected.labels.tolist()
+        finds_the_same_reopened(gallery, data)
+    checkpoint.unlink()
+    with Gallery.open(path, repair=True) as repaired:
+        assert repaired.repaired and repaired.manifest.index_state[CHANGES_KEY] == 0
+        assert repaired.verify() == [] and len(repaired) == count + 2
+        assert (repaired.search(data[count:], k=1).labels == "newer").all()
+
+
+def test_the_index_file_is_written_again_when_a_tenth_of_the_library_changed_since(tmp_path):
+    """One add at a time stays out of the file until more than a tenth of the images
+    changed since it; the write that passes that mark writes the live index as it was
+    before it (no copy of a big index), and one that alone changes more, with itself."""
+    data = clustered(70, DIM)
+    path = tmp_path / "lib"
+    with new_gallery(path) as gallery:
+        gallery.add(data[:40], labels_for(40))
+        first = gallery.manifest.index_state["file"]
+        for row in range(40, 44):  # 4 changes, 44 images
+            gallery.add(data[row : row + 1], ["one by one"])
+        assert gallery.manifest.index_state["file"] == first
+        assert gallery.manifest.index_state[CHANGES_KEY] == 4
+        finds_the_same_reopened(gallery, data)
+        gallery.add(data[44:45], ["one by one"])  # 5 changes > 4.5
+        state = gallery.manifest.index_state
+        assert state["file"] != first and state[CHANGES_KEY] == 1
+        assert [p.name for p in path.glob("index-*")] == [state["file"]]
+        finds_the_same_reopened(gallery, data)
+        gallery.add(data[45:], ["many"] * 25)
+        assert gallery.manifest.index_state[CHANGES_KEY] == 0
+        finds_the_same_reopened(gallery, data)
+
+
+def test_a_reader_follows_writes_that_kept_the_index_file_without_loading_it(tmp_path, monkeypatch):
+    """Another process's writes that left the index file are applied to a reader's live
+    index (loading and checksumming the file took seconds with 200k images); after a write
+    that wrote the file again, the reader loads it."""
+    data = clustered(60, DIM)
+    path = tmp_path / "lib"
+    loads: list[str] = []
+    read_index = faiss.read_index
+    monkeypatch.setattr(faiss, "read_index", lambda file: loads.append(file) or read_index(file))
+    with new_gallery(path) as writer:
+        ids = writer.add(data[:50], labels_for(50)).ids
+        with Gallery.open(path) as reader:
+            loads.clear()
+            writer.add(data[50:53], ["new"] * 3)
+            writer.remove(ids=[int(ids[0])])
+            assert reader.refresh() and loads == [] and reader.verify() == []
+            assert reader.search(data, k=5).ids.tolist() == writer.search(data, k=5).ids.tolist()
+            writer.add(data[53:], ["more"] * 7)  # 11 changes > 5.9: the file again
+            assert reader.refresh() and len(loads) == 1 and reader.verify() == []
+            assert reader.search(data, k=5).ids.tolist() == writer.search(data, k=5).ids.tolist()
+            assert reader.label_counts() == writer.label_counts()
+
+
+def test_hnsw_takes_adds_in_place_and_is_built_again_on_a_removal(tmp_path):
+    """HNSW cannot delete: a removal builds the index (and its file) again."""
+    data = clustered(110, DIM)
+    path = tmp_path / "lib"
+    with new_gallery(path, index_type="HNSW32") as gallery:
+        ids = gallery.add(data[:100], labels_for(100)).ids
+        first = gallery.manifest.index_state["file"]
+        gallery.add(data[100:], ["new"] * 10)
+        assert gallery.manifest.index_state["file"] == first
+        with Gallery.open(path) as fresh:
+            assert fresh.verify() == [] and (fresh.search(data[100:], k=1).labels == "new").all()
+        gallery.remove(ids=[int(ids[0])])
+        state = gallery.manifest.index_state
+        assert state["file"] != first and state[CHANGES_KEY] == 0
+        finds_the_same_reopened(gallery, data)
 
 
 def test_ids_and_labels_follow_each_write_as_a_reopened_library_has_them(tmp_path, monkeypatch):
@@ -515,17 +623,21 @@ def test_not_a_library_and_existing_target_are_refused(tmp_path):
 
 WRITES = {
     "add": "gallery.add(np.full((3, 16), 5, np.float32) + np.eye(3, 16, dtype=np.float32), ['new'] * 3)",
+    "add-many": "gallery.add(np.full((9, 16), 5, np.float32) + np.eye(9, 16, dtype=np.float32), ['new'] * 9)",
     "remove": "gallery.remove(labels=['product 1'])",
     "relabel": "gallery.relabel('product 2', 'renamed')",
     "rebuild": "gallery.rebuild('HNSW32')",
 }
+# On 60 images: more than a tenth of them changed, so these write an index file; a small
+# add changes the live index only, and a relabel no vectors.
+WRITES_INDEX_FILE = ("add-many", "remove", "rebuild")
 
 
 KILL_POINTS = [
     (write, point)
     for write in sorted(WRITES)
     for point in ("rows-written", "index-file-written", "before-commit")
-    if not (write == "relabel" and point == "index-file-written")  # relabels write no index
+    if point != "index-file-written" or write in WRITES_INDEX_FILE
 ]
 
 
@@ -545,15 +657,46 @@ def test_killed_write_leaves_previous_library(tmp_path, write, point):
     assert len(list(path.glob("index-*"))) == 1
 
 
-def test_write_killed_after_commit_keeps_the_new_library(tmp_path):
+@pytest.mark.parametrize("write", ["add", "remove"])
+def test_write_killed_after_commit_keeps_the_new_library(tmp_path, write):
+    """Also a small add, which the index file does not hold: opening replays it."""
     path = tmp_path / "lib"
     data = clustered(60, DIM)
     with new_gallery(path) as gallery:
         gallery.add(data, labels_for(60))
-    killed = run_killed(path, "after-commit", WRITES["remove"])
+    killed = run_killed(path, "after-commit", WRITES[write])
     assert killed.returncode == -9, killed.stderr
     with Gallery.open(path) as gallery:
-        assert gallery.verify() == [] and "product 1" not in gallery.label_counts()
+        assert gallery.verify() == []
+        if write == "remove":
+            assert "product 1" not in gallery.label_counts()
+        else:
+            hits = gallery.search(np.full((1, DIM), 5, np.float32), k=3)
+            assert gallery.label_counts()["new"] == 3 and (hits.labels == "new").all()
+
+
+@pytest.mark.parametrize("point", ["rows-written", "index-file-written", "before-commit"])
+def test_killed_checkpoint_leaves_the_previous_library_and_its_changes_since_the_last(
+    tmp_path, point
+):
+    """A write that writes the index file again, in a library whose file lacks its last
+    writes, killed before its commit: the old file and the changes since it are what opens."""
+    path = tmp_path / "lib"
+    data = clustered(60, DIM)
+    with new_gallery(path) as gallery:
+        gallery.add(data, labels_for(60))
+        gallery.add(data[:5] + 1.0, ["since"] * 5)  # 5 of 65 changed: in the manifest only
+        gallery.remove(ids=[7])
+        assert gallery.manifest.index_state[CHANGES_KEY] == 6
+    before = snapshot(path, data[:8] + 1.0)
+    killed = run_killed(path, point, WRITES["add"])  # 9 changed: the file is written again
+    assert killed.returncode == -9, killed.stderr
+    assert snapshot(path, data[:8] + 1.0) == before
+    with Gallery.open(path) as gallery:
+        assert gallery.label_counts()["since"] == 5 and len(gallery) == 64
+        gallery.add(data[:1] * 2, ["after"])
+        assert gallery.verify() == [] and len(gallery) == 65
+    assert len(list(path.glob("index-*"))) == 1
 
 
 def test_opening_keeps_one_generation_while_another_writer_publishes(tmp_path, monkeypatch):

@@ -1,9 +1,11 @@
 """The gallery library: labelled image features that can be searched, edited and re-embedded.
 
 A library is a folder holding `gallery.sqlite` (manifest, image rows, features) and the
-backend's index (Faiss: `index-<generation>.faiss`; Milvus: a collection). Every write is
-one SQLite transaction that also commits the manifest naming the new index file, so a
-process killed at any point leaves either the previous library or the new one.
+backend's index (Faiss: an `index-<generation>.faiss` checkpoint; Milvus: a collection).
+Every write is one SQLite transaction that commits the rows with the manifest, which names
+the index file and counts the rows changed since it (a small write leaves the file and
+changes the index in memory; opening replays those rows from SQLite), so a process killed
+at any point leaves either the previous library or the new one.
 """
 
 from __future__ import annotations
@@ -487,14 +489,21 @@ class Gallery:
         return True
 
     def _reload(self) -> None:
-        """Load the committed generation. Where the backend allows, the new one opens before
-        the old one closes, so a generation that cannot load leaves this one serving."""
+        """Load the committed generation, or catch up with it in place where the backend
+        can (a Faiss index whose file the writes since kept). Where the backend allows, the
+        new one opens before the old one closes, so a generation that cannot load leaves
+        this one serving."""
         self.last_change = None
         with self._store.reading():  # one generation's manifest, index file and labels
             manifest = _committed_manifest(self.root, self._store, self._model)
             id_labels = self._store.id_labels()
             old = self._backend
-            if old.opens_beside_itself:
+            catch_up = old.follow(manifest)
+            if catch_up is not None:
+                with self._swap.write():
+                    catch_up()
+                    self.manifest, self._id_labels = manifest, id_labels
+            elif old.opens_beside_itself:
                 backend = open_backend(self.root, manifest, self._store, verify=True)
                 with self._swap.write():
                     self._backend, self.manifest, self._id_labels = backend, manifest, id_labels

@@ -257,14 +257,33 @@ class MetadataStore:
             cursor = self.conn.execute("SELECT id, feature FROM images ORDER BY id")
             done = 0
             while rows := cursor.fetchmany(FETCH_ROWS):
-                if any(len(row[1]) != dim * 4 for row in rows):
-                    raise GalleryError(f"{self.path}: stored features are not all {dim}-d float32")
                 end = done + len(rows)
                 ids[done:end] = [row[0] for row in rows]
-                blob = b"".join(row[1] for row in rows)
-                features[done:end] = np.frombuffer(blob, dtype=np.float32).reshape(-1, dim)
+                features[done:end] = self._decoded([row[1] for row in rows], dim)
                 done = end
         return ids, features
+
+    def ids(self) -> np.ndarray:
+        """All ids, ascending (what an index must hold), without their labels."""
+        rows = self.conn.execute("SELECT id FROM images ORDER BY id").fetchall()
+        return np.fromiter((row[0] for row in rows), dtype=np.int64, count=len(rows))
+
+    def features_with_ids(self, ids: np.ndarray, dim: int) -> np.ndarray:
+        """The stored features [len(ids), dim] of these ids (all stored), in their order:
+        the rows an index file predates, found through the primary key."""
+        blobs: dict[int, bytes] = {}
+        for chunk in _chunks([int(i) for i in ids]):
+            marks = ",".join("?" * len(chunk))
+            query = f"SELECT id, feature FROM images WHERE id IN ({marks})"
+            blobs.update(self.conn.execute(query, chunk).fetchall())
+        return self._decoded([blobs[int(i)] for i in ids], dim)
+
+    def _decoded(self, blobs: list[bytes], dim: int) -> np.ndarray:
+        """Stored feature blobs as float32 rows [len(blobs), dim]; a blob of another size
+        (even where another's would make up the length) is refused."""
+        if any(len(blob) != dim * 4 for blob in blobs):
+            raise GalleryError(f"{self.path}: stored features are not all {dim}-d float32")
+        return np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(-1, dim)
 
     def replace_features(self, ids: np.ndarray, features: np.ndarray) -> None:
         self.conn.executemany(

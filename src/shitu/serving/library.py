@@ -10,7 +10,8 @@ replaced after each write, so browsing waits for a write only when the check bel
 
 Other processes may write the library too (`shitu index add ...`): at most once a second,
 a search or a look at the snapshot has the library's thread check for a newer generation
-(one SQLite read) and load it, and waits for that before answering, so a request made after
+(one SQLite read) and load it (a Faiss index whose file those writes kept takes only the
+rows they changed), and waits for that before answering, so a request made after
 their edit sees it, however long the server sat idle before. An edit loads them first, always:
 it checks what it changes against the library as it is.
 """

@@ -2,13 +2,14 @@
 
 The SQLite store is the source of truth (rows and features); a backend holds a derived,
 searchable copy. A write calls `stage` inside the SQLite transaction (the backend's new
-`index_state` is committed with the rows) and `publish` after the commit.
+`index_state` is committed with the rows) and `publish` after the commit, which is where
+the copy that searches use changes.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -108,6 +109,12 @@ class Backend(ABC):
     @abstractmethod
     def close(self) -> None:
         """Release files and connections."""
+
+    def follow(self, manifest: Manifest) -> Callable[[], None] | None:
+        """Where this copy can catch up with the committed `manifest` (another process's
+        writes) without loading it whole, the step that does, read under the caller's read
+        lock and run with searches held off; None where it must be loaded again."""
+        return None
 
     def finish_open(self) -> None:  # noqa: B027 (optional: most backends have nothing to do)
         """Writes that opening needs (e.g. recording a resync), done after the read lock of

@@ -1,16 +1,28 @@
-"""Faiss backend: one immutable index file per generation, named and checksummed in the manifest.
+"""Faiss backend: an in-memory index that each write changes in place, and an index file
+that checkpoints it now and then.
 
-A write builds the next index (incrementally on a copy of the live one when the index type
-allows, otherwise from the stored features; the live one keeps serving searches) and writes
-it under a new name before the transaction commits, so the committed manifest always names
-a complete file. Trained types (IVF, IVF-PQ) keep an exact Flat index until there is enough
-data to train on, and retrain when the data grew or shrank 4x since the last training.
+SQLite holds the truth (rows and features). The index file (`index-<generation>.faiss`,
+named and checksummed in the manifest, never changed once written) holds the vectors of
+some earlier generation, and the manifest counts the rows added and removed since
+(`changes_since_checkpoint`): opening the library loads the file and replays those from
+SQLite (the ids the file lacks are added, with their stored features; the ids SQLite lacks
+are removed). So a small write commits its rows and the count, and changes the live index
+in place after the commit, in time proportional to the change; the file is written again
+(under a new name, before the commit, so the committed manifest always names a complete
+file) only when the changes since it exceed CHECKPOINT_FRACTION of the library, or when the
+index is built again: on `rebuild`, a first add to an empty library, a trained type
+switching from its exact fallback or retraining, and a removal from HNSW (which cannot
+delete in place). Trained types (IVF, IVF-PQ) keep an exact Flat index until there is
+enough data to train on, and retrain when the data grew or shrank 4x since the last
+training.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +44,10 @@ MIN_TRAIN = {"IVF": 1_000, "IVFPQ": 39 * 256}
 RETRAIN_FACTOR = 4
 TRAIN_POINTS_PER_LIST = 64
 DEFAULT_EF_SEARCH = 64
+# The share of the library's rows that may be added or removed since the index file before a
+# write checkpoints it again: opening then replays at most this many rows from SQLite.
+CHECKPOINT_FRACTION = 0.1
+CHANGES_KEY = "changes_since_checkpoint"
 
 
 def nlist_for(count: int) -> int:
@@ -87,6 +103,38 @@ def build_index(
     return index
 
 
+def indexed_ids(index: faiss.Index) -> np.ndarray:
+    """The ids an index holds, in no particular order (IDMap types keep them in a table,
+    IVF types in their inverted lists)."""
+    if isinstance(index, faiss.IndexIDMap2 | faiss.IndexIDMap):
+        return faiss.vector_to_array(index.id_map)
+    ivf = faiss.extract_index_ivf(index)
+    lists = ivf.invlists
+    held = [
+        faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)).copy()
+        for i in range(ivf.nlist)
+        if lists.list_size(i)
+    ]
+    return np.concatenate(held) if held else np.zeros(0, np.int64)
+
+
+def apply_change(index: faiss.Index, change: Change) -> None:
+    """`change`'s removals and additions, made to `index` in place."""
+    if len(change.removed_ids):
+        index.remove_ids(change.removed_ids)
+    if len(change.added_ids):
+        index.add_with_ids(change.added, change.added_ids)
+
+
+@dataclass(frozen=True)
+class _Staged:
+    """What `publish` makes live: `index` (a new one, the live one, or None for an empty
+    library), with `in_place` applied to it first where the write changes the live one."""
+
+    index: faiss.Index | None
+    in_place: Change | None = None
+
+
 def apply_search_params(index: faiss.Index, index_type: str, options: dict[str, Any]) -> None:
     space = faiss.ParameterSpace()
     if index_type == "HNSW32":
@@ -109,7 +157,7 @@ class FaissBackend(Backend):
     ) -> None:
         super().__init__(root, manifest, store)
         self.index: faiss.Index | None = None
-        self._staged: tuple[faiss.Index | None, str | None] | None = None
+        self._staged: _Staged | None = None
         state = manifest.index_state
         if state.get("file"):
             path = root / state["file"]
@@ -125,6 +173,38 @@ class FaissBackend(Backend):
                 )
             self.index = faiss.read_index(str(path))
             apply_search_params(self.index, state["built_type"], manifest.backend_options)
+            if state.get(CHANGES_KEY):
+                self._replay_since_checkpoint()
+
+    def _replay_since_checkpoint(self) -> None:
+        """Bring the loaded index file up to the rows committed since it was written (called
+        under the read lock that keeps the manifest and the rows of one generation)."""
+        apply_change(self.index, self._unindexed_change())
+
+    def _unindexed_change(self) -> Change:
+        """What makes the index hold the stored rows: the ids it lacks (with their stored
+        features) added, the ids SQLite lacks removed."""
+        stored = self.store.ids()
+        held = indexed_ids(self.index)
+        removed = np.setdiff1d(held, stored, assume_unique=True)
+        added = np.setdiff1d(stored, held, assume_unique=True)  # ascending: as they were added
+        features = self.store.features_with_ids(added, self.manifest.embedding_dim)
+        return Change(added_ids=added, added=features, removed_ids=removed)
+
+    def follow(self, manifest: Manifest) -> Callable[[], None] | None:
+        """Other processes' writes that kept this index's file (so changed no stored
+        feature, search setting or index type: those build a new one) are applied to the
+        live index; after a new file, it is loaded."""
+        state, ours = manifest.index_state, self.manifest.index_state
+        if self.index is None or not state.get("file") or state.get("file") != ours.get("file"):
+            return None
+        change = self._unindexed_change()
+
+        def catch_up() -> None:
+            apply_change(self.index, change)
+            self.manifest = manifest
+
+        return catch_up
 
     @staticmethod
     def _file_problem(path: Path, state: dict[str, Any], checksum: bool) -> str | None:
@@ -154,6 +234,7 @@ class FaissBackend(Backend):
         return len(change.removed_ids) > 0 and target == "HNSW32"
 
     def stage(self, change: Change, manifest: Manifest) -> dict[str, Any]:
+        """Nothing is changed that searches use: the live index changes in `publish`."""
         if not change.touches_vectors:
             self._staged = None
             return dict(self.manifest.index_state)
@@ -161,43 +242,56 @@ class FaissBackend(Backend):
         count = self.store.count()
         target = buildable_type(manifest.index_type, count)
         if count == 0:
-            self._staged = (None, None)
+            self._staged = _Staged(None)
             return {}
-        state: dict[str, Any] = {"built_type": target}
+        changed = len(change.added_ids) + len(change.removed_ids)
+        since = self.manifest.index_state.get(CHANGES_KEY, 0) + changed
+        state = dict(self.manifest.index_state)
         if self._needs_rebuild(change, target, count):
             ids, features = self.store.features(manifest.embedding_dim)
             index = build_index(target, manifest.metric, features, ids)
+            state = {"built_type": target, CHANGES_KEY: 0}
             if target in MIN_TRAIN:
                 state["trained_on"] = count
-        else:  # a copy: searches in other threads use the live index until publish
-            index = faiss.clone_index(self.index)
-            if len(change.removed_ids):
-                index.remove_ids(change.removed_ids)
-            if len(change.added_ids):
-                index.add_with_ids(change.added, change.added_ids)
-            if "trained_on" in self.manifest.index_state:
-                state["trained_on"] = self.manifest.index_state["trained_on"]
-        name = f"index-{manifest.generation:08d}.faiss"
+            self._staged = _Staged(index)
+        elif since <= CHECKPOINT_FRACTION * count:  # the index file stays
+            self._staged = _Staged(self.index, in_place=change)
+            return {**state, CHANGES_KEY: since}
+        elif changed <= CHECKPOINT_FRACTION * count:
+            # The live index as it is (searches only read it meanwhile), this write to replay
+            index, state[CHANGES_KEY] = self.index, changed
+            self._staged = _Staged(self.index, in_place=change)
+        else:  # a large change: a copy with it (the live index keeps serving until publish)
+            index, state[CHANGES_KEY] = faiss.clone_index(self.index), 0
+            apply_change(index, change)
+            self._staged = _Staged(index)
+        return {**state, **self._checkpoint(index, manifest.generation)}
+
+    def _checkpoint(self, index: faiss.Index, generation: int) -> dict[str, Any]:
+        """Write `index` as this generation's index file; its manifest entries."""
+        name = f"index-{generation:08d}.faiss"
 
         def write(tmp: Path) -> None:
             faiss.write_index(index, str(tmp))
             crash_point("index-file-written")
 
         write_atomically(self.root / name, write, durable=True)
-        self._staged = (index, name)
         path = self.root / name
-        return {**state, "file": name, "bytes": path.stat().st_size, "sha256": file_sha256(path)}
+        return {"file": name, "bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
     def publish(self, manifest: Manifest) -> None:
         previous = self.manifest.index_state.get("file")
         self.manifest = manifest
-        if self._staged is None:
+        staged, self._staged = self._staged, None
+        if staged is None:
             return
-        index, current = self._staged
-        self._staged = None
+        index = staged.index
+        if staged.in_place is not None:
+            apply_change(index, staged.in_place)
         if index is not None:
             apply_search_params(index, manifest.index_state["built_type"], manifest.backend_options)
         self.index = index
+        current = manifest.index_state.get("file")
         if previous and previous != current:
             (self.root / previous).unlink(missing_ok=True)
 
