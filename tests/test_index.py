@@ -598,7 +598,7 @@ def test_stored_features_are_read_a_few_rows_at_a_time(tmp_path, monkeypatch):
 
 
 def test_not_a_library_and_existing_target_are_refused(tmp_path):
-    build = f"`shitu index build --gallery {tmp_path} --out LIB`"  # images given as a library
+    build = f"`shitu index build {tmp_path} --out LIB`"  # images given as a library
     with pytest.raises(GalleryError, match=f"not a gallery library .*{re.escape(build)}"):
         Gallery.open(tmp_path)
     with pytest.raises(GalleryError, match="nowhere: no such gallery library"):

@@ -180,6 +180,8 @@ def test_build_refuses_an_existing_library_and_bad_lists(models, tmp_path):
     )
     assert taken.returncode == 2 and "already exists" in taken.stderr
     assert "index add" not in taken.stderr  # a folder, not a library to add to
+    empty = shitu("index", "build", "--out", tmp_path / "x")
+    assert empty.returncode == 2 and "nothing to embed; give the gallery" in empty.stderr
     bad = tmp_path / "bad.txt"
     bad.write_text("no-tab-here.jpg label\n")
     broken = shitu(
@@ -206,7 +208,7 @@ def test_a_single_unlabelled_image_is_told_a_build_option_that_works(
     """There is no library yet to `index add` to: the advice is --label, which build takes."""
     image = gallery_list.read_text().splitlines()[0].split("\t")[0]
     lib = tmp_path / "lib"
-    build = ("index", "build", "--gallery", image, "--model", models[128], "--out", lib)
+    build = ("index", "build", image, "--model", models[128], "--out", lib)  # as `index add`
     unlabelled = shitu(*build)
     assert unlabelled.returncode == 2 and "needs a label: give it one with --label LABEL" in (
         unlabelled.stderr

@@ -50,14 +50,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     commands = parser.add_subparsers(title="index commands", dest="index_command", metavar="CMD")
     commands.required = True
 
-    build = commands.add_parser("build", help="embed a gallery into a new library")
+    build = commands.add_parser(
+        "build",
+        help="embed a gallery into a new library",
+        usage="%(prog)s SOURCE [SOURCE ...] --out OUT [options]",
+    )
     build.add_argument(
-        "--gallery",
+        "sources",
         type=Path,
-        nargs="+",
-        required=True,
+        nargs="*",
+        metavar="SOURCE",
         help="label file(s) (`path<TAB>label`, paths relative to the file's folder) or "
         "folder-per-label tree(s); with --label, images and folders of images",
+    )
+    # The option form, as PaddleClas's gallery settings name it; SOURCE as `index add` takes it.
+    build.add_argument(
+        "--gallery", type=Path, nargs="+", default=[], help="SOURCE, given as an option"
     )
     build.add_argument("--out", type=Path, required=True, help="library folder to create")
     build.add_argument("--label", help="label for every given image and folder (as `index add`)")
@@ -267,13 +275,19 @@ def run_build(args: argparse.Namespace) -> int:
     milvus_only = [flag for flag, value in given.items() if value is not None]
     if milvus_only and args.backend != "milvus":  # else refused as faiss options it never named
         raise GalleryError(f"{' and '.join(milvus_only)}: only with --backend milvus")
+    sources = [*args.sources, *args.gallery]
+    if not sources:
+        raise DataError(
+            "index build: nothing to embed; give the gallery: label files or folder-per-label "
+            "trees (shitu index build my_products/ --out my_gallery)"
+        )
     search_options = _search_options(args, args.index_type)
     if args.out.exists():
         library = (args.out / LIBRARY_FILE).is_file()  # else `index add` would refuse it too
         add = f" or add to it with `shitu index add {args.out} ...`" if library else ""
         raise GalleryError(f"{args.out}: already exists; choose a new --out{add}")
     check_writable(args.out.parent, f"--out {args.out}")
-    items = collect_items(args.gallery, label=args.label)
+    items = collect_items(sources, label=args.label)
     model = _load_model(args)
     given = {"uri": args.milvus_uri, "collection": args.milvus_collection}
     options = {key: value for key, value in given.items() if value is not None} | search_options

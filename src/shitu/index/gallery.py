@@ -83,11 +83,11 @@ def _open_store(root: Path) -> MetadataStore:
     if not root.exists():
         raise GalleryError(f"{root}: no such gallery library (build one with `shitu index build`)")
     if not (root / LIBRARY_FILE).is_file():
-        # `index build --gallery` takes images, `recognize --gallery` a library: easily
+        # `index build` takes images, `recognize --gallery` a library: easily
         # given the one for the other.
         raise GalleryError(
             f"{root}: not a gallery library (no {LIBRARY_FILE}); for a folder or list of "
-            f"gallery images, build one first: `shitu index build --gallery {root} --out LIB`"
+            f"gallery images, build one first: `shitu index build {root} --out LIB`"
         )
     return MetadataStore(root / LIBRARY_FILE)
 
