@@ -560,6 +560,31 @@ def test_16_bit_grey_keeps_its_top_8_bits_as_opencv_does():
     assert np.array_equal(decoded, decode_rgb(buffer.getvalue()))  # as inference reads it
 
 
+def test_transparent_parts_are_decoded_as_white_not_as_the_colour_stored_under_them():
+    """A black logo on a transparent background (stored as transparent black, as editors
+    save it) must stay a black logo on white, not become a black square: in training's
+    decoder and in inference's (OpenCV's, which drops the alpha) alike."""
+    logo = np.zeros((4, 6, 4), np.uint8)  # RGBA: everything black, transparent
+    logo[1:3, 2:4, 3] = 255  # the logo: opaque black
+    logo[0, 0] = (0, 0, 0, 128)  # half transparent black: grey
+    rgba = Image.fromarray(logo)
+    variants = {
+        "RGBA PNG": (rgba, "PNG", {}),
+        "palette PNG with a transparent entry": (rgba.quantize(4), "PNG", {}),
+        "grey + alpha PNG": (rgba.convert("LA"), "PNG", {}),
+        "lossless WebP": (rgba, "WEBP", {"lossless": True}),
+        "lossy WebP with alpha": (rgba, "WEBP", {"quality": 100, "alpha_quality": 100}),
+    }
+    for name, (image, file_format, options) in variants.items():
+        buffer = io.BytesIO()
+        image.save(buffer, format=file_format, **options)
+        decoded = DecodeImage()(buffer.getvalue())
+        assert decoded.shape == (4, 6, 3), name
+        assert (decoded[3] > 245).all() and (decoded[1:3, 2:4] < 10).all(), name
+        assert np.array_equal(decoded, decode_rgb(buffer.getvalue())), name  # as inference
+    assert abs(int(DecodeImage()(png_bytes(logo))[0, 0, 0]) - 127) <= 1  # half: grey
+
+
 def test_paddleclas_only_transform_keys_are_accepted():
     """PP-ShiTuV2's own configs set these; they change nothing here."""
     image = pattern(7, 9)

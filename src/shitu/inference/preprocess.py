@@ -22,12 +22,14 @@ from shitu.data.transforms.ops import (
     NormalizeImage,
     UnreadableImageError,
     check_rgb_image,
+    declares_transparency,
     decode_rgb_image,
     short_side_size,
 )
 from shitu.errors import ConfigError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
+HEADER_BYTES = 1 << 16  # read for a PNG's or WebP's transparency: its header and colour profile
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _CV2_FLAGS = {
     "nearest": cv2.INTER_NEAREST,
@@ -243,10 +245,15 @@ def decode_rgb(data: bytes | np.ndarray) -> np.ndarray:
     """Encoded image bytes -> RGB uint8 HxWx3, decoded as `read_rgb` decodes files, so an
     upload gives the same pixels (and features) as the same file on disk."""
     buffer = np.frombuffer(data, np.uint8)
-    try:
-        image = cv2.imdecode(buffer, cv2.IMREAD_COLOR) if buffer.size else None
-    except cv2.error:  # e.g. over OpenCV's pixel limit: Pillow, below, says why
-        image = None
+    image = None
+    # OpenCV drops an alpha channel: transparent images go to Pillow, which shows them on
+    # white as training's decoder does. (The header: PNG's transparency comes before its
+    # pixels, after at most a colour profile.)
+    if buffer.size and not declares_transparency(buffer[:HEADER_BYTES].tobytes()):
+        try:
+            image = cv2.imdecode(buffer, cv2.IMREAD_COLOR)
+        except cv2.error:  # e.g. over OpenCV's pixel limit: Pillow, below, says why
+            image = None
     if image is not None:
         return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
     # Formats OpenCV does not read (e.g. GIF) through Pillow, which also says why a file

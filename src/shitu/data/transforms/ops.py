@@ -121,13 +121,44 @@ class DecodeImage(Transform):
 
 def to_rgb8(image: Image.Image) -> Image.Image:
     """8-bit RGB. Pillow converts 16-bit and 32-bit grey by clipping at 255 (nearly all
-    white); the top 8 bits are kept instead, as OpenCV (PaddleClas's decoder) does."""
+    white); the top 8 bits are kept instead, as OpenCV (PaddleClas's decoder) does.
+    Transparent parts are shown on white (see `on_white`)."""
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
         levels = np.asarray(image).astype(np.int64) >> 8
         image = Image.fromarray(np.clip(levels, 0, 255).astype(np.uint8))
     elif image.mode == "F":  # float data: taken as 0..255 levels
         image = Image.fromarray(np.clip(np.asarray(image), 0, 255).astype(np.uint8))
+    elif image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        return on_white(image)
     return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def on_white(image: Image.Image) -> Image.Image:
+    """RGB of an image with transparency, composited on white as a page shows it. Dropping
+    the alpha (OpenCV's and PaddleClas's way) keeps the colour stored under transparent
+    pixels, often black: a black logo on a transparent background would be a black square,
+    and a cut-out packshot would be searched on a background that no photo has."""
+    rgba = image.convert("RGBA")
+    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(white, rgba).convert("RGB")
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_ALPHA_COLOUR_TYPES = (4, 6)  # grey + alpha, RGB + alpha
+
+
+def declares_transparency(data: bytes) -> bool:
+    """Whether PNG or WebP bytes say the image may be transparent: a colour type with alpha
+    or a transparent colour (PNG's tRNS, before the pixel data), an alpha flag (extended
+    WebP) or lossless WebP (which may hold alpha). From the header, without decoding: a
+    decoder that drops the alpha (OpenCV's colour decode) must leave these to `on_white`."""
+    if data[:8] == PNG_SIGNATURE and len(data) > 25:
+        pixels = data.find(b"IDAT")
+        return data[25] in PNG_ALPHA_COLOUR_TYPES or data.find(b"tRNS", 0, pixels) >= 0
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        chunk = data[12:16]
+        return chunk == b"VP8L" or (chunk == b"VP8X" and len(data) > 20 and data[20] & 0x10 > 0)
+    return False
 
 
 def decode_rgb_image(data: bytes) -> Image.Image:
