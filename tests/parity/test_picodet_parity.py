@@ -73,4 +73,7 @@ def test_raw_outputs_and_boxes_match_paddledet(reference: Path, arch: str) -> No
         distance = np.abs(ours[:, None, :] - theirs[None, :, :]).max(axis=2)
         match = distance.argmin(axis=1)
         assert sorted(match.tolist()) == list(range(len(theirs)))
-        assert distance.min(axis=1).max() < 1e-3
+        # Pixels: a box side is its anchor plus stride times a distance decoded from the raw
+        # outputs, so their tolerance, at the coarsest stride, bounds the boxes' (float32
+        # rounding alone reaches 1e-3 px on 600 px coordinates on some CPUs).
+        assert distance.min(axis=1).max() < TOLERANCE * max(model.arch.strides)
