@@ -226,7 +226,7 @@ def test_paths_that_cannot_be_used_are_one_line_errors(tmp_path):
         str(tmp_path / "plain_file" / "m"),
     )
     assert exported.returncode == 2 and "Traceback" not in exported.stderr
-    assert "cannot write the export to" in exported.stderr
+    assert "plain_file is a file, not a folder" in exported.stderr
 
 
 def test_undecodable_image_in_a_loader_worker_is_a_one_line_error(tmp_path):
