@@ -29,8 +29,7 @@ from shitu.cli import (
     train,
 )
 from shitu.cli.common import separate_overrides
-from shitu.errors import ShituError
-from shitu.registry import did_you_mean
+from shitu.errors import ShituError, did_you_mean
 from shitu.runtime import keep_freed_memory
 
 SUBCOMMANDS = (
