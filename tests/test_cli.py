@@ -37,6 +37,41 @@ def test_help_lists_every_subcommand():
         assert module.__name__.rsplit(".", 1)[1].replace("_", "-") in result.stdout
 
 
+# What the models, images and the server need, loaded in seconds: commands that need none
+# of them start without them.
+HEAVY_PACKAGES = ("torch", "cv2", "faiss", "onnxruntime", "fastapi", "uvicorn", "pydantic", "PIL")
+
+
+def test_help_argument_errors_and_library_reads_load_no_heavy_package(tmp_path):
+    """`shitu --help`, a misspelt option and `index list`/`stats` (which read the library's
+    database, not its index) take a fraction of the seconds that a torch import takes."""
+    from shitu.index import Gallery
+
+    lib = tmp_path / "lib"
+    with Gallery.create(lib, embedding_dim=4, model_fingerprint="m") as gallery:
+        gallery.add(np.eye(4, dtype=np.float32)[:3], ["pear", "fig", "pear"], ["a", "b", "c"])
+    report = (
+        "import sys\n"
+        "from shitu.cli.main import main\n"
+        "try:\n"
+        "    main(sys.argv[1:])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        f"print('loaded:', *sorted(set({HEAVY_PACKAGES}) & sys.modules.keys()))\n"
+    )
+    for command in (
+        ["--help"],
+        ["index", "build", "--help"],
+        ["recognize", "photo.jpg", "--galery", "lib"],
+        ["index", "stats", str(lib)],
+        ["index", "list", str(lib), "--label", "pear"],
+    ):
+        result = subprocess.run(
+            [sys.executable, "-c", report, *command], capture_output=True, text=True
+        )
+        assert result.stdout.splitlines()[-1] == "loaded:", (command, result.stderr)
+
+
 def test_info_builds_the_shipped_model():
     result = run_shitu("info", "-o", "Arch.Head.class_num=10", "--batch-size", "2")
     assert result.returncode == 0, result.stderr

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import pytest
 
+from shitu import checkpoint
 from shitu.cli import average as average_cli
 from shitu.cli import index as index_cli
 from shitu.cli.common import OVERRIDE_FLAGS, separate_overrides
@@ -465,10 +466,11 @@ def static_checks(args: argparse.Namespace, monkeypatch: pytest.MonkeyPatch, tmp
         args.weights = args.weights or ["run.safetensors"] * max(2, len(args.weighting or ()))
         args.out = args.out or "soup.safetensors"
         with monkeypatch.context() as patch:
-            patch.setattr(average_cli, "average_weights", lambda *_: ({}, {}))
-            patch.setattr(average_cli, "read_weights", lambda *_: ({}, {}))
+            # `average` imports the weight functions as it runs: replaced where they live
+            patch.setattr(checkpoint, "average_weights", lambda *_: ({}, {}))
+            patch.setattr(checkpoint, "read_weights", lambda *_: ({}, {}))
             patch.setattr(average_cli, "model_from_config", _reach_work)
-            patch.setattr(average_cli, "save_weights", _reach_work)
+            patch.setattr(checkpoint, "save_weights", _reach_work)
             if _placeholder(args.config):  # `-c CONFIG`
                 patch.setattr(average_cli, "config_from_args", _reach_work)
             with pytest.raises(ReachedWork):

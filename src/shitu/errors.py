@@ -1,6 +1,8 @@
 """Exceptions whose message is meant for the user as-is (the CLI prints them after
 `error: `: one line, or several problems a line each)."""
 
+import difflib
+
 
 class ShituError(Exception):
     """Base class for errors caused by user input (files, configs, checkpoints)."""
@@ -20,3 +22,9 @@ class DataError(ShituError):
 
 class GalleryError(ShituError):
     """A gallery library is missing, corrupt, or does not fit the model or request."""
+
+
+def did_you_mean(name: str, choices: list[str]) -> str:
+    """A ' (did you mean ...?)' hint for a misspelt name, or ''."""
+    close = difflib.get_close_matches(name, choices, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""

@@ -17,19 +17,13 @@ from typing import Annotated, Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
-from shitu.errors import ConfigError
+from shitu.errors import ConfigError, did_you_mean
 
 T = TypeVar("T", bound=Callable[..., Any])
 
 # A count in a component's signature (features, channels, classes): a config giving 0 or a
 # negative number is refused by name, not by torch later with a shape error.
 Size = Annotated[int, Field(gt=0)]
-
-
-def did_you_mean(name: str, choices: list[str]) -> str:
-    """A ' (did you mean ...?)' hint for a misspelt name, or ''."""
-    close = difflib.get_close_matches(name, choices, n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 @dataclass(frozen=True)

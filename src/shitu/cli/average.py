@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import argparse
 
-from shitu.checkpoint import average_weights, interpolate_toward, read_weights, save_weights
-from shitu.checkpoint.average import check_share
-from shitu.checkpoint.io import REPARAMETERIZED, check_weights_name
 from shitu.cli.common import add_config_arguments, config_from_args, model_from_config
 from shitu.errors import CheckpointError, ConfigError
 
@@ -52,6 +49,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from shitu.checkpoint import average_weights, interpolate_toward, read_weights, save_weights
+    from shitu.checkpoint.average import check_share
+    from shitu.checkpoint.io import REPARAMETERIZED, check_weights_name
+
     check_weights_name(args.out)
     if (args.pretrained_share is None) != (args.layers is None):
         raise CheckpointError("--pretrained-share and --layers go together")

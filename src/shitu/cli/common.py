@@ -7,19 +7,20 @@ import math
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from PIL import Image
-
-from shitu.config import ShituConfig, load_config, resolve_config_path
-from shitu.detection.model import check_input_size
+from shitu.detection.input_size import check_input_size
 from shitu.errors import ConfigError, DataError
 from shitu.fileio import write_atomically
 from shitu.image_files import IMAGE_SUFFIXES, scan_images
-from shitu.inference.backends import BACKENDS, PRECISIONS
-from shitu.inference.preprocess import read_rgb
-from shitu.models import RecModel, build_model
-from shitu.pipeline import CaptionFonts, FileRecognition, draw_results
+from shitu.inference.choices import BACKENDS, PRECISIONS
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from shitu.config import ShituConfig
+    from shitu.models import RecModel
+    from shitu.pipeline import FileRecognition
 
 DEFAULT_CONFIG = "GeneralRecognitionV2_PPLCNetV2_base"
 
@@ -153,6 +154,8 @@ def trained_weights(config: ShituConfig, doing: str) -> str | None:
 
 
 def config_from_args(args: argparse.Namespace) -> ShituConfig:
+    from shitu.config import load_config
+
     overrides = [item for group in args.override for item in group]
     config = load_config(args.config, overrides)
     if getattr(args, "no_head", False):
@@ -167,6 +170,9 @@ def model_from_config(
 
     pretrained=False: a checkpoint with every weight is loaded next (see `build_model`).
     """
+    from shitu.config import resolve_config_path
+    from shitu.models import build_model
+
     try:
         return build_model(config.Arch, pretrained)
     except ConfigError as exc:
@@ -265,6 +271,8 @@ class VisualisationWriter:
         input folders, searched recursively for images; the folder may not be inside one,
         where the next run would take the copies for photos. `font`: the captions' font
         file (default: see CaptionFonts), `font_index` its face in a collection (.ttc)."""
+        from shitu.pipeline import CaptionFonts
+
         self.fonts = CaptionFonts(font, font_index)
         here = folder.resolve()
         inside = next((image for image in inputs if image.parent.resolve() == here), None)
@@ -299,4 +307,7 @@ class VisualisationWriter:
 
     def save_recognition(self, found: FileRecognition) -> Path:
         """The photo of a recognition result with its boxes, labels and scores drawn."""
+        from shitu.inference.preprocess import read_rgb
+        from shitu.pipeline import draw_results
+
         return self.save(found.path, draw_results(read_rgb(found.path), found.results, self.fonts))

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from shitu.checkpoint import load_weights, model_metadata, save_weights
-from shitu.checkpoint.io import check_weights_name
 from shitu.cli.common import (
     add_config_arguments,
     config_from_args,
@@ -35,6 +33,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from shitu.checkpoint import load_weights, model_metadata, save_weights
+    from shitu.checkpoint.io import check_weights_name
+
     check_weights_name(args.out)
     config = config_from_args(args)
     # every tensor comes from the weights file: no ImageNet weights to install or load first

@@ -6,6 +6,7 @@ import argparse
 import shlex
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from shitu.cli.common import VisualisationWriter
 from shitu.cli.recognize import (
@@ -16,7 +17,10 @@ from shitu.cli.recognize import (
 )
 from shitu.errors import ShituError
 from shitu.fileio import check_writable
-from shitu.pipeline.config import PLAIN_BACKGROUND, PipelineConfig
+from shitu.pipeline.defaults import PLAIN_BACKGROUND
+
+if TYPE_CHECKING:
+    from shitu.pipeline import PipelineConfig
 
 MARKER = ".shitu-demo"
 

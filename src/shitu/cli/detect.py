@@ -15,11 +15,7 @@ from shitu.cli.common import (
     positive_int,
     visualisation_writer,
 )
-from shitu.data.transforms.ops import UnreadableImageError
-from shitu.detection import load_detector
 from shitu.errors import DataError
-from shitu.inference.preprocess import read_rgb
-from shitu.pipeline import draw_boxes
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -81,6 +77,11 @@ def _class_names(path: str) -> tuple[str, ...]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from shitu.data.transforms.ops import UnreadableImageError
+    from shitu.detection import load_detector
+    from shitu.inference.preprocess import read_rgb
+    from shitu.pipeline import draw_boxes
+
     paths, _ = expand_images(args.images)
     detector = load_detector(args.model, args.backend, args.arch, args.input_size)
     names = _class_names(args.class_names) if args.class_names else detector.class_names

@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from shitu.cli.common import input_side, non_negative_int, positive_float, positive_int
-from shitu.detection.data import CocoDetection, DetectionDataset, VocDetection, train_augment
-from shitu.detection.train import DetectionTrainConfig, DetectionTrainer, evaluate_detector
-from shitu.engine.state import resolve_checkpoint
 from shitu.errors import ConfigError, DataError
 from shitu.fileio import check_writable
+
+if TYPE_CHECKING:
+    from shitu.detection.data import DetectionDataset
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -49,12 +50,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _dataset(coco: str | None, voc: str | None, images: str, agnostic: bool) -> DetectionDataset:
+    from shitu.detection.data import CocoDetection, VocDetection, train_augment
+
     if coco:
         return CocoDetection(coco, images, agnostic, train_augment)
     return VocDetection(voc, images, class_agnostic=agnostic, transform=train_augment)
 
 
 def run(args: argparse.Namespace) -> int:
+    from shitu.detection.data import CocoDetection
+    from shitu.detection.train import DetectionTrainConfig, DetectionTrainer, evaluate_detector
+    from shitu.engine.state import resolve_checkpoint
+
     if bool(args.val_coco) != bool(args.val_images):
         raise ConfigError("--val-coco and --val-images go together")
     output = Path(args.output)

@@ -8,6 +8,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from shitu.cli.common import count_of
 from shitu.cli.recognize import (
@@ -16,7 +17,9 @@ from shitu.cli.recognize import (
     pipeline_config_from_args,
 )
 from shitu.index import collect_items
-from shitu.pipeline.evaluate import PipelineEvaluation, sweep_thresholds
+
+if TYPE_CHECKING:
+    from shitu.pipeline.evaluate import PipelineEvaluation
 
 SHOWN_MISTAKES = 10
 DEFAULT_SWEEP_STEP = 0.05
@@ -64,7 +67,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from shitu.pipeline import Recognizer, evaluate_pipeline
-    from shitu.pipeline.evaluate import known_labels
+    from shitu.pipeline.evaluate import known_labels, sweep_thresholds
 
     items = collect_items([args.queries])
     config = pipeline_config_from_args(args)

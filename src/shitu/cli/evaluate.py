@@ -5,18 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 
-import torch
-
-from shitu.checkpoint import load_weights
 from shitu.cli.common import (
     add_config_arguments,
     config_from_args,
     model_from_config,
     trained_weights,
 )
-from shitu.engine.distributed import init_distributed, shutdown_distributed
-from shitu.engine.evaluate import RetrievalEvaluation
-from shitu.engine.seeding import seed_everything
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -34,6 +28,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from shitu.checkpoint import load_weights
+    from shitu.engine.distributed import init_distributed, shutdown_distributed
+    from shitu.engine.evaluate import RetrievalEvaluation
+    from shitu.engine.seeding import seed_everything
+
     config = config_from_args(args)
     weights = trained_weights(config, "this evaluates")
     config.Arch.Head = None  # retrieval needs no classifier

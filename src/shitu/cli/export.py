@@ -14,8 +14,7 @@ from shitu.cli.common import (
     positive_int,
     trained_weights,
 )
-from shitu.inference import export_model, read_manifest
-from shitu.pipeline.config import DEFAULT_SCORE_THRES
+from shitu.pipeline.defaults import DEFAULT_SCORE_THRES
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +61,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from shitu.inference import export_model, read_manifest
+
     config = config_from_args(args)
     weights = trained_weights(config, "the export holds")
     calibration: list[Path] = []

@@ -8,13 +8,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 from shitu.cli.common import add_runtime_arguments, count_of, expand_images, positive_int
 from shitu.errors import DataError
 from shitu.fileio import check_writable, write_atomically
-from shitu.inference import FeatureExtractor, default_model_dir
-from shitu.inference.backends import DEVICES
+from shitu.inference.choices import DEVICES
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -50,6 +47,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from shitu.inference import FeatureExtractor, default_model_dir
+
     files, _ = expand_images(args.inputs)
     if any("\n" in str(f) for f in files):
         raise DataError("a file name contains a line break; it cannot go into the paths list")

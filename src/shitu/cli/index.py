@@ -22,7 +22,7 @@ from shitu.cli.common import (
     finite_float,
     positive_int,
 )
-from shitu.errors import DataError, GalleryError
+from shitu.errors import DataError, GalleryError, did_you_mean
 from shitu.fileio import check_writable, fsync_dir
 from shitu.index import (
     INDEX_TYPES,
@@ -36,7 +36,6 @@ from shitu.index import (
 from shitu.index.backends import IndexSyncError
 from shitu.index.embedder import Embedder
 from shitu.index.gallery import LIBRARY_FILE
-from shitu.registry import did_you_mean
 
 SHOWN_PROBLEMS = 10
 

@@ -5,9 +5,6 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
-
-from shitu.checkpoint import load_weights
 from shitu.cli.common import (
     add_config_arguments,
     config_from_args,
@@ -36,6 +33,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from shitu.checkpoint import load_weights
+
     config = config_from_args(args)
     model = model_from_config(config, args, pretrained=not args.weights).eval()
     if args.weights:

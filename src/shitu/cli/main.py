@@ -29,8 +29,7 @@ from shitu.cli import (
     train,
 )
 from shitu.cli.common import separate_overrides
-from shitu.errors import ShituError
-from shitu.registry import did_you_mean
+from shitu.errors import ShituError, did_you_mean
 from shitu.runtime import keep_freed_memory
 
 SUBCOMMANDS = (
@@ -158,10 +157,14 @@ class _LevelPrefixFormatter(logging.Formatter):
 
 def _quiet_opencv() -> None:
     """Images OpenCV cannot decode go on to Pillow, which decodes them or says why:
-    OpenCV's own warnings about them (a TIFF of 32-bit samples, say) are noise here."""
-    import cv2
-
-    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+    OpenCV's own warnings about them (a TIFF of 32-bit samples, say) are noise here.
+    OpenCV reads the level from the environment as it loads, so a command that decodes
+    no image (`index stats`) need not load it."""
+    cv2 = sys.modules.get("cv2")
+    if cv2 is None:
+        os.environ["OPENCV_LOG_LEVEL"] = "ERROR"
+    else:  # loaded already by the program that calls `main`
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
 
 
 def _user_message(exc: ShituError | OSError) -> str:

@@ -8,6 +8,7 @@ import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from shitu.cli.common import (
     add_override_argument,
@@ -18,20 +19,16 @@ from shitu.cli.common import (
     positive_int,
     visualisation_writer,
 )
-from shitu.config.loader import find_config, with_source
-from shitu.config.overrides import override_paths
 from shitu.errors import GalleryError
-from shitu.pipeline import (
-    FileRecognition,
-    PipelineConfig,
-    load_pipeline_config,
-)
-from shitu.pipeline.config import (
+from shitu.pipeline.defaults import (
     DEFAULT_PIPELINE_CONFIG,
     DEFAULT_SCORE_THRES,
     NO_DETECTOR,
     PIPELINE_CONFIG_DIR,
 )
+
+if TYPE_CHECKING:
+    from shitu.pipeline import FileRecognition, PipelineConfig
 
 # The flags (by their argparse dest) that set pipeline config keys, over the file's values.
 CONFIG_FLAGS = {
@@ -87,6 +84,8 @@ def add_pipeline_arguments(
 
 def pipeline_config_from_args(args: argparse.Namespace) -> PipelineConfig:
     """The config file with -o overrides, then the explicit flags on top."""
+    from shitu.pipeline import load_pipeline_config
+
     overrides = [item for group in args.override for item in group]
     config = load_pipeline_config(args.config, overrides)
     for dest, (section, key) in CONFIG_FLAGS.items():
@@ -101,6 +100,9 @@ def naming_library_source(args: argparse.Namespace, config: PipelineConfig) -> I
     """A library that cannot be opened (no such folder, not a library, another model's),
     named with the config file (or -o override) its path came from where --gallery did not
     give it: a path read from a file the user may not have in mind says neither."""
+    from shitu.config.loader import find_config, with_source
+    from shitu.config.overrides import override_paths
+
     try:
         yield
     except GalleryError as exc:

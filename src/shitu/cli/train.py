@@ -9,19 +9,16 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from shitu.cli.common import add_config_arguments, config_from_args, positive_int, positive_minutes
-from shitu.config.schema import ShituConfig
-from shitu.data.datasets.base import reused_scans
-from shitu.engine.distributed import DistContext, shutdown_distributed
-from shitu.engine.linear_probe import fine_tune_stage, probe_stage, probe_weights_path
 from shitu.engine.metrics_log import LOG_NAME
-from shitu.engine.state import BEST, FINAL, LATEST, SUFFIX, resolve_checkpoint
-from shitu.engine.trainer import Trainer, training_summary
 from shitu.errors import ConfigError
 
-# What a run leaves in its output folder (resumable checkpoint first).
-RUN_FILES = (f"{LATEST}{SUFFIX}", f"{FINAL}.safetensors", f"{BEST}.safetensors", LOG_NAME)
+if TYPE_CHECKING:
+    from shitu.config.schema import ShituConfig
+    from shitu.engine.distributed import DistContext
+    from shitu.engine.trainer import Trainer
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -59,6 +56,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _print_summary(trainer: Trainer) -> None:
+    from shitu.engine.trainer import training_summary
+
     if trainer.context.is_main:
         summary = training_summary(trainer)
         width = max(len(k) for k in summary)
@@ -71,8 +70,12 @@ def _refuse_earlier_run(output_dir: Path, resumed: Path | None) -> None:
     that no finished run is lost and no folder mixes two runs' files. `resumed`: the
     folder of the checkpoint resumed into `output_dir`, most often the folder an
     `-o Global.output_dir=...` of the first command named, left out of this one."""
+    from shitu.engine.state import BEST, FINAL, LATEST, SUFFIX
+
+    # What a run leaves in its output folder (resumable checkpoint first).
+    run_files = (f"{LATEST}{SUFFIX}", f"{FINAL}.safetensors", f"{BEST}.safetensors", LOG_NAME)
     # An empty file (the log of a run that failed before its first record) holds nothing.
-    found = [name for name in RUN_FILES if _has_content(output_dir / name)]
+    found = [name for name in run_files if _has_content(output_dir / name)]
     if not found:
         return
     if resumed is not None:
@@ -80,14 +83,14 @@ def _refuse_earlier_run(output_dir: Path, resumed: Path | None) -> None:
             f"Global.checkpoints resumes the run in {resumed}: add -o "
             f"Global.output_dir={resumed} to go on in its folder, or give a new output_dir"
         )
-    elif found[0] == RUN_FILES[0]:
+    elif found[0] == run_files[0]:
         advice = (
-            f"resume it with -o Global.checkpoints={output_dir / RUN_FILES[0]}, or give "
+            f"resume it with -o Global.checkpoints={output_dir / run_files[0]}, or give "
             "another output_dir (or remove that one)"
         )
     else:  # a run that failed before its first checkpoint left nothing to resume
         advice = (
-            f"it left no {RUN_FILES[0]} to resume; give another output_dir (or remove that one)"
+            f"it left no {run_files[0]} to resume; give another output_dir (or remove that one)"
         )
     raise ConfigError(
         f"Global.output_dir {output_dir}: holds an earlier run ({', '.join(found)}); {advice}"
@@ -102,6 +105,9 @@ def _check_fine_tuning(config: ShituConfig) -> DistContext:
     """Build the fine-tuning stage once before the probe, so that its errors (an eval metric
     not computed, an lr_mult matching no layer, eval sets without matches) come before the
     probe's minutes, not after. Built in a scratch folder, without the probe's weights."""
+    from shitu.engine.linear_probe import fine_tune_stage
+    from shitu.engine.trainer import Trainer
+
     stage = fine_tune_stage(config)
     stage.Global.pretrained_model = None  # the probe makes them
     with tempfile.TemporaryDirectory(prefix="shitu-check-") as scratch:
@@ -113,6 +119,9 @@ def _check_fine_tuning(config: ShituConfig) -> DistContext:
 
 def _probe(config: ShituConfig, context: DistContext) -> int | None:
     """Run the LinearProbe stage to its end; the signal that stopped it, if one did."""
+    from shitu.engine.linear_probe import probe_stage
+    from shitu.engine.trainer import Trainer
+
     trainer = Trainer(probe_stage(config), context)
     if trainer.context.is_main:
         print(
@@ -159,11 +168,18 @@ def _each_warning_once() -> Iterator[None]:
 def run(args: argparse.Namespace) -> int:
     """`_train`, with each dataset's start-up scan done once and each warning shown once
     although a LinearProbe run builds the datasets three times (see `reused_scans`)."""
+    from shitu.data.datasets.base import reused_scans
+
     with reused_scans(), _each_warning_once():
         return _train(args)
 
 
 def _train(args: argparse.Namespace) -> int:
+    from shitu.engine.distributed import shutdown_distributed
+    from shitu.engine.linear_probe import fine_tune_stage, probe_weights_path
+    from shitu.engine.state import resolve_checkpoint
+    from shitu.engine.trainer import Trainer
+
     config = config_from_args(args)
     context = None
     try:

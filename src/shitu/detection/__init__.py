@@ -5,8 +5,13 @@ architecture name) and ONNX exports; `Detector.detect(image)` returns boxes
 `[cls, score, x1, y1, x2, y2]` in the image's own pixels, best first.
 """
 
-from shitu.detection.detector import Detector, OnnxDetector, TorchDetector, load_detector
-from shitu.detection.model import ARCHS, PicoDet, PicoDetArch, build_picodet
+from typing import TYPE_CHECKING
+
+from shitu.lazy import lazy_exports
+
+if TYPE_CHECKING:  # loaded on first use (see shitu.lazy)
+    from shitu.detection.detector import Detector, OnnxDetector, TorchDetector, load_detector
+    from shitu.detection.model import ARCHS, PicoDet, PicoDetArch, build_picodet
 
 __all__ = [
     "ARCHS",
@@ -18,3 +23,10 @@ __all__ = [
     "build_picodet",
     "load_detector",
 ]
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "detector": ("Detector", "OnnxDetector", "TorchDetector", "load_detector"),
+        "model": ("ARCHS", "PicoDet", "PicoDetArch", "build_picodet"),
+    },
+)

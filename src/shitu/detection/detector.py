@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from shitu.data.transforms.ops import check_rgb_image
-from shitu.detection.model import PicoDet, PicoDetArch, check_input_size
+from shitu.detection.input_size import check_input_size
+from shitu.detection.model import PicoDet, PicoDetArch
 from shitu.detection.postprocess import anchor_points, decode_boxes, level_shapes, multiclass_nms
 from shitu.errors import CheckpointError, ConfigError
 from shitu.onnx_input import image_input_size

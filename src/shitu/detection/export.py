@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from shitu.detection.model import PicoDet, check_input_size
+from shitu.detection.input_size import check_input_size
+from shitu.detection.model import PicoDet
 from shitu.onnx_trace import trace_to_onnx
 
 

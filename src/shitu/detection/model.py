@@ -90,14 +90,6 @@ ARCHS: dict[str, PicoDetArch] = {
 }
 
 
-def check_input_size(size: int) -> int:
-    """A detector input side: PicoDet's strides go down to 1/32 and its neck joins levels
-    that must halve exactly, so any other side fails deep inside the network."""
-    if isinstance(size, bool) or not isinstance(size, int) or size <= 0 or size % 32:
-        raise ConfigError(f"a detector input size is a positive multiple of 32, got {size!r}")
-    return size
-
-
 def resolve_arch(arch: str | PicoDetArch | dict, **overrides) -> PicoDetArch:
     if isinstance(arch, PicoDetArch):
         base = arch

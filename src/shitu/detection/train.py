@@ -24,8 +24,9 @@ from shitu.config.schema import LRConfig, OptimizerConfig
 from shitu.detection.coco_eval import evaluate_boxes
 from shitu.detection.data import DetectionDataset, collate
 from shitu.detection.detector import preprocess
+from shitu.detection.input_size import check_input_size
 from shitu.detection.losses import picodet_loss
-from shitu.detection.model import PicoDet, PicoDetArch, build_picodet, check_input_size
+from shitu.detection.model import PicoDet, PicoDetArch, build_picodet
 from shitu.detection.postprocess import multiclass_nms
 from shitu.detection.weights import save_detector
 from shitu.engine.data import end_quietly_on_sigterm

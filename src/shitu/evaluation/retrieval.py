@@ -33,9 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from shitu.errors import ConfigError, ShituError
+from shitu.errors import ConfigError, ShituError, did_you_mean
 from shitu.evaluation.reranking import ReRanking, k_reciprocal_distances
-from shitu.registry import did_you_mean
 
 # Working memory the default query block may use: ~7 bytes per query-gallery score (float32
 # scores, three bool masks) -> ~380 queries per block at G = 100k; add ~50 bytes per positive

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from shitu.errors import GalleryError
+from shitu.errors import GalleryError, did_you_mean
 from shitu.fileio import file_sha256, fsync_dir
 from shitu.index.backends import Backend, Change, describe_index, open_backend
 from shitu.index.embedder import Embedder
@@ -29,7 +29,6 @@ from shitu.index.labels import BadLabelError, GalleryItem, check_label, normal_f
 from shitu.index.locking import ReadWriteLock
 from shitu.index.manifest import BACKENDS, SHIPPED_MODEL_NOTE, Manifest, ModelMismatchError, now
 from shitu.index.metadata import ImageEntry, MetadataStore, NewImage
-from shitu.registry import did_you_mean
 from shitu.vectors import l2_normalize
 
 LIBRARY_FILE = "gallery.sqlite"

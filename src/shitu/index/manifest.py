@@ -13,8 +13,7 @@ from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any
 
-from shitu.errors import GalleryError
-from shitu.registry import did_you_mean
+from shitu.errors import GalleryError, did_you_mean
 
 FORMAT_VERSION = 1
 METRICS = ("ip", "l2")

@@ -1,10 +1,15 @@
 """Inference: export a trained model (ONNX + torch, preprocessing recorded) and extract
 L2-normalised features from image files or arrays with onnxruntime or torch."""
 
-from shitu.inference.default_model import default_model_dir
-from shitu.inference.export import export_model, read_manifest
-from shitu.inference.extractor import ExtractionResult, FeatureExtractor
-from shitu.inference.preprocess import Preprocessing
+from typing import TYPE_CHECKING
+
+from shitu.lazy import lazy_exports
+
+if TYPE_CHECKING:  # loaded on first use (see shitu.lazy)
+    from shitu.inference.default_model import default_model_dir
+    from shitu.inference.export import export_model, read_manifest
+    from shitu.inference.extractor import ExtractionResult, FeatureExtractor
+    from shitu.inference.preprocess import Preprocessing
 
 __all__ = [
     "ExtractionResult",
@@ -14,3 +19,12 @@ __all__ = [
     "export_model",
     "read_manifest",
 ]
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "default_model": ("default_model_dir",),
+        "export": ("export_model", "read_manifest"),
+        "extractor": ("ExtractionResult", "FeatureExtractor"),
+        "preprocess": ("Preprocessing",),
+    },
+)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from shitu.errors import ConfigError
+from shitu.inference.choices import BACKENDS, DEVICES, PRECISIONS
 from shitu.inference.export import (
     INPUT_NAME,
     INT8_FILE,
@@ -24,9 +25,6 @@ from shitu.inference.export import (
 )
 from shitu.onnx_input import image_input_size
 
-BACKENDS = ("auto", "onnxruntime", "openvino", "torch")
-PRECISIONS = ("fp32", "int8", "fp16", "bf16")
-DEVICES = ("cpu", "cuda")
 _TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 

@@ -15,14 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from shitu.config.loader import apply_attributed_overrides, find_config, read_yaml, with_source
 from shitu.errors import ConfigError
+from shitu.pipeline.defaults import NO_DETECTOR, PIPELINE_CONFIG_DIR, PLAIN_BACKGROUND
 from shitu.registry import format_validation_error
-
-PIPELINE_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "pipeline"
-DEFAULT_PIPELINE_CONFIG = "inference_general"
-NO_DETECTOR = "none"
-PLAIN_BACKGROUND = "plain-background"
-# PP-ShiTuV2's score_thres: used when neither the config nor the model sets one.
-DEFAULT_SCORE_THRES = 0.5
 
 _IGNORED_GLOBAL = {
     "infer_imgs",

@@ -35,12 +35,8 @@ from shitu.index import Gallery
 from shitu.inference.extractor import FeatureExtractor, check_count
 from shitu.inference.preprocess import read_rgb
 from shitu.pipeline.background import PlainBackgroundDetector
-from shitu.pipeline.config import (
-    DEFAULT_SCORE_THRES,
-    NO_DETECTOR,
-    PLAIN_BACKGROUND,
-    PipelineConfig,
-)
+from shitu.pipeline.config import PipelineConfig
+from shitu.pipeline.defaults import DEFAULT_SCORE_THRES, NO_DETECTOR, PLAIN_BACKGROUND
 
 MIN_BOX_SIDE = 2  # pixels; thinner detector boxes cannot be embedded meaningfully
 FILES_PER_BATCH = 8  # images decoded and recognised together by recognize_files
