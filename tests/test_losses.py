@@ -139,6 +139,16 @@ def test_contrastive_loss_hand_computed():
     assert loss(x, torch.tensor([0, 0, 1, 1])).item() == pytest.approx(expected, abs=1e-5)
 
 
+@pytest.mark.parametrize("name", ["embedding_size", "feat_dim"])  # PaddleClas's, new and old
+def test_contrastive_loss_checks_the_embedding_size_under_either_name(name):
+    loss = LOSSES.build("ContrastiveLoss", margin=0.5, **{name: 2})
+    assert loss(_unit(0, 30), torch.tensor([0, 0])).item() >= 0.0
+    with pytest.raises(ValueError, match="embedding_size is 2 but embeddings have 3"):
+        loss(torch.ones(2, 3), torch.tensor([0, 0]))
+    with pytest.raises(ConfigError, match="differ"):
+        LOSSES.build("ContrastiveLoss", embedding_size=2, feat_dim=3)
+
+
 def test_contrastive_loss_against_a_reference_set():
     loss = LOSSES.build("ContrastiveLoss", margin=0.5)
     query = _unit(0)

@@ -18,8 +18,11 @@ class ContrastiveLoss(PairLoss):
     satisfied, and this drops the exact copies of the batch that a memory may hold.
     Negatives below `margin` are "easy" and contribute nothing; above it they count
     with s itself (not s - margin), as in the XBM authors' and PaddleClas's code.
-    Without a reference the batch is compared with itself, minus self-pairs.
-    `feat_dim` (PaddleClas's required argument) is optional and only checked.
+    Without a reference the batch is compared with itself, minus self-pairs (PaddleClas
+    drops them only by the epsilon test, which differs with `normalize_feature` false,
+    where a self-pair's s = |x|^2 need not be near 1).
+    `embedding_size` (PaddleClas's required argument; `feat_dim` in its older
+    versions, accepted too) is optional and only checked.
     """
 
     def __init__(
@@ -27,18 +30,21 @@ class ContrastiveLoss(PairLoss):
         margin: float = 0.5,
         normalize_feature: bool = True,
         epsilon: float = 1e-5,
+        embedding_size: int | None = None,
         feat_dim: int | None = None,
     ) -> None:
         super().__init__()
+        if None not in (embedding_size, feat_dim) and embedding_size != feat_dim:
+            raise ValueError(f"embedding_size {embedding_size} and feat_dim {feat_dim} differ")
         self.margin = margin
         self.normalize_feature = normalize_feature
         self.epsilon = epsilon
-        self.feat_dim = feat_dim
+        self.embedding_size = embedding_size if embedding_size is not None else feat_dim
 
     def compare(self, query: Tensor, ref: Tensor, positive: Tensor, negative: Tensor) -> Tensor:
-        if self.feat_dim is not None and query.shape[1] != self.feat_dim:
+        if self.embedding_size is not None and query.shape[1] != self.embedding_size:
             raise ValueError(
-                f"ContrastiveLoss.feat_dim is {self.feat_dim} but embeddings have "
+                f"ContrastiveLoss.embedding_size is {self.embedding_size} but embeddings have "
                 f"{query.shape[1]} dimensions"
             )
         sim = query @ ref.t()

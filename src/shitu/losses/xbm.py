@@ -4,9 +4,10 @@ Embeddings drift slowly once training has settled, so the embeddings of the last
 few thousand images are still good stand-ins for their current values. XBM keeps
 them in a FIFO ring and adds a pair loss of the batch against that memory, giving
 each anchor far more (and harder) negatives than one batch holds. The ring is
-first-in-first-out at any memory size; PaddleClas's restarts at slot 0 when a batch
-does not fit, overwriting newer entries first when the size is not a multiple of the
-batch size.
+first-in-first-out at any memory size. PaddleClas's writes a batch that does not fit
+over its last slots and restarts at slot 0, so each time it wraps it overwrites newer
+entries than the oldest: with a size that is a multiple of the batch size, the batch
+written just before.
 """
 
 from __future__ import annotations
