@@ -119,6 +119,8 @@ def main() -> None:
         "--workdir", type=Path, help="where libraries are built (default: a temporary folder)"
     )
     args = parser.parse_args()
+    if args.writes < 2:  # the first add is timed apart: "later" needs at least one more
+        parser.error("--writes must be at least 2")
     faiss.omp_set_num_threads(args.threads)
     options = {
         key: value
