@@ -143,6 +143,16 @@ def test_a_font_collection_draws_chinese_in_the_face_of_the_users_language(monke
         assert (font.path, font.index) == face
 
 
+def test_a_caption_at_the_right_edge_is_moved_left_to_show_the_label_and_score_whole():
+    image = np.zeros((120, 240, 3), np.uint8)
+    label = "Arla-Ecological-Medium-Fat-Milk"
+    at_left = draw_boxes(image, [((0, 60, 100, 110), label, 0.91)])
+    at_right = draw_boxes(image, [((140, 60, 240, 110), label, 0.91)])
+    white = [np.all(np.asarray(drawn) == 255, axis=-1) for drawn in (at_left, at_right)]
+    assert white[0].sum() == white[1].sum() > 0  # every pixel of the text, not its start only
+    assert not white[1][:, -1].any()  # nor does it touch the edge
+
+
 def test_vis_font_that_cannot_be_used_is_refused_before_anything_is_written(tmp_path, capsys):
     photo = tmp_path / "photos" / "photo.jpg"
     photo.parent.mkdir()

@@ -40,8 +40,13 @@ def draw_boxes(
         caption = f"{label} {score:.2f}"
         left, top, right, bottom = draw.textbbox((0, 0), caption, font=font)
         text_y = y1 - (bottom - top) - 6 if y1 >= (bottom - top) + 6 else y1
-        draw.rectangle((x1, text_y, x1 + right - left + 6, text_y + bottom - top + 6), fill=colour)
-        draw.text((x1 + 3 - left, text_y + 3 - top), caption, fill=(255, 255, 255), font=font)
+        # Moved left as far as needed to end inside the image: a box at the right edge
+        # would otherwise lose the end of its label and its score.
+        text_x = max(0, min(x1, canvas.width - (right - left + 6) - 1))
+        draw.rectangle(
+            (text_x, text_y, text_x + right - left + 6, text_y + bottom - top + 6), fill=colour
+        )
+        draw.text((text_x + 3 - left, text_y + 3 - top), caption, fill=(255, 255, 255), font=font)
     return canvas
 
 
