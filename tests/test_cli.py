@@ -20,8 +20,9 @@ from shitu.cli.demo import demo_settings
 from shitu.cli.export import spread
 from shitu.cli.main import STDOUT_CLOSED_STATUS, SUBCOMMANDS, build_parser
 from shitu.cli.main import main as shitu_main
-from shitu.cli.recognize import pipeline_config_from_args
+from shitu.cli.recognize import format_table, pipeline_config_from_args
 from shitu.inference import default_model_dir, read_manifest
+from shitu.pipeline import FileRecognition, Recognition
 
 SHITU = [sys.executable, "-m", "shitu.cli.main"]
 
@@ -496,3 +497,21 @@ def test_the_demos_next_command_repeats_what_the_demo_did(tmp_path, given):
     again = parser.parse_args(separate_overrides(command[1:]))
     assert again.images == ["YOUR_PHOTOS"] and again.gallery == str(tmp_path / "my demo/gallery")
     assert pipeline_config_from_args(again) == config
+
+
+def test_recognize_table_lines_up_labels_of_wide_and_combining_characters():
+    """Columns are terminal columns: a Chinese label is twice its length wide, and a
+    decomposed accent takes none, so the boxes after the labels start in one column."""
+    labels = ["牛奶", "Milk", "Cafe\u0301 au lait", "oat"]
+    found = FileRecognition(
+        "shelf.jpg", [Recognition((1, 2, 3, 4), label, 0.9, i) for i, label in enumerate(labels)]
+    )
+    rows = format_table(found).splitlines()[1:]
+    before_box = {
+        sum(
+            2 if "\u4e00" <= c <= "\u9fff" else 0 if c == "\u0301" else 1
+            for c in row[: row.index("[")]
+        )
+        for row in rows
+    }
+    assert len(rows) == 4 and len(before_box) == 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import unicodedata
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -206,6 +207,15 @@ def input_side(text: str) -> int:
     except (ValueError, ConfigError):
         message = f"expected a positive multiple of 32, got {text}"
         raise argparse.ArgumentTypeError(message) from None
+
+
+def display_width(text: str) -> int:
+    """Terminal columns `text` takes: East Asian wide characters two, combining marks none,
+    so that labels in Chinese or with decomposed accents line up in a table."""
+    return sum(
+        0 if unicodedata.combining(char) else 2 if unicodedata.east_asian_width(char) in "WF" else 1
+        for char in text
+    )
 
 
 def count_of(count: int, noun: str) -> str:

@@ -15,6 +15,7 @@ from shitu.cli.common import (
     add_runtime_arguments,
     add_visualisation_arguments,
     cosine_similarity,
+    display_width,
     expand_images,
     positive_int,
     visualisation_writer,
@@ -153,9 +154,10 @@ def format_table(found: FileRecognition) -> str:
         return f"{found.path}\n  skipped: {found.error}"
     if not found.results:
         return f"{found.path}\n  (nothing recognised)"
-    width = max(len(r.label) for r in found.results)
+    width = max(display_width(r.label) for r in found.results)
     rows = [
-        f"  {r.score:6.3f}  {r.label:<{width}}  [{', '.join(map(str, r.bbox))}]  id {r.image_id}"
+        f"  {r.score:6.3f}  {r.label}{' ' * (width - display_width(r.label))}  "
+        f"[{', '.join(map(str, r.bbox))}]  id {r.image_id}"
         for r in found.results
     ]
     return "\n".join([found.path, *rows])
@@ -190,4 +192,4 @@ def run(args: argparse.Namespace) -> int:
                 writer.save_recognition(found)
     if skipped:
         print(f"warning: {skipped} of {len(paths)} files could not be read", file=sys.stderr)
-    return 1 if skipped == len(paths) else 0  # nothing recognised at all: fail, like extract
+    return 1 if skipped == len(paths) else 0  # no file could be read: fail, like extract
