@@ -333,6 +333,31 @@ def test_a_crash_after_a_step_checkpoint_does_not_evaluate_an_epoch_twice(grocer
         Trainer(load_config(path, [*refused, "Global.epochs=2"]))
 
 
+def test_a_failed_evaluation_keeps_the_epoch_it_evaluated(grocery, tmp_path, caplog):
+    """An evaluation that fails (out of memory, an unreadable eval image) loses no
+    training: the epoch is checkpointed as trained, and the resumed run evaluates it."""
+    path = tiny_config(grocery, tmp_path)  # 4 steps per epoch, 2 epochs
+    output = tmp_path / "output"
+    trainer = Trainer(load_config(path))
+    evaluate = trainer.evaluation.run
+
+    def fails_at_epoch_2(model):
+        if trainer.progress.global_step == 8:
+            raise MemoryError("out of memory")
+        return evaluate(model)
+
+    trainer.evaluation.run = fails_at_epoch_2
+    with caplog.at_level(logging.WARNING), pytest.raises(MemoryError):
+        trainer.fit()
+    assert "the evaluation of epoch 2 failed; its training is saved" in caplog.text
+    resumed = Trainer(load_config(path, [f"Global.checkpoints={output}"]))
+    assert resumed.progress.global_step == 8
+    assert resumed.fit().finished
+    assert [r["step"] for r in read_log(output / "metrics.jsonl", "train")] == list(range(1, 9))
+    evals = read_log(output / "metrics.jsonl", "eval")
+    assert [(e["step"], e["epoch"]) for e in evals] == [(4, 1), (8, 2)]
+
+
 def test_ema_weights_are_saved_and_resume_exactly(grocery, tmp_path, caplog):
     """With `EMA`, best/final weights are the average; latest.pt keeps both for resuming."""
     path = tiny_config(grocery, tmp_path)

@@ -376,9 +376,9 @@ class Trainer:
             if not self._train_epoch():
                 self.save_latest()
                 return False
-            self.progress.epoch, self.progress.batch_in_epoch = epoch + 1, 0
             if self.evaluation is not None and (epoch + 1) % global_config.eval_interval == 0:
                 self._evaluate(epoch + 1)
+            self.progress.epoch, self.progress.batch_in_epoch = epoch + 1, 0
             every = global_config.checkpoint_every_steps
             if (
                 (epoch + 1) % global_config.save_interval == 0
@@ -473,6 +473,22 @@ class Trainer:
             self.ema.update()
         return value, parts
 
+    def _save_unevaluated_epoch(self, epoch: int) -> None:
+        """After a failed evaluation (out of memory, an unreadable eval image), checkpoint
+        the epoch it evaluated as trained but not evaluated, as a stop at the epoch's end
+        does: a resumed run evaluates it again instead of training it again. One process
+        only: under DDP the other processes wait in the evaluation's collectives, where
+        the checkpoint's own would not meet them."""
+        if self.context.distributed:
+            return
+        self.save_latest()
+        logger.warning(
+            "the evaluation of epoch %d failed; its training is saved: resume with "
+            "-o Global.checkpoints=%s to evaluate it and go on",
+            epoch,
+            self.output_dir / f"{LATEST}{SUFFIX}",
+        )
+
     def _evaluate(self, epoch: int) -> None:
         assert self.evaluation is not None
         model = self.result_model
@@ -481,7 +497,11 @@ class Trainer:
             # save) rank 0's, on every rank.
             for buffer in model.buffers():
                 torch.distributed.broadcast(buffer, src=0)
-        result = self.evaluation.run(model)
+        try:
+            result = self.evaluation.run(model)
+        except Exception:
+            self._save_unevaluated_epoch(epoch)
+            raise
         value = result.metrics[self.config.Global.eval_metric]
         self.schedule.observe(value)
         self.log.write("eval", self.progress.global_step, epoch=epoch, **result.metrics)
