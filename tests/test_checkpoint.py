@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import pickle
+import signal
 
 import numpy as np
 import pytest
@@ -23,6 +25,7 @@ from shitu.checkpoint import (
 )
 from shitu.config import load_config
 from shitu.config.schema import ArchConfig
+from shitu.engine.state import Progress, save_training_state
 from shitu.errors import CheckpointError
 from shitu.models import build_model
 from shitu.registry import BACKBONES, populate
@@ -224,6 +227,39 @@ def test_unwritable_output_is_a_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match="cannot write .*r0.pt/m.safetensors"):
         save_weights(model.state_dict(), runs[0] / "m.safetensors")
     assert not list(tmp_path.glob(".*"))  # no temporary file left behind
+
+
+@pytest.fixture
+def full_disk():
+    """Files stop growing at 64 KiB, as on a full disk (the system says "File too large"
+    rather than "No space left on device")."""
+    resource = pytest.importorskip("resource")
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a refused write, not death
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, limit[1]))
+    yield os.strerror(errno.EFBIG)
+    resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+    signal.signal(signal.SIGXFSZ, handler)
+
+
+def test_a_checkpoint_the_disk_has_no_room_for_is_a_clear_error(tmp_path, full_disk):
+    """Training's latest.pt and the weight files: an error naming the file and the system's
+    reason (torch and safetensors said "unexpected pos 704 vs 598" and "Error while
+    serializing", naming neither), and the file as it was before."""
+    small, large = {"weight": torch.zeros(4)}, {"weight": torch.zeros(1 << 16)}
+    saves = {
+        "latest.pt": lambda state, path: save_training_state(path, {"model": state}, Progress()),
+        "best_model.safetensors": save_weights,
+        "final_model.pt": save_weights,
+    }
+    for name, save in saves.items():
+        path = tmp_path / name
+        save(small, path)
+        before = path.read_bytes()
+        with pytest.raises(CheckpointError, match=f"cannot write {path}: .*{full_disk}"):
+            save(large, path)
+        assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(saves)  # no temporary files
 
 
 def test_load_pretrained_backbone_skips_what_does_not_fit(tmp_path):

@@ -53,6 +53,16 @@ def check_writable(folder: Path, what: str) -> None:
         raise DataError(f"{what}: cannot write in {folder} ({exc.strerror or exc})") from None
 
 
+def write_failure_reason(exc: BaseException) -> str:
+    """Why a write failed, in the system's words ("No space left on device"). torch.save
+    into a file object reports a refused write as its own RuntimeError ("unexpected pos
+    ..."), with the system's OSError only as its context."""
+    refusal = exc if isinstance(exc, OSError) else exc.__context__
+    if isinstance(refusal, OSError) and refusal.strerror:
+        return refusal.strerror
+    return str(exc)
+
+
 def _read_umask() -> int:
     mask = os.umask(0)  # the only portable way to read it; done once, at import
     os.umask(mask)

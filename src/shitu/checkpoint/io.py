@@ -16,7 +16,7 @@ from torch import nn
 from shitu.checkpoint.paddle import paddle_to_torch, read_pdparams
 from shitu.engine.state import training_state_kind
 from shitu.errors import CheckpointError
-from shitu.fileio import write_atomically
+from shitu.fileio import write_atomically, write_failure_reason
 from shitu.models.reparam import is_reparameterized, reparameterize
 
 TORCH_SUFFIXES = (".pt", ".pth")
@@ -78,12 +78,15 @@ def save_weights(
         if path.suffix == ".safetensors":
             save_file(tensors, tmp, metadata=metadata)
         else:
-            torch.save({"state_dict": tensors, "metadata": metadata}, tmp)
+            with tmp.open("wb") as handle:  # a refused write's OSError stays behind torch's
+                torch.save({"state_dict": tensors, "metadata": metadata}, handle)
 
     try:
         return write_atomically(path, write)
-    except OSError as exc:  # a folder of that name, a file in the way of its folder, no space
-        raise CheckpointError(f"cannot write {path}: {exc.strerror or exc}") from None
+    # A folder of that name, a file in the way of its folder, no space (which safetensors
+    # and torch report as their own errors).
+    except (OSError, RuntimeError, SafetensorError) as exc:
+        raise CheckpointError(f"cannot write {path}: {write_failure_reason(exc)}") from None
 
 
 def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

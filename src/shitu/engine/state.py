@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from shitu.errors import CheckpointError
-from shitu.fileio import write_atomically
+from shitu.fileio import write_atomically, write_failure_reason
 
 LATEST = "latest"
 BEST = "best_model"
@@ -44,9 +44,19 @@ def resolve_checkpoint(path: str | Path, option: str = "Global.checkpoints") -> 
 
 
 def save_training_state(path: Path, state: dict[str, Any], progress: Progress) -> Path:
-    """Write atomically (temp file + rename): a crash never leaves a half-written checkpoint."""
+    """Write atomically (temp file + rename): a crash or a full disk never leaves a
+    half-written checkpoint, and the one `path` held stays; a refused write (a full disk,
+    no permission) is a CheckpointError naming `path`."""
     payload = {"format_version": FORMAT_VERSION, "progress": asdict(progress), **state}
-    return write_atomically(path, lambda tmp: torch.save(payload, tmp))
+
+    def write(tmp: Path) -> None:
+        with tmp.open("wb") as handle:  # a refused write's OSError then stays behind torch's
+            torch.save(payload, handle)
+
+    try:
+        return write_atomically(path, write)
+    except (OSError, RuntimeError) as exc:
+        raise CheckpointError(f"cannot write {path}: {write_failure_reason(exc)}") from None
 
 
 # A key only one trainer's checkpoints hold, telling them apart; how to resume each.
