@@ -36,6 +36,20 @@ def _compared(metadata: dict[str, str], key: str) -> object:
     return weight_shaping_arch(arch) if isinstance(arch, dict) else arch
 
 
+def _differences(first: object, other: object, where: str) -> list[str]:
+    """Where two metadata values (an Arch config as JSON data) differ, by setting: e.g.
+    `shitu.arch Head.class_num: 6 and 7` for an Arch config's classifier sizes."""
+    if isinstance(first, dict) and isinstance(other, dict):
+        keys = sorted(first.keys() | other.keys(), key=str)
+        prefix = f"{where} " if where == ARCH else f"{where}."
+        return [
+            difference
+            for key in keys
+            for difference in _differences(first.get(key), other.get(key), f"{prefix}{key}")
+        ]
+    return [] if first == other else [f"{where}: {first!r} and {other!r}"]
+
+
 def average_weights(
     paths: list[str | Path],
     weighting: list[float] | None = None,
@@ -81,8 +95,11 @@ def average_weights(
                     f"{bare} has no {key} metadata, {other} has: cannot tell whether they "
                     f"hold the same model (`shitu convert {bare} -c CONFIG` records it)"
                 )
+            differences = _differences(
+                _compared(metadata, key), _compared(other_metadata, key), key
+            )
             raise CheckpointError(
-                f"{path}: its {key} differs from {first_path}'s; "
+                f"{path}: its {key} differs from {first_path}'s ({'; '.join(differences[:3])}); "
                 "only weights of the same model can be averaged"
             )
         if state.keys() != first.keys():
