@@ -16,8 +16,9 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from shitu.errors import DataError
+from shitu.errors import CheckpointError, DataError
 
 
 def file_sha256(path: Path) -> str:
@@ -51,6 +52,22 @@ def check_writable(folder: Path, what: str) -> None:
         os.unlink(name)
     except OSError as exc:
         raise DataError(f"{what}: cannot write in {folder} ({exc.strerror or exc})") from None
+
+
+def torch_save_atomically(payload: Any, path: Path) -> Path:
+    """`torch.save(payload)` to `path` by `write_atomically`; a refused write (a full disk,
+    no permission) is a CheckpointError naming `path` and the system's reason, and the file
+    `path` held stays."""
+    import torch  # here: the command line imports this module without loading torch
+
+    def write(tmp: Path) -> None:
+        with tmp.open("wb") as handle:  # a refused write's OSError then stays behind torch's
+            torch.save(payload, handle)
+
+    try:
+        return write_atomically(path, write)
+    except (OSError, RuntimeError) as exc:
+        raise CheckpointError(f"cannot write {path}: {write_failure_reason(exc)}") from None
 
 
 def write_failure_reason(exc: BaseException) -> str:

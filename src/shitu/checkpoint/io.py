@@ -16,7 +16,7 @@ from torch import nn
 from shitu.checkpoint.paddle import paddle_to_torch, read_pdparams
 from shitu.engine.state import training_state_kind
 from shitu.errors import CheckpointError
-from shitu.fileio import write_atomically, write_failure_reason
+from shitu.fileio import torch_save_atomically, write_atomically, write_failure_reason
 from shitu.models.reparam import is_reparameterized, reparameterize
 
 TORCH_SUFFIXES = (".pt", ".pth")
@@ -74,18 +74,13 @@ def save_weights(
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     metadata = dict(metadata or {})
 
-    def write(tmp: Path) -> None:
-        if path.suffix == ".safetensors":
-            save_file(tensors, tmp, metadata=metadata)
-        else:
-            with tmp.open("wb") as handle:  # a refused write's OSError stays behind torch's
-                torch.save({"state_dict": tensors, "metadata": metadata}, handle)
-
+    if path.suffix != ".safetensors":
+        return torch_save_atomically({"state_dict": tensors, "metadata": metadata}, path)
     try:
-        return write_atomically(path, write)
+        return write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     # A folder of that name, a file in the way of its folder, no space (which safetensors
-    # and torch report as their own errors).
-    except (OSError, RuntimeError, SafetensorError) as exc:
+    # reports as its own error).
+    except (OSError, SafetensorError) as exc:
         raise CheckpointError(f"cannot write {path}: {write_failure_reason(exc)}") from None
 
 

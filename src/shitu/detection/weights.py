@@ -23,7 +23,7 @@ from shitu.checkpoint.paddle import read_pdparams
 from shitu.detection.model import ARCHS, PicoDet, PicoDetArch, build_picodet, resolve_arch
 from shitu.engine.state import training_state_kind
 from shitu.errors import CheckpointError
-from shitu.fileio import write_atomically
+from shitu.fileio import torch_save_atomically
 from shitu.onnx_input import graph_input_shape, image_input_size
 
 CHECKPOINT_FORMAT = f"{DETECTOR_FORMAT_PREFIX}-1"
@@ -31,13 +31,14 @@ CHECKPOINT_FORMAT = f"{DETECTOR_FORMAT_PREFIX}-1"
 
 def save_detector(model: PicoDet, path: str | Path) -> Path:
     """Our checkpoint: architecture + state dict (loadable with weights_only), written
-    atomically: a full disk or a stopped run leaves the earlier file, not a truncated one."""
+    atomically: a full disk or a stopped run leaves the earlier file, not a truncated one,
+    and a refused write is a CheckpointError naming the file."""
     payload = {
         "format": CHECKPOINT_FORMAT,
         "arch": model.arch.to_dict(),
         "state_dict": model.state_dict(),
     }
-    return write_atomically(Path(path), lambda tmp: torch.save(payload, tmp))
+    return torch_save_atomically(payload, Path(path))
 
 
 def load_detector_checkpoint(path: str | Path) -> PicoDet:

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from shitu.errors import CheckpointError
-from shitu.fileio import write_atomically, write_failure_reason
+from shitu.fileio import torch_save_atomically
 
 LATEST = "latest"
 BEST = "best_model"
@@ -48,15 +48,7 @@ def save_training_state(path: Path, state: dict[str, Any], progress: Progress) -
     half-written checkpoint, and the one `path` held stays; a refused write (a full disk,
     no permission) is a CheckpointError naming `path`."""
     payload = {"format_version": FORMAT_VERSION, "progress": asdict(progress), **state}
-
-    def write(tmp: Path) -> None:
-        with tmp.open("wb") as handle:  # a refused write's OSError then stays behind torch's
-            torch.save(payload, handle)
-
-    try:
-        return write_atomically(path, write)
-    except (OSError, RuntimeError) as exc:
-        raise CheckpointError(f"cannot write {path}: {write_failure_reason(exc)}") from None
+    return torch_save_atomically(payload, path)
 
 
 # A key only one trainer's checkpoints hold, telling them apart; how to resume each.
