@@ -213,6 +213,35 @@ def test_config_errors_name_file_key_and_override(config_file, overrides, expect
     assert all(line.startswith("  ") for line in message.splitlines()[1:])  # one per problem
 
 
+@pytest.mark.parametrize(
+    ("override", "key", "component"),
+    [
+        ("Global.epochs=true", "Global.epochs", "the config"),
+        ("Global.seed=false", "Global.seed", "the config"),
+        ("Global.image_shape=[3, true, 224]", "Global.image_shape", "the config"),
+        (
+            "Optimizer={name: SGD, lr: {name: Cosine, learning_rate: true}}",
+            "Optimizer.lr.learning_rate",
+            "the config",
+        ),
+        ("EMA.decay=true", "EMA.decay", "the config"),
+        ("Arch.Head.class_num=true", "Arch.Head.class_num", "head 'ArcMargin'"),
+        ("Arch.Head.margin=false", "Arch.Head.margin", "head 'ArcMargin'"),
+    ],
+)
+def test_true_or_false_is_not_taken_for_a_number(config_file, override, key, component):
+    """Pydantic reads true as 1 and false as 0: `epochs: true` would train one epoch and
+    `class_num: true` build a one-class head, silently."""
+    with pytest.raises(ConfigError) as info:
+        load_config(config_file, [override])
+    message = str(info.value)
+    assert f"{key}" in message and "Input should be a number, not true/false" in message
+    assert component in message and f"(set by -o {override})" in message
+    # Where true/false are meant, they still are.
+    settings = load_config(config_file, ["Global.re_ranking=true", "Arch.Neck.bias_frozen=true"])
+    assert settings.Global.re_ranking is True
+
+
 def test_every_problem_is_listed_on_its_own_line_naming_its_override(config_file, capsys):
     """Fixing the one problem shown must not merely uncover the next."""
     config_file.write_text(MINIMAL + "Global:\n  epocs: 3\n  sed: 0\n")

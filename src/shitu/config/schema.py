@@ -12,15 +12,21 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from shitu.registry import refuse_bool_as_number
+
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    _refuse_bool_as_number = field_validator("*", mode="before")(refuse_bool_as_number)
 
 
 class ComponentConfig(BaseModel):
     """`name` of a registered component plus its keyword arguments."""
 
     model_config = ConfigDict(extra="allow")
+
+    _refuse_bool_as_number = field_validator("*", mode="before")(refuse_bool_as_number)
 
     name: str
 
