@@ -7,6 +7,7 @@ import textwrap
 
 import pytest
 
+from shitu import registry
 from shitu.cli.main import main as shitu_main
 from shitu.config import apply_overrides, load_config, parse_override, shipped_configs
 from shitu.config.overrides import load_yaml
@@ -240,6 +241,25 @@ def test_true_or_false_is_not_taken_for_a_number(config_file, override, key, com
     # Where true/false are meant, they still are.
     settings = load_config(config_file, ["Global.re_ranking=true", "Arch.Neck.bias_frozen=true"])
     assert settings.Global.re_ranking is True
+
+
+def test_paths_that_yaml_reads_as_numbers_or_dates_are_text(config_file):
+    """A run folder named by its date, or a data folder named by a year, is a path: YAML
+    reads `2024-01-01` as a date and `2024` as a number, which a path setting refused."""
+    dataset = "dataset: {name: ImageNetDataset, image_root: 2024, cls_label_path: 2024-01-01}"
+    config = load_config(
+        config_file,
+        [
+            "Global.output_dir=2024-01-01",
+            "Global.pretrained_model=1.5",
+            f"DataLoader.Train={{{dataset}}}",
+        ],
+    )
+    assert config.Global.output_dir == "2024-01-01"
+    assert config.Global.pretrained_model == "1.5"
+    assert load_yaml("output_dir: 2024-01-01") == {"output_dir": "2024-01-01"}
+    params = registry.DATASETS.validate("ImageNetDataset", config.DataLoader.Train.dataset.params)
+    assert params["image_root"] == "2024" and params["cls_label_path"] == "2024-01-01"
 
 
 def test_every_problem_is_listed_on_its_own_line_naming_its_override(config_file, capsys):

@@ -156,7 +156,12 @@ class Registry:
                 fields[param.name] = (annotation, default)
             self._param_models[name] = create_model(
                 f"{name}Params",
-                __config__=ConfigDict(extra=extra, arbitrary_types_allowed=True, strict=False),
+                __config__=ConfigDict(
+                    extra=extra,
+                    arbitrary_types_allowed=True,
+                    strict=False,
+                    coerce_numbers_to_str=True,  # `image_root=2024` is a folder's name
+                ),
                 __validators__={
                     "refuse_bool_as_number": field_validator("*", mode="before")(
                         refuse_bool_as_number

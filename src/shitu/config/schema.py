@@ -16,7 +16,8 @@ from shitu.registry import refuse_bool_as_number
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # A number where text is expected is the text YAML read it as: `output_dir=2024`, a path.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
 
     _refuse_bool_as_number = field_validator("*", mode="before")(refuse_bool_as_number)
 
