@@ -186,6 +186,11 @@ def test_every_shipped_config_builds_its_model_and_losses(name):
             "Metric.Eval[0].Recallk.topk: must be a positive integer or a list of them",
         ),
         (["Metrics.Eval=[]"], "Metrics: unknown key (did you mean 'Metric'?)"),
+        (["Global.re_ranking={k1: 0}"], "Global.re_ranking.k1: must be a positive integer"),
+        (
+            ["Global.re_ranking={k_1: 20}"],
+            "Global.re_ranking.k_1: unknown parameter (did you mean 'k1'?)",
+        ),
         (
             ["LinearProbe={epochs: 0, frozen_layers: [backbone]}"],
             "LinearProbe.epochs: Input should be greater than or equal to 1",
