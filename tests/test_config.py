@@ -377,9 +377,20 @@ def test_errors_in_the_file_itself(tmp_path):
         load_config(path)
 
 
-def test_missing_and_malformed_files(tmp_path):
+def test_missing_and_malformed_files(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="config file not found: .*nowhere.yaml"):
         load_config(tmp_path / "nowhere.yaml")
+    # A relative path is relative to the folder the command runs in: the error says which.
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as info:
+        load_config("GroceryStore_Lite0.yaml")
+    assert str(info.value).startswith(
+        "config file not found: GroceryStore_Lite0.yaml (did you mean "
+        f"'GroceryStore_EfficientNetLite0'?) (no such file: {tmp_path / 'GroceryStore_Lite0.yaml'}"
+        ", nor a shipped name: "
+    )
+    with pytest.raises(ConfigError, match=f"^config file {re.escape(str(tmp_path))}: a folder"):
+        load_config(tmp_path)
     bad = tmp_path / "broken.yaml"
     bad.write_text("Arch:\n  Backbone: [unclosed\n")
     with pytest.raises(ConfigError, match=r"broken.yaml: invalid YAML at line \d+"):
