@@ -315,6 +315,28 @@ def test_problems_in_several_components_are_listed_together(config_file):
     ]
 
 
+def test_a_malformed_transform_op_is_listed_with_the_other_problems(config_file):
+    """An item of transform_ops holding two ops (an -o into the wrong index adds a second)
+    is one problem among the others, each named once, not the only one shown."""
+    ops = "[{DecodeImage: {}}, {RandFlipImage: {}, ResizeImage: {size: 8}}, ResizeImage, {Pad: 3}]"
+    dataset = f"dataset: {{name: ImageNetDataset, image_root: ., cls_label_path: t.txt, transform_ops: {ops}}}"
+    overrides = [f"DataLoader.Train={{{dataset}}}", "Arch.Head.class_num=0"]
+    with pytest.raises(ConfigError) as info:
+        load_config(config_file, overrides)
+    set_by = f" (set by -o {overrides[0]})"
+    assert str(info.value).splitlines() == [
+        f"{config_file}: 4 problems in the config:",
+        "  Arch.Head.class_num: Input should be greater than 0 (got 0) in head 'ArcMargin' "
+        f"(set by -o {overrides[1]})",
+        "  DataLoader.Train.dataset.transform_ops.2: Input should be a valid dictionary (got "
+        f"'ResizeImage') in dataset 'ImageNetDataset'{set_by}",
+        "  DataLoader.Train.dataset.transform_ops.3.Pad: Input should be a valid dictionary (got "
+        f"3) in dataset 'ImageNetDataset'{set_by}",
+        "  DataLoader.Train.dataset.transform_ops.1: each op must be one '{OpName: {params}}' "
+        f"mapping, got 2: RandFlipImage, ResizeImage{set_by}",
+    ]
+
+
 def test_a_schedule_driven_by_evaluations_is_refused_in_a_run_without_them(config_file):
     """ReduceOnPlateau lowers the rate on evaluations: without any it would never lower it."""
     plateau = "Optimizer={name: Momentum, lr: {name: ReduceOnPlateau, learning_rate: 0.1}}"

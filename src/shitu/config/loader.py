@@ -222,12 +222,20 @@ def _validate_data_split(where: str, split: DataSplitConfig, failed: list[Config
     _check(
         failed, f"{where}.dataset", lambda: registry.DATASETS.validate(dataset.name, dataset.params)
     )
-    for index, op in enumerate(dataset.params.get("transform_ops") or []):
-        if not isinstance(op, dict) or len(op) != 1:
-            raise ConfigError(
-                f"{where}.dataset.transform_ops.{index}: each op must be one "
-                "'{OpName: {params}}' mapping"
+    ops = dataset.params.get("transform_ops")
+    for index, op in enumerate(ops if isinstance(ops, list) else []):
+        if not isinstance(op, dict) or not all(
+            isinstance(params, dict | None) for params in op.values()
+        ):
+            continue  # the dataset's own validation names it
+        if len(op) != 1:
+            failed.append(
+                ConfigError(
+                    f"{where}.dataset.transform_ops.{index}: each op must be one "
+                    f"'{{OpName: {{params}}}}' mapping, got {len(op)}: {', '.join(map(str, op))}"
+                )
             )
+            continue
         ((name, params),) = op.items()
         _check(
             failed,
