@@ -186,6 +186,8 @@ def test_every_shipped_config_builds_its_model_and_losses(name):
             "Metric.Eval[0].Recallk.topk: must be a positive integer or a list of them",
         ),
         (["Metrics.Eval=[]"], "Metrics: unknown key (did you mean 'Metric'?)"),
+        (["Global.eval_metric=map"], "Global.eval_metric: Value error, must be recall@K, "),
+        (["Global.eval_metric=recall1"], "Global.eval_metric: Value error, must be recall@K, "),
         (["Global.re_ranking={k1: 0}"], "Global.re_ranking.k1: must be a positive integer"),
         (
             ["Global.re_ranking={k_1: 20}"],

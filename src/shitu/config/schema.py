@@ -8,6 +8,7 @@ are checked against the registered constructor's signature.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -76,6 +77,15 @@ class GlobalConfig(Section):
     def _yaml_off(cls, value: Any) -> Any:
         # YAML 1.1 reads a bare `off` (in a file or `-o Global.amp=off`) as false.
         return "off" if value is False else value
+
+    @field_validator("eval_metric")
+    @classmethod
+    def _metric_name(cls, value: str) -> str:
+        # A misspelt name (`map`, `recall1`) is refused as the config loads; whether
+        # Metric.Eval computes the metric named is checked when training builds its evaluation.
+        if re.fullmatch(r"(recall|precision)@[1-9][0-9]*|mAP|mINP", value) is None:
+            raise ValueError("must be recall@K, precision@K, mAP or mINP")
+        return value
 
     @field_validator("image_shape")
     @classmethod
