@@ -457,6 +457,22 @@ def test_train_refuses_a_pk_batch_of_partial_groups_as_the_config_loads(config_f
     )
 
 
+def test_train_and_eval_name_the_file_and_each_section_they_need(config_file, capsys):
+    """A config for `shitu info` or `export` (a model alone) given to `train` or `eval` is
+    refused before any model is built, with the file and every missing section at once."""
+    assert shitu_main(["train", "-c", str(config_file), "-o", "Loss=null"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: {config_file}: 3 problems in the config for training:",
+        "  Loss: training needs this section (set by -o Loss=null)",
+        "  Optimizer: training needs this section",
+        "  DataLoader.Train: training needs a training dataset",
+    ]
+    assert shitu_main(["eval", "-c", str(config_file)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {config_file}: DataLoader.Eval.Query: evaluation needs a query dataset\n"
+    )
+
+
 def test_cli_reports_bad_stop_layer_with_file(config_file, capsys):
     code = shitu_main(["info", "-c", str(config_file), "-o", "Arch.BackboneStopLayer.name=flaten"])
     err = capsys.readouterr().err
