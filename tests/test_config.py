@@ -7,6 +7,7 @@ import textwrap
 
 import pytest
 
+from shitu import registry
 from shitu.cli.main import main as shitu_main
 from shitu.config import apply_overrides, load_config, parse_override, shipped_configs
 from shitu.config.overrides import load_yaml
@@ -185,6 +186,13 @@ def test_every_shipped_config_builds_its_model_and_losses(name):
             "Metric.Eval[0].Recallk.topk: must be a positive integer or a list of them",
         ),
         (["Metrics.Eval=[]"], "Metrics: unknown key (did you mean 'Metric'?)"),
+        (["Global.eval_metric=map"], "Global.eval_metric: Value error, must be recall@K, "),
+        (["Global.eval_metric=recall1"], "Global.eval_metric: Value error, must be recall@K, "),
+        (["Global.re_ranking={k1: 0}"], "Global.re_ranking.k1: must be a positive integer"),
+        (
+            ["Global.re_ranking={k_1: 20}"],
+            "Global.re_ranking.k_1: unknown parameter (did you mean 'k1'?)",
+        ),
         (
             ["LinearProbe={epochs: 0, frozen_layers: [backbone]}"],
             "LinearProbe.epochs: Input should be greater than or equal to 1",
@@ -211,6 +219,54 @@ def test_config_errors_name_file_key_and_override(config_file, overrides, expect
     assert expected in message
     assert f"(set by -o {overrides[0]})" in message
     assert all(line.startswith("  ") for line in message.splitlines()[1:])  # one per problem
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "component"),
+    [
+        ("Global.epochs=true", "Global.epochs", "the config"),
+        ("Global.seed=false", "Global.seed", "the config"),
+        ("Global.image_shape=[3, true, 224]", "Global.image_shape", "the config"),
+        (
+            "Optimizer={name: SGD, lr: {name: Cosine, learning_rate: true}}",
+            "Optimizer.lr.learning_rate",
+            "the config",
+        ),
+        ("EMA.decay=true", "EMA.decay", "the config"),
+        ("Arch.Head.class_num=true", "Arch.Head.class_num", "head 'ArcMargin'"),
+        ("Arch.Head.margin=false", "Arch.Head.margin", "head 'ArcMargin'"),
+    ],
+)
+def test_true_or_false_is_not_taken_for_a_number(config_file, override, key, component):
+    """Pydantic reads true as 1 and false as 0: `epochs: true` would train one epoch and
+    `class_num: true` build a one-class head, silently."""
+    with pytest.raises(ConfigError) as info:
+        load_config(config_file, [override])
+    message = str(info.value)
+    assert f"{key}" in message and "Input should be a number, not true/false" in message
+    assert component in message and f"(set by -o {override})" in message
+    # Where true/false are meant, they still are.
+    settings = load_config(config_file, ["Global.re_ranking=true", "Arch.Neck.bias_frozen=true"])
+    assert settings.Global.re_ranking is True
+
+
+def test_paths_that_yaml_reads_as_numbers_or_dates_are_text(config_file):
+    """A run folder named by its date, or a data folder named by a year, is a path: YAML
+    reads `2024-01-01` as a date and `2024` as a number, which a path setting refused."""
+    dataset = "dataset: {name: ImageNetDataset, image_root: 2024, cls_label_path: 2024-01-01}"
+    config = load_config(
+        config_file,
+        [
+            "Global.output_dir=2024-01-01",
+            "Global.pretrained_model=1.5",
+            f"DataLoader.Train={{{dataset}}}",
+        ],
+    )
+    assert config.Global.output_dir == "2024-01-01"
+    assert config.Global.pretrained_model == "1.5"
+    assert load_yaml("output_dir: 2024-01-01") == {"output_dir": "2024-01-01"}
+    params = registry.DATASETS.validate("ImageNetDataset", config.DataLoader.Train.dataset.params)
+    assert params["image_root"] == "2024" and params["cls_label_path"] == "2024-01-01"
 
 
 def test_every_problem_is_listed_on_its_own_line_naming_its_override(config_file, capsys):
@@ -258,6 +314,28 @@ def test_problems_in_several_components_are_listed_together(config_file):
         "(set by -o Arch.Head.clas_num=3)",
         "  Arch.Head.margin: Input should be a valid number, unable to parse string as a "
         "number (got 'big') in head 'ArcMargin' (set by -o Arch.Head.margin=big)",
+    ]
+
+
+def test_a_malformed_transform_op_is_listed_with_the_other_problems(config_file):
+    """An item of transform_ops holding two ops (an -o into the wrong index adds a second)
+    is one problem among the others, each named once, not the only one shown."""
+    ops = "[{DecodeImage: {}}, {RandFlipImage: {}, ResizeImage: {size: 8}}, ResizeImage, {Pad: 3}]"
+    dataset = f"dataset: {{name: ImageNetDataset, image_root: ., cls_label_path: t.txt, transform_ops: {ops}}}"
+    overrides = [f"DataLoader.Train={{{dataset}}}", "Arch.Head.class_num=0"]
+    with pytest.raises(ConfigError) as info:
+        load_config(config_file, overrides)
+    set_by = f" (set by -o {overrides[0]})"
+    assert str(info.value).splitlines() == [
+        f"{config_file}: 4 problems in the config:",
+        "  Arch.Head.class_num: Input should be greater than 0 (got 0) in head 'ArcMargin' "
+        f"(set by -o {overrides[1]})",
+        "  DataLoader.Train.dataset.transform_ops.2: Input should be a valid dictionary (got "
+        f"'ResizeImage') in dataset 'ImageNetDataset'{set_by}",
+        "  DataLoader.Train.dataset.transform_ops.3.Pad: Input should be a valid dictionary (got "
+        f"3) in dataset 'ImageNetDataset'{set_by}",
+        "  DataLoader.Train.dataset.transform_ops.1: each op must be one '{OpName: {params}}' "
+        f"mapping, got 2: RandFlipImage, ResizeImage{set_by}",
     ]
 
 
@@ -323,9 +401,20 @@ def test_errors_in_the_file_itself(tmp_path):
         load_config(path)
 
 
-def test_missing_and_malformed_files(tmp_path):
+def test_missing_and_malformed_files(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="config file not found: .*nowhere.yaml"):
         load_config(tmp_path / "nowhere.yaml")
+    # A relative path is relative to the folder the command runs in: the error says which.
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as info:
+        load_config("GroceryStore_Lite0.yaml")
+    assert str(info.value).startswith(
+        "config file not found: GroceryStore_Lite0.yaml (did you mean "
+        f"'GroceryStore_EfficientNetLite0'?) (no such file: {tmp_path / 'GroceryStore_Lite0.yaml'}"
+        ", nor a shipped name: "
+    )
+    with pytest.raises(ConfigError, match=f"^config file {re.escape(str(tmp_path))}: a folder"):
+        load_config(tmp_path)
     bad = tmp_path / "broken.yaml"
     bad.write_text("Arch:\n  Backbone: [unclosed\n")
     with pytest.raises(ConfigError, match=r"broken.yaml: invalid YAML at line \d+"):
@@ -365,6 +454,22 @@ def test_train_refuses_a_pk_batch_of_partial_groups_as_the_config_loads(config_f
     assert capsys.readouterr().err == (
         f"error: {config_file}: DataLoader.Train.sampler.batch_size: 10 is not a multiple of "
         f"sample_per_id (4) in sampler 'PKSampler' (set by -o {override})\n"
+    )
+
+
+def test_train_and_eval_name_the_file_and_each_section_they_need(config_file, capsys):
+    """A config for `shitu info` or `export` (a model alone) given to `train` or `eval` is
+    refused before any model is built, with the file and every missing section at once."""
+    assert shitu_main(["train", "-c", str(config_file), "-o", "Loss=null"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: {config_file}: 3 problems in the config for training:",
+        "  Loss: training needs this section (set by -o Loss=null)",
+        "  Optimizer: training needs this section",
+        "  DataLoader.Train: training needs a training dataset",
+    ]
+    assert shitu_main(["eval", "-c", str(config_file)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {config_file}: DataLoader.Eval.Query: evaluation needs a query dataset\n"
     )
 
 

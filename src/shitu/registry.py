@@ -13,9 +13,18 @@ import inspect
 import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    create_model,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from shitu.errors import ConfigError, did_you_mean
 
@@ -24,6 +33,42 @@ T = TypeVar("T", bound=Callable[..., Any])
 # A count in a component's signature (features, channels, classes): a config giving 0 or a
 # negative number is refused by name, not by torch later with a shape error.
 Size = Annotated[int, Field(gt=0)]
+
+
+def refuse_bool_as_number(cls: type[BaseModel], value: Any, info: ValidationInfo) -> Any:
+    """A `field_validator("*", mode="before")` refusing YAML's true/false where a field takes
+    numbers: pydantic would read them as 1 and 0 (`epochs: true` one epoch, `seed: false`
+    seed 0, `class_num: true` one class)."""
+    field_types = _types_in(cls.model_fields[info.field_name].annotation)
+    takes_numbers = bool(field_types & {int, float})
+    if takes_numbers and not field_types & {bool, Any} and _holds_bool(value):
+        raise PydanticCustomError("bool_not_number", "Input should be a number, not true/false")
+    return value
+
+
+def _types_in(annotation: Any) -> set[Any]:
+    """The classes an annotation is built of (`list[int] | None`: list, int, NoneType), Any
+    included; the values of a Literal are not classes."""
+    origin = get_origin(annotation)
+    if origin is None:
+        return {annotation} if annotation is Any or inspect.isclass(annotation) else set()
+    if origin is Literal:
+        return set()
+    found = {origin} if inspect.isclass(origin) else set()
+    for arg in get_args(annotation):
+        found |= _types_in(arg)
+    return found
+
+
+def _holds_bool(value: Any) -> bool:
+    """Whether `value` is a bool, or a list or mapping with one among its items."""
+    if isinstance(value, bool):
+        return True
+    if isinstance(value, list | tuple):
+        return any(_holds_bool(item) for item in value)
+    if isinstance(value, dict):
+        return any(_holds_bool(item) for item in value.values())
+    return False
 
 
 @dataclass(frozen=True)
@@ -111,7 +156,17 @@ class Registry:
                 fields[param.name] = (annotation, default)
             self._param_models[name] = create_model(
                 f"{name}Params",
-                __config__=ConfigDict(extra=extra, arbitrary_types_allowed=True, strict=False),
+                __config__=ConfigDict(
+                    extra=extra,
+                    arbitrary_types_allowed=True,
+                    strict=False,
+                    coerce_numbers_to_str=True,  # `image_root=2024` is a folder's name
+                ),
+                __validators__={
+                    "refuse_bool_as_number": field_validator("*", mode="before")(
+                        refuse_bool_as_number
+                    )
+                },
                 **fields,
             )
         return self._param_models[name]

@@ -154,11 +154,23 @@ def trained_weights(config: ShituConfig, doing: str) -> str | None:
     return weights
 
 
-def config_from_args(args: argparse.Namespace) -> ShituConfig:
-    from shitu.config import load_config
+def config_from_args(
+    args: argparse.Namespace, needs: Callable[[ShituConfig], None] | None = None
+) -> ShituConfig:
+    """The config of `-c` and `-o`. `needs` checks the sections the command needs (training
+    or evaluation data), before any model is built; its ConfigError names the file."""
+    from shitu.config import load_config, resolve_config_path
+    from shitu.config.loader import with_source
+    from shitu.config.overrides import override_paths
 
     overrides = [item for group in args.override for item in group]
     config = load_config(args.config, overrides)
+    if needs is not None:
+        try:
+            needs(config)
+        except ConfigError as exc:
+            path = resolve_config_path(args.config)
+            raise ConfigError(with_source(path, str(exc), override_paths(overrides))) from None
     if getattr(args, "no_head", False):
         config.Arch.Head = None
     return config

@@ -32,10 +32,10 @@ def run(args: argparse.Namespace) -> int:
 
     from shitu.checkpoint import load_weights
     from shitu.engine.distributed import init_distributed, shutdown_distributed
-    from shitu.engine.evaluate import RetrievalEvaluation
+    from shitu.engine.evaluate import RetrievalEvaluation, check_evaluation_data
     from shitu.engine.seeding import seed_everything
 
-    config = config_from_args(args)
+    config = config_from_args(args, needs=check_evaluation_data)
     weights = trained_weights(config, "this evaluates")
     config.Arch.Head = None  # retrieval needs no classifier
     context = init_distributed(config.Global.device)

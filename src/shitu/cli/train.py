@@ -178,9 +178,9 @@ def _train(args: argparse.Namespace) -> int:
     from shitu.engine.distributed import shutdown_distributed
     from shitu.engine.linear_probe import fine_tune_stage, probe_weights_path
     from shitu.engine.state import resolve_checkpoint
-    from shitu.engine.trainer import Trainer
+    from shitu.engine.trainer import Trainer, check_training_sections
 
-    config = config_from_args(args)
+    config = config_from_args(args, needs=check_training_sections)
     context = None
     try:
         output_dir = Path(config.Global.output_dir)

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from shitu import registry
 from shitu.config.overrides import apply_overrides, load_yaml, override_paths
 from shitu.config.schema import ComponentConfig, DataSplitConfig, ShituConfig
-from shitu.errors import ConfigError
+from shitu.errors import ConfigError, did_you_mean
 from shitu.evaluation.retrieval import RetrievalEvaluator
 from shitu.losses.combined import split_loss_params
 from shitu.registry import each_problem, format_validation_error, problem_list
@@ -38,8 +38,15 @@ def find_config(name_or_path: str | Path, shipped_dir: Path, what: str) -> Path:
     shipped = shipped_dir / (path.name if path.suffix == ".yaml" else f"{path.name}.yaml")
     if path.parent == Path(".") and shipped.is_file():
         return shipped
-    names = ", ".join(sorted(p.stem for p in shipped_dir.glob("*.yaml")))
-    raise ConfigError(f"{what} not found: {name_or_path} (shipped: {names})")
+    if path.is_dir():
+        raise ConfigError(f"{what} {name_or_path}: a folder, not a YAML file")
+    # A relative path is looked up in the folder the command runs in: say which.
+    looked_for, hint = f"no such file: {path.absolute()}", ""
+    if path.parent == Path("."):
+        names = sorted(p.stem for p in shipped_dir.glob("*.yaml"))
+        looked_for += f", nor a shipped name: {', '.join(names)}"
+        hint = did_you_mean(path.stem, names)
+    raise ConfigError(f"{what} not found: {name_or_path}{hint} ({looked_for})")
 
 
 def load_config(name_or_path: str | Path, overrides: list[str] | None = None) -> ShituConfig:
@@ -215,12 +222,20 @@ def _validate_data_split(where: str, split: DataSplitConfig, failed: list[Config
     _check(
         failed, f"{where}.dataset", lambda: registry.DATASETS.validate(dataset.name, dataset.params)
     )
-    for index, op in enumerate(dataset.params.get("transform_ops") or []):
-        if not isinstance(op, dict) or len(op) != 1:
-            raise ConfigError(
-                f"{where}.dataset.transform_ops.{index}: each op must be one "
-                "'{OpName: {params}}' mapping"
+    ops = dataset.params.get("transform_ops")
+    for index, op in enumerate(ops if isinstance(ops, list) else []):
+        if not isinstance(op, dict) or not all(
+            isinstance(params, dict | None) for params in op.values()
+        ):
+            continue  # the dataset's own validation names it
+        if len(op) != 1:
+            failed.append(
+                ConfigError(
+                    f"{where}.dataset.transform_ops.{index}: each op must be one "
+                    f"'{{OpName: {{params}}}}' mapping, got {len(op)}: {', '.join(map(str, op))}"
+                )
             )
+            continue
         ((name, params),) = op.items()
         _check(
             failed,

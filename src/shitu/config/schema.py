@@ -8,19 +8,27 @@ are checked against the registered constructor's signature.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from shitu.registry import refuse_bool_as_number
+
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # A number where text is expected is the text YAML read it as: `output_dir=2024`, a path.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
+
+    _refuse_bool_as_number = field_validator("*", mode="before")(refuse_bool_as_number)
 
 
 class ComponentConfig(BaseModel):
     """`name` of a registered component plus its keyword arguments."""
 
     model_config = ConfigDict(extra="allow")
+
+    _refuse_bool_as_number = field_validator("*", mode="before")(refuse_bool_as_number)
 
     name: str
 
@@ -69,6 +77,15 @@ class GlobalConfig(Section):
     def _yaml_off(cls, value: Any) -> Any:
         # YAML 1.1 reads a bare `off` (in a file or `-o Global.amp=off`) as false.
         return "off" if value is False else value
+
+    @field_validator("eval_metric")
+    @classmethod
+    def _metric_name(cls, value: str) -> str:
+        # A misspelt name (`map`, `recall1`) is refused as the config loads; whether
+        # Metric.Eval computes the metric named is checked when training builds its evaluation.
+        if re.fullmatch(r"(recall|precision)@[1-9][0-9]*|mAP|mINP", value) is None:
+            raise ValueError("must be recall@K, precision@K, mAP or mINP")
+        return value
 
     @field_validator("image_shape")
     @classmethod

@@ -83,6 +83,13 @@ def embed_dataset(
     )
 
 
+def check_evaluation_data(config: ShituConfig) -> None:
+    """A ConfigError unless `config` has the query dataset evaluation needs."""
+    eval_data = config.DataLoader.Eval if config.DataLoader else None
+    if eval_data is None or eval_data.Query is None:
+        raise ConfigError("DataLoader.Eval.Query: evaluation needs a query dataset")
+
+
 class RetrievalEvaluation:
     """Builds the eval loaders once and scores a model against them on demand."""
 
@@ -94,9 +101,8 @@ class RetrievalEvaluation:
         worker_init: Callable[[int], None] = end_quietly_on_sigterm,
     ) -> None:
         """`worker_init` sets up the loaders' worker processes (see `build_loader`)."""
-        eval_data = config.DataLoader.Eval if config.DataLoader else None
-        if eval_data is None or eval_data.Query is None:
-            raise ConfigError("DataLoader.Eval.Query: evaluation needs a query dataset")
+        check_evaluation_data(config)
+        eval_data = config.DataLoader.Eval
         self.config = config
         self.context = context
         self.amp = effective_amp(config.Global.amp, context.device)

@@ -42,6 +42,7 @@ from shitu.engine.state import (
 from shitu.errors import ConfigError, ShituError
 from shitu.losses.combined import CombinedLoss
 from shitu.models import build_model
+from shitu.registry import problem_list
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +59,23 @@ class FitResult:
     stop_signal: int | None = None  # the signal (SIGINT, SIGTERM) that stopped it, if one did
 
 
+def check_training_sections(config: ShituConfig) -> None:
+    """A ConfigError listing each section training needs that `config` lacks."""
+    problems = [
+        f"{section}: training needs this section"
+        for section in ("Loss", "Optimizer")
+        if getattr(config, section) is None
+    ]
+    if config.Loss is not None and not config.Loss.Train:
+        problems.append("Loss.Train: list at least one loss")
+    if config.DataLoader is None or config.DataLoader.Train is None:
+        problems.append("DataLoader.Train: training needs a training dataset")
+    if len(problems) == 1:
+        raise ConfigError(problems[0])
+    if problems:
+        raise ConfigError(problem_list(len(problems), "the config for training", problems))
+
+
 class Trainer:
     """Trains `config` on this process (and its torchrun peers, if any).
 
@@ -68,13 +86,7 @@ class Trainer:
     """
 
     def __init__(self, config: ShituConfig, context: DistContext | None = None) -> None:
-        for section in ("Loss", "Optimizer", "DataLoader"):
-            if getattr(config, section) is None:
-                raise ConfigError(f"{section}: training needs this section")
-        if not config.Loss.Train:
-            raise ConfigError("Loss.Train: list at least one loss")
-        if config.DataLoader.Train is None:
-            raise ConfigError("DataLoader.Train: training needs a training dataset")
+        check_training_sections(config)
         if config.LinearProbe is not None:
             raise ConfigError(
                 "LinearProbe: a Trainer runs one stage; `shitu train` runs both, or train "

@@ -50,10 +50,14 @@ class ReRanking:
         for name in ("k1", "k2", "max_samples"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"re_ranking.{name}: must be a positive integer, got {value!r}")
+                raise ConfigError(
+                    f"Global.re_ranking.{name}: must be a positive integer, got {value!r}"
+                )
         lam = self.lambda_value
         if isinstance(lam, bool) or not isinstance(lam, int | float) or not 0.0 <= lam <= 1.0:
-            raise ConfigError(f"re_ranking.lambda_value: must be a number in [0, 1], got {lam!r}")
+            raise ConfigError(
+                f"Global.re_ranking.lambda_value: must be a number in [0, 1], got {lam!r}"
+            )
 
 
 def check_rerank_size(n_query: int, n_gallery: int, max_samples: int) -> None:

@@ -466,9 +466,10 @@ def _re_ranking_from(value: bool | dict[str, Any] | ReRanking | None) -> ReRanki
             params["lambda_value"] = params.pop("lambda")
         for key in params:
             if key not in _RERANK_KEYS:
+                hint = _hint(str(key), list(_RERANK_KEYS))
                 raise ConfigError(
-                    f"re_ranking.{key}: unknown parameter{_hint(str(key), list(_RERANK_KEYS))}; "
+                    f"Global.re_ranking.{key}: unknown parameter{hint}; "
                     f"re-ranking takes: {', '.join(_RERANK_KEYS)}"
                 )
         return ReRanking(**params)
-    raise ConfigError(f"re_ranking: expected true/false or a mapping, got {value!r}")
+    raise ConfigError(f"Global.re_ranking: expected true/false or a mapping, got {value!r}")
