@@ -292,6 +292,24 @@ def test_resume_continues_with_the_configs_optimizer_settings(grocery, tmp_path,
     assert resumed.optimizer.state  # the momentum buffers did come back
 
 
+def test_a_run_resumed_with_another_eval_metric_chooses_its_best_by_that_metric(
+    grocery, tmp_path, caplog
+):
+    """Not by comparing the new metric's values with the old one's best (an mAP against a
+    recall@1, which it seldom beats): the next evaluation is the best so far."""
+    path = tiny_config(grocery, tmp_path, epochs=1)
+    first = Trainer(load_config(path)).fit()
+    assert (first.progress.best_epoch, first.progress.best_metric_name) == (1, "recall@1")
+    resume = [f"Global.checkpoints={tmp_path / 'output' / 'latest.pt'}", "Global.epochs=2"]
+    with caplog.at_level(logging.WARNING, logger="shitu"):
+        resumed = Trainer(load_config(path, [*resume, "Global.eval_metric=mAP"]))
+    assert "the resumed run chose its best model (epoch 1) by recall@1" in caplog.text
+    result = resumed.fit()
+    assert (result.progress.best_epoch, result.progress.best_metric_name) == (2, "mAP")
+    evaluations = read_log(tmp_path / "output" / "metrics.jsonl", "eval")
+    assert result.progress.best_metric == evaluations[-1]["mAP"]
+
+
 def test_a_crash_after_a_step_checkpoint_does_not_evaluate_an_epoch_twice(grocery, tmp_path):
     """The step checkpoint of an epoch's last step is taken after its evaluation, so the
     resumed run neither repeats nor logs that evaluation again."""

@@ -27,6 +27,7 @@ class Progress:
     global_step: int = 0
     best_metric: float | None = None
     best_epoch: int | None = None
+    best_metric_name: str | None = None  # the Global.eval_metric best_metric is a value of
 
 
 def resolve_checkpoint(path: str | Path, option: str = "Global.checkpoints") -> Path:

@@ -99,6 +99,7 @@ class Trainer:
         self.progress = Progress()
         if config.Global.checkpoints:
             resume_payload, self.progress = load_training_state(config.Global.checkpoints)
+            self._forget_best_of_another_metric()
         self.seed = self._choose_seed(resume_payload)
         seed_everything(self.seed + self.context.rank)
 
@@ -485,6 +486,24 @@ class Trainer:
             self.ema.update()
         return value, parts
 
+    def _forget_best_of_another_metric(self) -> None:
+        """A run resumed with another Global.eval_metric would compare its values with the
+        best of the old metric (a recall with an mAP): the best is chosen anew from here,
+        and best_model.safetensors is replaced at the next evaluation."""
+        progress, metric = self.progress, self.config.Global.eval_metric
+        if progress.best_metric_name in (None, metric):
+            return
+        if self.context.is_main:
+            logger.warning(
+                "Global.eval_metric is %s, but the resumed run chose its best model (epoch "
+                "%s) by %s: the best model is chosen by %s from the next evaluation on",
+                metric,
+                progress.best_epoch,
+                progress.best_metric_name,
+                metric,
+            )
+        progress.best_metric = progress.best_epoch = progress.best_metric_name = None
+
     def _save_unevaluated_epoch(self, epoch: int) -> None:
         """After a failed evaluation (out of memory, an unreadable eval image), checkpoint
         the epoch it evaluated as trained but not evaluated, as a stop at the epoch's end
@@ -522,6 +541,7 @@ class Trainer:
             tqdm.write(f"epoch {epoch}: {summary}")
         if self.progress.best_metric is None or value > self.progress.best_metric:
             self.progress.best_metric, self.progress.best_epoch = value, epoch
+            self.progress.best_metric_name = self.config.Global.eval_metric
             self._save_weights(BEST)
 
 
