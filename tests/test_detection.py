@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import onnx
@@ -178,12 +179,12 @@ def test_a_failed_checkpoint_write_leaves_the_earlier_file(tmp_path: Path, monke
     path = save_detector(model, tmp_path / "model.pt")
     saved = path.read_bytes()
 
-    def disk_full(payload: object, file: Path) -> None:
-        Path(file).write_bytes(b"PK\x03\x04 half a zip")
+    def disk_full(payload: object, file: BinaryIO) -> None:
+        file.write(b"PK\x03\x04 half a zip")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(OSError, match=os.strerror(errno.ENOSPC)):
+    with pytest.raises(CheckpointError, match=f"cannot write {path}: {os.strerror(errno.ENOSPC)}"):
         save_detector(model, path)
     assert path.read_bytes() == saved and [p.name for p in tmp_path.iterdir()] == ["model.pt"]
 
