@@ -395,10 +395,8 @@ def test_ema_weights_are_saved_and_resume_exactly(grocery, tmp_path, caplog):
 
     Trainer(load_config(path, [f"Global.output_dir={split_dir}", with_ema])).fit(stop_after_steps=5)
     resume = [f"Global.output_dir={split_dir}", f"Global.checkpoints={split_dir / 'latest.pt'}"]
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="shitu"):
-        Trainer(load_config(path, resume))  # the EMA override forgotten
-    assert "EMA: the checkpoint's weight average is dropped" in caplog.text
+    forgotten = startup_warnings(caplog, path, resume)  # the EMA override forgotten
+    assert "EMA: the checkpoint's weight average is dropped" in forgotten
     assert Trainer(load_config(path, [*resume, with_ema])).fit().finished
     resumed, _ = read_weights(split_dir / "final_model.safetensors")
     assert all(torch.allclose(final[k].float(), resumed[k].float(), atol=1e-5) for k in final)
@@ -614,33 +612,33 @@ def test_training_errors_are_clear(grocery, tmp_path):
     Trainer(load_config(path, [sampler, "Arch.frozen_layers=[neck]"]))  # eval mode: fine
 
 
+def startup_warnings(caplog: pytest.LogCaptureFixture, path: Path, overrides=()) -> str:
+    """What building a Trainer of `path` with `overrides` warns of, and only that."""
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="shitu"):
+        Trainer(load_config(path, list(overrides)))
+    return caplog.text
+
+
 def test_a_classifier_larger_than_the_named_classes_is_warned_about(grocery, tmp_path, caplog):
     """A copied config's class_num (81) left as it was, on a 6-class folder or listing:
     it trains, but the user asked for 6 outputs and should hear of the other 75."""
     path = tiny_config(grocery, tmp_path)  # relabel: true, 6 classes
-    with caplog.at_level(logging.WARNING, logger="shitu"):
-        Trainer(load_config(path))
-    assert "class_num" not in caplog.text
-    with caplog.at_level(logging.WARNING, logger="shitu"):
-        Trainer(load_config(path, ["Arch.Head.class_num=81"]))
+    assert "class_num" not in startup_warnings(caplog, path)
     assert (
         "Arch.Head.class_num is 81, but DataLoader.Train has 6 classes: the other 75 outputs "
         "of the classifier are never a label; set Arch.Head.class_num: 6"
-    ) in caplog.text
+    ) in startup_warnings(caplog, path, ["Arch.Head.class_num=81"])
 
 
 def test_a_run_too_short_for_its_eval_interval_is_warned_about(grocery, tmp_path, caplog):
     """The Grocery config evaluates every 5 epochs: a 2-epoch run of it evaluates nothing."""
     path = tiny_config(grocery, tmp_path, epochs=2)
-    with caplog.at_level(logging.WARNING, logger="shitu"):
-        Trainer(load_config(path, ["Global.eval_interval=2"]))
-    assert "eval_interval" not in caplog.text
-    with caplog.at_level(logging.WARNING, logger="shitu"):
-        Trainer(load_config(path, ["Global.eval_interval=5"]))
+    assert "eval_interval" not in startup_warnings(caplog, path, ["Global.eval_interval=2"])
     assert (
         "Global.eval_interval 5 is more than Global.epochs 2: nothing is evaluated and no "
         "best_model.safetensors is written"
-    ) in caplog.text
+    ) in startup_warnings(caplog, path, ["Global.eval_interval=5"])
 
 
 def test_run_summary_names_the_weights_it_starts_from(grocery, tmp_path, caplog):
@@ -658,9 +656,8 @@ def test_run_summary_names_the_weights_it_starts_from(grocery, tmp_path, caplog)
         f"{complete} (loaded {len(state)} tensors)"
     )
     assert not caplog.records
-    with caplog.at_level(logging.WARNING, logger="shitu"):
-        Trainer(load_config(path, [f"Global.pretrained_model={partial}"]))
-    assert "missing from file (e.g. head." in caplog.text
+    partial_load = startup_warnings(caplog, path, [f"Global.pretrained_model={partial}"])
+    assert "missing from file (e.g. head." in partial_load
 
 
 def test_linear_probe_run_is_its_two_stages_and_resumes_without_the_probe(
