@@ -209,6 +209,22 @@ def test_the_recogniser_names_what_it_cannot_take(setup, recognizer):
             recognizer(score_thres=threshold)
 
 
+def test_the_plain_background_detector_names_what_it_cannot_take(setup):
+    """Used alone (not behind a Recognizer, which checks first), it refuses as Detector does,
+    not with OpenCV's colour-conversion error or an AttributeError."""
+    photo = read_rgb(setup["queries"][0].path)
+    detector = PlainBackgroundDetector()
+    for image, problem in (
+        (photo[:, :, 0], r"got uint8 \(\d+, \d+\) \(grey: np.dstack"),
+        (photo / 255.0, r"HxWx3 image, got float64"),
+        (Image.fromarray(photo), r"got Image .np.asarray"),
+        (str(setup["queries"][0].path), "numpy array, got str"),
+    ):
+        with pytest.raises(UnreadableImageError, match=problem):
+            detector.detect(image)
+    assert detector.detect(photo).shape[1] == 6
+
+
 def test_closing_a_recogniser_leaves_a_library_it_was_given_open(setup):
     with Gallery.open(setup["library"], embedder=setup["extractor"]) as gallery:
         with Recognizer(setup["extractor"], gallery):

@@ -11,6 +11,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from shitu.data.transforms.ops import check_rgb_image
+
 BORDER = 4  # pixels of each edge that sample the background
 MAX_BORDER_SPREAD = 18.0  # median absolute deviation (Lab units) of a uniform border
 MIN_DIFFERENCE = 25.0  # Lab distance from the background that counts as object
@@ -27,7 +29,9 @@ class PlainBackgroundDetector:
     def detect(
         self, image: np.ndarray, score_threshold: float = 0.3, max_boxes: int = 5
     ) -> np.ndarray:
-        """Boxes [M, 6] float32 (cls 0, score, x1, y1, x2, y2), largest first."""
+        """Boxes [M, 6] float32 (cls 0, score, x1, y1, x2, y2), largest first, for an RGB
+        uint8 HxWx3 image (anything else: an UnreadableImageError naming it, as Detector's)."""
+        check_rgb_image(image)
         none = np.zeros((0, 6), np.float32)
         height, width = image.shape[:2]
         if min(height, width) <= 4 * BORDER or max_boxes < 1:
