@@ -23,10 +23,16 @@ from shitu.data.transforms.ops import UnreadableImageError
 from shitu.detection.postprocess import box_iou
 from shitu.errors import CheckpointError, ConfigError, DataError
 from shitu.index import Gallery, GalleryItem
-from shitu.inference import FeatureExtractor, default_model_dir, export_model, read_manifest
+from shitu.inference import (
+    FeatureExtractor,
+    decode_rgb,
+    default_model_dir,
+    export_model,
+    read_manifest,
+    read_rgb,
+)
 from shitu.inference import default_model as default_model_module
 from shitu.inference.export import MANIFEST, ExportError
-from shitu.inference.preprocess import read_rgb
 from shitu.pipeline import (
     PipelineEvaluation,
     PlainBackgroundDetector,
@@ -196,10 +202,17 @@ def test_the_recogniser_names_what_it_cannot_take(setup, recognizer):
             [np.dstack([photo, photo[:, :, :1]])],
             r", 4\) \(RGBA: image\[:, :, :3\] drops the alpha\)$",
         ),
+        ([photo / 255.0], r"got float64 .*\(image \* 255\).round\(\).astype\(np.uint8\)"),
+        ([setup["queries"][0].path], r"got PosixPath \(an image file: shitu.inference.read_rgb"),
+        ([b"\xff\xd8"], r"got bytes \(an encoded image: shitu.inference.decode_rgb\(data\)"),
     ):
         with pytest.raises(UnreadableImageError, match=problem):
             rec.recognize_batch(images)
-    rec.recognize(np.dstack([photo[:, :, 0]] * 3))  # as the hint says: taken
+    # as the hints say: taken
+    rec.recognize(np.dstack([photo[:, :, 0]] * 3))
+    rec.recognize((photo / 255.0 * 255).round().astype(np.uint8))
+    path = setup["queries"][0].path
+    assert rec.recognize(read_rgb(path)) == rec.recognize(decode_rgb(path.read_bytes()))
     with pytest.raises(DataError, match="expected a list of image paths, got the single path"):
         list(rec.recognize_files(str(setup["queries"][0].path)))
     with pytest.raises(ConfigError, match="batch_size: expected a whole number >= 1, got 0"):

@@ -9,15 +9,17 @@ if TYPE_CHECKING:  # loaded on first use (see shitu.lazy)
     from shitu.inference.default_model import default_model_dir
     from shitu.inference.export import export_model, read_manifest
     from shitu.inference.extractor import ExtractionResult, FeatureExtractor
-    from shitu.inference.preprocess import Preprocessing
+    from shitu.inference.preprocess import Preprocessing, decode_rgb, read_rgb
 
 __all__ = [
     "ExtractionResult",
     "FeatureExtractor",
     "Preprocessing",
+    "decode_rgb",
     "default_model_dir",
     "export_model",
     "read_manifest",
+    "read_rgb",
 ]
 __getattr__, __dir__ = lazy_exports(
     __name__,
@@ -25,6 +27,6 @@ __getattr__, __dir__ = lazy_exports(
         "default_model": ("default_model_dir",),
         "export": ("export_model", "read_manifest"),
         "extractor": ("ExtractionResult", "FeatureExtractor"),
-        "preprocess": ("Preprocessing",),
+        "preprocess": ("Preprocessing", "decode_rgb", "read_rgb"),
     },
 )

@@ -9,6 +9,7 @@ torch's generator (see `_base`), so a seeded run augments identically.
 from __future__ import annotations
 
 import io
+import os
 from collections.abc import Sequence
 from typing import Literal
 
@@ -57,9 +58,9 @@ def check_rgb_image(image: object) -> np.ndarray:
     """`image` if it is what the models take, an RGB uint8 HxWx3 numpy array with pixels;
     else an UnreadableImageError that says what it is instead."""
     if not isinstance(image, np.ndarray):
-        hint = " (np.asarray(image.convert('RGB')) gives one)" if hasattr(image, "convert") else ""
         raise UnreadableImageError(
-            f"expected an RGB uint8 HxWx3 numpy array, got {type(image).__name__}{hint}"
+            f"expected an RGB uint8 HxWx3 numpy array, got {type(image).__name__}"
+            f"{_not_array_hint(image)}"
         )
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise UnreadableImageError(
@@ -70,9 +71,23 @@ def check_rgb_image(image: object) -> np.ndarray:
     return image
 
 
+def _not_array_hint(image: object) -> str:
+    """How to make an RGB array of what callers most often pass instead: a Pillow image, a
+    file path, a file's bytes (read as the command line reads files: upright, alpha on white)."""
+    if hasattr(image, "convert"):
+        return " (np.asarray(image.convert('RGB')) gives one)"
+    if isinstance(image, str | os.PathLike):
+        return " (an image file: shitu.inference.read_rgb(path) reads one)"
+    if isinstance(image, bytes | bytearray | memoryview):
+        return " (an encoded image: shitu.inference.decode_rgb(data) decodes one)"
+    return ""
+
+
 def _rgb_hint(image: np.ndarray) -> str:
-    """How to make an RGB array of the uint8 arrays callers most often have instead (grey,
-    RGBA), as the hint for a Pillow image says how to convert that."""
+    """How to make an RGB array of the arrays callers most often have instead (grey, RGBA,
+    float pixels), as `_not_array_hint` says for other objects."""
+    if image.dtype.kind == "f":  # 0..1 or 0..255: only the caller knows which
+        return " (float: pixels are uint8 0..255; of 0..1: (image * 255).round().astype(np.uint8))"
     if image.dtype != np.uint8:
         return ""
     if image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 1):
