@@ -198,6 +198,14 @@ def test_version_and_all():
     assert not failures, "\n".join(failures)
 
 
+def test_the_package_says_it_is_typed():
+    """PEP 561: without the `py.typed` marker in the installed package, mypy and pyright
+    ignore every type hint of the API a user's code calls."""
+    assert (SRC / "py.typed").is_file()
+    package_data = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert "py.typed" in package_data["package-data"]["shitu"]
+
+
 # ---- Python code that runs ---------------------------------------------------------------
 
 
