@@ -20,6 +20,7 @@ from shitu.cli.eval_pipeline import sweep_table
 from shitu.cli.main import main as shitu_main
 from shitu.config import load_config
 from shitu.data.transforms.ops import UnreadableImageError
+from shitu.detection import load_detector
 from shitu.detection.postprocess import box_iou
 from shitu.errors import CheckpointError, ConfigError, DataError
 from shitu.index import Gallery, GalleryItem
@@ -236,6 +237,29 @@ def test_the_plain_background_detector_names_what_it_cannot_take(setup):
         with pytest.raises(UnreadableImageError, match=problem):
             detector.detect(image)
     assert detector.detect(photo).shape[1] == 6
+
+
+def test_the_recogniser_and_its_parts_describe_themselves(setup, grocery):
+    """A notebook or a log shows what a recogniser runs with, not `<... object at 0x...>`."""
+    extractor = setup["extractor"]
+    with Gallery.open(setup["library"], embedder=extractor) as gallery:
+        recognizer = Recognizer(extractor, gallery, PlainBackgroundDetector(), score_thres=0.4)
+        size = extractor.embedding_size
+        assert repr(extractor) == (
+            f"FeatureExtractor(backend='onnxruntime', embedding_size={size}, "
+            f"fingerprint='{extractor.fingerprint[:12]}...', score_thres=None)"
+        )
+        library = (
+            f"<Gallery {str(setup['library'])!r}: {len(gallery)} images, faiss Flat, ip, {size}-d>"
+        )
+        assert repr(gallery) == library
+        assert repr(recognizer) == (
+            f"Recognizer(extractor={extractor!r}, gallery={library}, "
+            "detector=PlainBackgroundDetector(), score_thres=0.4)"
+        )
+    assert repr(gallery) == f"<Gallery {str(setup['library'])!r}, closed>"
+    onnx = grocery.parent.parent / "models" / "picodet_s_coco" / "picodet_s_320_coco.onnx"
+    assert repr(load_detector(onnx)) == "OnnxDetector(input_size=320x320, classes=80)"
 
 
 def test_closing_a_recogniser_leaves_a_library_it_was_given_open(setup):

@@ -55,6 +55,10 @@ class Detector(ABC):
     class_names: tuple[str, ...] = ()
     num_classes: int | None = None  # the score width, where the model tells it
 
+    def __repr__(self) -> str:
+        height, width = self.input_size
+        return f"{type(self).__name__}(input_size={width}x{height}, classes={self.num_classes})"
+
     @abstractmethod
     def predict(self, batch: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised batch [B, 3, H, W] -> scores [B, N, C], boxes [B, N, 4] in input pixels."""

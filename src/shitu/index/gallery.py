@@ -341,6 +341,15 @@ class Gallery:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def __repr__(self) -> str:
+        if self._closed:
+            return f"<Gallery {str(self.root)!r}, closed>"
+        m = self.manifest
+        return (
+            f"<Gallery {str(self.root)!r}: {len(self._id_labels[0])} images, {m.backend} "
+            f"{m.index_type}, {m.metric}, {m.embedding_dim}-d>"
+        )
+
     def __len__(self) -> int:
         self._check_usable(sqlite=False)
         return len(self._id_labels[0])

@@ -165,6 +165,13 @@ class FeatureExtractor:
             score_thres,
         )
 
+    def __repr__(self) -> str:
+        return (
+            f"FeatureExtractor(backend={self.backend.name!r}, "
+            f"embedding_size={self.embedding_size}, fingerprint='{self.fingerprint[:12]}...', "
+            f"score_thres={self.score_thres})"
+        )
+
     @property
     def preprocessing(self) -> dict:
         """What the export's JSON records (size, mean/std, interpolation, channel order)."""

@@ -26,6 +26,9 @@ class PlainBackgroundDetector:
     beside a big one is as real as it), so `score_threshold` has no effect here.
     """
 
+    def __repr__(self) -> str:
+        return "PlainBackgroundDetector()"
+
     def detect(
         self, image: np.ndarray, score_threshold: float = 0.3, max_boxes: int = 5
     ) -> np.ndarray:

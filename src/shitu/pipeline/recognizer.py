@@ -200,6 +200,12 @@ class Recognizer:
         recognizer._owns_gallery = True
         return recognizer
 
+    def __repr__(self) -> str:
+        return (
+            f"Recognizer(extractor={self.extractor!r}, gallery={self.gallery!r}, "
+            f"detector={self.detector!r}, score_thres={self.score_thres})"
+        )
+
     def close(self) -> None:
         if self._owns_gallery:
             self.gallery.close()
