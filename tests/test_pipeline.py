@@ -262,6 +262,18 @@ def test_the_recogniser_and_its_parts_describe_themselves(setup, grocery):
     assert repr(load_detector(onnx)) == "OnnxDetector(input_size=320x320, classes=80)"
 
 
+def test_file_results_are_the_commands_json_lines(setup, recognizer, tmp_path):
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a JPEG")
+    good = setup["queries"][0].path
+    with recognizer(score_thres=-1.0) as rec:
+        found, skipped = rec.recognize_files([good, broken])
+        lines = json.loads(json.dumps([found.to_dict(), skipped.to_dict()]))
+        expected = [r.to_dict() for r in rec.recognize(read_rgb(good))]
+    assert lines[0] == {"image": str(good), "results": expected} and expected
+    assert lines[1] == {"image": str(broken), "results": [], "error": skipped.error}
+
+
 def test_closing_a_recogniser_leaves_a_library_it_was_given_open(setup):
     with Gallery.open(setup["library"], embedder=setup["extractor"]) as gallery:
         with Recognizer(setup["extractor"], gallery):

@@ -163,10 +163,6 @@ def format_table(found: FileRecognition) -> str:
     return "\n".join([found.path, *rows])
 
 
-def record(found: FileRecognition) -> dict:
-    return {"image": found.path, "results": [r.to_dict() for r in found.results]}
-
-
 def run(args: argparse.Namespace) -> int:
     from shitu.pipeline import Recognizer
 
@@ -185,7 +181,7 @@ def run(args: argparse.Namespace) -> int:
                 if args.format == "jsonl":
                     continue
             if args.format == "jsonl":
-                print(json.dumps(record(found), ensure_ascii=False), flush=True)
+                print(json.dumps(found.to_dict(), ensure_ascii=False), flush=True)
             else:
                 print(format_table(found), flush=True)
             if writer is not None and found.error is None:

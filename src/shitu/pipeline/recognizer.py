@@ -60,6 +60,8 @@ class Recognition:
     image_id: int
 
     def to_dict(self) -> dict[str, Any]:
+        """The result as `shitu recognize` and the HTTP service write it: plain Python
+        types for `json.dumps`, the score rounded to 5 decimals."""
         return {
             "bbox": list(self.bbox),
             "label": self.label,
@@ -84,6 +86,17 @@ class FileRecognition:
     path: str
     results: list[Recognition]
     error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """`shitu recognize`'s JSON line for the file, `{"image", "results"}`, plus `"error"`
+        for one that was skipped."""
+        record: dict[str, Any] = {
+            "image": self.path,
+            "results": [r.to_dict() for r in self.results],
+        }
+        if self.error is not None:
+            record["error"] = self.error
+        return record
 
 
 def pixel_box(box: Sequence[float], width: int, height: int) -> tuple[int, int, int, int]:
