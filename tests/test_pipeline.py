@@ -9,6 +9,7 @@ import json
 import shutil
 import sqlite3
 import unicodedata
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -272,6 +273,20 @@ def test_file_results_are_the_commands_json_lines(setup, recognizer, tmp_path):
         expected = [r.to_dict() for r in rec.recognize(read_rgb(good))]
     assert lines[0] == {"image": str(good), "results": expected} and expected
     assert lines[1] == {"image": str(broken), "results": [], "error": skipped.error}
+
+
+def test_one_recogniser_serves_several_threads_at_once(setup, recognizer):
+    """As its docstring says: concurrent calls give what the same calls give one by one."""
+    photos = [read_rgb(q.path) for q in setup["queries"]]
+    with recognizer(PlainBackgroundDetector(), score_thres=-1.0) as rec:
+        one_by_one = [rec.recognize(photo) for photo in photos]
+        with ThreadPoolExecutor(4) as pool:
+            concurrent = list(pool.map(rec.recognize, photos))
+    assert [[(r.bbox, r.label, r.image_id) for r in found] for found in concurrent] == [
+        [(r.bbox, r.label, r.image_id) for r in found] for found in one_by_one
+    ]
+    for found, alone in zip(concurrent, one_by_one, strict=True):
+        np.testing.assert_allclose([r.score for r in found], [r.score for r in alone], atol=1e-5)
 
 
 def test_closing_a_recogniser_leaves_a_library_it_was_given_open(setup):

@@ -58,7 +58,11 @@ class ExtractionResult:
 
 class FeatureExtractor:
     """Image files or arrays -> L2-normalised embeddings, with an exported model's own
-    preprocessing. Build with `FeatureExtractor.load(model_dir)`."""
+    preprocessing. Build with `FeatureExtractor.load(model_dir)`.
+
+    Threads: one extractor may embed in several threads at once (onnxruntime and torch take
+    concurrent calls, OpenVINO's take turns); each call already uses the cores.
+    """
 
     def __init__(
         self,

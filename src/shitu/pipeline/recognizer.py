@@ -132,6 +132,12 @@ class Recognizer:
     closes the library `from_config` opened (a library passed in stays its caller's).
     Scores are cosine similarities; images are RGB (OpenCV's BGR arrays need
     `image[:, :, ::-1]` first).
+
+    Threads: `recognize`, `recognize_batch`, `score_batch` and `recognize_files` may run in
+    several threads at once, with the same results as one at a time (the feature and
+    detector runtimes, and `Gallery.search`, take concurrent calls); each call already
+    spreads its model work over the cores, so more threads add little speed. `close()`
+    belongs to the thread that opened the library (see `Gallery`).
     """
 
     def __init__(
