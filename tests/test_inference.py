@@ -125,6 +125,8 @@ def test_extract_images_equals_extract_files(exported):
     from_files = extractor.extract_files(files).features
     assert np.abs(from_arrays - from_files).max() < 1e-5
     assert extractor.extract_images([]).shape == (0, 512)
+    # any iterable of images: a generator of crops, say
+    np.testing.assert_array_equal(extractor.extract_images(a for a in arrays), from_arrays)
 
 
 def test_int8_model_is_close_and_has_its_own_fingerprint(exported, tmp_path):
@@ -151,6 +153,8 @@ def test_the_extractor_names_what_it_cannot_take(exported):
     image = np.zeros((40, 30, 3), np.uint8)
     with pytest.raises(UnreadableImageError, match=r"one image array \(40, 30, 3\): pass"):
         extractor.extract_images(image)
+    with pytest.raises(UnreadableImageError, match="got one Image: pass"):
+        extractor.extract_images(Image.fromarray(image))
     assert extractor.extract_images(np.stack([image, image])).shape[0] == 2  # a stack is N
     for size in (0, -3):
         with pytest.raises(

@@ -10,7 +10,7 @@ import hashlib
 import logging
 import os
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from numbers import Integral
@@ -187,7 +187,7 @@ class FeatureExtractor:
         before `extract_images`, where one such image fails the whole call."""
         self._preprocessing.check_size(width, height)
 
-    def extract_images(self, images: Sequence[np.ndarray], batch_size: int = 32) -> np.ndarray:
+    def extract_images(self, images: Iterable[np.ndarray], batch_size: int = 32) -> np.ndarray:
         """RGB uint8 HxWx3 arrays (e.g. detector crops) -> float32 [N, D], L2-normalised."""
         check_count(batch_size, "batch_size")
         images = image_list(images)

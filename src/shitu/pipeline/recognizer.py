@@ -17,7 +17,7 @@ Differences from PaddleClas's pipeline, each fixing something its users hit:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -239,11 +239,11 @@ class Recognizer:
         """Objects in one RGB uint8 HxWx3 image, best score first."""
         return self.recognize_batch([image])[0]
 
-    def recognize_batch(self, images: Sequence[np.ndarray]) -> list[list[Recognition]]:
+    def recognize_batch(self, images: Iterable[np.ndarray]) -> list[list[Recognition]]:
         """Objects per image; every crop of every image is embedded in one batch."""
         return [self.select(candidates) for candidates in self.score_batch(images)]
 
-    def score_batch(self, images: Sequence[np.ndarray]) -> list[Candidates]:
+    def score_batch(self, images: Iterable[np.ndarray]) -> list[Candidates]:
         """Every candidate box of every image with its best gallery hit, before the
         threshold: `select` turns them into results, at any threshold, without re-embedding."""
         crops: list[np.ndarray] = []

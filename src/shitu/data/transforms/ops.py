@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Literal
 
 import numpy as np
@@ -43,15 +43,21 @@ class UnreadableImageError(DataError):
     or one of a size the pipeline cannot take (see `ImageSizeError`)."""
 
 
-def image_list(images: Sequence[np.ndarray]) -> Sequence[np.ndarray]:
-    """`images`, a sequence of images; one image array passed alone is refused with the
-    reason (iterating it would take its rows for images). An N x H x W x 3 stack is a
-    sequence of N images."""
+def image_list(images: Iterable[np.ndarray]) -> Sequence[np.ndarray]:
+    """`images` as a sequence of images (a generator's listed); one image passed alone is
+    refused with the reason (iterating an array would take its rows for images). An
+    N x H x W x 3 stack is a sequence of N images."""
     if isinstance(images, np.ndarray) and images.ndim == 3:
         raise UnreadableImageError(
             f"expected a sequence of images, got one image array {images.shape}: pass [image]"
         )
-    return images
+    if isinstance(images, np.ndarray | Sequence):
+        return images
+    if not isinstance(images, Iterable):  # a Pillow image, say
+        raise UnreadableImageError(
+            f"expected a sequence of images, got one {type(images).__name__}: pass [image]"
+        )
+    return list(images)
 
 
 def check_rgb_image(image: object) -> np.ndarray:
