@@ -177,6 +177,18 @@ def test_min_score_keeps_only_hits_at_least_that_similar(tmp_path, metric):
     np.testing.assert_array_equal(kept.ids[kept.found], full.ids[kept.found])
 
 
+def test_k_is_any_whole_number_and_nothing_else(tmp_path):
+    data = clustered(20, DIM)
+    with new_gallery(tmp_path / "lib") as gallery:
+        gallery.add(data, labels_for(20))
+        expected = gallery.search(data[:2], k=3).ids
+        # numpy's integers (k computed from an array's size, say) failed inside Faiss
+        np.testing.assert_array_equal(gallery.search(data[:2], k=np.int64(3)).ids, expected)
+        for k in (0, 2.0, True, "3", None):
+            with pytest.raises(GalleryError, match=f"k: expected a whole number >= 1, got {k!r}"):
+                gallery.search(data[:2], k=k)
+
+
 # --------------------------------------------------------------------------- edits
 
 

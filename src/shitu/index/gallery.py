@@ -15,6 +15,7 @@ import shutil
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from numbers import Integral
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -366,8 +367,10 @@ class Gallery:
         """The k most similar gallery images per query vector (a float array [Q, D] or [D]);
         any thread may search."""
         self._check_usable(sqlite=False)
-        if k < 1:
-            raise GalleryError(f"k must be at least 1, got {k}")
+        # Faiss takes a Python int only: numpy's integers fail inside its bindings.
+        if isinstance(k, bool) or not isinstance(k, Integral) or k < 1:
+            raise GalleryError(f"k: expected a whole number >= 1, got {k!r}")
+        k = int(k)
         queries = self._prepare(vectors)
         self._refuse_non_finite(queries, "search: query rows")  # they would rank nothing
         self._swap.acquire_read()  # one generation's index and labels
