@@ -198,6 +198,30 @@ def test_version_and_all():
     assert not failures, "\n".join(failures)
 
 
+def test_help_describes_every_public_name_and_method():
+    """`help(Recognizer)` and the like: each name a package exports, and each public method
+    of an exported class, says what it does (a docstring, its own or inherited)."""
+    missing = []
+    for path in PACKAGE_INITS:
+        module = importlib.import_module(module_of(path))
+        for name in getattr(module, "__all__", []):
+            value = getattr(module, name)
+            if not callable(value):
+                continue
+            if not inspect.getdoc(value):
+                missing.append(f"{module.__name__}.{name}")
+            if inspect.isclass(value):
+                missing += [
+                    f"{module.__name__}.{name}.{attr}"
+                    for attr, member in inspect.getmembers(value)
+                    if not attr.startswith("_")
+                    and callable(member)
+                    and getattr(member, "__module__", "").startswith("shitu")
+                    and not inspect.getdoc(member)
+                ]
+    assert not missing, "no docstring: " + ", ".join(missing)
+
+
 def test_the_package_says_it_is_typed():
     """PEP 561: without the `py.typed` marker in the installed package, mypy and pyright
     ignore every type hint of the API a user's code calls."""

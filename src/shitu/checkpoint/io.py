@@ -46,6 +46,7 @@ class LoadReport:
         return not (self.missing or self.unexpected or self.shape_mismatch)
 
     def summary(self) -> str:
+        """One line: tensors loaded, and the first few missing, unexpected or misshapen."""
         text = f"loaded {len(self.loaded)} tensors"
         for label, names in (
             ("missing from file", self.missing),

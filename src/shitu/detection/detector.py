@@ -80,6 +80,8 @@ class Detector(ABC):
         max_boxes: int = 5,
         class_agnostic: bool = True,
     ) -> list[np.ndarray]:
+        """`detect` for several images in one model call (an ONNX export of batch 1 runs
+        them one by one)."""
         _check_detect_arguments(score_threshold, max_boxes)
         if not images:
             return []

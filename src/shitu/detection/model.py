@@ -31,10 +31,12 @@ class PicoDetArch:
     class_names: tuple[str, ...] = field(default=())
 
     def to_dict(self) -> dict:
+        """The fields, as a checkpoint records them."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> PicoDetArch:
+        """From `to_dict`'s form (lists for tuples); unknown keys are a ConfigError."""
         known = set(cls.__dataclass_fields__)
         unknown = set(data) - known
         if unknown:
@@ -140,5 +142,7 @@ class PicoDet(nn.Module):
         return scores, decode_boxes(reg, points.to(reg), strides.to(reg))
 
 
-def build_picodet(arch: str | PicoDetArch | dict, **overrides) -> PicoDet:
+def build_picodet(arch: str | PicoDetArch | dict, **overrides: object) -> PicoDet:
+    """A PicoDet with random weights: `arch` a name in `ARCHS`, a `PicoDetArch` or its dict;
+    `overrides` replace its fields (`num_classes=1`, `input_size=320`, ...)."""
     return PicoDet(resolve_arch(arch, **overrides))

@@ -25,4 +25,6 @@ class Embedder(Protocol):
 
     def extract_files(
         self, paths: Sequence[str], batch_size: int = 32, progress: bool = False
-    ) -> Extraction: ...
+    ) -> Extraction:
+        """Features of the readable files, in order, and the (path, reason) of the others."""
+        ...

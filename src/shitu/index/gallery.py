@@ -136,6 +136,7 @@ class Catalog:
             raise
 
     def close(self) -> None:
+        """Close the database connection."""
         self._store.close()
 
     def __enter__(self) -> Catalog:
@@ -145,6 +146,7 @@ class Catalog:
         self.close()
 
     def label_counts(self) -> dict[str, int]:
+        """As `Gallery.label_counts`."""
         return self._store.label_counts()
 
     def entries(self, label: str | None = None) -> list[ImageEntry]:
@@ -356,6 +358,8 @@ class Gallery:
         return len(self._id_labels[0])
 
     def check_embedder(self, embedder: Embedder) -> None:
+        """A ModelMismatchError unless `embedder` gives this library's features (its model
+        fingerprint and embedding size)."""
         self._check_usable(sqlite=False)
         self.manifest.check_model(embedder.fingerprint, embedder.embedding_size, str(self.root))
 
@@ -786,6 +790,7 @@ class Gallery:
             return str(full)
 
     def label_counts(self) -> dict[str, int]:
+        """Images per label."""
         self._check_usable()
         return self._store.label_counts()
 
@@ -795,6 +800,8 @@ class Gallery:
         return self._store.features(self.manifest.embedding_dim)
 
     def stats(self) -> dict[str, Any]:
+        """What `shitu index stats` prints, as JSON-ready values: images, labels, model
+        fingerprint, dimension, metric, backend and index type, generation, times."""
         self._check_usable(sqlite=False)
         ids, labels = self._id_labels
         return _stats(self.root, self.manifest, len(ids), len(set(labels.tolist())))

@@ -98,10 +98,13 @@ class Manifest:
                 )
 
     def to_json(self) -> str:
+        """The manifest as the library stores it."""
         return json.dumps(asdict(self), indent=2, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str, source: str) -> Manifest:
+        """Parse `to_json`'s text; a GalleryError naming `source` for another format version
+        or unknown keys."""
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:

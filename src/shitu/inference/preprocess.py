@@ -114,6 +114,7 @@ class Preprocessing:
         return size
 
     def to_dict(self) -> dict[str, Any]:
+        """The JSON form `shitu_model.json` and a library's manifest record."""
         data = asdict(self)
         data.pop("_factor")
         data.pop("_offset")
@@ -125,6 +126,7 @@ class Preprocessing:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Preprocessing:
+        """From `to_dict`'s form; keys this version does not know are left out."""
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         for key in ("resize", "crop"):
             if known.get(key) is not None:

@@ -40,6 +40,7 @@ class PipelineEvaluation:
 
     @property
     def known_queries(self) -> int:
+        """Queries whose label is in the gallery."""
         return self.queries - self.unknown_queries
 
     @property

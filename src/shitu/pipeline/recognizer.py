@@ -179,6 +179,9 @@ class Recognizer:
 
     @classmethod
     def from_config(cls, config: PipelineConfig) -> Recognizer:
+        """Load the config's model (the shipped one unless `Global.rec_inference_model_dir`),
+        detector and library (`IndexProcess.index_dir`, refused unless built with that
+        model); `close()` closes the library."""
         from shitu.inference import default_model_dir
 
         g = config.Global
@@ -226,6 +229,7 @@ class Recognizer:
         )
 
     def close(self) -> None:
+        """Close the library if `from_config` opened it (one passed in is left open)."""
         if self._owns_gallery:
             self.gallery.close()
 
