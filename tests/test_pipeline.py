@@ -709,8 +709,9 @@ def test_open_set_evaluation_and_its_threshold_sweep_agree_with_the_pipeline(set
     row = sweep_table(PipelineEvaluation(0.5, sweep=[ragged])).splitlines()[1]
     assert row.split()[:2] == ["0.5", "0.6957"]
     with recognizer() as rec:  # without unknown labels: no rejection figures, no best threshold
-        closed = evaluate_pipeline(rec, setup["queries"], sweep=[0.0, 0.5])
+        closed = evaluate_pipeline(rec, setup["queries"], sweep=np.float32([0.0, 0.5]))
     assert closed.rejection is None and closed.best_threshold() is None
+    assert json.loads(json.dumps([p.to_dict() for p in closed.sweep]))[1]["score_thres"] == 0.5
     assert "rejection" not in closed.to_dict()
 
 

@@ -122,6 +122,8 @@ def evaluate_pipeline(
             scored.append((path, check_label(item.label), candidates))
 
     def count(threshold: float) -> PipelineEvaluation:
+        # a plain float: a numpy sweep's float32 would break json.dumps of `to_dict()`
+        threshold = float(threshold)
         report = PipelineEvaluation(threshold, unreadable=unreadable, in_gallery=in_gallery)
         for path, truth, candidates in scored:
             results = recognizer.select(candidates, threshold)
