@@ -383,6 +383,17 @@ def test_score_threshold_and_recognition_nms(setup, recognizer):
         assert rec.recognize(canvas) == []
 
 
+def test_a_recogniser_loads_from_a_config_files_path(setup, tmp_path):
+    config = tmp_path / "my_pipeline.yaml"
+    config.write_text(
+        f"Global:\n  rec_inference_model_dir: {setup['model']}\n"
+        f"IndexProcess:\n  index_dir: {setup['library']}\n  score_thres: 0.3\n"
+    )
+    for given in (config, str(config)):
+        with Recognizer.from_config(given) as rec:
+            assert rec.score_thres == 0.3 and rec.gallery.root == setup["library"]
+
+
 def test_onnx_picodet_detector_boxes_feed_the_pipeline(setup, grocery):
     model = grocery.parent.parent / "models" / "picodet_s_coco" / "picodet_s_320_coco.onnx"
     config = load_pipeline_config(
@@ -876,6 +887,8 @@ def test_pipeline_config_reads_paddleclas_files_and_overrides(tmp_path):
     assert config.IndexProcess.score_thres == 0.6 and config.detector is None
     assert config.Global.rec_inference_model_dir == "./rec" and config.Global.cpu_num_threads == 10
     assert load_pipeline_config("inference_general").IndexProcess.score_thres is None  # the model's
+    with pytest.raises(ConfigError, match="expected a PipelineConfig .* got dict"):
+        Recognizer.from_config({"IndexProcess": {"index_dir": "./index"}})
 
     def detector(keyword: str) -> object:
         return build_detector(

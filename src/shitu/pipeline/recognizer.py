@@ -35,7 +35,7 @@ from shitu.index import Gallery
 from shitu.inference.extractor import FeatureExtractor, check_count
 from shitu.inference.preprocess import read_rgb
 from shitu.pipeline.background import PlainBackgroundDetector
-from shitu.pipeline.config import PipelineConfig
+from shitu.pipeline.config import PipelineConfig, load_pipeline_config
 from shitu.pipeline.defaults import DEFAULT_SCORE_THRES, NO_DETECTOR, PLAIN_BACKGROUND
 
 MIN_BOX_SIDE = 2  # pixels; thinner detector boxes cannot be embedded meaningfully
@@ -178,12 +178,20 @@ class Recognizer:
         self._owns_gallery = False  # from_config's library is closed with the recogniser
 
     @classmethod
-    def from_config(cls, config: PipelineConfig) -> Recognizer:
+    def from_config(cls, config: PipelineConfig | str | Path) -> Recognizer:
         """Load the config's model (the shipped one unless `Global.rec_inference_model_dir`),
         detector and library (`IndexProcess.index_dir`, refused unless built with that
-        model); `close()` closes the library."""
+        model); `close()` closes the library. `config`: a `load_pipeline_config(...)`, or
+        the YAML file (or shipped name) it would load without overrides."""
         from shitu.inference import default_model_dir
 
+        if isinstance(config, str | Path):
+            config = load_pipeline_config(config)
+        elif not isinstance(config, PipelineConfig):
+            raise ConfigError(
+                f"expected a PipelineConfig (load_pipeline_config(name_or_path, overrides)) "
+                f"or a config file's path, got {type(config).__name__}"
+            )
         g = config.Global
         if not config.IndexProcess.index_dir:
             raise ConfigError("IndexProcess.index_dir: no gallery library given (--gallery)")
