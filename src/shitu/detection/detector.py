@@ -70,7 +70,8 @@ class Detector(ABC):
         max_boxes: int = 5,
         class_agnostic: bool = True,
     ) -> np.ndarray:
-        """Boxes [M, 6] float32 (cls, score, x1, y1, x2, y2), best first, in image pixels."""
+        """Boxes [M, 6] float32 (cls, score, x1, y1, x2, y2), best first, in the pixels of
+        `image`, an RGB uint8 HxWx3 array (OpenCV's BGR: `image[:, :, ::-1]` first)."""
         return self.detect_batch([image], score_threshold, max_boxes, class_agnostic)[0]
 
     def detect_batch(
