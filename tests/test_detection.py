@@ -199,6 +199,8 @@ def test_load_detector_errors(tmp_path: Path, caplog) -> None:
     assert not (tmp_path / "d.onnx").exists()
     with pytest.raises(CheckpointError, match="not found"):
         load_detector(tmp_path / "missing.onnx")
+    with pytest.raises(CheckpointError, match=r"is a folder, not a detector file; give our"):
+        load_detector(tmp_path)
     params = tmp_path / "model.pdparams"
     params.write_bytes(b"x")
     with pytest.raises(ConfigError, match="architecture"):

@@ -232,6 +232,11 @@ def load_detector(
     )
 
     path = Path(path)
+    if path.is_dir():  # a Paddle inference folder, say, as PP-ShiTu's configs name one
+        raise CheckpointError(
+            f"{path} is a folder, not a detector file; give our checkpoint (.pt), a "
+            "PaddleDetection .pdparams or an ONNX export (.onnx)"
+        )
     if not path.is_file():
         raise CheckpointError(f"detector file not found: {path}")
     suffix = path.suffix.lower()
