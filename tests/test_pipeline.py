@@ -381,6 +381,12 @@ def test_score_threshold_and_recognition_nms(setup, recognizer):
         )
     with recognizer(detector, score_thres=1.0) as rec:
         assert rec.recognize(canvas) == []
+        # A threshold given to select is checked as the recogniser's own is: 5 would
+        # silently recognise nothing, NaN everything or nothing.
+        (candidates,) = rec.score_batch([canvas])
+        for wrong in (5.0, -1.5, float("nan")):
+            with pytest.raises(ConfigError, match="a cosine similarity from -1 to 1"):
+                rec.select(candidates, wrong)
 
 
 def test_a_recogniser_loads_from_a_config_files_path(setup, tmp_path):

@@ -99,6 +99,14 @@ class FileRecognition:
         return record
 
 
+def checked_score_thres(value: float) -> float:
+    """`value` if it is a cosine similarity threshold (-1 to 1), else a ConfigError: one
+    above 1 would silently recognise nothing, one below -1 everything."""
+    if not -1.0 <= value <= 1.0:  # NaN fails too
+        raise ConfigError(f"score_thres: expected a cosine similarity from -1 to 1, got {value}")
+    return value
+
+
 def pixel_box(box: Sequence[float], width: int, height: int) -> tuple[int, int, int, int]:
     """A float box widened to whole pixels and clipped to the image."""
     x1, y1 = max(0, math.floor(box[0])), max(0, math.floor(box[1]))
@@ -164,13 +172,13 @@ class Recognizer:
         self.gallery = gallery
         self.detector = detector
         # None: the threshold calibrated for the model (its export's), else the default.
-        self.score_thres: float = next(
-            v for v in (score_thres, extractor.score_thres, DEFAULT_SCORE_THRES) if v is not None
-        )
-        if not -1.0 <= self.score_thres <= 1.0:  # NaN fails too
-            raise ConfigError(
-                f"score_thres: expected a cosine similarity from -1 to 1, got {self.score_thres}"
+        self.score_thres: float = checked_score_thres(
+            next(
+                v
+                for v in (score_thres, extractor.score_thres, DEFAULT_SCORE_THRES)
+                if v is not None
             )
+        )
         self.rec_nms_thres = rec_nms_thres
         self.det_threshold = det_threshold
         self.max_det_results = max_det_results
@@ -284,7 +292,7 @@ class Recognizer:
     def select(self, candidates: Candidates, score_thres: float | None = None) -> list[Recognition]:
         """The results: detected boxes whose hit passes the threshold (default: this
         recogniser's), else the whole image if it passes; then NMS, best first."""
-        threshold = self.score_thres if score_thres is None else score_thres
+        threshold = self.score_thres if score_thres is None else checked_score_thres(score_thres)
         objects = [r for r in candidates.boxes if r is not None and r.score >= threshold]
         whole = candidates.whole
         found = objects or ([whole] if whole is not None and whole.score >= threshold else [])
