@@ -410,6 +410,18 @@ def test_a_label_with_accents_is_one_label_however_its_accents_are_encoded(tmp_p
         assert len(gallery.remove(labels=[decomposed])) == 2
 
 
+def test_a_class_id_label_is_its_text_and_other_non_text_labels_are_refused(tmp_path):
+    """Labels from a numpy array of class ids are stored as '5'; None, bytes or a float
+    would have been stored as their repr ('None', "b'tea'", 'nan'), so nothing is added."""
+    with new_gallery(tmp_path / "lib") as gallery:
+        gallery.add(clustered(2, DIM), [5, np.int64(7)])
+        assert gallery.label_counts() == {"5": 1, "7": 1}
+        for wrong, shown in ((None, "NoneType None"), (b"tea", "bytes b'tea'"), (2.5, "float")):
+            with pytest.raises(GalleryError, match=f"add: a label is text, got {shown}"):
+                gallery.add(clustered(2, DIM), ["tea", wrong])
+        assert len(gallery) == 2
+
+
 def test_unknown_label_or_id_is_refused_without_change(tmp_path):
     with new_gallery(tmp_path / "lib") as gallery:
         ids = gallery.add(clustered(3, DIM), ["a", "b", "c"]).ids

@@ -592,8 +592,7 @@ class Gallery:
                 return None, AddReport(ids=np.zeros(0, np.int64), duplicates=duplicates)
             stamp = now()
             rows = [
-                NewImage(self._stored_path(paths[i]), str(labels[i]).strip(), hashes[i], stamp)
-                for i in keep
+                NewImage(self._stored_path(paths[i]), labels[i], hashes[i], stamp) for i in keep
             ]
             ids = self._store.insert(rows, vectors[keep])
             labels_added = [row.label for row in rows]

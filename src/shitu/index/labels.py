@@ -5,6 +5,7 @@ from __future__ import annotations
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
+from numbers import Integral
 from pathlib import Path
 
 from shitu.errors import DataError
@@ -31,8 +32,14 @@ def normal_form(label: str) -> str:
 
 def check_label(label: str) -> str:
     """A label as stored: trimmed, non-empty, one line of text (label files are
-    `path<TAB>label` lines, and `index list`/`search` print one label per line), NFC."""
-    label = normal_form(str(label).strip())
+    `path<TAB>label` lines, and `index list`/`search` print one label per line), NFC. A
+    whole number (a class id) is its decimal text; anything else that is not text (None,
+    bytes, a float) is refused rather than stored as its repr."""
+    if isinstance(label, Integral) and not isinstance(label, bool):
+        label = str(int(label))
+    if not isinstance(label, str):
+        raise BadLabelError(f"a label is text, got {type(label).__name__} {label!r}")
+    label = normal_form(label.strip())
     if not label:
         raise BadLabelError("the label is empty")
     if any(unicodedata.category(char) in ("Cc", "Zl", "Zp") for char in label):
