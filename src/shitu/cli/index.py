@@ -97,8 +97,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     build.add_argument(
         "--milvus-collection",
-        help="collection name, one per library (default shitu_gallery; one that holds "
-        "vectors is refused)",
+        help="collection name, one per library: letters, digits and underscores, not "
+        "starting with a digit (default shitu_gallery; one that holds vectors is refused)",
     )
     _add_search_arguments(build)
     _add_image_arguments(build)
