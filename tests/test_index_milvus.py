@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import fcntl
 import re
+import shutil
 import sqlite3
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -187,6 +190,38 @@ def test_a_milvus_lite_file_open_elsewhere_is_refused_saying_so(tmp_path):
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a `shitu serve` holds it
         with pytest.raises(GalleryError, match="is the library open in another process"):
             Gallery.open(tmp_path / "milvus")
+
+
+@pytest.mark.parametrize("trouble", ["open elsewhere", "damaged collection", "not a folder"])
+def test_a_milvus_library_that_cannot_open_is_one_line_on_the_command_line(tmp_path, trouble):
+    """pymilvus logs each failed call with its traceback, and Milvus Lite logs why it could
+    not serve a file with another: both went to stderr above the command's one-line error,
+    and Milvus Lite's reason was guessed (as another process) where it was something else."""
+    build(tmp_path, "milvus", count=30).close()
+    store = tmp_path / "milvus" / "milvus.db"
+    expected = {
+        "open elsewhere": "another process holds the lock on .*; is the library open in "
+        "another process",
+        "damaged collection": "Milvus collection 'shitu_gallery' cannot be read "
+        r"\(schema file .* is not valid JSON.*shitu index rebuild",
+        "not a folder": rf"cannot connect to Milvus at {re.escape(str(store))}: \[Errno 17\] "
+        "File exists[^;]*$",
+    }[trouble]
+    with open(store / "LOCK") as lock:
+        if trouble == "open elsewhere":
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a `shitu serve` holds it
+        elif trouble == "damaged collection":
+            (store / "collections" / "shitu_gallery" / "schema.json").write_text("garbage")
+        else:  # say, another Milvus Lite's single file
+            shutil.rmtree(store)
+            store.write_text("garbage")
+        refused = subprocess.run(
+            [sys.executable, "-m", "shitu", "index", "relabel", tmp_path / "milvus", "item 1", "x"],
+            capture_output=True,
+            text=True,
+        )
+    assert refused.returncode == 2 and len(refused.stderr.splitlines()) == 1, refused.stderr
+    assert re.match(f"error: .*{expected}", refused.stderr), refused.stderr
 
 
 def test_a_failed_reload_keeps_the_collection_searchable(tmp_path, monkeypatch):

@@ -64,6 +64,41 @@ def _failure_reason(exc: Exception) -> str:
     return str(message or (details() if callable(details) else exc))
 
 
+def _not_a_raised_failure(record: logging.LogRecord) -> bool:
+    """pymilvus logs every failed call with its traceback, by a stderr handler of its own, and
+    raises it too: the log only repeats what the caller is told (this backend, in one line)."""
+    return record.funcName != "_log_rpc_error"
+
+
+logging.getLogger("pymilvus.decorators").addFilter(_not_a_raised_failure)
+
+
+@contextmanager
+def _lite_start_failures() -> Iterator[list[BaseException]]:
+    """Why Milvus Lite could not serve a file: it logs that, with a traceback, and pymilvus
+    raises only 'Open local milvus failed'. The logged exceptions are collected instead."""
+    caught: list[BaseException] = []
+
+    def collect(record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            caught.append(record.exc_info[1])
+            return False
+        return True
+
+    lite_logger = logging.getLogger("milvus_lite.server_manager")
+    lite_logger.addFilter(collect)
+    try:
+        yield caught
+    finally:
+        lite_logger.removeFilter(collect)
+
+
+def _held_elsewhere(failure: BaseException | None) -> bool:
+    """Whether Milvus Lite failed to start because another process serves its file, or
+    may have (None: it did not say why)."""
+    return failure is None or type(failure).__name__ == "DataDirLockedError"
+
+
 def search_params(index_type: str, k: int, options: dict[str, Any]) -> dict[str, Any]:
     if index_type == "HNSW32":
         return {"ef": max(k, options.get("ef_search", 64))}
@@ -97,15 +132,18 @@ class MilvusBackend(Backend):
         self._pending: Change | None = None
         self._resynced: Manifest | None = None  # recorded by finish_open
         try:
-            self.client = MilvusClient(uri, token=os.environ.get(TOKEN_ENV, ""))
+            with _lite_start_failures() as lite_failures:
+                self.client = MilvusClient(uri, token=os.environ.get(TOKEN_ENV, ""))
         except Exception as exc:
-            busy = (  # Milvus Lite's own reason ("another process holds the lock") is only logged
+            lite_failure = lite_failures[-1] if lite_failures else None
+            reason = str(lite_failure or _failure_reason(exc))
+            busy = (
                 "; is the library open in another process, such as `shitu serve`? A Milvus Lite "
                 "file is open in one process at a time"
-                if self._lite_path
+                if self._lite_path and _held_elsewhere(lite_failure)
                 else ""
             )
-            raise GalleryError(f"cannot connect to Milvus at {uri}: {exc}{busy}") from exc
+            raise GalleryError(f"cannot connect to Milvus at {uri}: {reason}{busy}") from exc
         try:
             self._open_collection(uri, repair)
         except BaseException:
