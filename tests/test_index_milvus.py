@@ -44,6 +44,22 @@ def test_milvus_returns_the_same_results_as_faiss_flat(tmp_path, metric):
     np.testing.assert_allclose(got.scores, expected.scores, atol=1e-4)
 
 
+@pytest.mark.parametrize("index_type", ["Flat", "HNSW32"])
+def test_equal_scores_rank_the_image_added_first_first_on_either_backend(tmp_path, index_type):
+    """Copies of one photo under several labels score the same: Faiss ranked the last added
+    first, Milvus in its own order, so the best label depended on the backend."""
+    photo = clustered(1, DIM, seed=13)
+    for backend in ("faiss", "milvus"):
+        with Gallery.create(tmp_path / backend, embedding_dim=DIM, model_fingerprint="m",
+                            backend=backend, index_type=index_type) as gallery:  # fmt: skip
+            gallery.add(clustered(40, DIM), [f"item {i % 4}" for i in range(40)])
+            labels = ["first", "second", "third"]
+            gallery.add(np.repeat(photo, 3, axis=0), labels, allow_duplicates=True)
+            result = gallery.search(np.repeat(photo, 2, axis=0), k=4)
+        assert result.labels[:, :3].tolist() == [labels, labels], backend
+        assert np.all(np.diff(result.ids[:, :3]) > 0) and np.all(result.scores[:, 3] < 0.999)
+
+
 def test_milvus_edits_survive_reopen_and_match_faiss(tmp_path):
     queries = clustered(10, DIM, seed=5)
     results = {}

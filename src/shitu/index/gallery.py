@@ -37,7 +37,8 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class SearchResult:
-    """Top-k hits per query, best first, as [Q, k] arrays.
+    """Top-k hits per query, best first (of equal scores, the image added first), as [Q, k]
+    arrays.
 
     Scores are higher-is-more-similar: the cosine similarity for every metric in a library
     that normalises its features (the default), else the inner product or the negated
@@ -364,7 +365,7 @@ class Gallery:
         self._swap.acquire_read()  # one generation's index and labels
         try:
             self._check_usable(sqlite=False)  # not closed while this waited
-            scores, ids = self._backend.search(queries, k)
+            scores, ids = _ties_in_id_order(*self._backend.search(queries, k))
             id_labels = self._id_labels
         finally:
             self._swap.release_read()
@@ -819,6 +820,14 @@ def _edited(
         added[:] = list(change.added_labels)
         ids, labels = np.concatenate([ids, change.added_ids]), np.concatenate([labels, added])
     return ids, labels
+
+
+def _ties_in_id_order(scores: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's hits by score, hits of equal score (copies of one photo, say, under two
+    labels) by id: the image added first comes first. Faiss returns such ties last added
+    first and Milvus in no set order, so the best label depended on the backend."""
+    order = np.lexsort((ids, -scores), axis=-1)
+    return np.take_along_axis(scores, order, -1), np.take_along_axis(ids, order, -1)
 
 
 def _labels_of(hits: np.ndarray, ids: np.ndarray, labels: np.ndarray) -> np.ndarray:
