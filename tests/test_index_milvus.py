@@ -120,6 +120,25 @@ def test_milvus_lite_refuses_ivfpq_before_it_writes_a_library_that_cannot_open(t
         np.testing.assert_array_equal(gallery.search(queries, k=3).ids, before.ids)
 
 
+def test_a_rebuild_is_refused_another_collection_or_milvus_file(tmp_path):
+    """The manifest named the new place while the old collection was rebuilt, and kept with
+    its vectors: the new one, built at the next open, could be another library's."""
+    queries = clustered(4, DIM, seed=14)
+    with build(tmp_path, "milvus", count=30) as gallery:
+        before = gallery.search(queries, k=3)
+        for moved in ({"collection": "other"}, {"uri": "vectors.db"}):
+            with pytest.raises(GalleryError, match="rebuild keeps the index where it is; (uri|co)"):
+                gallery.rebuild(**moved)
+        assert gallery.manifest.generation == 1
+    with Gallery.open(tmp_path / "milvus") as gallery:
+        assert gallery.manifest.backend_options == {} and gallery.verify() == []
+        np.testing.assert_array_equal(gallery.search(queries, k=3).ids, before.ids)
+    assert sorted(path.name for path in (tmp_path / "milvus").iterdir()) == [
+        "gallery.sqlite",
+        "milvus.db",
+    ]
+
+
 def test_milvus_pads_when_fewer_than_k(tmp_path):
     with build(tmp_path, "milvus", count=3) as gallery:
         result = gallery.search(clustered(2, DIM, seed=6), k=5)

@@ -27,7 +27,14 @@ from shitu.index.embedder import Embedder
 from shitu.index.files import crash_point
 from shitu.index.labels import BadLabelError, GalleryItem, check_label, normal_form
 from shitu.index.locking import ReadWriteLock
-from shitu.index.manifest import BACKENDS, SHIPPED_MODEL_NOTE, Manifest, ModelMismatchError, now
+from shitu.index.manifest import (
+    BACKENDS,
+    LOCATION_OPTIONS,
+    SHIPPED_MODEL_NOTE,
+    Manifest,
+    ModelMismatchError,
+    now,
+)
 from shitu.index.metadata import ImageEntry, MetadataStore, NewImage
 from shitu.vectors import l2_normalize
 
@@ -692,9 +699,16 @@ class Gallery:
 
     def rebuild(self, index_type: str | None = None, **backend_options: Any) -> None:
         """Rebuild the index from the stored features, optionally as another type and with
-        other `backend_options` (the names `create` takes, e.g. `ef_search=128`)."""
+        other `backend_options` (the names `create` takes, e.g. `ef_search=128`), but for
+        the Milvus `uri` and `collection`: the index is rebuilt where it is."""
         self._check_usable()
         Manifest.check_backend_options(self.manifest.backend, backend_options)
+        moved = [name for name in LOCATION_OPTIONS if name in backend_options]
+        if moved:  # the manifest would name a place the index was not built in
+            raise GalleryError(
+                f"{self.root}: rebuild keeps the index where it is; {' and '.join(moved)} "
+                "can only be chosen when a library is made (build a new one)"
+            )
         updates: dict[str, Any] = {}
         if index_type is not None:
             updates["index_type"] = index_type

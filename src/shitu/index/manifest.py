@@ -27,6 +27,8 @@ BACKEND_OPTIONS = {
     "faiss": ("ef_search", "nprobe"),
     "milvus": ("ef_search", "nprobe", "nlist", "uri", "collection"),
 }
+# Where a library's vectors are kept: chosen when it is made (rebuild takes the others).
+LOCATION_OPTIONS = ("uri", "collection")
 # A Milvus server's rule for collection names; Milvus Lite also takes others (hyphens, spaces),
 # which a server then refuses, so a library could not move from one to the other.
 MILVUS_COLLECTION_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}")
