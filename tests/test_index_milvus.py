@@ -259,6 +259,21 @@ def test_a_milvus_library_that_cannot_open_is_one_line_on_the_command_line(tmp_p
     assert re.match(f"error: .*{expected}", refused.stderr), refused.stderr
 
 
+def test_closing_one_of_two_galleries_on_a_milvus_lite_file_leaves_the_other_working(tmp_path):
+    """A process serves a Milvus Lite file from one server, which the first Gallery to close
+    stopped: the other's searches and writes then failed (one Gallery per thread, say)."""
+    queries = clustered(3, DIM, seed=15)
+    with build(tmp_path, "milvus", count=30) as first:
+        Gallery.open(tmp_path / "milvus").close()
+        with Gallery.open(tmp_path / "milvus") as second:
+            before = second.search(queries, k=3)
+        np.testing.assert_array_equal(first.search(queries, k=3).ids, before.ids)
+        first.add(queries[:1], ["new"])
+        assert first.verify() == [] and first.search(queries[:1], k=1).labels[0, 0] == "new"
+    with open(tmp_path / "milvus" / "milvus.db" / "LOCK") as lock:  # the last close released it
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
 def test_a_failed_reload_keeps_the_collection_searchable(tmp_path, monkeypatch):
     """Milvus Lite serves a file from one server per process, so a reload closes the old
     connection before opening the new one; when the new one fails, the old one comes back."""

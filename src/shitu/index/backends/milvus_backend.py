@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,10 @@ DEFAULT_COLLECTION = "shitu_gallery"
 TOKEN_ENV = "SHITU_MILVUS_TOKEN"
 INSERT_BATCH = 5_000
 DEFAULT_NLIST = 1024
+# Open backends per Milvus Lite file: this process serves each file from one server, which
+# the last of them to close stops (stopped earlier, it fails the others' calls).
+_lite_users: Counter[str] = Counter()
+_lite_users_lock = threading.Lock()
 
 
 def index_params(index_type: str, dim: int, options: dict[str, Any]) -> tuple[str, dict]:
@@ -131,9 +137,15 @@ class MilvusBackend(Backend):
         self.collection = collection_name(manifest)
         self._pending: Change | None = None
         self._resynced: Manifest | None = None  # recorded by finish_open
+        self._closed = False
+        # A Lite file's server is started (or reused) and counted as one step, as a close
+        # counts down and stops it: neither can come between the other's two.
+        counting = _lite_users_lock if self._lite_path else nullcontext()
         try:
-            with _lite_start_failures() as lite_failures:
+            with counting, _lite_start_failures() as lite_failures:
                 self.client = MilvusClient(uri, token=os.environ.get(TOKEN_ENV, ""))
+                if self._lite_path:
+                    _lite_users[self._lite_path] += 1
         except Exception as exc:
             lite_failure = lite_failures[-1] if lite_failures else None
             reason = str(lite_failure or _failure_reason(exc))
@@ -317,9 +329,16 @@ class MilvusBackend(Backend):
 
     def close(self) -> None:
         self.client.close()
-        if self._lite_path:
-            # Milvus Lite serves the file from this process until released; release it so
-            # another process can open the library.
-            from milvus_lite.server_manager import server_manager_instance
+        path = self._lite_path
+        if not path or self._closed:  # counted down once
+            return
+        self._closed = True
+        with _lite_users_lock:
+            _lite_users[path] -= 1
+            if _lite_users[path] <= 0:
+                del _lite_users[path]
+                # Milvus Lite serves the file from this process until released; release it
+                # so another process can open the library.
+                from milvus_lite.server_manager import server_manager_instance
 
-            server_manager_instance.release_server(self._lite_path)
+                server_manager_instance.release_server(path)
