@@ -274,6 +274,20 @@ def test_closing_one_of_two_galleries_on_a_milvus_lite_file_leaves_the_other_wor
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
+def test_milvus_gone_while_a_library_is_open_is_a_gallery_error(tmp_path):
+    """Searches and counts raised pymilvus's exception: a traceback from the command line,
+    where the writes were one-line errors."""
+    from milvus_lite.server_manager import server_manager_instance
+
+    with build(tmp_path, "milvus", count=30) as gallery:
+        server_manager_instance.release_server(str(tmp_path / "milvus" / "milvus.db"))
+        failed = f"^{re.escape(str(tmp_path / 'milvus'))}: Milvus failed while"
+        with pytest.raises(GalleryError, match=f"{failed} searching collection 'shitu_gallery'"):
+            gallery.search(clustered(1, DIM), k=3)
+        with pytest.raises(GalleryError, match=f"{failed} counting the vectors of collection"):
+            gallery.verify()
+
+
 def test_a_failed_reload_keeps_the_collection_searchable(tmp_path, monkeypatch):
     """Milvus Lite serves a file from one server per process, so a reload closes the old
     connection before opening the new one; when the new one fails, the old one comes back."""

@@ -266,7 +266,8 @@ class MilvusBackend(Backend):
     @property
     def ntotal(self) -> int:
         # count(*) is exact after deletes; collection stats count deleted rows until compaction.
-        rows = self.client.query(self.collection, filter="", output_fields=["count(*)"])
+        with self._reading("counting the vectors of"):
+            rows = self.client.query(self.collection, filter="", output_fields=["count(*)"])
         return int(rows[0]["count(*)"])
 
     def stage(self, change: Change, manifest: Manifest) -> dict[str, Any]:
@@ -293,30 +294,43 @@ class MilvusBackend(Backend):
                     self._insert(change.added_ids, change.added)
         self._mark_synced(manifest)  # not reached after a failure: the collection stays stale
 
+    def _failure(self, doing: str, exc: Exception) -> str:
+        why = _failure_reason(exc)
+        return f"Milvus failed while {doing} collection '{self.collection}' ({why})"
+
     @contextmanager
     def _applying(self, doing: str) -> Iterator[None]:
         """Milvus failing to apply a committed write, as an IndexSyncError that says so."""
         try:
             yield
         except _service_failures() as exc:
-            failure = f"Milvus failed while {doing} collection '{self.collection}'"
-            raise IndexSyncError(self.root, f"{failure} ({_failure_reason(exc)})") from exc
+            raise IndexSyncError(self.root, self._failure(doing, exc)) from exc
+
+    @contextmanager
+    def _reading(self, doing: str) -> Iterator[None]:
+        """Milvus failing a search or a count (the server gone, say), as a GalleryError
+        that says so rather than pymilvus's exception."""
+        try:
+            yield
+        except _service_failures() as exc:
+            raise GalleryError(f"{self.root}: {self._failure(doing, exc)}") from exc
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         raw = np.full((len(queries), k), np.nan, np.float32)
         ids = np.full((len(queries), k), -1, np.int64)
         if len(queries):
-            hits = self.client.search(
-                self.collection,
-                data=list(queries),
-                limit=k,
-                search_params={
-                    "metric_type": self.manifest.metric.upper(),
-                    "params": search_params(
-                        self.manifest.index_type, k, self.manifest.backend_options
-                    ),
-                },
-            )
+            with self._reading("searching"):
+                hits = self.client.search(
+                    self.collection,
+                    data=list(queries),
+                    limit=k,
+                    search_params={
+                        "metric_type": self.manifest.metric.upper(),
+                        "params": search_params(
+                            self.manifest.index_type, k, self.manifest.backend_options
+                        ),
+                    },
+                )
             for row, row_hits in enumerate(hits):
                 for col, hit in enumerate(row_hits):
                     ids[row, col] = hit["id"]
