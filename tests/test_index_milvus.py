@@ -78,6 +78,28 @@ def test_milvus_edits_survive_reopen_and_match_faiss(tmp_path):
     np.testing.assert_array_equal(results["milvus"].labels, results["faiss"].labels)
 
 
+def test_labels_that_look_like_milvus_filters_edit_alike_on_both_backends(tmp_path):
+    """Labels stay in SQLite (Milvus holds ids and vectors only): quotes, backslashes and
+    filter syntax in a label never reach a Milvus expression, and remove only its images."""
+    labels = ["Café", "牛奶 1 L", 'say "hi"', "back\\slash", "it's", "x" * 2000, "id in [1]",
+              "a' or id > 0 or 'b"]  # fmt: skip
+    queries = clustered(6, DIM, seed=16)
+    results = {}
+    for backend in ("faiss", "milvus"):
+        with Gallery.create(tmp_path / backend, embedding_dim=DIM, model_fingerprint="m",
+                            backend=backend) as gallery:  # fmt: skip
+            gallery.add(clustered(2 * len(labels), DIM), labels * 2)
+            gallery.remove(labels=["a' or id > 0 or 'b", "id in [1]"])
+            gallery.relabel("it's", 'it"s')
+        with Gallery.open(tmp_path / backend) as gallery:
+            assert gallery.verify() == [] and len(gallery) == 2 * len(labels) - 4
+            results[backend] = gallery.search(queries, k=2 * len(labels))
+    np.testing.assert_array_equal(results["milvus"].ids, results["faiss"].ids)
+    np.testing.assert_array_equal(results["milvus"].labels, results["faiss"].labels)
+    found = set(results["milvus"].labels.ravel().tolist()) - {""}
+    assert found == {*labels[:4], 'it"s', labels[5]}
+
+
 def test_a_new_library_refuses_a_collection_that_another_library_holds(tmp_path):
     """Two libraries on one Milvus (a server, or a Lite file outside the library) with the
     same collection: the second one's sync would drop the first one's vectors."""
