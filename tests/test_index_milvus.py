@@ -161,6 +161,22 @@ def test_a_rebuild_is_refused_another_collection_or_milvus_file(tmp_path):
     ]
 
 
+def test_an_empty_milvus_library_searches_verifies_and_reopens_as_faiss_does(tmp_path):
+    """New, and emptied by removing every image: padding only, and no problem found."""
+    queries = clustered(2, DIM, seed=17)
+    for backend in ("faiss", "milvus"):
+        with Gallery.create(tmp_path / backend, embedding_dim=DIM, model_fingerprint="m",
+                            backend=backend) as gallery:  # fmt: skip
+            assert not gallery.search(queries, k=3).found.any() and gallery.verify() == []
+            gallery.add(queries, ["a", "b"])
+            gallery.remove(labels=["a", "b"])
+        with Gallery.open(tmp_path / backend) as gallery:
+            result = gallery.search(queries, k=3)
+            assert len(gallery) == 0 and gallery.verify() == [], backend
+            assert not result.found.any() and np.isneginf(result.scores).all()
+            assert (result.labels == "").all()
+
+
 def test_milvus_pads_when_fewer_than_k(tmp_path):
     with build(tmp_path, "milvus", count=3) as gallery:
         result = gallery.search(clustered(2, DIM, seed=6), k=5)
