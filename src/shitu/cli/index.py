@@ -314,13 +314,17 @@ def _build(
             backend=args.backend,
             backend_options=options,
         ) as gallery:
-            report = gallery.add_files(
-                model,
-                items,
-                args.batch_size,
-                progress=not args.no_progress,
-                allow_duplicates=args.allow_duplicates,
-            )
+            try:
+                report = gallery.add_files(
+                    model,
+                    items,
+                    args.batch_size,
+                    progress=not args.no_progress,
+                    allow_duplicates=args.allow_duplicates,
+                )
+            except BaseException:
+                gallery.discard()  # a Milvus collection half written, outside the folder
+                raise
             stats = gallery.stats()
         if not len(report.ids):
             _warn_failures(report)

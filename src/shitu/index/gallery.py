@@ -342,6 +342,15 @@ class Gallery:
             self._backend.close()
         self._store.close()
 
+    def discard(self) -> None:
+        """Close the library and delete its index where that is kept outside its folder (a
+        Milvus collection on a server, or in a Lite file elsewhere): for a caller that then
+        deletes the folder, such as a build that failed, so that no vectors outlive it."""
+        self._check_usable()
+        with self._swap.write():
+            self._backend.discard()
+        self.close()
+
     def __enter__(self) -> Gallery:
         self._check_usable(sqlite=False)
         return self

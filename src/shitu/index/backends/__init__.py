@@ -116,6 +116,10 @@ class Backend(ABC):
         lock and run with searches held off; None where it must be loaded again."""
         return None
 
+    def discard(self) -> None:  # noqa: B027 (optional: most keep their index in the folder)
+        """Delete what the index keeps outside the library's folder (a Milvus collection),
+        for a library whose folder is being deleted."""
+
     def finish_open(self) -> None:  # noqa: B027 (optional: most backends have nothing to do)
         """Writes that opening needs (e.g. recording a resync), done after the read lock of
         `Gallery.open` is released: SQLite cannot turn a read into a write."""

@@ -341,6 +341,14 @@ class MilvusBackend(Backend):
         count, held = self.store.count(), self.ntotal
         return [] if held == count else [f"milvus holds {held} vectors, library has {count}"]
 
+    def discard(self) -> None:
+        """Drop the collection; where Milvus fails to, say so and go on (the caller is
+        already failing): the next library given it would refuse it while it holds rows."""
+        try:
+            self.client.drop_collection(self.collection)
+        except _service_failures() as exc:
+            logger.warning("%s; drop it by hand", self._failure("dropping", exc))
+
     def close(self) -> None:
         self.client.close()
         path = self._lite_path
