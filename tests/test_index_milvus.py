@@ -326,6 +326,22 @@ def test_milvus_gone_while_a_library_is_open_is_a_gallery_error(tmp_path):
             gallery.verify()
 
 
+def test_a_library_not_yet_refreshed_finds_only_images_it_has_the_labels_of(tmp_path):
+    """Every process (or Gallery) that opens a library searches one Milvus collection: one
+    that had not refreshed since another added images found them, labelled '' (a copy of
+    the query at score 1.0), where a Faiss one searches the generation it loaded."""
+    query = clustered(1, DIM, seed=18)
+    for backend in ("faiss", "milvus"):
+        with build(tmp_path, backend, count=30) as reader:
+            before = reader.search(query, k=2)
+            with Gallery.open(tmp_path / backend) as writer:
+                writer.add(query, ["new"])
+            stale = reader.search(query, k=2)
+            assert reader.refresh() and reader.search(query, k=1).labels[0, 0] == "new"
+        np.testing.assert_array_equal(stale.ids, before.ids, err_msg=backend)
+        assert stale.labels.tolist() == before.labels.tolist(), backend
+
+
 def test_a_failed_reload_keeps_the_collection_searchable(tmp_path, monkeypatch):
     """Milvus Lite serves a file from one server per process, so a reload closes the old
     connection before opening the new one; when the new one fails, the old one comes back."""

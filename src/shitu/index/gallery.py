@@ -381,8 +381,9 @@ class Gallery:
         self._swap.acquire_read()  # one generation's index and labels
         try:
             self._check_usable(sqlite=False)  # not closed while this waited
-            scores, ids = _ties_in_id_order(*self._backend.search(queries, k))
             id_labels = self._id_labels
+            newest_id = int(id_labels[0][-1]) if len(id_labels[0]) else -1
+            scores, ids = _ties_in_id_order(*self._backend.search(queries, k, newest_id))
         finally:
             self._swap.release_read()
         if min_score is not None:

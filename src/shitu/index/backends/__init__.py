@@ -94,8 +94,10 @@ class Backend(ABC):
         a service that fails to raises IndexSyncError."""
 
     @abstractmethod
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Scores (higher is more similar, -inf padding) and ids (-1 padding), both [Q, k]."""
+    def search(self, queries: np.ndarray, k: int, newest_id: int) -> tuple[np.ndarray, np.ndarray]:
+        """Scores (higher is more similar, -inf padding) and ids (-1 padding), both [Q, k],
+        of ids up to `newest_id`, the newest the library has loaded the label of: ids only
+        grow, and a Milvus collection shows other processes' additions before then."""
 
     @property
     @abstractmethod

@@ -315,7 +315,7 @@ class MilvusBackend(Backend):
         except _service_failures() as exc:
             raise GalleryError(f"{self.root}: {self._failure(doing, exc)}") from exc
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, k: int, newest_id: int) -> tuple[np.ndarray, np.ndarray]:
         raw = np.full((len(queries), k), np.nan, np.float32)
         ids = np.full((len(queries), k), -1, np.int64)
         if len(queries):
@@ -324,6 +324,7 @@ class MilvusBackend(Backend):
                     self.collection,
                     data=list(queries),
                     limit=k,
+                    filter=f"id <= {int(newest_id)}",
                     search_params={
                         "metric_type": self.manifest.metric.upper(),
                         "params": search_params(
