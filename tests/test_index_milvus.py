@@ -184,21 +184,28 @@ def test_milvus_pads_when_fewer_than_k(tmp_path):
     assert (result.ids[:, 3:] == -1).all() and np.isneginf(result.scores[:, 3:]).all()
 
 
+@pytest.mark.parametrize("write", ["remove", "add"])
 @pytest.mark.parametrize("point", ["before-commit", "after-commit"])
-def test_milvus_library_recovers_from_a_killed_write(tmp_path, point):
+def test_milvus_library_recovers_from_a_killed_write(tmp_path, point, write):
     """Before the commit: old content; after it (collection not yet updated): new content."""
     queries = clustered(5, DIM, seed=7)
     build(tmp_path, "milvus").close()
     before = snapshot(tmp_path / "milvus", queries)
-    killed = run_killed(tmp_path / "milvus", point, "gallery.remove(labels=['item 0'])")
+    code = {
+        "remove": "gallery.remove(labels=['item 0'])",
+        "add": f"gallery.add(np.array({queries.tolist()}, np.float32), ['new'] * 5)",
+    }[write]
+    killed = run_killed(tmp_path / "milvus", point, code)
     assert killed.returncode == -9, killed.stderr
     after = snapshot(tmp_path / "milvus", queries)  # re-syncs a stale collection on open
+    rows, _, labels = after
     if point == "before-commit":
         assert after == before
-    else:
-        rows, _, labels = after
+    elif write == "remove":
         assert len(rows) == 300 - len(range(0, 300, 9))
         assert "item 0" not in {label for row in labels for label in row}
+    else:
+        assert len(rows) == 305 and [row[0] for row in labels] == ["new"] * 5
 
 
 def test_a_collection_milvus_cannot_read_is_refused_and_repaired_like_a_faiss_file(tmp_path):
