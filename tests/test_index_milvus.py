@@ -349,6 +349,29 @@ def test_a_library_not_yet_refreshed_finds_only_images_it_has_the_labels_of(tmp_
         assert stale.labels.tolist() == before.labels.tolist(), backend
 
 
+def test_a_milvus_lite_file_that_cannot_open_for_another_reason_says_that_alone(
+    tmp_path, monkeypatch
+):
+    """'is the library open in another process?' was added to every failure to open a
+    Milvus Lite file, such as milvus-lite not installed, or the folder of its file gone."""
+    store = tmp_path / "elsewhere"
+    store.mkdir()
+    Gallery.create(tmp_path / "lib", embedding_dim=DIM, model_fingerprint="m", backend="milvus",
+                   backend_options={"uri": str(store / "vectors.db")}).close()  # fmt: skip
+    with monkeypatch.context() as uninstalled:
+        uninstalled.setitem(sys.modules, "milvus_lite", None)  # as if not installed
+        uninstalled.setitem(sys.modules, "milvus_lite.server_manager", None)
+        with pytest.raises(GalleryError) as caught:
+            Gallery.open(tmp_path / "lib")
+    assert str(caught.value) == (
+        "the milvus backend needs pymilvus (and milvus-lite for local files): "
+        "pip install 'shitu[milvus]'"
+    )
+    shutil.rmtree(store)
+    with pytest.raises(GalleryError, match=f"{re.escape(str(store))} not exists$"):
+        Gallery.open(tmp_path / "lib")
+
+
 def test_a_failed_reload_keeps_the_collection_searchable(tmp_path, monkeypatch):
     """Milvus Lite serves a file from one server per process, so a reload closes the old
     connection before opening the new one; when the new one fails, the old one comes back."""

@@ -99,10 +99,12 @@ def _lite_start_failures() -> Iterator[list[BaseException]]:
         lite_logger.removeFilter(collect)
 
 
-def _held_elsewhere(failure: BaseException | None) -> bool:
-    """Whether Milvus Lite failed to start because another process serves its file, or
-    may have (None: it did not say why)."""
-    return failure is None or type(failure).__name__ == "DataDirLockedError"
+def _held_elsewhere(lite_failure: BaseException | None, exc: Exception) -> bool:
+    """Whether Milvus Lite failed to start because another process serves its file, or may
+    have: it logged no reason, and pymilvus gave only its own (an older Milvus Lite)."""
+    if lite_failure is not None:
+        return type(lite_failure).__name__ == "DataDirLockedError"
+    return _failure_reason(exc) == "Open local milvus failed"
 
 
 def search_params(index_type: str, k: int, options: dict[str, Any]) -> dict[str, Any]:
@@ -122,18 +124,21 @@ class MilvusBackend(Backend):
         self, root: Path, manifest: Manifest, store: MetadataStore, repair: bool = False
     ) -> None:
         super().__init__(root, manifest, store)
-        try:
-            from pymilvus import MilvusClient
-        except ImportError as exc:
-            raise GalleryError(
-                "the milvus backend needs pymilvus (and milvus-lite for local files): "
-                "pip install 'shitu[milvus]'"
-            ) from exc
         options = manifest.backend_options
         uri = options.get("uri", DEFAULT_URI)
         self._lite_path: str | None = None
         if "://" not in uri:  # a Milvus Lite file (must end in .db), kept inside the library
             uri = self._lite_path = str((root / uri).resolve())
+        try:
+            from pymilvus import MilvusClient
+
+            if self._lite_path:
+                import milvus_lite  # noqa: F401 (pymilvus imports it only as it connects)
+        except ImportError as exc:
+            raise GalleryError(
+                "the milvus backend needs pymilvus (and milvus-lite for local files): "
+                "pip install 'shitu[milvus]'"
+            ) from exc
         self.collection = collection_name(manifest)
         self._pending: Change | None = None
         self._resynced: Manifest | None = None  # recorded by finish_open
@@ -152,7 +157,7 @@ class MilvusBackend(Backend):
             busy = (
                 "; is the library open in another process, such as `shitu serve`? A Milvus Lite "
                 "file is open in one process at a time"
-                if self._lite_path and _held_elsewhere(lite_failure)
+                if self._lite_path and _held_elsewhere(lite_failure, exc)
                 else ""
             )
             raise GalleryError(f"cannot connect to Milvus at {uri}: {reason}{busy}") from exc
