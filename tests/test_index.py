@@ -976,6 +976,15 @@ def test_unknown_index_options_and_wrong_values_are_refused(tmp_path):
             "ending in .db, got 'vectors'",
         ),
         ("milvus", {"nlist": "8"}, "index option nlist must be a whole number >= 1, got '8'"),
+        *(  # names a Milvus server refuses (Milvus Lite takes some)
+            (
+                "milvus",
+                {"collection": name},
+                "index option collection must be a letter or underscore followed by letters, "
+                f"digits and underscores, at most 255 in all, got {name!r}",
+            )
+            for name in ("my-products", "my products", "x'y", "produits_été", "9lives", "a" * 256)
+        ),
     ]:
         with pytest.raises(GalleryError) as caught:
             new_gallery(path, backend=backend, backend_options=options)

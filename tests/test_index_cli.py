@@ -419,3 +419,39 @@ def test_a_milvus_failure_while_writing_is_one_line_and_leaves_no_half_library(
     assert verified.returncode == 0 and "OK (5 images)" in verified.stdout, verified.stdout
     found = shitu("index", "search", lib, new, "--model", models[128], "-k", "1")
     assert "\tnew (1.000" in found.stdout, found.stdout
+
+
+def test_a_failed_build_leaves_no_vectors_in_a_milvus_outside_the_library(
+    models, tmp_path, monkeypatch
+):
+    """On a server (or a Lite file outside the library) the collection outlives the build's
+    staging folder: one that failed half-way through its inserts left vectors there, and a
+    build again with that collection was refused as another library's."""
+    pytest.importorskip("milvus_lite", reason="the milvus extra is not installed")
+    from pymilvus import MilvusClient
+    from pymilvus.exceptions import MilvusException
+
+    from shitu.index.backends import milvus_backend
+
+    make_images(tmp_path / "gallery" / "blocks", 4)
+    lib = tmp_path / "lib"
+    build = ("index", "build", "--gallery", tmp_path / "gallery", "--out", lib, "--backend",
+             "milvus", "--milvus-uri", tmp_path / "shared.db", "--model", models[128],
+             "--no-progress")  # fmt: skip
+    real_insert, inserts = MilvusClient.insert, []
+
+    def fails_second(client: MilvusClient, *args: object, **kwargs: object) -> object:
+        inserts.append(args)
+        if len(inserts) == 2:
+            raise MilvusException(message="simulated: connection lost")
+        return real_insert(client, *args, **kwargs)
+
+    with monkeypatch.context() as failing:
+        failing.setattr(milvus_backend, "INSERT_BATCH", 2)
+        failing.setattr(MilvusClient, "insert", fails_second)
+        refused = shitu(*build)
+    assert refused.returncode == 2 and not lib.exists() and len(inserts) == 2
+    built = shitu(*build)
+    assert built.returncode == 0, built.stderr
+    verified = shitu("index", "verify", lib)
+    assert verified.returncode == 0 and "OK (4 images)" in verified.stdout, verified.stdout

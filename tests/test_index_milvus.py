@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import fcntl
 import re
+import shutil
 import sqlite3
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -41,6 +44,22 @@ def test_milvus_returns_the_same_results_as_faiss_flat(tmp_path, metric):
     np.testing.assert_allclose(got.scores, expected.scores, atol=1e-4)
 
 
+@pytest.mark.parametrize("index_type", ["Flat", "HNSW32"])
+def test_equal_scores_rank_the_image_added_first_first_on_either_backend(tmp_path, index_type):
+    """Copies of one photo under several labels score the same: Faiss ranked the last added
+    first, Milvus in its own order, so the best label depended on the backend."""
+    photo = clustered(1, DIM, seed=13)
+    for backend in ("faiss", "milvus"):
+        with Gallery.create(tmp_path / backend, embedding_dim=DIM, model_fingerprint="m",
+                            backend=backend, index_type=index_type) as gallery:  # fmt: skip
+            gallery.add(clustered(40, DIM), [f"item {i % 4}" for i in range(40)])
+            labels = ["first", "second", "third"]
+            gallery.add(np.repeat(photo, 3, axis=0), labels, allow_duplicates=True)
+            result = gallery.search(np.repeat(photo, 2, axis=0), k=4)
+        assert result.labels[:, :3].tolist() == [labels, labels], backend
+        assert np.all(np.diff(result.ids[:, :3]) > 0) and np.all(result.scores[:, 3] < 0.999)
+
+
 def test_milvus_edits_survive_reopen_and_match_faiss(tmp_path):
     queries = clustered(10, DIM, seed=5)
     results = {}
@@ -57,6 +76,28 @@ def test_milvus_edits_survive_reopen_and_match_faiss(tmp_path):
     assert results["milvus"].labels[0, 0] == "query a"
     np.testing.assert_array_equal(results["milvus"].ids, results["faiss"].ids)
     np.testing.assert_array_equal(results["milvus"].labels, results["faiss"].labels)
+
+
+def test_labels_that_look_like_milvus_filters_edit_alike_on_both_backends(tmp_path):
+    """Labels stay in SQLite (Milvus holds ids and vectors only): quotes, backslashes and
+    filter syntax in a label never reach a Milvus expression, and remove only its images."""
+    labels = ["Café", "牛奶 1 L", 'say "hi"', "back\\slash", "it's", "x" * 2000, "id in [1]",
+              "a' or id > 0 or 'b"]  # fmt: skip
+    queries = clustered(6, DIM, seed=16)
+    results = {}
+    for backend in ("faiss", "milvus"):
+        with Gallery.create(tmp_path / backend, embedding_dim=DIM, model_fingerprint="m",
+                            backend=backend) as gallery:  # fmt: skip
+            gallery.add(clustered(2 * len(labels), DIM), labels * 2)
+            gallery.remove(labels=["a' or id > 0 or 'b", "id in [1]"])
+            gallery.relabel("it's", 'it"s')
+        with Gallery.open(tmp_path / backend) as gallery:
+            assert gallery.verify() == [] and len(gallery) == 2 * len(labels) - 4
+            results[backend] = gallery.search(queries, k=2 * len(labels))
+    np.testing.assert_array_equal(results["milvus"].ids, results["faiss"].ids)
+    np.testing.assert_array_equal(results["milvus"].labels, results["faiss"].labels)
+    found = set(results["milvus"].labels.ravel().tolist()) - {""}
+    assert found == {*labels[:4], 'it"s', labels[5]}
 
 
 def test_a_new_library_refuses_a_collection_that_another_library_holds(tmp_path):
@@ -101,6 +142,41 @@ def test_milvus_lite_refuses_ivfpq_before_it_writes_a_library_that_cannot_open(t
         np.testing.assert_array_equal(gallery.search(queries, k=3).ids, before.ids)
 
 
+def test_a_rebuild_is_refused_another_collection_or_milvus_file(tmp_path):
+    """The manifest named the new place while the old collection was rebuilt, and kept with
+    its vectors: the new one, built at the next open, could be another library's."""
+    queries = clustered(4, DIM, seed=14)
+    with build(tmp_path, "milvus", count=30) as gallery:
+        before = gallery.search(queries, k=3)
+        for moved in ({"collection": "other"}, {"uri": "vectors.db"}):
+            with pytest.raises(GalleryError, match="rebuild keeps the index where it is; (uri|co)"):
+                gallery.rebuild(**moved)
+        assert gallery.manifest.generation == 1
+    with Gallery.open(tmp_path / "milvus") as gallery:
+        assert gallery.manifest.backend_options == {} and gallery.verify() == []
+        np.testing.assert_array_equal(gallery.search(queries, k=3).ids, before.ids)
+    assert sorted(path.name for path in (tmp_path / "milvus").iterdir()) == [
+        "gallery.sqlite",
+        "milvus.db",
+    ]
+
+
+def test_an_empty_milvus_library_searches_verifies_and_reopens_as_faiss_does(tmp_path):
+    """New, and emptied by removing every image: padding only, and no problem found."""
+    queries = clustered(2, DIM, seed=17)
+    for backend in ("faiss", "milvus"):
+        with Gallery.create(tmp_path / backend, embedding_dim=DIM, model_fingerprint="m",
+                            backend=backend) as gallery:  # fmt: skip
+            assert not gallery.search(queries, k=3).found.any() and gallery.verify() == []
+            gallery.add(queries, ["a", "b"])
+            gallery.remove(labels=["a", "b"])
+        with Gallery.open(tmp_path / backend) as gallery:
+            result = gallery.search(queries, k=3)
+            assert len(gallery) == 0 and gallery.verify() == [], backend
+            assert not result.found.any() and np.isneginf(result.scores).all()
+            assert (result.labels == "").all()
+
+
 def test_milvus_pads_when_fewer_than_k(tmp_path):
     with build(tmp_path, "milvus", count=3) as gallery:
         result = gallery.search(clustered(2, DIM, seed=6), k=5)
@@ -108,21 +184,28 @@ def test_milvus_pads_when_fewer_than_k(tmp_path):
     assert (result.ids[:, 3:] == -1).all() and np.isneginf(result.scores[:, 3:]).all()
 
 
+@pytest.mark.parametrize("write", ["remove", "add"])
 @pytest.mark.parametrize("point", ["before-commit", "after-commit"])
-def test_milvus_library_recovers_from_a_killed_write(tmp_path, point):
+def test_milvus_library_recovers_from_a_killed_write(tmp_path, point, write):
     """Before the commit: old content; after it (collection not yet updated): new content."""
     queries = clustered(5, DIM, seed=7)
     build(tmp_path, "milvus").close()
     before = snapshot(tmp_path / "milvus", queries)
-    killed = run_killed(tmp_path / "milvus", point, "gallery.remove(labels=['item 0'])")
+    code = {
+        "remove": "gallery.remove(labels=['item 0'])",
+        "add": f"gallery.add(np.array({queries.tolist()}, np.float32), ['new'] * 5)",
+    }[write]
+    killed = run_killed(tmp_path / "milvus", point, code)
     assert killed.returncode == -9, killed.stderr
     after = snapshot(tmp_path / "milvus", queries)  # re-syncs a stale collection on open
+    rows, _, labels = after
     if point == "before-commit":
         assert after == before
-    else:
-        rows, _, labels = after
+    elif write == "remove":
         assert len(rows) == 300 - len(range(0, 300, 9))
         assert "item 0" not in {label for row in labels for label in row}
+    else:
+        assert len(rows) == 305 and [row[0] for row in labels] == ["new"] * 5
 
 
 def test_a_collection_milvus_cannot_read_is_refused_and_repaired_like_a_faiss_file(tmp_path):
@@ -187,6 +270,106 @@ def test_a_milvus_lite_file_open_elsewhere_is_refused_saying_so(tmp_path):
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a `shitu serve` holds it
         with pytest.raises(GalleryError, match="is the library open in another process"):
             Gallery.open(tmp_path / "milvus")
+
+
+@pytest.mark.parametrize("trouble", ["open elsewhere", "damaged collection", "not a folder"])
+def test_a_milvus_library_that_cannot_open_is_one_line_on_the_command_line(tmp_path, trouble):
+    """pymilvus logs each failed call with its traceback, and Milvus Lite logs why it could
+    not serve a file with another: both went to stderr above the command's one-line error,
+    and Milvus Lite's reason was guessed (as another process) where it was something else."""
+    build(tmp_path, "milvus", count=30).close()
+    store = tmp_path / "milvus" / "milvus.db"
+    expected = {
+        "open elsewhere": "another process holds the lock on .*; is the library open in "
+        "another process",
+        "damaged collection": "Milvus collection 'shitu_gallery' cannot be read "
+        r"\(schema file .* is not valid JSON.*shitu index rebuild",
+        "not a folder": rf"cannot connect to Milvus at {re.escape(str(store))}: \[Errno 17\] "
+        "File exists[^;]*$",
+    }[trouble]
+    with open(store / "LOCK") as lock:
+        if trouble == "open elsewhere":
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a `shitu serve` holds it
+        elif trouble == "damaged collection":
+            (store / "collections" / "shitu_gallery" / "schema.json").write_text("garbage")
+        else:  # say, another Milvus Lite's single file
+            shutil.rmtree(store)
+            store.write_text("garbage")
+        refused = subprocess.run(
+            [sys.executable, "-m", "shitu", "index", "relabel", tmp_path / "milvus", "item 1", "x"],
+            capture_output=True,
+            text=True,
+        )
+    assert refused.returncode == 2 and len(refused.stderr.splitlines()) == 1, refused.stderr
+    assert re.match(f"error: .*{expected}", refused.stderr), refused.stderr
+
+
+def test_closing_one_of_two_galleries_on_a_milvus_lite_file_leaves_the_other_working(tmp_path):
+    """A process serves a Milvus Lite file from one server, which the first Gallery to close
+    stopped: the other's searches and writes then failed (one Gallery per thread, say)."""
+    queries = clustered(3, DIM, seed=15)
+    with build(tmp_path, "milvus", count=30) as first:
+        Gallery.open(tmp_path / "milvus").close()
+        with Gallery.open(tmp_path / "milvus") as second:
+            before = second.search(queries, k=3)
+        np.testing.assert_array_equal(first.search(queries, k=3).ids, before.ids)
+        first.add(queries[:1], ["new"])
+        assert first.verify() == [] and first.search(queries[:1], k=1).labels[0, 0] == "new"
+    with open(tmp_path / "milvus" / "milvus.db" / "LOCK") as lock:  # the last close released it
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_milvus_gone_while_a_library_is_open_is_a_gallery_error(tmp_path):
+    """Searches and counts raised pymilvus's exception: a traceback from the command line,
+    where the writes were one-line errors."""
+    from milvus_lite.server_manager import server_manager_instance
+
+    with build(tmp_path, "milvus", count=30) as gallery:
+        server_manager_instance.release_server(str(tmp_path / "milvus" / "milvus.db"))
+        failed = f"^{re.escape(str(tmp_path / 'milvus'))}: Milvus failed while"
+        with pytest.raises(GalleryError, match=f"{failed} searching collection 'shitu_gallery'"):
+            gallery.search(clustered(1, DIM), k=3)
+        with pytest.raises(GalleryError, match=f"{failed} counting the vectors of collection"):
+            gallery.verify()
+
+
+def test_a_library_not_yet_refreshed_finds_only_images_it_has_the_labels_of(tmp_path):
+    """Every process (or Gallery) that opens a library searches one Milvus collection: one
+    that had not refreshed since another added images found them, labelled '' (a copy of
+    the query at score 1.0), where a Faiss one searches the generation it loaded."""
+    query = clustered(1, DIM, seed=18)
+    for backend in ("faiss", "milvus"):
+        with build(tmp_path, backend, count=30) as reader:
+            before = reader.search(query, k=2)
+            with Gallery.open(tmp_path / backend) as writer:
+                writer.add(query, ["new"])
+            stale = reader.search(query, k=2)
+            assert reader.refresh() and reader.search(query, k=1).labels[0, 0] == "new"
+        np.testing.assert_array_equal(stale.ids, before.ids, err_msg=backend)
+        assert stale.labels.tolist() == before.labels.tolist(), backend
+
+
+def test_a_milvus_lite_file_that_cannot_open_for_another_reason_says_that_alone(
+    tmp_path, monkeypatch
+):
+    """'is the library open in another process?' was added to every failure to open a
+    Milvus Lite file, such as milvus-lite not installed, or the folder of its file gone."""
+    store = tmp_path / "elsewhere"
+    store.mkdir()
+    Gallery.create(tmp_path / "lib", embedding_dim=DIM, model_fingerprint="m", backend="milvus",
+                   backend_options={"uri": str(store / "vectors.db")}).close()  # fmt: skip
+    with monkeypatch.context() as uninstalled:
+        uninstalled.setitem(sys.modules, "milvus_lite", None)  # as if not installed
+        uninstalled.setitem(sys.modules, "milvus_lite.server_manager", None)
+        with pytest.raises(GalleryError) as caught:
+            Gallery.open(tmp_path / "lib")
+    assert str(caught.value) == (
+        "the milvus backend needs pymilvus (and milvus-lite for local files): "
+        "pip install 'shitu[milvus]'"
+    )
+    shutil.rmtree(store)
+    with pytest.raises(GalleryError, match=f"{re.escape(str(store))} not exists$"):
+        Gallery.open(tmp_path / "lib")
 
 
 def test_a_failed_reload_keeps_the_collection_searchable(tmp_path, monkeypatch):

@@ -97,8 +97,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     build.add_argument(
         "--milvus-collection",
-        help="collection name, one per library (default shitu_gallery; one that holds "
-        "vectors is refused)",
+        help="collection name, one per library: letters, digits and underscores, not "
+        "starting with a digit (default shitu_gallery; one that holds vectors is refused)",
     )
     _add_search_arguments(build)
     _add_image_arguments(build)
@@ -314,13 +314,17 @@ def _build(
             backend=args.backend,
             backend_options=options,
         ) as gallery:
-            report = gallery.add_files(
-                model,
-                items,
-                args.batch_size,
-                progress=not args.no_progress,
-                allow_duplicates=args.allow_duplicates,
-            )
+            try:
+                report = gallery.add_files(
+                    model,
+                    items,
+                    args.batch_size,
+                    progress=not args.no_progress,
+                    allow_duplicates=args.allow_duplicates,
+                )
+            except BaseException:
+                gallery.discard()  # a Milvus collection half written, outside the folder
+                raise
             stats = gallery.stats()
         if not len(report.ids):
             _warn_failures(report)

@@ -28,7 +28,14 @@ from shitu.index.embedder import Embedder
 from shitu.index.files import crash_point
 from shitu.index.labels import BadLabelError, GalleryItem, check_label, normal_form
 from shitu.index.locking import ReadWriteLock
-from shitu.index.manifest import BACKENDS, SHIPPED_MODEL_NOTE, Manifest, ModelMismatchError, now
+from shitu.index.manifest import (
+    BACKENDS,
+    LOCATION_OPTIONS,
+    SHIPPED_MODEL_NOTE,
+    Manifest,
+    ModelMismatchError,
+    now,
+)
 from shitu.index.metadata import ImageEntry, MetadataStore, NewImage
 from shitu.vectors import l2_normalize
 
@@ -38,7 +45,8 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class SearchResult:
-    """Top-k hits per query, best first, as [Q, k] arrays.
+    """Top-k hits per query, best first (of equal scores, the image added first), as [Q, k]
+    arrays.
 
     Scores are higher-is-more-similar: the cosine similarity for every metric in a library
     that normalises its features (the default), else the inner product or the negated
@@ -337,6 +345,15 @@ class Gallery:
             self._backend.close()
         self._store.close()
 
+    def discard(self) -> None:
+        """Close the library and delete its index where that is kept outside its folder (a
+        Milvus collection on a server, or in a Lite file elsewhere): for a caller that then
+        deletes the folder, such as a build that failed, so that no vectors outlive it."""
+        self._check_usable()
+        with self._swap.write():
+            self._backend.discard()
+        self.close()
+
     def __enter__(self) -> Gallery:
         self._check_usable(sqlite=False)
         return self
@@ -380,8 +397,9 @@ class Gallery:
         self._swap.acquire_read()  # one generation's index and labels
         try:
             self._check_usable(sqlite=False)  # not closed while this waited
-            scores, ids = self._backend.search(queries, k)
             id_labels = self._id_labels
+            newest_id = int(id_labels[0][-1]) if len(id_labels[0]) else -1
+            scores, ids = _ties_in_id_order(*self._backend.search(queries, k, newest_id))
         finally:
             self._swap.release_read()
         if min_score is not None:
@@ -706,9 +724,16 @@ class Gallery:
 
     def rebuild(self, index_type: str | None = None, **backend_options: Any) -> None:
         """Rebuild the index from the stored features, optionally as another type and with
-        other `backend_options` (the names `create` takes, e.g. `ef_search=128`)."""
+        other `backend_options` (the names `create` takes, e.g. `ef_search=128`), but for
+        the Milvus `uri` and `collection`: the index is rebuilt where it is."""
         self._check_usable()
         Manifest.check_backend_options(self.manifest.backend, backend_options)
+        moved = [name for name in LOCATION_OPTIONS if name in backend_options]
+        if moved:  # the manifest would name a place the index was not built in
+            raise GalleryError(
+                f"{self.root}: rebuild keeps the index where it is; {' and '.join(moved)} "
+                "can only be chosen when a library is made (build a new one)"
+            )
         updates: dict[str, Any] = {}
         if index_type is not None:
             updates["index_type"] = index_type
@@ -837,6 +862,14 @@ def _edited(
         added[:] = list(change.added_labels)
         ids, labels = np.concatenate([ids, change.added_ids]), np.concatenate([labels, added])
     return ids, labels
+
+
+def _ties_in_id_order(scores: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's hits by score, hits of equal score (copies of one photo, say, under two
+    labels) by id: the image added first comes first. Faiss returns such ties last added
+    first and Milvus in no set order, so the best label depended on the backend."""
+    order = np.lexsort((ids, -scores), axis=-1)
+    return np.take_along_axis(scores, order, -1), np.take_along_axis(ids, order, -1)
 
 
 def _labels_of(hits: np.ndarray, ids: np.ndarray, labels: np.ndarray) -> np.ndarray:

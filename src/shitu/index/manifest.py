@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import numbers
+import re
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any
@@ -26,6 +27,11 @@ BACKEND_OPTIONS = {
     "faiss": ("ef_search", "nprobe"),
     "milvus": ("ef_search", "nprobe", "nlist", "uri", "collection"),
 }
+# Where a library's vectors are kept: chosen when it is made (rebuild takes the others).
+LOCATION_OPTIONS = ("uri", "collection")
+# A Milvus server's rule for collection names; Milvus Lite also takes others (hyphens, spaces),
+# which a server then refuses, so a library could not move from one to the other.
+MILVUS_COLLECTION_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}")
 
 
 class ModelMismatchError(GalleryError):
@@ -95,6 +101,11 @@ class Manifest:
                 raise GalleryError(  # else refused after the library is made, by Milvus
                     f"index option uri must be a server's http://host:port or a Milvus Lite "
                     f"file ending in .db, got {value!r}"
+                )
+            if name == "collection" and not MILVUS_COLLECTION_NAME.fullmatch(value):
+                raise GalleryError(  # else refused by a server, or named `cannot be read`
+                    "index option collection must be a letter or underscore followed by "
+                    f"letters, digits and underscores, at most 255 in all, got {value!r}"
                 )
 
     def to_json(self) -> str:

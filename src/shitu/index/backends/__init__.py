@@ -94,8 +94,10 @@ class Backend(ABC):
         a service that fails to raises IndexSyncError."""
 
     @abstractmethod
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Scores (higher is more similar, -inf padding) and ids (-1 padding), both [Q, k]."""
+    def search(self, queries: np.ndarray, k: int, newest_id: int) -> tuple[np.ndarray, np.ndarray]:
+        """Scores (higher is more similar, -inf padding) and ids (-1 padding), both [Q, k],
+        of ids up to `newest_id`, the newest the library has loaded the label of: ids only
+        grow, and a Milvus collection shows other processes' additions before then."""
 
     @property
     @abstractmethod
@@ -115,6 +117,10 @@ class Backend(ABC):
         writes) without loading it whole, the step that does, read under the caller's read
         lock and run with searches held off; None where it must be loaded again."""
         return None
+
+    def discard(self) -> None:  # noqa: B027 (optional: most keep their index in the folder)
+        """Delete what the index keeps outside the library's folder (a Milvus collection),
+        for a library whose folder is being deleted."""
 
     def finish_open(self) -> None:  # noqa: B027 (optional: most backends have nothing to do)
         """Writes that opening needs (e.g. recording a resync), done after the read lock of

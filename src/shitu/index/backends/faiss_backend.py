@@ -303,7 +303,8 @@ class FaissBackend(Backend):
             if path.name != keep:
                 path.unlink()
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, k: int, newest_id: int) -> tuple[np.ndarray, np.ndarray]:
+        """(The index holds the loaded rows alone, none newer than `newest_id`.)"""
         index = self.index
         if index is None or index.ntotal == 0:
             return np.full((len(queries), k), -np.inf, np.float32), np.full(

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,10 @@ DEFAULT_COLLECTION = "shitu_gallery"
 TOKEN_ENV = "SHITU_MILVUS_TOKEN"
 INSERT_BATCH = 5_000
 DEFAULT_NLIST = 1024
+# Open backends per Milvus Lite file: this process serves each file from one server, which
+# the last of them to close stops (stopped earlier, it fails the others' calls).
+_lite_users: Counter[str] = Counter()
+_lite_users_lock = threading.Lock()
 
 
 def index_params(index_type: str, dim: int, options: dict[str, Any]) -> tuple[str, dict]:
@@ -64,6 +70,43 @@ def _failure_reason(exc: Exception) -> str:
     return str(message or (details() if callable(details) else exc))
 
 
+def _not_a_raised_failure(record: logging.LogRecord) -> bool:
+    """pymilvus logs every failed call with its traceback, by a stderr handler of its own, and
+    raises it too: the log only repeats what the caller is told (this backend, in one line)."""
+    return record.funcName != "_log_rpc_error"
+
+
+logging.getLogger("pymilvus.decorators").addFilter(_not_a_raised_failure)
+
+
+@contextmanager
+def _lite_start_failures() -> Iterator[list[BaseException]]:
+    """Why Milvus Lite could not serve a file: it logs that, with a traceback, and pymilvus
+    raises only 'Open local milvus failed'. The logged exceptions are collected instead."""
+    caught: list[BaseException] = []
+
+    def collect(record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            caught.append(record.exc_info[1])
+            return False
+        return True
+
+    lite_logger = logging.getLogger("milvus_lite.server_manager")
+    lite_logger.addFilter(collect)
+    try:
+        yield caught
+    finally:
+        lite_logger.removeFilter(collect)
+
+
+def _held_elsewhere(lite_failure: BaseException | None, exc: Exception) -> bool:
+    """Whether Milvus Lite failed to start because another process serves its file, or may
+    have: it logged no reason, and pymilvus gave only its own (an older Milvus Lite)."""
+    if lite_failure is not None:
+        return type(lite_failure).__name__ == "DataDirLockedError"
+    return _failure_reason(exc) == "Open local milvus failed"
+
+
 def search_params(index_type: str, k: int, options: dict[str, Any]) -> dict[str, Any]:
     if index_type == "HNSW32":
         return {"ef": max(k, options.get("ef_search", 64))}
@@ -81,31 +124,43 @@ class MilvusBackend(Backend):
         self, root: Path, manifest: Manifest, store: MetadataStore, repair: bool = False
     ) -> None:
         super().__init__(root, manifest, store)
-        try:
-            from pymilvus import MilvusClient
-        except ImportError as exc:
-            raise GalleryError(
-                "the milvus backend needs pymilvus (and milvus-lite for local files): "
-                "pip install 'shitu[milvus]'"
-            ) from exc
         options = manifest.backend_options
         uri = options.get("uri", DEFAULT_URI)
         self._lite_path: str | None = None
         if "://" not in uri:  # a Milvus Lite file (must end in .db), kept inside the library
             uri = self._lite_path = str((root / uri).resolve())
+        try:
+            from pymilvus import MilvusClient
+
+            if self._lite_path:
+                import milvus_lite  # noqa: F401 (pymilvus imports it only as it connects)
+        except ImportError as exc:
+            raise GalleryError(
+                "the milvus backend needs pymilvus (and milvus-lite for local files): "
+                "pip install 'shitu[milvus]'"
+            ) from exc
         self.collection = collection_name(manifest)
         self._pending: Change | None = None
         self._resynced: Manifest | None = None  # recorded by finish_open
+        self._closed = False
+        # A Lite file's server is started (or reused) and counted as one step, as a close
+        # counts down and stops it: neither can come between the other's two.
+        counting = _lite_users_lock if self._lite_path else nullcontext()
         try:
-            self.client = MilvusClient(uri, token=os.environ.get(TOKEN_ENV, ""))
+            with counting, _lite_start_failures() as lite_failures:
+                self.client = MilvusClient(uri, token=os.environ.get(TOKEN_ENV, ""))
+                if self._lite_path:
+                    _lite_users[self._lite_path] += 1
         except Exception as exc:
-            busy = (  # Milvus Lite's own reason ("another process holds the lock") is only logged
+            lite_failure = lite_failures[-1] if lite_failures else None
+            reason = str(lite_failure or _failure_reason(exc))
+            busy = (
                 "; is the library open in another process, such as `shitu serve`? A Milvus Lite "
                 "file is open in one process at a time"
-                if self._lite_path
+                if self._lite_path and _held_elsewhere(lite_failure, exc)
                 else ""
             )
-            raise GalleryError(f"cannot connect to Milvus at {uri}: {exc}{busy}") from exc
+            raise GalleryError(f"cannot connect to Milvus at {uri}: {reason}{busy}") from exc
         try:
             self._open_collection(uri, repair)
         except BaseException:
@@ -216,7 +271,8 @@ class MilvusBackend(Backend):
     @property
     def ntotal(self) -> int:
         # count(*) is exact after deletes; collection stats count deleted rows until compaction.
-        rows = self.client.query(self.collection, filter="", output_fields=["count(*)"])
+        with self._reading("counting the vectors of"):
+            rows = self.client.query(self.collection, filter="", output_fields=["count(*)"])
         return int(rows[0]["count(*)"])
 
     def stage(self, change: Change, manifest: Manifest) -> dict[str, Any]:
@@ -243,30 +299,44 @@ class MilvusBackend(Backend):
                     self._insert(change.added_ids, change.added)
         self._mark_synced(manifest)  # not reached after a failure: the collection stays stale
 
+    def _failure(self, doing: str, exc: Exception) -> str:
+        why = _failure_reason(exc)
+        return f"Milvus failed while {doing} collection '{self.collection}' ({why})"
+
     @contextmanager
     def _applying(self, doing: str) -> Iterator[None]:
         """Milvus failing to apply a committed write, as an IndexSyncError that says so."""
         try:
             yield
         except _service_failures() as exc:
-            failure = f"Milvus failed while {doing} collection '{self.collection}'"
-            raise IndexSyncError(self.root, f"{failure} ({_failure_reason(exc)})") from exc
+            raise IndexSyncError(self.root, self._failure(doing, exc)) from exc
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    @contextmanager
+    def _reading(self, doing: str) -> Iterator[None]:
+        """Milvus failing a search or a count (the server gone, say), as a GalleryError
+        that says so rather than pymilvus's exception."""
+        try:
+            yield
+        except _service_failures() as exc:
+            raise GalleryError(f"{self.root}: {self._failure(doing, exc)}") from exc
+
+    def search(self, queries: np.ndarray, k: int, newest_id: int) -> tuple[np.ndarray, np.ndarray]:
         raw = np.full((len(queries), k), np.nan, np.float32)
         ids = np.full((len(queries), k), -1, np.int64)
         if len(queries):
-            hits = self.client.search(
-                self.collection,
-                data=list(queries),
-                limit=k,
-                search_params={
-                    "metric_type": self.manifest.metric.upper(),
-                    "params": search_params(
-                        self.manifest.index_type, k, self.manifest.backend_options
-                    ),
-                },
-            )
+            with self._reading("searching"):
+                hits = self.client.search(
+                    self.collection,
+                    data=list(queries),
+                    limit=k,
+                    filter=f"id <= {int(newest_id)}",
+                    search_params={
+                        "metric_type": self.manifest.metric.upper(),
+                        "params": search_params(
+                            self.manifest.index_type, k, self.manifest.backend_options
+                        ),
+                    },
+                )
             for row, row_hits in enumerate(hits):
                 for col, hit in enumerate(row_hits):
                     ids[row, col] = hit["id"]
@@ -277,11 +347,26 @@ class MilvusBackend(Backend):
         count, held = self.store.count(), self.ntotal
         return [] if held == count else [f"milvus holds {held} vectors, library has {count}"]
 
+    def discard(self) -> None:
+        """Drop the collection; where Milvus fails to, say so and go on (the caller is
+        already failing): the next library given it would refuse it while it holds rows."""
+        try:
+            self.client.drop_collection(self.collection)
+        except _service_failures() as exc:
+            logger.warning("%s; drop it by hand", self._failure("dropping", exc))
+
     def close(self) -> None:
         self.client.close()
-        if self._lite_path:
-            # Milvus Lite serves the file from this process until released; release it so
-            # another process can open the library.
-            from milvus_lite.server_manager import server_manager_instance
+        path = self._lite_path
+        if not path or self._closed:  # counted down once
+            return
+        self._closed = True
+        with _lite_users_lock:
+            _lite_users[path] -= 1
+            if _lite_users[path] <= 0:
+                del _lite_users[path]
+                # Milvus Lite serves the file from this process until released; release it
+                # so another process can open the library.
+                from milvus_lite.server_manager import server_manager_instance
 
-            server_manager_instance.release_server(self._lite_path)
+                server_manager_instance.release_server(path)
