@@ -31,6 +31,10 @@ DEFAULT_COLLECTION = "shitu_gallery"
 TOKEN_ENV = "SHITU_MILVUS_TOKEN"
 INSERT_BATCH = 5_000
 DEFAULT_NLIST = 1024
+# Every read sees every committed write: pymilvus's default ("Bounded") lets a server answer
+# from a view seconds old, so `verify` straight after a build counted too few vectors and a
+# search missed images just added. Milvus Lite is always strong; a server needs asking.
+CONSISTENCY = "Strong"
 # Open backends per Milvus Lite file: this process serves each file from one server, which
 # the last of them to close stops (stopped earlier, it fails the others' calls).
 _lite_users: Counter[str] = Counter()
@@ -232,7 +236,7 @@ class MilvusBackend(Backend):
         indexes.add_index(
             field_name="vector", index_type=kind, metric_type=manifest.metric.upper(), params=params
         )
-        self.client.create_collection(self.collection, schema=schema)
+        self.client.create_collection(self.collection, schema=schema, consistency_level=CONSISTENCY)
         # Milvus Lite builds the index at once but lacks the call a synchronous create_index
         # polls with (its server logs a NotImplementedError traceback); a server is waited for.
         self.client.create_index(self.collection, indexes, sync=self._lite_path is None)
@@ -272,7 +276,12 @@ class MilvusBackend(Backend):
     def ntotal(self) -> int:
         # count(*) is exact after deletes; collection stats count deleted rows until compaction.
         with self._reading("counting the vectors of"):
-            rows = self.client.query(self.collection, filter="", output_fields=["count(*)"])
+            rows = self.client.query(
+                self.collection,
+                filter="",
+                output_fields=["count(*)"],
+                consistency_level=CONSISTENCY,
+            )
         return int(rows[0]["count(*)"])
 
     def stage(self, change: Change, manifest: Manifest) -> dict[str, Any]:
@@ -330,6 +339,7 @@ class MilvusBackend(Backend):
                     data=list(queries),
                     limit=k,
                     filter=f"id <= {int(newest_id)}",
+                    consistency_level=CONSISTENCY,
                     search_params={
                         "metric_type": self.manifest.metric.upper(),
                         "params": search_params(
