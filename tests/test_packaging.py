@@ -73,6 +73,14 @@ def dists(tmp_path_factory: pytest.TempPathFactory) -> Dists:
     return Dists(source, sdist_files, wheel_files, metadata)
 
 
+def test_sdist_holds_what_building_and_testing_need(dists: Dists) -> None:
+    for name in ["LICENSE", "README.md", "pyproject.toml", "constraints.txt"]:
+        assert name in dists.sdist_files
+    for folder in ["src/shitu", "tests", "docs", "benchmarks"]:
+        expected = {f"{folder}/{name}" for name in tree_files(dists.source / folder)}
+        assert expected - dists.sdist_files == set(), f"{folder}/ files missing from the sdist"
+
+
 def test_wheel_holds_the_package_its_data_and_licence(dists: Dists) -> None:
     # Every file of the package, data included (configs, the default model and its card,
     # the web page): whatever the source tree holds, an installed shitu finds too.
