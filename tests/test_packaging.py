@@ -86,6 +86,9 @@ def test_wheel_holds_the_package_its_data_and_licence(dists: Dists) -> None:
     # the web page): whatever the source tree holds, an installed shitu finds too.
     package = {f"shitu/{name}" for name in tree_files(dists.source / "src" / "shitu")}
     assert {name for name in dists.wheel_files if name.startswith("shitu/")} == package
+    # PEP 561: type checkers read shitu's annotations in the users' code (without the
+    # marker mypy refuses `from shitu.pipeline import Recognizer` as untyped).
+    assert "shitu/py.typed" in dists.wheel_files
     # Nothing beside the package (no tests, benchmarks or build leftovers).
     top_level = {name.split("/")[0] for name in dists.wheel_files}
     assert top_level == {"shitu", f"{DIST_NAME}.dist-info"}
