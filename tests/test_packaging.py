@@ -89,6 +89,7 @@ def test_wheel_holds_the_package_its_data_and_licence(dists: Dists) -> None:
     # PEP 561: type checkers read shitu's annotations in the users' code (without the
     # marker mypy refuses `from shitu.pipeline import Recognizer` as untyped).
     assert "shitu/py.typed" in dists.wheel_files
+    assert "Typing :: Typed" in dists.metadata.get_all("Classifier", [])
     # Nothing beside the package (no tests, benchmarks or build leftovers).
     top_level = {name.split("/")[0] for name in dists.wheel_files}
     assert top_level == {"shitu", f"{DIST_NAME}.dist-info"}
