@@ -96,3 +96,7 @@ def test_wheel_holds_the_package_its_data_and_licence(dists: Dists) -> None:
     assert f"{DIST_NAME}.dist-info/licenses/LICENSE" in dists.wheel_files
     assert dists.metadata["License-Expression"] == "Apache-2.0"
     assert dists.metadata["Requires-Python"] == PROJECT["requires-python"]
+    # Exact versions belong in constraints.txt: in the metadata they would make pip replace
+    # the versions a user's environment already has.
+    requirements = [r.split(";")[0] for r in dists.metadata.get_all("Requires-Dist", [])]
+    assert [r for r in requirements if "==" in r] == []
