@@ -164,7 +164,11 @@ def _quiet_opencv() -> None:
     if cv2 is None:
         os.environ["OPENCV_LOG_LEVEL"] = "ERROR"
     else:  # loaded already by the program that calls `main`
-        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+        opencv_logging = getattr(cv2.utils, "logging", None)  # OpenCV 5; 4.x has none
+        if opencv_logging is not None:
+            opencv_logging.setLogLevel(opencv_logging.LOG_LEVEL_ERROR)
+        else:
+            cv2.setLogLevel(2)  # OpenCV 4's LOG_LEVEL_ERROR, which it does not export
 
 
 def _user_message(exc: ShituError | OSError) -> str:
