@@ -418,6 +418,22 @@ def test_the_pipelines_cpu_num_threads_limits_the_detector_too() -> None:
         torch.set_num_threads(before)
 
 
+@needs_picodet
+def test_the_onnx_detectors_idle_threads_sleep_and_its_boxes_stay_the_same() -> None:
+    """The detector runs between the recognition model's runs and Python work on the same
+    cores, so its threads must not spin while idle; onnxruntime's default session (which
+    spins) finds the same boxes."""
+    import onnxruntime as ort
+
+    detector = OnnxDetector(ONNX_416)
+    options = detector.session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    spinning = OnnxDetector(ONNX_416)
+    spinning.session = ort.InferenceSession(str(ONNX_416), providers=["CPUExecutionProvider"])
+    for photo in _photos():
+        np.testing.assert_array_equal(detector.detect(photo), spinning.detect(photo))
+
+
 @pytest.mark.parametrize(
     ("score_threshold", "max_boxes", "message"),
     [

@@ -128,6 +128,11 @@ class OnnxDetector(Detector):
         options = ort.SessionOptions()
         options.log_severity_level = 3
         options.intra_op_num_threads = threads  # 0: onnxruntime's default
+        # Idle threads sleep rather than spin: a detector runs one photo at a time, between
+        # Python pre- and post-processing and the recognition model's runs, and its threads
+        # spinning meanwhile took the cores those need (`shitu recognize --detector` on a
+        # shared 2-core host: a fifth less CPU time per photo, and faster).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(
                 str(path), options, providers=["CPUExecutionProvider"]
