@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 from typing import BinaryIO
 
+import cv2
 import numpy as np
 import onnx
 import pytest
@@ -20,7 +21,7 @@ from PIL import Image
 
 from shitu.cli.main import main as shitu_main
 from shitu.detection import build_picodet, load_detector
-from shitu.detection.detector import OnnxDetector, TorchDetector, preprocess
+from shitu.detection.detector import MEAN, STD, OnnxDetector, TorchDetector, preprocess
 from shitu.detection.export import export_onnx
 from shitu.detection.postprocess import (
     anchor_points,
@@ -127,6 +128,18 @@ def _photos() -> list[np.ndarray]:
     lines = (GROCERY / "val.txt").read_text().splitlines()[::100] if GROCERY.is_dir() else []
     paths += [GROCERY / line.split(",")[0] for line in lines]
     return [np.asarray(Image.open(p).convert("RGB")) for p in paths]
+
+
+def test_preprocess_is_bicubic_resize_then_imagenet_normalisation_bit_for_bit() -> None:
+    """The detector's input is exactly (resized / 255 - MEAN) / STD in float32, CHW, as its
+    weights were fed: computed channel by channel, nothing may round differently."""
+    for photo in _photos():
+        for size in ((416, 416), (320, 480)):
+            resized = cv2.resize(photo, size[::-1], interpolation=cv2.INTER_CUBIC)
+            expected = ((resized.astype(np.float32) / 255.0 - MEAN) / STD).transpose(2, 0, 1)
+            got = preprocess(photo, size)
+            assert got.dtype == np.float32 and got.shape == (3, *size)
+            assert np.array_equal(got, expected)
 
 
 @needs_picodet
