@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 from typing import BinaryIO
 
+import cv2
 import numpy as np
 import onnx
 import pytest
@@ -20,7 +21,7 @@ from PIL import Image
 
 from shitu.cli.main import main as shitu_main
 from shitu.detection import build_picodet, load_detector
-from shitu.detection.detector import OnnxDetector, TorchDetector, preprocess
+from shitu.detection.detector import MEAN, STD, OnnxDetector, TorchDetector, preprocess
 from shitu.detection.export import export_onnx
 from shitu.detection.postprocess import (
     anchor_points,
@@ -127,6 +128,18 @@ def _photos() -> list[np.ndarray]:
     lines = (GROCERY / "val.txt").read_text().splitlines()[::100] if GROCERY.is_dir() else []
     paths += [GROCERY / line.split(",")[0] for line in lines]
     return [np.asarray(Image.open(p).convert("RGB")) for p in paths]
+
+
+def test_preprocess_is_bicubic_resize_then_imagenet_normalisation_bit_for_bit() -> None:
+    """The detector's input is exactly (resized / 255 - MEAN) / STD in float32, CHW, as its
+    weights were fed: computed channel by channel, nothing may round differently."""
+    for photo in _photos():
+        for size in ((416, 416), (320, 480)):
+            resized = cv2.resize(photo, size[::-1], interpolation=cv2.INTER_CUBIC)
+            expected = ((resized.astype(np.float32) / 255.0 - MEAN) / STD).transpose(2, 0, 1)
+            got = preprocess(photo, size)
+            assert got.dtype == np.float32 and got.shape == (3, *size)
+            assert np.array_equal(got, expected)
 
 
 @needs_picodet
@@ -418,6 +431,22 @@ def test_the_pipelines_cpu_num_threads_limits_the_detector_too() -> None:
             assert torch.get_num_threads() == (2 if backend == "onnxruntime" else 1)
     finally:
         torch.set_num_threads(before)
+
+
+@needs_picodet
+def test_the_onnx_detectors_idle_threads_sleep_and_its_boxes_stay_the_same() -> None:
+    """The detector runs between the recognition model's runs and Python work on the same
+    cores, so its threads must not spin while idle; onnxruntime's default session (which
+    spins) finds the same boxes."""
+    import onnxruntime as ort
+
+    detector = OnnxDetector(ONNX_416)
+    options = detector.session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    spinning = OnnxDetector(ONNX_416)
+    spinning.session = ort.InferenceSession(str(ONNX_416), providers=["CPUExecutionProvider"])
+    for photo in _photos():
+        np.testing.assert_array_equal(detector.detect(photo), spinning.detect(photo))
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -11,6 +12,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import cv2
 import numpy as np
 import onnxruntime
 import pytest
@@ -26,6 +28,7 @@ from shitu.inference import FeatureExtractor, Preprocessing, export_model, read_
 from shitu.inference import export as export_module
 from shitu.inference.backends import choose_backend
 from shitu.inference.export import fingerprint, load_exported_model
+from shitu.inference.preprocess import decode_rgb
 from shitu.models import build_model
 
 SIZE = 96
@@ -786,3 +789,37 @@ def test_a_compact_export_on_an_onnx_runtime_asked_for_names_the_cache_it_cannot
         ):
             FeatureExtractor.load(compact, backend=backend)
     assert FeatureExtractor.load(compact).backend.name == "torch"  # auto: torch serves
+
+
+def test_files_decode_to_the_pixels_of_opencvs_bgr_decoding_reversed(grocery):
+    """`read_rgb` has OpenCV decode straight to RGB (no second pass over the photo): the
+    pixels must be those of its BGR decoding with the channels swapped, for every kind of
+    file a photo library holds (grey, CMYK, palette, 16-bit, EXIF-rotated included)."""
+    photo = np.asarray(Image.open(grocery_files(grocery, 1)[0]).convert("RGB"))
+    encoded = {path.name: path.read_bytes() for path in grocery_files(grocery, 4)}
+
+    def saved(image: Image.Image, file_format: str, **options: object) -> bytes:
+        buffer = io.BytesIO()
+        image.save(buffer, format=file_format, **options)
+        return buffer.getvalue()
+
+    rgb = Image.fromarray(photo)
+    encoded |= {
+        f"{file_format} {mode}": saved(rgb.convert(mode), file_format)
+        for file_format, modes in (
+            ("JPEG", ("RGB", "L", "CMYK")),
+            ("PNG", ("RGB", "L", "P", "I;16")),
+            ("BMP", ("RGB",)),
+            ("TIFF", ("RGB",)),
+            ("WEBP", ("RGB",)),
+        )
+        for mode in modes
+    }
+    encoded["progressive JPEG"] = saved(rgb, "JPEG", progressive=True)
+    for orientation in range(2, 9):
+        exif = rgb.getexif()
+        exif[0x0112] = orientation
+        encoded[f"JPEG orientation {orientation}"] = saved(rgb, "JPEG", exif=exif.tobytes())
+    for name, data in encoded.items():
+        bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+        assert np.array_equal(decode_rgb(data), bgr[:, :, ::-1]), name

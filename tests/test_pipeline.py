@@ -976,3 +976,28 @@ def test_wrong_detector_and_model_settings_name_the_setting_and_the_way_out(tmp_
     ]
     with pytest.raises(CheckpointError, match=r"rec_inference_model_dir \(--model\): .*null"):
         Recognizer.from_config(load_pipeline_config(None, settings))
+
+
+def test_saved_visualisations_are_drawn_on_the_photos_decoded_for_recognition(
+    setup, recognizer, tmp_path
+):
+    """`recognize --save-vis` draws each photo as recognition decoded it instead of decoding
+    the file a second time (a phone photo takes longer to decode than to recognise): a photo
+    gone after recognition is drawn all the same. Without keep_images no photo is held."""
+    from shitu.cli.common import VisualisationWriter
+
+    photos = []
+    for index, query in enumerate(setup["queries"][:3]):
+        photos.append(tmp_path / f"photo{index}.jpg")
+        shutil.copy(query.path, photos[-1])
+    with recognizer(score_thres=-1.0) as rec:
+        kept = list(rec.recognize_files(photos, keep_images=True))
+        plain = list(rec.recognize_files(photos))
+    assert all(found.image is None for found in plain)
+    assert [found.results for found in kept] == [found.results for found in plain]
+    for found, photo in zip(kept, photos, strict=True):
+        assert np.array_equal(found.image, read_rgb(photo))
+        photo.unlink()
+    writer = VisualisationWriter(tmp_path / "vis")
+    for found in kept:
+        assert read_rgb(writer.save_recognition(found)).shape == found.image.shape

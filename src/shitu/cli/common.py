@@ -328,8 +328,10 @@ class VisualisationWriter:
         return write_atomically(self.folder / name, lambda tmp: rgb.save(tmp, "JPEG", quality=90))
 
     def save_recognition(self, found: FileRecognition) -> Path:
-        """The photo of a recognition result with its boxes, labels and scores drawn."""
+        """The photo of a recognition result with its boxes, labels and scores drawn (on the
+        photo it holds, `recognize_files(..., keep_images=True)`, else read again)."""
         from shitu.inference.preprocess import read_rgb
         from shitu.pipeline import draw_results
 
-        return self.save(found.path, draw_results(read_rgb(found.path), found.results, self.fonts))
+        image = found.image if found.image is not None else read_rgb(found.path)
+        return self.save(found.path, draw_results(image, found.results, self.fonts))

@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     writer = VisualisationWriter(out / "vis")
     found_right = total = 0
     with Recognizer.from_config(config) as recognizer:
-        for found in recognizer.recognize_files(list(expected)):
+        for found in recognizer.recognize_files(list(expected), keep_images=True):
             truth = expected[found.path]
             print(format_table(found))
             print(f"  expected: {', '.join(truth)}\n")

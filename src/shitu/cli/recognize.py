@@ -174,7 +174,8 @@ def run(args: argparse.Namespace) -> int:
     with naming_library_source(args, config):
         recognizer = Recognizer.from_config(config)
     with recognizer:
-        for found in recognizer.recognize_files(paths, progress=progress):
+        drawn = writer is not None  # drawn on the photos decoded for recognition
+        for found in recognizer.recognize_files(paths, progress=progress, keep_images=drawn):
             if found.error is not None:
                 skipped += 1
                 print(f"warning: skipped {found.path}: {found.error}", file=sys.stderr)

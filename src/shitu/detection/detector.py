@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+PIXEL_MAX = np.float32(255.0)
 NMS_IOU = 0.6
 NMS_TOP_K = 1000
 
@@ -44,8 +45,16 @@ def preprocess(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """
     check_rgb_image(image)
     resized = cv2.resize(image, (size[1], size[0]), interpolation=cv2.INTER_CUBIC)
-    pixels = np.asarray(resized, dtype=np.float32) / 255.0
-    return ((pixels - MEAN) / STD).transpose(2, 0, 1)
+    # Channel by channel, in place, into the CHW array the model takes: the float32 steps of
+    # (pixels / 255 - MEAN) / STD, bit for bit, in a third to a half of the time of whole-image
+    # temporaries and a transposed copy.
+    out = np.empty((3, *resized.shape[:2]), np.float32)
+    for index, channel in enumerate(out):
+        channel[...] = resized[:, :, index]
+        channel /= PIXEL_MAX
+        channel -= MEAN[index]
+        channel /= STD[index]
+    return out
 
 
 class Detector(ABC):
@@ -135,6 +144,11 @@ class OnnxDetector(Detector):
         options = ort.SessionOptions()
         options.log_severity_level = 3
         options.intra_op_num_threads = threads  # 0: onnxruntime's default
+        # Idle threads sleep rather than spin: a detector runs one photo at a time, between
+        # Python pre- and post-processing and the recognition model's runs, and its threads
+        # spinning meanwhile took the cores those need (`shitu recognize --detector` on a
+        # shared 2-core host: a fifth less CPU time per photo, and faster).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(
                 str(path), options, providers=["CPUExecutionProvider"]

@@ -253,11 +253,13 @@ def decode_rgb(data: bytes | np.ndarray) -> np.ndarray:
     # pixels, after at most a colour profile.)
     if buffer.size and not declares_transparency(buffer[:HEADER_BYTES].tobytes()):
         try:
-            image = cv2.imdecode(buffer, cv2.IMREAD_COLOR)
+            # Straight to RGB: the same pixels as BGR then cvtColor, without another pass
+            # over the whole photo (a tenth of a 12-megapixel JPEG's decoding time).
+            image = cv2.imdecode(buffer, cv2.IMREAD_COLOR_RGB)
         except cv2.error:  # e.g. over OpenCV's pixel limit: Pillow, below, says why
             image = None
     if image is not None:
-        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+        return image
     # Formats OpenCV does not read (e.g. GIF) through Pillow, which also says why a file
     # cannot be read.
     return np.asarray(decode_rgb_image(buffer.tobytes()))

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -81,11 +81,14 @@ class Candidates:
 
 @dataclass(frozen=True)
 class FileRecognition:
-    """Results for one file; `error` says why it was skipped (then `results` is empty)."""
+    """Results for one file; `error` says why it was skipped (then `results` is empty).
+    `image`: the decoded RGB photo where `recognize_files(..., keep_images=True)` asked for
+    it (to draw on without decoding the file again), else None."""
 
     path: str
     results: list[Recognition]
     error: str | None = None
+    image: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         """`shitu recognize`'s JSON line for the file, `{"image", "results"}`, plus `"error"`
@@ -334,18 +337,31 @@ class Recognizer:
         return [found[i] for i in keep.tolist()]
 
     def recognize_files(
-        self, paths: Sequence[str | Path], progress: bool = False
+        self, paths: Sequence[str | Path], progress: bool = False, keep_images: bool = False
     ) -> Iterator[FileRecognition]:
-        """Results per file in input order; unreadable files come back with an error."""
-        for path, candidates, error in self.score_files(paths, progress):
-            results = self.select(candidates) if candidates is not None else []
-            yield FileRecognition(path, results, error)
+        """Results per file in input order; unreadable files come back with an error.
+        keep_images: each result also holds its decoded photo (memory: one photo per result
+        kept)."""
+        for path, decoded, candidates in self._score_decoded(paths, progress):
+            if candidates is None:
+                yield FileRecognition(path, [], decoded)
+            else:
+                image = decoded if keep_images else None
+                yield FileRecognition(path, self.select(candidates), image=image)
 
     def score_files(
         self, paths: Sequence[str | Path], progress: bool = False
     ) -> Iterator[tuple[str, Candidates | None, str | None]]:
         """(path, candidates, None) per file in input order, (path, None, reason) for an
         unreadable one: `score_batch` for files, decoded in threads."""
+        for path, decoded, candidates in self._score_decoded(paths, progress):
+            yield (path, None, decoded) if candidates is None else (path, candidates, None)
+
+    def _score_decoded(
+        self, paths: Sequence[str | Path], progress: bool
+    ) -> Iterator[tuple[str, np.ndarray | str, Candidates | None]]:
+        """(path, decoded image, candidates) per file in input order, (path, reason, None)
+        for an unreadable one."""
         names = path_list(paths)
         with (
             ThreadPoolExecutor(self.extractor.workers, thread_name_prefix="shitu-read") as pool,
@@ -357,10 +373,7 @@ class Recognizer:
                 readable = [image for image in decoded if isinstance(image, np.ndarray)]
                 scored = iter(self.score_batch(readable))
                 for name, image in zip(chunk, decoded, strict=True):
-                    if isinstance(image, str):
-                        yield name, None, image
-                    else:
-                        yield name, next(scored), None
+                    yield name, image, None if isinstance(image, str) else next(scored)
                 bar.update(len(chunk))
 
     def _read_or_reason(self, path: str) -> np.ndarray | str:
