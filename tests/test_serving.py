@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 import unicodedata
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -642,6 +643,20 @@ def test_page_and_docs_load_nothing_from_elsewhere(client):
     for many in ("/v1/extract", "/v1/gallery/images"):  # the docs page can send several
         assert image_field(many)["type"] == "array"
         assert image_field(many)["items"] == {"type": "string", "format": "binary"}
+
+
+def test_the_openapi_document_is_made_without_warnings(serving_library, tmp_path):
+    """Health answers HEAD too, on a route of its own: one route for GET and HEAD gave two
+    operations one id, and FastAPI warned of it in the server's log at each /openapi.json."""
+    from shitu.serving.app import create_app
+
+    config = local_config(serving_library, tmp_path / "gallery")
+    with RecognitionService(config, ServeSettings(upload_dir=tmp_path / "uploads")) as service:
+        app = create_app(service)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            spec = app.openapi()
+    assert list(spec["paths"]["/healthz"]) == ["get"]
 
 
 def test_health_and_metrics(serving_library, reference, client):
