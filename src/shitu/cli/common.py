@@ -60,7 +60,7 @@ def add_runtime_arguments(parser: argparse.ArgumentParser, gpu: bool = False) ->
         "--runtime",
         choices=BACKENDS,
         help="runtime of the recognition model: auto (default: onnxruntime, else torch), "
-        "onnxruntime, openvino (pip install openvino; often faster on x86 CPUs, the same "
+        "onnxruntime, openvino (pip install 'shitu[openvino]'; often faster on x86 CPUs, the same "
         "features) or torch",
     )
     parser.add_argument(

@@ -70,7 +70,7 @@ def choose_backend(model_dir: Path, backend: str, precision: str, device: str = 
         raise ConfigError(f"precision {precision} runs on the torch backend (a GPU) only")
     if backend == "openvino":
         if not openvino_available():
-            raise ConfigError("backend openvino: not installed (pip install openvino)")
+            raise ConfigError("backend openvino: not installed (pip install 'shitu[openvino]')")
         if device != "cpu":
             raise ConfigError(f"backend openvino runs on the CPU only, not device {device}")
     return backend

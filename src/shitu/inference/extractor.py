@@ -94,7 +94,7 @@ class FeatureExtractor:
     ) -> FeatureExtractor:
         """Open an export. backend: 'auto' (onnxruntime if installed and the ONNX file is
         there or can be rebuilt from a compact export into the cache, else torch),
-        'onnxruntime', 'openvino' (`pip install openvino`, CPU) or 'torch'. num_threads:
+        'onnxruntime', 'openvino' (`pip install 'shitu[openvino]'`, CPU) or 'torch'. num_threads:
         inference threads (None: the runtime's default). precision: fp32; int8
         (onnxruntime or openvino, needs model.int8.onnx); fp16/bf16 (torch on
         device='cuda'). workers: decoding threads (each decodes and resizes whole images,

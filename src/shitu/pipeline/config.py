@@ -49,7 +49,9 @@ _IGNORED_INDEX = {
 }
 _IGNORED_SECTIONS = {"DetPreProcess", "DetPostProcess", "RecPreProcess", "RecPostProcess"}
 Backend = Literal["auto", "onnxruntime", "torch"]
-RecBackend = Literal["auto", "onnxruntime", "openvino", "torch"]  # openvino: pip install openvino
+RecBackend = Literal[
+    "auto", "onnxruntime", "openvino", "torch"
+]  # openvino: pip install 'shitu[openvino]'
 Precision = Literal["fp32", "int8", "fp16", "bf16"]
 
 
