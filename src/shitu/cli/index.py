@@ -315,13 +315,7 @@ def _build(
             backend_options=options,
         ) as gallery:
             try:
-                report = gallery.add_files(
-                    model,
-                    items,
-                    args.batch_size,
-                    progress=not args.no_progress,
-                    allow_duplicates=args.allow_duplicates,
-                )
+                report = _add_files(args, gallery, model, items)
             except BaseException:
                 gallery.discard()  # a Milvus collection half written, outside the folder
                 raise
@@ -343,6 +337,19 @@ def _build(
     fsync_dir(args.out.parent)
     _report(report, args.out, stats)
     return 0
+
+
+def _add_files(
+    args: argparse.Namespace, gallery: Gallery, model: Embedder, items: list[GalleryItem]
+) -> AddReport:
+    """`items` embedded and added as `index build` and `index add` options ask."""
+    return gallery.add_files(
+        model,
+        items,
+        args.batch_size,
+        progress=not args.no_progress,
+        allow_duplicates=args.allow_duplicates,
+    )
 
 
 def _remove_dead_builds(out: Path) -> None:
@@ -381,13 +388,7 @@ def run_add(args: argparse.Namespace) -> int:
     items = collect_items(args.sources, label=args.label)
     model = _load_model(args)
     with Gallery.open_for(args.library, model, shipped_model=args.model is None) as gallery:
-        report = gallery.add_files(
-            model,
-            items,
-            args.batch_size,
-            progress=not args.no_progress,
-            allow_duplicates=args.allow_duplicates,
-        )
+        report = _add_files(args, gallery, model, items)
         stats = gallery.stats()
     _report(report, args.library, stats)
     return 1 if report.failures and not len(report.ids) else 0  # nothing could be added
