@@ -39,10 +39,15 @@ CREATE INDEX IF NOT EXISTS images_sha256 ON images (sha256);
 """
 
 
+class LibraryBusyError(GalleryError):
+    """Another process held the library's database locked for longer than LOCK_WAIT_S."""
+
+
 class _Connection(sqlite3.Connection):
     """Statements that find the file damaged ("database disk image is malformed") raise a
-    GalleryError naming it, as opening such a file does, not SQLite's bare error; locks
-    and constraint errors stay as SQLite raises them."""
+    GalleryError naming it, as opening such a file does, not SQLite's bare error, and ones
+    that waited LOCK_WAIT_S for another process's lock a LibraryBusyError; constraint
+    errors stay as SQLite raises them."""
 
     path: Path
 
@@ -63,6 +68,11 @@ class _Connection(sqlite3.Connection):
     def _refuse_damaged(self, exc: sqlite3.DatabaseError) -> None:
         if type(exc) is sqlite3.DatabaseError:  # its subclasses: locked, a constraint, ...
             raise GalleryError(f"{self.path}: not a readable gallery database ({exc})") from exc
+        if exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY:  # a reader waiting on a commit
+            raise LibraryBusyError(
+                f"{self.path}: another process has been committing a write to the library "
+                f"for over {LOCK_WAIT_S:g} s; retry when it has finished"
+            ) from exc
 
 
 @dataclass(frozen=True)
@@ -119,14 +129,25 @@ class MetadataStore:
             return
         try:
             self.conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as exc:
-            raise GalleryError(f"{self.path}: cannot lock the library for writing ({exc})") from exc
+        except LibraryBusyError:
+            raise LibraryBusyError(
+                f"{self.path}: cannot lock the library for writing: another process has been "
+                f"writing to it for over {LOCK_WAIT_S:g} s (a rebuild or re-embedding of a large "
+                "library takes minutes); nothing was changed, retry when it has finished"
+            ) from None
         try:
             yield
+            self.conn.execute("COMMIT")
+        except LibraryBusyError:  # at COMMIT: SQLite keeps the transaction open, to retry
+            self.conn.execute("ROLLBACK")
+            raise LibraryBusyError(
+                f"{self.path}: cannot commit: another process has been reading the library "
+                f"for over {LOCK_WAIT_S:g} s (e.g. checking or listing a large library); "
+                "nothing was changed, retry when it has finished"
+            ) from None
         except BaseException:
             self.conn.execute("ROLLBACK")
             raise
-        self.conn.execute("COMMIT")
 
     @contextmanager
     def reading(self) -> Iterator[None]:

@@ -1,0 +1,89 @@
+"""Several processes on one gallery library at once: writers, readers, and a lock held too long.
+
+Each other process is a real one (a subprocess), synchronised through its output: it says
+when it holds what it holds, and lets go when its stdin closes, so no test sleeps to wait.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from shitu.errors import GalleryError
+from shitu.index import Gallery, metadata
+from tests.index_helpers import clustered
+
+DIM = 16
+
+
+def new_library(path: Path, count: int = 20) -> np.ndarray:
+    """A Flat library of `count` vectors labelled 'base'; returns the vectors."""
+    data = clustered(count, DIM)
+    with Gallery.create(path, embedding_dim=DIM, model_fingerprint="test-model") as gallery:
+        gallery.add(data, ["base"] * count)
+    return data
+
+
+@contextmanager
+def other_process_holding(library: Path, begin: str) -> Iterator[subprocess.Popen]:
+    """Another process in the middle of a transaction on `library`'s database (`begin`:
+    "BEGIN" then a read holds the read lock, "BEGIN IMMEDIATE" the write lock), from the
+    time it says so until the block ends."""
+    script = textwrap.dedent(
+        f"""
+        import sqlite3, sys
+        conn = sqlite3.connect({str(library / "gallery.sqlite")!r}, isolation_level=None)
+        conn.execute({begin!r})
+        conn.execute("SELECT COUNT(*) FROM images").fetchone()
+        print("holding", flush=True)
+        sys.stdin.read()
+        conn.execute("ROLLBACK")
+        """
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert process.stdout.readline() == "holding\n"
+        yield process
+    finally:
+        process.stdin.close()
+        process.wait(30)
+
+
+def test_a_write_that_cannot_commit_past_a_long_reader_is_rolled_back(tmp_path, monkeypatch):
+    """A reader in another process (`index verify` of a big library) holds its read lock
+    longer than a writer waits to commit: the write fails with a GalleryError saying so,
+    and the library takes the next write as usual. The failed COMMIT used to leave the
+    connection inside its transaction: a raw sqlite3 error, and every later write of that
+    Gallery (a server's) joined that transaction, was reported done and never committed."""
+    path = tmp_path / "lib"
+    new_library(path)
+    monkeypatch.setattr(metadata, "LOCK_WAIT_S", 0.2)
+    with Gallery.open(path) as gallery:
+        refused = pytest.raises(GalleryError, match="reading the library .* nothing was changed")
+        with other_process_holding(path, "BEGIN"), refused:
+            gallery.add(np.ones((1, DIM), np.float32), ["refused"])
+        assert len(gallery) == 20 and gallery.verify() == []
+        gallery.add(np.ones((1, DIM), np.float32), ["later"])
+    with Gallery.open(path) as reopened:
+        assert reopened.label_counts() == {"base": 20, "later": 1}
+        assert reopened.verify() == []
+
+
+def test_a_write_lock_held_too_long_is_an_error_naming_the_other_writer(tmp_path, monkeypatch):
+    path = tmp_path / "lib"
+    new_library(path)
+    monkeypatch.setattr(metadata, "LOCK_WAIT_S", 0.2)
+    refused = pytest.raises(GalleryError, match="another process has been writing to it")
+    with Gallery.open(path) as gallery, other_process_holding(path, "BEGIN IMMEDIATE"), refused:
+        gallery.remove(ids=[1])
+    with Gallery.open(path) as reopened:
+        assert len(reopened) == 20 and reopened.verify() == []
