@@ -87,3 +87,24 @@ def test_a_write_lock_held_too_long_is_an_error_naming_the_other_writer(tmp_path
         gallery.remove(ids=[1])
     with Gallery.open(path) as reopened:
         assert len(reopened) == 20 and reopened.verify() == []
+
+
+def run_in_other_process(library: Path, code: str) -> None:
+    """Run `code` with `gallery` open on `library` in another process, to its end."""
+    script = "import numpy as np\nfrom shitu.index import Gallery\n"
+    script += f"gallery = Gallery.open({str(library)!r})\n{textwrap.dedent(code)}"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_verify_checks_the_library_as_other_processes_left_it(tmp_path):
+    """A library another process wrote to since it was opened is healthy: verify (`shitu
+    index verify` while a server edits) reported its own stale copy as problems."""
+    path = tmp_path / "lib"
+    new_library(path)
+    with Gallery.open(path) as gallery:
+        run_in_other_process(
+            path, "gallery.add(np.ones((3, 16), np.float32), ['new'] * 3)\ngallery.remove(ids=[2])"
+        )
+        assert gallery.verify() == []
+        assert len(gallery) == 22 and gallery.label_counts() == {"base": 19, "new": 3}

@@ -788,13 +788,27 @@ class Gallery:
         return _stats(self.root, self.manifest, len(ids), len(set(labels.tolist())))
 
     def verify(self) -> list[str]:
-        """Everything wrong with the library (empty list when healthy)."""
+        """Everything wrong with the library (empty list when healthy), as last committed:
+        other processes' writes are loaded first (a copy that lags them is not damaged), and
+        none commits during the checks."""
         self._check_usable()
-        problems = self._store.integrity_problems()
+        problems = self._store.integrity_problems()  # the file's pages, whatever they hold
+        while True:
+            try:
+                self.refresh()
+            except GalleryError as exc:  # the committed generation cannot be loaded
+                return [*problems, str(exc)]
+            with self._store.reading():
+                if not self.stale():  # else another write committed meanwhile: load it too
+                    return problems + self._generation_problems()
+
+    def _generation_problems(self) -> list[str]:
+        """Disagreements between the stored rows and the loaded index and labels."""
+        problems = []
         try:
             ids, features = self._store.features(self.manifest.embedding_dim)
         except GalleryError as exc:
-            return [*problems, str(exc)]
+            return [str(exc)]
         if not np.isfinite(features).all():
             problems.append("stored features contain NaN or inf")
         if not np.array_equal(ids, self._id_labels[0]):
