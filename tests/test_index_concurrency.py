@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -108,3 +109,30 @@ def test_verify_checks_the_library_as_other_processes_left_it(tmp_path):
         )
         assert gallery.verify() == []
         assert len(gallery) == 22 and gallery.label_counts() == {"base": 19, "new": 3}
+
+
+def test_a_servers_searches_go_on_while_its_edit_waits_for_another_writer(tmp_path, monkeypatch):
+    """`shitu serve` edits a library that another process is writing (an `index rebuild` of
+    a big library: minutes): the edit waits for the other write, searches do not. They
+    waited for the edit (so up to LOCK_WAIT_S, every recognition request), and once the
+    check for other processes' writes was due, for that check queued behind the edit."""
+    from shitu.serving import library as library_module
+    from shitu.serving.library import SharedLibrary
+
+    path = tmp_path / "lib"
+    data = new_library(path)
+    monkeypatch.setattr(metadata, "LOCK_WAIT_S", 30.0)  # what a stalled search would wait
+    monkeypatch.setattr(library_module, "SYNC_INTERVAL_S", 0.0)  # the check always due
+    shared = SharedLibrary()
+    try:
+        shared.attach(shared.run(lambda: Gallery.open(path)))
+        with ThreadPoolExecutor(1) as pool, other_process_holding(path, "BEGIN IMMEDIATE"):
+            removal = pool.submit(shared.write, lambda gallery: gallery.remove(ids=[1]))
+            while not removal.running():  # the write is on its way to the library's thread
+                pass
+            assert shared.search(data[:1], k=1).ids[0, 0] == 1  # before the edit
+            assert not removal.done()  # answered while the edit waits for the other writer
+        assert removal.result().tolist() == [1]
+        assert shared.search(data[:1], k=1).ids[0, 0] != 1
+    finally:
+        shared.close()
