@@ -9,9 +9,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +17,7 @@ import pytest
 
 from shitu.errors import GalleryError
 from shitu.index import Gallery, metadata
-from tests.index_helpers import clustered
+from tests.index_helpers import clustered, other_process_holding
 
 DIM = 16
 
@@ -30,33 +28,6 @@ def new_library(path: Path, count: int = 20) -> np.ndarray:
     with Gallery.create(path, embedding_dim=DIM, model_fingerprint="test-model") as gallery:
         gallery.add(data, ["base"] * count)
     return data
-
-
-@contextmanager
-def other_process_holding(library: Path, begin: str) -> Iterator[subprocess.Popen]:
-    """Another process in the middle of a transaction on `library`'s database (`begin`:
-    "BEGIN" then a read holds the read lock, "BEGIN IMMEDIATE" the write lock), from the
-    time it says so until the block ends."""
-    script = textwrap.dedent(
-        f"""
-        import sqlite3, sys
-        conn = sqlite3.connect({str(library / "gallery.sqlite")!r}, isolation_level=None)
-        conn.execute({begin!r})
-        conn.execute("SELECT COUNT(*) FROM images").fetchone()
-        print("holding", flush=True)
-        sys.stdin.read()
-        conn.execute("ROLLBACK")
-        """
-    )
-    process = subprocess.Popen(
-        [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert process.stdout.readline() == "holding\n"
-        yield process
-    finally:
-        process.stdin.close()
-        process.wait(30)
 
 
 def test_a_write_that_cannot_commit_past_a_long_reader_is_rolled_back(tmp_path, monkeypatch):
