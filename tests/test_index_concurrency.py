@@ -50,13 +50,19 @@ def test_a_write_that_cannot_commit_past_a_long_reader_is_rolled_back(tmp_path, 
         assert reopened.verify() == []
 
 
-def test_a_write_lock_held_too_long_is_an_error_naming_the_other_writer(tmp_path, monkeypatch):
+def test_a_write_lock_held_too_long_is_an_error_naming_the_other_writer(
+    tmp_path, monkeypatch, caplog
+):
+    """The writer says it is waiting (a command that waits silently for a minute looks
+    hung), then, where the other write goes on, fails with what was waited for."""
     path = tmp_path / "lib"
     new_library(path)
-    monkeypatch.setattr(metadata, "LOCK_WAIT_S", 0.2)
+    monkeypatch.setattr(metadata, "LOCK_WAIT_S", 0.3)
+    monkeypatch.setattr(metadata, "WAIT_NOTICE_S", 0.1)
     refused = pytest.raises(GalleryError, match="another process has been writing to it")
     with Gallery.open(path) as gallery, other_process_holding(path, "BEGIN IMMEDIATE"), refused:
         gallery.remove(ids=[1])
+    assert "another process is writing to the library; waiting up to 0.3 s" in caplog.text
     with Gallery.open(path) as reopened:
         assert len(reopened) == 20 and reopened.verify() == []
 

@@ -6,6 +6,7 @@ cannot delete in place) and so every change commits in one SQLite transaction.
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -19,7 +20,10 @@ from shitu.errors import GalleryError
 from shitu.index.labels import normal_form
 from shitu.index.manifest import Manifest
 
+logger = logging.getLogger(__name__)
+
 LOCK_WAIT_S = 60.0  # how long a writer waits for another process's write to finish
+WAIT_NOTICE_S = 1.0  # a write waiting longer for another process's says so (not a hang)
 FETCH_ROWS = 4096  # feature rows read per step
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS manifest (
@@ -128,7 +132,7 @@ class MetadataStore:
             yield
             return
         try:
-            self.conn.execute("BEGIN IMMEDIATE")
+            self._begin_write()
         except LibraryBusyError:
             raise LibraryBusyError(
                 f"{self.path}: cannot lock the library for writing: another process has been "
@@ -148,6 +152,31 @@ class MetadataStore:
         except BaseException:
             self.conn.execute("ROLLBACK")
             raise
+
+    def _begin_write(self) -> None:
+        """BEGIN IMMEDIATE, waiting up to LOCK_WAIT_S for another process's write; a wait
+        past WAIT_NOTICE_S is logged, so that a command waiting is not taken for hung."""
+        notice_s = min(WAIT_NOTICE_S, LOCK_WAIT_S)
+        self._wait_for_locks(notice_s)
+        try:
+            try:
+                self.conn.execute("BEGIN IMMEDIATE")
+                return
+            except LibraryBusyError:
+                logger.warning(
+                    "%s: another process is writing to the library; waiting up to %g s for "
+                    "it to finish",
+                    self.path,
+                    LOCK_WAIT_S,
+                )
+            self._wait_for_locks(LOCK_WAIT_S - notice_s)
+            self.conn.execute("BEGIN IMMEDIATE")
+        finally:
+            self._wait_for_locks(LOCK_WAIT_S)
+
+    def _wait_for_locks(self, seconds: float) -> None:
+        """How long a statement waits for another process's lock before it is refused."""
+        self.conn.execute(f"PRAGMA busy_timeout = {round(seconds * 1000)}")
 
     @contextmanager
     def reading(self) -> Iterator[None]:
