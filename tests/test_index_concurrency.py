@@ -17,9 +17,14 @@ import pytest
 
 from shitu.errors import GalleryError
 from shitu.index import Gallery, metadata
+from shitu.index import gallery as gallery_module
 from tests.index_helpers import clustered, other_process_holding
 
 DIM = 16
+
+
+def index_files(library: Path) -> list[str]:
+    return sorted(p.name for p in library.glob("index-*.faiss"))
 
 
 def new_library(path: Path, count: int = 20) -> np.ndarray:
@@ -113,3 +118,73 @@ def test_a_servers_searches_go_on_while_its_edit_waits_for_another_writer(tmp_pa
         assert shared.search(data[:1], k=1).ids[0, 0] != 1
     finally:
         shared.close()
+
+
+def test_a_write_committed_by_another_process_just_after_ours_is_loaded_later(
+    tmp_path, monkeypatch
+):
+    """Another process commits between this write's commit and its update of the loaded
+    library (the writers above hit it by chance). The library took that process's generation
+    as its own without loading its rows: they were never searchable here, and a large write
+    then checkpointed an index file without them that opening did not mend."""
+    path = tmp_path / "lib"
+    data = new_library(path)
+    other = np.full((1, DIM), 3.0, np.float32)
+
+    def another_process_commits(point: str) -> None:
+        if point == "after-commit":
+            run_in_other_process(
+                path, f"gallery.add(np.full((1, {DIM}), 3.0, np.float32), ['other'])"
+            )
+
+    with Gallery.open(path) as gallery:
+        monkeypatch.setattr(gallery_module, "crash_point", another_process_commits)
+        gallery.add(data[:1] + 1.0, ["ours"])
+        monkeypatch.undo()
+        assert gallery.stale() and gallery.refresh()
+        assert gallery.search(other, k=1).labels[0, 0] == "other"
+        gallery.add(clustered(10, DIM, seed=5), ["large"] * 10)  # writes the index file
+    with Gallery.open(path) as reopened:
+        assert reopened.verify() == [] and len(reopened) == 32
+        assert reopened.search(other, k=1).labels[0, 0] == "other"
+
+
+WRITER = """
+rng = np.random.default_rng(int(sys.argv[1]))
+for step in range(20):
+    vector = rng.standard_normal((1, 16)).astype(np.float32)
+    (added,) = gallery.add(vector, [f"writer {sys.argv[1]}"]).ids
+    assert gallery.search(vector, k=1).ids[0, 0] == added  # its own write, searchable
+    if step % 5 == 4:  # and one removed again
+        (passing,) = gallery.add(rng.standard_normal((1, 16)).astype(np.float32), ["gone"]).ids
+        gallery.remove(ids=[passing])
+gallery.refresh()
+assert gallery.verify() == [], gallery.verify()
+"""
+
+
+@pytest.mark.parametrize("index_type", ["Flat", "HNSW32"])
+def test_writers_in_three_processes_lose_no_update(tmp_path, index_type):
+    """Three processes each add and remove in small writes, interleaved as they come: every
+    write of every one is in the library, each saw its own writes in its index, and the
+    index file is the one the manifest names."""
+    path = tmp_path / "lib"
+    data = clustered(20, DIM)
+    with Gallery.create(
+        path, embedding_dim=DIM, model_fingerprint="test-model", index_type=index_type
+    ) as gallery:
+        gallery.add(data, ["base"] * 20)
+    script = "import sys\nimport numpy as np\nfrom shitu.index import Gallery\n"
+    script += f"gallery = Gallery.open({str(path)!r})\n{WRITER}"
+    writers = [
+        subprocess.Popen([sys.executable, "-c", script, str(seed)], stderr=subprocess.PIPE)
+        for seed in range(3)
+    ]
+    for writer in writers:
+        assert writer.wait(60) == 0, writer.stderr.read().decode()
+    with Gallery.open(path) as gallery:
+        assert gallery.verify() == []
+        expected = {"base": 20, "writer 0": 20, "writer 1": 20, "writer 2": 20}
+        assert gallery.label_counts() == expected and len(gallery) == 80
+    assert sorted(p.name for p in path.iterdir()) == ["gallery.sqlite", *index_files(path)]
+    assert len(index_files(path)) == 1

@@ -460,8 +460,8 @@ class Gallery:
         crash_point("after-commit")
         with self._swap.write():
             self._backend.publish(manifest)
-            self.manifest = self._store.read_manifest()
-            self._backend.manifest = self.manifest
+            # The backend's, not the file's: another process may have committed since
+            self.manifest = self._backend.manifest
             self._id_labels = id_labels
             self.last_change = change
         return result
