@@ -6,6 +6,8 @@ when it holds what it holds, and lets go when its stdin closes, so no test sleep
 
 from __future__ import annotations
 
+import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -15,10 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from shitu.cli.main import main as shitu_main
 from shitu.errors import GalleryError
+from shitu.fileio import file_sha256
 from shitu.index import Gallery, metadata
 from shitu.index import gallery as gallery_module
-from tests.index_helpers import clustered, other_process_holding
+from tests.index_helpers import clustered, make_images, other_process_holding
 
 DIM = 16
 
@@ -188,3 +192,85 @@ def test_writers_in_three_processes_lose_no_update(tmp_path, index_type):
         assert gallery.label_counts() == expected and len(gallery) == 80
     assert sorted(p.name for p in path.iterdir()) == ["gallery.sqlite", *index_files(path)]
     assert len(index_files(path)) == 1
+
+
+def test_a_reader_kept_waiting_by_a_commit_is_told_so(tmp_path, monkeypatch):
+    """A command that reads while another process holds the library locked past the wait
+    (committing a write) fails naming that, not with SQLite's bare 'database is locked'."""
+    path = tmp_path / "lib"
+    new_library(path)
+    monkeypatch.setattr(metadata, "LOCK_WAIT_S", 0.2)
+    refused = pytest.raises(GalleryError, match="another process has been committing a write")
+    with other_process_holding(path, "BEGIN EXCLUSIVE"), refused:
+        Gallery.open(path)
+    with Gallery.open(path) as gallery:
+        assert len(gallery) == 20
+
+
+def start_cli(*args: str | Path) -> subprocess.Popen:
+    """`shitu ARGS` in its own process (the shipped model), its stderr a text pipe."""
+    command = [sys.executable, "-m", "shitu", *map(str, args), "--no-progress"]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_until_waiting(process: subprocess.Popen) -> str:
+    """Read `process`'s stderr up to its note that it waits for another process's write."""
+    said = ""
+    while "waiting up to" not in said:
+        line = process.stderr.readline()
+        assert line, f"ended without waiting: {said}"
+        said += line
+    return said
+
+
+def test_two_index_adds_at_once_both_land_and_share_duplicates_once(tmp_path):
+    """Two `shitu index add` processes that both wait for a third process's write (so they
+    commit one after the other, each on top of the other's): every image is added once,
+    the photo both add is added by one and skipped by the other, and the library is whole."""
+    images = make_images(tmp_path / "images", 7)
+    first, second = tmp_path / "first", tmp_path / "second"
+    for folder, picked in ((first, images[1:4]), (second, images[3:7])):
+        folder.mkdir()
+        for image in picked:
+            shutil.copy(image, folder / image.name)
+    path = tmp_path / "lib"
+    assert (
+        shitu_main(["index", "build", str(images[0]), "--label", "base", "--out", str(path)]) == 0
+    )
+    with other_process_holding(path, "BEGIN IMMEDIATE"):
+        adds = [start_cli("index", "add", path, f, "--label", f.name) for f in (first, second)]
+        for add in adds:
+            wait_until_waiting(add)
+    outputs = [add.communicate(timeout=60) for add in adds]
+    assert [add.returncode for add in adds] == [0, 0], outputs
+    skipped = [out for out, _ in outputs if "skipped 1 duplicate" in out]
+    assert len(skipped) == 1  # images[3], in both folders, went in once
+    with Gallery.open(path) as gallery:
+        assert gallery.verify() == [] and len(gallery) == 7
+        assert {e.sha256 for e in gallery.entries()} == {file_sha256(i) for i in images}
+    assert sorted(p.name for p in path.iterdir()) == ["gallery.sqlite", *index_files(path)]
+    assert len(index_files(path)) == 1
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM])
+def test_an_add_stopped_while_waiting_for_another_writer_changes_nothing(tmp_path, signal_number):
+    """Ctrl-C (or a job manager's SIGTERM) on an `index add` that waits for another
+    process's write: it ends by the signal, and the library is as before, with no file
+    left behind."""
+    images = make_images(tmp_path / "images", 3)
+    path = tmp_path / "lib"
+    assert (
+        shitu_main(["index", "build", str(images[0]), "--label", "base", "--out", str(path)]) == 0
+    )
+    before = sorted(p.name for p in path.iterdir())
+    with other_process_holding(path, "BEGIN IMMEDIATE"):
+        add = start_cli("index", "add", path, *images[1:], "--label", "new")
+        wait_until_waiting(add)
+        add.send_signal(signal_number)
+        _, said = add.communicate(timeout=60)
+    ended_by = {signal.SIGINT: 130, signal.SIGTERM: -signal.SIGTERM}  # as the CLI ends
+    assert add.returncode == ended_by[signal_number], said
+    assert "Traceback" not in said
+    with Gallery.open(path) as gallery:
+        assert gallery.verify() == [] and gallery.label_counts() == {"base": 1}
+    assert sorted(p.name for p in path.iterdir()) == before
