@@ -6,6 +6,8 @@ when it holds what it holds, and lets go when its stdin closes, so no test sleep
 
 from __future__ import annotations
 
+import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -13,6 +15,7 @@ import sys
 import textwrap
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -76,12 +79,15 @@ def test_a_write_lock_held_too_long_is_an_error_naming_the_other_writer(
         assert len(reopened) == 20 and reopened.verify() == []
 
 
-def run_in_other_process(library: Path, code: str) -> None:
-    """Run `code` with `gallery` open on `library` in another process, to its end."""
+def run_in_other_process(library: Path, code: str, **popen: Any) -> str:
+    """Run `code` with `gallery` open on `library` in another process, to its end; its output."""
     script = "import numpy as np\nfrom shitu.index import Gallery\n"
     script += f"gallery = Gallery.open({str(library)!r})\n{textwrap.dedent(code)}"
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=False, **popen
+    )
     assert done.returncode == 0, done.stderr
+    return done.stdout
 
 
 def test_verify_checks_the_library_as_other_processes_left_it(tmp_path):
@@ -274,3 +280,44 @@ def test_an_add_stopped_while_waiting_for_another_writer_changes_nothing(tmp_pat
     with Gallery.open(path) as gallery:
         assert gallery.verify() == [] and gallery.label_counts() == {"base": 1}
     assert sorted(p.name for p in path.iterdir()) == before
+
+
+WIDE = 512  # features as a real model's: an index file larger than a journal
+
+
+@pytest.mark.parametrize(
+    ("add", "refusal"),
+    [
+        (1, r"gallery.sqlite: cannot write the library \(.*is its disk full\?\)"),
+        (30, r"index-\d+.faiss: cannot write the index file \(File too large\)"),
+    ],
+    ids=["rows", "index-file"],
+)
+def test_a_write_refused_for_room_is_one_clear_error_and_changes_nothing(tmp_path, add, refusal):
+    """A process that may not grow a file (RLIMIT_FSIZE: as a full disk or a quota refuses
+    writes) adds 1 row (the database would grow) or 30 (a new index file, written first). The rows' error was 'cannot rollback - no
+    transaction is active' (SQLite had rolled back by itself), the index file's faiss's C++
+    assertion; the library stays as it was."""
+    path = tmp_path / "lib"
+    with Gallery.create(path, embedding_dim=WIDE, model_fingerprint="test-model") as gallery:
+        gallery.add(np.random.default_rng(0).normal(size=(20, WIDE)), ["base"] * 20)
+    # The database's size; for the larger write the index file's, which the new one outgrows
+    # (the database is written at the commit, after it; its journal, before it, is smaller)
+    grown = path / (index_files(path)[0] if add > 2 else "gallery.sqlite")
+    room = grown.stat().st_size
+
+    def out_of_room() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a refused write, not a killed process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (room, room))
+
+    code = f"""
+        try:
+            gallery.add(np.random.default_rng(1).normal(size=({add}, {WIDE})), ["new"] * {add})
+        except Exception as exc:
+            print(type(exc).__name__, exc)
+    """
+    said = run_in_other_process(path, code, preexec_fn=out_of_room)
+    assert re.match(f"GalleryError .*{refusal}; nothing was changed$", said.strip()), said
+    with Gallery.open(path) as gallery:
+        assert gallery.verify() == [] and len(gallery) == 20
+    assert sorted(p.name for p in path.iterdir()) == ["gallery.sqlite", *index_files(path)]

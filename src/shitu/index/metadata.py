@@ -48,10 +48,10 @@ class LibraryBusyError(GalleryError):
 
 
 class _Connection(sqlite3.Connection):
-    """Statements that find the file damaged ("database disk image is malformed") raise a
-    GalleryError naming it, as opening such a file does, not SQLite's bare error, and ones
-    that waited LOCK_WAIT_S for another process's lock a LibraryBusyError; constraint
-    errors stay as SQLite raises them."""
+    """Statements that find the file damaged ("database disk image is malformed") or cannot
+    write it (a full disk) raise a GalleryError naming it, as opening such a file does, not
+    SQLite's bare error, and ones that waited LOCK_WAIT_S for another process's lock a
+    LibraryBusyError; constraint errors stay as SQLite raises them."""
 
     path: Path
 
@@ -59,19 +59,24 @@ class _Connection(sqlite3.Connection):
         try:
             return super().execute(sql, parameters)
         except sqlite3.DatabaseError as exc:
-            self._refuse_damaged(exc)
+            self._raise_for(exc)
             raise
 
     def executemany(self, sql: str, parameters: Any, /) -> sqlite3.Cursor:
         try:
             return super().executemany(sql, parameters)
         except sqlite3.DatabaseError as exc:
-            self._refuse_damaged(exc)
+            self._raise_for(exc)
             raise
 
-    def _refuse_damaged(self, exc: sqlite3.DatabaseError) -> None:
+    def _raise_for(self, exc: sqlite3.DatabaseError) -> None:
         if type(exc) is sqlite3.DatabaseError:  # its subclasses: locked, a constraint, ...
             raise GalleryError(f"{self.path}: not a readable gallery database ({exc})") from exc
+        if exc.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR):
+            raise GalleryError(
+                f"{self.path}: cannot write the library ({exc}: is its disk full?); nothing "
+                "was changed"
+            ) from exc
         if exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY:  # a reader waiting on a commit
             raise LibraryBusyError(
                 f"{self.path}: another process has been committing a write to the library "
@@ -143,15 +148,21 @@ class MetadataStore:
             yield
             self.conn.execute("COMMIT")
         except LibraryBusyError:  # at COMMIT: SQLite keeps the transaction open, to retry
-            self.conn.execute("ROLLBACK")
+            self._roll_back()
             raise LibraryBusyError(
                 f"{self.path}: cannot commit: another process has been reading the library "
                 f"for over {LOCK_WAIT_S:g} s (e.g. checking or listing a large library); "
                 "nothing was changed, retry when it has finished"
             ) from None
         except BaseException:
-            self.conn.execute("ROLLBACK")
+            self._roll_back()
             raise
+
+    def _roll_back(self) -> None:
+        """ROLLBACK, where SQLite has not rolled back by itself (it does on a full disk or an
+        I/O error: a second ROLLBACK would hide that error behind its own)."""
+        if self.conn.in_transaction:
+            self.conn.execute("ROLLBACK")
 
     def _begin_write(self) -> None:
         """BEGIN IMMEDIATE, waiting up to LOCK_WAIT_S for another process's write; a wait

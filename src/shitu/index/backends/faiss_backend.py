@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ import faiss
 import numpy as np
 
 from shitu.errors import GalleryError
-from shitu.fileio import file_sha256, write_atomically
+from shitu.fileio import file_sha256, write_atomically, write_failure_reason
 from shitu.index.backends import Backend, Change, scores_from_distances
 from shitu.index.files import crash_point
 from shitu.index.manifest import Manifest
@@ -142,6 +143,15 @@ def apply_search_params(index: faiss.Index, index_type: str, options: dict[str, 
     elif index_type in MIN_TRAIN:
         nlist = faiss.extract_index_ivf(index).nlist
         space.set_index_parameter(index, "nprobe", options.get("nprobe", default_nprobe(nlist)))
+
+
+def _write_refusal(exc: OSError | RuntimeError) -> str:
+    """The system's reason for a refused write ("No space left on device"): an OSError's,
+    or the one faiss puts in parentheses at the end of its message (after the C++ place)."""
+    if isinstance(exc, OSError):
+        return write_failure_reason(exc)
+    reason = re.search(r"\(([^()]+)\)\s*$", str(exc))
+    return reason[1] if reason else str(exc)
 
 
 class FaissBackend(Backend):
@@ -275,8 +285,13 @@ class FaissBackend(Backend):
             faiss.write_index(index, str(tmp))
             crash_point("index-file-written")
 
-        write_atomically(self.root / name, write, durable=True)
         path = self.root / name
+        try:
+            write_atomically(path, write, durable=True)
+        except (OSError, RuntimeError) as exc:  # faiss reports a refused write as RuntimeError
+            raise GalleryError(
+                f"{path}: cannot write the index file ({_write_refusal(exc)}); nothing was changed"
+            ) from exc
         return {"file": name, "bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
     def publish(self, manifest: Manifest) -> None:
