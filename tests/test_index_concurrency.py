@@ -28,6 +28,7 @@ from shitu.index import gallery as gallery_module
 from tests.index_helpers import clustered, make_images, other_process_holding
 
 DIM = 16
+WIDE = 512  # features as a real model's
 
 
 def index_files(library: Path) -> list[str]:
@@ -159,6 +160,35 @@ def test_a_write_committed_by_another_process_just_after_ours_is_loaded_later(
         assert reopened.search(other, k=1).labels[0, 0] == "other"
 
 
+def test_other_processes_read_while_a_large_write_is_under_way(tmp_path, monkeypatch):
+    """A write larger than SQLite's page cache (here 3,000 rows of 512-d features, 6 MB)
+    spilled its pages into the file, which takes the exclusive lock: from then to its
+    commit (its index built: minutes for a large add or a re-embedding) every other
+    process's read waited, and failed after LOCK_WAIT_S (a server's searches stalled)."""
+    path = tmp_path / "lib"
+    with Gallery.create(path, embedding_dim=WIDE, model_fingerprint="test-model") as gallery:
+        gallery.add(np.random.default_rng(0).normal(size=(20, WIDE)), ["base"] * 20)
+    reader = textwrap.dedent(
+        f"""
+        from shitu.index import Catalog, metadata
+        metadata.LOCK_WAIT_S = 1.0  # a reader kept waiting fails soon
+        with Catalog({str(path)!r}) as catalog:
+            print(catalog.stats()["images"])
+        """
+    )
+    seen: list[str] = []
+
+    def another_process_reads(point: str) -> None:
+        if point == "rows-written":  # inside the write, its rows inserted
+            done = subprocess.run([sys.executable, "-c", reader], capture_output=True, text=True)
+            seen.append(done.stdout.strip() or done.stderr.strip().splitlines()[-1])
+
+    monkeypatch.setattr(gallery_module, "crash_point", another_process_reads)
+    with Gallery.open(path) as gallery:
+        gallery.add(np.random.default_rng(1).normal(size=(3000, WIDE)), ["large"] * 3000)
+    assert seen == ["20"]  # the library before the write, read while it ran
+
+
 WRITER = """
 rng = np.random.default_rng(int(sys.argv[1]))
 for step in range(20):
@@ -280,9 +310,6 @@ def test_an_add_stopped_while_waiting_for_another_writer_changes_nothing(tmp_pat
     with Gallery.open(path) as gallery:
         assert gallery.verify() == [] and gallery.label_counts() == {"base": 1}
     assert sorted(p.name for p in path.iterdir()) == before
-
-
-WIDE = 512  # features as a real model's: an index file larger than a journal
 
 
 @pytest.mark.parametrize(

@@ -116,6 +116,10 @@ class MetadataStore:
             )
             self.conn.path = path
             self.conn.execute("PRAGMA synchronous = FULL")
+            # A write keeps its changed pages in memory until it commits: spilling them into
+            # the file takes the exclusive lock, and every other process's reads would wait
+            # for the rest of the write (a large add or re-embedding: its index built, minutes)
+            self.conn.execute("PRAGMA cache_spill = OFF")
             if create:
                 self.conn.executescript(SCHEMA)
             self.conn.execute("SELECT COUNT(*) FROM images").fetchone()
