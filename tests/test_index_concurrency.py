@@ -91,6 +91,26 @@ def run_in_other_process(library: Path, code: str, **popen: Any) -> str:
     return done.stdout
 
 
+def test_an_index_file_written_for_a_write_that_did_not_commit_goes_with_it(tmp_path, monkeypatch):
+    """A write that wrote a new index file (a large add) and then could not commit (a
+    reader held on past the wait; also Ctrl-C while it waits, a full disk) removes that
+    file: it stayed until the next write that changed vectors, on a full disk maybe as
+    large as the library's index and in the way of the very write that would remove it."""
+    path = tmp_path / "lib"
+    new_library(path)
+    committed = index_files(path)
+    monkeypatch.setattr(metadata, "LOCK_WAIT_S", 0.2)
+    with Gallery.open(path) as gallery:
+        refused = pytest.raises(GalleryError, match="cannot commit")
+        with other_process_holding(path, "BEGIN"), refused:
+            gallery.add(clustered(10, DIM, seed=4), ["large"] * 10)
+        assert index_files(path) == committed
+        gallery.add(clustered(10, DIM, seed=4), ["large"] * 10)  # and the retry goes through
+    with Gallery.open(path) as reopened:
+        assert reopened.verify() == [] and len(reopened) == 30
+    assert len(index_files(path)) == 1
+
+
 def test_verify_checks_the_library_as_other_processes_left_it(tmp_path):
     """A library another process wrote to since it was opened is healthy: verify (`shitu
     index verify` while a server edits) reported its own stale copy as problems."""

@@ -1,11 +1,11 @@
 """The gallery library: labelled image features that can be searched, edited and re-embedded.
 
 A library is a folder holding `gallery.sqlite` (manifest, image rows, features) and the
-backend's index (Faiss: an `index-<generation>.faiss` checkpoint; Milvus: a collection).
-Every write is one SQLite transaction that commits the rows with the manifest, which names
-the index file and counts the rows changed since it (a small write leaves the file and
-changes the index in memory; opening replays those rows from SQLite), so a process killed
-at any point leaves either the previous library or the new one.
+backend's index (Faiss: an `index-<generation>-<random>.faiss` checkpoint; Milvus: a
+collection). Every write is one SQLite transaction that commits the rows with the manifest,
+which names the index file and counts the rows changed since it (a small write leaves the
+file and changes the index in memory; opening replays those rows from SQLite), so a process
+killed at any point leaves either the previous library or the new one.
 """
 
 from __future__ import annotations
@@ -455,6 +455,7 @@ class Gallery:
                 self._store.write_manifest(manifest)
                 crash_point("before-commit")
         except BaseException:
+            self._backend.discard()  # e.g. the index file staged for the rolled-back change
             self._reload()  # the in-memory index may hold the rolled-back change
             raise
         crash_point("after-commit")

@@ -116,6 +116,9 @@ class Backend(ABC):
         lock and run with searches held off; None where it must be loaded again."""
         return None
 
+    def discard(self) -> None:  # noqa: B027 (optional: most backends stage nothing on disk)
+        """Drop what `stage` prepared for a write that did not commit (files it wrote)."""
+
     def finish_open(self) -> None:  # noqa: B027 (optional: most backends have nothing to do)
         """Writes that opening needs (e.g. recording a resync), done after the read lock of
         `Gallery.open` is released: SQLite cannot turn a read into a write."""

@@ -1,7 +1,7 @@
 """Faiss backend: an in-memory index that each write changes in place, and an index file
 that checkpoints it now and then.
 
-SQLite holds the truth (rows and features). The index file (`index-<generation>.faiss`,
+SQLite holds the truth (rows and features). The index file (`index-<generation>-<random>.faiss`,
 named and checksummed in the manifest, never changed once written) holds the vectors of
 some earlier generation, and the manifest counts the rows added and removed since
 (`changes_since_checkpoint`): opening the library loads the file and replays those from
@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,6 +169,7 @@ class FaissBackend(Backend):
         super().__init__(root, manifest, store)
         self.index: faiss.Index | None = None
         self._staged: _Staged | None = None
+        self._written: str | None = None  # the index file the write under way wrote
         state = manifest.index_state
         if state.get("file"):
             path = root / state["file"]
@@ -245,6 +247,7 @@ class FaissBackend(Backend):
 
     def stage(self, change: Change, manifest: Manifest) -> dict[str, Any]:
         """Nothing is changed that searches use: the live index changes in `publish`."""
+        self._written = None
         if not change.touches_vectors:
             self._staged = None
             return dict(self.manifest.index_state)
@@ -278,8 +281,10 @@ class FaissBackend(Backend):
         return {**state, **self._checkpoint(index, manifest.generation)}
 
     def _checkpoint(self, index: faiss.Index, generation: int) -> dict[str, Any]:
-        """Write `index` as this generation's index file; its manifest entries."""
-        name = f"index-{generation:08d}.faiss"
+        """Write `index` as this generation's index file; its manifest entries. The name is
+        this write's alone (another writer may make the same generation after a rollback),
+        so that `discard` removes no other write's file."""
+        name = f"index-{generation:08d}-{secrets.token_hex(4)}.faiss"
 
         def write(tmp: Path) -> None:
             faiss.write_index(index, str(tmp))
@@ -292,12 +297,13 @@ class FaissBackend(Backend):
             raise GalleryError(
                 f"{path}: cannot write the index file ({_write_refusal(exc)}); nothing was changed"
             ) from exc
+        self._written = name
         return {"file": name, "bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
     def publish(self, manifest: Manifest) -> None:
         previous = self.manifest.index_state.get("file")
         self.manifest = manifest
-        staged, self._staged = self._staged, None
+        staged, self._staged, self._written = self._staged, None, None
         if staged is None:
             return
         index = staged.index
@@ -309,6 +315,19 @@ class FaissBackend(Backend):
         current = manifest.index_state.get("file")
         if previous and previous != current:
             (self.root / previous).unlink(missing_ok=True)
+
+    def discard(self) -> None:
+        """Remove the index file of a write that did not commit, unless the committed
+        manifest names it after all (a write interrupted just after its commit)."""
+        name, self._staged, self._written = self._written, None, None
+        if name is None:
+            return
+        try:
+            committed = self.store.read_manifest()
+        except GalleryError:  # the next write's clean-up removes it
+            return
+        if committed is None or committed.index_state.get("file") != name:
+            (self.root / name).unlink(missing_ok=True)
 
     def _remove_orphans(self) -> None:
         """Files left by writes killed before their commit (we hold the write lock here)."""
