@@ -336,7 +336,7 @@ def test_an_add_stopped_while_waiting_for_another_writer_changes_nothing(tmp_pat
     ("add", "refusal"),
     [
         (1, r"gallery.sqlite: cannot write the library \(.*is its disk full\?\)"),
-        (30, r"index-\d+.faiss: cannot write the index file \(File too large\)"),
+        (30, r"index-\d+-\w+.faiss: cannot write the index file \(File too large\)"),
     ],
     ids=["rows", "index-file"],
 )
