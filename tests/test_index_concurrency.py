@@ -43,6 +43,36 @@ def new_library(path: Path, count: int = 20) -> np.ndarray:
     return data
 
 
+def test_ctrl_c_stops_a_write_however_long_it_would_wait_for_another(tmp_path):
+    """SQLite waits for a lock in C, where Python handles no signal: a Ctrl-C on a write
+    waiting for another process's was held until the wait ran out (a minute)."""
+    path = tmp_path / "lib"
+    new_library(path)
+    script = textwrap.dedent(
+        f"""
+        import numpy as np
+        from shitu.index import Gallery, metadata
+        metadata.LOCK_WAIT_S, metadata.WAIT_NOTICE_S = 3600.0, 0.0  # says at once it waits
+        with Gallery.open({str(path)!r}) as gallery:
+            try:
+                gallery.add(np.ones((1, {DIM}), np.float32), ["interrupted"])
+            except KeyboardInterrupt:
+                print("interrupted")
+        """
+    )
+    with other_process_holding(path, "BEGIN IMMEDIATE"):
+        writer = subprocess.Popen(
+            [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        wait_until_waiting(writer)
+        writer.send_signal(signal.SIGINT)
+        said, _ = writer.communicate(timeout=30)  # ends while the other still writes
+    assert writer.returncode == 0 and said == "interrupted\n"
+    with Gallery.open(path) as gallery:
+        assert gallery.verify() == [] and len(gallery) == 20
+
+
 def test_a_write_that_cannot_commit_past_a_long_reader_is_rolled_back(tmp_path, monkeypatch):
     """A reader in another process (`index verify` of a big library) holds its read lock
     longer than a writer waits to commit: the write fails with a GalleryError saying so,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,6 +25,9 @@ logger = logging.getLogger(__name__)
 
 LOCK_WAIT_S = 60.0  # how long a writer waits for another process's write to finish
 WAIT_NOTICE_S = 1.0  # a write waiting longer for another process's says so (not a hang)
+# SQLite's own wait for a lock per try (in C, where a Ctrl-C is not handled): tries are
+# repeated for up to LOCK_WAIT_S, and between them the process handles signals
+LOCK_POLL_S = 0.1
 FETCH_ROWS = 4096  # feature rows read per step
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS manifest (
@@ -56,11 +60,25 @@ class _Connection(sqlite3.Connection):
     path: Path
 
     def execute(self, sql: str, parameters: Any = (), /) -> sqlite3.Cursor:
-        try:
-            return super().execute(sql, parameters)
-        except sqlite3.DatabaseError as exc:
-            self._raise_for(exc)
-            raise
+        """The statement, tried again while another process's lock keeps it waiting, up to
+        LOCK_WAIT_S; a write kept waiting past WAIT_NOTICE_S says so."""
+        started, noticed = time.monotonic(), False
+        while True:
+            try:
+                return super().execute(sql, parameters)
+            except sqlite3.DatabaseError as exc:
+                waited = time.monotonic() - started
+                if not _locked_out(exc) or waited >= LOCK_WAIT_S:
+                    self._raise_for(exc)
+                    raise
+            if sql == "BEGIN IMMEDIATE" and waited >= WAIT_NOTICE_S and not noticed:
+                noticed = True
+                logger.warning(
+                    "%s: another process is writing to the library; waiting up to %g s for "
+                    "it to finish",
+                    self.path,
+                    LOCK_WAIT_S,
+                )
 
     def executemany(self, sql: str, parameters: Any, /) -> sqlite3.Cursor:
         try:
@@ -77,11 +95,18 @@ class _Connection(sqlite3.Connection):
                 f"{self.path}: cannot write the library ({exc}: is its disk full?); nothing "
                 "was changed"
             ) from exc
-        if exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY:  # a reader waiting on a commit
+        if _locked_out(exc):  # a reader waiting on a commit
             raise LibraryBusyError(
                 f"{self.path}: another process has been committing a write to the library "
                 f"for over {LOCK_WAIT_S:g} s; retry when it has finished"
             ) from exc
+
+
+def _locked_out(exc: sqlite3.DatabaseError) -> bool:
+    """Whether a statement failed for another process's lock on the database."""
+    return isinstance(exc, sqlite3.OperationalError) and exc.sqlite_errorcode & 0xFF == (
+        sqlite3.SQLITE_BUSY
+    )
 
 
 @dataclass(frozen=True)
@@ -112,7 +137,7 @@ class MetadataStore:
         try:
             # Autocommit mode: transactions are opened explicitly with BEGIN IMMEDIATE.
             self.conn = sqlite3.connect(
-                path, isolation_level=None, timeout=LOCK_WAIT_S, factory=_Connection
+                path, isolation_level=None, timeout=LOCK_POLL_S, factory=_Connection
             )
             self.conn.path = path
             self.conn.execute("PRAGMA synchronous = FULL")
@@ -141,7 +166,7 @@ class MetadataStore:
             yield
             return
         try:
-            self._begin_write()
+            self.conn.execute("BEGIN IMMEDIATE")
         except LibraryBusyError:
             raise LibraryBusyError(
                 f"{self.path}: cannot lock the library for writing: another process has been "
@@ -167,31 +192,6 @@ class MetadataStore:
         I/O error: a second ROLLBACK would hide that error behind its own)."""
         if self.conn.in_transaction:
             self.conn.execute("ROLLBACK")
-
-    def _begin_write(self) -> None:
-        """BEGIN IMMEDIATE, waiting up to LOCK_WAIT_S for another process's write; a wait
-        past WAIT_NOTICE_S is logged, so that a command waiting is not taken for hung."""
-        notice_s = min(WAIT_NOTICE_S, LOCK_WAIT_S)
-        self._wait_for_locks(notice_s)
-        try:
-            try:
-                self.conn.execute("BEGIN IMMEDIATE")
-                return
-            except LibraryBusyError:
-                logger.warning(
-                    "%s: another process is writing to the library; waiting up to %g s for "
-                    "it to finish",
-                    self.path,
-                    LOCK_WAIT_S,
-                )
-            self._wait_for_locks(LOCK_WAIT_S - notice_s)
-            self.conn.execute("BEGIN IMMEDIATE")
-        finally:
-            self._wait_for_locks(LOCK_WAIT_S)
-
-    def _wait_for_locks(self, seconds: float) -> None:
-        """How long a statement waits for another process's lock before it is refused."""
-        self.conn.execute(f"PRAGMA busy_timeout = {round(seconds * 1000)}")
 
     @contextmanager
     def reading(self) -> Iterator[None]:
