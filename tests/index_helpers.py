@@ -6,7 +6,8 @@ import os
 import subprocess
 import sys
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -109,3 +110,30 @@ def run_killed(path: Path, point: str, code: str) -> subprocess.CompletedProcess
     return subprocess.run(
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
     )
+
+
+@contextmanager
+def other_process_holding(library: Path, begin: str) -> Iterator[subprocess.Popen]:
+    """Another process in the middle of a transaction on `library`'s database (`begin`:
+    "BEGIN" then a read holds the read lock, "BEGIN IMMEDIATE" the write lock), from the
+    time it says so until the block ends."""
+    script = textwrap.dedent(
+        f"""
+        import sqlite3, sys
+        conn = sqlite3.connect({str(library / "gallery.sqlite")!r}, isolation_level=None)
+        conn.execute({begin!r})
+        conn.execute("SELECT COUNT(*) FROM images").fetchone()
+        print("holding", flush=True)
+        sys.stdin.read()
+        conn.execute("ROLLBACK")
+        """
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert process.stdout.readline() == "holding\n"
+        yield process
+    finally:
+        process.stdin.close()
+        process.wait(30)

@@ -29,7 +29,7 @@ from PIL import Image
 
 from shitu.cli.main import main as shitu_main
 from shitu.errors import GalleryError
-from shitu.index import Gallery
+from shitu.index import Gallery, metadata
 from shitu.inference.preprocess import read_rgb
 from shitu.pipeline import Recognizer, load_pipeline_config
 from shitu.serving import library as library_module
@@ -39,7 +39,7 @@ from shitu.serving.images import thumbnail_jpeg
 from shitu.serving.library import SharedLibrary, Snapshot
 from shitu.serving.service import RecognitionService, Upload
 from shitu.serving.settings import ServeSettings
-from tests.index_helpers import make_images
+from tests.index_helpers import make_images, other_process_holding
 from tests.serving_helpers import DemoLibrary, ServerProcess
 
 KEY = "test-key-0123"
@@ -839,6 +839,31 @@ def test_edits_check_the_library_as_another_process_left_it(serving_library, tmp
             with pytest.raises(NotFound, match="no gallery images labelled 'Lemon Soda'"):
                 edit("Lemon Soda")
         assert service.remove_image(int(new_id)).label == "Added elsewhere"
+
+
+def test_an_edit_that_waits_out_another_writer_is_a_503_to_retry(
+    serving_library, tmp_path, monkeypatch
+):
+    """Another process holding the library's write lock past the wait (an `index rebuild`
+    of a big library) is no fault of the server's (was 500): 503 with Retry-After, saying
+    what to wait for; the same edit goes through once the other write is done."""
+    from shitu.serving.app import create_app
+
+    monkeypatch.setattr(metadata, "LOCK_WAIT_S", 0.2)
+    config = local_config(serving_library, tmp_path / "gallery")
+
+    async def delete(app, image_id: int) -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://shitu") as client:
+            return await client.delete(f"/v1/gallery/images/{image_id}")
+
+    with RecognitionService(config, ServeSettings(upload_dir=tmp_path / "uploads")) as service:
+        app, image_id = create_app(service), next(iter(service.library.snapshot.by_id))
+        with other_process_holding(tmp_path / "gallery", "BEGIN IMMEDIATE"):
+            refused = asyncio.run(delete(app, image_id))
+        assert refused.status_code == 503 and int(refused.headers["Retry-After"]) > 0
+        assert "another process has been writing to it" in refused.json()["detail"]
+        assert asyncio.run(delete(app, image_id)).status_code == 200
 
 
 def test_a_key_http_headers_cannot_carry_is_refused_at_start(serving_library, capsys):

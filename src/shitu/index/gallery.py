@@ -1,11 +1,11 @@
 """The gallery library: labelled image features that can be searched, edited and re-embedded.
 
 A library is a folder holding `gallery.sqlite` (manifest, image rows, features) and the
-backend's index (Faiss: an `index-<generation>.faiss` checkpoint; Milvus: a collection).
-Every write is one SQLite transaction that commits the rows with the manifest, which names
-the index file and counts the rows changed since it (a small write leaves the file and
-changes the index in memory; opening replays those rows from SQLite), so a process killed
-at any point leaves either the previous library or the new one.
+backend's index (Faiss: an `index-<generation>-<random>.faiss` checkpoint; Milvus: a
+collection). Every write is one SQLite transaction that commits the rows with the manifest,
+which names the index file and counts the rows changed since it (a small write leaves the
+file and changes the index in memory; opening replays those rows from SQLite), so a process
+killed at any point leaves either the previous library or the new one.
 """
 
 from __future__ import annotations
@@ -489,13 +489,14 @@ class Gallery:
                 self._store.write_manifest(manifest)
                 crash_point("before-commit")
         except BaseException:
+            self._backend.discard_staged()  # e.g. the index file staged for the rolled-back change
             self._reload()  # the in-memory index may hold the rolled-back change
             raise
         crash_point("after-commit")
         with self._swap.write():
             self._backend.publish(manifest)
-            self.manifest = self._store.read_manifest()
-            self._backend.manifest = self.manifest
+            # The backend's, not the file's: another process may have committed since
+            self.manifest = self._backend.manifest
             self._id_labels = id_labels
             self.last_change = change
         return result
@@ -831,13 +832,27 @@ class Gallery:
         return _stats(self.root, self.manifest, len(ids), len(set(labels.tolist())))
 
     def verify(self) -> list[str]:
-        """Everything wrong with the library (empty list when healthy)."""
+        """Everything wrong with the library (empty list when healthy), as last committed:
+        other processes' writes are loaded first (a copy that lags them is not damaged), and
+        none commits during the checks."""
         self._check_usable()
-        problems = self._store.integrity_problems()
+        problems = self._store.integrity_problems()  # the file's pages, whatever they hold
+        while True:
+            try:
+                self.refresh()
+            except GalleryError as exc:  # the committed generation cannot be loaded
+                return [*problems, str(exc)]
+            with self._store.reading():
+                if not self.stale():  # else another write committed meanwhile: load it too
+                    return problems + self._generation_problems()
+
+    def _generation_problems(self) -> list[str]:
+        """Disagreements between the stored rows and the loaded index and labels."""
+        problems = []
         try:
             ids, features = self._store.features(self.manifest.embedding_dim)
         except GalleryError as exc:
-            return [*problems, str(exc)]
+            return [str(exc)]
         if not np.isfinite(features).all():
             problems.append("stored features contain NaN or inf")
         if not np.array_equal(ids, self._id_labels[0]):

@@ -6,7 +6,9 @@ cannot delete in place) and so every change commits in one SQLite transaction.
 
 from __future__ import annotations
 
+import logging
 import sqlite3
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,7 +21,13 @@ from shitu.errors import GalleryError
 from shitu.index.labels import normal_form
 from shitu.index.manifest import Manifest
 
+logger = logging.getLogger(__name__)
+
 LOCK_WAIT_S = 60.0  # how long a writer waits for another process's write to finish
+WAIT_NOTICE_S = 1.0  # a write waiting longer for another process's says so (not a hang)
+# SQLite's own wait for a lock per try (in C, where a Ctrl-C is not handled): tries are
+# repeated for up to LOCK_WAIT_S, and between them the process handles signals
+LOCK_POLL_S = 0.1
 FETCH_ROWS = 4096  # feature rows read per step
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS manifest (
@@ -39,30 +47,66 @@ CREATE INDEX IF NOT EXISTS images_sha256 ON images (sha256);
 """
 
 
+class LibraryBusyError(GalleryError):
+    """Another process held the library's database locked for longer than LOCK_WAIT_S."""
+
+
 class _Connection(sqlite3.Connection):
-    """Statements that find the file damaged ("database disk image is malformed") raise a
-    GalleryError naming it, as opening such a file does, not SQLite's bare error; locks
-    and constraint errors stay as SQLite raises them."""
+    """Statements that find the file damaged ("database disk image is malformed") or cannot
+    write it (a full disk) raise a GalleryError naming it, as opening such a file does, not
+    SQLite's bare error, and ones that waited LOCK_WAIT_S for another process's lock a
+    LibraryBusyError; constraint errors stay as SQLite raises them."""
 
     path: Path
 
     def execute(self, sql: str, parameters: Any = (), /) -> sqlite3.Cursor:
-        try:
-            return super().execute(sql, parameters)
-        except sqlite3.DatabaseError as exc:
-            self._refuse_damaged(exc)
-            raise
+        """The statement, tried again while another process's lock keeps it waiting, up to
+        LOCK_WAIT_S; a write kept waiting past WAIT_NOTICE_S says so."""
+        started, noticed = time.monotonic(), False
+        while True:
+            try:
+                return super().execute(sql, parameters)
+            except sqlite3.DatabaseError as exc:
+                waited = time.monotonic() - started
+                if not _locked_out(exc) or waited >= LOCK_WAIT_S:
+                    self._raise_for(exc)
+                    raise
+            if sql == "BEGIN IMMEDIATE" and waited >= WAIT_NOTICE_S and not noticed:
+                noticed = True
+                logger.warning(
+                    "%s: another process is writing to the library; waiting up to %g s for "
+                    "it to finish",
+                    self.path,
+                    LOCK_WAIT_S,
+                )
 
     def executemany(self, sql: str, parameters: Any, /) -> sqlite3.Cursor:
         try:
             return super().executemany(sql, parameters)
         except sqlite3.DatabaseError as exc:
-            self._refuse_damaged(exc)
+            self._raise_for(exc)
             raise
 
-    def _refuse_damaged(self, exc: sqlite3.DatabaseError) -> None:
+    def _raise_for(self, exc: sqlite3.DatabaseError) -> None:
         if type(exc) is sqlite3.DatabaseError:  # its subclasses: locked, a constraint, ...
             raise GalleryError(f"{self.path}: not a readable gallery database ({exc})") from exc
+        if exc.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR):
+            raise GalleryError(
+                f"{self.path}: cannot write the library ({exc}: is its disk full?); nothing "
+                "was changed"
+            ) from exc
+        if _locked_out(exc):  # a reader waiting on a commit
+            raise LibraryBusyError(
+                f"{self.path}: another process has been committing a write to the library "
+                f"for over {LOCK_WAIT_S:g} s; retry when it has finished"
+            ) from exc
+
+
+def _locked_out(exc: sqlite3.DatabaseError) -> bool:
+    """Whether a statement failed for another process's lock on the database."""
+    return isinstance(exc, sqlite3.OperationalError) and exc.sqlite_errorcode & 0xFF == (
+        sqlite3.SQLITE_BUSY
+    )
 
 
 @dataclass(frozen=True)
@@ -93,10 +137,14 @@ class MetadataStore:
         try:
             # Autocommit mode: transactions are opened explicitly with BEGIN IMMEDIATE.
             self.conn = sqlite3.connect(
-                path, isolation_level=None, timeout=LOCK_WAIT_S, factory=_Connection
+                path, isolation_level=None, timeout=LOCK_POLL_S, factory=_Connection
             )
             self.conn.path = path
             self.conn.execute("PRAGMA synchronous = FULL")
+            # A write keeps its changed pages in memory until it commits: spilling them into
+            # the file takes the exclusive lock, and every other process's reads would wait
+            # for the rest of the write (a large add or re-embedding: its index built, minutes)
+            self.conn.execute("PRAGMA cache_spill = OFF")
             if create:
                 self.conn.executescript(SCHEMA)
             self.conn.execute("SELECT COUNT(*) FROM images").fetchone()
@@ -119,14 +167,31 @@ class MetadataStore:
             return
         try:
             self.conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as exc:
-            raise GalleryError(f"{self.path}: cannot lock the library for writing ({exc})") from exc
+        except LibraryBusyError:
+            raise LibraryBusyError(
+                f"{self.path}: cannot lock the library for writing: another process has been "
+                f"writing to it for over {LOCK_WAIT_S:g} s (a rebuild or re-embedding of a large "
+                "library takes minutes); nothing was changed, retry when it has finished"
+            ) from None
         try:
             yield
+            self.conn.execute("COMMIT")
+        except LibraryBusyError:  # at COMMIT: SQLite keeps the transaction open, to retry
+            self._roll_back()
+            raise LibraryBusyError(
+                f"{self.path}: cannot commit: another process has been reading the library "
+                f"for over {LOCK_WAIT_S:g} s (e.g. checking or listing a large library); "
+                "nothing was changed, retry when it has finished"
+            ) from None
         except BaseException:
-            self.conn.execute("ROLLBACK")
+            self._roll_back()
             raise
-        self.conn.execute("COMMIT")
+
+    def _roll_back(self) -> None:
+        """ROLLBACK, where SQLite has not rolled back by itself (it does on a full disk or an
+        I/O error: a second ROLLBACK would hide that error behind its own)."""
+        if self.conn.in_transaction:
+            self.conn.execute("ROLLBACK")
 
     @contextmanager
     def reading(self) -> Iterator[None]:

@@ -27,11 +27,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from shitu import __version__
 from shitu.errors import ShituError
-from shitu.index.metadata import ImageEntry
+from shitu.index.metadata import ImageEntry, LibraryBusyError
 from shitu.serving import schemas
 from shitu.serving.errors import BadRequest, PayloadTooLarge, RequestError, UnsupportedMediaType
 from shitu.serving.http import (
     IMAGE_FIELD,
+    LIBRARY_BUSY_RETRY_AFTER_S,
     BodyLimit,
     RawUploads,
     RequestLimit,
@@ -123,12 +124,15 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
 
     @app.exception_handler(ShituError)
     async def shitu_error(request: Request, exc: ShituError) -> JSONResponse:
-        """Our errors carry messages meant for the user; ones the request did not cause
-        (say, the library is locked by another process) are the server's: 500."""
+        """Our errors carry messages meant for the user; ones the request did not cause are
+        the server's: 500, but 503 with Retry-After where another process kept the library
+        locked (its write ends, and the same request then goes through)."""
         status = exc.status if isinstance(exc, RequestError) else 500
-        if status == 500:
-            logger.error("%s %s failed: %s", request.method, request.url.path, exc)
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+        if isinstance(exc, LibraryBusyError):
+            status, headers = 503, {"Retry-After": str(LIBRARY_BUSY_RETRY_AFTER_S)}
+        if status >= 500:
+            logger.error("%s %s failed: %s", request.method, request.url.path, exc)
         return JSONResponse({"detail": str(exc)}, status, headers=headers)
 
     @app.exception_handler(StarletteHTTPException)

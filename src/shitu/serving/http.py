@@ -34,6 +34,9 @@ GENERIC_FILE_TYPES = {"", "application/octet-stream"}
 # reply it was sent; past this much the connection is closed anyway.
 DRAIN_BYTES = 64 * MB
 RETRY_AFTER_S = 1  # what a request refused for want of capacity is told to wait
+# what an edit refused because another process kept the library locked (its write, a
+# rebuild, may take minutes) is told to wait
+LIBRARY_BUSY_RETRY_AFTER_S = 10
 # What browsers send as Sec-Fetch-Site for a request made by a page from another origin
 # ("same-site" is another port or subdomain); this server's own page sends "same-origin".
 OTHER_SITES = {"cross-site", "same-site"}

@@ -3,17 +3,18 @@
 A `Gallery`'s SQLite connection belongs to the thread that opened it (other threads may
 only search). So every call that touches SQLite runs on the library's own thread (`run`),
 which also serialises the writes; searches touch only the in-memory index and run on the
-caller's thread under a shared lock, which a write takes exclusively only around the gallery
-call that commits it (so a request sees the library before or after a whole edit, and the
-snapshot of the rows that goes with it). Listing reads a snapshot that is
+caller's thread, also while a write runs or waits for another process's (the gallery swaps
+in each generation whole). Listing reads a snapshot that is
 replaced after each write, so browsing waits for a write only when the check below is due.
 
 Other processes may write the library too (`shitu index add ...`): at most once a second,
 a search or a look at the snapshot has the library's thread check for a newer generation
 (one SQLite read) and load it (a Faiss index whose file those writes kept takes only the
 rows they changed), and waits for that before answering, so a request made after
-their edit sees it, however long the server sat idle before. An edit loads them first, always:
-it checks what it changes against the library as it is.
+their edit sees it, however long the server sat idle before; a search made while an edit of
+this server's is under way does not wait (the check would queue behind the edit, which may
+wait minutes for another process's rebuild): it answers from the generation loaded. An edit
+loads them first, always: it checks what it changes against the library as it is.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ import numpy as np
 from shitu.index import Gallery, SearchResult
 from shitu.index.backends import Change
 from shitu.index.labels import normal_form
-from shitu.index.locking import ReadWriteLock
 from shitu.index.manifest import Manifest
 from shitu.index.metadata import ImageEntry
 
@@ -99,7 +99,8 @@ class SharedLibrary:
     def __init__(self) -> None:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="shitu-gallery")
         self._thread = self._executor.submit(threading.current_thread).result()
-        self._lock = ReadWriteLock()
+        self._edits_lock = threading.Lock()
+        self._edits = 0  # edits queued for or running on the library's thread
         self._gallery: Gallery | None = None
         self._snapshot = Snapshot({}, {})
         self._sync_guard = threading.Lock()
@@ -124,7 +125,17 @@ class SharedLibrary:
             self._sync()
             return fn()
 
-        return self.run(job)
+        return self._run_edit(job)
+
+    def _run_edit(self, job: Callable[[], T]) -> T:
+        """`run(job)`, counted among the edits under way (searches do not wait behind them)."""
+        with self._edits_lock:
+            self._edits += 1
+        try:
+            return self.run(job)
+        finally:
+            with self._edits_lock:
+                self._edits -= 1
 
     def attach(self, gallery: Gallery) -> None:
         """Take over a gallery opened on this library's thread."""
@@ -158,13 +169,13 @@ class SharedLibrary:
     def search(
         self, vectors: np.ndarray, k: int = 5, min_score: float | None = None
     ) -> SearchResult:
-        self._sync_if_due()
-        with self._lock.read():
-            return self.gallery.search(vectors, k, min_score)
+        self._sync_if_due(behind_edits=False)
+        return self.gallery.search(vectors, k, min_score)
 
-    def _sync_if_due(self) -> None:
+    def _sync_if_due(self, behind_edits: bool = True) -> None:
         """If it is time, have the library's thread load other processes' writes, and wait
-        for it (with every other request that finds the same check under way)."""
+        for it (with every other request that finds the same check under way); unless
+        `behind_edits`, not where an edit is queued or running (the check runs after it)."""
         if threading.current_thread() is self._thread:
             return  # a write job's own reads: it is the thread that would sync
         with self._sync_guard:
@@ -177,7 +188,8 @@ class SharedLibrary:
                     pending = self._pending_sync = self._executor.submit(self._sync)
                 except RuntimeError:  # closing: the thread takes no more work
                     return
-        pending.result()
+        if behind_edits or not self._edits:  # an edit queued later runs after the check
+            pending.result()
 
     def _sync(self) -> None:
         gallery = self._gallery
@@ -195,8 +207,7 @@ class SharedLibrary:
                 and time.monotonic() - failed[1] < RETRY_S
             )
             if generation != gallery.manifest.generation and not waiting:
-                with self._lock.write():
-                    gallery.refresh()
+                gallery.refresh()
                 self._snapshot = Snapshot.of(gallery)
                 self._failed = None
                 logger.info(
@@ -221,21 +232,19 @@ class SharedLibrary:
                 self._last_sync = time.monotonic()
 
     def write(self, mutate: Callable[[Gallery], T]) -> T:
-        """Run `mutate(gallery)` on the library's thread with searches held off, then
-        bring the snapshot up to date."""
+        """Run `mutate(gallery)` on the library's thread, then bring the snapshot up to date."""
 
         def job() -> T:
             before = self._snapshot
             try:
-                with self._lock.write():
-                    result = mutate(self.gallery)
+                result = mutate(self.gallery)
             except BaseException:  # a failed write may still have reloaded the gallery
                 self._snapshot = Snapshot.of(self.gallery)
                 raise
             self._snapshot = self._after_write(before)
             return result
 
-        return self.run(job)
+        return self._run_edit(job)
 
     def _after_write(self, before: Snapshot) -> Snapshot:
         """The snapshot after a write that began at `before`: the same if it wrote nothing,

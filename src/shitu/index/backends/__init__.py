@@ -122,6 +122,9 @@ class Backend(ABC):
         """Delete what the index keeps outside the library's folder (a Milvus collection),
         for a library whose folder is being deleted."""
 
+    def discard_staged(self) -> None:  # noqa: B027 (optional: most backends stage nothing on disk)
+        """Drop what `stage` prepared for a write that did not commit (files it wrote)."""
+
     def finish_open(self) -> None:  # noqa: B027 (optional: most backends have nothing to do)
         """Writes that opening needs (e.g. recording a resync), done after the read lock of
         `Gallery.open` is released: SQLite cannot turn a read into a write."""

@@ -1,7 +1,7 @@
 """Faiss backend: an in-memory index that each write changes in place, and an index file
 that checkpoints it now and then.
 
-SQLite holds the truth (rows and features). The index file (`index-<generation>.faiss`,
+SQLite holds the truth (rows and features). The index file (`index-<generation>-<random>.faiss`,
 named and checksummed in the manifest, never changed once written) holds the vectors of
 some earlier generation, and the manifest counts the rows added and removed since
 (`changes_since_checkpoint`): opening the library loads the file and replays those from
@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import logging
 import math
+import re
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +32,7 @@ import faiss
 import numpy as np
 
 from shitu.errors import GalleryError
-from shitu.fileio import file_sha256, write_atomically
+from shitu.fileio import file_sha256, write_atomically, write_failure_reason
 from shitu.index.backends import Backend, Change, scores_from_distances
 from shitu.index.files import crash_point
 from shitu.index.manifest import Manifest
@@ -144,6 +146,15 @@ def apply_search_params(index: faiss.Index, index_type: str, options: dict[str, 
         space.set_index_parameter(index, "nprobe", options.get("nprobe", default_nprobe(nlist)))
 
 
+def _write_refusal(exc: OSError | RuntimeError) -> str:
+    """The system's reason for a refused write ("No space left on device"): an OSError's,
+    or the one faiss puts in parentheses at the end of its message (after the C++ place)."""
+    if isinstance(exc, OSError):
+        return write_failure_reason(exc)
+    reason = re.search(r"\(([^()]+)\)\s*$", str(exc))
+    return reason[1] if reason else str(exc)
+
+
 class FaissBackend(Backend):
     """An in-memory Faiss index loaded from the file the manifest names."""
 
@@ -158,6 +169,7 @@ class FaissBackend(Backend):
         super().__init__(root, manifest, store)
         self.index: faiss.Index | None = None
         self._staged: _Staged | None = None
+        self._written: str | None = None  # the index file the write under way wrote
         state = manifest.index_state
         if state.get("file"):
             path = root / state["file"]
@@ -235,6 +247,7 @@ class FaissBackend(Backend):
 
     def stage(self, change: Change, manifest: Manifest) -> dict[str, Any]:
         """Nothing is changed that searches use: the live index changes in `publish`."""
+        self._written = None
         if not change.touches_vectors:
             self._staged = None
             return dict(self.manifest.index_state)
@@ -268,21 +281,29 @@ class FaissBackend(Backend):
         return {**state, **self._checkpoint(index, manifest.generation)}
 
     def _checkpoint(self, index: faiss.Index, generation: int) -> dict[str, Any]:
-        """Write `index` as this generation's index file; its manifest entries."""
-        name = f"index-{generation:08d}.faiss"
+        """Write `index` as this generation's index file; its manifest entries. The name is
+        this write's alone (another writer may make the same generation after a rollback),
+        so that `discard_staged` removes no other write's file."""
+        name = f"index-{generation:08d}-{secrets.token_hex(4)}.faiss"
 
         def write(tmp: Path) -> None:
             faiss.write_index(index, str(tmp))
             crash_point("index-file-written")
 
-        write_atomically(self.root / name, write, durable=True)
         path = self.root / name
+        try:
+            write_atomically(path, write, durable=True)
+        except (OSError, RuntimeError) as exc:  # faiss reports a refused write as RuntimeError
+            raise GalleryError(
+                f"{path}: cannot write the index file ({_write_refusal(exc)}); nothing was changed"
+            ) from exc
+        self._written = name
         return {"file": name, "bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
     def publish(self, manifest: Manifest) -> None:
         previous = self.manifest.index_state.get("file")
         self.manifest = manifest
-        staged, self._staged = self._staged, None
+        staged, self._staged, self._written = self._staged, None, None
         if staged is None:
             return
         index = staged.index
@@ -294,6 +315,19 @@ class FaissBackend(Backend):
         current = manifest.index_state.get("file")
         if previous and previous != current:
             (self.root / previous).unlink(missing_ok=True)
+
+    def discard_staged(self) -> None:
+        """Remove the index file of a write that did not commit, unless the committed
+        manifest names it after all (a write interrupted just after its commit)."""
+        name, self._staged, self._written = self._written, None, None
+        if name is None:
+            return
+        try:
+            committed = self.store.read_manifest()
+        except GalleryError:  # the next write's clean-up removes it
+            return
+        if committed is None or committed.index_state.get("file") != name:
+            (self.root / name).unlink(missing_ok=True)
 
     def _remove_orphans(self) -> None:
         """Files left by writes killed before their commit (we hold the write lock here)."""
