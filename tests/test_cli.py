@@ -372,6 +372,23 @@ def test_output_left_for_the_exit_flush_to_a_closed_pipe_is_dropped_quietly(what
     assert result.stderr == ""
 
 
+def test_progress_bars_are_drawn_on_a_terminal_only(serving_library, tmp_path):
+    """`shitu ... 2> log`, a job runner: stderr is a file or a pipe, where a bar's
+    carriage-return redraws would fill the log. Its warnings still come."""
+    images = [str(path) for path, _ in serving_library.gallery_items()][:3]
+    model = ["--model", str(serving_library.model)]
+    gallery = str(serving_library.gallery)
+    for command in (
+        ["recognize", *images, "missing.jpg", "--gallery", gallery, *model],
+        ["index", "search", gallery, *images, "missing.jpg", *model],
+        ["index", "build", *images, "--label", "x", "--out", str(tmp_path / "lib"), *model],
+    ):
+        result = run_shitu(*command)
+        assert result.returncode == 0, result.stderr
+        assert "\r" not in result.stderr and "%|" not in result.stderr, command
+        assert ("missing.jpg" in result.stderr) == ("missing.jpg" in command)
+
+
 # Each class's gallery photo; the query photo of a class is a copy of it, so it finds that
 # photo first whatever the model. The gallery has a class the queries lack (apple) and the
 # queries one it lacks (durian): numbered on their own, the two sets' ids differ.

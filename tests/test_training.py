@@ -475,6 +475,16 @@ def test_cli_train_then_eval(grocery, tmp_path, capsys):
     assert json.loads(captured.out)["num_queries"] == 18
 
 
+def test_a_run_logged_to_a_file_prints_lines_not_a_progress_bar(grocery, tmp_path, capsys):
+    """`shitu train ... 2> train.log`: a bar's carriage-return redraws would fill the log,
+    so each logged step (Global.print_batch_step) is a line instead."""
+    path = tiny_config(grocery, tmp_path, epochs=1)
+    assert main(["train", "-c", str(path), "--stop-after-steps", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err, repr(err)
+    assert "epoch 1/1 step 1: loss " in err and "epoch 1/1 step 2: loss " in err
+
+
 def test_a_run_that_failed_before_its_first_checkpoint_is_not_offered_for_resuming(
     grocery, tmp_path, capsys
 ):

@@ -74,6 +74,22 @@ def add_runtime_arguments(parser: argparse.ArgumentParser, gpu: bool = False) ->
     )
 
 
+def add_progress_argument(parser: argparse.ArgumentParser) -> None:
+    """--no-progress, the same on each command that draws a progress bar."""
+    parser.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bar (none is drawn either where stderr is not a terminal)",
+    )
+
+
+def progress_wanted(args: argparse.Namespace) -> bool:
+    """Whether to draw a progress bar on stderr: not with --no-progress, and not where
+    stderr is a file or a pipe (`2> log`, a job runner), whose log would fill with the
+    bar's carriage-return redraws."""
+    return not args.no_progress and sys.stderr.isatty()
+
+
 def add_config_arguments(
     parser: argparse.ArgumentParser, head_option: bool = True, default: str | None = DEFAULT_CONFIG
 ) -> None:

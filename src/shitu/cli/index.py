@@ -16,11 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from shitu.cli.common import (
+    add_progress_argument,
     add_runtime_arguments,
     count_of,
     expand_images,
     finite_float,
     positive_int,
+    progress_wanted,
 )
 from shitu.errors import DataError, GalleryError, did_you_mean
 from shitu.fileio import check_writable, fsync_dir
@@ -192,7 +194,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--threads", type=positive_int, help="CPU threads for the model (default: the runtime's)"
     )
     add_runtime_arguments(parser)
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_progress_argument(parser)
 
 
 def _add_search_arguments(parser: argparse.ArgumentParser) -> None:
@@ -319,7 +321,7 @@ def _build(
                     model,
                     items,
                     args.batch_size,
-                    progress=not args.no_progress,
+                    progress=progress_wanted(args),
                     allow_duplicates=args.allow_duplicates,
                 )
             except BaseException:
@@ -385,7 +387,7 @@ def run_add(args: argparse.Namespace) -> int:
             model,
             items,
             args.batch_size,
-            progress=not args.no_progress,
+            progress=progress_wanted(args),
             allow_duplicates=args.allow_duplicates,
         )
         stats = gallery.stats()
@@ -452,7 +454,7 @@ def run_verify(args: argparse.Namespace) -> int:
 def run_reembed(args: argparse.Namespace) -> int:
     model = _load_model(args)
     with Gallery.open(args.library) as gallery:
-        count = gallery.reembed(model, args.batch_size, progress=not args.no_progress)
+        count = gallery.reembed(model, args.batch_size, progress=progress_wanted(args))
     print(f"re-embedded {count_of(count, 'image')} with model {model.fingerprint}")
     return 0
 
@@ -472,7 +474,7 @@ def run_rebuild(args: argparse.Namespace) -> int:
 def run_search(args: argparse.Namespace) -> int:
     model = _load_model(args)
     images, folder = expand_images(args.images)
-    progress = not args.no_progress and (folder or len(images) > 1)  # as `shitu recognize`
+    progress = progress_wanted(args) and (folder or len(images) > 1)  # as `shitu recognize`
     with Gallery.open_for(args.library, model, shipped_model=args.model is None) as gallery:
         extraction = model.extract_files([str(p) for p in images], args.batch_size, progress)
         # Hits past the gallery's size are padding, not printed: a huge -k allocates none.

@@ -12,12 +12,14 @@ from typing import TYPE_CHECKING
 
 from shitu.cli.common import (
     add_override_argument,
+    add_progress_argument,
     add_runtime_arguments,
     add_visualisation_arguments,
     cosine_similarity,
     display_width,
     expand_images,
     positive_int,
+    progress_wanted,
     visualisation_writer,
 )
 from shitu.errors import GalleryError
@@ -144,7 +146,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_pipeline_arguments(parser)
     parser.add_argument("--format", choices=("jsonl", "table"), default="jsonl")
     add_visualisation_arguments(parser)
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_progress_argument(parser)
     parser.set_defaults(func=run)
 
 
@@ -169,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
     paths, folder = expand_images(args.images)
     config = pipeline_config_from_args(args)
     writer = visualisation_writer(args, paths)
-    progress = not args.no_progress and (folder or len(paths) > 1)
+    progress = progress_wanted(args) and (folder or len(paths) > 1)
     skipped = 0
     with naming_library_source(args, config):
         recognizer = Recognizer.from_config(config)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,7 +56,11 @@ def embed_dataset(
     model.eval()
     features, labels, ids, indices = [], [], [], []
     for images, batch_labels, batch_ids, batch_indices in tqdm(
-        loader, desc=description, disable=not context.is_main, leave=False, unit="batch"
+        loader,
+        desc=description,
+        disable=not (context.is_main and sys.stderr.isatty()),
+        leave=False,
+        unit="batch",
     ):
         images = images.to(context.device, non_blocking=True)
         if channels_last:

@@ -7,6 +7,7 @@ import logging
 import math
 import random
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -413,7 +414,7 @@ class Trainer:
             total=self.steps_per_epoch,
             initial=start_batch,
             desc=f"epoch {epoch + 1}/{config.epochs}",
-            disable=not self.context.is_main,
+            disable=not (self.context.is_main and sys.stderr.isatty()),
             unit="step",
             leave=False,
         )
@@ -439,6 +440,8 @@ class Trainer:
                     }
                     self.log.write("train", step, **record)
                     bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{record['lr']:.2e}")
+                    if self.context.is_main and bar.disable:
+                        self._print_step(record, step)
                     window_start, window_images = time.monotonic(), 0
                 every = config.checkpoint_every_steps
                 # An epoch's last step is saved after its evaluation (_run_epochs): a resume
@@ -452,6 +455,16 @@ class Trainer:
             return not self._should_stop(before_step=False)
         finally:
             bar.close()
+
+    def _print_step(self, record: dict[str, Any], step: int) -> None:
+        """A line on stderr for a logged step where no bar is drawn (stderr a file or a
+        pipe, whose log a bar would fill with carriage-return redraws)."""
+        print(
+            f"epoch {record['epoch']}/{self.config.Global.epochs} step {step}: loss "
+            f"{record['loss']:.4f}, lr {record['lr']:.2e}, {record['images_per_s']} images/s",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def _step(
         self, images: torch.Tensor, labels: torch.Tensor
