@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import errno
 import json
 import logging
@@ -36,6 +37,30 @@ def test_help_lists_every_subcommand():
     assert result.returncode == 0
     for module in SUBCOMMANDS:
         assert module.__name__.rsplit(".", 1)[1].replace("_", "-") in result.stdout
+
+
+def test_help_of_every_command_names_every_default(monkeypatch):
+    """`shitu COMMAND -h` says what an option left out does: `--batch-size` of `extract`,
+    `--epochs` of `detect-train`, `--port` of `serve` said nothing of their defaults. A
+    default read from the environment, the API key, is named, not shown."""
+    monkeypatch.setenv("SHITU_API_KEY", "secret-key")
+    serve_help = " ".join(build_parser().parse_args(["serve"]).command_parser.format_help().split())
+    assert "secret-key" not in serve_help and "(default: $SHITU_API_KEY;" in serve_help
+    monkeypatch.delenv("SHITU_API_KEY")
+    parser = build_parser()
+    commands = [parser]
+    while commands:
+        command = commands.pop()
+        text = " ".join(command.format_help().split())  # as wrapped lines read
+        for action in command._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                commands.extend(action.choices.values())
+            default = action.default
+            if action.option_strings and default not in (None, False, [], argparse.SUPPRESS):
+                shown = f"{default:g}" if isinstance(default, float) else str(default)
+                assert shown in text, (command.prog, action.option_strings)
+    result = run_shitu("detect-train", "-h")
+    assert result.returncode == 0 and "training epochs (default: 300)" in result.stdout
 
 
 # What the models, images and the server need, loaded in seconds: commands that need none

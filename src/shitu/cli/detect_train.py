@@ -35,15 +35,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--class-agnostic", action="store_true", help="one 'foreground' class (mainbody)"
     )
-    parser.add_argument("--epochs", type=positive_int, default=300)
-    parser.add_argument("--batch-size", type=positive_int, default=80)
+    parser.add_argument("--epochs", type=positive_int, default=300, help="training epochs")
+    parser.add_argument("--batch-size", type=positive_int, default=80, help="images per step")
     parser.add_argument("--lr", type=positive_float, default=0.1, help="peak learning rate")
     parser.add_argument("--input-size", type=input_side, default=416, help="evaluation size")
     parser.add_argument(
-        "--train-sizes", type=input_side, nargs="+", default=[352, 384, 416, 448, 480]
+        "--train-sizes",
+        type=input_side,
+        nargs="+",
+        default=[352, 384, 416, 448, 480],
+        help="input sizes of the multi-scale batches, one drawn per batch",
     )
     parser.add_argument("--workers", type=non_negative_int, default=0, help="data loader processes")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--output", default="output/detector", help="output directory")
     parser.add_argument("--resume", help="training checkpoint (latest.pt or its directory)")
     parser.set_defaults(func=run)

@@ -45,7 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_runtime_arguments(parser, gpu=True)
     parser.set_defaults(runtime="auto", precision="fp32")
     parser.add_argument("--device", default="cpu", choices=DEVICES, help="default: cpu")
-    parser.add_argument("--batch-size", type=positive_int, default=32)
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="images per model call")
     parser.add_argument(
         "--threads", type=positive_int, help="inference threads (default: all cores)"
     )

@@ -9,6 +9,7 @@ import signal
 import sys
 import threading
 import traceback
+from collections.abc import Iterator
 from typing import Any
 
 from shitu import __version__
@@ -62,19 +63,42 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND")
     for module in SUBCOMMANDS:
         module.register(subparsers)
-    _mark_commands(parser)
+    for command in _commands(parser):
+        # An unknown option is then reported with the usage of the command it was given to
+        # (argparse reports it with `shitu`'s, which lists no option of the command).
+        command.set_defaults(command_parser=command)
+        command.formatter_class = DefaultsShownFormatter
     return parser
 
 
-def _mark_commands(parser: argparse.ArgumentParser) -> None:
-    """Give each (sub)command's parser itself as the default `command_parser`, so that an
-    unknown option is reported with the usage of the command it was given to (argparse
-    reports it with `shitu`'s, which lists no option of the command)."""
+def _commands(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
+    """The parsers of `parser`'s (sub)commands, nested ones too."""
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for command in action.choices.values():
-                command.set_defaults(command_parser=command)
-                _mark_commands(command)
+                yield command
+                yield from _commands(command)
+
+
+class DefaultsShownFormatter(argparse.HelpFormatter):
+    """`-h` names each option's default value, as `(default: VALUE)`, where its help does
+    not already say what the default is; options without one (None, an unset flag, an
+    empty list) are left as they are."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help
+        default = action.default
+        if (
+            not text
+            or "default" in text
+            or not action.option_strings
+            or default is None
+            or default is False
+            or default is argparse.SUPPRESS
+            or default == []
+        ):
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:

@@ -80,7 +80,8 @@ def add_pipeline_arguments(
     parser.add_argument(
         "--threads",
         type=positive_int,
-        help="CPU threads for the recognition model and the detector",
+        help="CPU threads for the recognition model and the detector (default: the config's "
+        "Global.cpu_num_threads, else the runtime's)",
     )
     add_runtime_arguments(parser)
 
@@ -144,7 +145,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("images", nargs="+", help="image files and/or folders")
     add_pipeline_arguments(parser)
-    parser.add_argument("--format", choices=("jsonl", "table"), default="jsonl")
+    parser.add_argument(
+        "--format",
+        choices=("jsonl", "table"),
+        default="jsonl",
+        help="jsonl: a JSON object per image, a line each; table: a block per image to read",
+    )
     add_visualisation_arguments(parser)
     add_progress_argument(parser)
     parser.set_defaults(func=run)
