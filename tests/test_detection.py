@@ -295,6 +295,10 @@ def test_detect_cli_writes_json_lines_and_images(tmp_path: Path, capsys) -> None
     resized = ["detect", str(folder), "--model", str(ONNX_416), "--input-size", "320"]
     assert shitu_main(resized) == 2  # onnxruntime runs the file at the size it was made for
     assert "runs at the size it was exported for, 416x416" in capsys.readouterr().err
+    # --runtime, as on the other commands (--backend, its name before, is still taken)
+    for runtime in ("--runtime", "--backend"):
+        assert shitu_main([*resized, runtime, "torch"]) == 0
+        assert len(capsys.readouterr().out.splitlines()) == 1
     (tmp_path / "empty").mkdir()
     assert shitu_main(["detect", str(tmp_path / "empty"), "--model", str(ONNX_416)]) == 2
     assert "no images in" in capsys.readouterr().err
