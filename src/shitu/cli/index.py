@@ -328,9 +328,14 @@ def _build(
                 gallery.discard()  # a Milvus collection half written, outside the folder
                 raise
             stats = gallery.stats()
-        if not len(report.ids):
+        if not len(report.ids):  # none could be read: status 1, as `index add` and `recognize`
             _warn_failures(report)
-            raise DataError(f"{args.out}: not built, none of the {len(items)} images was added")
+            shutil.rmtree(tmp, ignore_errors=True)
+            print(
+                f"error: {args.out}: not built, none of the {len(items)} images was added",
+                file=sys.stderr,
+            )
+            return 1
         try:
             os.replace(tmp, args.out)
         except OSError as exc:  # another build to the same --out finished first
