@@ -37,6 +37,12 @@ def test_help_lists_every_subcommand():
     assert result.returncode == 0
     for module in SUBCOMMANDS:
         assert module.__name__.rsplit(".", 1)[1].replace("_", "-") in result.stdout
+    # No command is a usage error, as `shitu index` without one is: the help goes to stderr,
+    # and `shitu > out` leaves no help text in a file meant for results.
+    for command in ([], ["index"]):
+        result = run_shitu(*command)
+        assert result.returncode == 2 and result.stdout == "", command
+        assert "COMMAND" in result.stderr or "CMD" in result.stderr
 
 
 def test_help_of_every_command_names_every_default(monkeypatch):

@@ -141,8 +141,8 @@ def _run(argv: list[str] | None) -> int:
     handler = logging.StreamHandler()  # stderr
     handler.setFormatter(_LevelPrefixFormatter())
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, handlers=[handler])
-    if not getattr(args, "func", None):
-        parser.print_help()
+    if not getattr(args, "func", None):  # no command: a usage error, so not on stdout
+        parser.print_help(sys.stderr)
         return 2
     keep_freed_memory()  # torch on the CPU: `shitu eval` 3.3x faster (see shitu.runtime)
     _quiet_opencv()
