@@ -8,7 +8,7 @@ import sys
 import unicodedata
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 from shitu.detection.input_size import check_input_size
 from shitu.errors import ConfigError, DataError
@@ -88,6 +88,17 @@ def progress_wanted(args: argparse.Namespace) -> bool:
     stderr is a file or a pipe (`2> log`, a job runner), whose log would fill with the
     bar's carriage-return redraws."""
     return not args.no_progress and sys.stderr.isatty()
+
+
+def print_past_progress(text: str, file: TextIO | None = None) -> None:
+    """Print `text` (flushed, to stdout by default) while a progress bar may be drawn: on a
+    terminal, where results and the bar share the screen, the bar is cleared first and
+    drawn again below, so that a line does not continue the bar's."""
+    from tqdm import tqdm
+
+    file = file or sys.stdout
+    with tqdm.external_write_mode(file=file):
+        print(text, file=file, flush=True)
 
 
 def add_config_arguments(

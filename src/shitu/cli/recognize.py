@@ -19,6 +19,7 @@ from shitu.cli.common import (
     display_width,
     expand_images,
     positive_int,
+    print_past_progress,
     progress_wanted,
     visualisation_writer,
 )
@@ -185,13 +186,13 @@ def run(args: argparse.Namespace) -> int:
         for found in recognizer.recognize_files(paths, progress=progress):
             if found.error is not None:
                 skipped += 1
-                print(f"warning: skipped {found.path}: {found.error}", file=sys.stderr)
+                print_past_progress(f"warning: skipped {found.path}: {found.error}", sys.stderr)
                 if args.format == "jsonl":
                     continue
             if args.format == "jsonl":
-                print(json.dumps(found.to_dict(), ensure_ascii=False), flush=True)
+                print_past_progress(json.dumps(found.to_dict(), ensure_ascii=False))
             else:
-                print(format_table(found), flush=True)
+                print_past_progress(format_table(found))
             if writer is not None and found.error is None:
                 writer.save_recognition(found)
     if skipped:
