@@ -74,6 +74,25 @@ def test_help_of_every_command_names_every_default(monkeypatch):
     assert result.returncode == 0 and "training epochs (default: 300)" in result.stdout
 
 
+def test_verbose_is_taken_before_and_after_the_command(tmp_path):
+    """`shitu index stats LIB -v`, as `shitu -v index stats LIB`: -v at the end of a command
+    line was an unrecognised argument."""
+    from shitu.index import Gallery
+
+    lib = tmp_path / "lib"
+    with Gallery.create(lib, embedding_dim=4, model_fingerprint="m") as gallery:
+        gallery.add(np.eye(4, dtype=np.float32)[:2], ["pear", "fig"], ["a", "b"])
+    for command in (
+        ["-v", "index", "stats", lib],
+        ["index", "stats", lib, "-v"],
+        ["index", "--verbose", "stats", lib],
+    ):
+        result = run_shitu(*map(str, command))
+        assert result.returncode == 0 and "info: " in result.stderr, command
+    quiet = run_shitu("index", "stats", str(lib))
+    assert quiet.returncode == 0 and quiet.stderr == ""
+
+
 # What the models, images and the server need, loaded in seconds: commands that need none
 # of them start without them.
 HEAVY_PACKAGES = ("torch", "cv2", "faiss", "onnxruntime", "fastapi", "uvicorn", "pydantic", "PIL")

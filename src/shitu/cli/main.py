@@ -57,9 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="General image recognition: detect objects, embed them, search a gallery.",
     )
     parser.add_argument("--version", action="version", version=f"shitu {__version__}")
-    parser.add_argument(
-        "-v", "--verbose", action="store_true", help="log progress details; errors with their cause"
-    )
+    _add_verbose_argument(parser, default=False)
     subparsers = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND")
     for module in SUBCOMMANDS:
         module.register(subparsers)
@@ -68,7 +66,22 @@ def build_parser() -> argparse.ArgumentParser:
         # (argparse reports it with `shitu`'s, which lists no option of the command).
         command.set_defaults(command_parser=command)
         command.formatter_class = DefaultsShownFormatter
+        # `shitu recognize ... -v` as well as `shitu -v recognize ...`; left out there, the
+        # command leaves the value `shitu -v` gave.
+        _add_verbose_argument(command, default=argparse.SUPPRESS)
     return parser
+
+
+def _add_verbose_argument(parser: argparse.ArgumentParser, default: Any) -> None:
+    """-v on `shitu` (`default` False) and on each command (SUPPRESS: unset, it keeps
+    what `shitu -v` said)."""
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=default,
+        help="log progress details; errors with their cause",
+    )
 
 
 def _commands(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
