@@ -82,6 +82,15 @@ def test_build_search_edit_and_reembed(models, gallery_list, tmp_path):
     every = shitu("index", "search", lib, first_image, "--model", models[512], "-k", 10**15)
     assert every.returncode == 0, every.stderr  # all 6 hits, no 4-petabyte score array
     assert every.stdout.count(", id ") == 6
+    # For jq: a JSON line per image, in the keys of `shitu recognize`.
+    both = shitu("index", "search", lib, first_image, first_image, "--model", models[512],
+                 "-k", "2", "--format", "jsonl")  # fmt: skip
+    assert both.returncode == 0, both.stderr
+    lines = [json.loads(line) for line in both.stdout.splitlines()]
+    assert [line["image"] for line in lines] == [first_image, first_image]
+    best = lines[0]["results"][0]
+    assert best["label"] == "Golden Delicious apple" and best["score"] == pytest.approx(1, abs=1e-4)
+    assert len(lines[0]["results"]) == 2 and isinstance(best["image_id"], int)
     unreadable = shitu("index", "search", lib, tmp_path / "missing.jpg", "--model", models[512])
     assert unreadable.returncode == 1 and "could not read" in unreadable.stderr
 

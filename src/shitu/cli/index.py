@@ -165,7 +165,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "search",
         help="embed query images and print the top hits",
         description="Prints a line per image that could be read: `PATH<TAB>LABEL (SCORE, id ID); "
-        "...`, best first, or `PATH<TAB>no match`. Exit status 1 when no image could be read.",
+        "...`, best first, or `PATH<TAB>no match` (--format jsonl: a JSON object). Exit status "
+        "1 when no image could be read.",
     )
     search.add_argument("library", type=Path)
     search.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
@@ -175,6 +176,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=finite_float,
         help="drop hits scoring below this (scores are cosine similarities in libraries from "
         "`index build`)",
+    )
+    search.add_argument(
+        "--format",
+        choices=("table", "jsonl"),
+        default="table",
+        help='table: PATH<TAB>hits; jsonl: {"image": PATH, "results": [{"label", "score", '
+        '"image_id"}, ...]} per image, in the keys of `shitu recognize` (for jq; default '
+        "%(default)s)",
     )
     _add_model_arguments(search)
     search.set_defaults(func=run_search)
@@ -489,11 +498,15 @@ def run_search(args: argparse.Namespace) -> int:
         print(f"warning: could not read {path}: {reason}", file=sys.stderr)
     for row, path in enumerate(extraction.paths):
         hits = [
-            f"{label} ({score:.3f}, id {image_id})"
+            {"label": label, "score": round(float(score), 5), "image_id": int(image_id)}
             for label, score, image_id in zip(
                 result.labels[row], result.scores[row], result.ids[row], strict=True
             )
             if image_id >= 0
         ]
-        print(f"{path}\t{'; '.join(hits) or 'no match'}")
+        if args.format == "jsonl":
+            print(json.dumps({"image": str(path), "results": hits}, ensure_ascii=False))
+        else:
+            shown = [f"{h['label']} ({h['score']:.3f}, id {h['image_id']})" for h in hits]
+            print(f"{path}\t{'; '.join(shown) or 'no match'}")
     return 0 if extraction.paths else 1  # no query could be read: fail, like recognize
