@@ -427,6 +427,20 @@ def test_output_left_for_the_exit_flush_to_a_closed_pipe_is_dropped_quietly(what
     assert result.stderr == ""
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full")
+@pytest.mark.parametrize("what", ["index list", "--version"])
+def test_output_the_file_cannot_take_is_a_one_line_error(what, serving_library):
+    """`shitu ... > out.txt` on a full disk: block-buffered output fails at the flush at
+    exit, which gave a traceback (and `--version` status 0)."""
+    args = ["index", "list", str(serving_library.gallery)] if what == "index list" else [what]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([*SHITU, *args], stdout=full, stderr=subprocess.PIPE, text=True,
+                                env=env)  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr == "error: cannot write to stdout: No space left on device\n"
+
+
 def test_progress_bars_are_drawn_on_a_terminal_only(serving_library, tmp_path):
     """`shitu ... 2> log`, a job runner: stderr is a file or a pipe, where a bar's
     carriage-return redraws would fill the log. Its warnings still come."""

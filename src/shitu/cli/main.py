@@ -133,19 +133,32 @@ STDOUT_CLOSED_STATUS = 141
 
 def main(argv: list[str] | None = None) -> int:
     """Run a command; its reader of stdout going away (`shitu ... | head -1`) ends it
-    quietly with STDOUT_CLOSED_STATUS, as it ends any other Unix tool."""
+    quietly with STDOUT_CLOSED_STATUS, as it ends any other Unix tool. Output that the
+    file stdout goes to cannot take (`> out.jsonl` on a full disk) is a one-line error."""
+    status: int | None = None
     try:
         try:
-            return _run(argv)
+            status = _run(argv)
+            return status
         finally:
-            sys.stdout.flush()  # a reader gone by now is seen here, not at interpreter exit
+            sys.stdout.flush()  # a failed write is seen here, not at interpreter exit
     except BrokenPipeError:
-        # What is left in stdout's buffer cannot be written, and Python's flush at exit would
-        # print "Exception ignored ... BrokenPipeError": it goes to devnull instead.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
+        _drop_unwritten_output()
         return STDOUT_CLOSED_STATUS
+    except OSError as exc:  # raised by the flush: `_run` turns its own into `error:` lines
+        _drop_unwritten_output()
+        if status != 2:  # a command that failed has said why (most often this very write)
+            print(f"error: cannot write to stdout: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+
+
+def _drop_unwritten_output() -> None:
+    """What is left in stdout's buffer cannot be written, and Python's flush at exit would
+    print "Exception ignored ... OSError" after the command's own words: it goes to devnull
+    instead."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def _run(argv: list[str] | None) -> int:
