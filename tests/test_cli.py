@@ -441,6 +441,24 @@ def test_output_the_file_cannot_take_is_a_one_line_error(what, serving_library):
     assert result.stderr == "error: cannot write to stdout: No space left on device\n"
 
 
+def test_a_file_name_that_is_not_utf8_is_written_as_its_bytes(serving_library, tmp_path):
+    """A Latin-1 name from an old archive, in a UTF-8 locale (whose stdout refuses the
+    surrogates Python reads such a name into; PYTHONIOENCODING stands in for en_US.UTF-8,
+    which this host may lack): the results name it, as `ls` does, not a traceback."""
+    image = serving_library.gallery_items()[0][0]
+    latin1 = tmp_path / os.fsdecode(b"caf\xe9.jpg")
+    latin1.write_bytes(image.read_bytes())
+    model = ["--model", str(serving_library.model)]
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8:strict"}
+    for command in (
+        ["recognize", str(latin1), "--gallery", str(serving_library.gallery), *model],
+        ["index", "search", str(serving_library.gallery), str(latin1), *model],
+    ):
+        result = subprocess.run([*SHITU, *command], capture_output=True, env=env)
+        assert result.returncode == 0, result.stderr.decode()
+        assert os.fsencode(latin1) in result.stdout
+
+
 def test_progress_bars_are_drawn_on_a_terminal_only(serving_library, tmp_path):
     """`shitu ... 2> log`, a job runner: stderr is a file or a pipe, where a bar's
     carriage-return redraws would fill the log. Its warnings still come."""

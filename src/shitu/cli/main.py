@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import logging
 import os
 import signal
@@ -135,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run a command; its reader of stdout going away (`shitu ... | head -1`) ends it
     quietly with STDOUT_CLOSED_STATUS, as it ends any other Unix tool. Output that the
     file stdout goes to cannot take (`> out.jsonl` on a full disk) is a one-line error."""
+    _write_file_names_as_they_are()
     status: int | None = None
     try:
         try:
@@ -150,6 +152,15 @@ def main(argv: list[str] | None = None) -> int:
         if status != 2:  # a command that failed has said why (most often this very write)
             print(f"error: cannot write to stdout: {exc.strerror or exc}", file=sys.stderr)
         return 2
+
+
+def _write_file_names_as_they_are() -> None:
+    """A file name that is not UTF-8 (a Latin-1 name from an old archive) reaches Python
+    with its bytes as surrogates, which stdout refuses in a UTF-8 locale (en_US.UTF-8: a
+    traceback at the first result naming it): they are written as the bytes they stand
+    for, as `ls` writes the name and as Python itself does in the C locale."""
+    if isinstance(sys.stdout, io.TextIOWrapper):  # not a StringIO a caller put there
+        sys.stdout.reconfigure(errors="surrogateescape")
 
 
 def _drop_unwritten_output() -> None:
