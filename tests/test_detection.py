@@ -281,6 +281,10 @@ def test_detect_cli_writes_json_lines_and_images(tmp_path: Path, capsys) -> None
     bus = ["detect", samples[0], "--model", str(ONNX_416), "--class-names", str(bom_names)]
     assert shitu_main(bus) == 0
     assert "person" in {box["label"] for box in json.loads(capsys.readouterr().out)["boxes"]}
+    chinese = tmp_path / "zh.names"  # written as recognize writes its labels, not as \u4eba
+    chinese.write_text((PICODET / "coco.names").read_text().replace("person\n", "人\n", 1))
+    assert shitu_main([*bus[:-1], str(chinese)]) == 0
+    assert '"label": "人"' in capsys.readouterr().out
     two_names = tmp_path / "two.names"
     two_names.write_text("product\nshelf\n")  # not the file's 80 classes
     wrong = ["detect", str(folder), "--model", str(ONNX_416), "--class-names", str(two_names)]

@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
             for c, s, *box in dets
         ]
         record = {"image": path, "width": image.shape[1], "height": image.shape[0]}
-        print(json.dumps({**record, "boxes": boxes}), flush=True)
+        print(json.dumps({**record, "boxes": boxes}, ensure_ascii=False), flush=True)
         if writer is not None:
             drawn = ((b["box"], b.get("label", f"class {b['cls']}"), b["score"]) for b in boxes)
             writer.save(path, draw_boxes(image, drawn, writer.fonts))
