@@ -483,6 +483,12 @@ def test_a_run_logged_to_a_file_prints_lines_not_a_progress_bar(grocery, tmp_pat
     err = capsys.readouterr().err
     assert "\r" not in err, repr(err)
     assert "epoch 1/1 step 1: loss " in err and "epoch 1/1 step 2: loss " in err
+    # --no-progress, as on the other commands: neither bar nor lines
+    resume = ["-o", f"Global.checkpoints={tmp_path / 'output' / 'latest.pt'}"]
+    assert (
+        main(["train", "-c", str(path), *resume, "--stop-after-steps", "3", "--no-progress"]) == 0
+    )
+    assert " step 3: loss " not in capsys.readouterr().err
 
 
 def test_a_run_that_failed_before_its_first_checkpoint_is_not_offered_for_resuming(

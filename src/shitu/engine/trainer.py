@@ -86,7 +86,12 @@ class Trainer:
     uninterrupted one step for step.
     """
 
-    def __init__(self, config: ShituConfig, context: DistContext | None = None) -> None:
+    def __init__(
+        self, config: ShituConfig, context: DistContext | None = None, progress: bool = True
+    ) -> None:
+        """`progress`: a bar per epoch and evaluation where stderr is a terminal, and a line
+        per logged step where it is not (a file or a pipe, whose log a bar would fill with
+        carriage-return redraws); False: neither."""
         check_training_sections(config)
         if config.LinearProbe is not None:
             raise ConfigError(
@@ -94,6 +99,7 @@ class Trainer:
                 "shitu.engine.linear_probe.probe_stage(config), then fine_tune_stage(config)"
             )
         self.config = config
+        self.shows_progress = progress
         self.context = context or init_distributed(config.Global.device)
         self.output_dir = Path(config.Global.output_dir)
         resume_payload: dict[str, Any] | None = None
@@ -158,7 +164,7 @@ class Trainer:
         self.evaluation: RetrievalEvaluation | None = None
         if config.Global.eval_during_train and config.DataLoader.Eval is not None:
             self.evaluation = RetrievalEvaluation(
-                config, self.context, self.seed, leave_stopping_to_the_trainer
+                config, self.context, self.seed, leave_stopping_to_the_trainer, progress
             )
             computed = self.evaluation.evaluator.metric_names
             if config.Global.eval_metric not in computed:
@@ -414,7 +420,7 @@ class Trainer:
             total=self.steps_per_epoch,
             initial=start_batch,
             desc=f"epoch {epoch + 1}/{config.epochs}",
-            disable=not (self.context.is_main and sys.stderr.isatty()),
+            disable=not (self.shows_progress and self.context.is_main and sys.stderr.isatty()),
             unit="step",
             leave=False,
         )
@@ -440,7 +446,7 @@ class Trainer:
                     }
                     self.log.write("train", step, **record)
                     bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{record['lr']:.2e}")
-                    if self.context.is_main and bar.disable:
+                    if self.shows_progress and self.context.is_main and bar.disable:
                         self._print_step(record, step)
                     window_start, window_images = time.monotonic(), 0
                 every = config.checkpoint_every_steps
@@ -457,8 +463,7 @@ class Trainer:
             bar.close()
 
     def _print_step(self, record: dict[str, Any], step: int) -> None:
-        """A line on stderr for a logged step where no bar is drawn (stderr a file or a
-        pipe, whose log a bar would fill with carriage-return redraws)."""
+        """A line on stderr for a logged step, where no bar is drawn (see `__init__`)."""
         print(
             f"epoch {record['epoch']}/{self.config.Global.epochs} step {step}: loss "
             f"{record['loss']:.4f}, lr {record['lr']:.2e}, {record['images_per_s']} images/s",
