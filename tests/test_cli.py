@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import errno
-import fcntl
 import json
 import logging
 import os
-import pty
 import shlex
-import struct
 import subprocess
 import sys
-import termios
 
 import numpy as np
 import pytest
@@ -29,6 +24,7 @@ from shitu.cli.main import main as shitu_main
 from shitu.cli.recognize import format_table, pipeline_config_from_args
 from shitu.inference import default_model_dir, read_manifest
 from shitu.pipeline import FileRecognition, Recognition
+from tests.terminal_helpers import run_in_terminal
 
 SHITU = [sys.executable, "-m", "shitu.cli.main"]
 
@@ -479,21 +475,11 @@ def test_progress_bars_are_drawn_on_a_terminal_only(serving_library, tmp_path):
 def test_results_on_a_terminal_do_not_continue_the_progress_bars_line(serving_library):
     """`shitu recognize photos/` in a terminal: the results (stdout) and the bar (stderr)
     share the screen, and each result starts a line of its own, not the bar's."""
-    main_end, terminal = pty.openpty()
-    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 100, 0, 0))  # a width
     images = [str(path) for path, _ in serving_library.gallery_items()][:3]
     command = [*SHITU, "recognize", *images, "missing.jpg", "--gallery"]
     command += [str(serving_library.gallery), "--model", str(serving_library.model)]
-    with subprocess.Popen(command, stdout=terminal, stderr=terminal) as process:
-        os.close(terminal)
-        output = b""
-        with contextlib.suppress(OSError):  # EIO once the command has ended and closed it
-            while chunk := os.read(main_end, 65536):
-                output += chunk
-    os.close(main_end)
-    assert process.returncode == 0, output
-    # What the terminal shows of each line: what was written after its last carriage return.
-    shown = [line.rstrip("\r").rsplit("\r", 1)[-1] for line in output.decode().split("\n")]
+    status, shown = run_in_terminal(command)
+    assert status == 0, shown
     assert any("%|" in line for line in shown)  # a bar was drawn
     results = [line for line in shown if '{"image": ' in line or "missing.jpg" in line]
     assert len(results) == len(images) + 1

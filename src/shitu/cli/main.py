@@ -175,7 +175,7 @@ def _drop_unwritten_output() -> None:
 def _run(argv: list[str] | None) -> int:
     parser = build_parser()
     args = _parse(parser, separate_overrides(sys.argv[1:] if argv is None else argv))
-    handler = logging.StreamHandler()  # stderr
+    handler = _PastProgressHandler()  # stderr
     handler.setFormatter(_LevelPrefixFormatter())
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, handlers=[handler])
     if not getattr(args, "func", None):  # no command: a usage error, so not on stdout
@@ -206,6 +206,18 @@ def _run(argv: list[str] | None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+class _PastProgressHandler(logging.StreamHandler):
+    """Logs to stderr; a record logged while a progress bar is drawn on the terminal (a
+    warning as Ctrl-C stops a training run) goes on a line of its own, not at the end of
+    the bar's, which is drawn again below (see `print_past_progress`)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        with tqdm.external_write_mode(file=self.stream):
+            super().emit(record)
 
 
 class _LevelPrefixFormatter(logging.Formatter):
