@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import errno
 import json
 import logging
@@ -23,6 +24,7 @@ from shitu.cli.main import main as shitu_main
 from shitu.cli.recognize import format_table, pipeline_config_from_args
 from shitu.inference import default_model_dir, read_manifest
 from shitu.pipeline import FileRecognition, Recognition
+from tests.terminal_helpers import run_in_terminal
 
 SHITU = [sys.executable, "-m", "shitu.cli.main"]
 
@@ -36,6 +38,55 @@ def test_help_lists_every_subcommand():
     assert result.returncode == 0
     for module in SUBCOMMANDS:
         assert module.__name__.rsplit(".", 1)[1].replace("_", "-") in result.stdout
+    # No command is a usage error, as `shitu index` without one is: the help goes to stderr,
+    # and `shitu > out` leaves no help text in a file meant for results.
+    for command in ([], ["index"]):
+        result = run_shitu(*command)
+        assert result.returncode == 2 and result.stdout == "", command
+        assert "COMMAND" in result.stderr or "CMD" in result.stderr
+
+
+def test_help_of_every_command_names_every_default(monkeypatch):
+    """`shitu COMMAND -h` says what an option left out does: `--batch-size` of `extract`,
+    `--epochs` of `detect-train`, `--port` of `serve` said nothing of their defaults. A
+    default read from the environment, the API key, is named, not shown."""
+    monkeypatch.setenv("SHITU_API_KEY", "secret-key")
+    serve_help = " ".join(build_parser().parse_args(["serve"]).command_parser.format_help().split())
+    assert "secret-key" not in serve_help and "(default: $SHITU_API_KEY;" in serve_help
+    monkeypatch.delenv("SHITU_API_KEY")
+    parser = build_parser()
+    commands = [parser]
+    while commands:
+        command = commands.pop()
+        text = " ".join(command.format_help().split())  # as wrapped lines read
+        for action in command._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                commands.extend(action.choices.values())
+            default = action.default
+            if action.option_strings and default not in (None, False, [], argparse.SUPPRESS):
+                shown = f"{default:g}" if isinstance(default, float) else str(default)
+                assert shown in text, (command.prog, action.option_strings)
+    result = run_shitu("detect-train", "-h")
+    assert result.returncode == 0 and "training epochs (default: 300)" in result.stdout
+
+
+def test_verbose_is_taken_before_and_after_the_command(tmp_path):
+    """`shitu index stats LIB -v`, as `shitu -v index stats LIB`: -v at the end of a command
+    line was an unrecognised argument."""
+    from shitu.index import Gallery
+
+    lib = tmp_path / "lib"
+    with Gallery.create(lib, embedding_dim=4, model_fingerprint="m") as gallery:
+        gallery.add(np.eye(4, dtype=np.float32)[:2], ["pear", "fig"], ["a", "b"])
+    for command in (
+        ["-v", "index", "stats", lib],
+        ["index", "stats", lib, "-v"],
+        ["index", "--verbose", "stats", lib],
+    ):
+        result = run_shitu(*map(str, command))
+        assert result.returncode == 0 and "info: " in result.stderr, command
+    quiet = run_shitu("index", "stats", str(lib))
+    assert quiet.returncode == 0 and quiet.stderr == ""
 
 
 # What the models, images and the server need, loaded in seconds: commands that need none
@@ -370,6 +421,69 @@ def test_output_left_for_the_exit_flush_to_a_closed_pipe_is_dropped_quietly(what
         os.close(write)
     assert result.returncode == STDOUT_CLOSED_STATUS, result.stderr
     assert result.stderr == ""
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full")
+@pytest.mark.parametrize("what", ["index list", "--version"])
+def test_output_the_file_cannot_take_is_a_one_line_error(what, serving_library):
+    """`shitu ... > out.txt` on a full disk: block-buffered output fails at the flush at
+    exit, which gave a traceback (and `--version` status 0)."""
+    args = ["index", "list", str(serving_library.gallery)] if what == "index list" else [what]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([*SHITU, *args], stdout=full, stderr=subprocess.PIPE, text=True,
+                                env=env)  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr == "error: cannot write to stdout: No space left on device\n"
+
+
+def test_a_file_name_that_is_not_utf8_is_written_as_its_bytes(serving_library, tmp_path):
+    """A Latin-1 name from an old archive, in a UTF-8 locale (whose stdout refuses the
+    surrogates Python reads such a name into; PYTHONIOENCODING stands in for en_US.UTF-8,
+    which this host may lack): the results name it, as `ls` does, not a traceback."""
+    image = serving_library.gallery_items()[0][0]
+    latin1 = tmp_path / os.fsdecode(b"caf\xe9.jpg")
+    latin1.write_bytes(image.read_bytes())
+    model = ["--model", str(serving_library.model)]
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8:strict"}
+    for command in (
+        ["recognize", str(latin1), "--gallery", str(serving_library.gallery), *model],
+        ["index", "search", str(serving_library.gallery), str(latin1), *model],
+    ):
+        result = subprocess.run([*SHITU, *command], capture_output=True, env=env)
+        assert result.returncode == 0, result.stderr.decode()
+        assert os.fsencode(latin1) in result.stdout
+
+
+def test_progress_bars_are_drawn_on_a_terminal_only(serving_library, tmp_path):
+    """`shitu ... 2> log`, a job runner: stderr is a file or a pipe, where a bar's
+    carriage-return redraws would fill the log. Its warnings still come."""
+    images = [str(path) for path, _ in serving_library.gallery_items()][:3]
+    model = ["--model", str(serving_library.model)]
+    gallery = str(serving_library.gallery)
+    for command in (
+        ["recognize", *images, "missing.jpg", "--gallery", gallery, *model],
+        ["index", "search", gallery, *images, "missing.jpg", *model],
+        ["index", "build", *images, "--label", "x", "--out", str(tmp_path / "lib"), *model],
+    ):
+        result = run_shitu(*command)
+        assert result.returncode == 0, result.stderr
+        assert "\r" not in result.stderr and "%|" not in result.stderr, command
+        assert ("missing.jpg" in result.stderr) == ("missing.jpg" in command)
+
+
+def test_results_on_a_terminal_do_not_continue_the_progress_bars_line(serving_library):
+    """`shitu recognize photos/` in a terminal: the results (stdout) and the bar (stderr)
+    share the screen, and each result starts a line of its own, not the bar's."""
+    images = [str(path) for path, _ in serving_library.gallery_items()][:3]
+    command = [*SHITU, "recognize", *images, "missing.jpg", "--gallery"]
+    command += [str(serving_library.gallery), "--model", str(serving_library.model)]
+    status, shown = run_in_terminal(command)
+    assert status == 0, shown
+    assert any("%|" in line for line in shown)  # a bar was drawn
+    results = [line for line in shown if '{"image": ' in line or "missing.jpg" in line]
+    assert len(results) == len(images) + 1
+    assert all(line.startswith(('{"image": ', "warning: skipped missing.jpg")) for line in results)
 
 
 # Each class's gallery photo; the query photo of a class is a copy of it, so it finds that

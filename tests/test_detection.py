@@ -294,6 +294,10 @@ def test_detect_cli_writes_json_lines_and_images(tmp_path: Path, capsys) -> None
     bus = ["detect", samples[0], "--model", str(ONNX_416), "--class-names", str(bom_names)]
     assert shitu_main(bus) == 0
     assert "person" in {box["label"] for box in json.loads(capsys.readouterr().out)["boxes"]}
+    chinese = tmp_path / "zh.names"  # written as recognize writes its labels, not as \u4eba
+    chinese.write_text((PICODET / "coco.names").read_text().replace("person\n", "人\n", 1))
+    assert shitu_main([*bus[:-1], str(chinese)]) == 0
+    assert '"label": "人"' in capsys.readouterr().out
     two_names = tmp_path / "two.names"
     two_names.write_text("product\nshelf\n")  # not the file's 80 classes
     wrong = ["detect", str(folder), "--model", str(ONNX_416), "--class-names", str(two_names)]
@@ -308,6 +312,10 @@ def test_detect_cli_writes_json_lines_and_images(tmp_path: Path, capsys) -> None
     resized = ["detect", str(folder), "--model", str(ONNX_416), "--input-size", "320"]
     assert shitu_main(resized) == 2  # onnxruntime runs the file at the size it was made for
     assert "runs at the size it was exported for, 416x416" in capsys.readouterr().err
+    # --runtime, as on the other commands (--backend, its name before, is still taken)
+    for runtime in ("--runtime", "--backend"):
+        assert shitu_main([*resized, runtime, "torch"]) == 0
+        assert len(capsys.readouterr().out.splitlines()) == 1
     (tmp_path / "empty").mkdir()
     assert shitu_main(["detect", str(tmp_path / "empty"), "--model", str(ONNX_416)]) == 2
     assert "no images in" in capsys.readouterr().err

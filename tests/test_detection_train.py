@@ -244,7 +244,7 @@ def test_detection_images_that_do_not_exist_are_named_before_training(
     # A wrong --val-images is refused at once, not after the whole training run.
     out = tmp_path / "out"
     train = ["detect-train", "--coco", str(coco), "--images", str(tmp_path), "--epochs", "1"]
-    val = ["--val-coco", str(coco), "--val-images", elsewhere, "--output", str(out)]
+    val = ["--val-coco", str(coco), "--val-images", elsewhere, "--out", str(out)]
     assert main([*train, *val]) == 2
     assert "error: 7 of the 7 images the detection dataset lists" in capsys.readouterr().err
     assert not (out / "latest.pt").exists()
@@ -329,7 +329,7 @@ def test_detect_train_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     common = ["detect-train", "--coco", str(coco), "--images", str(tmp_path)]
     out = tmp_path / "out"
     args = [*common, "--class-agnostic", "--epochs", "2", "--batch-size", "2"]
-    args += ["--lr", "0.01", "--input-size", "64", "--train-sizes", "64", "--output", str(out)]
+    args += ["--lr", "0.01", "--input-size", "64", "--train-sizes", "64", "--out", str(out)]
     assert main([*args, "--val-coco", str(coco), "--val-images", str(tmp_path)]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [line["step"] for line in lines[:2]] == [0, 2]  # first step of each epoch
@@ -348,13 +348,13 @@ def test_detect_train_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert "was trained with a different detector (num_classes: 1 there, 2 here;" in err
     assert main([*common, "--val-coco", str(coco)]) == 2  # without --val-images
     assert "error: --val-coco and --val-images go together" in capsys.readouterr().err
-    (tmp_path / "taken").write_text("")  # an --output that cannot be written: said at once
+    (tmp_path / "taken").write_text("")  # an --out that cannot be written: said at once
     assert main([*args[:-1], str(tmp_path / "taken")]) == 2
     out_err = capsys.readouterr()
-    assert out_err.out == "" and f"--output {tmp_path / 'taken'}: " in out_err.err
+    assert out_err.out == "" and f"--out {tmp_path / 'taken'}: " in out_err.err
     assert "is a file, not a folder" in out_err.err
     # The same detector, other batches: not a continuation of that run.
-    other = [*args[:-2], "--lr", "0.02", "--output", str(out), "--resume", str(out)]
+    other = [*args[:-2], "--lr", "0.02", "--out", str(out), "--resume", str(out)]
     other[other.index("--epochs") + 1] = "3"
     assert main(other) == 2
     assert "learning_rate: 0.01 there, 0.02 here" in capsys.readouterr().err
@@ -367,16 +367,17 @@ def test_detect_train_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
         assert f"expected a {'number' if option == '--lr' else 'whole number'} {expected}" in (
             capsys.readouterr().err
         )
-    # A new run over the finished one would write over its files: refused.
-    assert main(args) == 2
-    assert f"--output {out}: holds an earlier run (latest.pt, model.pt)" in capsys.readouterr().err
+    # A new run over the finished one would write over its files: refused (--output, the
+    # option's name before it was --out as on other commands, still names the folder).
+    assert main([*args[:-2], "--output", str(out)]) == 2
+    assert f"--out {out}: holds an earlier run (latest.pt, model.pt)" in capsys.readouterr().err
     # Nor may a resumed run write over another run's files.
     other_run = tmp_path / "other_run"
     other_run.mkdir()
     (other_run / "model.pt").write_bytes(b"another run's detector")
-    elsewhere = [*args[:-2], "--output", str(other_run), "--resume", str(out / "latest.pt")]
+    elsewhere = [*args[:-2], "--out", str(other_run), "--resume", str(out / "latest.pt")]
     assert main(elsewhere) == 2
-    assert f"--output {other_run}: holds an earlier run (model.pt)" in capsys.readouterr().err
+    assert f"--out {other_run}: holds an earlier run (model.pt)" in capsys.readouterr().err
     assert (other_run / "model.pt").read_bytes() == b"another run's detector"
     # A detector's weights are not a recognition model's: not averaged as one.
     model = out / "model.pt"
@@ -385,7 +386,7 @@ def test_detect_train_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     # A recognition run's checkpoint is not a detector's.
     recognition = tmp_path / "recognition.pt"
     save_training_state(recognition, {"model": {}, "seed": 0}, Progress())
-    fresh = [*args[:-2], "--output", str(tmp_path / "fresh")]
+    fresh = [*args[:-2], "--out", str(tmp_path / "fresh")]
     assert main([*fresh, "--resume", str(recognition)]) == 2
     assert (
         f"--resume {recognition}: a recognition training checkpoint, not a detector one; "
@@ -472,7 +473,7 @@ def test_sigterm_to_the_process_group_ends_training_with_its_workers_quietly(
     coco = _write_coco(tmp_path, _write_images(tmp_path, 16))
     command = [sys.executable, "-m", "shitu", "detect-train", "--coco", str(coco),
                "--images", str(tmp_path), "--epochs", "1000", "--batch-size", "4",
-               "--workers", "2", "--output", str(tmp_path / "out")]  # fmt: skip
+               "--workers", "2", "--out", str(tmp_path / "out")]  # fmt: skip
     process = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )

@@ -28,6 +28,7 @@ from shitu.engine.state import Progress, save_training_state
 from shitu.engine.trainer import Trainer, training_summary
 from shitu.errors import CheckpointError, ConfigError, DataError
 from shitu.evaluation.retrieval import EvaluationInputError
+from tests.terminal_helpers import run_in_terminal
 
 SIZE = 64
 NORMALIZE = {
@@ -473,6 +474,34 @@ def test_cli_train_then_eval(grocery, tmp_path, capsys):
     assert "no Global.pretrained_model" in captured.err
     assert f"-o Global.pretrained_model={weights}" in captured.err  # where training left them
     assert json.loads(captured.out)["num_queries"] == 18
+
+
+def test_a_run_logged_to_a_file_prints_lines_not_a_progress_bar(grocery, tmp_path, capsys):
+    """`shitu train ... 2> train.log`: a bar's carriage-return redraws would fill the log,
+    so each logged step (Global.print_batch_step) is a line instead."""
+    path = tiny_config(grocery, tmp_path, epochs=1)
+    assert main(["train", "-c", str(path), "--stop-after-steps", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err, repr(err)
+    assert "epoch 1/1 step 1: loss " in err and "epoch 1/1 step 2: loss " in err
+    # --no-progress, as on the other commands: neither bar nor lines
+    resume = ["-o", f"Global.checkpoints={tmp_path / 'output' / 'latest.pt'}"]
+    assert (
+        main(["train", "-c", str(path), *resume, "--stop-after-steps", "3", "--no-progress"]) == 0
+    )
+    assert " step 3: loss " not in capsys.readouterr().err
+
+
+def test_ctrl_c_in_a_terminal_says_so_on_a_line_of_its_own(grocery, tmp_path):
+    """The warning that the run stops after this step is logged while the epoch's bar is
+    drawn: it clears the bar, not continues its line."""
+    path = tiny_config(grocery, tmp_path, epochs=2)
+    command = [sys.executable, "-m", "shitu.cli.main", "train", "-c", str(path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    status, shown = run_in_terminal(command, interrupt_at="epoch 1/2: ", env=env)
+    assert status == 128 + signal.SIGINT, shown
+    (said,) = [line for line in shown if "stopping after this step" in line]
+    assert said.startswith("warning: SIGINT: stopping after this step"), shown
 
 
 def test_a_run_that_failed_before_its_first_checkpoint_is_not_offered_for_resuming(

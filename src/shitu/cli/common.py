@@ -8,7 +8,7 @@ import sys
 import unicodedata
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 from shitu.detection.input_size import check_input_size
 from shitu.errors import ConfigError, DataError
@@ -72,6 +72,33 @@ def add_runtime_arguments(parser: argparse.ArgumentParser, gpu: bool = False) ->
         + ". Features differ between precisions, so a gallery is searched in the precision "
         "it was built in",
     )
+
+
+def add_progress_argument(parser: argparse.ArgumentParser) -> None:
+    """--no-progress, the same on each command that draws a progress bar."""
+    parser.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bar (none is drawn either where stderr is not a terminal)",
+    )
+
+
+def progress_wanted(args: argparse.Namespace) -> bool:
+    """Whether to draw a progress bar on stderr: not with --no-progress, and not where
+    stderr is a file or a pipe (`2> log`, a job runner), whose log would fill with the
+    bar's carriage-return redraws."""
+    return not args.no_progress and sys.stderr.isatty()
+
+
+def print_past_progress(text: str, file: TextIO | None = None) -> None:
+    """Print `text` (flushed, to stdout by default) while a progress bar may be drawn: on a
+    terminal, where results and the bar share the screen, the bar is cleared first and
+    drawn again below, so that a line does not continue the bar's."""
+    from tqdm import tqdm
+
+    file = file or sys.stdout
+    with tqdm.external_write_mode(file=file):
+        print(text, file=file, flush=True)
 
 
 def add_config_arguments(

@@ -38,14 +38,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="one class name per line, for each box's label (e.g. coco.names beside an ONNX "
         "export; our checkpoints carry their own)",
     )
+    runtimes = ("auto", "torch", "onnxruntime")
     parser.add_argument(
-        "--backend",
+        "--runtime",
         default="auto",
-        choices=("auto", "torch", "onnxruntime"),
-        help="runtime (default auto)",
+        choices=runtimes,
+        help="runtime of the detector: auto (default: onnxruntime for an .onnx file, else torch), "
+        "torch or onnxruntime",
     )
+    # Its name before it was called --runtime, as on every other command; scripts use it.
+    parser.add_argument("--backend", dest="runtime", choices=runtimes, help=argparse.SUPPRESS)
     parser.add_argument(
-        "--input-size", type=input_side, help="network input size (torch backend; multiple of 32)"
+        "--input-size", type=input_side, help="network input size (torch runtime; multiple of 32)"
     )
     parser.add_argument(
         "--threshold", type=detection_score, default=0.3, help="minimum score (default 0.3)"
@@ -83,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     from shitu.pipeline import draw_boxes
 
     paths, _ = expand_images(args.images)
-    detector = load_detector(args.model, args.backend, args.arch, args.input_size)
+    detector = load_detector(args.model, args.runtime, args.arch, args.input_size)
     names = _class_names(args.class_names) if args.class_names else detector.class_names
     if args.class_names and detector.num_classes not in (None, len(names)):
         raise DataError(
@@ -110,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
             for c, s, *box in dets
         ]
         record = {"image": path, "width": image.shape[1], "height": image.shape[0]}
-        print(json.dumps({**record, "boxes": boxes}), flush=True)
+        print(json.dumps({**record, "boxes": boxes}, ensure_ascii=False), flush=True)
         if writer is not None:
             drawn = ((b["box"], b.get("label", f"class {b['cls']}"), b["score"]) for b in boxes)
             writer.save(path, draw_boxes(image, drawn, writer.fonts))

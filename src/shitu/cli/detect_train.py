@@ -35,16 +35,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--class-agnostic", action="store_true", help="one 'foreground' class (mainbody)"
     )
-    parser.add_argument("--epochs", type=positive_int, default=300)
-    parser.add_argument("--batch-size", type=positive_int, default=80)
+    parser.add_argument("--epochs", type=positive_int, default=300, help="training epochs")
+    parser.add_argument("--batch-size", type=positive_int, default=80, help="images per step")
     parser.add_argument("--lr", type=positive_float, default=0.1, help="peak learning rate")
     parser.add_argument("--input-size", type=input_side, default=416, help="evaluation size")
     parser.add_argument(
-        "--train-sizes", type=input_side, nargs="+", default=[352, 384, 416, 448, 480]
+        "--train-sizes",
+        type=input_side,
+        nargs="+",
+        default=[352, 384, 416, 448, 480],
+        help="input sizes of the multi-scale batches, one drawn per batch",
     )
     parser.add_argument("--workers", type=non_negative_int, default=0, help="data loader processes")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", default="output/detector", help="output directory")
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument("--out", default="output/detector", help="output folder")
+    # Its name before it was called --out, as on every other command; scripts use it.
+    parser.add_argument("--output", dest="out", help=argparse.SUPPRESS)
     parser.add_argument("--resume", help="training checkpoint (latest.pt or its directory)")
     parser.set_defaults(func=run)
 
@@ -64,17 +70,17 @@ def run(args: argparse.Namespace) -> int:
 
     if bool(args.val_coco) != bool(args.val_images):
         raise ConfigError("--val-coco and --val-images go together")
-    output = Path(args.output)
+    output = Path(args.out)
     earlier = [name for name in ("latest.pt", "model.pt") if (output / name).exists()]
     # The folder of the run resumed (--resume names its latest.pt or the folder itself).
     resumed = resolve_checkpoint(args.resume, "--resume").parent if args.resume else None
     if earlier and (resumed is None or resumed.resolve() != output.resolve()):
         # a new run, or one resumed from elsewhere, would write over them
         raise ConfigError(
-            f"--output {output}: holds an earlier run ({', '.join(earlier)}); resume it with "
-            f"--resume {output / 'latest.pt'}, or give another --output (or remove that one)"
+            f"--out {output}: holds an earlier run ({', '.join(earlier)}); resume it with "
+            f"--resume {output / 'latest.pt'}, or give another --out (or remove that one)"
         )
-    check_writable(output, f"--output {output}")  # now, not after the first epoch
+    check_writable(output, f"--out {output}")  # now, not after the first epoch
     dataset = _dataset(args.coco, args.voc, args.images, args.class_agnostic)
     val = None
     if args.val_coco:  # read (and matched to the training classes) before any training
@@ -92,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         eval_size=args.input_size,
         seed=args.seed,
         num_workers=args.workers,
-        output_dir=args.output,
+        output_dir=args.out,
     )
     trainer = DetectionTrainer(dataset, config)
     if args.resume:
@@ -104,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
             print(json.dumps({k: round(v, 5) for k, v in record.items()}), flush=True)
 
     trainer.train(on_step=log)
-    path = trainer.export(Path(args.output) / "model.pt")
+    path = trainer.export(Path(args.out) / "model.pt")
     print(json.dumps({"model": str(path)}))
     if val is not None:
         print(json.dumps(evaluate_detector(trainer.ema.model, val, args.input_size)))

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from shitu.cli.common import count_of
+from shitu.cli.common import add_progress_argument, count_of, progress_wanted
 from shitu.cli.recognize import (
     add_pipeline_arguments,
     naming_library_source,
@@ -61,7 +61,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "accuracy: a threshold to record with `shitu export --score-thres`",
     )
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_progress_argument(parser)
     parser.set_defaults(func=run)
 
 
@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     with naming_library_source(args, config):
         recognizer = Recognizer.from_config(config)
     with recognizer:
-        report = evaluate_pipeline(recognizer, items, not args.no_progress, thresholds)
+        report = evaluate_pipeline(recognizer, items, progress_wanted(args), thresholds)
         known = known_labels(recognizer)
     best = report.best_threshold()
     if report.in_gallery:

@@ -7,6 +7,7 @@ import json
 
 from shitu.cli.common import (
     add_config_arguments,
+    add_progress_argument,
     config_from_args,
     model_from_config,
     trained_weights,
@@ -24,6 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_config_arguments(parser, head_option=False)
     parser.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    add_progress_argument(parser)
     parser.set_defaults(func=run)
 
 
@@ -49,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
         model.to(context.device)
         if config.Global.channels_last:  # the layout training evaluates in: the same rounding
             model.to(memory_format=torch.channels_last)
-        result = RetrievalEvaluation(config, context, seed=0).run(model)
+        evaluation = RetrievalEvaluation(config, context, seed=0, progress=not args.no_progress)
+        result = evaluation.run(model)
     finally:
         shutdown_distributed()
     if not context.is_main:

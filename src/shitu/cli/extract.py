@@ -8,7 +8,14 @@ import sys
 import time
 from pathlib import Path
 
-from shitu.cli.common import add_runtime_arguments, count_of, expand_images, positive_int
+from shitu.cli.common import (
+    add_progress_argument,
+    add_runtime_arguments,
+    count_of,
+    expand_images,
+    positive_int,
+    progress_wanted,
+)
 from shitu.errors import DataError
 from shitu.fileio import check_writable, write_atomically
 from shitu.inference.choices import DEVICES
@@ -38,11 +45,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_runtime_arguments(parser, gpu=True)
     parser.set_defaults(runtime="auto", precision="fp32")
     parser.add_argument("--device", default="cpu", choices=DEVICES, help="default: cpu")
-    parser.add_argument("--batch-size", type=positive_int, default=32)
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="images per model call")
     parser.add_argument(
         "--threads", type=positive_int, help="inference threads (default: all cores)"
     )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_progress_argument(parser)
     parser.set_defaults(func=run)
 
 
@@ -74,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     )
     start = time.perf_counter()
     result = extractor.extract_files(
-        files, batch_size=args.batch_size, progress=not args.no_progress and sys.stderr.isatty()
+        files, batch_size=args.batch_size, progress=progress_wanted(args)
     )
     seconds = time.perf_counter() - start
     for path, reason in result.failures:

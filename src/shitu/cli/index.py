@@ -16,11 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from shitu.cli.common import (
+    add_progress_argument,
     add_runtime_arguments,
     count_of,
     expand_images,
     finite_float,
     positive_int,
+    progress_wanted,
 )
 from shitu.errors import DataError, GalleryError, did_you_mean
 from shitu.fileio import check_writable, fsync_dir
@@ -163,7 +165,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "search",
         help="embed query images and print the top hits",
         description="Prints a line per image that could be read: `PATH<TAB>LABEL (SCORE, id ID); "
-        "...`, best first, or `PATH<TAB>no match`. Exit status 1 when no image could be read.",
+        "...`, best first, or `PATH<TAB>no match` (--format jsonl: a JSON object). Exit status "
+        "1 when no image could be read.",
     )
     search.add_argument("library", type=Path)
     search.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
@@ -173,6 +176,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=finite_float,
         help="drop hits scoring below this (scores are cosine similarities in libraries from "
         "`index build`)",
+    )
+    search.add_argument(
+        "--format",
+        choices=("table", "jsonl"),
+        default="table",
+        help='table: PATH<TAB>hits; jsonl: {"image": PATH, "results": [{"label", "score", '
+        '"image_id"}, ...]} per image, in the keys of `shitu recognize` (for jq; default '
+        "%(default)s)",
     )
     _add_model_arguments(search)
     search.set_defaults(func=run_search)
@@ -192,7 +203,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--threads", type=positive_int, help="CPU threads for the model (default: the runtime's)"
     )
     add_runtime_arguments(parser)
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_progress_argument(parser)
 
 
 def _add_search_arguments(parser: argparse.ArgumentParser) -> None:
@@ -320,9 +331,14 @@ def _build(
                 gallery.discard()  # a Milvus collection half written, outside the folder
                 raise
             stats = gallery.stats()
-        if not len(report.ids):
+        if not len(report.ids):  # none could be read: status 1, as `index add` and `recognize`
             _warn_failures(report)
-            raise DataError(f"{args.out}: not built, none of the {len(items)} images was added")
+            shutil.rmtree(tmp, ignore_errors=True)
+            print(
+                f"error: {args.out}: not built, none of the {len(items)} images was added",
+                file=sys.stderr,
+            )
+            return 1
         try:
             os.replace(tmp, args.out)
         except OSError as exc:  # another build to the same --out finished first
@@ -347,7 +363,7 @@ def _add_files(
         model,
         items,
         args.batch_size,
-        progress=not args.no_progress,
+        progress=progress_wanted(args),
         allow_duplicates=args.allow_duplicates,
     )
 
@@ -453,7 +469,7 @@ def run_verify(args: argparse.Namespace) -> int:
 def run_reembed(args: argparse.Namespace) -> int:
     model = _load_model(args)
     with Gallery.open(args.library) as gallery:
-        count = gallery.reembed(model, args.batch_size, progress=not args.no_progress)
+        count = gallery.reembed(model, args.batch_size, progress=progress_wanted(args))
     print(f"re-embedded {count_of(count, 'image')} with model {model.fingerprint}")
     return 0
 
@@ -473,7 +489,7 @@ def run_rebuild(args: argparse.Namespace) -> int:
 def run_search(args: argparse.Namespace) -> int:
     model = _load_model(args)
     images, folder = expand_images(args.images)
-    progress = not args.no_progress and (folder or len(images) > 1)  # as `shitu recognize`
+    progress = progress_wanted(args) and (folder or len(images) > 1)  # as `shitu recognize`
     with Gallery.open_for(args.library, model, shipped_model=args.model is None) as gallery:
         extraction = model.extract_files([str(p) for p in images], args.batch_size, progress)
         # Hits past the gallery's size are padding, not printed: a huge -k allocates none.
@@ -483,11 +499,15 @@ def run_search(args: argparse.Namespace) -> int:
         print(f"warning: could not read {path}: {reason}", file=sys.stderr)
     for row, path in enumerate(extraction.paths):
         hits = [
-            f"{label} ({score:.3f}, id {image_id})"
+            {"label": label, "score": round(float(score), 5), "image_id": int(image_id)}
             for label, score, image_id in zip(
                 result.labels[row], result.scores[row], result.ids[row], strict=True
             )
             if image_id >= 0
         ]
-        print(f"{path}\t{'; '.join(hits) or 'no match'}")
+        if args.format == "jsonl":
+            print(json.dumps({"image": str(path), "results": hits}, ensure_ascii=False))
+        else:
+            shown = [f"{h['label']} ({h['score']:.3f}, id {h['image_id']})" for h in hits]
+            print(f"{path}\t{'; '.join(shown) or 'no match'}")
     return 0 if extraction.paths else 1  # no query could be read: fail, like recognize

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import io
 import logging
 import os
 import signal
 import sys
 import threading
 import traceback
+from collections.abc import Iterator
 from typing import Any
 
 from shitu import __version__
@@ -56,25 +58,61 @@ def build_parser() -> argparse.ArgumentParser:
         description="General image recognition: detect objects, embed them, search a gallery.",
     )
     parser.add_argument("--version", action="version", version=f"shitu {__version__}")
-    parser.add_argument(
-        "-v", "--verbose", action="store_true", help="log progress details; errors with their cause"
-    )
+    _add_verbose_argument(parser, default=False)
     subparsers = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND")
     for module in SUBCOMMANDS:
         module.register(subparsers)
-    _mark_commands(parser)
+    for command in _commands(parser):
+        # An unknown option is then reported with the usage of the command it was given to
+        # (argparse reports it with `shitu`'s, which lists no option of the command).
+        command.set_defaults(command_parser=command)
+        command.formatter_class = DefaultsShownFormatter
+        # `shitu recognize ... -v` as well as `shitu -v recognize ...`; left out there, the
+        # command leaves the value `shitu -v` gave.
+        _add_verbose_argument(command, default=argparse.SUPPRESS)
     return parser
 
 
-def _mark_commands(parser: argparse.ArgumentParser) -> None:
-    """Give each (sub)command's parser itself as the default `command_parser`, so that an
-    unknown option is reported with the usage of the command it was given to (argparse
-    reports it with `shitu`'s, which lists no option of the command)."""
+def _add_verbose_argument(parser: argparse.ArgumentParser, default: Any) -> None:
+    """-v on `shitu` (`default` False) and on each command (SUPPRESS: unset, it keeps
+    what `shitu -v` said)."""
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=default,
+        help="log progress details; errors with their cause",
+    )
+
+
+def _commands(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
+    """The parsers of `parser`'s (sub)commands, nested ones too."""
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for command in action.choices.values():
-                command.set_defaults(command_parser=command)
-                _mark_commands(command)
+                yield command
+                yield from _commands(command)
+
+
+class DefaultsShownFormatter(argparse.HelpFormatter):
+    """`-h` names each option's default value, as `(default: VALUE)`, where its help does
+    not already say what the default is; options without one (None, an unset flag, an
+    empty list) are left as they are."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help
+        default = action.default
+        if (
+            not text
+            or "default" in text
+            or not action.option_strings
+            or default is None
+            or default is False
+            or default is argparse.SUPPRESS
+            or default == []
+        ):
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
@@ -96,29 +134,52 @@ STDOUT_CLOSED_STATUS = 141
 
 def main(argv: list[str] | None = None) -> int:
     """Run a command; its reader of stdout going away (`shitu ... | head -1`) ends it
-    quietly with STDOUT_CLOSED_STATUS, as it ends any other Unix tool."""
+    quietly with STDOUT_CLOSED_STATUS, as it ends any other Unix tool. Output that the
+    file stdout goes to cannot take (`> out.jsonl` on a full disk) is a one-line error."""
+    _write_file_names_as_they_are()
+    status: int | None = None
     try:
         try:
-            return _run(argv)
+            status = _run(argv)
+            return status
         finally:
-            sys.stdout.flush()  # a reader gone by now is seen here, not at interpreter exit
+            sys.stdout.flush()  # a failed write is seen here, not at interpreter exit
     except BrokenPipeError:
-        # What is left in stdout's buffer cannot be written, and Python's flush at exit would
-        # print "Exception ignored ... BrokenPipeError": it goes to devnull instead.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
+        _drop_unwritten_output()
         return STDOUT_CLOSED_STATUS
+    except OSError as exc:  # raised by the flush: `_run` turns its own into `error:` lines
+        _drop_unwritten_output()
+        if status != 2:  # a command that failed has said why (most often this very write)
+            print(f"error: cannot write to stdout: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+
+
+def _write_file_names_as_they_are() -> None:
+    """A file name that is not UTF-8 (a Latin-1 name from an old archive) reaches Python
+    with its bytes as surrogates, which stdout refuses in a UTF-8 locale (en_US.UTF-8: a
+    traceback at the first result naming it): they are written as the bytes they stand
+    for, as `ls` writes the name and as Python itself does in the C locale."""
+    if isinstance(sys.stdout, io.TextIOWrapper):  # not a StringIO a caller put there
+        sys.stdout.reconfigure(errors="surrogateescape")
+
+
+def _drop_unwritten_output() -> None:
+    """What is left in stdout's buffer cannot be written, and Python's flush at exit would
+    print "Exception ignored ... OSError" after the command's own words: it goes to devnull
+    instead."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def _run(argv: list[str] | None) -> int:
     parser = build_parser()
     args = _parse(parser, separate_overrides(sys.argv[1:] if argv is None else argv))
-    handler = logging.StreamHandler()  # stderr
+    handler = _PastProgressHandler()  # stderr
     handler.setFormatter(_LevelPrefixFormatter())
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, handlers=[handler])
-    if not getattr(args, "func", None):
-        parser.print_help()
+    if not getattr(args, "func", None):  # no command: a usage error, so not on stdout
+        parser.print_help(sys.stderr)
         return 2
     keep_freed_memory()  # torch on the CPU: `shitu eval` 3.3x faster (see shitu.runtime)
     _quiet_opencv()
@@ -145,6 +206,18 @@ def _run(argv: list[str] | None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+class _PastProgressHandler(logging.StreamHandler):
+    """Logs to stderr; a record logged while a progress bar is drawn on the terminal (a
+    warning as Ctrl-C stops a training run) goes on a line of its own, not at the end of
+    the bar's, which is drawn again below (see `print_past_progress`)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        with tqdm.external_write_mode(file=self.stream):
+            super().emit(record)
 
 
 class _LevelPrefixFormatter(logging.Formatter):

@@ -12,12 +12,15 @@ from typing import TYPE_CHECKING
 
 from shitu.cli.common import (
     add_override_argument,
+    add_progress_argument,
     add_runtime_arguments,
     add_visualisation_arguments,
     cosine_similarity,
     display_width,
     expand_images,
     positive_int,
+    print_past_progress,
+    progress_wanted,
     visualisation_writer,
 )
 from shitu.errors import GalleryError
@@ -78,7 +81,8 @@ def add_pipeline_arguments(
     parser.add_argument(
         "--threads",
         type=positive_int,
-        help="CPU threads for the recognition model and the detector",
+        help="CPU threads for the recognition model and the detector (default: the config's "
+        "Global.cpu_num_threads, else the runtime's)",
     )
     add_runtime_arguments(parser)
 
@@ -142,9 +146,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("images", nargs="+", help="image files and/or folders")
     add_pipeline_arguments(parser)
-    parser.add_argument("--format", choices=("jsonl", "table"), default="jsonl")
+    parser.add_argument(
+        "--format",
+        choices=("jsonl", "table"),
+        default="jsonl",
+        help="jsonl: a JSON object per image, a line each; table: a block per image to read",
+    )
     add_visualisation_arguments(parser)
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_progress_argument(parser)
     parser.set_defaults(func=run)
 
 
@@ -169,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
     paths, folder = expand_images(args.images)
     config = pipeline_config_from_args(args)
     writer = visualisation_writer(args, paths)
-    progress = not args.no_progress and (folder or len(paths) > 1)
+    progress = progress_wanted(args) and (folder or len(paths) > 1)
     skipped = 0
     with naming_library_source(args, config):
         recognizer = Recognizer.from_config(config)
@@ -178,13 +187,13 @@ def run(args: argparse.Namespace) -> int:
         for found in recognizer.recognize_files(paths, progress=progress, keep_images=drawn):
             if found.error is not None:
                 skipped += 1
-                print(f"warning: skipped {found.path}: {found.error}", file=sys.stderr)
+                print_past_progress(f"warning: skipped {found.path}: {found.error}", sys.stderr)
                 if args.format == "jsonl":
                     continue
             if args.format == "jsonl":
-                print(json.dumps(found.to_dict(), ensure_ascii=False), flush=True)
+                print_past_progress(json.dumps(found.to_dict(), ensure_ascii=False))
             else:
-                print(format_table(found), flush=True)
+                print_past_progress(format_table(found))
             if writer is not None and found.error is None:
                 writer.save_recognition(found)
     if skipped:

@@ -11,7 +11,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from shitu.cli.common import add_config_arguments, config_from_args, positive_int, positive_minutes
+from shitu.cli.common import (
+    add_config_arguments,
+    add_progress_argument,
+    config_from_args,
+    positive_int,
+    positive_minutes,
+)
 from shitu.engine.metrics_log import LOG_NAME
 from shitu.errors import ConfigError
 
@@ -52,6 +58,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="MINUTES",
         help="stop (with a checkpoint) after this many minutes; resume later to go on",
     )
+    add_progress_argument(parser)
     parser.set_defaults(func=run)
 
 
@@ -117,12 +124,12 @@ def _check_fine_tuning(config: ShituConfig) -> DistContext:
     return trainer.context
 
 
-def _probe(config: ShituConfig, context: DistContext) -> int | None:
+def _probe(config: ShituConfig, context: DistContext, progress: bool) -> int | None:
     """Run the LinearProbe stage to its end; the signal that stopped it, if one did."""
     from shitu.engine.linear_probe import probe_stage
     from shitu.engine.trainer import Trainer
 
-    trainer = Trainer(probe_stage(config), context)
+    trainer = Trainer(probe_stage(config), context, progress)
     if trainer.context.is_main:
         print(
             f"linear probe: {config.LinearProbe.epochs} epochs with "
@@ -202,11 +209,11 @@ def _train(args: argparse.Namespace) -> int:
             # A resumed run's checkpoint already holds weights that went through the probe.
             if config.Global.checkpoints is None:
                 context = _check_fine_tuning(config)
-                stop_signal = _probe(config, context)
+                stop_signal = _probe(config, context, not args.no_progress)
                 if stop_signal is not None:
                     return 128 + stop_signal
             config = fine_tune_stage(config)
-        trainer = Trainer(config, context)
+        trainer = Trainer(config, context, progress=not args.no_progress)
         _print_summary(trainer)
         time_limit = args.time_limit * 60 if args.time_limit is not None else None
         result = trainer.fit(stop_after_steps=args.stop_after_steps, time_limit_s=time_limit)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,16 +47,22 @@ def embed_dataset(
     amp: str = "off",
     channels_last: bool = False,
     description: str = "embed",
+    progress: bool = True,
 ) -> EmbeddedSet:
     """Embed every item once; under DDP each rank embeds a shard and all ranks get all.
 
     Items come back in dataset order with the sampler's padding duplicates dropped.
+    `progress`: a bar on stderr, where it is a terminal.
     """
     was_training = model.training
     model.eval()
     features, labels, ids, indices = [], [], [], []
     for images, batch_labels, batch_ids, batch_indices in tqdm(
-        loader, desc=description, disable=not context.is_main, leave=False, unit="batch"
+        loader,
+        desc=description,
+        disable=not (progress and context.is_main and sys.stderr.isatty()),
+        leave=False,
+        unit="batch",
     ):
         images = images.to(context.device, non_blocking=True)
         if channels_last:
@@ -99,12 +106,15 @@ class RetrievalEvaluation:
         context: DistContext,
         seed: int,
         worker_init: Callable[[int], None] = end_quietly_on_sigterm,
+        progress: bool = True,
     ) -> None:
-        """`worker_init` sets up the loaders' worker processes (see `build_loader`)."""
+        """`worker_init` sets up the loaders' worker processes (see `build_loader`);
+        `progress`: bars while embedding (see `embed_dataset`)."""
         check_evaluation_data(config)
         eval_data = config.DataLoader.Eval
         self.config = config
         self.context = context
+        self.progress = progress
         self.amp = effective_amp(config.Global.amp, context.device)
         self.query_loader = build_eval_loader(
             eval_data.Query, context, seed, "DataLoader.Eval.Query", worker_init
@@ -194,6 +204,7 @@ class RetrievalEvaluation:
             "feature_key": self.config.Global.retrieval_feature_from,
             "amp": self.amp,
             "channels_last": self.config.Global.channels_last,
+            "progress": self.progress,
         }
         query = embed_dataset(model, self.query_loader, description="query", **options)
         if self.gallery_loader is None:

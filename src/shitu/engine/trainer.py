@@ -7,6 +7,7 @@ import logging
 import math
 import random
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,7 +86,12 @@ class Trainer:
     uninterrupted one step for step.
     """
 
-    def __init__(self, config: ShituConfig, context: DistContext | None = None) -> None:
+    def __init__(
+        self, config: ShituConfig, context: DistContext | None = None, progress: bool = True
+    ) -> None:
+        """`progress`: a bar per epoch and evaluation where stderr is a terminal, and a line
+        per logged step where it is not (a file or a pipe, whose log a bar would fill with
+        carriage-return redraws); False: neither."""
         check_training_sections(config)
         if config.LinearProbe is not None:
             raise ConfigError(
@@ -93,6 +99,7 @@ class Trainer:
                 "shitu.engine.linear_probe.probe_stage(config), then fine_tune_stage(config)"
             )
         self.config = config
+        self.shows_progress = progress
         self.context = context or init_distributed(config.Global.device)
         self.output_dir = Path(config.Global.output_dir)
         resume_payload: dict[str, Any] | None = None
@@ -157,7 +164,7 @@ class Trainer:
         self.evaluation: RetrievalEvaluation | None = None
         if config.Global.eval_during_train and config.DataLoader.Eval is not None:
             self.evaluation = RetrievalEvaluation(
-                config, self.context, self.seed, leave_stopping_to_the_trainer
+                config, self.context, self.seed, leave_stopping_to_the_trainer, progress
             )
             computed = self.evaluation.evaluator.metric_names
             if config.Global.eval_metric not in computed:
@@ -413,7 +420,7 @@ class Trainer:
             total=self.steps_per_epoch,
             initial=start_batch,
             desc=f"epoch {epoch + 1}/{config.epochs}",
-            disable=not self.context.is_main,
+            disable=not (self.shows_progress and self.context.is_main and sys.stderr.isatty()),
             unit="step",
             leave=False,
         )
@@ -439,6 +446,8 @@ class Trainer:
                     }
                     self.log.write("train", step, **record)
                     bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{record['lr']:.2e}")
+                    if self.shows_progress and self.context.is_main and bar.disable:
+                        self._print_step(record, step)
                     window_start, window_images = time.monotonic(), 0
                 every = config.checkpoint_every_steps
                 # An epoch's last step is saved after its evaluation (_run_epochs): a resume
@@ -452,6 +461,15 @@ class Trainer:
             return not self._should_stop(before_step=False)
         finally:
             bar.close()
+
+    def _print_step(self, record: dict[str, Any], step: int) -> None:
+        """A line on stderr for a logged step, where no bar is drawn (see `__init__`)."""
+        print(
+            f"epoch {record['epoch']}/{self.config.Global.epochs} step {step}: loss "
+            f"{record['loss']:.4f}, lr {record['lr']:.2e}, {record['images_per_s']} images/s",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def _step(
         self, images: torch.Tensor, labels: torch.Tensor
