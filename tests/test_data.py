@@ -244,6 +244,11 @@ def test_label_file_errors_name_the_file_and_line(tmp_path: Path, monkeypatch):
     label_file.write_text("\n\n")
     with pytest.raises(DataError, match="lists no images"):
         LabelFileDataset(str(tmp_path), str(label_file))
+    label_file.write_text("a.png Café\r\n", encoding="utf-16")  # PowerShell 5's `>` writes this
+    assert LabelFileDataset(str(tmp_path), str(label_file)).class_names == ["Café"]
+    label_file.write_text("a.png Café\n", encoding="cp1252")  # not to be guessed at
+    with pytest.raises(DataError, match=r"list\.txt is not UTF-8 or UTF-16 text: save it as UTF-8"):
+        LabelFileDataset(str(tmp_path), str(label_file))
 
 
 def test_missing_images_are_counted_and_shown(tmp_path: Path):

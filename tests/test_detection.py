@@ -291,6 +291,11 @@ def test_detect_cli_writes_json_lines_and_images(tmp_path: Path, capsys) -> None
     capsys.readouterr()
     bom_names = tmp_path / "bom.names"  # as Notepad saves it: a BOM first, not in "person"
     bom_names.write_text((PICODET / "coco.names").read_text(), encoding="utf-8-sig")
+    utf16_names = tmp_path / "utf16.names"  # as PowerShell 5's `>` saves it
+    utf16_names.write_text((PICODET / "coco.names").read_text(), encoding="utf-16")
+    bus = ["detect", samples[0], "--model", str(ONNX_416), "--class-names", str(utf16_names)]
+    assert shitu_main(bus) == 0
+    assert "person" in {box["label"] for box in json.loads(capsys.readouterr().out)["boxes"]}
     bus = ["detect", samples[0], "--model", str(ONNX_416), "--class-names", str(bom_names)]
     assert shitu_main(bus) == 0
     assert "person" in {box["label"] for box in json.loads(capsys.readouterr().out)["boxes"]}

@@ -74,6 +74,11 @@ def test_label_files_with_a_bom_binary_files_and_empty_sources(tmp_path):
     binary.write_bytes(bytes(range(256)))
     with pytest.raises(DataError, match="photo.dat: not a label file"):
         parse_label_file(binary)
+    listing.write_text("imgs/a.jpg\tCafé\r\n", encoding="utf-16")  # from PowerShell 5's `>`
+    assert [item.label for item in parse_label_file(listing)] == ["Café"]
+    listing.write_text("imgs/a.jpg\tCafé\n", encoding="cp1252")  # a legacy code page
+    with pytest.raises(DataError, match="not UTF-8 or UTF-16 text.*save it as UTF-8"):
+        parse_label_file(listing)
     empty_list = tmp_path / "empty.txt"
     empty_list.write_text("# nothing yet\n")
     with pytest.raises(DataError, match="no images listed in .*empty.txt"):

@@ -1,4 +1,5 @@
-"""File helpers shared by every writer: checksums, write-to-temp-then-rename, folder swaps.
+"""File helpers: reading the text files people write; for every writer, checksums,
+write-to-temp-then-rename and folder swaps.
 
 Checkpoints, exports, index files, embeddings, logs and uploads all go through
 `write_atomically`, so a crash or a full disk never leaves a half-written file under
@@ -7,6 +8,7 @@ the name a reader opens.
 
 from __future__ import annotations
 
+import codecs
 import ctypes
 import errno
 import hashlib
@@ -19,6 +21,20 @@ from pathlib import Path
 from typing import Any
 
 from shitu.errors import CheckpointError, DataError
+
+# The advice for a text file in neither encoding (a list a Windows tool wrote in cp1252, say).
+SAVE_AS_UTF8 = "save it as UTF-8"
+
+
+def read_text(path: str | Path) -> str:
+    """A text file as the usual editors and shells write it: UTF-8 with or without a BOM
+    (Notepad, Excel), or UTF-16 with its BOM (PowerShell 5's `>` and `Out-File`, Notepad's
+    "Unicode"). Anything else raises UnicodeDecodeError: guessing a legacy code page would
+    turn accented labels into other letters without a word."""
+    data = Path(path).read_bytes()
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return data.decode("utf-16")
+    return data.decode("utf-8-sig")
 
 
 def file_sha256(path: Path) -> str:

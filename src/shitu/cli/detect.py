@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from shitu.cli.common import (
     add_visualisation_arguments,
@@ -16,6 +15,7 @@ from shitu.cli.common import (
     visualisation_writer,
 )
 from shitu.errors import DataError
+from shitu.fileio import SAVE_AS_UTF8, read_text
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -66,8 +66,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _class_names(path: str) -> tuple[str, ...]:
     try:
-        lines = Path(path).read_text(encoding="utf-8-sig").splitlines()  # -sig: a BOM dropped
-    except (OSError, UnicodeDecodeError) as exc:
+        lines = read_text(path).splitlines()
+    except UnicodeDecodeError:
+        raise DataError(f"--class-names {path}: not UTF-8 or UTF-16 text: {SAVE_AS_UTF8}") from None
+    except OSError as exc:
         raise DataError(f"--class-names {path}: cannot read it ({exc})") from None
     names = [line.strip() for line in lines]
     while names and not names[-1]:  # trailing blank lines name nothing

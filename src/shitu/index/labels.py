@@ -9,6 +9,7 @@ from numbers import Integral
 from pathlib import Path
 
 from shitu.errors import DataError
+from shitu.fileio import SAVE_AS_UTF8, read_text
 from shitu.image_files import IMAGE_SUFFIXES, scan_images
 
 
@@ -58,9 +59,11 @@ def parse_label_file(path: Path) -> list[GalleryItem]:
     a list would otherwise fail one by one.
     """
     try:
-        text = path.read_text(encoding="utf-8-sig")  # -sig: editors that write a BOM
+        text = read_text(path)
     except UnicodeDecodeError:
-        raise DataError(f"{path}: not a label file (not UTF-8 text)") from None
+        raise DataError(
+            f"{path}: not a label file (not UTF-8 or UTF-16 text); if it is one, {SAVE_AS_UTF8}"
+        ) from None
     except OSError as exc:
         raise DataError(f"cannot read label file {path}: {exc.strerror}") from None
     items = []

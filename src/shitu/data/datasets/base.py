@@ -28,6 +28,7 @@ from torch.utils.data import Dataset
 from shitu.data.transforms.compose import Compose, build_transforms
 from shitu.data.transforms.ops import UnreadableImageError
 from shitu.errors import DataError
+from shitu.fileio import SAVE_AS_UTF8, read_text
 
 TransformOps = list[dict[str, dict[str, Any] | None]]
 # (index, why) of each listed path a dataset cannot use.
@@ -311,8 +312,12 @@ def read_lines(path: str, what: str) -> list[tuple[int, str]]:
         hint = " (it is a directory)" if file.is_dir() else _from_working_directory(path)
         raise DataError(f"{what}: label file {path} not found{hint}")
     try:
-        text = file.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
+        text = read_text(file)
+    except UnicodeDecodeError:
+        raise DataError(
+            f"{what}: label file {path} is not UTF-8 or UTF-16 text: {SAVE_AS_UTF8}"
+        ) from None
+    except OSError as exc:
         raise DataError(f"{what}: cannot read label file {path}: {exc}") from exc
     lines = enumerate(text.splitlines(), 1)
     return [(number, line.strip()) for number, line in lines if line.strip()]
