@@ -488,6 +488,9 @@ def test_recognize_cli_fails_clearly_when_there_is_nothing_to_recognise(setup, t
     assert shitu_main(["recognize", str(tmp_path / "empty"), *common]) == 2
     assert f"error: {tmp_path / 'empty'}: no images in this folder" in capsys.readouterr().err
     photo = str(setup["queries"][0].path)
+    assert shitu_main(["recognize", photo, "--no-progress"]) == 2  # --gallery forgotten
+    err = capsys.readouterr().err
+    assert "no gallery library given: pass --gallery LIB" in err and "shitu index build" in err
     for in_the_way in (broken, broken / "sub"):  # a file where the folder, or a parent, goes
         assert shitu_main(["recognize", photo, *common, "--save-vis", str(in_the_way)]) == 2
         assert f"--save-vis {in_the_way}: cannot make the folder" in capsys.readouterr().err

@@ -205,7 +205,10 @@ class Recognizer:
             )
         g = config.Global
         if not config.IndexProcess.index_dir:
-            raise ConfigError("IndexProcess.index_dir: no gallery library given (--gallery)")
+            raise ConfigError(
+                "IndexProcess.index_dir: no gallery library given: pass --gallery LIB, a "
+                "library that `shitu index build IMAGES --out LIB` makes from labelled images"
+            )
         detector = build_detector(config)
         model_dir = Path(g.rec_inference_model_dir or default_model_dir())
         try:
