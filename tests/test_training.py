@@ -792,6 +792,13 @@ def test_a_run_stopped_by_a_signal_ends_with_that_signals_status(
     out = capsys.readouterr().out
     expected = "stopped during the linear probe" if probe else "stopped early after step 0"
     assert out.startswith(expected)
+    if probe:  # the resume command of a run stopped later says how to go on instead
+        latest = tmp_path / "output" / "latest.pt"
+        resume = ["train", "-c", str(path), *options, f"Global.checkpoints={latest}"]
+        assert main(resume) == 2
+        assert "stopped during its LinearProbe stage, which is not resumed (it takes " in (
+            capsys.readouterr().err
+        )
 
 
 @pytest.mark.parametrize("signals", [1, 2])

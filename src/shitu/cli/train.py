@@ -19,7 +19,7 @@ from shitu.cli.common import (
     positive_minutes,
 )
 from shitu.engine.metrics_log import LOG_NAME
-from shitu.errors import ConfigError
+from shitu.errors import CheckpointError, ConfigError
 
 if TYPE_CHECKING:
     from shitu.config.schema import ShituConfig
@@ -181,6 +181,23 @@ def run(args: argparse.Namespace) -> int:
         return _train(args)
 
 
+def _stopped_during_probe(config: ShituConfig, checkpoints: Path) -> bool:
+    """Whether `checkpoints`, which holds no checkpoint, names the output folder (or its
+    latest.pt) of a run stopped during its LinearProbe stage, before it had one."""
+    from shitu.engine.linear_probe import probe_weights_path
+    from shitu.engine.state import LATEST, SUFFIX
+
+    if config.LinearProbe is None:
+        return False
+    output_dir = Path(config.Global.output_dir).resolve()
+    named = checkpoints.resolve()
+    probe_dir = probe_weights_path(config).parent
+    return (
+        named in (output_dir, output_dir / f"{LATEST}{SUFFIX}", output_dir / LATEST)
+        and (probe_dir / f"{LATEST}{SUFFIX}").is_file()
+    )
+
+
 def _train(args: argparse.Namespace) -> int:
     from shitu.engine.distributed import shutdown_distributed
     from shitu.engine.linear_probe import fine_tune_stage, probe_weights_path
@@ -192,7 +209,18 @@ def _train(args: argparse.Namespace) -> int:
     try:
         output_dir = Path(config.Global.output_dir)
         checkpoints = config.Global.checkpoints
-        resumed = None if checkpoints is None else resolve_checkpoint(checkpoints).parent.resolve()
+        try:
+            resumed = (
+                None if checkpoints is None else resolve_checkpoint(checkpoints).parent.resolve()
+            )
+        except CheckpointError:
+            if not _stopped_during_probe(config, Path(checkpoints)):
+                raise
+            raise ConfigError(
+                f"Global.checkpoints {checkpoints}: no checkpoint yet; the run was stopped "
+                "during its LinearProbe stage, which is not resumed (it takes minutes): run the "
+                "same command without Global.checkpoints to start it over"
+            ) from None
         if (
             config.LinearProbe is not None
             and resumed == probe_weights_path(config).parent.resolve()
