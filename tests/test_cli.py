@@ -252,6 +252,24 @@ def test_a_misspelt_option_is_named_by_its_command_with_the_option_meant(capsys)
     )
 
 
+@pytest.mark.parametrize(
+    "command",
+    [["train", "-c", "my.yaml"], ["recognize", "photos", "--gallery", "LIB"]],
+)
+def test_an_override_given_as_two_words_is_shown_as_one(command, capsys):
+    """`-o Global.epochs 5` leaves `5` unknown: the error shows the override as it is written."""
+    with pytest.raises(SystemExit) as exit_info:
+        shitu_main([*command, "-o", "Global.epochs", "5"])
+    assert exit_info.value.code == 2
+    assert (
+        capsys.readouterr()
+        .err.rstrip()
+        .endswith(
+            "error: unrecognized arguments: 5 (an override is one word, KEY=VALUE: -o Global.epochs=5)"
+        )
+    )
+
+
 def test_commands_given_all_weights_do_not_need_the_imagenet_package(tmp_path, monkeypatch):
     """info and export with a checkpoint never read the backbone's ImageNet weights, so they
     work without the `pretrained` extra; starting from ImageNet still asks for it."""

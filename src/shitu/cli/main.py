@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import logging
 import os
 import signal
@@ -123,8 +124,21 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespa
         command: argparse.ArgumentParser = getattr(args, "command_parser", parser)
         options = [name for action in command._actions for name in action.option_strings]
         typo = next((word.split("=")[0] for word in unknown if word.startswith("--")), "")
-        command.error(f"unrecognized arguments: {' '.join(unknown)}{did_you_mean(typo, options)}")
+        command.error(
+            f"unrecognized arguments: {' '.join(unknown)}{did_you_mean(typo, options)}"
+            f"{_split_override_hint(argv, unknown)}"
+        )
     return args
+
+
+def _split_override_hint(argv: list[str], unknown: list[str]) -> str:
+    """Advice for `-o Global.epochs 5`, a key and its value as two words (the value is then
+    an unknown argument): an override is one word."""
+    for before, word in itertools.pairwise(argv):
+        key = before.removeprefix("--override=")
+        if word in unknown and key != before and "=" not in key:
+            return f" (an override is one word, KEY=VALUE: -o {key}={word})"
+    return ""
 
 
 # How a shell reports a process that SIGPIPE ended (128 + 13); Python ignores SIGPIPE, so
