@@ -62,6 +62,8 @@ def test_help_of_every_command_names_every_default(monkeypatch):
         for action in command._actions:
             if isinstance(action, argparse._SubParsersAction):
                 commands.extend(action.choices.values())
+            if action.option_strings:  # each says what it does, too
+                assert action.help, (command.prog, action.option_strings)
             default = action.default
             if action.option_strings and default not in (None, False, [], argparse.SUPPRESS):
                 shown = f"{default:g}" if isinstance(default, float) else str(default)
