@@ -677,6 +677,15 @@ def test_eval_pipeline_cli_flags_gallery_photos_and_fails_when_nothing_was_measu
     wrong = capsys.readouterr().out.splitlines()[0]  # at -1 it is recognised as something
     assert "expected nothing ('Not In The Gallery' is not in the gallery), got '" in wrong
 
+    # Queries without labels: the advice is what eval-pipeline takes (it has no --label).
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    shutil.copy(query.path, loose / "photo.jpg")
+    for unlabelled in (loose, loose / "photo.jpg"):
+        assert shitu_main(["eval-pipeline", "--queries", str(unlabelled), *common]) == 2
+        err = capsys.readouterr().err
+        assert "`path<TAB>label` file" in err and "--label" not in err, err
+
 
 UNKNOWN = "Not In The Gallery"
 

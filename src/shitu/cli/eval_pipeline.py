@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     from shitu.pipeline import Recognizer, evaluate_pipeline
     from shitu.pipeline.evaluate import known_labels, sweep_thresholds
 
-    items = collect_items([args.queries])
+    items = collect_items([args.queries], one_label_option=False)  # no --label here
     config = pipeline_config_from_args(args)
     thresholds = sweep_thresholds(args.sweep) if args.sweep else []
     with naming_library_source(args, config):

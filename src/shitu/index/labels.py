@@ -94,11 +94,11 @@ def parse_label_file(path: Path) -> list[GalleryItem]:
     return items
 
 
-def scan_label_folders(root: Path) -> list[GalleryItem]:
+def scan_label_folders(root: Path, one_label_option: bool = True) -> list[GalleryItem]:
     """Folder-per-label tree: every image under `root/<label>/` gets that label.
 
     A folder of photos without label folders is most often one product's photos: the
-    error says how to give them a label.
+    error says how to give them a label (`one_label_option`: the caller takes --label).
     """
     try:
         images = scan_images(root, loose=False)
@@ -106,11 +106,20 @@ def scan_label_folders(root: Path) -> list[GalleryItem]:
         if _has_loose_images(root):
             raise DataError(
                 f"{exc}; the images directly in it have no label: move them into a sub-folder "
-                f"named after their label, or give them all one label with --label LABEL "
-                "(`shitu index build` and `shitu index add`)"
+                f"named after their label, {_one_label_hint(one_label_option)}"
             ) from None
         raise
     return [GalleryItem(image.resolve(), image.relative_to(root).parts[0]) for image in images]
+
+
+def _one_label_hint(one_label_option: bool) -> str:
+    """How else images get a label, for a caller that does or does not take --label."""
+    if one_label_option:
+        return (
+            "or give them all one label with --label LABEL (`shitu index build` and "
+            "`shitu index add`)"
+        )
+    return "or list them in a `path<TAB>label` file"
 
 
 def _has_loose_images(folder: Path) -> bool:
@@ -123,13 +132,16 @@ def _has_loose_images(folder: Path) -> bool:
 
 
 def collect_items(
-    sources: Sequence[str | Path] | str | Path, label: str | None = None
+    sources: Sequence[str | Path] | str | Path,
+    label: str | None = None,
+    one_label_option: bool = True,
 ) -> list[GalleryItem]:
     """Items from any mix of label files, folders and image files (paths or strings; one
     path alone is a list of one).
 
     With `label`, every image (single files, whole folders) gets it; without, folders are
-    read as folder-per-label trees and label files carry their own labels.
+    read as folder-per-label trees and label files carry their own labels. Errors about
+    images without a label suggest --label where `one_label_option` (the caller takes it).
     """
     if isinstance(sources, str | Path):
         sources = [sources]
@@ -138,17 +150,20 @@ def collect_items(
     for source in sources:
         if source.is_dir():
             if label is None:
-                items.extend(scan_label_folders(source))
+                items.extend(scan_label_folders(source, one_label_option))
             else:
                 images = scan_images(source)
                 items.extend(GalleryItem(image.resolve(), label) for image in images)
         elif source.is_file() and source.suffix.lower() in IMAGE_SUFFIXES:
             if label is None:
-                raise DataError(
-                    f"{source}: a single image needs a label: give it one with --label LABEL "
-                    "(`shitu index build` and `shitu index add`), or list it in a "
-                    "`path<TAB>label` file"
+                how = (
+                    "give it one with --label LABEL (`shitu index build` and `shitu index "
+                    "add`), or list it in a `path<TAB>label` file"
+                    if one_label_option
+                    else "list it in a `path<TAB>label` file, or put it in a sub-folder "
+                    "named after its label"
                 )
+                raise DataError(f"{source}: a single image needs a label: {how}")
             items.append(GalleryItem(source.resolve(), label))
         elif source.is_file():
             if label is not None:
