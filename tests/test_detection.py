@@ -314,6 +314,9 @@ def test_detect_cli_writes_json_lines_and_images(tmp_path: Path, capsys) -> None
         shitu_main(["detect", samples[0], "--model", str(ONNX_416), "--class-names", str(gap)]) == 2
     )
     assert f"--class-names {gap}: line 2 is blank;" in capsys.readouterr().err
+    folder_given = ["detect", samples[0], "--model", str(ONNX_416), "--class-names", str(tmp_path)]
+    assert shitu_main(folder_given) == 2
+    assert f"--class-names {tmp_path}: is a folder, not a file" in capsys.readouterr().err
     resized = ["detect", str(folder), "--model", str(ONNX_416), "--input-size", "320"]
     assert shitu_main(resized) == 2  # onnxruntime runs the file at the size it was made for
     assert "runs at the size it was exported for, 416x416" in capsys.readouterr().err

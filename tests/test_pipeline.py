@@ -491,9 +491,13 @@ def test_recognize_cli_fails_clearly_when_there_is_nothing_to_recognise(setup, t
     assert shitu_main(["recognize", photo, "--no-progress"]) == 2  # --gallery forgotten
     err = capsys.readouterr().err
     assert "no gallery library given: pass --gallery LIB" in err and "shitu index build" in err
-    for in_the_way in (broken, broken / "sub"):  # a file where the folder, or a parent, goes
-        assert shitu_main(["recognize", photo, *common, "--save-vis", str(in_the_way)]) == 2
-        assert f"--save-vis {in_the_way}: cannot make the folder" in capsys.readouterr().err
+    # A file where the folder goes, or where a parent goes: said in words, not as an errno.
+    assert shitu_main(["recognize", photo, *common, "--save-vis", str(broken)]) == 2
+    assert f"--save-vis {broken}: is a file; give a folder\n" in capsys.readouterr().err
+    assert shitu_main(["recognize", photo, *common, "--save-vis", str(broken / "sub")]) == 2
+    err = capsys.readouterr().err
+    assert f"--save-vis {broken / 'sub'}: cannot make the folder (Not a directory: " in err
+    assert "Errno" not in err
     for flag, value, reason in (
         ("--score-thres", "5", "a cosine similarity from -1 to 1"),
         ("--threads", "0", "a whole number >= 1"),

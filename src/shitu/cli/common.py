@@ -339,7 +339,10 @@ class VisualisationWriter:
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:  # a file there, or in the way on its path, or no permission
-            raise DataError(f"--save-vis {folder}: cannot make the folder ({exc})") from None
+            if folder.is_file():
+                raise DataError(f"--save-vis {folder}: is a file; give a folder") from None
+            why = f"{exc.strerror}: {exc.filename}" if exc.strerror else str(exc)
+            raise DataError(f"--save-vis {folder}: cannot make the folder ({why})") from None
         self.folder = folder
         self.used: set[str] = set()
 

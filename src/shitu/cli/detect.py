@@ -69,8 +69,10 @@ def _class_names(path: str) -> tuple[str, ...]:
         lines = read_text(path).splitlines()
     except UnicodeDecodeError:
         raise DataError(f"--class-names {path}: not UTF-8 or UTF-16 text: {SAVE_AS_UTF8}") from None
+    except IsADirectoryError:
+        raise DataError(f"--class-names {path}: is a folder, not a file of names") from None
     except OSError as exc:
-        raise DataError(f"--class-names {path}: cannot read it ({exc})") from None
+        raise DataError(f"--class-names {path}: cannot read it ({exc.strerror or exc})") from None
     names = [line.strip() for line in lines]
     while names and not names[-1]:  # trailing blank lines name nothing
         names.pop()
