@@ -10,6 +10,7 @@ import os
 import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -124,6 +125,44 @@ def test_help_argument_errors_and_library_reads_load_no_heavy_package(tmp_path):
             [sys.executable, "-c", report, *command], capture_output=True, text=True
         )
         assert result.stdout.splitlines()[-1] == "loaded:", (command, result.stderr)
+
+
+PICODET_ONNX = Path("/work/shared/models/picodet_s_coco/picodet_s_416_coco.onnx")
+
+
+def test_onnxruntime_inference_loads_no_torch(tmp_path, grocery):
+    """Building, searching and recognising with the ONNX runtimes (the defaults) run
+    without torch, whose import alone took half of a one-photo `shitu recognize`; so does a
+    PicoDet detector's ONNX export (decoded and NMS'd in numpy)."""
+    from shitu.inference import FeatureExtractor
+
+    FeatureExtractor.load(
+        default_model_dir()
+    )  # the shipped model's ONNX, built once into the cache
+    photos = sorted((grocery / "train" / "Fruit" / "Banana").glob("*.jpg"))[:3]
+    for label, photo in zip(("banana", "banana", "other"), photos, strict=True):
+        (tmp_path / "photos" / label).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "photos" / label / photo.name).write_bytes(photo.read_bytes())
+    lib, photo = str(tmp_path / "lib"), str(photos[0])
+    report = (
+        "import sys\n"
+        "from shitu.cli.main import main\n"
+        "status = main(sys.argv[1:])\n"
+        "print('status', status, 'torch' in sys.modules)\n"
+    )
+    commands = [
+        ["index", "build", str(tmp_path / "photos"), "--out", lib],
+        ["index", "add", lib, photo, "--label", "banana"],
+        ["index", "search", lib, photo],
+        ["recognize", photo, "--gallery", lib],
+    ]
+    if PICODET_ONNX.is_file():
+        commands.append(["recognize", photo, "--gallery", lib, "--detector", str(PICODET_ONNX)])
+    for command in commands:
+        result = subprocess.run(
+            [sys.executable, "-c", report, *command], capture_output=True, text=True
+        )
+        assert result.stdout.splitlines()[-1] == "status 0 False", (command, result.stderr)
 
 
 def test_info_builds_the_shipped_model():

@@ -20,15 +20,12 @@ from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
 from shitu.cli.main import main as shitu_main
+from shitu.detection import boxes as numpy_boxes
 from shitu.detection import build_picodet, load_detector
+from shitu.detection.boxes import multiclass_nms, nms
 from shitu.detection.detector import MEAN, STD, OnnxDetector, TorchDetector, preprocess
 from shitu.detection.export import export_onnx
-from shitu.detection.postprocess import (
-    anchor_points,
-    box_iou,
-    decode_boxes,
-    multiclass_nms,
-)
+from shitu.detection.postprocess import anchor_points, box_iou, decode_boxes
 from shitu.detection.weights import load_onnx_weights, paddle_key, save_detector
 from shitu.errors import CheckpointError, ConfigError
 from shitu.pipeline import build_detector, fonts, load_pipeline_config
@@ -81,16 +78,17 @@ def test_box_iou_hand_computed() -> None:
 
 
 def test_multiclass_nms_hand_computed() -> None:
-    boxes = torch.tensor(
+    boxes = np.array(
         [
             [0.0, 0, 10, 10],  # class 0, 0.9: kept
             [1.0, 0, 11, 10],  # IoU 0.82 with box 0, class 0: suppressed
             [1.0, 0, 11, 10],  # same box, class 1: kept (per-class NMS)
             [20.0, 20, 30, 30],  # class 0, 0.5: kept
             [0.0, 0, 10, 12],  # class 0, 0.01: below the threshold
-        ]
+        ],
+        np.float32,
     )
-    scores = torch.zeros(5, 2)
+    scores = np.zeros((5, 2), np.float32)
     scores[0, 0], scores[1, 0], scores[2, 1], scores[3, 0], scores[4, 0] = 0.9, 0.8, 0.7, 0.5, 0.01
     dets = multiclass_nms(boxes, scores, score_threshold=0.05, iou_threshold=0.6)
     expected = [
@@ -98,7 +96,7 @@ def test_multiclass_nms_hand_computed() -> None:
         [1, 0.7, 1, 0, 11, 10],
         [0, 0.5, 20, 20, 30, 30],
     ]
-    torch.testing.assert_close(dets, torch.tensor(expected))
+    np.testing.assert_allclose(dets, expected, rtol=1e-6)
     agnostic = multiclass_nms(boxes, scores, 0.05, 0.6, class_agnostic=True)
     assert agnostic[:, 1].tolist() == pytest.approx([0.9, 0.5])
     assert multiclass_nms(boxes, scores, 0.05, 0.6, keep_top_k=1).shape == (1, 6)
@@ -106,10 +104,74 @@ def test_multiclass_nms_hand_computed() -> None:
 
 def test_nms_chain_is_greedy() -> None:
     # A suppresses B, B would suppress C, but B is gone, so C survives.
-    boxes = torch.tensor([[0.0, 0, 10, 10], [3.0, 0, 13, 10], [6.0, 0, 16, 10]])
-    scores = torch.tensor([[0.9], [0.8], [0.7]])
+    boxes = np.array([[0.0, 0, 10, 10], [3.0, 0, 13, 10], [6.0, 0, 16, 10]], np.float32)
+    scores = np.array([[0.9], [0.8], [0.7]], np.float32)
     dets = multiclass_nms(boxes, scores, 0.1, 0.4)
     assert dets[:, 1].tolist() == pytest.approx([0.9, 0.7])
+
+
+def torch_nms(
+    boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, iou_threshold: float
+) -> torch.Tensor:
+    """Textbook greedy NMS per group in torch (the recogniser's and the detectors' NMS ran in
+    torch before): best first, equal scores in input order, then all groups by score."""
+    kept = []
+    for group in groups.unique():
+        members = torch.nonzero(groups == group).squeeze(1)
+        order = members[scores[members].argsort(descending=True, stable=True)]
+        ious = box_iou(boxes[order], boxes[order])
+        chosen: list[int] = []
+        for i in range(len(order)):
+            if not any(bool(ious[i, j] > iou_threshold) for j in chosen):
+                chosen.append(i)
+        kept.append(order[chosen])
+    index = torch.cat(kept) if kept else torch.zeros(0, dtype=torch.long)
+    return index[scores[index].argsort(descending=True, stable=True)]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_numpy_nms_equals_torch_nms_on_random_boxes_with_ties(dtype) -> None:
+    """Inference NMS runs in numpy (no torch import): the same boxes, in the same order, as
+    greedy NMS in torch, with equal scores, identical and empty boxes among them."""
+    rng = np.random.default_rng(0)
+    for trial in range(300):
+        n = int(rng.integers(0, 40))
+        corner = rng.integers(0, 20, (n, 2)).astype(dtype)
+        size = rng.integers(-2, 12, (n, 2)).astype(dtype)  # some empty, some inverted
+        boxes = np.concatenate([corner, corner + size], axis=1)
+        if trial % 2:
+            boxes += rng.random(boxes.shape).astype(dtype)
+        scores = (rng.integers(0, 5, n) / 4).astype(dtype)  # many equal scores
+        groups = rng.integers(0, 3, n)
+        for threshold in (0.0, 0.3, 0.5, 1 / 3):
+            torch_boxes, torch_scores = torch.from_numpy(boxes), torch.from_numpy(scores)
+            expected = torch_nms(torch_boxes, torch_scores, torch.from_numpy(groups), threshold)
+            assert nms(boxes, scores, groups, threshold).tolist() == expected.tolist()
+            np.testing.assert_array_equal(
+                numpy_boxes.box_iou(boxes, boxes), box_iou(torch_boxes, torch_boxes).numpy()
+            )
+
+
+def test_multiclass_nms_keeps_equal_scores_in_box_order() -> None:
+    boxes = np.array([[0.0, 0, 10, 10], [20, 20, 30, 30], [40, 40, 50, 50]], np.float32)
+    scores = np.full((3, 1), 0.5, np.float32)
+    assert multiclass_nms(boxes, scores, 0.1, 0.5)[:, 2].tolist() == [0, 20, 40]
+    assert multiclass_nms(boxes, scores, 0.1, 0.5, nms_top_k=2)[:, 2].tolist() == [0, 20]
+
+
+def test_numpy_decode_matches_the_models_torch_decode() -> None:
+    """PaddleDetection's ONNX outputs are decoded in numpy, the model decodes in torch: the
+    same cell centres, and boxes within float32 rounding."""
+    shapes, strides = [(52, 52), (26, 26), (13, 13), (7, 7)], [8, 16, 32, 64]
+    points, point_strides = numpy_boxes.cell_centres(shapes, strides, 0.5)
+    torch_points, torch_strides = anchor_points(shapes, strides, 0.5)
+    np.testing.assert_array_equal(points, torch_points.numpy())
+    np.testing.assert_array_equal(point_strides, torch_strides.numpy())
+    reg = np.random.default_rng(0).normal(0, 3, (2, len(points), 32)).astype(np.float32)
+    expected = decode_boxes(torch.from_numpy(reg), torch_points, torch_strides).numpy()
+    decoded = numpy_boxes.decode_distributions(reg, points, point_strides)
+    assert decoded.dtype == np.float32
+    np.testing.assert_allclose(decoded, expected, rtol=1e-6, atol=1e-4)
 
 
 def test_model_shapes_and_paddle_names() -> None:
@@ -489,7 +551,7 @@ def test_detect_refuses_arguments_that_would_quietly_give_the_wrong_boxes(
 def test_the_score_threshold_is_a_minimum_score() -> None:
     """`--threshold` is the lowest score kept (PaddleClas drops only scores below its
     threshold): a box scoring exactly the threshold stays, even at 1.0 (a saturated sigmoid)."""
-    boxes = torch.tensor([[0.0, 0, 10, 10], [20.0, 20, 30, 30], [40.0, 40, 50, 50]])
-    scores = torch.tensor([[0.5], [1.0], [0.25]])
+    boxes = np.array([[0.0, 0, 10, 10], [20.0, 20, 30, 30], [40.0, 40, 50, 50]], np.float32)
+    scores = np.array([[0.5], [1.0], [0.25]], np.float32)
     assert multiclass_nms(boxes, scores, 0.5, 0.6)[:, 1].tolist() == [1.0, 0.5]
     assert multiclass_nms(boxes, scores, 1.0, 0.6)[:, 1].tolist() == [1.0]

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from shitu.checkpoint.paddle import paddle_to_torch, read_pdparams
+from shitu.config.schema import TRAINING_ONLY_ARCH
 from shitu.engine.state import training_state_kind
 from shitu.errors import CheckpointError
 from shitu.fileio import torch_save_atomically, write_atomically, write_failure_reason
@@ -147,11 +148,6 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
     raise CheckpointError(
         f"unsupported weight file {path}: expected one of {', '.join(WEIGHT_SUFFIXES)}"
     )
-
-
-# Arch settings that only steer training (which layers are frozen): two runs or exports
-# differing only in them have weights of one model and give the same features.
-TRAINING_ONLY_ARCH = ("frozen_layers",)
 
 
 def weight_shaping_arch(arch: dict[str, Any]) -> dict[str, Any]:

@@ -13,8 +13,6 @@ from shitu import registry
 from shitu.config.overrides import apply_overrides, load_yaml, override_paths
 from shitu.config.schema import ComponentConfig, DataSplitConfig, ShituConfig
 from shitu.errors import ConfigError, did_you_mean
-from shitu.evaluation.retrieval import RetrievalEvaluator
-from shitu.losses.combined import split_loss_params
 from shitu.registry import each_problem, format_validation_error, problem_list
 
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -121,7 +119,11 @@ def _unaliased(node: Any) -> Any:
 def _validate_components(config: ShituConfig) -> None:
     """Check each component section against its constructor. The problems of all of them
     are raised together (one component's alone as that component words them), so that
-    fixing one section's does not merely uncover the next section's."""
+    fixing one section's does not merely uncover the next section's. Imports the components
+    (torch among them): this module stays light for the pipeline's config and the model's
+    preprocessing, which import it."""
+    from shitu.evaluation.retrieval import RetrievalEvaluator
+
     registry.populate()
     failed: list[ConfigError] = []
     _check_component_sections(config, failed)
@@ -140,6 +142,8 @@ def _validate_components(config: ShituConfig) -> None:
 
 def _check_component_sections(config: ShituConfig, failed: list[ConfigError]) -> None:
     """Validate each component section, adding the error of each one that fails to `failed`."""
+    from shitu.losses.combined import split_loss_params
+
     arch = config.Arch
     sections: list[tuple[str, registry.Registry, ComponentConfig | None]] = [
         ("Arch.Backbone", registry.BACKBONES, arch.Backbone),

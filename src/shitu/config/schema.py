@@ -99,6 +99,11 @@ class StopLayerConfig(Section):
     name: str
 
 
+# Arch settings that only steer training (which layers are frozen): two runs or exports
+# differing only in them have weights of one model and give the same features.
+TRAINING_ONLY_ARCH = ("frozen_layers",)
+
+
 class ArchConfig(Section):
     name: Literal["RecModel"] = "RecModel"
     infer_output_key: Literal["features", "backbone"] = "features"

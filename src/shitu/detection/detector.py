@@ -1,9 +1,10 @@
 """Detectors: an image in, boxes `[cls, score, x1, y1, x2, y2]` in its own pixels out.
 
 Two backends share preprocessing (plain resize to the network input, ImageNet
-normalisation) and post-processing (our decode + NMS): our PyTorch PicoDet, and
+normalisation) and post-processing (our decode + NMS, in numpy): our PyTorch PicoDet, and
 onnxruntime running either a PaddleDetection export (per-level scores and box
-distributions, batch 1) or our own export (decoded boxes and scores).
+distributions, batch 1) or our own export (decoded boxes and scores). Only the torch
+backend imports torch.
 """
 
 from __future__ import annotations
@@ -16,17 +17,17 @@ from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
-import torch
 
 from shitu.data.transforms.ops import check_rgb_image
+from shitu.detection.boxes import cell_centres, decode_distributions, level_shapes, multiclass_nms
 from shitu.detection.input_size import check_input_size
-from shitu.detection.model import PicoDet, PicoDetArch
-from shitu.detection.postprocess import anchor_points, decode_boxes, level_shapes, multiclass_nms
 from shitu.errors import CheckpointError, ConfigError
 from shitu.onnx_input import image_input_size
 
 if TYPE_CHECKING:
     from onnxruntime import NodeArg
+
+    from shitu.detection.model import PicoDet, PicoDetArch
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ class Detector(ABC):
         return f"{type(self).__name__}(input_size={width}x{height}, classes={self.num_classes})"
 
     @abstractmethod
-    def predict(self, batch: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def predict(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Normalised batch [B, 3, H, W] -> scores [B, N, C], boxes [B, N, 4] in input pixels."""
 
     def detect(
@@ -100,15 +101,15 @@ class Detector(ABC):
         results = []
         for img, s, b in zip(images, scores, boxes, strict=True):
             h, w = img.shape[:2]
-            scale = torch.tensor([w, h, w, h], dtype=b.dtype) / torch.tensor(
-                [self.input_size[1], self.input_size[0]] * 2, dtype=b.dtype
+            scale = np.array([w, h, w, h], b.dtype) / np.array(
+                [self.input_size[1], self.input_size[0]] * 2, b.dtype
             )
             dets = multiclass_nms(
                 b * scale, s, score_threshold, NMS_IOU, NMS_TOP_K, max_boxes, class_agnostic
             )
-            dets[:, [2, 4]] = dets[:, [2, 4]].clamp(0, w)
-            dets[:, [3, 5]] = dets[:, [3, 5]].clamp(0, h)
-            results.append(dets.numpy().astype(np.float32))
+            dets[:, [2, 4]] = dets[:, [2, 4]].clip(0, w)
+            dets[:, [3, 5]] = dets[:, [3, 5]].clip(0, h)
+            results.append(dets.astype(np.float32))
         return results
 
 
@@ -130,9 +131,12 @@ class TorchDetector(Detector):
         self.class_names = model.arch.class_names
         self.num_classes = model.arch.num_classes
 
-    @torch.inference_mode()
-    def predict(self, batch: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.model.predict(torch.from_numpy(batch))
+    def predict(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
+        with torch.inference_mode():
+            scores, boxes = self.model.predict(torch.from_numpy(batch))
+        return scores.numpy(), boxes.numpy()
 
 
 class OnnxDetector(Detector):
@@ -185,7 +189,7 @@ class OnnxDetector(Detector):
                 "PicoDet's per-level scores and box distributions (PaddleDetection's export "
                 "without post-processing)"
             )
-        self.points, self.strides = anchor_points(sizes, strides, cell_offset)
+        self.points, self.strides = cell_centres(sizes, strides, cell_offset)
         self.levels = levels
 
     def _run(self, batch: np.ndarray) -> list[np.ndarray]:
@@ -196,13 +200,13 @@ class OnnxDetector(Detector):
         ]
         return [np.concatenate(parts) for parts in zip(*runs, strict=True)]
 
-    def predict(self, batch: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        outs = [torch.from_numpy(o) for o in self._run(batch)]
+    def predict(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        outs = self._run(batch)
         if self.decoded:
             return outs[0], outs[1]
-        scores = torch.cat(outs[: self.levels], dim=1)
-        reg = torch.cat(outs[self.levels :], dim=1)
-        return scores, decode_boxes(reg, self.points, self.strides)
+        scores = np.concatenate(outs[: self.levels], axis=1)
+        reg = np.concatenate(outs[self.levels :], axis=1)
+        return scores, decode_distributions(reg, self.points, self.strides)
 
 
 def _single_float_input(inputs: list[NodeArg], path: str | Path) -> NodeArg:
@@ -239,12 +243,6 @@ def load_detector(
     """A detector from our checkpoint (.pt), a PaddleDetection .pdparams (needs `arch`),
     or an ONNX export; `backend` is "auto", "torch" or "onnxruntime". num_threads: inference
     threads (None: the runtime's default; torch's setting is process-wide)."""
-    from shitu.detection.weights import (
-        load_detector_checkpoint,
-        load_onnx_weights,
-        load_pdparams,
-    )
-
     path = Path(path)
     if path.is_dir():  # a Paddle inference folder, say, as PP-ShiTu's configs name one
         raise CheckpointError(
@@ -256,11 +254,7 @@ def load_detector(
     suffix = path.suffix.lower()
     if backend not in ("auto", "torch", "onnxruntime"):
         raise ConfigError(f"unknown detector backend '{backend}' (auto, torch, onnxruntime)")
-    if num_threads and (backend == "torch" or suffix != ".onnx"):
-        torch.set_num_threads(num_threads)  # process-wide, as the recogniser's torch backend
-    if suffix == ".onnx":
-        if backend == "torch":
-            return TorchDetector(load_onnx_weights(path, arch), input_size)
+    if suffix == ".onnx" and backend != "torch":
         _ignored_arch(path, arch, "onnxruntime runs the graph it holds")
         detector = OnnxDetector(path, threads=num_threads or 0)
         if input_size is not None and (input_size, input_size) != detector.input_size:
@@ -272,6 +266,15 @@ def load_detector(
         return detector
     if backend == "onnxruntime":
         raise ConfigError(f"{path}: the onnxruntime backend needs an .onnx file")
+    # Our PyTorch PicoDet, with the file's weights.
+    import torch
+
+    from shitu.detection.weights import load_detector_checkpoint, load_onnx_weights, load_pdparams
+
+    if num_threads:
+        torch.set_num_threads(num_threads)  # process-wide, as the recogniser's torch backend
+    if suffix == ".onnx":
+        return TorchDetector(load_onnx_weights(path, arch), input_size)
     if suffix == ".pdparams":
         if arch is None:
             raise ConfigError(f"{path}: a .pdparams file needs its architecture name (arch=...)")

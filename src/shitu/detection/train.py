@@ -21,13 +21,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from shitu.config.schema import LRConfig, OptimizerConfig
+from shitu.detection.boxes import multiclass_nms
 from shitu.detection.coco_eval import evaluate_boxes
 from shitu.detection.data import DetectionDataset, collate
 from shitu.detection.detector import preprocess
 from shitu.detection.input_size import check_input_size
 from shitu.detection.losses import picodet_loss
 from shitu.detection.model import PicoDet, PicoDetArch, build_picodet
-from shitu.detection.postprocess import multiclass_nms
 from shitu.detection.weights import save_detector
 from shitu.engine.data import end_quietly_on_sigterm
 from shitu.engine.lr import Cosine
@@ -151,9 +151,11 @@ def evaluate_detector(
         image = np.asarray(dataset.load_image(index))
         h, w = image.shape[:2]
         scores, boxes = model.predict(torch.from_numpy(preprocess(image, (size, size))[None]))
-        scale = torch.tensor([w / size, h / size] * 2)
-        dets = multiclass_nms(boxes[0] * scale, scores[0], 0.025, 0.6, nms_top_k, 100)
-        detections.append(dets.numpy())
+        scale = np.array([w / size, h / size] * 2, np.float32)
+        dets = multiclass_nms(
+            boxes[0].numpy() * scale, scores[0].numpy(), 0.025, 0.6, nms_top_k, 100
+        )
+        detections.append(dets)
         truths.append(dataset.targets(index))
     return evaluate_boxes(detections, truths)
 

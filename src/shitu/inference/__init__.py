@@ -7,8 +7,9 @@ from shitu.lazy import lazy_exports
 
 if TYPE_CHECKING:  # loaded on first use (see shitu.lazy)
     from shitu.inference.default_model import default_model_dir
-    from shitu.inference.export import export_model, read_manifest
+    from shitu.inference.export import export_model
     from shitu.inference.extractor import ExtractionResult, FeatureExtractor
+    from shitu.inference.manifest import read_manifest
     from shitu.inference.preprocess import Preprocessing, decode_rgb, read_rgb
 
 __all__ = [
@@ -25,7 +26,8 @@ __getattr__, __dir__ = lazy_exports(
     __name__,
     {
         "default_model": ("default_model_dir",),
-        "export": ("export_model", "read_manifest"),
+        "export": ("export_model",),
+        "manifest": ("read_manifest",),
         "extractor": ("ExtractionResult", "FeatureExtractor"),
         "preprocess": ("Preprocessing", "decode_rgb", "read_rgb"),
     },

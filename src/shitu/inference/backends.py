@@ -1,7 +1,8 @@
 """Runtimes for an exported model: onnxruntime (the default CPU path), OpenVINO (optional,
 often faster on x86 CPUs) and torch (fallback, GPU).
 
-Each takes a float32 NCHW batch (numpy) and returns raw float32 [N, D] features.
+Each takes a float32 NCHW batch (numpy) and returns raw float32 [N, D] features. Only the
+torch backend imports torch (a second or more), when it is chosen.
 """
 
 from __future__ import annotations
@@ -12,20 +13,13 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-import torch
 
 from shitu.errors import ConfigError
 from shitu.inference.choices import BACKENDS, DEVICES, PRECISIONS
-from shitu.inference.export import (
-    INPUT_NAME,
-    INT8_FILE,
-    ONNX_FILE,
-    FeaturesOnly,
-    load_exported_model,
-)
+from shitu.inference.manifest import INPUT_NAME, INT8_FILE, ONNX_FILE
 from shitu.onnx_input import image_input_size
 
-_TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # torch's names
 
 
 class Backend(Protocol):
@@ -163,6 +157,10 @@ class TorchBackend:
         device: str,
         precision: str,
     ) -> None:
+        import torch
+
+        from shitu.inference.export import FeaturesOnly, load_exported_model
+
         if num_threads:
             torch.set_num_threads(num_threads)
         self.device = torch.device(device)
@@ -170,7 +168,7 @@ class TorchBackend:
             raise ConfigError("device cuda: torch here sees no CUDA GPU")
         if precision != "fp32" and self.device.type == "cpu":
             raise ConfigError(f"precision {precision} needs a GPU (device cuda)")
-        self.dtype = _TORCH_DTYPES[precision]
+        self.dtype = getattr(torch, _TORCH_DTYPES[precision])
         model = load_exported_model(model_dir, manifest)
         self.model = FeaturesOnly(model, manifest["output_key"]).eval()
         self.model.to(self.device, self.dtype)
@@ -178,6 +176,8 @@ class TorchBackend:
             self.model.to(memory_format=torch.channels_last)
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
+        import torch
+
         with torch.inference_mode():
             images = torch.from_numpy(batch).to(self.device, self.dtype, non_blocking=True)
             if self.device.type == "cuda":

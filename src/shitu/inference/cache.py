@@ -17,13 +17,7 @@ from typing import Any
 
 from shitu.errors import CheckpointError, ShituError
 from shitu.fileio import file_sha256
-from shitu.inference.export import (
-    MANIFEST,
-    ExportError,
-    load_exported_model,
-    read_manifest,
-    write_export,
-)
+from shitu.inference.manifest import MANIFEST, ExportError, read_manifest
 from shitu.inference.preprocess import Preprocessing
 
 logger = logging.getLogger(__name__)
@@ -85,6 +79,8 @@ def full_export(model_dir: Path, manifest: dict[str, Any]) -> Path:
     target = cache_root() / "exports" / _cache_key(manifest)
     if (target / MANIFEST).is_file() and _usable(target, manifest):
         return target
+    from shitu.inference.export import load_exported_model, write_export  # torch: built once
+
     logger.info("building the ONNX model of %s into %s (once)", model_dir, target)
     model = load_exported_model(model_dir, manifest)
     try:

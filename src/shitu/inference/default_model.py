@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from shitu.errors import CheckpointError
-from shitu.inference.export import MANIFEST
+from shitu.inference.manifest import MANIFEST
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "default_model"
 

@@ -13,7 +13,6 @@ killed half-way leaves no half-written folder behind.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -28,37 +27,34 @@ from pydantic import ValidationError
 from torch import nn
 
 from shitu import __version__
-from shitu.checkpoint import load_weights, model_metadata, read_weights, save_weights
-from shitu.checkpoint.io import TRAINING_ONLY_ARCH
+from shitu.checkpoint import load_weights, model_metadata, save_weights
 from shitu.config import ArchConfig, ShituConfig
-from shitu.errors import CheckpointError, ConfigError, ShituError
+from shitu.errors import CheckpointError, ConfigError
 from shitu.fileio import file_sha256, replace_folder
+from shitu.inference.manifest import (
+    EXPORT_FILES,
+    FORMAT,
+    FORMAT_VERSION,
+    INPUT_NAME,
+    INT8_FILE,
+    MANIFEST,
+    ONNX_FILE,
+    OUTPUT_NAME,
+    TORCH_FILE,
+    ExportError,
+    check_fingerprint,
+    fingerprint,
+)
 from shitu.inference.preprocess import Preprocessing
 from shitu.models import RecModel, build_model
 from shitu.onnx_trace import trace_to_onnx
 from shitu.registry import format_validation_error
 
-MANIFEST = "shitu_model.json"
-ONNX_FILE = "model.onnx"
-INT8_FILE = "model.int8.onnx"
-TORCH_FILE = "model.safetensors"
-# Everything an export folder may hold; re-exporting replaces the folder with all of it.
-EXPORT_FILES = (MANIFEST, ONNX_FILE, INT8_FILE, TORCH_FILE)
-FORMAT = "shitu-feature-extractor"
-# 2: the fingerprint covers the arch too (version 1's covered weights, preprocessing and
-# output key only); version 1 exports still load, checked against their own kind.
-FORMAT_VERSION = 2
-INPUT_NAME = "images"
-OUTPUT_NAME = "features"
 OPSET = 17
 # Largest |ONNX - torch| difference accepted when an export checks itself.
 EXPORT_TOLERANCE = 1e-4
 
 logger = logging.getLogger(__name__)
-
-
-class ExportError(ShituError):
-    """An export could not be written or does not reproduce the torch model."""
 
 
 class FeaturesOnly(nn.Module):
@@ -79,31 +75,6 @@ def inference_arch(arch: ArchConfig) -> dict[str, Any]:
     data["Head"] = None
     data["Backbone"].pop("pretrained", None)
     return data
-
-
-def fingerprint(
-    state: dict[str, torch.Tensor],
-    preprocessing: Preprocessing,
-    key: str,
-    arch: dict[str, Any] | None,
-) -> str:
-    """sha256 of what the features depend on: the weights (names, dtypes, shapes, bytes),
-    the arch (settings without weights, such as a stride or an activation, change the
-    features of the same weights), preprocessing and output key. `arch` None gives a
-    format-version-1 export's fingerprint, which left the arch out."""
-    digest = hashlib.sha256()
-    for name in sorted(state):
-        tensor = state[name].detach().cpu().contiguous()
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}\n".encode())
-        digest.update(tensor.numpy().tobytes() if tensor.numel() else b"")
-    digest.update(json.dumps(preprocessing.to_dict(), sort_keys=True).encode())
-    digest.update(key.encode())
-    if arch is not None:
-        # Exports differing only in training settings give the same features, so they keep
-        # one fingerprint (and one gallery stays valid for both).
-        shaping = {name: value for name, value in arch.items() if name not in TRAINING_ONLY_ARCH}
-        digest.update(json.dumps(shaping, sort_keys=True).encode())
-    return digest.hexdigest()
 
 
 def export_model(
@@ -303,78 +274,3 @@ def load_exported_model(model_dir: str | Path, manifest: dict[str, Any]) -> RecM
     load_weights(model, Path(model_dir) / TORCH_FILE, strict=True)  # folds, as the file says
     check_fingerprint(model_dir, manifest, model.state_dict())
     return model
-
-
-def check_fingerprint(
-    model_dir: str | Path, manifest: dict[str, Any], state: dict[str, torch.Tensor] | None = None
-) -> None:
-    """A CheckpointError unless the export's weights (`state`, the loaded model's; None: its
-    weight file's, for the ONNX runtimes, which do not load them) and settings give the
-    fingerprint its manifest records."""
-    if state is None:
-        state, _ = read_weights(Path(model_dir) / TORCH_FILE)  # float32: not a compact export
-    preprocessing = Preprocessing.from_dict(manifest["preprocessing"])
-    arch = manifest["arch"] if manifest["format_version"] >= 2 else None
-    if fingerprint(state, preprocessing, manifest["output_key"], arch) != manifest["fingerprint"]:
-        raise CheckpointError(
-            f"{model_dir}: its weights and settings (arch, preprocessing) do not give the "
-            f"fingerprint its {MANIFEST} records (edited or corrupt model folder?)"
-        )
-
-
-def read_manifest(model_dir: str | Path) -> dict[str, Any]:
-    """The manifest of an exported folder (CheckpointError if it is not one)."""
-    path = Path(model_dir) / MANIFEST
-    if not Path(model_dir).exists():
-        raise CheckpointError(f"model {model_dir}: no such folder")
-    if Path(model_dir).is_file():  # e.g. the export's model.onnx for the export
-        folder = Path(model_dir).parent
-        hint = f": {folder}" if (folder / MANIFEST).is_file() else ""
-        raise CheckpointError(f"model {model_dir} is a file; give the folder of an export{hint}")
-    if not path.is_file():
-        raise CheckpointError(
-            f"{model_dir} is not an exported model (no {MANIFEST}); create one with `shitu export`"
-        )
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: unreadable manifest ({exc})") from None
-    version = manifest.get("format_version") if isinstance(manifest, dict) else None
-    if (
-        not isinstance(version, int)
-        or not 1 <= version <= FORMAT_VERSION
-        or manifest.get("format") != FORMAT
-    ):
-        raise CheckpointError(
-            f"{path}: not a {FORMAT} v{FORMAT_VERSION} manifest (written by a newer shitu?)"
-        )
-    _check_entries(path, manifest)
-    return manifest
-
-
-# What loading a model reads from its manifest: the JSON type each entry must have.
-_MANIFEST_ENTRIES = {
-    "arch": (dict, "an object"),
-    "output_key": (str, "a string"),
-    "embedding_size": (int, "a whole number >= 1"),
-    "preprocessing": (dict, "an object"),
-    "fingerprint": (str, "a string"),
-    "files": (dict, "an object"),
-}
-
-
-def _check_entries(path: Path, manifest: dict[str, Any]) -> None:
-    """A CheckpointError naming the first entry that is missing or malformed (a hand-edited
-    or truncated manifest), instead of a KeyError or ValueError deep inside loading."""
-    for name, (kind, described) in _MANIFEST_ENTRIES.items():
-        value = manifest.get(name)
-        if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 1):
-            shown = "missing" if name not in manifest else json.dumps(value)[:80]
-            raise CheckpointError(
-                f"{path}: {name} must be {described}, is {shown} (edited by hand? export the "
-                "model again)"
-            )
-    try:
-        Preprocessing.from_dict(manifest["preprocessing"])
-    except (ValueError, TypeError) as exc:
-        raise CheckpointError(f"{path}: preprocessing: {exc} (edited by hand?)") from None

@@ -34,7 +34,7 @@ from shitu.inference.backends import (
     onnxruntime_available,
 )
 from shitu.inference.cache import full_export
-from shitu.inference.export import (
+from shitu.inference.manifest import (
     INT8_FILE,
     MANIFEST,
     ONNX_FILE,

@@ -24,11 +24,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from shitu.data.transforms.ops import UnreadableImageError, check_rgb_image, image_list
-from shitu.detection.postprocess import nms
+from shitu.detection.boxes import nms
 from shitu.errors import CheckpointError, ConfigError
 from shitu.image_files import path_list
 from shitu.index import Gallery
@@ -333,10 +332,9 @@ class Recognizer:
         """Greedy NMS by recognition score, whatever the labels (as PP-ShiTu); best first."""
         if not found:
             return []
-        boxes = torch.tensor([r.bbox for r in found], dtype=torch.float64)
-        scores = torch.tensor([r.score for r in found], dtype=torch.float64)
-        one_group = torch.zeros(len(found), dtype=torch.long)
-        keep = nms(boxes, scores, one_group, self.rec_nms_thres)
+        boxes = np.array([r.bbox for r in found], dtype=np.float64)
+        scores = np.array([r.score for r in found], dtype=np.float64)
+        keep = nms(boxes, scores, np.zeros(len(found), np.int64), self.rec_nms_thres)
         return [found[i] for i in keep.tolist()]
 
     def recognize_files(

@@ -12,8 +12,6 @@ from typing import Any, ClassVar, Literal
 
 import cv2
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image
 
 Layout = Literal["hwc", "chw"]
@@ -70,14 +68,20 @@ class Transform:
 
 # Random draws. All use torch's global generator: DataLoader workers seed it per worker
 # and the engine seeds it per sample, so an augmented image depends on the seed alone.
+# torch is imported where it is used, in this package: inference takes the image helpers
+# of these modules and has no use for torch (an import of a second or more) otherwise.
 
 
 def rand_uniform(low: float, high: float) -> float:
+    import torch
+
     return float(low + (high - low) * torch.rand(()).item())
 
 
 def rand_int(low: int, high: int) -> int:
     """Uniform integer in [low, high], both ends included (like `random.randint`)."""
+    import torch
+
     return int(torch.randint(low, high + 1, ()).item())
 
 
@@ -87,6 +91,8 @@ def coin(prob: float) -> bool:
         return False
     if prob >= 1:
         return True
+    import torch
+
     return bool(torch.rand(()).item() < prob)
 
 
@@ -170,6 +176,9 @@ def resize(
         out = cv2.resize(np.ascontiguousarray(image), (width, height), interpolation=cv2.INTER_AREA)
         return out[:, :, None] if out.ndim == 2 else out
     if backend == "cv2" and interpolation in _TORCH_MODES:
+        import torch
+        import torch.nn.functional as F
+
         array = np.ascontiguousarray(image)
         if not array.flags.writeable:  # torch warns about read-only arrays (Pillow's are)
             array = array.copy()

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from shitu.data.transforms import ops as _ops
 from shitu.data.transforms._base import ImageSizeError, Layout, Stage, Transform
 from shitu.errors import ConfigError, DataError
 from shitu.registry import TRANSFORMS
+
+if TYPE_CHECKING:
+    import torch
 
 OpList = Sequence[dict[str, dict[str, Any] | None]]
 
@@ -64,6 +66,8 @@ class Compose:
 
 
 def to_chw_tensor(image: np.ndarray, layout: Layout) -> torch.Tensor:
+    import torch  # here: inference uses this package's image helpers without torch (_base)
+
     array = image.transpose(2, 0, 1) if layout == "hwc" else image
     array = np.ascontiguousarray(array, dtype=np.float32)
     if not array.flags.writeable:

@@ -14,7 +14,6 @@ from collections.abc import Iterable, Sequence
 from typing import Literal
 
 import numpy as np
-import torch
 from PIL import Image, ImageEnhance, ImageOps, UnidentifiedImageError
 
 from shitu.data.transforms._base import (
@@ -529,6 +528,8 @@ class ColorJitter(Transform):
             (ImageEnhance.Color, self.saturation, (1.0, 1.0)),
             (None, self.hue, (0.0, 0.0)),
         ]
+        import torch
+
         for index in torch.randperm(len(steps)).tolist():
             enhancer, bounds, identity = steps[index]
             if bounds == identity:
@@ -707,4 +708,6 @@ class RandomErasing(Transform):
         if self.mode == "const":
             return self.mean[:, None, None]
         shape = (channels, 1, 1) if self.mode == "rand" else (channels, height, width)
+        import torch
+
         return torch.randn(shape).numpy()

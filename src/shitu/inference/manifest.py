@@ -1,0 +1,150 @@
+"""What an export folder holds and how loading checks it, without torch: the ONNX runtimes
+read these (file names, the manifest, the fingerprint of the weights) and load no torch.
+
+`shitu.inference.export`, which writes exports, imports its names from here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load_file
+
+from shitu.config.schema import TRAINING_ONLY_ARCH
+from shitu.errors import CheckpointError, ShituError
+from shitu.inference.preprocess import Preprocessing
+
+if TYPE_CHECKING:
+    import torch
+
+MANIFEST = "shitu_model.json"
+ONNX_FILE = "model.onnx"
+INT8_FILE = "model.int8.onnx"
+TORCH_FILE = "model.safetensors"
+# Everything an export folder may hold; re-exporting replaces the folder with all of it.
+EXPORT_FILES = (MANIFEST, ONNX_FILE, INT8_FILE, TORCH_FILE)
+FORMAT = "shitu-feature-extractor"
+# 2: the fingerprint covers the arch too (version 1's covered weights, preprocessing and
+# output key only); version 1 exports still load, checked against their own kind.
+FORMAT_VERSION = 2
+INPUT_NAME = "images"
+OUTPUT_NAME = "features"
+
+
+class ExportError(ShituError):
+    """An export could not be written or does not reproduce the torch model."""
+
+
+def fingerprint(
+    state: Mapping[str, np.ndarray | torch.Tensor],
+    preprocessing: Preprocessing,
+    key: str,
+    arch: dict[str, Any] | None,
+) -> str:
+    """sha256 of what the features depend on: the weights (names, dtypes, shapes, bytes),
+    the arch (settings without weights, such as a stride or an activation, change the
+    features of the same weights), preprocessing and output key. `arch` None gives a
+    format-version-1 export's fingerprint, which left the arch out. `state`: a model's
+    tensors or a weight file's numpy arrays, which give the same fingerprint."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        value = state[name]
+        array = value if isinstance(value, np.ndarray) else value.detach().cpu().numpy()
+        # dtypes as torch names them ("torch.float32"), as fingerprints always have
+        digest.update(f"{name}:torch.{array.dtype}:{array.shape}\n".encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    digest.update(json.dumps(preprocessing.to_dict(), sort_keys=True).encode())
+    digest.update(key.encode())
+    if arch is not None:
+        # Exports differing only in training settings give the same features, so they keep
+        # one fingerprint (and one gallery stays valid for both).
+        shaping = {name: value for name, value in arch.items() if name not in TRAINING_ONLY_ARCH}
+        digest.update(json.dumps(shaping, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def check_fingerprint(
+    model_dir: str | Path,
+    manifest: dict[str, Any],
+    state: Mapping[str, np.ndarray | torch.Tensor] | None = None,
+) -> None:
+    """A CheckpointError unless the export's weights (`state`, the loaded model's; None: its
+    weight file's, for the ONNX runtimes, which do not load them) and settings give the
+    fingerprint its manifest records."""
+    if state is None:
+        path = Path(model_dir) / TORCH_FILE  # float32: not a compact export
+        try:
+            state = load_file(str(path))
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from None
+    preprocessing = Preprocessing.from_dict(manifest["preprocessing"])
+    arch = manifest["arch"] if manifest["format_version"] >= 2 else None
+    if fingerprint(state, preprocessing, manifest["output_key"], arch) != manifest["fingerprint"]:
+        raise CheckpointError(
+            f"{model_dir}: its weights and settings (arch, preprocessing) do not give the "
+            f"fingerprint its {MANIFEST} records (edited or corrupt model folder?)"
+        )
+
+
+def read_manifest(model_dir: str | Path) -> dict[str, Any]:
+    """The manifest of an exported folder (CheckpointError if it is not one)."""
+    path = Path(model_dir) / MANIFEST
+    if not Path(model_dir).exists():
+        raise CheckpointError(f"model {model_dir}: no such folder")
+    if Path(model_dir).is_file():  # e.g. the export's model.onnx for the export
+        folder = Path(model_dir).parent
+        hint = f": {folder}" if (folder / MANIFEST).is_file() else ""
+        raise CheckpointError(f"model {model_dir} is a file; give the folder of an export{hint}")
+    if not path.is_file():
+        raise CheckpointError(
+            f"{model_dir} is not an exported model (no {MANIFEST}); create one with `shitu export`"
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: unreadable manifest ({exc})") from None
+    version = manifest.get("format_version") if isinstance(manifest, dict) else None
+    if (
+        not isinstance(version, int)
+        or not 1 <= version <= FORMAT_VERSION
+        or manifest.get("format") != FORMAT
+    ):
+        raise CheckpointError(
+            f"{path}: not a {FORMAT} v{FORMAT_VERSION} manifest (written by a newer shitu?)"
+        )
+    _check_entries(path, manifest)
+    return manifest
+
+
+# What loading a model reads from its manifest: the JSON type each entry must have.
+_MANIFEST_ENTRIES = {
+    "arch": (dict, "an object"),
+    "output_key": (str, "a string"),
+    "embedding_size": (int, "a whole number >= 1"),
+    "preprocessing": (dict, "an object"),
+    "fingerprint": (str, "a string"),
+    "files": (dict, "an object"),
+}
+
+
+def _check_entries(path: Path, manifest: dict[str, Any]) -> None:
+    """A CheckpointError naming the first entry that is missing or malformed (a hand-edited
+    or truncated manifest), instead of a KeyError or ValueError deep inside loading."""
+    for name, (kind, described) in _MANIFEST_ENTRIES.items():
+        value = manifest.get(name)
+        if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 1):
+            shown = "missing" if name not in manifest else json.dumps(value)[:80]
+            raise CheckpointError(
+                f"{path}: {name} must be {described}, is {shown} (edited by hand? export the "
+                "model again)"
+            )
+    try:
+        Preprocessing.from_dict(manifest["preprocessing"])
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"{path}: preprocessing: {exc} (edited by hand?)") from None
