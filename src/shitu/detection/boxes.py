@@ -27,7 +27,7 @@ def cell_centres(
     shapes: list[tuple[int, int]], strides: list[int], cell_offset: float
 ) -> tuple[np.ndarray, np.ndarray]:
     """Cell centres in input pixels [N, 2] (x, y) and each cell's stride [N], level by level,
-    float32 (the values of `postprocess.anchor_points`)."""
+    float32 (also the model's and its loss's, through `postprocess.anchor_points`)."""
     points, level_strides = [], []
     for (h, w), stride in zip(shapes, strides, strict=True):
         ys = (np.arange(h, dtype=np.float32) + np.float32(cell_offset)) * np.float32(stride)

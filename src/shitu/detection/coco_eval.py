@@ -9,9 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-import torch
 
-from shitu.detection.postprocess import box_iou
+from shitu.detection.boxes import box_iou
 
 IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
 RECALL_POINTS = np.linspace(0.0, 1.0, 101)
@@ -47,7 +46,7 @@ def evaluate_boxes(
             dets = dets[dets[:, 0] == cls]
             gts = np.asarray(gt_boxes, np.float64).reshape(-1, 4)[np.asarray(gt_labels) == cls]
             num_gt += len(gts)
-            ious = box_iou(torch.from_numpy(dets[:, 2:]), torch.from_numpy(gts)).numpy()
+            ious = box_iou(dets[:, 2:], gts)
             tp = np.zeros((len(dets), len(IOU_THRESHOLDS)))
             for ti, threshold in enumerate(IOU_THRESHOLDS):
                 free = np.ones(len(gts), bool)

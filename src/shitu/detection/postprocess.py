@@ -11,19 +11,16 @@ from __future__ import annotations
 
 import torch
 
+from shitu.detection.boxes import cell_centres
+
 
 def anchor_points(
     shapes: list[tuple[int, int]], strides: list[int], cell_offset: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cell centres in input pixels [N, 2] (x, y) and each cell's stride [N], level by level."""
-    points, level_strides = [], []
-    for (h, w), stride in zip(shapes, strides, strict=True):
-        ys = (torch.arange(h, dtype=torch.float32) + cell_offset) * stride
-        xs = (torch.arange(w, dtype=torch.float32) + cell_offset) * stride
-        grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
-        points.append(torch.stack([grid_x.reshape(-1), grid_y.reshape(-1)], dim=1))
-        level_strides.append(torch.full((h * w,), float(stride)))
-    return torch.cat(points), torch.cat(level_strides)
+    """Cell centres in input pixels [N, 2] (x, y) and each cell's stride [N], level by level:
+    `boxes.cell_centres`, as tensors."""
+    points, level_strides = cell_centres(shapes, strides, cell_offset)
+    return torch.from_numpy(points), torch.from_numpy(level_strides)
 
 
 def distribution_expectation(reg: torch.Tensor) -> torch.Tensor:
