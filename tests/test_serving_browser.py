@@ -1,8 +1,8 @@
 """The web page of `shitu serve` in headless Chromium, on a server whose every read needs the
 API key (--protect-reads): enter the key, recognise a photo, add an image to a label, rename
 the label, delete an image; then the page on a phone screen, errors beside their form, uploads
-split within the server's limits, stale answers, captions, WebP photos' EXIF orientation,
-focus and accessible names. The tests share the server and run in file order. Needs Debian's
+split within the server's limits, dropped files, stale answers, captions, WebP photos' EXIF
+orientation, focus and accessible names. The tests share the server and run in file order. Needs Debian's
 `chromium` and `chromium-driver`; the screenshot lands in the test's tmp dir and in
 test-artifacts/ at the repository root."""
 
@@ -349,6 +349,40 @@ def test_an_answer_for_a_replaced_photo_is_dropped(serving_library, server, brow
     assert [label.removesuffix(" Zero") for label in shown] == sorted(products)
     assert len(browser.find_elements(By.CSS_SELECTOR, "#overlay rect.box")) == len(products)
     assert browser.find_element(By.ID, "recognise-status").text == f"{len(products)} recognised"
+
+
+# Drags the files of a file input the test made (the only way to give the page real files)
+# onto the element with id arguments[1], and drops them there; returns whether the page
+# took the drop (the browser's own action, leaving the page to open the file, is prevented).
+DROP_FILES = """
+const [source, target] = [arguments[0], document.getElementById(arguments[1])];
+const transfer = new DataTransfer();
+for (const file of source.files) transfer.items.add(file);
+const event = (type) => new DragEvent(type, {dataTransfer: transfer, bubbles: true, cancelable: true});
+target.dispatchEvent(event("dragenter"));
+target.dispatchEvent(event("dragover"));
+return !target.dispatchEvent(event("drop"));
+"""
+
+
+def test_dropped_files_are_recognised_or_chosen_for_adding(serving_library, server, browser):
+    """A photo dropped on the recognise section is recognised; images dropped on the add form
+    are chosen for it; files dropped anywhere else do not take the browser off the page."""
+    open_page(browser, server)
+    source = browser.execute_script(
+        "const input = Object.assign(document.createElement('input'), {type: 'file', multiple: true});"
+        "document.body.append(input); return input;"
+    )
+    shelf, products = serving_library.demo.shelves[1]
+    source.send_keys(str(shelf))
+    assert browser.execute_script(DROP_FILES, source, "recognise")
+    wait(browser, lambda d: len(texts(d, "#results li")) == len(products), "results shown")
+    assert browser.find_element(By.ID, "photo").get_attribute("value").endswith(shelf.name)
+    source.send_keys("\n".join(str(path) for path, _ in serving_library.queries()[:2]))
+    assert browser.execute_script(DROP_FILES, source, "add-form")
+    assert browser.execute_script("return document.getElementById('add-files').files.length") == 3
+    assert browser.execute_script(DROP_FILES, source, "gallery-summary")  # refused, not opened
+    assert not browser.find_elements(By.CSS_SELECTOR, ".dropping")
 
 
 def in_view(driver: WebDriver, element) -> bool:

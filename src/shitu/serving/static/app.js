@@ -481,6 +481,50 @@ function reportAdded({ label, added, duplicates, failed }) {
   if (failed.length) list.scrollIntoView({ block: "nearest" });
 }
 
+// ---------------------------------------------------------------------------- dropped files
+
+const carriesFiles = (event) => event.dataTransfer.types.includes("Files");
+
+// Files dragged onto `zone` are handed to `take`; `zone` is outlined while they are over it.
+function acceptDrops(zone, take) {
+  zone.addEventListener("dragover", (event) => {
+    if (!carriesFiles(event)) return;
+    event.preventDefault();
+    event.dataTransfer.dropEffect = "copy";
+    zone.classList.add("dropping");
+  });
+  zone.addEventListener("dragleave", (event) => {
+    if (!zone.contains(event.relatedTarget)) zone.classList.remove("dropping");
+  });
+  zone.addEventListener("drop", (event) => {
+    if (!carriesFiles(event)) return; // text into a text field
+    event.preventDefault();
+    zone.classList.remove("dropping");
+    if (event.dataTransfer.files.length) take(event.dataTransfer.files);
+  });
+}
+
+// Files dropped outside the drop zones are refused: the browser would leave the page (and
+// what it shows) to open the file. Dragged text still drops into text fields.
+function refuseStrayDrops() {
+  window.addEventListener("dragover", (event) => {
+    if (event.defaultPrevented || !carriesFiles(event)) return; // over a drop zone, or text
+    event.preventDefault();
+    event.dataTransfer.dropEffect = "none";
+  });
+  window.addEventListener("drop", (event) => {
+    if (carriesFiles(event)) event.preventDefault();
+  });
+}
+
+// Puts `files` into a file input, as if chosen in its dialog, and tells its listeners.
+function choose(input, files) {
+  const chosen = new DataTransfer();
+  for (const file of input.multiple ? files : [files[0]]) chosen.items.add(file);
+  input.files = chosen.files;
+  input.dispatchEvent(new Event("change"));
+}
+
 // ---------------------------------------------------------------------------- wiring
 
 window.addEventListener("DOMContentLoaded", () => {
@@ -493,6 +537,9 @@ window.addEventListener("DOMContentLoaded", () => {
     const file = $("photo").files[0];
     if (file) attempt(() => recognise(file), "recognise-status");
   });
+  refuseStrayDrops();
+  acceptDrops($("recognise"), (files) => choose($("photo"), files));
+  acceptDrops($("add-form"), (files) => choose($("add-files"), files));
   $("label-filter").addEventListener("input", renderLabels);
   window.addEventListener("resize", () => { // a caption's size on screen follows the photo's
     const image = $("photo-view");
