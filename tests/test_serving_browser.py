@@ -505,6 +505,12 @@ def test_controls_have_names_and_status_lines_are_announced(server, browser):
         assert button.accessible_name == f"delete image #{figure.get_attribute('data-id')}"
     chosen = browser.find_elements(By.CSS_SELECTOR, '#labels button[aria-current="true"]')
     assert [button.get_attribute("data-label") for button in chosen] == ["Tomato Soup"]
+    # Named "label, count", not the two run together ("Tomato Soup6"); the whole label on
+    # hover, where the list cuts a long one short.
+    assert chosen[0].accessible_name == "Tomato Soup, 6 images"
+    assert chosen[0].get_attribute("title") == "Tomato Soup"
+    caption = browser.find_element(By.CSS_SELECTOR, "figure.thumb figcaption")
+    assert caption.get_attribute("title") == caption.text
     assert browser.find_element(By.ID, "label-filter").accessible_name == "filter labels"
     for status in ("recognise-status", "label-status", "add-status"):
         assert browser.find_element(By.ID, status).get_attribute("aria-live") == "polite"

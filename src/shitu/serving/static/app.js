@@ -285,6 +285,10 @@ function renderLabels() {
     name.textContent = label;
     const number = Object.assign(document.createElement("span"), { className: "count", textContent: count });
     button.append(name, number);
+    // The whole name on hover where the list cuts it short; read out as "name, 4 images",
+    // not the text run together ("name4").
+    button.title = label;
+    button.setAttribute("aria-label", `${label}, ${plural(count, "image")}`);
     button.addEventListener("click", () => attempt(() => selectLabel(label), "label-status"));
     const item = document.createElement("li");
     item.append(button);
@@ -346,7 +350,7 @@ function appendThumbs(label, images) {
     const img = document.createElement("img");
     img.alt = image.name;
     const caption = document.createElement("figcaption");
-    caption.textContent = `#${image.id} ${image.name}`;
+    caption.textContent = caption.title = `#${image.id} ${image.name}`; // title: the whole name
     const remove = Object.assign(document.createElement("button"), {
       type: "button", className: "danger", textContent: "×", title: "delete this image",
     });
