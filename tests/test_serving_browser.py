@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -24,6 +28,7 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 
 from shitu.inference.preprocess import decode_rgb
+from shitu.serving.settings import DEFAULT_MAX_REQUESTS
 from tests.conftest import REPO_ROOT
 from tests.index_helpers import make_images
 from tests.serving_helpers import ServerProcess
@@ -447,6 +452,62 @@ def test_many_images_are_added_in_requests_within_the_limits(server, browser, tm
         listed = client.get("/v1/gallery/labels/Bulk").json()
     stored = [Path(image["name"]).stem.rsplit("-", 1)[0] for image in listed["images"]]
     assert sorted(stored) == sorted(p.stem for p in files if p != broken)
+
+
+@contextmanager
+def server_kept_busy(server) -> Iterator[None]:
+    """Every request slot of the server (--max-connections) held by an upload still being
+    sent: any other request gets 503, as it does while another process holds the library's
+    write lock (which a page's edit waits a minute for)."""
+    url = httpx.URL(server.url)
+    stalled = [socket.create_connection((url.host, url.port)) for _ in range(DEFAULT_MAX_REQUESTS)]
+    try:
+        for connection in stalled:  # a body of 100 bytes, one sent
+            connection.sendall(
+                b"POST /v1/recognize HTTP/1.1\r\nHost: shitu\r\nX-API-Key: "
+                + KEY.encode()
+                + b"\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
+            )
+        wait_for_health(server, busy=True)  # all of them in progress
+        yield
+    finally:
+        for connection in stalled:
+            connection.close()
+    wait_for_health(server, busy=False)  # the server saw them go
+
+
+def wait_for_health(server, busy: bool) -> None:
+    """Until /healthz answers 503 (`busy`) or 200."""
+    deadline = time.monotonic() + WAIT_S
+    with httpx.Client(base_url=server.url, timeout=10) as client:
+        while client.get("/healthz").status_code != (503 if busy else 200):
+            assert time.monotonic() < deadline, f"/healthz never {'busy' if busy else 'ok'}"
+            time.sleep(0.1)
+
+
+def test_a_busy_server_stops_an_add_at_its_first_refusal(server, browser, tmp_path):
+    """A 503 (another process's long write to the library, or every slot in use) ends the
+    add there, saying why: the page no longer sends every other request to meet the same
+    answer (each after a minute's wait, for the library's lock) and list each file as failed."""
+    first, *rest = make_images(tmp_path / "busy", 41, seed=17)
+    open_page(browser, server)
+    label = browser.find_element(By.ID, "add-label")
+    label.clear()
+    label.send_keys("Busy")
+    files = browser.find_element(By.ID, "add-files")
+    files.send_keys(str(first))
+    browser.find_element(By.CSS_SELECTOR, "#add-form button[type=submit]").click()
+    title = browser.find_element(By.ID, "label-title")
+    wait(browser, lambda d: title.text == "Busy (1 image)", "the first image added")
+    wait(browser, lambda d: loaded_thumbnails(d) == 1, "its thumbnail shown")
+    files.send_keys("\n".join(map(str, rest)))  # two requests: 32 images, then 8
+    status = browser.find_element(By.ID, "add-status")
+    with server_kept_busy(server):
+        browser.find_element(By.CSS_SELECTOR, "#add-form button[type=submit]").click()
+        wait(browser, lambda d: status.text and not status.text.startswith("adding"), "ended")
+    assert status.text.startswith(f"the server is busy: {DEFAULT_MAX_REQUESTS} requests in")
+    assert "error" in status.get_attribute("class").split()
+    assert not texts(browser, "#add-failures li")
 
 
 def test_renaming_onto_an_existing_label_asks_before_merging(server, browser):

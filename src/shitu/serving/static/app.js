@@ -431,7 +431,9 @@ const named = (file, message) => (message.startsWith(`${file.name}:`) ? message 
 
 // Sends the files in as many requests as the server's limits need. A request the server
 // refuses for what it holds (400, 413, 415) is split in two and each half sent again, down
-// to single files: one bad file costs only itself. Missing or wrong keys stop everything.
+// to single files: one bad file costs only itself. Missing or wrong keys, and a busy server
+// or library (503: the server may have waited a minute for another process's write), stop
+// everything: every later request would get the same answer, each after the same wait.
 async function addImages(label, files) {
   const { groups, tooLarge } = splitUpload(files, label, await serverLimits());
   const outcome = { label, added: 0, duplicates: [], failed: [], settled: tooLarge.length };
@@ -457,7 +459,7 @@ async function addImages(label, files) {
         await send(group.slice(half));
         return;
       }
-      if (!error.status || error.status === 401 || error.status === 403) throw error;
+      if (!error.status || [401, 403, 503].includes(error.status)) throw error;
       for (const file of group) outcome.failed.push(named(file, error.message));
     }
     outcome.settled += group.length;
@@ -467,7 +469,10 @@ async function addImages(label, files) {
   try {
     for (const group of groups) await send(group);
   } catch (error) {
-    if (outcome.added) error.message += ` (${plural(outcome.added, "image")} added before that)`;
+    if (outcome.added) {
+      error.message += ` (${plural(outcome.added, "image")} added before that: adding the ` +
+        "same files again skips them)";
+    }
     throw error;
   } finally {
     if (outcome.added) await refresh(outcome.label);
