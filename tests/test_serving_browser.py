@@ -510,6 +510,29 @@ def test_a_busy_server_stops_an_add_at_its_first_refusal(server, browser, tmp_pa
     assert not texts(browser, "#add-failures li")
 
 
+@contextmanager
+def offline(driver: WebDriver) -> Iterator[None]:
+    """The browser's network cut off: a request gets no answer at all."""
+    driver.execute_cdp_cmd("Network.enable", {})
+    conditions = {"latency": 0, "downloadThroughput": -1, "uploadThroughput": -1}
+    driver.execute_cdp_cmd("Network.emulateNetworkConditions", {**conditions, "offline": True})
+    try:
+        yield
+    finally:
+        driver.execute_cdp_cmd("Network.emulateNetworkConditions", {**conditions, "offline": False})
+
+
+def test_no_answer_from_the_server_is_said_in_words(server, browser):
+    """Not the browser's bare "Failed to fetch"."""
+    open_page(browser, server)
+    with offline(browser):
+        browser.execute_script("document.querySelector('#labels button').click()")
+        status = browser.find_element(By.ID, "label-status")
+        wait(browser, lambda d: status.text, "the error shown")
+    assert status.text.startswith("no answer from the server (Failed to fetch): is it still")
+    assert "error" in status.get_attribute("class").split()
+
+
 def test_renaming_onto_an_existing_label_asks_before_merging(server, browser):
     open_page(browser, server)
     choose_label(browser, "Cocoa Crunch")

@@ -19,10 +19,16 @@ function authHeaders() {
 }
 
 async function api(path, options = {}) {
-  const response = await fetch(path, {
-    ...options,
-    headers: { ...authHeaders(), ...(options.headers || {}) },
-  });
+  let response;
+  try {
+    response = await fetch(path, {
+      ...options,
+      headers: { ...authHeaders(), ...(options.headers || {}) },
+    });
+  } catch (error) { // no answer at all: the browser's bare "Failed to fetch" says too little
+    throw new Error(`no answer from the server (${error.message}): is it still running, ` +
+      "and this computer online?");
+  }
   if (!response.ok) {
     let detail = `${response.status} ${response.statusText}`;
     try {
