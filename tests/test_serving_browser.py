@@ -1,10 +1,11 @@
 """The web page of `shitu serve` in headless Chromium, on a server whose every read needs the
 API key (--protect-reads): enter the key, recognise a photo, add an image to a label, rename
-the label, delete an image; then the page on a phone screen, errors beside their form, uploads
-split within the server's limits, dropped files, stale answers, captions, WebP photos' EXIF
-orientation, focus and accessible names. The tests share the server and run in file order. Needs Debian's
-`chromium` and `chromium-driver`; the screenshot lands in the test's tmp dir and in
-test-artifacts/ at the repository root."""
+the label, delete an image; then the page on a phone screen, errors beside their form (a busy
+or unreachable server too), uploads split within the server's limits, dropped files, stale
+answers, edits in progress, captions, WebP photos' EXIF orientation, focus and accessible
+names. The tests share the server and run in file order. Needs Debian's `chromium` and
+`chromium-driver`; the screenshot lands in the test's tmp dir and in test-artifacts/ at the
+repository root."""
 
 from __future__ import annotations
 
@@ -319,18 +320,23 @@ def test_the_page_fits_a_phone_screen(serving_library, server, phone):
     assert add.text == "Add" and add.rect["x"] + add.rect["width"] <= 390
 
 
-# The page's fetch, wrapped: the first answer to /v1/recognize is held until the test lets it
-# through, so it arrives after the answer for a photo chosen later.
-HOLD_FIRST_RECOGNITION = """
-const realFetch = window.fetch;
-window.fetch = (url, options) => {
-  const answer = realFetch(url, options);
-  if (url !== "/v1/recognize" || window.held) return answer;
-  window.held = true;
-  return new Promise((resolve) => {
-    window.release = () => { resolve(answer); return answer; };
-  });
-};
+# The page's fetch, wrapped: the answer to the next request arguments[0] (method and path,
+# "POST /v1/recognize") is held until the test lets it through (RELEASE_HELD), so that it
+# arrives after later answers, or so that the page can be seen waiting for it.
+HOLD_NEXT = """
+window.holding = arguments[0];
+window.release = null;
+if (!window.realFetch) {
+  window.realFetch = window.fetch;
+  window.fetch = (url, options = {}) => {
+    const answer = window.realFetch(url, options);
+    if (`${options.method || "GET"} ${url}` !== window.holding) return answer;
+    window.holding = null;
+    return new Promise((resolve) => {
+      window.release = () => { resolve(answer); return answer; };
+    });
+  };
+}
 """
 RELEASE_HELD = """
 const done = arguments[arguments.length - 1];
@@ -338,13 +344,17 @@ window.release().then(() => setTimeout(done, 500), () => setTimeout(done, 500));
 """
 
 
+def held(driver: WebDriver) -> bool:
+    return driver.execute_script("return !!window.release")
+
+
 def test_an_answer_for_a_replaced_photo_is_dropped(serving_library, server, browser):
     open_page(browser, server)
-    browser.execute_script(HOLD_FIRST_RECOGNITION)
+    browser.execute_script(HOLD_NEXT, "POST /v1/recognize")
     (first, _), (second, products) = serving_library.demo.shelves[:2]
     photo = browser.find_element(By.ID, "photo")
     photo.send_keys(str(first))
-    wait(browser, lambda d: d.execute_script("return !!window.release"), "first request held")
+    wait(browser, held, "first request held")
     photo.send_keys(str(second))
     wait(browser, lambda d: len(texts(d, "#results li")) == len(products), "second photo's results")
     shown = sorted(texts(browser, "#results li strong"))
@@ -557,6 +567,44 @@ def test_renaming_onto_an_existing_label_asks_before_merging(server, browser):
         "the merged label shown",
     )
     assert not browser.find_elements(By.CSS_SELECTOR, '#labels button[data-label="Cocoa Crunch"]')
+
+
+def test_edits_say_what_they_are_doing_while_they_wait(serving_library, server, browser):
+    """An edit may wait a minute for another process's write to the library: the page says
+    at once what it is doing (it said nothing until the answer came)."""
+    with httpx.Client(base_url=server.url, headers={"X-API-Key": KEY}, timeout=60) as client:
+        for number, (image, _) in enumerate(serving_library.queries()[:2]):
+            files = {"image": (f"held{number}.jpg", image.read_bytes(), "image/jpeg")}
+            added = client.post("/v1/gallery/images", data={"label": "Held"}, files=files)
+            assert added.status_code == 201, added.text
+    open_page(browser, server)
+    choose_label(browser, "Held")
+    status = browser.find_element(By.ID, "label-status")
+    rename = browser.find_element(By.ID, "rename-input")
+    rename.clear()
+    browser.execute_script(HOLD_NEXT, "PATCH /v1/gallery/labels/Held")
+    rename.send_keys("Held on", Keys.ENTER)
+    wait(browser, held, "the rename sent")
+    assert status.text == 'renaming "Held"…'
+    browser.execute_async_script(RELEASE_HELD)
+    wait(browser, lambda d: status.text.startswith("renamed"), "renamed")
+    title = browser.find_element(By.ID, "label-title")
+    wait(browser, lambda d: title.text == "Held on (2 images)", "the renamed label shown")
+    image_id = browser.find_element(By.CSS_SELECTOR, "figure.thumb").get_attribute("data-id")
+    browser.execute_script(HOLD_NEXT, f"DELETE /v1/gallery/images/{image_id}")
+    browser.find_element(By.CSS_SELECTOR, "figure.thumb button").click()
+    browser.switch_to.alert.accept()
+    wait(browser, held, "the image's delete sent")
+    assert status.text == f"deleting image #{image_id}…"
+    browser.execute_async_script(RELEASE_HELD)
+    wait(browser, lambda d: title.text == "Held on (1 image)", "the image deleted")
+    browser.execute_script(HOLD_NEXT, "DELETE /v1/gallery/labels/Held%20on")
+    browser.find_element(By.ID, "delete-label").click()
+    browser.switch_to.alert.accept()
+    wait(browser, held, "the label's delete sent")
+    assert status.text == 'deleting "Held on"…'
+    browser.execute_async_script(RELEASE_HELD)
+    wait(browser, lambda d: status.text == "deleted 1 image", "the label deleted")
 
 
 def test_a_failed_recognition_leaves_no_photo_behind(serving_library, server, browser, tmp_path):

@@ -62,7 +62,8 @@ function show(text, ok = false) {
   box.hidden = !text;
 }
 
-// A status line next to a form: progress, the outcome, or ("error") why it failed.
+// A status line next to a form: progress (said at once: an edit may wait a minute for
+// another process's write to the library), the outcome, or ("error") why it failed.
 function setStatus(id, text, kind = "") {
   const line = $(id);
   line.textContent = text;
@@ -363,6 +364,7 @@ function appendThumbs(label, images) {
     remove.setAttribute("aria-label", `delete image #${image.id}`);
     remove.addEventListener("click", () => attempt(async () => {
       if (!confirm(`Delete image #${image.id} from "${label}"?`)) return;
+      setStatus("label-status", `deleting image #${image.id}…`);
       const place = [...$("thumbs").querySelectorAll("figure")].indexOf(figure);
       await api(`/v1/gallery/images/${image.id}`, { method: "DELETE" });
       await refresh(label);
@@ -568,6 +570,7 @@ window.addEventListener("DOMContentLoaded", () => {
       const existing = labels.find((entry) => entry.label === wanted && entry.label !== old);
       if (existing && !confirm(`"${wanted}" already has ${plural(existing.count, "image")}: ` +
         `merge the images of "${old}" into it?`)) return;
+      setStatus("label-status", `${existing ? "merging" : "renaming"} "${old}"…`);
       const body = await api(labelPath(old), {
         method: "PATCH",
         headers: { "Content-Type": "application/json" },
@@ -582,6 +585,7 @@ window.addEventListener("DOMContentLoaded", () => {
   });
   $("delete-label").addEventListener("click", () => attempt(async () => {
     if (!confirm(`Delete every image labelled "${selected}"?`)) return;
+    setStatus("label-status", `deleting "${selected}"…`);
     const body = await api(labelPath(selected), { method: "DELETE" });
     setStatus("label-status", `deleted ${plural(body.removed.length, "image")}`, "ok");
     await refresh(null);
