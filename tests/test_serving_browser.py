@@ -648,6 +648,16 @@ def test_controls_have_names_and_status_lines_are_announced(server, browser):
         assert browser.find_element(By.ID, status).get_attribute("aria-live") == "polite"
 
 
+def test_a_filter_that_matches_no_label_says_so(server, browser):
+    open_page(browser, server)
+    listed = len(texts(browser, "#labels button"))
+    search = browser.find_element(By.ID, "label-filter")
+    search.send_keys("  no such <label> ")
+    assert texts(browser, "#labels li") == ['no label contains "no such <label>"']
+    search.send_keys(Keys.CONTROL, "a", Keys.BACKSPACE)
+    assert len(texts(browser, "#labels button")) == listed
+
+
 def test_captions_are_readable_and_inside_a_wide_photo(serving_library, server, browser, tmp_path):
     """A shelf at the right end of a photo 8 times as wide: shown about 0.1 times its size,
     captions in photo pixels would be 2 px high and run off the right edge."""

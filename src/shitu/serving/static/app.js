@@ -302,6 +302,11 @@ function renderLabels() {
     list.append(item);
     if (label === focused) button.focus();
   }
+  if (filter && !list.children.length) { // not an empty list, as if the gallery were empty
+    const none = Object.assign(document.createElement("li"), { className: "muted" });
+    none.textContent = `no label contains "${$("label-filter").value.trim()}"`;
+    list.append(none);
+  }
 }
 
 async function thumbnail(image) {
