@@ -648,6 +648,30 @@ def test_controls_have_names_and_status_lines_are_announced(server, browser):
         assert browser.find_element(By.ID, status).get_attribute("aria-live") == "polite"
 
 
+def test_labels_are_listed_in_the_order_a_reader_expects(server, browser, tmp_path):
+    """Not in code point order, which put every capital before "apple", "Äpfel" after
+    "Zucchini", and "Item 10" before "Item 2"."""
+    names = ["Zucchini", "apple", "Äpfel", "Item 10", "Item 2"]
+    images = make_images(tmp_path, len(names), seed=23)
+    with httpx.Client(base_url=server.url, headers={"X-API-Key": KEY}, timeout=60) as client:
+        for name, image in zip(names, images, strict=True):
+            files = {"image": (image.name, image.read_bytes(), "image/png")}
+            added = client.post("/v1/gallery/images", data={"label": name}, files=files)
+            assert added.status_code == 201 and added.json()["added"], added.text
+        open_page(browser, server)
+        listed = [button.get_attribute("data-label") for button in
+                  browser.find_elements(By.CSS_SELECTOR, "#labels button")]  # fmt: skip
+        assert [label for label in listed if label in names] == [
+            "Äpfel",
+            "apple",
+            "Item 2",
+            "Item 10",
+            "Zucchini",
+        ]
+        for name in names:
+            client.delete(f"/v1/gallery/labels/{name}").raise_for_status()
+
+
 def test_a_filter_that_matches_no_label_says_so(server, browser):
     open_page(browser, server)
     listed = len(texts(browser, "#labels button"))

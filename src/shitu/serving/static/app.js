@@ -257,6 +257,10 @@ async function recognise(file) {
 
 // ---------------------------------------------------------------------------- gallery
 
+// Labels in the order of the reader's language, not the server's (code points: "Zucchini"
+// before "apple" and "Äpfel", "Item 10" before "Item 2").
+const LABEL_ORDER = new Intl.Collator(undefined, { numeric: true });
+
 async function loadLabels() {
   let body, info;
   try {
@@ -267,7 +271,7 @@ async function loadLabels() {
     }[error.status] || "gallery not loaded";
     throw error;
   }
-  labels = body.labels;
+  labels = body.labels.sort((a, b) => LABEL_ORDER.compare(a.label, b.label));
   $("gallery-summary").textContent =
     `${plural(info.images, "image")}, ${plural(info.labels, "label")} · ${info.index_type} index`;
   const options = $("label-options");
