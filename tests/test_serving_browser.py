@@ -672,10 +672,23 @@ def test_labels_are_listed_in_the_order_a_reader_expects(server, browser, tmp_pa
             client.delete(f"/v1/gallery/labels/{name}").raise_for_status()
 
 
-def test_a_filter_that_matches_no_label_says_so(server, browser):
+def test_the_label_filter_ignores_case_and_accents_and_says_when_nothing_matches(
+    server, browser, tmp_path
+):
+    (image,) = make_images(tmp_path, 1, seed=29)
+    with httpx.Client(base_url=server.url, headers={"X-API-Key": KEY}, timeout=60) as client:
+        files = {"image": (image.name, image.read_bytes(), "image/png")}
+        added = client.post("/v1/gallery/images", data={"label": "Café Crème"}, files=files)
+        assert added.status_code == 201 and added.json()["added"], added.text
     open_page(browser, server)
     listed = len(texts(browser, "#labels button"))
     search = browser.find_element(By.ID, "label-filter")
+    search.send_keys("CAFE CREME")
+    assert [
+        b.get_attribute("data-label")
+        for b in browser.find_elements(By.CSS_SELECTOR, "#labels button")
+    ] == ["Café Crème"]
+    search.send_keys(Keys.CONTROL, "a", Keys.BACKSPACE)
     search.send_keys("  no such <label> ")
     assert texts(browser, "#labels li") == ['no label contains "no such <label>"']
     search.send_keys(Keys.CONTROL, "a", Keys.BACKSPACE)

@@ -279,14 +279,17 @@ async function loadLabels() {
   renderLabels();
 }
 
+// Text as a filter compares it: case and accents aside ("creme" finds "Crème").
+const folded = (text) => text.normalize("NFD").replace(/\p{M}/gu, "").toLowerCase();
+
 function renderLabels() {
-  const filter = $("label-filter").value.trim().toLowerCase();
+  const filter = folded($("label-filter").value.trim());
   const list = $("labels");
   // The list is drawn anew: focus on one of its buttons moves to the same label's new one.
   const focused = list.contains(document.activeElement) ? document.activeElement.dataset.label : null;
   list.replaceChildren();
   for (const { label, count } of labels) {
-    if (filter && !label.toLowerCase().includes(filter)) continue;
+    if (filter && !folded(label).includes(filter)) continue;
     const button = document.createElement("button");
     button.type = "button";
     button.dataset.label = label;
