@@ -119,6 +119,30 @@ def test_protect_reads_guards_everything_but_health_page_and_docs(serving_librar
             assert client.get(path).status_code == 200, path
 
 
+def test_the_redoc_page_fetches_nothing_from_elsewhere(server, browser):
+    """ReDoc's menu shows a logo from cdn.redoc.ly: the browser fetched it, from an offline
+    server's docs too. Its page's policy now stops the request before it leaves."""
+    browser.get_log("performance")
+    browser.get(f"{server.url}/redoc")
+    wait(browser, lambda d: "API docs by Redocly" in d.find_element(By.TAG_NAME, "body").text,
+         "ReDoc shown")  # fmt: skip
+    wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "h1"), "the API's title shown")
+    events = [json.loads(entry["message"])["message"] for entry in browser.get_log("performance")]
+    outside = {
+        event["params"]["requestId"]: event["params"]["request"]["url"]
+        for event in events
+        if event["method"] == "Network.requestWillBeSent"
+        and event["params"].get("documentURL", "").startswith(server.url)  # not the browser's
+        and not event["params"]["request"]["url"].startswith((server.url, "blob:", "data:"))
+    }
+    blocked = {
+        event["params"]["requestId"]
+        for event in events
+        if event["method"] == "Network.loadingFailed" and event["params"].get("blockedReason")
+    }
+    assert set(outside) <= blocked, outside
+
+
 def test_recognise_and_edit_the_gallery_in_the_page(serving_library, server, browser, tmp_path):
     browser.get_log("performance")  # drop what the browser loaded for itself at start
     browser.get(f"{server.url}/")
