@@ -567,6 +567,23 @@ def test_no_answer_from_the_server_is_said_in_words(server, browser):
     assert "error" in status.get_attribute("class").split()
 
 
+def test_a_label_the_server_refuses_stops_an_add_at_once(server, browser, tmp_path):
+    """A refused label is said once: the page no longer splits the request down to single
+    files, each refused for the same label, and lists every file as failed."""
+    open_page(browser, server)
+    label = browser.find_element(By.ID, "add-label")
+    label.clear()
+    label.send_keys("   ")  # passes the field's `required`
+    images = make_images(tmp_path, 4, seed=31)
+    browser.find_element(By.ID, "add-files").send_keys("\n".join(map(str, images)))
+    browser.find_element(By.CSS_SELECTOR, "#add-form button[type=submit]").click()
+    status = browser.find_element(By.ID, "add-status")
+    wait(browser, lambda d: status.text and not status.text.startswith("adding"), "ended")
+    assert status.text == "the label is empty"
+    assert "error" in status.get_attribute("class").split()
+    assert not texts(browser, "#add-failures li")
+
+
 def test_renaming_onto_an_existing_label_asks_before_merging(server, browser):
     open_page(browser, server)
     choose_label(browser, "Cocoa Crunch")

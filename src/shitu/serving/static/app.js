@@ -450,8 +450,8 @@ const megabytes = (bytes) => `${(bytes / 1048576).toFixed(1)} MB`;
 const named = (file, message) => (message.startsWith(`${file.name}:`) ? message : `${file.name}: ${message}`);
 
 // Sends the files in as many requests as the server's limits need. A request the server
-// refuses for what it holds (400, 413, 415) is split in two and each half sent again, down
-// to single files: one bad file costs only itself. Missing or wrong keys, and a busy server
+// refuses for what it holds (a 400 naming a file, 413, 415) is split in two and each half
+// sent again, down to single files: one bad file costs only itself. Missing or wrong keys, and a busy server
 // or library (503: the server may have waited a minute for another process's write), stop
 // everything: every later request would get the same answer, each after the same wait.
 async function addImages(label, files) {
@@ -473,6 +473,10 @@ async function addImages(label, files) {
       outcome.added += body.added.length;
       outcome.duplicates.push(...body.duplicates);
     } catch (error) {
+      // The server names the file a 400 is about; one that names none is about the request
+      // (the label: empty, too long), which every other request would repeat.
+      const aboutAFile = group.some((file) => error.message.startsWith(`${file.name}:`));
+      if (error.status === 400 && !aboutAFile) throw error;
       if (group.length > 1 && [400, 413, 415].includes(error.status)) {
         const half = Math.ceil(group.length / 2);
         await send(group.slice(0, half));
