@@ -850,7 +850,9 @@ def test_one_image_is_one_image_and_an_empty_gallery_says_how_to_fill_it(
         choose_label(browser, "Single")
         assert browser.find_element(By.ID, "label-title").text == "Single (1 image)"
         browser.find_element(By.ID, "delete-label").click()
-        browser.switch_to.alert.accept()
+        alert = browser.switch_to.alert
+        assert alert.text == 'Delete "Single" and its 1 image?'  # how much goes
+        alert.accept()
         status = browser.find_element(By.ID, "label-status")
         wait(browser, lambda d: status.text.startswith("deleted"), "label deleted")
         assert status.text == "deleted 1 image"

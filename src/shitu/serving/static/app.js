@@ -600,7 +600,8 @@ window.addEventListener("DOMContentLoaded", () => {
     }, "label-status");
   });
   $("delete-label").addEventListener("click", () => attempt(async () => {
-    if (!confirm(`Delete every image labelled "${selected}"?`)) return;
+    const { count } = labels.find((entry) => entry.label === selected); // how much goes
+    if (!confirm(`Delete "${selected}" and its ${plural(count, "image")}?`)) return;
     setStatus("label-status", `deleting "${selected}"…`);
     const body = await api(labelPath(selected), { method: "DELETE" });
     setStatus("label-status", `deleted ${plural(body.removed.length, "image")}`, "ok");
