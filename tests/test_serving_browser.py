@@ -158,7 +158,7 @@ def test_recognise_and_edit_the_gallery_in_the_page(serving_library, server, bro
     shelf, products = serving_library.demo.shelves[0]
     browser.find_element(By.ID, "photo").send_keys(str(shelf))
     wait(browser, lambda d: len(texts(d, "#results li")) == len(products), "results shown")
-    shown = texts(browser, "#results li strong")
+    shown = texts(browser, "#results li button")
     assert sorted(shown) == sorted(products)
     assert len(browser.find_elements(By.CSS_SELECTOR, "#overlay rect.box")) == len(products)
     assert browser.execute_script("return document.getElementById('photo-view').naturalWidth") > 0
@@ -170,7 +170,7 @@ def test_recognise_and_edit_the_gallery_in_the_page(serving_library, server, bro
     browser.find_element(By.ID, "photo").send_keys(str(tiff))
     status = browser.find_element(By.ID, "recognise-status")
     wait(browser, lambda d: "cannot display" in status.text, "results without the photo")
-    assert sorted(texts(browser, "#results li strong")) == sorted(products)
+    assert sorted(texts(browser, "#results li button")) == sorted(products)
     assert not browser.find_elements(By.CSS_SELECTOR, "#overlay rect.box")
     assert not browser.find_element(By.ID, "photo-view").is_displayed()
 
@@ -381,9 +381,15 @@ def test_an_answer_for_a_replaced_photo_is_dropped(serving_library, server, brow
     wait(browser, held, "first request held")
     photo.send_keys(str(second))
     wait(browser, lambda d: len(texts(d, "#results li")) == len(products), "second photo's results")
-    shown = sorted(texts(browser, "#results li strong"))
+    shown = sorted(texts(browser, "#results li button"))
     browser.execute_async_script(RELEASE_HELD)  # the first photo's answer arrives now
-    assert sorted(texts(browser, "#results li strong")) == shown
+    assert sorted(texts(browser, "#results li button")) == shown
+    # A result's label shows that label's images, to see what the photo was matched with.
+    browser.find_element(By.CSS_SELECTOR, "#results li button").click()
+    title = browser.find_element(By.ID, "label-title")
+    first = texts(browser, "#results li button")[0]
+    wait(browser, lambda d: title.text.startswith(f"{first} ("), "the label's images shown")
+    assert focused(browser, "id") == "label-title"
     # (the earlier test renamed Lemon Soda)
     assert [label.removesuffix(" Zero") for label in shown] == sorted(products)
     assert len(browser.find_elements(By.CSS_SELECTOR, "#overlay rect.box")) == len(products)

@@ -117,8 +117,15 @@ function drawResults(results, shown) {
     const swatch = document.createElement("span");
     swatch.className = "swatch";
     swatch.style.background = labelColour(result.label);
-    const name = document.createElement("strong");
-    name.textContent = result.label;
+    // The label's gallery images, to see what the photo was matched with.
+    const name = Object.assign(document.createElement("button"), {
+      type: "button", className: "link", textContent: result.label,
+      title: "show this label's images in the gallery",
+    });
+    name.addEventListener("click", () => attempt(async () => {
+      await selectLabel(result.label);
+      $("label-title").focus(); // scrolled into view
+    }, "label-status"));
     item.append(swatch, name, ` ${result.score.toFixed(3)} (gallery image #${result.image_id})`);
     list.append(item);
   }
