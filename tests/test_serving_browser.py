@@ -162,6 +162,8 @@ def test_recognise_and_edit_the_gallery_in_the_page(serving_library, server, bro
     assert sorted(shown) == sorted(products)
     assert len(browser.find_elements(By.CSS_SELECTOR, "#overlay rect.box")) == len(products)
     assert browser.execute_script("return document.getElementById('photo-view').naturalWidth") > 0
+    lines = "return document.querySelector('.drop-hint').getClientRects().length"
+    assert browser.execute_script(lines) == 1  # "or drop one here", not split after the file
 
     # A format the server reads but the browser cannot show (TIFF): results, without boxes.
     tiff = tmp_path / "shelf.tif"
