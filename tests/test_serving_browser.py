@@ -656,6 +656,27 @@ def test_edits_say_what_they_are_doing_while_they_wait(serving_library, server, 
     wait(browser, lambda d: status.text == "deleted 1 image", "the label deleted")
 
 
+def test_a_label_removed_elsewhere_leaves_the_list(server, browser, tmp_path):
+    """Chosen after another client removed it: the reason, and the list drawn anew (it kept
+    offering the label, each click the same error)."""
+    (image,) = make_images(tmp_path, 1, seed=37)
+    with httpx.Client(base_url=server.url, headers={"X-API-Key": KEY}, timeout=60) as client:
+        files = {"image": (image.name, image.read_bytes(), "image/png")}
+        assert client.post("/v1/gallery/images", data={"label": "Gone"}, files=files).is_success
+        open_page(browser, server)
+        assert label_button(browser, "Gone")
+        client.delete("/v1/gallery/labels/Gone").raise_for_status()
+    browser.execute_script(
+        """document.querySelector('#labels button[data-label="Gone"]').click()"""
+    )
+    status = browser.find_element(By.ID, "label-status")
+    wait(browser, lambda d: status.text, "the reason shown")
+    assert status.text == "no gallery images labelled 'Gone'"
+    wait(browser, lambda d: not d.find_elements(By.CSS_SELECTOR, '#labels button[data-label="Gone"]'),
+         "the label gone from the list")  # fmt: skip
+    assert browser.find_element(By.ID, "label-title").text == "Choose a label"
+
+
 def test_a_failed_recognition_leaves_no_photo_behind(serving_library, server, browser, tmp_path):
     open_page(browser, server, key="")
     summary = browser.find_element(By.ID, "gallery-summary")

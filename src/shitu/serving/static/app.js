@@ -72,7 +72,9 @@ function setStatus(id, text, kind = "") {
 }
 
 // Runs an action; its error goes to the status line `where` (next to the form that failed,
-// scrolled into view), or without one to the message box at the top.
+// scrolled into view), or without one to the message box at the top. A 404 means the
+// gallery changed elsewhere (a label or image removed or renamed since the page drew it):
+// the gallery is drawn anew, so the page no longer offers what is gone.
 async function attempt(action, where = null) {
   try {
     show("");
@@ -83,6 +85,7 @@ async function attempt(action, where = null) {
     if (where) setStatus(where, error.message, "error");
     else show(error.message);
     box.scrollIntoView({ block: "nearest" });
+    if (error.status === 404) await refresh(selected).catch(() => {}); // the error stays
   }
 }
 
