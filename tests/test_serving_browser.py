@@ -261,13 +261,14 @@ def test_a_label_with_more_images_than_a_page(server, browser, tmp_path):
     wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "figure.thumb")) == 200, "page 1")
     more = browser.find_element(By.CSS_SELECTOR, "#thumbs button.more")
     assert more.text == "show more (200 of 205 shown)"
-    more.click()
+    more.send_keys(Keys.ENTER)
     wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "figure.thumb")) == 205, "page 2")
     assert not browser.find_elements(By.CSS_SELECTOR, "#thumbs button.more")
     ids = [
         f.get_attribute("data-id") for f in browser.find_elements(By.CSS_SELECTOR, "figure.thumb")
     ]
     assert len(set(ids)) == 205
+    assert focused(browser, "data-id") == ids[200]  # not lost with the button
 
 
 # ------------------------------------------------------------------------------ phone, errors

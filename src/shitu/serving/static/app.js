@@ -363,6 +363,12 @@ function offerMore(label, choice, shown, count) {
       more.remove();
       appendThumbs(label, page.images);
       offerMore(label, choice, shown + page.images.length, page.count);
+      // Focus, lost with the button, goes to the first image that came (not the page's top).
+      const first = $("thumbs").querySelectorAll("figure")[shown];
+      if (first) { // none where the label lost images meanwhile
+        first.tabIndex = -1;
+        first.focus();
+      }
     } finally {
       more.disabled = false;
     }
