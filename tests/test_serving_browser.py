@@ -152,6 +152,7 @@ def test_recognise_and_edit_the_gallery_in_the_page(serving_library, server, bro
     wait(browser, lambda d: len(texts(d, "#labels button")) == 8, "gallery labels listed")
     assert not message.is_displayed()
     assert "24 images, 8 labels" in browser.find_element(By.ID, "gallery-summary").text
+    assert not cut_placeholders(browser)
     browser.get_log("browser")  # drop the 401s logged before the key was entered
 
     # Recognise a shelf photo: one box and one list entry per product.
@@ -328,10 +329,27 @@ def overflowing(driver: WebDriver) -> list[str]:
     )
 
 
+def cut_placeholders(driver: WebDriver) -> list[str]:
+    """The inputs whose placeholder is wider than the room inside them."""
+    return driver.execute_script(
+        """
+        const context = document.createElement("canvas").getContext("2d");
+        return [...document.querySelectorAll("input[placeholder]")].filter((input) => {
+          const style = getComputedStyle(input);
+          context.font = style.font;
+          const room = input.clientWidth - parseFloat(style.paddingLeft)
+            - parseFloat(style.paddingRight);
+          return context.measureText(input.placeholder).width > room;
+        }).map((input) => input.id);
+        """
+    )
+
+
 def test_the_page_fits_a_phone_screen(serving_library, server, phone):
     open_page(phone, server)
     assert phone.execute_script("return window.innerWidth") == 390
     assert not overflowing(phone)
+    assert not cut_placeholders(phone)
     shelf, products = serving_library.demo.shelves[0]
     phone.find_element(By.ID, "photo").send_keys(str(shelf))
     wait(phone, lambda d: len(texts(d, "#results li")) == len(products), "results shown")
