@@ -262,7 +262,8 @@ def test_a_label_with_more_images_than_a_page(server, browser, tmp_path):
     wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "figure.thumb")) == 200, "page 1")
     more = browser.find_element(By.CSS_SELECTOR, "#thumbs button.more")
     assert more.text == "show more (200 of 205 shown)"
-    more.send_keys(Keys.ENTER)
+    browser.execute_script("arguments[0].focus()", more)  # by keyboard
+    browser.switch_to.active_element.send_keys(Keys.ENTER)
     wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "figure.thumb")) == 205, "page 2")
     assert not browser.find_elements(By.CSS_SELECTOR, "#thumbs button.more")
     ids = [
