@@ -1,15 +1,20 @@
 """The web page of `shitu serve` in headless Chromium, on a server whose every read needs the
 API key (--protect-reads): enter the key, recognise a photo, add an image to a label, rename
-the label, delete an image; then the page on a phone screen, errors beside their form, uploads
-split within the server's limits, stale answers, captions, WebP photos' EXIF orientation,
-focus and accessible names. The tests share the server and run in file order. Needs Debian's
-`chromium` and `chromium-driver`; the screenshot lands in the test's tmp dir and in
-test-artifacts/ at the repository root."""
+the label, delete an image; then the page on a phone screen, errors beside their form (a busy
+or unreachable server too), uploads split within the server's limits, dropped files, stale
+answers, edits in progress, captions, WebP photos' EXIF orientation, focus and accessible
+names. The tests share the server and run in file order. Needs Debian's `chromium` and
+`chromium-driver`; the screenshot lands in the test's tmp dir and in test-artifacts/ at the
+repository root."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -24,6 +29,7 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 
 from shitu.inference.preprocess import decode_rgb
+from shitu.serving.settings import DEFAULT_MAX_REQUESTS
 from tests.conftest import REPO_ROOT
 from tests.index_helpers import make_images
 from tests.serving_helpers import ServerProcess
@@ -113,6 +119,30 @@ def test_protect_reads_guards_everything_but_health_page_and_docs(serving_librar
             assert client.get(path).status_code == 200, path
 
 
+def test_the_redoc_page_fetches_nothing_from_elsewhere(server, browser):
+    """ReDoc's menu shows a logo from cdn.redoc.ly: the browser fetched it, from an offline
+    server's docs too. Its page's policy now stops the request before it leaves."""
+    browser.get_log("performance")
+    browser.get(f"{server.url}/redoc")
+    wait(browser, lambda d: "API docs by Redocly" in d.find_element(By.TAG_NAME, "body").text,
+         "ReDoc shown")  # fmt: skip
+    wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "h1"), "the API's title shown")
+    events = [json.loads(entry["message"])["message"] for entry in browser.get_log("performance")]
+    outside = {
+        event["params"]["requestId"]: event["params"]["request"]["url"]
+        for event in events
+        if event["method"] == "Network.requestWillBeSent"
+        and event["params"].get("documentURL", "").startswith(server.url)  # not the browser's
+        and not event["params"]["request"]["url"].startswith((server.url, "blob:", "data:"))
+    }
+    blocked = {
+        event["params"]["requestId"]
+        for event in events
+        if event["method"] == "Network.loadingFailed" and event["params"].get("blockedReason")
+    }
+    assert set(outside) <= blocked, outside
+
+
 def test_recognise_and_edit_the_gallery_in_the_page(serving_library, server, browser, tmp_path):
     browser.get_log("performance")  # drop what the browser loaded for itself at start
     browser.get(f"{server.url}/")
@@ -122,16 +152,19 @@ def test_recognise_and_edit_the_gallery_in_the_page(serving_library, server, bro
     wait(browser, lambda d: len(texts(d, "#labels button")) == 8, "gallery labels listed")
     assert not message.is_displayed()
     assert "24 images, 8 labels" in browser.find_element(By.ID, "gallery-summary").text
+    assert not cut_placeholders(browser)
     browser.get_log("browser")  # drop the 401s logged before the key was entered
 
     # Recognise a shelf photo: one box and one list entry per product.
     shelf, products = serving_library.demo.shelves[0]
     browser.find_element(By.ID, "photo").send_keys(str(shelf))
     wait(browser, lambda d: len(texts(d, "#results li")) == len(products), "results shown")
-    shown = texts(browser, "#results li strong")
+    shown = texts(browser, "#results li button")
     assert sorted(shown) == sorted(products)
     assert len(browser.find_elements(By.CSS_SELECTOR, "#overlay rect.box")) == len(products)
     assert browser.execute_script("return document.getElementById('photo-view').naturalWidth") > 0
+    lines = "return document.querySelector('.drop-hint').getClientRects().length"
+    assert browser.execute_script(lines) == 1  # "or drop one here", not split after the file
 
     # A format the server reads but the browser cannot show (TIFF): results, without boxes.
     tiff = tmp_path / "shelf.tif"
@@ -140,7 +173,7 @@ def test_recognise_and_edit_the_gallery_in_the_page(serving_library, server, bro
     browser.find_element(By.ID, "photo").send_keys(str(tiff))
     status = browser.find_element(By.ID, "recognise-status")
     wait(browser, lambda d: "cannot display" in status.text, "results without the photo")
-    assert sorted(texts(browser, "#results li strong")) == sorted(products)
+    assert sorted(texts(browser, "#results li button")) == sorted(products)
     assert not browser.find_elements(By.CSS_SELECTOR, "#overlay rect.box")
     assert not browser.find_element(By.ID, "photo-view").is_displayed()
 
@@ -229,13 +262,15 @@ def test_a_label_with_more_images_than_a_page(server, browser, tmp_path):
     wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "figure.thumb")) == 200, "page 1")
     more = browser.find_element(By.CSS_SELECTOR, "#thumbs button.more")
     assert more.text == "show more (200 of 205 shown)"
-    more.click()
+    browser.execute_script("arguments[0].focus()", more)  # by keyboard
+    browser.switch_to.active_element.send_keys(Keys.ENTER)
     wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "figure.thumb")) == 205, "page 2")
     assert not browser.find_elements(By.CSS_SELECTOR, "#thumbs button.more")
     ids = [
         f.get_attribute("data-id") for f in browser.find_elements(By.CSS_SELECTOR, "figure.thumb")
     ]
     assert len(set(ids)) == 205
+    assert focused(browser, "data-id") == ids[200]  # not lost with the button
 
 
 # ------------------------------------------------------------------------------ phone, errors
@@ -295,10 +330,27 @@ def overflowing(driver: WebDriver) -> list[str]:
     )
 
 
+def cut_placeholders(driver: WebDriver) -> list[str]:
+    """The inputs whose placeholder is wider than the room inside them."""
+    return driver.execute_script(
+        """
+        const context = document.createElement("canvas").getContext("2d");
+        return [...document.querySelectorAll("input[placeholder]")].filter((input) => {
+          const style = getComputedStyle(input);
+          context.font = style.font;
+          const room = input.clientWidth - parseFloat(style.paddingLeft)
+            - parseFloat(style.paddingRight);
+          return context.measureText(input.placeholder).width > room;
+        }).map((input) => input.id);
+        """
+    )
+
+
 def test_the_page_fits_a_phone_screen(serving_library, server, phone):
     open_page(phone, server)
     assert phone.execute_script("return window.innerWidth") == 390
     assert not overflowing(phone)
+    assert not cut_placeholders(phone)
     shelf, products = serving_library.demo.shelves[0]
     phone.find_element(By.ID, "photo").send_keys(str(shelf))
     wait(phone, lambda d: len(texts(d, "#results li")) == len(products), "results shown")
@@ -314,18 +366,23 @@ def test_the_page_fits_a_phone_screen(serving_library, server, phone):
     assert add.text == "Add" and add.rect["x"] + add.rect["width"] <= 390
 
 
-# The page's fetch, wrapped: the first answer to /v1/recognize is held until the test lets it
-# through, so it arrives after the answer for a photo chosen later.
-HOLD_FIRST_RECOGNITION = """
-const realFetch = window.fetch;
-window.fetch = (url, options) => {
-  const answer = realFetch(url, options);
-  if (url !== "/v1/recognize" || window.held) return answer;
-  window.held = true;
-  return new Promise((resolve) => {
-    window.release = () => { resolve(answer); return answer; };
-  });
-};
+# The page's fetch, wrapped: the answer to the next request arguments[0] (method and path,
+# "POST /v1/recognize") is held until the test lets it through (RELEASE_HELD), so that it
+# arrives after later answers, or so that the page can be seen waiting for it.
+HOLD_NEXT = """
+window.holding = arguments[0];
+window.release = null;
+if (!window.realFetch) {
+  window.realFetch = window.fetch;
+  window.fetch = (url, options = {}) => {
+    const answer = window.realFetch(url, options);
+    if (`${options.method || "GET"} ${url}` !== window.holding) return answer;
+    window.holding = null;
+    return new Promise((resolve) => {
+      window.release = () => { resolve(answer); return answer; };
+    });
+  };
+}
 """
 RELEASE_HELD = """
 const done = arguments[arguments.length - 1];
@@ -333,22 +390,66 @@ window.release().then(() => setTimeout(done, 500), () => setTimeout(done, 500));
 """
 
 
+def held(driver: WebDriver) -> bool:
+    return driver.execute_script("return !!window.release")
+
+
 def test_an_answer_for_a_replaced_photo_is_dropped(serving_library, server, browser):
     open_page(browser, server)
-    browser.execute_script(HOLD_FIRST_RECOGNITION)
+    browser.execute_script(HOLD_NEXT, "POST /v1/recognize")
     (first, _), (second, products) = serving_library.demo.shelves[:2]
     photo = browser.find_element(By.ID, "photo")
     photo.send_keys(str(first))
-    wait(browser, lambda d: d.execute_script("return !!window.release"), "first request held")
+    wait(browser, held, "first request held")
     photo.send_keys(str(second))
     wait(browser, lambda d: len(texts(d, "#results li")) == len(products), "second photo's results")
-    shown = sorted(texts(browser, "#results li strong"))
+    shown = sorted(texts(browser, "#results li button"))
     browser.execute_async_script(RELEASE_HELD)  # the first photo's answer arrives now
-    assert sorted(texts(browser, "#results li strong")) == shown
+    assert sorted(texts(browser, "#results li button")) == shown
+    # A result's label shows that label's images, to see what the photo was matched with.
+    browser.find_element(By.CSS_SELECTOR, "#results li button").click()
+    title = browser.find_element(By.ID, "label-title")
+    first = texts(browser, "#results li button")[0]
+    wait(browser, lambda d: title.text.startswith(f"{first} ("), "the label's images shown")
+    assert focused(browser, "id") == "label-title"
     # (the earlier test renamed Lemon Soda)
     assert [label.removesuffix(" Zero") for label in shown] == sorted(products)
     assert len(browser.find_elements(By.CSS_SELECTOR, "#overlay rect.box")) == len(products)
     assert browser.find_element(By.ID, "recognise-status").text == f"{len(products)} recognised"
+
+
+# Drags the files of a file input the test made (the only way to give the page real files)
+# onto the element with id arguments[1], and drops them there; returns whether the page
+# took the drop (the browser's own action, leaving the page to open the file, is prevented).
+DROP_FILES = """
+const [source, target] = [arguments[0], document.getElementById(arguments[1])];
+const transfer = new DataTransfer();
+for (const file of source.files) transfer.items.add(file);
+const event = (type) => new DragEvent(type, {dataTransfer: transfer, bubbles: true, cancelable: true});
+target.dispatchEvent(event("dragenter"));
+target.dispatchEvent(event("dragover"));
+return !target.dispatchEvent(event("drop"));
+"""
+
+
+def test_dropped_files_are_recognised_or_chosen_for_adding(serving_library, server, browser):
+    """A photo dropped on the recognise section is recognised; images dropped on the add form
+    are chosen for it; files dropped anywhere else do not take the browser off the page."""
+    open_page(browser, server)
+    source = browser.execute_script(
+        "const input = Object.assign(document.createElement('input'), {type: 'file', multiple: true});"
+        "document.body.append(input); return input;"
+    )
+    shelf, products = serving_library.demo.shelves[1]
+    source.send_keys(str(shelf))
+    assert browser.execute_script(DROP_FILES, source, "recognise")
+    wait(browser, lambda d: len(texts(d, "#results li")) == len(products), "results shown")
+    assert browser.find_element(By.ID, "photo").get_attribute("value").endswith(shelf.name)
+    source.send_keys("\n".join(str(path) for path, _ in serving_library.queries()[:2]))
+    assert browser.execute_script(DROP_FILES, source, "add-form")
+    assert browser.execute_script("return document.getElementById('add-files').files.length") == 3
+    assert browser.execute_script(DROP_FILES, source, "gallery-summary")  # refused, not opened
+    assert not browser.find_elements(By.CSS_SELECTOR, ".dropping")
 
 
 def in_view(driver: WebDriver, element) -> bool:
@@ -415,6 +516,102 @@ def test_many_images_are_added_in_requests_within_the_limits(server, browser, tm
     assert sorted(stored) == sorted(p.stem for p in files if p != broken)
 
 
+@contextmanager
+def server_kept_busy(server) -> Iterator[None]:
+    """Every request slot of the server (--max-connections) held by an upload still being
+    sent: any other request gets 503, as it does while another process holds the library's
+    write lock (which a page's edit waits a minute for)."""
+    url = httpx.URL(server.url)
+    stalled = [socket.create_connection((url.host, url.port)) for _ in range(DEFAULT_MAX_REQUESTS)]
+    try:
+        for connection in stalled:  # a body of 100 bytes, one sent
+            connection.sendall(
+                b"POST /v1/recognize HTTP/1.1\r\nHost: shitu\r\nX-API-Key: "
+                + KEY.encode()
+                + b"\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
+            )
+        wait_for_health(server, busy=True)  # all of them in progress
+        yield
+    finally:
+        for connection in stalled:
+            connection.close()
+    wait_for_health(server, busy=False)  # the server saw them go
+
+
+def wait_for_health(server, busy: bool) -> None:
+    """Until /healthz answers 503 (`busy`) or 200."""
+    deadline = time.monotonic() + WAIT_S
+    with httpx.Client(base_url=server.url, timeout=10) as client:
+        while client.get("/healthz").status_code != (503 if busy else 200):
+            assert time.monotonic() < deadline, f"/healthz never {'busy' if busy else 'ok'}"
+            time.sleep(0.1)
+
+
+def test_a_busy_server_stops_an_add_at_its_first_refusal(server, browser, tmp_path):
+    """A 503 (another process's long write to the library, or every slot in use) ends the
+    add there, saying why: the page no longer sends every other request to meet the same
+    answer (each after a minute's wait, for the library's lock) and list each file as failed."""
+    first, *rest = make_images(tmp_path / "busy", 41, seed=17)
+    open_page(browser, server)
+    label = browser.find_element(By.ID, "add-label")
+    label.clear()
+    label.send_keys("Busy")
+    files = browser.find_element(By.ID, "add-files")
+    files.send_keys(str(first))
+    browser.find_element(By.CSS_SELECTOR, "#add-form button[type=submit]").click()
+    title = browser.find_element(By.ID, "label-title")
+    wait(browser, lambda d: title.text == "Busy (1 image)", "the first image added")
+    wait(browser, lambda d: loaded_thumbnails(d) == 1, "its thumbnail shown")
+    files.send_keys("\n".join(map(str, rest)))  # two requests: 32 images, then 8
+    status = browser.find_element(By.ID, "add-status")
+    with server_kept_busy(server):
+        browser.find_element(By.CSS_SELECTOR, "#add-form button[type=submit]").click()
+        wait(browser, lambda d: status.text and not status.text.startswith("adding"), "ended")
+    assert status.text.startswith(f"the server is busy: {DEFAULT_MAX_REQUESTS} requests in")
+    assert "error" in status.get_attribute("class").split()
+    assert not texts(browser, "#add-failures li")
+
+
+@contextmanager
+def offline(driver: WebDriver) -> Iterator[None]:
+    """The browser's network cut off: a request gets no answer at all."""
+    driver.execute_cdp_cmd("Network.enable", {})
+    conditions = {"latency": 0, "downloadThroughput": -1, "uploadThroughput": -1}
+    driver.execute_cdp_cmd("Network.emulateNetworkConditions", {**conditions, "offline": True})
+    try:
+        yield
+    finally:
+        driver.execute_cdp_cmd("Network.emulateNetworkConditions", {**conditions, "offline": False})
+
+
+def test_no_answer_from_the_server_is_said_in_words(server, browser):
+    """Not the browser's bare "Failed to fetch"."""
+    open_page(browser, server)
+    with offline(browser):
+        browser.execute_script("document.querySelector('#labels button').click()")
+        status = browser.find_element(By.ID, "label-status")
+        wait(browser, lambda d: status.text, "the error shown")
+    assert status.text.startswith("no answer from the server (Failed to fetch): is it still")
+    assert "error" in status.get_attribute("class").split()
+
+
+def test_a_label_the_server_refuses_stops_an_add_at_once(server, browser, tmp_path):
+    """A refused label is said once: the page no longer splits the request down to single
+    files, each refused for the same label, and lists every file as failed."""
+    open_page(browser, server)
+    label = browser.find_element(By.ID, "add-label")
+    label.clear()
+    label.send_keys("   ")  # passes the field's `required`
+    images = make_images(tmp_path, 4, seed=31)
+    browser.find_element(By.ID, "add-files").send_keys("\n".join(map(str, images)))
+    browser.find_element(By.CSS_SELECTOR, "#add-form button[type=submit]").click()
+    status = browser.find_element(By.ID, "add-status")
+    wait(browser, lambda d: status.text and not status.text.startswith("adding"), "ended")
+    assert status.text == "the label is empty"
+    assert "error" in status.get_attribute("class").split()
+    assert not texts(browser, "#add-failures li")
+
+
 def test_renaming_onto_an_existing_label_asks_before_merging(server, browser):
     open_page(browser, server)
     choose_label(browser, "Cocoa Crunch")
@@ -439,6 +636,65 @@ def test_renaming_onto_an_existing_label_asks_before_merging(server, browser):
         "the merged label shown",
     )
     assert not browser.find_elements(By.CSS_SELECTOR, '#labels button[data-label="Cocoa Crunch"]')
+
+
+def test_edits_say_what_they_are_doing_while_they_wait(serving_library, server, browser):
+    """An edit may wait a minute for another process's write to the library: the page says
+    at once what it is doing (it said nothing until the answer came)."""
+    with httpx.Client(base_url=server.url, headers={"X-API-Key": KEY}, timeout=60) as client:
+        for number, (image, _) in enumerate(serving_library.queries()[:2]):
+            files = {"image": (f"held{number}.jpg", image.read_bytes(), "image/jpeg")}
+            added = client.post("/v1/gallery/images", data={"label": "Held"}, files=files)
+            assert added.status_code == 201, added.text
+    open_page(browser, server)
+    choose_label(browser, "Held")
+    status = browser.find_element(By.ID, "label-status")
+    rename = browser.find_element(By.ID, "rename-input")
+    rename.clear()
+    browser.execute_script(HOLD_NEXT, "PATCH /v1/gallery/labels/Held")
+    rename.send_keys("Held on", Keys.ENTER)
+    wait(browser, held, "the rename sent")
+    assert status.text == 'renaming "Held"…'
+    browser.execute_async_script(RELEASE_HELD)
+    wait(browser, lambda d: status.text.startswith("renamed"), "renamed")
+    title = browser.find_element(By.ID, "label-title")
+    wait(browser, lambda d: title.text == "Held on (2 images)", "the renamed label shown")
+    image_id = browser.find_element(By.CSS_SELECTOR, "figure.thumb").get_attribute("data-id")
+    browser.execute_script(HOLD_NEXT, f"DELETE /v1/gallery/images/{image_id}")
+    browser.find_element(By.CSS_SELECTOR, "figure.thumb button").click()
+    browser.switch_to.alert.accept()
+    wait(browser, held, "the image's delete sent")
+    assert status.text == f"deleting image #{image_id}…"
+    browser.execute_async_script(RELEASE_HELD)
+    wait(browser, lambda d: title.text == "Held on (1 image)", "the image deleted")
+    browser.execute_script(HOLD_NEXT, "DELETE /v1/gallery/labels/Held%20on")
+    browser.find_element(By.ID, "delete-label").click()
+    browser.switch_to.alert.accept()
+    wait(browser, held, "the label's delete sent")
+    assert status.text == 'deleting "Held on"…'
+    browser.execute_async_script(RELEASE_HELD)
+    wait(browser, lambda d: status.text == "deleted 1 image", "the label deleted")
+
+
+def test_a_label_removed_elsewhere_leaves_the_list(server, browser, tmp_path):
+    """Chosen after another client removed it: the reason, and the list drawn anew (it kept
+    offering the label, each click the same error)."""
+    (image,) = make_images(tmp_path, 1, seed=37)
+    with httpx.Client(base_url=server.url, headers={"X-API-Key": KEY}, timeout=60) as client:
+        files = {"image": (image.name, image.read_bytes(), "image/png")}
+        assert client.post("/v1/gallery/images", data={"label": "Gone"}, files=files).is_success
+        open_page(browser, server)
+        assert label_button(browser, "Gone")
+        client.delete("/v1/gallery/labels/Gone").raise_for_status()
+    browser.execute_script(
+        """document.querySelector('#labels button[data-label="Gone"]').click()"""
+    )
+    status = browser.find_element(By.ID, "label-status")
+    wait(browser, lambda d: status.text, "the reason shown")
+    assert status.text == "no gallery images labelled 'Gone'"
+    wait(browser, lambda d: not d.find_elements(By.CSS_SELECTOR, '#labels button[data-label="Gone"]'),
+         "the label gone from the list")  # fmt: skip
+    assert browser.find_element(By.ID, "label-title").text == "Choose a label"
 
 
 def test_a_failed_recognition_leaves_no_photo_behind(serving_library, server, browser, tmp_path):
@@ -471,9 +727,62 @@ def test_controls_have_names_and_status_lines_are_announced(server, browser):
         assert button.accessible_name == f"delete image #{figure.get_attribute('data-id')}"
     chosen = browser.find_elements(By.CSS_SELECTOR, '#labels button[aria-current="true"]')
     assert [button.get_attribute("data-label") for button in chosen] == ["Tomato Soup"]
+    # Named "label, count", not the two run together ("Tomato Soup6"); the whole label on
+    # hover, where the list cuts a long one short.
+    assert chosen[0].accessible_name == "Tomato Soup, 6 images"
+    assert chosen[0].get_attribute("title") == "Tomato Soup"
+    caption = browser.find_element(By.CSS_SELECTOR, "figure.thumb figcaption")
+    assert caption.get_attribute("title") == caption.text
     assert browser.find_element(By.ID, "label-filter").accessible_name == "filter labels"
     for status in ("recognise-status", "label-status", "add-status"):
         assert browser.find_element(By.ID, status).get_attribute("aria-live") == "polite"
+
+
+def test_labels_are_listed_in_the_order_a_reader_expects(server, browser, tmp_path):
+    """Not in code point order, which put every capital before "apple", "Äpfel" after
+    "Zucchini", and "Item 10" before "Item 2"."""
+    names = ["Zucchini", "apple", "Äpfel", "Item 10", "Item 2"]
+    images = make_images(tmp_path, len(names), seed=23)
+    with httpx.Client(base_url=server.url, headers={"X-API-Key": KEY}, timeout=60) as client:
+        for name, image in zip(names, images, strict=True):
+            files = {"image": (image.name, image.read_bytes(), "image/png")}
+            added = client.post("/v1/gallery/images", data={"label": name}, files=files)
+            assert added.status_code == 201 and added.json()["added"], added.text
+        open_page(browser, server)
+        listed = [button.get_attribute("data-label") for button in
+                  browser.find_elements(By.CSS_SELECTOR, "#labels button")]  # fmt: skip
+        assert [label for label in listed if label in names] == [
+            "Äpfel",
+            "apple",
+            "Item 2",
+            "Item 10",
+            "Zucchini",
+        ]
+        for name in names:
+            client.delete(f"/v1/gallery/labels/{name}").raise_for_status()
+
+
+def test_the_label_filter_ignores_case_and_accents_and_says_when_nothing_matches(
+    server, browser, tmp_path
+):
+    (image,) = make_images(tmp_path, 1, seed=29)
+    with httpx.Client(base_url=server.url, headers={"X-API-Key": KEY}, timeout=60) as client:
+        files = {"image": (image.name, image.read_bytes(), "image/png")}
+        added = client.post("/v1/gallery/images", data={"label": "Café Crème"}, files=files)
+        assert added.status_code == 201 and added.json()["added"], added.text
+    open_page(browser, server)
+    listed = len(texts(browser, "#labels button"))
+    search = browser.find_element(By.ID, "label-filter")
+    search.send_keys("CAFE CREME")
+    assert [
+        b.get_attribute("data-label")
+        for b in browser.find_elements(By.CSS_SELECTOR, "#labels button")
+    ] == ["Café Crème"]
+    search.send_keys(Keys.CONTROL, "a", Keys.BACKSPACE)
+    search.send_keys("  no such <label> ")
+    assert texts(browser, "#labels li") == ['no label contains "no such <label>"']
+    search.send_keys(Keys.CONTROL, "a", Keys.BACKSPACE)
+    assert len(texts(browser, "#labels button")) == listed
 
 
 def test_captions_are_readable_and_inside_a_wide_photo(serving_library, server, browser, tmp_path):
@@ -590,7 +899,9 @@ def test_one_image_is_one_image_and_an_empty_gallery_says_how_to_fill_it(
         choose_label(browser, "Single")
         assert browser.find_element(By.ID, "label-title").text == "Single (1 image)"
         browser.find_element(By.ID, "delete-label").click()
-        browser.switch_to.alert.accept()
+        alert = browser.switch_to.alert
+        assert alert.text == 'Delete "Single" and its 1 image?'  # how much goes
+        alert.accept()
         status = browser.find_element(By.ID, "label-status")
         wait(browser, lambda d: status.text.startswith("deleted"), "label deleted")
         assert status.text == "deleted 1 image"

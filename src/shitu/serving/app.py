@@ -18,7 +18,8 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.openapi.docs import get_redoc_html
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel
@@ -49,6 +50,13 @@ logger = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 # The web page may only load what this server serves (and show images it made itself).
 PAGE_POLICY = "default-src 'self'; img-src 'self' blob: data:; object-src 'none'"
+# ReDoc's menu shows a logo from cdn.redoc.ly: this keeps the browser from fetching it (ReDoc
+# then leaves it out). ReDoc styles itself inline and searches in a worker made from a blob.
+REDOC_POLICY = (
+    "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
+    "worker-src blob:; object-src 'none'"
+)
+DOCS_ASSETS = "/static-offline-docs"  # Swagger UI's and ReDoc's files, which fastapi-offline serves
 THUMBNAIL_SIZES = (16, 512)
 LABEL_PAGE = 200
 REQUEST_PIXELS_FACTOR = 4  # all images of one request together: at most 4 times the per-image limit
@@ -115,6 +123,8 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
         ),
         lifespan=lifespan,
         favicon_url="/static/favicon.svg",
+        static_url=DOCS_ASSETS,
+        redoc_url=None,  # served below, under a policy
         swagger_ui_parameters={"validatorUrl": None},  # never send the spec to swagger.io
     )
     app.add_middleware(BodyLimit, settings=settings)
@@ -203,6 +213,18 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
         )
 
     # ---------------------------------------------------------------------- page, health
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc() -> HTMLResponse:
+        page = get_redoc_html(
+            openapi_url=app.openapi_url or "/openapi.json",
+            title=f"{app.title} - ReDoc",
+            redoc_js_url=f"{DOCS_ASSETS}/redoc.standalone.js",
+            redoc_favicon_url="/static/favicon.svg",
+            with_google_fonts=False,
+        )
+        page.headers["Content-Security-Policy"] = REDOC_POLICY
+        return page
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:

@@ -19,10 +19,16 @@ function authHeaders() {
 }
 
 async function api(path, options = {}) {
-  const response = await fetch(path, {
-    ...options,
-    headers: { ...authHeaders(), ...(options.headers || {}) },
-  });
+  let response;
+  try {
+    response = await fetch(path, {
+      ...options,
+      headers: { ...authHeaders(), ...(options.headers || {}) },
+    });
+  } catch (error) { // no answer at all: the browser's bare "Failed to fetch" says too little
+    throw new Error(`no answer from the server (${error.message}): is it still running, ` +
+      "and this computer online?");
+  }
   if (!response.ok) {
     let detail = `${response.status} ${response.statusText}`;
     try {
@@ -56,7 +62,8 @@ function show(text, ok = false) {
   box.hidden = !text;
 }
 
-// A status line next to a form: progress, the outcome, or ("error") why it failed.
+// A status line next to a form: progress (said at once: an edit may wait a minute for
+// another process's write to the library), the outcome, or ("error") why it failed.
 function setStatus(id, text, kind = "") {
   const line = $(id);
   line.textContent = text;
@@ -65,7 +72,9 @@ function setStatus(id, text, kind = "") {
 }
 
 // Runs an action; its error goes to the status line `where` (next to the form that failed,
-// scrolled into view), or without one to the message box at the top.
+// scrolled into view), or without one to the message box at the top. A 404 means the
+// gallery changed elsewhere (a label or image removed or renamed since the page drew it):
+// the gallery is drawn anew, so the page no longer offers what is gone.
 async function attempt(action, where = null) {
   try {
     show("");
@@ -76,6 +85,7 @@ async function attempt(action, where = null) {
     if (where) setStatus(where, error.message, "error");
     else show(error.message);
     box.scrollIntoView({ block: "nearest" });
+    if (error.status === 404) await refresh(selected).catch(() => {}); // the error stays
   }
 }
 
@@ -110,8 +120,15 @@ function drawResults(results, shown) {
     const swatch = document.createElement("span");
     swatch.className = "swatch";
     swatch.style.background = labelColour(result.label);
-    const name = document.createElement("strong");
-    name.textContent = result.label;
+    // The label's gallery images, to see what the photo was matched with.
+    const name = Object.assign(document.createElement("button"), {
+      type: "button", className: "link", textContent: result.label,
+      title: "show this label's images in the gallery",
+    });
+    name.addEventListener("click", () => attempt(async () => {
+      await selectLabel(result.label);
+      $("label-title").focus(); // scrolled into view
+    }, "label-status"));
     item.append(swatch, name, ` ${result.score.toFixed(3)} (gallery image #${result.image_id})`);
     list.append(item);
   }
@@ -250,6 +267,10 @@ async function recognise(file) {
 
 // ---------------------------------------------------------------------------- gallery
 
+// Labels in the order of the reader's language, not the server's (code points: "Zucchini"
+// before "apple" and "Äpfel", "Item 10" before "Item 2").
+const LABEL_ORDER = new Intl.Collator(undefined, { numeric: true });
+
 async function loadLabels() {
   let body, info;
   try {
@@ -260,7 +281,7 @@ async function loadLabels() {
     }[error.status] || "gallery not loaded";
     throw error;
   }
-  labels = body.labels;
+  labels = body.labels.sort((a, b) => LABEL_ORDER.compare(a.label, b.label));
   $("gallery-summary").textContent =
     `${plural(info.images, "image")}, ${plural(info.labels, "label")} · ${info.index_type} index`;
   const options = $("label-options");
@@ -268,14 +289,17 @@ async function loadLabels() {
   renderLabels();
 }
 
+// Text as a filter compares it: case and accents aside ("creme" finds "Crème").
+const folded = (text) => text.normalize("NFD").replace(/\p{M}/gu, "").toLowerCase();
+
 function renderLabels() {
-  const filter = $("label-filter").value.trim().toLowerCase();
+  const filter = folded($("label-filter").value.trim());
   const list = $("labels");
   // The list is drawn anew: focus on one of its buttons moves to the same label's new one.
   const focused = list.contains(document.activeElement) ? document.activeElement.dataset.label : null;
   list.replaceChildren();
   for (const { label, count } of labels) {
-    if (filter && !label.toLowerCase().includes(filter)) continue;
+    if (filter && !folded(label).includes(filter)) continue;
     const button = document.createElement("button");
     button.type = "button";
     button.dataset.label = label;
@@ -285,11 +309,20 @@ function renderLabels() {
     name.textContent = label;
     const number = Object.assign(document.createElement("span"), { className: "count", textContent: count });
     button.append(name, number);
+    // The whole name on hover where the list cuts it short; read out as "name, 4 images",
+    // not the text run together ("name4").
+    button.title = label;
+    button.setAttribute("aria-label", `${label}, ${plural(count, "image")}`);
     button.addEventListener("click", () => attempt(() => selectLabel(label), "label-status"));
     const item = document.createElement("li");
     item.append(button);
     list.append(item);
     if (label === focused) button.focus();
+  }
+  if (filter && !list.children.length) { // not an empty list, as if the gallery were empty
+    const none = Object.assign(document.createElement("li"), { className: "muted" });
+    none.textContent = `no label contains "${$("label-filter").value.trim()}"`;
+    list.append(none);
   }
 }
 
@@ -330,6 +363,12 @@ function offerMore(label, choice, shown, count) {
       more.remove();
       appendThumbs(label, page.images);
       offerMore(label, choice, shown + page.images.length, page.count);
+      // Focus, lost with the button, goes to the first image that came (not the page's top).
+      const first = $("thumbs").querySelectorAll("figure")[shown];
+      if (first) { // none where the label lost images meanwhile
+        first.tabIndex = -1;
+        first.focus();
+      }
     } finally {
       more.disabled = false;
     }
@@ -346,13 +385,14 @@ function appendThumbs(label, images) {
     const img = document.createElement("img");
     img.alt = image.name;
     const caption = document.createElement("figcaption");
-    caption.textContent = `#${image.id} ${image.name}`;
+    caption.textContent = caption.title = `#${image.id} ${image.name}`; // title: the whole name
     const remove = Object.assign(document.createElement("button"), {
       type: "button", className: "danger", textContent: "×", title: "delete this image",
     });
     remove.setAttribute("aria-label", `delete image #${image.id}`);
     remove.addEventListener("click", () => attempt(async () => {
       if (!confirm(`Delete image #${image.id} from "${label}"?`)) return;
+      setStatus("label-status", `deleting image #${image.id}…`);
       const place = [...$("thumbs").querySelectorAll("figure")].indexOf(figure);
       await api(`/v1/gallery/images/${image.id}`, { method: "DELETE" });
       await refresh(label);
@@ -426,8 +466,10 @@ const megabytes = (bytes) => `${(bytes / 1048576).toFixed(1)} MB`;
 const named = (file, message) => (message.startsWith(`${file.name}:`) ? message : `${file.name}: ${message}`);
 
 // Sends the files in as many requests as the server's limits need. A request the server
-// refuses for what it holds (400, 413, 415) is split in two and each half sent again, down
-// to single files: one bad file costs only itself. Missing or wrong keys stop everything.
+// refuses for what it holds (a 400 naming a file, 413, 415) is split in two and each half
+// sent again, down to single files: one bad file costs only itself. Missing or wrong keys, and a busy server
+// or library (503: the server may have waited a minute for another process's write), stop
+// everything: every later request would get the same answer, each after the same wait.
 async function addImages(label, files) {
   const { groups, tooLarge } = splitUpload(files, label, await serverLimits());
   const outcome = { label, added: 0, duplicates: [], failed: [], settled: tooLarge.length };
@@ -447,13 +489,17 @@ async function addImages(label, files) {
       outcome.added += body.added.length;
       outcome.duplicates.push(...body.duplicates);
     } catch (error) {
+      // The server names the file a 400 is about; one that names none is about the request
+      // (the label: empty, too long), which every other request would repeat.
+      const aboutAFile = group.some((file) => error.message.startsWith(`${file.name}:`));
+      if (error.status === 400 && !aboutAFile) throw error;
       if (group.length > 1 && [400, 413, 415].includes(error.status)) {
         const half = Math.ceil(group.length / 2);
         await send(group.slice(0, half));
         await send(group.slice(half));
         return;
       }
-      if (!error.status || error.status === 401 || error.status === 403) throw error;
+      if (!error.status || [401, 403, 503].includes(error.status)) throw error;
       for (const file of group) outcome.failed.push(named(file, error.message));
     }
     outcome.settled += group.length;
@@ -463,7 +509,10 @@ async function addImages(label, files) {
   try {
     for (const group of groups) await send(group);
   } catch (error) {
-    if (outcome.added) error.message += ` (${plural(outcome.added, "image")} added before that)`;
+    if (outcome.added) {
+      error.message += ` (${plural(outcome.added, "image")} added before that: adding the ` +
+        "same files again skips them)";
+    }
     throw error;
   } finally {
     if (outcome.added) await refresh(outcome.label);
@@ -481,6 +530,50 @@ function reportAdded({ label, added, duplicates, failed }) {
   if (failed.length) list.scrollIntoView({ block: "nearest" });
 }
 
+// ---------------------------------------------------------------------------- dropped files
+
+const carriesFiles = (event) => event.dataTransfer.types.includes("Files");
+
+// Files dragged onto `zone` are handed to `take`; `zone` is outlined while they are over it.
+function acceptDrops(zone, take) {
+  zone.addEventListener("dragover", (event) => {
+    if (!carriesFiles(event)) return;
+    event.preventDefault();
+    event.dataTransfer.dropEffect = "copy";
+    zone.classList.add("dropping");
+  });
+  zone.addEventListener("dragleave", (event) => {
+    if (!zone.contains(event.relatedTarget)) zone.classList.remove("dropping");
+  });
+  zone.addEventListener("drop", (event) => {
+    if (!carriesFiles(event)) return; // text into a text field
+    event.preventDefault();
+    zone.classList.remove("dropping");
+    if (event.dataTransfer.files.length) take(event.dataTransfer.files);
+  });
+}
+
+// Files dropped outside the drop zones are refused: the browser would leave the page (and
+// what it shows) to open the file. Dragged text still drops into text fields.
+function refuseStrayDrops() {
+  window.addEventListener("dragover", (event) => {
+    if (event.defaultPrevented || !carriesFiles(event)) return; // over a drop zone, or text
+    event.preventDefault();
+    event.dataTransfer.dropEffect = "none";
+  });
+  window.addEventListener("drop", (event) => {
+    if (carriesFiles(event)) event.preventDefault();
+  });
+}
+
+// Puts `files` into a file input, as if chosen in its dialog, and tells its listeners.
+function choose(input, files) {
+  const chosen = new DataTransfer();
+  for (const file of input.multiple ? files : [files[0]]) chosen.items.add(file);
+  input.files = chosen.files;
+  input.dispatchEvent(new Event("change"));
+}
+
 // ---------------------------------------------------------------------------- wiring
 
 window.addEventListener("DOMContentLoaded", () => {
@@ -493,6 +586,9 @@ window.addEventListener("DOMContentLoaded", () => {
     const file = $("photo").files[0];
     if (file) attempt(() => recognise(file), "recognise-status");
   });
+  refuseStrayDrops();
+  acceptDrops($("recognise"), (files) => choose($("photo"), files));
+  acceptDrops($("add-form"), (files) => choose($("add-files"), files));
   $("label-filter").addEventListener("input", renderLabels);
   window.addEventListener("resize", () => { // a caption's size on screen follows the photo's
     const image = $("photo-view");
@@ -506,6 +602,7 @@ window.addEventListener("DOMContentLoaded", () => {
       const existing = labels.find((entry) => entry.label === wanted && entry.label !== old);
       if (existing && !confirm(`"${wanted}" already has ${plural(existing.count, "image")}: ` +
         `merge the images of "${old}" into it?`)) return;
+      setStatus("label-status", `${existing ? "merging" : "renaming"} "${old}"…`);
       const body = await api(labelPath(old), {
         method: "PATCH",
         headers: { "Content-Type": "application/json" },
@@ -519,7 +616,9 @@ window.addEventListener("DOMContentLoaded", () => {
     }, "label-status");
   });
   $("delete-label").addEventListener("click", () => attempt(async () => {
-    if (!confirm(`Delete every image labelled "${selected}"?`)) return;
+    const { count } = labels.find((entry) => entry.label === selected); // how much goes
+    if (!confirm(`Delete "${selected}" and its ${plural(count, "image")}?`)) return;
+    setStatus("label-status", `deleting "${selected}"…`);
     const body = await api(labelPath(selected), { method: "DELETE" });
     setStatus("label-status", `deleted ${plural(body.removed.length, "image")}`, "ok");
     await refresh(null);
