@@ -44,6 +44,21 @@ def test_milvus_returns_the_same_results_as_faiss_flat(tmp_path, metric):
     np.testing.assert_allclose(got.scores, expected.scores, atol=1e-4)
 
 
+def test_inserts_are_split_by_size_and_every_row_arrives(tmp_path, monkeypatch):
+    """Wide vectors go in requests under Milvus's request limit (INSERT_BYTES): here 7 rows
+    of 16 dimensions a request, 300 rows in 43 requests, the last one short."""
+    from shitu.index.backends import milvus_backend
+
+    monkeypatch.setattr(milvus_backend, "INSERT_BYTES", 7 * (DIM * 4 + 8) + 3)
+    queries = clustered(25, DIM, seed=4)
+    with build(tmp_path, "faiss") as faiss_gallery:
+        expected = faiss_gallery.search(queries, k=8)
+    with build(tmp_path, "milvus") as milvus_gallery:
+        assert milvus_gallery.verify() == []
+        got = milvus_gallery.search(queries, k=8)
+    np.testing.assert_array_equal(got.ids, expected.ids)
+
+
 @pytest.mark.parametrize("index_type", ["Flat", "HNSW32"])
 def test_equal_scores_rank_the_image_added_first_first_on_either_backend(tmp_path, index_type):
     """Copies of one photo under several labels score the same: Faiss ranked the last added

@@ -29,7 +29,11 @@ logger = logging.getLogger(__name__)
 DEFAULT_URI = "milvus.db"
 DEFAULT_COLLECTION = "shitu_gallery"
 TOKEN_ENV = "SHITU_MILVUS_TOKEN"
-INSERT_BATCH = 5_000
+INSERT_BATCH = 5_000  # rows per insert request, at most
+# Bytes of vectors per insert request, at most: Milvus refuses larger requests (a server's
+# gRPC limit, 64 MB by default in some versions; Milvus Lite's 256 MB), which 5,000 rows
+# pass from about 3,300 dimensions on.
+INSERT_BYTES = 32 << 20
 DEFAULT_NLIST = 1024
 # Every read sees every committed write: pymilvus's default ("Bounded") lets a server answer
 # from a view seconds old, so `verify` straight after a build counted too few vectors and a
@@ -242,13 +246,14 @@ class MilvusBackend(Backend):
         self.client.create_index(self.collection, indexes, sync=self._lite_path is None)
 
     def _insert(self, ids: np.ndarray, features: np.ndarray) -> None:
-        for start in range(0, len(ids), INSERT_BATCH):
+        """Insert in requests of at most INSERT_BATCH rows and INSERT_BYTES of vectors."""
+        row_bytes = features.shape[1] * 4 + 8  # float32 vector and int64 id
+        batch = max(1, min(INSERT_BATCH, INSERT_BYTES // row_bytes))
+        for start in range(0, len(ids), batch):
             rows = [
                 {"id": int(i), "vector": f}
                 for i, f in zip(
-                    ids[start : start + INSERT_BATCH],
-                    features[start : start + INSERT_BATCH],
-                    strict=True,
+                    ids[start : start + batch], features[start : start + batch], strict=True
                 )
             ]
             self.client.insert(self.collection, rows)
