@@ -939,7 +939,10 @@ def test_a_library_of_an_export_searched_without_model_says_the_shipped_model_wa
     """Built with `--model EXPORT`, then used without it: the refusal says which
     model it got (the fingerprints alone do not); with a --model it says nothing of it."""
     photo, library = str(setup["queries"][0].path), str(setup["library"])
-    note = "no --model was given, so this model is the one shipped with shitu"
+    note = (
+        "no --model was given, so this model is the one shipped with shitu; pass the --model "
+        "export that built the library"
+    )
     for command in (
         ["recognize", photo, "--gallery", library],
         ["index", "search", library, photo],
@@ -951,6 +954,28 @@ def test_a_library_of_an_export_searched_without_model_says_the_shipped_model_wa
     assert (
         shitu_main(["recognize", photo, "--gallery", library, "--model", str(setup["model"])]) == 0
     )
+    assert note not in capsys.readouterr().err
+
+
+def test_a_library_of_the_shipped_model_searched_with_a_model_says_to_give_none(
+    setup, tmp_path, capsys
+):
+    """Built with the shipped model, then used with `--model EXPORT`: the refusal says in
+    words that the library needs no --model (the fingerprints alone do not)."""
+    photo, library = str(setup["queries"][0].path), str(tmp_path / "shipped")
+    assert shitu_main(["index", "build", photo, "--label", "Banana", "--out", library]) == 0
+    capsys.readouterr()
+    note = "the library was built with the model shipped with shitu: give no --model"
+    model = ["--model", str(setup["model"]), "--no-progress"]
+    for command in (
+        ["recognize", photo, "--gallery", library],
+        ["index", "search", library, photo],
+        ["index", "add", library, photo, "--label", "Banana"],
+    ):
+        assert shitu_main([*command, *model]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {library}: library ") and err.rstrip().endswith(f"({note})")
+    assert shitu_main(["recognize", photo, "--gallery", library, "--no-progress"]) == 0
     assert note not in capsys.readouterr().err
 
 
