@@ -23,6 +23,7 @@ from shitu.cli.common import (
     finite_float,
     positive_int,
     progress_wanted,
+    skip_reason,
 )
 from shitu.errors import DataError, GalleryError, did_you_mean
 from shitu.fileio import check_writable, fsync_dir
@@ -508,7 +509,10 @@ def run_search(args: argparse.Namespace) -> int:
         k = min(args.k, max(len(gallery), 1))
         result = gallery.search(extraction.features, k, min_score=args.min_score)
     for path, reason in extraction.failures:
-        print(f"warning: could not read {path}: {reason}", file=sys.stderr)
+        print(
+            f"warning: could not read {path}: {skip_reason(reason, 'index search')}",
+            file=sys.stderr,
+        )
     for row, path in enumerate(extraction.paths):
         hits = [
             {"label": label, "score": round(float(score), 5), "image_id": int(image_id)}
