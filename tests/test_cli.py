@@ -688,3 +688,16 @@ def test_recognize_table_lines_up_labels_of_wide_and_combining_characters():
         for row in rows
     }
     assert len(rows) == 4 and len(before_box) == 1
+
+
+def test_eval_outside_a_terminal_says_what_it_embeds(tmp_path, capsys):
+    """Where stderr is not a terminal no bar is drawn, so each embedding pass gets a line
+    (a large set takes minutes of silence otherwise); --no-progress leaves them out."""
+    query = write_eval_set(tmp_path / "query", {"banana": 30, "apple": 31}, "names")
+    gallery = write_eval_set(tmp_path / "gallery", {"banana": 30, "apple": 31}, "folder")
+    config = write_eval_config(tmp_path, query, gallery)
+    assert shitu_main(["eval", "-c", str(config), "--json"]) == 0
+    err = capsys.readouterr().err
+    assert "embedding 2 query images...\nembedding 2 gallery images...\n" in err
+    assert shitu_main(["eval", "-c", str(config), "--json", "--no-progress"]) == 0
+    assert "embedding" not in capsys.readouterr().err

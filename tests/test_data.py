@@ -310,7 +310,7 @@ def test_skip_corrupt_drops_bad_images_at_start_up(grocery: Path, tmp_path: Path
     assert "truncated" in skipped[str(tmp_path / "truncated.jpg")]
     assert dataset[1][0].shape == (3, 5, 5)
     # An image that breaks after the check still fails loudly.
-    (tmp_path / "good2.png").write_bytes(b"broken later")
+    (tmp_path / "good2.png").write_bytes(b"\x00broken later")
     with pytest.raises(
         DataError,
         match="good2.png: cannot decode image: unknown or corrupt format.*passed the start-up",

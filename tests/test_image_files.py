@@ -15,7 +15,7 @@ from PIL import Image
 
 from shitu.cli.common import expand_images
 from shitu.errors import DataError
-from shitu.image_files import scan_images
+from shitu.image_files import TEXT_PROBE_BYTES, is_text, scan_images
 from shitu.index import collect_items
 
 SUPPORTED = "images are read from .bmp .jpeg .jpg .png .tif .tiff .webp files"
@@ -159,3 +159,13 @@ def test_the_cli_shows_the_warning_and_the_error(tmp_path):
         f"{gifs / 'anim.gif'}, {gifs / 'gone.jpg'}); {SUPPORTED}",
         f"error: {gifs}: no images in this folder",
     ]
+
+
+def test_is_text_tells_text_from_image_bytes(tmp_path):
+    """UTF-8 without NUL bytes is text, also where the probe cuts a character in two;
+    image bytes (binary headers, NULs) and empty files are not."""
+    cut = "a" * (TEXT_PROBE_BYTES - 1) + "é"  # its 2 bytes straddle the end of the probe
+    assert is_text(b"photos/a.jpg\tbanana\n") and is_text(cut.encode())
+    Image.new("RGB", (4, 4)).save(tmp_path / "a.png")
+    assert not is_text((tmp_path / "a.png").read_bytes())
+    assert not is_text(b"") and not is_text(b"text\x00with a NUL") and not is_text(b"\xff\xd8")

@@ -476,10 +476,28 @@ def test_recognize_cli_jsonl_table_visualisations_and_unreadable_files(setup, tm
     assert "(nothing recognised)" in capsys.readouterr().out
 
 
+def test_a_labelled_list_given_as_an_image_is_called_a_text_file(setup, capsys):
+    """A `path<TAB>label` list passed to recognize or extract is not "unknown or corrupt":
+    the warning says it is text, and which command reads labelled lists."""
+    label_file = str(setup["label_file"])
+    hint = "takes image files and folders; for a labelled list of `path<TAB>label` lines, use "
+    hint += "`shitu eval-pipeline --queries LIST`)"
+    model = ["--model", str(setup["model"]), "--no-progress"]
+    commands = {
+        "recognize": ["recognize", label_file, "--gallery", str(setup["library"])],
+        "extract": ["extract", label_file, "--out", str(setup["work"] / "never")],
+    }
+    for name, command in commands.items():
+        assert shitu_main([*command, *model]) == 1
+        err = capsys.readouterr().err
+        reason = "cannot decode image: a text file, not an image"
+        assert f"warning: skipped {label_file}: {reason} ({name} {hint}" in err
+
+
 def test_recognize_cli_fails_clearly_when_there_is_nothing_to_recognise(setup, tmp_path, capsys):
     common = ["--gallery", str(setup["library"]), "--model", str(setup["model"]), "--no-progress"]
     broken = tmp_path / "broken.jpg"
-    broken.write_bytes(b"not an image")
+    broken.write_bytes(b"\x00not an image")
     assert shitu_main(["recognize", str(broken), *common]) == 1
     err = capsys.readouterr().err
     assert "1 of 1 files could not be read" in err and "unknown or corrupt format" in err
@@ -566,7 +584,7 @@ def test_a_file_too_elongated_for_the_model_is_skipped_as_unreadable(
     for path in sorted(resize_short_library["images"].iterdir())[:2]:
         shutil.copy(path, folder)
     Image.fromarray(np.zeros((400, 2, 3), np.uint8)).save(folder / "thin.png")
-    (folder / "broken.jpg").write_bytes(b"not an image")
+    (folder / "broken.jpg").write_bytes(b"\x00not an image")
     paths = sorted(str(p) for p in folder.iterdir())  # broken, img000, img001, thin
     thin = str(folder / "thin.png")
     too_thin = "image 2x400 is too elongated to resize its short side to 32"
@@ -939,7 +957,10 @@ def test_a_library_of_an_export_searched_without_model_says_the_shipped_model_wa
     """Built with `--model EXPORT`, then used without it: the refusal says which
     model it got (the fingerprints alone do not); with a --model it says nothing of it."""
     photo, library = str(setup["queries"][0].path), str(setup["library"])
-    note = "no --model was given, so this model is the one shipped with shitu"
+    note = (
+        "no --model was given, so this model is the one shipped with shitu; pass the --model "
+        "export that built the library"
+    )
     for command in (
         ["recognize", photo, "--gallery", library],
         ["index", "search", library, photo],
@@ -951,6 +972,28 @@ def test_a_library_of_an_export_searched_without_model_says_the_shipped_model_wa
     assert (
         shitu_main(["recognize", photo, "--gallery", library, "--model", str(setup["model"])]) == 0
     )
+    assert note not in capsys.readouterr().err
+
+
+def test_a_library_of_the_shipped_model_searched_with_a_model_says_to_give_none(
+    setup, tmp_path, capsys
+):
+    """Built with the shipped model, then used with `--model EXPORT`: the refusal says in
+    words that the library needs no --model (the fingerprints alone do not)."""
+    photo, library = str(setup["queries"][0].path), str(tmp_path / "shipped")
+    assert shitu_main(["index", "build", photo, "--label", "Banana", "--out", library]) == 0
+    capsys.readouterr()
+    note = "the library was built with the model shipped with shitu: give no --model"
+    model = ["--model", str(setup["model"]), "--no-progress"]
+    for command in (
+        ["recognize", photo, "--gallery", library],
+        ["index", "search", library, photo],
+        ["index", "add", library, photo, "--label", "Banana"],
+    ):
+        assert shitu_main([*command, *model]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {library}: library ") and err.rstrip().endswith(f"({note})")
+    assert shitu_main(["recognize", photo, "--gallery", library, "--no-progress"]) == 0
     assert note not in capsys.readouterr().err
 
 

@@ -9,6 +9,7 @@ annotations, photo metadata), which are left out quietly.
 
 from __future__ import annotations
 
+import codecs
 import logging
 import os
 from collections import Counter
@@ -26,6 +27,16 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".
 # Apple's .aae) and Windows' Thumbs.db / desktop.ini.
 SIDECAR_SUFFIXES = frozenset(
     {".txt", ".csv", ".tsv", ".md", ".json", ".xml", ".yaml", ".yml", ".xmp", ".aae", ".db", ".ini"}
+)
+
+# Why a file given as an image cannot be read when it is text (a label list, say), and how
+# much of it `is_text` reads to tell.
+TEXT_FILE_REASON = "a text file, not an image"
+TEXT_PROBE_BYTES = 4096
+# For a command that takes images, where a text file was given as one: usually a labelled
+# list, meant for the command that reads those.
+LABELLED_LIST_HINT = (
+    "for a labelled list of `path<TAB>label` lines, use `shitu eval-pipeline --queries LIST`"
 )
 
 # How many skipped paths the warning shows.
@@ -110,6 +121,19 @@ def _skipped_message(
         f"skipped {count} file{'' if count == 1 else 's'} in {folder} ({kinds}; e.g. "
         f"{examples}{more}); images are read from {' '.join(sorted(suffixes))} files"
     )
+
+
+def is_text(data: bytes) -> bool:
+    """Whether file bytes are plain text: UTF-8 without NUL bytes in their first
+    TEXT_PROBE_BYTES (a character cut at that end still counts as text)."""
+    head = data[:TEXT_PROBE_BYTES]
+    if not head or b"\0" in head:
+        return False
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head)
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def path_list(paths: Sequence[str | Path]) -> list[str]:

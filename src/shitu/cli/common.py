@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 from shitu.detection.input_size import check_input_size
 from shitu.errors import ConfigError, DataError
 from shitu.fileio import write_atomically
-from shitu.image_files import IMAGE_SUFFIXES, scan_images
+from shitu.image_files import IMAGE_SUFFIXES, LABELLED_LIST_HINT, TEXT_FILE_REASON, scan_images
 from shitu.inference.choices import BACKENDS, PRECISIONS
 
 if TYPE_CHECKING:
@@ -237,6 +237,14 @@ def expand_images(sources: Iterable[str]) -> tuple[list[Path], bool]:
         else:
             raise DataError(f"{source}: no such file or folder")
     return paths, folder
+
+
+def skip_reason(reason: str, command: str) -> str:
+    """Why `command` skipped a file, and where a text file given as an image (usually a
+    labelled list) belongs."""
+    if TEXT_FILE_REASON not in reason:
+        return reason
+    return f"{reason} ({command} takes image files and folders; {LABELLED_LIST_HINT})"
 
 
 def input_side(text: str) -> int:

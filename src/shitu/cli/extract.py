@@ -15,6 +15,7 @@ from shitu.cli.common import (
     expand_images,
     positive_int,
     progress_wanted,
+    skip_reason,
 )
 from shitu.errors import DataError
 from shitu.fileio import check_writable, write_atomically
@@ -85,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     )
     seconds = time.perf_counter() - start
     for path, reason in result.failures:
-        print(f"warning: skipped {path}: {reason}", file=sys.stderr)
+        print(f"warning: skipped {path}: {skip_reason(reason, 'extract')}", file=sys.stderr)
     if not result.paths:  # exit 1 like recognize and index search: the run produced nothing
         print(
             f"error: none of the {len(files)} files could be read, nothing written", file=sys.stderr

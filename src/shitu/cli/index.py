@@ -23,6 +23,7 @@ from shitu.cli.common import (
     finite_float,
     positive_int,
     progress_wanted,
+    skip_reason,
 )
 from shitu.errors import DataError, GalleryError, did_you_mean
 from shitu.fileio import check_writable, fsync_dir
@@ -252,6 +253,18 @@ def _load_model(args: argparse.Namespace) -> Embedder:
     )
 
 
+def _open_for(args: argparse.Namespace, model: Embedder) -> Gallery:
+    """The library for `model`'s features; a refusal says where the shipped model is involved."""
+    from shitu.inference import default_model_fingerprint
+
+    return Gallery.open_for(
+        args.library,
+        model,
+        shipped_model=args.model is None,
+        shipped_fingerprint=default_model_fingerprint(),
+    )
+
+
 def _report(report: AddReport, library: Path, stats: dict[str, Any]) -> None:
     # The label count shows a folder given one level too high (its subfolders as labels).
     whole = f"{count_of(stats['images'], 'image')} of {count_of(stats['labels'], 'label')}"
@@ -403,7 +416,7 @@ def _build_lock(staging: Path) -> Iterator[None]:
 def run_add(args: argparse.Namespace) -> int:
     items = collect_items(args.sources, label=args.label)
     model = _load_model(args)
-    with Gallery.open_for(args.library, model, shipped_model=args.model is None) as gallery:
+    with _open_for(args, model) as gallery:
         report = _add_files(args, gallery, model, items)
         stats = gallery.stats()
     _report(report, args.library, stats)
@@ -490,13 +503,16 @@ def run_search(args: argparse.Namespace) -> int:
     model = _load_model(args)
     images, folder = expand_images(args.images)
     progress = progress_wanted(args) and (folder or len(images) > 1)  # as `shitu recognize`
-    with Gallery.open_for(args.library, model, shipped_model=args.model is None) as gallery:
+    with _open_for(args, model) as gallery:
         extraction = model.extract_files([str(p) for p in images], args.batch_size, progress)
         # Hits past the gallery's size are padding, not printed: a huge -k allocates none.
         k = min(args.k, max(len(gallery), 1))
         result = gallery.search(extraction.features, k, min_score=args.min_score)
     for path, reason in extraction.failures:
-        print(f"warning: could not read {path}: {reason}", file=sys.stderr)
+        print(
+            f"warning: could not read {path}: {skip_reason(reason, 'index search')}",
+            file=sys.stderr,
+        )
     for row, path in enumerate(extraction.paths):
         hits = [
             {"label": label, "score": round(float(score), 5), "image_id": int(image_id)}

@@ -21,6 +21,7 @@ from shitu.cli.common import (
     positive_int,
     print_past_progress,
     progress_wanted,
+    skip_reason,
     visualisation_writer,
 )
 from shitu.errors import GalleryError
@@ -187,7 +188,8 @@ def run(args: argparse.Namespace) -> int:
         for found in recognizer.recognize_files(paths, progress=progress, keep_images=drawn):
             if found.error is not None:
                 skipped += 1
-                print_past_progress(f"warning: skipped {found.path}: {found.error}", sys.stderr)
+                reason = skip_reason(found.error, "recognize")
+                print_past_progress(f"warning: skipped {found.path}: {reason}", sys.stderr)
                 if args.format == "jsonl":
                     continue
             if args.format == "jsonl":

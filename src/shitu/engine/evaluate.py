@@ -52,15 +52,21 @@ def embed_dataset(
     """Embed every item once; under DDP each rank embeds a shard and all ranks get all.
 
     Items come back in dataset order with the sampler's padding duplicates dropped.
-    `progress`: a bar on stderr, where it is a terminal.
+    `progress`: a bar on stderr where it is a terminal, else one line saying what is
+    embedded (a file or a pipe: a log would fill with a bar's redraws, yet should not go
+    quiet for the minutes a large set takes).
     """
     was_training = model.training
     model.eval()
     features, labels, ids, indices = [], [], [], []
+    shown = progress and context.is_main
+    if shown and not sys.stderr.isatty():
+        count = len(dataset_of(loader))
+        print(f"embedding {count} {description} images...", file=sys.stderr, flush=True)
     for images, batch_labels, batch_ids, batch_indices in tqdm(
         loader,
         desc=description,
-        disable=not (progress and context.is_main and sys.stderr.isatty()),
+        disable=not (shown and sys.stderr.isatty()),
         leave=False,
         unit="batch",
     ):

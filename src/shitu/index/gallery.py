@@ -31,6 +31,7 @@ from shitu.index.locking import ReadWriteLock
 from shitu.index.manifest import (
     BACKENDS,
     LOCATION_OPTIONS,
+    SHIPPED_LIBRARY_NOTE,
     SHIPPED_MODEL_NOTE,
     Manifest,
     ModelMismatchError,
@@ -284,16 +285,31 @@ class Gallery:
         )
 
     @classmethod
-    def open_for(cls, path: str | Path, embedder: Embedder, *, shipped_model: bool) -> Gallery:
-        """`open` the library for `embedder`'s features; where `embedder` is the shipped
-        model (no --model was given), a refusal says so: the fingerprints alone do not tell
-        that the library was built with `--model EXPORT` and used without it."""
+    def open_for(
+        cls,
+        path: str | Path,
+        embedder: Embedder,
+        *,
+        shipped_model: bool,
+        shipped_fingerprint: str | None = None,
+    ) -> Gallery:
+        """`open` the library for `embedder`'s features. A refusal says where the shipped
+        model is involved, which the fingerprints alone do not tell: `shipped_model` (no
+        --model was given) for a library built with `--model EXPORT` and used without it;
+        `shipped_fingerprint` (the shipped model's) for one built with the shipped model and
+        used with a --model."""
         try:
             return cls.open(path, embedder=embedder)
         except ModelMismatchError as exc:
-            if not shipped_model:
+            # Both shipped: the library was built at another precision, as the error says.
+            built_with_shipped = exc.library_fingerprint == shipped_fingerprint
+            if shipped_model and not built_with_shipped:
+                note = SHIPPED_MODEL_NOTE
+            elif built_with_shipped and not shipped_model:
+                note = SHIPPED_LIBRARY_NOTE
+            else:
                 raise
-            raise ModelMismatchError(f"{exc} ({SHIPPED_MODEL_NOTE})") from None
+            raise ModelMismatchError(f"{exc} ({note})", exc.library_fingerprint) from None
 
     @classmethod
     def open(

@@ -35,12 +35,23 @@ MILVUS_COLLECTION_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}")
 
 
 class ModelMismatchError(GalleryError):
-    """A library opened with another model's (or precision's) features than built it."""
+    """A library opened with another model's (or precision's) features than built it;
+    `library_fingerprint` is the fingerprint of the model that built it."""
+
+    def __init__(self, message: str, library_fingerprint: str) -> None:
+        super().__init__(message)
+        self.library_fingerprint = library_fingerprint
 
 
 # Added to a ModelMismatchError where no model was named and the shipped one was used: the
 # usual cause is a library built with `--model EXPORT`, then searched without it.
-SHIPPED_MODEL_NOTE = "no --model was given, so this model is the one shipped with shitu"
+SHIPPED_MODEL_NOTE = (
+    "no --model was given, so this model is the one shipped with shitu; pass the --model "
+    "export that built the library"
+)
+# Added where a --model was given but the library was built with the shipped model: the
+# fingerprints alone do not tell that the way out is to give none.
+SHIPPED_LIBRARY_NOTE = "the library was built with the model shipped with shitu: give no --model"
 
 
 def now() -> str:
@@ -137,12 +148,14 @@ class Manifest:
         if embedding_dim != self.embedding_dim:
             raise ModelMismatchError(
                 f"{source}: library holds {self.embedding_dim}-d features but the model gives "
-                f"{embedding_dim}-d; re-embed with `shitu index reembed {source} --model ...`"
+                f"{embedding_dim}-d; re-embed with `shitu index reembed {source} --model ...`",
+                self.model_fingerprint,
             )
         if fingerprint != self.model_fingerprint:
             raise ModelMismatchError(
                 f"{source}: library was built with model {self.model_fingerprint} but this model "
                 f"is {fingerprint} (another model, or another --precision); search with the "
                 f"model and precision that built it, or re-embed with `shitu index reembed "
-                f"{source} --model ...`"
+                f"{source} --model ...`",
+                self.model_fingerprint,
             )

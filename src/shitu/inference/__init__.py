@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 from shitu.lazy import lazy_exports
 
 if TYPE_CHECKING:  # loaded on first use (see shitu.lazy)
-    from shitu.inference.default_model import default_model_dir
+    from shitu.inference.default_model import default_model_dir, default_model_fingerprint
     from shitu.inference.export import export_model
     from shitu.inference.extractor import ExtractionResult, FeatureExtractor
     from shitu.inference.manifest import read_manifest
@@ -18,6 +18,7 @@ __all__ = [
     "Preprocessing",
     "decode_rgb",
     "default_model_dir",
+    "default_model_fingerprint",
     "export_model",
     "read_manifest",
     "read_rgb",
@@ -25,7 +26,7 @@ __all__ = [
 __getattr__, __dir__ = lazy_exports(
     __name__,
     {
-        "default_model": ("default_model_dir",),
+        "default_model": ("default_model_dir", "default_model_fingerprint"),
         "export": ("export_model",),
         "manifest": ("read_manifest",),
         "extractor": ("ExtractionResult", "FeatureExtractor"),

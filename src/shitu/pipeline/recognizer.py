@@ -193,7 +193,7 @@ class Recognizer:
         detector and library (`IndexProcess.index_dir`, refused unless built with that
         model); `close()` closes the library. `config`: a `load_pipeline_config(...)`, or
         the YAML file (or shipped name) it would load without overrides."""
-        from shitu.inference import default_model_dir
+        from shitu.inference import default_model_dir, default_model_fingerprint
 
         if isinstance(config, str | Path):
             config = load_pipeline_config(config)
@@ -225,6 +225,7 @@ class Recognizer:
             config.IndexProcess.index_dir,
             extractor,
             shipped_model=g.rec_inference_model_dir is None,
+            shipped_fingerprint=default_model_fingerprint(),
         )
         try:
             recognizer = cls(

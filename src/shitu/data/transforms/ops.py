@@ -31,6 +31,7 @@ from shitu.data.transforms._base import (
     to_pil,
 )
 from shitu.errors import DataError
+from shitu.image_files import TEXT_FILE_REASON, is_text
 from shitu.registry import TRANSFORMS
 
 Backend = Literal["cv2", "pil"]
@@ -194,7 +195,8 @@ def _decode(data: bytes) -> Image.Image:
         image.load()
         transposed = ImageOps.exif_transpose(image)
     except UnidentifiedImageError:  # its message names an in-memory stream, not the file
-        raise UnreadableImageError("cannot decode image: unknown or corrupt format") from None
+        reason = TEXT_FILE_REASON if is_text(data) else "unknown or corrupt format"
+        raise UnreadableImageError(f"cannot decode image: {reason}") from None
     except Exception as exc:  # any decoder failure means a corrupt or unsupported file
         raise UnreadableImageError(f"cannot decode image ({type(exc).__name__}: {exc})") from exc
     return transposed if transposed is not None else image
