@@ -127,6 +127,26 @@ def test_help_argument_errors_and_library_reads_load_no_heavy_package(tmp_path):
         assert result.stdout.splitlines()[-1] == "loaded:", (command, result.stderr)
 
 
+def test_import_shitu_reaches_subpackages_on_first_use():
+    """`import shitu` loads no heavy package, and `shitu.pipeline.Recognizer` (and the other
+    subpackages) then work without importing the subpackage first."""
+    script = (
+        "import sys\n"
+        "import shitu\n"
+        f"print('loaded:', *sorted(set({HEAVY_PACKAGES}) & sys.modules.keys()))\n"
+        "print(shitu.pipeline.Recognizer.__name__, shitu.index.Gallery.__name__,\n"
+        "      shitu.inference.FeatureExtractor.__name__, shitu.detection.OnnxDetector.__name__)\n"
+        "print(hasattr(shitu, 'no_such_name'))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "loaded:",
+        "Recognizer Gallery FeatureExtractor OnnxDetector",
+        "False",
+    ]
+
+
 PICODET_ONNX = Path("/work/shared/models/picodet_s_coco/picodet_s_416_coco.onnx")
 
 

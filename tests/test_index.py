@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import sqlite3
 import threading
@@ -167,6 +168,22 @@ def test_fewer_entries_than_k_are_padded(tmp_path):
     assert (result.found.sum(axis=1) == 2).all()
     assert (result.ids[:, 2:] == -1).all() and np.isneginf(result.scores[:, 2:]).all()
     assert set(result.labels[:, :2].ravel()) == {"a", "b"} and (result.labels[:, 2:] == "").all()
+
+
+def test_search_results_as_plain_json_ready_hits_without_padding(tmp_path):
+    with new_gallery(tmp_path / "lib") as gallery:
+        ids = gallery.add(clustered(2, DIM), ["a b", "c"]).ids
+        result = gallery.search(clustered(2, DIM), k=4)
+        empty = gallery.search(np.zeros((0, DIM), np.float32), k=4)
+    hits = result.to_list()
+    assert json.loads(json.dumps(hits)) == hits  # plain Python types only
+    assert [[hit["image_id"] for hit in row] for row in hits] == [ids.tolist(), ids.tolist()[::-1]]
+    assert hits[0][0] == {
+        "label": "a b",
+        "score": round(float(result.scores[0, 0]), 5),
+        "image_id": int(ids[0]),
+    }
+    assert empty.to_list() == []
 
 
 @pytest.mark.parametrize("metric", ["ip", "l2"])

@@ -132,6 +132,19 @@ def test_extract_images_equals_extract_files(exported):
     np.testing.assert_array_equal(extractor.extract_images(a for a in arrays), from_arrays)
 
 
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
+def test_a_closed_extractor_releases_its_runtime_and_refuses_calls(exported, backend):
+    files = exported["files"][:2]
+    with FeatureExtractor.load(exported["dir"], backend, num_threads=1) as extractor:
+        assert extractor.extract_files(files).features.shape == (2, 512)
+    assert extractor._backend is None and "closed" in repr(extractor)
+    image = np.zeros((40, 40, 3), np.uint8)
+    for call in (lambda: extractor.extract_files(files), lambda: extractor.extract_images([image])):
+        with pytest.raises(ValueError, match=r"^the FeatureExtractor is closed"):
+            call()
+    extractor.close()  # again: nothing left to release
+
+
 def test_int8_model_is_close_and_has_its_own_fingerprint(exported, tmp_path):
     fp32 = FeatureExtractor.load(exported["dir"], num_threads=1)
     int8 = FeatureExtractor.load(exported["dir"], num_threads=1, precision="int8")

@@ -400,6 +400,28 @@ def test_a_recogniser_loads_from_a_config_files_path(setup, tmp_path):
             assert rec.score_thres == 0.3 and rec.gallery.root == setup["library"]
 
 
+def test_close_closes_what_from_config_opened_and_leaves_parts_passed_in_open(
+    setup, recognizer, grocery
+):
+    model = grocery.parent.parent / "models" / "picodet_s_coco" / "picodet_s_320_coco.onnx"
+    config = load_pipeline_config(
+        "inference_general",
+        [
+            f"Global.rec_inference_model_dir={setup['model']}",
+            f"Global.det_inference_model_dir={model}",
+            f"IndexProcess.index_dir={setup['library']}",
+        ],
+    )
+    with Recognizer.from_config(config) as rec:
+        rec.recognize(np.zeros((64, 64, 3), np.uint8))
+    assert "closed" in repr(rec.extractor) and repr(rec.detector) == "OnnxDetector(closed)"
+    assert "closed" in repr(rec.gallery)
+    with recognizer() as given:  # the caller's extractor and library
+        pass
+    assert given.extractor.extract_images([np.zeros((64, 64, 3), np.uint8)]).shape[0] == 1
+    assert "closed" not in repr(given.gallery)
+
+
 def test_onnx_picodet_detector_boxes_feed_the_pipeline(setup, grocery):
     model = grocery.parent.parent / "models" / "picodet_s_coco" / "picodet_s_320_coco.onnx"
     config = load_pipeline_config(

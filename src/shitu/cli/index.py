@@ -513,14 +513,7 @@ def run_search(args: argparse.Namespace) -> int:
             f"warning: could not read {path}: {skip_reason(reason, 'index search')}",
             file=sys.stderr,
         )
-    for row, path in enumerate(extraction.paths):
-        hits = [
-            {"label": label, "score": round(float(score), 5), "image_id": int(image_id)}
-            for label, score, image_id in zip(
-                result.labels[row], result.scores[row], result.ids[row], strict=True
-            )
-            if image_id >= 0
-        ]
+    for path, hits in zip(extraction.paths, result.to_list(), strict=True):
         if args.format == "jsonl":
             print(json.dumps({"image": str(path), "results": hits}, ensure_ascii=False))
         else:

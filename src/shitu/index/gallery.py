@@ -64,6 +64,19 @@ class SearchResult:
         """Boolean [Q, k] mask of real hits."""
         return self.ids >= 0
 
+    def to_list(self) -> list[list[dict[str, Any]]]:
+        """Per query, its real hits (no padding) best first as `{"label", "score",
+        "image_id"}` in plain Python types for `json.dumps`, the score rounded to 5 decimals:
+        the results `shitu index search --format jsonl` writes."""
+        return [
+            [
+                {"label": str(label), "score": round(float(score), 5), "image_id": int(image_id)}
+                for label, score, image_id in zip(labels, scores, ids, strict=True)
+                if image_id >= 0
+            ]
+            for labels, scores, ids in zip(self.labels, self.scores, self.ids, strict=True)
+        ]
+
 
 @dataclass
 class AddReport:

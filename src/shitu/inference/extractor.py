@@ -62,6 +62,10 @@ class FeatureExtractor:
 
     Threads: one extractor may embed in several threads at once (onnxruntime and torch take
     concurrent calls, OpenVINO's take turns); each call already uses the cores.
+
+    `close()` (or `with`) releases the runtime's session and model memory once the calls
+    under way end; calls after it raise ValueError. Close only when no thread will call
+    again: one that starts as close runs may get either.
     """
 
     def __init__(
@@ -73,7 +77,7 @@ class FeatureExtractor:
         workers: int | None = None,
         score_thres: float | None = None,
     ) -> None:
-        self.backend = backend
+        self._backend: Backend | None = backend
         self._preprocessing = preprocessing
         self.embedding_size = embedding_size
         self.fingerprint = fingerprint
@@ -170,11 +174,30 @@ class FeatureExtractor:
         )
 
     def __repr__(self) -> str:
+        if self._backend is None:
+            return f"FeatureExtractor(closed, fingerprint='{self.fingerprint[:12]}...')"
         return (
-            f"FeatureExtractor(backend={self.backend.name!r}, "
+            f"FeatureExtractor(backend={self._backend.name!r}, "
             f"embedding_size={self.embedding_size}, fingerprint='{self.fingerprint[:12]}...', "
             f"score_thres={self.score_thres})"
         )
+
+    @property
+    def backend(self) -> Backend:
+        """The runtime that embeds; a ValueError once the extractor is closed."""
+        if self._backend is None:
+            raise ValueError("the FeatureExtractor is closed (close() released its runtime)")
+        return self._backend
+
+    def close(self) -> None:
+        """Release the runtime (its session or model); later calls raise ValueError."""
+        self._backend = None
+
+    def __enter__(self) -> FeatureExtractor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @property
     def preprocessing(self) -> dict:
@@ -190,12 +213,15 @@ class FeatureExtractor:
     def extract_images(self, images: Iterable[np.ndarray], batch_size: int = 32) -> np.ndarray:
         """RGB uint8 HxWx3 arrays (e.g. detector crops) -> float32 [N, D], L2-normalised."""
         check_count(batch_size, "batch_size")
+        runtime = self.backend  # a closed extractor is refused before any work
         images = image_list(images)
         prep = self._preprocessing
         chunks = []
         for start in range(0, len(images), batch_size):
             chunk = images[start : start + batch_size]
-            chunks.append(self._embed([prep.normalize(prep.prepare(image)) for image in chunk]))
+            chunks.append(
+                self._embed(runtime, [prep.normalize(prep.prepare(image)) for image in chunk])
+            )
         return np.concatenate(chunks) if chunks else self._empty()
 
     def extract_files(
@@ -203,6 +229,7 @@ class FeatureExtractor:
     ) -> ExtractionResult:
         """Embed image files in order; unreadable ones are skipped and listed in `failures`."""
         check_count(batch_size, "batch_size")
+        runtime = self.backend  # a closed extractor is refused before any decoding
         names = path_list(paths)
         window = 2 * batch_size + self.workers  # decoded ahead: bounded memory
         features: list[np.ndarray] = []
@@ -235,15 +262,15 @@ class FeatureExtractor:
                     bar.update(1)
                     bar.set_postfix(skipped=len(failures))
                 if len(batch) == batch_size or (not pending and batch):
-                    features.append(self._embed(batch))
+                    features.append(self._embed(runtime, batch))
                     bar.update(len(batch))
                     batch = []
         return ExtractionResult(
             np.concatenate(features) if features else self._empty(), embedded, failures
         )
 
-    def _embed(self, images: list[np.ndarray]) -> np.ndarray:
-        features = self.backend(np.ascontiguousarray(np.stack(images)))
+    def _embed(self, runtime: Backend, images: list[np.ndarray]) -> np.ndarray:
+        features = runtime(np.ascontiguousarray(np.stack(images)))
         if features.ndim != 2 or features.shape[1] != self.embedding_size:
             # A hand-edited manifest would otherwise put wrong-sized vectors in a library.
             raise CheckpointError(

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -139,7 +140,8 @@ class Recognizer:
     """Recognise the objects in images against a gallery library.
 
     Build from parts, or with `Recognizer.from_config(config)`; `close()` (or `with`)
-    closes the library `from_config` opened (a library passed in stays its caller's).
+    closes the library, model and detector `from_config` opened (parts passed in stay
+    their caller's).
     Scores are cosine similarities; images are RGB (OpenCV's BGR arrays need
     `image[:, :, ::-1]` first).
 
@@ -147,7 +149,8 @@ class Recognizer:
     several threads at once, with the same results as one at a time (the feature and
     detector runtimes, and `Gallery.search`, take concurrent calls); each call already
     spreads its model work over the cores, so more threads add little speed. `close()`
-    belongs to the thread that opened the library (see `Gallery`).
+    belongs to the thread that opened the library (see `Gallery`), once no other thread
+    will call.
     """
 
     def __init__(
@@ -185,13 +188,14 @@ class Recognizer:
         self.det_threshold = det_threshold
         self.max_det_results = max_det_results
         self.batch_size = batch_size
-        self._owns_gallery = False  # from_config's library is closed with the recogniser
+        # What from_config opened, closed with the recogniser (parts passed in are not).
+        self._opened = ExitStack()
 
     @classmethod
     def from_config(cls, config: PipelineConfig | str | Path) -> Recognizer:
         """Load the config's model (the shipped one unless `Global.rec_inference_model_dir`),
         detector and library (`IndexProcess.index_dir`, refused unless built with that
-        model); `close()` closes the library. `config`: a `load_pipeline_config(...)`, or
+        model); `close()` closes them all. `config`: a `load_pipeline_config(...)`, or
         the YAML file (or shipped name) it would load without overrides."""
         from shitu.inference import default_model_dir, default_model_fingerprint
 
@@ -208,26 +212,31 @@ class Recognizer:
                 "IndexProcess.index_dir: no gallery library given: pass --gallery LIB, a "
                 "library that `shitu index build IMAGES --out LIB` makes from labelled images"
             )
-        detector = build_detector(config)
-        model_dir = Path(g.rec_inference_model_dir or default_model_dir())
-        try:
-            extractor = FeatureExtractor.load(
-                model_dir, g.rec_backend, g.cpu_num_threads, precision=g.rec_precision
+        with ExitStack() as opened:  # each closed again if a later step fails
+            detector = build_detector(config)
+            if isinstance(detector, AbstractContextManager):  # one that holds a session
+                opened.enter_context(detector)
+            model_dir = Path(g.rec_inference_model_dir or default_model_dir())
+            try:
+                extractor = FeatureExtractor.load(
+                    model_dir, g.rec_backend, g.cpu_num_threads, precision=g.rec_precision
+                )
+            except CheckpointError as exc:
+                if g.rec_inference_model_dir is None:
+                    raise
+                raise CheckpointError(
+                    f"Global.rec_inference_model_dir (--model): {exc} (set it to null, or give "
+                    "no --model, for the model shipped with shitu)"
+                ) from None
+            opened.enter_context(extractor)
+            gallery = opened.enter_context(
+                Gallery.open_for(
+                    config.IndexProcess.index_dir,
+                    extractor,
+                    shipped_model=g.rec_inference_model_dir is None,
+                    shipped_fingerprint=default_model_fingerprint(),
+                )
             )
-        except CheckpointError as exc:
-            if g.rec_inference_model_dir is None:
-                raise
-            raise CheckpointError(
-                f"Global.rec_inference_model_dir (--model): {exc} (set it to null, or give no "
-                "--model, for the model shipped with shitu)"
-            ) from None
-        gallery = Gallery.open_for(
-            config.IndexProcess.index_dir,
-            extractor,
-            shipped_model=g.rec_inference_model_dir is None,
-            shipped_fingerprint=default_model_fingerprint(),
-        )
-        try:
             recognizer = cls(
                 extractor,
                 gallery,
@@ -238,10 +247,7 @@ class Recognizer:
                 max_det_results=g.max_det_results,
                 batch_size=g.batch_size,
             )
-        except BaseException:
-            gallery.close()
-            raise
-        recognizer._owns_gallery = True
+            recognizer._opened = opened.pop_all()
         return recognizer
 
     def __repr__(self) -> str:
@@ -251,9 +257,9 @@ class Recognizer:
         )
 
     def close(self) -> None:
-        """Close the library if `from_config` opened it (one passed in is left open)."""
-        if self._owns_gallery:
-            self.gallery.close()
+        """Close the library, model and detector `from_config` opened (parts passed in are
+        left open)."""
+        self._opened.close()
 
     def __enter__(self) -> Recognizer:
         return self
