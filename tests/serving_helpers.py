@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -107,3 +108,59 @@ class ServerProcess:
         self.process.stdout.close()
         self._log_file.close()
         return self.process.returncode
+
+
+# What a proxy does not pass on: hop-by-hop headers, and the length it sets itself.
+HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length", "host"}
+
+
+class PrefixProxy:
+    """A reverse proxy on a free loopback port that serves `upstream` under `prefix` and
+    strips it, as nginx's `location /shitu/ { proxy_pass http://UPSTREAM/; }` does (with its
+    redirect of `/shitu` to `/shitu/`); `url` is the prefix's address, ending in '/'."""
+
+    def __init__(self, upstream: str, prefix: str = "/shitu") -> None:
+        client = httpx.Client(base_url=upstream, timeout=120)
+
+        class Forward(BaseHTTPRequestHandler):
+            def forward(self) -> None:
+                if self.path == prefix:
+                    self.answer(301, [("Location", f"{prefix}/")], b"")
+                    return
+                if not self.path.startswith(f"{prefix}/"):
+                    self.answer(404, [], b"not under the prefix")
+                    return
+                length = int(self.headers.get("Content-Length") or 0)
+                reply = client.request(
+                    self.command,
+                    self.path[len(prefix) :],
+                    headers=[
+                        (k, v) for k, v in self.headers.items() if k.lower() not in HOP_HEADERS
+                    ],
+                    content=self.rfile.read(length),
+                )
+                headers = [(k, v) for k, v in reply.headers.multi_items() if k not in HOP_HEADERS]
+                self.answer(reply.status_code, headers, reply.content)
+
+            def answer(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
+                self.send_response(status)
+                for name, value in [*headers, ("Content-Length", str(len(body)))]:
+                    self.send_header(name, value)
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+
+            do_GET = do_HEAD = do_POST = do_PATCH = do_DELETE = forward
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self._client = client
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Forward)
+        self.url = f"http://127.0.0.1:{self._server.server_port}{prefix}/"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._client.close()

@@ -21,6 +21,7 @@ import unicodedata
 import warnings
 from collections import Counter
 from pathlib import Path
+from urllib.parse import urljoin, urlsplit
 
 import httpx
 import numpy as np
@@ -40,7 +41,7 @@ from shitu.serving.library import SharedLibrary, Snapshot
 from shitu.serving.service import RecognitionService, Upload
 from shitu.serving.settings import ServeSettings
 from tests.index_helpers import make_images, other_process_holding
-from tests.serving_helpers import DemoLibrary, ServerProcess
+from tests.serving_helpers import DemoLibrary, PrefixProxy, ServerProcess
 
 KEY = "test-key-0123"
 WRITE = {"X-API-Key": KEY}
@@ -532,6 +533,7 @@ def test_the_413_limit_is_written_out_in_plain_digits(limit_mb, shown):
         ("--max-megapixels", "-1", "a number of megapixels above 0 (one pixel or more), got -1.0"),
         ("--max-batch", "0", "a whole number >= 1, got 0"),
         ("--max-connections", "-5", "a whole number >= 1, got -5"),
+        ("--root-path", "shitu", "a URL path starting with '/', got shitu"),
     ],
 )
 def test_limits_that_let_nothing_through_are_usage_errors(option, value, expected, capsys):
@@ -619,7 +621,8 @@ def test_page_and_docs_load_nothing_from_elsewhere(client):
         sources = re.findall(r"""(?:src|href|spec-url)\s*=\s*["']([^"']+)""", html)
         sources += re.findall(r"""(?:url|openapi_url)\s*:\s*["']([^"']+)""", html)
         assert sources, path
-        assert all(s.startswith("/") for s in sources), (path, sources)
+        # this server's own paths: the page's relative to it (for a proxy's prefix)
+        assert not any(urlsplit(s).scheme or urlsplit(s).netloc for s in sources), (path, sources)
     for asset in (
         "/static/app.js",
         "/static/style.css",
@@ -1134,3 +1137,53 @@ def test_access_log_lists_each_request_in_shitus_log_format(serving_library, tmp
     log = server.log.read_text()
     assert re.search(r'^info: 127\.0\.0\.1:\d+ - "GET /v1/gallery/labels HTTP/1\.1" 200', log, re.M)
     assert "INFO:" not in log and "WARNING:" not in log
+
+
+def test_served_under_a_reverse_proxys_prefix(serving_library, tmp_path):
+    """Behind a proxy that serves it at /shitu/ and strips that (--root-path /shitu): the
+    page's assets and calls, thumbnails and the API docs all resolve under the prefix, and
+    the page's policy and the refusal of other sites' writes still hold."""
+    server = ServerProcess(serving_library, tmp_path, "--root-path", "/shitu")
+    proxy = PrefixProxy(server.url, "/shitu")
+    try:
+        with httpx.Client(timeout=60) as client:
+            page = client.get(proxy.url)
+            assert page.status_code == 200 and page.headers["content-type"].startswith("text/")
+            assert page.headers["content-security-policy"].startswith("default-src 'self'")
+            assets = re.findall(r"""(?:src|href)\s*=\s*["']([^"']+)""", page.text)
+            assert {"static/app.js", "static/style.css", "docs"} <= set(assets)
+            for asset in assets:
+                assert client.get(urljoin(proxy.url, asset)).status_code == 200, asset
+
+            query, label = serving_library.queries()[0]
+            recognized = client.post(
+                urljoin(proxy.url, "v1/recognize"), files={"image": photo(query)}
+            )
+            assert recognized.status_code == 200, recognized.text
+            assert recognized.json()["results"][0]["label"] == label
+
+            images = client.get(urljoin(proxy.url, f"v1/gallery/labels/{label}")).json()["images"]
+            thumbnail = images[0]["thumbnail"]
+            assert thumbnail == f"/shitu/v1/gallery/images/{images[0]['id']}/thumbnail"
+            thumb = client.get(urljoin(proxy.url, thumbnail))
+            assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
+
+            for docs in ("docs", "redoc"):
+                html = client.get(urljoin(proxy.url, docs)).text
+                sources = re.findall(r"""(?:src|href|spec-url)\s*=\s*["']([^"']+)""", html)
+                sources += re.findall(r"""(?:url|openapi_url)\s*:\s*["']([^"']+)""", html)
+                assert "/shitu/openapi.json" in sources, (docs, sources)
+                for source in sources:
+                    loaded = client.get(urljoin(urljoin(proxy.url, docs), source))
+                    assert loaded.status_code == 200, (docs, source)
+            spec = client.get(urljoin(proxy.url, "openapi.json")).json()
+            assert spec["servers"] == [{"url": "/shitu"}]  # where "Try it out" sends requests
+
+            remove = urljoin(proxy.url, "v1/gallery/images/999999")
+            other_site = client.delete(remove, headers={"Sec-Fetch-Site": "cross-site"})
+            assert other_site.status_code == 403
+            own_page = client.delete(remove, headers={"Sec-Fetch-Site": "same-origin"})
+            assert own_page.status_code == 404  # let through: there is no such image
+    finally:
+        proxy.stop()
+        server.stop()

@@ -32,7 +32,7 @@ from shitu.inference.preprocess import decode_rgb
 from shitu.serving.settings import DEFAULT_MAX_REQUESTS
 from tests.conftest import REPO_ROOT
 from tests.index_helpers import make_images
-from tests.serving_helpers import ServerProcess
+from tests.serving_helpers import PrefixProxy, ServerProcess
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -141,6 +141,37 @@ def test_the_redoc_page_fetches_nothing_from_elsewhere(server, browser):
         if event["method"] == "Network.loadingFailed" and event["params"].get("blockedReason")
     }
     assert set(outside) <= blocked, outside
+
+
+def test_the_page_works_behind_a_proxy_that_serves_it_under_a_prefix(
+    serving_library, server, browser
+):
+    """Through a proxy that serves the server at /shitu/, even one the server was not told
+    of (no --root-path): the page's requests, thumbnails' too, stay under the prefix."""
+    proxy = PrefixProxy(server.url, "/shitu")
+    try:
+        browser.get_log("performance")
+        browser.get(proxy.url)
+        browser.find_element(By.ID, "api-key").send_keys(KEY, Keys.TAB)
+        summary = browser.find_element(By.ID, "gallery-summary")
+        wait(browser, lambda d: " label" in summary.text, "the gallery loaded")
+        shelf, products = serving_library.demo.shelves[0]
+        browser.find_element(By.ID, "photo").send_keys(str(shelf))
+        wait(browser, lambda d: len(texts(d, "#results li")) == len(products), "results shown")
+        assert sorted(texts(browser, "#results li button")) == sorted(products)
+        first = browser.find_element(By.CSS_SELECTOR, "#labels button").get_attribute("data-label")
+        choose_label(browser, first)
+        wait(browser, lambda d: loaded_thumbnails(d) > 0, "thumbnails shown")
+        requested = [
+            json.loads(entry["message"])["message"]["params"]["request"]["url"]
+            for entry in browser.get_log("performance")
+            if '"Network.requestWillBeSent"' in entry["message"]
+            and proxy.url in entry["message"]  # the page's, not the browser's own
+        ]
+        outside = [url for url in requested if not url.startswith((proxy.url, "blob:", "data:"))]
+        assert requested and not outside, outside
+    finally:
+        proxy.stop()
 
 
 def test_recognise_and_edit_the_gallery_in_the_page(serving_library, server, browser, tmp_path):
@@ -376,7 +407,8 @@ if (!window.realFetch) {
   window.realFetch = window.fetch;
   window.fetch = (url, options = {}) => {
     const answer = window.realFetch(url, options);
-    if (`${options.method || "GET"} ${url}` !== window.holding) return answer;
+    const path = new URL(url, document.baseURI).pathname; // the page's URLs are relative
+    if (`${options.method || "GET"} ${path}` !== window.holding) return answer;
     window.holding = null;
     return new Promise((resolve) => {
       window.release = () => { resolve(answer); return answer; };

@@ -32,6 +32,14 @@ megabytes = bounded(float, 1 / MB, None, "a number of MB above 0 (one byte or mo
 megapixels = bounded(float, 1e-6, None, "a number of megapixels above 0 (one pixel or more)")
 
 
+def root_path(value: str) -> str:
+    """A reverse proxy's prefix as FastAPI's docs need it: '/shitu', never '/shitu/'."""
+    prefix = value.rstrip("/")
+    if prefix and not prefix.startswith("/"):
+        raise argparse.ArgumentTypeError(f"expected a URL path starting with '/', got {value}")
+    return prefix
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "serve",
@@ -89,6 +97,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=DEFAULT_MAX_REQUESTS,
         help="requests in progress beyond which requests get 503 (bounds the memory that "
         f"queued uploads take; default {DEFAULT_MAX_REQUESTS})",
+    )
+    parser.add_argument(
+        "--root-path",
+        type=root_path,
+        default="",
+        metavar="PREFIX",
+        help="the path prefix a reverse proxy serves this server under (e.g. /shitu), which "
+        "the proxy strips: for the API docs' links and the thumbnail paths the API gives",
     )
     parser.add_argument("--access-log", action="store_true", help="log every request")
     parser.set_defaults(func=run)
@@ -159,9 +175,11 @@ def run(args: argparse.Namespace) -> int:
     host, port = sock.getsockname()[:2]
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
     snapshot = service.library.snapshot
+    # Under --root-path the docs page asks for PREFIX/openapi.json: found through the proxy only.
+    docs = f"{args.root_path}/docs through the proxy" if args.root_path else f"{url}/docs"
     print(
         f"serving {library} ({len(snapshot.by_id)} images, {len(snapshot.by_label)} labels)"
-        f" at {url}  (web page: {url}/, API docs: {url}/docs)",
+        f" at {url}  (web page: {url}/, API docs: {docs})",
         flush=True,
     )
     if not settings.api_key and not _is_loopback(args.host):
@@ -176,6 +194,7 @@ def run(args: argparse.Namespace) -> int:
         log_config=None,  # its records go to shitu's handler: "warning: ...", as every command's
         log_level="info" if verbose else "warning",
         access_log=args.access_log,
+        root_path=args.root_path,
         timeout_graceful_shutdown=10,
     )
     if args.access_log:  # uvicorn gives its access log the log level: "warning" would drop it

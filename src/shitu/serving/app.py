@@ -57,6 +57,8 @@ REDOC_POLICY = (
     "worker-src blob:; object-src 'none'"
 )
 DOCS_ASSETS = "/static-offline-docs"  # Swagger UI's and ReDoc's files, which fastapi-offline serves
+# Relative to /docs and /redoc, so it is found under a proxy's prefix (--root-path) too.
+FAVICON = "static/favicon.svg"
 THUMBNAIL_SIZES = (16, 512)
 LABEL_PAGE = 200
 REQUEST_PIXELS_FACTOR = 4  # all images of one request together: at most 4 times the per-image limit
@@ -122,7 +124,7 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
             "or `X-API-Key: KEY`."
         ),
         lifespan=lifespan,
-        favicon_url="/static/favicon.svg",
+        favicon_url=FAVICON,
         static_url=DOCS_ASSETS,
         redoc_url=None,  # served below, under a policy
         swagger_ui_parameters={"validatorUrl": None},  # never send the spec to swagger.io
@@ -203,24 +205,28 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
             decoded.append(Upload(name, data, pixels))
         return decoded
 
-    def image_out(entry: ImageEntry) -> schemas.ImageOut:
+    def image_out(request: Request, entry: ImageEntry) -> schemas.ImageOut:
+        """The image as the API lists it; its thumbnail's path as clients reach it, under the
+        prefix a reverse proxy serves the API at (--root-path)."""
+        root = request.scope.get("root_path", "")
         return schemas.ImageOut(
             id=entry.id,
             label=entry.label,
             name=Path(entry.path).name,
             added_at=entry.added_at,
-            thumbnail=f"/v1/gallery/images/{entry.id}/thumbnail",
+            thumbnail=f"{root}/v1/gallery/images/{entry.id}/thumbnail",
         )
 
     # ---------------------------------------------------------------------- page, health
 
     @app.get("/redoc", include_in_schema=False)
-    async def redoc() -> HTMLResponse:
+    async def redoc(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")  # the proxy's prefix (--root-path)
         page = get_redoc_html(
-            openapi_url=app.openapi_url or "/openapi.json",
+            openapi_url=f"{root}{app.openapi_url or '/openapi.json'}",
             title=f"{app.title} - ReDoc",
-            redoc_js_url=f"{DOCS_ASSETS}/redoc.standalone.js",
-            redoc_favicon_url="/static/favicon.svg",
+            redoc_js_url=f"{root}{DOCS_ASSETS}/redoc.standalone.js",
+            redoc_favicon_url=FAVICON,
             with_google_fonts=False,
         )
         page.headers["Content-Security-Policy"] = REDOC_POLICY
@@ -346,6 +352,7 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
         tags=["gallery"],
     )
     def label_images(
+        request: Request,
         label: str,
         offset: Annotated[int, Query(ge=0)] = 0,
         limit: Annotated[int, Query(ge=1, le=10 * LABEL_PAGE)] = LABEL_PAGE,
@@ -356,7 +363,7 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
             label=label,
             count=len(entries),
             offset=offset,
-            images=[image_out(e) for e in entries[offset : offset + limit]],
+            images=[image_out(request, e) for e in entries[offset : offset + limit]],
         )
 
     @app.get(
@@ -366,8 +373,8 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
         responses=ERRORS,
         tags=["gallery"],
     )
-    def image(image_id: int) -> schemas.ImageOut:
-        return image_out(service.image(image_id))
+    def image(request: Request, image_id: int) -> schemas.ImageOut:
+        return image_out(request, service.image(image_id))
 
     @app.get(
         "/v1/gallery/images/{image_id}/thumbnail",
@@ -412,7 +419,7 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
         outcome = await run_in_threadpool(service.add, label, uploads)
         return schemas.AddImagesResponse(
             label=label,
-            added=[image_out(e) for e in outcome.added],
+            added=[image_out(request, e) for e in outcome.added],
             duplicates=outcome.duplicates,
         )
 

@@ -63,7 +63,9 @@ class ImageOut(BaseModel):
     label: str
     name: str = Field(description="file name of the stored image")
     added_at: str
-    thumbnail: str = Field(description="URL of a small JPEG of the image")
+    thumbnail: str = Field(
+        description="path of a small JPEG of the image (under --root-path, behind a proxy)"
+    )
 
 
 class LabelOut(BaseModel):

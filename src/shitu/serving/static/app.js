@@ -1,5 +1,6 @@
 // The shitu web page: recognise a photo, browse and edit the gallery. Talks only to the
-// server that served it (the page's Content-Security-Policy allows nothing else).
+// server that served it (the page's Content-Security-Policy allows nothing else). Its URLs
+// are relative to the page, so it works behind a reverse proxy that serves it under a prefix.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -51,7 +52,13 @@ function plural(count, noun) {
 }
 
 function labelPath(label) {
-  return `/v1/gallery/labels/${encodeURIComponent(label)}`;
+  return `v1/gallery/labels/${encodeURIComponent(label)}`;
+}
+
+// Made here rather than taken from the API's `thumbnail`, which is only right under a proxy
+// when the server was told the proxy's prefix (--root-path).
+function imagePath(id) {
+  return `v1/gallery/images/${id}`;
 }
 
 // The message box at the top: for what no form on the page did (loading the gallery).
@@ -249,7 +256,7 @@ async function recognise(file) {
   form.append("image", file);
   try {
     const [body, shown] = await Promise.all([
-      api("/v1/recognize", { method: "POST", body: form }), loaded,
+      api("v1/recognize", { method: "POST", body: form }), loaded,
     ]);
     if (choice !== photoChoice) return; // another photo was chosen meanwhile: it stands
     drawResults(body.results, shown);
@@ -274,7 +281,7 @@ const LABEL_ORDER = new Intl.Collator(undefined, { numeric: true });
 async function loadLabels() {
   let body, info;
   try {
-    [body, info] = await Promise.all([api("/v1/gallery/labels"), api("/v1/gallery")]);
+    [body, info] = await Promise.all([api("v1/gallery/labels"), api("v1/gallery")]);
   } catch (error) {
     $("gallery-summary").textContent = {
       401: "API key needed", 403: "wrong API key",
@@ -327,7 +334,7 @@ function renderLabels() {
 }
 
 async function thumbnail(image) {
-  const blob = await api(`${image.thumbnail}?size=240`);
+  const blob = await api(`${imagePath(image.id)}/thumbnail?size=240`);
   const url = URL.createObjectURL(blob);
   thumbUrls.push(url);
   return url;
@@ -394,7 +401,7 @@ function appendThumbs(label, images) {
       if (!confirm(`Delete image #${image.id} from "${label}"?`)) return;
       setStatus("label-status", `deleting image #${image.id}…`);
       const place = [...$("thumbs").querySelectorAll("figure")].indexOf(figure);
-      await api(`/v1/gallery/images/${image.id}`, { method: "DELETE" });
+      await api(imagePath(image.id), { method: "DELETE" });
       await refresh(label);
       // Focus goes to the image now in its place (or the last one), not back to the page's top.
       const buttons = $("thumbs").querySelectorAll("figure button");
@@ -429,7 +436,7 @@ async function refresh(label) {
 // What one request may hold, from the server's /healthz (which needs no API key).
 let limits = null;
 async function serverLimits() {
-  if (!limits) limits = (await api("/healthz")).limits;
+  if (!limits) limits = (await api("healthz")).limits;
   return limits;
 }
 
@@ -484,7 +491,7 @@ async function addImages(label, files) {
     form.append("label", label);
     for (const file of group) form.append("image", file);
     try {
-      const body = await api("/v1/gallery/images", { method: "POST", body: form });
+      const body = await api("v1/gallery/images", { method: "POST", body: form });
       outcome.label = body.label;
       outcome.added += body.added.length;
       outcome.duplicates.push(...body.duplicates);
