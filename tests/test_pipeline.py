@@ -36,6 +36,7 @@ from shitu.inference import (
 from shitu.inference import default_model as default_model_module
 from shitu.inference.export import MANIFEST, ExportError
 from shitu.pipeline import (
+    PipelineConfig,
     PipelineEvaluation,
     PlainBackgroundDetector,
     Recognizer,
@@ -400,18 +401,24 @@ def test_a_recogniser_loads_from_a_config_files_path(setup, tmp_path):
             assert rec.score_thres == 0.3 and rec.gallery.root == setup["library"]
 
 
-def test_close_closes_what_from_config_opened_and_leaves_parts_passed_in_open(
-    setup, recognizer, grocery
-):
+def picodet_pipeline_config(setup, grocery, *overrides: str) -> PipelineConfig:
+    """The shipped pipeline config with the test model, library and the real PicoDet-S."""
     model = grocery.parent.parent / "models" / "picodet_s_coco" / "picodet_s_320_coco.onnx"
-    config = load_pipeline_config(
+    return load_pipeline_config(
         "inference_general",
         [
             f"Global.rec_inference_model_dir={setup['model']}",
             f"Global.det_inference_model_dir={model}",
             f"IndexProcess.index_dir={setup['library']}",
+            *overrides,
         ],
     )
+
+
+def test_close_closes_what_from_config_opened_and_leaves_parts_passed_in_open(
+    setup, recognizer, grocery
+):
+    config = picodet_pipeline_config(setup, grocery)
     with Recognizer.from_config(config) as rec:
         rec.recognize(np.zeros((64, 64, 3), np.uint8))
     assert "closed" in repr(rec.extractor) and repr(rec.detector) == "OnnxDetector(closed)"
@@ -423,16 +430,8 @@ def test_close_closes_what_from_config_opened_and_leaves_parts_passed_in_open(
 
 
 def test_onnx_picodet_detector_boxes_feed_the_pipeline(setup, grocery):
-    model = grocery.parent.parent / "models" / "picodet_s_coco" / "picodet_s_320_coco.onnx"
-    config = load_pipeline_config(
-        "inference_general",
-        [
-            f"Global.rec_inference_model_dir={setup['model']}",
-            f"Global.det_inference_model_dir={model}",
-            f"IndexProcess.index_dir={setup['library']}",
-            "IndexProcess.score_thres=-1",
-            "Global.threshold=0.1",
-        ],
+    config = picodet_pipeline_config(
+        setup, grocery, "IndexProcess.score_thres=-1", "Global.threshold=0.1"
     )
     picks = [setup["queries"][i] for i in (0, 12)]
     canvas, *_ = compose([p.path for p in picks], [200, 200])
