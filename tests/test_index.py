@@ -8,6 +8,7 @@ import re
 import sqlite3
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import faiss
@@ -529,6 +530,67 @@ def test_a_library_moved_whole_still_finds_the_files_kept_inside_it(tmp_path, mo
             str(p.resolve()) for p in outside
         ]
         assert gallery.reembed(model) == 4 and gallery.verify() == []
+
+
+@dataclass
+class EditingEmbedder(PixelEmbedder):
+    """A new model whose embedding passes run while another process edits the library:
+    pass i runs `edits[i](writer)` on a second connection, as `shitu serve` would."""
+
+    library: Path | None = None
+    edits: list[Callable[[Gallery], None]] = field(default_factory=list)
+    passes: list[int] = field(default_factory=list)
+
+    def extract_files(self, paths, batch_size=32, progress=False):
+        if len(self.passes) < len(self.edits):
+            with Gallery.open(self.library) as writer:
+                self.edits[len(self.passes)](writer)
+        self.passes.append(len(paths))
+        return super().extract_files(paths, batch_size, progress)
+
+
+def test_reembed_follows_images_added_and_removed_while_it_runs(tmp_path):
+    """Another process's edits during the long embedding pass are followed, not a reason to
+    throw the pass away: the new images are embedded in a short round, the removed dropped."""
+    path, model = tmp_path / "lib", PixelEmbedder()
+    photos = make_images(tmp_path / "photos", 6)
+    with Gallery.create_for(path, model) as gallery:
+        ids = gallery.add_files(model, [GalleryItem(p, "old") for p in photos[:4]]).ids
+
+    def edit(writer: Gallery) -> None:
+        writer.add_files(model, [GalleryItem(p, "new") for p in photos[4:]])
+        writer.remove(ids=[int(ids[0])])
+
+    new = EditingEmbedder(6, "pixels-6", {"resize": 6}, library=path, edits=[edit])
+    with Gallery.open(path) as gallery:
+        assert gallery.reembed(new) == 5
+        assert new.passes == [4, 2]  # the 2 added meanwhile, embedded in a second round
+    plain = PixelEmbedder(side=6, fingerprint="pixels-6", preprocessing={"resize": 6})
+    with Gallery.open(path, embedder=plain) as gallery:
+        assert gallery.verify() == [] and gallery.label_counts() == {"old": 3, "new": 2}
+        result = gallery.search(plain.extract_files([str(p) for p in photos[1:]]).features, k=1)
+        assert result.labels[:, 0].tolist() == ["old"] * 3 + ["new"] * 2
+        assert result.scores[:, 0] == pytest.approx(np.ones(5))
+
+
+def test_reembed_gives_up_on_a_library_that_keeps_growing(tmp_path, monkeypatch):
+    monkeypatch.setattr(gallery_module, "REEMBED_CATCH_UPS", 2)
+    path, model = tmp_path / "lib", PixelEmbedder()
+    photos = make_images(tmp_path / "photos", 6)
+    with Gallery.create_for(path, model) as gallery:
+        gallery.add_files(model, [GalleryItem(photos[0], "first")])
+    arriving = iter(photos[1:])
+
+    def edit(writer: Gallery) -> None:  # one more image during every round
+        writer.add_files(model, [GalleryItem(next(arriving), "more")])
+
+    new = EditingEmbedder(2, "new", {"resize": 2}, library=path, edits=[edit] * 3)
+    with Gallery.open(path) as gallery:
+        with pytest.raises(GalleryError, match="images kept being added during re-embedding"):
+            gallery.reembed(new)
+        assert new.passes == [1, 1, 1]
+    with Gallery.open(path, embedder=model) as gallery:  # nothing changed: the old model's
+        assert len(gallery) == 4 and gallery.verify() == []
 
 
 def test_reembed_names_the_ids_of_images_it_cannot_read(tmp_path):

@@ -42,6 +42,10 @@ from shitu.vectors import l2_normalize
 
 LIBRARY_FILE = "gallery.sqlite"
 T = TypeVar("T")
+# Rounds of embedding the images other processes added while a re-embedding ran, before it
+# gives up: each round embeds only what arrived during the one before, so only a library
+# that grows about as fast as it can be embedded runs out of them.
+REEMBED_CATCH_UPS = 5
 
 
 @dataclass(frozen=True)
@@ -772,11 +776,51 @@ class Gallery:
         self._write(lambda: (Change(rebuild=True), None), **updates)
 
     def reembed(self, embedder: Embedder, batch_size: int = 32, progress: bool = False) -> int:
-        """Re-extract every image with a new model and rebuild; all or nothing."""
+        """Re-extract every image with a new model and rebuild; all or nothing. Images that
+        another process adds or removes meanwhile (a running `shitu serve`, say) are
+        followed: those added are embedded in a short further round, those removed dropped,
+        rather than failing the whole re-embedding at its end."""
         self._check_usable()
         entries = self.entries()
         if not entries:
             raise GalleryError(f"{self.root}: library is empty, nothing to re-embed")
+        embedded: dict[int, np.ndarray] = {}
+        for _ in range(REEMBED_CATCH_UPS + 1):
+            embedded.update(self._embed_entries(embedder, entries, batch_size, progress))
+
+            def mutate() -> tuple[Change, int]:
+                current, _ = self._store.id_labels()
+                added_meanwhile = [int(i) for i in current if int(i) not in embedded]
+                if added_meanwhile:
+                    raise _AddedMeanwhile(added_meanwhile)
+                features = np.asarray([embedded[int(i)] for i in current], dtype=np.float32)
+                self._store.replace_features(current, features)
+                return Change(rebuild=True), len(current)
+
+            try:
+                count = self._write(
+                    mutate,
+                    model_fingerprint=embedder.fingerprint,
+                    embedding_dim=embedder.embedding_size,
+                    preprocessing=dict(embedder.preprocessing),
+                )
+            except _AddedMeanwhile as behind:
+                entries = self.entries_with_ids(behind.ids)
+                continue
+            if self._model is not None:  # the library's model is the new one from now on
+                self._model = (embedder.fingerprint, embedder.embedding_size)
+            return count
+        raise GalleryError(
+            f"{self.root}: images kept being added during re-embedding (after "
+            f"{REEMBED_CATCH_UPS} rounds of embedding the new ones); nothing was changed, "
+            "retry when fewer images are being added"
+        )
+
+    def _embed_entries(
+        self, embedder: Embedder, entries: list[ImageEntry], batch_size: int, progress: bool
+    ) -> dict[int, np.ndarray]:
+        """The stored images' features under `embedder`, by id; refused, naming the ids,
+        where an image has no file or its file cannot be read."""
         no_file = [e.id for e in entries if not e.path]
         if no_file:
             raise GalleryError(
@@ -793,25 +837,8 @@ class Gallery:
                 f"(first: {path}: {reason}), ids {_rows(bad)}; put the files back, or remove "
                 f"those images (`shitu index remove {self.root} --id ID ...`), and retry"
             )
-        ids = np.asarray([e.id for e in entries], dtype=np.int64)
         features = self._stored_features(result.features, "re-embed", embedder.embedding_size)
-
-        def mutate() -> tuple[Change, int]:
-            current, _ = self._store.id_labels()
-            if not np.array_equal(current, ids):
-                raise GalleryError(f"{self.root}: library changed during re-embedding; retry")
-            self._store.replace_features(ids, features)
-            return Change(rebuild=True), len(ids)
-
-        count = self._write(
-            mutate,
-            model_fingerprint=embedder.fingerprint,
-            embedding_dim=embedder.embedding_size,
-            preprocessing=dict(embedder.preprocessing),
-        )
-        if self._model is not None:  # the library's model is the new one from now on
-            self._model = (embedder.fingerprint, embedder.embedding_size)
-        return count
+        return {entry.id: row for entry, row in zip(entries, features, strict=True)}
 
     # ----------------------------------------------------------------------------- reading
 
@@ -887,6 +914,14 @@ class Gallery:
         if not np.array_equal(ids, self._id_labels[0]):
             problems.append("label cache is out of date (reopen the library)")
         return problems + self._backend.problems()
+
+
+class _AddedMeanwhile(Exception):
+    """Raised inside a re-embedding's write: images were added since its last round."""
+
+    def __init__(self, ids: list[int]) -> None:
+        super().__init__(f"{len(ids)} images added meanwhile")
+        self.ids = ids
 
 
 def _edited(
