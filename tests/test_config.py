@@ -186,8 +186,19 @@ def test_every_shipped_config_builds_its_model_and_losses(name):
             "Metric.Eval[0].Recallk.topk: must be a positive integer or a list of them",
         ),
         (["Metrics.Eval=[]"], "Metrics: unknown key (did you mean 'Metric'?)"),
-        (["Global.eval_metric=map"], "Global.eval_metric: Value error, must be recall@K, "),
-        (["Global.eval_metric=recall1"], "Global.eval_metric: Value error, must be recall@K, "),
+        (["Global.use_visualdl=true"], "Global.use_visualdl: shitu has no VisualDL logging"),
+        (["Global.use_dali=true"], "Global.use_dali: shitu has no NVIDIA DALI loader"),
+        (
+            ["Arch.infer_add_softmax=true"],
+            "Arch.infer_add_softmax: a recognition model exports features",
+        ),
+        (
+            ["Arch.Neck.bias_attr={learning_rate: 1.0e-20}"],
+            "Arch.Neck.bias_attr: unknown key (PaddleClas's bias settings; shitu's BNNeck "
+            "takes bias_frozen, its FC head bias) in neck 'BNNeck'",
+        ),
+        (["Global.eval_metric=map"], "Global.eval_metric: must be recall@K, "),
+        (["Global.eval_metric=recall1"], "Global.eval_metric: must be recall@K, "),
         (["Global.re_ranking={k1: 0}"], "Global.re_ranking.k1: must be a positive integer"),
         (
             ["Global.re_ranking={k_1: 20}"],
@@ -219,6 +230,24 @@ def test_config_errors_name_file_key_and_override(config_file, overrides, expect
     assert expected in message
     assert f"(set by -o {overrides[0]})" in message
     assert all(line.startswith("  ") for line in message.splitlines()[1:])  # one per problem
+
+
+def test_paddleclas_settings_that_ask_for_nothing_load(config_file):
+    """PaddleClas's recognition configs carry switches for its tools (VisualDL, DALI, an
+    exported softmax) and its vehicle dataset's name: turned off, as they ship, they load."""
+    config = load_config(
+        config_file,
+        [
+            "Global.use_visualdl=false",
+            "Global.use_dali=false",
+            "Arch.infer_add_softmax=false",
+            "DataLoader.Eval={Query: {dataset: {name: VeriWild, image_root: ., "
+            "cls_label_path: query.txt}}, Gallery: {dataset: {name: VeriWild, image_root: ., "
+            "cls_label_path: gallery.txt}}}",
+        ],
+    )
+    assert config.Global.use_visualdl is False and config.Arch.infer_add_softmax is False
+    assert registry.DATASETS.get("VeriWild") is registry.DATASETS.get("ImageNetDataset")
 
 
 @pytest.mark.parametrize(

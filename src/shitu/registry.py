@@ -265,15 +265,30 @@ def each_problem(message: str, edit: Callable[[str], str]) -> str:
     return "\n".join([header, *(PROBLEM_INDENT + edit(p.strip()) for p in problems)])
 
 
+# Parameters of PaddleClas components that shitu's take in another form: the unknown-key
+# error for one says which, so that a config brought from PaddleClas is quick to adapt.
+PADDLECLAS_PARAMS = {
+    "weight_attr": "PaddleClas's weight initialiser; shitu's FC head takes init_std",
+    "bias_attr": "PaddleClas's bias settings; shitu's BNNeck takes bias_frozen, its FC head bias",
+    "use_ssld": "PaddleClas's choice of weights to download; shitu downloads none: convert "
+    "them with `shitu convert` and give the file as Global.pretrained_model",
+}
+
+
 def _problem(error: Any, suggested: dict[tuple[Any, ...], str | None]) -> str:
     """`dotted.key: what is wrong` for one pydantic error."""
     key = ".".join(str(p) for p in error["loc"])
     if error["type"] == "extra_forbidden":
         close = suggested[error["loc"]]
+        paddleclas = PADDLECLAS_PARAMS.get(str(error["loc"][-1]))
+        if paddleclas:
+            return f"{key}: unknown key ({paddleclas})"
         return f"{key}: unknown key" + (f" (did you mean '{close}'?)" if close else "")
     if error["type"] == "missing":
         return f"{key}: required key missing"
-    return f"{key}: {error['msg']} (got {error.get('input')!r})"
+    # A validator's own words, without pydantic's "Value error, " before them
+    why = error["ctx"]["error"] if error["type"] == "value_error" else error["msg"]
+    return f"{key}: {why} (got {error.get('input')!r})"
 
 
 def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:

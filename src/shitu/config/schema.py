@@ -64,6 +64,30 @@ class GlobalConfig(Section):
     # for AMP on GPUs; results differ from NCHW only by float rounding.
     channels_last: bool = True
     use_tensorboard: bool = False
+    # PaddleClas keys for tools shitu does not have: read so that its configs load as they
+    # are, and refused, saying what to use instead, where they ask for the tool.
+    use_visualdl: bool = False
+    use_dali: bool = False
+
+    @field_validator("use_visualdl")
+    @classmethod
+    def _no_visualdl(cls, value: bool) -> bool:
+        if value:
+            raise ValueError(
+                "shitu has no VisualDL logging: it writes metrics.jsonl in Global.output_dir, "
+                "and TensorBoard logs with Global.use_tensorboard: true"
+            )
+        return value
+
+    @field_validator("use_dali")
+    @classmethod
+    def _no_dali(cls, value: bool) -> bool:
+        if value:
+            raise ValueError(
+                "shitu has no NVIDIA DALI loader: images are decoded in the DataLoader's "
+                "worker processes (loader.num_workers)"
+            )
+        return value
 
     def unreached_eval_interval(self) -> str | None:
         """Why no epoch is evaluated where eval_interval exceeds epochs (a copied config's
@@ -107,6 +131,9 @@ TRAINING_ONLY_ARCH = ("frozen_layers",)
 class ArchConfig(Section):
     name: Literal["RecModel"] = "RecModel"
     infer_output_key: Literal["features", "backbone"] = "features"
+    # PaddleClas's softmax on a classifier's exported output; a recognition model exports
+    # features, so only its "no" is taken.
+    infer_add_softmax: bool = False
     head_feature_from: Literal["neck", "backbone"] = "neck"
     Backbone: ComponentConfig
     BackboneStopLayer: StopLayerConfig | None = None
@@ -116,6 +143,16 @@ class ArchConfig(Section):
     # BatchNorm statistics stay as loaded: fine-tuning only the later layers is faster and
     # keeps generic low-level filters on small datasets.
     frozen_layers: list[str] = Field(default_factory=list)
+
+    @field_validator("infer_add_softmax")
+    @classmethod
+    def _features_not_probabilities(cls, value: bool) -> bool:
+        if value:
+            raise ValueError(
+                "a recognition model exports features (Arch.infer_output_key), not class "
+                "probabilities: set it to false"
+            )
+        return value
 
 
 LossList = list[dict[str, dict[str, Any]]]

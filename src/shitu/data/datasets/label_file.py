@@ -20,7 +20,8 @@ from shitu.registry import DATASETS
 
 @DATASETS.register("ImageNetDataset")
 class LabelFileDataset(ImageDataset):
-    """Images listed in a PaddleClas label file (names: ImageNetDataset, LabelFileDataset).
+    """Images listed in a PaddleClas label file (names: ImageNetDataset, LabelFileDataset,
+    VeriWild).
 
     Each non-blank line is `path label` or `path label unique_id`, split on
     `delimiter` (default: any run of whitespace; use a tab when paths or labels
@@ -185,3 +186,7 @@ def is_class_id(text: str) -> bool:
 
 
 DATASETS.register("LabelFileDataset")(LabelFileDataset)
+# PaddleClas's name for the same listing with a third column (there a camera id, which the
+# vehicle re-identification protocol excludes as this does a unique id), so that its
+# configs load as they are.
+DATASETS.register("VeriWild")(LabelFileDataset)
