@@ -346,9 +346,14 @@ def test_detect_cli_writes_json_lines_and_images(tmp_path: Path, capsys) -> None
     out = capsys.readouterr()
     (line,) = [json.loads(line) for line in out.out.splitlines()]
     assert line["image"].endswith("dog.jpg") and "broken.jpg" in out.err
+    assert "1 of 2 files could not be read" in out.err  # as recognize counts them
     assert {"dog", "bicycle", "car"} <= {box["label"] for box in line["boxes"]}
     assert shitu_main(["detect", str(folder / "broken.jpg"), "--model", str(ONNX_416)]) == 1
     capsys.readouterr()
+    listing = tmp_path / "photos.txt"  # a labelled list given as an image: said to be text
+    listing.write_text(f"{folder / 'dog.jpg'}\tdog\n")
+    assert shitu_main(["detect", str(listing), "--model", str(ONNX_416)]) == 1
+    assert "a text file, not an image (detect takes image files" in capsys.readouterr().err
     bom_names = tmp_path / "bom.names"  # as Notepad saves it: a BOM first, not in "person"
     bom_names.write_text((PICODET / "coco.names").read_text(), encoding="utf-8-sig")
     utf16_names = tmp_path / "utf16.names"  # as PowerShell 5's `>` saves it

@@ -12,6 +12,7 @@ from shitu.cli.common import (
     expand_images,
     input_side,
     positive_int,
+    skip_reason,
     visualisation_writer,
 )
 from shitu.errors import DataError
@@ -104,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             image = read_rgb(path)
         except UnreadableImageError as exc:
-            print(f"warning: skipped {path}: {exc}", file=sys.stderr)
+            print(f"warning: skipped {path}: {skip_reason(str(exc), 'detect')}", file=sys.stderr)
             continue
         done += 1
         dets = detector.detect(image, args.threshold, args.max_boxes, not args.per_class)
@@ -122,4 +123,8 @@ def run(args: argparse.Namespace) -> int:
         if writer is not None:
             drawn = ((b["box"], b.get("label", f"class {b['cls']}"), b["score"]) for b in boxes)
             writer.save(path, draw_boxes(image, drawn, writer.fonts))
+    if done < len(paths):
+        print(
+            f"warning: {len(paths) - done} of {len(paths)} files could not be read", file=sys.stderr
+        )
     return 0 if done else 1  # no image could be read: fail, like recognize
