@@ -39,6 +39,7 @@ SEARCH_BATCH = 16_384
 # Bytes of query vectors and their hits per search request, at most: the same limit refuses
 # a larger request or answer (Milvus Lite failed 2,100 queries of 32,768 dimensions).
 SEARCH_BYTES = 32 << 20
+LIMIT_MAX = 16_384  # hits per query, at most: a server refuses a search for more
 DEFAULT_NLIST = 1024
 # Every read sees every committed write: pymilvus's default ("Bounded") lets a server answer
 # from a view seconds old, so `verify` straight after a build counted too few vectors and a
@@ -344,17 +345,40 @@ class MilvusBackend(Backend):
             raise GalleryError(f"{self.root}: {self._failure(doing, exc)}") from exc
 
     def search(self, queries: np.ndarray, k: int, newest_id: int) -> tuple[np.ndarray, np.ndarray]:
-        """Searched in requests of at most SEARCH_BATCH queries and SEARCH_BYTES."""
-        raw = np.full((len(queries), k), np.nan, np.float32)
+        """Hits of equal score cut at k are the first added (lowest ids), as Faiss keeps them:
+        Milvus keeps whichever it meets (Milvus Lite answered the third of three copies of
+        one photo for k=1), so a row whose last hit ties its k-th is asked again for more."""
+        scores = np.full((len(queries), k), -np.inf, np.float32)
         ids = np.full((len(queries), k), -1, np.int64)
-        params = search_params(self.manifest.index_type, k, self.manifest.backend_options)
-        query_bytes = queries.shape[1] * 4 + k * 12  # float32 vector; k int64 ids and distances
+        rows = np.arange(len(queries))
+        limit = k + 1 if k < LIMIT_MAX else k  # one hit more shows a tie cut at k
+        while len(rows):
+            got_scores, got_ids = self._hits(queries[rows], limit, newest_id)
+            best = np.lexsort((got_ids, -got_scores), axis=-1)[:, :k]
+            width = best.shape[1]
+            scores[rows, :width] = np.take_along_axis(got_scores, best, -1)
+            ids[rows, :width] = np.take_along_axis(got_ids, best, -1)
+            if limit >= LIMIT_MAX:
+                break
+            rows = rows[(got_ids[:, -1] >= 0) & (got_scores[:, -1] == scores[rows, k - 1])]
+            limit = min(2 * limit, LIMIT_MAX)
+        return scores, ids
+
+    def _hits(
+        self, queries: np.ndarray, limit: int, newest_id: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Scores and ids [Q, limit], best first, in requests of at most SEARCH_BATCH queries
+        and SEARCH_BYTES."""
+        raw = np.full((len(queries), limit), np.nan, np.float32)
+        ids = np.full((len(queries), limit), -1, np.int64)
+        params = search_params(self.manifest.index_type, limit, self.manifest.backend_options)
+        query_bytes = queries.shape[1] * 4 + limit * 12  # float32 vector; int64 ids, distances
         with self._reading("searching"):
             for part in _request_slices(len(queries), query_bytes, SEARCH_BATCH, SEARCH_BYTES):
                 hits = self.client.search(
                     self.collection,
                     data=list(queries[part]),
-                    limit=k,
+                    limit=limit,
                     filter=f"id <= {int(newest_id)}",
                     consistency_level=CONSISTENCY,
                     search_params={"metric_type": self.manifest.metric.upper(), "params": params},
