@@ -59,6 +59,29 @@ def test_inserts_are_split_by_size_and_every_row_arrives(tmp_path, monkeypatch):
     np.testing.assert_array_equal(got.ids, expected.ids)
 
 
+@pytest.mark.parametrize(
+    ("limit", "value"), [("SEARCH_BATCH", 4), ("SEARCH_BYTES", 7 * (DIM * 4 + 8 * 12) + 3)]
+)
+def test_searches_are_split_by_queries_and_size_and_answer_as_one_at_a_time(
+    tmp_path, monkeypatch, limit, value
+):
+    """A Milvus server refuses more than 16,384 queries a search, and Milvus either refuses a
+    request or answer over its size limit (Lite failed 2,100 queries of 32,768 dimensions):
+    here 25 queries go in several requests, in order, each row its own query's hits."""
+    from shitu.index.backends import milvus_backend
+
+    queries = clustered(25, DIM, seed=4)
+    with build(tmp_path, "milvus") as gallery:
+        one_at_a_time = [gallery.search(query, k=8) for query in queries]
+        monkeypatch.setattr(milvus_backend, limit, value)
+        got = gallery.search(queries, k=8)
+    np.testing.assert_array_equal(got.ids, np.concatenate([r.ids for r in one_at_a_time]))
+    np.testing.assert_array_equal(got.labels, np.concatenate([r.labels for r in one_at_a_time]))
+    np.testing.assert_allclose(
+        got.scores, np.concatenate([r.scores for r in one_at_a_time]), atol=1e-6
+    )
+
+
 @pytest.mark.parametrize("index_type", ["Flat", "HNSW32"])
 def test_equal_scores_rank_the_image_added_first_first_on_either_backend(tmp_path, index_type):
     """Copies of one photo under several labels score the same: Faiss ranked the last added
@@ -73,6 +96,23 @@ def test_equal_scores_rank_the_image_added_first_first_on_either_backend(tmp_pat
             result = gallery.search(np.repeat(photo, 2, axis=0), k=4)
         assert result.labels[:, :3].tolist() == [labels, labels], backend
         assert np.all(np.diff(result.ids[:, :3]) > 0) and np.all(result.scores[:, 3] < 0.999)
+
+
+@pytest.mark.parametrize("index_type", ["Flat", "IVF"])
+def test_equal_scores_cut_at_k_keep_the_images_added_first_on_either_backend(tmp_path, index_type):
+    """More copies of one photo than k: Faiss keeps the first added, Milvus kept whichever
+    it met (`shitu recognize`, k=1, named the third of three labels on Milvus Lite)."""
+    photo = clustered(1, DIM, seed=13)
+    labels = [f"copy {i}" for i in range(5)]
+    for backend in ("faiss", "milvus"):
+        with Gallery.create(tmp_path / backend, embedding_dim=DIM, model_fingerprint="m",
+                            backend=backend, index_type=index_type) as gallery:  # fmt: skip
+            gallery.add(clustered(40, DIM), [f"item {i % 4}" for i in range(40)])
+            for added in (labels[:3], labels[3:]):  # 5 copies: k+1 hits tie, asked again
+                gallery.add(np.repeat(photo, len(added), axis=0), added, allow_duplicates=True)
+            for k in (1, 2, 4):
+                result = gallery.search(np.repeat(photo, 2, axis=0), k=k)
+                assert result.labels.tolist() == [labels[:k]] * 2, (backend, k)
 
 
 def test_milvus_edits_survive_reopen_and_match_faiss(tmp_path):

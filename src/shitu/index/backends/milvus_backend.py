@@ -34,6 +34,12 @@ INSERT_BATCH = 5_000  # rows per insert request, at most
 # gRPC limit, 64 MB by default in some versions; Milvus Lite's 256 MB), which 5,000 rows
 # pass from about 3,300 dimensions on.
 INSERT_BYTES = 32 << 20
+# Queries per search request, at most: a server refuses more (its nq limit).
+SEARCH_BATCH = 16_384
+# Bytes of query vectors and their hits per search request, at most: the same limit refuses
+# a larger request or answer (Milvus Lite failed 2,100 queries of 32,768 dimensions).
+SEARCH_BYTES = 32 << 20
+LIMIT_MAX = 16_384  # hits per query, at most: a server refuses a search for more
 DEFAULT_NLIST = 1024
 # Every read sees every committed write: pymilvus's default ("Bounded") lets a server answer
 # from a view seconds old, so `verify` straight after a build counted too few vectors and a
@@ -113,6 +119,14 @@ def _held_elsewhere(lite_failure: BaseException | None, exc: Exception) -> bool:
     if lite_failure is not None:
         return type(lite_failure).__name__ == "DataDirLockedError"
     return _failure_reason(exc) == "Open local milvus failed"
+
+
+def _request_slices(count: int, row_bytes: int, max_rows: int, max_bytes: int) -> Iterator[slice]:
+    """Rows 0..count in order, as slices of at most max_rows rows and max_bytes bytes (one row
+    at least): Milvus refuses a request, or an answer, over its size limits."""
+    size = max(1, min(max_rows, max_bytes // row_bytes))
+    for start in range(0, count, size):
+        yield slice(start, min(start + size, count))
 
 
 def search_params(index_type: str, k: int, options: dict[str, Any]) -> dict[str, Any]:
@@ -248,13 +262,9 @@ class MilvusBackend(Backend):
     def _insert(self, ids: np.ndarray, features: np.ndarray) -> None:
         """Insert in requests of at most INSERT_BATCH rows and INSERT_BYTES of vectors."""
         row_bytes = features.shape[1] * 4 + 8  # float32 vector and int64 id
-        batch = max(1, min(INSERT_BATCH, INSERT_BYTES // row_bytes))
-        for start in range(0, len(ids), batch):
+        for part in _request_slices(len(ids), row_bytes, INSERT_BATCH, INSERT_BYTES):
             rows = [
-                {"id": int(i), "vector": f}
-                for i, f in zip(
-                    ids[start : start + batch], features[start : start + batch], strict=True
-                )
+                {"id": int(i), "vector": f} for i, f in zip(ids[part], features[part], strict=True)
             ]
             self.client.insert(self.collection, rows)
 
@@ -335,27 +345,48 @@ class MilvusBackend(Backend):
             raise GalleryError(f"{self.root}: {self._failure(doing, exc)}") from exc
 
     def search(self, queries: np.ndarray, k: int, newest_id: int) -> tuple[np.ndarray, np.ndarray]:
-        raw = np.full((len(queries), k), np.nan, np.float32)
+        """Hits of equal score cut at k are the first added (lowest ids), as Faiss keeps them:
+        Milvus keeps whichever it meets (Milvus Lite answered the third of three copies of
+        one photo for k=1), so a row whose last hit ties its k-th is asked again for more."""
+        scores = np.full((len(queries), k), -np.inf, np.float32)
         ids = np.full((len(queries), k), -1, np.int64)
-        if len(queries):
-            with self._reading("searching"):
+        rows = np.arange(len(queries))
+        limit = k + 1 if k < LIMIT_MAX else k  # one hit more shows a tie cut at k
+        while len(rows):
+            got_scores, got_ids = self._hits(queries[rows], limit, newest_id)
+            best = np.lexsort((got_ids, -got_scores), axis=-1)[:, :k]
+            width = best.shape[1]
+            scores[rows, :width] = np.take_along_axis(got_scores, best, -1)
+            ids[rows, :width] = np.take_along_axis(got_ids, best, -1)
+            if limit >= LIMIT_MAX:
+                break
+            rows = rows[(got_ids[:, -1] >= 0) & (got_scores[:, -1] == scores[rows, k - 1])]
+            limit = min(2 * limit, LIMIT_MAX)
+        return scores, ids
+
+    def _hits(
+        self, queries: np.ndarray, limit: int, newest_id: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Scores and ids [Q, limit], best first, in requests of at most SEARCH_BATCH queries
+        and SEARCH_BYTES."""
+        raw = np.full((len(queries), limit), np.nan, np.float32)
+        ids = np.full((len(queries), limit), -1, np.int64)
+        params = search_params(self.manifest.index_type, limit, self.manifest.backend_options)
+        query_bytes = queries.shape[1] * 4 + limit * 12  # float32 vector; int64 ids, distances
+        with self._reading("searching"):
+            for part in _request_slices(len(queries), query_bytes, SEARCH_BATCH, SEARCH_BYTES):
                 hits = self.client.search(
                     self.collection,
-                    data=list(queries),
-                    limit=k,
+                    data=list(queries[part]),
+                    limit=limit,
                     filter=f"id <= {int(newest_id)}",
                     consistency_level=CONSISTENCY,
-                    search_params={
-                        "metric_type": self.manifest.metric.upper(),
-                        "params": search_params(
-                            self.manifest.index_type, k, self.manifest.backend_options
-                        ),
-                    },
+                    search_params={"metric_type": self.manifest.metric.upper(), "params": params},
                 )
-            for row, row_hits in enumerate(hits):
-                for col, hit in enumerate(row_hits):
-                    ids[row, col] = hit["id"]
-                    raw[row, col] = hit["distance"]
+                for row, row_hits in enumerate(hits, start=part.start):
+                    for col, hit in enumerate(row_hits):
+                        ids[row, col] = hit["id"]
+                        raw[row, col] = hit["distance"]
         return scores_from_distances(raw, ids, self.manifest.metric, self.manifest.normalize), ids
 
     def problems(self) -> list[str]:
