@@ -273,6 +273,9 @@ class MilvusBackend(Backend):
         self._create_collection()
         ids, features = self.store.features(self.manifest.embedding_dim)
         self._insert(ids, features)
+        # A server leaves a collection made without index settings released (Milvus Lite
+        # loads it): searches after a rebuild in this process would fail until reopened.
+        self.client.load_collection(self.collection)
 
     def finish_open(self) -> None:
         if self._resynced is not None:
