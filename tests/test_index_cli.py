@@ -23,6 +23,7 @@ from shitu.cli import index as index_cli
 from shitu.cli.main import build_parser, main
 from shitu.index import Gallery
 from shitu.index import gallery as gallery_module
+from shitu.index.backends.faiss_backend import FaissBackend
 from tests.index_helpers import clustered, make_images
 from tests.terminal_helpers import run_in_terminal
 
@@ -433,6 +434,34 @@ def test_an_interrupted_add_keeps_the_parts_written(models, tmp_path, allow_dupl
         assert "the same command again adds the rest" in err
         assert f"added {199 - kept} images to {lib} (now 200 images of 2 labels)" in again.stdout
         assert f"skipped {kept + 1} duplicates" in again.stdout
+
+
+def test_a_stop_just_after_a_write_commits_counts_that_write(models, tmp_path, monkeypatch):
+    """Ctrl-C while a committed part goes into the live index (on HNSW a second or so),
+    before its write returns: the part is in the library, and the count says so."""
+    photos = make_images(tmp_path / "photos", 6)
+    lib = tmp_path / "lib"
+    built = shitu("index", "build", photos[0], "--label", "old", "--model", models[128],
+                  "--out", lib, "--index-type", "HNSW32")  # fmt: skip
+    assert built.returncode == 0, built.stderr
+    publish = FaissBackend.publish
+    published = []
+
+    def ctrl_c_in_the_second_publish(self: FaissBackend, manifest: object) -> None:
+        publish(self, manifest)
+        published.append(manifest)
+        if len(published) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(FaissBackend, "publish", ctrl_c_in_the_second_publish)
+    monkeypatch.setattr(index_cli, "ADD_PART", 2)
+    stopped = shitu("index", "add", lib, tmp_path / "photos", "--label", "new", "--model",
+                    models[128])  # fmt: skip
+    assert stopped.returncode == 130, stopped.stderr
+    assert f"note: 4 of the 5 images to add were added to {lib} before" in stopped.stderr
+    monkeypatch.undo()
+    with Gallery.open(lib) as gallery:
+        assert len(gallery) == 1 + 4
 
 
 def test_a_terminated_build_unwinds_and_ends_by_the_signal(models, grocery, tmp_path):

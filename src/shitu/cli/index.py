@@ -452,10 +452,26 @@ def _add_in_parts(
                 )
                 report.include(written)
     except BaseException:
-        if len(report.ids):
-            _say_what_is_kept(args, len(report.ids), len(files))
+        added = _added_before_the_stop(args, gallery, files, len(report.ids))
+        if added:
+            _say_what_is_kept(args, added, len(files))
         raise
     return report
+
+
+def _added_before_the_stop(
+    args: argparse.Namespace, gallery: Gallery, files: list[tuple[GalleryItem, str]], reported: int
+) -> int:
+    """How many of `files` a stopped add wrote. A stop after a write's commit but before
+    its report (while the index takes the rows in: a second for a part on HNSW) leaves
+    that part out of the reports, so they are counted in the library by their content,
+    new to it in an add that skips duplicates; with --allow-duplicates, from the reports."""
+    if args.allow_duplicates:
+        return reported
+    try:
+        return len(gallery.stored_hashes([digest for _, digest in files]))
+    except Exception:  # what stopped the add may keep the library from being read
+        return reported
 
 
 def _say_what_is_kept(args: argparse.Namespace, added: int, total: int) -> None:
