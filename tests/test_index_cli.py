@@ -387,13 +387,17 @@ def test_an_add_written_in_parts_draws_one_progress_bar(models, tmp_path):
                   "--out", lib)  # fmt: skip
     assert built.returncode == 0, built.stderr
     parts_of_two = "import sys, shitu.cli.index as i, shitu.cli.main as m; i.ADD_PART = 2; "
-    status, lines = run_in_terminal(
-        [sys.executable, "-c", parts_of_two + "sys.exit(m.main(sys.argv[1:]))", "index", "add",
-         str(lib), str(tmp_path / "photos"), "--label", "new", "--model", str(models[128])]
-    )  # fmt: skip
+    command = [sys.executable, "-c", parts_of_two + "sys.exit(m.main(sys.argv[1:]))", "index",
+               "add", str(lib), str(tmp_path / "photos"), "--label", "new", "--model",
+               str(models[128])]  # fmt: skip
+    status, lines = run_in_terminal(command)
     assert status == 0, lines
     bars = [line for line in lines if "img/s" in line or "img]" in line]
     assert len(bars) == 1 and " 7/7 " in bars[0] and "skipped=1" in bars[0], lines
+    (tmp_path / "photos" / "broken.png").unlink()
+    status, lines = run_in_terminal(command)  # again: nothing new to embed, and no bar
+    assert status == 0 and "skipped 7 duplicates" in "\n".join(lines), lines
+    assert not [line for line in lines if "it/s" in line or "img" in line], lines
 
 
 @pytest.mark.parametrize("allow_duplicates", [False, True])

@@ -444,7 +444,8 @@ def _add_in_parts(
     report = checked.report()
     files = checked.files
     try:
-        with ImageProgress(len(files), progress_wanted(args)) as bar:
+        # No bar where nothing is to be embedded (all duplicates), as one write draws none
+        with ImageProgress(len(files), progress_wanted(args) and bool(files)) as bar:
             for start in range(0, len(files), ADD_PART):
                 part = files[start : start + ADD_PART]
                 written = gallery.add_checked_files(
