@@ -19,10 +19,13 @@ from pathlib import Path
 
 import pytest
 
+from shitu.cli import index as index_cli
 from shitu.cli.main import build_parser, main
 from shitu.index import Gallery
 from shitu.index import gallery as gallery_module
+from shitu.index.backends.faiss_backend import FaissBackend
 from tests.index_helpers import clustered, make_images
+from tests.terminal_helpers import run_in_terminal
 
 CLASSES = {0: "Golden Delicious apple", 1: "Granny Smith apple", 2: "Pink Lady apple"}
 
@@ -341,6 +344,128 @@ def test_one_photo_listed_under_two_labels_is_reported_not_silently_dropped(
     assert built.returncode == 0 and "added 1 image" in built.stdout
     assert "skipped 1 duplicate" in built.stdout  # the same photo under the same label
     assert f"could not add {image}: the same photo as {image}, labelled 'apple'" in built.stderr
+
+
+def test_an_add_written_in_parts_reports_as_one_add(models, tmp_path, monkeypatch):
+    """`index add` writes the library a part at a time, and says what one write says: the
+    totals, a photo listed again under another label in a later part refused as in one
+    part, duplicates of the library and of the list, unreadable files."""
+    photos = make_images(tmp_path / "photos", 6)
+    (tmp_path / "photos" / "broken.png").write_bytes(b"not an image")
+    lib = tmp_path / "lib"
+    built = shitu("index", "build", photos[0], "--label", "old", "--model", models[128],
+                  "--out", lib)  # fmt: skip
+    assert built.returncode == 0, built.stderr
+    rows = [(photos[0], "x"), (photos[1], "x"), (photos[2], "x"), (photos[1], "y"),
+            (tmp_path / "photos" / "broken.png", "x"), (photos[3], "x"), (photos[2], "x"),
+            (tmp_path / "missing.png", "x"), (photos[4], "x"), (photos[5], "x")]  # fmt: skip
+    listing = tmp_path / "list.txt"
+    listing.write_text("".join(f"{path}\t{label}\n" for path, label in rows))
+    shutil.copytree(lib, tmp_path / "copy")
+    one = shitu("index", "add", tmp_path / "copy", listing, "--model", models[128])
+    monkeypatch.setattr(index_cli, "ADD_PART", 2)
+    parts = shitu("index", "add", lib, listing, "--model", models[128])
+    assert parts.returncode == one.returncode == 0, parts.stderr
+    assert parts.stdout == one.stdout.replace(str(tmp_path / "copy"), str(lib))
+    assert parts.stderr == one.stderr
+    assert f"added 5 images to {lib} (now 6 images of 2 labels)" in parts.stdout
+    assert "skipped 2 duplicates" in parts.stdout  # photos 0 (the library's) and 2
+    assert f"could not add {photos[1]}: the same photo as {photos[1]}, labelled 'x'" in (
+        parts.stderr
+    )
+    assert "broken.png" in parts.stderr and "missing.png" in parts.stderr
+    with Gallery.open(lib) as gallery:
+        assert gallery.generation_on_disk() == 1 + 3  # 6 to embed, in parts of 2: 3 writes
+
+
+def test_an_add_written_in_parts_draws_one_progress_bar(models, tmp_path):
+    """At a terminal: one bar over the whole add, its unreadable files counted together."""
+    photos = make_images(tmp_path / "photos", 7)
+    (tmp_path / "photos" / "broken.png").write_bytes(b"not an image")
+    lib = tmp_path / "lib"
+    built = shitu("index", "build", photos[0], "--label", "old", "--model", models[128],
+                  "--out", lib)  # fmt: skip
+    assert built.returncode == 0, built.stderr
+    parts_of_two = "import sys, shitu.cli.index as i, shitu.cli.main as m; i.ADD_PART = 2; "
+    command = [sys.executable, "-c", parts_of_two + "sys.exit(m.main(sys.argv[1:]))", "index",
+               "add", str(lib), str(tmp_path / "photos"), "--label", "new", "--model",
+               str(models[128])]  # fmt: skip
+    status, lines = run_in_terminal(command)
+    assert status == 0, lines
+    bars = [line for line in lines if "img/s" in line or "img]" in line]
+    assert len(bars) == 1 and " 7/7 " in bars[0] and "skipped=1" in bars[0], lines
+    (tmp_path / "photos" / "broken.png").unlink()
+    status, lines = run_in_terminal(command)  # again: nothing new to embed, and no bar
+    assert status == 0 and "skipped 7 duplicates" in "\n".join(lines), lines
+    assert not [line for line in lines if "it/s" in line or "img" in line], lines
+
+
+@pytest.mark.parametrize("allow_duplicates", [False, True])
+def test_an_interrupted_add_keeps_the_parts_written(models, tmp_path, allow_duplicates):
+    """Ctrl-C after the first part was written: those images stay, the command says how
+    many, and the same command again adds the rest, unless it allows duplicates (then it
+    says that it would add them again, as it does)."""
+    photos = make_images(tmp_path / "photos", 200)
+    lib = tmp_path / "lib"
+    built = shitu("index", "build", photos[0], "--label", "old", "--model", models[128],
+                  "--out", lib)  # fmt: skip
+    assert built.returncode == 0, built.stderr
+    parts_of_two = "import sys, shitu.cli.index as i, shitu.cli.main as m; i.ADD_PART = 2; "
+    command = [sys.executable, "-c", parts_of_two + "sys.exit(m.main(sys.argv[1:]))", "index",
+               "add", str(lib), str(tmp_path / "photos"), "--label", "new", "--model",
+               str(models[128]), "--threads", "1", "--batch-size", "1"]  # fmt: skip
+    command += ["--allow-duplicates"] if allow_duplicates else []
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while json.loads(shitu("index", "stats", lib).stdout)["generation"] == 1:
+        assert time.monotonic() < deadline and process.poll() is None, process.communicate()
+        time.sleep(0.02)
+    process.send_signal(signal.SIGINT)  # the first part is written: Ctrl-C
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130 and err.endswith("interrupted\n"), err
+    with Gallery.open(lib) as gallery:
+        kept = len(gallery) - 1
+    to_add = 200 if allow_duplicates else 199  # photo 0 is the library's
+    assert 2 <= kept < to_add
+    said = f"note: {kept} of the {to_add} images to add were added to {lib} before the add "
+    assert said + "stopped, and are kept; " in err
+    again = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr
+    if allow_duplicates:
+        assert "would add them a second time (--allow-duplicates)" in err
+        assert f"added 200 images to {lib} (now {1 + kept + 200} images" in again.stdout
+    else:
+        assert "the same command again adds the rest" in err
+        assert f"added {199 - kept} images to {lib} (now 200 images of 2 labels)" in again.stdout
+        assert f"skipped {kept + 1} duplicates" in again.stdout
+
+
+def test_a_stop_just_after_a_write_commits_counts_that_write(models, tmp_path, monkeypatch):
+    """Ctrl-C while a committed part goes into the live index (on HNSW a second or so),
+    before its write returns: the part is in the library, and the count says so."""
+    photos = make_images(tmp_path / "photos", 6)
+    lib = tmp_path / "lib"
+    built = shitu("index", "build", photos[0], "--label", "old", "--model", models[128],
+                  "--out", lib, "--index-type", "HNSW32")  # fmt: skip
+    assert built.returncode == 0, built.stderr
+    publish = FaissBackend.publish
+    published = []
+
+    def ctrl_c_in_the_second_publish(self: FaissBackend, manifest: object) -> None:
+        publish(self, manifest)
+        published.append(manifest)
+        if len(published) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(FaissBackend, "publish", ctrl_c_in_the_second_publish)
+    monkeypatch.setattr(index_cli, "ADD_PART", 2)
+    stopped = shitu("index", "add", lib, tmp_path / "photos", "--label", "new", "--model",
+                    models[128])  # fmt: skip
+    assert stopped.returncode == 130, stopped.stderr
+    assert f"note: 4 of the 5 images to add were added to {lib} before" in stopped.stderr
+    monkeypatch.undo()
+    with Gallery.open(lib) as gallery:
+        assert len(gallery) == 1 + 4
 
 
 def test_a_terminated_build_unwinds_and_ends_by_the_signal(models, grocery, tmp_path):

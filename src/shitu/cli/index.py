@@ -41,6 +41,16 @@ from shitu.index.embedder import Embedder
 from shitu.index.gallery import LIBRARY_FILE
 
 SHOWN_PROBLEMS = 10
+# `index add` writes the library every ADD_PART images it embeds, so that an add stopped by
+# Ctrl-C, a crash or a failed write keeps the parts it wrote, and the same command again adds
+# the rest (the images written are skipped as duplicates); `index build` stays all or nothing.
+# A part is well under a minute of embedding with the shipped model (100+ images/s on 2 CPU
+# cores), and writing it costs little beside that, since a write keeps the Faiss index file
+# until the rows added since pass a tenth of the library: 40,960 random 512-d vectors added
+# in parts of 2,048 took at most 0.03 ms per vector more than in one write to Flat and HNSW32
+# libraries, empty or of 100k (IVFPQ, empty: 0.3 ms, trained again as it grew 4x; 1 thread,
+# 2-core Intel Xeon host), against some 10 ms per image of embedding.
+ADD_PART = 2048
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -107,7 +117,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_image_arguments(build)
     build.set_defaults(func=run_build)
 
-    add = commands.add_parser("add", help="add images (files, folders, label files)")
+    add = commands.add_parser(
+        "add",
+        help="add images (files, folders, label files)",
+        description=f"Embed images and add them to a library, writing it every {ADD_PART:,} "
+        "images: an add that is stopped keeps what it wrote, and the same command again adds "
+        "the rest (it skips the images the library has, unless --allow-duplicates).",
+    )
     add.add_argument("library", type=Path)
     add.add_argument("sources", type=Path, nargs="+", help="images, folders or label files")
     add.add_argument("--label", help="label for every given image and folder")
@@ -339,7 +355,13 @@ def _build(
             backend_options=options,
         ) as gallery:
             try:
-                report = _add_files(args, gallery, model, items)
+                report = gallery.add_files(
+                    model,
+                    items,
+                    args.batch_size,
+                    progress=progress_wanted(args),
+                    allow_duplicates=args.allow_duplicates,
+                )
             except BaseException:
                 gallery.discard()  # a Milvus collection half written, outside the folder
                 raise
@@ -366,19 +388,6 @@ def _build(
     fsync_dir(args.out.parent)
     _report(report, args.out, stats)
     return 0
-
-
-def _add_files(
-    args: argparse.Namespace, gallery: Gallery, model: Embedder, items: list[GalleryItem]
-) -> AddReport:
-    """`items` embedded and added as `index build` and `index add` options ask."""
-    return gallery.add_files(
-        model,
-        items,
-        args.batch_size,
-        progress=progress_wanted(args),
-        allow_duplicates=args.allow_duplicates,
-    )
 
 
 def _remove_dead_builds(out: Path) -> None:
@@ -417,10 +426,70 @@ def run_add(args: argparse.Namespace) -> int:
     items = collect_items(args.sources, label=args.label)
     model = _load_model(args)
     with _open_for(args, model) as gallery:
-        report = _add_files(args, gallery, model, items)
+        report = _add_in_parts(args, gallery, model, items)
         stats = gallery.stats()
     _report(report, args.library, stats)
     return 1 if report.failures and not len(report.ids) else 0  # nothing could be added
+
+
+def _add_in_parts(
+    args: argparse.Namespace, gallery: Gallery, model: Embedder, items: list[GalleryItem]
+) -> AddReport:
+    """`items` embedded and added ADD_PART at a time, each part one write, under one
+    progress bar and reported as one add; stopped (Ctrl-C, an error), it says what the
+    parts written keep and how to add the rest."""
+    from shitu.progress import ImageProgress
+
+    checked = gallery.check_files(items, args.allow_duplicates)
+    report = checked.report()
+    files = checked.files
+    try:
+        # No bar where nothing is to be embedded (all duplicates), as one write draws none
+        with ImageProgress(len(files), progress_wanted(args) and bool(files)) as bar:
+            for start in range(0, len(files), ADD_PART):
+                part = files[start : start + ADD_PART]
+                written = gallery.add_checked_files(
+                    model, part, args.batch_size, bar, args.allow_duplicates
+                )
+                report.include(written)
+    except BaseException:
+        added = _added_before_the_stop(args, gallery, files, len(report.ids))
+        if added:
+            _say_what_is_kept(args, added, len(files))
+        raise
+    return report
+
+
+def _added_before_the_stop(
+    args: argparse.Namespace, gallery: Gallery, files: list[tuple[GalleryItem, str]], reported: int
+) -> int:
+    """How many of `files` a stopped add wrote. A stop after a write's commit but before
+    its report (while the index takes the rows in: a second for a part on HNSW) leaves
+    that part out of the reports, so they are counted in the library by their content,
+    new to it in an add that skips duplicates; with --allow-duplicates, from the reports."""
+    if args.allow_duplicates:
+        return reported
+    try:
+        return len(gallery.stored_hashes([digest for _, digest in files]))
+    except Exception:  # what stopped the add may keep the library from being read
+        return reported
+
+
+def _say_what_is_kept(args: argparse.Namespace, added: int, total: int) -> None:
+    """On stderr, before the command's `interrupted` or `error:` line."""
+    if args.allow_duplicates:
+        again = (
+            "the same command again would add them a second time (--allow-duplicates): give "
+            f"it the rest only (`shitu index list {args.library} --images` lists the "
+            "library's images)"
+        )
+    else:
+        again = "the same command again adds the rest (it skips the images the library has)"
+    print(
+        f"note: {added} of the {count_of(total, 'image')} to add were added to {args.library} "
+        f"before the add stopped, and are kept; {again}",
+        file=sys.stderr,
+    )
 
 
 def run_remove(args: argparse.Namespace) -> int:

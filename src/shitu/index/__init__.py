@@ -1,7 +1,7 @@
 """Gallery library: persistent, incremental, crash-safe labelled features with vector search."""
 
 from shitu.index.embedder import Embedder, Extraction
-from shitu.index.gallery import AddReport, Catalog, Gallery, SearchResult
+from shitu.index.gallery import AddReport, Catalog, FilesToAdd, Gallery, SearchResult
 from shitu.index.labels import GalleryItem, collect_items
 from shitu.index.manifest import INDEX_TYPES, METRICS, Manifest
 
@@ -12,6 +12,7 @@ __all__ = [
     "Catalog",
     "Embedder",
     "Extraction",
+    "FilesToAdd",
     "Gallery",
     "GalleryItem",
     "Manifest",

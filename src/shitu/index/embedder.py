@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from shitu.progress import ImageProgress
 
 
 class Extraction(Protocol):
@@ -24,7 +27,8 @@ class Embedder(Protocol):
     preprocessing: dict[str, Any]
 
     def extract_files(
-        self, paths: Sequence[str], batch_size: int = 32, progress: bool = False
+        self, paths: Sequence[str], batch_size: int = 32, progress: bool | ImageProgress = False
     ) -> Extraction:
-        """Features of the readable files, in order, and the (path, reason) of the others."""
+        """Features of the readable files, in order, and the (path, reason) of the others.
+        `progress`: draw a bar, or advance the one given."""
         ...

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from numbers import Integral
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
@@ -39,6 +39,9 @@ from shitu.index.manifest import (
 )
 from shitu.index.metadata import ImageEntry, MetadataStore, NewImage
 from shitu.vectors import l2_normalize
+
+if TYPE_CHECKING:
+    from shitu.progress import ImageProgress
 
 LIBRARY_FILE = "gallery.sqlite"
 T = TypeVar("T")
@@ -89,6 +92,26 @@ class AddReport:
     ids: np.ndarray
     duplicates: list[str] = field(default_factory=list)
     failures: list[tuple[str, str]] = field(default_factory=list)
+
+    def include(self, later: AddReport) -> None:
+        """Count in a later write of the same add (an add committed in parts)."""
+        self.ids = np.concatenate([self.ids, later.ids])
+        self.duplicates += later.duplicates
+        self.failures += later.failures
+
+
+@dataclass(frozen=True)
+class FilesToAdd:
+    """What `Gallery.check_files` found: the files to embed, each with its content hash,
+    and those left out, as an AddReport names them."""
+
+    files: list[tuple[GalleryItem, str]]
+    duplicates: list[str]
+    failures: list[tuple[str, str]]
+
+    def report(self) -> AddReport:
+        """A report of the files left out, for the writes that add the rest to extend."""
+        return AddReport(np.zeros(0, np.int64), list(self.duplicates), list(self.failures))
 
 
 def _committed_manifest(
@@ -658,13 +681,29 @@ class Gallery:
         embedder: Embedder,
         items: Sequence[GalleryItem],
         batch_size: int = 32,
-        progress: bool = False,
+        progress: bool | ImageProgress = False,
         allow_duplicates: bool = False,
     ) -> AddReport:
-        """Embed image files and add them; unreadable files are reported, not fatal."""
+        """Embed image files and add them in one write (all or nothing); unreadable files
+        are reported, not fatal. `progress`: draw a bar, or advance the one given."""
+        self.check_embedder(embedder)  # before any file is read
+        checked = self.check_files(items, allow_duplicates)
+        report = checked.report()
+        report.include(
+            self.add_checked_files(embedder, checked.files, batch_size, progress, allow_duplicates)
+        )
+        return report
+
+    def check_files(
+        self, items: Sequence[GalleryItem], allow_duplicates: bool = False
+    ) -> FilesToAdd:
+        """Read each file's content hash, leaving out what an add of `items` does not
+        embed: files that cannot be read (failures), and content the library has or that
+        `items` listed before (duplicates; under another label, a failure that says which
+        label it keeps). `add_checked_files` adds the rest, in one write or in parts (each
+        its own write: an add that keeps what it did when stopped)."""
         self._check_usable()
-        self.check_embedder(embedder)
-        for item in items:  # before any embedding work
+        for item in items:  # before any file is read
             _stored_label(item.label, f"add {item.path}")
         failures: list[tuple[str, str]] = []
         readable: list[tuple[GalleryItem, str]] = []
@@ -695,13 +734,26 @@ class Gallery:
                     listed[digest] = item
                     unique.append((item, digest))
             readable = unique
-        paths = [str(item.path) for item, _ in readable]
+        return FilesToAdd(readable, duplicates, failures)
+
+    def add_checked_files(
+        self,
+        embedder: Embedder,
+        files: Sequence[tuple[GalleryItem, str]],
+        batch_size: int = 32,
+        progress: bool | ImageProgress = False,
+        allow_duplicates: bool = False,
+    ) -> AddReport:
+        """Embed files that `check_files` gave (all, or a part of them) and add them in one
+        write; unreadable ones are reported, and content stored meanwhile is skipped."""
+        self._check_usable()
+        self.check_embedder(embedder)
+        paths = [str(item.path) for item, _ in files]
         if not paths:
-            return AddReport(np.zeros(0, np.int64), duplicates, failures)
+            return AddReport(np.zeros(0, np.int64))
         result = embedder.extract_files(paths, batch_size=batch_size, progress=progress)
-        failures.extend(result.failures)
         failed = {path for path, _ in result.failures}
-        embedded = [(item, digest) for item, digest in readable if str(item.path) not in failed]
+        embedded = [(item, digest) for item, digest in files if str(item.path) not in failed]
         if len(embedded) != len(result.features):
             raise GalleryError(
                 f"embedder returned {len(result.features)} features for {len(embedded)} images"
@@ -713,8 +765,7 @@ class Gallery:
             [digest for _, digest in embedded],
             allow_duplicates=allow_duplicates,
         )
-        report.duplicates = duplicates + report.duplicates
-        report.failures = failures
+        report.failures = list(result.failures)
         return report
 
     def remove(self, ids: Sequence[int] = (), labels: Sequence[str] = ()) -> np.ndarray:

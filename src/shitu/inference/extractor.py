@@ -6,6 +6,7 @@ of the batch being embedded, so preprocessing overlaps with inference.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -18,7 +19,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from tqdm import tqdm
 
 from shitu.data.transforms.ops import UnreadableImageError, image_list
 from shitu.errors import CheckpointError, ConfigError
@@ -44,6 +44,7 @@ from shitu.inference.manifest import (
     read_manifest,
 )
 from shitu.inference.preprocess import Preprocessing
+from shitu.progress import ImageProgress
 from shitu.vectors import l2_normalize
 
 logger = logging.getLogger(__name__)
@@ -225,9 +226,14 @@ class FeatureExtractor:
         return np.concatenate(chunks) if chunks else self._empty()
 
     def extract_files(
-        self, paths: Sequence[str | Path], batch_size: int = 32, progress: bool = False
+        self,
+        paths: Sequence[str | Path],
+        batch_size: int = 32,
+        progress: bool | ImageProgress = False,
     ) -> ExtractionResult:
-        """Embed image files in order; unreadable ones are skipped and listed in `failures`."""
+        """Embed image files in order; unreadable ones are skipped and listed in `failures`.
+        `progress`: draw a bar on stderr, or advance the one given (left open for the
+        caller's next call)."""
         check_count(batch_size, "batch_size")
         runtime = self.backend  # a closed extractor is refused before any decoding
         names = path_list(paths)
@@ -238,7 +244,11 @@ class FeatureExtractor:
         batch: list[np.ndarray] = []
         with (
             ThreadPoolExecutor(self.workers, thread_name_prefix="shitu-decode") as pool,
-            tqdm(total=len(names), unit="img", disable=not progress, dynamic_ncols=True) as bar,
+            (
+                contextlib.nullcontext(progress)
+                if isinstance(progress, ImageProgress)
+                else ImageProgress(len(names), progress)
+            ) as bar,
         ):
             pending: deque[tuple[str, Future[np.ndarray]]] = deque()
             upcoming = iter(names)
@@ -259,8 +269,7 @@ class FeatureExtractor:
                     embedded.append(name)
                 except (UnreadableImageError, cv2.error) as exc:
                     failures.append((name, str(exc).strip()))
-                    bar.update(1)
-                    bar.set_postfix(skipped=len(failures))
+                    bar.skip()
                 if len(batch) == batch_size or (not pending and batch):
                     features.append(self._embed(runtime, batch))
                     bar.update(len(batch))
