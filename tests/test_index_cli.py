@@ -440,7 +440,10 @@ def test_an_interrupted_add_keeps_the_parts_written(models, tmp_path, allow_dupl
         assert f"skipped {kept + 1} duplicates" in again.stdout
 
 
-def test_a_stop_just_after_a_write_commits_counts_that_write(models, tmp_path, monkeypatch):
+@pytest.mark.parametrize("allow_duplicates", [False, True])
+def test_a_stop_just_after_a_write_commits_counts_that_write(
+    models, tmp_path, monkeypatch, allow_duplicates
+):
     """Ctrl-C while a committed part goes into the live index (on HNSW a second or so),
     before its write returns: the part is in the library, and the count says so."""
     photos = make_images(tmp_path / "photos", 6)
@@ -460,9 +463,10 @@ def test_a_stop_just_after_a_write_commits_counts_that_write(models, tmp_path, m
     monkeypatch.setattr(FaissBackend, "publish", ctrl_c_in_the_second_publish)
     monkeypatch.setattr(index_cli, "ADD_PART", 2)
     stopped = shitu("index", "add", lib, tmp_path / "photos", "--label", "new", "--model",
-                    models[128])  # fmt: skip
+                    models[128], *(["--allow-duplicates"] if allow_duplicates else []))  # fmt: skip
     assert stopped.returncode == 130, stopped.stderr
-    assert f"note: 4 of the 5 images to add were added to {lib} before" in stopped.stderr
+    to_add = 6 if allow_duplicates else 5  # photo 0 is the library's already
+    assert f"note: 4 of the {to_add} images to add were added to {lib} before" in stopped.stderr
     monkeypatch.undo()
     with Gallery.open(lib) as gallery:
         assert len(gallery) == 1 + 4

@@ -443,6 +443,7 @@ def _add_in_parts(
     checked = gallery.check_files(items, args.allow_duplicates)
     report = checked.report()
     files = checked.files
+    images_before = _images_on_disk(args.library) if args.allow_duplicates else 0
     try:
         # No bar where nothing is to be embedded (all duplicates), as one write draws none
         with ImageProgress(len(files), progress_wanted(args) and bool(files)) as bar:
@@ -453,7 +454,7 @@ def _add_in_parts(
                 )
                 report.include(written)
     except BaseException:
-        added = _added_before_the_stop(args, gallery, files, len(report.ids))
+        added = _added_before_the_stop(args, gallery, files, images_before, len(report.ids))
         if added:
             _say_what_is_kept(args, added, len(files))
         raise
@@ -461,18 +462,29 @@ def _add_in_parts(
 
 
 def _added_before_the_stop(
-    args: argparse.Namespace, gallery: Gallery, files: list[tuple[GalleryItem, str]], reported: int
+    args: argparse.Namespace,
+    gallery: Gallery,
+    files: list[tuple[GalleryItem, str]],
+    images_before: int,
+    reported: int,
 ) -> int:
     """How many of `files` a stopped add wrote. A stop after a write's commit but before
     its report (while the index takes the rows in: a second for a part on HNSW) leaves
-    that part out of the reports, so they are counted in the library by their content,
-    new to it in an add that skips duplicates; with --allow-duplicates, from the reports."""
-    if args.allow_duplicates:
-        return reported
+    that part out of the reports, so they are counted in the library: by their content,
+    new to it in an add that skips duplicates; with --allow-duplicates, by how much the
+    library grew (another process adding meanwhile would be counted too)."""
     try:
+        if args.allow_duplicates:
+            return _images_on_disk(args.library) - images_before
         return len(gallery.stored_hashes([digest for _, digest in files]))
     except Exception:  # what stopped the add may keep the library from being read
         return reported
+
+
+def _images_on_disk(library: Path) -> int:
+    """Images the library has committed, read from its database (not this process's copy)."""
+    with Catalog(library) as catalog:
+        return int(catalog.stats()["images"])
 
 
 def _say_what_is_kept(args: argparse.Namespace, added: int, total: int) -> None:

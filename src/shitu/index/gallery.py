@@ -686,6 +686,7 @@ class Gallery:
     ) -> AddReport:
         """Embed image files and add them in one write (all or nothing); unreadable files
         are reported, not fatal. `progress`: draw a bar, or advance the one given."""
+        self._check_usable()
         self.check_embedder(embedder)  # before any file is read
         checked = self.check_files(items, allow_duplicates)
         report = checked.report()
