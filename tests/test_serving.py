@@ -29,7 +29,7 @@ import pytest
 from PIL import Image
 
 from shitu.cli.main import main as shitu_main
-from shitu.errors import GalleryError
+from shitu.errors import DataError, GalleryError
 from shitu.index import Gallery, metadata
 from shitu.inference.preprocess import read_rgb
 from shitu.pipeline import Recognizer, load_pipeline_config
@@ -760,7 +760,9 @@ def test_concurrent_recognition_and_additions_lose_nothing(serving_library, clie
     assert batches < photos
 
 
-def local_config(serving_library: DemoLibrary, gallery: Path):
+def local_config(
+    serving_library: DemoLibrary, gallery: Path, detector: str | Path = "plain-background"
+):
     """The pipeline config of a service in this process, on a copy of the demo library."""
     shutil.copytree(serving_library.gallery, gallery)
     return load_pipeline_config(
@@ -768,9 +770,48 @@ def local_config(serving_library: DemoLibrary, gallery: Path):
         [
             f"IndexProcess.index_dir={gallery}",
             f"Global.rec_inference_model_dir={serving_library.model}",
-            "Global.det_inference_model_dir=plain-background",
+            f"Global.det_inference_model_dir={detector}",
         ],
     )
+
+
+@pytest.fixture
+def picodet_config(serving_library, grocery, tmp_path):
+    """`local_config` with the real PicoDet-S, a detector that holds an onnxruntime session."""
+    model = grocery.parent.parent / "models" / "picodet_s_coco" / "picodet_s_320_coco.onnx"
+    return local_config(serving_library, tmp_path / "gallery", model)
+
+
+def test_closing_the_service_releases_the_model_detector_and_library_once(picodet_config, tmp_path):
+    with RecognitionService(picodet_config, ServeSettings(upload_dir=tmp_path / "up")) as service:
+        gallery = service.library.gallery
+        service.recognize(np.zeros((64, 64, 3), np.uint8)).result()
+        service.close()  # as the app's shutdown does, before the block ends
+    assert "closed" in repr(service.extractor)
+    assert repr(service.recognizer.detector) == "OnnxDetector(closed)"
+    assert repr(gallery).endswith(", closed>")
+
+
+def test_a_service_refused_at_start_releases_the_model_it_loaded(
+    picodet_config, tmp_path, monkeypatch
+):
+    """The upload folder is checked once the recogniser is loaded: refusing it closes that."""
+    loaded: list[Recognizer] = []
+    load = Recognizer.from_config
+
+    def load_and_keep(config):
+        loaded.append(load(config))
+        return loaded[-1]
+
+    monkeypatch.setattr(Recognizer, "from_config", load_and_keep)
+    blocker = tmp_path / "a file"
+    blocker.write_text("in the way")
+    with pytest.raises(DataError, match="is a file, not a folder"):
+        RecognitionService(picodet_config, ServeSettings(upload_dir=blocker / "uploads"))
+    (recognizer,) = loaded
+    assert "closed" in repr(recognizer.extractor)
+    assert repr(recognizer.detector) == "OnnxDetector(closed)"
+    assert repr(recognizer.gallery).endswith(", closed>")
 
 
 def test_a_failed_add_leaves_no_upload_file_behind(serving_library, tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import re
+import threading
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -78,7 +79,7 @@ class RecognitionService:
     """The recogniser (detector, embedding model, gallery) behind the HTTP API.
 
     Use as a context manager, or call `close()`: it stops the inference thread and closes
-    the library.
+    the model, detector and library that it opened.
     """
 
     def __init__(
@@ -89,6 +90,7 @@ class RecognitionService:
     ) -> None:
         self.settings = settings
         self.library = SharedLibrary()
+        recognizer: Recognizer | None = None
         try:
             # Built on the library's thread, so the gallery's SQLite connection belongs to it.
             recognizer = self.library.run(lambda: Recognizer.from_config(config))
@@ -96,8 +98,10 @@ class RecognitionService:
             # images added over HTTP go here: refused now, not as a failure of each upload
             check_writable(settings.upload_dir, "the upload folder (--upload-dir)")
         except BaseException:
-            self.library.close()
+            self.library.close(recognizer.close if recognizer is not None else None)
             raise
+        self._closing = threading.Lock()
+        self._closed = False
         recognizer.gallery = self.library  # type: ignore[assignment]  # searches take its lock
         self.recognizer = recognizer
         self.extractor = recognizer.extractor
@@ -109,8 +113,15 @@ class RecognitionService:
         self.upload_dir = settings.upload_dir.resolve()
 
     def close(self) -> None:
-        self.batcher.close()
-        self.library.close()
+        """Finish the queued model calls and stop the inference thread, then close the
+        recogniser (model, detector and library) on the library's thread; later calls do
+        nothing (the app's shutdown and a `with` block may both close it)."""
+        with self._closing:
+            if self._closed:
+                return
+            self._closed = True
+            self.batcher.close()
+            self.library.close(self.recognizer.close)
 
     def __enter__(self) -> RecognitionService:
         return self
