@@ -339,7 +339,6 @@ def test_bad_uploads_get_clear_errors(serving_library, client):
         "bad label": (add_labelled("a\tb"), 400, "control characters"),
         # splitlines() breaks label files on a line separator
         "line separator label": (add_labelled("a\u2028b"), 400, "control characters"),
-        "dot-dot label": (add_labelled(".."), 400, "'..' cannot be a label"),
         "index type": (
             client.post("/v1/gallery/rebuild", json={"index_type": "LSH"}, headers=WRITE),
             400,
@@ -412,6 +411,33 @@ def test_unknown_labels_and_images_are_404(client):
         assert "no gallery image" in response.json()["detail"]
     rename = client.patch("/v1/gallery/labels/No Such Thing", json={"label": "x"}, headers=WRITE)
     assert rename.status_code == 404
+
+
+AWKWARD_LABELS = [".", "..", "a//b", "../x", "#1", "?", "50% off", "a+b", "/", " é / 食品 "]
+
+
+def test_every_label_is_reachable_with_the_label_in_the_query(server, client):
+    """A URL path cannot carry '.' or '..' (clients resolve them away) nor '//' (proxies merge
+    it): /v1/gallery/label?label=NAME reaches every label, to list, rename and remove it."""
+    images = make_images(server.work / "awkward", len(AWKWARD_LABELS), seed=41)
+    for label, image in zip(AWKWARD_LABELS, images, strict=True):
+        files = {"image": (image.name, image.read_bytes(), "image/png")}
+        added = client.post("/v1/gallery/images", data={"label": label}, files=files, headers=WRITE)
+        assert added.status_code == 201 and added.json()["label"] == label.strip(), added.text
+        label = label.strip()
+        listed = client.get("/v1/gallery/label", params={"label": label})
+        assert listed.status_code == 200, (label, listed.text)
+        assert listed.json()["label"] == label and listed.json()["count"] == 1
+        renamed = client.patch(
+            "/v1/gallery/label", params={"label": label}, json={"label": f"{label}!"}, headers=WRITE
+        )
+        assert renamed.json() == {"old": label, "new": f"{label}!", "count": 1}, label
+        removed = client.delete("/v1/gallery/label", params={"label": f"{label}!"}, headers=WRITE)
+        assert len(removed.json()["removed"]) == 1, (label, removed.text)
+    assert client.get("/v1/gallery/label", params={"label": "."}).status_code == 404
+    assert (
+        client.get("/v1/gallery/label").json()["detail"] == "invalid query: label: Field required"
+    )
 
 
 def test_size_and_pixel_limits(server, client):

@@ -397,7 +397,7 @@ def test_the_page_fits_a_phone_screen(serving_library, server, phone):
     assert add.text == "Add" and add.rect["x"] + add.rect["width"] <= 390
 
 
-# The page's fetch, wrapped: the answer to the next request arguments[0] (method and path,
+# The page's fetch, wrapped: the answer to the next request arguments[0] (method, path and query,
 # "POST /v1/recognize") is held until the test lets it through (RELEASE_HELD), so that it
 # arrives after later answers, or so that the page can be seen waiting for it.
 HOLD_NEXT = """
@@ -407,8 +407,8 @@ if (!window.realFetch) {
   window.realFetch = window.fetch;
   window.fetch = (url, options = {}) => {
     const answer = window.realFetch(url, options);
-    const path = new URL(url, document.baseURI).pathname; // the page's URLs are relative
-    if (`${options.method || "GET"} ${path}` !== window.holding) return answer;
+    const { pathname, search } = new URL(url, document.baseURI); // the page's URLs are relative
+    if (`${options.method || "GET"} ${pathname}${search}` !== window.holding) return answer;
     window.holding = null;
     return new Promise((resolve) => {
       window.release = () => { resolve(answer); return answer; };
@@ -683,7 +683,7 @@ def test_edits_say_what_they_are_doing_while_they_wait(serving_library, server, 
     status = browser.find_element(By.ID, "label-status")
     rename = browser.find_element(By.ID, "rename-input")
     rename.clear()
-    browser.execute_script(HOLD_NEXT, "PATCH /v1/gallery/labels/Held")
+    browser.execute_script(HOLD_NEXT, "PATCH /v1/gallery/label?label=Held")
     rename.send_keys("Held on", Keys.ENTER)
     wait(browser, held, "the rename sent")
     assert status.text == 'renaming "Held"…'
@@ -699,7 +699,7 @@ def test_edits_say_what_they_are_doing_while_they_wait(serving_library, server, 
     assert status.text == f"deleting image #{image_id}…"
     browser.execute_async_script(RELEASE_HELD)
     wait(browser, lambda d: title.text == "Held on (1 image)", "the image deleted")
-    browser.execute_script(HOLD_NEXT, "DELETE /v1/gallery/labels/Held%20on")
+    browser.execute_script(HOLD_NEXT, "DELETE /v1/gallery/label?label=Held+on")
     browser.find_element(By.ID, "delete-label").click()
     browser.switch_to.alert.accept()
     wait(browser, held, "the label's delete sent")
@@ -727,6 +727,33 @@ def test_a_label_removed_elsewhere_leaves_the_list(server, browser, tmp_path):
     wait(browser, lambda d: not d.find_elements(By.CSS_SELECTOR, '#labels button[data-label="Gone"]'),
          "the label gone from the list")  # fmt: skip
     assert browser.find_element(By.ID, "label-title").text == "Choose a label"
+
+
+def test_labels_a_url_path_cannot_carry_are_shown_and_edited(server, browser, tmp_path):
+    """'.' and '..' (the browser resolves them out of a path, encoded too), '//', and '#',
+    '?', '%', '+': each label's images are shown, and '..' is deleted from the page."""
+    names = [".", "..", "a//b", "#1 ?% + x"]
+    images = make_images(tmp_path, len(names), seed=43)
+    with httpx.Client(base_url=server.url, headers={"X-API-Key": KEY}, timeout=60) as client:
+        for name, image in zip(names, images, strict=True):
+            files = {"image": (image.name, image.read_bytes(), "image/png")}
+            added = client.post("/v1/gallery/images", data={"label": name}, files=files)
+            assert added.status_code == 201 and added.json()["added"], added.text
+    open_page(browser, server)
+    for name in names:
+        choose_label(browser, name)
+        assert browser.find_element(By.ID, "label-title").text == f"{name} (1 image)"
+        wait(browser, lambda d: loaded_thumbnails(d) == 1, f"the image of {name!r} shown")
+    choose_label(browser, "..")
+    browser.find_element(By.ID, "delete-label").click()
+    browser.switch_to.alert.accept()
+    status = browser.find_element(By.ID, "label-status")
+    wait(browser, lambda d: status.text == "deleted 1 image", "the label deleted")
+    with httpx.Client(base_url=server.url, headers={"X-API-Key": KEY}, timeout=60) as client:
+        listed = [entry["label"] for entry in client.get("/v1/gallery/labels").json()["labels"]]
+        assert [name for name in names if name in listed] == [".", "a//b", "#1 ?% + x"]
+        for name in [".", "a//b", "#1 ?% + x"]:
+            client.delete("/v1/gallery/label", params={"label": name}).raise_for_status()
 
 
 def test_a_failed_recognition_leaves_no_photo_behind(serving_library, server, browser, tmp_path):

@@ -9,11 +9,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from itertools import groupby
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exception_handlers import http_exception_handler
@@ -46,6 +46,7 @@ from shitu.serving.images import decode_image
 from shitu.serving.metrics import CONTENT_TYPE, Metrics, MetricsMiddleware
 from shitu.serving.service import RecognitionService, Upload, check_label
 
+F = TypeVar("F", bound=Callable[..., Any])
 logger = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 # The web page may only load what this server serves (and show images it made itself).
@@ -61,6 +62,8 @@ DOCS_ASSETS = "/static-offline-docs"  # Swagger UI's and ReDoc's files, which fa
 FAVICON = "static/favicon.svg"
 THUMBNAIL_SIZES = (16, 512)
 LABEL_PAGE = 200
+LABEL_IN_PATH = "/v1/gallery/labels/{label:path}"
+LABEL_IN_QUERY = "/v1/gallery/label"  # ?label=NAME
 REQUEST_PIXELS_FACTOR = 4  # all images of one request together: at most 4 times the per-image limit
 # FastAPI parses a body as JSON when it is sent as that, or with no content type.
 JSON_TYPE = re.compile(r"|application/json|application/[^/]+\+json")
@@ -186,6 +189,19 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+    def label_route(method: str, **options: Any) -> Callable[[F], F]:
+        """Register an operation on one label at both its addresses: the label as the end of
+        the path (`/v1/gallery/labels/NAME`), and as the query's `label`
+        (`/v1/gallery/label?label=NAME`), which carries every label: a path cannot carry '.'
+        or '..' (clients resolve them away, even encoded), nor '//' (proxies merge it)."""
+
+        def register(operation: F) -> F:
+            for path in (LABEL_IN_PATH, LABEL_IN_QUERY):
+                app.api_route(path, methods=[method], **options)(operation)
+            return operation
+
+        return register
 
     async def decode(uploads: RawUploads) -> list[Upload]:
         """Decoded uploads, each one the model can take; each within the pixel limit, and all
@@ -344,8 +360,8 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
             ],
         )
 
-    @app.get(
-        "/v1/gallery/labels/{label:path}",
+    @label_route(
+        "GET",
         response_model=schemas.LabelImagesResponse,
         dependencies=read_access,
         responses=ERRORS,
@@ -434,8 +450,8 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
         entry = await run_in_threadpool(service.remove_image, image_id)
         return schemas.RemovedResponse(removed=[entry.id])
 
-    @app.delete(
-        "/v1/gallery/labels/{label:path}",
+    @label_route(
+        "DELETE",
         response_model=schemas.RemovedResponse,
         dependencies=write_access,
         responses=ERRORS,
@@ -445,8 +461,8 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
         """Remove every image of a label."""
         return schemas.RemovedResponse(removed=await run_in_threadpool(service.remove_label, label))
 
-    @app.patch(
-        "/v1/gallery/labels/{label:path}",
+    @label_route(
+        "PATCH",
         response_model=schemas.RenamedResponse,
         dependencies=write_access,
         responses=ERRORS,

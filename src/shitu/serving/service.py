@@ -63,15 +63,13 @@ class AddOutcome:
 
 def check_label(label: str) -> str:
     """A label as the library stores it (`shitu.index.labels.check_label`), short enough for a
-    request and addressable in a URL path."""
+    request."""
     try:
         label = check_stored_label(label)
     except BadLabelError as exc:
         raise BadRequest(str(exc)) from None
     if len(label) > MAX_LABEL_LENGTH:
         raise BadRequest(f"the label is longer than {MAX_LABEL_LENGTH} characters")
-    if label in (".", ".."):  # a URL path segment that browsers resolve away
-        raise BadRequest(f"'{label}' cannot be a label: it could not be addressed in a URL")
     return label
 
 

@@ -51,8 +51,12 @@ function plural(count, noun) {
   return `${count} ${noun}${count === 1 ? "" : "s"}`;
 }
 
-function labelPath(label) {
-  return `v1/gallery/labels/${encodeURIComponent(label)}`;
+// The label goes in the query: a path cannot carry "." or ".." (the browser resolves them
+// away, encoded as %2E too), nor "//" (a proxy may merge it).
+function labelPath(label, offset = 0) {
+  const query = new URLSearchParams({ label });
+  if (offset) query.set("offset", offset);
+  return `v1/gallery/label?${query}`;
 }
 
 // Made here rather than taken from the API's `thumbnail`, which is only right under a proxy
@@ -365,7 +369,7 @@ function offerMore(label, choice, shown, count) {
   more.addEventListener("click", () => attempt(async () => {
     more.disabled = true; // one page per click
     try {
-      const page = await api(`${labelPath(label)}?offset=${shown}`);
+      const page = await api(labelPath(label, shown));
       if (choice !== selection) return; // the grid shows another choice now
       more.remove();
       appendThumbs(label, page.images);
