@@ -270,8 +270,20 @@ def test_recognise_and_edit_the_gallery_in_the_page(serving_library, server, bro
     assert not errors, errors
 
 
+# The page's fetch, wrapped to count the thumbnails it asks for (window.thumbnailFetches).
+COUNT_THUMBNAIL_FETCHES = """
+window.thumbnailFetches = 0;
+const realFetch = window.fetch;
+window.fetch = (url, options) => {
+  if (String(url).includes("/thumbnail")) window.thumbnailFetches++;
+  return realFetch(url, options);
+};
+"""
+
+
 def test_a_label_with_more_images_than_a_page(server, browser, tmp_path):
-    """The first 200 images, then a button for the rest."""
+    """The first 200 images, then a button for the rest; thumbnails are fetched as they
+    come near the screen."""
     images = make_images(tmp_path / "many", 205, seed=5)
     with httpx.Client(base_url=server.url, headers={"X-API-Key": KEY}, timeout=120) as client:
         for start in range(0, len(images), 32):
@@ -286,11 +298,19 @@ def test_a_label_with_more_images_than_a_page(server, browser, tmp_path):
     key.send_keys(KEY, Keys.TAB)
     wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, '#labels button[data-label="Many"]'),
          "the new label listed")  # fmt: skip
+    browser.execute_script(COUNT_THUMBNAIL_FETCHES)
     # Found and clicked in one step: the list may be drawn again (two loads at start).
     browser.execute_script(
         """document.querySelector('#labels button[data-label="Many"]').click()"""
     )
     wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "figure.thumb")) == 200, "page 1")
+    # Thumbnails are fetched as they near the screen, not 200 at once.
+    wait(browser, lambda d: loaded_thumbnails(d) > 0, "the first thumbnails shown")
+    assert 0 < browser.execute_script("return window.thumbnailFetches") < 200
+    last = browser.find_elements(By.CSS_SELECTOR, "figure.thumb img")[-1]
+    browser.execute_script("arguments[0].scrollIntoView()", last)
+    wait(browser, lambda d: d.execute_script("return arguments[0].naturalWidth", last) > 0,
+         "the last thumbnail shown once scrolled to")  # fmt: skip
     more = browser.find_element(By.CSS_SELECTOR, "#thumbs button.more")
     assert more.text == "show more (200 of 205 shown)"
     browser.execute_script("arguments[0].focus()", more)  # by keyboard
@@ -386,6 +406,8 @@ def test_the_page_fits_a_phone_screen(serving_library, server, phone):
     phone.find_element(By.ID, "photo").send_keys(str(shelf))
     wait(phone, lambda d: len(texts(d, "#results li")) == len(products), "results shown")
     choose_label(phone, "Many")  # the longest list: 200 thumbnails and a button for more
+    # Below the label list: fetched once scrolled to.
+    phone.execute_script("document.getElementById('thumbs').scrollIntoView()")
     wait(phone, lambda d: loaded_thumbnails(d) >= 4, "thumbnails shown")
     assert not overflowing(phone)
     # One column: the thumbnails are below the label list, not beside it.

@@ -337,6 +337,23 @@ function renderLabels() {
   }
 }
 
+// Thumbnails are fetched (by the page, which sends the API key) as they near the screen:
+// fetched all at once, a page of 200 would hold every later request up behind them.
+const pendingThumbs = new WeakMap(); // figure -> what fetches its thumbnail
+const thumbsInView = new IntersectionObserver((entries) => {
+  for (const { target, isIntersecting } of entries) {
+    if (!isIntersecting) continue;
+    thumbsInView.unobserve(target);
+    pendingThumbs.get(target)();
+  }
+}, { rootMargin: "300px" });
+
+function clearThumbs() {
+  thumbsInView.disconnect();
+  thumbUrls.splice(0).forEach((url) => URL.revokeObjectURL(url));
+  $("thumbs").replaceChildren();
+}
+
 async function thumbnail(image) {
   const blob = await api(`${imagePath(image.id)}/thumbnail?size=240`);
   const url = URL.createObjectURL(blob);
@@ -354,8 +371,7 @@ async function selectLabel(label) {
   $("rename-form").hidden = false;
   $("rename-input").value = label;
   $("add-label").value = label;
-  thumbUrls.splice(0).forEach((url) => URL.revokeObjectURL(url));
-  $("thumbs").replaceChildren();
+  clearThumbs();
   appendThumbs(label, body.images);
   offerMore(label, choice, body.images.length, body.count);
 }
@@ -413,7 +429,9 @@ function appendThumbs(label, images) {
     }, "label-status"));
     figure.append(img, caption, remove);
     grid.append(figure);
-    thumbnail(image).then((url) => { img.src = url; }, () => { img.alt = "(no preview)"; });
+    pendingThumbs.set(figure, () => thumbnail(image).then(
+      (url) => { img.src = url; }, () => { img.alt = "(no preview)"; }));
+    thumbsInView.observe(figure);
   }
 }
 
@@ -430,7 +448,7 @@ async function refresh(label) {
       ? "Choose a label"
       : "The gallery is empty: add images below";
     $("rename-form").hidden = true;
-    $("thumbs").replaceChildren();
+    clearThumbs();
     renderLabels();
   }
 }
