@@ -818,10 +818,14 @@ def test_closing_the_service_releases_the_model_detector_and_library_once(picode
     assert repr(gallery).endswith(", closed>")
 
 
+@pytest.mark.parametrize(
+    "refused, error",
+    [("upload folder", "is a file, not a folder"), ("batch size", "max_batch must be at least 1")],
+)
 def test_a_service_refused_at_start_releases_the_model_it_loaded(
-    picodet_config, tmp_path, monkeypatch
+    picodet_config, tmp_path, monkeypatch, refused, error
 ):
-    """The upload folder is checked once the recogniser is loaded: refusing it closes that."""
+    """Checked once the recogniser is loaded: refusing the settings closes it."""
     loaded: list[Recognizer] = []
     load = Recognizer.from_config
 
@@ -832,8 +836,13 @@ def test_a_service_refused_at_start_releases_the_model_it_loaded(
     monkeypatch.setattr(Recognizer, "from_config", load_and_keep)
     blocker = tmp_path / "a file"
     blocker.write_text("in the way")
-    with pytest.raises(DataError, match="is a file, not a folder"):
-        RecognitionService(picodet_config, ServeSettings(upload_dir=blocker / "uploads"))
+    settings = (
+        ServeSettings(upload_dir=blocker / "uploads")
+        if refused == "upload folder"
+        else ServeSettings(upload_dir=tmp_path / "uploads", max_batch=0)
+    )
+    with pytest.raises((DataError, ValueError), match=error):
+        RecognitionService(picodet_config, settings)
     (recognizer,) = loaded
     assert "closed" in repr(recognizer.extractor)
     assert repr(recognizer.detector) == "OnnxDetector(closed)"

@@ -95,6 +95,11 @@ class RecognitionService:
             self.library.attach(recognizer.gallery)
             # images added over HTTP go here: refused now, not as a failure of each upload
             check_writable(settings.upload_dir, "the upload folder (--upload-dir)")
+            self.batcher = MicroBatcher(
+                {"recognize": recognizer.recognize_batch, "extract": self._embed},
+                settings.max_batch,
+                observe_batch,
+            )
         except BaseException:
             self.library.close(recognizer.close if recognizer is not None else None)
             raise
@@ -103,11 +108,6 @@ class RecognitionService:
         recognizer.gallery = self.library  # type: ignore[assignment]  # searches take its lock
         self.recognizer = recognizer
         self.extractor = recognizer.extractor
-        self.batcher = MicroBatcher(
-            {"recognize": recognizer.recognize_batch, "extract": self._embed},
-            settings.max_batch,
-            observe_batch,
-        )
         self.upload_dir = settings.upload_dir.resolve()
 
     def close(self) -> None:
