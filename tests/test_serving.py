@@ -440,6 +440,30 @@ def test_every_label_is_reachable_with_the_label_in_the_query(server, client):
     )
 
 
+def test_a_failure_of_the_server_is_answered_as_json_and_logged(server, client):
+    """The server's own failures (here the upload folder turned into a file under it) are
+    a 500 with a JSON detail, as every other error (it was plain text); the log has why."""
+    (image,) = make_images(server.work / "failing", 1, seed=47)
+    uploads, aside = server.gallery / "uploads", server.work / "uploads-aside"
+    if uploads.exists():
+        uploads.rename(aside)
+    uploads.write_text("in the way")
+    try:
+        files = {"image": (image.name, image.read_bytes(), "image/png")}
+        failed = client.post("/v1/gallery/images", data={"label": "F"}, files=files, headers=WRITE)
+    finally:
+        uploads.unlink()
+        if aside.exists():
+            aside.rename(uploads)
+    assert failed.status_code == 500
+    assert failed.json() == {"detail": "the server failed: File exists (its log has the details)"}
+    deadline = time.monotonic() + 30  # the traceback is logged once the answer is sent
+    while "FileExistsError" not in server.log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "FileExistsError" in server.log.read_text()
+    assert client.get("/v1/gallery/label", params={"label": "F"}).status_code == 404
+
+
 def test_size_and_pixel_limits(server, client):
     limit = MAX_UPLOAD_MB << 20
     noise = np.random.default_rng(0).integers(0, 256, (1000, 1000, 3), dtype=np.uint8)

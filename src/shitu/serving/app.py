@@ -150,6 +150,17 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
             logger.error("%s %s failed: %s", request.method, request.url.path, exc)
         return JSONResponse({"detail": str(exc)}, status, headers=headers)
 
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+        """Any other failure is the server's: a 500 as JSON, as every other error is (it was
+        plain text), naming what went wrong where that is the system's word for it (an
+        OSError's: "No space left on device") and no more; the traceback goes to the log
+        (Starlette raises the error again once this answer is sent)."""
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "an internal error"
+        return JSONResponse(
+            {"detail": f"the server failed: {reason} (its log has the details)"}, 500
+        )
+
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         """FastAPI turns any error while it parses a JSON body into 400 "error parsing the
