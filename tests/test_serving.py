@@ -440,6 +440,30 @@ def test_every_label_is_reachable_with_the_label_in_the_query(server, client):
     )
 
 
+def test_browsers_check_a_kept_thumbnail_against_the_file_it_shows(server, client):
+    """Ids start at 1 in every library, so a thumbnail kept for a day showed another library's
+    (or an earlier build's) image under this one's id: now the browser asks each time, by
+    ETag, and gets 304 while the file is the same, the new picture once it is not."""
+    first, second = make_images(server.work / "replaced", 2, seed=53)
+    files = {"image": (first.name, first.read_bytes(), "image/png")}
+    added = client.post("/v1/gallery/images", data={"label": "T"}, files=files, headers=WRITE)
+    (image,) = added.json()["added"]
+    thumbnail = f"/v1/gallery/images/{image['id']}/thumbnail"
+    try:
+        shown = client.get(thumbnail)
+        assert shown.headers["cache-control"] == "private, no-cache"
+        kept = {"If-None-Match": shown.headers["etag"]}
+        same = client.get(thumbnail, headers=kept)
+        assert same.status_code == 304 and not same.content
+        stored = server.gallery / "uploads" / image["name"]
+        stored.write_bytes(second.read_bytes())  # another image where this one's file was
+        changed = client.get(thumbnail, headers=kept)
+        assert changed.status_code == 200 and changed.content != shown.content
+        assert changed.headers["etag"] != shown.headers["etag"]
+    finally:
+        client.delete(f"/v1/gallery/images/{image['id']}", headers=WRITE).raise_for_status()
+
+
 def test_a_failure_of_the_server_is_answered_as_json_and_logged(server, client):
     """The server's own failures (here the upload folder turned into a file under it) are
     a 500 with a JSON detail, as every other error (it was plain text); the log has why."""

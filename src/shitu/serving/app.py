@@ -411,15 +411,20 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
         tags=["gallery"],
     )
     async def thumbnail(
+        request: Request,
         image_id: int,
         size: Annotated[int, Query(ge=THUMBNAIL_SIZES[0], le=THUMBNAIL_SIZES[1])] = 160,
     ) -> Response:
         """The stored image, shrunk to fit size x size pixels, as JPEG."""
+        tag = await run_in_threadpool(service.thumbnail_tag, image_id, size)
+        # Kept by the browser, but checked each time: an id names another image in another
+        # library (ids start at 1 in each), which may be served later at the same address.
+        headers = {"Cache-Control": "private, no-cache", **({"ETag": tag} if tag else {})}
+        known = request.headers.get("if-none-match", "").split(",")
+        if tag and tag in {known_tag.strip().removeprefix("W/") for known_tag in known}:
+            return Response(status_code=304, headers=headers)
         data = await run_in_threadpool(service.thumbnail, image_id, size)
-        # Ids are never reused, so an id's image never changes.
-        return Response(
-            data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400"}
-        )
+        return Response(data, media_type="image/jpeg", headers=headers)
 
     # ---------------------------------------------------------------------- gallery writes
 
