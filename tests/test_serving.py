@@ -722,6 +722,16 @@ def test_page_and_docs_load_nothing_from_elsewhere(client):
         assert image_field(many)["items"] == {"type": "string", "format": "binary"}
 
 
+def test_the_page_is_checked_for_a_new_version_on_each_load(client):
+    """Without Cache-Control a browser kept the page's script for a tenth of its file's age
+    (days, for an installed package) and ran it, after an upgrade, against the new server."""
+    for path in ("/", "/static/app.js", "/static/style.css"):
+        assert client.get(path).headers["cache-control"] == "no-cache", path
+    script = client.get("/static/app.js")
+    again = client.get("/static/app.js", headers={"If-None-Match": script.headers["etag"]})
+    assert again.status_code == 304
+
+
 def test_the_openapi_document_is_made_without_warnings(serving_library, tmp_path):
     """Health answers HEAD too, on a route of its own: one route for GET and HEAD gave two
     operations one id, and FastAPI warned of it in the server's log at each /openapi.json."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -25,6 +26,7 @@ from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Scope
 
 from shitu import __version__
 from shitu.errors import ShituError
@@ -61,6 +63,7 @@ DOCS_ASSETS = "/static-offline-docs"  # Swagger UI's and ReDoc's files, which fa
 # Relative to /docs and /redoc, so it is found under a proxy's prefix (--root-path) too.
 FAVICON = "static/favicon.svg"
 THUMBNAIL_SIZES = (16, 512)
+REVALIDATE = "no-cache"  # kept, but checked with the server (by ETag) before each use
 LABEL_PAGE = 200
 LABEL_IN_PATH = "/v1/gallery/labels/{label:path}"
 LABEL_IN_QUERY = "/v1/gallery/label"  # ?label=NAME
@@ -74,6 +77,24 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 # What a request that cannot go wrong otherwise may still get: refused access (with an API
 # key, or --protect-reads for reads), or too many requests in progress.
 ACCESS_ERRORS = {status: ERRORS[status] for status in (401, 403, 503)}
+
+
+class PageFiles(StaticFiles):
+    """The web page's files, which the browser checks again on each load (a 304 where they
+    are unchanged). Sent without Cache-Control, a browser guesses how long to keep one from
+    its Last-Modified (a tenth of its age), so after an upgrade it ran the old script, for
+    days, against the new server."""
+
+    def file_response(
+        self,
+        full_path: os.PathLike,
+        stat_result: os.stat_result,
+        scope: Scope,
+        status_code: int = 200,
+    ) -> Response:
+        response = super().file_response(full_path, stat_result, scope, status_code)
+        response.headers["Cache-Control"] = REVALIDATE
+        return response
 
 
 def _upload_body(
@@ -135,7 +156,7 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
     app.add_middleware(BodyLimit, settings=settings)
     app.add_middleware(RequestLimit, settings=settings)  # inside the metrics: 503s counted
     app.add_middleware(MetricsMiddleware, metrics=metrics)
-    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    app.mount("/static", PageFiles(directory=STATIC_DIR), name="static")
 
     @app.exception_handler(ShituError)
     async def shitu_error(request: Request, exc: ShituError) -> JSONResponse:
@@ -262,7 +283,8 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
         return FileResponse(
-            STATIC_DIR / "index.html", headers={"Content-Security-Policy": PAGE_POLICY}
+            STATIC_DIR / "index.html",
+            headers={"Content-Security-Policy": PAGE_POLICY, "Cache-Control": REVALIDATE},
         )
 
     @app.get("/healthz", response_model=schemas.Health, tags=["service"])
@@ -419,7 +441,7 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
         tag = await run_in_threadpool(service.thumbnail_tag, image_id, size)
         # Kept by the browser, but checked each time: an id names another image in another
         # library (ids start at 1 in each), which may be served later at the same address.
-        headers = {"Cache-Control": "private, no-cache", **({"ETag": tag} if tag else {})}
+        headers = {"Cache-Control": f"private, {REVALIDATE}", **({"ETag": tag} if tag else {})}
         known = request.headers.get("if-none-match", "").split(",")
         if tag and tag in {known_tag.strip().removeprefix("W/") for known_tag in known}:
             return Response(status_code=304, headers=headers)
