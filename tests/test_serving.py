@@ -732,6 +732,12 @@ def test_the_page_is_checked_for_a_new_version_on_each_load(client):
     assert again.status_code == 304
 
 
+def test_the_page_answers_head_as_uptime_monitors_check_it(client):
+    page, head = client.get("/"), client.head("/")
+    assert head.status_code == 200 and head.content == b""
+    assert head.headers["content-length"] == page.headers["content-length"]
+
+
 def test_the_openapi_document_is_made_without_warnings(serving_library, tmp_path):
     """Health answers HEAD too, on a route of its own: one route for GET and HEAD gave two
     operations one id, and FastAPI warned of it in the server's log at each /openapi.json."""

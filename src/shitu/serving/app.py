@@ -280,7 +280,8 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
         page.headers["Content-Security-Policy"] = REDOC_POLICY
         return page
 
-    @app.get("/", include_in_schema=False)
+    # HEAD too: uptime monitors often check a site's page with it (UptimeRobot does).
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def page() -> FileResponse:
         return FileResponse(
             STATIC_DIR / "index.html",
