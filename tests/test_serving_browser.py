@@ -830,8 +830,10 @@ def test_labels_are_listed_in_the_order_a_reader_expects(server, browser, tmp_pa
             added = client.post("/v1/gallery/images", data={"label": name}, files=files)
             assert added.status_code == 201 and added.json()["added"], added.text
         open_page(browser, server)
-        listed = [button.get_attribute("data-label") for button in
-                  browser.find_elements(By.CSS_SELECTOR, "#labels button")]  # fmt: skip
+        # Read in one step: the list may be drawn again meanwhile (two loads at start).
+        listed = browser.execute_script(
+            "return [...document.querySelectorAll('#labels button')].map((b) => b.dataset.label)"
+        )
         assert [label for label in listed if label in names] == [
             "Äpfel",
             "apple",
