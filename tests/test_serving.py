@@ -162,6 +162,11 @@ def test_gallery_listing_matches_the_library(serving_library, client):
         assert max(small.size) == 64
 
 
+def decomposed(label: str) -> str:
+    """As macOS file names give it (NFD)."""
+    return unicodedata.normalize("NFD", label)
+
+
 def test_add_rename_remove_and_rebuild(serving_library, server, client):
     """The whole editing cycle; labels with spaces and slashes; files kept and cleaned up.
     Labels are answered as stored: trimmed, and NFC where a client sends NFD (macOS)."""
@@ -170,7 +175,7 @@ def test_add_rename_remove_and_rebuild(serving_library, server, client):
     (blocks,) = make_images(server.work / "blocks", 1)  # no plain background: matched whole
     added = client.post(
         "/v1/gallery/images",
-        data={"label": unicodedata.normalize("NFD", "  Mystère Snack ")},
+        data={"label": decomposed("  Mystère Snack ")},
         files=[
             ("image", photo(query)),
             ("image", photo(repeat)),
@@ -196,8 +201,13 @@ def test_add_rename_remove_and_rebuild(serving_library, server, client):
     assert hit["score"] == pytest.approx(1.0, abs=1e-4)
     assert client.delete(f"/v1/gallery/images/{blocks_id}", headers=WRITE).status_code == 200
 
-    new = unicodedata.normalize("NFD", "Snacks/Mystère 2")
-    renamed = client.patch("/v1/gallery/labels/Mystère Snack", json={"label": new}, headers=WRITE)
+    listed = client.get("/v1/gallery/label", params={"label": decomposed("Mystère Snack")})
+    assert listed.json()["label"] == "Mystère Snack"
+    new = decomposed("Snacks/Mystère 2")
+    renamed = client.patch(
+        "/v1/gallery/label", params={"label": decomposed("Mystère Snack")}, json={"label": new},
+        headers=WRITE,
+    )  # fmt: skip
     assert renamed.json() == {"old": "Mystère Snack", "new": "Snacks/Mystère 2", "count": 1}
     assert client.get("/v1/gallery/labels/Mystère Snack").status_code == 404
     listed = client.get("/v1/gallery/labels/Snacks%2FMyst%C3%A8re%202").json()

@@ -30,6 +30,7 @@ from starlette.types import Scope
 
 from shitu import __version__
 from shitu.errors import ShituError
+from shitu.index.labels import normal_form
 from shitu.index.metadata import ImageEntry, LibraryBusyError
 from shitu.serving import schemas
 from shitu.serving.errors import BadRequest, PayloadTooLarge, RequestError, UnsupportedMediaType
@@ -410,7 +411,7 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
         """The images of one label (oldest first), a page at a time."""
         entries = service.label_images(label)
         return schemas.LabelImagesResponse(
-            label=label,
+            label=entries[0].label,  # as stored: NFC where the client sent NFD (macOS)
             count=len(entries),
             offset=offset,
             images=[image_out(request, e) for e in entries[offset : offset + limit]],
@@ -511,7 +512,7 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
         """Rename a label; renaming onto an existing label merges the two."""
         new = check_label(body.label)
         count = await run_in_threadpool(service.rename_label, label, new)
-        return schemas.RenamedResponse(old=label, new=new, count=count)
+        return schemas.RenamedResponse(old=normal_form(label), new=new, count=count)
 
     @app.post(
         "/v1/gallery/rebuild",
