@@ -29,7 +29,7 @@ import pytest
 from PIL import Image
 
 from shitu.cli.main import main as shitu_main
-from shitu.errors import GalleryError
+from shitu.errors import DataError, GalleryError
 from shitu.index import Gallery, metadata
 from shitu.inference.preprocess import read_rgb
 from shitu.pipeline import Recognizer, load_pipeline_config
@@ -162,6 +162,11 @@ def test_gallery_listing_matches_the_library(serving_library, client):
         assert max(small.size) == 64
 
 
+def decomposed(label: str) -> str:
+    """As macOS file names give it (NFD)."""
+    return unicodedata.normalize("NFD", label)
+
+
 def test_add_rename_remove_and_rebuild(serving_library, server, client):
     """The whole editing cycle; labels with spaces and slashes; files kept and cleaned up.
     Labels are answered as stored: trimmed, and NFC where a client sends NFD (macOS)."""
@@ -170,7 +175,7 @@ def test_add_rename_remove_and_rebuild(serving_library, server, client):
     (blocks,) = make_images(server.work / "blocks", 1)  # no plain background: matched whole
     added = client.post(
         "/v1/gallery/images",
-        data={"label": unicodedata.normalize("NFD", "  Mystère Snack ")},
+        data={"label": decomposed("  Mystère Snack ")},
         files=[
             ("image", photo(query)),
             ("image", photo(repeat)),
@@ -196,8 +201,13 @@ def test_add_rename_remove_and_rebuild(serving_library, server, client):
     assert hit["score"] == pytest.approx(1.0, abs=1e-4)
     assert client.delete(f"/v1/gallery/images/{blocks_id}", headers=WRITE).status_code == 200
 
-    new = unicodedata.normalize("NFD", "Snacks/Mystère 2")
-    renamed = client.patch("/v1/gallery/labels/Mystère Snack", json={"label": new}, headers=WRITE)
+    listed = client.get("/v1/gallery/label", params={"label": decomposed("Mystère Snack")})
+    assert listed.json()["label"] == "Mystère Snack"
+    new = decomposed("Snacks/Mystère 2")
+    renamed = client.patch(
+        "/v1/gallery/label", params={"label": decomposed("Mystère Snack")}, json={"label": new},
+        headers=WRITE,
+    )  # fmt: skip
     assert renamed.json() == {"old": "Mystère Snack", "new": "Snacks/Mystère 2", "count": 1}
     assert client.get("/v1/gallery/labels/Mystère Snack").status_code == 404
     listed = client.get("/v1/gallery/labels/Snacks%2FMyst%C3%A8re%202").json()
@@ -339,7 +349,6 @@ def test_bad_uploads_get_clear_errors(serving_library, client):
         "bad label": (add_labelled("a\tb"), 400, "control characters"),
         # splitlines() breaks label files on a line separator
         "line separator label": (add_labelled("a\u2028b"), 400, "control characters"),
-        "dot-dot label": (add_labelled(".."), 400, "'..' cannot be a label"),
         "index type": (
             client.post("/v1/gallery/rebuild", json={"index_type": "LSH"}, headers=WRITE),
             400,
@@ -412,6 +421,81 @@ def test_unknown_labels_and_images_are_404(client):
         assert "no gallery image" in response.json()["detail"]
     rename = client.patch("/v1/gallery/labels/No Such Thing", json={"label": "x"}, headers=WRITE)
     assert rename.status_code == 404
+
+
+AWKWARD_LABELS = [".", "..", "a//b", "../x", "#1", "?", "50% off", "a+b", "/", " é / 食品 "]
+
+
+def test_every_label_is_reachable_with_the_label_in_the_query(server, client):
+    """A URL path cannot carry '.' or '..' (clients resolve them away) nor '//' (proxies merge
+    it): /v1/gallery/label?label=NAME reaches every label, to list, rename and remove it."""
+    images = make_images(server.work / "awkward", len(AWKWARD_LABELS), seed=41)
+    for label, image in zip(AWKWARD_LABELS, images, strict=True):
+        files = {"image": (image.name, image.read_bytes(), "image/png")}
+        added = client.post("/v1/gallery/images", data={"label": label}, files=files, headers=WRITE)
+        assert added.status_code == 201 and added.json()["label"] == label.strip(), added.text
+        label = label.strip()
+        listed = client.get("/v1/gallery/label", params={"label": label})
+        assert listed.status_code == 200, (label, listed.text)
+        assert listed.json()["label"] == label and listed.json()["count"] == 1
+        renamed = client.patch(
+            "/v1/gallery/label", params={"label": label}, json={"label": f"{label}!"}, headers=WRITE
+        )
+        assert renamed.json() == {"old": label, "new": f"{label}!", "count": 1}, label
+        removed = client.delete("/v1/gallery/label", params={"label": f"{label}!"}, headers=WRITE)
+        assert len(removed.json()["removed"]) == 1, (label, removed.text)
+    assert client.get("/v1/gallery/label", params={"label": "."}).status_code == 404
+    assert (
+        client.get("/v1/gallery/label").json()["detail"] == "invalid query: label: Field required"
+    )
+
+
+def test_browsers_check_a_kept_thumbnail_against_the_file_it_shows(server, client):
+    """Ids start at 1 in every library, so a thumbnail kept for a day showed another library's
+    (or an earlier build's) image under this one's id: now the browser asks each time, by
+    ETag, and gets 304 while the file is the same, the new picture once it is not."""
+    first, second = make_images(server.work / "replaced", 2, seed=53)
+    files = {"image": (first.name, first.read_bytes(), "image/png")}
+    added = client.post("/v1/gallery/images", data={"label": "T"}, files=files, headers=WRITE)
+    (image,) = added.json()["added"]
+    thumbnail = f"/v1/gallery/images/{image['id']}/thumbnail"
+    try:
+        shown = client.get(thumbnail)
+        assert shown.headers["cache-control"] == "private, no-cache"
+        kept = {"If-None-Match": shown.headers["etag"]}
+        same = client.get(thumbnail, headers=kept)
+        assert same.status_code == 304 and not same.content
+        stored = server.gallery / "uploads" / image["name"]
+        stored.write_bytes(second.read_bytes())  # another image where this one's file was
+        changed = client.get(thumbnail, headers=kept)
+        assert changed.status_code == 200 and changed.content != shown.content
+        assert changed.headers["etag"] != shown.headers["etag"]
+    finally:
+        client.delete(f"/v1/gallery/images/{image['id']}", headers=WRITE).raise_for_status()
+
+
+def test_a_failure_of_the_server_is_answered_as_json_and_logged(server, client):
+    """The server's own failures (here the upload folder turned into a file under it) are
+    a 500 with a JSON detail, as every other error (it was plain text); the log has why."""
+    (image,) = make_images(server.work / "failing", 1, seed=47)
+    uploads, aside = server.gallery / "uploads", server.work / "uploads-aside"
+    if uploads.exists():
+        uploads.rename(aside)
+    uploads.write_text("in the way")
+    try:
+        files = {"image": (image.name, image.read_bytes(), "image/png")}
+        failed = client.post("/v1/gallery/images", data={"label": "F"}, files=files, headers=WRITE)
+    finally:
+        uploads.unlink()
+        if aside.exists():
+            aside.rename(uploads)
+    assert failed.status_code == 500
+    assert failed.json() == {"detail": "the server failed: File exists (its log has the details)"}
+    deadline = time.monotonic() + 30  # the traceback is logged once the answer is sent
+    while "FileExistsError" not in server.log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "FileExistsError" in server.log.read_text()
+    assert client.get("/v1/gallery/label", params={"label": "F"}).status_code == 404
 
 
 def test_size_and_pixel_limits(server, client):
@@ -648,6 +732,22 @@ def test_page_and_docs_load_nothing_from_elsewhere(client):
         assert image_field(many)["items"] == {"type": "string", "format": "binary"}
 
 
+def test_the_page_is_checked_for_a_new_version_on_each_load(client):
+    """Without Cache-Control a browser kept the page's script for a tenth of its file's age
+    (days, for an installed package) and ran it, after an upgrade, against the new server."""
+    for path in ("/", "/static/app.js", "/static/style.css"):
+        assert client.get(path).headers["cache-control"] == "no-cache", path
+    script = client.get("/static/app.js")
+    again = client.get("/static/app.js", headers={"If-None-Match": script.headers["etag"]})
+    assert again.status_code == 304
+
+
+def test_the_page_answers_head_as_uptime_monitors_check_it(client):
+    page, head = client.get("/"), client.head("/")
+    assert head.status_code == 200 and head.content == b""
+    assert head.headers["content-length"] == page.headers["content-length"]
+
+
 def test_the_openapi_document_is_made_without_warnings(serving_library, tmp_path):
     """Health answers HEAD too, on a route of its own: one route for GET and HEAD gave two
     operations one id, and FastAPI warned of it in the server's log at each /openapi.json."""
@@ -760,7 +860,9 @@ def test_concurrent_recognition_and_additions_lose_nothing(serving_library, clie
     assert batches < photos
 
 
-def local_config(serving_library: DemoLibrary, gallery: Path):
+def local_config(
+    serving_library: DemoLibrary, gallery: Path, detector: str | Path = "plain-background"
+):
     """The pipeline config of a service in this process, on a copy of the demo library."""
     shutil.copytree(serving_library.gallery, gallery)
     return load_pipeline_config(
@@ -768,9 +870,57 @@ def local_config(serving_library: DemoLibrary, gallery: Path):
         [
             f"IndexProcess.index_dir={gallery}",
             f"Global.rec_inference_model_dir={serving_library.model}",
-            "Global.det_inference_model_dir=plain-background",
+            f"Global.det_inference_model_dir={detector}",
         ],
     )
+
+
+@pytest.fixture
+def picodet_config(serving_library, grocery, tmp_path):
+    """`local_config` with the real PicoDet-S, a detector that holds an onnxruntime session."""
+    model = grocery.parent.parent / "models" / "picodet_s_coco" / "picodet_s_320_coco.onnx"
+    return local_config(serving_library, tmp_path / "gallery", model)
+
+
+def test_closing_the_service_releases_the_model_detector_and_library_once(picodet_config, tmp_path):
+    with RecognitionService(picodet_config, ServeSettings(upload_dir=tmp_path / "up")) as service:
+        gallery = service.library.gallery
+        service.recognize(np.zeros((64, 64, 3), np.uint8)).result()
+        service.close()  # as the app's shutdown does, before the block ends
+    assert "closed" in repr(service.extractor)
+    assert repr(service.recognizer.detector) == "OnnxDetector(closed)"
+    assert repr(gallery).endswith(", closed>")
+
+
+@pytest.mark.parametrize(
+    "refused, error",
+    [("upload folder", "is a file, not a folder"), ("batch size", "max_batch must be at least 1")],
+)
+def test_a_service_refused_at_start_releases_the_model_it_loaded(
+    picodet_config, tmp_path, monkeypatch, refused, error
+):
+    """Checked once the recogniser is loaded: refusing the settings closes it."""
+    loaded: list[Recognizer] = []
+    load = Recognizer.from_config
+
+    def load_and_keep(config):
+        loaded.append(load(config))
+        return loaded[-1]
+
+    monkeypatch.setattr(Recognizer, "from_config", load_and_keep)
+    blocker = tmp_path / "a file"
+    blocker.write_text("in the way")
+    settings = (
+        ServeSettings(upload_dir=blocker / "uploads")
+        if refused == "upload folder"
+        else ServeSettings(upload_dir=tmp_path / "uploads", max_batch=0)
+    )
+    with pytest.raises((DataError, ValueError), match=error):
+        RecognitionService(picodet_config, settings)
+    (recognizer,) = loaded
+    assert "closed" in repr(recognizer.extractor)
+    assert repr(recognizer.detector) == "OnnxDetector(closed)"
+    assert repr(recognizer.gallery).endswith(", closed>")
 
 
 def test_a_failed_add_leaves_no_upload_file_behind(serving_library, tmp_path):

@@ -270,8 +270,20 @@ def test_recognise_and_edit_the_gallery_in_the_page(serving_library, server, bro
     assert not errors, errors
 
 
+# The page's fetch, wrapped to count the thumbnails it asks for (window.thumbnailFetches).
+COUNT_THUMBNAIL_FETCHES = """
+window.thumbnailFetches = 0;
+const realFetch = window.fetch;
+window.fetch = (url, options) => {
+  if (String(url).includes("/thumbnail")) window.thumbnailFetches++;
+  return realFetch(url, options);
+};
+"""
+
+
 def test_a_label_with_more_images_than_a_page(server, browser, tmp_path):
-    """The first 200 images, then a button for the rest."""
+    """The first 200 images, then a button for the rest; thumbnails are fetched as they
+    come near the screen."""
     images = make_images(tmp_path / "many", 205, seed=5)
     with httpx.Client(base_url=server.url, headers={"X-API-Key": KEY}, timeout=120) as client:
         for start in range(0, len(images), 32):
@@ -286,11 +298,19 @@ def test_a_label_with_more_images_than_a_page(server, browser, tmp_path):
     key.send_keys(KEY, Keys.TAB)
     wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, '#labels button[data-label="Many"]'),
          "the new label listed")  # fmt: skip
+    browser.execute_script(COUNT_THUMBNAIL_FETCHES)
     # Found and clicked in one step: the list may be drawn again (two loads at start).
     browser.execute_script(
         """document.querySelector('#labels button[data-label="Many"]').click()"""
     )
     wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "figure.thumb")) == 200, "page 1")
+    # Thumbnails are fetched as they near the screen, not 200 at once.
+    wait(browser, lambda d: loaded_thumbnails(d) > 0, "the first thumbnails shown")
+    assert 0 < browser.execute_script("return window.thumbnailFetches") < 200
+    last = browser.find_elements(By.CSS_SELECTOR, "figure.thumb img")[-1]
+    browser.execute_script("arguments[0].scrollIntoView()", last)
+    wait(browser, lambda d: d.execute_script("return arguments[0].naturalWidth", last) > 0,
+         "the last thumbnail shown once scrolled to")  # fmt: skip
     more = browser.find_element(By.CSS_SELECTOR, "#thumbs button.more")
     assert more.text == "show more (200 of 205 shown)"
     browser.execute_script("arguments[0].focus()", more)  # by keyboard
@@ -386,6 +406,8 @@ def test_the_page_fits_a_phone_screen(serving_library, server, phone):
     phone.find_element(By.ID, "photo").send_keys(str(shelf))
     wait(phone, lambda d: len(texts(d, "#results li")) == len(products), "results shown")
     choose_label(phone, "Many")  # the longest list: 200 thumbnails and a button for more
+    # Below the label list: fetched once scrolled to.
+    phone.execute_script("document.getElementById('thumbs').scrollIntoView()")
     wait(phone, lambda d: loaded_thumbnails(d) >= 4, "thumbnails shown")
     assert not overflowing(phone)
     # One column: the thumbnails are below the label list, not beside it.
@@ -397,7 +419,7 @@ def test_the_page_fits_a_phone_screen(serving_library, server, phone):
     assert add.text == "Add" and add.rect["x"] + add.rect["width"] <= 390
 
 
-# The page's fetch, wrapped: the answer to the next request arguments[0] (method and path,
+# The page's fetch, wrapped: the answer to the next request arguments[0] (method, path and query,
 # "POST /v1/recognize") is held until the test lets it through (RELEASE_HELD), so that it
 # arrives after later answers, or so that the page can be seen waiting for it.
 HOLD_NEXT = """
@@ -407,8 +429,8 @@ if (!window.realFetch) {
   window.realFetch = window.fetch;
   window.fetch = (url, options = {}) => {
     const answer = window.realFetch(url, options);
-    const path = new URL(url, document.baseURI).pathname; // the page's URLs are relative
-    if (`${options.method || "GET"} ${path}` !== window.holding) return answer;
+    const { pathname, search } = new URL(url, document.baseURI); // the page's URLs are relative
+    if (`${options.method || "GET"} ${pathname}${search}` !== window.holding) return answer;
     window.holding = null;
     return new Promise((resolve) => {
       window.release = () => { resolve(answer); return answer; };
@@ -683,7 +705,7 @@ def test_edits_say_what_they_are_doing_while_they_wait(serving_library, server, 
     status = browser.find_element(By.ID, "label-status")
     rename = browser.find_element(By.ID, "rename-input")
     rename.clear()
-    browser.execute_script(HOLD_NEXT, "PATCH /v1/gallery/labels/Held")
+    browser.execute_script(HOLD_NEXT, "PATCH /v1/gallery/label?label=Held")
     rename.send_keys("Held on", Keys.ENTER)
     wait(browser, held, "the rename sent")
     assert status.text == 'renaming "Held"…'
@@ -699,7 +721,7 @@ def test_edits_say_what_they_are_doing_while_they_wait(serving_library, server, 
     assert status.text == f"deleting image #{image_id}…"
     browser.execute_async_script(RELEASE_HELD)
     wait(browser, lambda d: title.text == "Held on (1 image)", "the image deleted")
-    browser.execute_script(HOLD_NEXT, "DELETE /v1/gallery/labels/Held%20on")
+    browser.execute_script(HOLD_NEXT, "DELETE /v1/gallery/label?label=Held+on")
     browser.find_element(By.ID, "delete-label").click()
     browser.switch_to.alert.accept()
     wait(browser, held, "the label's delete sent")
@@ -727,6 +749,33 @@ def test_a_label_removed_elsewhere_leaves_the_list(server, browser, tmp_path):
     wait(browser, lambda d: not d.find_elements(By.CSS_SELECTOR, '#labels button[data-label="Gone"]'),
          "the label gone from the list")  # fmt: skip
     assert browser.find_element(By.ID, "label-title").text == "Choose a label"
+
+
+def test_labels_a_url_path_cannot_carry_are_shown_and_edited(server, browser, tmp_path):
+    """'.' and '..' (the browser resolves them out of a path, encoded too), '//', and '#',
+    '?', '%', '+': each label's images are shown, and '..' is deleted from the page."""
+    names = [".", "..", "a//b", "#1 ?% + x"]
+    images = make_images(tmp_path, len(names), seed=43)
+    with httpx.Client(base_url=server.url, headers={"X-API-Key": KEY}, timeout=60) as client:
+        for name, image in zip(names, images, strict=True):
+            files = {"image": (image.name, image.read_bytes(), "image/png")}
+            added = client.post("/v1/gallery/images", data={"label": name}, files=files)
+            assert added.status_code == 201 and added.json()["added"], added.text
+    open_page(browser, server)
+    for name in names:
+        choose_label(browser, name)
+        assert browser.find_element(By.ID, "label-title").text == f"{name} (1 image)"
+        wait(browser, lambda d: loaded_thumbnails(d) == 1, f"the image of {name!r} shown")
+    choose_label(browser, "..")
+    browser.find_element(By.ID, "delete-label").click()
+    browser.switch_to.alert.accept()
+    status = browser.find_element(By.ID, "label-status")
+    wait(browser, lambda d: status.text == "deleted 1 image", "the label deleted")
+    with httpx.Client(base_url=server.url, headers={"X-API-Key": KEY}, timeout=60) as client:
+        listed = [entry["label"] for entry in client.get("/v1/gallery/labels").json()["labels"]]
+        assert [name for name in names if name in listed] == [".", "a//b", "#1 ?% + x"]
+        for name in [".", "a//b", "#1 ?% + x"]:
+            client.delete("/v1/gallery/label", params={"label": name}).raise_for_status()
 
 
 def test_a_failed_recognition_leaves_no_photo_behind(serving_library, server, browser, tmp_path):
@@ -781,8 +830,10 @@ def test_labels_are_listed_in_the_order_a_reader_expects(server, browser, tmp_pa
             added = client.post("/v1/gallery/images", data={"label": name}, files=files)
             assert added.status_code == 201 and added.json()["added"], added.text
         open_page(browser, server)
-        listed = [button.get_attribute("data-label") for button in
-                  browser.find_elements(By.CSS_SELECTOR, "#labels button")]  # fmt: skip
+        # Read in one step: the list may be drawn again meanwhile (two loads at start).
+        listed = browser.execute_script(
+            "return [...document.querySelectorAll('#labels button')].map((b) => b.dataset.label)"
+        )
         assert [label for label in listed if label in names] == [
             "Äpfel",
             "apple",

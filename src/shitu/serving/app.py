@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from itertools import groupby
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exception_handlers import http_exception_handler
@@ -25,9 +26,11 @@ from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Scope
 
 from shitu import __version__
 from shitu.errors import ShituError
+from shitu.index.labels import normal_form
 from shitu.index.metadata import ImageEntry, LibraryBusyError
 from shitu.serving import schemas
 from shitu.serving.errors import BadRequest, PayloadTooLarge, RequestError, UnsupportedMediaType
@@ -46,6 +49,7 @@ from shitu.serving.images import decode_image
 from shitu.serving.metrics import CONTENT_TYPE, Metrics, MetricsMiddleware
 from shitu.serving.service import RecognitionService, Upload, check_label
 
+F = TypeVar("F", bound=Callable[..., Any])
 logger = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 # The web page may only load what this server serves (and show images it made itself).
@@ -60,7 +64,10 @@ DOCS_ASSETS = "/static-offline-docs"  # Swagger UI's and ReDoc's files, which fa
 # Relative to /docs and /redoc, so it is found under a proxy's prefix (--root-path) too.
 FAVICON = "static/favicon.svg"
 THUMBNAIL_SIZES = (16, 512)
+REVALIDATE = "no-cache"  # kept, but checked with the server (by ETag) before each use
 LABEL_PAGE = 200
+LABEL_IN_PATH = "/v1/gallery/labels/{label:path}"
+LABEL_IN_QUERY = "/v1/gallery/label"  # ?label=NAME
 REQUEST_PIXELS_FACTOR = 4  # all images of one request together: at most 4 times the per-image limit
 # FastAPI parses a body as JSON when it is sent as that, or with no content type.
 JSON_TYPE = re.compile(r"|application/json|application/[^/]+\+json")
@@ -71,6 +78,24 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 # What a request that cannot go wrong otherwise may still get: refused access (with an API
 # key, or --protect-reads for reads), or too many requests in progress.
 ACCESS_ERRORS = {status: ERRORS[status] for status in (401, 403, 503)}
+
+
+class PageFiles(StaticFiles):
+    """The web page's files, which the browser checks again on each load (a 304 where they
+    are unchanged). Sent without Cache-Control, a browser guesses how long to keep one from
+    its Last-Modified (a tenth of its age), so after an upgrade it ran the old script, for
+    days, against the new server."""
+
+    def file_response(
+        self,
+        full_path: os.PathLike,
+        stat_result: os.stat_result,
+        scope: Scope,
+        status_code: int = 200,
+    ) -> Response:
+        response = super().file_response(full_path, stat_result, scope, status_code)
+        response.headers["Cache-Control"] = REVALIDATE
+        return response
 
 
 def _upload_body(
@@ -132,7 +157,7 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
     app.add_middleware(BodyLimit, settings=settings)
     app.add_middleware(RequestLimit, settings=settings)  # inside the metrics: 503s counted
     app.add_middleware(MetricsMiddleware, metrics=metrics)
-    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    app.mount("/static", PageFiles(directory=STATIC_DIR), name="static")
 
     @app.exception_handler(ShituError)
     async def shitu_error(request: Request, exc: ShituError) -> JSONResponse:
@@ -146,6 +171,17 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
         if status >= 500:
             logger.error("%s %s failed: %s", request.method, request.url.path, exc)
         return JSONResponse({"detail": str(exc)}, status, headers=headers)
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+        """Any other failure is the server's: a 500 as JSON, as every other error is (it was
+        plain text), naming what went wrong where that is the system's word for it (an
+        OSError's: "No space left on device") and no more; the traceback goes to the log
+        (Starlette raises the error again once this answer is sent)."""
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "an internal error"
+        return JSONResponse(
+            {"detail": f"the server failed: {reason} (its log has the details)"}, 500
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
@@ -186,6 +222,19 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+    def label_route(method: str, **options: Any) -> Callable[[F], F]:
+        """Register an operation on one label at both its addresses: the label as the end of
+        the path (`/v1/gallery/labels/NAME`), and as the query's `label`
+        (`/v1/gallery/label?label=NAME`), which carries every label: a path cannot carry '.'
+        or '..' (clients resolve them away, even encoded), nor '//' (proxies merge it)."""
+
+        def register(operation: F) -> F:
+            for path in (LABEL_IN_PATH, LABEL_IN_QUERY):
+                app.api_route(path, methods=[method], **options)(operation)
+            return operation
+
+        return register
 
     async def decode(uploads: RawUploads) -> list[Upload]:
         """Decoded uploads, each one the model can take; each within the pixel limit, and all
@@ -232,10 +281,12 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
         page.headers["Content-Security-Policy"] = REDOC_POLICY
         return page
 
-    @app.get("/", include_in_schema=False)
+    # HEAD too: uptime monitors often check a site's page with it (UptimeRobot does).
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def page() -> FileResponse:
         return FileResponse(
-            STATIC_DIR / "index.html", headers={"Content-Security-Policy": PAGE_POLICY}
+            STATIC_DIR / "index.html",
+            headers={"Content-Security-Policy": PAGE_POLICY, "Cache-Control": REVALIDATE},
         )
 
     @app.get("/healthz", response_model=schemas.Health, tags=["service"])
@@ -344,8 +395,8 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
             ],
         )
 
-    @app.get(
-        "/v1/gallery/labels/{label:path}",
+    @label_route(
+        "GET",
         response_model=schemas.LabelImagesResponse,
         dependencies=read_access,
         responses=ERRORS,
@@ -360,7 +411,7 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
         """The images of one label (oldest first), a page at a time."""
         entries = service.label_images(label)
         return schemas.LabelImagesResponse(
-            label=label,
+            label=entries[0].label,  # as stored: NFC where the client sent NFD (macOS)
             count=len(entries),
             offset=offset,
             images=[image_out(request, e) for e in entries[offset : offset + limit]],
@@ -384,15 +435,20 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
         tags=["gallery"],
     )
     async def thumbnail(
+        request: Request,
         image_id: int,
         size: Annotated[int, Query(ge=THUMBNAIL_SIZES[0], le=THUMBNAIL_SIZES[1])] = 160,
     ) -> Response:
         """The stored image, shrunk to fit size x size pixels, as JPEG."""
+        tag = await run_in_threadpool(service.thumbnail_tag, image_id, size)
+        # Kept by the browser, but checked each time: an id names another image in another
+        # library (ids start at 1 in each), which may be served later at the same address.
+        headers = {"Cache-Control": f"private, {REVALIDATE}", **({"ETag": tag} if tag else {})}
+        known = request.headers.get("if-none-match", "").split(",")
+        if tag and tag in {known_tag.strip().removeprefix("W/") for known_tag in known}:
+            return Response(status_code=304, headers=headers)
         data = await run_in_threadpool(service.thumbnail, image_id, size)
-        # Ids are never reused, so an id's image never changes.
-        return Response(
-            data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400"}
-        )
+        return Response(data, media_type="image/jpeg", headers=headers)
 
     # ---------------------------------------------------------------------- gallery writes
 
@@ -434,8 +490,8 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
         entry = await run_in_threadpool(service.remove_image, image_id)
         return schemas.RemovedResponse(removed=[entry.id])
 
-    @app.delete(
-        "/v1/gallery/labels/{label:path}",
+    @label_route(
+        "DELETE",
         response_model=schemas.RemovedResponse,
         dependencies=write_access,
         responses=ERRORS,
@@ -445,8 +501,8 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
         """Remove every image of a label."""
         return schemas.RemovedResponse(removed=await run_in_threadpool(service.remove_label, label))
 
-    @app.patch(
-        "/v1/gallery/labels/{label:path}",
+    @label_route(
+        "PATCH",
         response_model=schemas.RenamedResponse,
         dependencies=write_access,
         responses=ERRORS,
@@ -456,7 +512,7 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
         """Rename a label; renaming onto an existing label merges the two."""
         new = check_label(body.label)
         count = await run_in_threadpool(service.rename_label, label, new)
-        return schemas.RenamedResponse(old=label, new=new, count=count)
+        return schemas.RenamedResponse(old=normal_form(label), new=new, count=count)
 
     @app.post(
         "/v1/gallery/rebuild",

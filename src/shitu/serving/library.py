@@ -258,8 +258,16 @@ class SharedLibrary:
             return Snapshot.of(gallery)
         return before.edited(change, gallery.entries_with_ids(change.added_ids), gallery.stats())
 
-    def close(self) -> None:
+    def close(self, release: Callable[[], None] | None = None) -> None:
+        """Close the gallery on the library's thread (its SQLite connection belongs there),
+        then stop that thread. `release`: what closes it instead, with what was opened
+        alongside it (say `Recognizer.close`, which also releases the model); run even
+        where no gallery was attached yet."""
         gallery, self._gallery = self._gallery, None  # a sync queued now finds none
-        if gallery is not None:
-            self.run(gallery.close)
-        self._executor.shutdown()
+        if release is None and gallery is not None:
+            release = gallery.close
+        try:
+            if release is not None:
+                self.run(release)
+        finally:
+            self._executor.shutdown()

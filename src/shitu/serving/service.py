@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import re
+import threading
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -62,15 +64,13 @@ class AddOutcome:
 
 def check_label(label: str) -> str:
     """A label as the library stores it (`shitu.index.labels.check_label`), short enough for a
-    request and addressable in a URL path."""
+    request."""
     try:
         label = check_stored_label(label)
     except BadLabelError as exc:
         raise BadRequest(str(exc)) from None
     if len(label) > MAX_LABEL_LENGTH:
         raise BadRequest(f"the label is longer than {MAX_LABEL_LENGTH} characters")
-    if label in (".", ".."):  # a URL path segment that browsers resolve away
-        raise BadRequest(f"'{label}' cannot be a label: it could not be addressed in a URL")
     return label
 
 
@@ -78,7 +78,7 @@ class RecognitionService:
     """The recogniser (detector, embedding model, gallery) behind the HTTP API.
 
     Use as a context manager, or call `close()`: it stops the inference thread and closes
-    the library.
+    the model, detector and library that it opened.
     """
 
     def __init__(
@@ -89,28 +89,38 @@ class RecognitionService:
     ) -> None:
         self.settings = settings
         self.library = SharedLibrary()
+        recognizer: Recognizer | None = None
         try:
             # Built on the library's thread, so the gallery's SQLite connection belongs to it.
             recognizer = self.library.run(lambda: Recognizer.from_config(config))
             self.library.attach(recognizer.gallery)
             # images added over HTTP go here: refused now, not as a failure of each upload
             check_writable(settings.upload_dir, "the upload folder (--upload-dir)")
+            self.batcher = MicroBatcher(
+                {"recognize": recognizer.recognize_batch, "extract": self._embed},
+                settings.max_batch,
+                observe_batch,
+            )
         except BaseException:
-            self.library.close()
+            self.library.close(recognizer.close if recognizer is not None else None)
             raise
+        self._closing = threading.Lock()
+        self._closed = False
         recognizer.gallery = self.library  # type: ignore[assignment]  # searches take its lock
         self.recognizer = recognizer
         self.extractor = recognizer.extractor
-        self.batcher = MicroBatcher(
-            {"recognize": recognizer.recognize_batch, "extract": self._embed},
-            settings.max_batch,
-            observe_batch,
-        )
         self.upload_dir = settings.upload_dir.resolve()
 
     def close(self) -> None:
-        self.batcher.close()
-        self.library.close()
+        """Finish the queued model calls and stop the inference thread, then close the
+        recogniser (model, detector and library) on the library's thread; later calls do
+        nothing (the app's shutdown and a `with` block may both close it)."""
+        with self._closing:
+            if self._closed:
+                return
+            self._closed = True
+            self.batcher.close()
+            self.library.close(self.recognizer.close)
 
     def __enter__(self) -> RecognitionService:
         return self
@@ -154,10 +164,26 @@ class RecognitionService:
         return entries
 
     def thumbnail(self, image_id: int, size: int) -> bytes:
+        return thumbnail_jpeg(self._image_file(image_id), size, self.settings.max_pixels)
+
+    def thumbnail_tag(self, image_id: int, size: int) -> str | None:
+        """The thumbnail's ETag, from its file's path, inode, length and time of change (a stat,
+        where making it decodes the image); None where the file cannot be read (`thumbnail`
+        says why). Ids start at 1 in every library: a browser that kept another library's
+        (or an earlier build's) image 1 must not be shown it for this one's."""
+        path = self._image_file(image_id)
+        try:
+            stat = os.stat(path)
+        except OSError:
+            return None
+        facts = f"{path}\0{stat.st_ino}\0{stat.st_size}\0{stat.st_mtime_ns}\0{size}"
+        return f'"{hashlib.sha256(facts.encode()).hexdigest()[:32]}"'
+
+    def _image_file(self, image_id: int) -> str:
         entry = self.image(image_id)
         if not entry.path:
             raise NotFound(f"gallery image {image_id} was added as a vector, without a file")
-        return thumbnail_jpeg(entry.path, size, self.settings.max_pixels)
+        return entry.path
 
     # ------------------------------------------------------------------------- writing
 

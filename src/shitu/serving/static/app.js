@@ -51,8 +51,12 @@ function plural(count, noun) {
   return `${count} ${noun}${count === 1 ? "" : "s"}`;
 }
 
-function labelPath(label) {
-  return `v1/gallery/labels/${encodeURIComponent(label)}`;
+// The label goes in the query: a path cannot carry "." or ".." (the browser resolves them
+// away, encoded as %2E too), nor "//" (a proxy may merge it).
+function labelPath(label, offset = 0) {
+  const query = new URLSearchParams({ label });
+  if (offset) query.set("offset", offset);
+  return `v1/gallery/label?${query}`;
 }
 
 // Made here rather than taken from the API's `thumbnail`, which is only right under a proxy
@@ -333,6 +337,23 @@ function renderLabels() {
   }
 }
 
+// Thumbnails are fetched (by the page, which sends the API key) as they near the screen:
+// fetched all at once, a page of 200 would hold every later request up behind them.
+const pendingThumbs = new WeakMap(); // figure -> what fetches its thumbnail
+const thumbsInView = new IntersectionObserver((entries) => {
+  for (const { target, isIntersecting } of entries) {
+    if (!isIntersecting) continue;
+    thumbsInView.unobserve(target);
+    pendingThumbs.get(target)();
+  }
+}, { rootMargin: "300px" });
+
+function clearThumbs() {
+  thumbsInView.disconnect();
+  thumbUrls.splice(0).forEach((url) => URL.revokeObjectURL(url));
+  $("thumbs").replaceChildren();
+}
+
 async function thumbnail(image) {
   const blob = await api(`${imagePath(image.id)}/thumbnail?size=240`);
   const url = URL.createObjectURL(blob);
@@ -350,8 +371,7 @@ async function selectLabel(label) {
   $("rename-form").hidden = false;
   $("rename-input").value = label;
   $("add-label").value = label;
-  thumbUrls.splice(0).forEach((url) => URL.revokeObjectURL(url));
-  $("thumbs").replaceChildren();
+  clearThumbs();
   appendThumbs(label, body.images);
   offerMore(label, choice, body.images.length, body.count);
 }
@@ -365,7 +385,7 @@ function offerMore(label, choice, shown, count) {
   more.addEventListener("click", () => attempt(async () => {
     more.disabled = true; // one page per click
     try {
-      const page = await api(`${labelPath(label)}?offset=${shown}`);
+      const page = await api(labelPath(label, shown));
       if (choice !== selection) return; // the grid shows another choice now
       more.remove();
       appendThumbs(label, page.images);
@@ -409,7 +429,9 @@ function appendThumbs(label, images) {
     }, "label-status"));
     figure.append(img, caption, remove);
     grid.append(figure);
-    thumbnail(image).then((url) => { img.src = url; }, () => { img.alt = "(no preview)"; });
+    pendingThumbs.set(figure, () => thumbnail(image).then(
+      (url) => { img.src = url; }, () => { img.alt = "(no preview)"; }));
+    thumbsInView.observe(figure);
   }
 }
 
@@ -426,7 +448,7 @@ async function refresh(label) {
       ? "Choose a label"
       : "The gallery is empty: add images below";
     $("rename-form").hidden = true;
-    $("thumbs").replaceChildren();
+    clearThumbs();
     renderLabels();
   }
 }
