@@ -171,34 +171,38 @@ def run(args: argparse.Namespace) -> int:
     except BaseException:
         sock.close()
         raise
-    app = create_app(service, metrics)
-    host, port = sock.getsockname()[:2]
-    url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
-    snapshot = service.library.snapshot
-    # Under --root-path the docs page asks for PREFIX/openapi.json: found through the proxy only.
-    docs = f"{args.root_path}/docs through the proxy" if args.root_path else f"{url}/docs"
-    print(
-        f"serving {library} ({len(snapshot.by_id)} images, {len(snapshot.by_label)} labels)"
-        f" at {url}  (web page: {url}/, API docs: {docs})",
-        flush=True,
-    )
-    if not settings.api_key and not _is_loopback(args.host):
+    # The app's shutdown closes the service; this covers a failure before it starts.
+    with service:
+        app = create_app(service, metrics)
+        host, port = sock.getsockname()[:2]
+        url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+        snapshot = service.library.snapshot
+        # Under --root-path the docs page asks for PREFIX/openapi.json: found through the
+        # proxy only.
+        docs = f"{args.root_path}/docs through the proxy" if args.root_path else f"{url}/docs"
         print(
-            f"warning: listening on {args.host} without an API key: anyone who can reach it "
-            "can edit the gallery (set --api-key)",
-            file=sys.stderr,
+            f"serving {library} ({len(snapshot.by_id)} images, {len(snapshot.by_label)} labels)"
+            f" at {url}  (web page: {url}/, API docs: {docs})",
+            flush=True,
         )
-    verbose = logging.getLogger().isEnabledFor(logging.INFO)
-    config = uvicorn.Config(
-        app,
-        log_config=None,  # its records go to shitu's handler: "warning: ...", as every command's
-        log_level="info" if verbose else "warning",
-        access_log=args.access_log,
-        root_path=args.root_path,
-        timeout_graceful_shutdown=10,
-    )
-    if args.access_log:  # uvicorn gives its access log the log level: "warning" would drop it
-        logging.getLogger("uvicorn.access").setLevel(logging.INFO)
-    server = uvicorn.Server(config)
-    server.run(sockets=[sock])
-    return 0
+        if not settings.api_key and not _is_loopback(args.host):
+            print(
+                f"warning: listening on {args.host} without an API key: anyone who can reach it "
+                "can edit the gallery (set --api-key)",
+                file=sys.stderr,
+            )
+        verbose = logging.getLogger().isEnabledFor(logging.INFO)
+        config = uvicorn.Config(
+            app,
+            # its records go to shitu's handler: "warning: ...", as every command's
+            log_config=None,
+            log_level="info" if verbose else "warning",
+            access_log=args.access_log,
+            root_path=args.root_path,
+            timeout_graceful_shutdown=10,
+        )
+        if args.access_log:  # uvicorn gives its access log the log level: "warning" would drop it
+            logging.getLogger("uvicorn.access").setLevel(logging.INFO)
+        server = uvicorn.Server(config)
+        server.run(sockets=[sock])
+        return 0
