@@ -253,6 +253,12 @@ def test_convert_takes_every_tensor_from_the_file_and_loads_no_imagenet_weights(
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert f"wrote {out}: 301 tensors" in result.stdout
+    # weights saved by this version average with the shipped ones, saved by an earlier one
+    soup = tmp_path / "soup.safetensors"
+    averaged = run_shitu(
+        "average", str(default_model_dir() / "model.safetensors"), str(out), "--out", str(soup)
+    )
+    assert averaged.returncode == 0, averaged.stderr
 
 
 @pytest.mark.parametrize(

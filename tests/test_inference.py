@@ -24,7 +24,13 @@ from shitu.config import load_config
 from shitu.data.transforms import build_transforms
 from shitu.data.transforms.ops import UnreadableImageError
 from shitu.errors import CheckpointError, ConfigError, DataError
-from shitu.inference import FeatureExtractor, Preprocessing, export_model, read_manifest
+from shitu.inference import (
+    FeatureExtractor,
+    Preprocessing,
+    default_model_dir,
+    export_model,
+    read_manifest,
+)
 from shitu.inference import export as export_module
 from shitu.inference.backends import choose_backend
 from shitu.inference.export import fingerprint, load_exported_model
@@ -836,3 +842,13 @@ def test_files_decode_to_the_pixels_of_opencvs_bgr_decoding_reversed(grocery):
     for name, data in encoded.items():
         bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
         assert np.array_equal(decode_rgb(data), bgr[:, :, ::-1]), name
+
+
+def test_the_shipped_model_exported_again_keeps_its_fingerprint(tmp_path):
+    """The README's int8 recipe exports the shipped weights again: their float32 features
+    are the shipped model's, so a library built with it must stay valid for the new export
+    (a config key read since, at its default, must not change the recorded arch)."""
+    shipped = default_model_dir()
+    config = load_config("GroceryStore_EfficientNetLite0")
+    out = export_model(config, shipped / "model.safetensors", tmp_path / "again", compact=True)
+    assert read_manifest(out)["fingerprint"] == read_manifest(shipped)["fingerprint"]
