@@ -538,6 +538,18 @@ def test_export_refuses_a_folder_that_is_not_an_export(exported, tmp_path):
         export_model(exported["config"], None, tmp_path / "keep.txt" / "model")
 
 
+@pytest.mark.parametrize("name", [".", "../work"])
+def test_export_refuses_the_current_folder(exported, tmp_path, monkeypatch, name):
+    """Even an empty one: the export would take its place, and the command's own shell
+    would be left in a deleted folder (`.` itself cannot be replaced at all)."""
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    with pytest.raises(export_module.ExportError, match=rf"^{name} is the current folder"):
+        export_model(exported["config"], None, name)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["work"]
+    assert not any((tmp_path / "work").iterdir())
+
+
 def test_reexport_refuses_an_export_folder_that_holds_other_files(exported, tmp_path):
     """Re-exporting replaces the whole folder, so files the user added to it would go too."""
     target = export_model(exported["config"], None, tmp_path / "model")

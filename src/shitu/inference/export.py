@@ -217,6 +217,13 @@ def _check_target(out_dir: Path) -> None:
         )
     if not out_dir.exists():
         return
+    if not out_dir.is_symlink() and out_dir.resolve() == Path.cwd().resolve():
+        # Replacing it fails ("Device or resource busy" for `.`) or leaves the shell that
+        # ran the command in a deleted folder.
+        raise ExportError(
+            f"{out_dir} is the current folder, which an export replaces as a whole; give it "
+            "a folder of its own for --out (e.g. --out my_model)"
+        )
     if not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / MANIFEST).is_file()):
         raise ExportError(
             f"{out_dir} exists and is not a shitu export; choose a new folder for --out"
