@@ -451,6 +451,15 @@ def test_int8_images_are_spread_over_all_the_calibration_images():
     assert spread(files[:5], 128) == files[:5]
 
 
+def test_int8_images_without_calibration_images_is_refused(tmp_path):
+    """It was ignored: the export came without the int8 model the user asked for."""
+    result = run_shitu("export", "--out", str(tmp_path / "model"), "--int8-images", "64")
+    assert result.returncode == 2 and not any(tmp_path.iterdir())
+    assert result.stderr.strip() == (
+        "error: --int8-images counts the --int8-calibration images; give those too"
+    )
+
+
 def test_extract_refuses_a_folder_for_out_before_embedding(tmp_path):
     """`--out` naming a folder is refused up front (it was a traceback after every image
     had been embedded)."""
