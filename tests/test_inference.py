@@ -126,6 +126,23 @@ def test_onnx_and_torch_backends_agree_and_match_the_trained_model(exported):
     assert np.abs(a.features - expected).max() < 1e-3
 
 
+def test_export_of_large_raw_features_checks_onnx_against_their_scale(exported, tmp_path):
+    """Raw features in the thousands (a ResNet50's are near 200) differ between ONNX and
+    torch by float32 rounding of more than 1e-4; a correct export is not refused for it."""
+    model = build_model(exported["config"].Arch).eval()
+    model.load_state_dict(exported["model"].state_dict())
+    with torch.no_grad():
+        model.neck.feat_bn.weight.mul_(1e4)
+        model.neck.feat_bn.bias.mul_(1e4)
+    weights = save_weights(model.state_dict(), tmp_path / "large.safetensors")
+    out = export_model(exported["config"], weights, tmp_path / "model")
+    onnx = FeatureExtractor.load(out, backend="onnxruntime", num_threads=1)
+    torch_backend = FeatureExtractor.load(out, backend="torch", num_threads=1)
+    files = exported["files"][:2]
+    a, b = onnx.extract_files(files).features, torch_backend.extract_files(files).features
+    assert np.abs(a - b).max() < 1e-5
+
+
 def test_extract_images_equals_extract_files(exported):
     extractor = FeatureExtractor.load(exported["dir"], num_threads=1)
     files = exported["files"][:3]
