@@ -143,6 +143,29 @@ def test_export_of_large_raw_features_checks_onnx_against_their_scale(exported, 
     assert np.abs(a - b).max() < 1e-5
 
 
+@pytest.mark.parametrize(
+    ("value", "compact", "why"),
+    [
+        (float("nan"), False, r"\(weights of a training run that diverged\?\)"),
+        (1e6, True, "once rounded to float16: export it without --compact"),
+    ],
+)
+def test_export_refuses_weights_whose_features_would_be_nan(
+    exported, tmp_path, value, compact, why
+):
+    model = build_model(exported["config"].Arch).eval()
+    model.load_state_dict(exported["model"].state_dict())
+    with torch.no_grad():
+        model.neck.feat_bn.running_var[0] = value
+    weights = save_weights(model.state_dict(), tmp_path / "diverged.safetensors")
+    with pytest.raises(
+        export_module.ExportError,
+        match=rf"^{weights}: neck.feat_bn.running_var holds NaN or infinite values {why}$",
+    ):
+        export_model(exported["config"], weights, tmp_path / "model", compact=compact)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["diverged.safetensors"]
+
+
 def test_extract_images_equals_extract_files(exported):
     extractor = FeatureExtractor.load(exported["dir"], num_threads=1)
     files = exported["files"][:3]

@@ -147,11 +147,13 @@ def write_export(
         raise ExportError(f"score_thres {score_thres}: a cosine similarity, in [-1, 1]")
     if compact and calibration_images:
         raise ExportError("a compact export has no ONNX model to quantise; drop one option")
+    _check_finite(model, source, "(weights of a training run that diverged?)")
     if compact:
         with torch.no_grad():
             for tensor in model.state_dict().values():
                 if tensor.is_floating_point():
                     tensor.copy_(tensor.half())
+        _check_finite(model, source, "once rounded to float16: export it without --compact")
     wrapped = FeaturesOnly(model, output_key).eval()
     state = model.state_dict()
     stored = {
@@ -238,6 +240,16 @@ def _check_target(out_dir: Path) -> None:
             f"{out_dir} is an export that also holds {shown}, which replacing it would "
             "delete; move them out of it or choose a new folder for --out"
         )
+
+
+def _check_finite(model: RecModel, source: str | None, why: str) -> None:
+    """An ExportError naming the first tensor with NaN or infinite values: every feature of
+    such a model is NaN, which the export would write silently and a gallery would refuse
+    only as its images are added."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            where = f"{source}: " if source else ""
+            raise ExportError(f"{where}{name} holds NaN or infinite values {why}")
 
 
 def _export_onnx(model: FeaturesOnly, path: Path, preprocessing: Preprocessing, opset: int) -> None:
