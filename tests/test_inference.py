@@ -620,6 +620,21 @@ def test_changed_model_file_is_detected(exported, tmp_path):
         FeatureExtractor.load(copy / "model.onnx")
 
 
+def test_a_paddle_inference_model_is_named_as_one(tmp_path):
+    """PP-ShiTu's pipeline config names a Paddle inference folder as the model: say so,
+    and what to give shitu instead, not only that shitu_model.json is missing."""
+    paddle = tmp_path / "general_PPLCNetV2_base_pretrained_v1.0_infer"
+    paddle.mkdir()
+    for name in ("inference.pdmodel", "inference.pdiparams", "inference.pdiparams.info"):
+        (paddle / name).write_bytes(b"\0")
+    with pytest.raises(
+        CheckpointError,
+        match=rf"^{paddle} is a Paddle inference model, which shitu does not run: export the "
+        r"PaddleClas weights \(\.pdparams\) it was made from with `shitu export",
+    ):
+        FeatureExtractor.load(paddle)
+
+
 def test_manifest_embedding_size_that_the_model_does_not_give_is_refused(exported, tmp_path):
     copy = shutil.copytree(exported["dir"], tmp_path / "copy")
     manifest = json.loads((copy / "shitu_model.json").read_text())

@@ -33,6 +33,9 @@ FORMAT = "shitu-feature-extractor"
 # 2: the fingerprint covers the arch too (version 1's covered weights, preprocessing and
 # output key only); version 1 exports still load, checked against their own kind.
 FORMAT_VERSION = 2
+# What PaddleClas's own export writes (with inference.pdmodel or inference.json): the
+# folders PP-ShiTu's pipeline config names as rec_inference_model_dir.
+PADDLE_INFERENCE_WEIGHTS = "inference.pdiparams"
 INPUT_NAME = "images"
 OUTPUT_NAME = "features"
 
@@ -102,6 +105,12 @@ def read_manifest(model_dir: str | Path) -> dict[str, Any]:
         hint = f": {folder}" if (folder / MANIFEST).is_file() else ""
         raise CheckpointError(f"model {model_dir} is a file; give the folder of an export{hint}")
     if not path.is_file():
+        if (Path(model_dir) / PADDLE_INFERENCE_WEIGHTS).is_file():  # PP-ShiTu's own models
+            raise CheckpointError(
+                f"{model_dir} is a Paddle inference model, which shitu does not run: export "
+                "the PaddleClas weights (.pdparams) it was made from with `shitu export -c "
+                "CONFIG -o Global.pretrained_model=FILE.pdparams --out DIR`"
+            )
         raise CheckpointError(
             f"{model_dir} is not an exported model (no {MANIFEST}); create one with `shitu export`"
         )
