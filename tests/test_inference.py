@@ -618,6 +618,14 @@ def test_changed_model_file_is_detected(exported, tmp_path):
         FeatureExtractor.load(tmp_path / "gone")
     with pytest.raises(CheckpointError, match=f"is a file; give the folder of an export: {copy}$"):
         FeatureExtractor.load(copy / "model.onnx")
+    # a training run's weights, the usual file given: the way to an export from them
+    weights = shutil.copy(copy / "model.safetensors", tmp_path / "best_model.safetensors")
+    with pytest.raises(
+        CheckpointError,
+        match=rf"^model {weights} is a file; give the folder of an export \(for a weight file, "
+        rf"`shitu export -c CONFIG -o Global.pretrained_model={weights} --out DIR` makes one\)$",
+    ):
+        FeatureExtractor.load(weights)
 
 
 def test_a_paddle_inference_model_is_named_as_one(tmp_path):

@@ -102,7 +102,13 @@ def read_manifest(model_dir: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"model {model_dir}: no such folder")
     if Path(model_dir).is_file():  # e.g. the export's model.onnx for the export
         folder = Path(model_dir).parent
-        hint = f": {folder}" if (folder / MANIFEST).is_file() else ""
+        # else most often a training run's weights, which come in a file of their own
+        hint = (
+            f": {folder}"
+            if (folder / MANIFEST).is_file()
+            else f" (for a weight file, `shitu export -c CONFIG -o Global.pretrained_model="
+            f"{model_dir} --out DIR` makes one)"
+        )
         raise CheckpointError(f"model {model_dir} is a file; give the folder of an export{hint}")
     if not path.is_file():
         if (Path(model_dir) / PADDLE_INFERENCE_WEIGHTS).is_file():  # PP-ShiTu's own models
