@@ -30,7 +30,7 @@ from shitu import __version__
 from shitu.checkpoint import load_weights, model_metadata, save_weights
 from shitu.config import ArchConfig, ShituConfig
 from shitu.errors import CheckpointError, ConfigError
-from shitu.fileio import file_sha256, replace_folder
+from shitu.fileio import FILE_MODE, FOLDER_MODE, file_sha256, replace_folder
 from shitu.inference.manifest import (
     EXPORT_FILES,
     FORMAT,
@@ -203,8 +203,8 @@ def write_export(
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         for path in staging.iterdir():
-            path.chmod(0o644)  # temporary files are created private
-        staging.chmod(0o755)
+            path.chmod(FILE_MODE)  # as the umask has them: temporary ones are owner-only
+        staging.chmod(FOLDER_MODE)
         replace_folder(staging, out_dir)
     finally:
         if staging.exists():
