@@ -119,6 +119,20 @@ def test_pdparams_import_maps_names_transposes_and_skips_unused(tmp_path):
     assert torch.equal(ours["logits"], theirs["logits"])
 
 
+def test_weights_named_without_pdparams_as_paddleclas_configs_name_them(tmp_path):
+    """`Global.pretrained_model: output/best_model` reads best_model.pdparams, as in
+    PaddleClas; a name that is neither is still not found."""
+    model = make_model()
+    to_pdparams(model, tmp_path / "best_model.pdparams")
+    fresh = make_model(seed=5)
+    load_weights(fresh, tmp_path / "best_model")
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x)["features"], fresh(x)["features"])
+    with pytest.raises(CheckpointError, match=r"^weight file not found: .*/other$"):
+        load_weights(fresh, tmp_path / "other")
+
+
 def test_pdparams_mismatch_is_a_clear_error(tmp_path):
     to_pdparams(make_model(), tmp_path / "m.pdparams")
     other = {**ARCH, "Head": {"name": "ArcMargin", "embedding_size": 64, "class_num": 9}}

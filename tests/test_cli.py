@@ -253,6 +253,12 @@ def test_convert_takes_every_tensor_from_the_file_and_loads_no_imagenet_weights(
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert f"wrote {out}: 301 tensors" in result.stdout
+    # weights saved by this version average with the shipped ones, saved by an earlier one
+    soup = tmp_path / "soup.safetensors"
+    averaged = run_shitu(
+        "average", str(default_model_dir() / "model.safetensors"), str(out), "--out", str(soup)
+    )
+    assert averaged.returncode == 0, averaged.stderr
 
 
 @pytest.mark.parametrize(
@@ -443,6 +449,32 @@ def test_int8_images_are_spread_over_all_the_calibration_images():
     assert len(set(chosen)) == 128 and chosen[0] == 0 and chosen[-1] >= 198
     assert spread(files, 7) == [0, 28, 57, 85, 114, 142, 171]
     assert spread(files[:5], 128) == files[:5]
+
+
+@pytest.mark.parametrize(
+    ("umask", "file_mode", "folder_mode"), [(0o027, 0o640, 0o750), (0o002, 0o664, 0o775)]
+)
+def test_an_export_has_the_permissions_the_umask_gives(tmp_path, umask, file_mode, folder_mode):
+    """As any file the user writes: private under 077-like masks (it was always readable
+    by all), writable by the group on a team's shared folder (it was not)."""
+    out = tmp_path / "model"
+    result = subprocess.run(
+        [*SHITU, "export", "-c", "GroceryStore_EfficientNetLite0", "--compact", "--out", str(out),
+         "-o", f"Global.pretrained_model={default_model_dir() / 'model.safetensors'}"],
+        capture_output=True, text=True, preexec_fn=lambda: os.umask(umask),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert out.stat().st_mode & 0o777 == folder_mode
+    assert {path.stat().st_mode & 0o777 for path in out.iterdir()} == {file_mode}
+
+
+def test_int8_images_without_calibration_images_is_refused(tmp_path):
+    """It was ignored: the export came without the int8 model the user asked for."""
+    result = run_shitu("export", "--out", str(tmp_path / "model"), "--int8-images", "64")
+    assert result.returncode == 2 and not any(tmp_path.iterdir())
+    assert result.stderr.strip() == (
+        "error: --int8-images counts the --int8-calibration images; give those too"
+    )
 
 
 def test_extract_refuses_a_folder_for_out_before_embedding(tmp_path):

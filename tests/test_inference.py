@@ -24,7 +24,13 @@ from shitu.config import load_config
 from shitu.data.transforms import build_transforms
 from shitu.data.transforms.ops import UnreadableImageError
 from shitu.errors import CheckpointError, ConfigError, DataError
-from shitu.inference import FeatureExtractor, Preprocessing, export_model, read_manifest
+from shitu.inference import (
+    FeatureExtractor,
+    Preprocessing,
+    default_model_dir,
+    export_model,
+    read_manifest,
+)
 from shitu.inference import export as export_module
 from shitu.inference.backends import choose_backend
 from shitu.inference.export import fingerprint, load_exported_model
@@ -118,6 +124,46 @@ def test_onnx_and_torch_backends_agree_and_match_the_trained_model(exported):
         batch = torch.stack([transform(f.read_bytes()) for f in files])
         expected = torch.nn.functional.normalize(exported["model"](batch)["features"]).numpy()
     assert np.abs(a.features - expected).max() < 1e-3
+
+
+def test_export_of_large_raw_features_checks_onnx_against_their_scale(exported, tmp_path):
+    """Raw features in the thousands (a ResNet50's are near 200) differ between ONNX and
+    torch by float32 rounding of more than 1e-4; a correct export is not refused for it."""
+    model = build_model(exported["config"].Arch).eval()
+    model.load_state_dict(exported["model"].state_dict())
+    with torch.no_grad():
+        model.neck.feat_bn.weight.mul_(1e4)
+        model.neck.feat_bn.bias.mul_(1e4)
+    weights = save_weights(model.state_dict(), tmp_path / "large.safetensors")
+    out = export_model(exported["config"], weights, tmp_path / "model")
+    onnx = FeatureExtractor.load(out, backend="onnxruntime", num_threads=1)
+    torch_backend = FeatureExtractor.load(out, backend="torch", num_threads=1)
+    files = exported["files"][:2]
+    a, b = onnx.extract_files(files).features, torch_backend.extract_files(files).features
+    assert np.abs(a - b).max() < 1e-5
+
+
+@pytest.mark.parametrize(
+    ("value", "compact", "why"),
+    [
+        (float("nan"), False, r"\(weights of a training run that diverged\?\)"),
+        (1e6, True, "once rounded to float16: export it without --compact"),
+    ],
+)
+def test_export_refuses_weights_whose_features_would_be_nan(
+    exported, tmp_path, value, compact, why
+):
+    model = build_model(exported["config"].Arch).eval()
+    model.load_state_dict(exported["model"].state_dict())
+    with torch.no_grad():
+        model.neck.feat_bn.running_var[0] = value
+    weights = save_weights(model.state_dict(), tmp_path / "diverged.safetensors")
+    with pytest.raises(
+        export_module.ExportError,
+        match=rf"^{weights}: neck.feat_bn.running_var holds NaN or infinite values {why}$",
+    ):
+        export_model(exported["config"], weights, tmp_path / "model", compact=compact)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["diverged.safetensors"]
 
 
 def test_extract_images_equals_extract_files(exported):
@@ -532,6 +578,18 @@ def test_export_refuses_a_folder_that_is_not_an_export(exported, tmp_path):
         export_model(exported["config"], None, tmp_path / "keep.txt" / "model")
 
 
+@pytest.mark.parametrize("name", [".", "../work"])
+def test_export_refuses_the_current_folder(exported, tmp_path, monkeypatch, name):
+    """Even an empty one: the export would take its place, and the command's own shell
+    would be left in a deleted folder (`.` itself cannot be replaced at all)."""
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    with pytest.raises(export_module.ExportError, match=rf"^{name} is the current folder"):
+        export_model(exported["config"], None, name)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["work"]
+    assert not any((tmp_path / "work").iterdir())
+
+
 def test_reexport_refuses_an_export_folder_that_holds_other_files(exported, tmp_path):
     """Re-exporting replaces the whole folder, so files the user added to it would go too."""
     target = export_model(exported["config"], None, tmp_path / "model")
@@ -560,6 +618,29 @@ def test_changed_model_file_is_detected(exported, tmp_path):
         FeatureExtractor.load(tmp_path / "gone")
     with pytest.raises(CheckpointError, match=f"is a file; give the folder of an export: {copy}$"):
         FeatureExtractor.load(copy / "model.onnx")
+    # a training run's weights, the usual file given: the way to an export from them
+    weights = shutil.copy(copy / "model.safetensors", tmp_path / "best_model.safetensors")
+    with pytest.raises(
+        CheckpointError,
+        match=rf"^model {weights} is a file; give the folder of an export \(for a weight file, "
+        rf"`shitu export -c CONFIG -o Global.pretrained_model={weights} --out DIR` makes one\)$",
+    ):
+        FeatureExtractor.load(weights)
+
+
+def test_a_paddle_inference_model_is_named_as_one(tmp_path):
+    """PP-ShiTu's pipeline config names a Paddle inference folder as the model: say so,
+    and what to give shitu instead, not only that shitu_model.json is missing."""
+    paddle = tmp_path / "general_PPLCNetV2_base_pretrained_v1.0_infer"
+    paddle.mkdir()
+    for name in ("inference.pdmodel", "inference.pdiparams", "inference.pdiparams.info"):
+        (paddle / name).write_bytes(b"\0")
+    with pytest.raises(
+        CheckpointError,
+        match=rf"^{paddle} is a Paddle inference model, which shitu does not run: export the "
+        r"PaddleClas weights \(\.pdparams\) it was made from with `shitu export",
+    ):
+        FeatureExtractor.load(paddle)
 
 
 def test_manifest_embedding_size_that_the_model_does_not_give_is_refused(exported, tmp_path):
@@ -836,3 +917,13 @@ def test_files_decode_to_the_pixels_of_opencvs_bgr_decoding_reversed(grocery):
     for name, data in encoded.items():
         bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
         assert np.array_equal(decode_rgb(data), bgr[:, :, ::-1]), name
+
+
+def test_the_shipped_model_exported_again_keeps_its_fingerprint(tmp_path):
+    """The README's int8 recipe exports the shipped weights again: their float32 features
+    are the shipped model's, so a library built with it must stay valid for the new export
+    (a config key read since, at its default, must not change the recorded arch)."""
+    shipped = default_model_dir()
+    config = load_config("GroceryStore_EfficientNetLite0")
+    out = export_model(config, shipped / "model.safetensors", tmp_path / "again", compact=True)
+    assert read_manifest(out)["fingerprint"] == read_manifest(shipped)["fingerprint"]

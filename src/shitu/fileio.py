@@ -103,6 +103,9 @@ def _read_umask() -> int:
 
 
 _UMASK = _read_umask()
+# What a plain `open` or `mkdir` would give (temporary files and folders are owner-only).
+FILE_MODE = 0o666 & ~_UMASK
+FOLDER_MODE = 0o777 & ~_UMASK
 
 
 def write_atomically(path: Path, write: Callable[[Path], None], durable: bool = False) -> Path:
@@ -120,7 +123,7 @@ def write_atomically(path: Path, write: Callable[[Path], None], durable: bool = 
     tmp = Path(name)
     try:
         write(tmp)
-        os.chmod(tmp, 0o666 & ~_UMASK)
+        os.chmod(tmp, FILE_MODE)
         if durable:
             with open(tmp, "rb") as handle:
                 os.fsync(handle.fileno())

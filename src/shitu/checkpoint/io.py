@@ -170,6 +170,14 @@ def _training_state_metadata(payload: dict) -> dict[str, str]:
     return {REPARAMETERIZED: "false", ARCH: json.dumps(arch)}
 
 
+def paddle_style_weights(path: Path) -> Path:
+    """`path`, or where it does not exist `path.pdparams`: PaddleClas configs name weights
+    without the suffix (`pretrained_model: ./output/RecModel/best_model` is read from
+    best_model.pdparams), and such a config is read as it is."""
+    with_suffix = path.with_name(path.name + ".pdparams")
+    return with_suffix if not path.exists() and with_suffix.is_file() else path
+
+
 def state_for_model(
     model: nn.Module, path: str | Path
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -177,7 +185,7 @@ def state_for_model(
 
     Folds `model` first when the file holds re-parameterised (folded) weights.
     """
-    path = Path(path)
+    path = paddle_style_weights(Path(path))
     if path.suffix == ".pdparams":
         return paddle_to_torch(read_pdparams(path), model)
     state, metadata = read_weights(path)

@@ -14,9 +14,12 @@ from shitu.cli.common import (
     positive_int,
     trained_weights,
 )
+from shitu.errors import ConfigError
 from shitu.pipeline.defaults import DEFAULT_SCORE_THRES
 
 logger = logging.getLogger(__name__)
+
+DEFAULT_INT8_IMAGES = 128
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -41,8 +44,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--int8-images",
         type=positive_int,
-        default=128,
-        help="how many calibration images to use, spread over the given ones (default 128)",
+        help="how many calibration images to use, spread over the given ones (default "
+        f"{DEFAULT_INT8_IMAGES})",
     )
     parser.add_argument(
         "--compact",
@@ -63,11 +66,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from shitu.inference import export_model, read_manifest
 
+    if args.int8_images is not None and not args.int8_calibration:
+        # else the export would lack the int8 model the option suggests it makes
+        raise ConfigError("--int8-images counts the --int8-calibration images; give those too")
     config = config_from_args(args)
     weights = trained_weights(config, "the export holds")
     calibration: list[Path] = []
     if args.int8_calibration:
-        calibration = spread(expand_images(args.int8_calibration)[0], args.int8_images)
+        count = args.int8_images or DEFAULT_INT8_IMAGES
+        calibration = spread(expand_images(args.int8_calibration)[0], count)
     out = export_model(
         config,
         weights,

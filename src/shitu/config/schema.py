@@ -132,8 +132,9 @@ class ArchConfig(Section):
     name: Literal["RecModel"] = "RecModel"
     infer_output_key: Literal["features", "backbone"] = "features"
     # PaddleClas's softmax on a classifier's exported output; a recognition model exports
-    # features, so only its "no" is taken.
-    infer_add_softmax: bool = False
+    # features, so only its "no" is taken. Left out of dumps: checkpoints' and exports' arch
+    # records (and so the fingerprint) stay as before the key was read, the same model's.
+    infer_add_softmax: bool = Field(default=False, exclude=True)
     head_feature_from: Literal["neck", "backbone"] = "neck"
     Backbone: ComponentConfig
     BackboneStopLayer: StopLayerConfig | None = None

@@ -33,6 +33,9 @@ FORMAT = "shitu-feature-extractor"
 # 2: the fingerprint covers the arch too (version 1's covered weights, preprocessing and
 # output key only); version 1 exports still load, checked against their own kind.
 FORMAT_VERSION = 2
+# What PaddleClas's own export writes (with inference.pdmodel or inference.json): the
+# folders PP-ShiTu's pipeline config names as rec_inference_model_dir.
+PADDLE_INFERENCE_WEIGHTS = "inference.pdiparams"
 INPUT_NAME = "images"
 OUTPUT_NAME = "features"
 
@@ -99,9 +102,21 @@ def read_manifest(model_dir: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"model {model_dir}: no such folder")
     if Path(model_dir).is_file():  # e.g. the export's model.onnx for the export
         folder = Path(model_dir).parent
-        hint = f": {folder}" if (folder / MANIFEST).is_file() else ""
+        # else most often a training run's weights, which come in a file of their own
+        hint = (
+            f": {folder}"
+            if (folder / MANIFEST).is_file()
+            else f" (for a weight file, `shitu export -c CONFIG -o Global.pretrained_model="
+            f"{model_dir} --out DIR` makes one)"
+        )
         raise CheckpointError(f"model {model_dir} is a file; give the folder of an export{hint}")
     if not path.is_file():
+        if (Path(model_dir) / PADDLE_INFERENCE_WEIGHTS).is_file():  # PP-ShiTu's own models
+            raise CheckpointError(
+                f"{model_dir} is a Paddle inference model, which shitu does not run: export "
+                "the PaddleClas weights (.pdparams) it was made from with `shitu export -c "
+                "CONFIG -o Global.pretrained_model=FILE.pdparams --out DIR`"
+            )
         raise CheckpointError(
             f"{model_dir} is not an exported model (no {MANIFEST}); create one with `shitu export`"
         )
