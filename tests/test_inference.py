@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import logging
@@ -441,6 +442,27 @@ def test_killed_export_leaves_nothing_and_reexport_replaces(exported, tmp_path, 
     assert read_manifest(target)["fingerprint"] == read_manifest(exported["dir"])["fingerprint"]
     assert read_manifest(target)["fingerprint"] != first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+
+
+def test_export_removes_the_staging_folders_of_killed_exports(exported, tmp_path):
+    """An export killed outright (SIGKILL, power loss) leaves its staging folder, a model's
+    worth of files: the next export to that name removes it, and leaves a running one's."""
+    target = tmp_path / "export"
+    staging = {}
+    for name in ("dead", "live"):
+        staging[name] = tmp_path / f".export.exporting-{name}"
+        staging[name].mkdir()
+        (staging[name] / "model.onnx").write_bytes(b"half a model")
+        Path(f"{staging[name]}.lock").touch()
+    with open(f"{staging['live']}.lock") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # as the running export holds it
+        export_model(exported["config"], exported["dir"] / "model.safetensors", target)
+    assert read_manifest(target)["fingerprint"] == read_manifest(exported["dir"])["fingerprint"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".export.exporting-live",
+        ".export.exporting-live.lock",
+        "export",
+    ]
 
 
 def test_fingerprint_covers_weightless_arch_settings_but_not_training_ones(exported, tmp_path):

@@ -9,14 +9,17 @@ the name a reader opens.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import ctypes
 import errno
+import glob
 import hashlib
 import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -157,6 +160,40 @@ def _exchange(first: Path, second: Path) -> bool:
     if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
         return False
     raise OSError(code, os.strerror(code), str(second))
+
+
+@contextlib.contextmanager
+def staging_folder(target: Path, doing: str) -> Iterator[Path]:
+    """A fresh name `.TARGET.DOING-<random>` beside `target`, for a folder that is written
+    whole and then renamed to `target` (the caller makes it, and removes it on failure).
+
+    A lock file beside it is held while the block runs (an flock, which the kernel releases
+    when the process dies, also across hosts on NFSv4), so that staging folders of earlier
+    runs to `target` that were killed outright (SIGKILL, power loss), and would otherwise
+    stay on disk, are told from live ones and removed first. Where the folder outlives the
+    block (interrupted again while cleaning up), the unheld lock stays for the next run to
+    find it dead. A folder without a lock is not ours to judge.
+    """
+    import fcntl  # POSIX: the commands that stage folders run on Linux and macOS
+
+    for lock_path in target.parent.glob(f".{glob.escape(target.name)}.{doing}-*.lock"):
+        with open(lock_path, "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # a live run
+            shutil.rmtree(lock_path.with_suffix(""), ignore_errors=True)
+        lock_path.unlink(missing_ok=True)
+    # A name no other run can have, on this host or another sharing the folder.
+    staging = target.parent / f".{target.name}.{doing}-{uuid.uuid4().hex}"
+    lock_path = staging.with_name(staging.name + ".lock")
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a fresh name: never contended
+        try:
+            yield staging
+        finally:
+            if not staging.exists():
+                lock_path.unlink(missing_ok=True)
 
 
 def replace_folder(staging: Path, target: Path) -> None:

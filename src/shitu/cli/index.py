@@ -3,15 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
-import glob
 import json
 import os
 import shutil
 import sys
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +21,7 @@ from shitu.cli.common import (
     skip_reason,
 )
 from shitu.errors import DataError, GalleryError, did_you_mean
-from shitu.fileio import check_writable, fsync_dir
+from shitu.fileio import check_writable, fsync_dir, staging_folder
 from shitu.index import (
     INDEX_TYPES,
     METRICS,
@@ -331,10 +326,7 @@ def run_build(args: argparse.Namespace) -> int:
     given = {"uri": args.milvus_uri, "collection": args.milvus_collection}
     options = {key: value for key, value in given.items() if value is not None} | search_options
     # Built beside the target and renamed at the end: an interrupted build leaves no library.
-    _remove_dead_builds(args.out)
-    # A name no other build can have, on this host or another sharing the folder.
-    tmp = args.out.parent / f".{args.out.name}.building-{uuid.uuid4().hex}"
-    with _build_lock(tmp):
+    with staging_folder(args.out, "building") as tmp:
         return _build(args, items, model, options, tmp)
 
 
@@ -388,38 +380,6 @@ def _build(
     fsync_dir(args.out.parent)
     _report(report, args.out, stats)
     return 0
-
-
-def _remove_dead_builds(out: Path) -> None:
-    """Staging folders of builds to `out` whose process was killed outright (SIGKILL, power
-    loss): they hold every feature the build had made, which would otherwise stay on disk.
-    A build holds a lock beside its folder while it runs (an flock, released by the kernel
-    when the process dies, also across hosts on NFSv4); one that nobody holds is dead, and
-    goes with its folder, or alone where the build died before it made one. A folder
-    without a lock is not ours to judge."""
-    for lock_path in out.parent.glob(f".{glob.escape(out.name)}.building-*.lock"):
-        with open(lock_path, "a") as lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                continue  # a live build
-            shutil.rmtree(lock_path.with_suffix(""), ignore_errors=True)
-        lock_path.unlink(missing_ok=True)
-
-
-@contextlib.contextmanager
-def _build_lock(staging: Path) -> Iterator[None]:
-    """Held while a build writes `staging`, so that other builds leave it alone. Where the
-    build could not remove its staging folder (interrupted again while cleaning up), the
-    lock file stays, unheld, for the next build to find the folder dead and remove it."""
-    lock_path = staging.with_name(staging.name + ".lock")
-    with open(lock_path, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a fresh name: never contended
-        try:
-            yield
-        finally:
-            if not staging.exists():
-                lock_path.unlink(missing_ok=True)
 
 
 def run_add(args: argparse.Namespace) -> int:

@@ -13,10 +13,10 @@ killed half-way leaves no half-written folder behind.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ from shitu import __version__
 from shitu.checkpoint import load_weights, model_metadata, save_weights
 from shitu.config import ArchConfig, ShituConfig
 from shitu.errors import CheckpointError, ConfigError
-from shitu.fileio import FILE_MODE, FOLDER_MODE, file_sha256, replace_folder
+from shitu.fileio import FILE_MODE, FOLDER_MODE, file_sha256, replace_folder, staging_folder
 from shitu.inference.manifest import (
     EXPORT_FILES,
     FORMAT,
@@ -160,55 +160,60 @@ def write_export(
         name: tensor.half() if compact and tensor.is_floating_point() else tensor
         for name, tensor in state.items()
     }
-    try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    except OSError as exc:
-        raise ExportError(f"cannot write the export to {out_dir}: {exc.strerror or exc}") from None
-    try:
-        save_weights(stored, staging / TORCH_FILE, model_metadata(model, arch))
-        files = [TORCH_FILE]
-        if not compact:
-            _export_onnx(wrapped, staging / ONNX_FILE, preprocessing, opset)
-            files.insert(0, ONNX_FILE)
-        if calibration_images:
-            from shitu.inference.quantize import quantize_static_onnx
+    with contextlib.ExitStack() as staged:
+        try:
+            out_dir.parent.mkdir(parents=True, exist_ok=True)
+            # Beside the target, and removed by the next export there if this one is killed
+            staging = staged.enter_context(staging_folder(out_dir, "exporting"))
+            staging.mkdir(mode=0o700)
+        except OSError as exc:
+            raise ExportError(
+                f"cannot write the export to {out_dir}: {exc.strerror or exc}"
+            ) from None
+        try:
+            save_weights(stored, staging / TORCH_FILE, model_metadata(model, arch))
+            files = [TORCH_FILE]
+            if not compact:
+                _export_onnx(wrapped, staging / ONNX_FILE, preprocessing, opset)
+                files.insert(0, ONNX_FILE)
+            if calibration_images:
+                from shitu.inference.quantize import quantize_static_onnx
 
-            quantize_static_onnx(
-                staging / ONNX_FILE, staging / INT8_FILE, preprocessing, calibration_images
-            )
-            files.append(INT8_FILE)
-        with torch.inference_mode():
-            probe = wrapped(torch.zeros(1, 3, *reversed(preprocessing.size)))
-        manifest = {
-            "format": FORMAT,
-            "format_version": format_version,
-            "shitu_version": __version__,
-            "torch_version": torch.__version__,
-            "arch_name": arch["Backbone"]["name"],
-            "arch": arch,
-            "output_key": output_key,
-            "embedding_size": int(probe.shape[1]),
-            "input": {"name": INPUT_NAME, "dtype": "float32", "layout": "NCHW"},
-            "output": {"name": OUTPUT_NAME, "normalized": False},
-            "preprocessing": preprocessing.to_dict(),
-            "fingerprint": fingerprint(
-                state, preprocessing, output_key, arch if format_version >= 2 else None
-            ),
-            "score_thres": score_thres,
-            "source_weights": source,
-            "weights_dtype": "float16" if compact else "float32",
-            "onnx_opset": opset,
-            "files": {name: file_sha256(staging / name) for name in files},
-        }
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        for path in staging.iterdir():
-            path.chmod(FILE_MODE)  # as the umask has them: temporary ones are owner-only
-        staging.chmod(FOLDER_MODE)
-        replace_folder(staging, out_dir)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
+                quantize_static_onnx(
+                    staging / ONNX_FILE, staging / INT8_FILE, preprocessing, calibration_images
+                )
+                files.append(INT8_FILE)
+            with torch.inference_mode():
+                probe = wrapped(torch.zeros(1, 3, *reversed(preprocessing.size)))
+            manifest = {
+                "format": FORMAT,
+                "format_version": format_version,
+                "shitu_version": __version__,
+                "torch_version": torch.__version__,
+                "arch_name": arch["Backbone"]["name"],
+                "arch": arch,
+                "output_key": output_key,
+                "embedding_size": int(probe.shape[1]),
+                "input": {"name": INPUT_NAME, "dtype": "float32", "layout": "NCHW"},
+                "output": {"name": OUTPUT_NAME, "normalized": False},
+                "preprocessing": preprocessing.to_dict(),
+                "fingerprint": fingerprint(
+                    state, preprocessing, output_key, arch if format_version >= 2 else None
+                ),
+                "score_thres": score_thres,
+                "source_weights": source,
+                "weights_dtype": "float16" if compact else "float32",
+                "onnx_opset": opset,
+                "files": {name: file_sha256(staging / name) for name in files},
+            }
+            (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+            for path in staging.iterdir():
+                path.chmod(FILE_MODE)  # as the umask has them: temporary ones are owner-only
+            staging.chmod(FOLDER_MODE)
+            replace_folder(staging, out_dir)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging)
     return out_dir
 
 
