@@ -698,6 +698,22 @@ def test_preprocessing_from_eval_transforms(exported):
         Preprocessing.from_config(config)
 
 
+def test_an_image_shape_the_eval_transforms_override_is_said_to_be_unused(caplog):
+    """The input size comes from the eval transforms: `-o Global.image_shape=[3,256,256]`
+    would otherwise be taken by the user for the exported model's, silently."""
+    shipped = "GroceryStore_EfficientNetLite0"
+    with caplog.at_level(logging.WARNING, logger="shitu.inference.preprocess"):
+        assert Preprocessing.from_config(load_config(shipped)).size == (224, 224)
+        assert not caplog.records  # the shipped config's image_shape agrees
+        bigger = load_config(shipped, ["Global.image_shape=[3, 256, 256]"])
+        assert Preprocessing.from_config(bigger).size == (224, 224)
+    (record,) = caplog.records
+    assert record.getMessage() == (
+        "Global.image_shape [3, 256, 256] is not the model's input: that is the eval "
+        "transforms' 224 x 224 (DataLoader.Eval transform_ops sets it)"
+    )
+
+
 def test_preprocessing_refuses_query_and_gallery_sets_preprocessed_differently(exported):
     """`shitu eval` embeds the Query set with its transforms and the Gallery set with its
     own; an export has one preprocessing for both, so taking either side's would deploy a

@@ -8,6 +8,7 @@ decoder for formats OpenCV lacks and for Pillow-only filters.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,8 @@ from shitu.data.transforms.ops import (
     short_side_size,
 )
 from shitu.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 HEADER_BYTES = 1 << 16  # read for a PNG's or WebP's transparency: its header and colour profile
@@ -171,9 +174,22 @@ class Preprocessing:
         if "ResizeImage" not in seen:
             raise ConfigError("DataLoader.Eval transform_ops: no ResizeImage; export needs a size")
         try:
-            return cls(**values)
+            preprocessing = cls(**values)
         except ValueError as exc:
             raise ConfigError(f"DataLoader.Eval transform_ops: {exc}") from None
+        _, height, width = config.Global.image_shape
+        if (
+            "image_shape" in config.Global.model_fields_set
+            and (width, height) != preprocessing.size
+        ):
+            # Set by hand (an -o override, say) and taken for the model's input, it is not:
+            logger.warning(
+                "Global.image_shape %s is not the model's input: that is the eval transforms' "
+                "%d x %d (DataLoader.Eval transform_ops sets it)",
+                config.Global.image_shape,
+                *preprocessing.size,
+            )
+        return preprocessing
 
     # --- the fast path -------------------------------------------------------------------
 
