@@ -10,6 +10,7 @@ import base64
 import binascii
 import io
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -33,11 +34,25 @@ def check_pixels(width: int, height: int, max_pixels: int, name: str = "image") 
         )
 
 
-def decode_image(data: bytes, max_pixels: int, name: str = "image") -> np.ndarray:
-    """Encoded image bytes -> RGB uint8 HxWx3. Raises BadRequest or PayloadTooLarge."""
+@dataclass(frozen=True)
+class ImageHeader:
+    """What an upload's header says, read before any pixel is decoded."""
+
+    width: int
+    height: int
+    kind: str  # the format's name, for messages
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+
+def read_header(data: bytes, max_pixels: int, name: str = "image") -> ImageHeader:
+    """The image's size and format from its header alone, within the pixel limit: what
+    decoding it will take is known before it starts. Raises BadRequest or PayloadTooLarge."""
     if not data:
         raise BadRequest(f"{name}: the upload is empty (0 bytes)")
-    try:  # reads the header only: the size is known before any pixel is decoded
+    try:
         with Image.open(io.BytesIO(data)) as header:
             width, height = header.size
             kind = header.format or "image"
@@ -49,10 +64,16 @@ def decode_image(data: bytes, max_pixels: int, name: str = "image") -> np.ndarra
             f"got {len(data)} bytes starting {data[:8]!r})"
         ) from None
     check_pixels(width, height, max_pixels, name)
+    return ImageHeader(width, height, kind)
+
+
+def decode_image(data: bytes, header: ImageHeader, name: str = "image") -> np.ndarray:
+    """Encoded image bytes, whose header `read_header` checked -> RGB uint8 HxWx3. Raises
+    BadRequest for a corrupt image."""
     try:
         return decode_rgb(data)
     except UnreadableImageError as exc:
-        raise BadRequest(f"{name}: corrupt {kind} image ({exc})") from None
+        raise BadRequest(f"{name}: corrupt {header.kind} image ({exc})") from None
 
 
 def decode_base64(text: str, name: str) -> bytes:
