@@ -1146,6 +1146,43 @@ def test_an_edit_that_waits_out_another_writer_is_a_503_to_retry(
         assert asyncio.run(delete(app, image_id)).status_code == 200
 
 
+def test_a_thumbnail_takes_the_pixels_it_decodes_from_the_budget(serving_library, tmp_path):
+    """A thumbnail of a stored PNG decodes it whole (64 of a 50-megapixel one at once took
+    tens of GB): its pixels come from the budget the uploads share, so with 2 of 3
+    megapixels held, a 2-megapixel PNG's thumbnail is refused (503, here without waiting),
+    while a JPEG's, decoded at a reduced scale, takes few and goes through."""
+    from shitu.serving.app import create_app
+
+    config = local_config(serving_library, tmp_path / "gallery")
+    settings = ServeSettings(upload_dir=tmp_path / "uploads", max_pixels_in_flight=3_000_000)
+    large = png_bytes(np.full((1000, 2000, 3), 9, np.uint8))
+
+    async def scenario(app) -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://shitu") as client:
+            added = await client.post(
+                "/v1/gallery/images",
+                data={"label": "Large"},
+                files={"image": ("large.png", large, "image/png")},
+            )
+            assert added.status_code == 201, added.text
+            png_thumbnail = added.json()["added"][0]["thumbnail"]
+            budget, size = app.state.pixel_budget, {"size": 512}
+            budget.wait_s = 0
+            async with budget.hold(2_000_000):
+                refused = await client.get(png_thumbnail, params=size)
+                jpeg = await client.get("/v1/gallery/images/1/thumbnail", params=size)
+            assert budget.held == 0
+            return [refused, jpeg, await client.get(png_thumbnail, params=size)]
+
+    with RecognitionService(config, settings) as service:
+        refused, jpeg, later = asyncio.run(scenario(create_app(service)))
+    assert refused.status_code == 503 and refused.headers["Retry-After"] == "1"
+    assert "hold 2.0 of its 3 decoded megapixels" in refused.json()["detail"]
+    assert jpeg.status_code == 200 and jpeg.headers["content-type"] == "image/jpeg"
+    assert later.status_code == 200 and later.headers["content-type"] == "image/jpeg"
+
+
 def test_a_key_http_headers_cannot_carry_is_refused_at_start(serving_library, capsys):
     args = ["serve", "--gallery", str(serving_library.gallery), "--api-key", "clé"]
     assert shitu_main(args) == 2

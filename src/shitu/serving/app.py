@@ -167,6 +167,7 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
         redoc_url=None,  # served below, under a policy
         swagger_ui_parameters={"validatorUrl": None},  # never send the spec to swagger.io
     )
+    app.state.pixel_budget = pixel_budget  # what the requests in progress hold
     app.add_middleware(BodyLimit, settings=settings)
     app.add_middleware(RequestLimit, settings=settings)  # inside the metrics: 503s counted
     app.add_middleware(MetricsMiddleware, metrics=metrics)
@@ -471,7 +472,11 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
         known = request.headers.get("if-none-match", "").split(",")
         if tag and tag in {known_tag.strip().removeprefix("W/") for known_tag in known}:
             return Response(status_code=304, headers=headers)
-        data = await run_in_threadpool(service.thumbnail, image_id, size)
+        # Its decoded pixels count with the uploads' (a thumbnail of a large PNG decodes it
+        # whole); one of an image larger than the whole budget waits for all of it.
+        pixels = await run_in_threadpool(service.thumbnail_pixels, image_id, size)
+        async with pixel_budget.hold(min(pixels, pixel_budget.capacity)):
+            data = await run_in_threadpool(service.thumbnail, image_id, size)
         return Response(data, media_type="image/jpeg", headers=headers)
 
     # ---------------------------------------------------------------------- gallery writes

@@ -10,6 +10,8 @@ import base64
 import binascii
 import io
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -89,12 +91,11 @@ def decode_base64(text: str, name: str) -> bytes:
         raise BadRequest(f"{name}: not valid base64") from None
 
 
-def thumbnail_jpeg(path: str, size: int, max_pixels: int) -> bytes:
-    """A stored gallery image shrunk to fit size x size, as JPEG bytes.
-
-    The pixel limit applies to what is decoded: a large JPEG decodes at a reduced scale
-    and passes; a stored image too large to decode has no preview (404, with the reason).
-    """
+@contextmanager
+def _drafted(path: str, size: int, max_pixels: int) -> Iterator[Image.Image]:
+    """A stored gallery image, opened to decode at the smallest scale a size x size thumbnail
+    needs (JPEG: a reduced scale); NotFound, with the reason, for a file that is missing,
+    cannot be read, or is too large to decode (the pixel limit applies to what is decoded)."""
     try:
         with Image.open(path) as image:
             image.draft("RGB", (size, size))  # JPEG: decode at a reduced scale, much faster
@@ -103,11 +104,24 @@ def thumbnail_jpeg(path: str, size: int, max_pixels: int) -> bytes:
                     f"no preview: the image is {image.size[0]}x{image.size[1]}, over the "
                     f"server's {max_pixels / 1e6:g} megapixel limit"
                 )
-            small = to_rgb8(ImageOps.exif_transpose(image))
+            yield image
     except FileNotFoundError:
         raise NotFound(f"the image file is missing from the server ({path})") from None
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
         raise NotFound(f"the image file cannot be read ({exc})") from None
+
+
+def thumbnail_pixels(path: str, size: int, max_pixels: int) -> int:
+    """The pixels `thumbnail_jpeg` decodes for this image and size, from its header."""
+    with _drafted(path, size, max_pixels) as image:
+        return image.size[0] * image.size[1]
+
+
+def thumbnail_jpeg(path: str, size: int, max_pixels: int) -> bytes:
+    """A stored gallery image shrunk to fit size x size, as JPEG bytes: a large JPEG decodes
+    at a reduced scale and passes; a stored image too large to decode has no preview (404)."""
+    with _drafted(path, size, max_pixels) as image:
+        small = to_rgb8(ImageOps.exif_transpose(image))
     small.thumbnail((size, size), Image.BILINEAR)
     out = io.BytesIO()
     small.save(out, "JPEG", quality=THUMBNAIL_QUALITY)
