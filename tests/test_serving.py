@@ -616,6 +616,11 @@ def test_the_413_limit_is_written_out_in_plain_digits(limit_mb, shown):
         ("--max-upload-mb", "nan", "a number of MB above 0 (one byte or more), got nan"),
         ("--max-upload-mb", "inf", "a number of MB above 0 (one byte or more), got inf"),
         ("--max-megapixels", "-1", "a number of megapixels above 0 (one pixel or more), got -1.0"),
+        (
+            "--max-megapixels-in-flight",
+            "0",
+            "a number of megapixels above 0 (one pixel or more), got 0.0",
+        ),
         ("--max-batch", "0", "a whole number >= 1, got 0"),
         ("--max-connections", "-5", "a whole number >= 1, got -5"),
         ("--root-path", "shitu", "a URL path starting with '/', got shitu"),
