@@ -78,7 +78,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=megapixels,
         default=DEFAULT_MAX_MEGAPIXELS,
         help=f"largest image, in millions of pixels (default {DEFAULT_MAX_MEGAPIXELS:g}); "
-        "a request's images together may hold 4 times that",
+        "a request's images together may hold 4 times that, at most --max-megapixels-in-flight",
     )
     parser.add_argument(
         "--max-megapixels-in-flight",
