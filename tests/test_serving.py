@@ -20,6 +20,7 @@ import time
 import unicodedata
 import warnings
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
 
@@ -34,8 +35,8 @@ from shitu.index import Gallery, metadata
 from shitu.inference.preprocess import read_rgb
 from shitu.pipeline import Recognizer, load_pipeline_config
 from shitu.serving import library as library_module
-from shitu.serving.errors import NotFound
-from shitu.serving.http import too_large
+from shitu.serving.errors import NotFound, ServiceUnavailable
+from shitu.serving.http import PixelBudget, too_large
 from shitu.serving.images import thumbnail_jpeg
 from shitu.serving.library import SharedLibrary, Snapshot
 from shitu.serving.service import RecognitionService, Upload
@@ -564,7 +565,7 @@ def test_size_and_pixel_limits(server, client):
     files = [("image", (f"near{i}.png", near, "image/png")) for i in range(5)]
     together = client.post("/v1/extract", files=files)
     assert together.status_code == 413
-    assert "images hold over 17.5 megapixels together; the limit is 16" in together.text
+    assert "images hold 17.5 megapixels together; the limit is 16" in together.text
     assert client.post("/v1/extract", files=files[:4]).status_code == 200
     # Refused before routing, each still counted under its route.
     text = client.get("/metrics").text
@@ -615,6 +616,11 @@ def test_the_413_limit_is_written_out_in_plain_digits(limit_mb, shown):
         ("--max-upload-mb", "nan", "a number of MB above 0 (one byte or more), got nan"),
         ("--max-upload-mb", "inf", "a number of MB above 0 (one byte or more), got inf"),
         ("--max-megapixels", "-1", "a number of megapixels above 0 (one pixel or more), got -1.0"),
+        (
+            "--max-megapixels-in-flight",
+            "0",
+            "a number of megapixels above 0 (one pixel or more), got 0.0",
+        ),
         ("--max-batch", "0", "a whole number >= 1, got 0"),
         ("--max-connections", "-5", "a whole number >= 1, got -5"),
         ("--root-path", "shitu", "a URL path starting with '/', got shitu"),
@@ -660,6 +666,132 @@ def test_requests_over_the_limit_in_progress_get_a_json_503_with_retry_after(
         assert httpx.get(f"{server.url}/v1/gallery", timeout=10).status_code == 200
     finally:
         server.stop()
+
+
+def decoded_pixels(http: httpx.Client) -> float:
+    """The pixels the server's requests in progress hold, as /metrics says."""
+    found = re.search(r"^shitu_decoded_pixels (\S+)$", http.get("/metrics").text, re.M)
+    assert found, "no shitu_decoded_pixels gauge"
+    return float(found.group(1))
+
+
+def wait_until_held(http: httpx.Client, pixels: float) -> None:
+    deadline = time.monotonic() + 60
+    while decoded_pixels(http) != pixels:
+        assert time.monotonic() < deadline, f"{decoded_pixels(http)} pixels held, not {pixels}"
+        time.sleep(0.05)
+
+
+def test_decoded_pixels_in_flight_are_shared_by_all_requests(serving_library, tmp_path):
+    """--max-megapixels-in-flight 3: an add waiting for another process's write holds its
+    2 megapixels, so another 2-megapixel request gets 503 with Retry-After (as beyond
+    --max-connections; without the budget each of 64 requests could hold 200 megapixels,
+    tens of GB), while one that fits goes through; one larger than the whole budget gets
+    413. Every path gives its pixels back: answered, corrupt, and the client gone."""
+    server = ServerProcess(
+        serving_library, tmp_path, "--max-megapixels-in-flight", "3", env={"SHITU_API_KEY": KEY}
+    )
+
+    def png(width: int, height: int, shade: int = 0) -> bytes:
+        return png_bytes(np.full((height, width, 3), shade, np.uint8))
+
+    def image(name: str, data: bytes) -> dict:
+        return {"image": (name, data, "image/png")}
+
+    try:
+        with httpx.Client(base_url=server.url, timeout=60) as http:
+            add = http.build_request(
+                "POST", "/v1/gallery/images", data={"label": "Held"},
+                files=image("gone.png", png(1000, 1000, 7)), headers=WRITE,
+            )  # fmt: skip
+            with other_process_holding(server.gallery, "BEGIN IMMEDIATE") as other:
+                holding = ThreadPoolExecutor(1).submit(
+                    httpx.post,
+                    f"{server.url}/v1/gallery/images",
+                    data={"label": "Held"},
+                    files=image("held.png", png(2000, 1000)),
+                    headers=WRITE,
+                    timeout=120,
+                )
+                wait_until_held(http, 2e6)
+                busy = http.post("/v1/recognize", files=image("more.png", png(1000, 2000)))
+                assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
+                assert busy.json() == {
+                    "detail": "the server is busy: the images of the requests in progress "
+                    "hold 2.0 of its 3 decoded megapixels (--max-megapixels-in-flight); retry "
+                    "in a moment"
+                }
+                fits = http.post("/v1/recognize", files=image("fits.png", png(1000, 1000)))
+                assert fits.status_code == 200, fits.text
+                # A client that sends an add, and leaves while it waits for the library.
+                host, port = httpx.URL(server.url).host, httpx.URL(server.url).port
+                with socket.create_connection((host, port)) as leaving:
+                    head = f"POST {add.url.raw_path.decode()} HTTP/1.1\r\n"
+                    head += "".join(f"{k}: {v}\r\n" for k, v in add.headers.items()) + "\r\n"
+                    leaving.sendall(head.encode() + add.read())
+                    wait_until_held(http, 3e6)
+                assert other.poll() is None  # still holding: both adds waited all along
+            assert holding.result().status_code == 201, holding.result().text
+            wait_until_held(http, 0)
+            assert http.get("/v1/gallery/labels/Held").json()["count"] == 2  # the left one too
+
+            over = http.post("/v1/extract", files=image("whole.png", png(2000, 2000)))
+            assert over.status_code == 413
+            assert over.json()["detail"] == (
+                "the request's images hold 4.0 megapixels together; the limit is 3 "
+                "(send fewer or smaller images per request)"
+            )
+            jpeg = io.BytesIO()
+            Image.fromarray(np.full((1000, 3000, 3), 128, np.uint8)).save(jpeg, "JPEG")
+            cut = {"image": ("cut.jpg", jpeg.getvalue()[:2000], "image/jpeg")}
+            corrupt = http.post("/v1/recognize", files=cut)  # its header: 3 megapixels
+            assert corrupt.status_code == 400 and "corrupt JPEG image" in corrupt.text
+            assert decoded_pixels(http) == 0
+            whole = http.post("/v1/recognize", files=image("whole.png", png(3000, 1000)))
+            assert whole.status_code == 200, whole.text  # nothing was kept back
+            assert decoded_pixels(http) == 0
+    finally:
+        server.stop()
+
+
+def test_requests_wait_their_turn_for_pixels_and_leave_the_queue_when_cancelled():
+    """First come, first served: a small request that would fit waits behind a large one
+    (which would otherwise wait forever under a stream of small ones); one cancelled while
+    it waits leaves the queue without taking pixels; a waiting one goes in as pixels are
+    given back; one that waits out the budget's wait is refused and holds nothing."""
+
+    async def scenario() -> None:
+        mp = 1_000_000
+        budget = PixelBudget(3 * mp, wait_s=60)
+
+        async def settle() -> None:
+            for _ in range(5):
+                await asyncio.sleep(0)
+
+        first = budget.hold(2 * mp)
+        await first.__aenter__()
+        large = budget.hold(2 * mp)
+        large_in = asyncio.create_task(large.__aenter__())
+        await settle()
+        small_in = asyncio.create_task(budget.hold(1 * mp).__aenter__())
+        await settle()
+        assert budget.held == 2 * mp and not large_in.done() and not small_in.done()
+        small_in.cancel()
+        await settle()
+        assert small_in.cancelled() and budget.held == 2 * mp
+        await first.__aexit__(None, None, None)
+        await large_in
+        assert budget.held == 2 * mp
+        budget.wait_s = 0
+        with pytest.raises(ServiceUnavailable, match="hold 2.0 of its 3 decoded megapixels"):
+            async with budget.hold(2 * mp):
+                pass
+        async with budget.hold(1 * mp):  # fits at once
+            assert budget.held == 3 * mp
+        await large.__aexit__(None, None, None)
+        assert budget.held == 0
+
+    asyncio.run(scenario())
 
 
 def test_writes_need_the_api_key(serving_library, client):
@@ -1019,6 +1151,43 @@ def test_an_edit_that_waits_out_another_writer_is_a_503_to_retry(
         assert asyncio.run(delete(app, image_id)).status_code == 200
 
 
+def test_a_thumbnail_takes_the_pixels_it_decodes_from_the_budget(serving_library, tmp_path):
+    """A thumbnail of a stored PNG decodes it whole (64 of a 50-megapixel one at once took
+    tens of GB): its pixels come from the budget the uploads share, so with 2 of 3
+    megapixels held, a 2-megapixel PNG's thumbnail is refused (503, here without waiting),
+    while a JPEG's, decoded at a reduced scale, takes few and goes through."""
+    from shitu.serving.app import create_app
+
+    config = local_config(serving_library, tmp_path / "gallery")
+    settings = ServeSettings(upload_dir=tmp_path / "uploads", max_pixels_in_flight=3_000_000)
+    large = png_bytes(np.full((1000, 2000, 3), 9, np.uint8))
+
+    async def scenario(app) -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://shitu") as client:
+            added = await client.post(
+                "/v1/gallery/images",
+                data={"label": "Large"},
+                files={"image": ("large.png", large, "image/png")},
+            )
+            assert added.status_code == 201, added.text
+            png_thumbnail = added.json()["added"][0]["thumbnail"]
+            budget, size = app.state.pixel_budget, {"size": 512}
+            budget.wait_s = 0
+            async with budget.hold(2_000_000):
+                refused = await client.get(png_thumbnail, params=size)
+                jpeg = await client.get("/v1/gallery/images/1/thumbnail", params=size)
+            assert budget.held == 0
+            return [refused, jpeg, await client.get(png_thumbnail, params=size)]
+
+    with RecognitionService(config, settings) as service:
+        refused, jpeg, later = asyncio.run(scenario(create_app(service)))
+    assert refused.status_code == 503 and refused.headers["Retry-After"] == "1"
+    assert "hold 2.0 of its 3 decoded megapixels" in refused.json()["detail"]
+    assert jpeg.status_code == 200 and jpeg.headers["content-type"] == "image/jpeg"
+    assert later.status_code == 200 and later.headers["content-type"] == "image/jpeg"
+
+
 def test_a_key_http_headers_cannot_carry_is_refused_at_start(serving_library, capsys):
     args = ["serve", "--gallery", str(serving_library.gallery), "--api-key", "clé"]
     assert shitu_main(args) == 2
@@ -1088,10 +1257,10 @@ def test_an_image_over_pillows_own_limit_gets_the_413_without_a_warning():
     """100 megapixels is over Pillow's decompression-bomb warning (89.5): the server's
     limit answers for it, and the log stays free of Pillow's warning (here an error)."""
     code = (
-        "from shitu.serving.images import decode_image\n"
+        "from shitu.serving.images import read_header\n"
         "from tests.image_helpers import declared_png\n"
         "try:\n"
-        "    decode_image(declared_png(10_000, 10_000), 4_000_000)\n"
+        "    read_header(declared_png(10_000, 10_000), 4_000_000)\n"
         "except Exception as exc:\n"
         "    print(type(exc).__name__, exc)\n"
     )

@@ -20,6 +20,7 @@ from shitu.errors import ConfigError, ShituError
 from shitu.serving.settings import (  # no web framework: the settings are plain values
     DEFAULT_MAX_BATCH,
     DEFAULT_MAX_MEGAPIXELS,
+    DEFAULT_MAX_MEGAPIXELS_IN_FLIGHT,
     DEFAULT_MAX_REQUESTS,
     DEFAULT_MAX_UPLOAD_MB,
     MB,
@@ -77,7 +78,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=megapixels,
         default=DEFAULT_MAX_MEGAPIXELS,
         help=f"largest image, in millions of pixels (default {DEFAULT_MAX_MEGAPIXELS:g}); "
-        "a request's images together may hold 4 times that",
+        "a request's images together may hold 4 times that, at most --max-megapixels-in-flight",
+    )
+    parser.add_argument(
+        "--max-megapixels-in-flight",
+        type=megapixels,
+        default=DEFAULT_MAX_MEGAPIXELS_IN_FLIGHT,
+        help="decoded pixels, in millions, that all requests in progress may hold together "
+        f"(default {DEFAULT_MAX_MEGAPIXELS_IN_FLIGHT:g}, 3 bytes each); a request beyond it "
+        "waits a few seconds, then gets 503, and one whose images alone hold more gets 413",
     )
     parser.add_argument(
         "--max-batch",
@@ -158,6 +167,7 @@ def run(args: argparse.Namespace) -> int:
         upload_dir=args.upload_dir or Path(library) / "uploads",
         max_upload_mb=args.max_upload_mb,
         max_pixels=int(args.max_megapixels * 1_000_000),
+        max_pixels_in_flight=int(args.max_megapixels_in_flight * 1_000_000),
         api_key=args.api_key or None,
         protect_reads=args.protect_reads,
         max_batch=args.max_batch,

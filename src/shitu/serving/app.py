@@ -33,11 +33,19 @@ from shitu.errors import ShituError
 from shitu.index.labels import normal_form
 from shitu.index.metadata import ImageEntry, LibraryBusyError
 from shitu.serving import schemas
-from shitu.serving.errors import BadRequest, PayloadTooLarge, RequestError, UnsupportedMediaType
+from shitu.serving.errors import (
+    BadRequest,
+    PayloadTooLarge,
+    RequestError,
+    ServiceUnavailable,
+    UnsupportedMediaType,
+)
 from shitu.serving.http import (
     IMAGE_FIELD,
     LIBRARY_BUSY_RETRY_AFTER_S,
+    RETRY_AFTER_S,
     BodyLimit,
+    PixelBudget,
     RawUploads,
     RequestLimit,
     api_key_check,
@@ -45,7 +53,7 @@ from shitu.serving.http import (
     read_uploads,
     validation_problems,
 )
-from shitu.serving.images import decode_image
+from shitu.serving.images import decode_image, read_header
 from shitu.serving.metrics import CONTENT_TYPE, Metrics, MetricsMiddleware
 from shitu.serving.service import RecognitionService, Upload, check_label
 
@@ -130,7 +138,12 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
     """The app around a loaded service; the service is closed when the app shuts down."""
     settings = service.settings
     metrics = metrics or Metrics()
-    metrics.follow(lambda: service.library.last_loaded, lambda: service.batcher.waiting)
+    pixel_budget = PixelBudget(settings.max_pixels_in_flight)
+    metrics.follow(
+        lambda: service.library.last_loaded,
+        lambda: service.batcher.waiting,
+        lambda: pixel_budget.held,
+    )
     read_access = [Depends(api_key_check(settings, write=False))]
     write_access = [Depends(api_key_check(settings, write=True))]
 
@@ -154,6 +167,7 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
         redoc_url=None,  # served below, under a policy
         swagger_ui_parameters={"validatorUrl": None},  # never send the spec to swagger.io
     )
+    app.state.pixel_budget = pixel_budget  # what the requests in progress hold
     app.add_middleware(BodyLimit, settings=settings)
     app.add_middleware(RequestLimit, settings=settings)  # inside the metrics: 503s counted
     app.add_middleware(MetricsMiddleware, metrics=metrics)
@@ -163,12 +177,15 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
     async def shitu_error(request: Request, exc: ShituError) -> JSONResponse:
         """Our errors carry messages meant for the user; ones the request did not cause are
         the server's: 500, but 503 with Retry-After where another process kept the library
-        locked (its write ends, and the same request then goes through)."""
+        locked (its write ends, and the same request then goes through), and where the
+        server is busy (as RequestLimit's 503: no failure to log)."""
         status = exc.status if isinstance(exc, RequestError) else 500
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
         if isinstance(exc, LibraryBusyError):
             status, headers = 503, {"Retry-After": str(LIBRARY_BUSY_RETRY_AFTER_S)}
-        if status >= 500:
+        if isinstance(exc, ServiceUnavailable):
+            headers = {"Retry-After": str(RETRY_AFTER_S)}
+        elif status >= 500:
             logger.error("%s %s failed: %s", request.method, request.url.path, exc)
         return JSONResponse({"detail": str(exc)}, status, headers=headers)
 
@@ -236,23 +253,30 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
 
         return register
 
-    async def decode(uploads: RawUploads) -> list[Upload]:
-        """Decoded uploads, each one the model can take; each within the pixel limit, and all
-        of them together within REQUEST_PIXELS_FACTOR times it, so one request cannot hold
-        gigabytes of pixels."""
-        decoded, total = [], 0
-        budget = REQUEST_PIXELS_FACTOR * settings.max_pixels
-        for name, data in uploads.images:
-            pixels = await run_in_threadpool(decode_image, data, settings.max_pixels, name)
-            service.check_image(name, pixels)
-            total += pixels.shape[0] * pixels.shape[1]
-            if total > budget:
-                raise PayloadTooLarge(
-                    f"the request's images hold over {total / 1e6:.1f} megapixels together; "
-                    f"the limit is {budget / 1e6:g} (send fewer or smaller images per request)"
-                )
-            decoded.append(Upload(name, data, pixels))
-        return decoded
+    @asynccontextmanager
+    async def decoded(uploads: RawUploads) -> AsyncIterator[list[Upload]]:
+        """Decoded uploads, each one the model can take, for the block; each within the pixel
+        limit, and all of them together within REQUEST_PIXELS_FACTOR times it and within the
+        server's budget of decoded pixels, counted from the headers before anything is
+        decoded: neither one request nor all of them together can hold gigabytes of pixels.
+        The pixels stay reserved until the block ends (the answer is computed)."""
+        headers = await run_in_threadpool(
+            lambda: [read_header(data, settings.max_pixels, name) for name, data in uploads.images]
+        )
+        total = sum(header.pixels for header in headers)
+        limit = min(REQUEST_PIXELS_FACTOR * settings.max_pixels, pixel_budget.capacity)
+        if total > limit:
+            raise PayloadTooLarge(
+                f"the request's images hold {total / 1e6:.1f} megapixels together; "
+                f"the limit is {limit / 1e6:g} (send fewer or smaller images per request)"
+            )
+        async with pixel_budget.hold(total):
+            decoded = []
+            for (name, data), header in zip(uploads.images, headers, strict=True):
+                pixels = await run_in_threadpool(decode_image, data, header, name)
+                service.check_image(name, pixels)
+                decoded.append(Upload(name, data, pixels))
+            yield decoded
 
     def image_out(request: Request, entry: ImageEntry) -> schemas.ImageOut:
         """The image as the API lists it; its thumbnail's path as clients reach it, under the
@@ -334,8 +358,9 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
     )
     async def recognize(request: Request) -> dict:
         """What is in the photo: boxes, labels, scores and the matching gallery image ids."""
-        (upload,) = await decode(await read_uploads(request, settings, schemas.RecognizeJSON, 1))
-        results = await asyncio.wrap_future(service.recognize(upload.pixels))
+        raw = await read_uploads(request, settings, schemas.RecognizeJSON, 1)
+        async with decoded(raw) as (upload,):
+            results = await asyncio.wrap_future(service.recognize(upload.pixels))
         return {"results": [r.to_dict() for r in results]}
 
     @app.post(
@@ -351,9 +376,9 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
         raw = await read_uploads(
             request, settings, schemas.ExtractJSON, settings.max_images_per_request
         )
-        uploads = await decode(raw)
-        futures = service.extract([u.pixels for u in uploads])
-        vectors = await asyncio.gather(*map(asyncio.wrap_future, futures))
+        async with decoded(raw) as uploads:
+            futures = service.extract([u.pixels for u in uploads])
+            vectors = await asyncio.gather(*map(asyncio.wrap_future, futures))
         return JSONResponse(
             {
                 "model": service.extractor.fingerprint,
@@ -447,7 +472,11 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
         known = request.headers.get("if-none-match", "").split(",")
         if tag and tag in {known_tag.strip().removeprefix("W/") for known_tag in known}:
             return Response(status_code=304, headers=headers)
-        data = await run_in_threadpool(service.thumbnail, image_id, size)
+        # Its decoded pixels count with the uploads' (a thumbnail of a large PNG decodes it
+        # whole); one of an image larger than the whole budget waits for all of it.
+        pixels = await run_in_threadpool(service.thumbnail_pixels, image_id, size)
+        async with pixel_budget.hold(min(pixels, pixel_budget.capacity)):
+            data = await run_in_threadpool(service.thumbnail, image_id, size)
         return Response(data, media_type="image/jpeg", headers=headers)
 
     # ---------------------------------------------------------------------- gallery writes
@@ -471,8 +500,8 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
         if "label" not in raw.fields:
             raise BadRequest("missing field 'label'")
         label = check_label(raw.fields["label"])  # as stored (NFC), before any decoding
-        uploads = await decode(raw)
-        outcome = await run_in_threadpool(service.add, label, uploads)
+        async with decoded(raw) as uploads:
+            outcome = await run_in_threadpool(service.add, label, uploads)
         return schemas.AddImagesResponse(
             label=label,
             added=[image_out(request, e) for e in outcome.added],

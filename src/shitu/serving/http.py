@@ -1,10 +1,14 @@
-"""Request plumbing: the body size limit, the API key check and reading uploaded images."""
+"""Request plumbing: the body size limit, the API key check, reading uploaded images and
+the budget of decoded pixels they may hold."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
-from collections.abc import Awaitable, Callable, Iterable
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -34,6 +38,8 @@ GENERIC_FILE_TYPES = {"", "application/octet-stream"}
 # reply it was sent; past this much the connection is closed anyway.
 DRAIN_BYTES = 64 * MB
 RETRY_AFTER_S = 1  # what a request refused for want of capacity is told to wait
+# How long a request waits for other requests' decoded pixels to be freed before its 503.
+PIXELS_WAIT_S = 5.0
 # what an edit refused because another process kept the library locked (its write, a
 # rebuild, may take minutes) is told to wait
 LIBRARY_BUSY_RETRY_AFTER_S = 10
@@ -117,6 +123,71 @@ class RequestLimit:
             await self.app(scope, receive, send)
         finally:
             self.in_progress -= 1
+
+
+class PixelBudget:
+    """The decoded pixels that all requests in progress may hold together
+    (--max-megapixels-in-flight).
+
+    The limits per request alone let --max-connections requests each hold 4 times
+    --max-megapixels at once (tens of GB, from small, highly compressed PNGs). Each request
+    reserves its images' pixels, counted from their headers, before it decodes any, and
+    gives them back once its answer is computed, on every path (errors, cancellation). One
+    that does not fit waits its turn (first come, first served) for up to `wait_s`, then is
+    refused with ServiceUnavailable. Changed on the event loop only: no lock.
+    """
+
+    def __init__(self, capacity: int, wait_s: float = PIXELS_WAIT_S) -> None:
+        self.capacity = capacity
+        self.wait_s = wait_s
+        self.held = 0
+        self._waiting: deque[tuple[int, asyncio.Future[None]]] = deque()
+
+    @asynccontextmanager
+    async def hold(self, pixels: int) -> AsyncIterator[None]:
+        """`pixels` (at most the capacity) reserved for the block."""
+        await self._reserve(pixels)
+        try:
+            yield
+        finally:
+            self._give_back(pixels)
+
+    async def _reserve(self, pixels: int) -> None:
+        if not self._waiting and self.held + pixels <= self.capacity:
+            self.held += pixels
+            return
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        place = (pixels, turn)
+        self._waiting.append(place)
+        try:
+            await asyncio.wait([turn], timeout=self.wait_s)
+        except BaseException:  # cancelled while waiting
+            if turn.done():  # given its turn meanwhile
+                self._give_back(pixels)
+            else:
+                self._leave(place)
+            raise
+        if not turn.done():
+            self._leave(place)
+            raise ServiceUnavailable(
+                f"the server is busy: the images of the requests in progress hold "
+                f"{self.held / 1e6:.1f} of its {self.capacity / 1e6:g} decoded megapixels "
+                "(--max-megapixels-in-flight); retry in a moment"
+            )
+
+    def _leave(self, place: tuple[int, asyncio.Future[None]]) -> None:
+        self._waiting.remove(place)
+        self._admit()  # the requests behind it may fit
+
+    def _give_back(self, pixels: int) -> None:
+        self.held -= pixels
+        self._admit()
+
+    def _admit(self) -> None:
+        while self._waiting and self.held + self._waiting[0][0] <= self.capacity:
+            pixels, turn = self._waiting.popleft()
+            self.held += pixels
+            turn.set_result(None)
 
 
 async def refuse(

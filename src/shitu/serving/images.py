@@ -10,6 +10,9 @@ import base64
 import binascii
 import io
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -33,11 +36,25 @@ def check_pixels(width: int, height: int, max_pixels: int, name: str = "image") 
         )
 
 
-def decode_image(data: bytes, max_pixels: int, name: str = "image") -> np.ndarray:
-    """Encoded image bytes -> RGB uint8 HxWx3. Raises BadRequest or PayloadTooLarge."""
+@dataclass(frozen=True)
+class ImageHeader:
+    """What an upload's header says, read before any pixel is decoded."""
+
+    width: int
+    height: int
+    kind: str  # the format's name, for messages
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+
+def read_header(data: bytes, max_pixels: int, name: str = "image") -> ImageHeader:
+    """The image's size and format from its header alone, within the pixel limit: what
+    decoding it will take is known before it starts. Raises BadRequest or PayloadTooLarge."""
     if not data:
         raise BadRequest(f"{name}: the upload is empty (0 bytes)")
-    try:  # reads the header only: the size is known before any pixel is decoded
+    try:
         with Image.open(io.BytesIO(data)) as header:
             width, height = header.size
             kind = header.format or "image"
@@ -49,10 +66,16 @@ def decode_image(data: bytes, max_pixels: int, name: str = "image") -> np.ndarra
             f"got {len(data)} bytes starting {data[:8]!r})"
         ) from None
     check_pixels(width, height, max_pixels, name)
+    return ImageHeader(width, height, kind)
+
+
+def decode_image(data: bytes, header: ImageHeader, name: str = "image") -> np.ndarray:
+    """Encoded image bytes, whose header `read_header` checked -> RGB uint8 HxWx3. Raises
+    BadRequest for a corrupt image."""
     try:
         return decode_rgb(data)
     except UnreadableImageError as exc:
-        raise BadRequest(f"{name}: corrupt {kind} image ({exc})") from None
+        raise BadRequest(f"{name}: corrupt {header.kind} image ({exc})") from None
 
 
 def decode_base64(text: str, name: str) -> bytes:
@@ -68,12 +91,11 @@ def decode_base64(text: str, name: str) -> bytes:
         raise BadRequest(f"{name}: not valid base64") from None
 
 
-def thumbnail_jpeg(path: str, size: int, max_pixels: int) -> bytes:
-    """A stored gallery image shrunk to fit size x size, as JPEG bytes.
-
-    The pixel limit applies to what is decoded: a large JPEG decodes at a reduced scale
-    and passes; a stored image too large to decode has no preview (404, with the reason).
-    """
+@contextmanager
+def _drafted(path: str, size: int, max_pixels: int) -> Iterator[Image.Image]:
+    """A stored gallery image, opened to decode at the smallest scale a size x size thumbnail
+    needs (JPEG: a reduced scale); NotFound, with the reason, for a file that is missing,
+    cannot be read, or is too large to decode (the pixel limit applies to what is decoded)."""
     try:
         with Image.open(path) as image:
             image.draft("RGB", (size, size))  # JPEG: decode at a reduced scale, much faster
@@ -82,11 +104,24 @@ def thumbnail_jpeg(path: str, size: int, max_pixels: int) -> bytes:
                     f"no preview: the image is {image.size[0]}x{image.size[1]}, over the "
                     f"server's {max_pixels / 1e6:g} megapixel limit"
                 )
-            small = to_rgb8(ImageOps.exif_transpose(image))
+            yield image
     except FileNotFoundError:
         raise NotFound(f"the image file is missing from the server ({path})") from None
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
         raise NotFound(f"the image file cannot be read ({exc})") from None
+
+
+def thumbnail_pixels(path: str, size: int, max_pixels: int) -> int:
+    """The pixels `thumbnail_jpeg` decodes for this image and size, from its header."""
+    with _drafted(path, size, max_pixels) as image:
+        return image.size[0] * image.size[1]
+
+
+def thumbnail_jpeg(path: str, size: int, max_pixels: int) -> bytes:
+    """A stored gallery image shrunk to fit size x size, as JPEG bytes: a large JPEG decodes
+    at a reduced scale and passes; a stored image too large to decode has no preview (404)."""
+    with _drafted(path, size, max_pixels) as image:
+        small = to_rgb8(ImageOps.exif_transpose(image))
     small.thumbnail((size, size), Image.BILINEAR)
     out = io.BytesIO()
     small.save(out, "JPEG", quality=THUMBNAIL_QUALITY)

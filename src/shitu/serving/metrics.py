@@ -55,6 +55,11 @@ class Metrics:
             "Images waiting for the inference thread",
             registry=self.registry,
         )
+        self.decoded_pixels = Gauge(
+            "shitu_decoded_pixels",
+            "Decoded image pixels the requests in progress hold (--max-megapixels-in-flight)",
+            registry=self.registry,
+        )
         self.gallery_images = Gauge(
             "shitu_gallery_images", "Images in the gallery library", registry=self.registry
         )
@@ -69,12 +74,18 @@ class Metrics:
         self.batch_size.labels(kind).observe(size)
         self.batch_seconds.labels(kind).observe(seconds)
 
-    def follow(self, snapshot: Callable[[], Snapshot], waiting: Callable[[], int]) -> None:
-        """Read the gallery gauges and the queue length when scraped."""
+    def follow(
+        self,
+        snapshot: Callable[[], Snapshot],
+        waiting: Callable[[], int],
+        decoded_pixels: Callable[[], int],
+    ) -> None:
+        """Read the gallery gauges, the queue length and the decoded pixels when scraped."""
         self.gallery_images.set_function(lambda: len(snapshot().by_id))
         self.gallery_labels.set_function(lambda: len(snapshot().by_label))
         self.gallery_generation.set_function(lambda: snapshot().stats.get("generation", 0))
         self.queue.set_function(waiting)
+        self.decoded_pixels.set_function(decoded_pixels)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

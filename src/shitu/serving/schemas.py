@@ -124,7 +124,8 @@ class Limits(BaseModel):
     max_upload_mb: float = Field(description="the same limit in MB, as the server was given it")
     max_images_per_request: int = Field(description="images one add or extract may send")
     max_megapixels: float = Field(
-        description="the largest image; the images of one request together: 4 times this"
+        description="the largest image; the images of one request together: 4 times this, "
+        "or the server's limit on decoded pixels in flight where that is smaller"
     )
 
 

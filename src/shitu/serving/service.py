@@ -29,7 +29,7 @@ from shitu.index.metadata import ImageEntry
 from shitu.pipeline import PipelineConfig, Recognition, Recognizer
 from shitu.serving.batching import BatchObserver, MicroBatcher
 from shitu.serving.errors import BadRequest, NotFound
-from shitu.serving.images import thumbnail_jpeg
+from shitu.serving.images import thumbnail_jpeg, thumbnail_pixels
 from shitu.serving.library import SharedLibrary
 from shitu.serving.settings import ServeSettings
 
@@ -165,6 +165,10 @@ class RecognitionService:
 
     def thumbnail(self, image_id: int, size: int) -> bytes:
         return thumbnail_jpeg(self._image_file(image_id), size, self.settings.max_pixels)
+
+    def thumbnail_pixels(self, image_id: int, size: int) -> int:
+        """The pixels `thumbnail` decodes (a PNG's all, a JPEG's at a reduced scale)."""
+        return thumbnail_pixels(self._image_file(image_id), size, self.settings.max_pixels)
 
     def thumbnail_tag(self, image_id: int, size: int) -> str | None:
         """The thumbnail's ETag, from its file's path, inode, length and time of change (a stat,

@@ -8,6 +8,9 @@ from pathlib import Path
 MB = 1 << 20
 DEFAULT_MAX_UPLOAD_MB = 20.0
 DEFAULT_MAX_MEGAPIXELS = 50.0
+# Decoded pixels all requests in progress may hold together: two requests at their own
+# limit (4 x 50 megapixels), 1.2 GB as 8-bit RGB.
+DEFAULT_MAX_MEGAPIXELS_IN_FLIGHT = 400.0
 DEFAULT_MAX_BATCH = 8
 MAX_IMAGES_PER_REQUEST = 32
 DEFAULT_MAX_REQUESTS = 64
@@ -26,6 +29,8 @@ class ServeSettings:
     max_batch: images one model call may take from concurrent requests (1: no batching).
     max_requests: requests in progress beyond which a request gets 503 (--max-connections:
     each may hold an upload, so this bounds the memory they take).
+    max_pixels_in_flight: decoded pixels that the requests in progress may hold together
+    (--max-megapixels-in-flight): a request that does not fit waits briefly, then gets 503.
     """
 
     upload_dir: Path
@@ -36,6 +41,7 @@ class ServeSettings:
     protect_reads: bool = False
     max_batch: int = DEFAULT_MAX_BATCH
     max_requests: int = DEFAULT_MAX_REQUESTS
+    max_pixels_in_flight: int = int(DEFAULT_MAX_MEGAPIXELS_IN_FLIGHT * 1_000_000)
 
     @property
     def max_upload_bytes(self) -> int:
