@@ -754,6 +754,36 @@ def test_decoded_pixels_in_flight_are_shared_by_all_requests(serving_library, tm
         server.stop()
 
 
+def test_thumbnails_do_not_wait_behind_an_edit_that_waits_for_another_process(
+    serving_library, tmp_path
+):
+    """The page shows a label's thumbnails while an add through the server waits for
+    another process's write (an `index rebuild`, up to a minute): a thumbnail's id came
+    from an earlier answer, so it needs no check for newer writes behind the edit."""
+    server = ServerProcess(serving_library, tmp_path, env={"SHITU_API_KEY": KEY})
+    try:
+        with httpx.Client(base_url=server.url, timeout=120) as http:
+            first = http.get("/v1/gallery/labels").json()["labels"][0]["label"]
+            image_id = http.get("/v1/gallery/label", params={"label": first}).json()
+            image_id = image_id["images"][0]["id"]
+            with other_process_holding(server.gallery, "BEGIN IMMEDIATE") as other:
+                adding = ThreadPoolExecutor(1).submit(
+                    httpx.post,
+                    f"{server.url}/v1/gallery/images",
+                    data={"label": "Waiting"},
+                    files={"image": ("new.png", png_bytes(np.full((64, 64, 3), 9, np.uint8)))},
+                    headers=WRITE,
+                    timeout=120,
+                )
+                time.sleep(1.5)  # the add is queued, and a check for other writes is due
+                shown = http.get(f"/v1/gallery/images/{image_id}/thumbnail")
+                assert shown.status_code == 200 and shown.headers["content-type"] == "image/jpeg"
+                assert not adding.done() and other.poll() is None  # it did not wait them out
+            assert adding.result().status_code == 201, adding.result().text
+    finally:
+        server.stop()
+
+
 def test_requests_wait_their_turn_for_pixels_and_leave_the_queue_when_cancelled():
     """First come, first served: a small request that would fit waits behind a large one
     (which would otherwise wait forever under a stream of small ones); one cancelled while

@@ -161,6 +161,15 @@ class SharedLibrary:
         return self._snapshot
 
     @property
+    def snapshot_for_lookup(self) -> Snapshot:
+        """The snapshot, checked for other processes' writes as `snapshot` is but never
+        behind an edit under way: for looking up an image by an id that an earlier answer
+        gave (snapshots only move forward, so it is there). The page's thumbnails would
+        otherwise wait out an edit that waits for another process's write (up to a minute)."""
+        self._sync_if_due(behind_edits=False)
+        return self._snapshot
+
+    @property
     def last_loaded(self) -> Snapshot:
         """The snapshot as the last write or check left it, without checking again: never
         waits, for answers that must come while a long write runs (/healthz, /metrics)."""
