@@ -293,6 +293,26 @@ def test_resume_continues_with_the_configs_optimizer_settings(grocery, tmp_path,
     assert resumed.optimizer.state  # the momentum buffers did come back
 
 
+@pytest.mark.parametrize(("trained", "resumed"), [("Momentum", "AdamW"), ("Adam", "AdamW")])
+def test_a_run_resumed_with_another_optimizer_is_refused_by_name(
+    grocery, tmp_path, trained, resumed
+):
+    """Momentum buffers are no Adam moments: torch failed on a missing 'step' key (Momentum
+    to AdamW) or took Adam's state for AdamW's without a word."""
+    path = tiny_config(grocery, tmp_path)
+    output = tmp_path / "output"
+    run = [f"Global.output_dir={output}", f"Optimizer.name={trained}"]
+    Trainer(load_config(path, run)).fit(stop_after_steps=1)
+    resume = [f"Global.output_dir={output}", f"Global.checkpoints={output / 'latest.pt'}"]
+    with pytest.raises(
+        ConfigError,
+        match=f"Optimizer.name: the run was trained with {trained}, whose state {resumed} "
+        f"cannot continue; resume with Optimizer.name={trained}",
+    ):
+        Trainer(load_config(path, [*resume, f"Optimizer.name={resumed}"]))
+    Trainer(load_config(path, [*resume, f"Optimizer.name={trained}"]))
+
+
 def test_a_run_resumed_with_another_eval_metric_chooses_its_best_by_that_metric(
     grocery, tmp_path, caplog
 ):

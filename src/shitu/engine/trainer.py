@@ -28,7 +28,7 @@ from shitu.engine.ema import WeightEMA
 from shitu.engine.evaluate import RetrievalEvaluation
 from shitu.engine.lr import LRSchedule
 from shitu.engine.metrics_log import MetricsLog
-from shitu.engine.optim import build_optimizer, set_learning_rate
+from shitu.engine.optim import OPTIMIZER_CLASSES, build_optimizer, set_learning_rate
 from shitu.engine.precision import autocast_for, effective_amp, load_scaler_state, scaled_step
 from shitu.engine.seeding import capture_rng_state, restore_rng_state, seed_everything
 from shitu.engine.state import (
@@ -236,6 +236,7 @@ class Trainer:
                 f"{epochs} epochs ({epochs * steps} steps) of this config; give at least "
                 f"Global.epochs={math.ceil(progress.global_step / steps)}"
             )
+        self._refuse_another_optimizer(payload)
         configured = [
             {key: value for key, value in group.items() if key not in ("params", "lr")}
             for group in self.optimizer.param_groups
@@ -279,14 +280,28 @@ class Trainer:
         load_scaler_state(self.scaler, payload["scaler"])
         restore_rng_state(payload["rng"][min(self.context.rank, len(payload["rng"]) - 1)])
 
+    def _refuse_another_optimizer(self, payload: dict[str, Any]) -> None:
+        """Another kind of optimizer cannot take over the checkpoint's state (momentum
+        buffers are no Adam moments): torch either fails on a missing key or drops the
+        state without a word. Refuse by name instead; settings of the same kind carry over."""
+        saved_name = (_saved_config(payload).get("Optimizer") or {}).get("name")
+        saved_class = OPTIMIZER_CLASSES.get(saved_name)
+        if saved_class is not None and type(self.optimizer) is not saved_class:
+            raise ConfigError(
+                f"Optimizer.name: the run was trained with {saved_name}, whose state "
+                f"{self.config.Optimizer.name} cannot continue; resume with Optimizer.name="
+                f"{saved_name}, or start a new run from its weights with -o "
+                "Global.pretrained_model=..."
+            )
+
     def _warn_of_new_schedule(self, payload: dict[str, Any]) -> None:
         """The learning-rate schedule is computed from the config, so a resumed run follows
         the config given now (its Global.epochs too: a longer run stretches a decay over
         the new length): say so where that differs from the checkpoint's."""
         try:
-            run = json.loads(payload["config"])
+            run = _saved_config(payload)
             saved = {**run["Optimizer"]["lr"], "Global.epochs": run["Global"]["epochs"]}
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError):
             return  # an older checkpoint without its config
         current = {
             **self.config.Optimizer.lr.model_dump(mode="json"),
@@ -561,6 +576,15 @@ class Trainer:
             self.progress.best_metric, self.progress.best_epoch = value, epoch
             self.progress.best_metric_name = self.config.Global.eval_metric
             self._save_weights(BEST)
+
+
+def _saved_config(payload: dict[str, Any]) -> dict[str, Any]:
+    """The config a checkpoint was trained with; empty for older checkpoints without it."""
+    try:
+        config = json.loads(payload["config"])
+    except (KeyError, TypeError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
 
 
 def _check_class_count(config: ShituConfig, dataset: Any, warn: bool) -> None:
