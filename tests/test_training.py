@@ -572,6 +572,27 @@ def test_a_run_resumed_into_another_runs_folder_is_refused(grocery, tmp_path, ca
     assert train(first, f"Global.checkpoints={first}") == 0
 
 
+def test_a_run_resumed_into_a_new_folder_carries_its_log_and_best_model_over(grocery, tmp_path):
+    """The best so far is only replaced by a better evaluation, and the run names it in
+    its own folder: it was left behind in the checkpoint's, with the log's first part."""
+    path = tiny_config(grocery, tmp_path)  # 4 steps per epoch, each evaluated
+    first, new = tmp_path / "first", tmp_path / "new"
+    Trainer(load_config(path, [f"Global.output_dir={first}"])).fit(stop_after_steps=4)
+    resumed = Trainer(
+        load_config(path, [f"Global.output_dir={new}", f"Global.checkpoints={first}"])
+    ).fit(stop_after_steps=5)  # into epoch 2, before its evaluation
+    assert resumed.progress.best_epoch == 1
+    best = (new / "best_model.safetensors").read_bytes()
+    assert best == (first / "best_model.safetensors").read_bytes()
+    steps = [(r["kind"], r["step"]) for r in read_log(new / "metrics.jsonl")]
+    assert steps == [*(("train", step) for step in range(1, 5)), ("eval", 4), ("train", 5)]
+    # Without the checkpoint folder's best model, the best is chosen anew.
+    (first / "best_model.safetensors").unlink()
+    again = load_config(path, [f"Global.output_dir={tmp_path / 'again'}"])
+    again.Global.checkpoints = str(first)
+    assert Trainer(again).progress.best_epoch is None
+
+
 def test_cli_eval_is_repeatable_and_warns_before_it_misleads(grocery, tmp_path, capsys, caplog):
     path = tiny_config(grocery, tmp_path)
     # Untrained new layers start from Global.seed: the same numbers on every run.

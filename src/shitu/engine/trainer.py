@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import random
+import shutil
 import signal
 import sys
 import time
@@ -27,7 +28,7 @@ from shitu.engine.distributed import DistContext, all_reduce_mean, barrier, init
 from shitu.engine.ema import WeightEMA
 from shitu.engine.evaluate import RetrievalEvaluation
 from shitu.engine.lr import LRSchedule
-from shitu.engine.metrics_log import MetricsLog
+from shitu.engine.metrics_log import LOG_NAME, MetricsLog
 from shitu.engine.optim import OPTIMIZER_CLASSES, build_optimizer, set_learning_rate
 from shitu.engine.precision import autocast_for, effective_amp, load_scaler_state, scaled_step
 from shitu.engine.seeding import capture_rng_state, restore_rng_state, seed_everything
@@ -38,6 +39,7 @@ from shitu.engine.state import (
     SUFFIX,
     Progress,
     load_training_state,
+    resolve_checkpoint,
     save_training_state,
 )
 from shitu.errors import ConfigError, ShituError
@@ -179,6 +181,8 @@ class Trainer:
                     "eval_interval (or evaluate final_model.safetensors with shitu eval)",
                     unreached,
                 )
+        if resume_payload is not None:
+            self._carry_over_from(resolve_checkpoint(config.Global.checkpoints).parent)
         self.log = MetricsLog(
             self.output_dir,
             enabled=self.context.is_main,
@@ -536,6 +540,25 @@ class Trainer:
                 metric,
             )
         progress.best_metric = progress.best_epoch = progress.best_metric_name = None
+
+    def _carry_over_from(self, run_dir: Path) -> None:
+        """A run resumed into another folder than its checkpoint's would leave its earlier
+        part's metrics log and best model behind, and name a best_model.safetensors that
+        only a better evaluation writes there: copy both over, so that the folder holds the
+        whole run. Without the best model's file, the best is chosen anew."""
+        if run_dir.resolve() == self.output_dir.resolve():
+            return
+        best = run_dir / f"{BEST}.safetensors"
+        if not best.is_file():
+            self.progress.best_metric = self.progress.best_epoch = None
+            self.progress.best_metric_name = None
+        if not self.context.is_main:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        carried = [run_dir / LOG_NAME] + ([best] if self.progress.best_metric is not None else [])
+        for source in carried:
+            if source.is_file():
+                shutil.copyfile(source, self.output_dir / source.name)
 
     def _save_unevaluated_epoch(self, epoch: int) -> None:
         """After a failed evaluation (out of memory, an unreadable eval image), checkpoint
