@@ -41,15 +41,23 @@ NORMALIZE = {
 }
 
 
-def write_subset(grocery: Path, split: str, out: Path, classes: int, per_class: int) -> Path:
-    """A PaddleClas-format label file (`path label`) of a few classes of a Grocery split."""
+def grocery_listing(grocery: Path, split: str) -> dict[int, list[str]]:
+    """A Grocery split's image paths by fine class id."""
     by_class: dict[int, list[str]] = {}
     for line in (grocery / f"{split}.txt").read_text().splitlines():
         if not line.strip():
             continue
         path, fine, _ = (part.strip() for part in line.split(","))
         by_class.setdefault(int(fine), []).append(path)
-    chosen = sorted(by_class)[:: max(1, len(by_class) // classes)][:classes]
+    return by_class
+
+
+def write_subset(grocery: Path, split: str, out: Path, classes: int, per_class: int) -> Path:
+    """A PaddleClas-format label file (`path label`) of a few classes of a Grocery split,
+    chosen among those train and val both have: each split's subset has the same classes."""
+    by_class = grocery_listing(grocery, split)
+    common = sorted(grocery_listing(grocery, "train").keys() & grocery_listing(grocery, "val"))
+    chosen = common[:: max(1, len(common) // classes)][:classes]
     lines = [f"{p} {c}" for c in chosen for p in by_class[c][:per_class]]
     out.write_text("\n".join(lines) + "\n")
     return out
@@ -701,6 +709,27 @@ def test_a_classifier_larger_than_the_named_classes_is_warned_about(grocery, tmp
         "Arch.Head.class_num is 81, but DataLoader.Train has 6 classes: the other 75 outputs "
         "of the classifier are never a label; set Arch.Head.class_num: 6"
     ) in startup_warnings(caplog, path, ["Arch.Head.class_num=81"])
+
+
+def test_queries_the_gallery_cannot_match_are_warned_about(grocery, tmp_path, caplog):
+    """Every evaluation leaves them out of its metrics: a gallery list missing classes would
+    otherwise score a run on a few of its queries without a word."""
+    path = tiny_config(grocery, tmp_path)
+    assert "no match in the gallery" not in startup_warnings(caplog, path)
+    queries = (tmp_path / "val.txt").read_text().splitlines()
+    strangers = tmp_path / "strangers.txt"
+    strangers.write_text(
+        "".join(f"{line.split()[0]} {900 + n % 2}\n" for n, line in enumerate(queries[:5]))
+        + "\n".join(queries[5:])
+        + "\n"
+    )
+    warned = startup_warnings(
+        caplog, path, [f"DataLoader.Eval.Query.dataset.cls_label_path={strangers}"]
+    )
+    assert (
+        "DataLoader.Eval: 5 of 18 queries have no match in the gallery (classes 900, 901): "
+        "each evaluation leaves them out of its metrics"
+    ) in warned
 
 
 def test_a_run_too_short_for_its_eval_interval_is_warned_about(grocery, tmp_path, caplog):

@@ -174,6 +174,15 @@ class Trainer:
                     f"Global.eval_metric: '{config.Global.eval_metric}' is not computed; "
                     f"Metric.Eval gives {', '.join(computed)}"
                 )
+            unmatched = self.evaluation.num_queries_without_positive
+            if unmatched and self.context.is_main:
+                logger.warning(
+                    "DataLoader.Eval: %d of %d queries have no match in the gallery (classes "
+                    "%s): each evaluation leaves them out of its metrics",
+                    unmatched,
+                    len(dataset_of(self.evaluation.query_loader)),
+                    self.evaluation.unmatched_query_classes,
+                )
             unreached = config.Global.unreached_eval_interval()
             if unreached is not None and self.context.is_main:
                 logger.warning(
