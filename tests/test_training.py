@@ -502,6 +502,12 @@ def test_cli_train_then_eval(grocery, tmp_path, capsys):
     assert "no Global.pretrained_model" in captured.err
     assert f"-o Global.pretrained_model={weights}" in captured.err  # where training left them
     assert json.loads(captured.out)["num_queries"] == 18
+    # A checkpoint given as for resuming: refused, not left unused for untrained weights.
+    assert main(["eval", "-c", str(path), "-o", f"Global.checkpoints={latest}"]) == 2
+    assert (
+        f"Global.checkpoints {latest}: only shitu train reads it (to resume); give the "
+        "weights as -o Global.pretrained_model=FILE"
+    ) in capsys.readouterr().err
 
 
 def test_a_run_logged_to_a_file_prints_lines_not_a_progress_bar(grocery, tmp_path, capsys):
