@@ -321,6 +321,22 @@ def test_a_run_resumed_with_another_optimizer_is_refused_by_name(
     Trainer(load_config(path, [*resume, f"Optimizer.name={trained}"]))
 
 
+def test_a_resume_that_regroups_the_parameters_names_the_settings(grocery, tmp_path):
+    """torch matches optimizer state to parameters by group and position: a run resumed
+    with other frozen layers said only that a group did not "match the size"."""
+    path = tiny_config(grocery, tmp_path)
+    output = tmp_path / "output"
+    Trainer(load_config(path, [f"Global.output_dir={output}"])).fit(stop_after_steps=1)
+    resume = [f"Global.output_dir={output}", f"Global.checkpoints={output / 'latest.pt'}"]
+    with pytest.raises(
+        ConfigError,
+        match=r"grouped the trainable parameters otherwise .*; changed since: "
+        r"Arch.frozen_layers \['neck'\] \(was \[\]\)\. Resume with the run's "
+        r"Arch.frozen_layers, Optimizer.lr_mult, ",
+    ):
+        Trainer(load_config(path, [*resume, "Arch.frozen_layers=[neck]"]))
+
+
 def test_a_run_resumed_with_another_eval_metric_chooses_its_best_by_that_metric(
     grocery, tmp_path, caplog
 ):

@@ -257,11 +257,14 @@ class Trainer:
         try:
             self.model.load_state_dict(payload["model"])
             self.loss.load_state_dict(payload["loss"])
-            self.optimizer.load_state_dict(payload["optimizer"])
         except (RuntimeError, ValueError, KeyError) as exc:
             raise ConfigError(
                 f"Global.checkpoints: the checkpoint does not fit this config ({exc})"
             ) from None
+        try:
+            self.optimizer.load_state_dict(payload["optimizer"])
+        except ValueError as exc:  # another number or size of parameter groups
+            raise ConfigError(self._regrouped_parameters(payload, exc)) from None
         # load_state_dict brings back the checkpoint's settings (weight decay, lr_mult,
         # momentum, betas) with the state; the config given now is what the run continues with.
         for index, (group, settings) in enumerate(
@@ -306,6 +309,26 @@ class Trainer:
                 f"{saved_name}, or start a new run from its weights with -o "
                 "Global.pretrained_model=..."
             )
+
+    def _regrouped_parameters(self, payload: dict[str, Any], error: Exception) -> str:
+        """Why the checkpoint's optimizer state does not fit: the settings that group the
+        trainable parameters (by learning-rate multiplier and weight decay) must stay as
+        the run had them, since torch matches the state to the parameters by position."""
+        saved, current = _saved_config(payload), self.config.model_dump(mode="json")
+        changed = [
+            f"{section}.{key} {current[section].get(key)} (was {saved[section].get(key)})"
+            for section, key in _PARAMETER_GROUPING
+            if isinstance(saved.get(section), dict)
+            and saved[section].get(key) != current[section].get(key)
+        ]
+        settings = ", ".join(f"{section}.{key}" for section, key in _PARAMETER_GROUPING)
+        return (
+            f"Global.checkpoints: the run's optimizer grouped the trainable parameters "
+            f"otherwise ({error}); "
+            + (f"changed since: {'; '.join(changed)}. " if changed else "")
+            + f"Resume with the run's {settings}, or start a new run from its weights with "
+            "-o Global.pretrained_model=..."
+        )
 
     def _warn_of_new_schedule(self, payload: dict[str, Any]) -> None:
         """The learning-rate schedule is computed from the config, so a resumed run follows
@@ -608,6 +631,15 @@ class Trainer:
             self.progress.best_metric, self.progress.best_epoch = value, epoch
             self.progress.best_metric_name = self.config.Global.eval_metric
             self._save_weights(BEST)
+
+
+# The settings that decide which parameters train and how the optimizer groups them.
+_PARAMETER_GROUPING = (
+    ("Arch", "frozen_layers"),
+    ("Optimizer", "lr_mult"),
+    ("Optimizer", "no_weight_decay_name"),
+    ("Optimizer", "decay_norm_and_bias"),
+)
 
 
 def _saved_config(payload: dict[str, Any]) -> dict[str, Any]:
