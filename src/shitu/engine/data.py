@@ -129,6 +129,12 @@ def build_eval_loader(
     worker_init: Callable[[int], None] = end_quietly_on_sigterm,
 ) -> DataLoader:
     """`where` names the section in errors (DataLoader.Eval.Query, DataLoader.Eval.Gallery)."""
+    if split.sampler is not None and split.sampler.name == "PKSampler":
+        raise ConfigError(
+            f"{where}: sampler PKSampler draws random batches of classes, repeating some "
+            "images and leaving others out, while an evaluation embeds each image once; use "
+            "{name: DistributedBatchSampler, batch_size: 64}"
+        )
     if split.sampler is not None and split.sampler.params.get("drop_last"):
         raise ConfigError(
             f"{where}: sampler drop_last: true would leave images out of the "
