@@ -991,6 +991,24 @@ def test_a_signal_to_the_process_group_stops_the_run_once_with_a_checkpoint(
     assert (tmp_path / "output" / "latest.pt").is_file()
 
 
+def test_a_run_failing_with_its_workers_running_exits(grocery, tmp_path):
+    """The workers ignore SIGTERM (stopping is the trainer's): a run that failed while they
+    ran printed its error, then hung at exit, as multiprocessing waited for them forever."""
+    path = tiny_config(grocery, tmp_path)
+    bad = tmp_path / "bad.jpg"
+    bad.write_text("not an image")
+    listing = tmp_path / "train.txt"
+    listing.write_text(
+        "".join(f"{bad} {line.split()[1]}\n" for line in listing.read_text().splitlines())
+    )
+    command = [sys.executable, "-m", "shitu", "train", "-c", str(path),
+               "-o", "DataLoader.Train.loader.num_workers=2"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert f"error: {bad}: cannot decode image" in run.stderr
+
+
 def test_feature_distillation_resumes_towards_the_same_start(grocery, tmp_path):
     """The frozen start travels in the checkpoint: a resumed run distils towards the weights
     the run began from, not those it resumed with, and gives the uninterrupted run's losses."""

@@ -105,6 +105,17 @@ def leave_stopping_to_the_trainer(_worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+def end_workers(loader: DataLoader) -> None:
+    """End `loader`'s persistent worker processes now, if it started any. A training run's
+    workers ignore SIGTERM (see `leave_stopping_to_the_trainer`): after a failure, whose
+    traceback keeps the loader alive until the interpreter exits, multiprocessing's exit
+    handler would stop them with SIGTERM and wait for them forever."""
+    iterator = loader._iterator  # where torch keeps persistent workers between epochs
+    loader._iterator = None
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+
+
 def build_train_loader(split: DataSplitConfig, context: DistContext, seed: int) -> DataLoader:
     if split.sampler is None:
         raise ConfigError(

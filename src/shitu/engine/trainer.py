@@ -18,12 +18,18 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from shitu import registry
 from shitu.checkpoint import load_weights, model_metadata, save_weights
 from shitu.config.schema import ShituConfig
-from shitu.engine.data import build_train_loader, dataset_of, leave_stopping_to_the_trainer
+from shitu.engine.data import (
+    build_train_loader,
+    dataset_of,
+    end_workers,
+    leave_stopping_to_the_trainer,
+)
 from shitu.engine.distributed import DistContext, all_reduce_mean, barrier, init_distributed
 from shitu.engine.ema import WeightEMA
 from shitu.engine.evaluate import RetrievalEvaluation
@@ -405,7 +411,18 @@ class Trainer:
             for sig, handler in self._previous_handlers.items():
                 signal.signal(sig, handler)
             self.log.close()
+            for loader in self._loaders():
+                end_workers(loader)
         return FitResult(self.progress, finished, self.output_dir, self._stop_signal)
+
+    def _loaders(self) -> list[DataLoader]:
+        """The run's data loaders, the evaluation's included."""
+        loaders = [self.train_loader]
+        if self.evaluation is not None:
+            loaders.append(self.evaluation.query_loader)
+            if self.evaluation.gallery_loader is not None:
+                loaders.append(self.evaluation.gallery_loader)
+        return loaders
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         """The first signal stops the run after the current step, with a checkpoint; a
