@@ -92,6 +92,22 @@ def test_round_trip(tmp_path, suffix):
     assert not list(tmp_path.glob(".*"))  # no temporary file left behind
 
 
+def test_a_weight_file_named_without_its_suffix_is_found(tmp_path):
+    """As PaddleClas names them (`-o Global.pretrained_model=output/RecModel/best_model`):
+    .pdparams as well as what shitu writes."""
+    model = make_model()
+    save_weights(model.state_dict(), tmp_path / "best_model.safetensors")
+    to_pdparams(model, tmp_path / "paddle_model.pdparams")
+    x = torch.randn(2, 3, 64, 64)
+    for stem in ("best_model", "paddle_model"):
+        fresh = make_model(seed=1)
+        load_weights(fresh, tmp_path / stem)
+        with torch.no_grad():
+            assert torch.equal(model(x)["features"], fresh(x)["features"])
+    with pytest.raises(CheckpointError, match="weight file not found: .*other_model$"):
+        load_weights(make_model(), tmp_path / "other_model")
+
+
 def test_folded_checkpoint_folds_the_model_on_load(tmp_path):
     model = make_model().reparameterize()
     path = save_weights(

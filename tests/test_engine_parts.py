@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from shitu import registry
-from shitu.config.schema import DataSplitConfig, LRConfig, OptimizerConfig
+from shitu.config.schema import ComponentConfig, DataSplitConfig, LRConfig, OptimizerConfig
 from shitu.engine import precision
 from shitu.engine.data import build_eval_loader
 from shitu.engine.distributed import init_distributed
@@ -373,3 +373,9 @@ def test_an_evaluation_that_would_drop_images_is_refused():
         ConfigError, match=r"DataLoader\.Eval\.Gallery: sampler drop_last: true would leave"
     ):
         build_eval_loader(split, init_distributed("cpu"), seed=0, where="DataLoader.Eval.Gallery")
+    # A training sampler copied over: it drew a random share of the images, silently.
+    split.sampler = ComponentConfig(name="PKSampler", batch_size=8, sample_per_id=4)
+    with pytest.raises(
+        ConfigError, match=r"DataLoader\.Eval\.Query: sampler PKSampler draws random batches"
+    ):
+        build_eval_loader(split, init_distributed("cpu"), seed=0, where="DataLoader.Eval.Query")

@@ -41,15 +41,23 @@ NORMALIZE = {
 }
 
 
-def write_subset(grocery: Path, split: str, out: Path, classes: int, per_class: int) -> Path:
-    """A PaddleClas-format label file (`path label`) of a few classes of a Grocery split."""
+def grocery_listing(grocery: Path, split: str) -> dict[int, list[str]]:
+    """A Grocery split's image paths by fine class id."""
     by_class: dict[int, list[str]] = {}
     for line in (grocery / f"{split}.txt").read_text().splitlines():
         if not line.strip():
             continue
         path, fine, _ = (part.strip() for part in line.split(","))
         by_class.setdefault(int(fine), []).append(path)
-    chosen = sorted(by_class)[:: max(1, len(by_class) // classes)][:classes]
+    return by_class
+
+
+def write_subset(grocery: Path, split: str, out: Path, classes: int, per_class: int) -> Path:
+    """A PaddleClas-format label file (`path label`) of a few classes of a Grocery split,
+    chosen among those train and val both have: each split's subset has the same classes."""
+    by_class = grocery_listing(grocery, split)
+    common = sorted(grocery_listing(grocery, "train").keys() & grocery_listing(grocery, "val"))
+    chosen = common[:: max(1, len(common) // classes)][:classes]
     lines = [f"{p} {c}" for c in chosen for p in by_class[c][:per_class]]
     out.write_text("\n".join(lines) + "\n")
     return out
@@ -293,6 +301,42 @@ def test_resume_continues_with_the_configs_optimizer_settings(grocery, tmp_path,
     assert resumed.optimizer.state  # the momentum buffers did come back
 
 
+@pytest.mark.parametrize(("trained", "resumed"), [("Momentum", "AdamW"), ("Adam", "AdamW")])
+def test_a_run_resumed_with_another_optimizer_is_refused_by_name(
+    grocery, tmp_path, trained, resumed
+):
+    """Momentum buffers are no Adam moments: torch failed on a missing 'step' key (Momentum
+    to AdamW) or took Adam's state for AdamW's without a word."""
+    path = tiny_config(grocery, tmp_path)
+    output = tmp_path / "output"
+    run = [f"Global.output_dir={output}", f"Optimizer.name={trained}"]
+    Trainer(load_config(path, run)).fit(stop_after_steps=1)
+    resume = [f"Global.output_dir={output}", f"Global.checkpoints={output / 'latest.pt'}"]
+    with pytest.raises(
+        ConfigError,
+        match=f"Optimizer.name: the run was trained with {trained}, whose state {resumed} "
+        f"cannot continue; resume with Optimizer.name={trained}",
+    ):
+        Trainer(load_config(path, [*resume, f"Optimizer.name={resumed}"]))
+    Trainer(load_config(path, [*resume, f"Optimizer.name={trained}"]))
+
+
+def test_a_resume_that_regroups_the_parameters_names_the_settings(grocery, tmp_path):
+    """torch matches optimizer state to parameters by group and position: a run resumed
+    with other frozen layers said only that a group did not "match the size"."""
+    path = tiny_config(grocery, tmp_path)
+    output = tmp_path / "output"
+    Trainer(load_config(path, [f"Global.output_dir={output}"])).fit(stop_after_steps=1)
+    resume = [f"Global.output_dir={output}", f"Global.checkpoints={output / 'latest.pt'}"]
+    with pytest.raises(
+        ConfigError,
+        match=r"grouped the trainable parameters otherwise .*; changed since: "
+        r"Arch.frozen_layers \['neck'\] \(was \[\]\)\. Resume with the run's "
+        r"Arch.frozen_layers, Optimizer.lr_mult, ",
+    ):
+        Trainer(load_config(path, [*resume, "Arch.frozen_layers=[neck]"]))
+
+
 def test_a_run_resumed_with_another_eval_metric_chooses_its_best_by_that_metric(
     grocery, tmp_path, caplog
 ):
@@ -474,6 +518,12 @@ def test_cli_train_then_eval(grocery, tmp_path, capsys):
     assert "no Global.pretrained_model" in captured.err
     assert f"-o Global.pretrained_model={weights}" in captured.err  # where training left them
     assert json.loads(captured.out)["num_queries"] == 18
+    # A checkpoint given as for resuming: refused, not left unused for untrained weights.
+    assert main(["eval", "-c", str(path), "-o", f"Global.checkpoints={latest}"]) == 2
+    assert (
+        f"Global.checkpoints {latest}: only shitu train reads it (to resume); give the "
+        "weights as -o Global.pretrained_model=FILE"
+    ) in capsys.readouterr().err
 
 
 def test_a_run_logged_to_a_file_prints_lines_not_a_progress_bar(grocery, tmp_path, capsys):
@@ -550,6 +600,27 @@ def test_a_run_resumed_into_another_runs_folder_is_refused(grocery, tmp_path, ca
     assert (other / "latest.pt").read_bytes() == before
     assert train(new, f"Global.checkpoints={first}") == 0  # a new folder: a branch of it
     assert train(first, f"Global.checkpoints={first}") == 0
+
+
+def test_a_run_resumed_into_a_new_folder_carries_its_log_and_best_model_over(grocery, tmp_path):
+    """The best so far is only replaced by a better evaluation, and the run names it in
+    its own folder: it was left behind in the checkpoint's, with the log's first part."""
+    path = tiny_config(grocery, tmp_path)  # 4 steps per epoch, each evaluated
+    first, new = tmp_path / "first", tmp_path / "new"
+    Trainer(load_config(path, [f"Global.output_dir={first}"])).fit(stop_after_steps=4)
+    resumed = Trainer(
+        load_config(path, [f"Global.output_dir={new}", f"Global.checkpoints={first}"])
+    ).fit(stop_after_steps=5)  # into epoch 2, before its evaluation
+    assert resumed.progress.best_epoch == 1
+    best = (new / "best_model.safetensors").read_bytes()
+    assert best == (first / "best_model.safetensors").read_bytes()
+    steps = [(r["kind"], r["step"]) for r in read_log(new / "metrics.jsonl")]
+    assert steps == [*(("train", step) for step in range(1, 5)), ("eval", 4), ("train", 5)]
+    # Without the checkpoint folder's best model, the best is chosen anew.
+    (first / "best_model.safetensors").unlink()
+    again = load_config(path, [f"Global.output_dir={tmp_path / 'again'}"])
+    again.Global.checkpoints = str(first)
+    assert Trainer(again).progress.best_epoch is None
 
 
 def test_cli_eval_is_repeatable_and_warns_before_it_misleads(grocery, tmp_path, capsys, caplog):
@@ -660,6 +731,27 @@ def test_a_classifier_larger_than_the_named_classes_is_warned_about(grocery, tmp
         "Arch.Head.class_num is 81, but DataLoader.Train has 6 classes: the other 75 outputs "
         "of the classifier are never a label; set Arch.Head.class_num: 6"
     ) in startup_warnings(caplog, path, ["Arch.Head.class_num=81"])
+
+
+def test_queries_the_gallery_cannot_match_are_warned_about(grocery, tmp_path, caplog):
+    """Every evaluation leaves them out of its metrics: a gallery list missing classes would
+    otherwise score a run on a few of its queries without a word."""
+    path = tiny_config(grocery, tmp_path)
+    assert "no match in the gallery" not in startup_warnings(caplog, path)
+    queries = (tmp_path / "val.txt").read_text().splitlines()
+    strangers = tmp_path / "strangers.txt"
+    strangers.write_text(
+        "".join(f"{line.split()[0]} {900 + n % 2}\n" for n, line in enumerate(queries[:5]))
+        + "\n".join(queries[5:])
+        + "\n"
+    )
+    warned = startup_warnings(
+        caplog, path, [f"DataLoader.Eval.Query.dataset.cls_label_path={strangers}"]
+    )
+    assert (
+        "DataLoader.Eval: 5 of 18 queries have no match in the gallery (classes 900, 901): "
+        "each evaluation leaves them out of its metrics"
+    ) in warned
 
 
 def test_a_run_too_short_for_its_eval_interval_is_warned_about(grocery, tmp_path, caplog):
@@ -897,6 +989,24 @@ def test_a_signal_to_the_process_group_stops_the_run_once_with_a_checkpoint(
     assert run.stderr.count("stopping after this step, with a checkpoint") == 1
     assert "stopped early after step 4 (1 of 2 epochs done)" in run.stdout
     assert (tmp_path / "output" / "latest.pt").is_file()
+
+
+def test_a_run_failing_with_its_workers_running_exits(grocery, tmp_path):
+    """The workers ignore SIGTERM (stopping is the trainer's): a run that failed while they
+    ran printed its error, then hung at exit, as multiprocessing waited for them forever."""
+    path = tiny_config(grocery, tmp_path)
+    bad = tmp_path / "bad.jpg"
+    bad.write_text("not an image")
+    listing = tmp_path / "train.txt"
+    listing.write_text(
+        "".join(f"{bad} {line.split()[1]}\n" for line in listing.read_text().splitlines())
+    )
+    command = [sys.executable, "-m", "shitu", "train", "-c", str(path),
+               "-o", "DataLoader.Train.loader.num_workers=2"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert f"error: {bad}: cannot decode image" in run.stderr
 
 
 def test_feature_distillation_resumes_towards_the_same_start(grocery, tmp_path):

@@ -86,12 +86,23 @@ def save_weights(
         raise CheckpointError(f"cannot write {path}: {write_failure_reason(exc)}") from None
 
 
+def weights_file(path: str | Path) -> Path:
+    """`path`, or, where no file has that name, the weight file of that name plus a suffix
+    (the first of `WEIGHT_SUFFIXES` found): PaddleClas's `Global.pretrained_model` names
+    files without their suffix (`output/RecModel/best_model`)."""
+    path = Path(path)
+    if path.exists() or path.suffix in WEIGHT_SUFFIXES:
+        return path
+    suffixed = (path.with_name(path.name + suffix) for suffix in WEIGHT_SUFFIXES)
+    return next((candidate for candidate in suffixed if candidate.is_file()), path)
+
+
 def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """State dict and metadata from a .safetensors or torch file written by `save_weights`.
 
     Plain torch state dicts (and dicts with a 'state_dict' or 'model' entry) are accepted too.
     """
-    path = Path(path)
+    path = weights_file(path)
     if path.is_dir():
         raise CheckpointError(
             f"{path} is a folder: give a weight file (an exported model's is its model.safetensors)"
@@ -170,14 +181,6 @@ def _training_state_metadata(payload: dict) -> dict[str, str]:
     return {REPARAMETERIZED: "false", ARCH: json.dumps(arch)}
 
 
-def paddle_style_weights(path: Path) -> Path:
-    """`path`, or where it does not exist `path.pdparams`: PaddleClas configs name weights
-    without the suffix (`pretrained_model: ./output/RecModel/best_model` is read from
-    best_model.pdparams), and such a config is read as it is."""
-    with_suffix = path.with_name(path.name + ".pdparams")
-    return with_suffix if not path.exists() and with_suffix.is_file() else path
-
-
 def state_for_model(
     model: nn.Module, path: str | Path
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -185,7 +188,7 @@ def state_for_model(
 
     Folds `model` first when the file holds re-parameterised (folded) weights.
     """
-    path = paddle_style_weights(Path(path))
+    path = weights_file(path)
     if path.suffix == ".pdparams":
         return paddle_to_torch(read_pdparams(path), model)
     state, metadata = read_weights(path)

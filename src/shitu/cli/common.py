@@ -168,8 +168,17 @@ def separate_overrides(argv: list[str]) -> list[str]:
 
 def trained_weights(config: ShituConfig, doing: str) -> str | None:
     """`Global.pretrained_model`; without it, a note that `doing` uses the model as the
-    config initialises it, and where a training run of this config leaves its weights."""
+    config initialises it, and where a training run of this config leaves its weights.
+    `Global.checkpoints` alone is refused: it names trained weights, which would be
+    left unused (it only resumes training)."""
     weights = config.Global.pretrained_model
+    checkpoint = config.Global.checkpoints
+    if not weights and checkpoint:
+        raise ConfigError(
+            f"Global.checkpoints {checkpoint}: only shitu train reads it (to resume); give "
+            "the weights as -o Global.pretrained_model=FILE (the run's best_model.safetensors "
+            "or final_model.safetensors)"
+        )
     if not weights:
         best = Path(config.Global.output_dir) / "best_model.safetensors"
         print(

@@ -105,6 +105,17 @@ def leave_stopping_to_the_trainer(_worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+def end_workers(loader: DataLoader) -> None:
+    """End `loader`'s persistent worker processes now, if it started any. A training run's
+    workers ignore SIGTERM (see `leave_stopping_to_the_trainer`): after a failure, whose
+    traceback keeps the loader alive until the interpreter exits, multiprocessing's exit
+    handler would stop them with SIGTERM and wait for them forever."""
+    iterator = loader._iterator  # where torch keeps persistent workers between epochs
+    loader._iterator = None
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+
+
 def build_train_loader(split: DataSplitConfig, context: DistContext, seed: int) -> DataLoader:
     if split.sampler is None:
         raise ConfigError(
@@ -129,6 +140,12 @@ def build_eval_loader(
     worker_init: Callable[[int], None] = end_quietly_on_sigterm,
 ) -> DataLoader:
     """`where` names the section in errors (DataLoader.Eval.Query, DataLoader.Eval.Gallery)."""
+    if split.sampler is not None and split.sampler.name == "PKSampler":
+        raise ConfigError(
+            f"{where}: sampler PKSampler draws random batches of classes, repeating some "
+            "images and leaving others out, while an evaluation embeds each image once; use "
+            "{name: DistributedBatchSampler, batch_size: 64}"
+        )
     if split.sampler is not None and split.sampler.params.get("drop_last"):
         raise ConfigError(
             f"{where}: sampler drop_last: true would leave images out of the "

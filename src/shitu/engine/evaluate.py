@@ -176,7 +176,8 @@ class RetrievalEvaluation:
 
     def _check_positives(self) -> None:
         """Refuse query and gallery sets that share no label now, before any embedding (or a
-        training run's epochs): no query would have a match, so no metric is defined."""
+        training run's epochs): no query would have a match, so no metric is defined. Else
+        count the queries without a match, which every metric leaves out, and their classes."""
         queries = dataset_of(self.query_loader)
         gallery = dataset_of(self.gallery_loader) if self.gallery_loader else queries
         excluded = self.gallery_loader is None or (
@@ -186,9 +187,15 @@ class RetrievalEvaluation:
         pairs = zip(gallery.labels, gallery.unique_ids, strict=True)
         own = Counter(pairs) if excluded else Counter()
         labels = self._in_gallery_numbering(torch.tensor(queries.labels)).tolist()
-        for label, unique_id in zip(labels, queries.unique_ids, strict=True):
-            if per_label[label] > own[(label, unique_id)]:
-                return
+        unmatched = [
+            query
+            for query, (label, unique_id) in enumerate(zip(labels, queries.unique_ids, strict=True))
+            if per_label[label] <= own[(label, unique_id)]
+        ]
+        self.unmatched_query_classes = _class_list(queries, [queries.labels[q] for q in unmatched])
+        self.num_queries_without_positive = len(unmatched)
+        if len(unmatched) < len(labels):
+            return
         if per_label.keys().isdisjoint(labels):
             reason = (
                 f"no query class ({_class_list(queries)}) is a gallery class "
@@ -269,10 +276,12 @@ def _comparable(key: str | int, by_id: bool) -> str | int:
     return int(key) if by_id and is_class_id(key) else key
 
 
-def _class_list(dataset: Any, shown: int = 5) -> str:
-    """The first few of a dataset's classes as it lists them: names quoted, ids bare."""
+def _class_list(dataset: Any, labels: list[int] | None = None, shown: int = 5) -> str:
+    """The first few of a dataset's classes (of those of `labels`, if given) as it lists
+    them: names quoted, ids bare."""
     keys = getattr(dataset, "label_keys", None)
-    classes = sorted({label if keys is None else keys[label] for label in dataset.labels})
+    labels = dataset.labels if labels is None else labels
+    classes = sorted({label if keys is None else keys[label] for label in labels})
     more = ", ..." if len(classes) > shown else ""
     return ", ".join(repr(key) for key in classes[:shown]) + more
 

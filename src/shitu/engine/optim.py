@@ -10,6 +10,14 @@ from torch import nn
 from shitu.config.schema import OptimizerConfig
 from shitu.errors import ConfigError
 
+# The torch optimizer each `Optimizer.name` builds (Momentum and SGD differ in momentum only).
+OPTIMIZER_CLASSES: dict[str, type[torch.optim.Optimizer]] = {
+    "Momentum": torch.optim.SGD,
+    "SGD": torch.optim.SGD,
+    "Adam": torch.optim.Adam,
+    "AdamW": torch.optim.AdamW,
+}
+
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
 
 
@@ -88,8 +96,8 @@ def build_optimizer(
             "Arch.frozen_layers: nothing to train, every parameter is frozen (in the probe "
             "of a LinearProbe run, by LinearProbe.frozen_layers); leave a layer unfrozen"
         )
-    name = config.name
-    if name in ("Momentum", "SGD"):
+    name, optimizer_class = config.name, OPTIMIZER_CLASSES[config.name]
+    if optimizer_class is torch.optim.SGD:
         momentum = (
             config.momentum if config.momentum is not None else (0.9 if name == "Momentum" else 0.0)
         )
@@ -98,6 +106,4 @@ def build_optimizer(
         0.9 if config.beta1 is None else config.beta1,
         0.999 if config.beta2 is None else config.beta2,
     )
-    if name == "Adam":
-        return torch.optim.Adam(groups, lr=learning_rate, betas=betas)
-    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas)
+    return optimizer_class(groups, lr=learning_rate, betas=betas)

@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import random
+import shutil
 import signal
 import sys
 import time
@@ -17,18 +18,24 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from shitu import registry
 from shitu.checkpoint import load_weights, model_metadata, save_weights
 from shitu.config.schema import ShituConfig
-from shitu.engine.data import build_train_loader, dataset_of, leave_stopping_to_the_trainer
+from shitu.engine.data import (
+    build_train_loader,
+    dataset_of,
+    end_workers,
+    leave_stopping_to_the_trainer,
+)
 from shitu.engine.distributed import DistContext, all_reduce_mean, barrier, init_distributed
 from shitu.engine.ema import WeightEMA
 from shitu.engine.evaluate import RetrievalEvaluation
 from shitu.engine.lr import LRSchedule
-from shitu.engine.metrics_log import MetricsLog
-from shitu.engine.optim import build_optimizer, set_learning_rate
+from shitu.engine.metrics_log import LOG_NAME, MetricsLog
+from shitu.engine.optim import OPTIMIZER_CLASSES, build_optimizer, set_learning_rate
 from shitu.engine.precision import autocast_for, effective_amp, load_scaler_state, scaled_step
 from shitu.engine.seeding import capture_rng_state, restore_rng_state, seed_everything
 from shitu.engine.state import (
@@ -38,6 +45,7 @@ from shitu.engine.state import (
     SUFFIX,
     Progress,
     load_training_state,
+    resolve_checkpoint,
     save_training_state,
 )
 from shitu.errors import ConfigError, ShituError
@@ -172,6 +180,15 @@ class Trainer:
                     f"Global.eval_metric: '{config.Global.eval_metric}' is not computed; "
                     f"Metric.Eval gives {', '.join(computed)}"
                 )
+            unmatched = self.evaluation.num_queries_without_positive
+            if unmatched and self.context.is_main:
+                logger.warning(
+                    "DataLoader.Eval: %d of %d queries have no match in the gallery (classes "
+                    "%s): each evaluation leaves them out of its metrics",
+                    unmatched,
+                    len(dataset_of(self.evaluation.query_loader)),
+                    self.evaluation.unmatched_query_classes,
+                )
             unreached = config.Global.unreached_eval_interval()
             if unreached is not None and self.context.is_main:
                 logger.warning(
@@ -179,6 +196,8 @@ class Trainer:
                     "eval_interval (or evaluate final_model.safetensors with shitu eval)",
                     unreached,
                 )
+        if resume_payload is not None:
+            self._carry_over_from(resolve_checkpoint(config.Global.checkpoints).parent)
         self.log = MetricsLog(
             self.output_dir,
             enabled=self.context.is_main,
@@ -236,6 +255,7 @@ class Trainer:
                 f"{epochs} epochs ({epochs * steps} steps) of this config; give at least "
                 f"Global.epochs={math.ceil(progress.global_step / steps)}"
             )
+        self._refuse_another_optimizer(payload)
         configured = [
             {key: value for key, value in group.items() if key not in ("params", "lr")}
             for group in self.optimizer.param_groups
@@ -243,11 +263,14 @@ class Trainer:
         try:
             self.model.load_state_dict(payload["model"])
             self.loss.load_state_dict(payload["loss"])
-            self.optimizer.load_state_dict(payload["optimizer"])
         except (RuntimeError, ValueError, KeyError) as exc:
             raise ConfigError(
                 f"Global.checkpoints: the checkpoint does not fit this config ({exc})"
             ) from None
+        try:
+            self.optimizer.load_state_dict(payload["optimizer"])
+        except ValueError as exc:  # another number or size of parameter groups
+            raise ConfigError(self._regrouped_parameters(payload, exc)) from None
         # load_state_dict brings back the checkpoint's settings (weight decay, lr_mult,
         # momentum, betas) with the state; the config given now is what the run continues with.
         for index, (group, settings) in enumerate(
@@ -279,14 +302,48 @@ class Trainer:
         load_scaler_state(self.scaler, payload["scaler"])
         restore_rng_state(payload["rng"][min(self.context.rank, len(payload["rng"]) - 1)])
 
+    def _refuse_another_optimizer(self, payload: dict[str, Any]) -> None:
+        """Another kind of optimizer cannot take over the checkpoint's state (momentum
+        buffers are no Adam moments): torch either fails on a missing key or drops the
+        state without a word. Refuse by name instead; settings of the same kind carry over."""
+        saved_name = (_saved_config(payload).get("Optimizer") or {}).get("name")
+        saved_class = OPTIMIZER_CLASSES.get(saved_name)
+        if saved_class is not None and type(self.optimizer) is not saved_class:
+            raise ConfigError(
+                f"Optimizer.name: the run was trained with {saved_name}, whose state "
+                f"{self.config.Optimizer.name} cannot continue; resume with Optimizer.name="
+                f"{saved_name}, or start a new run from its weights with -o "
+                "Global.pretrained_model=..."
+            )
+
+    def _regrouped_parameters(self, payload: dict[str, Any], error: Exception) -> str:
+        """Why the checkpoint's optimizer state does not fit: the settings that group the
+        trainable parameters (by learning-rate multiplier and weight decay) must stay as
+        the run had them, since torch matches the state to the parameters by position."""
+        saved, current = _saved_config(payload), self.config.model_dump(mode="json")
+        changed = [
+            f"{section}.{key} {current[section].get(key)} (was {saved[section].get(key)})"
+            for section, key in _PARAMETER_GROUPING
+            if isinstance(saved.get(section), dict)
+            and saved[section].get(key) != current[section].get(key)
+        ]
+        settings = ", ".join(f"{section}.{key}" for section, key in _PARAMETER_GROUPING)
+        return (
+            f"Global.checkpoints: the run's optimizer grouped the trainable parameters "
+            f"otherwise ({error}); "
+            + (f"changed since: {'; '.join(changed)}. " if changed else "")
+            + f"Resume with the run's {settings}, or start a new run from its weights with "
+            "-o Global.pretrained_model=..."
+        )
+
     def _warn_of_new_schedule(self, payload: dict[str, Any]) -> None:
         """The learning-rate schedule is computed from the config, so a resumed run follows
         the config given now (its Global.epochs too: a longer run stretches a decay over
         the new length): say so where that differs from the checkpoint's."""
         try:
-            run = json.loads(payload["config"])
+            run = _saved_config(payload)
             saved = {**run["Optimizer"]["lr"], "Global.epochs": run["Global"]["epochs"]}
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError):
             return  # an older checkpoint without its config
         current = {
             **self.config.Optimizer.lr.model_dump(mode="json"),
@@ -354,7 +411,18 @@ class Trainer:
             for sig, handler in self._previous_handlers.items():
                 signal.signal(sig, handler)
             self.log.close()
+            for loader in self._loaders():
+                end_workers(loader)
         return FitResult(self.progress, finished, self.output_dir, self._stop_signal)
+
+    def _loaders(self) -> list[DataLoader]:
+        """The run's data loaders, the evaluation's included."""
+        loaders = [self.train_loader]
+        if self.evaluation is not None:
+            loaders.append(self.evaluation.query_loader)
+            if self.evaluation.gallery_loader is not None:
+                loaders.append(self.evaluation.gallery_loader)
+        return loaders
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         """The first signal stops the run after the current step, with a checkpoint; a
@@ -522,6 +590,25 @@ class Trainer:
             )
         progress.best_metric = progress.best_epoch = progress.best_metric_name = None
 
+    def _carry_over_from(self, run_dir: Path) -> None:
+        """A run resumed into another folder than its checkpoint's would leave its earlier
+        part's metrics log and best model behind, and name a best_model.safetensors that
+        only a better evaluation writes there: copy both over, so that the folder holds the
+        whole run. Without the best model's file, the best is chosen anew."""
+        if run_dir.resolve() == self.output_dir.resolve():
+            return
+        best = run_dir / f"{BEST}.safetensors"
+        if not best.is_file():
+            self.progress.best_metric = self.progress.best_epoch = None
+            self.progress.best_metric_name = None
+        if not self.context.is_main:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        carried = [run_dir / LOG_NAME] + ([best] if self.progress.best_metric is not None else [])
+        for source in carried:
+            if source.is_file():
+                shutil.copyfile(source, self.output_dir / source.name)
+
     def _save_unevaluated_epoch(self, epoch: int) -> None:
         """After a failed evaluation (out of memory, an unreadable eval image), checkpoint
         the epoch it evaluated as trained but not evaluated, as a stop at the epoch's end
@@ -561,6 +648,24 @@ class Trainer:
             self.progress.best_metric, self.progress.best_epoch = value, epoch
             self.progress.best_metric_name = self.config.Global.eval_metric
             self._save_weights(BEST)
+
+
+# The settings that decide which parameters train and how the optimizer groups them.
+_PARAMETER_GROUPING = (
+    ("Arch", "frozen_layers"),
+    ("Optimizer", "lr_mult"),
+    ("Optimizer", "no_weight_decay_name"),
+    ("Optimizer", "decay_norm_and_bias"),
+)
+
+
+def _saved_config(payload: dict[str, Any]) -> dict[str, Any]:
+    """The config a checkpoint was trained with; empty for older checkpoints without it."""
+    try:
+        config = json.loads(payload["config"])
+    except (KeyError, TypeError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
 
 
 def _check_class_count(config: ShituConfig, dataset: Any, warn: bool) -> None:
