@@ -762,6 +762,12 @@ def test_a_run_too_short_for_its_eval_interval_is_warned_about(grocery, tmp_path
         "Global.eval_interval 5 is more than Global.epochs 2: nothing is evaluated and no "
         "best_model.safetensors is written"
     ) in startup_warnings(caplog, path, ["Global.eval_interval=5"])
+    (tmp_path / "longer").mkdir()
+    longer = tiny_config(grocery, tmp_path / "longer", epochs=3)
+    assert (
+        "Global.epochs 3 is not a multiple of Global.eval_interval 2: the last epoch is not "
+        "evaluated, and best_model.safetensors is chosen without it"
+    ) in startup_warnings(caplog, longer, ["Global.eval_interval=2"])
 
 
 def test_run_summary_names_the_weights_it_starts_from(grocery, tmp_path, caplog):

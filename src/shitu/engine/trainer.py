@@ -190,11 +190,22 @@ class Trainer:
                     self.evaluation.unmatched_query_classes,
                 )
             unreached = config.Global.unreached_eval_interval()
+            unevaluated = config.Global.epochs % config.Global.eval_interval
             if unreached is not None and self.context.is_main:
                 logger.warning(
                     "%s: nothing is evaluated and no best_model.safetensors is written; lower "
                     "eval_interval (or evaluate final_model.safetensors with shitu eval)",
                     unreached,
+                )
+            elif unevaluated and self.context.is_main:
+                logger.warning(
+                    "Global.epochs %d is not a multiple of Global.eval_interval %d: the last "
+                    "%s not evaluated, and best_model.safetensors is chosen without %s "
+                    "(evaluate final_model.safetensors with shitu eval)",
+                    config.Global.epochs,
+                    config.Global.eval_interval,
+                    "epoch is" if unevaluated == 1 else f"{unevaluated} epochs are",
+                    "it" if unevaluated == 1 else "them",
                 )
         if resume_payload is not None:
             self._carry_over_from(resolve_checkpoint(config.Global.checkpoints).parent)
