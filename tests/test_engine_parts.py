@@ -56,6 +56,11 @@ def test_cosine_with_warmup_values(caplog):
         whole = schedule("Cosine", learning_rate=0.1, warmup_epoch=10)
     assert "a warm-up of 10 epochs is not shorter than the run's 10: the learning" in caplog.text
     assert whole.lr_at(99) == pytest.approx(0.099)
+    with caplog.at_level(logging.WARNING):
+        registry.LR_SCHEDULES.build_with_runtime(
+            "Cosine", {"learning_rate": 0.1, "warmup_epoch": 1}, steps_per_epoch=10, epochs=1
+        )
+    assert "a warm-up of 1 epoch is not shorter than the run's 1: the learning" in caplog.text
 
 
 def test_piecewise_gamma_and_values(caplog):

@@ -40,9 +40,10 @@ class LRSchedule:
         self.warmup_start_lr = warmup_start_lr
         if warmup_epoch >= epochs:  # e.g. a short trial, or a probe
             logger.warning(
-                "a warm-up of %d epochs is not shorter than the run's %d: the learning rate "
+                "a warm-up of %d epoch%s is not shorter than the run's %d: the learning rate "
                 "never reaches its full %g",
                 warmup_epoch,
+                "" if warmup_epoch == 1 else "s",
                 epochs,
                 learning_rate,
             )
