@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -211,6 +212,37 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(grocery, tmp_path):
     )
     a, _ = read_weights(tmp_path / "full" / "best_model.safetensors")
     b, _ = read_weights(split_dir / "best_model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_an_unreadable_image_met_mid_run_leaves_a_checkpoint_to_resume_from(grocery, tmp_path):
+    """Without skip_corrupt, an image that cannot be read stops the run where it is met,
+    maybe hours in: the steps done are saved, and once the image is put right the run
+    resumes from them, exactly."""
+    path = tiny_config(grocery, tmp_path)
+    full = Trainer(load_config(path, ["Global.output_dir=" + str(tmp_path / "full")])).fit()
+    assert full.finished
+    root = tmp_path / "images"  # the same photos, one class's unreadable
+    lines = [line.split() for line in (tmp_path / "train.txt").read_text().splitlines()]
+    for relative, _ in lines:
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(grocery / relative, root / relative)
+    broken = [root / relative for relative, label in lines if label == lines[24][1]]
+    for image in broken:
+        image.write_bytes(b"not an image")
+    output = tmp_path / "output"
+    run = [f"DataLoader.Train.dataset.image_root={root}"]
+    with pytest.raises(DataError) as caught:
+        Trainer(load_config(path, run)).fit()
+    latest = output / "latest.pt"
+    said = f"The run's 3 steps so far are saved in {latest}: put the image right and resume"
+    assert said in str(caught.value)  # the class is first drawn in the epoch's 4th batch
+    for image in broken:
+        relative = image.relative_to(root)
+        shutil.copyfile(grocery / relative, image)
+    assert Trainer(load_config(path, [*run, f"Global.checkpoints={latest}"])).fit().finished
+    a, _ = read_weights(tmp_path / "full" / "final_model.safetensors")
+    b, _ = read_weights(output / "final_model.safetensors")
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 
 

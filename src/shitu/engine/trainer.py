@@ -48,7 +48,7 @@ from shitu.engine.state import (
     resolve_checkpoint,
     save_training_state,
 )
-from shitu.errors import ConfigError, ShituError
+from shitu.errors import ConfigError, DataError, ShituError
 from shitu.losses.combined import CombinedLoss
 from shitu.models import build_model
 from shitu.registry import problem_list
@@ -538,6 +538,16 @@ class Trainer:
                 ):
                     self.save_latest()
             return not self._should_stop(before_step=False)
+        except DataError as exc:  # an image that cannot be read, met hours into the run
+            if self.context.distributed:  # saving is collective: the other ranks are not here
+                raise
+            self.save_latest()
+            latest = self.output_dir / f"{LATEST}{SUFFIX}"
+            steps = self.progress.global_step
+            raise DataError(
+                f"{exc}. The run's {steps} step{'' if steps == 1 else 's'} so far are saved in "
+                f"{latest}: put the image right and resume with -o Global.checkpoints={latest}"
+            ) from None
         finally:
             bar.close()
 
