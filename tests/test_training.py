@@ -246,6 +246,34 @@ def test_an_unreadable_image_met_mid_run_leaves_a_checkpoint_to_resume_from(groc
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 
 
+def test_a_resume_with_other_images_or_sampling_says_it_is_not_the_same_run(
+    grocery, tmp_path, caplog
+):
+    """Steps per epoch are checked; other images or labels with as many steps, or another
+    sampler setting, go on from the checkpoint with a warning that the batches differ."""
+    path = tiny_config(grocery, tmp_path, epochs=1, eval_during_train=False)
+    Trainer(load_config(path)).fit(stop_after_steps=2)
+    resume = f"Global.checkpoints={tmp_path / 'output' / 'latest.pt'}"
+    same = startup_warnings(caplog, path, [resume])
+    assert "resuming with other" not in same
+    listing = tmp_path / "train.txt"
+    lines = listing.read_text().splitlines()
+    other = tmp_path / "other.txt"  # one photo of the first class in the place of another
+    other.write_text("\n".join([lines[1], *lines[1:]]) + "\n")
+    warned = startup_warnings(
+        caplog, path, [resume, f"DataLoader.Train.dataset.cls_label_path={other}"]
+    )
+    assert (
+        "resuming with other training data than the checkpoint's (its images or their "
+        "labels): the run goes on from its step, but draws other batches than it would have"
+    ) in warned
+    unshuffled = startup_warnings(caplog, path, [resume, "DataLoader.Train.sampler.shuffle=false"])
+    assert "resuming with other training data than the checkpoint's (DataLoader.Train." in (
+        unshuffled
+    )
+    assert "'shuffle': False" in unshuffled and "(was {" in unshuffled
+
+
 def test_a_step_limit_at_an_epochs_end_still_evaluates_it(grocery, tmp_path):
     """A limit at an epoch's last step leaves that epoch evaluated and counted as done; one
     at the run's last step finishes the run (final weights), with nothing left to resume."""

@@ -296,6 +296,7 @@ class Trainer:
                 )
                 group.update(settings)
         self._warn_of_new_schedule(payload)
+        self._warn_of_other_batches(payload)
         if self.ema is not None:
             if "ema" not in payload:
                 raise ConfigError(
@@ -347,6 +348,31 @@ class Trainer:
             "-o Global.pretrained_model=..."
         )
 
+    def _train_listing(self) -> str | None:
+        """The training images' digest (`listing_digest`), where the dataset gives one."""
+        digest = getattr(dataset_of(self.train_loader), "listing_digest", None)
+        return digest() if digest is not None else None
+
+    def _warn_of_other_batches(self, payload: dict[str, Any]) -> None:
+        """A resume draws the batches the run would have drawn only from the same images
+        and sampler settings: other ones with as many steps per epoch (which are checked)
+        go on, with a warning that the run is no longer the one it would have been."""
+        saved_listing = payload.get("train_listing")
+        changes = []
+        if saved_listing is not None and saved_listing != self._train_listing():
+            changes.append("its images or their labels")
+        saved_sampler = (_saved_config(payload).get("DataLoader") or {}).get("Train", {})
+        saved_sampler = (saved_sampler or {}).get("sampler")
+        current = self.config.model_dump(mode="json")["DataLoader"]["Train"].get("sampler")
+        if saved_sampler is not None and saved_sampler != current:
+            changes.append(f"DataLoader.Train.sampler {current} (was {saved_sampler})")
+        if changes and self.context.is_main:
+            logger.warning(
+                "resuming with other training data than the checkpoint's (%s): the run goes "
+                "on from its step, but draws other batches than it would have",
+                "; ".join(changes),
+            )
+
     def _warn_of_new_schedule(self, payload: dict[str, Any]) -> None:
         """The learning-rate schedule is computed from the config, so a resumed run follows
         the config given now (its Global.epochs too: a longer run stretches a decay over
@@ -382,6 +408,7 @@ class Trainer:
             "rng": rng,
             "seed": self.seed,
             "steps_per_epoch": self.steps_per_epoch,  # a resume must keep the epoch's batches
+            "train_listing": self._train_listing(),
             "config": json.dumps(self.config.model_dump(mode="json")),
             **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
         }
