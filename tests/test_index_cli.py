@@ -346,16 +346,23 @@ def test_one_photo_listed_under_two_labels_is_reported_not_silently_dropped(
     assert f"could not add {image}: the same photo as {image}, labelled 'apple'" in built.stderr
 
 
-def test_an_add_written_in_parts_reports_as_one_add(models, tmp_path, monkeypatch):
-    """`index add` writes the library a part at a time, and says what one write says: the
-    totals, a photo listed again under another label in a later part refused as in one
-    part, duplicates of the library and of the list, unreadable files."""
-    photos = make_images(tmp_path / "photos", 6)
+def library_of_the_first(models: dict, tmp_path: Path, count: int) -> tuple[list[Path], Path]:
+    """`count` photos and an unreadable broken.png in tmp_path/photos, and a library at
+    tmp_path/lib holding the first photo, labelled 'old'."""
+    photos = make_images(tmp_path / "photos", count)
     (tmp_path / "photos" / "broken.png").write_bytes(b"not an image")
     lib = tmp_path / "lib"
     built = shitu("index", "build", photos[0], "--label", "old", "--model", models[128],
                   "--out", lib)  # fmt: skip
     assert built.returncode == 0, built.stderr
+    return photos, lib
+
+
+def test_an_add_written_in_parts_reports_as_one_add(models, tmp_path, monkeypatch):
+    """`index add` writes the library a part at a time, and says what one write says: the
+    totals, a photo listed again under another label in a later part refused as in one
+    part, duplicates of the library and of the list, unreadable files."""
+    photos, lib = library_of_the_first(models, tmp_path, 6)
     rows = [(photos[0], "x"), (photos[1], "x"), (photos[2], "x"), (photos[1], "y"),
             (tmp_path / "photos" / "broken.png", "x"), (photos[3], "x"), (photos[2], "x"),
             (tmp_path / "missing.png", "x"), (photos[4], "x"), (photos[5], "x")]  # fmt: skip
@@ -378,18 +385,18 @@ def test_an_add_written_in_parts_reports_as_one_add(models, tmp_path, monkeypatc
         assert gallery.generation_on_disk() == 1 + 3  # 6 to embed, in parts of 2: 3 writes
 
 
+def add_in_parts_of_two(lib: Path, photos: Path, model: Path, *options: str) -> list[str]:
+    """The command line of `shitu index add LIB PHOTOS --label new` writing every 2 images."""
+    parts_of_two = "import sys, shitu.cli.index as i, shitu.cli.main as m; i.ADD_PART = 2; "
+    run = parts_of_two + "sys.exit(m.main(sys.argv[1:]))"
+    add = ["index", "add", str(lib), str(photos), "--label", "new", "--model", str(model)]
+    return [sys.executable, "-c", run, *add, *options]
+
+
 def test_an_add_written_in_parts_draws_one_progress_bar(models, tmp_path):
     """At a terminal: one bar over the whole add, its unreadable files counted together."""
-    photos = make_images(tmp_path / "photos", 7)
-    (tmp_path / "photos" / "broken.png").write_bytes(b"not an image")
-    lib = tmp_path / "lib"
-    built = shitu("index", "build", photos[0], "--label", "old", "--model", models[128],
-                  "--out", lib)  # fmt: skip
-    assert built.returncode == 0, built.stderr
-    parts_of_two = "import sys, shitu.cli.index as i, shitu.cli.main as m; i.ADD_PART = 2; "
-    command = [sys.executable, "-c", parts_of_two + "sys.exit(m.main(sys.argv[1:]))", "index",
-               "add", str(lib), str(tmp_path / "photos"), "--label", "new", "--model",
-               str(models[128])]  # fmt: skip
+    _, lib = library_of_the_first(models, tmp_path, 7)
+    command = add_in_parts_of_two(lib, tmp_path / "photos", models[128])
     status, lines = run_in_terminal(command)
     assert status == 0, lines
     bars = [line for line in lines if "img/s" in line or "img]" in line]
@@ -410,10 +417,9 @@ def test_an_interrupted_add_keeps_the_parts_written(models, tmp_path, allow_dupl
     built = shitu("index", "build", photos[0], "--label", "old", "--model", models[128],
                   "--out", lib)  # fmt: skip
     assert built.returncode == 0, built.stderr
-    parts_of_two = "import sys, shitu.cli.index as i, shitu.cli.main as m; i.ADD_PART = 2; "
-    command = [sys.executable, "-c", parts_of_two + "sys.exit(m.main(sys.argv[1:]))", "index",
-               "add", str(lib), str(tmp_path / "photos"), "--label", "new", "--model",
-               str(models[128]), "--threads", "1", "--batch-size", "1"]  # fmt: skip
+    command = add_in_parts_of_two(
+        lib, tmp_path / "photos", models[128], "--threads", "1", "--batch-size", "1"
+    )
     command += ["--allow-duplicates"] if allow_duplicates else []
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120

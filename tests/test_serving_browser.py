@@ -751,16 +751,21 @@ def test_a_label_removed_elsewhere_leaves_the_list(server, browser, tmp_path):
     assert browser.find_element(By.ID, "label-title").text == "Choose a label"
 
 
+def add_one_image_each(client: httpx.Client, labels: list[str], images: list[Path]) -> None:
+    """Add `images[i]` under `labels[i]` through the API."""
+    for label, image in zip(labels, images, strict=True):
+        files = {"image": (image.name, image.read_bytes(), "image/png")}
+        added = client.post("/v1/gallery/images", data={"label": label}, files=files)
+        assert added.status_code == 201 and added.json()["added"], added.text
+
+
 def test_labels_a_url_path_cannot_carry_are_shown_and_edited(server, browser, tmp_path):
     """'.' and '..' (the browser resolves them out of a path, encoded too), '//', and '#',
     '?', '%', '+': each label's images are shown, and '..' is deleted from the page."""
     names = [".", "..", "a//b", "#1 ?% + x"]
     images = make_images(tmp_path, len(names), seed=43)
     with httpx.Client(base_url=server.url, headers={"X-API-Key": KEY}, timeout=60) as client:
-        for name, image in zip(names, images, strict=True):
-            files = {"image": (image.name, image.read_bytes(), "image/png")}
-            added = client.post("/v1/gallery/images", data={"label": name}, files=files)
-            assert added.status_code == 201 and added.json()["added"], added.text
+        add_one_image_each(client, names, images)
     open_page(browser, server)
     for name in names:
         choose_label(browser, name)
@@ -825,10 +830,7 @@ def test_labels_are_listed_in_the_order_a_reader_expects(server, browser, tmp_pa
     names = ["Zucchini", "apple", "Äpfel", "Item 10", "Item 2"]
     images = make_images(tmp_path, len(names), seed=23)
     with httpx.Client(base_url=server.url, headers={"X-API-Key": KEY}, timeout=60) as client:
-        for name, image in zip(names, images, strict=True):
-            files = {"image": (image.name, image.read_bytes(), "image/png")}
-            added = client.post("/v1/gallery/images", data={"label": name}, files=files)
-            assert added.status_code == 201 and added.json()["added"], added.text
+        add_one_image_each(client, names, images)
         open_page(browser, server)
         # Read in one step: the list may be drawn again meanwhile (two loads at start).
         listed = browser.execute_script(

@@ -9,11 +9,24 @@ are checked against the registered constructor's signature.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from shitu.registry import refuse_bool_as_number
+
+
+def only_off(refusal: str) -> Callable[[Any, bool], bool]:
+    """A validator for a PaddleClas switch of a tool shitu does not have: false (as its
+    configs ship) is taken, true refused with `refusal`, which says what to use instead."""
+
+    def check(cls: Any, value: bool) -> bool:
+        if value:
+            raise ValueError(refusal)
+        return value
+
+    return check
 
 
 class Section(BaseModel):
@@ -69,25 +82,18 @@ class GlobalConfig(Section):
     use_visualdl: bool = False
     use_dali: bool = False
 
-    @field_validator("use_visualdl")
-    @classmethod
-    def _no_visualdl(cls, value: bool) -> bool:
-        if value:
-            raise ValueError(
-                "shitu has no VisualDL logging: it writes metrics.jsonl in Global.output_dir, "
-                "and TensorBoard logs with Global.use_tensorboard: true"
-            )
-        return value
-
-    @field_validator("use_dali")
-    @classmethod
-    def _no_dali(cls, value: bool) -> bool:
-        if value:
-            raise ValueError(
-                "shitu has no NVIDIA DALI loader: images are decoded in the DataLoader's "
-                "worker processes (loader.num_workers)"
-            )
-        return value
+    _no_visualdl = field_validator("use_visualdl")(
+        only_off(
+            "shitu has no VisualDL logging: it writes metrics.jsonl in Global.output_dir, "
+            "and TensorBoard logs with Global.use_tensorboard: true"
+        )
+    )
+    _no_dali = field_validator("use_dali")(
+        only_off(
+            "shitu has no NVIDIA DALI loader: images are decoded in the DataLoader's "
+            "worker processes (loader.num_workers)"
+        )
+    )
 
     def unreached_eval_interval(self) -> str | None:
         """Why no epoch is evaluated where eval_interval exceeds epochs (a copied config's
@@ -145,15 +151,12 @@ class ArchConfig(Section):
     # keeps generic low-level filters on small datasets.
     frozen_layers: list[str] = Field(default_factory=list)
 
-    @field_validator("infer_add_softmax")
-    @classmethod
-    def _features_not_probabilities(cls, value: bool) -> bool:
-        if value:
-            raise ValueError(
-                "a recognition model exports features (Arch.infer_output_key), not class "
-                "probabilities: set it to false"
-            )
-        return value
+    _features_not_probabilities = field_validator("infer_add_softmax")(
+        only_off(
+            "a recognition model exports features (Arch.infer_output_key), not class "
+            "probabilities: set it to false"
+        )
+    )
 
 
 LossList = list[dict[str, dict[str, Any]]]
