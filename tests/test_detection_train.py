@@ -222,6 +222,14 @@ def test_missing_or_malformed_coco_file(tmp_path: Path) -> None:
         expected = f"annotation {broken['annotations'][0]['id']}: no {what} has its {key} {wrong}"
         with pytest.raises(DataError, match=rf"valid COCO annotation file \({expected}\)$"):
             CocoDetection(coco, tmp_path)
+    for key, what in (("images", "image"), ("categories", "category")):
+        # The second image's boxes would be drawn on the first's file (or the classes mixed).
+        broken = copy.deepcopy(data)
+        broken[key][1]["id"] = broken[key][0]["id"]
+        coco.write_text(json.dumps(broken))
+        expected = rf"two {what}s have the id {broken[key][0]['id']}; ids must be unique"
+        with pytest.raises(DataError, match=rf"valid COCO annotation file \({expected}\)$"):
+            CocoDetection(coco, tmp_path)
     broken = copy.deepcopy(data)
     broken["annotations"][0]["bbox"] = [1, 2, 3]
     coco.write_text(json.dumps(broken))

@@ -131,8 +131,10 @@ class CocoDetection(DetectionDataset):
         try:
             data = json.loads(_read(path, "COCO annotation file"))
             categories = sorted(data["categories"], key=lambda c: c["id"])
+            _refuse_repeated_ids("category", [c["id"] for c in categories])
             cat_index = {c["id"]: i for i, c in enumerate(categories)}
             image_ids = [img["id"] for img in data["images"]]
+            _refuse_repeated_ids("image", image_ids)
             files = {img["id"]: Path(image_root) / img["file_name"] for img in data["images"]}
             per_image: dict[int, list[tuple[list[float], int]]] = {i: [] for i in image_ids}
             for ann in data["annotations"]:
@@ -176,6 +178,16 @@ class CocoDetection(DetectionDataset):
             class_agnostic,
             transform,
         )
+
+
+def _refuse_repeated_ids(what: str, ids: list) -> None:
+    """A ValueError for an id listed twice: annotations name images and categories by id, so
+    the boxes of one image would land on the other's file (or one class's on another's)."""
+    seen: set = set()
+    for item_id in ids:
+        if item_id in seen:
+            raise ValueError(f"two {what}s have the id {item_id!r}; ids must be unique")
+        seen.add(item_id)
 
 
 class VocDetection(DetectionDataset):
