@@ -231,6 +231,12 @@ def test_missing_or_malformed_coco_file(tmp_path: Path) -> None:
         with pytest.raises(DataError, match=rf"valid COCO annotation file \({expected}\)$"):
             CocoDetection(coco, tmp_path)
     broken = copy.deepcopy(data)
+    broken["annotations"][0]["bbox"] = [1, 2, float("nan"), 4]  # json writes NaN, reads it back
+    coco.write_text(json.dumps(broken))
+    expected = rf"annotation {broken['annotations'][0]['id']}: its bbox \[1, 2, nan, 4\] is not fin"
+    with pytest.raises(DataError, match=rf"valid COCO annotation file \({expected}"):
+        CocoDetection(coco, tmp_path)
+    broken = copy.deepcopy(data)
     broken["annotations"][0]["bbox"] = [1, 2, 3]
     coco.write_text(json.dumps(broken))
     expected = rf"annotation {broken['annotations'][0]['id']}: its bbox \[1, 2, 3\] is not \[x,"

@@ -10,6 +10,7 @@ keeping the aspect ratio, as PicoDet trains.
 from __future__ import annotations
 
 import json
+import math
 import random
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Sequence
@@ -144,6 +145,8 @@ class CocoDetection(DetectionDataset):
                         f"annotation {ann.get('id')}: its bbox {bbox!r} is not [x, y, w, h]"
                     )
                 x, y, w, h = (float(v) for v in bbox)
+                if not math.isfinite(x + y + w + h):  # NaN would fail every test below, unnoticed
+                    raise ValueError(f"annotation {ann.get('id')}: its bbox {bbox!r} is not finite")
                 if ann.get("iscrowd", 0) or w <= 0 or h <= 0:
                     continue
                 for key, what, known in (
