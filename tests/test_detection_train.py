@@ -436,6 +436,11 @@ def test_detection_data_is_clipped_counted_and_matched_by_class_name(tmp_path: P
     with pytest.raises(DataError, match="are not among the model.s"):
         val.use_class_order(("cat", "dog"))
 
+    for annotation in data["annotations"]:  # in another image's pixels, say: outside these
+        annotation["bbox"] = [100, 100, 20, 20]
+    path.write_text(json.dumps(data))
+    with pytest.raises(DataError, match=r"^the training data's 2 images hold no boxes \(none"):
+        DetectionTrainer(CocoDetection(path, tmp_path), DetectionTrainConfig())
     data["images"], data["annotations"] = [], []
     path.write_text(json.dumps(data))
     with pytest.raises(DataError, match="lists no images"):
