@@ -408,7 +408,9 @@ def test_detect_train_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     ) in capsys.readouterr().err
 
 
-def test_detection_data_is_clipped_counted_and_matched_by_class_name(tmp_path: Path) -> None:
+def test_detection_data_is_clipped_counted_and_matched_by_class_name(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     annotations = _write_images(tmp_path, 2, size=64)
     path = _write_coco(tmp_path, annotations)
     data = json.loads(path.read_text())
@@ -419,6 +421,11 @@ def test_detection_data_is_clipped_counted_and_matched_by_class_name(tmp_path: P
     dataset = CocoDetection(path, tmp_path)
     boxes, _ = dataset.targets(0)
     assert boxes.max() <= 64 and boxes[0].tolist() == [40, 40, 64, 64]
+    assert not caplog.records  # clipped, nothing lost
+    data["annotations"][-1]["bbox"] = [70, 10, 20, 20]  # wholly right of the image: left out
+    path.write_text(json.dumps(data))
+    assert sum(map(len, CocoDetection(path, tmp_path).boxes)) == len(data["annotations"]) - 1
+    assert f"{path}: 1 of the 3 boxes lie wholly outside their image" in caplog.text
 
     reordered = json.loads(path.read_text())  # the same classes, listed the other way round
     for category in reordered["categories"]:

@@ -10,6 +10,7 @@ keeping the aspect ratio, as PicoDet trains.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 import xml.etree.ElementTree as ET
@@ -23,6 +24,8 @@ from PIL import Image, ImageEnhance
 from shitu.data.transforms.ops import UnreadableImageError, decode_rgb_image
 from shitu.detection.detector import preprocess
 from shitu.errors import DataError
+
+logger = logging.getLogger(__name__)
 
 Sample = tuple[Image.Image, np.ndarray, np.ndarray]
 FOREGROUND = ("foreground",)
@@ -111,6 +114,32 @@ def clip_boxes(
     return clipped[keep], labels[keep].copy()
 
 
+def _clip_to_recorded_sizes(
+    source: str | Path,
+    boxes: list[np.ndarray],
+    labels: list[np.ndarray],
+    sizes: list[tuple[float, float] | None],
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Each image's boxes clipped to its size where the annotations record it (None: not
+    recorded; clipped when the image is read). Boxes left with no area, wholly outside their
+    image, are counted in a warning rather than dropped unnoticed: they were most likely
+    drawn on other pixels (a resized copy of the image, say)."""
+    clipped = [
+        (box, label) if size is None else clip_boxes(box, label, *size)
+        for box, label, size in zip(boxes, labels, sizes, strict=True)
+    ]
+    total, kept = sum(map(len, boxes)), sum(len(box) for box, _ in clipped)
+    if kept < total:
+        logger.warning(
+            "%s: %d of the %d boxes lie wholly outside their image (its recorded width and "
+            "height) and are left out; were they drawn on another size of the images?",
+            source,
+            total - kept,
+            total,
+        )
+    return [box for box, _ in clipped], [label for _, label in clipped]
+
+
 def _read(path: Path, what: str) -> bytes:
     try:
         return path.read_bytes()
@@ -164,15 +193,14 @@ class CocoDetection(DetectionDataset):
             raise DataError(f"{path} is not a valid COCO annotation file (no {exc} key)") from None
         except (ValueError, TypeError) as exc:
             raise DataError(f"{path} is not a valid COCO annotation file ({exc})") from None
-        boxes, labels = [], []
+        boxes, labels, sizes = [], [], []
         for image in data["images"]:
             rows = per_image[image["id"]]
-            box = np.array([b for b, _ in rows], np.float32).reshape(-1, 4)
-            label = np.array([c for _, c in rows], np.int64)
-            if image.get("width") and image.get("height"):  # optional in COCO files
-                box, label = clip_boxes(box, label, image["width"], image["height"])
-            boxes.append(box)
-            labels.append(label)
+            boxes.append(np.array([b for b, _ in rows], np.float32).reshape(-1, 4))
+            labels.append(np.array([c for _, c in rows], np.int64))
+            width, height = image.get("width"), image.get("height")  # optional in COCO files
+            sizes.append((width, height) if width and height else None)
+        boxes, labels = _clip_to_recorded_sizes(path, boxes, labels, sizes)
         super().__init__(
             [files[i] for i in image_ids],
             boxes,
@@ -215,16 +243,14 @@ class VocDetection(DetectionDataset):
         names = tuple(class_names or sorted({n for _, objs, _ in parsed for n, _ in objs}))
         index = {name: i for i, name in enumerate(names)}
         boxes, labels = [], []
-        for path, (_, objects, size) in zip(xml_files, parsed, strict=True):
+        for path, (_, objects, _) in zip(xml_files, parsed, strict=True):
             unknown = {n for n, _ in objects} - set(index)
             if unknown:
                 raise DataError(f"{path}: classes {sorted(unknown)} are not in class_names")
-            box = np.array([b for _, b in objects], np.float32).reshape(-1, 4)
-            label = np.array([index[n] for n, _ in objects], np.int64)
-            if size is not None:
-                box, label = clip_boxes(box, label, *size)
-            boxes.append(box)
-            labels.append(label)
+            boxes.append(np.array([b for _, b in objects], np.float32).reshape(-1, 4))
+            labels.append(np.array([index[n] for n, _ in objects], np.int64))
+        sizes = [size for _, _, size in parsed]
+        boxes, labels = _clip_to_recorded_sizes(annotation_dir, boxes, labels, sizes)
         super().__init__(
             [Path(image_dir) / filename for filename, _, _ in parsed],
             boxes,
