@@ -204,6 +204,12 @@ def test_voc_dataset_parsing(tmp_path: Path) -> None:
     (tmp_path / "ann" / "b.xml").write_text("<annotation><object>")
     with pytest.raises(DataError, match="b.xml"):
         VocDetection(tmp_path / "ann", tmp_path)
+    for incomplete in ("<name>cup</name>", "<bndbox><xmin>1</xmin></bndbox><name>cup</name>"):
+        (tmp_path / "ann" / "b.xml").write_text(
+            f"<annotation><filename>a.jpg</filename><object>{incomplete}</object></annotation>"
+        )
+        with pytest.raises(DataError, match=r"b.xml is .* \(object 1 needs a <name> and a <bnd"):
+            VocDetection(tmp_path / "ann", tmp_path)
 
 
 def test_missing_or_malformed_coco_file(tmp_path: Path) -> None:

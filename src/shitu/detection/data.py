@@ -271,13 +271,19 @@ class VocDetection(DetectionDataset):
             if not filename:
                 raise ValueError("no <filename>")
             objects = []
-            for obj in root.iter("object"):
-                box = obj.find("bndbox")
-                coords = [float(box.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")]
+            for number, obj in enumerate(root.iter("object"), 1):
+                name = (obj.findtext("name") or "").strip()
+                corners = [obj.findtext(f"bndbox/{k}") for k in ("xmin", "ymin", "xmax", "ymax")]
+                if not name or None in corners:  # said so, not as Python's NoneType errors
+                    raise ValueError(
+                        f"object {number} needs a <name> and a <bndbox> with <xmin>, <ymin>, "
+                        "<xmax> and <ymax>"
+                    )
+                coords = [float(value) for value in corners]
                 if coords[2] > coords[0] and coords[3] > coords[1]:
-                    objects.append((obj.findtext("name").strip(), coords))
+                    objects.append((name, coords))
             width, height = (float(root.findtext(f"size/{k}") or 0) for k in ("width", "height"))
-        except (ET.ParseError, ValueError, TypeError, AttributeError) as exc:
+        except (ET.ParseError, ValueError, TypeError) as exc:
             raise DataError(f"{path} is not a valid VOC annotation file ({exc})") from None
         return filename, objects, (width, height) if width > 0 and height > 0 else None
 
