@@ -247,6 +247,24 @@ def test_checkpoint_and_export_round_trip(tmp_path: Path) -> None:
     np.testing.assert_allclose(b[1][0, 2:], b[0][0, 2:] / 2, atol=3.0)  # same top box, halved
 
 
+def test_our_onnx_export_carries_its_class_names_as_our_checkpoints_do(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = build_picodet("picodet_s_esnet", num_classes=2, class_names=("cup", "box"))
+    exported = export_onnx(model, tmp_path / "det.onnx", input_size=64)
+    with load_detector(exported) as detector:
+        assert detector.class_names == ("cup", "box") and detector.num_classes == 2
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (80, 60), "white").save(photo)
+    names = tmp_path / "coco.names"  # another model's names are refused, as for a .pt file
+    names.write_text("person\nbicycle\ncar\n")
+    assert (
+        shitu_main(["detect", str(photo), "--model", str(exported), "--class-names", str(names)])
+        == 2
+    )
+    assert "3 names, but the detector scores 2 classes" in capsys.readouterr().err
+
+
 def test_a_failed_checkpoint_write_leaves_the_earlier_file(tmp_path: Path, monkeypatch) -> None:
     model = build_picodet("picodet_s_esnet", num_classes=2, input_size=64)
     path = save_detector(model, tmp_path / "model.pt")

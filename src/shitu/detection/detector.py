@@ -9,6 +9,7 @@ backend imports torch.
 
 from __future__ import annotations
 
+import json
 import logging
 from abc import ABC, abstractmethod
 from numbers import Integral
@@ -36,6 +37,7 @@ STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 PIXEL_MAX = np.float32(255.0)
 NMS_IOU = 0.6
 NMS_TOP_K = 1000
+CLASS_NAMES_KEY = "shitu.class_names"  # our ONNX export's metadata: its classes, a JSON list
 
 
 def preprocess(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -176,8 +178,12 @@ class OnnxDetector(Detector):
         self.decoded = [o.name for o in outputs] == ["scores", "boxes"]
         if not self.decoded:
             self._init_paddle_layout(path, [o.shape for o in outputs], cell_offset)
+        # Our export names its classes in its metadata, which also gives their count: the
+        # graph leaves its class axis unsized.
+        names = session.get_modelmeta().custom_metadata_map.get(CLASS_NAMES_KEY)
+        self.class_names = tuple(json.loads(names)) if names else ()
         width = outputs[0].shape[-1]  # class scores last, in either layout
-        self.num_classes = width if isinstance(width, int) else None
+        self.num_classes = width if isinstance(width, int) else len(self.class_names) or None
 
     def _init_paddle_layout(self, path: str | Path, shapes: list, cell_offset: float) -> None:
         levels = len(shapes) // 2
