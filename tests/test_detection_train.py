@@ -23,7 +23,13 @@ from shitu.cli.main import main
 from shitu.detection import load_detector
 from shitu.detection.assigner import simota_assign
 from shitu.detection.coco_eval import evaluate_boxes
-from shitu.detection.data import CocoDetection, VocDetection, collate, train_augment
+from shitu.detection.data import (
+    CocoDetection,
+    VocDetection,
+    collate,
+    random_crop,
+    train_augment,
+)
 from shitu.detection.losses import distribution_focal_loss, giou, giou_loss, varifocal_loss
 from shitu.detection.train import DetectionTrainConfig, DetectionTrainer
 from shitu.engine.state import Progress, save_training_state
@@ -268,6 +274,14 @@ def test_detection_images_that_do_not_exist_are_named_before_training(
     assert main([*train, *val]) == 2
     assert "error: 7 of the 7 images the detection dataset lists" in capsys.readouterr().err
     assert not (out / "latest.pt").exists()
+
+
+def test_random_crop_keeps_at_least_a_pixel_of_a_tiny_background_photo() -> None:
+    background = (Image.new("RGB", (2, 2)), np.zeros((0, 4), np.float32), np.zeros(0, np.int64))
+    for seed in range(20):
+        random.seed(seed)
+        image, boxes, _ = random_crop(background)
+        assert image.width >= 1 and image.height >= 1 and len(boxes) == 0
 
 
 def test_augment_and_collate_keep_boxes_on_the_objects(tmp_path: Path) -> None:

@@ -293,7 +293,10 @@ def random_crop(sample: Sample, min_scale: float = 0.3, tries: int = 20) -> Samp
     image, boxes, labels = sample
     w, h = image.size
     for _ in range(tries):
-        cw, ch = int(w * random.uniform(min_scale, 1.0)), int(h * random.uniform(min_scale, 1.0))
+        # At least a pixel: a few-pixel photo with no box to keep would otherwise be cropped
+        # to nothing, and the batch that holds it fail mid-run.
+        cw = max(1, int(w * random.uniform(min_scale, 1.0)))
+        ch = max(1, int(h * random.uniform(min_scale, 1.0)))
         x0, y0 = random.randint(0, w - cw), random.randint(0, h - ch)
         centres = (boxes[:, :2] + boxes[:, 2:]) / 2
         inside = (
