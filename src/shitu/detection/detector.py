@@ -297,6 +297,7 @@ def load_detector(
     # Our PyTorch PicoDet, with the file's weights.
     import torch
 
+    from shitu.detection.model import ARCHS
     from shitu.detection.weights import load_detector_checkpoint, load_onnx_weights, load_pdparams
 
     if num_threads:
@@ -305,7 +306,12 @@ def load_detector(
         return TorchDetector(load_onnx_weights(path, arch), input_size)
     if suffix == ".pdparams":
         if arch is None:
-            raise ConfigError(f"{path}: a .pdparams file needs its architecture name (arch=...)")
+            # Said with the names to choose from: the option differs by caller (detect's
+            # --arch, the pipeline's --det-arch / Global.det_arch, load_detector's arch=).
+            raise ConfigError(
+                f"{path}: a .pdparams file holds only weights; name its architecture, one of "
+                f"{', '.join(ARCHS)}"
+            )
         return TorchDetector(load_pdparams(path, arch), input_size)
     _ignored_arch(path, arch, "our checkpoints carry their own")
     return TorchDetector(load_detector_checkpoint(path), input_size)
