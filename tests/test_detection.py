@@ -265,6 +265,18 @@ def test_our_onnx_export_carries_its_class_names_as_our_checkpoints_do(
     assert "3 names, but the detector scores 2 classes" in capsys.readouterr().err
 
 
+def test_our_onnx_export_of_a_fresh_model_loads_into_torch(tmp_path: Path) -> None:
+    """Its many equal tensors (zero biases) are stored once and shared through Identity
+    nodes, which the weight reader follows."""
+    model = build_picodet("picodet_s_esnet", num_classes=2, input_size=64)
+    loaded = load_onnx_weights(export_onnx(model, tmp_path / "det.onnx"))
+    photo = np.random.default_rng(0).integers(0, 256, (80, 90, 3), dtype=np.uint8)
+    batch = torch.from_numpy(preprocess(photo, (64, 64))[None])
+    with torch.no_grad():
+        for ours, theirs in zip(model.eval().predict(batch), loaded.predict(batch), strict=True):
+            torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-3)
+
+
 def test_a_failed_checkpoint_write_leaves_the_earlier_file(tmp_path: Path, monkeypatch) -> None:
     model = build_picodet("picodet_s_esnet", num_classes=2, input_size=64)
     path = save_detector(model, tmp_path / "model.pt")

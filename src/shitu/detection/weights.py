@@ -156,9 +156,13 @@ def _onnx_convs(path: str | Path, graph: Any) -> list[tuple[np.ndarray, np.ndarr
     from onnx import numpy_helper
 
     values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    for node in graph.node:
+    for node in graph.node:  # in graph order: an Identity's input comes before it
         if node.op_type == "Constant":
             values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+        elif node.op_type == "Identity" and node.input[0] in values:
+            # torch's exporter stores equal tensors once (a fresh model's zero biases, say)
+            # and hands each further user an Identity of it
+            values[node.output[0]] = values[node.input[0]]
     convs = []
     for node in graph.node:
         if node.op_type != "Conv":
