@@ -254,6 +254,8 @@ def test_our_onnx_export_carries_its_class_names_as_our_checkpoints_do(
     exported = export_onnx(model, tmp_path / "det.onnx", input_size=64)
     with load_detector(exported) as detector:
         assert detector.class_names == ("cup", "box") and detector.num_classes == 2
+    on_torch = load_detector(exported, backend="torch", input_size=96)  # another size
+    assert on_torch.class_names == ("cup", "box") and on_torch.input_size == (96, 96)
     photo = tmp_path / "photo.png"
     Image.new("RGB", (80, 60), "white").save(photo)
     names = tmp_path / "coco.names"  # another model's names are refused, as for a .pt file

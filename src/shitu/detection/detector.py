@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from numbers import Integral
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -38,6 +39,12 @@ PIXEL_MAX = np.float32(255.0)
 NMS_IOU = 0.6
 NMS_TOP_K = 1000
 CLASS_NAMES_KEY = "shitu.class_names"  # our ONNX export's metadata: its classes, a JSON list
+
+
+def exported_class_names(metadata: Mapping[str, str]) -> tuple[str, ...]:
+    """The class names our ONNX export records in its metadata; () for other exports."""
+    names = metadata.get(CLASS_NAMES_KEY)
+    return tuple(json.loads(names)) if names else ()
 
 
 def preprocess(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -180,8 +187,7 @@ class OnnxDetector(Detector):
             self._init_paddle_layout(path, [o.shape for o in outputs], cell_offset)
         # Our export names its classes in its metadata, which also gives their count: the
         # graph leaves its class axis unsized.
-        names = session.get_modelmeta().custom_metadata_map.get(CLASS_NAMES_KEY)
-        self.class_names = tuple(json.loads(names)) if names else ()
+        self.class_names = exported_class_names(session.get_modelmeta().custom_metadata_map)
         width = outputs[0].shape[-1]  # class scores last, in either layout
         self.num_classes = width if isinstance(width, int) else len(self.class_names) or None
 
