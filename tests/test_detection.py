@@ -247,6 +247,38 @@ def test_checkpoint_and_export_round_trip(tmp_path: Path) -> None:
     np.testing.assert_allclose(b[1][0, 2:], b[0][0, 2:] / 2, atol=3.0)  # same top box, halved
 
 
+def test_our_onnx_export_carries_its_class_names_as_our_checkpoints_do(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = build_picodet("picodet_s_esnet", num_classes=2, class_names=("cup", "box"))
+    exported = export_onnx(model, tmp_path / "det.onnx", input_size=64)
+    with load_detector(exported) as detector:
+        assert detector.class_names == ("cup", "box") and detector.num_classes == 2
+    on_torch = load_detector(exported, backend="torch", input_size=96)  # another size
+    assert on_torch.class_names == ("cup", "box") and on_torch.input_size == (96, 96)
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (80, 60), "white").save(photo)
+    names = tmp_path / "coco.names"  # another model's names are refused, as for a .pt file
+    names.write_text("person\nbicycle\ncar\n")
+    assert (
+        shitu_main(["detect", str(photo), "--model", str(exported), "--class-names", str(names)])
+        == 2
+    )
+    assert "3 names, but the detector scores 2 classes" in capsys.readouterr().err
+
+
+def test_our_onnx_export_of_a_fresh_model_loads_into_torch(tmp_path: Path) -> None:
+    """Its many equal tensors (zero biases) are stored once and shared through Identity
+    nodes, which the weight reader follows."""
+    model = build_picodet("picodet_s_esnet", num_classes=2, input_size=64)
+    loaded = load_onnx_weights(export_onnx(model, tmp_path / "det.onnx"))
+    photo = np.random.default_rng(0).integers(0, 256, (80, 90, 3), dtype=np.uint8)
+    batch = torch.from_numpy(preprocess(photo, (64, 64))[None])
+    with torch.no_grad():
+        for ours, theirs in zip(model.eval().predict(batch), loaded.predict(batch), strict=True):
+            torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-3)
+
+
 def test_a_failed_checkpoint_write_leaves_the_earlier_file(tmp_path: Path, monkeypatch) -> None:
     model = build_picodet("picodet_s_esnet", num_classes=2, input_size=64)
     path = save_detector(model, tmp_path / "model.pt")
@@ -276,8 +308,10 @@ def test_load_detector_errors(tmp_path: Path, caplog) -> None:
         load_detector(tmp_path)
     params = tmp_path / "model.pdparams"
     params.write_bytes(b"x")
-    with pytest.raises(ConfigError, match="architecture"):
-        load_detector(params)
+    with pytest.raises(
+        ConfigError, match=r"holds only weights; name its .*one of picodet_s_esnet, "
+    ):
+        load_detector(params)  # the names to choose from, not the Python keyword
     with pytest.raises(ConfigError, match="unknown detector architecture"):
         load_detector(params, arch="nope")
     with caplog.at_level(logging.WARNING, logger="shitu.detection.detector"):

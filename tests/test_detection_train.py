@@ -23,7 +23,13 @@ from shitu.cli.main import main
 from shitu.detection import load_detector
 from shitu.detection.assigner import simota_assign
 from shitu.detection.coco_eval import evaluate_boxes
-from shitu.detection.data import CocoDetection, VocDetection, collate, train_augment
+from shitu.detection.data import (
+    CocoDetection,
+    VocDetection,
+    collate,
+    random_crop,
+    train_augment,
+)
 from shitu.detection.losses import distribution_focal_loss, giou, giou_loss, varifocal_loss
 from shitu.detection.train import DetectionTrainConfig, DetectionTrainer
 from shitu.engine.state import Progress, save_training_state
@@ -204,6 +210,12 @@ def test_voc_dataset_parsing(tmp_path: Path) -> None:
     (tmp_path / "ann" / "b.xml").write_text("<annotation><object>")
     with pytest.raises(DataError, match="b.xml"):
         VocDetection(tmp_path / "ann", tmp_path)
+    for incomplete in ("<name>cup</name>", "<bndbox><xmin>1</xmin></bndbox><name>cup</name>"):
+        (tmp_path / "ann" / "b.xml").write_text(
+            f"<annotation><filename>a.jpg</filename><object>{incomplete}</object></annotation>"
+        )
+        with pytest.raises(DataError, match=r"b.xml is .* \(object 1 needs a <name> and a <bnd"):
+            VocDetection(tmp_path / "ann", tmp_path)
 
 
 def test_missing_or_malformed_coco_file(tmp_path: Path) -> None:
@@ -222,6 +234,20 @@ def test_missing_or_malformed_coco_file(tmp_path: Path) -> None:
         expected = f"annotation {broken['annotations'][0]['id']}: no {what} has its {key} {wrong}"
         with pytest.raises(DataError, match=rf"valid COCO annotation file \({expected}\)$"):
             CocoDetection(coco, tmp_path)
+    for key, what in (("images", "image"), ("categories", "category")):
+        # The second image's boxes would be drawn on the first's file (or the classes mixed).
+        broken = copy.deepcopy(data)
+        broken[key][1]["id"] = broken[key][0]["id"]
+        coco.write_text(json.dumps(broken))
+        expected = rf"two {what}s have the id {broken[key][0]['id']}; ids must be unique"
+        with pytest.raises(DataError, match=rf"valid COCO annotation file \({expected}\)$"):
+            CocoDetection(coco, tmp_path)
+    broken = copy.deepcopy(data)
+    broken["annotations"][0]["bbox"] = [1, 2, float("nan"), 4]  # json writes NaN, reads it back
+    coco.write_text(json.dumps(broken))
+    expected = rf"annotation {broken['annotations'][0]['id']}: its bbox \[1, 2, nan, 4\] is not fin"
+    with pytest.raises(DataError, match=rf"valid COCO annotation file \({expected}"):
+        CocoDetection(coco, tmp_path)
     broken = copy.deepcopy(data)
     broken["annotations"][0]["bbox"] = [1, 2, 3]
     coco.write_text(json.dumps(broken))
@@ -248,6 +274,14 @@ def test_detection_images_that_do_not_exist_are_named_before_training(
     assert main([*train, *val]) == 2
     assert "error: 7 of the 7 images the detection dataset lists" in capsys.readouterr().err
     assert not (out / "latest.pt").exists()
+
+
+def test_random_crop_keeps_at_least_a_pixel_of_a_tiny_background_photo() -> None:
+    background = (Image.new("RGB", (2, 2)), np.zeros((0, 4), np.float32), np.zeros(0, np.int64))
+    for seed in range(20):
+        random.seed(seed)
+        image, boxes, _ = random_crop(background)
+        assert image.width >= 1 and image.height >= 1 and len(boxes) == 0
 
 
 def test_augment_and_collate_keep_boxes_on_the_objects(tmp_path: Path) -> None:
@@ -394,7 +428,9 @@ def test_detect_train_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     ) in capsys.readouterr().err
 
 
-def test_detection_data_is_clipped_counted_and_matched_by_class_name(tmp_path: Path) -> None:
+def test_detection_data_is_clipped_counted_and_matched_by_class_name(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     annotations = _write_images(tmp_path, 2, size=64)
     path = _write_coco(tmp_path, annotations)
     data = json.loads(path.read_text())
@@ -405,6 +441,11 @@ def test_detection_data_is_clipped_counted_and_matched_by_class_name(tmp_path: P
     dataset = CocoDetection(path, tmp_path)
     boxes, _ = dataset.targets(0)
     assert boxes.max() <= 64 and boxes[0].tolist() == [40, 40, 64, 64]
+    assert not caplog.records  # clipped, nothing lost
+    data["annotations"][-1]["bbox"] = [70, 10, 20, 20]  # wholly right of the image: left out
+    path.write_text(json.dumps(data))
+    assert sum(map(len, CocoDetection(path, tmp_path).boxes)) == len(data["annotations"]) - 1
+    assert f"{path}: 1 of the 3 boxes lie wholly outside their image" in caplog.text
 
     reordered = json.loads(path.read_text())  # the same classes, listed the other way round
     for category in reordered["categories"]:
@@ -422,6 +463,11 @@ def test_detection_data_is_clipped_counted_and_matched_by_class_name(tmp_path: P
     with pytest.raises(DataError, match="are not among the model.s"):
         val.use_class_order(("cat", "dog"))
 
+    for annotation in data["annotations"]:  # in another image's pixels, say: outside these
+        annotation["bbox"] = [100, 100, 20, 20]
+    path.write_text(json.dumps(data))
+    with pytest.raises(DataError, match=r"^the training data's 2 images hold no boxes \(none"):
+        DetectionTrainer(CocoDetection(path, tmp_path), DetectionTrainConfig())
     data["images"], data["annotations"] = [], []
     path.write_text(json.dumps(data))
     with pytest.raises(DataError, match="lists no images"):

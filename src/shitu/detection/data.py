@@ -10,6 +10,8 @@ keeping the aspect ratio, as PicoDet trains.
 from __future__ import annotations
 
 import json
+import logging
+import math
 import random
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Sequence
@@ -22,6 +24,8 @@ from PIL import Image, ImageEnhance
 from shitu.data.transforms.ops import UnreadableImageError, decode_rgb_image
 from shitu.detection.detector import preprocess
 from shitu.errors import DataError
+
+logger = logging.getLogger(__name__)
 
 Sample = tuple[Image.Image, np.ndarray, np.ndarray]
 FOREGROUND = ("foreground",)
@@ -110,6 +114,32 @@ def clip_boxes(
     return clipped[keep], labels[keep].copy()
 
 
+def _clip_to_recorded_sizes(
+    source: str | Path,
+    boxes: list[np.ndarray],
+    labels: list[np.ndarray],
+    sizes: list[tuple[float, float] | None],
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Each image's boxes clipped to its size where the annotations record it (None: not
+    recorded; clipped when the image is read). Boxes left with no area, wholly outside their
+    image, are counted in a warning rather than dropped unnoticed: they were most likely
+    drawn on other pixels (a resized copy of the image, say)."""
+    clipped = [
+        (box, label) if size is None else clip_boxes(box, label, *size)
+        for box, label, size in zip(boxes, labels, sizes, strict=True)
+    ]
+    total, kept = sum(map(len, boxes)), sum(len(box) for box, _ in clipped)
+    if kept < total:
+        logger.warning(
+            "%s: %d of the %d boxes lie wholly outside their image (its recorded width and "
+            "height) and are left out; were they drawn on another size of the images?",
+            source,
+            total - kept,
+            total,
+        )
+    return [box for box, _ in clipped], [label for _, label in clipped]
+
+
 def _read(path: Path, what: str) -> bytes:
     try:
         return path.read_bytes()
@@ -131,8 +161,10 @@ class CocoDetection(DetectionDataset):
         try:
             data = json.loads(_read(path, "COCO annotation file"))
             categories = sorted(data["categories"], key=lambda c: c["id"])
+            _refuse_repeated_ids("category", [c["id"] for c in categories])
             cat_index = {c["id"]: i for i, c in enumerate(categories)}
             image_ids = [img["id"] for img in data["images"]]
+            _refuse_repeated_ids("image", image_ids)
             files = {img["id"]: Path(image_root) / img["file_name"] for img in data["images"]}
             per_image: dict[int, list[tuple[list[float], int]]] = {i: [] for i in image_ids}
             for ann in data["annotations"]:
@@ -142,6 +174,8 @@ class CocoDetection(DetectionDataset):
                         f"annotation {ann.get('id')}: its bbox {bbox!r} is not [x, y, w, h]"
                     )
                 x, y, w, h = (float(v) for v in bbox)
+                if not math.isfinite(x + y + w + h):  # NaN would fail every test below, unnoticed
+                    raise ValueError(f"annotation {ann.get('id')}: its bbox {bbox!r} is not finite")
                 if ann.get("iscrowd", 0) or w <= 0 or h <= 0:
                     continue
                 for key, what, known in (
@@ -159,15 +193,14 @@ class CocoDetection(DetectionDataset):
             raise DataError(f"{path} is not a valid COCO annotation file (no {exc} key)") from None
         except (ValueError, TypeError) as exc:
             raise DataError(f"{path} is not a valid COCO annotation file ({exc})") from None
-        boxes, labels = [], []
+        boxes, labels, sizes = [], [], []
         for image in data["images"]:
             rows = per_image[image["id"]]
-            box = np.array([b for b, _ in rows], np.float32).reshape(-1, 4)
-            label = np.array([c for _, c in rows], np.int64)
-            if image.get("width") and image.get("height"):  # optional in COCO files
-                box, label = clip_boxes(box, label, image["width"], image["height"])
-            boxes.append(box)
-            labels.append(label)
+            boxes.append(np.array([b for b, _ in rows], np.float32).reshape(-1, 4))
+            labels.append(np.array([c for _, c in rows], np.int64))
+            width, height = image.get("width"), image.get("height")  # optional in COCO files
+            sizes.append((width, height) if width and height else None)
+        boxes, labels = _clip_to_recorded_sizes(path, boxes, labels, sizes)
         super().__init__(
             [files[i] for i in image_ids],
             boxes,
@@ -176,6 +209,16 @@ class CocoDetection(DetectionDataset):
             class_agnostic,
             transform,
         )
+
+
+def _refuse_repeated_ids(what: str, ids: list) -> None:
+    """A ValueError for an id listed twice: annotations name images and categories by id, so
+    the boxes of one image would land on the other's file (or one class's on another's)."""
+    seen: set = set()
+    for item_id in ids:
+        if item_id in seen:
+            raise ValueError(f"two {what}s have the id {item_id!r}; ids must be unique")
+        seen.add(item_id)
 
 
 class VocDetection(DetectionDataset):
@@ -200,16 +243,14 @@ class VocDetection(DetectionDataset):
         names = tuple(class_names or sorted({n for _, objs, _ in parsed for n, _ in objs}))
         index = {name: i for i, name in enumerate(names)}
         boxes, labels = [], []
-        for path, (_, objects, size) in zip(xml_files, parsed, strict=True):
+        for path, (_, objects, _) in zip(xml_files, parsed, strict=True):
             unknown = {n for n, _ in objects} - set(index)
             if unknown:
                 raise DataError(f"{path}: classes {sorted(unknown)} are not in class_names")
-            box = np.array([b for _, b in objects], np.float32).reshape(-1, 4)
-            label = np.array([index[n] for n, _ in objects], np.int64)
-            if size is not None:
-                box, label = clip_boxes(box, label, *size)
-            boxes.append(box)
-            labels.append(label)
+            boxes.append(np.array([b for _, b in objects], np.float32).reshape(-1, 4))
+            labels.append(np.array([index[n] for n, _ in objects], np.int64))
+        sizes = [size for _, _, size in parsed]
+        boxes, labels = _clip_to_recorded_sizes(annotation_dir, boxes, labels, sizes)
         super().__init__(
             [Path(image_dir) / filename for filename, _, _ in parsed],
             boxes,
@@ -230,13 +271,19 @@ class VocDetection(DetectionDataset):
             if not filename:
                 raise ValueError("no <filename>")
             objects = []
-            for obj in root.iter("object"):
-                box = obj.find("bndbox")
-                coords = [float(box.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")]
+            for number, obj in enumerate(root.iter("object"), 1):
+                name = (obj.findtext("name") or "").strip()
+                corners = [obj.findtext(f"bndbox/{k}") for k in ("xmin", "ymin", "xmax", "ymax")]
+                if not name or None in corners:  # said so, not as Python's NoneType errors
+                    raise ValueError(
+                        f"object {number} needs a <name> and a <bndbox> with <xmin>, <ymin>, "
+                        "<xmax> and <ymax>"
+                    )
+                coords = [float(value) for value in corners]
                 if coords[2] > coords[0] and coords[3] > coords[1]:
-                    objects.append((obj.findtext("name").strip(), coords))
+                    objects.append((name, coords))
             width, height = (float(root.findtext(f"size/{k}") or 0) for k in ("width", "height"))
-        except (ET.ParseError, ValueError, TypeError, AttributeError) as exc:
+        except (ET.ParseError, ValueError, TypeError) as exc:
             raise DataError(f"{path} is not a valid VOC annotation file ({exc})") from None
         return filename, objects, (width, height) if width > 0 and height > 0 else None
 
@@ -246,7 +293,10 @@ def random_crop(sample: Sample, min_scale: float = 0.3, tries: int = 20) -> Samp
     image, boxes, labels = sample
     w, h = image.size
     for _ in range(tries):
-        cw, ch = int(w * random.uniform(min_scale, 1.0)), int(h * random.uniform(min_scale, 1.0))
+        # At least a pixel: a few-pixel photo with no box to keep would otherwise be cropped
+        # to nothing, and the batch that holds it fail mid-run.
+        cw = max(1, int(w * random.uniform(min_scale, 1.0)))
+        ch = max(1, int(h * random.uniform(min_scale, 1.0)))
         x0, y0 = random.randint(0, w - cw), random.randint(0, h - ch)
         centres = (boxes[:, :2] + boxes[:, 2:]) / 2
         inside = (

@@ -9,8 +9,10 @@ backend imports torch.
 
 from __future__ import annotations
 
+import json
 import logging
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from numbers import Integral
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -36,6 +38,13 @@ STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 PIXEL_MAX = np.float32(255.0)
 NMS_IOU = 0.6
 NMS_TOP_K = 1000
+CLASS_NAMES_KEY = "shitu.class_names"  # our ONNX export's metadata: its classes, a JSON list
+
+
+def exported_class_names(metadata: Mapping[str, str]) -> tuple[str, ...]:
+    """The class names our ONNX export records in its metadata; () for other exports."""
+    names = metadata.get(CLASS_NAMES_KEY)
+    return tuple(json.loads(names)) if names else ()
 
 
 def preprocess(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -176,8 +185,11 @@ class OnnxDetector(Detector):
         self.decoded = [o.name for o in outputs] == ["scores", "boxes"]
         if not self.decoded:
             self._init_paddle_layout(path, [o.shape for o in outputs], cell_offset)
+        # Our export names its classes in its metadata, which also gives their count: the
+        # graph leaves its class axis unsized.
+        self.class_names = exported_class_names(session.get_modelmeta().custom_metadata_map)
         width = outputs[0].shape[-1]  # class scores last, in either layout
-        self.num_classes = width if isinstance(width, int) else None
+        self.num_classes = width if isinstance(width, int) else len(self.class_names) or None
 
     def _init_paddle_layout(self, path: str | Path, shapes: list, cell_offset: float) -> None:
         levels = len(shapes) // 2
@@ -291,6 +303,7 @@ def load_detector(
     # Our PyTorch PicoDet, with the file's weights.
     import torch
 
+    from shitu.detection.model import ARCHS
     from shitu.detection.weights import load_detector_checkpoint, load_onnx_weights, load_pdparams
 
     if num_threads:
@@ -299,7 +312,12 @@ def load_detector(
         return TorchDetector(load_onnx_weights(path, arch), input_size)
     if suffix == ".pdparams":
         if arch is None:
-            raise ConfigError(f"{path}: a .pdparams file needs its architecture name (arch=...)")
+            # Said with the names to choose from: the option differs by caller (detect's
+            # --arch, the pipeline's --det-arch / Global.det_arch, load_detector's arch=).
+            raise ConfigError(
+                f"{path}: a .pdparams file holds only weights; name its architecture, one of "
+                f"{', '.join(ARCHS)}"
+            )
         return TorchDetector(load_pdparams(path, arch), input_size)
     _ignored_arch(path, arch, "our checkpoints carry their own")
     return TorchDetector(load_detector_checkpoint(path), input_size)

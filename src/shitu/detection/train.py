@@ -40,7 +40,7 @@ from shitu.engine.seeding import (
     seed_everything,
 )
 from shitu.engine.state import LATEST, SUFFIX, Progress, load_training_state, save_training_state
-from shitu.errors import CheckpointError, ConfigError
+from shitu.errors import CheckpointError, ConfigError, DataError
 
 
 @dataclass
@@ -165,6 +165,13 @@ class DetectionTrainer:
     seeding, so `config.seed` fixes the initial weights as well as the data order."""
 
     def __init__(self, dataset: DetectionDataset, config: DetectionTrainConfig) -> None:
+        if not any(len(boxes) for boxes in dataset.boxes):
+            # Every image background: the run would "converge" at once to a model that never
+            # finds anything, hours of training later.
+            raise DataError(
+                f"the training data's {len(dataset)} images hold no boxes (none annotated, or "
+                "none inside their image); a detector cannot learn from it"
+            )
         seed_everything(config.seed)
         model = build_picodet(
             config.arch,

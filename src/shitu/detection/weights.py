@@ -11,6 +11,7 @@ checked one by one, so an export of another architecture is refused, not misload
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from torch import nn
 
 from shitu.checkpoint.io import DETECTOR_FORMAT_PREFIX
 from shitu.checkpoint.paddle import read_pdparams
+from shitu.detection.detector import exported_class_names
 from shitu.detection.model import ARCHS, PicoDet, PicoDetArch, build_picodet, resolve_arch
 from shitu.engine.state import training_state_kind
 from shitu.errors import CheckpointError
@@ -140,11 +142,11 @@ def load_pdparams(path: str | Path, arch: str | PicoDetArch | dict) -> PicoDet:
 # --- ONNX exports (paddle2onnx) --------------------------------------------------------------
 
 
-def _onnx_graph(path: str | Path) -> Any:
+def _onnx_model(path: str | Path) -> Any:
     import onnx
 
     try:
-        return onnx.load(str(path)).graph
+        return onnx.load(str(path))
     except FileNotFoundError:
         raise CheckpointError(f"ONNX model not found: {path}") from None
     except Exception as exc:
@@ -156,9 +158,13 @@ def _onnx_convs(path: str | Path, graph: Any) -> list[tuple[np.ndarray, np.ndarr
     from onnx import numpy_helper
 
     values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    for node in graph.node:
+    for node in graph.node:  # in graph order: an Identity's input comes before it
         if node.op_type == "Constant":
             values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+        elif node.op_type == "Identity" and node.input[0] in values:
+            # torch's exporter stores equal tensors once (a fresh model's zero biases, say)
+            # and hands each further user an Identity of it
+            values[node.output[0]] = values[node.input[0]]
     convs = []
     for node in graph.node:
         if node.op_type != "Conv":
@@ -206,7 +212,8 @@ def load_onnx_weights(path: str | Path, arch: str | PicoDetArch | dict | None = 
     and the one whose every conv shape matches is used. The model runs at the input size
     the export was made for, as onnxruntime would run the file.
     """
-    graph = _onnx_graph(path)
+    exported = _onnx_model(path)
+    graph = exported.graph
     convs = _onnx_convs(path, graph)
     if not convs:
         raise CheckpointError(f"{path}: has no convolutions; it is not a PicoDet export")
@@ -238,4 +245,7 @@ def load_onnx_weights(path: str | Path, arch: str | PicoDetArch | dict | None = 
                 bn.running_var.fill_(1.0 - bn.eps)
             elif bias is not None and np.any(bias != 0):
                 raise CheckpointError(f"{path}: a conv without BatchNorm carries a bias")
+    names = exported_class_names({entry.key: entry.value for entry in exported.metadata_props})
+    if len(names) == model.arch.num_classes:  # our export's, as onnxruntime reads them
+        model.arch = replace(model.arch, class_names=names)
     return model.eval()
