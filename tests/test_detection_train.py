@@ -370,6 +370,13 @@ def test_detect_train_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert set(lines[-1]) == {"mAP", "AP50"}
     detector = load_detector(lines[-2]["model"])
     assert detector.class_names == ("foreground",) and detector.input_size == (64, 64)
+    assert lines[-2]["onnx"] == str(out / "model.onnx")  # the fast path, beside it
+    with load_detector(lines[-2]["onnx"]) as onnx:
+        assert onnx.class_names == ("foreground",) and onnx.input_size == (64, 64)
+        image = np.asarray(Image.open(coco.parent / "img0.png").convert("RGB"))
+        np.testing.assert_allclose(
+            onnx.detect(image, 0.0, 5), detector.detect(image, 0.0, 5), rtol=1e-3, atol=1e-3
+        )
     assert (out / "latest.pt").is_file()
     assert main(["detect", str(coco.parent / "img0.png"), "--model", str(out / "latest.pt")]) == 2
     assert (

@@ -65,6 +65,7 @@ def _dataset(coco: str | None, voc: str | None, images: str, agnostic: bool) -> 
 
 def run(args: argparse.Namespace) -> int:
     from shitu.detection.data import CocoDetection
+    from shitu.detection.export import export_onnx
     from shitu.detection.train import DetectionTrainConfig, DetectionTrainer, evaluate_detector
     from shitu.engine.state import resolve_checkpoint
 
@@ -111,7 +112,9 @@ def run(args: argparse.Namespace) -> int:
 
     trainer.train(on_step=log)
     path = trainer.export(Path(args.out) / "model.pt")
-    print(json.dumps({"model": str(path)}))
+    # The fast CPU path (onnxruntime), at --input-size, with the class names in the file
+    onnx = export_onnx(trainer.ema.model, Path(args.out) / "model.onnx", args.input_size)
+    print(json.dumps({"model": str(path), "onnx": str(onnx)}))
     if val is not None:
         print(json.dumps(evaluate_detector(trainer.ema.model, val, args.input_size)))
     return 0
