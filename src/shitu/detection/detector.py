@@ -176,7 +176,8 @@ class OnnxDetector(Detector):
         if size is None:
             raise CheckpointError(
                 f"{path}: onnxruntime runs a detector at the fixed size it was exported for, "
-                "and this export's H and W are dynamic; use the torch backend"
+                "and this export's H and W are dynamic; use the torch backend (detect's "
+                "--runtime torch, the pipeline's Global.det_backend: torch)"
             )
         self.input_name = image.name
         self.input_size = size
@@ -295,7 +296,8 @@ def load_detector(
             raise ConfigError(
                 f"{path}: an ONNX detector runs at the size it was exported for, "
                 f"{detector.input_size[1]}x{detector.input_size[0]}; another input size "
-                "needs the torch backend"
+                "needs the torch backend (detect's --runtime torch, the pipeline's "
+                "Global.det_backend: torch)"
             )
         return detector
     if backend == "onnxruntime":
