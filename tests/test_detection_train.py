@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import os
 import random
@@ -355,6 +356,26 @@ def test_resume_continues_identically(tmp_path: Path) -> None:
     ema = resumed.ema.model.state_dict()
     for key, value in trainer.ema.model.state_dict().items():
         torch.testing.assert_close(ema[key], value, rtol=1e-4, atol=1e-5)
+
+
+def test_a_resume_with_other_boxes_says_it_is_not_the_same_run(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    annotations = _write_images(tmp_path, 4)
+    _write_coco(tmp_path, annotations)
+    trainer = _trainer(tmp_path, epochs=3, learning_rate=0.02)
+    trainer.train(max_steps=1)
+    with caplog.at_level(logging.WARNING, logger="shitu.detection"):
+        _trainer(tmp_path, epochs=3, learning_rate=0.02).resume(trainer.checkpoint_path)
+        assert not caplog.records  # the same data
+        annotations[0][0][2] -= 5  # one box redrawn
+        _write_coco(tmp_path, annotations)
+        _trainer(tmp_path, epochs=3, learning_rate=0.02).resume(trainer.checkpoint_path)
+    (record,) = caplog.records
+    assert record.getMessage() == (
+        f"{trainer.checkpoint_path}: resuming with other training images, boxes or labels "
+        "than the run had: it goes on from its step, but draws other batches than it would have"
+    )
 
 
 def test_detect_train_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -9,6 +9,7 @@ keeping the aspect ratio, as PicoDet trains.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -58,6 +59,17 @@ class DetectionDataset:
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def listing_digest(self) -> str:
+        """A digest of the images' file names, boxes and labels, in order: what a resumed
+        run must find again to draw the batches it would have. File names rather than
+        paths, so that the same data moved to another folder is still the same."""
+        digest = hashlib.sha256()
+        for image, boxes, labels in zip(self.images, self.boxes, self.labels, strict=True):
+            digest.update(Path(image).name.encode() + b"\0")
+            digest.update(np.asarray(boxes, np.float32).tobytes())
+            digest.update(np.asarray(labels, np.int64).tobytes() + b"\0")
+        return digest.hexdigest()
 
     def load_image(self, index: int) -> Image.Image:
         """Decoded as the recogniser's training decodes (EXIF orientation applied, so the

@@ -9,6 +9,7 @@ steps an uninterrupted run would take.
 from __future__ import annotations
 
 import copy
+import logging
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -41,6 +42,8 @@ from shitu.engine.seeding import (
 )
 from shitu.engine.state import LATEST, SUFFIX, Progress, load_training_state, save_training_state
 from shitu.errors import CheckpointError, ConfigError, DataError
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -286,6 +289,7 @@ class DetectionTrainer:
             "rng": capture_rng_state(),
             "arch": self.model.arch.to_dict(),
             "config": asdict(self.config),
+            "train_listing": self.dataset.listing_digest(),
         }
         return save_training_state(self.checkpoint_path, state, self.progress)
 
@@ -303,6 +307,13 @@ class DetectionTrainer:
             details = "; ".join(f"{k}: {saved[k]} there, {current[k]} here" for k in changed)
             raise CheckpointError(f"{path} was trained with a different detector ({details})")
         self._check_same_run(path, state.get("config", {}))
+        saved_listing = state.get("train_listing")
+        if saved_listing is not None and saved_listing != self.dataset.listing_digest():
+            logger.warning(
+                "%s: resuming with other training images, boxes or labels than the run had: it "
+                "goes on from its step, but draws other batches than it would have",
+                path,
+            )
         self.progress = progress
         self.model.load_state_dict(state["model"])
         self.ema.model.load_state_dict(state["ema"])
