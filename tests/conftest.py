@@ -102,9 +102,7 @@ def resize_short_library(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture
 def thin_limit(monkeypatch) -> int:
-    """Pillow's decompression-bomb threshold lowered to 50,000 pixels, so a resize_short of
+    """The pixel limit (SHITU_MAX_MEGAPIXELS) lowered to 50,000 pixels, so a resize_short of
     32 refuses an image as thin as 2x400 (32x6400 pixels) and thin cases stay cheap."""
-    from PIL import Image
-
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50_000)
+    monkeypatch.setenv("SHITU_MAX_MEGAPIXELS", "0.05")
     return 50_000

@@ -347,14 +347,14 @@ def test_skip_corrupt_drops_images_of_a_size_the_transforms_cannot_take(
         (
             str(tmp_path / "thin.png"),
             "ResizeImage: image 2x400 is too elongated to resize its short side to 32: that "
-            f"makes 32x6400 pixels, over the limit of {thin_limit} (PIL.Image.MAX_IMAGE_PIXELS)",
+            f"makes 32x6400 pixels, over the limit of {thin_limit / 1e6:g} megapixels (SHITU_MAX_MEGAPIXELS)",
         ),
         (str(tmp_path / "wide.png"), "CropImage: image 107x32 is smaller than the crop 32x40"),
     ]
     dataset = build(skip_corrupt=False)
     with pytest.raises(
         DataError,
-        match=r"thin\.png: ResizeImage: image 2x400 is too elongated .*MAX_IMAGE_PIXELS\); set "
+        match=r"thin\.png: ResizeImage: image 2x400 is too elongated .*MAX_MEGAPIXELS\); set "
         "skip_corrupt: true in the dataset config to leave such images out$",
     ):
         dataset[1]
@@ -648,13 +648,13 @@ def test_pil_resize_defaults_and_codes_are_pillows_as_in_paddleclas():
 
 
 def test_resize_short_refuses_an_image_it_would_blow_up(monkeypatch):
-    """A thin image grown to resize_short could take gigabytes: past Pillow's decompression-
-    bomb threshold (lowered here, to keep the test small) it is refused, naming its size."""
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)
+    """A thin image grown to resize_short could take gigabytes: past the pixel limit
+    (lowered here, to keep the test small) it is refused, naming its size."""
+    monkeypatch.setenv("SHITU_MAX_MEGAPIXELS", "0.01")
     assert run_op("ResizeImage", pattern(50, 100), resize_short=40).shape == (40, 80, 3)
     with pytest.raises(DataError, match=r"ResizeImage: image 400x2 .* makes 4000x20 pixels"):
         pipeline_output([{"ResizeImage": {"resize_short": 20}}], pattern(2, 400))
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # Pillow's "no limit"
+    monkeypatch.setenv("SHITU_MAX_MEGAPIXELS", "1")
     assert run_op("ResizeImage", pattern(2, 400), resize_short=20).shape == (20, 4000, 3)
 
 

@@ -407,6 +407,36 @@ def test_an_add_written_in_parts_draws_one_progress_bar(models, tmp_path):
     assert not [line for line in lines if "it/s" in line or "img" in line], lines
 
 
+def test_hashing_a_large_add_or_build_draws_a_bar_before_the_embeddings(models, tmp_path):
+    """At a terminal, an add or a build of HASH_BAR_MIN_FILES files or more (lowered to 5
+    here) shows the hashing that reads every file before any is embedded, its unreadable
+    files counted as skipped; a smaller one (the test above) and --no-progress show none."""
+    photos, lib = library_of_the_first(models, tmp_path, 7)
+    listing = tmp_path / "list.txt"
+    rows = [*photos[1:], tmp_path / "missing.png"]
+    listing.write_text("".join(f"{path}\tnew\n" for path in rows))
+    hash_bar_from_5 = (
+        "import sys, shitu.index.gallery as g, shitu.cli.main as m; g.HASH_BAR_MIN_FILES = 5; "
+        "sys.exit(m.main(sys.argv[1:]))"
+    )
+    model = ["--model", str(models[128])]
+    commands = {
+        "add": ["index", "add", str(lib), str(listing), *model],
+        "build": ["index", "build", str(listing), "--out", str(tmp_path / "built"), *model],
+    }
+    for name, command in commands.items():
+        status, lines = run_in_terminal([sys.executable, "-c", hash_bar_from_5, *command])
+        assert status == 0, lines
+        bars = [line for line in lines if "img/s" in line or "img]" in line]
+        assert len(bars) == 2, (name, lines)
+        assert bars[0].startswith("hashing: 100%") and " 7/7 " in bars[0], (name, lines)
+        assert "skipped=1" in bars[0] and not bars[1].startswith("hashing"), (name, lines)
+        assert " 6/6 " in bars[1], (name, lines)
+    quiet = [*commands["add"][:-2], "--allow-duplicates", *model, "--no-progress"]
+    status, lines = run_in_terminal([sys.executable, "-c", hash_bar_from_5, *quiet])
+    assert status == 0 and not [line for line in lines if "img" in line], lines
+
+
 @pytest.mark.parametrize("allow_duplicates", [False, True])
 def test_an_interrupted_add_keeps_the_parts_written(models, tmp_path, allow_duplicates):
     """Ctrl-C after the first part was written: those images stay, the command says how

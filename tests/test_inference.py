@@ -22,8 +22,9 @@ from PIL import Image
 
 from shitu.checkpoint import save_weights
 from shitu.config import load_config
+from shitu.data.datasets.base import check_image
 from shitu.data.transforms import build_transforms
-from shitu.data.transforms.ops import UnreadableImageError
+from shitu.data.transforms.ops import DecodeImage, UnreadableImageError
 from shitu.errors import CheckpointError, ConfigError, DataError
 from shitu.inference import (
     FeatureExtractor,
@@ -35,8 +36,9 @@ from shitu.inference import (
 from shitu.inference import export as export_module
 from shitu.inference.backends import choose_backend
 from shitu.inference.export import fingerprint, load_exported_model
-from shitu.inference.preprocess import decode_rgb
+from shitu.inference.preprocess import decode_rgb, read_rgb
 from shitu.models import build_model
+from tests.image_helpers import declared_png
 
 SIZE = 96
 TINY_CONFIG = """
@@ -755,9 +757,49 @@ def test_preprocessing_takes_a_resize_short_of_zero_or_less_as_unset(exported):
         assert np.abs(prep.load(image) - expected).max() <= 1.0  # one grey level
 
 
+def test_every_decoder_refuses_an_image_over_the_pixel_limit_from_its_header(
+    exported, tmp_path, monkeypatch
+):
+    """A PNG declaring 20000x20000 (400 megapixels: under OpenCV's own limit, 3 GB decoded
+    by it) but holding one row is refused from its header by the inference decoder, the
+    training one and the dataset check alike, with its size and the limit; the size can
+    only come from the header, so nothing was decoded. SHITU_MAX_MEGAPIXELS moves the limit."""
+    huge = tmp_path / "huge.png"
+    huge.write_bytes(declared_png(20_000, 20_000))
+    refused = (
+        "image 20000x20000 is 400 megapixels, over the limit of 250 megapixels "
+        "(SHITU_MAX_MEGAPIXELS raises it); not decoded"
+    )
+    readers = {
+        "read_rgb": lambda path: read_rgb(path),
+        "decode_rgb": lambda path: decode_rgb(path.read_bytes()),
+        "DecodeImage": lambda path: DecodeImage()(path.read_bytes()),
+    }
+    for name, read in readers.items():
+        with pytest.raises(UnreadableImageError) as caught:
+            read(huge)
+        assert str(caught.value) == refused, name
+    assert check_image(str(huge)) == refused
+    photo = exported["files"][0]
+    with FeatureExtractor.load(exported["dir"], num_threads=1) as extractor:
+        result = extractor.extract_files([huge, photo])
+    assert result.failures == [(str(huge), refused)] and len(result.features) == 1
+
+    width, height = Image.open(photo).size
+    monkeypatch.setenv("SHITU_MAX_MEGAPIXELS", f"{width * height / 2e6}")
+    for read in readers.values():
+        with pytest.raises(UnreadableImageError, match="megapixels, over the limit of"):
+            read(photo)
+    monkeypatch.setenv("SHITU_MAX_MEGAPIXELS", f"{width * height / 1e6}")
+    assert all(read(photo).shape == (height, width, 3) for read in readers.values())
+    monkeypatch.setenv("SHITU_MAX_MEGAPIXELS", "lots")
+    with pytest.raises(ConfigError, match="SHITU_MAX_MEGAPIXELS='lots': expected the pixel"):
+        read_rgb(photo)
+
+
 def test_preprocessing_refuses_an_image_resize_short_would_blow_up(monkeypatch):
     """Inference resizes as training does: a thin image is unreadable, not gigabytes."""
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)
+    monkeypatch.setenv("SHITU_MAX_MEGAPIXELS", "0.01")
     prep = Preprocessing(resize=None, resize_short=20, crop=(16, 16))
     assert prep.prepare(np.zeros((40, 30, 3), np.uint8)).shape == (16, 16, 3)
     with pytest.raises(UnreadableImageError, match=r"image 400x2 .* makes 4000x20 pixels"):

@@ -325,7 +325,7 @@ def test_a_detected_sliver_too_elongated_for_the_model_is_left_out_not_the_photo
     resize_short_library, thin_limit
 ):
     """A detector box 2 pixels wide down a normal photo passes MIN_BOX_SIDE, but a model
-    that resizes the short side cannot take it (under Pillow's limit, lowered here): the
+    that resizes the short side cannot take it (under the pixel limit, lowered here): the
     box is left out like a thinner one, and the photo's other box is recognised (the
     sliver failed the photo, and in `shitu serve` the request, with a 500)."""
     product = read_rgb(resize_short_library["images"] / "img000.png")  # 32x32
@@ -575,9 +575,9 @@ def test_a_missing_library_from_a_config_file_names_the_file_and_key(
     )
 
 
-def test_recognize_cli_skips_an_image_over_opencvs_pixel_limit(setup, tmp_path, capsys):
-    """OpenCV raises (not returns None) on an image over its pixel limit: the file is
-    reported with Pillow's reason and the batch goes on, no traceback."""
+def test_recognize_cli_skips_an_image_over_the_pixel_limit(setup, tmp_path, capsys):
+    """An image over the pixel limit (here over OpenCV's own too) is refused from its
+    header: the file is reported with its size and the limit, and the batch goes on."""
     folder = tmp_path / "photos"
     folder.mkdir()
     photo = setup["queries"][0].path
@@ -590,13 +590,16 @@ def test_recognize_cli_skips_an_image_over_opencvs_pixel_limit(setup, tmp_path, 
         Path(line["image"]).name: line["results"] for line in map(json.loads, out.splitlines())
     }
     assert list(lines) == [photo.name] and lines[photo.name]
-    assert f"skipped {folder / 'huge.png'}: cannot decode image (DecompressionBombError" in err
+    assert (
+        f"skipped {folder / 'huge.png'}: image 40000x40000 is 1600 megapixels, over the limit "
+        "of 250 megapixels (SHITU_MAX_MEGAPIXELS raises it); not decoded"
+    ) in err
 
 
 def test_a_file_too_elongated_for_the_model_is_skipped_as_unreadable(
     resize_short_library, thin_limit, tmp_path, capsys
 ):
-    """With a model that resizes the short side, a file too thin for that (under Pillow's
+    """With a model that resizes the short side, a file too thin for that (under the pixel
     limit, lowered here) is reported as unreadable, as a corrupt one is, and the files
     beside it are recognised (it stopped the run); extract_files (`shitu extract`, `index
     build` and `add`) skips it alike."""

@@ -635,6 +635,17 @@ def test_limits_that_let_nothing_through_are_usage_errors(option, value, expecte
     assert error == f"shitu serve: error: argument {option}: expected {expected}"
 
 
+def test_a_max_megapixels_over_what_shitu_decodes_is_refused_at_start(monkeypatch, capsys):
+    """Uploads between the two limits would pass the server's check and then be refused by
+    the decoder as corrupt: the server does not start, and says what to set."""
+    monkeypatch.setenv("SHITU_MAX_MEGAPIXELS", "100")
+    assert shitu_main(["serve", "--gallery", "unused", "--max-megapixels", "150"]) == 2
+    assert capsys.readouterr().err == (
+        "error: --max-megapixels 150 is over the 100 megapixels shitu decodes; set "
+        "SHITU_MAX_MEGAPIXELS to at least that too\n"
+    )
+
+
 def test_requests_over_the_limit_in_progress_get_a_json_503_with_retry_after(
     serving_library, tmp_path
 ):
@@ -1241,7 +1252,7 @@ def test_an_image_the_model_cannot_resize_is_a_bad_upload(
     resize_short_library, thin_limit, tmp_path
 ):
     """A model that resizes the short side refuses an image too elongated for that (under
-    Pillow's limit, lowered here, so in this process): every route that embeds answers 400
+    the pixel limit, lowered here): every route that embeds answers 400
     naming the upload and why, as for a corrupt one (was 500); a normal image goes through."""
     from shitu.serving.app import create_app
 
@@ -1277,7 +1288,8 @@ def test_an_image_the_model_cannot_resize_is_a_bad_upload(
         assert response.status_code == 400, response.text
         assert response.json()["detail"] == (
             "thin.png: image 2x400 is too elongated to resize its short side to 32: that makes "
-            f"32x6400 pixels, over the limit of {thin_limit} (PIL.Image.MAX_IMAGE_PIXELS)"
+            f"32x6400 pixels, over the limit of {thin_limit / 1e6:g} megapixels "
+            "(SHITU_MAX_MEGAPIXELS)"
         )
     assert fine.status_code == 200, fine.text
     assert not uploads.exists() or not any(uploads.iterdir())

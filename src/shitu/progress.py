@@ -1,4 +1,5 @@
-"""The progress bar that embedding image files draws on stderr."""
+"""The progress bar that embedding image files (and hashing them, for a gallery) draws on
+stderr."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ class ImageProgress(tqdm):
     may follow several `extract_files` calls: an `index add` that commits in parts shows
     one bar over the whole add, not one per part."""
 
-    def __init__(self, total: int, enabled: bool) -> None:
-        super().__init__(total=total, unit="img", disable=not enabled, dynamic_ncols=True)
+    def __init__(self, total: int, enabled: bool, description: str | None = None) -> None:
+        super().__init__(
+            total=total, desc=description, unit="img", disable=not enabled, dynamic_ncols=True
+        )
         self.skipped = 0
 
     def skip(self) -> None:

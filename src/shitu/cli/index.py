@@ -400,7 +400,7 @@ def _add_in_parts(
     parts written keep and how to add the rest."""
     from shitu.progress import ImageProgress
 
-    checked = gallery.check_files(items, args.allow_duplicates)
+    checked = gallery.check_files(items, args.allow_duplicates, progress_wanted(args))
     report = checked.report()
     files = checked.files
     images_before = _images_on_disk(args.library) if args.allow_duplicates else 0

@@ -22,6 +22,7 @@ from shitu.data.transforms._base import interpolation_name, pair, pil_filter
 from shitu.data.transforms.ops import (
     NormalizeImage,
     UnreadableImageError,
+    check_encoded_size,
     check_rgb_image,
     declares_transparency,
     decode_rgb_image,
@@ -253,7 +254,7 @@ def read_rgb(path: str | Path) -> np.ndarray:
     Raises UnreadableImageError (a DataError) naming the reason.
     """
     try:
-        data = np.fromfile(path, np.uint8)
+        data = Path(path).read_bytes()
     except OSError as exc:
         raise UnreadableImageError(exc.strerror or str(exc)) from None
     return decode_rgb(data)
@@ -261,8 +262,11 @@ def read_rgb(path: str | Path) -> np.ndarray:
 
 def decode_rgb(data: bytes | np.ndarray) -> np.ndarray:
     """Encoded image bytes -> RGB uint8 HxWx3, decoded as `read_rgb` decodes files, so an
-    upload gives the same pixels (and features) as the same file on disk."""
-    buffer = np.frombuffer(data, np.uint8)
+    upload gives the same pixels (and features) as the same file on disk. An image over
+    the pixel limit (`check_image_size`) is refused from its header, before decoding."""
+    encoded = bytes(data)  # bytes as they are; an array's buffer copied
+    check_encoded_size(encoded)
+    buffer = np.frombuffer(encoded, np.uint8)
     image = None
     # OpenCV drops an alpha channel: transparent images go to Pillow, which shows them on
     # white as training's decoder does. (The header: PNG's transparency comes before its
@@ -272,13 +276,13 @@ def decode_rgb(data: bytes | np.ndarray) -> np.ndarray:
             # Straight to RGB: the same pixels as BGR then cvtColor, without another pass
             # over the whole photo (a tenth of a 12-megapixel JPEG's decoding time).
             image = cv2.imdecode(buffer, cv2.IMREAD_COLOR_RGB)
-        except cv2.error:  # e.g. over OpenCV's pixel limit: Pillow, below, says why
+        except cv2.error:  # a file OpenCV refuses: Pillow, below, decodes it or says why
             image = None
     if image is not None:
         return image
     # Formats OpenCV does not read (e.g. GIF) through Pillow, which also says why a file
     # cannot be read.
-    return np.asarray(decode_rgb_image(buffer.tobytes()))
+    return np.asarray(decode_rgb_image(encoded))
 
 
 def _eval_ops(config: ShituConfig) -> list[dict[str, Any]]:

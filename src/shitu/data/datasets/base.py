@@ -26,7 +26,7 @@ from PIL import ExifTags, Image
 from torch.utils.data import Dataset
 
 from shitu.data.transforms.compose import Compose, build_transforms
-from shitu.data.transforms.ops import UnreadableImageError
+from shitu.data.transforms.ops import UnreadableImageError, check_image_size
 from shitu.errors import DataError
 from shitu.fileio import SAVE_AS_UTF8, read_text
 
@@ -107,9 +107,12 @@ def check_image(path: str) -> str | tuple[int, int]:
     try:
         with Image.open(path) as image:
             width, height = image.size
+            check_image_size(width, height)
             turned = image.getexif().get(ExifTags.Base.Orientation) in _QUARTER_TURNS
             image.draft("RGB", (64, 64))
             image.load()
+    except UnreadableImageError as exc:
+        return str(exc)
     except Exception as exc:  # any failure means the loader would fail too
         return f"{type(exc).__name__}: {exc}"
     return (height, width) if turned else (width, height)

@@ -9,6 +9,7 @@ torch's generator (see `_base`), so a seeded run augments identically.
 from __future__ import annotations
 
 import io
+import math
 import os
 from collections.abc import Iterable, Sequence
 from typing import Literal
@@ -30,7 +31,7 @@ from shitu.data.transforms._base import (
     resize,
     to_pil,
 )
-from shitu.errors import DataError
+from shitu.errors import ConfigError, DataError
 from shitu.image_files import TEXT_FILE_REASON, is_text
 from shitu.registry import TRANSFORMS
 
@@ -41,6 +42,58 @@ Interpolation = str | int | None
 class UnreadableImageError(DataError):
     """The bytes are not a decodable image (corrupt, truncated or an unsupported format),
     or one of a size the pipeline cannot take (see `ImageSizeError`)."""
+
+
+MAX_MEGAPIXELS_VARIABLE = "SHITU_MAX_MEGAPIXELS"
+# Above the largest photos (200-megapixel phone cameras), far below OpenCV's own limit (2^30
+# pixels: 3 GB of RGB, from a PNG of one colour that takes 120 KB); 750 MB decoded at most.
+DEFAULT_MAX_MEGAPIXELS = 250
+# shitu's limit, checked from the header before OpenCV or Pillow decode anything, takes the
+# place of Pillow's decompression-bomb check: that one refuses from 179 megapixels (twice
+# PIL.Image.MAX_IMAGE_PIXELS, as Image.open reads the header), which would refuse a 200 MP
+# photo to training and to the Pillow-decoded formats while OpenCV decodes it for inference.
+Image.MAX_IMAGE_PIXELS = None
+
+
+def max_image_pixels() -> int:
+    """The most pixels an image may have for shitu to decode it, or to resize one to:
+    $SHITU_MAX_MEGAPIXELS million (default 250), read at each call."""
+    text = os.environ.get(MAX_MEGAPIXELS_VARIABLE, "").strip()
+    if not text:
+        return DEFAULT_MAX_MEGAPIXELS * 1_000_000
+    try:
+        megapixels = float(text)
+    except ValueError:
+        megapixels = math.nan
+    if not (math.isfinite(megapixels) and megapixels > 0):
+        raise ConfigError(
+            f"{MAX_MEGAPIXELS_VARIABLE}={text!r}: expected the pixel limit in megapixels, "
+            "a number above 0"
+        )
+    return int(megapixels * 1_000_000)
+
+
+def check_image_size(width: int, height: int) -> None:
+    """UnreadableImageError for an image over `max_image_pixels`, from the size its header
+    declares: a PNG of one colour, a few KB on disk, can decode to gigabytes."""
+    limit = max_image_pixels()
+    if width * height > limit:
+        raise UnreadableImageError(
+            f"image {width}x{height} is {round(width * height / 1e6, 1):g} megapixels, over the "
+            f"limit of {limit / 1e6:g} megapixels ({MAX_MEGAPIXELS_VARIABLE} raises it); "
+            "not decoded"
+        )
+
+
+def check_encoded_size(data: bytes) -> None:
+    """`check_image_size` from the header of encoded image bytes, before any decoder runs.
+    Bytes Pillow cannot identify are left to the decoder, which says why it cannot read them."""
+    try:
+        with Image.open(io.BytesIO(data)) as header:
+            width, height = header.size
+    except (UnidentifiedImageError, OSError, ValueError):
+        return
+    check_image_size(width, height)
 
 
 def image_list(images: Iterable[np.ndarray]) -> Sequence[np.ndarray]:
@@ -192,11 +245,14 @@ def _decode(data: bytes) -> Image.Image:
         raise UnreadableImageError("cannot decode image: the file is empty")
     try:
         image = Image.open(io.BytesIO(data))
+        check_image_size(*image.size)
         image.load()
         transposed = ImageOps.exif_transpose(image)
     except UnidentifiedImageError:  # its message names an in-memory stream, not the file
         reason = TEXT_FILE_REASON if is_text(data) else "unknown or corrupt format"
         raise UnreadableImageError(f"cannot decode image: {reason}") from None
+    except UnreadableImageError:
+        raise
     except Exception as exc:  # any decoder failure means a corrupt or unsupported file
         raise UnreadableImageError(f"cannot decode image ({type(exc).__name__}: {exc})") from exc
     return transposed if transposed is not None else image
@@ -246,17 +302,17 @@ def short_side_size(width: int, height: int, short: int) -> tuple[int, int]:
     """(width, height) with the short side scaled to `short` and the aspect ratio kept.
 
     A very thin image (1x4000, say) would grow into an array of gigabytes, so a result
-    with more pixels than Pillow's decompression-bomb threshold (`PIL.Image.MAX_IMAGE_PIXELS`;
-    None: no limit) is refused with an ImageSizeError, as Pillow refuses to decode one.
+    with more pixels than `max_image_pixels` is refused with an ImageSizeError, as an image
+    that large is refused before decoding.
     """
     factor = short / min(width, height)
     new_w, new_h = round(width * factor), round(height * factor)
-    limit = Image.MAX_IMAGE_PIXELS
-    if limit is not None and new_w * new_h > limit:
+    limit = max_image_pixels()
+    if new_w * new_h > limit:
         raise ImageSizeError(
             f"image {width}x{height} is too elongated to resize its short side to {short}: "
-            f"that makes {new_w}x{new_h} pixels, over the limit of {limit} "
-            "(PIL.Image.MAX_IMAGE_PIXELS)"
+            f"that makes {new_w}x{new_h} pixels, over the limit of {limit / 1e6:g} megapixels "
+            f"({MAX_MEGAPIXELS_VARIABLE})"
         )
     return new_w, new_h
 
