@@ -82,7 +82,12 @@ def wait(driver: WebDriver, condition, message: str):
 
 
 def texts(driver: WebDriver, selector: str) -> list[str]:
-    return [element.text for element in driver.find_elements(By.CSS_SELECTOR, selector)]
+    """The shown text of the elements `selector` finds, read in one step: the page may draw
+    a list again between finding its elements and reading them (a stale element)."""
+    return driver.execute_script(
+        "return [...document.querySelectorAll(arguments[0])].map((e) => e.innerText.trim())",
+        selector,
+    )
 
 
 def label_button(driver: WebDriver, label: str):
@@ -859,10 +864,9 @@ def test_the_label_filter_ignores_case_and_accents_and_says_when_nothing_matches
     listed = len(texts(browser, "#labels button"))
     search = browser.find_element(By.ID, "label-filter")
     search.send_keys("CAFE CREME")
-    assert [
-        b.get_attribute("data-label")
-        for b in browser.find_elements(By.CSS_SELECTOR, "#labels button")
-    ] == ["Café Crème"]
+    assert browser.execute_script(
+        "return [...document.querySelectorAll('#labels button')].map((b) => b.dataset.label)"
+    ) == ["Café Crème"]
     search.send_keys(Keys.CONTROL, "a", Keys.BACKSPACE)
     search.send_keys("  no such <label> ")
     assert texts(browser, "#labels li") == ['no label contains "no such <label>"']
