@@ -730,6 +730,23 @@ def test_eval_pipeline_cli_flags_gallery_photos_and_fails_when_nothing_was_measu
         assert "`path<TAB>label` file" in err and "--label" not in err, err
 
 
+def test_eval_pipeline_cli_names_each_unreadable_query_in_a_warning(setup, tmp_path, capsys):
+    """As every command names the inputs it skipped on stderr; the report only counts them,
+    and --json's names none."""
+    query = setup["queries"][0]
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    labels = tmp_path / "queries.txt"
+    labels.write_text(f"{query.path}\t{query.label}\n{broken}\t{query.label}\n")
+    common = ["eval-pipeline", "--queries", str(labels), "--gallery", str(setup["library"]),
+              "--model", str(setup["model"]), "--no-progress"]  # fmt: skip
+    for output in ([], ["--json"]):
+        assert shitu_main([*common, *output]) == 0
+        captured = capsys.readouterr()
+        assert f"warning: skipped {broken}: cannot decode image" in captured.err
+        assert str(broken) not in captured.out
+
+
 UNKNOWN = "Not In The Gallery"
 
 

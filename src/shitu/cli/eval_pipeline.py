@@ -78,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
         report = evaluate_pipeline(recognizer, items, progress_wanted(args), thresholds)
         known = known_labels(recognizer)
     best = report.best_threshold()
+    for path, reason in report.unreadable:  # as every command names what it skips: on stderr
+        print(f"warning: skipped {path}: {reason}", file=sys.stderr)
     if report.in_gallery:
         one = report.in_gallery == 1
         print(
@@ -88,8 +90,6 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     if not report.queries:  # exit 1 like recognize and extract: nothing was measured
-        for path, reason in report.unreadable[:SHOWN_MISTAKES]:
-            print(f"warning: skipped {path}: {reason}", file=sys.stderr)
         unread = (
             "the query could not be read"
             if len(items) == 1
@@ -108,8 +108,6 @@ def run(args: argparse.Namespace) -> int:
         # An unknown query's right answer is nothing, not its label.
         expected = repr(truth) if truth in known else f"nothing ({truth!r} is not in the gallery)"
         print(f"wrong: {path}: expected {expected}, got {predicted or 'nothing'!r}")
-    for path, reason in report.unreadable[:SHOWN_MISTAKES]:
-        print(f"skipped: {path}: {reason}")
     for key, value in report.to_dict().items():
         # A rate of no queries (recall@1 when no query's label is in the gallery) is undefined.
         print(f"{key:>17}: {'- (no query it applies to)' if value is None else value}")
