@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image, ImageFont
 
-from shitu.cli.eval_pipeline import sweep_table
+from shitu.cli.eval_pipeline import SHOWN_MISTAKES, sweep_table
 from shitu.cli.main import main as shitu_main
 from shitu.config import load_config
 from shitu.data.transforms.ops import UnreadableImageError
@@ -745,6 +745,18 @@ def test_eval_pipeline_cli_names_each_unreadable_query_in_a_warning(setup, tmp_p
         captured = capsys.readouterr()
         assert f"warning: skipped {broken}: cannot decode image" in captured.err
         assert str(broken) not in captured.out
+
+
+def test_eval_pipeline_cli_counts_the_wrong_answers_it_does_not_list(setup, capsys):
+    common = ["eval-pipeline", "--queries", str(setup["label_file"]), "--gallery",
+              str(setup["library"]), "--model", str(setup["model"]), "--no-progress"]  # fmt: skip
+    assert shitu_main([*common, "--score-thres", "1"]) == 0  # no cosine reaches 1: all wrong
+    wrong = [line for line in capsys.readouterr().out.splitlines() if line.startswith("wrong:")]
+    assert len(setup["queries"]) > SHOWN_MISTAKES
+    assert len(wrong) == SHOWN_MISTAKES + 1
+    assert all(line.endswith(", got nothing") for line in wrong[:-1])
+    hidden = len(setup["queries"]) - SHOWN_MISTAKES
+    assert wrong[-1] == f"wrong: ... and {hidden} more (the first {SHOWN_MISTAKES} listed)"
 
 
 UNKNOWN = "Not In The Gallery"

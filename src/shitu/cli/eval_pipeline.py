@@ -107,7 +107,11 @@ def run(args: argparse.Namespace) -> int:
     for path, truth, predicted in report.mistakes[:SHOWN_MISTAKES]:
         # An unknown query's right answer is nothing, not its label.
         expected = repr(truth) if truth in known else f"nothing ({truth!r} is not in the gallery)"
-        print(f"wrong: {path}: expected {expected}, got {predicted or 'nothing'!r}")
+        got = repr(predicted) if predicted else "nothing"  # not a label called 'nothing'
+        print(f"wrong: {path}: expected {expected}, got {got}")
+    if len(report.mistakes) > SHOWN_MISTAKES:
+        hidden = len(report.mistakes) - SHOWN_MISTAKES
+        print(f"wrong: ... and {hidden} more (the first {SHOWN_MISTAKES} listed)")
     for key, value in report.to_dict().items():
         # A rate of no queries (recall@1 when no query's label is in the gallery) is undefined.
         print(f"{key:>17}: {'- (no query it applies to)' if value is None else value}")
