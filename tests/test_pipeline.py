@@ -537,6 +537,11 @@ def test_recognize_cli_fails_clearly_when_there_is_nothing_to_recognise(setup, t
     err = capsys.readouterr().err
     assert f"--save-vis {broken / 'sub'}: cannot make the folder (Not a directory: " in err
     assert "Errno" not in err
+    # A folder no one may write in (procfs's: root may not either), refused before any photo.
+    if Path("/proc/self").is_dir():
+        assert shitu_main(["recognize", photo, *common, "--save-vis", "/proc/self"]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and "error: --save-vis /proc/self: cannot write in /proc/self (" in err
     for flag, value, reason in (
         ("--score-thres", "5", "a cosine similarity from -1 to 1"),
         ("--threads", "0", "a whole number >= 1"),
