@@ -764,6 +764,24 @@ def test_eval_pipeline_cli_counts_the_wrong_answers_it_does_not_list(setup, caps
     assert wrong[-1] == f"wrong: ... and {hidden} more (the first {SHOWN_MISTAKES} listed)"
 
 
+def test_eval_pipeline_cli_warns_when_no_query_label_is_in_the_gallery(setup, tmp_path, capsys):
+    """Labels written otherwise than the gallery's (here in lower case) make every query
+    unknown; the numbers alone would not say why."""
+    labels = tmp_path / "queries.txt"
+    labels.write_text("".join(f"{q.path}\t{q.label.lower()}\n" for q in setup["queries"]))
+    common = ["eval-pipeline", "--queries", str(labels), "--gallery", str(setup["library"]),
+              "--model", str(setup["model"]), "--no-progress", "--json"]  # fmt: skip
+    assert shitu_main(common) == 0
+    err = capsys.readouterr().err
+    first = sorted({q.label for q in setup["queries"]})[0]
+    assert f"warning: no query's label is in the gallery, so all {len(setup['queries'])}" in err
+    assert f"(the queries' labels: {first.lower()!r}, " in err
+    assert f"; the gallery's: {first!r}, " in err
+    labels.write_text("".join(f"{q.path}\t{q.label}\n" for q in setup["queries"]))
+    assert shitu_main(common) == 0
+    assert "no query's label" not in capsys.readouterr().err
+
+
 UNKNOWN = "Not In The Gallery"
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,7 +17,7 @@ from shitu.cli.recognize import (
     naming_library_source,
     pipeline_config_from_args,
 )
-from shitu.index import collect_items
+from shitu.index import GalleryItem, collect_items
 
 if TYPE_CHECKING:
     from shitu.pipeline.evaluate import PipelineEvaluation
@@ -97,6 +98,8 @@ def run(args: argparse.Namespace) -> int:
         )
         print(f"error: {unread}", file=sys.stderr)
         return 1
+    if not report.known_queries:
+        print(no_label_in_gallery(report, items, known), file=sys.stderr)
     if args.json:
         output: dict = report.to_dict()
         if thresholds:
@@ -132,6 +135,27 @@ def run(args: argparse.Namespace) -> int:
         else:
             print("no query has a label outside the gallery: add some to choose a threshold")
     return 0
+
+
+def no_label_in_gallery(
+    report: PipelineEvaluation, items: Sequence[GalleryItem], known: set[str]
+) -> str:
+    """The warning for queries none of whose labels the gallery has: usually labels
+    written another way (case, ids for names), which the report alone would show only as
+    every query counted unknown."""
+
+    def examples(labels: Iterable[str]) -> str:
+        names = sorted(labels)
+        shown = ", ".join(repr(label) for label in names[:3])
+        return f"{shown}, ..." if len(names) > 3 else shown
+
+    gallery = examples(known) if known else "none, it holds no images"
+    return (
+        f"warning: no query's label is in the gallery, so all {report.queries} count as "
+        f"unknown, right only when nothing is recognised (the queries' labels: "
+        f"{examples({item.label for item in items})}; the gallery's: {gallery}); if they "
+        "are the gallery's products, label them as the gallery does"
+    )
 
 
 def sweep_table(report: PipelineEvaluation) -> str:
