@@ -679,6 +679,20 @@ def test_an_interrupted_annotated_copy_leaves_no_truncated_file(
     assert list(vis.iterdir()) == []
 
 
+def test_recognize_cli_warns_that_an_empty_library_recognises_nothing(setup, tmp_path, capsys):
+    shutil.copytree(setup["library"], tmp_path / "library")
+    with Gallery.open(tmp_path / "library") as gallery:
+        gallery.remove(labels=sorted(gallery.label_counts()))
+    photo = str(setup["queries"][0].path)
+    common = ["--model", str(setup["model"]), "--no-progress"]
+    assert shitu_main(["recognize", photo, "--gallery", str(tmp_path / "library"), *common]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["results"] == []
+    assert f"warning: {tmp_path / 'library'} holds no images: nothing can be recognised" in err
+    assert shitu_main(["recognize", photo, "--gallery", str(setup["library"]), *common]) == 0
+    assert "holds no images" not in capsys.readouterr().err
+
+
 def test_eval_pipeline_cli_reports_the_pipeline_recall(setup, recognizer, capsys):
     with recognizer() as rec:
         expected = evaluate_pipeline(rec, setup["queries"]).to_dict()
