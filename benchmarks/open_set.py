@@ -1,6 +1,6 @@
 """Unknown objects and the score threshold, on the Grocery Store dataset.
 
-Usage: python benchmarks/open_set.py --model DIR [--model DIR ...] [--step 0.05]
+Usage: python benchmarks/open_set.py [--model DIR ...] [--step 0.05]
        [--thresholds 0.5 0.6 0.7 0.8] [--work DIR]
 
 Each model is an export (`shitu export`; default: the shipped model). Recognition is
@@ -76,7 +76,9 @@ def protocols(root: Path) -> dict[str, tuple[list[GalleryItem], list[GalleryItem
 
 def main() -> int:
     parser = benchmark_parser(__doc__)
-    parser.add_argument("--model", action="append", help="export folder (repeatable)")
+    parser.add_argument(
+        "--model", action="append", help="export folder, repeatable (default: the shipped model)"
+    )
     parser.add_argument(
         "--thresholds",
         type=float,

@@ -1,6 +1,6 @@
 """Retrieval on a domain unlike groceries that needs no download: drawn traffic signs.
 
-Usage: python benchmarks/synthetic_signs.py --model DIR [--model DIR ...] [--per-class 30]
+Usage: python benchmarks/synthetic_signs.py [--model DIR ...] [--per-class 30]
        [--gallery-per-class 5] [--seed 0] [--work DIR]
 
 This script draws 34 sign classes in the spirit of European road signs (its own drawings,
@@ -224,7 +224,9 @@ def make_signs(folder: Path, per_class: int, seed: int) -> tuple[list[Path], np.
 
 def main() -> int:
     parser = benchmark_parser(__doc__)
-    parser.add_argument("--model", action="append", help="export folder (repeatable)")
+    parser.add_argument(
+        "--model", action="append", help="export folder, repeatable (default: the shipped model)"
+    )
     parser.add_argument("--per-class", type=int, default=30, help="photos drawn per sign")
     parser.add_argument("--gallery-per-class", type=int, default=5, help="of them, gallery photos")
     parser.add_argument("--seed", type=int, default=0, help="drawing seed")

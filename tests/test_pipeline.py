@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image, ImageFont
 
-from shitu.cli.eval_pipeline import sweep_table
+from shitu.cli.eval_pipeline import SHOWN_MISTAKES, sweep_table
 from shitu.cli.main import main as shitu_main
 from shitu.config import load_config
 from shitu.data.transforms.ops import UnreadableImageError
@@ -537,6 +537,11 @@ def test_recognize_cli_fails_clearly_when_there_is_nothing_to_recognise(setup, t
     err = capsys.readouterr().err
     assert f"--save-vis {broken / 'sub'}: cannot make the folder (Not a directory: " in err
     assert "Errno" not in err
+    # A folder no one may write in (procfs's: root may not either), refused before any photo.
+    if Path("/proc/self").is_dir():
+        assert shitu_main(["recognize", photo, *common, "--save-vis", "/proc/self"]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and "error: --save-vis /proc/self: cannot write in /proc/self (" in err
     for flag, value, reason in (
         ("--score-thres", "5", "a cosine similarity from -1 to 1"),
         ("--threads", "0", "a whole number >= 1"),
@@ -677,6 +682,20 @@ def test_an_interrupted_annotated_copy_leaves_no_truncated_file(
     assert list(vis.iterdir()) == []
 
 
+def test_recognize_cli_warns_that_an_empty_library_recognises_nothing(setup, tmp_path, capsys):
+    shutil.copytree(setup["library"], tmp_path / "library")
+    with Gallery.open(tmp_path / "library") as gallery:
+        gallery.remove(labels=sorted(gallery.label_counts()))
+    photo = str(setup["queries"][0].path)
+    common = ["--model", str(setup["model"]), "--no-progress"]
+    assert shitu_main(["recognize", photo, "--gallery", str(tmp_path / "library"), *common]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["results"] == []
+    assert f"warning: {tmp_path / 'library'} holds no images: nothing can be recognised" in err
+    assert shitu_main(["recognize", photo, "--gallery", str(setup["library"]), *common]) == 0
+    assert "holds no images" not in capsys.readouterr().err
+
+
 def test_eval_pipeline_cli_reports_the_pipeline_recall(setup, recognizer, capsys):
     with recognizer() as rec:
         expected = evaluate_pipeline(rec, setup["queries"]).to_dict()
@@ -731,6 +750,53 @@ def test_eval_pipeline_cli_flags_gallery_photos_and_fails_when_nothing_was_measu
         assert shitu_main(["eval-pipeline", "--queries", str(unlabelled), *common]) == 2
         err = capsys.readouterr().err
         assert "`path<TAB>label` file" in err and "--label" not in err, err
+
+
+def test_eval_pipeline_cli_names_each_unreadable_query_in_a_warning(setup, tmp_path, capsys):
+    """As every command names the inputs it skipped on stderr; the report only counts them,
+    and --json's names none."""
+    query = setup["queries"][0]
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    labels = tmp_path / "queries.txt"
+    labels.write_text(f"{query.path}\t{query.label}\n{broken}\t{query.label}\n")
+    common = ["eval-pipeline", "--queries", str(labels), "--gallery", str(setup["library"]),
+              "--model", str(setup["model"]), "--no-progress"]  # fmt: skip
+    for output in ([], ["--json"]):
+        assert shitu_main([*common, *output]) == 0
+        captured = capsys.readouterr()
+        assert f"warning: skipped {broken}: cannot decode image" in captured.err
+        assert str(broken) not in captured.out
+
+
+def test_eval_pipeline_cli_counts_the_wrong_answers_it_does_not_list(setup, capsys):
+    common = ["eval-pipeline", "--queries", str(setup["label_file"]), "--gallery",
+              str(setup["library"]), "--model", str(setup["model"]), "--no-progress"]  # fmt: skip
+    assert shitu_main([*common, "--score-thres", "1"]) == 0  # no cosine reaches 1: all wrong
+    wrong = [line for line in capsys.readouterr().out.splitlines() if line.startswith("wrong:")]
+    assert len(setup["queries"]) > SHOWN_MISTAKES
+    assert len(wrong) == SHOWN_MISTAKES + 1
+    assert all(line.endswith(", got nothing") for line in wrong[:-1])
+    hidden = len(setup["queries"]) - SHOWN_MISTAKES
+    assert wrong[-1] == f"wrong: ... and {hidden} more (the first {SHOWN_MISTAKES} listed)"
+
+
+def test_eval_pipeline_cli_warns_when_no_query_label_is_in_the_gallery(setup, tmp_path, capsys):
+    """Labels written otherwise than the gallery's (here in lower case) make every query
+    unknown; the numbers alone would not say why."""
+    labels = tmp_path / "queries.txt"
+    labels.write_text("".join(f"{q.path}\t{q.label.lower()}\n" for q in setup["queries"]))
+    common = ["eval-pipeline", "--queries", str(labels), "--gallery", str(setup["library"]),
+              "--model", str(setup["model"]), "--no-progress", "--json"]  # fmt: skip
+    assert shitu_main(common) == 0
+    err = capsys.readouterr().err
+    first = sorted({q.label for q in setup["queries"]})[0]
+    assert f"warning: no query's label is in the gallery, so all {len(setup['queries'])}" in err
+    assert f"(the queries' labels: {first.lower()!r}, " in err
+    assert f"; the gallery's: {first!r}, " in err
+    labels.write_text("".join(f"{q.path}\t{q.label}\n" for q in setup["queries"]))
+    assert shitu_main(common) == 0
+    assert "no query's label" not in capsys.readouterr().err
 
 
 UNKNOWN = "Not In The Gallery"

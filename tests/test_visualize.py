@@ -11,13 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from shitu.cli.common import visualisation_writer
 from shitu.cli.main import build_parser
 from shitu.cli.main import main as shitu_main
 from shitu.pipeline import CaptionFonts, draw_boxes, fonts
-from shitu.pipeline.visualize import label_colour
+from shitu.pipeline.visualize import fitted_caption, label_colour
 from tests.font_helpers import font_collection, labels_and_font
 
 BOX = (10, 60, 230, 110)
@@ -151,6 +151,19 @@ def test_a_caption_at_the_right_edge_is_moved_left_to_show_the_label_and_score_w
     white = [np.all(np.asarray(drawn) == 255, axis=-1) for drawn in (at_left, at_right)]
     assert white[0].sum() == white[1].sum() > 0  # every pixel of the text, not its start only
     assert not white[1][:, -1].any()  # nor does it touch the edge
+
+
+def test_a_caption_wider_than_the_image_shortens_the_label_and_keeps_the_score():
+    image = np.zeros((120, 240, 3), np.uint8)
+    label = "Very-long-product-name-" * 20
+    drawn = draw_boxes(image, [((0, 60, 240, 110), label, 0.91)])
+    assert not np.asarray(drawn)[:60, -1].any()  # the caption, above the box, ends inside
+    canvas = Image.fromarray(image)
+    font = CaptionFonts().font_for(label, 12)
+    caption = fitted_caption(ImageDraw.Draw(canvas), label, 0.91, font, 200)
+    assert caption.startswith("Very-long-") and caption.endswith("... 0.91")
+    assert ImageDraw.Draw(canvas).textlength(caption, font=font) <= 200
+    assert fitted_caption(ImageDraw.Draw(canvas), "Kiwi", 0.91, font, 200) == "Kiwi 0.91"
 
 
 def test_vis_font_that_cannot_be_used_is_refused_before_anything_is_written(tmp_path, capsys):

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from shitu.detection.input_size import check_input_size
 from shitu.errors import ConfigError, DataError
-from shitu.fileio import write_atomically
+from shitu.fileio import check_writable, write_atomically
 from shitu.image_files import IMAGE_SUFFIXES, LABELLED_LIST_HINT, TEXT_FILE_REASON, scan_images
 from shitu.inference.choices import BACKENDS, PRECISIONS
 
@@ -360,6 +360,7 @@ class VisualisationWriter:
                 raise DataError(f"--save-vis {folder}: is a file; give a folder") from None
             why = f"{exc.strerror}: {exc.filename}" if exc.strerror else str(exc)
             raise DataError(f"--save-vis {folder}: cannot make the folder ({why})") from None
+        check_writable(folder, f"--save-vis {folder}")  # now, not after the first photo
         self.folder = folder
         self.used: set[str] = set()
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,7 +17,7 @@ from shitu.cli.recognize import (
     naming_library_source,
     pipeline_config_from_args,
 )
-from shitu.index import collect_items
+from shitu.index import GalleryItem, collect_items
 
 if TYPE_CHECKING:
     from shitu.pipeline.evaluate import PipelineEvaluation
@@ -78,6 +79,8 @@ def run(args: argparse.Namespace) -> int:
         report = evaluate_pipeline(recognizer, items, progress_wanted(args), thresholds)
         known = known_labels(recognizer)
     best = report.best_threshold()
+    for path, reason in report.unreadable:  # as every command names what it skips: on stderr
+        print(f"warning: skipped {path}: {reason}", file=sys.stderr)
     if report.in_gallery:
         one = report.in_gallery == 1
         print(
@@ -88,8 +91,6 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     if not report.queries:  # exit 1 like recognize and extract: nothing was measured
-        for path, reason in report.unreadable[:SHOWN_MISTAKES]:
-            print(f"warning: skipped {path}: {reason}", file=sys.stderr)
         unread = (
             "the query could not be read"
             if len(items) == 1
@@ -97,6 +98,8 @@ def run(args: argparse.Namespace) -> int:
         )
         print(f"error: {unread}", file=sys.stderr)
         return 1
+    if not report.known_queries:
+        print(no_label_in_gallery(report, items, known), file=sys.stderr)
     if args.json:
         output: dict = report.to_dict()
         if thresholds:
@@ -107,9 +110,11 @@ def run(args: argparse.Namespace) -> int:
     for path, truth, predicted in report.mistakes[:SHOWN_MISTAKES]:
         # An unknown query's right answer is nothing, not its label.
         expected = repr(truth) if truth in known else f"nothing ({truth!r} is not in the gallery)"
-        print(f"wrong: {path}: expected {expected}, got {predicted or 'nothing'!r}")
-    for path, reason in report.unreadable[:SHOWN_MISTAKES]:
-        print(f"skipped: {path}: {reason}")
+        got = repr(predicted) if predicted else "nothing"  # not a label called 'nothing'
+        print(f"wrong: {path}: expected {expected}, got {got}")
+    if len(report.mistakes) > SHOWN_MISTAKES:
+        hidden = len(report.mistakes) - SHOWN_MISTAKES
+        print(f"wrong: ... and {hidden} more (the first {SHOWN_MISTAKES} listed)")
     for key, value in report.to_dict().items():
         # A rate of no queries (recall@1 when no query's label is in the gallery) is undefined.
         print(f"{key:>17}: {'- (no query it applies to)' if value is None else value}")
@@ -130,6 +135,27 @@ def run(args: argparse.Namespace) -> int:
         else:
             print("no query has a label outside the gallery: add some to choose a threshold")
     return 0
+
+
+def no_label_in_gallery(
+    report: PipelineEvaluation, items: Sequence[GalleryItem], known: set[str]
+) -> str:
+    """The warning for queries none of whose labels the gallery has: usually labels
+    written another way (case, ids for names), which the report alone would show only as
+    every query counted unknown."""
+
+    def examples(labels: Iterable[str]) -> str:
+        names = sorted(labels)
+        shown = ", ".join(repr(label) for label in names[:3])
+        return f"{shown}, ..." if len(names) > 3 else shown
+
+    gallery = examples(known) if known else "none, it holds no images"
+    return (
+        f"warning: no query's label is in the gallery, so all {report.queries} count as "
+        f"unknown, right only when nothing is recognised (the queries' labels: "
+        f"{examples({item.label for item in items})}; the gallery's: {gallery}); if they "
+        "are the gallery's products, label them as the gallery does"
+    )
 
 
 def sweep_table(report: PipelineEvaluation) -> str:

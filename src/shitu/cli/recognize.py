@@ -184,6 +184,9 @@ def run(args: argparse.Namespace) -> int:
     with naming_library_source(args, config):
         recognizer = Recognizer.from_config(config)
     with recognizer:
+        if not len(recognizer.gallery):  # else every photo's answer is a silent "nothing"
+            library = recognizer.gallery.root
+            print(f"warning: {library} holds no images: nothing can be recognised", file=sys.stderr)
         drawn = writer is not None  # drawn on the photos decoded for recognition
         for found in recognizer.recognize_files(paths, progress=progress, keep_images=drawn):
             if found.error is not None:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 from collections.abc import Iterable, Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from shitu.pipeline.fonts import CaptionFonts
 from shitu.pipeline.recognizer import Recognition
@@ -20,6 +21,29 @@ def label_colour(label: str) -> tuple[int, int, int]:
     hue = int(hashlib.md5(label.encode()).hexdigest()[:4], 16) / 0xFFFF
     rgb = Image.new("HSV", (1, 1), (int(hue * 255), 200, 220)).convert("RGB").getpixel((0, 0))
     return rgb  # type: ignore[return-value]
+
+
+def fitted_caption(
+    draw: ImageDraw.ImageDraw, label: str, score: float, font: ImageFont.FreeTypeFont, width: int
+) -> str:
+    """`label score`, the label cut short with "..." where the caption is wider than
+    `width` pixels: a caption wider than the image would lose its score off the edge."""
+
+    def text_width(text: str) -> int:
+        left, _, right, _ = draw.textbbox((0, 0), text, font=font)
+        return right - left
+
+    def shortened(kept: int) -> str:
+        return f"{label[:kept].rstrip()}... {score:.2f}"
+
+    caption = f"{label} {score:.2f}"
+    if text_width(caption) <= width:
+        return caption
+    # The longest start of the label that fits (at least none of it: the score alone).
+    fits = bisect.bisect_right(
+        range(len(label)), width, key=lambda kept: text_width(shortened(kept))
+    )
+    return shortened(max(0, fits - 1))
 
 
 def draw_boxes(
@@ -37,7 +61,8 @@ def draw_boxes(
         colour = label_colour(label)
         draw.rectangle((x1, y1, x2 - 1, y2 - 1), outline=colour, width=width)
         font = fonts.font_for(label, size)
-        caption = f"{label} {score:.2f}"
+        # Its box, 3 px wider than the text on each side, ends 1 px inside the image.
+        caption = fitted_caption(draw, label, score, font, canvas.width - 7)
         left, top, right, bottom = draw.textbbox((0, 0), caption, font=font)
         text_y = y1 - (bottom - top) - 6 if y1 >= (bottom - top) + 6 else y1
         # Moved left as far as needed to end inside the image: a box at the right edge
