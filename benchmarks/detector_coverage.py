@@ -16,6 +16,7 @@ measurable stand-in for "IoU >= 0.5 with the product".
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -63,7 +64,8 @@ def main() -> None:
 
     coverage = np.zeros(len(query_paths))
     whole_images, crops = [], []
-    for i, path in enumerate(tqdm(query_paths, desc="detect", unit="img")):
+    bar = tqdm(query_paths, desc="detect", unit="img", disable=not sys.stderr.isatty())
+    for i, path in enumerate(bar):  # no bar where stderr is a log: it would fill with redraws
         image = read_rgb(path)
         whole_images.append(image)
         boxes = detector.detect(image, args.threshold, max_boxes=1, class_agnostic=True)
