@@ -59,7 +59,7 @@ def main() -> None:
     detector = load_detector(args.model)
     extractor = FeatureExtractor.load(args.rec_model or default_model_dir())
     gallery_paths, gallery_labels = split(root, "train.txt")
-    gallery = extractor.extract_files(gallery_paths, progress=True).features
+    gallery = extractor.extract_files(gallery_paths, progress=sys.stderr.isatty()).features
     query_paths, query_labels = split(root, "val.txt")
 
     coverage = np.zeros(len(query_paths))
