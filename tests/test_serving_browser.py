@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
@@ -957,8 +958,17 @@ def focused(driver: WebDriver, attribute: str) -> str | None:
 
 def test_keyboard_focus_stays_on_the_chosen_label_and_the_images(server, browser):
     open_page(browser, server)
-    browser.execute_script("document.querySelector('#labels button[data-label=\"Bulk\"]').focus()")
-    browser.switch_to.active_element.send_keys(Keys.ENTER)
+
+    def enter_on_bulk(driver: WebDriver) -> bool:
+        focus = "document.querySelector('#labels button[data-label=\"Bulk\"]').focus()"
+        driver.execute_script(focus)
+        driver.switch_to.active_element.send_keys(Keys.ENTER)
+        return True
+
+    # Tried again where the list was drawn again (its second load at start) in between
+    WebDriverWait(browser, WAIT_S, ignored_exceptions=[StaleElementReferenceException]).until(
+        enter_on_bulk, "Enter pressed on the label Bulk"
+    )
     title = browser.find_element(By.ID, "label-title")
     wait(browser, lambda d: title.text == "Bulk (42 images)", "the label shown")
     assert focused(browser, "data-label") == "Bulk"
