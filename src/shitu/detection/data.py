@@ -16,6 +16,7 @@ import math
 import random
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Sequence
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -60,10 +61,12 @@ class DetectionDataset:
     def __len__(self) -> int:
         return len(self.images)
 
+    @cached_property
     def listing_digest(self) -> str:
         """A digest of the images' file names, boxes and labels, in order: what a resumed
         run must find again to draw the batches it would have. File names rather than
-        paths, so that the same data moved to another folder is still the same."""
+        paths, so that the same data moved to another folder is still the same. Computed
+        once: every checkpoint records it."""
         digest = hashlib.sha256()
         for image, boxes, labels in zip(self.images, self.boxes, self.labels, strict=True):
             digest.update(Path(image).name.encode() + b"\0")

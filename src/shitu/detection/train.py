@@ -289,7 +289,7 @@ class DetectionTrainer:
             "rng": capture_rng_state(),
             "arch": self.model.arch.to_dict(),
             "config": asdict(self.config),
-            "train_listing": self.dataset.listing_digest(),
+            "train_listing": self.dataset.listing_digest,
         }
         return save_training_state(self.checkpoint_path, state, self.progress)
 
@@ -308,7 +308,7 @@ class DetectionTrainer:
             raise CheckpointError(f"{path} was trained with a different detector ({details})")
         self._check_same_run(path, state.get("config", {}))
         saved_listing = state.get("train_listing")
-        if saved_listing is not None and saved_listing != self.dataset.listing_digest():
+        if saved_listing is not None and saved_listing != self.dataset.listing_digest:
             logger.warning(
                 "%s: resuming with other training images, boxes or labels than the run had: it "
                 "goes on from its step, but draws other batches than it would have",

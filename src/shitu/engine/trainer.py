@@ -350,8 +350,7 @@ class Trainer:
 
     def _train_listing(self) -> str | None:
         """The training images' digest (`listing_digest`), where the dataset gives one."""
-        digest = getattr(dataset_of(self.train_loader), "listing_digest", None)
-        return digest() if digest is not None else None
+        return getattr(dataset_of(self.train_loader), "listing_digest", None)
 
     def _warn_of_other_batches(self, payload: dict[str, Any]) -> None:
         """A resume draws the batches the run would have drawn only from the same images

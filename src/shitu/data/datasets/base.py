@@ -275,10 +275,12 @@ class ImageDataset(Dataset):
     def labels(self) -> list[int]:
         return self._labels.tolist()
 
+    @cached_property
     def listing_digest(self) -> str:
         """A digest of the images' file names and labels, in order: what a resumed run
         must find again to draw the batches it would have. File names rather than paths,
-        so that the same data moved to another folder is still the same."""
+        so that the same data moved to another folder is still the same. Computed once:
+        every checkpoint records it."""
         digest = hashlib.sha256()
         for path, label in zip(self.paths, self._labels.tolist(), strict=True):
             digest.update(f"{os.path.basename(path)}\t{label}\n".encode())
