@@ -248,6 +248,14 @@ def expand_images(sources: Iterable[str]) -> tuple[list[Path], bool]:
     return paths, folder
 
 
+def unread_files_status(unread: int, total: int) -> int:
+    """Say how many of the `total` files given could not be read (each was named as it was
+    skipped); the command's exit status: 1 where none could be, else 0."""
+    if unread:
+        print(f"warning: {unread} of {total} files could not be read", file=sys.stderr)
+    return 1 if unread == total else 0
+
+
 def skip_reason(reason: str, command: str) -> str:
     """Why `command` skipped a file, and where a text file given as an image (usually a
     labelled list) belongs."""

@@ -13,6 +13,7 @@ from shitu.cli.common import (
     input_side,
     positive_int,
     skip_reason,
+    unread_files_status,
     visualisation_writer,
 )
 from shitu.errors import DataError
@@ -123,8 +124,4 @@ def run(args: argparse.Namespace) -> int:
         if writer is not None:
             drawn = ((b["box"], b.get("label", f"class {b['cls']}"), b["score"]) for b in boxes)
             writer.save(path, draw_boxes(image, drawn, writer.fonts))
-    if done < len(paths):
-        print(
-            f"warning: {len(paths) - done} of {len(paths)} files could not be read", file=sys.stderr
-        )
-    return 0 if done else 1  # no image could be read: fail, like recognize
+    return unread_files_status(len(paths) - done, len(paths))  # none read: fail, like recognize

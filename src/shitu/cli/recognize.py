@@ -22,6 +22,7 @@ from shitu.cli.common import (
     print_past_progress,
     progress_wanted,
     skip_reason,
+    unread_files_status,
     visualisation_writer,
 )
 from shitu.errors import GalleryError
@@ -201,6 +202,4 @@ def run(args: argparse.Namespace) -> int:
                 print_past_progress(format_table(found))
             if writer is not None and found.error is None:
                 writer.save_recognition(found)
-    if skipped:
-        print(f"warning: {skipped} of {len(paths)} files could not be read", file=sys.stderr)
-    return 1 if skipped == len(paths) else 0  # no file could be read: fail, like extract
+    return unread_files_status(skipped, len(paths))  # none read: fail, like extract
