@@ -71,7 +71,8 @@ def main() -> None:
     parser.add_argument("--megapixels", type=float, default=20.0, help="size of each image")
     args = parser.parse_args()
     side = int((args.megapixels * 1e6) ** 0.5)
-    print(f"{'format':<16} {'encoded MB':>10} {'peak MB':>8} {'bytes/pixel':>11}")
+    print("| format | encoded MB | peak MB | bytes/pixel |")
+    print("|---|---:|---:|---:|")
     with tempfile.TemporaryDirectory() as tmp:
         for name, kind, mode, options in FORMATS:
             encoded = io.BytesIO()
@@ -87,8 +88,8 @@ def main() -> None:
             before_kb, after_kb, pixels = map(int, child.stdout.split())
             peak = (after_kb - before_kb) * 1024
             print(
-                f"{name:<16} {len(encoded.getvalue()) / 1e6:>10.1f} {peak / 1e6:>8.0f} "
-                f"{peak / pixels:>11.1f}"
+                f"| {name} | {len(encoded.getvalue()) / 1e6:.1f} | {peak / 1e6:.0f} "
+                f"| {peak / pixels:.1f} |"
             )
 
 

@@ -31,7 +31,7 @@ from shitu.demo import make_demo_set
 from shitu.inference import FeatureExtractor
 
 STARTUP_S = 120
-ROW = "{:>9} {:>7} {:>8} {:>7} {:>8} {:>8} {:>6}"
+ROW = "| {} | {} | {} | {} | {} | {} | {} |"
 
 
 def start_server(arguments: list[str]) -> tuple[subprocess.Popen, str]:
@@ -127,9 +127,10 @@ def main() -> None:
                 load(servers[max_batch][1], photo, 4, 8, args.seconds)  # warm-up
             print(
                 ROW.format(
-                    "max batch", "clients", "requests", "req/s", "p50 ms", "p99 ms", "errors"
+                    "max batch", "clients", "requests", "requests/s", "p50 ms", "p99 ms", "errors"
                 )
             )
+            print("|---:|---:|---:|---:|---:|---:|---:|")
             for clients in args.clients:
                 for max_batch, (_, url) in servers.items():
                     row = load(url, photo, clients, args.requests, args.seconds)
