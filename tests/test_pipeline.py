@@ -5,6 +5,7 @@ multi-object images composed of several products on one canvas."""
 from __future__ import annotations
 
 import csv
+import inspect
 import json
 import shutil
 import sqlite3
@@ -44,6 +45,7 @@ from shitu.pipeline import (
     evaluate_pipeline,
     load_pipeline_config,
 )
+from shitu.pipeline.defaults import SETTINGS
 from tests.image_helpers import declared_png
 
 CLASSES = (6, 7, 30, 45, 60, 71)  # banana, kiwi, juice, oat milk, aubergine, red pepper
@@ -399,6 +401,28 @@ def test_a_recogniser_loads_from_a_config_files_path(setup, tmp_path):
     for given in (config, str(config)):
         with Recognizer.from_config(given) as rec:
             assert rec.score_thres == 0.3 and rec.gallery.root == setup["library"]
+
+
+def test_open_takes_the_recognize_commands_flags_as_keywords(setup, recognizer):
+    """`Recognizer.open(gallery, ...)` is `shitu recognize --gallery ...`: the same results
+    as a recogniser built from parts, paths as Path or text, a bad value named with its
+    keyword, and a keyword for every flag the command maps to a config key."""
+    photo = read_rgb(setup["queries"][0].path)
+    with recognizer(score_thres=0.3) as built:
+        expected = built.recognize(photo)
+    for library in (setup["library"], str(setup["library"])):
+        with Recognizer.open(library, model=setup["model"], score_thres=0.3, threads=1) as rec:
+            assert rec.recognize(photo) == expected and rec.detector is None
+    with Recognizer.open(
+        setup["library"], model=setup["model"], detector="plain-background"
+    ) as rec:
+        assert isinstance(rec.detector, PlainBackgroundDetector)
+    with pytest.raises(ConfigError, match=r"score_thres=2 \(IndexProcess.score_thres\): .*1"):
+        Recognizer.open(setup["library"], model=setup["model"], score_thres=2)
+    with pytest.raises(ConfigError, match=r"runtime='tensorrt' \(Global.rec_backend\)"):
+        Recognizer.open(setup["library"], model=setup["model"], runtime="tensorrt")
+    keywords = set(inspect.signature(Recognizer.open).parameters) - {"config"}
+    assert keywords == set(SETTINGS)
 
 
 def picodet_pipeline_config(setup, grocery, *overrides: str) -> PipelineConfig:

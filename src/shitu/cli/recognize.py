@@ -31,22 +31,11 @@ from shitu.pipeline.defaults import (
     DEFAULT_SCORE_THRES,
     NO_DETECTOR,
     PIPELINE_CONFIG_DIR,
+    SETTINGS,
 )
 
 if TYPE_CHECKING:
     from shitu.pipeline import FileRecognition, PipelineConfig
-
-# The flags (by their argparse dest) that set pipeline config keys, over the file's values.
-CONFIG_FLAGS = {
-    "gallery": ("IndexProcess", "index_dir"),
-    "score_thres": ("IndexProcess", "score_thres"),
-    "model": ("Global", "rec_inference_model_dir"),
-    "detector": ("Global", "det_inference_model_dir"),
-    "det_arch": ("Global", "det_arch"),
-    "threads": ("Global", "cpu_num_threads"),
-    "runtime": ("Global", "rec_backend"),
-    "precision": ("Global", "rec_precision"),
-}
 
 
 def add_pipeline_arguments(
@@ -91,15 +80,12 @@ def add_pipeline_arguments(
 
 def pipeline_config_from_args(args: argparse.Namespace) -> PipelineConfig:
     """The config file with -o overrides, then the explicit flags on top."""
-    from shitu.pipeline import load_pipeline_config
+    from shitu.pipeline.config import load_pipeline_config, with_settings
 
     overrides = [item for group in args.override for item in group]
     config = load_pipeline_config(args.config, overrides)
-    for dest, (section, key) in CONFIG_FLAGS.items():
-        value = getattr(args, dest, None)  # `demo` has no --gallery
-        if value is not None:
-            setattr(getattr(config, section), key, value)
-    return config
+    # Each flag by its argparse dest; `demo` has no --gallery.
+    return with_settings(config, {name: getattr(args, name, None) for name in SETTINGS})
 
 
 @contextlib.contextmanager
@@ -128,7 +114,7 @@ def pipeline_arguments(args: argparse.Namespace) -> list[str]:
     its overrides and the flags, as given), e.g. for a hint to repeat a run."""
     words = [] if args.config == DEFAULT_PIPELINE_CONFIG else ["-c", args.config]
     words += [word for group in args.override for item in group for word in ("-o", item)]
-    for dest in CONFIG_FLAGS:
+    for dest in SETTINGS:
         value = getattr(args, dest, None)
         if value is not None:
             words += [f"--{dest.replace('_', '-')}", str(value)]

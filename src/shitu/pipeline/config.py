@@ -8,6 +8,7 @@ ignored too: an export records its own preprocessing, and the detector its own.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from shitu.config.loader import apply_attributed_overrides, find_config, read_yaml, with_source
 from shitu.errors import ConfigError
-from shitu.pipeline.defaults import NO_DETECTOR, PIPELINE_CONFIG_DIR, PLAIN_BACKGROUND
+from shitu.pipeline.defaults import NO_DETECTOR, PIPELINE_CONFIG_DIR, PLAIN_BACKGROUND, SETTINGS
 from shitu.registry import format_validation_error
 
 _IGNORED_GLOBAL = {
@@ -134,3 +135,22 @@ def load_pipeline_config(
     except ValidationError as exc:
         message = format_validation_error(exc, PipelineConfig, what="the pipeline config")
         raise ConfigError(with_source(where, message, attribution)) from None
+
+
+def with_settings(config: PipelineConfig, settings: dict[str, Any]) -> PipelineConfig:
+    """`config` with each of `settings` (names of SETTINGS) that is not None written over
+    its key, paths as text; a value the key cannot take is a ConfigError naming both."""
+    for name, value in settings.items():
+        if value is None:
+            continue
+        section, key = SETTINGS[name]
+        try:
+            setattr(
+                getattr(config, section),
+                key,
+                os.fspath(value) if isinstance(value, Path) else value,
+            )
+        except ValidationError as exc:
+            reason = exc.errors()[0]["msg"]
+            raise ConfigError(f"{name}={value!r} ({section}.{key}): {reason}") from None
+    return config

@@ -9,3 +9,15 @@ NO_DETECTOR = "none"
 PLAIN_BACKGROUND = "plain-background"
 # PP-ShiTuV2's score_thres: used when neither the config nor the model sets one.
 DEFAULT_SCORE_THRES = 0.5
+# The settings that `shitu recognize` takes as flags and `Recognizer.open` as keywords, by
+# the config key each one writes over.
+SETTINGS = {
+    "gallery": ("IndexProcess", "index_dir"),
+    "score_thres": ("IndexProcess", "score_thres"),
+    "model": ("Global", "rec_inference_model_dir"),
+    "detector": ("Global", "det_inference_model_dir"),
+    "det_arch": ("Global", "det_arch"),
+    "threads": ("Global", "cpu_num_threads"),
+    "runtime": ("Global", "rec_backend"),
+    "precision": ("Global", "rec_precision"),
+}

@@ -35,8 +35,13 @@ from shitu.index import Gallery
 from shitu.inference.extractor import FeatureExtractor, check_count
 from shitu.inference.preprocess import read_rgb
 from shitu.pipeline.background import PlainBackgroundDetector
-from shitu.pipeline.config import PipelineConfig, load_pipeline_config
-from shitu.pipeline.defaults import DEFAULT_SCORE_THRES, NO_DETECTOR, PLAIN_BACKGROUND
+from shitu.pipeline.config import PipelineConfig, load_pipeline_config, with_settings
+from shitu.pipeline.defaults import (
+    DEFAULT_PIPELINE_CONFIG,
+    DEFAULT_SCORE_THRES,
+    NO_DETECTOR,
+    PLAIN_BACKGROUND,
+)
 
 MIN_BOX_SIDE = 2  # pixels; thinner detector boxes cannot be embedded meaningfully
 FILES_PER_BATCH = 8  # images decoded and recognised together by recognize_files
@@ -139,9 +144,9 @@ def build_detector(config: PipelineConfig) -> MainbodyDetector | None:
 class Recognizer:
     """Recognise the objects in images against a gallery library.
 
-    Build from parts, or with `Recognizer.from_config(config)`; `close()` (or `with`)
-    closes the library, model and detector `from_config` opened (parts passed in stay
-    their caller's).
+    Build from parts, with `Recognizer.open(gallery, ...)` or with
+    `Recognizer.from_config(config)`; `close()` (or `with`) closes the library, model and
+    detector `open` or `from_config` opened (parts passed in stay their caller's).
     Scores are cosine similarities; images are RGB (OpenCV's BGR arrays need
     `image[:, :, ::-1]` first).
 
@@ -249,6 +254,36 @@ class Recognizer:
             )
             recognizer._opened = opened.pop_all()
         return recognizer
+
+    @classmethod
+    def open(
+        cls,
+        gallery: str | Path,
+        *,
+        model: str | Path | None = None,
+        detector: str | Path | None = None,
+        det_arch: str | None = None,
+        score_thres: float | None = None,
+        threads: int | None = None,
+        runtime: str | None = None,
+        precision: str | None = None,
+        config: str | Path = DEFAULT_PIPELINE_CONFIG,
+    ) -> Recognizer:
+        """The recogniser `shitu recognize --gallery GALLERY` runs, its flags as keywords
+        (None: the config's value, as a flag left out): `model` an export folder (default:
+        the shipped model), `detector` a detector file, "plain-background" or "none" (the
+        default: whole images), `config` a pipeline YAML file or shipped name."""
+        settings = {
+            "gallery": gallery,
+            "model": model,
+            "detector": detector,
+            "det_arch": det_arch,
+            "score_thres": score_thres,
+            "threads": threads,
+            "runtime": runtime,
+            "precision": precision,
+        }
+        return cls.from_config(with_settings(load_pipeline_config(config), settings))
 
     def __repr__(self) -> str:
         return (
