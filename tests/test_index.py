@@ -1178,3 +1178,44 @@ def test_opening_with_repair_builds_a_damaged_index_again(tmp_path, damage):
         assert hits.labels[:, 0].tolist() == labels_for(9)
     with Gallery.open(path) as gallery:  # a sound library again, for anyone
         assert not gallery.repaired and gallery.verify() == [] and len(gallery) == 9
+
+
+class FailingEmbedder(PixelEmbedder):
+    """Embeds like PixelEmbedder until its `fail_after`-th file, then fails as a model might."""
+
+    def __init__(self, fail_after: int) -> None:
+        super().__init__()
+        self.fail_after = fail_after
+
+    def extract_files(self, paths, batch_size=32, progress=False):
+        if len(paths) > self.fail_after:
+            raise RuntimeError("the model ran out of memory")
+        return super().extract_files(paths, batch_size, progress)
+
+
+def test_build_makes_a_whole_library_or_nothing_at_its_path(tmp_path):
+    """`Gallery.build` is `shitu index build` for Python callers: the library appears at its
+    path whole, while a build that fails, or adds no image, leaves nothing there (no
+    half-written library, no staging folder beside it)."""
+    photos = make_images(tmp_path / "photos", 6)
+    items = [GalleryItem(p, f"label {i % 2}") for i, p in enumerate(photos)]
+    model = PixelEmbedder()
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+
+    path = tmp_path / "lib"
+    report = Gallery.build(path, model, [*items, GalleryItem(broken, "x")], index_type="HNSW32")
+    assert len(report.ids) == 6 and [f[0] for f in report.failures] == [str(broken)]
+    with Gallery.open(path, embedder=model) as gallery:
+        assert len(gallery) == 6 and gallery.manifest.index_type == "HNSW32"
+        assert gallery.label_counts() == {"label 0": 3, "label 1": 3}
+    with pytest.raises(GalleryError, match="lib: already exists"):
+        Gallery.build(path, model, items)
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        Gallery.build(tmp_path / "failed", FailingEmbedder(fail_after=3), items)
+    with pytest.raises(gallery_module.NothingAddedError) as nothing:
+        Gallery.build(tmp_path / "empty", model, [GalleryItem(broken, "x")])
+    assert "not built, none of the 1 images was added" in str(nothing.value)
+    assert [f[0] for f in nothing.value.report.failures] == [str(broken)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.png", "lib", "photos"]

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,7 +19,7 @@ from shitu.cli.common import (
     skip_reason,
 )
 from shitu.errors import DataError, GalleryError, did_you_mean
-from shitu.fileio import check_writable, fsync_dir, staging_folder
+from shitu.fileio import check_writable
 from shitu.index import (
     INDEX_TYPES,
     METRICS,
@@ -29,9 +27,9 @@ from shitu.index import (
     Catalog,
     Gallery,
     GalleryItem,
+    NothingAddedError,
     collect_items,
 )
-from shitu.index.backends import IndexSyncError
 from shitu.index.embedder import Embedder
 from shitu.index.gallery import LIBRARY_FILE
 
@@ -325,60 +323,25 @@ def run_build(args: argparse.Namespace) -> int:
     model = _load_model(args)
     given = {"uri": args.milvus_uri, "collection": args.milvus_collection}
     options = {key: value for key, value in given.items() if value is not None} | search_options
-    # Built beside the target and renamed at the end: an interrupted build leaves no library.
-    with staging_folder(args.out, "building") as tmp:
-        return _build(args, items, model, options, tmp)
-
-
-def _build(
-    args: argparse.Namespace,
-    items: list[GalleryItem],
-    model: Embedder,
-    options: dict[str, Any],
-    tmp: Path,
-) -> int:
     try:
-        with Gallery.create_for(
-            tmp,
+        report = Gallery.build(
+            args.out,
             model,
+            items,
+            batch_size=args.batch_size,
+            progress=progress_wanted(args),
+            allow_duplicates=args.allow_duplicates,
             metric=args.metric,
             index_type=args.index_type,
             backend=args.backend,
             backend_options=options,
-        ) as gallery:
-            try:
-                report = gallery.add_files(
-                    model,
-                    items,
-                    args.batch_size,
-                    progress=progress_wanted(args),
-                    allow_duplicates=args.allow_duplicates,
-                )
-            except BaseException:
-                gallery.discard()  # a Milvus collection half written, outside the folder
-                raise
-            stats = gallery.stats()
-        if not len(report.ids):  # none could be read: status 1, as `index add` and `recognize`
-            _warn_failures(report)
-            shutil.rmtree(tmp, ignore_errors=True)
-            print(
-                f"error: {args.out}: not built, none of the {len(items)} images was added",
-                file=sys.stderr,
-            )
-            return 1
-        try:
-            os.replace(tmp, args.out)
-        except OSError as exc:  # another build to the same --out finished first
-            raise GalleryError(
-                f"{args.out}: already exists (built meanwhile by another process?): {exc.strerror}"
-            ) from None
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, IndexSyncError):  # not "kept": its library was the staging folder
-            raise GalleryError(f"{args.out}: not built: {exc.failure}") from exc
-        raise
-    fsync_dir(args.out.parent)
-    _report(report, args.out, stats)
+        )
+    except NothingAddedError as exc:  # status 1, as `index add` and `recognize`
+        _warn_failures(exc.report)
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    with Catalog(args.out) as catalog:
+        _report(report, args.out, catalog.stats())
     return 0
 
 

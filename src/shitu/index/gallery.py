@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 
 from shitu.errors import GalleryError, did_you_mean
-from shitu.fileio import file_sha256, fsync_dir
-from shitu.index.backends import Backend, Change, describe_index, open_backend
+from shitu.fileio import file_sha256, fsync_dir, staging_folder
+from shitu.index.backends import Backend, Change, IndexSyncError, describe_index, open_backend
 from shitu.index.embedder import Embedder
 from shitu.index.files import crash_point
 from shitu.index.labels import BadLabelError, GalleryItem, check_label, normal_form
@@ -103,6 +103,15 @@ class AddReport:
         self.ids = np.concatenate([self.ids, later.ids])
         self.duplicates += later.duplicates
         self.failures += later.failures
+
+
+class NothingAddedError(GalleryError):
+    """A build none of whose images could be added: no library is made. `report` says
+    why (each unreadable file's reason, duplicates)."""
+
+    def __init__(self, path: Path, given: int, report: AddReport) -> None:
+        self.report = report
+        super().__init__(f"{path}: not built, none of the {given} images was added")
 
 
 @dataclass(frozen=True)
@@ -328,6 +337,53 @@ class Gallery:
             preprocessing=dict(embedder.preprocessing),
             **options,
         )
+
+    @classmethod
+    def build(
+        cls,
+        path: str | Path,
+        embedder: Embedder,
+        items: Sequence[GalleryItem],
+        *,
+        batch_size: int = 32,
+        progress: bool = False,
+        allow_duplicates: bool = False,
+        **options: Any,
+    ) -> AddReport:
+        """A new library at `path` of `items` embedded by `embedder`, as `shitu index build`
+        makes it: written in a staging folder beside `path` and renamed into place once
+        whole, so that a build that fails or is interrupted leaves nothing at `path`, nor a
+        Milvus collection. `options`: `create`'s. Refused where `path` exists; a
+        NothingAddedError, with the report, where no image could be added."""
+        root = Path(path)
+        if root.exists():
+            raise GalleryError(f"{root}: already exists; give a path for the new library")
+        with staging_folder(root, "building") as tmp:
+            try:
+                with cls.create_for(tmp, embedder, **options) as gallery:
+                    try:
+                        report = gallery.add_files(
+                            embedder, items, batch_size, progress, allow_duplicates
+                        )
+                        if not len(report.ids):
+                            raise NothingAddedError(root, len(items), report)
+                    except BaseException:
+                        gallery.discard()  # a Milvus collection, outside the folder
+                        raise
+                try:
+                    os.replace(tmp, root)
+                except OSError as exc:  # another build to the same path finished first
+                    raise GalleryError(
+                        f"{root}: already exists (built meanwhile by another process?): "
+                        f"{exc.strerror}"
+                    ) from None
+            except BaseException as exc:
+                shutil.rmtree(tmp, ignore_errors=True)
+                if isinstance(exc, IndexSyncError):  # not "kept": its library was the staging
+                    raise GalleryError(f"{root}: not built: {exc.failure}") from exc
+                raise
+        fsync_dir(root.parent)
+        return report
 
     @classmethod
     def open_for(
