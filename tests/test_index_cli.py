@@ -630,3 +630,24 @@ def test_a_failed_build_leaves_no_vectors_in_a_milvus_outside_the_library(
     assert built.returncode == 0, built.stderr
     verified = shitu("index", "verify", lib)
     assert verified.returncode == 0 and "OK (4 images)" in verified.stdout, verified.stdout
+
+
+def test_a_build_that_adds_no_image_leaves_no_milvus_collection(models, tmp_path):
+    """A build none of whose images can be read makes no library, and so keeps no
+    collection of its own in a Milvus outside the library either."""
+    pytest.importorskip("milvus_lite", reason="the milvus extra is not installed")
+    from pymilvus import MilvusClient
+
+    (tmp_path / "gallery" / "broken").mkdir(parents=True)
+    (tmp_path / "gallery" / "broken" / "photo.jpg").write_bytes(b"not a jpeg")
+    milvus = tmp_path / "shared.db"
+    built = shitu("index", "build", "--gallery", tmp_path / "gallery", "--out", tmp_path / "lib",
+                  "--backend", "milvus", "--milvus-uri", milvus, "--model", models[128],
+                  "--no-progress")  # fmt: skip
+    assert built.returncode == 1 and "none of the 1 images was added" in built.stderr
+    assert not (tmp_path / "lib").exists()
+    client = MilvusClient(str(milvus))
+    try:
+        assert client.list_collections() == []
+    finally:
+        client.close()
