@@ -711,6 +711,12 @@ def test_not_a_library_and_existing_target_are_refused(tmp_path):
         Gallery.open(tmp_path)
     with pytest.raises(GalleryError, match="nowhere: no such gallery library"):
         Gallery.open(tmp_path / "nowhere")
+    paddle = tmp_path / "paddle_index"  # PaddleClas's IndexProcess.index_dir, via `-c`
+    paddle.mkdir()
+    (paddle / "vector.index").write_bytes(b"")
+    (paddle / "id_map.pkl").write_bytes(b"")
+    with pytest.raises(GalleryError, match="a PaddleClas index .*`shitu index build DATA_FILE"):
+        Gallery.open(paddle)
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "file").write_text("x")
     with pytest.raises(GalleryError, match="already exists"):
