@@ -508,11 +508,19 @@ def test_a_labelled_list_given_as_an_image_is_called_a_text_file(setup, capsys):
         "recognize": ["recognize", label_file, "--gallery", str(setup["library"])],
         "extract": ["extract", label_file, "--out", str(setup["work"] / "never")],
     }
+    reason = "cannot decode image: a text file, not an image"
     for name, command in commands.items():
         assert shitu_main([*command, *model]) == 1
         err = capsys.readouterr().err
-        reason = "cannot decode image: a text file, not an image"
         assert f"warning: skipped {label_file}: {reason} ({name} {hint}" in err
+    # Text under a photo's name (a download's HTML error page) is no list: no advice.
+    page = setup["work"] / "downloads" / "photo.jpg"
+    page.parent.mkdir(exist_ok=True)
+    page.write_text("<html><body>404 Not Found</body></html>\n")
+    assert (
+        shitu_main(["recognize", str(page.parent), "--gallery", str(setup["library"]), *model]) == 1
+    )
+    assert f"warning: skipped {page}: {reason}\n" in capsys.readouterr().err
 
 
 def test_recognize_cli_fails_clearly_when_there_is_nothing_to_recognise(setup, tmp_path, capsys):

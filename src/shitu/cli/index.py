@@ -551,7 +551,7 @@ def run_search(args: argparse.Namespace) -> int:
         result = gallery.search(extraction.features, k, min_score=args.min_score)
     for path, reason in extraction.failures:
         print(
-            f"warning: could not read {path}: {skip_reason(reason, 'index search')}",
+            f"warning: could not read {path}: {skip_reason(reason, 'index search', path)}",
             file=sys.stderr,
         )
     for path, hits in zip(extraction.paths, result.to_list(), strict=True):
