@@ -192,6 +192,9 @@ def _run(argv: list[str] | None) -> int:
     handler = _PastProgressHandler()  # stderr
     handler.setFormatter(_LevelPrefixFormatter())
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, handlers=[handler])
+    # Faiss logs at INFO each faster build it tries and does not have, a ModuleNotFoundError
+    # apiece: under -v these read as failures, before the details asked for.
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     if not getattr(args, "func", None):  # no command: a usage error, so not on stdout
         parser.print_help(sys.stderr)
         return 2
