@@ -60,6 +60,7 @@ def test_help_of_every_command_names_every_default(monkeypatch):
     while commands:
         command = commands.pop()
         text = " ".join(command.format_help().split())  # as wrapped lines read
+        assert "(default: )" not in text, command.prog  # an empty default, said in words
         for action in command._actions:
             if isinstance(action, argparse._SubParsersAction):
                 commands.extend(action.choices.values())
