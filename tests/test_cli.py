@@ -61,6 +61,7 @@ def test_help_of_every_command_names_every_default(monkeypatch):
         command = commands.pop()
         text = " ".join(command.format_help().split())  # as wrapped lines read
         assert "(default: )" not in text, command.prog  # an empty default, said in words
+        assert command.description, command.prog  # `-h` says what the command does
         for action in command._actions:
             if isinstance(action, argparse._SubParsersAction):
                 commands.extend(action.choices.values())
