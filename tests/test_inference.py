@@ -650,6 +650,10 @@ def test_changed_model_file_is_detected(exported, tmp_path):
         rf"`shitu export -c CONFIG -o Global.pretrained_model={weights} --out DIR` makes one\)$",
     ):
         FeatureExtractor.load(weights)
+    # an ONNX file on its own (a detector given as the model): not told to export it
+    onnx = shutil.copy(copy / "model.onnx", tmp_path / "picodet_s_416_coco.onnx")
+    with pytest.raises(CheckpointError, match=r"export \(an ONNX file alone records no pre"):
+        FeatureExtractor.load(onnx)
 
 
 def test_a_paddle_inference_model_is_named_as_one(tmp_path):

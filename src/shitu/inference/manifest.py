@@ -102,13 +102,18 @@ def read_manifest(model_dir: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"model {model_dir}: no such folder")
     if Path(model_dir).is_file():  # e.g. the export's model.onnx for the export
         folder = Path(model_dir).parent
-        # else most often a training run's weights, which come in a file of their own
-        hint = (
-            f": {folder}"
-            if (folder / MANIFEST).is_file()
-            else f" (for a weight file, `shitu export -c CONFIG -o Global.pretrained_model="
-            f"{model_dir} --out DIR` makes one)"
-        )
+        if (folder / MANIFEST).is_file():
+            hint = f": {folder}"
+        elif Path(model_dir).suffix.lower() == ".onnx":  # a detector, or another tool's export
+            hint = (
+                " (an ONNX file alone records no preprocessing, so it is not one; a PicoDet "
+                "detector's goes to --detector)"
+            )
+        else:  # most often a training run's weights, which come in a file of their own
+            hint = (
+                f" (for a weight file, `shitu export -c CONFIG -o Global.pretrained_model="
+                f"{model_dir} --out DIR` makes one)"
+            )
         raise CheckpointError(f"model {model_dir} is a file; give the folder of an export{hint}")
     if not path.is_file():
         if (Path(model_dir) / PADDLE_INFERENCE_WEIGHTS).is_file():  # PP-ShiTu's own models
