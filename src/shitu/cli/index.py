@@ -148,8 +148,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Rename label OLD to NEW; onto a label that has images only with --merge.",
     )
     relabel.add_argument("library", type=Path)
-    relabel.add_argument("old")
-    relabel.add_argument("new")
+    relabel.add_argument("old", metavar="OLD", help="the label to rename")
+    relabel.add_argument("new", metavar="NEW", help="its new name")
     relabel.add_argument(
         "--merge", action="store_true", help="allow renaming onto a label that has images"
     )
