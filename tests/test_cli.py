@@ -336,6 +336,24 @@ def test_a_misspelt_option_is_named_by_its_command_with_the_option_meant(capsys)
 
 
 @pytest.mark.parametrize(
+    ("command", "typo", "meant"),
+    [
+        (["recognise", "photos", "--gallery", "LIB"], "recognise", "recognize"),  # docs' spelling
+        (["index", "biuld", "photos", "--out", "LIB"], "biuld", "build"),
+        (["recognize", "photos", "--format", "tabel"], "tabel", "table"),
+    ],
+)
+def test_a_misspelt_command_or_choice_is_told_the_one_meant(command, typo, meant, capsys):
+    """As a misspelt option is (above): argparse lists the choices, and names none."""
+    with pytest.raises(SystemExit) as exit_info:
+        shitu_main(command)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"invalid choice: '{typo}'" in err
+    assert err.rstrip().endswith(f"(did you mean '{meant}'?)")
+
+
+@pytest.mark.parametrize(
     "command",
     [["train", "-c", "my.yaml"], ["recognize", "photos", "--gallery", "LIB"]],
 )
