@@ -671,6 +671,20 @@ def test_a_paddle_inference_model_is_named_as_one(tmp_path):
         FeatureExtractor.load(paddle)
 
 
+def test_a_training_runs_folder_given_as_the_model_is_told_to_export_its_weights(tmp_path):
+    """`--model output/my_products`, the export step skipped: the command that makes one."""
+    run = tmp_path / "output" / "my_products"
+    run.mkdir(parents=True)
+    for name in ("latest.pt", "final_model.safetensors", "best_model.safetensors"):
+        (run / name).write_bytes(b"\0")
+    with pytest.raises(
+        CheckpointError,
+        match=rf"^{run} is a training run's folder, not an exported model: export its weights "
+        rf"first, `shitu export -c CONFIG -o Global.pretrained_model={run}/best_model\.safetensors",
+    ):
+        FeatureExtractor.load(run)
+
+
 def test_manifest_embedding_size_that_the_model_does_not_give_is_refused(exported, tmp_path):
     copy = shutil.copytree(exported["dir"], tmp_path / "copy")
     manifest = json.loads((copy / "shitu_model.json").read_text())

@@ -36,6 +36,9 @@ FORMAT_VERSION = 2
 # What PaddleClas's own export writes (with inference.pdmodel or inference.json): the
 # folders PP-ShiTu's pipeline config names as rec_inference_model_dir.
 PADDLE_INFERENCE_WEIGHTS = "inference.pdiparams"
+# What `shitu train` writes into its Global.output_dir (shitu.engine.state's BEST and FINAL),
+# best first: a folder easily given as the model in place of the export made from it.
+TRAINING_RUN_WEIGHTS = ("best_model.safetensors", "final_model.safetensors")
 INPUT_NAME = "images"
 OUTPUT_NAME = "features"
 
@@ -121,6 +124,14 @@ def read_manifest(model_dir: str | Path) -> dict[str, Any]:
                 f"{model_dir} is a Paddle inference model, which shitu does not run: export "
                 "the PaddleClas weights (.pdparams) it was made from with `shitu export -c "
                 "CONFIG -o Global.pretrained_model=FILE.pdparams --out DIR`"
+            )
+        trained = [Path(model_dir) / name for name in TRAINING_RUN_WEIGHTS]
+        weights = next((path for path in trained if path.is_file()), None)
+        if weights is not None:
+            raise CheckpointError(
+                f"{model_dir} is a training run's folder, not an exported model: export its "
+                f"weights first, `shitu export -c CONFIG -o Global.pretrained_model={weights} "
+                "--out DIR`, and give DIR"
             )
         raise CheckpointError(
             f"{model_dir} is not an exported model (no {MANIFEST}); create one with `shitu export`"
