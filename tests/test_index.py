@@ -717,6 +717,11 @@ def test_not_a_library_and_existing_target_are_refused(tmp_path):
     (paddle / "id_map.pkl").write_bytes(b"")
     with pytest.raises(GalleryError, match="a PaddleClas index .*`shitu index build DATA_FILE"):
         Gallery.open(paddle)
+    model = tmp_path / "my_model"  # a `shitu export` folder, given as the library
+    model.mkdir()
+    (model / "shitu_model.json").write_text("{}")
+    with pytest.raises(GalleryError, match=f"{model}: an exported model, not a gallery library"):
+        Gallery.open(model)
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "file").write_text("x")
     with pytest.raises(GalleryError, match="already exists"):

@@ -47,6 +47,9 @@ LIBRARY_FILE = "gallery.sqlite"
 # What PaddleClas's build_gallery.py writes into its IndexProcess.index_dir: a folder
 # that a PaddleClas inference_general.yaml given to `-c` names.
 PADDLE_INDEX_FILES = ("vector.index", "id_map.pkl")
+# The manifest of a `shitu export` folder (shitu.inference's MANIFEST): the model, easily
+# given as the library beside it (`--gallery my_model`).
+EXPORT_MANIFEST = "shitu_model.json"
 T = TypeVar("T")
 # Rounds of embedding the images other processes added while a re-embedding ran, before it
 # gives up: each round embeds only what arrived during the one before, so only a library
@@ -147,6 +150,12 @@ def _open_store(root: Path) -> MetadataStore:
                 "gallery library; build one from the gallery images' label file (PaddleClas's "
                 "IndexProcess.data_file, `path<TAB>label`): `shitu index build DATA_FILE --out "
                 "LIB`, then give LIB as --gallery (or IndexProcess.index_dir)"
+            )
+        if (root / EXPORT_MANIFEST).is_file():
+            raise GalleryError(
+                f"{root}: an exported model, not a gallery library; give it as --model, and "
+                "as --gallery the library that `shitu index build IMAGES --out LIB --model "
+                f"{root}` makes"
             )
         # `index build` takes images, `recognize --gallery` a library: easily
         # given the one for the other.
