@@ -671,8 +671,9 @@ def test_a_paddle_inference_model_is_named_as_one(tmp_path):
         FeatureExtractor.load(paddle)
 
 
-def test_a_training_runs_folder_given_as_the_model_is_told_to_export_its_weights(tmp_path):
-    """`--model output/my_products`, the export step skipped: the command that makes one."""
+def test_a_training_runs_folder_or_a_library_given_as_the_model_is_named_as_one(tmp_path):
+    """`--model output/my_products`, the export step skipped: the command that makes one;
+    `--model my_gallery`: where a library goes."""
     run = tmp_path / "output" / "my_products"
     run.mkdir(parents=True)
     for name in ("latest.pt", "final_model.safetensors", "best_model.safetensors"):
@@ -683,6 +684,11 @@ def test_a_training_runs_folder_given_as_the_model_is_told_to_export_its_weights
         rf"first, `shitu export -c CONFIG -o Global.pretrained_model={run}/best_model\.safetensors",
     ):
         FeatureExtractor.load(run)
+    library = tmp_path / "my_gallery"  # and a library, given as the model
+    library.mkdir()
+    (library / "gallery.sqlite").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=f"^{library} is a gallery library, not an exported"):
+        FeatureExtractor.load(library)
 
 
 def test_manifest_embedding_size_that_the_model_does_not_give_is_refused(exported, tmp_path):

@@ -39,6 +39,9 @@ PADDLE_INFERENCE_WEIGHTS = "inference.pdiparams"
 # What `shitu train` writes into its Global.output_dir (shitu.engine.state's BEST and FINAL),
 # best first: a folder easily given as the model in place of the export made from it.
 TRAINING_RUN_WEIGHTS = ("best_model.safetensors", "final_model.safetensors")
+# The database of a gallery library (shitu.index's LIBRARY_FILE): a library is easily given
+# as the model that built it.
+LIBRARY_DATABASE = "gallery.sqlite"
 INPUT_NAME = "images"
 OUTPUT_NAME = "features"
 
@@ -132,6 +135,11 @@ def read_manifest(model_dir: str | Path) -> dict[str, Any]:
                 f"{model_dir} is a training run's folder, not an exported model: export its "
                 f"weights first, `shitu export -c CONFIG -o Global.pretrained_model={weights} "
                 "--out DIR`, and give DIR"
+            )
+        if (Path(model_dir) / LIBRARY_DATABASE).is_file():
+            raise CheckpointError(
+                f"{model_dir} is a gallery library, not an exported model: give it as --gallery "
+                "(and as --model the export that built it, or none for the shipped model)"
             )
         raise CheckpointError(
             f"{model_dir} is not an exported model (no {MANIFEST}); create one with `shitu export`"
