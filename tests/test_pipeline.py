@@ -19,7 +19,7 @@ from PIL import Image, ImageFont
 
 from shitu.cli.eval_pipeline import SHOWN_MISTAKES, sweep_table
 from shitu.cli.main import main as shitu_main
-from shitu.config import load_config
+from shitu.config import load_config, resolve_config_path
 from shitu.data.transforms.ops import UnreadableImageError
 from shitu.detection import load_detector
 from shitu.detection.postprocess import box_iou
@@ -1047,6 +1047,13 @@ def test_pipeline_config_reads_paddleclas_files_and_overrides(tmp_path):
         load_pipeline_config(paddle, ["Global.x"])
     with pytest.raises(ConfigError, match="pipeline config not found"):
         load_pipeline_config("no_such_config")
+    # A training config, as the fine-tuning commands give it, by file or shipped name: said
+    # to be one, not listed as a dozen unknown keys (nor as not found).
+    training = tmp_path / "my_products.yaml"
+    shutil.copy(resolve_config_path("GroceryStore_EfficientNetLite0"), training)
+    for name in (training, "GroceryStore_EfficientNetLite0"):
+        with pytest.raises(ConfigError, match=f"^{name}: a training config .* as --model, once"):
+            load_pipeline_config(name)
 
 
 def test_a_library_of_an_export_searched_without_model_says_the_shipped_model_was_used(
