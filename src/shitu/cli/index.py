@@ -62,7 +62,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="embed a gallery into a new library",
         usage="%(prog)s SOURCE [SOURCE ...] --out OUT [options]",
         description="Embed the images of label files or folder-per-label trees into a new "
-        "library at --out, all or nothing: a build that could add no image leaves none.",
+        "library at --out, written once at the end (one stopped or failed leaves no library); "
+        "unreadable images are named and left out, and a build that could add none leaves none.",
     )
     build.add_argument(
         "sources",
