@@ -717,6 +717,10 @@ def test_not_a_library_and_existing_target_are_refused(tmp_path):
     (paddle / "id_map.pkl").write_bytes(b"")
     with pytest.raises(GalleryError, match="a PaddleClas index .*`shitu index build DATA_FILE"):
         Gallery.open(paddle)
+    library = new_gallery(tmp_path / "lib")  # a library's database, given for the library
+    library.close()
+    with pytest.raises(GalleryError, match=f"gallery.sqlite: a file of the library {library.root}"):
+        Gallery.open(library.root / "gallery.sqlite")
     model = tmp_path / "my_model"  # a `shitu export` folder, given as the library
     model.mkdir()
     (model / "shitu_model.json").write_text("{}")

@@ -143,6 +143,8 @@ def _open_store(root: Path) -> MetadataStore:
     if not root.exists():
         raise GalleryError(f"{root}: no such gallery library (build one with `shitu index build`)")
     if not (root / LIBRARY_FILE).is_file():
+        if root.is_file() and (root.parent / LIBRARY_FILE).is_file():  # its database, say
+            raise GalleryError(f"{root}: a file of the library {root.parent}; give its folder")
         if all((root / name).is_file() for name in PADDLE_INDEX_FILES):
             # Its vectors are Paddle's model's features, and its labels live in a pickle.
             raise GalleryError(
