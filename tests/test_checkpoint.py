@@ -537,6 +537,17 @@ def test_pretrained_share_refuses_folded_weights(tmp_path):
     assert not (tmp_path / "mixed.safetensors").exists()
 
 
+def test_convert_counts_the_file_tensors_it_leaves_out(tmp_path):
+    """`--no-head` leaves out the file's head: its summary counts them ('1 file tensor')."""
+    weights = save_weights(make_model().state_dict(), tmp_path / "trained.safetensors")
+    config = tmp_path / "tiny.yaml"
+    config.write_text(json.dumps({"Arch": ARCH, "Global": {"image_shape": [3, 64, 64]}}))
+    out = tmp_path / "features.safetensors"
+    result = run_shitu("convert", str(weights), "--no-head", "-c", str(config), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.endswith("PPLCNetV2_small_ShiTu, 1 file tensor left out\n")
+
+
 @pytest.mark.parametrize("command", ["average", "convert"])
 def test_an_output_name_no_weight_file_can_have_is_refused_before_any_work(command, tmp_path):
     """Before reading (and averaging or converting) every input, not after."""

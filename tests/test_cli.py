@@ -60,6 +60,8 @@ def test_help_of_every_command_names_every_default(monkeypatch):
     while commands:
         command = commands.pop()
         text = " ".join(command.format_help().split())  # as wrapped lines read
+        assert "(default: )" not in text, command.prog  # an empty default, said in words
+        assert command.description, command.prog  # `-h` says what the command does
         for action in command._actions:
             if isinstance(action, argparse._SubParsersAction):
                 commands.extend(action.choices.values())
@@ -71,6 +73,7 @@ def test_help_of_every_command_names_every_default(monkeypatch):
                 assert shown in text, (command.prog, action.option_strings)
     result = run_shitu("detect-train", "-h")
     assert result.returncode == 0 and "training epochs (default: 300)" in result.stdout
+    assert "OUTPUT/model.onnx" in " ".join(result.stdout.split())  # what a run writes
 
 
 def test_verbose_is_taken_before_and_after_the_command(tmp_path):
@@ -90,6 +93,19 @@ def test_verbose_is_taken_before_and_after_the_command(tmp_path):
         assert result.returncode == 0 and "info: " in result.stderr, command
     quiet = run_shitu("index", "stats", str(lib))
     assert quiet.returncode == 0 and quiet.stderr == ""
+
+
+def test_verbose_leaves_out_the_faiss_builds_tried_on_loading(tmp_path):
+    """Faiss logs each SIMD build it tries (and a ModuleNotFoundError for each it lacks):
+    under -v those lines read as failures, and are not the details asked for."""
+    from shitu.index import Gallery
+
+    lib = tmp_path / "lib"
+    with Gallery.create(lib, embedding_dim=4, model_fingerprint="m") as gallery:
+        gallery.add(np.eye(4, dtype=np.float32)[:2], ["pear", "fig"], ["a", "b"])
+    result = run_shitu("-v", "index", "rebuild", str(lib))  # loads Faiss, in a new process
+    assert result.returncode == 0, result.stderr
+    assert "info: " in result.stderr and "faiss" not in result.stderr.lower()
 
 
 # What the models, images and the server need, loaded in seconds: commands that need none
@@ -317,6 +333,24 @@ def test_a_misspelt_option_is_named_by_its_command_with_the_option_meant(capsys)
     assert err.rstrip().endswith(
         "shitu index add: error: unrecognized arguments: --lable Kiwi (did you mean '--label'?)"
     )
+
+
+@pytest.mark.parametrize(
+    ("command", "typo", "meant"),
+    [
+        (["recognise", "photos", "--gallery", "LIB"], "recognise", "recognize"),  # docs' spelling
+        (["index", "biuld", "photos", "--out", "LIB"], "biuld", "build"),
+        (["recognize", "photos", "--format", "tabel"], "tabel", "table"),
+    ],
+)
+def test_a_misspelt_command_or_choice_is_told_the_one_meant(command, typo, meant, capsys):
+    """As a misspelt option is (above): argparse lists the choices, and names none."""
+    with pytest.raises(SystemExit) as exit_info:
+        shitu_main(command)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"invalid choice: '{typo}'" in err
+    assert err.rstrip().endswith(f"(did you mean '{meant}'?)")
 
 
 @pytest.mark.parametrize(

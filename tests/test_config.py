@@ -430,6 +430,16 @@ def test_errors_in_the_file_itself(tmp_path):
         load_config(path)
 
 
+def test_a_pipeline_config_given_to_a_training_command_is_named_as_one(tmp_path):
+    """PaddleClas's inference_general.yaml (or the shipped one's name) to `train`/`export`:
+    said to be a pipeline config, not listed as a dozen unknown keys (nor as not found)."""
+    paddle = tmp_path / "inference_general.yaml"
+    paddle.write_text("Global:\n  rec_inference_model_dir: x\nIndexProcess:\n  index_dir: lib\n")
+    for name in (paddle, "inference_general"):
+        with pytest.raises(ConfigError, match=f"^{name}: a pipeline config .* goes to recognize"):
+            load_config(name)
+
+
 def test_missing_and_malformed_files(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="config file not found: .*nowhere.yaml"):
         load_config(tmp_path / "nowhere.yaml")

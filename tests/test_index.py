@@ -711,6 +711,21 @@ def test_not_a_library_and_existing_target_are_refused(tmp_path):
         Gallery.open(tmp_path)
     with pytest.raises(GalleryError, match="nowhere: no such gallery library"):
         Gallery.open(tmp_path / "nowhere")
+    paddle = tmp_path / "paddle_index"  # PaddleClas's IndexProcess.index_dir, via `-c`
+    paddle.mkdir()
+    (paddle / "vector.index").write_bytes(b"")
+    (paddle / "id_map.pkl").write_bytes(b"")
+    with pytest.raises(GalleryError, match="a PaddleClas index .*`shitu index build DATA_FILE"):
+        Gallery.open(paddle)
+    library = new_gallery(tmp_path / "lib")  # a library's database, given for the library
+    library.close()
+    with pytest.raises(GalleryError, match=f"gallery.sqlite: a file of the library {library.root}"):
+        Gallery.open(library.root / "gallery.sqlite")
+    model = tmp_path / "my_model"  # a `shitu export` folder, given as the library
+    model.mkdir()
+    (model / "shitu_model.json").write_text("{}")
+    with pytest.raises(GalleryError, match=f"{model}: an exported model, not a gallery library"):
+        Gallery.open(model)
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "file").write_text("x")
     with pytest.raises(GalleryError, match="already exists"):

@@ -183,6 +183,9 @@ def test_index_help_gives_the_default_of_every_option_that_has_one():
             assert f"default {action.default})" in words, (name, action.option_strings)
             checked.add(action.option_strings[-1])
     assert {"--index-type", "--metric", "--backend", "--batch-size", "-k"} <= checked
+    # The usage names the arguments as the description and the README do: `relabel OLD NEW`.
+    relabel = " ".join(commands.choices["relabel"].format_help().split())
+    assert "library OLD NEW" in relabel and "Rename label OLD to NEW" in relabel
 
 
 def test_build_refuses_an_existing_library_and_bad_lists(models, tmp_path):

@@ -650,6 +650,10 @@ def test_changed_model_file_is_detected(exported, tmp_path):
         rf"`shitu export -c CONFIG -o Global.pretrained_model={weights} --out DIR` makes one\)$",
     ):
         FeatureExtractor.load(weights)
+    # an ONNX file on its own (a detector given as the model): not told to export it
+    onnx = shutil.copy(copy / "model.onnx", tmp_path / "picodet_s_416_coco.onnx")
+    with pytest.raises(CheckpointError, match=r"export \(an ONNX file alone records no pre"):
+        FeatureExtractor.load(onnx)
 
 
 def test_a_paddle_inference_model_is_named_as_one(tmp_path):
@@ -665,6 +669,26 @@ def test_a_paddle_inference_model_is_named_as_one(tmp_path):
         r"PaddleClas weights \(\.pdparams\) it was made from with `shitu export",
     ):
         FeatureExtractor.load(paddle)
+
+
+def test_a_training_runs_folder_or_a_library_given_as_the_model_is_named_as_one(tmp_path):
+    """`--model output/my_products`, the export step skipped: the command that makes one;
+    `--model my_gallery`: where a library goes."""
+    run = tmp_path / "output" / "my_products"
+    run.mkdir(parents=True)
+    for name in ("latest.pt", "final_model.safetensors", "best_model.safetensors"):
+        (run / name).write_bytes(b"\0")
+    with pytest.raises(
+        CheckpointError,
+        match=rf"^{run} is a training run's folder, not an exported model: export its weights "
+        rf"first, `shitu export -c CONFIG -o Global.pretrained_model={run}/best_model\.safetensors",
+    ):
+        FeatureExtractor.load(run)
+    library = tmp_path / "my_gallery"  # and a library, given as the model
+    library.mkdir()
+    (library / "gallery.sqlite").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=f"^{library} is a gallery library, not an exported"):
+        FeatureExtractor.load(library)
 
 
 def test_manifest_embedding_size_that_the_model_does_not_give_is_refused(exported, tmp_path):

@@ -20,7 +20,7 @@ from PIL import Image, ImageFont
 
 from shitu.cli.eval_pipeline import SHOWN_MISTAKES, sweep_table
 from shitu.cli.main import main as shitu_main
-from shitu.config import load_config
+from shitu.config import load_config, resolve_config_path
 from shitu.data.transforms.ops import UnreadableImageError
 from shitu.detection import load_detector
 from shitu.detection.postprocess import box_iou
@@ -532,11 +532,19 @@ def test_a_labelled_list_given_as_an_image_is_called_a_text_file(setup, capsys):
         "recognize": ["recognize", label_file, "--gallery", str(setup["library"])],
         "extract": ["extract", label_file, "--out", str(setup["work"] / "never")],
     }
+    reason = "cannot decode image: a text file, not an image"
     for name, command in commands.items():
         assert shitu_main([*command, *model]) == 1
         err = capsys.readouterr().err
-        reason = "cannot decode image: a text file, not an image"
         assert f"warning: skipped {label_file}: {reason} ({name} {hint}" in err
+    # Text under a photo's name (a download's HTML error page) is no list: no advice.
+    page = setup["work"] / "downloads" / "photo.jpg"
+    page.parent.mkdir(exist_ok=True)
+    page.write_text("<html><body>404 Not Found</body></html>\n")
+    assert (
+        shitu_main(["recognize", str(page.parent), "--gallery", str(setup["library"]), *model]) == 1
+    )
+    assert f"warning: skipped {page}: {reason}\n" in capsys.readouterr().err
 
 
 def test_recognize_cli_fails_clearly_when_there_is_nothing_to_recognise(setup, tmp_path, capsys):
@@ -1063,6 +1071,13 @@ def test_pipeline_config_reads_paddleclas_files_and_overrides(tmp_path):
         load_pipeline_config(paddle, ["Global.x"])
     with pytest.raises(ConfigError, match="pipeline config not found"):
         load_pipeline_config("no_such_config")
+    # A training config, as the fine-tuning commands give it, by file or shipped name: said
+    # to be one, not listed as a dozen unknown keys (nor as not found).
+    training = tmp_path / "my_products.yaml"
+    shutil.copy(resolve_config_path("GroceryStore_EfficientNetLite0"), training)
+    for name in (training, "GroceryStore_EfficientNetLite0"):
+        with pytest.raises(ConfigError, match=f"^{name}: a training config .* as --model, once"):
+            load_pipeline_config(name)
 
 
 def test_a_library_of_an_export_searched_without_model_says_the_shipped_model_was_used(

@@ -921,13 +921,14 @@ def test_a_probe_run_checks_each_image_once(grocery, tmp_path, monkeypatch):
     assert len(checked) == len(listed) and set(checked.values()) == {1}
 
 
-def test_a_probe_run_shows_each_warning_once(grocery, tmp_path, caplog):
+def test_a_probe_run_shows_each_warning_once(grocery, tmp_path, caplog, capsys):
     """A LinearProbe run builds a Trainer three times (check, probe, fine-tuning) over the
     same config and data: a warning about them is shown once, not once per build."""
     path = tiny_config(grocery, tmp_path, epochs=1, eval_interval=2)
     probe = "LinearProbe={epochs: 1, frozen_layers: [backbone]}"
     with caplog.at_level(logging.WARNING, logger="shitu"):
         assert main(["train", "-c", str(path), "-o", probe, "--stop-after-steps", "1"]) == 0
+    assert "linear probe: 1 epoch with backbone frozen, then" in capsys.readouterr().err
     shown = Counter(record.getMessage() for record in caplog.records)
     assert any(message.startswith("Global.eval_interval 2 is more than") for message in shown)
     assert set(shown.values()) == {1}, shown

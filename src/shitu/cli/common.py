@@ -256,10 +256,11 @@ def unread_files_status(unread: int, total: int) -> int:
     return 1 if unread == total else 0
 
 
-def skip_reason(reason: str, command: str) -> str:
-    """Why `command` skipped a file, and where a text file given as an image (usually a
-    labelled list) belongs."""
-    if TEXT_FILE_REASON not in reason:
+def skip_reason(reason: str, command: str, path: str | Path) -> str:
+    """Why `command` skipped the file `path`, and where a text file given as an image
+    (usually a labelled list, `photos.txt`) belongs. Text named as an image (`photo.jpg`
+    that is an HTML error page a download saved) is no list: the reason alone says it."""
+    if TEXT_FILE_REASON not in reason or Path(path).suffix.lower() in IMAGE_SUFFIXES:
         return reason
     return f"{reason} ({command} takes image files and folders; {LABELLED_LIST_HINT})"
 

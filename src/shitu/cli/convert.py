@@ -7,6 +7,7 @@ import argparse
 from shitu.cli.common import (
     add_config_arguments,
     config_from_args,
+    count_of,
     count_parameters,
     model_from_config,
 )
@@ -46,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     out = save_weights(
         model.state_dict(), args.out, model_metadata(model, config.Arch.model_dump(mode="json"))
     )
-    dropped = f", {len(report.dropped)} file tensors left out" if report.dropped else ""
+    dropped = f", {count_of(len(report.dropped), 'file tensor')} left out" if report.dropped else ""
     print(
         f"wrote {out}: {len(report.loaded)} tensors, {count_parameters(model):,} parameters, "
         f"{config.Arch.Backbone.name}{dropped}"

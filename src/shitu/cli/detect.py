@@ -106,7 +106,8 @@ def run(args: argparse.Namespace) -> int:
         try:
             image = read_rgb(path)
         except UnreadableImageError as exc:
-            print(f"warning: skipped {path}: {skip_reason(str(exc), 'detect')}", file=sys.stderr)
+            reason = skip_reason(str(exc), "detect", path)
+            print(f"warning: skipped {path}: {reason}", file=sys.stderr)
             continue
         done += 1
         dets = detector.detect(image, args.threshold, args.max_boxes, not args.per_class)

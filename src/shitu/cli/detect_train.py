@@ -21,8 +21,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="train a PicoDet detector (COCO JSON or VOC XML annotations)",
         description=(
             "Train PicoDet from scratch with SGD + cosine schedule, EMA and multi-scale "
-            "batches; writes OUTPUT/latest.pt each epoch (resumable) and OUTPUT/model.pt "
-            "(EMA weights, for `shitu detect --model`), then prints COCO mAP on --val data."
+            "batches; writes OUTPUT/latest.pt each epoch (resumable), then OUTPUT/model.pt "
+            "(EMA weights) and OUTPUT/model.onnx (the onnxruntime path, at --input-size), "
+            "either one a `shitu detect --model` or `shitu recognize --detector`, and prints "
+            "COCO mAP on --val data."
         ),
     )
     source = parser.add_mutually_exclusive_group(required=True)

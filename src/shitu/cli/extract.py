@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     )
     seconds = time.perf_counter() - start
     for path, reason in result.failures:
-        print(f"warning: skipped {path}: {skip_reason(reason, 'extract')}", file=sys.stderr)
+        print(f"warning: skipped {path}: {skip_reason(reason, 'extract', path)}", file=sys.stderr)
     if not result.paths:  # exit 1 like recognize and index search: the run produced nothing
         print(
             f"error: none of the {len(files)} files could be read, nothing written", file=sys.stderr

@@ -59,6 +59,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "build",
         help="embed a gallery into a new library",
         usage="%(prog)s SOURCE [SOURCE ...] --out OUT [options]",
+        description="Embed the images of label files or folder-per-label trees into a new "
+        "library at --out, written once at the end (one stopped or failed leaves no library); "
+        "unreadable images are named and left out, and a build that could add none leaves none.",
     )
     build.add_argument(
         "sources",
@@ -123,7 +126,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_image_arguments(add)
     add.set_defaults(func=run_add)
 
-    remove = commands.add_parser("remove", help="remove images by id or by label")
+    remove = commands.add_parser(
+        "remove",
+        help="remove images by id or by label",
+        description="Remove images by id (`index list --images` lists them) or every image "
+        "of a label.",
+    )
     remove.add_argument("library", type=Path)
     remove.add_argument(
         "--id", type=int, nargs="+", default=[], dest="ids", help="ids (`index list --images`)"
@@ -133,37 +141,66 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     remove.set_defaults(func=run_remove)
 
-    relabel = commands.add_parser("relabel", help="rename a label")
+    relabel = commands.add_parser(
+        "relabel",
+        help="rename a label",
+        description="Rename label OLD to NEW; onto a label that has images only with --merge.",
+    )
     relabel.add_argument("library", type=Path)
-    relabel.add_argument("old")
-    relabel.add_argument("new")
+    relabel.add_argument("old", metavar="OLD", help="the label to rename")
+    relabel.add_argument("new", metavar="NEW", help="its new name")
     relabel.add_argument(
         "--merge", action="store_true", help="allow renaming onto a label that has images"
     )
     relabel.set_defaults(func=run_relabel)
 
-    listing = commands.add_parser("list", help="list labels with counts, or one label's images")
+    listing = commands.add_parser(
+        "list",
+        help="list labels with counts, or one label's images",
+        description="List the labels with their image counts; with --label that label's "
+        "images, with --images every image: `ID<TAB>LABEL<TAB>PATH<TAB>ADDED_AT` lines.",
+    )
     listing.add_argument("library", type=Path)
     listing.add_argument("--label", help="list this label's images")
     listing.add_argument("--images", action="store_true", help="list every image")
     listing.set_defaults(func=run_list)
 
-    stats = commands.add_parser("stats", help="show counts, model and index facts")
+    stats = commands.add_parser(
+        "stats",
+        help="show counts, model and index facts",
+        description="Print the library's image and label counts, model fingerprint, metric "
+        "and index facts as JSON.",
+    )
     stats.add_argument("library", type=Path)
     stats.set_defaults(func=run_stats)
 
     verify = commands.add_parser(
-        "verify", help="check checksums, counts and the database (exit status 1 on a problem)"
+        "verify",
+        help="check checksums, counts and the database (exit status 1 on a problem)",
+        description="Check the library's database, its index file's checksum and that the "
+        "index holds the images the database lists; exit status 1 on a problem (each printed "
+        "as `problem: ...`).",
     )
     verify.add_argument("library", type=Path)
     verify.set_defaults(func=run_verify)
 
-    reembed = commands.add_parser("reembed", help="re-extract every image with a new model")
+    reembed = commands.add_parser(
+        "reembed",
+        help="re-extract every image with a new model",
+        description="Embed every image of the library again with --model (and --precision), "
+        "which the library is then searched with: a model upgrade in one command.",
+    )
     reembed.add_argument("library", type=Path)
     _add_model_arguments(reembed)
     reembed.set_defaults(func=run_reembed)
 
-    rebuild = commands.add_parser("rebuild", help="rebuild the index (optionally another type)")
+    rebuild = commands.add_parser(
+        "rebuild",
+        help="rebuild the index (optionally another type)",
+        description="Write the index again from the features stored in the library, as "
+        "another --index-type or with other search settings; also mends a library whose "
+        "index file was lost or damaged.",
+    )
     rebuild.add_argument("library", type=Path)
     rebuild.add_argument(
         "--index-type", choices=INDEX_TYPES, help="rebuild as this type (default: the same)"
@@ -514,7 +551,7 @@ def run_search(args: argparse.Namespace) -> int:
         result = gallery.search(extraction.features, k, min_score=args.min_score)
     for path, reason in extraction.failures:
         print(
-            f"warning: could not read {path}: {skip_reason(reason, 'index search')}",
+            f"warning: could not read {path}: {skip_reason(reason, 'index search', path)}",
             file=sys.stderr,
         )
     for path, hits in zip(extraction.paths, result.to_list(), strict=True):

@@ -53,8 +53,23 @@ SUBCOMMANDS = (
 )
 
 
+class _SuggestingParser(argparse.ArgumentParser):
+    """A value that is not one of an argument's choices is told the choice it may be a
+    misspelling of, as misspelt options are (`_parse`): `shitu recognise`, in the spelling
+    the docs' prose uses, `--format tabel`. Subcommands' parsers are of this class too."""
+
+    def _check_value(self, action: argparse.Action, value: Any) -> None:
+        try:
+            super()._check_value(action, value)
+        except argparse.ArgumentError as exc:
+            hint = did_you_mean(str(value), [str(choice) for choice in action.choices or ()])
+            if not hint:
+                raise
+            raise argparse.ArgumentError(action, f"{exc.message}{hint}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _SuggestingParser(
         prog="shitu",
         description="General image recognition: detect objects, embed them, search a gallery.",
     )
@@ -192,6 +207,9 @@ def _run(argv: list[str] | None) -> int:
     handler = _PastProgressHandler()  # stderr
     handler.setFormatter(_LevelPrefixFormatter())
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, handlers=[handler])
+    # Faiss logs at INFO each faster build it tries and does not have, a ModuleNotFoundError
+    # apiece: under -v these read as failures, before the details asked for.
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     if not getattr(args, "func", None):  # no command: a usage error, so not on stdout
         parser.print_help(sys.stderr)
         return 2

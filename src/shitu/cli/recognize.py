@@ -178,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
         for found in recognizer.recognize_files(paths, progress=progress, keep_images=drawn):
             if found.error is not None:
                 skipped += 1
-                reason = skip_reason(found.error, "recognize")
+                reason = skip_reason(found.error, "recognize", found.path)
                 print_past_progress(f"warning: skipped {found.path}: {reason}", sys.stderr)
                 if args.format == "jsonl":
                     continue

@@ -113,7 +113,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="",
         metavar="PREFIX",
         help="the path prefix a reverse proxy serves this server under (e.g. /shitu), which "
-        "the proxy strips: for the API docs' links and the thumbnail paths the API gives",
+        "the proxy strips: for the API docs' links and the thumbnail paths the API gives "
+        "(default: none, served at /)",
     )
     parser.add_argument("--access-log", action="store_true", help="log every request")
     parser.set_defaults(func=run)

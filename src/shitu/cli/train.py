@@ -15,6 +15,7 @@ from shitu.cli.common import (
     add_config_arguments,
     add_progress_argument,
     config_from_args,
+    count_of,
     positive_int,
     positive_minutes,
 )
@@ -132,7 +133,7 @@ def _probe(config: ShituConfig, context: DistContext, progress: bool) -> int | N
     trainer = Trainer(probe_stage(config), context, progress)
     if trainer.context.is_main:
         print(
-            f"linear probe: {config.LinearProbe.epochs} epochs with "
+            f"linear probe: {count_of(config.LinearProbe.epochs, 'epoch')} with "
             f"{', '.join(config.LinearProbe.frozen_layers)} frozen, then the configured run",
             file=sys.stderr,
         )

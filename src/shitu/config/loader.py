@@ -16,6 +16,9 @@ from shitu.errors import ConfigError, did_you_mean
 from shitu.registry import each_problem, format_validation_error, problem_list
 
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "configs"
+# The shipped pipeline configs (shitu.pipeline's PIPELINE_CONFIG_DIR): named to a training
+# command by mistake, they are refused as what they are.
+SHIPPED_PIPELINE_DIR = SHIPPED_DIR / "pipeline"
 
 
 def shipped_configs() -> list[str]:
@@ -52,8 +55,21 @@ def load_config(name_or_path: str | Path, overrides: list[str] | None = None) ->
 
     Every problem is a ConfigError naming the file and the key, a line per problem.
     """
-    path = resolve_config_path(name_or_path)
+    try:
+        path = resolve_config_path(name_or_path)
+    except ConfigError as missing:  # `-c inference_general`: refused below as what it is
+        try:
+            path = find_config(name_or_path, SHIPPED_PIPELINE_DIR, "pipeline config")
+        except ConfigError:
+            raise missing from None
     raw = read_yaml(path)
+    if "IndexProcess" in raw and "Arch" not in raw:  # PaddleClas's inference_general shape
+        raise ConfigError(
+            f"{name_or_path}: a pipeline config (it has an IndexProcess section), not a "
+            "training config (Global, Arch, Loss, DataLoader, ..., as "
+            f"{', '.join(shipped_configs())}); a pipeline config goes to recognize, serve, "
+            "eval-pipeline and demo"
+        )
     attribution = apply_attributed_overrides(raw, overrides, path)
     try:
         config = ShituConfig.model_validate(raw)

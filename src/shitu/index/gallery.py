@@ -44,6 +44,12 @@ if TYPE_CHECKING:
     from shitu.progress import ImageProgress
 
 LIBRARY_FILE = "gallery.sqlite"
+# What PaddleClas's build_gallery.py writes into its IndexProcess.index_dir: a folder
+# that a PaddleClas inference_general.yaml given to `-c` names.
+PADDLE_INDEX_FILES = ("vector.index", "id_map.pkl")
+# The manifest of a `shitu export` folder (shitu.inference's MANIFEST): the model, easily
+# given as the library beside it (`--gallery my_model`).
+EXPORT_MANIFEST = "shitu_model.json"
 T = TypeVar("T")
 # Rounds of embedding the images other processes added while a re-embedding ran, before it
 # gives up: each round embeds only what arrived during the one before, so only a library
@@ -146,6 +152,22 @@ def _open_store(root: Path) -> MetadataStore:
     if not root.exists():
         raise GalleryError(f"{root}: no such gallery library (build one with `shitu index build`)")
     if not (root / LIBRARY_FILE).is_file():
+        if root.is_file() and (root.parent / LIBRARY_FILE).is_file():  # its database, say
+            raise GalleryError(f"{root}: a file of the library {root.parent}; give its folder")
+        if all((root / name).is_file() for name in PADDLE_INDEX_FILES):
+            # Its vectors are Paddle's model's features, and its labels live in a pickle.
+            raise GalleryError(
+                f"{root}: a PaddleClas index ({', '.join(PADDLE_INDEX_FILES)}), not a shitu "
+                "gallery library; build one from the gallery images' label file (PaddleClas's "
+                "IndexProcess.data_file, `path<TAB>label`): `shitu index build DATA_FILE --out "
+                "LIB`, then give LIB as --gallery (or IndexProcess.index_dir)"
+            )
+        if (root / EXPORT_MANIFEST).is_file():
+            raise GalleryError(
+                f"{root}: an exported model, not a gallery library; give it as --model, and "
+                "as --gallery the library that `shitu index build IMAGES --out LIB --model "
+                f"{root}` makes"
+            )
         # `index build` takes images, `recognize --gallery` a library: easily
         # given the one for the other.
         raise GalleryError(

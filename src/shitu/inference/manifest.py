@@ -36,6 +36,12 @@ FORMAT_VERSION = 2
 # What PaddleClas's own export writes (with inference.pdmodel or inference.json): the
 # folders PP-ShiTu's pipeline config names as rec_inference_model_dir.
 PADDLE_INFERENCE_WEIGHTS = "inference.pdiparams"
+# What `shitu train` writes into its Global.output_dir (shitu.engine.state's BEST and FINAL),
+# best first: a folder easily given as the model in place of the export made from it.
+TRAINING_RUN_WEIGHTS = ("best_model.safetensors", "final_model.safetensors")
+# The database of a gallery library (shitu.index's LIBRARY_FILE): a library is easily given
+# as the model that built it.
+LIBRARY_DATABASE = "gallery.sqlite"
 INPUT_NAME = "images"
 OUTPUT_NAME = "features"
 
@@ -102,13 +108,18 @@ def read_manifest(model_dir: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"model {model_dir}: no such folder")
     if Path(model_dir).is_file():  # e.g. the export's model.onnx for the export
         folder = Path(model_dir).parent
-        # else most often a training run's weights, which come in a file of their own
-        hint = (
-            f": {folder}"
-            if (folder / MANIFEST).is_file()
-            else f" (for a weight file, `shitu export -c CONFIG -o Global.pretrained_model="
-            f"{model_dir} --out DIR` makes one)"
-        )
+        if (folder / MANIFEST).is_file():
+            hint = f": {folder}"
+        elif Path(model_dir).suffix.lower() == ".onnx":  # a detector, or another tool's export
+            hint = (
+                " (an ONNX file alone records no preprocessing, so it is not one; a PicoDet "
+                "detector's goes to --detector)"
+            )
+        else:  # most often a training run's weights, which come in a file of their own
+            hint = (
+                f" (for a weight file, `shitu export -c CONFIG -o Global.pretrained_model="
+                f"{model_dir} --out DIR` makes one)"
+            )
         raise CheckpointError(f"model {model_dir} is a file; give the folder of an export{hint}")
     if not path.is_file():
         if (Path(model_dir) / PADDLE_INFERENCE_WEIGHTS).is_file():  # PP-ShiTu's own models
@@ -116,6 +127,19 @@ def read_manifest(model_dir: str | Path) -> dict[str, Any]:
                 f"{model_dir} is a Paddle inference model, which shitu does not run: export "
                 "the PaddleClas weights (.pdparams) it was made from with `shitu export -c "
                 "CONFIG -o Global.pretrained_model=FILE.pdparams --out DIR`"
+            )
+        trained = [Path(model_dir) / name for name in TRAINING_RUN_WEIGHTS]
+        weights = next((path for path in trained if path.is_file()), None)
+        if weights is not None:
+            raise CheckpointError(
+                f"{model_dir} is a training run's folder, not an exported model: export its "
+                f"weights first, `shitu export -c CONFIG -o Global.pretrained_model={weights} "
+                "--out DIR`, and give DIR"
+            )
+        if (Path(model_dir) / LIBRARY_DATABASE).is_file():
+            raise CheckpointError(
+                f"{model_dir} is a gallery library, not an exported model: give it as --gallery "
+                "(and as --model the export that built it, or none for the shipped model)"
             )
         raise CheckpointError(
             f"{model_dir} is not an exported model (no {MANIFEST}); create one with `shitu export`"

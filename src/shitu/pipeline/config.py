@@ -14,7 +14,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from shitu.config.loader import apply_attributed_overrides, find_config, read_yaml, with_source
+from shitu.config.loader import (
+    apply_attributed_overrides,
+    find_config,
+    read_yaml,
+    resolve_config_path,
+    with_source,
+)
 from shitu.errors import ConfigError
 from shitu.pipeline.defaults import NO_DETECTOR, PIPELINE_CONFIG_DIR, PLAIN_BACKGROUND, SETTINGS
 from shitu.registry import format_validation_error
@@ -124,10 +130,14 @@ def load_pipeline_config(
     name_or_path: str | Path | None = None, overrides: list[str] | None = None
 ) -> PipelineConfig:
     """Defaults, or a YAML file / shipped name, with `-o Section.key=value` overrides."""
-    source = (
-        find_config(name_or_path, PIPELINE_CONFIG_DIR, "pipeline config") if name_or_path else None
-    )
+    source = _pipeline_source(name_or_path) if name_or_path else None
     raw = read_yaml(source) if source else {}
+    if "Arch" in raw:  # every training config has one; a pipeline config never does
+        raise ConfigError(
+            f"{name_or_path}: a training config (it has an Arch section), not a pipeline "
+            "config (PaddleClas's inference_general.yaml shape: Global, IndexProcess); give a "
+            "model trained with it as --model, once `shitu export` has made one"
+        )
     where = str(source) if source else "pipeline defaults"
     attribution = apply_attributed_overrides(raw, overrides, where)
     try:
@@ -154,3 +164,15 @@ def with_settings(config: PipelineConfig, settings: dict[str, Any]) -> PipelineC
             reason = exc.errors()[0]["msg"]
             raise ConfigError(f"{name}={value!r} ({section}.{key}): {reason}") from None
     return config
+
+
+def _pipeline_source(name_or_path: str | Path) -> Path:
+    """The pipeline config's file, or a shipped training config's: given by its name (`-c
+    GroceryStore_EfficientNetLite0`), that is refused as a training config, not as missing."""
+    try:
+        return find_config(name_or_path, PIPELINE_CONFIG_DIR, "pipeline config")
+    except ConfigError as missing:
+        try:
+            return resolve_config_path(name_or_path)
+        except ConfigError:
+            raise missing from None
