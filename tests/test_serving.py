@@ -30,7 +30,7 @@ import pytest
 from PIL import Image
 
 from shitu.cli.main import main as shitu_main
-from shitu.errors import DataError, GalleryError
+from shitu.errors import ConfigError, DataError, GalleryError
 from shitu.index import Gallery, metadata
 from shitu.inference.preprocess import read_rgb
 from shitu.pipeline import Recognizer, load_pipeline_config
@@ -635,15 +635,39 @@ def test_limits_that_let_nothing_through_are_usage_errors(option, value, expecte
     assert error == f"shitu serve: error: argument {option}: expected {expected}"
 
 
-def test_a_max_megapixels_over_what_shitu_decodes_is_refused_at_start(monkeypatch, capsys):
-    """Uploads between the two limits would pass the server's check and then be refused by
-    the decoder as corrupt: the server does not start, and says what to set."""
+@pytest.mark.parametrize(
+    "options, expected",
+    [
+        (
+            ["--max-megapixels", "150"],
+            "--max-megapixels 150 (max_pixels) is over the 100 megapixels shitu decodes; set "
+            "SHITU_MAX_MEGAPIXELS to at least that too",
+        ),
+        (
+            ["--max-megapixels-in-flight", "30"],
+            "--max-megapixels 50 (max_pixels) is over --max-megapixels-in-flight 30 "
+            "(max_pixels_in_flight), which every request's images must fit in: lower the one "
+            "or raise the other",
+        ),
+    ],
+)
+def test_a_max_megapixels_that_could_never_be_decoded_is_refused_at_start(
+    options, expected, monkeypatch, capsys, tmp_path
+):
+    """Uploads between the limits would pass the server's check and then be refused by the
+    decoder as corrupt, or as too many pixels together: the server does not start, and says
+    what to set; settings built in Python are refused the same way."""
     monkeypatch.setenv("SHITU_MAX_MEGAPIXELS", "100")
-    assert shitu_main(["serve", "--gallery", "unused", "--max-megapixels", "150"]) == 2
-    assert capsys.readouterr().err == (
-        "error: --max-megapixels 150 is over the 100 megapixels shitu decodes; set "
-        "SHITU_MAX_MEGAPIXELS to at least that too\n"
-    )
+    assert shitu_main(["serve", "--gallery", "unused", *options]) == 2
+    assert capsys.readouterr().err == f"error: {expected}\n"
+    megapixels = dict(zip(options[::2], map(float, options[1::2]), strict=True))
+    with pytest.raises(ConfigError) as refused:
+        ServeSettings(
+            upload_dir=tmp_path,
+            max_pixels=int(megapixels.get("--max-megapixels", 50) * 1e6),
+            max_pixels_in_flight=int(megapixels.get("--max-megapixels-in-flight", 400) * 1e6),
+        )
+    assert str(refused.value) == expected
 
 
 def test_requests_over_the_limit_in_progress_get_a_json_503_with_retry_after(
@@ -700,8 +724,9 @@ def test_decoded_pixels_in_flight_are_shared_by_all_requests(serving_library, tm
     tens of GB), while one that fits goes through; one larger than the whole budget gets
     413. Every path gives its pixels back: answered, corrupt, and the client gone."""
     server = ServerProcess(
-        serving_library, tmp_path, "--max-megapixels-in-flight", "3", env={"SHITU_API_KEY": KEY}
-    )
+        serving_library, tmp_path, "--max-megapixels-in-flight", "3", "--max-megapixels", "3",
+        env={"SHITU_API_KEY": KEY},
+    )  # fmt: skip
 
     def png(width: int, height: int, shade: int = 0) -> bytes:
         return png_bytes(np.full((height, width, 3), shade, np.uint8))
@@ -746,7 +771,8 @@ def test_decoded_pixels_in_flight_are_shared_by_all_requests(serving_library, tm
             wait_until_held(http, 0)
             assert http.get("/v1/gallery/labels/Held").json()["count"] == 2  # the left one too
 
-            over = http.post("/v1/extract", files=image("whole.png", png(2000, 2000)))
+            halves = [("image", (f"{n}.png", png(2000, 1000, n), "image/png")) for n in (1, 2)]
+            over = http.post("/v1/extract", files=halves)
             assert over.status_code == 413
             assert over.json()["detail"] == (
                 "the request's images hold 4.0 megapixels together; the limit is 3 "
@@ -1200,7 +1226,9 @@ def test_a_thumbnail_takes_the_pixels_it_decodes_from_the_budget(serving_library
     from shitu.serving.app import create_app
 
     config = local_config(serving_library, tmp_path / "gallery")
-    settings = ServeSettings(upload_dir=tmp_path / "uploads", max_pixels_in_flight=3_000_000)
+    settings = ServeSettings(
+        upload_dir=tmp_path / "uploads", max_pixels=3_000_000, max_pixels_in_flight=3_000_000
+    )
     large = png_bytes(np.full((1000, 2000, 3), 9, np.uint8))
 
     async def scenario(app) -> list[httpx.Response]:
@@ -1273,7 +1301,8 @@ def test_an_image_the_model_cannot_resize_is_a_bad_upload(
             return [await client.post(r, files=f, data=d) for r, f, d in requests]
 
     uploads = tmp_path / "uploads"
-    with RecognitionService(config, ServeSettings(upload_dir=uploads)) as service:
+    settings = ServeSettings(upload_dir=uploads, max_pixels=thin_limit)  # within it
+    with RecognitionService(config, settings) as service:
         *refused, fine, mixed = asyncio.run(
             post(
                 create_app(service),

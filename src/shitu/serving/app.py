@@ -473,9 +473,9 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
         if tag and tag in {known_tag.strip().removeprefix("W/") for known_tag in known}:
             return Response(status_code=304, headers=headers)
         # Its decoded pixels count with the uploads' (a thumbnail of a large PNG decodes it
-        # whole); one of an image larger than the whole budget waits for all of it.
+        # whole): at most the largest image's, which the budget holds (ServeSettings).
         pixels = await run_in_threadpool(service.thumbnail_pixels, image_id, size)
-        async with pixel_budget.hold(min(pixels, pixel_budget.capacity)):
+        async with pixel_budget.hold(pixels):
             data = await run_in_threadpool(service.thumbnail, image_id, size)
         return Response(data, media_type="image/jpeg", headers=headers)
 
