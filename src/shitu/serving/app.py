@@ -16,6 +16,7 @@ from itertools import groupby
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
+import numpy as np
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
@@ -275,8 +276,16 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
             for (name, data), header in zip(uploads.images, headers, strict=True):
                 pixels = await run_in_threadpool(decode_image, data, header, name)
                 service.check_image(name, pixels)
-                decoded.append(Upload(name, data, pixels))
+                decoded.append(Upload(name, pixels))
             yield decoded
+
+    async def embedded(uploads: RawUploads) -> np.ndarray:
+        """The uploads' embeddings, one row each; their pixels are held (and reserved) only
+        while the model takes them: an add then waits for the library, where another
+        process's write may keep it a minute, holding none, and recognition goes on."""
+        async with decoded(uploads) as images:
+            futures = service.extract([image.pixels for image in images])
+            return np.stack(await asyncio.gather(*map(asyncio.wrap_future, futures)))
 
     def image_out(request: Request, entry: ImageEntry) -> schemas.ImageOut:
         """The image as the API lists it; its thumbnail's path as clients reach it, under the
@@ -376,14 +385,12 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
         raw = await read_uploads(
             request, settings, schemas.ExtractJSON, settings.max_images_per_request
         )
-        async with decoded(raw) as uploads:
-            futures = service.extract([u.pixels for u in uploads])
-            vectors = await asyncio.gather(*map(asyncio.wrap_future, futures))
+        vectors = await embedded(raw)
         return JSONResponse(
             {
                 "model": service.extractor.fingerprint,
                 "dim": service.extractor.embedding_size,
-                "embeddings": [vector.tolist() for vector in vectors],
+                "embeddings": vectors.tolist(),
             }
         )
 
@@ -500,8 +507,8 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
         if "label" not in raw.fields:
             raise BadRequest("missing field 'label'")
         label = check_label(raw.fields["label"])  # as stored (NFC), before any decoding
-        async with decoded(raw) as uploads:
-            outcome = await run_in_threadpool(service.add, label, uploads)
+        features = await embedded(raw)
+        outcome = await run_in_threadpool(service.add, label, raw.images, features)
         return schemas.AddImagesResponse(
             label=label,
             added=[image_out(request, e) for e in outcome.added],

@@ -49,10 +49,9 @@ SUFFIXES = {
 
 @dataclass(frozen=True)
 class Upload:
-    """One uploaded image: the name the client gave, its bytes and its decoded pixels."""
+    """One uploaded image: the name the client gave and its decoded pixels."""
 
     name: str
-    data: bytes
     pixels: np.ndarray
 
 
@@ -191,18 +190,21 @@ class RecognitionService:
 
     # ------------------------------------------------------------------------- writing
 
-    def add(self, label: str, uploads: Sequence[Upload]) -> AddOutcome:
-        """Embed the images, keep their files, add them with `label`; images the library
-        already has (same bytes) are skipped.
+    def add(
+        self, label: str, images: Sequence[tuple[str, bytes]], features: np.ndarray
+    ) -> AddOutcome:
+        """Keep the encoded images' files (name, bytes) and add them with `label` and their
+        embeddings (`extract`, one row each); images the library already has (same bytes)
+        are skipped.
 
-        Blocks; call from a worker thread. Embedding runs while other writes proceed; the
+        Blocks; call from a worker thread. Takes embeddings, not pixels: nothing decoded is
+        held while the write waits for others (another process's may take a minute); the
         files and rows are written on the library's thread, one write at a time.
         """
         label = check_label(label)
-        if not uploads:
+        if not images:
             raise BadRequest("no images to add")
-        features = np.stack([f.result() for f in self.extract([u.pixels for u in uploads])])
-        hashes = [hashlib.sha256(upload.data).hexdigest() for upload in uploads]
+        hashes = [hashlib.sha256(data).hexdigest() for _name, data in images]
 
         def commit() -> AddOutcome:
             stored, seen = self.library.gallery.stored_hashes(hashes), set()
@@ -210,14 +212,14 @@ class RecognitionService:
             for row, digest in enumerate(hashes):
                 (duplicates if digest in stored or digest in seen else rows).append(row)
                 seen.add(digest)
-            names = [uploads[row].name for row in duplicates]
+            names = [images[row][0] for row in duplicates]
             if not rows:
                 return AddOutcome(added=[], duplicates=names)
             created: list[Path] = []
             paths = []
             try:
                 for row in rows:
-                    path, new = self._keep_file(uploads[row], hashes[row])
+                    path, new = self._keep_file(*images[row], hashes[row])
                     paths.append(str(path))
                     if new:
                         created.append(path)
@@ -233,7 +235,7 @@ class RecognitionService:
                 self._drop_unlisted(created)
                 skipped = set(report.duplicates)  # by the paths given, one per content
                 listed = zip(rows, paths, strict=True)
-                names += [uploads[row].name for row, path in listed if path in skipped]
+                names += [images[row][0] for row, path in listed if path in skipped]
             by_id = self.library.snapshot.by_id
             return AddOutcome(added=[by_id[int(i)] for i in report.ids], duplicates=names)
 
@@ -281,19 +283,19 @@ class RecognitionService:
 
     # ------------------------------------------------------------------------- files
 
-    def _keep_file(self, upload: Upload, digest: str) -> tuple[Path, bool]:
+    def _keep_file(self, name: str, data: bytes, digest: str) -> tuple[Path, bool]:
         """Store an upload (atomically) as `<its name>-<hash prefix>`; returns the path and
         whether this call wrote it.
 
         The library holds each content once, so the hash prefix keeps names unique.
         """
-        with Image.open(io.BytesIO(upload.data)) as header:
+        with Image.open(io.BytesIO(data)) as header:
             suffix = SUFFIXES.get(header.format or "", ".img")
-        stem = SAFE_NAME.sub("_", Path(upload.name).stem)[:MAX_NAME].strip("._") or "image"
+        stem = SAFE_NAME.sub("_", Path(name).stem)[:MAX_NAME].strip("._") or "image"
         path = self.upload_dir / f"{stem}-{digest[:16]}{suffix}"
         if path.is_file():
             return path, False
-        write_atomically(path, lambda tmp: tmp.write_bytes(upload.data), durable=True)
+        write_atomically(path, lambda tmp: tmp.write_bytes(data), durable=True)
         return path, True
 
     def _drop_unlisted(self, written: Sequence[Path]) -> None:
