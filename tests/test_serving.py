@@ -313,11 +313,35 @@ def test_bad_uploads_get_clear_errors(serving_library, client):
             "unsupported content type 'image/jpeg'",
         ),
         "no image": (
-            client.post(
-                "/v1/recognize", data={"label": "x"}, files={"other": ("a.jpg", b"1", "image/jpeg")}
-            ),
+            client.post("/v1/recognize", files={"other": ("a.jpg", b"1", "image/jpeg")}),
             400,
             "unexpected file field 'other'",
+        ),
+        # as JSON's extra fields: a parameter the endpoint does not take is not dropped
+        "form field": (
+            client.post("/v1/recognize", data={"k": "3"}, files={"image": photo(good)}),
+            400,
+            "unexpected field 'k': the form takes 'image'",
+        ),
+        "two labels": (
+            client.post(
+                "/v1/gallery/images",
+                data={"label": ["Lemon Soda", "Other"]},
+                files={"image": photo(good)},
+                headers=WRITE,
+            ),
+            400,
+            "field 'label' is given more than once",
+        ),
+        "misspelt label": (
+            client.post(
+                "/v1/gallery/images",
+                data={"lable": "x"},
+                files={"image": photo(good)},
+                headers=WRITE,
+            ),
+            400,
+            "unexpected field 'lable': the form takes 'image', 'label'",
         ),
         "text image": (
             client.post("/v1/recognize", files={"image": (None, "abc")}),

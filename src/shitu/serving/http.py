@@ -295,7 +295,7 @@ async def read_uploads(
     `images` as base64, validated by `schema`); anything else is 415."""
     media = media_type(request)
     if media == "multipart/form-data":
-        uploads = await _read_multipart(request, at_most)
+        uploads = await _read_multipart(request, at_most, schema)
     elif media == "application/json":
         uploads = await _read_json(request, schema)
     else:
@@ -310,12 +310,23 @@ async def read_uploads(
     return uploads
 
 
-async def _read_multipart(request: Request, at_most: int) -> RawUploads:
+async def _read_multipart(request: Request, at_most: int, schema: type[BaseModel]) -> RawUploads:
+    """The form's images and its text fields: those of the JSON `schema` other than the
+    images, each once. Others are refused, as in JSON: a field the endpoint does not take
+    (a misspelt one, `k=3`) or a second value was silently dropped."""
     images: list[tuple[str, bytes]] = []
     fields: dict[str, str] = {}
+    takes = [name for name in schema.model_fields if name not in (IMAGE_FIELD, "images")]
     async with request.form(max_files=at_most, max_fields=16) as form:
         for key, value in form.multi_items():
             if not isinstance(value, UploadFile):
+                if key == IMAGE_FIELD:
+                    raise BadRequest(f"field '{IMAGE_FIELD}' must be a file upload, not text")
+                if key not in takes:
+                    expected = ", ".join(f"'{name}'" for name in [IMAGE_FIELD, *takes])
+                    raise BadRequest(f"unexpected field '{key}': the form takes {expected}")
+                if key in fields:
+                    raise BadRequest(f"field '{key}' is given more than once")
                 fields[key] = value
                 continue
             if key != IMAGE_FIELD:
@@ -325,8 +336,6 @@ async def _read_multipart(request: Request, at_most: int) -> RawUploads:
             if not kind.startswith("image/") and kind not in GENERIC_FILE_TYPES:
                 raise UnsupportedMediaType(f"{name}: the part is {kind}; upload an image file")
             images.append((name, await value.read()))
-    if IMAGE_FIELD in fields:
-        raise BadRequest(f"field '{IMAGE_FIELD}' must be a file upload, not text")
     return RawUploads(images, fields)
 
 
