@@ -359,6 +359,12 @@ def test_bad_uploads_get_clear_errors(serving_library, client):
             "image: Field required",
         ),
         "base64": (client.post("/v1/recognize", json={"image": "%%%"}), 400, "not valid base64"),
+        # counted before any is decoded: millions of them in 20 MB took the server seconds
+        "json count": (
+            client.post("/v1/extract", json={"images": ["%%%"] * 33}),
+            400,
+            "33 images sent; at most 32 per request",
+        ),
         "json syntax": (
             client.post(
                 "/v1/recognize", content=b"{", headers={"content-type": "application/json"}
