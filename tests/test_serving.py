@@ -700,6 +700,16 @@ def test_a_max_megapixels_that_could_never_be_decoded_is_refused_at_start(
     assert str(refused.value) == expected
 
 
+def answer_once(url: str, status: int) -> httpx.Response:
+    """The first answer from `url` with `status`, asked again until it comes (up to a
+    minute): what the server has seen of other connections is not known from outside."""
+    deadline = time.monotonic() + 60
+    while (response := httpx.get(url, timeout=10)).status_code != status:
+        assert time.monotonic() < deadline, f"no {status} in 60 s: {response.text}"
+        time.sleep(0.05)
+    return response
+
+
 def test_requests_over_the_limit_in_progress_get_a_json_503_with_retry_after(
     serving_library, tmp_path
 ):
@@ -715,9 +725,7 @@ def test_requests_over_the_limit_in_progress_get_a_json_503_with_retry_after(
                 b"POST /v1/recognize HTTP/1.1\r\nHost: shitu\r\n"
                 b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
             )
-        time.sleep(0.5)  # both are in progress, reading their bodies
-        busy = httpx.get(f"{server.url}/v1/gallery", timeout=10)
-        assert busy.status_code == 503
+        busy = answer_once(f"{server.url}/v1/gallery", 503)  # both are reading their bodies
         assert busy.headers["retry-after"] == "1"
         assert busy.json() == {
             "detail": "the server is busy: 2 requests in progress, its limit "
@@ -727,8 +735,7 @@ def test_requests_over_the_limit_in_progress_get_a_json_503_with_retry_after(
         for connection in stalled:
             connection.close()
     try:
-        time.sleep(0.5)
-        assert httpx.get(f"{server.url}/v1/gallery", timeout=10).status_code == 200
+        answer_once(f"{server.url}/v1/gallery", 200)  # once the server has seen them close
     finally:
         server.stop()
 
@@ -863,7 +870,8 @@ def test_thumbnails_do_not_wait_behind_an_edit_that_waits_for_another_process(
                     headers=WRITE,
                     timeout=120,
                 )
-                time.sleep(1.5)  # the add is queued, and a check for other writes is due
+                wait_until_embedded(http, 1)  # then queued for the library's thread
+                time.sleep(1.5)  # and a check for other writes is due
                 shown = http.get(f"/v1/gallery/images/{image_id}/thumbnail")
                 assert shown.status_code == 200 and shown.headers["content-type"] == "image/jpeg"
                 assert not adding.done() and other.poll() is None  # it did not wait them out
