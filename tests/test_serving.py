@@ -276,6 +276,10 @@ def test_edits_by_another_process_show_up_while_serving(serving_library, server,
 def test_bad_uploads_get_clear_errors(serving_library, client):
     good = serving_library.queries()[0][0]
 
+    ppm = io.BytesIO()
+    Image.fromarray(np.full((64, 64, 3), 90, np.uint8)).save(ppm, "PPM")
+    ppm = ppm.getvalue()
+
     def add_labelled(label: str) -> httpx.Response:
         files = {"image": photo(good)}
         return client.post("/v1/gallery/images", data={"label": label}, files=files, headers=WRITE)
@@ -299,6 +303,14 @@ def test_bad_uploads_get_clear_errors(serving_library, client):
             client.post("/v1/recognize", files={"image": ("e.jpg", b"", "image/jpeg")}),
             400,
             "empty",
+        ),
+        # one of the dozens Pillow reads: it was kept as an `.img` file no tool took for an image
+        "format": (
+            client.post(
+                "/v1/recognize", files={"image": ("x.ppm", ppm, "image/x-portable-pixmap")}
+            ),
+            415,
+            "x.ppm: PPM images are not accepted (expected JPEG, PNG, WebP, BMP, TIFF or GIF)",
         ),
         "part type": (
             client.post("/v1/recognize", files={"image": ("a.txt", b"hello", "text/plain")}),

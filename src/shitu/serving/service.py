@@ -29,22 +29,13 @@ from shitu.index.metadata import ImageEntry
 from shitu.pipeline import PipelineConfig, Recognition, Recognizer
 from shitu.serving.batching import BatchObserver, MicroBatcher
 from shitu.serving.errors import BadRequest, NotFound
-from shitu.serving.images import thumbnail_jpeg, thumbnail_pixels
+from shitu.serving.images import SUFFIXES, thumbnail_jpeg, thumbnail_pixels
 from shitu.serving.library import SharedLibrary
 from shitu.serving.settings import ServeSettings
 
 MAX_LABEL_LENGTH = 200
 SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")  # what an upload's name keeps in its file name
 MAX_NAME = 60
-SUFFIXES = {
-    "JPEG": ".jpg",
-    "MPO": ".jpg",  # many cameras' JPEGs (with a preview image)
-    "PNG": ".png",
-    "WEBP": ".webp",
-    "BMP": ".bmp",
-    "TIFF": ".tif",
-    "GIF": ".gif",
-}
 
 
 @dataclass(frozen=True)
@@ -290,7 +281,7 @@ class RecognitionService:
         The library holds each content once, so the hash prefix keeps names unique.
         """
         with Image.open(io.BytesIO(data)) as header:
-            suffix = SUFFIXES.get(header.format or "", ".img")
+            suffix = SUFFIXES[header.format or ""]  # `read_header` refused other formats
         stem = SAFE_NAME.sub("_", Path(name).stem)[:MAX_NAME].strip("._") or "image"
         path = self.upload_dir / f"{stem}-{digest[:16]}{suffix}"
         if path.is_file():
