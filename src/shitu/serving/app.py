@@ -56,7 +56,7 @@ from shitu.serving.http import (
 )
 from shitu.serving.images import decode_image, read_header
 from shitu.serving.metrics import CONTENT_TYPE, Metrics, MetricsMiddleware
-from shitu.serving.service import RecognitionService, Upload, check_label
+from shitu.serving.service import RecognitionService, check_label
 
 F = TypeVar("F", bound=Callable[..., Any])
 logger = logging.getLogger(__name__)
@@ -255,12 +255,12 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
         return register
 
     @asynccontextmanager
-    async def decoded(uploads: RawUploads) -> AsyncIterator[list[Upload]]:
-        """Decoded uploads, each one the model can take, for the block; each within the pixel
-        limit, and all of them together within REQUEST_PIXELS_FACTOR times it and within the
-        server's budget of decoded pixels, counted from the headers before anything is
-        decoded: neither one request nor all of them together can hold gigabytes of pixels.
-        The pixels stay reserved until the block ends (the answer is computed)."""
+    async def decoded(uploads: RawUploads) -> AsyncIterator[list[np.ndarray]]:
+        """Decoded uploads (RGB arrays), each one the model can take, for the block; each
+        within the pixel limit, and all of them together within REQUEST_PIXELS_FACTOR times
+        it and within the server's budget of decoded pixels, counted from the headers before
+        anything is decoded: neither one request nor all of them together can hold gigabytes
+        of pixels. The pixels stay reserved until the block ends (the answer is computed)."""
         headers = await run_in_threadpool(
             lambda: [read_header(data, settings.max_pixels, name) for name, data in uploads.images]
         )
@@ -276,7 +276,7 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
             for (name, data), header in zip(uploads.images, headers, strict=True):
                 pixels = await run_in_threadpool(decode_image, data, header, name)
                 service.check_image(name, pixels)
-                decoded.append(Upload(name, pixels))
+                decoded.append(pixels)
             yield decoded
 
     async def embedded(uploads: RawUploads) -> np.ndarray:
@@ -284,7 +284,7 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
         while the model takes them: an add then waits for the library, where another
         process's write may keep it a minute, holding none, and recognition goes on."""
         async with decoded(uploads) as images:
-            futures = service.extract([image.pixels for image in images])
+            futures = service.extract(images)
             return np.stack(await asyncio.gather(*map(asyncio.wrap_future, futures)))
 
     def image_out(request: Request, entry: ImageEntry) -> schemas.ImageOut:
@@ -368,8 +368,8 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
     async def recognize(request: Request) -> dict:
         """What is in the photo: boxes, labels, scores and the matching gallery image ids."""
         raw = await read_uploads(request, settings, schemas.RecognizeJSON, 1)
-        async with decoded(raw) as (upload,):
-            results = await asyncio.wrap_future(service.recognize(upload.pixels))
+        async with decoded(raw) as (pixels,):
+            results = await asyncio.wrap_future(service.recognize(pixels))
         return {"results": [r.to_dict() for r in results]}
 
     @app.post(

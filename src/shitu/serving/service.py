@@ -39,14 +39,6 @@ MAX_NAME = 60
 
 
 @dataclass(frozen=True)
-class Upload:
-    """One uploaded image: the name the client gave and its decoded pixels."""
-
-    name: str
-    pixels: np.ndarray
-
-
-@dataclass(frozen=True)
 class AddOutcome:
     added: list[ImageEntry]
     duplicates: list[str]  # upload names whose content the library already holds
