@@ -431,6 +431,17 @@ def test_bad_uploads_get_clear_errors(serving_library, client):
             400,
             "invalid query: offset: Input should be greater than or equal to 0",
         ),
+        # FastAPI takes the last: `DELETE ...?label=a&label=b` removed b alone
+        "query twice": (
+            client.get("/v1/gallery/label", params=[("label", "Lemon Soda"), ("label", "x")]),
+            400,
+            "invalid query: label: given more than once; send one value",
+        ),
+        "size twice": (
+            client.get("/v1/gallery/images/1/thumbnail", params=[("size", 16), ("size", 32)]),
+            400,
+            "invalid query: size: given more than once",
+        ),
     }
     for name, (response, status, message) in cases.items():
         assert response.status_code == status, (name, response.text)

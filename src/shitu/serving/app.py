@@ -52,6 +52,7 @@ from shitu.serving.http import (
     api_key_check,
     media_type,
     read_uploads,
+    single_query_values,
     validation_problems,
 )
 from shitu.serving.images import decode_image, read_header
@@ -245,7 +246,9 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
         """Register an operation on one label at both its addresses: the label as the end of
         the path (`/v1/gallery/labels/NAME`), and as the query's `label`
         (`/v1/gallery/label?label=NAME`), which carries every label: a path cannot carry '.'
-        or '..' (clients resolve them away, even encoded), nor '//' (proxies merge it)."""
+        or '..' (clients resolve them away, even encoded), nor '//' (proxies merge it). A
+        query parameter given twice is refused, not taken as its last value."""
+        options["dependencies"] = [*options["dependencies"], Depends(single_query_values)]
 
         def register(operation: F) -> F:
             for path in (LABEL_IN_PATH, LABEL_IN_QUERY):
@@ -461,7 +464,7 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
 
     @app.get(
         "/v1/gallery/images/{image_id}/thumbnail",
-        dependencies=read_access,
+        dependencies=[*read_access, Depends(single_query_values)],
         responses={200: {"content": {"image/jpeg": {}}}, **ERRORS},
         response_class=Response,
         tags=["gallery"],

@@ -260,6 +260,15 @@ def api_key_check(settings: ServeSettings, write: bool) -> Callable[..., Awaitab
     return check
 
 
+async def single_query_values(request: Request) -> None:
+    """A dependency refusing a query parameter given more than once: FastAPI takes the last
+    value, so `DELETE /v1/gallery/label?label=a&label=b` removed b alone, as if asked to."""
+    params = request.query_params
+    repeated = [key for key in params if len(params.getlist(key)) > 1]
+    if repeated:
+        raise BadRequest(f"invalid query: {repeated[0]}: given more than once; send one value")
+
+
 # --------------------------------------------------------------------------- bodies
 def media_type(request: Request) -> str:
     """The request's content type without parameters, lower case ('' when none is sent)."""
