@@ -395,7 +395,12 @@ def test_bad_uploads_get_clear_errors(serving_library, client):
         "index type": (
             client.post("/v1/gallery/rebuild", json={"index_type": "LSH"}, headers=WRITE),
             400,
-            "unknown index type 'LSH'",
+            "unknown index type 'LSH': choose one of Flat, HNSW32, IVF, IVFPQ",
+        ),
+        "index type case": (
+            client.post("/v1/gallery/rebuild", json={"index_type": "flat"}, headers=WRITE),
+            400,
+            "unknown index type 'flat' (did you mean 'Flat'?)",
         ),
         # the routes whose body or parameters FastAPI checks answer alike
         "rename field": (

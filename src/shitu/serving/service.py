@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from shitu.data.transforms.ops import UnreadableImageError
+from shitu.errors import did_you_mean
 from shitu.fileio import check_writable, write_atomically
 from shitu.index import INDEX_TYPES, Gallery
 from shitu.index.labels import BadLabelError, normal_form
@@ -256,7 +257,10 @@ class RecognitionService:
 
     def rebuild(self, index_type: str | None = None) -> dict[str, Any]:
         if index_type is not None and index_type not in INDEX_TYPES:
-            raise BadRequest(f"unknown index type '{index_type}': choose one of {INDEX_TYPES}")
+            raise BadRequest(
+                f"unknown index type '{index_type}'{did_you_mean(index_type, list(INDEX_TYPES))}: "
+                f"choose one of {', '.join(INDEX_TYPES)}"
+            )
 
         def rebuild(gallery: Gallery) -> None:
             gallery.rebuild(index_type)
