@@ -1234,6 +1234,28 @@ def test_a_failed_add_leaves_no_upload_file_behind(serving_library, tmp_path):
         assert len(service.library.snapshot.by_id) == before + 1
 
 
+def test_an_upload_file_that_cannot_be_deleted_does_not_fail_its_removal(
+    serving_library, tmp_path, caplog
+):
+    """Removing an image whose stored upload cannot be deleted (open in another program on
+    Windows; here a folder in its place) removes it from the library and says so; the file
+    left over is a warning in the log (was an error: 500 for a removal that was made)."""
+    config = local_config(serving_library, tmp_path / "gallery")
+    uploads_dir = tmp_path / "uploads"
+    (path, _label), *_ = serving_library.queries()
+    with RecognitionService(config, ServeSettings(upload_dir=uploads_dir)) as service:
+        features = np.stack([f.result() for f in service.extract([read_rgb(path)])])
+        (added,) = service.add("Kept open", [("open.jpg", path.read_bytes())], features).added
+        stored = Path(added.path)
+        stored.unlink()
+        (stored / "in the way").mkdir(parents=True)  # a folder is not deleted as a file
+        with caplog.at_level("WARNING", logger="shitu.serving.service"):
+            assert service.remove_image(added.id) == added
+        assert added.id not in service.library.snapshot.by_id
+    assert stored.is_dir()
+    assert f"could not delete {stored}, which the library no longer lists" in caplog.text
+
+
 def test_an_upload_another_process_adds_first_is_answered_as_a_duplicate(serving_library, tmp_path):
     """Content another process adds between the service's look at the library and its
     write is skipped by the write: the answer names it a duplicate (it was in neither list)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
 import re
 import threading
@@ -34,6 +35,7 @@ from shitu.serving.images import SUFFIXES, thumbnail_jpeg, thumbnail_pixels
 from shitu.serving.library import SharedLibrary
 from shitu.serving.settings import ServeSettings
 
+logger = logging.getLogger(__name__)
 MAX_LABEL_LENGTH = 200
 SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")  # what an upload's name keeps in its file name
 MAX_NAME = 60
@@ -293,11 +295,21 @@ class RecognitionService:
         listed = {entry.path for entry in self.library.snapshot.by_id.values()}
         for path in written:
             if str(path) not in listed:
-                path.unlink(missing_ok=True)
+                _delete_upload(path)
 
     def _forget_files(self, entries: Sequence[ImageEntry]) -> None:
         """Delete the stored uploads of removed images (files added by other means stay)."""
         for entry in entries:
             path = Path(entry.path)
             if entry.path and path.parent == self.upload_dir:
-                path.unlink(missing_ok=True)
+                _delete_upload(path)
+
+
+def _delete_upload(path: Path) -> None:
+    """Delete an upload file the library no longer lists; one that cannot be deleted (open in
+    another program on Windows, say) is left, with a warning: the edit is made, and its answer
+    (or the error that undid it) must not become a 500 for a file left over."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as exc:
+        logger.warning("could not delete %s, which the library no longer lists: %s", path, exc)
