@@ -877,12 +877,13 @@ def test_decoded_pixels_in_flight_bound_each_request_and_are_given_back(serving_
         server.stop()
 
 
-def test_thumbnails_do_not_wait_behind_an_edit_that_waits_for_another_process(
+def test_browsing_does_not_wait_behind_an_edit_that_waits_for_another_process(
     serving_library, tmp_path
 ):
-    """The page shows a label's thumbnails while an add through the server waits for
-    another process's write (an `index rebuild`, up to a minute): a thumbnail's id came
-    from an earlier answer, so it needs no check for newer writes behind the edit."""
+    """The page lists labels and a label's images, and shows their thumbnails, while an add
+    through the server waits for another process's write (an `index rebuild`, up to a
+    minute): they answer from the generation loaded, as searches do, and need no check for
+    newer writes behind the edit (listings waited out the edit: the page hung)."""
     server = ServerProcess(serving_library, tmp_path, env={"SHITU_API_KEY": KEY})
     try:
         with httpx.Client(base_url=server.url, timeout=120) as http:
@@ -902,6 +903,8 @@ def test_thumbnails_do_not_wait_behind_an_edit_that_waits_for_another_process(
                 time.sleep(1.5)  # and a check for other writes is due
                 shown = http.get(f"/v1/gallery/images/{image_id}/thumbnail")
                 assert shown.status_code == 200 and shown.headers["content-type"] == "image/jpeg"
+                for listing in ("/v1/gallery/labels", f"/v1/gallery/labels/{first}", "/v1/gallery"):
+                    assert http.get(listing, timeout=30).status_code == 200, listing
                 assert not adding.done() and other.poll() is None  # it did not wait them out
             assert adding.result().status_code == 201, adding.result().text
     finally:

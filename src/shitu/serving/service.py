@@ -137,7 +137,7 @@ class RecognitionService:
     # ------------------------------------------------------------------------- reading
 
     def image(self, image_id: int) -> ImageEntry:
-        entry = self.library.snapshot_for_lookup.by_id.get(image_id)
+        entry = self.library.snapshot.by_id.get(image_id)
         if entry is None:
             raise NotFound(f"no gallery image with id {image_id}")
         return entry
