@@ -1628,6 +1628,24 @@ def test_a_long_gallery_write_holds_up_neither_health_nor_other_requests(
                 writing.join(30)
 
 
+def test_serving_an_empty_library_warns_that_nothing_can_be_recognised(serving_library, tmp_path):
+    """As `shitu recognize` does: every photo's answer would be a silent [] (a library whose
+    images were all removed); the warning says how to add some."""
+    shutil.copytree(serving_library.gallery, tmp_path / "emptied")
+    with Gallery.open(tmp_path / "emptied") as gallery:
+        gallery.remove(labels=sorted(gallery.label_counts()))
+    emptied = DemoLibrary(serving_library.model, tmp_path / "emptied", serving_library.demo)
+    server = ServerProcess(emptied, tmp_path / "server")
+    server.stop()
+    assert (
+        f"warning: {server.gallery} holds no images: nothing can be recognised until some are "
+        "added (on the web page, or POST /v1/gallery/images)"
+    ) in server.log.read_text()
+    served = ServerProcess(serving_library, tmp_path / "full")
+    served.stop()
+    assert "holds no images" not in served.log.read_text()
+
+
 def test_access_log_lists_each_request_in_shitus_log_format(serving_library, tmp_path):
     """--access-log without -v logs every request (uvicorn's access logger at the server's
     warning level dropped them all), in the `level: message` form of shitu's own lines."""

@@ -196,6 +196,12 @@ def run(args: argparse.Namespace) -> int:
             f" at {url}  (web page: {url}/, API docs: {docs})",
             flush=True,
         )
+        if not snapshot.by_id:  # else every photo's answer is a silent "nothing"
+            print(
+                f"warning: {library} holds no images: nothing can be recognised until some are "
+                "added (on the web page, or POST /v1/gallery/images)",
+                file=sys.stderr,
+            )
         if not settings.api_key and not _is_loopback(args.host):
             print(
                 f"warning: listening on {args.host} without an API key: anyone who can reach it "
