@@ -848,7 +848,8 @@ def test_an_add_waiting_for_another_process_holds_no_pixels(serving_library, tmp
 
 
 def test_decoded_pixels_in_flight_bound_each_request_and_are_given_back(serving_library, tmp_path):
-    """--max-megapixels-in-flight 3: a request whose images together hold more gets 413;
+    """--max-megapixels-in-flight 3: a request whose images together hold more gets 413, as
+    /healthz tells clients;
     every path gives its pixels back, the corrupt upload's too, so one that takes the whole
     budget goes through after them. (The 503 for one that does not fit beside the requests
     in progress: test_a_thumbnail_takes_the_pixels_it_decodes_from_the_budget.)"""
@@ -857,6 +858,8 @@ def test_decoded_pixels_in_flight_bound_each_request_and_are_given_back(serving_
     )
     try:
         with httpx.Client(base_url=server.url, timeout=60) as http:
+            limits = http.get("/healthz").json()["limits"]  # what clients can split by
+            assert limits["max_megapixels_per_request"] == 3  # not 4 x 3
             halves = [("image", (f"{n}.png", png(2000, 1000, n), "image/png")) for n in (1, 2)]
             over = http.post("/v1/extract", files=halves)
             assert over.status_code == 413
@@ -1061,6 +1064,7 @@ def test_health_and_metrics(serving_library, reference, client):
         "max_upload_mb": MAX_UPLOAD_MB,
         "max_images_per_request": 32,
         "max_megapixels": MAX_MEGAPIXELS,
+        "max_megapixels_per_request": 4 * MAX_MEGAPIXELS,
     }
     client.post("/v1/recognize", files={"image": photo(serving_library.queries()[0][0])})
     client.get("/v1/gallery/images/999999")

@@ -78,7 +78,6 @@ REVALIDATE = "no-cache"  # kept, but checked with the server (by ETag) before ea
 LABEL_PAGE = 200
 LABEL_IN_PATH = "/v1/gallery/labels/{label:path}"
 LABEL_IN_QUERY = "/v1/gallery/label"  # ?label=NAME
-REQUEST_PIXELS_FACTOR = 4  # all images of one request together: at most 4 times the per-image limit
 # FastAPI parses a body as JSON when it is sent as that, or with no content type.
 JSON_TYPE = re.compile(r"|application/json|application/[^/]+\+json")
 SOURCES = {"body": "JSON body", "path": "path", "query": "query"}  # where FastAPI found a value
@@ -260,15 +259,16 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
     @asynccontextmanager
     async def decoded(uploads: RawUploads) -> AsyncIterator[list[np.ndarray]]:
         """Decoded uploads (RGB arrays), each one the model can take, for the block; each
-        within the pixel limit, and all of them together within REQUEST_PIXELS_FACTOR times
-        it and within the server's budget of decoded pixels, counted from the headers before
-        anything is decoded: neither one request nor all of them together can hold gigabytes
-        of pixels. The pixels stay reserved until the block ends (the answer is computed)."""
+        within the pixel limit, and all of them together within the request's limit
+        (ServeSettings.max_pixels_per_request) and the server's budget of decoded pixels
+        that all requests share, counted from the headers before anything is decoded:
+        neither one request nor all of them together can hold gigabytes of pixels. The
+        pixels stay reserved until the block ends (the answer is computed)."""
         headers = await run_in_threadpool(
             lambda: [read_header(data, settings.max_pixels, name) for name, data in uploads.images]
         )
         total = sum(header.pixels for header in headers)
-        limit = min(REQUEST_PIXELS_FACTOR * settings.max_pixels, pixel_budget.capacity)
+        limit = settings.max_pixels_per_request
         if total > limit:
             raise PayloadTooLarge(
                 f"the request's images hold {total / 1e6:.1f} megapixels together; "
@@ -339,6 +339,7 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
                 max_upload_mb=settings.max_upload_mb,
                 max_images_per_request=settings.max_images_per_request,
                 max_megapixels=settings.max_pixels / 1e6,
+                max_megapixels_per_request=settings.max_pixels_per_request / 1e6,
             ),
         )
 

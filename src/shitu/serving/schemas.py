@@ -123,9 +123,10 @@ class Limits(BaseModel):
     max_upload_bytes: int = Field(description="the largest request body, in bytes")
     max_upload_mb: float = Field(description="the same limit in MB, as the server was given it")
     max_images_per_request: int = Field(description="images one add or extract may send")
-    max_megapixels: float = Field(
-        description="the largest image; the images of one request together: 4 times this, "
-        "or the server's limit on decoded pixels in flight where that is smaller"
+    max_megapixels: float = Field(description="the largest image")
+    max_megapixels_per_request: float = Field(
+        description="what the images of one request may hold together: 4 times the largest "
+        "image, or the server's limit on decoded pixels in flight where that is smaller"
     )
 
 

@@ -13,6 +13,8 @@ DEFAULT_MAX_MEGAPIXELS = 50.0
 # Decoded pixels all requests in progress may hold together: two requests at their own
 # limit (4 x 50 megapixels), 1.2 GB as 8-bit RGB.
 DEFAULT_MAX_MEGAPIXELS_IN_FLIGHT = 400.0
+# All images of one request together: at most 4 times the per-image limit.
+REQUEST_PIXELS_FACTOR = 4
 DEFAULT_MAX_BATCH = 8
 MAX_IMAGES_PER_REQUEST = 32
 DEFAULT_MAX_REQUESTS = 64
@@ -67,6 +69,12 @@ class ServeSettings:
                 f"{self.max_pixels_in_flight / 1e6:g} (max_pixels_in_flight), which every "
                 "request's images must fit in: lower the one or raise the other"
             )
+
+    @property
+    def max_pixels_per_request(self) -> int:
+        """What the images of one request may hold together: REQUEST_PIXELS_FACTOR times the
+        largest image, within the budget all requests share."""
+        return min(REQUEST_PIXELS_FACTOR * self.max_pixels, self.max_pixels_in_flight)
 
     @property
     def max_upload_bytes(self) -> int:
