@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import codecs
 import hashlib
 import io
+import json
 import re
 import shutil
 import socket
@@ -115,6 +117,15 @@ def test_recognize_matches_the_pipeline_and_finds_every_product(serving_library,
     data_urls = (f"data:image/jpeg;base64,{encoded}", f"data:image/jpeg;BASE64,{encoded}")
     for text in (encoded, *data_urls, wrapped):  # RFC 2397's "base64" in any case
         as_json = client.post("/v1/recognize", json={"image": text})
+        assert as_json.status_code == 200, as_json.text
+        assert as_json.json() == {"results": expected}
+
+    # as Python's json reads it, and FastAPI's other routes: PowerShell writes UTF-8 with a BOM
+    document = json.dumps({"image": encoded})
+    for body in (codecs.BOM_UTF8 + document.encode(), document.encode("utf-16")):
+        as_json = client.post(
+            "/v1/recognize", content=body, headers={"content-type": "application/json"}
+        )
         assert as_json.status_code == 200, as_json.text
         assert as_json.json() == {"results": expected}
 

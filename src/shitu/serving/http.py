@@ -352,9 +352,14 @@ def _parse_json(body: bytes, schema: type[BaseModel], at_most: int) -> RawUpload
     """The JSON body's images, decoded from base64, and its other fields. Run in a worker
     thread: a body of megabytes takes the event loop, which answers every request, from the
     others; and the images are counted before any is decoded (5 million empty strings in
-    20 MB took seconds to decode, only to be refused)."""
+    20 MB took seconds to decode, only to be refused). Read as Python's json (and so the
+    routes FastAPI parses) reads it: UTF-8 with a BOM (PowerShell's), or UTF-16 or 32."""
+    encoding = json.detect_encoding(body)
     try:
-        parsed = schema.model_validate_json(body)
+        document = body if encoding == "utf-8" else body.decode(encoding)
+        parsed = schema.model_validate_json(document)
+    except UnicodeDecodeError:
+        raise BadRequest(f"invalid JSON body: not {encoding} text throughout") from None
     except ValidationError as exc:
         raise BadRequest(f"invalid JSON body: {validation_problems(exc.errors())}") from None
     data = parsed.model_dump()
