@@ -545,13 +545,14 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
         "PATCH",
         response_model=schemas.RenamedResponse,
         dependencies=write_access,
-        responses=ERRORS,
+        responses={**ERRORS, 409: {"model": schemas.ErrorOut}},
         tags=["gallery"],
     )
     async def rename_label(label: str, body: schemas.RenameLabel) -> schemas.RenamedResponse:
-        """Rename a label; renaming onto an existing label merges the two."""
+        """Rename a label; renaming onto an existing label merges the two (with merge false:
+        409 instead)."""
         new = check_label(body.label)
-        count = await run_in_threadpool(service.rename_label, label, new)
+        count = await run_in_threadpool(service.rename_label, label, new, body.merge)
         return schemas.RenamedResponse(old=normal_form(label), new=new, count=count)
 
     @app.post(

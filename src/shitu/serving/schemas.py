@@ -32,6 +32,11 @@ class AddImagesJSON(ExtractJSON):
 
 class RenameLabel(_Body):
     label: str = Field(description="the new label (an existing one: the two are merged)")
+    merge: bool = Field(
+        True,
+        description="whether a new label that has images takes this one's (the two cannot be "
+        "told apart afterwards); false: 409 instead, as `shitu index relabel` without --merge",
+    )
 
 
 class RebuildRequest(_Body):

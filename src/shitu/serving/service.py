@@ -30,7 +30,7 @@ from shitu.index.labels import check_label as check_stored_label
 from shitu.index.metadata import ImageEntry
 from shitu.pipeline import PipelineConfig, Recognition, Recognizer
 from shitu.serving.batching import BatchObserver, MicroBatcher
-from shitu.serving.errors import BadRequest, NotFound
+from shitu.serving.errors import BadRequest, Conflict, NotFound
 from shitu.serving.images import SUFFIXES, thumbnail_jpeg, thumbnail_pixels
 from shitu.serving.library import SharedLibrary
 from shitu.serving.settings import ServeSettings
@@ -245,14 +245,21 @@ class RecognitionService:
 
         return self.library.edit(commit)
 
-    def rename_label(self, old: str, new: str) -> int:
-        """Rename; renaming onto an existing label merges the two."""
+    def rename_label(self, old: str, new: str, merge: bool = True) -> int:
+        """Rename; renaming onto an existing label merges the two, or without `merge` is a
+        Conflict (checked with the library as it is, not as a client last listed it)."""
         new = check_label(new)
 
         def commit() -> int:
             count = len(self.label_images(old))
-            if new != normal_form(old):
-                self.library.write(lambda gallery: gallery.relabel(old, new, merge=True))
+            if new == normal_form(old):
+                return count
+            if not merge and new in self.library.snapshot.by_label:
+                raise Conflict(
+                    f"label '{new}' already has images: renaming '{old}' onto it would merge "
+                    "the two (send merge: true to merge them)"
+                )
+            self.library.write(lambda gallery: gallery.relabel(old, new, merge=True))
             return count
 
         return self.library.edit(commit)
