@@ -698,6 +698,35 @@ def test_renaming_onto_an_existing_label_asks_before_merging(server, browser):
     assert not browser.find_elements(By.CSS_SELECTOR, '#labels button[data-label="Cocoa Crunch"]')
 
 
+def test_a_label_given_images_elsewhere_is_not_merged_into_unasked(server, browser, tmp_path):
+    """Renamed onto a label another client created after the page listed the labels: the
+    page had not asked, so nothing is merged (it was, silently); the label is listed, and
+    renaming again asks first."""
+    images = make_images(tmp_path, 2, seed=47)
+    with httpx.Client(base_url=server.url, headers={"X-API-Key": KEY}, timeout=60) as client:
+        add_one_image_each(client, ["Renamed here"], images[:1])
+        open_page(browser, server)
+        choose_label(browser, "Renamed here")
+        add_one_image_each(client, ["Came elsewhere"], images[1:])
+        rename = browser.find_element(By.ID, "rename-input")
+        rename.clear()
+        rename.send_keys("Came elsewhere", Keys.ENTER)
+        status = browser.find_element(By.ID, "label-status")
+        wait(browser, lambda d: "has images now" in status.text, "the refusal shown")
+        assert (
+            status.text == '"Came elsewhere" has images now, added elsewhere: rename again to merge'
+        )
+        for label in ("Renamed here", "Came elsewhere"):
+            assert client.get("/v1/gallery/label", params={"label": label}).json()["count"] == 1
+        assert label_button(browser, "Came elsewhere")
+        rename.send_keys(Keys.ENTER)  # the name typed is kept
+        alert = wait(browser, lambda d: d.switch_to.alert, "asked before merging")
+        assert alert.text.startswith('"Came elsewhere" already has 1 image: merge')
+        alert.accept()
+        wait(browser, lambda d: status.text.startswith("merged"), "merged")
+        client.delete("/v1/gallery/label", params={"label": "Came elsewhere"}).raise_for_status()
+
+
 def test_edits_say_what_they_are_doing_while_they_wait(serving_library, server, browser):
     """An edit may wait a minute for another process's write to the library: the page says
     at once what it is doing (it said nothing until the answer came)."""

@@ -632,11 +632,22 @@ window.addEventListener("DOMContentLoaded", () => {
       if (existing && !confirm(`"${wanted}" already has ${plural(existing.count, "image")}: ` +
         `merge the images of "${old}" into it?`)) return;
       setStatus("label-status", `${existing ? "merging" : "renaming"} "${old}"…`);
-      const body = await api(labelPath(old), {
-        method: "PATCH",
-        headers: { "Content-Type": "application/json" },
-        body: JSON.stringify({ label: $("rename-input").value }),
-      });
+      let body;
+      try {
+        body = await api(labelPath(old), {
+          method: "PATCH",
+          headers: { "Content-Type": "application/json" },
+          // Merges only where asked: a label another client gave images since the list was
+          // drawn is refused (409), not merged into unasked.
+          body: JSON.stringify({ label: $("rename-input").value, merge: Boolean(existing) }),
+        });
+      } catch (error) {
+        if (error.status !== 409) throw error;
+        const typed = $("rename-input").value;
+        await refresh(old); // lists the label that came, so that renaming again asks
+        $("rename-input").value = typed;
+        throw new Error(`"${wanted}" has images now, added elsewhere: rename again to merge`);
+      }
       setStatus("label-status", existing
         ? `merged "${body.old}" into "${body.new}": ${plural(body.count, "image")} moved, ` +
           `${plural(existing.count + body.count, "image")} now`
