@@ -164,8 +164,12 @@ def test_gallery_listing_matches_the_library(serving_library, client):
 
     page = client.get("/v1/gallery/labels/Lemon Soda", params={"offset": 1, "limit": 1}).json()
     assert page["count"] == 3 and page["offset"] == 1 and len(page["images"]) == 1
+    assert page["remaining"] == 1
     image = page["images"][0]
     assert image["name"] == "lemon_soda_1.jpg"
+    # The next page by the last id seen: one removed before it would move one out of reach.
+    rest = client.get("/v1/gallery/labels/Lemon Soda", params={"after": image["id"]}).json()
+    assert [i["name"] for i in rest["images"]] == ["lemon_soda_2.jpg"] and rest["remaining"] == 0
     assert client.get(f"/v1/gallery/images/{image['id']}").json() == image
 
     thumb = client.get(image["thumbnail"], params={"size": 64})

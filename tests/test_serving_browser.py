@@ -288,8 +288,9 @@ window.fetch = (url, options) => {
 
 
 def test_a_label_with_more_images_than_a_page(server, browser, tmp_path):
-    """The first 200 images, then a button for the rest; thumbnails are fetched as they
-    come near the screen."""
+    """The first 200 images, then a button for the rest, every one of them also where
+    another client removed an image meanwhile; thumbnails are fetched as they come near the
+    screen."""
     images = make_images(tmp_path / "many", 205, seed=5)
     with httpx.Client(base_url=server.url, headers={"X-API-Key": KEY}, timeout=120) as client:
         for start in range(0, len(images), 32):
@@ -319,6 +320,11 @@ def test_a_label_with_more_images_than_a_page(server, browser, tmp_path):
          "the last thumbnail shown once scrolled to")  # fmt: skip
     more = browser.find_element(By.CSS_SELECTOR, "#thumbs button.more")
     assert more.text == "show more (200 of 205 shown)"
+    # Another client removes an image shown: the next page still brings the 5 after page 1
+    # (counted by position, the first of them fell out of reach).
+    first_id = browser.find_element(By.CSS_SELECTOR, "figure.thumb").get_attribute("data-id")
+    with httpx.Client(base_url=server.url, headers={"X-API-Key": KEY}, timeout=60) as client:
+        client.delete(f"/v1/gallery/images/{first_id}").raise_for_status()
     browser.execute_script("arguments[0].focus()", more)  # by keyboard
     browser.switch_to.active_element.send_keys(Keys.ENTER)
     wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "figure.thumb")) == 205, "page 2")

@@ -7,6 +7,7 @@ both work offline.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import os
 import re
@@ -443,14 +444,25 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
         label: str,
         offset: Annotated[int, Query(ge=0)] = 0,
         limit: Annotated[int, Query(ge=1, le=10 * LABEL_PAGE)] = LABEL_PAGE,
+        after: Annotated[
+            int | None,
+            Query(
+                description="only images with a larger id: the last id of the page before, "
+                "so that images removed meanwhile do not move later ones out of the next page"
+            ),
+        ] = None,
     ) -> schemas.LabelImagesResponse:
-        """The images of one label (oldest first), a page at a time."""
+        """The images of one label (oldest first), a page at a time: `offset` skips that many,
+        after `after`."""
         entries = service.label_images(label)
+        start = 0 if after is None else bisect.bisect_right(entries, after, key=lambda e: e.id)
+        page = entries[start + offset : start + offset + limit]
         return schemas.LabelImagesResponse(
             label=entries[0].label,  # as stored: NFC where the client sent NFD (macOS)
             count=len(entries),
             offset=offset,
-            images=[image_out(request, e) for e in entries[offset : offset + limit]],
+            remaining=max(0, len(entries) - (start + offset + len(page))),
+            images=[image_out(request, e) for e in page],
         )
 
     @app.get(

@@ -87,6 +87,7 @@ class LabelImagesResponse(BaseModel):
     label: str
     count: int = Field(description="images with this label (all, not only this page)")
     offset: int
+    remaining: int = Field(description="images of the label after this page")
     images: list[ImageOut]
 
 
