@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import codecs
 import hashlib
 import io
+import json
 import re
 import shutil
 import socket
@@ -30,7 +32,7 @@ import pytest
 from PIL import Image
 
 from shitu.cli.main import main as shitu_main
-from shitu.errors import DataError, GalleryError
+from shitu.errors import ConfigError, DataError, GalleryError
 from shitu.index import Gallery, metadata
 from shitu.inference.preprocess import read_rgb
 from shitu.pipeline import Recognizer, load_pipeline_config
@@ -39,7 +41,7 @@ from shitu.serving.errors import NotFound, ServiceUnavailable
 from shitu.serving.http import PixelBudget, too_large
 from shitu.serving.images import thumbnail_jpeg
 from shitu.serving.library import SharedLibrary, Snapshot
-from shitu.serving.service import RecognitionService, Upload
+from shitu.serving.service import RecognitionService
 from shitu.serving.settings import ServeSettings
 from tests.index_helpers import make_images, other_process_holding
 from tests.serving_helpers import DemoLibrary, PrefixProxy, ServerProcess
@@ -118,6 +120,15 @@ def test_recognize_matches_the_pipeline_and_finds_every_product(serving_library,
         assert as_json.status_code == 200, as_json.text
         assert as_json.json() == {"results": expected}
 
+    # as Python's json reads it, and FastAPI's other routes: PowerShell writes UTF-8 with a BOM
+    document = json.dumps({"image": encoded})
+    for body in (codecs.BOM_UTF8 + document.encode(), document.encode("utf-16")):
+        as_json = client.post(
+            "/v1/recognize", content=body, headers={"content-type": "application/json"}
+        )
+        assert as_json.status_code == 200, as_json.text
+        assert as_json.json() == {"results": expected}
+
 
 def test_extract_returns_the_models_normalised_embeddings(serving_library, reference, client):
     paths = [item for item, _ in serving_library.queries()[:3]]
@@ -153,8 +164,12 @@ def test_gallery_listing_matches_the_library(serving_library, client):
 
     page = client.get("/v1/gallery/labels/Lemon Soda", params={"offset": 1, "limit": 1}).json()
     assert page["count"] == 3 and page["offset"] == 1 and len(page["images"]) == 1
+    assert page["remaining"] == 1
     image = page["images"][0]
     assert image["name"] == "lemon_soda_1.jpg"
+    # The next page by the last id seen: one removed before it would move one out of reach.
+    rest = client.get("/v1/gallery/labels/Lemon Soda", params={"after": image["id"]}).json()
+    assert [i["name"] for i in rest["images"]] == ["lemon_soda_2.jpg"] and rest["remaining"] == 0
     assert client.get(f"/v1/gallery/images/{image['id']}").json() == image
 
     thumb = client.get(image["thumbnail"], params={"size": 64})
@@ -214,6 +229,18 @@ def test_add_rename_remove_and_rebuild(serving_library, server, client):
     listed = client.get("/v1/gallery/labels/Snacks%2FMyst%C3%A8re%202").json()
     assert [image["id"] for image in listed["images"]] == [new_id]
 
+    # as `shitu index relabel` without --merge: asked not to merge, the labels stay apart
+    kept_apart = client.patch(
+        "/v1/gallery/labels/Snacks/Mystère 2",
+        json={"label": true_label, "merge": False},
+        headers=WRITE,
+    )
+    assert kept_apart.status_code == 409
+    assert kept_apart.json()["detail"] == (
+        f"label '{true_label}' already has images: renaming 'Snacks/Mystère 2' onto it would "
+        "merge the two (send merge: true to merge them)"
+    )
+    assert client.get("/v1/gallery/labels/Snacks/Mystère 2").json()["count"] == 1
     merged = client.patch(
         "/v1/gallery/labels/Snacks/Mystère 2", json={"label": true_label}, headers=WRITE
     )
@@ -276,6 +303,10 @@ def test_edits_by_another_process_show_up_while_serving(serving_library, server,
 def test_bad_uploads_get_clear_errors(serving_library, client):
     good = serving_library.queries()[0][0]
 
+    ppm = io.BytesIO()
+    Image.fromarray(np.full((64, 64, 3), 90, np.uint8)).save(ppm, "PPM")
+    ppm = ppm.getvalue()
+
     def add_labelled(label: str) -> httpx.Response:
         files = {"image": photo(good)}
         return client.post("/v1/gallery/images", data={"label": label}, files=files, headers=WRITE)
@@ -300,6 +331,14 @@ def test_bad_uploads_get_clear_errors(serving_library, client):
             400,
             "empty",
         ),
+        # one of the dozens Pillow reads: it was kept as an `.img` file no tool took for an image
+        "format": (
+            client.post(
+                "/v1/recognize", files={"image": ("x.ppm", ppm, "image/x-portable-pixmap")}
+            ),
+            415,
+            "x.ppm: PPM images are not accepted (expected JPEG, PNG, WebP, BMP, TIFF or GIF)",
+        ),
         "part type": (
             client.post("/v1/recognize", files={"image": ("a.txt", b"hello", "text/plain")}),
             415,
@@ -313,11 +352,35 @@ def test_bad_uploads_get_clear_errors(serving_library, client):
             "unsupported content type 'image/jpeg'",
         ),
         "no image": (
-            client.post(
-                "/v1/recognize", data={"label": "x"}, files={"other": ("a.jpg", b"1", "image/jpeg")}
-            ),
+            client.post("/v1/recognize", files={"other": ("a.jpg", b"1", "image/jpeg")}),
             400,
             "unexpected file field 'other'",
+        ),
+        # as JSON's extra fields: a parameter the endpoint does not take is not dropped
+        "form field": (
+            client.post("/v1/recognize", data={"k": "3"}, files={"image": photo(good)}),
+            400,
+            "unexpected field 'k': the form takes 'image'",
+        ),
+        "two labels": (
+            client.post(
+                "/v1/gallery/images",
+                data={"label": ["Lemon Soda", "Other"]},
+                files={"image": photo(good)},
+                headers=WRITE,
+            ),
+            400,
+            "field 'label' is given more than once",
+        ),
+        "misspelt label": (
+            client.post(
+                "/v1/gallery/images",
+                data={"lable": "x"},
+                files={"image": photo(good)},
+                headers=WRITE,
+            ),
+            400,
+            "unexpected field 'lable': the form takes 'image', 'label'",
         ),
         "text image": (
             client.post("/v1/recognize", files={"image": (None, "abc")}),
@@ -335,6 +398,12 @@ def test_bad_uploads_get_clear_errors(serving_library, client):
             "image: Field required",
         ),
         "base64": (client.post("/v1/recognize", json={"image": "%%%"}), 400, "not valid base64"),
+        # counted before any is decoded: millions of them in 20 MB took the server seconds
+        "json count": (
+            client.post("/v1/extract", json={"images": ["%%%"] * 33}),
+            400,
+            "33 images sent; at most 32 per request",
+        ),
         "json syntax": (
             client.post(
                 "/v1/recognize", content=b"{", headers={"content-type": "application/json"}
@@ -353,7 +422,12 @@ def test_bad_uploads_get_clear_errors(serving_library, client):
         "index type": (
             client.post("/v1/gallery/rebuild", json={"index_type": "LSH"}, headers=WRITE),
             400,
-            "unknown index type 'LSH'",
+            "unknown index type 'LSH': choose one of Flat, HNSW32, IVF, IVFPQ",
+        ),
+        "index type case": (
+            client.post("/v1/gallery/rebuild", json={"index_type": "flat"}, headers=WRITE),
+            400,
+            "unknown index type 'flat' (did you mean 'Flat'?)",
         ),
         # the routes whose body or parameters FastAPI checks answer alike
         "rename field": (
@@ -388,6 +462,17 @@ def test_bad_uploads_get_clear_errors(serving_library, client):
             client.get("/v1/gallery/labels/Lemon Soda", params={"offset": -1}),
             400,
             "invalid query: offset: Input should be greater than or equal to 0",
+        ),
+        # FastAPI takes the last: `DELETE ...?label=a&label=b` removed b alone
+        "query twice": (
+            client.get("/v1/gallery/label", params=[("label", "Lemon Soda"), ("label", "x")]),
+            400,
+            "invalid query: label: given more than once; send one value",
+        ),
+        "size twice": (
+            client.get("/v1/gallery/images/1/thumbnail", params=[("size", 16), ("size", 32)]),
+            400,
+            "invalid query: size: given more than once",
         ),
     }
     for name, (response, status, message) in cases.items():
@@ -635,15 +720,49 @@ def test_limits_that_let_nothing_through_are_usage_errors(option, value, expecte
     assert error == f"shitu serve: error: argument {option}: expected {expected}"
 
 
-def test_a_max_megapixels_over_what_shitu_decodes_is_refused_at_start(monkeypatch, capsys):
-    """Uploads between the two limits would pass the server's check and then be refused by
-    the decoder as corrupt: the server does not start, and says what to set."""
+@pytest.mark.parametrize(
+    "options, expected",
+    [
+        (
+            ["--max-megapixels", "150"],
+            "--max-megapixels 150 (max_pixels) is over the 100 megapixels shitu decodes; set "
+            "SHITU_MAX_MEGAPIXELS to at least that too",
+        ),
+        (
+            ["--max-megapixels-in-flight", "30"],
+            "--max-megapixels 50 (max_pixels) is over --max-megapixels-in-flight 30 "
+            "(max_pixels_in_flight), which every request's images must fit in: lower the one "
+            "or raise the other",
+        ),
+    ],
+)
+def test_a_max_megapixels_that_could_never_be_decoded_is_refused_at_start(
+    options, expected, monkeypatch, capsys, tmp_path
+):
+    """Uploads between the limits would pass the server's check and then be refused by the
+    decoder as corrupt, or as too many pixels together: the server does not start, and says
+    what to set; settings built in Python are refused the same way."""
     monkeypatch.setenv("SHITU_MAX_MEGAPIXELS", "100")
-    assert shitu_main(["serve", "--gallery", "unused", "--max-megapixels", "150"]) == 2
-    assert capsys.readouterr().err == (
-        "error: --max-megapixels 150 is over the 100 megapixels shitu decodes; set "
-        "SHITU_MAX_MEGAPIXELS to at least that too\n"
-    )
+    assert shitu_main(["serve", "--gallery", "unused", *options]) == 2
+    assert capsys.readouterr().err == f"error: {expected}\n"
+    megapixels = dict(zip(options[::2], map(float, options[1::2]), strict=True))
+    with pytest.raises(ConfigError) as refused:
+        ServeSettings(
+            upload_dir=tmp_path,
+            max_pixels=int(megapixels.get("--max-megapixels", 50) * 1e6),
+            max_pixels_in_flight=int(megapixels.get("--max-megapixels-in-flight", 400) * 1e6),
+        )
+    assert str(refused.value) == expected
+
+
+def answer_once(url: str, status: int) -> httpx.Response:
+    """The first answer from `url` with `status`, asked again until it comes (up to a
+    minute): what the server has seen of other connections is not known from outside."""
+    deadline = time.monotonic() + 60
+    while (response := httpx.get(url, timeout=10)).status_code != status:
+        assert time.monotonic() < deadline, f"no {status} in 60 s: {response.text}"
+        time.sleep(0.05)
+    return response
 
 
 def test_requests_over_the_limit_in_progress_get_a_json_503_with_retry_after(
@@ -661,9 +780,7 @@ def test_requests_over_the_limit_in_progress_get_a_json_503_with_retry_after(
                 b"POST /v1/recognize HTTP/1.1\r\nHost: shitu\r\n"
                 b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
             )
-        time.sleep(0.5)  # both are in progress, reading their bodies
-        busy = httpx.get(f"{server.url}/v1/gallery", timeout=10)
-        assert busy.status_code == 503
+        busy = answer_once(f"{server.url}/v1/gallery", 503)  # both are reading their bodies
         assert busy.headers["retry-after"] == "1"
         assert busy.json() == {
             "detail": "the server is busy: 2 requests in progress, its limit "
@@ -673,8 +790,7 @@ def test_requests_over_the_limit_in_progress_get_a_json_503_with_retry_after(
         for connection in stalled:
             connection.close()
     try:
-        time.sleep(0.5)
-        assert httpx.get(f"{server.url}/v1/gallery", timeout=10).status_code == 200
+        answer_once(f"{server.url}/v1/gallery", 200)  # once the server has seen them close
     finally:
         server.stop()
 
@@ -693,18 +809,31 @@ def wait_until_held(http: httpx.Client, pixels: float) -> None:
         time.sleep(0.05)
 
 
-def test_decoded_pixels_in_flight_are_shared_by_all_requests(serving_library, tmp_path):
-    """--max-megapixels-in-flight 3: an add waiting for another process's write holds its
-    2 megapixels, so another 2-megapixel request gets 503 with Retry-After (as beyond
-    --max-connections; without the budget each of 64 requests could hold 200 megapixels,
-    tens of GB), while one that fits goes through; one larger than the whole budget gets
-    413. Every path gives its pixels back: answered, corrupt, and the client gone."""
-    server = ServerProcess(
-        serving_library, tmp_path, "--max-megapixels-in-flight", "3", env={"SHITU_API_KEY": KEY}
-    )
+def wait_until_embedded(http: httpx.Client, images: int) -> None:
+    """Until the server's model has embedded `images` images for /v1/extract and adds."""
+    pattern = r'^shitu_inference_batch_size_sum\{kind="extract"\} (\S+)$'
+    deadline = time.monotonic() + 60
+    while True:
+        found = re.search(pattern, http.get("/metrics").text, re.M)
+        if found and float(found.group(1)) >= images:
+            return
+        assert time.monotonic() < deadline, f"not {images} images embedded in 60 s"
+        time.sleep(0.05)
 
-    def png(width: int, height: int, shade: int = 0) -> bytes:
-        return png_bytes(np.full((height, width, 3), shade, np.uint8))
+
+def png(width: int, height: int, shade: int = 0) -> bytes:
+    return png_bytes(np.full((height, width, 3), shade, np.uint8))
+
+
+def test_an_add_waiting_for_another_process_holds_no_pixels(serving_library, tmp_path):
+    """--max-megapixels-in-flight 3: an add that waits for another process's write (an
+    `index rebuild`, up to a minute) gives back its 2 decoded megapixels once embedded, so a
+    2-megapixel photo is recognised meanwhile (it waited 5 s, then got 503); an add whose
+    client left while it waited is still made."""
+    server = ServerProcess(
+        serving_library, tmp_path, "--max-megapixels-in-flight", "3", "--max-megapixels", "3",
+        env={"SHITU_API_KEY": KEY},
+    )  # fmt: skip
 
     def image(name: str, data: bytes) -> dict:
         return {"image": (name, data, "image/png")}
@@ -724,29 +853,42 @@ def test_decoded_pixels_in_flight_are_shared_by_all_requests(serving_library, tm
                     headers=WRITE,
                     timeout=120,
                 )
-                wait_until_held(http, 2e6)
-                busy = http.post("/v1/recognize", files=image("more.png", png(1000, 2000)))
-                assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
-                assert busy.json() == {
-                    "detail": "the server is busy: the images of the requests in progress "
-                    "hold 2.0 of its 3 decoded megapixels (--max-megapixels-in-flight); retry "
-                    "in a moment"
-                }
-                fits = http.post("/v1/recognize", files=image("fits.png", png(1000, 1000)))
-                assert fits.status_code == 200, fits.text
+                wait_until_embedded(http, 1)
+                shown = http.post("/v1/recognize", files=image("more.png", png(1000, 2000)))
+                assert shown.status_code == 200, shown.text
                 # A client that sends an add, and leaves while it waits for the library.
                 host, port = httpx.URL(server.url).host, httpx.URL(server.url).port
                 with socket.create_connection((host, port)) as leaving:
                     head = f"POST {add.url.raw_path.decode()} HTTP/1.1\r\n"
                     head += "".join(f"{k}: {v}\r\n" for k, v in add.headers.items()) + "\r\n"
                     leaving.sendall(head.encode() + add.read())
-                    wait_until_held(http, 3e6)
-                assert other.poll() is None  # still holding: both adds waited all along
+                    wait_until_embedded(http, 2)
+                wait_until_held(http, 0)
+                assert not holding.done() and other.poll() is None  # the adds still wait
             assert holding.result().status_code == 201, holding.result().text
-            wait_until_held(http, 0)
-            assert http.get("/v1/gallery/labels/Held").json()["count"] == 2  # the left one too
+            deadline = time.monotonic() + 60  # the left one is written after it
+            while http.get("/v1/gallery/labels/Held").json()["count"] != 2:
+                assert time.monotonic() < deadline, "the left client's add was not made"
+                time.sleep(0.05)
+    finally:
+        server.stop()
 
-            over = http.post("/v1/extract", files=image("whole.png", png(2000, 2000)))
+
+def test_decoded_pixels_in_flight_bound_each_request_and_are_given_back(serving_library, tmp_path):
+    """--max-megapixels-in-flight 3: a request whose images together hold more gets 413, as
+    /healthz tells clients;
+    every path gives its pixels back, the corrupt upload's too, so one that takes the whole
+    budget goes through after them. (The 503 for one that does not fit beside the requests
+    in progress: test_a_thumbnail_takes_the_pixels_it_decodes_from_the_budget.)"""
+    server = ServerProcess(
+        serving_library, tmp_path, "--max-megapixels-in-flight", "3", "--max-megapixels", "3"
+    )
+    try:
+        with httpx.Client(base_url=server.url, timeout=60) as http:
+            limits = http.get("/healthz").json()["limits"]  # what clients can split by
+            assert limits["max_megapixels_per_request"] == 3  # not 4 x 3
+            halves = [("image", (f"{n}.png", png(2000, 1000, n), "image/png")) for n in (1, 2)]
+            over = http.post("/v1/extract", files=halves)
             assert over.status_code == 413
             assert over.json()["detail"] == (
                 "the request's images hold 4.0 megapixels together; the limit is 3 "
@@ -758,19 +900,20 @@ def test_decoded_pixels_in_flight_are_shared_by_all_requests(serving_library, tm
             corrupt = http.post("/v1/recognize", files=cut)  # its header: 3 megapixels
             assert corrupt.status_code == 400 and "corrupt JPEG image" in corrupt.text
             assert decoded_pixels(http) == 0
-            whole = http.post("/v1/recognize", files=image("whole.png", png(3000, 1000)))
-            assert whole.status_code == 200, whole.text  # nothing was kept back
+            whole = {"image": ("whole.png", png(3000, 1000), "image/png")}
+            assert http.post("/v1/recognize", files=whole).status_code == 200
             assert decoded_pixels(http) == 0
     finally:
         server.stop()
 
 
-def test_thumbnails_do_not_wait_behind_an_edit_that_waits_for_another_process(
+def test_browsing_does_not_wait_behind_an_edit_that_waits_for_another_process(
     serving_library, tmp_path
 ):
-    """The page shows a label's thumbnails while an add through the server waits for
-    another process's write (an `index rebuild`, up to a minute): a thumbnail's id came
-    from an earlier answer, so it needs no check for newer writes behind the edit."""
+    """The page lists labels and a label's images, and shows their thumbnails, while an add
+    through the server waits for another process's write (an `index rebuild`, up to a
+    minute): they answer from the generation loaded, as searches do, and need no check for
+    newer writes behind the edit (listings waited out the edit: the page hung)."""
     server = ServerProcess(serving_library, tmp_path, env={"SHITU_API_KEY": KEY})
     try:
         with httpx.Client(base_url=server.url, timeout=120) as http:
@@ -786,9 +929,12 @@ def test_thumbnails_do_not_wait_behind_an_edit_that_waits_for_another_process(
                     headers=WRITE,
                     timeout=120,
                 )
-                time.sleep(1.5)  # the add is queued, and a check for other writes is due
+                wait_until_embedded(http, 1)  # then queued for the library's thread
+                time.sleep(1.5)  # and a check for other writes is due
                 shown = http.get(f"/v1/gallery/images/{image_id}/thumbnail")
                 assert shown.status_code == 200 and shown.headers["content-type"] == "image/jpeg"
+                for listing in ("/v1/gallery/labels", f"/v1/gallery/labels/{first}", "/v1/gallery"):
+                    assert http.get(listing, timeout=30).status_code == 200, listing
                 assert not adding.done() and other.poll() is None  # it did not wait them out
             assert adding.result().status_code == 201, adding.result().text
     finally:
@@ -945,6 +1091,7 @@ def test_health_and_metrics(serving_library, reference, client):
         "max_upload_mb": MAX_UPLOAD_MB,
         "max_images_per_request": 32,
         "max_megapixels": MAX_MEGAPIXELS,
+        "max_megapixels_per_request": 4 * MAX_MEGAPIXELS,
     }
     client.post("/v1/recognize", files={"image": photo(serving_library.queries()[0][0])})
     client.get("/v1/gallery/images/999999")
@@ -1103,21 +1250,44 @@ def test_a_failed_add_leaves_no_upload_file_behind(serving_library, tmp_path):
     uploads_dir = tmp_path / "uploads"
     (path, _label), *_ = serving_library.queries()
     data = path.read_bytes()
-    upload = Upload("new product.jpg", data, read_rgb(path))
+    upload = [("new product.jpg", data)]
     with RecognitionService(config, ServeSettings(upload_dir=uploads_dir, max_batch=2)) as service:
         before = len(service.library.snapshot.by_id)
+        features = np.stack([f.result() for f in service.extract([read_rgb(path)])])
 
         def disk_full(_change):
             raise OSError("No space left on device")
 
         real_write, service.library.write = service.library.write, disk_full
         with pytest.raises(OSError, match="No space left"):
-            service.add("New product", [upload])
+            service.add("New product", upload, features)
         assert not uploads_dir.exists() or not any(uploads_dir.iterdir())
         service.library.write = real_write
-        outcome = service.add("New product", [upload])  # the same upload, now stored
+        outcome = service.add("New product", upload, features)  # the same upload, now stored
         assert len(outcome.added) == 1 and Path(outcome.added[0].path).parent == uploads_dir
         assert len(service.library.snapshot.by_id) == before + 1
+
+
+def test_an_upload_file_that_cannot_be_deleted_does_not_fail_its_removal(
+    serving_library, tmp_path, caplog
+):
+    """Removing an image whose stored upload cannot be deleted (open in another program on
+    Windows; here a folder in its place) removes it from the library and says so; the file
+    left over is a warning in the log (was an error: 500 for a removal that was made)."""
+    config = local_config(serving_library, tmp_path / "gallery")
+    uploads_dir = tmp_path / "uploads"
+    (path, _label), *_ = serving_library.queries()
+    with RecognitionService(config, ServeSettings(upload_dir=uploads_dir)) as service:
+        features = np.stack([f.result() for f in service.extract([read_rgb(path)])])
+        (added,) = service.add("Kept open", [("open.jpg", path.read_bytes())], features).added
+        stored = Path(added.path)
+        stored.unlink()
+        (stored / "in the way").mkdir(parents=True)  # a folder is not deleted as a file
+        with caplog.at_level("WARNING", logger="shitu.serving.service"):
+            assert service.remove_image(added.id) == added
+        assert added.id not in service.library.snapshot.by_id
+    assert stored.is_dir()
+    assert f"could not delete {stored}, which the library no longer lists" in caplog.text
 
 
 def test_an_upload_another_process_adds_first_is_answered_as_a_duplicate(serving_library, tmp_path):
@@ -1126,7 +1296,6 @@ def test_an_upload_another_process_adds_first_is_answered_as_a_duplicate(serving
     config = local_config(serving_library, tmp_path / "gallery")
     (path, _label), *_ = serving_library.queries()
     data = path.read_bytes()
-    upload = Upload("same photo.jpg", data, read_rgb(path))
     with RecognitionService(config, ServeSettings(upload_dir=tmp_path / "uploads")) as service:
         vector = np.zeros((1, service.extractor.embedding_size), np.float32)
         vector[0, 0] = 1
@@ -1138,7 +1307,7 @@ def test_an_upload_another_process_adds_first_is_answered_as_a_duplicate(serving
             return real_write(mutate)
 
         service.library.write = after_another_process
-        outcome = service.add("New product", [upload])
+        outcome = service.add("New product", [("same photo.jpg", data)], vector)
         assert outcome.added == [] and outcome.duplicates == ["same photo.jpg"]
         assert not any((tmp_path / "uploads").iterdir())  # its file went with it
 
@@ -1200,7 +1369,9 @@ def test_a_thumbnail_takes_the_pixels_it_decodes_from_the_budget(serving_library
     from shitu.serving.app import create_app
 
     config = local_config(serving_library, tmp_path / "gallery")
-    settings = ServeSettings(upload_dir=tmp_path / "uploads", max_pixels_in_flight=3_000_000)
+    settings = ServeSettings(
+        upload_dir=tmp_path / "uploads", max_pixels=3_000_000, max_pixels_in_flight=3_000_000
+    )
     large = png_bytes(np.full((1000, 2000, 3), 9, np.uint8))
 
     async def scenario(app) -> list[httpx.Response]:
@@ -1273,7 +1444,8 @@ def test_an_image_the_model_cannot_resize_is_a_bad_upload(
             return [await client.post(r, files=f, data=d) for r, f, d in requests]
 
     uploads = tmp_path / "uploads"
-    with RecognitionService(config, ServeSettings(upload_dir=uploads)) as service:
+    settings = ServeSettings(upload_dir=uploads, max_pixels=thin_limit)  # within it
+    with RecognitionService(config, settings) as service:
         *refused, fine, mixed = asyncio.run(
             post(
                 create_app(service),
@@ -1485,6 +1657,24 @@ def test_a_long_gallery_write_holds_up_neither_health_nor_other_requests(
             serving.join(30)
             if writing.is_alive():
                 writing.join(30)
+
+
+def test_serving_an_empty_library_warns_that_nothing_can_be_recognised(serving_library, tmp_path):
+    """As `shitu recognize` does: every photo's answer would be a silent [] (a library whose
+    images were all removed); the warning says how to add some."""
+    shutil.copytree(serving_library.gallery, tmp_path / "emptied")
+    with Gallery.open(tmp_path / "emptied") as gallery:
+        gallery.remove(labels=sorted(gallery.label_counts()))
+    emptied = DemoLibrary(serving_library.model, tmp_path / "emptied", serving_library.demo)
+    server = ServerProcess(emptied, tmp_path / "server")
+    server.stop()
+    assert (
+        f"warning: {server.gallery} holds no images: nothing can be recognised until some are "
+        "added (on the web page, or POST /v1/gallery/images)"
+    ) in server.log.read_text()
+    served = ServerProcess(serving_library, tmp_path / "full")
+    served.stop()
+    assert "holds no images" not in served.log.read_text()
 
 
 def test_access_log_lists_each_request_in_shitus_log_format(serving_library, tmp_path):

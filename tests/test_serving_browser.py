@@ -288,8 +288,9 @@ window.fetch = (url, options) => {
 
 
 def test_a_label_with_more_images_than_a_page(server, browser, tmp_path):
-    """The first 200 images, then a button for the rest; thumbnails are fetched as they
-    come near the screen."""
+    """The first 200 images, then a button for the rest, every one of them also where
+    another client removed an image meanwhile; thumbnails are fetched as they come near the
+    screen."""
     images = make_images(tmp_path / "many", 205, seed=5)
     with httpx.Client(base_url=server.url, headers={"X-API-Key": KEY}, timeout=120) as client:
         for start in range(0, len(images), 32):
@@ -319,6 +320,11 @@ def test_a_label_with_more_images_than_a_page(server, browser, tmp_path):
          "the last thumbnail shown once scrolled to")  # fmt: skip
     more = browser.find_element(By.CSS_SELECTOR, "#thumbs button.more")
     assert more.text == "show more (200 of 205 shown)"
+    # Another client removes an image shown: the next page still brings the 5 after page 1
+    # (counted by position, the first of them fell out of reach).
+    first_id = browser.find_element(By.CSS_SELECTOR, "figure.thumb").get_attribute("data-id")
+    with httpx.Client(base_url=server.url, headers={"X-API-Key": KEY}, timeout=60) as client:
+        client.delete(f"/v1/gallery/images/{first_id}").raise_for_status()
     browser.execute_script("arguments[0].focus()", more)  # by keyboard
     browser.switch_to.active_element.send_keys(Keys.ENTER)
     wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "figure.thumb")) == 205, "page 2")
@@ -696,6 +702,35 @@ def test_renaming_onto_an_existing_label_asks_before_merging(server, browser):
         "the merged label shown",
     )
     assert not browser.find_elements(By.CSS_SELECTOR, '#labels button[data-label="Cocoa Crunch"]')
+
+
+def test_a_label_given_images_elsewhere_is_not_merged_into_unasked(server, browser, tmp_path):
+    """Renamed onto a label another client created after the page listed the labels: the
+    page had not asked, so nothing is merged (it was, silently); the label is listed, and
+    renaming again asks first."""
+    images = make_images(tmp_path, 2, seed=47)
+    with httpx.Client(base_url=server.url, headers={"X-API-Key": KEY}, timeout=60) as client:
+        add_one_image_each(client, ["Renamed here"], images[:1])
+        open_page(browser, server)
+        choose_label(browser, "Renamed here")
+        add_one_image_each(client, ["Came elsewhere"], images[1:])
+        rename = browser.find_element(By.ID, "rename-input")
+        rename.clear()
+        rename.send_keys("Came elsewhere", Keys.ENTER)
+        status = browser.find_element(By.ID, "label-status")
+        wait(browser, lambda d: "has images now" in status.text, "the refusal shown")
+        assert (
+            status.text == '"Came elsewhere" has images now, added elsewhere: rename again to merge'
+        )
+        for label in ("Renamed here", "Came elsewhere"):
+            assert client.get("/v1/gallery/label", params={"label": label}).json()["count"] == 1
+        assert label_button(browser, "Came elsewhere")
+        rename.send_keys(Keys.ENTER)  # the name typed is kept
+        alert = wait(browser, lambda d: d.switch_to.alert, "asked before merging")
+        assert alert.text.startswith('"Came elsewhere" already has 1 image: merge')
+        alert.accept()
+        wait(browser, lambda d: status.text.startswith("merged"), "merged")
+        client.delete("/v1/gallery/label", params={"label": "Came elsewhere"}).raise_for_status()
 
 
 def test_edits_say_what_they_are_doing_while_they_wait(serving_library, server, browser):

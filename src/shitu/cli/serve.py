@@ -77,8 +77,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--max-megapixels",
         type=megapixels,
         default=DEFAULT_MAX_MEGAPIXELS,
-        help=f"largest image, in millions of pixels (default {DEFAULT_MAX_MEGAPIXELS:g}); "
-        "a request's images together may hold 4 times that, at most --max-megapixels-in-flight",
+        help=f"largest image, in millions of pixels (default {DEFAULT_MAX_MEGAPIXELS:g}; at "
+        "most --max-megapixels-in-flight and $SHITU_MAX_MEGAPIXELS); a request's images "
+        "together may hold 4 times that, at most --max-megapixels-in-flight",
     )
     parser.add_argument(
         "--max-megapixels-in-flight",
@@ -145,7 +146,6 @@ def run(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
-        from shitu.data.transforms.ops import MAX_MEGAPIXELS_VARIABLE, max_image_pixels
         from shitu.serving.app import create_app
         from shitu.serving.metrics import Metrics
         from shitu.serving.service import RecognitionService
@@ -160,11 +160,6 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(
             "the API key must be printable ASCII without leading or trailing spaces: HTTP "
             "headers carry nothing else reliably"
-        )
-    if args.max_megapixels * 1_000_000 > max_image_pixels():  # the decoder would refuse
-        raise ConfigError(
-            f"--max-megapixels {args.max_megapixels:g} is over the {max_image_pixels() / 1e6:g} "
-            f"megapixels shitu decodes; set {MAX_MEGAPIXELS_VARIABLE} to at least that too"
         )
     config = pipeline_config_from_args(args)
     library = config.IndexProcess.index_dir
@@ -202,6 +197,12 @@ def run(args: argparse.Namespace) -> int:
             f" at {url}  (web page: {url}/, API docs: {docs})",
             flush=True,
         )
+        if not snapshot.by_id:  # else every photo's answer is a silent "nothing"
+            print(
+                f"warning: {library} holds no images: nothing can be recognised until some are "
+                "added (on the web page, or POST /v1/gallery/images)",
+                file=sys.stderr,
+            )
         if not settings.api_key and not _is_loopback(args.host):
             print(
                 f"warning: listening on {args.host} without an API key: anyone who can reach it "

@@ -7,6 +7,7 @@ both work offline.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import os
 import re
@@ -16,6 +17,7 @@ from itertools import groupby
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
+import numpy as np
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
@@ -51,11 +53,12 @@ from shitu.serving.http import (
     api_key_check,
     media_type,
     read_uploads,
+    single_query_values,
     validation_problems,
 )
 from shitu.serving.images import decode_image, read_header
 from shitu.serving.metrics import CONTENT_TYPE, Metrics, MetricsMiddleware
-from shitu.serving.service import RecognitionService, Upload, check_label
+from shitu.serving.service import RecognitionService, check_label
 
 F = TypeVar("F", bound=Callable[..., Any])
 logger = logging.getLogger(__name__)
@@ -76,7 +79,6 @@ REVALIDATE = "no-cache"  # kept, but checked with the server (by ETag) before ea
 LABEL_PAGE = 200
 LABEL_IN_PATH = "/v1/gallery/labels/{label:path}"
 LABEL_IN_QUERY = "/v1/gallery/label"  # ?label=NAME
-REQUEST_PIXELS_FACTOR = 4  # all images of one request together: at most 4 times the per-image limit
 # FastAPI parses a body as JSON when it is sent as that, or with no content type.
 JSON_TYPE = re.compile(r"|application/json|application/[^/]+\+json")
 SOURCES = {"body": "JSON body", "path": "path", "query": "query"}  # where FastAPI found a value
@@ -244,7 +246,9 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
         """Register an operation on one label at both its addresses: the label as the end of
         the path (`/v1/gallery/labels/NAME`), and as the query's `label`
         (`/v1/gallery/label?label=NAME`), which carries every label: a path cannot carry '.'
-        or '..' (clients resolve them away, even encoded), nor '//' (proxies merge it)."""
+        or '..' (clients resolve them away, even encoded), nor '//' (proxies merge it). A
+        query parameter given twice is refused, not taken as its last value."""
+        options["dependencies"] = [*options["dependencies"], Depends(single_query_values)]
 
         def register(operation: F) -> F:
             for path in (LABEL_IN_PATH, LABEL_IN_QUERY):
@@ -254,17 +258,18 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
         return register
 
     @asynccontextmanager
-    async def decoded(uploads: RawUploads) -> AsyncIterator[list[Upload]]:
-        """Decoded uploads, each one the model can take, for the block; each within the pixel
-        limit, and all of them together within REQUEST_PIXELS_FACTOR times it and within the
-        server's budget of decoded pixels, counted from the headers before anything is
-        decoded: neither one request nor all of them together can hold gigabytes of pixels.
-        The pixels stay reserved until the block ends (the answer is computed)."""
+    async def decoded(uploads: RawUploads) -> AsyncIterator[list[np.ndarray]]:
+        """Decoded uploads (RGB arrays), each one the model can take, for the block; each
+        within the pixel limit, and all of them together within the request's limit
+        (ServeSettings.max_pixels_per_request) and the server's budget of decoded pixels
+        that all requests share, counted from the headers before anything is decoded:
+        neither one request nor all of them together can hold gigabytes of pixels. The
+        pixels stay reserved until the block ends (the answer is computed)."""
         headers = await run_in_threadpool(
             lambda: [read_header(data, settings.max_pixels, name) for name, data in uploads.images]
         )
         total = sum(header.pixels for header in headers)
-        limit = min(REQUEST_PIXELS_FACTOR * settings.max_pixels, pixel_budget.capacity)
+        limit = settings.max_pixels_per_request
         if total > limit:
             raise PayloadTooLarge(
                 f"the request's images hold {total / 1e6:.1f} megapixels together; "
@@ -275,8 +280,16 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
             for (name, data), header in zip(uploads.images, headers, strict=True):
                 pixels = await run_in_threadpool(decode_image, data, header, name)
                 service.check_image(name, pixels)
-                decoded.append(Upload(name, data, pixels))
+                decoded.append(pixels)
             yield decoded
+
+    async def embedded(uploads: RawUploads) -> np.ndarray:
+        """The uploads' embeddings, one row each; their pixels are held (and reserved) only
+        while the model takes them: an add then waits for the library, where another
+        process's write may keep it a minute, holding none, and recognition goes on."""
+        async with decoded(uploads) as images:
+            futures = service.extract(images)
+            return np.stack(await asyncio.gather(*map(asyncio.wrap_future, futures)))
 
     def image_out(request: Request, entry: ImageEntry) -> schemas.ImageOut:
         """The image as the API lists it; its thumbnail's path as clients reach it, under the
@@ -327,6 +340,7 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
                 max_upload_mb=settings.max_upload_mb,
                 max_images_per_request=settings.max_images_per_request,
                 max_megapixels=settings.max_pixels / 1e6,
+                max_megapixels_per_request=settings.max_pixels_per_request / 1e6,
             ),
         )
 
@@ -359,8 +373,8 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
     async def recognize(request: Request) -> dict:
         """What is in the photo: boxes, labels, scores and the matching gallery image ids."""
         raw = await read_uploads(request, settings, schemas.RecognizeJSON, 1)
-        async with decoded(raw) as (upload,):
-            results = await asyncio.wrap_future(service.recognize(upload.pixels))
+        async with decoded(raw) as (pixels,):
+            results = await asyncio.wrap_future(service.recognize(pixels))
         return {"results": [r.to_dict() for r in results]}
 
     @app.post(
@@ -376,14 +390,12 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
         raw = await read_uploads(
             request, settings, schemas.ExtractJSON, settings.max_images_per_request
         )
-        async with decoded(raw) as uploads:
-            futures = service.extract([u.pixels for u in uploads])
-            vectors = await asyncio.gather(*map(asyncio.wrap_future, futures))
+        vectors = await embedded(raw)
         return JSONResponse(
             {
                 "model": service.extractor.fingerprint,
                 "dim": service.extractor.embedding_size,
-                "embeddings": [vector.tolist() for vector in vectors],
+                "embeddings": vectors.tolist(),
             }
         )
 
@@ -432,14 +444,25 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
         label: str,
         offset: Annotated[int, Query(ge=0)] = 0,
         limit: Annotated[int, Query(ge=1, le=10 * LABEL_PAGE)] = LABEL_PAGE,
+        after: Annotated[
+            int | None,
+            Query(
+                description="only images with a larger id: the last id of the page before, "
+                "so that images removed meanwhile do not move later ones out of the next page"
+            ),
+        ] = None,
     ) -> schemas.LabelImagesResponse:
-        """The images of one label (oldest first), a page at a time."""
+        """The images of one label (oldest first), a page at a time: `offset` skips that many,
+        after `after`."""
         entries = service.label_images(label)
+        start = 0 if after is None else bisect.bisect_right(entries, after, key=lambda e: e.id)
+        page = entries[start + offset : start + offset + limit]
         return schemas.LabelImagesResponse(
             label=entries[0].label,  # as stored: NFC where the client sent NFD (macOS)
             count=len(entries),
             offset=offset,
-            images=[image_out(request, e) for e in entries[offset : offset + limit]],
+            remaining=max(0, len(entries) - (start + offset + len(page))),
+            images=[image_out(request, e) for e in page],
         )
 
     @app.get(
@@ -454,7 +477,7 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
 
     @app.get(
         "/v1/gallery/images/{image_id}/thumbnail",
-        dependencies=read_access,
+        dependencies=[*read_access, Depends(single_query_values)],
         responses={200: {"content": {"image/jpeg": {}}}, **ERRORS},
         response_class=Response,
         tags=["gallery"],
@@ -473,9 +496,9 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
         if tag and tag in {known_tag.strip().removeprefix("W/") for known_tag in known}:
             return Response(status_code=304, headers=headers)
         # Its decoded pixels count with the uploads' (a thumbnail of a large PNG decodes it
-        # whole); one of an image larger than the whole budget waits for all of it.
+        # whole): at most the largest image's, which the budget holds (ServeSettings).
         pixels = await run_in_threadpool(service.thumbnail_pixels, image_id, size)
-        async with pixel_budget.hold(min(pixels, pixel_budget.capacity)):
+        async with pixel_budget.hold(pixels):
             data = await run_in_threadpool(service.thumbnail, image_id, size)
         return Response(data, media_type="image/jpeg", headers=headers)
 
@@ -500,8 +523,8 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
         if "label" not in raw.fields:
             raise BadRequest("missing field 'label'")
         label = check_label(raw.fields["label"])  # as stored (NFC), before any decoding
-        async with decoded(raw) as uploads:
-            outcome = await run_in_threadpool(service.add, label, uploads)
+        features = await embedded(raw)
+        outcome = await run_in_threadpool(service.add, label, raw.images, features)
         return schemas.AddImagesResponse(
             label=label,
             added=[image_out(request, e) for e in outcome.added],
@@ -534,13 +557,14 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
         "PATCH",
         response_model=schemas.RenamedResponse,
         dependencies=write_access,
-        responses=ERRORS,
+        responses={**ERRORS, 409: {"model": schemas.ErrorOut}},
         tags=["gallery"],
     )
     async def rename_label(label: str, body: schemas.RenameLabel) -> schemas.RenamedResponse:
-        """Rename a label; renaming onto an existing label merges the two."""
+        """Rename a label; renaming onto an existing label merges the two (with merge false:
+        409 instead)."""
         new = check_label(body.label)
-        count = await run_in_threadpool(service.rename_label, label, new)
+        count = await run_in_threadpool(service.rename_label, label, new, body.merge)
         return schemas.RenamedResponse(old=normal_form(label), new=new, count=count)
 
     @app.post(

@@ -31,6 +31,12 @@ class NotFound(RequestError):
     status = 404
 
 
+class Conflict(RequestError):
+    """The request would change what it was not asked to (a rename that would merge)."""
+
+    status = 409
+
+
 class PayloadTooLarge(RequestError):
     status = 413
 

@@ -16,6 +16,7 @@ import numpy as np
 from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ValidationError
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from shitu.serving.errors import (
@@ -259,6 +260,15 @@ def api_key_check(settings: ServeSettings, write: bool) -> Callable[..., Awaitab
     return check
 
 
+async def single_query_values(request: Request) -> None:
+    """A dependency refusing a query parameter given more than once: FastAPI takes the last
+    value, so `DELETE /v1/gallery/label?label=a&label=b` removed b alone, as if asked to."""
+    params = request.query_params
+    repeated = [key for key in params if len(params.getlist(key)) > 1]
+    if repeated:
+        raise BadRequest(f"invalid query: {repeated[0]}: given more than once; send one value")
+
+
 # --------------------------------------------------------------------------- bodies
 def media_type(request: Request) -> str:
     """The request's content type without parameters, lower case ('' when none is sent)."""
@@ -295,9 +305,10 @@ async def read_uploads(
     `images` as base64, validated by `schema`); anything else is 415."""
     media = media_type(request)
     if media == "multipart/form-data":
-        uploads = await _read_multipart(request, at_most)
+        uploads = await _read_multipart(request, at_most, schema)
     elif media == "application/json":
-        uploads = await _read_json(request, schema)
+        body = await request.body()
+        uploads = await run_in_threadpool(_parse_json, body, schema, at_most)
     else:
         raise UnsupportedMediaType(
             f"unsupported content type '{media or 'none'}': send multipart/form-data with the "
@@ -305,17 +316,26 @@ async def read_uploads(
         )
     if not uploads.images:
         raise BadRequest(f"missing field '{IMAGE_FIELD}': no image in the request")
-    if len(uploads.images) > at_most:
-        raise BadRequest(f"{len(uploads.images)} images sent; at most {at_most} per request")
     return uploads
 
 
-async def _read_multipart(request: Request, at_most: int) -> RawUploads:
+async def _read_multipart(request: Request, at_most: int, schema: type[BaseModel]) -> RawUploads:
+    """The form's images and its text fields: those of the JSON `schema` other than the
+    images, each once. Others are refused, as in JSON: a field the endpoint does not take
+    (a misspelt one, `k=3`) or a second value was silently dropped."""
     images: list[tuple[str, bytes]] = []
     fields: dict[str, str] = {}
+    takes = [name for name in schema.model_fields if name not in (IMAGE_FIELD, "images")]
     async with request.form(max_files=at_most, max_fields=16) as form:
         for key, value in form.multi_items():
             if not isinstance(value, UploadFile):
+                if key == IMAGE_FIELD:
+                    raise BadRequest(f"field '{IMAGE_FIELD}' must be a file upload, not text")
+                if key not in takes:
+                    expected = ", ".join(f"'{name}'" for name in [IMAGE_FIELD, *takes])
+                    raise BadRequest(f"unexpected field '{key}': the form takes {expected}")
+                if key in fields:
+                    raise BadRequest(f"field '{key}' is given more than once")
                 fields[key] = value
                 continue
             if key != IMAGE_FIELD:
@@ -325,18 +345,27 @@ async def _read_multipart(request: Request, at_most: int) -> RawUploads:
             if not kind.startswith("image/") and kind not in GENERIC_FILE_TYPES:
                 raise UnsupportedMediaType(f"{name}: the part is {kind}; upload an image file")
             images.append((name, await value.read()))
-    if IMAGE_FIELD in fields:
-        raise BadRequest(f"field '{IMAGE_FIELD}' must be a file upload, not text")
     return RawUploads(images, fields)
 
 
-async def _read_json(request: Request, schema: type[BaseModel]) -> RawUploads:
+def _parse_json(body: bytes, schema: type[BaseModel], at_most: int) -> RawUploads:
+    """The JSON body's images, decoded from base64, and its other fields. Run in a worker
+    thread: a body of megabytes takes the event loop, which answers every request, from the
+    others; and the images are counted before any is decoded (5 million empty strings in
+    20 MB took seconds to decode, only to be refused). Read as Python's json (and so the
+    routes FastAPI parses) reads it: UTF-8 with a BOM (PowerShell's), or UTF-16 or 32."""
+    encoding = json.detect_encoding(body)
     try:
-        body = schema.model_validate_json(await request.body())
+        document = body if encoding == "utf-8" else body.decode(encoding)
+        parsed = schema.model_validate_json(document)
+    except UnicodeDecodeError:
+        raise BadRequest(f"invalid JSON body: not {encoding} text throughout") from None
     except ValidationError as exc:
         raise BadRequest(f"invalid JSON body: {validation_problems(exc.errors())}") from None
-    data = body.model_dump()
+    data = parsed.model_dump()
     texts = ([data["image"]] if data.get("image") else []) + list(data.get("images") or [])
+    if len(texts) > at_most:
+        raise BadRequest(f"{len(texts)} images sent; at most {at_most} per request")
     images = [
         (f"image {number}", decode_base64(text, f"image {number}"))
         for number, text in enumerate(texts, start=1)

@@ -18,9 +18,23 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from shitu.data.transforms.ops import to_rgb8
 from shitu.inference.preprocess import UnreadableImageError, decode_rgb
-from shitu.serving.errors import BadRequest, NotFound, PayloadTooLarge
+from shitu.serving.errors import BadRequest, NotFound, PayloadTooLarge, UnsupportedMediaType
 
 THUMBNAIL_QUALITY = 85
+# The formats an upload may be in (Pillow's names), with the suffix its kept file gets: those
+# shitu finds in folders, and GIF. Pillow reads dozens more (AVIF, PPM, DDS, PSD, ...): kept
+# as `.img` files that no tool (nor `shitu index build` on the folder) took for images, and
+# each one more decoder that any client could reach.
+SUFFIXES = {
+    "JPEG": ".jpg",
+    "MPO": ".jpg",  # many cameras' JPEGs (with a preview image)
+    "PNG": ".png",
+    "WEBP": ".webp",
+    "BMP": ".bmp",
+    "TIFF": ".tif",
+    "GIF": ".gif",
+}
+EXPECTED = "expected JPEG, PNG, WebP, BMP, TIFF or GIF"
 
 
 def check_pixels(width: int, height: int, max_pixels: int, name: str = "image") -> None:
@@ -47,7 +61,8 @@ class ImageHeader:
 
 def read_header(data: bytes, max_pixels: int, name: str = "image") -> ImageHeader:
     """The image's size and format from its header alone, within the pixel limit: what
-    decoding it will take is known before it starts. Raises BadRequest or PayloadTooLarge."""
+    decoding it will take is known before it starts. Raises BadRequest,
+    UnsupportedMediaType (a format not in SUFFIXES) or PayloadTooLarge."""
     if not data:
         raise BadRequest(f"{name}: the upload is empty (0 bytes)")
     try:
@@ -56,9 +71,10 @@ def read_header(data: bytes, max_pixels: int, name: str = "image") -> ImageHeade
             kind = header.format or "image"
     except (UnidentifiedImageError, OSError, ValueError):
         raise BadRequest(
-            f"{name}: not an image file (expected JPEG, PNG, WebP, BMP, TIFF or GIF; "
-            f"got {len(data)} bytes starting {data[:8]!r})"
+            f"{name}: not an image file ({EXPECTED}; got {len(data)} bytes starting {data[:8]!r})"
         ) from None
+    if kind not in SUFFIXES:
+        raise UnsupportedMediaType(f"{name}: {kind} images are not accepted ({EXPECTED})")
     check_pixels(width, height, max_pixels, name)
     return ImageHeader(width, height, kind)
 

@@ -4,17 +4,18 @@ A `Gallery`'s SQLite connection belongs to the thread that opened it (other thre
 only search). So every call that touches SQLite runs on the library's own thread (`run`),
 which also serialises the writes; searches touch only the in-memory index and run on the
 caller's thread, also while a write runs or waits for another process's (the gallery swaps
-in each generation whole). Listing reads a snapshot that is
-replaced after each write, so browsing waits for a write only when the check below is due.
+in each generation whole). Listing reads a snapshot that is replaced after each write, so
+browsing waits for no write.
 
 Other processes may write the library too (`shitu index add ...`): at most once a second,
 a search or a look at the snapshot has the library's thread check for a newer generation
 (one SQLite read) and load it (a Faiss index whose file those writes kept takes only the
 rows they changed), and waits for that before answering, so a request made after
-their edit sees it, however long the server sat idle before; a search made while an edit of
-this server's is under way does not wait (the check would queue behind the edit, which may
-wait minutes for another process's rebuild): it answers from the generation loaded. An edit
-loads them first, always: it checks what it changes against the library as it is.
+their edit sees it, however long the server sat idle before; a search or listing made while
+an edit of this server's is under way does not wait (the check would queue behind the edit,
+which may wait minutes for another process's rebuild): it answers from the generation
+loaded. An edit loads them first, always: it checks what it changes against the library as
+it is.
 """
 
 from __future__ import annotations
@@ -155,18 +156,11 @@ class SharedLibrary:
     @property
     def snapshot(self) -> Snapshot:
         """The rows and facts of the latest generation; no lock, but once a second it waits
-        for the check for other processes' writes (behind a write under way): call it from
-        a worker thread, never from the event loop."""
+        for the check for other processes' writes, unless an edit is under way: the check
+        queues behind it, and the page's listings and thumbnails would wait out an edit
+        that waits for another process's write (up to a minute). Call it from a worker
+        thread, never from the event loop."""
         self._sync_if_due()
-        return self._snapshot
-
-    @property
-    def snapshot_for_lookup(self) -> Snapshot:
-        """The snapshot, checked for other processes' writes as `snapshot` is but never
-        behind an edit under way: for looking up an image by an id that an earlier answer
-        gave (snapshots only move forward, so it is there). The page's thumbnails would
-        otherwise wait out an edit that waits for another process's write (up to a minute)."""
-        self._sync_if_due(behind_edits=False)
         return self._snapshot
 
     @property
@@ -178,13 +172,13 @@ class SharedLibrary:
     def search(
         self, vectors: np.ndarray, k: int = 5, min_score: float | None = None
     ) -> SearchResult:
-        self._sync_if_due(behind_edits=False)
+        self._sync_if_due()
         return self.gallery.search(vectors, k, min_score)
 
-    def _sync_if_due(self, behind_edits: bool = True) -> None:
+    def _sync_if_due(self) -> None:
         """If it is time, have the library's thread load other processes' writes, and wait
-        for it (with every other request that finds the same check under way); unless
-        `behind_edits`, not where an edit is queued or running (the check runs after it)."""
+        for it (with every other request that finds the same check under way), but not
+        where an edit is queued or running (the check runs after it)."""
         if threading.current_thread() is self._thread:
             return  # a write job's own reads: it is the thread that would sync
         with self._sync_guard:
@@ -197,7 +191,7 @@ class SharedLibrary:
                     pending = self._pending_sync = self._executor.submit(self._sync)
                 except RuntimeError:  # closing: the thread takes no more work
                     return
-        if behind_edits or not self._edits:  # an edit queued later runs after the check
+        if not self._edits:  # an edit queued later runs after the check
             pending.result()
 
     def _sync(self) -> None:

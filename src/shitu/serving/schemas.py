@@ -32,6 +32,11 @@ class AddImagesJSON(ExtractJSON):
 
 class RenameLabel(_Body):
     label: str = Field(description="the new label (an existing one: the two are merged)")
+    merge: bool = Field(
+        True,
+        description="whether a new label that has images takes this one's (the two cannot be "
+        "told apart afterwards); false: 409 instead, as `shitu index relabel` without --merge",
+    )
 
 
 class RebuildRequest(_Body):
@@ -82,6 +87,7 @@ class LabelImagesResponse(BaseModel):
     label: str
     count: int = Field(description="images with this label (all, not only this page)")
     offset: int
+    remaining: int = Field(description="images of the label after this page")
     images: list[ImageOut]
 
 
@@ -123,9 +129,10 @@ class Limits(BaseModel):
     max_upload_bytes: int = Field(description="the largest request body, in bytes")
     max_upload_mb: float = Field(description="the same limit in MB, as the server was given it")
     max_images_per_request: int = Field(description="images one add or extract may send")
-    max_megapixels: float = Field(
-        description="the largest image; the images of one request together: 4 times this, "
-        "or the server's limit on decoded pixels in flight where that is smaller"
+    max_megapixels: float = Field(description="the largest image")
+    max_megapixels_per_request: float = Field(
+        description="what the images of one request may hold together: 4 times the largest "
+        "image, or the server's limit on decoded pixels in flight where that is smaller"
     )
 
 

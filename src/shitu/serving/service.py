@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
 import re
 import threading
@@ -21,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from shitu.data.transforms.ops import UnreadableImageError
+from shitu.errors import did_you_mean
 from shitu.fileio import check_writable, write_atomically
 from shitu.index import INDEX_TYPES, Gallery
 from shitu.index.labels import BadLabelError, normal_form
@@ -28,32 +30,15 @@ from shitu.index.labels import check_label as check_stored_label
 from shitu.index.metadata import ImageEntry
 from shitu.pipeline import PipelineConfig, Recognition, Recognizer
 from shitu.serving.batching import BatchObserver, MicroBatcher
-from shitu.serving.errors import BadRequest, NotFound
-from shitu.serving.images import thumbnail_jpeg, thumbnail_pixels
+from shitu.serving.errors import BadRequest, Conflict, NotFound
+from shitu.serving.images import SUFFIXES, thumbnail_jpeg, thumbnail_pixels
 from shitu.serving.library import SharedLibrary
 from shitu.serving.settings import ServeSettings
 
+logger = logging.getLogger(__name__)
 MAX_LABEL_LENGTH = 200
 SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")  # what an upload's name keeps in its file name
 MAX_NAME = 60
-SUFFIXES = {
-    "JPEG": ".jpg",
-    "MPO": ".jpg",  # many cameras' JPEGs (with a preview image)
-    "PNG": ".png",
-    "WEBP": ".webp",
-    "BMP": ".bmp",
-    "TIFF": ".tif",
-    "GIF": ".gif",
-}
-
-
-@dataclass(frozen=True)
-class Upload:
-    """One uploaded image: the name the client gave, its bytes and its decoded pixels."""
-
-    name: str
-    data: bytes
-    pixels: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -152,7 +137,7 @@ class RecognitionService:
     # ------------------------------------------------------------------------- reading
 
     def image(self, image_id: int) -> ImageEntry:
-        entry = self.library.snapshot_for_lookup.by_id.get(image_id)
+        entry = self.library.snapshot.by_id.get(image_id)
         if entry is None:
             raise NotFound(f"no gallery image with id {image_id}")
         return entry
@@ -191,18 +176,21 @@ class RecognitionService:
 
     # ------------------------------------------------------------------------- writing
 
-    def add(self, label: str, uploads: Sequence[Upload]) -> AddOutcome:
-        """Embed the images, keep their files, add them with `label`; images the library
-        already has (same bytes) are skipped.
+    def add(
+        self, label: str, images: Sequence[tuple[str, bytes]], features: np.ndarray
+    ) -> AddOutcome:
+        """Keep the encoded images' files (name, bytes) and add them with `label` and their
+        embeddings (`extract`, one row each); images the library already has (same bytes)
+        are skipped.
 
-        Blocks; call from a worker thread. Embedding runs while other writes proceed; the
+        Blocks; call from a worker thread. Takes embeddings, not pixels: nothing decoded is
+        held while the write waits for others (another process's may take a minute); the
         files and rows are written on the library's thread, one write at a time.
         """
         label = check_label(label)
-        if not uploads:
+        if not images:
             raise BadRequest("no images to add")
-        features = np.stack([f.result() for f in self.extract([u.pixels for u in uploads])])
-        hashes = [hashlib.sha256(upload.data).hexdigest() for upload in uploads]
+        hashes = [hashlib.sha256(data).hexdigest() for _name, data in images]
 
         def commit() -> AddOutcome:
             stored, seen = self.library.gallery.stored_hashes(hashes), set()
@@ -210,14 +198,14 @@ class RecognitionService:
             for row, digest in enumerate(hashes):
                 (duplicates if digest in stored or digest in seen else rows).append(row)
                 seen.add(digest)
-            names = [uploads[row].name for row in duplicates]
+            names = [images[row][0] for row in duplicates]
             if not rows:
                 return AddOutcome(added=[], duplicates=names)
             created: list[Path] = []
             paths = []
             try:
                 for row in rows:
-                    path, new = self._keep_file(uploads[row], hashes[row])
+                    path, new = self._keep_file(*images[row], hashes[row])
                     paths.append(str(path))
                     if new:
                         created.append(path)
@@ -233,7 +221,7 @@ class RecognitionService:
                 self._drop_unlisted(created)
                 skipped = set(report.duplicates)  # by the paths given, one per content
                 listed = zip(rows, paths, strict=True)
-                names += [uploads[row].name for row, path in listed if path in skipped]
+                names += [images[row][0] for row, path in listed if path in skipped]
             by_id = self.library.snapshot.by_id
             return AddOutcome(added=[by_id[int(i)] for i in report.ids], duplicates=names)
 
@@ -257,21 +245,31 @@ class RecognitionService:
 
         return self.library.edit(commit)
 
-    def rename_label(self, old: str, new: str) -> int:
-        """Rename; renaming onto an existing label merges the two."""
+    def rename_label(self, old: str, new: str, merge: bool = True) -> int:
+        """Rename; renaming onto an existing label merges the two, or without `merge` is a
+        Conflict (checked with the library as it is, not as a client last listed it)."""
         new = check_label(new)
 
         def commit() -> int:
             count = len(self.label_images(old))
-            if new != normal_form(old):
-                self.library.write(lambda gallery: gallery.relabel(old, new, merge=True))
+            if new == normal_form(old):
+                return count
+            if not merge and new in self.library.snapshot.by_label:
+                raise Conflict(
+                    f"label '{new}' already has images: renaming '{old}' onto it would merge "
+                    "the two (send merge: true to merge them)"
+                )
+            self.library.write(lambda gallery: gallery.relabel(old, new, merge=True))
             return count
 
         return self.library.edit(commit)
 
     def rebuild(self, index_type: str | None = None) -> dict[str, Any]:
         if index_type is not None and index_type not in INDEX_TYPES:
-            raise BadRequest(f"unknown index type '{index_type}': choose one of {INDEX_TYPES}")
+            raise BadRequest(
+                f"unknown index type '{index_type}'{did_you_mean(index_type, list(INDEX_TYPES))}: "
+                f"choose one of {', '.join(INDEX_TYPES)}"
+            )
 
         def rebuild(gallery: Gallery) -> None:
             gallery.rebuild(index_type)
@@ -281,19 +279,19 @@ class RecognitionService:
 
     # ------------------------------------------------------------------------- files
 
-    def _keep_file(self, upload: Upload, digest: str) -> tuple[Path, bool]:
+    def _keep_file(self, name: str, data: bytes, digest: str) -> tuple[Path, bool]:
         """Store an upload (atomically) as `<its name>-<hash prefix>`; returns the path and
         whether this call wrote it.
 
         The library holds each content once, so the hash prefix keeps names unique.
         """
-        with Image.open(io.BytesIO(upload.data)) as header:
-            suffix = SUFFIXES.get(header.format or "", ".img")
-        stem = SAFE_NAME.sub("_", Path(upload.name).stem)[:MAX_NAME].strip("._") or "image"
+        with Image.open(io.BytesIO(data)) as header:
+            suffix = SUFFIXES[header.format or ""]  # `read_header` refused other formats
+        stem = SAFE_NAME.sub("_", Path(name).stem)[:MAX_NAME].strip("._") or "image"
         path = self.upload_dir / f"{stem}-{digest[:16]}{suffix}"
         if path.is_file():
             return path, False
-        write_atomically(path, lambda tmp: tmp.write_bytes(upload.data), durable=True)
+        write_atomically(path, lambda tmp: tmp.write_bytes(data), durable=True)
         return path, True
 
     def _drop_unlisted(self, written: Sequence[Path]) -> None:
@@ -304,11 +302,21 @@ class RecognitionService:
         listed = {entry.path for entry in self.library.snapshot.by_id.values()}
         for path in written:
             if str(path) not in listed:
-                path.unlink(missing_ok=True)
+                _delete_upload(path)
 
     def _forget_files(self, entries: Sequence[ImageEntry]) -> None:
         """Delete the stored uploads of removed images (files added by other means stay)."""
         for entry in entries:
             path = Path(entry.path)
             if entry.path and path.parent == self.upload_dir:
-                path.unlink(missing_ok=True)
+                _delete_upload(path)
+
+
+def _delete_upload(path: Path) -> None:
+    """Delete an upload file the library no longer lists; one that cannot be deleted (open in
+    another program on Windows, say) is left, with a warning: the edit is made, and its answer
+    (or the error that undid it) must not become a 500 for a file left over."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as exc:
+        logger.warning("could not delete %s, which the library no longer lists: %s", path, exc)

@@ -5,12 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from shitu.errors import ConfigError
+
 MB = 1 << 20
 DEFAULT_MAX_UPLOAD_MB = 20.0
 DEFAULT_MAX_MEGAPIXELS = 50.0
 # Decoded pixels all requests in progress may hold together: two requests at their own
 # limit (4 x 50 megapixels), 1.2 GB as 8-bit RGB.
 DEFAULT_MAX_MEGAPIXELS_IN_FLIGHT = 400.0
+# All images of one request together: at most 4 times the per-image limit.
+REQUEST_PIXELS_FACTOR = 4
 DEFAULT_MAX_BATCH = 8
 MAX_IMAGES_PER_REQUEST = 32
 DEFAULT_MAX_REQUESTS = 64
@@ -31,6 +35,11 @@ class ServeSettings:
     each may hold an upload, so this bounds the memory they take).
     max_pixels_in_flight: decoded pixels that the requests in progress may hold together
     (--max-megapixels-in-flight): a request that does not fit waits briefly, then gets 503.
+
+    A largest image (max_pixels) over what shitu decodes ($SHITU_MAX_MEGAPIXELS) or over
+    max_pixels_in_flight is a ConfigError: images between the limits would pass the
+    header check and then never be decoded (refused as corrupt, or 413 as too many pixels
+    together), and /healthz would tell clients a limit the server does not keep.
     """
 
     upload_dir: Path
@@ -42,6 +51,30 @@ class ServeSettings:
     max_batch: int = DEFAULT_MAX_BATCH
     max_requests: int = DEFAULT_MAX_REQUESTS
     max_pixels_in_flight: int = int(DEFAULT_MAX_MEGAPIXELS_IN_FLIGHT * 1_000_000)
+
+    def __post_init__(self) -> None:
+        # imported here: the CLI's parser imports these settings, and must not import OpenCV
+        from shitu.data.transforms.ops import MAX_MEGAPIXELS_VARIABLE, max_image_pixels
+
+        largest = f"--max-megapixels {self.max_pixels / 1e6:g} (max_pixels)"
+        decodable = max_image_pixels()
+        if self.max_pixels > decodable:
+            raise ConfigError(
+                f"{largest} is over the {decodable / 1e6:g} megapixels shitu decodes; set "
+                f"{MAX_MEGAPIXELS_VARIABLE} to at least that too"
+            )
+        if self.max_pixels > self.max_pixels_in_flight:
+            raise ConfigError(
+                f"{largest} is over --max-megapixels-in-flight "
+                f"{self.max_pixels_in_flight / 1e6:g} (max_pixels_in_flight), which every "
+                "request's images must fit in: lower the one or raise the other"
+            )
+
+    @property
+    def max_pixels_per_request(self) -> int:
+        """What the images of one request may hold together: REQUEST_PIXELS_FACTOR times the
+        largest image, within the budget all requests share."""
+        return min(REQUEST_PIXELS_FACTOR * self.max_pixels, self.max_pixels_in_flight)
 
     @property
     def max_upload_bytes(self) -> int:

@@ -53,9 +53,11 @@ function plural(count, noun) {
 
 // The label goes in the query: a path cannot carry "." or ".." (the browser resolves them
 // away, encoded as %2E too), nor "//" (a proxy may merge it).
-function labelPath(label, offset = 0) {
+// `after`: the last image id shown, for the next page (by id, not by count: an image
+// removed elsewhere meanwhile would move one out of the next page's reach).
+function labelPath(label, after = null) {
   const query = new URLSearchParams({ label });
-  if (offset) query.set("offset", offset);
+  if (after !== null) query.set("after", after);
   return `v1/gallery/label?${query}`;
 }
 
@@ -373,23 +375,25 @@ async function selectLabel(label) {
   $("add-label").value = label;
   clearThumbs();
   appendThumbs(label, body.images);
-  offerMore(label, choice, body.images.length, body.count);
+  offerMore(label, choice, body);
 }
 
-// A label's images come a page at a time: a button fetches the next page.
-function offerMore(label, choice, shown, count) {
-  if (shown >= count) return;
+// A label's images come a page at a time: a button fetches the next page. `page`: the
+// answer that brought the last one.
+function offerMore(label, choice, page) {
+  if (!page.remaining) return;
+  const shown = $("thumbs").querySelectorAll("figure").length, count = page.count;
   const more = Object.assign(document.createElement("button"), {
     type: "button", className: "more", textContent: `show more (${shown} of ${count} shown)`,
   });
   more.addEventListener("click", () => attempt(async () => {
     more.disabled = true; // one page per click
     try {
-      const page = await api(labelPath(label, shown));
+      const next = await api(labelPath(label, page.images[page.images.length - 1].id));
       if (choice !== selection) return; // the grid shows another choice now
       more.remove();
-      appendThumbs(label, page.images);
-      offerMore(label, choice, shown + page.images.length, page.count);
+      appendThumbs(label, next.images);
+      offerMore(label, choice, next);
       // Focus, lost with the button, goes to the first image that came (not the page's top).
       const first = $("thumbs").querySelectorAll("figure")[shown];
       if (first) { // none where the label lost images meanwhile
@@ -632,11 +636,22 @@ window.addEventListener("DOMContentLoaded", () => {
       if (existing && !confirm(`"${wanted}" already has ${plural(existing.count, "image")}: ` +
         `merge the images of "${old}" into it?`)) return;
       setStatus("label-status", `${existing ? "merging" : "renaming"} "${old}"…`);
-      const body = await api(labelPath(old), {
-        method: "PATCH",
-        headers: { "Content-Type": "application/json" },
-        body: JSON.stringify({ label: $("rename-input").value }),
-      });
+      let body;
+      try {
+        body = await api(labelPath(old), {
+          method: "PATCH",
+          headers: { "Content-Type": "application/json" },
+          // Merges only where asked: a label another client gave images since the list was
+          // drawn is refused (409), not merged into unasked.
+          body: JSON.stringify({ label: $("rename-input").value, merge: Boolean(existing) }),
+        });
+      } catch (error) {
+        if (error.status !== 409) throw error;
+        const typed = $("rename-input").value;
+        await refresh(old); // lists the label that came, so that renaming again asks
+        $("rename-input").value = typed;
+        throw new Error(`"${wanted}" has images now, added elsewhere: rename again to merge`);
+      }
       setStatus("label-status", existing
         ? `merged "${body.old}" into "${body.new}": ${plural(body.count, "image")} moved, ` +
           `${plural(existing.count + body.count, "image")} now`
