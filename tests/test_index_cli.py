@@ -234,6 +234,26 @@ def test_a_single_unlabelled_image_is_told_a_build_option_that_works(
     assert shitu("index", "list", lib).stdout.split() == ["1", "Lemon"]
 
 
+def test_a_tree_grouped_by_category_builds_a_label_per_product_with_leaf_labels(models, tmp_path):
+    """`index build` and `index add` label each image by the folder it is in with
+    --leaf-labels (the Grocery Store Dataset's Fruit/Apple/Golden-Delicious/), and refuse
+    it beside --label."""
+    tree = tmp_path / "train"
+    make_images(tree / "Fruit" / "Apple" / "Golden-Delicious", 1)
+    make_images(tree / "Fruit" / "Pear", 1, seed=1)
+    make_images(tmp_path / "more" / "Vegetables" / "Leek", 1, seed=2)
+    lib = tmp_path / "lib"
+    common = ("--model", models[128], "--leaf-labels")
+    built = shitu("index", "build", tree, "--out", lib, *common)
+    assert built.returncode == 0, built.stderr
+    added = shitu("index", "add", lib, tmp_path / "more", *common)
+    assert added.returncode == 0, added.stderr
+    listed = shitu("index", "list", lib).stdout.split()
+    assert listed == ["1", "Golden-Delicious", "1", "Leek", "1", "Pear"]
+    both = shitu("index", "add", lib, tree, "--label", "Fruit", *common)
+    assert both.returncode == 2 and "give one or the other" in both.stderr
+
+
 def test_build_from_unreadable_images_leaves_nothing_and_says_why(models, tmp_path, capsys):
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not a jpeg")

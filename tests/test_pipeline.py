@@ -783,6 +783,17 @@ def test_eval_pipeline_cli_flags_gallery_photos_and_fails_when_nothing_was_measu
         err = capsys.readouterr().err
         assert "`path<TAB>label` file" in err and "--label" not in err, err
 
+    # Queries grouped by category: --leaf-labels labels each by the folder it is in.
+    product = tmp_path / "grouped" / "Category" / query.label
+    product.mkdir(parents=True)
+    shutil.copy(query.path, product / "photo.jpg")
+    labels.write_text(f"{product / 'photo.jpg'}\t{query.label}\n")
+    assert shitu_main(["eval-pipeline", "--queries", str(labels), *common, "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    grouped = ["--queries", str(tmp_path / "grouped"), "--leaf-labels", "--json"]
+    assert shitu_main(["eval-pipeline", *grouped, *common]) == 0
+    assert json.loads(capsys.readouterr().out) == listed
+
 
 def test_eval_pipeline_cli_names_each_unreadable_query_in_a_warning(setup, tmp_path, capsys):
     """As every command names the inputs it skipped on stderr; the report only counts them,

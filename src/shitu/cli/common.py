@@ -83,6 +83,17 @@ def add_progress_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_leaf_labels_argument(parser: argparse.ArgumentParser) -> None:
+    """--leaf-labels, for commands that read folder-per-label trees (`collect_items`)."""
+    parser.add_argument(
+        "--leaf-labels",
+        action="store_true",
+        help="label each image of a folder by the folder it is in "
+        "(Fruit/Apple/Golden-Delicious/1.jpg: Golden-Delicious), not by the first-level "
+        "folder (Fruit): for trees grouped by category",
+    )
+
+
 def progress_wanted(args: argparse.Namespace) -> bool:
     """Whether to draw a progress bar on stderr: not with --no-progress, and not where
     stderr is a file or a pipe (`2> log`, a job runner), whose log would fill with the

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from shitu.cli.common import (
+    add_leaf_labels_argument,
     add_progress_argument,
     add_runtime_arguments,
     count_of,
@@ -77,6 +78,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     build.add_argument("--out", type=Path, required=True, help="library folder to create")
     build.add_argument("--label", help="label for every given image and folder (as `index add`)")
+    add_leaf_labels_argument(build)
     build.add_argument(
         "--index-type",
         choices=INDEX_TYPES,
@@ -123,6 +125,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add.add_argument("library", type=Path)
     add.add_argument("sources", type=Path, nargs="+", help="images, folders or label files")
     add.add_argument("--label", help="label for every given image and folder")
+    add_leaf_labels_argument(add)
     _add_image_arguments(add)
     add.set_defaults(func=run_add)
 
@@ -356,7 +359,7 @@ def run_build(args: argparse.Namespace) -> int:
         add = f" or add to it with `shitu index add {args.out} ...`" if library else ""
         raise GalleryError(f"{args.out}: already exists; choose a new --out{add}")
     check_writable(args.out.parent, f"--out {args.out}")
-    items = collect_items(sources, label=args.label)
+    items = collect_items(sources, label=args.label, leaf_labels=args.leaf_labels)
     model = _load_model(args)
     given = {"uri": args.milvus_uri, "collection": args.milvus_collection}
     options = {key: value for key, value in given.items() if value is not None} | search_options
@@ -383,7 +386,7 @@ def run_build(args: argparse.Namespace) -> int:
 
 
 def run_add(args: argparse.Namespace) -> int:
-    items = collect_items(args.sources, label=args.label)
+    items = collect_items(args.sources, label=args.label, leaf_labels=args.leaf_labels)
     model = _load_model(args)
     with _open_for(args, model) as gallery:
         report = _add_in_parts(args, gallery, model, items)

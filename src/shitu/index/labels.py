@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import unicodedata
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from numbers import Integral
@@ -11,6 +13,11 @@ from pathlib import Path
 from shitu.errors import DataError
 from shitu.fileio import SAVE_AS_UTF8, read_text
 from shitu.image_files import IMAGE_SUFFIXES, scan_images
+
+logger = logging.getLogger(__name__)
+
+# How many labels and folders a warning about a tree's labels shows.
+_SHOWN = 3
 
 
 @dataclass(frozen=True)
@@ -94,11 +101,18 @@ def parse_label_file(path: Path) -> list[GalleryItem]:
     return items
 
 
-def scan_label_folders(root: Path, one_label_option: bool = True) -> list[GalleryItem]:
-    """Folder-per-label tree: every image under `root/<label>/` gets that label.
+def scan_label_folders(
+    root: Path, one_label_option: bool = True, leaf_labels: bool = False
+) -> list[GalleryItem]:
+    """Folder-per-label tree: every image under `root/<label>/` gets that label; with
+    `leaf_labels`, the name of the folder it is in, for trees grouped by category
+    (`Fruit/Apple/Golden-Delicious/1.jpg`: Golden-Delicious, not Fruit).
 
     A folder of photos without label folders is most often one product's photos: the
     error says how to give them a label (`one_label_option`: the caller takes --label).
+    A tree whose images lie deeper than its label folders is warned of where the folders
+    they are in would give more labels (a grouped tree would quietly become a few labels);
+    with `leaf_labels`, folders of one name in different places, which share a label.
     """
     try:
         images = scan_images(root, loose=False)
@@ -109,7 +123,48 @@ def scan_label_folders(root: Path, one_label_option: bool = True) -> list[Galler
                 f"named after their label, {_one_label_hint(one_label_option)}"
             ) from None
         raise
+    if leaf_labels:
+        _warn_shared_folder_names(root, {image.parent for image in images})
+        return [GalleryItem(image.resolve(), image.parent.name) for image in images]
+    _warn_grouped_tree(root, images)
     return [GalleryItem(image.resolve(), image.relative_to(root).parts[0]) for image in images]
+
+
+def _warn_grouped_tree(root: Path, images: list[Path]) -> None:
+    """Warn where the folders the images are in have more names than the first-level
+    folders that label them: most likely categories over products (the Grocery Store
+    Dataset's `Fruit/Apple/Golden-Delicious/`), which --leaf-labels labels by product."""
+    labels = sorted({image.relative_to(root).parts[0] for image in images})
+    folders = sorted({image.parent for image in images})
+    leaf_names = {folder.name for folder in folders}
+    if len(leaf_names) <= len(labels):
+        return
+    nested = [folder.relative_to(root) for folder in folders if folder.parent != root]
+    shown = ", ".join(labels[:_SHOWN]) + (", ..." if len(labels) > _SHOWN else "")
+    logger.warning(
+        "%s: each first-level folder is a label (%d: %s), but the images lie in folders below "
+        "them (%s, ...): to label each image by the folder it is in instead (%d labels), "
+        "give --leaf-labels",
+        root,
+        len(labels),
+        shown,
+        nested[0],
+        len(leaf_names),
+    )
+
+
+def _warn_shared_folder_names(root: Path, folders: set[Path]) -> None:
+    """Warn where leaf labels merge folders of one name (`Apple/Red/`, `Pepper/Red/`)."""
+    places: defaultdict[str, list[Path]] = defaultdict(list)
+    for folder in sorted(folders):
+        places[folder.name].append(folder.relative_to(root))
+    shared = [(name, paths) for name, paths in places.items() if len(paths) > 1]
+    if shared:
+        shown = "; ".join(
+            f"{name} ({', '.join(map(str, paths))})" for name, paths in shared[:_SHOWN]
+        )
+        more = f"; {len(shared) - _SHOWN} more" if len(shared) > _SHOWN else ""
+        logger.warning("%s: folders of the same name share their label: %s%s", root, shown, more)
 
 
 def _one_label_hint(one_label_option: bool) -> str:
@@ -135,14 +190,22 @@ def collect_items(
     sources: Sequence[str | Path] | str | Path,
     label: str | None = None,
     one_label_option: bool = True,
+    leaf_labels: bool = False,
 ) -> list[GalleryItem]:
     """Items from any mix of label files, folders and image files (paths or strings; one
     path alone is a list of one).
 
     With `label`, every image (single files, whole folders) gets it; without, folders are
-    read as folder-per-label trees and label files carry their own labels. Errors about
-    images without a label suggest --label where `one_label_option` (the caller takes it).
+    read as folder-per-label trees (labelled by their first-level folders, or with
+    `leaf_labels` by the folder each image is in) and label files carry their own labels.
+    Errors about images without a label suggest --label where `one_label_option` (the
+    caller takes it).
     """
+    if label is not None and leaf_labels:
+        raise DataError(
+            "--label gives every image one label, --leaf-labels takes them from folder names: "
+            "give one or the other"
+        )
     if isinstance(sources, str | Path):
         sources = [sources]
     sources = [Path(source) for source in sources]
@@ -150,7 +213,7 @@ def collect_items(
     for source in sources:
         if source.is_dir():
             if label is None:
-                items.extend(scan_label_folders(source, one_label_option))
+                items.extend(scan_label_folders(source, one_label_option, leaf_labels))
             else:
                 images = scan_images(source)
                 items.extend(GalleryItem(image.resolve(), label) for image in images)
