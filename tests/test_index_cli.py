@@ -136,6 +136,21 @@ def test_build_search_edit_and_reembed(models, gallery_list, tmp_path):
     assert verified.returncode == 0 and "OK" in verified.stdout
 
 
+def test_search_warns_that_an_empty_library_matches_nothing(models, gallery_list, tmp_path):
+    """As `recognize` warns: else each image's "no match" looks like a poor photo."""
+    lib = tmp_path / "lib"
+    photo = gallery_list.read_text().splitlines()[0].split("\t")[0]
+    built = shitu("index", "build", gallery_list, "--model", models[128], "--out", lib)
+    assert built.returncode == 0, built.stderr
+    search = ("index", "search", lib, photo, "--model", models[128])
+    assert "holds no images" not in shitu(*search).stderr
+    labels = [line.split(None, 1)[1] for line in shitu("index", "list", lib).stdout.splitlines()]
+    assert shitu("index", "remove", lib, "--label", *labels).returncode == 0
+    empty = shitu(*search)
+    assert empty.returncode == 0 and empty.stdout == f"{photo}\tno match\n"
+    assert f"warning: {lib} holds no images: no match can be found" in empty.stderr
+
+
 def test_search_scores_are_cosines_on_l2_libraries_too(models, gallery_list, tmp_path, capsys):
     first_image = gallery_list.read_text().splitlines()[0].split("\t")[0]
     answers = {}

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from shitu.config import ShituConfig
+    from shitu.index import Gallery
     from shitu.models import RecModel
     from shitu.pipeline import FileRecognition
 
@@ -257,6 +258,13 @@ def expand_images(sources: Iterable[str]) -> tuple[list[Path], bool]:
         else:
             raise DataError(f"{source}: no such file or folder")
     return paths, folder
+
+
+def warn_if_empty(gallery: Gallery, outcome: str) -> None:
+    """Warn that `gallery` holds no images (all removed), with the `outcome` for the
+    command ("nothing can be recognised"): else each answer is a silent "nothing"."""
+    if not len(gallery):
+        print(f"warning: {gallery.root} holds no images: {outcome}", file=sys.stderr)
 
 
 def unread_files_status(unread: int, total: int) -> int:

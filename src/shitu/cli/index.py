@@ -18,6 +18,7 @@ from shitu.cli.common import (
     positive_int,
     progress_wanted,
     skip_reason,
+    warn_if_empty,
 )
 from shitu.errors import DataError, GalleryError, did_you_mean
 from shitu.fileio import check_writable
@@ -548,6 +549,7 @@ def run_search(args: argparse.Namespace) -> int:
     images, folder = expand_images(args.images)
     progress = progress_wanted(args) and (folder or len(images) > 1)  # as `shitu recognize`
     with _open_for(args, model) as gallery:
+        warn_if_empty(gallery, "no match can be found")
         extraction = model.extract_files([str(p) for p in images], args.batch_size, progress)
         # Hits past the gallery's size are padding, not printed: a huge -k allocates none.
         k = min(args.k, max(len(gallery), 1))
