@@ -223,6 +223,13 @@ def test_build_refuses_an_existing_library_and_bad_lists(models, tmp_path):
                   "--milvus-uri", "vectors.db")  # fmt: skip
     assert faiss.returncode == 2
     assert "--milvus-uri: only with --backend milvus" in faiss.stderr
+    for option, value, expected in (  # named as typed, not as the library's option names it
+        ("--milvus-collection", "9th", "--milvus-collection must be a letter or underscore"),
+        ("--milvus-uri", "vectors", "--milvus-uri must be a server's http://host:port"),
+    ):
+        milvus = shitu("index", "build", "--gallery", bad, "--out", tmp_path / "x",
+                       "--backend", "milvus", option, value)  # fmt: skip
+        assert milvus.returncode == 2 and expected in milvus.stderr, milvus.stderr
     for option, index_type, expected in (
         ("--nprobe", "Flat", "--nprobe: only with --index-type IVF or IVFPQ (not Flat)"),
         ("--ef-search", "IVF", "--ef-search: only with --index-type HNSW32 (not IVF)"),

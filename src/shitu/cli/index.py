@@ -29,6 +29,7 @@ from shitu.index import (
     Catalog,
     Gallery,
     GalleryItem,
+    Manifest,
     NothingAddedError,
     collect_items,
 )
@@ -46,6 +47,8 @@ SHOWN_PROBLEMS = 10
 # libraries, empty or of 100k (IVFPQ, empty: 0.3 ms, trained again as it grew 4x; 1 thread,
 # 2-core Intel Xeon host), against some 10 ms per image of embedding.
 ADD_PART = 2048
+# The Milvus settings of `index build`, by the flags that give them.
+MILVUS_FLAGS = {"uri": "--milvus-uri", "collection": "--milvus-collection"}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -344,10 +347,12 @@ def _warn_failures(report: AddReport) -> None:
 
 
 def run_build(args: argparse.Namespace) -> int:
-    given = {"--milvus-uri": args.milvus_uri, "--milvus-collection": args.milvus_collection}
-    milvus_only = [flag for flag, value in given.items() if value is not None]
-    if milvus_only and args.backend != "milvus":  # else refused as faiss options it never named
-        raise GalleryError(f"{' and '.join(milvus_only)}: only with --backend milvus")
+    given = {"uri": args.milvus_uri, "collection": args.milvus_collection}
+    milvus = {name: value for name, value in given.items() if value is not None}
+    if milvus and args.backend != "milvus":  # else refused as faiss options it never named
+        flags = " and ".join(MILVUS_FLAGS[name] for name in milvus)
+        raise GalleryError(f"{flags}: only with --backend milvus")
+    Manifest.check_backend_options("milvus", milvus, MILVUS_FLAGS)  # named as typed
     sources = [*args.sources, *args.gallery]
     if not sources:
         raise DataError(
@@ -362,8 +367,7 @@ def run_build(args: argparse.Namespace) -> int:
     check_writable(args.out.parent, f"--out {args.out}")
     items = collect_items(sources, label=args.label, leaf_labels=args.leaf_labels)
     model = _load_model(args)
-    given = {"uri": args.milvus_uri, "collection": args.milvus_collection}
-    options = {key: value for key, value in given.items() if value is not None} | search_options
+    options = milvus | search_options
     try:
         report = Gallery.build(
             args.out,
