@@ -1009,10 +1009,14 @@ def test_a_threshold_recorded_in_the_model_applies_unless_the_config_sets_one(se
     assert not (tmp_path / "refused").exists()
 
 
-def test_demo_builds_a_gallery_and_recognises_every_product(setup, tmp_path, capsys):
-    out = tmp_path / "demo"
+def test_demo_builds_a_gallery_and_recognises_every_product(setup, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = Path("demo")  # relative, as the default: the photos are named as the folders are
     assert shitu_main(["demo", "--out", str(out), "--model", str(setup["model"])]) == 0
     text = capsys.readouterr().out
+    assert f"demo photos written to {out / 'images'}" in text and str(tmp_path) not in text
+    photos = [line for line in text.splitlines() if line.endswith((".jpg", ".png"))]
+    assert len(photos) == 8 and all(line.startswith(f"{out / 'images'}/") for line in photos)
     right, total = (
         int(v) for v in text.split("recognised ")[-1].split(" products")[0].split(" of ")
     )
