@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import logging
 import unicodedata
-from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from numbers import Integral
@@ -12,12 +10,12 @@ from pathlib import Path
 
 from shitu.errors import DataError
 from shitu.fileio import SAVE_AS_UTF8, read_text
-from shitu.image_files import IMAGE_SUFFIXES, scan_images
-
-logger = logging.getLogger(__name__)
-
-# How many labels and folders a warning about a tree's labels shows.
-_SHOWN = 3
+from shitu.image_files import (
+    IMAGE_SUFFIXES,
+    scan_images,
+    warn_if_grouped,
+    warn_of_shared_folder_names,
+)
 
 
 @dataclass(frozen=True)
@@ -124,47 +122,10 @@ def scan_label_folders(
             ) from None
         raise
     if leaf_labels:
-        _warn_shared_folder_names(root, {image.parent for image in images})
+        warn_of_shared_folder_names(root, {image.parent for image in images})
         return [GalleryItem(image.resolve(), image.parent.name) for image in images]
-    _warn_grouped_tree(root, images)
+    warn_if_grouped(root, images, "give --leaf-labels")
     return [GalleryItem(image.resolve(), image.relative_to(root).parts[0]) for image in images]
-
-
-def _warn_grouped_tree(root: Path, images: list[Path]) -> None:
-    """Warn where the folders the images are in have more names than the first-level
-    folders that label them: most likely categories over products (the Grocery Store
-    Dataset's `Fruit/Apple/Golden-Delicious/`), which --leaf-labels labels by product."""
-    labels = sorted({image.relative_to(root).parts[0] for image in images})
-    folders = sorted({image.parent for image in images})
-    leaf_names = {folder.name for folder in folders}
-    if len(leaf_names) <= len(labels):
-        return
-    nested = [folder.relative_to(root) for folder in folders if folder.parent != root]
-    shown = ", ".join(labels[:_SHOWN]) + (", ..." if len(labels) > _SHOWN else "")
-    logger.warning(
-        "%s: each first-level folder is a label (%d: %s), but the images lie in folders below "
-        "them (%s, ...): to label each image by the folder it is in instead (%d labels), "
-        "give --leaf-labels",
-        root,
-        len(labels),
-        shown,
-        nested[0],
-        len(leaf_names),
-    )
-
-
-def _warn_shared_folder_names(root: Path, folders: set[Path]) -> None:
-    """Warn where leaf labels merge folders of one name (`Apple/Red/`, `Pepper/Red/`)."""
-    places: defaultdict[str, list[Path]] = defaultdict(list)
-    for folder in sorted(folders):
-        places[folder.name].append(folder.relative_to(root))
-    shared = [(name, paths) for name, paths in places.items() if len(paths) > 1]
-    if shared:
-        shown = "; ".join(
-            f"{name} ({', '.join(map(str, paths))})" for name, paths in shared[:_SHOWN]
-        )
-        more = f"; {len(shared) - _SHOWN} more" if len(shared) > _SHOWN else ""
-        logger.warning("%s: folders of the same name share their label: %s%s", root, shown, more)
 
 
 def _one_label_hint(one_label_option: bool) -> str:
