@@ -242,6 +242,27 @@ def test_convert_missing_file_is_one_line_error(tmp_path):
     assert not (tmp_path / "o.safetensors").exists()
 
 
+@pytest.mark.parametrize(
+    ("command", "setting"),
+    [
+        (["train", "-o", "Global.output_dir={tmp}/run"], "Global.pretrained_model"),
+        (["eval"], "Global.pretrained_model"),
+        (["export", "--out", "{tmp}/export"], "Global.pretrained_model"),
+        (["info"], "Arch.Backbone.pretrained"),
+    ],
+)
+def test_a_missing_weight_file_is_named_with_the_setting_that_gave_it(tmp_path, command, setting):
+    """A config names several weight files (the run's start, the backbone's ImageNet
+    weights): the error says which setting to mend, not only the path."""
+    missing = tmp_path / "absent" / "best_model.safetensors"
+    words = [word.format(tmp=tmp_path) for word in command]
+    config = ["-c", "GroceryStore_EfficientNetLite0", "-o", f"{setting}={missing}"]
+    result = run_shitu(*words, *config)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: {setting}: weight file not found: {missing}"
+    assert sorted(tmp_path.iterdir()) == [], "nothing is written"
+
+
 def test_overrides_before_a_positional_leave_it_to_the_command(tmp_path):
     """`-o A=1 B=2 file` gives -o the KEY=VALUE words only (argparse took `file` too and
     said 'the following arguments are required: weights')."""

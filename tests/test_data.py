@@ -540,6 +540,28 @@ def test_image_folder_dataset(tmp_path: Path, caplog):
         ImageFolderDataset(str(tmp_path / "empty"))
 
 
+def test_image_folder_dataset_grouped_by_category_takes_leaf_folders_as_classes(
+    tmp_path: Path, caplog
+):
+    """The Grocery Store Dataset's `train/Fruit/Apple/Golden-Delicious/`: its first-level
+    folders are categories, warned of with the way out, `leaf_labels: true`, which makes
+    the folder each image is in its class, as `index build --leaf-labels` labels a gallery."""
+    root = tmp_path / "train"
+    save_png(root / "Fruit" / "Apple" / "Golden-Delicious" / "1.png", pattern(4, 4))
+    save_png(root / "Fruit" / "Pear" / "1.png", pattern(5, 5))
+    save_png(root / "Vegetables" / "Leek" / "1.png", pattern(6, 6))
+    with caplog.at_level(logging.WARNING, logger="shitu"):
+        grouped = registry.DATASETS.build("ImageFolderDataset", root=str(root))
+    assert grouped.class_names == ["Fruit", "Vegetables"]
+    assert caplog.text.count("set `leaf_labels: true` in its dataset config") == 1
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="shitu"):
+        by_product = registry.DATASETS.build("ImageFolderDataset", root=str(root), leaf_labels=True)
+    assert by_product.class_names == ["Golden-Delicious", "Leek", "Pear"]
+    assert by_product.num_classes == 3 and by_product.labels == [0, 2, 1]
+    assert caplog.messages == []
+
+
 # ---------------------------------------------------------------- transforms
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import re
 import sqlite3
 import threading
@@ -98,6 +99,55 @@ def test_folder_per_label_and_explicit_label(tmp_path):
     assert [i.label for i in relabelled] == ["Conference Pear"]
     with pytest.raises(DataError, match="--label"):
         collect_items([items[0].path])
+
+
+def test_a_tree_grouped_by_category_is_warned_of_and_labelled_by_leaf_folders(tmp_path, caplog):
+    """The Grocery Store Dataset's `train/Fruit/Apple/Golden-Delicious/*.jpg`: its
+    first-level folders are categories, so folder-per-label gives a few labels; the warning
+    says so with an example and the way out, --leaf-labels, which labels by product."""
+    tree = tmp_path / "train"
+    make_images(tree / "Fruit" / "Apple" / "Golden-Delicious", 2)
+    make_images(tree / "Fruit" / "Apple" / "Granny-Smith", 1, seed=1)
+    make_images(tree / "Fruit" / "Pear", 1, seed=2)
+    make_images(tree / "Vegetables" / "Leek", 1, seed=3)
+    with caplog.at_level(logging.WARNING, logger="shitu"):
+        grouped = collect_items(tree)
+    assert sorted({item.label for item in grouped}) == ["Fruit", "Vegetables"]
+    expected = (
+        f"{tree}: each first-level folder is a label (2: Fruit, Vegetables), but the images "
+        f"lie in folders below them ({Path('Fruit/Apple/Golden-Delicious')}, ...): to label "
+        "each image by the folder it is in instead (4 labels), give --leaf-labels"
+    )
+    assert caplog.messages == [expected]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="shitu"):
+        by_product = collect_items(tree, leaf_labels=True)
+    assert [item.label for item in by_product] == [
+        "Golden-Delicious", "Golden-Delicious", "Granny-Smith", "Pear", "Leek"
+    ]  # fmt: skip
+    assert caplog.messages == []
+    with pytest.raises(DataError, match="--label gives every image one label, --leaf-labels"):
+        collect_items(tree, label="Fruit", leaf_labels=True)
+
+
+def test_views_of_each_product_in_sub_folders_are_not_warned_of(tmp_path, caplog):
+    """`Coke/front/`, `Coke/back/`: the folders below the labels are no labels (leaf labels
+    would be fewer), so folder-per-label reads it quietly; --leaf-labels warns that the
+    folders of one name would share a label."""
+    for seed, (product, view) in enumerate(
+        [("Coke", "front"), ("Coke", "back"), ("Fanta", "front"), ("Sprite", "front")]
+    ):
+        make_images(tmp_path / "shelf" / product / view, 1, seed=seed)
+    with caplog.at_level(logging.WARNING, logger="shitu"):
+        items = collect_items(tmp_path / "shelf")
+    assert sorted({item.label for item in items}) == ["Coke", "Fanta", "Sprite"]
+    assert caplog.messages == []
+    with caplog.at_level(logging.WARNING, logger="shitu"):
+        collect_items(tmp_path / "shelf", leaf_labels=True)
+    shared = ", ".join(str(Path(p)) for p in ("Coke/front", "Fanta/front", "Sprite/front"))
+    assert caplog.messages == [
+        f"{tmp_path / 'shelf'}: folders of the same name share their label: front ({shared})"
+    ]
 
 
 # --------------------------------------------------------------------------- search quality

@@ -136,6 +136,21 @@ def test_build_search_edit_and_reembed(models, gallery_list, tmp_path):
     assert verified.returncode == 0 and "OK" in verified.stdout
 
 
+def test_search_warns_that_an_empty_library_matches_nothing(models, gallery_list, tmp_path):
+    """As `recognize` warns: else each image's "no match" looks like a poor photo."""
+    lib = tmp_path / "lib"
+    photo = gallery_list.read_text().splitlines()[0].split("\t")[0]
+    built = shitu("index", "build", gallery_list, "--model", models[128], "--out", lib)
+    assert built.returncode == 0, built.stderr
+    search = ("index", "search", lib, photo, "--model", models[128])
+    assert "holds no images" not in shitu(*search).stderr
+    labels = [line.split(None, 1)[1] for line in shitu("index", "list", lib).stdout.splitlines()]
+    assert shitu("index", "remove", lib, "--label", *labels).returncode == 0
+    empty = shitu(*search)
+    assert empty.returncode == 0 and empty.stdout == f"{photo}\tno match\n"
+    assert f"warning: {lib} holds no images: no match can be found" in empty.stderr
+
+
 def test_search_scores_are_cosines_on_l2_libraries_too(models, gallery_list, tmp_path, capsys):
     first_image = gallery_list.read_text().splitlines()[0].split("\t")[0]
     answers = {}
@@ -208,6 +223,13 @@ def test_build_refuses_an_existing_library_and_bad_lists(models, tmp_path):
                   "--milvus-uri", "vectors.db")  # fmt: skip
     assert faiss.returncode == 2
     assert "--milvus-uri: only with --backend milvus" in faiss.stderr
+    for option, value, expected in (  # named as typed, not as the library's option names it
+        ("--milvus-collection", "9th", "--milvus-collection must be a letter or underscore"),
+        ("--milvus-uri", "vectors", "--milvus-uri must be a server's http://host:port"),
+    ):
+        milvus = shitu("index", "build", "--gallery", bad, "--out", tmp_path / "x",
+                       "--backend", "milvus", option, value)  # fmt: skip
+        assert milvus.returncode == 2 and expected in milvus.stderr, milvus.stderr
     for option, index_type, expected in (
         ("--nprobe", "Flat", "--nprobe: only with --index-type IVF or IVFPQ (not Flat)"),
         ("--ef-search", "IVF", "--ef-search: only with --index-type HNSW32 (not IVF)"),
@@ -232,6 +254,26 @@ def test_a_single_unlabelled_image_is_told_a_build_option_that_works(
     labelled = shitu(*build, "--label", "Lemon")
     assert labelled.returncode == 0, labelled.stderr
     assert shitu("index", "list", lib).stdout.split() == ["1", "Lemon"]
+
+
+def test_a_tree_grouped_by_category_builds_a_label_per_product_with_leaf_labels(models, tmp_path):
+    """`index build` and `index add` label each image by the folder it is in with
+    --leaf-labels (the Grocery Store Dataset's Fruit/Apple/Golden-Delicious/), and refuse
+    it beside --label."""
+    tree = tmp_path / "train"
+    make_images(tree / "Fruit" / "Apple" / "Golden-Delicious", 1)
+    make_images(tree / "Fruit" / "Pear", 1, seed=1)
+    make_images(tmp_path / "more" / "Vegetables" / "Leek", 1, seed=2)
+    lib = tmp_path / "lib"
+    common = ("--model", models[128], "--leaf-labels")
+    built = shitu("index", "build", tree, "--out", lib, *common)
+    assert built.returncode == 0, built.stderr
+    added = shitu("index", "add", lib, tmp_path / "more", *common)
+    assert added.returncode == 0, added.stderr
+    listed = shitu("index", "list", lib).stdout.split()
+    assert listed == ["1", "Golden-Delicious", "1", "Leek", "1", "Pear"]
+    both = shitu("index", "add", lib, tree, "--label", "Fruit", *common)
+    assert both.returncode == 2 and "give one or the other" in both.stderr
 
 
 def test_build_from_unreadable_images_leaves_nothing_and_says_why(models, tmp_path, capsys):

@@ -783,6 +783,17 @@ def test_eval_pipeline_cli_flags_gallery_photos_and_fails_when_nothing_was_measu
         err = capsys.readouterr().err
         assert "`path<TAB>label` file" in err and "--label" not in err, err
 
+    # Queries grouped by category: --leaf-labels labels each by the folder it is in.
+    product = tmp_path / "grouped" / "Category" / query.label
+    product.mkdir(parents=True)
+    shutil.copy(query.path, product / "photo.jpg")
+    labels.write_text(f"{product / 'photo.jpg'}\t{query.label}\n")
+    assert shitu_main(["eval-pipeline", "--queries", str(labels), *common, "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    grouped = ["--queries", str(tmp_path / "grouped"), "--leaf-labels", "--json"]
+    assert shitu_main(["eval-pipeline", *grouped, *common]) == 0
+    assert json.loads(capsys.readouterr().out) == listed
+
 
 def test_eval_pipeline_cli_names_each_unreadable_query_in_a_warning(setup, tmp_path, capsys):
     """As every command names the inputs it skipped on stderr; the report only counts them,
@@ -998,10 +1009,14 @@ def test_a_threshold_recorded_in_the_model_applies_unless_the_config_sets_one(se
     assert not (tmp_path / "refused").exists()
 
 
-def test_demo_builds_a_gallery_and_recognises_every_product(setup, tmp_path, capsys):
-    out = tmp_path / "demo"
+def test_demo_builds_a_gallery_and_recognises_every_product(setup, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = Path("demo")  # relative, as the default: the photos are named as the folders are
     assert shitu_main(["demo", "--out", str(out), "--model", str(setup["model"])]) == 0
     text = capsys.readouterr().out
+    assert f"demo photos written to {out / 'images'}" in text and str(tmp_path) not in text
+    photos = [line for line in text.splitlines() if line.endswith((".jpg", ".png"))]
+    assert len(photos) == 8 and all(line.startswith(f"{out / 'images'}/") for line in photos)
     right, total = (
         int(v) for v in text.split("recognised ")[-1].split(" products")[0].split(" of ")
     )

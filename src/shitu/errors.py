@@ -1,7 +1,9 @@
 """Exceptions whose message is meant for the user as-is (the CLI prints them after
 `error: `: one line, or several problems a line each)."""
 
+import contextlib
 import difflib
+from collections.abc import Iterator
 
 
 class ShituError(Exception):
@@ -14,6 +16,29 @@ class ConfigError(ShituError):
 
 class CheckpointError(ShituError):
     """A weight file cannot be read or does not fit the model."""
+
+
+class MissingWeightFileError(CheckpointError):
+    """A weight file that is not there, with the setting that gave its path where the
+    loader was told it (`weight_file_setting`)."""
+
+    def __init__(self, path: object, setting: str | None = None) -> None:
+        self.path, self.setting = path, setting
+        where = f"{setting}: " if setting else ""
+        super().__init__(f"{where}weight file not found: {path}")
+
+
+@contextlib.contextmanager
+def weight_file_setting(setting: str) -> Iterator[None]:
+    """Name `setting` (`Global.pretrained_model`) in the error about a missing weight file
+    loaded inside: the path alone leaves the user to find which setting of a config, or
+    which override, gave it. One named inside already (a nested setting) stays as it is."""
+    try:
+        yield
+    except MissingWeightFileError as exc:
+        if exc.setting is not None:
+            raise
+        raise MissingWeightFileError(exc.path, setting) from None
 
 
 class DataError(ShituError):

@@ -12,8 +12,8 @@ from __future__ import annotations
 import codecs
 import logging
 import os
-from collections import Counter
-from collections.abc import Collection, Sequence
+from collections import Counter, defaultdict
+from collections.abc import Collection, Iterable, Sequence
 from pathlib import Path
 
 from shitu.errors import DataError
@@ -92,6 +92,46 @@ def scan_images(
         where = "in this folder" if loose else "in its label sub-folders (FOLDER/LABEL/IMAGE)"
         raise DataError(f"{folder}: no images {where}")
     return images
+
+
+def warn_if_grouped(root: Path, images: Sequence[Path], remedy: str) -> None:
+    """For a folder-per-label tree (`scan_images(root, loose=False)`'s `images`): warn
+    where the folders the images are in have more names than the first-level folders that
+    label them, most likely categories over products (the Grocery Store Dataset's
+    `Fruit/Apple/Golden-Delicious/`), with the `remedy` that labels them by the folder
+    each image is in ("give --leaf-labels")."""
+    labels = sorted({image.relative_to(root).parts[0] for image in images})
+    folders = sorted({image.parent for image in images})
+    leaf_names = {folder.name for folder in folders}
+    if len(leaf_names) <= len(labels):
+        return
+    nested = [folder.relative_to(root) for folder in folders if folder.parent != root]
+    shown = ", ".join(labels[:_EXAMPLES]) + (", ..." if len(labels) > _EXAMPLES else "")
+    logger.warning(
+        "%s: each first-level folder is a label (%d: %s), but the images lie in folders below "
+        "them (%s, ...): to label each image by the folder it is in instead (%d labels), %s",
+        root,
+        len(labels),
+        shown,
+        nested[0],
+        len(leaf_names),
+        remedy,
+    )
+
+
+def warn_of_shared_folder_names(root: Path, folders: Iterable[Path]) -> None:
+    """Where images are labelled by the folder they are in: warn of folders of one name
+    in different places (`Apple/Red/`, `Pepper/Red/`), whose images share a label."""
+    places: defaultdict[str, list[Path]] = defaultdict(list)
+    for folder in sorted(folders):
+        places[folder.name].append(folder.relative_to(root))
+    shared = [(name, paths) for name, paths in places.items() if len(paths) > 1]
+    if shared:
+        shown = "; ".join(
+            f"{name} ({', '.join(map(str, paths))})" for name, paths in shared[:_EXAMPLES]
+        )
+        more = f"; {len(shared) - _EXAMPLES} more" if len(shared) > _EXAMPLES else ""
+        logger.warning("%s: folders of the same name share their label: %s%s", root, shown, more)
 
 
 def _kind(path: Path, suffixes: Collection[str]) -> str:

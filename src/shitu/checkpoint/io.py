@@ -16,7 +16,7 @@ from torch import nn
 from shitu.checkpoint.paddle import paddle_to_torch, read_pdparams
 from shitu.config.schema import TRAINING_ONLY_ARCH
 from shitu.engine.state import training_state_kind
-from shitu.errors import CheckpointError
+from shitu.errors import CheckpointError, MissingWeightFileError
 from shitu.fileio import torch_save_atomically, write_atomically, write_failure_reason
 from shitu.models.reparam import is_reparameterized, reparameterize
 
@@ -108,7 +108,7 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
             f"{path} is a folder: give a weight file (an exported model's is its model.safetensors)"
         )
     if not path.is_file():
-        raise CheckpointError(f"weight file not found: {path}")
+        raise MissingWeightFileError(path)
     if path.suffix == ".pdparams":  # its names and layouts depend on the model it goes into
         raise CheckpointError(
             f"{path}: .pdparams need a model to be read; `shitu convert` it first"

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from shitu.config import ShituConfig
+    from shitu.index import Gallery
     from shitu.models import RecModel
     from shitu.pipeline import FileRecognition
 
@@ -80,6 +81,17 @@ def add_progress_argument(parser: argparse.ArgumentParser) -> None:
         "--no-progress",
         action="store_true",
         help="no progress bar (none is drawn either where stderr is not a terminal)",
+    )
+
+
+def add_leaf_labels_argument(parser: argparse.ArgumentParser) -> None:
+    """--leaf-labels, for commands that read folder-per-label trees (`collect_items`)."""
+    parser.add_argument(
+        "--leaf-labels",
+        action="store_true",
+        help="label each image of a folder by the folder it is in "
+        "(Fruit/Apple/Golden-Delicious/1.jpg: Golden-Delicious), not by the first-level "
+        "folder (Fruit): for trees grouped by category",
     )
 
 
@@ -246,6 +258,13 @@ def expand_images(sources: Iterable[str]) -> tuple[list[Path], bool]:
         else:
             raise DataError(f"{source}: no such file or folder")
     return paths, folder
+
+
+def warn_if_empty(gallery: Gallery, outcome: str) -> None:
+    """Warn that `gallery` holds no images (all removed), with the `outcome` for the
+    command ("nothing can be recognised"): else each answer is a silent "nothing"."""
+    if not len(gallery):
+        print(f"warning: {gallery.root} holds no images: {outcome}", file=sys.stderr)
 
 
 def unread_files_status(unread: int, total: int) -> int:

@@ -68,6 +68,12 @@ def demo_settings(args: argparse.Namespace) -> tuple[PipelineConfig, str]:
     return config, shlex.join(command)
 
 
+def _under(out: Path, path: Path) -> str:
+    """A demo photo's path under --out as given (relative, say), as the lines naming the
+    demo's folders show it, not resolved as a label list's paths are."""
+    return str(out / path.resolve().relative_to(out.resolve()))
+
+
 def run(args: argparse.Namespace) -> int:
     from shitu.demo import make_demo_set
     from shitu.index import Gallery, collect_items
@@ -92,8 +98,9 @@ def run(args: argparse.Namespace) -> int:
         labels = len({item.label for item in items})
         print(f"gallery library {out / 'gallery'}: {len(gallery)} images of {labels} products\n")
 
-    expected = {str(item.path): [item.label] for item in collect_items([demo.queries_list])}
-    expected.update({str(path.resolve()): labels for path, labels in demo.shelves})
+    queries = collect_items([demo.queries_list])
+    expected = {_under(out, item.path): [item.label] for item in queries}
+    expected.update({_under(out, path): labels for path, labels in demo.shelves})
     writer = VisualisationWriter(out / "vis")
     found_right = total = 0
     with Recognizer.from_config(config) as recognizer:

@@ -11,7 +11,12 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from shitu.cli.common import add_progress_argument, count_of, progress_wanted
+from shitu.cli.common import (
+    add_leaf_labels_argument,
+    add_progress_argument,
+    count_of,
+    progress_wanted,
+)
 from shitu.cli.recognize import (
     add_pipeline_arguments,
     naming_library_source,
@@ -50,6 +55,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     parser.add_argument("--queries", type=Path, required=True, help="label file or folder")
+    add_leaf_labels_argument(parser)
     add_pipeline_arguments(parser)
     parser.add_argument(
         "--sweep",
@@ -70,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
     from shitu.pipeline import Recognizer, evaluate_pipeline
     from shitu.pipeline.evaluate import known_labels, sweep_thresholds
 
-    items = collect_items([args.queries], one_label_option=False)  # no --label here
+    # no --label here
+    items = collect_items([args.queries], one_label_option=False, leaf_labels=args.leaf_labels)
     config = pipeline_config_from_args(args)
     thresholds = sweep_thresholds(args.sweep) if args.sweep else []
     with naming_library_source(args, config):

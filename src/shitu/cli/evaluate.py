@@ -12,6 +12,7 @@ from shitu.cli.common import (
     model_from_config,
     trained_weights,
 )
+from shitu.errors import weight_file_setting
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -47,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
         seed_everything(config.Global.seed if config.Global.seed is not None else 0)
         model = model_from_config(config, args, pretrained=not weights)
         if weights:
-            load_weights(model, weights, strict=True, ignore_prefixes=("head.",))
+            with weight_file_setting("Global.pretrained_model"):
+                load_weights(model, weights, strict=True, ignore_prefixes=("head.",))
         model.to(context.device)
         if config.Global.channels_last:  # the layout training evaluates in: the same rounding
             model.to(memory_format=torch.channels_last)

@@ -14,7 +14,7 @@ from shitu.cli.common import (
     positive_int,
     trained_weights,
 )
-from shitu.errors import ConfigError
+from shitu.errors import ConfigError, weight_file_setting
 from shitu.pipeline.defaults import DEFAULT_SCORE_THRES
 
 logger = logging.getLogger(__name__)
@@ -75,14 +75,15 @@ def run(args: argparse.Namespace) -> int:
     if args.int8_calibration:
         count = args.int8_images or DEFAULT_INT8_IMAGES
         calibration = spread(expand_images(args.int8_calibration)[0], count)
-    out = export_model(
-        config,
-        weights,
-        Path(args.out),
-        calibration_images=calibration,
-        compact=args.compact,
-        score_thres=args.score_thres,
-    )
+    with weight_file_setting("Global.pretrained_model"):
+        out = export_model(
+            config,
+            weights,
+            Path(args.out),
+            calibration_images=calibration,
+            compact=args.compact,
+            score_thres=args.score_thres,
+        )
     manifest = read_manifest(out)
     files = ", ".join(manifest["files"])
     print(

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from shitu.cli.common import (
+    add_leaf_labels_argument,
     add_progress_argument,
     add_runtime_arguments,
     count_of,
@@ -17,6 +18,7 @@ from shitu.cli.common import (
     positive_int,
     progress_wanted,
     skip_reason,
+    warn_if_empty,
 )
 from shitu.errors import DataError, GalleryError, did_you_mean
 from shitu.fileio import check_writable
@@ -27,6 +29,7 @@ from shitu.index import (
     Catalog,
     Gallery,
     GalleryItem,
+    Manifest,
     NothingAddedError,
     collect_items,
 )
@@ -44,6 +47,8 @@ SHOWN_PROBLEMS = 10
 # libraries, empty or of 100k (IVFPQ, empty: 0.3 ms, trained again as it grew 4x; 1 thread,
 # 2-core Intel Xeon host), against some 10 ms per image of embedding.
 ADD_PART = 2048
+# The Milvus settings of `index build`, by the flags that give them.
+MILVUS_FLAGS = {"uri": "--milvus-uri", "collection": "--milvus-collection"}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -77,6 +82,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     build.add_argument("--out", type=Path, required=True, help="library folder to create")
     build.add_argument("--label", help="label for every given image and folder (as `index add`)")
+    add_leaf_labels_argument(build)
     build.add_argument(
         "--index-type",
         choices=INDEX_TYPES,
@@ -123,6 +129,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add.add_argument("library", type=Path)
     add.add_argument("sources", type=Path, nargs="+", help="images, folders or label files")
     add.add_argument("--label", help="label for every given image and folder")
+    add_leaf_labels_argument(add)
     _add_image_arguments(add)
     add.set_defaults(func=run_add)
 
@@ -340,10 +347,12 @@ def _warn_failures(report: AddReport) -> None:
 
 
 def run_build(args: argparse.Namespace) -> int:
-    given = {"--milvus-uri": args.milvus_uri, "--milvus-collection": args.milvus_collection}
-    milvus_only = [flag for flag, value in given.items() if value is not None]
-    if milvus_only and args.backend != "milvus":  # else refused as faiss options it never named
-        raise GalleryError(f"{' and '.join(milvus_only)}: only with --backend milvus")
+    given = {"uri": args.milvus_uri, "collection": args.milvus_collection}
+    milvus = {name: value for name, value in given.items() if value is not None}
+    if milvus and args.backend != "milvus":  # else refused as faiss options it never named
+        flags = " and ".join(MILVUS_FLAGS[name] for name in milvus)
+        raise GalleryError(f"{flags}: only with --backend milvus")
+    Manifest.check_backend_options("milvus", milvus, MILVUS_FLAGS)  # named as typed
     sources = [*args.sources, *args.gallery]
     if not sources:
         raise DataError(
@@ -356,10 +365,9 @@ def run_build(args: argparse.Namespace) -> int:
         add = f" or add to it with `shitu index add {args.out} ...`" if library else ""
         raise GalleryError(f"{args.out}: already exists; choose a new --out{add}")
     check_writable(args.out.parent, f"--out {args.out}")
-    items = collect_items(sources, label=args.label)
+    items = collect_items(sources, label=args.label, leaf_labels=args.leaf_labels)
     model = _load_model(args)
-    given = {"uri": args.milvus_uri, "collection": args.milvus_collection}
-    options = {key: value for key, value in given.items() if value is not None} | search_options
+    options = milvus | search_options
     try:
         report = Gallery.build(
             args.out,
@@ -383,7 +391,7 @@ def run_build(args: argparse.Namespace) -> int:
 
 
 def run_add(args: argparse.Namespace) -> int:
-    items = collect_items(args.sources, label=args.label)
+    items = collect_items(args.sources, label=args.label, leaf_labels=args.leaf_labels)
     model = _load_model(args)
     with _open_for(args, model) as gallery:
         report = _add_in_parts(args, gallery, model, items)
@@ -545,6 +553,7 @@ def run_search(args: argparse.Namespace) -> int:
     images, folder = expand_images(args.images)
     progress = progress_wanted(args) and (folder or len(images) > 1)  # as `shitu recognize`
     with _open_for(args, model) as gallery:
+        warn_if_empty(gallery, "no match can be found")
         extraction = model.extract_files([str(p) for p in images], args.batch_size, progress)
         # Hits past the gallery's size are padding, not printed: a huge -k allocates none.
         k = min(args.k, max(len(gallery), 1))

@@ -24,6 +24,7 @@ from shitu.cli.common import (
     skip_reason,
     unread_files_status,
     visualisation_writer,
+    warn_if_empty,
 )
 from shitu.errors import GalleryError
 from shitu.pipeline.defaults import (
@@ -171,9 +172,7 @@ def run(args: argparse.Namespace) -> int:
     with naming_library_source(args, config):
         recognizer = Recognizer.from_config(config)
     with recognizer:
-        if not len(recognizer.gallery):  # else every photo's answer is a silent "nothing"
-            library = recognizer.gallery.root
-            print(f"warning: {library} holds no images: nothing can be recognised", file=sys.stderr)
+        warn_if_empty(recognizer.gallery, "nothing can be recognised")
         drawn = writer is not None  # drawn on the photos decoded for recognition
         for found in recognizer.recognize_files(paths, progress=progress, keep_images=drawn):
             if found.error is not None:

@@ -48,7 +48,7 @@ from shitu.engine.state import (
     resolve_checkpoint,
     save_training_state,
 )
-from shitu.errors import ConfigError, DataError, ShituError
+from shitu.errors import ConfigError, DataError, ShituError, weight_file_setting
 from shitu.losses.combined import CombinedLoss
 from shitu.models import build_model
 from shitu.registry import problem_list
@@ -126,7 +126,8 @@ class Trainer:
         if resume_payload is not None:
             self.initial_weights = f"resumed from {config.Global.checkpoints}"
         elif config.Global.pretrained_model:
-            report = load_weights(self.model, config.Global.pretrained_model, strict=False)
+            with weight_file_setting("Global.pretrained_model"):
+                report = load_weights(self.model, config.Global.pretrained_model, strict=False)
             self.initial_weights = f"{config.Global.pretrained_model} ({report.summary()})"
             if not report.complete and self.context.is_main:
                 logger.warning("pretrained_model %s", self.initial_weights)

@@ -10,7 +10,12 @@ from pathlib import Path
 
 from shitu.errors import DataError
 from shitu.fileio import SAVE_AS_UTF8, read_text
-from shitu.image_files import IMAGE_SUFFIXES, scan_images
+from shitu.image_files import (
+    IMAGE_SUFFIXES,
+    scan_images,
+    warn_if_grouped,
+    warn_of_shared_folder_names,
+)
 
 
 @dataclass(frozen=True)
@@ -94,11 +99,18 @@ def parse_label_file(path: Path) -> list[GalleryItem]:
     return items
 
 
-def scan_label_folders(root: Path, one_label_option: bool = True) -> list[GalleryItem]:
-    """Folder-per-label tree: every image under `root/<label>/` gets that label.
+def scan_label_folders(
+    root: Path, one_label_option: bool = True, leaf_labels: bool = False
+) -> list[GalleryItem]:
+    """Folder-per-label tree: every image under `root/<label>/` gets that label; with
+    `leaf_labels`, the name of the folder it is in, for trees grouped by category
+    (`Fruit/Apple/Golden-Delicious/1.jpg`: Golden-Delicious, not Fruit).
 
     A folder of photos without label folders is most often one product's photos: the
     error says how to give them a label (`one_label_option`: the caller takes --label).
+    A tree whose images lie deeper than its label folders is warned of where the folders
+    they are in would give more labels (a grouped tree would quietly become a few labels);
+    with `leaf_labels`, folders of one name in different places, which share a label.
     """
     try:
         images = scan_images(root, loose=False)
@@ -109,6 +121,10 @@ def scan_label_folders(root: Path, one_label_option: bool = True) -> list[Galler
                 f"named after their label, {_one_label_hint(one_label_option)}"
             ) from None
         raise
+    if leaf_labels:
+        warn_of_shared_folder_names(root, {image.parent for image in images})
+        return [GalleryItem(image.resolve(), image.parent.name) for image in images]
+    warn_if_grouped(root, images, "give --leaf-labels")
     return [GalleryItem(image.resolve(), image.relative_to(root).parts[0]) for image in images]
 
 
@@ -135,14 +151,22 @@ def collect_items(
     sources: Sequence[str | Path] | str | Path,
     label: str | None = None,
     one_label_option: bool = True,
+    leaf_labels: bool = False,
 ) -> list[GalleryItem]:
     """Items from any mix of label files, folders and image files (paths or strings; one
     path alone is a list of one).
 
     With `label`, every image (single files, whole folders) gets it; without, folders are
-    read as folder-per-label trees and label files carry their own labels. Errors about
-    images without a label suggest --label where `one_label_option` (the caller takes it).
+    read as folder-per-label trees (labelled by their first-level folders, or with
+    `leaf_labels` by the folder each image is in) and label files carry their own labels.
+    Errors about images without a label suggest --label where `one_label_option` (the
+    caller takes it).
     """
+    if label is not None and leaf_labels:
+        raise DataError(
+            "--label gives every image one label, --leaf-labels takes them from folder names: "
+            "give one or the other"
+        )
     if isinstance(sources, str | Path):
         sources = [sources]
     sources = [Path(source) for source in sources]
@@ -150,7 +174,7 @@ def collect_items(
     for source in sources:
         if source.is_dir():
             if label is None:
-                items.extend(scan_label_folders(source, one_label_option))
+                items.extend(scan_label_folders(source, one_label_option, leaf_labels))
             else:
                 images = scan_images(source)
                 items.extend(GalleryItem(image.resolve(), label) for image in images)

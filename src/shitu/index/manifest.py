@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import numbers
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any
@@ -95,9 +96,13 @@ class Manifest:
                 raise GalleryError(f"index option {key} must be a whole number >= 1, got {value!r}")
 
     @staticmethod
-    def check_backend_options(backend: str, options: dict[str, Any]) -> None:
+    def check_backend_options(
+        backend: str, options: dict[str, Any], flags: Mapping[str, str] | None = None
+    ) -> None:
         """Refuse options `backend` does not read (a misspelt one would be ignored) and
-        values of the wrong type; counts are checked with the rest of a manifest."""
+        values of the wrong type; counts are checked with the rest of a manifest. `flags`
+        names options as the caller's user gave them (`collection`: `--milvus-collection`),
+        for the errors to name what was typed."""
         valid = BACKEND_OPTIONS.get(backend, ())
         for name, value in options.items():
             if name not in valid:
@@ -106,16 +111,17 @@ class Manifest:
                     f"{did_you_mean(str(name), list(valid))}: valid options are "
                     f"{', '.join(valid)}"
                 )
+            given = (flags or {}).get(name, f"index option {name}")
             if name not in COUNT_OPTIONS and (not isinstance(value, str) or not value):
-                raise GalleryError(f"index option {name} must be a non-empty string, got {value!r}")
+                raise GalleryError(f"{given} must be a non-empty string, got {value!r}")
             if name == "uri" and "://" not in value and not value.endswith(".db"):
                 raise GalleryError(  # else refused after the library is made, by Milvus
-                    f"index option uri must be a server's http://host:port or a Milvus Lite "
+                    f"{given} must be a server's http://host:port or a Milvus Lite "
                     f"file ending in .db, got {value!r}"
                 )
             if name == "collection" and not MILVUS_COLLECTION_NAME.fullmatch(value):
                 raise GalleryError(  # else refused by a server, or named `cannot be read`
-                    "index option collection must be a letter or underscore followed by "
+                    f"{given} must be a letter or underscore followed by "
                     f"letters, digits and underscores, at most 255 in all, got {value!r}"
                 )
 

@@ -7,7 +7,7 @@ from torch import nn
 
 from shitu import registry
 from shitu.config.schema import ArchConfig
-from shitu.errors import ConfigError
+from shitu.errors import ConfigError, weight_file_setting
 from shitu.models.reparam import reparameterize
 
 
@@ -91,7 +91,8 @@ def build_model(arch: ArchConfig, pretrained: bool = True) -> RecModel:
     params = arch.Backbone.params
     if not pretrained:
         params.pop("pretrained", None)
-    backbone = registry.BACKBONES.build(arch.Backbone.name, **params)
+    with weight_file_setting("Arch.Backbone.pretrained"):
+        backbone = registry.BACKBONES.build(arch.Backbone.name, **params)
     if arch.BackboneStopLayer is not None:
         backbone.stop_after(arch.BackboneStopLayer.name)
     neck = registry.NECKS.build(arch.Neck.name, **arch.Neck.params) if arch.Neck else None

@@ -8,7 +8,12 @@ from pathlib import Path
 
 from shitu.data.datasets.base import Entry, ImageDataset, TransformOps, check_root
 from shitu.errors import DataError
-from shitu.image_files import IMAGE_SUFFIXES, scan_images
+from shitu.image_files import (
+    IMAGE_SUFFIXES,
+    scan_images,
+    warn_if_grouped,
+    warn_of_shared_folder_names,
+)
 from shitu.registry import DATASETS
 
 logger = logging.getLogger(__name__)
@@ -21,7 +26,10 @@ class ImageFolderDataset(ImageDataset):
     Images are found recursively inside each class folder, in sorted order, by the scan
     every command uses (`shitu.image_files`): files with other extensions are left out with
     a warning, hidden folders are not classes. `extensions` (e.g. `[.jpg, .png]`) replaces
-    the default image types. Unique ids are the sample indices.
+    the default image types. `leaf_labels` makes each image's class the folder it is in,
+    for trees grouped by category (`Fruit/Apple/Golden-Delicious/`), as `shitu index build
+    --leaf-labels` labels a gallery; without it such a tree is warned of. Unique ids are
+    the sample indices.
     """
 
     def __init__(
@@ -30,6 +38,7 @@ class ImageFolderDataset(ImageDataset):
         transform_ops: TransformOps | None = None,
         extensions: list[str] | None = None,
         skip_corrupt: bool = False,
+        leaf_labels: bool = False,
     ):
         where = f"image folder {root}"
         super().__init__(transform_ops, skip_corrupt, where)
@@ -41,13 +50,20 @@ class ImageFolderDataset(ImageDataset):
         )
         if not self.class_names:
             raise DataError(f"{where}: has no class subfolders (expected root/<class>/<image>)")
+        images = scan_images(Path(root), suffixes, loose=False)
+        if leaf_labels:
+            warn_of_shared_folder_names(Path(root), {image.parent for image in images})
+            self.class_names = sorted({image.parent.name for image in images})
+        else:
+            warn_if_grouped(Path(root), images, "set `leaf_labels: true` in its dataset config")
         self.label_keys = self.class_names
         self.num_classes = len(self.class_names)
         ids = {name: label for label, name in enumerate(self.class_names)}
         entries: list[Entry] = []
-        for image in scan_images(Path(root), suffixes, loose=False):
+        for image in images:
             path = str(image)
-            entries.append(Entry(path, ids[image.relative_to(root).parts[0]], len(entries), path))
+            name = image.parent.name if leaf_labels else image.relative_to(root).parts[0]
+            entries.append(Entry(path, ids[name], len(entries), path))
         self._set_entries(entries)
         # Still classes (ids follow the folder names), so a head sized to the folders with
         # photos is refused as too small: say which ones have none.
