@@ -6,12 +6,15 @@ import re
 import textwrap
 
 import pytest
+from PIL import Image
 
 from shitu import registry
 from shitu.cli.main import main as shitu_main
 from shitu.config import apply_overrides, load_config, parse_override, shipped_configs
 from shitu.config.overrides import load_yaml
+from shitu.data.loader import build_dataset
 from shitu.errors import ConfigError
+from shitu.pipeline import load_pipeline_config
 
 MINIMAL = """
 Arch:
@@ -566,3 +569,53 @@ def test_exponent_numbers_without_a_dot_are_numbers(config_file):
     config = load_config(config_file, ["Global.re_ranking={lambda_value: 2e-1}"])
     assert config.Optimizer.lr.params["values"] == [0.01, 0.001]
     assert config.Global.re_ranking == {"lambda_value": 0.2}
+
+
+def test_null_gives_an_optional_key_its_default(config_file, tmp_path):
+    """`-o KEY=null` undoes a key the file sets, in a dataset section as anywhere: the
+    dataset is built as if the key were left out (here: ids kept, not renumbered)."""
+    (tmp_path / "train.txt").write_text("a.jpg 5\nb.jpg 9\n")
+    for name in ("a.jpg", "b.jpg"):
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    dataset = f"{{name: ImageNetDataset, image_root: {tmp_path}, cls_label_path: train.txt}}"
+    relabelled = f"DataLoader.Train.dataset={dataset[:-1]}, relabel: true}}"
+    config = load_config(
+        config_file,
+        [
+            relabelled,
+            "Global.epochs=7",
+            f"DataLoader.Train.dataset.cls_label_path={tmp_path / 'train.txt'}",
+            "DataLoader.Train.dataset.relabel=null",
+            "Global.epochs=null",
+            "DataLoader.Train.loader=",
+        ],
+    )
+    assert config.Global.epochs == 100
+    assert config.DataLoader.Train.loader.num_workers == 4
+    built = build_dataset(config.DataLoader.Train, "DataLoader.Train")
+    assert sorted(set(built.labels)) == [5, 9]
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        (
+            "DataLoader.Train.dataset.image_root=null",
+            "DataLoader.Train.dataset.image_root: required: it has no default for null to "
+            "restore in dataset 'ImageNetDataset'",
+        ),
+        ("Arch.Head.name=null", "Arch.Head.name: required: it has no default for null"),
+        ("Global.epocs=null", "Global.epocs: unknown key (did you mean 'epochs'?)"),
+    ],
+)
+def test_null_for_a_required_or_unknown_key_is_refused(config_file, override, expected):
+    with pytest.raises(ConfigError) as info:
+        load_config(config_file, [f"DataLoader.Train={{{DATASET}}}", override])
+    assert expected in str(info.value)
+
+
+def test_null_gives_a_pipeline_key_its_default(tmp_path):
+    path = tmp_path / "pipeline.yaml"
+    path.write_text("Global: {threshold: 0.5, rec_backend: torch}\n")
+    config = load_pipeline_config(path, ["Global.threshold=null", "Global.rec_backend="])
+    assert (config.Global.threshold, config.Global.rec_backend) == (0.2, "auto")

@@ -46,6 +46,23 @@ def refuse_bool_as_number(cls: type[BaseModel], value: Any, info: ValidationInfo
     return value
 
 
+def null_is_default(cls: type[BaseModel], value: Any, info: ValidationInfo) -> Any:
+    """A `field_validator("*", mode="before")` taking null (`key: null`, `-o key=null`) for
+    a key that cannot be null as the key left out: its default applies, so that an override
+    can undo an optional key a config file sets. A key with no default is refused as
+    required, rather than as null being no valid string or number."""
+    if value is not None:
+        return value
+    field = cls.model_fields[info.field_name]
+    if _types_in(field.annotation) & {type(None), Any}:
+        return value
+    if field.is_required():
+        raise PydanticCustomError(
+            "null_for_required", "required: it has no default for null to restore"
+        )
+    return field.get_default(call_default_factory=True)
+
+
 def _types_in(annotation: Any) -> set[Any]:
     """The classes an annotation is built of (`list[int] | None`: list, int, NoneType), Any
     included; the values of a Literal are not classes."""
@@ -165,7 +182,8 @@ class Registry:
                 __validators__={
                     "refuse_bool_as_number": field_validator("*", mode="before")(
                         refuse_bool_as_number
-                    )
+                    ),
+                    "null_is_default": field_validator("*", mode="before")(null_is_default),
                 },
                 **fields,
             )
@@ -286,6 +304,8 @@ def _problem(error: Any, suggested: dict[tuple[Any, ...], str | None]) -> str:
         return f"{key}: unknown key" + (f" (did you mean '{close}'?)" if close else "")
     if error["type"] == "missing":
         return f"{key}: required key missing"
+    if error["type"] == "null_for_required":
+        return f"{key}: {error['msg']}"
     # A validator's own words, without pydantic's "Value error, " before them
     why = error["ctx"]["error"] if error["type"] == "value_error" else error["msg"]
     return f"{key}: {why} (got {error.get('input')!r})"

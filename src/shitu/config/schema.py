@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from shitu.registry import refuse_bool_as_number
+from shitu.registry import null_is_default, refuse_bool_as_number
 
 
 def only_off(refusal: str) -> Callable[[Any, bool], bool]:
@@ -34,6 +34,7 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
 
     _refuse_bool_as_number = field_validator("*", mode="before")(refuse_bool_as_number)
+    _null_is_default = field_validator("*", mode="before")(null_is_default)
 
 
 class ComponentConfig(BaseModel):
@@ -42,6 +43,7 @@ class ComponentConfig(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     _refuse_bool_as_number = field_validator("*", mode="before")(refuse_bool_as_number)
+    _null_is_default = field_validator("*", mode="before")(null_is_default)
 
     name: str
 

@@ -11,12 +11,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from shitu.config.loader import apply_attributed_overrides, find_config, read_yaml, with_source
 from shitu.errors import ConfigError
 from shitu.pipeline.defaults import NO_DETECTOR, PIPELINE_CONFIG_DIR, PLAIN_BACKGROUND
-from shitu.registry import format_validation_error
+from shitu.registry import format_validation_error, null_is_default
 
 _IGNORED_GLOBAL = {
     "infer_imgs",
@@ -61,6 +68,8 @@ def _drop(data: Any, ignored: set[str]) -> Any:
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    _null_is_default = field_validator("*", mode="before")(null_is_default)
 
 
 class PipelineGlobal(_Section):
