@@ -296,11 +296,12 @@ def _joined_problems(failed: list[ConfigError]) -> str:
 def with_source(path: Path | str, message: str, attribution: dict[str, str]) -> str:
     """`message` (each problem of which starts with the dotted key at fault) prefixed by the
     config's source, each problem naming the `-o` override that set its key or a section
-    around it."""
+    around it: the last such to apply, whose value stands (`-o DataLoader.Train={...}
+    -o DataLoader.Train.dataset.image_root=null` names the second for image_root)."""
 
     def attributed(problem: str) -> str:
         key = re.sub(r"\[(\d+)\]", r".\1", problem.split(":", 1)[0])  # Eval[0] -> Eval.0
-        for dotted, text in attribution.items():
+        for dotted, text in reversed(attribution.items()):
             if key == dotted or key.startswith(dotted + ".") or dotted.startswith(key + "."):
                 return f"{problem} (set by -o {text})"
         return problem

@@ -136,9 +136,12 @@ def _path_str(path: list[str | int]) -> str:
 
 
 def override_paths(overrides: list[str]) -> dict[str, str]:
-    """Dotted path of each override -> its text, to attribute validation errors."""
+    """Dotted path of each override -> its text, to attribute validation errors; in the
+    order they apply, a path given twice at its last place (the value that stands)."""
     result: dict[str, str] = {}
     for text in overrides:
         path, _ = parse_override(text)
-        result[".".join(str(p) for p in path)] = text
+        dotted = ".".join(str(p) for p in path)
+        result.pop(dotted, None)
+        result[dotted] = text
     return result
