@@ -662,6 +662,36 @@ def test_save_vis_refuses_the_folder_of_the_input_photos(setup, grocery, tmp_pat
     assert photo.read_bytes() == original and (inside / "photo.jpg").is_file()
 
 
+def test_save_vis_keeps_the_sub_folders_so_same_named_photos_keep_their_copies(
+    setup, tmp_path, capsys
+):
+    """`a/x.jpg` and `b/x.jpg` (shelves photographed by one camera's numbering) get a copy
+    each, where the user finds them by the photo's path; `x.png` beside `x.jpg` keeps its
+    suffix. Before, all went into one folder, the second as `x_2.jpg`, whichever it was."""
+    folder = tmp_path / "photos"
+    for sub, query in (("a", 0), ("b", 1), ("b/deeper", 2)):
+        (folder / sub).mkdir(parents=True)
+        shutil.copy(setup["queries"][query].path, folder / sub / "x.jpg")
+    Image.open(setup["queries"][3].path).save(folder / "a" / "x.png")
+    common = ["--gallery", str(setup["library"]), "--model", str(setup["model"]), "--no-progress"]
+    vis = tmp_path / "vis"
+    assert shitu_main(["recognize", str(folder), *common, "--save-vis", str(vis)]) == 0
+    written = sorted(str(p.relative_to(vis)) for p in vis.rglob("*") if p.is_file())
+    assert written == ["a/x.jpg", "a/x.png.jpg", "b/deeper/x.jpg", "b/x.jpg"]
+    # files named one by one from two folders: the same layout
+    photos = [str(folder / "a" / "x.jpg"), str(folder / "b" / "x.jpg")]
+    assert shitu_main(["recognize", *photos, *common, "--save-vis", str(tmp_path / "two")]) == 0
+    written = sorted(str(p.relative_to(tmp_path / "two")) for p in (tmp_path / "two").rglob("*"))
+    assert written == ["a", "a/x.jpg", "b", "b/x.jpg"]
+    # a copy that would land beside its photo (the inputs' common folder given) is refused
+    original = (folder / "a" / "x.jpg").read_bytes()
+    assert shitu_main(["recognize", *photos, *common, "--save-vis", str(folder)]) == 2
+    assert f"error: --save-vis {folder}: holds input images ({photos[0]})" in (
+        capsys.readouterr().err
+    )
+    assert (folder / "a" / "x.jpg").read_bytes() == original
+
+
 def test_an_interrupted_annotated_copy_leaves_no_truncated_file(
     setup, tmp_path, monkeypatch, capsys
 ):
