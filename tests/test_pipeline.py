@@ -8,6 +8,7 @@ import csv
 import json
 import shutil
 import sqlite3
+import sys
 import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -45,6 +46,7 @@ from shitu.pipeline import (
     load_pipeline_config,
 )
 from tests.image_helpers import declared_png
+from tests.terminal_helpers import run_in_terminal
 
 CLASSES = (6, 7, 30, 45, 60, 71)  # banana, kiwi, juice, oat milk, aubergine, red pepper
 GALLERY_PER_CLASS = 5
@@ -735,6 +737,29 @@ def test_eval_pipeline_cli_reports_the_pipeline_recall(setup, recognizer, capsys
     )  # fmt: skip
     assert code == 0
     assert json.loads(capsys.readouterr().out.splitlines()[-1]) == expected
+
+
+def test_eval_pipeline_draws_a_bar_over_hashing_a_large_query_set(setup, tmp_path):
+    """Every query is read whole for its hash (is it a gallery image?) before any is
+    recognised: at a terminal, a query set of HASH_BAR_MIN_FILES or more (lowered to 3
+    here) shows a `hashing` bar there, as `index add` does, then the recognition's bar;
+    a smaller one shows only the recognition's."""
+    labels = tmp_path / "queries.txt"
+    rows = [f"{q.path}\t{q.label}\n" for q in setup["queries"][:4]]
+    hash_bar_from_3 = (
+        "import sys, shitu.index.gallery as g, shitu.cli.main as m; g.HASH_BAR_MIN_FILES = 3; "
+        "sys.exit(m.main(sys.argv[1:]))"
+    )
+    command = [sys.executable, "-c", hash_bar_from_3, "eval-pipeline", "--queries", str(labels)]
+    command += ["--gallery", str(setup["library"]), "--model", str(setup["model"])]
+    for queries, bars_drawn in ((4, ["hashing: 100%", "100%"]), (2, ["100%"])):
+        labels.write_text("".join(rows[:queries]))
+        status, lines = run_in_terminal(command)
+        assert status == 0, lines
+        bars = [line for line in lines if "img/s" in line or "img]" in line]
+        assert len(bars) == len(bars_drawn) and f" {queries}/{queries} " in bars[-1], lines
+        starts = [bar[: len(start)] for bar, start in zip(bars, bars_drawn, strict=True)]
+        assert starts == bars_drawn, lines
 
 
 def test_eval_pipeline_cli_flags_gallery_photos_and_fails_when_nothing_was_measured(
