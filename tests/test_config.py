@@ -75,6 +75,14 @@ def test_parse_override_types_values_with_yaml():
     ]
 
 
+def test_a_path_override_starting_with_a_tilde_is_in_the_home_folder(monkeypatch, tmp_path):
+    """The shell does not expand `~` after `KEY=`: the override does, as for `--gallery ~/x`."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert parse_override("Global.output_dir=~/runs")[1] == f"{tmp_path}/runs"
+    assert parse_override("Global.output_dir=runs~/~1")[1] == "runs~/~1"
+    assert parse_override("Global.checkpoints=~")[1] is None  # YAML's null
+
+
 def test_apply_overrides_nested_paths_and_list_indices():
     raw = {"A": {"b": [{"c": 1}, {"c": 2}]}, "L": [1, 2, 3]}
     apply_overrides(raw, ["A.b[1].c=5", "L.0=9", "A.new.deep=x", "A.n.0=y"])

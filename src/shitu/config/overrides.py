@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any
 
@@ -57,7 +58,10 @@ def parse_override(text: str) -> tuple[list[str | int], Any]:
     """Split 'A.b[0].c=value' into (['A', 'b', 0, 'c'], parsed value).
 
     The value is parsed as YAML, so `3` is an int, `1e-5` a float, `[1, 2]` a list,
-    `null` None and `true` a bool; anything else stays a string.
+    `null` None and `true` a bool; anything else stays a string. A string starting with
+    `~` has it expanded to the home folder: the shell leaves `-o KEY=~/runs` as it is (the
+    word is no variable assignment), where it expands `--gallery ~/lib`, and a literal
+    `~` folder made in the working directory is one `rm -r ~` away from disaster.
     """
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
@@ -67,6 +71,8 @@ def parse_override(text: str) -> tuple[list[str | int], Any]:
         value = load_yaml(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
+    if isinstance(value, str) and value.startswith("~"):
+        value = os.path.expanduser(value)
     return path, value
 
 
