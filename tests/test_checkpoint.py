@@ -104,8 +104,10 @@ def test_a_weight_file_named_without_its_suffix_is_found(tmp_path):
         load_weights(fresh, tmp_path / stem)
         with torch.no_grad():
             assert torch.equal(model(x)["features"], fresh(x)["features"])
-    with pytest.raises(CheckpointError, match="weight file not found: .*other_model$"):
+    with pytest.raises(CheckpointError) as info:
         load_weights(make_model(), tmp_path / "other_model")
+    tried = "(nor with .safetensors, .pt, .pth, .pdparams)"
+    assert str(info.value) == f"weight file not found: {tmp_path / 'other_model'} {tried}"
 
 
 def test_folded_checkpoint_folds_the_model_on_load(tmp_path):
@@ -145,7 +147,7 @@ def test_weights_named_without_pdparams_as_paddleclas_configs_name_them(tmp_path
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(model(x)["features"], fresh(x)["features"])
-    with pytest.raises(CheckpointError, match=r"^weight file not found: .*/other$"):
+    with pytest.raises(CheckpointError, match=r"^weight file not found: .*/other \(nor with"):
         load_weights(fresh, tmp_path / "other")
 
 
@@ -195,9 +197,20 @@ def test_corrupt_weight_files(tmp_path, name, content, message):
         load_weights(make_model(), path)
 
 
-def test_missing_weight_file(tmp_path):
+def test_missing_weight_file(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match="weight file not found"):
         load_weights(make_model(), tmp_path / "none.safetensors")
+    # A relative name (`-o Global.pretrained_model=output/run/best_model` run from another
+    # folder) says where it was looked for, .pdparams as the others.
+    monkeypatch.chdir(tmp_path)
+    where = f"(relative paths are taken from the working directory, {tmp_path})"
+    for name, tried in (
+        ("output/best_model", " (nor with .safetensors, .pt, .pth, .pdparams)"),
+        ("output/best_model.pdparams", ""),
+    ):
+        with pytest.raises(CheckpointError) as info:
+            load_weights(make_model(), name)
+        assert str(info.value) == f"weight file not found: {name}{tried} {where}"
 
 
 def test_detector_training_checkpoint_is_not_recognition_weights(tmp_path):

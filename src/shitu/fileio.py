@@ -220,3 +220,12 @@ def replace_folder(staging: Path, target: Path) -> None:
         finally:
             shutil.rmtree(old, ignore_errors=True)
     fsync_dir(target.parent)
+
+
+def from_working_directory(path: str | Path) -> str:
+    """Where a relative config path was looked for, to add to a "not found": from the
+    working directory, not the config's folder (the shipped configs' `../shared/...` fit
+    the repository's root only); '' for an absolute path."""
+    if Path(path).is_absolute():
+        return ""
+    return f" (relative paths are taken from the working directory, {Path.cwd()})"

@@ -17,7 +17,12 @@ from shitu.checkpoint.paddle import paddle_to_torch, read_pdparams
 from shitu.config.schema import TRAINING_ONLY_ARCH
 from shitu.engine.state import training_state_kind
 from shitu.errors import CheckpointError
-from shitu.fileio import torch_save_atomically, write_atomically, write_failure_reason
+from shitu.fileio import (
+    from_working_directory,
+    torch_save_atomically,
+    write_atomically,
+    write_failure_reason,
+)
 from shitu.models.reparam import is_reparameterized, reparameterize
 
 TORCH_SUFFIXES = (".pt", ".pth")
@@ -108,7 +113,11 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
             f"{path} is a folder: give a weight file (an exported model's is its model.safetensors)"
         )
     if not path.is_file():
-        raise CheckpointError(f"weight file not found: {path}")
+        # A name without a suffix was looked for with each one too (`weights_file`).
+        suffixes = ", ".join(WEIGHT_SUFFIXES)
+        tried = "" if path.suffix in WEIGHT_SUFFIXES else f" (nor with {suffixes})"
+        where = from_working_directory(path)
+        raise CheckpointError(f"weight file not found: {path}{tried}{where}")
     if path.suffix == ".pdparams":  # its names and layouts depend on the model it goes into
         raise CheckpointError(
             f"{path}: .pdparams need a model to be read; `shitu convert` it first"
