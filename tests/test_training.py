@@ -542,6 +542,22 @@ def test_a_step_that_fp16_loss_scaling_skips_leaves_the_weight_average_alone(gro
     assert trainer.ema.updates == 2
 
 
+def test_cli_train_refuses_an_output_dir_that_a_file_is_in_the_way_of(grocery, tmp_path, capsys):
+    """Said at once, naming the key: it was an OSError ('afile/linear_probe: Not a
+    directory') after the datasets and the model were built, with a LinearProbe after its
+    check's too."""
+    path = tiny_config(grocery, tmp_path, epochs=1)
+    (tmp_path / "afile").write_text("notes")
+    probe = "LinearProbe={epochs: 1, frozen_layers: [backbone]}"
+    for output_dir in (tmp_path / "afile", tmp_path / "afile" / "run"):
+        for extra in ([], ["-o", probe]):
+            overrides = ["-o", f"Global.output_dir={output_dir}", *extra]
+            assert main(["train", "-c", str(path), *overrides]) == 2
+            expected = f"error: Global.output_dir {output_dir}: {tmp_path / 'afile'} is a file"
+            assert capsys.readouterr().err.startswith(expected)
+    assert (tmp_path / "afile").read_text() == "notes"
+
+
 def test_cli_train_then_eval(grocery, tmp_path, capsys):
     path = tiny_config(grocery, tmp_path, epochs=1)
     assert main(["train", "-c", str(path), "--stop-after-steps", "2"]) == 0

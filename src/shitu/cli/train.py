@@ -20,6 +20,7 @@ from shitu.cli.common import (
 )
 from shitu.engine.metrics_log import LOG_NAME
 from shitu.errors import CheckpointError, ConfigError
+from shitu.fileio import check_writable
 
 if TYPE_CHECKING:
     from shitu.config.schema import ShituConfig
@@ -233,6 +234,9 @@ def _train(args: argparse.Namespace) -> int:
         # A run resumed into another folder starts a new run there, as far as it is concerned.
         if resumed != output_dir.resolve():
             _refuse_earlier_run(output_dir, resumed)
+        # Before the datasets, the model and a LinearProbe's check are built: a file in the
+        # way was an OSError of its own ('afile/linear_probe: Not a directory') after them.
+        check_writable(output_dir, f"Global.output_dir {output_dir}")
         if config.LinearProbe is not None:
             # A resumed run's checkpoint already holds weights that went through the probe.
             if config.Global.checkpoints is None:
