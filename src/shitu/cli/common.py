@@ -134,7 +134,7 @@ def add_override_argument(parser: argparse.ArgumentParser, example: str) -> None
         default=[],
         metavar="KEY=VALUE",
         help=f"override a config value, e.g. {example} (repeatable; values are parsed as "
-        "YAML; list items as key[0] or key.0)",
+        "YAML; list items as key[0] or key.0; KEY=null gives the key its default)",
     )
 
 
