@@ -626,6 +626,15 @@ def test_null_for_a_required_or_unknown_key_is_refused(config_file, override, ex
     assert str(info.value).endswith(f"{expected} (set by -o {override})")
 
 
+def test_null_for_a_list_item_says_how_to_remove_it(config_file):
+    with pytest.raises(ConfigError) as info:
+        load_config(config_file, ["Loss.Train.0=null"])
+    assert str(info.value) == (
+        f"{config_file}: override 'Loss.Train.0=null': a list item cannot be null; to remove "
+        "it, give the whole list without it (-o Loss.Train=[...])"
+    )
+
+
 def test_null_gives_a_pipeline_key_its_default(tmp_path):
     path = tmp_path / "pipeline.yaml"
     path.write_text("Global: {threshold: 0.5, rec_backend: torch}\n")

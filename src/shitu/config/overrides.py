@@ -119,6 +119,12 @@ def _set_path(node: Any, path: list[str | int], value: Any, text: str) -> None:
                     f"override '{text}': index {part} out of range for "
                     f"{_path_str(path[:depth])} (length {len(node)})"
                 )
+            if last and value is None:  # null gives a key its default: an item has none
+                where = _path_str(path[:depth])
+                raise ConfigError(
+                    f"override '{text}': a list item cannot be null; to remove it, give "
+                    f"the whole list without it (-o {where}=[...])"
+                )
             if last:
                 node[part] = value
             else:
