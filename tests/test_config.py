@@ -596,9 +596,11 @@ def test_null_gives_an_optional_key_its_default(config_file, tmp_path):
             "DataLoader.Train.dataset.relabel=null",
             "Global.epochs=null",
             "DataLoader.Train.loader=",
+            "Global.re_ranking={k1: 10}",
+            "Global.re_ranking=null",  # a bool or a mapping: not null, so its default
         ],
     )
-    assert config.Global.epochs == 100
+    assert config.Global.epochs == 100 and config.Global.re_ranking is False
     assert config.DataLoader.Train.loader.num_workers == 4
     built = build_dataset(config.DataLoader.Train, "DataLoader.Train")
     assert sorted(set(built.labels)) == [5, 9]

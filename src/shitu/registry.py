@@ -13,7 +13,8 @@ import inspect
 import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
+from types import UnionType
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
 from pydantic import (
     BaseModel,
@@ -54,13 +55,25 @@ def null_is_default(cls: type[BaseModel], value: Any, info: ValidationInfo) -> A
     if value is not None:
         return value
     field = cls.model_fields[info.field_name]
-    if _types_in(field.annotation) & {type(None), Any}:
+    if _takes_null(field.annotation):
         return value
     if field.is_required():
         raise PydanticCustomError(
             "null_for_required", "required: it has no default for null to restore"
         )
     return field.get_default(call_default_factory=True)
+
+
+def _takes_null(annotation: Any) -> bool:
+    """Whether None is a value of `annotation` itself (`int | None`, Any), not merely of
+    something inside it (`bool | dict[str, Any]`)."""
+    if annotation is Any or annotation is None or annotation is type(None):
+        return True
+    origin = get_origin(annotation)
+    if origin is Union or origin is UnionType or origin is Annotated:
+        members = get_args(annotation)[:1] if origin is Annotated else get_args(annotation)
+        return any(_takes_null(member) for member in members)
+    return False
 
 
 def _types_in(annotation: Any) -> set[Any]:
