@@ -125,6 +125,8 @@ def test_lr_mult_overrides_with_dotted_module_names():
     assert dotted == {"backbone.blocks": 0.1, "backbone.head": 0.25}
     replaced = load_config(name, ["Optimizer.lr_mult={backbone.blocks: 0.1}"]).Optimizer.lr_mult
     assert replaced == {"backbone.blocks": 0.1}
+    removed = load_config(name, ["Optimizer.lr_mult.backbone.head=null"]).Optimizer.lr_mult
+    assert removed == {"backbone.blocks": 0.25}  # backbone.head back to the full rate
     # A numbered module (a block of a stage) is a key under the mapping, not a list index.
     numbered = load_config(name, ["Optimizer.lr_mult.backbone.blocks.0=0.1"]).Optimizer.lr_mult
     assert numbered["backbone.blocks.0"] == 0.1

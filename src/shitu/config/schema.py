@@ -229,7 +229,8 @@ class OptimizerConfig(Section):
     @classmethod
     def _dotted_names(cls, value: Any) -> Any:
         """`{backbone: {blocks: 0.25}}` (what `-o Optimizer.lr_mult.backbone.blocks=0.25`
-        makes) means `{backbone.blocks: 0.25}`."""
+        makes) means `{backbone.blocks: 0.25}`; a null multiplier (`-o ...=null`) is none,
+        the modules' rate back to the default of 1, as null gives any key its default."""
 
         def flatten(mapping: dict, prefix: str) -> dict:
             flat: dict = {}
@@ -238,7 +239,9 @@ class OptimizerConfig(Section):
                 flat.update(flatten(item, f"{name}.") if isinstance(item, dict) else {name: item})
             return flat
 
-        return flatten(value, "") if isinstance(value, dict) else value
+        if not isinstance(value, dict):
+            return value
+        return {name: mult for name, mult in flatten(value, "").items() if mult is not None}
 
     @field_validator("lr_mult")
     @classmethod
