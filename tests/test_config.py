@@ -10,11 +10,18 @@ from PIL import Image
 
 from shitu import registry
 from shitu.cli.main import main as shitu_main
-from shitu.config import apply_overrides, load_config, parse_override, shipped_configs
+from shitu.config import (
+    apply_overrides,
+    load_config,
+    parse_override,
+    resolve_config_path,
+    shipped_configs,
+)
 from shitu.config.overrides import load_yaml
 from shitu.data.loader import build_dataset
 from shitu.errors import ConfigError
 from shitu.pipeline import load_pipeline_config
+from shitu.pipeline.defaults import PIPELINE_CONFIG_DIR
 
 MINIMAL = """
 Arch:
@@ -644,3 +651,22 @@ def test_null_gives_a_pipeline_key_its_default(tmp_path):
     path.write_text("Global: {threshold: 0.5, rec_backend: torch}\n")
     config = load_pipeline_config(path, ["Global.threshold=null", "Global.rec_backend="])
     assert (config.Global.threshold, config.Global.rec_backend) == (0.2, "auto")
+
+
+def test_a_config_of_the_other_kind_is_named_as_such():
+    """`-c` is a training config for train/eval and a pipeline config for recognize: given
+    the other kind, one line says so (it was a list of each of its keys, unknown)."""
+    pipeline = PIPELINE_CONFIG_DIR / "inference_general.yaml"
+    with pytest.raises(ConfigError) as info:
+        load_config(pipeline)
+    assert str(info.value).startswith(
+        f"{pipeline}: a recognition pipeline config (its IndexProcess section), which "
+        "`shitu recognize -c` reads; this command takes a training config"
+    )
+    training = resolve_config_path("GroceryStore_EfficientNetLite0")
+    with pytest.raises(ConfigError) as info:
+        load_pipeline_config(training)
+    assert str(info.value).startswith(f"{training}: a training config (its Arch section); ")
+    assert "give the model that `shitu export -c CONFIG --out DIR` makes as --model DIR" in (
+        str(info.value)
+    )

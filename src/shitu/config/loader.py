@@ -54,6 +54,12 @@ def load_config(name_or_path: str | Path, overrides: list[str] | None = None) ->
     """
     path = resolve_config_path(name_or_path)
     raw = read_yaml(path)
+    if "IndexProcess" in raw and "Arch" not in raw:  # else a list of each of its keys, unknown
+        raise ConfigError(
+            f"{path}: a recognition pipeline config (its IndexProcess section), which "
+            "`shitu recognize -c` reads; this command takes a training config (Global, Arch, "
+            f"Loss, ...): a YAML file or a shipped name ({', '.join(shipped_configs())})"
+        )
     attribution = apply_attributed_overrides(raw, overrides, path)
     try:
         config = ShituConfig.model_validate(raw)

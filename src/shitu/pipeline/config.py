@@ -136,6 +136,12 @@ def load_pipeline_config(
         find_config(name_or_path, PIPELINE_CONFIG_DIR, "pipeline config") if name_or_path else None
     )
     raw = read_yaml(source) if source else {}
+    if "Arch" in raw:  # else a list of each of its keys, unknown
+        raise ConfigError(
+            f"{source}: a training config (its Arch section); -c here takes a recognition "
+            "pipeline config (Global, IndexProcess: PaddleClas's inference_general.yaml): "
+            "give the model that `shitu export -c CONFIG --out DIR` makes as --model DIR"
+        )
     where = str(source) if source else "pipeline defaults"
     attribution = apply_attributed_overrides(raw, overrides, where)
     try:
