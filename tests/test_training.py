@@ -558,6 +558,18 @@ def test_cli_train_refuses_an_output_dir_that_a_file_is_in_the_way_of(grocery, t
     assert (tmp_path / "afile").read_text() == "notes"
 
 
+def test_cli_train_and_eval_name_the_key_of_weights_they_cannot_load(grocery, tmp_path, capsys):
+    """The file may come from a config the user does not have in mind: the error names
+    the key that gave it."""
+    path = tiny_config(grocery, tmp_path, epochs=1)
+    missing = tmp_path / "runs" / "best_model.safetensors"
+    for command in ("train", "eval"):
+        overrides = ["-o", f"Global.pretrained_model={missing}"]
+        assert main([command, "-c", str(path), *overrides]) == 2
+        err = capsys.readouterr().err
+        assert f"error: Global.pretrained_model: weight file not found: {missing}\n" in err
+
+
 def test_cli_train_then_eval(grocery, tmp_path, capsys):
     path = tiny_config(grocery, tmp_path, epochs=1)
     assert main(["train", "-c", str(path), "--stop-after-steps", "2"]) == 0

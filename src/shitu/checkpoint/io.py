@@ -207,19 +207,30 @@ def state_for_model(
 
 
 def load_weights(
-    model: nn.Module, path: str | Path, strict: bool = True, ignore_prefixes: tuple[str, ...] = ()
+    model: nn.Module,
+    path: str | Path,
+    strict: bool = True,
+    ignore_prefixes: tuple[str, ...] = (),
+    setting: str | None = None,
 ) -> LoadReport:
     """Load weights into `model`.
 
     strict: every tensor must be present with the right shape (else CheckpointError).
     Not strict: load what fits, report the rest.
     ignore_prefixes: file tensors to leave out on purpose (e.g. 'head.' for a feature extractor).
+    setting: the config key that named `path` (Global.pretrained_model), which each error
+    then starts with: the file may come from a config the user does not have in mind.
     """
-    state, dropped = state_for_model(model, path)
-    if ignore_prefixes:
-        dropped += [k for k in state if k.startswith(ignore_prefixes)]
-        state = {k: v for k, v in state.items() if not k.startswith(ignore_prefixes)}
-    return _fit(model, state, dropped, strict, source=str(path))
+    try:
+        state, dropped = state_for_model(model, path)
+        if ignore_prefixes:
+            dropped += [k for k in state if k.startswith(ignore_prefixes)]
+            state = {k: v for k, v in state.items() if not k.startswith(ignore_prefixes)}
+        return _fit(model, state, dropped, strict, source=str(path))
+    except CheckpointError as exc:
+        if setting is None:
+            raise
+        raise CheckpointError(f"{setting}: {exc}") from None
 
 
 def load_pretrained(module: nn.Module, path: str | Path | bool) -> LoadReport:

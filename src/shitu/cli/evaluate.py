@@ -47,7 +47,9 @@ def run(args: argparse.Namespace) -> int:
         seed_everything(config.Global.seed if config.Global.seed is not None else 0)
         model = model_from_config(config, args, pretrained=not weights)
         if weights:
-            load_weights(model, weights, strict=True, ignore_prefixes=("head.",))
+            load_weights(
+                model, weights, ignore_prefixes=("head.",), setting="Global.pretrained_model"
+            )
         model.to(context.device)
         if config.Global.channels_last:  # the layout training evaluates in: the same rounding
             model.to(memory_format=torch.channels_last)

@@ -126,7 +126,12 @@ class Trainer:
         if resume_payload is not None:
             self.initial_weights = f"resumed from {config.Global.checkpoints}"
         elif config.Global.pretrained_model:
-            report = load_weights(self.model, config.Global.pretrained_model, strict=False)
+            report = load_weights(
+                self.model,
+                config.Global.pretrained_model,
+                strict=False,
+                setting="Global.pretrained_model",
+            )
             self.initial_weights = f"{config.Global.pretrained_model} ({report.summary()})"
             if not report.complete and self.context.is_main:
                 logger.warning("pretrained_model %s", self.initial_weights)
