@@ -20,7 +20,7 @@ from shitu.cli.common import (
 )
 from shitu.engine.metrics_log import LOG_NAME
 from shitu.errors import CheckpointError, ConfigError
-from shitu.fileio import check_writable
+from shitu.fileio import refuse_file_in_the_way
 
 if TYPE_CHECKING:
     from shitu.config.schema import ShituConfig
@@ -236,7 +236,8 @@ def _train(args: argparse.Namespace) -> int:
             _refuse_earlier_run(output_dir, resumed)
         # Before the datasets, the model and a LinearProbe's check are built: a file in the
         # way was an OSError of its own ('afile/linear_probe: Not a directory') after them.
-        check_writable(output_dir, f"Global.output_dir {output_dir}")
+        # No folder is made: a run that fails to start leaves none.
+        refuse_file_in_the_way(output_dir, f"Global.output_dir {output_dir}")
         if config.LinearProbe is not None:
             # A resumed run's checkpoint already holds weights that went through the probe.
             if config.Global.checkpoints is None:
