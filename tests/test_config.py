@@ -620,13 +620,10 @@ def test_null_gives_an_optional_key_its_default(config_file, tmp_path):
     [
         (
             "DataLoader.Train.dataset.image_root=null",
-            "DataLoader.Train.dataset.image_root: required: it has no default for null to "
-            "restore in dataset 'ImageNetDataset'",
+            "DataLoader.Train.dataset.image_root: required key missing in dataset "
+            "'ImageNetDataset'",
         ),
-        (
-            "Arch.Head.name=null",
-            "Arch.Head.name: required: it has no default for null to restore in the config",
-        ),
+        ("Arch.Head.name=null", "Arch.Head.name: required key missing in the config"),
         ("Global.epocs=null", "Global.epocs: unknown key (did you mean 'epochs'?) in the config"),
     ],
 )
@@ -635,6 +632,27 @@ def test_null_for_a_required_or_unknown_key_is_refused(config_file, override, ex
     with pytest.raises(ConfigError) as info:
         load_config(config_file, [f"DataLoader.Train={{{DATASET}}}", override])
     assert str(info.value).endswith(f"{expected} (set by -o {override})")
+
+
+def test_null_in_the_file_for_a_required_key_says_it_is_required(config_file):
+    """`image_root:` left empty in a file: null is no value for a key without a default."""
+    dataset = "{name: ImageNetDataset, image_root: null, cls_label_path: train.txt}"
+    config_file.write_text(
+        config_file.read_text() + f"DataLoader:\n  Train:\n    dataset: {dataset}\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(config_file)
+    assert str(info.value) == (
+        f"{config_file}: DataLoader.Train.dataset.image_root: required: it has no default for "
+        "null to restore in dataset 'ImageNetDataset'"
+    )
+
+
+def test_null_removes_the_key_from_what_the_config_records(config_file):
+    """`-o KEY=null` leaves the config as if the file had no KEY: a component's settings,
+    which checkpoints and exports record (and a model's fingerprint covers), hold no null."""
+    config = load_config(config_file, ["Arch.Head.margin=0.3", "Arch.Head.margin=null"])
+    assert "margin" not in config.Arch.Head.model_dump()
 
 
 def test_null_for_a_list_item_says_how_to_remove_it(config_file):

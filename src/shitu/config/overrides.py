@@ -97,7 +97,8 @@ def _parse_path(key: str, text: str) -> list[str | int]:
 
 
 def apply_overrides(config: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply overrides in order to a raw config dict (in place) and return it."""
+    """Apply overrides in order to a raw config dict (in place) and return it. `KEY=null`
+    removes a KEY the dict has, so that its default applies."""
     for text in overrides:
         path, value = parse_override(text)
         _set_path(config, path, value, text)
@@ -132,7 +133,13 @@ def _set_path(node: Any, path: list[str | int], value: Any, text: str) -> None:
         else:
             if not isinstance(node, dict):
                 raise ConfigError(f"override '{text}': {_path_str(path[:depth])} is not a mapping")
-            if last:
+            if last and value is None and part in node:
+                # As if the file left it out: its default applies, and the config's record
+                # (a checkpoint's, an export's manifest) is that of a config without it. A
+                # key not there is set to null, which validation gives its default, or
+                # refuses as unknown.
+                del node[part]
+            elif last:
                 node[part] = value
             else:
                 if node.get(part) is None:  # a new list could hold no index: a mapping
