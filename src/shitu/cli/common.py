@@ -168,6 +168,22 @@ def separate_overrides(argv: list[str]) -> list[str]:
     return result + ([flag] if first else [])
 
 
+def expand_home_in_option_values(argv: list[str]) -> list[str]:
+    """`argv` with the `~` that starts an `--option=VALUE` value expanded to the home
+    folder, as the shell expands `--option ~/path` but not `--option=~/path` (the word is
+    no variable assignment): `--save-vis=~/vis` made a folder named `~` in the working
+    directory. Words after `--` are positionals, left as they are."""
+    expanded: list[str] = []
+    for index, word in enumerate(argv):
+        if word == "--":
+            return expanded + argv[index:]
+        option, sep, value = word.partition("=")
+        if word.startswith("--") and sep and value.startswith("~"):
+            word = f"{option}={os.path.expanduser(value)}"
+        expanded.append(word)
+    return expanded
+
+
 def trained_weights(config: ShituConfig, doing: str) -> str | None:
     """`Global.pretrained_model`; without it, a note that `doing` uses the model as the
     config initialises it, and where a training run of this config leaves its weights.
