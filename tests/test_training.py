@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -568,6 +569,23 @@ def test_cli_train_and_eval_name_the_key_of_weights_they_cannot_load(grocery, tm
         assert main([command, "-c", str(path), *overrides]) == 2
         err = capsys.readouterr().err
         assert f"error: Global.pretrained_model: weight file not found: {missing}\n" in err
+
+
+def test_cli_train_hints_hold_a_path_with_spaces_as_one_word(grocery, tmp_path, capsys):
+    """`resume with -o Global.checkpoints=.../My Drive/latest.pt` pasted into a shell was
+    two words: the hints quote the path where it needs it, and the pasted hint resumes."""
+    path = tiny_config(grocery, tmp_path, epochs=1)
+    output_dir = tmp_path / "My Drive"
+    run = ["train", "-c", str(path), "-o", f"Global.output_dir={output_dir}"]
+    assert main([*run, "--stop-after-steps", "1"]) == 0
+    hint = capsys.readouterr().out.splitlines()[0].split("resume with ")[1]
+    assert hint == f"-o 'Global.checkpoints={output_dir / 'latest.pt'}'"
+    assert main([*run, "--stop-after-steps", "2", *shlex.split(hint)]) == 0
+    assert "stopped early after step 2" in capsys.readouterr().out
+    assert main(run) == 2  # the same folder again: the advice quotes it too
+    assert f"resume it with -o 'Global.checkpoints={output_dir / 'latest.pt'}', or " in (
+        capsys.readouterr().err
+    )
 
 
 def test_cli_train_then_eval(grocery, tmp_path, capsys):

@@ -2,6 +2,7 @@
 `error: `: one line, or several problems a line each)."""
 
 import difflib
+import shlex
 
 
 class ShituError(Exception):
@@ -28,3 +29,9 @@ def did_you_mean(name: str, choices: list[str]) -> str:
     """A ' (did you mean ...?)' hint for a misspelt name, or ''."""
     close = difflib.get_close_matches(name, choices, n=1)
     return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def override_word(key: str, value: object) -> str:
+    """`KEY=VALUE` for an `-o` in a hint to copy onto a command line: one shell word, quoted
+    where the value has spaces or quotes (`output/My Drive/latest.pt`), else as it is."""
+    return shlex.quote(f"{key}={value}")

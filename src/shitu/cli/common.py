@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from shitu.detection.input_size import check_input_size
-from shitu.errors import ConfigError, DataError
+from shitu.errors import ConfigError, DataError, override_word
 from shitu.fileio import check_writable, write_atomically
 from shitu.image_files import IMAGE_SUFFIXES, LABELLED_LIST_HINT, TEXT_FILE_REASON, scan_images
 from shitu.inference.choices import BACKENDS, PRECISIONS
@@ -199,10 +199,11 @@ def trained_weights(config: ShituConfig, doing: str) -> str | None:
         )
     if not weights:
         best = Path(config.Global.output_dir) / "best_model.safetensors"
+        trained = override_word("Global.pretrained_model", best)
         print(
             f"note: no Global.pretrained_model, so {doing} the model as the config initialises "
-            f"it (e.g. an ImageNet backbone); pass -o Global.pretrained_model={best} (or any "
-            "weights file) for trained weights",
+            f"it (e.g. an ImageNet backbone); pass -o {trained} (or any weights file) for "
+            "trained weights",
             file=sys.stderr,
         )
     return weights
