@@ -1180,6 +1180,19 @@ def test_wrong_detector_and_model_settings_name_the_setting_and_the_way_out(tmp_
     ]
     with pytest.raises(CheckpointError, match=r"rec_inference_model_dir \(--model\): .*null"):
         Recognizer.from_config(load_pipeline_config(None, settings))
+    # PaddleClas's inference_general.yaml names PP-ShiTu's Paddle mainbody detector folder
+    (paddle_model / "inference.pdiparams").write_bytes(b"")
+    settings = [
+        f"Global.det_inference_model_dir={paddle_model}",
+        f"IndexProcess.index_dir={tmp_path}",
+    ]
+    with pytest.raises(ConfigError) as info:
+        Recognizer.from_config(load_pipeline_config(None, settings))
+    assert str(info.value).startswith(
+        f"Global.det_inference_model_dir (--detector): is a Paddle inference model, which "
+        "shitu does not run (give the PicoDet weights it was made from, .pdparams with "
+        f"--det-arch, or an ONNX export): {paddle_model}; give a detector file"
+    )
 
 
 def test_saved_visualisations_are_drawn_on_the_photos_decoded_for_recognition(
