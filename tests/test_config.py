@@ -688,3 +688,20 @@ def test_a_config_of_the_other_kind_is_named_as_such():
     assert "give the model that `shitu export -c CONFIG --out DIR` makes as --model DIR" in (
         str(info.value)
     )
+
+
+def test_a_config_saved_as_utf16_loads(config_file, tmp_path):
+    """PowerShell 5's `>` (and Notepad's "Unicode") write UTF-16 with a BOM, which label
+    files are read in already; a config was refused as not UTF-8."""
+    utf16 = tmp_path / "powershell.yaml"
+    utf16.write_text(config_file.read_text(), encoding="utf-16")
+    assert load_config(utf16).Arch.Head.params["class_num"] == 10
+    legacy = tmp_path / "cp1252.yaml"
+    legacy.write_bytes(
+        config_file.read_text().replace("Arch:", "# Caf\xe9\nArch:").encode("cp1252")
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(legacy)
+    assert str(info.value) == (
+        f"{legacy}: not a YAML config (not UTF-8 text, nor UTF-16 with its BOM); save it as UTF-8"
+    )

@@ -13,6 +13,7 @@ from shitu import registry
 from shitu.config.overrides import apply_overrides, load_yaml, override_paths
 from shitu.config.schema import ComponentConfig, DataSplitConfig, ShituConfig
 from shitu.errors import ConfigError, did_you_mean
+from shitu.fileio import SAVE_AS_UTF8, read_text
 from shitu.registry import each_problem, format_validation_error, problem_list
 
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -89,12 +90,16 @@ def apply_attributed_overrides(
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
+    """A config file's YAML mapping, from UTF-8 or UTF-16 text as label files are read
+    (PowerShell 5's `>` writes UTF-16)."""
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        text = read_text(path)
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
     except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not a YAML config (not UTF-8 text)") from None
+        raise ConfigError(
+            f"{path}: not a YAML config (not UTF-8 text, nor UTF-16 with its BOM); {SAVE_AS_UTF8}"
+        ) from None
     try:
         data = load_yaml(text)
     except yaml.YAMLError as exc:
