@@ -680,6 +680,14 @@ def test_save_vis_keeps_the_sub_folders_so_same_named_photos_keep_their_copies(
     assert shitu_main(["recognize", str(folder), *common, "--save-vis", str(vis)]) == 0
     written = sorted(str(p.relative_to(vis)) for p in vis.rglob("*") if p.is_file())
     assert written == ["a/x.jpg", "a/x.png.jpg", "b/deeper/x.jpg", "b/x.jpg"]
+    assert "replaced" not in capsys.readouterr().err
+    # a/, then b/ into one folder: b's x.jpg replaces a's, which is said
+    again = tmp_path / "again"
+    for sub in ("a", "b"):
+        assert shitu_main(["recognize", str(folder / sub), *common, "--save-vis", str(again)]) == 0
+    assert f"note: 1 file already in {again} replaced by this run's annotated copies" in (
+        capsys.readouterr().err
+    )
     # files named one by one from two folders: the same layout
     photos = [str(folder / "a" / "x.jpg"), str(folder / "b" / "x.jpg")]
     assert shitu_main(["recognize", *photos, *common, "--save-vis", str(tmp_path / "two")]) == 0

@@ -373,6 +373,8 @@ class VisualisationWriter:
         self.folder = folder
         self.names: dict[str, Path] = {}  # absolute image path -> its copy, under `folder`
         self.used: set[str] = set()  # the copies' paths, case-folded (as some disks compare)
+        self.written: set[Path] = set()
+        self.replaced = 0  # files of these names already in the folder (an earlier run's)
         inputs = list(inputs)
         common = _common_folder(inputs)
         for image in inputs:
@@ -421,8 +423,22 @@ class VisualisationWriter:
     def save(self, source: str | Path, annotated: Image.Image) -> Path:
         """Write `annotated` (a drawing over the image at `source`) as JPEG; returns its path."""
         path = self.folder / self._copy_name(source, None)
+        if path not in self.written and path.exists():
+            self.replaced += 1
+        self.written.add(path)
         rgb = annotated.convert("RGB")  # whole or not at all, if the run is stopped mid-write
         return write_atomically(path, lambda tmp: rgb.save(tmp, "JPEG", quality=90))
+
+    def note_replaced(self) -> None:
+        """Say on stderr how many files already in the folder the copies were written over
+        (a run before this one left them, perhaps of other photos of the same names), so
+        that none is replaced without a word."""
+        if self.replaced:
+            print(
+                f"note: {count_of(self.replaced, 'file')} already in {self.folder} replaced by "
+                "this run's annotated copies of the same names",
+                file=sys.stderr,
+            )
 
     def save_recognition(self, found: FileRecognition) -> Path:
         """The photo of a recognition result with its boxes, labels and scores drawn (on the
