@@ -120,8 +120,9 @@ class PipelineConfig(_Section):
     @property
     def detector(self) -> str | None:
         """The detector path or PLAIN_BACKGROUND; None for the whole image only. Keywords
-        in any case, as `None` in a YAML file or `--detector None` is no detector."""
-        value = self.Global.det_inference_model_dir
+        in any case, as `None` in a YAML file or `--detector None` is no detector; an empty
+        one (`--detector "$UNSET"`) is none given, as an empty --model or --gallery is."""
+        value = self.Global.det_inference_model_dir or None
         keyword = None if value is None else value.lower()
         if keyword == PLAIN_BACKGROUND:
             return PLAIN_BACKGROUND
