@@ -558,3 +558,25 @@ def test_an_output_name_no_weight_file_can_have_is_refused_before_any_work(comma
     result = run_shitu(command, *inputs, "--out", str(tmp_path / "soup.bin"))
     assert result.returncode == 2
     assert f"cannot write {tmp_path / 'soup.bin'}: use a .safetensors" in result.stderr
+
+
+def test_weights_that_do_not_fit_name_the_arch_settings_they_were_built_with(tmp_path):
+    """`shitu eval -o Global.pretrained_model=RUN` without the run's `-o Arch...`: the
+    error names the settings that differ, from the Arch the file records (the head, left
+    out of the comparison, is not loaded either)."""
+    model = make_model()
+    path = save_weights(
+        model.state_dict(), tmp_path / "run.safetensors", model_metadata(model, ARCH)
+    )
+    wider = dict(ARCH, Neck=dict(ARCH["Neck"], num_features=32), Head=None)
+    wider["Backbone"] = dict(ARCH["Backbone"], class_expand=32)
+    features = {key: value for key, value in wider.items() if key != "Head"}
+    with pytest.raises(CheckpointError) as info:
+        load_weights(make_model(wider), path, ignore_prefixes=("head.",), arch=features)
+    assert str(info.value).endswith(
+        "(the file was built with other Arch settings, the file's then the config's: "
+        "Arch.Backbone.class_expand: 64 and 32; Arch.Neck.num_features: 64 and 32)"
+    )
+    plain = save_weights(model.state_dict(), tmp_path / "plain.safetensors")  # records none
+    with pytest.raises(CheckpointError, match=r"\(does the config match\?\)$"):
+        load_weights(make_model(wider), plain, ignore_prefixes=("head.",), arch=features)

@@ -190,20 +190,58 @@ def _training_state_metadata(payload: dict) -> dict[str, str]:
     return {REPARAMETERIZED: "false", ARCH: json.dumps(arch)}
 
 
+def setting_differences(first: object, other: object, where: str) -> list[str]:
+    """Where two metadata values (an Arch config as JSON data) differ, by setting: e.g.
+    `shitu.arch Head.class_num: 6 and 7` for an Arch config's classifier sizes."""
+    if isinstance(first, dict) and isinstance(other, dict):
+        keys = sorted(first.keys() | other.keys(), key=str)
+        prefix = f"{where} " if where == ARCH else f"{where}."
+        return [
+            difference
+            for key in keys
+            for difference in setting_differences(first.get(key), other.get(key), f"{prefix}{key}")
+        ]
+    return [] if first == other else [f"{where}: {first!r} and {other!r}"]
+
+
 def state_for_model(
     model: nn.Module, path: str | Path
-) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Tensors of any supported file, named and laid out for `model`.
+) -> tuple[dict[str, torch.Tensor], list[str], dict[str, str]]:
+    """Tensors of any supported file, named and laid out for `model`, the names left out,
+    and the file's metadata (none for .pdparams).
 
     Folds `model` first when the file holds re-parameterised (folded) weights.
     """
     path = weights_file(path)
     if path.suffix == ".pdparams":
-        return paddle_to_torch(read_pdparams(path), model)
+        return (*paddle_to_torch(read_pdparams(path), model), {})
     state, metadata = read_weights(path)
     if metadata.get(REPARAMETERIZED) == "true":
         reparameterize(model)
-    return state, []
+    return state, [], metadata
+
+
+def _fit_hint(metadata: dict[str, str], arch: dict[str, Any] | None) -> str:
+    """What to add where a file does not fit the model built from `arch` (the Arch config
+    as JSON data, only its sections compared): the settings that differ from those the
+    file records it was built with, where it records them, else to check the config."""
+    check = "(does the config match?)"
+    if arch is None or ARCH not in metadata:
+        return check
+    try:
+        recorded = json.loads(metadata[ARCH])
+    except ValueError:
+        return check
+    if not isinstance(recorded, dict):
+        return check
+    given, built = weight_shaping_arch(arch), weight_shaping_arch(recorded)
+    differences = setting_differences({k: built.get(k) for k in given}, given, "Arch")
+    if not differences:
+        return check
+    return (
+        "(the file was built with other Arch settings, the file's then the config's: "
+        f"{'; '.join(differences[:3])})"
+    )
 
 
 def load_weights(
@@ -212,6 +250,7 @@ def load_weights(
     strict: bool = True,
     ignore_prefixes: tuple[str, ...] = (),
     setting: str | None = None,
+    arch: dict[str, Any] | None = None,
 ) -> LoadReport:
     """Load weights into `model`.
 
@@ -220,13 +259,17 @@ def load_weights(
     ignore_prefixes: file tensors to leave out on purpose (e.g. 'head.' for a feature extractor).
     setting: the config key that named `path` (Global.pretrained_model), which each error
     then starts with: the file may come from a config the user does not have in mind.
+    arch: the Arch config (JSON data) `model` was built from, its sections to compare with
+    those the file records, so that a file that does not fit names the settings that differ
+    (a training run's `-o Arch...` left out of the command that loads its weights).
     """
     try:
-        state, dropped = state_for_model(model, path)
+        state, dropped, metadata = state_for_model(model, path)
         if ignore_prefixes:
             dropped += [k for k in state if k.startswith(ignore_prefixes)]
             state = {k: v for k, v in state.items() if not k.startswith(ignore_prefixes)}
-        return _fit(model, state, dropped, strict, source=str(path))
+        hint = _fit_hint(metadata, arch)
+        return _fit(model, state, dropped, strict, source=str(path), hint=hint)
     except CheckpointError as exc:
         if setting is None:
             raise
@@ -245,7 +288,7 @@ def load_pretrained(module: nn.Module, path: str | Path | bool) -> LoadReport:
             "pretrained: True would download weights, which shitu never does; "
             "give the path of a .safetensors, .pt/.pth or .pdparams file"
         )
-    state, dropped = state_for_model(module, path)
+    state, dropped, _ = state_for_model(module, path)
     own = module.state_dict()
     if not any(name in own for name in state):
         prefix = "backbone."
@@ -271,7 +314,12 @@ def load_pretrained(module: nn.Module, path: str | Path | bool) -> LoadReport:
 
 
 def _fit(
-    model: nn.Module, state: dict[str, torch.Tensor], dropped: list[str], strict: bool, source: str
+    model: nn.Module,
+    state: dict[str, torch.Tensor],
+    dropped: list[str],
+    strict: bool,
+    source: str,
+    hint: str = "(does the config match?)",
 ) -> LoadReport:
     expected = model.state_dict()
     report = LoadReport(dropped=dropped)
@@ -293,9 +341,7 @@ def _fit(
     report.missing = [n for n in expected if n not in fitting and n not in mismatched]
     report.loaded = sorted(name for name in fitting if name in state)  # not the added counters
     if strict and not report.complete:
-        raise CheckpointError(
-            f"{source} does not fit the model: {report.summary()} (does the config match?)"
-        )
+        raise CheckpointError(f"{source} does not fit the model: {report.summary()} {hint}")
     model.load_state_dict(fitting, strict=False)
     return report
 

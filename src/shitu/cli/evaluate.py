@@ -48,7 +48,11 @@ def run(args: argparse.Namespace) -> int:
         model = model_from_config(config, args, pretrained=not weights)
         if weights:
             load_weights(
-                model, weights, ignore_prefixes=("head.",), setting="Global.pretrained_model"
+                model,
+                weights,
+                ignore_prefixes=("head.",),
+                setting="Global.pretrained_model",
+                arch=config.Arch.model_dump(mode="json", exclude={"Head"}),
             )
         model.to(context.device)
         if config.Global.channels_last:  # the layout training evaluates in: the same rounding
