@@ -1079,10 +1079,12 @@ def test_pipeline_config_reads_paddleclas_files_and_overrides(tmp_path):
     )
     assert config.IndexProcess.score_thres == 0.6 and config.detector is None
     assert config.Global.rec_inference_model_dir == "./rec" and config.Global.cpu_num_threads == 10
-    # `--detector "$DET"` with DET unset: none given, as for --model (was: "is a folder, not
-    # a file: " for the working directory)
-    unset = load_pipeline_config(paddle, ["Global.det_inference_model_dir=''"])
-    assert unset.Global.det_inference_model_dir == "" and unset.detector is None
+    # `--detector "$DET" --model "$MODEL"` with both unset: none given (the detector was
+    # "is a folder, not a file: " for the working directory; the model the shipped one,
+    # but not said so where a library needed another)
+    unset = ["Global.det_inference_model_dir=''", "Global.rec_inference_model_dir=''"]
+    unset = load_pipeline_config(paddle, unset).Global
+    assert unset.det_inference_model_dir is None and unset.rec_inference_model_dir is None
     assert load_pipeline_config("inference_general").IndexProcess.score_thres is None  # the model's
     with pytest.raises(ConfigError, match="expected a PipelineConfig .* got dict"):
         Recognizer.from_config({"IndexProcess": {"index_dir": "./index"}})

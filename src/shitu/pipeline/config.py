@@ -95,6 +95,14 @@ class PipelineGlobal(_Section):
     def _paddle_only(cls, data: Any) -> Any:
         return _drop(data, _IGNORED_GLOBAL)
 
+    @field_validator("rec_inference_model_dir", "det_inference_model_dir")
+    @classmethod
+    def _empty_is_none_given(cls, value: str | None) -> str | None:
+        """An empty path (`--model "$UNSET"`, `''` in a file) is none given: the shipped
+        model, no detector, and a library refused for another model says that no --model
+        was given."""
+        return value or None
+
 
 class IndexProcessConfig(_Section):
     index_dir: str | None = None  # gallery library folder (`shitu index build --out`)
@@ -120,9 +128,8 @@ class PipelineConfig(_Section):
     @property
     def detector(self) -> str | None:
         """The detector path or PLAIN_BACKGROUND; None for the whole image only. Keywords
-        in any case, as `None` in a YAML file or `--detector None` is no detector; an empty
-        one (`--detector "$UNSET"`) is none given, as an empty --model or --gallery is."""
-        value = self.Global.det_inference_model_dir or None
+        in any case, as `None` in a YAML file or `--detector None` is no detector."""
+        value = self.Global.det_inference_model_dir
         keyword = None if value is None else value.lower()
         if keyword == PLAIN_BACKGROUND:
             return PLAIN_BACKGROUND
