@@ -104,8 +104,10 @@ def test_a_weight_file_named_without_its_suffix_is_found(tmp_path):
         load_weights(fresh, tmp_path / stem)
         with torch.no_grad():
             assert torch.equal(model(x)["features"], fresh(x)["features"])
-    with pytest.raises(CheckpointError, match="weight file not found: .*other_model$"):
+    with pytest.raises(CheckpointError) as info:
         load_weights(make_model(), tmp_path / "other_model")
+    tried = "(nor with .safetensors, .pt, .pth, .pdparams)"
+    assert str(info.value) == f"weight file not found: {tmp_path / 'other_model'} {tried}"
 
 
 def test_folded_checkpoint_folds_the_model_on_load(tmp_path):
@@ -145,7 +147,7 @@ def test_weights_named_without_pdparams_as_paddleclas_configs_name_them(tmp_path
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(model(x)["features"], fresh(x)["features"])
-    with pytest.raises(CheckpointError, match=r"^weight file not found: .*/other$"):
+    with pytest.raises(CheckpointError, match=r"^weight file not found: .*/other \(nor with"):
         load_weights(fresh, tmp_path / "other")
 
 
@@ -195,9 +197,20 @@ def test_corrupt_weight_files(tmp_path, name, content, message):
         load_weights(make_model(), path)
 
 
-def test_missing_weight_file(tmp_path):
+def test_missing_weight_file(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match="weight file not found"):
         load_weights(make_model(), tmp_path / "none.safetensors")
+    # A relative name (`-o Global.pretrained_model=output/run/best_model` run from another
+    # folder) says where it was looked for, .pdparams as the others.
+    monkeypatch.chdir(tmp_path)
+    where = f"(relative paths are taken from the working directory, {tmp_path})"
+    for name, tried in (
+        ("output/best_model", " (nor with .safetensors, .pt, .pth, .pdparams)"),
+        ("output/best_model.pdparams", ""),
+    ):
+        with pytest.raises(CheckpointError) as info:
+            load_weights(make_model(), name)
+        assert str(info.value) == f"weight file not found: {name}{tried} {where}"
 
 
 def test_detector_training_checkpoint_is_not_recognition_weights(tmp_path):
@@ -556,3 +569,25 @@ def test_an_output_name_no_weight_file_can_have_is_refused_before_any_work(comma
     result = run_shitu(command, *inputs, "--out", str(tmp_path / "soup.bin"))
     assert result.returncode == 2
     assert f"cannot write {tmp_path / 'soup.bin'}: use a .safetensors" in result.stderr
+
+
+def test_weights_that_do_not_fit_name_the_arch_settings_they_were_built_with(tmp_path):
+    """`shitu eval -o Global.pretrained_model=RUN` without the run's `-o Arch...`: the
+    error names the settings that differ, from the Arch the file records (the head, left
+    out of the comparison, is not loaded either)."""
+    model = make_model()
+    path = save_weights(
+        model.state_dict(), tmp_path / "run.safetensors", model_metadata(model, ARCH)
+    )
+    wider = dict(ARCH, Neck=dict(ARCH["Neck"], num_features=32), Head=None)
+    wider["Backbone"] = dict(ARCH["Backbone"], class_expand=32)
+    features = {key: value for key, value in wider.items() if key != "Head"}
+    with pytest.raises(CheckpointError) as info:
+        load_weights(make_model(wider), path, ignore_prefixes=("head.",), arch=features)
+    assert str(info.value).endswith(
+        "(the file was built with other Arch settings, the file's then the config's: "
+        "Arch.Backbone.class_expand: 64 and 32; Arch.Neck.num_features: 64 and 32)"
+    )
+    plain = save_weights(model.state_dict(), tmp_path / "plain.safetensors")  # records none
+    with pytest.raises(CheckpointError, match=r"\(does the config match\?\)$"):
+        load_weights(make_model(wider), plain, ignore_prefixes=("head.",), arch=features)

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from shitu.cli import index as index_cli
-from shitu.cli.common import separate_overrides
+from shitu.cli.common import expand_home_in_option_values, separate_overrides
 from shitu.cli.demo import demo_settings
 from shitu.cli.export import spread
 from shitu.cli.main import STDOUT_CLOSED_STATUS, SUBCOMMANDS, build_parser
@@ -261,6 +261,26 @@ def test_a_missing_weight_file_is_named_with_the_setting_that_gave_it(tmp_path, 
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: {setting}: weight file not found: {missing}"
     assert sorted(tmp_path.iterdir()) == [], "nothing is written"
+
+
+def test_a_tilde_after_an_options_equals_sign_is_the_home_folder(tmp_path, monkeypatch, capsys):
+    """The shell expands `--gallery ~/lib` but leaves `--gallery=~/lib` as it is: the
+    command expands it, as a folder named `~` in the working directory is no one's intent.
+    After `--` a word is a positional, as given."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert expand_home_in_option_values(["--out=~/lib", "~/x", "-o", "--", "--a=~/b"]) == [
+        f"--out={tmp_path}/lib",
+        "~/x",  # the shell's to expand: left alone
+        "-o",
+        "--",
+        "--a=~/b",
+    ]
+    assert shitu_main(["recognize", "photo.jpg", "--gallery=~/no_library"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err == f"error: {tmp_path / 'no_library'}: no such gallery library (build one with "
+        "`shitu index build`)\n"
+    )
 
 
 def test_overrides_before_a_positional_leave_it_to_the_command(tmp_path):

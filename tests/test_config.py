@@ -6,12 +6,22 @@ import re
 import textwrap
 
 import pytest
+from PIL import Image
 
 from shitu import registry
 from shitu.cli.main import main as shitu_main
-from shitu.config import apply_overrides, load_config, parse_override, shipped_configs
+from shitu.config import (
+    apply_overrides,
+    load_config,
+    parse_override,
+    resolve_config_path,
+    shipped_configs,
+)
 from shitu.config.overrides import load_yaml
+from shitu.data.loader import build_dataset
 from shitu.errors import ConfigError
+from shitu.pipeline import load_pipeline_config
+from shitu.pipeline.defaults import PIPELINE_CONFIG_DIR
 
 MINIMAL = """
 Arch:
@@ -72,6 +82,14 @@ def test_parse_override_types_values_with_yaml():
     ]
 
 
+def test_a_path_override_starting_with_a_tilde_is_in_the_home_folder(monkeypatch, tmp_path):
+    """The shell does not expand `~` after `KEY=`: the override does, as for `--gallery ~/x`."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert parse_override("Global.output_dir=~/runs")[1] == f"{tmp_path}/runs"
+    assert parse_override("Global.output_dir=runs~/~1")[1] == "runs~/~1"
+    assert parse_override("Global.checkpoints=~")[1] is None  # YAML's null
+
+
 def test_apply_overrides_nested_paths_and_list_indices():
     raw = {"A": {"b": [{"c": 1}, {"c": 2}]}, "L": [1, 2, 3]}
     apply_overrides(raw, ["A.b[1].c=5", "L.0=9", "A.new.deep=x", "A.n.0=y"])
@@ -114,6 +132,8 @@ def test_lr_mult_overrides_with_dotted_module_names():
     assert dotted == {"backbone.blocks": 0.1, "backbone.head": 0.25}
     replaced = load_config(name, ["Optimizer.lr_mult={backbone.blocks: 0.1}"]).Optimizer.lr_mult
     assert replaced == {"backbone.blocks": 0.1}
+    removed = load_config(name, ["Optimizer.lr_mult.backbone.head=null"]).Optimizer.lr_mult
+    assert removed == {"backbone.blocks": 0.25}  # backbone.head back to the full rate
     # A numbered module (a block of a stage) is a key under the mapping, not a list index.
     numbered = load_config(name, ["Optimizer.lr_mult.backbone.blocks.0=0.1"]).Optimizer.lr_mult
     assert numbered["backbone.blocks.0"] == 0.1
@@ -436,7 +456,10 @@ def test_a_pipeline_config_given_to_a_training_command_is_named_as_one(tmp_path)
     paddle = tmp_path / "inference_general.yaml"
     paddle.write_text("Global:\n  rec_inference_model_dir: x\nIndexProcess:\n  index_dir: lib\n")
     for name in (paddle, "inference_general"):
-        with pytest.raises(ConfigError, match=f"^{name}: a pipeline config .* goes to recognize"):
+        with pytest.raises(
+            ConfigError,
+            match=f"^{name}: a recognition pipeline config .* `shitu recognize -c` reads",
+        ):
             load_config(name)
 
 
@@ -576,3 +599,122 @@ def test_exponent_numbers_without_a_dot_are_numbers(config_file):
     config = load_config(config_file, ["Global.re_ranking={lambda_value: 2e-1}"])
     assert config.Optimizer.lr.params["values"] == [0.01, 0.001]
     assert config.Global.re_ranking == {"lambda_value": 0.2}
+
+
+def test_null_gives_an_optional_key_its_default(config_file, tmp_path):
+    """`-o KEY=null` undoes a key the file sets, in a dataset section as anywhere: the
+    dataset is built as if the key were left out (here: ids kept, not renumbered)."""
+    (tmp_path / "train.txt").write_text("a.jpg 5\nb.jpg 9\n")
+    for name in ("a.jpg", "b.jpg"):
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    dataset = f"{{name: ImageNetDataset, image_root: {tmp_path}, cls_label_path: train.txt}}"
+    relabelled = f"DataLoader.Train.dataset={dataset[:-1]}, relabel: true}}"
+    config = load_config(
+        config_file,
+        [
+            relabelled,
+            "Global.epochs=7",
+            f"DataLoader.Train.dataset.cls_label_path={tmp_path / 'train.txt'}",
+            "DataLoader.Train.dataset.relabel=null",
+            "Global.epochs=null",
+            "DataLoader.Train.loader=",
+            "Global.re_ranking={k1: 10}",
+            "Global.re_ranking=null",  # a bool or a mapping: not null, so its default
+        ],
+    )
+    assert config.Global.epochs == 100 and config.Global.re_ranking is False
+    assert config.DataLoader.Train.loader.num_workers == 4
+    built = build_dataset(config.DataLoader.Train, "DataLoader.Train")
+    assert sorted(set(built.labels)) == [5, 9]
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        (
+            "DataLoader.Train.dataset.image_root=null",
+            "DataLoader.Train.dataset.image_root: required key missing in dataset "
+            "'ImageNetDataset'",
+        ),
+        ("Arch.Head.name=null", "Arch.Head.name: required key missing in the config"),
+        ("Global.epocs=null", "Global.epocs: unknown key (did you mean 'epochs'?) in the config"),
+    ],
+)
+def test_null_for_a_required_or_unknown_key_is_refused(config_file, override, expected):
+    """Each error names the override that set its key last (not the section's before it)."""
+    with pytest.raises(ConfigError) as info:
+        load_config(config_file, [f"DataLoader.Train={{{DATASET}}}", override])
+    assert str(info.value).endswith(f"{expected} (set by -o {override})")
+
+
+def test_null_in_the_file_for_a_required_key_says_it_is_required(config_file):
+    """`image_root:` left empty in a file: null is no value for a key without a default."""
+    dataset = "{name: ImageNetDataset, image_root: null, cls_label_path: train.txt}"
+    config_file.write_text(
+        config_file.read_text() + f"DataLoader:\n  Train:\n    dataset: {dataset}\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(config_file)
+    assert str(info.value) == (
+        f"{config_file}: DataLoader.Train.dataset.image_root: required: it has no default for "
+        "null to restore in dataset 'ImageNetDataset'"
+    )
+
+
+def test_null_removes_the_key_from_what_the_config_records(config_file):
+    """`-o KEY=null` leaves the config as if the file had no KEY: a component's settings,
+    which checkpoints and exports record (and a model's fingerprint covers), hold no null."""
+    config = load_config(config_file, ["Arch.Head.margin=0.3", "Arch.Head.margin=null"])
+    assert "margin" not in config.Arch.Head.model_dump()
+
+
+def test_null_for_a_list_item_says_how_to_remove_it(config_file):
+    with pytest.raises(ConfigError) as info:
+        load_config(config_file, ["Loss.Train.0=null"])
+    assert str(info.value) == (
+        f"{config_file}: override 'Loss.Train.0=null': a list item cannot be null; to remove "
+        "it, give the whole list without it (-o Loss.Train=[...])"
+    )
+
+
+def test_null_gives_a_pipeline_key_its_default(tmp_path):
+    path = tmp_path / "pipeline.yaml"
+    path.write_text("Global: {threshold: 0.5, rec_backend: torch}\n")
+    config = load_pipeline_config(path, ["Global.threshold=null", "Global.rec_backend="])
+    assert (config.Global.threshold, config.Global.rec_backend) == (0.2, "auto")
+
+
+def test_a_config_of_the_other_kind_is_named_as_such():
+    """`-c` is a training config for train/eval and a pipeline config for recognize: given
+    the other kind, one line says so (it was a list of each of its keys, unknown)."""
+    pipeline = PIPELINE_CONFIG_DIR / "inference_general.yaml"
+    with pytest.raises(ConfigError) as info:
+        load_config(pipeline)
+    assert str(info.value).startswith(
+        f"{pipeline}: a recognition pipeline config (its IndexProcess section), which "
+        "`shitu recognize -c` reads; this command takes a training config"
+    )
+    training = resolve_config_path("GroceryStore_EfficientNetLite0")
+    with pytest.raises(ConfigError) as info:
+        load_pipeline_config(training)
+    assert str(info.value).startswith(f"{training}: a training config (its Arch section); ")
+    assert "give the model that `shitu export -c CONFIG --out DIR` makes as --model DIR" in (
+        str(info.value)
+    )
+
+
+def test_a_config_saved_as_utf16_loads(config_file, tmp_path):
+    """PowerShell 5's `>` (and Notepad's "Unicode") write UTF-16 with a BOM, which label
+    files are read in already; a config was refused as not UTF-8."""
+    utf16 = tmp_path / "powershell.yaml"
+    utf16.write_text(config_file.read_text(), encoding="utf-16")
+    assert load_config(utf16).Arch.Head.params["class_num"] == 10
+    legacy = tmp_path / "cp1252.yaml"
+    legacy.write_bytes(
+        config_file.read_text().replace("Arch:", "# Caf\xe9\nArch:").encode("cp1252")
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(legacy)
+    assert str(info.value) == (
+        f"{legacy}: not a YAML config (not UTF-8 text, nor UTF-16 with its BOM); save it as UTF-8"
+    )

@@ -433,7 +433,8 @@ def test_detect_cli_writes_json_lines_and_images(tmp_path: Path, capsys) -> None
     assert (
         shitu_main(["detect", str(folder), "--model", str(ONNX_416), "--save-vis", str(vis)]) == 0
     )
-    assert sorted(p.name for p in vis.iterdir()) == ["dog.jpg", "dog_2.jpg"]
+    written = sorted(str(p.relative_to(vis)) for p in vis.rglob("*.jpg"))
+    assert written == ["again/dog.jpg", "dog.jpg"]
 
 
 @needs_picodet

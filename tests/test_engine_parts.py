@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -274,7 +275,7 @@ def test_rng_capture_and_restore():
     assert draws[:2] == again[:2] and torch.equal(draws[2], again[2])
 
 
-def test_training_checkpoint_round_trip_and_errors(tmp_path):
+def test_training_checkpoint_round_trip_and_errors(tmp_path, monkeypatch):
     path = save_training_state(
         tmp_path / "latest.pt",
         {"model": {"w": torch.ones(2)}, "rng": [capture_rng_state()], "seed": 0},
@@ -286,6 +287,12 @@ def test_training_checkpoint_round_trip_and_errors(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["latest.pt"]  # no temp files left
     with pytest.raises(CheckpointError, match="no training checkpoint"):
         resolve_checkpoint(tmp_path / "nope")
+    monkeypatch.chdir(tmp_path.parent)  # a relative path: where it was looked for
+    with pytest.raises(CheckpointError) as info:
+        resolve_checkpoint(Path(tmp_path.name) / "nope")
+    assert str(info.value).endswith(
+        f"(relative paths are taken from the working directory, {tmp_path.parent})"
+    )
     torch.save({"w": torch.ones(1)}, tmp_path / "weights.pt")
     with pytest.raises(CheckpointError, match="weights file, not a training checkpoint"):
         load_training_state(tmp_path / "weights.pt")

@@ -9,6 +9,7 @@ import inspect
 import json
 import shutil
 import sqlite3
+import sys
 import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -47,6 +48,7 @@ from shitu.pipeline import (
 )
 from shitu.pipeline.defaults import SETTINGS
 from tests.image_helpers import declared_png
+from tests.terminal_helpers import run_in_terminal
 
 CLASSES = (6, 7, 30, 45, 60, 71)  # banana, kiwi, juice, oat milk, aubergine, red pepper
 GALLERY_PER_CLASS = 5
@@ -694,6 +696,44 @@ def test_save_vis_refuses_the_folder_of_the_input_photos(setup, grocery, tmp_pat
     assert photo.read_bytes() == original and (inside / "photo.jpg").is_file()
 
 
+def test_save_vis_keeps_the_sub_folders_so_same_named_photos_keep_their_copies(
+    setup, tmp_path, capsys
+):
+    """`a/x.jpg` and `b/x.jpg` (shelves photographed by one camera's numbering) get a copy
+    each, where the user finds them by the photo's path; `x.png` beside `x.jpg` keeps its
+    suffix. Before, all went into one folder, the second as `x_2.jpg`, whichever it was."""
+    folder = tmp_path / "photos"
+    for sub, query in (("a", 0), ("b", 1), ("b/deeper", 2)):
+        (folder / sub).mkdir(parents=True)
+        shutil.copy(setup["queries"][query].path, folder / sub / "x.jpg")
+    Image.open(setup["queries"][3].path).save(folder / "a" / "x.png")
+    common = ["--gallery", str(setup["library"]), "--model", str(setup["model"]), "--no-progress"]
+    vis = tmp_path / "vis"
+    assert shitu_main(["recognize", str(folder), *common, "--save-vis", str(vis)]) == 0
+    written = sorted(str(p.relative_to(vis)) for p in vis.rglob("*") if p.is_file())
+    assert written == ["a/x.jpg", "a/x.png.jpg", "b/deeper/x.jpg", "b/x.jpg"]
+    assert "replaced" not in capsys.readouterr().err
+    # a/, then b/ into one folder: b's x.jpg replaces a's, which is said
+    again = tmp_path / "again"
+    for sub in ("a", "b"):
+        assert shitu_main(["recognize", str(folder / sub), *common, "--save-vis", str(again)]) == 0
+    assert f"note: 1 file already in {again} replaced by this run's annotated copies" in (
+        capsys.readouterr().err
+    )
+    # files named one by one from two folders: the same layout
+    photos = [str(folder / "a" / "x.jpg"), str(folder / "b" / "x.jpg")]
+    assert shitu_main(["recognize", *photos, *common, "--save-vis", str(tmp_path / "two")]) == 0
+    written = sorted(str(p.relative_to(tmp_path / "two")) for p in (tmp_path / "two").rglob("*"))
+    assert written == ["a", "a/x.jpg", "b", "b/x.jpg"]
+    # a copy that would land beside its photo (the inputs' common folder given) is refused
+    original = (folder / "a" / "x.jpg").read_bytes()
+    assert shitu_main(["recognize", *photos, *common, "--save-vis", str(folder)]) == 2
+    assert f"error: --save-vis {folder}: holds input images ({photos[0]})" in (
+        capsys.readouterr().err
+    )
+    assert (folder / "a" / "x.jpg").read_bytes() == original
+
+
 def test_an_interrupted_annotated_copy_leaves_no_truncated_file(
     setup, tmp_path, monkeypatch, capsys
 ):
@@ -737,6 +777,29 @@ def test_eval_pipeline_cli_reports_the_pipeline_recall(setup, recognizer, capsys
     )  # fmt: skip
     assert code == 0
     assert json.loads(capsys.readouterr().out.splitlines()[-1]) == expected
+
+
+def test_eval_pipeline_draws_a_bar_over_hashing_a_large_query_set(setup, tmp_path):
+    """Every query is read whole for its hash (is it a gallery image?) before any is
+    recognised: at a terminal, a query set of HASH_BAR_MIN_FILES or more (lowered to 3
+    here) shows a `hashing` bar there, as `index add` does, then the recognition's bar;
+    a smaller one shows only the recognition's."""
+    labels = tmp_path / "queries.txt"
+    rows = [f"{q.path}\t{q.label}\n" for q in setup["queries"][:4]]
+    hash_bar_from_3 = (
+        "import sys, shitu.index.gallery as g, shitu.cli.main as m; g.HASH_BAR_MIN_FILES = 3; "
+        "sys.exit(m.main(sys.argv[1:]))"
+    )
+    command = [sys.executable, "-c", hash_bar_from_3, "eval-pipeline", "--queries", str(labels)]
+    command += ["--gallery", str(setup["library"]), "--model", str(setup["model"])]
+    for queries, bars_drawn in ((4, ["hashing: 100%", "100%"]), (2, ["100%"])):
+        labels.write_text("".join(rows[:queries]))
+        status, lines = run_in_terminal(command)
+        assert status == 0, lines
+        bars = [line for line in lines if "img/s" in line or "img]" in line]
+        assert len(bars) == len(bars_drawn) and f" {queries}/{queries} " in bars[-1], lines
+        starts = [bar[: len(start)] for bar, start in zip(bars, bars_drawn, strict=True)]
+        assert starts == bars_drawn, lines
 
 
 def test_eval_pipeline_cli_flags_gallery_photos_and_fails_when_nothing_was_measured(
@@ -1063,6 +1126,12 @@ def test_pipeline_config_reads_paddleclas_files_and_overrides(tmp_path):
     )
     assert config.IndexProcess.score_thres == 0.6 and config.detector is None
     assert config.Global.rec_inference_model_dir == "./rec" and config.Global.cpu_num_threads == 10
+    # `--detector "$DET" --model "$MODEL"` with both unset: none given (the detector was
+    # "is a folder, not a file: " for the working directory; the model the shipped one,
+    # but not said so where a library needed another)
+    unset = ["Global.det_inference_model_dir=''", "Global.rec_inference_model_dir=''"]
+    unset = load_pipeline_config(paddle, unset).Global
+    assert unset.det_inference_model_dir is None and unset.rec_inference_model_dir is None
     assert load_pipeline_config("inference_general").IndexProcess.score_thres is None  # the model's
     with pytest.raises(ConfigError, match="expected a PipelineConfig .* got dict"):
         Recognizer.from_config({"IndexProcess": {"index_dir": "./index"}})
@@ -1091,7 +1160,7 @@ def test_pipeline_config_reads_paddleclas_files_and_overrides(tmp_path):
     training = tmp_path / "my_products.yaml"
     shutil.copy(resolve_config_path("GroceryStore_EfficientNetLite0"), training)
     for name in (training, "GroceryStore_EfficientNetLite0"):
-        with pytest.raises(ConfigError, match=f"^{name}: a training config .* as --model, once"):
+        with pytest.raises(ConfigError, match=f"^{name}: a training config .* as --model DIR"):
             load_pipeline_config(name)
 
 
@@ -1179,6 +1248,19 @@ def test_wrong_detector_and_model_settings_name_the_setting_and_the_way_out(tmp_
     ]
     with pytest.raises(CheckpointError, match=r"rec_inference_model_dir \(--model\): .*null"):
         Recognizer.from_config(load_pipeline_config(None, settings))
+    # PaddleClas's inference_general.yaml names PP-ShiTu's Paddle mainbody detector folder
+    (paddle_model / "inference.pdiparams").write_bytes(b"")
+    settings = [
+        f"Global.det_inference_model_dir={paddle_model}",
+        f"IndexProcess.index_dir={tmp_path}",
+    ]
+    with pytest.raises(ConfigError) as info:
+        Recognizer.from_config(load_pipeline_config(None, settings))
+    assert str(info.value).startswith(
+        f"Global.det_inference_model_dir (--detector): is a Paddle inference model, which "
+        "shitu does not run (give the PicoDet weights it was made from, .pdparams with "
+        f"--det-arch, or an ONNX export): {paddle_model}; give a detector file"
+    )
 
 
 def test_saved_visualisations_are_drawn_on_the_photos_decoded_for_recognition(

@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -540,6 +541,51 @@ def test_a_step_that_fp16_loss_scaling_skips_leaves_the_weight_average_alone(gro
     assert all(torch.equal(v, averaged[k]) for k, v in trainer.ema.module.state_dict().items())
     trainer.fit(stop_after_steps=3)
     assert trainer.ema.updates == 2
+
+
+def test_cli_train_refuses_an_output_dir_that_a_file_is_in_the_way_of(grocery, tmp_path, capsys):
+    """Said at once, naming the key: it was an OSError ('afile/linear_probe: Not a
+    directory') after the datasets and the model were built, with a LinearProbe after its
+    check's too."""
+    path = tiny_config(grocery, tmp_path, epochs=1)
+    (tmp_path / "afile").write_text("notes")
+    probe = "LinearProbe={epochs: 1, frozen_layers: [backbone]}"
+    for output_dir in (tmp_path / "afile", tmp_path / "afile" / "run"):
+        for extra in ([], ["-o", probe]):
+            overrides = ["-o", f"Global.output_dir={output_dir}", *extra]
+            assert main(["train", "-c", str(path), *overrides]) == 2
+            expected = f"error: Global.output_dir {output_dir}: {tmp_path / 'afile'} is a file"
+            assert capsys.readouterr().err.startswith(expected)
+    assert (tmp_path / "afile").read_text() == "notes"
+
+
+def test_cli_train_and_eval_name_the_key_of_weights_they_cannot_load(grocery, tmp_path, capsys):
+    """The file may come from a config the user does not have in mind: the error names
+    the key that gave it."""
+    path = tiny_config(grocery, tmp_path, epochs=1)
+    missing = tmp_path / "runs" / "best_model.safetensors"
+    for command in ("train", "eval"):
+        overrides = ["-o", f"Global.pretrained_model={missing}"]
+        assert main([command, "-c", str(path), *overrides]) == 2
+        err = capsys.readouterr().err
+        assert f"error: Global.pretrained_model: weight file not found: {missing}\n" in err
+
+
+def test_cli_train_hints_hold_a_path_with_spaces_as_one_word(grocery, tmp_path, capsys):
+    """`resume with -o Global.checkpoints=.../My Drive/latest.pt` pasted into a shell was
+    two words: the hints quote the path where it needs it, and the pasted hint resumes."""
+    path = tiny_config(grocery, tmp_path, epochs=1)
+    output_dir = tmp_path / "My Drive"
+    run = ["train", "-c", str(path), "-o", f"Global.output_dir={output_dir}"]
+    assert main([*run, "--stop-after-steps", "1"]) == 0
+    hint = capsys.readouterr().out.splitlines()[0].split("resume with ")[1]
+    assert hint == f"-o 'Global.checkpoints={output_dir / 'latest.pt'}'"
+    assert main([*run, "--stop-after-steps", "2", *shlex.split(hint)]) == 0
+    assert "stopped early after step 2" in capsys.readouterr().out
+    assert main(run) == 2  # the same folder again: the advice quotes it too
+    assert f"resume it with -o 'Global.checkpoints={output_dir / 'latest.pt'}', or " in (
+        capsys.readouterr().err
+    )
 
 
 def test_cli_train_then_eval(grocery, tmp_path, capsys):

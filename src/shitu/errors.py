@@ -3,6 +3,7 @@
 
 import contextlib
 import difflib
+import shlex
 from collections.abc import Iterator
 
 
@@ -17,28 +18,24 @@ class ConfigError(ShituError):
 class CheckpointError(ShituError):
     """A weight file cannot be read or does not fit the model."""
 
-
-class MissingWeightFileError(CheckpointError):
-    """A weight file that is not there, with the setting that gave its path where the
-    loader was told it (`weight_file_setting`)."""
-
-    def __init__(self, path: object, setting: str | None = None) -> None:
-        self.path, self.setting = path, setting
-        where = f"{setting}: " if setting else ""
-        super().__init__(f"{where}weight file not found: {path}")
+    # The config key that gave the file's path, once the message starts with it.
+    setting: str | None = None
 
 
 @contextlib.contextmanager
 def weight_file_setting(setting: str) -> Iterator[None]:
-    """Name `setting` (`Global.pretrained_model`) in the error about a missing weight file
-    loaded inside: the path alone leaves the user to find which setting of a config, or
-    which override, gave it. One named inside already (a nested setting) stays as it is."""
+    """Start a CheckpointError raised inside with `setting` (`Global.pretrained_model`),
+    the key that named the weight file: the path alone leaves the user to find which
+    setting of a config, or which override, gave it. One named inside already (a nested
+    setting, `Arch.Backbone.pretrained`) stays as it is."""
     try:
         yield
-    except MissingWeightFileError as exc:
+    except CheckpointError as exc:
         if exc.setting is not None:
             raise
-        raise MissingWeightFileError(exc.path, setting) from None
+        named = CheckpointError(f"{setting}: {exc}")
+        named.setting = setting
+        raise named from None
 
 
 class DataError(ShituError):
@@ -53,3 +50,9 @@ def did_you_mean(name: str, choices: list[str]) -> str:
     """A ' (did you mean ...?)' hint for a misspelt name, or ''."""
     close = difflib.get_close_matches(name, choices, n=1)
     return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def override_word(key: str, value: object) -> str:
+    """`KEY=VALUE` for an `-o` in a hint to copy onto a command line: one shell word, quoted
+    where the value has spaces or quotes (`output/My Drive/latest.pt`), else as it is."""
+    return shlex.quote(f"{key}={value}")

@@ -61,9 +61,7 @@ def check_writable(folder: Path, what: str) -> None:
     """Create `folder` if needed and write a file in it, before long work whose results go
     there: an unusable place (a file in the way, no permission, a read-only or virtual file
     system) is a one-line error naming `what` now, not a traceback after the work."""
-    existing = next((f for f in (folder, *folder.parents) if f.exists()), None)
-    if existing is not None and not existing.is_dir():
-        raise DataError(f"{what}: {existing} is a file, not a folder")
+    refuse_file_in_the_way(folder, what)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(prefix=".shitu-write-check.", dir=folder)
@@ -71,6 +69,14 @@ def check_writable(folder: Path, what: str) -> None:
         os.unlink(name)
     except OSError as exc:
         raise DataError(f"{what}: cannot write in {folder} ({exc.strerror or exc})") from None
+
+
+def refuse_file_in_the_way(folder: Path, what: str) -> None:
+    """A DataError naming `what` where `folder`, or a folder on its path, is a file; for a
+    check that makes no folder (`check_writable` makes it)."""
+    existing = next((f for f in (folder, *folder.parents) if f.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise DataError(f"{what}: {existing} is a file, not a folder")
 
 
 def torch_save_atomically(payload: Any, path: Path) -> Path:
@@ -220,3 +226,12 @@ def replace_folder(staging: Path, target: Path) -> None:
         finally:
             shutil.rmtree(old, ignore_errors=True)
     fsync_dir(target.parent)
+
+
+def from_working_directory(path: str | Path) -> str:
+    """Where a relative config path was looked for, to add to a "not found": from the
+    working directory, not the config's folder (the shipped configs' `../shared/...` fit
+    the repository's root only); '' for an absolute path."""
+    if Path(path).is_absolute():
+        return ""
+    return f" (relative paths are taken from the working directory, {Path.cwd()})"

@@ -13,7 +13,8 @@ import inspect
 import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
+from types import UnionType
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
 from pydantic import (
     BaseModel,
@@ -44,6 +45,35 @@ def refuse_bool_as_number(cls: type[BaseModel], value: Any, info: ValidationInfo
     if takes_numbers and not field_types & {bool, Any} and _holds_bool(value):
         raise PydanticCustomError("bool_not_number", "Input should be a number, not true/false")
     return value
+
+
+def null_is_default(cls: type[BaseModel], value: Any, info: ValidationInfo) -> Any:
+    """A `field_validator("*", mode="before")` taking null (`key: null`, `-o key=null`) for
+    a key that cannot be null as the key left out: its default applies, so that an override
+    can undo an optional key a config file sets. A key with no default is refused as
+    required, rather than as null being no valid string or number."""
+    if value is not None:
+        return value
+    field = cls.model_fields[info.field_name]
+    if _takes_null(field.annotation):
+        return value
+    if field.is_required():
+        raise PydanticCustomError(
+            "null_for_required", "required: it has no default for null to restore"
+        )
+    return field.get_default(call_default_factory=True)
+
+
+def _takes_null(annotation: Any) -> bool:
+    """Whether None is a value of `annotation` itself (`int | None`, Any), not merely of
+    something inside it (`bool | dict[str, Any]`)."""
+    if annotation is Any or annotation is None or annotation is type(None):
+        return True
+    origin = get_origin(annotation)
+    if origin is Union or origin is UnionType or origin is Annotated:
+        members = get_args(annotation)[:1] if origin is Annotated else get_args(annotation)
+        return any(_takes_null(member) for member in members)
+    return False
 
 
 def _types_in(annotation: Any) -> set[Any]:
@@ -165,7 +195,8 @@ class Registry:
                 __validators__={
                     "refuse_bool_as_number": field_validator("*", mode="before")(
                         refuse_bool_as_number
-                    )
+                    ),
+                    "null_is_default": field_validator("*", mode="before")(null_is_default),
                 },
                 **fields,
             )
@@ -286,6 +317,8 @@ def _problem(error: Any, suggested: dict[tuple[Any, ...], str | None]) -> str:
         return f"{key}: unknown key" + (f" (did you mean '{close}'?)" if close else "")
     if error["type"] == "missing":
         return f"{key}: required key missing"
+    if error["type"] == "null_for_required":
+        return f"{key}: {error['msg']}"
     # A validator's own words, without pydantic's "Value error, " before them
     why = error["ctx"]["error"] if error["type"] == "value_error" else error["msg"]
     return f"{key}: {why} (got {error.get('input')!r})"

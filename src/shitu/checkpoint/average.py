@@ -16,7 +16,13 @@ from pathlib import Path
 
 import torch
 
-from shitu.checkpoint.io import ARCH, REPARAMETERIZED, read_weights, weight_shaping_arch
+from shitu.checkpoint.io import (
+    ARCH,
+    REPARAMETERIZED,
+    read_weights,
+    setting_differences,
+    weight_shaping_arch,
+)
 from shitu.errors import CheckpointError
 
 # Metadata that must agree: averaging different architectures or a folded with an
@@ -34,20 +40,6 @@ def _compared(metadata: dict[str, str], key: str) -> object:
     except ValueError:
         return metadata[key]
     return weight_shaping_arch(arch) if isinstance(arch, dict) else arch
-
-
-def _differences(first: object, other: object, where: str) -> list[str]:
-    """Where two metadata values (an Arch config as JSON data) differ, by setting: e.g.
-    `shitu.arch Head.class_num: 6 and 7` for an Arch config's classifier sizes."""
-    if isinstance(first, dict) and isinstance(other, dict):
-        keys = sorted(first.keys() | other.keys(), key=str)
-        prefix = f"{where} " if where == ARCH else f"{where}."
-        return [
-            difference
-            for key in keys
-            for difference in _differences(first.get(key), other.get(key), f"{prefix}{key}")
-        ]
-    return [] if first == other else [f"{where}: {first!r} and {other!r}"]
 
 
 def average_weights(
@@ -95,7 +87,7 @@ def average_weights(
                     f"{bare} has no {key} metadata, {other} has: cannot tell whether they "
                     f"hold the same model (`shitu convert {bare} -c CONFIG` records it)"
                 )
-            differences = _differences(
+            differences = setting_differences(
                 _compared(metadata, key), _compared(other_metadata, key), key
             )
             raise CheckpointError(

@@ -16,8 +16,13 @@ from torch import nn
 from shitu.checkpoint.paddle import paddle_to_torch, read_pdparams
 from shitu.config.schema import TRAINING_ONLY_ARCH
 from shitu.engine.state import training_state_kind
-from shitu.errors import CheckpointError, MissingWeightFileError
-from shitu.fileio import torch_save_atomically, write_atomically, write_failure_reason
+from shitu.errors import CheckpointError
+from shitu.fileio import (
+    from_working_directory,
+    torch_save_atomically,
+    write_atomically,
+    write_failure_reason,
+)
 from shitu.models.reparam import is_reparameterized, reparameterize
 
 TORCH_SUFFIXES = (".pt", ".pth")
@@ -108,7 +113,10 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
             f"{path} is a folder: give a weight file (an exported model's is its model.safetensors)"
         )
     if not path.is_file():
-        raise MissingWeightFileError(path)
+        # A name without a suffix was looked for with each one too (`weights_file`).
+        suffixes = ", ".join(WEIGHT_SUFFIXES)
+        tried = "" if path.suffix in WEIGHT_SUFFIXES else f" (nor with {suffixes})"
+        raise CheckpointError(f"weight file not found: {path}{tried}{from_working_directory(path)}")
     if path.suffix == ".pdparams":  # its names and layouts depend on the model it goes into
         raise CheckpointError(
             f"{path}: .pdparams need a model to be read; `shitu convert` it first"
@@ -181,36 +189,82 @@ def _training_state_metadata(payload: dict) -> dict[str, str]:
     return {REPARAMETERIZED: "false", ARCH: json.dumps(arch)}
 
 
+def setting_differences(first: object, other: object, where: str) -> list[str]:
+    """Where two metadata values (an Arch config as JSON data) differ, by setting: e.g.
+    `shitu.arch Head.class_num: 6 and 7` for an Arch config's classifier sizes."""
+    if isinstance(first, dict) and isinstance(other, dict):
+        keys = sorted(first.keys() | other.keys(), key=str)
+        prefix = f"{where} " if where == ARCH else f"{where}."
+        return [
+            difference
+            for key in keys
+            for difference in setting_differences(first.get(key), other.get(key), f"{prefix}{key}")
+        ]
+    return [] if first == other else [f"{where}: {first!r} and {other!r}"]
+
+
 def state_for_model(
     model: nn.Module, path: str | Path
-) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Tensors of any supported file, named and laid out for `model`.
+) -> tuple[dict[str, torch.Tensor], list[str], dict[str, str]]:
+    """Tensors of any supported file, named and laid out for `model`, the names left out,
+    and the file's metadata (none for .pdparams).
 
     Folds `model` first when the file holds re-parameterised (folded) weights.
     """
     path = weights_file(path)
     if path.suffix == ".pdparams":
-        return paddle_to_torch(read_pdparams(path), model)
+        return (*paddle_to_torch(read_pdparams(path), model), {})
     state, metadata = read_weights(path)
     if metadata.get(REPARAMETERIZED) == "true":
         reparameterize(model)
-    return state, []
+    return state, [], metadata
+
+
+def _fit_hint(metadata: dict[str, str], arch: dict[str, Any] | None) -> str:
+    """What to add where a file does not fit the model built from `arch` (the Arch config
+    as JSON data, only its sections compared): the settings that differ from those the
+    file records it was built with, where it records them, else to check the config."""
+    check = "(does the config match?)"
+    if arch is None or ARCH not in metadata:
+        return check
+    try:
+        recorded = json.loads(metadata[ARCH])
+    except ValueError:
+        return check
+    if not isinstance(recorded, dict):
+        return check
+    given, built = weight_shaping_arch(arch), weight_shaping_arch(recorded)
+    differences = setting_differences({k: built.get(k) for k in given}, given, "Arch")
+    if not differences:
+        return check
+    return (
+        "(the file was built with other Arch settings, the file's then the config's: "
+        f"{'; '.join(differences[:3])})"
+    )
 
 
 def load_weights(
-    model: nn.Module, path: str | Path, strict: bool = True, ignore_prefixes: tuple[str, ...] = ()
+    model: nn.Module,
+    path: str | Path,
+    strict: bool = True,
+    ignore_prefixes: tuple[str, ...] = (),
+    arch: dict[str, Any] | None = None,
 ) -> LoadReport:
     """Load weights into `model`.
 
     strict: every tensor must be present with the right shape (else CheckpointError).
     Not strict: load what fits, report the rest.
     ignore_prefixes: file tensors to leave out on purpose (e.g. 'head.' for a feature extractor).
+    arch: the Arch config (JSON data) `model` was built from, its sections to compare with
+    those the file records, so that a file that does not fit names the settings that differ
+    (a training run's `-o Arch...` left out of the command that loads its weights).
     """
-    state, dropped = state_for_model(model, path)
+    state, dropped, metadata = state_for_model(model, path)
     if ignore_prefixes:
         dropped += [k for k in state if k.startswith(ignore_prefixes)]
         state = {k: v for k, v in state.items() if not k.startswith(ignore_prefixes)}
-    return _fit(model, state, dropped, strict, source=str(path))
+    hint = _fit_hint(metadata, arch)
+    return _fit(model, state, dropped, strict, source=str(path), hint=hint)
 
 
 def load_pretrained(module: nn.Module, path: str | Path | bool) -> LoadReport:
@@ -225,7 +279,7 @@ def load_pretrained(module: nn.Module, path: str | Path | bool) -> LoadReport:
             "pretrained: True would download weights, which shitu never does; "
             "give the path of a .safetensors, .pt/.pth or .pdparams file"
         )
-    state, dropped = state_for_model(module, path)
+    state, dropped, _ = state_for_model(module, path)
     own = module.state_dict()
     if not any(name in own for name in state):
         prefix = "backbone."
@@ -251,7 +305,12 @@ def load_pretrained(module: nn.Module, path: str | Path | bool) -> LoadReport:
 
 
 def _fit(
-    model: nn.Module, state: dict[str, torch.Tensor], dropped: list[str], strict: bool, source: str
+    model: nn.Module,
+    state: dict[str, torch.Tensor],
+    dropped: list[str],
+    strict: bool,
+    source: str,
+    hint: str = "(does the config match?)",
 ) -> LoadReport:
     expected = model.state_dict()
     report = LoadReport(dropped=dropped)
@@ -273,9 +332,7 @@ def _fit(
     report.missing = [n for n in expected if n not in fitting and n not in mismatched]
     report.loaded = sorted(name for name in fitting if name in state)  # not the added counters
     if strict and not report.complete:
-        raise CheckpointError(
-            f"{source} does not fit the model: {report.summary()} (does the config match?)"
-        )
+        raise CheckpointError(f"{source} does not fit the model: {report.summary()} {hint}")
     model.load_state_dict(fitting, strict=False)
     return report
 

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from shitu.errors import CheckpointError, MissingWeightFileError
+from shitu.errors import CheckpointError
+from shitu.fileio import from_working_directory
 
 _ALLOWED_GLOBALS = {
     ("numpy.core.multiarray", "_reconstruct"),
@@ -46,7 +47,9 @@ def read_pdparams(path: str | Path) -> dict[str, np.ndarray]:
         with path.open("rb") as handle:
             data = _ArrayUnpickler(handle).load()
     except FileNotFoundError:
-        raise MissingWeightFileError(path) from None
+        raise CheckpointError(
+            f"weight file not found: {path}{from_working_directory(path)}"
+        ) from None
     except OSError as exc:  # a folder, no permission, ...
         raise CheckpointError(f"cannot read weight file {path}: {exc.strerror or exc}") from None
     except (

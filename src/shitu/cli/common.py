@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
+import os
 import sys
 import unicodedata
 from collections.abc import Callable, Iterable
@@ -11,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from shitu.detection.input_size import check_input_size
-from shitu.errors import ConfigError, DataError
+from shitu.errors import ConfigError, DataError, override_word
 from shitu.fileio import check_writable, write_atomically
 from shitu.image_files import IMAGE_SUFFIXES, LABELLED_LIST_HINT, TEXT_FILE_REASON, scan_images
 from shitu.inference.choices import BACKENDS, PRECISIONS
@@ -144,7 +146,7 @@ def add_override_argument(parser: argparse.ArgumentParser, example: str) -> None
         default=[],
         metavar="KEY=VALUE",
         help=f"override a config value, e.g. {example} (repeatable; values are parsed as "
-        "YAML; list items as key[0] or key.0)",
+        "YAML; list items as key[0] or key.0; KEY=null gives the key its default)",
     )
 
 
@@ -178,6 +180,22 @@ def separate_overrides(argv: list[str]) -> list[str]:
     return result + ([flag] if first else [])
 
 
+def expand_home_in_option_values(argv: list[str]) -> list[str]:
+    """`argv` with the `~` that starts an `--option=VALUE` value expanded to the home
+    folder, as the shell expands `--option ~/path` but not `--option=~/path` (the word is
+    no variable assignment): `--save-vis=~/vis` made a folder named `~` in the working
+    directory. Words after `--` are positionals, left as they are."""
+    expanded: list[str] = []
+    for index, word in enumerate(argv):
+        if word == "--":
+            return expanded + argv[index:]
+        option, sep, value = word.partition("=")
+        if word.startswith("--") and sep and value.startswith("~"):
+            word = f"{option}={os.path.expanduser(value)}"
+        expanded.append(word)
+    return expanded
+
+
 def trained_weights(config: ShituConfig, doing: str) -> str | None:
     """`Global.pretrained_model`; without it, a note that `doing` uses the model as the
     config initialises it, and where a training run of this config leaves its weights.
@@ -193,10 +211,11 @@ def trained_weights(config: ShituConfig, doing: str) -> str | None:
         )
     if not weights:
         best = Path(config.Global.output_dir) / "best_model.safetensors"
+        trained = override_word("Global.pretrained_model", best)
         print(
             f"note: no Global.pretrained_model, so {doing} the model as the config initialises "
-            f"it (e.g. an ImageNet backbone); pass -o Global.pretrained_model={best} (or any "
-            "weights file) for trained weights",
+            f"it (e.g. an ImageNet backbone); pass -o {trained} (or any weights file) for "
+            "trained weights",
             file=sys.stderr,
         )
     return weights
@@ -314,7 +333,7 @@ def add_visualisation_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         metavar="DIR",
         help="write copies of the images with boxes, labels and scores drawn here, as JPEG "
-        "named after the images (not their folder)",
+        "named after the images, in the sub-folders they have under the inputs' common folder",
     )
     parser.add_argument(
         "--vis-font",
@@ -349,8 +368,10 @@ def visualisation_writer(
 
 
 class VisualisationWriter:
-    """Saves annotated copies under one folder, with unique names for same-named images
-    (photos from different folders often share names)."""
+    """Saves annotated copies under one folder, each as JPEG named after its image, in the
+    sub-folders the image has under the inputs' common folder (`photos/a/x.jpg` and
+    `photos/b/x.jpg` -> `a/x.jpg`, `b/x.jpg`): photos from different folders often share
+    names, and one copy must never replace another."""
 
     def __init__(
         self,
@@ -360,16 +381,27 @@ class VisualisationWriter:
         scanned: Iterable[Path] = (),
         font_index: int = 0,
     ) -> None:
-        """`inputs`: the images to annotate. A folder holding one of them is refused: the
-        copies, named after the images, would write over the user's photos. `scanned`: the
-        input folders, searched recursively for images; the folder may not be inside one,
-        where the next run would take the copies for photos. `font`: the captions' font
-        file (default: see CaptionFonts), `font_index` its face in a collection (.ttc)."""
+        """`inputs`: the images to annotate (others are named by their file name alone). A
+        folder that a copy would be written to holding one of them is refused: the copies,
+        named after the images, would write over the user's photos. `scanned`: the input
+        folders, searched recursively for images; the folder may not be inside one, where
+        the next run would take the copies for photos. `font`: the captions' font file
+        (default: see CaptionFonts), `font_index` its face in a collection (.ttc)."""
         from shitu.pipeline import CaptionFonts
 
         self.fonts = CaptionFonts(font, font_index)
+        self.folder = folder
+        self.names: dict[str, Path] = {}  # absolute image path -> its copy, under `folder`
+        self.used: set[str] = set()  # the copies' paths, case-folded (as some disks compare)
+        self.written: set[Path] = set()
+        self.replaced = 0  # files of these names already in the folder (an earlier run's)
+        inputs = list(inputs)
+        common = _common_folder(inputs)
+        for image in inputs:
+            self._copy_name(image, common)
         here = folder.resolve()
-        inside = next((image for image in inputs if image.parent.resolve() == here), None)
+        beside = {(here / name).parent for name in self.names.values()}
+        inside = next((image for image in inputs if image.parent.resolve() in beside), None)
         if inside is not None:
             raise DataError(
                 f"--save-vis {folder}: holds input images ({inside}), and the annotated "
@@ -389,19 +421,44 @@ class VisualisationWriter:
             why = f"{exc.strerror}: {exc.filename}" if exc.strerror else str(exc)
             raise DataError(f"--save-vis {folder}: cannot make the folder ({why})") from None
         check_writable(folder, f"--save-vis {folder}")  # now, not after the first photo
-        self.folder = folder
-        self.used: set[str] = set()
+
+    def _copy_name(self, source: str | Path, common: Path | None) -> Path:
+        """The copy's path under the folder, the same each time for one image: its path
+        under `common` (its file name where None) as JPEG; where another image has that
+        name (`x.jpg` beside `x.png`), its name with its suffix (`x.png.jpg`), then
+        numbered (`x_2.jpg`)."""
+        key = os.path.abspath(source)
+        if key in self.names:
+            return self.names[key]
+        relative = Path(key).relative_to(common) if common else Path(Path(key).name)
+        candidates = itertools.chain(
+            (relative.with_suffix(".jpg"), relative.with_name(f"{relative.name}.jpg")),
+            (relative.with_name(f"{relative.stem}_{n}.jpg") for n in itertools.count(2)),
+        )
+        name = next(c for c in candidates if str(c).casefold() not in self.used)
+        self.used.add(str(name).casefold())
+        self.names[key] = name
+        return name
 
     def save(self, source: str | Path, annotated: Image.Image) -> Path:
         """Write `annotated` (a drawing over the image at `source`) as JPEG; returns its path."""
-        stem, number = Path(source).stem, 1
-        name = f"{stem}.jpg"
-        while name in self.used:
-            number += 1
-            name = f"{stem}_{number}.jpg"
-        self.used.add(name)
+        path = self.folder / self._copy_name(source, None)
+        if path not in self.written and path.exists():
+            self.replaced += 1
+        self.written.add(path)
         rgb = annotated.convert("RGB")  # whole or not at all, if the run is stopped mid-write
-        return write_atomically(self.folder / name, lambda tmp: rgb.save(tmp, "JPEG", quality=90))
+        return write_atomically(path, lambda tmp: rgb.save(tmp, "JPEG", quality=90))
+
+    def note_replaced(self) -> None:
+        """Say on stderr how many files already in the folder the copies were written over
+        (a run before this one left them, perhaps of other photos of the same names), so
+        that none is replaced without a word."""
+        if self.replaced:
+            print(
+                f"note: {count_of(self.replaced, 'file')} already in {self.folder} replaced by "
+                "this run's annotated copies of the same names",
+                file=sys.stderr,
+            )
 
     def save_recognition(self, found: FileRecognition) -> Path:
         """The photo of a recognition result with its boxes, labels and scores drawn (on the
@@ -411,3 +468,12 @@ class VisualisationWriter:
 
         image = found.image if found.image is not None else read_rgb(found.path)
         return self.save(found.path, draw_results(image, found.results, self.fonts))
+
+
+def _common_folder(images: list[Path]) -> Path | None:
+    """The deepest folder that holds all `images` (absolute), None for none or where there
+    is none (files on two Windows drives)."""
+    try:
+        return Path(os.path.commonpath([os.path.dirname(os.path.abspath(i)) for i in images]))
+    except ValueError:
+        return None

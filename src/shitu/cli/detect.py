@@ -125,4 +125,6 @@ def run(args: argparse.Namespace) -> int:
         if writer is not None:
             drawn = ((b["box"], b.get("label", f"class {b['cls']}"), b["score"]) for b in boxes)
             writer.save(path, draw_boxes(image, drawn, writer.fonts))
+    if writer is not None:
+        writer.note_replaced()
     return unread_files_status(len(paths) - done, len(paths))  # none read: fail, like recognize

@@ -49,7 +49,12 @@ def run(args: argparse.Namespace) -> int:
         model = model_from_config(config, args, pretrained=not weights)
         if weights:
             with weight_file_setting("Global.pretrained_model"):
-                load_weights(model, weights, strict=True, ignore_prefixes=("head.",))
+                load_weights(
+                    model,
+                    weights,
+                    ignore_prefixes=("head.",),
+                    arch=config.Arch.model_dump(mode="json", exclude={"Head"}),
+                )
         model.to(context.device)
         if config.Global.channels_last:  # the layout training evaluates in: the same rounding
             model.to(memory_format=torch.channels_last)

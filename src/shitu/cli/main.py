@@ -31,7 +31,7 @@ from shitu.cli import (
     serve,
     train,
 )
-from shitu.cli.common import separate_overrides
+from shitu.cli.common import expand_home_in_option_values, separate_overrides
 from shitu.errors import ShituError, did_you_mean
 from shitu.runtime import keep_freed_memory
 
@@ -203,7 +203,8 @@ def _drop_unwritten_output() -> None:
 
 def _run(argv: list[str] | None) -> int:
     parser = build_parser()
-    args = _parse(parser, separate_overrides(sys.argv[1:] if argv is None else argv))
+    words = expand_home_in_option_values(sys.argv[1:] if argv is None else argv)
+    args = _parse(parser, separate_overrides(words))
     handler = _PastProgressHandler()  # stderr
     handler.setFormatter(_LevelPrefixFormatter())
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, handlers=[handler])

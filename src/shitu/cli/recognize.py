@@ -187,4 +187,6 @@ def run(args: argparse.Namespace) -> int:
                 print_past_progress(format_table(found))
             if writer is not None and found.error is None:
                 writer.save_recognition(found)
+    if writer is not None:
+        writer.note_replaced()
     return unread_files_status(skipped, len(paths))  # none read: fail, like extract

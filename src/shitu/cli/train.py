@@ -20,7 +20,8 @@ from shitu.cli.common import (
     positive_minutes,
 )
 from shitu.engine.metrics_log import LOG_NAME
-from shitu.errors import CheckpointError, ConfigError
+from shitu.errors import CheckpointError, ConfigError, override_word
+from shitu.fileio import refuse_file_in_the_way
 
 if TYPE_CHECKING:
     from shitu.config.schema import ShituConfig
@@ -87,15 +88,14 @@ def _refuse_earlier_run(output_dir: Path, resumed: Path | None) -> None:
     if not found:
         return
     if resumed is not None:
+        go_on = override_word("Global.output_dir", resumed)
         advice = (
-            f"Global.checkpoints resumes the run in {resumed}: add -o "
-            f"Global.output_dir={resumed} to go on in its folder, or give a new output_dir"
+            f"Global.checkpoints resumes the run in {resumed}: add -o {go_on} to go on in its "
+            "folder, or give a new output_dir"
         )
     elif found[0] == run_files[0]:
-        advice = (
-            f"resume it with -o Global.checkpoints={output_dir / run_files[0]}, or give "
-            "another output_dir (or remove that one)"
-        )
+        resume = override_word("Global.checkpoints", output_dir / run_files[0])
+        advice = f"resume it with -o {resume}, or give another output_dir (or remove that one)"
     else:  # a run that failed before its first checkpoint left nothing to resume
         advice = (
             f"it left no {run_files[0]} to resume; give another output_dir (or remove that one)"
@@ -234,6 +234,10 @@ def _train(args: argparse.Namespace) -> int:
         # A run resumed into another folder starts a new run there, as far as it is concerned.
         if resumed != output_dir.resolve():
             _refuse_earlier_run(output_dir, resumed)
+        # Before the datasets, the model and a LinearProbe's check are built: a file in the
+        # way was an OSError of its own ('afile/linear_probe: Not a directory') after them.
+        # No folder is made: a run that fails to start leaves none.
+        refuse_file_in_the_way(output_dir, f"Global.output_dir {output_dir}")
         if config.LinearProbe is not None:
             # A resumed run's checkpoint already holds weights that went through the probe.
             if config.Global.checkpoints is None:
@@ -259,7 +263,7 @@ def _train(args: argparse.Namespace) -> int:
             print(
                 f"stopped early after step {progress.global_step} ({progress.epoch} of "
                 f"{config.Global.epochs} epochs done); resume with "
-                f"-o Global.checkpoints={result.output_dir}/latest.pt"
+                f"-o {override_word('Global.checkpoints', result.output_dir / 'latest.pt')}"
             )
         if progress.best_metric is not None:
             print(

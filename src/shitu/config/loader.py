@@ -13,6 +13,7 @@ from shitu import registry
 from shitu.config.overrides import apply_overrides, load_yaml, override_paths
 from shitu.config.schema import ComponentConfig, DataSplitConfig, ShituConfig
 from shitu.errors import ConfigError, did_you_mean
+from shitu.fileio import SAVE_AS_UTF8, read_text
 from shitu.registry import each_problem, format_validation_error, problem_list
 
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -63,12 +64,12 @@ def load_config(name_or_path: str | Path, overrides: list[str] | None = None) ->
         except ConfigError:
             raise missing from None
     raw = read_yaml(path)
-    if "IndexProcess" in raw and "Arch" not in raw:  # PaddleClas's inference_general shape
+    if "IndexProcess" in raw and "Arch" not in raw:  # else a list of each of its keys, unknown
         raise ConfigError(
-            f"{name_or_path}: a pipeline config (it has an IndexProcess section), not a "
-            "training config (Global, Arch, Loss, DataLoader, ..., as "
-            f"{', '.join(shipped_configs())}); a pipeline config goes to recognize, serve, "
-            "eval-pipeline and demo"
+            f"{name_or_path}: a recognition pipeline config (its IndexProcess section), which "
+            "`shitu recognize -c` reads (and serve, eval-pipeline and demo); this command takes "
+            "a training config (Global, Arch, Loss, ...): a YAML file or a shipped name "
+            f"({', '.join(shipped_configs())})"
         )
     attribution = apply_attributed_overrides(raw, overrides, path)
     try:
@@ -99,12 +100,16 @@ def apply_attributed_overrides(
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
+    """A config file's YAML mapping, from UTF-8 or UTF-16 text as label files are read
+    (PowerShell 5's `>` writes UTF-16)."""
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        text = read_text(path)
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
     except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not a YAML config (not UTF-8 text)") from None
+        raise ConfigError(
+            f"{path}: not a YAML config (not UTF-8 text, nor UTF-16 with its BOM); {SAVE_AS_UTF8}"
+        ) from None
     try:
         data = load_yaml(text)
     except yaml.YAMLError as exc:
@@ -312,11 +317,12 @@ def _joined_problems(failed: list[ConfigError]) -> str:
 def with_source(path: Path | str, message: str, attribution: dict[str, str]) -> str:
     """`message` (each problem of which starts with the dotted key at fault) prefixed by the
     config's source, each problem naming the `-o` override that set its key or a section
-    around it."""
+    around it: the last such to apply, whose value stands (`-o DataLoader.Train={...}
+    -o DataLoader.Train.dataset.image_root=null` names the second for image_root)."""
 
     def attributed(problem: str) -> str:
         key = re.sub(r"\[(\d+)\]", r".\1", problem.split(":", 1)[0])  # Eval[0] -> Eval.0
-        for dotted, text in attribution.items():
+        for dotted, text in reversed(attribution.items()):
             if key == dotted or key.startswith(dotted + ".") or dotted.startswith(key + "."):
                 return f"{problem} (set by -o {text})"
         return problem

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any
 
@@ -57,7 +58,10 @@ def parse_override(text: str) -> tuple[list[str | int], Any]:
     """Split 'A.b[0].c=value' into (['A', 'b', 0, 'c'], parsed value).
 
     The value is parsed as YAML, so `3` is an int, `1e-5` a float, `[1, 2]` a list,
-    `null` None and `true` a bool; anything else stays a string.
+    `null` None and `true` a bool; anything else stays a string. A string starting with
+    `~` has it expanded to the home folder: the shell leaves `-o KEY=~/runs` as it is (the
+    word is no variable assignment), where it expands `--gallery ~/lib`, and a literal
+    `~` folder made in the working directory is one `rm -r ~` away from disaster.
     """
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
@@ -67,6 +71,8 @@ def parse_override(text: str) -> tuple[list[str | int], Any]:
         value = load_yaml(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
+    if isinstance(value, str) and value.startswith("~"):
+        value = os.path.expanduser(value)
     return path, value
 
 
@@ -91,7 +97,8 @@ def _parse_path(key: str, text: str) -> list[str | int]:
 
 
 def apply_overrides(config: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply overrides in order to a raw config dict (in place) and return it."""
+    """Apply overrides in order to a raw config dict (in place) and return it. `KEY=null`
+    removes a KEY the dict has, so that its default applies."""
     for text in overrides:
         path, value = parse_override(text)
         _set_path(config, path, value, text)
@@ -113,6 +120,12 @@ def _set_path(node: Any, path: list[str | int], value: Any, text: str) -> None:
                     f"override '{text}': index {part} out of range for "
                     f"{_path_str(path[:depth])} (length {len(node)})"
                 )
+            if last and value is None:  # null gives a key its default: an item has none
+                where = _path_str(path[:depth])
+                raise ConfigError(
+                    f"override '{text}': a list item cannot be null; to remove it, give "
+                    f"the whole list without it (-o {where}=[...])"
+                )
             if last:
                 node[part] = value
             else:
@@ -120,7 +133,13 @@ def _set_path(node: Any, path: list[str | int], value: Any, text: str) -> None:
         else:
             if not isinstance(node, dict):
                 raise ConfigError(f"override '{text}': {_path_str(path[:depth])} is not a mapping")
-            if last:
+            if last and value is None and part in node:
+                # As if the file left it out: its default applies, and the config's record
+                # (a checkpoint's, an export's manifest) is that of a config without it. A
+                # key not there is set to null, which validation gives its default, or
+                # refuses as unknown.
+                del node[part]
+            elif last:
                 node[part] = value
             else:
                 if node.get(part) is None:  # a new list could hold no index: a mapping
@@ -136,9 +155,12 @@ def _path_str(path: list[str | int]) -> str:
 
 
 def override_paths(overrides: list[str]) -> dict[str, str]:
-    """Dotted path of each override -> its text, to attribute validation errors."""
+    """Dotted path of each override -> its text, to attribute validation errors; in the
+    order they apply, a path given twice at its last place (the value that stands)."""
     result: dict[str, str] = {}
     for text in overrides:
         path, _ = parse_override(text)
-        result[".".join(str(p) for p in path)] = text
+        dotted = ".".join(str(p) for p in path)
+        result.pop(dotted, None)
+        result[dotted] = text
     return result

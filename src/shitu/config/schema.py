@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from shitu.registry import refuse_bool_as_number
+from shitu.registry import null_is_default, refuse_bool_as_number
 
 
 def only_off(refusal: str) -> Callable[[Any, bool], bool]:
@@ -34,6 +34,7 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
 
     _refuse_bool_as_number = field_validator("*", mode="before")(refuse_bool_as_number)
+    _null_is_default = field_validator("*", mode="before")(null_is_default)
 
 
 class ComponentConfig(BaseModel):
@@ -42,6 +43,7 @@ class ComponentConfig(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     _refuse_bool_as_number = field_validator("*", mode="before")(refuse_bool_as_number)
+    _null_is_default = field_validator("*", mode="before")(null_is_default)
 
     name: str
 
@@ -227,7 +229,8 @@ class OptimizerConfig(Section):
     @classmethod
     def _dotted_names(cls, value: Any) -> Any:
         """`{backbone: {blocks: 0.25}}` (what `-o Optimizer.lr_mult.backbone.blocks=0.25`
-        makes) means `{backbone.blocks: 0.25}`."""
+        makes) means `{backbone.blocks: 0.25}`; a null multiplier (`-o ...=null`) is none,
+        the modules' rate back to the default of 1, as null gives any key its default."""
 
         def flatten(mapping: dict, prefix: str) -> dict:
             flat: dict = {}
@@ -236,7 +239,9 @@ class OptimizerConfig(Section):
                 flat.update(flatten(item, f"{name}.") if isinstance(item, dict) else {name: item})
             return flat
 
-        return flatten(value, "") if isinstance(value, dict) else value
+        if not isinstance(value, dict):
+            return value
+        return {name: mult for name, mult in flatten(value, "").items() if mult is not None}
 
     @field_validator("lr_mult")
     @classmethod

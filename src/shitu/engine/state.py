@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from shitu.errors import CheckpointError
-from shitu.fileio import torch_save_atomically
+from shitu.fileio import from_working_directory, torch_save_atomically
 
 LATEST = "latest"
 BEST = "best_model"
@@ -41,6 +41,7 @@ def resolve_checkpoint(path: str | Path, option: str = "Global.checkpoints") -> 
     raise CheckpointError(
         f"{option}: no training checkpoint at {path} "
         f"(give a {LATEST}{SUFFIX} file or the output directory holding one)"
+        f"{from_working_directory(path)}"
     )
 
 

@@ -48,7 +48,7 @@ from shitu.engine.state import (
     resolve_checkpoint,
     save_training_state,
 )
-from shitu.errors import ConfigError, DataError, ShituError, weight_file_setting
+from shitu.errors import ConfigError, DataError, ShituError, override_word, weight_file_setting
 from shitu.losses.combined import CombinedLoss
 from shitu.models import build_model
 from shitu.registry import problem_list
@@ -571,9 +571,10 @@ class Trainer:
             self.save_latest()
             latest = self.output_dir / f"{LATEST}{SUFFIX}"
             steps = self.progress.global_step
+            resume = override_word("Global.checkpoints", latest)
             raise DataError(
                 f"{exc}. The run's {steps} step{'' if steps == 1 else 's'} so far are saved in "
-                f"{latest}: put the image right and resume with -o Global.checkpoints={latest}"
+                f"{latest}: put the image right and resume with -o {resume}"
             ) from None
         finally:
             bar.close()

@@ -99,7 +99,8 @@ def export_model(
     arch = inference_arch(config.Arch)
     if weights:
         model = build_model(ArchConfig.model_validate(arch)).eval()
-        load_weights(model, weights, strict=True, ignore_prefixes=("head.",))
+        features = {key: value for key, value in arch.items() if key != "Head"}
+        load_weights(model, weights, strict=True, ignore_prefixes=("head.",), arch=features)
     else:  # as the config initialises it, e.g. with an ImageNet backbone
         model = build_model(config.Arch.model_copy(update={"Head": None})).eval()
     model.reparameterize()

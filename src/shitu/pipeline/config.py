@@ -12,7 +12,14 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from shitu.config.loader import (
     apply_attributed_overrides,
@@ -23,7 +30,7 @@ from shitu.config.loader import (
 )
 from shitu.errors import ConfigError
 from shitu.pipeline.defaults import NO_DETECTOR, PIPELINE_CONFIG_DIR, PLAIN_BACKGROUND, SETTINGS
-from shitu.registry import format_validation_error
+from shitu.registry import format_validation_error, null_is_default
 
 _IGNORED_GLOBAL = {
     "infer_imgs",
@@ -69,6 +76,8 @@ def _drop(data: Any, ignored: set[str]) -> Any:
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
+    _null_is_default = field_validator("*", mode="before")(null_is_default)
+
 
 class PipelineGlobal(_Section):
     # Exported model folder (`shitu export`); null: the model shipped with shitu.
@@ -92,6 +101,14 @@ class PipelineGlobal(_Section):
     @classmethod
     def _paddle_only(cls, data: Any) -> Any:
         return _drop(data, _IGNORED_GLOBAL)
+
+    @field_validator("rec_inference_model_dir", "det_inference_model_dir")
+    @classmethod
+    def _empty_is_none_given(cls, value: str | None) -> str | None:
+        """An empty path (`--model "$UNSET"`, `''` in a file) is none given: the shipped
+        model, no detector, and a library refused for another model says that no --model
+        was given."""
+        return value or None
 
 
 class IndexProcessConfig(_Section):
@@ -132,11 +149,11 @@ def load_pipeline_config(
     """Defaults, or a YAML file / shipped name, with `-o Section.key=value` overrides."""
     source = _pipeline_source(name_or_path) if name_or_path else None
     raw = read_yaml(source) if source else {}
-    if "Arch" in raw:  # every training config has one; a pipeline config never does
+    if "Arch" in raw:  # else a list of each of its keys, unknown
         raise ConfigError(
-            f"{name_or_path}: a training config (it has an Arch section), not a pipeline "
-            "config (PaddleClas's inference_general.yaml shape: Global, IndexProcess); give a "
-            "model trained with it as --model, once `shitu export` has made one"
+            f"{name_or_path}: a training config (its Arch section); -c here takes a recognition "
+            "pipeline config (Global, IndexProcess: PaddleClas's inference_general.yaml): "
+            "give the model that `shitu export -c CONFIG --out DIR` makes as --model DIR"
         )
     where = str(source) if source else "pipeline defaults"
     attribution = apply_attributed_overrides(raw, overrides, where)

@@ -19,8 +19,10 @@ from pathlib import Path
 
 from shitu.fileio import file_sha256
 from shitu.index import GalleryItem
+from shitu.index import gallery as index_gallery
 from shitu.index.labels import check_label, normal_form
 from shitu.pipeline.recognizer import Candidates, Recognizer
+from shitu.progress import ImageProgress
 
 
 @dataclass
@@ -111,7 +113,7 @@ def evaluate_pipeline(
     """Run the whole pipeline on each query at the recogniser's threshold, and at each
     threshold of `sweep` (reported in `.sweep`)."""
     gallery_labels = known_labels(recognizer)
-    in_gallery = _gallery_images(recognizer, [item.path for item in items])
+    in_gallery = _gallery_images(recognizer, [item.path for item in items], progress)
     scored: list[tuple[str, str, Candidates]] = []
     unreadable: list[tuple[str, str]] = []
     files = recognizer.score_files([item.path for item in items], progress)
@@ -152,19 +154,25 @@ def known_labels(recognizer: Recognizer) -> set[str]:
     return {normal_form(label) for label in recognizer.gallery.label_counts()}
 
 
-def _gallery_images(recognizer: Recognizer, paths: Sequence[str]) -> int:
+def _gallery_images(recognizer: Recognizer, paths: Sequence[str], progress: bool) -> int:
     """How many of the query files are gallery images too (the same file, or a copy with
-    the same content): those find themselves, and measure nothing."""
+    the same content): those find themselves, and measure nothing. Each file is read whole
+    for its hash: `progress` draws a `hashing` bar for HASH_BAR_MIN_FILES files or more,
+    as `index add` does, so that a large query set does not sit silent before its
+    recognition bar."""
     entries = recognizer.gallery.entries()
     stored_paths = {os.path.realpath(entry.path) for entry in entries}
     stored_hashes = {entry.sha256 for entry in entries if entry.sha256}
     count = 0
-    for path in paths:
-        if os.path.realpath(path) in stored_paths:
-            count += 1
-            continue
-        with contextlib.suppress(OSError):  # reported as unreadable by the evaluation
-            count += file_sha256(Path(path)) in stored_hashes
+    enabled = progress and len(paths) >= index_gallery.HASH_BAR_MIN_FILES
+    with ImageProgress(len(paths), enabled, "hashing") as bar:
+        for path in paths:
+            if os.path.realpath(path) in stored_paths:
+                count += 1
+            else:
+                with contextlib.suppress(OSError):  # reported as unreadable by the evaluation
+                    count += file_sha256(Path(path)) in stored_hashes
+            bar.update(1)
     return count
 
 

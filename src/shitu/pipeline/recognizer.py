@@ -33,6 +33,7 @@ from shitu.errors import CheckpointError, ConfigError
 from shitu.image_files import path_list
 from shitu.index import Gallery
 from shitu.inference.extractor import FeatureExtractor, check_count
+from shitu.inference.manifest import PADDLE_INFERENCE_WEIGHTS
 from shitu.inference.preprocess import read_rgb
 from shitu.pipeline.background import PlainBackgroundDetector
 from shitu.pipeline.config import PipelineConfig, load_pipeline_config, with_settings
@@ -131,6 +132,11 @@ def build_detector(config: PipelineConfig) -> MainbodyDetector | None:
         return PlainBackgroundDetector()
     if not Path(name).is_file():  # PaddleClas configs name a Paddle inference folder here
         problem = "is a folder, not a file" if Path(name).is_dir() else "no such file"
+        if (Path(name) / PADDLE_INFERENCE_WEIGHTS).is_file():
+            problem = (
+                "is a Paddle inference model, which shitu does not run (give the PicoDet "
+                "weights it was made from, .pdparams with --det-arch, or an ONNX export)"
+            )
         raise ConfigError(
             f"Global.det_inference_model_dir (--detector): {problem}: {name}; give a "
             f"detector file (.onnx, .pt or .pdparams), '{NO_DETECTOR}' or '{PLAIN_BACKGROUND}'"

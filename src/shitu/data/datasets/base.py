@@ -28,7 +28,7 @@ from torch.utils.data import Dataset
 from shitu.data.transforms.compose import Compose, build_transforms
 from shitu.data.transforms.ops import UnreadableImageError, check_image_size
 from shitu.errors import DataError
-from shitu.fileio import SAVE_AS_UTF8, read_text
+from shitu.fileio import SAVE_AS_UTF8, from_working_directory, read_text
 
 TransformOps = list[dict[str, dict[str, Any] | None]]
 # (index, why) of each listed path a dataset cannot use.
@@ -323,7 +323,7 @@ def read_lines(path: str, what: str) -> list[tuple[int, str]]:
     """(line number, stripped text) of the non-blank lines of a listing file."""
     file = Path(path)
     if not file.is_file():
-        hint = " (it is a directory)" if file.is_dir() else _from_working_directory(path)
+        hint = " (it is a directory)" if file.is_dir() else from_working_directory(path)
         raise DataError(f"{what}: label file {path} not found{hint}")
     try:
         text = read_text(file)
@@ -339,12 +339,4 @@ def read_lines(path: str, what: str) -> list[tuple[int, str]]:
 
 def check_root(root: str, what: str, key: str = "image_root") -> None:
     if not Path(root).is_dir():
-        raise DataError(f"{what}: {key} {root} is not a directory{_from_working_directory(root)}")
-
-
-def _from_working_directory(path: str) -> str:
-    """Where a relative config path was looked for: from the working directory, not the
-    config's folder (the shipped configs' `../shared/...` fit the repository's root only)."""
-    if Path(path).is_absolute():
-        return ""
-    return f" (relative paths are taken from the working directory, {Path.cwd()})"
+        raise DataError(f"{what}: {key} {root} is not a directory{from_working_directory(root)}")
