@@ -777,6 +777,31 @@ def test_eval_warns_of_queries_that_find_their_own_file_the_id_rule_keeps(tmp_pa
     assert "2 of 3 query images are listed more than once" in log
 
 
+def test_eval_names_the_images_a_broken_model_gives_nan_features(tmp_path, capsys):
+    """Weights holding a NaN give NaN features: the error says so and names an image,
+    where it named the evaluator's own argument (`query_features`)."""
+    from safetensors.torch import save_file
+
+    from shitu.config import load_config
+    from shitu.models import build_model
+
+    query = write_eval_set(tmp_path / "query", QUERY_CLASSES, "names")
+    gallery = write_eval_set(tmp_path / "gallery", GALLERY_CLASSES, "names")
+    config = write_eval_config(tmp_path, query, gallery)
+    weights = {
+        name: tensor.clone().contiguous()
+        for name, tensor in build_model(load_config(str(config)).Arch, False).state_dict().items()
+    }
+    weights["backbone.fc.weight"][0, 0] = float("nan")
+    save_file(weights, tmp_path / "nan.safetensors")
+    override = f"Global.pretrained_model={tmp_path / 'nan.safetensors'}"
+    assert shitu_main(["eval", "-c", str(config), "-o", override, "--no-progress"]) == 2
+    error = capsys.readouterr().err
+    first = tmp_path / "query" / "banana.png"
+    assert f"NaN or infinite features for 3 of 3 query images (the first: {first})" in error
+    assert "weights hold NaN" in error
+
+
 @pytest.mark.parametrize(
     "given",
     [

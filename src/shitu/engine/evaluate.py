@@ -248,11 +248,11 @@ class RetrievalEvaluation:
             "progress": self.progress,
         }
         query = embed_dataset(model, self.query_loader, description="query", **options)
-        gallery = (
-            query  # the query set doubles as gallery, each image's own entry left out
-            if self.gallery_loader is None
-            else embed_dataset(model, self.gallery_loader, description="gallery", **options)
-        )
+        check_finite(query, self.query_loader, "query", self.amp)
+        gallery = query  # the query set doubles as gallery, each image's own entry left out
+        if self.gallery_loader is not None:
+            gallery = embed_dataset(model, self.gallery_loader, description="gallery", **options)
+            check_finite(gallery, self.gallery_loader, "gallery", self.amp)
         exclude_ids = self._excludes_own_entries()
         return self.evaluator.evaluate(
             query.features,
@@ -267,6 +267,27 @@ class RetrievalEvaluation:
         """Query labels as the gallery numbers their classes (see `gallery_numbering`)."""
         table = self._gallery_labels
         return labels if table is None else table[labels]
+
+
+def check_finite(embedded: EmbeddedSet, loader: DataLoader, description: str, amp: str) -> None:
+    """An EvaluationInputError naming the images whose features are NaN or infinite: no
+    ranking can be scored from them, and the cause is the model (NaN weights, or float16
+    overflow under Global.amp), not the metric."""
+    bad = (~torch.isfinite(embedded.features).all(dim=1)).nonzero().squeeze(1).tolist()
+    if not bad:
+        return
+    weights = "the model's weights hold NaN or infinite values (a diverged run)"
+    cause = (
+        f"float16 overflowed under Global.amp=fp16 (try bf16 or off), or {weights}"
+        if amp == "fp16"
+        else f"most likely {weights}"
+    )
+    first = dataset_of(loader).paths[bad[0]]
+    raise EvaluationInputError(
+        f"the model gave NaN or infinite features for {len(bad)} of {len(embedded.features)} "
+        f"{description} images (the first: {first}), so no retrieval metric is defined: "
+        f"{cause}"
+    )
 
 
 def gallery_numbering(queries: Any, gallery: Any) -> torch.Tensor | None:
