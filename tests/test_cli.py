@@ -777,6 +777,24 @@ def test_eval_warns_of_queries_that_find_their_own_file_the_id_rule_keeps(tmp_pa
     assert "2 of 3 query images are listed more than once" in log
 
 
+def test_only_the_main_process_warns_of_queries_in_the_gallery(tmp_path, caplog):
+    """Under torchrun every process builds the evaluation: the warning came once per
+    process (eight times on eight GPUs), where the metrics are printed once."""
+    import torch
+
+    from shitu.config import load_config
+    from shitu.engine.distributed import DistContext
+    from shitu.engine.evaluate import RetrievalEvaluation
+
+    same = write_eval_set(tmp_path / "set", GALLERY_CLASSES, "names")
+    config = load_config(str(write_eval_config(tmp_path, same, same)))
+    for rank, warned in ((1, False), (0, True)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            RetrievalEvaluation(config, DistContext(rank, 2, rank, torch.device("cpu")), seed=0)
+        assert ("3 of 3 query images are gallery images too" in caplog.text) is warned
+
+
 def test_eval_names_the_images_a_broken_model_gives_nan_features(tmp_path, capsys):
     """Weights holding a NaN give NaN features: the error says so and names an image,
     where it named the evaluator's own argument (`query_features`)."""

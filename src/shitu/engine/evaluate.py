@@ -160,7 +160,10 @@ class RetrievalEvaluation:
         the same-id rule does not leave out: each ranks it first and counts a hit
         (PaddleClas counts them all the same). Without unique ids on both sides that is
         every query listed in the gallery too; with them, one whose gallery entry has
-        another id; with no gallery, a query listed twice (its other line is not its own)."""
+        another id; with no gallery, a query listed twice (its other line is not its own).
+        Under torchrun only the main process warns, as it alone reports the metrics."""
+        if not self.context.is_main:
+            return
         queries = dataset_of(self.query_loader)
         gallery = dataset_of(self.gallery_loader) if self.gallery_loader else queries
         excluded = self._excludes_own_entries()
