@@ -5,6 +5,8 @@ Benchmarks run as scripts (`python benchmarks/NAME.py`), so they import this as 
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -35,3 +37,19 @@ def random_gallery(path: Path, extractor: FeatureExtractor, size: int) -> Path:
     ) as gallery:
         gallery.add(vectors.astype(np.float32), [f"item {i % 500}" for i in range(size)])
     return path
+
+
+def every_feature(
+    extractor: FeatureExtractor, paths: Sequence[Path], progress: bool = False
+) -> np.ndarray:
+    """Features of every file, in order; exits naming the first unreadable one. Labels are
+    listed by position, so features with a file skipped would pair every later label with
+    the next file's features and print a wrong number."""
+    result = extractor.extract_files(paths, progress=progress)
+    if result.failures:
+        path, reason = result.failures[0]
+        sys.exit(
+            f"{len(result.failures)} of {len(paths)} images could not be read (the first: "
+            f"{path}: {reason}); the benchmark needs every one"
+        )
+    return result.features

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 from arguments import benchmark_parser
+from common import every_feature
 from tqdm import tqdm
 
 from shitu.detection import load_detector
@@ -59,7 +60,7 @@ def main() -> None:
     detector = load_detector(args.model)
     extractor = FeatureExtractor.load(args.rec_model or default_model_dir())
     gallery_paths, gallery_labels = split(root, "train.txt")
-    gallery = extractor.extract_files(gallery_paths, progress=sys.stderr.isatty()).features
+    gallery = every_feature(extractor, gallery_paths, progress=sys.stderr.isatty())
     query_paths, query_labels = split(root, "val.txt")
 
     coverage = np.zeros(len(query_paths))

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from arguments import benchmark_parser
+from common import every_feature
 
 from shitu.config import load_config
 from shitu.data.transforms import build_transforms
@@ -122,14 +123,13 @@ def main() -> None:
         rows = []
         for name, extractor in paths.items():
             start = time.perf_counter()
-            gallery = extractor.extract_files(gallery_files)
-            query = extractor.extract_files(query_files)
+            gallery = every_feature(extractor, gallery_files)
+            query = every_feature(extractor, query_files)
             rate = (len(gallery_files) + len(query_files)) / (time.perf_counter() - start)
-            assert not gallery.failures and not query.failures
             result = evaluator.evaluate(
-                torch.from_numpy(query.features),
+                torch.from_numpy(query),
                 torch.from_numpy(query_labels),
-                torch.from_numpy(gallery.features),
+                torch.from_numpy(gallery),
                 torch.from_numpy(gallery_labels),
             )
             rows.append((name, result.metrics, rate))

@@ -4,6 +4,8 @@ the time one small write takes.
 Usage: python benchmarks/index_search.py [--sizes 100000 1000000] [--types Flat HNSW32 IVFPQ]
        [--dim 512] [--queries 1000] [--threads 2] [--ef-search 64] [--nprobe N]
 Random unit vectors (the hardest case for approximate indexes: no cluster structure).
+recall@k: the share of each query's exact k nearest vectors (a Flat index's) that the
+library returns, averaged over the queries: how much an approximate index misses.
 "Faiss" is the library's own index object, so the overhead columns are exactly what
 `Gallery.search` adds (query checks, normalisation, score conversion, id -> label lookup).
 The Faiss time is measured inside each `Gallery.search` call (best of --repeats), so the

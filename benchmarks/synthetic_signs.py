@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from arguments import benchmark_parser
+from common import every_feature
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont
 
 from shitu.evaluation import RetrievalEvaluator
@@ -246,7 +247,7 @@ def main() -> int:
     print("| model | recall@1 | recall@5 | mAP |")
     print("|---|---:|---:|---:|")
     for model in [Path(m) for m in args.model or [default_model_dir()]]:
-        features = torch.from_numpy(FeatureExtractor.load(model).extract_files(paths).features)
+        features = torch.from_numpy(every_feature(FeatureExtractor.load(model), paths))
         result = evaluator.evaluate(
             features[~in_gallery], torch.from_numpy(labels[~in_gallery]),
             features[in_gallery], torch.from_numpy(labels[in_gallery]),

@@ -771,6 +771,96 @@ def test_eval_names_both_sets_classes_when_they_share_none(tmp_path, capsys):
     assert "no query class ('banana', 'cherry', 'durian') is a gallery class (10, 20, 30)" in error
 
 
+def test_eval_warns_of_queries_that_find_their_own_file_the_id_rule_keeps(tmp_path, capsys, caplog):
+    """A query listed in the gallery under another unique id, or listed twice in a query set
+    searched against itself, finds its own photo first: a hit that measures nothing, warned
+    of (the warning was left out whenever both files had ids, and without a gallery)."""
+    write_eval_set(tmp_path, GALLERY_CLASSES, "plain")
+    ops = "[ResizeImage: {size: 32}, NormalizeImage: {}]"
+
+    def label_file(name, lines):
+        (tmp_path / name).write_text("".join(f"{line}\n" for line in lines))
+        return (
+            f"{{name: LabelFileDataset, image_root: {tmp_path}, "
+            f"cls_label_path: {tmp_path / name}, transform_ops: {ops}}}"
+        )
+
+    def evaluate(query, gallery=None):
+        sets = f"Query: {{dataset: {query}, loader: {{num_workers: 0}}}}"
+        if gallery:
+            sets += f"\n    Gallery: {{dataset: {gallery}, loader: {{num_workers: 0}}}}"
+        config = tmp_path / "eval.yaml"
+        config.write_text(
+            "Global: {device: cpu}\nArch:\n  Backbone: {name: ResNet18, class_num: 8}\n"
+            f"  BackboneStopLayer: {{name: fc}}\nDataLoader:\n  Eval:\n    {sets}\n"
+            "Metric:\n  Eval: [Recallk: {topk: [1]}]\n",
+            encoding="utf-8",
+        )
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            assert shitu_main(["eval", "-c", str(config), "--json", "--no-progress"]) == 0
+        return json.loads(capsys.readouterr().out), caplog.text
+
+    gallery = label_file("gallery.txt", ["apple.png 10 0", "banana.png 20 1", "cherry.png 30 2"])
+    # banana's gallery entry has its id and is left out; cherry's has another and is kept.
+    query = label_file("query.txt", ["banana.png 20 1", "cherry.png 30 7"])
+    result, log = evaluate(query, gallery)
+    assert result == {"recall@1": 1.0, "num_queries": 2, "num_queries_without_positive": 1}
+    assert "1 of 2 query images are gallery images too under another unique id" in log
+    # Its own id, or another label (a mislabelled copy ranks first as a miss): no warning.
+    query = label_file("query.txt", ["banana.png 20 1", "cherry.png 20 2"])
+    result, log = evaluate(query, gallery)
+    assert result["num_queries_without_positive"] == 1 and "query images are" not in log
+    # Against itself: banana's second line is not its first line's own entry.
+    query = label_file("query.txt", ["banana.png 20", "banana.png 20", "cherry.png 30"])
+    result, log = evaluate(query)
+    assert result == {"recall@1": 1.0, "num_queries": 3, "num_queries_without_positive": 1}
+    assert "2 of 3 query images are listed more than once" in log
+
+
+def test_only_the_main_process_warns_of_queries_in_the_gallery(tmp_path, caplog):
+    """Under torchrun every process builds the evaluation: the warning came once per
+    process (eight times on eight GPUs), where the metrics are printed once."""
+    import torch
+
+    from shitu.config import load_config
+    from shitu.engine.distributed import DistContext
+    from shitu.engine.evaluate import RetrievalEvaluation
+
+    same = write_eval_set(tmp_path / "set", GALLERY_CLASSES, "names")
+    config = load_config(str(write_eval_config(tmp_path, same, same)))
+    for rank, warned in ((1, False), (0, True)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            RetrievalEvaluation(config, DistContext(rank, 2, rank, torch.device("cpu")), seed=0)
+        assert ("3 of 3 query images are gallery images too" in caplog.text) is warned
+
+
+def test_eval_names_the_images_a_broken_model_gives_nan_features(tmp_path, capsys):
+    """Weights holding a NaN give NaN features: the error says so and names an image,
+    where it named the evaluator's own argument (`query_features`)."""
+    from safetensors.torch import save_file
+
+    from shitu.config import load_config
+    from shitu.models import build_model
+
+    query = write_eval_set(tmp_path / "query", QUERY_CLASSES, "names")
+    gallery = write_eval_set(tmp_path / "gallery", GALLERY_CLASSES, "names")
+    config = write_eval_config(tmp_path, query, gallery)
+    weights = {
+        name: tensor.clone().contiguous()
+        for name, tensor in build_model(load_config(str(config)).Arch, False).state_dict().items()
+    }
+    weights["backbone.fc.weight"][0, 0] = float("nan")
+    save_file(weights, tmp_path / "nan.safetensors")
+    override = f"Global.pretrained_model={tmp_path / 'nan.safetensors'}"
+    assert shitu_main(["eval", "-c", str(config), "-o", override, "--no-progress"]) == 2
+    error = capsys.readouterr().err
+    first = tmp_path / "query" / "banana.png"
+    assert f"NaN or infinite features for 3 of 3 query images (the first: {first})" in error
+    assert "weights hold NaN" in error
+
+
 @pytest.mark.parametrize(
     "given",
     [

@@ -962,6 +962,20 @@ def test_open_set_evaluation_and_its_threshold_sweep_agree_with_the_pipeline(set
     assert "rejection" not in closed.to_dict()
 
 
+def test_thresholds_tied_on_balanced_accuracy_choose_the_lower() -> None:
+    """2 known and 6 unknown queries: 2/2 right and 2/6 turned away ties 1/2 and 5/6 (both
+    2/3), which summed as floats came out 0.6666666666666666 and ...67, so the higher
+    threshold was named best against the documented rule (the lower, which turns fewer
+    known queries away)."""
+    swept = [
+        PipelineEvaluation(threshold, queries=8, unknown_queries=6, correct=c, unknown_rejected=r)
+        for threshold, c, r in [(0.5, 2, 2), (0.7, 1, 5)]
+    ]
+    report = PipelineEvaluation(0.6, sweep=swept)
+    assert [point.balanced_accuracy for point in swept] == [2 / 3, 2 / 3]
+    assert report.best_threshold() is swept[0]
+
+
 def test_query_labels_are_compared_as_the_library_stores_them(setup, tmp_path):
     """A folder-per-label tree from macOS names a product in NFD (its accent a separate code
     point); the library stores NFC: the same product, not an unknown one."""

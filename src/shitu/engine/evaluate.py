@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -156,23 +156,56 @@ class RetrievalEvaluation:
             )
 
     def _warn_of_shared_images(self) -> None:
-        """Query photos that are gallery photos too find themselves first (PaddleClas counts
-        them all the same); only unique ids on both sides leave them out."""
-        if self.gallery_loader is None or (
-            has_unique_ids(self.query_loader) and has_unique_ids(self.gallery_loader)
-        ):
+        """Warn of query photos that find a gallery entry of their own file and label, one
+        the same-id rule does not leave out: each ranks it first and counts a hit
+        (PaddleClas counts them all the same). Without unique ids on both sides that is
+        every query listed in the gallery too; with them, one whose gallery entry has
+        another id; with no gallery, a query listed twice (its other line is not its own).
+        Under torchrun only the main process warns, as it alone reports the metrics."""
+        if not self.context.is_main:
             return
-        gallery = {os.path.realpath(path) for path in dataset_of(self.gallery_loader).paths}
-        queries = dataset_of(self.query_loader).paths
-        shared = sum(os.path.realpath(path) in gallery for path in queries)
-        if shared:
-            logger.warning(
-                "%d of %d query images are gallery images too: each finds itself first and "
-                "counts as a hit. Leave out DataLoader.Eval.Gallery to search the query set "
-                "against itself without its own entries, or list unique ids (a third column)",
-                shared,
-                len(queries),
+        queries = dataset_of(self.query_loader)
+        gallery = dataset_of(self.gallery_loader) if self.gallery_loader else queries
+        excluded = self._excludes_own_entries()
+        ids_of: dict[tuple[str, int], set[int]] = defaultdict(set)
+        for path, label, unique_id in zip(
+            gallery.paths, gallery.labels, gallery.unique_ids, strict=True
+        ):
+            ids_of[(os.path.realpath(path), label)].add(unique_id)
+        labels = self._in_gallery_numbering(torch.tensor(queries.labels)).tolist()
+        shared = 0
+        for path, label, unique_id in zip(queries.paths, labels, queries.unique_ids, strict=True):
+            ids = ids_of.get((os.path.realpath(path), label), set())
+            shared += bool(ids - {unique_id} if excluded else ids)
+        if not shared:
+            return
+        if self.gallery_loader is None:
+            what = "listed more than once: each finds its other listing"
+            advice = "List each image once"
+        elif excluded:
+            what = "gallery images too under another unique id: each finds itself"
+            advice = "Give a query the unique id of its gallery entry to leave that entry out"
+        else:
+            what = "gallery images too: each finds itself"
+            advice = (
+                "Leave out DataLoader.Eval.Gallery to search the query set against itself "
+                "without its own entries, or list unique ids (a third column)"
             )
+        logger.warning(
+            "%d of %d query images are %s first and counts as a hit. %s",
+            shared,
+            len(queries),
+            what,
+            advice,
+        )
+
+    def _excludes_own_entries(self) -> bool:
+        """Whether gallery items with a query's unique id and label are left out of its
+        ranking: always when the query set is its own gallery (each image's own entry),
+        else where both label files list unique ids."""
+        return self.gallery_loader is None or (
+            has_unique_ids(self.query_loader) and has_unique_ids(self.gallery_loader)
+        )
 
     def _check_positives(self) -> None:
         """Refuse query and gallery sets that share no label now, before any embedding (or a
@@ -180,9 +213,7 @@ class RetrievalEvaluation:
         count the queries without a match, which every metric leaves out, and their classes."""
         queries = dataset_of(self.query_loader)
         gallery = dataset_of(self.gallery_loader) if self.gallery_loader else queries
-        excluded = self.gallery_loader is None or (
-            has_unique_ids(self.query_loader) and has_unique_ids(self.gallery_loader)
-        )
+        excluded = self._excludes_own_entries()
         per_label = Counter(gallery.labels)
         pairs = zip(gallery.labels, gallery.unique_ids, strict=True)
         own = Counter(pairs) if excluded else Counter()
@@ -220,12 +251,12 @@ class RetrievalEvaluation:
             "progress": self.progress,
         }
         query = embed_dataset(model, self.query_loader, description="query", **options)
-        if self.gallery_loader is None:
-            # Query set doubles as gallery: each query's own image is excluded.
-            gallery, exclude_ids = query, True
-        else:
+        check_finite(query, self.query_loader, "query", self.amp)
+        gallery = query  # the query set doubles as gallery, each image's own entry left out
+        if self.gallery_loader is not None:
             gallery = embed_dataset(model, self.gallery_loader, description="gallery", **options)
-            exclude_ids = has_unique_ids(self.query_loader) and has_unique_ids(self.gallery_loader)
+            check_finite(gallery, self.gallery_loader, "gallery", self.amp)
+        exclude_ids = self._excludes_own_entries()
         return self.evaluator.evaluate(
             query.features,
             self._in_gallery_numbering(query.labels),
@@ -239,6 +270,27 @@ class RetrievalEvaluation:
         """Query labels as the gallery numbers their classes (see `gallery_numbering`)."""
         table = self._gallery_labels
         return labels if table is None else table[labels]
+
+
+def check_finite(embedded: EmbeddedSet, loader: DataLoader, description: str, amp: str) -> None:
+    """An EvaluationInputError naming the images whose features are NaN or infinite: no
+    ranking can be scored from them, and the cause is the model (NaN weights, or float16
+    overflow under Global.amp), not the metric."""
+    bad = (~torch.isfinite(embedded.features).all(dim=1)).nonzero().squeeze(1).tolist()
+    if not bad:
+        return
+    weights = "the model's weights hold NaN or infinite values (a diverged run)"
+    cause = (
+        f"float16 overflowed under Global.amp=fp16 (try bf16 or off), or {weights}"
+        if amp == "fp16"
+        else f"most likely {weights}"
+    )
+    first = dataset_of(loader).paths[bad[0]]
+    raise EvaluationInputError(
+        f"the model gave NaN or infinite features for {len(bad)} of {len(embedded.features)} "
+        f"{description} images (the first: {first}), so no retrieval metric is defined: "
+        f"{cause}"
+    )
 
 
 def gallery_numbering(queries: Any, gallery: Any) -> torch.Tensor | None:

@@ -15,6 +15,7 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 
 from shitu.fileio import file_sha256
@@ -64,9 +65,14 @@ class PipelineEvaluation:
     @property
     def balanced_accuracy(self) -> float | None:
         """Mean of recall@1 and rejection, so neither side's query count dominates; None
-        unless there are both known and unknown queries."""
-        recall, rejection = self.recall_at_1, self.rejection
-        return None if recall is None or rejection is None else (recall + rejection) / 2
+        unless there are both known and unknown queries. Summed as exact fractions: two
+        thresholds that tie (2/2 and 2/6, 1/2 and 5/6) get the same float, so that
+        `best_threshold` takes the lower, not whichever the rounding favoured."""
+        if not self.known_queries or not self.unknown_queries:
+            return None
+        recall = Fraction(self.correct, self.known_queries)
+        rejection = Fraction(self.unknown_rejected, self.unknown_queries)
+        return float((recall + rejection) / 2)
 
     def best_threshold(self) -> PipelineEvaluation | None:
         """The swept threshold with the highest balanced accuracy (the lowest on ties, so
