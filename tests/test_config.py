@@ -692,7 +692,8 @@ def test_a_config_of_the_other_kind_is_named_as_such():
         load_config(pipeline)
     assert str(info.value).startswith(
         f"{pipeline}: a recognition pipeline config (its IndexProcess section), which "
-        "`shitu recognize -c` reads; this command takes a training config"
+        "`shitu recognize -c` reads (and serve, eval-pipeline and demo); this command takes "
+        "a training config"
     )
     training = resolve_config_path("GroceryStore_EfficientNetLite0")
     with pytest.raises(ConfigError) as info:
