@@ -205,6 +205,15 @@ def test_add_rename_remove_and_rebuild(serving_library, server, client):
     assert body["label"] == body["added"][0]["label"] == "Mystère Snack" and len(body["added"]) == 2
     assert body["duplicates"] == [repeat.name, query.name]
     new_id, blocks_id = (image["id"] for image in body["added"])
+    # nothing created: 200, not 201, with every upload listed as a duplicate
+    again = client.post(
+        "/v1/gallery/images",
+        data={"label": "Mystère Snack"},
+        files=[("image", photo(query)), ("image", photo(repeat))],
+        headers=WRITE,
+    )
+    assert again.status_code == 200, again.text
+    assert again.json()["added"] == [] and again.json()["duplicates"] == [query.name, repeat.name]
     stored = server.gallery / "uploads" / body["added"][0]["name"]
     assert stored.read_bytes() == query.read_bytes()
 
@@ -1038,6 +1047,7 @@ def test_page_and_docs_load_nothing_from_elsewhere(client):
     answers = [set(op["responses"]) for path in spec["paths"].values() for op in path.values()]
     assert not any("422" in codes for codes in answers)  # invalid requests get 400
     assert "400" in spec["paths"]["/v1/gallery/images/{image_id}"]["get"]["responses"]
+    assert {"200", "201"} <= set(spec["paths"]["/v1/gallery/images"]["post"]["responses"])
     for path in ("/metrics", "/v1/gallery", "/v1/gallery/labels"):  # refused without a key
         assert {"401", "403"} <= set(spec["paths"][path]["get"]["responses"]), path
 

@@ -509,14 +509,22 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
         response_model=schemas.AddImagesResponse,
         status_code=201,
         dependencies=write_access,
-        responses=ERRORS,
+        responses={
+            200: {
+                "model": schemas.AddImagesResponse,
+                "description": "Nothing added: the library already has every image",
+            },
+            **ERRORS,
+        },
         tags=["gallery"],
         openapi_extra=_upload_body(
             schemas.AddImagesJSON, "images (the field repeated)", ["label"], many=True
         ),
     )
-    async def add_images(request: Request) -> schemas.AddImagesResponse:
-        """Add images under a label; images the library already has are skipped."""
+    async def add_images(request: Request, response: Response) -> schemas.AddImagesResponse:
+        """Add images under a label; images the library already has are skipped (listed in
+        `duplicates`). 201 where any image was added; 200 where none was, as nothing was
+        created."""
         raw = await read_uploads(
             request, settings, schemas.AddImagesJSON, settings.max_images_per_request
         )
@@ -525,6 +533,8 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
         label = check_label(raw.fields["label"])  # as stored (NFC), before any decoding
         features = await embedded(raw)
         outcome = await run_in_threadpool(service.add, label, raw.images, features)
+        if not outcome.added:
+            response.status_code = 200
         return schemas.AddImagesResponse(
             label=label,
             added=[image_out(request, e) for e in outcome.added],
