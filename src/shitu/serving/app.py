@@ -488,7 +488,8 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
         size: Annotated[int, Query(ge=THUMBNAIL_SIZES[0], le=THUMBNAIL_SIZES[1])] = 160,
     ) -> Response:
         """The stored image, shrunk to fit size x size pixels, as JPEG."""
-        tag = await run_in_threadpool(service.thumbnail_tag, image_id, size)
+        path = await run_in_threadpool(service.image_file, image_id)
+        tag = await run_in_threadpool(service.thumbnail_tag, path, size)
         # Kept by the browser, but checked each time: an id names another image in another
         # library (ids start at 1 in each), which may be served later at the same address.
         headers = {"Cache-Control": f"private, {REVALIDATE}", **({"ETag": tag} if tag else {})}
@@ -497,9 +498,9 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
             return Response(status_code=304, headers=headers)
         # Its decoded pixels count with the uploads' (a thumbnail of a large PNG decodes it
         # whole): at most the largest image's, which the budget holds (ServeSettings).
-        pixels = await run_in_threadpool(service.thumbnail_pixels, image_id, size)
+        pixels = await run_in_threadpool(service.thumbnail_pixels, path, size)
         async with pixel_budget.hold(pixels):
-            data = await run_in_threadpool(service.thumbnail, image_id, size)
+            data = await run_in_threadpool(service.thumbnail, path, size)
         return Response(data, media_type="image/jpeg", headers=headers)
 
     # ---------------------------------------------------------------------- gallery writes

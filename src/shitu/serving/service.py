@@ -148,31 +148,32 @@ class RecognitionService:
             raise NotFound(f"no gallery images labelled '{label}'")
         return entries
 
-    def thumbnail(self, image_id: int, size: int) -> bytes:
-        return thumbnail_jpeg(self._image_file(image_id), size, self.settings.max_pixels)
+    def image_file(self, image_id: int) -> str:
+        """The path of the image's file, which the thumbnail methods take (looked up once
+        for all of them); NotFound where the image is unknown or was added without a file."""
+        entry = self.image(image_id)
+        if not entry.path:
+            raise NotFound(f"gallery image {image_id} was added as a vector, without a file")
+        return entry.path
 
-    def thumbnail_pixels(self, image_id: int, size: int) -> int:
+    def thumbnail(self, path: str, size: int) -> bytes:
+        return thumbnail_jpeg(path, size, self.settings.max_pixels)
+
+    def thumbnail_pixels(self, path: str, size: int) -> int:
         """The pixels `thumbnail` decodes (a PNG's all, a JPEG's at a reduced scale)."""
-        return thumbnail_pixels(self._image_file(image_id), size, self.settings.max_pixels)
+        return thumbnail_pixels(path, size, self.settings.max_pixels)
 
-    def thumbnail_tag(self, image_id: int, size: int) -> str | None:
+    def thumbnail_tag(self, path: str, size: int) -> str | None:
         """The thumbnail's ETag, from its file's path, inode, length and time of change (a stat,
         where making it decodes the image); None where the file cannot be read (`thumbnail`
         says why). Ids start at 1 in every library: a browser that kept another library's
         (or an earlier build's) image 1 must not be shown it for this one's."""
-        path = self._image_file(image_id)
         try:
             stat = os.stat(path)
         except OSError:
             return None
         facts = f"{path}\0{stat.st_ino}\0{stat.st_size}\0{stat.st_mtime_ns}\0{size}"
         return f'"{hashlib.sha256(facts.encode()).hexdigest()[:32]}"'
-
-    def _image_file(self, image_id: int) -> str:
-        entry = self.image(image_id)
-        if not entry.path:
-            raise NotFound(f"gallery image {image_id} was added as a vector, without a file")
-        return entry.path
 
     # ------------------------------------------------------------------------- writing
 
