@@ -1516,6 +1516,45 @@ def test_previews_of_large_stored_images(tmp_path):
         thumbnail_jpeg(str(tmp_path / "big.png"), 64, four_megapixels)
 
 
+def test_images_the_server_has_no_file_of_are_listed_without_a_thumbnail(serving_library, tmp_path):
+    """An image added as a vector, or whose file was deleted since, is listed with thumbnail
+    null, not an address that answers 404; asked for all the same, the 404 says why."""
+    from shitu.serving.app import create_app
+
+    config = local_config(serving_library, tmp_path / "gallery")
+    (kept, gone) = make_images(tmp_path / "elsewhere", 2, seed=61)
+    with Gallery.open(tmp_path / "gallery") as gallery:
+        vectors = np.eye(3, gallery.manifest.embedding_dim, dtype=np.float32)
+        gallery.add(vectors[:1], ["No file"])
+        gallery.add(vectors[1:], ["No file"] * 2, paths=[str(kept), str(gone)])
+    gone.unlink()
+
+    async def scenario(app) -> tuple[httpx.Response, list[httpx.Response]]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://shitu") as client:
+            listed = await client.get("/v1/gallery/label", params={"label": "No file"})
+            ids = [image["id"] for image in listed.json()["images"]]
+            thumbnails = [await client.get(f"/v1/gallery/images/{i}/thumbnail") for i in ids]
+            return listed, thumbnails
+
+    with RecognitionService(config, ServeSettings(upload_dir=tmp_path / "uploads")) as service:
+        listed, (no_file, shown, deleted) = asyncio.run(scenario(create_app(service)))
+    vector_id, kept_id, _ = (image["id"] for image in listed.json()["images"])
+    assert [image["thumbnail"] for image in listed.json()["images"]] == [
+        None,
+        f"/v1/gallery/images/{kept_id}/thumbnail",
+        None,
+    ]
+    assert shown.status_code == 200
+    assert no_file.status_code == 404
+    assert (
+        no_file.json()["detail"]
+        == f"gallery image {vector_id} was added as a vector, without a file"
+    )
+    assert deleted.status_code == 404
+    assert deleted.json()["detail"] == f"the image file is missing from the server ({gone})"
+
+
 @pytest.fixture
 def written_since(tmp_path):
     """A shared library serving 20 vectors labelled "old", and the library's path, where

@@ -29,6 +29,7 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 
+from shitu.index import Gallery
 from shitu.inference.preprocess import decode_rgb
 from shitu.serving.settings import DEFAULT_MAX_REQUESTS
 from tests.conftest import REPO_ROOT
@@ -790,6 +791,36 @@ def test_a_label_removed_elsewhere_leaves_the_list(server, browser, tmp_path):
     wait(browser, lambda d: not d.find_elements(By.CSS_SELECTOR, '#labels button[data-label="Gone"]'),
          "the label gone from the list")  # fmt: skip
     assert browser.find_element(By.ID, "label-title").text == "Choose a label"
+
+
+def test_images_without_a_preview_say_why(server, browser, tmp_path):
+    """Images the server has no file of, one added as a vector and one whose file was
+    deleted, are listed without a thumbnail (nothing is fetched), and say so in place; one
+    whose file cannot be read says why (the 404's reason) on hovering."""
+    deleted, damaged = make_images(tmp_path, 2, seed=71)
+    with httpx.Client(base_url=server.url, headers={"X-API-Key": KEY}, timeout=60) as client:
+        files = [
+            ("image", (path.name, path.read_bytes(), "image/png")) for path in (deleted, damaged)
+        ]
+        added = client.post("/v1/gallery/images", data={"label": "No file"}, files=files)
+        stored = [server.gallery / "uploads" / image["name"] for image in added.json()["added"]]
+        stored[0].unlink()
+        stored[1].write_bytes(b"not an image any more")
+        with Gallery.open(server.gallery) as gallery:  # another process's write
+            gallery.add(np.eye(1, gallery.manifest.embedding_dim, dtype=np.float32), ["No file"])
+        deadline = time.monotonic() + WAIT_S  # the server loads it within about a second
+        while client.get("/v1/gallery/labels/No file").json()["count"] != 3:
+            assert time.monotonic() < deadline, "the server never loaded the vector"
+            time.sleep(0.2)
+        open_page(browser, server)
+        choose_label(browser, "No file")
+        titles = "return [...document.querySelectorAll('#thumbs img')].map((img) => img.title)"
+        wait(browser, lambda d: all(d.execute_script(titles) or [""]), "each one explained")
+        no_file = "(no preview: the server has no file of this image)"
+        (unreadable,) = [title for title in browser.execute_script(titles) if title != no_file]
+        assert browser.execute_script(titles).count(no_file) == 2
+        assert unreadable.startswith("the image file cannot be read (cannot identify image file")
+        client.delete("/v1/gallery/labels/No file").raise_for_status()
 
 
 def add_one_image_each(client: httpx.Client, labels: list[str], images: list[Path]) -> None:

@@ -293,14 +293,17 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
 
     def image_out(request: Request, entry: ImageEntry) -> schemas.ImageOut:
         """The image as the API lists it; its thumbnail's path as clients reach it, under the
-        prefix a reverse proxy serves the API at (--root-path)."""
+        prefix a reverse proxy serves the API at (--root-path), or None where the server has
+        no file to make it from (added as a vector, or its file deleted since): an address
+        that could only answer 404. A stat per image: call from a worker thread."""
         root = request.scope.get("root_path", "")
+        has_file = bool(entry.path) and os.path.isfile(entry.path)
         return schemas.ImageOut(
             id=entry.id,
             label=entry.label,
             name=Path(entry.path).name,
             added_at=entry.added_at,
-            thumbnail=f"{root}/v1/gallery/images/{entry.id}/thumbnail",
+            thumbnail=f"{root}/v1/gallery/images/{entry.id}/thumbnail" if has_file else None,
         )
 
     # ---------------------------------------------------------------------- page, health
@@ -536,11 +539,8 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
         outcome = await run_in_threadpool(service.add, label, raw.images, features)
         if not outcome.added:
             response.status_code = 200
-        return schemas.AddImagesResponse(
-            label=label,
-            added=[image_out(request, e) for e in outcome.added],
-            duplicates=outcome.duplicates,
-        )
+        added = await run_in_threadpool(lambda: [image_out(request, e) for e in outcome.added])
+        return schemas.AddImagesResponse(label=label, added=added, duplicates=outcome.duplicates)
 
     @app.delete(
         "/v1/gallery/images/{image_id}",

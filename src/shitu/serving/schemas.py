@@ -68,8 +68,9 @@ class ImageOut(BaseModel):
     label: str
     name: str = Field(description="file name of the stored image")
     added_at: str
-    thumbnail: str = Field(
-        description="path of a small JPEG of the image (under --root-path, behind a proxy)"
+    thumbnail: str | None = Field(
+        description="path of a small JPEG of the image (under --root-path, behind a proxy); "
+        "null where the server has no file of it (added as a vector, or its file deleted)"
     )
 
 

@@ -433,8 +433,15 @@ function appendThumbs(label, images) {
     }, "label-status"));
     figure.append(img, caption, remove);
     grid.append(figure);
+    if (image.thumbnail === null) { // the server has no file of it: nothing to fetch
+      img.alt = img.title = "(no preview: the server has no file of this image)";
+      continue;
+    }
     pendingThumbs.set(figure, () => thumbnail(image).then(
-      (url) => { img.src = url; }, () => { img.alt = "(no preview)"; }));
+      (url) => { img.src = url; }, (error) => {
+        img.alt = "(no preview)";
+        img.title = error.message; // why, on hovering
+      }));
     thumbsInView.observe(figure);
   }
 }
