@@ -96,6 +96,15 @@ def png_bytes(pixels: np.ndarray) -> bytes:
     return out.getvalue()
 
 
+def form_body(path: Path) -> bytes:
+    """A whole multipart/form-data body (boundary `b`) that sends `path` as the image."""
+    head = (
+        f'--b\r\nContent-Disposition: form-data; name="image"; filename="{path.name}"\r\n'
+        "Content-Type: image/jpeg\r\n\r\n"
+    )
+    return head.encode() + path.read_bytes() + b"\r\n--b--\r\n"
+
+
 def shelf(serving_library: DemoLibrary, number: int = 0) -> tuple[Path, list[str]]:
     return serving_library.demo.shelves[number]
 
@@ -360,6 +369,25 @@ def test_bad_uploads_get_clear_errors(serving_library, client):
             415,
             "unsupported content type 'image/jpeg'",
         ),
+        # the part cut short was dropped: "missing field 'image'" (or one image fewer)
+        "truncated body": (
+            client.post(
+                "/v1/recognize",
+                content=form_body(good)[: -len(b"\r\n--b--\r\n")],
+                headers={"content-type": "multipart/form-data; boundary=b"},
+            ),
+            400,
+            "truncated multipart body: it ends before its closing boundary",
+        ),
+        "malformed body": (
+            client.post(
+                "/v1/recognize",
+                content=b"not a form",
+                headers={"content-type": "multipart/form-data; boundary=b"},
+            ),
+            400,
+            "malformed multipart body: Invalid multipart data.",
+        ),
         "no image": (
             client.post("/v1/recognize", files={"other": ("a.jpg", b"1", "image/jpeg")}),
             400,
@@ -487,6 +515,12 @@ def test_bad_uploads_get_clear_errors(serving_library, client):
     for name, (response, status, message) in cases.items():
         assert response.status_code == status, (name, response.text)
         assert message in response.json()["detail"], (name, response.text)
+    whole = client.post(
+        "/v1/recognize",
+        content=form_body(good),
+        headers={"content-type": "multipart/form-data; boundary=b"},
+    )
+    assert whole.status_code == 200, whole.text
 
 
 def test_json_that_does_not_parse_is_named_once(client):

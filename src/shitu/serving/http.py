@@ -8,7 +8,7 @@ import hmac
 import json
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -18,6 +18,7 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
 
 from shitu.serving.errors import (
     BadRequest,
@@ -319,6 +320,17 @@ async def read_uploads(
     return uploads
 
 
+class _WholeBodyParser(MultiPartParser):
+    """Starlette's multipart parser, which also says whether the body reached its closing
+    boundary: without it, Starlette drops the part cut short and goes on, so a truncated
+    upload lost its image silently ("missing field 'image'", or one image fewer)."""
+
+    complete = False
+
+    def on_end(self) -> None:  # python-multipart's callback for the closing boundary
+        self.complete = True
+
+
 async def _read_multipart(request: Request, at_most: int, schema: type[BaseModel]) -> RawUploads:
     """The form's images and its text fields: those of the JSON `schema` other than the
     images, each once. Others are refused, as in JSON: a field the endpoint does not take
@@ -326,7 +338,18 @@ async def _read_multipart(request: Request, at_most: int, schema: type[BaseModel
     images: list[tuple[str, bytes]] = []
     fields: dict[str, str] = {}
     takes = [name for name in schema.model_fields if name not in (IMAGE_FIELD, "images")]
-    async with request.form(max_files=at_most, max_fields=16) as form:
+    try:
+        async with aclosing(request.stream()) as stream:
+            parser = _WholeBodyParser(request.headers, stream, max_files=at_most, max_fields=16)
+            form = await parser.parse()
+    except MultiPartException as exc:
+        raise BadRequest(f"malformed multipart body: {exc.message}") from None
+    try:
+        if not parser.complete:
+            raise BadRequest(
+                "truncated multipart body: it ends before its closing boundary, so its last "
+                "part may be cut short; send the whole body"
+            )
         for key, value in form.multi_items():
             if not isinstance(value, UploadFile):
                 if key == IMAGE_FIELD:
@@ -345,6 +368,8 @@ async def _read_multipart(request: Request, at_most: int, schema: type[BaseModel
             if not kind.startswith("image/") and kind not in GENERIC_FILE_TYPES:
                 raise UnsupportedMediaType(f"{name}: the part is {kind}; upload an image file")
             images.append((name, await value.read()))
+    finally:
+        await form.close()
     return RawUploads(images, fields)
 
 
