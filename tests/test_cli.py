@@ -816,6 +816,15 @@ def test_eval_warns_of_queries_that_find_their_own_file_the_id_rule_keeps(tmp_pa
     result, log = evaluate(query)
     assert result == {"recall@1": 1.0, "num_queries": 3, "num_queries_without_positive": 1}
     assert "2 of 3 query images are listed more than once" in log
+    # A copy under another name finds itself as surely (eval-pipeline's check by content).
+    (tmp_path / "cherry-copy.png").write_bytes((tmp_path / "cherry.png").read_bytes())
+    gallery = label_file("gallery.txt", ["apple.png 10", "cherry.png 30"])
+    query = label_file("query.txt", ["cherry-copy.png 30", "banana.png 10"])
+    result, log = evaluate(query, gallery)
+    assert "1 of 2 query images are gallery images too (the same file or a copy)" in log
+    query = label_file("query.txt", ["cherry-copy.png 30", "cherry.png 30", "banana.png 10"])
+    result, log = evaluate(query)
+    assert "2 of 3 query images are listed more than once (the same file or a copy)" in log
 
 
 def test_only_the_main_process_warns_of_queries_in_the_gallery(tmp_path, caplog):

@@ -6,8 +6,9 @@ import logging
 import os
 import sys
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,9 +25,58 @@ from shitu.errors import ConfigError
 from shitu.evaluation import RetrievalEvaluator, RetrievalResult
 from shitu.evaluation.reranking import check_rerank_size
 from shitu.evaluation.retrieval import EvaluationInputError
+from shitu.fileio import file_sha256
 from shitu.index.labels import normal_form
 
 logger = logging.getLogger(__name__)
+
+
+class SameFiles:
+    """The gallery entries of a file, by its path or its content: a copy under another name
+    finds itself as surely as the file does. Only files of a gallery file's size and label
+    are read for their hashes (the rest cost a stat each), so copies are looked for at no
+    noticeable cost: photos of one size to the byte and one label are few."""
+
+    def __init__(self, paths: Sequence[str], labels: Sequence[int], ids: Sequence[int]) -> None:
+        self._ids_of: dict[tuple[str, int], set[int]] = defaultdict(set)
+        self._by_size: dict[tuple[int, int], list[str]] = defaultdict(list)
+        self._hashes: dict[str, str | None] = {}
+        for path, label, unique_id in zip(paths, labels, ids, strict=True):
+            real = os.path.realpath(path)
+            if (real, label) not in self._ids_of:
+                size = _file_size(real)
+                if size is not None:
+                    self._by_size[(size, label)].append(real)
+            self._ids_of[(real, label)].add(unique_id)
+
+    def ids(self, path: str, label: int) -> set[int]:
+        """The unique ids of the gallery entries with this label of `path`'s file or a copy."""
+        real = os.path.realpath(path)
+        ids = set(self._ids_of.get((real, label), ()))
+        size = _file_size(real)
+        if size is None:
+            return ids
+        copies = [other for other in self._by_size.get((size, label), ()) if other != real]
+        if copies and (digest := self._hash(real)) is not None:
+            for other in copies:
+                if self._hash(other) == digest:
+                    ids |= self._ids_of[(other, label)]
+        return ids
+
+    def _hash(self, path: str) -> str | None:
+        if path not in self._hashes:
+            try:
+                self._hashes[path] = file_sha256(Path(path))
+            except OSError:  # reported where the image is read
+                self._hashes[path] = None
+        return self._hashes[path]
+
+
+def _file_size(path: str) -> int | None:
+    try:
+        return os.stat(path).st_size
+    except OSError:  # reported where the image is read
+        return None
 
 
 @dataclass
@@ -156,37 +206,37 @@ class RetrievalEvaluation:
             )
 
     def _warn_of_shared_images(self) -> None:
-        """Warn of query photos that find a gallery entry of their own file and label, one
-        the same-id rule does not leave out: each ranks it first and counts a hit
-        (PaddleClas counts them all the same). Without unique ids on both sides that is
-        every query listed in the gallery too; with them, one whose gallery entry has
-        another id; with no gallery, a query listed twice (its other line is not its own).
-        Under torchrun only the main process warns, as it alone reports the metrics."""
+        """Warn of query photos that find a gallery entry of their own file (or a copy of it:
+        the same content under another name) and label, one the same-id rule does not leave
+        out: each ranks it first and counts a hit (PaddleClas counts them all the same).
+        Without unique ids on both sides that is every query listed in the gallery too;
+        with them, one whose gallery entry has another id; with no gallery, a query listed
+        twice (its other line is not its own). Under torchrun only the main process warns,
+        as it alone reports the metrics."""
         if not self.context.is_main:
             return
         queries = dataset_of(self.query_loader)
         gallery = dataset_of(self.gallery_loader) if self.gallery_loader else queries
         excluded = self._excludes_own_entries()
-        ids_of: dict[tuple[str, int], set[int]] = defaultdict(set)
-        for path, label, unique_id in zip(
-            gallery.paths, gallery.labels, gallery.unique_ids, strict=True
-        ):
-            ids_of[(os.path.realpath(path), label)].add(unique_id)
+        same_files = SameFiles(gallery.paths, gallery.labels, gallery.unique_ids)
         labels = self._in_gallery_numbering(torch.tensor(queries.labels)).tolist()
         shared = 0
         for path, label, unique_id in zip(queries.paths, labels, queries.unique_ids, strict=True):
-            ids = ids_of.get((os.path.realpath(path), label), set())
+            ids = same_files.ids(path, label)
             shared += bool(ids - {unique_id} if excluded else ids)
         if not shared:
             return
         if self.gallery_loader is None:
-            what = "listed more than once: each finds its other listing"
+            what = "listed more than once (the same file or a copy): each finds its other listing"
             advice = "List each image once"
         elif excluded:
-            what = "gallery images too under another unique id: each finds itself"
+            what = (
+                "gallery images too under another unique id (the same file or a copy): each "
+                "finds itself"
+            )
             advice = "Give a query the unique id of its gallery entry to leave that entry out"
         else:
-            what = "gallery images too: each finds itself"
+            what = "gallery images too (the same file or a copy): each finds itself"
             advice = (
                 "Leave out DataLoader.Eval.Gallery to search the query set against itself "
                 "without its own entries, or list unique ids (a third column)"
