@@ -617,7 +617,8 @@ def test_cli_train_then_eval(grocery, tmp_path, capsys):
     metrics = json.loads(capsys.readouterr().out)
     logged = read_log(tmp_path / "output" / "metrics.jsonl", "eval")[-1]
     assert metrics["recall@1"] == pytest.approx(logged["recall@1"])
-    assert metrics["num_queries"] == 18
+    assert metrics["num_queries"] == logged["num_queries"] == 18
+    assert metrics["num_queries_without_positive"] == logged["num_queries_without_positive"]
     # Without weights: the model as the config initialises it, and a note saying so.
     assert main(["eval", "-c", str(path), "--json"]) == 0
     captured = capsys.readouterr()

@@ -689,7 +689,16 @@ class Trainer:
             raise
         value = result.metrics[self.config.Global.eval_metric]
         self.schedule.observe(value)
-        self.log.write("eval", self.progress.global_step, epoch=epoch, **result.metrics)
+        # With the counts the metrics average over: queries without a positive in the
+        # gallery are left out of every metric, which a record alone did not tell.
+        self.log.write(
+            "eval",
+            self.progress.global_step,
+            epoch=epoch,
+            **result.metrics,
+            num_queries=result.num_queries,
+            num_queries_without_positive=result.num_queries_without_positive,
+        )
         if self.context.is_main:
             summary = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())
             tqdm.write(f"epoch {epoch}: {summary}")
