@@ -328,6 +328,7 @@ class _WholeBodyParser(MultiPartParser):
     complete = False
 
     def on_end(self) -> None:  # python-multipart's callback for the closing boundary
+        super().on_end()
         self.complete = True
 
 
