@@ -37,11 +37,19 @@ class YamlLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-# Configs hold no dates: `output_dir: 2024-01-01` (a run's folder) stays text, as in YAML 1.2.
+# As in YAML 1.2's core schema: configs hold no dates (`output_dir: 2024-01-01`, a run's
+# folder, stays text), and only true and false are booleans. YAML 1.1 also reads yes, no,
+# on, off, y and n so, which turned a folder or label of that name (`-o Global.output_dir=on`,
+# `index_dir: no`) into a boolean that a text key refused; a boolean key still takes them,
+# as pydantic reads that text as true or false.
+_YAML_1_1_ONLY = ("tag:yaml.org,2002:timestamp", "tag:yaml.org,2002:bool")
 YamlLoader.yaml_implicit_resolvers = {
-    first: [(tag, pattern) for tag, pattern in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    first: [(tag, pattern) for tag, pattern in resolvers if tag not in _YAML_1_1_ONLY]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
 YamlLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),

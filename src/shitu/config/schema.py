@@ -107,7 +107,7 @@ class GlobalConfig(Section):
     @field_validator("amp", mode="before")
     @classmethod
     def _yaml_off(cls, value: Any) -> Any:
-        # YAML 1.1 reads a bare `off` (in a file or `-o Global.amp=off`) as false.
+        # `amp: false`, written as for a switch, is off.
         return "off" if value is False else value
 
     @field_validator("eval_metric")

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from shitu import registry
 from shitu.config.schema import ComponentConfig, DataSplitConfig
 from shitu.data.loader import build_dataset, build_sampler
 from shitu.engine.distributed import DistContext
@@ -132,6 +133,13 @@ def build_train_loader(split: DataSplitConfig, context: DistContext, seed: int) 
     )
 
 
+def _sampler_params(sampler: ComponentConfig) -> dict[str, Any]:
+    """The sampler's parameters typed as the sampler reads them (`drop_last: no`, which
+    YAML leaves text, is false)."""
+    registry.populate()
+    return registry.SAMPLERS.validate(sampler.name, sampler.params)
+
+
 def build_eval_loader(
     split: DataSplitConfig,
     context: DistContext,
@@ -146,7 +154,7 @@ def build_eval_loader(
             "images and leaving others out, while an evaluation embeds each image once; use "
             "{name: DistributedBatchSampler, batch_size: 64}"
         )
-    if split.sampler is not None and split.sampler.params.get("drop_last"):
+    if split.sampler is not None and _sampler_params(split.sampler).get("drop_last"):
         raise ConfigError(
             f"{where}: sampler drop_last: true would leave images out of the "
             "evaluation; set it to false"
