@@ -90,6 +90,36 @@ def test_a_path_override_starting_with_a_tilde_is_in_the_home_folder(monkeypatch
     assert parse_override("Global.checkpoints=~")[1] is None  # YAML's null
 
 
+def test_a_path_in_a_config_file_starting_with_a_tilde_is_in_the_home_folder(monkeypatch, tmp_path):
+    """As in an `-o` value: `~/runs` in a YAML file made a folder named `~` in the working
+    directory. Only path keys: a bare `~` is YAML's null, and other text is left as written."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    path = tmp_path / "tilde.yaml"
+    dataset = "{name: GroceryStoreDataset, image_root: ~/data, cls_label_path: [~/a, ~/b]}"
+    optimizer = "{name: SGD, lr: {name: Cosine, learning_rate: 0.1}, no_weight_decay_name: ~bn}"
+    path.write_text(
+        f"{MINIMAL}Global: {{output_dir: ~/runs, pretrained_model: ~/w.pt, checkpoints: ~}}\n"
+        f"DataLoader:\n  Train:\n    dataset: {dataset}\nOptimizer: {optimizer}\n"
+    )
+    config = load_config(path)
+    assert config.Global.output_dir == f"{tmp_path}/runs"
+    assert config.Global.pretrained_model == f"{tmp_path}/w.pt"
+    assert config.Global.checkpoints is None
+    assert config.Optimizer.no_weight_decay_name == "~bn"
+    dataset_params = config.DataLoader.Train.dataset.params
+    params = registry.DATASETS.validate("GroceryStoreDataset", dataset_params)
+    assert params["image_root"] == f"{tmp_path}/data"
+    assert params["cls_label_path"] == [f"{tmp_path}/a", f"{tmp_path}/b"]
+    backbone = registry.BACKBONES.validate("EfficientNetLite0", {"pretrained": "~/b.pt"})
+    assert backbone["pretrained"] == f"{tmp_path}/b.pt"
+    pipeline_file = tmp_path / "pipeline.yaml"
+    pipeline_file.write_text("Global: {rec_inference_model_dir: ~/model}\n")
+    pipeline_file.write_text(f"{pipeline_file.read_text()}IndexProcess: {{index_dir: ~/lib}}\n")
+    pipeline = load_pipeline_config(pipeline_file)
+    assert pipeline.Global.rec_inference_model_dir == f"{tmp_path}/model"
+    assert pipeline.IndexProcess.index_dir == f"{tmp_path}/lib"
+
+
 def test_apply_overrides_nested_paths_and_list_indices():
     raw = {"A": {"b": [{"c": 1}, {"c": 2}]}, "L": [1, 2, 3]}
     apply_overrides(raw, ["A.b[1].c=5", "L.0=9", "A.new.deep=x", "A.n.0=y"])

@@ -17,6 +17,7 @@ from types import UnionType
 from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -28,12 +29,17 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from shitu.errors import ConfigError, did_you_mean
+from shitu.fileio import home_expanded
 
 T = TypeVar("T", bound=Callable[..., Any])
 
 # A count in a component's signature (features, channels, classes): a config giving 0 or a
 # negative number is refused by name, not by torch later with a shape error.
 Size = Annotated[int, Field(gt=0)]
+# A file or folder setting of a config (a schema key's type, a component parameter's
+# annotation): `~/data` in a YAML file is in the home folder, as in an `-o` value. Only
+# paths: a label or name starting with `~` is left as written.
+ConfigPath = Annotated[str, AfterValidator(home_expanded)]
 
 
 def refuse_bool_as_number(cls: type[BaseModel], value: Any, info: ValidationInfo) -> Any:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import re
 from typing import Any
 
 import yaml
 
 from shitu.errors import ConfigError
+from shitu.fileio import home_expanded
 
 _TOKEN = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
 
@@ -67,9 +67,9 @@ def parse_override(text: str) -> tuple[list[str | int], Any]:
 
     The value is parsed as YAML, so `3` is an int, `1e-5` a float, `[1, 2]` a list,
     `null` None and `true` a bool; anything else stays a string. A string starting with
-    `~` has it expanded to the home folder: the shell leaves `-o KEY=~/runs` as it is (the
-    word is no variable assignment), where it expands `--gallery ~/lib`, and a literal
-    `~` folder made in the working directory is one `rm -r ~` away from disaster.
+    `~` has it expanded to the home folder (`home_expanded`): the shell leaves `-o
+    KEY=~/runs` as it is (the word is no variable assignment), where it expands `--gallery
+    ~/lib`.
     """
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
@@ -79,9 +79,7 @@ def parse_override(text: str) -> tuple[list[str | int], Any]:
         value = load_yaml(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
-    if isinstance(value, str) and value.startswith("~"):
-        value = os.path.expanduser(value)
-    return path, value
+    return path, home_expanded(value)
 
 
 def _parse_path(key: str, text: str) -> list[str | int]:
