@@ -967,6 +967,23 @@ def test_a_probe_run_checks_each_image_once(grocery, tmp_path, monkeypatch):
     assert len(checked) == len(listed) and set(checked.values()) == {1}
 
 
+def test_a_probe_runs_image_check_draws_one_bar_and_none_without_progress(grocery, tmp_path):
+    """At a terminal, skip_corrupt's check of the images draws a bar once (the later builds
+    reuse it); with --no-progress none, the check build before the probe included."""
+    path = tiny_config(grocery, tmp_path, epochs=1, eval_during_train=False)
+    options = ["LinearProbe={epochs: 1, frozen_layers: [backbone]}"]
+    options.append("DataLoader.Train.dataset.skip_corrupt=true")
+    command = [sys.executable, "-m", "shitu", "train", "-c", str(path), "-o", *options]
+    command += ["--stop-after-steps", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for flags, bars in (([], 1), (["--no-progress"], 0)):
+        shutil.rmtree(tmp_path / "output", ignore_errors=True)
+        status, lines = run_in_terminal([*command, *flags], env=env)
+        assert status == 0, lines
+        checks = [line for line in lines if line.startswith("checking DataLoader.Train: ")]
+        assert len(checks) == bars, lines
+
+
 def test_a_probe_run_shows_each_warning_once(grocery, tmp_path, caplog, capsys):
     """A LinearProbe run builds a Trainer three times (check, probe, fine-tuning) over the
     same config and data: a warning about them is shown once, not once per build."""

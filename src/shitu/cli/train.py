@@ -109,10 +109,11 @@ def _has_content(path: Path) -> bool:
     return path.exists() and path.stat().st_size > 0
 
 
-def _check_fine_tuning(config: ShituConfig) -> DistContext:
+def _check_fine_tuning(config: ShituConfig, progress: bool) -> DistContext:
     """Build the fine-tuning stage once before the probe, so that its errors (an eval metric
     not computed, an lr_mult matching no layer, eval sets without matches) come before the
-    probe's minutes, not after. Built in a scratch folder, without the probe's weights."""
+    probe's minutes, not after. Built in a scratch folder, without the probe's weights;
+    `progress`: the bars of its datasets' start-up checks, which the later builds reuse."""
     from shitu.engine.linear_probe import fine_tune_stage
     from shitu.engine.trainer import Trainer
 
@@ -120,7 +121,7 @@ def _check_fine_tuning(config: ShituConfig) -> DistContext:
     stage.Global.pretrained_model = None  # the probe makes them
     with tempfile.TemporaryDirectory(prefix="shitu-check-") as scratch:
         stage.Global.output_dir = scratch
-        trainer = Trainer(stage)
+        trainer = Trainer(stage, progress=progress)
         trainer.log.close()
     return trainer.context
 
@@ -241,7 +242,7 @@ def _train(args: argparse.Namespace) -> int:
         if config.LinearProbe is not None:
             # A resumed run's checkpoint already holds weights that went through the probe.
             if config.Global.checkpoints is None:
-                context = _check_fine_tuning(config)
+                context = _check_fine_tuning(config, not args.no_progress)
                 stop_signal = _probe(config, context, not args.no_progress)
                 if stop_signal is not None:
                     return 128 + stop_signal
