@@ -588,6 +588,36 @@ def test_cli_train_hints_hold_a_path_with_spaces_as_one_word(grocery, tmp_path, 
     )
 
 
+def test_a_stop_at_an_epochs_last_step_says_that_its_steps_are_done(
+    grocery, tmp_path, capsys, monkeypatch
+):
+    """A signal (or the time limit) during an epoch's last step stops the run before the
+    epoch's end (evaluation, saves): its steps are done, and resuming does not train them
+    again, where "0 of 2 epochs done" alone said they were lost."""
+    path = tiny_config(grocery, tmp_path, epochs=2)
+    step = Trainer._step
+
+    def interrupted_in_the_first_epochs_last_step(self, images, labels):
+        if self.progress.global_step + 1 == self.steps_per_epoch:
+            signal.raise_signal(signal.SIGINT)
+        return step(self, images, labels)
+
+    monkeypatch.setattr(Trainer, "_step", interrupted_in_the_first_epochs_last_step)
+    assert main(["train", "-c", str(path)]) == 128 + signal.SIGINT
+    assert (
+        capsys.readouterr()
+        .out.splitlines()[0]
+        .startswith(
+            "stopped early after step 4 (0 of 2 epochs done, and all of epoch 1's steps: resuming "
+            "only ends that epoch (evaluation, saves)); resume with "
+        )
+    )
+    monkeypatch.setattr(Trainer, "_step", step)
+    latest = tmp_path / "output" / "latest.pt"
+    assert main(["train", "-c", str(path), "-o", f"Global.checkpoints={latest}"]) == 0
+    assert "finished at epoch 2, step 8" in capsys.readouterr().out
+
+
 def test_cli_train_then_eval(grocery, tmp_path, capsys):
     path = tiny_config(grocery, tmp_path, epochs=1)
     assert main(["train", "-c", str(path), "--stop-after-steps", "2"]) == 0
