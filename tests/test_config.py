@@ -349,6 +349,15 @@ def test_paths_that_yaml_reads_as_numbers_or_dates_are_text(config_file):
     assert params["image_root"] == "2024" and params["cls_label_path"] == "2024-01-01"
 
 
+def test_numbers_with_leading_zeros_or_colons_are_text_as_typed(config_file):
+    """YAML 1.1 reads `010` as octal 8 and `12:30` as base 60 (750): a run folder given so
+    became the folder `8` or `750`. A number key still reads `010` as 10."""
+    for typed in ("010", "007", "12:30"):
+        assert load_config(config_file, [f"Global.output_dir={typed}"]).Global.output_dir == typed
+    assert load_config(config_file, ["Global.epochs=010"]).Global.epochs == 10
+    assert load_yaml("[0, -3, 1_000, 0x1F, 1e-5, 2024]") == [0, -3, 1000, 31, 1e-5, 2024]
+
+
 @pytest.mark.parametrize("word", ["on", "Off", "yes", "NO", "y", "n"])
 def test_yes_no_on_off_are_text_where_text_is_meant(config_file, tmp_path, word):
     """YAML 1.1 reads these words as booleans, which a folder or library of that name

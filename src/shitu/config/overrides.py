@@ -41,14 +41,23 @@ class YamlLoader(yaml.SafeLoader):
 # folder, stays text), and only true and false are booleans. YAML 1.1 also reads yes, no,
 # on, off, y and n so, which turned a folder or label of that name (`-o Global.output_dir=on`,
 # `index_dir: no`) into a boolean that a text key refused; a boolean key still takes them,
-# as pydantic reads that text as true or false.
-_YAML_1_1_ONLY = ("tag:yaml.org,2002:timestamp", "tag:yaml.org,2002:bool")
+# as pydantic reads that text as true or false. Nor are a number with a leading zero or
+# colons an integer: YAML 1.1 reads `010` as octal 8 and `12:30` as base 60 (750), which a
+# text key then took as the folder `8` or `750`; such text stays as typed, and a number key
+# reads `010` as 10.
+# YAML 1.1's resolvers left out; the bool and int ones are replaced below.
+_YAML_1_1_RULES = ("tag:yaml.org,2002:timestamp", "tag:yaml.org,2002:bool", "tag:yaml.org,2002:int")
 YamlLoader.yaml_implicit_resolvers = {
-    first: [(tag, pattern) for tag, pattern in resolvers if tag not in _YAML_1_1_ONLY]
+    first: [(tag, pattern) for tag, pattern in resolvers if tag not in _YAML_1_1_RULES]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
 YamlLoader.add_implicit_resolver(
     "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:int",
+    re.compile(r"^[-+]?(?:0|[1-9][0-9_]*|0x[0-9a-fA-F_]+|0b[01_]+)$"),
+    list("-+0123456789"),
 )
 YamlLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
