@@ -518,6 +518,11 @@ def test_pretrained_share_moves_only_the_named_layers_back_to_the_initialisation
              "-o", "Arch.Backbone.pretrained=false"],
             "sets no Arch.Backbone.pretrained (it would mix in a random initialisation)",
         ),
+        (
+            ["--pretrained-share", "0.2", "--layers", "backbone.head",
+             "-o", "Arch.Backbone.pretrained=no"],
+            "sets no Arch.Backbone.pretrained (it would mix in a random initialisation)",
+        ),
     ]:  # fmt: skip
         result = run_shitu("average", str(path), *options, "-c", "GroceryStore_EfficientNetLite0",
                            "--out", str(tmp_path / "refused.safetensors"))  # fmt: skip

@@ -733,6 +733,24 @@ def test_eval_matches_class_names_in_any_unicode_normal_form(tmp_path, capsys):
     assert result == {"recall@1": 1.0, "num_queries": 2, "num_queries_without_positive": 0}
 
 
+def test_a_skip_corrupt_datasets_image_check_draws_a_progress_bar(tmp_path):
+    """With skip_corrupt every image is decoded at start-up (minutes on a big set): on a
+    terminal a bar shows it, counting the images skipped; none with --no-progress."""
+    query = write_eval_set(tmp_path / "query", QUERY_CLASSES, "folder")
+    (tmp_path / "query" / "banana" / "broken.png").write_bytes(b"not an image")
+    query = query.replace("transform_ops", "skip_corrupt: true, transform_ops")
+    gallery = write_eval_set(tmp_path / "gallery", GALLERY_CLASSES, "folder")
+    command = [*SHITU, "eval", "-c", str(write_eval_config(tmp_path, query, gallery))]
+    status, lines = run_in_terminal(command)
+    assert status == 0, lines
+    (bar,) = [line for line in lines if line.startswith("checking DataLoader.Eval.Query: ")]
+    assert "4/4" in bar and "skipped=1" in bar
+    assert not any(line.startswith("checking DataLoader.Eval.Gallery") for line in lines)
+    status, lines = run_in_terminal([*command, "--no-progress"])
+    assert status == 0, lines
+    assert not any(line.startswith("checking") for line in lines), lines
+
+
 @pytest.mark.parametrize(
     ("query_kind", "gallery_kind"),
     [

@@ -90,6 +90,36 @@ def test_a_path_override_starting_with_a_tilde_is_in_the_home_folder(monkeypatch
     assert parse_override("Global.checkpoints=~")[1] is None  # YAML's null
 
 
+def test_a_path_in_a_config_file_starting_with_a_tilde_is_in_the_home_folder(monkeypatch, tmp_path):
+    """As in an `-o` value: `~/runs` in a YAML file made a folder named `~` in the working
+    directory. Only path keys: a bare `~` is YAML's null, and other text is left as written."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    path = tmp_path / "tilde.yaml"
+    dataset = "{name: GroceryStoreDataset, image_root: ~/data, cls_label_path: [~/a, ~/b]}"
+    optimizer = "{name: SGD, lr: {name: Cosine, learning_rate: 0.1}, no_weight_decay_name: ~bn}"
+    path.write_text(
+        f"{MINIMAL}Global: {{output_dir: ~/runs, pretrained_model: ~/w.pt, checkpoints: ~}}\n"
+        f"DataLoader:\n  Train:\n    dataset: {dataset}\nOptimizer: {optimizer}\n"
+    )
+    config = load_config(path)
+    assert config.Global.output_dir == f"{tmp_path}/runs"
+    assert config.Global.pretrained_model == f"{tmp_path}/w.pt"
+    assert config.Global.checkpoints is None
+    assert config.Optimizer.no_weight_decay_name == "~bn"
+    dataset_params = config.DataLoader.Train.dataset.params
+    params = registry.DATASETS.validate("GroceryStoreDataset", dataset_params)
+    assert params["image_root"] == f"{tmp_path}/data"
+    assert params["cls_label_path"] == [f"{tmp_path}/a", f"{tmp_path}/b"]
+    backbone = registry.BACKBONES.validate("EfficientNetLite0", {"pretrained": "~/b.pt"})
+    assert backbone["pretrained"] == f"{tmp_path}/b.pt"
+    pipeline_file = tmp_path / "pipeline.yaml"
+    pipeline_file.write_text("Global: {rec_inference_model_dir: ~/model}\n")
+    pipeline_file.write_text(f"{pipeline_file.read_text()}IndexProcess: {{index_dir: ~/lib}}\n")
+    pipeline = load_pipeline_config(pipeline_file)
+    assert pipeline.Global.rec_inference_model_dir == f"{tmp_path}/model"
+    assert pipeline.IndexProcess.index_dir == f"{tmp_path}/lib"
+
+
 def test_apply_overrides_nested_paths_and_list_indices():
     raw = {"A": {"b": [{"c": 1}, {"c": 2}]}, "L": [1, 2, 3]}
     apply_overrides(raw, ["A.b[1].c=5", "L.0=9", "A.new.deep=x", "A.n.0=y"])
@@ -140,8 +170,9 @@ def test_lr_mult_overrides_with_dotted_module_names():
 
 
 def test_amp_off_survives_yaml(config_file):
-    # YAML 1.1 reads a bare `off` as false; Global.amp=off must still mean "off".
+    # `off` is text (YAML 1.2), and false, as a switch is written, means "off" too.
     assert load_config(config_file, ["Global.amp=off"]).Global.amp == "off"
+    assert load_config(config_file, ["Global.amp=false"]).Global.amp == "off"
     assert load_config(config_file, ["Global.amp=bf16"]).Global.amp == "bf16"
     with pytest.raises(ConfigError, match="Global.amp"):
         load_config(config_file, ["Global.amp=true"])
@@ -316,6 +347,73 @@ def test_paths_that_yaml_reads_as_numbers_or_dates_are_text(config_file):
     assert load_yaml("output_dir: 2024-01-01") == {"output_dir": "2024-01-01"}
     params = registry.DATASETS.validate("ImageNetDataset", config.DataLoader.Train.dataset.params)
     assert params["image_root"] == "2024" and params["cls_label_path"] == "2024-01-01"
+
+
+def test_numbers_with_leading_zeros_or_colons_are_text_as_typed(config_file):
+    """YAML 1.1 reads `010` as octal 8 and `12:30` as base 60 (750): a run folder given so
+    became the folder `8` or `750`. A number key still reads `010` as 10."""
+    for typed in ("010", "007", "12:30"):
+        assert load_config(config_file, [f"Global.output_dir={typed}"]).Global.output_dir == typed
+    assert load_config(config_file, ["Global.epochs=010"]).Global.epochs == 10
+    assert load_yaml("[0, -3, 1_000, 0x1F, 1e-5, 2024]") == [0, -3, 1000, 31, 1e-5, 2024]
+
+
+@pytest.mark.parametrize("word", ["on", "Off", "yes", "NO", "y", "n"])
+def test_yes_no_on_off_are_text_where_text_is_meant(config_file, tmp_path, word):
+    """YAML 1.1 reads these words as booleans, which a folder or library of that name
+    (`-o Global.output_dir=on`, `image_root: no` in a file) became, refused as not text."""
+    config = load_config(config_file, [f"Global.output_dir={word}"])
+    assert config.Global.output_dir == word
+    in_file = tmp_path / "words.yaml"
+    dataset = f"{{name: ImageNetDataset, image_root: {word}, cls_label_path: {word}}}"
+    in_file.write_text(f"{MINIMAL}DataLoader:\n  Train:\n    dataset: {dataset}\n")
+    params = load_config(in_file).DataLoader.Train.dataset.params
+    assert registry.DATASETS.validate("ImageNetDataset", params)["image_root"] == word
+    pipeline = load_pipeline_config(None, [f"IndexProcess.index_dir={word}"])
+    assert pipeline.IndexProcess.index_dir == word
+
+
+def test_switches_still_take_true_false_and_yes_no(config_file):
+    config = load_config(
+        config_file,
+        [
+            "Global.use_tensorboard=yes",
+            "Global.channels_last=off",
+            "Global.eval_during_train=FALSE",
+        ],
+    )
+    assert config.Global.use_tensorboard is True
+    assert config.Global.channels_last is False and config.Global.eval_during_train is False
+    assert load_yaml("[true, True, TRUE, false, False, FALSE, tRue]") == [
+        True, True, True, False, False, False, "tRue"
+    ]  # fmt: skip
+    with pytest.raises(ConfigError, match="Global.epochs"):
+        load_config(config_file, ["Global.epochs=yes"])
+    # A key taking a switch or a path (a backbone's weights): the word is the switch.
+    for word, switch in (("no", False), ("On", True)):
+        params = registry.BACKBONES.validate("EfficientNetLite0", {"pretrained": word})
+        assert params["pretrained"] is switch
+
+
+def test_switches_read_from_component_sections_take_yes_no(config_file, tmp_path, monkeypatch):
+    """Parameters read before their component is built (an export's colour order, an
+    evaluation sampler's drop_last) are typed as the component types them: `no` is false."""
+    from shitu.engine.data import build_eval_loader
+    from shitu.engine.distributed import init_distributed
+    from shitu.inference.preprocess import Preprocessing
+
+    (tmp_path / "photos" / "apple").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "photos" / "apple" / "a.png")
+    monkeypatch.chdir(tmp_path)
+    ops = "[{DecodeImage: {to_rgb: no}}, {ResizeImage: {size: 8}}]"
+    dataset = f"{{name: ImageFolderDataset, root: photos, transform_ops: {ops}}}"
+    sampler = "{name: DistributedBatchSampler, batch_size: 8, drop_last: no}"
+    split = f"{{dataset: {dataset}, sampler: {sampler}, loader: {{num_workers: 0}}}}"
+    config = load_config(config_file, [f"DataLoader.Eval.Query={split}"])
+    assert Preprocessing.from_config(config).channel_order == "BGR"
+    query = config.DataLoader.Eval.Query
+    loader = build_eval_loader(query, init_distributed("cpu"), seed=0, where="Query")
+    assert len(loader.dataset) == 1
 
 
 def test_every_problem_is_listed_on_its_own_line_naming_its_override(config_file, capsys):

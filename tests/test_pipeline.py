@@ -782,7 +782,7 @@ def test_eval_pipeline_cli_reports_the_pipeline_recall(setup, recognizer, capsys
 def test_eval_pipeline_draws_a_bar_over_hashing_a_large_query_set(setup, tmp_path):
     """Every query is read whole for its hash (is it a gallery image?) before any is
     recognised: at a terminal, a query set of HASH_BAR_MIN_FILES or more (lowered to 3
-    here) shows a `hashing` bar there, as `index add` does, then the recognition's bar;
+    here) shows a `hashing` bar there, as `index add` does, then the `recognizing` bar;
     a smaller one shows only the recognition's."""
     labels = tmp_path / "queries.txt"
     rows = [f"{q.path}\t{q.label}\n" for q in setup["queries"][:4]]
@@ -792,7 +792,8 @@ def test_eval_pipeline_draws_a_bar_over_hashing_a_large_query_set(setup, tmp_pat
     )
     command = [sys.executable, "-c", hash_bar_from_3, "eval-pipeline", "--queries", str(labels)]
     command += ["--gallery", str(setup["library"]), "--model", str(setup["model"])]
-    for queries, bars_drawn in ((4, ["hashing: 100%", "100%"]), (2, ["100%"])):
+    recognizing = "recognizing: 100%"
+    for queries, bars_drawn in ((4, ["hashing: 100%", recognizing]), (2, [recognizing])):
         labels.write_text("".join(rows[:queries]))
         status, lines = run_in_terminal(command)
         assert status == 0, lines

@@ -588,6 +588,36 @@ def test_cli_train_hints_hold_a_path_with_spaces_as_one_word(grocery, tmp_path, 
     )
 
 
+def test_a_stop_at_an_epochs_last_step_says_that_its_steps_are_done(
+    grocery, tmp_path, capsys, monkeypatch
+):
+    """A signal (or the time limit) during an epoch's last step stops the run before the
+    epoch's end (evaluation, saves): its steps are done, and resuming does not train them
+    again, where "0 of 2 epochs done" alone said they were lost."""
+    path = tiny_config(grocery, tmp_path, epochs=2)
+    step = Trainer._step
+
+    def interrupted_in_the_first_epochs_last_step(self, images, labels):
+        if self.progress.global_step + 1 == self.steps_per_epoch:
+            signal.raise_signal(signal.SIGINT)
+        return step(self, images, labels)
+
+    monkeypatch.setattr(Trainer, "_step", interrupted_in_the_first_epochs_last_step)
+    assert main(["train", "-c", str(path)]) == 128 + signal.SIGINT
+    assert (
+        capsys.readouterr()
+        .out.splitlines()[0]
+        .startswith(
+            "stopped early after step 4 (0 of 2 epochs done, and all of epoch 1's steps: resuming "
+            "only ends that epoch (evaluation, saves)); resume with "
+        )
+    )
+    monkeypatch.setattr(Trainer, "_step", step)
+    latest = tmp_path / "output" / "latest.pt"
+    assert main(["train", "-c", str(path), "-o", f"Global.checkpoints={latest}"]) == 0
+    assert "finished at epoch 2, step 8" in capsys.readouterr().out
+
+
 def test_cli_train_then_eval(grocery, tmp_path, capsys):
     path = tiny_config(grocery, tmp_path, epochs=1)
     assert main(["train", "-c", str(path), "--stop-after-steps", "2"]) == 0
@@ -966,6 +996,23 @@ def test_a_probe_run_checks_each_image_once(grocery, tmp_path, monkeypatch):
     assert main(["train", "-c", str(path), "-o", *options, "--stop-after-steps", "1"]) == 0
     listed = (tmp_path / "train.txt").read_text().splitlines()
     assert len(checked) == len(listed) and set(checked.values()) == {1}
+
+
+def test_a_probe_runs_image_check_draws_one_bar_and_none_without_progress(grocery, tmp_path):
+    """At a terminal, skip_corrupt's check of the images draws a bar once (the later builds
+    reuse it); with --no-progress none, the check build before the probe included."""
+    path = tiny_config(grocery, tmp_path, epochs=1, eval_during_train=False)
+    options = ["LinearProbe={epochs: 1, frozen_layers: [backbone]}"]
+    options.append("DataLoader.Train.dataset.skip_corrupt=true")
+    command = [sys.executable, "-m", "shitu", "train", "-c", str(path), "-o", *options]
+    command += ["--stop-after-steps", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for flags, bars in (([], 1), (["--no-progress"], 0)):
+        shutil.rmtree(tmp_path / "output", ignore_errors=True)
+        status, lines = run_in_terminal([*command, *flags], env=env)
+        assert status == 0, lines
+        checks = [line for line in lines if line.startswith("checking DataLoader.Train: ")]
+        assert len(checks) == bars, lines
 
 
 def test_a_probe_run_shows_each_warning_once(grocery, tmp_path, caplog, capsys):

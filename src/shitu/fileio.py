@@ -228,6 +228,16 @@ def replace_folder(staging: Path, target: Path) -> None:
     fsync_dir(target.parent)
 
 
+def home_expanded(value: Any) -> Any:
+    """`value` with the `~` that starts it (`~/runs`, `~user/runs`) expanded to that home
+    folder, if it is text: for paths no shell expanded (after `KEY=` or `--option=`, in a
+    config file), where a literal `~` folder made in the working directory is one `rm -r ~`
+    away from disaster."""
+    if isinstance(value, str) and value.startswith("~"):
+        return os.path.expanduser(value)
+    return value
+
+
 def from_working_directory(path: str | Path) -> str:
     """Where a relative config path was looked for, to add to a "not found": from the
     working directory, not the config's folder (the shipped configs' `../shared/...` fit

@@ -17,6 +17,7 @@ from types import UnionType
 from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -28,12 +29,17 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from shitu.errors import ConfigError, did_you_mean
+from shitu.fileio import home_expanded
 
 T = TypeVar("T", bound=Callable[..., Any])
 
 # A count in a component's signature (features, channels, classes): a config giving 0 or a
 # negative number is refused by name, not by torch later with a shape error.
 Size = Annotated[int, Field(gt=0)]
+# A file or folder setting of a config (a schema key's type, a component parameter's
+# annotation): `~/data` in a YAML file is in the home folder, as in an `-o` value. Only
+# paths: a label or name starting with `~` is left as written.
+ConfigPath = Annotated[str, AfterValidator(home_expanded)]
 
 
 def refuse_bool_as_number(cls: type[BaseModel], value: Any, info: ValidationInfo) -> Any:
@@ -44,6 +50,21 @@ def refuse_bool_as_number(cls: type[BaseModel], value: Any, info: ValidationInfo
     takes_numbers = bool(field_types & {int, float})
     if takes_numbers and not field_types & {bool, Any} and _holds_bool(value):
         raise PydanticCustomError("bool_not_number", "Input should be a number, not true/false")
+    return value
+
+
+# YAML 1.1's words for true and false, which YAML 1.2 (the configs' rules) leaves text.
+_SWITCH_WORDS = {"yes": True, "on": True, "no": False, "off": False}
+
+
+def switch_words_are_switches(cls: type[BaseModel], value: Any, info: ValidationInfo) -> Any:
+    """A `field_validator("*", mode="before")` reading yes/no/on/off as true/false where a
+    field takes both a switch and text (a backbone's `pretrained`: true, or a weight
+    file): text would win, and `pretrained: no` name a file `no`. A switch alone reads
+    them so already, and text alone keeps them."""
+    field_types = _types_in(cls.model_fields[info.field_name].annotation)
+    if {bool, str} <= field_types and isinstance(value, str):
+        return _SWITCH_WORDS.get(value.lower(), value)
     return value
 
 
@@ -195,6 +216,9 @@ class Registry:
                 __validators__={
                     "refuse_bool_as_number": field_validator("*", mode="before")(
                         refuse_bool_as_number
+                    ),
+                    "switch_words_are_switches": field_validator("*", mode="before")(
+                        switch_words_are_switches
                     ),
                     "null_is_default": field_validator("*", mode="before")(null_is_default),
                 },

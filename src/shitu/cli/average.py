@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from shitu import registry
 from shitu.cli.common import add_config_arguments, config_from_args, model_from_config
 from shitu.errors import CheckpointError, ConfigError
 
@@ -72,7 +73,9 @@ def run(args: argparse.Namespace) -> int:
                 "mixed in"
             )
         config = config_from_args(args)
-        if not config.Arch.Backbone.params.get("pretrained"):
+        backbone = config.Arch.Backbone
+        # Typed as the backbone reads it: `pretrained: no` is false, not a file's name.
+        if not registry.BACKBONES.validate(backbone.name, backbone.params).get("pretrained"):
             raise ConfigError(
                 f"--pretrained-share mixes towards the backbone's pretrained weights, but "
                 f"{args.config} sets no Arch.Backbone.pretrained (it would mix in a random "

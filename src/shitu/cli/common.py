@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from shitu.detection.input_size import check_input_size
 from shitu.errors import ConfigError, DataError, override_word
-from shitu.fileio import check_writable, write_atomically
+from shitu.fileio import check_writable, home_expanded, write_atomically
 from shitu.image_files import IMAGE_SUFFIXES, LABELLED_LIST_HINT, TEXT_FILE_REASON, scan_images
 from shitu.inference.choices import BACKENDS, PRECISIONS
 
@@ -190,8 +190,8 @@ def expand_home_in_option_values(argv: list[str]) -> list[str]:
         if word == "--":
             return expanded + argv[index:]
         option, sep, value = word.partition("=")
-        if word.startswith("--") and sep and value.startswith("~"):
-            word = f"{option}={os.path.expanduser(value)}"
+        if word.startswith("--") and sep:
+            word = f"{option}={home_expanded(value)}"
         expanded.append(word)
     return expanded
 

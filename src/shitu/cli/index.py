@@ -414,7 +414,7 @@ def _add_in_parts(
     images_before = _images_on_disk(args.library) if args.allow_duplicates else 0
     try:
         # No bar where nothing is to be embedded (all duplicates), as one write draws none
-        with ImageProgress(len(files), progress_wanted(args) and bool(files)) as bar:
+        with ImageProgress(len(files), progress_wanted(args) and bool(files), "embedding") as bar:
             for start in range(0, len(files), ADD_PART):
                 part = files[start : start + ADD_PART]
                 written = gallery.add_checked_files(

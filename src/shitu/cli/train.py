@@ -26,6 +26,7 @@ from shitu.fileio import refuse_file_in_the_way
 if TYPE_CHECKING:
     from shitu.config.schema import ShituConfig
     from shitu.engine.distributed import DistContext
+    from shitu.engine.state import Progress
     from shitu.engine.trainer import Trainer
 
 
@@ -109,10 +110,11 @@ def _has_content(path: Path) -> bool:
     return path.exists() and path.stat().st_size > 0
 
 
-def _check_fine_tuning(config: ShituConfig) -> DistContext:
+def _check_fine_tuning(config: ShituConfig, progress: bool) -> DistContext:
     """Build the fine-tuning stage once before the probe, so that its errors (an eval metric
     not computed, an lr_mult matching no layer, eval sets without matches) come before the
-    probe's minutes, not after. Built in a scratch folder, without the probe's weights."""
+    probe's minutes, not after. Built in a scratch folder, without the probe's weights;
+    `progress`: the bars of its datasets' start-up checks, which the later builds reuse."""
     from shitu.engine.linear_probe import fine_tune_stage
     from shitu.engine.trainer import Trainer
 
@@ -120,7 +122,7 @@ def _check_fine_tuning(config: ShituConfig) -> DistContext:
     stage.Global.pretrained_model = None  # the probe makes them
     with tempfile.TemporaryDirectory(prefix="shitu-check-") as scratch:
         stage.Global.output_dir = scratch
-        trainer = Trainer(stage)
+        trainer = Trainer(stage, progress=progress)
         trainer.log.close()
     return trainer.context
 
@@ -182,6 +184,19 @@ def run(args: argparse.Namespace) -> int:
         return _train(args)
 
 
+def _epochs_done(progress: Progress, steps_per_epoch: int, epochs: int) -> str:
+    """How far a stopped run got. A stop (a signal, the time limit) during an epoch's last
+    step leaves only that epoch's end to do (its evaluation, its saves), which the resume
+    does without training its steps again: "3 of 30 epochs done" alone said they were lost."""
+    done = f"{progress.epoch} of {epochs} epochs done"
+    if progress.batch_in_epoch < steps_per_epoch:
+        return done
+    return (
+        f"{done}, and all of epoch {progress.epoch + 1}'s steps: resuming only ends that epoch "
+        "(evaluation, saves)"
+    )
+
+
 def _stopped_during_probe(config: ShituConfig, checkpoints: Path) -> bool:
     """Whether `checkpoints`, which holds no checkpoint, names the output folder (or its
     latest.pt) of a run stopped during its LinearProbe stage, before it had one."""
@@ -241,7 +256,7 @@ def _train(args: argparse.Namespace) -> int:
         if config.LinearProbe is not None:
             # A resumed run's checkpoint already holds weights that went through the probe.
             if config.Global.checkpoints is None:
-                context = _check_fine_tuning(config)
+                context = _check_fine_tuning(config, not args.no_progress)
                 stop_signal = _probe(config, context, not args.no_progress)
                 if stop_signal is not None:
                     return 128 + stop_signal
@@ -261,8 +276,9 @@ def _train(args: argparse.Namespace) -> int:
             )
         else:
             print(
-                f"stopped early after step {progress.global_step} ({progress.epoch} of "
-                f"{config.Global.epochs} epochs done); resume with "
+                f"stopped early after step {progress.global_step} "
+                f"({_epochs_done(progress, trainer.steps_per_epoch, config.Global.epochs)}); "
+                "resume with "
                 f"-o {override_word('Global.checkpoints', result.output_dir / 'latest.pt')}"
             )
         if progress.best_metric is not None:

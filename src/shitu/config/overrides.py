@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import re
 from typing import Any
 
 import yaml
 
 from shitu.errors import ConfigError
+from shitu.fileio import home_expanded
 
 _TOKEN = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
 
@@ -37,11 +37,28 @@ class YamlLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-# Configs hold no dates: `output_dir: 2024-01-01` (a run's folder) stays text, as in YAML 1.2.
+# As in YAML 1.2's core schema: configs hold no dates (`output_dir: 2024-01-01`, a run's
+# folder, stays text), and only true and false are booleans. YAML 1.1 also reads yes, no,
+# on, off, y and n so, which turned a folder or label of that name (`-o Global.output_dir=on`,
+# `index_dir: no`) into a boolean that a text key refused; a boolean key still takes them,
+# as pydantic reads that text as true or false. Nor are a number with a leading zero or
+# colons an integer: YAML 1.1 reads `010` as octal 8 and `12:30` as base 60 (750), which a
+# text key then took as the folder `8` or `750`; such text stays as typed, and a number key
+# reads `010` as 10.
+# YAML 1.1's resolvers left out; the bool and int ones are replaced below.
+_YAML_1_1_RULES = ("tag:yaml.org,2002:timestamp", "tag:yaml.org,2002:bool", "tag:yaml.org,2002:int")
 YamlLoader.yaml_implicit_resolvers = {
-    first: [(tag, pattern) for tag, pattern in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    first: [(tag, pattern) for tag, pattern in resolvers if tag not in _YAML_1_1_RULES]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:int",
+    re.compile(r"^[-+]?(?:0|[1-9][0-9_]*|0x[0-9a-fA-F_]+|0b[01_]+)$"),
+    list("-+0123456789"),
+)
 YamlLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
@@ -59,9 +76,9 @@ def parse_override(text: str) -> tuple[list[str | int], Any]:
 
     The value is parsed as YAML, so `3` is an int, `1e-5` a float, `[1, 2]` a list,
     `null` None and `true` a bool; anything else stays a string. A string starting with
-    `~` has it expanded to the home folder: the shell leaves `-o KEY=~/runs` as it is (the
-    word is no variable assignment), where it expands `--gallery ~/lib`, and a literal
-    `~` folder made in the working directory is one `rm -r ~` away from disaster.
+    `~` has it expanded to the home folder (`home_expanded`): the shell leaves `-o
+    KEY=~/runs` as it is (the word is no variable assignment), where it expands `--gallery
+    ~/lib`.
     """
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
@@ -71,9 +88,7 @@ def parse_override(text: str) -> tuple[list[str | int], Any]:
         value = load_yaml(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
-    if isinstance(value, str) and value.startswith("~"):
-        value = os.path.expanduser(value)
-    return path, value
+    return path, home_expanded(value)
 
 
 def _parse_path(key: str, text: str) -> list[str | int]:

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from shitu.registry import null_is_default, refuse_bool_as_number
+from shitu.registry import ConfigPath, null_is_default, refuse_bool_as_number
 
 
 def only_off(refusal: str) -> Callable[[Any, bool], bool]:
@@ -53,9 +53,9 @@ class ComponentConfig(BaseModel):
 
 
 class GlobalConfig(Section):
-    checkpoints: str | None = None
-    pretrained_model: str | None = None
-    output_dir: str = "./output"
+    checkpoints: ConfigPath | None = None
+    pretrained_model: ConfigPath | None = None
+    output_dir: ConfigPath = "./output"
     device: Literal["auto", "cpu", "gpu", "cuda"] = "auto"
     seed: int | None = None
     save_interval: int = Field(1, ge=1)
@@ -68,7 +68,7 @@ class GlobalConfig(Section):
     # k-reciprocal re-ranking: true, or its settings {k1, k2, lambda_value, max_samples}.
     re_ranking: bool | dict[str, Any] = False
     image_shape: list[int] = Field(default_factory=lambda: [3, 224, 224])
-    save_inference_dir: str = "./inference"
+    save_inference_dir: ConfigPath = "./inference"
     # Metric that picks `best_model` and drives ReduceOnPlateau, e.g. recall@1 or mAP.
     eval_metric: str = "recall@1"
     # Also save `latest` every N steps (a run killed mid-epoch then loses at most N steps).
@@ -107,7 +107,7 @@ class GlobalConfig(Section):
     @field_validator("amp", mode="before")
     @classmethod
     def _yaml_off(cls, value: Any) -> Any:
-        # YAML 1.1 reads a bare `off` (in a file or `-o Global.amp=off`) as false.
+        # `amp: false`, written as for a switch, is off.
         return "off" if value is False else value
 
     @field_validator("eval_metric")

@@ -5,13 +5,16 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 
+from shitu import registry
 from shitu.config.schema import ComponentConfig, DataSplitConfig
+from shitu.data.datasets.base import scan_progress
 from shitu.data.loader import build_dataset, build_sampler
 from shitu.engine.distributed import DistContext
 from shitu.engine.seeding import SeededBatchSampler, SeededDataset
@@ -31,14 +34,18 @@ def build_loader(
     default_sampler: ComponentConfig,
     where: str,
     worker_init: Callable[[int], None],
+    progress: bool = False,
 ) -> DataLoader:
     """Dataset and batch sampler from the config section `where`, wrapped so every sample
-    is seeded; `worker_init` sets up each worker process (its signals).
+    is seeded; `worker_init` sets up each worker process (its signals); `progress`: a bar
+    while a skip_corrupt dataset checks its images, where stderr is a terminal.
 
     Batches are `(images, labels, unique_ids, dataset_indices)`. The loader has its
     own generator, so starting an epoch never draws from the global RNG.
     """
-    dataset = build_dataset(split, f"{where}.dataset")
+    shown = progress and context.is_main and sys.stderr.isatty()
+    with scan_progress(f"checking {where}" if shown else None):
+        dataset = build_dataset(split, f"{where}.dataset")
     _warn_of_raw_images(split, f"{where}.dataset.transform_ops")
     sampler = build_sampler(
         split,
@@ -116,7 +123,9 @@ def end_workers(loader: DataLoader) -> None:
         iterator._shutdown_workers()
 
 
-def build_train_loader(split: DataSplitConfig, context: DistContext, seed: int) -> DataLoader:
+def build_train_loader(
+    split: DataSplitConfig, context: DistContext, seed: int, progress: bool = False
+) -> DataLoader:
     if split.sampler is None:
         raise ConfigError(
             "DataLoader.Train.sampler: training needs a sampler, e.g. "
@@ -129,7 +138,15 @@ def build_train_loader(split: DataSplitConfig, context: DistContext, seed: int) 
         default_sampler=split.sampler,
         where="DataLoader.Train",
         worker_init=leave_stopping_to_the_trainer,
+        progress=progress,
     )
+
+
+def _sampler_params(sampler: ComponentConfig) -> dict[str, Any]:
+    """The sampler's parameters typed as the sampler reads them (`drop_last: no`, which
+    YAML leaves text, is false)."""
+    registry.populate()
+    return registry.SAMPLERS.validate(sampler.name, sampler.params)
 
 
 def build_eval_loader(
@@ -138,21 +155,29 @@ def build_eval_loader(
     seed: int,
     where: str,
     worker_init: Callable[[int], None] = end_quietly_on_sigterm,
+    progress: bool = False,
 ) -> DataLoader:
-    """`where` names the section in errors (DataLoader.Eval.Query, DataLoader.Eval.Gallery)."""
+    """`where` names the section in errors (DataLoader.Eval.Query, DataLoader.Eval.Gallery);
+    `progress` as for `build_loader`."""
     if split.sampler is not None and split.sampler.name == "PKSampler":
         raise ConfigError(
             f"{where}: sampler PKSampler draws random batches of classes, repeating some "
             "images and leaving others out, while an evaluation embeds each image once; use "
             "{name: DistributedBatchSampler, batch_size: 64}"
         )
-    if split.sampler is not None and split.sampler.params.get("drop_last"):
+    if split.sampler is not None and _sampler_params(split.sampler).get("drop_last"):
         raise ConfigError(
             f"{where}: sampler drop_last: true would leave images out of the "
             "evaluation; set it to false"
         )
     return build_loader(
-        split, context, seed, default_sampler=EVAL_SAMPLER, where=where, worker_init=worker_init
+        split,
+        context,
+        seed,
+        default_sampler=EVAL_SAMPLER,
+        where=where,
+        worker_init=worker_init,
+        progress=progress,
     )
 
 

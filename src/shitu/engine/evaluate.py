@@ -165,7 +165,8 @@ class RetrievalEvaluation:
         progress: bool = True,
     ) -> None:
         """`worker_init` sets up the loaders' worker processes (see `build_loader`);
-        `progress`: bars while embedding (see `embed_dataset`)."""
+        `progress`: bars while embedding (see `embed_dataset`), and while a skip_corrupt
+        dataset checks its images."""
         check_evaluation_data(config)
         eval_data = config.DataLoader.Eval
         self.config = config
@@ -173,11 +174,11 @@ class RetrievalEvaluation:
         self.progress = progress
         self.amp = effective_amp(config.Global.amp, context.device)
         self.query_loader = build_eval_loader(
-            eval_data.Query, context, seed, "DataLoader.Eval.Query", worker_init
+            eval_data.Query, context, seed, "DataLoader.Eval.Query", worker_init, progress
         )
         self.gallery_loader = (
             build_eval_loader(
-                eval_data.Gallery, context, seed, "DataLoader.Eval.Gallery", worker_init
+                eval_data.Gallery, context, seed, "DataLoader.Eval.Gallery", worker_init, progress
             )
             if eval_data.Gallery
             else None

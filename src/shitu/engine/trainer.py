@@ -97,9 +97,10 @@ class Trainer:
     def __init__(
         self, config: ShituConfig, context: DistContext | None = None, progress: bool = True
     ) -> None:
-        """`progress`: a bar per epoch and evaluation where stderr is a terminal, and a line
-        per logged step where it is not (a file or a pipe, whose log a bar would fill with
-        carriage-return redraws); False: neither."""
+        """`progress`: a bar per epoch and evaluation (and while a skip_corrupt dataset
+        checks its images) where stderr is a terminal, and a line per logged step where it
+        is not (a file or a pipe, whose log a bar would fill with carriage-return redraws);
+        False: neither."""
         check_training_sections(config)
         if config.LinearProbe is not None:
             raise ConfigError(
@@ -134,7 +135,9 @@ class Trainer:
         self.ema = WeightEMA(self.model, config.EMA.decay) if config.EMA else None
         self.loss = CombinedLoss(config.Loss.Train).to(self.context.device)
         self.loss.attach(self.model)  # before a resume restores the loss's state
-        self.train_loader = build_train_loader(config.DataLoader.Train, self.context, self.seed)
+        self.train_loader = build_train_loader(
+            config.DataLoader.Train, self.context, self.seed, progress
+        )
         _check_class_count(config, dataset_of(self.train_loader), warn=self.context.is_main)
         _check_last_batch(self.train_loader.batch_sampler.batch_sampler, self.model)
         self.steps_per_epoch = len(self.train_loader)

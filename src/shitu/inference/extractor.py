@@ -232,8 +232,8 @@ class FeatureExtractor:
         progress: bool | ImageProgress = False,
     ) -> ExtractionResult:
         """Embed image files in order; unreadable ones are skipped and listed in `failures`.
-        `progress`: draw a bar on stderr, or advance the one given (left open for the
-        caller's next call)."""
+        `progress`: draw an `embedding` bar on stderr, or advance the one given (left open
+        for the caller's next call)."""
         check_count(batch_size, "batch_size")
         runtime = self.backend  # a closed extractor is refused before any decoding
         names = path_list(paths)
@@ -247,7 +247,7 @@ class FeatureExtractor:
             (
                 contextlib.nullcontext(progress)
                 if isinstance(progress, ImageProgress)
-                else ImageProgress(len(names), progress)
+                else ImageProgress(len(names), progress, "embedding")
             ) as bar,
         ):
             pending: deque[tuple[str, Future[np.ndarray]]] = deque()

@@ -17,6 +17,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from shitu import registry
 from shitu.config import ShituConfig
 from shitu.data.transforms._base import interpolation_name, pair, pil_filter
 from shitu.data.transforms.ops import (
@@ -309,6 +310,8 @@ def _eval_ops(config: ShituConfig) -> list[dict[str, Any]]:
 
 def _read_op(name: str, params: dict[str, Any], values: dict[str, Any]) -> None:
     if name == "DecodeImage":
+        # Typed as the training transform reads them: `to_rgb: no` is YAML text, not false.
+        params = registry.TRANSFORMS.validate(name, params)
         if params.get("channel_first"):
             raise ValueError("channel_first: true is not supported at inference")
         values["channel_order"] = "RGB" if params.get("to_rgb", True) else "BGR"

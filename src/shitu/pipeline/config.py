@@ -30,7 +30,7 @@ from shitu.config.loader import (
 )
 from shitu.errors import ConfigError
 from shitu.pipeline.defaults import NO_DETECTOR, PIPELINE_CONFIG_DIR, PLAIN_BACKGROUND, SETTINGS
-from shitu.registry import format_validation_error, null_is_default
+from shitu.registry import ConfigPath, format_validation_error, null_is_default
 
 _IGNORED_GLOBAL = {
     "infer_imgs",
@@ -81,14 +81,14 @@ class _Section(BaseModel):
 
 class PipelineGlobal(_Section):
     # Exported model folder (`shitu export`); null: the model shipped with shitu.
-    rec_inference_model_dir: str | None = None
+    rec_inference_model_dir: ConfigPath | None = None
     rec_backend: RecBackend = "auto"
     # int8: the export's model.int8.onnx (`shitu export --int8-calibration`), the fastest CPU
     # path; its features differ from fp32's, so a library built in one is searched in it.
     rec_precision: Precision = "fp32"
     # Detector file (.onnx, .pdparams with det_arch, our .pt), "plain-background", or
     # "none"/null: the whole image is the only candidate box.
-    det_inference_model_dir: str | None = None
+    det_inference_model_dir: ConfigPath | None = None
     det_backend: Backend = "auto"
     det_arch: str | None = None
     threshold: float = Field(0.2, ge=0.0, le=1.0)  # detector score threshold
@@ -112,7 +112,7 @@ class PipelineGlobal(_Section):
 
 
 class IndexProcessConfig(_Section):
-    index_dir: str | None = None  # gallery library folder (`shitu index build --out`)
+    index_dir: ConfigPath | None = None  # gallery library folder (`shitu index build --out`)
     # Cosine similarity in [-1, 1] a box's best hit needs (IP and L2 libraries alike);
     # null: the model's calibrated one (its shitu_model.json), else DEFAULT_SCORE_THRES.
     score_thres: float | None = Field(None, ge=-1.0, le=1.0)

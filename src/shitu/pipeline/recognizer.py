@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-from tqdm import tqdm
 
 from shitu.data.transforms.ops import UnreadableImageError, check_rgb_image, image_list
 from shitu.detection.boxes import nms
@@ -43,6 +42,7 @@ from shitu.pipeline.defaults import (
     NO_DETECTOR,
     PLAIN_BACKGROUND,
 )
+from shitu.progress import ImageProgress
 
 MIN_BOX_SIDE = 2  # pixels; thinner detector boxes cannot be embedded meaningfully
 FILES_PER_BATCH = 8  # images decoded and recognised together by recognize_files
@@ -410,11 +410,12 @@ class Recognizer:
         self, paths: Sequence[str | Path], progress: bool
     ) -> Iterator[tuple[str, np.ndarray | str, Candidates | None]]:
         """(path, decoded image, candidates) per file in input order, (path, reason, None)
-        for an unreadable one."""
+        for an unreadable one. `progress`: a `recognizing` bar, named as the bars of other
+        work (`hashing` before it in `shitu eval-pipeline`), counting unreadable files."""
         names = path_list(paths)
         with (
             ThreadPoolExecutor(self.extractor.workers, thread_name_prefix="shitu-read") as pool,
-            tqdm(total=len(names), unit="img", disable=not progress, dynamic_ncols=True) as bar,
+            ImageProgress(len(names), progress, "recognizing") as bar,
         ):
             for start in range(0, len(names), FILES_PER_BATCH):
                 chunk = names[start : start + FILES_PER_BATCH]
@@ -422,8 +423,12 @@ class Recognizer:
                 readable = [image for image in decoded if isinstance(image, np.ndarray)]
                 scored = iter(self.score_batch(readable))
                 for name, image in zip(chunk, decoded, strict=True):
-                    yield name, image, None if isinstance(image, str) else next(scored)
-                bar.update(len(chunk))
+                    if isinstance(image, str):
+                        yield name, image, None
+                        bar.skip()
+                    else:
+                        yield name, image, next(scored)
+                        bar.update(1)
 
     def _read_or_reason(self, path: str) -> np.ndarray | str:
         """The decoded file, or why it cannot be used: unreadable, or a size the model cannot

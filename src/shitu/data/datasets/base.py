@@ -15,6 +15,7 @@ from collections import OrderedDict, deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -29,6 +30,7 @@ from shitu.data.transforms.compose import Compose, build_transforms
 from shitu.data.transforms.ops import UnreadableImageError, check_image_size
 from shitu.errors import DataError
 from shitu.fileio import SAVE_AS_UTF8, from_working_directory, read_text
+from shitu.progress import ImageProgress
 
 TransformOps = list[dict[str, dict[str, Any] | None]]
 # (index, why) of each listed path a dataset cannot use.
@@ -55,6 +57,8 @@ class Scan:
 # Within `reused_scans`: (skip_corrupt, working directory, digest of the listed paths) ->
 # the scan, least recently used first. None outside it.
 _scans: OrderedDict[tuple[bool, str, bytes], Scan] | None = None
+# Within `scan_progress`: the description of a skip_corrupt scan's progress bar, if one.
+_scan_bar: ContextVar[str | None] = ContextVar("_scan_bar", default=None)
 
 
 class StringTable(Sequence[str]):
@@ -118,26 +122,38 @@ def check_image(path: str) -> str | tuple[int, int]:
     return (height, width) if turned else (width, height)
 
 
-def check_images(paths: Sequence[str]) -> list[str | tuple[int, int]]:
-    """`check_image` of each path, in order, in threads.
+def check_images(paths: Sequence[str]) -> Iterator[str | tuple[int, int]]:
+    """`check_image` of each path, yielded in order as threads finish them.
 
     Only a few checks per thread are queued at a time, and an interrupt cancels those, so
     Ctrl-C on a big dataset stops within a few checks rather than after all of them.
     """
     workers = min(16, 2 * (os.cpu_count() or 1))
     window = 4 * workers
-    reasons: list[str | tuple[int, int]] = []
     pending: deque[Future[str | tuple[int, int]]] = deque()
     pool = ThreadPoolExecutor(max_workers=workers)
     try:
         for path in paths:
             if len(pending) == window:
-                reasons.append(pending.popleft().result())
+                yield pending.popleft().result()
             pending.append(pool.submit(check_image, path))
-        reasons.extend(future.result() for future in pending)
+        while pending:
+            yield pending.popleft().result()
     finally:
         pool.shutdown(cancel_futures=True)
-    return reasons
+
+
+@contextmanager
+def scan_progress(description: str | None) -> Iterator[None]:
+    """Within it, a skip_corrupt start-up scan (a decode of every image: minutes on a big
+    dataset) draws a progress bar with this description; None: no bar. A dataset is built
+    from its config's keys, with no argument for it: its builder (the engine, which knows
+    --no-progress, whether stderr is a terminal and the rank) sets this around the build."""
+    token = _scan_bar.set(description)
+    try:
+        yield
+    finally:
+        _scan_bar.reset(token)
 
 
 @contextmanager
@@ -186,11 +202,16 @@ def _scan(paths: Sequence[str], skip_corrupt: bool) -> Scan:
     present = [i for i in range(len(paths)) if i not in gone]
     undecodable = []
     sizes = np.zeros((len(paths), 2), dtype=np.int64)
-    for i, found in zip(present, check_images([paths[i] for i in present]), strict=True):
-        if isinstance(found, str):
-            undecodable.append((i, found))
-        else:
-            sizes[i] = found
+    description = _scan_bar.get()
+    checks = check_images([paths[i] for i in present])
+    with ImageProgress(len(present), description is not None, description) as bar:
+        for i, found in zip(present, checks, strict=True):
+            if isinstance(found, str):
+                undecodable.append((i, found))
+                bar.skip()
+            else:
+                sizes[i] = found
+                bar.update(1)
     return Scan((*missing, *undecodable), sizes)
 
 

@@ -14,7 +14,7 @@ from shitu.image_files import (
     warn_if_grouped,
     warn_of_shared_folder_names,
 )
-from shitu.registry import DATASETS
+from shitu.registry import DATASETS, ConfigPath
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ class ImageFolderDataset(ImageDataset):
 
     def __init__(
         self,
-        root: str,
+        root: ConfigPath,
         transform_ops: TransformOps | None = None,
         extensions: list[str] | None = None,
         skip_corrupt: bool = False,

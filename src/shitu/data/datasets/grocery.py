@@ -15,7 +15,7 @@ from shitu.data.datasets.base import (
     read_lines,
 )
 from shitu.errors import DataError
-from shitu.registry import DATASETS
+from shitu.registry import DATASETS, ConfigPath
 
 ICONIC = "iconic"  # a cls_label_path value: the one packshot per class named in classes.csv
 
@@ -35,11 +35,11 @@ class GroceryStoreDataset(ImageDataset):
 
     def __init__(
         self,
-        image_root: str,
-        cls_label_path: str | list[str],
+        image_root: ConfigPath,
+        cls_label_path: ConfigPath | list[ConfigPath],
         transform_ops: TransformOps | None = None,
         label_level: Literal["fine", "coarse"] = "fine",
-        class_file: str | None = None,
+        class_file: ConfigPath | None = None,
         skip_corrupt: bool = False,
     ):
         listings = [cls_label_path] if isinstance(cls_label_path, str) else list(cls_label_path)

@@ -15,7 +15,7 @@ from shitu.data.datasets.base import (
 )
 from shitu.errors import DataError
 from shitu.image_files import IMAGE_SUFFIXES
-from shitu.registry import DATASETS
+from shitu.registry import DATASETS, ConfigPath
 
 
 @DATASETS.register("ImageNetDataset")
@@ -44,8 +44,8 @@ class LabelFileDataset(ImageDataset):
 
     def __init__(
         self,
-        image_root: str,
-        cls_label_path: str,
+        image_root: ConfigPath,
+        cls_label_path: ConfigPath,
         transform_ops: TransformOps | None = None,
         delimiter: str | None = None,
         relabel: bool = False,

@@ -30,7 +30,7 @@ from shitu.checkpoint.io import read_weights
 from shitu.errors import CheckpointError
 from shitu.models.backbones.base import SequentialBackbone
 from shitu.models.layers import make_divisible, make_global_pool
-from shitu.registry import BACKBONES, Size
+from shitu.registry import BACKBONES, ConfigPath, Size
 
 logger = logging.getLogger(__name__)
 
@@ -222,7 +222,7 @@ class EfficientNetLite(SequentialBackbone):
         drop_connect_rate: float = 0.2,
         last_stride: int = 2,
         pool: str = "avg",
-        pretrained: bool | str | None = None,
+        pretrained: bool | ConfigPath | None = None,
     ) -> None:
         super().__init__()
         if variant not in VARIANTS:

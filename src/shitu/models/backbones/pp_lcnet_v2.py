@@ -19,7 +19,7 @@ from shitu.models.layers import (
     make_activation,
     make_divisible,
 )
-from shitu.registry import BACKBONES, Size
+from shitu.registry import BACKBONES, ConfigPath, Size
 
 
 class StageSpec(NamedTuple):
@@ -163,7 +163,7 @@ class PPLCNetV2(SequentialBackbone):
         last_stride: int = 2,
         last_conv_bias: bool = False,
         last_act: bool = True,
-        pretrained: str | bool | None = None,
+        pretrained: ConfigPath | bool | None = None,
     ) -> None:
         super().__init__()
         if len(depths) != len(STAGES):

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from shitu.models.backbones.base import SequentialBackbone
-from shitu.registry import BACKBONES, Size
+from shitu.registry import BACKBONES, ConfigPath, Size
 
 # PaddleClas's names for the layers of its ResNet, for `BackboneStopLayer` in its configs.
 PADDLE_LAYER_NAMES = {
@@ -149,7 +149,7 @@ class ResNet(SequentialBackbone):
         class_num: Size = 1000,
         last_stride: Literal[1, 2] = 2,
         zero_init_residual: bool = False,
-        pretrained: str | bool | None = None,
+        pretrained: ConfigPath | bool | None = None,
     ) -> None:
         super().__init__()
         if block not in BLOCKS:
