@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 
-from shitu import registry
 from shitu.cli.common import add_config_arguments, config_from_args, model_from_config
 from shitu.errors import CheckpointError, ConfigError
 
@@ -72,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
                 "--pretrained-share needs -c CONFIG: the config whose pretrained backbone is "
                 "mixed in"
             )
+        from shitu import registry  # pydantic: not for the parser (`shitu --help`)
+
         config = config_from_args(args)
         backbone = config.Arch.Backbone
         # Typed as the backbone reads it: `pretrained: no` is false, not a file's name.
