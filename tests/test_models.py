@@ -204,6 +204,32 @@ def test_margin_head_defaults_follow_paddleclas():
         HEADS.build("CircleMargin", embedding_size=4, class_num=3, scale=1.0)
 
 
+@pytest.mark.parametrize(
+    ("name", "params", "message"),
+    [
+        ("ArcMargin", {"scale": 0}, "scale: Input should be greater than 0"),
+        ("CosMargin", {"scale": -64.0}, "scale: Input should be greater than 0"),
+        ("CircleMargin", {"margin": 0.25, "scale": -1}, "scale: Input should be greater than 0"),
+        ("ArcMargin", {"margin": -0.5}, "margin: Input should be greater than or equal to 0"),
+        ("ArcMargin", {"margin": 3.5}, "margin: Input should be less than 3.14"),
+        ("FC", {"init_std": -0.001}, "init_std: Input should be greater than or equal to 0"),
+    ],
+)
+def test_head_settings_that_break_the_classifier_are_config_errors(name, params, message):
+    """A scale of 0 or below gives constant or inverted logits, ArcMargin's angle outside
+    [0, pi) a logit that is not monotonic in the angle, and a negative init_std was torch's
+    RuntimeError (a traceback) while the model was built."""
+    with pytest.raises(ConfigError, match=message):
+        HEADS.build(name, embedding_size=4, class_num=3, **params)
+
+
+def test_cosmargin_takes_a_negative_margin():
+    """Negative-margin softmax (Liu et al., ECCV 2020) is a published use of CosFace's form."""
+    head = _two_class_head("CosMargin", margin=-0.2, scale=1.0)
+    logits = head(torch.tensor([[1.0, 0.0]]), torch.tensor([0]))
+    torch.testing.assert_close(logits, torch.tensor([[1.2, 0.0]]))
+
+
 def _two_class_head(name, **params):
     """A head whose class weights are the unit x and y axes, so cosines are easy to write down."""
     head = HEADS.build(name, embedding_size=2, class_num=2, **params).train()

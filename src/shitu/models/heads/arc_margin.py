@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
 import torch
+from pydantic import Field
 
-from shitu.models.heads.cosine import CosineClassifier
+from shitu.models.heads.cosine import CosineClassifier, Scale
 from shitu.registry import HEADS, Size
+
+# An angle added to the true class's: below 0 the logit is no longer monotonic in the angle
+# (cos(theta + m) peaks at theta = -m), and from pi on it wraps round.
+AngularMargin = Annotated[float, Field(ge=0, lt=math.pi)]
 
 
 @HEADS.register("ArcMargin")
@@ -24,8 +30,8 @@ class ArcMargin(CosineClassifier):
         self,
         embedding_size: Size,
         class_num: Size,
-        margin: float = 0.5,
-        scale: float = 80.0,
+        margin: AngularMargin = 0.5,
+        scale: Scale = 80.0,
         easy_margin: bool = False,
     ) -> None:
         super().__init__(embedding_size, class_num)

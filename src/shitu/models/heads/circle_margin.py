@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from shitu.models.heads.cosine import CosineClassifier
+from shitu.models.heads.cosine import CosineClassifier, Scale
 from shitu.registry import HEADS, Size
 
 
@@ -17,7 +17,7 @@ class CircleMargin(CosineClassifier):
     The weights alpha are treated as constants (no gradient), as in the paper.
     """
 
-    def __init__(self, embedding_size: Size, class_num: Size, margin: float, scale: float) -> None:
+    def __init__(self, embedding_size: Size, class_num: Size, margin: float, scale: Scale) -> None:
         super().__init__(embedding_size, class_num)
         self.margin = margin
         self.scale = scale

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from shitu.models.heads.cosine import CosineClassifier
+from shitu.models.heads.cosine import CosineClassifier, Scale
 from shitu.registry import HEADS, Size
 
 
@@ -13,7 +13,7 @@ class CosMargin(CosineClassifier):
     """Logits s*(cos - m) for the true class and s*cos for the others."""
 
     def __init__(
-        self, embedding_size: Size, class_num: Size, margin: float = 0.35, scale: float = 64.0
+        self, embedding_size: Size, class_num: Size, margin: float = 0.35, scale: Scale = 64.0
     ) -> None:
         super().__init__(embedding_size, class_num)
         self.margin = margin

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
+
+# The factor on the margin heads' cosines: 0 makes every logit 0 and a negative one turns
+# the classifier round (the true class least likely), so a config giving one is refused.
+Scale = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
 
 class CosineClassifier(nn.Module):

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
+from pydantic import Field
 from torch import nn
 
 from shitu.registry import HEADS, NECKS, Size
@@ -25,7 +28,7 @@ class FC(nn.Module):
         embedding_size: Size,
         class_num: Size,
         bias: bool = True,
-        init_std: float | None = None,
+        init_std: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None,
     ) -> None:
         super().__init__()
         self.fc = nn.Linear(embedding_size, class_num, bias=bias)
