@@ -34,6 +34,23 @@ def test_celoss_rejects_bad_epsilon():
         LOSSES.build("CELoss", epsilon=1.5)
 
 
+@pytest.mark.parametrize(
+    ("name", "params", "message"),
+    [
+        ("TripletAngularMarginLoss", {"margin": -0.5}, "margin must be >= 0"),
+        ("TripletAngularMarginLoss", {"absolute_loss_weight": -0.1}, "absolute_loss_weight"),
+        ("XBM", {"memory_weight": -1.0}, "memory_weight must be >= 0"),
+        ("XBM", {"batch_weight": -1.0}, "batch_weight must be >= 0"),
+        ("ContrastiveLoss_XBM", {"xbm_weight": -1.0}, "memory_weight must be >= 0"),
+    ],
+)
+def test_negative_margins_and_weights_are_config_errors(name, params, message):
+    """Each was taken: a negative weight maximises its term, as the loss sum's own
+    `weight` refuses to, and a negative margin leaves most triplets without a loss."""
+    with pytest.raises(ConfigError, match=f"loss '{name}': {message}"):
+        LOSSES.build(name, **params)
+
+
 def test_triplet_angular_margin_hand_computed():
     """Unit vectors at 0 and 60 degrees (class 0), 90 and 180 degrees (class 1).
 

@@ -45,6 +45,12 @@ class TripletAngularMarginLoss(PairLoss):
         an_value: float = 0.5,
     ) -> None:
         super().__init__()
+        # A negative margin asks for nothing until a negative outranks the positive by
+        # more than it, and a negative weight would push the thresholds the wrong way.
+        if margin < 0:
+            raise ValueError(f"margin must be >= 0, got {margin}")
+        if absolute_loss_weight < 0:
+            raise ValueError(f"absolute_loss_weight must be >= 0, got {absolute_loss_weight}")
         self.margin = margin
         self.normalize_feature = normalize_feature
         self.reduction = reduction

@@ -70,6 +70,9 @@ class CrossBatchMemory(nn.Module):
             raise ValueError(f"embedding_size must be >= 1, got {embedding_size}")
         if start_iter < 0:
             raise ValueError(f"start_iter must be >= 0, got {start_iter}")
+        for name, weight in (("memory_weight", memory_weight), ("batch_weight", batch_weight)):
+            if weight < 0:  # as a loss item's weight: a negative one would maximise the loss
+                raise ValueError(f"{name} must be >= 0, got {weight}")
         self.pair_loss_name, self.pair_loss = _build_pair_loss(pair_loss)
         self.start_iter = start_iter
         self.memory_weight = memory_weight
