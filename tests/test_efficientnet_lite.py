@@ -231,6 +231,14 @@ def test_gem_pool_starts_from_imagenet_weights_and_generalises_the_average(tmp_p
         build("lite0", pool="max")
 
 
+@pytest.mark.parametrize("rate", [-0.2, 1.5])
+def test_drop_connect_rate_outside_0_1_is_a_config_error(rate):
+    """1.5 built and then failed in torch's bernoulli_ at the first training step; -0.2
+    silently dropped nothing."""
+    with pytest.raises(ConfigError, match=r"drop_connect_rate must be in \[0, 1\]"):
+        BACKBONES.build("EfficientNetLite0", drop_connect_rate=rate)
+
+
 def test_stop_after_flatten_gives_pooled_features():
     model = build("lite0", pretrained=True).eval()
     model.stop_after("flatten")

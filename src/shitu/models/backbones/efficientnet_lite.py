@@ -229,6 +229,10 @@ class EfficientNetLite(SequentialBackbone):
             raise ValueError(f"unknown EfficientNet-Lite variant '{variant}'; use {list(VARIANTS)}")
         if last_stride not in (1, 2):
             raise ValueError(f"last_stride must be 1 or 2, got {last_stride}")
+        # Blocks get rates below it (see below), so 1 is the most it can be; checked now, not
+        # by torch at the first training step.
+        if not 0.0 <= drop_connect_rate <= 1.0:
+            raise ValueError(f"drop_connect_rate must be in [0, 1], got {drop_connect_rate}")
         self.variant = variant
         spec = VARIANTS[variant]
         self.stem = ConvBNAct(3, STEM_CHANNELS, 3, stride=2)
