@@ -233,6 +233,24 @@ def test_combined_loss_weights_keys_and_paddleclas_feature_from():
     assert total.item() == pytest.approx(float(2 * ce + 0.5 * triplet + 3 * smoothed))
 
 
+def test_combined_loss_computes_in_float32_under_autocast():
+    """Called inside autocast, the pair losses' similarity matmul ran in bf16, whose steps
+    of 0.004 near cos 1 moved the angular triplet loss by more than 1e-3 here."""
+    torch.manual_seed(0)
+    items = [{"CELoss": {"epsilon": 0.1}}, {"TripletAngularMarginLoss": {"add_absolute": True}}]
+    loss = CombinedLoss(items)
+    centres = torch.nn.functional.normalize(torch.randn(4, 64), dim=1)
+    features = centres.repeat_interleave(8, 0) + 0.05 * torch.randn(32, 64)
+    outputs = {"logits": torch.randn(32, 4), "features": features.bfloat16()}
+    labels = torch.arange(4).repeat_interleave(8)
+    expected_total, expected = loss(outputs, labels)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        total, parts = loss(outputs, labels)
+    assert parts["TripletAngularMarginLoss"].dtype == torch.float32
+    assert total.item() == expected_total.item()
+    assert parts == expected
+
+
 class _Noise:
     """A dataset whose items are random draws: shows exactly how each item was seeded."""
 

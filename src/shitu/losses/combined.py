@@ -85,14 +85,21 @@ class CombinedLoss(nn.Module):
     def forward(
         self, outputs: dict[str, torch.Tensor], labels: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The total loss and each loss's (unweighted) value, keyed by loss name."""
+        """The total loss and each loss's (unweighted) value, keyed by loss name.
+
+        Computed in float32 also where it is called under autocast (as PyTorch's AMP recipe
+        has it): a bf16 matmul rounds cosine similarities near 1 in steps of 0.004, coarser
+        than the margins and thresholds the pair losses compare them with.
+        """
         parts: dict[str, torch.Tensor] = {}
         total: torch.Tensor | None = None
-        for name, weight, key, loss in zip(
-            self.names, self.weights, self.input_keys, self.losses, strict=True
-        ):
-            value = loss(outputs[key].float(), labels)
-            parts[name if name not in parts else f"{name}_{len(parts)}"] = value.detach()
-            total = weight * value if total is None else total + weight * value
+        device = next(iter(outputs.values())).device.type
+        with torch.autocast(device, enabled=False):
+            for name, weight, key, loss in zip(
+                self.names, self.weights, self.input_keys, self.losses, strict=True
+            ):
+                value = loss(outputs[key].float(), labels)
+                parts[name if name not in parts else f"{name}_{len(parts)}"] = value.detach()
+                total = weight * value if total is None else total + weight * value
         assert total is not None
         return total, parts
