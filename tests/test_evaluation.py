@@ -593,6 +593,7 @@ def test_from_metric_config() -> None:
         ([{"mAP": {}}], {"k_1": 2}, r"re_ranking.k_1.*did you mean 'k1'"),
         ([{"mAP": {}}], {"k1": 0}, r"re_ranking.k1: must be a positive integer"),
         ([{"mAP": {}}], {"lambda": 1.5}, r"lambda_value: must be a number in \[0, 1\]"),
+        ([{"mAP": {}}], {"lambda": 0.3, "lambda_value": 0.5}, "are one setting; give one"),
         ([{"mAP": {}}], "yes", "expected true/false"),
     ],
 )

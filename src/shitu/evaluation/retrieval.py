@@ -463,6 +463,10 @@ def _re_ranking_from(value: bool | dict[str, Any] | ReRanking | None) -> ReRanki
     if isinstance(value, dict):
         params = dict(value)
         if "lambda" in params:  # the paper's and PaddleClas's name
+            if "lambda_value" in params:
+                raise ConfigError(
+                    "Global.re_ranking: lambda and lambda_value are one setting; give one"
+                )
             params["lambda_value"] = params.pop("lambda")
         for key in params:
             if key not in _RERANK_KEYS:
