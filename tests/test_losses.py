@@ -51,6 +51,29 @@ def test_negative_margins_and_weights_are_config_errors(name, params, message):
         LOSSES.build(name, **params)
 
 
+@pytest.mark.parametrize(
+    ("name", "params"),
+    [
+        ("TripletLoss", {}),
+        ("TripletAngularMarginLoss", {"add_absolute": True}),
+        ("ContrastiveLoss", {}),
+        ("XBM", {"memory_size": 16, "embedding_size": 8, "start_iter": 0}),
+    ],
+)
+def test_metric_losses_take_a_pooled_backbone_map(name, params):
+    """A backbone stopped at its pooling layer gives [N, D, 1, 1], which the heads and BNNeck
+    flatten; the metric losses stopped the first training step with a traceback."""
+    torch.manual_seed(0)
+    features = torch.randn(8, 8)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    flat = LOSSES.build(name, **params).train()(features, labels)
+    pooled = LOSSES.build(name, **params).train()(features[:, :, None, None], labels)
+    assert pooled.item() == pytest.approx(flat.item())
+    spatial = features.reshape(8, 2, 2, 2)
+    with pytest.raises(ConfigError, match=r"\[N, D\] embeddings, got shape \(8, 2, 2, 2\)"):
+        LOSSES.build(name, **params).train()(spatial, labels)
+
+
 def test_triplet_angular_margin_hand_computed():
     """Unit vectors at 0 and 60 degrees (class 0), 90 and 180 degrees (class 1).
 

@@ -16,6 +16,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from shitu.errors import ConfigError
+
+
+def as_embeddings(inputs: torch.Tensor) -> torch.Tensor:
+    """[N, D] embeddings. A pooled [N, D, 1, 1] map, the output of a backbone stopped at its
+    pooling layer, is flattened, as the heads and BNNeck take it; a map that is not pooled
+    is no embedding, and a ConfigError says where to read one instead."""
+    if inputs.ndim > 2 and all(size == 1 for size in inputs.shape[2:]):
+        return inputs.flatten(1)
+    if inputs.ndim != 2:
+        raise ConfigError(
+            f"metric losses need [N, D] embeddings, got shape {tuple(inputs.shape)}: read a "
+            "pooled output (Arch.BackboneStopLayer at or after the backbone's pooling layer, "
+            "or the neck's features)"
+        )
+    return inputs
+
 
 def resolve_reference(
     inputs: torch.Tensor,
@@ -23,12 +40,11 @@ def resolve_reference(
     ref_inputs: torch.Tensor | None,
     ref_labels: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
-    """(labels, ref_inputs, ref_labels, is_self) with labels flattened and shapes checked.
+    """(labels, ref_inputs, ref_labels, is_self) with labels flattened and shapes checked;
+    `inputs` must be [N, D] (see `as_embeddings`).
 
     `is_self` says the reference is the batch itself, so self-pairs must be masked.
     """
-    if inputs.ndim != 2:
-        raise ValueError(f"metric losses need [N, D] embeddings, got shape {tuple(inputs.shape)}")
     labels = labels.reshape(-1)
     if labels.numel() != inputs.shape[0]:
         raise ValueError(f"{labels.numel()} labels for {inputs.shape[0]} embeddings")
@@ -99,6 +115,7 @@ class PairLoss(nn.Module):
         ref_inputs: torch.Tensor | None = None,
         ref_labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        inputs = as_embeddings(inputs)
         labels, ref_inputs, ref_labels, is_self = resolve_reference(
             inputs, labels, ref_inputs, ref_labels
         )

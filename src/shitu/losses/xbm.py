@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from shitu.errors import ConfigError
+from shitu.losses._pairs import as_embeddings
 from shitu.registry import LOSSES
 
 
@@ -114,6 +115,7 @@ class CrossBatchMemory(nn.Module):
         return self.memory[:filled], self.memory_labels[:filled]
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        features = as_embeddings(features)
         self._check_size(features)  # from the first step, not only once the memory starts
         loss = self.batch_weight * self.pair_loss(features, labels)
         if not self.training:
