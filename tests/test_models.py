@@ -319,6 +319,24 @@ def test_rec_model_outputs_and_head_source():
     assert out["features"] is out["backbone"]
 
 
+def test_backbone_stopped_at_its_pooling_layer_gives_an_embedding_vector():
+    """PaddleClas's `avg_pool` stop gave [N, C, 1, 1] features, which evaluation refused
+    only once both sets were embedded; a feature map that is not pooled is refused when the
+    model is built."""
+    pooled = {"Backbone": {"name": "ResNet18"}, "BackboneStopLayer": {"name": "avg_pool"}}
+    model = build_model(ArchConfig.model_validate(pooled)).eval()
+    out = model(torch.randn(2, 3, 64, 64))
+    assert out["backbone"].shape == out["features"].shape == (2, 512)
+    flat = {**pooled, "BackboneStopLayer": {"name": "flatten"}}
+    reference = build_model(ArchConfig.model_validate(flat)).eval()
+    reference.load_state_dict(model.state_dict())
+    images = torch.randn(2, 3, 96, 96)
+    assert torch.equal(model(images)["features"], reference(images)["features"])
+    spatial = {**pooled, "BackboneStopLayer": {"name": "layer4"}}
+    with pytest.raises(ConfigError, match=r"features are a 512 x 2 x 2 map .* not an embedding"):
+        build_model(ArchConfig.model_validate(spatial))
+
+
 def test_rec_model_without_head_has_no_logits():
     model = build_model(ArchConfig.model_validate({"Backbone": {"name": "PPLCNetV2_small"}}))
     assert set(model.eval()(torch.randn(1, 3, 64, 64))) == {"backbone", "features"}

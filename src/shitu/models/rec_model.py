@@ -63,7 +63,12 @@ class RecModel(nn.Module):
     def forward(
         self, x: torch.Tensor, label: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
-        out: dict[str, torch.Tensor] = {"backbone": self.backbone(x)}
+        backbone = self.backbone(x)
+        if backbone.ndim == 4 and backbone.shape[2:] == (1, 1):
+            # Stopped at its pooling layer (PaddleClas's `avg_pool`): the same embedding as
+            # stopped at `flatten`, which evaluation, export and the metric losses take.
+            backbone = backbone.flatten(1)
+        out: dict[str, torch.Tensor] = {"backbone": backbone}
         if self.neck is not None:
             out["neck"] = self.neck(out["backbone"])
         out["features"] = out.get("neck", out["backbone"])
@@ -110,13 +115,14 @@ def build_model(arch: ArchConfig, pretrained: bool = True) -> RecModel:
 
 def _check_stage_sizes(model: RecModel) -> None:
     """One small image through every stage (eval mode, no gradients: nothing changes), so
-    that a Neck or Head sized for another output than the stage before it gives is named
-    now, not as a shape error inside training or export."""
+    that a Neck or Head sized for another output than the stage before it gives, or features
+    that are a feature map rather than a vector, are named now, not as a shape error inside
+    training, or once a whole evaluation set is embedded."""
     training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            model(torch.zeros(1, 3, 64, 64), torch.zeros(1, dtype=torch.long))
+            outputs = model(torch.zeros(1, 3, 64, 64), torch.zeros(1, dtype=torch.long))
     except RuntimeError as exc:
         raise ConfigError(
             f"Arch: the model fails on a 1 x 3 x 64 x 64 image ({exc}); check that each stage "
@@ -125,3 +131,11 @@ def _check_stage_sizes(model: RecModel) -> None:
         ) from None
     finally:
         model.train(training)
+    features = outputs["features"]
+    if features.ndim != 2:
+        shape = " x ".join(str(size) for size in features.shape[1:])
+        raise ConfigError(
+            f"Arch: the model's features are a {shape} map on a 1 x 3 x 64 x 64 image, not an "
+            "embedding vector; stop the backbone at or after its pooling layer "
+            "(Arch.BackboneStopLayer) or add a Neck"
+        )
