@@ -30,25 +30,28 @@ def test_celoss_label_smoothing():
 
 
 def test_celoss_rejects_bad_epsilon():
-    with pytest.raises(ConfigError, match="loss 'CELoss': epsilon must be in"):
+    with pytest.raises(ConfigError, match="epsilon: Input should be less than 1 .* 'CELoss'"):
         LOSSES.build("CELoss", epsilon=1.5)
 
 
 @pytest.mark.parametrize(
     ("name", "params", "message"),
     [
-        ("TripletAngularMarginLoss", {"margin": -0.5}, "margin must be >= 0"),
+        ("TripletLoss", {"margin": -0.5}, "margin"),
+        ("TripletAngularMarginLoss", {"margin": -0.5}, "margin"),
         ("TripletAngularMarginLoss", {"absolute_loss_weight": -0.1}, "absolute_loss_weight"),
-        ("XBM", {"memory_weight": -1.0}, "memory_weight must be >= 0"),
-        ("XBM", {"batch_weight": -1.0}, "batch_weight must be >= 0"),
-        ("ContrastiveLoss_XBM", {"xbm_weight": -1.0}, "memory_weight must be >= 0"),
+        ("XBM", {"memory_weight": -1.0}, "memory_weight"),
+        ("XBM", {"batch_weight": -1.0}, "batch_weight"),
+        ("XBM", {"start_iter": -1}, "start_iter"),
+        ("ContrastiveLoss_XBM", {"xbm_weight": -1.0}, "xbm_weight"),
     ],
 )
 def test_negative_margins_and_weights_are_config_errors(name, params, message):
-    """Each was taken: a negative weight maximises its term, as the loss sum's own
-    `weight` refuses to, and a negative margin leaves most triplets without a loss."""
-    with pytest.raises(ConfigError, match=f"loss '{name}': {message}"):
-        LOSSES.build(name, **params)
+    """Refused when a config is read, naming the key as for the model's components: a
+    negative weight maximises its term, as the loss sum's own `weight` refuses to, and a
+    negative margin leaves most triplets without a loss."""
+    with pytest.raises(ConfigError, match=f"{message}: Input should be greater than or equal"):
+        LOSSES.validate(name, params)
 
 
 @pytest.mark.parametrize(

@@ -36,6 +36,8 @@ T = TypeVar("T", bound=Callable[..., Any])
 # A count in a component's signature (features, channels, classes): a config giving 0 or a
 # negative number is refused by name, not by torch later with a shape error.
 Size = Annotated[int, Field(gt=0)]
+# A margin or weight that turns the loss round below 0 (a negative weight maximises its term).
+NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 # A file or folder setting of a config (a schema key's type, a component parameter's
 # annotation): `~/data` in a YAML file is in the home folder, as in an `-o` value. Only
 # paths: a label or name starting with `~` is left as written.

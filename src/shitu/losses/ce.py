@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 from shitu.registry import LOSSES
@@ -20,10 +21,8 @@ class CELoss(nn.Module):
 
     input_key: ClassVar[str] = "logits"
 
-    def __init__(self, epsilon: float | None = None) -> None:
+    def __init__(self, epsilon: Annotated[float, Field(ge=0, lt=1)] | None = None) -> None:
         super().__init__()
-        if epsilon is not None and not 0.0 <= epsilon < 1.0:
-            raise ValueError(f"epsilon must be in [0, 1), got {epsilon}")
         self.epsilon = epsilon or 0.0
 
     def forward(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:

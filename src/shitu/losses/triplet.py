@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from shitu.losses._pairs import PairLoss, euclidean_distances, hardest, zero_loss
-from shitu.registry import LOSSES
+from shitu.registry import LOSSES, NonNegative
 
 
 @LOSSES.register("TripletLoss")
@@ -20,10 +20,8 @@ class TripletLoss(PairLoss):
     `normalize_feature` L2-normalises first, as PaddleClas's TripletLossV2 does.
     """
 
-    def __init__(self, margin: float = 1.0, normalize_feature: bool = False) -> None:
+    def __init__(self, margin: NonNegative = 1.0, normalize_feature: bool = False) -> None:
         super().__init__()
-        if margin < 0:
-            raise ValueError(f"margin must be >= 0, got {margin}")
         self.margin = margin
         self.normalize_feature = normalize_feature
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from shitu.losses._pairs import PairLoss, hardest, zero_loss
-from shitu.registry import LOSSES
+from shitu.registry import LOSSES, NonNegative
 
 
 @LOSSES.register("TripletAngularMarginLoss")
@@ -36,21 +36,15 @@ class TripletAngularMarginLoss(PairLoss):
 
     def __init__(
         self,
-        margin: float = 0.5,
+        margin: NonNegative = 0.5,
         normalize_feature: bool = True,
         reduction: Literal["mean", "sum"] = "mean",
         add_absolute: bool = False,
-        absolute_loss_weight: float = 1.0,
+        absolute_loss_weight: NonNegative = 1.0,
         ap_value: float = 0.9,
         an_value: float = 0.5,
     ) -> None:
         super().__init__()
-        # A negative margin asks for nothing until a negative outranks the positive by
-        # more than it, and a negative weight would push the thresholds the wrong way.
-        if margin < 0:
-            raise ValueError(f"margin must be >= 0, got {margin}")
-        if absolute_loss_weight < 0:
-            raise ValueError(f"absolute_loss_weight must be >= 0, got {absolute_loss_weight}")
         self.margin = margin
         self.normalize_feature = normalize_feature
         self.reduction = reduction

@@ -12,14 +12,17 @@ written just before.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from shitu.errors import ConfigError
 from shitu.losses._pairs import as_embeddings
-from shitu.registry import LOSSES
+from shitu.registry import LOSSES, NonNegative, Size
+
+Iterations = Annotated[int, Field(ge=0)]
 
 
 def _build_pair_loss(spec: str | dict[str, dict[str, Any] | None]) -> tuple[str, nn.Module]:
@@ -58,22 +61,13 @@ class CrossBatchMemory(nn.Module):
     def __init__(
         self,
         pair_loss: str | dict[str, dict[str, Any] | None] = "ContrastiveLoss",
-        memory_size: int = 8192,
-        embedding_size: int = 512,
-        start_iter: int = 1000,
-        memory_weight: float = 1.0,
-        batch_weight: float = 1.0,
+        memory_size: Size = 8192,
+        embedding_size: Size = 512,
+        start_iter: Iterations = 1000,
+        memory_weight: NonNegative = 1.0,
+        batch_weight: NonNegative = 1.0,
     ) -> None:
         super().__init__()
-        if memory_size < 1:
-            raise ValueError(f"memory_size must be >= 1, got {memory_size}")
-        if embedding_size < 1:
-            raise ValueError(f"embedding_size must be >= 1, got {embedding_size}")
-        if start_iter < 0:
-            raise ValueError(f"start_iter must be >= 0, got {start_iter}")
-        for name, weight in (("memory_weight", memory_weight), ("batch_weight", batch_weight)):
-            if weight < 0:  # as a loss item's weight: a negative one would maximise the loss
-                raise ValueError(f"{name} must be >= 0, got {weight}")
         self.pair_loss_name, self.pair_loss = _build_pair_loss(pair_loss)
         self.start_iter = start_iter
         self.memory_weight = memory_weight
@@ -139,11 +133,11 @@ class ContrastiveLossXBM(CrossBatchMemory):
 
     def __init__(
         self,
-        xbm_size: int = 8192,
-        xbm_weight: float = 1.0,
-        start_iter: int = 1000,
+        xbm_size: Size = 8192,
+        xbm_weight: NonNegative = 1.0,
+        start_iter: Iterations = 1000,
         margin: float = 0.5,
-        embedding_size: int = 128,
+        embedding_size: Size = 128,
         epsilon: float = 1e-5,
         normalize_feature: bool = True,
     ) -> None:
