@@ -256,11 +256,27 @@ def test_xbm_state_round_trips_through_state_dict():
 
 
 def test_xbm_rejects_bad_settings():
-    with pytest.raises(ConfigError, match="loss 'XBM': .*pair loss"):
+    with pytest.raises(ConfigError, match="pair_loss: XBM needs a pair loss .* in loss 'XBM'"):
         LOSSES.build("XBM", pair_loss="CELoss", embedding_size=2)
     xbm = LOSSES.build("XBM", memory_size=4, embedding_size=3, start_iter=1000).train()
     with pytest.raises(ConfigError, match="embedding_size"):  # at the first step already
         xbm(_unit(0, 90), torch.tensor([0, 1]))
+
+
+@pytest.mark.parametrize(
+    ("pair_loss", "message"),
+    [
+        ({"ContrastiveLoss": {"margn": 0.5}}, r"^pair_loss\.ContrastiveLoss\.margn: unknown key"),
+        ({"TripletLoss": {"margin": -1}}, r"^pair_loss\.TripletLoss\.margin: Input should be"),
+        ("TripletLos", r"^pair_loss: unknown loss 'TripletLos' \(did you mean 'TripletLoss'"),
+        ("CELoss", "^pair_loss: XBM needs a pair loss"),
+    ],
+)
+def test_xbm_pair_loss_is_checked_with_the_config(pair_loss, message):
+    """Checked when a config is read, under the key it sits at (the config loader puts the
+    section before it), not only when training builds the loss, without file or key."""
+    with pytest.raises(ConfigError, match=message):
+        LOSSES.validate("XBM", {"pair_loss": pair_loss})
 
 
 def _lite0_model(

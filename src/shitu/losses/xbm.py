@@ -20,27 +20,38 @@ from torch import nn
 
 from shitu.errors import ConfigError
 from shitu.losses._pairs import as_embeddings
-from shitu.registry import LOSSES, NonNegative, Size
+from shitu.registry import LOSSES, NonNegative, Size, each_problem
 
 Iterations = Annotated[int, Field(ge=0)]
 
 
-def _build_pair_loss(spec: str | dict[str, dict[str, Any] | None]) -> tuple[str, nn.Module]:
-    """`"ContrastiveLoss"` or `{"ContrastiveLoss": {"margin": 0.5}}` -> (name, loss)."""
+PairLossSpec = str | dict[str, dict[str, Any] | None]
+
+
+def _pair_loss_spec(spec: PairLossSpec) -> tuple[str, dict[str, Any]]:
+    """`"ContrastiveLoss"` or `{"ContrastiveLoss": {"margin": 0.5}}` -> (name, validated
+    params); a problem is named under `pair_loss`, as the config has it."""
     if isinstance(spec, str):
         name, params = spec, {}
     elif isinstance(spec, dict) and len(spec) == 1:
         ((name, params),) = spec.items()
         params = dict(params or {})
     else:
-        raise ValueError(f"pair_loss must be a loss name or {{name: {{params}}}}, got {spec!r}")
-    loss = LOSSES.build(name, **params)
-    if not getattr(loss, "supports_reference", False):
+        raise ValueError(f"pair_loss: must be a loss name or {{name: {{params}}}}, got {spec!r}")
+    try:
+        loss_class = LOSSES.get(name)
+    except ConfigError as exc:
+        raise ConfigError(f"pair_loss: {exc}") from None
+    if not getattr(loss_class, "supports_reference", False):
         raise ValueError(
-            f"XBM needs a pair loss that compares a batch with a reference set "
+            f"pair_loss: XBM needs a pair loss that compares a batch with a reference set "
             f"(ContrastiveLoss, TripletLoss, TripletAngularMarginLoss); {name} is not one"
         )
-    return name, loss
+    try:
+        return name, LOSSES.validate(name, params)
+    except ConfigError as exc:
+        message = each_problem(str(exc), lambda problem: f"pair_loss.{name}.{problem}")
+        raise ConfigError(message) from None
 
 
 @LOSSES.register("XBM")
@@ -60,7 +71,7 @@ class CrossBatchMemory(nn.Module):
 
     def __init__(
         self,
-        pair_loss: str | dict[str, dict[str, Any] | None] = "ContrastiveLoss",
+        pair_loss: PairLossSpec = "ContrastiveLoss",
         memory_size: Size = 8192,
         embedding_size: Size = 512,
         start_iter: Iterations = 1000,
@@ -68,7 +79,8 @@ class CrossBatchMemory(nn.Module):
         batch_weight: NonNegative = 1.0,
     ) -> None:
         super().__init__()
-        self.pair_loss_name, self.pair_loss = _build_pair_loss(pair_loss)
+        self.pair_loss_name, params = _pair_loss_spec(pair_loss)
+        self.pair_loss = LOSSES.build(self.pair_loss_name, **params)
         self.start_iter = start_iter
         self.memory_weight = memory_weight
         self.batch_weight = batch_weight
@@ -77,6 +89,12 @@ class CrossBatchMemory(nn.Module):
         self.register_buffer("write_position", torch.zeros((), dtype=torch.long))
         self.register_buffer("num_filled", torch.zeros((), dtype=torch.long))
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
+
+    @staticmethod
+    def check_params(pair_loss: PairLossSpec = "ContrastiveLoss", **_others: Any) -> None:
+        """The pair loss's name and settings: also checked as a config loads (by the
+        registry), so that a mistake there names the file and key as any other does."""
+        _pair_loss_spec(pair_loss)
 
     @property
     def memory_size(self) -> int:
