@@ -231,12 +231,19 @@ def test_gem_pool_starts_from_imagenet_weights_and_generalises_the_average(tmp_p
         build("lite0", pool="max")
 
 
-@pytest.mark.parametrize("rate", [-0.2, 1.5])
-def test_drop_connect_rate_outside_0_1_is_a_config_error(rate):
-    """1.5 built and then failed in torch's bernoulli_ at the first training step; -0.2
-    silently dropped nothing."""
-    with pytest.raises(ConfigError, match=r"drop_connect_rate must be in \[0, 1\]"):
-        BACKBONES.build("EfficientNetLite0", drop_connect_rate=rate)
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"drop_connect_rate": -0.2}, "drop_connect_rate: Input should be greater than or equal"),
+        ({"drop_connect_rate": 1.5}, "drop_connect_rate: Input should be less than or equal"),
+        ({"last_stride": 3}, "last_stride: Input should be 1 or 2"),
+    ],
+)
+def test_bad_settings_are_refused_when_the_config_is_read(params, message):
+    """A drop_connect_rate of 1.5 built and then failed in torch's bernoulli_ at the first
+    training step, and -0.2 silently dropped nothing."""
+    with pytest.raises(ConfigError, match=message):
+        BACKBONES.validate("EfficientNetLite0", params)
 
 
 def test_stop_after_flatten_gives_pooled_features():

@@ -20,10 +20,11 @@ import math
 import re
 from importlib import metadata
 from pathlib import Path
-from typing import NamedTuple
+from typing import Annotated, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 from shitu.checkpoint.io import read_weights
@@ -41,6 +42,10 @@ LITE_STD = (128.0 / 255.0,) * 3
 # TensorFlow BatchNormalization(momentum=0.99, epsilon=1e-3); PyTorch's momentum is 1 - 0.99.
 BN_EPS = 1e-3
 BN_MOMENTUM = 0.01
+
+# The last block's stochastic depth; earlier blocks get less, so every block keeps some
+# residuals even at 1 (above it torch refused the first training step).
+DropConnectRate = Annotated[float, Field(ge=0, le=1)]
 
 STEM_CHANNELS = 32
 HEAD_CHANNELS = 1280
@@ -219,20 +224,14 @@ class EfficientNetLite(SequentialBackbone):
         variant: str = "lite0",
         class_num: Size = 1000,
         dropout_prob: float = 0.2,
-        drop_connect_rate: float = 0.2,
-        last_stride: int = 2,
+        drop_connect_rate: DropConnectRate = 0.2,
+        last_stride: Literal[1, 2] = 2,
         pool: str = "avg",
         pretrained: bool | ConfigPath | None = None,
     ) -> None:
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"unknown EfficientNet-Lite variant '{variant}'; use {list(VARIANTS)}")
-        if last_stride not in (1, 2):
-            raise ValueError(f"last_stride must be 1 or 2, got {last_stride}")
-        # Blocks get rates below it (see below), so 1 is the most it can be; checked now, not
-        # by torch at the first training step.
-        if not 0.0 <= drop_connect_rate <= 1.0:
-            raise ValueError(f"drop_connect_rate must be in [0, 1], got {drop_connect_rate}")
         self.variant = variant
         spec = VARIANTS[variant]
         self.stem = ConvBNAct(3, STEM_CHANNELS, 3, stride=2)
