@@ -77,6 +77,18 @@ def test_metric_losses_take_a_pooled_backbone_map(name, params):
         LOSSES.build(name, **params).train()(spatial, labels)
 
 
+def test_tripletlossv2_is_paddleclas_s_normalised_triplet_loss():
+    """PaddleClas configs name it; it was an unknown loss, and the suggested TripletLoss
+    has PaddleClas's other defaults (margin 1.0 on raw features)."""
+    torch.manual_seed(0)
+    features, labels = torch.randn(8, 16), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    v2 = LOSSES.build("TripletLossV2")
+    assert (v2.margin, v2.normalize_feature) == (0.5, True)
+    same = LOSSES.build("TripletLoss", margin=0.5, normalize_feature=True)
+    assert v2(features, labels).item() == same(features, labels).item()
+    assert LOSSES.build("TripletLossV2", margin=0.3).margin == 0.3
+
+
 def test_triplet_angular_margin_hand_computed():
     """Unit vectors at 0 and 60 degrees (class 0), 90 and 180 degrees (class 1).
 

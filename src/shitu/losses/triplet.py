@@ -33,3 +33,9 @@ class TripletLoss(PairLoss):
         d_ap = hardest(dist, positive[valid], largest=True)
         d_an = hardest(dist, negative[valid], largest=False)
         return F.relu(d_ap - d_an + self.margin).mean()
+
+
+# PaddleClas's name for the same loss on L2-normalised features, with its defaults: a
+# config brought from PaddleClas keeps its margin and normalisation, which `TripletLoss`'s
+# defaults (PaddleClas's TripletLoss) would silently change.
+LOSSES.register_variant("TripletLossV2", TripletLoss, {}, margin=0.5, normalize_feature=True)
