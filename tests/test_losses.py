@@ -77,6 +77,22 @@ def test_metric_losses_take_a_pooled_backbone_map(name, params):
         LOSSES.build(name, **params).train()(spatial, labels)
 
 
+@pytest.mark.parametrize(
+    ("name", "params"),
+    [
+        ("ContrastiveLoss", {"margin": 1.0}),
+        ("ContrastiveLoss_XBM", {"margin": 1.5}),
+        ("XBM", {"pair_loss": {"ContrastiveLoss": {"margin": 1.0}}}),
+    ],
+)
+def test_contrastive_margin_that_leaves_out_every_negative_is_refused(name, params):
+    """Cosines never exceed 1: such a margin made the loss pull every embedding together."""
+    with pytest.raises(ConfigError, match="leaves out every negative pair"):
+        LOSSES.validate(name, params)
+    raw = LOSSES.build("ContrastiveLoss", margin=1.0, normalize_feature=False)
+    assert raw.margin == 1.0  # dot products of raw features do exceed 1
+
+
 def test_tripletlossv2_is_paddleclas_s_normalised_triplet_loss():
     """PaddleClas configs name it; it was an unknown loss, and the suggested TripletLoss
     has PaddleClas's other defaults (margin 1.0 on raw features)."""

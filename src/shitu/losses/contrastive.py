@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -34,12 +36,33 @@ class ContrastiveLoss(PairLoss):
         feat_dim: int | None = None,
     ) -> None:
         super().__init__()
-        if None not in (embedding_size, feat_dim) and embedding_size != feat_dim:
-            raise ValueError(f"embedding_size {embedding_size} and feat_dim {feat_dim} differ")
+        self.check_params(margin, normalize_feature, embedding_size, feat_dim)
         self.margin = margin
         self.normalize_feature = normalize_feature
         self.epsilon = epsilon
         self.embedding_size = embedding_size if embedding_size is not None else feat_dim
+
+    @staticmethod
+    def check_params(
+        margin: float = 0.5,
+        normalize_feature: bool = True,
+        embedding_size: int | None = None,
+        feat_dim: int | None = None,
+        **_others: Any,
+    ) -> None:
+        """Also checked as a config loads (by the registry). A cosine similarity never
+        exceeds 1, so from a margin of 1 on no negative pair would count, and the loss
+        would only pull embeddings together: every image ends up at one point."""
+        if normalize_feature and margin >= 1.0:
+            raise ValueError(
+                f"margin: {margin} leaves out every negative pair (cosines are at most 1), "
+                "so the loss would only pull embeddings together; give one below 1"
+            )
+        if None not in (embedding_size, feat_dim) and embedding_size != feat_dim:
+            raise ValueError(
+                f"feat_dim: {feat_dim} differs from embedding_size {embedding_size} (two names "
+                "of one setting)"
+            )
 
     def compare(self, query: Tensor, ref: Tensor, positive: Tensor, negative: Tensor) -> Tensor:
         if self.embedding_size is not None and query.shape[1] != self.embedding_size:

@@ -20,6 +20,7 @@ from torch import nn
 
 from shitu.errors import ConfigError
 from shitu.losses._pairs import as_embeddings
+from shitu.losses.contrastive import ContrastiveLoss
 from shitu.registry import LOSSES, NonNegative, Size, each_problem
 
 Iterations = Annotated[int, Field(ge=0)]
@@ -172,3 +173,8 @@ class ContrastiveLossXBM(CrossBatchMemory):
             start_iter=start_iter,
             memory_weight=xbm_weight,
         )
+
+    @staticmethod
+    def check_params(margin: float = 0.5, normalize_feature: bool = True, **_others: Any) -> None:
+        """The ContrastiveLoss settings it passes on, also checked as a config loads."""
+        ContrastiveLoss.check_params(margin=margin, normalize_feature=normalize_feature)
