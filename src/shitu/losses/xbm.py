@@ -24,8 +24,7 @@ from shitu.losses.contrastive import ContrastiveLoss
 from shitu.registry import LOSSES, NonNegative, Size, each_problem
 
 Iterations = Annotated[int, Field(ge=0)]
-
-
+# A loss name, or {name: {params}}
 PairLossSpec = str | dict[str, dict[str, Any] | None]
 
 
