@@ -118,6 +118,12 @@ def test_reparameterize_is_idempotent():
         assert torch.equal(once, model(x))
 
 
+def test_pplcnetv2_last_stride_is_checked_when_the_config_is_read():
+    """0 was torch's RuntimeError (a traceback) while the model was built."""
+    with pytest.raises(ConfigError, match="last_stride: Input should be 1 or 2"):
+        BACKBONES.validate("PPLCNetV2_base_ShiTu", {"last_stride": 0})
+
+
 def test_stop_after_unknown_layer_lists_choices():
     backbone = BACKBONES.build("PPLCNetV2_small")
     with pytest.raises(ConfigError, match="choose one of: stem, stages, avg_pool"):

@@ -5,7 +5,7 @@ Module and parameter names mirror PaddleClas so its `.pdparams` map one to one.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -160,7 +160,7 @@ class PPLCNetV2(SequentialBackbone):
         use_last_conv: bool = True,
         class_expand: Size = 1280,
         act: str = "relu",
-        last_stride: int = 2,
+        last_stride: Literal[1, 2] = 2,
         last_conv_bias: bool = False,
         last_act: bool = True,
         pretrained: ConfigPath | bool | None = None,
