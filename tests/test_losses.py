@@ -274,6 +274,25 @@ def test_xbm_adds_the_memory_term():
     assert not xbm.memory.requires_grad
 
 
+def test_triplet_angular_margin_loss_xbm_takes_paddleclas_s_arguments():
+    """PaddleClas's name for XBM around the angular triplet loss, with its argument names."""
+    settings = {"margin": 0.3, "add_absolute": True, "absolute_loss_weight": 0.1}
+    ours = LOSSES.build(
+        "TripletAngularMarginLoss_XBM", xbm_size=8, xbm_weight=0.5, start_iter=0, feat_dim=2,
+        **settings,
+    ).train()  # fmt: skip
+    xbm = LOSSES.build(
+        "XBM", pair_loss={"TripletAngularMarginLoss": settings}, memory_size=8,
+        memory_weight=0.5, embedding_size=2, start_iter=0,
+    ).train()  # fmt: skip
+    labels = torch.tensor([0, 0, 1, 1])
+    for batch in (_unit(0, 40, 90, 150), _unit(10, 60, 100, 200)):
+        assert ours(batch, labels).item() == pytest.approx(xbm(batch, labels).item())
+    assert ours.stored()[0].shape == (8, 2)
+    with pytest.raises(ConfigError, match="feat_dim: Input should be greater than 0"):
+        LOSSES.validate("TripletAngularMarginLoss_XBM", {"feat_dim": 0})
+
+
 def test_xbm_state_round_trips_through_state_dict():
     xbm = LOSSES.build("ContrastiveLoss_XBM", xbm_size=4, embedding_size=2, start_iter=0).train()
     xbm(_unit(0, 90), torch.tensor([3, 4]))

@@ -12,7 +12,7 @@ written just before.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -91,10 +91,12 @@ class CrossBatchMemory(nn.Module):
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
 
     @staticmethod
-    def check_params(pair_loss: PairLossSpec = "ContrastiveLoss", **_others: Any) -> None:
+    def check_params(pair_loss: PairLossSpec | None = None, **_others: Any) -> None:
         """The pair loss's name and settings: also checked as a config loads (by the
-        registry), so that a mistake there names the file and key as any other does."""
-        _pair_loss_spec(pair_loss)
+        registry), so that a mistake there names the file and key as any other does. The
+        classes with PaddleClas's arguments have no `pair_loss`: their types check them."""
+        if pair_loss is not None:
+            _pair_loss_spec(pair_loss)
 
     @property
     def memory_size(self) -> int:
@@ -177,3 +179,45 @@ class ContrastiveLossXBM(CrossBatchMemory):
     def check_params(margin: float = 0.5, normalize_feature: bool = True, **_others: Any) -> None:
         """The ContrastiveLoss settings it passes on, also checked as a config loads."""
         ContrastiveLoss.check_params(margin=margin, normalize_feature=normalize_feature)
+
+
+@LOSSES.register("TripletAngularMarginLoss_XBM")
+class TripletAngularMarginLossXBM(CrossBatchMemory):
+    """PaddleClas's name and arguments for XBM around TripletAngularMarginLoss.
+
+    `xbm_size` is `memory_size`, `xbm_weight` is `memory_weight` and `feat_dim` is
+    `embedding_size`; the others are TripletAngularMarginLoss's (with its differences
+    from PaddleClas's, which counts an anchor's own pair in the in-batch term).
+    """
+
+    def __init__(
+        self,
+        xbm_size: Size = 8192,
+        xbm_weight: NonNegative = 1.0,
+        start_iter: Iterations = 1000,
+        feat_dim: Size = 512,
+        margin: NonNegative = 0.5,
+        normalize_feature: bool = True,
+        reduction: Literal["mean", "sum"] = "mean",
+        add_absolute: bool = False,
+        absolute_loss_weight: NonNegative = 1.0,
+        ap_value: float = 0.9,
+        an_value: float = 0.5,
+    ) -> None:
+        super().__init__(
+            pair_loss={
+                "TripletAngularMarginLoss": {
+                    "margin": margin,
+                    "normalize_feature": normalize_feature,
+                    "reduction": reduction,
+                    "add_absolute": add_absolute,
+                    "absolute_loss_weight": absolute_loss_weight,
+                    "ap_value": ap_value,
+                    "an_value": an_value,
+                }
+            },
+            memory_size=xbm_size,
+            embedding_size=feat_dim,
+            start_iter=start_iter,
+            memory_weight=xbm_weight,
+        )
