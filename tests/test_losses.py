@@ -103,6 +103,8 @@ def test_tripletlossv2_is_paddleclas_s_normalised_triplet_loss():
     same = LOSSES.build("TripletLoss", margin=0.5, normalize_feature=True)
     assert v2(features, labels).item() == same(features, labels).item()
     assert LOSSES.build("TripletLossV2", margin=0.3).margin == 0.3
+    xbm = LOSSES.build("XBM", pair_loss="TripletLossV2", embedding_size=16)
+    assert (xbm.pair_loss.margin, xbm.pair_loss.normalize_feature) == (0.5, True)
 
 
 def test_triplet_angular_margin_hand_computed():

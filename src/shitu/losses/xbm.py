@@ -21,7 +21,7 @@ from torch import nn
 from shitu.errors import ConfigError
 from shitu.losses._pairs import as_embeddings
 from shitu.losses.contrastive import ContrastiveLoss
-from shitu.registry import LOSSES, NonNegative, Size, each_problem
+from shitu.registry import LOSSES, NonNegative, Size, Variant, each_problem
 
 Iterations = Annotated[int, Field(ge=0)]
 # A loss name, or {name: {params}}
@@ -39,9 +39,10 @@ def _pair_loss_spec(spec: PairLossSpec) -> tuple[str, dict[str, Any]]:
     else:
         raise ValueError(f"pair_loss: must be a loss name or {{name: {{params}}}}, got {spec!r}")
     try:
-        loss_class = LOSSES.get(name)
+        entry = LOSSES.get(name)
     except ConfigError as exc:
         raise ConfigError(f"pair_loss: {exc}") from None
+    loss_class = entry.ctor if isinstance(entry, Variant) else entry  # e.g. TripletLossV2
     if not getattr(loss_class, "supports_reference", False):
         raise ValueError(
             f"pair_loss: XBM needs a pair loss that compares a batch with a reference set "
