@@ -291,6 +291,20 @@ def test_float32_and_labels_as_column() -> None:
         assert got[key] == pytest.approx(value, abs=1e-6), key
 
 
+@pytest.mark.parametrize("re_ranking", [None, ReRanking()])
+def test_autocast_around_the_call_changes_nothing(re_ranking: ReRanking | None) -> None:
+    """Under a caller's bf16 autocast the similarity (and re-ranking distance) matmuls ran
+    in bf16, which moved mAP and mINP here (and reorders close gallery items)."""
+    qf, ql, gf, gl = random_set(seed=4, num_q=60, num_g=200, dim=64, dtype=torch.float32)
+    expected = evaluate_retrieval(qf, ql, gf, gl, re_ranking=re_ranking, **ALL_METRICS)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = evaluate_retrieval(qf, ql, gf, gl, re_ranking=re_ranking, **ALL_METRICS)
+        distances = k_reciprocal_distances(qf, gf)
+    assert got.metrics == expected.metrics
+    assert distances.dtype == torch.float32
+    assert torch.equal(distances, k_reciprocal_distances(qf, gf))
+
+
 def test_query_blocks_bound_the_score_matrix(monkeypatch: pytest.MonkeyPatch) -> None:
     """Only [block, G] score matrices are ever ranked, never the full [Q, G] one."""
     shapes: list[tuple[int, ...]] = []

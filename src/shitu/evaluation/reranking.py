@@ -102,7 +102,8 @@ def k_reciprocal_distances(
     )
     feats = torch.cat([query_features.to(device, dtype), gallery_features.to(device, dtype)])
     feats = F.normalize(feats, dim=1)
-    with torch.no_grad():
+    # In `dtype` also when called under autocast, whose bf16 matmul would round the distances.
+    with torch.no_grad(), torch.autocast(device.type, enabled=False):
         dist = (2.0 - 2.0 * (feats @ feats.T)).clamp_(min=0.0)
         # Exactly symmetric, so neighbour ranks do not depend on the GEMM's summation order.
         dist = (dist + dist.T) / 2.0

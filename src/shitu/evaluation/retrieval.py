@@ -228,7 +228,9 @@ class RetrievalEvaluator:
             g_ids = _check_ids(gallery_ids, len(g_feat), "gallery_ids", device)
 
         dtype = torch.float64 if torch.float64 in (q_feat.dtype, g_feat.dtype) else torch.float32
-        with torch.no_grad():
+        # Scored in float32 (or float64) also when called under autocast, whose bf16 matmul
+        # would round the similarities and reorder close gallery items.
+        with torch.no_grad(), torch.autocast(device.type, enabled=False):
             if self.re_ranking is not None:
                 rr = self.re_ranking
                 dist = k_reciprocal_distances(
