@@ -124,6 +124,15 @@ def test_coco_map_hand_computed() -> None:
     )
 
 
+def test_coco_map_keeps_the_best_100_boxes_of_each_class_per_image() -> None:
+    """pycocotools' maxDets limits an image's boxes class by class: 100 confident boxes of
+    one class do not push another class's right box out of the count."""
+    gt = [(np.array([[0, 0, 10, 10], [50, 50, 60, 60]], np.float32), np.array([0, 1]))]
+    others = [[1, 0.9, 50, 50, 60, 60]] + [[1, 0.8, 100, 100, 110, 110]] * 100
+    dets = [np.array([*others, [0, 0.1, 0, 0, 10, 10]], np.float32)]
+    assert evaluate_boxes(dets, gt)["mAP"] == pytest.approx(1.0)  # both classes found first
+
+
 # ---------------------------------------------------------------- datasets
 
 

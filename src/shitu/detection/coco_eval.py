@@ -1,6 +1,6 @@
 """COCO-style box AP: mAP@[.5:.95] and AP50, computed the way pycocotools does for
-area "all" (101-point interpolated precision, at most 100 detections per image, each
-detection matched greedily in score order to the best-overlapping unmatched ground truth
+area "all" (101-point interpolated precision, at most 100 detections per image and class,
+each detection matched greedily in score order to the best-overlapping unmatched ground truth
 of its class). Crowd regions and area ranges are not modelled.
 """
 
@@ -34,7 +34,8 @@ def evaluate_boxes(
     max_detections: int = 100,
 ) -> dict[str, float]:
     """Per image detections [M, 6] (cls, score, x1, y1, x2, y2) and ground truth (boxes [K, 4],
-    labels [K]) -> {"mAP": AP@[.5:.95], "AP50": AP@.5}, averaged over classes with ground truth."""
+    labels [K]) -> {"mAP": AP@[.5:.95], "AP50": AP@.5}, averaged over classes with ground truth.
+    An image's `max_detections` best boxes of each class count (pycocotools' maxDets)."""
     classes = sorted({int(c) for _, labels in ground_truths for c in labels})
     per_class = np.zeros((len(classes), len(IOU_THRESHOLDS)))
     for ci, cls in enumerate(classes):
@@ -42,8 +43,8 @@ def evaluate_boxes(
         num_gt = 0
         for dets, (gt_boxes, gt_labels) in zip(detections, ground_truths, strict=True):
             dets = np.asarray(dets, np.float64).reshape(-1, 6)
+            dets = dets[dets[:, 0] == cls]  # then its best: pycocotools' maxDets is per class
             dets = dets[np.argsort(-dets[:, 1], kind="stable")][:max_detections]
-            dets = dets[dets[:, 0] == cls]
             gts = np.asarray(gt_boxes, np.float64).reshape(-1, 4)[np.asarray(gt_labels) == cls]
             num_gt += len(gts)
             ious = box_iou(dets[:, 2:], gts)
