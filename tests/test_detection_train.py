@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from shitu.cli.main import main
-from shitu.detection import load_detector
+from shitu.detection import build_picodet, load_detector
 from shitu.detection.assigner import simota_assign
 from shitu.detection.coco_eval import evaluate_boxes
 from shitu.detection.data import (
@@ -32,7 +32,7 @@ from shitu.detection.data import (
     train_augment,
 )
 from shitu.detection.losses import distribution_focal_loss, giou, giou_loss, varifocal_loss
-from shitu.detection.train import DetectionTrainConfig, DetectionTrainer
+from shitu.detection.train import DetectionTrainConfig, DetectionTrainer, evaluate_detector
 from shitu.engine.state import Progress, save_training_state
 from shitu.errors import ConfigError, DataError
 
@@ -131,6 +131,23 @@ def test_coco_map_keeps_the_best_100_boxes_of_each_class_per_image() -> None:
     others = [[1, 0.9, 50, 50, 60, 60]] + [[1, 0.8, 100, 100, 110, 110]] * 100
     dets = [np.array([*others, [0, 0.1, 0, 0, 10, 10]], np.float32)]
     assert evaluate_boxes(dets, gt)["mAP"] == pytest.approx(1.0)  # both classes found first
+
+
+def test_training_evaluation_scores_the_boxes_clipped_to_the_image(tmp_path: Path) -> None:
+    """As detect gives them (and PaddleDetection evaluates): a box that runs past the photo's
+    edges is cut at them before it is matched, so an object filling the photo is found."""
+    Image.new("RGB", (96, 64), "gray").save(tmp_path / "img0.png")
+    dataset = CocoDetection(_write_coco(tmp_path, [[(0, 0, 96, 64, 0)]]), tmp_path)
+    model = build_picodet("picodet_s_esnet", num_classes=2)
+    reg_max = model.arch.reg_max
+    with torch.no_grad():  # only the coarsest level fires, every side 7 strides from its cell
+        for level, conv in enumerate(model.head.head_cls):
+            conv.weight.zero_()
+            conv.bias.zero_()
+            conv.bias[:2] = 5.0 if level == len(model.head.head_cls) - 1 else -20.0
+            conv.bias[2:].view(4, reg_max + 1)[:, reg_max] = 30.0
+    result = evaluate_detector(model, dataset, 128)
+    assert result == {"mAP": pytest.approx(1.0), "AP50": pytest.approx(1.0)}
 
 
 # ---------------------------------------------------------------- datasets

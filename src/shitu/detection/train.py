@@ -22,10 +22,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from shitu.config.schema import LRConfig, OptimizerConfig
-from shitu.detection.boxes import multiclass_nms
 from shitu.detection.coco_eval import evaluate_boxes
 from shitu.detection.data import DetectionDataset, collate
-from shitu.detection.detector import preprocess
+from shitu.detection.detector import detections_in_image, preprocess
 from shitu.detection.input_size import check_input_size
 from shitu.detection.losses import picodet_loss
 from shitu.detection.model import PicoDet, PicoDetArch, build_picodet
@@ -152,13 +151,19 @@ def evaluate_detector(
     detections, truths = [], []
     for index in range(len(dataset)):
         image = np.asarray(dataset.load_image(index))
-        h, w = image.shape[:2]
         scores, boxes = model.predict(torch.from_numpy(preprocess(image, (size, size))[None]))
-        scale = np.array([w / size, h / size] * 2, np.float32)
-        dets = multiclass_nms(
-            boxes[0].numpy() * scale, scores[0].numpy(), 0.025, 0.6, nms_top_k, 100
+        detections.append(
+            detections_in_image(
+                scores[0].numpy(),
+                boxes[0].numpy(),
+                image.shape[:2],
+                (size, size),
+                0.025,
+                100,
+                class_agnostic=False,
+                nms_top_k=nms_top_k,
+            )
         )
-        detections.append(dets)
         truths.append(dataset.targets(index))
     return evaluate_boxes(detections, truths)
 
