@@ -12,7 +12,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -564,16 +563,17 @@ def _live_children(pid: int) -> list[int]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads processes in /proc")
-def test_sigterm_to_the_process_group_ends_training_with_its_workers_quietly(
+def test_sigterm_to_the_process_group_stops_training_with_a_checkpoint_and_its_workers(
     tmp_path: Path,
 ) -> None:
-    """systemd, Slurm and `kill -- -PGID` send SIGTERM to the data loader's workers too:
-    the run ends by the signal, without a traceback about the workers' deaths. The
-    workers get it first here, as they may in such a stop (the order is the kernel's)."""
+    """systemd, Slurm and `kill -- -PGID` send SIGTERM to the data loader's workers too: the
+    run stops after its step with a checkpoint to resume, says so, ends its workers and exits
+    143 (128 + SIGTERM), without a traceback about the workers."""
     coco = _write_coco(tmp_path, _write_images(tmp_path, 16))
+    out = tmp_path / "out"
     command = [sys.executable, "-m", "shitu", "detect-train", "--coco", str(coco),
                "--images", str(tmp_path), "--epochs", "1000", "--batch-size", "4",
-               "--workers", "2", "--out", str(tmp_path / "out")]  # fmt: skip
+               "--workers", "2", "--out", str(out)]  # fmt: skip
     process = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
@@ -581,14 +581,43 @@ def test_sigterm_to_the_process_group_ends_training_with_its_workers_quietly(
         assert '"step": 0' in process.stdout.readline()  # training, its workers loading
         workers = _live_children(process.pid)
         assert len(workers) == 2
-        for worker in workers:
-            os.kill(worker, signal.SIGTERM)
-        while set(workers) & set(_live_children(process.pid)):
-            time.sleep(0.05)
-        process.terminate()
-        _, err = process.communicate(timeout=120)
+        os.killpg(process.pid, signal.SIGTERM)
+        stdout, err = process.communicate(timeout=120)
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
-    assert process.returncode == -signal.SIGTERM
-    assert err == "", err
+    assert process.returncode == 128 + signal.SIGTERM
+    assert err == (
+        "warning: SIGTERM: stopping after this step, with a checkpoint (send it again to stop "
+        "at once, without one)\n"
+    )
+    assert re.fullmatch(
+        rf"stopped early after step \d+ \(0 of 1000 epochs done\); resume with --resume "
+        rf"{re.escape(str(out / 'latest.pt'))}\n",
+        stdout,
+    )
+    assert not set(workers) & {int(p.name) for p in Path("/proc").glob("[0-9]*")}
+
+
+def test_a_signal_stops_training_after_its_step_with_a_checkpoint_to_resume_mid_epoch(
+    tmp_path: Path,
+) -> None:
+    """Ctrl-C (SIGINT) during an epoch: the step under way ends, a checkpoint is written,
+    and the run resumed from it takes the steps the whole run would have (it lost the epoch)."""
+    torch.set_num_threads(2)
+    _write_coco(tmp_path, _write_images(tmp_path, 8))  # two batches of 4 an epoch
+    whole = [h["loss"] for h in _trainer(tmp_path, epochs=2, learning_rate=0.02).train()]
+
+    def press_ctrl_c_during_the_first_step(record: dict[str, float]) -> None:
+        if record["step"] == 0:
+            signal.raise_signal(signal.SIGINT)
+
+    stopped = _trainer(tmp_path, epochs=2, learning_rate=0.02)
+    stopped.train(on_step=press_ctrl_c_during_the_first_step)
+    assert stopped.stop_signal == signal.SIGINT
+    assert (stopped.progress.global_step, stopped.progress.batch_in_epoch) == (1, 1)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # given back
+    resumed = _trainer(tmp_path, epochs=2, learning_rate=0.02)
+    resumed.resume(stopped.checkpoint_path)
+    rest = [h["loss"] for h in resumed.train()]
+    assert rest == pytest.approx(whole[1:], rel=1e-4)

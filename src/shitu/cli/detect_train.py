@@ -21,7 +21,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="train a PicoDet detector (COCO JSON or VOC XML annotations)",
         description=(
             "Train PicoDet from scratch with SGD + cosine schedule, EMA and multi-scale "
-            "batches; writes OUTPUT/latest.pt each epoch (resumable), then OUTPUT/model.pt "
+            "batches; writes OUTPUT/latest.pt each epoch and when Ctrl-C or SIGTERM stops "
+            "it after a step (resumable), then OUTPUT/model.pt "
             "(EMA weights) and OUTPUT/model.onnx (the onnxruntime path, at --input-size), "
             "either one a `shitu detect --model` or `shitu recognize --detector`, and prints "
             "COCO mAP on --val data."
@@ -113,6 +114,16 @@ def run(args: argparse.Namespace) -> int:
             print(json.dumps({k: round(v, 5) for k, v in record.items()}), flush=True)
 
     trainer.train(on_step=log)
+    # Stopped by a signal (one during the last step came too late to stop it): not done, as
+    # a caller (`detect-train && ...`) must see.
+    if trainer.stop_signal is not None and trainer.progress.epoch < config.epochs:
+        progress = trainer.progress
+        print(
+            f"stopped early after step {progress.global_step} ({progress.epoch} of "
+            f"{config.epochs} epochs done); resume with --resume {trainer.checkpoint_path}",
+            flush=True,
+        )
+        return 128 + trainer.stop_signal
     path = trainer.export(Path(args.out) / "model.pt")
     # The fast CPU path (onnxruntime), at --input-size, with the class names in the file
     onnx = export_onnx(trainer.ema.model, Path(args.out) / "model.onnx", args.input_size)

@@ -11,9 +11,13 @@ from __future__ import annotations
 import copy
 import logging
 import random
+import signal
+import threading
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import numpy as np
@@ -29,7 +33,7 @@ from shitu.detection.input_size import check_input_size
 from shitu.detection.losses import picodet_loss
 from shitu.detection.model import PicoDet, PicoDetArch, build_picodet
 from shitu.detection.weights import save_detector
-from shitu.engine.data import end_quietly_on_sigterm
+from shitu.engine.data import leave_stopping_to_the_trainer
 from shitu.engine.lr import Cosine
 from shitu.engine.optim import build_optimizer, set_learning_rate
 from shitu.engine.seeding import (
@@ -196,7 +200,7 @@ class DetectionTrainer:
             batch_sampler=self.sampler,
             collate_fn=list,
             num_workers=config.num_workers,
-            worker_init_fn=end_quietly_on_sigterm,
+            worker_init_fn=leave_stopping_to_the_trainer,
         )
         lr_config = LRConfig(name="Cosine", learning_rate=config.learning_rate)
         optim_config = OptimizerConfig(
@@ -215,6 +219,7 @@ class DetectionTrainer:
         )
         self.progress = Progress()
         self.history: list[dict[str, float]] = []
+        self.stop_signal: int | None = None  # the signal that stopped `train`, if one did
 
     @property
     def checkpoint_path(self) -> Path:
@@ -265,22 +270,62 @@ class DetectionTrainer:
         on_step: Callable[[dict[str, float]], None] | None = None,
     ) -> list[dict[str, float]]:
         """Train until `config.epochs` (or `max_steps` more steps); checkpoint each epoch.
-        `on_step` sees each step's losses and learning rate (for logging)."""
+        `on_step` sees each step's losses and learning rate (for logging).
+
+        Called from the main thread, Ctrl-C (SIGINT) or SIGTERM stops the run after its
+        current step with a checkpoint to resume from, and `stop_signal` names the signal;
+        an epoch can take hours, which a stop would otherwise lose. A second signal acts at
+        once, without a checkpoint."""
+        self.stop_signal = None
         done = 0
-        while self.progress.epoch < self.config.epochs:
-            self.sampler.set_epoch(self.progress.epoch, self.progress.batch_in_epoch)
-            for items in self.loader:
-                if max_steps is not None and done >= max_steps:
+        with self._stopping_on_signals():
+            while self.progress.epoch < self.config.epochs:
+                self.sampler.set_epoch(self.progress.epoch, self.progress.batch_in_epoch)
+                for items in self.loader:
+                    if max_steps is not None and done >= max_steps:
+                        return self.history
+                    if self.stop_signal is not None:
+                        self.save()  # mid-epoch: the resume goes on from the next step
+                        return self.history
+                    record = self.train_step(items)
+                    if on_step is not None:
+                        on_step(record)
+                    self.progress.batch_in_epoch += 1
+                    done += 1
+                self.progress.epoch += 1
+                self.progress.batch_in_epoch = 0
+                self.save()
+                if self.stop_signal is not None:
                     return self.history
-                record = self.train_step(items)
-                if on_step is not None:
-                    on_step(record)
-                self.progress.batch_in_epoch += 1
-                done += 1
-            self.progress.epoch += 1
-            self.progress.batch_in_epoch = 0
-            self.save()
         return self.history
+
+    @contextmanager
+    def _stopping_on_signals(self) -> Iterator[None]:
+        """SIGINT and SIGTERM handled by `_on_signal` while training (the main thread only
+        may set handlers: elsewhere they act as they would)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        self._previous_handlers = {
+            sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)
+        }
+        try:
+            yield
+        finally:
+            for sig, handler in self._previous_handlers.items():
+                signal.signal(sig, handler)
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        if self.stop_signal is not None:  # a second one: as without this handler
+            signal.signal(signum, self._previous_handlers[signum])
+            signal.raise_signal(signum)
+            return
+        self.stop_signal = signum
+        logger.warning(
+            "%s: stopping after this step, with a checkpoint (send it again to stop at once, "
+            "without one)",
+            signal.Signals(signum).name,
+        )
 
     def evaluate(self) -> dict[str, float]:
         return evaluate_detector(self.ema.model, self.dataset, self.config.eval_size)
