@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import BinaryIO
 
@@ -31,6 +32,7 @@ from shitu.errors import CheckpointError, ConfigError
 from shitu.pipeline import build_detector, fonts, load_pipeline_config
 from tests.font_helpers import font_covering
 from tests.onnx_helpers import tiny_model
+from tests.terminal_helpers import run_in_terminal
 
 PICODET = Path("/work/shared/models/picodet_s_coco")
 ONNX_416 = PICODET / "picodet_s_416_coco.onnx"
@@ -604,3 +606,24 @@ def test_the_score_threshold_is_a_minimum_score() -> None:
     scores = np.array([[0.5], [1.0], [0.25]], np.float32)
     assert multiclass_nms(boxes, scores, 0.5, 0.6)[:, 1].tolist() == [1.0, 0.5]
     assert multiclass_nms(boxes, scores, 1.0, 0.6)[:, 1].tolist() == [1.0]
+
+
+def test_detect_on_a_terminal_draws_a_progress_bar_that_counts_the_skipped(
+    tmp_path: Path,
+) -> None:
+    """A folder of photos takes a while, as with recognize: a bar on the terminal, each JSON
+    line and warning on a line of its own; none with --no-progress."""
+    for sample in PICODET.glob("samples/*.jpg"):
+        shutil.copy(sample, tmp_path)
+    (tmp_path / "broken.jpg").write_bytes(b"not an image")
+    command = [sys.executable, "-m", "shitu", "detect", str(tmp_path), "--model"]
+    command.append(str(PICODET / "picodet_s_320_coco.onnx"))
+    status, lines = run_in_terminal(command)
+    assert status == 0, lines
+    (bar,) = [line for line in lines if line.startswith("detecting: ")]
+    assert "3/3" in bar and "skipped=1" in bar
+    results = [line for line in lines if '{"image": ' in line or "broken.jpg" in line]
+    assert len(results) == 3
+    assert all(line.startswith(('{"image": ', "warning: skipped")) for line in results)
+    status, lines = run_in_terminal([*command, "--no-progress"])
+    assert status == 0 and not any(line.startswith("detecting") for line in lines), lines
