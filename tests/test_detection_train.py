@@ -34,6 +34,7 @@ from shitu.detection.losses import distribution_focal_loss, giou, giou_loss, var
 from shitu.detection.train import DetectionTrainConfig, DetectionTrainer, evaluate_detector
 from shitu.engine.state import Progress, save_training_state
 from shitu.errors import ConfigError, DataError
+from tests.terminal_helpers import run_in_terminal
 
 # ---------------------------------------------------------------- losses
 
@@ -479,6 +480,28 @@ def test_detect_train_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
         f"--resume {recognition}: a recognition training checkpoint, not a detector one; "
         "resume it with `shitu train -o Global.checkpoints=...`"
     ) in capsys.readouterr().err
+
+
+def test_detect_train_on_a_terminal_draws_progress_bars(tmp_path: Path) -> None:
+    """Training takes hours and its evaluation minutes: on a terminal a bar shows the steps
+    (with the epoch and loss) and one the images evaluated; the JSON lines each keep a line
+    of their own. None with --no-progress."""
+    coco = _write_coco(tmp_path, _write_images(tmp_path, 4, size=64))
+    command = [sys.executable, "-m", "shitu", "detect-train", "--coco", str(coco),
+               "--images", str(tmp_path), "--val-coco", str(coco), "--val-images",
+               str(tmp_path), "--epochs", "2", "--batch-size", "2", "--input-size", "64",
+               "--train-sizes", "64"]  # fmt: skip
+    status, lines = run_in_terminal([*command, "--out", str(tmp_path / "shown")])
+    assert status == 0, lines
+    (training,) = [line for line in lines if line.startswith("training: ")]
+    assert "4/4" in training and "epoch=2/2" in training
+    (evaluating,) = [line for line in lines if line.startswith("evaluating: ")]
+    assert "4/4" in evaluating
+    records = [line for line in lines if '"step": ' in line or '"mAP": ' in line]
+    assert len(records) == 3 and all(line.startswith("{") for line in records)
+    status, lines = run_in_terminal([*command, "--out", str(tmp_path / "quiet"), "--no-progress"])
+    assert status == 0, lines
+    assert not any(line.startswith(("training", "evaluating")) for line in lines), lines
 
 
 def test_detection_data_is_clipped_counted_and_matched_by_class_name(

@@ -7,7 +7,15 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from shitu.cli.common import input_side, non_negative_int, positive_float, positive_int
+from shitu.cli.common import (
+    add_progress_argument,
+    input_side,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    print_past_progress,
+    progress_wanted,
+)
 from shitu.errors import ConfigError, DataError
 from shitu.fileio import check_writable
 
@@ -55,6 +63,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     # Its name before it was called --out, as on every other command; scripts use it.
     parser.add_argument("--output", dest="out", help=argparse.SUPPRESS)
     parser.add_argument("--resume", help="training checkpoint (latest.pt or its directory)")
+    add_progress_argument(parser)
     parser.set_defaults(func=run)
 
 
@@ -67,6 +76,8 @@ def _dataset(coco: str | None, voc: str | None, images: str, agnostic: bool) -> 
 
 
 def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
     from shitu.detection.data import CocoDetection
     from shitu.detection.export import export_onnx
     from shitu.detection.train import DetectionTrainConfig, DetectionTrainer, evaluate_detector
@@ -108,12 +119,24 @@ def run(args: argparse.Namespace) -> int:
     if args.resume:
         trainer.resume(args.resume)
     steps_per_epoch = len(trainer.sampler)
+    bar = tqdm(
+        total=config.epochs * steps_per_epoch,
+        initial=trainer.progress.global_step,
+        desc="training",
+        unit="step",
+        disable=not progress_wanted(args),
+        dynamic_ncols=True,
+    )
 
     def log(record: dict[str, float]) -> None:
         if record["step"] % steps_per_epoch == 0:
-            print(json.dumps({k: round(v, 5) for k, v in record.items()}), flush=True)
+            print_past_progress(json.dumps({k: round(v, 5) for k, v in record.items()}))
+        bar.update(1)
+        epoch = record["step"] // steps_per_epoch + 1
+        bar.set_postfix(epoch=f"{epoch}/{config.epochs}", loss=f"{record['loss']:.4f}")
 
-    trainer.train(on_step=log)
+    with bar:
+        trainer.train(on_step=log)
     # Stopped by a signal (one during the last step came too late to stop it): not done, as
     # a caller (`detect-train && ...`) must see.
     if trainer.stop_signal is not None and trainer.progress.epoch < config.epochs:
@@ -129,5 +152,7 @@ def run(args: argparse.Namespace) -> int:
     onnx = export_onnx(trainer.ema.model, Path(args.out) / "model.onnx", args.input_size)
     print(json.dumps({"model": str(path), "onnx": str(onnx)}))
     if val is not None:
-        print(json.dumps(evaluate_detector(trainer.ema.model, val, args.input_size)))
+        model, size = trainer.ema.model, args.input_size
+        metrics = evaluate_detector(model, val, size, progress=progress_wanted(args))
+        print(json.dumps(metrics))
     return 0

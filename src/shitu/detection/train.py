@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from shitu.config.schema import LRConfig, OptimizerConfig
 from shitu.detection.coco_eval import evaluate_boxes
@@ -144,16 +145,21 @@ class EpochBatches:
 
 @torch.inference_mode()
 def evaluate_detector(
-    model: PicoDet, dataset: DetectionDataset, size: int, nms_top_k: int = 200
+    model: PicoDet,
+    dataset: DetectionDataset,
+    size: int,
+    nms_top_k: int = 200,
+    progress: bool = False,
 ) -> dict[str, float]:
-    """COCO mAP of `model` on `dataset`'s images (un-augmented) at input `size`.
+    """COCO mAP of `model` on `dataset`'s images (un-augmented) at input `size`; `progress`
+    draws a bar on stderr (a COCO-sized set takes minutes).
 
     Keeps the `nms_top_k` best boxes per class before NMS (greedy NMS costs grow with
     the cube of the candidates, and an untrained model scores everything alike).
     """
     model.eval()
     detections, truths = [], []
-    for index in range(len(dataset)):
+    for index in tqdm(range(len(dataset)), "evaluating", unit="img", disable=not progress):
         image = np.asarray(dataset.load_image(index))
         scores, boxes = model.predict(torch.from_numpy(preprocess(image, (size, size))[None]))
         detections.append(
