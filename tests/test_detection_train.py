@@ -220,7 +220,7 @@ def test_detection_images_are_decoded_upright_as_inference_sees_them(tmp_path: P
         dataset[0]
 
 
-def test_voc_dataset_parsing(tmp_path: Path) -> None:
+def test_voc_dataset_parsing(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     (tmp_path / "ann").mkdir()
     Image.new("RGB", (40, 30)).save(tmp_path / "a.jpg")
     (tmp_path / "ann" / "a.xml").write_text(
@@ -234,6 +234,11 @@ def test_voc_dataset_parsing(tmp_path: Path) -> None:
     assert dataset.class_names == ("box", "cup")
     _, boxes, labels = dataset[0]
     assert boxes.tolist() == [[1, 2, 20, 25], [5, 5, 9, 9]] and labels.tolist() == [1, 0]
+    swapped = (tmp_path / "ann" / "a.xml").read_text().replace("<xmin>5", "<xmin>12")
+    (tmp_path / "ann" / "a.xml").write_text(swapped)  # xmin 12 > xmax 9: no area
+    with caplog.at_level(logging.WARNING, logger="shitu.detection"):
+        assert VocDetection(tmp_path / "ann", tmp_path)[0][1].tolist() == [[1, 2, 20, 25]]
+    assert f"{tmp_path / 'ann'}: 1 of the 2 boxes have no area" in caplog.text
     (tmp_path / "ann" / "b.xml").write_text("<annotation><object>")
     with pytest.raises(DataError, match="b.xml"):
         VocDetection(tmp_path / "ann", tmp_path)
@@ -522,6 +527,12 @@ def test_detection_data_is_clipped_counted_and_matched_by_class_name(
     path.write_text(json.dumps(data))
     assert sum(map(len, CocoDetection(path, tmp_path).boxes)) == len(data["annotations"]) - 1
     assert f"{path}: 1 of the 3 boxes lie wholly outside their image" in caplog.text
+    caplog.clear()
+    data["annotations"][-1]["bbox"] = [10, 10, -5, 20]  # drawn right to left: no area
+    path.write_text(json.dumps(data))
+    assert sum(map(len, CocoDetection(path, tmp_path).boxes)) == len(data["annotations"]) - 1
+    assert f"{path}: 1 of the 3 boxes have no area (x2 <= x1 or y2 <= y1" in caplog.text
+    assert "outside" not in caplog.text
 
     reordered = json.loads(path.read_text())  # the same classes, listed the other way round
     for category in reordered["categories"]:

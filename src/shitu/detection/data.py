@@ -129,6 +129,28 @@ def clip_boxes(
     return clipped[keep], labels[keep].copy()
 
 
+def _without_empty_boxes(
+    source: str | Path, boxes: list[np.ndarray], labels: list[np.ndarray]
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Boxes with no area (x2 <= x1 or y2 <= y1) left out and counted in a warning, as
+    PaddleDetection's loaders warn of each: a tool that swapped the corners would otherwise
+    lose every box of a file unnoticed."""
+    keep = [(box[:, 2] > box[:, 0]) & (box[:, 3] > box[:, 1]) for box in boxes]
+    empty = sum(int((~kept).sum()) for kept in keep)
+    if empty:
+        logger.warning(
+            "%s: %d of the %d boxes have no area (x2 <= x1 or y2 <= y1: a point, a line or "
+            "swapped corners) and are left out",
+            source,
+            empty,
+            sum(map(len, boxes)),
+        )
+    return (
+        [box[kept] for box, kept in zip(boxes, keep, strict=True)],
+        [label[kept] for label, kept in zip(labels, keep, strict=True)],
+    )
+
+
 def _clip_to_recorded_sizes(
     source: str | Path,
     boxes: list[np.ndarray],
@@ -191,7 +213,7 @@ class CocoDetection(DetectionDataset):
                 x, y, w, h = (float(v) for v in bbox)
                 if not math.isfinite(x + y + w + h):  # NaN would fail every test below, unnoticed
                     raise ValueError(f"annotation {ann.get('id')}: its bbox {bbox!r} is not finite")
-                if ann.get("iscrowd", 0) or w <= 0 or h <= 0:
+                if ann.get("iscrowd", 0):
                     continue
                 for key, what, known in (
                     ("image_id", "image", per_image),
@@ -215,6 +237,7 @@ class CocoDetection(DetectionDataset):
             labels.append(np.array([c for _, c in rows], np.int64))
             width, height = image.get("width"), image.get("height")  # optional in COCO files
             sizes.append((width, height) if width and height else None)
+        boxes, labels = _without_empty_boxes(path, boxes, labels)
         boxes, labels = _clip_to_recorded_sizes(path, boxes, labels, sizes)
         super().__init__(
             [files[i] for i in image_ids],
@@ -265,6 +288,7 @@ class VocDetection(DetectionDataset):
             boxes.append(np.array([b for _, b in objects], np.float32).reshape(-1, 4))
             labels.append(np.array([index[n] for n, _ in objects], np.int64))
         sizes = [size for _, _, size in parsed]
+        boxes, labels = _without_empty_boxes(annotation_dir, boxes, labels)
         boxes, labels = _clip_to_recorded_sizes(annotation_dir, boxes, labels, sizes)
         super().__init__(
             [Path(image_dir) / filename for filename, _, _ in parsed],
@@ -294,9 +318,7 @@ class VocDetection(DetectionDataset):
                         f"object {number} needs a <name> and a <bndbox> with <xmin>, <ymin>, "
                         "<xmax> and <ymax>"
                     )
-                coords = [float(value) for value in corners]
-                if coords[2] > coords[0] and coords[3] > coords[1]:
-                    objects.append((name, coords))
+                objects.append((name, [float(value) for value in corners]))
             width, height = (float(root.findtext(f"size/{k}") or 0) for k in ("width", "height"))
         except (ET.ParseError, ValueError, TypeError) as exc:
             raise DataError(f"{path} is not a valid VOC annotation file ({exc})") from None
