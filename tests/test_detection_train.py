@@ -439,6 +439,13 @@ def test_detect_train_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert main(resume) == 2  # the checkpoint's detector has one class-agnostic label
     err = capsys.readouterr().err
     assert "was trained with a different detector (num_classes: 1 there, 2 here;" in err
+    empty = tmp_path / "empty_val.json"  # no mAP to compute: said before training
+    empty.write_text(json.dumps({**json.loads(coco.read_text()), "annotations": []}))
+    assert main([*args[:-1], str(tmp_path / "no_val"), "--val-coco", str(empty), "--val-images",
+                 str(tmp_path)]) == 2  # fmt: skip
+    assert (
+        f"error: --val-coco {empty}: its 4 images hold no boxes to evaluate against"
+    ) in capsys.readouterr().err
     assert main([*common, "--val-coco", str(coco)]) == 2  # without --val-images
     assert "error: --val-coco and --val-images go together" in capsys.readouterr().err
     (tmp_path / "taken").write_text("")  # an --out that cannot be written: said at once

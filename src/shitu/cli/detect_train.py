@@ -100,6 +100,11 @@ def run(args: argparse.Namespace) -> int:
     val = None
     if args.val_coco:  # read (and matched to the training classes) before any training
         val = CocoDetection(args.val_coco, args.val_images, args.class_agnostic)
+        if not any(len(boxes) for boxes in val.boxes):  # its mAP would be a meaningless 0
+            raise ConfigError(
+                f"--val-coco {args.val_coco}: its {len(val)} images hold no boxes to evaluate "
+                "against (none annotated, or none inside their image)"
+            )
         try:
             val.use_class_order(dataset.class_names)
         except DataError as exc:
