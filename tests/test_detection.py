@@ -7,6 +7,7 @@ import errno
 import json
 import logging
 import os
+import pickle
 import shutil
 import sys
 from pathlib import Path
@@ -294,6 +295,28 @@ def test_a_failed_checkpoint_write_leaves_the_earlier_file(tmp_path: Path, monke
     with pytest.raises(CheckpointError, match=f"cannot write {path}: {os.strerror(errno.ENOSPC)}"):
         save_detector(model, path)
     assert path.read_bytes() == saved and [p.name for p in tmp_path.iterdir()] == ["model.pt"]
+
+
+def test_a_pdparams_fine_tuned_on_other_classes_loads_with_its_class_count(
+    tmp_path: Path,
+) -> None:
+    """A PaddleDetection PicoDet-S trained on 20 VOC classes, named by its architecture: it
+    runs with the 20 classes its head scores (the head's shape refused it)."""
+    torch.manual_seed(0)
+    model = build_picodet("picodet_s_esnet", num_classes=20, input_size=64).eval()
+    state = {
+        paddle_key(key, model.arch): value.numpy()
+        for key, value in model.state_dict().items()
+        if not key.endswith("num_batches_tracked")
+    }
+    path = tmp_path / "picodet_s_voc.pdparams"
+    with path.open("wb") as handle:
+        pickle.dump(state, handle, protocol=4)
+    detector = load_detector(path, arch="picodet_s_esnet", input_size=64)
+    assert detector.num_classes == 20 and detector.class_names == ()
+    image = np.asarray(Image.open(PICODET / "samples" / "dog.jpg").convert("RGB"))
+    expected = TorchDetector(model, 64).detect(image, 0.0, 10, class_agnostic=False)
+    np.testing.assert_array_equal(detector.detect(image, 0.0, 10, class_agnostic=False), expected)
 
 
 def test_load_detector_errors(tmp_path: Path, caplog) -> None:
