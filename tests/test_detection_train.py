@@ -494,6 +494,23 @@ def test_detect_train_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     ) in capsys.readouterr().err
 
 
+def test_a_resumed_detect_train_goes_on_in_the_folder_of_the_run_it_continues(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--resume RUN/latest.pt` without --out: the run goes on writing to RUN, as the
+    message of a stopped run suggests, not to a fresh output/detector of the working folder."""
+    torch.set_num_threads(2)
+    coco = _write_coco(tmp_path, _write_images(tmp_path, 4, size=64))
+    common = ["detect-train", "--coco", str(coco), "--images", str(tmp_path), "--batch-size"]
+    common += ["2", "--input-size", "64", "--train-sizes", "64"]
+    run = tmp_path / "run"
+    assert main([*common, "--epochs", "1", "--out", str(run)]) == 0
+    monkeypatch.chdir(tmp_path)
+    assert main([*common, "--epochs", "2", "--resume", str(run / "latest.pt")]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["model"] == str(run / "model.pt")
+    assert not (tmp_path / "output").exists()
+
+
 def test_detect_train_on_a_terminal_draws_progress_bars(tmp_path: Path) -> None:
     """Training takes hours and its evaluation minutes: on a terminal a bar shows the steps
     (with the epoch and loss) and one the images evaluated; the JSON lines each keep a line

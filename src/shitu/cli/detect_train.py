@@ -22,6 +22,8 @@ from shitu.fileio import check_writable
 if TYPE_CHECKING:
     from shitu.detection.data import DetectionDataset
 
+DEFAULT_OUT = "output/detector"
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -59,7 +61,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--workers", type=non_negative_int, default=0, help="data loader processes")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
-    parser.add_argument("--out", default="output/detector", help="output folder")
+    parser.add_argument(
+        "--out",
+        help=f"output folder (default: {DEFAULT_OUT}, or with --resume the folder of the run "
+        "it continues)",
+    )
     # Its name before it was called --out, as on every other command; scripts use it.
     parser.add_argument("--output", dest="out", help=argparse.SUPPRESS)
     parser.add_argument("--resume", help="training checkpoint (latest.pt or its directory)")
@@ -85,10 +91,11 @@ def run(args: argparse.Namespace) -> int:
 
     if bool(args.val_coco) != bool(args.val_images):
         raise ConfigError("--val-coco and --val-images go together")
-    output = Path(args.out)
-    earlier = [name for name in ("latest.pt", "model.pt") if (output / name).exists()]
-    # The folder of the run resumed (--resume names its latest.pt or the folder itself).
+    # The folder of the run resumed (--resume names its latest.pt or the folder itself),
+    # which it goes on writing to unless told otherwise.
     resumed = resolve_checkpoint(args.resume, "--resume").parent if args.resume else None
+    output = Path(args.out) if args.out else resumed or Path(DEFAULT_OUT)
+    earlier = [name for name in ("latest.pt", "model.pt") if (output / name).exists()]
     if earlier and (resumed is None or resumed.resolve() != output.resolve()):
         # a new run, or one resumed from elsewhere, would write over them
         raise ConfigError(
@@ -118,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
         eval_size=args.input_size,
         seed=args.seed,
         num_workers=args.workers,
-        output_dir=args.out,
+        output_dir=str(output),
     )
     trainer = DetectionTrainer(dataset, config)
     if args.resume:
@@ -152,9 +159,9 @@ def run(args: argparse.Namespace) -> int:
             flush=True,
         )
         return 128 + trainer.stop_signal
-    path = trainer.export(Path(args.out) / "model.pt")
+    path = trainer.export(output / "model.pt")
     # The fast CPU path (onnxruntime), at --input-size, with the class names in the file
-    onnx = export_onnx(trainer.ema.model, Path(args.out) / "model.onnx", args.input_size)
+    onnx = export_onnx(trainer.ema.model, output / "model.onnx", args.input_size)
     print(json.dumps({"model": str(path), "onnx": str(onnx)}))
     if val is not None:
         model, size = trainer.ema.model, args.input_size
