@@ -133,9 +133,27 @@ def test_coco_map_keeps_the_best_100_boxes_of_each_class_per_image() -> None:
     assert evaluate_boxes(dets, gt)["mAP"] == pytest.approx(1.0)  # both classes found first
 
 
+def test_coco_map_ignores_detections_in_crowd_regions() -> None:
+    """As pycocotools: a box that matches no object but lies in a crowd region of its class
+    (a throng of people annotated as one) is neither right nor wrong, at the thresholds up
+    to the share of it the region covers."""
+    gt = [(np.array([[0, 0, 10, 10]], np.float32), np.array([0]))]
+    crowd = [(np.array([[50, 50, 100, 100], [0, 50, 40, 100]], np.float32), np.array([0, 1]))]
+    in_crowd = [0, 0.9, 60, 60, 70, 70]
+    dets = [np.array([in_crowd, [0, 0.8, 0, 0, 10, 10]], np.float32)]
+    assert evaluate_boxes(dets, gt)["mAP"] == pytest.approx(0.5)  # a wrong box, then the right
+    assert evaluate_boxes(dets, gt, crowds=crowd)["mAP"] == pytest.approx(1.0)
+    half_in = [0, 0.9, 46.3, 50, 56.3, 60]  # 63% inside: ignored up to IoU 0.6, wrong above
+    dets = [np.array([half_in, [0, 0.8, 0, 0, 10, 10]], np.float32)]
+    assert evaluate_boxes(dets, gt, crowds=crowd)["mAP"] == pytest.approx((3 + 7 * 0.5) / 10)
+    other_class = [(crowd[0][0], np.array([1, 1]))]  # a crowd of another class: no excuse
+    assert evaluate_boxes(dets, gt, crowds=other_class)["mAP"] == pytest.approx(0.5)
+
+
 def test_training_evaluation_scores_the_boxes_clipped_to_the_image(tmp_path: Path) -> None:
     """As detect gives them (and PaddleDetection evaluates): a box that runs past the photo's
-    edges is cut at them before it is matched, so an object filling the photo is found."""
+    edges is cut at them before it is matched, so an object filling the photo is found; and
+    one on a crowd region is ignored."""
     Image.new("RGB", (96, 64), "gray").save(tmp_path / "img0.png")
     dataset = CocoDetection(_write_coco(tmp_path, [[(0, 0, 96, 64, 0)]]), tmp_path)
     model = build_picodet("picodet_s_esnet", num_classes=2)
@@ -148,6 +166,21 @@ def test_training_evaluation_scores_the_boxes_clipped_to_the_image(tmp_path: Pat
             conv.bias[2:].view(4, reg_max + 1)[:, reg_max] = 30.0
     result = evaluate_detector(model, dataset, 128)
     assert result == {"mAP": pytest.approx(1.0), "AP50": pytest.approx(1.0)}
+    # A photo of a crowd (iscrowd), listed first: the box on it, scored as high, is ignored.
+    Image.new("RGB", (96, 64), "gray").save(tmp_path / "crowd.png")
+    data = json.loads((tmp_path / "instances.json").read_text())
+    data["images"].insert(0, {"id": 100, "file_name": "crowd.png"})
+    data["annotations"].append(
+        {"id": 1, "image_id": 100, "bbox": [0, 0, 96, 64], "category_id": 7, "iscrowd": 1}
+    )
+    (tmp_path / "instances.json").write_text(json.dumps(data))
+    dataset = CocoDetection(tmp_path / "instances.json", tmp_path)
+    assert [len(boxes) for boxes in dataset.boxes] == [0, 1]  # not an object to train on
+    assert [labels.tolist() for _, labels in dataset.crowds] == [[1], []]  # red, as "red"
+    assert evaluate_detector(model, dataset, 128)["mAP"] == pytest.approx(1.0)
+    agnostic = CocoDetection(tmp_path / "instances.json", tmp_path, class_agnostic=True)
+    agnostic.use_class_order(("background", "foreground"))
+    assert agnostic.crowds[0][1].tolist() == [1]  # renumbered with the boxes
 
 
 # ---------------------------------------------------------------- datasets

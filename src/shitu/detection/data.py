@@ -1,7 +1,8 @@
 """Detection datasets (COCO JSON, Pascal VOC XML), box-aware augmentations and batching.
 
 Samples are `(image, boxes, labels)`: a PIL RGB image, float32 [K, 4] boxes (x1, y1, x2, y2)
-in its pixels and int64 [K] class ids. Augmentations draw from Python's `random`, so the
+in its pixels and int64 [K] class ids. COCO's crowd regions are kept apart (`crowds`), for
+evaluation to ignore the detections in them. Augmentations draw from Python's `random`, so the
 engine's per-sample seeding (`shitu.engine.seeding.SeededDataset`) makes them reproducible.
 Batches are resized to one square size (chosen per batch: multi-scale training) without
 keeping the aspect ratio, as PicoDet trains.
@@ -45,16 +46,22 @@ class DetectionDataset:
         class_names: tuple[str, ...],
         class_agnostic: bool,
         transform: Callable[[Sample], Sample] | None,
+        crowds: list[tuple[np.ndarray, np.ndarray]] | None = None,
     ) -> None:
+        """`crowds`: each image's crowd regions (boxes, labels), none where not given."""
         if not images:
             raise DataError("the detection dataset lists no images")
         if not class_names:
             raise DataError("the detection dataset names no classes (no categories)")
         _check_images_exist(images)
+        no_crowd = (np.zeros((0, 4), np.float32), np.zeros(0, np.int64))
+        crowds = crowds if crowds is not None else [no_crowd] * len(images)
         if class_agnostic:
             labels = [np.zeros_like(lab) for lab in labels]
+            crowds = [(box, np.zeros_like(lab)) for box, lab in crowds]
             class_names = FOREGROUND
         self.images, self.boxes, self.labels = images, boxes, labels
+        self.crowds = crowds
         self.class_names = class_names
         self.transform = transform
 
@@ -94,6 +101,7 @@ class DetectionDataset:
             raise DataError(f"the classes {unknown} are not among the model's {list(class_names)}")
         new_id = np.array([list(class_names).index(name) for name in self.class_names], np.int64)
         self.labels = [new_id[labels] for labels in self.labels]
+        self.crowds = [(boxes, new_id[labels]) for boxes, labels in self.crowds]
         self.class_names = tuple(class_names)
 
     def __getitem__(self, index: int) -> Sample:
@@ -185,7 +193,8 @@ def _read(path: Path, what: str) -> bytes:
 
 
 class CocoDetection(DetectionDataset):
-    """COCO `instances_*.json`: category ids become 0..C-1 in id order; crowd boxes skipped."""
+    """COCO `instances_*.json`: category ids become 0..C-1 in id order; crowd boxes are not
+    trained on, but kept as `crowds` for evaluation."""
 
     def __init__(
         self,
@@ -203,7 +212,7 @@ class CocoDetection(DetectionDataset):
             image_ids = [img["id"] for img in data["images"]]
             _refuse_repeated_ids("image", image_ids)
             files = {img["id"]: Path(image_root) / img["file_name"] for img in data["images"]}
-            per_image: dict[int, list[tuple[list[float], int]]] = {i: [] for i in image_ids}
+            per_image: dict[int, list[tuple[list[float], int, bool]]] = {i: [] for i in image_ids}
             for ann in data["annotations"]:
                 bbox = ann["bbox"]
                 if not isinstance(bbox, list) or len(bbox) != 4:
@@ -213,8 +222,6 @@ class CocoDetection(DetectionDataset):
                 x, y, w, h = (float(v) for v in bbox)
                 if not math.isfinite(x + y + w + h):  # NaN would fail every test below, unnoticed
                     raise ValueError(f"annotation {ann.get('id')}: its bbox {bbox!r} is not finite")
-                if ann.get("iscrowd", 0):
-                    continue
                 for key, what, known in (
                     ("image_id", "image", per_image),
                     ("category_id", "category", cat_index),
@@ -224,17 +231,24 @@ class CocoDetection(DetectionDataset):
                             f"annotation {ann.get('id')}: no {what} has its {key} {ann[key]!r}"
                         )
                 per_image[ann["image_id"]].append(
-                    ([x, y, x + w, y + h], cat_index[ann["category_id"]])
+                    ([x, y, x + w, y + h], cat_index[ann["category_id"]], bool(ann.get("iscrowd")))
                 )
         except KeyError as exc:
             raise DataError(f"{path} is not a valid COCO annotation file (no {exc} key)") from None
         except (ValueError, TypeError) as exc:
             raise DataError(f"{path} is not a valid COCO annotation file ({exc})") from None
-        boxes, labels, sizes = [], [], []
+        boxes, labels, sizes, crowds = [], [], [], []
         for image in data["images"]:
-            rows = per_image[image["id"]]
-            boxes.append(np.array([b for b, _ in rows], np.float32).reshape(-1, 4))
-            labels.append(np.array([c for _, c in rows], np.int64))
+            objects = [(box, c) for box, c, crowd in per_image[image["id"]] if not crowd]
+            regions = [(box, c) for box, c, crowd in per_image[image["id"]] if crowd]
+            boxes.append(np.array([b for b, _ in objects], np.float32).reshape(-1, 4))
+            labels.append(np.array([c for _, c in objects], np.int64))
+            crowds.append(
+                (
+                    np.array([b for b, _ in regions], np.float32).reshape(-1, 4),
+                    np.array([c for _, c in regions], np.int64),
+                )
+            )
             width, height = image.get("width"), image.get("height")  # optional in COCO files
             sizes.append((width, height) if width and height else None)
         boxes, labels = _without_empty_boxes(path, boxes, labels)
@@ -246,6 +260,7 @@ class CocoDetection(DetectionDataset):
             tuple(c["name"] for c in categories),
             class_agnostic,
             transform,
+            crowds,
         )
 
 

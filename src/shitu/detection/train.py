@@ -175,7 +175,7 @@ def evaluate_detector(
             )
         )
         truths.append(dataset.targets(index))
-    return evaluate_boxes(detections, truths)
+    return evaluate_boxes(detections, truths, crowds=dataset.crowds)
 
 
 class DetectionTrainer:
