@@ -26,6 +26,7 @@ from shitu.checkpoint import (
 from shitu.config import load_config
 from shitu.config.schema import ArchConfig
 from shitu.detection import build_picodet
+from shitu.detection.export import export_onnx
 from shitu.detection.weights import save_detector
 from shitu.engine.state import Progress, save_training_state
 from shitu.errors import CheckpointError
@@ -312,6 +313,19 @@ def test_a_detector_checkpoint_the_disk_has_no_room_for_is_a_clear_error(tmp_pat
     with pytest.raises(CheckpointError, match=f"cannot write {path}: {full_disk}"):
         save_detector(build_picodet("picodet_s_esnet", num_classes=1), path)
     assert list(tmp_path.iterdir()) == []  # nor a temporary file
+
+
+def test_a_detector_onnx_export_the_disk_has_no_room_for_keeps_the_earlier_file(
+    tmp_path, full_disk
+):
+    """detect-train's model.onnx, written again by a resumed run: a refused write is an error
+    naming the file, and the export there before stays whole (it was cut at 64 KiB)."""
+    path = tmp_path / "model.onnx"
+    path.write_bytes(b"an earlier export")
+    with pytest.raises(CheckpointError, match=f"cannot write {path}: {full_disk}"):
+        export_onnx(build_picodet("picodet_s_esnet", num_classes=1, input_size=64), path)
+    assert path.read_bytes() == b"an earlier export"
+    assert list(tmp_path.iterdir()) == [path]  # nor a temporary file
 
 
 def test_load_pretrained_backbone_skips_what_does_not_fit(tmp_path):

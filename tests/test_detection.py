@@ -7,7 +7,9 @@ import errno
 import json
 import logging
 import os
+import pickle
 import shutil
+import sys
 from pathlib import Path
 from typing import BinaryIO
 
@@ -31,6 +33,7 @@ from shitu.errors import CheckpointError, ConfigError
 from shitu.pipeline import build_detector, fonts, load_pipeline_config
 from tests.font_helpers import font_covering
 from tests.onnx_helpers import tiny_model
+from tests.terminal_helpers import run_in_terminal
 
 PICODET = Path("/work/shared/models/picodet_s_coco")
 ONNX_416 = PICODET / "picodet_s_416_coco.onnx"
@@ -292,6 +295,28 @@ def test_a_failed_checkpoint_write_leaves_the_earlier_file(tmp_path: Path, monke
     with pytest.raises(CheckpointError, match=f"cannot write {path}: {os.strerror(errno.ENOSPC)}"):
         save_detector(model, path)
     assert path.read_bytes() == saved and [p.name for p in tmp_path.iterdir()] == ["model.pt"]
+
+
+def test_a_pdparams_fine_tuned_on_other_classes_loads_with_its_class_count(
+    tmp_path: Path,
+) -> None:
+    """A PaddleDetection PicoDet-S trained on 20 VOC classes, named by its architecture: it
+    runs with the 20 classes its head scores (the head's shape refused it)."""
+    torch.manual_seed(0)
+    model = build_picodet("picodet_s_esnet", num_classes=20, input_size=64).eval()
+    state = {
+        paddle_key(key, model.arch): value.numpy()
+        for key, value in model.state_dict().items()
+        if not key.endswith("num_batches_tracked")
+    }
+    path = tmp_path / "picodet_s_voc.pdparams"
+    with path.open("wb") as handle:
+        pickle.dump(state, handle, protocol=4)
+    detector = load_detector(path, arch="picodet_s_esnet", input_size=64)
+    assert detector.num_classes == 20 and detector.class_names == ()
+    image = np.asarray(Image.open(PICODET / "samples" / "dog.jpg").convert("RGB"))
+    expected = TorchDetector(model, 64).detect(image, 0.0, 10, class_agnostic=False)
+    np.testing.assert_array_equal(detector.detect(image, 0.0, 10, class_agnostic=False), expected)
 
 
 def test_load_detector_errors(tmp_path: Path, caplog) -> None:
@@ -604,3 +629,24 @@ def test_the_score_threshold_is_a_minimum_score() -> None:
     scores = np.array([[0.5], [1.0], [0.25]], np.float32)
     assert multiclass_nms(boxes, scores, 0.5, 0.6)[:, 1].tolist() == [1.0, 0.5]
     assert multiclass_nms(boxes, scores, 1.0, 0.6)[:, 1].tolist() == [1.0]
+
+
+def test_detect_on_a_terminal_draws_a_progress_bar_that_counts_the_skipped(
+    tmp_path: Path,
+) -> None:
+    """A folder of photos takes a while, as with recognize: a bar on the terminal, each JSON
+    line and warning on a line of its own; none with --no-progress."""
+    for sample in PICODET.glob("samples/*.jpg"):
+        shutil.copy(sample, tmp_path)
+    (tmp_path / "broken.jpg").write_bytes(b"not an image")
+    command = [sys.executable, "-m", "shitu", "detect", str(tmp_path), "--model"]
+    command.append(str(PICODET / "picodet_s_320_coco.onnx"))
+    status, lines = run_in_terminal(command)
+    assert status == 0, lines
+    (bar,) = [line for line in lines if line.startswith("detecting: ")]
+    assert "3/3" in bar and "skipped=1" in bar
+    results = [line for line in lines if '{"image": ' in line or "broken.jpg" in line]
+    assert len(results) == 3
+    assert all(line.startswith(('{"image": ', "warning: skipped")) for line in results)
+    status, lines = run_in_terminal([*command, "--no-progress"])
+    assert status == 0 and not any(line.startswith("detecting") for line in lines), lines

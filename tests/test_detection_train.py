@@ -12,7 +12,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,7 @@ import torch
 from PIL import Image
 
 from shitu.cli.main import main
-from shitu.detection import load_detector
+from shitu.detection import build_picodet, load_detector
 from shitu.detection.assigner import simota_assign
 from shitu.detection.coco_eval import evaluate_boxes
 from shitu.detection.data import (
@@ -32,9 +31,10 @@ from shitu.detection.data import (
     train_augment,
 )
 from shitu.detection.losses import distribution_focal_loss, giou, giou_loss, varifocal_loss
-from shitu.detection.train import DetectionTrainConfig, DetectionTrainer
+from shitu.detection.train import DetectionTrainConfig, DetectionTrainer, evaluate_detector
 from shitu.engine.state import Progress, save_training_state
 from shitu.errors import ConfigError, DataError
+from tests.terminal_helpers import run_in_terminal
 
 # ---------------------------------------------------------------- losses
 
@@ -124,6 +124,65 @@ def test_coco_map_hand_computed() -> None:
     )
 
 
+def test_coco_map_keeps_the_best_100_boxes_of_each_class_per_image() -> None:
+    """pycocotools' maxDets limits an image's boxes class by class: 100 confident boxes of
+    one class do not push another class's right box out of the count."""
+    gt = [(np.array([[0, 0, 10, 10], [50, 50, 60, 60]], np.float32), np.array([0, 1]))]
+    others = [[1, 0.9, 50, 50, 60, 60]] + [[1, 0.8, 100, 100, 110, 110]] * 100
+    dets = [np.array([*others, [0, 0.1, 0, 0, 10, 10]], np.float32)]
+    assert evaluate_boxes(dets, gt)["mAP"] == pytest.approx(1.0)  # both classes found first
+
+
+def test_coco_map_ignores_detections_in_crowd_regions() -> None:
+    """As pycocotools: a box that matches no object but lies in a crowd region of its class
+    (a throng of people annotated as one) is neither right nor wrong, at the thresholds up
+    to the share of it the region covers."""
+    gt = [(np.array([[0, 0, 10, 10]], np.float32), np.array([0]))]
+    crowd = [(np.array([[50, 50, 100, 100], [0, 50, 40, 100]], np.float32), np.array([0, 1]))]
+    in_crowd = [0, 0.9, 60, 60, 70, 70]
+    dets = [np.array([in_crowd, [0, 0.8, 0, 0, 10, 10]], np.float32)]
+    assert evaluate_boxes(dets, gt)["mAP"] == pytest.approx(0.5)  # a wrong box, then the right
+    assert evaluate_boxes(dets, gt, crowds=crowd)["mAP"] == pytest.approx(1.0)
+    half_in = [0, 0.9, 46.3, 50, 56.3, 60]  # 63% inside: ignored up to IoU 0.6, wrong above
+    dets = [np.array([half_in, [0, 0.8, 0, 0, 10, 10]], np.float32)]
+    assert evaluate_boxes(dets, gt, crowds=crowd)["mAP"] == pytest.approx((3 + 7 * 0.5) / 10)
+    other_class = [(crowd[0][0], np.array([1, 1]))]  # a crowd of another class: no excuse
+    assert evaluate_boxes(dets, gt, crowds=other_class)["mAP"] == pytest.approx(0.5)
+
+
+def test_training_evaluation_scores_the_boxes_clipped_to_the_image(tmp_path: Path) -> None:
+    """As detect gives them (and PaddleDetection evaluates): a box that runs past the photo's
+    edges is cut at them before it is matched, so an object filling the photo is found; and
+    one on a crowd region is ignored."""
+    Image.new("RGB", (96, 64), "gray").save(tmp_path / "img0.png")
+    dataset = CocoDetection(_write_coco(tmp_path, [[(0, 0, 96, 64, 0)]]), tmp_path)
+    model = build_picodet("picodet_s_esnet", num_classes=2)
+    reg_max = model.arch.reg_max
+    with torch.no_grad():  # only the coarsest level fires, every side 7 strides from its cell
+        for level, conv in enumerate(model.head.head_cls):
+            conv.weight.zero_()
+            conv.bias.zero_()
+            conv.bias[:2] = 5.0 if level == len(model.head.head_cls) - 1 else -20.0
+            conv.bias[2:].view(4, reg_max + 1)[:, reg_max] = 30.0
+    result = evaluate_detector(model, dataset, 128)
+    assert result == {"mAP": pytest.approx(1.0), "AP50": pytest.approx(1.0)}
+    # A photo of a crowd (iscrowd), listed first: the box on it, scored as high, is ignored.
+    Image.new("RGB", (96, 64), "gray").save(tmp_path / "crowd.png")
+    data = json.loads((tmp_path / "instances.json").read_text())
+    data["images"].insert(0, {"id": 100, "file_name": "crowd.png"})
+    data["annotations"].append(
+        {"id": 1, "image_id": 100, "bbox": [0, 0, 96, 64], "category_id": 7, "iscrowd": 1}
+    )
+    (tmp_path / "instances.json").write_text(json.dumps(data))
+    dataset = CocoDetection(tmp_path / "instances.json", tmp_path)
+    assert [len(boxes) for boxes in dataset.boxes] == [0, 1]  # not an object to train on
+    assert [labels.tolist() for _, labels in dataset.crowds] == [[1], []]  # red, as "red"
+    assert evaluate_detector(model, dataset, 128)["mAP"] == pytest.approx(1.0)
+    agnostic = CocoDetection(tmp_path / "instances.json", tmp_path, class_agnostic=True)
+    agnostic.use_class_order(("background", "foreground"))
+    assert agnostic.crowds[0][1].tolist() == [1]  # renumbered with the boxes
+
+
 # ---------------------------------------------------------------- datasets
 
 
@@ -194,7 +253,7 @@ def test_detection_images_are_decoded_upright_as_inference_sees_them(tmp_path: P
         dataset[0]
 
 
-def test_voc_dataset_parsing(tmp_path: Path) -> None:
+def test_voc_dataset_parsing(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     (tmp_path / "ann").mkdir()
     Image.new("RGB", (40, 30)).save(tmp_path / "a.jpg")
     (tmp_path / "ann" / "a.xml").write_text(
@@ -208,6 +267,11 @@ def test_voc_dataset_parsing(tmp_path: Path) -> None:
     assert dataset.class_names == ("box", "cup")
     _, boxes, labels = dataset[0]
     assert boxes.tolist() == [[1, 2, 20, 25], [5, 5, 9, 9]] and labels.tolist() == [1, 0]
+    swapped = (tmp_path / "ann" / "a.xml").read_text().replace("<xmin>5", "<xmin>12")
+    (tmp_path / "ann" / "a.xml").write_text(swapped)  # xmin 12 > xmax 9: no area
+    with caplog.at_level(logging.WARNING, logger="shitu.detection"):
+        assert VocDetection(tmp_path / "ann", tmp_path)[0][1].tolist() == [[1, 2, 20, 25]]
+    assert f"{tmp_path / 'ann'}: 1 of the 2 boxes have no area" in caplog.text
     (tmp_path / "ann" / "b.xml").write_text("<annotation><object>")
     with pytest.raises(DataError, match="b.xml"):
         VocDetection(tmp_path / "ann", tmp_path)
@@ -408,6 +472,13 @@ def test_detect_train_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert main(resume) == 2  # the checkpoint's detector has one class-agnostic label
     err = capsys.readouterr().err
     assert "was trained with a different detector (num_classes: 1 there, 2 here;" in err
+    empty = tmp_path / "empty_val.json"  # no mAP to compute: said before training
+    empty.write_text(json.dumps({**json.loads(coco.read_text()), "annotations": []}))
+    assert main([*args[:-1], str(tmp_path / "no_val"), "--val-coco", str(empty), "--val-images",
+                 str(tmp_path)]) == 2  # fmt: skip
+    assert (
+        f"error: --val-coco {empty}: its 4 images hold no boxes to evaluate against"
+    ) in capsys.readouterr().err
     assert main([*common, "--val-coco", str(coco)]) == 2  # without --val-images
     assert "error: --val-coco and --val-images go together" in capsys.readouterr().err
     (tmp_path / "taken").write_text("")  # an --out that cannot be written: said at once
@@ -456,6 +527,45 @@ def test_detect_train_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     ) in capsys.readouterr().err
 
 
+def test_a_resumed_detect_train_goes_on_in_the_folder_of_the_run_it_continues(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--resume RUN/latest.pt` without --out: the run goes on writing to RUN, as the
+    message of a stopped run suggests, not to a fresh output/detector of the working folder."""
+    torch.set_num_threads(2)
+    coco = _write_coco(tmp_path, _write_images(tmp_path, 4, size=64))
+    common = ["detect-train", "--coco", str(coco), "--images", str(tmp_path), "--batch-size"]
+    common += ["2", "--input-size", "64", "--train-sizes", "64"]
+    run = tmp_path / "run"
+    assert main([*common, "--epochs", "1", "--out", str(run)]) == 0
+    monkeypatch.chdir(tmp_path)
+    assert main([*common, "--epochs", "2", "--resume", str(run / "latest.pt")]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["model"] == str(run / "model.pt")
+    assert not (tmp_path / "output").exists()
+
+
+def test_detect_train_on_a_terminal_draws_progress_bars(tmp_path: Path) -> None:
+    """Training takes hours and its evaluation minutes: on a terminal a bar shows the steps
+    (with the epoch and loss) and one the images evaluated; the JSON lines each keep a line
+    of their own. None with --no-progress."""
+    coco = _write_coco(tmp_path, _write_images(tmp_path, 4, size=64))
+    command = [sys.executable, "-m", "shitu", "detect-train", "--coco", str(coco),
+               "--images", str(tmp_path), "--val-coco", str(coco), "--val-images",
+               str(tmp_path), "--epochs", "2", "--batch-size", "2", "--input-size", "64",
+               "--train-sizes", "64"]  # fmt: skip
+    status, lines = run_in_terminal([*command, "--out", str(tmp_path / "shown")])
+    assert status == 0, lines
+    (training,) = [line for line in lines if line.startswith("training: ")]
+    assert "4/4" in training and "epoch=2/2" in training
+    (evaluating,) = [line for line in lines if line.startswith("evaluating: ")]
+    assert "4/4" in evaluating
+    records = [line for line in lines if '"step": ' in line or '"mAP": ' in line]
+    assert len(records) == 3 and all(line.startswith("{") for line in records)
+    status, lines = run_in_terminal([*command, "--out", str(tmp_path / "quiet"), "--no-progress"])
+    assert status == 0, lines
+    assert not any(line.startswith(("training", "evaluating")) for line in lines), lines
+
+
 def test_detection_data_is_clipped_counted_and_matched_by_class_name(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -474,6 +584,12 @@ def test_detection_data_is_clipped_counted_and_matched_by_class_name(
     path.write_text(json.dumps(data))
     assert sum(map(len, CocoDetection(path, tmp_path).boxes)) == len(data["annotations"]) - 1
     assert f"{path}: 1 of the 3 boxes lie wholly outside their image" in caplog.text
+    caplog.clear()
+    data["annotations"][-1]["bbox"] = [10, 10, -5, 20]  # drawn right to left: no area
+    path.write_text(json.dumps(data))
+    assert sum(map(len, CocoDetection(path, tmp_path).boxes)) == len(data["annotations"]) - 1
+    assert f"{path}: 1 of the 3 boxes have no area (x2 <= x1 or y2 <= y1" in caplog.text
+    assert "outside" not in caplog.text
 
     reordered = json.loads(path.read_text())  # the same classes, listed the other way round
     for category in reordered["categories"]:
@@ -538,16 +654,17 @@ def _live_children(pid: int) -> list[int]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads processes in /proc")
-def test_sigterm_to_the_process_group_ends_training_with_its_workers_quietly(
+def test_sigterm_to_the_process_group_stops_training_with_a_checkpoint_and_its_workers(
     tmp_path: Path,
 ) -> None:
-    """systemd, Slurm and `kill -- -PGID` send SIGTERM to the data loader's workers too:
-    the run ends by the signal, without a traceback about the workers' deaths. The
-    workers get it first here, as they may in such a stop (the order is the kernel's)."""
+    """systemd, Slurm and `kill -- -PGID` send SIGTERM to the data loader's workers too: the
+    run stops after its step with a checkpoint to resume, says so, ends its workers and exits
+    143 (128 + SIGTERM), without a traceback about the workers."""
     coco = _write_coco(tmp_path, _write_images(tmp_path, 16))
+    out = tmp_path / "out"
     command = [sys.executable, "-m", "shitu", "detect-train", "--coco", str(coco),
                "--images", str(tmp_path), "--epochs", "1000", "--batch-size", "4",
-               "--workers", "2", "--out", str(tmp_path / "out")]  # fmt: skip
+               "--workers", "2", "--out", str(out)]  # fmt: skip
     process = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
@@ -555,14 +672,43 @@ def test_sigterm_to_the_process_group_ends_training_with_its_workers_quietly(
         assert '"step": 0' in process.stdout.readline()  # training, its workers loading
         workers = _live_children(process.pid)
         assert len(workers) == 2
-        for worker in workers:
-            os.kill(worker, signal.SIGTERM)
-        while set(workers) & set(_live_children(process.pid)):
-            time.sleep(0.05)
-        process.terminate()
-        _, err = process.communicate(timeout=120)
+        os.killpg(process.pid, signal.SIGTERM)
+        stdout, err = process.communicate(timeout=120)
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
-    assert process.returncode == -signal.SIGTERM
-    assert err == "", err
+    assert process.returncode == 128 + signal.SIGTERM
+    assert err == (
+        "warning: SIGTERM: stopping after this step, with a checkpoint (send it again to stop "
+        "at once, without one)\n"
+    )
+    assert re.fullmatch(
+        rf"stopped early after step \d+ \(0 of 1000 epochs done\); resume with --resume "
+        rf"{re.escape(str(out / 'latest.pt'))}\n",
+        stdout,
+    )
+    assert not set(workers) & {int(p.name) for p in Path("/proc").glob("[0-9]*")}
+
+
+def test_a_signal_stops_training_after_its_step_with_a_checkpoint_to_resume_mid_epoch(
+    tmp_path: Path,
+) -> None:
+    """Ctrl-C (SIGINT) during an epoch: the step under way ends, a checkpoint is written,
+    and the run resumed from it takes the steps the whole run would have (it lost the epoch)."""
+    torch.set_num_threads(2)
+    _write_coco(tmp_path, _write_images(tmp_path, 8))  # two batches of 4 an epoch
+    whole = [h["loss"] for h in _trainer(tmp_path, epochs=2, learning_rate=0.02).train()]
+
+    def press_ctrl_c_during_the_first_step(record: dict[str, float]) -> None:
+        if record["step"] == 0:
+            signal.raise_signal(signal.SIGINT)
+
+    stopped = _trainer(tmp_path, epochs=2, learning_rate=0.02)
+    stopped.train(on_step=press_ctrl_c_during_the_first_step)
+    assert stopped.stop_signal == signal.SIGINT
+    assert (stopped.progress.global_step, stopped.progress.batch_in_epoch) == (1, 1)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # given back
+    resumed = _trainer(tmp_path, epochs=2, learning_rate=0.02)
+    resumed.resume(stopped.checkpoint_path)
+    rest = [h["loss"] for h in resumed.train()]
+    assert rest == pytest.approx(whole[1:], rel=1e-4)

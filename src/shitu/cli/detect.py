@@ -7,11 +7,14 @@ import json
 import sys
 
 from shitu.cli.common import (
+    add_progress_argument,
     add_visualisation_arguments,
     detection_score,
     expand_images,
     input_side,
     positive_int,
+    print_past_progress,
+    progress_wanted,
     skip_reason,
     unread_files_status,
     visualisation_writer,
@@ -63,6 +66,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--per-class", action="store_true", help="NMS per class instead of class-agnostic"
     )
     add_visualisation_arguments(parser)
+    add_progress_argument(parser)
     parser.set_defaults(func=run)
 
 
@@ -91,8 +95,9 @@ def run(args: argparse.Namespace) -> int:
     from shitu.detection import load_detector
     from shitu.inference.preprocess import read_rgb
     from shitu.pipeline import draw_boxes
+    from shitu.progress import ImageProgress
 
-    paths, _ = expand_images(args.images)
+    paths, folder = expand_images(args.images)
     detector = load_detector(args.model, args.runtime, args.arch, args.input_size)
     names = _class_names(args.class_names) if args.class_names else detector.class_names
     if args.class_names and detector.num_classes not in (None, len(names)):
@@ -101,30 +106,32 @@ def run(args: argparse.Namespace) -> int:
             f"{detector.num_classes} classes"
         )
     writer = visualisation_writer(args, paths)
-    done = 0
-    for path in map(str, paths):
-        try:
-            image = read_rgb(path)
-        except UnreadableImageError as exc:
-            reason = skip_reason(str(exc), "detect", path)
-            print(f"warning: skipped {path}: {reason}", file=sys.stderr)
-            continue
-        done += 1
-        dets = detector.detect(image, args.threshold, args.max_boxes, not args.per_class)
-        boxes = [
-            {
-                "cls": int(c),
-                **({"label": names[int(c)]} if int(c) < len(names) else {}),
-                "score": round(float(s), 5),
-                "box": [round(float(v), 2) for v in box],
-            }
-            for c, s, *box in dets
-        ]
-        record = {"image": path, "width": image.shape[1], "height": image.shape[0]}
-        print(json.dumps({**record, "boxes": boxes}, ensure_ascii=False), flush=True)
-        if writer is not None:
-            drawn = ((b["box"], b.get("label", f"class {b['cls']}"), b["score"]) for b in boxes)
-            writer.save(path, draw_boxes(image, drawn, writer.fonts))
+    progress = progress_wanted(args) and (folder or len(paths) > 1)  # as `shitu recognize`
+    with ImageProgress(len(paths), progress, "detecting") as bar:
+        for path in map(str, paths):
+            try:
+                image = read_rgb(path)
+            except UnreadableImageError as exc:
+                reason = skip_reason(str(exc), "detect", path)
+                print_past_progress(f"warning: skipped {path}: {reason}", sys.stderr)
+                bar.skip()
+                continue
+            dets = detector.detect(image, args.threshold, args.max_boxes, not args.per_class)
+            boxes = [
+                {
+                    "cls": int(c),
+                    **({"label": names[int(c)]} if int(c) < len(names) else {}),
+                    "score": round(float(s), 5),
+                    "box": [round(float(v), 2) for v in box],
+                }
+                for c, s, *box in dets
+            ]
+            record = {"image": path, "width": image.shape[1], "height": image.shape[0]}
+            print_past_progress(json.dumps({**record, "boxes": boxes}, ensure_ascii=False))
+            if writer is not None:
+                drawn = ((b["box"], b.get("label", f"class {b['cls']}"), b["score"]) for b in boxes)
+                writer.save(path, draw_boxes(image, drawn, writer.fonts))
+            bar.update(1)
     if writer is not None:
         writer.note_replaced()
-    return unread_files_status(len(paths) - done, len(paths))  # none read: fail, like recognize
+    return unread_files_status(bar.skipped, len(paths))  # none read: fail, like recognize

@@ -7,12 +7,22 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from shitu.cli.common import input_side, non_negative_int, positive_float, positive_int
+from shitu.cli.common import (
+    add_progress_argument,
+    input_side,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    print_past_progress,
+    progress_wanted,
+)
 from shitu.errors import ConfigError, DataError
 from shitu.fileio import check_writable
 
 if TYPE_CHECKING:
     from shitu.detection.data import DetectionDataset
+
+DEFAULT_OUT = "output/detector"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -21,7 +31,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="train a PicoDet detector (COCO JSON or VOC XML annotations)",
         description=(
             "Train PicoDet from scratch with SGD + cosine schedule, EMA and multi-scale "
-            "batches; writes OUTPUT/latest.pt each epoch (resumable), then OUTPUT/model.pt "
+            "batches; writes OUTPUT/latest.pt each epoch and when Ctrl-C or SIGTERM stops "
+            "it after a step (resumable), then OUTPUT/model.pt "
             "(EMA weights) and OUTPUT/model.onnx (the onnxruntime path, at --input-size), "
             "either one a `shitu detect --model` or `shitu recognize --detector`, and prints "
             "COCO mAP on --val data."
@@ -50,10 +61,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--workers", type=non_negative_int, default=0, help="data loader processes")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
-    parser.add_argument("--out", default="output/detector", help="output folder")
+    parser.add_argument(
+        "--out",
+        help=f"output folder (default: {DEFAULT_OUT}, or with --resume the folder of the run "
+        "it continues)",
+    )
     # Its name before it was called --out, as on every other command; scripts use it.
     parser.add_argument("--output", dest="out", help=argparse.SUPPRESS)
     parser.add_argument("--resume", help="training checkpoint (latest.pt or its directory)")
+    add_progress_argument(parser)
     parser.set_defaults(func=run)
 
 
@@ -66,6 +82,8 @@ def _dataset(coco: str | None, voc: str | None, images: str, agnostic: bool) -> 
 
 
 def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
     from shitu.detection.data import CocoDetection
     from shitu.detection.export import export_onnx
     from shitu.detection.train import DetectionTrainConfig, DetectionTrainer, evaluate_detector
@@ -73,10 +91,11 @@ def run(args: argparse.Namespace) -> int:
 
     if bool(args.val_coco) != bool(args.val_images):
         raise ConfigError("--val-coco and --val-images go together")
-    output = Path(args.out)
-    earlier = [name for name in ("latest.pt", "model.pt") if (output / name).exists()]
-    # The folder of the run resumed (--resume names its latest.pt or the folder itself).
+    # The folder of the run resumed (--resume names its latest.pt or the folder itself),
+    # which it goes on writing to unless told otherwise.
     resumed = resolve_checkpoint(args.resume, "--resume").parent if args.resume else None
+    output = Path(args.out) if args.out else resumed or Path(DEFAULT_OUT)
+    earlier = [name for name in ("latest.pt", "model.pt") if (output / name).exists()]
     if earlier and (resumed is None or resumed.resolve() != output.resolve()):
         # a new run, or one resumed from elsewhere, would write over them
         raise ConfigError(
@@ -88,6 +107,11 @@ def run(args: argparse.Namespace) -> int:
     val = None
     if args.val_coco:  # read (and matched to the training classes) before any training
         val = CocoDetection(args.val_coco, args.val_images, args.class_agnostic)
+        if not any(len(boxes) for boxes in val.boxes):  # its mAP would be a meaningless 0
+            raise ConfigError(
+                f"--val-coco {args.val_coco}: its {len(val)} images hold no boxes to evaluate "
+                "against (none annotated, or none inside their image)"
+            )
         try:
             val.use_class_order(dataset.class_names)
         except DataError as exc:
@@ -101,22 +125,46 @@ def run(args: argparse.Namespace) -> int:
         eval_size=args.input_size,
         seed=args.seed,
         num_workers=args.workers,
-        output_dir=args.out,
+        output_dir=str(output),
     )
     trainer = DetectionTrainer(dataset, config)
     if args.resume:
         trainer.resume(args.resume)
     steps_per_epoch = len(trainer.sampler)
+    bar = tqdm(
+        total=config.epochs * steps_per_epoch,
+        initial=trainer.progress.global_step,
+        desc="training",
+        unit="step",
+        disable=not progress_wanted(args),
+        dynamic_ncols=True,
+    )
 
     def log(record: dict[str, float]) -> None:
         if record["step"] % steps_per_epoch == 0:
-            print(json.dumps({k: round(v, 5) for k, v in record.items()}), flush=True)
+            print_past_progress(json.dumps({k: round(v, 5) for k, v in record.items()}))
+        bar.update(1)
+        epoch = record["step"] // steps_per_epoch + 1
+        bar.set_postfix(epoch=f"{epoch}/{config.epochs}", loss=f"{record['loss']:.4f}")
 
-    trainer.train(on_step=log)
-    path = trainer.export(Path(args.out) / "model.pt")
+    with bar:
+        trainer.train(on_step=log)
+    # Stopped by a signal (one during the last step came too late to stop it): not done, as
+    # a caller (`detect-train && ...`) must see.
+    if trainer.stop_signal is not None and trainer.progress.epoch < config.epochs:
+        progress = trainer.progress
+        print(
+            f"stopped early after step {progress.global_step} ({progress.epoch} of "
+            f"{config.epochs} epochs done); resume with --resume {trainer.checkpoint_path}",
+            flush=True,
+        )
+        return 128 + trainer.stop_signal
+    path = trainer.export(output / "model.pt")
     # The fast CPU path (onnxruntime), at --input-size, with the class names in the file
-    onnx = export_onnx(trainer.ema.model, Path(args.out) / "model.onnx", args.input_size)
+    onnx = export_onnx(trainer.ema.model, output / "model.onnx", args.input_size)
     print(json.dumps({"model": str(path), "onnx": str(onnx)}))
     if val is not None:
-        print(json.dumps(evaluate_detector(trainer.ema.model, val, args.input_size)))
+        model, size = trainer.ema.model, args.input_size
+        metrics = evaluate_detector(model, val, size, progress=progress_wanted(args))
+        print(json.dumps(metrics))
     return 0

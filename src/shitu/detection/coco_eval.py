@@ -1,7 +1,10 @@
 """COCO-style box AP: mAP@[.5:.95] and AP50, computed the way pycocotools does for
-area "all" (101-point interpolated precision, at most 100 detections per image, each
-detection matched greedily in score order to the best-overlapping unmatched ground truth
-of its class). Crowd regions and area ranges are not modelled.
+area "all" (101-point interpolated precision, at most 100 detections per image and class,
+each detection matched greedily in score order to the best-overlapping unmatched ground truth
+of its class). Crowd regions are ignored as pycocotools ignores them: a detection that
+matches no ground truth but lies in a crowd region of its class (its intersection with
+the region at least the IoU threshold times its own area) counts neither as right nor as
+wrong. Area ranges are not modelled.
 """
 
 from __future__ import annotations
@@ -28,26 +31,46 @@ def _average_precision(tp: np.ndarray, num_gt: int) -> float:
     return float(np.where(index < len(tp), precision[np.minimum(index, len(tp) - 1)], 0.0).mean())
 
 
+def _in_crowd(dets: np.ndarray, crowd_boxes: np.ndarray) -> np.ndarray:
+    """[D, R] share of each detection's area inside each crowd region (pycocotools' IoU
+    for a crowd ground truth)."""
+    lt = np.maximum(dets[:, None, :2], crowd_boxes[None, :, :2])
+    rb = np.minimum(dets[:, None, 2:], crowd_boxes[None, :, 2:])
+    inter = (rb - lt).clip(min=0).prod(axis=2)
+    area = (dets[:, 2] - dets[:, 0]).clip(min=0) * (dets[:, 3] - dets[:, 1]).clip(min=0)
+    return np.where(area[:, None] > 0, inter / area.clip(min=1e-12)[:, None], 0.0)
+
+
 def evaluate_boxes(
     detections: Sequence[np.ndarray],
     ground_truths: Sequence[tuple[np.ndarray, np.ndarray]],
     max_detections: int = 100,
+    crowds: Sequence[tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> dict[str, float]:
     """Per image detections [M, 6] (cls, score, x1, y1, x2, y2) and ground truth (boxes [K, 4],
-    labels [K]) -> {"mAP": AP@[.5:.95], "AP50": AP@.5}, averaged over classes with ground truth."""
+    labels [K]) -> {"mAP": AP@[.5:.95], "AP50": AP@.5}, averaged over classes with ground truth.
+    An image's `max_detections` best boxes of each class count (pycocotools' maxDets);
+    `crowds` gives each image's crowd regions (boxes, labels), where detections are ignored."""
+    crowds = crowds if crowds is not None else [(np.zeros((0, 4)), np.zeros(0))] * len(detections)
     classes = sorted({int(c) for _, labels in ground_truths for c in labels})
     per_class = np.zeros((len(classes), len(IOU_THRESHOLDS)))
     for ci, cls in enumerate(classes):
-        scores, tps = [], []
+        scores, outcomes = [], []
         num_gt = 0
-        for dets, (gt_boxes, gt_labels) in zip(detections, ground_truths, strict=True):
+        for dets, (gt_boxes, gt_labels), (crowd_boxes, crowd_labels) in zip(
+            detections, ground_truths, crowds, strict=True
+        ):
             dets = np.asarray(dets, np.float64).reshape(-1, 6)
+            dets = dets[dets[:, 0] == cls]  # then its best: pycocotools' maxDets is per class
             dets = dets[np.argsort(-dets[:, 1], kind="stable")][:max_detections]
-            dets = dets[dets[:, 0] == cls]
             gts = np.asarray(gt_boxes, np.float64).reshape(-1, 4)[np.asarray(gt_labels) == cls]
+            regions = np.asarray(crowd_boxes, np.float64).reshape(-1, 4)
+            regions = regions[np.asarray(crowd_labels) == cls]
             num_gt += len(gts)
             ious = box_iou(dets[:, 2:], gts)
-            tp = np.zeros((len(dets), len(IOU_THRESHOLDS)))
+            in_crowd = _in_crowd(dets[:, 2:], regions).max(axis=1, initial=0.0)
+            # per detection and threshold: 1 right, 0 wrong, -1 ignored (in a crowd region)
+            outcome = np.zeros((len(dets), len(IOU_THRESHOLDS)))
             for ti, threshold in enumerate(IOU_THRESHOLDS):
                 free = np.ones(len(gts), bool)
                 for d in range(len(dets)):
@@ -55,13 +78,15 @@ def evaluate_boxes(
                     if len(gts) and candidates.max() >= 0:
                         best = int(candidates.argmax())
                         free[best] = False
-                        tp[d, ti] = 1
+                        outcome[d, ti] = 1
+                    elif in_crowd[d] >= threshold:
+                        outcome[d, ti] = -1
             scores.append(dets[:, 1])
-            tps.append(tp)
+            outcomes.append(outcome)
         order = np.argsort(-np.concatenate(scores), kind="stable")
-        all_tp = np.concatenate(tps)[order]
+        all_outcomes = np.concatenate(outcomes)[order]
         per_class[ci] = [
-            _average_precision(all_tp[:, t], num_gt) for t in range(len(IOU_THRESHOLDS))
+            _average_precision(column[column >= 0], num_gt) for column in all_outcomes.T
         ]
     if not classes:
         return {"mAP": 0.0, "AP50": 0.0}

@@ -1,7 +1,8 @@
 """Detection datasets (COCO JSON, Pascal VOC XML), box-aware augmentations and batching.
 
 Samples are `(image, boxes, labels)`: a PIL RGB image, float32 [K, 4] boxes (x1, y1, x2, y2)
-in its pixels and int64 [K] class ids. Augmentations draw from Python's `random`, so the
+in its pixels and int64 [K] class ids. COCO's crowd regions are kept apart (`crowds`), for
+evaluation to ignore the detections in them. Augmentations draw from Python's `random`, so the
 engine's per-sample seeding (`shitu.engine.seeding.SeededDataset`) makes them reproducible.
 Batches are resized to one square size (chosen per batch: multi-scale training) without
 keeping the aspect ratio, as PicoDet trains.
@@ -45,16 +46,22 @@ class DetectionDataset:
         class_names: tuple[str, ...],
         class_agnostic: bool,
         transform: Callable[[Sample], Sample] | None,
+        crowds: list[tuple[np.ndarray, np.ndarray]] | None = None,
     ) -> None:
+        """`crowds`: each image's crowd regions (boxes, labels), none where not given."""
         if not images:
             raise DataError("the detection dataset lists no images")
         if not class_names:
             raise DataError("the detection dataset names no classes (no categories)")
         _check_images_exist(images)
+        no_crowd = (np.zeros((0, 4), np.float32), np.zeros(0, np.int64))
+        crowds = crowds if crowds is not None else [no_crowd] * len(images)
         if class_agnostic:
             labels = [np.zeros_like(lab) for lab in labels]
+            crowds = [(box, np.zeros_like(lab)) for box, lab in crowds]
             class_names = FOREGROUND
         self.images, self.boxes, self.labels = images, boxes, labels
+        self.crowds = crowds
         self.class_names = class_names
         self.transform = transform
 
@@ -94,6 +101,7 @@ class DetectionDataset:
             raise DataError(f"the classes {unknown} are not among the model's {list(class_names)}")
         new_id = np.array([list(class_names).index(name) for name in self.class_names], np.int64)
         self.labels = [new_id[labels] for labels in self.labels]
+        self.crowds = [(boxes, new_id[labels]) for boxes, labels in self.crowds]
         self.class_names = tuple(class_names)
 
     def __getitem__(self, index: int) -> Sample:
@@ -127,6 +135,28 @@ def clip_boxes(
     clipped[:, [1, 3]] = clipped[:, [1, 3]].clip(0, height)
     keep = (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
     return clipped[keep], labels[keep].copy()
+
+
+def _without_empty_boxes(
+    source: str | Path, boxes: list[np.ndarray], labels: list[np.ndarray]
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Boxes with no area (x2 <= x1 or y2 <= y1) left out and counted in a warning, as
+    PaddleDetection's loaders warn of each: a tool that swapped the corners would otherwise
+    lose every box of a file unnoticed."""
+    keep = [(box[:, 2] > box[:, 0]) & (box[:, 3] > box[:, 1]) for box in boxes]
+    empty = sum(int((~kept).sum()) for kept in keep)
+    if empty:
+        logger.warning(
+            "%s: %d of the %d boxes have no area (x2 <= x1 or y2 <= y1: a point, a line or "
+            "swapped corners) and are left out",
+            source,
+            empty,
+            sum(map(len, boxes)),
+        )
+    return (
+        [box[kept] for box, kept in zip(boxes, keep, strict=True)],
+        [label[kept] for label, kept in zip(labels, keep, strict=True)],
+    )
 
 
 def _clip_to_recorded_sizes(
@@ -163,7 +193,8 @@ def _read(path: Path, what: str) -> bytes:
 
 
 class CocoDetection(DetectionDataset):
-    """COCO `instances_*.json`: category ids become 0..C-1 in id order; crowd boxes skipped."""
+    """COCO `instances_*.json`: category ids become 0..C-1 in id order; crowd boxes are not
+    trained on, but kept as `crowds` for evaluation."""
 
     def __init__(
         self,
@@ -181,7 +212,7 @@ class CocoDetection(DetectionDataset):
             image_ids = [img["id"] for img in data["images"]]
             _refuse_repeated_ids("image", image_ids)
             files = {img["id"]: Path(image_root) / img["file_name"] for img in data["images"]}
-            per_image: dict[int, list[tuple[list[float], int]]] = {i: [] for i in image_ids}
+            per_image: dict[int, list[tuple[list[float], int, bool]]] = {i: [] for i in image_ids}
             for ann in data["annotations"]:
                 bbox = ann["bbox"]
                 if not isinstance(bbox, list) or len(bbox) != 4:
@@ -191,8 +222,6 @@ class CocoDetection(DetectionDataset):
                 x, y, w, h = (float(v) for v in bbox)
                 if not math.isfinite(x + y + w + h):  # NaN would fail every test below, unnoticed
                     raise ValueError(f"annotation {ann.get('id')}: its bbox {bbox!r} is not finite")
-                if ann.get("iscrowd", 0) or w <= 0 or h <= 0:
-                    continue
                 for key, what, known in (
                     ("image_id", "image", per_image),
                     ("category_id", "category", cat_index),
@@ -202,19 +231,27 @@ class CocoDetection(DetectionDataset):
                             f"annotation {ann.get('id')}: no {what} has its {key} {ann[key]!r}"
                         )
                 per_image[ann["image_id"]].append(
-                    ([x, y, x + w, y + h], cat_index[ann["category_id"]])
+                    ([x, y, x + w, y + h], cat_index[ann["category_id"]], bool(ann.get("iscrowd")))
                 )
         except KeyError as exc:
             raise DataError(f"{path} is not a valid COCO annotation file (no {exc} key)") from None
         except (ValueError, TypeError) as exc:
             raise DataError(f"{path} is not a valid COCO annotation file ({exc})") from None
-        boxes, labels, sizes = [], [], []
+        boxes, labels, sizes, crowds = [], [], [], []
         for image in data["images"]:
-            rows = per_image[image["id"]]
-            boxes.append(np.array([b for b, _ in rows], np.float32).reshape(-1, 4))
-            labels.append(np.array([c for _, c in rows], np.int64))
+            objects = [(box, c) for box, c, crowd in per_image[image["id"]] if not crowd]
+            regions = [(box, c) for box, c, crowd in per_image[image["id"]] if crowd]
+            boxes.append(np.array([b for b, _ in objects], np.float32).reshape(-1, 4))
+            labels.append(np.array([c for _, c in objects], np.int64))
+            crowds.append(
+                (
+                    np.array([b for b, _ in regions], np.float32).reshape(-1, 4),
+                    np.array([c for _, c in regions], np.int64),
+                )
+            )
             width, height = image.get("width"), image.get("height")  # optional in COCO files
             sizes.append((width, height) if width and height else None)
+        boxes, labels = _without_empty_boxes(path, boxes, labels)
         boxes, labels = _clip_to_recorded_sizes(path, boxes, labels, sizes)
         super().__init__(
             [files[i] for i in image_ids],
@@ -223,6 +260,7 @@ class CocoDetection(DetectionDataset):
             tuple(c["name"] for c in categories),
             class_agnostic,
             transform,
+            crowds,
         )
 
 
@@ -265,6 +303,7 @@ class VocDetection(DetectionDataset):
             boxes.append(np.array([b for _, b in objects], np.float32).reshape(-1, 4))
             labels.append(np.array([index[n] for n, _ in objects], np.int64))
         sizes = [size for _, _, size in parsed]
+        boxes, labels = _without_empty_boxes(annotation_dir, boxes, labels)
         boxes, labels = _clip_to_recorded_sizes(annotation_dir, boxes, labels, sizes)
         super().__init__(
             [Path(image_dir) / filename for filename, _, _ in parsed],
@@ -294,9 +333,7 @@ class VocDetection(DetectionDataset):
                         f"object {number} needs a <name> and a <bndbox> with <xmin>, <ymin>, "
                         "<xmax> and <ymax>"
                     )
-                coords = [float(value) for value in corners]
-                if coords[2] > coords[0] and coords[3] > coords[1]:
-                    objects.append((name, coords))
+                objects.append((name, [float(value) for value in corners]))
             width, height = (float(root.findtext(f"size/{k}") or 0) for k in ("width", "height"))
         except (ET.ParseError, ValueError, TypeError) as exc:
             raise DataError(f"{path} is not a valid VOC annotation file ({exc})") from None

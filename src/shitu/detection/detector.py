@@ -107,19 +107,37 @@ class Detector(ABC):
             return []
         batch = np.stack([preprocess(img, self.input_size) for img in images])
         scores, boxes = self.predict(batch)
-        results = []
-        for img, s, b in zip(images, scores, boxes, strict=True):
-            h, w = img.shape[:2]
-            scale = np.array([w, h, w, h], b.dtype) / np.array(
-                [self.input_size[1], self.input_size[0]] * 2, b.dtype
+        return [
+            detections_in_image(
+                s, b, img.shape[:2], self.input_size, score_threshold, max_boxes, class_agnostic
             )
-            dets = multiclass_nms(
-                b * scale, s, score_threshold, NMS_IOU, NMS_TOP_K, max_boxes, class_agnostic
-            )
-            dets[:, [2, 4]] = dets[:, [2, 4]].clip(0, w)
-            dets[:, [3, 5]] = dets[:, [3, 5]].clip(0, h)
-            results.append(dets.astype(np.float32))
-        return results
+            for img, s, b in zip(images, scores, boxes, strict=True)
+        ]
+
+
+def detections_in_image(
+    scores: np.ndarray,
+    boxes: np.ndarray,
+    image_size: tuple[int, int],
+    input_size: tuple[int, int],
+    score_threshold: float,
+    max_boxes: int,
+    class_agnostic: bool,
+    nms_top_k: int = NMS_TOP_K,
+) -> np.ndarray:
+    """One image's network outputs (scores [N, C], boxes [N, 4] in input pixels) -> its
+    detections [M, 6] float32 in the pixels of the image of `image_size` (h, w): boxes
+    scaled, NMS, then clipped to the image, as PaddleDetection's post-processing does.
+    Detection and training's evaluation share it, so the mAP is that of the boxes detect gives.
+    """
+    (h, w), (input_h, input_w) = image_size, input_size
+    scale = np.array([w, h] * 2, boxes.dtype) / np.array([input_w, input_h] * 2, boxes.dtype)
+    dets = multiclass_nms(
+        boxes * scale, scores, score_threshold, NMS_IOU, nms_top_k, max_boxes, class_agnostic
+    )
+    dets[:, [2, 4]] = dets[:, [2, 4]].clip(0, w)
+    dets[:, [3, 5]] = dets[:, [3, 5]].clip(0, h)
+    return dets.astype(np.float32)
 
 
 def _check_detect_arguments(score_threshold: float, max_boxes: int) -> None:

@@ -18,6 +18,8 @@ from torch import nn
 from shitu.detection.detector import CLASS_NAMES_KEY
 from shitu.detection.input_size import check_input_size
 from shitu.detection.model import PicoDet
+from shitu.errors import CheckpointError
+from shitu.fileio import write_atomically, write_failure_reason
 from shitu.onnx_trace import trace_to_onnx
 
 
@@ -31,21 +33,33 @@ class _Decoded(nn.Module):
 
 
 def export_onnx(model: PicoDet, path: str | Path, input_size: int | None = None) -> Path:
+    """`model` as an ONNX file at `path`, written whole or not at all: a stopped run or a
+    refused write (a CheckpointError naming the file) leaves the file that was there, not
+    a truncated graph (detect-train writes model.onnx over the one a resumed run made)."""
     size = check_input_size(model.arch.input_size if input_size is None else input_size)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad():
-        trace_to_onnx(
-            _Decoded(model.eval()),
-            (torch.zeros(1, 3, size, size),),
-            path,
-            input_names=["image"],
-            output_names=["scores", "boxes"],
-            dynamic_axes={"image": {0: "batch"}, "scores": {0: "batch"}, "boxes": {0: "batch"}},
-            opset_version=13,
-        )
-    exported = onnx.load(str(path))
-    names = json.dumps(list(model.arch.class_names))
-    exported.metadata_props.add(key=CLASS_NAMES_KEY, value=names)
-    onnx.save(exported, str(path))
-    return path
+
+    def write(tmp: Path) -> None:
+        with torch.no_grad():
+            trace_to_onnx(
+                _Decoded(model.eval()),
+                (torch.zeros(1, 3, size, size),),
+                tmp,
+                input_names=["image"],
+                output_names=["scores", "boxes"],
+                dynamic_axes={
+                    "image": {0: "batch"},
+                    "scores": {0: "batch"},
+                    "boxes": {0: "batch"},
+                },
+                opset_version=13,
+            )
+        exported = onnx.load(str(tmp))
+        names = json.dumps(list(model.arch.class_names))
+        exported.metadata_props.add(key=CLASS_NAMES_KEY, value=names)
+        onnx.save(exported, str(tmp))
+
+    try:
+        return write_atomically(path, write)
+    except OSError as exc:
+        raise CheckpointError(f"cannot write {path}: {write_failure_reason(exc)}") from None

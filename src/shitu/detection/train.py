@@ -11,26 +11,30 @@ from __future__ import annotations
 import copy
 import logging
 import random
+import signal
+import threading
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from shitu.config.schema import LRConfig, OptimizerConfig
-from shitu.detection.boxes import multiclass_nms
 from shitu.detection.coco_eval import evaluate_boxes
 from shitu.detection.data import DetectionDataset, collate
-from shitu.detection.detector import preprocess
+from shitu.detection.detector import detections_in_image, preprocess
 from shitu.detection.input_size import check_input_size
 from shitu.detection.losses import picodet_loss
 from shitu.detection.model import PicoDet, PicoDetArch, build_picodet
 from shitu.detection.weights import save_detector
-from shitu.engine.data import end_quietly_on_sigterm
+from shitu.engine.data import leave_stopping_to_the_trainer
 from shitu.engine.lr import Cosine
 from shitu.engine.optim import build_optimizer, set_learning_rate
 from shitu.engine.seeding import (
@@ -141,26 +145,37 @@ class EpochBatches:
 
 @torch.inference_mode()
 def evaluate_detector(
-    model: PicoDet, dataset: DetectionDataset, size: int, nms_top_k: int = 200
+    model: PicoDet,
+    dataset: DetectionDataset,
+    size: int,
+    nms_top_k: int = 200,
+    progress: bool = False,
 ) -> dict[str, float]:
-    """COCO mAP of `model` on `dataset`'s images (un-augmented) at input `size`.
+    """COCO mAP of `model` on `dataset`'s images (un-augmented) at input `size`; `progress`
+    draws a bar on stderr (a COCO-sized set takes minutes).
 
     Keeps the `nms_top_k` best boxes per class before NMS (greedy NMS costs grow with
     the cube of the candidates, and an untrained model scores everything alike).
     """
     model.eval()
     detections, truths = [], []
-    for index in range(len(dataset)):
+    for index in tqdm(range(len(dataset)), "evaluating", unit="img", disable=not progress):
         image = np.asarray(dataset.load_image(index))
-        h, w = image.shape[:2]
         scores, boxes = model.predict(torch.from_numpy(preprocess(image, (size, size))[None]))
-        scale = np.array([w / size, h / size] * 2, np.float32)
-        dets = multiclass_nms(
-            boxes[0].numpy() * scale, scores[0].numpy(), 0.025, 0.6, nms_top_k, 100
+        detections.append(
+            detections_in_image(
+                scores[0].numpy(),
+                boxes[0].numpy(),
+                image.shape[:2],
+                (size, size),
+                0.025,
+                100,
+                class_agnostic=False,
+                nms_top_k=nms_top_k,
+            )
         )
-        detections.append(dets)
         truths.append(dataset.targets(index))
-    return evaluate_boxes(detections, truths)
+    return evaluate_boxes(detections, truths, crowds=dataset.crowds)
 
 
 class DetectionTrainer:
@@ -191,7 +206,7 @@ class DetectionTrainer:
             batch_sampler=self.sampler,
             collate_fn=list,
             num_workers=config.num_workers,
-            worker_init_fn=end_quietly_on_sigterm,
+            worker_init_fn=leave_stopping_to_the_trainer,
         )
         lr_config = LRConfig(name="Cosine", learning_rate=config.learning_rate)
         optim_config = OptimizerConfig(
@@ -210,6 +225,7 @@ class DetectionTrainer:
         )
         self.progress = Progress()
         self.history: list[dict[str, float]] = []
+        self.stop_signal: int | None = None  # the signal that stopped `train`, if one did
 
     @property
     def checkpoint_path(self) -> Path:
@@ -260,22 +276,62 @@ class DetectionTrainer:
         on_step: Callable[[dict[str, float]], None] | None = None,
     ) -> list[dict[str, float]]:
         """Train until `config.epochs` (or `max_steps` more steps); checkpoint each epoch.
-        `on_step` sees each step's losses and learning rate (for logging)."""
+        `on_step` sees each step's losses and learning rate (for logging).
+
+        Called from the main thread, Ctrl-C (SIGINT) or SIGTERM stops the run after its
+        current step with a checkpoint to resume from, and `stop_signal` names the signal;
+        an epoch can take hours, which a stop would otherwise lose. A second signal acts at
+        once, without a checkpoint."""
+        self.stop_signal = None
         done = 0
-        while self.progress.epoch < self.config.epochs:
-            self.sampler.set_epoch(self.progress.epoch, self.progress.batch_in_epoch)
-            for items in self.loader:
-                if max_steps is not None and done >= max_steps:
+        with self._stopping_on_signals():
+            while self.progress.epoch < self.config.epochs:
+                self.sampler.set_epoch(self.progress.epoch, self.progress.batch_in_epoch)
+                for items in self.loader:
+                    if max_steps is not None and done >= max_steps:
+                        return self.history
+                    if self.stop_signal is not None:
+                        self.save()  # mid-epoch: the resume goes on from the next step
+                        return self.history
+                    record = self.train_step(items)
+                    if on_step is not None:
+                        on_step(record)
+                    self.progress.batch_in_epoch += 1
+                    done += 1
+                self.progress.epoch += 1
+                self.progress.batch_in_epoch = 0
+                self.save()
+                if self.stop_signal is not None:
                     return self.history
-                record = self.train_step(items)
-                if on_step is not None:
-                    on_step(record)
-                self.progress.batch_in_epoch += 1
-                done += 1
-            self.progress.epoch += 1
-            self.progress.batch_in_epoch = 0
-            self.save()
         return self.history
+
+    @contextmanager
+    def _stopping_on_signals(self) -> Iterator[None]:
+        """SIGINT and SIGTERM handled by `_on_signal` while training (the main thread only
+        may set handlers: elsewhere they act as they would)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        self._previous_handlers = {
+            sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)
+        }
+        try:
+            yield
+        finally:
+            for sig, handler in self._previous_handlers.items():
+                signal.signal(sig, handler)
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        if self.stop_signal is not None:  # a second one: as without this handler
+            signal.signal(signum, self._previous_handlers[signum])
+            signal.raise_signal(signum)
+            return
+        self.stop_signal = signum
+        logger.warning(
+            "%s: stopping after this step, with a checkpoint (send it again to stop at once, "
+            "without one)",
+            signal.Signals(signum).name,
+        )
 
     def evaluate(self) -> dict[str, float]:
         return evaluate_detector(self.ema.model, self.dataset, self.config.eval_size)

@@ -123,9 +123,11 @@ def paddle_key(key: str, arch: PicoDetArch) -> str:
 
 
 def load_pdparams(path: str | Path, arch: str | PicoDetArch | dict) -> PicoDet:
-    """A PicoDet with the weights of a PaddleDetection (legacy PicoHead) `.pdparams`."""
-    model = build_picodet(resolve_arch(arch))
+    """A PicoDet with the weights of a PaddleDetection (legacy PicoHead) `.pdparams`, with
+    as many classes as its head scores (`_head_classes`)."""
+    named = resolve_arch(arch)  # an unknown name said first, before the file is read
     paddle_state = read_pdparams(path)
+    model = build_picodet(_head_classes(named, paddle_state))
     state = {}
     for key in model.state_dict():
         if key.endswith("num_batches_tracked"):
@@ -137,6 +139,19 @@ def load_pdparams(path: str | Path, arch: str | PicoDetArch | dict) -> PicoDet:
         state[key] = torch.from_numpy(np.ascontiguousarray(paddle_state[name]))
     _load_state(model, state, path)
     return model.eval()
+
+
+def _head_classes(arch: PicoDetArch, paddle_state: dict[str, np.ndarray]) -> PicoDetArch:
+    """`arch` with the class count of the file's head: PaddleDetection users fine-tune the
+    named architectures on their own classes, and a VOC-trained PicoDet-S (20 classes) was
+    refused for the shape of its head. The class names go with another count."""
+    head = paddle_state.get(paddle_key("head.head_cls.0.weight", arch))
+    if head is None:  # named as missing when the weights are read
+        return arch
+    num_classes = head.shape[0] - 4 * (arch.reg_max + 1)
+    if num_classes <= 0 or num_classes == arch.num_classes:  # a head that fits no count: refused
+        return arch
+    return replace(arch, num_classes=num_classes, class_names=())
 
 
 # --- ONNX exports (paddle2onnx) --------------------------------------------------------------
