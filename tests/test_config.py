@@ -232,6 +232,10 @@ def test_every_shipped_config_builds_its_model_and_losses(name):
         (["Loss.Train.0.CELoss.weight=-1"], "Loss.Train.0.CELoss.weight: Input should be greater"),
         (["Loss.Train.0.CELoss.input_key=nope"], "Loss.Train.0.CELoss.input_key: Input should be"),
         (["Optimizer.name=Lion"], "Optimizer"),
+        (["Optimizer.momentum=-0.9"], "Optimizer.momentum: Input should be greater than or equal"),
+        (["Optimizer.beta1=1.5"], "Optimizer.beta1: Input should be less than 1"),
+        (["Optimizer.beta2=1"], "Optimizer.beta2: Input should be less than 1"),
+        (["Optimizer.weight_decay=-1e-4"], "Optimizer.weight_decay: Input should be greater"),
         (
             ["Metric.Eval=[{Recallk: {topk: [1, abc]}}]"],
             "Metric.Eval[0].Recallk.topk: must be a positive integer or a list of them",
