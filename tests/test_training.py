@@ -980,6 +980,14 @@ def test_a_probe_run_checks_its_fine_tuning_before_probing(grocery, tmp_path, ca
     assert main(["train", "-c", str(path), "-o", probe, "Global.eval_metric=recall@3"]) == 2
     assert "Global.eval_metric: 'recall@3' is not computed" in capsys.readouterr().err
     assert not output.exists()
+    # The probe's layers are named under their own key (was: Arch.frozen_layers, unset).
+    typo = "LinearProbe={epochs: 1, frozen_layers: [backbone, nek]}"
+    assert main(["train", "-c", str(path), "-o", typo]) == 2
+    assert (
+        "LinearProbe.frozen_layers: the model has no module 'nek' (its top-level modules: "
+        "backbone, neck, head)" in capsys.readouterr().err
+    )
+    assert not output.exists()
 
 
 def test_a_probe_run_checks_each_image_once(grocery, tmp_path, monkeypatch):
