@@ -214,6 +214,13 @@ def test_labels_mixing_ids_and_names_are_refused(tmp_path: Path):
     label_file.write_text("a.png 2\nb.png 10\nc.png 1\nd.png 2\n")
     dataset = LabelFileDataset(str(tmp_path), str(label_file), relabel=True)
     assert dataset.label_map == {1: 0, 2: 1, 10: 2} and dataset.labels == [1, 2, 0, 1]
+    # Digits joined by an underscore are a name (int() reads '4011_1' as 40111).
+    label_file.write_text("a.png 4011_1\nb.png 4011_2\nc.png 4011_1\nd.png +7\n")
+    with pytest.raises(DataError, match="label '4011_1' is a class name, but line 4 has the"):
+        LabelFileDataset(str(tmp_path), str(label_file))
+    label_file.write_text("a.png 4011_1\nb.png 4011_2\nc.png 4011_1\n")
+    dataset = LabelFileDataset(str(tmp_path), str(label_file))
+    assert dataset.class_names == ["4011_1", "4011_2"] and dataset.num_classes == 2
 
 
 def test_label_file_errors_name_the_file_and_line(tmp_path: Path, monkeypatch):

@@ -176,13 +176,15 @@ class LabelFileDataset(ImageDataset):
         return [self.label_map[label] for label in labels]
 
 
+# A class id as PaddleClas's label files write one: ASCII digits, a sign allowed.
+_CLASS_ID = re.compile(r"[+-]?[0-9]+")
+
+
 def is_class_id(text: str) -> bool:
-    """Whether `text` is a class id (as `int` reads it) rather than a class name."""
-    try:
-        int(text)
-    except ValueError:
-        return False
-    return True
+    """Whether `text` is a class id rather than a class name. Not whatever `int` reads:
+    it takes `4011_1` (a product code and its variety) for the id 40111, and so would
+    number each such name as a class of a classifier tens of thousands wide."""
+    return _CLASS_ID.fullmatch(text) is not None
 
 
 DATASETS.register("LabelFileDataset")(LabelFileDataset)
