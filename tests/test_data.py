@@ -223,6 +223,28 @@ def test_labels_mixing_ids_and_names_are_refused(tmp_path: Path):
     assert dataset.class_names == ["4011_1", "4011_2"] and dataset.num_classes == 2
 
 
+def test_images_listed_more_than_once_are_warned_of(tmp_path: Path, caplog):
+    """An image listed under two labels (label files merged) is trained towards both:
+    kept, as a repeat may be meant, but named, those under different labels first."""
+    for name in "abc":
+        save_png(tmp_path / f"{name}.png", pattern(4, 4))
+    label_file = tmp_path / "list.txt"
+    label_file.write_text("c.png pear\nb.png pear\na.png apple\nc.png pear\n./b.png apple\n")
+    with caplog.at_level(logging.WARNING):
+        dataset = LabelFileDataset(str(tmp_path), str(label_file))
+    assert len(dataset) == 5
+    assert (
+        f"label file {label_file}: 2 images are listed more than once, 1 under different "
+        f"labels ({tmp_path}/b.png (line 2: pear, line 5: apple); {tmp_path}/c.png (line 1: "
+        "pear, line 4: pear)); each listing is a sample of its own"
+    ) in caplog.text
+    caplog.clear()
+    label_file.write_text("a.png apple\nb.png pear\n")
+    with caplog.at_level(logging.WARNING):
+        LabelFileDataset(str(tmp_path), str(label_file))
+    assert not caplog.text
+
+
 def test_label_file_errors_name_the_file_and_line(tmp_path: Path, monkeypatch):
     save_png(tmp_path / "a.png", pattern(4, 4))
     label_file = tmp_path / "list.txt"

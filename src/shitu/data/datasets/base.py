@@ -10,6 +10,7 @@ reference counts change.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from collections import OrderedDict, deque
 from collections.abc import Iterator, Sequence
@@ -38,6 +39,8 @@ Problems = tuple[tuple[int, str], ...]
 
 # How many missing or bad files an error message lists before summarising.
 _SHOW = 5
+# How many images listed more than once a warning names.
+_SHOW_REPEATED = 3
 # How many start-up scans `reused_scans` keeps (a run's train, query and gallery sets fit).
 _SCANS_KEPT = 8
 # EXIF orientations that turn the image a quarter (DecodeImage applies them).
@@ -59,6 +62,8 @@ class Scan:
 _scans: OrderedDict[tuple[bool, str, bytes], Scan] | None = None
 # Within `scan_progress`: the description of a skip_corrupt scan's progress bar, if one.
 _scan_bar: ContextVar[str | None] = ContextVar("_scan_bar", default=None)
+
+logger = logging.getLogger(__name__)
 
 
 class StringTable(Sequence[str]):
@@ -256,6 +261,7 @@ class ImageDataset(Dataset):
     def _set_entries(self, entries: list[Entry], image_root: str | None = None) -> None:
         if not entries:
             raise DataError(f"{self.where}: lists no images")
+        self._warn_of_repeats(entries)
         scan = _scan_paths([entry.path for entry in entries], self.skip_corrupt)
         problems = scan.problems
         if problems and not self.skip_corrupt:  # missing files: the only problem looked for
@@ -269,6 +275,45 @@ class ImageDataset(Dataset):
         self.paths = StringTable([entry.path for entry in entries])
         self._labels = np.fromiter((e.label for e in entries), dtype=np.int64, count=len(entries))
         self._ids = np.fromiter((e.unique_id for e in entries), dtype=np.int64, count=len(entries))
+
+    def _warn_of_repeats(self, entries: list[Entry]) -> None:
+        """An image listed twice is drawn twice as often, and one listed under two labels
+        (label files merged, a relabelling half done) is trained towards both classes and
+        counted in both in evaluation. Either may be meant (oversampling a class), so it is
+        kept, but said: how many, and where the first few are listed, those under
+        different labels first."""
+        paths = [os.path.normpath(entry.path) for entry in entries]
+        if len(set(paths)) == len(paths):  # the usual case, at a third of the cost
+            return
+        listings: dict[str, list[Entry]] = {}
+        for path, entry in zip(paths, entries, strict=True):
+            listings.setdefault(path, []).append(entry)
+        repeated = [listed for listed in listings.values() if len(listed) > 1]
+        if not repeated:
+            return
+        conflicting = [listed for listed in repeated if len({e.label for e in listed}) > 1]
+        agreeing = [listed for listed in repeated if len({e.label for e in listed}) == 1]
+        shown = (conflicting + agreeing)[:_SHOW_REPEATED]
+        examples = "; ".join(
+            f"{listed[0].path} ({', '.join(self._listing_text(e) for e in listed)})"
+            for listed in shown
+        )
+        logger.warning(
+            "%s: %d image%s listed more than once, %d under different labels (%s%s); each "
+            "listing is a sample of its own",
+            self.where,
+            len(repeated),
+            " is" if len(repeated) == 1 else "s are",
+            len(conflicting),
+            examples,
+            "; ..." if len(repeated) > len(shown) else "",
+        )
+
+    def _listing_text(self, entry: Entry) -> str:
+        """Where `entry` is listed, and its label as listed: a class name, or a class id."""
+        keys = self.label_keys if self.label_keys is not None else self.class_names
+        label = keys[entry.label] if keys is not None and entry.label < len(keys) else entry.label
+        return f"{entry.source}: {label}"
 
     def _size_problems(self, scan: Scan) -> Problems:
         """The decoded images of a size this dataset's transforms cannot take (a photo one

@@ -39,7 +39,8 @@ class LabelFileDataset(ImageDataset):
     column is a unique id (e.g. a product or instance id) that retrieval
     evaluation uses to exclude an image's own entries; without it the entry's
     position among the listed images is used (from 0; blank lines are not
-    counted).
+    counted). An image listed more than once is a sample each time, with a warning that
+    names it (and its labels, where they differ).
     """
 
     def __init__(
