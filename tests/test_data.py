@@ -346,8 +346,21 @@ def test_skip_corrupt_drops_bad_images_at_start_up(grocery: Path, tmp_path: Path
     ):
         dataset[1]
     label_file.write_text("truncated.jpg 1\n")
-    with pytest.raises(DataError, match="none of the listed images can be read"):
+    with pytest.raises(DataError) as caught:
         LabelFileDataset(str(tmp_path), str(label_file), skip_corrupt=True)
+    assert str(caught.value).startswith(
+        f"label file {label_file}: none of the 1 listed images can be used: "
+        f"{tmp_path / 'truncated.jpg'} (line 1: "
+    )
+    # All of them missing (a wrong image_root, most often): where they were looked for.
+    (tmp_path / "sub").mkdir()
+    with pytest.raises(DataError) as caught:
+        LabelFileDataset(str(tmp_path / "sub"), str(label_file), skip_corrupt=True)
+    assert str(caught.value) == (
+        f"label file {label_file}: none of the 1 listed images can be used: "
+        f"{tmp_path / 'sub' / 'truncated.jpg'} (line 1: file not found); paths are read "
+        f"relative to image_root={str(tmp_path / 'sub')!r}"
+    )
 
 
 def test_skip_corrupt_drops_images_of_a_size_the_transforms_cannot_take(

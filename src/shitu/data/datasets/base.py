@@ -45,6 +45,8 @@ _SHOW_REPEATED = 3
 _SCANS_KEPT = 8
 # EXIF orientations that turn the image a quarter (DecodeImage applies them).
 _QUARTER_TURNS = (5, 6, 7, 8)
+# Why a listed path is not used, when there is no file at it.
+_NOT_FOUND = "file not found"
 
 
 @dataclass(frozen=True)
@@ -200,7 +202,7 @@ def _scan_paths(paths: Sequence[str], skip_corrupt: bool) -> Scan:
 
 
 def _scan(paths: Sequence[str], skip_corrupt: bool) -> Scan:
-    missing = [(i, "file not found") for i, path in enumerate(paths) if not os.path.isfile(path)]
+    missing = [(i, _NOT_FOUND) for i, path in enumerate(paths) if not os.path.isfile(path)]
     if not skip_corrupt:
         return Scan(tuple(missing), None)
     gone = {i for i, _ in missing}
@@ -268,10 +270,10 @@ class ImageDataset(Dataset):
             self._refuse_missing([entries[i] for i, _ in problems], len(entries), image_root)
         problems += self._size_problems(scan)
         self.skipped.extend((entries[i].path, why) for i, why in problems)
+        if len(problems) == len(entries):
+            self._refuse_all_skipped(entries, problems, image_root)
         dropped = {i for i, _ in problems}
         entries = [entry for i, entry in enumerate(entries) if i not in dropped]
-        if not entries:
-            raise DataError(f"{self.where}: none of the listed images can be read")
         self.paths = StringTable([entry.path for entry in entries])
         self._labels = np.fromiter((e.label for e in entries), dtype=np.int64, count=len(entries))
         self._ids = np.fromiter((e.unique_id for e in entries), dtype=np.int64, count=len(entries))
@@ -331,10 +333,25 @@ class ImageDataset(Dataset):
     def _refuse_missing(self, missing: list[Entry], total: int, image_root: str | None) -> NoReturn:
         examples = ", ".join(f"{e.path} ({e.source})" for e in missing[:_SHOW])
         more = f" and {len(missing) - _SHOW} more" if len(missing) > _SHOW else ""
-        root = f"; paths are read relative to image_root={image_root!r}" if image_root else ""
         raise DataError(
             f"{self.where}: {len(missing)} of {total} listed images do not exist: "
-            f"{examples}{more}{root} (skip_corrupt: true leaves them out)"
+            f"{examples}{more}{_root_hint(image_root)} (skip_corrupt: true leaves them out)"
+        )
+
+    def _refuse_all_skipped(
+        self, entries: list[Entry], problems: Problems, image_root: str | None
+    ) -> NoReturn:
+        """skip_corrupt left every image out: say why, with the first few reasons (all
+        missing: a wrong image_root, most often; all smaller than a crop, yet readable),
+        not only that there is nothing left."""
+        examples = ", ".join(
+            f"{entries[i].path} ({entries[i].source}: {why})" for i, why in problems[:_SHOW]
+        )
+        more = f" and {len(problems) - _SHOW} more" if len(problems) > _SHOW else ""
+        any_missing = any(why == _NOT_FOUND for _, why in problems)
+        raise DataError(
+            f"{self.where}: none of the {len(entries)} listed images can be used: "
+            f"{examples}{more}{_root_hint(image_root) if any_missing else ''}"
         )
 
     @cached_property
@@ -383,6 +400,11 @@ class ImageDataset(Dataset):
             f"{type(self).__name__}({self.where}: {len(self)} images, {self.num_classes} classes"
             f"{f', {len(self.skipped)} skipped' if self.skipped else ''})"
         )
+
+
+def _root_hint(image_root: str | None) -> str:
+    """Where listed paths are looked for, to add to a message about ones not found."""
+    return f"; paths are read relative to image_root={image_root!r}" if image_root else ""
 
 
 def read_lines(path: str, what: str) -> list[tuple[int, str]]:
