@@ -322,6 +322,27 @@ def test_run_without_evaluation_still_writes_weights(grocery, tmp_path):
     assert all(torch.equal(soup[k], model[k]) for k in model)
 
 
+def test_a_runs_checkpoint_and_weights_are_synced_to_disk(grocery, tmp_path, monkeypatch):
+    """latest.pt is a run's only way back: synced, with its folder's entry, so that a power
+    loss or a host crash after the rename leaves it whole (unsynced, some file systems
+    leave a renamed file empty), as are the weights it names."""
+    synced: set[tuple[int, int]] = set()
+    fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        fsync(fd)
+        status = os.fstat(fd)
+        synced.add((status.st_dev, status.st_ino))
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    path = tiny_config(grocery, tmp_path, epochs=1)
+    assert Trainer(load_config(path)).fit().finished
+    output = tmp_path / "output"
+    for name in ("", "latest.pt", "best_model.safetensors", "final_model.safetensors"):
+        status = (output / name).stat()
+        assert (status.st_dev, status.st_ino) in synced, name or "the output folder"
+
+
 def test_lr_mult_reaches_the_training_step(grocery, tmp_path):
     path = tiny_config(grocery, tmp_path, epochs=1, eval_during_train=False)
     config = load_config(path, ["Optimizer.lr_mult={backbone: 0.25}"])

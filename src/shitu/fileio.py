@@ -79,10 +79,10 @@ def refuse_file_in_the_way(folder: Path, what: str) -> None:
         raise DataError(f"{what}: {existing} is a file, not a folder")
 
 
-def torch_save_atomically(payload: Any, path: Path) -> Path:
-    """`torch.save(payload)` to `path` by `write_atomically`; a refused write (a full disk,
-    no permission) is a CheckpointError naming `path` and the system's reason, and the file
-    `path` held stays."""
+def torch_save_atomically(payload: Any, path: Path, durable: bool = False) -> Path:
+    """`torch.save(payload)` to `path` by `write_atomically` (`durable` as there); a refused
+    write (a full disk, no permission) is a CheckpointError naming `path` and the system's
+    reason, and the file `path` held stays."""
     import torch  # here: the command line imports this module without loading torch
 
     def write(tmp: Path) -> None:
@@ -90,7 +90,7 @@ def torch_save_atomically(payload: Any, path: Path) -> Path:
             torch.save(payload, handle)
 
     try:
-        return write_atomically(path, write)
+        return write_atomically(path, write, durable)
     except (OSError, RuntimeError) as exc:
         raise CheckpointError(f"cannot write {path}: {write_failure_reason(exc)}") from None
 

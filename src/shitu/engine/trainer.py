@@ -428,12 +428,14 @@ class Trainer:
         return self.ema.module if self.ema is not None else self.model
 
     def _save_weights(self, name: str) -> None:
-        """The model's weights alone (`shitu eval`, `export`, `average` read them)."""
+        """The model's weights alone (`shitu eval`, `export`, `average` read them), synced
+        to disk as `latest.pt` is, which names the best model's epoch."""
         if self.context.is_main:
             save_weights(
                 self.result_model.state_dict(),
                 self.output_dir / f"{name}.safetensors",
                 model_metadata(self.result_model, self.config.Arch.model_dump(mode="json")),
+                durable=True,
             )
 
     # ----------------------------------------------------------------- the loop
