@@ -564,6 +564,12 @@ def test_convert_counts_the_file_tensors_it_leaves_out(tmp_path):
     result = run_shitu("convert", str(weights), "--no-head", "-c", str(config), "--out", str(out))
     assert result.returncode == 0, result.stderr
     assert result.stdout.endswith("PPLCNetV2_small_ShiTu, 1 file tensor left out\n")
+    # Folded, it writes fewer tensors than it loads: the count is the file's.
+    result = run_shitu("convert", str(weights), "--reparameterize", "-c", str(config), "--out", str(out))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    written, loaded = len(read_weights(out)[0]), len(make_model().state_dict())
+    assert written < loaded
+    assert result.stdout.startswith(f"wrote {out}: {written} tensors (folded from {loaded}), ")
 
 
 @pytest.mark.parametrize("command", ["average", "convert"])
