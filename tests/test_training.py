@@ -178,6 +178,25 @@ def test_resumed_metrics_log_drops_later_records_and_a_torn_last_line(tmp_path, 
         MetricsLog(tmp_path, resume_step=2)
 
 
+def test_a_resumed_runs_tensorboard_hides_the_steps_logged_after_its_checkpoint(tmp_path):
+    """As the metrics log drops them: else TensorBoard draws both runs' values of those steps."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    log = MetricsLog(tmp_path, tensorboard=True)
+    for step in range(1, 6):  # killed at step 5, its checkpoint at step 3
+        log.write("train", step, loss=float(step))
+    log.close()
+    log = MetricsLog(tmp_path, resume_step=3, tensorboard=True)
+    for step in range(4, 7):
+        log.write("train", step, loss=10.0 + step)
+    log.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    logged = [(event.step, event.value) for event in events.Scalars("train/loss")]
+    assert logged == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 14.0), (5, 15.0), (6, 16.0)]
+
+
 def test_interrupted_and_resumed_run_matches_uninterrupted(grocery, tmp_path):
     path = tiny_config(grocery, tmp_path)
     full = Trainer(load_config(path, ["Global.output_dir=" + str(tmp_path / "full")])).fit()
