@@ -270,9 +270,12 @@ def test_label_file_errors_name_the_file_and_line(tmp_path: Path, monkeypatch):
     label_file.write_text("a.png\tCoca Cola\n")
     with pytest.raises(DataError, match=r"list\.txt:1: unique id 'Cola' .*tabs and set delimiter"):
         LabelFileDataset(str(tmp_path), str(label_file))
-    label_file.write_text("\n\n")
+    label_file.write_text("\n\n# path label\n")
     with pytest.raises(DataError, match="lists no images"):
         LabelFileDataset(str(tmp_path), str(label_file))
+    label_file.write_text("# path label id\na.png 3\n")  # a header: no line of its own
+    dataset = LabelFileDataset(str(tmp_path), str(label_file))
+    assert dataset.labels == [3] and dataset.unique_ids == [0]
     label_file.write_text("a.png Café\r\n", encoding="utf-16")  # PowerShell 5's `>` writes this
     assert LabelFileDataset(str(tmp_path), str(label_file)).class_names == ["Café"]
     label_file.write_text("a.png Café\n", encoding="cp1252")  # not to be guessed at

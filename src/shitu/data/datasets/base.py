@@ -408,7 +408,9 @@ def _root_hint(image_root: str | None) -> str:
 
 
 def read_lines(path: str, what: str) -> list[tuple[int, str]]:
-    """(line number, stripped text) of the non-blank lines of a listing file."""
+    """(line number, stripped text) of the lines of a listing file, less blank ones and
+    `#` comments (a header line, say), which gallery label files may have as well: the
+    same list then serves `shitu index build` and evaluation."""
     file = Path(path)
     if not file.is_file():
         hint = " (it is a directory)" if file.is_dir() else from_working_directory(path)
@@ -421,8 +423,8 @@ def read_lines(path: str, what: str) -> list[tuple[int, str]]:
         ) from None
     except OSError as exc:
         raise DataError(f"{what}: cannot read label file {path}: {exc}") from exc
-    lines = enumerate(text.splitlines(), 1)
-    return [(number, line.strip()) for number, line in lines if line.strip()]
+    lines = ((number, line.strip()) for number, line in enumerate(text.splitlines(), 1))
+    return [(number, line) for number, line in lines if line and not line.startswith("#")]
 
 
 def check_root(root: str, what: str, key: str = "image_root") -> None:
