@@ -297,6 +297,17 @@ def test_missing_images_are_counted_and_shown(tmp_path: Path):
     dataset = LabelFileDataset(str(tmp_path), str(label_file), skip_corrupt=True)
     assert len(dataset) == 1 and len(dataset.skipped) == 8
     assert dataset.skipped[0] == (str(tmp_path / "gone0.png"), "file not found")
+    assert "backslash" not in message
+    # A list written on Windows: its separators are named, not only the files.
+    (tmp_path / "sub").mkdir()
+    save_png(tmp_path / "sub" / "b.png", pattern(4, 4))
+    label_file.write_text("a.png 0\nsub\\b.png 1\n")
+    with pytest.raises(DataError) as info:
+        LabelFileDataset(str(tmp_path), str(label_file))
+    assert str(info.value).endswith(
+        f"paths are read relative to image_root={str(tmp_path)!r}; a backslash separates no "
+        "folders here: write the paths with '/' (skip_corrupt: true leaves them out)"
+    )
 
 
 def corrupt_files(grocery: Path, folder: Path) -> tuple[Path, Path]:

@@ -335,7 +335,8 @@ class ImageDataset(Dataset):
         more = f" and {len(missing) - _SHOW} more" if len(missing) > _SHOW else ""
         raise DataError(
             f"{self.where}: {len(missing)} of {total} listed images do not exist: "
-            f"{examples}{more}{_root_hint(image_root)} (skip_corrupt: true leaves them out)"
+            f"{examples}{more}{_not_found_hint([e.path for e in missing], image_root)} "
+            "(skip_corrupt: true leaves them out)"
         )
 
     def _refuse_all_skipped(
@@ -348,10 +349,10 @@ class ImageDataset(Dataset):
             f"{entries[i].path} ({entries[i].source}: {why})" for i, why in problems[:_SHOW]
         )
         more = f" and {len(problems) - _SHOW} more" if len(problems) > _SHOW else ""
-        any_missing = any(why == _NOT_FOUND for _, why in problems)
+        missing = [entries[i].path for i, why in problems if why == _NOT_FOUND]
         raise DataError(
             f"{self.where}: none of the {len(entries)} listed images can be used: "
-            f"{examples}{more}{_root_hint(image_root) if any_missing else ''}"
+            f"{examples}{more}{_not_found_hint(missing, image_root) if missing else ''}"
         )
 
     @cached_property
@@ -402,9 +403,14 @@ class ImageDataset(Dataset):
         )
 
 
-def _root_hint(image_root: str | None) -> str:
-    """Where listed paths are looked for, to add to a message about ones not found."""
-    return f"; paths are read relative to image_root={image_root!r}" if image_root else ""
+def _not_found_hint(missing: Sequence[str], image_root: str | None) -> str:
+    """What to add to a message about the `missing` listed paths: where listed paths are
+    looked for, and that a backslash separates no folders here (a list a Windows script
+    wrote with os.path.join: `train\\apple\\1.jpg`)."""
+    hint = f"; paths are read relative to image_root={image_root!r}" if image_root else ""
+    if os.sep == "/" and any("\\" in path for path in missing):
+        hint += "; a backslash separates no folders here: write the paths with '/'"
+    return hint
 
 
 def read_lines(path: str, what: str) -> list[tuple[int, str]]:
