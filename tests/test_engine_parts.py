@@ -267,6 +267,22 @@ def test_seeded_samples_do_not_depend_on_restarts_or_disturb_global_rng():
     assert torch.equal(torch.rand(3), expected)
 
 
+def test_ddp_processes_seed_each_place_in_their_batches_apart():
+    """Numbered by each process alone, the images at one place in every process's batch
+    would be augmented alike: seeds follow the global batch number instead."""
+    seeds = []
+    for rank in (0, 1):
+        sampler = SeededBatchSampler([[0, 1], [2, 3]], run_seed=7, rank=rank, world_size=2)
+        seeds.append([seed for batch in sampler for _, seed in batch])
+    assert not set(seeds[0]) & set(seeds[1])
+    # One process numbers its batches as before.
+    alone = SeededBatchSampler([[0, 1], [2, 3], [4, 5], [6, 7]], run_seed=7)
+    interleaved = [
+        seed for b in (0, 1) for rank in (0, 1) for seed in seeds[rank][2 * b : 2 * b + 2]
+    ]
+    assert [seed for batch in alone for _, seed in batch] == interleaved
+
+
 def test_rng_capture_and_restore():
     state = capture_rng_state()
     draws = (random.random(), np.random.rand(), torch.rand(2))

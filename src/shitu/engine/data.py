@@ -62,7 +62,7 @@ def build_loader(
         options = {"persistent_workers": True, "prefetch_factor": 4}
     return DataLoader(
         SeededDataset(dataset),
-        batch_sampler=SeededBatchSampler(sampler, seed),
+        batch_sampler=SeededBatchSampler(sampler, seed, context.rank, context.world_size),
         num_workers=workers,
         pin_memory=context.device.type == "cuda",
         generator=torch.Generator().manual_seed(seed),
