@@ -362,6 +362,21 @@ def test_a_runs_checkpoint_and_weights_are_synced_to_disk(grocery, tmp_path, mon
         assert (status.st_dev, status.st_ino) in synced, name or "the output folder"
 
 
+def test_a_run_removes_the_files_a_save_killed_outright_left(grocery, tmp_path):
+    """A save killed mid-write (SIGKILL) keeps the checkpoint it replaced, but leaves its
+    temporary file, as large: the next run in the folder removes such files, only those."""
+    path = tiny_config(grocery, tmp_path, epochs=1)
+    output = tmp_path / "output"
+    first = Trainer(load_config(path))
+    first.fit(stop_after_steps=1)
+    leftovers = [output / ".latest.pt.k1ll3d_x", output / ".best_model.safetensors.a2b4c6d8"]
+    others = [output / ".latest.pt.mine", output / "latest.pt.k1ll3d_x"]
+    for file in leftovers + others:
+        file.write_bytes(b"partial")
+    Trainer(load_config(path, [f"Global.checkpoints={output}"]))
+    assert [file for file in leftovers + others if file.exists()] == others
+
+
 def test_lr_mult_reaches_the_training_step(grocery, tmp_path):
     path = tiny_config(grocery, tmp_path, epochs=1, eval_during_train=False)
     config = load_config(path, ["Optimizer.lr_mult={backbone: 0.25}"])

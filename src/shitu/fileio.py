@@ -15,6 +15,7 @@ import errno
 import glob
 import hashlib
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -142,6 +143,16 @@ def write_atomically(path: Path, write: Callable[[Path], None], durable: bool = 
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def unfinished_writes(path: Path) -> list[Path]:
+    """The temporary files `write_atomically` left beside `path` where it was killed outright
+    (SIGKILL, a power loss) while writing it: nothing else removes them, and that of a
+    training checkpoint is as large as the checkpoint. Names as mkstemp makes them: the
+    prefix, then 8 characters of its alphabet."""
+    own = re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}")
+    candidates = path.parent.glob(f".{glob.escape(path.name)}.*")
+    return sorted(candidate for candidate in candidates if own.fullmatch(candidate.name))
 
 
 _AT_FDCWD = -100

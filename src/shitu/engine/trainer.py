@@ -49,6 +49,7 @@ from shitu.engine.state import (
     save_training_state,
 )
 from shitu.errors import ConfigError, DataError, ShituError, override_word, weight_file_setting
+from shitu.fileio import unfinished_writes
 from shitu.losses.combined import CombinedLoss
 from shitu.models import build_model
 from shitu.registry import problem_list
@@ -213,6 +214,8 @@ class Trainer:
                 )
         if resume_payload is not None:
             self._carry_over_from(resolve_checkpoint(config.Global.checkpoints).parent)
+        if self.context.is_main:
+            self._remove_unfinished_writes()
         self.log = MetricsLog(
             self.output_dir,
             enabled=self.context.is_main,
@@ -662,6 +665,15 @@ class Trainer:
         for source in carried:
             if source.is_file():
                 shutil.copyfile(source, self.output_dir / source.name)
+
+    def _remove_unfinished_writes(self) -> None:
+        """A run killed outright while it saved (SIGKILL when a SIGTERM's grace period ran
+        out during the save) left that save's temporary file, a whole checkpoint's size,
+        beside the file it kept: an earlier run's, as no other process writes the files of
+        this run's folder."""
+        for name in (f"{LATEST}{SUFFIX}", f"{BEST}.safetensors", f"{FINAL}.safetensors", LOG_NAME):
+            for leftover in unfinished_writes(self.output_dir / name):
+                leftover.unlink(missing_ok=True)
 
     def _save_unevaluated_epoch(self, epoch: int) -> None:
         """After a failed evaluation (out of memory, an unreadable eval image), checkpoint
