@@ -266,6 +266,29 @@ def test_an_unreadable_image_met_mid_run_leaves_a_checkpoint_to_resume_from(groc
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 
 
+def test_an_unreadable_image_met_by_a_loader_worker_is_reported_in_one_line(grocery, tmp_path):
+    """torch raises a worker's error again with the worker's traceback as its message: the
+    run's own message is built on the error as raised, not on that traceback."""
+    path = tiny_config(grocery, tmp_path, epochs=1, eval_during_train=False)
+    root = tmp_path / "images"
+    lines = [line.split() for line in (tmp_path / "train.txt").read_text().splitlines()]
+    for relative, _ in lines:
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        (root / relative).write_bytes(b"not an image")
+    options = [
+        f"DataLoader.Train.dataset.image_root={root}",
+        "DataLoader.Train.loader.num_workers=1",
+    ]
+    with pytest.raises(DataError) as caught:
+        Trainer(load_config(path, options)).fit()
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith(f"{root}/")
+    assert (
+        ": cannot decode image: a text file, not an image; set skip_corrupt: true in the "
+        "dataset config to leave such images out. The run's 0 steps so far are saved in " in message
+    )
+
+
 def test_a_resume_with_other_images_or_sampling_says_it_is_not_the_same_run(
     grocery, tmp_path, caplog
 ):

@@ -48,7 +48,14 @@ from shitu.engine.state import (
     resolve_checkpoint,
     save_training_state,
 )
-from shitu.errors import ConfigError, DataError, ShituError, override_word, weight_file_setting
+from shitu.errors import (
+    ConfigError,
+    DataError,
+    ShituError,
+    override_word,
+    raised_message,
+    weight_file_setting,
+)
 from shitu.fileio import unfinished_writes
 from shitu.losses.combined import CombinedLoss
 from shitu.models import build_model
@@ -581,7 +588,8 @@ class Trainer:
             steps = self.progress.global_step
             resume = override_word("Global.checkpoints", latest)
             raise DataError(
-                f"{exc}. The run's {steps} step{'' if steps == 1 else 's'} so far are saved in "
+                f"{raised_message(exc)}. The run's {steps} step{'' if steps == 1 else 's'} so "
+                f"far are saved in "
                 f"{latest}: put the image right and resume with -o {resume}"
             ) from None
         finally:
