@@ -29,7 +29,7 @@ from shitu.data.transforms import build_transforms
 from shitu.data.transforms.ops import DecodeImage, ResizeImage
 from shitu.engine.data import build_eval_loader, build_train_loader
 from shitu.engine.distributed import init_distributed
-from shitu.errors import ConfigError, DataError
+from shitu.errors import ConfigError, DataError, raised_message
 from shitu.inference.preprocess import decode_rgb
 
 registry.populate()
@@ -1279,6 +1279,31 @@ def test_an_eval_set_without_normalisation_or_resize_is_warned_of_by_key(grocery
         else:
             assert f"DataLoader.Eval.Query.dataset.transform_ops has {missing}" in caplog.text
             assert "override only the keys that change" in caplog.text
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_images_of_different_sizes_in_a_batch_name_the_transform_ops(tmp_path: Path, workers):
+    """Without a resize, torch's own error ('stack expects each tensor to be equal size')
+    names no setting: the one that needs an op giving every image one size is named."""
+    for name, (width, height) in (("a", (8, 6)), ("b", (6, 8))):
+        save_png(tmp_path / "class" / f"{name}.png", pattern(width, height))
+    split = DataSplitConfig.model_validate(
+        {
+            "dataset": {"name": "ImageFolderDataset", "root": str(tmp_path)},
+            "sampler": {"name": "DistributedBatchSampler", "batch_size": 2},
+            "loader": {"num_workers": workers},
+        }
+    )
+    loader = build_eval_loader(
+        split, init_distributed("cpu"), seed=0, where="DataLoader.Eval.Query"
+    )
+    with pytest.raises(ConfigError) as caught:
+        next(iter(loader))
+    assert raised_message(caught.value) == (
+        "DataLoader.Eval.Query.dataset.transform_ops: images of different sizes in one batch "
+        "((3, 6, 8) and (3, 8, 6), channels x height x width); give them one size with a "
+        "ResizeImage {size: [W, H]} or a crop (RandCropImage, CropImage, RandCropImageV2)"
+    )
 
 
 def test_dataloader_config_errors_name_the_section(grocery: Path):

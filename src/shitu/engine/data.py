@@ -7,10 +7,11 @@ import os
 import signal
 import sys
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
 
 from shitu import registry
 from shitu.config.schema import ComponentConfig, DataSplitConfig
@@ -63,12 +64,32 @@ def build_loader(
     return DataLoader(
         SeededDataset(dataset),
         batch_sampler=SeededBatchSampler(sampler, seed, context.rank, context.world_size),
+        collate_fn=partial(collate_one_size, where=f"{where}.dataset.transform_ops"),
         num_workers=workers,
         pin_memory=context.device.type == "cuda",
         generator=torch.Generator().manual_seed(seed),
         worker_init_fn=worker_init,
         **options,
     )
+
+
+def collate_one_size(items: list[tuple[Any, ...]], where: str) -> Any:
+    """A batch of `items` (image, label, unique id, index). torch stacks images only of one
+    size, and says of others "stack expects each tensor to be equal size", naming no
+    setting: a ConfigError names the transform_ops at `where`, which need an op that gives
+    every image one size (photos of a few sizes fail only at the first batch that mixes
+    them, maybe hours in)."""
+    try:
+        return default_collate(items)
+    except RuntimeError:
+        sizes = sorted({tuple(item[0].shape) for item in items})
+        if len(sizes) < 2:
+            raise
+        raise ConfigError(
+            f"{where}: images of different sizes in one batch ({sizes[0]} and {sizes[1]}, "
+            "channels x height x width); give them one size with a ResizeImage {size: [W, H]} "
+            f"or a crop ({', '.join(SIZING_OPS[1:])})"
+        ) from None
 
 
 def _warn_of_raw_images(split: DataSplitConfig, where: str) -> None:
