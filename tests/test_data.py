@@ -545,6 +545,22 @@ def test_grocery_store_dataset_joins_listings(grocery: Path, tmp_path: Path):
         GroceryStoreDataset(str(grocery), [])
 
 
+def test_a_paddleclas_label_file_given_to_the_grocery_dataset_names_the_right_one(
+    grocery: Path, tmp_path: Path
+):
+    """A copied Grocery config pointed at one's own `path label` list: the dataset to use."""
+    listing = tmp_path / "mine.txt"
+    listing.write_text("train/Fruit/Apple/Golden-Delicious/Golden-Delicious_001.jpg 0\n")
+    with pytest.raises(DataError) as caught:
+        GroceryStoreDataset(str(grocery), str(listing))
+    assert str(caught.value).endswith(
+        "; a 'path label' file is an ImageNetDataset's (name: ImageNetDataset)"
+    )
+    listing.write_text("train/Fruit/Apple/Golden-Delicious/Golden-Delicious_001.jpg, 0\n")
+    with pytest.raises(DataError, match=r"expected 'path, fine_id, coarse_id', got '[^']*'$"):
+        GroceryStoreDataset(str(grocery), str(listing))
+
+
 def test_grocery_store_iconic_split(grocery: Path, tmp_path: Path):
     """`cls_label_path: iconic` is the packshot gallery: one image per class from classes.csv."""
     iconic = GroceryStoreDataset(str(grocery), "iconic")
