@@ -545,6 +545,19 @@ def test_grocery_store_dataset_joins_listings(grocery: Path, tmp_path: Path):
         GroceryStoreDataset(str(grocery), [])
 
 
+def test_a_grocery_listing_given_to_a_label_file_dataset_names_the_right_one(
+    grocery: Path,
+):
+    """Split on whitespace, `path, 3, 1` gave the path `path,` and the class name `3,`."""
+    with pytest.raises(DataError) as caught:
+        LabelFileDataset(str(grocery), str(grocery / "val.txt"))
+    assert str(caught.value).startswith(f"{grocery / 'val.txt'}:1: the columns are separated by")
+    assert str(caught.value).endswith(
+        "a Grocery Store listing ('path, fine_id, coarse_id') is read by name: "
+        "GroceryStoreDataset, another by delimiter: ','"
+    )
+
+
 def test_a_paddleclas_label_file_given_to_the_grocery_dataset_names_the_right_one(
     grocery: Path, tmp_path: Path
 ):

@@ -96,6 +96,13 @@ class LabelFileDataset(ImageDataset):
     def _split(self, number: int, line: str, delimiter: str | None) -> tuple[int, list[str]]:
         if delimiter is None or delimiter == " ":
             fields = line.split()
+            if len(fields) > 1 and fields[0].endswith(","):
+                # `img.jpg, 3, 1` splits into path `img.jpg,` and label `3,`: a class name
+                raise DataError(
+                    f"{self.cls_label_path}:{number}: the columns are separated by commas, got "
+                    f"{line!r}; a Grocery Store listing ('path, fine_id, coarse_id') is read by "
+                    "name: GroceryStoreDataset, another by delimiter: ','"
+                )
             if len(fields) > 1 and Path(fields[1]).suffix.lower() in IMAGE_SUFFIXES:
                 # `my photo.jpg 3` splits into path `my`, label `photo.jpg`: refused here,
                 # not later as a missing file `my` or as a wrong label
