@@ -1245,6 +1245,26 @@ def test_distributed_sampler_shuffle_drop_last_and_resume():
 # ---------------------------------------------------------------- DataLoader
 
 
+def test_training_in_listing_order_is_warned_of(grocery: Path, caplog):
+    """A DistributedBatchSampler trains on the images as listed unless shuffled: a Grocery
+    list, sorted by class, gives batches of one class or two, every epoch alike."""
+    dataset = {"name": "GroceryStoreDataset", "image_root": str(grocery),
+               "cls_label_path": str(grocery / "val.txt")}  # fmt: skip
+    for shuffle in (False, True):
+        train = DataSplitConfig.model_validate(
+            {
+                "dataset": dataset,
+                "sampler": {"name": "DistributedBatchSampler", "batch_size": 8, "shuffle": shuffle},
+                "loader": {"num_workers": 0},
+            }
+        )
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="shitu"):
+            build_train_loader(train, init_distributed("cpu"), seed=0)
+        said = "DataLoader.Train.sampler: shuffle is false, so every epoch trains on the images"
+        assert (said in caplog.text) is not shuffle
+
+
 def test_dataloader_with_workers_on_real_images(grocery: Path):
     dataset = {
         "name": "GroceryStoreDataset",

@@ -17,6 +17,7 @@ from shitu import registry
 from shitu.config.schema import ComponentConfig, DataSplitConfig
 from shitu.data.datasets.base import scan_progress
 from shitu.data.loader import build_dataset, build_sampler
+from shitu.data.samplers import DistributedBatchSampler
 from shitu.engine.distributed import DistContext
 from shitu.engine.seeding import SeededBatchSampler, SeededDataset
 from shitu.errors import ConfigError
@@ -152,7 +153,7 @@ def build_train_loader(
             "DataLoader.Train.sampler: training needs a sampler, e.g. "
             "{name: PKSampler, batch_size: 64, sample_per_id: 4}"
         )
-    return build_loader(
+    loader = build_loader(
         split,
         context,
         seed,
@@ -161,6 +162,14 @@ def build_train_loader(
         worker_init=leave_stopping_to_the_trainer,
         progress=progress,
     )
+    sampler = loader.batch_sampler.batch_sampler
+    if isinstance(sampler, DistributedBatchSampler) and not sampler.shuffle and context.is_main:
+        logger.warning(
+            "DataLoader.Train.sampler: shuffle is false, so every epoch trains on the images "
+            "in the order they are listed (a list or folders sorted by class give batches of "
+            "one class or two); set shuffle: true"
+        )
+    return loader
 
 
 def _sampler_params(sampler: ComponentConfig) -> dict[str, Any]:
