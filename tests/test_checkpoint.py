@@ -523,6 +523,14 @@ def test_pretrained_share_moves_only_the_named_layers_back_to_the_initialisation
              "-o", "Arch.Backbone.pretrained=no"],
             "sets no Arch.Backbone.pretrained (it would mix in a random initialisation)",
         ),
+        (  # the settings the run was trained with, left out: named, from the weights' record
+            ["--pretrained-share", "0.2", "--layers", "backbone", "-o",
+             "Arch.Backbone.class_num=256", "Arch.Neck.num_features=256",
+             "Arch.Head.embedding_size=256"],
+            "(the file was built with other Arch settings, the file's then the config's: "
+            "Arch.Backbone.class_num: 512 and 256; Arch.Head.embedding_size: 512 and 256; "
+            "Arch.Neck.num_features: 512 and 256)",
+        ),
     ]:  # fmt: skip
         result = run_shitu("average", str(path), *options, "-c", "GroceryStore_EfficientNetLite0",
                            "--out", str(tmp_path / "refused.safetensors"))  # fmt: skip

@@ -226,7 +226,7 @@ def state_for_model(
     return state, [], metadata
 
 
-def _fit_hint(metadata: dict[str, str], arch: dict[str, Any] | None) -> str:
+def fit_hint(metadata: dict[str, str], arch: dict[str, Any] | None) -> str:
     """What to add where a file does not fit the model built from `arch` (the Arch config
     as JSON data, only its sections compared): the settings that differ from those the
     file records it was built with, where it records them, else to check the config."""
@@ -269,7 +269,7 @@ def load_weights(
     if ignore_prefixes:
         dropped += [k for k in state if k.startswith(ignore_prefixes)]
         state = {k: v for k, v in state.items() if not k.startswith(ignore_prefixes)}
-    hint = _fit_hint(metadata, arch)
+    hint = fit_hint(metadata, arch)
     return _fit(model, state, dropped, strict, source=str(path), hint=hint)
 
 
