@@ -213,6 +213,8 @@ def test_every_shipped_config_builds_its_model_and_losses(name):
         (["Global.epocs=3"], "Global.epocs: unknown key (did you mean 'epochs'?)"),
         (["Global.epochs=many"], "Global.epochs: Input should be a valid integer"),
         (["Global.device=tpu"], "Global.device: Input should be"),
+        (["Global.seed=-1"], "Global.seed: Input should be greater than or equal to 0"),
+        (["Global.seed=99999999999999999999"], "Global.seed: Input should be less than"),
         (
             ["Arch.Backbone.clas_expand=3"],
             "Arch.Backbone.clas_expand: unknown key (did you mean 'class_expand'?)",

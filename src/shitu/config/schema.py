@@ -57,7 +57,9 @@ class GlobalConfig(Section):
     pretrained_model: ConfigPath | None = None
     output_dir: ConfigPath = "./output"
     device: Literal["auto", "cpu", "gpu", "cuda"] = "auto"
-    seed: int | None = None
+    # What torch, numpy and Python's RNGs all take (numpy refuses negative seeds, torch
+    # those of 2**64 and more), with room for the rank a DDP process adds.
+    seed: int | None = Field(None, ge=0, lt=2**63)
     save_interval: int = Field(1, ge=1)
     eval_during_train: bool = True
     eval_interval: int = Field(1, ge=1)
