@@ -238,6 +238,17 @@ def test_every_shipped_config_builds_its_model_and_losses(name):
         (["Optimizer.beta1=1.5"], "Optimizer.beta1: Input should be less than 1"),
         (["Optimizer.beta2=1"], "Optimizer.beta2: Input should be less than 1"),
         (["Optimizer.weight_decay=-1e-4"], "Optimizer.weight_decay: Input should be greater"),
+        (  # a negative rate climbs the loss, without an error
+            ["Optimizer={name: SGD, lr: {name: Cosine, learning_rate: 0.1, eta_min: -0.01}}"],
+            "Optimizer.lr.eta_min: Input should be greater than or equal to 0",
+        ),
+        (
+            [
+                "Optimizer={name: SGD, lr: {name: Piecewise, learning_rate: 0.1, "
+                "decay_epochs: [5], values: [0.1, -0.01]}}"
+            ],
+            "Optimizer.lr.values.1: Input should be greater than or equal to 0",
+        ),
         (
             ["Metric.Eval=[{Recallk: {topk: [1, abc]}}]"],
             "Metric.Eval[0].Recallk.topk: must be a positive integer or a list of them",
