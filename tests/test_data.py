@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import os
 import random
 import re
 from collections import Counter
@@ -243,6 +244,18 @@ def test_images_listed_more_than_once_are_warned_of(tmp_path: Path, caplog):
     with caplog.at_level(logging.WARNING):
         LabelFileDataset(str(tmp_path), str(label_file))
     assert not caplog.text
+
+
+def test_a_file_name_that_is_not_utf8_is_an_image_like_any_other(tmp_path: Path):
+    """A Windows zip's cp1252 `café.png` unpacked on Linux: Python names it with a surrogate
+    escape, which the dataset's packed path list stored (and a checkpoint's digest hashed)
+    only as UTF-8, failing with a UnicodeEncodeError."""
+    name = os.fsdecode(b"caf\xe9.png")
+    save_png(tmp_path / "drinks" / name, pattern(4, 4))
+    save_png(tmp_path / "drinks" / "tea.png", pattern(4, 4, seed=1))
+    dataset = ImageFolderDataset(str(tmp_path))
+    assert dataset.paths[0] == str(tmp_path / "drinks" / name)
+    assert dataset[0][0].shape == (3, 4, 4) and len(dataset.listing_digest) == 64
 
 
 def test_label_file_errors_name_the_file_and_line(tmp_path: Path, monkeypatch):

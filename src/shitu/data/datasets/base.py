@@ -68,11 +68,16 @@ _scan_bar: ContextVar[str | None] = ContextVar("_scan_bar", default=None)
 logger = logging.getLogger(__name__)
 
 
+# How strings are stored as bytes: a file name that is no UTF-8 (a Windows zip's cp1252
+# `café.jpg` unpacked on Linux), which Python holds as surrogate escapes, round-trips.
+_ENCODING, _ERRORS = "utf-8", "surrogateescape"
+
+
 class StringTable(Sequence[str]):
     """Read-only list of strings packed into one byte buffer plus offsets."""
 
     def __init__(self, items: Sequence[str]) -> None:
-        encoded = [item.encode("utf-8") for item in items]
+        encoded = [item.encode(_ENCODING, _ERRORS) for item in items]
         self._offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
         np.cumsum([len(b) for b in encoded], out=self._offsets[1:])
         self._buffer = np.frombuffer(b"".join(encoded), dtype=np.uint8)
@@ -92,7 +97,7 @@ class StringTable(Sequence[str]):
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} strings")
         start, end = self._offsets[index], self._offsets[index + 1]
-        return self._buffer[start:end].tobytes().decode("utf-8")
+        return self._buffer[start:end].tobytes().decode(_ENCODING, _ERRORS)
 
     def __iter__(self) -> Iterator[str]:
         return (self[i] for i in range(len(self)))
@@ -367,7 +372,7 @@ class ImageDataset(Dataset):
         every checkpoint records it."""
         digest = hashlib.sha256()
         for path, label in zip(self.paths, self._labels.tolist(), strict=True):
-            digest.update(f"{os.path.basename(path)}\t{label}\n".encode())
+            digest.update(f"{os.path.basename(path)}\t{label}\n".encode(_ENCODING, _ERRORS))
         return digest.hexdigest()
 
     @cached_property
