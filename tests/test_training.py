@@ -581,6 +581,9 @@ def test_ema_weights_are_saved_and_resume_exactly(grocery, tmp_path, caplog):
     resume = [f"Global.output_dir={split_dir}", f"Global.checkpoints={split_dir / 'latest.pt'}"]
     forgotten = startup_warnings(caplog, path, resume)  # the EMA override forgotten
     assert "EMA: the checkpoint's weight average is dropped" in forgotten
+    changed = startup_warnings(caplog, path, [*resume, "EMA.decay=0.99"])
+    assert "resuming the weight average with this config's EMA.decay 0.99 (was 0.9)" in changed
+    assert "EMA.decay" not in startup_warnings(caplog, path, [*resume, with_ema])
     assert Trainer(load_config(path, [*resume, with_ema])).fit().finished
     resumed, _ = read_weights(split_dir / "final_model.safetensors")
     assert all(torch.allclose(final[k].float(), resumed[k].float(), atol=1e-5) for k in final)

@@ -318,6 +318,14 @@ class Trainer:
                     "without the EMA section"
                 )
             self.ema.load_state_dict(payload["ema"])
+            saved_decay = payload["ema"].get("decay")
+            if saved_decay != self.ema.decay and self.context.is_main:
+                logger.warning(
+                    "resuming the weight average with this config's EMA.decay %s (was %s): "
+                    "its steps from here on weigh as the new decay does",
+                    self.ema.decay,
+                    saved_decay,
+                )
         elif "ema" in payload and self.context.is_main:
             logger.warning(
                 "EMA: the checkpoint's weight average is dropped, this config has no EMA "
