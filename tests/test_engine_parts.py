@@ -62,6 +62,11 @@ def test_cosine_with_warmup_values(caplog):
             "Cosine", {"learning_rate": 0.1, "warmup_epoch": 1}, steps_per_epoch=10, epochs=1
         )
     assert "a warm-up of 1 epoch is not shorter than the run's 1: the learning" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        rising = schedule("Cosine", learning_rate=0.001, eta_min=0.01)
+    assert "Cosine: eta_min 0.01 is above the learning rate 0.001 (as scaled" in caplog.text
+    assert rising.lr_at(99) > rising.lr_at(0)
 
 
 def test_piecewise_gamma_and_values(caplog):

@@ -93,6 +93,14 @@ class Cosine(LRSchedule):
     ) -> None:
         super().__init__(learning_rate, steps_per_epoch, epochs, warmup_epoch, warmup_start_lr)
         self.eta_min = eta_min
+        if eta_min > learning_rate:  # e.g. a rate scaled down for a smaller batch
+            logger.warning(
+                "Cosine: eta_min %g is above the learning rate %g (as scaled for the batch "
+                "size, where base_batch_size is set), so the rate rises over the run instead "
+                "of decaying",
+                eta_min,
+                learning_rate,
+            )
 
     def decayed(self, step: int) -> float:
         span = max(1, self.total_steps - self.warmup_steps)
