@@ -1123,6 +1123,18 @@ def test_pk_warns_of_classes_with_fewer_images_than_k(caplog):
     ]
 
 
+def test_pk_names_a_grocery_listings_small_classes(grocery: Path, caplog):
+    """A Grocery listing numbers its classes by the ids it lists and names them in
+    class_names: the warning names them, not their ids."""
+    dataset = GroceryStoreDataset(str(grocery), str(grocery / "val.txt"))
+    with caplog.at_level(logging.WARNING, logger="shitu"):
+        PKSampler(dataset, batch_size=12, sample_per_id=6)
+    assert (
+        "classes have fewer images than sample_per_id 6 (Pink-Lady has 5, Royal-Gala has 5,"
+        in caplog.text
+    )
+
+
 def test_pk_config_errors():
     labels = skewed_labels(SIZES)
     with pytest.raises(
