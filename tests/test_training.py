@@ -949,6 +949,16 @@ def test_a_classifier_larger_than_the_named_classes_is_warned_about(grocery, tmp
         "Arch.Head.class_num is 81, but DataLoader.Train has 6 classes: the other 75 outputs "
         "of the classifier are never a label; set Arch.Head.class_num: 6"
     ) in startup_warnings(caplog, path, ["Arch.Head.class_num=81"])
+    grocery_listing = [  # 81 classes named in classes.csv, by their ids
+        "DataLoader.Train.dataset={name: GroceryStoreDataset, image_root: "
+        f"{grocery}, cls_label_path: {grocery / 'val.txt'}}}"
+    ]
+    assert "class_num" not in startup_warnings(
+        caplog, path, [*grocery_listing, "Arch.Head.class_num=81"]
+    )
+    assert "Arch.Head.class_num is 90, but DataLoader.Train has 81 classes" in startup_warnings(
+        caplog, path, [*grocery_listing, "Arch.Head.class_num=90"]
+    )
 
 
 def test_queries_the_gallery_cannot_match_are_warned_about(grocery, tmp_path, caplog):

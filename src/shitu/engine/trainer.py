@@ -776,7 +776,8 @@ def _check_class_count(config: ShituConfig, dataset: Any, warn: bool) -> None:
             f"Arch.Head.class_num is {class_num}, but DataLoader.Train has labels up to "
             f"{largest}; set Arch.Head.class_num: {largest + 1}"
         )
-    classes = getattr(dataset, "label_keys", None)
+    # The classes it numbers, or those a Grocery listing's classes.csv names.
+    classes = getattr(dataset, "label_keys", None) or getattr(dataset, "class_names", None)
     if warn and classes is not None and class_num > len(classes):
         logger.warning(
             "Arch.Head.class_num is %d, but DataLoader.Train has %d classes: the other %d "
