@@ -1155,6 +1155,26 @@ def test_a_run_stopped_by_a_signal_ends_with_that_signals_status(
         )
 
 
+def test_a_signal_as_the_probe_finishes_stops_the_command_saying_so(
+    grocery, tmp_path, monkeypatch, capsys
+):
+    """Too late to stop the probe, which finishes, but not the command: it stops before the
+    fine-tuning with the signal's status, and says why (it said nothing)."""
+    path = tiny_config(grocery, tmp_path, epochs=1, eval_during_train=False)
+    save_weights = Trainer._save_weights
+
+    def save_during_sigterm(trainer, name):
+        if trainer.output_dir.name == "linear_probe":
+            trainer._on_signal(signal.SIGTERM, None)
+        save_weights(trainer, name)
+
+    monkeypatch.setattr(Trainer, "_save_weights", save_during_sigterm)
+    probe = "LinearProbe={epochs: 1, frozen_layers: [backbone]}"
+    assert main(["train", "-c", str(path), "-o", probe]) == 128 + signal.SIGTERM
+    assert capsys.readouterr().out.startswith("stopped after the linear probe; run the same")
+    assert not (tmp_path / "output" / "latest.pt").exists()
+
+
 @pytest.mark.parametrize("signals", [1, 2])
 def test_a_signal_says_the_run_stops_after_this_step_and_a_second_stops_it_now(
     grocery, tmp_path, caplog, request, signals

@@ -142,8 +142,10 @@ def _probe(config: ShituConfig, context: DistContext, progress: bool) -> int | N
         )
     _print_summary(trainer)
     result = trainer.fit()
-    if trainer.context.is_main and not result.finished:
-        print("stopped during the linear probe; run the same command again to start over")
+    # A signal during the probe's final save lets it finish, and still stops the command.
+    if trainer.context.is_main and result.stop_signal is not None:
+        when = "after" if result.finished else "during"
+        print(f"stopped {when} the linear probe; run the same command again to start over")
     return result.stop_signal
 
 
