@@ -537,6 +537,14 @@ def test_pretrained_share_moves_only_the_named_layers_back_to_the_initialisation
              "-o", "Arch.Backbone.pretrained=no"],
             "sets no Arch.Backbone.pretrained (it would mix in a random initialisation)",
         ),
+        (  # the settings the run was trained with, left out: named, from the weights' record
+            ["--pretrained-share", "0.2", "--layers", "backbone", "-o",
+             "Arch.Backbone.class_num=256", "Arch.Neck.num_features=256",
+             "Arch.Head.embedding_size=256"],
+            "(the file was built with other Arch settings, the file's then the config's: "
+            "Arch.Backbone.class_num: 512 and 256; Arch.Head.embedding_size: 512 and 256; "
+            "Arch.Neck.num_features: 512 and 256)",
+        ),
     ]:  # fmt: skip
         result = run_shitu("average", str(path), *options, "-c", "GroceryStore_EfficientNetLite0",
                            "--out", str(tmp_path / "refused.safetensors"))  # fmt: skip
@@ -578,6 +586,12 @@ def test_convert_counts_the_file_tensors_it_leaves_out(tmp_path):
     result = run_shitu("convert", str(weights), "--no-head", "-c", str(config), "--out", str(out))
     assert result.returncode == 0, result.stderr
     assert result.stdout.endswith("PPLCNetV2_small_ShiTu, 1 file tensor left out\n")
+    # Folded, it writes fewer tensors than it loads: the count is the file's.
+    result = run_shitu("convert", str(weights), "--reparameterize", "-c", str(config), "--out", str(out))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    written, loaded = len(read_weights(out)[0]), len(make_model().state_dict())
+    assert written < loaded
+    assert result.stdout.startswith(f"wrote {out}: {written} tensors (folded from {loaded}), ")
 
 
 @pytest.mark.parametrize("command", ["average", "convert"])

@@ -213,6 +213,8 @@ def test_every_shipped_config_builds_its_model_and_losses(name):
         (["Global.epocs=3"], "Global.epocs: unknown key (did you mean 'epochs'?)"),
         (["Global.epochs=many"], "Global.epochs: Input should be a valid integer"),
         (["Global.device=tpu"], "Global.device: Input should be"),
+        (["Global.seed=-1"], "Global.seed: Input should be greater than or equal to 0"),
+        (["Global.seed=99999999999999999999"], "Global.seed: Input should be less than"),
         (
             ["Arch.Backbone.clas_expand=3"],
             "Arch.Backbone.clas_expand: unknown key (did you mean 'class_expand'?)",
@@ -232,6 +234,21 @@ def test_every_shipped_config_builds_its_model_and_losses(name):
         (["Loss.Train.0.CELoss.weight=-1"], "Loss.Train.0.CELoss.weight: Input should be greater"),
         (["Loss.Train.0.CELoss.input_key=nope"], "Loss.Train.0.CELoss.input_key: Input should be"),
         (["Optimizer.name=Lion"], "Optimizer"),
+        (["Optimizer.momentum=-0.9"], "Optimizer.momentum: Input should be greater than or equal"),
+        (["Optimizer.beta1=1.5"], "Optimizer.beta1: Input should be less than 1"),
+        (["Optimizer.beta2=1"], "Optimizer.beta2: Input should be less than 1"),
+        (["Optimizer.weight_decay=-1e-4"], "Optimizer.weight_decay: Input should be greater"),
+        (  # a negative rate climbs the loss, without an error
+            ["Optimizer={name: SGD, lr: {name: Cosine, learning_rate: 0.1, eta_min: -0.01}}"],
+            "Optimizer.lr.eta_min: Input should be greater than or equal to 0",
+        ),
+        (
+            [
+                "Optimizer={name: SGD, lr: {name: Piecewise, learning_rate: 0.1, "
+                "decay_epochs: [5], values: [0.1, -0.01]}}"
+            ],
+            "Optimizer.lr.values.1: Input should be greater than or equal to 0",
+        ),
         (
             ["Metric.Eval=[{Recallk: {topk: [1, abc]}}]"],
             "Metric.Eval[0].Recallk.topk: must be a positive integer or a list of them",

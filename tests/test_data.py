@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import os
 import random
 import re
 from collections import Counter
@@ -29,7 +30,7 @@ from shitu.data.transforms import build_transforms
 from shitu.data.transforms.ops import DecodeImage, ResizeImage
 from shitu.engine.data import build_eval_loader, build_train_loader
 from shitu.engine.distributed import init_distributed
-from shitu.errors import ConfigError, DataError
+from shitu.errors import ConfigError, DataError, raised_message
 from shitu.inference.preprocess import decode_rgb
 
 registry.populate()
@@ -214,6 +215,47 @@ def test_labels_mixing_ids_and_names_are_refused(tmp_path: Path):
     label_file.write_text("a.png 2\nb.png 10\nc.png 1\nd.png 2\n")
     dataset = LabelFileDataset(str(tmp_path), str(label_file), relabel=True)
     assert dataset.label_map == {1: 0, 2: 1, 10: 2} and dataset.labels == [1, 2, 0, 1]
+    # Digits joined by an underscore are a name (int() reads '4011_1' as 40111).
+    label_file.write_text("a.png 4011_1\nb.png 4011_2\nc.png 4011_1\nd.png +7\n")
+    with pytest.raises(DataError, match="label '4011_1' is a class name, but line 4 has the"):
+        LabelFileDataset(str(tmp_path), str(label_file))
+    label_file.write_text("a.png 4011_1\nb.png 4011_2\nc.png 4011_1\n")
+    dataset = LabelFileDataset(str(tmp_path), str(label_file))
+    assert dataset.class_names == ["4011_1", "4011_2"] and dataset.num_classes == 2
+
+
+def test_images_listed_more_than_once_are_warned_of(tmp_path: Path, caplog):
+    """An image listed under two labels (label files merged) is trained towards both:
+    kept, as a repeat may be meant, but named, those under different labels first."""
+    for name in "abc":
+        save_png(tmp_path / f"{name}.png", pattern(4, 4))
+    label_file = tmp_path / "list.txt"
+    label_file.write_text("c.png pear\nb.png pear\na.png apple\nc.png pear\n./b.png apple\n")
+    with caplog.at_level(logging.WARNING):
+        dataset = LabelFileDataset(str(tmp_path), str(label_file))
+    assert len(dataset) == 5
+    assert (
+        f"label file {label_file}: 2 images are listed more than once, 1 under different "
+        f"labels ({tmp_path}/b.png (line 2: pear, line 5: apple); {tmp_path}/c.png (line 1: "
+        "pear, line 4: pear)); each listing is a sample of its own"
+    ) in caplog.text
+    caplog.clear()
+    label_file.write_text("a.png apple\nb.png pear\n")
+    with caplog.at_level(logging.WARNING):
+        LabelFileDataset(str(tmp_path), str(label_file))
+    assert not caplog.text
+
+
+def test_a_file_name_that_is_not_utf8_is_an_image_like_any_other(tmp_path: Path):
+    """A Windows zip's cp1252 `café.png` unpacked on Linux: Python names it with a surrogate
+    escape, which the dataset's packed path list stored (and a checkpoint's digest hashed)
+    only as UTF-8, failing with a UnicodeEncodeError."""
+    name = os.fsdecode(b"caf\xe9.png")
+    save_png(tmp_path / "drinks" / name, pattern(4, 4))
+    save_png(tmp_path / "drinks" / "tea.png", pattern(4, 4, seed=1))
+    dataset = ImageFolderDataset(str(tmp_path))
+    assert dataset.paths[0] == str(tmp_path / "drinks" / name)
+    assert dataset[0][0].shape == (3, 4, 4) and len(dataset.listing_digest) == 64
 
 
 def test_label_file_errors_name_the_file_and_line(tmp_path: Path, monkeypatch):
@@ -241,9 +283,12 @@ def test_label_file_errors_name_the_file_and_line(tmp_path: Path, monkeypatch):
     label_file.write_text("a.png\tCoca Cola\n")
     with pytest.raises(DataError, match=r"list\.txt:1: unique id 'Cola' .*tabs and set delimiter"):
         LabelFileDataset(str(tmp_path), str(label_file))
-    label_file.write_text("\n\n")
+    label_file.write_text("\n\n# path label\n")
     with pytest.raises(DataError, match="lists no images"):
         LabelFileDataset(str(tmp_path), str(label_file))
+    label_file.write_text("# path label id\na.png 3\n")  # a header: no line of its own
+    dataset = LabelFileDataset(str(tmp_path), str(label_file))
+    assert dataset.labels == [3] and dataset.unique_ids == [0]
     label_file.write_text("a.png Café\r\n", encoding="utf-16")  # PowerShell 5's `>` writes this
     assert LabelFileDataset(str(tmp_path), str(label_file)).class_names == ["Café"]
     label_file.write_text("a.png Café\n", encoding="cp1252")  # not to be guessed at
@@ -265,6 +310,17 @@ def test_missing_images_are_counted_and_shown(tmp_path: Path):
     dataset = LabelFileDataset(str(tmp_path), str(label_file), skip_corrupt=True)
     assert len(dataset) == 1 and len(dataset.skipped) == 8
     assert dataset.skipped[0] == (str(tmp_path / "gone0.png"), "file not found")
+    assert "backslash" not in message
+    # A list written on Windows: its separators are named, not only the files.
+    (tmp_path / "sub").mkdir()
+    save_png(tmp_path / "sub" / "b.png", pattern(4, 4))
+    label_file.write_text("a.png 0\nsub\\b.png 1\n")
+    with pytest.raises(DataError) as info:
+        LabelFileDataset(str(tmp_path), str(label_file))
+    assert str(info.value).endswith(
+        f"paths are read relative to image_root={str(tmp_path)!r}; a backslash separates no "
+        "folders here: write the paths with '/' (skip_corrupt: true leaves them out)"
+    )
 
 
 def corrupt_files(grocery: Path, folder: Path) -> tuple[Path, Path]:
@@ -317,8 +373,21 @@ def test_skip_corrupt_drops_bad_images_at_start_up(grocery: Path, tmp_path: Path
     ):
         dataset[1]
     label_file.write_text("truncated.jpg 1\n")
-    with pytest.raises(DataError, match="none of the listed images can be read"):
+    with pytest.raises(DataError) as caught:
         LabelFileDataset(str(tmp_path), str(label_file), skip_corrupt=True)
+    assert str(caught.value).startswith(
+        f"label file {label_file}: none of the 1 listed images can be used: "
+        f"{tmp_path / 'truncated.jpg'} (line 1: "
+    )
+    # All of them missing (a wrong image_root, most often): where they were looked for.
+    (tmp_path / "sub").mkdir()
+    with pytest.raises(DataError) as caught:
+        LabelFileDataset(str(tmp_path / "sub"), str(label_file), skip_corrupt=True)
+    assert str(caught.value) == (
+        f"label file {label_file}: none of the 1 listed images can be used: "
+        f"{tmp_path / 'sub' / 'truncated.jpg'} (line 1: file not found); paths are read "
+        f"relative to image_root={str(tmp_path / 'sub')!r}"
+    )
 
 
 def test_skip_corrupt_drops_images_of_a_size_the_transforms_cannot_take(
@@ -487,6 +556,35 @@ def test_grocery_store_dataset_joins_listings(grocery: Path, tmp_path: Path):
         GroceryStoreDataset(str(grocery), [listings[0], str(broken)], label_level="coarse")
     with pytest.raises(DataError, match="names no label file"):
         GroceryStoreDataset(str(grocery), [])
+
+
+def test_a_grocery_listing_given_to_a_label_file_dataset_names_the_right_one(
+    grocery: Path,
+):
+    """Split on whitespace, `path, 3, 1` gave the path `path,` and the class name `3,`."""
+    with pytest.raises(DataError) as caught:
+        LabelFileDataset(str(grocery), str(grocery / "val.txt"))
+    assert str(caught.value).startswith(f"{grocery / 'val.txt'}:1: the columns are separated by")
+    assert str(caught.value).endswith(
+        "a Grocery Store listing ('path, fine_id, coarse_id') is read by name: "
+        "GroceryStoreDataset, another by delimiter: ','"
+    )
+
+
+def test_a_paddleclas_label_file_given_to_the_grocery_dataset_names_the_right_one(
+    grocery: Path, tmp_path: Path
+):
+    """A copied Grocery config pointed at one's own `path label` list: the dataset to use."""
+    listing = tmp_path / "mine.txt"
+    listing.write_text("train/Fruit/Apple/Golden-Delicious/Golden-Delicious_001.jpg 0\n")
+    with pytest.raises(DataError) as caught:
+        GroceryStoreDataset(str(grocery), str(listing))
+    assert str(caught.value).endswith(
+        "; a 'path label' file is an ImageNetDataset's (name: ImageNetDataset)"
+    )
+    listing.write_text("train/Fruit/Apple/Golden-Delicious/Golden-Delicious_001.jpg, 0\n")
+    with pytest.raises(DataError, match=r"expected 'path, fine_id, coarse_id', got '[^']*'$"):
+        GroceryStoreDataset(str(grocery), str(listing))
 
 
 def test_grocery_store_iconic_split(grocery: Path, tmp_path: Path):
@@ -1025,6 +1123,18 @@ def test_pk_warns_of_classes_with_fewer_images_than_k(caplog):
     ]
 
 
+def test_pk_names_a_grocery_listings_small_classes(grocery: Path, caplog):
+    """A Grocery listing numbers its classes by the ids it lists and names them in
+    class_names: the warning names them, not their ids."""
+    dataset = GroceryStoreDataset(str(grocery), str(grocery / "val.txt"))
+    with caplog.at_level(logging.WARNING, logger="shitu"):
+        PKSampler(dataset, batch_size=12, sample_per_id=6)
+    assert (
+        "classes have fewer images than sample_per_id 6 (Pink-Lady has 5, Royal-Gala has 5,"
+        in caplog.text
+    )
+
+
 def test_pk_config_errors():
     labels = skewed_labels(SIZES)
     with pytest.raises(
@@ -1160,6 +1270,26 @@ def test_distributed_sampler_shuffle_drop_last_and_resume():
 # ---------------------------------------------------------------- DataLoader
 
 
+def test_training_in_listing_order_is_warned_of(grocery: Path, caplog):
+    """A DistributedBatchSampler trains on the images as listed unless shuffled: a Grocery
+    list, sorted by class, gives batches of one class or two, every epoch alike."""
+    dataset = {"name": "GroceryStoreDataset", "image_root": str(grocery),
+               "cls_label_path": str(grocery / "val.txt")}  # fmt: skip
+    for shuffle in (False, True):
+        train = DataSplitConfig.model_validate(
+            {
+                "dataset": dataset,
+                "sampler": {"name": "DistributedBatchSampler", "batch_size": 8, "shuffle": shuffle},
+                "loader": {"num_workers": 0},
+            }
+        )
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="shitu"):
+            build_train_loader(train, init_distributed("cpu"), seed=0)
+        said = "DataLoader.Train.sampler: shuffle is false, so every epoch trains on the images"
+        assert (said in caplog.text) is not shuffle
+
+
 def test_dataloader_with_workers_on_real_images(grocery: Path):
     dataset = {
         "name": "GroceryStoreDataset",
@@ -1223,6 +1353,31 @@ def test_an_eval_set_without_normalisation_or_resize_is_warned_of_by_key(grocery
         else:
             assert f"DataLoader.Eval.Query.dataset.transform_ops has {missing}" in caplog.text
             assert "override only the keys that change" in caplog.text
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_images_of_different_sizes_in_a_batch_name_the_transform_ops(tmp_path: Path, workers):
+    """Without a resize, torch's own error ('stack expects each tensor to be equal size')
+    names no setting: the one that needs an op giving every image one size is named."""
+    for name, (width, height) in (("a", (8, 6)), ("b", (6, 8))):
+        save_png(tmp_path / "class" / f"{name}.png", pattern(width, height))
+    split = DataSplitConfig.model_validate(
+        {
+            "dataset": {"name": "ImageFolderDataset", "root": str(tmp_path)},
+            "sampler": {"name": "DistributedBatchSampler", "batch_size": 2},
+            "loader": {"num_workers": workers},
+        }
+    )
+    loader = build_eval_loader(
+        split, init_distributed("cpu"), seed=0, where="DataLoader.Eval.Query"
+    )
+    with pytest.raises(ConfigError) as caught:
+        next(iter(loader))
+    assert raised_message(caught.value) == (
+        "DataLoader.Eval.Query.dataset.transform_ops: images of different sizes in one batch "
+        "((3, 6, 8) and (3, 8, 6), channels x height x width); give them one size with a "
+        "ResizeImage {size: [W, H]} or a crop (RandCropImage, CropImage, RandCropImageV2)"
+    )
 
 
 def test_dataloader_config_errors_name_the_section(grocery: Path):

@@ -62,6 +62,11 @@ def test_cosine_with_warmup_values(caplog):
             "Cosine", {"learning_rate": 0.1, "warmup_epoch": 1}, steps_per_epoch=10, epochs=1
         )
     assert "a warm-up of 1 epoch is not shorter than the run's 1: the learning" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        rising = schedule("Cosine", learning_rate=0.001, eta_min=0.01)
+    assert "Cosine: eta_min 0.01 is above the learning rate 0.001 (as scaled" in caplog.text
+    assert rising.lr_at(99) > rising.lr_at(0)
 
 
 def test_piecewise_gamma_and_values(caplog):
@@ -283,6 +288,22 @@ def test_seeded_samples_do_not_depend_on_restarts_or_disturb_global_rng():
     torch.manual_seed(0)
     dataset[(0, 123)]
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_ddp_processes_seed_each_place_in_their_batches_apart():
+    """Numbered by each process alone, the images at one place in every process's batch
+    would be augmented alike: seeds follow the global batch number instead."""
+    seeds = []
+    for rank in (0, 1):
+        sampler = SeededBatchSampler([[0, 1], [2, 3]], run_seed=7, rank=rank, world_size=2)
+        seeds.append([seed for batch in sampler for _, seed in batch])
+    assert not set(seeds[0]) & set(seeds[1])
+    # One process numbers its batches as before.
+    alone = SeededBatchSampler([[0, 1], [2, 3], [4, 5], [6, 7]], run_seed=7)
+    interleaved = [
+        seed for b in (0, 1) for rank in (0, 1) for seed in seeds[rank][2 * b : 2 * b + 2]
+    ]
+    assert [seed for batch in alone for _, seed in batch] == interleaved
 
 
 def test_rng_capture_and_restore():

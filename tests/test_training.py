@@ -178,6 +178,25 @@ def test_resumed_metrics_log_drops_later_records_and_a_torn_last_line(tmp_path, 
         MetricsLog(tmp_path, resume_step=2)
 
 
+def test_a_resumed_runs_tensorboard_hides_the_steps_logged_after_its_checkpoint(tmp_path):
+    """As the metrics log drops them: else TensorBoard draws both runs' values of those steps."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    log = MetricsLog(tmp_path, tensorboard=True)
+    for step in range(1, 6):  # killed at step 5, its checkpoint at step 3
+        log.write("train", step, loss=float(step))
+    log.close()
+    log = MetricsLog(tmp_path, resume_step=3, tensorboard=True)
+    for step in range(4, 7):
+        log.write("train", step, loss=10.0 + step)
+    log.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    logged = [(event.step, event.value) for event in events.Scalars("train/loss")]
+    assert logged == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 14.0), (5, 15.0), (6, 16.0)]
+
+
 def test_interrupted_and_resumed_run_matches_uninterrupted(grocery, tmp_path):
     path = tiny_config(grocery, tmp_path)
     full = Trainer(load_config(path, ["Global.output_dir=" + str(tmp_path / "full")])).fit()
@@ -245,6 +264,29 @@ def test_an_unreadable_image_met_mid_run_leaves_a_checkpoint_to_resume_from(groc
     a, _ = read_weights(tmp_path / "full" / "final_model.safetensors")
     b, _ = read_weights(output / "final_model.safetensors")
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_an_unreadable_image_met_by_a_loader_worker_is_reported_in_one_line(grocery, tmp_path):
+    """torch raises a worker's error again with the worker's traceback as its message: the
+    run's own message is built on the error as raised, not on that traceback."""
+    path = tiny_config(grocery, tmp_path, epochs=1, eval_during_train=False)
+    root = tmp_path / "images"
+    lines = [line.split() for line in (tmp_path / "train.txt").read_text().splitlines()]
+    for relative, _ in lines:
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        (root / relative).write_bytes(b"not an image")
+    options = [
+        f"DataLoader.Train.dataset.image_root={root}",
+        "DataLoader.Train.loader.num_workers=1",
+    ]
+    with pytest.raises(DataError) as caught:
+        Trainer(load_config(path, options)).fit()
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith(f"{root}/")
+    assert (
+        ": cannot decode image: a text file, not an image; set skip_corrupt: true in the "
+        "dataset config to leave such images out. The run's 0 steps so far are saved in " in message
+    )
 
 
 def test_a_resume_with_other_images_or_sampling_says_it_is_not_the_same_run(
@@ -320,6 +362,42 @@ def test_run_without_evaluation_still_writes_weights(grocery, tmp_path):
     assert read_weights(output / "latest.pt")[1] == metadata
     soup, _ = average_weights([output / "latest.pt", output / "final_model.safetensors"])
     assert all(torch.equal(soup[k], model[k]) for k in model)
+
+
+def test_a_runs_checkpoint_and_weights_are_synced_to_disk(grocery, tmp_path, monkeypatch):
+    """latest.pt is a run's only way back: synced, with its folder's entry, so that a power
+    loss or a host crash after the rename leaves it whole (unsynced, some file systems
+    leave a renamed file empty), as are the weights it names."""
+    synced: set[tuple[int, int]] = set()
+    fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        fsync(fd)
+        status = os.fstat(fd)
+        synced.add((status.st_dev, status.st_ino))
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    path = tiny_config(grocery, tmp_path, epochs=1)
+    assert Trainer(load_config(path)).fit().finished
+    output = tmp_path / "output"
+    for name in ("", "latest.pt", "best_model.safetensors", "final_model.safetensors"):
+        status = (output / name).stat()
+        assert (status.st_dev, status.st_ino) in synced, name or "the output folder"
+
+
+def test_a_run_removes_the_files_a_save_killed_outright_left(grocery, tmp_path):
+    """A save killed mid-write (SIGKILL) keeps the checkpoint it replaced, but leaves its
+    temporary file, as large: the next run in the folder removes such files, only those."""
+    path = tiny_config(grocery, tmp_path, epochs=1)
+    output = tmp_path / "output"
+    first = Trainer(load_config(path))
+    first.fit(stop_after_steps=1)
+    leftovers = [output / ".latest.pt.k1ll3d_x", output / ".best_model.safetensors.a2b4c6d8"]
+    others = [output / ".latest.pt.mine", output / "latest.pt.k1ll3d_x"]
+    for file in leftovers + others:
+        file.write_bytes(b"partial")
+    Trainer(load_config(path, [f"Global.checkpoints={output}"]))
+    assert [file for file in leftovers + others if file.exists()] == others
 
 
 def test_lr_mult_reaches_the_training_step(grocery, tmp_path):
@@ -503,6 +581,9 @@ def test_ema_weights_are_saved_and_resume_exactly(grocery, tmp_path, caplog):
     resume = [f"Global.output_dir={split_dir}", f"Global.checkpoints={split_dir / 'latest.pt'}"]
     forgotten = startup_warnings(caplog, path, resume)  # the EMA override forgotten
     assert "EMA: the checkpoint's weight average is dropped" in forgotten
+    changed = startup_warnings(caplog, path, [*resume, "EMA.decay=0.99"])
+    assert "resuming the weight average with this config's EMA.decay 0.99 (was 0.9)" in changed
+    assert "EMA.decay" not in startup_warnings(caplog, path, [*resume, with_ema])
     assert Trainer(load_config(path, [*resume, with_ema])).fit().finished
     resumed, _ = read_weights(split_dir / "final_model.safetensors")
     assert all(torch.allclose(final[k].float(), resumed[k].float(), atol=1e-5) for k in final)
@@ -868,6 +949,16 @@ def test_a_classifier_larger_than_the_named_classes_is_warned_about(grocery, tmp
         "Arch.Head.class_num is 81, but DataLoader.Train has 6 classes: the other 75 outputs "
         "of the classifier are never a label; set Arch.Head.class_num: 6"
     ) in startup_warnings(caplog, path, ["Arch.Head.class_num=81"])
+    grocery_listing = [  # 81 classes named in classes.csv, by their ids
+        "DataLoader.Train.dataset={name: GroceryStoreDataset, image_root: "
+        f"{grocery}, cls_label_path: {grocery / 'val.txt'}}}"
+    ]
+    assert "class_num" not in startup_warnings(
+        caplog, path, [*grocery_listing, "Arch.Head.class_num=81"]
+    )
+    assert "Arch.Head.class_num is 90, but DataLoader.Train has 81 classes" in startup_warnings(
+        caplog, path, [*grocery_listing, "Arch.Head.class_num=90"]
+    )
 
 
 def test_queries_the_gallery_cannot_match_are_warned_about(grocery, tmp_path, caplog):
@@ -980,6 +1071,14 @@ def test_a_probe_run_checks_its_fine_tuning_before_probing(grocery, tmp_path, ca
     assert main(["train", "-c", str(path), "-o", probe, "Global.eval_metric=recall@3"]) == 2
     assert "Global.eval_metric: 'recall@3' is not computed" in capsys.readouterr().err
     assert not output.exists()
+    # The probe's layers are named under their own key (was: Arch.frozen_layers, unset).
+    typo = "LinearProbe={epochs: 1, frozen_layers: [backbone, nek]}"
+    assert main(["train", "-c", str(path), "-o", typo]) == 2
+    assert (
+        "LinearProbe.frozen_layers: the model has no module 'nek' (its top-level modules: "
+        "backbone, neck, head)" in capsys.readouterr().err
+    )
+    assert not output.exists()
 
 
 def test_a_probe_run_checks_each_image_once(grocery, tmp_path, monkeypatch):
@@ -1054,6 +1153,26 @@ def test_a_run_stopped_by_a_signal_ends_with_that_signals_status(
         assert "stopped during its LinearProbe stage, which is not resumed (it takes " in (
             capsys.readouterr().err
         )
+
+
+def test_a_signal_as_the_probe_finishes_stops_the_command_saying_so(
+    grocery, tmp_path, monkeypatch, capsys
+):
+    """Too late to stop the probe, which finishes, but not the command: it stops before the
+    fine-tuning with the signal's status, and says why (it said nothing)."""
+    path = tiny_config(grocery, tmp_path, epochs=1, eval_during_train=False)
+    save_weights = Trainer._save_weights
+
+    def save_during_sigterm(trainer, name):
+        if trainer.output_dir.name == "linear_probe":
+            trainer._on_signal(signal.SIGTERM, None)
+        save_weights(trainer, name)
+
+    monkeypatch.setattr(Trainer, "_save_weights", save_during_sigterm)
+    probe = "LinearProbe={epochs: 1, frozen_layers: [backbone]}"
+    assert main(["train", "-c", str(path), "-o", probe]) == 128 + signal.SIGTERM
+    assert capsys.readouterr().out.startswith("stopped after the linear probe; run the same")
+    assert not (tmp_path / "output" / "latest.pt").exists()
 
 
 @pytest.mark.parametrize("signals", [1, 2])

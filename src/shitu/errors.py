@@ -46,6 +46,16 @@ class GalleryError(ShituError):
     """A gallery library is missing, corrupt, or does not fit the model or request."""
 
 
+def raised_message(exc: BaseException) -> str:
+    """The message `exc` was raised with. Raised in a DataLoader worker (an image that
+    cannot be decoded), torch raises it again in the main process with the worker's whole
+    traceback as its message: the original message is the traceback's last line."""
+    text = str(exc)
+    kind = type(exc)
+    _, found, message = text.rpartition(f"\n{kind.__module__}.{kind.__qualname__}: ")
+    return message.strip() if found and text.startswith("Caught ") else text
+
+
 def did_you_mean(name: str, choices: list[str]) -> str:
     """A ' (did you mean ...?)' hint for a misspelt name, or ''."""
     close = difflib.get_close_matches(name, choices, n=1)

@@ -15,6 +15,7 @@ import errno
 import glob
 import hashlib
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -79,10 +80,10 @@ def refuse_file_in_the_way(folder: Path, what: str) -> None:
         raise DataError(f"{what}: {existing} is a file, not a folder")
 
 
-def torch_save_atomically(payload: Any, path: Path) -> Path:
-    """`torch.save(payload)` to `path` by `write_atomically`; a refused write (a full disk,
-    no permission) is a CheckpointError naming `path` and the system's reason, and the file
-    `path` held stays."""
+def torch_save_atomically(payload: Any, path: Path, durable: bool = False) -> Path:
+    """`torch.save(payload)` to `path` by `write_atomically` (`durable` as there); a refused
+    write (a full disk, no permission) is a CheckpointError naming `path` and the system's
+    reason, and the file `path` held stays."""
     import torch  # here: the command line imports this module without loading torch
 
     def write(tmp: Path) -> None:
@@ -90,7 +91,7 @@ def torch_save_atomically(payload: Any, path: Path) -> Path:
             torch.save(payload, handle)
 
     try:
-        return write_atomically(path, write)
+        return write_atomically(path, write, durable)
     except (OSError, RuntimeError) as exc:
         raise CheckpointError(f"cannot write {path}: {write_failure_reason(exc)}") from None
 
@@ -142,6 +143,16 @@ def write_atomically(path: Path, write: Callable[[Path], None], durable: bool = 
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def unfinished_writes(path: Path) -> list[Path]:
+    """The temporary files `write_atomically` left beside `path` where it was killed outright
+    (SIGKILL, a power loss) while writing it: nothing else removes them, and that of a
+    training checkpoint is as large as the checkpoint. Names as mkstemp makes them: the
+    prefix, then 8 characters of its alphabet."""
+    own = re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}")
+    candidates = path.parent.glob(f".{glob.escape(path.name)}.*")
+    return sorted(candidate for candidate in candidates if own.fullmatch(candidate.name))
 
 
 _AT_FDCWD = -100

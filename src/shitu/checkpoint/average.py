@@ -128,10 +128,12 @@ def interpolate_toward(
     reference: dict[str, torch.Tensor],
     share: float,
     prefixes: list[str],
+    hint: str = "(does the config build the same model?)",
 ) -> dict[str, torch.Tensor]:
     """`state` with each floating-point tensor under `prefixes` (module paths such as
     `backbone.blocks`) replaced by (1 - share) * itself + share * its `reference` tensor,
-    e.g. the pretrained initialisation; every other tensor is kept as it is."""
+    e.g. the pretrained initialisation; every other tensor is kept as it is. `hint` ends
+    the error for a tensor the reference lacks or has in another shape (`fit_hint`'s)."""
     check_share(share)
 
     def under(name: str, prefix: str) -> bool:
@@ -147,8 +149,7 @@ def interpolate_toward(
             if other is None or other.shape != tensor.shape:
                 found = "missing" if other is None else f"shape {tuple(other.shape)}"
                 raise CheckpointError(
-                    f"{name}: {tuple(tensor.shape)} in the weights, {found} in the reference "
-                    "(does the config build the same model?)"
+                    f"{name}: {tuple(tensor.shape)} in the weights, {found} in the reference {hint}"
                 )
             tensor = ((1 - share) * tensor.double() + share * other.double()).to(tensor.dtype)
         mixed[name] = tensor

@@ -74,17 +74,23 @@ def check_weights_name(path: str | Path) -> Path:
 
 
 def save_weights(
-    state: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
+    state: dict[str, torch.Tensor],
+    path: str | Path,
+    metadata: dict[str, str] | None = None,
+    durable: bool = False,
 ) -> Path:
-    """Write a state dict atomically (.safetensors, or torch for .pt/.pth)."""
+    """Write a state dict atomically (.safetensors, or torch for .pt/.pth); `durable` also
+    syncs it to disk (see `shitu.fileio.write_atomically`)."""
     path = check_weights_name(path)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     metadata = dict(metadata or {})
 
     if path.suffix != ".safetensors":
-        return torch_save_atomically({"state_dict": tensors, "metadata": metadata}, path)
+        return torch_save_atomically({"state_dict": tensors, "metadata": metadata}, path, durable)
     try:
-        return write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+        return write_atomically(
+            path, lambda tmp: save_file(tensors, tmp, metadata=metadata), durable
+        )
     # A folder of that name, a file in the way of its folder, no space (which safetensors
     # reports as its own error).
     except (OSError, SafetensorError) as exc:
@@ -220,7 +226,7 @@ def state_for_model(
     return state, [], metadata
 
 
-def _fit_hint(metadata: dict[str, str], arch: dict[str, Any] | None) -> str:
+def fit_hint(metadata: dict[str, str], arch: dict[str, Any] | None) -> str:
     """What to add where a file does not fit the model built from `arch` (the Arch config
     as JSON data, only its sections compared): the settings that differ from those the
     file records it was built with, where it records them, else to check the config."""
@@ -263,7 +269,7 @@ def load_weights(
     if ignore_prefixes:
         dropped += [k for k in state if k.startswith(ignore_prefixes)]
         state = {k: v for k, v in state.items() if not k.startswith(ignore_prefixes)}
-    hint = _fit_hint(metadata, arch)
+    hint = fit_hint(metadata, arch)
     return _fit(model, state, dropped, strict, source=str(path), hint=hint)
 
 

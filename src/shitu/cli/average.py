@@ -51,7 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from shitu.checkpoint import average_weights, interpolate_toward, read_weights, save_weights
     from shitu.checkpoint.average import check_share
-    from shitu.checkpoint.io import REPARAMETERIZED, check_weights_name
+    from shitu.checkpoint.io import REPARAMETERIZED, check_weights_name, fit_hint
 
     check_weights_name(args.out)
     if (args.pretrained_share is None) != (args.layers is None):
@@ -97,7 +97,9 @@ def run(args: argparse.Namespace) -> int:
                 "checkpoint they were folded from"
             )
         reference = model_from_config(config, args).state_dict()
-        state = interpolate_toward(state, reference, args.pretrained_share, args.layers)
+        # A shape that differs names the settings that do, where the weights record theirs.
+        hint = fit_hint(metadata, config.Arch.model_dump(mode="json"))
+        state = interpolate_toward(state, reference, args.pretrained_share, args.layers, hint)
         done += f", {', '.join(args.layers)} mixed with {args.config} at {args.pretrained_share}"
     out = save_weights(state, args.out, metadata)
     print(f"wrote {out}: {done}, {len(state)} tensors")

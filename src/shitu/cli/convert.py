@@ -44,12 +44,14 @@ def run(args: argparse.Namespace) -> int:
     report = load_weights(model, args.weights, ignore_prefixes=("head.",) if args.no_head else ())
     if args.reparameterize:
         model.reparameterize()
-    out = save_weights(
-        model.state_dict(), args.out, model_metadata(model, config.Arch.model_dump(mode="json"))
-    )
+    state = model.state_dict()
+    out = save_weights(state, args.out, model_metadata(model, config.Arch.model_dump(mode="json")))
+    # The count the file holds: folding merges the tensors loaded into fewer.
+    folding = args.reparameterize and len(state) != len(report.loaded)
+    folded = f" (folded from {len(report.loaded)})" if folding else ""
     dropped = f", {count_of(len(report.dropped), 'file tensor')} left out" if report.dropped else ""
     print(
-        f"wrote {out}: {len(report.loaded)} tensors, {count_parameters(model):,} parameters, "
+        f"wrote {out}: {len(state)} tensors{folded}, {count_parameters(model):,} parameters, "
         f"{config.Arch.Backbone.name}{dropped}"
     )
     return 0

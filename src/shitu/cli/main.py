@@ -32,7 +32,7 @@ from shitu.cli import (
     train,
 )
 from shitu.cli.common import expand_home_in_option_values, separate_overrides
-from shitu.errors import ShituError, did_you_mean
+from shitu.errors import ShituError, did_you_mean, raised_message
 from shitu.runtime import keep_freed_memory
 
 SUBCOMMANDS = (
@@ -278,15 +278,11 @@ def _quiet_opencv() -> None:
 
 
 def _user_message(exc: ShituError | OSError) -> str:
-    """The message of `exc`. Raised in a DataLoader worker (an image that cannot be
-    decoded), torch raises it again here with the worker's whole traceback as the
-    message: the original message is its last line. An OSError names its file first."""
+    """The message of `exc` as raised (see `raised_message`). An OSError names its file
+    first."""
     if isinstance(exc, OSError) and exc.strerror and exc.filename is not None:
         return f"{exc.filename}: {exc.strerror}"
-    text = str(exc)
-    kind = type(exc)
-    _, found, message = text.rpartition(f"\n{kind.__module__}.{kind.__qualname__}: ")
-    return message.strip() if found and text.startswith("Caught ") else text
+    return raised_message(exc)
 
 
 class Terminated(BaseException):

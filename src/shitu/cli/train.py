@@ -115,7 +115,7 @@ def _check_fine_tuning(config: ShituConfig, progress: bool) -> DistContext:
     not computed, an lr_mult matching no layer, eval sets without matches) come before the
     probe's minutes, not after. Built in a scratch folder, without the probe's weights;
     `progress`: the bars of its datasets' start-up checks, which the later builds reuse."""
-    from shitu.engine.linear_probe import fine_tune_stage
+    from shitu.engine.linear_probe import check_probe_layers, fine_tune_stage
     from shitu.engine.trainer import Trainer
 
     stage = fine_tune_stage(config)
@@ -124,6 +124,7 @@ def _check_fine_tuning(config: ShituConfig, progress: bool) -> DistContext:
         stage.Global.output_dir = scratch
         trainer = Trainer(stage, progress=progress)
         trainer.log.close()
+    check_probe_layers(config, trainer.model)
     return trainer.context
 
 
@@ -141,8 +142,10 @@ def _probe(config: ShituConfig, context: DistContext, progress: bool) -> int | N
         )
     _print_summary(trainer)
     result = trainer.fit()
-    if trainer.context.is_main and not result.finished:
-        print("stopped during the linear probe; run the same command again to start over")
+    # A signal during the probe's final save lets it finish, and still stops the command.
+    if trainer.context.is_main and result.stop_signal is not None:
+        when = "after" if result.finished else "during"
+        print(f"stopped {when} the linear probe; run the same command again to start over")
     return result.stop_signal
 
 

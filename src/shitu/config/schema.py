@@ -57,7 +57,9 @@ class GlobalConfig(Section):
     pretrained_model: ConfigPath | None = None
     output_dir: ConfigPath = "./output"
     device: Literal["auto", "cpu", "gpu", "cuda"] = "auto"
-    seed: int | None = None
+    # What torch, numpy and Python's RNGs all take (numpy refuses negative seeds, torch
+    # those of 2**64 and more), with room for the rank a DDP process adds.
+    seed: int | None = Field(None, ge=0, lt=2**63)
     save_interval: int = Field(1, ge=1)
     eval_during_train: bool = True
     eval_interval: int = Field(1, ge=1)
@@ -211,10 +213,12 @@ class RegularizerConfig(Section):
 class OptimizerConfig(Section):
     name: Literal["Momentum", "SGD", "Adam", "AdamW"]
     lr: LRConfig
-    momentum: float | None = None
-    beta1: float | None = None
-    beta2: float | None = None
-    weight_decay: float | None = None
+    # The ranges torch accepts (it raised a bare ValueError only as the optimizer was built);
+    # a negative weight decay would pull the weights away from zero.
+    momentum: float | None = Field(None, ge=0)
+    beta1: float | None = Field(None, ge=0, lt=1)
+    beta2: float | None = Field(None, ge=0, lt=1)
+    weight_decay: float | None = Field(None, ge=0)
     regularizer: RegularizerConfig | None = None
     # Space-separated name fragments of parameters that get no weight decay (PaddleClas style).
     no_weight_decay_name: str | None = None

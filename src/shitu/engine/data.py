@@ -7,15 +7,17 @@ import os
 import signal
 import sys
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
 
 from shitu import registry
 from shitu.config.schema import ComponentConfig, DataSplitConfig
 from shitu.data.datasets.base import scan_progress
 from shitu.data.loader import build_dataset, build_sampler
+from shitu.data.samplers import DistributedBatchSampler
 from shitu.engine.distributed import DistContext
 from shitu.engine.seeding import SeededBatchSampler, SeededDataset
 from shitu.errors import ConfigError
@@ -62,13 +64,33 @@ def build_loader(
         options = {"persistent_workers": True, "prefetch_factor": 4}
     return DataLoader(
         SeededDataset(dataset),
-        batch_sampler=SeededBatchSampler(sampler, seed),
+        batch_sampler=SeededBatchSampler(sampler, seed, context.rank, context.world_size),
+        collate_fn=partial(collate_one_size, where=f"{where}.dataset.transform_ops"),
         num_workers=workers,
         pin_memory=context.device.type == "cuda",
         generator=torch.Generator().manual_seed(seed),
         worker_init_fn=worker_init,
         **options,
     )
+
+
+def collate_one_size(items: list[tuple[Any, ...]], where: str) -> Any:
+    """A batch of `items` (image, label, unique id, index). torch stacks images only of one
+    size, and says of others "stack expects each tensor to be equal size", naming no
+    setting: a ConfigError names the transform_ops at `where`, which need an op that gives
+    every image one size (photos of a few sizes fail only at the first batch that mixes
+    them, maybe hours in)."""
+    try:
+        return default_collate(items)
+    except RuntimeError:
+        sizes = sorted({tuple(item[0].shape) for item in items})
+        if len(sizes) < 2:
+            raise
+        raise ConfigError(
+            f"{where}: images of different sizes in one batch ({sizes[0]} and {sizes[1]}, "
+            "channels x height x width); give them one size with a ResizeImage {size: [W, H]} "
+            f"or a crop ({', '.join(SIZING_OPS[1:])})"
+        ) from None
 
 
 def _warn_of_raw_images(split: DataSplitConfig, where: str) -> None:
@@ -131,7 +153,7 @@ def build_train_loader(
             "DataLoader.Train.sampler: training needs a sampler, e.g. "
             "{name: PKSampler, batch_size: 64, sample_per_id: 4}"
         )
-    return build_loader(
+    loader = build_loader(
         split,
         context,
         seed,
@@ -140,6 +162,14 @@ def build_train_loader(
         worker_init=leave_stopping_to_the_trainer,
         progress=progress,
     )
+    sampler = loader.batch_sampler.batch_sampler
+    if isinstance(sampler, DistributedBatchSampler) and not sampler.shuffle and context.is_main:
+        logger.warning(
+            "DataLoader.Train.sampler: shuffle is false, so every epoch trains on the images "
+            "in the order they are listed (a list or folders sorted by class give batches of "
+            "one class or two); set shuffle: true"
+        )
+    return loader
 
 
 def _sampler_params(sampler: ComponentConfig) -> dict[str, Any]:

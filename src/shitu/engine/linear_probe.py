@@ -9,9 +9,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from torch import nn
+
 from shitu import registry
 from shitu.config.schema import ShituConfig
 from shitu.engine.state import FINAL
+from shitu.errors import ConfigError
 
 PROBE_DIR = "linear_probe"
 
@@ -39,6 +42,23 @@ def probe_stage(config: ShituConfig) -> ShituConfig:
         registry.populate()
         stage.Loss.Train = [item for item in stage.Loss.Train if not _needs_trainable(item)]
     return stage
+
+
+def check_probe_layers(config: ShituConfig, model: nn.Module) -> None:
+    """A ConfigError naming `LinearProbe.frozen_layers` for each of its names that is no
+    module of `model` (the fine-tuning stage's, which has the probe's modules). The probe
+    stage freezes them as its `Arch.frozen_layers`, whose own check named that key, one
+    the config does not set."""
+    if config.LinearProbe is None:
+        return
+    modules = dict(model.named_modules())
+    unknown = [name for name in config.LinearProbe.frozen_layers if name not in modules]
+    if unknown:
+        top = [name for name in modules if name and "." not in name]
+        raise ConfigError(
+            f"LinearProbe.frozen_layers: the model has no module {', '.join(map(repr, unknown))} "
+            f"(its top-level modules: {', '.join(top)})"
+        )
 
 
 def _needs_trainable(item: dict) -> bool:

@@ -10,9 +10,15 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import Field
 
 from shitu.registry import LR_SCHEDULES
+
+# A rate a schedule reaches (a start, a floor, a piece): below 0 the optimizer would climb
+# the loss instead of descending it, without an error.
+Rate = Annotated[float, Field(ge=0)]
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +35,7 @@ class LRSchedule:
         steps_per_epoch: int,
         epochs: int,
         warmup_epoch: int = 0,
-        warmup_start_lr: float = 0.0,
+        warmup_start_lr: Rate = 0.0,
     ) -> None:
         if steps_per_epoch < 1:
             raise ValueError("steps_per_epoch must be at least 1")
@@ -82,11 +88,19 @@ class Cosine(LRSchedule):
         steps_per_epoch: int,
         epochs: int,
         warmup_epoch: int = 0,
-        warmup_start_lr: float = 0.0,
-        eta_min: float = 0.0,
+        warmup_start_lr: Rate = 0.0,
+        eta_min: Rate = 0.0,
     ) -> None:
         super().__init__(learning_rate, steps_per_epoch, epochs, warmup_epoch, warmup_start_lr)
         self.eta_min = eta_min
+        if eta_min > learning_rate:  # e.g. a rate scaled down for a smaller batch
+            logger.warning(
+                "Cosine: eta_min %g is above the learning rate %g (as scaled for the batch "
+                "size, where base_batch_size is set), so the rate rises over the run instead "
+                "of decaying",
+                eta_min,
+                learning_rate,
+            )
 
     def decayed(self, step: int) -> float:
         span = max(1, self.total_steps - self.warmup_steps)
@@ -111,11 +125,11 @@ class Piecewise(LRSchedule):
         learning_rate: float,
         steps_per_epoch: int,
         epochs: int,
-        decay_epochs: list[int],
-        values: list[float] | None = None,
-        gamma: float = 0.1,
+        decay_epochs: list[Annotated[int, Field(ge=0)]],
+        values: list[Rate] | None = None,
+        gamma: Annotated[float, Field(gt=0)] = 0.1,
         warmup_epoch: int = 0,
-        warmup_start_lr: float = 0.0,
+        warmup_start_lr: Rate = 0.0,
     ) -> None:
         super().__init__(learning_rate, steps_per_epoch, epochs, warmup_epoch, warmup_start_lr)
         if sorted(decay_epochs) != list(decay_epochs):
@@ -158,12 +172,12 @@ class ReduceOnPlateau(LRSchedule):
         steps_per_epoch: int,
         epochs: int,
         factor: float = 0.1,
-        patience: int = 3,
+        patience: Annotated[int, Field(ge=0)] = 3,
         mode: Literal["max", "min"] = "max",
-        threshold: float = 1e-4,
-        min_lr: float = 0.0,
+        threshold: Annotated[float, Field(ge=0)] = 1e-4,
+        min_lr: Rate = 0.0,
         warmup_epoch: int = 0,
-        warmup_start_lr: float = 0.0,
+        warmup_start_lr: Rate = 0.0,
     ) -> None:
         super().__init__(learning_rate, steps_per_epoch, epochs, warmup_epoch, warmup_start_lr)
         if not 0.0 < factor < 1.0:

@@ -19,7 +19,9 @@ class MetricsLog:
     """Appends one JSON object per record to `output_dir/metrics.jsonl` (main process only).
 
     On resume, records from beyond the checkpoint's step (written by the interrupted
-    run after its last checkpoint) are dropped, so the log reads as one clean run.
+    run after its last checkpoint) are dropped, so the log reads as one clean run; in
+    TensorBoard they are purged (hidden), as its own records after the resumed step would
+    otherwise be drawn beside the resumed run's.
     """
 
     def __init__(
@@ -51,7 +53,8 @@ class MetricsLog:
                 raise ConfigError(
                     "Global.use_tensorboard needs the tensorboard package: pip install tensorboard"
                 ) from None
-            self._writer = SummaryWriter(str(output_dir / "tensorboard"))
+            purge_step = None if resume_step is None else resume_step + 1
+            self._writer = SummaryWriter(str(output_dir / "tensorboard"), purge_step=purge_step)
 
     def write(self, kind: str, step: int, **values: Any) -> None:
         if not self.enabled:

@@ -27,12 +27,18 @@ class SeededBatchSampler:
     """Wraps a batch sampler; yields [(dataset index, sample seed), ...] batches.
 
     Forwards `set_epoch(epoch, start_batch)` so the batch numbers it seeds with stay
-    aligned with the inner sampler after a mid-epoch resume.
+    aligned with the inner sampler after a mid-epoch resume. Under DDP each process
+    (`rank` of `world_size`) seeds with global batch numbers, batch * world_size + rank:
+    numbered by the process alone, the same place in every process's batch would draw the
+    same augmentation (one crop, flip and rotation for each of 8 GPUs' images).
     """
 
-    def __init__(self, batch_sampler: Any, run_seed: int) -> None:
+    def __init__(
+        self, batch_sampler: Any, run_seed: int, rank: int = 0, world_size: int = 1
+    ) -> None:
         self.batch_sampler = batch_sampler
         self.run_seed = run_seed
+        self.rank, self.world_size = rank, world_size
         self.epoch = 0
         self.start_batch = 0
 
@@ -50,7 +56,7 @@ class SeededBatchSampler:
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         for offset, indices in enumerate(self.batch_sampler):
-            batch = self.start_batch + offset
+            batch = (self.start_batch + offset) * self.world_size + self.rank
             yield [
                 (int(index), sample_seed(self.run_seed, self.epoch, batch, position))
                 for position, index in enumerate(indices)

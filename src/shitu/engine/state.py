@@ -46,11 +46,13 @@ def resolve_checkpoint(path: str | Path, option: str = "Global.checkpoints") -> 
 
 
 def save_training_state(path: Path, state: dict[str, Any], progress: Progress) -> Path:
-    """Write atomically (temp file + rename): a crash or a full disk never leaves a
-    half-written checkpoint, and the one `path` held stays; a refused write (a full disk,
-    no permission) is a CheckpointError naming `path`."""
+    """Write atomically (temp file + rename) and durably (synced before and after the
+    rename): a crash or a full disk never leaves a half-written checkpoint, and the one
+    `path` held stays. Without the sync, a power loss or a host crash soon after the
+    rename could leave `path` empty on some file systems, with the run's only checkpoint
+    gone. A refused write (a full disk, no permission) is a CheckpointError naming `path`."""
     payload = {"format_version": FORMAT_VERSION, "progress": asdict(progress), **state}
-    return torch_save_atomically(payload, path)
+    return torch_save_atomically(payload, path, durable=True)
 
 
 # A key only one trainer's checkpoints hold, telling them apart; how to resume each.

@@ -48,7 +48,15 @@ from shitu.engine.state import (
     resolve_checkpoint,
     save_training_state,
 )
-from shitu.errors import ConfigError, DataError, ShituError, override_word, weight_file_setting
+from shitu.errors import (
+    ConfigError,
+    DataError,
+    ShituError,
+    override_word,
+    raised_message,
+    weight_file_setting,
+)
+from shitu.fileio import unfinished_writes
 from shitu.losses.combined import CombinedLoss
 from shitu.models import build_model
 from shitu.registry import problem_list
@@ -213,6 +221,8 @@ class Trainer:
                 )
         if resume_payload is not None:
             self._carry_over_from(resolve_checkpoint(config.Global.checkpoints).parent)
+        if self.context.is_main:
+            self._remove_unfinished_writes()
         self.log = MetricsLog(
             self.output_dir,
             enabled=self.context.is_main,
@@ -308,6 +318,14 @@ class Trainer:
                     "without the EMA section"
                 )
             self.ema.load_state_dict(payload["ema"])
+            saved_decay = payload["ema"].get("decay")
+            if saved_decay != self.ema.decay and self.context.is_main:
+                logger.warning(
+                    "resuming the weight average with this config's EMA.decay %s (was %s): "
+                    "its steps from here on weigh as the new decay does",
+                    self.ema.decay,
+                    saved_decay,
+                )
         elif "ema" in payload and self.context.is_main:
             logger.warning(
                 "EMA: the checkpoint's weight average is dropped, this config has no EMA "
@@ -428,12 +446,14 @@ class Trainer:
         return self.ema.module if self.ema is not None else self.model
 
     def _save_weights(self, name: str) -> None:
-        """The model's weights alone (`shitu eval`, `export`, `average` read them)."""
+        """The model's weights alone (`shitu eval`, `export`, `average` read them), synced
+        to disk as `latest.pt` is, which names the best model's epoch."""
         if self.context.is_main:
             save_weights(
                 self.result_model.state_dict(),
                 self.output_dir / f"{name}.safetensors",
                 model_metadata(self.result_model, self.config.Arch.model_dump(mode="json")),
+                durable=True,
             )
 
     # ----------------------------------------------------------------- the loop
@@ -576,7 +596,8 @@ class Trainer:
             steps = self.progress.global_step
             resume = override_word("Global.checkpoints", latest)
             raise DataError(
-                f"{exc}. The run's {steps} step{'' if steps == 1 else 's'} so far are saved in "
+                f"{raised_message(exc)}. The run's {steps} step{'' if steps == 1 else 's'} so "
+                f"far are saved in "
                 f"{latest}: put the image right and resume with -o {resume}"
             ) from None
         finally:
@@ -660,6 +681,15 @@ class Trainer:
         for source in carried:
             if source.is_file():
                 shutil.copyfile(source, self.output_dir / source.name)
+
+    def _remove_unfinished_writes(self) -> None:
+        """A run killed outright while it saved (SIGKILL when a SIGTERM's grace period ran
+        out during the save) left that save's temporary file, a whole checkpoint's size,
+        beside the file it kept: an earlier run's, as no other process writes the files of
+        this run's folder."""
+        for name in (f"{LATEST}{SUFFIX}", f"{BEST}.safetensors", f"{FINAL}.safetensors", LOG_NAME):
+            for leftover in unfinished_writes(self.output_dir / name):
+                leftover.unlink(missing_ok=True)
 
     def _save_unevaluated_epoch(self, epoch: int) -> None:
         """After a failed evaluation (out of memory, an unreadable eval image), checkpoint
@@ -746,7 +776,8 @@ def _check_class_count(config: ShituConfig, dataset: Any, warn: bool) -> None:
             f"Arch.Head.class_num is {class_num}, but DataLoader.Train has labels up to "
             f"{largest}; set Arch.Head.class_num: {largest + 1}"
         )
-    classes = getattr(dataset, "label_keys", None)
+    # The classes it numbers, or those a Grocery listing's classes.csv names.
+    classes = getattr(dataset, "label_keys", None) or getattr(dataset, "class_names", None)
     if warn and classes is not None and class_num > len(classes):
         logger.warning(
             "Arch.Head.class_num is %d, but DataLoader.Train has %d classes: the other %d "

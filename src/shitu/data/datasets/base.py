@@ -10,6 +10,7 @@ reference counts change.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from collections import OrderedDict, deque
 from collections.abc import Iterator, Sequence
@@ -38,10 +39,14 @@ Problems = tuple[tuple[int, str], ...]
 
 # How many missing or bad files an error message lists before summarising.
 _SHOW = 5
+# How many images listed more than once a warning names.
+_SHOW_REPEATED = 3
 # How many start-up scans `reused_scans` keeps (a run's train, query and gallery sets fit).
 _SCANS_KEPT = 8
 # EXIF orientations that turn the image a quarter (DecodeImage applies them).
 _QUARTER_TURNS = (5, 6, 7, 8)
+# Why a listed path is not used, when there is no file at it.
+_NOT_FOUND = "file not found"
 
 
 @dataclass(frozen=True)
@@ -60,12 +65,19 @@ _scans: OrderedDict[tuple[bool, str, bytes], Scan] | None = None
 # Within `scan_progress`: the description of a skip_corrupt scan's progress bar, if one.
 _scan_bar: ContextVar[str | None] = ContextVar("_scan_bar", default=None)
 
+logger = logging.getLogger(__name__)
+
+
+# How strings are stored as bytes: a file name that is no UTF-8 (a Windows zip's cp1252
+# `café.jpg` unpacked on Linux), which Python holds as surrogate escapes, round-trips.
+_ENCODING, _ERRORS = "utf-8", "surrogateescape"
+
 
 class StringTable(Sequence[str]):
     """Read-only list of strings packed into one byte buffer plus offsets."""
 
     def __init__(self, items: Sequence[str]) -> None:
-        encoded = [item.encode("utf-8") for item in items]
+        encoded = [item.encode(_ENCODING, _ERRORS) for item in items]
         self._offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
         np.cumsum([len(b) for b in encoded], out=self._offsets[1:])
         self._buffer = np.frombuffer(b"".join(encoded), dtype=np.uint8)
@@ -85,7 +97,7 @@ class StringTable(Sequence[str]):
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} strings")
         start, end = self._offsets[index], self._offsets[index + 1]
-        return self._buffer[start:end].tobytes().decode("utf-8")
+        return self._buffer[start:end].tobytes().decode(_ENCODING, _ERRORS)
 
     def __iter__(self) -> Iterator[str]:
         return (self[i] for i in range(len(self)))
@@ -195,7 +207,7 @@ def _scan_paths(paths: Sequence[str], skip_corrupt: bool) -> Scan:
 
 
 def _scan(paths: Sequence[str], skip_corrupt: bool) -> Scan:
-    missing = [(i, "file not found") for i, path in enumerate(paths) if not os.path.isfile(path)]
+    missing = [(i, _NOT_FOUND) for i, path in enumerate(paths) if not os.path.isfile(path)]
     if not skip_corrupt:
         return Scan(tuple(missing), None)
     gone = {i for i, _ in missing}
@@ -256,19 +268,59 @@ class ImageDataset(Dataset):
     def _set_entries(self, entries: list[Entry], image_root: str | None = None) -> None:
         if not entries:
             raise DataError(f"{self.where}: lists no images")
+        self._warn_of_repeats(entries)
         scan = _scan_paths([entry.path for entry in entries], self.skip_corrupt)
         problems = scan.problems
         if problems and not self.skip_corrupt:  # missing files: the only problem looked for
             self._refuse_missing([entries[i] for i, _ in problems], len(entries), image_root)
         problems += self._size_problems(scan)
         self.skipped.extend((entries[i].path, why) for i, why in problems)
+        if len(problems) == len(entries):
+            self._refuse_all_skipped(entries, problems, image_root)
         dropped = {i for i, _ in problems}
         entries = [entry for i, entry in enumerate(entries) if i not in dropped]
-        if not entries:
-            raise DataError(f"{self.where}: none of the listed images can be read")
         self.paths = StringTable([entry.path for entry in entries])
         self._labels = np.fromiter((e.label for e in entries), dtype=np.int64, count=len(entries))
         self._ids = np.fromiter((e.unique_id for e in entries), dtype=np.int64, count=len(entries))
+
+    def _warn_of_repeats(self, entries: list[Entry]) -> None:
+        """An image listed twice is drawn twice as often, and one listed under two labels
+        (label files merged, a relabelling half done) is trained towards both classes and
+        counted in both in evaluation. Either may be meant (oversampling a class), so it is
+        kept, but said: how many, and where the first few are listed, those under
+        different labels first."""
+        paths = [os.path.normpath(entry.path) for entry in entries]
+        if len(set(paths)) == len(paths):  # the usual case, at a third of the cost
+            return
+        listings: dict[str, list[Entry]] = {}
+        for path, entry in zip(paths, entries, strict=True):
+            listings.setdefault(path, []).append(entry)
+        repeated = [listed for listed in listings.values() if len(listed) > 1]
+        if not repeated:
+            return
+        conflicting = [listed for listed in repeated if len({e.label for e in listed}) > 1]
+        agreeing = [listed for listed in repeated if len({e.label for e in listed}) == 1]
+        shown = (conflicting + agreeing)[:_SHOW_REPEATED]
+        examples = "; ".join(
+            f"{listed[0].path} ({', '.join(self._listing_text(e) for e in listed)})"
+            for listed in shown
+        )
+        logger.warning(
+            "%s: %d image%s listed more than once, %d under different labels (%s%s); each "
+            "listing is a sample of its own",
+            self.where,
+            len(repeated),
+            " is" if len(repeated) == 1 else "s are",
+            len(conflicting),
+            examples,
+            "; ..." if len(repeated) > len(shown) else "",
+        )
+
+    def _listing_text(self, entry: Entry) -> str:
+        """Where `entry` is listed, and its label as listed: a class name, or a class id."""
+        keys = self.label_keys if self.label_keys is not None else self.class_names
+        label = keys[entry.label] if keys is not None and entry.label < len(keys) else entry.label
+        return f"{entry.source}: {label}"
 
     def _size_problems(self, scan: Scan) -> Problems:
         """The decoded images of a size this dataset's transforms cannot take (a photo one
@@ -286,10 +338,26 @@ class ImageDataset(Dataset):
     def _refuse_missing(self, missing: list[Entry], total: int, image_root: str | None) -> NoReturn:
         examples = ", ".join(f"{e.path} ({e.source})" for e in missing[:_SHOW])
         more = f" and {len(missing) - _SHOW} more" if len(missing) > _SHOW else ""
-        root = f"; paths are read relative to image_root={image_root!r}" if image_root else ""
         raise DataError(
             f"{self.where}: {len(missing)} of {total} listed images do not exist: "
-            f"{examples}{more}{root} (skip_corrupt: true leaves them out)"
+            f"{examples}{more}{_not_found_hint([e.path for e in missing], image_root)} "
+            "(skip_corrupt: true leaves them out)"
+        )
+
+    def _refuse_all_skipped(
+        self, entries: list[Entry], problems: Problems, image_root: str | None
+    ) -> NoReturn:
+        """skip_corrupt left every image out: say why, with the first few reasons (all
+        missing: a wrong image_root, most often; all smaller than a crop, yet readable),
+        not only that there is nothing left."""
+        examples = ", ".join(
+            f"{entries[i].path} ({entries[i].source}: {why})" for i, why in problems[:_SHOW]
+        )
+        more = f" and {len(problems) - _SHOW} more" if len(problems) > _SHOW else ""
+        missing = [entries[i].path for i, why in problems if why == _NOT_FOUND]
+        raise DataError(
+            f"{self.where}: none of the {len(entries)} listed images can be used: "
+            f"{examples}{more}{_not_found_hint(missing, image_root) if missing else ''}"
         )
 
     @cached_property
@@ -304,7 +372,7 @@ class ImageDataset(Dataset):
         every checkpoint records it."""
         digest = hashlib.sha256()
         for path, label in zip(self.paths, self._labels.tolist(), strict=True):
-            digest.update(f"{os.path.basename(path)}\t{label}\n".encode())
+            digest.update(f"{os.path.basename(path)}\t{label}\n".encode(_ENCODING, _ERRORS))
         return digest.hexdigest()
 
     @cached_property
@@ -340,8 +408,20 @@ class ImageDataset(Dataset):
         )
 
 
+def _not_found_hint(missing: Sequence[str], image_root: str | None) -> str:
+    """What to add to a message about the `missing` listed paths: where listed paths are
+    looked for, and that a backslash separates no folders here (a list a Windows script
+    wrote with os.path.join: `train\\apple\\1.jpg`)."""
+    hint = f"; paths are read relative to image_root={image_root!r}" if image_root else ""
+    if os.sep == "/" and any("\\" in path for path in missing):
+        hint += "; a backslash separates no folders here: write the paths with '/'"
+    return hint
+
+
 def read_lines(path: str, what: str) -> list[tuple[int, str]]:
-    """(line number, stripped text) of the non-blank lines of a listing file."""
+    """(line number, stripped text) of the lines of a listing file, less blank ones and
+    `#` comments (a header line, say), which gallery label files may have as well: the
+    same list then serves `shitu index build` and evaluation."""
     file = Path(path)
     if not file.is_file():
         hint = " (it is a directory)" if file.is_dir() else from_working_directory(path)
@@ -354,8 +434,8 @@ def read_lines(path: str, what: str) -> list[tuple[int, str]]:
         ) from None
     except OSError as exc:
         raise DataError(f"{what}: cannot read label file {path}: {exc}") from exc
-    lines = enumerate(text.splitlines(), 1)
-    return [(number, line.strip()) for number, line in lines if line.strip()]
+    lines = ((number, line.strip()) for number, line in enumerate(text.splitlines(), 1))
+    return [(number, line) for number, line in lines if line and not line.startswith("#")]
 
 
 def check_root(root: str, what: str, key: str = "image_root") -> None:

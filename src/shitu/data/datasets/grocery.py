@@ -86,7 +86,16 @@ def _parse_line(listing: str, number: int, line: str, column: int) -> tuple[str,
     """(image path relative to the root, class id from `column`) of one listing line."""
     fields = [field.strip() for field in line.split(",")]
     if len(fields) != 3 or not all(fields):
-        raise DataError(f"{listing}:{number}: expected 'path, fine_id, coarse_id', got {line!r}")
+        # A copied Grocery config pointed at the user's own list, in PaddleClas's format.
+        paddle = len(fields) == 1 and len(line.split()) in (2, 3)
+        hint = (
+            "; a 'path label' file is an ImageNetDataset's (name: ImageNetDataset)"
+            if paddle
+            else ""
+        )
+        raise DataError(
+            f"{listing}:{number}: expected 'path, fine_id, coarse_id', got {line!r}{hint}"
+        )
     try:
         label = int(fields[column])
     except ValueError:

@@ -38,8 +38,9 @@ class LabelFileDataset(ImageDataset):
     and a gallery file's classes through them, not by number. The optional third
     column is a unique id (e.g. a product or instance id) that retrieval
     evaluation uses to exclude an image's own entries; without it the entry's
-    position among the listed images is used (from 0; blank lines are not
-    counted).
+    position among the listed images is used (from 0; blank lines and `#` comments
+    are not counted). An image listed more than once is a sample each time, with a warning that
+    names it (and its labels, where they differ).
     """
 
     def __init__(
@@ -95,6 +96,13 @@ class LabelFileDataset(ImageDataset):
     def _split(self, number: int, line: str, delimiter: str | None) -> tuple[int, list[str]]:
         if delimiter is None or delimiter == " ":
             fields = line.split()
+            if len(fields) > 1 and fields[0].endswith(","):
+                # `img.jpg, 3, 1` splits into path `img.jpg,` and label `3,`: a class name
+                raise DataError(
+                    f"{self.cls_label_path}:{number}: the columns are separated by commas, got "
+                    f"{line!r}; a Grocery Store listing ('path, fine_id, coarse_id') is read by "
+                    "name: GroceryStoreDataset, another by delimiter: ','"
+                )
             if len(fields) > 1 and Path(fields[1]).suffix.lower() in IMAGE_SUFFIXES:
                 # `my photo.jpg 3` splits into path `my`, label `photo.jpg`: refused here,
                 # not later as a missing file `my` or as a wrong label
@@ -176,13 +184,15 @@ class LabelFileDataset(ImageDataset):
         return [self.label_map[label] for label in labels]
 
 
+# A class id as PaddleClas's label files write one: ASCII digits, a sign allowed.
+_CLASS_ID = re.compile(r"[+-]?[0-9]+")
+
+
 def is_class_id(text: str) -> bool:
-    """Whether `text` is a class id (as `int` reads it) rather than a class name."""
-    try:
-        int(text)
-    except ValueError:
-        return False
-    return True
+    """Whether `text` is a class id rather than a class name. Not whatever `int` reads:
+    it takes `4011_1` (a product code and its variety) for the id 40111, and so would
+    number each such name as a class of a classifier tens of thousands wide."""
+    return _CLASS_ID.fullmatch(text) is not None
 
 
 DATASETS.register("LabelFileDataset")(LabelFileDataset)

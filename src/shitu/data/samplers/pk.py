@@ -95,7 +95,8 @@ class PKSampler(EpochBatchSampler):
         small = np.flatnonzero((counts < self.sample_per_id) & (weights > 0))
         if not len(small):
             return
-        names = getattr(dataset, "label_keys", None)
+        # By class id: the listed names or ids (a Grocery listing's names are its class_names).
+        names = getattr(dataset, "label_keys", None) or getattr(dataset, "class_names", None)
         shown = []
         for c in small[:_SHOW].tolist():
             label = int(self.class_ids[c])
