@@ -93,6 +93,21 @@ def test_contrastive_margin_that_leaves_out_every_negative_is_refused(name, para
     assert raw.margin == 1.0  # dot products of raw features do exceed 1
 
 
+@pytest.mark.parametrize("name", ["TripletLoss", "TripletAngularMarginLoss"])
+def test_batch_hard_loss_without_triplets_warns_once(name, caplog):
+    """Batches of one image per class (a PKSampler's sample_per_id 1) gave a loss of 0 at
+    every step without a word."""
+    loss = LOSSES.build(name)
+    features = torch.randn(4, 8, requires_grad=True)
+    with caplog.at_level("WARNING", logger="shitu.losses"):
+        assert loss(features, torch.tensor([0, 1, 2, 3])).item() == 0.0
+        assert loss(features, torch.tensor([5, 5, 5, 5])).item() == 0.0
+        loss(features, torch.tensor([0, 0, 1, 1]))
+    warnings = [r.getMessage() for r in caplog.records if "loss was 0" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].startswith(f"{name}: no image of a training batch")
+    assert "sample_per_id >= 2" in warnings[0]
+
+
 def test_tripletlossv2_is_paddleclas_s_normalised_triplet_loss():
     """PaddleClas configs name it; it was an unknown loss, and the suggested TripletLoss
     has PaddleClas's other defaults (margin 1.0 on raw features)."""
