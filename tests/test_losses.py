@@ -306,6 +306,8 @@ def test_triplet_angular_margin_loss_xbm_takes_paddleclas_s_arguments():
     for batch in (_unit(0, 40, 90, 150), _unit(10, 60, 100, 200)):
         assert ours(batch, labels).item() == pytest.approx(xbm(batch, labels).item())
     assert ours.stored()[0].shape == (8, 2)
+    with pytest.raises(ConfigError, match="TripletAngularMarginLoss_XBM.feat_dim is 2 but"):
+        ours(torch.randn(4, 3), labels)
     with pytest.raises(ConfigError, match="feat_dim: Input should be greater than 0"):
         LOSSES.validate("TripletAngularMarginLoss_XBM", {"feat_dim": 0})
 
