@@ -93,6 +93,21 @@ def test_contrastive_margin_that_leaves_out_every_negative_is_refused(name, para
     assert raw.margin == 1.0  # dot products of raw features do exceed 1
 
 
+@pytest.mark.parametrize("name", ["TripletLoss", "TripletAngularMarginLoss"])
+def test_batch_hard_loss_without_triplets_warns_once(name, caplog):
+    """Batches of one image per class (a PKSampler's sample_per_id 1) gave a loss of 0 at
+    every step without a word."""
+    loss = LOSSES.build(name)
+    features = torch.randn(4, 8, requires_grad=True)
+    with caplog.at_level("WARNING", logger="shitu.losses"):
+        assert loss(features, torch.tensor([0, 1, 2, 3])).item() == 0.0
+        assert loss(features, torch.tensor([5, 5, 5, 5])).item() == 0.0
+        loss(features, torch.tensor([0, 0, 1, 1]))
+    warnings = [r.getMessage() for r in caplog.records if "loss was 0" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].startswith(f"{name}: no image of a training batch")
+    assert "sample_per_id >= 2" in warnings[0]
+
+
 def test_tripletlossv2_is_paddleclas_s_normalised_triplet_loss():
     """PaddleClas configs name it; it was an unknown loss, and the suggested TripletLoss
     has PaddleClas's other defaults (margin 1.0 on raw features)."""
@@ -216,7 +231,8 @@ def test_contrastive_loss_hand_computed():
 def test_contrastive_loss_checks_the_embedding_size_under_either_name(name):
     loss = LOSSES.build("ContrastiveLoss", margin=0.5, **{name: 2})
     assert loss(_unit(0, 30), torch.tensor([0, 0])).item() >= 0.0
-    with pytest.raises(ValueError, match="embedding_size is 2 but embeddings have 3"):
+    # a config error (an `error:` line), not a traceback at the first training step
+    with pytest.raises(ConfigError, match="embedding_size is 2 but embeddings have 3"):
         loss(torch.ones(2, 3), torch.tensor([0, 0]))
     with pytest.raises(ConfigError, match="differ"):
         LOSSES.build("ContrastiveLoss", embedding_size=2, feat_dim=3)
@@ -291,6 +307,8 @@ def test_triplet_angular_margin_loss_xbm_takes_paddleclas_s_arguments():
     for batch in (_unit(0, 40, 90, 150), _unit(10, 60, 100, 200)):
         assert ours(batch, labels).item() == pytest.approx(xbm(batch, labels).item())
     assert ours.stored()[0].shape == (8, 2)
+    with pytest.raises(ConfigError, match="TripletAngularMarginLoss_XBM.feat_dim is 2 but"):
+        ours(torch.randn(4, 3), labels)
     with pytest.raises(ConfigError, match="feat_dim: Input should be greater than 0"):
         LOSSES.validate("TripletAngularMarginLoss_XBM", {"feat_dim": 0})
 

@@ -124,6 +124,14 @@ def test_pplcnetv2_last_stride_is_checked_when_the_config_is_read():
         BACKBONES.validate("PPLCNetV2_base_ShiTu", {"last_stride": 0})
 
 
+@pytest.mark.parametrize("backbone", ["PPLCNetV2_base_ShiTu", "EfficientNetLite0"])
+def test_dropout_prob_is_checked_when_the_config_is_read(backbone):
+    """PP-LCNetV2's was refused only as the model was built (without the config's file and
+    key), and EfficientNet-Lite took 1.0, which drops every unit before its classifier."""
+    with pytest.raises(ConfigError, match="dropout_prob: Input should be less than 1"):
+        BACKBONES.validate(backbone, {"dropout_prob": 1.0})
+
+
 def test_stop_after_unknown_layer_lists_choices():
     backbone = BACKBONES.build("PPLCNetV2_small")
     with pytest.raises(ConfigError, match="choose one of: stem, stages, avg_pool"):

@@ -10,6 +10,7 @@ batch-hard mining picks it only where the memory holds no other positive.
 
 from __future__ import annotations
 
+import logging
 from typing import ClassVar
 
 import torch
@@ -17,6 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from shitu.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 
 def as_embeddings(inputs: torch.Tensor) -> torch.Tensor:
@@ -107,6 +110,7 @@ class PairLoss(nn.Module):
     input_key: ClassVar[str] = "features"
     supports_reference: ClassVar[bool] = True
     normalize_feature: bool
+    _warned_without_triplets: bool = False
 
     def forward(
         self,
@@ -126,3 +130,17 @@ class PairLoss(nn.Module):
 
     def compare(self, query: Tensor, ref: Tensor, positive: Tensor, negative: Tensor) -> Tensor:
         raise NotImplementedError
+
+    def without_triplets(self, query: Tensor) -> Tensor:
+        """The zero loss of a batch-hard loss on a batch where no anchor has both a positive
+        and a negative, with a warning the first time: batches of one image per class (or
+        of one class) leave the loss at 0 for the whole run, which nothing else shows."""
+        if not self._warned_without_triplets:
+            self._warned_without_triplets = True
+            logger.warning(
+                "%s: no image of a training batch had both another image of its class and "
+                "one of another class, so the loss was 0; batch-hard losses need several "
+                "classes and several images of each in a batch (PKSampler, sample_per_id >= 2)",
+                type(self).__name__,
+            )
+        return zero_loss(query)

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from shitu.errors import ConfigError
 from shitu.losses._pairs import PairLoss
 from shitu.registry import LOSSES
 
@@ -66,7 +67,7 @@ class ContrastiveLoss(PairLoss):
 
     def compare(self, query: Tensor, ref: Tensor, positive: Tensor, negative: Tensor) -> Tensor:
         if self.embedding_size is not None and query.shape[1] != self.embedding_size:
-            raise ValueError(
+            raise ConfigError(
                 f"ContrastiveLoss.embedding_size is {self.embedding_size} but embeddings have "
                 f"{query.shape[1]} dimensions"
             )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from shitu.losses._pairs import PairLoss, euclidean_distances, hardest, zero_loss
+from shitu.losses._pairs import PairLoss, euclidean_distances, hardest
 from shitu.registry import LOSSES, NonNegative
 
 
@@ -28,7 +28,7 @@ class TripletLoss(PairLoss):
     def compare(self, query: Tensor, ref: Tensor, positive: Tensor, negative: Tensor) -> Tensor:
         valid = positive.any(dim=1) & negative.any(dim=1)
         if not bool(valid.any()):
-            return zero_loss(query)
+            return self.without_triplets(query)
         dist = euclidean_distances(query[valid], ref)
         d_ap = hardest(dist, positive[valid], largest=True)
         d_an = hardest(dist, negative[valid], largest=False)

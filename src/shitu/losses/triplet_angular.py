@@ -7,7 +7,7 @@ from typing import Literal
 import torch.nn.functional as F
 from torch import Tensor
 
-from shitu.losses._pairs import PairLoss, hardest, zero_loss
+from shitu.losses._pairs import PairLoss, hardest
 from shitu.registry import LOSSES, NonNegative
 
 
@@ -56,7 +56,7 @@ class TripletAngularMarginLoss(PairLoss):
     def compare(self, query: Tensor, ref: Tensor, positive: Tensor, negative: Tensor) -> Tensor:
         valid = positive.any(dim=1) & negative.any(dim=1)
         if not bool(valid.any()):
-            return zero_loss(query)
+            return self.without_triplets(query)
         sim = query[valid] @ ref.t()
         s_ap = hardest(sim, positive[valid], largest=False)
         s_an = hardest(sim, negative[valid], largest=True)

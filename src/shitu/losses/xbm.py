@@ -69,6 +69,9 @@ class CrossBatchMemory(nn.Module):
     """
 
     input_key: ClassVar[str] = "features"
+    # How a config names this loss and its embedding width, for the message of a mismatch.
+    config_name: ClassVar[str] = "XBM"
+    size_key: ClassVar[str] = "embedding_size"
 
     def __init__(
         self,
@@ -106,8 +109,8 @@ class CrossBatchMemory(nn.Module):
     def _check_size(self, features: torch.Tensor) -> None:
         if features.shape[1] != self.memory.shape[1]:
             raise ConfigError(
-                f"XBM.embedding_size is {self.memory.shape[1]} but the model's features "
-                f"have {features.shape[1]} dimensions"
+                f"{self.config_name}.{self.size_key} is {self.memory.shape[1]} but the "
+                f"model's features have {features.shape[1]} dimensions"
             )
 
     def enqueue(self, features: torch.Tensor, labels: torch.Tensor) -> None:
@@ -152,6 +155,8 @@ class ContrastiveLossXBM(CrossBatchMemory):
     `xbm_size` is `memory_size` and `xbm_weight` is `memory_weight`.
     """
 
+    config_name: ClassVar[str] = "ContrastiveLoss_XBM"
+
     def __init__(
         self,
         xbm_size: Size = 8192,
@@ -190,6 +195,9 @@ class TripletAngularMarginLossXBM(CrossBatchMemory):
     `embedding_size`; the others are TripletAngularMarginLoss's (with its differences
     from PaddleClas's, which counts an anchor's own pair in the in-batch term).
     """
+
+    config_name: ClassVar[str] = "TripletAngularMarginLoss_XBM"
+    size_key: ClassVar[str] = "feat_dim"
 
     def __init__(
         self,

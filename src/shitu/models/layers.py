@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
+from pydantic import Field
 from torch import nn
+
+# A backbone's dropout before its classifier: 1 would drop every unit.
+DropoutProbability = Annotated[float, Field(ge=0, lt=1)]
 
 ACTIVATIONS = {
     "relu": nn.ReLU,

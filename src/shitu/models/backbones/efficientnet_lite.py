@@ -30,7 +30,7 @@ from torch import nn
 from shitu.checkpoint.io import read_weights
 from shitu.errors import CheckpointError
 from shitu.models.backbones.base import SequentialBackbone
-from shitu.models.layers import make_divisible, make_global_pool
+from shitu.models.layers import DropoutProbability, make_divisible, make_global_pool
 from shitu.registry import BACKBONES, ConfigPath, Size
 
 logger = logging.getLogger(__name__)
@@ -223,7 +223,7 @@ class EfficientNetLite(SequentialBackbone):
         self,
         variant: str = "lite0",
         class_num: Size = 1000,
-        dropout_prob: float = 0.2,
+        dropout_prob: DropoutProbability = 0.2,
         drop_connect_rate: DropConnectRate = 0.2,
         last_stride: Literal[1, 2] = 2,
         pool: str = "avg",

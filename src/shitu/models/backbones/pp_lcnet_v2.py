@@ -15,6 +15,7 @@ from shitu.models.backbones.base import SequentialBackbone
 from shitu.models.layers import (
     ConvBNLayer,
     DownscaleInInferDropout,
+    DropoutProbability,
     SEModule,
     make_activation,
     make_divisible,
@@ -156,7 +157,7 @@ class PPLCNetV2(SequentialBackbone):
         scale: float = 1.0,
         depths: tuple[int, int, int, int] = (2, 2, 6, 2),
         class_num: Size = 1000,
-        dropout_prob: float = 0.0,
+        dropout_prob: DropoutProbability = 0.0,
         use_last_conv: bool = True,
         class_expand: Size = 1280,
         act: str = "relu",
