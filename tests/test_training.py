@@ -914,6 +914,11 @@ def test_training_errors_are_clear(grocery, tmp_path):
     sampler = "DataLoader.Train.sampler={name: DistributedBatchSampler, batch_size: 35}"
     with pytest.raises(ConfigError, match="end on a batch of 1 image .36 per process"):
         Trainer(load_config(path, [sampler]))
+    # Every batch of one (was torch's ValueError at the first step), whatever the sampler.
+    for ones in ("{name: DistributedBatchSampler, batch_size: 1, shuffle: true}",
+                 "{name: PKSampler, batch_size: 1, sample_per_id: 1}"):  # fmt: skip
+        with pytest.raises(ConfigError, match="batch_size 1 gives batches of 1 image, which a"):
+            Trainer(load_config(path, [f"DataLoader.Train.sampler={ones}"]))
     # A dataset smaller than one batch: how small, against what.
     large = ["DataLoader.Train.sampler.batch_size=40", "DataLoader.Train.sampler.sample_per_id=8"]
     with pytest.raises(ConfigError, match="dataset's 36 images give no full batch of 40; lower"):
