@@ -875,6 +875,8 @@ def test_ddp_on_cpu_matches_single_process_eval(grocery, tmp_path):
     ]  # fmt: skip
     run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
+    # Warned of by one process, not by each (both build the same schedule).
+    assert run.stderr.count("a warm-up of 1 epoch is not shorter than the run's 1") == 1
     logged = read_log(tmp_path / "output" / "metrics.jsonl", "eval")[-1]
     weights = tmp_path / "output" / "best_model.safetensors"
     single = subprocess.run(
