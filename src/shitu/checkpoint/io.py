@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -138,7 +139,7 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
         try:
             data = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises many types for corrupt files
-            raise CheckpointError(f"{path} is not a readable torch checkpoint: {exc}") from None
+            raise CheckpointError(_torch_load_failure(path, exc)) from None
         metadata = {}
         if isinstance(data, dict) and str(data.get("format", "")).startswith(
             DETECTOR_FORMAT_PREFIX
@@ -172,6 +173,21 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
         return data, metadata
     raise CheckpointError(
         f"unsupported weight file {path}: expected one of {', '.join(WEIGHT_SUFFIXES)}"
+    )
+
+
+def _torch_load_failure(path: Path, error: Exception) -> str:
+    """Why torch.load, tensors only, could not read `path`. Of a file that pickles Python
+    objects (a whole model, `torch.save(model, ...)`), torch's message runs to pages with
+    terminal colours and advises loading it as code, which shitu never does: say which
+    object it holds and what to save instead."""
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+    if found is None:
+        return f"{path} is not a readable torch checkpoint: {error}"
+    return (
+        f"{path} holds pickled Python objects ({found.group(1)}), not only tensors, and shitu "
+        "never runs a file's code to read it; save the weights alone: "
+        "torch.save(model.state_dict(), PATH)"
     )
 
 
