@@ -132,7 +132,7 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
         try:
             with safe_open(str(path), framework="pt") as handle:
                 metadata = dict(handle.metadata() or {})
-            return load_file(str(path)), metadata
+            return _unwrapped(load_file(str(path))), metadata
         except (SafetensorError, OSError) as exc:
             raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from None
     if path.suffix in TORCH_SUFFIXES:
@@ -170,10 +170,24 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
             isinstance(v, torch.Tensor) for v in data.values()
         ):
             raise CheckpointError(f"{path} does not hold a state dict of tensors")
-        return data, metadata
+        return _unwrapped(data), metadata
     raise CheckpointError(
         f"unsupported weight file {path}: expected one of {', '.join(WEIGHT_SUFFIXES)}"
     )
+
+
+# What torch's DataParallel and DistributedDataParallel put before each name of the model
+# they wrap: a state dict saved from the wrapper has it on every tensor.
+_WRAPPER_PREFIX = "module."
+
+
+def _unwrapped(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` with the wrapper's `module.` taken off its names where every name has it: a
+    torch file saved from a DDP-wrapped model (by another trainer) names no tensor of the
+    model otherwise."""
+    if not state or not all(name.startswith(_WRAPPER_PREFIX) for name in state):
+        return state
+    return {name[len(_WRAPPER_PREFIX) :]: tensor for name, tensor in state.items()}
 
 
 def _torch_load_failure(path: Path, error: Exception) -> str:
