@@ -198,6 +198,32 @@ def test_corrupt_weight_files(tmp_path, name, content, message):
         load_weights(make_model(), path)
 
 
+def test_weights_saved_from_a_ddp_wrapped_model_load(tmp_path):
+    """Another trainer's `torch.save(ddp_model.state_dict())` prefixes every name with the
+    wrapper's `module.`: those load as the model's own names."""
+    model = make_model(seed=1)
+    path = tmp_path / "ddp.pth"
+    torch.save({f"module.{name}": tensor for name, tensor in model.state_dict().items()}, path)
+    report = load_weights(make_model(seed=2), path)
+    assert report.complete
+    state = read_weights(path)[0]
+    assert all(torch.equal(state[name], tensor) for name, tensor in model.state_dict().items())
+
+
+def test_a_pickled_whole_model_is_refused_in_one_line_saying_what_to_save(tmp_path):
+    """`torch.save(model, ...)` pickles the model's classes: torch's refusal runs to pages
+    (with terminal colours) and advises loading the file as code."""
+    path = tmp_path / "whole.pt"
+    torch.save(torch.nn.Linear(2, 2), path)
+    with pytest.raises(CheckpointError) as caught:
+        read_weights(path)
+    assert str(caught.value) == (
+        f"{path} holds pickled Python objects (torch.nn.modules.linear.Linear), not only "
+        "tensors, and shitu never runs a file's code to read it; save the weights alone: "
+        "torch.save(model.state_dict(), PATH)"
+    )
+
+
 def test_missing_weight_file(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match="weight file not found"):
         load_weights(make_model(), tmp_path / "none.safetensors")

@@ -17,6 +17,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import ExifTags, Image
 
 from shitu import registry
@@ -283,6 +284,11 @@ def test_label_file_errors_name_the_file_and_line(tmp_path: Path, monkeypatch):
     label_file.write_text("a.png\tCoca Cola\n")
     with pytest.raises(DataError, match=r"list\.txt:1: unique id 'Cola' .*tabs and set delimiter"):
         LabelFileDataset(str(tmp_path), str(label_file))
+    # `delimiter: \t` unquoted in YAML is a backslash and a t: taken for the tab it means.
+    unquoted = yaml.safe_load("delimiter: \\t")["delimiter"]
+    assert unquoted == "\\t"
+    dataset = LabelFileDataset(str(tmp_path), str(label_file), delimiter=unquoted)
+    assert dataset.class_names == ["Coca Cola"]
     label_file.write_text("\n\n# path label\n")
     with pytest.raises(DataError, match="lists no images"):
         LabelFileDataset(str(tmp_path), str(label_file))

@@ -875,6 +875,8 @@ def test_ddp_on_cpu_matches_single_process_eval(grocery, tmp_path):
     ]  # fmt: skip
     run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
+    # Warned of by one process, not by each (both build the same schedule).
+    assert run.stderr.count("a warm-up of 1 epoch is not shorter than the run's 1") == 1
     logged = read_log(tmp_path / "output" / "metrics.jsonl", "eval")[-1]
     weights = tmp_path / "output" / "best_model.safetensors"
     single = subprocess.run(
@@ -914,6 +916,11 @@ def test_training_errors_are_clear(grocery, tmp_path):
     sampler = "DataLoader.Train.sampler={name: DistributedBatchSampler, batch_size: 35}"
     with pytest.raises(ConfigError, match="end on a batch of 1 image .36 per process"):
         Trainer(load_config(path, [sampler]))
+    # Every batch of one (was torch's ValueError at the first step), whatever the sampler.
+    for ones in ("{name: DistributedBatchSampler, batch_size: 1, shuffle: true}",
+                 "{name: PKSampler, batch_size: 1, sample_per_id: 1}"):  # fmt: skip
+        with pytest.raises(ConfigError, match="batch_size 1 gives batches of 1 image, which a"):
+            Trainer(load_config(path, [f"DataLoader.Train.sampler={ones}"]))
     # A dataset smaller than one batch: how small, against what.
     large = ["DataLoader.Train.sampler.batch_size=40", "DataLoader.Train.sampler.sample_per_id=8"]
     with pytest.raises(ConfigError, match="dataset's 36 images give no full batch of 40; lower"):

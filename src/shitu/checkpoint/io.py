@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -131,14 +132,14 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
         try:
             with safe_open(str(path), framework="pt") as handle:
                 metadata = dict(handle.metadata() or {})
-            return load_file(str(path)), metadata
+            return _unwrapped(load_file(str(path))), metadata
         except (SafetensorError, OSError) as exc:
             raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from None
     if path.suffix in TORCH_SUFFIXES:
         try:
             data = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises many types for corrupt files
-            raise CheckpointError(f"{path} is not a readable torch checkpoint: {exc}") from None
+            raise CheckpointError(_torch_load_failure(path, exc)) from None
         metadata = {}
         if isinstance(data, dict) and str(data.get("format", "")).startswith(
             DETECTOR_FORMAT_PREFIX
@@ -169,9 +170,38 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
             isinstance(v, torch.Tensor) for v in data.values()
         ):
             raise CheckpointError(f"{path} does not hold a state dict of tensors")
-        return data, metadata
+        return _unwrapped(data), metadata
     raise CheckpointError(
         f"unsupported weight file {path}: expected one of {', '.join(WEIGHT_SUFFIXES)}"
+    )
+
+
+# What torch's DataParallel and DistributedDataParallel put before each name of the model
+# they wrap: a state dict saved from the wrapper has it on every tensor.
+_WRAPPER_PREFIX = "module."
+
+
+def _unwrapped(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` with the wrapper's `module.` taken off its names where every name has it: a
+    torch file saved from a DDP-wrapped model (by another trainer) names no tensor of the
+    model otherwise."""
+    if not state or not all(name.startswith(_WRAPPER_PREFIX) for name in state):
+        return state
+    return {name[len(_WRAPPER_PREFIX) :]: tensor for name, tensor in state.items()}
+
+
+def _torch_load_failure(path: Path, error: Exception) -> str:
+    """Why torch.load, tensors only, could not read `path`. Of a file that pickles Python
+    objects (a whole model, `torch.save(model, ...)`), torch's message runs to pages with
+    terminal colours and advises loading it as code, which shitu never does: say which
+    object it holds and what to save instead."""
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+    if found is None:
+        return f"{path} is not a readable torch checkpoint: {error}"
+    return (
+        f"{path} holds pickled Python objects ({found.group(1)}), not only tensors, and shitu "
+        "never runs a file's code to read it; save the weights alone: "
+        "torch.save(model.state_dict(), PATH)"
     )
 
 

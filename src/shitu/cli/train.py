@@ -178,12 +178,30 @@ def _each_warning_once() -> Iterator[None]:
             handler.removeFilter(repeated)
 
 
+@contextmanager
+def _warnings_from_the_main_process() -> Iterator[None]:
+    """Under torchrun every process builds the same datasets, schedule and model, and
+    printed each of their warnings once per process (8 times with 8 GPUs): the others
+    show shitu's errors only."""
+    from shitu.engine.distributed import launched_rank
+
+    shitu_logger = logging.getLogger("shitu")
+    level = shitu_logger.level
+    if launched_rank() > 0:
+        shitu_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        shitu_logger.setLevel(level)
+
+
 def run(args: argparse.Namespace) -> int:
     """`_train`, with each dataset's start-up scan done once and each warning shown once
-    although a LinearProbe run builds the datasets three times (see `reused_scans`)."""
+    although a LinearProbe run builds the datasets three times (see `reused_scans`), and
+    under torchrun by one process."""
     from shitu.data.datasets.base import reused_scans
 
-    with reused_scans(), _each_warning_once():
+    with reused_scans(), _each_warning_once(), _warnings_from_the_main_process():
         return _train(args)
 
 

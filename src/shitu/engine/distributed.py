@@ -43,10 +43,16 @@ def select_device(preference: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
+def launched_rank() -> int:
+    """This process's rank as torchrun launched it (0 for a single process), known before
+    the process group is joined."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def init_distributed(preference: str) -> DistContext:
     """Join the torchrun process group if launched by torchrun; pick this process's device."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    rank = launched_rank()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = select_device(preference, local_rank)
     if world_size > 1 and not dist.is_initialized():

@@ -792,14 +792,22 @@ def _check_class_count(config: ShituConfig, dataset: Any, warn: bool) -> None:
 def _check_last_batch(sampler: Any, model: nn.Module) -> None:
     """Without drop_last an epoch can end on a batch of one image, on which a BatchNorm1d
     (a BNNeck on pooled features: one value per channel) raises mid-run, after a whole
-    epoch of work: refuse it up front. BatchNorm2d on feature maps trains on one image."""
+    epoch of work: refuse it up front, and a batch_size of 1, every batch of one image
+    (which raised at the first step, with torch's ValueError). BatchNorm2d on feature
+    maps trains on one image."""
     per_process, size = getattr(sampler, "num_samples", None), sampler.batch_size
-    if per_process is None or sampler.drop_last or per_process % size != 1:
+    ends_on_one = per_process is not None and not sampler.drop_last and per_process % size == 1
+    if size != 1 and not ends_on_one:
         return
     was_training = model.training
     model.train()  # frozen layers stay in eval mode, where one image is fine
     risky = any(isinstance(m, nn.BatchNorm1d) and m.training for m in model.modules())
     model.train(was_training)
+    if risky and size == 1:
+        raise ConfigError(
+            "DataLoader.Train.sampler: batch_size 1 gives batches of 1 image, which a "
+            "BatchNorm1d (a BNNeck) cannot train on; give a batch_size of 2 or more"
+        )
     if risky:
         raise ConfigError(
             f"DataLoader.Train: each epoch would end on a batch of 1 image ({per_process} per "

@@ -25,8 +25,8 @@ class LabelFileDataset(ImageDataset):
 
     Each non-blank line is `path label` or `path label unique_id`, split on
     `delimiter` (default: any run of whitespace; use a tab when paths or labels
-    contain spaces, e.g. `img.jpg<TAB>Coca Cola 330ml`). Paths are relative to
-    `image_root`.
+    contain spaces, e.g. `img.jpg<TAB>Coca Cola 330ml`; `\\t` as YAML reads it unquoted,
+    a backslash and a t, is a tab too). Paths are relative to `image_root`.
 
     Labels: when every label is an integer they are class ids (`relabel: true`
     maps the distinct values, sorted, to 0..C-1, kept in `label_map`); when none
@@ -58,6 +58,10 @@ class LabelFileDataset(ImageDataset):
         self.cls_label_path = cls_label_path
         self.relabel = relabel
         self.label_map: dict[int | str, int] | None = None
+        # `delimiter: \t` unquoted (or -o '...delimiter=\t') is a backslash and a t, which
+        # nothing is split on: the tab it means.
+        if delimiter == "\\t":
+            delimiter = "\t"
         check_root(image_root, where)
         lines = read_lines(cls_label_path, "cls_label_path")
         if not lines:
