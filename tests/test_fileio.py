@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import sys
@@ -34,6 +35,31 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temporary_file(tmp_path):
         write_atomically(target, fail_halfway)
     assert target.read_text() == "old"
     assert os.listdir(tmp_path) == ["labels.txt"]
+
+
+def _folders_refuse_sync(monkeypatch, code):
+    """os.fsync answering `code` for folders, as some network and FUSE filesystems do."""
+    fsync = os.fsync
+
+    def fsync_files_only(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(code, os.strerror(code))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync_files_only)
+
+
+def test_durable_write_goes_on_where_the_filesystem_cannot_sync_folders(tmp_path, monkeypatch):
+    _folders_refuse_sync(monkeypatch, errno.EINVAL)
+    target = tmp_path / "latest.pt"
+    write_atomically(target, lambda tmp: tmp.write_bytes(b"whole"), durable=True)
+    assert target.read_bytes() == b"whole"
+
+
+def test_durable_write_reports_a_folder_sync_that_fails_for_another_reason(tmp_path, monkeypatch):
+    _folders_refuse_sync(monkeypatch, errno.EIO)
+    with pytest.raises(OSError, match=os.strerror(errno.EIO)):
+        write_atomically(tmp_path / "latest.pt", lambda tmp: tmp.write_bytes(b"x"), durable=True)
 
 
 def _folder(path, text):

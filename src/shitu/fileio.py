@@ -49,11 +49,22 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+# What filesystems that cannot sync a folder (some network and FUSE ones) answer.
+_FOLDER_SYNC_UNSUPPORTED = {errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF}
+
+
 def fsync_dir(folder: Path) -> None:
-    """Make a rename inside `folder` durable (POSIX needs the directory synced too)."""
+    """Make a rename inside `folder` durable (POSIX needs the directory synced too).
+
+    Where the filesystem cannot sync a folder, the rename is left as durable as it makes
+    it: the file is whole either way, and refusing it would fail every save there.
+    """
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in _FOLDER_SYNC_UNSUPPORTED:
+            raise
     finally:
         os.close(fd)
 
