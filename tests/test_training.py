@@ -640,6 +640,33 @@ def test_cli_train_refuses_an_output_dir_that_a_file_is_in_the_way_of(grocery, t
     assert (tmp_path / "afile").read_text() == "notes"
 
 
+def test_cli_train_refuses_an_output_dir_another_run_is_training_in(grocery, tmp_path, capsys):
+    """A resume started while the run it resumes still goes on (or a second start) wrote
+    latest.pt and metrics.jsonl beside it; the lock the running one holds refuses it."""
+    import fcntl
+
+    path = tiny_config(grocery, tmp_path, epochs=1)
+    output = tmp_path / "output"
+    assert main(["train", "-c", str(path), "--stop-after-steps", "1"]) == 0
+    latest = output / "latest.pt"
+    capsys.readouterr()
+    with open(output / ".shitu-train.lock", "a+") as held:  # as a running `shitu train` does
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert main(["train", "-c", str(path), "-o", f"Global.checkpoints={latest}"]) == 2
+        assert f"error: Global.output_dir {output}: another shitu train (process " in (
+            capsys.readouterr().err
+        )
+    assert main(["train", "-c", str(path), "-o", f"Global.checkpoints={latest}"]) == 0
+    assert "finished at epoch 1" in capsys.readouterr().out
+
+
+def test_cli_train_that_fails_to_start_leaves_no_output_dir(grocery, tmp_path, capsys):
+    path = tiny_config(grocery, tmp_path, epochs=1)
+    assert main(["train", "-c", str(path), "-o", "Global.pretrained_model=missing.pt"]) == 2
+    assert "missing.pt" in capsys.readouterr().err
+    assert not (tmp_path / "output").exists()
+
+
 def test_cli_train_and_eval_name_the_key_of_weights_they_cannot_load(grocery, tmp_path, capsys):
     """The file may come from a config the user does not have in mind: the error names
     the key that gave it."""

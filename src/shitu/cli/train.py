@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -22,6 +23,9 @@ from shitu.cli.common import (
 from shitu.engine.metrics_log import LOG_NAME
 from shitu.errors import CheckpointError, ConfigError, override_word
 from shitu.fileio import refuse_file_in_the_way
+
+# Held by the run writing in an output folder (see `_only_run_in`).
+RUN_LOCK = ".shitu-train.lock"
 
 if TYPE_CHECKING:
     from shitu.config.schema import ShituConfig
@@ -104,6 +108,45 @@ def _refuse_earlier_run(output_dir: Path, resumed: Path | None) -> None:
     raise ConfigError(
         f"Global.output_dir {output_dir}: holds an earlier run ({', '.join(found)}); {advice}"
     )
+
+
+@contextmanager
+def _only_run_in(output_dir: Path) -> Iterator[None]:
+    """Hold `output_dir`'s run lock (an flock, released by the kernel when the process
+    dies) while the block runs: a second `shitu train` into the folder, say a resume
+    started while the run it resumes still goes on, is refused, where both would write
+    latest.pt and the second would empty metrics.jsonl. Under torchrun the main process
+    holds it for the run. A folder made here and left with nothing but the lock (a run
+    that failed to start) is removed."""
+    import fcntl  # POSIX, as the index's staging locks
+
+    from shitu.engine.distributed import launched_rank
+
+    if launched_rank() > 0:
+        yield
+        return
+    made = not output_dir.exists()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    lock_path = output_dir / RUN_LOCK
+    with open(lock_path, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "unknown"
+            raise ConfigError(
+                f"Global.output_dir {output_dir}: another shitu train (process {holder}) is "
+                "running in it; wait for it to end or stop it, or give another output_dir"
+            ) from None
+        lock.truncate(0)
+        lock.write(str(os.getpid()))
+        lock.flush()
+        try:
+            yield
+        finally:
+            if made and [entry.name for entry in output_dir.iterdir()] == [RUN_LOCK]:
+                lock_path.unlink()
+                output_dir.rmdir()
 
 
 def _has_content(path: Path) -> bool:
@@ -274,18 +317,19 @@ def _train(args: argparse.Namespace) -> int:
         # way was an OSError of its own ('afile/linear_probe: Not a directory') after them.
         # No folder is made: a run that fails to start leaves none.
         refuse_file_in_the_way(output_dir, f"Global.output_dir {output_dir}")
-        if config.LinearProbe is not None:
-            # A resumed run's checkpoint already holds weights that went through the probe.
-            if config.Global.checkpoints is None:
-                context = _check_fine_tuning(config, not args.no_progress)
-                stop_signal = _probe(config, context, not args.no_progress)
-                if stop_signal is not None:
-                    return 128 + stop_signal
-            config = fine_tune_stage(config)
-        trainer = Trainer(config, context, progress=not args.no_progress)
-        _print_summary(trainer)
-        time_limit = args.time_limit * 60 if args.time_limit is not None else None
-        result = trainer.fit(stop_after_steps=args.stop_after_steps, time_limit_s=time_limit)
+        with _only_run_in(output_dir):
+            if config.LinearProbe is not None:
+                # A resumed run's checkpoint already holds weights that went through the probe.
+                if config.Global.checkpoints is None:
+                    context = _check_fine_tuning(config, not args.no_progress)
+                    stop_signal = _probe(config, context, not args.no_progress)
+                    if stop_signal is not None:
+                        return 128 + stop_signal
+                config = fine_tune_stage(config)
+            trainer = Trainer(config, context, progress=not args.no_progress)
+            _print_summary(trainer)
+            time_limit = args.time_limit * 60 if args.time_limit is not None else None
+            result = trainer.fit(stop_after_steps=args.stop_after_steps, time_limit_s=time_limit)
     finally:
         shutdown_distributed()
     if trainer.context.is_main:
