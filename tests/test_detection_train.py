@@ -690,6 +690,26 @@ def test_sigterm_to_the_process_group_stops_training_with_a_checkpoint_and_its_w
     assert not set(workers) & {int(p.name) for p in Path("/proc").glob("[0-9]*")}
 
 
+def test_a_run_whose_worker_fails_ends_with_its_workers(tmp_path: Path) -> None:
+    """Workers leave stopping to the trainer (they ignore SIGTERM): a run that fails with
+    them alive (an unreadable photo) must still end them, not hang at exit waiting."""
+    coco = _write_coco(tmp_path, _write_images(tmp_path, 8))
+    (tmp_path / "img5.png").write_text("junk")
+    command = [sys.executable, "-m", "shitu", "detect-train", "--coco", str(coco),
+               "--images", str(tmp_path), "--epochs", "2", "--batch-size", "4",
+               "--workers", "2", "--train-sizes", "64", "--out", str(tmp_path / "out")]  # fmt: skip
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        _, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 2, err
+    assert "img5.png: cannot decode image" in err
+
+
 def test_a_signal_stops_training_after_its_step_with_a_checkpoint_to_resume_mid_epoch(
     tmp_path: Path,
 ) -> None:
