@@ -289,7 +289,7 @@ class DetectionTrainer:
         with self._stopping_on_signals(), self._ending_workers():
             while self.progress.epoch < self.config.epochs:
                 self.sampler.set_epoch(self.progress.epoch, self.progress.batch_in_epoch)
-                for items in self.loader:
+                for items in self._epoch_batches():
                     if max_steps is not None and done >= max_steps:
                         return self.history
                     if self.stop_signal is not None:
@@ -306,6 +306,26 @@ class DetectionTrainer:
                 if self.stop_signal is not None:
                     return self.history
         return self.history
+
+    def _epoch_batches(self) -> Iterator[list]:
+        """The epoch's batches. One that cannot be loaded (an image unreadable since the
+        start, a corrupt copy) checkpoints the steps done before the error goes on: with
+        the file mended, the run resumes there, not at the epoch's start, hours earlier."""
+        batches = iter(self.loader)
+        while True:
+            try:
+                items = next(batches)
+            except StopIteration:
+                return
+            except DataError:
+                path = self.save()
+                logger.warning(
+                    "a batch could not be loaded; the run so far is saved in %s: resume it "
+                    "with --resume once the image is mended",
+                    path,
+                )
+                raise
+            yield items
 
     @contextmanager
     def _ending_workers(self) -> Iterator[None]:
