@@ -653,6 +653,31 @@ def _live_children(pid: int) -> list[int]:
     return children
 
 
+def test_an_image_that_cannot_be_loaded_mid_run_leaves_a_checkpoint_to_resume_from(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A photo corrupted while the run goes on (or unreadable from the start) stops it at the
+    batch that holds it, naming it, with the steps before saved: mended, the run resumes
+    there and takes the steps the whole run would have."""
+    torch.set_num_threads(2)
+    _write_coco(tmp_path, _write_images(tmp_path, 8))  # two batches of 4 an epoch
+    whole = [h["loss"] for h in _trainer(tmp_path, epochs=2, learning_rate=0.02).train()]
+    photo = tmp_path / "img3.png"
+    pixels = photo.read_bytes()
+    broken = _trainer(tmp_path, epochs=2, learning_rate=0.02)
+    broken.train(max_steps=2)  # the first epoch
+    photo.write_bytes(b"not a photo any more")
+    with pytest.raises(DataError, match="img3.png: cannot decode image"):
+        broken.train()
+    assert f"the run so far is saved in {broken.checkpoint_path}" in caplog.text
+    photo.write_bytes(pixels)
+    resumed = _trainer(tmp_path, epochs=2, learning_rate=0.02)
+    resumed.resume(broken.checkpoint_path)
+    assert resumed.progress.global_step == broken.progress.global_step >= 2
+    rest = [h["loss"] for h in resumed.train()]
+    assert rest == pytest.approx(whole[broken.progress.global_step :], rel=1e-4)
+
+
 @pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads processes in /proc")
 def test_sigterm_to_the_process_group_stops_training_with_a_checkpoint_and_its_workers(
     tmp_path: Path,
@@ -688,6 +713,26 @@ def test_sigterm_to_the_process_group_stops_training_with_a_checkpoint_and_its_w
         stdout,
     )
     assert not set(workers) & {int(p.name) for p in Path("/proc").glob("[0-9]*")}
+
+
+def test_a_run_whose_worker_fails_ends_with_its_workers(tmp_path: Path) -> None:
+    """Workers leave stopping to the trainer (they ignore SIGTERM): a run that fails with
+    them alive (an unreadable photo) must still end them, not hang at exit waiting."""
+    coco = _write_coco(tmp_path, _write_images(tmp_path, 8))
+    (tmp_path / "img5.png").write_text("junk")
+    command = [sys.executable, "-m", "shitu", "detect-train", "--coco", str(coco),
+               "--images", str(tmp_path), "--epochs", "2", "--batch-size", "4",
+               "--workers", "2", "--train-sizes", "64", "--out", str(tmp_path / "out")]  # fmt: skip
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        _, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 2, err
+    assert "img5.png: cannot decode image" in err and "the run so far is saved in" in err
 
 
 def test_a_signal_stops_training_after_its_step_with_a_checkpoint_to_resume_mid_epoch(

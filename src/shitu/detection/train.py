@@ -34,7 +34,7 @@ from shitu.detection.input_size import check_input_size
 from shitu.detection.losses import picodet_loss
 from shitu.detection.model import PicoDet, PicoDetArch, build_picodet
 from shitu.detection.weights import save_detector
-from shitu.engine.data import leave_stopping_to_the_trainer
+from shitu.engine.data import end_workers, leave_stopping_to_the_trainer
 from shitu.engine.lr import Cosine
 from shitu.engine.optim import build_optimizer, set_learning_rate
 from shitu.engine.seeding import (
@@ -207,6 +207,8 @@ class DetectionTrainer:
             collate_fn=list,
             num_workers=config.num_workers,
             worker_init_fn=leave_stopping_to_the_trainer,
+            # kept between epochs, and so where `end_workers` can end them when `train` does
+            persistent_workers=config.num_workers > 0,
         )
         lr_config = LRConfig(name="Cosine", learning_rate=config.learning_rate)
         optim_config = OptimizerConfig(
@@ -284,10 +286,10 @@ class DetectionTrainer:
         once, without a checkpoint."""
         self.stop_signal = None
         done = 0
-        with self._stopping_on_signals():
+        with self._stopping_on_signals(), self._ending_workers():
             while self.progress.epoch < self.config.epochs:
                 self.sampler.set_epoch(self.progress.epoch, self.progress.batch_in_epoch)
-                for items in self.loader:
+                for items in self._epoch_batches():
                     if max_steps is not None and done >= max_steps:
                         return self.history
                     if self.stop_signal is not None:
@@ -304,6 +306,36 @@ class DetectionTrainer:
                 if self.stop_signal is not None:
                     return self.history
         return self.history
+
+    def _epoch_batches(self) -> Iterator[list]:
+        """The epoch's batches. One that cannot be loaded (an image unreadable since the
+        start, a corrupt copy) checkpoints the steps done before the error goes on: with
+        the file mended, the run resumes there, not at the epoch's start, hours earlier."""
+        batches = iter(self.loader)
+        while True:
+            try:
+                items = next(batches)
+            except StopIteration:
+                return
+            except DataError:
+                path = self.save()
+                logger.warning(
+                    "a batch could not be loaded; the run so far is saved in %s: resume it "
+                    "with --resume once the image is mended",
+                    path,
+                )
+                raise
+            yield items
+
+    @contextmanager
+    def _ending_workers(self) -> Iterator[None]:
+        """The data loader's workers ended when training does, an error included: they
+        leave stopping to the trainer (ignoring SIGTERM), so the exit handler of a process
+        that failed with them alive would wait for them forever."""
+        try:
+            yield
+        finally:
+            end_workers(self.loader)
 
     @contextmanager
     def _stopping_on_signals(self) -> Iterator[None]:
