@@ -31,7 +31,7 @@ from shitu.data.transforms.ops import DecodeImage, ResizeImage
 from shitu.engine.data import build_eval_loader, build_train_loader
 from shitu.engine.distributed import init_distributed
 from shitu.errors import ConfigError, DataError, raised_message
-from shitu.inference.preprocess import decode_rgb
+from shitu.inference.preprocess import decode_rgb, is_cmyk_jpeg
 
 registry.populate()
 
@@ -683,6 +683,25 @@ def test_16_bit_grey_keeps_its_top_8_bits_as_opencv_does():
     decoded = DecodeImage()(buffer.getvalue())
     assert decoded[..., 0].ravel().tolist() == [0, 3, 78, 255]  # not clipped to white
     assert np.array_equal(decoded, decode_rgb(buffer.getvalue()))  # as inference reads it
+
+
+def test_cmyk_jpegs_decode_in_inference_as_training_decodes_them():
+    """OpenCV's CMYK conversion rounds otherwise than Pillow's (one level off on nearly
+    every pixel): inference must give training's pixels, also with an EXIF block and a
+    colour profile before the frame header."""
+    image = Image.fromarray(pattern(16, 24)).convert("CMYK")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated, which both decoders apply
+    variants = {"plain": {}, "EXIF and profile": {"exif": exif, "icc_profile": bytes(70_000)}}
+    for name, options in variants.items():
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=95, **options)
+        assert is_cmyk_jpeg(buffer.getvalue()), name
+        assert np.array_equal(decode_rgb(buffer.getvalue()), DecodeImage()(buffer.getvalue())), name
+    assert not is_cmyk_jpeg(png_bytes(pattern(4, 4)))
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="JPEG")
+    assert not is_cmyk_jpeg(buffer.getvalue())
 
 
 def test_transparent_parts_are_decoded_as_white_not_as_the_colour_stored_under_them():

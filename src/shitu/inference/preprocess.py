@@ -3,7 +3,8 @@
 The training pipeline (shitu.data.transforms) decodes with Pillow and resizes with a
 torch emulation of OpenCV; here the same steps run in OpenCV's C++ code (which releases
 the GIL, so decoding threads overlap with inference), with Pillow as the fallback
-decoder for formats OpenCV lacks and for Pillow-only filters.
+decoder for formats OpenCV lacks, for images OpenCV decodes otherwise than training
+(transparent ones, CMYK JPEGs) and for Pillow-only filters.
 """
 
 from __future__ import annotations
@@ -271,8 +272,13 @@ def decode_rgb(data: bytes | np.ndarray) -> np.ndarray:
     image = None
     # OpenCV drops an alpha channel: transparent images go to Pillow, which shows them on
     # white as training's decoder does. (The header: PNG's transparency comes before its
-    # pixels, after at most a colour profile.)
-    if buffer.size and not declares_transparency(buffer[:HEADER_BYTES].tobytes()):
+    # pixels, after at most a colour profile.) So do CMYK JPEGs, which OpenCV converts to
+    # RGB with its own rounding.
+    if (
+        buffer.size
+        and not declares_transparency(buffer[:HEADER_BYTES].tobytes())
+        and not is_cmyk_jpeg(encoded)
+    ):
         try:
             # Straight to RGB: the same pixels as BGR then cvtColor, without another pass
             # over the whole photo (a tenth of a 12-megapixel JPEG's decoding time).
@@ -284,6 +290,36 @@ def decode_rgb(data: bytes | np.ndarray) -> np.ndarray:
     # Formats OpenCV does not read (e.g. GIF) through Pillow, which also says why a file
     # cannot be read.
     return np.asarray(decode_rgb_image(encoded))
+
+
+# Start-of-frame markers (baseline, progressive, lossless...), which hold the component count;
+# C4, C8 and CC, in their range, are other segments.
+_JPEG_FRAME_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+_JPEG_STANDALONE_MARKERS = frozenset([0x01, *range(0xD0, 0xD9)])  # no length follows them
+
+
+def is_cmyk_jpeg(data: bytes) -> bool:
+    """Whether JPEG bytes hold four colour components (CMYK or YCCK, as print workflows and
+    Photoshop save them). OpenCV converts those to RGB with other rounding than Pillow,
+    training's decoder: about one level off on every pixel, so the features of such a photo
+    would differ a little between `shitu eval` and an export. From the frame header, found
+    by skipping the segments before it (EXIF, colour profiles), without decoding."""
+    if data[:2] != b"\xff\xd8":
+        return False
+    position = 2
+    while position + 4 <= len(data) and data[position] == 0xFF:
+        marker = data[position + 1]
+        if marker == 0xFF:  # a fill byte before the marker
+            position += 1
+        elif marker in _JPEG_STANDALONE_MARKERS:
+            position += 2
+        elif marker in _JPEG_FRAME_MARKERS:  # length, precision, height, width, components
+            return position + 9 < len(data) and data[position + 9] == 4
+        elif marker == 0xDA:  # the pixels start: no frame header came before them
+            return False
+        else:
+            position += 2 + int.from_bytes(data[position + 2 : position + 4], "big")
+    return False
 
 
 def _eval_ops(config: ShituConfig) -> list[dict[str, Any]]:
