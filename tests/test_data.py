@@ -825,6 +825,11 @@ def test_resize_sizes_and_interpolations():
     # Nearest keeps original pixel values: every second pixel when halving.
     nearest = run_op("ResizeImage", image, size=[20, 15], interpolation="nearest")
     assert np.array_equal(nearest, image[::2, ::2])
+    # 480 -> 224 wide puts column 119 on source 255 exactly, where float32 rounding of the
+    # scale picked another pixel than OpenCV (and inference) does.
+    wide = pattern(6, 480)
+    nearest = run_op("ResizeImage", wide, size=[224, 3], interpolation="nearest")
+    assert np.array_equal(nearest, cv2.resize(wide, (224, 3), interpolation=cv2.INTER_NEAREST))
     with pytest.raises(ConfigError, match="ResizeImage: give size or resize_short"):
         build_transforms([{"ResizeImage": {}}])
     with pytest.raises(ConfigError, match="interpolation: unknown name 'cubic'"):
