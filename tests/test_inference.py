@@ -539,8 +539,26 @@ def test_hand_edited_preprocessing_is_refused_by_its_fingerprint_on_every_runtim
             'embedding_size must be a whole number >= 1, is "512"',
         ),
         (lambda m: m.update(preprocessing=[224]), r"preprocessing must be an object, is \[224\]"),
-        (lambda m: m["preprocessing"].update(mean=[0.5]), "preprocessing: mean and std need 3"),
-        (lambda m: m["preprocessing"].update(resize="big"), "preprocessing: resize: give one int"),
+        (
+            lambda m: m["preprocessing"].update(mean=[0.5]),
+            r"preprocessing: mean: expected a list of 3 numbers, got \[0.5\]",
+        ),
+        (
+            lambda m: m["preprocessing"].update(mean="abc"),
+            'preprocessing: mean: expected a list of 3 numbers, got "abc"',
+        ),
+        (
+            lambda m: m["preprocessing"].update(std=None),
+            "preprocessing: std: expected a list of 3 numbers, got null",
+        ),
+        (
+            lambda m: m["preprocessing"].update(scale="1/255"),
+            'preprocessing: scale: expected a number, got "1/255"',
+        ),
+        (
+            lambda m: m["preprocessing"].update(resize="big"),
+            'preprocessing: resize: expected a list of 2 numbers, got "big"',
+        ),
         (
             lambda m: m["preprocessing"].update(interpolation="foo"),
             "preprocessing: interpolation: unknown",

@@ -9,6 +9,7 @@ decoder for formats OpenCV lacks, for images OpenCV decodes otherwise than train
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -132,14 +133,19 @@ class Preprocessing:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Preprocessing:
-        """From `to_dict`'s form; keys this version does not know are left out."""
+        """From `to_dict`'s form; keys this version does not know are left out. A value
+        of the wrong JSON type (a hand-edited manifest) is a ValueError naming its key."""
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         for key in ("resize", "crop"):
             if known.get(key) is not None:
+                _check_json_numbers(known[key], key, 2)
                 known[key] = pair(known[key], key)
         for key in ("mean", "std"):
-            if known.get(key) is not None:
+            if key in known:
+                _check_json_numbers(known[key], key, 3)
                 known[key] = tuple(known[key])
+        if "scale" in known:
+            _check_json_numbers(known["scale"], "scale", None)
         return cls(**known)
 
     @classmethod
@@ -248,6 +254,20 @@ class Preprocessing:
             (width, height), pil_filter(self.interpolation)
         )
         return np.asarray(resized)
+
+
+def _check_json_numbers(value: Any, key: str, count: int | None) -> None:
+    """A ValueError naming `key` unless `value` is a list of `count` JSON numbers (None:
+    one number): a hand-edited manifest's mean of "abc" would otherwise fail with Python's
+    words on its first letter ("could not convert string to float: 'a'")."""
+    numbers = [value] if count is None else value
+    if (
+        not isinstance(numbers, list | tuple)
+        or len(numbers) != (count or 1)
+        or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in numbers)
+    ):
+        wanted = "a number" if count is None else f"a list of {count} numbers"
+        raise ValueError(f"{key}: expected {wanted}, got {json.dumps(value, default=repr)}")
 
 
 def read_rgb(path: str | Path) -> np.ndarray:
