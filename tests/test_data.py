@@ -718,6 +718,8 @@ def test_transparent_parts_are_decoded_as_white_not_as_the_colour_stored_under_t
         "grey + alpha PNG": (rgba.convert("LA"), "PNG", {}),
         "lossless WebP": (rgba, "WEBP", {"lossless": True}),
         "lossy WebP with alpha": (rgba, "WEBP", {"quality": 100, "alpha_quality": 100}),
+        "GIF with a transparent colour": (rgba, "GIF", {}),
+        "RGBA TIFF": (rgba, "TIFF", {}),
     }
     for name, (image, file_format, options) in variants.items():
         buffer = io.BytesIO()

@@ -4,7 +4,7 @@ The training pipeline (shitu.data.transforms) decodes with Pillow and resizes wi
 torch emulation of OpenCV; here the same steps run in OpenCV's C++ code (which releases
 the GIL, so decoding threads overlap with inference), with Pillow as the fallback
 decoder for formats OpenCV lacks, for images OpenCV decodes otherwise than training
-(transparent ones, CMYK JPEGs) and for Pillow-only filters.
+(those that may be transparent, CMYK JPEGs) and for Pillow-only filters.
 """
 
 from __future__ import annotations
@@ -290,15 +290,7 @@ def decode_rgb(data: bytes | np.ndarray) -> np.ndarray:
     check_encoded_size(encoded)
     buffer = np.frombuffer(encoded, np.uint8)
     image = None
-    # OpenCV drops an alpha channel: transparent images go to Pillow, which shows them on
-    # white as training's decoder does. (The header: PNG's transparency comes before its
-    # pixels, after at most a colour profile.) So do CMYK JPEGs, which OpenCV converts to
-    # RGB with its own rounding.
-    if (
-        buffer.size
-        and not declares_transparency(buffer[:HEADER_BYTES].tobytes())
-        and not is_cmyk_jpeg(encoded)
-    ):
+    if buffer.size and not decoded_otherwise_by_opencv(encoded):
         try:
             # Straight to RGB: the same pixels as BGR then cvtColor, without another pass
             # over the whole photo (a tenth of a 12-megapixel JPEG's decoding time).
@@ -307,9 +299,37 @@ def decode_rgb(data: bytes | np.ndarray) -> np.ndarray:
             image = None
     if image is not None:
         return image
-    # Formats OpenCV does not read (e.g. GIF) through Pillow, which also says why a file
+    # Formats OpenCV does not read (e.g. ICO) through Pillow, which also says why a file
     # cannot be read.
     return np.asarray(decode_rgb_image(encoded))
+
+
+# Formats whose transparency a header check does not settle (GIF sets a transparent colour
+# frame by frame, TIFF and JPEG 2000 their alpha in tags or boxes anywhere in the file).
+_TRANSPARENCY_ANYWHERE = (
+    b"GIF87a",
+    b"GIF89a",
+    b"II*\x00",  # TIFF, little- and big-endian, then BigTIFF
+    b"MM\x00*",
+    b"II+\x00",
+    b"MM\x00+",
+    b"\x00\x00\x00\x0cjP  \r\n\x87\n",  # JPEG 2000: the JP2 file, then a bare codestream
+    b"\xffO\xffQ",
+)
+
+
+def decoded_otherwise_by_opencv(data: bytes) -> bool:
+    """Whether OpenCV would give other pixels than Pillow, training's decoder, for these
+    image bytes, which must then go to Pillow. OpenCV drops an alpha channel, keeping the
+    colour stored under transparent parts (often black) where Pillow shows them on white:
+    PNG and WebP that declare transparency in their header (PNG's comes before its pixels,
+    after at most a colour profile), and GIF, TIFF and JPEG 2000 always. It also converts
+    CMYK JPEGs with its own rounding."""
+    return (
+        data.startswith(_TRANSPARENCY_ANYWHERE)
+        or declares_transparency(data[:HEADER_BYTES])
+        or is_cmyk_jpeg(data)
+    )
 
 
 # Start-of-frame markers (baseline, progressive, lossless...), which hold the component count;
