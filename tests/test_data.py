@@ -8,6 +8,7 @@ import math
 import os
 import random
 import re
+import zlib
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
@@ -729,6 +730,14 @@ def test_transparent_parts_are_decoded_as_white_not_as_the_colour_stored_under_t
         assert (decoded[3] > 245).all() and (decoded[1:3, 2:4] < 10).all(), name
         assert np.array_equal(decoded, decode_rgb(buffer.getvalue())), name  # as inference
     assert abs(int(DecodeImage()(png_bytes(logo))[0, 0, 0]) - 127) <= 1  # half: grey
+    # A palette PNG's transparent entry after 100 KB of metadata (an editor's XMP, say)
+    buffer = io.BytesIO()
+    rgba.quantize(4).save(buffer, format="PNG")
+    body = b"XML:com.adobe.xmp\x00" + b" " * 100_000
+    crc = zlib.crc32(b"tEXt" + body).to_bytes(4, "big")
+    metadata = len(body).to_bytes(4, "big") + b"tEXt" + body + crc
+    png = buffer.getvalue()[:33] + metadata + buffer.getvalue()[33:]  # after the IHDR chunk
+    assert (decode_rgb(png)[3] > 245).all() and np.array_equal(decode_rgb(png), DecodeImage()(png))
 
 
 def test_paddleclas_only_transform_keys_are_accepted():

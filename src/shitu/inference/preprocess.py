@@ -36,7 +36,6 @@ from shitu.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
-HEADER_BYTES = 1 << 16  # read for a PNG's or WebP's transparency: its header and colour profile
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _CV2_FLAGS = {
     "nearest": cv2.INTER_NEAREST,
@@ -322,12 +321,13 @@ def decoded_otherwise_by_opencv(data: bytes) -> bool:
     """Whether OpenCV would give other pixels than Pillow, training's decoder, for these
     image bytes, which must then go to Pillow. OpenCV drops an alpha channel, keeping the
     colour stored under transparent parts (often black) where Pillow shows them on white:
-    PNG and WebP that declare transparency in their header (PNG's comes before its pixels,
-    after at most a colour profile), and GIF, TIFF and JPEG 2000 always. It also converts
+    PNG and WebP that declare transparency ahead of their pixels (PNG's after all of its
+    metadata, which Photoshop's XMP can make hundreds of KB), and GIF, TIFF and JPEG 2000
+    always. It also converts
     CMYK JPEGs with its own rounding."""
     return (
         data.startswith(_TRANSPARENCY_ANYWHERE)
-        or declares_transparency(data[:HEADER_BYTES])
+        or declares_transparency(data)  # whole: metadata may come before PNG's tRNS
         or is_cmyk_jpeg(data)
     )
 
