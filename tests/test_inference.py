@@ -742,6 +742,22 @@ def test_preprocessing_from_eval_transforms(exported):
         Preprocessing.from_config(config)
 
 
+def test_a_config_without_eval_transforms_exports_the_normalisation_it_trained_with():
+    """The shipped config trains with mean 0.498 and std 0.502: without its DataLoader.Eval
+    (a training-only copy) the export took ImageNet's statistics, and every feature of the
+    exported model was wrong."""
+    config = load_config("GroceryStore_EfficientNetLite0", ["DataLoader.Eval=null"])
+    prep = Preprocessing.from_config(config)
+    assert prep.size == (224, 224) and prep.channel_order == "RGB"
+    np.testing.assert_allclose((prep.mean, prep.std), ([0.498] * 3, [0.502] * 3), rtol=1e-6)
+    train = config.DataLoader.Train.dataset
+    train.transform_ops = [{"DecodeImage": {"to_rgb": False}}, {"RandFlipImage": {}}]
+    prep = Preprocessing.from_config(config)  # trained on raw 0..255 BGR pixels
+    assert (prep.scale, prep.mean, prep.std, prep.channel_order) == (1, (0, 0, 0), (1, 1, 1), "BGR")
+    bare = load_config("GroceryStore_EfficientNetLite0", ["DataLoader=null"])
+    assert Preprocessing.from_config(bare).mean == (0.485, 0.456, 0.406)  # ImageNet's
+
+
 def test_an_image_shape_the_eval_transforms_override_is_said_to_be_unused(caplog):
     """The input size comes from the eval transforms: `-o Global.image_shape=[3,256,256]`
     would otherwise be taken by the user for the exported model's, silently."""

@@ -151,12 +151,12 @@ class Preprocessing:
     def from_config(cls, config: ShituConfig) -> Preprocessing:
         """DataLoader.Eval's transforms (Query and Gallery alike), as inference needs them.
 
-        Without eval transforms: Global.image_shape, bilinear, ImageNet mean/std.
+        Without eval transforms: Global.image_shape, bilinear, and the normalisation and
+        channel order of DataLoader.Train's transforms (ImageNet mean/std without those).
         """
         ops = _eval_ops(config)
         if not ops:
-            _, height, width = config.Global.image_shape
-            return cls(resize=(width, height))
+            return cls._from_train_ops(config)
         values: dict[str, Any] = dict(_NO_NORMALIZATION)
         seen: list[str] = []
         for index, item in enumerate(ops):
@@ -198,6 +198,27 @@ class Preprocessing:
                 *preprocessing.size,
             )
         return preprocessing
+
+    @classmethod
+    def _from_train_ops(cls, config: ShituConfig) -> Preprocessing:
+        """Global.image_shape with the normalisation and channel order the model was
+        trained with: the train transforms' crops and flips are augmentation, but an export
+        with ImageNet statistics for a model trained on others would give wrong features."""
+        _, height, width = config.Global.image_shape
+        train = config.DataLoader.Train if config.DataLoader else None
+        ops = (train.dataset.params.get("transform_ops") or []) if train else []
+        values: dict[str, Any] = {"resize": (width, height)}
+        if ops:  # without a NormalizeImage, training saw raw 0..255 pixels
+            values |= _NO_NORMALIZATION
+        for index, item in enumerate(ops):
+            ((name, params),) = item.items()
+            if name in ("DecodeImage", "NormalizeImage"):
+                try:
+                    _read_op(name, params or {}, values)
+                except (ValueError, TypeError) as exc:
+                    where = f"DataLoader.Train transform_ops[{index}] {name}"
+                    raise ConfigError(f"{where}: {exc}") from None
+        return cls(**values)
 
     # --- the fast path -------------------------------------------------------------------
 
