@@ -535,6 +535,16 @@ def test_hand_edited_preprocessing_is_refused_by_its_fingerprint_on_every_runtim
     [
         (lambda m: m.pop("fingerprint"), "fingerprint must be a string, is missing"),
         (
+            lambda m: m.update(format_version=3),
+            r"format version 3, written by a newer shitu than this one \(.*, which reads "
+            r"versions 1 to 2\): upgrade shitu",
+        ),
+        (
+            lambda m: m.update(format_version="2"),
+            'format_version must be a whole number from 1 to 2, is "2" .edited by hand',
+        ),
+        (lambda m: m.pop("format"), r"not a shitu-feature-extractor manifest \(edited by hand"),
+        (
             lambda m: m.update(embedding_size="512"),
             'embedding_size must be a whole number >= 1, is "512"',
         ),
