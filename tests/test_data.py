@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from PIL import ExifTags, Image
+from PIL import ExifTags, Image, features
 
 from shitu import registry
 from shitu.config.schema import DataSplitConfig
@@ -722,6 +722,8 @@ def test_transparent_parts_are_decoded_as_white_not_as_the_colour_stored_under_t
         "GIF with a transparent colour": (rgba, "GIF", {}),
         "RGBA TIFF": (rgba, "TIFF", {}),
     }
+    if features.check("avif"):  # Pillow 11.3 and later
+        variants["AVIF with alpha"] = (rgba, "AVIF", {"quality": 100})
     for name, (image, file_format, options) in variants.items():
         buffer = io.BytesIO()
         image.save(buffer, format=file_format, **options)

@@ -343,11 +343,11 @@ def decoded_otherwise_by_opencv(data: bytes) -> bool:
     image bytes, which must then go to Pillow. OpenCV drops an alpha channel, keeping the
     colour stored under transparent parts (often black) where Pillow shows them on white:
     PNG and WebP that declare transparency ahead of their pixels (PNG's after all of its
-    metadata, which Photoshop's XMP can make hundreds of KB), and GIF, TIFF and JPEG 2000
-    always. It also converts
-    CMYK JPEGs with its own rounding."""
+    metadata, which Photoshop's XMP can make hundreds of KB), and GIF, TIFF, JPEG 2000,
+    AVIF and HEIF always. It also converts CMYK JPEGs with its own rounding."""
     return (
         data.startswith(_TRANSPARENCY_ANYWHERE)
+        or data[4:8] == b"ftyp"  # AVIF and HEIF (ISO media files), alpha in an item of its own
         or declares_transparency(data)  # whole: metadata may come before PNG's tRNS
         or is_cmyk_jpeg(data)
     )
