@@ -9,6 +9,7 @@ decoder for formats OpenCV lacks, for images OpenCV decodes otherwise than train
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from dataclasses import asdict, dataclass, field
@@ -17,7 +18,7 @@ from typing import Any
 
 import cv2
 import numpy as np
-from PIL import Image
+from PIL import Image, features
 
 from shitu import registry
 from shitu.config import ShituConfig
@@ -343,14 +344,24 @@ def decoded_otherwise_by_opencv(data: bytes) -> bool:
     image bytes, which must then go to Pillow. OpenCV drops an alpha channel, keeping the
     colour stored under transparent parts (often black) where Pillow shows them on white:
     PNG and WebP that declare transparency ahead of their pixels (PNG's after all of its
-    metadata, which Photoshop's XMP can make hundreds of KB), and GIF, TIFF, JPEG 2000,
-    AVIF and HEIF always. It also converts CMYK JPEGs with its own rounding."""
+    metadata, which Photoshop's XMP can make hundreds of KB), and GIF, TIFF, JPEG 2000 and
+    AVIF always. It also converts CMYK JPEGs with its own rounding."""
     return (
         data.startswith(_TRANSPARENCY_ANYWHERE)
-        or data[4:8] == b"ftyp"  # AVIF and HEIF (ISO media files), alpha in an item of its own
+        or (data[4:8] == b"ftyp" and _pillow_reads_avif())  # AVIF: alpha in an item of its own
         or declares_transparency(data)  # whole: metadata may come before PNG's tRNS
         or is_cmyk_jpeg(data)
     )
+
+
+@functools.cache
+def _pillow_reads_avif() -> bool:
+    """Whether this Pillow decodes AVIF (11.3 and later): an older one leaves AVIF files to
+    OpenCV, which reads them without their alpha, rather than to no decoder at all."""
+    try:
+        return bool(features.check_module("avif"))
+    except ValueError:  # a Pillow that knows no AVIF
+        return False
 
 
 # Start-of-frame markers (baseline, progressive, lossless...), which hold the component count;
