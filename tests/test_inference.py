@@ -768,6 +768,34 @@ def test_a_config_without_eval_transforms_exports_the_normalisation_it_trained_w
     assert Preprocessing.from_config(bare).mean == (0.485, 0.456, 0.406)  # ImageNet's
 
 
+def test_an_export_without_eval_transforms_warns_of_a_training_size_it_does_not_use(caplog):
+    """Without eval transforms the export resizes to Global.image_shape, which nothing
+    else ties to the train transforms' crop: a model trained on 256 px crops said nothing
+    when exported at the default 224."""
+    config = load_config(
+        "GroceryStore_EfficientNetLite0",
+        [
+            "DataLoader.Eval=null",
+            "DataLoader.Train.dataset.transform_ops[1].RandCropImage.size=256",
+        ],
+    )
+    with caplog.at_level(logging.WARNING, logger="shitu.inference.preprocess"):
+        assert Preprocessing.from_config(config).size == (224, 224)
+    assert "resizes to Global.image_shape's 224 x 224, but the model trained on 256 x 256" in (
+        caplog.text
+    )
+    caplog.clear()
+    config = load_config(
+        "GroceryStore_EfficientNetLite0",
+        [
+            "DataLoader.Eval=null",
+            "DataLoader.Train.dataset.transform_ops[1].RandCropImage.size=256",
+            "Global.image_shape=[3, 256, 256]",
+        ],
+    )
+    assert Preprocessing.from_config(config).size == (256, 256) and caplog.text == ""
+
+
 def test_an_image_shape_the_eval_transforms_override_is_said_to_be_unused(caplog):
     """The input size comes from the eval transforms: `-o Global.image_shape=[3,256,256]`
     would otherwise be taken by the user for the exported model's, silently."""

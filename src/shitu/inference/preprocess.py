@@ -49,6 +49,8 @@ _CV2_FLAGS = {
 # inference.
 _SUPPORTED_OPS = ("DecodeImage", "ResizeImage", "CropImage", "NormalizeImage", "ToCHWImage")
 _ORDERED_OPS = _SUPPORTED_OPS[:-1]
+# Train transforms whose `size` is that of the images the model trains on (the last one's).
+_TRAIN_SIZING_OPS = ("ResizeImage", "CropImage", "RandCropImage", "RandCropImageV2")
 # Without a NormalizeImage the eval transforms give raw 0..255 pixels, and so must inference.
 _NO_NORMALIZATION = {"scale": 1.0, "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
 
@@ -211,14 +213,31 @@ class Preprocessing:
         values: dict[str, Any] = {"resize": (width, height)}
         if ops:  # without a NormalizeImage, training saw raw 0..255 pixels
             values |= _NO_NORMALIZATION
+        trained_size = None
         for index, item in enumerate(ops):
             ((name, params),) = item.items()
-            if name in ("DecodeImage", "NormalizeImage"):
-                try:
-                    _read_op(name, params or {}, values)
-                except (ValueError, TypeError) as exc:
-                    where = f"DataLoader.Train transform_ops[{index}] {name}"
-                    raise ConfigError(f"{where}: {exc}") from None
+            params = params or {}
+            try:
+                if name in ("DecodeImage", "NormalizeImage"):
+                    _read_op(name, params, values)
+                elif (
+                    name in _TRAIN_SIZING_OPS
+                    and params.get("size") is not None
+                    and not (params.get("resize_short") or 0) > 0  # a ResizeImage keeping shape
+                ):
+                    trained_size = pair(params["size"])
+            except (ValueError, TypeError) as exc:
+                where = f"DataLoader.Train transform_ops[{index}] {name}"
+                raise ConfigError(f"{where}: {exc}") from None
+        if trained_size is not None and trained_size != (width, height):
+            logger.warning(
+                "no DataLoader.Eval transform_ops: the export resizes to Global.image_shape's "
+                "%d x %d, but the model trained on %d x %d images (DataLoader.Train); set "
+                "Global.image_shape to match, or give the eval transforms",
+                width,
+                height,
+                *trained_size,
+            )
         return cls(**values)
 
     # --- the fast path -------------------------------------------------------------------
