@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -344,6 +345,37 @@ def test_an_image_opencv_cannot_decode_goes_to_pillow_without_opencvs_warning(tm
     result = run_shitu("extract", str(float_tiff), "--out", str(tmp_path / "feats"))
     assert result.returncode == 0, result.stderr
     assert "embedded 1 image" in result.stdout and result.stderr == ""
+
+
+def test_extract_that_cannot_write_its_paths_keeps_the_previous_features_and_paths(tmp_path):
+    """New features beside the previous run's paths would pair every row with another
+    image: a paths list that cannot be written (here over the file size limit, which the
+    features keep under) must leave both files as they were."""
+    import resource
+
+    image = tmp_path / "photo.png"
+    Image.fromarray(np.full((32, 32, 3), 90, np.uint8)).save(image)
+    out = tmp_path / "feats"
+    assert run_shitu("extract", str(image), "--out", str(out)).returncode == 0
+    before = (out.with_suffix(".npy").read_bytes(), out.with_suffix(".txt").read_bytes())
+    deep = tmp_path.joinpath(*["d" * 200] * 12)  # two paths longer than 512-d features
+    deep.mkdir(parents=True)
+    images = [deep / "a.png", deep / "b.png"]
+    for path in images:
+        shutil.copy(image, path)
+    limit = 128 + 2 * 512 * 4 + 400  # the new features' .npy fits, their paths do not
+
+    def limit_file_size() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    result = subprocess.run(
+        [*SHITU, "extract", *map(str, images), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        preexec_fn=limit_file_size,
+    )
+    assert result.returncode == 2 and "File too large" in result.stderr, result.stderr
+    assert (out.with_suffix(".npy").read_bytes(), out.with_suffix(".txt").read_bytes()) == before
 
 
 def test_a_failure_of_the_file_system_is_one_line_naming_the_file(monkeypatch, capsys):

@@ -8,6 +8,7 @@ import math
 import os
 import random
 import re
+import zlib
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
@@ -18,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from PIL import ExifTags, Image
+from PIL import ExifTags, Image, features
 
 from shitu import registry
 from shitu.config.schema import DataSplitConfig
@@ -32,7 +33,7 @@ from shitu.data.transforms.ops import DecodeImage, ResizeImage
 from shitu.engine.data import build_eval_loader, build_train_loader
 from shitu.engine.distributed import init_distributed
 from shitu.errors import ConfigError, DataError, raised_message
-from shitu.inference.preprocess import decode_rgb
+from shitu.inference.preprocess import decode_rgb, is_cmyk_jpeg
 
 registry.populate()
 
@@ -691,6 +692,25 @@ def test_16_bit_grey_keeps_its_top_8_bits_as_opencv_does():
     assert np.array_equal(decoded, decode_rgb(buffer.getvalue()))  # as inference reads it
 
 
+def test_cmyk_jpegs_decode_in_inference_as_training_decodes_them():
+    """OpenCV's CMYK conversion rounds otherwise than Pillow's (one level off on nearly
+    every pixel): inference must give training's pixels, also with an EXIF block and a
+    colour profile before the frame header."""
+    image = Image.fromarray(pattern(16, 24)).convert("CMYK")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated, which both decoders apply
+    variants = {"plain": {}, "EXIF and profile": {"exif": exif, "icc_profile": bytes(70_000)}}
+    for name, options in variants.items():
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=95, **options)
+        assert is_cmyk_jpeg(buffer.getvalue()), name
+        assert np.array_equal(decode_rgb(buffer.getvalue()), DecodeImage()(buffer.getvalue())), name
+    assert not is_cmyk_jpeg(png_bytes(pattern(4, 4)))
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="JPEG")
+    assert not is_cmyk_jpeg(buffer.getvalue())
+
+
 def test_transparent_parts_are_decoded_as_white_not_as_the_colour_stored_under_them():
     """A black logo on a transparent background (stored as transparent black, as editors
     save it) must stay a black logo on white, not become a black square: in training's
@@ -705,7 +725,11 @@ def test_transparent_parts_are_decoded_as_white_not_as_the_colour_stored_under_t
         "grey + alpha PNG": (rgba.convert("LA"), "PNG", {}),
         "lossless WebP": (rgba, "WEBP", {"lossless": True}),
         "lossy WebP with alpha": (rgba, "WEBP", {"quality": 100, "alpha_quality": 100}),
+        "GIF with a transparent colour": (rgba, "GIF", {}),
+        "RGBA TIFF": (rgba, "TIFF", {}),
     }
+    if features.check("avif"):  # Pillow 11.3 and later
+        variants["AVIF with alpha"] = (rgba, "AVIF", {"quality": 100})
     for name, (image, file_format, options) in variants.items():
         buffer = io.BytesIO()
         image.save(buffer, format=file_format, **options)
@@ -714,6 +738,14 @@ def test_transparent_parts_are_decoded_as_white_not_as_the_colour_stored_under_t
         assert (decoded[3] > 245).all() and (decoded[1:3, 2:4] < 10).all(), name
         assert np.array_equal(decoded, decode_rgb(buffer.getvalue())), name  # as inference
     assert abs(int(DecodeImage()(png_bytes(logo))[0, 0, 0]) - 127) <= 1  # half: grey
+    # A palette PNG's transparent entry after 100 KB of metadata (an editor's XMP, say)
+    buffer = io.BytesIO()
+    rgba.quantize(4).save(buffer, format="PNG")
+    body = b"XML:com.adobe.xmp\x00" + b" " * 100_000
+    crc = zlib.crc32(b"tEXt" + body).to_bytes(4, "big")
+    metadata = len(body).to_bytes(4, "big") + b"tEXt" + body + crc
+    png = buffer.getvalue()[:33] + metadata + buffer.getvalue()[33:]  # after the IHDR chunk
+    assert (decode_rgb(png)[3] > 245).all() and np.array_equal(decode_rgb(png), DecodeImage()(png))
 
 
 def test_paddleclas_only_transform_keys_are_accepted():
@@ -812,6 +844,11 @@ def test_resize_sizes_and_interpolations():
     # Nearest keeps original pixel values: every second pixel when halving.
     nearest = run_op("ResizeImage", image, size=[20, 15], interpolation="nearest")
     assert np.array_equal(nearest, image[::2, ::2])
+    # 480 -> 224 wide puts column 119 on source 255 exactly, where float32 rounding of the
+    # scale picked another pixel than OpenCV (and inference) does.
+    wide = pattern(6, 480)
+    nearest = run_op("ResizeImage", wide, size=[224, 3], interpolation="nearest")
+    assert np.array_equal(nearest, cv2.resize(wide, (224, 3), interpolation=cv2.INTER_NEAREST))
     with pytest.raises(ConfigError, match="ResizeImage: give size or resize_short"):
         build_transforms([{"ResizeImage": {}}])
     with pytest.raises(ConfigError, match="interpolation: unknown name 'cubic'"):

@@ -535,12 +535,40 @@ def test_hand_edited_preprocessing_is_refused_by_its_fingerprint_on_every_runtim
     [
         (lambda m: m.pop("fingerprint"), "fingerprint must be a string, is missing"),
         (
+            lambda m: m.update(format_version=3),
+            r"format version 3, written by a newer shitu than this one \(.*, which reads "
+            r"versions 1 to 2\): upgrade shitu",
+        ),
+        (
+            lambda m: m.update(format_version="2"),
+            'format_version must be a whole number from 1 to 2, is "2" .edited by hand',
+        ),
+        (lambda m: m.pop("format"), r"not a shitu-feature-extractor manifest \(edited by hand"),
+        (
             lambda m: m.update(embedding_size="512"),
             'embedding_size must be a whole number >= 1, is "512"',
         ),
         (lambda m: m.update(preprocessing=[224]), r"preprocessing must be an object, is \[224\]"),
-        (lambda m: m["preprocessing"].update(mean=[0.5]), "preprocessing: mean and std need 3"),
-        (lambda m: m["preprocessing"].update(resize="big"), "preprocessing: resize: give one int"),
+        (
+            lambda m: m["preprocessing"].update(mean=[0.5]),
+            r"preprocessing: mean: expected a list of 3 numbers, got \[0.5\]",
+        ),
+        (
+            lambda m: m["preprocessing"].update(mean="abc"),
+            'preprocessing: mean: expected a list of 3 numbers, got "abc"',
+        ),
+        (
+            lambda m: m["preprocessing"].update(std=None),
+            "preprocessing: std: expected a list of 3 numbers, got null",
+        ),
+        (
+            lambda m: m["preprocessing"].update(scale="1/255"),
+            'preprocessing: scale: expected a number, got "1/255"',
+        ),
+        (
+            lambda m: m["preprocessing"].update(resize="big"),
+            'preprocessing: resize: expected a list of 2 numbers, got "big"',
+        ),
         (
             lambda m: m["preprocessing"].update(interpolation="foo"),
             "preprocessing: interpolation: unknown",
@@ -722,6 +750,50 @@ def test_preprocessing_from_eval_transforms(exported):
     config.DataLoader.Eval.Query.dataset.transform_ops = [{"RandFlipImage": {}}, *ops[1:]]
     with pytest.raises(ConfigError, match="RandFlipImage: cannot be exported"):
         Preprocessing.from_config(config)
+
+
+def test_a_config_without_eval_transforms_exports_the_normalisation_it_trained_with():
+    """The shipped config trains with mean 0.498 and std 0.502: without its DataLoader.Eval
+    (a training-only copy) the export took ImageNet's statistics, and every feature of the
+    exported model was wrong."""
+    config = load_config("GroceryStore_EfficientNetLite0", ["DataLoader.Eval=null"])
+    prep = Preprocessing.from_config(config)
+    assert prep.size == (224, 224) and prep.channel_order == "RGB"
+    np.testing.assert_allclose((prep.mean, prep.std), ([0.498] * 3, [0.502] * 3), rtol=1e-6)
+    train = config.DataLoader.Train.dataset
+    train.transform_ops = [{"DecodeImage": {"to_rgb": False}}, {"RandFlipImage": {}}]
+    prep = Preprocessing.from_config(config)  # trained on raw 0..255 BGR pixels
+    assert (prep.scale, prep.mean, prep.std, prep.channel_order) == (1, (0, 0, 0), (1, 1, 1), "BGR")
+    bare = load_config("GroceryStore_EfficientNetLite0", ["DataLoader=null"])
+    assert Preprocessing.from_config(bare).mean == (0.485, 0.456, 0.406)  # ImageNet's
+
+
+def test_an_export_without_eval_transforms_warns_of_a_training_size_it_does_not_use(caplog):
+    """Without eval transforms the export resizes to Global.image_shape, which nothing
+    else ties to the train transforms' crop: a model trained on 256 px crops said nothing
+    when exported at the default 224."""
+    config = load_config(
+        "GroceryStore_EfficientNetLite0",
+        [
+            "DataLoader.Eval=null",
+            "DataLoader.Train.dataset.transform_ops[1].RandCropImage.size=256",
+        ],
+    )
+    with caplog.at_level(logging.WARNING, logger="shitu.inference.preprocess"):
+        assert Preprocessing.from_config(config).size == (224, 224)
+    assert "resizes to Global.image_shape's 224 x 224, but the model trained on 256 x 256" in (
+        caplog.text
+    )
+    caplog.clear()
+    config = load_config(
+        "GroceryStore_EfficientNetLite0",
+        [
+            "DataLoader.Eval=null",
+            "DataLoader.Train.dataset.transform_ops[1].RandCropImage.size=256",
+            "Global.image_shape=[3, 256, 256]",
+        ],
+    )
+    assert Preprocessing.from_config(config).size == (256, 256) and caplog.text == ""
 
 
 def test_an_image_shape_the_eval_transforms_override_is_said_to_be_unused(caplog):
@@ -992,7 +1064,8 @@ def test_a_compact_export_on_an_onnx_runtime_asked_for_names_the_cache_it_cannot
 def test_files_decode_to_the_pixels_of_opencvs_bgr_decoding_reversed(grocery):
     """`read_rgb` has OpenCV decode straight to RGB (no second pass over the photo): the
     pixels must be those of its BGR decoding with the channels swapped, for every kind of
-    file a photo library holds (grey, CMYK, palette, 16-bit, EXIF-rotated included)."""
+    file a photo library holds that OpenCV decodes (grey, palette, 16-bit, EXIF-rotated
+    included; CMYK JPEGs go to Pillow, as training reads them)."""
     photo = np.asarray(Image.open(grocery_files(grocery, 1)[0]).convert("RGB"))
     encoded = {path.name: path.read_bytes() for path in grocery_files(grocery, 4)}
 
@@ -1005,7 +1078,7 @@ def test_files_decode_to_the_pixels_of_opencvs_bgr_decoding_reversed(grocery):
     encoded |= {
         f"{file_format} {mode}": saved(rgb.convert(mode), file_format)
         for file_format, modes in (
-            ("JPEG", ("RGB", "L", "CMYK")),
+            ("JPEG", ("RGB", "L")),
             ("PNG", ("RGB", "L", "P", "I;16")),
             ("BMP", ("RGB",)),
             ("TIFF", ("RGB",)),

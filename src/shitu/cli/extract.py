@@ -93,15 +93,18 @@ def run(args: argparse.Namespace) -> int:
         )
         return 1
 
-    def save_features(tmp: Path) -> None:
-        with tmp.open("wb") as handle:  # a file name would get a second .npy appended
-            np.save(handle, result.features)
-
     # The names as the file system has them: one that is not UTF-8 (a Latin-1 name from an
     # old archive, say) has no text form, and is still a file the list must name.
     names = b"".join(os.fsencode(path) + b"\n" for path in result.paths)
-    write_atomically(targets[0], save_features)
-    write_atomically(targets[1], lambda tmp: tmp.write_bytes(names))
+
+    def save_features_then_names(tmp: Path) -> None:
+        with tmp.open("wb") as handle:  # a file name would get a second .npy appended
+            np.save(handle, result.features)
+        # Replaced while the new features wait to replace theirs: a write that fails (a
+        # full disk) leaves the previous pair, not new features beside the old paths.
+        write_atomically(targets[1], lambda names_tmp: names_tmp.write_bytes(names))
+
+    write_atomically(targets[0], save_features_then_names)
     rate = len(result.paths) / seconds if seconds > 0 else 0.0
     print(
         f"embedded {count_of(len(result.paths), 'image')} ({extractor.embedding_size}-d, "

@@ -16,6 +16,7 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file
 
+from shitu import __version__
 from shitu.config.schema import TRAINING_ONLY_ARCH
 from shitu.errors import CheckpointError, ShituError
 from shitu.inference.preprocess import Preprocessing
@@ -149,13 +150,19 @@ def read_manifest(model_dir: str | Path) -> dict[str, Any]:
     except (OSError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path}: unreadable manifest ({exc})") from None
     version = manifest.get("format_version") if isinstance(manifest, dict) else None
-    if (
-        not isinstance(version, int)
-        or not 1 <= version <= FORMAT_VERSION
-        or manifest.get("format") != FORMAT
-    ):
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a {FORMAT} manifest (edited by hand?)")
+    if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
         raise CheckpointError(
-            f"{path}: not a {FORMAT} v{FORMAT_VERSION} manifest (written by a newer shitu?)"
+            f"{path}: format version {version}, written by a newer shitu than this one "
+            f"({__version__}, which reads versions 1 to {FORMAT_VERSION}): upgrade shitu, or "
+            "export the model again with this one"
+        )
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        shown = "missing" if "format_version" not in manifest else json.dumps(version)
+        raise CheckpointError(
+            f"{path}: format_version must be a whole number from 1 to {FORMAT_VERSION}, is "
+            f"{shown} (edited by hand? export the model again)"
         )
     _check_entries(path, manifest)
     return manifest

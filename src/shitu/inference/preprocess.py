@@ -3,11 +3,14 @@
 The training pipeline (shitu.data.transforms) decodes with Pillow and resizes with a
 torch emulation of OpenCV; here the same steps run in OpenCV's C++ code (which releases
 the GIL, so decoding threads overlap with inference), with Pillow as the fallback
-decoder for formats OpenCV lacks and for Pillow-only filters.
+decoder for formats OpenCV lacks, for images OpenCV decodes otherwise than training
+(those that may be transparent, CMYK JPEGs) and for Pillow-only filters.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -15,7 +18,7 @@ from typing import Any
 
 import cv2
 import numpy as np
-from PIL import Image
+from PIL import Image, features
 
 from shitu import registry
 from shitu.config import ShituConfig
@@ -34,7 +37,6 @@ from shitu.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
-HEADER_BYTES = 1 << 16  # read for a PNG's or WebP's transparency: its header and colour profile
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _CV2_FLAGS = {
     "nearest": cv2.INTER_NEAREST,
@@ -47,6 +49,8 @@ _CV2_FLAGS = {
 # inference.
 _SUPPORTED_OPS = ("DecodeImage", "ResizeImage", "CropImage", "NormalizeImage", "ToCHWImage")
 _ORDERED_OPS = _SUPPORTED_OPS[:-1]
+# Train transforms whose `size` is that of the images the model trains on (the last one's).
+_TRAIN_SIZING_OPS = ("ResizeImage", "CropImage", "RandCropImage", "RandCropImageV2")
 # Without a NormalizeImage the eval transforms give raw 0..255 pixels, and so must inference.
 _NO_NORMALIZATION = {"scale": 1.0, "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
 
@@ -131,26 +135,31 @@ class Preprocessing:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Preprocessing:
-        """From `to_dict`'s form; keys this version does not know are left out."""
+        """From `to_dict`'s form; keys this version does not know are left out. A value
+        of the wrong JSON type (a hand-edited manifest) is a ValueError naming its key."""
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         for key in ("resize", "crop"):
             if known.get(key) is not None:
+                _check_json_numbers(known[key], key, 2)
                 known[key] = pair(known[key], key)
         for key in ("mean", "std"):
-            if known.get(key) is not None:
+            if key in known:
+                _check_json_numbers(known[key], key, 3)
                 known[key] = tuple(known[key])
+        if "scale" in known:
+            _check_json_numbers(known["scale"], "scale", None)
         return cls(**known)
 
     @classmethod
     def from_config(cls, config: ShituConfig) -> Preprocessing:
         """DataLoader.Eval's transforms (Query and Gallery alike), as inference needs them.
 
-        Without eval transforms: Global.image_shape, bilinear, ImageNet mean/std.
+        Without eval transforms: Global.image_shape, bilinear, and the normalisation and
+        channel order of DataLoader.Train's transforms (ImageNet mean/std without those).
         """
         ops = _eval_ops(config)
         if not ops:
-            _, height, width = config.Global.image_shape
-            return cls(resize=(width, height))
+            return cls._from_train_ops(config)
         values: dict[str, Any] = dict(_NO_NORMALIZATION)
         seen: list[str] = []
         for index, item in enumerate(ops):
@@ -192,6 +201,44 @@ class Preprocessing:
                 *preprocessing.size,
             )
         return preprocessing
+
+    @classmethod
+    def _from_train_ops(cls, config: ShituConfig) -> Preprocessing:
+        """Global.image_shape with the normalisation and channel order the model was
+        trained with: the train transforms' crops and flips are augmentation, but an export
+        with ImageNet statistics for a model trained on others would give wrong features."""
+        _, height, width = config.Global.image_shape
+        train = config.DataLoader.Train if config.DataLoader else None
+        ops = (train.dataset.params.get("transform_ops") or []) if train else []
+        values: dict[str, Any] = {"resize": (width, height)}
+        if ops:  # without a NormalizeImage, training saw raw 0..255 pixels
+            values |= _NO_NORMALIZATION
+        trained_size = None
+        for index, item in enumerate(ops):
+            ((name, params),) = item.items()
+            params = params or {}
+            try:
+                if name in ("DecodeImage", "NormalizeImage"):
+                    _read_op(name, params, values)
+                elif (
+                    name in _TRAIN_SIZING_OPS
+                    and params.get("size") is not None
+                    and not (params.get("resize_short") or 0) > 0  # a ResizeImage keeping shape
+                ):
+                    trained_size = pair(params["size"])
+            except (ValueError, TypeError) as exc:
+                where = f"DataLoader.Train transform_ops[{index}] {name}"
+                raise ConfigError(f"{where}: {exc}") from None
+        if trained_size is not None and trained_size != (width, height):
+            logger.warning(
+                "no DataLoader.Eval transform_ops: the export resizes to Global.image_shape's "
+                "%d x %d, but the model trained on %d x %d images (DataLoader.Train); set "
+                "Global.image_shape to match, or give the eval transforms",
+                width,
+                height,
+                *trained_size,
+            )
+        return cls(**values)
 
     # --- the fast path -------------------------------------------------------------------
 
@@ -249,6 +296,20 @@ class Preprocessing:
         return np.asarray(resized)
 
 
+def _check_json_numbers(value: Any, key: str, count: int | None) -> None:
+    """A ValueError naming `key` unless `value` is a list of `count` JSON numbers (None:
+    one number): a hand-edited manifest's mean of "abc" would otherwise fail with Python's
+    words on its first letter ("could not convert string to float: 'a'")."""
+    numbers = [value] if count is None else value
+    if (
+        not isinstance(numbers, list | tuple)
+        or len(numbers) != (count or 1)
+        or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in numbers)
+    ):
+        wanted = "a number" if count is None else f"a list of {count} numbers"
+        raise ValueError(f"{key}: expected {wanted}, got {json.dumps(value, default=repr)}")
+
+
 def read_rgb(path: str | Path) -> np.ndarray:
     """File -> RGB uint8 HxWx3 with EXIF orientation applied; OpenCV first, then Pillow.
 
@@ -269,10 +330,7 @@ def decode_rgb(data: bytes | np.ndarray) -> np.ndarray:
     check_encoded_size(encoded)
     buffer = np.frombuffer(encoded, np.uint8)
     image = None
-    # OpenCV drops an alpha channel: transparent images go to Pillow, which shows them on
-    # white as training's decoder does. (The header: PNG's transparency comes before its
-    # pixels, after at most a colour profile.)
-    if buffer.size and not declares_transparency(buffer[:HEADER_BYTES].tobytes()):
+    if buffer.size and not decoded_otherwise_by_opencv(encoded):
         try:
             # Straight to RGB: the same pixels as BGR then cvtColor, without another pass
             # over the whole photo (a tenth of a 12-megapixel JPEG's decoding time).
@@ -281,9 +339,78 @@ def decode_rgb(data: bytes | np.ndarray) -> np.ndarray:
             image = None
     if image is not None:
         return image
-    # Formats OpenCV does not read (e.g. GIF) through Pillow, which also says why a file
+    # Formats OpenCV does not read (e.g. ICO) through Pillow, which also says why a file
     # cannot be read.
     return np.asarray(decode_rgb_image(encoded))
+
+
+# Formats whose transparency a header check does not settle (GIF sets a transparent colour
+# frame by frame, TIFF and JPEG 2000 their alpha in tags or boxes anywhere in the file).
+_TRANSPARENCY_ANYWHERE = (
+    b"GIF87a",
+    b"GIF89a",
+    b"II*\x00",  # TIFF, little- and big-endian, then BigTIFF
+    b"MM\x00*",
+    b"II+\x00",
+    b"MM\x00+",
+    b"\x00\x00\x00\x0cjP  \r\n\x87\n",  # JPEG 2000: the JP2 file, then a bare codestream
+    b"\xffO\xffQ",
+)
+
+
+def decoded_otherwise_by_opencv(data: bytes) -> bool:
+    """Whether OpenCV would give other pixels than Pillow, training's decoder, for these
+    image bytes, which must then go to Pillow. OpenCV drops an alpha channel, keeping the
+    colour stored under transparent parts (often black) where Pillow shows them on white:
+    PNG and WebP that declare transparency ahead of their pixels (PNG's after all of its
+    metadata, which Photoshop's XMP can make hundreds of KB), and GIF, TIFF, JPEG 2000 and
+    AVIF always. It also converts CMYK JPEGs with its own rounding."""
+    return (
+        data.startswith(_TRANSPARENCY_ANYWHERE)
+        or (data[4:8] == b"ftyp" and _pillow_reads_avif())  # AVIF: alpha in an item of its own
+        or declares_transparency(data)  # whole: metadata may come before PNG's tRNS
+        or is_cmyk_jpeg(data)
+    )
+
+
+@functools.cache
+def _pillow_reads_avif() -> bool:
+    """Whether this Pillow decodes AVIF (11.3 and later): an older one leaves AVIF files to
+    OpenCV, which reads them without their alpha, rather than to no decoder at all."""
+    try:
+        return bool(features.check_module("avif"))
+    except ValueError:  # a Pillow that knows no AVIF
+        return False
+
+
+# Start-of-frame markers (baseline, progressive, lossless...), which hold the component count;
+# C4, C8 and CC, in their range, are other segments.
+_JPEG_FRAME_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+_JPEG_STANDALONE_MARKERS = frozenset([0x01, *range(0xD0, 0xD9)])  # no length follows them
+
+
+def is_cmyk_jpeg(data: bytes) -> bool:
+    """Whether JPEG bytes hold four colour components (CMYK or YCCK, as print workflows and
+    Photoshop save them). OpenCV converts those to RGB with other rounding than Pillow,
+    training's decoder: about one level off on every pixel, so the features of such a photo
+    would differ a little between `shitu eval` and an export. From the frame header, found
+    by skipping the segments before it (EXIF, colour profiles), without decoding."""
+    if data[:2] != b"\xff\xd8":
+        return False
+    position = 2
+    while position + 4 <= len(data) and data[position] == 0xFF:
+        marker = data[position + 1]
+        if marker == 0xFF:  # a fill byte before the marker
+            position += 1
+        elif marker in _JPEG_STANDALONE_MARKERS:
+            position += 2
+        elif marker in _JPEG_FRAME_MARKERS:  # length, precision, height, width, components
+            return position + 9 < len(data) and data[position + 9] == 4
+        elif marker == 0xDA:  # the pixels start: no frame header came before them
+            return False
+        else:
+            position += 2 + int.from_bytes(data[position + 2 : position + 4], "big")
+    return False
 
 
 def _eval_ops(config: ShituConfig) -> list[dict[str, Any]]:

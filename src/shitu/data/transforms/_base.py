@@ -123,8 +123,10 @@ _PIL_FILTERS = {
     "hamming": Image.Resampling.HAMMING,
 }
 # torch's "area" is adaptive average pooling, which differs from OpenCV's INTER_AREA at
-# non-integer scales: that one goes to OpenCV itself.
-_TORCH_MODES = {"nearest": "nearest", "bilinear": "bilinear", "bicubic": "bicubic"}
+# non-integer scales, and its "nearest" picks another pixel where a source position falls
+# on a whole number (its scale is float32, OpenCV's float64): those go to OpenCV itself.
+_TORCH_MODES = {"bilinear": "bilinear", "bicubic": "bicubic"}
+_OPENCV_FLAGS = {"area": cv2.INTER_AREA, "nearest": cv2.INTER_NEAREST}
 
 
 def interpolation_name(value: str | int | None, backend: str = "cv2") -> str:
@@ -172,8 +174,9 @@ def resize(
     """
     if image.shape[0] == height and image.shape[1] == width:
         return image
-    if backend == "cv2" and interpolation == "area":
-        out = cv2.resize(np.ascontiguousarray(image), (width, height), interpolation=cv2.INTER_AREA)
+    if backend == "cv2" and interpolation in _OPENCV_FLAGS:
+        flag = _OPENCV_FLAGS[interpolation]
+        out = cv2.resize(np.ascontiguousarray(image), (width, height), interpolation=flag)
         return out[:, :, None] if out.ndim == 2 else out
     if backend == "cv2" and interpolation in _TORCH_MODES:
         import torch
