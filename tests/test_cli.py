@@ -221,6 +221,18 @@ def test_info_names_stages_that_do_not_fit():
     assert "Head.embedding_size" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_info_with_an_exports_weights_says_to_leave_the_head_out(capsys):
+    """An export's weights hold no classifier: the error said only 'does the config
+    match?', which it does."""
+    weights = str(default_model_dir() / "model.safetensors")
+    command = ["info", "-c", "GroceryStore_EfficientNetLite0", "--weights", weights]
+    assert shitu_main([*command, "--batch-size", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "1 missing from file (e.g. head.fc.weight) (the file holds no classification head" in err
+    assert "--no-head or -o Arch.Head=null" in err
+    assert shitu_main([*command, "--batch-size", "1", "--no-head"]) == 0
+
+
 def test_info_reparameterized_has_fewer_parameters():
     plain = run_shitu("info", "--no-head", "--batch-size", "1")
     folded = run_shitu("info", "--no-head", "--batch-size", "1", "--reparameterize")

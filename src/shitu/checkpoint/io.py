@@ -368,9 +368,26 @@ def _fit(
     report.missing = [n for n in expected if n not in fitting and n not in mismatched]
     report.loaded = sorted(name for name in fitting if name in state)  # not the added counters
     if strict and not report.complete:
+        if _only_the_head_missing(report, state):
+            hint = (
+                "(the file holds no classification head, as an export's weights do: leave "
+                "the head out, with --no-head or -o Arch.Head=null)"
+            )
         raise CheckpointError(f"{source} does not fit the model: {report.summary()} {hint}")
     model.load_state_dict(fitting, strict=False)
     return report
+
+
+def _only_the_head_missing(report: LoadReport, state: dict[str, torch.Tensor]) -> bool:
+    """Whether a file fits but for the classifier it lacks: the weights of an export (or
+    of `shitu convert --no-head`) loaded into a model built with the config's Head."""
+    return (
+        bool(report.missing)
+        and all(name.startswith("head.") for name in report.missing)
+        and not report.unexpected
+        and not report.shape_mismatch
+        and not any(name.startswith("head.") for name in state)
+    )
 
 
 def model_metadata(model: nn.Module, arch: dict | None = None) -> dict[str, str]:
