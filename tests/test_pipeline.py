@@ -394,6 +394,24 @@ def test_score_threshold_and_recognition_nms(setup, recognizer):
                 rec.select(candidates, wrong)
 
 
+def test_the_recogniser_refuses_keywords_its_config_would_refuse(setup, recognizer):
+    """Built from parts, the recogniser checks its keywords as the pipeline config checks
+    its keys: an NMS threshold of -1 would keep only the best result and a detector's
+    threshold of 5 fail only on the first photo (never without a detector)."""
+    wrong = {
+        "rec_nms_thres": (-1.0, 1.5, float("nan"), "0.05"),
+        "det_threshold": (5.0, -0.1, None),
+        "max_det_results": (-1, 2.5, True),
+        "score_thres": ("0.5",),
+    }
+    for keyword, values in wrong.items():
+        for value in values:
+            with pytest.raises(ConfigError, match=rf"^{keyword}: expected .*, got {value!r}"):
+                recognizer(**{keyword: value})
+    with recognizer(rec_nms_thres=0.0, det_threshold=1.0, max_det_results=0) as rec:
+        assert rec.rec_nms_thres == 0.0 and rec.max_det_results == 0
+
+
 def test_a_recogniser_loads_from_a_config_files_path(setup, tmp_path):
     config = tmp_path / "my_pipeline.yaml"
     config.write_text(

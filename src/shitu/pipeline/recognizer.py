@@ -21,6 +21,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, field
+from numbers import Integral, Real
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -111,9 +112,27 @@ class FileRecognition:
 def checked_score_thres(value: float) -> float:
     """`value` if it is a cosine similarity threshold (-1 to 1), else a ConfigError: one
     above 1 would silently recognise nothing, one below -1 everything."""
-    if not -1.0 <= value <= 1.0:  # NaN fails too
-        raise ConfigError(f"score_thres: expected a cosine similarity from -1 to 1, got {value}")
+    if not _is_number(value) or not -1.0 <= value <= 1.0:  # NaN fails too
+        raise ConfigError(f"score_thres: expected a cosine similarity from -1 to 1, got {value!r}")
     return value
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool)
+
+
+def _check_pipeline_keywords(
+    rec_nms_thres: float, det_threshold: float, max_det_results: int
+) -> None:
+    """A ConfigError naming the keyword for values the pipeline config would refuse under
+    the same keys: an NMS threshold below 0 keeps only the best result and one above 1 is
+    no NMS, and the detector's would fail only on the first image, or never without one."""
+    for name, value in (("rec_nms_thres", rec_nms_thres), ("det_threshold", det_threshold)):
+        if not _is_number(value) or not 0.0 <= value <= 1.0:  # NaN fails too
+            raise ConfigError(f"{name}: expected a number from 0 to 1, got {value!r}")
+    whole = isinstance(max_det_results, Integral) and not isinstance(max_det_results, bool)
+    if not whole or max_det_results < 0:
+        raise ConfigError(f"max_det_results: expected a whole number >= 0, got {max_det_results!r}")
 
 
 def pixel_box(box: Sequence[float], width: int, height: int) -> tuple[int, int, int, int]:
@@ -184,6 +203,7 @@ class Recognizer:
                 "library with normalize (the default) to recognise with it"
             )
         check_count(batch_size, "batch_size")
+        _check_pipeline_keywords(rec_nms_thres, det_threshold, max_det_results)
         self.extractor = extractor
         self.gallery = gallery
         self.detector = detector
