@@ -17,8 +17,10 @@ LabelledBox = tuple[Sequence[float], str, float]
 
 
 def label_colour(label: str) -> tuple[int, int, int]:
-    """A stable, saturated colour per label, so one product has one colour everywhere."""
-    hue = int(hashlib.md5(label.encode()).hexdigest()[:4], 16) / 0xFFFF
+    """A stable, saturated colour per label, so one product has one colour everywhere.
+    MD5 here only spreads labels over hues: said so, as FIPS-mode Python refuses it otherwise."""
+    digest = hashlib.md5(label.encode(), usedforsecurity=False).hexdigest()
+    hue = int(digest[:4], 16) / 0xFFFF
     rgb = Image.new("HSV", (1, 1), (int(hue * 255), 200, 220)).convert("RGB").getpixel((0, 0))
     return rgb  # type: ignore[return-value]
 
