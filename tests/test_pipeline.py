@@ -1068,9 +1068,11 @@ def test_eval_pipeline_cli_sweep_reports_every_threshold_and_the_best(setup, tmp
     out = capsys.readouterr().out
     assert f"best balanced accuracy at score_thres {best['score_thres']}" in out
     assert "open_set_accuracy" in out and " unknown_rejected: 3" in out
-    with pytest.raises(SystemExit):
-        shitu_main([*common[:-1], "0"])
-    assert "sweep step 0: must be in (0, 1]" in capsys.readouterr().err
+    # 0 would never end; 1e-7 would run 10 million thresholds off its grid
+    for step in ("0", "1e-7", "1.5"):
+        with pytest.raises(SystemExit):
+            shitu_main([*common[:-1], step])
+        assert f"sweep step {step}: must be from 0.001 to 1" in capsys.readouterr().err
 
 
 def test_a_threshold_recorded_in_the_model_applies_unless_the_config_sets_one(setup, tmp_path):
