@@ -441,6 +441,10 @@ def test_open_takes_the_recognize_commands_flags_as_keywords(setup, recognizer):
         Recognizer.open(setup["library"], model=setup["model"], score_thres=2)
     with pytest.raises(ConfigError, match=r"runtime='tensorrt' \(Global.rec_backend\)"):
         Recognizer.open(setup["library"], model=setup["model"], runtime="tensorrt")
+    # True is no threshold (it would pass as 1.0, recognising nothing) nor a thread count
+    for keyword in ("score_thres", "threads"):
+        with pytest.raises(ConfigError, match=rf"^{keyword}=True \(.*\): expected a value"):
+            Recognizer.open(setup["library"], model=setup["model"], **{keyword: True})
     keywords = set(inspect.signature(Recognizer.open).parameters) - {"config"}
     assert keywords == set(SETTINGS)
 
