@@ -245,6 +245,32 @@ def test_the_plain_background_detector_names_what_it_cannot_take(setup):
     assert detector.detect(photo).shape[1] == 6
 
 
+def test_the_plain_background_detector_finds_boxes_in_a_phone_sized_photo_in_little_memory(
+    setup,
+):
+    """A 12-megapixel photo (4000x3000) is searched in a smaller copy: the boxes come back
+    in the photo's pixels, within a few of each product's, and the float copies the mask
+    is found in stay small (at full size they took over 300 MB, and seconds)."""
+    import tracemalloc
+
+    import cv2
+
+    picks = [setup["queries"][i] for i in (0, 3)]
+    canvas, boxes, _ = compose([p.path for p in picks], [300, 200])
+    scale = 4000 / canvas.shape[1]
+    photo = cv2.resize(canvas, (4000, round(canvas.shape[0] * scale)), cv2.INTER_LINEAR)
+    tracemalloc.start()
+    try:
+        found = PlainBackgroundDetector().detect(photo)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 100 * 2**20
+    expected = np.asarray(boxes, np.float64) * scale
+    assert found.shape == (2, 6)
+    assert np.abs(found[:, 2:] - expected).max() < 2 * scale  # a canvas pixel or two
+
+
 def test_the_recogniser_and_its_parts_describe_themselves(setup, grocery):
     """A notebook or a log shows what a recogniser runs with, not `<... object at 0x...>`."""
     extractor = setup["extractor"]
