@@ -160,6 +160,20 @@ def test_label_colours_are_drawn_where_fips_mode_refuses_md5_for_security(monkey
     assert label_colour("banana") == colour
 
 
+def test_a_box_under_a_pixel_wide_is_drawn_not_refused():
+    """A detector's box clipped at the image's edge can be narrower than a pixel (or empty):
+    `shitu detect --save-vis` draws it as a line instead of stopping with Pillow's error."""
+    image = np.zeros((60, 80, 3), np.uint8)
+    # each box, and a pixel on its line below any caption
+    for box, (row, column) in [
+        ((10.2, 10, 10.8, 40), (35, 10)),
+        ((79.6, 5, 80, 50), (45, 79)),
+        ((20, 45, 50, 45), (45, 35)),
+    ]:
+        drawn = np.asarray(draw_boxes(image, [(box, "x", 0.5)]))
+        assert tuple(drawn[row, column]) == label_colour("x")
+
+
 def test_a_caption_at_the_right_edge_is_moved_left_to_show_the_label_and_score_whole():
     image = np.zeros((120, 240, 3), np.uint8)
     label = "Arla-Ecological-Medium-Fat-Milk"

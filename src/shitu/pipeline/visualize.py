@@ -61,7 +61,9 @@ def draw_boxes(
     width = max(2, min(canvas.size) // 150)
     for (x1, y1, x2, y2), label, score in boxes:
         colour = label_colour(label)
-        draw.rectangle((x1, y1, x2 - 1, y2 - 1), outline=colour, width=width)
+        # x2, y2 excluded; a detector's box under a pixel wide (one clipped at the image's
+        # edge) is drawn a pixel wide, where Pillow would refuse it and end the run
+        draw.rectangle((x1, y1, max(x1, x2 - 1), max(y1, y2 - 1)), outline=colour, width=width)
         font = fonts.font_for(label, size)
         # Its box, 3 px wider than the text on each side, ends 1 px inside the image.
         caption = fitted_caption(draw, label, score, font, canvas.width - 7)
