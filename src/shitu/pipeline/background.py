@@ -17,8 +17,8 @@ BORDER = 4  # pixels of each edge that sample the background
 MAX_BORDER_SPREAD = 18.0  # median absolute deviation (Lab units) of a uniform border
 MIN_DIFFERENCE = 25.0  # Lab distance from the background that counts as object
 MIN_AREA = 0.005  # smallest object, as a fraction of the image
-# Longest side the mask is found at: a 12-megapixel photo at full size took 5 s and 600 MB
-# (its Lab copy and distances in float32); boxes are scaled back to the photo's pixels.
+# Longest side the mask is found at: a 12-megapixel photo at full size took 5 s and over
+# 400 MB (its Lab copy and distances in float32); boxes are scaled back to its pixels.
 MAX_SIDE = 1024
 
 
