@@ -436,6 +436,14 @@ def test_the_recogniser_refuses_keywords_its_config_would_refuse(setup, recogniz
                 recognizer(**{keyword: value})
     with recognizer(rec_nms_thres=0.0, det_threshold=1.0, max_det_results=0) as rec:
         assert rec.rec_nms_thres == 0.0 and rec.max_det_results == 0
+    # Paths belong to Recognizer.open; here they are named, not an AttributeError
+    with Gallery.open(setup["library"], embedder=setup["extractor"]) as gallery:
+        for parts, named in (
+            ((setup["extractor"], str(setup["library"])), "gallery"),
+            ((setup["model"], gallery), "extractor"),
+        ):
+            with pytest.raises(ConfigError, match=rf"^{named}: .*Recognizer.open\(gallery"):
+                Recognizer(*parts)
 
 
 def test_a_recogniser_loads_from_a_config_files_path(setup, tmp_path):

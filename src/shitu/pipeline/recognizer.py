@@ -17,6 +17,7 @@ Differences from PaddleClas's pipeline, each fixing something its users hit:
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, ExitStack
@@ -135,6 +136,20 @@ def _check_pipeline_keywords(
         raise ConfigError(f"max_det_results: expected a whole number >= 0, got {max_det_results!r}")
 
 
+def _check_parts(extractor: object, gallery: object) -> None:
+    """A ConfigError for a part given as a path, which `Recognizer.open` takes: here it would
+    fail with an AttributeError that says nothing of what to pass instead."""
+    for name, value, how in (
+        ("extractor", extractor, "FeatureExtractor.load(model_dir)"),
+        ("gallery", gallery, "Gallery.open(path)"),
+    ):
+        if isinstance(value, str | os.PathLike):
+            raise ConfigError(
+                f"{name}: expected a loaded part ({how}), got the path {os.fspath(value)!r}; "
+                "Recognizer.open(gallery, model=...) takes paths"
+            )
+
+
 def pixel_box(box: Sequence[float], width: int, height: int) -> tuple[int, int, int, int]:
     """A float box widened to whole pixels and clipped to the image."""
     x1, y1 = max(0, math.floor(box[0])), max(0, math.floor(box[1]))
@@ -195,6 +210,7 @@ class Recognizer:
         max_det_results: int = 5,
         batch_size: int = 32,
     ) -> None:
+        _check_parts(extractor, gallery)
         gallery.check_embedder(extractor)
         if gallery.manifest.metric == "l2" and not gallery.manifest.normalize:
             raise ConfigError(
