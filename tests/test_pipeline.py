@@ -441,6 +441,7 @@ def test_the_recogniser_refuses_keywords_its_config_would_refuse(setup, recogniz
         for parts, named in (
             ((setup["extractor"], str(setup["library"])), "gallery"),
             ((setup["model"], gallery), "extractor"),
+            ((setup["extractor"], gallery, "plain-background"), "detector"),
         ):
             with pytest.raises(ConfigError, match=rf"^{named}: .*Recognizer.open\(gallery"):
                 Recognizer(*parts)

@@ -136,12 +136,14 @@ def _check_pipeline_keywords(
         raise ConfigError(f"max_det_results: expected a whole number >= 0, got {max_det_results!r}")
 
 
-def _check_parts(extractor: object, gallery: object) -> None:
+def _check_parts(extractor: object, gallery: object, detector: object) -> None:
     """A ConfigError for a part given as a path, which `Recognizer.open` takes: here it would
-    fail with an AttributeError that says nothing of what to pass instead."""
+    fail with an AttributeError that says nothing of what to pass instead (the detector's
+    only on the first photo)."""
     for name, value, how in (
         ("extractor", extractor, "FeatureExtractor.load(model_dir)"),
         ("gallery", gallery, "Gallery.open(path)"),
+        ("detector", detector, "shitu.detection.load_detector(path), PlainBackgroundDetector()"),
     ):
         if isinstance(value, str | os.PathLike):
             raise ConfigError(
@@ -210,7 +212,7 @@ class Recognizer:
         max_det_results: int = 5,
         batch_size: int = 32,
     ) -> None:
-        _check_parts(extractor, gallery)
+        _check_parts(extractor, gallery, detector)
         gallery.check_embedder(extractor)
         if gallery.manifest.metric == "l2" and not gallery.manifest.normalize:
             raise ConfigError(
