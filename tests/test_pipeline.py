@@ -271,6 +271,21 @@ def test_the_plain_background_detector_finds_boxes_in_a_phone_sized_photo_in_lit
     assert np.abs(found[:, 2:] - expected).max() < 2 * scale  # a canvas pixel or two
 
 
+def test_a_detector_architecture_without_a_detector_model_is_warned_about(caplog):
+    """--det-arch shapes a .pdparams detector only: given with none, or plain-background,
+    it is named in a warning rather than dropped while whole images are recognised."""
+    for detector, why in (("none", "no detector is given"), ("plain-background", "no model")):
+        caplog.clear()
+        config = load_pipeline_config(None, [f"Global.det_inference_model_dir={detector}"])
+        config.Global.det_arch = "picodet_s"
+        built = build_detector(config)
+        assert (built is None) == (detector == "none")
+        assert "Global.det_arch (--det-arch) 'picodet_s' is not used" in caplog.text
+        assert why in caplog.text
+    caplog.clear()
+    assert build_detector(load_pipeline_config(None)) is None and not caplog.text
+
+
 def test_the_recogniser_and_its_parts_describe_themselves(setup, grocery):
     """A notebook or a log shows what a recogniser runs with, not `<... object at 0x...>`."""
     extractor = setup["extractor"]

@@ -16,6 +16,7 @@ Differences from PaddleClas's pipeline, each fixing something its users hit:
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -45,6 +46,8 @@ from shitu.pipeline.defaults import (
     PLAIN_BACKGROUND,
 )
 from shitu.progress import ImageProgress
+
+logger = logging.getLogger(__name__)
 
 MIN_BOX_SIDE = 2  # pixels; thinner detector boxes cannot be embedded meaningfully
 FILES_PER_BATCH = 8  # images decoded and recognised together by recognize_files
@@ -162,10 +165,14 @@ def pixel_box(box: Sequence[float], width: int, height: int) -> tuple[int, int, 
 def build_detector(config: PipelineConfig) -> MainbodyDetector | None:
     """The config's detector: None (whole image), the plain-background one, or a model file."""
     name = config.detector
-    if name is None:
-        return None
-    if name == PLAIN_BACKGROUND:
-        return PlainBackgroundDetector()
+    if name is None or name == PLAIN_BACKGROUND:
+        if config.Global.det_arch is not None:  # dropped unnoticed, whole images would puzzle
+            logger.warning(
+                "Global.det_arch (--det-arch) %r is not used: %s",
+                config.Global.det_arch,
+                "no detector is given" if name is None else f"{PLAIN_BACKGROUND} has no model",
+            )
+        return None if name is None else PlainBackgroundDetector()
     if not Path(name).is_file():  # PaddleClas configs name a Paddle inference folder here
         problem = "is a folder, not a file" if Path(name).is_dir() else "no such file"
         if (Path(name) / PADDLE_INFERENCE_WEIGHTS).is_file():
