@@ -962,20 +962,26 @@ def test_the_demos_next_command_repeats_what_the_demo_did(tmp_path, given):
 
 def test_recognize_table_lines_up_labels_of_wide_and_combining_characters():
     """Columns are terminal columns: a Chinese label is twice its length wide, and a
-    decomposed accent takes none, so the boxes after the labels start in one column."""
-    labels = ["牛奶", "Milk", "Cafe\u0301 au lait", "oat"]
+    decomposed accent, a Thai or Devanagari vowel sign above or below its letter, and a
+    zero-width joiner take none, so the boxes after the labels start in one column."""
+    columns = {  # each label's width in a terminal
+        "牛奶": 4,
+        "Milk": 4,
+        "Cafe\u0301 au lait": 12,
+        "oat": 3,
+        "ชาเขียว": 6,  # green tea; U+0E35 sits above its letter
+        "दूध": 2,  # milk; U+0942 sits below its letter
+        "a\u200db": 2,
+    }
     found = FileRecognition(
-        "shelf.jpg", [Recognition((1, 2, 3, 4), label, 0.9, i) for i, label in enumerate(labels)]
+        "shelf.jpg", [Recognition((1, 2, 3, 4), label, 0.9, i) for i, label in enumerate(columns)]
     )
     rows = format_table(found).splitlines()[1:]
     before_box = {
-        sum(
-            2 if "\u4e00" <= c <= "\u9fff" else 0 if c == "\u0301" else 1
-            for c in row[: row.index("[")]
-        )
-        for row in rows
+        columns[label] + row.index("[") - row.index(label) - len(label)
+        for row, label in zip(rows, columns, strict=True)
     }
-    assert len(rows) == 4 and len(before_box) == 1
+    assert len(rows) == len(columns) and len(before_box) == 1
 
 
 def test_eval_outside_a_terminal_says_what_it_embeds(tmp_path, capsys):

@@ -245,6 +245,47 @@ def test_the_plain_background_detector_names_what_it_cannot_take(setup):
     assert detector.detect(photo).shape[1] == 6
 
 
+def test_the_plain_background_detector_finds_boxes_in_a_phone_sized_photo_in_little_memory(
+    setup,
+):
+    """A 12-megapixel photo (4000x3000) is searched in a smaller copy: the boxes come back
+    in the photo's pixels, within a few of each product's, and the float copies the mask
+    is found in stay small (at full size they took over 300 MB, and seconds)."""
+    import tracemalloc
+
+    import cv2
+
+    picks = [setup["queries"][i] for i in (0, 3)]
+    canvas, boxes, _ = compose([p.path for p in picks], [300, 200])
+    scale = 4000 / canvas.shape[1]
+    photo = cv2.resize(canvas, (4000, round(canvas.shape[0] * scale)), cv2.INTER_LINEAR)
+    tracemalloc.start()
+    try:
+        found = PlainBackgroundDetector().detect(photo)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 100 * 2**20
+    expected = np.asarray(boxes, np.float64) * scale
+    assert found.shape == (2, 6)
+    assert np.abs(found[:, 2:] - expected).max() < 2 * scale  # a canvas pixel or two
+
+
+def test_a_detector_architecture_without_a_detector_model_is_warned_about(caplog):
+    """--det-arch shapes a .pdparams detector only: given with none, or plain-background,
+    it is named in a warning rather than dropped while whole images are recognised."""
+    for detector, why in (("none", "no detector is given"), ("plain-background", "no model")):
+        caplog.clear()
+        config = load_pipeline_config(None, [f"Global.det_inference_model_dir={detector}"])
+        config.Global.det_arch = "picodet_s"
+        built = build_detector(config)
+        assert (built is None) == (detector == "none")
+        assert "Global.det_arch (--det-arch) 'picodet_s' is not used" in caplog.text
+        assert why in caplog.text
+    caplog.clear()
+    assert build_detector(load_pipeline_config(None)) is None and not caplog.text
+
+
 def test_the_recogniser_and_its_parts_describe_themselves(setup, grocery):
     """A notebook or a log shows what a recogniser runs with, not `<... object at 0x...>`."""
     extractor = setup["extractor"]
@@ -394,6 +435,33 @@ def test_score_threshold_and_recognition_nms(setup, recognizer):
                 rec.select(candidates, wrong)
 
 
+def test_the_recogniser_refuses_keywords_its_config_would_refuse(setup, recognizer):
+    """Built from parts, the recogniser checks its keywords as the pipeline config checks
+    its keys: an NMS threshold of -1 would keep only the best result and a detector's
+    threshold of 5 fail only on the first photo (never without a detector)."""
+    wrong = {
+        "rec_nms_thres": (-1.0, 1.5, float("nan"), "0.05"),
+        "det_threshold": (5.0, -0.1, None),
+        "max_det_results": (-1, 2.5, True),
+        "score_thres": ("0.5",),
+    }
+    for keyword, values in wrong.items():
+        for value in values:
+            with pytest.raises(ConfigError, match=rf"^{keyword}: expected .*, got {value!r}"):
+                recognizer(**{keyword: value})
+    with recognizer(rec_nms_thres=0.0, det_threshold=1.0, max_det_results=0) as rec:
+        assert rec.rec_nms_thres == 0.0 and rec.max_det_results == 0
+    # Paths belong to Recognizer.open; here they are named, not an AttributeError
+    with Gallery.open(setup["library"], embedder=setup["extractor"]) as gallery:
+        for parts, named in (
+            ((setup["extractor"], str(setup["library"])), "gallery"),
+            ((setup["model"], gallery), "extractor"),
+            ((setup["extractor"], gallery, "plain-background"), "detector"),
+        ):
+            with pytest.raises(ConfigError, match=rf"^{named}: .*Recognizer.open\(gallery"):
+                Recognizer(*parts)
+
+
 def test_a_recogniser_loads_from_a_config_files_path(setup, tmp_path):
     config = tmp_path / "my_pipeline.yaml"
     config.write_text(
@@ -423,6 +491,10 @@ def test_open_takes_the_recognize_commands_flags_as_keywords(setup, recognizer):
         Recognizer.open(setup["library"], model=setup["model"], score_thres=2)
     with pytest.raises(ConfigError, match=r"runtime='tensorrt' \(Global.rec_backend\)"):
         Recognizer.open(setup["library"], model=setup["model"], runtime="tensorrt")
+    # True is no threshold (it would pass as 1.0, recognising nothing) nor a thread count
+    for keyword in ("score_thres", "threads"):
+        with pytest.raises(ConfigError, match=rf"^{keyword}=True \(.*\): expected a value"):
+            Recognizer.open(setup["library"], model=setup["model"], **{keyword: True})
     keywords = set(inspect.signature(Recognizer.open).parameters) - {"config"}
     assert keywords == set(SETTINGS)
 
@@ -1050,9 +1122,11 @@ def test_eval_pipeline_cli_sweep_reports_every_threshold_and_the_best(setup, tmp
     out = capsys.readouterr().out
     assert f"best balanced accuracy at score_thres {best['score_thres']}" in out
     assert "open_set_accuracy" in out and " unknown_rejected: 3" in out
-    with pytest.raises(SystemExit):
-        shitu_main([*common[:-1], "0"])
-    assert "sweep step 0: must be in (0, 1]" in capsys.readouterr().err
+    # 0 would never end; 1e-7 would run 10 million thresholds off its grid
+    for step in ("0", "1e-7", "1.5"):
+        with pytest.raises(SystemExit):
+            shitu_main([*common[:-1], step])
+        assert f"sweep step {step}: must be from 0.001 to 1" in capsys.readouterr().err
 
 
 def test_a_threshold_recorded_in_the_model_applies_unless_the_config_sets_one(setup, tmp_path):

@@ -143,6 +143,37 @@ def test_a_font_collection_draws_chinese_in_the_face_of_the_users_language(monke
         assert (font.path, font.index) == face
 
 
+def test_label_colours_are_drawn_where_fips_mode_refuses_md5_for_security(monkeypatch):
+    """FIPS-mode Python (RHEL with FIPS enabled) refuses MD5 unless it is declared as not
+    for security; the colours stay what they were."""
+    import hashlib
+
+    colour = label_colour("banana")
+    real_md5 = hashlib.md5
+
+    def fips_md5(data: bytes = b"", *, usedforsecurity: bool = True):
+        if usedforsecurity:
+            raise ValueError("[digital envelope routines] unsupported")
+        return real_md5(data, usedforsecurity=False)
+
+    monkeypatch.setattr(hashlib, "md5", fips_md5)
+    assert label_colour("banana") == colour
+
+
+def test_a_box_under_a_pixel_wide_is_drawn_not_refused():
+    """A detector's box clipped at the image's edge can be narrower than a pixel (or empty):
+    `shitu detect --save-vis` draws it as a line instead of stopping with Pillow's error."""
+    image = np.zeros((60, 80, 3), np.uint8)
+    # each box, and a pixel on its line below any caption
+    for box, (row, column) in [
+        ((10.2, 10, 10.8, 40), (35, 10)),
+        ((79.6, 5, 80, 50), (45, 79)),
+        ((20, 45, 50, 45), (45, 35)),
+    ]:
+        drawn = np.asarray(draw_boxes(image, [(box, "x", 0.5)]))
+        assert tuple(drawn[row, column]) == label_colour("x")
+
+
 def test_a_caption_at_the_right_edge_is_moved_left_to_show_the_label_and_score_whole():
     image = np.zeros((120, 240, 3), np.uint8)
     label = "Arla-Ecological-Medium-Fat-Milk"

@@ -313,10 +313,15 @@ def input_side(text: str) -> int:
 
 
 def display_width(text: str) -> int:
-    """Terminal columns `text` takes: East Asian wide characters two, combining marks none,
-    so that labels in Chinese or with decomposed accents line up in a table."""
+    """Terminal columns `text` takes: East Asian wide characters two, marks drawn on another
+    character (accents, Thai and Devanagari vowel signs) and zero-width format characters
+    none, so that labels in Chinese, Thai or with decomposed accents line up in a table."""
     return sum(
-        0 if unicodedata.combining(char) else 2 if unicodedata.east_asian_width(char) in "WF" else 1
+        0
+        if unicodedata.category(char) in ("Mn", "Me", "Cf")
+        else 2
+        if unicodedata.east_asian_width(char) in "WF"
+        else 1
         for char in text
     )
 

@@ -29,6 +29,9 @@ if TYPE_CHECKING:
 
 SHOWN_MISTAKES = 10
 DEFAULT_SWEEP_STEP = 0.05
+# 1001 thresholds; each is every query's selection again, and a step of 1e-5 takes 100001
+# (14 s for 4 queries), one below 1e-6 thresholds off its grid (rounded to 6 decimals).
+MIN_SWEEP_STEP = 0.001
 SWEEP_COLUMNS = ("score_thres", "recall@1", "rejection", "open_set_accuracy", "balanced_accuracy")
 
 
@@ -37,8 +40,8 @@ def _step(text: str) -> float:
         step = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"sweep step {text!r}: not a number") from None
-    if not 0 < step <= 1:
-        raise argparse.ArgumentTypeError(f"sweep step {text}: must be in (0, 1]")
+    if not MIN_SWEEP_STEP <= step <= 1:
+        raise argparse.ArgumentTypeError(f"sweep step {text}: must be from {MIN_SWEEP_STEP} to 1")
     return step
 
 
@@ -64,8 +67,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=_step,
         metavar="STEP",
         help="also report every score threshold from 0 to 1 in steps of STEP (default "
-        f"{DEFAULT_SWEEP_STEP}) and, with unknown queries, the one with the best balanced "
-        "accuracy: a threshold to record with `shitu export --score-thres`",
+        f"{DEFAULT_SWEEP_STEP}, at least {MIN_SWEEP_STEP}) and, with unknown queries, the "
+        "one with the best balanced accuracy: a threshold to record with `shitu export "
+        "--score-thres`",
     )
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
     add_progress_argument(parser)

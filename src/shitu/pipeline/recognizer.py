@@ -16,11 +16,14 @@ Differences from PaddleClas's pipeline, each fixing something its users hit:
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, field
+from numbers import Integral, Real
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -43,6 +46,8 @@ from shitu.pipeline.defaults import (
     PLAIN_BACKGROUND,
 )
 from shitu.progress import ImageProgress
+
+logger = logging.getLogger(__name__)
 
 MIN_BOX_SIDE = 2  # pixels; thinner detector boxes cannot be embedded meaningfully
 FILES_PER_BATCH = 8  # images decoded and recognised together by recognize_files
@@ -111,9 +116,43 @@ class FileRecognition:
 def checked_score_thres(value: float) -> float:
     """`value` if it is a cosine similarity threshold (-1 to 1), else a ConfigError: one
     above 1 would silently recognise nothing, one below -1 everything."""
-    if not -1.0 <= value <= 1.0:  # NaN fails too
-        raise ConfigError(f"score_thres: expected a cosine similarity from -1 to 1, got {value}")
+    if not _is_number(value) or not -1.0 <= value <= 1.0:  # NaN fails too
+        raise ConfigError(f"score_thres: expected a cosine similarity from -1 to 1, got {value!r}")
     return value
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool)
+
+
+def _check_pipeline_keywords(
+    rec_nms_thres: float, det_threshold: float, max_det_results: int
+) -> None:
+    """A ConfigError naming the keyword for values the pipeline config would refuse under
+    the same keys: an NMS threshold below 0 keeps only the best result and one above 1 is
+    no NMS, and the detector's would fail only on the first image, or never without one."""
+    for name, value in (("rec_nms_thres", rec_nms_thres), ("det_threshold", det_threshold)):
+        if not _is_number(value) or not 0.0 <= value <= 1.0:  # NaN fails too
+            raise ConfigError(f"{name}: expected a number from 0 to 1, got {value!r}")
+    whole = isinstance(max_det_results, Integral) and not isinstance(max_det_results, bool)
+    if not whole or max_det_results < 0:
+        raise ConfigError(f"max_det_results: expected a whole number >= 0, got {max_det_results!r}")
+
+
+def _check_parts(extractor: object, gallery: object, detector: object) -> None:
+    """A ConfigError for a part given as a path, which `Recognizer.open` takes: here it would
+    fail with an AttributeError that says nothing of what to pass instead (the detector's
+    only on the first photo)."""
+    for name, value, how in (
+        ("extractor", extractor, "FeatureExtractor.load(model_dir)"),
+        ("gallery", gallery, "Gallery.open(path)"),
+        ("detector", detector, "shitu.detection.load_detector(path), PlainBackgroundDetector()"),
+    ):
+        if isinstance(value, str | os.PathLike):
+            raise ConfigError(
+                f"{name}: expected a loaded part ({how}), got the path {os.fspath(value)!r}; "
+                "Recognizer.open(gallery, model=...) takes paths"
+            )
 
 
 def pixel_box(box: Sequence[float], width: int, height: int) -> tuple[int, int, int, int]:
@@ -126,10 +165,14 @@ def pixel_box(box: Sequence[float], width: int, height: int) -> tuple[int, int, 
 def build_detector(config: PipelineConfig) -> MainbodyDetector | None:
     """The config's detector: None (whole image), the plain-background one, or a model file."""
     name = config.detector
-    if name is None:
-        return None
-    if name == PLAIN_BACKGROUND:
-        return PlainBackgroundDetector()
+    if name is None or name == PLAIN_BACKGROUND:
+        if config.Global.det_arch is not None:  # dropped unnoticed, whole images would puzzle
+            logger.warning(
+                "Global.det_arch (--det-arch) %r is not used: %s",
+                config.Global.det_arch,
+                "no detector is given" if name is None else f"{PLAIN_BACKGROUND} has no model",
+            )
+        return None if name is None else PlainBackgroundDetector()
     if not Path(name).is_file():  # PaddleClas configs name a Paddle inference folder here
         problem = "is a folder, not a file" if Path(name).is_dir() else "no such file"
         if (Path(name) / PADDLE_INFERENCE_WEIGHTS).is_file():
@@ -176,6 +219,7 @@ class Recognizer:
         max_det_results: int = 5,
         batch_size: int = 32,
     ) -> None:
+        _check_parts(extractor, gallery, detector)
         gallery.check_embedder(extractor)
         if gallery.manifest.metric == "l2" and not gallery.manifest.normalize:
             raise ConfigError(
@@ -184,6 +228,7 @@ class Recognizer:
                 "library with normalize (the default) to recognise with it"
             )
         check_count(batch_size, "batch_size")
+        _check_pipeline_keywords(rec_nms_thres, det_threshold, max_det_results)
         self.extractor = extractor
         self.gallery = gallery
         self.detector = detector

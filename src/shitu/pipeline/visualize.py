@@ -17,8 +17,10 @@ LabelledBox = tuple[Sequence[float], str, float]
 
 
 def label_colour(label: str) -> tuple[int, int, int]:
-    """A stable, saturated colour per label, so one product has one colour everywhere."""
-    hue = int(hashlib.md5(label.encode()).hexdigest()[:4], 16) / 0xFFFF
+    """A stable, saturated colour per label, so one product has one colour everywhere.
+    MD5 here only spreads labels over hues: said so, as FIPS-mode Python refuses it otherwise."""
+    digest = hashlib.md5(label.encode(), usedforsecurity=False).hexdigest()
+    hue = int(digest[:4], 16) / 0xFFFF
     rgb = Image.new("HSV", (1, 1), (int(hue * 255), 200, 220)).convert("RGB").getpixel((0, 0))
     return rgb  # type: ignore[return-value]
 
@@ -59,7 +61,9 @@ def draw_boxes(
     width = max(2, min(canvas.size) // 150)
     for (x1, y1, x2, y2), label, score in boxes:
         colour = label_colour(label)
-        draw.rectangle((x1, y1, x2 - 1, y2 - 1), outline=colour, width=width)
+        # x2, y2 excluded; a detector's box under a pixel wide (one clipped at the image's
+        # edge) is drawn a pixel wide, where Pillow would refuse it and end the run
+        draw.rectangle((x1, y1, max(x1, x2 - 1), max(y1, y2 - 1)), outline=colour, width=width)
         font = fonts.font_for(label, size)
         # Its box, 3 px wider than the text on each side, ends 1 px inside the image.
         caption = fitted_caption(draw, label, score, font, canvas.width - 7)
