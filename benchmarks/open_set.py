@@ -107,7 +107,11 @@ def main() -> int:
             if not library.exists():
                 with Gallery.create_for(library, extractor) as gallery:
                     gallery.add_files(extractor, gallery_items)
-            with Recognizer(extractor, Gallery.open(library, embedder=extractor)) as recognizer:
+            # A Recognizer built from parts leaves them open: the library is closed here.
+            with (
+                Gallery.open(library, embedder=extractor) as gallery,
+                Recognizer(extractor, gallery) as recognizer,
+            ):
                 report = evaluate_pipeline(recognizer, queries, sweep=thresholds)
             best = report.best_threshold()
             for point in report.sweep:
