@@ -661,8 +661,12 @@ def test_model_fingerprint_mismatch_is_refused(tmp_path):
     new_gallery(tmp_path / "lib").close()
     other = PixelEmbedder(side=2, fingerprint="other")  # 12-d, not the library's 16-d
     other_same_dim = PixelEmbedder(side=2, fingerprint="other")
-    with pytest.raises(GalleryError, match="16-d features but the model gives 12-d"):
+    with pytest.raises(GalleryError) as caught:
         Gallery.open(tmp_path / "lib", embedder=other)
+    assert (
+        "16-d features of model test-model but the model given, other, gives 12-d; search with "
+        "the model that built it, or re-embed" in str(caught.value)
+    )
     Gallery.create(tmp_path / "lib12", embedding_dim=12, model_fingerprint="m12").close()
     with pytest.raises(GalleryError, match="built with model m12 but this model is other"):
         Gallery.open(tmp_path / "lib12", embedder=other_same_dim)
