@@ -664,7 +664,7 @@ def test_model_fingerprint_mismatch_is_refused(tmp_path):
     with pytest.raises(GalleryError) as caught:
         Gallery.open(tmp_path / "lib", embedder=other)
     assert (
-        "16-d features of model test-model but the model given, other, gives 12-d; search with "
+        "16-d features of model test-model but this model, other, gives 12-d; search with "
         "the model that built it, or re-embed" in str(caught.value)
     )
     Gallery.create(tmp_path / "lib12", embedding_dim=12, model_fingerprint="m12").close()

@@ -154,7 +154,7 @@ class Manifest:
         if embedding_dim != self.embedding_dim:
             raise ModelMismatchError(
                 f"{source}: library holds {self.embedding_dim}-d features of model "
-                f"{self.model_fingerprint} but the model given, {fingerprint}, gives "
+                f"{self.model_fingerprint} but this model, {fingerprint}, gives "
                 f"{embedding_dim}-d; search with the model that built it, or re-embed with "
                 f"`shitu index reembed {source} --model ...`",
                 self.model_fingerprint,
