@@ -661,8 +661,12 @@ def test_model_fingerprint_mismatch_is_refused(tmp_path):
     new_gallery(tmp_path / "lib").close()
     other = PixelEmbedder(side=2, fingerprint="other")  # 12-d, not the library's 16-d
     other_same_dim = PixelEmbedder(side=2, fingerprint="other")
-    with pytest.raises(GalleryError, match="16-d features but the model gives 12-d"):
+    with pytest.raises(GalleryError) as caught:
         Gallery.open(tmp_path / "lib", embedder=other)
+    assert (
+        "16-d features of model test-model but this model, other, gives 12-d; search with "
+        "the model that built it, or re-embed" in str(caught.value)
+    )
     Gallery.create(tmp_path / "lib12", embedding_dim=12, model_fingerprint="m12").close()
     with pytest.raises(GalleryError, match="built with model m12 but this model is other"):
         Gallery.open(tmp_path / "lib12", embedder=other_same_dim)
@@ -1284,3 +1288,19 @@ def test_build_makes_a_whole_library_or_nothing_at_its_path(tmp_path):
     assert "not built, none of the 1 images was added" in str(nothing.value)
     assert [f[0] for f in nothing.value.report.failures] == [str(broken)]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.png", "lib", "photos"]
+
+
+def test_reembed_moves_an_empty_library_to_the_new_model(tmp_path):
+    """A library whose images were all removed takes the new model, so that images can be
+    added with it, rather than being refused both the re-embedding and the adds."""
+    path, old = tmp_path / "lib", PixelEmbedder()
+    photos = make_images(tmp_path / "photos", 2)
+    with Gallery.create_for(path, old) as gallery:
+        gallery.add_files(old, [GalleryItem(photos[0], "gone")])
+        gallery.remove(labels=["gone"])
+        new = PixelEmbedder(side=6, fingerprint="pixels-6", preprocessing={"resize": 6})
+        assert gallery.reembed(new) == 0
+    with Gallery.open(path, embedder=new) as gallery:
+        assert gallery.manifest.embedding_dim == 108
+        assert len(gallery.add_files(new, [GalleryItem(photos[1], "new")]).ids) == 1
+        assert gallery.verify() == []

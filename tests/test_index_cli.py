@@ -179,7 +179,10 @@ def test_search_scores_are_cosines_on_l2_libraries_too(models, gallery_list, tmp
         "--out", tmp_path / "ivf", "--index-type", "IVF",
     )  # fmt: skip
     assert ivf.returncode == 0, ivf.stderr
-    assert "too few images (6) to train the IVF index; searching them exactly (Flat)" in ivf.stdout
+    assert (
+        "too few images (6) to train the IVF index (it needs 1,000); searching them "
+        "exactly (Flat)" in ivf.stdout
+    )
 
 
 def test_index_help_gives_the_default_of_every_option_that_has_one():

@@ -330,12 +330,17 @@ def _report(report: AddReport, library: Path, stats: dict[str, Any]) -> None:
 
 
 def _note_untrained(stats: dict[str, Any]) -> None:
+    """Say that a Faiss IVF or IVFPQ library is searched as Flat, and how many images it
+    needs before it is not: 1,000 and 9,984, which a user sizing a gallery cannot guess."""
     built = stats["index"].get("built_type", stats["index_type"])
     if built != stats["index_type"]:
+        from shitu.index.backends.faiss_backend import MIN_TRAIN
+
+        needed = MIN_TRAIN[stats["index_type"]]
         print(
             f"note: too few images ({stats['images']}) to train the {stats['index_type']} "
-            f"index; searching them exactly ({built}) until there are enough (the library "
-            "switches by itself)"
+            f"index (it needs {needed:,}); searching them exactly ({built}) until there are "
+            "enough (the library switches by itself)"
         )
 
 

@@ -922,11 +922,10 @@ class Gallery:
         """Re-extract every image with a new model and rebuild; all or nothing. Images that
         another process adds or removes meanwhile (a running `shitu serve`, say) are
         followed: those added are embedded in a short further round, those removed dropped,
-        rather than failing the whole re-embedding at its end."""
+        rather than failing the whole re-embedding at its end. An empty library (every
+        image removed) just takes the new model, so that images can be added with it."""
         self._check_usable()
         entries = self.entries()
-        if not entries:
-            raise GalleryError(f"{self.root}: library is empty, nothing to re-embed")
         embedded: dict[int, np.ndarray] = {}
         for _ in range(REEMBED_CATCH_UPS + 1):
             embedded.update(self._embed_entries(embedder, entries, batch_size, progress))

@@ -153,8 +153,10 @@ class Manifest:
         """Refuse vectors from another model: mixing embedding spaces gives silent garbage."""
         if embedding_dim != self.embedding_dim:
             raise ModelMismatchError(
-                f"{source}: library holds {self.embedding_dim}-d features but the model gives "
-                f"{embedding_dim}-d; re-embed with `shitu index reembed {source} --model ...`",
+                f"{source}: library holds {self.embedding_dim}-d features of model "
+                f"{self.model_fingerprint} but this model, {fingerprint}, gives "
+                f"{embedding_dim}-d; search with the model that built it, or re-embed with "
+                f"`shitu index reembed {source} --model ...`",
                 self.model_fingerprint,
             )
         if fingerprint != self.model_fingerprint:
