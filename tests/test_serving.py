@@ -1111,9 +1111,21 @@ def test_the_page_answers_head_as_uptime_monitors_check_it(client):
     assert head.headers["content-length"] == page.headers["content-length"]
 
 
+def test_every_get_answers_head_as_link_checkers_and_monitors_send_it(client):
+    """RFC 9110: a server that answers GET answers HEAD; the API's routes, the docs and the
+    metrics answered 405 to `curl -I`."""
+    for path in ("/healthz", "/docs", "/metrics", "/v1/gallery", "/v1/gallery/labels"):
+        got, head = client.get(path, headers=WRITE), client.head(path, headers=WRITE)
+        assert (head.status_code, head.content) == (200, b""), path
+        assert head.headers["content-type"] == got.headers["content-type"], path
+    assert client.head("/v1/gallery/images/999999").status_code == 404
+    refused = client.head("/v1/recognize")
+    assert refused.status_code == 405 and refused.headers["allow"] == "POST"
+
+
 def test_the_openapi_document_is_made_without_warnings(serving_library, tmp_path):
-    """Health answers HEAD too, on a route of its own: one route for GET and HEAD gave two
-    operations one id, and FastAPI warned of it in the server's log at each /openapi.json."""
+    """One route for GET and HEAD gave two operations one id, and FastAPI warned of it in
+    the server's log at each /openapi.json: HEAD is answered by a middleware instead."""
     from shitu.serving.app import create_app
 
     config = local_config(serving_library, tmp_path / "gallery")

@@ -47,6 +47,7 @@ from shitu.serving.http import (
     LIBRARY_BUSY_RETRY_AFTER_S,
     RETRY_AFTER_S,
     BodyLimit,
+    HeadAsGet,
     PixelBudget,
     RawUploads,
     RequestLimit,
@@ -170,6 +171,7 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
         swagger_ui_parameters={"validatorUrl": None},  # never send the spec to swagger.io
     )
     app.state.pixel_budget = pixel_budget  # what the requests in progress hold
+    app.add_middleware(HeadAsGet)  # innermost: the metrics count HEAD as HEAD
     app.add_middleware(BodyLimit, settings=settings)
     app.add_middleware(RequestLimit, settings=settings)  # inside the metrics: 503s counted
     app.add_middleware(MetricsMiddleware, metrics=metrics)
@@ -321,8 +323,7 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
         page.headers["Content-Security-Policy"] = REDOC_POLICY
         return page
 
-    # HEAD too: uptime monitors often check a site's page with it (UptimeRobot does).
-    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
+    @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
         return FileResponse(
             STATIC_DIR / "index.html",
@@ -346,11 +347,6 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
                 max_megapixels_per_request=settings.max_pixels_per_request / 1e6,
             ),
         )
-
-    # HEAD too: load balancers and uptime monitors often check health with it. A route of
-    # its own, out of the OpenAPI schema: one route for both gave two operations one id
-    # (FastAPI warned of the duplicate on every /openapi.json).
-    app.add_api_route("/healthz", healthz, methods=["HEAD"], include_in_schema=False)
 
     @app.get(
         "/metrics",

@@ -99,6 +99,28 @@ class BodyLimit:
         await self.app(scope, counted, send)
 
 
+class HeadAsGet:
+    """ASGI middleware: HEAD is answered as GET would be, without the body (RFC 9110 says a
+    server that answers GET answers HEAD). FastAPI's routes answer only the methods they
+    list, so `curl -I` on the API, the docs or /metrics, as link checkers and uptime
+    monitors send it, got 405."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+
+        async def headers_only(message: dict) -> None:
+            if message["type"] == "http.response.body":
+                message = {**message, "body": b""}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, headers_only)
+
+
 class RequestLimit:
     """ASGI middleware: beyond the settings' number of requests in progress, a request is
     answered 503, as JSON naming the limit, with Retry-After, and its body is never kept."""
