@@ -427,7 +427,7 @@ def test_bad_uploads_get_clear_errors(serving_library, client):
         "two images": (
             client.post("/v1/recognize", files=[("image", photo(good)), ("image", photo(good))]),
             400,
-            "Too many files",
+            "too many images sent; at most 1 per request",
         ),
         "json field": (
             client.post("/v1/recognize", json={"picture": "abc"}),

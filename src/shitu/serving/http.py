@@ -35,6 +35,9 @@ from shitu.serving.settings import MB, ServeSettings
 IMAGE_FIELD = "image"
 # What clients send for a file part: any image type, or "some file" (curl, unknown suffix).
 GENERIC_FILE_TYPES = {"", "application/octet-stream"}
+# How Starlette's parser words a form over its `max_files`: answered as a JSON body with
+# too many images is, not as "malformed multipart body: Too many files. Maximum ... is 32."
+TOO_MANY_FILES = "Too many files"
 # How much of a refused body is read and thrown away before the 413 goes out. A server that
 # closes a connection with unread bytes makes the kernel reset it, and the client can lose the
 # reply it was sent; past this much the connection is closed anyway.
@@ -366,6 +369,8 @@ async def _read_multipart(request: Request, at_most: int, schema: type[BaseModel
             parser = _WholeBodyParser(request.headers, stream, max_files=at_most, max_fields=16)
             form = await parser.parse()
     except MultiPartException as exc:
+        if exc.message.startswith(TOO_MANY_FILES):  # a valid body, not a malformed one
+            raise BadRequest(f"too many images sent; at most {at_most} per request") from None
         raise BadRequest(f"malformed multipart body: {exc.message}") from None
     try:
         if not parser.complete:
