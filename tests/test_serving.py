@@ -1113,7 +1113,7 @@ def test_the_page_answers_head_as_uptime_monitors_check_it(client):
 
 def test_every_get_answers_head_as_link_checkers_and_monitors_send_it(client):
     """RFC 9110: a server that answers GET answers HEAD; the API's routes, the docs and the
-    metrics answered 405 to `curl -I`."""
+    metrics answered 405 to `curl -I`; a 405 names HEAD among the methods allowed."""
     for path in ("/healthz", "/docs", "/metrics", "/v1/gallery", "/v1/gallery/labels"):
         got, head = client.get(path, headers=WRITE), client.head(path, headers=WRITE)
         assert (head.status_code, head.content) == (200, b""), path
@@ -1121,6 +1121,8 @@ def test_every_get_answers_head_as_link_checkers_and_monitors_send_it(client):
     assert client.head("/v1/gallery/images/999999").status_code == 404
     refused = client.head("/v1/recognize")
     assert refused.status_code == 405 and refused.headers["allow"] == "POST"
+    listed = client.delete("/v1/gallery/labels", headers=WRITE)
+    assert listed.status_code == 405 and listed.headers["allow"] == "GET, HEAD"
 
 
 def test_the_openapi_document_is_made_without_warnings(serving_library, tmp_path):

@@ -103,25 +103,39 @@ class BodyLimit:
 
 
 class HeadAsGet:
-    """ASGI middleware: HEAD is answered as GET would be, without the body (RFC 9110 says a
-    server that answers GET answers HEAD). FastAPI's routes answer only the methods they
-    list, so `curl -I` on the API, the docs or /metrics, as link checkers and uptime
-    monitors send it, got 405."""
+    """ASGI middleware: HEAD is answered as GET would be, without the body, and a 405's
+    Allow lists HEAD wherever it lists GET (RFC 9110 says a server that answers GET answers
+    HEAD). FastAPI's routes answer only the methods they list, so `curl -I` on the API, the
+    docs or /metrics, as link checkers and uptime monitors send it, got 405."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http" or scope["method"] != "HEAD":
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        head = scope["method"] == "HEAD"
 
-        async def headers_only(message: dict) -> None:
-            if message["type"] == "http.response.body":
+        async def answer(message: dict) -> None:
+            if message["type"] == "http.response.start" and message["status"] == 405:
+                message = {**message, "headers": _allowing_head(message.get("headers", []))}
+            elif head and message["type"] == "http.response.body":
                 message = {**message, "body": b""}
             await send(message)
 
-        await self.app({**scope, "method": "GET"}, receive, headers_only)
+        await self.app({**scope, "method": "GET"} if head else scope, receive, answer)
+
+
+def _allowing_head(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """The headers with HEAD added to an Allow that lists GET."""
+    allowing = []
+    for name, value in headers:
+        methods = [method.strip() for method in value.split(b",")]
+        if name.lower() == b"allow" and b"GET" in methods and b"HEAD" not in methods:
+            value = b", ".join([*methods, b"HEAD"])
+        allowing.append((name, value))
+    return allowing
 
 
 class RequestLimit:
