@@ -1123,6 +1123,10 @@ def test_every_get_answers_head_as_link_checkers_and_monitors_send_it(client):
     assert refused.status_code == 405 and refused.headers["allow"] == "POST"
     listed = client.delete("/v1/gallery/labels", headers=WRITE)
     assert listed.status_code == 405 and listed.headers["allow"] == "GET, HEAD"
+    assert (
+        'method="HEAD",route="/v1/gallery/labels",status="200"'
+        in client.get("/metrics", headers=WRITE).text
+    )
 
 
 def test_the_openapi_document_is_made_without_warnings(serving_library, tmp_path):

@@ -124,7 +124,12 @@ class HeadAsGet:
                 message = {**message, "body": b""}
             await send(message)
 
-        await self.app({**scope, "method": "GET"} if head else scope, receive, answer)
+        inner = {**scope, "method": "GET"} if head else scope
+        try:
+            await self.app(inner, receive, answer)
+        finally:  # the route that answered, which the router notes there, for the metrics
+            if "route" in inner:
+                scope["route"] = inner["route"]
 
 
 def _allowing_head(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
