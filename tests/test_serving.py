@@ -511,6 +511,18 @@ def test_bad_uploads_get_clear_errors(serving_library, client):
             400,
             "invalid query: size: given more than once",
         ),
+        # FastAPI ignores it: a misspelt `limit` gave the default page as if asked for it
+        "unknown query": (
+            client.get("/v1/gallery/labels/Lemon Soda", params={"limt": 1}),
+            400,
+            "invalid query: unexpected parameter 'limt' (this endpoint takes 'after', 'limit', "
+            "'offset')",
+        ),
+        "query on the path's label": (
+            client.delete("/v1/gallery/labels/No Such", params={"label": "x"}, headers=WRITE),
+            400,
+            "unexpected parameter 'label' (this endpoint takes none)",
+        ),
     }
     for name, (response, status, message) in cases.items():
         assert response.status_code == status, (name, response.text)

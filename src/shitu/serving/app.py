@@ -53,8 +53,8 @@ from shitu.serving.http import (
     RequestLimit,
     api_key_check,
     media_type,
+    query_as_declared,
     read_uploads,
-    single_query_values,
     validation_problems,
 )
 from shitu.serving.images import decode_image, read_header
@@ -249,8 +249,8 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
         the path (`/v1/gallery/labels/NAME`), and as the query's `label`
         (`/v1/gallery/label?label=NAME`), which carries every label: a path cannot carry '.'
         or '..' (clients resolve them away, even encoded), nor '//' (proxies merge it). A
-        query parameter given twice is refused, not taken as its last value."""
-        options["dependencies"] = [*options["dependencies"], Depends(single_query_values)]
+        query parameter the route does not take, or one given twice, is refused."""
+        options["dependencies"] = [*options["dependencies"], Depends(query_as_declared)]
 
         def register(operation: F) -> F:
             for path in (LABEL_IN_PATH, LABEL_IN_QUERY):
@@ -476,7 +476,7 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
 
     @app.get(
         "/v1/gallery/images/{image_id}/thumbnail",
-        dependencies=[*read_access, Depends(single_query_values)],
+        dependencies=[*read_access, Depends(query_as_declared)],
         responses={200: {"content": {"image/jpeg": {}}}, **ERRORS},
         response_class=Response,
         tags=["gallery"],

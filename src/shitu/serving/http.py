@@ -305,10 +305,20 @@ def api_key_check(settings: ServeSettings, write: bool) -> Callable[..., Awaitab
     return check
 
 
-async def single_query_values(request: Request) -> None:
-    """A dependency refusing a query parameter given more than once: FastAPI takes the last
-    value, so `DELETE /v1/gallery/label?label=a&label=b` removed b alone, as if asked to."""
+async def query_as_declared(request: Request) -> None:
+    """A dependency refusing a query parameter the route does not take, or one given more
+    than once: FastAPI ignores the first, so a misspelt `?limt=5` gave the default page of
+    200 images as if asked for it (the form's and JSON's unknown fields are refused too),
+    and takes the last value of the second, so `DELETE /v1/gallery/label?label=a&label=b`
+    removed b alone, as if asked to. The route's own parameters: its dependencies take none."""
     params = request.query_params
+    takes = {field.alias for field in request.scope["route"].dependant.query_params}
+    unknown = [key for key in params if key not in takes]
+    if unknown:
+        expected = ", ".join(f"'{name}'" for name in sorted(takes)) or "none"
+        raise BadRequest(
+            f"invalid query: unexpected parameter '{unknown[0]}' (this endpoint takes {expected})"
+        )
     repeated = [key for key in params if len(params.getlist(key)) > 1]
     if repeated:
         raise BadRequest(f"invalid query: {repeated[0]}: given more than once; send one value")
