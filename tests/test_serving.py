@@ -435,6 +435,12 @@ def test_bad_uploads_get_clear_errors(serving_library, client):
             "image: Field required",
         ),
         "base64": (client.post("/v1/recognize", json={"image": "%%%"}), 400, "not valid base64"),
+        # as an empty file part: not "missing field 'image'", which it was sent
+        "empty base64": (
+            client.post("/v1/recognize", json={"image": ""}),
+            400,
+            "image 1: the upload is empty (0 bytes)",
+        ),
         # counted before any is decoded: millions of them in 20 MB took the server seconds
         "json count": (
             client.post("/v1/extract", json={"images": ["%%%"] * 33}),

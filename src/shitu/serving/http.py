@@ -445,7 +445,8 @@ def _parse_json(body: bytes, schema: type[BaseModel], at_most: int) -> RawUpload
     except ValidationError as exc:
         raise BadRequest(f"invalid JSON body: {validation_problems(exc.errors())}") from None
     data = parsed.model_dump()
-    texts = ([data["image"]] if data.get("image") else []) + list(data.get("images") or [])
+    single = data.get("image")  # "": an empty image (as an empty file part), not none sent
+    texts = ([] if single is None else [single]) + list(data.get("images") or [])
     if len(texts) > at_most:
         raise BadRequest(f"{len(texts)} images sent; at most {at_most} per request")
     images = [
