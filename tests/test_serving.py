@@ -427,7 +427,7 @@ def test_bad_uploads_get_clear_errors(serving_library, client):
         "two images": (
             client.post("/v1/recognize", files=[("image", photo(good)), ("image", photo(good))]),
             400,
-            "Too many files",
+            "too many images sent; at most 1 per request",
         ),
         "json field": (
             client.post("/v1/recognize", json={"picture": "abc"}),
@@ -435,6 +435,12 @@ def test_bad_uploads_get_clear_errors(serving_library, client):
             "image: Field required",
         ),
         "base64": (client.post("/v1/recognize", json={"image": "%%%"}), 400, "not valid base64"),
+        # as an empty file part: not "missing field 'image'", which it was sent
+        "empty base64": (
+            client.post("/v1/recognize", json={"image": ""}),
+            400,
+            "image 1: the upload is empty (0 bytes)",
+        ),
         # counted before any is decoded: millions of them in 20 MB took the server seconds
         "json count": (
             client.post("/v1/extract", json={"images": ["%%%"] * 33}),
@@ -510,6 +516,18 @@ def test_bad_uploads_get_clear_errors(serving_library, client):
             client.get("/v1/gallery/images/1/thumbnail", params=[("size", 16), ("size", 32)]),
             400,
             "invalid query: size: given more than once",
+        ),
+        # FastAPI ignores it: a misspelt `limit` gave the default page as if asked for it
+        "unknown query": (
+            client.get("/v1/gallery/labels/Lemon Soda", params={"limt": 1}),
+            400,
+            "invalid query: unexpected parameter 'limt' (this endpoint takes 'after', 'limit', "
+            "'offset')",
+        ),
+        "query on the path's label": (
+            client.delete("/v1/gallery/labels/No Such", params={"label": "x"}, headers=WRITE),
+            400,
+            "unexpected parameter 'label' (this endpoint takes none)",
         ),
     }
     for name, (response, status, message) in cases.items():
@@ -1111,9 +1129,27 @@ def test_the_page_answers_head_as_uptime_monitors_check_it(client):
     assert head.headers["content-length"] == page.headers["content-length"]
 
 
+def test_every_get_answers_head_as_link_checkers_and_monitors_send_it(client):
+    """RFC 9110: a server that answers GET answers HEAD; the API's routes, the docs and the
+    metrics answered 405 to `curl -I`; a 405 names HEAD among the methods allowed."""
+    for path in ("/healthz", "/docs", "/metrics", "/v1/gallery", "/v1/gallery/labels"):
+        got, head = client.get(path, headers=WRITE), client.head(path, headers=WRITE)
+        assert (head.status_code, head.content) == (200, b""), path
+        assert head.headers["content-type"] == got.headers["content-type"], path
+    assert client.head("/v1/gallery/images/999999").status_code == 404
+    refused = client.head("/v1/recognize")
+    assert refused.status_code == 405 and refused.headers["allow"] == "POST"
+    listed = client.delete("/v1/gallery/labels", headers=WRITE)
+    assert listed.status_code == 405 and listed.headers["allow"] == "GET, HEAD"
+    assert (
+        'method="HEAD",route="/v1/gallery/labels",status="200"'
+        in client.get("/metrics", headers=WRITE).text
+    )
+
+
 def test_the_openapi_document_is_made_without_warnings(serving_library, tmp_path):
-    """Health answers HEAD too, on a route of its own: one route for GET and HEAD gave two
-    operations one id, and FastAPI warned of it in the server's log at each /openapi.json."""
+    """One route for GET and HEAD gave two operations one id, and FastAPI warned of it in
+    the server's log at each /openapi.json: HEAD is answered by a middleware instead."""
     from shitu.serving.app import create_app
 
     config = local_config(serving_library, tmp_path / "gallery")

@@ -47,13 +47,14 @@ from shitu.serving.http import (
     LIBRARY_BUSY_RETRY_AFTER_S,
     RETRY_AFTER_S,
     BodyLimit,
+    HeadAsGet,
     PixelBudget,
     RawUploads,
     RequestLimit,
     api_key_check,
     media_type,
+    query_as_declared,
     read_uploads,
-    single_query_values,
     validation_problems,
 )
 from shitu.serving.images import decode_image, read_header
@@ -170,6 +171,7 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
         swagger_ui_parameters={"validatorUrl": None},  # never send the spec to swagger.io
     )
     app.state.pixel_budget = pixel_budget  # what the requests in progress hold
+    app.add_middleware(HeadAsGet)  # innermost: the metrics count HEAD as HEAD
     app.add_middleware(BodyLimit, settings=settings)
     app.add_middleware(RequestLimit, settings=settings)  # inside the metrics: 503s counted
     app.add_middleware(MetricsMiddleware, metrics=metrics)
@@ -247,8 +249,8 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
         the path (`/v1/gallery/labels/NAME`), and as the query's `label`
         (`/v1/gallery/label?label=NAME`), which carries every label: a path cannot carry '.'
         or '..' (clients resolve them away, even encoded), nor '//' (proxies merge it). A
-        query parameter given twice is refused, not taken as its last value."""
-        options["dependencies"] = [*options["dependencies"], Depends(single_query_values)]
+        query parameter the route does not take, or one given twice, is refused."""
+        options["dependencies"] = [*options["dependencies"], Depends(query_as_declared)]
 
         def register(operation: F) -> F:
             for path in (LABEL_IN_PATH, LABEL_IN_QUERY):
@@ -321,8 +323,7 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
         page.headers["Content-Security-Policy"] = REDOC_POLICY
         return page
 
-    # HEAD too: uptime monitors often check a site's page with it (UptimeRobot does).
-    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
+    @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
         return FileResponse(
             STATIC_DIR / "index.html",
@@ -346,11 +347,6 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
                 max_megapixels_per_request=settings.max_pixels_per_request / 1e6,
             ),
         )
-
-    # HEAD too: load balancers and uptime monitors often check health with it. A route of
-    # its own, out of the OpenAPI schema: one route for both gave two operations one id
-    # (FastAPI warned of the duplicate on every /openapi.json).
-    app.add_api_route("/healthz", healthz, methods=["HEAD"], include_in_schema=False)
 
     @app.get(
         "/metrics",
@@ -480,7 +476,7 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
 
     @app.get(
         "/v1/gallery/images/{image_id}/thumbnail",
-        dependencies=[*read_access, Depends(single_query_values)],
+        dependencies=[*read_access, Depends(query_as_declared)],
         responses={200: {"content": {"image/jpeg": {}}}, **ERRORS},
         response_class=Response,
         tags=["gallery"],

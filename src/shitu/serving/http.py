@@ -35,6 +35,9 @@ from shitu.serving.settings import MB, ServeSettings
 IMAGE_FIELD = "image"
 # What clients send for a file part: any image type, or "some file" (curl, unknown suffix).
 GENERIC_FILE_TYPES = {"", "application/octet-stream"}
+# How Starlette's parser words a form over its `max_files`: answered as a JSON body with
+# too many images is, not as "malformed multipart body: Too many files. Maximum ... is 32."
+TOO_MANY_FILES = "Too many files"
 # How much of a refused body is read and thrown away before the 413 goes out. A server that
 # closes a connection with unread bytes makes the kernel reset it, and the client can lose the
 # reply it was sent; past this much the connection is closed anyway.
@@ -97,6 +100,47 @@ class BodyLimit:
             return message
 
         await self.app(scope, counted, send)
+
+
+class HeadAsGet:
+    """ASGI middleware: HEAD is answered as GET would be, without the body, and a 405's
+    Allow lists HEAD wherever it lists GET (RFC 9110 says a server that answers GET answers
+    HEAD). FastAPI's routes answer only the methods they list, so `curl -I` on the API, the
+    docs or /metrics, as link checkers and uptime monitors send it, got 405."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        head = scope["method"] == "HEAD"
+
+        async def answer(message: dict) -> None:
+            if message["type"] == "http.response.start" and message["status"] == 405:
+                message = {**message, "headers": _allowing_head(message.get("headers", []))}
+            elif head and message["type"] == "http.response.body":
+                message = {**message, "body": b""}
+            await send(message)
+
+        inner = {**scope, "method": "GET"} if head else scope
+        try:
+            await self.app(inner, receive, answer)
+        finally:  # the route that answered, which the router notes there, for the metrics
+            if "route" in inner:
+                scope["route"] = inner["route"]
+
+
+def _allowing_head(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """The headers with HEAD added to an Allow that lists GET."""
+    allowing = []
+    for name, value in headers:
+        methods = [method.strip() for method in value.split(b",")]
+        if name.lower() == b"allow" and b"GET" in methods and b"HEAD" not in methods:
+            value = b", ".join([*methods, b"HEAD"])
+        allowing.append((name, value))
+    return allowing
 
 
 class RequestLimit:
@@ -261,10 +305,20 @@ def api_key_check(settings: ServeSettings, write: bool) -> Callable[..., Awaitab
     return check
 
 
-async def single_query_values(request: Request) -> None:
-    """A dependency refusing a query parameter given more than once: FastAPI takes the last
-    value, so `DELETE /v1/gallery/label?label=a&label=b` removed b alone, as if asked to."""
+async def query_as_declared(request: Request) -> None:
+    """A dependency refusing a query parameter the route does not take, or one given more
+    than once: FastAPI ignores the first, so a misspelt `?limt=5` gave the default page of
+    200 images as if asked for it (the form's and JSON's unknown fields are refused too),
+    and takes the last value of the second, so `DELETE /v1/gallery/label?label=a&label=b`
+    removed b alone, as if asked to. The route's own parameters: its dependencies take none."""
     params = request.query_params
+    takes = {field.alias for field in request.scope["route"].dependant.query_params}
+    unknown = [key for key in params if key not in takes]
+    if unknown:
+        expected = ", ".join(f"'{name}'" for name in sorted(takes)) or "none"
+        raise BadRequest(
+            f"invalid query: unexpected parameter '{unknown[0]}' (this endpoint takes {expected})"
+        )
     repeated = [key for key in params if len(params.getlist(key)) > 1]
     if repeated:
         raise BadRequest(f"invalid query: {repeated[0]}: given more than once; send one value")
@@ -344,6 +398,8 @@ async def _read_multipart(request: Request, at_most: int, schema: type[BaseModel
             parser = _WholeBodyParser(request.headers, stream, max_files=at_most, max_fields=16)
             form = await parser.parse()
     except MultiPartException as exc:
+        if exc.message.startswith(TOO_MANY_FILES):  # a valid body, not a malformed one
+            raise BadRequest(f"too many images sent; at most {at_most} per request") from None
         raise BadRequest(f"malformed multipart body: {exc.message}") from None
     try:
         if not parser.complete:
@@ -389,7 +445,8 @@ def _parse_json(body: bytes, schema: type[BaseModel], at_most: int) -> RawUpload
     except ValidationError as exc:
         raise BadRequest(f"invalid JSON body: {validation_problems(exc.errors())}") from None
     data = parsed.model_dump()
-    texts = ([data["image"]] if data.get("image") else []) + list(data.get("images") or [])
+    single = data.get("image")  # "": an empty image (as an empty file part), not none sent
+    texts = ([] if single is None else [single]) + list(data.get("images") or [])
     if len(texts) > at_most:
         raise BadRequest(f"{len(texts)} images sent; at most {at_most} per request")
     images = [
