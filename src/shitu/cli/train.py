@@ -22,7 +22,7 @@ from shitu.cli.common import (
 )
 from shitu.engine.metrics_log import LOG_NAME
 from shitu.errors import CheckpointError, ConfigError, override_word
-from shitu.fileio import refuse_file_in_the_way
+from shitu.fileio import check_writable, refuse_file_in_the_way
 
 # Held by the run writing in an output folder (see `_only_run_in`).
 RUN_LOCK = ".shitu-train.lock"
@@ -126,7 +126,7 @@ def _only_run_in(output_dir: Path) -> Iterator[None]:
         yield
         return
     made = not output_dir.exists()
-    output_dir.mkdir(parents=True, exist_ok=True)
+    check_writable(output_dir, f"Global.output_dir {output_dir}")  # one line, not an OSError
     lock_path = output_dir / RUN_LOCK
     with open(lock_path, "a+") as lock:
         try:
@@ -315,7 +315,7 @@ def _train(args: argparse.Namespace) -> int:
             _refuse_earlier_run(output_dir, resumed)
         # Before the datasets, the model and a LinearProbe's check are built: a file in the
         # way was an OSError of its own ('afile/linear_probe: Not a directory') after them.
-        # No folder is made: a run that fails to start leaves none.
+        # A run that fails to start leaves no folder (see `_only_run_in`).
         refuse_file_in_the_way(output_dir, f"Global.output_dir {output_dir}")
         with _only_run_in(output_dir):
             if config.LinearProbe is not None:
