@@ -286,6 +286,21 @@ def test_a_detector_architecture_without_a_detector_model_is_warned_about(caplog
     assert build_detector(load_pipeline_config(None)) is None and not caplog.text
 
 
+def test_the_plain_background_detector_finds_boxes_in_a_wide_panorama(setup):
+    """A shelf at the end of a photo 8 times as wide: a copy only 1024 px long would leave
+    its products a few dozen pixels high; a megapixel copy keeps them large enough."""
+    picks = [setup["queries"][i] for i in (0, 3)]
+    canvas, boxes, _ = compose([p.path for p in picks], [300, 200])
+    pad = 7 * canvas.shape[1]
+    photo = np.pad(canvas, ((0, 0), (pad, 0), (0, 0)), "edge")
+    found = PlainBackgroundDetector().detect(photo)
+    expected = np.asarray(boxes, np.float64) + np.array([pad, 0, pad, 0])
+    assert found.shape == (2, 6)
+    found = found[np.argsort(found[:, 2])]  # left to right, as `boxes`
+    expected = expected[np.argsort(expected[:, 0])]
+    assert np.abs(found[:, 2:] - expected).max() < 4  # a pixel or two of the smaller copy
+
+
 def test_the_recogniser_and_its_parts_describe_themselves(setup, grocery):
     """A notebook or a log shows what a recogniser runs with, not `<... object at 0x...>`."""
     extractor = setup["extractor"]

@@ -8,6 +8,8 @@ Images whose border is not uniform give no boxes (the pipeline then uses the who
 
 from __future__ import annotations
 
+import math
+
 import cv2
 import numpy as np
 
@@ -17,9 +19,10 @@ BORDER = 4  # pixels of each edge that sample the background
 MAX_BORDER_SPREAD = 18.0  # median absolute deviation (Lab units) of a uniform border
 MIN_DIFFERENCE = 25.0  # Lab distance from the background that counts as object
 MIN_AREA = 0.005  # smallest object, as a fraction of the image
-# Longest side the mask is found at: a 12-megapixel photo at full size took 5 s and over
-# 400 MB (its Lab copy and distances in float32); boxes are scaled back to its pixels.
-MAX_SIDE = 1024
+# Most pixels the mask is found at: a 12-megapixel photo at full size took 5 s and over
+# 400 MB (its Lab copy and distances in float32); boxes are scaled back to its pixels. A
+# pixel count, not a longest side: a panorama keeps the height its objects need.
+MAX_PIXELS = 1024 * 1024
 
 
 class PlainBackgroundDetector:
@@ -37,12 +40,12 @@ class PlainBackgroundDetector:
     ) -> np.ndarray:
         """Boxes [M, 6] float32 (cls 0, score, x1, y1, x2, y2), largest first, for an RGB
         uint8 HxWx3 image (anything else: an UnreadableImageError naming it, as Detector's).
-        A photo larger than MAX_SIDE is searched in a copy that size, its boxes exact to one
-        pixel of that copy."""
+        A photo of more than MAX_PIXELS is searched in a copy of that many, its boxes exact
+        to one pixel of that copy."""
         check_rgb_image(image)
         none = np.zeros((0, 6), np.float32)
         full_height, full_width = image.shape[:2]
-        scale = min(1.0, MAX_SIDE / max(full_height, full_width))
+        scale = min(1.0, math.sqrt(MAX_PIXELS / (full_height * full_width)))
         if scale < 1.0:
             size = (max(1, round(full_width * scale)), max(1, round(full_height * scale)))
             image = cv2.resize(np.ascontiguousarray(image), size, interpolation=cv2.INTER_AREA)
