@@ -180,7 +180,6 @@ def test_resumed_metrics_log_drops_later_records_and_a_torn_last_line(tmp_path, 
 
 def test_a_resumed_runs_tensorboard_hides_the_steps_logged_after_its_checkpoint(tmp_path):
     """As the metrics log drops them: else TensorBoard draws both runs' values of those steps."""
-    pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     log = MetricsLog(tmp_path, tensorboard=True)
