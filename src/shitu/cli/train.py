@@ -20,7 +20,6 @@ from shitu.cli.common import (
     positive_int,
     positive_minutes,
 )
-from shitu.engine.metrics_log import LOG_NAME
 from shitu.errors import CheckpointError, ConfigError, override_word
 from shitu.fileio import check_writable, refuse_file_in_the_way
 
@@ -84,12 +83,10 @@ def _refuse_earlier_run(output_dir: Path, resumed: Path | None) -> None:
     that no finished run is lost and no folder mixes two runs' files. `resumed`: the
     folder of the checkpoint resumed into `output_dir`, most often the folder an
     `-o Global.output_dir=...` of the first command named, left out of this one."""
-    from shitu.engine.state import BEST, FINAL, LATEST, SUFFIX
+    from shitu.engine.state import RUN_FILES
 
-    # What a run leaves in its output folder (resumable checkpoint first).
-    run_files = (f"{LATEST}{SUFFIX}", f"{FINAL}.safetensors", f"{BEST}.safetensors", LOG_NAME)
     # An empty file (the log of a run that failed before its first record) holds nothing.
-    found = [name for name in run_files if _has_content(output_dir / name)]
+    found = [name for name in RUN_FILES if _has_content(output_dir / name)]
     if not found:
         return
     if resumed is not None:
@@ -98,12 +95,12 @@ def _refuse_earlier_run(output_dir: Path, resumed: Path | None) -> None:
             f"Global.checkpoints resumes the run in {resumed}: add -o {go_on} to go on in its "
             "folder, or give a new output_dir"
         )
-    elif found[0] == run_files[0]:
-        resume = override_word("Global.checkpoints", output_dir / run_files[0])
+    elif found[0] == RUN_FILES[0]:
+        resume = override_word("Global.checkpoints", output_dir / RUN_FILES[0])
         advice = f"resume it with -o {resume}, or give another output_dir (or remove that one)"
     else:  # a run that failed before its first checkpoint left nothing to resume
         advice = (
-            f"it left no {run_files[0]} to resume; give another output_dir (or remove that one)"
+            f"it left no {RUN_FILES[0]} to resume; give another output_dir (or remove that one)"
         )
     raise ConfigError(
         f"Global.output_dir {output_dir}: holds an earlier run ({', '.join(found)}); {advice}"

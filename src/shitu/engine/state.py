@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from shitu.engine.metrics_log import LOG_NAME
 from shitu.errors import CheckpointError
 from shitu.fileio import from_working_directory, torch_save_atomically
 
@@ -15,6 +16,8 @@ LATEST = "latest"
 BEST = "best_model"
 FINAL = "final_model"
 SUFFIX = ".pt"
+# What a run leaves in its output folder, the resumable checkpoint first.
+RUN_FILES = (f"{LATEST}{SUFFIX}", f"{FINAL}.safetensors", f"{BEST}.safetensors", LOG_NAME)
 FORMAT_VERSION = 1
 
 

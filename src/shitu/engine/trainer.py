@@ -42,6 +42,7 @@ from shitu.engine.state import (
     BEST,
     FINAL,
     LATEST,
+    RUN_FILES,
     SUFFIX,
     Progress,
     load_training_state,
@@ -687,7 +688,7 @@ class Trainer:
         out during the save) left that save's temporary file, a whole checkpoint's size,
         beside the file it kept: an earlier run's, as no other process writes the files of
         this run's folder."""
-        for name in (f"{LATEST}{SUFFIX}", f"{BEST}.safetensors", f"{FINAL}.safetensors", LOG_NAME):
+        for name in RUN_FILES:
             for leftover in unfinished_writes(self.output_dir / name):
                 leftover.unlink(missing_ok=True)
 
