@@ -137,6 +137,12 @@ def clip_boxes(
     return clipped[keep], labels[keep].copy()
 
 
+def _box_arrays(rows: list[tuple[list[float], int]]) -> tuple[np.ndarray, np.ndarray]:
+    """One image's (box, class id) rows as boxes [K, 4] float32 and labels [K] int64."""
+    boxes = np.array([box for box, _ in rows], np.float32).reshape(-1, 4)
+    return boxes, np.array([label for _, label in rows], np.int64)
+
+
 def _without_empty_boxes(
     source: str | Path, boxes: list[np.ndarray], labels: list[np.ndarray]
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -241,14 +247,10 @@ class CocoDetection(DetectionDataset):
         for image in data["images"]:
             objects = [(box, c) for box, c, crowd in per_image[image["id"]] if not crowd]
             regions = [(box, c) for box, c, crowd in per_image[image["id"]] if crowd]
-            boxes.append(np.array([b for b, _ in objects], np.float32).reshape(-1, 4))
-            labels.append(np.array([c for _, c in objects], np.int64))
-            crowds.append(
-                (
-                    np.array([b for b, _ in regions], np.float32).reshape(-1, 4),
-                    np.array([c for _, c in regions], np.int64),
-                )
-            )
+            image_boxes, image_labels = _box_arrays(objects)
+            boxes.append(image_boxes)
+            labels.append(image_labels)
+            crowds.append(_box_arrays(regions))
             width, height = image.get("width"), image.get("height")  # optional in COCO files
             sizes.append((width, height) if width and height else None)
         boxes, labels = _without_empty_boxes(path, boxes, labels)
@@ -300,8 +302,9 @@ class VocDetection(DetectionDataset):
             unknown = {n for n, _ in objects} - set(index)
             if unknown:
                 raise DataError(f"{path}: classes {sorted(unknown)} are not in class_names")
-            boxes.append(np.array([b for _, b in objects], np.float32).reshape(-1, 4))
-            labels.append(np.array([index[n] for n, _ in objects], np.int64))
+            image_boxes, image_labels = _box_arrays([(b, index[n]) for n, b in objects])
+            boxes.append(image_boxes)
+            labels.append(image_labels)
         sizes = [size for _, _, size in parsed]
         boxes, labels = _without_empty_boxes(annotation_dir, boxes, labels)
         boxes, labels = _clip_to_recorded_sizes(annotation_dir, boxes, labels, sizes)
