@@ -82,12 +82,33 @@ def test_parse_override_types_values_with_yaml():
     ]
 
 
-def test_a_path_override_starting_with_a_tilde_is_in_the_home_folder(monkeypatch, tmp_path):
-    """The shell does not expand `~` after `KEY=`: the override does, as for `--gallery ~/x`."""
+def test_a_path_override_starting_with_a_tilde_is_in_the_home_folder(
+    monkeypatch, tmp_path, config_file
+):
+    """The shell does not expand `~` after `KEY=`: the config does, for path keys only, as
+    for `--gallery ~/x`; a delimiter or label `~` is left as written."""
     monkeypatch.setenv("HOME", str(tmp_path))
-    assert parse_override("Global.output_dir=~/runs")[1] == f"{tmp_path}/runs"
-    assert parse_override("Global.output_dir=runs~/~1")[1] == "runs~/~1"
-    assert parse_override("Global.checkpoints=~")[1] is None  # YAML's null
+    dataset = "DataLoader.Train.dataset"
+    config = load_config(
+        config_file,
+        [
+            "Global.output_dir=~/runs",
+            "Global.pretrained_model=runs~/~1",
+            "Global.checkpoints=~",
+            f"{dataset}.name=LabelFileDataset",
+            f"{dataset}.image_root=~/data",
+            f"{dataset}.cls_label_path=~/train.txt",
+            f"{dataset}.delimiter='~'",
+        ],
+    )
+    assert config.Global.output_dir == f"{tmp_path}/runs"
+    assert config.Global.pretrained_model == "runs~/~1"
+    assert config.Global.checkpoints is None  # YAML's null
+    params = registry.DATASETS.validate("LabelFileDataset", config.DataLoader.Train.dataset.params)
+    assert params["image_root"] == f"{tmp_path}/data"
+    assert params["delimiter"] == "~"
+    pipeline = load_pipeline_config(None, ["IndexProcess.index_dir=~/lib"])
+    assert pipeline.IndexProcess.index_dir == f"{tmp_path}/lib"
 
 
 def test_a_path_in_a_config_file_starting_with_a_tilde_is_in_the_home_folder(monkeypatch, tmp_path):

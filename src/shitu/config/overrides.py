@@ -8,7 +8,6 @@ from typing import Any
 import yaml
 
 from shitu.errors import ConfigError
-from shitu.fileio import home_expanded
 
 _TOKEN = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
 
@@ -75,10 +74,10 @@ def parse_override(text: str) -> tuple[list[str | int], Any]:
     """Split 'A.b[0].c=value' into (['A', 'b', 0, 'c'], parsed value).
 
     The value is parsed as YAML, so `3` is an int, `1e-5` a float, `[1, 2]` a list,
-    `null` None and `true` a bool; anything else stays a string. A string starting with
-    `~` has it expanded to the home folder (`home_expanded`): the shell leaves `-o
-    KEY=~/runs` as it is (the word is no variable assignment), where it expands `--gallery
-    ~/lib`.
+    `null` None and `true` a bool; anything else stays a string. A `~` starting a path
+    key's value (`-o Global.output_dir=~/runs`, which the shell leaves as it is) is
+    expanded where the config is validated (`ConfigPath`), as in a YAML file; other text
+    (a label, a delimiter) is left as written.
     """
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
@@ -88,7 +87,7 @@ def parse_override(text: str) -> tuple[list[str | int], Any]:
         value = load_yaml(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
-    return path, home_expanded(value)
+    return path, value
 
 
 def _parse_path(key: str, text: str) -> list[str | int]:
