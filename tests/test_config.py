@@ -368,6 +368,25 @@ def test_true_or_false_is_not_taken_for_a_number(config_file, override, key, com
     assert settings.Global.re_ranking is True
 
 
+@pytest.mark.parametrize(
+    "override",
+    [
+        "Global.max_det_results=true",
+        "Global.threshold=false",
+        "Global.batch_size=true",
+        "IndexProcess.score_thres=true",
+    ],
+)
+def test_true_or_false_is_not_taken_for_a_pipeline_number(override):
+    """As in a training config: `max_det_results: true` kept one box and `threshold: false`
+    every box, silently."""
+    with pytest.raises(ConfigError) as info:
+        load_pipeline_config(None, [override])
+    message = str(info.value)
+    assert override.partition("=")[0] in message
+    assert "Input should be a number, not true/false" in message
+
+
 def test_paths_that_yaml_reads_as_numbers_or_dates_are_text(config_file):
     """A run folder named by its date, or a data folder named by a year, is a path: YAML
     reads `2024-01-01` as a date and `2024` as a number, which a path setting refused."""

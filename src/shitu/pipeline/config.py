@@ -30,7 +30,12 @@ from shitu.config.loader import (
 )
 from shitu.errors import ConfigError
 from shitu.pipeline.defaults import NO_DETECTOR, PIPELINE_CONFIG_DIR, PLAIN_BACKGROUND, SETTINGS
-from shitu.registry import ConfigPath, format_validation_error, null_is_default
+from shitu.registry import (
+    ConfigPath,
+    format_validation_error,
+    null_is_default,
+    refuse_bool_as_number,
+)
 
 _IGNORED_GLOBAL = {
     "infer_imgs",
@@ -76,6 +81,7 @@ def _drop(data: Any, ignored: set[str]) -> Any:
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
+    _refuse_bool_as_number = field_validator("*", mode="before")(refuse_bool_as_number)
     _null_is_default = field_validator("*", mode="before")(null_is_default)
 
 
