@@ -544,6 +544,54 @@ def test_a_resumed_detect_train_goes_on_in_the_folder_of_the_run_it_continues(
     assert not (tmp_path / "output").exists()
 
 
+def test_detect_train_refuses_an_out_folder_another_run_is_training_in(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A second run into a folder (a resume started while the run it resumes still goes
+    on) wrote latest.pt beside it: the lock the running one holds, as `shitu train`'s,
+    refuses it; a run with the folder to itself goes on."""
+    import fcntl
+
+    torch.set_num_threads(2)
+    coco = _write_coco(tmp_path, _write_images(tmp_path, 4, size=64))
+    run = tmp_path / "run"
+    command = ["detect-train", "--coco", str(coco), "--images", str(tmp_path), "--batch-size",
+               "2", "--input-size", "64", "--train-sizes", "64", "--epochs", "1",
+               "--out", str(run)]  # fmt: skip
+    run.mkdir()
+    with open(run / ".shitu-train.lock", "a+") as held:  # as a running one holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("shitu detect-train (process 4321)")
+        held.flush()
+        assert main(command) == 2
+        assert capsys.readouterr().err.startswith(
+            f"error: --out {run}: another shitu detect-train (process 4321) is running in it; "
+        )
+    assert not (run / "latest.pt").exists()
+    assert main(command) == 0
+    assert (run / "model.pt").is_file()
+
+
+def test_a_detect_train_that_fails_to_start_leaves_no_out_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Bad data or a checkpoint that cannot be resumed: refused, and the folders made for
+    the run gone with it, as `shitu train` leaves none."""
+    coco = _write_coco(tmp_path, _write_images(tmp_path, 2, size=64))
+    out = tmp_path / "runs" / "detector"
+    common = ["--batch-size", "2", "--input-size", "64", "--train-sizes", "64", "--out", str(out)]
+    missing = ["detect-train", "--coco", str(tmp_path / "missing.json"), "--images", str(tmp_path)]
+    assert main([*missing, *common]) == 2
+    assert "missing.json" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+    other = tmp_path / "other"
+    save_training_state(other / "latest.pt", {"model": {}, "seed": 0}, Progress())
+    resume = ["detect-train", "--coco", str(coco), "--images", str(tmp_path), "--resume"]
+    assert main([*resume, str(other), *common]) == 2
+    assert "a recognition training checkpoint, not a detector one" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_detect_train_on_a_terminal_draws_progress_bars(tmp_path: Path) -> None:
     """Training takes hours and its evaluation minutes: on a terminal a bar shows the steps
     (with the epoch and loss) and one the images evaluated; the JSON lines each keep a line

@@ -664,6 +664,9 @@ def test_cli_train_that_fails_to_start_leaves_no_output_dir(grocery, tmp_path, c
     assert main(["train", "-c", str(path), "-o", "Global.pretrained_model=missing.pt"]) == 2
     assert "missing.pt" in capsys.readouterr().err
     assert not (tmp_path / "output").exists()
+    nested = ["-o", f"Global.output_dir={tmp_path / 'runs' / 'first'}"]  # both folders made
+    assert main(["train", "-c", str(path), *nested, "-o", "Global.pretrained_model=x.pt"]) == 2
+    assert not (tmp_path / "runs").exists()
 
 
 def test_cli_train_and_eval_name_the_key_of_weights_they_cannot_load(grocery, tmp_path, capsys):

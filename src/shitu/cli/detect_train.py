@@ -17,7 +17,7 @@ from shitu.cli.common import (
     progress_wanted,
 )
 from shitu.errors import ConfigError, DataError
-from shitu.fileio import check_writable
+from shitu.fileio import only_run_in
 
 if TYPE_CHECKING:
     from shitu.detection.data import DetectionDataset
@@ -82,11 +82,6 @@ def _dataset(coco: str | None, voc: str | None, images: str, agnostic: bool) -> 
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from shitu.detection.data import CocoDetection
-    from shitu.detection.export import export_onnx
-    from shitu.detection.train import DetectionTrainConfig, DetectionTrainer, evaluate_detector
     from shitu.engine.state import resolve_checkpoint
 
     if bool(args.val_coco) != bool(args.val_images):
@@ -102,7 +97,19 @@ def run(args: argparse.Namespace) -> int:
             f"--out {output}: holds an earlier run ({', '.join(earlier)}); resume it with "
             f"--resume {output / 'latest.pt'}, or give another --out (or remove that one)"
         )
-    check_writable(output, f"--out {output}")  # now, not after the first epoch
+    # Made now, not after the first epoch; one another run trains in is refused, and one
+    # made for a run that fails to start (bad data, a checkpoint of another detector) goes.
+    with only_run_in(output, "--out", "shitu detect-train"):
+        return _train(args, output)
+
+
+def _train(args: argparse.Namespace, output: Path) -> int:
+    from tqdm import tqdm
+
+    from shitu.detection.data import CocoDetection
+    from shitu.detection.export import export_onnx
+    from shitu.detection.train import DetectionTrainConfig, DetectionTrainer, evaluate_detector
+
     dataset = _dataset(args.coco, args.voc, args.images, args.class_agnostic)
     val = None
     if args.val_coco:  # read (and matched to the training classes) before any training
