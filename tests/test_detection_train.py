@@ -326,18 +326,22 @@ def test_detection_images_that_do_not_exist_are_named_before_training(
 ) -> None:
     coco = _write_coco(tmp_path, _write_images(tmp_path, 7, size=64))
     elsewhere = str(tmp_path / "elsewhere")
-    with pytest.raises(DataError, match=r"^7 of the 7 images .* exist: \S*img0.png, .* 2 more"):
+    with pytest.raises(DataError, match=r": 7 of the 7 images .* exist: \S*img0.png, .* 2 more"):
         CocoDetection(coco, elsewhere)
     (tmp_path / "img3.png").unlink()
-    with pytest.raises(DataError, match=r"^1 of the 7 images .* exist: \S*img3.png \(is the"):
+    with pytest.raises(DataError, match=r": 1 of the 7 images .* exist: \S*img3.png \(is the"):
         CocoDetection(coco, tmp_path)
     _write_images(tmp_path, 7, size=64)
     # A wrong --val-images is refused at once, not after the whole training run.
     out = tmp_path / "out"
     train = ["detect-train", "--coco", str(coco), "--images", str(tmp_path), "--epochs", "1"]
-    val = ["--val-coco", str(coco), "--val-images", elsewhere, "--out", str(out)]
+    val_coco = tmp_path / "val.json"  # which of the two sets it is: named by its file
+    val_coco.write_bytes(coco.read_bytes())
+    val = ["--val-coco", str(val_coco), "--val-images", elsewhere, "--out", str(out)]
     assert main([*train, *val]) == 2
-    assert "error: 7 of the 7 images the detection dataset lists" in capsys.readouterr().err
+    assert f"error: {val_coco}: 7 of the 7 images it lists do not exist" in (
+        capsys.readouterr().err
+    )
     assert not (out / "latest.pt").exists()
 
 
@@ -662,7 +666,7 @@ def test_detection_data_is_clipped_counted_and_matched_by_class_name(
         DetectionTrainer(CocoDetection(path, tmp_path), DetectionTrainConfig())
     data["images"], data["annotations"] = [], []
     path.write_text(json.dumps(data))
-    with pytest.raises(DataError, match="lists no images"):
+    with pytest.raises(DataError, match=f"^{re.escape(str(path))}: lists no images"):
         CocoDetection(path, tmp_path)
 
 
