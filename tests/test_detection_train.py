@@ -289,6 +289,11 @@ def test_missing_or_malformed_coco_file(tmp_path: Path) -> None:
     (tmp_path / "bad.json").write_text('{"images": []}')
     with pytest.raises(DataError, match=r"bad.json is not a valid COCO .* \(no 'categories' key\)"):
         CocoDetection(tmp_path / "bad.json", tmp_path)
+    # COCO's results format, a list of detections: given for the annotations by mistake
+    (tmp_path / "results.json").write_text('[{"image_id": 1, "bbox": [1, 2, 3, 4]}]')
+    expected = r"\(a JSON list, not an object of images, annotations and categories\)$"
+    with pytest.raises(DataError, match=rf"results.json is not a valid COCO .* {expected}"):
+        CocoDetection(tmp_path / "results.json", tmp_path)
     coco = _write_coco(tmp_path, _write_images(tmp_path, 2, size=64))
     data = json.loads(coco.read_text())
     for key, wrong in (("image_id", 42), ("category_id", 99)):

@@ -215,6 +215,11 @@ class CocoDetection(DetectionDataset):
         path = Path(annotation_file)
         try:
             data = json.loads(_read(path, "COCO annotation file"))
+            if not isinstance(data, dict):  # a results file's list of detections, say
+                raise ValueError(
+                    f"a JSON {type(data).__name__}, not an object of images, annotations and "
+                    "categories"
+                )
             categories = sorted(data["categories"], key=lambda c: c["id"])
             _refuse_repeated_ids("category", [c["id"] for c in categories])
             cat_index = {c["id"]: i for i, c in enumerate(categories)}
