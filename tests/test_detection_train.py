@@ -226,6 +226,21 @@ def _write_coco(root: Path, annotations: list[list]) -> Path:
     return path
 
 
+def _write_voc(folder: Path, annotations: list[list]) -> Path:
+    """`_write_coco`'s annotations as VOC XML files in `folder`, one per image."""
+    folder.mkdir()
+    for i, boxes in enumerate(annotations):
+        objects = "".join(
+            f"<object><name>{('red', 'blue')[cls]}</name><bndbox><xmin>{x1}</xmin>"
+            f"<ymin>{y1}</ymin><xmax>{x2}</xmax><ymax>{y2}</ymax></bndbox></object>"
+            for x1, y1, x2, y2, cls in boxes
+        )
+        (folder / f"img{i}.xml").write_text(
+            f"<annotation><filename>img{i}.png</filename>{objects}</annotation>"
+        )
+    return folder
+
+
 def test_coco_dataset_parsing(tmp_path: Path) -> None:
     annotations = _write_images(tmp_path, 2, size=64)
     dataset = CocoDetection(_write_coco(tmp_path, annotations), tmp_path)
@@ -489,7 +504,9 @@ def test_detect_train_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
         f"error: --val-coco {empty}: its 4 images hold no boxes to evaluate against"
     ) in capsys.readouterr().err
     assert main([*common, "--val-coco", str(coco)]) == 2  # without --val-images
-    assert "error: --val-coco and --val-images go together" in capsys.readouterr().err
+    assert "error: --val-images and --val-coco (or --val-voc) go together" in (
+        capsys.readouterr().err
+    )
     (tmp_path / "taken").write_text("")  # an --out that cannot be written: said at once
     assert main([*args[:-1], str(tmp_path / "taken")]) == 2
     out_err = capsys.readouterr()
@@ -551,6 +568,32 @@ def test_a_resumed_detect_train_goes_on_in_the_folder_of_the_run_it_continues(
     assert main([*common, "--epochs", "2", "--resume", str(run / "latest.pt")]) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["model"] == str(run / "model.pt")
     assert not (tmp_path / "output").exists()
+
+
+def test_detect_train_evaluates_on_voc_data(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A VOC dataset's run measures its mAP on VOC data (--val-voc), as a COCO one's on
+    COCO data: without it, a VOC user had no way to measure the detector. Its classes are
+    matched to the training data's by name, before any training."""
+    torch.set_num_threads(2)
+    annotations = _write_images(tmp_path, 4, size=64)
+    train = _write_voc(tmp_path / "train_xml", annotations)
+    val = _write_voc(tmp_path / "val_xml", annotations[:2])
+    command = ["detect-train", "--voc", str(train), "--images", str(tmp_path), "--epochs", "1",
+               "--batch-size", "2", "--input-size", "64", "--train-sizes", "64",
+               "--val-images", str(tmp_path)]  # fmt: skip
+    assert main([*command, "--val-voc", str(val), "--out", str(tmp_path / "run")]) == 0
+    assert set(json.loads(capsys.readouterr().out.splitlines()[-1])) == {"mAP", "AP50"}
+    (val / "img0.xml").write_text((val / "img0.xml").read_text().replace("red", "green"))
+    assert main([*command, "--val-voc", str(val), "--out", str(tmp_path / "other")]) == 2
+    assert f"error: --val-voc {val}: the classes ['green'] are not among the model's" in (
+        capsys.readouterr().err
+    )
+    assert main(command) == 2
+    assert "error: --val-images and --val-coco (or --val-voc) go together" in (
+        capsys.readouterr().err
+    )
 
 
 def test_detect_train_refuses_an_out_folder_another_run_is_training_in(

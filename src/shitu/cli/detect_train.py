@@ -35,15 +35,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "it after a step (resumable), then OUTPUT/model.pt "
             "(EMA weights) and OUTPUT/model.onnx (the onnxruntime path, at --input-size), "
             "either one a `shitu detect --model` or `shitu recognize --detector`, and prints "
-            "COCO mAP on --val data."
+            "COCO mAP on --val-coco or --val-voc data."
         ),
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--coco", metavar="JSON", help="COCO instances file")
     source.add_argument("--voc", metavar="DIR", help="directory of VOC XML files")
     parser.add_argument("--images", required=True, help="image directory")
-    parser.add_argument("--val-coco", metavar="JSON", help="COCO file to evaluate on")
-    parser.add_argument("--val-images", help="image directory of --val-coco")
+    val_source = parser.add_mutually_exclusive_group()
+    val_source.add_argument("--val-coco", metavar="JSON", help="COCO file to evaluate on")
+    val_source.add_argument(
+        "--val-voc", metavar="DIR", help="directory of VOC XML files to evaluate on"
+    )
+    parser.add_argument("--val-images", help="image directory of --val-coco or --val-voc")
     parser.add_argument("--arch", default="picodet_s_esnet", help="detector architecture")
     parser.add_argument(
         "--class-agnostic", action="store_true", help="one 'foreground' class (mainbody)"
@@ -73,19 +77,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def _dataset(coco: str | None, voc: str | None, images: str, agnostic: bool) -> DetectionDataset:
+def _dataset(
+    coco: str | None, voc: str | None, images: str, agnostic: bool, train: bool
+) -> DetectionDataset:
+    """The COCO or VOC dataset given; `train`: with the training augmentations."""
     from shitu.detection.data import CocoDetection, VocDetection, train_augment
 
+    transform = train_augment if train else None
     if coco:
-        return CocoDetection(coco, images, agnostic, train_augment)
-    return VocDetection(voc, images, class_agnostic=agnostic, transform=train_augment)
+        return CocoDetection(coco, images, agnostic, transform)
+    return VocDetection(voc, images, class_agnostic=agnostic, transform=transform)
 
 
 def run(args: argparse.Namespace) -> int:
     from shitu.engine.state import resolve_checkpoint
 
-    if bool(args.val_coco) != bool(args.val_images):
-        raise ConfigError("--val-coco and --val-images go together")
+    if bool(args.val_coco or args.val_voc) != bool(args.val_images):
+        raise ConfigError("--val-images and --val-coco (or --val-voc) go together")
     # The folder of the run resumed (--resume names its latest.pt or the folder itself),
     # which it goes on writing to unless told otherwise.
     resumed = resolve_checkpoint(args.resume, "--resume").parent if args.resume else None
@@ -106,23 +114,24 @@ def run(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace, output: Path) -> int:
     from tqdm import tqdm
 
-    from shitu.detection.data import CocoDetection
     from shitu.detection.export import export_onnx
     from shitu.detection.train import DetectionTrainConfig, DetectionTrainer, evaluate_detector
 
-    dataset = _dataset(args.coco, args.voc, args.images, args.class_agnostic)
+    dataset = _dataset(args.coco, args.voc, args.images, args.class_agnostic, train=True)
     val = None
-    if args.val_coco:  # read (and matched to the training classes) before any training
-        val = CocoDetection(args.val_coco, args.val_images, args.class_agnostic)
+    if args.val_images:  # read (and matched to the training classes) before any training
+        agnostic = args.class_agnostic
+        val = _dataset(args.val_coco, args.val_voc, args.val_images, agnostic, train=False)
+        given = f"--val-coco {args.val_coco}" if args.val_coco else f"--val-voc {args.val_voc}"
         if not any(len(boxes) for boxes in val.boxes):  # its mAP would be a meaningless 0
             raise ConfigError(
-                f"--val-coco {args.val_coco}: its {len(val)} images hold no boxes to evaluate "
-                "against (none annotated, or none inside their image)"
+                f"{given}: its {len(val)} images hold no boxes to evaluate against (none "
+                "annotated, or none inside their image)"
             )
         try:
             val.use_class_order(dataset.class_names)
         except DataError as exc:
-            raise ConfigError(f"--val-coco {args.val_coco}: {exc}") from None
+            raise ConfigError(f"{given}: {exc}") from None
     config = DetectionTrainConfig(
         arch=args.arch,
         epochs=args.epochs,
