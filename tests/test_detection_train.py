@@ -529,7 +529,9 @@ def test_detect_train_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     # A new run over the finished one would write over its files: refused (--output, the
     # option's name before it was --out as on other commands, still names the folder).
     assert main([*args[:-2], "--output", str(out)]) == 2
-    assert f"--out {out}: holds an earlier run (latest.pt, model.pt)" in capsys.readouterr().err
+    assert f"--out {out}: holds an earlier run (latest.pt, model.pt, model.onnx)" in (
+        capsys.readouterr().err
+    )
     # Nor may a resumed run write over another run's files.
     other_run = tmp_path / "other_run"
     other_run.mkdir()
@@ -564,10 +566,14 @@ def test_a_resumed_detect_train_goes_on_in_the_folder_of_the_run_it_continues(
     common += ["2", "--input-size", "64", "--train-sizes", "64"]
     run = tmp_path / "run"
     assert main([*common, "--epochs", "1", "--out", str(run)]) == 0
+    # A save killed outright left its temporary file: the resumed run removes it.
+    killed_save = run / ".latest.pt.k1lled_0"
+    killed_save.write_bytes(b"half a checkpoint")
     monkeypatch.chdir(tmp_path)
     assert main([*common, "--epochs", "2", "--resume", str(run / "latest.pt")]) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["model"] == str(run / "model.pt")
     assert not (tmp_path / "output").exists()
+    assert not killed_save.exists()
 
 
 def test_detect_train_evaluates_on_voc_data(

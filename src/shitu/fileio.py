@@ -20,7 +20,7 @@ import shutil
 import sys
 import tempfile
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -206,6 +206,14 @@ def unfinished_writes(path: Path) -> list[Path]:
     own = re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}")
     candidates = path.parent.glob(f".{glob.escape(path.name)}.*")
     return sorted(candidate for candidate in candidates if own.fullmatch(candidate.name))
+
+
+def remove_unfinished_writes(folder: Path, names: Iterable[str]) -> None:
+    """Remove the `unfinished_writes` of each of the files `names` in `folder`: for a run
+    that holds the folder (`only_run_in`), where no other process writes them."""
+    for name in names:
+        for leftover in unfinished_writes(folder / name):
+            leftover.unlink(missing_ok=True)
 
 
 _AT_FDCWD = -100

@@ -17,12 +17,14 @@ from shitu.cli.common import (
     progress_wanted,
 )
 from shitu.errors import ConfigError, DataError
-from shitu.fileio import only_run_in
+from shitu.fileio import only_run_in, remove_unfinished_writes
 
 if TYPE_CHECKING:
     from shitu.detection.data import DetectionDataset
 
 DEFAULT_OUT = "output/detector"
+# What a run writes in its --out folder, each file whole or not at all.
+RUN_FILES = ("latest.pt", "model.pt", "model.onnx")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -98,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     # which it goes on writing to unless told otherwise.
     resumed = resolve_checkpoint(args.resume, "--resume").parent if args.resume else None
     output = Path(args.out) if args.out else resumed or Path(DEFAULT_OUT)
-    earlier = [name for name in ("latest.pt", "model.pt") if (output / name).exists()]
+    earlier = [name for name in RUN_FILES if (output / name).exists()]
     if earlier and (resumed is None or resumed.resolve() != output.resolve()):
         # a new run, or one resumed from elsewhere, would write over them
         raise ConfigError(
@@ -108,6 +110,9 @@ def run(args: argparse.Namespace) -> int:
     # Made now, not after the first epoch; one another run trains in is refused, and one
     # made for a run that fails to start (bad data, a checkpoint of another detector) goes.
     with only_run_in(output, "--out", "shitu detect-train"):
+        # A save killed outright (SIGKILL once a SIGTERM's grace period ran out) left its
+        # temporary file, a whole checkpoint's size, beside the file it kept.
+        remove_unfinished_writes(output, RUN_FILES)
         return _train(args, output)
 
 

@@ -57,7 +57,7 @@ from shitu.errors import (
     raised_message,
     weight_file_setting,
 )
-from shitu.fileio import home_expanded, unfinished_writes
+from shitu.fileio import home_expanded, remove_unfinished_writes
 from shitu.losses.combined import CombinedLoss
 from shitu.models import build_model
 from shitu.registry import problem_list
@@ -715,9 +715,7 @@ class Trainer:
         out during the save) left that save's temporary file, a whole checkpoint's size,
         beside the file it kept: an earlier run's, as no other process writes the files of
         this run's folder."""
-        for name in RUN_FILES:
-            for leftover in unfinished_writes(self.output_dir / name):
-                leftover.unlink(missing_ok=True)
+        remove_unfinished_writes(self.output_dir, RUN_FILES)
 
     def _save_unevaluated_epoch(self, epoch: int) -> None:
         """After a failed evaluation (out of memory, an unreadable eval image), checkpoint
