@@ -672,6 +672,25 @@ def test_detect_train_on_a_terminal_draws_progress_bars(tmp_path: Path) -> None:
     assert not any(line.startswith(("training", "evaluating")) for line in lines), lines
 
 
+def test_detect_train_into_a_log_prints_a_line_every_20_steps(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Where stderr is a file or a pipe no bar is drawn, and an epoch of a COCO-sized set
+    takes an hour or more with one JSON line at its start: a line every 20 steps shows that
+    the run goes on, and how fast. None with --no-progress."""
+    torch.set_num_threads(2)
+    coco = _write_coco(tmp_path, _write_images(tmp_path, 4, size=64))
+    command = ["detect-train", "--coco", str(coco), "--images", str(tmp_path), "--epochs", "10",
+               "--batch-size", "2", "--input-size", "64", "--train-sizes", "64"]  # fmt: skip
+    assert main([*command, "--out", str(tmp_path / "logged")]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("epoch")]
+    assert len(lines) == 1, lines
+    expected = r"epoch 10/10 step 20/20: loss \d+\.\d{4}, lr \S+, \d+\.\d images/s"
+    assert re.fullmatch(expected, lines[0]), lines
+    assert main([*command, "--out", str(tmp_path / "quiet"), "--no-progress"]) == 0
+    assert "epoch" not in capsys.readouterr().err
+
+
 def test_detection_data_is_clipped_counted_and_matched_by_class_name(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

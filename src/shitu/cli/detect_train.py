@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,6 +27,10 @@ if TYPE_CHECKING:
 DEFAULT_OUT = "output/detector"
 # What a run writes in its --out folder, each file whole or not at all.
 RUN_FILES = ("latest.pt", "model.pt", "model.onnx")
+# Where no bar is drawn (stderr a file or a pipe), a line on stderr every so many steps, as
+# often as `shitu train`'s default Global.print_batch_step: an epoch of a COCO-sized set takes
+# an hour or more, and its JSON line comes at its start only.
+STEP_LINE_EVERY = 20
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -161,12 +167,29 @@ def _train(args: argparse.Namespace, output: Path) -> int:
         dynamic_ncols=True,
     )
 
+    prints_lines = not args.no_progress and bar.disable
+    images_per_step = min(config.batch_size, len(dataset))
+    window_start, window_steps = time.monotonic(), 0
+
     def log(record: dict[str, float]) -> None:
+        nonlocal window_start, window_steps
         if record["step"] % steps_per_epoch == 0:
             print_past_progress(json.dumps({k: round(v, 5) for k, v in record.items()}))
         bar.update(1)
         epoch = record["step"] // steps_per_epoch + 1
         bar.set_postfix(epoch=f"{epoch}/{config.epochs}", loss=f"{record['loss']:.4f}")
+        window_steps += 1
+        step = int(record["step"]) + 1
+        if prints_lines and step % STEP_LINE_EVERY == 0:
+            elapsed = max(time.monotonic() - window_start, 1e-9)
+            print(
+                f"epoch {epoch}/{config.epochs} step {step}/{bar.total}: loss "
+                f"{record['loss']:.4f}, lr {record['lr']:.2e}, "
+                f"{window_steps * images_per_step / elapsed:.1f} images/s",
+                file=sys.stderr,
+                flush=True,
+            )
+            window_start, window_steps = time.monotonic(), 0
 
     with bar:
         trainer.train(on_step=log)
