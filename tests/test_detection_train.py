@@ -520,7 +520,11 @@ def test_detect_train_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     with pytest.raises(SystemExit):  # PicoDet's neck needs sides that halve down to 1/32
         main([*common, "--train-sizes", "100"])
     assert "expected a positive multiple of 32, got 100" in capsys.readouterr().err
-    for option, value, expected in (("--lr", "0", "above 0"), ("--workers", "-1", ">= 0")):
+    for option, value, expected in (
+        ("--lr", "0", "above 0"),
+        ("--workers", "-1", ">= 0"),
+        ("--seed", "-1", ">= 0"),
+    ):
         with pytest.raises(SystemExit):
             main([*common, option, value])
         assert f"expected a {'number' if option == '--lr' else 'whole number'} {expected}" in (
@@ -755,6 +759,8 @@ def test_detection_data_is_clipped_counted_and_matched_by_class_name(
         ("learning_rate", float("nan"), "a number above 0"),
         ("weight_decay", -1e-4, "a number >= 0"),
         ("ema_decay", 1.0, "a number in [0, 1)"),
+        ("seed", -1, "a whole number from 0 to 2**63 - 1"),  # numpy's traceback, steps in
+        ("seed", 2**64, "a whole number from 0 to 2**63 - 1"),
     ],
 )
 def test_detection_train_config_refuses_values_that_cannot_train(field, value, expected):

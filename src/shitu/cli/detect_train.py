@@ -72,7 +72,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="input sizes of the multi-scale batches, one drawn per batch",
     )
     parser.add_argument("--workers", type=non_negative_int, default=0, help="data loader processes")
-    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="random seed")
     parser.add_argument(
         "--out",
         help=f"output folder (default: {DEFAULT_OUT}, or with --resume the folder of the run "

@@ -83,6 +83,11 @@ class DetectionTrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 refuse(name, f"a whole number >= {least}")
+        # As the recogniser's Global.seed: numpy refuses negative seeds, torch those of
+        # 2**64 and more, which a seed plus an epoch must stay under.
+        seed = self.seed
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+            refuse("seed", "a whole number from 0 to 2**63 - 1")
         if not self.learning_rate > 0:
             refuse("learning_rate", "a number above 0")
         for name in ("warmup_start_lr", "weight_decay"):
