@@ -32,7 +32,7 @@ from shitu.detection.data import (
 )
 from shitu.detection.losses import distribution_focal_loss, giou, giou_loss, varifocal_loss
 from shitu.detection.train import DetectionTrainConfig, DetectionTrainer, evaluate_detector
-from shitu.engine.state import Progress, save_training_state
+from shitu.engine.state import Progress, load_training_state, save_training_state
 from shitu.errors import ConfigError, DataError
 from tests.terminal_helpers import run_in_terminal
 
@@ -446,6 +446,29 @@ def test_resume_continues_identically(tmp_path: Path) -> None:
         torch.testing.assert_close(ema[key], value, rtol=1e-4, atol=1e-5)
 
 
+def test_checkpoints_every_so_many_steps_within_an_epoch(tmp_path: Path) -> None:
+    """An epoch of a COCO-sized set takes an hour or more: with checkpoint_every_steps a run
+    killed outright mid-epoch resumes from its last such step, not the epoch's start."""
+    torch.set_num_threads(2)
+    annotations = _write_images(tmp_path, 8, size=64)
+    dataset = CocoDetection(_write_coco(tmp_path, annotations), tmp_path, transform=train_augment)
+    config = DetectionTrainConfig(
+        epochs=1,
+        batch_size=2,  # 4 steps an epoch
+        train_sizes=(64,),
+        eval_size=64,
+        output_dir=str(tmp_path / "run"),
+        checkpoint_every_steps=2,
+    )
+    trainer = DetectionTrainer(dataset, config)
+    trainer.train(max_steps=3)  # as if killed during the fourth step
+    _, progress = load_training_state(trainer.checkpoint_path, kind="detector")
+    assert (progress.global_step, progress.epoch, progress.batch_in_epoch) == (2, 0, 2)
+    resumed = DetectionTrainer(dataset, config)
+    resumed.resume(trainer.checkpoint_path)
+    assert [record["step"] for record in resumed.train()] == [2, 3]
+
+
 def test_a_resume_with_other_boxes_says_it_is_not_the_same_run(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -759,6 +782,7 @@ def test_detection_data_is_clipped_counted_and_matched_by_class_name(
         ("learning_rate", float("nan"), "a number above 0"),
         ("weight_decay", -1e-4, "a number >= 0"),
         ("ema_decay", 1.0, "a number in [0, 1)"),
+        ("checkpoint_every_steps", 0, "a whole number >= 1"),
         ("seed", -1, "a whole number from 0 to 2**63 - 1"),  # numpy's traceback, steps in
         ("seed", 2**64, "a whole number from 0 to 2**63 - 1"),
     ],

@@ -81,6 +81,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     # Its name before it was called --out, as on every other command; scripts use it.
     parser.add_argument("--output", dest="out", help=argparse.SUPPRESS)
     parser.add_argument("--resume", help="training checkpoint (latest.pt or its directory)")
+    parser.add_argument(
+        "--checkpoint-every-steps",
+        type=positive_int,
+        metavar="N",
+        help="also write latest.pt every N steps within an epoch (default: at its end only), "
+        "so that a run killed outright loses at most N steps",
+    )
     add_progress_argument(parser)
     parser.set_defaults(func=run)
 
@@ -153,6 +160,7 @@ def _train(args: argparse.Namespace, output: Path) -> int:
         seed=args.seed,
         num_workers=args.workers,
         output_dir=str(output),
+        checkpoint_every_steps=args.checkpoint_every_steps,
     )
     trainer = DetectionTrainer(dataset, config)
     if args.resume:
