@@ -645,6 +645,23 @@ def test_image_folder_dataset(tmp_path: Path, caplog):
         ImageFolderDataset(str(tmp_path / "empty"))
 
 
+def test_image_folder_dataset_refuses_a_training_runs_folder_as_a_class(tmp_path: Path):
+    """A run's output folder inside the root (a detect-train --out, an earlier run's) was
+    read as one more class, an empty one, shifting the ids of the classes after it."""
+    root = tmp_path / "photos"
+    save_png(root / "apple" / "1.png", pattern(4, 4))
+    save_png(root / "pear" / "1.png", pattern(4, 4))
+    (root / "output").mkdir()
+    (root / "output" / ".shitu-train.lock").write_text("shitu detect-train (process 1)")
+    (root / "output" / "latest.pt").write_bytes(b"a checkpoint")
+    with pytest.raises(DataError) as caught:
+        ImageFolderDataset(str(root))
+    assert str(caught.value) == (
+        f"image folder {root}: folder(s) output hold a shitu training run's files "
+        f"(.shitu-train.lock), not a class's images; move them out of {root}"
+    )
+
+
 def test_image_folder_dataset_grouped_by_category_takes_leaf_folders_as_classes(
     tmp_path: Path, caplog
 ):

@@ -32,7 +32,7 @@ from shitu.detection.data import (
 )
 from shitu.detection.losses import distribution_focal_loss, giou, giou_loss, varifocal_loss
 from shitu.detection.train import DetectionTrainConfig, DetectionTrainer, evaluate_detector
-from shitu.engine.state import Progress, save_training_state
+from shitu.engine.state import Progress, load_training_state, save_training_state
 from shitu.errors import ConfigError, DataError
 from tests.terminal_helpers import run_in_terminal
 
@@ -226,6 +226,21 @@ def _write_coco(root: Path, annotations: list[list]) -> Path:
     return path
 
 
+def _write_voc(folder: Path, annotations: list[list]) -> Path:
+    """`_write_coco`'s annotations as VOC XML files in `folder`, one per image."""
+    folder.mkdir()
+    for i, boxes in enumerate(annotations):
+        objects = "".join(
+            f"<object><name>{('red', 'blue')[cls]}</name><bndbox><xmin>{x1}</xmin>"
+            f"<ymin>{y1}</ymin><xmax>{x2}</xmax><ymax>{y2}</ymax></bndbox></object>"
+            for x1, y1, x2, y2, cls in boxes
+        )
+        (folder / f"img{i}.xml").write_text(
+            f"<annotation><filename>img{i}.png</filename>{objects}</annotation>"
+        )
+    return folder
+
+
 def test_coco_dataset_parsing(tmp_path: Path) -> None:
     annotations = _write_images(tmp_path, 2, size=64)
     dataset = CocoDetection(_write_coco(tmp_path, annotations), tmp_path)
@@ -289,6 +304,11 @@ def test_missing_or_malformed_coco_file(tmp_path: Path) -> None:
     (tmp_path / "bad.json").write_text('{"images": []}')
     with pytest.raises(DataError, match=r"bad.json is not a valid COCO .* \(no 'categories' key\)"):
         CocoDetection(tmp_path / "bad.json", tmp_path)
+    # COCO's results format, a list of detections: given for the annotations by mistake
+    (tmp_path / "results.json").write_text('[{"image_id": 1, "bbox": [1, 2, 3, 4]}]')
+    expected = r"\(a JSON list, not an object of images, annotations and categories\)$"
+    with pytest.raises(DataError, match=rf"results.json is not a valid COCO .* {expected}"):
+        CocoDetection(tmp_path / "results.json", tmp_path)
     coco = _write_coco(tmp_path, _write_images(tmp_path, 2, size=64))
     data = json.loads(coco.read_text())
     for key, wrong in (("image_id", 42), ("category_id", 99)):
@@ -326,18 +346,22 @@ def test_detection_images_that_do_not_exist_are_named_before_training(
 ) -> None:
     coco = _write_coco(tmp_path, _write_images(tmp_path, 7, size=64))
     elsewhere = str(tmp_path / "elsewhere")
-    with pytest.raises(DataError, match=r"^7 of the 7 images .* exist: \S*img0.png, .* 2 more"):
+    with pytest.raises(DataError, match=r": 7 of the 7 images .* exist: \S*img0.png, .* 2 more"):
         CocoDetection(coco, elsewhere)
     (tmp_path / "img3.png").unlink()
-    with pytest.raises(DataError, match=r"^1 of the 7 images .* exist: \S*img3.png \(is the"):
+    with pytest.raises(DataError, match=r": 1 of the 7 images .* exist: \S*img3.png \(is the"):
         CocoDetection(coco, tmp_path)
     _write_images(tmp_path, 7, size=64)
     # A wrong --val-images is refused at once, not after the whole training run.
     out = tmp_path / "out"
     train = ["detect-train", "--coco", str(coco), "--images", str(tmp_path), "--epochs", "1"]
-    val = ["--val-coco", str(coco), "--val-images", elsewhere, "--out", str(out)]
+    val_coco = tmp_path / "val.json"  # which of the two sets it is: named by its file
+    val_coco.write_bytes(coco.read_bytes())
+    val = ["--val-coco", str(val_coco), "--val-images", elsewhere, "--out", str(out)]
     assert main([*train, *val]) == 2
-    assert "error: 7 of the 7 images the detection dataset lists" in capsys.readouterr().err
+    assert f"error: {val_coco}: 7 of the 7 images it lists do not exist" in (
+        capsys.readouterr().err
+    )
     assert not (out / "latest.pt").exists()
 
 
@@ -422,6 +446,29 @@ def test_resume_continues_identically(tmp_path: Path) -> None:
         torch.testing.assert_close(ema[key], value, rtol=1e-4, atol=1e-5)
 
 
+def test_checkpoints_every_so_many_steps_within_an_epoch(tmp_path: Path) -> None:
+    """An epoch of a COCO-sized set takes an hour or more: with checkpoint_every_steps a run
+    killed outright mid-epoch resumes from its last such step, not the epoch's start."""
+    torch.set_num_threads(2)
+    annotations = _write_images(tmp_path, 8, size=64)
+    dataset = CocoDetection(_write_coco(tmp_path, annotations), tmp_path, transform=train_augment)
+    config = DetectionTrainConfig(
+        epochs=1,
+        batch_size=2,  # 4 steps an epoch
+        train_sizes=(64,),
+        eval_size=64,
+        output_dir=str(tmp_path / "run"),
+        checkpoint_every_steps=2,
+    )
+    trainer = DetectionTrainer(dataset, config)
+    trainer.train(max_steps=3)  # as if killed during the fourth step
+    _, progress = load_training_state(trainer.checkpoint_path, kind="detector")
+    assert (progress.global_step, progress.epoch, progress.batch_in_epoch) == (2, 0, 2)
+    resumed = DetectionTrainer(dataset, config)
+    resumed.resume(trainer.checkpoint_path)
+    assert [record["step"] for record in resumed.train()] == [2, 3]
+
+
 def test_a_resume_with_other_boxes_says_it_is_not_the_same_run(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -480,7 +527,9 @@ def test_detect_train_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
         f"error: --val-coco {empty}: its 4 images hold no boxes to evaluate against"
     ) in capsys.readouterr().err
     assert main([*common, "--val-coco", str(coco)]) == 2  # without --val-images
-    assert "error: --val-coco and --val-images go together" in capsys.readouterr().err
+    assert "error: --val-images and --val-coco (or --val-voc) go together" in (
+        capsys.readouterr().err
+    )
     (tmp_path / "taken").write_text("")  # an --out that cannot be written: said at once
     assert main([*args[:-1], str(tmp_path / "taken")]) == 2
     out_err = capsys.readouterr()
@@ -494,7 +543,11 @@ def test_detect_train_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     with pytest.raises(SystemExit):  # PicoDet's neck needs sides that halve down to 1/32
         main([*common, "--train-sizes", "100"])
     assert "expected a positive multiple of 32, got 100" in capsys.readouterr().err
-    for option, value, expected in (("--lr", "0", "above 0"), ("--workers", "-1", ">= 0")):
+    for option, value, expected in (
+        ("--lr", "0", "above 0"),
+        ("--workers", "-1", ">= 0"),
+        ("--seed", "-1", ">= 0"),
+    ):
         with pytest.raises(SystemExit):
             main([*common, option, value])
         assert f"expected a {'number' if option == '--lr' else 'whole number'} {expected}" in (
@@ -503,7 +556,9 @@ def test_detect_train_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     # A new run over the finished one would write over its files: refused (--output, the
     # option's name before it was --out as on other commands, still names the folder).
     assert main([*args[:-2], "--output", str(out)]) == 2
-    assert f"--out {out}: holds an earlier run (latest.pt, model.pt)" in capsys.readouterr().err
+    assert f"--out {out}: holds an earlier run (latest.pt, model.pt, model.onnx)" in (
+        capsys.readouterr().err
+    )
     # Nor may a resumed run write over another run's files.
     other_run = tmp_path / "other_run"
     other_run.mkdir()
@@ -538,10 +593,88 @@ def test_a_resumed_detect_train_goes_on_in_the_folder_of_the_run_it_continues(
     common += ["2", "--input-size", "64", "--train-sizes", "64"]
     run = tmp_path / "run"
     assert main([*common, "--epochs", "1", "--out", str(run)]) == 0
+    # A save killed outright left its temporary file: the resumed run removes it.
+    killed_save = run / ".latest.pt.k1lled_0"
+    killed_save.write_bytes(b"half a checkpoint")
     monkeypatch.chdir(tmp_path)
     assert main([*common, "--epochs", "2", "--resume", str(run / "latest.pt")]) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["model"] == str(run / "model.pt")
     assert not (tmp_path / "output").exists()
+    assert not killed_save.exists()
+
+
+def test_detect_train_evaluates_on_voc_data(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A VOC dataset's run measures its mAP on VOC data (--val-voc), as a COCO one's on
+    COCO data: without it, a VOC user had no way to measure the detector. Its classes are
+    matched to the training data's by name, before any training."""
+    torch.set_num_threads(2)
+    annotations = _write_images(tmp_path, 4, size=64)
+    train = _write_voc(tmp_path / "train_xml", annotations)
+    val = _write_voc(tmp_path / "val_xml", annotations[:2])
+    command = ["detect-train", "--voc", str(train), "--images", str(tmp_path), "--epochs", "1",
+               "--batch-size", "2", "--input-size", "64", "--train-sizes", "64",
+               "--val-images", str(tmp_path)]  # fmt: skip
+    assert main([*command, "--val-voc", str(val), "--out", str(tmp_path / "run")]) == 0
+    assert set(json.loads(capsys.readouterr().out.splitlines()[-1])) == {"mAP", "AP50"}
+    (val / "img0.xml").write_text((val / "img0.xml").read_text().replace("red", "green"))
+    assert main([*command, "--val-voc", str(val), "--out", str(tmp_path / "other")]) == 2
+    assert f"error: --val-voc {val}: the classes ['green'] are not among the model's" in (
+        capsys.readouterr().err
+    )
+    assert main(command) == 2
+    assert "error: --val-images and --val-coco (or --val-voc) go together" in (
+        capsys.readouterr().err
+    )
+
+
+def test_detect_train_refuses_an_out_folder_another_run_is_training_in(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A second run into a folder (a resume started while the run it resumes still goes
+    on) wrote latest.pt beside it: the lock the running one holds, as `shitu train`'s,
+    refuses it; a run with the folder to itself goes on."""
+    import fcntl
+
+    torch.set_num_threads(2)
+    coco = _write_coco(tmp_path, _write_images(tmp_path, 4, size=64))
+    run = tmp_path / "run"
+    command = ["detect-train", "--coco", str(coco), "--images", str(tmp_path), "--batch-size",
+               "2", "--input-size", "64", "--train-sizes", "64", "--epochs", "1",
+               "--out", str(run)]  # fmt: skip
+    run.mkdir()
+    with open(run / ".shitu-train.lock", "a+") as held:  # as a running one holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("shitu detect-train (process 4321)")
+        held.flush()
+        assert main(command) == 2
+        assert capsys.readouterr().err.startswith(
+            f"error: --out {run}: another shitu detect-train (process 4321) is running in it; "
+        )
+    assert not (run / "latest.pt").exists()
+    assert main(command) == 0
+    assert (run / "model.pt").is_file()
+
+
+def test_a_detect_train_that_fails_to_start_leaves_no_out_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Bad data or a checkpoint that cannot be resumed: refused, and the folders made for
+    the run gone with it, as `shitu train` leaves none."""
+    coco = _write_coco(tmp_path, _write_images(tmp_path, 2, size=64))
+    out = tmp_path / "runs" / "detector"
+    common = ["--batch-size", "2", "--input-size", "64", "--train-sizes", "64", "--out", str(out)]
+    missing = ["detect-train", "--coco", str(tmp_path / "missing.json"), "--images", str(tmp_path)]
+    assert main([*missing, *common]) == 2
+    assert "missing.json" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+    other = tmp_path / "other"
+    save_training_state(other / "latest.pt", {"model": {}, "seed": 0}, Progress())
+    resume = ["detect-train", "--coco", str(coco), "--images", str(tmp_path), "--resume"]
+    assert main([*resume, str(other), *common]) == 2
+    assert "a recognition training checkpoint, not a detector one" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
 
 
 def test_detect_train_on_a_terminal_draws_progress_bars(tmp_path: Path) -> None:
@@ -564,6 +697,25 @@ def test_detect_train_on_a_terminal_draws_progress_bars(tmp_path: Path) -> None:
     status, lines = run_in_terminal([*command, "--out", str(tmp_path / "quiet"), "--no-progress"])
     assert status == 0, lines
     assert not any(line.startswith(("training", "evaluating")) for line in lines), lines
+
+
+def test_detect_train_into_a_log_prints_a_line_every_20_steps(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Where stderr is a file or a pipe no bar is drawn, and an epoch of a COCO-sized set
+    takes an hour or more with one JSON line at its start: a line every 20 steps shows that
+    the run goes on, and how fast. None with --no-progress."""
+    torch.set_num_threads(2)
+    coco = _write_coco(tmp_path, _write_images(tmp_path, 4, size=64))
+    command = ["detect-train", "--coco", str(coco), "--images", str(tmp_path), "--epochs", "10",
+               "--batch-size", "2", "--input-size", "64", "--train-sizes", "64"]  # fmt: skip
+    assert main([*command, "--out", str(tmp_path / "logged")]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("epoch")]
+    assert len(lines) == 1, lines
+    expected = r"epoch 10/10 step 20/20: loss \d+\.\d{4}, lr \S+, \d+\.\d images/s"
+    assert re.fullmatch(expected, lines[0]), lines
+    assert main([*command, "--out", str(tmp_path / "quiet"), "--no-progress"]) == 0
+    assert "epoch" not in capsys.readouterr().err
 
 
 def test_detection_data_is_clipped_counted_and_matched_by_class_name(
@@ -614,7 +766,7 @@ def test_detection_data_is_clipped_counted_and_matched_by_class_name(
         DetectionTrainer(CocoDetection(path, tmp_path), DetectionTrainConfig())
     data["images"], data["annotations"] = [], []
     path.write_text(json.dumps(data))
-    with pytest.raises(DataError, match="lists no images"):
+    with pytest.raises(DataError, match=f"^{re.escape(str(path))}: lists no images"):
         CocoDetection(path, tmp_path)
 
 
@@ -630,6 +782,9 @@ def test_detection_data_is_clipped_counted_and_matched_by_class_name(
         ("learning_rate", float("nan"), "a number above 0"),
         ("weight_decay", -1e-4, "a number >= 0"),
         ("ema_decay", 1.0, "a number in [0, 1)"),
+        ("checkpoint_every_steps", 0, "a whole number >= 1"),
+        ("seed", -1, "a whole number from 0 to 2**63 - 1"),  # numpy's traceback, steps in
+        ("seed", 2**64, "a whole number from 0 to 2**63 - 1"),
     ],
 )
 def test_detection_train_config_refuses_values_that_cannot_train(field, value, expected):

@@ -659,11 +659,43 @@ def test_cli_train_refuses_an_output_dir_another_run_is_training_in(grocery, tmp
     assert "finished at epoch 1" in capsys.readouterr().out
 
 
+def test_cli_train_refuses_an_output_dir_inside_a_folder_per_class_root(grocery, tmp_path, capsys):
+    """`root: photos`, `output_dir: photos/output`: the run's folder was read as one more
+    class (made before the datasets are built, so by this run already, and by every later
+    one). Refused before anything is made, naming both settings."""
+    path = tiny_config(grocery, tmp_path, epochs=1)
+    photos = tmp_path / "photos"
+    for label, images in list(grocery_listing(grocery, "train").items())[:2]:
+        (photos / str(label)).mkdir(parents=True)
+        for image in images[:4]:
+            shutil.copy(grocery / image, photos / str(label))
+    config = yaml.safe_load(path.read_text())
+    train = config["DataLoader"]["Train"]["dataset"]
+    config["DataLoader"]["Train"]["dataset"] = {
+        "name": "ImageFolderDataset",
+        "root": str(photos),
+        "transform_ops": train["transform_ops"],
+    }
+    path.write_text(yaml.safe_dump(config))
+    for output in (photos / "output", photos):
+        assert main(["train", "-c", str(path), "-o", f"Global.output_dir={output}"]) == 2
+        assert (
+            f"Global.output_dir {output} lies inside DataLoader.Train.dataset.root {photos}, "
+            "whose folders are its classes"
+        ) in capsys.readouterr().err
+    assert sorted(entry.name for entry in photos.iterdir()) == sorted(
+        str(label) for label in list(grocery_listing(grocery, "train"))[:2]
+    )
+
+
 def test_cli_train_that_fails_to_start_leaves_no_output_dir(grocery, tmp_path, capsys):
     path = tiny_config(grocery, tmp_path, epochs=1)
     assert main(["train", "-c", str(path), "-o", "Global.pretrained_model=missing.pt"]) == 2
     assert "missing.pt" in capsys.readouterr().err
     assert not (tmp_path / "output").exists()
+    nested = ["-o", f"Global.output_dir={tmp_path / 'runs' / 'first'}"]  # both folders made
+    assert main(["train", "-c", str(path), *nested, "-o", "Global.pretrained_model=x.pt"]) == 2
+    assert not (tmp_path / "runs").exists()
 
 
 def test_cli_train_and_eval_name_the_key_of_weights_they_cannot_load(grocery, tmp_path, capsys):

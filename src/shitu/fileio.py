@@ -20,11 +20,15 @@ import shutil
 import sys
 import tempfile
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from shitu.errors import CheckpointError, DataError
+from shitu.errors import CheckpointError, ConfigError, DataError
+
+# Held by the training run (`shitu train`, `shitu detect-train`) writing in a folder; it
+# holds what that run is, as `only_run_in` tells another one.
+RUN_LOCK = ".shitu-train.lock"
 
 # The advice for a text file in neither encoding (a list a Windows tool wrote in cp1252, say).
 SAVE_AS_UTF8 = "save it as UTF-8"
@@ -89,6 +93,44 @@ def refuse_file_in_the_way(folder: Path, what: str) -> None:
     existing = next((f for f in (folder, *folder.parents) if f.exists()), None)
     if existing is not None and not existing.is_dir():
         raise DataError(f"{what}: {existing} is a file, not a folder")
+
+
+@contextlib.contextmanager
+def only_run_in(folder: Path, setting: str, command: str) -> Iterator[None]:
+    """Make `folder` (see `check_writable`) and hold its run lock (an flock, released by
+    the kernel when the process dies) while the block runs: a second training run into
+    the folder, say a resume started while the run it resumes still goes on, is refused
+    naming the running one (`command`, `shitu train`, and its process), where both would
+    write the same checkpoint. `setting`: the option or config key that named the folder.
+    Folders made here and left with nothing but the lock (a run that failed to start)
+    are removed."""
+    import fcntl  # POSIX, as the staging locks
+
+    what = f"{setting} {folder}"
+    made = [f for f in (folder, *folder.parents) if not f.exists()]  # the deepest first
+    check_writable(folder, what)  # one line, not an OSError
+    lock_path = folder / RUN_LOCK
+    with open(lock_path, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "shitu run (process unknown)"
+            raise ConfigError(
+                f"{what}: another {holder} is running in it; wait for it to end or stop it, "
+                f"or give another {setting}"
+            ) from None
+        lock.truncate(0)
+        lock.write(f"{command} (process {os.getpid()})")
+        lock.flush()
+        try:
+            yield
+        finally:
+            if made and [entry.name for entry in folder.iterdir()] == [RUN_LOCK]:
+                lock_path.unlink()
+                with contextlib.suppress(OSError):  # a parent something else wrote in since
+                    for empty in made:
+                        empty.rmdir()
 
 
 def torch_save_atomically(payload: Any, path: Path, durable: bool = False) -> Path:
@@ -164,6 +206,14 @@ def unfinished_writes(path: Path) -> list[Path]:
     own = re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}")
     candidates = path.parent.glob(f".{glob.escape(path.name)}.*")
     return sorted(candidate for candidate in candidates if own.fullmatch(candidate.name))
+
+
+def remove_unfinished_writes(folder: Path, names: Iterable[str]) -> None:
+    """Remove the `unfinished_writes` of each of the files `names` in `folder`: for a run
+    that holds the folder (`only_run_in`), where no other process writes them."""
+    for name in names:
+        for leftover in unfinished_writes(folder / name):
+            leftover.unlink(missing_ok=True)
 
 
 _AT_FDCWD = -100

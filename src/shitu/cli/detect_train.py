@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,12 +19,18 @@ from shitu.cli.common import (
     progress_wanted,
 )
 from shitu.errors import ConfigError, DataError
-from shitu.fileio import check_writable
+from shitu.fileio import only_run_in, remove_unfinished_writes
 
 if TYPE_CHECKING:
     from shitu.detection.data import DetectionDataset
 
 DEFAULT_OUT = "output/detector"
+# What a run writes in its --out folder, each file whole or not at all.
+RUN_FILES = ("latest.pt", "model.pt", "model.onnx")
+# Where no bar is drawn (stderr a file or a pipe), a line on stderr every so many steps, as
+# often as `shitu train`'s default Global.print_batch_step: an epoch of a COCO-sized set takes
+# an hour or more, and its JSON line comes at its start only.
+STEP_LINE_EVERY = 20
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -35,15 +43,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "it after a step (resumable), then OUTPUT/model.pt "
             "(EMA weights) and OUTPUT/model.onnx (the onnxruntime path, at --input-size), "
             "either one a `shitu detect --model` or `shitu recognize --detector`, and prints "
-            "COCO mAP on --val data."
+            "COCO mAP on --val-coco or --val-voc data."
         ),
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--coco", metavar="JSON", help="COCO instances file")
     source.add_argument("--voc", metavar="DIR", help="directory of VOC XML files")
     parser.add_argument("--images", required=True, help="image directory")
-    parser.add_argument("--val-coco", metavar="JSON", help="COCO file to evaluate on")
-    parser.add_argument("--val-images", help="image directory of --val-coco")
+    val_source = parser.add_mutually_exclusive_group()
+    val_source.add_argument("--val-coco", metavar="JSON", help="COCO file to evaluate on")
+    val_source.add_argument(
+        "--val-voc", metavar="DIR", help="directory of VOC XML files to evaluate on"
+    )
+    parser.add_argument("--val-images", help="image directory of --val-coco or --val-voc")
     parser.add_argument("--arch", default="picodet_s_esnet", help="detector architecture")
     parser.add_argument(
         "--class-agnostic", action="store_true", help="one 'foreground' class (mainbody)"
@@ -60,7 +72,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="input sizes of the multi-scale batches, one drawn per batch",
     )
     parser.add_argument("--workers", type=non_negative_int, default=0, help="data loader processes")
-    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="random seed")
     parser.add_argument(
         "--out",
         help=f"output folder (default: {DEFAULT_OUT}, or with --resume the folder of the run "
@@ -69,53 +81,75 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     # Its name before it was called --out, as on every other command; scripts use it.
     parser.add_argument("--output", dest="out", help=argparse.SUPPRESS)
     parser.add_argument("--resume", help="training checkpoint (latest.pt or its directory)")
+    parser.add_argument(
+        "--checkpoint-every-steps",
+        type=positive_int,
+        metavar="N",
+        help="also write latest.pt every N steps within an epoch (default: at its end only), "
+        "so that a run killed outright loses at most N steps",
+    )
     add_progress_argument(parser)
     parser.set_defaults(func=run)
 
 
-def _dataset(coco: str | None, voc: str | None, images: str, agnostic: bool) -> DetectionDataset:
+def _dataset(
+    coco: str | None, voc: str | None, images: str, agnostic: bool, train: bool
+) -> DetectionDataset:
+    """The COCO or VOC dataset given; `train`: with the training augmentations."""
     from shitu.detection.data import CocoDetection, VocDetection, train_augment
 
+    transform = train_augment if train else None
     if coco:
-        return CocoDetection(coco, images, agnostic, train_augment)
-    return VocDetection(voc, images, class_agnostic=agnostic, transform=train_augment)
+        return CocoDetection(coco, images, agnostic, transform)
+    return VocDetection(voc, images, class_agnostic=agnostic, transform=transform)
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from shitu.detection.data import CocoDetection
-    from shitu.detection.export import export_onnx
-    from shitu.detection.train import DetectionTrainConfig, DetectionTrainer, evaluate_detector
     from shitu.engine.state import resolve_checkpoint
 
-    if bool(args.val_coco) != bool(args.val_images):
-        raise ConfigError("--val-coco and --val-images go together")
+    if bool(args.val_coco or args.val_voc) != bool(args.val_images):
+        raise ConfigError("--val-images and --val-coco (or --val-voc) go together")
     # The folder of the run resumed (--resume names its latest.pt or the folder itself),
     # which it goes on writing to unless told otherwise.
     resumed = resolve_checkpoint(args.resume, "--resume").parent if args.resume else None
     output = Path(args.out) if args.out else resumed or Path(DEFAULT_OUT)
-    earlier = [name for name in ("latest.pt", "model.pt") if (output / name).exists()]
+    earlier = [name for name in RUN_FILES if (output / name).exists()]
     if earlier and (resumed is None or resumed.resolve() != output.resolve()):
         # a new run, or one resumed from elsewhere, would write over them
         raise ConfigError(
             f"--out {output}: holds an earlier run ({', '.join(earlier)}); resume it with "
             f"--resume {output / 'latest.pt'}, or give another --out (or remove that one)"
         )
-    check_writable(output, f"--out {output}")  # now, not after the first epoch
-    dataset = _dataset(args.coco, args.voc, args.images, args.class_agnostic)
+    # Made now, not after the first epoch; one another run trains in is refused, and one
+    # made for a run that fails to start (bad data, a checkpoint of another detector) goes.
+    with only_run_in(output, "--out", "shitu detect-train"):
+        # A save killed outright (SIGKILL once a SIGTERM's grace period ran out) left its
+        # temporary file, a whole checkpoint's size, beside the file it kept.
+        remove_unfinished_writes(output, RUN_FILES)
+        return _train(args, output)
+
+
+def _train(args: argparse.Namespace, output: Path) -> int:
+    from tqdm import tqdm
+
+    from shitu.detection.export import export_onnx
+    from shitu.detection.train import DetectionTrainConfig, DetectionTrainer, evaluate_detector
+
+    dataset = _dataset(args.coco, args.voc, args.images, args.class_agnostic, train=True)
     val = None
-    if args.val_coco:  # read (and matched to the training classes) before any training
-        val = CocoDetection(args.val_coco, args.val_images, args.class_agnostic)
+    if args.val_images:  # read (and matched to the training classes) before any training
+        agnostic = args.class_agnostic
+        val = _dataset(args.val_coco, args.val_voc, args.val_images, agnostic, train=False)
+        given = f"--val-coco {args.val_coco}" if args.val_coco else f"--val-voc {args.val_voc}"
         if not any(len(boxes) for boxes in val.boxes):  # its mAP would be a meaningless 0
             raise ConfigError(
-                f"--val-coco {args.val_coco}: its {len(val)} images hold no boxes to evaluate "
-                "against (none annotated, or none inside their image)"
+                f"{given}: its {len(val)} images hold no boxes to evaluate against (none "
+                "annotated, or none inside their image)"
             )
         try:
             val.use_class_order(dataset.class_names)
         except DataError as exc:
-            raise ConfigError(f"--val-coco {args.val_coco}: {exc}") from None
+            raise ConfigError(f"{given}: {exc}") from None
     config = DetectionTrainConfig(
         arch=args.arch,
         epochs=args.epochs,
@@ -126,6 +160,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         num_workers=args.workers,
         output_dir=str(output),
+        checkpoint_every_steps=args.checkpoint_every_steps,
     )
     trainer = DetectionTrainer(dataset, config)
     if args.resume:
@@ -140,12 +175,29 @@ def run(args: argparse.Namespace) -> int:
         dynamic_ncols=True,
     )
 
+    prints_lines = not args.no_progress and bar.disable
+    images_per_step = min(config.batch_size, len(dataset))
+    window_start, window_steps = time.monotonic(), 0
+
     def log(record: dict[str, float]) -> None:
+        nonlocal window_start, window_steps
         if record["step"] % steps_per_epoch == 0:
             print_past_progress(json.dumps({k: round(v, 5) for k, v in record.items()}))
         bar.update(1)
         epoch = record["step"] // steps_per_epoch + 1
         bar.set_postfix(epoch=f"{epoch}/{config.epochs}", loss=f"{record['loss']:.4f}")
+        window_steps += 1
+        step = int(record["step"]) + 1
+        if prints_lines and step % STEP_LINE_EVERY == 0:
+            elapsed = max(time.monotonic() - window_start, 1e-9)
+            print(
+                f"epoch {epoch}/{config.epochs} step {step}/{bar.total}: loss "
+                f"{record['loss']:.4f}, lr {record['lr']:.2e}, "
+                f"{window_steps * images_per_step / elapsed:.1f} images/s",
+                file=sys.stderr,
+                flush=True,
+            )
+            window_start, window_steps = time.monotonic(), 0
 
     with bar:
         trainer.train(on_step=log)

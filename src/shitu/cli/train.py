@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,10 +20,7 @@ from shitu.cli.common import (
     positive_minutes,
 )
 from shitu.errors import CheckpointError, ConfigError, override_word
-from shitu.fileio import check_writable, refuse_file_in_the_way
-
-# Held by the run writing in an output folder (see `_only_run_in`).
-RUN_LOCK = ".shitu-train.lock"
+from shitu.fileio import only_run_in, refuse_file_in_the_way
 
 if TYPE_CHECKING:
     from shitu.config.schema import ShituConfig
@@ -105,45 +101,6 @@ def _refuse_earlier_run(output_dir: Path, resumed: Path | None) -> None:
     raise ConfigError(
         f"Global.output_dir {output_dir}: holds an earlier run ({', '.join(found)}); {advice}"
     )
-
-
-@contextmanager
-def _only_run_in(output_dir: Path) -> Iterator[None]:
-    """Hold `output_dir`'s run lock (an flock, released by the kernel when the process
-    dies) while the block runs: a second `shitu train` into the folder, say a resume
-    started while the run it resumes still goes on, is refused, where both would write
-    latest.pt and the second would empty metrics.jsonl. Under torchrun the main process
-    holds it for the run. A folder made here and left with nothing but the lock (a run
-    that failed to start) is removed."""
-    import fcntl  # POSIX, as the index's staging locks
-
-    from shitu.engine.distributed import launched_rank
-
-    if launched_rank() > 0:
-        yield
-        return
-    made = not output_dir.exists()
-    check_writable(output_dir, f"Global.output_dir {output_dir}")  # one line, not an OSError
-    lock_path = output_dir / RUN_LOCK
-    with open(lock_path, "a+") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            holder = lock.read().strip() or "unknown"
-            raise ConfigError(
-                f"Global.output_dir {output_dir}: another shitu train (process {holder}) is "
-                "running in it; wait for it to end or stop it, or give another output_dir"
-            ) from None
-        lock.truncate(0)
-        lock.write(str(os.getpid()))
-        lock.flush()
-        try:
-            yield
-        finally:
-            if made and [entry.name for entry in output_dir.iterdir()] == [RUN_LOCK]:
-                lock_path.unlink()
-                output_dir.rmdir()
 
 
 def _has_content(path: Path) -> bool:
@@ -276,7 +233,7 @@ def _stopped_during_probe(config: ShituConfig, checkpoints: Path) -> bool:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from shitu.engine.distributed import shutdown_distributed
+    from shitu.engine.distributed import launched_rank, shutdown_distributed
     from shitu.engine.linear_probe import fine_tune_stage, probe_weights_path
     from shitu.engine.state import resolve_checkpoint
     from shitu.engine.trainer import Trainer, check_training_sections
@@ -312,9 +269,14 @@ def _train(args: argparse.Namespace) -> int:
             _refuse_earlier_run(output_dir, resumed)
         # Before the datasets, the model and a LinearProbe's check are built: a file in the
         # way was an OSError of its own ('afile/linear_probe: Not a directory') after them.
-        # A run that fails to start leaves no folder (see `_only_run_in`).
+        # A run that fails to start leaves no folder (see `only_run_in`).
         refuse_file_in_the_way(output_dir, f"Global.output_dir {output_dir}")
-        with _only_run_in(output_dir):
+        # Under torchrun the main process holds the lock for the run.
+        with (
+            only_run_in(output_dir, "Global.output_dir", "shitu train")
+            if launched_rank() == 0
+            else nullcontext()
+        ):
             if config.LinearProbe is not None:
                 # A resumed run's checkpoint already holds weights that went through the probe.
                 if config.Global.checkpoints is None:

@@ -47,13 +47,16 @@ class DetectionDataset:
         class_agnostic: bool,
         transform: Callable[[Sample], Sample] | None,
         crowds: list[tuple[np.ndarray, np.ndarray]] | None = None,
+        source: str | Path = "the detection dataset",
     ) -> None:
-        """`crowds`: each image's crowd regions (boxes, labels), none where not given."""
+        """`crowds`: each image's crowd regions (boxes, labels), none where not given.
+        `source`: the annotations' file or folder, which the errors name (a run reads a
+        training and a validation set)."""
         if not images:
-            raise DataError("the detection dataset lists no images")
+            raise DataError(f"{source}: lists no images")
         if not class_names:
-            raise DataError("the detection dataset names no classes (no categories)")
-        _check_images_exist(images)
+            raise DataError(f"{source}: names no classes (no categories)")
+        _check_images_exist(images, source)
         no_crowd = (np.zeros((0, 4), np.float32), np.zeros(0, np.int64))
         crowds = crowds if crowds is not None else [no_crowd] * len(images)
         if class_agnostic:
@@ -111,7 +114,7 @@ class DetectionDataset:
         return self.transform(sample) if self.transform else sample
 
 
-def _check_images_exist(images: list[Path]) -> None:
+def _check_images_exist(images: list[Path], source: str | Path) -> None:
     """At start-up, not when training (or, for a validation set, evaluation after it) first
     reads a missing image: a wrong image folder is named before hours of work are lost."""
     missing = [path for path in images if not path.is_file()]
@@ -119,8 +122,8 @@ def _check_images_exist(images: list[Path]) -> None:
         shown = ", ".join(map(str, missing[:_SHOW]))
         more = f" and {len(missing) - _SHOW} more" if len(missing) > _SHOW else ""
         raise DataError(
-            f"{len(missing)} of the {len(images)} images the detection dataset lists do not "
-            f"exist: {shown}{more} (is the image folder right?)"
+            f"{source}: {len(missing)} of the {len(images)} images it lists do not exist: "
+            f"{shown}{more} (is the image folder right?)"
         )
 
 
@@ -212,6 +215,11 @@ class CocoDetection(DetectionDataset):
         path = Path(annotation_file)
         try:
             data = json.loads(_read(path, "COCO annotation file"))
+            if not isinstance(data, dict):  # a results file's list of detections, say
+                raise ValueError(
+                    f"a JSON {type(data).__name__}, not an object of images, annotations and "
+                    "categories"
+                )
             categories = sorted(data["categories"], key=lambda c: c["id"])
             _refuse_repeated_ids("category", [c["id"] for c in categories])
             cat_index = {c["id"]: i for i, c in enumerate(categories)}
@@ -263,6 +271,7 @@ class CocoDetection(DetectionDataset):
             class_agnostic,
             transform,
             crowds,
+            path,
         )
 
 
@@ -315,6 +324,7 @@ class VocDetection(DetectionDataset):
             names,
             class_agnostic,
             transform,
+            source=annotation_dir,
         )
 
     @staticmethod

@@ -69,6 +69,10 @@ class DetectionTrainConfig:
     seed: int = 0
     num_workers: int = 0
     output_dir: str = "output/detector"
+    # Also checkpoint every so many steps within an epoch (None: at its end only): an epoch
+    # of a COCO-sized set takes an hour or more, which a run killed outright (SIGKILL, the
+    # host's end) would lose, as `shitu train`'s Global.checkpoint_every_steps.
+    checkpoint_every_steps: int | None = None
 
     def __post_init__(self) -> None:
         """Checked here, for Python callers too: a bad value otherwise fails steps into the
@@ -78,11 +82,18 @@ class DetectionTrainConfig:
             value = getattr(self, name)
             raise ConfigError(f"DetectionTrainConfig.{name}: expected {expected}, got {value!r}")
 
-        counts = (("epochs", 1), ("batch_size", 1), ("warmup_epochs", 0), ("num_workers", 0))
+        counts = [("epochs", 1), ("batch_size", 1), ("warmup_epochs", 0), ("num_workers", 0)]
+        if self.checkpoint_every_steps is not None:
+            counts.append(("checkpoint_every_steps", 1))
         for name, least in counts:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 refuse(name, f"a whole number >= {least}")
+        # As the recogniser's Global.seed: numpy refuses negative seeds, torch those of
+        # 2**64 and more, which a seed plus an epoch must stay under.
+        seed = self.seed
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+            refuse("seed", "a whole number from 0 to 2**63 - 1")
         if not self.learning_rate > 0:
             refuse("learning_rate", "a number above 0")
         for name in ("warmup_start_lr", "weight_decay"):
@@ -300,12 +311,24 @@ class DetectionTrainer:
                         on_step(record)
                     self.progress.batch_in_epoch += 1
                     done += 1
+                    if self._checkpoint_due():
+                        self.save()
                 self.progress.epoch += 1
                 self.progress.batch_in_epoch = 0
                 self.save()
                 if self.stop_signal is not None:
                     return self.history
         return self.history
+
+    def _checkpoint_due(self) -> bool:
+        """Whether `config.checkpoint_every_steps` asks for a checkpoint after this step;
+        an epoch's last step is checkpointed at the epoch's end."""
+        every = self.config.checkpoint_every_steps
+        return (
+            every is not None
+            and self.progress.global_step % every == 0
+            and self.progress.batch_in_epoch < len(self.sampler)
+        )
 
     def _epoch_batches(self) -> Iterator[list]:
         """The epoch's batches. One that cannot be loaded (an image unreadable since the

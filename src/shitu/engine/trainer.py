@@ -57,7 +57,7 @@ from shitu.errors import (
     raised_message,
     weight_file_setting,
 )
-from shitu.fileio import unfinished_writes
+from shitu.fileio import home_expanded, remove_unfinished_writes
 from shitu.losses.combined import CombinedLoss
 from shitu.models import build_model
 from shitu.registry import problem_list
@@ -88,10 +88,37 @@ def check_training_sections(config: ShituConfig) -> None:
         problems.append("Loss.Train: list at least one loss")
     if config.DataLoader is None or config.DataLoader.Train is None:
         problems.append("DataLoader.Train: training needs a training dataset")
+    else:
+        problems += _output_dir_in_class_folders(config)
     if len(problems) == 1:
         raise ConfigError(problems[0])
     if problems:
         raise ConfigError(problem_list(len(problems), "the config for training", problems))
+
+
+def _output_dir_in_class_folders(config: ShituConfig) -> list[str]:
+    """Global.output_dir inside (or at) the root of a folder-per-class dataset: its folder
+    (and a LinearProbe's within it) would be read as one more class, by this run's
+    datasets already (`shitu train` makes the folder first) and by every later one."""
+    splits = {"DataLoader.Train": config.DataLoader.Train}
+    if config.DataLoader.Eval is not None:
+        splits["DataLoader.Eval.Query"] = config.DataLoader.Eval.Query
+        splits["DataLoader.Eval.Gallery"] = config.DataLoader.Eval.Gallery
+    output_dir = config.Global.output_dir
+    problems = []
+    for key, split in splits.items():
+        if split is None or split.dataset.name != "ImageFolderDataset":
+            continue
+        root = split.dataset.params.get("root")
+        if isinstance(root, str) and (
+            Path(output_dir).resolve().is_relative_to(Path(home_expanded(root)).resolve())
+        ):
+            problems.append(
+                f"Global.output_dir {output_dir} lies inside {key}.dataset.root {root}, "
+                "whose folders are its classes: the run's folder would be read as one; give "
+                "an output_dir outside it"
+            )
+    return problems
 
 
 class Trainer:
@@ -688,9 +715,7 @@ class Trainer:
         out during the save) left that save's temporary file, a whole checkpoint's size,
         beside the file it kept: an earlier run's, as no other process writes the files of
         this run's folder."""
-        for name in RUN_FILES:
-            for leftover in unfinished_writes(self.output_dir / name):
-                leftover.unlink(missing_ok=True)
+        remove_unfinished_writes(self.output_dir, RUN_FILES)
 
     def _save_unevaluated_epoch(self, epoch: int) -> None:
         """After a failed evaluation (out of memory, an unreadable eval image), checkpoint

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from shitu.data.datasets.base import Entry, ImageDataset, TransformOps, check_root
 from shitu.errors import DataError
+from shitu.fileio import RUN_LOCK
 from shitu.image_files import (
     IMAGE_SUFFIXES,
     scan_images,
@@ -50,6 +51,12 @@ class ImageFolderDataset(ImageDataset):
         )
         if not self.class_names:
             raise DataError(f"{where}: has no class subfolders (expected root/<class>/<image>)")
+        runs = [name for name in self.class_names if (Path(root) / name / RUN_LOCK).exists()]
+        if runs:  # `shitu train` refuses such an output_dir; an earlier run, detect-train's
+            raise DataError(
+                f"{where}: folder(s) {', '.join(runs)} hold a shitu training run's files "
+                f"({RUN_LOCK}), not a class's images; move them out of {root}"
+            )
         images = scan_images(Path(root), suffixes, loose=False)
         if leaf_labels:
             warn_of_shared_folder_names(Path(root), {image.parent for image in images})
