@@ -55,13 +55,17 @@ def test_cosine_with_warmup_values(caplog):
     assert lr.lr_at(40) == pytest.approx(0.05 * (1 + math.cos(math.pi * 0.25)))
     with caplog.at_level(logging.WARNING):  # said, not refused
         whole = schedule("Cosine", learning_rate=0.1, warmup_epoch=10)
-    assert "a warm-up of 10 epochs is not shorter than the run's 10: the learning" in caplog.text
+    assert "a warm-up of 10 epochs is not shorter than the run's 10 (Global.epochs): the" in (
+        caplog.text
+    )
     assert whole.lr_at(99) == pytest.approx(0.099)
     with caplog.at_level(logging.WARNING):
         registry.LR_SCHEDULES.build_with_runtime(
             "Cosine", {"learning_rate": 0.1, "warmup_epoch": 1}, steps_per_epoch=10, epochs=1
         )
-    assert "a warm-up of 1 epoch is not shorter than the run's 1: the learning" in caplog.text
+    assert "a warm-up of 1 epoch is not shorter than the run's 1 (Global.epochs): the" in (
+        caplog.text
+    )
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         rising = schedule("Cosine", learning_rate=0.001, eta_min=0.01)
@@ -76,7 +80,10 @@ def test_piecewise_gamma_and_values(caplog):
     )
     with caplog.at_level(logging.WARNING):  # a short trial or a probe stage: said, not refused
         schedule("Piecewise", learning_rate=0.1, decay_epochs=[3, 9], warmup_epoch=1)
-    assert "decay epoch 9 is not reached in this run" in caplog.text
+    assert "decay epoch 9 is not reached in the run (decay epochs count after the 1 warm-up " in (
+        caplog.text
+    )
+    assert "leaving 9 of its 10 (Global.epochs))" in caplog.text
     # Decay epochs count from the end of the warm-up (PaddleClas's warm-up wraps the schedule).
     lr = schedule("Piecewise", learning_rate=0.1, decay_epochs=[3], warmup_epoch=1)
     assert [lr.lr_at(s) for s in (5, 10, 39, 40)] == pytest.approx([0.05, 0.1, 0.1, 0.01])

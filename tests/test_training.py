@@ -1158,6 +1158,12 @@ def test_a_probe_run_shows_each_warning_once(grocery, tmp_path, caplog, capsys):
     shown = Counter(record.getMessage() for record in caplog.records)
     assert any(message.startswith("Global.eval_interval 2 is more than") for message in shown)
     assert set(shown.values()) == {1}, shown
+    # Each stage's schedule names its stage and epochs (the probe's were "the run's").
+    warmups = sorted(message for message in shown if message.startswith("a warm-up of"))
+    assert [message.split(":")[0] for message in warmups] == [
+        "a warm-up of 1 epoch is not shorter than the fine-tuning's 1 (Global.epochs)",
+        "a warm-up of 1 epoch is not shorter than the linear probe's 1 (LinearProbe.epochs)",
+    ]
 
 
 @pytest.mark.parametrize("probe", [False, True])

@@ -13,10 +13,14 @@ from torch import nn
 
 from shitu import registry
 from shitu.config.schema import ShituConfig
+from shitu.engine.lr import Stage
 from shitu.engine.state import FINAL
 from shitu.errors import ConfigError
 
 PROBE_DIR = "linear_probe"
+# How the learning-rate warnings of each stage name it (the probe has epochs of its own).
+PROBE = Stage("the linear probe", "LinearProbe.epochs")
+FINE_TUNING = Stage("the fine-tuning", "Global.epochs")
 
 
 def probe_weights_path(config: ShituConfig) -> Path:

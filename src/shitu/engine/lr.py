@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field
@@ -21,6 +22,18 @@ from shitu.registry import LR_SCHEDULES
 Rate = Annotated[float, Field(ge=0)]
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """The training a schedule paces, as its warnings name it: a LinearProbe run's probe has
+    epochs of its own, which "the run" would confuse with Global.epochs."""
+
+    name: str
+    epochs_key: str
+
+
+RUN = Stage("the run", "Global.epochs")
 
 
 class LRSchedule:
@@ -36,6 +49,7 @@ class LRSchedule:
         epochs: int,
         warmup_epoch: int = 0,
         warmup_start_lr: Rate = 0.0,
+        stage: Stage = RUN,
     ) -> None:
         if steps_per_epoch < 1:
             raise ValueError("steps_per_epoch must be at least 1")
@@ -46,11 +60,13 @@ class LRSchedule:
         self.warmup_start_lr = warmup_start_lr
         if warmup_epoch >= epochs:  # e.g. a short trial, or a probe
             logger.warning(
-                "a warm-up of %d epoch%s is not shorter than the run's %d: the learning rate "
+                "a warm-up of %d epoch%s is not shorter than %s's %d (%s): the learning rate "
                 "never reaches its full %g",
                 warmup_epoch,
                 "" if warmup_epoch == 1 else "s",
+                stage.name,
                 epochs,
+                stage.epochs_key,
                 learning_rate,
             )
 
@@ -90,14 +106,17 @@ class Cosine(LRSchedule):
         warmup_epoch: int = 0,
         warmup_start_lr: Rate = 0.0,
         eta_min: Rate = 0.0,
+        stage: Stage = RUN,
     ) -> None:
-        super().__init__(learning_rate, steps_per_epoch, epochs, warmup_epoch, warmup_start_lr)
+        super().__init__(
+            learning_rate, steps_per_epoch, epochs, warmup_epoch, warmup_start_lr, stage
+        )
         self.eta_min = eta_min
-        if eta_min > learning_rate:  # e.g. a rate scaled down for a smaller batch
+        # e.g. a rate scaled down for a smaller batch; the same in every stage, so said once
+        if eta_min > learning_rate:
             logger.warning(
                 "Cosine: eta_min %g is above the learning rate %g (as scaled for the batch "
-                "size, where base_batch_size is set), so the rate rises over the run instead "
-                "of decaying",
+                "size, where base_batch_size is set), so the rate rises instead of decaying",
                 eta_min,
                 learning_rate,
             )
@@ -130,8 +149,11 @@ class Piecewise(LRSchedule):
         gamma: Annotated[float, Field(gt=0)] = 0.1,
         warmup_epoch: int = 0,
         warmup_start_lr: Rate = 0.0,
+        stage: Stage = RUN,
     ) -> None:
-        super().__init__(learning_rate, steps_per_epoch, epochs, warmup_epoch, warmup_start_lr)
+        super().__init__(
+            learning_rate, steps_per_epoch, epochs, warmup_epoch, warmup_start_lr, stage
+        )
         if sorted(decay_epochs) != list(decay_epochs):
             raise ValueError("decay_epochs must be increasing")
         if values is None:
@@ -146,11 +168,14 @@ class Piecewise(LRSchedule):
         reached = epochs - warmup_epoch
         if decay_epochs and decay_epochs[-1] >= reached:  # e.g. a short trial, or a probe
             logger.warning(
-                "Piecewise: decay epoch %d is not reached in this run (decay epochs count "
-                "after the %d warm-up epochs, and it has %d)",
+                "Piecewise: decay epoch %d is not reached in %s (decay epochs count after "
+                "the %d warm-up epochs, leaving %d of its %d (%s))",
                 decay_epochs[-1],
+                stage.name,
                 warmup_epoch,
                 reached,
+                epochs,
+                stage.epochs_key,
             )
         self.boundaries = [epoch * steps_per_epoch for epoch in decay_epochs]
         self.values = list(values)
@@ -178,8 +203,11 @@ class ReduceOnPlateau(LRSchedule):
         min_lr: Rate = 0.0,
         warmup_epoch: int = 0,
         warmup_start_lr: Rate = 0.0,
+        stage: Stage = RUN,
     ) -> None:
-        super().__init__(learning_rate, steps_per_epoch, epochs, warmup_epoch, warmup_start_lr)
+        super().__init__(
+            learning_rate, steps_per_epoch, epochs, warmup_epoch, warmup_start_lr, stage
+        )
         if not 0.0 < factor < 1.0:
             raise ValueError(f"factor must be in (0, 1), got {factor}")
         self.factor, self.patience, self.mode = factor, patience, mode

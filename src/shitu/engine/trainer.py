@@ -33,7 +33,7 @@ from shitu.engine.data import (
 from shitu.engine.distributed import DistContext, all_reduce_mean, barrier, init_distributed
 from shitu.engine.ema import WeightEMA
 from shitu.engine.evaluate import RetrievalEvaluation
-from shitu.engine.lr import LRSchedule
+from shitu.engine.lr import RUN, LRSchedule, Stage
 from shitu.engine.metrics_log import LOG_NAME, MetricsLog
 from shitu.engine.optim import OPTIMIZER_CLASSES, build_optimizer, set_learning_rate
 from shitu.engine.precision import autocast_for, effective_amp, load_scaler_state, scaled_step
@@ -104,12 +104,17 @@ class Trainer:
     """
 
     def __init__(
-        self, config: ShituConfig, context: DistContext | None = None, progress: bool = True
+        self,
+        config: ShituConfig,
+        context: DistContext | None = None,
+        progress: bool = True,
+        stage: Stage = RUN,
     ) -> None:
         """`progress`: a bar per epoch and evaluation (and while a skip_corrupt dataset
         checks its images) where stderr is a terminal, and a line per logged step where it
         is not (a file or a pipe, whose log a bar would fill with carriage-return redraws);
-        False: neither."""
+        False: neither. `stage`: what the learning-rate schedule's warnings call this
+        training (a LinearProbe run's probe or fine-tuning)."""
         check_training_sections(config)
         if config.LinearProbe is not None:
             raise ConfigError(
@@ -173,6 +178,7 @@ class Trainer:
             },
             steps_per_epoch=self.steps_per_epoch,
             epochs=config.Global.epochs,
+            stage=stage,
         )
         self.amp = effective_amp(config.Global.amp, self.context.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == "fp16")
