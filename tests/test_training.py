@@ -1096,6 +1096,21 @@ def test_linear_probe_run_is_its_two_stages_and_resumes_without_the_probe(
     assert all(torch.equal(resumed[k], final[k]) for k in final)
 
 
+def test_the_probe_keeps_the_configs_frozen_layers_as_they_start(grocery, tmp_path):
+    """Arch.frozen_layers stay as they start in both stages: the probe froze only its own
+    layers, so it trained the config's frozen ones, which the fine-tuning then kept changed."""
+    path = tiny_config(grocery, tmp_path, epochs=1, eval_during_train=False)
+    probe = "LinearProbe={epochs: 1, frozen_layers: [backbone.stages]}"
+    config = load_config(path, ["Arch.frozen_layers=[backbone.stem, neck]", probe])
+    trainer = Trainer(probe_stage(config))
+    start = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    assert trainer.fit().finished
+    after = trainer.model.state_dict()
+    kept = [k for k in start if k.startswith(("backbone.stem.", "backbone.stages.", "neck."))]
+    assert kept and all(torch.equal(after[k], start[k]) for k in kept)
+    assert not torch.equal(after["head.fc.weight"], start["head.fc.weight"])
+
+
 def test_a_probe_run_checks_its_fine_tuning_before_probing(grocery, tmp_path, capsys):
     """A mistake in the fine-tuning settings is reported before the probe's minutes."""
     path = tiny_config(grocery, tmp_path, epochs=1)
