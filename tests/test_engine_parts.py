@@ -123,6 +123,26 @@ def test_schedule_config_errors():
         registry.LR_SCHEDULES.validate("Cosine", {"learning_rate": 0.1, "eta_mn": 0})
 
 
+@pytest.mark.parametrize(
+    ("name", "params", "message"),
+    [
+        ("ReduceOnPlateau", {"factor": 2.0}, "factor: Input should be less than 1"),
+        ("ReduceOnPlateau", {"factor": 0.0}, "factor: Input should be greater than 0"),
+        ("Piecewise", {"decay_epochs": [30, 10]}, r"decay_epochs: \[30, 10\] must be increasing"),
+        (
+            "Piecewise",
+            {"decay_epochs": [10], "values": [0.1]},
+            r"values: needs one more entry than decay_epochs \(2\), got 1",
+        ),
+    ],
+)
+def test_schedule_settings_are_refused_when_the_config_is_read(name, params, message):
+    """These were checked only as the run built its schedule, after its datasets and model,
+    and the message named neither the config file nor the key's section."""
+    with pytest.raises(ConfigError, match=message):
+        registry.LR_SCHEDULES.validate(name, {"learning_rate": 0.1, **params})
+
+
 def optimizer_config(**values) -> OptimizerConfig:
     return OptimizerConfig.model_validate(
         {"name": "Momentum", "lr": {"name": "Cosine", "learning_rate": 0.1}, **values}

@@ -154,15 +154,9 @@ class Piecewise(LRSchedule):
         super().__init__(
             learning_rate, steps_per_epoch, epochs, warmup_epoch, warmup_start_lr, stage
         )
-        if sorted(decay_epochs) != list(decay_epochs):
-            raise ValueError("decay_epochs must be increasing")
+        self.check_params(decay_epochs, values)
         if values is None:
             values = [learning_rate * gamma**i for i in range(len(decay_epochs) + 1)]
-        elif len(values) != len(decay_epochs) + 1:
-            raise ValueError(
-                f"values needs one more entry than decay_epochs ({len(decay_epochs) + 1}), "
-                f"got {len(values)}"
-            )
         else:
             values = [value * (learning_rate / values[0]) for value in values]
         reached = epochs - warmup_epoch
@@ -180,6 +174,19 @@ class Piecewise(LRSchedule):
         self.boundaries = [epoch * steps_per_epoch for epoch in decay_epochs]
         self.values = list(values)
 
+    @staticmethod
+    def check_params(
+        decay_epochs: list[int], values: list[float] | None = None, **_others: Any
+    ) -> None:
+        """Also checked as a config loads (by the registry), naming the file and key."""
+        if sorted(decay_epochs) != list(decay_epochs):
+            raise ValueError(f"decay_epochs: {decay_epochs} must be increasing")
+        if values is not None and len(values) != len(decay_epochs) + 1:
+            raise ValueError(
+                f"values: needs one more entry than decay_epochs ({len(decay_epochs) + 1}), "
+                f"got {len(values)}"
+            )
+
     def decayed(self, step: int) -> float:
         after_warmup = step - self.warmup_steps
         return self.values[sum(after_warmup >= boundary for boundary in self.boundaries)]
@@ -196,7 +203,7 @@ class ReduceOnPlateau(LRSchedule):
         learning_rate: float,
         steps_per_epoch: int,
         epochs: int,
-        factor: float = 0.1,
+        factor: Annotated[float, Field(gt=0, lt=1)] = 0.1,
         patience: Annotated[int, Field(ge=0)] = 3,
         mode: Literal["max", "min"] = "max",
         threshold: Annotated[float, Field(ge=0)] = 1e-4,
@@ -208,8 +215,6 @@ class ReduceOnPlateau(LRSchedule):
         super().__init__(
             learning_rate, steps_per_epoch, epochs, warmup_epoch, warmup_start_lr, stage
         )
-        if not 0.0 < factor < 1.0:
-            raise ValueError(f"factor must be in (0, 1), got {factor}")
         self.factor, self.patience, self.mode = factor, patience, mode
         self.threshold, self.min_lr = threshold, min_lr
         self.current = learning_rate
