@@ -510,3 +510,25 @@ def test_every_loss_gives_a_connected_zero_on_an_empty_batch(name, caplog):
     grads = [inputs.grad] if inputs.is_leaf else [p.grad for p in model.parameters()]
     assert all(g is None or torch.count_nonzero(g) == 0 for g in grads)
     assert any(g is not None for g in grads)
+
+
+@pytest.mark.parametrize(
+    ("item", "message"),
+    [
+        (
+            {"XBM": {"embedding_size": 8}},
+            "XBM.embedding_size is 8 but the model's features have 16",
+        ),
+        ({"ContrastiveLoss_XBM": {}}, "ContrastiveLoss_XBM.embedding_size is 128 but the model's"),
+        ({"ContrastiveLoss": {"embedding_size": 8}}, "embedding_size is 8 but embeddings have 16"),
+    ],
+)
+def test_a_loss_sized_for_other_features_is_refused_before_the_first_step(item, message):
+    """The width a loss takes was checked only at the first training step, after the
+    datasets (and evaluation sets) were read and checked."""
+    from shitu.losses.combined import CombinedLoss
+
+    model = _lite0_model(drop_connect_rate=0.0)  # 16-d features
+    with pytest.raises(ConfigError, match=f"Loss.Train: .*{message}"):
+        CombinedLoss([item]).attach(model)
+    CombinedLoss([{"XBM": {"embedding_size": 16}}]).attach(model)
