@@ -227,7 +227,7 @@ def test_gem_pool_starts_from_imagenet_weights_and_generalises_the_average(tmp_p
     path = tmp_path / "gem.pth"
     torch.save(own.state_dict(), path)
     assert build("lite0", pool="gem", pretrained=str(path)).avg_pool.p.item() == 2.5
-    with pytest.raises(ConfigError, match="unknown pool 'max'; available: avg, gem"):
+    with pytest.raises(ConfigError, match="pool: Input should be 'avg' or 'gem' .got 'max'"):
         build("lite0", pool="max")
 
 

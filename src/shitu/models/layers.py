@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Annotated
+from typing import Annotated, Literal
 
 import torch
 from pydantic import Field
@@ -19,6 +19,8 @@ ACTIVATIONS = {
     "prelu": nn.PReLU,
     "leaky_relu": lambda: nn.LeakyReLU(negative_slope=0.1),
 }
+# A backbone's `act` setting: one of ACTIVATIONS, refused otherwise as the config loads.
+ActivationName = Literal["relu", "relu6", "hardswish", "prelu", "leaky_relu"]
 
 
 def make_activation(name: str | None) -> nn.Module:
@@ -144,6 +146,8 @@ class GeneralizedMeanPool(nn.Module):
 
 
 GLOBAL_POOLS = {"avg": lambda: nn.AdaptiveAvgPool2d(1), "gem": GeneralizedMeanPool}
+# A backbone's `pool` setting: one of GLOBAL_POOLS, refused otherwise as the config loads.
+PoolName = Literal["avg", "gem"]
 
 
 def make_global_pool(kind: str, gem_p: float | None = None) -> nn.Module:

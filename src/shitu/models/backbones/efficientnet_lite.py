@@ -33,6 +33,7 @@ from shitu.models.backbones.base import SequentialBackbone
 from shitu.models.layers import (
     DropoutProbability,
     GemExponent,
+    PoolName,
     make_divisible,
     make_global_pool,
 )
@@ -232,7 +233,7 @@ class EfficientNetLite(SequentialBackbone):
         dropout_prob: DropoutProbability = 0.2,
         drop_connect_rate: DropConnectRate = 0.2,
         last_stride: Literal[1, 2] = 2,
-        pool: str = "avg",
+        pool: PoolName = "avg",
         gem_p: GemExponent | None = None,
         pretrained: bool | ConfigPath | None = None,
     ) -> None:
