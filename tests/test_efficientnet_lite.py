@@ -227,6 +227,9 @@ def test_gem_pool_starts_from_imagenet_weights_and_generalises_the_average(tmp_p
     path = tmp_path / "gem.pth"
     torch.save(own.state_dict(), path)
     assert build("lite0", pool="gem", pretrained=str(path)).avg_pool.p.item() == 2.5
+    # Into an average-pooled model: the setting it needs, not another variant's file.
+    with pytest.raises(CheckpointError, match=r"avg_pool.p\) \(a model with GeM pooling: set po"):
+        build("lite0", pretrained=str(path))
     with pytest.raises(ConfigError, match="pool: Input should be 'avg' or 'gem' .got 'max'"):
         build("lite0", pool="max")
 

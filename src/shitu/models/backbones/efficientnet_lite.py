@@ -380,9 +380,16 @@ def load_lite_weights(model: EfficientNetLite, path: str | Path) -> list[str]:
         ):
             if names:
                 problems.append(f"{len(names)} {label} (e.g. {', '.join(names[:3])})")
+        # Only a GeM exponent too many: the file of this variant with `pool: gem`.
+        gem_file = unexpected == ["avg_pool.p"] and not (missing or mismatched)
+        advice = (
+            "a model with GeM pooling: set pool: gem"
+            if gem_file
+            else "is it the weight file of another variant?"
+        )
         raise CheckpointError(
             f"{path} does not fit EfficientNet-{model.variant.title()}: {'; '.join(problems)} "
-            "(is it the weight file of another variant?)"
+            f"({advice})"
         )
     model.load_state_dict(state, strict=not (skipped or fresh_pool))
     if skipped:
