@@ -265,6 +265,24 @@ def test_an_unreadable_image_met_mid_run_leaves_a_checkpoint_to_resume_from(groc
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 
 
+def test_an_unreadable_image_met_in_the_probe_says_to_run_the_command_again(
+    grocery, tmp_path, capsys
+):
+    """The probe's checkpoint is not resumed (`shitu train` refuses it): the message said to
+    resume from it."""
+    path = tiny_config(grocery, tmp_path, epochs=1, eval_during_train=False)
+    root = tmp_path / "images"
+    for line in (tmp_path / "train.txt").read_text().splitlines():
+        (root / line.split()[0]).parent.mkdir(parents=True, exist_ok=True)
+        (root / line.split()[0]).write_bytes(b"not an image")
+    probe = "LinearProbe={epochs: 1, frozen_layers: [backbone]}"
+    image_root = f"DataLoader.Train.dataset.image_root={root}"
+    assert main(["train", "-c", str(path), "-o", probe, image_root]) == 2
+    said = capsys.readouterr().err
+    assert "; put the image right and run the same command again (the linear probe starts " in said
+    assert "Global.checkpoints" not in said
+
+
 def test_an_unreadable_image_met_by_a_loader_worker_is_reported_in_one_line(grocery, tmp_path):
     """torch raises a worker's error again with the worker's traceback as its message: the
     run's own message is built on the error as raised, not on that traceback."""

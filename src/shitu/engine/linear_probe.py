@@ -18,8 +18,8 @@ from shitu.engine.state import FINAL
 from shitu.errors import ConfigError
 
 PROBE_DIR = "linear_probe"
-# How the learning-rate warnings of each stage name it (the probe has epochs of its own).
-PROBE = Stage("the linear probe", "LinearProbe.epochs")
+# How messages name each stage (the probe has epochs of its own, and is not resumed).
+PROBE = Stage("the linear probe", "LinearProbe.epochs", resumable=False)
 FINE_TUNING = Stage("the fine-tuning", "Global.epochs")
 
 

@@ -26,11 +26,13 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Stage:
-    """The training a schedule paces, as its warnings name it: a LinearProbe run's probe has
-    epochs of its own, which "the run" would confuse with Global.epochs."""
+    """The training a schedule paces, as messages name it: a LinearProbe run's probe has
+    epochs of its own, which "the run" would confuse with Global.epochs, and a checkpoint
+    that is not resumed (`shitu train` starts the probe over)."""
 
     name: str
     epochs_key: str
+    resumable: bool = True
 
 
 RUN = Stage("the run", "Global.epochs")

@@ -113,8 +113,8 @@ class Trainer:
         """`progress`: a bar per epoch and evaluation (and while a skip_corrupt dataset
         checks its images) where stderr is a terminal, and a line per logged step where it
         is not (a file or a pipe, whose log a bar would fill with carriage-return redraws);
-        False: neither. `stage`: what the learning-rate schedule's warnings call this
-        training (a LinearProbe run's probe or fine-tuning)."""
+        False: neither. `stage`: what messages call this training (a LinearProbe run's
+        probe or fine-tuning), and whether its checkpoint is resumed."""
         check_training_sections(config)
         if config.LinearProbe is not None:
             raise ConfigError(
@@ -122,6 +122,7 @@ class Trainer:
                 "shitu.engine.linear_probe.probe_stage(config), then fine_tune_stage(config)"
             )
         self.config = config
+        self.stage = stage
         self.shows_progress = progress
         self.context = context or init_distributed(config.Global.device)
         self.output_dir = Path(config.Global.output_dir)
@@ -596,6 +597,11 @@ class Trainer:
                     self.save_latest()
             return not self._should_stop(before_step=False)
         except DataError as exc:  # an image that cannot be read, met hours into the run
+            if not self.stage.resumable:  # shitu train starts it over
+                raise DataError(
+                    f"{raised_message(exc)}; put the image right and run the same command "
+                    f"again ({self.stage.name} starts over)"
+                ) from None
             if self.context.distributed:  # saving is collective: the other ranks are not here
                 raise
             self.save_latest()
