@@ -824,7 +824,9 @@ def test_a_run_that_failed_before_its_first_checkpoint_is_not_offered_for_resumi
     path = tiny_config(grocery, tmp_path, epochs=1)
     diverges = ["-o", "Optimizer.lr.learning_rate=1e30", "Optimizer.lr.warmup_epoch=0"]
     assert main(["train", "-c", str(path), *diverges]) == 2
-    assert "the loss became nan at step 2" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "the loss became nan at step 2 (epoch 1 of the run); lower Optimizer.lr" in err
+    assert "Global.checkpoints" not in err  # (was: "or resume from an earlier checkpoint")
     assert main(["train", "-c", str(path)]) == 2
     err = capsys.readouterr().err
     assert "holds an earlier run (metrics.jsonl); it left no latest.pt to resume;" in err
@@ -838,6 +840,16 @@ def test_a_run_that_failed_before_its_first_checkpoint_is_not_offered_for_resumi
     assert main(["train", "-c", str(path), *fresh, f"Global.pretrained_model={nan_weights}"]) == 2
     assert "the loss became nan at step 1" in capsys.readouterr().err
     assert main(["train", "-c", str(path), *fresh, "--stop-after-steps", "1"]) == 0
+    # With a checkpoint of the run there, resuming from it is offered; not in the probe.
+    resume = f"Global.checkpoints={tmp_path / 'fresh' / 'latest.pt'}"
+    assert main(["train", "-c", str(path), *fresh, resume, *diverges[1:]]) == 2
+    err = capsys.readouterr().err
+    assert f"clip_norm, and resume from its last checkpoint with -o {resume}" in err
+    probe = "LinearProbe={epochs: 1, frozen_layers: [backbone]}"
+    probed = f"Global.output_dir={tmp_path / 'probed'}"
+    assert main(["train", "-c", str(path), "-o", probe, probed, *diverges[1:]]) == 2
+    err = capsys.readouterr().err
+    assert "(epoch 1 of the linear probe); lower" in err and "Global.checkpoints" not in err
 
 
 def test_a_run_resumed_into_another_runs_folder_is_refused(grocery, tmp_path, capsys):

@@ -640,11 +640,7 @@ class Trainer:
         loss, parts = self.loss(outputs, labels)
         value = float(all_reduce_mean(loss.detach(), self.context))
         if not math.isfinite(value):
-            raise TrainingDiverged(
-                f"the loss became {value} at step {self.progress.global_step + 1} "
-                f"(epoch {self.progress.epoch + 1}); lower Optimizer.lr.learning_rate, "
-                "enable clip_norm, or resume from an earlier checkpoint"
-            )
+            raise self._diverged(value)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.config.Optimizer.clip_norm:
@@ -657,6 +653,22 @@ class Trainer:
         if scaled_step(self.scaler, self.optimizer) and self.ema is not None:
             self.ema.update()
         return value, parts
+
+    def _diverged(self, value: float) -> TrainingDiverged:
+        """The error of a step whose loss is `value` (NaN or infinite), before its backward:
+        the weights are those of the step before. Resuming is offered where a checkpoint
+        of this run is there to resume (none before the first, none of a LinearProbe's
+        probe, which `shitu train` starts over)."""
+        latest = self.output_dir / f"{LATEST}{SUFFIX}"
+        resume = ""
+        if self.stage.resumable and latest.is_file():
+            checkpoint = override_word("Global.checkpoints", latest)
+            resume = f", and resume from its last checkpoint with -o {checkpoint}"
+        return TrainingDiverged(
+            f"the loss became {value} at step {self.progress.global_step + 1} (epoch "
+            f"{self.progress.epoch + 1} of {self.stage.name}); lower "
+            f"Optimizer.lr.learning_rate or set Optimizer.clip_norm{resume}"
+        )
 
     def _forget_best_of_another_metric(self) -> None:
         """A run resumed with another Global.eval_metric would compare its values with the
