@@ -227,7 +227,10 @@ def test_gem_pool_starts_from_imagenet_weights_and_generalises_the_average(tmp_p
     path = tmp_path / "gem.pth"
     torch.save(own.state_dict(), path)
     assert build("lite0", pool="gem", pretrained=str(path)).avg_pool.p.item() == 2.5
-    with pytest.raises(ConfigError, match="unknown pool 'max'; available: avg, gem"):
+    # Into an average-pooled model: the setting it needs, not another variant's file.
+    with pytest.raises(CheckpointError, match=r"avg_pool.p\) \(a model with GeM pooling: set po"):
+        build("lite0", pretrained=str(path))
+    with pytest.raises(ConfigError, match="pool: Input should be 'avg' or 'gem' .got 'max'"):
         build("lite0", pool="max")
 
 
@@ -237,6 +240,10 @@ def test_gem_pool_starts_from_imagenet_weights_and_generalises_the_average(tmp_p
         ({"drop_connect_rate": -0.2}, "drop_connect_rate: Input should be greater than or equal"),
         ({"drop_connect_rate": 1.5}, "drop_connect_rate: Input should be less than or equal"),
         ({"last_stride": 3}, "last_stride: Input should be 1 or 2"),
+        ({"pool": "gem", "gem_p": 0}, "gem_p: Input should be greater than or equal to 1"),
+        ({"pool": "gem", "gem_p": -3.0}, "gem_p: Input should be greater than or equal to 1"),
+        ({"pool": "gem", "gem_p": "nan"}, "gem_p: Input should be a finite number"),
+        ({"pool": "gem", "gem_p": "inf"}, "gem_p: Input should be a finite number"),
     ],
 )
 def test_bad_settings_are_refused_when_the_config_is_read(params, message):
@@ -244,6 +251,40 @@ def test_bad_settings_are_refused_when_the_config_is_read(params, message):
     training step, and -0.2 silently dropped nothing."""
     with pytest.raises(ConfigError, match=message):
         BACKBONES.validate("EfficientNetLite0", params)
+
+
+def test_gem_exponent_is_configured_and_kept_a_power_mean_whatever_training_makes_of_it():
+    """A learned p driven to 0 or below made GeM no mean at all (x^0 = 1 for every map: the
+    same features for every image; below 0 a harmonic-like mean of the weakest responses),
+    and a large one overflowed float32 into inf features and a NaN loss."""
+    torch.manual_seed(0)
+    model = build("lite0", pool="gem", gem_p=4.5, class_num=8)
+    pool = model.avg_pool
+    assert pool.p.item() == 4.5
+    maps = torch.rand(2, 1280, 4, 4) * 6.0  # ReLU6 outputs
+    with torch.no_grad():
+        for drifted in (0.0, -2.0):
+            pool.p.fill_(drifted)
+            assert torch.allclose(pool(maps), maps.mean((2, 3), keepdim=True), atol=1e-5)
+        pool.p.fill_(80.0)
+        pooled = pool(maps)
+        assert torch.isfinite(pooled).all()
+        peak = maps.amax((2, 3), keepdim=True)
+        assert (pooled <= peak + 1e-5).all() and (pooled > 0.9 * peak).all()
+    pool.p.data.fill_(3.0)
+    pool(maps.requires_grad_()).sum().backward()
+    assert torch.isfinite(pool.p.grad) and pool.p.grad != 0
+    # A step that takes p below 1 is undone at the next training forward, where a gradient
+    # can take it up again: here one towards larger pools of uneven maps, a larger p.
+    optimizer = torch.optim.SGD([pool.p], lr=1.0)
+    pool.p.data.fill_(-0.5)
+    optimizer.zero_grad()
+    (-pool(maps).sum()).backward()
+    assert pool.p.item() == 1.0 and pool.p.grad < 0
+    optimizer.step()
+    assert pool.p.item() > 1.0
+    with pytest.raises(ConfigError, match="gem_p: only pool 'gem' has an exponent, pool is 'avg'"):
+        build("lite0", gem_p=3.0, class_num=8)
 
 
 def test_stop_after_flatten_gives_pooled_features():

@@ -55,13 +55,17 @@ def test_cosine_with_warmup_values(caplog):
     assert lr.lr_at(40) == pytest.approx(0.05 * (1 + math.cos(math.pi * 0.25)))
     with caplog.at_level(logging.WARNING):  # said, not refused
         whole = schedule("Cosine", learning_rate=0.1, warmup_epoch=10)
-    assert "a warm-up of 10 epochs is not shorter than the run's 10: the learning" in caplog.text
+    assert "a warm-up of 10 epochs is not shorter than the run's 10 (Global.epochs): the" in (
+        caplog.text
+    )
     assert whole.lr_at(99) == pytest.approx(0.099)
     with caplog.at_level(logging.WARNING):
         registry.LR_SCHEDULES.build_with_runtime(
             "Cosine", {"learning_rate": 0.1, "warmup_epoch": 1}, steps_per_epoch=10, epochs=1
         )
-    assert "a warm-up of 1 epoch is not shorter than the run's 1: the learning" in caplog.text
+    assert "a warm-up of 1 epoch is not shorter than the run's 1 (Global.epochs): the" in (
+        caplog.text
+    )
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         rising = schedule("Cosine", learning_rate=0.001, eta_min=0.01)
@@ -76,7 +80,10 @@ def test_piecewise_gamma_and_values(caplog):
     )
     with caplog.at_level(logging.WARNING):  # a short trial or a probe stage: said, not refused
         schedule("Piecewise", learning_rate=0.1, decay_epochs=[3, 9], warmup_epoch=1)
-    assert "decay epoch 9 is not reached in this run" in caplog.text
+    assert "decay epoch 9 is not reached in the run (decay epochs count after the 1 warm-up " in (
+        caplog.text
+    )
+    assert "leaving 9 of its 10 (Global.epochs))" in caplog.text
     # Decay epochs count from the end of the warm-up (PaddleClas's warm-up wraps the schedule).
     lr = schedule("Piecewise", learning_rate=0.1, decay_epochs=[3], warmup_epoch=1)
     assert [lr.lr_at(s) for s in (5, 10, 39, 40)] == pytest.approx([0.05, 0.1, 0.1, 0.01])
@@ -114,6 +121,26 @@ def test_schedule_config_errors():
         registry.LR_SCHEDULES.validate("Cosin", {"learning_rate": 0.1})
     with pytest.raises(ConfigError, match="eta_mn"):
         registry.LR_SCHEDULES.validate("Cosine", {"learning_rate": 0.1, "eta_mn": 0})
+
+
+@pytest.mark.parametrize(
+    ("name", "params", "message"),
+    [
+        ("ReduceOnPlateau", {"factor": 2.0}, "factor: Input should be less than 1"),
+        ("ReduceOnPlateau", {"factor": 0.0}, "factor: Input should be greater than 0"),
+        ("Piecewise", {"decay_epochs": [30, 10]}, r"decay_epochs: \[30, 10\] must be increasing"),
+        (
+            "Piecewise",
+            {"decay_epochs": [10], "values": [0.1]},
+            r"values: needs one more entry than decay_epochs \(2\), got 1",
+        ),
+    ],
+)
+def test_schedule_settings_are_refused_when_the_config_is_read(name, params, message):
+    """These were checked only as the run built its schedule, after its datasets and model,
+    and the message named neither the config file nor the key's section."""
+    with pytest.raises(ConfigError, match=message):
+        registry.LR_SCHEDULES.validate(name, {"learning_rate": 0.1, **params})
 
 
 def optimizer_config(**values) -> OptimizerConfig:

@@ -477,3 +477,58 @@ def test_a_batch_with_no_pair_gives_a_plain_zero_loss():
     assert loss.item() == 0.0 and str(loss.item()) == "0.0"
     loss.backward()
     assert torch.equal(features.grad, torch.zeros_like(features))
+
+
+# Settings that let each loss take 8-d features and use its memory from the first step.
+_EMPTY_BATCH_PARAMS = {
+    "XBM": {"embedding_size": 8, "memory_size": 16, "start_iter": 0},
+    "ContrastiveLoss_XBM": {"embedding_size": 8, "xbm_size": 16, "start_iter": 0},
+    "TripletAngularMarginLoss_XBM": {"feat_dim": 8, "xbm_size": 16, "start_iter": 0},
+}
+
+
+@pytest.mark.parametrize("name", LOSSES.names())
+def test_every_loss_gives_a_connected_zero_on_an_empty_batch(name, caplog):
+    """A batch of no rows made the mean-reduced losses 0 / 0 = NaN, which a step would
+    have written into the weights; the batch-hard losses warned of a batch composition."""
+    torch.manual_seed(0)
+    loss = LOSSES.build(name, **_EMPTY_BATCH_PARAMS.get(name, {})).train()
+    labels = torch.tensor([0, 0, 1, 1])
+    if loss.input_key == "backbone":  # distils the backbone of a model it is attached to
+        model = _lite0_model(drop_connect_rate=0.0).train()
+        loss.attach(model)
+        inputs = model(torch.randn(0, 3, 32, 32))["backbone"]
+    else:
+        width = 5 if loss.input_key == "logits" else 8
+        loss(torch.randn(4, width), labels)  # a memory holds this batch
+        inputs = torch.randn(0, width, requires_grad=True)
+    with caplog.at_level("WARNING", logger="shitu.losses"):
+        value = loss(inputs, labels[:0])
+    assert value.item() == 0.0 and str(value.item()) == "0.0"
+    assert not caplog.records
+    value.backward()
+    grads = [inputs.grad] if inputs.is_leaf else [p.grad for p in model.parameters()]
+    assert all(g is None or torch.count_nonzero(g) == 0 for g in grads)
+    assert any(g is not None for g in grads)
+
+
+@pytest.mark.parametrize(
+    ("item", "message"),
+    [
+        (
+            {"XBM": {"embedding_size": 8}},
+            "XBM.embedding_size is 8 but the model's features have 16",
+        ),
+        ({"ContrastiveLoss_XBM": {}}, "ContrastiveLoss_XBM.embedding_size is 128 but the model's"),
+        ({"ContrastiveLoss": {"embedding_size": 8}}, "embedding_size is 8 but embeddings have 16"),
+    ],
+)
+def test_a_loss_sized_for_other_features_is_refused_before_the_first_step(item, message):
+    """The width a loss takes was checked only at the first training step, after the
+    datasets (and evaluation sets) were read and checked."""
+    from shitu.losses.combined import CombinedLoss
+
+    model = _lite0_model(drop_connect_rate=0.0)  # 16-d features
+    with pytest.raises(ConfigError, match=f"Loss.Train: .*{message}"):
+        CombinedLoss([item]).attach(model)
+    CombinedLoss([{"XBM": {"embedding_size": 16}}]).attach(model)

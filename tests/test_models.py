@@ -124,6 +124,29 @@ def test_pplcnetv2_last_stride_is_checked_when_the_config_is_read():
         BACKBONES.validate("PPLCNetV2_base_ShiTu", {"last_stride": 0})
 
 
+@pytest.mark.parametrize(
+    ("backbone", "params", "message"),
+    [
+        ("PPLCNetV2_base_ShiTu", {"act": "gelu"}, "act: Input should be 'relu', 'relu6', "),
+        ("EfficientNetLite0", {"pool": "max"}, "pool: Input should be 'avg' or 'gem'"),
+    ],
+)
+def test_a_backbones_named_choices_are_checked_when_the_config_is_read(backbone, params, message):
+    """An unknown activation or pooling was refused only as the model was built, naming
+    neither the key nor the config file."""
+    with pytest.raises(ConfigError, match=message):
+        BACKBONES.validate(backbone, params)
+
+
+def test_named_choices_are_those_the_layers_build():
+    from typing import get_args
+
+    from shitu.models.layers import ACTIVATIONS, GLOBAL_POOLS, ActivationName, PoolName
+
+    assert set(get_args(ActivationName)) == set(ACTIVATIONS)
+    assert set(get_args(PoolName)) == set(GLOBAL_POOLS)
+
+
 @pytest.mark.parametrize("backbone", ["PPLCNetV2_base_ShiTu", "EfficientNetLite0"])
 def test_dropout_prob_is_checked_when_the_config_is_read(backbone):
     """PP-LCNetV2's was refused only as the model was built (without the config's file and

@@ -265,6 +265,24 @@ def test_an_unreadable_image_met_mid_run_leaves_a_checkpoint_to_resume_from(groc
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 
 
+def test_an_unreadable_image_met_in_the_probe_says_to_run_the_command_again(
+    grocery, tmp_path, capsys
+):
+    """The probe's checkpoint is not resumed (`shitu train` refuses it): the message said to
+    resume from it."""
+    path = tiny_config(grocery, tmp_path, epochs=1, eval_during_train=False)
+    root = tmp_path / "images"
+    for line in (tmp_path / "train.txt").read_text().splitlines():
+        (root / line.split()[0]).parent.mkdir(parents=True, exist_ok=True)
+        (root / line.split()[0]).write_bytes(b"not an image")
+    probe = "LinearProbe={epochs: 1, frozen_layers: [backbone]}"
+    image_root = f"DataLoader.Train.dataset.image_root={root}"
+    assert main(["train", "-c", str(path), "-o", probe, image_root]) == 2
+    said = capsys.readouterr().err
+    assert "; put the image right and run the same command again (the linear probe starts " in said
+    assert "Global.checkpoints" not in said
+
+
 def test_an_unreadable_image_met_by_a_loader_worker_is_reported_in_one_line(grocery, tmp_path):
     """torch raises a worker's error again with the worker's traceback as its message: the
     run's own message is built on the error as raised, not on that traceback."""
@@ -838,7 +856,9 @@ def test_a_run_that_failed_before_its_first_checkpoint_is_not_offered_for_resumi
     path = tiny_config(grocery, tmp_path, epochs=1)
     diverges = ["-o", "Optimizer.lr.learning_rate=1e30", "Optimizer.lr.warmup_epoch=0"]
     assert main(["train", "-c", str(path), *diverges]) == 2
-    assert "the loss became nan at step 2" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "the loss became nan at step 2 (epoch 1 of the run); lower Optimizer.lr" in err
+    assert "Global.checkpoints" not in err  # (was: "or resume from an earlier checkpoint")
     assert main(["train", "-c", str(path)]) == 2
     err = capsys.readouterr().err
     assert "holds an earlier run (metrics.jsonl); it left no latest.pt to resume;" in err
@@ -852,6 +872,16 @@ def test_a_run_that_failed_before_its_first_checkpoint_is_not_offered_for_resumi
     assert main(["train", "-c", str(path), *fresh, f"Global.pretrained_model={nan_weights}"]) == 2
     assert "the loss became nan at step 1" in capsys.readouterr().err
     assert main(["train", "-c", str(path), *fresh, "--stop-after-steps", "1"]) == 0
+    # With a checkpoint of the run there, resuming from it is offered; not in the probe.
+    resume = f"Global.checkpoints={tmp_path / 'fresh' / 'latest.pt'}"
+    assert main(["train", "-c", str(path), *fresh, resume, *diverges[1:]]) == 2
+    err = capsys.readouterr().err
+    assert f"clip_norm, and resume from its last checkpoint with -o {resume}" in err
+    probe = "LinearProbe={epochs: 1, frozen_layers: [backbone]}"
+    probed = f"Global.output_dir={tmp_path / 'probed'}"
+    assert main(["train", "-c", str(path), "-o", probe, probed, *diverges[1:]]) == 2
+    err = capsys.readouterr().err
+    assert "(epoch 1 of the linear probe); lower" in err and "Global.checkpoints" not in err
 
 
 def test_a_run_resumed_into_another_runs_folder_is_refused(grocery, tmp_path, capsys):
@@ -1128,6 +1158,21 @@ def test_linear_probe_run_is_its_two_stages_and_resumes_without_the_probe(
     assert all(torch.equal(resumed[k], final[k]) for k in final)
 
 
+def test_the_probe_keeps_the_configs_frozen_layers_as_they_start(grocery, tmp_path):
+    """Arch.frozen_layers stay as they start in both stages: the probe froze only its own
+    layers, so it trained the config's frozen ones, which the fine-tuning then kept changed."""
+    path = tiny_config(grocery, tmp_path, epochs=1, eval_during_train=False)
+    probe = "LinearProbe={epochs: 1, frozen_layers: [backbone.stages]}"
+    config = load_config(path, ["Arch.frozen_layers=[backbone.stem, neck]", probe])
+    trainer = Trainer(probe_stage(config))
+    start = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    assert trainer.fit().finished
+    after = trainer.model.state_dict()
+    kept = [k for k in start if k.startswith(("backbone.stem.", "backbone.stages.", "neck."))]
+    assert kept and all(torch.equal(after[k], start[k]) for k in kept)
+    assert not torch.equal(after["head.fc.weight"], start["head.fc.weight"])
+
+
 def test_a_probe_run_checks_its_fine_tuning_before_probing(grocery, tmp_path, capsys):
     """A mistake in the fine-tuning settings is reported before the probe's minutes."""
     path = tiny_config(grocery, tmp_path, epochs=1)
@@ -1190,6 +1235,12 @@ def test_a_probe_run_shows_each_warning_once(grocery, tmp_path, caplog, capsys):
     shown = Counter(record.getMessage() for record in caplog.records)
     assert any(message.startswith("Global.eval_interval 2 is more than") for message in shown)
     assert set(shown.values()) == {1}, shown
+    # Each stage's schedule names its stage and epochs (the probe's were "the run's").
+    warmups = sorted(message for message in shown if message.startswith("a warm-up of"))
+    assert [message.split(":")[0] for message in warmups] == [
+        "a warm-up of 1 epoch is not shorter than the fine-tuning's 1 (Global.epochs)",
+        "a warm-up of 1 epoch is not shorter than the linear probe's 1 (LinearProbe.epochs)",
+    ]
 
 
 @pytest.mark.parametrize("probe", [False, True])

@@ -390,7 +390,9 @@ LOSSES = Registry("loss")
 DATASETS = Registry("dataset")
 TRANSFORMS = Registry("transform")
 SAMPLERS = Registry("sampler", runtime_args=("dataset", "num_replicas", "rank", "seed"))
-LR_SCHEDULES = Registry("learning-rate schedule", runtime_args=("steps_per_epoch", "epochs"))
+LR_SCHEDULES = Registry(
+    "learning-rate schedule", runtime_args=("steps_per_epoch", "epochs", "stage")
+)
 
 _COMPONENT_PACKAGES = (
     "shitu.models.backbones",

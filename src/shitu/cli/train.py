@@ -112,14 +112,14 @@ def _check_fine_tuning(config: ShituConfig, progress: bool) -> DistContext:
     not computed, an lr_mult matching no layer, eval sets without matches) come before the
     probe's minutes, not after. Built in a scratch folder, without the probe's weights;
     `progress`: the bars of its datasets' start-up checks, which the later builds reuse."""
-    from shitu.engine.linear_probe import check_probe_layers, fine_tune_stage
+    from shitu.engine.linear_probe import FINE_TUNING, check_probe_layers, fine_tune_stage
     from shitu.engine.trainer import Trainer
 
-    stage = fine_tune_stage(config)
-    stage.Global.pretrained_model = None  # the probe makes them
+    fine_tuning = fine_tune_stage(config)
+    fine_tuning.Global.pretrained_model = None  # the probe makes them
     with tempfile.TemporaryDirectory(prefix="shitu-check-") as scratch:
-        stage.Global.output_dir = scratch
-        trainer = Trainer(stage, progress=progress)
+        fine_tuning.Global.output_dir = scratch
+        trainer = Trainer(fine_tuning, progress=progress, stage=FINE_TUNING)
         trainer.log.close()
     check_probe_layers(config, trainer.model)
     return trainer.context
@@ -127,10 +127,10 @@ def _check_fine_tuning(config: ShituConfig, progress: bool) -> DistContext:
 
 def _probe(config: ShituConfig, context: DistContext, progress: bool) -> int | None:
     """Run the LinearProbe stage to its end; the signal that stopped it, if one did."""
-    from shitu.engine.linear_probe import probe_stage
+    from shitu.engine.linear_probe import PROBE, probe_stage
     from shitu.engine.trainer import Trainer
 
-    trainer = Trainer(probe_stage(config), context, progress)
+    trainer = Trainer(probe_stage(config), context, progress, stage=PROBE)
     if trainer.context.is_main:
         print(
             f"linear probe: {count_of(config.LinearProbe.epochs, 'epoch')} with "
@@ -234,7 +234,8 @@ def _stopped_during_probe(config: ShituConfig, checkpoints: Path) -> bool:
 
 def _train(args: argparse.Namespace) -> int:
     from shitu.engine.distributed import launched_rank, shutdown_distributed
-    from shitu.engine.linear_probe import fine_tune_stage, probe_weights_path
+    from shitu.engine.linear_probe import FINE_TUNING, fine_tune_stage, probe_weights_path
+    from shitu.engine.lr import RUN
     from shitu.engine.state import resolve_checkpoint
     from shitu.engine.trainer import Trainer, check_training_sections
 
@@ -277,6 +278,7 @@ def _train(args: argparse.Namespace) -> int:
             if launched_rank() == 0
             else nullcontext()
         ):
+            stage = RUN if config.LinearProbe is None else FINE_TUNING
             if config.LinearProbe is not None:
                 # A resumed run's checkpoint already holds weights that went through the probe.
                 if config.Global.checkpoints is None:
@@ -285,7 +287,7 @@ def _train(args: argparse.Namespace) -> int:
                     if stop_signal is not None:
                         return 128 + stop_signal
                 config = fine_tune_stage(config)
-            trainer = Trainer(config, context, progress=not args.no_progress)
+            trainer = Trainer(config, context, progress=not args.no_progress, stage=stage)
             _print_summary(trainer)
             time_limit = args.time_limit * 60 if args.time_limit is not None else None
             result = trainer.fit(stop_after_steps=args.stop_after_steps, time_limit_s=time_limit)

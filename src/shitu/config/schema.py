@@ -302,7 +302,8 @@ class LinearProbeConfig(Section):
     features around in the first steps.
 
     `shitu train` first runs a probe of its own into `output_dir/linear_probe`: `epochs`
-    epochs with `frozen_layers` frozen, every other layer at the full learning rate (no
+    epochs with `frozen_layers` frozen (and `Arch.frozen_layers`, frozen in both stages),
+    every other layer at the full learning rate (no
     `Optimizer.lr_mult`), no evaluation and no EMA; then the configured run starts from
     the probe's weights."""
 

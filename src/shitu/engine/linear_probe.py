@@ -13,10 +13,14 @@ from torch import nn
 
 from shitu import registry
 from shitu.config.schema import ShituConfig
+from shitu.engine.lr import Stage
 from shitu.engine.state import FINAL
 from shitu.errors import ConfigError
 
 PROBE_DIR = "linear_probe"
+# How messages name each stage (the probe has epochs of its own, and is not resumed).
+PROBE = Stage("the linear probe", "LinearProbe.epochs", resumable=False)
+FINE_TUNING = Stage("the fine-tuning", "Global.epochs")
 
 
 def probe_weights_path(config: ShituConfig) -> Path:
@@ -25,7 +29,9 @@ def probe_weights_path(config: ShituConfig) -> Path:
 
 
 def probe_stage(config: ShituConfig) -> ShituConfig:
-    """The probe: `LinearProbe.frozen_layers` frozen, the rest at one learning rate."""
+    """The probe: `LinearProbe.frozen_layers` frozen, as well as `Arch.frozen_layers` (the
+    layers the config keeps as they start: trained by the probe, they would reach the
+    fine-tuning changed, and stay so), the rest at one learning rate."""
     if config.LinearProbe is None:
         raise ValueError("the config has no LinearProbe section")
     stage = config.model_copy(deep=True)
@@ -35,7 +41,9 @@ def probe_stage(config: ShituConfig) -> ShituConfig:
     stage.Global.eval_during_train = False
     stage.Global.checkpoints = None
     stage.Global.output_dir = str(probe_weights_path(config).parent)
-    stage.Arch.frozen_layers = list(config.LinearProbe.frozen_layers)
+    stage.Arch.frozen_layers = list(
+        dict.fromkeys([*config.Arch.frozen_layers, *config.LinearProbe.frozen_layers])
+    )
     if stage.Optimizer is not None:  # (the trainer names a missing section)
         stage.Optimizer.lr_mult = {}
     if stage.Loss is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field
@@ -21,6 +22,20 @@ from shitu.registry import LR_SCHEDULES
 Rate = Annotated[float, Field(ge=0)]
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """The training a schedule paces, as messages name it: a LinearProbe run's probe has
+    epochs of its own, which "the run" would confuse with Global.epochs, and a checkpoint
+    that is not resumed (`shitu train` starts the probe over)."""
+
+    name: str
+    epochs_key: str
+    resumable: bool = True
+
+
+RUN = Stage("the run", "Global.epochs")
 
 
 class LRSchedule:
@@ -36,6 +51,7 @@ class LRSchedule:
         epochs: int,
         warmup_epoch: int = 0,
         warmup_start_lr: Rate = 0.0,
+        stage: Stage = RUN,
     ) -> None:
         if steps_per_epoch < 1:
             raise ValueError("steps_per_epoch must be at least 1")
@@ -46,11 +62,13 @@ class LRSchedule:
         self.warmup_start_lr = warmup_start_lr
         if warmup_epoch >= epochs:  # e.g. a short trial, or a probe
             logger.warning(
-                "a warm-up of %d epoch%s is not shorter than the run's %d: the learning rate "
+                "a warm-up of %d epoch%s is not shorter than %s's %d (%s): the learning rate "
                 "never reaches its full %g",
                 warmup_epoch,
                 "" if warmup_epoch == 1 else "s",
+                stage.name,
                 epochs,
+                stage.epochs_key,
                 learning_rate,
             )
 
@@ -90,14 +108,17 @@ class Cosine(LRSchedule):
         warmup_epoch: int = 0,
         warmup_start_lr: Rate = 0.0,
         eta_min: Rate = 0.0,
+        stage: Stage = RUN,
     ) -> None:
-        super().__init__(learning_rate, steps_per_epoch, epochs, warmup_epoch, warmup_start_lr)
+        super().__init__(
+            learning_rate, steps_per_epoch, epochs, warmup_epoch, warmup_start_lr, stage
+        )
         self.eta_min = eta_min
-        if eta_min > learning_rate:  # e.g. a rate scaled down for a smaller batch
+        # e.g. a rate scaled down for a smaller batch; the same in every stage, so said once
+        if eta_min > learning_rate:
             logger.warning(
                 "Cosine: eta_min %g is above the learning rate %g (as scaled for the batch "
-                "size, where base_batch_size is set), so the rate rises over the run instead "
-                "of decaying",
+                "size, where base_batch_size is set), so the rate rises instead of decaying",
                 eta_min,
                 learning_rate,
             )
@@ -130,30 +151,43 @@ class Piecewise(LRSchedule):
         gamma: Annotated[float, Field(gt=0)] = 0.1,
         warmup_epoch: int = 0,
         warmup_start_lr: Rate = 0.0,
+        stage: Stage = RUN,
     ) -> None:
-        super().__init__(learning_rate, steps_per_epoch, epochs, warmup_epoch, warmup_start_lr)
-        if sorted(decay_epochs) != list(decay_epochs):
-            raise ValueError("decay_epochs must be increasing")
+        super().__init__(
+            learning_rate, steps_per_epoch, epochs, warmup_epoch, warmup_start_lr, stage
+        )
+        self.check_params(decay_epochs, values)
         if values is None:
             values = [learning_rate * gamma**i for i in range(len(decay_epochs) + 1)]
-        elif len(values) != len(decay_epochs) + 1:
-            raise ValueError(
-                f"values needs one more entry than decay_epochs ({len(decay_epochs) + 1}), "
-                f"got {len(values)}"
-            )
         else:
             values = [value * (learning_rate / values[0]) for value in values]
         reached = epochs - warmup_epoch
         if decay_epochs and decay_epochs[-1] >= reached:  # e.g. a short trial, or a probe
             logger.warning(
-                "Piecewise: decay epoch %d is not reached in this run (decay epochs count "
-                "after the %d warm-up epochs, and it has %d)",
+                "Piecewise: decay epoch %d is not reached in %s (decay epochs count after "
+                "the %d warm-up epochs, leaving %d of its %d (%s))",
                 decay_epochs[-1],
+                stage.name,
                 warmup_epoch,
                 reached,
+                epochs,
+                stage.epochs_key,
             )
         self.boundaries = [epoch * steps_per_epoch for epoch in decay_epochs]
         self.values = list(values)
+
+    @staticmethod
+    def check_params(
+        decay_epochs: list[int], values: list[float] | None = None, **_others: Any
+    ) -> None:
+        """Also checked as a config loads (by the registry), naming the file and key."""
+        if sorted(decay_epochs) != list(decay_epochs):
+            raise ValueError(f"decay_epochs: {decay_epochs} must be increasing")
+        if values is not None and len(values) != len(decay_epochs) + 1:
+            raise ValueError(
+                f"values: needs one more entry than decay_epochs ({len(decay_epochs) + 1}), "
+                f"got {len(values)}"
+            )
 
     def decayed(self, step: int) -> float:
         after_warmup = step - self.warmup_steps
@@ -171,17 +205,18 @@ class ReduceOnPlateau(LRSchedule):
         learning_rate: float,
         steps_per_epoch: int,
         epochs: int,
-        factor: float = 0.1,
+        factor: Annotated[float, Field(gt=0, lt=1)] = 0.1,
         patience: Annotated[int, Field(ge=0)] = 3,
         mode: Literal["max", "min"] = "max",
         threshold: Annotated[float, Field(ge=0)] = 1e-4,
         min_lr: Rate = 0.0,
         warmup_epoch: int = 0,
         warmup_start_lr: Rate = 0.0,
+        stage: Stage = RUN,
     ) -> None:
-        super().__init__(learning_rate, steps_per_epoch, epochs, warmup_epoch, warmup_start_lr)
-        if not 0.0 < factor < 1.0:
-            raise ValueError(f"factor must be in (0, 1), got {factor}")
+        super().__init__(
+            learning_rate, steps_per_epoch, epochs, warmup_epoch, warmup_start_lr, stage
+        )
         self.factor, self.patience, self.mode = factor, patience, mode
         self.threshold, self.min_lr = threshold, min_lr
         self.current = learning_rate

@@ -94,7 +94,8 @@ def build_optimizer(
     if not groups:
         raise ConfigError(
             "Arch.frozen_layers: nothing to train, every parameter is frozen (in the probe "
-            "of a LinearProbe run, by LinearProbe.frozen_layers); leave a layer unfrozen"
+            "of a LinearProbe run, by LinearProbe.frozen_layers and Arch.frozen_layers); "
+            "leave a layer unfrozen"
         )
     name, optimizer_class = config.name, OPTIMIZER_CLASSES[config.name]
     if optimizer_class is torch.optim.SGD:

@@ -33,7 +33,7 @@ from shitu.engine.data import (
 from shitu.engine.distributed import DistContext, all_reduce_mean, barrier, init_distributed
 from shitu.engine.ema import WeightEMA
 from shitu.engine.evaluate import RetrievalEvaluation
-from shitu.engine.lr import LRSchedule
+from shitu.engine.lr import RUN, LRSchedule, Stage
 from shitu.engine.metrics_log import LOG_NAME, MetricsLog
 from shitu.engine.optim import OPTIMIZER_CLASSES, build_optimizer, set_learning_rate
 from shitu.engine.precision import autocast_for, effective_amp, load_scaler_state, scaled_step
@@ -131,12 +131,17 @@ class Trainer:
     """
 
     def __init__(
-        self, config: ShituConfig, context: DistContext | None = None, progress: bool = True
+        self,
+        config: ShituConfig,
+        context: DistContext | None = None,
+        progress: bool = True,
+        stage: Stage = RUN,
     ) -> None:
         """`progress`: a bar per epoch and evaluation (and while a skip_corrupt dataset
         checks its images) where stderr is a terminal, and a line per logged step where it
         is not (a file or a pipe, whose log a bar would fill with carriage-return redraws);
-        False: neither."""
+        False: neither. `stage`: what messages call this training (a LinearProbe run's
+        probe or fine-tuning), and whether its checkpoint is resumed."""
         check_training_sections(config)
         if config.LinearProbe is not None:
             raise ConfigError(
@@ -144,6 +149,7 @@ class Trainer:
                 "shitu.engine.linear_probe.probe_stage(config), then fine_tune_stage(config)"
             )
         self.config = config
+        self.stage = stage
         self.shows_progress = progress
         self.context = context or init_distributed(config.Global.device)
         self.output_dir = Path(config.Global.output_dir)
@@ -200,6 +206,7 @@ class Trainer:
             },
             steps_per_epoch=self.steps_per_epoch,
             epochs=config.Global.epochs,
+            stage=stage,
         )
         self.amp = effective_amp(config.Global.amp, self.context.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == "fp16")
@@ -617,6 +624,11 @@ class Trainer:
                     self.save_latest()
             return not self._should_stop(before_step=False)
         except DataError as exc:  # an image that cannot be read, met hours into the run
+            if not self.stage.resumable:  # shitu train starts it over
+                raise DataError(
+                    f"{raised_message(exc)}; put the image right and run the same command "
+                    f"again ({self.stage.name} starts over)"
+                ) from None
             if self.context.distributed:  # saving is collective: the other ranks are not here
                 raise
             self.save_latest()
@@ -655,11 +667,7 @@ class Trainer:
         loss, parts = self.loss(outputs, labels)
         value = float(all_reduce_mean(loss.detach(), self.context))
         if not math.isfinite(value):
-            raise TrainingDiverged(
-                f"the loss became {value} at step {self.progress.global_step + 1} "
-                f"(epoch {self.progress.epoch + 1}); lower Optimizer.lr.learning_rate, "
-                "enable clip_norm, or resume from an earlier checkpoint"
-            )
+            raise self._diverged(value)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.config.Optimizer.clip_norm:
@@ -672,6 +680,22 @@ class Trainer:
         if scaled_step(self.scaler, self.optimizer) and self.ema is not None:
             self.ema.update()
         return value, parts
+
+    def _diverged(self, value: float) -> TrainingDiverged:
+        """The error of a step whose loss is `value` (NaN or infinite), before its backward:
+        the weights are those of the step before. Resuming is offered where a checkpoint
+        of this run is there to resume (none before the first, none of a LinearProbe's
+        probe, which `shitu train` starts over)."""
+        latest = self.output_dir / f"{LATEST}{SUFFIX}"
+        resume = ""
+        if self.stage.resumable and latest.is_file():
+            checkpoint = override_word("Global.checkpoints", latest)
+            resume = f", and resume from its last checkpoint with -o {checkpoint}"
+        return TrainingDiverged(
+            f"the loss became {value} at step {self.progress.global_step + 1} (epoch "
+            f"{self.progress.epoch + 1} of {self.stage.name}); lower "
+            f"Optimizer.lr.learning_rate or set Optimizer.clip_norm{resume}"
+        )
 
     def _forget_best_of_another_metric(self) -> None:
         """A run resumed with another Global.eval_metric would compare its values with the

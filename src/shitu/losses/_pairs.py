@@ -96,7 +96,11 @@ def hardest(values: torch.Tensor, mask: torch.Tensor, largest: bool) -> torch.Te
 
 def zero_loss(inputs: torch.Tensor) -> torch.Tensor:
     """A 0 connected to `inputs`, so backward() and optimizer steps still work (+ 0.0: a
-    negative sum times 0 is -0.0, which the training log would print)."""
+    negative sum times 0 is -0.0, which the training log would print).
+
+    Every loss gives it for an empty batch (no rows), where a mean over the batch would
+    be 0 / 0 = NaN and the step would write NaN into the weights. A zero keeps the step
+    (and, under DDP, the gradient all-reduce the other processes wait in) going."""
     return inputs.sum() * 0.0 + 0.0
 
 
@@ -123,6 +127,8 @@ class PairLoss(nn.Module):
         labels, ref_inputs, ref_labels, is_self = resolve_reference(
             inputs, labels, ref_inputs, ref_labels
         )
+        if inputs.shape[0] == 0:
+            return zero_loss(inputs)
         query = maybe_normalize(inputs, self.normalize_feature)
         ref = query if is_self else maybe_normalize(ref_inputs, self.normalize_feature)
         positive, negative = label_masks(labels, ref_labels, is_self)

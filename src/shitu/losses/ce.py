@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from shitu.losses._pairs import zero_loss
 from shitu.registry import LOSSES
 
 
@@ -16,7 +17,8 @@ from shitu.registry import LOSSES
 class CELoss(nn.Module):
     """Softmax cross-entropy on logits; `epsilon` > 0 smooths the one-hot target.
 
-    The smoothed target is (1 - epsilon) * one_hot + epsilon / num_classes.
+    The smoothed target is (1 - epsilon) * one_hot + epsilon / num_classes. An empty
+    batch gives 0 (torch's mean over no rows is NaN).
     """
 
     input_key: ClassVar[str] = "logits"
@@ -26,4 +28,6 @@ class CELoss(nn.Module):
         self.epsilon = epsilon or 0.0
 
     def forward(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        if logits.shape[0] == 0:
+            return zero_loss(logits)
         return F.cross_entropy(logits, label.reshape(-1).long(), label_smoothing=self.epsilon)

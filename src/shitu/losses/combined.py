@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
 from shitu.errors import ConfigError
+from shitu.models.rec_model import one_image_outputs
 from shitu.registry import LOSSES, format_validation_error
 
 if TYPE_CHECKING:
@@ -68,9 +69,10 @@ class CombinedLoss(nn.Module):
             self.losses.append(loss)
 
     def attach(self, model: RecModel) -> None:
-        """Check that `model` gives every output a loss reads, before the first step; give
-        losses that read the model itself (feature distillation) the model, once its
-        starting weights are loaded."""
+        """Check that `model` gives every output a loss reads, of the width the loss takes
+        (`check_input`, e.g. XBM's memory), before the first step; give losses that read
+        the model itself (feature distillation) the model, once its starting weights are
+        loaded."""
         for name, key in zip(self.names, self.input_keys, strict=True):
             if key not in model.output_keys:
                 raise ConfigError(
@@ -78,6 +80,17 @@ class CombinedLoss(nn.Module):
                     f"not produce (it gives {', '.join(model.output_keys)}); add an Arch.Head "
                     f"or set {name}.input_key"
                 )
+        checked = [
+            (key, loss)
+            for key, loss in zip(self.input_keys, self.losses, strict=True)
+            if hasattr(loss, "check_input")
+        ]
+        outputs = one_image_outputs(model) if checked else {}
+        for key, loss in checked:
+            try:
+                loss.check_input(outputs[key].float())
+            except ConfigError as exc:
+                raise ConfigError(f"Loss.Train: {exc}") from None
         for loss in self.losses:
             if hasattr(loss, "attach"):
                 loss.attach(model)

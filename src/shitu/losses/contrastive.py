@@ -65,12 +65,16 @@ class ContrastiveLoss(PairLoss):
                 "of one setting)"
             )
 
-    def compare(self, query: Tensor, ref: Tensor, positive: Tensor, negative: Tensor) -> Tensor:
-        if self.embedding_size is not None and query.shape[1] != self.embedding_size:
+    def check_input(self, embeddings: Tensor) -> None:
+        """A ConfigError where `embedding_size` is given and [N, D] `embeddings` differ."""
+        if self.embedding_size is not None and embeddings.shape[1] != self.embedding_size:
             raise ConfigError(
                 f"ContrastiveLoss.embedding_size is {self.embedding_size} but embeddings have "
-                f"{query.shape[1]} dimensions"
+                f"{embeddings.shape[1]} dimensions"
             )
+
+    def compare(self, query: Tensor, ref: Tensor, positive: Tensor, negative: Tensor) -> Tensor:
+        self.check_input(query)
         sim = query @ ref.t()
         positive = positive & (sim < 1.0 - self.epsilon)
         negative = negative & (sim > self.margin)

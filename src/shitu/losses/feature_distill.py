@@ -18,12 +18,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from shitu.errors import ConfigError
+from shitu.losses._pairs import zero_loss
 from shitu.registry import LOSSES
 
 
 @LOSSES.register("FeatureDistillLoss")
 class FeatureDistillLoss(nn.Module):
-    """mean over the batch of ||s/|s| - t/|t|||^2 (= 2 - 2 cos(s, t)).
+    """mean over the batch of ||s/|s| - t/|t|||^2 (= 2 - 2 cos(s, t)); 0 for an empty batch.
 
     s: the backbone's output, or the output of its sub-module `layer` (e.g. `flatten`, the
     pooled features before an embedding layer); t: the same from the frozen copy of the
@@ -154,6 +155,8 @@ class FeatureDistillLoss(nn.Module):
             student, target = self._captured.pop("student"), self._captured.pop("teacher")
         else:
             student = backbone_output
+        if student.shape[0] == 0:
+            return zero_loss(student)
         student = F.normalize(student.float().flatten(1), dim=1)
         target = F.normalize(target.float().flatten(1), dim=1)
         return (student - target).pow(2).sum(1).mean()

@@ -106,7 +106,8 @@ class CrossBatchMemory(nn.Module):
     def memory_size(self) -> int:
         return self.memory.shape[0]
 
-    def _check_size(self, features: torch.Tensor) -> None:
+    def check_input(self, features: torch.Tensor) -> None:
+        """A ConfigError where [N, D] `features` do not fit the memory's width."""
         if features.shape[1] != self.memory.shape[1]:
             raise ConfigError(
                 f"{self.config_name}.{self.size_key} is {self.memory.shape[1]} but the "
@@ -115,7 +116,7 @@ class CrossBatchMemory(nn.Module):
 
     def enqueue(self, features: torch.Tensor, labels: torch.Tensor) -> None:
         """Write a batch into the ring, oldest entries first to go."""
-        self._check_size(features)
+        self.check_input(features)
         features = features.detach().to(self.memory.dtype)[-self.memory_size :]
         labels = labels.reshape(-1)[-self.memory_size :].to(self.memory_labels.dtype)
         size = features.shape[0]
@@ -134,7 +135,7 @@ class CrossBatchMemory(nn.Module):
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         features = as_embeddings(features)
-        self._check_size(features)  # from the first step, not only once the memory starts
+        self.check_input(features)  # from the first step, not only once the memory starts
         loss = self.batch_weight * self.pair_loss(features, labels)
         if not self.training:
             return loss

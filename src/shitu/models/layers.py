@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import math
+from typing import Annotated, Literal
 
 import torch
 from pydantic import Field
@@ -18,6 +19,8 @@ ACTIVATIONS = {
     "prelu": nn.PReLU,
     "leaky_relu": lambda: nn.LeakyReLU(negative_slope=0.1),
 }
+# A backbone's `act` setting: one of ACTIVATIONS, refused otherwise as the config loads.
+ActivationName = Literal["relu", "relu6", "hardswish", "prelu", "leaky_relu"]
 
 
 def make_activation(name: str | None) -> nn.Module:
@@ -94,6 +97,13 @@ class SEModule(nn.Module):
         return x * weight
 
 
+# GeM's exponent, from average pooling (1) towards max pooling (large p). Below 1 the mean
+# weighs the weakest responses most, and from 0 down it is no mean at all (x^0 = 1): a
+# config's value is refused, and a learned one is kept at 1 or above (see the forward).
+MIN_GEM_EXPONENT = 1.0
+GemExponent = Annotated[float, Field(ge=MIN_GEM_EXPONENT, allow_inf_nan=False)]
+
+
 class GeneralizedMeanPool(nn.Module):
     """Global power-mean pooling (GeM, Radenovic et al. 2018) with a learned exponent.
 
@@ -101,31 +111,52 @@ class GeneralizedMeanPool(nn.Module):
     to max pooling, so training can weight the strongest local responses of a crop
     (a logo, a label) more than the background. Output is N x C x 1 x 1 like
     `nn.AdaptiveAvgPool2d(1)`; inputs are clamped to `eps` because the power needs
-    non-negative values (backbones feed it ReLU-family outputs).
+    non-negative values (backbones feed it ReLU-family outputs). The exponent used is
+    at least `MIN_GEM_EXPONENT`: a training forward first puts a learned `p` that an
+    optimizer step took below it back on it (where a gradient can take it up again,
+    which a clamp alone would stop), and any forward uses it for a lower `p` (of a weight
+    file). Each map is divided by its maximum before the power, which would overflow
+    float32 from p = 50 on for ReLU6 outputs (6^50).
     """
 
     def __init__(self, p: float = 3.0, eps: float = 1e-6) -> None:
         super().__init__()
-        if p <= 0:
-            raise ValueError(f"GeM exponent p must be positive, got {p}")
+        if not MIN_GEM_EXPONENT <= p < math.inf:
+            raise ValueError(
+                f"GeM exponent p must be a finite number of at least {MIN_GEM_EXPONENT:g} "
+                f"(average pooling), got {p}"
+            )
         self.p = nn.Parameter(torch.tensor(float(p)))
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.p.requires_grad:
+            with torch.no_grad():
+                self.p.clamp_(min=MIN_GEM_EXPONENT)
         # float32 whatever the autocast dtype: x^3 of bf16 activations loses the mean.
-        p = self.p.float()
-        pooled = nn.functional.adaptive_avg_pool2d(x.float().clamp(min=self.eps).pow(p), 1)
-        return pooled.pow(1.0 / p).to(x.dtype)
+        p = self.p.float().clamp(min=MIN_GEM_EXPONENT)
+        values = x.float().clamp(min=self.eps)
+        # GeM is homogeneous in x: scaling a map by a constant and back changes no gradient.
+        peak = values.amax(dim=(2, 3), keepdim=True).detach()
+        pooled = nn.functional.adaptive_avg_pool2d((values / peak).pow(p), 1)
+        return (pooled.pow(1.0 / p) * peak).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"p={self.p.item():.3f}, eps={self.eps}"
 
 
 GLOBAL_POOLS = {"avg": lambda: nn.AdaptiveAvgPool2d(1), "gem": GeneralizedMeanPool}
+# A backbone's `pool` setting: one of GLOBAL_POOLS, refused otherwise as the config loads.
+PoolName = Literal["avg", "gem"]
 
 
-def make_global_pool(kind: str) -> nn.Module:
-    """The N x C x H x W -> N x C x 1 x 1 pooling named by a backbone's `pool` option."""
+def make_global_pool(kind: str, gem_p: float | None = None) -> nn.Module:
+    """The N x C x H x W -> N x C x 1 x 1 pooling named by a backbone's `pool` option;
+    `gem_p` is GeM's starting exponent (its default where None)."""
+    if gem_p is not None:
+        if kind != "gem":
+            raise ValueError(f"gem_p: only pool 'gem' has an exponent, pool is '{kind}'")
+        return GeneralizedMeanPool(gem_p)
     try:
         return GLOBAL_POOLS[kind]()
     except KeyError:

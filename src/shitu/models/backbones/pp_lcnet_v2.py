@@ -13,6 +13,7 @@ from torch import nn
 
 from shitu.models.backbones.base import SequentialBackbone
 from shitu.models.layers import (
+    ActivationName,
     ConvBNLayer,
     DownscaleInInferDropout,
     DropoutProbability,
@@ -160,7 +161,7 @@ class PPLCNetV2(SequentialBackbone):
         dropout_prob: DropoutProbability = 0.0,
         use_last_conv: bool = True,
         class_expand: Size = 1280,
-        act: str = "relu",
+        act: ActivationName = "relu",
         last_stride: Literal[1, 2] = 2,
         last_conv_bias: bool = False,
         last_act: bool = True,
