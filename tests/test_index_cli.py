@@ -699,3 +699,32 @@ def test_a_build_that_adds_no_image_leaves_no_milvus_collection(models, tmp_path
         assert client.list_collections() == []
     finally:
         client.close()
+
+
+def test_a_milvus_collection_whose_library_was_deleted_is_replaced_on_request(
+    models, tmp_path, caplog
+):
+    """A Lite file (or server) outside the library keeps the collection of a library deleted
+    since (or of a build killed outright): building with it again was refused as another
+    library's, and no shitu command could drop it."""
+    pytest.importorskip("milvus_lite", reason="the milvus extra is not installed")
+    make_images(tmp_path / "gallery" / "blocks", 4)
+    lib = tmp_path / "lib"
+    build = ("index", "build", "--gallery", tmp_path / "gallery", "--out", lib, "--backend",
+             "milvus", "--milvus-uri", tmp_path / "shared.db", "--model", models[128],
+             "--no-progress")  # fmt: skip
+    assert shitu(*build).returncode == 0
+    shutil.rmtree(lib)
+    refused = shitu(*build)
+    assert refused.returncode == 2 and not lib.exists()
+    assert "already holds vectors" in refused.stderr
+    assert "--replace-collection in the CLI" in refused.stderr, refused.stderr
+    replaced = shitu(*build, "--replace-collection")
+    assert replaced.returncode == 0, replaced.stderr
+    assert "dropping the vectors in Milvus collection 'shitu_gallery'" in caplog.text
+    verified = shitu("index", "verify", lib)
+    assert verified.returncode == 0 and "OK (4 images)" in verified.stdout, verified.stdout
+    faiss = shitu("index", "build", "--gallery", tmp_path / "gallery", "--out", tmp_path / "f",
+                  "--model", models[128], "--replace-collection")  # fmt: skip
+    assert faiss.returncode == 2
+    assert "--replace-collection: only with --backend milvus" in faiss.stderr

@@ -180,6 +180,31 @@ def test_a_new_library_refuses_a_collection_that_another_library_holds(tmp_path)
         np.testing.assert_array_equal(first.search(queries, k=3).ids, before.ids)
 
 
+def test_a_collection_milvus_fails_to_drop_for_a_new_library_is_a_gallery_error(
+    tmp_path, monkeypatch
+):
+    """replace_collection on a server that refuses the drop (no right to, say): a
+    GalleryError naming the collection, not pymilvus's exception, and no library."""
+    from pymilvus import MilvusClient
+    from pymilvus.exceptions import MilvusException
+
+    shared = {"uri": str(tmp_path / "shared.db")}
+    with Gallery.create(tmp_path / "gone", embedding_dim=DIM, model_fingerprint="m",
+                        backend="milvus", backend_options=shared) as gone:  # fmt: skip
+        gone.add(clustered(5, DIM), ["x"] * 5)
+    shutil.rmtree(tmp_path / "gone")
+
+    def refused(*args: object, **kwargs: object) -> None:
+        raise MilvusException(message="simulated: permission denied")
+
+    monkeypatch.setattr(MilvusClient, "drop_collection", refused)
+    with pytest.raises(GalleryError, match="Milvus failed while dropping collection "
+                       r"'shitu_gallery' \(simulated: permission denied\)"):  # fmt: skip
+        Gallery.create(tmp_path / "new", embedding_dim=DIM, model_fingerprint="m",
+                       backend="milvus", backend_options=shared, replace_collection=True)  # fmt: skip
+    assert not (tmp_path / "new").exists()
+
+
 def test_milvus_lite_refuses_ivfpq_before_it_writes_a_library_that_cannot_open(tmp_path):
     """Milvus Lite cannot build IVF_PQ: the collection's rows would stay unindexed and the
     collection would never load again, so every later command would fail."""

@@ -115,6 +115,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="collection name, one per library: letters, digits and underscores, not "
         "starting with a digit (default shitu_gallery; one that holds vectors is refused)",
     )
+    build.add_argument(
+        "--replace-collection",
+        action="store_true",
+        help="drop the vectors the Milvus collection holds instead of refusing it: for one "
+        "no library uses any more (its library was deleted, or a build was killed); a "
+        "library that still uses it would search the new vectors",
+    )
     _add_search_arguments(build)
     _add_image_arguments(build)
     build.set_defaults(func=run_build)
@@ -354,9 +361,11 @@ def _warn_failures(report: AddReport) -> None:
 def run_build(args: argparse.Namespace) -> int:
     given = {"uri": args.milvus_uri, "collection": args.milvus_collection}
     milvus = {name: value for name, value in given.items() if value is not None}
-    if milvus and args.backend != "milvus":  # else refused as faiss options it never named
-        flags = " and ".join(MILVUS_FLAGS[name] for name in milvus)
-        raise GalleryError(f"{flags}: only with --backend milvus")
+    if args.backend != "milvus":  # else refused as faiss options it never named
+        flags = [MILVUS_FLAGS[name] for name in milvus]
+        flags += ["--replace-collection"] if args.replace_collection else []
+        if flags:
+            raise GalleryError(f"{' and '.join(flags)}: only with --backend milvus")
     Manifest.check_backend_options("milvus", milvus, MILVUS_FLAGS)  # named as typed
     sources = [*args.sources, *args.gallery]
     if not sources:
@@ -385,6 +394,7 @@ def run_build(args: argparse.Namespace) -> int:
             index_type=args.index_type,
             backend=args.backend,
             backend_options=options,
+            replace_collection=args.replace_collection,
         )
     except NothingAddedError as exc:  # status 1, as `index add` and `recognize`
         _warn_failures(exc.report)

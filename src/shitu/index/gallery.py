@@ -305,6 +305,7 @@ class Gallery:
         backend: str = "faiss",
         backend_options: dict[str, Any] | None = None,
         normalize: bool = True,
+        replace_collection: bool = False,
     ) -> Gallery:
         """Create an empty library (atomically: built in a temp folder, then renamed).
 
@@ -314,11 +315,16 @@ class Gallery:
         (`nprobe` default 16), `nlist` (IVF lists, default 1024), `uri` (a Milvus Lite `.db`
         file in the library, default `milvus.db`, or a server's `http://host:19530`) and
         `collection` (default `shitu_gallery`). Faiss's own names (`efSearch`) are refused.
+        A Milvus collection that holds vectors is refused as another library's, unless
+        `replace_collection`, which drops them: a collection that no library uses any more
+        (its library deleted, or a build killed outright) can be built into again.
         """
         root = Path(path)
         existed = root.exists()
         if existed and (not root.is_dir() or any(root.iterdir())):
             raise GalleryError(f"{root}: already exists and is not an empty folder")
+        if replace_collection and backend != "milvus":
+            raise GalleryError(f"replace_collection: only for the milvus backend, not {backend}")
         if backend in BACKENDS:  # an unknown backend is refused by name below
             Manifest.check_backend_options(backend, backend_options or {})
         manifest = Manifest(
@@ -341,7 +347,7 @@ class Gallery:
         os.replace(tmp, root)
         fsync_dir(root.parent)
         try:
-            return cls.open(root)
+            return cls._open(root, replace_collection=replace_collection)
         except BaseException:  # e.g. a Milvus collection another library holds: none made
             os.replace(root, tmp)
             shutil.rmtree(tmp, ignore_errors=True)
@@ -450,7 +456,19 @@ class Gallery:
         collection cannot be read, by building the index again from the stored features (a
         write: a new generation); `repaired` then says so.
         """
-        root = Path(path)
+        return cls._open(Path(path), embedder=embedder, verify=verify, repair=repair)
+
+    @classmethod
+    def _open(
+        cls,
+        root: Path,
+        *,
+        embedder: Embedder | None = None,
+        verify: bool = True,
+        repair: bool = False,
+        replace_collection: bool = False,
+    ) -> Gallery:
+        """`open`; `replace_collection` is `create`'s, for the new library it opens."""
         store = _open_store(root)
         backend: Backend | None = None
         try:
@@ -461,7 +479,9 @@ class Gallery:
                     None if embedder is None else (embedder.fingerprint, embedder.embedding_size)
                 )
                 manifest = _committed_manifest(root, store, model)
-                backend = open_backend(root, manifest, store, verify=verify, repair=repair)
+                backend = open_backend(
+                    root, manifest, store, verify, repair, replace_collection=replace_collection
+                )
                 gallery = cls(root, store, backend, model)
             gallery._finish_open()
             if gallery._backend.damaged:
