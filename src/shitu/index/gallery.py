@@ -809,34 +809,45 @@ class Gallery:
         its own write: an add that keeps what it did when stopped). `progress`: draw a bar
         over the hashing, for HASH_BAR_MIN_FILES files or more (each file is read whole)."""
         self._check_usable()
-        for item in items:  # before any file is read
-            _stored_label(item.label, f"add {item.path}")
+        # As each label is stored, checked before any file is read
+        labels = [_stored_label(item.label, f"add {item.path}") for item in items]
         failures: list[tuple[str, str]] = []
         readable: list[tuple[GalleryItem, str]] = []
         from shitu.progress import ImageProgress
 
         enabled = progress and len(items) >= HASH_BAR_MIN_FILES
         with ImageProgress(len(items), enabled, "hashing") as bar:
-            for item in items:
+            for item, label in zip(items, labels, strict=True):
                 try:
-                    readable.append((item, file_sha256(item.path)))
+                    readable.append((replace(item, label=label), file_sha256(item.path)))
                     bar.update(1)
                 except OSError as exc:
                     failures.append((str(item.path), exc.strerror or str(exc)))
                     bar.skip()
         duplicates: list[str] = []
         if not allow_duplicates:
-            present = self._store.existing_hashes([digest for _, digest in readable])
+            present = self._store.first_with_hashes([digest for _, digest in readable])
             unique, seen = [], set(present)
             listed: dict[str, GalleryItem] = {}  # this call's first item of each content
             for item, digest in readable:
                 first = listed.get(digest)
+                stored_id, stored_label = present.get(digest, (None, item.label))
                 if first is not None and first.label != item.label:  # one photo, two labels
                     failures.append(
                         (
                             str(item.path),
                             f"the same photo as {first.path}, labelled "
                             f"'{first.label}' there; it keeps that label",
+                        )
+                    )
+                elif normal_form(stored_label) != item.label:  # a mistake, or meant to move it
+                    failures.append(
+                        (
+                            str(item.path),
+                            f"the library has this photo as image {stored_id}, labelled "
+                            f"'{stored_label}'; it keeps that label (to label it "
+                            f"'{item.label}' instead, remove it, `shitu index remove "
+                            f"{self.root} --id {stored_id}`, and add it again)",
                         )
                     )
                 elif digest in seen:

@@ -237,6 +237,21 @@ class MetadataStore:
             found.update(row[0] for row in rows)
         return found
 
+    def first_with_hashes(self, hashes: Sequence[str]) -> dict[str, tuple[int, str]]:
+        """For each of these content hashes the library has, its first image's id and label."""
+        found: dict[str, tuple[int, str]] = {}
+        for chunk in _chunks(list(hashes)):
+            marks = ",".join("?" * len(chunk))
+            query = (
+                f"SELECT sha256, MIN(id), label FROM images WHERE sha256 IN ({marks}) "
+                "GROUP BY sha256"  # SQLite takes the label from the row of MIN(id)
+            )
+            found.update(
+                (digest, (image_id, label))
+                for digest, image_id, label in self.conn.execute(query, chunk)
+            )
+        return found
+
     def stored_forms(self, labels: Sequence[str]) -> list[str]:
         """The labels as stored that are `labels` trimmed and in normal form (rows stored
         before labels were normalised may hold another form of a name), picked from the
