@@ -14,6 +14,7 @@ import io
 import json
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -1439,6 +1440,39 @@ def test_an_edit_that_waits_out_another_writer_is_a_503_to_retry(
         assert refused.status_code == 503 and int(refused.headers["Retry-After"]) > 0
         assert "another process has been writing to it" in refused.json()["detail"]
         assert asyncio.run(delete(app, image_id)).status_code == 200
+
+
+def test_a_server_told_to_stop_answers_its_edits_waiting_for_another_process(
+    serving_library, tmp_path
+):
+    """SIGTERM while an edit waits for another process's write (an `index rebuild`, up to a
+    minute): the edit is answered at once, a JSON 503 to retry, and the server stops. uvicorn
+    waited its grace period (10 s) for the edit, then cut it off with a plain-text 500, and
+    the server went on waiting, up to a minute, for the library's thread."""
+    server = ServerProcess(serving_library, tmp_path)
+    try:
+        with other_process_holding(server.gallery, "BEGIN IMMEDIATE") as other:
+            with httpx.Client(base_url=server.url, timeout=120) as http:
+                adding = ThreadPoolExecutor(1).submit(
+                    http.post,
+                    "/v1/gallery/images",
+                    data={"label": "Waiting"},
+                    files={"image": ("new.png", png_bytes(np.full((64, 64, 3), 9, np.uint8)))},
+                )
+                wait_until_embedded(http, 1)  # then it waits for the library
+                server.process.send_signal(signal.SIGTERM)
+                answer = adding.result()
+            assert answer.status_code == 503 and int(answer.headers["Retry-After"]) > 0
+            assert (
+                "stopped waiting for it as it is closing; nothing was changed"
+                in (answer.json()["detail"])
+            )
+            server.process.wait(timeout=30)  # while the other process still holds the lock
+            assert other.poll() is None
+    finally:
+        server.stop()
+    with Gallery.open(server.gallery) as gallery:
+        assert "Waiting" not in gallery.label_counts()
 
 
 def test_a_thumbnail_takes_the_pixels_it_decodes_from_the_budget(serving_library, tmp_path):

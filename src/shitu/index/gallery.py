@@ -504,6 +504,12 @@ class Gallery:
             self._backend.close()
         self._store.close()
 
+    def stop_waiting(self) -> None:
+        """Have reads and writes that another process's lock on the library keeps waiting
+        give up (a LibraryBusyError; a write changes nothing), now and from now on: for a
+        process that is closing, such as a server told to stop. Any thread may call it."""
+        self._store.stop_waiting()
+
     def discard(self) -> None:
         """Close the library and delete its index where that is kept outside its folder (a
         Milvus collection on a server, or in a Lite file elsewhere): for a caller that then

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -51,6 +52,10 @@ class LibraryBusyError(GalleryError):
     """Another process held the library's database locked for longer than LOCK_WAIT_S."""
 
 
+class LockWaitStopped(LibraryBusyError):
+    """A wait for another process's lock that `MetadataStore.stop_waiting` cut short."""
+
+
 class _Connection(sqlite3.Connection):
     """Statements that find the file damaged ("database disk image is malformed") or cannot
     write it (a full disk) raise a GalleryError naming it, as opening such a file does, not
@@ -58,17 +63,19 @@ class _Connection(sqlite3.Connection):
     LibraryBusyError; constraint errors stay as SQLite raises them."""
 
     path: Path
+    waits_stopped: threading.Event  # set: a statement kept waiting gives up at its next try
 
     def execute(self, sql: str, parameters: Any = (), /) -> sqlite3.Cursor:
         """The statement, tried again while another process's lock keeps it waiting, up to
-        LOCK_WAIT_S; a write kept waiting past WAIT_NOTICE_S says so."""
+        LOCK_WAIT_S (or until `waits_stopped` is set); a write kept waiting past
+        WAIT_NOTICE_S says so."""
         started, noticed = time.monotonic(), False
         while True:
             try:
                 return super().execute(sql, parameters)
             except sqlite3.DatabaseError as exc:
                 waited = time.monotonic() - started
-                if not _locked_out(exc) or waited >= LOCK_WAIT_S:
+                if not _locked_out(exc) or waited >= LOCK_WAIT_S or self.waits_stopped.is_set():
                     self._raise_for(exc)
                     raise
             if sql == "BEGIN IMMEDIATE" and waited >= WAIT_NOTICE_S and not noticed:
@@ -94,6 +101,11 @@ class _Connection(sqlite3.Connection):
             raise GalleryError(
                 f"{self.path}: cannot write the library ({exc}: is its disk full?); nothing "
                 "was changed"
+            ) from exc
+        if _locked_out(exc) and self.waits_stopped.is_set():
+            raise LockWaitStopped(
+                f"{self.path}: another process holds the library's lock, and this one stopped "
+                "waiting for it as it is closing; nothing was changed, retry when it is back"
             ) from exc
         if _locked_out(exc):  # a reader waiting on a commit
             raise LibraryBusyError(
@@ -140,6 +152,7 @@ class MetadataStore:
                 path, isolation_level=None, timeout=LOCK_POLL_S, factory=_Connection
             )
             self.conn.path = path
+            self.conn.waits_stopped = threading.Event()
             self.conn.execute("PRAGMA synchronous = FULL")
             # A write keeps its changed pages in memory until it commits: spilling them into
             # the file takes the exclusive lock, and every other process's reads would wait
@@ -154,6 +167,12 @@ class MetadataStore:
     def close(self) -> None:
         self.conn.close()
 
+    def stop_waiting(self) -> None:
+        """Have statements kept waiting by another process's lock give up at their next try
+        (within LOCK_POLL_S), and later ones at their first, with a LockWaitStopped: for a
+        process that is closing. Any thread may call it."""
+        self.conn.waits_stopped.set()
+
     @contextmanager
     def transaction(self) -> Iterator[None]:
         """Take the write lock for the whole change; roll back on any exception.
@@ -167,6 +186,8 @@ class MetadataStore:
             return
         try:
             self.conn.execute("BEGIN IMMEDIATE")
+        except LockWaitStopped:
+            raise
         except LibraryBusyError:
             raise LibraryBusyError(
                 f"{self.path}: cannot lock the library for writing: another process has been "
@@ -176,8 +197,10 @@ class MetadataStore:
         try:
             yield
             self.conn.execute("COMMIT")
-        except LibraryBusyError:  # at COMMIT: SQLite keeps the transaction open, to retry
+        except LibraryBusyError as exc:  # at COMMIT: SQLite keeps the transaction open, to retry
             self._roll_back()
+            if isinstance(exc, LockWaitStopped):
+                raise
             raise LibraryBusyError(
                 f"{self.path}: cannot commit: another process has been reading the library "
                 f"for over {LOCK_WAIT_S:g} s (e.g. checking or listing a large library); "

@@ -261,6 +261,14 @@ class SharedLibrary:
             return Snapshot.of(gallery)
         return before.edited(change, gallery.entries_with_ids(change.added_ids), gallery.stats())
 
+    def stop_waiting(self) -> None:
+        """For a server told to stop: edits that another process's write keeps waiting give
+        up now (a 503 to retry), as do later ones that would wait, so that their requests
+        are answered within the server's grace period and it stops (they held the stop up
+        for up to a minute, and were cut off with a plain-text 500). Any thread may call it."""
+        if self._gallery is not None:
+            self._gallery.stop_waiting()
+
     def close(self, release: Callable[[], None] | None = None) -> None:
         """Close the gallery on the library's thread (its SQLite connection belongs there),
         then stop that thread. `release`: what closes it instead, with what was opened
