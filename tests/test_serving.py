@@ -197,7 +197,8 @@ def test_add_rename_remove_and_rebuild(serving_library, server, client):
     """The whole editing cycle; labels with spaces and slashes; files kept and cleaned up.
     Labels are answered as stored: trimmed, and NFC where a client sends NFD (macOS)."""
     query, true_label = serving_library.queries()[0]
-    repeat = serving_library.gallery_items()[0][0]  # already in the library: a duplicate
+    # already in the library, under another label: a duplicate, named with that label
+    repeat, repeat_label = serving_library.gallery_items()[0]
     (blocks,) = make_images(server.work / "blocks", 1)  # no plain background: matched whole
     added = client.post(
         "/v1/gallery/images",
@@ -214,6 +215,9 @@ def test_add_rename_remove_and_rebuild(serving_library, server, client):
     body = added.json()
     assert body["label"] == body["added"][0]["label"] == "Mystère Snack" and len(body["added"]) == 2
     assert body["duplicates"] == [repeat.name, query.name]
+    ((name, stored_id, stored_label),) = [tuple(other.values()) for other in body["elsewhere"]]
+    assert (name, stored_label) == (repeat.name, repeat_label)
+    assert client.get(f"/v1/gallery/images/{stored_id}").json()["label"] == repeat_label
     new_id, blocks_id = (image["id"] for image in body["added"])
     # nothing created: 200, not 201, with every upload listed as a duplicate
     again = client.post(
@@ -224,6 +228,7 @@ def test_add_rename_remove_and_rebuild(serving_library, server, client):
     )
     assert again.status_code == 200, again.text
     assert again.json()["added"] == [] and again.json()["duplicates"] == [query.name, repeat.name]
+    assert [other["name"] for other in again.json()["elsewhere"]] == [repeat.name]
     stored = server.gallery / "uploads" / body["added"][0]["name"]
     assert stored.read_bytes() == query.read_bytes()
 

@@ -832,7 +832,7 @@ class Gallery:
                     bar.skip()
         duplicates: list[str] = []
         if not allow_duplicates:
-            present = self._store.first_with_hashes([digest for _, digest in readable])
+            present = self.first_with_hashes([digest for _, digest in readable])
             unique, seen = [], set(present)
             listed: dict[str, GalleryItem] = {}  # this call's first item of each content
             for item, digest in readable:
@@ -1036,6 +1036,13 @@ class Gallery:
         """Which of these content hashes the library's images have."""
         self._check_usable()
         return self._store.existing_hashes(hashes)
+
+    def first_with_hashes(self, hashes: Sequence[str]) -> dict[str, tuple[int, str]]:
+        """For each of these content hashes the library's images have, the id and label of
+        the first image with it: where an add of that content under another label would
+        say it is there."""
+        self._check_usable()
+        return self._store.first_with_hashes(hashes)
 
     def _stored_path(self, path: str) -> str:
         """How a file's path is stored: relative to the library folder for files inside it

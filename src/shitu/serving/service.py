@@ -14,7 +14,7 @@ import re
 import threading
 from collections.abc import Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +42,20 @@ MAX_NAME = 60
 
 
 @dataclass(frozen=True)
+class StoredElsewhere:
+    """An upload the library has under another label: the upload's name, and the id and
+    label of the image that holds its content."""
+
+    name: str
+    image_id: int
+    label: str
+
+
+@dataclass(frozen=True)
 class AddOutcome:
     added: list[ImageEntry]
     duplicates: list[str]  # upload names whose content the library already holds
+    elsewhere: list[StoredElsewhere] = field(default_factory=list)  # of those, other labels'
 
 
 def check_label(label: str) -> str:
@@ -194,14 +205,19 @@ class RecognitionService:
         hashes = [hashlib.sha256(data).hexdigest() for _name, data in images]
 
         def commit() -> AddOutcome:
-            stored, seen = self.library.gallery.stored_hashes(hashes), set()
+            stored, seen = self.library.gallery.first_with_hashes(hashes), set()
             rows, duplicates = [], []
             for row, digest in enumerate(hashes):
                 (duplicates if digest in stored or digest in seen else rows).append(row)
                 seen.add(digest)
             names = [images[row][0] for row in duplicates]
+            elsewhere = [
+                StoredElsewhere(images[row][0], *stored[hashes[row]])
+                for row in duplicates
+                if hashes[row] in stored and normal_form(stored[hashes[row]][1]) != label
+            ]
             if not rows:
-                return AddOutcome(added=[], duplicates=names)
+                return AddOutcome(added=[], duplicates=names, elsewhere=elsewhere)
             created: list[Path] = []
             paths = []
             try:
@@ -224,7 +240,8 @@ class RecognitionService:
                 listed = zip(rows, paths, strict=True)
                 names += [images[row][0] for row, path in listed if path in skipped]
             by_id = self.library.snapshot.by_id
-            return AddOutcome(added=[by_id[int(i)] for i in report.ids], duplicates=names)
+            added = [by_id[int(i)] for i in report.ids]
+            return AddOutcome(added=added, duplicates=names, elsewhere=elsewhere)
 
         return self.library.edit(commit)
 
