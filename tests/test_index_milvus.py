@@ -352,6 +352,21 @@ def test_a_milvus_lite_file_open_elsewhere_is_refused_saying_so(tmp_path):
             Gallery.open(tmp_path / "milvus")
 
 
+def test_verify_of_a_milvus_lite_library_open_elsewhere_is_an_error_not_a_problem(tmp_path):
+    """A healthy library that `shitu serve` has open was reported FAILED (exit status 1, the
+    status of a damaged library), sending its user to mend what was not broken."""
+    build(tmp_path, "milvus", count=30).close()
+    with open(tmp_path / "milvus" / "milvus.db" / "LOCK") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a `shitu serve` holds it
+        verified = subprocess.run(
+            [sys.executable, "-m", "shitu", "index", "verify", tmp_path / "milvus"],
+            capture_output=True,
+            text=True,
+        )
+    assert verified.returncode == 2 and verified.stdout == "", verified.stdout
+    assert re.fullmatch(r"error: .*is the library open in another process.*\n", verified.stderr)
+
+
 @pytest.mark.parametrize("trouble", ["open elsewhere", "damaged collection", "not a folder"])
 def test_a_milvus_library_that_cannot_open_is_one_line_on_the_command_line(tmp_path, trouble):
     """pymilvus logs each failed call with its traceback, and Milvus Lite logs why it could

@@ -35,6 +35,7 @@ from shitu.index import (
 )
 from shitu.index.embedder import Embedder
 from shitu.index.gallery import LIBRARY_FILE
+from shitu.index.metadata import LibraryBusyError
 
 SHOWN_PROBLEMS = 10
 # `index add` writes the library every ADD_PART images it embeds, so that an add stopped by
@@ -526,9 +527,12 @@ def run_stats(args: argparse.Namespace) -> int:
 
 def run_verify(args: argparse.Namespace) -> int:
     """Exit 1 with the problems for a library that is damaged, also one too damaged to
-    open (a lost or corrupt index file); 2 only where there is no library."""
+    open (a lost or corrupt index file); 2 where there is no library, or where another
+    process keeps it from being checked (no problem found: it was not looked at)."""
     try:
         gallery = Gallery.open(args.library)
+    except LibraryBusyError:
+        raise
     except GalleryError as exc:
         if not (args.library / LIBRARY_FILE).is_file():
             raise

@@ -49,7 +49,8 @@ CREATE INDEX IF NOT EXISTS images_sha256 ON images (sha256);
 
 
 class LibraryBusyError(GalleryError):
-    """Another process held the library's database locked for longer than LOCK_WAIT_S."""
+    """Another process has the library: it held the database locked for longer than
+    LOCK_WAIT_S, or it has the library's Milvus Lite file open (one process at a time)."""
 
 
 class LockWaitStopped(LibraryBusyError):

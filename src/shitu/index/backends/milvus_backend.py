@@ -22,7 +22,7 @@ import numpy as np
 from shitu.errors import GalleryError
 from shitu.index.backends import Backend, Change, IndexSyncError, scores_from_distances
 from shitu.index.manifest import Manifest
-from shitu.index.metadata import MetadataStore
+from shitu.index.metadata import LibraryBusyError, MetadataStore
 
 logger = logging.getLogger(__name__)
 
@@ -180,14 +180,13 @@ class MilvusBackend(Backend):
                     _lite_users[self._lite_path] += 1
         except Exception as exc:
             lite_failure = lite_failures[-1] if lite_failures else None
-            reason = str(lite_failure or _failure_reason(exc))
-            busy = (
-                "; is the library open in another process, such as `shitu serve`? A Milvus Lite "
-                "file is open in one process at a time"
-                if self._lite_path and _held_elsewhere(lite_failure, exc)
-                else ""
-            )
-            raise GalleryError(f"cannot connect to Milvus at {uri}: {reason}{busy}") from exc
+            reason = f"cannot connect to Milvus at {uri}: {lite_failure or _failure_reason(exc)}"
+            if self._lite_path and _held_elsewhere(lite_failure, exc):
+                raise LibraryBusyError(
+                    f"{reason}; is the library open in another process, such as `shitu "
+                    "serve`? A Milvus Lite file is open in one process at a time"
+                ) from exc
+            raise GalleryError(reason) from exc
         try:
             self._open_collection(uri, repair, replace_collection)
         except BaseException:
