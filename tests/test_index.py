@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import re
+import shutil
 import sqlite3
 import threading
 from collections.abc import Callable
@@ -693,6 +694,22 @@ def test_a_damaged_database_page_is_a_gallery_error_not_sqlites_traceback(tmp_pa
     else:
         with Gallery.open(path) as gallery:
             assert gallery.verify()[0] == "sqlite: database disk image is malformed"
+
+
+def test_a_write_to_a_library_built_again_since_it_was_opened_says_so(tmp_path):
+    """A server's library deleted and built again at its path: the server's edits went to
+    the deleted file, which SQLite refuses as "attempt to write a readonly database" (a
+    500 'internal error' from the server)."""
+    path = tmp_path / "lib"
+    with new_gallery(path) as gallery:
+        gallery.add(clustered(20, DIM), labels_for(20))
+        shutil.rmtree(path)
+        new_gallery(path).close()
+        with pytest.raises(GalleryError, match="lib/gallery.sqlite: the library was deleted or "
+                           "replaced .* nothing was changed: open it again"):  # fmt: skip
+            gallery.remove(ids=[1])
+    with Gallery.open(path) as gallery:
+        assert len(gallery) == 0
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])

@@ -98,6 +98,12 @@ class _Connection(sqlite3.Connection):
     def _raise_for(self, exc: sqlite3.DatabaseError) -> None:
         if type(exc) is sqlite3.DatabaseError:  # its subclasses: locked, a constraint, ...
             raise GalleryError(f"{self.path}: not a readable gallery database ({exc})") from exc
+        if exc.sqlite_errorcode == sqlite3.SQLITE_READONLY_DBMOVED:  # SQLite's own words:
+            # "attempt to write a readonly database", a 500 "internal error" from the server
+            raise GalleryError(
+                f"{self.path}: the library was deleted or replaced (built again?) since this "
+                "process opened it; nothing was changed: open it again (restart `shitu serve`)"
+            ) from exc
         if exc.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR):
             raise GalleryError(
                 f"{self.path}: cannot write the library ({exc}: is its disk full?); nothing "
