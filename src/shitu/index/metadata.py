@@ -104,6 +104,13 @@ class _Connection(sqlite3.Connection):
                 f"{self.path}: the library was deleted or replaced (built again?) since this "
                 "process opened it; nothing was changed: open it again (restart `shitu serve`)"
             ) from exc
+        # The file read-only, or its folder, where SQLite cannot make its journal: else a
+        # traceback of SQLite's words ("unable to open database file")
+        if exc.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN):
+            raise GalleryError(
+                f"{self.path}: cannot write the library ({exc}: is the file, or its folder, "
+                "read-only to this user?); nothing was changed"
+            ) from exc
         if exc.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR):
             raise GalleryError(
                 f"{self.path}: cannot write the library ({exc}: is its disk full?); nothing "
