@@ -1715,6 +1715,20 @@ def test_the_server_retries_a_generation_that_failed_to_load(written_since, monk
     assert shared.search(vectors[25:26], k=1).labels[0, 0] == "new"
 
 
+def test_a_library_built_again_at_its_path_while_served_is_logged_once(written_since, caplog):
+    """`rm -r LIB` and `index build --out LIB` while a server runs: the server answered from
+    the deleted library with no word of it (the new one's images never showed up)."""
+    shared, path, _ = written_since
+    shared.run(shared._sync)
+    assert "deleted or built again" not in caplog.text
+    shutil.rmtree(path)
+    Gallery.create(path, embedding_dim=8, model_fingerprint="m").close()
+    for _ in range(2):
+        shared.run(shared._sync)
+    assert caplog.text.count(f"{path} was deleted or built again since the server opened") == 1
+    assert "restart it to serve the library now at that path" in caplog.text
+
+
 def test_the_listing_follows_each_edit_as_reading_the_library_whole_gives_it(tmp_path, monkeypatch):
     """After an edit the server lists what reading every row gives, but has read only the
     rows the edit touched (every row: seconds a write with 200k images); after another

@@ -272,6 +272,7 @@ class Gallery:
         self._closed = False
         self.repaired = False  # whether `open(repair=True)` had to rebuild the index
         self._owner = threading.get_ident()  # the thread whose SQLite connection this is
+        self._database = _file_identity(root / LIBRARY_FILE)  # the file opened
         # Searches share it, a write takes it alone to swap the index, ids and labels
         self._swap = ReadWriteLock()
         # Ids (ascending) and their labels, replaced together (one tuple) by each write
@@ -665,6 +666,13 @@ class Gallery:
             self._id_labels = id_labels
             self.last_change = change
         return result
+
+    def replaced(self) -> bool:
+        """Whether the library's database at its path is no longer the file this object
+        opened: deleted, or the library built again there (`rm -r LIB`, `index build --out
+        LIB`). Reads go on from the file opened, which no other process writes any more,
+        and writes are refused."""
+        return _file_identity(self.root / LIBRARY_FILE) != self._database
 
     def generation_on_disk(self) -> int | None:
         """The generation last committed by any process (None: the manifest is gone)."""
@@ -1108,6 +1116,15 @@ class _AddedMeanwhile(Exception):
     def __init__(self, ids: list[int]) -> None:
         super().__init__(f"{len(ids)} images added meanwhile")
         self.ids = ids
+
+
+def _file_identity(path: Path) -> tuple[int, int] | None:
+    """The file at `path` (device and inode), None where there is none."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_dev, stat.st_ino
 
 
 def _edited(

@@ -110,6 +110,7 @@ class SharedLibrary:
         # The generation that last failed to load, and when: retried after RETRY_S (the
         # cause may pass, say a file still being copied), its failure logged once.
         self._failed: tuple[int | None, float] | None = None
+        self._replaced_logged = False  # the library's file replaced at its path: said once
 
     def run(self, fn: Callable[[], T]) -> T:
         """Call `fn` on the library's thread (inline if already there) and return its result."""
@@ -202,6 +203,14 @@ class SharedLibrary:
             return
         generation = None
         try:
+            if gallery.replaced() and not self._replaced_logged:
+                self._replaced_logged = True
+                logger.error(
+                    "%s was deleted or built again since the server opened it: the server goes "
+                    "on answering from the library it opened, whose edits are refused; "
+                    "restart it to serve the library now at that path",
+                    gallery.root,
+                )
             generation = gallery.generation_on_disk()
             failed = self._failed
             waiting = (
