@@ -1480,6 +1480,40 @@ def test_a_server_told_to_stop_answers_its_edits_waiting_for_another_process(
         assert "Waiting" not in gallery.label_counts()
 
 
+def test_a_rebuild_as_an_index_type_the_backend_lacks_is_a_400(serving_library, tmp_path):
+    """IVFPQ on a Milvus Lite library: the client's choice, refused with what to choose
+    instead, was a 500 (a failure of the server's, logged as one)."""
+    pytest.importorskip("milvus_lite", reason="the milvus extra is not installed")
+    from shitu.serving.app import create_app
+
+    with Gallery.open(serving_library.gallery) as demo:
+        _, features = demo.features()
+        labels = [entry.label for entry in demo.entries()]
+        model = demo.manifest
+    with Gallery.create(tmp_path / "gallery", embedding_dim=model.embedding_dim,
+                        model_fingerprint=model.model_fingerprint,
+                        preprocessing=model.preprocessing, backend="milvus") as milvus:  # fmt: skip
+        milvus.add(features, labels)
+    config = load_pipeline_config(
+        None,
+        [
+            f"IndexProcess.index_dir={tmp_path / 'gallery'}",
+            f"Global.rec_inference_model_dir={serving_library.model}",
+        ],
+    )
+
+    async def rebuild(app, index_type: str) -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://shitu") as client:
+            return await client.post("/v1/gallery/rebuild", json={"index_type": index_type})
+
+    with RecognitionService(config, ServeSettings(upload_dir=tmp_path / "uploads")) as service:
+        refused = asyncio.run(rebuild(create_app(service), "IVFPQ"))
+        assert refused.status_code == 400
+        assert refused.json()["detail"].startswith("Milvus Lite has no IVFPQ index; choose Flat")
+        assert asyncio.run(rebuild(create_app(service), "HNSW32")).status_code == 200
+
+
 def test_a_thumbnail_takes_the_pixels_it_decodes_from_the_budget(serving_library, tmp_path):
     """A thumbnail of a stored PNG decodes it whole (64 of a 50-megapixel one at once took
     tens of GB): its pixels come from the budget the uploads share, so with 2 of 3

@@ -25,6 +25,7 @@ from shitu.data.transforms.ops import UnreadableImageError
 from shitu.errors import did_you_mean
 from shitu.fileio import check_writable, write_atomically
 from shitu.index import INDEX_TYPES, Gallery
+from shitu.index.backends import UnsupportedIndexError
 from shitu.index.labels import BadLabelError, normal_form
 from shitu.index.labels import check_label as check_stored_label
 from shitu.index.metadata import ImageEntry
@@ -292,7 +293,10 @@ class RecognitionService:
         def rebuild(gallery: Gallery) -> None:
             gallery.rebuild(index_type)
 
-        self.library.write(rebuild)
+        try:
+            self.library.write(rebuild)
+        except UnsupportedIndexError as exc:  # the request's choice, not the server's failure
+            raise BadRequest(str(exc)) from None
         return self.library.snapshot.stats
 
     # ------------------------------------------------------------------------- files

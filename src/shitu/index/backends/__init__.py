@@ -38,6 +38,11 @@ class IndexSyncError(GalleryError):
         )
 
 
+class UnsupportedIndexError(GalleryError):
+    """An index type that the library's backend cannot build (Milvus Lite: IVFPQ): a
+    choice to make again, refused before anything is written."""
+
+
 @dataclass
 class Change:
     """What one write did to the rows: their vectors, which the backend follows (relabels

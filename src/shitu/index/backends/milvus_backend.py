@@ -20,7 +20,13 @@ from typing import Any
 import numpy as np
 
 from shitu.errors import GalleryError
-from shitu.index.backends import Backend, Change, IndexSyncError, scores_from_distances
+from shitu.index.backends import (
+    Backend,
+    Change,
+    IndexSyncError,
+    UnsupportedIndexError,
+    scores_from_distances,
+)
 from shitu.index.manifest import Manifest
 from shitu.index.metadata import LibraryBusyError, MetadataStore
 
@@ -247,7 +253,7 @@ class MilvusBackend(Backend):
         """Milvus Lite has no IVF_PQ: its background index build fails, the rows stay
         unindexed, and the collection then never loads (the library would not open)."""
         if self._lite_path and index_type == "IVFPQ":
-            raise GalleryError(
+            raise UnsupportedIndexError(
                 "Milvus Lite has no IVFPQ index; choose Flat, IVF or HNSW32, or "
                 "a Milvus server (--milvus-uri http://host:19530)"
             )
