@@ -5,10 +5,13 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import re
+import shutil
 import sqlite3
+import subprocess
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -693,6 +696,55 @@ def test_a_damaged_database_page_is_a_gallery_error_not_sqlites_traceback(tmp_pa
     else:
         with Gallery.open(path) as gallery:
             assert gallery.verify()[0] == "sqlite: database disk image is malformed"
+
+
+def test_a_write_to_a_library_built_again_since_it_was_opened_says_so(tmp_path):
+    """A server's library deleted and built again at its path: the server's edits went to
+    the deleted file, which SQLite refuses as "attempt to write a readonly database" (a
+    500 'internal error' from the server)."""
+    path = tmp_path / "lib"
+    with new_gallery(path) as gallery:
+        gallery.add(clustered(20, DIM), labels_for(20))
+        shutil.rmtree(path)
+        new_gallery(path).close()
+        with pytest.raises(GalleryError, match="lib/gallery.sqlite: the library was deleted or "
+                           "replaced .* nothing was changed: open it again"):  # fmt: skip
+            gallery.remove(ids=[1])
+    with Gallery.open(path) as gallery:
+        assert len(gallery) == 0
+
+
+@contextlib.contextmanager
+def read_only_folder(folder: Path) -> Iterator[None]:
+    """`folder` that this user cannot write in: by its mode, or for root (whom modes do not
+    stop) by the immutable attribute, where the file system has it (else the test skips)."""
+    folder.chmod(0o555)
+    immutable = False
+    try:
+        if os.access(folder, os.W_OK):  # root
+            made = subprocess.run(["chattr", "+i", folder], capture_output=True)
+            if made.returncode != 0:
+                pytest.skip("cannot make a folder read-only for this user here")
+            immutable = True
+        yield
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", folder], check=True)
+        folder.chmod(0o755)
+
+
+def test_a_write_to_a_read_only_library_is_a_gallery_error_and_reads_go_on(tmp_path):
+    """A library in a folder this user cannot write in (another user's, a read-only mount):
+    SQLite cannot make its journal, and a write was its traceback ("unable to open database
+    file"); it is searched as before."""
+    path = tmp_path / "lib"
+    with new_gallery(path) as gallery:
+        gallery.add(clustered(20, DIM), labels_for(20))
+    with read_only_folder(path), Gallery.open(path) as gallery:
+        with pytest.raises(GalleryError, match="lib/gallery.sqlite: cannot write the library .*"
+                           "read-only to this user.*; nothing was changed"):  # fmt: skip
+            gallery.remove(ids=[1])
+        assert len(gallery) == 20 and gallery.search(clustered(1, DIM), k=1).found.all()
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from shitu.cli import index as index_cli
+from shitu.cli.common import count_of
 from shitu.cli.main import build_parser, main
 from shitu.index import Gallery
 from shitu.index import gallery as gallery_module
@@ -106,7 +107,10 @@ def test_build_search_edit_and_reembed(models, gallery_list, tmp_path):
         "index", "add", lib, folder, "--label", "Mixed bag", "--model", models[512], "--no-progress"
     )  # fmt: skip
     assert added.returncode == 0 and "img/s" not in added.stderr, added.stderr
-    assert "added 2 images" in added.stdout and "skipped 1 duplicate (" in added.stdout
+    assert "added 2 images" in added.stdout and "duplicate" not in added.stdout
+    assert f"could not add {folder / '2.jpg'}: the library has this photo as image " in (
+        added.stderr  # under another label
+    )
     by_folder = shitu("index", "search", lib, folder, "--model", models[512], "-k", "1")
     assert by_folder.returncode == 0, by_folder.stderr  # a folder is its images, each found
     assert "img/s" not in by_folder.stderr  # no bar: stderr is not a terminal here
@@ -422,15 +426,33 @@ def test_an_add_written_in_parts_reports_as_one_add(models, tmp_path, monkeypatc
     parts = shitu("index", "add", lib, listing, "--model", models[128])
     assert parts.returncode == one.returncode == 0, parts.stderr
     assert parts.stdout == one.stdout.replace(str(tmp_path / "copy"), str(lib))
-    assert parts.stderr == one.stderr
+    assert parts.stderr == one.stderr.replace(str(tmp_path / "copy"), str(lib))
     assert f"added 5 images to {lib} (now 6 images of 2 labels)" in parts.stdout
-    assert "skipped 2 duplicates" in parts.stdout  # photos 0 (the library's) and 2
+    assert "skipped 1 duplicate" in parts.stdout  # photo 2
     assert f"could not add {photos[1]}: the same photo as {photos[1]}, labelled 'x'" in (
         parts.stderr
     )
+    assert f"could not add {photos[0]}: the library has this photo as image 1" in parts.stderr
     assert "broken.png" in parts.stderr and "missing.png" in parts.stderr
     with Gallery.open(lib) as gallery:
         assert gallery.generation_on_disk() == 1 + 3  # 6 to embed, in parts of 2: 3 writes
+
+
+def test_a_photo_the_library_has_under_another_label_is_named_with_that_label(models, tmp_path):
+    """Adding it under another label is a mistake, or meant to move it: it was skipped as a
+    plain duplicate, and the user left thinking it now had the new label."""
+    photos, lib = library_of_the_first(models, tmp_path, 2)
+    moved = shitu("index", "add", lib, photos[0], "--label", "new", "--model", models[128])
+    assert moved.returncode == 1 and "added 0 images" in moved.stdout
+    assert "duplicate" not in moved.stdout
+    assert moved.stderr == (
+        f"warning: could not add {photos[0]}: the library has this photo as image 1, labelled "
+        f"'old'; it keeps that label (to label it 'new' instead, remove it, `shitu index "
+        f"remove {lib} --id 1`, and add it again)\n"
+    )
+    again = shitu("index", "add", lib, photos[0], "--label", " old ", "--model", models[128])
+    assert again.returncode == 0 and "skipped 1 duplicate" in again.stdout, again.stderr
+    assert again.stderr == ""
 
 
 def add_in_parts_of_two(lib: Path, photos: Path, model: Path, *options: str) -> list[str]:
@@ -443,15 +465,16 @@ def add_in_parts_of_two(lib: Path, photos: Path, model: Path, *options: str) -> 
 
 def test_an_add_written_in_parts_draws_one_progress_bar(models, tmp_path):
     """At a terminal: one bar over the whole add, its unreadable files counted together."""
-    _, lib = library_of_the_first(models, tmp_path, 7)
+    photos, lib = library_of_the_first(models, tmp_path, 7)
     command = add_in_parts_of_two(lib, tmp_path / "photos", models[128])
     status, lines = run_in_terminal(command)
     assert status == 0, lines
     bars = [line for line in lines if "img/s" in line or "img]" in line]
     assert len(bars) == 1 and " 7/7 " in bars[0] and "skipped=1" in bars[0], lines
     (tmp_path / "photos" / "broken.png").unlink()
+    photos[0].unlink()  # the library's, labelled 'old': not added as 'new'
     status, lines = run_in_terminal(command)  # again: nothing new to embed, and no bar
-    assert status == 0 and "skipped 7 duplicates" in "\n".join(lines), lines
+    assert status == 0 and "skipped 6 duplicates" in "\n".join(lines), lines
     assert not [line for line in lines if "it/s" in line or "img" in line], lines
 
 
@@ -521,7 +544,8 @@ def test_an_interrupted_add_keeps_the_parts_written(models, tmp_path, allow_dupl
     else:
         assert "the same command again adds the rest" in err
         assert f"added {199 - kept} images to {lib} (now 200 images of 2 labels)" in again.stdout
-        assert f"skipped {kept + 1} duplicates" in again.stdout
+        assert f"skipped {count_of(kept, 'duplicate')}" in again.stdout
+        assert f"could not add {photos[0]}: the library has this photo as image 1" in again.stderr
 
 
 @pytest.mark.parametrize("allow_duplicates", [False, True])
@@ -699,3 +723,32 @@ def test_a_build_that_adds_no_image_leaves_no_milvus_collection(models, tmp_path
         assert client.list_collections() == []
     finally:
         client.close()
+
+
+def test_a_milvus_collection_whose_library_was_deleted_is_replaced_on_request(
+    models, tmp_path, caplog
+):
+    """A Lite file (or server) outside the library keeps the collection of a library deleted
+    since (or of a build killed outright): building with it again was refused as another
+    library's, and no shitu command could drop it."""
+    pytest.importorskip("milvus_lite", reason="the milvus extra is not installed")
+    make_images(tmp_path / "gallery" / "blocks", 4)
+    lib = tmp_path / "lib"
+    build = ("index", "build", "--gallery", tmp_path / "gallery", "--out", lib, "--backend",
+             "milvus", "--milvus-uri", tmp_path / "shared.db", "--model", models[128],
+             "--no-progress")  # fmt: skip
+    assert shitu(*build).returncode == 0
+    shutil.rmtree(lib)
+    refused = shitu(*build)
+    assert refused.returncode == 2 and not lib.exists()
+    assert "already holds vectors" in refused.stderr
+    assert "--replace-collection in the CLI" in refused.stderr, refused.stderr
+    replaced = shitu(*build, "--replace-collection")
+    assert replaced.returncode == 0, replaced.stderr
+    assert "dropping the vectors in Milvus collection 'shitu_gallery'" in caplog.text
+    verified = shitu("index", "verify", lib)
+    assert verified.returncode == 0 and "OK (4 images)" in verified.stdout, verified.stdout
+    faiss = shitu("index", "build", "--gallery", tmp_path / "gallery", "--out", tmp_path / "f",
+                  "--model", models[128], "--replace-collection")  # fmt: skip
+    assert faiss.returncode == 2
+    assert "--replace-collection: only with --backend milvus" in faiss.stderr

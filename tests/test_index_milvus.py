@@ -180,6 +180,31 @@ def test_a_new_library_refuses_a_collection_that_another_library_holds(tmp_path)
         np.testing.assert_array_equal(first.search(queries, k=3).ids, before.ids)
 
 
+def test_a_collection_milvus_fails_to_drop_for_a_new_library_is_a_gallery_error(
+    tmp_path, monkeypatch
+):
+    """replace_collection on a server that refuses the drop (no right to, say): a
+    GalleryError naming the collection, not pymilvus's exception, and no library."""
+    from pymilvus import MilvusClient
+    from pymilvus.exceptions import MilvusException
+
+    shared = {"uri": str(tmp_path / "shared.db")}
+    with Gallery.create(tmp_path / "gone", embedding_dim=DIM, model_fingerprint="m",
+                        backend="milvus", backend_options=shared) as gone:  # fmt: skip
+        gone.add(clustered(5, DIM), ["x"] * 5)
+    shutil.rmtree(tmp_path / "gone")
+
+    def refused(*args: object, **kwargs: object) -> None:
+        raise MilvusException(message="simulated: permission denied")
+
+    monkeypatch.setattr(MilvusClient, "drop_collection", refused)
+    with pytest.raises(GalleryError, match="Milvus failed while dropping collection "
+                       r"'shitu_gallery' \(simulated: permission denied\)"):  # fmt: skip
+        Gallery.create(tmp_path / "new", embedding_dim=DIM, model_fingerprint="m",
+                       backend="milvus", backend_options=shared, replace_collection=True)  # fmt: skip
+    assert not (tmp_path / "new").exists()
+
+
 def test_milvus_lite_refuses_ivfpq_before_it_writes_a_library_that_cannot_open(tmp_path):
     """Milvus Lite cannot build IVF_PQ: the collection's rows would stay unindexed and the
     collection would never load again, so every later command would fail."""
@@ -325,6 +350,21 @@ def test_a_milvus_lite_file_open_elsewhere_is_refused_saying_so(tmp_path):
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a `shitu serve` holds it
         with pytest.raises(GalleryError, match="is the library open in another process"):
             Gallery.open(tmp_path / "milvus")
+
+
+def test_verify_of_a_milvus_lite_library_open_elsewhere_is_an_error_not_a_problem(tmp_path):
+    """A healthy library that `shitu serve` has open was reported FAILED (exit status 1, the
+    status of a damaged library), sending its user to mend what was not broken."""
+    build(tmp_path, "milvus", count=30).close()
+    with open(tmp_path / "milvus" / "milvus.db" / "LOCK") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a `shitu serve` holds it
+        verified = subprocess.run(
+            [sys.executable, "-m", "shitu", "index", "verify", tmp_path / "milvus"],
+            capture_output=True,
+            text=True,
+        )
+    assert verified.returncode == 2 and verified.stdout == "", verified.stdout
+    assert re.fullmatch(r"error: .*is the library open in another process.*\n", verified.stderr)
 
 
 @pytest.mark.parametrize("trouble", ["open elsewhere", "damaged collection", "not a folder"])

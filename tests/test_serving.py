@@ -14,6 +14,7 @@ import io
 import json
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -196,7 +197,8 @@ def test_add_rename_remove_and_rebuild(serving_library, server, client):
     """The whole editing cycle; labels with spaces and slashes; files kept and cleaned up.
     Labels are answered as stored: trimmed, and NFC where a client sends NFD (macOS)."""
     query, true_label = serving_library.queries()[0]
-    repeat = serving_library.gallery_items()[0][0]  # already in the library: a duplicate
+    # already in the library, under another label: a duplicate, named with that label
+    repeat, repeat_label = serving_library.gallery_items()[0]
     (blocks,) = make_images(server.work / "blocks", 1)  # no plain background: matched whole
     added = client.post(
         "/v1/gallery/images",
@@ -213,6 +215,9 @@ def test_add_rename_remove_and_rebuild(serving_library, server, client):
     body = added.json()
     assert body["label"] == body["added"][0]["label"] == "Mystère Snack" and len(body["added"]) == 2
     assert body["duplicates"] == [repeat.name, query.name]
+    ((name, stored_id, stored_label),) = [tuple(other.values()) for other in body["elsewhere"]]
+    assert (name, stored_label) == (repeat.name, repeat_label)
+    assert client.get(f"/v1/gallery/images/{stored_id}").json()["label"] == repeat_label
     new_id, blocks_id = (image["id"] for image in body["added"])
     # nothing created: 200, not 201, with every upload listed as a duplicate
     again = client.post(
@@ -223,6 +228,7 @@ def test_add_rename_remove_and_rebuild(serving_library, server, client):
     )
     assert again.status_code == 200, again.text
     assert again.json()["added"] == [] and again.json()["duplicates"] == [query.name, repeat.name]
+    assert [other["name"] for other in again.json()["elsewhere"]] == [repeat.name]
     stored = server.gallery / "uploads" / body["added"][0]["name"]
     assert stored.read_bytes() == query.read_bytes()
 
@@ -1441,6 +1447,73 @@ def test_an_edit_that_waits_out_another_writer_is_a_503_to_retry(
         assert asyncio.run(delete(app, image_id)).status_code == 200
 
 
+def test_a_server_told_to_stop_answers_its_edits_waiting_for_another_process(
+    serving_library, tmp_path
+):
+    """SIGTERM while an edit waits for another process's write (an `index rebuild`, up to a
+    minute): the edit is answered at once, a JSON 503 to retry, and the server stops. uvicorn
+    waited its grace period (10 s) for the edit, then cut it off with a plain-text 500, and
+    the server went on waiting, up to a minute, for the library's thread."""
+    server = ServerProcess(serving_library, tmp_path)
+    try:
+        with other_process_holding(server.gallery, "BEGIN IMMEDIATE") as other:
+            with httpx.Client(base_url=server.url, timeout=120) as http:
+                adding = ThreadPoolExecutor(1).submit(
+                    http.post,
+                    "/v1/gallery/images",
+                    data={"label": "Waiting"},
+                    files={"image": ("new.png", png_bytes(np.full((64, 64, 3), 9, np.uint8)))},
+                )
+                wait_until_embedded(http, 1)  # then it waits for the library
+                server.process.send_signal(signal.SIGTERM)
+                answer = adding.result()
+            assert answer.status_code == 503 and int(answer.headers["Retry-After"]) > 0
+            assert (
+                "stopped waiting for it as it is closing; nothing was changed"
+                in (answer.json()["detail"])
+            )
+            server.process.wait(timeout=30)  # while the other process still holds the lock
+            assert other.poll() is None
+    finally:
+        server.stop()
+    with Gallery.open(server.gallery) as gallery:
+        assert "Waiting" not in gallery.label_counts()
+
+
+def test_a_rebuild_as_an_index_type_the_backend_lacks_is_a_400(serving_library, tmp_path):
+    """IVFPQ on a Milvus Lite library: the client's choice, refused with what to choose
+    instead, was a 500 (a failure of the server's, logged as one)."""
+    pytest.importorskip("milvus_lite", reason="the milvus extra is not installed")
+    from shitu.serving.app import create_app
+
+    with Gallery.open(serving_library.gallery) as demo:
+        _, features = demo.features()
+        labels = [entry.label for entry in demo.entries()]
+        model = demo.manifest
+    with Gallery.create(tmp_path / "gallery", embedding_dim=model.embedding_dim,
+                        model_fingerprint=model.model_fingerprint,
+                        preprocessing=model.preprocessing, backend="milvus") as milvus:  # fmt: skip
+        milvus.add(features, labels)
+    config = load_pipeline_config(
+        None,
+        [
+            f"IndexProcess.index_dir={tmp_path / 'gallery'}",
+            f"Global.rec_inference_model_dir={serving_library.model}",
+        ],
+    )
+
+    async def rebuild(app, index_type: str) -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://shitu") as client:
+            return await client.post("/v1/gallery/rebuild", json={"index_type": index_type})
+
+    with RecognitionService(config, ServeSettings(upload_dir=tmp_path / "uploads")) as service:
+        refused = asyncio.run(rebuild(create_app(service), "IVFPQ"))
+        assert refused.status_code == 400
+        assert refused.json()["detail"].startswith("Milvus Lite has no IVFPQ index; choose Flat")
+        assert asyncio.run(rebuild(create_app(service), "HNSW32")).status_code == 200
+
+
 def test_a_thumbnail_takes_the_pixels_it_decodes_from_the_budget(serving_library, tmp_path):
     """A thumbnail of a stored PNG decodes it whole (64 of a 50-megapixel one at once took
     tens of GB): its pixels come from the budget the uploads share, so with 2 of 3
@@ -1674,6 +1747,20 @@ def test_the_server_retries_a_generation_that_failed_to_load(written_since, monk
     shared.run(shared._sync)
     assert set(shared.snapshot.by_label) == {"old", "new"}
     assert shared.search(vectors[25:26], k=1).labels[0, 0] == "new"
+
+
+def test_a_library_built_again_at_its_path_while_served_is_logged_once(written_since, caplog):
+    """`rm -r LIB` and `index build --out LIB` while a server runs: the server answered from
+    the deleted library with no word of it (the new one's images never showed up)."""
+    shared, path, _ = written_since
+    shared.run(shared._sync)
+    assert "deleted or built again" not in caplog.text
+    shutil.rmtree(path)
+    Gallery.create(path, embedding_dim=8, model_fingerprint="m").close()
+    for _ in range(2):
+        shared.run(shared._sync)
+    assert caplog.text.count(f"{path} was deleted or built again since the server opened") == 1
+    assert "restart it to serve the library now at that path" in caplog.text
 
 
 def test_the_listing_follows_each_edit_as_reading_the_library_whole_gives_it(tmp_path, monkeypatch):

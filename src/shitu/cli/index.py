@@ -35,6 +35,7 @@ from shitu.index import (
 )
 from shitu.index.embedder import Embedder
 from shitu.index.gallery import LIBRARY_FILE
+from shitu.index.metadata import LibraryBusyError
 
 SHOWN_PROBLEMS = 10
 # `index add` writes the library every ADD_PART images it embeds, so that an add stopped by
@@ -114,6 +115,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--milvus-collection",
         help="collection name, one per library: letters, digits and underscores, not "
         "starting with a digit (default shitu_gallery; one that holds vectors is refused)",
+    )
+    build.add_argument(
+        "--replace-collection",
+        action="store_true",
+        help="drop the vectors the Milvus collection holds instead of refusing it: for one "
+        "no library uses any more (its library was deleted, or a build was killed); a "
+        "library that still uses it would search the new vectors",
     )
     _add_search_arguments(build)
     _add_image_arguments(build)
@@ -354,9 +362,11 @@ def _warn_failures(report: AddReport) -> None:
 def run_build(args: argparse.Namespace) -> int:
     given = {"uri": args.milvus_uri, "collection": args.milvus_collection}
     milvus = {name: value for name, value in given.items() if value is not None}
-    if milvus and args.backend != "milvus":  # else refused as faiss options it never named
-        flags = " and ".join(MILVUS_FLAGS[name] for name in milvus)
-        raise GalleryError(f"{flags}: only with --backend milvus")
+    if args.backend != "milvus":  # else refused as faiss options it never named
+        flags = [MILVUS_FLAGS[name] for name in milvus]
+        flags += ["--replace-collection"] if args.replace_collection else []
+        if flags:
+            raise GalleryError(f"{' and '.join(flags)}: only with --backend milvus")
     Manifest.check_backend_options("milvus", milvus, MILVUS_FLAGS)  # named as typed
     sources = [*args.sources, *args.gallery]
     if not sources:
@@ -385,6 +395,7 @@ def run_build(args: argparse.Namespace) -> int:
             index_type=args.index_type,
             backend=args.backend,
             backend_options=options,
+            replace_collection=args.replace_collection,
         )
     except NothingAddedError as exc:  # status 1, as `index add` and `recognize`
         _warn_failures(exc.report)
@@ -516,9 +527,12 @@ def run_stats(args: argparse.Namespace) -> int:
 
 def run_verify(args: argparse.Namespace) -> int:
     """Exit 1 with the problems for a library that is damaged, also one too damaged to
-    open (a lost or corrupt index file); 2 only where there is no library."""
+    open (a lost or corrupt index file); 2 where there is no library, or where another
+    process keeps it from being checked (no problem found: it was not looked at)."""
     try:
         gallery = Gallery.open(args.library)
+    except LibraryBusyError:
+        raise
     except GalleryError as exc:
         if not (args.library / LIBRARY_FILE).is_file():
             raise

@@ -9,6 +9,7 @@ import os
 import socket
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from shitu.cli.common import bounded, port_number, positive_int
 from shitu.cli.recognize import (
@@ -26,6 +27,11 @@ from shitu.serving.settings import (  # no web framework: the settings are plain
     MB,
     ServeSettings,
 )
+
+if TYPE_CHECKING:
+    from uvicorn import Server
+
+    from shitu.serving.library import SharedLibrary
 
 API_KEY_ENV = "SHITU_API_KEY"
 # The smallest limits that let anything through: limits are applied in whole bytes and pixels.
@@ -142,6 +148,19 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
+def _server_that_stops_waiting(server: type[Server], library: SharedLibrary) -> type[Server]:
+    """uvicorn's Server, whose shutdown first has the library's edits stop waiting for
+    another process's write: uvicorn waits for the requests under way (up to its grace
+    period) before anything else, and an edit may wait a minute."""
+
+    class StoppingServer(server):  # type: ignore[misc,valid-type]
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            library.stop_waiting()
+            await super().shutdown(sockets)
+
+    return StoppingServer
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         import uvicorn
@@ -221,6 +240,6 @@ def run(args: argparse.Namespace) -> int:
         )
         if args.access_log:  # uvicorn gives its access log the log level: "warning" would drop it
             logging.getLogger("uvicorn.access").setLevel(logging.INFO)
-        server = uvicorn.Server(config)
+        server = _server_that_stops_waiting(uvicorn.Server, service.library)(config)
         server.run(sockets=[sock])
         return 0

@@ -272,6 +272,7 @@ class Gallery:
         self._closed = False
         self.repaired = False  # whether `open(repair=True)` had to rebuild the index
         self._owner = threading.get_ident()  # the thread whose SQLite connection this is
+        self._database = _file_identity(root / LIBRARY_FILE)  # the file opened
         # Searches share it, a write takes it alone to swap the index, ids and labels
         self._swap = ReadWriteLock()
         # Ids (ascending) and their labels, replaced together (one tuple) by each write
@@ -305,6 +306,7 @@ class Gallery:
         backend: str = "faiss",
         backend_options: dict[str, Any] | None = None,
         normalize: bool = True,
+        replace_collection: bool = False,
     ) -> Gallery:
         """Create an empty library (atomically: built in a temp folder, then renamed).
 
@@ -314,11 +316,16 @@ class Gallery:
         (`nprobe` default 16), `nlist` (IVF lists, default 1024), `uri` (a Milvus Lite `.db`
         file in the library, default `milvus.db`, or a server's `http://host:19530`) and
         `collection` (default `shitu_gallery`). Faiss's own names (`efSearch`) are refused.
+        A Milvus collection that holds vectors is refused as another library's, unless
+        `replace_collection`, which drops them: a collection that no library uses any more
+        (its library deleted, or a build killed outright) can be built into again.
         """
         root = Path(path)
         existed = root.exists()
         if existed and (not root.is_dir() or any(root.iterdir())):
             raise GalleryError(f"{root}: already exists and is not an empty folder")
+        if replace_collection and backend != "milvus":
+            raise GalleryError(f"replace_collection: only for the milvus backend, not {backend}")
         if backend in BACKENDS:  # an unknown backend is refused by name below
             Manifest.check_backend_options(backend, backend_options or {})
         manifest = Manifest(
@@ -341,7 +348,7 @@ class Gallery:
         os.replace(tmp, root)
         fsync_dir(root.parent)
         try:
-            return cls.open(root)
+            return cls._open(root, replace_collection=replace_collection)
         except BaseException:  # e.g. a Milvus collection another library holds: none made
             os.replace(root, tmp)
             shutil.rmtree(tmp, ignore_errors=True)
@@ -450,7 +457,19 @@ class Gallery:
         collection cannot be read, by building the index again from the stored features (a
         write: a new generation); `repaired` then says so.
         """
-        root = Path(path)
+        return cls._open(Path(path), embedder=embedder, verify=verify, repair=repair)
+
+    @classmethod
+    def _open(
+        cls,
+        root: Path,
+        *,
+        embedder: Embedder | None = None,
+        verify: bool = True,
+        repair: bool = False,
+        replace_collection: bool = False,
+    ) -> Gallery:
+        """`open`; `replace_collection` is `create`'s, for the new library it opens."""
         store = _open_store(root)
         backend: Backend | None = None
         try:
@@ -461,7 +480,9 @@ class Gallery:
                     None if embedder is None else (embedder.fingerprint, embedder.embedding_size)
                 )
                 manifest = _committed_manifest(root, store, model)
-                backend = open_backend(root, manifest, store, verify=verify, repair=repair)
+                backend = open_backend(
+                    root, manifest, store, verify, repair, replace_collection=replace_collection
+                )
                 gallery = cls(root, store, backend, model)
             gallery._finish_open()
             if gallery._backend.damaged:
@@ -483,6 +504,12 @@ class Gallery:
             self._closed = True
             self._backend.close()
         self._store.close()
+
+    def stop_waiting(self) -> None:
+        """Have reads and writes that another process's lock on the library keeps waiting
+        give up (a LibraryBusyError; a write changes nothing), now and from now on: for a
+        process that is closing, such as a server told to stop. Any thread may call it."""
+        self._store.stop_waiting()
 
     def discard(self) -> None:
         """Close the library and delete its index where that is kept outside its folder (a
@@ -640,6 +667,13 @@ class Gallery:
             self.last_change = change
         return result
 
+    def replaced(self) -> bool:
+        """Whether the library's database at its path is no longer the file this object
+        opened: deleted, or the library built again there (`rm -r LIB`, `index build --out
+        LIB`). Reads go on from the file opened, which no other process writes any more,
+        and writes are refused."""
+        return _file_identity(self.root / LIBRARY_FILE) != self._database
+
     def generation_on_disk(self) -> int | None:
         """The generation last committed by any process (None: the manifest is gone)."""
         self._check_usable()
@@ -789,34 +823,45 @@ class Gallery:
         its own write: an add that keeps what it did when stopped). `progress`: draw a bar
         over the hashing, for HASH_BAR_MIN_FILES files or more (each file is read whole)."""
         self._check_usable()
-        for item in items:  # before any file is read
-            _stored_label(item.label, f"add {item.path}")
+        # As each label is stored, checked before any file is read
+        labels = [_stored_label(item.label, f"add {item.path}") for item in items]
         failures: list[tuple[str, str]] = []
         readable: list[tuple[GalleryItem, str]] = []
         from shitu.progress import ImageProgress
 
         enabled = progress and len(items) >= HASH_BAR_MIN_FILES
         with ImageProgress(len(items), enabled, "hashing") as bar:
-            for item in items:
+            for item, label in zip(items, labels, strict=True):
                 try:
-                    readable.append((item, file_sha256(item.path)))
+                    readable.append((replace(item, label=label), file_sha256(item.path)))
                     bar.update(1)
                 except OSError as exc:
                     failures.append((str(item.path), exc.strerror or str(exc)))
                     bar.skip()
         duplicates: list[str] = []
         if not allow_duplicates:
-            present = self._store.existing_hashes([digest for _, digest in readable])
+            present = self.first_with_hashes([digest for _, digest in readable])
             unique, seen = [], set(present)
             listed: dict[str, GalleryItem] = {}  # this call's first item of each content
             for item, digest in readable:
                 first = listed.get(digest)
+                stored_id, stored_label = present.get(digest, (None, item.label))
                 if first is not None and first.label != item.label:  # one photo, two labels
                     failures.append(
                         (
                             str(item.path),
                             f"the same photo as {first.path}, labelled "
                             f"'{first.label}' there; it keeps that label",
+                        )
+                    )
+                elif normal_form(stored_label) != item.label:  # a mistake, or meant to move it
+                    failures.append(
+                        (
+                            str(item.path),
+                            f"the library has this photo as image {stored_id}, labelled "
+                            f"'{stored_label}'; it keeps that label (to label it "
+                            f"'{item.label}' instead, remove it, `shitu index remove "
+                            f"{self.root} --id {stored_id}`, and add it again)",
                         )
                     )
                 elif digest in seen:
@@ -1000,6 +1045,13 @@ class Gallery:
         self._check_usable()
         return self._store.existing_hashes(hashes)
 
+    def first_with_hashes(self, hashes: Sequence[str]) -> dict[str, tuple[int, str]]:
+        """For each of these content hashes the library's images have, the id and label of
+        the first image with it: where an add of that content under another label would
+        say it is there."""
+        self._check_usable()
+        return self._store.first_with_hashes(hashes)
+
     def _stored_path(self, path: str) -> str:
         """How a file's path is stored: relative to the library folder for files inside it
         (the server's uploads), so that the folder moved or copied whole still finds them;
@@ -1064,6 +1116,15 @@ class _AddedMeanwhile(Exception):
     def __init__(self, ids: list[int]) -> None:
         super().__init__(f"{len(ids)} images added meanwhile")
         self.ids = ids
+
+
+def _file_identity(path: Path) -> tuple[int, int] | None:
+    """The file at `path` (device and inode), None where there is none."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_dev, stat.st_ino
 
 
 def _edited(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -48,7 +49,12 @@ CREATE INDEX IF NOT EXISTS images_sha256 ON images (sha256);
 
 
 class LibraryBusyError(GalleryError):
-    """Another process held the library's database locked for longer than LOCK_WAIT_S."""
+    """Another process has the library: it held the database locked for longer than
+    LOCK_WAIT_S, or it has the library's Milvus Lite file open (one process at a time)."""
+
+
+class LockWaitStopped(LibraryBusyError):
+    """A wait for another process's lock that `MetadataStore.stop_waiting` cut short."""
 
 
 class _Connection(sqlite3.Connection):
@@ -58,17 +64,19 @@ class _Connection(sqlite3.Connection):
     LibraryBusyError; constraint errors stay as SQLite raises them."""
 
     path: Path
+    waits_stopped: threading.Event  # set: a statement kept waiting gives up at its next try
 
     def execute(self, sql: str, parameters: Any = (), /) -> sqlite3.Cursor:
         """The statement, tried again while another process's lock keeps it waiting, up to
-        LOCK_WAIT_S; a write kept waiting past WAIT_NOTICE_S says so."""
+        LOCK_WAIT_S (or until `waits_stopped` is set); a write kept waiting past
+        WAIT_NOTICE_S says so."""
         started, noticed = time.monotonic(), False
         while True:
             try:
                 return super().execute(sql, parameters)
             except sqlite3.DatabaseError as exc:
                 waited = time.monotonic() - started
-                if not _locked_out(exc) or waited >= LOCK_WAIT_S:
+                if not _locked_out(exc) or waited >= LOCK_WAIT_S or self.waits_stopped.is_set():
                     self._raise_for(exc)
                     raise
             if sql == "BEGIN IMMEDIATE" and waited >= WAIT_NOTICE_S and not noticed:
@@ -90,10 +98,28 @@ class _Connection(sqlite3.Connection):
     def _raise_for(self, exc: sqlite3.DatabaseError) -> None:
         if type(exc) is sqlite3.DatabaseError:  # its subclasses: locked, a constraint, ...
             raise GalleryError(f"{self.path}: not a readable gallery database ({exc})") from exc
+        if exc.sqlite_errorcode == sqlite3.SQLITE_READONLY_DBMOVED:  # SQLite's own words:
+            # "attempt to write a readonly database", a 500 "internal error" from the server
+            raise GalleryError(
+                f"{self.path}: the library was deleted or replaced (built again?) since this "
+                "process opened it; nothing was changed: open it again (restart `shitu serve`)"
+            ) from exc
+        # The file read-only, or its folder, where SQLite cannot make its journal: else a
+        # traceback of SQLite's words ("unable to open database file")
+        if exc.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN):
+            raise GalleryError(
+                f"{self.path}: cannot write the library ({exc}: is the file, or its folder, "
+                "read-only to this user?); nothing was changed"
+            ) from exc
         if exc.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR):
             raise GalleryError(
                 f"{self.path}: cannot write the library ({exc}: is its disk full?); nothing "
                 "was changed"
+            ) from exc
+        if _locked_out(exc) and self.waits_stopped.is_set():
+            raise LockWaitStopped(
+                f"{self.path}: another process holds the library's lock, and this one stopped "
+                "waiting for it as it is closing; nothing was changed, retry when it is back"
             ) from exc
         if _locked_out(exc):  # a reader waiting on a commit
             raise LibraryBusyError(
@@ -140,6 +166,7 @@ class MetadataStore:
                 path, isolation_level=None, timeout=LOCK_POLL_S, factory=_Connection
             )
             self.conn.path = path
+            self.conn.waits_stopped = threading.Event()
             self.conn.execute("PRAGMA synchronous = FULL")
             # A write keeps its changed pages in memory until it commits: spilling them into
             # the file takes the exclusive lock, and every other process's reads would wait
@@ -154,6 +181,12 @@ class MetadataStore:
     def close(self) -> None:
         self.conn.close()
 
+    def stop_waiting(self) -> None:
+        """Have statements kept waiting by another process's lock give up at their next try
+        (within LOCK_POLL_S), and later ones at their first, with a LockWaitStopped: for a
+        process that is closing. Any thread may call it."""
+        self.conn.waits_stopped.set()
+
     @contextmanager
     def transaction(self) -> Iterator[None]:
         """Take the write lock for the whole change; roll back on any exception.
@@ -167,6 +200,8 @@ class MetadataStore:
             return
         try:
             self.conn.execute("BEGIN IMMEDIATE")
+        except LockWaitStopped:
+            raise
         except LibraryBusyError:
             raise LibraryBusyError(
                 f"{self.path}: cannot lock the library for writing: another process has been "
@@ -176,8 +211,10 @@ class MetadataStore:
         try:
             yield
             self.conn.execute("COMMIT")
-        except LibraryBusyError:  # at COMMIT: SQLite keeps the transaction open, to retry
+        except LibraryBusyError as exc:  # at COMMIT: SQLite keeps the transaction open, to retry
             self._roll_back()
+            if isinstance(exc, LockWaitStopped):
+                raise
             raise LibraryBusyError(
                 f"{self.path}: cannot commit: another process has been reading the library "
                 f"for over {LOCK_WAIT_S:g} s (e.g. checking or listing a large library); "
@@ -235,6 +272,21 @@ class MetadataStore:
             marks = ",".join("?" * len(chunk))
             rows = self.conn.execute(f"SELECT sha256 FROM images WHERE sha256 IN ({marks})", chunk)
             found.update(row[0] for row in rows)
+        return found
+
+    def first_with_hashes(self, hashes: Sequence[str]) -> dict[str, tuple[int, str]]:
+        """For each of these content hashes the library has, its first image's id and label."""
+        found: dict[str, tuple[int, str]] = {}
+        for chunk in _chunks(list(hashes)):
+            marks = ",".join("?" * len(chunk))
+            query = (
+                f"SELECT sha256, MIN(id), label FROM images WHERE sha256 IN ({marks}) "
+                "GROUP BY sha256"  # SQLite takes the label from the row of MIN(id)
+            )
+            found.update(
+                (digest, (image_id, label))
+                for digest, image_id, label in self.conn.execute(query, chunk)
+            )
         return found
 
     def stored_forms(self, labels: Sequence[str]) -> list[str]:

@@ -523,8 +523,9 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
     )
     async def add_images(request: Request, response: Response) -> schemas.AddImagesResponse:
         """Add images under a label; images the library already has are skipped (listed in
-        `duplicates`). 201 where any image was added; 200 where none was, as nothing was
-        created."""
+        `duplicates`, and those it has under another label also in `elsewhere`, with that
+        image's id and label). 201 where any image was added; 200 where none was, as nothing
+        was created."""
         raw = await read_uploads(
             request, settings, schemas.AddImagesJSON, settings.max_images_per_request
         )
@@ -536,7 +537,12 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
         if not outcome.added:
             response.status_code = 200
         added = await run_in_threadpool(lambda: [image_out(request, e) for e in outcome.added])
-        return schemas.AddImagesResponse(label=label, added=added, duplicates=outcome.duplicates)
+        return schemas.AddImagesResponse(
+            label=label,
+            added=added,
+            duplicates=outcome.duplicates,
+            elsewhere=[schemas.StoredElsewhereOut(**vars(other)) for other in outcome.elsewhere],
+        )
 
     @app.delete(
         "/v1/gallery/images/{image_id}",

@@ -110,6 +110,7 @@ class SharedLibrary:
         # The generation that last failed to load, and when: retried after RETRY_S (the
         # cause may pass, say a file still being copied), its failure logged once.
         self._failed: tuple[int | None, float] | None = None
+        self._replaced_logged = False  # the library's file replaced at its path: said once
 
     def run(self, fn: Callable[[], T]) -> T:
         """Call `fn` on the library's thread (inline if already there) and return its result."""
@@ -202,6 +203,14 @@ class SharedLibrary:
             return
         generation = None
         try:
+            if gallery.replaced() and not self._replaced_logged:
+                self._replaced_logged = True
+                logger.error(
+                    "%s was deleted or built again since the server opened it: the server goes "
+                    "on answering from the library it opened, whose edits are refused; "
+                    "restart it to serve the library now at that path",
+                    gallery.root,
+                )
             generation = gallery.generation_on_disk()
             failed = self._failed
             waiting = (
@@ -260,6 +269,14 @@ class SharedLibrary:
         if change is None or generation - 1 != before.stats.get("generation"):
             return Snapshot.of(gallery)
         return before.edited(change, gallery.entries_with_ids(change.added_ids), gallery.stats())
+
+    def stop_waiting(self) -> None:
+        """For a server told to stop: edits that another process's write keeps waiting give
+        up now (a 503 to retry), as do later ones that would wait, so that their requests
+        are answered within the server's grace period and it stops (they held the stop up
+        for up to a minute, and were cut off with a plain-text 500). Any thread may call it."""
+        if self._gallery is not None:
+            self._gallery.stop_waiting()
 
     def close(self, release: Callable[[], None] | None = None) -> None:
         """Close the gallery on the library's thread (its SQLite connection belongs there),

@@ -92,10 +92,20 @@ class LabelImagesResponse(BaseModel):
     images: list[ImageOut]
 
 
+class StoredElsewhereOut(BaseModel):
+    name: str = Field(description="the upload's name")
+    image_id: int = Field(description="the gallery image that has its content")
+    label: str = Field(description="that image's label, which it keeps")
+
+
 class AddImagesResponse(BaseModel):
     label: str
     added: list[ImageOut]
     duplicates: list[str] = Field(description="uploads skipped: the library already has them")
+    elsewhere: list[StoredElsewhereOut] = Field(
+        description="those of the duplicates that the library has under another label (to "
+        "give one this label, delete that image, then add the upload again)"
+    )
 
 
 class RemovedResponse(BaseModel):

@@ -14,7 +14,7 @@ import re
 import threading
 from collections.abc import Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from shitu.data.transforms.ops import UnreadableImageError
 from shitu.errors import did_you_mean
 from shitu.fileio import check_writable, write_atomically
 from shitu.index import INDEX_TYPES, Gallery
+from shitu.index.backends import UnsupportedIndexError
 from shitu.index.labels import BadLabelError, normal_form
 from shitu.index.labels import check_label as check_stored_label
 from shitu.index.metadata import ImageEntry
@@ -42,9 +43,20 @@ MAX_NAME = 60
 
 
 @dataclass(frozen=True)
+class StoredElsewhere:
+    """An upload the library has under another label: the upload's name, and the id and
+    label of the image that holds its content."""
+
+    name: str
+    image_id: int
+    label: str
+
+
+@dataclass(frozen=True)
 class AddOutcome:
     added: list[ImageEntry]
     duplicates: list[str]  # upload names whose content the library already holds
+    elsewhere: list[StoredElsewhere] = field(default_factory=list)  # of those, other labels'
 
 
 def check_label(label: str) -> str:
@@ -194,14 +206,19 @@ class RecognitionService:
         hashes = [hashlib.sha256(data).hexdigest() for _name, data in images]
 
         def commit() -> AddOutcome:
-            stored, seen = self.library.gallery.stored_hashes(hashes), set()
+            stored, seen = self.library.gallery.first_with_hashes(hashes), set()
             rows, duplicates = [], []
             for row, digest in enumerate(hashes):
                 (duplicates if digest in stored or digest in seen else rows).append(row)
                 seen.add(digest)
             names = [images[row][0] for row in duplicates]
+            elsewhere = [
+                StoredElsewhere(images[row][0], *stored[hashes[row]])
+                for row in duplicates
+                if hashes[row] in stored and normal_form(stored[hashes[row]][1]) != label
+            ]
             if not rows:
-                return AddOutcome(added=[], duplicates=names)
+                return AddOutcome(added=[], duplicates=names, elsewhere=elsewhere)
             created: list[Path] = []
             paths = []
             try:
@@ -224,7 +241,8 @@ class RecognitionService:
                 listed = zip(rows, paths, strict=True)
                 names += [images[row][0] for row, path in listed if path in skipped]
             by_id = self.library.snapshot.by_id
-            return AddOutcome(added=[by_id[int(i)] for i in report.ids], duplicates=names)
+            added = [by_id[int(i)] for i in report.ids]
+            return AddOutcome(added=added, duplicates=names, elsewhere=elsewhere)
 
         return self.library.edit(commit)
 
@@ -275,7 +293,10 @@ class RecognitionService:
         def rebuild(gallery: Gallery) -> None:
             gallery.rebuild(index_type)
 
-        self.library.write(rebuild)
+        try:
+            self.library.write(rebuild)
+        except UnsupportedIndexError as exc:  # the request's choice, not the server's failure
+            raise BadRequest(str(exc)) from None
         return self.library.snapshot.stats
 
     # ------------------------------------------------------------------------- files

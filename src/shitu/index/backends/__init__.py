@@ -38,6 +38,11 @@ class IndexSyncError(GalleryError):
         )
 
 
+class UnsupportedIndexError(GalleryError):
+    """An index type that the library's backend cannot build (Milvus Lite: IVFPQ): a
+    choice to make again, refused before anything is written."""
+
+
 @dataclass
 class Change:
     """What one write did to the rows: their vectors, which the backend follows (relabels
@@ -149,15 +154,22 @@ def describe_index(manifest: Manifest) -> dict[str, Any]:
 
 
 def open_backend(
-    root: Path, manifest: Manifest, store: MetadataStore, verify: bool, repair: bool = False
+    root: Path,
+    manifest: Manifest,
+    store: MetadataStore,
+    verify: bool,
+    repair: bool = False,
+    replace_collection: bool = False,
 ) -> Backend:
     """repair: a damaged Faiss index file, or a Milvus collection that cannot be read
     (dropped), is left unloaded and named in `damaged` instead of refused (a Milvus
-    collection merely out of step is re-synced from the stored features either way)."""
+    collection merely out of step is re-synced from the stored features either way).
+    replace_collection: a new library's Milvus collection that holds vectors (no library's
+    any more) is dropped rather than refused as another library's."""
     if manifest.backend == "milvus":
         from shitu.index.backends.milvus_backend import MilvusBackend
 
-        return MilvusBackend(root, manifest, store, repair=repair)
+        return MilvusBackend(root, manifest, store, repair, replace_collection)
     from shitu.index.backends.faiss_backend import FaissBackend
 
     return FaissBackend(root, manifest, store, verify=verify, repair=repair)

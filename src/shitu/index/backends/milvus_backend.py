@@ -20,9 +20,15 @@ from typing import Any
 import numpy as np
 
 from shitu.errors import GalleryError
-from shitu.index.backends import Backend, Change, IndexSyncError, scores_from_distances
+from shitu.index.backends import (
+    Backend,
+    Change,
+    IndexSyncError,
+    UnsupportedIndexError,
+    scores_from_distances,
+)
 from shitu.index.manifest import Manifest
-from shitu.index.metadata import MetadataStore
+from shitu.index.metadata import LibraryBusyError, MetadataStore
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +149,12 @@ class MilvusBackend(Backend):
     opens_beside_itself = False
 
     def __init__(
-        self, root: Path, manifest: Manifest, store: MetadataStore, repair: bool = False
+        self,
+        root: Path,
+        manifest: Manifest,
+        store: MetadataStore,
+        repair: bool = False,
+        replace_collection: bool = False,
     ) -> None:
         super().__init__(root, manifest, store)
         options = manifest.backend_options
@@ -175,33 +186,43 @@ class MilvusBackend(Backend):
                     _lite_users[self._lite_path] += 1
         except Exception as exc:
             lite_failure = lite_failures[-1] if lite_failures else None
-            reason = str(lite_failure or _failure_reason(exc))
-            busy = (
-                "; is the library open in another process, such as `shitu serve`? A Milvus Lite "
-                "file is open in one process at a time"
-                if self._lite_path and _held_elsewhere(lite_failure, exc)
-                else ""
-            )
-            raise GalleryError(f"cannot connect to Milvus at {uri}: {reason}{busy}") from exc
+            reason = f"cannot connect to Milvus at {uri}: {lite_failure or _failure_reason(exc)}"
+            if self._lite_path and _held_elsewhere(lite_failure, exc):
+                raise LibraryBusyError(
+                    f"{reason}; is the library open in another process, such as `shitu "
+                    "serve`? A Milvus Lite file is open in one process at a time"
+                ) from exc
+            raise GalleryError(reason) from exc
         try:
-            self._open_collection(uri, repair)
+            self._open_collection(uri, repair, replace_collection)
         except BaseException:
             self.close()  # else a Milvus Lite server keeps serving the file in this process
             raise
 
-    def _open_collection(self, uri: str, repair: bool) -> None:
+    def _open_collection(self, uri: str, repair: bool, replace: bool) -> None:
         """The collection, synced with the stored features, and loaded for searching; one
         that Milvus cannot read is refused, or with `repair` dropped and left `damaged`."""
         manifest = self.manifest
         if manifest.generation == 0 and self._holds_rows():
             # A new library (every write makes a generation): the vectors are another
             # library's, which a sync would drop (an empty collection, say a failed build's
-            # on a server, is taken over).
-            raise GalleryError(
-                f"Milvus collection '{self.collection}' at {uri} already holds vectors (another "
-                "library's?); choose another collection (`collection`, --milvus-collection in the "
-                "CLI) or drop that one"
+            # on a server, is taken over). A library deleted since, or a build killed
+            # outright, leaves them to no library: only `replace` tells which.
+            if not replace:
+                raise GalleryError(
+                    f"Milvus collection '{self.collection}' at {uri} already holds vectors "
+                    "(another library's?); choose another collection (`collection`, "
+                    "--milvus-collection in the CLI), or, where no library uses it any more "
+                    "(its library was deleted, or a build was killed), drop its vectors: "
+                    "`replace_collection=True` (--replace-collection in the CLI)"
+                )
+            logger.warning(
+                "dropping the vectors in Milvus collection '%s' at %s (--replace-collection)",
+                self.collection,
+                uri,
             )
+            with self._reading("dropping"):
+                self.client.drop_collection(self.collection)
         try:
             if manifest.index_state.get("synced_generation") != manifest.generation or (
                 not self.client.has_collection(self.collection)
@@ -232,7 +253,7 @@ class MilvusBackend(Backend):
         """Milvus Lite has no IVF_PQ: its background index build fails, the rows stay
         unindexed, and the collection then never loads (the library would not open)."""
         if self._lite_path and index_type == "IVFPQ":
-            raise GalleryError(
+            raise UnsupportedIndexError(
                 "Milvus Lite has no IVFPQ index; choose Flat, IVF or HNSW32, or "
                 "a Milvus server (--milvus-uri http://host:19530)"
             )
@@ -340,8 +361,8 @@ class MilvusBackend(Backend):
 
     @contextmanager
     def _reading(self, doing: str) -> Iterator[None]:
-        """Milvus failing a search or a count (the server gone, say), as a GalleryError
-        that says so rather than pymilvus's exception."""
+        """Milvus failing a search, a count or a new library's drop of its collection (the
+        server gone, say), as a GalleryError that says so rather than pymilvus's exception."""
         try:
             yield
         except _service_failures() as exc:
@@ -402,7 +423,10 @@ class MilvusBackend(Backend):
         try:
             self.client.drop_collection(self.collection)
         except _service_failures() as exc:
-            logger.warning("%s; drop it by hand", self._failure("dropping", exc))
+            logger.warning(
+                "%s; the next library built with it drops it with --replace-collection",
+                self._failure("dropping", exc),
+            )
 
     def close(self) -> None:
         self.client.close()

@@ -527,7 +527,17 @@ async function addImages(label, files) {
       const body = await api("v1/gallery/images", { method: "POST", body: form });
       outcome.label = body.label;
       outcome.added += body.added.length;
-      outcome.duplicates.push(...body.duplicates);
+      // Those the gallery has under another label are named with it: a mistake, or meant to
+      // move them, and not added either way.
+      const skipped = [...body.duplicates];
+      for (const other of body.elsewhere) {
+        const at = skipped.indexOf(other.name); // listed in duplicates too
+        if (at >= 0) skipped.splice(at, 1);
+        outcome.failed.push(`${other.name}: already in the gallery as "${other.label}" ` +
+          `(image ${other.image_id}); to label it "${body.label}", delete it from ` +
+          `"${other.label}", then add it again`);
+      }
+      outcome.duplicates.push(...skipped);
     } catch (error) {
       // The server names the file a 400 is about; one that names none is about the request
       // (the label: empty, too long), which every other request would repeat.
