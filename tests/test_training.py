@@ -1350,7 +1350,7 @@ def test_a_signal_to_the_process_group_stops_the_run_once_with_a_checkpoint(
     )
     assert run.returncode == 128 + signum, run.stderr[-3000:]
     assert "Traceback" not in run.stderr
-    assert run.stderr.count("stopping after this step, with a checkpoint") == 1
+    assert run.stderr.count("stopping after this evaluation, with a checkpoint") == 1
     assert "stopped early after step 4 (1 of 2 epochs done)" in run.stdout
     assert (tmp_path / "output" / "latest.pt").is_file()
 

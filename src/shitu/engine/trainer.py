@@ -238,6 +238,7 @@ class Trainer:
             tensorboard=config.Global.use_tensorboard,
         )
         self._stop_signal: int | None = None
+        self._evaluating = False  # what a stop waits for: this evaluation, or this step
         self._previous_handlers: dict[int, Any] = {}
         self._stop_after_steps: int | None = None
         self._deadline: float | None = None
@@ -494,8 +495,9 @@ class Trainer:
         return loaders
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        """The first signal stops the run after the current step, with a checkpoint; a
-        second one (a step or an evaluation can take minutes) acts as without this handler."""
+        """The first signal stops the run after the current step, or evaluation (which the
+        message says: one can take minutes, which a stop 'after this step' did not explain),
+        with a checkpoint; a second one acts as without this handler."""
         del frame
         if self._stop_signal is not None:
             signal.signal(signum, self._previous_handlers[signum])
@@ -504,9 +506,10 @@ class Trainer:
         self._stop_signal = signum
         if self.context.is_main:
             logger.warning(
-                "%s: stopping after this step, with a checkpoint (send it again to stop at "
+                "%s: stopping after this %s, with a checkpoint (send it again to stop at "
                 "once, without one)",
                 signal.Signals(signum).name,
+                "evaluation" if self._evaluating else "step",
             )
 
     def _should_stop(self, before_step: bool = True) -> bool:
@@ -740,11 +743,14 @@ class Trainer:
             # save) rank 0's, on every rank.
             for buffer in model.buffers():
                 torch.distributed.broadcast(buffer, src=0)
+        self._evaluating = True
         try:
             result = self.evaluation.run(model)
         except Exception:
             self._save_unevaluated_epoch(epoch)
             raise
+        finally:
+            self._evaluating = False
         value = result.metrics[self.config.Global.eval_metric]
         self.schedule.observe(value)
         # With the counts the metrics average over: queries without a positive in the
