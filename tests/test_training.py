@@ -1059,6 +1059,11 @@ def test_a_run_too_short_for_its_eval_interval_is_warned_about(grocery, tmp_path
         "Global.epochs 3 is not a multiple of Global.eval_interval 2: the last epoch is not "
         "evaluated, and best_model.safetensors is chosen without it"
     ) in startup_warnings(caplog, longer, ["Global.eval_interval=2"])
+    # Without evaluation data: said, unless the config turns evaluation off itself.
+    unevaluated = "DataLoader.Eval: the config has none, so nothing is evaluated and no best"
+    assert unevaluated in startup_warnings(caplog, path, ["DataLoader.Eval=null"])
+    off = ["DataLoader.Eval=null", "Global.eval_during_train=false"]
+    assert "DataLoader.Eval" not in startup_warnings(caplog, path, off)
 
 
 def test_run_summary_names_the_weights_it_starts_from(grocery, tmp_path, caplog):

@@ -227,6 +227,12 @@ class Trainer:
                     "epoch is" if unevaluated == 1 else f"{unevaluated} epochs are",
                     "it" if unevaluated == 1 else "them",
                 )
+        elif config.Global.eval_during_train and self.context.is_main:
+            logger.warning(
+                "DataLoader.Eval: the config has none, so nothing is evaluated and no "
+                "best_model.safetensors is written; add the section (Query, and Gallery), or "
+                "set Global.eval_during_train: false"
+            )
         if resume_payload is not None:
             self._carry_over_from(resolve_checkpoint(config.Global.checkpoints).parent)
         if self.context.is_main:
