@@ -948,6 +948,34 @@ def test_ddp_on_cpu_matches_single_process_eval(grocery, tmp_path):
     assert read_log(tmp_path / "output" / "metrics.jsonl", "train")[-1]["step"] == 2
 
 
+def test_a_resumed_ddp_run_keeps_each_processs_cross_batch_memory(grocery, tmp_path):
+    """Each process's XBM memory holds the batches that process saw: a checkpoint kept rank
+    0's alone, which every process resumed with, and the resumed run left the uninterrupted
+    one (the same run without XBM resumed exactly)."""
+    path = tiny_config(grocery, tmp_path, epochs=3, eval_during_train=False)
+    xbm = (
+        "Loss.Train=[{CELoss: {}}, {XBM: {embedding_size: 32, memory_size: 24, start_iter: 1, "
+        "pair_loss: TripletAngularMarginLoss}}]"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def train(output: str, *options: str) -> None:
+        command = [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            "-m", "shitu", "train", "-c", str(path), "-o", xbm,
+            f"Global.output_dir={tmp_path / output}", *options,
+        ]  # fmt: skip
+        run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
+
+    train("full")
+    train("split", "--stop-after-steps", "3")
+    train("split", f"Global.checkpoints={tmp_path / 'split'}")
+    full = read_weights(tmp_path / "full" / "final_model.safetensors")[0]
+    resumed = read_weights(tmp_path / "split" / "final_model.safetensors")[0]
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+
+
 def test_training_errors_are_clear(grocery, tmp_path):
     path = tiny_config(grocery, tmp_path)
     with pytest.raises(CheckpointError, match="no training checkpoint"):

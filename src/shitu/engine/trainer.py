@@ -302,7 +302,7 @@ class Trainer:
         ]
         try:
             self.model.load_state_dict(payload["model"])
-            self.loss.load_state_dict(payload["loss"])
+            self.loss.load_state_dict({**payload["loss"], **self._own(payload, "loss_per_process")})
         except (RuntimeError, ValueError, KeyError) as exc:
             raise ConfigError(
                 f"Global.checkpoints: the checkpoint does not fit this config ({exc})"
@@ -349,7 +349,13 @@ class Trainer:
             )
         self.schedule.load_state_dict(payload["schedule"])
         load_scaler_state(self.scaler, payload["scaler"])
-        restore_rng_state(payload["rng"][min(self.context.rank, len(payload["rng"]) - 1)])
+        restore_rng_state(self._own(payload, "rng"))
+
+    def _own(self, payload: dict[str, Any], key: str) -> Any:
+        """This process's entry of a checkpoint's per-process list (`_state`); the last
+        process's for a process the run did not have, {} where the checkpoint has none."""
+        entries = payload.get(key) or [{}]
+        return entries[min(self.context.rank, len(entries) - 1)]
 
     def _refuse_another_optimizer(self, payload: dict[str, Any]) -> None:
         """Another kind of optimizer cannot take over the checkpoint's state (momentum
@@ -430,14 +436,22 @@ class Trainer:
             )
 
     def _state(self) -> dict[str, Any]:
-        rng = [capture_rng_state()]
+        """The checkpoint's content. Under DDP every process's RNG states and own loss state
+        (XBM's memory of the batches it saw) are kept, each to resume with its own."""
+        own = {"rng": capture_rng_state(), "loss": _on_cpu(self.loss.process_state())}
+        processes: list[Any] = [own]
         if self.context.distributed:
-            gathered: list[Any] = [None] * self.context.world_size
-            torch.distributed.all_gather_object(gathered, rng[0])
-            rng = gathered
+            processes = [None] * self.context.world_size
+            torch.distributed.all_gather_object(processes, own)
+        rng = [process["rng"] for process in processes]
         return {
             "model": self.model.state_dict(),
             "loss": self.loss.state_dict(),
+            **(
+                {"loss_per_process": [process["loss"] for process in processes]}
+                if self.context.distributed
+                else {}
+            ),
             "optimizer": self.optimizer.state_dict(),
             "schedule": self.schedule.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -785,6 +799,12 @@ _PARAMETER_GROUPING = (
     ("Optimizer", "no_weight_decay_name"),
     ("Optimizer", "decay_norm_and_bias"),
 )
+
+
+def _on_cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state`'s tensors on the CPU, to gather from other processes (a GPU tensor would be
+    unpickled onto the sender's device index)."""
+    return {key: tensor.cpu() for key, tensor in state.items()}
 
 
 def _saved_config(payload: dict[str, Any]) -> dict[str, Any]:
