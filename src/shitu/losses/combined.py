@@ -93,7 +93,10 @@ class CombinedLoss(nn.Module):
                 raise ConfigError(f"Loss.Train: {exc}") from None
         for loss in self.losses:
             if hasattr(loss, "attach"):
-                loss.attach(model)
+                try:
+                    loss.attach(model)
+                except ConfigError as exc:
+                    raise ConfigError(f"Loss.Train: {exc}") from None
 
     def process_state(self) -> dict[str, torch.Tensor]:
         """The part of `state_dict` that each DDP process holds for itself (XBM's memory of
