@@ -1186,8 +1186,15 @@ def test_a_probe_run_checks_its_fine_tuning_before_probing(grocery, tmp_path, ca
     typo = "LinearProbe={epochs: 1, frozen_layers: [backbone, nek]}"
     assert main(["train", "-c", str(path), "-o", typo]) == 2
     assert (
-        "LinearProbe.frozen_layers: the model has no module 'nek' (its top-level modules: "
+        "LinearProbe.frozen_layers: the model has no module 'nek' (modules there: "
         "backbone, neck, head)" in capsys.readouterr().err
+    )
+    # Where the name is in a module, that module's (was: the model's top level, again).
+    typo = "LinearProbe={epochs: 1, frozen_layers: [backbone.stage]}"
+    assert main(["train", "-c", str(path), "-o", typo]) == 2
+    assert (
+        "no module 'backbone.stage' (modules there: backbone.stem, backbone.stages, backbone.avg"
+        in capsys.readouterr().err
     )
     assert not output.exists()
 

@@ -43,7 +43,7 @@ class RecModel(nn.Module):
             if prefix not in names:
                 raise ConfigError(
                     f"Arch.frozen_layers: the model has no module '{prefix}' (modules there: "
-                    f"{', '.join(_modules_beside(prefix, names))})"
+                    f"{', '.join(modules_beside(prefix, names))})"
                 )
             names[prefix].requires_grad_(False)
             frozen.append(names[prefix])
@@ -87,7 +87,7 @@ class RecModel(nn.Module):
         return self
 
 
-def _modules_beside(name: str, modules: dict[str, nn.Module]) -> list[str]:
+def modules_beside(name: str, modules: dict[str, nn.Module]) -> list[str]:
     """The modules where `name` would be, which it is not among: the children of its
     nearest existing parent (the model's top level for `nek`, `backbone`'s children for
     `backbone.stage`), for the message of a misspelt module name."""
