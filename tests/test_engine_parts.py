@@ -191,6 +191,14 @@ def test_lr_mult_scales_named_modules_steps():
 def test_lr_mult_errors_name_the_problem():
     with pytest.raises(ConfigError, match=r"no trainable parameter under backbone\.blokcs"):
         parameter_groups([nn.Linear(2, 2)], optimizer_config(lr_mult={"backbone.blokcs": 0.1}))
+    # A misspelt name is answered with the modules where it would be; a frozen one is not.
+    net = nn.Sequential(nn.Sequential(nn.Linear(2, 2), nn.ReLU()), nn.Linear(2, 2))
+    misspelt = r"under 0\.2 \(no such module; modules there: 0\.0, 0\.1\)"
+    with pytest.raises(ConfigError, match=misspelt):
+        parameter_groups([net], optimizer_config(lr_mult={"0.2": 0.1}))
+    net[1].requires_grad_(False)
+    with pytest.raises(ConfigError, match=r"under 1 \(frozen modules have none\)"):
+        parameter_groups([net], optimizer_config(lr_mult={"1": 0.1}))
     # A module whose parameters all lie under a longer name's is not a name that is wrong.
     inner = nn.Sequential(nn.Sequential(nn.Linear(2, 2)))
     groups = parameter_groups([inner], optimizer_config(lr_mult={"0": 0.1, "0.0": 0.5}))

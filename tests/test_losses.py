@@ -415,7 +415,7 @@ def test_feature_distillation_starts_at_zero_and_pulls_towards_the_frozen_start(
         model.eval()(images)
     with pytest.raises(RuntimeError, match="no training batch"):
         loss(torch.zeros(4, 16), None)
-    with pytest.raises(ConfigError, match="no module 'pooled'"):
+    with pytest.raises(ConfigError, match="no module 'pooled' .its top-level modules: stem, bl"):
         LOSSES.build("FeatureDistillLoss", layer="pooled").attach(model)
 
 

@@ -412,9 +412,16 @@ def test_frozen_layers_keep_weights_and_batchnorm_statistics():
     model(torch.randn(2, 3, 64, 64))["features"].sum().backward()
     optimizer.step()
     assert all(torch.equal(before[k], v) for k, v in stem.state_dict().items())
-    arch["frozen_layers"] = ["backbone.stme"]
-    with pytest.raises(ConfigError, match="no module 'backbone.stme'"):
-        build_model(ArchConfig.model_validate(arch))
+    # A misspelt name is answered with the modules where it would be (the hint listed the
+    # first 8 modules under its parent, depth first: not backbone.stages, nor the top level).
+    for wrong, there in [
+        ("backbone.stme", "backbone.stem, backbone.stages, backbone.avg_pool, backbone.last_c"),
+        ("nek", "backbone, neck\\)"),
+        ("backbone.stages.9", "backbone.stages.0, backbone.stages.1, backbone.stages.2, backb"),
+    ]:
+        arch["frozen_layers"] = [wrong]
+        with pytest.raises(ConfigError, match=f"no module '{wrong}' .modules there: {there}"):
+            build_model(ArchConfig.model_validate(arch))
 
 
 @pytest.mark.parametrize(

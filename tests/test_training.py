@@ -980,6 +980,34 @@ def test_ddp_on_cpu_matches_single_process_eval(grocery, tmp_path):
     assert read_log(tmp_path / "output" / "metrics.jsonl", "train")[-1]["step"] == 2
 
 
+def test_a_resumed_ddp_run_keeps_each_processs_cross_batch_memory(grocery, tmp_path):
+    """Each process's XBM memory holds the batches that process saw: a checkpoint kept rank
+    0's alone, which every process resumed with, and the resumed run left the uninterrupted
+    one (the same run without XBM resumed exactly)."""
+    path = tiny_config(grocery, tmp_path, epochs=3, eval_during_train=False)
+    xbm = (
+        "Loss.Train=[{CELoss: {}}, {XBM: {embedding_size: 32, memory_size: 24, start_iter: 1, "
+        "pair_loss: TripletAngularMarginLoss}}]"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def train(output: str, *options: str) -> None:
+        command = [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            "-m", "shitu", "train", "-c", str(path), "-o", xbm,
+            f"Global.output_dir={tmp_path / output}", *options,
+        ]  # fmt: skip
+        run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
+
+    train("full")
+    train("split", "--stop-after-steps", "3")
+    train("split", f"Global.checkpoints={tmp_path / 'split'}")
+    full = read_weights(tmp_path / "full" / "final_model.safetensors")[0]
+    resumed = read_weights(tmp_path / "split" / "final_model.safetensors")[0]
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+
+
 def test_training_errors_are_clear(grocery, tmp_path):
     path = tiny_config(grocery, tmp_path)
     with pytest.raises(CheckpointError, match="no training checkpoint"):
@@ -1091,6 +1119,11 @@ def test_a_run_too_short_for_its_eval_interval_is_warned_about(grocery, tmp_path
         "Global.epochs 3 is not a multiple of Global.eval_interval 2: the last epoch is not "
         "evaluated, and best_model.safetensors is chosen without it"
     ) in startup_warnings(caplog, longer, ["Global.eval_interval=2"])
+    # Without evaluation data: said, unless the config turns evaluation off itself.
+    unevaluated = "DataLoader.Eval: the config has none, so nothing is evaluated and no best"
+    assert unevaluated in startup_warnings(caplog, path, ["DataLoader.Eval=null"])
+    off = ["DataLoader.Eval=null", "Global.eval_during_train=false"]
+    assert "DataLoader.Eval" not in startup_warnings(caplog, path, off)
 
 
 def test_run_summary_names_the_weights_it_starts_from(grocery, tmp_path, caplog):
@@ -1185,8 +1218,15 @@ def test_a_probe_run_checks_its_fine_tuning_before_probing(grocery, tmp_path, ca
     typo = "LinearProbe={epochs: 1, frozen_layers: [backbone, nek]}"
     assert main(["train", "-c", str(path), "-o", typo]) == 2
     assert (
-        "LinearProbe.frozen_layers: the model has no module 'nek' (its top-level modules: "
+        "LinearProbe.frozen_layers: the model has no module 'nek' (modules there: "
         "backbone, neck, head)" in capsys.readouterr().err
+    )
+    # Where the name is in a module, that module's (was: the model's top level, again).
+    typo = "LinearProbe={epochs: 1, frozen_layers: [backbone.stage]}"
+    assert main(["train", "-c", str(path), "-o", typo]) == 2
+    assert (
+        "no module 'backbone.stage' (modules there: backbone.stem, backbone.stages, backbone.avg"
+        in capsys.readouterr().err
     )
     assert not output.exists()
 
@@ -1382,7 +1422,7 @@ def test_a_signal_to_the_process_group_stops_the_run_once_with_a_checkpoint(
     )
     assert run.returncode == 128 + signum, run.stderr[-3000:]
     assert "Traceback" not in run.stderr
-    assert run.stderr.count("stopping after this step, with a checkpoint") == 1
+    assert run.stderr.count("stopping after this evaluation, with a checkpoint") == 1
     assert "stopped early after step 4 (1 of 2 epochs done)" in run.stdout
     assert (tmp_path / "output" / "latest.pt").is_file()
 

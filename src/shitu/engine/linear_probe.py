@@ -16,6 +16,7 @@ from shitu.config.schema import ShituConfig
 from shitu.engine.lr import Stage
 from shitu.engine.state import FINAL
 from shitu.errors import ConfigError
+from shitu.models.rec_model import modules_beside
 
 PROBE_DIR = "linear_probe"
 # How messages name each stage (the probe has epochs of its own, and is not resumed).
@@ -62,10 +63,9 @@ def check_probe_layers(config: ShituConfig, model: nn.Module) -> None:
     modules = dict(model.named_modules())
     unknown = [name for name in config.LinearProbe.frozen_layers if name not in modules]
     if unknown:
-        top = [name for name in modules if name and "." not in name]
         raise ConfigError(
             f"LinearProbe.frozen_layers: the model has no module {', '.join(map(repr, unknown))} "
-            f"(its top-level modules: {', '.join(top)})"
+            f"(modules there: {', '.join(modules_beside(unknown[0], modules))})"
         )
 
 

@@ -9,6 +9,7 @@ from torch import nn
 
 from shitu.config.schema import OptimizerConfig
 from shitu.errors import ConfigError
+from shitu.models.rec_model import modules_beside
 
 # The torch optimizer each `Optimizer.name` builds (Momentum and SGD differ in momentum only).
 OPTIMIZER_CLASSES: dict[str, type[torch.optim.Optimizer]] = {
@@ -44,6 +45,7 @@ def parameter_groups(
     BNNeck bias) are left out, so no optimizer state or decay ever touches them. Each
     group's `lr_mult` comes from `config.lr_mult` (longest matching module name, else 1).
     """
+    modules = list(modules)  # (read twice)
     fragments = (config.no_weight_decay_name or "").split()
     weight_decay = weight_decay_of(config)
     # Longest name first, so `backbone.blocks.5` overrides `backbone.blocks`.
@@ -69,9 +71,15 @@ def parameter_groups(
                 groups.setdefault((decayed, mult), []).append(param)
     unused = [name for name in config.lr_mult if name not in used]
     if unused:
+        names = {name: sub for module in modules for name, sub in module.named_modules()}
+        missing = [name for name in unused if name not in names]
+        hint = (
+            f"no such module; modules there: {', '.join(modules_beside(missing[0], names))}"
+            if missing
+            else "frozen modules have none"
+        )
         raise ConfigError(
-            f"Optimizer.lr_mult: no trainable parameter under {', '.join(unused)} "
-            "(a module name such as backbone.blocks; frozen modules have none)"
+            f"Optimizer.lr_mult: no trainable parameter under {', '.join(unused)} ({hint})"
         )
     # Decayed groups first, as checkpoints of runs without multipliers have them.
     return [

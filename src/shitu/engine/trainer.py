@@ -254,6 +254,12 @@ class Trainer:
                     "epoch is" if unevaluated == 1 else f"{unevaluated} epochs are",
                     "it" if unevaluated == 1 else "them",
                 )
+        elif config.Global.eval_during_train and self.context.is_main:
+            logger.warning(
+                "DataLoader.Eval: the config has none, so nothing is evaluated and no "
+                "best_model.safetensors is written; add the section (Query, and Gallery), or "
+                "set Global.eval_during_train: false"
+            )
         if resume_payload is not None:
             self._carry_over_from(resolve_checkpoint(config.Global.checkpoints).parent)
         if self.context.is_main:
@@ -265,6 +271,7 @@ class Trainer:
             tensorboard=config.Global.use_tensorboard,
         )
         self._stop_signal: int | None = None
+        self._evaluating = False  # what a stop waits for: this evaluation, or this step
         self._previous_handlers: dict[int, Any] = {}
         self._stop_after_steps: int | None = None
         self._deadline: float | None = None
@@ -322,7 +329,7 @@ class Trainer:
         ]
         try:
             self.model.load_state_dict(payload["model"])
-            self.loss.load_state_dict(payload["loss"])
+            self.loss.load_state_dict({**payload["loss"], **self._own(payload, "loss_per_process")})
         except (RuntimeError, ValueError, KeyError) as exc:
             raise ConfigError(
                 f"Global.checkpoints: the checkpoint does not fit this config ({exc})"
@@ -369,7 +376,13 @@ class Trainer:
             )
         self.schedule.load_state_dict(payload["schedule"])
         load_scaler_state(self.scaler, payload["scaler"])
-        restore_rng_state(payload["rng"][min(self.context.rank, len(payload["rng"]) - 1)])
+        restore_rng_state(self._own(payload, "rng"))
+
+    def _own(self, payload: dict[str, Any], key: str) -> Any:
+        """This process's entry of a checkpoint's per-process list (`_state`); the last
+        process's for a process the run did not have, {} where the checkpoint has none."""
+        entries = payload.get(key) or [{}]
+        return entries[min(self.context.rank, len(entries) - 1)]
 
     def _refuse_another_optimizer(self, payload: dict[str, Any]) -> None:
         """Another kind of optimizer cannot take over the checkpoint's state (momentum
@@ -450,14 +463,22 @@ class Trainer:
             )
 
     def _state(self) -> dict[str, Any]:
-        rng = [capture_rng_state()]
+        """The checkpoint's content. Under DDP every process's RNG states and own loss state
+        (XBM's memory of the batches it saw) are kept, each to resume with its own."""
+        own = {"rng": capture_rng_state(), "loss": _on_cpu(self.loss.process_state())}
+        processes: list[Any] = [own]
         if self.context.distributed:
-            gathered: list[Any] = [None] * self.context.world_size
-            torch.distributed.all_gather_object(gathered, rng[0])
-            rng = gathered
+            processes = [None] * self.context.world_size
+            torch.distributed.all_gather_object(processes, own)
+        rng = [process["rng"] for process in processes]
         return {
             "model": self.model.state_dict(),
             "loss": self.loss.state_dict(),
+            **(
+                {"loss_per_process": [process["loss"] for process in processes]}
+                if self.context.distributed
+                else {}
+            ),
             "optimizer": self.optimizer.state_dict(),
             "schedule": self.schedule.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -521,8 +542,9 @@ class Trainer:
         return loaders
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        """The first signal stops the run after the current step, with a checkpoint; a
-        second one (a step or an evaluation can take minutes) acts as without this handler."""
+        """The first signal stops the run after the current step, or evaluation (which the
+        message says: one can take minutes, which a stop 'after this step' did not explain),
+        with a checkpoint; a second one acts as without this handler."""
         del frame
         if self._stop_signal is not None:
             signal.signal(signum, self._previous_handlers[signum])
@@ -531,9 +553,10 @@ class Trainer:
         self._stop_signal = signum
         if self.context.is_main:
             logger.warning(
-                "%s: stopping after this step, with a checkpoint (send it again to stop at "
+                "%s: stopping after this %s, with a checkpoint (send it again to stop at "
                 "once, without one)",
                 signal.Signals(signum).name,
+                "evaluation" if self._evaluating else "step",
             )
 
     def _should_stop(self, before_step: bool = True) -> bool:
@@ -765,11 +788,14 @@ class Trainer:
             # save) rank 0's, on every rank.
             for buffer in model.buffers():
                 torch.distributed.broadcast(buffer, src=0)
+        self._evaluating = True
         try:
             result = self.evaluation.run(model)
         except Exception:
             self._save_unevaluated_epoch(epoch)
             raise
+        finally:
+            self._evaluating = False
         value = result.metrics[self.config.Global.eval_metric]
         self.schedule.observe(value)
         # With the counts the metrics average over: queries without a positive in the
@@ -798,6 +824,12 @@ _PARAMETER_GROUPING = (
     ("Optimizer", "no_weight_decay_name"),
     ("Optimizer", "decay_norm_and_bias"),
 )
+
+
+def _on_cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state`'s tensors on the CPU, to gather from other processes (a GPU tensor would be
+    unpickled onto the sender's device index)."""
+    return {key: tensor.cpu() for key, tensor in state.items()}
 
 
 def _saved_config(payload: dict[str, Any]) -> dict[str, Any]:

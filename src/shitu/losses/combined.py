@@ -93,7 +93,21 @@ class CombinedLoss(nn.Module):
                 raise ConfigError(f"Loss.Train: {exc}") from None
         for loss in self.losses:
             if hasattr(loss, "attach"):
-                loss.attach(model)
+                try:
+                    loss.attach(model)
+                except ConfigError as exc:
+                    raise ConfigError(f"Loss.Train: {exc}") from None
+
+    def process_state(self) -> dict[str, torch.Tensor]:
+        """The part of `state_dict` that each DDP process holds for itself (XBM's memory of
+        the batches that process saw: `per_process_state` losses), which a checkpoint keeps
+        for every process."""
+        return {
+            f"{name}.{key}": value
+            for name, module in self.named_modules()
+            if getattr(module, "per_process_state", False)
+            for key, value in module.state_dict().items()
+        }
 
     def forward(
         self, outputs: dict[str, torch.Tensor], labels: torch.Tensor

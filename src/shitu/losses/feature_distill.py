@@ -60,8 +60,10 @@ class FeatureDistillLoss(nn.Module):
         backbone: nn.Module = model.backbone  # type: ignore[assignment]
         modules = dict(backbone.named_modules())
         if self.layer is not None and self.layer not in modules:
+            top = [name for name in modules if name and "." not in name]
             raise ConfigError(
-                f"FeatureDistillLoss.layer: the backbone has no module '{self.layer}'"
+                f"FeatureDistillLoss.layer: the backbone has no module '{self.layer}' (its "
+                f"top-level modules: {', '.join(top)})"
             )
         frozen_roots: list[nn.Module] = list(getattr(model, "frozen_modules", ()))
         frozen = {id(sub) for module in frozen_roots for sub in module.modules()}

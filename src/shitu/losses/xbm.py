@@ -65,10 +65,13 @@ class CrossBatchMemory(nn.Module):
     the batch with everything the ring holds. Before that, and in eval mode, only
     the in-batch term is computed and nothing is written. The ring, its write
     position and the iteration count are buffers, so checkpoints resume exactly.
-    Under DDP each process keeps its own memory of the batches it saw.
+    Under DDP each process keeps its own memory of the batches it saw, and a checkpoint
+    keeps each process's.
     """
 
     input_key: ClassVar[str] = "features"
+    # Each DDP process's memory is its own: a checkpoint keeps every process's.
+    per_process_state: ClassVar[bool] = True
     # How a config names this loss and its embedding width, for the message of a mismatch.
     config_name: ClassVar[str] = "XBM"
     size_key: ClassVar[str] = "embedding_size"

@@ -41,9 +41,10 @@ class RecModel(nn.Module):
         names = dict(self.named_modules())
         for prefix in prefixes:
             if prefix not in names:
-                close = [name for name in names if name.startswith(prefix.rsplit(".", 1)[0])]
-                hint = f" (modules there: {', '.join(close[:8])})" if close else ""
-                raise ConfigError(f"Arch.frozen_layers: the model has no module '{prefix}'{hint}")
+                raise ConfigError(
+                    f"Arch.frozen_layers: the model has no module '{prefix}' (modules there: "
+                    f"{', '.join(modules_beside(prefix, names))})"
+                )
             names[prefix].requires_grad_(False)
             frozen.append(names[prefix])
         return frozen
@@ -84,6 +85,24 @@ class RecModel(nn.Module):
         """
         reparameterize(self)
         return self
+
+
+def modules_beside(name: str, modules: dict[str, nn.Module]) -> list[str]:
+    """The modules where `name` would be, which it is not among: the children of its
+    nearest existing parent (the model's top level for `nek`, `backbone`'s children for
+    `backbone.stage`), for the message of a misspelt module name."""
+    parent = name
+    while parent:
+        parent = parent.rpartition(".")[0]
+        if parent in modules:
+            break
+    depth = parent.count(".") + 1 if parent else 0
+    inside = f"{parent}." if parent else ""
+    return [
+        other
+        for other in modules
+        if other.startswith(inside) and other.count(".") == depth and other != parent
+    ]
 
 
 def build_model(arch: ArchConfig, pretrained: bool = True) -> RecModel:
