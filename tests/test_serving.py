@@ -1480,6 +1480,35 @@ def test_a_server_told_to_stop_answers_its_edits_waiting_for_another_process(
         assert "Waiting" not in gallery.label_counts()
 
 
+def test_a_request_the_server_cuts_off_as_it_stops_gets_a_json_503(serving_library, tmp_path):
+    """A request still running after the server's grace period for stopping (here an upload
+    whose body stops coming; a long edit on the server's own thread) is cut off: uvicorn
+    answered it with a plain-text 500."""
+    server = ServerProcess(serving_library, tmp_path)
+    try:
+        url = httpx.URL(server.url)
+        with socket.create_connection((url.host, url.port)) as stalled:
+            stalled.sendall(
+                b"POST /v1/extract HTTP/1.1\r\nHost: shitu\r\nContent-Type: application/json"
+                b'\r\nContent-Length: 1000\r\n\r\n{"image": "'
+            )
+            # Answered after the server has read what came before it on the other connection.
+            assert httpx.get(f"{server.url}/healthz").status_code == 200
+            server.process.send_signal(signal.SIGTERM)
+            stalled.settimeout(60)
+            answer = b""
+            while chunk := stalled.recv(65536):
+                answer += chunk
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503 "), answer
+        assert b"content-type: application/json" in head.lower()
+        assert b"retry-after: 10" in head.lower()
+        assert json.loads(body)["detail"].startswith("the server is stopping and did not wait")
+        server.process.wait(timeout=60)
+    finally:
+        server.stop()
+
+
 def test_a_rebuild_as_an_index_type_the_backend_lacks_is_a_400(serving_library, tmp_path):
     """IVFPQ on a Milvus Lite library: the client's choice, refused with what to choose
     instead, was a 500 (a failure of the server's, logged as one)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import aclosing, asynccontextmanager
@@ -32,6 +33,7 @@ from shitu.serving.errors import (
 from shitu.serving.images import decode_base64
 from shitu.serving.settings import MB, ServeSettings
 
+logger = logging.getLogger(__name__)
 IMAGE_FIELD = "image"
 # What clients send for a file part: any image type, or "some file" (curl, unknown suffix).
 GENERIC_FILE_TYPES = {"", "application/octet-stream"}
@@ -48,6 +50,8 @@ PIXELS_WAIT_S = 5.0
 # what an edit refused because another process kept the library locked (its write, a
 # rebuild, may take minutes) is told to wait
 LIBRARY_BUSY_RETRY_AFTER_S = 10
+# what a request cut off by the server's stop is told to wait (a restart loads the models)
+STOPPING_RETRY_AFTER_S = 10
 # What browsers send as Sec-Fetch-Site for a request made by a page from another origin
 # ("same-site" is another port or subdomain); this server's own page sends "same-origin".
 OTHER_SITES = {"cross-site", "same-site"}
@@ -171,6 +175,41 @@ class RequestLimit:
             self.in_progress -= 1
 
 
+class AnswerCutOff:
+    """ASGI middleware: a request still running when the server stops (uvicorn cancels
+    those left after its grace period) is answered with a JSON 503 where its answer has not
+    begun, as every other error is: uvicorn's own answer was a plain-text 500. An edit it
+    asked for may still be made (the library's thread runs each one to its end)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watched(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched)
+        except asyncio.CancelledError:
+            if started:  # uvicorn closes the connection: the client sees the answer cut short
+                raise
+            stopping = ServiceUnavailable(
+                "the server is stopping and did not wait for this request to finish; an "
+                "edit it asked for may still be made: check before retrying"
+            )
+            retry = [(b"retry-after", str(STOPPING_RETRY_AFTER_S).encode())]
+            await _answer(send, stopping, retry)
+            # Answered: the task ends as one that finished (no traceback in the log)
+            logger.warning("%s %s cut off as the server stopped", scope["method"], scope["path"])
+
+
 class PixelBudget:
     """The decoded pixels that all requests in progress may hold together
     (--max-megapixels-in-flight).
@@ -249,6 +288,13 @@ async def refuse(
     # refusal; reading would tell the server to ask for it.
     if headers.get(b"expect", b"").lower() != b"100-continue":
         await drain(receive)
+    await _answer(send, error, extra_headers)
+
+
+async def _answer(
+    send: Callable, error: RequestError, extra_headers: Iterable[tuple[bytes, bytes]] = ()
+) -> None:
+    """Send `error` as JSON `{"detail": ...}`, closing the connection after it."""
     body = json.dumps({"detail": str(error)}).encode()
     response_headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
     response_headers += [(b"content-length", str(len(body)).encode()), *extra_headers]
