@@ -180,11 +180,12 @@ def test_a_new_library_refuses_a_collection_that_another_library_holds(tmp_path)
         np.testing.assert_array_equal(first.search(queries, k=3).ids, before.ids)
 
 
-def test_a_collection_milvus_fails_to_drop_for_a_new_library_is_a_gallery_error(
+def test_a_collection_milvus_fails_to_look_into_or_drop_for_a_new_library_is_a_gallery_error(
     tmp_path, monkeypatch
 ):
-    """replace_collection on a server that refuses the drop (no right to, say): a
-    GalleryError naming the collection, not pymilvus's exception, and no library."""
+    """A server that fails the new library's look into its collection, or refuses the
+    drop that replace_collection asks for (no right to, say): a GalleryError naming the
+    collection, not pymilvus's exception, and no library."""
     from pymilvus import MilvusClient
     from pymilvus.exceptions import MilvusException
 
@@ -202,6 +203,11 @@ def test_a_collection_milvus_fails_to_drop_for_a_new_library_is_a_gallery_error(
                        r"'shitu_gallery' \(simulated: permission denied\)"):  # fmt: skip
         Gallery.create(tmp_path / "new", embedding_dim=DIM, model_fingerprint="m",
                        backend="milvus", backend_options=shared, replace_collection=True)  # fmt: skip
+    assert not (tmp_path / "new").exists()
+    monkeypatch.setattr(MilvusClient, "has_collection", refused)  # its first look, too
+    with pytest.raises(GalleryError, match="Milvus failed while looking into collection "):
+        Gallery.create(tmp_path / "new", embedding_dim=DIM, model_fingerprint="m",
+                       backend="milvus", backend_options=shared)  # fmt: skip
     assert not (tmp_path / "new").exists()
 
 

@@ -203,7 +203,9 @@ class MilvusBackend(Backend):
         """The collection, synced with the stored features, and loaded for searching; one
         that Milvus cannot read is refused, or with `repair` dropped and left `damaged`."""
         manifest = self.manifest
-        if manifest.generation == 0 and self._holds_rows():
+        with self._reading("looking into"):  # pymilvus's exception, a traceback, otherwise
+            taken = manifest.generation == 0 and self._holds_rows()
+        if taken:
             # A new library (every write makes a generation): the vectors are another
             # library's, which a sync would drop (an empty collection, say a failed build's
             # on a server, is taken over). A library deleted since, or a build killed
@@ -361,8 +363,9 @@ class MilvusBackend(Backend):
 
     @contextmanager
     def _reading(self, doing: str) -> Iterator[None]:
-        """Milvus failing a search, a count or a new library's drop of its collection (the
-        server gone, say), as a GalleryError that says so rather than pymilvus's exception."""
+        """Milvus failing a search, a count, or a new library's look into its collection or
+        drop of it (the server gone, say), as a GalleryError that says so rather than
+        pymilvus's exception."""
         try:
             yield
         except _service_failures() as exc:
