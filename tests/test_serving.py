@@ -1509,27 +1509,32 @@ def test_a_request_the_server_cuts_off_as_it_stops_gets_a_json_503(serving_libra
         server.stop()
 
 
-def test_a_rebuild_as_an_index_type_the_backend_lacks_is_a_400(serving_library, tmp_path):
-    """IVFPQ on a Milvus Lite library: the client's choice, refused with what to choose
-    instead, was a 500 (a failure of the server's, logged as one)."""
+def milvus_config(serving_library: DemoLibrary, gallery: Path):
+    """`local_config`, on a Milvus Lite copy of the demo library (its features, as stored)."""
     pytest.importorskip("milvus_lite", reason="the milvus extra is not installed")
-    from shitu.serving.app import create_app
-
     with Gallery.open(serving_library.gallery) as demo:
         _, features = demo.features()
         labels = [entry.label for entry in demo.entries()]
         model = demo.manifest
-    with Gallery.create(tmp_path / "gallery", embedding_dim=model.embedding_dim,
+    with Gallery.create(gallery, embedding_dim=model.embedding_dim,
                         model_fingerprint=model.model_fingerprint,
                         preprocessing=model.preprocessing, backend="milvus") as milvus:  # fmt: skip
         milvus.add(features, labels)
-    config = load_pipeline_config(
+    return load_pipeline_config(
         None,
         [
-            f"IndexProcess.index_dir={tmp_path / 'gallery'}",
+            f"IndexProcess.index_dir={gallery}",
             f"Global.rec_inference_model_dir={serving_library.model}",
         ],
     )
+
+
+def test_a_rebuild_as_an_index_type_the_backend_lacks_is_a_400(serving_library, tmp_path):
+    """IVFPQ on a Milvus Lite library: the client's choice, refused with what to choose
+    instead, was a 500 (a failure of the server's, logged as one)."""
+    from shitu.serving.app import create_app
+
+    config = milvus_config(serving_library, tmp_path / "gallery")
 
     async def rebuild(app, index_type: str) -> httpx.Response:
         transport = httpx.ASGITransport(app=app)
@@ -1541,6 +1546,39 @@ def test_a_rebuild_as_an_index_type_the_backend_lacks_is_a_400(serving_library, 
         assert refused.status_code == 400
         assert refused.json()["detail"].startswith("Milvus Lite has no IVFPQ index; choose Flat")
         assert asyncio.run(rebuild(create_app(service), "HNSW32")).status_code == 200
+
+
+def test_a_search_the_milvus_server_fails_is_a_503_to_retry(serving_library, tmp_path, monkeypatch):
+    """A Milvus server gone or restarting fails the searches: no fault of the request nor
+    of this server (was 500), 503 with Retry-After, and the same request goes through once
+    it is back."""
+    from pymilvus import MilvusClient
+    from pymilvus.exceptions import MilvusException
+
+    from shitu.serving.app import create_app
+
+    config = milvus_config(serving_library, tmp_path / "gallery")
+    query, label = serving_library.queries()[0]
+
+    async def recognize(app) -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://shitu") as client:
+            return await client.post("/v1/recognize", files={"image": photo(query)})
+
+    def gone(*args: object, **kwargs: object) -> None:
+        raise MilvusException(message="simulated: connection refused")
+
+    with RecognitionService(config, ServeSettings(upload_dir=tmp_path / "uploads")) as service:
+        with monkeypatch.context() as down:
+            down.setattr(MilvusClient, "search", gone)
+            refused = asyncio.run(recognize(create_app(service)))
+        assert refused.status_code == 503 and int(refused.headers["Retry-After"]) > 0
+        assert (
+            "Milvus failed while searching collection 'shitu_gallery' (simulated"
+            in (refused.json()["detail"])
+        )
+        answered = asyncio.run(recognize(create_app(service)))
+    assert answered.status_code == 200 and answered.json()["results"][0]["label"] == label
 
 
 def test_a_thumbnail_takes_the_pixels_it_decodes_from_the_budget(serving_library, tmp_path):

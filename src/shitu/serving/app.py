@@ -32,6 +32,7 @@ from starlette.types import Scope
 
 from shitu import __version__
 from shitu.errors import ShituError
+from shitu.index.backends import IndexUnavailableError
 from shitu.index.labels import normal_form
 from shitu.index.metadata import ImageEntry, LibraryBusyError
 from shitu.serving import schemas
@@ -183,11 +184,12 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
     async def shitu_error(request: Request, exc: ShituError) -> JSONResponse:
         """Our errors carry messages meant for the user; ones the request did not cause are
         the server's: 500, but 503 with Retry-After where another process kept the library
-        locked (its write ends, and the same request then goes through), and where the
-        server is busy (as RequestLimit's 503: no failure to log)."""
+        locked or the index service (a Milvus server) failed a search (its write ends, or
+        it comes back, and the same request then goes through), and where the server is
+        busy (as RequestLimit's 503: no failure to log)."""
         status = exc.status if isinstance(exc, RequestError) else 500
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-        if isinstance(exc, LibraryBusyError):
+        if isinstance(exc, LibraryBusyError | IndexUnavailableError):
             status, headers = 503, {"Retry-After": str(LIBRARY_BUSY_RETRY_AFTER_S)}
         if isinstance(exc, ServiceUnavailable):
             headers = {"Retry-After": str(RETRY_AFTER_S)}

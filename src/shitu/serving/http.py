@@ -48,7 +48,8 @@ RETRY_AFTER_S = 1  # what a request refused for want of capacity is told to wait
 # How long a request waits for other requests' decoded pixels to be freed before its 503.
 PIXELS_WAIT_S = 5.0
 # what an edit refused because another process kept the library locked (its write, a
-# rebuild, may take minutes) is told to wait
+# rebuild, may take minutes), or a request whose search the index service (a Milvus
+# server) failed, is told to wait
 LIBRARY_BUSY_RETRY_AFTER_S = 10
 # what a request cut off by the server's stop is told to wait (a restart loads the models)
 STOPPING_RETRY_AFTER_S = 10

@@ -38,6 +38,11 @@ class IndexSyncError(GalleryError):
         )
 
 
+class IndexUnavailableError(GalleryError):
+    """The index service (a Milvus server) failed a search or a count: gone, restarting,
+    out of reach. Nothing was changed, and the same call may succeed once it is back."""
+
+
 class UnsupportedIndexError(GalleryError):
     """An index type that the library's backend cannot build (Milvus Lite: IVFPQ): a
     choice to make again, refused before anything is written."""

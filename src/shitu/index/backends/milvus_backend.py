@@ -24,6 +24,7 @@ from shitu.index.backends import (
     Backend,
     Change,
     IndexSyncError,
+    IndexUnavailableError,
     UnsupportedIndexError,
     scores_from_distances,
 )
@@ -369,7 +370,7 @@ class MilvusBackend(Backend):
         try:
             yield
         except _service_failures() as exc:
-            raise GalleryError(f"{self.root}: {self._failure(doing, exc)}") from exc
+            raise IndexUnavailableError(f"{self.root}: {self._failure(doing, exc)}") from exc
 
     def search(self, queries: np.ndarray, k: int, newest_id: int) -> tuple[np.ndarray, np.ndarray]:
         """Hits of equal score cut at k are the first added (lowest ids), as Faiss keeps them:
