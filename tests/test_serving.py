@@ -1447,6 +1447,37 @@ def test_an_edit_that_waits_out_another_writer_is_a_503_to_retry(
         assert asyncio.run(delete(app, image_id)).status_code == 200
 
 
+def test_edits_queued_behind_one_that_waited_out_another_writer_are_refused_at_once(
+    serving_library, tmp_path, monkeypatch
+):
+    """Three edits sent together while another process holds the library's write lock:
+    each waited the whole wait in turn (the third three minutes); those queued while the
+    first waited get its 503 at once, and once the other write is done edits go through."""
+    from shitu.serving.app import create_app
+
+    monkeypatch.setattr(metadata, "LOCK_WAIT_S", 2.0)  # time for the others to queue
+    config = local_config(serving_library, tmp_path / "gallery")
+
+    async def delete_all(app, image_ids: list[int]) -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://shitu") as client:
+            return await asyncio.gather(
+                *(client.delete(f"/v1/gallery/images/{image_id}") for image_id in image_ids)
+            )
+
+    with RecognitionService(config, ServeSettings(upload_dir=tmp_path / "uploads")) as service:
+        app, image_ids = create_app(service), list(service.library.snapshot.by_id)[:3]
+        with other_process_holding(tmp_path / "gallery", "BEGIN IMMEDIATE"):
+            refused = asyncio.run(delete_all(app, image_ids))
+        assert [answer.status_code for answer in refused] == [503] * 3
+        details = (answer.json()["detail"] for answer in refused)
+        waited, *queued = sorted(details, key=lambda detail: "edit before this one" in detail)
+        assert "another process has been writing to it for over 2 s" in waited
+        for detail in queued:
+            assert "the edit before this one waited for it in vain" in detail
+        assert [a.status_code for a in asyncio.run(delete_all(app, image_ids))] == [200] * 3
+
+
 def test_a_server_told_to_stop_answers_its_edits_waiting_for_another_process(
     serving_library, tmp_path
 ):

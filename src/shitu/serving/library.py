@@ -21,6 +21,7 @@ it is.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -34,7 +35,7 @@ from shitu.index import Gallery, SearchResult
 from shitu.index.backends import Change
 from shitu.index.labels import normal_form
 from shitu.index.manifest import Manifest
-from shitu.index.metadata import ImageEntry
+from shitu.index.metadata import ImageEntry, LibraryBusyError, LockWaitStopped
 
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
@@ -111,6 +112,8 @@ class SharedLibrary:
         # cause may pass, say a file still being copied), its failure logged once.
         self._failed: tuple[int | None, float] | None = None
         self._replaced_logged = False  # the library's file replaced at its path: said once
+        # When an edit last gave up waiting for another process's write (library thread only)
+        self._waited_out_at = -math.inf
 
     def run(self, fn: Callable[[], T]) -> T:
         """Call `fn` on the library's thread (inline if already there) and return its result."""
@@ -130,11 +133,32 @@ class SharedLibrary:
         return self._run_edit(job)
 
     def _run_edit(self, job: Callable[[], T]) -> T:
-        """`run(job)`, counted among the edits under way (searches do not wait behind them)."""
+        """`run(job)`, counted among the edits under way (searches do not wait behind them).
+        An edit queued while an earlier one waited for another process's lock, a wait that
+        ended in vain, is refused at once: each would wait the same again, and the last of
+        N edits sent together waited N times as long (N minutes)."""
+        queued = time.monotonic()
+
+        def unless_waited_out() -> T:
+            if self._waited_out_at >= queued:
+                raise LibraryBusyError(
+                    f"{self.gallery.root}: another process keeps the library locked (a long "
+                    "write, such as `shitu index rebuild`): the edit before this one waited "
+                    "for it in vain while this one waited its turn; nothing was changed, "
+                    "retry when it has finished"
+                )
+            try:
+                return job()
+            except LockWaitStopped:  # the server stops: later edits are stopped as well
+                raise
+            except LibraryBusyError:
+                self._waited_out_at = time.monotonic()
+                raise
+
         with self._edits_lock:
             self._edits += 1
         try:
-            return self.run(job)
+            return self.run(unless_waited_out)
         finally:
             with self._edits_lock:
                 self._edits -= 1
