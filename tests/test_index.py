@@ -1195,6 +1195,9 @@ def test_unknown_index_options_and_wrong_values_are_refused(tmp_path):
             new_gallery(path, backend=backend, backend_options=options)
         assert str(caught.value) == expected
         assert not path.exists()
+    with pytest.raises(GalleryError, match="replace_collection: only for the milvus backend"):
+        new_gallery(path, replace_collection=True)  # a Faiss library has no collection
+    assert not path.exists()
     with new_gallery(path, index_type="HNSW32", backend_options={"ef_search": 32}) as gallery:
         gallery.add(clustered(20, DIM), labels_for(20))
         with pytest.raises(GalleryError) as caught:
