@@ -39,9 +39,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="train a PicoDet detector (COCO JSON or VOC XML annotations)",
         description=(
             "Train PicoDet from scratch with SGD + cosine schedule, EMA and multi-scale "
-            "batches; writes OUTPUT/latest.pt each epoch and when Ctrl-C or SIGTERM stops "
-            "it after a step (resumable), then OUTPUT/model.pt "
-            "(EMA weights) and OUTPUT/model.onnx (the onnxruntime path, at --input-size), "
+            "batches; writes OUT/latest.pt each epoch (and every --checkpoint-every-steps) "
+            "and when Ctrl-C or SIGTERM stops it after a step (resumable), then OUT/model.pt "
+            "(EMA weights) and OUT/model.onnx (the onnxruntime path, at --input-size), "
             "either one a `shitu detect --model` or `shitu recognize --detector`, and prints "
             "COCO mAP on --val-coco or --val-voc data."
         ),
@@ -63,7 +63,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--epochs", type=positive_int, default=300, help="training epochs")
     parser.add_argument("--batch-size", type=positive_int, default=80, help="images per step")
     parser.add_argument("--lr", type=positive_float, default=0.1, help="peak learning rate")
-    parser.add_argument("--input-size", type=input_side, default=416, help="evaluation size")
+    parser.add_argument(
+        "--input-size",
+        type=input_side,
+        default=416,
+        help="input size of the evaluation and of the exports (model.onnx's fixed size, "
+        "model.pt's default)",
+    )
     parser.add_argument(
         "--train-sizes",
         type=input_side,
