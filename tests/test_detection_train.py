@@ -540,6 +540,14 @@ def test_detect_train_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     other[other.index("--epochs") + 1] = "3"
     assert main(other) == 2
     assert "learning_rate: 0.01 there, 0.02 here" in capsys.readouterr().err
+    # Fewer epochs than the run has done: it would train nothing and export the model as is.
+    fewer = [*args[:-2], "--out", str(out), "--resume", str(out)]
+    fewer[fewer.index("--epochs") + 1] = "1"
+    assert main(fewer) == 2
+    assert (
+        f"error: {out}: its run has done 2 epochs, more than the 1 this one is "
+        "set to; give at least 2"
+    ) in capsys.readouterr().err
     with pytest.raises(SystemExit):  # PicoDet's neck needs sides that halve down to 1/32
         main([*common, "--train-sizes", "100"])
     assert "expected a positive multiple of 32, got 100" in capsys.readouterr().err
