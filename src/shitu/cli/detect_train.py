@@ -38,8 +38,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "detect-train",
         help="train a PicoDet detector (COCO JSON or VOC XML annotations)",
         description=(
-            "Train PicoDet from scratch with SGD + cosine schedule, EMA and multi-scale "
-            "batches; writes OUT/latest.pt each epoch (and every --checkpoint-every-steps) "
+            "Train PicoDet from scratch, on the CPU (a GPU is not used), with SGD + cosine "
+            "schedule, EMA and multi-scale batches; writes OUT/latest.pt each epoch (and every --checkpoint-every-steps) "
             "and when Ctrl-C or SIGTERM stops it after a step (resumable), then OUT/model.pt "
             "(EMA weights) and OUT/model.onnx (the onnxruntime path, at --input-size), "
             "either one a `shitu detect --model` or `shitu recognize --detector`, and prints "
