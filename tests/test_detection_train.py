@@ -9,6 +9,7 @@ import math
 import os
 import random
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -683,6 +684,25 @@ def test_a_detect_train_that_fails_to_start_leaves_no_out_folder(
     assert main([*resume, str(other), *common]) == 2
     assert "a recognition training checkpoint, not a detector one" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_detect_train_hints_hold_a_path_with_spaces_as_one_word(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`resume it with --resume .../My Drive/latest.pt` pasted into a shell was two words:
+    the hint quotes the path where it needs it, and the pasted hint resumes."""
+    torch.set_num_threads(2)
+    coco = _write_coco(tmp_path, _write_images(tmp_path, 4, size=64))
+    run = tmp_path / "My Drive" / "detector"
+    command = ["detect-train", "--coco", str(coco), "--images", str(tmp_path), "--batch-size",
+               "2", "--input-size", "64", "--train-sizes", "64", "--epochs", "1",
+               "--out", str(run)]  # fmt: skip
+    assert main(command) == 0
+    capsys.readouterr()
+    assert main(command) == 2  # the same folder again: the advice quotes it
+    hint = capsys.readouterr().err.split("resume it with ")[1].split(", or give")[0]
+    assert hint == f"--resume '{run / 'latest.pt'}'"
+    assert main([*command, *shlex.split(hint)]) == 0
 
 
 def test_detect_train_on_a_terminal_draws_progress_bars(tmp_path: Path) -> None:

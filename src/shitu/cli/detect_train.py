@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -39,8 +40,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="train a PicoDet detector (COCO JSON or VOC XML annotations)",
         description=(
             "Train PicoDet from scratch, on the CPU (a GPU is not used), with SGD + cosine "
-            "schedule, EMA and multi-scale batches; writes OUT/latest.pt each epoch (and every --checkpoint-every-steps) "
-            "and when Ctrl-C or SIGTERM stops it after a step (resumable), then OUT/model.pt "
+            "schedule, EMA and multi-scale batches; writes OUT/latest.pt each epoch (and "
+            "every --checkpoint-every-steps) and when Ctrl-C or SIGTERM stops it after a step "
+            "(resumable), then OUT/model.pt "
             "(EMA weights) and OUT/model.onnx (the onnxruntime path, at --input-size), "
             "either one a `shitu detect --model` or `shitu recognize --detector`, and prints "
             "COCO mAP on --val-coco or --val-voc data."
@@ -123,8 +125,8 @@ def run(args: argparse.Namespace) -> int:
     if earlier and (resumed is None or resumed.resolve() != output.resolve()):
         # a new run, or one resumed from elsewhere, would write over them
         raise ConfigError(
-            f"--out {output}: holds an earlier run ({', '.join(earlier)}); resume it with "
-            f"--resume {output / 'latest.pt'}, or give another --out (or remove that one)"
+            f"--out {output}: holds an earlier run ({', '.join(earlier)}); resume it with --resume "
+            f"{shlex.quote(str(output / 'latest.pt'))}, or give another --out (or remove that one)"
         )
     # Made now, not after the first epoch; one another run trains in is refused, and one
     # made for a run that fails to start (bad data, a checkpoint of another detector) goes.
@@ -210,10 +212,10 @@ def _train(args: argparse.Namespace, output: Path) -> int:
     # Stopped by a signal (one during the last step came too late to stop it): not done, as
     # a caller (`detect-train && ...`) must see.
     if trainer.stop_signal is not None and trainer.progress.epoch < config.epochs:
-        progress = trainer.progress
+        progress, latest = trainer.progress, shlex.quote(str(trainer.checkpoint_path))
         print(
             f"stopped early after step {progress.global_step} ({progress.epoch} of "
-            f"{config.epochs} epochs done); resume with --resume {trainer.checkpoint_path}",
+            f"{config.epochs} epochs done); resume with --resume {latest}",
             flush=True,
         )
         return 128 + trainer.stop_signal
