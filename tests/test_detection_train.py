@@ -299,6 +299,35 @@ def test_voc_dataset_parsing(tmp_path: Path, caplog: pytest.LogCaptureFixture) -
             VocDetection(tmp_path / "ann", tmp_path)
 
 
+def test_voc_data_from_a_paddledetection_list(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """PaddleDetection's VOC layout keeps every split's XML files in one Annotations folder
+    and lists each split in trainval.txt / test.txt (`image xml` lines, relative to the
+    dataset's folder): such a list is the split, where the folder was every split at once."""
+    torch.set_num_threads(2)
+    (tmp_path / "JPEGImages").mkdir()
+    annotations = _write_images(tmp_path / "JPEGImages", 6, size=64)
+    _write_voc(tmp_path / "Annotations", annotations)
+    lines = [f"JPEGImages/img{i}.png Annotations/img{i}.xml" for i in range(6)]
+    (tmp_path / "trainval.txt").write_text("\n".join(["# split", *lines[:4], ""]))
+    (tmp_path / "test.txt").write_text("\n".join(lines[4:]))
+    train = VocDetection(tmp_path / "trainval.txt", tmp_path)
+    assert train.images == [tmp_path / "JPEGImages" / f"img{i}.png" for i in range(4)]
+    assert [boxes.tolist() for boxes in train.boxes] == [
+        [box[:4] for box in image] for image in annotations[:4]
+    ]
+    command = ["detect-train", "--voc", str(tmp_path / "trainval.txt"), "--images",
+               str(tmp_path), "--val-voc", str(tmp_path / "test.txt"), "--val-images",
+               str(tmp_path), "--epochs", "1", "--batch-size", "2", "--input-size", "64",
+               "--train-sizes", "64", "--out", str(tmp_path / "run")]  # fmt: skip
+    assert main(command) == 0
+    assert set(json.loads(capsys.readouterr().out.splitlines()[-1])) == {"mAP", "AP50"}
+    (tmp_path / "test.txt").write_text("JPEGImages/img4.png\n")
+    with pytest.raises(DataError, match=r"test.txt:1: expected 'image xml' \(PaddleDetection"):
+        VocDetection(tmp_path / "test.txt", tmp_path)
+
+
 def test_missing_or_malformed_coco_file(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="missing.json"):
         CocoDetection(tmp_path / "missing.json", tmp_path)

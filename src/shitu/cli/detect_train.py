@@ -50,12 +50,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--coco", metavar="JSON", help="COCO instances file")
-    source.add_argument("--voc", metavar="DIR", help="directory of VOC XML files")
+    source.add_argument(
+        "--voc",
+        metavar="DIR|LIST",
+        help="directory of VOC XML files, or a PaddleDetection VOC list (trainval.txt: "
+        "'image xml' lines, relative to --images)",
+    )
     parser.add_argument("--images", required=True, help="image directory")
     val_source = parser.add_mutually_exclusive_group()
     val_source.add_argument("--val-coco", metavar="JSON", help="COCO file to evaluate on")
     val_source.add_argument(
-        "--val-voc", metavar="DIR", help="directory of VOC XML files to evaluate on"
+        "--val-voc", metavar="DIR|LIST", help="VOC XML files to evaluate on, as --voc"
     )
     parser.add_argument("--val-images", help="image directory of --val-coco or --val-voc")
     parser.add_argument("--arch", default="picodet_s_esnet", help="detector architecture")
