@@ -33,6 +33,7 @@ from shitu.detection.data import (
 )
 from shitu.detection.losses import distribution_focal_loss, giou, giou_loss, varifocal_loss
 from shitu.detection.train import DetectionTrainConfig, DetectionTrainer, evaluate_detector
+from shitu.engine.metrics_log import read_log
 from shitu.engine.state import Progress, load_training_state, save_training_state
 from shitu.errors import ConfigError, DataError
 from tests.terminal_helpers import run_in_terminal
@@ -540,6 +541,11 @@ def test_detect_train_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
             onnx.detect(image, 0.0, 5), detector.detect(image, 0.0, 5), rtol=1e-3, atol=1e-3
         )
     assert (out / "latest.pt").is_file()
+    # The losses (each epoch's first step) and the mAP, kept beside the model.
+    records = read_log(out / "metrics.jsonl")
+    assert [(r["kind"], r["step"]) for r in records] == [("train", 1), ("train", 3), ("eval", 4)]
+    assert records[0]["loss"] == pytest.approx(lines[0]["loss"], abs=1e-5)  # JSON's rounded
+    assert records[-1]["mAP"] == lines[-1]["mAP"]
     assert main(["detect", str(coco.parent / "img0.png"), "--model", str(out / "latest.pt")]) == 2
     assert (
         f"error: {out / 'latest.pt'} is a detector training checkpoint (for `shitu detect-train "
@@ -639,6 +645,7 @@ def test_a_resumed_detect_train_goes_on_in_the_folder_of_the_run_it_continues(
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["model"] == str(run / "model.pt")
     assert not (tmp_path / "output").exists()
     assert not killed_save.exists()
+    assert [record["step"] for record in read_log(run / "metrics.jsonl")] == [1, 3]
 
 
 def test_detect_train_evaluates_on_voc_data(

@@ -26,7 +26,9 @@ if TYPE_CHECKING:
     from shitu.detection.data import DetectionDataset
 
 DEFAULT_OUT = "output/detector"
-# What a run writes in its --out folder, each file whole or not at all.
+# What a run writes in its --out folder, each file whole or not at all; besides, its
+# metrics.jsonl, which a new run starts afresh (alone, it is the log of a run that failed
+# before its first checkpoint, with nothing to resume).
 RUN_FILES = ("latest.pt", "model.pt", "model.onnx")
 # Where no bar is drawn (stderr a file or a pipe), a line on stderr every so many steps, as
 # often as `shitu train`'s default Global.print_batch_step: an epoch of a COCO-sized set takes
@@ -126,8 +128,9 @@ def run(args: argparse.Namespace) -> int:
     # which it goes on writing to unless told otherwise.
     resumed = resolve_checkpoint(args.resume, "--resume").parent if args.resume else None
     output = Path(args.out) if args.out else resumed or Path(DEFAULT_OUT)
+    continues = resumed is not None and resumed.resolve() == output.resolve()
     earlier = [name for name in RUN_FILES if (output / name).exists()]
-    if earlier and (resumed is None or resumed.resolve() != output.resolve()):
+    if earlier and not continues:
         # a new run, or one resumed from elsewhere, would write over them
         raise ConfigError(
             f"--out {output}: holds an earlier run ({', '.join(earlier)}); resume it with --resume "
@@ -139,14 +142,16 @@ def run(args: argparse.Namespace) -> int:
         # A save killed outright (SIGKILL once a SIGTERM's grace period ran out) left its
         # temporary file, a whole checkpoint's size, beside the file it kept.
         remove_unfinished_writes(output, RUN_FILES)
-        return _train(args, output)
+        return _train(args, output, continues)
 
 
-def _train(args: argparse.Namespace, output: Path) -> int:
+def _train(args: argparse.Namespace, output: Path, continues: bool) -> int:
+    """The run, into `output`; `continues`: the run resumed is the one of that folder."""
     from tqdm import tqdm
 
     from shitu.detection.export import export_onnx
     from shitu.detection.train import DetectionTrainConfig, DetectionTrainer, evaluate_detector
+    from shitu.engine.metrics_log import MetricsLog
 
     dataset = _dataset(args.coco, args.voc, args.images, args.class_agnostic, train=True)
     val = None
@@ -178,6 +183,10 @@ def _train(args: argparse.Namespace, output: Path) -> int:
     trainer = DetectionTrainer(dataset, config)
     if args.resume:
         trainer.resume(args.resume)
+    # The losses and the mAP kept beside the model, as stdout may be gone; a run that goes on
+    # in its folder drops the records it wrote there after its checkpoint.
+    resume_step = trainer.progress.global_step if continues else None
+    metrics_log = MetricsLog(output, resume_step=resume_step)
     steps_per_epoch = len(trainer.sampler)
     bar = tqdm(
         total=config.epochs * steps_per_epoch,
@@ -201,6 +210,9 @@ def _train(args: argparse.Namespace, output: Path) -> int:
         bar.set_postfix(epoch=f"{epoch}/{config.epochs}", loss=f"{record['loss']:.4f}")
         window_steps += 1
         step = int(record["step"]) + 1
+        if step % STEP_LINE_EVERY == 0 or record["step"] % steps_per_epoch == 0:
+            losses = {key: value for key, value in record.items() if key != "step"}
+            metrics_log.write("train", step, epoch=epoch, **losses)
         if prints_lines and step % STEP_LINE_EVERY == 0:
             elapsed = max(time.monotonic() - window_start, 1e-9)
             print(
@@ -231,5 +243,6 @@ def _train(args: argparse.Namespace, output: Path) -> int:
     if val is not None:
         model, size = trainer.ema.model, args.input_size
         metrics = evaluate_detector(model, val, size, progress=progress_wanted(args))
+        metrics_log.write("eval", trainer.progress.global_step, **metrics)
         print(json.dumps(metrics))
     return 0
