@@ -722,6 +722,36 @@ def test_a_detect_train_that_fails_to_start_leaves_no_out_folder(
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_val_image_that_cannot_be_read_after_the_run_says_how_to_evaluate_again(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Validation images are read after the whole run: one that cannot be read said nothing
+    of the model saved, nor of the way to its mAP, a resume of the finished run, which
+    exports and evaluates without training again."""
+    torch.set_num_threads(2)
+    annotations = _write_images(tmp_path, 6, size=64)
+    data = json.loads(_write_coco(tmp_path, annotations).read_text())
+    data["images"] = data["images"][4:]  # img4 and img5, ids 5 and 6
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] > 4]
+    val = tmp_path / "val.json"
+    val.write_text(json.dumps(data))
+    train = _write_coco(tmp_path, annotations[:4])
+    (tmp_path / "img5.png").write_bytes(b"not a png")
+    run = tmp_path / "run"
+    command = ["detect-train", "--coco", str(train), "--images", str(tmp_path), "--val-coco",
+               str(val), "--val-images", str(tmp_path), "--epochs", "1", "--batch-size", "2",
+               "--input-size", "64", "--train-sizes", "64", "--out", str(run)]  # fmt: skip
+    assert main(command) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / "img5.png") in err
+    hint = err.split("the same command with ")[1].split(" evaluates it")[0]
+    assert hint == f"--resume {run / 'latest.pt'}" and (run / "model.pt").is_file()
+    _write_images(tmp_path, 6, size=64)  # put right
+    assert main([*command, *shlex.split(hint)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and set(json.loads(lines[-1])) == {"mAP", "AP50"}  # no training
+
+
 def test_detect_train_hints_hold_a_path_with_spaces_as_one_word(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -242,7 +242,14 @@ def _train(args: argparse.Namespace, output: Path, continues: bool) -> int:
     print(json.dumps({"model": str(path), "onnx": str(onnx)}))
     if val is not None:
         model, size = trainer.ema.model, args.input_size
-        metrics = evaluate_detector(model, val, size, progress=progress_wanted(args))
+        try:
+            metrics = evaluate_detector(model, val, size, progress=progress_wanted(args))
+        except DataError as exc:  # an image that cannot be read, after the whole run
+            latest = shlex.quote(str(trainer.checkpoint_path))
+            raise DataError(
+                f"{exc}; the trained model is saved: once the image is put right, the same "
+                f"command with --resume {latest} evaluates it (without training again)"
+            ) from None
         metrics_log.write("eval", trainer.progress.global_step, **metrics)
         print(json.dumps(metrics))
     return 0
