@@ -528,7 +528,13 @@ def test_detect_train_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     args = [*common, "--class-agnostic", "--epochs", "2", "--batch-size", "2"]
     args += ["--lr", "0.01", "--input-size", "64", "--train-sizes", "64", "--out", str(out)]
     assert main([*args, "--val-coco", str(coco), "--val-images", str(tmp_path)]) == 0
-    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    captured = capsys.readouterr()
+    lines = [json.loads(line) for line in captured.out.splitlines()]
+    # What the run is about to do, before hours of it: data, classes, steps, where it writes.
+    summary = dict(re.split(r"  +", line, maxsplit=1) for line in captured.err.splitlines()[:12])
+    assert summary["train images"] == "4 (6 boxes)" and summary["classes"] == "1 (foreground)"
+    assert summary["steps per epoch"] == "2" and summary["validation images"] == "4"
+    assert summary["start"] == "from scratch" and summary["output"] == str(out)
     assert [line["step"] for line in lines[:2]] == [0, 2]  # first step of each epoch
     assert set(lines[-1]) == {"mAP", "AP50"}
     detector = load_detector(lines[-2]["model"])

@@ -8,7 +8,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from shitu.cli.common import (
     add_progress_argument,
@@ -17,6 +17,7 @@ from shitu.cli.common import (
     positive_float,
     positive_int,
     print_past_progress,
+    print_summary,
     progress_wanted,
 )
 from shitu.errors import ConfigError, DataError
@@ -24,6 +25,7 @@ from shitu.fileio import only_run_in, remove_unfinished_writes
 
 if TYPE_CHECKING:
     from shitu.detection.data import DetectionDataset
+    from shitu.detection.train import DetectionTrainer
 
 DEFAULT_OUT = "output/detector"
 # What a run writes in its --out folder, each file whole or not at all; besides, its
@@ -34,6 +36,8 @@ RUN_FILES = ("latest.pt", "model.pt", "model.onnx")
 # often as `shitu train`'s default Global.print_batch_step: an epoch of a COCO-sized set takes
 # an hour or more, and its JSON line comes at its start only.
 STEP_LINE_EVERY = 20
+# How many class names the summary before the run shows.
+_SHOWN_CLASSES = 5
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -119,6 +123,32 @@ def _dataset(
     return VocDetection(voc, images, class_agnostic=agnostic, transform=transform)
 
 
+def _summary(
+    trainer: DetectionTrainer, val: DetectionDataset | None, resumed: str | None
+) -> dict[str, Any]:
+    """What the run is about to do (`print_summary`): hours of training follow."""
+    dataset, config = trainer.dataset, trainer.config
+    names = ", ".join(dataset.class_names[:_SHOWN_CLASSES])
+    more = ", ..." if len(dataset.class_names) > _SHOWN_CLASSES else ""
+    return {
+        "architecture": config.arch,
+        "train images": f"{len(dataset)} ({sum(map(len, dataset.boxes))} boxes)",
+        "classes": f"{len(dataset.class_names)} ({names}{more})",
+        "validation images": "none" if val is None else str(len(val)),
+        "batch size": config.batch_size,
+        "steps per epoch": len(trainer.sampler),
+        "epochs": config.epochs,
+        "learning rate": config.learning_rate,
+        "input sizes": f"{' '.join(map(str, config.train_sizes))} (evaluation, exports: "
+        f"{config.eval_size})",
+        "seed": config.seed,
+        "start": f"resumed from {resumed} at step {trainer.progress.global_step}"
+        if resumed
+        else "from scratch",
+        "output": config.output_dir,
+    }
+
+
 def run(args: argparse.Namespace) -> int:
     from shitu.engine.state import resolve_checkpoint
 
@@ -183,6 +213,7 @@ def _train(args: argparse.Namespace, output: Path, continues: bool) -> int:
     trainer = DetectionTrainer(dataset, config)
     if args.resume:
         trainer.resume(args.resume)
+    print_summary(_summary(trainer, val, args.resume))
     # The losses and the mAP kept beside the model, as stdout may be gone; a run that goes on
     # in its folder drops the records it wrote there after its checkpoint.
     resume_step = trainer.progress.global_step if continues else None
