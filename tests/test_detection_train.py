@@ -324,6 +324,9 @@ def test_voc_data_from_a_paddledetection_list(
                "--train-sizes", "64", "--out", str(tmp_path / "run")]  # fmt: skip
     assert main(command) == 0
     assert set(json.loads(capsys.readouterr().out.splitlines()[-1])) == {"mAP", "AP50"}
+    missing = tmp_path / "tranval.txt"  # mistyped: not "no VOC annotation files in" it
+    with pytest.raises(DataError, match=f"^VOC annotations {missing}: no such folder or list"):
+        VocDetection(missing, tmp_path)
     (tmp_path / "test.txt").write_text("JPEGImages/img4.png\n")
     with pytest.raises(DataError, match=r"test.txt:1: expected 'image xml' \(PaddleDetection"):
         VocDetection(tmp_path / "test.txt", tmp_path)

@@ -27,7 +27,7 @@ from PIL import Image, ImageEnhance
 from shitu.data.transforms.ops import UnreadableImageError, decode_rgb_image
 from shitu.detection.detector import preprocess
 from shitu.errors import DataError
-from shitu.fileio import read_text
+from shitu.fileio import from_working_directory, read_text
 
 logger = logging.getLogger(__name__)
 
@@ -304,6 +304,11 @@ class VocDetection(DetectionDataset):
         class_agnostic: bool = False,
         transform: Callable[[Sample], Sample] | None = None,
     ) -> None:
+        if not Path(annotation_dir).exists():  # a mistyped list, not a folder without XML
+            raise DataError(
+                f"VOC annotations {annotation_dir}: no such folder or list file"
+                f"{from_working_directory(annotation_dir)}"
+            )
         if Path(annotation_dir).is_file():
             listed = _voc_list(Path(annotation_dir), Path(image_dir))
         else:
