@@ -9,6 +9,7 @@ import math
 import os
 import random
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -32,6 +33,7 @@ from shitu.detection.data import (
 )
 from shitu.detection.losses import distribution_focal_loss, giou, giou_loss, varifocal_loss
 from shitu.detection.train import DetectionTrainConfig, DetectionTrainer, evaluate_detector
+from shitu.engine.metrics_log import read_log
 from shitu.engine.state import Progress, load_training_state, save_training_state
 from shitu.errors import ConfigError, DataError
 from tests.terminal_helpers import run_in_terminal
@@ -298,6 +300,38 @@ def test_voc_dataset_parsing(tmp_path: Path, caplog: pytest.LogCaptureFixture) -
             VocDetection(tmp_path / "ann", tmp_path)
 
 
+def test_voc_data_from_a_paddledetection_list(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """PaddleDetection's VOC layout keeps every split's XML files in one Annotations folder
+    and lists each split in trainval.txt / test.txt (`image xml` lines, relative to the
+    dataset's folder): such a list is the split, where the folder was every split at once."""
+    torch.set_num_threads(2)
+    (tmp_path / "JPEGImages").mkdir()
+    annotations = _write_images(tmp_path / "JPEGImages", 6, size=64)
+    _write_voc(tmp_path / "Annotations", annotations)
+    lines = [f"JPEGImages/img{i}.png Annotations/img{i}.xml" for i in range(6)]
+    (tmp_path / "trainval.txt").write_text("\n".join(["# split", *lines[:4], ""]))
+    (tmp_path / "test.txt").write_text("\n".join(lines[4:]))
+    train = VocDetection(tmp_path / "trainval.txt", tmp_path)
+    assert train.images == [tmp_path / "JPEGImages" / f"img{i}.png" for i in range(4)]
+    assert [boxes.tolist() for boxes in train.boxes] == [
+        [box[:4] for box in image] for image in annotations[:4]
+    ]
+    command = ["detect-train", "--voc", str(tmp_path / "trainval.txt"), "--images",
+               str(tmp_path), "--val-voc", str(tmp_path / "test.txt"), "--val-images",
+               str(tmp_path), "--epochs", "1", "--batch-size", "2", "--input-size", "64",
+               "--train-sizes", "64", "--out", str(tmp_path / "run")]  # fmt: skip
+    assert main(command) == 0
+    assert set(json.loads(capsys.readouterr().out.splitlines()[-1])) == {"mAP", "AP50"}
+    missing = tmp_path / "tranval.txt"  # mistyped: not "no VOC annotation files in" it
+    with pytest.raises(DataError, match=f"^VOC annotations {missing}: no such folder or list"):
+        VocDetection(missing, tmp_path)
+    (tmp_path / "test.txt").write_text("JPEGImages/img4.png\n")
+    with pytest.raises(DataError, match=r"test.txt:1: expected 'image xml' \(PaddleDetection"):
+        VocDetection(tmp_path / "test.txt", tmp_path)
+
+
 def test_missing_or_malformed_coco_file(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="missing.json"):
         CocoDetection(tmp_path / "missing.json", tmp_path)
@@ -497,7 +531,13 @@ def test_detect_train_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     args = [*common, "--class-agnostic", "--epochs", "2", "--batch-size", "2"]
     args += ["--lr", "0.01", "--input-size", "64", "--train-sizes", "64", "--out", str(out)]
     assert main([*args, "--val-coco", str(coco), "--val-images", str(tmp_path)]) == 0
-    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    captured = capsys.readouterr()
+    lines = [json.loads(line) for line in captured.out.splitlines()]
+    # What the run is about to do, before hours of it: data, classes, steps, where it writes.
+    summary = dict(re.split(r"  +", line, maxsplit=1) for line in captured.err.splitlines()[:12])
+    assert summary["train images"] == "4 (6 boxes)" and summary["classes"] == "1 (foreground)"
+    assert summary["steps per epoch"] == "2" and summary["validation images"] == "4"
+    assert summary["start"] == "from scratch" and summary["output"] == str(out)
     assert [line["step"] for line in lines[:2]] == [0, 2]  # first step of each epoch
     assert set(lines[-1]) == {"mAP", "AP50"}
     detector = load_detector(lines[-2]["model"])
@@ -510,6 +550,11 @@ def test_detect_train_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
             onnx.detect(image, 0.0, 5), detector.detect(image, 0.0, 5), rtol=1e-3, atol=1e-3
         )
     assert (out / "latest.pt").is_file()
+    # The losses (each epoch's first step) and the mAP, kept beside the model.
+    records = read_log(out / "metrics.jsonl")
+    assert [(r["kind"], r["step"]) for r in records] == [("train", 1), ("train", 3), ("eval", 4)]
+    assert records[0]["loss"] == pytest.approx(lines[0]["loss"], abs=1e-5)  # JSON's rounded
+    assert records[-1]["mAP"] == lines[-1]["mAP"]
     assert main(["detect", str(coco.parent / "img0.png"), "--model", str(out / "latest.pt")]) == 2
     assert (
         f"error: {out / 'latest.pt'} is a detector training checkpoint (for `shitu detect-train "
@@ -540,6 +585,14 @@ def test_detect_train_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     other[other.index("--epochs") + 1] = "3"
     assert main(other) == 2
     assert "learning_rate: 0.01 there, 0.02 here" in capsys.readouterr().err
+    # Fewer epochs than the run has done: it would train nothing and export the model as is.
+    fewer = [*args[:-2], "--out", str(out), "--resume", str(out)]
+    fewer[fewer.index("--epochs") + 1] = "1"
+    assert main(fewer) == 2
+    assert (
+        f"error: {out}: its run has done 2 epochs, more than the 1 this one is "
+        "set to; give at least 2"
+    ) in capsys.readouterr().err
     with pytest.raises(SystemExit):  # PicoDet's neck needs sides that halve down to 1/32
         main([*common, "--train-sizes", "100"])
     assert "expected a positive multiple of 32, got 100" in capsys.readouterr().err
@@ -601,6 +654,7 @@ def test_a_resumed_detect_train_goes_on_in_the_folder_of_the_run_it_continues(
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["model"] == str(run / "model.pt")
     assert not (tmp_path / "output").exists()
     assert not killed_save.exists()
+    assert [record["step"] for record in read_log(run / "metrics.jsonl")] == [1, 3]
 
 
 def test_detect_train_evaluates_on_voc_data(
@@ -677,6 +731,55 @@ def test_a_detect_train_that_fails_to_start_leaves_no_out_folder(
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_val_image_that_cannot_be_read_after_the_run_says_how_to_evaluate_again(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Validation images are read after the whole run: one that cannot be read said nothing
+    of the model saved, nor of the way to its mAP, a resume of the finished run, which
+    exports and evaluates without training again."""
+    torch.set_num_threads(2)
+    annotations = _write_images(tmp_path, 6, size=64)
+    data = json.loads(_write_coco(tmp_path, annotations).read_text())
+    data["images"] = data["images"][4:]  # img4 and img5, ids 5 and 6
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] > 4]
+    val = tmp_path / "val.json"
+    val.write_text(json.dumps(data))
+    train = _write_coco(tmp_path, annotations[:4])
+    (tmp_path / "img5.png").write_bytes(b"not a png")
+    run = tmp_path / "run"
+    command = ["detect-train", "--coco", str(train), "--images", str(tmp_path), "--val-coco",
+               str(val), "--val-images", str(tmp_path), "--epochs", "1", "--batch-size", "2",
+               "--input-size", "64", "--train-sizes", "64", "--out", str(run)]  # fmt: skip
+    assert main(command) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / "img5.png") in err
+    hint = err.split("the same command with ")[1].split(" evaluates it")[0]
+    assert hint == f"--resume {run / 'latest.pt'}" and (run / "model.pt").is_file()
+    _write_images(tmp_path, 6, size=64)  # put right
+    assert main([*command, *shlex.split(hint)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and set(json.loads(lines[-1])) == {"mAP", "AP50"}  # no training
+
+
+def test_detect_train_hints_hold_a_path_with_spaces_as_one_word(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`resume it with --resume .../My Drive/latest.pt` pasted into a shell was two words:
+    the hint quotes the path where it needs it, and the pasted hint resumes."""
+    torch.set_num_threads(2)
+    coco = _write_coco(tmp_path, _write_images(tmp_path, 4, size=64))
+    run = tmp_path / "My Drive" / "detector"
+    command = ["detect-train", "--coco", str(coco), "--images", str(tmp_path), "--batch-size",
+               "2", "--input-size", "64", "--train-sizes", "64", "--epochs", "1",
+               "--out", str(run)]  # fmt: skip
+    assert main(command) == 0
+    capsys.readouterr()
+    assert main(command) == 2  # the same folder again: the advice quotes it
+    hint = capsys.readouterr().err.split("resume it with ")[1].split(", or give")[0]
+    assert hint == f"--resume '{run / 'latest.pt'}'"
+    assert main([*command, *shlex.split(hint)]) == 0
+
+
 def test_detect_train_on_a_terminal_draws_progress_bars(tmp_path: Path) -> None:
     """Training takes hours and its evaluation minutes: on a terminal a bar shows the steps
     (with the epoch and loss) and one the images evaluated; the JSON lines each keep a line
@@ -710,12 +813,13 @@ def test_detect_train_into_a_log_prints_a_line_every_20_steps(
     command = ["detect-train", "--coco", str(coco), "--images", str(tmp_path), "--epochs", "10",
                "--batch-size", "2", "--input-size", "64", "--train-sizes", "64"]  # fmt: skip
     assert main([*command, "--out", str(tmp_path / "logged")]) == 0
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("epoch")]
-    assert len(lines) == 1, lines
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if re.match(r"epoch \d+/", line)]
+    assert len(lines) == 1, err
     expected = r"epoch 10/10 step 20/20: loss \d+\.\d{4}, lr \S+, \d+\.\d images/s"
     assert re.fullmatch(expected, lines[0]), lines
     assert main([*command, "--out", str(tmp_path / "quiet"), "--no-progress"]) == 0
-    assert "epoch" not in capsys.readouterr().err
+    assert not re.search(r"^epoch \d+/", capsys.readouterr().err, re.MULTILINE)
 
 
 def test_detection_data_is_clipped_counted_and_matched_by_class_name(
@@ -858,10 +962,12 @@ def test_sigterm_to_the_process_group_stops_training_with_a_checkpoint_and_its_w
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
     assert process.returncode == 128 + signal.SIGTERM
-    assert err == (
-        "warning: SIGTERM: stopping after this step, with a checkpoint (send it again to stop "
+    # Besides the summary and the step lines of a log, only the stop is said.
+    assert (
+        "\nwarning: SIGTERM: stopping after this step, with a checkpoint (send it again to stop "
         "at once, without one)\n"
-    )
+    ) in err
+    assert err.count("warning") == 1 and "Traceback" not in err and "error" not in err
     assert re.fullmatch(
         rf"stopped early after step \d+ \(0 of 1000 epochs done\); resume with --resume "
         rf"{re.escape(str(out / 'latest.pt'))}\n",

@@ -326,6 +326,14 @@ def display_width(text: str) -> int:
     )
 
 
+def print_summary(summary: dict[str, Any]) -> None:
+    """What a long run is about to do, a `key  value` line each on stderr, before it starts:
+    a wrong dataset or setting is seen at once, not hours later."""
+    width = max(len(key) for key in summary)
+    for key, value in summary.items():
+        print(f"{key:<{width}}  {value}", file=sys.stderr)
+
+
 def count_of(count: int, noun: str) -> str:
     """'1 image', '2 images': counts in messages read as English."""
     return f"{count} {noun}{'' if count == 1 else 's'}"

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from shitu.cli.common import (
     add_progress_argument,
@@ -16,6 +17,7 @@ from shitu.cli.common import (
     positive_float,
     positive_int,
     print_past_progress,
+    print_summary,
     progress_wanted,
 )
 from shitu.errors import ConfigError, DataError
@@ -23,14 +25,19 @@ from shitu.fileio import only_run_in, remove_unfinished_writes
 
 if TYPE_CHECKING:
     from shitu.detection.data import DetectionDataset
+    from shitu.detection.train import DetectionTrainer
 
 DEFAULT_OUT = "output/detector"
-# What a run writes in its --out folder, each file whole or not at all.
+# What a run writes in its --out folder, each file whole or not at all; besides, its
+# metrics.jsonl, which a new run starts afresh (alone, it is the log of a run that failed
+# before its first checkpoint, with nothing to resume).
 RUN_FILES = ("latest.pt", "model.pt", "model.onnx")
 # Where no bar is drawn (stderr a file or a pipe), a line on stderr every so many steps, as
 # often as `shitu train`'s default Global.print_batch_step: an epoch of a COCO-sized set takes
 # an hour or more, and its JSON line comes at its start only.
 STEP_LINE_EVERY = 20
+# How many class names the summary before the run shows.
+_SHOWN_CLASSES = 5
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -38,22 +45,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "detect-train",
         help="train a PicoDet detector (COCO JSON or VOC XML annotations)",
         description=(
-            "Train PicoDet from scratch with SGD + cosine schedule, EMA and multi-scale "
-            "batches; writes OUTPUT/latest.pt each epoch and when Ctrl-C or SIGTERM stops "
-            "it after a step (resumable), then OUTPUT/model.pt "
-            "(EMA weights) and OUTPUT/model.onnx (the onnxruntime path, at --input-size), "
+            "Train PicoDet from scratch, on the CPU (a GPU is not used), with SGD + cosine "
+            "schedule, EMA and multi-scale batches; writes OUT/latest.pt each epoch (and "
+            "every --checkpoint-every-steps) and when Ctrl-C or SIGTERM stops it after a step "
+            "(resumable), then OUT/model.pt "
+            "(EMA weights) and OUT/model.onnx (the onnxruntime path, at --input-size), "
             "either one a `shitu detect --model` or `shitu recognize --detector`, and prints "
             "COCO mAP on --val-coco or --val-voc data."
         ),
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--coco", metavar="JSON", help="COCO instances file")
-    source.add_argument("--voc", metavar="DIR", help="directory of VOC XML files")
+    source.add_argument(
+        "--voc",
+        metavar="DIR|LIST",
+        help="directory of VOC XML files, or a PaddleDetection VOC list (trainval.txt: "
+        "'image xml' lines, relative to --images)",
+    )
     parser.add_argument("--images", required=True, help="image directory")
     val_source = parser.add_mutually_exclusive_group()
     val_source.add_argument("--val-coco", metavar="JSON", help="COCO file to evaluate on")
     val_source.add_argument(
-        "--val-voc", metavar="DIR", help="directory of VOC XML files to evaluate on"
+        "--val-voc", metavar="DIR|LIST", help="VOC XML files to evaluate on, as --voc"
     )
     parser.add_argument("--val-images", help="image directory of --val-coco or --val-voc")
     parser.add_argument("--arch", default="picodet_s_esnet", help="detector architecture")
@@ -63,7 +76,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--epochs", type=positive_int, default=300, help="training epochs")
     parser.add_argument("--batch-size", type=positive_int, default=80, help="images per step")
     parser.add_argument("--lr", type=positive_float, default=0.1, help="peak learning rate")
-    parser.add_argument("--input-size", type=input_side, default=416, help="evaluation size")
+    parser.add_argument(
+        "--input-size",
+        type=input_side,
+        default=416,
+        help="input size of the evaluation and of the exports (model.onnx's fixed size, "
+        "model.pt's default)",
+    )
     parser.add_argument(
         "--train-sizes",
         type=input_side,
@@ -104,6 +123,32 @@ def _dataset(
     return VocDetection(voc, images, class_agnostic=agnostic, transform=transform)
 
 
+def _summary(
+    trainer: DetectionTrainer, val: DetectionDataset | None, resumed: str | None
+) -> dict[str, Any]:
+    """What the run is about to do (`print_summary`): hours of training follow."""
+    dataset, config = trainer.dataset, trainer.config
+    names = ", ".join(dataset.class_names[:_SHOWN_CLASSES])
+    more = ", ..." if len(dataset.class_names) > _SHOWN_CLASSES else ""
+    return {
+        "architecture": config.arch,
+        "train images": f"{len(dataset)} ({sum(map(len, dataset.boxes))} boxes)",
+        "classes": f"{len(dataset.class_names)} ({names}{more})",
+        "validation images": "none" if val is None else str(len(val)),
+        "batch size": config.batch_size,
+        "steps per epoch": len(trainer.sampler),
+        "epochs": config.epochs,
+        "learning rate": config.learning_rate,
+        "input sizes": f"{' '.join(map(str, config.train_sizes))} (evaluation, exports: "
+        f"{config.eval_size})",
+        "seed": config.seed,
+        "start": f"resumed from {resumed} at step {trainer.progress.global_step}"
+        if resumed
+        else "from scratch",
+        "output": config.output_dir,
+    }
+
+
 def run(args: argparse.Namespace) -> int:
     from shitu.engine.state import resolve_checkpoint
 
@@ -113,12 +158,13 @@ def run(args: argparse.Namespace) -> int:
     # which it goes on writing to unless told otherwise.
     resumed = resolve_checkpoint(args.resume, "--resume").parent if args.resume else None
     output = Path(args.out) if args.out else resumed or Path(DEFAULT_OUT)
+    continues = resumed is not None and resumed.resolve() == output.resolve()
     earlier = [name for name in RUN_FILES if (output / name).exists()]
-    if earlier and (resumed is None or resumed.resolve() != output.resolve()):
+    if earlier and not continues:
         # a new run, or one resumed from elsewhere, would write over them
         raise ConfigError(
-            f"--out {output}: holds an earlier run ({', '.join(earlier)}); resume it with "
-            f"--resume {output / 'latest.pt'}, or give another --out (or remove that one)"
+            f"--out {output}: holds an earlier run ({', '.join(earlier)}); resume it with --resume "
+            f"{shlex.quote(str(output / 'latest.pt'))}, or give another --out (or remove that one)"
         )
     # Made now, not after the first epoch; one another run trains in is refused, and one
     # made for a run that fails to start (bad data, a checkpoint of another detector) goes.
@@ -126,14 +172,16 @@ def run(args: argparse.Namespace) -> int:
         # A save killed outright (SIGKILL once a SIGTERM's grace period ran out) left its
         # temporary file, a whole checkpoint's size, beside the file it kept.
         remove_unfinished_writes(output, RUN_FILES)
-        return _train(args, output)
+        return _train(args, output, continues)
 
 
-def _train(args: argparse.Namespace, output: Path) -> int:
+def _train(args: argparse.Namespace, output: Path, continues: bool) -> int:
+    """The run, into `output`; `continues`: the run resumed is the one of that folder."""
     from tqdm import tqdm
 
     from shitu.detection.export import export_onnx
     from shitu.detection.train import DetectionTrainConfig, DetectionTrainer, evaluate_detector
+    from shitu.engine.metrics_log import MetricsLog
 
     dataset = _dataset(args.coco, args.voc, args.images, args.class_agnostic, train=True)
     val = None
@@ -165,6 +213,11 @@ def _train(args: argparse.Namespace, output: Path) -> int:
     trainer = DetectionTrainer(dataset, config)
     if args.resume:
         trainer.resume(args.resume)
+    print_summary(_summary(trainer, val, args.resume))
+    # The losses and the mAP kept beside the model, as stdout may be gone; a run that goes on
+    # in its folder drops the records it wrote there after its checkpoint.
+    resume_step = trainer.progress.global_step if continues else None
+    metrics_log = MetricsLog(output, resume_step=resume_step)
     steps_per_epoch = len(trainer.sampler)
     bar = tqdm(
         total=config.epochs * steps_per_epoch,
@@ -188,6 +241,9 @@ def _train(args: argparse.Namespace, output: Path) -> int:
         bar.set_postfix(epoch=f"{epoch}/{config.epochs}", loss=f"{record['loss']:.4f}")
         window_steps += 1
         step = int(record["step"]) + 1
+        if step % STEP_LINE_EVERY == 0 or record["step"] % steps_per_epoch == 0:
+            losses = {key: value for key, value in record.items() if key != "step"}
+            metrics_log.write("train", step, epoch=epoch, **losses)
         if prints_lines and step % STEP_LINE_EVERY == 0:
             elapsed = max(time.monotonic() - window_start, 1e-9)
             print(
@@ -204,10 +260,10 @@ def _train(args: argparse.Namespace, output: Path) -> int:
     # Stopped by a signal (one during the last step came too late to stop it): not done, as
     # a caller (`detect-train && ...`) must see.
     if trainer.stop_signal is not None and trainer.progress.epoch < config.epochs:
-        progress = trainer.progress
+        progress, latest = trainer.progress, shlex.quote(str(trainer.checkpoint_path))
         print(
             f"stopped early after step {progress.global_step} ({progress.epoch} of "
-            f"{config.epochs} epochs done); resume with --resume {trainer.checkpoint_path}",
+            f"{config.epochs} epochs done); resume with --resume {latest}",
             flush=True,
         )
         return 128 + trainer.stop_signal
@@ -217,6 +273,14 @@ def _train(args: argparse.Namespace, output: Path) -> int:
     print(json.dumps({"model": str(path), "onnx": str(onnx)}))
     if val is not None:
         model, size = trainer.ema.model, args.input_size
-        metrics = evaluate_detector(model, val, size, progress=progress_wanted(args))
+        try:
+            metrics = evaluate_detector(model, val, size, progress=progress_wanted(args))
+        except DataError as exc:  # an image that cannot be read, after the whole run
+            latest = shlex.quote(str(trainer.checkpoint_path))
+            raise DataError(
+                f"{exc}; the trained model is saved: once the image is put right, the same "
+                f"command with --resume {latest} evaluates it (without training again)"
+            ) from None
+        metrics_log.write("eval", trainer.progress.global_step, **metrics)
         print(json.dumps(metrics))
     return 0

@@ -18,6 +18,7 @@ from shitu.cli.common import (
     count_of,
     positive_int,
     positive_minutes,
+    print_summary,
 )
 from shitu.errors import CheckpointError, ConfigError, override_word
 from shitu.fileio import only_run_in, refuse_file_in_the_way
@@ -68,10 +69,7 @@ def _print_summary(trainer: Trainer) -> None:
     from shitu.engine.trainer import training_summary
 
     if trainer.context.is_main:
-        summary = training_summary(trainer)
-        width = max(len(k) for k in summary)
-        for key, value in summary.items():
-            print(f"{key:<{width}}  {value}", file=sys.stderr)
+        print_summary(training_summary(trainer))
 
 
 def _refuse_earlier_run(output_dir: Path, resumed: Path | None) -> None:

@@ -27,6 +27,7 @@ from PIL import Image, ImageEnhance
 from shitu.data.transforms.ops import UnreadableImageError, decode_rgb_image
 from shitu.detection.detector import preprocess
 from shitu.errors import DataError
+from shitu.fileio import from_working_directory, read_text
 
 logger = logging.getLogger(__name__)
 
@@ -286,7 +287,10 @@ def _refuse_repeated_ids(what: str, ids: list) -> None:
 
 
 class VocDetection(DetectionDataset):
-    """Pascal VOC: one XML per image in `annotation_dir`, images in `image_dir` by <filename>.
+    """Pascal VOC: one XML per image in `annotation_dir`, images in `image_dir` by <filename>;
+    or `annotation_dir` a list file of `image xml` lines, both paths relative to
+    `image_dir` (PaddleDetection's `trainval.txt` and `test.txt`: the splits of one
+    Annotations folder), each line's image taken as given.
 
     Class ids follow `class_names` (default: the sorted names found); `difficult` boxes
     are kept, as PaddleDetection does by default.
@@ -300,10 +304,19 @@ class VocDetection(DetectionDataset):
         class_agnostic: bool = False,
         transform: Callable[[Sample], Sample] | None = None,
     ) -> None:
-        xml_files = sorted(Path(annotation_dir).glob("*.xml"))
-        if not xml_files:
-            raise DataError(f"no VOC annotation files (*.xml) in {annotation_dir}")
-        parsed = [self._parse(path) for path in xml_files]
+        if not Path(annotation_dir).exists():  # a mistyped list, not a folder without XML
+            raise DataError(
+                f"VOC annotations {annotation_dir}: no such folder or list file"
+                f"{from_working_directory(annotation_dir)}"
+            )
+        if Path(annotation_dir).is_file():
+            listed = _voc_list(Path(annotation_dir), Path(image_dir))
+        else:
+            listed = [(None, xml) for xml in sorted(Path(annotation_dir).glob("*.xml"))]
+            if not listed:
+                raise DataError(f"no VOC annotation files (*.xml) in {annotation_dir}")
+        xml_files = [xml for _, xml in listed]
+        parsed = [self._parse(path, image is None) for image, path in listed]
         names = tuple(class_names or sorted({n for _, objs, _ in parsed for n, _ in objs}))
         index = {name: i for i, name in enumerate(names)}
         boxes, labels = [], []
@@ -318,7 +331,10 @@ class VocDetection(DetectionDataset):
         boxes, labels = _without_empty_boxes(annotation_dir, boxes, labels)
         boxes, labels = _clip_to_recorded_sizes(annotation_dir, boxes, labels, sizes)
         super().__init__(
-            [Path(image_dir) / filename for filename, _, _ in parsed],
+            [
+                image or Path(image_dir) / filename
+                for (image, _), (filename, _, _) in zip(listed, parsed, strict=True)
+            ],
             boxes,
             labels,
             names,
@@ -329,13 +345,14 @@ class VocDetection(DetectionDataset):
 
     @staticmethod
     def _parse(
-        path: Path,
+        path: Path, needs_filename: bool = True
     ) -> tuple[str, list[tuple[str, list[float]]], tuple[float, float] | None]:
-        """(file name, [(class name, box)], (width, height) if the XML records it)."""
+        """(file name, [(class name, box)], (width, height) if the XML records it);
+        `needs_filename`: the image is found by its <filename> (not given by a list)."""
         try:
             root = ET.fromstring(_read(path, "VOC annotation file"))
-            filename = root.findtext("filename")
-            if not filename:
+            filename = root.findtext("filename") or ""
+            if needs_filename and not filename:
                 raise ValueError("no <filename>")
             objects = []
             for number, obj in enumerate(root.iter("object"), 1):
@@ -351,6 +368,29 @@ class VocDetection(DetectionDataset):
         except (ET.ParseError, ValueError, TypeError) as exc:
             raise DataError(f"{path} is not a valid VOC annotation file ({exc})") from None
         return filename, objects, (width, height) if width > 0 and height > 0 else None
+
+
+def _voc_list(path: Path, root: Path) -> list[tuple[Path, Path]]:
+    """(image, XML) of each `image xml` line of a PaddleDetection VOC list, relative to
+    `root`; blank lines and `#` comments left out."""
+    try:
+        text = read_text(path)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read VOC list {path}: {exc}") from None
+    pairs = []
+    for number, line in enumerate(text.splitlines(), 1):
+        fields = line.split()
+        if not fields or fields[0].startswith("#"):
+            continue
+        if len(fields) != 2:
+            raise DataError(
+                f"{path}:{number}: expected 'image xml' (PaddleDetection's VOC list: two paths "
+                f"relative to the image folder), got {line.strip()!r}"
+            )
+        pairs.append((root / fields[0], root / fields[1]))
+    if not pairs:
+        raise DataError(f"{path}: lists no images")
+    return pairs
 
 
 def random_crop(sample: Sample, min_scale: float = 0.3, tries: int = 20) -> Sample:

@@ -418,6 +418,11 @@ class DetectionTrainer:
             details = "; ".join(f"{k}: {saved[k]} there, {current[k]} here" for k in changed)
             raise CheckpointError(f"{path} was trained with a different detector ({details})")
         self._check_same_run(path, state.get("config", {}))
+        if progress.epoch > self.config.epochs:  # it would train nothing, and export that
+            raise CheckpointError(
+                f"{path}: its run has done {progress.epoch} epochs, more than the "
+                f"{self.config.epochs} this one is set to; give at least {progress.epoch}"
+            )
         saved_listing = state.get("train_listing")
         if saved_listing is not None and saved_listing != self.dataset.listing_digest:
             logger.warning(
