@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from shitu import fileio
+from shitu.errors import ConfigError
 from shitu.fileio import replace_folder, write_atomically
 
 
@@ -105,3 +106,27 @@ def test_replace_folder_replaces_a_link_not_the_folder_it_points_to(tmp_path):
     assert not current.is_symlink() and (current / "file.txt").read_text() == "v2"
     assert (kept / "file.txt").read_text() == "v1"
     assert sorted(os.listdir(tmp_path)) == ["current", "v1"]
+
+
+@pytest.mark.parametrize(
+    ("written", "named"),
+    [
+        ("shitu detect-train (process 12)", "another shitu detect-train (process 12) is running"),
+        ("4321", "another shitu run (process 4321) is running"),  # an earlier shitu's: the pid
+        ("", "another shitu run (process unknown) is running"),
+    ],
+)
+def test_a_folder_another_run_holds_is_refused_naming_that_run(tmp_path, written, named):
+    import fcntl
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    lock_path = folder / fileio.RUN_LOCK
+    lock_path.write_text(written)
+    with open(lock_path, "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(ConfigError) as refused, fileio.only_run_in(folder, "--out", "x"):
+            pass
+    assert str(refused.value) == (
+        f"--out {folder}: {named} in it; wait for it to end or stop it, or give another --out"
+    )

@@ -115,7 +115,9 @@ def only_run_in(folder: Path, setting: str, command: str) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             lock.seek(0)
-            holder = lock.read().strip() or "shitu run (process unknown)"
+            holder = lock.read().strip()
+            if not holder or holder.isdigit():  # written by an earlier shitu: its pid alone
+                holder = f"shitu run (process {holder or 'unknown'})"
             raise ConfigError(
                 f"{what}: another {holder} is running in it; wait for it to end or stop it, "
                 f"or give another {setting}"
