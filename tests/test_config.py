@@ -245,6 +245,11 @@ def test_every_shipped_config_builds_its_model_and_losses(name):
         (["Arch.Neck.num_features=-5"], "Arch.Neck.num_features: Input should be greater than 0"),
         (["Arch.Backbone.class_expand=0"], "Arch.Backbone.class_expand: Input should be greater"),
         (["Arch.Neck.name=BNNek"], "Arch.Neck.name: unknown neck 'BNNek' (did you mean 'BNNeck'?)"),
+        (  # a preset's constructor's rules hold as the config loads, not when it is built
+            ["Arch.Backbone={name: EfficientNetLite0, gem_p: 3}"],
+            "Arch.Backbone.gem_p: only pool 'gem' has an exponent, pool is 'avg' in backbone "
+            "'EfficientNetLite0'",
+        ),
         (["Arch.Head.embedding_size=null"], "Arch.Head.embedding_size"),
         (
             ["Loss.Train.0.CELoss.epsilom=0.1"],

@@ -242,10 +242,13 @@ class Registry:
             raise ConfigError(
                 format_validation_error(exc, model, what=f"{self.kind} '{name}'")
             ) from None
-        check_params = getattr(self.get(name), "check_params", None)
+        entry = self.get(name)
+        # A preset is checked as its constructor is, with the arguments it fixes.
+        ctor, fixed = (entry.ctor, entry.fixed) if isinstance(entry, Variant) else (entry, {})
+        check_params = getattr(ctor, "check_params", None)
         if check_params is not None:
             try:
-                check_params(**dict(validated))
+                check_params(**{**dict(validated), **fixed})
             except ValueError as exc:
                 raise ConfigError(f"{exc} in {self.kind} '{name}'") from None
         return validated.model_dump(exclude_unset=True)
