@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
+import math
 import re
 import textwrap
+from types import UnionType
+from typing import Annotated, Any, Union, get_args, get_origin
 
 import pytest
 from PIL import Image
+from pydantic import BaseModel, ValidationError
 
 from shitu import registry
 from shitu.cli.main import main as shitu_main
@@ -18,10 +24,12 @@ from shitu.config import (
     shipped_configs,
 )
 from shitu.config.overrides import load_yaml
+from shitu.config.schema import ShituConfig
 from shitu.data.loader import build_dataset
 from shitu.errors import ConfigError
 from shitu.pipeline import load_pipeline_config
 from shitu.pipeline.defaults import PIPELINE_CONFIG_DIR
+from shitu.registry import format_validation_error
 
 MINIMAL = """
 Arch:
@@ -879,3 +887,79 @@ def test_a_config_saved_as_utf16_loads(config_file, tmp_path):
     assert str(info.value) == (
         f"{legacy}: not a YAML config (not UTF-8 text, nor UTF-16 with its BOM); save it as UTF-8"
     )
+
+
+COMPONENT_REGISTRIES = (
+    registry.BACKBONES,
+    registry.NECKS,
+    registry.HEADS,
+    registry.LOSSES,
+    registry.DATASETS,
+    registry.TRANSFORMS,
+    registry.SAMPLERS,
+    registry.LR_SCHEDULES,
+)
+
+
+def _holding(annotation: Any, value: float) -> Any:
+    """`value` in the form a setting of type `annotation` takes a number: itself, a list's
+    item or a mapping's (`Optimizer.lr_mult`)."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _holding(get_args(annotation)[0], value)
+    if origin is Union or origin is UnionType:
+        numeric = [m for m in get_args(annotation) if float in registry._types_in(m)]
+        return _holding(numeric[0], value)
+    if origin is list:
+        return [value]
+    if origin is dict:
+        return {"backbone": value}
+    return value
+
+
+def _numeric_settings() -> list[Any]:
+    """Every setting that takes a real number: each registered component's parameters and
+    the config sections' keys (Optimizer, its lr and regularizer, EMA, ...)."""
+    registry.populate()
+    found = []
+    for reg in COMPONENT_REGISTRIES:
+        for name in reg.names():
+            for key, field in reg.params_model(name).model_fields.items():
+                if float in registry._types_in(field.annotation):
+                    check = functools.partial(reg.validate, name)
+                    found.append(
+                        pytest.param(check, key, field.annotation, id=f"{reg.kind}:{name}.{key}")
+                    )
+    sections, seen = [ShituConfig], set()
+    while sections:
+        section = sections.pop()
+        seen.add(section)
+        for key, field in section.model_fields.items():
+            inner = registry._model_in(field.annotation)
+            if inspect.isclass(inner) and issubclass(inner, BaseModel) and inner not in seen:
+                sections.append(inner)
+            elif float in registry._types_in(field.annotation):
+                check = functools.partial(_validate_section, section)
+                found.append(
+                    pytest.param(check, key, field.annotation, id=f"{section.__name__}.{key}")
+                )
+    return found
+
+
+def _validate_section(section: type[BaseModel], params: dict[str, Any]) -> None:
+    """Validate `params` as `section`, its problems worded as a config's are."""
+    try:
+        section.model_validate(params)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, section, section.__name__)) from None
+
+
+@pytest.mark.parametrize(("validate", "key", "annotation"), _numeric_settings())
+def test_no_numeric_setting_takes_nan_or_inf(validate, key, annotation):
+    """A NaN margin or scale (CosMargin, CircleMargin) or an inf learning rate loaded and
+    trained to NaN losses; every such setting is refused as the config loads, naming it."""
+    for value in (math.nan, math.inf, -math.inf):
+        with pytest.raises(ConfigError) as info:
+            validate({key: _holding(annotation, value)})
+        lines = [line.strip() for line in str(info.value).splitlines()]
+        assert any(line.startswith(key) and "finite number" in line for line in lines), lines

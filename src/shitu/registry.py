@@ -214,6 +214,8 @@ class Registry:
                     arbitrary_types_allowed=True,
                     strict=False,
                     coerce_numbers_to_str=True,  # `image_root=2024` is a folder's name
+                    # A NaN margin or an inf scale trains to NaN losses; no setting means either.
+                    allow_inf_nan=False,
                 ),
                 __validators__={
                     "refuse_bool_as_number": field_validator("*", mode="before")(

@@ -31,7 +31,13 @@ def only_off(refusal: str) -> Callable[[Any, bool], bool]:
 
 class Section(BaseModel):
     # A number where text is expected is the text YAML read it as: `output_dir=2024`, a path.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
+    # No setting means NaN or inf (`learning_rate: .inf` trains to NaN weights).
+    model_config = ConfigDict(
+        extra="forbid",
+        validate_assignment=True,
+        coerce_numbers_to_str=True,
+        allow_inf_nan=False,
+    )
 
     _refuse_bool_as_number = field_validator("*", mode="before")(refuse_bool_as_number)
     _null_is_default = field_validator("*", mode="before")(null_is_default)
@@ -40,7 +46,7 @@ class Section(BaseModel):
 class ComponentConfig(BaseModel):
     """`name` of a registered component plus its keyword arguments."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     _refuse_bool_as_number = field_validator("*", mode="before")(refuse_bool_as_number)
     _null_is_default = field_validator("*", mode="before")(null_is_default)
