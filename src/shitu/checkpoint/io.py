@@ -116,9 +116,10 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
     """
     path = weights_file(path)
     if path.is_dir():
-        raise CheckpointError(
-            f"{path} is a folder: give a weight file (an exported model's is its model.safetensors)"
-        )
+        # Lazily: the names of what each folder holds are the inference package's.
+        from shitu.inference.manifest import weight_file_in
+
+        raise CheckpointError(f"{path} is {weight_file_in(path)}")
     if not path.is_file():
         # A name without a suffix was looked for with each one too (`weights_file`).
         suffixes = ", ".join(WEIGHT_SUFFIXES)
