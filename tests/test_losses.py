@@ -108,6 +108,27 @@ def test_batch_hard_loss_without_triplets_warns_once(name, caplog):
     assert "sample_per_id >= 2" in warnings[0]
 
 
+@pytest.mark.parametrize("pair_loss", ["TripletLoss", "TripletAngularMarginLoss"])
+def test_xbm_batches_without_triplets_warn_only_before_the_memory_starts(pair_loss, caplog):
+    """Inside XBM, a batch of one image per class warned that the loss was 0 and asked for
+    sample_per_id >= 2 even once the memory supplied the positives; before the memory
+    starts, the warning says when it will."""
+    features = torch.randn(4, 8, requires_grad=True)
+    distinct = torch.tensor([0, 1, 2, 3])
+    started = LOSSES.build("XBM", pair_loss=pair_loss, memory_size=16, embedding_size=8,
+                           start_iter=0).train()  # fmt: skip
+    with caplog.at_level("WARNING", logger="shitu.losses"):
+        for _ in range(2):
+            started(features, distinct)
+    assert not [r for r in caplog.records if "loss was 0" in r.getMessage()]
+    late = LOSSES.build("XBM", pair_loss=pair_loss, memory_size=16, embedding_size=8,
+                        start_iter=5).train()  # fmt: skip
+    with caplog.at_level("WARNING", logger="shitu.losses"):
+        assert late(features, distinct).item() == 0.0
+    (warning,) = [r.getMessage() for r in caplog.records if "loss was 0" in r.getMessage()]
+    assert "XBM's memory supplies pairs from past batches only after start_iter (5)" in warning
+
+
 def test_tripletlossv2_is_paddleclas_s_normalised_triplet_loss():
     """PaddleClas configs name it; it was an unknown loss, and the suggested TripletLoss
     has PaddleClas's other defaults (margin 1.0 on raw features)."""
