@@ -129,6 +129,7 @@ def test_schedule_config_errors():
         ("ReduceOnPlateau", {"factor": 2.0}, "factor: Input should be less than 1"),
         ("ReduceOnPlateau", {"factor": 0.0}, "factor: Input should be greater than 0"),
         ("Piecewise", {"decay_epochs": [30, 10]}, r"decay_epochs: \[30, 10\] must be increasing"),
+        ("Piecewise", {"decay_epochs": [30, 30]}, r"decay_epochs: \[30, 30\] must be increasing"),
         (
             "Piecewise",
             {"decay_epochs": [10], "values": [0.1]},
