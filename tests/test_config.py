@@ -311,6 +311,9 @@ def test_every_shipped_config_builds_its_model_and_losses(name):
             "LinearProbe.epochs: Input should be greater than or equal to 1",
         ),
         (["LinearProbe={epochs: 5}"], "LinearProbe.frozen_layers: required key missing"),
+        # The section the override makes, which the file lacks, is the override's.
+        (["LinearProbe.epochs=5"], "LinearProbe.frozen_layers: required key missing"),
+        (["Optimizer.lr.learning_rate=0.1"], "Optimizer.name: required key missing"),
         (
             [f"DataLoader.Train={{{DATASET}, sampler: {{name: PKSampler, batch_size: 0}}}}"],
             "DataLoader.Train.sampler.batch_size: Input should be greater than 0",

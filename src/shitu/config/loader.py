@@ -10,7 +10,7 @@ import yaml
 from pydantic import ValidationError
 
 from shitu import registry
-from shitu.config.overrides import apply_overrides, load_yaml, override_paths
+from shitu.config.overrides import apply_attributed, load_yaml
 from shitu.config.schema import ComponentConfig, DataSplitConfig, ShituConfig
 from shitu.errors import ConfigError, did_you_mean
 from shitu.fileio import SAVE_AS_UTF8, read_text
@@ -92,11 +92,9 @@ def apply_attributed_overrides(
     """
     overrides = list(overrides or [])
     try:
-        attribution = override_paths(overrides)
-        apply_overrides(raw, overrides)
+        return apply_attributed(raw, overrides)
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
-    return attribution
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
