@@ -253,6 +253,11 @@ def test_every_shipped_config_builds_its_model_and_losses(name):
         (["Arch.Neck.num_features=-5"], "Arch.Neck.num_features: Input should be greater than 0"),
         (["Arch.Backbone.class_expand=0"], "Arch.Backbone.class_expand: Input should be greater"),
         (["Arch.Neck.name=BNNek"], "Arch.Neck.name: unknown neck 'BNNek' (did you mean 'BNNeck'?)"),
+        (  # what a preset fixes is named as such, with the presets that have the value
+            ["Arch.Backbone={name: EfficientNetLite0, variant: lite2}"],
+            'Arch.Backbone.variant: fixed at "lite0" by this preset ("lite2" in '
+            "EfficientNetLite2) in backbone 'EfficientNetLite0'",
+        ),
         (  # a preset's constructor's rules hold as the config loads, not when it is built
             ["Arch.Backbone={name: EfficientNetLite0, gem_p: 3}"],
             "Arch.Backbone.gem_p: only pool 'gem' has an exponent, pool is 'avg' in backbone "
@@ -335,6 +340,17 @@ def test_config_errors_name_file_key_and_override(config_file, overrides, expect
     assert expected in message
     assert f"(set by -o {overrides[0]})" in message
     assert all(line.startswith("  ") for line in message.splitlines()[1:])  # one per problem
+
+
+def test_a_preset_takes_what_it_fixes_at_its_own_value(config_file):
+    """`variant: lite0` in an EfficientNetLite0 section, or `layers` in a ResNet50's as
+    the preset has them, was an unknown key."""
+    for backbone in (
+        "{name: EfficientNetLite0, variant: lite0}",
+        "{name: ResNet50, layers: [3, 4, 6, 3]}",
+    ):
+        backbone = load_config(config_file, [f"Arch.Backbone={backbone}"]).Arch.Backbone
+        assert registry.BACKBONES.validate(backbone.name, backbone.params) == {}
 
 
 def test_paddleclas_settings_that_ask_for_nothing_load(config_file):
