@@ -277,6 +277,10 @@ def test_every_shipped_config_builds_its_model_and_losses(name):
         (["Optimizer.beta1=1.5"], "Optimizer.beta1: Input should be less than 1"),
         (["Optimizer.beta2=1"], "Optimizer.beta2: Input should be less than 1"),
         (["Optimizer.weight_decay=-1e-4"], "Optimizer.weight_decay: Input should be greater"),
+        (  # refused as the config loads, not once training has built its data and model
+            ["Optimizer.regularizer={name: L1, coeff: 1.0e-5}"],
+            "Optimizer.regularizer.name: only L2 is supported (L1 is not a weight decay)",
+        ),
         (  # a negative rate climbs the loss, without an error
             ["Optimizer={name: SGD, lr: {name: Cosine, learning_rate: 0.1, eta_min: -0.01}}"],
             "Optimizer.lr.eta_min: Input should be greater than or equal to 0",

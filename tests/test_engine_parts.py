@@ -229,11 +229,6 @@ def test_adam_betas_of_zero_are_kept_and_unset_ones_default():
     assert unset.param_groups[0]["betas"] == (0.9, 0.999)
 
 
-def test_l1_regularizer_is_refused():
-    with pytest.raises(ConfigError, match="only L2"):
-        build_optimizer([nn.Linear(2, 2)], optimizer_config(regularizer={"name": "L1"}), 0.1)
-
-
 def test_combined_loss_weights_keys_and_paddleclas_feature_from():
     options, params = split_loss_params({"weight": 0.5, "feature_from": "features", "epsilon": 0.1})
     assert options.model_dump() == {"weight": 0.5, "input_key": "features"}

@@ -215,6 +215,15 @@ class RegularizerConfig(Section):
     name: Literal["L2", "L1"] = "L2"
     coeff: float = Field(0.0, ge=0)
 
+    @field_validator("name")
+    @classmethod
+    def _only_l2(cls, value: str) -> str:
+        # Read so that a PaddleClas config's L1 is named as the config loads, not once
+        # training has built its data and model.
+        if value == "L1":
+            raise ValueError("only L2 is supported (L1 is not a weight decay)")
+        return value
+
 
 class OptimizerConfig(Section):
     name: Literal["Momentum", "SGD", "Adam", "AdamW"]
