@@ -308,6 +308,10 @@ def test_every_shipped_config_builds_its_model_and_losses(name):
             "Arch.Neck.bias_attr: unknown key (PaddleClas's bias settings; shitu's BNNeck "
             "takes bias_frozen, its FC head bias) in neck 'BNNeck'",
         ),
+        (  # a PaddleClas config's section, uncommented
+            ["AMP={scale_loss: 65536, level: O1}"],
+            "AMP: unknown key (PaddleClas's mixed precision; shitu's is Global.amp: bf16 or fp16)",
+        ),
         (["Global.eval_metric=map"], "Global.eval_metric: must be recall@K, "),
         (["Global.eval_metric=recall1"], "Global.eval_metric: must be recall@K, "),
         (["Global.re_ranking={k1: 0}"], "Global.re_ranking.k1: must be a positive integer"),

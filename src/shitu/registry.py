@@ -366,9 +366,11 @@ def each_problem(message: str, edit: Callable[[str], str]) -> str:
     return "\n".join([header, *(PROBLEM_INDENT + edit(p.strip()) for p in problems)])
 
 
-# Parameters of PaddleClas components that shitu's take in another form: the unknown-key
-# error for one says which, so that a config brought from PaddleClas is quick to adapt.
+# Parameters of PaddleClas components (and sections of its configs) that shitu takes in
+# another form: the unknown-key error for one says which, so that a config brought from
+# PaddleClas is quick to adapt.
 PADDLECLAS_PARAMS = {
+    "AMP": "PaddleClas's mixed precision; shitu's is Global.amp: bf16 or fp16",
     "weight_attr": "PaddleClas's weight initialiser; shitu's FC head takes init_std",
     "bias_attr": "PaddleClas's bias settings; shitu's BNNeck takes bias_frozen, its FC head bias",
     "use_ssld": "PaddleClas's choice of weights to download; shitu downloads none: convert "
