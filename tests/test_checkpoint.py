@@ -517,7 +517,10 @@ def test_average_weights_refuses_files_of_different_models(tmp_path):
     with pytest.raises(CheckpointError, match=f"d\\.safetensors: {name} has shape"):
         average_weights([base, reshaped_path])
     result = run_shitu("average", str(base), "--out", str(tmp_path / "o.safetensors"))
-    assert result.returncode == 2 and "at least two weight files" in result.stderr
+    assert result.returncode == 2, result.stderr
+    # One file is mixed with the pretrained weights, which the message says how to ask for.
+    assert "at least two weight files, got 1 (one file is mixed with" in result.stderr
+    assert "with --pretrained-share S --layers PREFIX -c CONFIG)" in result.stderr
     assert not (tmp_path / "o.safetensors").exists()
 
 
