@@ -29,6 +29,13 @@ def test_celoss_label_smoothing():
     assert loss(logits, torch.tensor([0])).item() == pytest.approx(expected, rel=1e-6)
 
 
+@pytest.mark.parametrize("key", ["embedding_size", "feat_dim"])
+def test_contrastive_loss_widths_are_positive(key):
+    """A width of 0 loaded and stopped the run at its first batch."""
+    with pytest.raises(ConfigError, match=f"{key}: Input should be greater than 0"):
+        LOSSES.validate("ContrastiveLoss", {key: 0})
+
+
 def test_celoss_rejects_bad_epsilon():
     with pytest.raises(ConfigError, match="epsilon: Input should be less than 1 .* 'CELoss'"):
         LOSSES.build("CELoss", epsilon=1.5)
