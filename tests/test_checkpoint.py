@@ -676,6 +676,14 @@ def test_a_folder_given_as_weights_is_named_for_what_it_is(tmp_path, capsys, res
         f"Global.pretrained_model: {run} is a training run's folder: give its weights, {final}"
         in err
     )
+    # A run that never evaluated writes no best_model, the file commands are often given.
+    absent = run / "best_model.safetensors"
+    with pytest.raises(CheckpointError) as info:
+        load_weights(model, absent)
+    assert str(info.value) == (
+        f"weight file not found: {absent}; {run} is a training run's folder: give its "
+        f"weights, {final}"
+    )
     best = save_weights(model.state_dict(), run / "best_model.safetensors")
     with pytest.raises(CheckpointError, match=f"give its weights, {best} \\(the best evaluated"):
         load_weights(model, run)
