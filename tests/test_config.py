@@ -264,6 +264,12 @@ def test_every_shipped_config_builds_its_model_and_losses(name):
             "'EfficientNetLite0'",
         ),
         (["Arch.Head.embedding_size=null"], "Arch.Head.embedding_size"),
+        (  # pydantic's words named its class ("instance of ComponentConfig")
+            ["Arch.Backbone=PPLCNetV2_base"],
+            "Arch.Backbone: a component is a mapping, {name: PPLCNetV2_base, ...} (got "
+            "'PPLCNetV2_base') in the config",
+        ),
+        (["Global=3"], "Global: should be a mapping of its keys (got 3) in the config"),
         (
             ["Loss.Train.0.CELoss.epsilom=0.1"],
             "Loss.Train.0.CELoss.epsilom: unknown key (did you mean 'epsilon'?)",

@@ -343,7 +343,7 @@ def format_validation_error(
     explained = {(*loc[:-1], close) for loc, close in suggested.items() if close}
     errors = [e for e in exc.errors() if not (e["type"] == "missing" and e["loc"] in explained)]
     errors.sort(key=lambda e: e["type"] != "extra_forbidden")
-    problems = [_problem(error, suggested, notes or {}) for error in errors[:SHOWN_PROBLEMS]]
+    problems = [_problem(error, suggested, notes or {}, model) for error in errors[:SHOWN_PROBLEMS]]
     if len(errors) == 1:
         return f"{problems[0]} in {what}"
     return problem_list(len(errors), what, problems)
@@ -379,10 +379,18 @@ PADDLECLAS_PARAMS = {
 
 
 def _problem(
-    error: Any, suggested: dict[tuple[Any, ...], str | None], notes: Mapping[str, str]
+    error: Any,
+    suggested: dict[tuple[Any, ...], str | None],
+    notes: Mapping[str, str],
+    model: type[BaseModel],
 ) -> str:
     """`dotted.key: what is wrong` for one pydantic error."""
     key = ".".join(str(p) for p in error["loc"])
+    if error["type"] == "model_type":  # pydantic names its class ("instance of GlobalConfig")
+        given = error.get("input")
+        if isinstance(given, str) and "name" in _fields_at(model, error["loc"]):
+            return f"{key}: a component is a mapping, {{name: {given}, ...}} (got {given!r})"
+        return f"{key}: should be a mapping of its keys (got {given!r})"
     if error["type"] == "extra_forbidden":
         close = suggested[error["loc"]]
         if key in notes:
