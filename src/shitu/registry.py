@@ -237,7 +237,8 @@ class Registry:
         A constructor with a `check_params(**params)` (a rule between its parameters,
         which the signature cannot say) has it called too, so that a config that breaks
         the rule is refused when it loads, not when the component is built. It raises
-        ValueError('<param>: <problem>')."""
+        ValueError('<param>: <problem>'). A preset's constructor checks the preset's
+        arguments with those it fixes, which a config may give only at the preset's values."""
         model = self.params_model(name)
         entry = self.get(name)
         ctor, fixed = (entry.ctor, entry.fixed) if isinstance(entry, Variant) else (entry, {})
