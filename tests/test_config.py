@@ -318,6 +318,14 @@ def test_every_shipped_config_builds_its_model_and_losses(name):
             ["AMP={scale_loss: 65536, level: O1}"],
             "AMP: unknown key (PaddleClas's mixed precision; shitu's is Global.amp: bf16 or fp16)",
         ),
+        (  # a training run stopped at it once its model and data were built
+            [
+                "Global.eval_metric=recall@10",
+                f"DataLoader={{Train: {{{DATASET}}}, Eval: {{Query: {{{DATASET}}}}}}}",
+            ],
+            "Global.eval_metric: 'recall@10' is not computed; Metric.Eval gives recall@1, "
+            "recall@5, mAP",
+        ),
         (["Global.eval_metric=map"], "Global.eval_metric: must be recall@K, "),
         (["Global.eval_metric=recall1"], "Global.eval_metric: must be recall@K, "),
         (["Global.re_ranking={k1: 0}"], "Global.re_ranking.k1: must be a positive integer"),

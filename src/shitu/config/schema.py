@@ -121,8 +121,8 @@ class GlobalConfig(Section):
     @field_validator("eval_metric")
     @classmethod
     def _metric_name(cls, value: str) -> str:
-        # A misspelt name (`map`, `recall1`) is refused as the config loads; whether
-        # Metric.Eval computes the metric named is checked when training builds its evaluation.
+        # A misspelt name (`map`, `recall1`) is refused here; whether Metric.Eval computes
+        # the metric named is checked as the components are (shitu.config.loader).
         if re.fullmatch(r"(recall|precision)@[1-9][0-9]*|mAP|mINP", value) is None:
             raise ValueError("must be recall@K, precision@K, mAP or mINP")
         return value
