@@ -697,3 +697,26 @@ def test_a_folder_given_as_weights_is_named_for_what_it_is(tmp_path, capsys, res
     ]:
         with pytest.raises(CheckpointError, match=re.escape(f"{folder} is {expected}")):
             load_weights(model, folder)
+
+
+@pytest.mark.parametrize("command", ["info", "convert"])
+def test_weights_that_do_not_fit_name_the_arch_settings_that_differ(tmp_path, capsys, command):
+    """`shitu info --weights` and `shitu convert` said only "does the config match?" of a
+    file that records the Arch settings it was built with, as eval and export name them."""
+    from shitu.cli.main import main as shitu_main
+
+    model = make_model()
+    recorded = ArchConfig.model_validate(ARCH).model_dump(mode="json")  # as training records it
+    weights = save_weights(
+        model.state_dict(), tmp_path / "run.safetensors", model_metadata(model, recorded)
+    )
+    config = tmp_path / "tiny.yaml"
+    config.write_text(json.dumps({"Arch": ARCH, "Global": {"image_shape": [3, 64, 64]}}))
+    words = {
+        "info": ["info", "--weights", str(weights), "--batch-size", "1"],
+        "convert": ["convert", str(weights), "--out", str(tmp_path / "out.safetensors")],
+    }[command]
+    assert shitu_main([*words, "-c", str(config), "-o", "Arch.Head.class_num=9"]) == 2
+    err = capsys.readouterr().err
+    assert "(the file was built with other Arch settings, the file's then the config's: " in err
+    assert "Arch.Head.class_num: 7 and 9)" in err
