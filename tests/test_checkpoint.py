@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import signal
 
 import numpy as np
@@ -273,7 +274,7 @@ def test_average_names_what_it_cannot_read(tmp_path):
     (tmp_path / "export").mkdir()
     for other, message in [
         ("paddle.pdparams", "paddle.pdparams: .pdparams need a model to be read; `shitu convert`"),
-        ("export", "export is a folder: give a weight file"),
+        ("export", "export is a folder, not a weight file: give one"),
     ]:
         result = run_shitu("average", str(run), str(tmp_path / other),
                            "--out", str(tmp_path / "soup.safetensors"))  # fmt: skip
@@ -516,7 +517,10 @@ def test_average_weights_refuses_files_of_different_models(tmp_path):
     with pytest.raises(CheckpointError, match=f"d\\.safetensors: {name} has shape"):
         average_weights([base, reshaped_path])
     result = run_shitu("average", str(base), "--out", str(tmp_path / "o.safetensors"))
-    assert result.returncode == 2 and "at least two weight files" in result.stderr
+    assert result.returncode == 2, result.stderr
+    # One file is mixed with the pretrained weights, which the message says how to ask for.
+    assert "at least two weight files, got 1 (one file is mixed with" in result.stderr
+    assert "with --pretrained-share S --layers PREFIX -c CONFIG)" in result.stderr
     assert not (tmp_path / "o.safetensors").exists()
 
 
@@ -650,3 +654,69 @@ def test_weights_that_do_not_fit_name_the_arch_settings_they_were_built_with(tmp
     plain = save_weights(model.state_dict(), tmp_path / "plain.safetensors")  # records none
     with pytest.raises(CheckpointError, match=r"\(does the config match\?\)$"):
         load_weights(make_model(wider), plain, ignore_prefixes=("head.",), arch=features)
+
+
+def test_a_folder_given_as_weights_is_named_for_what_it_is(tmp_path, capsys, resize_short_library):
+    """`-o Global.pretrained_model=output` (the folder `shitu train` wrote) was told to give
+    an export's model.safetensors, which a run has none of: the error names the weight file
+    in the folder, or says the folder holds none."""
+    from shitu.cli.main import main as shitu_main
+
+    model = make_model()
+    run = tmp_path / "run"
+    run.mkdir()
+    final = save_weights(model.state_dict(), run / "final_model.safetensors")
+    config = tmp_path / "tiny.yaml"
+    config.write_text(json.dumps({"Arch": ARCH, "Global": {"image_shape": [3, 64, 64]}}))
+    export = ["export", "-c", str(config), "--out", str(tmp_path / "export")]
+    code = shitu_main([*export, "-o", f"Global.pretrained_model={run}"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert (
+        f"Global.pretrained_model: {run} is a training run's folder: give its weights, {final}"
+        in err
+    )
+    # A run that never evaluated writes no best_model, the file commands are often given.
+    absent = run / "best_model.safetensors"
+    with pytest.raises(CheckpointError) as info:
+        load_weights(model, absent)
+    assert str(info.value) == (
+        f"weight file not found: {absent}; {run} is a training run's folder: give its "
+        f"weights, {final}"
+    )
+    best = save_weights(model.state_dict(), run / "best_model.safetensors")
+    with pytest.raises(CheckpointError, match=f"give its weights, {best} \\(the best evaluated"):
+        load_weights(model, run)
+    library, exported = resize_short_library["gallery"], resize_short_library["model"]
+    for folder, expected in [
+        (
+            exported,
+            f"an exported model's folder: give its weights, {exported / 'model.safetensors'}",
+        ),
+        (library, "a gallery library, which holds features, not weights: give the weight file"),
+    ]:
+        with pytest.raises(CheckpointError, match=re.escape(f"{folder} is {expected}")):
+            load_weights(model, folder)
+
+
+@pytest.mark.parametrize("command", ["info", "convert"])
+def test_weights_that_do_not_fit_name_the_arch_settings_that_differ(tmp_path, capsys, command):
+    """`shitu info --weights` and `shitu convert` said only "does the config match?" of a
+    file that records the Arch settings it was built with, as eval and export name them."""
+    from shitu.cli.main import main as shitu_main
+
+    model = make_model()
+    recorded = ArchConfig.model_validate(ARCH).model_dump(mode="json")  # as training records it
+    weights = save_weights(
+        model.state_dict(), tmp_path / "run.safetensors", model_metadata(model, recorded)
+    )
+    config = tmp_path / "tiny.yaml"
+    config.write_text(json.dumps({"Arch": ARCH, "Global": {"image_shape": [3, 64, 64]}}))
+    words = {
+        "info": ["info", "--weights", str(weights), "--batch-size", "1"],
+        "convert": ["convert", str(weights), "--out", str(tmp_path / "out.safetensors")],
+    }[command]
+    assert shitu_main([*words, "-c", str(config), "-o", "Arch.Head.class_num=9"]) == 2
+    err = capsys.readouterr().err
+    assert "(the file was built with other Arch settings, the file's then the config's: " in err
+    assert "Arch.Head.class_num: 7 and 9)" in err

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
+import math
 import re
 import textwrap
+from types import UnionType
+from typing import Annotated, Any, Union, get_args, get_origin
 
 import pytest
 from PIL import Image
+from pydantic import BaseModel, ValidationError
 
 from shitu import registry
 from shitu.cli.main import main as shitu_main
@@ -18,10 +24,12 @@ from shitu.config import (
     shipped_configs,
 )
 from shitu.config.overrides import load_yaml
+from shitu.config.schema import ShituConfig
 from shitu.data.loader import build_dataset
 from shitu.errors import ConfigError
 from shitu.pipeline import load_pipeline_config
 from shitu.pipeline.defaults import PIPELINE_CONFIG_DIR
+from shitu.registry import format_validation_error
 
 MINIMAL = """
 Arch:
@@ -245,7 +253,23 @@ def test_every_shipped_config_builds_its_model_and_losses(name):
         (["Arch.Neck.num_features=-5"], "Arch.Neck.num_features: Input should be greater than 0"),
         (["Arch.Backbone.class_expand=0"], "Arch.Backbone.class_expand: Input should be greater"),
         (["Arch.Neck.name=BNNek"], "Arch.Neck.name: unknown neck 'BNNek' (did you mean 'BNNeck'?)"),
+        (  # what a preset fixes is named as such, with the presets that have the value
+            ["Arch.Backbone={name: EfficientNetLite0, variant: lite2}"],
+            'Arch.Backbone.variant: fixed at "lite0" by this preset ("lite2" in '
+            "EfficientNetLite2) in backbone 'EfficientNetLite0'",
+        ),
+        (  # a preset's constructor's rules hold as the config loads, not when it is built
+            ["Arch.Backbone={name: EfficientNetLite0, gem_p: 3}"],
+            "Arch.Backbone.gem_p: only pool 'gem' has an exponent, pool is 'avg' in backbone "
+            "'EfficientNetLite0'",
+        ),
         (["Arch.Head.embedding_size=null"], "Arch.Head.embedding_size"),
+        (  # pydantic's words named its class ("instance of ComponentConfig")
+            ["Arch.Backbone=PPLCNetV2_base"],
+            "Arch.Backbone: a component is a mapping, {name: PPLCNetV2_base, ...} (got "
+            "'PPLCNetV2_base') in the config",
+        ),
+        (["Global=3"], "Global: should be a mapping of its keys (got 3) in the config"),
         (
             ["Loss.Train.0.CELoss.epsilom=0.1"],
             "Loss.Train.0.CELoss.epsilom: unknown key (did you mean 'epsilon'?)",
@@ -259,6 +283,10 @@ def test_every_shipped_config_builds_its_model_and_losses(name):
         (["Optimizer.beta1=1.5"], "Optimizer.beta1: Input should be less than 1"),
         (["Optimizer.beta2=1"], "Optimizer.beta2: Input should be less than 1"),
         (["Optimizer.weight_decay=-1e-4"], "Optimizer.weight_decay: Input should be greater"),
+        (  # refused as the config loads, not once training has built its data and model
+            ["Optimizer.regularizer={name: L1, coeff: 1.0e-5}"],
+            "Optimizer.regularizer.name: only L2 is supported (L1 is not a weight decay)",
+        ),
         (  # a negative rate climbs the loss, without an error
             ["Optimizer={name: SGD, lr: {name: Cosine, learning_rate: 0.1, eta_min: -0.01}}"],
             "Optimizer.lr.eta_min: Input should be greater than or equal to 0",
@@ -286,6 +314,18 @@ def test_every_shipped_config_builds_its_model_and_losses(name):
             "Arch.Neck.bias_attr: unknown key (PaddleClas's bias settings; shitu's BNNeck "
             "takes bias_frozen, its FC head bias) in neck 'BNNeck'",
         ),
+        (  # a PaddleClas config's section, uncommented
+            ["AMP={scale_loss: 65536, level: O1}"],
+            "AMP: unknown key (PaddleClas's mixed precision; shitu's is Global.amp: bf16 or fp16)",
+        ),
+        (  # a training run stopped at it once its model and data were built
+            [
+                "Global.eval_metric=recall@10",
+                f"DataLoader={{Train: {{{DATASET}}}, Eval: {{Query: {{{DATASET}}}}}}}",
+            ],
+            "Global.eval_metric: 'recall@10' is not computed; Metric.Eval gives recall@1, "
+            "recall@5, mAP",
+        ),
         (["Global.eval_metric=map"], "Global.eval_metric: must be recall@K, "),
         (["Global.eval_metric=recall1"], "Global.eval_metric: must be recall@K, "),
         (["Global.re_ranking={k1: 0}"], "Global.re_ranking.k1: must be a positive integer"),
@@ -298,6 +338,9 @@ def test_every_shipped_config_builds_its_model_and_losses(name):
             "LinearProbe.epochs: Input should be greater than or equal to 1",
         ),
         (["LinearProbe={epochs: 5}"], "LinearProbe.frozen_layers: required key missing"),
+        # The section the override makes, which the file lacks, is the override's.
+        (["LinearProbe.epochs=5"], "LinearProbe.frozen_layers: required key missing"),
+        (["Optimizer.lr.learning_rate=0.1"], "Optimizer.name: required key missing"),
         (
             [f"DataLoader.Train={{{DATASET}, sampler: {{name: PKSampler, batch_size: 0}}}}"],
             "DataLoader.Train.sampler.batch_size: Input should be greater than 0",
@@ -319,6 +362,17 @@ def test_config_errors_name_file_key_and_override(config_file, overrides, expect
     assert expected in message
     assert f"(set by -o {overrides[0]})" in message
     assert all(line.startswith("  ") for line in message.splitlines()[1:])  # one per problem
+
+
+def test_a_preset_takes_what_it_fixes_at_its_own_value(config_file):
+    """`variant: lite0` in an EfficientNetLite0 section, or `layers` in a ResNet50's as
+    the preset has them, was an unknown key."""
+    for backbone in (
+        "{name: EfficientNetLite0, variant: lite0}",
+        "{name: ResNet50, layers: [3, 4, 6, 3]}",
+    ):
+        backbone = load_config(config_file, [f"Arch.Backbone={backbone}"]).Arch.Backbone
+        assert registry.BACKBONES.validate(backbone.name, backbone.params) == {}
 
 
 def test_paddleclas_settings_that_ask_for_nothing_load(config_file):
@@ -874,3 +928,79 @@ def test_a_config_saved_as_utf16_loads(config_file, tmp_path):
     assert str(info.value) == (
         f"{legacy}: not a YAML config (not UTF-8 text, nor UTF-16 with its BOM); save it as UTF-8"
     )
+
+
+COMPONENT_REGISTRIES = (
+    registry.BACKBONES,
+    registry.NECKS,
+    registry.HEADS,
+    registry.LOSSES,
+    registry.DATASETS,
+    registry.TRANSFORMS,
+    registry.SAMPLERS,
+    registry.LR_SCHEDULES,
+)
+
+
+def _holding(annotation: Any, value: float) -> Any:
+    """`value` in the form a setting of type `annotation` takes a number: itself, a list's
+    item or a mapping's (`Optimizer.lr_mult`)."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _holding(get_args(annotation)[0], value)
+    if origin is Union or origin is UnionType:
+        numeric = [m for m in get_args(annotation) if float in registry._types_in(m)]
+        return _holding(numeric[0], value)
+    if origin is list:
+        return [value]
+    if origin is dict:
+        return {"backbone": value}
+    return value
+
+
+def _numeric_settings() -> list[Any]:
+    """Every setting that takes a real number: each registered component's parameters and
+    the config sections' keys (Optimizer, its lr and regularizer, EMA, ...)."""
+    registry.populate()
+    found = []
+    for reg in COMPONENT_REGISTRIES:
+        for name in reg.names():
+            for key, field in reg.params_model(name).model_fields.items():
+                if float in registry._types_in(field.annotation):
+                    check = functools.partial(reg.validate, name)
+                    found.append(
+                        pytest.param(check, key, field.annotation, id=f"{reg.kind}:{name}.{key}")
+                    )
+    sections, seen = [ShituConfig], set()
+    while sections:
+        section = sections.pop()
+        seen.add(section)
+        for key, field in section.model_fields.items():
+            inner = registry._model_in(field.annotation)
+            if inspect.isclass(inner) and issubclass(inner, BaseModel) and inner not in seen:
+                sections.append(inner)
+            elif float in registry._types_in(field.annotation):
+                check = functools.partial(_validate_section, section)
+                found.append(
+                    pytest.param(check, key, field.annotation, id=f"{section.__name__}.{key}")
+                )
+    return found
+
+
+def _validate_section(section: type[BaseModel], params: dict[str, Any]) -> None:
+    """Validate `params` as `section`, its problems worded as a config's are."""
+    try:
+        section.model_validate(params)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, section, section.__name__)) from None
+
+
+@pytest.mark.parametrize(("validate", "key", "annotation"), _numeric_settings())
+def test_no_numeric_setting_takes_nan_or_inf(validate, key, annotation):
+    """A NaN margin or scale (CosMargin, CircleMargin) or an inf learning rate loaded and
+    trained to NaN losses; every such setting is refused as the config loads, naming it."""
+    for value in (math.nan, math.inf, -math.inf):
+        with pytest.raises(ConfigError) as info:
+            validate({key: _holding(annotation, value)})
+        lines = [line.strip() for line in str(info.value).splitlines()]
+        assert any(line.startswith(key) and "finite number" in line for line in lines), lines

@@ -1035,7 +1035,7 @@ def test_normalise_values_and_scale_strings():
     )
     assert np.array_equal(plain.numpy(), 2 * image.transpose(2, 0, 1).astype(np.float32))
     with pytest.raises(
-        ConfigError, match=r"transform_ops\[0\] NormalizeImage: scale: write a number"
+        ConfigError, match=r"transform_ops\[0\]: scale: write a finite number or 'a/b'"
     ):
         build_transforms([{"NormalizeImage": {"scale": "__import__('os')"}}])
 

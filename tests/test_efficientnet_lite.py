@@ -244,6 +244,7 @@ def test_gem_pool_starts_from_imagenet_weights_and_generalises_the_average(tmp_p
         ({"pool": "gem", "gem_p": -3.0}, "gem_p: Input should be greater than or equal to 1"),
         ({"pool": "gem", "gem_p": "nan"}, "gem_p: Input should be a finite number"),
         ({"pool": "gem", "gem_p": "inf"}, "gem_p: Input should be a finite number"),
+        ({"gem_p": 3.0}, "gem_p: only pool 'gem' has an exponent, pool is 'avg'"),
     ],
 )
 def test_bad_settings_are_refused_when_the_config_is_read(params, message):

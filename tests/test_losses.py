@@ -29,6 +29,13 @@ def test_celoss_label_smoothing():
     assert loss(logits, torch.tensor([0])).item() == pytest.approx(expected, rel=1e-6)
 
 
+@pytest.mark.parametrize("key", ["embedding_size", "feat_dim"])
+def test_contrastive_loss_widths_are_positive(key):
+    """A width of 0 loaded and stopped the run at its first batch."""
+    with pytest.raises(ConfigError, match=f"{key}: Input should be greater than 0"):
+        LOSSES.validate("ContrastiveLoss", {key: 0})
+
+
 def test_celoss_rejects_bad_epsilon():
     with pytest.raises(ConfigError, match="epsilon: Input should be less than 1 .* 'CELoss'"):
         LOSSES.build("CELoss", epsilon=1.5)
@@ -106,6 +113,27 @@ def test_batch_hard_loss_without_triplets_warns_once(name, caplog):
     warnings = [r.getMessage() for r in caplog.records if "loss was 0" in r.getMessage()]
     assert len(warnings) == 1 and warnings[0].startswith(f"{name}: no image of a training batch")
     assert "sample_per_id >= 2" in warnings[0]
+
+
+@pytest.mark.parametrize("pair_loss", ["TripletLoss", "TripletAngularMarginLoss"])
+def test_xbm_batches_without_triplets_warn_only_before_the_memory_starts(pair_loss, caplog):
+    """Inside XBM, a batch of one image per class warned that the loss was 0 and asked for
+    sample_per_id >= 2 even once the memory supplied the positives; before the memory
+    starts, the warning says when it will."""
+    features = torch.randn(4, 8, requires_grad=True)
+    distinct = torch.tensor([0, 1, 2, 3])
+    started = LOSSES.build("XBM", pair_loss=pair_loss, memory_size=16, embedding_size=8,
+                           start_iter=0).train()  # fmt: skip
+    with caplog.at_level("WARNING", logger="shitu.losses"):
+        for _ in range(2):
+            started(features, distinct)
+    assert not [r for r in caplog.records if "loss was 0" in r.getMessage()]
+    late = LOSSES.build("XBM", pair_loss=pair_loss, memory_size=16, embedding_size=8,
+                        start_iter=5).train()  # fmt: skip
+    with caplog.at_level("WARNING", logger="shitu.losses"):
+        assert late(features, distinct).item() == 0.0
+    (warning,) = [r.getMessage() for r in caplog.records if "loss was 0" in r.getMessage()]
+    assert "XBM's memory supplies pairs from past batches only after start_iter (5)" in warning
 
 
 def test_tripletlossv2_is_paddleclas_s_normalised_triplet_loss():

@@ -389,7 +389,7 @@ def test_unknown_component_names_list_what_exists():
 def test_variant_presets_can_be_overridden_but_fixed_args_cannot():
     model = BACKBONES.build("PPLCNetV2_base_ShiTu", class_expand=256, dropout_prob=0.0)
     assert model.last_conv.out_channels == 256 and model.dropout.p == 0.0
-    with pytest.raises(ConfigError, match="scale: unknown key"):
+    with pytest.raises(ConfigError, match="scale: fixed at 1.0 by this preset"):
         BACKBONES.build("PPLCNetV2_base_ShiTu", scale=2.0)
 
 

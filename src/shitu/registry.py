@@ -10,8 +10,9 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import json
 import pkgutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import UnionType
 from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
@@ -214,6 +215,8 @@ class Registry:
                     arbitrary_types_allowed=True,
                     strict=False,
                     coerce_numbers_to_str=True,  # `image_root=2024` is a folder's name
+                    # A NaN margin or an inf scale trains to NaN losses; no setting means either.
+                    allow_inf_nan=False,
                 ),
                 __validators__={
                     "refuse_bool_as_number": field_validator("*", mode="before")(
@@ -234,21 +237,50 @@ class Registry:
         A constructor with a `check_params(**params)` (a rule between its parameters,
         which the signature cannot say) has it called too, so that a config that breaks
         the rule is refused when it loads, not when the component is built. It raises
-        ValueError('<param>: <problem>')."""
+        ValueError('<param>: <problem>'). A preset's constructor checks the preset's
+        arguments with those it fixes, which a config may give only at the preset's values."""
         model = self.params_model(name)
+        entry = self.get(name)
+        ctor, fixed = (entry.ctor, entry.fixed) if isinstance(entry, Variant) else (entry, {})
+        # An argument a preset fixes may be given at its value (`variant: lite0`).
+        params = {
+            key: value
+            for key, value in params.items()
+            if key not in fixed or _as_yaml(fixed[key]) != value
+        }
         try:
             validated = model.model_validate(params)
         except ValidationError as exc:
+            notes = {
+                key: self._fixed_note(entry, key, params[key])
+                for key in fixed.keys() & params.keys()
+            }
             raise ConfigError(
-                format_validation_error(exc, model, what=f"{self.kind} '{name}'")
+                format_validation_error(exc, model, what=f"{self.kind} '{name}'", notes=notes)
             ) from None
-        check_params = getattr(self.get(name), "check_params", None)
+        # A preset is checked as its constructor is, with the arguments it fixes.
+        check_params = getattr(ctor, "check_params", None)
         if check_params is not None:
             try:
-                check_params(**dict(validated))
+                check_params(**{**dict(validated), **fixed})
             except ValueError as exc:
                 raise ConfigError(f"{exc} in {self.kind} '{name}'") from None
         return validated.model_dump(exclude_unset=True)
+
+    def _fixed_note(self, preset: Variant, key: str, value: Any) -> str:
+        """Why `preset` takes no `key` at another value than its own, and which presets
+        of its constructor have `value` there."""
+        others = [
+            other
+            for other, entry in self._entries.items()
+            if isinstance(entry, Variant)
+            and entry.ctor is preset.ctor
+            and key in entry.fixed
+            and _as_yaml(entry.fixed[key]) == value
+        ]
+        own = json.dumps(_as_yaml(preset.fixed[key]))
+        offer = f" ({json.dumps(_as_yaml(value))} in {', '.join(others)})" if others else ""
+        return f"fixed at {own} by this preset{offer}"
 
     def build(self, name: str, **params: Any) -> Any:
         return self._construct(name, self.validate(name, params))
@@ -272,6 +304,13 @@ class Registry:
             raise ConfigError(f"{self.kind} '{name}': {exc}") from exc
 
 
+def _as_yaml(value: Any) -> Any:
+    """`value` as a config gives it: a tuple (a preset's ResNet layers) is a list."""
+    if isinstance(value, tuple | list):
+        return [_as_yaml(item) for item in value]
+    return value
+
+
 def _type_hints(fn: Callable[..., Any]) -> dict[str, Any]:
     import typing
 
@@ -285,10 +324,16 @@ SHOWN_PROBLEMS = 10
 PROBLEM_INDENT = "  "
 
 
-def format_validation_error(exc: ValidationError, model: type[BaseModel], what: str) -> str:
+def format_validation_error(
+    exc: ValidationError,
+    model: type[BaseModel],
+    what: str,
+    notes: Mapping[str, str] | None = None,
+) -> str:
     """The pydantic errors, each starting with its dotted key path: one line for one, else a
     '<N> problems in WHAT:' line and an indented line each (the first SHOWN_PROBLEMS), so
-    that fixing one does not merely uncover the next."""
+    that fixing one does not merely uncover the next. `notes` say why a top-level key is
+    not taken, in place of 'unknown key'."""
     suggested = {}  # unknown key -> the known key it is most like
     for error in exc.errors():
         if error["type"] == "extra_forbidden":
@@ -299,7 +344,7 @@ def format_validation_error(exc: ValidationError, model: type[BaseModel], what: 
     explained = {(*loc[:-1], close) for loc, close in suggested.items() if close}
     errors = [e for e in exc.errors() if not (e["type"] == "missing" and e["loc"] in explained)]
     errors.sort(key=lambda e: e["type"] != "extra_forbidden")
-    problems = [_problem(error, suggested) for error in errors[:SHOWN_PROBLEMS]]
+    problems = [_problem(error, suggested, notes or {}, model) for error in errors[:SHOWN_PROBLEMS]]
     if len(errors) == 1:
         return f"{problems[0]} in {what}"
     return problem_list(len(errors), what, problems)
@@ -322,9 +367,11 @@ def each_problem(message: str, edit: Callable[[str], str]) -> str:
     return "\n".join([header, *(PROBLEM_INDENT + edit(p.strip()) for p in problems)])
 
 
-# Parameters of PaddleClas components that shitu's take in another form: the unknown-key
-# error for one says which, so that a config brought from PaddleClas is quick to adapt.
+# Parameters of PaddleClas components (and sections of its configs) that shitu takes in
+# another form: the unknown-key error for one says which, so that a config brought from
+# PaddleClas is quick to adapt.
 PADDLECLAS_PARAMS = {
+    "AMP": "PaddleClas's mixed precision; shitu's is Global.amp: bf16 or fp16",
     "weight_attr": "PaddleClas's weight initialiser; shitu's FC head takes init_std",
     "bias_attr": "PaddleClas's bias settings; shitu's BNNeck takes bias_frozen, its FC head bias",
     "use_ssld": "PaddleClas's choice of weights to download; shitu downloads none: convert "
@@ -332,11 +379,23 @@ PADDLECLAS_PARAMS = {
 }
 
 
-def _problem(error: Any, suggested: dict[tuple[Any, ...], str | None]) -> str:
+def _problem(
+    error: Any,
+    suggested: dict[tuple[Any, ...], str | None],
+    notes: Mapping[str, str],
+    model: type[BaseModel],
+) -> str:
     """`dotted.key: what is wrong` for one pydantic error."""
     key = ".".join(str(p) for p in error["loc"])
+    if error["type"] == "model_type":  # pydantic names its class ("instance of GlobalConfig")
+        given = error.get("input")
+        if isinstance(given, str) and "name" in _fields_at(model, error["loc"]):
+            return f"{key}: a component is a mapping, {{name: {given}, ...}} (got {given!r})"
+        return f"{key}: should be a mapping of its keys (got {given!r})"
     if error["type"] == "extra_forbidden":
         close = suggested[error["loc"]]
+        if key in notes:
+            return f"{key}: {notes[key]}"
         paddleclas = PADDLECLAS_PARAMS.get(str(error["loc"][-1]))
         if paddleclas:
             return f"{key}: unknown key ({paddleclas})"

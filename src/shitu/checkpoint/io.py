@@ -115,15 +115,8 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
     Plain torch state dicts (and dicts with a 'state_dict' or 'model' entry) are accepted too.
     """
     path = weights_file(path)
-    if path.is_dir():
-        raise CheckpointError(
-            f"{path} is a folder: give a weight file (an exported model's is its model.safetensors)"
-        )
     if not path.is_file():
-        # A name without a suffix was looked for with each one too (`weights_file`).
-        suffixes = ", ".join(WEIGHT_SUFFIXES)
-        tried = "" if path.suffix in WEIGHT_SUFFIXES else f" (nor with {suffixes})"
-        raise CheckpointError(f"weight file not found: {path}{tried}{from_working_directory(path)}")
+        raise CheckpointError(_no_weight_file(path))
     if path.suffix == ".pdparams":  # its names and layouts depend on the model it goes into
         raise CheckpointError(
             f"{path}: .pdparams need a model to be read; `shitu convert` it first"
@@ -174,6 +167,24 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
     raise CheckpointError(
         f"unsupported weight file {path}: expected one of {', '.join(WEIGHT_SUFFIXES)}"
     )
+
+
+def _no_weight_file(path: Path) -> str:
+    """Why `path` gives no weights: a folder (what it is, and the file in it to give), or
+    nothing there (and, in a training run's folder, the weights it has: a run that never
+    evaluated has no best_model, which commands are often given)."""
+    # Lazily: the names of what each folder holds are the inference package's.
+    from shitu.inference.manifest import TRAINING_RUN_WEIGHTS, weight_file_in
+
+    if path.is_dir():
+        return f"{path} is {weight_file_in(path)}"
+    # A name without a suffix was looked for with each one too (`weights_file`).
+    suffixes = ", ".join(WEIGHT_SUFFIXES)
+    tried = "" if path.suffix in WEIGHT_SUFFIXES else f" (nor with {suffixes})"
+    run = path.parent
+    in_run = any((run / name).is_file() for name in TRAINING_RUN_WEIGHTS)
+    beside = f"; {run} is {weight_file_in(run)}" if in_run else ""
+    return f"weight file not found: {path}{tried}{beside}{from_working_directory(path)}"
 
 
 # What torch's DataParallel and DistributedDataParallel put before each name of the model

@@ -59,6 +59,11 @@ def run(args: argparse.Namespace) -> int:
     if args.weighting and len(args.weights) < 2:
         raise CheckpointError("--weighting weighs two or more weight files against each other")
     config = None  # the model mixed in, checked before any weight file is read
+    if args.pretrained_share is None and len(args.weights) < 2:
+        raise CheckpointError(
+            "averaging needs at least two weight files, got 1 (one file is mixed with the "
+            "config's pretrained weights with --pretrained-share S --layers PREFIX -c CONFIG)"
+        )
     if args.pretrained_share is None:
         if args.override or args.config is not None:  # else ignored: the files say the model
             raise CheckpointError(

@@ -243,6 +243,16 @@ def config_from_args(
     return config
 
 
+def arch_of_model(config: ShituConfig) -> dict[str, Any]:
+    """The Arch settings (JSON data) of the model a command builds, for a weight file's
+    recorded ones to be compared with (`load_weights`'s `arch`): a file that does not fit
+    then names the settings that differ. Without the Head where the model has none
+    (`--no-head`), the file's head being left out."""
+    return config.Arch.model_dump(
+        mode="json", exclude={"Head"} if config.Arch.Head is None else None
+    )
+
+
 def model_from_config(
     config: ShituConfig, args: argparse.Namespace, pretrained: bool = True
 ) -> RecModel:

@@ -6,6 +6,7 @@ import argparse
 
 from shitu.cli.common import (
     add_config_arguments,
+    arch_of_model,
     config_from_args,
     count_of,
     count_parameters,
@@ -41,7 +42,12 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     # every tensor comes from the weights file: no ImageNet weights to install or load first
     model = model_from_config(config, args, pretrained=False).eval()
-    report = load_weights(model, args.weights, ignore_prefixes=("head.",) if args.no_head else ())
+    report = load_weights(
+        model,
+        args.weights,
+        ignore_prefixes=("head.",) if args.no_head else (),
+        arch=arch_of_model(config),
+    )
     if args.reparameterize:
         model.reparameterize()
     state = model.state_dict()

@@ -7,6 +7,7 @@ import time
 
 from shitu.cli.common import (
     add_config_arguments,
+    arch_of_model,
     config_from_args,
     count_of,
     count_parameters,
@@ -40,7 +41,12 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     model = model_from_config(config, args, pretrained=not args.weights).eval()
     if args.weights:
-        load_weights(model, args.weights, ignore_prefixes=("head.",) if args.no_head else ())
+        load_weights(
+            model,
+            args.weights,
+            ignore_prefixes=("head.",) if args.no_head else (),
+            arch=arch_of_model(config),
+        )
     if args.reparameterize:
         model.reparameterize()
     channels, height, width = config.Global.image_shape

@@ -10,7 +10,7 @@ import yaml
 from pydantic import ValidationError
 
 from shitu import registry
-from shitu.config.overrides import apply_overrides, load_yaml, override_paths
+from shitu.config.overrides import apply_attributed, load_yaml
 from shitu.config.schema import ComponentConfig, DataSplitConfig, ShituConfig
 from shitu.errors import ConfigError, did_you_mean
 from shitu.fileio import SAVE_AS_UTF8, read_text
@@ -92,11 +92,9 @@ def apply_attributed_overrides(
     """
     overrides = list(overrides or [])
     try:
-        attribution = override_paths(overrides)
-        apply_overrides(raw, overrides)
+        return apply_attributed(raw, overrides)
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
-    return attribution
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
@@ -153,9 +151,10 @@ def _validate_components(config: ShituConfig) -> None:
     if failed:
         raise ConfigError(_joined_problems(failed))
     # Built as training and `shitu eval` build it, so that a wrong entry names the file now.
-    RetrievalEvaluator.from_metric_config(
+    evaluator = RetrievalEvaluator.from_metric_config(
         config.Metric.Eval if config.Metric else None, re_ranking=config.Global.re_ranking
     )
+    _check_eval_metric_is_computed(config, evaluator.metric_names)
     if config.Optimizer is not None:
         _check_schedule_is_evaluated(config.Optimizer.lr.name, config)
     _check_evaluated_features_are_exported(config)
@@ -201,6 +200,19 @@ def _check_component_sections(config: ShituConfig, failed: list[ConfigError]) ->
             failed,
             "Optimizer.lr",
             lambda: registry.LR_SCHEDULES.validate(lr.name, {**schedule_params, **lr.params}),
+        )
+
+
+def _check_eval_metric_is_computed(config: ShituConfig, computed: tuple[str, ...]) -> None:
+    """Global.eval_metric picks a training run's best_model among the metrics Metric.Eval
+    computes: one it does not compute stopped the run once its model and data were built."""
+    data = config.DataLoader
+    if data is None or data.Train is None or data.Eval is None:
+        return  # not a training config with evaluation
+    if config.Global.eval_during_train and config.Global.eval_metric not in computed:
+        raise ConfigError(
+            f"Global.eval_metric: '{config.Global.eval_metric}' is not computed; "
+            f"Metric.Eval gives {', '.join(computed)}"
         )
 
 

@@ -113,13 +113,29 @@ def _parse_path(key: str, text: str) -> list[str | int]:
 def apply_overrides(config: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply overrides in order to a raw config dict (in place) and return it. `KEY=null`
     removes a KEY the dict has, so that its default applies."""
-    for text in overrides:
-        path, value = parse_override(text)
-        _set_path(config, path, value, text)
+    apply_attributed(config, overrides)
     return config
 
 
-def _set_path(node: Any, path: list[str | int], value: Any, text: str) -> None:
+def apply_attributed(config: dict[str, Any], overrides: list[str]) -> dict[str, str]:
+    """`apply_overrides`, returning dotted key -> override text as `override_paths` does,
+    except that an override into a section the config lacks (`-o LinearProbe.epochs=2`)
+    has the section it makes: the section's problems (a key it requires) are the
+    override's, not the file's."""
+    result: dict[str, str] = {}
+    for text in overrides:
+        path, value = parse_override(text)
+        made = _set_path(config, path, value, text)
+        dotted = ".".join(str(p) for p in path[: made or len(path)])
+        result.pop(dotted, None)
+        result[dotted] = text
+    return result
+
+
+def _set_path(node: Any, path: list[str | int], value: Any, text: str) -> int | None:
+    """Set `path` to `value`; returns the length of the path of the first mapping it had
+    to make, None where every mapping on the way was there."""
+    made: int | None = None
     for depth, part in enumerate(path):
         last = depth == len(path) - 1
         if isinstance(part, int) and isinstance(node, dict):
@@ -158,7 +174,9 @@ def _set_path(node: Any, path: list[str | int], value: Any, text: str) -> None:
             else:
                 if node.get(part) is None:  # a new list could hold no index: a mapping
                     node[part] = {}
+                    made = made or depth + 1
                 node = node[part]
+    return made
 
 
 def _path_str(path: list[str | int]) -> str:

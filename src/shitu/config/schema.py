@@ -31,7 +31,13 @@ def only_off(refusal: str) -> Callable[[Any, bool], bool]:
 
 class Section(BaseModel):
     # A number where text is expected is the text YAML read it as: `output_dir=2024`, a path.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
+    # No setting means NaN or inf (`learning_rate: .inf` trains to NaN weights).
+    model_config = ConfigDict(
+        extra="forbid",
+        validate_assignment=True,
+        coerce_numbers_to_str=True,
+        allow_inf_nan=False,
+    )
 
     _refuse_bool_as_number = field_validator("*", mode="before")(refuse_bool_as_number)
     _null_is_default = field_validator("*", mode="before")(null_is_default)
@@ -40,7 +46,7 @@ class Section(BaseModel):
 class ComponentConfig(BaseModel):
     """`name` of a registered component plus its keyword arguments."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     _refuse_bool_as_number = field_validator("*", mode="before")(refuse_bool_as_number)
     _null_is_default = field_validator("*", mode="before")(null_is_default)
@@ -115,8 +121,8 @@ class GlobalConfig(Section):
     @field_validator("eval_metric")
     @classmethod
     def _metric_name(cls, value: str) -> str:
-        # A misspelt name (`map`, `recall1`) is refused as the config loads; whether
-        # Metric.Eval computes the metric named is checked when training builds its evaluation.
+        # A misspelt name (`map`, `recall1`) is refused here; whether Metric.Eval computes
+        # the metric named is checked as the components are (shitu.config.loader).
         if re.fullmatch(r"(recall|precision)@[1-9][0-9]*|mAP|mINP", value) is None:
             raise ValueError("must be recall@K, precision@K, mAP or mINP")
         return value
@@ -208,6 +214,15 @@ class LRConfig(ComponentConfig):
 class RegularizerConfig(Section):
     name: Literal["L2", "L1"] = "L2"
     coeff: float = Field(0.0, ge=0)
+
+    @field_validator("name")
+    @classmethod
+    def _only_l2(cls, value: str) -> str:
+        # Read so that a PaddleClas config's L1 is named as the config loads, not once
+        # training has built its data and model.
+        if value == "L1":
+            raise ValueError("only L2 is supported (L1 is not a weight decay)")
+        return value
 
 
 class OptimizerConfig(Section):

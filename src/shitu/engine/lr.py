@@ -8,6 +8,7 @@ a run recomputes exactly the same values.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from dataclasses import dataclass
@@ -181,8 +182,9 @@ class Piecewise(LRSchedule):
         decay_epochs: list[int], values: list[float] | None = None, **_others: Any
     ) -> None:
         """Also checked as a config loads (by the registry), naming the file and key."""
-        if sorted(decay_epochs) != list(decay_epochs):
-            raise ValueError(f"decay_epochs: {decay_epochs} must be increasing")
+        # An epoch twice ([30, 30]) would skip the piece between them without a word.
+        if any(later <= earlier for earlier, later in itertools.pairwise(decay_epochs)):
+            raise ValueError(f"decay_epochs: {decay_epochs} must be increasing, each epoch once")
         if values is not None and len(values) != len(decay_epochs) + 1:
             raise ValueError(
                 f"values: needs one more entry than decay_epochs ({len(decay_epochs) + 1}), "

@@ -26,11 +26,7 @@ def weight_decay_of(config: OptimizerConfig) -> float:
     """The decay coefficient: `weight_decay`, else PaddleClas's `regularizer: {name: L2, coeff}`."""
     if config.weight_decay is not None:
         return config.weight_decay
-    if config.regularizer is not None:
-        if config.regularizer.name != "L2":
-            raise ConfigError(
-                "Optimizer.regularizer.name: only L2 is supported (L1 is not a weight decay)"
-            )
+    if config.regularizer is not None:  # L2: the config refuses L1
         return config.regularizer.coeff
     return 0.0
 

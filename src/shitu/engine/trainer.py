@@ -221,12 +221,6 @@ class Trainer:
             self.evaluation = RetrievalEvaluation(
                 config, self.context, self.seed, leave_stopping_to_the_trainer, progress
             )
-            computed = self.evaluation.evaluator.metric_names
-            if config.Global.eval_metric not in computed:
-                raise ConfigError(
-                    f"Global.eval_metric: '{config.Global.eval_metric}' is not computed; "
-                    f"Metric.Eval gives {', '.join(computed)}"
-                )
             unmatched = self.evaluation.num_queries_without_positive
             if unmatched and self.context.is_main:
                 logger.warning(

@@ -102,6 +102,39 @@ def check_fingerprint(
         )
 
 
+def weight_file_in(folder: Path) -> str:
+    """What `folder` is and which weight file to give for it, where one is expected ('<path>
+    is ...'): a training run (its best, else final weights), an export (its torch weights),
+    a gallery library or a Paddle inference model (which hold none that shitu reads)."""
+    trained = [folder / name for name in TRAINING_RUN_WEIGHTS if (folder / name).is_file()]
+    if trained:
+        best = trained[0].name == TRAINING_RUN_WEIGHTS[0]
+        return f"a training run's folder: give its weights, {trained[0]}" + (
+            " (the best evaluated epoch's)" if best else ""
+        )
+    if (folder / MANIFEST).is_file():
+        if (folder / TORCH_FILE).is_file():
+            return f"an exported model's folder: give its weights, {folder / TORCH_FILE}"
+        return (
+            f"an exported model's folder without its torch weights ({TORCH_FILE}): give the weight "
+            "file it was exported from"
+        )
+    if (folder / LIBRARY_DATABASE).is_file():
+        return (
+            "a gallery library, which holds features, not weights: give the weight file of "
+            "the model that built it"
+        )
+    if (folder / PADDLE_INFERENCE_WEIGHTS).is_file():
+        return (
+            "a Paddle inference model, whose weights shitu does not read: give the "
+            "PaddleClas weights (.pdparams) it was exported from"
+        )
+    return (
+        f"a folder, not a weight file: give one (an export's is its {TORCH_FILE}, a training run's "
+        f"its {TRAINING_RUN_WEIGHTS[0]})"
+    )
+
+
 def read_manifest(model_dir: str | Path) -> dict[str, Any]:
     """The manifest of an exported folder (CheckpointError if it is not one)."""
     path = Path(model_dir) / MANIFEST

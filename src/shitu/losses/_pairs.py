@@ -114,6 +114,15 @@ class PairLoss(nn.Module):
     input_key: ClassVar[str] = "features"
     supports_reference: ClassVar[bool] = True
     normalize_feature: bool
+    # What the warning of a batch without triplets advises; XBM's says when its memory
+    # starts to supply them.
+    triplets_advice: str = (
+        "batch-hard losses need several classes and several images of each in a batch "
+        "(PKSampler, sample_per_id >= 2)"
+    )
+    # False while something else supplies the pairs a batch lacks (XBM's memory, once it
+    # has started): a batch without triplets is then no fault of the run.
+    warn_without_triplets: bool = True
     _warned_without_triplets: bool = False
 
     def forward(
@@ -141,12 +150,12 @@ class PairLoss(nn.Module):
         """The zero loss of a batch-hard loss on a batch where no anchor has both a positive
         and a negative, with a warning the first time: batches of one image per class (or
         of one class) leave the loss at 0 for the whole run, which nothing else shows."""
-        if not self._warned_without_triplets:
+        if self.warn_without_triplets and not self._warned_without_triplets:
             self._warned_without_triplets = True
             logger.warning(
                 "%s: no image of a training batch had both another image of its class and "
-                "one of another class, so the loss was 0; batch-hard losses need several "
-                "classes and several images of each in a batch (PKSampler, sample_per_id >= 2)",
+                "one of another class, so the loss was 0; %s",
                 type(self).__name__,
+                self.triplets_advice,
             )
         return zero_loss(query)

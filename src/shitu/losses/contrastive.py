@@ -9,7 +9,7 @@ from torch import Tensor
 
 from shitu.errors import ConfigError
 from shitu.losses._pairs import PairLoss
-from shitu.registry import LOSSES
+from shitu.registry import LOSSES, Size
 
 
 @LOSSES.register("ContrastiveLoss")
@@ -33,8 +33,8 @@ class ContrastiveLoss(PairLoss):
         margin: float = 0.5,
         normalize_feature: bool = True,
         epsilon: float = 1e-5,
-        embedding_size: int | None = None,
-        feat_dim: int | None = None,
+        embedding_size: Size | None = None,
+        feat_dim: Size | None = None,
     ) -> None:
         super().__init__()
         self.check_params(margin, normalize_feature, embedding_size, feat_dim)

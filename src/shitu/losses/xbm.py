@@ -19,7 +19,7 @@ from pydantic import Field
 from torch import nn
 
 from shitu.errors import ConfigError
-from shitu.losses._pairs import as_embeddings
+from shitu.losses._pairs import PairLoss, as_embeddings
 from shitu.losses.contrastive import ContrastiveLoss
 from shitu.registry import LOSSES, NonNegative, Size, Variant, each_problem
 
@@ -87,7 +87,13 @@ class CrossBatchMemory(nn.Module):
     ) -> None:
         super().__init__()
         self.pair_loss_name, params = _pair_loss_spec(pair_loss)
-        self.pair_loss = LOSSES.build(self.pair_loss_name, **params)
+        # A PairLoss: `_pair_loss_spec` takes only losses that compare with a reference set.
+        self.pair_loss: PairLoss = LOSSES.build(self.pair_loss_name, **params)
+        self.pair_loss.triplets_advice = (
+            f"XBM's memory supplies pairs from past batches only after start_iter "
+            f"({start_iter}) training steps; until then a batch needs several classes "
+            "and several images of each (PKSampler, sample_per_id >= 2)"
+        )
         self.start_iter = start_iter
         self.memory_weight = memory_weight
         self.batch_weight = batch_weight
@@ -139,12 +145,15 @@ class CrossBatchMemory(nn.Module):
     def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         features = as_embeddings(features)
         self.check_input(features)  # from the first step, not only once the memory starts
+        if self.training:
+            self.iteration += 1
+        memory_on = self.training and int(self.iteration) > self.start_iter
+        # Once on, the memory holds the positives a batch of one image per class lacks.
+        self.pair_loss.warn_without_triplets = not memory_on
         loss = self.batch_weight * self.pair_loss(features, labels)
-        if not self.training:
+        if not memory_on:
             return loss
-        self.iteration += 1
-        if int(self.iteration) <= self.start_iter:
-            return loss
+        self.pair_loss.warn_without_triplets = True  # nothing makes up for the memory's lack
         self.enqueue(features, labels)
         memory, memory_labels = self.stored()
         return loss + self.memory_weight * self.pair_loss(

@@ -150,12 +150,18 @@ GLOBAL_POOLS = {"avg": lambda: nn.AdaptiveAvgPool2d(1), "gem": GeneralizedMeanPo
 PoolName = Literal["avg", "gem"]
 
 
+def check_global_pool(kind: str, gem_p: float | None = None) -> None:
+    """ValueError('gem_p: ...') where `gem_p` is given for a pool other than GeM: a
+    backbone's `check_params` calls it, so that a config is refused as it loads."""
+    if gem_p is not None and kind != "gem":
+        raise ValueError(f"gem_p: only pool 'gem' has an exponent, pool is '{kind}'")
+
+
 def make_global_pool(kind: str, gem_p: float | None = None) -> nn.Module:
     """The N x C x H x W -> N x C x 1 x 1 pooling named by a backbone's `pool` option;
     `gem_p` is GeM's starting exponent (its default where None)."""
+    check_global_pool(kind, gem_p)
     if gem_p is not None:
-        if kind != "gem":
-            raise ValueError(f"gem_p: only pool 'gem' has an exponent, pool is '{kind}'")
         return GeneralizedMeanPool(gem_p)
     try:
         return GLOBAL_POOLS[kind]()

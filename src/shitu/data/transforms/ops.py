@@ -12,7 +12,7 @@ import io
 import math
 import os
 from collections.abc import Iterable, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps, UnidentifiedImageError
@@ -606,21 +606,21 @@ def _shift_hue(image: Image.Image, shift: float) -> Image.Image:
 
 
 def parse_scale(scale: float | str | None) -> float:
-    """A number, or PaddleClas's string form such as '1.0/255.0' (read without eval)."""
+    """A finite number, or PaddleClas's string form such as '1.0/255.0' (read without eval)."""
     if scale is None:
         return 1.0 / 255.0
     if isinstance(scale, int | float):
-        return float(scale)
-    parts = scale.replace(" ", "").split("/")
-    try:
-        values = [float(part) for part in parts]
-    except ValueError:
-        values = []
-    if len(values) == 1:
-        return values[0]
+        values = [float(scale)]
+    else:
+        try:
+            values = [float(part) for part in scale.replace(" ", "").split("/")]
+        except ValueError:
+            values = []
     if len(values) == 2 and values[1] != 0:
-        return values[0] / values[1]
-    raise ValueError(f"scale: write a number or 'a/b' such as '1.0/255.0', got {scale!r}")
+        values = [values[0] / values[1]]
+    if len(values) == 1 and math.isfinite(values[0]):
+        return values[0]
+    raise ValueError(f"scale: write a finite number or 'a/b' such as '1.0/255.0', got {scale!r}")
 
 
 @TRANSFORMS.register("NormalizeImage")
@@ -654,6 +654,11 @@ class NormalizeImage(Transform):
         if np.any(self.std == 0):
             raise ValueError("std must not contain 0")
         self.order: str | None = "hwc" if order == "" else order
+
+    @staticmethod
+    def check_params(scale: float | str | None = None, **_others: Any) -> None:
+        """`scale` (text such as '1.0/255.0' or a number), also read as a config loads."""
+        parse_scale(scale)
 
     def plan(self, stage: Stage) -> Stage:
         if not stage.decoded:

