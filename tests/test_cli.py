@@ -617,6 +617,20 @@ def test_extract_refuses_a_folder_for_out_before_embedding(tmp_path):
     )
 
 
+def test_a_command_that_writes_nothing_leaves_no_output_folder_it_made(tmp_path):
+    """The output folder is made before the work, to check it can be written in; a run
+    that then fails (no library there, no readable image) left it behind, empty."""
+    image = tmp_path / "a.jpg"
+    image.write_bytes(b"never an image")
+    result = run_shitu("extract", str(image), "--out", str(tmp_path / "new" / "deeper" / "f"))
+    assert result.returncode == 1, result.stderr
+    vis = tmp_path / "vis" / "run1"
+    result = run_shitu("recognize", str(image), "--gallery", str(tmp_path / "no_lib"),
+                       "--save-vis", str(vis))  # fmt: skip
+    assert result.returncode == 2 and "no such gallery library" in result.stderr
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["a.jpg"]
+
+
 def test_a_reader_that_stops_early_ends_the_command_quietly(serving_library):
     """`shitu recognize ... | head -1`: the JSON lines after the first find no reader. The
     images come in batches of 8 (FILES_PER_BATCH), so the second batch's lines are written

@@ -18,7 +18,7 @@ from shitu.cli.common import (
     skip_reason,
 )
 from shitu.errors import DataError
-from shitu.fileio import check_writable, write_atomically
+from shitu.fileio import check_writable, removed_if_left_empty, write_atomically
 from shitu.inference.choices import DEVICES
 
 
@@ -55,6 +55,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    with removed_if_left_empty(Path(args.out).parent):  # made, then nothing written: removed
+        return _extract(args)
+
+
+def _extract(args: argparse.Namespace) -> int:
     import numpy as np
 
     from shitu.inference import FeatureExtractor, default_model_dir

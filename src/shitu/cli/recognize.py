@@ -27,6 +27,7 @@ from shitu.cli.common import (
     warn_if_empty,
 )
 from shitu.errors import GalleryError
+from shitu.fileio import removed_if_left_empty
 from shitu.pipeline.defaults import (
     DEFAULT_PIPELINE_CONFIG,
     DEFAULT_SCORE_THRES,
@@ -162,6 +163,11 @@ def format_table(found: FileRecognition) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    with removed_if_left_empty(args.save_vis):  # a run that fails leaves no folder made
+        return _recognize(args)
+
+
+def _recognize(args: argparse.Namespace) -> int:
     from shitu.pipeline import Recognizer
 
     paths, folder = expand_images(args.images)
