@@ -596,6 +596,19 @@ def test_int8_images_without_calibration_images_is_refused(tmp_path):
     )
 
 
+def test_compact_with_int8_calibration_is_refused_naming_both_options(tmp_path):
+    """It said "drop one option", naming neither."""
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (32, 32), (90, 120, 150)).save(photo)
+    out = tmp_path / "model"
+    result = run_shitu("export", "--out", str(out), "--compact", "--int8-calibration", str(photo))
+    assert result.returncode == 2 and not out.exists()
+    assert result.stderr.endswith(
+        "error: compact with int8 calibration images (--compact --int8-calibration): a compact "
+        "export has no ONNX model to quantise; give one or the other\n"
+    )
+
+
 def test_extract_refuses_a_folder_for_out_before_embedding(tmp_path):
     """`--out` naming a folder is refused up front (it was a traceback after every image
     had been embedded)."""
