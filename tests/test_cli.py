@@ -694,6 +694,19 @@ def test_output_the_file_cannot_take_is_a_one_line_error(what, serving_library):
     assert result.stderr == "error: cannot write to stdout: No space left on device\n"
 
 
+def test_a_command_started_with_stdout_closed_says_so_in_one_line(tmp_path):
+    """`shitu ... >&-`: Python gives no stdout at all, and the flush at the end was a
+    traceback (`'NoneType' object has no attribute 'flush'`), after every result had been
+    dropped without a word."""
+    result = subprocess.run([*SHITU, "--version"], stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: os.close(1))  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr == (
+        "error: cannot write to stdout: it is closed; give the output a place to go "
+        "(`> FILE`, `> /dev/null`)\n"
+    )
+
+
 def test_a_file_name_that_is_not_utf8_is_written_as_its_bytes(serving_library, tmp_path):
     """A Latin-1 name from an old archive, in a UTF-8 locale (whose stdout refuses the
     surrogates Python reads such a name into; PYTHONIOENCODING stands in for en_US.UTF-8,
