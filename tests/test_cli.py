@@ -357,6 +357,7 @@ def test_an_image_opencv_cannot_decode_goes_to_pillow_without_opencvs_warning(tm
     result = run_shitu("extract", str(float_tiff), "--out", str(tmp_path / "feats"))
     assert result.returncode == 0, result.stderr
     assert "embedded 1 image" in result.stdout and result.stderr == ""
+    assert "skipped" not in result.stdout  # no "skipped 0 unreadable files": none to name
 
 
 def test_extract_that_cannot_write_its_paths_keeps_the_previous_features_and_paths(tmp_path):

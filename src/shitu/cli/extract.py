@@ -111,9 +111,10 @@ def _extract(args: argparse.Namespace) -> int:
 
     write_atomically(targets[0], save_features_then_names)
     rate = len(result.paths) / seconds if seconds > 0 else 0.0
+    skipped = len(result.failures)  # each named in a warning above; none is no news
     print(
         f"embedded {count_of(len(result.paths), 'image')} ({extractor.embedding_size}-d, "
         f"{extractor.backend.name} {args.precision}, {rate:.1f} images/s) -> {out}.npy, "
-        f"{out}.txt; skipped {count_of(len(result.failures), 'unreadable file')}"
+        f"{out}.txt" + (f"; skipped {count_of(skipped, 'unreadable file')}" if skipped else "")
     )
     return 0
