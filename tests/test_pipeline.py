@@ -701,6 +701,34 @@ def test_a_missing_library_from_a_config_file_names_the_file_and_key(
     )
 
 
+def test_a_missing_model_or_detector_from_a_config_file_names_the_file_and_key(
+    setup, tmp_path, capsys, monkeypatch
+):
+    """As for the library: a PaddleClas config's model and detector paths, relative to the
+    working directory, were named as if given by --model and --detector, with no word of
+    the file they came from."""
+    config = tmp_path / "inference_general.yaml"
+    config.write_text("Global:\n  rec_inference_model_dir: ./models/rec\n"
+                      "  det_inference_model_dir: ./models/det.onnx\n")  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    photo = str(setup["queries"][0].path)
+    common = ["-c", str(config), "--gallery", str(setup["library"])]
+    assert shitu_main(["recognize", photo, *common, "--model", str(setup["model"])]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {config}: Global.det_inference_model_dir: no such file: ./models/det.onnx; "
+        "give a detector file (.onnx, .pt or .pdparams), 'none' or 'plain-background' (read "
+        f"from the working directory {tmp_path})\n"
+    )
+    assert shitu_main(["recognize", photo, *common, "--detector", "none"]) == 2
+    assert capsys.readouterr().err.startswith(
+        f"error: {config}: Global.rec_inference_model_dir: model models/rec: no such folder"
+    )
+    assert shitu_main(["recognize", photo, *common, "--detector", "gone.onnx"]) == 2
+    assert capsys.readouterr().err.startswith(  # the path given on the command line: as it was
+        "error: Global.det_inference_model_dir (--detector): no such file: gone.onnx; "
+    )
+
+
 def test_recognize_cli_skips_an_image_over_the_pixel_limit(setup, tmp_path, capsys):
     """An image over the pixel limit (here over OpenCV's own too) is refused from its
     header: the file is reported with its size and the limit, and the batch goes on."""
