@@ -174,16 +174,20 @@ def build_detector(config: PipelineConfig) -> MainbodyDetector | None:
             )
         return None if name is None else PlainBackgroundDetector()
     if not Path(name).is_file():  # PaddleClas configs name a Paddle inference folder here
-        problem = "is a folder, not a file" if Path(name).is_dir() else "no such file"
-        if (Path(name) / PADDLE_INFERENCE_WEIGHTS).is_file():
-            problem = (
-                "is a Paddle inference model, which shitu does not run (give the PicoDet "
-                "weights it was made from, .pdparams with --det-arch, or an ONNX export)"
-            )
-        raise ConfigError(
-            f"Global.det_inference_model_dir (--detector): {problem}: {name}; give a "
-            f"detector file (.onnx, .pt or .pdparams), '{NO_DETECTOR}' or '{PLAIN_BACKGROUND}'"
+        way_out = (
+            f"give a detector file (.onnx, .pt or .pdparams), '{NO_DETECTOR}' or "
+            f"'{PLAIN_BACKGROUND}'"
         )
+        problem = (
+            f"{name} is a folder, not a file" if Path(name).is_dir() else f"{name}: no such file"
+        )
+        if (Path(name) / PADDLE_INFERENCE_WEIGHTS).is_file():
+            problem = f"{name} is a Paddle inference model, which shitu does not run"
+            way_out = (
+                "give the PicoDet weights it was made from (.pdparams, with --det-arch) or "
+                "an ONNX export"
+            )
+        raise ConfigError(f"Global.det_inference_model_dir (--detector): {problem}; {way_out}")
     from shitu.detection import load_detector
 
     g = config.Global
