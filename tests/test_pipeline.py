@@ -1217,6 +1217,14 @@ def test_demo_builds_a_gallery_and_recognises_every_product(setup, tmp_path, cap
     )
     assert total == 16 and right >= 15
     assert len(list((out / "vis").glob("*.jpg"))) == 8
+    # The demo's folder given for its library (advised to build one from it as images):
+    # the library in it is named.
+    photo = str(out / "images" / "queries" / "shelf_0.jpg")
+    common = [photo, "--model", str(setup["model"]), "--no-progress"]
+    assert shitu_main(["recognize", *common, "--gallery", str(out)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {out}: not a gallery library, but holds one: give {out / 'gallery'}\n"
+    )
     # Running it again reuses its own folder; any other folder is refused.
     assert shitu_main(["demo", "--out", str(out), "--model", str(setup["model"])]) == 0
     assert shitu_main(["demo", "--out", str(setup["work"]), "--model", str(setup["model"])]) == 2
