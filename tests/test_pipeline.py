@@ -9,6 +9,7 @@ import inspect
 import json
 import shutil
 import sqlite3
+import subprocess
 import sys
 import unicodedata
 from concurrent.futures import ThreadPoolExecutor
@@ -855,18 +856,39 @@ def test_an_interrupted_annotated_copy_leaves_no_truncated_file(
     """Ctrl-C while a copy is written: no half JPEG under the copy's name, no stray file."""
     photo = setup["queries"][0].path
     vis = tmp_path / "vis"
-    real_save = Image.Image.save
+    real_write_bytes = Path.write_bytes
 
-    def save_half_then_stop(image, target, *args, **kwargs):
-        real_save(image, target, *args, **kwargs)
-        Path(target).write_bytes(Path(target).read_bytes()[:100])
+    def write_half_then_stop(path, data):
+        real_write_bytes(path, data[:100])
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(Image.Image, "save", save_half_then_stop)
+    monkeypatch.setattr(Path, "write_bytes", write_half_then_stop)
     common = ["--gallery", str(setup["library"]), "--model", str(setup["model"]), "--no-progress"]
     assert shitu_main(["recognize", str(photo), *common, "--save-vis", str(vis)]) == 130
     assert "interrupted" in capsys.readouterr().err
-    assert list(vis.iterdir()) == []
+    assert not vis.exists()  # nor the folder made for the copies, left empty
+
+
+def test_an_annotated_copy_the_disk_cannot_take_whole_is_an_error_not_a_cut_short_jpeg(
+    setup, tmp_path
+):
+    """Pillow's JPEG encoder took a short write (a full disk, the file size limit) for a
+    whole one: the command went on, status 0, leaving a copy cut off at the limit."""
+    import resource
+
+    photo = setup["queries"][0].path
+    vis = tmp_path / "vis"
+    limit = 4096  # below any annotated photo's JPEG
+
+    def limit_file_size() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    command = [sys.executable, "-m", "shitu", "recognize", str(photo), "--gallery",
+               str(setup["library"]), "--model", str(setup["model"]), "--save-vis", str(vis)]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, preexec_fn=limit_file_size)
+    assert result.returncode == 2
+    assert result.stderr == f"error: cannot write {vis / photo.name}: File too large\n"
+    assert not vis.exists()
 
 
 def test_recognize_cli_warns_that_an_empty_library_recognises_nothing(setup, tmp_path, capsys):
