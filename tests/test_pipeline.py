@@ -1383,6 +1383,22 @@ def test_default_model_dir_names_the_missing_folder(tmp_path, monkeypatch, capsy
     assert default_model_dir() == tmp_path / "default_model"
 
 
+def test_an_exported_recognition_model_given_as_the_detector_is_sent_to_model(setup, tmp_path):
+    """`--detector` for `--model`, folder or its model.onnx: that said the folder was no file,
+    or that the ONNX graph's outputs were not PicoDet's, with no word of --model."""
+    model = setup["model"]
+    for given in (model, model / "model.onnx"):
+        settings = [f"Global.det_inference_model_dir={given}", f"IndexProcess.index_dir={tmp_path}"]
+        with pytest.raises(ConfigError) as info:
+            Recognizer.from_config(load_pipeline_config(None, settings))
+        part = "" if given == model else "a file of "
+        assert str(info.value) == (
+            f"Global.det_inference_model_dir (--detector): {given} is {part}an exported "
+            f"recognition model, not a detector: that goes to --model ({model}); give as "
+            "--detector a detector file (.onnx, .pt or .pdparams), 'none' or 'plain-background'"
+        )
+
+
 def test_wrong_detector_and_model_settings_name_the_setting_and_the_way_out(tmp_path):
     with pytest.raises(ConfigError, match="bogus: no such file; .*'none' or 'plain-background'"):
         Recognizer.from_config(

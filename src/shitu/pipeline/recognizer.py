@@ -35,7 +35,7 @@ from shitu.errors import CheckpointError, ConfigError
 from shitu.image_files import path_list
 from shitu.index import Gallery
 from shitu.inference.extractor import FeatureExtractor, check_count
-from shitu.inference.manifest import PADDLE_INFERENCE_WEIGHTS
+from shitu.inference.manifest import EXPORT_FILES, MANIFEST, PADDLE_INFERENCE_WEIGHTS
 from shitu.inference.preprocess import read_rgb
 from shitu.pipeline.background import PlainBackgroundDetector
 from shitu.pipeline.config import PipelineConfig, load_pipeline_config, with_settings
@@ -173,21 +173,28 @@ def build_detector(config: PipelineConfig) -> MainbodyDetector | None:
                 "no detector is given" if name is None else f"{PLAIN_BACKGROUND} has no model",
             )
         return None if name is None else PlainBackgroundDetector()
-    if not Path(name).is_file():  # PaddleClas configs name a Paddle inference folder here
-        way_out = (
-            f"give a detector file (.onnx, .pt or .pdparams), '{NO_DETECTOR}' or "
-            f"'{PLAIN_BACKGROUND}'"
+    path = Path(name)
+    key = "Global.det_inference_model_dir (--detector)"
+    detectors = (
+        f"a detector file (.onnx, .pt or .pdparams), '{NO_DETECTOR}' or '{PLAIN_BACKGROUND}'"
+    )
+    export = path if path.is_dir() else path.parent if path.name in EXPORT_FILES else None
+    if export is not None and (export / MANIFEST).is_file():  # --detector for --model
+        part = "" if export == path else "a file of "
+        raise ConfigError(
+            f"{key}: {name} is {part}an exported recognition model, not a detector: that "
+            f"goes to --model ({export}); give as --detector {detectors}"
         )
-        problem = (
-            f"{name} is a folder, not a file" if Path(name).is_dir() else f"{name}: no such file"
-        )
-        if (Path(name) / PADDLE_INFERENCE_WEIGHTS).is_file():
+    if not path.is_file():  # PaddleClas configs name a Paddle inference folder here
+        problem = f"{name} is a folder, not a file" if path.is_dir() else f"{name}: no such file"
+        way_out = f"give {detectors}"
+        if (path / PADDLE_INFERENCE_WEIGHTS).is_file():
             problem = f"{name} is a Paddle inference model, which shitu does not run"
             way_out = (
                 "give the PicoDet weights it was made from (.pdparams, with --det-arch) or "
                 "an ONNX export"
             )
-        raise ConfigError(f"Global.det_inference_model_dir (--detector): {problem}; {way_out}")
+        raise ConfigError(f"{key}: {problem}; {way_out}")
     from shitu.detection import load_detector
 
     g = config.Global
