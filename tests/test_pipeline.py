@@ -1254,6 +1254,15 @@ def test_demo_builds_a_gallery_and_recognises_every_product(setup, tmp_path, cap
     fresh = tmp_path / "fresh"
     args = ["demo", "--out", str(fresh), "--model", str(setup["model"]), "--precision", "int8"]
     assert shitu_main(args) == 2 and not fresh.exists()
+    # Nor does a detector that cannot load (it wrote the photos and the library first), and
+    # a path from a config file is named with the file, as by `recognize`.
+    config = tmp_path / "pipeline.yaml"
+    config.write_text("Global:\n  det_inference_model_dir: ./det.onnx\n")
+    capsys.readouterr()
+    assert shitu_main([*args[:-2], "-c", str(config)]) == 2 and not fresh.exists()
+    assert capsys.readouterr().err.startswith(
+        f"error: {config}: Global.det_inference_model_dir: ./det.onnx: no such file; "
+    )
 
 
 def test_quick_start_demo_with_the_shipped_model(tmp_path, monkeypatch, capsys):

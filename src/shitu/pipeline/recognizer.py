@@ -201,6 +201,26 @@ def build_detector(config: PipelineConfig) -> MainbodyDetector | None:
     return load_detector(name, g.det_backend, g.det_arch, num_threads=g.cpu_num_threads)
 
 
+def load_extractor(config: PipelineConfig) -> FeatureExtractor:
+    """The config's recognition model (the shipped one unless Global.rec_inference_model_dir)
+    on its runtime; one that cannot be loaded is a CheckpointError naming the key."""
+    from shitu.inference import default_model_dir
+
+    g = config.Global
+    model_dir = Path(g.rec_inference_model_dir or default_model_dir())
+    try:
+        return FeatureExtractor.load(
+            model_dir, g.rec_backend, g.cpu_num_threads, precision=g.rec_precision
+        )
+    except CheckpointError as exc:
+        if g.rec_inference_model_dir is None:
+            raise
+        raise CheckpointError(
+            f"Global.rec_inference_model_dir (--model): {exc} (set it to null, or give "
+            "no --model, for the model shipped with shitu)"
+        ) from None
+
+
 class Recognizer:
     """Recognise the objects in images against a gallery library.
 
@@ -264,7 +284,7 @@ class Recognizer:
         detector and library (`IndexProcess.index_dir`, refused unless built with that
         model); `close()` closes them all. `config`: a `load_pipeline_config(...)`, or
         the YAML file (or shipped name) it would load without overrides."""
-        from shitu.inference import default_model_dir, default_model_fingerprint
+        from shitu.inference import default_model_fingerprint
 
         if isinstance(config, str | Path):
             config = load_pipeline_config(config)
@@ -283,19 +303,7 @@ class Recognizer:
             detector = build_detector(config)
             if isinstance(detector, AbstractContextManager):  # one that holds a session
                 opened.enter_context(detector)
-            model_dir = Path(g.rec_inference_model_dir or default_model_dir())
-            try:
-                extractor = FeatureExtractor.load(
-                    model_dir, g.rec_backend, g.cpu_num_threads, precision=g.rec_precision
-                )
-            except CheckpointError as exc:
-                if g.rec_inference_model_dir is None:
-                    raise
-                raise CheckpointError(
-                    f"Global.rec_inference_model_dir (--model): {exc} (set it to null, or give "
-                    "no --model, for the model shipped with shitu)"
-                ) from None
-            opened.enter_context(extractor)
+            extractor = opened.enter_context(load_extractor(config))
             gallery = opened.enter_context(
                 Gallery.open_for(
                     config.IndexProcess.index_dir,
