@@ -728,6 +728,12 @@ def test_a_missing_model_or_detector_from_a_config_file_names_the_file_and_key(
     assert capsys.readouterr().err.startswith(  # the path given on the command line: as it was
         "error: Global.det_inference_model_dir (--detector): gone.onnx: no such file; "
     )
+    # A library of another model than the (shipped) one asked for, from the file.
+    config.write_text(f"IndexProcess:\n  index_dir: {setup['library']}\n")
+    assert shitu_main(["recognize", photo, "-c", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {config}: IndexProcess.index_dir: {setup['library']}: ")
+    assert "pass the --model export that built the library" in err and err.count("\n") == 1
 
 
 def test_recognize_cli_skips_an_image_over_the_pixel_limit(setup, tmp_path, capsys):

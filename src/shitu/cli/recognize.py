@@ -26,7 +26,7 @@ from shitu.cli.common import (
     visualisation_writer,
     warn_if_empty,
 )
-from shitu.errors import GalleryError, ShituError
+from shitu.errors import CheckpointError, ConfigError, GalleryError, ShituError
 from shitu.fileio import removed_if_left_empty
 from shitu.pipeline.defaults import (
     DEFAULT_PIPELINE_CONFIG,
@@ -110,7 +110,13 @@ def naming_config_paths(args: argparse.Namespace, config: PipelineConfig) -> Ite
         note = f" (read from the working directory {Path.cwd()})" if relative else ""
         source = find_config(args.config, PIPELINE_CONFIG_DIR, "pipeline config")
         overrides = override_paths([item for group in args.override for item in group])
-        raise type(exc)(with_source(source, f"{problem}{note}", overrides)) from None
+        # Its kind, not its class: a ModelMismatchError is made with more than a message.
+        kind = next(
+            k
+            for k in (GalleryError, CheckpointError, ConfigError, ShituError)
+            if isinstance(exc, k)
+        )
+        raise kind(with_source(source, f"{problem}{note}", overrides)) from None
 
 
 def _opened_path_problem(exc: ShituError) -> tuple[str | None, str]:
