@@ -357,6 +357,7 @@ def test_an_image_opencv_cannot_decode_goes_to_pillow_without_opencvs_warning(tm
     result = run_shitu("extract", str(float_tiff), "--out", str(tmp_path / "feats"))
     assert result.returncode == 0, result.stderr
     assert "embedded 1 image" in result.stdout and result.stderr == ""
+    assert "skipped" not in result.stdout  # no "skipped 0 unreadable files": none to name
 
 
 def test_extract_that_cannot_write_its_paths_keeps_the_previous_features_and_paths(tmp_path):
@@ -596,6 +597,19 @@ def test_int8_images_without_calibration_images_is_refused(tmp_path):
     )
 
 
+def test_compact_with_int8_calibration_is_refused_naming_both_options(tmp_path):
+    """It said "drop one option", naming neither."""
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (32, 32), (90, 120, 150)).save(photo)
+    out = tmp_path / "model"
+    result = run_shitu("export", "--out", str(out), "--compact", "--int8-calibration", str(photo))
+    assert result.returncode == 2 and not out.exists()
+    assert result.stderr.endswith(
+        "error: compact with int8 calibration images (--compact --int8-calibration): a compact "
+        "export has no ONNX model to quantise; give one or the other\n"
+    )
+
+
 def test_extract_refuses_a_folder_for_out_before_embedding(tmp_path):
     """`--out` naming a folder is refused up front (it was a traceback after every image
     had been embedded)."""
@@ -615,6 +629,20 @@ def test_extract_refuses_a_folder_for_out_before_embedding(tmp_path):
         f"error: --out {tmp_path / 'features'}/: names a folder; give a file prefix in it, "
         f"such as {tmp_path / 'features' / 'feats'}\n"
     )
+
+
+def test_a_command_that_writes_nothing_leaves_no_output_folder_it_made(tmp_path):
+    """The output folder is made before the work, to check it can be written in; a run
+    that then fails (no library there, no readable image) left it behind, empty."""
+    image = tmp_path / "a.jpg"
+    image.write_bytes(b"never an image")
+    result = run_shitu("extract", str(image), "--out", str(tmp_path / "new" / "deeper" / "f"))
+    assert result.returncode == 1, result.stderr
+    vis = tmp_path / "vis" / "run1"
+    result = run_shitu("recognize", str(image), "--gallery", str(tmp_path / "no_lib"),
+                       "--save-vis", str(vis))  # fmt: skip
+    assert result.returncode == 2 and "no such gallery library" in result.stderr
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["a.jpg"]
 
 
 def test_a_reader_that_stops_early_ends_the_command_quietly(serving_library):
@@ -665,6 +693,19 @@ def test_output_the_file_cannot_take_is_a_one_line_error(what, serving_library):
                                 env=env)  # fmt: skip
     assert result.returncode == 2
     assert result.stderr == "error: cannot write to stdout: No space left on device\n"
+
+
+def test_a_command_started_with_stdout_closed_says_so_in_one_line(tmp_path):
+    """`shitu ... >&-`: Python gives no stdout at all, and the flush at the end was a
+    traceback (`'NoneType' object has no attribute 'flush'`), after every result had been
+    dropped without a word."""
+    result = subprocess.run([*SHITU, "--version"], stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: os.close(1))  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr == (
+        "error: cannot write to stdout: it is closed; give the output a place to go "
+        "(`> FILE`, `> /dev/null`)\n"
+    )
 
 
 def test_a_file_name_that_is_not_utf8_is_written_as_its_bytes(serving_library, tmp_path):

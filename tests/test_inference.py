@@ -7,6 +7,8 @@ import io
 import json
 import logging
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -1104,3 +1106,27 @@ def test_the_shipped_model_exported_again_keeps_its_fingerprint(tmp_path):
     config = load_config("GroceryStore_EfficientNetLite0")
     out = export_model(config, shipped / "model.safetensors", tmp_path / "again", compact=True)
     assert read_manifest(out)["fingerprint"] == read_manifest(shipped)["fingerprint"]
+
+
+def test_int8_asked_of_the_shipped_model_gives_the_command_that_makes_it(tmp_path):
+    """The shipped model ships without an int8 file; `--precision int8` said only `shitu
+    export ... --int8-calibration IMAGES`, and the user has neither the config nor the
+    weights' path that export needs. The command it gives now works as it stands."""
+    with pytest.raises(ConfigError) as refused:
+        FeatureExtractor.load(default_model_dir(), precision="int8")
+    command = re.search(r"`(shitu export [^`]+)`", str(refused.value)).group(1)
+    photos = tmp_path / "YOUR_PHOTOS"
+    photos.mkdir()
+    for shade in range(4):
+        Image.new("RGB", (64, 48), (60 * shade, 100, 200 - 40 * shade)).save(
+            photos / f"{shade}.png"
+        )
+    words = shlex.split(command)
+    assert words[:2] == ["shitu", "export"]
+    made = subprocess.run([sys.executable, "-m", "shitu", *words[1:]], cwd=tmp_path,
+                          capture_output=True, text=True)  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    exported = FeatureExtractor.load(tmp_path / "default_int8", precision="int8", num_threads=1)
+    shipped = read_manifest(default_model_dir())
+    assert exported.score_thres == shipped["score_thres"]
+    assert read_manifest(tmp_path / "default_int8")["fingerprint"] == shipped["fingerprint"]

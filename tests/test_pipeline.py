@@ -9,6 +9,7 @@ import inspect
 import json
 import shutil
 import sqlite3
+import subprocess
 import sys
 import unicodedata
 from concurrent.futures import ThreadPoolExecutor
@@ -701,6 +702,40 @@ def test_a_missing_library_from_a_config_file_names_the_file_and_key(
     )
 
 
+def test_a_missing_model_or_detector_from_a_config_file_names_the_file_and_key(
+    setup, tmp_path, capsys, monkeypatch
+):
+    """As for the library: a PaddleClas config's model and detector paths, relative to the
+    working directory, were named as if given by --model and --detector, with no word of
+    the file they came from."""
+    config = tmp_path / "inference_general.yaml"
+    config.write_text("Global:\n  rec_inference_model_dir: ./models/rec\n"
+                      "  det_inference_model_dir: ./models/det.onnx\n")  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    photo = str(setup["queries"][0].path)
+    common = ["-c", str(config), "--gallery", str(setup["library"])]
+    assert shitu_main(["recognize", photo, *common, "--model", str(setup["model"])]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {config}: Global.det_inference_model_dir: ./models/det.onnx: no such file; "
+        "give a detector file (.onnx, .pt or .pdparams), 'none' or 'plain-background' (read "
+        f"from the working directory {tmp_path})\n"
+    )
+    assert shitu_main(["recognize", photo, *common, "--detector", "none"]) == 2
+    assert capsys.readouterr().err.startswith(
+        f"error: {config}: Global.rec_inference_model_dir: model models/rec: no such folder"
+    )
+    assert shitu_main(["recognize", photo, *common, "--detector", "gone.onnx"]) == 2
+    assert capsys.readouterr().err.startswith(  # the path given on the command line: as it was
+        "error: Global.det_inference_model_dir (--detector): gone.onnx: no such file; "
+    )
+    # A library of another model than the (shipped) one asked for, from the file.
+    config.write_text(f"IndexProcess:\n  index_dir: {setup['library']}\n")
+    assert shitu_main(["recognize", photo, "-c", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {config}: IndexProcess.index_dir: {setup['library']}: ")
+    assert "pass the --model export that built the library" in err and err.count("\n") == 1
+
+
 def test_recognize_cli_skips_an_image_over_the_pixel_limit(setup, tmp_path, capsys):
     """An image over the pixel limit (here over OpenCV's own too) is refused from its
     header: the file is reported with its size and the limit, and the batch goes on."""
@@ -827,18 +862,39 @@ def test_an_interrupted_annotated_copy_leaves_no_truncated_file(
     """Ctrl-C while a copy is written: no half JPEG under the copy's name, no stray file."""
     photo = setup["queries"][0].path
     vis = tmp_path / "vis"
-    real_save = Image.Image.save
+    real_write_bytes = Path.write_bytes
 
-    def save_half_then_stop(image, target, *args, **kwargs):
-        real_save(image, target, *args, **kwargs)
-        Path(target).write_bytes(Path(target).read_bytes()[:100])
+    def write_half_then_stop(path, data):
+        real_write_bytes(path, data[:100])
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(Image.Image, "save", save_half_then_stop)
+    monkeypatch.setattr(Path, "write_bytes", write_half_then_stop)
     common = ["--gallery", str(setup["library"]), "--model", str(setup["model"]), "--no-progress"]
     assert shitu_main(["recognize", str(photo), *common, "--save-vis", str(vis)]) == 130
     assert "interrupted" in capsys.readouterr().err
-    assert list(vis.iterdir()) == []
+    assert not vis.exists()  # nor the folder made for the copies, left empty
+
+
+def test_an_annotated_copy_the_disk_cannot_take_whole_is_an_error_not_a_cut_short_jpeg(
+    setup, tmp_path
+):
+    """Pillow's JPEG encoder took a short write (a full disk, the file size limit) for a
+    whole one: the command went on, status 0, leaving a copy cut off at the limit."""
+    import resource
+
+    photo = setup["queries"][0].path
+    vis = tmp_path / "vis"
+    limit = 4096  # below any annotated photo's JPEG
+
+    def limit_file_size() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    command = [sys.executable, "-m", "shitu", "recognize", str(photo), "--gallery",
+               str(setup["library"]), "--model", str(setup["model"]), "--save-vis", str(vis)]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, preexec_fn=limit_file_size)
+    assert result.returncode == 2
+    assert result.stderr == f"error: cannot write {vis / photo.name}: File too large\n"
+    assert not vis.exists()
 
 
 def test_recognize_cli_warns_that_an_empty_library_recognises_nothing(setup, tmp_path, capsys):
@@ -1189,6 +1245,14 @@ def test_demo_builds_a_gallery_and_recognises_every_product(setup, tmp_path, cap
     )
     assert total == 16 and right >= 15
     assert len(list((out / "vis").glob("*.jpg"))) == 8
+    # The demo's folder given for its library (advised to build one from it as images):
+    # the library in it is named.
+    photo = str(out / "images" / "queries" / "shelf_0.jpg")
+    common = [photo, "--model", str(setup["model"]), "--no-progress"]
+    assert shitu_main(["recognize", *common, "--gallery", str(out)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {out}: not a gallery library, but holds one: give {out / 'gallery'}\n"
+    )
     # Running it again reuses its own folder; any other folder is refused.
     assert shitu_main(["demo", "--out", str(out), "--model", str(setup["model"])]) == 0
     assert shitu_main(["demo", "--out", str(setup["work"]), "--model", str(setup["model"])]) == 2
@@ -1196,6 +1260,15 @@ def test_demo_builds_a_gallery_and_recognises_every_product(setup, tmp_path, cap
     fresh = tmp_path / "fresh"
     args = ["demo", "--out", str(fresh), "--model", str(setup["model"]), "--precision", "int8"]
     assert shitu_main(args) == 2 and not fresh.exists()
+    # Nor does a detector that cannot load (it wrote the photos and the library first), and
+    # a path from a config file is named with the file, as by `recognize`.
+    config = tmp_path / "pipeline.yaml"
+    config.write_text("Global:\n  det_inference_model_dir: ./det.onnx\n")
+    capsys.readouterr()
+    assert shitu_main([*args[:-2], "-c", str(config)]) == 2 and not fresh.exists()
+    assert capsys.readouterr().err.startswith(
+        f"error: {config}: Global.det_inference_model_dir: ./det.onnx: no such file; "
+    )
 
 
 def test_quick_start_demo_with_the_shipped_model(tmp_path, monkeypatch, capsys):
@@ -1325,8 +1398,24 @@ def test_default_model_dir_names_the_missing_folder(tmp_path, monkeypatch, capsy
     assert default_model_dir() == tmp_path / "default_model"
 
 
+def test_an_exported_recognition_model_given_as_the_detector_is_sent_to_model(setup, tmp_path):
+    """`--detector` for `--model`, folder or its model.onnx: that said the folder was no file,
+    or that the ONNX graph's outputs were not PicoDet's, with no word of --model."""
+    model = setup["model"]
+    for given in (model, model / "model.onnx"):
+        settings = [f"Global.det_inference_model_dir={given}", f"IndexProcess.index_dir={tmp_path}"]
+        with pytest.raises(ConfigError) as info:
+            Recognizer.from_config(load_pipeline_config(None, settings))
+        part = "" if given == model else "a file of "
+        assert str(info.value) == (
+            f"Global.det_inference_model_dir (--detector): {given} is {part}an exported "
+            f"recognition model, not a detector: that goes to --model ({model}); give as "
+            "--detector a detector file (.onnx, .pt or .pdparams), 'none' or 'plain-background'"
+        )
+
+
 def test_wrong_detector_and_model_settings_name_the_setting_and_the_way_out(tmp_path):
-    with pytest.raises(ConfigError, match="no such file: bogus; .*'none' or 'plain-background'"):
+    with pytest.raises(ConfigError, match="bogus: no such file; .*'none' or 'plain-background'"):
         Recognizer.from_config(
             load_pipeline_config(
                 None, ["Global.det_inference_model_dir=bogus", f"IndexProcess.index_dir={tmp_path}"]
@@ -1335,7 +1424,7 @@ def test_wrong_detector_and_model_settings_name_the_setting_and_the_way_out(tmp_
     paddle_model = tmp_path / "paddle_model"  # e.g. a PaddleClas inference folder
     paddle_model.mkdir()
     with pytest.raises(
-        ConfigError, match=r"\(--detector\): is a folder, not a file: .*paddle_model"
+        ConfigError, match=r"\(--detector\): .*paddle_model is a folder, not a file; give"
     ):
         Recognizer.from_config(
             load_pipeline_config(
@@ -1360,10 +1449,10 @@ def test_wrong_detector_and_model_settings_name_the_setting_and_the_way_out(tmp_
     ]
     with pytest.raises(ConfigError) as info:
         Recognizer.from_config(load_pipeline_config(None, settings))
-    assert str(info.value).startswith(
-        f"Global.det_inference_model_dir (--detector): is a Paddle inference model, which "
-        "shitu does not run (give the PicoDet weights it was made from, .pdparams with "
-        f"--det-arch, or an ONNX export): {paddle_model}; give a detector file"
+    assert str(info.value) == (
+        f"Global.det_inference_model_dir (--detector): {paddle_model} is a Paddle inference "
+        "model, which shitu does not run; give the PicoDet weights it was made from "
+        "(.pdparams, with --det-arch) or an ONNX export"
     )
 
 

@@ -87,6 +87,21 @@ def check_writable(folder: Path, what: str) -> None:
         raise DataError(f"{what}: cannot write in {folder} ({exc.strerror or exc})") from None
 
 
+@contextlib.contextmanager
+def removed_if_left_empty(folder: Path | None) -> Iterator[None]:
+    """Remove `folder`, and the folders above it made with it, where the block leaves them
+    empty: an output folder made early, to check that it can be written in, is no trace
+    of a command that then failed (a wrong library, no readable image) before writing in
+    it. None: no folder."""
+    made = [] if folder is None else [f for f in (folder, *folder.parents) if not f.exists()]
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):  # not empty: written in, by this run or another
+            for empty in made:  # the deepest first
+                empty.rmdir()
+
+
 def refuse_file_in_the_way(folder: Path, what: str) -> None:
     """A DataError naming `what` where `folder`, or a folder on its path, is a file; for a
     check that makes no folder (`check_writable` makes it)."""

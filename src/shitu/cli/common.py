@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import itertools
 import math
 import os
@@ -469,8 +470,15 @@ class VisualisationWriter:
         if path not in self.written and path.exists():
             self.replaced += 1
         self.written.add(path)
-        rgb = annotated.convert("RGB")  # whole or not at all, if the run is stopped mid-write
-        return write_atomically(path, lambda tmp: rgb.save(tmp, "JPEG", quality=90))
+        encoded = io.BytesIO()
+        annotated.convert("RGB").save(encoded, "JPEG", quality=90)
+        # Written by Python, not by Pillow's encoder, which takes a short write (a full disk,
+        # the file size limit) for a whole one: the copy was cut short without a word. And
+        # whole or not at all, if the run is stopped mid-write.
+        try:
+            return write_atomically(path, lambda tmp: tmp.write_bytes(encoded.getvalue()))
+        except OSError as exc:  # said of the temporary file, or of no file at all
+            raise DataError(f"cannot write {path}: {exc.strerror or exc}") from None
 
     def note_replaced(self) -> None:
         """Say on stderr how many files already in the folder the copies were written over

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shlex
 import shutil
 from pathlib import Path
@@ -12,6 +13,7 @@ from shitu.cli.common import VisualisationWriter
 from shitu.cli.recognize import (
     add_pipeline_arguments,
     format_table,
+    naming_config_paths,
     pipeline_arguments,
     pipeline_config_from_args,
 )
@@ -77,16 +79,16 @@ def _under(out: Path, path: Path) -> str:
 def run(args: argparse.Namespace) -> int:
     from shitu.demo import make_demo_set
     from shitu.index import Gallery, collect_items
-    from shitu.inference import FeatureExtractor, default_model_dir
     from shitu.pipeline import Recognizer
+    from shitu.pipeline.recognizer import build_detector, load_extractor
 
     config, next_command = demo_settings(args)
-    # The model (and its runtime) first: a setting that cannot work leaves nothing written.
-    model = Path(config.Global.rec_inference_model_dir or default_model_dir())
-    g = config.Global
-    extractor = FeatureExtractor.load(
-        model, g.rec_backend, g.cpu_num_threads, precision=g.rec_precision
-    )
+    # The model and the detector first: a setting that cannot work leaves nothing written.
+    with naming_config_paths(args, config), contextlib.ExitStack() as checked:
+        extractor = load_extractor(config)
+        detector = build_detector(config)  # loaded again by the recogniser, once it can be
+        if isinstance(detector, contextlib.AbstractContextManager):
+            checked.enter_context(detector)
     out: Path = args.out
     _prepare(out)
     demo = make_demo_set(out / "images")

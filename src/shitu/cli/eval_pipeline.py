@@ -19,7 +19,7 @@ from shitu.cli.common import (
 )
 from shitu.cli.recognize import (
     add_pipeline_arguments,
-    naming_library_source,
+    naming_config_paths,
     pipeline_config_from_args,
 )
 from shitu.index import GalleryItem, collect_items
@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     items = collect_items([args.queries], one_label_option=False, leaf_labels=args.leaf_labels)
     config = pipeline_config_from_args(args)
     thresholds = sweep_thresholds(args.sweep) if args.sweep else []
-    with naming_library_source(args, config):
+    with naming_config_paths(args, config):
         recognizer = Recognizer.from_config(config)
     with recognizer:
         report = evaluate_pipeline(recognizer, items, progress_wanted(args), thresholds)

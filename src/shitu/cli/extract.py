@@ -18,7 +18,7 @@ from shitu.cli.common import (
     skip_reason,
 )
 from shitu.errors import DataError
-from shitu.fileio import check_writable, write_atomically
+from shitu.fileio import check_writable, removed_if_left_empty, write_atomically
 from shitu.inference.choices import DEVICES
 
 
@@ -55,6 +55,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    with removed_if_left_empty(Path(args.out).parent):  # made, then nothing written: removed
+        return _extract(args)
+
+
+def _extract(args: argparse.Namespace) -> int:
     import numpy as np
 
     from shitu.inference import FeatureExtractor, default_model_dir
@@ -106,9 +111,10 @@ def run(args: argparse.Namespace) -> int:
 
     write_atomically(targets[0], save_features_then_names)
     rate = len(result.paths) / seconds if seconds > 0 else 0.0
+    skipped = len(result.failures)  # each named in a warning above; none is no news
     print(
         f"embedded {count_of(len(result.paths), 'image')} ({extractor.embedding_size}-d, "
         f"{extractor.backend.name} {args.precision}, {rate:.1f} images/s) -> {out}.npy, "
-        f"{out}.txt; skipped {count_of(len(result.failures), 'unreadable file')}"
+        f"{out}.txt" + (f"; skipped {count_of(skipped, 'unreadable file')}" if skipped else "")
     )
     return 0

@@ -165,6 +165,13 @@ def main(argv: list[str] | None = None) -> int:
     """Run a command; its reader of stdout going away (`shitu ... | head -1`) ends it
     quietly with STDOUT_CLOSED_STATUS, as it ends any other Unix tool. Output that the
     file stdout goes to cannot take (`> out.jsonl` on a full disk) is a one-line error."""
+    if sys.stdout is None:  # started with it closed (`>&-`): print() drops text unsaid
+        print(
+            "error: cannot write to stdout: it is closed; give the output a place to go "
+            "(`> FILE`, `> /dev/null`)",
+            file=sys.stderr,
+        )
+        return 2
     _write_file_names_as_they_are()
     status: int | None = None
     try:

@@ -26,7 +26,8 @@ from shitu.cli.common import (
     visualisation_writer,
     warn_if_empty,
 )
-from shitu.errors import GalleryError
+from shitu.errors import CheckpointError, ConfigError, GalleryError, ShituError
+from shitu.fileio import removed_if_left_empty
 from shitu.pipeline.defaults import (
     DEFAULT_PIPELINE_CONFIG,
     DEFAULT_SCORE_THRES,
@@ -90,24 +91,47 @@ def pipeline_config_from_args(args: argparse.Namespace) -> PipelineConfig:
 
 
 @contextlib.contextmanager
-def naming_library_source(args: argparse.Namespace, config: PipelineConfig) -> Iterator[None]:
-    """A library that cannot be opened (no such folder, not a library, another model's),
-    named with the config file (or -o override) its path came from where --gallery did not
-    give it: a path read from a file the user may not have in mind says neither."""
+def naming_config_paths(args: argparse.Namespace, config: PipelineConfig) -> Iterator[None]:
+    """A library, model or detector that cannot be opened (no such folder or file, not a
+    library, another model's), named with the config file (or -o override) its path came
+    from where its flag did not give it: a path read from a file the user may not have in
+    mind says neither, nor that a relative one is taken from the working directory."""
     from shitu.config.loader import find_config, with_source
     from shitu.config.overrides import override_paths
 
     try:
         yield
-    except GalleryError as exc:
-        if args.gallery is not None:
+    except ShituError as exc:
+        flag, problem = _opened_path_problem(exc)
+        if flag is None or getattr(args, flag, None) is not None:
             raise
-        source = find_config(args.config, PIPELINE_CONFIG_DIR, "pipeline config")
-        relative = not Path(config.IndexProcess.index_dir or "").is_absolute()
+        section, key = SETTINGS[flag]
+        relative = not Path(getattr(getattr(config, section), key) or "").is_absolute()
         note = f" (read from the working directory {Path.cwd()})" if relative else ""
+        source = find_config(args.config, PIPELINE_CONFIG_DIR, "pipeline config")
         overrides = override_paths([item for group in args.override for item in group])
-        message = with_source(source, f"IndexProcess.index_dir: {exc}{note}", overrides)
-        raise GalleryError(message) from None
+        # Its kind, not its class: a ModelMismatchError is made with more than a message.
+        kind = next(
+            k
+            for k in (GalleryError, CheckpointError, ConfigError, ShituError)
+            if isinstance(exc, k)
+        )
+        raise kind(with_source(source, f"{problem}{note}", overrides)) from None
+
+
+def _opened_path_problem(exc: ShituError) -> tuple[str | None, str]:
+    """The flag (a SETTINGS name) of the path the pipeline failed to open, and the problem
+    starting with its config key; (None, "") for another error. The model's and the
+    detector's say their key and flag, `KEY (--FLAG): `: where no flag gave the path, the
+    key alone."""
+    if isinstance(exc, GalleryError):
+        return "gallery", f"{'.'.join(SETTINGS['gallery'])}: {exc}"
+    for flag in ("model", "detector"):
+        dotted = ".".join(SETTINGS[flag])
+        said = f"{dotted} (--{flag}): "
+        if str(exc).startswith(said):
+            return flag, f"{dotted}: {str(exc).removeprefix(said)}"
+    return None, ""
 
 
 def pipeline_arguments(args: argparse.Namespace) -> list[str]:
@@ -162,6 +186,11 @@ def format_table(found: FileRecognition) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    with removed_if_left_empty(args.save_vis):  # a run that fails leaves no folder made
+        return _recognize(args)
+
+
+def _recognize(args: argparse.Namespace) -> int:
     from shitu.pipeline import Recognizer
 
     paths, folder = expand_images(args.images)
@@ -169,7 +198,7 @@ def run(args: argparse.Namespace) -> int:
     writer = visualisation_writer(args, paths)
     progress = progress_wanted(args) and (folder or len(paths) > 1)
     skipped = 0
-    with naming_library_source(args, config):
+    with naming_config_paths(args, config):
         recognizer = Recognizer.from_config(config)
     with recognizer:
         warn_if_empty(recognizer.gallery, "nothing can be recognised")

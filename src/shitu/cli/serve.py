@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from shitu.cli.common import bounded, port_number, positive_int
 from shitu.cli.recognize import (
     add_pipeline_arguments,
-    naming_library_source,
+    naming_config_paths,
     pipeline_config_from_args,
 )
 from shitu.errors import ConfigError, ShituError
@@ -197,7 +197,7 @@ def run(args: argparse.Namespace) -> int:
     sock = _listen(args.host, args.port)
     metrics = Metrics()
     try:
-        with naming_library_source(args, config):
+        with naming_config_paths(args, config):
             service = RecognitionService(config, settings, metrics.observe_batch)
     except BaseException:
         sock.close()

@@ -168,6 +168,10 @@ def _open_store(root: Path) -> MetadataStore:
                 "as --gallery the library that `shitu index build IMAGES --out LIB --model "
                 f"{root}` makes"
             )
+        inner = _libraries_in(root)
+        if inner:  # `shitu demo`'s folder, whose library is its gallery/, say
+            shown = " or ".join(str(path) for path in inner[:3])
+            raise GalleryError(f"{root}: not a gallery library, but holds one: give {shown}")
         # `index build` takes images, `recognize --gallery` a library: easily
         # given the one for the other.
         raise GalleryError(
@@ -175,6 +179,14 @@ def _open_store(root: Path) -> MetadataStore:
             f"gallery images, build one first: `shitu index build {root} --out LIB`"
         )
     return MetadataStore(root / LIBRARY_FILE)
+
+
+def _libraries_in(folder: Path) -> list[Path]:
+    """The libraries directly inside `folder`, by name (none where it cannot be listed)."""
+    try:
+        return sorted(path for path in folder.iterdir() if (path / LIBRARY_FILE).is_file())
+    except OSError:  # a file, or a folder that may not be read
+        return []
 
 
 def _full_entries(root: Path, entries: list[ImageEntry]) -> list[ImageEntry]:

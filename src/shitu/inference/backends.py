@@ -47,8 +47,7 @@ def choose_backend(model_dir: Path, backend: str, precision: str, device: str = 
     check_runtime_names(backend, precision, device)
     if precision == "int8" and not (model_dir / INT8_FILE).is_file():
         raise ConfigError(
-            f"precision int8: {model_dir} has no {INT8_FILE}; make an export that has one "
-            "with `shitu export ... --int8-calibration IMAGES` (README: int8)"
+            f"precision int8: {model_dir} has no {INT8_FILE}; {_int8_advice(model_dir)}"
         )
     if backend == "auto":
         if precision in ("fp16", "bf16"):
@@ -68,6 +67,21 @@ def choose_backend(model_dir: Path, backend: str, precision: str, device: str = 
         if device != "cpu":
             raise ConfigError(f"backend openvino runs on the CPU only, not device {device}")
     return backend
+
+
+def _int8_advice(model_dir: Path) -> str:
+    """How to get the int8 model `model_dir` lacks; for the shipped one, the whole command."""
+    from shitu.inference.default_model import DEFAULT_MODEL_DIR, default_int8_export_command
+
+    if model_dir.resolve() != DEFAULT_MODEL_DIR:
+        return (
+            "make an export that has one with `shitu export ... --int8-calibration IMAGES` "
+            "(README: int8)"
+        )
+    return (
+        "the shipped model comes without one: export it with one, calibrated on about 64 of "
+        f"your photos, `{default_int8_export_command()}`, then give --model default_int8"
+    )
 
 
 def onnxruntime_available() -> bool:

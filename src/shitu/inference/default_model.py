@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 from shitu.errors import CheckpointError
-from shitu.inference.manifest import MANIFEST, read_manifest
+from shitu.inference.manifest import MANIFEST, TORCH_FILE, read_manifest
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "default_model"
+# The shipped config the shipped model was trained with: an export of its weights with it
+# has the shipped model's features (the same fingerprint).
+DEFAULT_MODEL_CONFIG = "GroceryStore_EfficientNetLite0"
 
 
 def default_model_dir() -> Path:
@@ -27,3 +31,15 @@ def default_model_fingerprint() -> str | None:
         return str(read_manifest(DEFAULT_MODEL_DIR)["fingerprint"])
     except (CheckpointError, KeyError):
         return None
+
+
+def default_int8_export_command() -> str:
+    """The `shitu export` command that gives the shipped model (compact: no int8 file) an
+    int8 file calibrated on YOUR_PHOTOS, keeping its recognition threshold: the user has
+    neither its config's name nor its weights' path in mind."""
+    threshold = read_manifest(DEFAULT_MODEL_DIR).get("score_thres")
+    words = ["shitu", "export", "-c", DEFAULT_MODEL_CONFIG]
+    words += ["-o", f"Global.pretrained_model={DEFAULT_MODEL_DIR / TORCH_FILE}"]
+    words += ["--int8-calibration", "YOUR_PHOTOS"]
+    words += [] if threshold is None else ["--score-thres", str(threshold)]
+    return shlex.join([*words, "--out", "default_int8"])

@@ -147,7 +147,10 @@ def write_export(
     if score_thres is not None and not -1.0 <= score_thres <= 1.0:
         raise ExportError(f"score_thres {score_thres}: a cosine similarity, in [-1, 1]")
     if compact and calibration_images:
-        raise ExportError("a compact export has no ONNX model to quantise; drop one option")
+        raise ExportError(
+            "compact with int8 calibration images (--compact --int8-calibration): a compact "
+            "export has no ONNX model to quantise; give one or the other"
+        )
     _check_finite(model, source, "(weights of a training run that diverged?)")
     if compact:
         with torch.no_grad():

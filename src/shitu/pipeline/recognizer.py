@@ -35,7 +35,7 @@ from shitu.errors import CheckpointError, ConfigError
 from shitu.image_files import path_list
 from shitu.index import Gallery
 from shitu.inference.extractor import FeatureExtractor, check_count
-from shitu.inference.manifest import PADDLE_INFERENCE_WEIGHTS
+from shitu.inference.manifest import EXPORT_FILES, MANIFEST, PADDLE_INFERENCE_WEIGHTS
 from shitu.inference.preprocess import read_rgb
 from shitu.pipeline.background import PlainBackgroundDetector
 from shitu.pipeline.config import PipelineConfig, load_pipeline_config, with_settings
@@ -173,21 +173,52 @@ def build_detector(config: PipelineConfig) -> MainbodyDetector | None:
                 "no detector is given" if name is None else f"{PLAIN_BACKGROUND} has no model",
             )
         return None if name is None else PlainBackgroundDetector()
-    if not Path(name).is_file():  # PaddleClas configs name a Paddle inference folder here
-        problem = "is a folder, not a file" if Path(name).is_dir() else "no such file"
-        if (Path(name) / PADDLE_INFERENCE_WEIGHTS).is_file():
-            problem = (
-                "is a Paddle inference model, which shitu does not run (give the PicoDet "
-                "weights it was made from, .pdparams with --det-arch, or an ONNX export)"
-            )
+    path = Path(name)
+    key = "Global.det_inference_model_dir (--detector)"
+    detectors = (
+        f"a detector file (.onnx, .pt or .pdparams), '{NO_DETECTOR}' or '{PLAIN_BACKGROUND}'"
+    )
+    export = path if path.is_dir() else path.parent if path.name in EXPORT_FILES else None
+    if export is not None and (export / MANIFEST).is_file():  # --detector for --model
+        part = "" if export == path else "a file of "
         raise ConfigError(
-            f"Global.det_inference_model_dir (--detector): {problem}: {name}; give a "
-            f"detector file (.onnx, .pt or .pdparams), '{NO_DETECTOR}' or '{PLAIN_BACKGROUND}'"
+            f"{key}: {name} is {part}an exported recognition model, not a detector: that "
+            f"goes to --model ({export}); give as --detector {detectors}"
         )
+    if not path.is_file():  # PaddleClas configs name a Paddle inference folder here
+        problem = f"{name} is a folder, not a file" if path.is_dir() else f"{name}: no such file"
+        way_out = f"give {detectors}"
+        if (path / PADDLE_INFERENCE_WEIGHTS).is_file():
+            problem = f"{name} is a Paddle inference model, which shitu does not run"
+            way_out = (
+                "give the PicoDet weights it was made from (.pdparams, with --det-arch) or "
+                "an ONNX export"
+            )
+        raise ConfigError(f"{key}: {problem}; {way_out}")
     from shitu.detection import load_detector
 
     g = config.Global
     return load_detector(name, g.det_backend, g.det_arch, num_threads=g.cpu_num_threads)
+
+
+def load_extractor(config: PipelineConfig) -> FeatureExtractor:
+    """The config's recognition model (the shipped one unless Global.rec_inference_model_dir)
+    on its runtime; one that cannot be loaded is a CheckpointError naming the key."""
+    from shitu.inference import default_model_dir
+
+    g = config.Global
+    model_dir = Path(g.rec_inference_model_dir or default_model_dir())
+    try:
+        return FeatureExtractor.load(
+            model_dir, g.rec_backend, g.cpu_num_threads, precision=g.rec_precision
+        )
+    except CheckpointError as exc:
+        if g.rec_inference_model_dir is None:
+            raise
+        raise CheckpointError(
+            f"Global.rec_inference_model_dir (--model): {exc} (set it to null, or give "
+            "no --model, for the model shipped with shitu)"
+        ) from None
 
 
 class Recognizer:
@@ -253,7 +284,7 @@ class Recognizer:
         detector and library (`IndexProcess.index_dir`, refused unless built with that
         model); `close()` closes them all. `config`: a `load_pipeline_config(...)`, or
         the YAML file (or shipped name) it would load without overrides."""
-        from shitu.inference import default_model_dir, default_model_fingerprint
+        from shitu.inference import default_model_fingerprint
 
         if isinstance(config, str | Path):
             config = load_pipeline_config(config)
@@ -272,19 +303,7 @@ class Recognizer:
             detector = build_detector(config)
             if isinstance(detector, AbstractContextManager):  # one that holds a session
                 opened.enter_context(detector)
-            model_dir = Path(g.rec_inference_model_dir or default_model_dir())
-            try:
-                extractor = FeatureExtractor.load(
-                    model_dir, g.rec_backend, g.cpu_num_threads, precision=g.rec_precision
-                )
-            except CheckpointError as exc:
-                if g.rec_inference_model_dir is None:
-                    raise
-                raise CheckpointError(
-                    f"Global.rec_inference_model_dir (--model): {exc} (set it to null, or give "
-                    "no --model, for the model shipped with shitu)"
-                ) from None
-            opened.enter_context(extractor)
+            extractor = opened.enter_context(load_extractor(config))
             gallery = opened.enter_context(
                 Gallery.open_for(
                     config.IndexProcess.index_dir,
