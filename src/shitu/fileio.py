@@ -122,32 +122,30 @@ def only_run_in(folder: Path, setting: str, command: str) -> Iterator[None]:
     import fcntl  # POSIX, as the staging locks
 
     what = f"{setting} {folder}"
-    made = [f for f in (folder, *folder.parents) if not f.exists()]  # the deepest first
-    check_writable(folder, what)  # one line, not an OSError
-    lock_path = folder / RUN_LOCK
-    with open(lock_path, "a+") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            holder = lock.read().strip()
-            if not holder or holder.isdigit():  # written by an earlier shitu: its pid alone
-                holder = f"shitu run (process {holder or 'unknown'})"
-            raise ConfigError(
-                f"{what}: another {holder} is running in it; wait for it to end or stop it, "
-                f"or give another {setting}"
-            ) from None
-        lock.truncate(0)
-        lock.write(f"{command} (process {os.getpid()})")
-        lock.flush()
-        try:
-            yield
-        finally:
-            if made and [entry.name for entry in folder.iterdir()] == [RUN_LOCK]:
-                lock_path.unlink()
-                with contextlib.suppress(OSError):  # a parent something else wrote in since
-                    for empty in made:
-                        empty.rmdir()
+    with removed_if_left_empty(folder):
+        made = not folder.exists()
+        check_writable(folder, what)  # one line, not an OSError
+        lock_path = folder / RUN_LOCK
+        with open(lock_path, "a+") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                lock.seek(0)
+                holder = lock.read().strip()
+                if not holder or holder.isdigit():  # written by an earlier shitu: its pid alone
+                    holder = f"shitu run (process {holder or 'unknown'})"
+                raise ConfigError(
+                    f"{what}: another {holder} is running in it; wait for it to end or stop "
+                    f"it, or give another {setting}"
+                ) from None
+            lock.truncate(0)
+            lock.write(f"{command} (process {os.getpid()})")
+            lock.flush()
+            try:
+                yield
+            finally:
+                if made and [entry.name for entry in folder.iterdir()] == [RUN_LOCK]:
+                    lock_path.unlink()
 
 
 def torch_save_atomically(payload: Any, path: Path, durable: bool = False) -> Path:
