@@ -610,6 +610,17 @@ def test_compact_with_int8_calibration_is_refused_naming_both_options(tmp_path):
     )
 
 
+def test_an_export_that_fails_leaves_no_folder_it_made_for_out(tmp_path):
+    """The folders above --out were made for the export's staging folder, and stayed, empty,
+    after an export that failed (here: no calibration image could be read)."""
+    text = tmp_path / "photo.jpg"
+    text.write_text("not an image")
+    out = tmp_path / "new" / "deeper" / "model"
+    result = run_shitu("export", "--out", str(out), "--int8-calibration", str(text))
+    assert result.returncode == 2 and "no calibration image could be read" in result.stderr
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["photo.jpg"]
+
+
 def test_extract_refuses_a_folder_for_out_before_embedding(tmp_path):
     """`--out` naming a folder is refused up front (it was a traceback after every image
     had been embedded)."""

@@ -1130,3 +1130,19 @@ def test_int8_asked_of_the_shipped_model_gives_the_command_that_makes_it(tmp_pat
     shipped = read_manifest(default_model_dir())
     assert exported.score_thres == shipped["score_thres"]
     assert read_manifest(tmp_path / "default_int8")["fingerprint"] == shipped["fingerprint"]
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="counts the cores it may use")
+def test_more_inference_threads_than_cores_are_warned_of(caplog):
+    """PaddleClas's inference_general.yaml sets cpu_num_threads: 10; on fewer cores the
+    extra threads slowed recognition down (2.4x at 8 threads on 2 cores) without a word."""
+    cores = len(os.sched_getaffinity(0))
+    with caplog.at_level(logging.WARNING, logger="shitu.inference.extractor"):
+        FeatureExtractor.load(default_model_dir(), num_threads=cores).close()
+        assert caplog.records == []
+        FeatureExtractor.load(default_model_dir(), num_threads=cores + 1).close()
+    assert [record.getMessage() for record in caplog.records] == [
+        f"{cores + 1} inference threads asked for, on {cores} CPU cores: the extra threads "
+        f"wait for a core, which slows inference; give at most {cores} with --threads (a "
+        "pipeline config's Global.cpu_num_threads), or none for the runtime's default"
+    ]

@@ -30,7 +30,14 @@ from shitu import __version__
 from shitu.checkpoint import load_weights, model_metadata, save_weights
 from shitu.config import ArchConfig, ShituConfig
 from shitu.errors import CheckpointError, ConfigError
-from shitu.fileio import FILE_MODE, FOLDER_MODE, file_sha256, replace_folder, staging_folder
+from shitu.fileio import (
+    FILE_MODE,
+    FOLDER_MODE,
+    file_sha256,
+    removed_if_left_empty,
+    replace_folder,
+    staging_folder,
+)
 from shitu.inference.manifest import (
     EXPORT_FILES,
     FORMAT,
@@ -165,6 +172,7 @@ def write_export(
         for name, tensor in state.items()
     }
     with contextlib.ExitStack() as staged:
+        staged.enter_context(removed_if_left_empty(out_dir.parent))  # made here, then failed
         try:
             out_dir.parent.mkdir(parents=True, exist_ok=True)
             # Beside the target, and removed by the next export there if this one is killed

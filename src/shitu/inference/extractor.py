@@ -57,6 +57,22 @@ class ExtractionResult:
     failures: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) skipped
 
 
+def _warn_of_threads_over_cores(num_threads: int) -> None:
+    """Warn of more inference threads than the CPU cores this process may run on: the
+    extra ones wait for a core and stall the others, so inference gets slower, not faster
+    (a PaddleClas inference_general.yaml sets cpu_num_threads: 10, a 2-core VM has 2)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if cores and num_threads > cores:
+        logger.warning(
+            "%d inference threads asked for, on %d CPU cores: the extra threads wait for a "
+            "core, which slows inference; give at most %d with --threads (a pipeline "
+            "config's Global.cpu_num_threads), or none for the runtime's default",
+            num_threads,
+            cores,
+            cores,
+        )
+
+
 class FeatureExtractor:
     """Image files or arrays -> L2-normalised embeddings, with an exported model's own
     preprocessing. Build with `FeatureExtractor.load(model_dir)`.
@@ -112,6 +128,7 @@ class FeatureExtractor:
             check_count(workers, "workers")
         if num_threads is not None:  # None: the runtime's default
             check_count(num_threads, "num_threads")
+            _warn_of_threads_over_cores(num_threads)
         check_runtime_names(backend, precision, device)
         model_dir = Path(model_dir)
         manifest = read_manifest(model_dir)
