@@ -109,7 +109,12 @@ def test_a_weight_file_named_without_its_suffix_is_found(tmp_path):
     with pytest.raises(CheckpointError) as info:
         load_weights(make_model(), tmp_path / "other_model")
     tried = "(nor with .safetensors, .pt, .pth, .pdparams)"
-    assert str(info.value) == f"weight file not found: {tmp_path / 'other_model'} {tried}"
+    # The folder holds a best_model, as a training run's does: the message names it.
+    beside = (
+        f"{tmp_path} is a training run's folder: give its weights, "
+        f"{tmp_path / 'best_model.safetensors'} (the best evaluated epoch's)"
+    )
+    assert str(info.value) == f"weight file not found: {tmp_path / 'other_model'} {tried}; {beside}"
 
 
 def test_folded_checkpoint_folds_the_model_on_load(tmp_path):
