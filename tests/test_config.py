@@ -341,6 +341,14 @@ def test_every_shipped_config_builds_its_model_and_losses(name):
         # The section the override makes, which the file lacks, is the override's.
         (["LinearProbe.epochs=5"], "LinearProbe.frozen_layers: required key missing"),
         (["Optimizer.lr.learning_rate=0.1"], "Optimizer.name: required key missing"),
+        (  # refused as the config loads, not once the dataset was read
+            [
+                f"DataLoader.Train={{{DATASET}, sampler: {{name: PKSampler, batch_size: 8, "
+                "sample_per_id: 4, id_list: [0, 9, 10], ratio: [2]}}"
+            ],
+            "DataLoader.Train.sampler.id_list: holds [first, last] class-id pairs and ratio one "
+            "factor per pair (got 3 ids and 1 ratios)",
+        ),
         (
             [f"DataLoader.Train={{{DATASET}, sampler: {{name: PKSampler, batch_size: 0}}}}"],
             "DataLoader.Train.sampler.batch_size: Input should be greater than 0",
