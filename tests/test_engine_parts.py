@@ -116,6 +116,19 @@ def test_reduce_on_plateau_and_state_round_trip():
     assert other.lr_at(50) == pytest.approx(0.025)
 
 
+def test_a_plateau_floor_above_the_rate_is_warned_of(caplog):
+    """A min_lr above the (batch-scaled) rate raised the rate at the first plateau, without
+    a word, where Cosine's eta_min above it is warned of."""
+    with caplog.at_level(logging.WARNING):
+        lr = schedule("ReduceOnPlateau", learning_rate=0.001, min_lr=0.01, patience=0)
+    assert "ReduceOnPlateau: min_lr 0.01 is above the learning rate 0.001 (as scaled" in (
+        caplog.text
+    )
+    lr.observe(0.5)
+    lr.observe(0.5)
+    assert lr.lr_at(50) == 0.01
+
+
 def test_schedule_config_errors():
     with pytest.raises(ConfigError, match="did you mean 'Cosine'"):
         registry.LR_SCHEDULES.validate("Cosin", {"learning_rate": 0.1})
