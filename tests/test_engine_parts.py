@@ -234,6 +234,20 @@ def test_optimizers_step(name):
     assert not torch.equal(before, model.weight)
 
 
+def test_settings_of_the_other_optimizer_family_are_warned_of(caplog):
+    """`-o Optimizer.name=Adam` on a Momentum config kept its momentum: 0.9, which Adam
+    ignored without a word (as SGD ignores betas)."""
+    model = nn.Linear(3, 2)
+    with caplog.at_level(logging.WARNING):
+        build_optimizer([model], optimizer_config(name="Adam", momentum=0.9), 0.1)
+        build_optimizer([model], optimizer_config(name="SGD", beta1=0.8, beta2=0.9), 0.1)
+        build_optimizer([model], optimizer_config(name="AdamW", beta1=0.8), 0.1)
+    assert [r.getMessage() for r in caplog.records] == [
+        "Optimizer.momentum: Adam takes no momentum, so it is unused",
+        "Optimizer.beta1: SGD takes no beta1 or beta2, so they are unused",
+    ]
+
+
 def test_adam_betas_of_zero_are_kept_and_unset_ones_default():
     model = nn.Linear(3, 2)
     zero = build_optimizer([model], optimizer_config(name="Adam", beta1=0.0, beta2=0.0), 0.1)
