@@ -253,6 +253,14 @@ def test_every_shipped_config_builds_its_model_and_losses(name):
         (["Arch.Neck.num_features=-5"], "Arch.Neck.num_features: Input should be greater than 0"),
         (["Arch.Backbone.class_expand=0"], "Arch.Backbone.class_expand: Input should be greater"),
         (["Arch.Neck.name=BNNek"], "Arch.Neck.name: unknown neck 'BNNek' (did you mean 'BNNeck'?)"),
+        (  # names typed without their capitals
+            ["Arch.Backbone.name=pplcnetv2_base"],
+            "Arch.Backbone.name: unknown backbone 'pplcnetv2_base' (did you mean 'PPLCNetV2_base'?)",
+        ),
+        (
+            ["Loss.Train.0={celoss: {}}"],
+            "Loss.Train.0.celoss.name: unknown loss 'celoss' (did you mean 'CELoss'?)",
+        ),
         (  # what a preset fixes is named as such, with the presets that have the value
             ["Arch.Backbone={name: EfficientNetLite0, variant: lite2}"],
             'Arch.Backbone.variant: fixed at "lite0" by this preset ("lite2" in '
