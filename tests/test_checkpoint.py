@@ -29,7 +29,7 @@ from shitu.config.schema import ArchConfig
 from shitu.detection import build_picodet
 from shitu.detection.export import export_onnx
 from shitu.detection.weights import save_detector
-from shitu.engine.state import Progress, save_training_state
+from shitu.engine.state import Progress, load_training_state, save_training_state
 from shitu.errors import CheckpointError
 from shitu.models import build_model
 from shitu.registry import BACKBONES, populate
@@ -729,3 +729,16 @@ def test_weights_that_do_not_fit_name_the_arch_settings_that_differ(tmp_path, ca
     err = capsys.readouterr().err
     assert "(the file was built with other Arch settings, the file's then the config's: " in err
     assert "Arch.Head.class_num: 7 and 9)" in err
+
+
+def test_resuming_a_run_folder_without_its_checkpoint_names_the_weights_to_start_from(tmp_path):
+    """A finished run's folder whose latest.pt is gone was only "no training checkpoint":
+    its weights, which a new run can start from, are named with the setting that takes them."""
+    final = save_weights(make_model().state_dict(), tmp_path / "final_model.safetensors")
+    with pytest.raises(CheckpointError) as info:
+        load_training_state(tmp_path)
+    assert str(info.value) == (
+        f"Global.checkpoints: no training checkpoint at {tmp_path} (give a latest.pt file or "
+        "the output directory holding one); to start a new run from its weights, "
+        f"-o Global.pretrained_model={final}"
+    )
