@@ -29,7 +29,7 @@ from shitu.config.schema import ArchConfig
 from shitu.detection import build_picodet
 from shitu.detection.export import export_onnx
 from shitu.detection.weights import save_detector
-from shitu.engine.state import Progress, save_training_state
+from shitu.engine.state import Progress, load_training_state, save_training_state
 from shitu.errors import CheckpointError
 from shitu.models import build_model
 from shitu.registry import BACKBONES, populate
@@ -109,7 +109,12 @@ def test_a_weight_file_named_without_its_suffix_is_found(tmp_path):
     with pytest.raises(CheckpointError) as info:
         load_weights(make_model(), tmp_path / "other_model")
     tried = "(nor with .safetensors, .pt, .pth, .pdparams)"
-    assert str(info.value) == f"weight file not found: {tmp_path / 'other_model'} {tried}"
+    # The folder holds a best_model, as a training run's does: the message names it.
+    beside = (
+        f"{tmp_path} is a training run's folder: give its weights, "
+        f"{tmp_path / 'best_model.safetensors'} (the best evaluated epoch's)"
+    )
+    assert str(info.value) == f"weight file not found: {tmp_path / 'other_model'} {tried}; {beside}"
 
 
 def test_folded_checkpoint_folds_the_model_on_load(tmp_path):
@@ -556,7 +561,11 @@ def test_pretrained_share_moves_only_the_named_layers_back_to_the_initialisation
         (["--pretrained-share", "0.25"], "--pretrained-share and --layers go together"),
         ([str(path)], "-c and -o are read only with --pretrained-share"),  # else ignored
         (["--pretrained-share", "1.5", "--layers", "backbone.head"], "must be between 0 and 1"),
-        (["--pretrained-share", "0.2", "--layers", "backbone.heads"], "layer 'backbone.heads'"),
+        (
+            ["--pretrained-share", "0.2", "--layers", "backbone.heads"],
+            "layer 'backbone.heads': no tensor of the weights is under it (did you mean "
+            "'backbone.head'?)",
+        ),
         (
             ["--pretrained-share", "0.2", "--layers", "backbone.head",
              "-o", "Arch.Backbone.pretrained=false"],
@@ -720,3 +729,16 @@ def test_weights_that_do_not_fit_name_the_arch_settings_that_differ(tmp_path, ca
     err = capsys.readouterr().err
     assert "(the file was built with other Arch settings, the file's then the config's: " in err
     assert "Arch.Head.class_num: 7 and 9)" in err
+
+
+def test_resuming_a_run_folder_without_its_checkpoint_names_the_weights_to_start_from(tmp_path):
+    """A finished run's folder whose latest.pt is gone was only "no training checkpoint":
+    its weights, which a new run can start from, are named with the setting that takes them."""
+    final = save_weights(make_model().state_dict(), tmp_path / "final_model.safetensors")
+    with pytest.raises(CheckpointError) as info:
+        load_training_state(tmp_path)
+    assert str(info.value) == (
+        f"Global.checkpoints: no training checkpoint at {tmp_path} (give a latest.pt file or "
+        "the output directory holding one); to start a new run from its weights, "
+        f"-o Global.pretrained_model={final}"
+    )

@@ -262,6 +262,9 @@ def test_convert_missing_file_is_one_line_error(tmp_path):
         (["eval"], "Global.pretrained_model"),
         (["export", "--out", "{tmp}/export"], "Global.pretrained_model"),
         (["info"], "Arch.Backbone.pretrained"),
+        # info read only --weights: the config's weights were left unread, and the model
+        # reported as initialised
+        (["info"], "Global.pretrained_model"),
     ],
 )
 def test_a_missing_weight_file_is_named_with_the_setting_that_gave_it(tmp_path, command, setting):

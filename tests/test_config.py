@@ -253,6 +253,14 @@ def test_every_shipped_config_builds_its_model_and_losses(name):
         (["Arch.Neck.num_features=-5"], "Arch.Neck.num_features: Input should be greater than 0"),
         (["Arch.Backbone.class_expand=0"], "Arch.Backbone.class_expand: Input should be greater"),
         (["Arch.Neck.name=BNNek"], "Arch.Neck.name: unknown neck 'BNNek' (did you mean 'BNNeck'?)"),
+        (  # names typed without their capitals
+            ["Arch.Backbone.name=pplcnetv2_base"],
+            "Arch.Backbone.name: unknown backbone 'pplcnetv2_base' (did you mean 'PPLCNetV2_base'?)",
+        ),
+        (
+            ["Loss.Train.0={celoss: {}}"],
+            "Loss.Train.0.celoss.name: unknown loss 'celoss' (did you mean 'CELoss'?)",
+        ),
         (  # what a preset fixes is named as such, with the presets that have the value
             ["Arch.Backbone={name: EfficientNetLite0, variant: lite2}"],
             'Arch.Backbone.variant: fixed at "lite0" by this preset ("lite2" in '
@@ -341,6 +349,14 @@ def test_every_shipped_config_builds_its_model_and_losses(name):
         # The section the override makes, which the file lacks, is the override's.
         (["LinearProbe.epochs=5"], "LinearProbe.frozen_layers: required key missing"),
         (["Optimizer.lr.learning_rate=0.1"], "Optimizer.name: required key missing"),
+        (  # refused as the config loads, not once the dataset was read
+            [
+                f"DataLoader.Train={{{DATASET}, sampler: {{name: PKSampler, batch_size: 8, "
+                "sample_per_id: 4, id_list: [0, 9, 10], ratio: [2]}}"
+            ],
+            "DataLoader.Train.sampler.id_list: holds [first, last] class-id pairs and ratio one "
+            "factor per pair (got 3 ids and 1 ratios)",
+        ),
         (
             [f"DataLoader.Train={{{DATASET}, sampler: {{name: PKSampler, batch_size: 0}}}}"],
             "DataLoader.Train.sampler.batch_size: Input should be greater than 0",

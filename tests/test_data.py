@@ -1208,8 +1208,10 @@ def test_pk_config_errors():
         ConfigError, match="sample_method: Input should be 'sample_avg_prob' or 'id_avg_prob'"
     ):
         pk(labels, batch_size=4, sample_per_id=2, sample_method="uniform")
-    with pytest.raises(ConfigError, match="id_list holds"):
+    with pytest.raises(ConfigError, match="^id_list: holds .* in sampler 'PKSampler'$"):
         pk(labels, batch_size=4, sample_per_id=2, id_list=[0, 3, 5], ratio=[2.0])
+    with pytest.raises(ConfigError, match="ratio.0: Input should be greater than or equal to 0"):
+        pk(labels, batch_size=4, sample_per_id=2, id_list=[0, 3], ratio=[-2.0])
 
 
 def test_pk_is_deterministic_per_epoch_and_resumable():

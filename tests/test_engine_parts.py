@@ -116,6 +116,19 @@ def test_reduce_on_plateau_and_state_round_trip():
     assert other.lr_at(50) == pytest.approx(0.025)
 
 
+def test_a_plateau_floor_above_the_rate_is_warned_of(caplog):
+    """A min_lr above the (batch-scaled) rate raised the rate at the first plateau, without
+    a word, where Cosine's eta_min above it is warned of."""
+    with caplog.at_level(logging.WARNING):
+        lr = schedule("ReduceOnPlateau", learning_rate=0.001, min_lr=0.01, patience=0)
+    assert "ReduceOnPlateau: min_lr 0.01 is above the learning rate 0.001 (as scaled" in (
+        caplog.text
+    )
+    lr.observe(0.5)
+    lr.observe(0.5)
+    assert lr.lr_at(50) == 0.01
+
+
 def test_schedule_config_errors():
     with pytest.raises(ConfigError, match="did you mean 'Cosine'"):
         registry.LR_SCHEDULES.validate("Cosin", {"learning_rate": 0.1})
@@ -219,6 +232,20 @@ def test_optimizers_step(name):
     model(torch.ones(1, 3)).sum().backward()
     optimizer.step()
     assert not torch.equal(before, model.weight)
+
+
+def test_settings_of_the_other_optimizer_family_are_warned_of(caplog):
+    """`-o Optimizer.name=Adam` on a Momentum config kept its momentum: 0.9, which Adam
+    ignored without a word (as SGD ignores betas)."""
+    model = nn.Linear(3, 2)
+    with caplog.at_level(logging.WARNING):
+        build_optimizer([model], optimizer_config(name="Adam", momentum=0.9), 0.1)
+        build_optimizer([model], optimizer_config(name="SGD", beta1=0.8, beta2=0.9), 0.1)
+        build_optimizer([model], optimizer_config(name="AdamW", beta1=0.8), 0.1)
+    assert [r.getMessage() for r in caplog.records] == [
+        "Optimizer.momentum: Adam takes no momentum, so it is unused",
+        "Optimizer.beta1: SGD takes no beta1 or beta2, so they are unused",
+    ]
 
 
 def test_adam_betas_of_zero_are_kept_and_unset_ones_default():

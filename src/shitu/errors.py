@@ -57,9 +57,12 @@ def raised_message(exc: BaseException) -> str:
 
 
 def did_you_mean(name: str, choices: list[str]) -> str:
-    """A ' (did you mean ...?)' hint for a misspelt name, or ''."""
-    close = difflib.get_close_matches(name, choices, n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
+    """A ' (did you mean ...?)' hint for a misspelt name, or ''. Compared without case:
+    `celoss` or `pplcnetv2_base` as typed are most like CELoss and PPLCNetV2_base, which
+    a comparison with case did not find close enough to name."""
+    folded = {choice.lower(): choice for choice in choices}
+    close = difflib.get_close_matches(name.lower(), list(folded), n=1)
+    return f" (did you mean '{folded[close[0]]}'?)" if close else ""
 
 
 def override_word(key: str, value: object) -> str:

@@ -23,7 +23,7 @@ from shitu.checkpoint.io import (
     setting_differences,
     weight_shaping_arch,
 )
-from shitu.errors import CheckpointError
+from shitu.errors import CheckpointError, did_you_mean
 
 # Metadata that must agree: averaging different architectures or a folded with an
 # unfolded model would give a file that loads but computes nonsense.
@@ -139,9 +139,14 @@ def interpolate_toward(
     def under(name: str, prefix: str) -> bool:
         return name == prefix or name.startswith(prefix + ".")
 
+    parts = [name.split(".") for name in state]
+    modules = sorted({".".join(path[:end]) for path in parts for end in range(1, len(path))})
     for prefix in prefixes:
         if not any(under(name, prefix) for name in state):
-            raise CheckpointError(f"layer {prefix!r}: no tensor of the weights is under it")
+            raise CheckpointError(
+                f"layer {prefix!r}: no tensor of the weights is under it"
+                f"{did_you_mean(prefix, modules)}"
+            )
     mixed = {}
     for name, tensor in state.items():
         if tensor.is_floating_point() and any(under(name, prefix) for prefix in prefixes):

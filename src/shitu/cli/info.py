@@ -23,7 +23,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Build the model a config describes (no data needed) and print a summary.",
     )
     add_config_arguments(parser)
-    parser.add_argument("--weights", help="load these weights first (.safetensors/.pt/.pdparams)")
+    parser.add_argument(
+        "--weights",
+        help="load these weights first (.safetensors/.pt/.pdparams; default: the config's "
+        "Global.pretrained_model, if it names one)",
+    )
     parser.add_argument(
         "--batch-size", type=positive_int, default=8, help="batch for the timing run"
     )
@@ -37,16 +41,22 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from shitu.checkpoint import load_weights
+    from shitu.errors import weight_file_setting
 
     config = config_from_args(args)
-    model = model_from_config(config, args, pretrained=not args.weights).eval()
-    if args.weights:
-        load_weights(
-            model,
-            args.weights,
-            ignore_prefixes=("head.",) if args.no_head else (),
-            arch=arch_of_model(config),
-        )
+    # As eval and export, the config's trained weights where it names them (they were left
+    # unread, the model reported as initialised).
+    weights = args.weights or config.Global.pretrained_model
+    model = model_from_config(config, args, pretrained=not weights).eval()
+    if weights:
+        setting = "--weights" if args.weights else "Global.pretrained_model"
+        with weight_file_setting(setting):
+            load_weights(
+                model,
+                weights,
+                ignore_prefixes=("head.",) if args.no_head else (),
+                arch=arch_of_model(config),
+            )
     if args.reparameterize:
         model.reparameterize()
     channels, height, width = config.Global.image_shape

@@ -221,6 +221,15 @@ class ReduceOnPlateau(LRSchedule):
         )
         self.factor, self.patience, self.mode = factor, patience, mode
         self.threshold, self.min_lr = threshold, min_lr
+        # As Cosine's eta_min: said once the rate is scaled for the batch size.
+        if min_lr > learning_rate:
+            logger.warning(
+                "ReduceOnPlateau: min_lr %g is above the learning rate %g (as scaled for the "
+                "batch size, where base_batch_size is set), so a plateau raises the rate "
+                "instead of lowering it",
+                min_lr,
+                learning_rate,
+            )
         self.current = learning_rate
         self.best: float | None = None
         self.bad_evals = 0

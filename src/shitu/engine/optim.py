@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 
 import torch
@@ -18,6 +19,8 @@ OPTIMIZER_CLASSES: dict[str, type[torch.optim.Optimizer]] = {
     "Adam": torch.optim.Adam,
     "AdamW": torch.optim.AdamW,
 }
+
+logger = logging.getLogger(__name__)
 
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
 
@@ -102,6 +105,17 @@ def build_optimizer(
             "leave a layer unfrozen"
         )
     name, optimizer_class = config.name, OPTIMIZER_CLASSES[config.name]
+    # A setting of the other family, left from a config's earlier optimizer, changes nothing.
+    other_family = ("beta1", "beta2") if optimizer_class is torch.optim.SGD else ("momentum",)
+    unused = [key for key in other_family if getattr(config, key) is not None]
+    if unused:
+        logger.warning(
+            "Optimizer.%s: %s takes no %s, so %s unused",
+            unused[0],
+            name,
+            " or ".join(unused),
+            "it is" if len(unused) == 1 else "they are",
+        )
     if optimizer_class is torch.optim.SGD:
         momentum = (
             config.momentum if config.momentum is not None else (0.9 if name == "Momentum" else 0.0)

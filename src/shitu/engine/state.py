@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from shitu.engine.metrics_log import LOG_NAME
-from shitu.errors import CheckpointError
+from shitu.errors import CheckpointError, override_word
 from shitu.fileio import from_working_directory, torch_save_atomically
 
 LATEST = "latest"
@@ -41,9 +41,17 @@ def resolve_checkpoint(path: str | Path, option: str = "Global.checkpoints") -> 
     for candidate in candidates:
         if candidate.is_file():
             return candidate
+    # A run's folder without its latest.pt still has weights a new run can start from
+    # (not so for detect-train's --resume, whose runs keep none of these).
+    weights = [path / f"{name}.safetensors" for name in (BEST, FINAL)]
+    found = next((file for file in weights if file.is_file()), None)
+    start = ""
+    if found is not None and option.startswith("Global."):
+        weights_word = override_word("Global.pretrained_model", found)
+        start = f"; to start a new run from its weights, -o {weights_word}"
     raise CheckpointError(
         f"{option}: no training checkpoint at {path} "
-        f"(give a {LATEST}{SUFFIX} file or the output directory holding one)"
+        f"(give a {LATEST}{SUFFIX} file or the output directory holding one){start}"
         f"{from_working_directory(path)}"
     )
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterator
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
+from pydantic import Field
 
 from shitu.data.samplers._common import EpochBatchSampler, make_rng
 from shitu.errors import ConfigError
@@ -52,13 +53,13 @@ class PKSampler(EpochBatchSampler):
         drop_last: bool = True,
         sample_method: Literal["sample_avg_prob", "id_avg_prob"] = "sample_avg_prob",
         id_list: list[int] | None = None,
-        ratio: list[float] | None = None,
+        ratio: list[Annotated[float, Field(ge=0)]] | None = None,
         num_replicas: int | None = None,
         rank: int | None = None,
         seed: int = 0,
     ):
         super().__init__(batch_size, num_replicas, rank, seed)
-        self.check_params(batch_size, sample_per_id)
+        self.check_params(batch_size, sample_per_id, id_list, ratio)
         labels = getattr(dataset, "labels", None)
         if labels is None:
             raise ConfigError(f"PKSampler: the dataset ({type(dataset).__name__}) has no labels")
@@ -114,11 +115,23 @@ class PKSampler(EpochBatchSampler):
         )
 
     @staticmethod
-    def check_params(batch_size: int, sample_per_id: int, **_others: Any) -> None:
-        """Batches are whole groups of K: also checked as a config loads (by the registry)."""
+    def check_params(
+        batch_size: int,
+        sample_per_id: int,
+        id_list: list[int] | None = None,
+        ratio: list[float] | None = None,
+        **_others: Any,
+    ) -> None:
+        """Batches are whole groups of K, and `id_list` ranges come with a `ratio` each:
+        also checked as a config loads (by the registry)."""
         if sample_per_id < 1 or batch_size % sample_per_id:
             raise ValueError(
                 f"batch_size: {batch_size} is not a multiple of sample_per_id ({sample_per_id})"
+            )
+        if (id_list or ratio) and (not id_list or not ratio or len(id_list) != 2 * len(ratio)):
+            raise ValueError(
+                "id_list: holds [first, last] class-id pairs and ratio one factor per pair "
+                f"(got {len(id_list or [])} ids and {len(ratio or [])} ratios)"
             )
 
     def __len__(self) -> int:
@@ -156,17 +169,11 @@ class PKSampler(EpochBatchSampler):
 def class_ratios(
     class_ids: np.ndarray, id_list: list[int] | None, ratio: list[float] | None
 ) -> np.ndarray:
-    """Per-class multipliers from PaddleClas's `id_list` ranges and `ratio` factors."""
+    """Per-class multipliers from PaddleClas's `id_list` ranges and `ratio` factors (as
+    `PKSampler.check_params` checks them)."""
     factors = np.ones(len(class_ids))
-    if not id_list and not ratio:
+    if not id_list or not ratio:
         return factors
-    if not id_list or not ratio or len(id_list) != 2 * len(ratio):
-        raise ConfigError(
-            "PKSampler: id_list holds [first, last] class-id pairs and ratio one factor per pair "
-            f"(got {len(id_list or [])} ids and {len(ratio or [])} ratios)"
-        )
-    if min(ratio) < 0:
-        raise ConfigError(f"PKSampler: ratio must not be negative, got {ratio}")
     # Apply in reverse so that the first range containing a class decides its factor.
     for j in reversed(range(len(ratio))):
         first, last = id_list[2 * j], id_list[2 * j + 1]
