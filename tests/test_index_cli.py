@@ -668,6 +668,17 @@ def test_a_milvus_failure_while_writing_is_one_line_and_leaves_no_half_library(
     assert "\tnew (1.000" in found.stdout, found.stdout
 
 
+def milvus_build_outside_the_library(
+    models: dict[int, Path], tmp_path: Path, lib: Path
+) -> tuple[str | Path, ...]:
+    """`shitu index build` arguments for a library `lib` of 4 images made under `tmp_path`,
+    whose Milvus Lite file lies outside it (as a server's collection would)."""
+    make_images(tmp_path / "gallery" / "blocks", 4)
+    return ("index", "build", "--gallery", tmp_path / "gallery", "--out", lib, "--backend",
+            "milvus", "--milvus-uri", tmp_path / "shared.db", "--model", models[128],
+            "--no-progress")  # fmt: skip
+
+
 def test_a_failed_build_leaves_no_vectors_in_a_milvus_outside_the_library(
     models, tmp_path, monkeypatch
 ):
@@ -680,11 +691,8 @@ def test_a_failed_build_leaves_no_vectors_in_a_milvus_outside_the_library(
 
     from shitu.index.backends import milvus_backend
 
-    make_images(tmp_path / "gallery" / "blocks", 4)
     lib = tmp_path / "lib"
-    build = ("index", "build", "--gallery", tmp_path / "gallery", "--out", lib, "--backend",
-             "milvus", "--milvus-uri", tmp_path / "shared.db", "--model", models[128],
-             "--no-progress")  # fmt: skip
+    build = milvus_build_outside_the_library(models, tmp_path, lib)
     real_insert, inserts = MilvusClient.insert, []
 
     def fails_second(client: MilvusClient, *args: object, **kwargs: object) -> object:
@@ -732,11 +740,8 @@ def test_a_milvus_collection_whose_library_was_deleted_is_replaced_on_request(
     since (or of a build killed outright): building with it again was refused as another
     library's, and no shitu command could drop it."""
     pytest.importorskip("milvus_lite", reason="the milvus extra is not installed")
-    make_images(tmp_path / "gallery" / "blocks", 4)
     lib = tmp_path / "lib"
-    build = ("index", "build", "--gallery", tmp_path / "gallery", "--out", lib, "--backend",
-             "milvus", "--milvus-uri", tmp_path / "shared.db", "--model", models[128],
-             "--no-progress")  # fmt: skip
+    build = milvus_build_outside_the_library(models, tmp_path, lib)
     assert shitu(*build).returncode == 0
     shutil.rmtree(lib)
     refused = shitu(*build)
