@@ -650,3 +650,15 @@ def test_detect_on_a_terminal_draws_a_progress_bar_that_counts_the_skipped(
     assert all(line.startswith(('{"image": ', "warning: skipped")) for line in results)
     status, lines = run_in_terminal([*command, "--no-progress"])
     assert status == 0 and not any(line.startswith("detecting") for line in lines), lines
+
+
+def test_detect_cli_leaves_no_save_vis_folder_when_no_image_is_read(tmp_path: Path, capsys):
+    """The --save-vis folder, made before the first image to check it can be written in,
+    was left behind, empty, by a run that read no image; as `shitu recognize`, it goes."""
+    model = save_detector(build_picodet("picodet_s_esnet", input_size=64), tmp_path / "d.pt")
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a JPEG")
+    vis = tmp_path / "out" / "vis"
+    assert shitu_main(["detect", str(broken), "--model", str(model), "--save-vis", str(vis)]) == 1
+    assert f"warning: skipped {broken}: " in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

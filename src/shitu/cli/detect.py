@@ -20,7 +20,7 @@ from shitu.cli.common import (
     visualisation_writer,
 )
 from shitu.errors import DataError
-from shitu.fileio import SAVE_AS_UTF8, read_text
+from shitu.fileio import SAVE_AS_UTF8, read_text, removed_if_left_empty
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -91,6 +91,11 @@ def _class_names(path: str) -> tuple[str, ...]:
 
 
 def run(args: argparse.Namespace) -> int:
+    with removed_if_left_empty(args.save_vis):  # a run that fails leaves no folder made
+        return _detect(args)
+
+
+def _detect(args: argparse.Namespace) -> int:
     from shitu.data.transforms.ops import UnreadableImageError
     from shitu.detection import load_detector
     from shitu.inference.preprocess import read_rgb
