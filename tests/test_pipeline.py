@@ -1271,6 +1271,27 @@ def test_demo_builds_a_gallery_and_recognises_every_product(setup, tmp_path, cap
     )
 
 
+def test_a_demo_photo_the_disk_cannot_take_whole_is_an_error_not_a_cut_short_jpeg(setup, tmp_path):
+    """The demo's photos were saved by Pillow's JPEG encoder, which takes a short write (a
+    full disk, the file size limit) for a whole one: a gallery photo cut off at the limit
+    went on into the library (here the library's own write then failed, naming the
+    database, not the photo)."""
+    import resource
+
+    out = tmp_path / "demo"
+    limit = 4096  # below any demo photo's JPEG
+
+    def limit_file_size() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    command = [sys.executable, "-m", "shitu", "demo", "--out", str(out), "--model", str(setup["model"])]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, preexec_fn=limit_file_size)
+    assert result.returncode == 2
+    first = out / "images" / "gallery" / "sunrise_oat_flakes_0.jpg"
+    assert result.stderr == f"error: cannot write {first}: File too large\n"
+    assert not first.exists() and list(first.parent.iterdir()) == []
+
+
 def test_quick_start_demo_with_the_shipped_model(tmp_path, monkeypatch, capsys):
     """The README's main command: the packaged compact model, its ONNX model built into
     the (here: empty) cache, every demo product recognised with a confident score."""

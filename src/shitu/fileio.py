@@ -14,6 +14,7 @@ import ctypes
 import errno
 import glob
 import hashlib
+import io
 import os
 import re
 import shutil
@@ -22,9 +23,12 @@ import tempfile
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shitu.errors import CheckpointError, ConfigError, DataError
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 # Held by the training run (`shitu train`, `shitu detect-train`) writing in a folder; it
 # holds what that run is, as `only_run_in` tells another one.
@@ -162,6 +166,19 @@ def torch_save_atomically(payload: Any, path: Path, durable: bool = False) -> Pa
         return write_atomically(path, write, durable)
     except (OSError, RuntimeError) as exc:
         raise CheckpointError(f"cannot write {path}: {write_failure_reason(exc)}") from None
+
+
+def write_jpeg(path: Path, image: Image.Image, quality: int) -> Path:
+    """Save `image` as JPEG at `path` by `write_atomically`; a refused write (a full disk,
+    the file size limit) is a DataError naming `path`. Encoded in memory and written by
+    Python, not by Pillow's encoder, which takes a short write for a whole one: the photo
+    was cut short without a word. And whole or not at all, if the run is stopped mid-write."""
+    encoded = io.BytesIO()
+    image.convert("RGB").save(encoded, "JPEG", quality=quality)
+    try:
+        return write_atomically(path, lambda tmp: tmp.write_bytes(encoded.getvalue()))
+    except OSError as exc:  # said of the temporary file, or of no file at all
+        raise DataError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 def write_failure_reason(exc: BaseException) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import io
 import itertools
 import math
 import os
@@ -15,7 +14,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from shitu.detection.input_size import check_input_size
 from shitu.errors import ConfigError, DataError, override_word
-from shitu.fileio import check_writable, home_expanded, write_atomically
+from shitu.fileio import check_writable, home_expanded, write_jpeg
 from shitu.image_files import IMAGE_SUFFIXES, LABELLED_LIST_HINT, TEXT_FILE_REASON, scan_images
 from shitu.inference.choices import BACKENDS, PRECISIONS
 
@@ -470,15 +469,7 @@ class VisualisationWriter:
         if path not in self.written and path.exists():
             self.replaced += 1
         self.written.add(path)
-        encoded = io.BytesIO()
-        annotated.convert("RGB").save(encoded, "JPEG", quality=90)
-        # Written by Python, not by Pillow's encoder, which takes a short write (a full disk,
-        # the file size limit) for a whole one: the copy was cut short without a word. And
-        # whole or not at all, if the run is stopped mid-write.
-        try:
-            return write_atomically(path, lambda tmp: tmp.write_bytes(encoded.getvalue()))
-        except OSError as exc:  # said of the temporary file, or of no file at all
-            raise DataError(f"cannot write {path}: {exc.strerror or exc}") from None
+        return write_jpeg(path, annotated, quality=90)
 
     def note_replaced(self) -> None:
         """Say on stderr how many files already in the folder the copies were written over

@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw, ImageEnhance, ImageFilter, ImageFont, ImageOps
 
+from shitu.fileio import write_jpeg
+
 
 @dataclass(frozen=True)
 class Product:
@@ -199,19 +201,19 @@ def make_demo_set(folder: str | Path, seed: int = 0) -> DemoSet:
         for view in range(GALLERY_VIEWS):
             name = f"gallery/{_slug(product.name)}_{view}.jpg"
             image = _view(front, rng, rng.uniform(0.9, 1.1))
-            _photo([image], rng, image.height + 60).save(root / name, quality=92)
+            write_jpeg(root / name, _photo([image], rng, image.height + 60), quality=92)
             gallery_lines.append(f"{name}\t{product.name}")
     query_lines = []
     for index in SINGLE_QUERIES:
         name = f"queries/{_slug(PRODUCTS[index].name)}.jpg"
         image = _view(fronts[index], rng, rng.uniform(1.0, 1.3))
-        _photo([image], rng, image.height + 120).save(root / name, quality=90)
+        write_jpeg(root / name, _photo([image], rng, image.height + 120), quality=90)
         query_lines.append(f"{name}\t{PRODUCTS[index].name}")
     shelves = []
     for number, members in enumerate(SHELVES):
         views = [_view(fronts[i], rng, rng.uniform(0.8, 1.0)) for i in members]
         path = root / f"queries/shelf_{number}.jpg"
-        _photo(views, rng, max(v.height for v in views) + 80).save(path, quality=90)
+        write_jpeg(path, _photo(views, rng, max(v.height for v in views) + 80), quality=90)
         shelves.append((path, [PRODUCTS[i].name for i in members]))
     (root / "gallery.txt").write_text("\n".join(gallery_lines) + "\n", encoding="utf-8")
     (root / "queries.txt").write_text("\n".join(query_lines) + "\n", encoding="utf-8")
