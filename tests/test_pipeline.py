@@ -818,6 +818,23 @@ def test_save_vis_refuses_the_folder_of_the_input_photos(setup, grocery, tmp_pat
     assert photo.read_bytes() == original and (inside / "photo.jpg").is_file()
 
 
+def test_save_vis_refuses_a_gallery_library_or_an_exported_model(setup, tmp_path, capsys):
+    """--save-vis given the library or the model folder beside it on the command line (a
+    slip of the shell's completion) wrote the annotated JPEGs among their files."""
+    library = shutil.copytree(setup["library"], tmp_path / "library")
+    model = shutil.copytree(setup["model"], tmp_path / "model")
+    before = {folder: sorted(folder.iterdir()) for folder in (library, model)}
+    photo = str(setup["queries"][0].path)
+    common = ["--gallery", str(setup["library"]), "--model", str(setup["model"]), "--no-progress"]
+    for vis, what in ((library, "a gallery library"), (model, "an exported model")):
+        assert shitu_main(["recognize", photo, *common, "--save-vis", str(vis)]) == 2
+        assert capsys.readouterr().err == (
+            f"error: --save-vis {vis}: is {what}'s folder, not one for annotated copies: "
+            "choose another folder\n"
+        )
+    assert before == {folder: sorted(folder.iterdir()) for folder in (library, model)}
+
+
 def test_save_vis_keeps_the_sub_folders_so_same_named_photos_keep_their_copies(
     setup, tmp_path, capsys
 ):

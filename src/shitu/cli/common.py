@@ -409,7 +409,10 @@ class VisualisationWriter:
         named after the images, would write over the user's photos. `scanned`: the input
         folders, searched recursively for images; the folder may not be inside one, where
         the next run would take the copies for photos. `font`: the captions' font file
-        (default: see CaptionFonts), `font_index` its face in a collection (.ttc)."""
+        (default: see CaptionFonts), `font_index` its face in a collection (.ttc). A gallery
+        library's or an exported model's folder is refused: the copies are no part of it."""
+        from shitu.index.gallery import LIBRARY_FILE
+        from shitu.inference.manifest import MANIFEST
         from shitu.pipeline import CaptionFonts
 
         self.fonts = CaptionFonts(font, font_index)
@@ -429,6 +432,13 @@ class VisualisationWriter:
             raise DataError(
                 f"--save-vis {folder}: holds input images ({inside}), and the annotated "
                 "copies take the images' names: choose another folder"
+            )
+        owners = {LIBRARY_FILE: "a gallery library", MANIFEST: "an exported model"}
+        owner = next((what for name, what in owners.items() if (folder / name).is_file()), None)
+        if owner is not None:
+            raise DataError(
+                f"--save-vis {folder}: is {owner}'s folder, not one for annotated copies: "
+                "choose another folder"
             )
         source = next((s for s in scanned if here.is_relative_to(s.resolve())), None)
         if source is not None:
