@@ -644,6 +644,7 @@ TRANSFORM_BASES = {
         ("RandomErasing", "sh", "0.01"),
         ("RandomErasing", "r1", "2"),
         ("RandomErasing", "attempt", "0"),
+        ("RandomErasing", "mean", "[0.5, 0.5]"),
     ],
 )
 def test_a_transform_value_out_of_range_is_refused_as_the_config_loads(config_file, op, key, value):

@@ -723,11 +723,14 @@ class RandomErasing(Transform):
             raise ValueError(f"r1: the smallest aspect ratio, in (0, 1], got {r1}")
         if attempt < 1:
             raise ValueError(f"attempt: at least 1, got {attempt}")
+        mean = mean if mean is not None else [0.0, 0.0, 0.0]
+        if len(mean) != 3:  # else every erased image fails, as a fault of that image
+            raise ValueError(f"mean: needs one value per channel (3), got {mean}")
         self.EPSILON = EPSILON
         self.sl = sl
         self.sh = sh
         self.r1 = r1
-        self.mean = np.asarray(mean if mean is not None else [0.0, 0.0, 0.0], np.float32)
+        self.mean = np.asarray(mean, np.float32)
         self.attempt = attempt
         self.use_log_aspect = use_log_aspect
         self.mode = mode
@@ -744,8 +747,6 @@ class RandomErasing(Transform):
             return image
         chw = self._layout == "chw"
         channels, img_h, img_w = image.shape if chw else image.shape[2:] + image.shape[:2]
-        if self.mode == "const" and self.mean.size != channels:
-            raise ValueError(f"image has {channels} channels, mean has {self.mean.size}")
         low, high = (
             (np.log(self.r1), -np.log(self.r1)) if self.use_log_aspect else (self.r1, 1 / self.r1)
         )
