@@ -661,6 +661,18 @@ def test_a_transform_value_out_of_range_is_refused_as_the_config_loads(config_fi
     assert message.endswith(f" in transform '{op}' (set by -o {wrong})")
 
 
+def test_transform_ops_in_an_order_that_cannot_work_are_refused_as_the_config_loads(config_file):
+    """A resize after NormalizeImage is named before the model is built, not by the dataset."""
+    ops = "[{NormalizeImage: {}}, {ResizeImage: {size: 8}}]"
+    split = f"DataLoader.Train={{dataset: {{name: ImageNetDataset, image_root: ., cls_label_path: t.txt, transform_ops: {ops}}}}}"
+    with pytest.raises(ConfigError) as info:
+        load_config(config_file, [split])
+    assert str(info.value) == (
+        f"{config_file}: DataLoader.Train.dataset.transform_ops[1] ResizeImage: works on uint8 "
+        f"pixels; move it before NormalizeImage (set by -o {split})"
+    )
+
+
 def test_a_schedule_driven_by_evaluations_is_refused_in_a_run_without_them(config_file):
     """ReduceOnPlateau lowers the rate on evaluations: without any it would never lower it."""
     plateau = "Optimizer={name: Momentum, lr: {name: ReduceOnPlateau, learning_rate: 0.1}}"
