@@ -613,6 +613,66 @@ def test_a_malformed_transform_op_is_listed_with_the_other_problems(config_file)
     ]
 
 
+# Each transform with the parameters it needs, for a test to set one of them wrong.
+TRANSFORM_BASES = {
+    "ResizeImage": "{size: 8}",
+    "CropImage": "{size: 8}",
+    "RandCropImage": "{size: 8}",
+    "Pad": "{padding: 1}",
+    "RandomRotation": "{degrees: 10}",
+    "ColorJitter": "{}",
+    "NormalizeImage": "{}",
+    "RandomErasing": "{}",
+}
+
+
+@pytest.mark.parametrize(
+    ("op", "key", "value"),
+    [
+        ("ResizeImage", "size", "null"),
+        ("CropImage", "size", "[8, 8, 8]"),
+        ("RandCropImage", "ratio", "[2, 1]"),
+        ("Pad", "padding", "-1"),
+        ("Pad", "fill", "300"),
+        ("RandomRotation", "degrees", "[30, 10]"),
+        ("ColorJitter", "hue", "0.7"),
+        ("NormalizeImage", "std", "[0.2, 0, 0.2]"),
+        ("NormalizeImage", "std", "[0.2, 0.2]"),
+        ("NormalizeImage", "mean", "[0.5]"),
+        ("RandomErasing", "EPSILON", "5"),
+        ("RandomErasing", "sl", "0"),
+        ("RandomErasing", "sh", "0.01"),
+        ("RandomErasing", "r1", "2"),
+        ("RandomErasing", "attempt", "0"),
+        ("RandomErasing", "mean", "[0.5, 0.5]"),
+    ],
+)
+def test_a_transform_value_out_of_range_is_refused_as_the_config_loads(config_file, op, key, value):
+    """Not first when the dataset is built, after the model (`shitu info`, a run's start)."""
+    ops = f"[{{DecodeImage: {{}}}}, {{{op}: {TRANSFORM_BASES[op]}}}]"
+    split = f"DataLoader.Train={{dataset: {{name: ImageNetDataset, image_root: ., cls_label_path: t.txt, transform_ops: {ops}}}}}"
+    wrong = f"DataLoader.Train.dataset.transform_ops[1].{op}.{key}={value}"
+    with pytest.raises(ConfigError) as info:
+        load_config(config_file, [split, wrong])
+    message = str(info.value)
+    assert message.startswith(
+        f"{config_file}: DataLoader.Train.dataset.transform_ops.1.{op}.{key}: "
+    )
+    assert message.endswith(f" in transform '{op}' (set by -o {wrong})")
+
+
+def test_transform_ops_in_an_order_that_cannot_work_are_refused_as_the_config_loads(config_file):
+    """A resize after NormalizeImage is named before the model is built, not by the dataset."""
+    ops = "[{NormalizeImage: {}}, {ResizeImage: {size: 8}}]"
+    split = f"DataLoader.Train={{dataset: {{name: ImageNetDataset, image_root: ., cls_label_path: t.txt, transform_ops: {ops}}}}}"
+    with pytest.raises(ConfigError) as info:
+        load_config(config_file, [split])
+    assert str(info.value) == (
+        f"{config_file}: DataLoader.Train.dataset.transform_ops[1] ResizeImage: works on uint8 "
+        f"pixels; move it before NormalizeImage (set by -o {split})"
+    )
+
+
 def test_a_schedule_driven_by_evaluations_is_refused_in_a_run_without_them(config_file):
     """ReduceOnPlateau lowers the rate on evaluations: without any it would never lower it."""
     plateau = "Optimizer={name: Momentum, lr: {name: ReduceOnPlateau, learning_rate: 0.1}}"

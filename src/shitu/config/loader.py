@@ -255,6 +255,9 @@ def _check_evaluated_features_are_exported(config: ShituConfig) -> None:
 
 
 def _validate_data_split(where: str, split: DataSplitConfig, failed: list[ConfigError]) -> None:
+    from shitu.data.transforms import build_transforms  # a component: see _validate_components
+
+    problems_before = len(failed)
     dataset = split.dataset
     _check(
         failed, f"{where}.dataset", lambda: registry.DATASETS.validate(dataset.name, dataset.params)
@@ -279,6 +282,11 @@ def _validate_data_split(where: str, split: DataSplitConfig, failed: list[Config
             f"{where}.dataset.transform_ops.{index}.{name}",
             lambda n=name, p=params: registry.TRANSFORMS.validate(n, p or {}),
         )
+    if ops and len(failed) == problems_before:  # each op right: then their order (no resize
+        try:  # after NormalizeImage), which the dataset would find only once it is built
+            build_transforms(ops, where=f"{where}.dataset.transform_ops")
+        except ConfigError as exc:
+            failed.append(exc)
     if split.sampler is not None:
         sampler = split.sampler
         _check(

@@ -43,6 +43,14 @@ class Transform:
 
     name: ClassVar[str] = "Transform"
 
+    @classmethod
+    def check_params(cls, **params: Any) -> None:
+        """Build the op from `params`, so that a value its constructor refuses (a range,
+        a list of the wrong length) is refused as a config loads (the registry calls this),
+        not first when a dataset is built. An op is made of its parameters alone, reading
+        no file, so building one to check it costs nothing."""
+        cls(**params)
+
     def plan(self, stage: Stage) -> Stage:
         if not stage.decoded:
             raise ValueError("comes before the image is decoded (DecodeImage must be first)")

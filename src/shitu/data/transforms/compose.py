@@ -97,16 +97,11 @@ def build_transforms(ops: OpList | None, where: str = "transform_ops") -> Compos
             params = {}
         if not isinstance(params, dict):
             raise ConfigError(f"{label} {name}: parameters must be a mapping, got {params!r}")
-        try:
+        try:  # the op's own checks too (`Transform.check_params`)
             validated = TRANSFORMS.validate(name, params)
-            ctor = TRANSFORMS.get(name)
         except ConfigError as exc:
             raise ConfigError(f"{label}: {exc}") from None
-        try:
-            op = ctor(**validated)
-        except ValueError as exc:
-            raise ConfigError(f"{label} {name}: {exc}") from None
-        built.append(op)
+        built.append(TRANSFORMS.get(name)(**validated))
         names.append(name)
     if not built or not isinstance(built[0], _ops.DecodeImage):
         built.insert(0, _ops.DecodeImage())

@@ -12,7 +12,7 @@ import io
 import math
 import os
 from collections.abc import Iterable, Sequence
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps, UnidentifiedImageError
@@ -283,7 +283,7 @@ class ResizeImage(Transform):
             self.resize_short = None
             self.size = pair(size)
         else:
-            raise ValueError("give size or resize_short")
+            raise ValueError("size: required unless resize_short is above 0")
         self.interpolation = interpolation_name(interpolation, backend)
         self.backend = backend
 
@@ -644,21 +644,18 @@ class NormalizeImage(Transform):
         channel_num: Literal[3] = 3,
     ):
         self.scale = np.float32(parse_scale(scale))
-        self.mean = np.asarray(mean if mean is not None else [0.485, 0.456, 0.406], np.float32)
-        self.std = np.asarray(std if std is not None else [0.229, 0.224, 0.225], np.float32)
-        if self.mean.shape != (channel_num,) or self.std.shape != (channel_num,):
-            raise ValueError(
-                f"mean and std need one value per channel ({channel_num}), "
-                f"got {self.mean.tolist()} and {self.std.tolist()}"
-            )
-        if np.any(self.std == 0):
-            raise ValueError("std must not contain 0")
+        mean = mean if mean is not None else [0.485, 0.456, 0.406]
+        std = std if std is not None else [0.229, 0.224, 0.225]
+        for key, values in (("mean", mean), ("std", std)):
+            if len(values) != channel_num:
+                raise ValueError(
+                    f"{key}: needs one value per channel ({channel_num}), got {values}"
+                )
+        self.mean = np.asarray(mean, np.float32)
+        self.std = np.asarray(std, np.float32)
+        if np.any(self.std == 0):  # 1e-50 too: it is 0 in float32
+            raise ValueError(f"std: must not contain 0, got {std}")
         self.order: str | None = "hwc" if order == "" else order
-
-    @staticmethod
-    def check_params(scale: float | str | None = None, **_others: Any) -> None:
-        """`scale` (text such as '1.0/255.0' or a number), also read as a config loads."""
-        parse_scale(scale)
 
     def plan(self, stage: Stage) -> Stage:
         if not stage.decoded:
@@ -718,17 +715,22 @@ class RandomErasing(Transform):
         mode: Literal["const", "rand", "pixel"] = "const",
     ):
         _probability(EPSILON, "EPSILON")
-        if not 0 < sl <= sh <= 1:
-            raise ValueError(f"sl, sh: area fractions with 0 < sl <= sh <= 1, got {sl}, {sh}")
+        if not 0 < sl <= 1:
+            raise ValueError(f"sl: the smallest area fraction, in (0, 1], got {sl}")
+        if not sl <= sh <= 1:
+            raise ValueError(f"sh: the largest area fraction, in [sl, 1] = [{sl}, 1], got {sh}")
         if not 0 < r1 <= 1:
             raise ValueError(f"r1: the smallest aspect ratio, in (0, 1], got {r1}")
         if attempt < 1:
             raise ValueError(f"attempt: at least 1, got {attempt}")
+        mean = mean if mean is not None else [0.0, 0.0, 0.0]
+        if len(mean) != 3:  # else every erased image fails, as a fault of that image
+            raise ValueError(f"mean: needs one value per channel (3), got {mean}")
         self.EPSILON = EPSILON
         self.sl = sl
         self.sh = sh
         self.r1 = r1
-        self.mean = np.asarray(mean if mean is not None else [0.0, 0.0, 0.0], np.float32)
+        self.mean = np.asarray(mean, np.float32)
         self.attempt = attempt
         self.use_log_aspect = use_log_aspect
         self.mode = mode
@@ -745,8 +747,6 @@ class RandomErasing(Transform):
             return image
         chw = self._layout == "chw"
         channels, img_h, img_w = image.shape if chw else image.shape[2:] + image.shape[:2]
-        if self.mode == "const" and self.mean.size != channels:
-            raise ValueError(f"image has {channels} channels, mean has {self.mean.size}")
         low, high = (
             (np.log(self.r1), -np.log(self.r1)) if self.use_log_aspect else (self.r1, 1 / self.r1)
         )
