@@ -22,7 +22,10 @@ import numpy as np
 import pytest
 from PIL import Image
 from selenium import webdriver
-from selenium.common.exceptions import StaleElementReferenceException
+from selenium.common.exceptions import (
+    ElementNotInteractableException,
+    StaleElementReferenceException,
+)
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
@@ -1038,8 +1041,10 @@ def test_keyboard_focus_stays_on_the_chosen_label_and_the_images(server, browser
         driver.switch_to.active_element.send_keys(Keys.ENTER)
         return True
 
-    # Tried again where the list was drawn again (its second load at start) in between
-    WebDriverWait(browser, WAIT_S, ignored_exceptions=[StaleElementReferenceException]).until(
+    # Tried again where the list was drawn again (its second load at start) between the
+    # focus and the key: the button focused is then gone (stale) or not yet shown.
+    redrawn = [StaleElementReferenceException, ElementNotInteractableException]
+    WebDriverWait(browser, WAIT_S, ignored_exceptions=redrawn).until(
         enter_on_keys, "Enter pressed on the label Keys"
     )
     title = browser.find_element(By.ID, "label-title")
