@@ -64,7 +64,25 @@ def too_large(limit_mb: float) -> PayloadTooLarge:
     return PayloadTooLarge(f"request body is larger than the {shown} MB limit")
 
 
-class BodyLimit:
+class HttpMiddleware:
+    """ASGI middleware acting on HTTP requests (`handle`); the server's other traffic (its
+    lifespan events) goes past it to the app as it came."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        await self.handle(scope, receive, send)
+
+    async def handle(self, scope: dict, receive: Callable, send: Callable) -> None:
+        """Answer (or pass on) one HTTP request."""
+        raise NotImplementedError
+
+
+class BodyLimit(HttpMiddleware):
     """ASGI middleware: a body over the settings' upload limit is refused with 413 and never
     kept.
 
@@ -76,14 +94,11 @@ class BodyLimit:
     """
 
     def __init__(self, app: Any, settings: ServeSettings) -> None:
-        self.app = app
+        super().__init__(app)
         self.max_bytes = settings.max_upload_bytes
         self.max_mb = settings.max_upload_mb  # as the operator gave it, for the message
 
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: dict, receive: Callable, send: Callable) -> None:
         headers = dict(scope["headers"])
         declared = headers.get(b"content-length")
         if declared is not None:
@@ -107,19 +122,13 @@ class BodyLimit:
         await self.app(scope, counted, send)
 
 
-class HeadAsGet:
+class HeadAsGet(HttpMiddleware):
     """ASGI middleware: HEAD is answered as GET would be, without the body, and a 405's
     Allow lists HEAD wherever it lists GET (RFC 9110 says a server that answers GET answers
     HEAD). FastAPI's routes answer only the methods they list, so `curl -I` on the API, the
     docs or /metrics, as link checkers and uptime monitors send it, got 405."""
 
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: dict, receive: Callable, send: Callable) -> None:
         head = scope["method"] == "HEAD"
 
         async def answer(message: dict) -> None:
@@ -148,19 +157,16 @@ def _allowing_head(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, 
     return allowing
 
 
-class RequestLimit:
+class RequestLimit(HttpMiddleware):
     """ASGI middleware: beyond the settings' number of requests in progress, a request is
     answered 503, as JSON naming the limit, with Retry-After, and its body is never kept."""
 
     def __init__(self, app: Any, settings: ServeSettings) -> None:
-        self.app = app
+        super().__init__(app)
         self.max_requests = settings.max_requests
         self.in_progress = 0  # changed on the event loop only: no lock
 
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: dict, receive: Callable, send: Callable) -> None:
         if self.in_progress >= self.max_requests:
             busy = ServiceUnavailable(
                 f"the server is busy: {self.in_progress} requests in progress, its limit "
@@ -176,19 +182,13 @@ class RequestLimit:
             self.in_progress -= 1
 
 
-class AnswerCutOff:
+class AnswerCutOff(HttpMiddleware):
     """ASGI middleware: a request still running when the server stops (uvicorn cancels
     those left after its grace period) is answered with a JSON 503 where its answer has not
     begun, as every other error is: uvicorn's own answer was a plain-text 500. An edit it
     asked for may still be made (the library's thread runs each one to its end)."""
 
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: dict, receive: Callable, send: Callable) -> None:
         started = False
 
         async def watched(message: dict) -> None:

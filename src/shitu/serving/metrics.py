@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.routing import Match
 
+from shitu.serving.http import HttpMiddleware
 from shitu.serving.library import Snapshot
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -101,18 +102,15 @@ def _route_template(scope: dict) -> str:
     return getattr(route, "path", "unmatched")
 
 
-class MetricsMiddleware:
+class MetricsMiddleware(HttpMiddleware):
     """ASGI middleware counting every HTTP request by its route template (not its URL,
     which would make one time series per image id)."""
 
     def __init__(self, app: Any, metrics: Metrics) -> None:
-        self.app = app
+        super().__init__(app)
         self.metrics = metrics
 
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: dict, receive: Callable, send: Callable) -> None:
         start = time.perf_counter()
         status = 500
 
