@@ -44,7 +44,7 @@ from shitu.serving.images import thumbnail_jpeg
 from shitu.serving.library import SharedLibrary, Snapshot
 from shitu.serving.service import RecognitionService
 from shitu.serving.settings import ServeSettings
-from tests.index_helpers import make_images, other_process_holding
+from tests.index_helpers import PixelEmbedder, make_images, other_process_holding
 from tests.serving_helpers import DemoLibrary, PrefixProxy, ServerProcess
 
 KEY = "test-key-0123"
@@ -319,6 +319,32 @@ def test_edits_by_another_process_show_up_while_serving(serving_library, server,
     found = client.post("/v1/recognize", files={"image": photo(query)}).json()["results"]
     assert found and found[0]["label"] == "Renamed elsewhere"
     relabel_and_wait("Renamed elsewhere", label)  # as the later tests expect it
+
+
+def test_a_library_built_again_at_its_path_is_served_without_a_restart(serving_library, tmp_path):
+    """`rm -r LIB` and `shitu index build ... --out LIB` beside a running server: it serves the
+    new library (it answered from the deleted one until restarted)."""
+    server = ServerProcess(serving_library, tmp_path)
+    try:
+        photos = [path for path, _ in serving_library.gallery_items()[:3]]
+        listing = tmp_path / "rebuilt.txt"
+        listing.write_text("".join(f"{path}\tRebuilt\n" for path in photos))
+        shutil.rmtree(server.gallery)
+        build = ["index", "build", str(listing), "--out", str(server.gallery)]
+        assert shitu_main([*build, "--model", str(serving_library.model)]) == 0
+        with httpx.Client(base_url=server.url, timeout=60) as http:
+            deadline = time.monotonic() + 15
+            while http.get("/v1/gallery/labels/Rebuilt").status_code != 200:
+                assert time.monotonic() < deadline, "the server never served the new library"
+                time.sleep(0.2)
+            assert [
+                entry["label"] for entry in http.get("/v1/gallery/labels").json()["labels"]
+            ] == ["Rebuilt"]
+            found = http.post("/v1/recognize", files={"image": photo(photos[0])}).json()
+            assert found["results"][0]["label"] == "Rebuilt"
+        assert "was built again since the server opened it: now serving" in server.log.read_text()
+    finally:
+        server.stop()
 
 
 # ------------------------------------------------------------------------------ bad input
@@ -1847,18 +1873,80 @@ def test_the_server_retries_a_generation_that_failed_to_load(written_since, monk
     assert shared.search(vectors[25:26], k=1).labels[0, 0] == "new"
 
 
-def test_a_library_built_again_at_its_path_while_served_is_logged_once(written_since, caplog):
+def test_a_library_built_again_at_its_path_while_served_is_served_in_its_place(
+    written_since, caplog
+):
     """`rm -r LIB` and `index build --out LIB` while a server runs: the server answered from
-    the deleted library with no word of it (the new one's images never showed up)."""
-    shared, path, _ = written_since
+    the deleted library, refusing edits, until restarted (the new one's images never showed
+    up). Until a library is there it says so once and answers from the one it has."""
+    shared, path, vectors = written_since
     shared.run(shared._sync)
+    old = shared.gallery
     assert "deleted or built again" not in caplog.text
     shutil.rmtree(path)
-    Gallery.create(path, embedding_dim=8, model_fingerprint="m").close()
     for _ in range(2):
         shared.run(shared._sync)
     assert caplog.text.count(f"{path} was deleted or built again since the server opened") == 1
-    assert "restart it to serve the library now at that path" in caplog.text
+    assert shared.search(vectors[25:26], k=1).labels[0, 0] == "new"  # still the one it had
+    with Gallery.create(path, embedding_dim=8, model_fingerprint="m") as rebuilt:
+        rebuilt.add(vectors[:5], ["rebuilt"] * 5)
+    shared.run(shared._sync)
+    assert f"{path} was built again since the server opened it: now serving" in caplog.text
+    assert shared.gallery is not old
+    assert shared.search(vectors[25:26], k=1).labels[0, 0] == "rebuilt"
+    assert set(shared.snapshot.by_label) == {"rebuilt"}
+    with pytest.raises(GalleryError, match="the library is closed"):
+        old.search(vectors[:1])  # released
+    shared.write(lambda gallery: gallery.add(vectors[5:6], ["edited"]))  # edits go on
+    with Gallery.open(path) as reader:
+        assert len(reader) == 6
+
+
+def test_a_search_that_took_the_library_before_it_was_replaced_finds_the_new_one(
+    written_since, monkeypatch
+):
+    """A search that took the served library a moment before the check closed it in favour
+    of the one built again at its path is answered from the new one, not failed."""
+    shared, path, vectors = written_since
+    old = shared.gallery
+    shutil.rmtree(path)
+    with Gallery.create(path, embedding_dim=8, model_fingerprint="m") as rebuilt:
+        rebuilt.add(vectors[:5], ["rebuilt"] * 5)
+    shared.run(shared._sync)
+    monkeypatch.setattr(SharedLibrary, "gallery", property(lambda _: old))  # as it took it
+    assert shared.search(vectors[:1], k=1).labels[0, 0] == "rebuilt"
+
+
+def test_a_library_of_another_model_built_at_its_path_is_not_served(tmp_path, caplog, monkeypatch):
+    """A library built again at the path with another model's features is not taken up:
+    the server keeps answering from the one it has and says why, once; one of its model
+    built there next is taken up at the next check, not after RETRY_S."""
+    monkeypatch.setattr(library_module, "RETRY_S", 3600.0)
+    model = PixelEmbedder()
+    path = tmp_path / "lib"
+    vectors = np.random.default_rng(4).normal(size=(4, model.embedding_size)).astype(np.float32)
+    with Gallery.create_for(path, model) as gallery:
+        gallery.add(vectors[:2], ["first"] * 2)
+    shared = SharedLibrary()
+    try:
+        shared.attach(shared.run(lambda: Gallery.open(path, embedder=model)))
+        shutil.rmtree(path)
+        with Gallery.create(
+            path, embedding_dim=model.embedding_size, model_fingerprint="another model"
+        ) as other:
+            other.add(vectors[2:], ["other"] * 2)
+        for _ in range(2):
+            shared.run(shared._sync)
+        assert caplog.text.count("no library there can be served") == 1
+        assert "another model" in caplog.text  # why
+        assert shared.search(vectors[3:], k=1).labels[0, 0] == "first"
+        shutil.rmtree(path)
+        with Gallery.create_for(path, model) as again:
+            again.add(vectors[2:], ["again"] * 2)
+        shared.run(shared._sync)
+        assert shared.search(vectors[3:], k=1).labels[0, 0] == "again"
+    finally:
+        shared.close()
 
 
 def test_the_listing_follows_each_edit_as_reading_the_library_whole_gives_it(tmp_path, monkeypatch):

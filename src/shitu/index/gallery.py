@@ -469,28 +469,27 @@ class Gallery:
         collection cannot be read, by building the index again from the stored features (a
         write: a new generation); `repaired` then says so.
         """
-        return cls._open(Path(path), embedder=embedder, verify=verify, repair=repair)
+        model = None if embedder is None else (embedder.fingerprint, embedder.embedding_size)
+        return cls._open(Path(path), model=model, verify=verify, repair=repair)
 
     @classmethod
     def _open(
         cls,
         root: Path,
         *,
-        embedder: Embedder | None = None,
+        model: tuple[str, int] | None = None,
         verify: bool = True,
         repair: bool = False,
         replace_collection: bool = False,
     ) -> Gallery:
-        """`open`; `replace_collection` is `create`'s, for the new library it opens."""
+        """`open`, refused unless the library holds `model`'s features (fingerprint, embedding
+        size); `replace_collection` is `create`'s, for the new library it opens."""
         store = _open_store(root)
         backend: Backend | None = None
         try:
             # Manifest, index file and labels of one generation, even while another process
             # publishes the next one (and deletes this one's index file).
             with store.reading():
-                model = (
-                    None if embedder is None else (embedder.fingerprint, embedder.embedding_size)
-                )
                 manifest = _committed_manifest(root, store, model)
                 backend = open_backend(
                     root, manifest, store, verify, repair, replace_collection=replace_collection
@@ -685,6 +684,22 @@ class Gallery:
         LIB`). Reads go on from the file opened, which no other process writes any more,
         and writes are refused."""
         return _file_identity(self.root / LIBRARY_FILE) != self._database
+
+    def database_on_disk(self) -> tuple[int, int, int] | None:
+        """The database file now at the library's path as (device, inode, change time in
+        ns), None where there is none: whether a library there is still the one that failed
+        to open a moment ago, say."""
+        try:
+            stat = (self.root / LIBRARY_FILE).stat()
+        except FileNotFoundError:
+            return None
+        return stat.st_dev, stat.st_ino, stat.st_ctime_ns
+
+    def open_replacement(self) -> Gallery:
+        """The library now at this one's path, once `replaced()`: opened as this one was, so
+        refused unless it holds the same model's features (GalleryError where there is none
+        yet). This one stays open: the caller closes it once it has switched."""
+        return Gallery._open(self.root, model=self._model)
 
     def generation_on_disk(self) -> int | None:
         """The generation last committed by any process (None: the manifest is gone)."""

@@ -15,7 +15,9 @@ their edit sees it, however long the server sat idle before; a search or listing
 an edit of this server's is under way does not wait (the check would queue behind the edit,
 which may wait minutes for another process's rebuild): it answers from the generation
 loaded. An edit loads them first, always: it checks what it changes against the library as
-it is.
+it is. A library deleted and built again at its path (`index build` renames a whole one
+into place) is opened in place of the one served at the same check, if it holds the
+same model's features.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from shitu.errors import GalleryError
 from shitu.index import Gallery, SearchResult
 from shitu.index.backends import Change
 from shitu.index.labels import normal_form
@@ -111,7 +114,10 @@ class SharedLibrary:
         # The generation that last failed to load, and when: retried after RETRY_S (the
         # cause may pass, say a file still being copied), its failure logged once.
         self._failed: tuple[int | None, float] | None = None
-        self._replaced_logged = False  # the library's file replaced at its path: said once
+        # The library at its path replaced by one that cannot be opened: said once; and the
+        # database file there that last failed to open, and when (retried after RETRY_S)
+        self._replaced_logged = False
+        self._replacement_failed: tuple[tuple[int, int, int] | None, float] | None = None
         # When an edit last gave up waiting for another process's write (library thread only)
         self._waited_out_at = -math.inf
 
@@ -198,7 +204,16 @@ class SharedLibrary:
         self, vectors: np.ndarray, k: int = 5, min_score: float | None = None
     ) -> SearchResult:
         self._sync_if_due()
-        return self.gallery.search(vectors, k, min_score)
+        gallery = self.gallery
+        try:
+            return gallery.search(vectors, k, min_score)
+        except GalleryError:
+            replacement = self._gallery
+            if replacement is None or replacement is gallery:
+                raise
+            # closed as it was replaced by a library built again at its path, after this
+            # search took it and before it ran
+            return replacement.search(vectors, k, min_score)
 
     def _sync_if_due(self) -> None:
         """If it is time, have the library's thread load other processes' writes, and wait
@@ -227,14 +242,8 @@ class SharedLibrary:
             return
         generation = None
         try:
-            if gallery.replaced() and not self._replaced_logged:
-                self._replaced_logged = True
-                logger.error(
-                    "%s was deleted or built again since the server opened it: the server goes "
-                    "on answering from the library it opened, whose edits are refused; "
-                    "restart it to serve the library now at that path",
-                    gallery.root,
-                )
+            if gallery.replaced():
+                gallery = self._switch_to_replacement(gallery)
             generation = gallery.generation_on_disk()
             failed = self._failed
             waiting = (
@@ -266,6 +275,47 @@ class SharedLibrary:
             with self._sync_guard:
                 self._pending_sync = None
                 self._last_sync = time.monotonic()
+
+    def _switch_to_replacement(self, gallery: Gallery) -> Gallery:
+        """The library built at `gallery`'s path since it was opened (`rm -r LIB` and `index
+        build --out LIB`, or a copy moved there), attached in its place, `gallery` closed
+        once the searches under way finish; `gallery` itself while none can be opened there
+        (deleted and not built yet, another model's, or unreadable): then it goes on
+        answering, its edits refused. A database file there that failed to open is tried
+        again after RETRY_S (opening may take a checksum of a large index), a new one at
+        once."""
+        on_disk = gallery.database_on_disk()
+        failed = self._replacement_failed
+        if failed is not None and failed[0] == on_disk and time.monotonic() - failed[1] < RETRY_S:
+            return gallery
+        try:
+            replacement = gallery.open_replacement()
+        except Exception as exc:
+            self._replacement_failed = (on_disk, time.monotonic())
+            if not self._replaced_logged:  # said once until one opens
+                self._replaced_logged = True
+                logger.error(
+                    "%s was deleted or built again since the server opened it, and no library "
+                    "there can be served (%s): the server goes on answering from the library "
+                    "it opened, whose edits are refused, until one that can is built there",
+                    gallery.root,
+                    exc,
+                )
+            return gallery
+        self._gallery = replacement
+        self._snapshot = Snapshot.of(replacement)
+        self._failed = None
+        self._replaced_logged = False
+        self._replacement_failed = None
+        logger.warning(
+            "%s was built again since the server opened it: now serving the library there "
+            "(generation %d, %d images)",
+            replacement.root,
+            replacement.manifest.generation,
+            len(replacement),
+        )
+        gallery.close()  # after the searches that hold it; later ones find the replacement
+        return replacement
 
     def write(self, mutate: Callable[[Gallery], T]) -> T:
         """Run `mutate(gallery)` on the library's thread, then bring the snapshot up to date."""
@@ -304,14 +354,21 @@ class SharedLibrary:
 
     def close(self, release: Callable[[], None] | None = None) -> None:
         """Close the gallery on the library's thread (its SQLite connection belongs there),
-        then stop that thread. `release`: what closes it instead, with what was opened
-        alongside it (say `Recognizer.close`, which also releases the model); run even
-        where no gallery was attached yet."""
+        then stop that thread. `release`: what closes the gallery first attached, with what
+        was opened alongside it (say `Recognizer.close`, which also releases the model); run
+        even where no gallery was attached yet. A library opened in place of that one (built
+        again at its path) is closed after it."""
         gallery, self._gallery = self._gallery, None  # a sync queued now finds none
-        if release is None and gallery is not None:
-            release = gallery.close
+
+        def close_all() -> None:
+            try:
+                if release is not None:
+                    release()
+            finally:
+                if gallery is not None:
+                    gallery.close()  # nothing where `release` closed it
+
         try:
-            if release is not None:
-                self.run(release)
+            self.run(close_all)
         finally:
             self._executor.shutdown()
