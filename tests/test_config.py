@@ -252,6 +252,10 @@ def test_every_shipped_config_builds_its_model_and_losses(name):
         (["Arch.Head.class_num=0"], "Arch.Head.class_num: Input should be greater than 0"),
         (["Arch.Neck.num_features=-5"], "Arch.Neck.num_features: Input should be greater than 0"),
         (["Arch.Backbone.class_expand=0"], "Arch.Backbone.class_expand: Input should be greater"),
+        (  # from sqrt(2 * 10 / 9) on, some class never scores above another
+            ["Arch.Head={name: CosMargin, embedding_size: 512, class_num: 10, margin: 1.5}"],
+            "Arch.Head.margin: must be above -2 and below 1.491",
+        ),
         (["Arch.Neck.name=BNNek"], "Arch.Neck.name: unknown neck 'BNNek' (did you mean 'BNNeck'?)"),
         (  # names typed without their capitals
             ["Arch.Backbone.name=pplcnetv2_base"],
