@@ -295,6 +295,14 @@ def test_every_shipped_config_builds_its_model_and_losses(name):
         (["Optimizer.beta1=1.5"], "Optimizer.beta1: Input should be less than 1"),
         (["Optimizer.beta2=1"], "Optimizer.beta2: Input should be less than 1"),
         (["Optimizer.weight_decay=-1e-4"], "Optimizer.weight_decay: Input should be greater"),
+        (  # weight_decay won without a word (PaddleClas keeps regularizer's, with a warning)
+            [
+                "Optimizer={name: SGD, lr: {name: Cosine, learning_rate: 0.1}, "
+                "regularizer: {coeff: 1.0e-5}, weight_decay: 0.05}"
+            ],
+            "Optimizer: weight_decay (0.05) and regularizer (coeff 1e-05) both set the weight "
+            "decay; keep one (e.g. -o Optimizer.regularizer=null) in the config",
+        ),
         (  # refused as the config loads, not once training has built its data and model
             ["Optimizer.regularizer={name: L1, coeff: 1.0e-5}"],
             "Optimizer.regularizer.name: only L2 is supported (L1 is not a weight decay)",

@@ -244,6 +244,18 @@ class OptimizerConfig(Section):
     # layers can move slower than new ones. The longest matching name wins; others get 1.
     lr_mult: dict[str, float] = Field(default_factory=dict)
 
+    @model_validator(mode="after")
+    def _one_weight_decay(self) -> OptimizerConfig:
+        # Both set the one decay coefficient; PaddleClas keeps regularizer's (with a
+        # warning), so a PaddleClas config's intent is unclear, and either choice is silent.
+        if self.weight_decay is not None and self.regularizer is not None:
+            raise ValueError(
+                f"weight_decay ({self.weight_decay}) and regularizer (coeff "
+                f"{self.regularizer.coeff}) both set the weight decay; keep one (e.g. "
+                "-o Optimizer.regularizer=null)"
+            )
+        return self
+
     @field_validator("lr_mult", mode="before")
     @classmethod
     def _dotted_names(cls, value: Any) -> Any:

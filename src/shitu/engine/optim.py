@@ -26,7 +26,8 @@ _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
 
 
 def weight_decay_of(config: OptimizerConfig) -> float:
-    """The decay coefficient: `weight_decay`, else PaddleClas's `regularizer: {name: L2, coeff}`."""
+    """The decay coefficient: `weight_decay` or PaddleClas's `regularizer: {name: L2, coeff}`
+    (the config refuses both at once)."""
     if config.weight_decay is not None:
         return config.weight_decay
     if config.regularizer is not None:  # L2: the config refuses L1
