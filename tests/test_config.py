@@ -649,6 +649,10 @@ TRANSFORM_BASES = {
         ("RandomRotation", "degrees", "[30, 10]"),
         ("ColorJitter", "hue", "0.7"),
         ("NormalizeImage", "std", "[0.2, 0, 0.2]"),
+        ("NormalizeImage", "std", "[1.0e-50, 0.2, 0.2]"),  # 0 in float32
+        ("NormalizeImage", "std", "[-0.2, 0.2, 0.2]"),
+        ("NormalizeImage", "scale", "0"),
+        ("NormalizeImage", "scale", "0/255"),
         ("NormalizeImage", "std", "[0.2, 0.2]"),
         ("NormalizeImage", "mean", "[0.5]"),
         ("RandomErasing", "EPSILON", "5"),
