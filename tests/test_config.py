@@ -292,6 +292,7 @@ def test_every_shipped_config_builds_its_model_and_losses(name):
         (["Loss.Train.0.CELoss.input_key=nope"], "Loss.Train.0.CELoss.input_key: Input should be"),
         (["Optimizer.name=Lion"], "Optimizer"),
         (["Optimizer.momentum=-0.9"], "Optimizer.momentum: Input should be greater than or equal"),
+        (["Optimizer.momentum=1"], "Optimizer.momentum: Input should be less than 1"),
         (["Optimizer.beta1=1.5"], "Optimizer.beta1: Input should be less than 1"),
         (["Optimizer.beta2=1"], "Optimizer.beta2: Input should be less than 1"),
         (["Optimizer.weight_decay=-1e-4"], "Optimizer.weight_decay: Input should be greater"),

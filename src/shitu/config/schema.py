@@ -229,8 +229,9 @@ class OptimizerConfig(Section):
     name: Literal["Momentum", "SGD", "Adam", "AdamW"]
     lr: LRConfig
     # The ranges torch accepts (it raised a bare ValueError only as the optimizer was built);
-    # a negative weight decay would pull the weights away from zero.
-    momentum: float | None = Field(None, ge=0)
+    # a negative weight decay would pull the weights away from zero. A momentum of 1 or more
+    # (which torch takes) never forgets a gradient: the steps grow until the loss is NaN.
+    momentum: float | None = Field(None, ge=0, lt=1)
     beta1: float | None = Field(None, ge=0, lt=1)
     beta2: float | None = Field(None, ge=0, lt=1)
     weight_decay: float | None = Field(None, ge=0)
