@@ -289,6 +289,10 @@ def test_every_shipped_config_builds_its_model_and_losses(name):
         (["Loss.Train.0={TripletLossX: {}}"], "Loss.Train.0.TripletLossX.name: unknown loss"),
         (["Loss.Train.0.CELoss.weight=abc"], "Loss.Train.0.CELoss.weight: Input should be"),
         (["Loss.Train.0.CELoss.weight=-1"], "Loss.Train.0.CELoss.weight: Input should be greater"),
+        (
+            ["Loss.Train.0.CELoss.weight=0"],
+            "Loss.Train: every loss has weight 0, so nothing is learnt; give one a weight (set by",
+        ),
         (["Loss.Train.0.CELoss.input_key=nope"], "Loss.Train.0.CELoss.input_key: Input should be"),
         (["Optimizer.name=Lion"], "Optimizer"),
         (["Optimizer.momentum=-0.9"], "Optimizer.momentum: Input should be greater than or equal"),
