@@ -141,6 +141,11 @@ def test_schedule_config_errors():
     [
         ("ReduceOnPlateau", {"factor": 2.0}, "factor: Input should be less than 1"),
         ("ReduceOnPlateau", {"factor": 0.0}, "factor: Input should be greater than 0"),
+        (  # PaddleClas's default, for a loss: the rate fell each time recall rose
+            "ReduceOnPlateau",
+            {"mode": "min"},
+            r"mode: min lowers the rate while Global.eval_metric improves",
+        ),
         ("Piecewise", {"decay_epochs": [30, 10]}, r"decay_epochs: \[30, 10\] must be increasing"),
         ("Piecewise", {"decay_epochs": [30, 30]}, r"decay_epochs: \[30, 30\] must be increasing"),
         (
