@@ -186,6 +186,14 @@ def test_no_decay_on_norm_and_bias_and_frozen_bnneck_bias_left_out():
     assert len(everything) == 1
     named = parameter_groups([model], optimizer_config(weight_decay=0.1, no_weight_decay_name="3."))
     assert id(model[3].weight) in {id(p) for p in named[1]["params"]}
+    # A fragment of no parameter's name exempted nothing, silently.
+    typo = optimizer_config(weight_decay=0.1, no_weight_decay_name="3. .b_0")
+    with pytest.raises(
+        ConfigError,
+        match=r"no_weight_decay_name: no parameter name contains '.b_0' \(names are such as "
+        r"0.weight, 0.bias, 1.weight\)",
+    ):
+        parameter_groups([model], typo)
 
 
 def test_lr_mult_scales_named_modules_steps():
