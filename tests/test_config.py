@@ -243,6 +243,10 @@ def test_every_shipped_config_builds_its_model_and_losses(name):
         (["Global.epochs=many"], "Global.epochs: Input should be a valid integer"),
         (["Global.device=tpu"], "Global.device: Input should be"),
         (["Global.seed=-1"], "Global.seed: Input should be greater than or equal to 0"),
+        (  # height, width, channels: was read as images 3 pixels wide
+            ["Global.image_shape=[224, 224, 3]"],
+            "Global.image_shape: must be [3, height, width] (channels first) with positive sizes",
+        ),
         (["Global.seed=99999999999999999999"], "Global.seed: Input should be less than"),
         (
             ["Arch.Backbone.clas_expand=3"],

@@ -130,8 +130,10 @@ class GlobalConfig(Section):
     @field_validator("image_shape")
     @classmethod
     def _chw(cls, value: list[int]) -> list[int]:
-        if len(value) != 3 or min(value) < 1:
-            raise ValueError("must be [channels, height, width] with positive sizes")
+        # Models take 3-channel images; a height-width-channels order ([224, 224, 3]) would
+        # otherwise be read as images 3 pixels wide.
+        if len(value) != 3 or value[0] != 3 or min(value) < 1:
+            raise ValueError("must be [3, height, width] (channels first) with positive sizes")
         return value
 
 
