@@ -1057,6 +1057,12 @@ def test_training_errors_are_clear(grocery, tmp_path):
         "batch_size of 2 or more (or train on larger images)"
     )
     Trainer(load_config(path, tiny_images))  # batches of 8: the same maps train
+    # With the BNNeck too, larger images would not help: that is the layer named.
+    with pytest.raises(ConfigError) as info:
+        Trainer(load_config(path, [*tiny_images[1:], "DataLoader.Train.sampler.sample_per_id=1",
+                                   "DataLoader.Train.sampler.batch_size=1"]))  # fmt: skip
+    assert "BatchNorm layer 'neck.feat_bn' (on pooled features" in str(info.value)
+    assert str(info.value).endswith("give a batch_size of 2 or more")
     # A dataset smaller than one batch: how small, against what.
     large = ["DataLoader.Train.sampler.batch_size=40", "DataLoader.Train.sampler.sample_per_id=8"]
     with pytest.raises(ConfigError, match="dataset's 36 images give no full batch of 40; lower"):

@@ -911,9 +911,10 @@ def _check_last_batch(sampler: Any, model: nn.Module, dataset: Any) -> None:
 def _norm_on_one_value_per_channel(
     model: nn.Module, image: torch.Tensor
 ) -> tuple[str, bool] | None:
-    """The first BatchNorm that trains and sees one value per channel when `model` takes
-    `image` alone, with whether its input is a feature map (1x1) rather than a vector; None
-    if there is none. Found by a forward pass in eval mode (no statistics change)."""
+    """A BatchNorm that trains and sees one value per channel when `model` takes `image`
+    alone, with whether its input is a feature map (1x1) rather than a vector; None if there
+    is none. One on a vector (a BNNeck) comes first: larger images would not help it. Found
+    by a forward pass in eval mode (no statistics change)."""
     was_training = model.training
     model.train()  # frozen layers stay in eval mode, where one value is fine
     norms = {
@@ -924,7 +925,7 @@ def _norm_on_one_value_per_channel(
     found: list[tuple[str, bool]] = []
 
     def record(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-        if inputs[0][0].numel() == inputs[0].shape[1] and not found:
+        if inputs[0][0].numel() == inputs[0].shape[1]:
             found.append((norms[module], inputs[0].ndim > 2))
 
     hooks = [module.register_forward_pre_hook(record) for module in norms]
@@ -936,7 +937,7 @@ def _norm_on_one_value_per_channel(
         for hook in hooks:
             hook.remove()
         model.train(was_training)
-    return found[0] if found else None
+    return min(found, key=lambda hit: hit[1], default=None)  # False (a vector) first
 
 
 def training_summary(trainer: Trainer) -> dict[str, Any]:
