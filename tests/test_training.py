@@ -1152,6 +1152,22 @@ def test_a_run_too_short_for_its_eval_interval_is_warned_about(grocery, tmp_path
     assert "DataLoader.Eval" not in startup_warnings(caplog, path, off)
 
 
+def test_a_cross_batch_memory_the_run_never_reaches_is_warned_about(grocery, tmp_path, caplog):
+    """XBM joins the loss after start_iter steps; the tiny run has 2 epochs of 4 steps, so
+    from start_iter 8 on it trained on in-batch pairs alone, without a word."""
+    path = tiny_config(grocery, tmp_path)
+
+    def xbm(start_iter: int) -> list[str]:
+        memory = f"{{embedding_size: 32, memory_size: 24, start_iter: {start_iter}}}"
+        return [f"Loss.Train=[{{CELoss: {{}}}}, {{XBM: {memory}}}]"]
+
+    assert (
+        "Loss.Train XBM: start_iter 8 is not before the end of the run (8 steps: 2 epochs of "
+        "4, Global.epochs), so its cross-batch memory is never used; lower start_iter"
+    ) in startup_warnings(caplog, path, xbm(8))
+    assert "start_iter" not in startup_warnings(caplog, path, xbm(7))
+
+
 def test_run_summary_names_the_weights_it_starts_from(grocery, tmp_path, caplog):
     """A complete load is reported in the summary; only a partial one warns."""
     path = tiny_config(grocery, tmp_path)

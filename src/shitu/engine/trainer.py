@@ -59,6 +59,7 @@ from shitu.errors import (
 )
 from shitu.fileio import home_expanded, remove_unfinished_writes
 from shitu.losses.combined import CombinedLoss
+from shitu.losses.xbm import CrossBatchMemory
 from shitu.models import build_model
 from shitu.registry import problem_list
 
@@ -196,6 +197,8 @@ class Trainer:
                 f"of {self.train_loader.batch_sampler.batch_size}; lower sampler.batch_size "
                 "or set drop_last: false"
             )
+        if self.context.is_main:
+            _warn_of_unused_memory(self.loss, self.steps_per_epoch, config.Global.epochs, stage)
         self.learning_rate = self._scaled_learning_rate()
         self.optimizer = build_optimizer(
             [self.model, self.loss], config.Optimizer, self.learning_rate
@@ -867,6 +870,28 @@ def _check_class_count(config: ShituConfig, dataset: Any, warn: bool) -> None:
             class_num - len(classes),
             len(classes),
         )
+
+
+def _warn_of_unused_memory(
+    loss: CombinedLoss, steps_per_epoch: int, epochs: int, stage: Stage
+) -> None:
+    """XBM's memory joins the loss only after `start_iter` steps: a run that ends first (a
+    recipe's 1,000 on a smaller dataset) trains on the in-batch pairs alone, without a
+    word."""
+    total = steps_per_epoch * epochs
+    for name, part in zip(loss.names, loss.losses, strict=True):
+        if isinstance(part, CrossBatchMemory) and part.start_iter >= total:
+            logger.warning(
+                "Loss.Train %s: start_iter %d is not before the end of %s (%d steps: %d "
+                "epochs of %d, %s), so its cross-batch memory is never used; lower start_iter",
+                name,
+                part.start_iter,
+                stage.name,
+                total,
+                epochs,
+                steps_per_epoch,
+                stage.epochs_key,
+            )
 
 
 def _check_last_batch(sampler: Any, model: nn.Module, dataset: Any) -> None:
