@@ -243,6 +243,10 @@ def test_every_shipped_config_builds_its_model_and_losses(name):
         (["Global.epochs=many"], "Global.epochs: Input should be a valid integer"),
         (["Global.device=tpu"], "Global.device: Input should be"),
         (["Global.seed=-1"], "Global.seed: Input should be greater than or equal to 0"),
+        (  # height, width, channels: was read as images 3 pixels wide
+            ["Global.image_shape=[224, 224, 3]"],
+            "Global.image_shape: must be [3, height, width] (channels first) with positive sizes",
+        ),
         (["Global.seed=99999999999999999999"], "Global.seed: Input should be less than"),
         (
             ["Arch.Backbone.clas_expand=3"],
@@ -252,6 +256,10 @@ def test_every_shipped_config_builds_its_model_and_losses(name):
         (["Arch.Head.class_num=0"], "Arch.Head.class_num: Input should be greater than 0"),
         (["Arch.Neck.num_features=-5"], "Arch.Neck.num_features: Input should be greater than 0"),
         (["Arch.Backbone.class_expand=0"], "Arch.Backbone.class_expand: Input should be greater"),
+        (  # from sqrt(2 * 10 / 9) on, some class never scores above another
+            ["Arch.Head={name: CosMargin, embedding_size: 512, class_num: 10, margin: 1.5}"],
+            "Arch.Head.margin: must be above -2 and below 1.491",
+        ),
         (["Arch.Neck.name=BNNek"], "Arch.Neck.name: unknown neck 'BNNek' (did you mean 'BNNeck'?)"),
         (  # names typed without their capitals
             ["Arch.Backbone.name=pplcnetv2_base"],
@@ -285,12 +293,25 @@ def test_every_shipped_config_builds_its_model_and_losses(name):
         (["Loss.Train.0={TripletLossX: {}}"], "Loss.Train.0.TripletLossX.name: unknown loss"),
         (["Loss.Train.0.CELoss.weight=abc"], "Loss.Train.0.CELoss.weight: Input should be"),
         (["Loss.Train.0.CELoss.weight=-1"], "Loss.Train.0.CELoss.weight: Input should be greater"),
+        (
+            ["Loss.Train.0.CELoss.weight=0"],
+            "Loss.Train: every loss has weight 0, so nothing is learnt; give one a weight (set by",
+        ),
         (["Loss.Train.0.CELoss.input_key=nope"], "Loss.Train.0.CELoss.input_key: Input should be"),
         (["Optimizer.name=Lion"], "Optimizer"),
         (["Optimizer.momentum=-0.9"], "Optimizer.momentum: Input should be greater than or equal"),
+        (["Optimizer.momentum=1"], "Optimizer.momentum: Input should be less than 1"),
         (["Optimizer.beta1=1.5"], "Optimizer.beta1: Input should be less than 1"),
         (["Optimizer.beta2=1"], "Optimizer.beta2: Input should be less than 1"),
         (["Optimizer.weight_decay=-1e-4"], "Optimizer.weight_decay: Input should be greater"),
+        (  # weight_decay won without a word (PaddleClas keeps regularizer's, with a warning)
+            [
+                "Optimizer={name: SGD, lr: {name: Cosine, learning_rate: 0.1}, "
+                "regularizer: {coeff: 1.0e-5}, weight_decay: 0.05}"
+            ],
+            "Optimizer: weight_decay (0.05) and regularizer (coeff 1e-05) both set the weight "
+            "decay; keep one (e.g. -o Optimizer.regularizer=null) in the config",
+        ),
         (  # refused as the config loads, not once training has built its data and model
             ["Optimizer.regularizer={name: L1, coeff: 1.0e-5}"],
             "Optimizer.regularizer.name: only L2 is supported (L1 is not a weight decay)",
@@ -637,6 +658,10 @@ TRANSFORM_BASES = {
         ("RandomRotation", "degrees", "[30, 10]"),
         ("ColorJitter", "hue", "0.7"),
         ("NormalizeImage", "std", "[0.2, 0, 0.2]"),
+        ("NormalizeImage", "std", "[1.0e-50, 0.2, 0.2]"),  # 0 in float32
+        ("NormalizeImage", "std", "[-0.2, 0.2, 0.2]"),
+        ("NormalizeImage", "scale", "0"),
+        ("NormalizeImage", "scale", "0/255"),
         ("NormalizeImage", "std", "[0.2, 0.2]"),
         ("NormalizeImage", "mean", "[0.5]"),
         ("RandomErasing", "EPSILON", "5"),

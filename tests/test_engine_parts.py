@@ -141,6 +141,11 @@ def test_schedule_config_errors():
     [
         ("ReduceOnPlateau", {"factor": 2.0}, "factor: Input should be less than 1"),
         ("ReduceOnPlateau", {"factor": 0.0}, "factor: Input should be greater than 0"),
+        (  # PaddleClas's default, for a loss: the rate fell each time recall rose
+            "ReduceOnPlateau",
+            {"mode": "min"},
+            r"mode: min lowers the rate while Global.eval_metric improves",
+        ),
         ("Piecewise", {"decay_epochs": [30, 10]}, r"decay_epochs: \[30, 10\] must be increasing"),
         ("Piecewise", {"decay_epochs": [30, 30]}, r"decay_epochs: \[30, 30\] must be increasing"),
         (
@@ -181,6 +186,14 @@ def test_no_decay_on_norm_and_bias_and_frozen_bnneck_bias_left_out():
     assert len(everything) == 1
     named = parameter_groups([model], optimizer_config(weight_decay=0.1, no_weight_decay_name="3."))
     assert id(model[3].weight) in {id(p) for p in named[1]["params"]}
+    # A fragment of no parameter's name exempted nothing, silently.
+    typo = optimizer_config(weight_decay=0.1, no_weight_decay_name="3. .b_0")
+    with pytest.raises(
+        ConfigError,
+        match=r"no_weight_decay_name: no parameter name contains '.b_0' \(names are such as "
+        r"0.weight, 0.bias, 1.weight\)",
+    ):
+        parameter_groups([model], typo)
 
 
 def test_lr_mult_scales_named_modules_steps():

@@ -581,7 +581,20 @@ def test_hand_edited_preprocessing_is_refused_by_its_fingerprint_on_every_runtim
         ),
         (
             lambda m: m["preprocessing"].update(std=[0, 1, 1]),
-            "preprocessing: std: a channel's std of 0",
+            r"preprocessing: std: must be positive, got \[0, 1, 1\]",
+        ),
+        (  # 0 in float32: every pixel of the channel was inf
+            lambda m: m["preprocessing"].update(std=[1e-50, 1, 1]),
+            r"preprocessing: std: \[1e-50, 1, 1\] is too small: a pixel normalised by it, "
+            r"\(pixel \* scale - mean\) / std, is inf in float32",
+        ),
+        (  # every image one constant
+            lambda m: m["preprocessing"].update(scale=0),
+            "preprocessing: scale: must be positive",
+        ),
+        (
+            lambda m: m["preprocessing"].update(mean=[float("nan"), 0.4, 0.4]),
+            r"preprocessing: mean: expected a list of 3 numbers, got \[NaN, 0.4, 0.4\]",
         ),
     ],
 )

@@ -44,6 +44,32 @@ def test_celoss_rejects_bad_epsilon():
 @pytest.mark.parametrize(
     ("name", "params", "message"),
     [
+        ("TripletLoss", {"margin": 2.0, "normalize_feature": True}, "margin: 2.0 is never met"),
+        ("TripletLossV2", {"margin": 2.5}, "margin: 2.5 is never met"),
+        ("TripletAngularMarginLoss", {"margin": 2.0}, "margin: 2.0 is never met"),
+        (
+            "TripletAngularMarginLoss",
+            {"add_absolute": True, "ap_value": 1.2},
+            r"ap_value: 1.2 is never met \(cosines are at most 1\)",
+        ),
+        ("TripletAngularMarginLoss", {"add_absolute": True, "an_value": -1.5}, "an_value: -1.5"),
+        ("TripletAngularMarginLoss_XBM", {"margin": 3}, "margin: 3.0 is never met"),
+        ("XBM", {"pair_loss": {"TripletLossV2": {"margin": 2}}}, "margin: 2.0 is never met"),
+    ],
+)
+def test_thresholds_normalised_features_never_meet_are_config_errors(name, params, message):
+    """Cosines lie in [-1, 1] and unit vectors are at most 2 apart: a margin or threshold
+    beyond that is never met, and the hinge, which stops at well separated classes, never
+    acts; was taken without a word."""
+    with pytest.raises(ConfigError, match=message):
+        LOSSES.validate(name, params)
+    if name == "TripletLoss":  # unnormalised features have no such bound
+        LOSSES.validate(name, {**params, "normalize_feature": False})
+
+
+@pytest.mark.parametrize(
+    ("name", "params", "message"),
+    [
         ("TripletLoss", {"margin": -0.5}, "margin"),
         ("TripletAngularMarginLoss", {"margin": -0.5}, "margin"),
         ("TripletAngularMarginLoss", {"absolute_loss_weight": -0.1}, "absolute_loss_weight"),

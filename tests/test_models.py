@@ -249,15 +249,36 @@ def test_margin_head_defaults_follow_paddleclas():
         ("CircleMargin", {"margin": 0.25, "scale": -1}, "scale: Input should be greater than 0"),
         ("ArcMargin", {"margin": -0.5}, "margin: Input should be greater than or equal to 0"),
         ("ArcMargin", {"margin": 3.5}, "margin: Input should be less than 3.14"),
+        (  # every true-class logit at or below every other: nothing to learn
+            "CosMargin",
+            {"margin": 2.0},
+            r"margin: must be above -2 and below 1.732 \(sqrt\(2 \* class_num / \(class_num - 1\)\)"
+            r" for 3 classes\), got 2.0",
+        ),
+        ("CosMargin", {"margin": -2.0}, "margin: Input should be greater than -2"),
+        ("CircleMargin", {"margin": -0.1, "scale": 32}, "margin: Input should be greater than or"),
+        ("CircleMargin", {"margin": 0.5, "scale": 32}, "margin: Input should be less than 0.5"),
         ("FC", {"init_std": -0.001}, "init_std: Input should be greater than or equal to 0"),
     ],
 )
 def test_head_settings_that_break_the_classifier_are_config_errors(name, params, message):
     """A scale of 0 or below gives constant or inverted logits, ArcMargin's angle outside
-    [0, pi) a logit that is not monotonic in the angle, and a negative init_std was torch's
-    RuntimeError (a traceback) while the model was built."""
+    [0, pi) a logit that is not monotonic in the angle, a CosMargin margin from
+    sqrt(2C/(C-1)) on a class that can never win (and from -2 down one that always does),
+    CircleMargin's relaxation outside [0, 0.5) reversed thresholds, and a negative init_std
+    was torch's RuntimeError (a traceback) while the model was built."""
     with pytest.raises(ConfigError, match=message):
         HEADS.build(name, embedding_size=4, class_num=3, **params)
+
+
+def test_cosmargin_largest_margin_still_lets_each_class_win():
+    """Just below the bound (2 for two classes), with the classes' weights opposite, a
+    feature at its class's weight still scores its class first."""
+    head = _two_class_head("CosMargin", margin=1.99, scale=1.0)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[1.0, 0.0], [-1.0, 0.0]]))
+    logits = head(torch.tensor([[1.0, 0.0]]), torch.tensor([0]))
+    assert logits[0, 0] > logits[0, 1]
 
 
 def test_cosmargin_takes_a_negative_margin():

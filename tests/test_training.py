@@ -1035,8 +1035,34 @@ def test_training_errors_are_clear(grocery, tmp_path):
     # Every batch of one (was torch's ValueError at the first step), whatever the sampler.
     for ones in ("{name: DistributedBatchSampler, batch_size: 1, shuffle: true}",
                  "{name: PKSampler, batch_size: 1, sample_per_id: 1}"):  # fmt: skip
-        with pytest.raises(ConfigError, match="batch_size 1 gives batches of 1 image, which a"):
+        with pytest.raises(
+            ConfigError,
+            match="batch_size 1 gives batches of 1 image, on which BatchNorm layer 'neck.feat_bn'",
+        ):
             Trainer(load_config(path, [f"DataLoader.Train.sampler={ones}"]))
+    # No BNNeck, but images so small that the backbone's last maps are 1x1: torch's
+    # "Expected more than 1 value per channel" at the first step, naming no setting.
+    tiny_images = [
+        "Arch.Neck=null",
+        "DataLoader.Train.dataset.transform_ops[1].ResizeImage.size=[16, 16]",
+        "DataLoader.Train.dataset.transform_ops[4].RandCropImageV2.size=[16, 16]",
+    ]
+    with pytest.raises(ConfigError) as info:
+        Trainer(load_config(path, [*tiny_images, "DataLoader.Train.sampler.sample_per_id=1",
+                                   "DataLoader.Train.sampler.batch_size=1"]))  # fmt: skip
+    assert str(info.value) == (
+        "DataLoader.Train.sampler: batch_size 1 gives batches of 1 image, on which BatchNorm "
+        "layer 'backbone.stages.2.0.dw_conv_list.0.bn' gets a 1x1 feature map from the 16x16 "
+        "training images, one value per channel, and BatchNorm cannot train on that; give a "
+        "batch_size of 2 or more (or train on larger images)"
+    )
+    Trainer(load_config(path, tiny_images))  # batches of 8: the same maps train
+    # With the BNNeck too, larger images would not help: that is the layer named.
+    with pytest.raises(ConfigError) as info:
+        Trainer(load_config(path, [*tiny_images[1:], "DataLoader.Train.sampler.sample_per_id=1",
+                                   "DataLoader.Train.sampler.batch_size=1"]))  # fmt: skip
+    assert "BatchNorm layer 'neck.feat_bn' (on pooled features" in str(info.value)
+    assert str(info.value).endswith("give a batch_size of 2 or more")
     # A dataset smaller than one batch: how small, against what.
     large = ["DataLoader.Train.sampler.batch_size=40", "DataLoader.Train.sampler.sample_per_id=8"]
     with pytest.raises(ConfigError, match="dataset's 36 images give no full batch of 40; lower"):
@@ -1124,6 +1150,22 @@ def test_a_run_too_short_for_its_eval_interval_is_warned_about(grocery, tmp_path
     assert unevaluated in startup_warnings(caplog, path, ["DataLoader.Eval=null"])
     off = ["DataLoader.Eval=null", "Global.eval_during_train=false"]
     assert "DataLoader.Eval" not in startup_warnings(caplog, path, off)
+
+
+def test_a_cross_batch_memory_the_run_never_reaches_is_warned_about(grocery, tmp_path, caplog):
+    """XBM joins the loss after start_iter steps; the tiny run has 2 epochs of 4 steps, so
+    from start_iter 8 on it trained on in-batch pairs alone, without a word."""
+    path = tiny_config(grocery, tmp_path)
+
+    def xbm(start_iter: int) -> list[str]:
+        memory = f"{{embedding_size: 32, memory_size: 24, start_iter: {start_iter}}}"
+        return [f"Loss.Train=[{{CELoss: {{}}}}, {{XBM: {memory}}}]"]
+
+    assert (
+        "Loss.Train XBM: start_iter 8 is not before the end of the run (8 steps: 2 epochs of "
+        "4, Global.epochs), so its cross-batch memory is never used; lower start_iter"
+    ) in startup_warnings(caplog, path, xbm(8))
+    assert "start_iter" not in startup_warnings(caplog, path, xbm(7))
 
 
 def test_run_summary_names_the_weights_it_starts_from(grocery, tmp_path, caplog):

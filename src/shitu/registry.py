@@ -406,6 +406,9 @@ def _problem(
         return f"{key}: {error['msg']}"
     # A validator's own words, without pydantic's "Value error, " before them
     why = error["ctx"]["error"] if error["type"] == "value_error" else error["msg"]
+    if error["type"] == "value_error" and isinstance(error.get("input"), dict):
+        # a rule between a section's keys, which its words name: the section is noise
+        return f"{key}: {why}"
     return f"{key}: {why} (got {error.get('input')!r})"
 
 

@@ -185,6 +185,17 @@ def _check_component_sections(config: ShituConfig, failed: list[ConfigError]) ->
                     where,
                     lambda n=name, p=params: registry.LOSSES.validate(n, split_loss_params(p)[1]),
                 )
+        # A weight of 0 leaves a loss out; all of them left out, the total is always 0 and
+        # a run trains for hours without changing the model (weight decay aside).
+        weights = [
+            (p or {}).get("weight", 1.0) for item in config.Loss.Train for p in item.values()
+        ]
+        if weights and all(weight == 0 for weight in weights):
+            failed.append(
+                ConfigError(
+                    "Loss.Train: every loss has weight 0, so nothing is learnt; give one a weight"
+                )
+            )
     if config.DataLoader is not None:
         splits = {"Train": config.DataLoader.Train}
         if config.DataLoader.Eval is not None:

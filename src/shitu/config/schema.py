@@ -130,8 +130,10 @@ class GlobalConfig(Section):
     @field_validator("image_shape")
     @classmethod
     def _chw(cls, value: list[int]) -> list[int]:
-        if len(value) != 3 or min(value) < 1:
-            raise ValueError("must be [channels, height, width] with positive sizes")
+        # Models take 3-channel images; a height-width-channels order ([224, 224, 3]) would
+        # otherwise be read as images 3 pixels wide.
+        if len(value) != 3 or value[0] != 3 or min(value) < 1:
+            raise ValueError("must be [3, height, width] (channels first) with positive sizes")
         return value
 
 
@@ -229,8 +231,9 @@ class OptimizerConfig(Section):
     name: Literal["Momentum", "SGD", "Adam", "AdamW"]
     lr: LRConfig
     # The ranges torch accepts (it raised a bare ValueError only as the optimizer was built);
-    # a negative weight decay would pull the weights away from zero.
-    momentum: float | None = Field(None, ge=0)
+    # a negative weight decay would pull the weights away from zero. A momentum of 1 or more
+    # (which torch takes) never forgets a gradient: the steps grow until the loss is NaN.
+    momentum: float | None = Field(None, ge=0, lt=1)
     beta1: float | None = Field(None, ge=0, lt=1)
     beta2: float | None = Field(None, ge=0, lt=1)
     weight_decay: float | None = Field(None, ge=0)
@@ -243,6 +246,18 @@ class OptimizerConfig(Section):
     # Learning-rate multipliers by module name, e.g. {backbone.blocks: 0.25}: pretrained
     # layers can move slower than new ones. The longest matching name wins; others get 1.
     lr_mult: dict[str, float] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_weight_decay(self) -> OptimizerConfig:
+        # Both set the one decay coefficient; PaddleClas keeps regularizer's (with a
+        # warning), so a PaddleClas config's intent is unclear, and either choice is silent.
+        if self.weight_decay is not None and self.regularizer is not None:
+            raise ValueError(
+                f"weight_decay ({self.weight_decay}) and regularizer (coeff "
+                f"{self.regularizer.coeff}) both set the weight decay; keep one (e.g. "
+                "-o Optimizer.regularizer=null)"
+            )
+        return self
 
     @field_validator("lr_mult", mode="before")
     @classmethod

@@ -198,7 +198,9 @@ class Piecewise(LRSchedule):
 
 @LR_SCHEDULES.register("ReduceOnPlateau")
 class ReduceOnPlateau(LRSchedule):
-    """Multiply the rate by `factor` when the eval metric has not improved for `patience` evals."""
+    """Multiply the rate by `factor` when the eval metric has not improved for `patience` evals.
+
+    `mode` is read for PaddleClas's configs, and only `max` is taken (`check_params`)."""
 
     needs_evaluation = True
 
@@ -219,7 +221,8 @@ class ReduceOnPlateau(LRSchedule):
         super().__init__(
             learning_rate, steps_per_epoch, epochs, warmup_epoch, warmup_start_lr, stage
         )
-        self.factor, self.patience, self.mode = factor, patience, mode
+        self.check_params(mode=mode)
+        self.factor, self.patience = factor, patience
         self.threshold, self.min_lr = threshold, min_lr
         # As Cosine's eta_min: said once the rate is scaled for the batch size.
         if min_lr > learning_rate:
@@ -234,12 +237,22 @@ class ReduceOnPlateau(LRSchedule):
         self.best: float | None = None
         self.bad_evals = 0
 
+    @staticmethod
+    def check_params(mode: str = "max", **_others: Any) -> None:
+        """Also checked as a config loads (by the registry). The rate follows
+        Global.eval_metric, and every metric an evaluation gives is better higher: `min`
+        (PaddleClas's default, for a loss) would lower the rate as the metric improves."""
+        if mode != "max":
+            raise ValueError(
+                f"mode: {mode} lowers the rate while Global.eval_metric improves (recall@K, "
+                "precision@K, mAP and mINP are better higher); use max"
+            )
+
     def decayed(self, step: int) -> float:
         return self.current
 
     def observe(self, metric: float) -> None:
-        sign = 1.0 if self.mode == "max" else -1.0
-        if self.best is None or sign * (metric - self.best) > self.threshold * abs(self.best):
+        if self.best is None or metric - self.best > self.threshold * abs(self.best):
             self.best, self.bad_evals = metric, 0
             return
         self.bad_evals += 1

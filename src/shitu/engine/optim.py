@@ -26,7 +26,8 @@ _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
 
 
 def weight_decay_of(config: OptimizerConfig) -> float:
-    """The decay coefficient: `weight_decay`, else PaddleClas's `regularizer: {name: L2, coeff}`."""
+    """The decay coefficient: `weight_decay` or PaddleClas's `regularizer: {name: L2, coeff}`
+    (the config refuses both at once)."""
     if config.weight_decay is not None:
         return config.weight_decay
     if config.regularizer is not None:  # L2: the config refuses L1
@@ -68,6 +69,7 @@ def parameter_groups(
                 used.update(name for name, _ in matching)
                 mult = matching[0][1] if matching else 1.0
                 groups.setdefault((decayed, mult), []).append(param)
+    _check_fragments_match(modules, fragments)
     unused = [name for name in config.lr_mult if name not in used]
     if unused:
         names = {name: sub for module in modules for name, sub in module.named_modules()}
@@ -85,6 +87,19 @@ def parameter_groups(
         {"params": groups[key], "weight_decay": weight_decay if key[0] else 0.0, "lr_mult": key[1]}
         for key in sorted(groups, key=lambda key: (not key[0], key[1]))
     ]
+
+
+def _check_fragments_match(modules: list[nn.Module], fragments: list[str]) -> None:
+    """A `no_weight_decay_name` fragment in no parameter's name (a typo, or a PaddleClas
+    config's Paddle parameter names, `.b_0`) exempts nothing, without a word otherwise.
+    Frozen parameters count: a fragment for them is no typo."""
+    names = [name for module in modules for name, _ in module.named_parameters()]
+    unmatched = [fragment for fragment in fragments if not any(fragment in n for n in names)]
+    if unmatched:
+        raise ConfigError(
+            f"Optimizer.no_weight_decay_name: no parameter name contains "
+            f"{', '.join(map(repr, unmatched))} (names are such as {', '.join(names[:3])})"
+        )
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, learning_rate: float) -> None:

@@ -59,6 +59,7 @@ from shitu.errors import (
 )
 from shitu.fileio import home_expanded, remove_unfinished_writes
 from shitu.losses.combined import CombinedLoss
+from shitu.losses.xbm import CrossBatchMemory
 from shitu.models import build_model
 from shitu.registry import problem_list
 
@@ -181,7 +182,11 @@ class Trainer:
             config.DataLoader.Train, self.context, self.seed, progress
         )
         _check_class_count(config, dataset_of(self.train_loader), warn=self.context.is_main)
-        _check_last_batch(self.train_loader.batch_sampler.batch_sampler, self.model)
+        _check_last_batch(
+            self.train_loader.batch_sampler.batch_sampler,
+            self.model,
+            dataset_of(self.train_loader),
+        )
         self.steps_per_epoch = len(self.train_loader)
         if self.steps_per_epoch == 0:
             images = len(dataset_of(self.train_loader))
@@ -192,6 +197,8 @@ class Trainer:
                 f"of {self.train_loader.batch_sampler.batch_size}; lower sampler.batch_size "
                 "or set drop_last: false"
             )
+        if self.context.is_main:
+            _warn_of_unused_memory(self.loss, self.steps_per_epoch, config.Global.epochs, stage)
         self.learning_rate = self._scaled_learning_rate()
         self.optimizer = build_optimizer(
             [self.model, self.loss], config.Optimizer, self.learning_rate
@@ -865,31 +872,97 @@ def _check_class_count(config: ShituConfig, dataset: Any, warn: bool) -> None:
         )
 
 
-def _check_last_batch(sampler: Any, model: nn.Module) -> None:
-    """Without drop_last an epoch can end on a batch of one image, on which a BatchNorm1d
-    (a BNNeck on pooled features: one value per channel) raises mid-run, after a whole
-    epoch of work: refuse it up front, and a batch_size of 1, every batch of one image
-    (which raised at the first step, with torch's ValueError). BatchNorm2d on feature
-    maps trains on one image."""
+def _warn_of_unused_memory(
+    loss: CombinedLoss, steps_per_epoch: int, epochs: int, stage: Stage
+) -> None:
+    """XBM's memory joins the loss only after `start_iter` steps: a run that ends first (a
+    recipe's 1,000 on a smaller dataset) trains on the in-batch pairs alone, without a
+    word."""
+    total = steps_per_epoch * epochs
+    for name, part in zip(loss.names, loss.losses, strict=True):
+        if isinstance(part, CrossBatchMemory) and part.start_iter >= total:
+            logger.warning(
+                "Loss.Train %s: start_iter %d is not before the end of %s (%d steps: %d "
+                "epochs of %d, %s), so its cross-batch memory is never used; lower start_iter",
+                name,
+                part.start_iter,
+                stage.name,
+                total,
+                epochs,
+                steps_per_epoch,
+                stage.epochs_key,
+            )
+
+
+def _check_last_batch(sampler: Any, model: nn.Module, dataset: Any) -> None:
+    """A BatchNorm that trains on one value per channel raises torch's "Expected more than
+    1 value per channel when training": on a batch of one image, a BatchNorm1d on pooled
+    features (a BNNeck) or a BatchNorm2d on a 1x1 feature map (a backbone's last layers on
+    images of 32-64 px). Refused up front where every batch is of one image (batch_size 1,
+    which raised at the first step) or, without drop_last, an epoch ends on one (which
+    raised mid-run, after a whole epoch of work)."""
     per_process, size = getattr(sampler, "num_samples", None), sampler.batch_size
     ends_on_one = per_process is not None and not sampler.drop_last and per_process % size == 1
     if size != 1 and not ends_on_one:
         return
+    with torch.random.fork_rng(devices=[]):  # the sample's augmentation draws leave no trace
+        image = dataset[0][0]
+    found = _norm_on_one_value_per_channel(model, image)
+    if found is None:
+        return
+    name, on_feature_map = found
+    _, height, width = image.shape
+    where = (
+        f"BatchNorm layer '{name}' gets a 1x1 feature map from the {width}x{height} training "
+        "images, one value per channel"
+        if on_feature_map
+        else f"BatchNorm layer '{name}' (on pooled features, as a BNNeck) gets one value per "
+        "channel"
+    )
+    if size == 1:
+        larger = " (or train on larger images)" if on_feature_map else ""
+        raise ConfigError(
+            f"DataLoader.Train.sampler: batch_size 1 gives batches of 1 image, on which "
+            f"{where}, and BatchNorm cannot train on that; give a batch_size of 2 or more"
+            f"{larger}"
+        )
+    raise ConfigError(
+        f"DataLoader.Train: each epoch would end on a batch of 1 image ({per_process} per "
+        f"process, batch_size {size}), on which {where}, and BatchNorm cannot train on that; "
+        "set sampler.drop_last: true or another batch_size"
+    )
+
+
+def _norm_on_one_value_per_channel(
+    model: nn.Module, image: torch.Tensor
+) -> tuple[str, bool] | None:
+    """A BatchNorm that trains and sees one value per channel when `model` takes `image`
+    alone, with whether its input is a feature map (1x1) rather than a vector; None if there
+    is none. One on a vector (a BNNeck) comes first: larger images would not help it. Found
+    by a forward pass in eval mode (no statistics change)."""
     was_training = model.training
-    model.train()  # frozen layers stay in eval mode, where one image is fine
-    risky = any(isinstance(m, nn.BatchNorm1d) and m.training for m in model.modules())
-    model.train(was_training)
-    if risky and size == 1:
-        raise ConfigError(
-            "DataLoader.Train.sampler: batch_size 1 gives batches of 1 image, which a "
-            "BatchNorm1d (a BNNeck) cannot train on; give a batch_size of 2 or more"
-        )
-    if risky:
-        raise ConfigError(
-            f"DataLoader.Train: each epoch would end on a batch of 1 image ({per_process} per "
-            f"process, batch_size {size}), which a BatchNorm1d cannot train on; set "
-            "sampler.drop_last: true or another batch_size"
-        )
+    model.train()  # frozen layers stay in eval mode, where one value is fine
+    norms = {
+        module: name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training
+    }
+    found: list[tuple[str, bool]] = []
+
+    def record(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        if inputs[0][0].numel() == inputs[0].shape[1]:
+            found.append((norms[module], inputs[0].ndim > 2))
+
+    hooks = [module.register_forward_pre_hook(record) for module in norms]
+    try:
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            model.eval()(image.unsqueeze(0).to(device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    return min(found, key=lambda hit: hit[1], default=None)  # False (a vector) first
 
 
 def training_summary(trainer: Trainer) -> dict[str, Any]:

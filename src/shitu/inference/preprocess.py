@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from shitu.data.transforms.ops import (
     NormalizeImage,
     UnreadableImageError,
     check_encoded_size,
+    check_normalization,
     check_rgb_image,
     declares_transparency,
     decode_rgb_image,
@@ -108,8 +110,7 @@ class Preprocessing:
             raise ValueError(f"channel_order: unknown {self.channel_order!r}; use RGB or BGR")
         if self.layout != "NCHW":
             raise ValueError(f"layout: unknown {self.layout!r}; models take NCHW")
-        if not all(self.std):
-            raise ValueError(f"std: a channel's std of 0 divides by zero, got {list(self.std)}")
+        check_normalization(self.scale, self.mean, self.std)
         # (x * scale - mean) / std == x * factor - offset, one fused pass per channel.
         std = np.asarray(self.std, np.float32)
         object.__setattr__(self, "_factor", np.float32(self.scale) / std)
@@ -304,8 +305,11 @@ def _check_json_numbers(value: Any, key: str, count: int | None) -> None:
     if (
         not isinstance(numbers, list | tuple)
         or len(numbers) != (count or 1)
-        or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in numbers)
-    ):
+        or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+            for v in numbers
+        )
+    ):  # (Python's json reads NaN and Infinity)
         wanted = "a number" if count is None else f"a list of {count} numbers"
         raise ValueError(f"{key}: expected {wanted}, got {json.dumps(value, default=repr)}")
 

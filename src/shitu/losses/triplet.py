@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -22,8 +24,20 @@ class TripletLoss(PairLoss):
 
     def __init__(self, margin: NonNegative = 1.0, normalize_feature: bool = False) -> None:
         super().__init__()
+        self.check_params(margin, normalize_feature)
         self.margin = margin
         self.normalize_feature = normalize_feature
+
+    @staticmethod
+    def check_params(margin: float = 1.0, normalize_feature: bool = False, **_others: Any) -> None:
+        """Also checked as a config loads (by the registry). Unit vectors are at most 2
+        apart: from a margin of 2 on it is never met, so every anchor counts however well
+        its classes are apart (a loss without the hinge)."""
+        if normalize_feature and margin >= 2:
+            raise ValueError(
+                f"margin: {margin} is never met (normalised features are at most 2 apart); "
+                "give one below 2"
+            )
 
     def compare(self, query: Tensor, ref: Tensor, positive: Tensor, negative: Tensor) -> Tensor:
         valid = positive.any(dim=1) & negative.any(dim=1)

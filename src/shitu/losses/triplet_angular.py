@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch.nn.functional as F
 from torch import Tensor
@@ -45,6 +45,7 @@ class TripletAngularMarginLoss(PairLoss):
         an_value: float = 0.5,
     ) -> None:
         super().__init__()
+        self.check_params(margin, normalize_feature, add_absolute, ap_value, an_value)
         self.margin = margin
         self.normalize_feature = normalize_feature
         self.reduction = reduction
@@ -52,6 +53,30 @@ class TripletAngularMarginLoss(PairLoss):
         self.absolute_loss_weight = absolute_loss_weight
         self.ap_value = ap_value
         self.an_value = an_value
+
+    @staticmethod
+    def check_params(
+        margin: float = 0.5,
+        normalize_feature: bool = True,
+        add_absolute: bool = False,
+        ap_value: float = 0.9,
+        an_value: float = 0.5,
+        **_others: Any,
+    ) -> None:
+        """Also checked as a config loads (by the registry). Cosine similarities lie in
+        [-1, 1]: a margin of 2 or more, or a threshold beyond that range, is never met, so
+        every anchor counts however well its classes are apart (a loss without the hinge)."""
+        if not normalize_feature:
+            return  # dot products of unnormalised features have no bound
+        if margin >= 2:
+            raise ValueError(
+                f"margin: {margin} is never met (cosine similarities differ by at most 2); "
+                "give one below 2"
+            )
+        if add_absolute and ap_value > 1:
+            raise ValueError(f"ap_value: {ap_value} is never met (cosines are at most 1)")
+        if add_absolute and an_value < -1:
+            raise ValueError(f"an_value: {an_value} is never met (cosines are at least -1)")
 
     def compare(self, query: Tensor, ref: Tensor, positive: Tensor, negative: Tensor) -> Tensor:
         valid = positive.any(dim=1) & negative.any(dim=1)

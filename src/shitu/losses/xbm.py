@@ -21,6 +21,7 @@ from torch import nn
 from shitu.errors import ConfigError
 from shitu.losses._pairs import PairLoss, as_embeddings
 from shitu.losses.contrastive import ContrastiveLoss
+from shitu.losses.triplet_angular import TripletAngularMarginLoss
 from shitu.registry import LOSSES, NonNegative, Size, Variant, each_problem
 
 Iterations = Annotated[int, Field(ge=0)]
@@ -243,3 +244,8 @@ class TripletAngularMarginLossXBM(CrossBatchMemory):
             start_iter=start_iter,
             memory_weight=xbm_weight,
         )
+
+    @staticmethod
+    def check_params(**params: Any) -> None:
+        """The TripletAngularMarginLoss settings it passes on, also checked as a config loads."""
+        TripletAngularMarginLoss.check_params(**params)

@@ -623,6 +623,25 @@ def parse_scale(scale: float | str | None) -> float:
     raise ValueError(f"scale: write a finite number or 'a/b' such as '1.0/255.0', got {scale!r}")
 
 
+def check_normalization(scale: float, mean: Sequence[float], std: Sequence[float]) -> None:
+    """Refuse a normalisation, (pixel * scale - mean) / std in float32, that cannot give
+    the model images: a scale of 0 maps every image to one constant, a negative scale or
+    std turns the pixel values round, and a std so small that some pixel of 0-255
+    overflows float32 (1e-50 is 0 there) gives inf. ValueError naming the key."""
+    if not scale > 0:
+        raise ValueError(f"scale: must be positive (0 makes every image one constant), got {scale}")
+    if not all(value > 0 for value in std):
+        raise ValueError(f"std: must be positive, got {list(std)}")
+    mean32, std32 = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+    with np.errstate(over="ignore", divide="ignore"):
+        farthest = np.maximum(np.abs(mean32), np.abs(np.float32(255 * scale) - mean32)) / std32
+    if not np.all(np.isfinite(farthest)):
+        raise ValueError(
+            f"std: {list(std)} is too small: a pixel normalised by it, "
+            "(pixel * scale - mean) / std, is inf in float32"
+        )
+
+
 @TRANSFORMS.register("NormalizeImage")
 class NormalizeImage(Transform):
     """(pixel * scale - mean) / std per channel -> float32.
@@ -651,10 +670,9 @@ class NormalizeImage(Transform):
                 raise ValueError(
                     f"{key}: needs one value per channel ({channel_num}), got {values}"
                 )
+        check_normalization(float(self.scale), mean, std)
         self.mean = np.asarray(mean, np.float32)
         self.std = np.asarray(std, np.float32)
-        if np.any(self.std == 0):  # 1e-50 too: it is 0 in float32
-            raise ValueError(f"std: must not contain 0, got {std}")
         self.order: str | None = "hwc" if order == "" else order
 
     def plan(self, stage: Stage) -> Stage:

@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
+from pydantic import Field
 
 from shitu.models.heads.cosine import CosineClassifier, Scale
 from shitu.registry import HEADS, Size
+
+# The relaxation m sets the optima (1 + m for the true class, -m for the others) and the
+# thresholds (1 - m and m). Below 0 the true class's weight alpha_p is 0 short of cos 1,
+# which its threshold 1 - m lies beyond; from 0.5 on the true class's threshold is at or
+# below the others', so a feature nearer another class than its own already counts as
+# classified (the decision boundary, a circle of radius sqrt(2)*m round cos 1, reaches
+# across the diagonal).
+CircleRelaxation = Annotated[float, Field(ge=0, lt=0.5, allow_inf_nan=False)]
 
 
 @HEADS.register("CircleMargin")
@@ -17,7 +28,9 @@ class CircleMargin(CosineClassifier):
     The weights alpha are treated as constants (no gradient), as in the paper.
     """
 
-    def __init__(self, embedding_size: Size, class_num: Size, margin: float, scale: Scale) -> None:
+    def __init__(
+        self, embedding_size: Size, class_num: Size, margin: CircleRelaxation, scale: Scale
+    ) -> None:
         super().__init__(embedding_size, class_num)
         self.margin = margin
         self.scale = scale
