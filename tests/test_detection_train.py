@@ -152,6 +152,26 @@ def test_coco_map_ignores_detections_in_crowd_regions() -> None:
     assert evaluate_boxes(dets, gt, crowds=other_class)["mAP"] == pytest.approx(0.5)
 
 
+def test_coco_map_ignores_difficult_boxes() -> None:
+    """As VOC's protocol (and PaddleDetection's VOC metric): a difficult box does not count
+    towards recall, and detections on it, however many, are neither right nor wrong; one
+    that misses it is wrong as ever."""
+    gt = [(np.array([[0, 0, 10, 10], [50, 50, 60, 60]], np.float32), np.array([0, 0]))]
+    hard = [np.array([False, True])]
+    on_hard = [0, 0.9, 50, 50, 60, 60]
+    dets = [np.array([on_hard, on_hard, [0, 0.8, 0, 0, 10, 10]], np.float32)]
+    # As ordinary ground truth: right, wrong (a duplicate), right out of 2 -> (1 + 2/3) / 2
+    # at 101 points: 51 points at 1, 50 at 2/3.
+    assert evaluate_boxes(dets, gt)["mAP"] == pytest.approx((51 + 50 * 2 / 3) / 101)
+    assert evaluate_boxes(dets, gt, difficult=hard)["mAP"] == pytest.approx(1.0)
+    missed = [np.array([[0, 0.9, 80, 80, 90, 90], [0, 0.8, 0, 0, 10, 10]], np.float32)]
+    assert evaluate_boxes(missed, gt, difficult=hard)["mAP"] == pytest.approx(0.5)
+    # A class with difficult boxes only has no ground truth to average: the other's AP alone
+    only_hard = [(gt[0][0], np.array([0, 1]))]
+    dets = [np.array([[0, 0.8, 0, 0, 10, 10]], np.float32)]
+    assert evaluate_boxes(dets, only_hard, difficult=hard)["mAP"] == pytest.approx(1.0)
+
+
 def test_training_evaluation_scores_the_boxes_clipped_to_the_image(tmp_path: Path) -> None:
     """As detect gives them (and PaddleDetection evaluates): a box that runs past the photo's
     edges is cut at them before it is matched, so an object filling the photo is found; and
@@ -183,6 +203,19 @@ def test_training_evaluation_scores_the_boxes_clipped_to_the_image(tmp_path: Pat
     agnostic = CocoDetection(tmp_path / "instances.json", tmp_path, class_agnostic=True)
     agnostic.use_class_order(("background", "foreground"))
     assert agnostic.crowds[0][1].tolist() == [1]  # renumbered with the boxes
+    # A VOC photo with a difficult box besides: missed, as it is, it costs nothing.
+    (tmp_path / "voc").mkdir()
+    (tmp_path / "voc" / "img0.xml").write_text(
+        "<annotation><filename>img0.png</filename>"
+        + "".join(
+            f"<object><name>red</name><difficult>{hard}</difficult><bndbox><xmin>0</xmin>"
+            f"<ymin>0</ymin><xmax>{width}</xmax><ymax>{height}</ymax></bndbox></object>"
+            for hard, width, height in ((0, 96, 64), (1, 20, 20))
+        )
+        + "</annotation>"
+    )
+    voc = VocDetection(tmp_path / "voc", tmp_path, class_names=("red", "blue"))
+    assert evaluate_detector(model, voc, 128)["mAP"] == pytest.approx(1.0)
 
 
 # ---------------------------------------------------------------- datasets
@@ -289,6 +322,23 @@ def test_voc_dataset_parsing(tmp_path: Path, caplog: pytest.LogCaptureFixture) -
     with caplog.at_level(logging.WARNING, logger="shitu.detection"):
         assert VocDetection(tmp_path / "ann", tmp_path)[0][1].tolist() == [[1, 2, 20, 25]]
     assert f"{tmp_path / 'ann'}: 1 of the 2 boxes have no area" in caplog.text
+    # VOC's difficult boxes: trained on, as PaddleDetection trains, and marked for the
+    # evaluation to ignore (their flags following the boxes the filters keep)
+    with_difficult = swapped.replace("<name>box", "<difficult>1</difficult><name>box")
+    with_difficult = with_difficult.replace("<xmin>12", "<xmin>5")
+    with_difficult = with_difficult.replace("<name>cup", "<difficult>0</difficult><name>cup")
+    (tmp_path / "ann" / "a.xml").write_text(with_difficult)
+    dataset = VocDetection(tmp_path / "ann", tmp_path)
+    assert len(dataset[0][1]) == 2 and dataset.difficult[0].tolist() == [False, True]
+    (tmp_path / "ann" / "a.xml").write_text(with_difficult.replace("<xmin>1<", "<xmin>21<"))
+    with caplog.at_level(logging.WARNING, logger="shitu.detection"):
+        assert VocDetection(tmp_path / "ann", tmp_path).difficult[0].tolist() == [True]
+    (tmp_path / "ann" / "a.xml").write_text(
+        with_difficult.replace("<difficult>1", "<difficult>yes")
+    )
+    with pytest.raises(DataError, match=r"object 2: <difficult> is 0 or 1, not 'yes'"):
+        VocDetection(tmp_path / "ann", tmp_path)
+    (tmp_path / "ann" / "a.xml").write_text(swapped)
     (tmp_path / "ann" / "b.xml").write_text("<annotation><object>")
     with pytest.raises(DataError, match="b.xml"):
         VocDetection(tmp_path / "ann", tmp_path)
@@ -675,6 +725,13 @@ def test_detect_train_evaluates_on_voc_data(
     (val / "img0.xml").write_text((val / "img0.xml").read_text().replace("red", "green"))
     assert main([*command, "--val-voc", str(val), "--out", str(tmp_path / "other")]) == 2
     assert f"error: --val-voc {val}: the classes ['green'] are not among the model's" in (
+        capsys.readouterr().err
+    )
+    (val / "img0.xml").write_text((val / "img0.xml").read_text().replace("green", "red"))
+    for xml in val.glob("*.xml"):  # every box difficult: nothing the evaluation counts
+        xml.write_text(xml.read_text().replace("<bndbox>", "<difficult>1</difficult><bndbox>"))
+    assert main([*command, "--val-voc", str(val), "--out", str(tmp_path / "other")]) == 2
+    assert f"error: --val-voc {val}: its 2 images hold no boxes to evaluate against" in (
         capsys.readouterr().err
     )
     assert main(command) == 2

@@ -2,8 +2,10 @@
 
 Samples are `(image, boxes, labels)`: a PIL RGB image, float32 [K, 4] boxes (x1, y1, x2, y2)
 in its pixels and int64 [K] class ids. COCO's crowd regions are kept apart (`crowds`), for
-evaluation to ignore the detections in them. Augmentations draw from Python's `random`, so the
-engine's per-sample seeding (`shitu.engine.seeding.SeededDataset`) makes them reproducible.
+evaluation to ignore the detections in them; Pascal VOC's `difficult` boxes are trained on, as
+PaddleDetection trains on them, and marked (`difficult`) for evaluation to ignore.
+Augmentations draw from Python's `random`, so the engine's per-sample seeding
+(`shitu.engine.seeding.SeededDataset`) makes them reproducible.
 Batches are resized to one square size (chosen per batch: multi-scale training) without
 keeping the aspect ratio, as PicoDet trains.
 """
@@ -49,10 +51,12 @@ class DetectionDataset:
         transform: Callable[[Sample], Sample] | None,
         crowds: list[tuple[np.ndarray, np.ndarray]] | None = None,
         source: str | Path = "the detection dataset",
+        difficult: list[np.ndarray] | None = None,
     ) -> None:
         """`crowds`: each image's crowd regions (boxes, labels), none where not given.
         `source`: the annotations' file or folder, which the errors name (a run reads a
-        training and a validation set)."""
+        training and a validation set). `difficult`: each image's [K] mask of the boxes
+        evaluation ignores (VOC's `difficult`), none where not given."""
         if not images:
             raise DataError(f"{source}: lists no images")
         if not class_names:
@@ -66,6 +70,9 @@ class DetectionDataset:
             class_names = FOREGROUND
         self.images, self.boxes, self.labels = images, boxes, labels
         self.crowds = crowds
+        self.difficult = (
+            difficult if difficult is not None else [np.zeros(len(lab), bool) for lab in labels]
+        )
         self.class_names = class_names
         self.transform = transform
 
@@ -293,7 +300,8 @@ class VocDetection(DetectionDataset):
     Annotations folder), each line's image taken as given.
 
     Class ids follow `class_names` (default: the sorted names found); `difficult` boxes
-    are kept, as PaddleDetection does by default.
+    are trained on, as PaddleDetection trains on them, and marked in `difficult` for the
+    evaluation to ignore, as VOC's protocol does.
     """
 
     def __init__(
@@ -317,19 +325,27 @@ class VocDetection(DetectionDataset):
                 raise DataError(f"no VOC annotation files (*.xml) in {annotation_dir}")
         xml_files = [xml for _, xml in listed]
         parsed = [self._parse(path, image is None) for image, path in listed]
-        names = tuple(class_names or sorted({n for _, objs, _ in parsed for n, _ in objs}))
+        names = tuple(class_names or sorted({n for _, objs, _ in parsed for n, _, _ in objs}))
         index = {name: i for i, name in enumerate(names)}
-        boxes, labels = [], []
+        boxes, positions, class_ids, hard = [], [], [], []
         for path, (_, objects, _) in zip(xml_files, parsed, strict=True):
-            unknown = {n for n, _ in objects} - set(index)
+            unknown = {n for n, _, _ in objects} - set(index)
             if unknown:
                 raise DataError(f"{path}: classes {sorted(unknown)} are not in class_names")
-            image_boxes, image_labels = _box_arrays([(b, index[n]) for n, b in objects])
+            # Each box's position in its file goes through the filters below in place of its
+            # label, so that its class and difficult flag follow the boxes they keep.
+            image_boxes, image_positions = _box_arrays(
+                [(b, i) for i, (_, b, _) in enumerate(objects)]
+            )
             boxes.append(image_boxes)
-            labels.append(image_labels)
+            positions.append(image_positions)
+            class_ids.append(np.array([index[n] for n, _, _ in objects], np.int64))
+            hard.append(np.array([d for _, _, d in objects], bool))
         sizes = [size for _, _, size in parsed]
-        boxes, labels = _without_empty_boxes(annotation_dir, boxes, labels)
-        boxes, labels = _clip_to_recorded_sizes(annotation_dir, boxes, labels, sizes)
+        boxes, positions = _without_empty_boxes(annotation_dir, boxes, positions)
+        boxes, positions = _clip_to_recorded_sizes(annotation_dir, boxes, positions, sizes)
+        labels = [ids[kept] for ids, kept in zip(class_ids, positions, strict=True)]
+        difficult = [flags[kept] for flags, kept in zip(hard, positions, strict=True)]
         super().__init__(
             [
                 image or Path(image_dir) / filename
@@ -341,13 +357,14 @@ class VocDetection(DetectionDataset):
             class_agnostic,
             transform,
             source=annotation_dir,
+            difficult=difficult,
         )
 
     @staticmethod
     def _parse(
         path: Path, needs_filename: bool = True
-    ) -> tuple[str, list[tuple[str, list[float]]], tuple[float, float] | None]:
-        """(file name, [(class name, box)], (width, height) if the XML records it);
+    ) -> tuple[str, list[tuple[str, list[float], bool]], tuple[float, float] | None]:
+        """(file name, [(class name, box, difficult)], (width, height) if the XML records it);
         `needs_filename`: the image is found by its <filename> (not given by a list)."""
         try:
             root = ET.fromstring(_read(path, "VOC annotation file"))
@@ -363,7 +380,10 @@ class VocDetection(DetectionDataset):
                         f"object {number} needs a <name> and a <bndbox> with <xmin>, <ymin>, "
                         "<xmax> and <ymax>"
                     )
-                objects.append((name, [float(value) for value in corners]))
+                difficult = (obj.findtext("difficult") or "0").strip()
+                if difficult not in ("0", "1"):  # read as 1 by one tool and 0 by another
+                    raise ValueError(f"object {number}: <difficult> is 0 or 1, not {difficult!r}")
+                objects.append((name, [float(value) for value in corners], difficult == "1"))
             width, height = (float(root.findtext(f"size/{k}") or 0) for k in ("width", "height"))
         except (ET.ParseError, ValueError, TypeError) as exc:
             raise DataError(f"{path} is not a valid VOC annotation file ({exc})") from None

@@ -162,8 +162,9 @@ def evaluate_detector(
     nms_top_k: int = 200,
     progress: bool = False,
 ) -> dict[str, float]:
-    """COCO mAP of `model` on `dataset`'s images (un-augmented) at input `size`; `progress`
-    draws a bar on stderr (a COCO-sized set takes minutes).
+    """COCO mAP of `model` on `dataset`'s images (un-augmented) at input `size`, its crowd
+    regions and difficult boxes ignored; `progress` draws a bar on stderr (a COCO-sized set
+    takes minutes).
 
     Keeps the `nms_top_k` best boxes per class before NMS (greedy NMS costs grow with
     the cube of the candidates, and an untrained model scores everything alike).
@@ -186,7 +187,7 @@ def evaluate_detector(
             )
         )
         truths.append(dataset.targets(index))
-    return evaluate_boxes(detections, truths, crowds=dataset.crowds)
+    return evaluate_boxes(detections, truths, crowds=dataset.crowds, difficult=dataset.difficult)
 
 
 class DetectionTrainer:
