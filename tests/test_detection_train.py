@@ -411,6 +411,12 @@ def test_missing_or_malformed_coco_file(tmp_path: Path) -> None:
         expected = rf"two {what}s have the id {broken[key][0]['id']}; ids must be unique"
         with pytest.raises(DataError, match=rf"valid COCO annotation file \({expected}\)$"):
             CocoDetection(coco, tmp_path)
+    broken = copy.deepcopy(data)  # "red" twice: its boxes would all be one class's
+    broken["categories"][1]["name"] = broken["categories"][0]["name"]
+    coco.write_text(json.dumps(broken))
+    expected = r"the categories 3 and 7 are both named 'red'; category names must be unique"
+    with pytest.raises(DataError, match=rf"valid COCO annotation file \({expected}"):
+        CocoDetection(coco, tmp_path)
     broken = copy.deepcopy(data)
     broken["annotations"][0]["bbox"] = [1, 2, float("nan"), 4]  # json writes NaN, reads it back
     coco.write_text(json.dumps(broken))

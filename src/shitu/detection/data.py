@@ -230,6 +230,7 @@ class CocoDetection(DetectionDataset):
                 )
             categories = sorted(data["categories"], key=lambda c: c["id"])
             _refuse_repeated_ids("category", [c["id"] for c in categories])
+            _refuse_repeated_names(categories)
             cat_index = {c["id"]: i for i, c in enumerate(categories)}
             image_ids = [img["id"] for img in data["images"]]
             _refuse_repeated_ids("image", image_ids)
@@ -291,6 +292,21 @@ def _refuse_repeated_ids(what: str, ids: list) -> None:
         if item_id in seen:
             raise ValueError(f"two {what}s have the id {item_id!r}; ids must be unique")
         seen.add(item_id)
+
+
+def _refuse_repeated_names(categories: list[dict]) -> None:
+    """A ValueError for two categories of one name: classes are known by name (the model's
+    class names, a validation set's classes matched to them), so the second would silently
+    be taken for the first."""
+    first_id: dict = {}
+    for category in categories:
+        name = category["name"]
+        if name in first_id:
+            raise ValueError(
+                f"the categories {first_id[name]!r} and {category['id']!r} are both named "
+                f"{name!r}; category names must be unique (merge them, or rename one)"
+            )
+        first_id[name] = category["id"]
 
 
 class VocDetection(DetectionDataset):
