@@ -411,6 +411,12 @@ def test_missing_or_malformed_coco_file(tmp_path: Path) -> None:
         expected = rf"two {what}s have the id {broken[key][0]['id']}; ids must be unique"
         with pytest.raises(DataError, match=rf"valid COCO annotation file \({expected}\)$"):
             CocoDetection(coco, tmp_path)
+    broken = copy.deepcopy(data)  # a string: truthy, it made every box a crowd region
+    broken["annotations"][0]["iscrowd"] = "0"
+    coco.write_text(json.dumps(broken))
+    expected = rf"annotation {broken['annotations'][0]['id']}: its iscrowd '0' is not 0 or 1"
+    with pytest.raises(DataError, match=rf"valid COCO annotation file \({expected}\)$"):
+        CocoDetection(coco, tmp_path)
     broken = copy.deepcopy(data)  # "red" twice: its boxes would all be one class's
     broken["categories"][1]["name"] = broken["categories"][0]["name"]
     coco.write_text(json.dumps(broken))

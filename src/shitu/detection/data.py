@@ -253,8 +253,13 @@ class CocoDetection(DetectionDataset):
                         raise ValueError(
                             f"annotation {ann.get('id')}: no {what} has its {key} {ann[key]!r}"
                         )
+                crowd = ann.get("iscrowd")
+                if crowd not in (None, 0, 1):  # "0", a string, would make every box a crowd
+                    raise ValueError(
+                        f"annotation {ann.get('id')}: its iscrowd {crowd!r} is not 0 or 1"
+                    )
                 per_image[ann["image_id"]].append(
-                    ([x, y, x + w, y + h], cat_index[ann["category_id"]], bool(ann.get("iscrowd")))
+                    ([x, y, x + w, y + h], cat_index[ann["category_id"]], bool(crowd))
                 )
         except KeyError as exc:
             raise DataError(f"{path} is not a valid COCO annotation file (no {exc} key)") from None
