@@ -910,6 +910,21 @@ def test_detection_data_is_clipped_counted_and_matched_by_class_name(
     assert sum(map(len, CocoDetection(path, tmp_path).boxes)) == len(data["annotations"]) - 1
     assert f"{path}: 1 of the 3 boxes lie wholly outside their image" in caplog.text
     caplog.clear()
+    # A size written as text is read as its number; one that is not positive, as not given
+    # (the boxes are clipped when the image is read): it cut away every box of its image.
+    data["images"][0].update(width="64", height="64")
+    data["images"][1].update(width=-1, height=64)
+    path.write_text(json.dumps(data))
+    # (the second image's box right of 64 px kept: no size to cut it at)
+    assert [len(b) for b in CocoDetection(path, tmp_path).boxes] == [1, 2]
+    data["images"][0]["width"] = "wide"
+    path.write_text(json.dumps(data))
+    expected = r"\(image 1: its width 'wide' and height '64' are not both numbers\)$"
+    with pytest.raises(DataError, match=expected):
+        CocoDetection(path, tmp_path)
+    for image in data["images"]:
+        image["width"] = image["height"] = 64
+    caplog.clear()
     data["annotations"][-1]["bbox"] = [10, 10, -5, 20]  # drawn right to left: no area
     path.write_text(json.dumps(data))
     assert sum(map(len, CocoDetection(path, tmp_path).boxes)) == len(data["annotations"]) - 1

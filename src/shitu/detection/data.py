@@ -235,6 +235,7 @@ class CocoDetection(DetectionDataset):
             image_ids = [img["id"] for img in data["images"]]
             _refuse_repeated_ids("image", image_ids)
             files = {img["id"]: Path(image_root) / img["file_name"] for img in data["images"]}
+            sizes = [_recorded_size(img) for img in data["images"]]
             per_image: dict[int, list[tuple[list[float], int, bool]]] = {i: [] for i in image_ids}
             for ann in data["annotations"]:
                 bbox = ann["bbox"]
@@ -265,7 +266,7 @@ class CocoDetection(DetectionDataset):
             raise DataError(f"{path} is not a valid COCO annotation file (no {exc} key)") from None
         except (ValueError, TypeError) as exc:
             raise DataError(f"{path} is not a valid COCO annotation file ({exc})") from None
-        boxes, labels, sizes, crowds = [], [], [], []
+        boxes, labels, crowds = [], [], []
         for image in data["images"]:
             objects = [(box, c) for box, c, crowd in per_image[image["id"]] if not crowd]
             regions = [(box, c) for box, c, crowd in per_image[image["id"]] if crowd]
@@ -273,8 +274,6 @@ class CocoDetection(DetectionDataset):
             boxes.append(image_boxes)
             labels.append(image_labels)
             crowds.append(_box_arrays(regions))
-            width, height = image.get("width"), image.get("height")  # optional in COCO files
-            sizes.append((width, height) if width and height else None)
         boxes, labels = _without_empty_boxes(path, boxes, labels)
         boxes, labels = _clip_to_recorded_sizes(path, boxes, labels, sizes)
         super().__init__(
@@ -287,6 +286,20 @@ class CocoDetection(DetectionDataset):
             crowds,
             path,
         )
+
+
+def _recorded_size(image: dict) -> tuple[float, float] | None:
+    """A COCO image's (width, height), numbers or numeric strings; None where it records
+    none (they are optional) or one that is not positive, as a VOC file's <size>: its boxes
+    are clipped to the image when it is read instead."""
+    try:
+        width, height = (float(image.get(key) or 0) for key in ("width", "height"))
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"image {image.get('id')!r}: its width {image.get('width')!r} and height "
+            f"{image.get('height')!r} are not both numbers"
+        ) from None
+    return (width, height) if width > 0 and height > 0 else None
 
 
 def _refuse_repeated_ids(what: str, ids: list) -> None:
