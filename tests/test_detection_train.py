@@ -417,6 +417,13 @@ def test_missing_or_malformed_coco_file(tmp_path: Path) -> None:
     expected = rf"annotation {broken['annotations'][0]['id']}: its iscrowd '0' is not 0 or 1"
     with pytest.raises(DataError, match=rf"valid COCO annotation file \({expected}\)$"):
         CocoDetection(coco, tmp_path)
+    for name in (5, " "):  # a number crashed the summary that joins the names
+        broken = copy.deepcopy(data)
+        broken["categories"][0]["name"] = name
+        coco.write_text(json.dumps(broken))
+        expected = rf"category 7: its name {name!r} is not a name"
+        with pytest.raises(DataError, match=rf"valid COCO annotation file \({expected}\)$"):
+            CocoDetection(coco, tmp_path)
     broken = copy.deepcopy(data)  # "red" twice: its boxes would all be one class's
     broken["categories"][1]["name"] = broken["categories"][0]["name"]
     coco.write_text(json.dumps(broken))

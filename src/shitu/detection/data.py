@@ -230,7 +230,7 @@ class CocoDetection(DetectionDataset):
                 )
             categories = sorted(data["categories"], key=lambda c: c["id"])
             _refuse_repeated_ids("category", [c["id"] for c in categories])
-            _refuse_repeated_names(categories)
+            _check_category_names(categories)
             cat_index = {c["id"]: i for i, c in enumerate(categories)}
             image_ids = [img["id"] for img in data["images"]]
             _refuse_repeated_ids("image", image_ids)
@@ -312,13 +312,15 @@ def _refuse_repeated_ids(what: str, ids: list) -> None:
         seen.add(item_id)
 
 
-def _refuse_repeated_names(categories: list[dict]) -> None:
-    """A ValueError for two categories of one name: classes are known by name (the model's
-    class names, a validation set's classes matched to them), so the second would silently
-    be taken for the first."""
+def _check_category_names(categories: list[dict]) -> None:
+    """A ValueError for a category name that is not text, or is empty, and for two
+    categories of one name: classes are known by name (the model's class names, a validation
+    set's classes matched to them), so the second would silently be taken for the first."""
     first_id: dict = {}
     for category in categories:
         name = category["name"]
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"category {category['id']!r}: its name {name!r} is not a name")
         if name in first_id:
             raise ValueError(
                 f"the categories {first_id[name]!r} and {category['id']!r} are both named "
