@@ -338,6 +338,10 @@ def test_voc_dataset_parsing(tmp_path: Path, caplog: pytest.LogCaptureFixture) -
     )
     with pytest.raises(DataError, match=r"object 2: <difficult> is 0 or 1, not 'yes'"):
         VocDetection(tmp_path / "ann", tmp_path)
+    for value in ("nan", "inf"):  # as COCO's: NaN was left out as "no area", inf kept
+        (tmp_path / "ann" / "a.xml").write_text(swapped.replace("<ymax>9", f"<ymax>{value}"))
+        with pytest.raises(DataError, match=rf"object 2: its <bndbox> \[12.0, 5.0, 9.0, {value}\]"):
+            VocDetection(tmp_path / "ann", tmp_path)
     (tmp_path / "ann" / "a.xml").write_text(swapped)
     (tmp_path / "ann" / "b.xml").write_text("<annotation><object>")
     with pytest.raises(DataError, match="b.xml"):

@@ -419,7 +419,10 @@ class VocDetection(DetectionDataset):
                 difficult = (obj.findtext("difficult") or "0").strip()
                 if difficult not in ("0", "1"):  # read as 1 by one tool and 0 by another
                     raise ValueError(f"object {number}: <difficult> is 0 or 1, not {difficult!r}")
-                objects.append((name, [float(value) for value in corners], difficult == "1"))
+                box = [float(value) for value in corners]
+                if not math.isfinite(sum(box)):  # NaN: "no area"; inf: a box that never matches
+                    raise ValueError(f"object {number}: its <bndbox> {box} is not finite")
+                objects.append((name, box, difficult == "1"))
             width, height = (float(root.findtext(f"size/{k}") or 0) for k in ("width", "height"))
         except (ET.ParseError, ValueError, TypeError) as exc:
             raise DataError(f"{path} is not a valid VOC annotation file ({exc})") from None
