@@ -343,6 +343,8 @@ def test_voc_dataset_parsing(tmp_path: Path, caplog: pytest.LogCaptureFixture) -
         with pytest.raises(DataError, match=rf"object 2: its <bndbox> \[12.0, 5.0, 9.0, {value}\]"):
             VocDetection(tmp_path / "ann", tmp_path)
     (tmp_path / "ann" / "a.xml").write_text(swapped)
+    with pytest.raises(DataError, match=r"^class_names: \['cup'\] are listed more than once"):
+        VocDetection(tmp_path / "ann", tmp_path, class_names=["cup", "box", "cup"])
     (tmp_path / "ann" / "b.xml").write_text("<annotation><object>")
     with pytest.raises(DataError, match="b.xml"):
         VocDetection(tmp_path / "ann", tmp_path)

@@ -348,6 +348,9 @@ class VocDetection(DetectionDataset):
         class_agnostic: bool = False,
         transform: Callable[[Sample], Sample] | None = None,
     ) -> None:
+        repeated = sorted({n for n in class_names or () if list(class_names).count(n) > 1})
+        if repeated:  # the boxes of each would all be given the last one's id
+            raise DataError(f"class_names: {repeated} are listed more than once")
         if not Path(annotation_dir).exists():  # a mistyped list, not a folder without XML
             raise DataError(
                 f"VOC annotations {annotation_dir}: no such folder or list file"
