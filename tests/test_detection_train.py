@@ -710,6 +710,25 @@ def test_detect_train_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     ) in capsys.readouterr().err
 
 
+def test_a_diverging_detect_train_stops_with_an_error_not_a_model_of_nan(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A learning rate far too high: the run went on to its last epoch writing NaN weights
+    (or failed in the assigner with torch's "all elements of input should be between 0 and
+    1"), where the recogniser's `shitu train` stops and says so."""
+    torch.set_num_threads(2)
+    coco = _write_coco(tmp_path, _write_images(tmp_path, 4, size=64))
+    command = ["detect-train", "--coco", str(coco), "--images", str(tmp_path), "--epochs", "5",
+               "--batch-size", "2", "--input-size", "64", "--train-sizes", "64", "--lr", "1e8",
+               "--out", str(tmp_path / "run"), "--no-progress"]  # fmt: skip
+    assert main(command) == 2
+    expected = (
+        r"error: the (network's outputs|loss) became .* at step \d+ \(epoch \d\): training di"
+    )
+    assert re.search(expected, capsys.readouterr().err)
+    assert not (tmp_path / "run" / "model.pt").exists()
+
+
 def test_a_resumed_detect_train_goes_on_in_the_folder_of_the_run_it_continues(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
