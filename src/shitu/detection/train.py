@@ -264,7 +264,7 @@ class DetectionTrainer:
         arch = self.model.arch
         losses = picodet_loss(cls_logits, reg_dists, targets, list(arch.strides), arch.cell_offset)
         if not torch.isfinite(losses["loss"]):
-            raise self._diverged(f"the loss became {float(losses['loss'])}")
+            raise self._diverged(f"the loss became {float(losses['loss'].detach())}")
         self.optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         self.optimizer.step()
