@@ -152,6 +152,26 @@ def test_coco_map_ignores_detections_in_crowd_regions() -> None:
     assert evaluate_boxes(dets, gt, crowds=other_class)["mAP"] == pytest.approx(0.5)
 
 
+def test_coco_map_ignores_difficult_boxes() -> None:
+    """As VOC's protocol (and PaddleDetection's VOC metric): a difficult box does not count
+    towards recall, and detections on it, however many, are neither right nor wrong; one
+    that misses it is wrong as ever."""
+    gt = [(np.array([[0, 0, 10, 10], [50, 50, 60, 60]], np.float32), np.array([0, 0]))]
+    hard = [np.array([False, True])]
+    on_hard = [0, 0.9, 50, 50, 60, 60]
+    dets = [np.array([on_hard, on_hard, [0, 0.8, 0, 0, 10, 10]], np.float32)]
+    # As ordinary ground truth: right, wrong (a duplicate), right out of 2 -> (1 + 2/3) / 2
+    # at 101 points: 51 points at 1, 50 at 2/3.
+    assert evaluate_boxes(dets, gt)["mAP"] == pytest.approx((51 + 50 * 2 / 3) / 101)
+    assert evaluate_boxes(dets, gt, difficult=hard)["mAP"] == pytest.approx(1.0)
+    missed = [np.array([[0, 0.9, 80, 80, 90, 90], [0, 0.8, 0, 0, 10, 10]], np.float32)]
+    assert evaluate_boxes(missed, gt, difficult=hard)["mAP"] == pytest.approx(0.5)
+    # A class with difficult boxes only has no ground truth to average: the other's AP alone
+    only_hard = [(gt[0][0], np.array([0, 1]))]
+    dets = [np.array([[0, 0.8, 0, 0, 10, 10]], np.float32)]
+    assert evaluate_boxes(dets, only_hard, difficult=hard)["mAP"] == pytest.approx(1.0)
+
+
 def test_training_evaluation_scores_the_boxes_clipped_to_the_image(tmp_path: Path) -> None:
     """As detect gives them (and PaddleDetection evaluates): a box that runs past the photo's
     edges is cut at them before it is matched, so an object filling the photo is found; and
@@ -183,6 +203,19 @@ def test_training_evaluation_scores_the_boxes_clipped_to_the_image(tmp_path: Pat
     agnostic = CocoDetection(tmp_path / "instances.json", tmp_path, class_agnostic=True)
     agnostic.use_class_order(("background", "foreground"))
     assert agnostic.crowds[0][1].tolist() == [1]  # renumbered with the boxes
+    # A VOC photo with a difficult box besides: missed, as it is, it costs nothing.
+    (tmp_path / "voc").mkdir()
+    (tmp_path / "voc" / "img0.xml").write_text(
+        "<annotation><filename>img0.png</filename>"
+        + "".join(
+            f"<object><name>red</name><difficult>{hard}</difficult><bndbox><xmin>0</xmin>"
+            f"<ymin>0</ymin><xmax>{width}</xmax><ymax>{height}</ymax></bndbox></object>"
+            for hard, width, height in ((0, 96, 64), (1, 20, 20))
+        )
+        + "</annotation>"
+    )
+    voc = VocDetection(tmp_path / "voc", tmp_path, class_names=("red", "blue"))
+    assert evaluate_detector(model, voc, 128)["mAP"] == pytest.approx(1.0)
 
 
 # ---------------------------------------------------------------- datasets
@@ -289,6 +322,29 @@ def test_voc_dataset_parsing(tmp_path: Path, caplog: pytest.LogCaptureFixture) -
     with caplog.at_level(logging.WARNING, logger="shitu.detection"):
         assert VocDetection(tmp_path / "ann", tmp_path)[0][1].tolist() == [[1, 2, 20, 25]]
     assert f"{tmp_path / 'ann'}: 1 of the 2 boxes have no area" in caplog.text
+    # VOC's difficult boxes: trained on, as PaddleDetection trains, and marked for the
+    # evaluation to ignore (their flags following the boxes the filters keep)
+    with_difficult = swapped.replace("<name>box", "<difficult>1</difficult><name>box")
+    with_difficult = with_difficult.replace("<xmin>12", "<xmin>5")
+    with_difficult = with_difficult.replace("<name>cup", "<difficult>0</difficult><name>cup")
+    (tmp_path / "ann" / "a.xml").write_text(with_difficult)
+    dataset = VocDetection(tmp_path / "ann", tmp_path)
+    assert len(dataset[0][1]) == 2 and dataset.difficult[0].tolist() == [False, True]
+    (tmp_path / "ann" / "a.xml").write_text(with_difficult.replace("<xmin>1<", "<xmin>21<"))
+    with caplog.at_level(logging.WARNING, logger="shitu.detection"):
+        assert VocDetection(tmp_path / "ann", tmp_path).difficult[0].tolist() == [True]
+    (tmp_path / "ann" / "a.xml").write_text(
+        with_difficult.replace("<difficult>1", "<difficult>yes")
+    )
+    with pytest.raises(DataError, match=r"object 2: <difficult> is 0 or 1, not 'yes'"):
+        VocDetection(tmp_path / "ann", tmp_path)
+    for value in ("nan", "inf"):  # as COCO's: NaN was left out as "no area", inf kept
+        (tmp_path / "ann" / "a.xml").write_text(swapped.replace("<ymax>9", f"<ymax>{value}"))
+        with pytest.raises(DataError, match=rf"object 2: its <bndbox> \[12.0, 5.0, 9.0, {value}\]"):
+            VocDetection(tmp_path / "ann", tmp_path)
+    (tmp_path / "ann" / "a.xml").write_text(swapped)
+    with pytest.raises(DataError, match=r"^class_names: \['cup'\] are listed more than once"):
+        VocDetection(tmp_path / "ann", tmp_path, class_names=["cup", "box", "cup"])
     (tmp_path / "ann" / "b.xml").write_text("<annotation><object>")
     with pytest.raises(DataError, match="b.xml"):
         VocDetection(tmp_path / "ann", tmp_path)
@@ -361,6 +417,25 @@ def test_missing_or_malformed_coco_file(tmp_path: Path) -> None:
         expected = rf"two {what}s have the id {broken[key][0]['id']}; ids must be unique"
         with pytest.raises(DataError, match=rf"valid COCO annotation file \({expected}\)$"):
             CocoDetection(coco, tmp_path)
+    broken = copy.deepcopy(data)  # a string: truthy, it made every box a crowd region
+    broken["annotations"][0]["iscrowd"] = "0"
+    coco.write_text(json.dumps(broken))
+    expected = rf"annotation {broken['annotations'][0]['id']}: its iscrowd '0' is not 0 or 1"
+    with pytest.raises(DataError, match=rf"valid COCO annotation file \({expected}\)$"):
+        CocoDetection(coco, tmp_path)
+    for name in (5, " "):  # a number crashed the summary that joins the names
+        broken = copy.deepcopy(data)
+        broken["categories"][0]["name"] = name
+        coco.write_text(json.dumps(broken))
+        expected = rf"category 7: its name {name!r} is not a name"
+        with pytest.raises(DataError, match=rf"valid COCO annotation file \({expected}\)$"):
+            CocoDetection(coco, tmp_path)
+    broken = copy.deepcopy(data)  # "red" twice: its boxes would all be one class's
+    broken["categories"][1]["name"] = broken["categories"][0]["name"]
+    coco.write_text(json.dumps(broken))
+    expected = r"the categories 3 and 7 are both named 'red'; category names must be unique"
+    with pytest.raises(DataError, match=rf"valid COCO annotation file \({expected}"):
+        CocoDetection(coco, tmp_path)
     broken = copy.deepcopy(data)
     broken["annotations"][0]["bbox"] = [1, 2, float("nan"), 4]  # json writes NaN, reads it back
     coco.write_text(json.dumps(broken))
@@ -635,6 +710,25 @@ def test_detect_train_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     ) in capsys.readouterr().err
 
 
+def test_a_diverging_detect_train_stops_with_an_error_not_a_model_of_nan(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A learning rate far too high: the run went on to its last epoch writing NaN weights
+    (or failed in the assigner with torch's "all elements of input should be between 0 and
+    1"), where the recogniser's `shitu train` stops and says so."""
+    torch.set_num_threads(2)
+    coco = _write_coco(tmp_path, _write_images(tmp_path, 4, size=64))
+    command = ["detect-train", "--coco", str(coco), "--images", str(tmp_path), "--epochs", "5",
+               "--batch-size", "2", "--input-size", "64", "--train-sizes", "64", "--lr", "1e8",
+               "--out", str(tmp_path / "run"), "--no-progress"]  # fmt: skip
+    assert main(command) == 2
+    expected = (
+        r"error: the (network's outputs|loss) became .* at step \d+ \(epoch \d\): training di"
+    )
+    assert re.search(expected, capsys.readouterr().err)
+    assert not (tmp_path / "run" / "model.pt").exists()
+
+
 def test_a_resumed_detect_train_goes_on_in_the_folder_of_the_run_it_continues(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -675,6 +769,13 @@ def test_detect_train_evaluates_on_voc_data(
     (val / "img0.xml").write_text((val / "img0.xml").read_text().replace("red", "green"))
     assert main([*command, "--val-voc", str(val), "--out", str(tmp_path / "other")]) == 2
     assert f"error: --val-voc {val}: the classes ['green'] are not among the model's" in (
+        capsys.readouterr().err
+    )
+    (val / "img0.xml").write_text((val / "img0.xml").read_text().replace("green", "red"))
+    for xml in val.glob("*.xml"):  # every box difficult: nothing the evaluation counts
+        xml.write_text(xml.read_text().replace("<bndbox>", "<difficult>1</difficult><bndbox>"))
+    assert main([*command, "--val-voc", str(val), "--out", str(tmp_path / "other")]) == 2
+    assert f"error: --val-voc {val}: its 2 images hold no boxes to evaluate against" in (
         capsys.readouterr().err
     )
     assert main(command) == 2
@@ -840,6 +941,21 @@ def test_detection_data_is_clipped_counted_and_matched_by_class_name(
     path.write_text(json.dumps(data))
     assert sum(map(len, CocoDetection(path, tmp_path).boxes)) == len(data["annotations"]) - 1
     assert f"{path}: 1 of the 3 boxes lie wholly outside their image" in caplog.text
+    caplog.clear()
+    # A size written as text is read as its number; one that is not positive, as not given
+    # (the boxes are clipped when the image is read): it cut away every box of its image.
+    data["images"][0].update(width="64", height="64")
+    data["images"][1].update(width=-1, height=64)
+    path.write_text(json.dumps(data))
+    # (the second image's box right of 64 px kept: no size to cut it at)
+    assert [len(b) for b in CocoDetection(path, tmp_path).boxes] == [1, 2]
+    data["images"][0]["width"] = "wide"
+    path.write_text(json.dumps(data))
+    expected = r"\(image 1: its width 'wide' and height '64' are not both numbers\)$"
+    with pytest.raises(DataError, match=expected):
+        CocoDetection(path, tmp_path)
+    for image in data["images"]:
+        image["width"] = image["height"] = 64
     caplog.clear()
     data["annotations"][-1]["bbox"] = [10, 10, -5, 20]  # drawn right to left: no area
     path.write_text(json.dumps(data))

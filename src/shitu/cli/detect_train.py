@@ -189,10 +189,10 @@ def _train(args: argparse.Namespace, output: Path, continues: bool) -> int:
         agnostic = args.class_agnostic
         val = _dataset(args.val_coco, args.val_voc, args.val_images, agnostic, train=False)
         given = f"--val-coco {args.val_coco}" if args.val_coco else f"--val-voc {args.val_voc}"
-        if not any(len(boxes) for boxes in val.boxes):  # its mAP would be a meaningless 0
+        if all(hard.all() for hard in val.difficult):  # its mAP would be a meaningless 0
             raise ConfigError(
                 f"{given}: its {len(val)} images hold no boxes to evaluate against (none "
-                "annotated, or none inside their image)"
+                "annotated, none inside their image, or all difficult, which evaluation ignores)"
             )
         try:
             val.use_class_order(dataset.class_names)

@@ -4,7 +4,11 @@ each detection matched greedily in score order to the best-overlapping unmatched
 of its class). Crowd regions are ignored as pycocotools ignores them: a detection that
 matches no ground truth but lies in a crowd region of its class (its intersection with
 the region at least the IoU threshold times its own area) counts neither as right nor as
-wrong. Area ranges are not modelled.
+wrong. Pascal VOC's `difficult` boxes are ignored as the VOC protocol (and PaddleDetection's
+VOC metric) ignores them: they do not count towards recall, and a detection that matches no
+other ground truth but overlaps a difficult box of its class by the IoU threshold counts
+neither as right nor as wrong (however many detections do: VOC never counts a detection of
+a difficult object as a false positive). Area ranges are not modelled.
 """
 
 from __future__ import annotations
@@ -46,30 +50,48 @@ def evaluate_boxes(
     ground_truths: Sequence[tuple[np.ndarray, np.ndarray]],
     max_detections: int = 100,
     crowds: Sequence[tuple[np.ndarray, np.ndarray]] | None = None,
+    difficult: Sequence[np.ndarray] | None = None,
 ) -> dict[str, float]:
     """Per image detections [M, 6] (cls, score, x1, y1, x2, y2) and ground truth (boxes [K, 4],
-    labels [K]) -> {"mAP": AP@[.5:.95], "AP50": AP@.5}, averaged over classes with ground truth.
-    An image's `max_detections` best boxes of each class count (pycocotools' maxDets);
-    `crowds` gives each image's crowd regions (boxes, labels), where detections are ignored."""
+    labels [K]) -> {"mAP": AP@[.5:.95], "AP50": AP@.5}, averaged over classes with ground truth
+    that is not difficult. An image's `max_detections` best boxes of each class count
+    (pycocotools' maxDets); `crowds` gives each image's crowd regions (boxes, labels), where
+    detections are ignored; `difficult` each image's [K] mask of its difficult boxes."""
     crowds = crowds if crowds is not None else [(np.zeros((0, 4)), np.zeros(0))] * len(detections)
-    classes = sorted({int(c) for _, labels in ground_truths for c in labels})
+    if difficult is None:
+        difficult = [np.zeros(len(labels), bool) for _, labels in ground_truths]
+    classes = sorted(
+        {
+            int(c)
+            for (_, labels), hard in zip(ground_truths, difficult, strict=True)
+            for c in np.asarray(labels)[~np.asarray(hard, bool)]
+        }
+    )
     per_class = np.zeros((len(classes), len(IOU_THRESHOLDS)))
     for ci, cls in enumerate(classes):
         scores, outcomes = [], []
         num_gt = 0
-        for dets, (gt_boxes, gt_labels), (crowd_boxes, crowd_labels) in zip(
-            detections, ground_truths, crowds, strict=True
+        for dets, (gt_boxes, gt_labels), (crowd_boxes, crowd_labels), hard in zip(
+            detections, ground_truths, crowds, difficult, strict=True
         ):
             dets = np.asarray(dets, np.float64).reshape(-1, 6)
             dets = dets[dets[:, 0] == cls]  # then its best: pycocotools' maxDets is per class
             dets = dets[np.argsort(-dets[:, 1], kind="stable")][:max_detections]
-            gts = np.asarray(gt_boxes, np.float64).reshape(-1, 4)[np.asarray(gt_labels) == cls]
+            of_class = np.asarray(gt_labels) == cls
+            hard = np.asarray(hard, bool)
+            all_gts = np.asarray(gt_boxes, np.float64).reshape(-1, 4)
+            gts, hard_gts = all_gts[of_class & ~hard], all_gts[of_class & hard]
             regions = np.asarray(crowd_boxes, np.float64).reshape(-1, 4)
             regions = regions[np.asarray(crowd_labels) == cls]
             num_gt += len(gts)
             ious = box_iou(dets[:, 2:], gts)
-            in_crowd = _in_crowd(dets[:, 2:], regions).max(axis=1, initial=0.0)
-            # per detection and threshold: 1 right, 0 wrong, -1 ignored (in a crowd region)
+            # how far each detection overlaps what it may land on unpunished
+            excused = np.maximum(
+                _in_crowd(dets[:, 2:], regions).max(axis=1, initial=0.0),
+                box_iou(dets[:, 2:], hard_gts).max(axis=1, initial=0.0),
+            )
+            # per detection and threshold: 1 right, 0 wrong, -1 ignored (in a crowd region,
+            # or on a difficult box)
             outcome = np.zeros((len(dets), len(IOU_THRESHOLDS)))
             for ti, threshold in enumerate(IOU_THRESHOLDS):
                 free = np.ones(len(gts), bool)
@@ -79,7 +101,7 @@ def evaluate_boxes(
                         best = int(candidates.argmax())
                         free[best] = False
                         outcome[d, ti] = 1
-                    elif in_crowd[d] >= threshold:
+                    elif excused[d] >= threshold:
                         outcome[d, ti] = -1
             scores.append(dets[:, 1])
             outcomes.append(outcome)

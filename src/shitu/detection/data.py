@@ -2,8 +2,10 @@
 
 Samples are `(image, boxes, labels)`: a PIL RGB image, float32 [K, 4] boxes (x1, y1, x2, y2)
 in its pixels and int64 [K] class ids. COCO's crowd regions are kept apart (`crowds`), for
-evaluation to ignore the detections in them. Augmentations draw from Python's `random`, so the
-engine's per-sample seeding (`shitu.engine.seeding.SeededDataset`) makes them reproducible.
+evaluation to ignore the detections in them; Pascal VOC's `difficult` boxes are trained on, as
+PaddleDetection trains on them, and marked (`difficult`) for evaluation to ignore.
+Augmentations draw from Python's `random`, so the engine's per-sample seeding
+(`shitu.engine.seeding.SeededDataset`) makes them reproducible.
 Batches are resized to one square size (chosen per batch: multi-scale training) without
 keeping the aspect ratio, as PicoDet trains.
 """
@@ -49,10 +51,12 @@ class DetectionDataset:
         transform: Callable[[Sample], Sample] | None,
         crowds: list[tuple[np.ndarray, np.ndarray]] | None = None,
         source: str | Path = "the detection dataset",
+        difficult: list[np.ndarray] | None = None,
     ) -> None:
         """`crowds`: each image's crowd regions (boxes, labels), none where not given.
         `source`: the annotations' file or folder, which the errors name (a run reads a
-        training and a validation set)."""
+        training and a validation set). `difficult`: each image's [K] mask of the boxes
+        evaluation ignores (VOC's `difficult`), none where not given."""
         if not images:
             raise DataError(f"{source}: lists no images")
         if not class_names:
@@ -66,6 +70,9 @@ class DetectionDataset:
             class_names = FOREGROUND
         self.images, self.boxes, self.labels = images, boxes, labels
         self.crowds = crowds
+        self.difficult = (
+            difficult if difficult is not None else [np.zeros(len(lab), bool) for lab in labels]
+        )
         self.class_names = class_names
         self.transform = transform
 
@@ -223,10 +230,12 @@ class CocoDetection(DetectionDataset):
                 )
             categories = sorted(data["categories"], key=lambda c: c["id"])
             _refuse_repeated_ids("category", [c["id"] for c in categories])
+            _check_category_names(categories)
             cat_index = {c["id"]: i for i, c in enumerate(categories)}
             image_ids = [img["id"] for img in data["images"]]
             _refuse_repeated_ids("image", image_ids)
             files = {img["id"]: Path(image_root) / img["file_name"] for img in data["images"]}
+            sizes = [_recorded_size(img) for img in data["images"]]
             per_image: dict[int, list[tuple[list[float], int, bool]]] = {i: [] for i in image_ids}
             for ann in data["annotations"]:
                 bbox = ann["bbox"]
@@ -245,14 +254,19 @@ class CocoDetection(DetectionDataset):
                         raise ValueError(
                             f"annotation {ann.get('id')}: no {what} has its {key} {ann[key]!r}"
                         )
+                crowd = ann.get("iscrowd")
+                if crowd not in (None, 0, 1):  # "0", a string, would make every box a crowd
+                    raise ValueError(
+                        f"annotation {ann.get('id')}: its iscrowd {crowd!r} is not 0 or 1"
+                    )
                 per_image[ann["image_id"]].append(
-                    ([x, y, x + w, y + h], cat_index[ann["category_id"]], bool(ann.get("iscrowd")))
+                    ([x, y, x + w, y + h], cat_index[ann["category_id"]], bool(crowd))
                 )
         except KeyError as exc:
             raise DataError(f"{path} is not a valid COCO annotation file (no {exc} key)") from None
         except (ValueError, TypeError) as exc:
             raise DataError(f"{path} is not a valid COCO annotation file ({exc})") from None
-        boxes, labels, sizes, crowds = [], [], [], []
+        boxes, labels, crowds = [], [], []
         for image in data["images"]:
             objects = [(box, c) for box, c, crowd in per_image[image["id"]] if not crowd]
             regions = [(box, c) for box, c, crowd in per_image[image["id"]] if crowd]
@@ -260,8 +274,6 @@ class CocoDetection(DetectionDataset):
             boxes.append(image_boxes)
             labels.append(image_labels)
             crowds.append(_box_arrays(regions))
-            width, height = image.get("width"), image.get("height")  # optional in COCO files
-            sizes.append((width, height) if width and height else None)
         boxes, labels = _without_empty_boxes(path, boxes, labels)
         boxes, labels = _clip_to_recorded_sizes(path, boxes, labels, sizes)
         super().__init__(
@@ -276,6 +288,20 @@ class CocoDetection(DetectionDataset):
         )
 
 
+def _recorded_size(image: dict) -> tuple[float, float] | None:
+    """A COCO image's (width, height), numbers or numeric strings; None where it records
+    none (they are optional) or one that is not positive, as a VOC file's <size>: its boxes
+    are clipped to the image when it is read instead."""
+    try:
+        width, height = (float(image.get(key) or 0) for key in ("width", "height"))
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"image {image.get('id')!r}: its width {image.get('width')!r} and height "
+            f"{image.get('height')!r} are not both numbers"
+        ) from None
+    return (width, height) if width > 0 and height > 0 else None
+
+
 def _refuse_repeated_ids(what: str, ids: list) -> None:
     """A ValueError for an id listed twice: annotations name images and categories by id, so
     the boxes of one image would land on the other's file (or one class's on another's)."""
@@ -286,6 +312,23 @@ def _refuse_repeated_ids(what: str, ids: list) -> None:
         seen.add(item_id)
 
 
+def _check_category_names(categories: list[dict]) -> None:
+    """A ValueError for a category name that is not text, or is empty, and for two
+    categories of one name: classes are known by name (the model's class names, a validation
+    set's classes matched to them), so the second would silently be taken for the first."""
+    first_id: dict = {}
+    for category in categories:
+        name = category["name"]
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"category {category['id']!r}: its name {name!r} is not a name")
+        if name in first_id:
+            raise ValueError(
+                f"the categories {first_id[name]!r} and {category['id']!r} are both named "
+                f"{name!r}; category names must be unique (merge them, or rename one)"
+            )
+        first_id[name] = category["id"]
+
+
 class VocDetection(DetectionDataset):
     """Pascal VOC: one XML per image in `annotation_dir`, images in `image_dir` by <filename>;
     or `annotation_dir` a list file of `image xml` lines, both paths relative to
@@ -293,7 +336,8 @@ class VocDetection(DetectionDataset):
     Annotations folder), each line's image taken as given.
 
     Class ids follow `class_names` (default: the sorted names found); `difficult` boxes
-    are kept, as PaddleDetection does by default.
+    are trained on, as PaddleDetection trains on them, and marked in `difficult` for the
+    evaluation to ignore, as VOC's protocol does.
     """
 
     def __init__(
@@ -304,6 +348,9 @@ class VocDetection(DetectionDataset):
         class_agnostic: bool = False,
         transform: Callable[[Sample], Sample] | None = None,
     ) -> None:
+        repeated = sorted({n for n in class_names or () if list(class_names).count(n) > 1})
+        if repeated:  # the boxes of each would all be given the last one's id
+            raise DataError(f"class_names: {repeated} are listed more than once")
         if not Path(annotation_dir).exists():  # a mistyped list, not a folder without XML
             raise DataError(
                 f"VOC annotations {annotation_dir}: no such folder or list file"
@@ -317,19 +364,27 @@ class VocDetection(DetectionDataset):
                 raise DataError(f"no VOC annotation files (*.xml) in {annotation_dir}")
         xml_files = [xml for _, xml in listed]
         parsed = [self._parse(path, image is None) for image, path in listed]
-        names = tuple(class_names or sorted({n for _, objs, _ in parsed for n, _ in objs}))
+        names = tuple(class_names or sorted({n for _, objs, _ in parsed for n, _, _ in objs}))
         index = {name: i for i, name in enumerate(names)}
-        boxes, labels = [], []
+        boxes, positions, class_ids, hard = [], [], [], []
         for path, (_, objects, _) in zip(xml_files, parsed, strict=True):
-            unknown = {n for n, _ in objects} - set(index)
+            unknown = {n for n, _, _ in objects} - set(index)
             if unknown:
                 raise DataError(f"{path}: classes {sorted(unknown)} are not in class_names")
-            image_boxes, image_labels = _box_arrays([(b, index[n]) for n, b in objects])
+            # Each box's position in its file goes through the filters below in place of its
+            # label, so that its class and difficult flag follow the boxes they keep.
+            image_boxes, image_positions = _box_arrays(
+                [(b, i) for i, (_, b, _) in enumerate(objects)]
+            )
             boxes.append(image_boxes)
-            labels.append(image_labels)
+            positions.append(image_positions)
+            class_ids.append(np.array([index[n] for n, _, _ in objects], np.int64))
+            hard.append(np.array([d for _, _, d in objects], bool))
         sizes = [size for _, _, size in parsed]
-        boxes, labels = _without_empty_boxes(annotation_dir, boxes, labels)
-        boxes, labels = _clip_to_recorded_sizes(annotation_dir, boxes, labels, sizes)
+        boxes, positions = _without_empty_boxes(annotation_dir, boxes, positions)
+        boxes, positions = _clip_to_recorded_sizes(annotation_dir, boxes, positions, sizes)
+        labels = [ids[kept] for ids, kept in zip(class_ids, positions, strict=True)]
+        difficult = [flags[kept] for flags, kept in zip(hard, positions, strict=True)]
         super().__init__(
             [
                 image or Path(image_dir) / filename
@@ -341,13 +396,14 @@ class VocDetection(DetectionDataset):
             class_agnostic,
             transform,
             source=annotation_dir,
+            difficult=difficult,
         )
 
     @staticmethod
     def _parse(
         path: Path, needs_filename: bool = True
-    ) -> tuple[str, list[tuple[str, list[float]]], tuple[float, float] | None]:
-        """(file name, [(class name, box)], (width, height) if the XML records it);
+    ) -> tuple[str, list[tuple[str, list[float], bool]], tuple[float, float] | None]:
+        """(file name, [(class name, box, difficult)], (width, height) if the XML records it);
         `needs_filename`: the image is found by its <filename> (not given by a list)."""
         try:
             root = ET.fromstring(_read(path, "VOC annotation file"))
@@ -363,7 +419,13 @@ class VocDetection(DetectionDataset):
                         f"object {number} needs a <name> and a <bndbox> with <xmin>, <ymin>, "
                         "<xmax> and <ymax>"
                     )
-                objects.append((name, [float(value) for value in corners]))
+                difficult = (obj.findtext("difficult") or "0").strip()
+                if difficult not in ("0", "1"):  # read as 1 by one tool and 0 by another
+                    raise ValueError(f"object {number}: <difficult> is 0 or 1, not {difficult!r}")
+                box = [float(value) for value in corners]
+                if not math.isfinite(sum(box)):  # NaN: "no area"; inf: a box that never matches
+                    raise ValueError(f"object {number}: its <bndbox> {box} is not finite")
+                objects.append((name, box, difficult == "1"))
             width, height = (float(root.findtext(f"size/{k}") or 0) for k in ("width", "height"))
         except (ET.ParseError, ValueError, TypeError) as exc:
             raise DataError(f"{path} is not a valid VOC annotation file ({exc})") from None

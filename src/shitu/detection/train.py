@@ -45,6 +45,7 @@ from shitu.engine.seeding import (
     seed_everything,
 )
 from shitu.engine.state import LATEST, SUFFIX, Progress, load_training_state, save_training_state
+from shitu.engine.trainer import TrainingDiverged
 from shitu.errors import CheckpointError, ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -162,8 +163,9 @@ def evaluate_detector(
     nms_top_k: int = 200,
     progress: bool = False,
 ) -> dict[str, float]:
-    """COCO mAP of `model` on `dataset`'s images (un-augmented) at input `size`; `progress`
-    draws a bar on stderr (a COCO-sized set takes minutes).
+    """COCO mAP of `model` on `dataset`'s images (un-augmented) at input `size`, its crowd
+    regions and difficult boxes ignored; `progress` draws a bar on stderr (a COCO-sized set
+    takes minutes).
 
     Keeps the `nms_top_k` best boxes per class before NMS (greedy NMS costs grow with
     the cube of the candidates, and an untrained model scores everything alike).
@@ -186,7 +188,7 @@ def evaluate_detector(
             )
         )
         truths.append(dataset.targets(index))
-    return evaluate_boxes(detections, truths, crowds=dataset.crowds)
+    return evaluate_boxes(detections, truths, crowds=dataset.crowds, difficult=dataset.difficult)
 
 
 class DetectionTrainer:
@@ -255,8 +257,14 @@ class DetectionTrainer:
         set_learning_rate(self.optimizer, lr)
         self.model.train()
         cls_logits, reg_dists = self.model(images)
+        if not all(torch.isfinite(output).all() for output in [*cls_logits, *reg_dists]):
+            # checked before the loss, whose assigner fails on NaN scores with torch's "all
+            # elements of input should be between 0 and 1"
+            raise self._diverged("the network's outputs became NaN or infinite")
         arch = self.model.arch
         losses = picodet_loss(cls_logits, reg_dists, targets, list(arch.strides), arch.cell_offset)
+        if not torch.isfinite(losses["loss"]):
+            raise self._diverged(f"the loss became {float(losses['loss'].detach())}")
         self.optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         self.optimizer.step()
@@ -265,6 +273,16 @@ class DetectionTrainer:
         record = {k: float(v.detach()) for k, v in losses.items()} | {"lr": lr, "step": step}
         self.history.append(record)
         return record
+
+    def _diverged(self, what: str) -> TrainingDiverged:
+        """The error of a step that diverged, raised before its backward: the run would
+        otherwise go on for every epoch left, writing checkpoints and a model of NaN
+        weights that find nothing."""
+        return TrainingDiverged(
+            f"{what} at step {self.progress.global_step + 1} (epoch {self.progress.epoch + 1}): "
+            f"training diverged; train again with a learning rate below "
+            f"{self.config.learning_rate:g} (detect-train's --lr)"
+        )
 
     # Settings a resumed run must share with the run it continues: the data order and the
     # batches depend on them (epochs may grow, to train longer).
