@@ -253,20 +253,21 @@ def test_add_rename_remove_and_rebuild(serving_library, server, client):
     listed = client.get("/v1/gallery/labels/Snacks%2FMyst%C3%A8re%202").json()
     assert [image["id"] for image in listed["images"]] == [new_id]
 
-    # as `shitu index relabel` without --merge: asked not to merge, the labels stay apart
-    kept_apart = client.patch(
-        "/v1/gallery/labels/Snacks/Mystère 2",
-        json={"label": true_label, "merge": False},
-        headers=WRITE,
-    )
-    assert kept_apart.status_code == 409
-    assert kept_apart.json()["detail"] == (
-        f"label '{true_label}' already has images: renaming 'Snacks/Mystère 2' onto it would "
-        "merge the two (send merge: true to merge them)"
-    )
-    assert client.get("/v1/gallery/labels/Snacks/Mystère 2").json()["count"] == 1
+    # as `shitu index relabel` without --merge: not asked to merge, the labels stay apart
+    for not_asked in ({"label": true_label}, {"label": true_label, "merge": False}):
+        kept_apart = client.patch(
+            "/v1/gallery/labels/Snacks/Mystère 2", json=not_asked, headers=WRITE
+        )
+        assert kept_apart.status_code == 409
+        assert kept_apart.json()["detail"] == (
+            f"label '{true_label}' already has images: renaming 'Snacks/Mystère 2' onto it "
+            "would merge the two (send merge: true to merge them)"
+        )
+        assert client.get("/v1/gallery/labels/Snacks/Mystère 2").json()["count"] == 1
     merged = client.patch(
-        "/v1/gallery/labels/Snacks/Mystère 2", json={"label": true_label}, headers=WRITE
+        "/v1/gallery/labels/Snacks/Mystère 2",
+        json={"label": true_label, "merge": True},
+        headers=WRITE,
     )
     assert merged.status_code == 200
     assert client.get(f"/v1/gallery/labels/{true_label}").json()["count"] == 4
