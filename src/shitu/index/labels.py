@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from numbers import Integral
 from pathlib import Path
@@ -53,6 +53,19 @@ def check_label(label: str) -> str:
             f"the label {label!r} must not contain tabs, line breaks or other control characters"
         )
     return label
+
+
+def collected_from(images: Iterable[tuple[str, str]]) -> set[Path]:
+    """The folders that gallery images, (path, label) pairs, were most likely collected
+    from, which a later `shitu index add` or build of the same folder scans again: the
+    folder above the nearest one named after an image's label (the root of a
+    folder-per-label tree; of a tree grouped by category, the category's folder), else the
+    folder the image is in (images given one label, or listed in a label file)."""
+    folders = set()
+    for parent, label in {(Path(path).parent, label) for path, label in images if path}:
+        named = next((f for f in (parent, *parent.parents) if normal_form(f.name) == label), None)
+        folders.add(parent if named is None else named.parent)
+    return folders
 
 
 def parse_label_file(path: Path) -> list[GalleryItem]:
