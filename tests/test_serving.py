@@ -426,6 +426,16 @@ def test_bad_uploads_get_clear_errors(serving_library, client):
             400,
             "unexpected field 'lable': the form takes 'image', 'label'",
         ),
+        # read as Latin-1: a GBK label was stored garbled ("¿ÉÀÖ" for "可乐")
+        "label encoding": (
+            client.post(
+                "/v1/gallery/images",
+                files={"label": (None, "可乐".encode("gbk")), "image": photo(good)},
+                headers=WRITE,
+            ),
+            400,
+            "field 'label' is not UTF-8 text: send text fields as UTF-8",
+        ),
         "text image": (
             client.post("/v1/recognize", files={"image": (None, "abc")}),
             400,
