@@ -12,7 +12,7 @@ import sys
 import threading
 import traceback
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, TextIO
 
 from shitu import __version__
 from shitu.cli import (
@@ -66,6 +66,15 @@ class _SuggestingParser(argparse.ArgumentParser):
             if not hint:
                 raise
             raise argparse.ArgumentError(action, f"{exc.message}{hint}") from None
+
+    def _print_message(self, message: str, file: TextIO | None = None) -> None:
+        """Help and version text as argparse writes it, but a failed write to stdout is
+        raised (`main` says so), not dropped: `shitu index build --help > /dev/full`, whose
+        text outgrows stdout's buffer, exited 0, having written nothing."""
+        if message and file is sys.stdout:
+            file.write(message)
+        else:
+            super()._print_message(message, file)
 
 
 def build_parser() -> argparse.ArgumentParser:
