@@ -224,12 +224,15 @@ class _StdoutFile(io.FileIO):
 def _naming_itself(stdout: Any) -> Any:
     """The process's stdout (`stdout` where it is that) as a stream that, as it fails to
     write mid-command, raises StdoutWriteError: with its encoding, error handling and
-    buffering. Another stream (one a caller or a test put there) is returned as it is."""
+    buffering. Another stream (one a caller or a test put there, or Windows' console,
+    which is no file) is returned as it is."""
     if stdout is not sys.__stdout__ or not isinstance(stdout, io.TextIOWrapper):
+        return stdout
+    unbuffered = not isinstance(stdout.buffer, io.BufferedWriter)  # python -u
+    if type(stdout.buffer if unbuffered else stdout.buffer.raw) is not io.FileIO:
         return stdout
     stdout.flush()
     raw = _StdoutFile(stdout.fileno(), "w", closefd=False)
-    unbuffered = not isinstance(stdout.buffer, io.BufferedWriter)  # python -u
     return io.TextIOWrapper(
         raw if unbuffered else io.BufferedWriter(raw),
         encoding=stdout.encoding,
