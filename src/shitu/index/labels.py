@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -74,7 +75,8 @@ def parse_label_file(path: Path) -> list[GalleryItem]:
     Labels may contain spaces (not tabs); columns after the label are ignored, as PaddleClas
     does; blank and `#` lines are skipped. A relative path that is missing beside the file
     but present from the working directory is refused with that said: every image of such
-    a list would otherwise fail one by one.
+    a list would otherwise fail one by one. A path written with Windows' separators
+    (`images\\apple.jpg`, as a list made on Windows has them) is found on other systems too.
     """
     try:
         text = read_text(path)
@@ -101,7 +103,7 @@ def parse_label_file(path: Path) -> list[GalleryItem]:
         except BadLabelError as exc:
             raise DataError(f"{path}:{number}: {exc}") from None
         image = image.strip()
-        full = (path.parent / image).resolve()
+        full = _listed_path(path.parent, image)
         if not full.exists() and Path(image).exists():
             raise DataError(
                 f"{path}:{number}: {image} is not in {path.parent.resolve()} but is in the "
@@ -110,6 +112,19 @@ def parse_label_file(path: Path) -> list[GalleryItem]:
             )
         items.append(GalleryItem(full, label))
     return items
+
+
+def _listed_path(folder: Path, image: str) -> Path:
+    """The file a label file in `folder` lists as `image`: on a system whose separator is
+    '/', a path with backslashes that names no file is read with '/' in their place where
+    that names one (a backslash may be part of a file name there, so the path as written
+    comes first)."""
+    full = (folder / image).resolve()
+    if "\\" in image and os.sep == "/" and not full.exists():
+        posix = (folder / image.replace("\\", "/")).resolve()
+        if posix.exists():
+            return posix
+    return full
 
 
 def scan_label_folders(
