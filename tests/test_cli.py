@@ -696,17 +696,30 @@ def test_output_left_for_the_exit_flush_to_a_closed_pipe_is_dropped_quietly(what
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full")
-@pytest.mark.parametrize("what", ["index list", "--version"])
+@pytest.mark.parametrize("what", ["index list", "--version", "--help", "recognize"])
 def test_output_the_file_cannot_take_is_a_one_line_error(what, serving_library):
     """`shitu ... > out.txt` on a full disk: block-buffered output fails at the flush at
-    exit, which gave a traceback (and `--version` status 0)."""
-    args = ["index", "list", str(serving_library.gallery)] if what == "index list" else [what]
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
-    with open("/dev/full", "w") as full:
-        result = subprocess.run([*SHITU, *args], stdout=full, stderr=subprocess.PIPE, text=True,
-                                env=env)  # fmt: skip
-    assert result.returncode == 2
-    assert result.stderr == "error: cannot write to stdout: No space left on device\n"
+    exit, which gave a traceback (and `--version` status 0); help written unbuffered
+    (PYTHONUNBUFFERED, as container images often set it) failed unsaid, status 0; output
+    flushed as it comes (recognize's lines) failed mid-command with an error that did not
+    say it was stdout's."""
+    args = {
+        "index list": ["index", "list", str(serving_library.gallery)],
+        "--version": ["--version"],
+        "--help": ["index", "build", "--help"],
+        "recognize": [
+            "recognize", str(serving_library.gallery_items()[0][0]), "--no-progress",
+            "--gallery", str(serving_library.gallery), "--model", str(serving_library.model),
+        ],
+    }[what]  # fmt: skip
+    for unbuffered in ("", "1"):
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+        env["PYTHONUNBUFFERED"] = unbuffered
+        with open("/dev/full", "w") as full:
+            result = subprocess.run([*SHITU, *args], stdout=full, stderr=subprocess.PIPE,
+                                    text=True, env=env)  # fmt: skip
+        assert result.returncode == 2, unbuffered
+        assert result.stderr == "error: cannot write to stdout: No space left on device\n"
 
 
 def test_a_command_started_with_stdout_closed_says_so_in_one_line(tmp_path):

@@ -60,6 +60,23 @@ def test_label_file_keeps_spaces_and_resolves_relative_paths(tmp_path):
     assert items[0].path == (tmp_path / "imgs" / "a.jpg").resolve()
 
 
+@pytest.mark.skipif(os.sep != "/", reason="Windows reads backslashes as separators itself")
+def test_label_file_written_on_windows_finds_its_images(tmp_path):
+    """PaddleClas lists made on Windows separate folders with backslashes: on Linux every
+    image of such a list failed as missing."""
+    (tmp_path / "imgs" / "fruit").mkdir(parents=True)
+    (tmp_path / "imgs" / "fruit" / "a.jpg").touch()
+    (tmp_path / "odd\\name.jpg").touch()  # a backslash in a file name: found as written
+    listing = tmp_path / "gallery.txt"
+    listing.write_text("imgs\\fruit\\a.jpg\tApple\nodd\\name.jpg\tOdd\nimgs\\none.jpg\tNone\n")
+    items = parse_label_file(listing)
+    assert [item.path for item in items] == [
+        (tmp_path / "imgs" / "fruit" / "a.jpg").resolve(),
+        (tmp_path / "odd\\name.jpg").resolve(),
+        (tmp_path / "imgs\\none.jpg").resolve(),  # missing either way: reported as written
+    ]
+
+
 def test_label_file_without_tab_is_a_data_error(tmp_path):
     listing = tmp_path / "gallery.txt"
     listing.write_text("imgs/a.jpg Coca Cola\n")

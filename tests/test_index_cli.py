@@ -246,6 +246,25 @@ def test_build_refuses_an_existing_library_and_bad_lists(models, tmp_path):
         assert ignored.returncode == 2 and expected in ignored.stderr
 
 
+def test_build_refuses_a_library_inside_the_folder_it_is_built_from(models, tmp_path):
+    """A library inside its gallery folder keeps the images `shitu serve` adds (in its
+    uploads folder), which the next build of that folder took for photos of a label named
+    after the library."""
+    photos = tmp_path / "photos"
+    make_images(photos / "Kiwi", 1)
+    for out, how in ((photos / "lib", ()), (photos / "Kiwi" / "lib", ("--label", "Kiwi"))):
+        inside = shitu("index", "build", photos, "--out", out, "--model", models[128], *how)
+        assert inside.returncode == 2
+        assert inside.stderr == (
+            f"error: --out {out}: is inside the gallery folder {photos}, whose next scan "
+            "(`shitu index add`, a build) would take the images the library keeps (those "
+            "added over HTTP) for gallery photos: choose a folder outside it\n"
+        )
+        assert not out.exists()
+    beside = shitu("index", "build", photos, "--out", tmp_path / "lib", "--model", models[128])
+    assert beside.returncode == 0, beside.stderr
+
+
 def test_a_single_unlabelled_image_is_told_a_build_option_that_works(
     models, gallery_list, tmp_path
 ):

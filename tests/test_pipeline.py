@@ -818,6 +818,33 @@ def test_save_vis_refuses_the_folder_of_the_input_photos(setup, grocery, tmp_pat
     assert photo.read_bytes() == original and (inside / "photo.jpg").is_file()
 
 
+def test_save_vis_refuses_a_folder_the_gallery_images_came_from(setup, tmp_path, capsys):
+    """Annotated copies written inside the folder-per-label tree a gallery was built from
+    were taken for gallery photos (of a label named after the --save-vis folder) by the
+    next `shitu index add` of that tree."""
+    products = tmp_path / "products"
+    for item in setup["queries"][:4]:
+        (products / item.label).mkdir(parents=True, exist_ok=True)
+        shutil.copy(item.path, products / item.label)
+    library, model = tmp_path / "library", str(setup["model"])
+    build = ["index", "build", str(products), "--out", str(library), "--model", model]
+    assert shitu_main([*build, "--no-progress"]) == 0
+    photo = str(setup["queries"][5].path)
+    common = ["recognize", photo, "--gallery", str(library), "--model", model, "--no-progress"]
+    capsys.readouterr()
+    for vis in (products / "vis", products / setup["queries"][0].label / "vis"):
+        assert shitu_main([*common, "--save-vis", str(vis)]) == 2
+        assert capsys.readouterr().err == (
+            f"error: --save-vis {vis}: is inside {products.resolve()}, which the gallery's "
+            "images came from, where adding that folder to the gallery again (`shitu index "
+            "add`) would take the annotated copies for gallery photos: choose a folder outside "
+            "it\n"
+        )
+        assert not vis.exists()
+    assert shitu_main([*common, "--save-vis", str(tmp_path / "vis")]) == 0
+    assert (tmp_path / "vis" / Path(photo).name).is_file()
+
+
 def test_save_vis_refuses_a_gallery_library_or_an_exported_model(setup, tmp_path, capsys):
     """--save-vis given the library or the model folder beside it on the command line (a
     slip of the shell's completion) wrote the annotated JPEGs among their files."""

@@ -253,20 +253,21 @@ def test_add_rename_remove_and_rebuild(serving_library, server, client):
     listed = client.get("/v1/gallery/labels/Snacks%2FMyst%C3%A8re%202").json()
     assert [image["id"] for image in listed["images"]] == [new_id]
 
-    # as `shitu index relabel` without --merge: asked not to merge, the labels stay apart
-    kept_apart = client.patch(
-        "/v1/gallery/labels/Snacks/Mystère 2",
-        json={"label": true_label, "merge": False},
-        headers=WRITE,
-    )
-    assert kept_apart.status_code == 409
-    assert kept_apart.json()["detail"] == (
-        f"label '{true_label}' already has images: renaming 'Snacks/Mystère 2' onto it would "
-        "merge the two (send merge: true to merge them)"
-    )
-    assert client.get("/v1/gallery/labels/Snacks/Mystère 2").json()["count"] == 1
+    # as `shitu index relabel` without --merge: not asked to merge, the labels stay apart
+    for not_asked in ({"label": true_label}, {"label": true_label, "merge": False}):
+        kept_apart = client.patch(
+            "/v1/gallery/labels/Snacks/Mystère 2", json=not_asked, headers=WRITE
+        )
+        assert kept_apart.status_code == 409
+        assert kept_apart.json()["detail"] == (
+            f"label '{true_label}' already has images: renaming 'Snacks/Mystère 2' onto it "
+            "would merge the two (send merge: true to merge them)"
+        )
+        assert client.get("/v1/gallery/labels/Snacks/Mystère 2").json()["count"] == 1
     merged = client.patch(
-        "/v1/gallery/labels/Snacks/Mystère 2", json={"label": true_label}, headers=WRITE
+        "/v1/gallery/labels/Snacks/Mystère 2",
+        json={"label": true_label, "merge": True},
+        headers=WRITE,
     )
     assert merged.status_code == 200
     assert client.get(f"/v1/gallery/labels/{true_label}").json()["count"] == 4
@@ -450,6 +451,16 @@ def test_bad_uploads_get_clear_errors(serving_library, client):
             ),
             400,
             "unexpected field 'lable': the form takes 'image', 'label'",
+        ),
+        # read as Latin-1: a GBK label was stored garbled ("¿ÉÀÖ" for "可乐")
+        "label encoding": (
+            client.post(
+                "/v1/gallery/images",
+                files={"label": (None, "可乐".encode("gbk")), "image": photo(good)},
+                headers=WRITE,
+            ),
+            400,
+            "field 'label' is not UTF-8 text: send text fields as UTF-8",
         ),
         "text image": (
             client.post("/v1/recognize", files={"image": (None, "abc")}),

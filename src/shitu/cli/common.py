@@ -376,9 +376,10 @@ def add_visualisation_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def visualisation_writer(
-    args: argparse.Namespace, inputs: Iterable[Path]
+    args: argparse.Namespace, inputs: Iterable[Path], gallery: Gallery | None = None
 ) -> VisualisationWriter | None:
-    """The writer that --save-vis and --vis-font ask for, None without --save-vis."""
+    """The writer that --save-vis and --vis-font ask for, None without --save-vis; with
+    the `gallery` searched, the folders its images came from are refused."""
     if args.vis_font_index is not None and args.vis_font is None:
         raise DataError(f"--vis-font-index {args.vis_font_index}: only used with --vis-font FILE")
     if args.save_vis is None:
@@ -387,7 +388,12 @@ def visualisation_writer(
         return None
     scanned = [Path(source) for source in args.images if Path(source).is_dir()]
     font_index = args.vis_font_index or 0
-    return VisualisationWriter(args.save_vis, inputs, args.vis_font, scanned, font_index)
+    sources: set[Path] = set()
+    if gallery is not None:
+        from shitu.index.labels import collected_from
+
+        sources = collected_from((entry.path, entry.label) for entry in gallery.entries())
+    return VisualisationWriter(args.save_vis, inputs, args.vis_font, scanned, font_index, sources)
 
 
 class VisualisationWriter:
@@ -403,6 +409,7 @@ class VisualisationWriter:
         font: Path | None = None,
         scanned: Iterable[Path] = (),
         font_index: int = 0,
+        gallery_sources: Iterable[Path] = (),
     ) -> None:
         """`inputs`: the images to annotate (others are named by their file name alone). A
         folder that a copy would be written to holding one of them is refused: the copies,
@@ -410,7 +417,10 @@ class VisualisationWriter:
         folders, searched recursively for images; the folder may not be inside one, where
         the next run would take the copies for photos. `font`: the captions' font file
         (default: see CaptionFonts), `font_index` its face in a collection (.ttc). A gallery
-        library's or an exported model's folder is refused: the copies are no part of it."""
+        library's or an exported model's folder is refused: the copies are no part of it.
+        `gallery_sources`: the folders the searched gallery's images came from (see
+        `collected_from`); the folder may not be inside one, where adding that folder to
+        the gallery again would take the copies for gallery photos."""
         from shitu.index.gallery import LIBRARY_FILE
         from shitu.inference.manifest import MANIFEST
         from shitu.pipeline import CaptionFonts
@@ -445,6 +455,13 @@ class VisualisationWriter:
             raise DataError(
                 f"--save-vis {folder}: is inside the input folder {source}, where the next "
                 "run would take the annotated copies for photos: choose a folder outside it"
+            )
+        source = next((s for s in gallery_sources if here.is_relative_to(s)), None)
+        if source is not None:
+            raise DataError(
+                f"--save-vis {folder}: is inside {source}, which the gallery's images came "
+                "from, where adding that folder to the gallery again (`shitu index add`) would "
+                "take the annotated copies for gallery photos: choose a folder outside it"
             )
         try:
             folder.mkdir(parents=True, exist_ok=True)

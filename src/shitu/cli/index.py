@@ -379,6 +379,7 @@ def run_build(args: argparse.Namespace) -> int:
         library = (args.out / LIBRARY_FILE).is_file()  # else `index add` would refuse it too
         add = f" or add to it with `shitu index add {args.out} ...`" if library else ""
         raise GalleryError(f"{args.out}: already exists; choose a new --out{add}")
+    _refuse_out_inside_a_source(args.out, sources)
     check_writable(args.out.parent, f"--out {args.out}")
     items = collect_items(sources, label=args.label, leaf_labels=args.leaf_labels)
     model = _load_model(args)
@@ -404,6 +405,21 @@ def run_build(args: argparse.Namespace) -> int:
     with Catalog(args.out) as catalog:
         _report(report, args.out, catalog.stats())
     return 0
+
+
+def _refuse_out_inside_a_source(out: Path, sources: list[Path]) -> None:
+    """A library is no part of the folders of images it is built from: inside one, it
+    keeps the images `shitu serve` adds (in its `uploads` folder), which the next build or
+    add of that folder would take for gallery photos of a label named after the library's
+    folder (and its other files are warned of as skipped in each scan)."""
+    here = out.resolve()
+    source = next((s for s in sources if s.is_dir() and here.is_relative_to(s.resolve())), None)
+    if source is not None:
+        raise GalleryError(
+            f"--out {out}: is inside the gallery folder {source}, whose next scan (`shitu "
+            "index add`, a build) would take the images the library keeps (those added "
+            "over HTTP) for gallery photos: choose a folder outside it"
+        )
 
 
 def run_add(args: argparse.Namespace) -> int:

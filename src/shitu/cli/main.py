@@ -12,7 +12,7 @@ import sys
 import threading
 import traceback
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, TextIO
 
 from shitu import __version__
 from shitu.cli import (
@@ -66,6 +66,15 @@ class _SuggestingParser(argparse.ArgumentParser):
             if not hint:
                 raise
             raise argparse.ArgumentError(action, f"{exc.message}{hint}") from None
+
+    def _print_message(self, message: str, file: TextIO | None = None) -> None:
+        """Help and version text as argparse writes it, but a failed write to stdout is
+        raised (`main` says so), not dropped: `shitu index build --help > /dev/full`, whose
+        text outgrows stdout's buffer, exited 0, having written nothing."""
+        if message and file is sys.stdout:
+            file.write(message)
+        else:
+            super()._print_message(message, file)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -173,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     _write_file_names_as_they_are()
+    given = sys.stdout
+    sys.stdout = _naming_itself(given)
     status: int | None = None
     try:
         try:
@@ -188,6 +199,47 @@ def main(argv: list[str] | None = None) -> int:
         if status != 2:  # a command that failed has said why (most often this very write)
             print(f"error: cannot write to stdout: {exc.strerror or exc}", file=sys.stderr)
         return 2
+    finally:
+        sys.stdout = given
+
+
+class StdoutWriteError(OSError):
+    """A write to stdout that failed other than by its reader going away (the file it goes
+    to on a full disk): an OSError of a write names no file, so without this the error
+    read as if any file had failed."""
+
+
+class _StdoutFile(io.FileIO):
+    """Stdout's file descriptor, whose failed writes raise StdoutWriteError."""
+
+    def write(self, data: Any) -> int | None:
+        try:
+            return super().write(data)
+        except BrokenPipeError:
+            raise  # `main` ends quietly
+        except OSError as exc:
+            raise StdoutWriteError(exc.errno, exc.strerror) from None
+
+
+def _naming_itself(stdout: Any) -> Any:
+    """The process's stdout (`stdout` where it is that) as a stream that, as it fails to
+    write mid-command, raises StdoutWriteError: with its encoding, error handling and
+    buffering. Another stream (one a caller or a test put there, or Windows' console,
+    which is no file) is returned as it is."""
+    if stdout is not sys.__stdout__ or not isinstance(stdout, io.TextIOWrapper):
+        return stdout
+    unbuffered = not isinstance(stdout.buffer, io.BufferedWriter)  # python -u
+    if type(stdout.buffer if unbuffered else stdout.buffer.raw) is not io.FileIO:
+        return stdout
+    stdout.flush()
+    raw = _StdoutFile(stdout.fileno(), "w", closefd=False)
+    return io.TextIOWrapper(
+        raw if unbuffered else io.BufferedWriter(raw),
+        encoding=stdout.encoding,
+        errors=stdout.errors,
+        line_buffering=stdout.line_buffering,
+        write_through=stdout.write_through,
+    )
 
 
 def _write_file_names_as_they_are() -> None:
@@ -287,6 +339,8 @@ def _quiet_opencv() -> None:
 def _user_message(exc: ShituError | OSError) -> str:
     """The message of `exc` as raised (see `raised_message`). An OSError names its file
     first."""
+    if isinstance(exc, StdoutWriteError):
+        return f"cannot write to stdout: {exc.strerror or exc}"
     if isinstance(exc, OSError) and exc.strerror and exc.filename is not None:
         return f"{exc.filename}: {exc.strerror}"
     return raised_message(exc)

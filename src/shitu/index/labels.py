@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from numbers import Integral
 from pathlib import Path
@@ -55,13 +56,27 @@ def check_label(label: str) -> str:
     return label
 
 
+def collected_from(images: Iterable[tuple[str, str]]) -> set[Path]:
+    """The folders that gallery images, (path, label) pairs, were most likely collected
+    from, which a later `shitu index add` or build of the same folder scans again: the
+    folder above the nearest one named after an image's label (the root of a
+    folder-per-label tree; of a tree grouped by category, the category's folder), else the
+    folder the image is in (images given one label, or listed in a label file)."""
+    folders = set()
+    for parent, label in {(Path(path).parent, label) for path, label in images if path}:
+        named = next((f for f in (parent, *parent.parents) if normal_form(f.name) == label), None)
+        folders.add(parent if named is None else named.parent)
+    return folders
+
+
 def parse_label_file(path: Path) -> list[GalleryItem]:
     """PP-ShiTu gallery list: `path<TAB>label` per line, paths relative to the file's folder.
 
     Labels may contain spaces (not tabs); columns after the label are ignored, as PaddleClas
     does; blank and `#` lines are skipped. A relative path that is missing beside the file
     but present from the working directory is refused with that said: every image of such
-    a list would otherwise fail one by one.
+    a list would otherwise fail one by one. A path written with Windows' separators
+    (`images\\apple.jpg`, as a list made on Windows has them) is found on other systems too.
     """
     try:
         text = read_text(path)
@@ -88,7 +103,7 @@ def parse_label_file(path: Path) -> list[GalleryItem]:
         except BadLabelError as exc:
             raise DataError(f"{path}:{number}: {exc}") from None
         image = image.strip()
-        full = (path.parent / image).resolve()
+        full = _listed_path(path.parent, image)
         if not full.exists() and Path(image).exists():
             raise DataError(
                 f"{path}:{number}: {image} is not in {path.parent.resolve()} but is in the "
@@ -97,6 +112,19 @@ def parse_label_file(path: Path) -> list[GalleryItem]:
             )
         items.append(GalleryItem(full, label))
     return items
+
+
+def _listed_path(folder: Path, image: str) -> Path:
+    """The file a label file in `folder` lists as `image`: on a system whose separator is
+    '/', a path with backslashes that names no file is read with '/' in their place where
+    that names one (a backslash may be part of a file name there, so the path as written
+    comes first)."""
+    full = (folder / image).resolve()
+    if "\\" in image and os.sep == "/" and not full.exists():
+        posix = (folder / image.replace("\\", "/")).resolve()
+        if posix.exists():
+            return posix
+    return full
 
 
 def scan_label_folders(

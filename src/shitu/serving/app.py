@@ -578,8 +578,9 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
         tags=["gallery"],
     )
     async def rename_label(label: str, body: schemas.RenameLabel) -> schemas.RenamedResponse:
-        """Rename a label; renaming onto an existing label merges the two (with merge false:
-        409 instead)."""
+        """Rename a label; onto a label that has images only with `merge: true` (without it:
+        409, as `shitu index relabel` without --merge), as the two cannot be told apart
+        afterwards."""
         new = check_label(body.label)
         count = await run_in_threadpool(service.rename_label, label, new, body.merge)
         return schemas.RenamedResponse(old=normal_form(label), new=new, count=count)

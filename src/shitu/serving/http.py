@@ -424,9 +424,24 @@ async def read_uploads(
 class _WholeBodyParser(MultiPartParser):
     """Starlette's multipart parser, which also says whether the body reached its closing
     boundary: without it, Starlette drops the part cut short and goes on, so a truncated
-    upload lost its image silently ("missing field 'image'", or one image fewer)."""
+    upload lost its image silently ("missing field 'image'", or one image fewer). A text
+    field that is not text in the body's charset (UTF-8 unless its Content-Type names
+    another) is refused, naming it: Starlette read it as Latin-1 instead, so a label sent
+    in a legacy encoding (GBK, Shift JIS) was stored garbled."""
 
     complete = False
+
+    def on_part_end(self) -> None:  # python-multipart's callback for the end of a part
+        part = self._current_part  # Starlette's, as its own on_part_end reads it
+        if part.file is None:
+            try:
+                part.data.decode(self._charset)
+            except UnicodeDecodeError:
+                raise BadRequest(
+                    f"field '{part.field_name}' is not {self._charset.upper()} text: send text "
+                    "fields as UTF-8"
+                ) from None
+        super().on_part_end()
 
     def on_end(self) -> None:  # python-multipart's callback for the closing boundary
         super().on_end()

@@ -31,9 +31,9 @@ class AddImagesJSON(ExtractJSON):
 
 
 class RenameLabel(_Body):
-    label: str = Field(description="the new label (an existing one: the two are merged)")
+    label: str = Field(description="the new label (one that has images: only with merge)")
     merge: bool = Field(
-        True,
+        False,
         description="whether a new label that has images takes this one's (the two cannot be "
         "told apart afterwards); false: 409 instead, as `shitu index relabel` without --merge",
     )
