@@ -59,13 +59,20 @@ def check_label(label: str) -> str:
 def collected_from(images: Iterable[tuple[str, str]]) -> set[Path]:
     """The folders that gallery images, (path, label) pairs, were most likely collected
     from, which a later `shitu index add` or build of the same folder scans again: the
-    folder above the nearest one named after an image's label (the root of a
-    folder-per-label tree; of a tree grouped by category, the category's folder), else the
-    folder the image is in (images given one label, or listed in a label file)."""
+    root of a folder-per-label tree (a folder holding the folders named after two or more
+    of the labels; of a tree grouped by category, the category's folder), else the folder
+    named after an image's label (`~/Kiwi` given with `--label Kiwi`: not all of `~`), else
+    the folder the image is in (images given one label, or listed in a label file)."""
     folders = set()
+    label_folders: dict[Path, set[Path]] = {}  # by the folder they are in
     for parent, label in {(Path(path).parent, label) for path, label in images if path}:
         named = next((f for f in (parent, *parent.parents) if normal_form(f.name) == label), None)
-        folders.add(parent if named is None else named.parent)
+        if named is None:
+            folders.add(parent)
+        else:
+            label_folders.setdefault(named.parent, set()).add(named)
+    for root, named in label_folders.items():
+        folders.update([root] if len(named) > 1 else named)
     return folders
 
 
