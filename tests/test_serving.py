@@ -1662,6 +1662,21 @@ def test_a_thumbnail_takes_the_pixels_it_decodes_from_the_budget(serving_library
     assert later.status_code == 200 and later.headers["content-type"] == "image/jpeg"
 
 
+def test_an_ipv6_host_is_listened_on_in_brackets_too(serving_library, tmp_path, capsys):
+    """`--host [::1]`, as a URL writes the address, failed to start ("Name or service not
+    known"); a URL given for the host is a usage error that says so."""
+    server = ServerProcess(serving_library, tmp_path, "--host", "[::1]")
+    try:
+        assert server.url.startswith("http://[::1]:")
+    finally:
+        server.stop()
+    with pytest.raises(SystemExit):
+        shitu_main(["serve", "--gallery", "unused", "--host", "http://127.0.0.1"])
+    assert "--host: expected a host name or address (127.0.0.1, 0.0.0.0, ::), not a URL: " in (
+        capsys.readouterr().err
+    )
+
+
 def test_a_key_http_headers_cannot_carry_is_refused_at_start(serving_library, capsys):
     args = ["serve", "--gallery", str(serving_library.gallery), "--api-key", "clé"]
     assert shitu_main(args) == 2

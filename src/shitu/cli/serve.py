@@ -47,6 +47,17 @@ def root_path(value: str) -> str:
     return prefix
 
 
+def listen_host(value: str) -> str:
+    """A host name or address to listen on; an IPv6 address also in brackets, as URLs write
+    it (`[::1]`), which the socket library took for a host name ("Name or service not
+    known")."""
+    if "://" in value:
+        raise argparse.ArgumentTypeError(
+            f"expected a host name or address (127.0.0.1, 0.0.0.0, ::), not a URL: {value}"
+        )
+    return value[1:-1] if value.startswith("[") and value.endswith("]") else value
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "serve",
@@ -59,7 +70,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     add_pipeline_arguments(parser)
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument(
+        "--host",
+        type=listen_host,
+        default="127.0.0.1",
+        help="address to listen on (every interface: 0.0.0.0, or :: for IPv6 too)",
+    )
     parser.add_argument(
         "--port", type=port_number, default=8000, help="port (0: any free port; the URL is printed)"
     )
