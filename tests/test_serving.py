@@ -1684,6 +1684,21 @@ def test_a_key_http_headers_cannot_carry_is_refused_at_start(serving_library, ca
     assert shitu_main([*args[:-1], " padded-key"]) == 2
 
 
+def test_an_empty_api_key_is_refused_not_taken_for_none(serving_library, monkeypatch, capsys):
+    """`--api-key "$KEY"` with KEY unset served without a key: anyone could edit the
+    gallery, unsaid on loopback. $SHITU_API_KEY set but empty still means none."""
+    monkeypatch.setenv("SHITU_API_KEY", "from-the-environment")
+    args = ["serve", "--gallery", str(serving_library.gallery), "--protect-reads"]
+    assert shitu_main([*args, "--api-key", ""]) == 2
+    assert capsys.readouterr().err == (
+        "error: --api-key is empty (a variable that is not set?): give the key, or leave the "
+        "option out (and $SHITU_API_KEY unset) to serve without one\n"
+    )
+    monkeypatch.setenv("SHITU_API_KEY", "")
+    assert shitu_main(args) == 2
+    assert "--protect-reads needs an API key" in capsys.readouterr().err
+
+
 def test_an_upload_folder_that_cannot_be_written_is_refused_at_start(
     serving_library, tmp_path, capsys
 ):
