@@ -463,7 +463,7 @@ class VisualisationWriter:
         from shitu.index.labels import collected_from
 
         here = self.folder.resolve()
-        sources = collected_from((entry.path, entry.label) for entry in gallery.entries())
+        sources = collected_from(((e.path, e.label) for e in gallery.entries()), here)
         source = next((s for s in sources if here.is_relative_to(s)), None)
         if source is not None:
             raise DataError(
