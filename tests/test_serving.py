@@ -325,6 +325,10 @@ def test_edits_by_another_process_show_up_while_serving(serving_library, server,
 # ------------------------------------------------------------------------------ bad input
 
 
+# The start of an iPhone's HEIC photo: an ISO media file of major brand `heic`.
+HEIC_START = b"\0\0\0\x18ftypheic\0\0\0\0mif1heic"
+
+
 def test_bad_uploads_get_clear_errors(serving_library, client):
     good = serving_library.queries()[0][0]
 
@@ -363,6 +367,16 @@ def test_bad_uploads_get_clear_errors(serving_library, client):
             ),
             415,
             "x.ppm: PPM images are not accepted (expected JPEG, PNG, WebP, BMP, TIFF or GIF)",
+        ),
+        # an iPhone's photo: Pillow cannot read it, but it is an image, and says which
+        "heic": (
+            client.post(
+                "/v1/recognize",
+                files={"image": ("IMG_0001.HEIC", HEIC_START + b"\0" * 64, "image/heic")},
+            ),
+            415,
+            "IMG_0001.HEIC: HEIC images are not accepted (expected JPEG, PNG, WebP, BMP, TIFF or "
+            "GIF)",
         ),
         "part type": (
             client.post("/v1/recognize", files={"image": ("a.txt", b"hello", "text/plain")}),
