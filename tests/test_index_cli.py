@@ -265,6 +265,22 @@ def test_build_refuses_a_library_inside_the_folder_it_is_built_from(models, tmp_
     assert beside.returncode == 0, beside.stderr
 
 
+def test_a_list_option_given_twice_keeps_the_values_of_both(models, tmp_path):
+    """`--gallery a --gallery b`, `--label A --label B`: argparse kept the last only, so a
+    library was built from half its gallery, and a removal left a label it was given."""
+    make_images(tmp_path / "fruit" / "Kiwi", 1)
+    make_images(tmp_path / "drinks" / "Cola", 1, seed=1)
+    make_images(tmp_path / "drinks" / "Tea", 1, seed=2)
+    lib = tmp_path / "lib"
+    built = shitu("index", "build", "--gallery", tmp_path / "fruit", "--gallery",
+                  tmp_path / "drinks", "--out", lib, "--model", models[128])  # fmt: skip
+    assert built.returncode == 0, built.stderr
+    assert shitu("index", "list", lib).stdout.split() == ["1", "Cola", "1", "Kiwi", "1", "Tea"]
+    removed = shitu("index", "remove", lib, "--label", "Kiwi", "--label", "Tea", "--id", "2")
+    assert removed.returncode == 0, removed.stderr
+    assert shitu("index", "list", lib).stdout == ""
+
+
 def test_a_single_unlabelled_image_is_told_a_build_option_that_works(
     models, gallery_list, tmp_path
 ):

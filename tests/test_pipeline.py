@@ -843,6 +843,32 @@ def test_save_vis_refuses_a_folder_the_gallery_images_came_from(setup, tmp_path,
         assert not vis.exists()
     assert shitu_main([*common, "--save-vis", str(tmp_path / "vis")]) == 0
     assert (tmp_path / "vis" / Path(photo).name).is_file()
+    # a folder named after its one label, given with --label: that folder, not the one it is in
+    kiwi, library = tmp_path / "Kiwi", tmp_path / "kiwi-library"
+    kiwi.mkdir()
+    shutil.copy(setup["queries"][0].path, kiwi)
+    build = ["index", "build", str(kiwi), "--label", "Kiwi", "--out", str(library)]
+    assert shitu_main([*build, "--model", model, "--no-progress"]) == 0
+    common = ["recognize", photo, "--gallery", str(library), "--model", model, "--no-progress"]
+    assert shitu_main([*common, "--save-vis", str(kiwi / "vis")]) == 2
+    assert (
+        f"--save-vis {kiwi / 'vis'}: is inside {kiwi.resolve()}, which" in capsys.readouterr().err
+    )
+    assert shitu_main([*common, "--save-vis", str(tmp_path / "vis2")]) == 0
+    # a tree grouped by category (--leaf-labels): its root, above the categories
+    tree, library = tmp_path / "tree", tmp_path / "tree-library"
+    for folder, item in zip(("Fruit/Apple/Golden", "Fruit/Pear", "Vegetables/Leek"),
+                            setup["queries"], strict=False):  # fmt: skip
+        (tree / folder).mkdir(parents=True)
+        shutil.copy(item.path, tree / folder)
+    build = ["index", "build", str(tree), "--leaf-labels", "--out", str(library)]
+    assert shitu_main([*build, "--model", model, "--no-progress"]) == 0
+    common = ["recognize", photo, "--gallery", str(library), "--model", model, "--no-progress"]
+    capsys.readouterr()
+    assert shitu_main([*common, "--save-vis", str(tree / "vis")]) == 2
+    assert (
+        f"--save-vis {tree / 'vis'}: is inside {tree.resolve()}, which" in capsys.readouterr().err
+    )
 
 
 def test_save_vis_refuses_a_gallery_library_or_an_exported_model(setup, tmp_path, capsys):

@@ -351,6 +351,10 @@ def test_a_library_built_again_at_its_path_is_served_without_a_restart(serving_l
 # ------------------------------------------------------------------------------ bad input
 
 
+# The start of an iPhone's HEIC photo: an ISO media file of major brand `heic`.
+HEIC_START = b"\0\0\0\x18ftypheic\0\0\0\0mif1heic"
+
+
 def test_bad_uploads_get_clear_errors(serving_library, client):
     good = serving_library.queries()[0][0]
 
@@ -389,6 +393,16 @@ def test_bad_uploads_get_clear_errors(serving_library, client):
             ),
             415,
             "x.ppm: PPM images are not accepted (expected JPEG, PNG, WebP, BMP, TIFF or GIF)",
+        ),
+        # an iPhone's photo: Pillow cannot read it, but it is an image, and says which
+        "heic": (
+            client.post(
+                "/v1/recognize",
+                files={"image": ("IMG_0001.HEIC", HEIC_START + b"\0" * 64, "image/heic")},
+            ),
+            415,
+            "IMG_0001.HEIC: HEIC images are not accepted (expected JPEG, PNG, WebP, BMP, TIFF or "
+            "GIF)",
         ),
         "part type": (
             client.post("/v1/recognize", files={"image": ("a.txt", b"hello", "text/plain")}),
@@ -1688,11 +1702,41 @@ def test_a_thumbnail_takes_the_pixels_it_decodes_from_the_budget(serving_library
     assert later.status_code == 200 and later.headers["content-type"] == "image/jpeg"
 
 
+def test_an_ipv6_host_is_listened_on_in_brackets_too(serving_library, tmp_path, capsys):
+    """`--host [::1]`, as a URL writes the address, failed to start ("Name or service not
+    known"); a URL given for the host is a usage error that says so."""
+    server = ServerProcess(serving_library, tmp_path, "--host", "[::1]")
+    try:
+        assert server.url.startswith("http://[::1]:")
+    finally:
+        server.stop()
+    with pytest.raises(SystemExit):
+        shitu_main(["serve", "--gallery", "unused", "--host", "http://127.0.0.1"])
+    assert "--host: expected a host name or address (127.0.0.1, 0.0.0.0, ::), not a URL: " in (
+        capsys.readouterr().err
+    )
+
+
 def test_a_key_http_headers_cannot_carry_is_refused_at_start(serving_library, capsys):
     args = ["serve", "--gallery", str(serving_library.gallery), "--api-key", "clé"]
     assert shitu_main(args) == 2
     assert "API key must be printable ASCII" in capsys.readouterr().err
     assert shitu_main([*args[:-1], " padded-key"]) == 2
+
+
+def test_an_empty_api_key_is_refused_not_taken_for_none(serving_library, monkeypatch, capsys):
+    """`--api-key "$KEY"` with KEY unset served without a key: anyone could edit the
+    gallery, unsaid on loopback. $SHITU_API_KEY set but empty still means none."""
+    monkeypatch.setenv("SHITU_API_KEY", "from-the-environment")
+    args = ["serve", "--gallery", str(serving_library.gallery), "--protect-reads"]
+    assert shitu_main([*args, "--api-key", ""]) == 2
+    assert capsys.readouterr().err == (
+        "error: --api-key is empty (a variable that is not set?): give the key, or leave the "
+        "option out (and $SHITU_API_KEY unset) to serve without one\n"
+    )
+    monkeypatch.setenv("SHITU_API_KEY", "")
+    assert shitu_main(args) == 2
+    assert "--protect-reads needs an API key" in capsys.readouterr().err
 
 
 def test_an_upload_folder_that_cannot_be_written_is_refused_at_start(

@@ -27,6 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--weighting",
         nargs="+",
+        action="extend",
         type=float,
         metavar="W",
         help="relative weight of each file, in their order (default: equal), e.g. 3 1 to add "
@@ -41,6 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--layers",
         nargs="+",
+        action="extend",
         metavar="PREFIX",
         help="module paths to mix (with --pretrained-share), e.g. backbone.blocks backbone.head",
     )

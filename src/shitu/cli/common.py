@@ -376,10 +376,9 @@ def add_visualisation_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def visualisation_writer(
-    args: argparse.Namespace, inputs: Iterable[Path], gallery: Gallery | None = None
+    args: argparse.Namespace, inputs: Iterable[Path]
 ) -> VisualisationWriter | None:
-    """The writer that --save-vis and --vis-font ask for, None without --save-vis; with
-    the `gallery` searched, the folders its images came from are refused."""
+    """The writer that --save-vis and --vis-font ask for, None without --save-vis."""
     if args.vis_font_index is not None and args.vis_font is None:
         raise DataError(f"--vis-font-index {args.vis_font_index}: only used with --vis-font FILE")
     if args.save_vis is None:
@@ -388,12 +387,7 @@ def visualisation_writer(
         return None
     scanned = [Path(source) for source in args.images if Path(source).is_dir()]
     font_index = args.vis_font_index or 0
-    sources: set[Path] = set()
-    if gallery is not None:
-        from shitu.index.labels import collected_from
-
-        sources = collected_from((entry.path, entry.label) for entry in gallery.entries())
-    return VisualisationWriter(args.save_vis, inputs, args.vis_font, scanned, font_index, sources)
+    return VisualisationWriter(args.save_vis, inputs, args.vis_font, scanned, font_index)
 
 
 class VisualisationWriter:
@@ -409,7 +403,6 @@ class VisualisationWriter:
         font: Path | None = None,
         scanned: Iterable[Path] = (),
         font_index: int = 0,
-        gallery_sources: Iterable[Path] = (),
     ) -> None:
         """`inputs`: the images to annotate (others are named by their file name alone). A
         folder that a copy would be written to holding one of them is refused: the copies,
@@ -417,10 +410,7 @@ class VisualisationWriter:
         folders, searched recursively for images; the folder may not be inside one, where
         the next run would take the copies for photos. `font`: the captions' font file
         (default: see CaptionFonts), `font_index` its face in a collection (.ttc). A gallery
-        library's or an exported model's folder is refused: the copies are no part of it.
-        `gallery_sources`: the folders the searched gallery's images came from (see
-        `collected_from`); the folder may not be inside one, where adding that folder to
-        the gallery again would take the copies for gallery photos."""
+        library's or an exported model's folder is refused: the copies are no part of it."""
         from shitu.index.gallery import LIBRARY_FILE
         from shitu.inference.manifest import MANIFEST
         from shitu.pipeline import CaptionFonts
@@ -456,13 +446,6 @@ class VisualisationWriter:
                 f"--save-vis {folder}: is inside the input folder {source}, where the next "
                 "run would take the annotated copies for photos: choose a folder outside it"
             )
-        source = next((s for s in gallery_sources if here.is_relative_to(s)), None)
-        if source is not None:
-            raise DataError(
-                f"--save-vis {folder}: is inside {source}, which the gallery's images came "
-                "from, where adding that folder to the gallery again (`shitu index add`) would "
-                "take the annotated copies for gallery photos: choose a folder outside it"
-            )
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:  # a file there, or in the way on its path, or no permission
@@ -471,6 +454,23 @@ class VisualisationWriter:
             why = f"{exc.strerror}: {exc.filename}" if exc.strerror else str(exc)
             raise DataError(f"--save-vis {folder}: cannot make the folder ({why})") from None
         check_writable(folder, f"--save-vis {folder}")  # now, not after the first photo
+
+    def refuse_gallery_sources(self, gallery: Gallery) -> None:
+        """Refuse the folder where it is inside one that the searched `gallery`'s images
+        came from (see `collected_from`): adding that folder to the gallery again would take
+        the copies for gallery photos. Checked once the gallery is open; the folder made
+        meanwhile is removed with the command's failure (`removed_if_left_empty`)."""
+        from shitu.index.labels import collected_from
+
+        here = self.folder.resolve()
+        sources = collected_from(((e.path, e.label) for e in gallery.entries()), here)
+        source = next((s for s in sources if here.is_relative_to(s)), None)
+        if source is not None:
+            raise DataError(
+                f"--save-vis {self.folder}: is inside {source}, which the gallery's images "
+                "came from, where adding that folder to the gallery again (`shitu index add`) "
+                "would take the annotated copies for gallery photos: choose a folder outside it"
+            )
 
     def _copy_name(self, source: str | Path, common: Path | None) -> Path:
         """The copy's path under the folder, the same each time for one image: its path

@@ -38,6 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--int8-calibration",
         nargs="+",
+        action="extend",
         metavar="IMAGES_OR_FOLDER",
         help="also write model.int8.onnx, statically quantised with these images' activations",
     )

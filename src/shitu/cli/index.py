@@ -79,7 +79,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     # The option form, as PaddleClas's gallery settings name it; SOURCE as `index add` takes it.
     build.add_argument(
-        "--gallery", type=Path, nargs="+", default=[], help="SOURCE, given as an option"
+        "--gallery",
+        type=Path,
+        nargs="+",
+        action="extend",
+        default=[],
+        help="SOURCE, given as an option",
     )
     build.add_argument("--out", type=Path, required=True, help="library folder to create")
     build.add_argument("--label", help="label for every given image and folder (as `index add`)")
@@ -149,10 +154,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     remove.add_argument("library", type=Path)
     remove.add_argument(
-        "--id", type=int, nargs="+", default=[], dest="ids", help="ids (`index list --images`)"
+        "--id",
+        type=int,
+        nargs="+",
+        action="extend",
+        default=[],
+        dest="ids",
+        help="ids (`index list --images`)",
     )
     remove.add_argument(
-        "--label", nargs="+", default=[], dest="labels", help="every image of these labels"
+        "--label",
+        nargs="+",
+        action="extend",
+        default=[],
+        dest="labels",
+        help="every image of these labels",
     )
     remove.set_defaults(func=run_remove)
 

@@ -195,12 +195,14 @@ def _recognize(args: argparse.Namespace) -> int:
 
     paths, folder = expand_images(args.images)
     config = pipeline_config_from_args(args)
+    writer = visualisation_writer(args, paths)
     progress = progress_wanted(args) and (folder or len(paths) > 1)
     skipped = 0
     with naming_config_paths(args, config):
         recognizer = Recognizer.from_config(config)
     with recognizer:
-        writer = visualisation_writer(args, paths, recognizer.gallery)
+        if writer is not None:
+            writer.refuse_gallery_sources(recognizer.gallery)
         warn_if_empty(recognizer.gallery, "nothing can be recognised")
         drawn = writer is not None  # drawn on the photos decoded for recognition
         for found in recognizer.recognize_files(paths, progress=progress, keep_images=drawn):

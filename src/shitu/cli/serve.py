@@ -47,6 +47,17 @@ def root_path(value: str) -> str:
     return prefix
 
 
+def listen_host(value: str) -> str:
+    """A host name or address to listen on; an IPv6 address also in brackets, as URLs write
+    it (`[::1]`), which the socket library took for a host name ("Name or service not
+    known")."""
+    if "://" in value:
+        raise argparse.ArgumentTypeError(
+            f"expected a host name or address (127.0.0.1, 0.0.0.0, ::), not a URL: {value}"
+        )
+    return value[1:-1] if value.startswith("[") and value.endswith("]") else value
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "serve",
@@ -59,13 +70,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     add_pipeline_arguments(parser)
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument(
+        "--host",
+        type=listen_host,
+        default="127.0.0.1",
+        help="address to listen on (every interface: 0.0.0.0, or :: for IPv6 too)",
+    )
     parser.add_argument(
         "--port", type=port_number, default=8000, help="port (0: any free port; the URL is printed)"
     )
     parser.add_argument(
         "--api-key",
-        default=os.environ.get(API_KEY_ENV),
         help=f"key that gallery edits need (default: ${API_KEY_ENV}; none: no key needed)",
     )
     parser.add_argument(
@@ -161,6 +176,20 @@ def _server_that_stops_waiting(server: type[Server], library: SharedLibrary) -> 
     return StoppingServer
 
 
+def _api_key(given: str | None) -> str | None:
+    """The key of --api-key, else of $SHITU_API_KEY (set but empty: none). An empty
+    --api-key is refused: most often a variable that is not set (`--api-key "$KEY"`), with
+    which the server took edits from anyone, without a word where it listens on loopback."""
+    if given is None:
+        return os.environ.get(API_KEY_ENV) or None
+    if not given:
+        raise ConfigError(
+            "--api-key is empty (a variable that is not set?): give the key, or leave the "
+            f"option out (and ${API_KEY_ENV} unset) to serve without one"
+        )
+    return given
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         import uvicorn
@@ -172,9 +201,9 @@ def run(args: argparse.Namespace) -> int:
         raise ShituError(
             f"shitu serve needs the serve extra ({exc.name} is missing): pip install 'shitu[serve]'"
         ) from None
-    if args.protect_reads and not args.api_key:
+    key = _api_key(args.api_key)
+    if args.protect_reads and not key:
         raise ConfigError(f"--protect-reads needs an API key (--api-key or ${API_KEY_ENV})")
-    key = args.api_key
     if key and not (key.isascii() and key.isprintable() and key == key.strip()):
         raise ConfigError(
             "the API key must be printable ASCII without leading or trailing spaces: HTTP "
@@ -189,7 +218,7 @@ def run(args: argparse.Namespace) -> int:
         max_upload_mb=args.max_upload_mb,
         max_pixels=int(args.max_megapixels * 1_000_000),
         max_pixels_in_flight=int(args.max_megapixels_in_flight * 1_000_000),
-        api_key=args.api_key or None,
+        api_key=key,
         protect_reads=args.protect_reads,
         max_batch=args.max_batch,
         max_requests=args.max_connections,

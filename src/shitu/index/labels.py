@@ -56,17 +56,48 @@ def check_label(label: str) -> str:
     return label
 
 
-def collected_from(images: Iterable[tuple[str, str]]) -> set[Path]:
+def collected_from(images: Iterable[tuple[str, str]], target: Path | None = None) -> set[Path]:
     """The folders that gallery images, (path, label) pairs, were most likely collected
-    from, which a later `shitu index add` or build of the same folder scans again: the
-    folder above the nearest one named after an image's label (the root of a
-    folder-per-label tree; of a tree grouped by category, the category's folder), else the
-    folder the image is in (images given one label, or listed in a label file)."""
-    folders = set()
-    for parent, label in {(Path(path).parent, label) for path, label in images if path}:
-        named = next((f for f in (parent, *parent.parents) if normal_form(f.name) == label), None)
-        folders.add(parent if named is None else named.parent)
-    return folders
+    from, which a later `shitu index add` or build of the same folder scans again: from
+    the folder named after an image's label (its label folder), else the folder the image
+    is in (images given one label, or listed in a label file), up through every folder
+    whose sub-folders all hold gallery images: the root of a folder-per-label tree, of one
+    grouped by category too, but not a folder holding others as well (`~`, for `~/Kiwi`
+    given with `--label Kiwi`). `target`: a folder to be checked against them (absolute),
+    counted as one of a tree's: made for the check, or left by an earlier run, it would
+    keep the folder it is in from counting as the root."""
+    pairs = {(Path(path).parent, label) for path, label in images if path}
+    holding = {folder for parent, _ in pairs for folder in (parent, *parent.parents)}
+    holding |= set() if target is None else {target, *target.parents}
+    only_gallery: dict[Path, bool] = {}  # by folder: all its sub-folders hold gallery images
+
+    def root(folder: Path) -> Path:
+        while folder.parent != folder:
+            above = folder.parent
+            if above not in only_gallery:
+                only_gallery[above] = _sub_folders_within(above, holding)
+            if not only_gallery[above]:
+                break
+            folder = above
+        return folder
+
+    return {
+        root(next((f for f in (parent, *parent.parents) if normal_form(f.name) == label), parent))
+        for parent, label in pairs
+    }
+
+
+def _sub_folders_within(folder: Path, folders: set[Path]) -> bool:
+    """Whether every sub-folder of `folder` (hidden ones aside, as scans leave them out) is
+    one of `folders`; False where it cannot be listed."""
+    try:
+        return all(
+            entry in folders
+            for entry in folder.iterdir()
+            if not entry.name.startswith(".") and entry.is_dir()
+        )
+    except OSError:
+        return False
 
 
 def parse_label_file(path: Path) -> list[GalleryItem]:

@@ -35,6 +35,14 @@ SUFFIXES = {
     "GIF": ".gif",
 }
 EXPECTED = "expected JPEG, PNG, WebP, BMP, TIFF or GIF"
+# The major brands (bytes 8-12 of an ISO media file, after `ftyp`) of the HEIF images phones
+# take (HEIC, iPhones' default) and of AVIF, which Pillow reads only with a plug-in or not
+# at all: such an upload is named for what it is, not "not an image file".
+ISO_MEDIA_BRANDS = {
+    **dict.fromkeys((b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx"), "HEIC"),
+    **dict.fromkeys((b"mif1", b"msf1"), "HEIF"),
+    **dict.fromkeys((b"avif", b"avis"), "AVIF"),
+}
 
 
 def check_pixels(width: int, height: int, max_pixels: int, name: str = "image") -> None:
@@ -70,9 +78,12 @@ def read_header(data: bytes, max_pixels: int, name: str = "image") -> ImageHeade
             width, height = header.size
             kind = header.format or "image"
     except (UnidentifiedImageError, OSError, ValueError):
-        raise BadRequest(
-            f"{name}: not an image file ({EXPECTED}; got {len(data)} bytes starting {data[:8]!r})"
-        ) from None
+        kind = ISO_MEDIA_BRANDS.get(data[8:12]) if data[4:8] == b"ftyp" else None
+        if kind is None:
+            raise BadRequest(
+                f"{name}: not an image file ({EXPECTED}; got {len(data)} bytes starting "
+                f"{data[:8]!r})"
+            ) from None
     if kind not in SUFFIXES:
         raise UnsupportedMediaType(f"{name}: {kind} images are not accepted ({EXPECTED})")
     check_pixels(width, height, max_pixels, name)
