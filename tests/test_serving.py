@@ -38,7 +38,7 @@ from shitu.index import Gallery, metadata
 from shitu.inference.preprocess import read_rgb
 from shitu.pipeline import Recognizer, load_pipeline_config
 from shitu.serving import library as library_module
-from shitu.serving.errors import NotFound, ServiceUnavailable
+from shitu.serving.errors import Conflict, NotFound, ServiceUnavailable
 from shitu.serving.http import PixelBudget, too_large
 from shitu.serving.images import thumbnail_jpeg
 from shitu.serving.library import SharedLibrary, Snapshot
@@ -1471,6 +1471,9 @@ def test_edits_check_the_library_as_another_process_left_it(serving_library, tmp
             with pytest.raises(NotFound, match="no gallery images labelled 'Lemon Soda'"):
                 edit("Lemon Soda")
         assert service.remove_image(int(new_id)).label == "Added elsewhere"
+        first, second = list(service.library.snapshot.by_label)[:2]
+        with pytest.raises(Conflict, match=f"label '{second}' already has images"):
+            service.rename_label(first, second)  # merged unless asked, unlike the API and CLI
 
 
 def test_an_edit_that_waits_out_another_writer_is_a_503_to_retry(

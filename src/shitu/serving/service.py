@@ -264,9 +264,10 @@ class RecognitionService:
 
         return self.library.edit(commit)
 
-    def rename_label(self, old: str, new: str, merge: bool = True) -> int:
-        """Rename; renaming onto an existing label merges the two, or without `merge` is a
-        Conflict (checked with the library as it is, not as a client last listed it)."""
+    def rename_label(self, old: str, new: str, merge: bool = False) -> int:
+        """Rename; onto a label that has images only with `merge` (else a Conflict, as the
+        API and `shitu index relabel` without --merge refuse it: the two cannot be told apart
+        afterwards), checked with the library as it is, not as a client last listed it."""
         new = check_label(new)
 
         def commit() -> int:
