@@ -645,6 +645,10 @@ def test_recognize_cli_fails_clearly_when_there_is_nothing_to_recognise(setup, t
     err = capsys.readouterr().err
     assert "1 of 1 files could not be read" in err and "unknown or corrupt format" in err
     assert "BytesIO" not in err
+    iphone = tmp_path / "IMG_0001.HEIC"  # the start of an iPhone's photo: no corrupt file
+    iphone.write_bytes(b"\0\0\0\x18ftypheic\0\0\0\0mif1heic" + b"\0" * 64)
+    assert shitu_main(["recognize", str(iphone), *common]) == 1
+    assert "HEIC images are not supported: convert it to JPEG or PNG" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     assert shitu_main(["recognize", str(tmp_path / "empty"), *common]) == 2
     assert f"error: {tmp_path / 'empty'}: no images in this folder" in capsys.readouterr().err

@@ -33,11 +33,26 @@ SIDECAR_SUFFIXES = frozenset(
 # much of it `is_text` reads to tell.
 TEXT_FILE_REASON = "a text file, not an image"
 TEXT_PROBE_BYTES = 4096
+# The major brands (bytes 8-12 of an ISO media file, after `ftyp`) of the HEIF images phones
+# take (HEIC, iPhones' default) and of AVIF, which Pillow reads only with a plug-in or not
+# at all: such a file is named for what it is, not as corrupt or "not an image file".
+ISO_MEDIA_BRANDS = {
+    **dict.fromkeys((b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx"), "HEIC"),
+    **dict.fromkeys((b"mif1", b"msf1"), "HEIF"),
+    **dict.fromkeys((b"avif", b"avis"), "AVIF"),
+}
 # For a command that takes images, where a text file was given as one: usually a labelled
 # list, meant for the command that reads those.
 LABELLED_LIST_HINT = (
     "for a labelled list of `path<TAB>label` lines, use `shitu eval-pipeline --queries LIST`"
 )
+
+
+def iso_media_kind(data: bytes) -> str | None:
+    """ "HEIC", "HEIF" or "AVIF" for a file of those formats (from its first 12 bytes), else
+    None."""
+    return ISO_MEDIA_BRANDS.get(data[8:12]) if data[4:8] == b"ftyp" else None
+
 
 # How many skipped paths the warning shows.
 _EXAMPLES = 3

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from shitu.data.transforms.ops import to_rgb8
+from shitu.image_files import iso_media_kind
 from shitu.inference.preprocess import UnreadableImageError, decode_rgb
 from shitu.serving.errors import BadRequest, NotFound, PayloadTooLarge, UnsupportedMediaType
 
@@ -35,14 +36,6 @@ SUFFIXES = {
     "GIF": ".gif",
 }
 EXPECTED = "expected JPEG, PNG, WebP, BMP, TIFF or GIF"
-# The major brands (bytes 8-12 of an ISO media file, after `ftyp`) of the HEIF images phones
-# take (HEIC, iPhones' default) and of AVIF, which Pillow reads only with a plug-in or not
-# at all: such an upload is named for what it is, not "not an image file".
-ISO_MEDIA_BRANDS = {
-    **dict.fromkeys((b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx"), "HEIC"),
-    **dict.fromkeys((b"mif1", b"msf1"), "HEIF"),
-    **dict.fromkeys((b"avif", b"avis"), "AVIF"),
-}
 
 
 def check_pixels(width: int, height: int, max_pixels: int, name: str = "image") -> None:
@@ -78,7 +71,7 @@ def read_header(data: bytes, max_pixels: int, name: str = "image") -> ImageHeade
             width, height = header.size
             kind = header.format or "image"
     except (UnidentifiedImageError, OSError, ValueError):
-        kind = ISO_MEDIA_BRANDS.get(data[8:12]) if data[4:8] == b"ftyp" else None
+        kind = iso_media_kind(data)
         if kind is None:
             raise BadRequest(
                 f"{name}: not an image file ({EXPECTED}; got {len(data)} bytes starting "

@@ -32,7 +32,7 @@ from shitu.data.transforms._base import (
     to_pil,
 )
 from shitu.errors import ConfigError, DataError
-from shitu.image_files import TEXT_FILE_REASON, is_text
+from shitu.image_files import TEXT_FILE_REASON, is_text, iso_media_kind
 from shitu.registry import TRANSFORMS
 
 Backend = Literal["cv2", "pil"]
@@ -249,7 +249,11 @@ def _decode(data: bytes) -> Image.Image:
         image.load()
         transposed = ImageOps.exif_transpose(image)
     except UnidentifiedImageError:  # its message names an in-memory stream, not the file
-        reason = TEXT_FILE_REASON if is_text(data) else "unknown or corrupt format"
+        kind = iso_media_kind(data)
+        if kind is not None:
+            reason = f"{kind} images are not supported: convert it to JPEG or PNG"
+        else:
+            reason = TEXT_FILE_REASON if is_text(data) else "unknown or corrupt format"
         raise UnreadableImageError(f"cannot decode image: {reason}") from None
     except UnreadableImageError:
         raise
