@@ -314,6 +314,8 @@ MetricList = list[dict[str, dict[str, Any] | None]]
 
 
 class MetricConfig(Section):
+    # PaddleClas's training metrics (TopkAcc): read so that its configs load, not computed
+    # (metrics.jsonl logs the training loss; evaluation reports Eval's retrieval metrics).
     Train: MetricList = Field(default_factory=list)
     Eval: MetricList = Field(default_factory=list)
 
