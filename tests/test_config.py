@@ -327,6 +327,13 @@ def test_every_shipped_config_builds_its_model_and_losses(name):
             ],
             "Optimizer.lr.values.1: Input should be greater than or equal to 0",
         ),
+        (  # gamma was ignored, without a word
+            [
+                "Optimizer={name: SGD, lr: {name: Piecewise, learning_rate: 0.1, "
+                "decay_epochs: [5], values: [0.1, 0.05], gamma: 0.1}}"
+            ],
+            "Optimizer.lr: Piecewise takes values or gamma, not both: gamma is unused",
+        ),
         (
             ["Metric.Eval=[{Recallk: {topk: [1, abc]}}]"],
             "Metric.Eval[0].Recallk.topk: must be a positive integer or a list of them",

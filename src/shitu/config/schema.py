@@ -203,6 +203,8 @@ class LRConfig(ComponentConfig):
         values = self.params.get("values")
         if self.name != "Piecewise" or values is None:
             return self
+        if self.params.get("gamma") is not None:  # one of them sets the pieces' rates
+            raise ValueError("Piecewise takes values or gamma, not both: gamma is unused")
         if not isinstance(values, list) or not values:
             raise ValueError(f"Piecewise values must be a list of rates, got {values!r}")
         if values[0] != self.learning_rate:
