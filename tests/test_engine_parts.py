@@ -116,6 +116,18 @@ def test_reduce_on_plateau_and_state_round_trip():
     assert other.lr_at(50) == pytest.approx(0.025)
 
 
+def test_a_warm_up_start_above_the_rate_is_warned_of(caplog):
+    """A warm-up from above the (batch-scaled) rate lowered it, without a word."""
+    with caplog.at_level(logging.WARNING):
+        lr = schedule("Cosine", learning_rate=0.001, warmup_epoch=1, warmup_start_lr=0.01)
+    assert "warmup_start_lr 0.01 is above the learning rate 0.001 (as scaled" in caplog.text
+    assert lr.lr_at(5) > lr.lr_at(10)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # no warm-up: the start rate is never used
+        schedule("Cosine", learning_rate=0.001, warmup_start_lr=0.01)
+    assert not caplog.text
+
+
 def test_a_plateau_floor_above_the_rate_is_warned_of(caplog):
     """A min_lr above the (batch-scaled) rate raised the rate at the first plateau, without
     a word, where Cosine's eta_min above it is warned of."""
