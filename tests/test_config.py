@@ -350,6 +350,17 @@ def test_every_shipped_config_builds_its_model_and_losses(name):
             "Arch.Neck.bias_attr: unknown key (PaddleClas's bias settings; shitu's BNNeck "
             "takes bias_frozen, its FC head bias) in neck 'BNNeck'",
         ),
+        (  # a PaddleClas AdamW setting, which was taken for a misspelt no_weight_decay_name
+            ["Optimizer.one_dim_param_no_weight_decay=true"],
+            "Optimizer.one_dim_param_no_weight_decay: unknown key (PaddleClas's switch; shitu "
+            "never decays one-dimensional parameters (norms, biases) unless "
+            "Optimizer.decay_norm_and_bias is true)",
+        ),
+        (
+            ["Optimizer={name: SGD, lr: {name: Cosine, learning_rate: 0.1, by_epoch: true}}"],
+            "Optimizer.lr.by_epoch: unknown key (PaddleClas's per-epoch stepping; shitu's "
+            "schedules change the rate every step)",
+        ),
         (  # a PaddleClas config's section, uncommented
             ["AMP={scale_loss: 65536, level: O1}"],
             "AMP: unknown key (PaddleClas's mixed precision; shitu's is Global.amp: bf16 or fp16)",
