@@ -293,6 +293,15 @@ def test_every_shipped_config_builds_its_model_and_losses(name):
         (["Loss.Train.0={TripletLossX: {}}"], "Loss.Train.0.TripletLossX.name: unknown loss"),
         (["Loss.Train.0.CELoss.weight=abc"], "Loss.Train.0.CELoss.weight: Input should be"),
         (["Loss.Train.0.CELoss.weight=-1"], "Loss.Train.0.CELoss.weight: Input should be greater"),
+        (  # the probe ran on no loss at all ('list at least one loss'), or on weights of 0
+            [
+                "LinearProbe={epochs: 1, frozen_layers: [backbone]}",
+                "Loss.Train=[{CELoss: {weight: 0}}, {FeatureDistillLoss: {}}]",
+            ],
+            "LinearProbe: the probe leaves out FeatureDistillLoss (nothing to learn while the "
+            "backbone is frozen) and no other loss of Loss.Train has a weight, so the probe would "
+            "learn nothing; give another loss a weight, or drop LinearProbe",
+        ),
         (
             ["Loss.Train.0.CELoss.weight=0"],
             "Loss.Train: every loss has weight 0, so nothing is learnt; give one a weight (set by",
