@@ -689,6 +689,8 @@ TRANSFORM_BASES = {
         ("NormalizeImage", "std", "[-0.2, 0.2, 0.2]"),
         ("NormalizeImage", "scale", "0"),
         ("NormalizeImage", "scale", "0/255"),
+        # 0-255 units with the default scale 1/255: every image about one value
+        ("NormalizeImage", "mean", "[123.675, 116.28, 103.53]"),
         ("NormalizeImage", "std", "[0.2, 0.2]"),
         ("NormalizeImage", "mean", "[0.5]"),
         ("RandomErasing", "EPSILON", "5"),
