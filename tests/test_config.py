@@ -293,6 +293,15 @@ def test_every_shipped_config_builds_its_model_and_losses(name):
         (["Loss.Train.0={TripletLossX: {}}"], "Loss.Train.0.TripletLossX.name: unknown loss"),
         (["Loss.Train.0.CELoss.weight=abc"], "Loss.Train.0.CELoss.weight: Input should be"),
         (["Loss.Train.0.CELoss.weight=-1"], "Loss.Train.0.CELoss.weight: Input should be greater"),
+        (  # the probe ran on no loss at all ('list at least one loss'), or on weights of 0
+            [
+                "LinearProbe={epochs: 1, frozen_layers: [backbone]}",
+                "Loss.Train=[{CELoss: {weight: 0}}, {FeatureDistillLoss: {}}]",
+            ],
+            "LinearProbe: the probe leaves out FeatureDistillLoss (nothing to learn while the "
+            "backbone is frozen) and no other loss of Loss.Train has a weight, so the probe would "
+            "learn nothing; give another loss a weight, or drop LinearProbe",
+        ),
         (
             ["Loss.Train.0.CELoss.weight=0"],
             "Loss.Train: every loss has weight 0, so nothing is learnt; give one a weight (set by",
@@ -327,6 +336,13 @@ def test_every_shipped_config_builds_its_model_and_losses(name):
             ],
             "Optimizer.lr.values.1: Input should be greater than or equal to 0",
         ),
+        (  # gamma was ignored, without a word
+            [
+                "Optimizer={name: SGD, lr: {name: Piecewise, learning_rate: 0.1, "
+                "decay_epochs: [5], values: [0.1, 0.05], gamma: 0.1}}"
+            ],
+            "Optimizer.lr: Piecewise takes values or gamma, not both: gamma is unused",
+        ),
         (
             ["Metric.Eval=[{Recallk: {topk: [1, abc]}}]"],
             "Metric.Eval[0].Recallk.topk: must be a positive integer or a list of them",
@@ -342,6 +358,17 @@ def test_every_shipped_config_builds_its_model_and_losses(name):
             ["Arch.Neck.bias_attr={learning_rate: 1.0e-20}"],
             "Arch.Neck.bias_attr: unknown key (PaddleClas's bias settings; shitu's BNNeck "
             "takes bias_frozen, its FC head bias) in neck 'BNNeck'",
+        ),
+        (  # a PaddleClas AdamW setting, which was taken for a misspelt no_weight_decay_name
+            ["Optimizer.one_dim_param_no_weight_decay=true"],
+            "Optimizer.one_dim_param_no_weight_decay: unknown key (PaddleClas's switch; shitu "
+            "never decays one-dimensional parameters (norms, biases) unless "
+            "Optimizer.decay_norm_and_bias is true)",
+        ),
+        (
+            ["Optimizer={name: SGD, lr: {name: Cosine, learning_rate: 0.1, by_epoch: true}}"],
+            "Optimizer.lr.by_epoch: unknown key (PaddleClas's per-epoch stepping; shitu's "
+            "schedules change the rate every step)",
         ),
         (  # a PaddleClas config's section, uncommented
             ["AMP={scale_loss: 65536, level: O1}"],
@@ -662,6 +689,8 @@ TRANSFORM_BASES = {
         ("NormalizeImage", "std", "[-0.2, 0.2, 0.2]"),
         ("NormalizeImage", "scale", "0"),
         ("NormalizeImage", "scale", "0/255"),
+        # 0-255 units with the default scale 1/255: every image about one value
+        ("NormalizeImage", "mean", "[123.675, 116.28, 103.53]"),
         ("NormalizeImage", "std", "[0.2, 0.2]"),
         ("NormalizeImage", "mean", "[0.5]"),
         ("RandomErasing", "EPSILON", "5"),

@@ -16,7 +16,7 @@ from shitu import registry
 from shitu.config.schema import ComponentConfig, DataSplitConfig, LRConfig, OptimizerConfig
 from shitu.engine import precision
 from shitu.engine.data import build_eval_loader
-from shitu.engine.distributed import init_distributed
+from shitu.engine.distributed import init_distributed, select_device
 from shitu.engine.ema import WeightEMA
 from shitu.engine.optim import build_optimizer, parameter_groups, set_learning_rate
 from shitu.engine.precision import autocast_for, effective_amp, load_scaler_state
@@ -114,6 +114,18 @@ def test_reduce_on_plateau_and_state_round_trip():
     other.observe(0.6)
     other.observe(0.6)
     assert other.lr_at(50) == pytest.approx(0.025)
+
+
+def test_a_warm_up_start_above_the_rate_is_warned_of(caplog):
+    """A warm-up from above the (batch-scaled) rate lowered it, without a word."""
+    with caplog.at_level(logging.WARNING):
+        lr = schedule("Cosine", learning_rate=0.001, warmup_epoch=1, warmup_start_lr=0.01)
+    assert "warmup_start_lr 0.01 is above the learning rate 0.001 (as scaled" in caplog.text
+    assert lr.lr_at(5) > lr.lr_at(10)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # no warm-up: the start rate is never used
+        schedule("Cosine", learning_rate=0.001, warmup_start_lr=0.01)
+    assert not caplog.text
 
 
 def test_a_plateau_floor_above_the_rate_is_warned_of(caplog):
@@ -501,3 +513,14 @@ def test_an_evaluation_that_would_drop_images_is_refused():
         ConfigError, match=r"DataLoader\.Eval\.Query: sampler PKSampler draws random batches"
     ):
         build_eval_loader(split, init_distributed("cpu"), seed=0, where="DataLoader.Eval.Query")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a host without a CUDA GPU")
+def test_a_gpu_asked_for_on_a_host_without_one_says_what_to_set():
+    """PaddleClas's configs ship `device: gpu`: the message gives the setting that runs."""
+    with pytest.raises(ConfigError) as info:
+        select_device("gpu")
+    assert str(info.value) == (
+        "Global.device: 'gpu' asked for, but no CUDA GPU is visible; set auto (a GPU where "
+        "there is one) or cpu (-o Global.device=auto)"
+    )

@@ -592,6 +592,11 @@ def test_hand_edited_preprocessing_is_refused_by_its_fingerprint_on_every_runtim
             lambda m: m["preprocessing"].update(scale=0),
             "preprocessing: scale: must be positive",
         ),
+        (  # a mean of 0-255 pixels beside scale 1/255: every image about one value
+            lambda m: m["preprocessing"].update(mean=[123.675, 116.28, 103.53]),
+            r"preprocessing: mean: \[123.675, 116.28, 103.53\] lies outside the scaled "
+            r"pixels' range \[0, 1\]",
+        ),
         (
             lambda m: m["preprocessing"].update(mean=[float("nan"), 0.4, 0.4]),
             r"preprocessing: mean: expected a list of 3 numbers, got \[NaN, 0.4, 0.4\]",

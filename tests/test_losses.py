@@ -55,6 +55,9 @@ def test_celoss_rejects_bad_epsilon():
         ("TripletAngularMarginLoss", {"add_absolute": True, "an_value": -1.5}, "an_value: -1.5"),
         ("TripletAngularMarginLoss_XBM", {"margin": 3}, "margin: 3.0 is never met"),
         ("XBM", {"pair_loss": {"TripletLossV2": {"margin": 2}}}, "margin: 2.0 is never met"),
+        # every positive pair of similarity 0 or more skipped as met: classes hardly pulled in
+        ("ContrastiveLoss", {"epsilon": 1.0}, "epsilon: Input should be less than 1"),
+        ("ContrastiveLoss_XBM", {"epsilon": -0.1}, "epsilon: Input should be greater than or"),
     ],
 )
 def test_thresholds_normalised_features_never_meet_are_config_errors(name, params, message):

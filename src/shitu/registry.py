@@ -376,6 +376,11 @@ PADDLECLAS_PARAMS = {
     "bias_attr": "PaddleClas's bias settings; shitu's BNNeck takes bias_frozen, its FC head bias",
     "use_ssld": "PaddleClas's choice of weights to download; shitu downloads none: convert "
     "them with `shitu convert` and give the file as Global.pretrained_model",
+    "one_dim_param_no_weight_decay": "PaddleClas's switch; shitu never decays one-dimensional "
+    "parameters (norms, biases) unless Optimizer.decay_norm_and_bias is true",
+    "multi_precision": "PaddleClas's float32 master weights for fp16; shitu's weights stay "
+    "float32 under Global.amp",
+    "by_epoch": "PaddleClas's per-epoch stepping; shitu's schedules change the rate every step",
 }
 
 

@@ -185,17 +185,7 @@ def _check_component_sections(config: ShituConfig, failed: list[ConfigError]) ->
                     where,
                     lambda n=name, p=params: registry.LOSSES.validate(n, split_loss_params(p)[1]),
                 )
-        # A weight of 0 leaves a loss out; all of them left out, the total is always 0 and
-        # a run trains for hours without changing the model (weight decay aside).
-        weights = [
-            (p or {}).get("weight", 1.0) for item in config.Loss.Train for p in item.values()
-        ]
-        if weights and all(weight == 0 for weight in weights):
-            failed.append(
-                ConfigError(
-                    "Loss.Train: every loss has weight 0, so nothing is learnt; give one a weight"
-                )
-            )
+        _check_something_to_learn(config.Loss.Train, config.LinearProbe is not None, failed)
     if config.DataLoader is not None:
         splits = {"Train": config.DataLoader.Train}
         if config.DataLoader.Eval is not None:
@@ -211,6 +201,44 @@ def _check_component_sections(config: ShituConfig, failed: list[ConfigError]) ->
             failed,
             "Optimizer.lr",
             lambda: registry.LR_SCHEDULES.validate(lr.name, {**schedule_params, **lr.params}),
+        )
+
+
+def _check_something_to_learn(
+    items: list[dict[str, dict[str, Any]]], probed: bool, failed: list[ConfigError]
+) -> None:
+    """A weight of 0 leaves a loss out: with all of Loss.Train left out the total is always
+    0, and a run trains for hours without changing the model (weight decay aside). A
+    LinearProbe's probe also leaves out the losses that need a trainable backbone (feature
+    distillation); with nothing else it failed with 'list at least one loss', a list the
+    config has, or learnt nothing. `items`: Loss.Train; `probed`: whether a probe runs."""
+    weighted = [
+        name
+        for item in items
+        for name, params in item.items()
+        if (params or {}).get("weight", 1.0) != 0
+    ]
+    if items and not weighted:
+        failed.append(
+            ConfigError(
+                "Loss.Train: every loss has weight 0, so nothing is learnt; give one a weight"
+            )
+        )
+        return
+    needs_backbone = [
+        name
+        for name in weighted
+        if name in registry.LOSSES
+        and getattr(registry.LOSSES.get(name), "needs_trainable_backbone", False)
+    ]
+    if probed and weighted and needs_backbone == weighted:
+        failed.append(
+            ConfigError(
+                f"LinearProbe: the probe leaves out {', '.join(dict.fromkeys(needs_backbone))} "
+                "(nothing to learn while the backbone is frozen) and no other loss of "
+                "Loss.Train has a weight, so the probe would learn nothing; give another loss "
+                "a weight, or drop LinearProbe"
+            )
         )
 
 

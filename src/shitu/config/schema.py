@@ -203,6 +203,8 @@ class LRConfig(ComponentConfig):
         values = self.params.get("values")
         if self.name != "Piecewise" or values is None:
             return self
+        if self.params.get("gamma") is not None:  # one of them sets the pieces' rates
+            raise ValueError("Piecewise takes values or gamma, not both: gamma is unused")
         if not isinstance(values, list) or not values:
             raise ValueError(f"Piecewise values must be a list of rates, got {values!r}")
         if values[0] != self.learning_rate:
@@ -314,6 +316,8 @@ MetricList = list[dict[str, dict[str, Any] | None]]
 
 
 class MetricConfig(Section):
+    # PaddleClas's training metrics (TopkAcc): read so that its configs load, not computed
+    # (metrics.jsonl logs the training loss; evaluation reports Eval's retrieval metrics).
     Train: MetricList = Field(default_factory=list)
     Eval: MetricList = Field(default_factory=list)
 

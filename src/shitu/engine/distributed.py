@@ -36,8 +36,9 @@ def select_device(preference: str, local_rank: int = 0) -> torch.device:
     """'auto' picks CUDA when present; 'gpu'/'cuda' insists on it."""
     if preference in ("gpu", "cuda") or (preference == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise ConfigError(
-                f"Global.device: '{preference}' asked for, but no CUDA GPU is visible"
+            raise ConfigError(  # PaddleClas's configs ship `device: gpu`
+                f"Global.device: '{preference}' asked for, but no CUDA GPU is visible; set "
+                "auto (a GPU where there is one) or cpu (-o Global.device=auto)"
             )
         return torch.device("cuda", local_rank)
     return torch.device("cpu")

@@ -61,6 +61,15 @@ class LRSchedule:
         self.total_steps = steps_per_epoch * epochs
         self.warmup_steps = min(warmup_epoch * steps_per_epoch, self.total_steps)
         self.warmup_start_lr = warmup_start_lr
+        # As Cosine's eta_min: a rate scaled down for a smaller batch can fall below it.
+        if self.warmup_steps and warmup_start_lr > learning_rate:
+            logger.warning(
+                "warmup_start_lr %g is above the learning rate %g (as scaled for the batch "
+                "size, where base_batch_size is set), so the warm-up lowers the rate instead "
+                "of raising it",
+                warmup_start_lr,
+                learning_rate,
+            )
         if warmup_epoch >= epochs:  # e.g. a short trial, or a probe
             logger.warning(
                 "a warm-up of %d epoch%s is not shorter than %s's %d (%s): the learning rate "

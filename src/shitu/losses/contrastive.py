@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import torch
+from pydantic import Field
 from torch import Tensor
 
 from shitu.errors import ConfigError
 from shitu.losses._pairs import PairLoss
 from shitu.registry import LOSSES, Size
+
+# How near a similarity of 1 a positive pair counts as met (skipped). From 1 on, every
+# positive pair at a similarity of 0 or more would be, and the loss would hardly pull a
+# class together; below 0, not even an anchor's own copy in XBM's memory (similarity 1) is.
+Tolerance = Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)]
 
 
 @LOSSES.register("ContrastiveLoss")
@@ -32,7 +38,7 @@ class ContrastiveLoss(PairLoss):
         self,
         margin: float = 0.5,
         normalize_feature: bool = True,
-        epsilon: float = 1e-5,
+        epsilon: Tolerance = 1e-5,
         embedding_size: Size | None = None,
         feat_dim: Size | None = None,
     ) -> None:

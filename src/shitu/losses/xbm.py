@@ -20,7 +20,7 @@ from torch import nn
 
 from shitu.errors import ConfigError
 from shitu.losses._pairs import PairLoss, as_embeddings
-from shitu.losses.contrastive import ContrastiveLoss
+from shitu.losses.contrastive import ContrastiveLoss, Tolerance
 from shitu.losses.triplet_angular import TripletAngularMarginLoss
 from shitu.registry import LOSSES, NonNegative, Size, Variant, each_problem
 
@@ -178,7 +178,7 @@ class ContrastiveLossXBM(CrossBatchMemory):
         start_iter: Iterations = 1000,
         margin: float = 0.5,
         embedding_size: Size = 128,
-        epsilon: float = 1e-5,
+        epsilon: Tolerance = 1e-5,
         normalize_feature: bool = True,
     ) -> None:
         super().__init__(

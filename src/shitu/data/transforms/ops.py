@@ -630,12 +630,21 @@ def parse_scale(scale: float | str | None) -> float:
 def check_normalization(scale: float, mean: Sequence[float], std: Sequence[float]) -> None:
     """Refuse a normalisation, (pixel * scale - mean) / std in float32, that cannot give
     the model images: a scale of 0 maps every image to one constant, a negative scale or
-    std turns the pixel values round, and a std so small that some pixel of 0-255
-    overflows float32 (1e-50 is 0 there) gives inf. ValueError naming the key."""
+    std turns the pixel values round, a mean outside the scaled pixels' range puts them all
+    on one side of it, and a std so small that some pixel of 0-255 overflows float32
+    (1e-50 is 0 there) gives inf. ValueError naming the key."""
     if not scale > 0:
         raise ValueError(f"scale: must be positive (0 makes every image one constant), got {scale}")
     if not all(value > 0 for value in std):
         raise ValueError(f"std: must be positive, got {list(std)}")
+    # A mean beyond the scaled pixels' range shifts every pixel to one side of it: mean and
+    # std of 0-255 pixels ([123.675, ...]) with scale 1/255 make every image about one value.
+    top = 255 * scale
+    if not all(0 <= value <= top for value in mean):
+        raise ValueError(
+            f"mean: {list(mean)} lies outside the scaled pixels' range [0, {top:.4g}] "
+            f"(0-255 times scale {scale:.4g}); give mean and std in the units of pixel * scale"
+        )
     mean32, std32 = np.asarray(mean, np.float32), np.asarray(std, np.float32)
     with np.errstate(over="ignore", divide="ignore"):
         farthest = np.maximum(np.abs(mean32), np.abs(np.float32(255 * scale) - mean32)) / std32
