@@ -417,6 +417,12 @@ def test_missing_or_malformed_coco_file(tmp_path: Path) -> None:
         expected = rf"two {what}s have the id {broken[key][0]['id']}; ids must be unique"
         with pytest.raises(DataError, match=rf"valid COCO annotation file \({expected}\)$"):
             CocoDetection(coco, tmp_path)
+    broken = copy.deepcopy(data)  # one photo twice: each entry with some of its boxes
+    broken["images"][1]["file_name"] = "./" + broken["images"][0]["file_name"]
+    coco.write_text(json.dumps(broken))
+    expected = r"the images 1 and 2 are both the file './img0.png'; list each photo once"
+    with pytest.raises(DataError, match=rf"valid COCO annotation file \({expected}"):
+        CocoDetection(coco, tmp_path)
     broken = copy.deepcopy(data)  # a string: truthy, it made every box a crowd region
     broken["annotations"][0]["iscrowd"] = "0"
     coco.write_text(json.dumps(broken))

@@ -235,6 +235,7 @@ class CocoDetection(DetectionDataset):
             image_ids = [img["id"] for img in data["images"]]
             _refuse_repeated_ids("image", image_ids)
             files = {img["id"]: Path(image_root) / img["file_name"] for img in data["images"]}
+            _refuse_repeated_files(data["images"], files)
             sizes = [_recorded_size(img) for img in data["images"]]
             per_image: dict[int, list[tuple[list[float], int, bool]]] = {i: [] for i in image_ids}
             for ann in data["annotations"]:
@@ -310,6 +311,21 @@ def _refuse_repeated_ids(what: str, ids: list) -> None:
         if item_id in seen:
             raise ValueError(f"two {what}s have the id {item_id!r}; ids must be unique")
         seen.add(item_id)
+
+
+def _refuse_repeated_files(images: list[dict], files: dict) -> None:
+    """A ValueError for two image entries of one file (COCO files merged, say): each would
+    be trained on with only its own boxes, the other's objects taught as background, and
+    evaluated so, a detection of those counted as wrong."""
+    first_id: dict[Path, object] = {}
+    for image in images:
+        file = files[image["id"]]
+        if file in first_id:
+            raise ValueError(
+                f"the images {first_id[file]!r} and {image['id']!r} are both the file "
+                f"{image['file_name']!r}; list each photo once, with all its boxes"
+            )
+        first_id[file] = image["id"]
 
 
 def _check_category_names(categories: list[dict]) -> None:
