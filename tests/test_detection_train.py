@@ -380,6 +380,14 @@ def test_voc_data_from_a_paddledetection_list(
                "--train-sizes", "64", "--out", str(tmp_path / "run")]  # fmt: skip
     assert main(command) == 0
     assert set(json.loads(capsys.readouterr().out.splitlines()[-1])) == {"mAP", "AP50"}
+    (tmp_path / "Annotations" / "img0 (copy).xml").write_bytes(
+        (tmp_path / "Annotations" / "img0.xml").read_bytes()
+    )
+    expected = r"img0 \(copy\).xml and \S*img0.xml both annotate the image \S*img0.png; give"
+    with pytest.raises(DataError, match=expected):
+        VocDetection(tmp_path / "Annotations", tmp_path / "JPEGImages")
+    (tmp_path / "trainval.txt").write_text("\n".join([lines[0], lines[0]]))  # oversampled
+    assert len(VocDetection(tmp_path / "trainval.txt", tmp_path)) == 2
     missing = tmp_path / "tranval.txt"  # mistyped: not "no VOC annotation files in" it
     with pytest.raises(DataError, match=f"^VOC annotations {missing}: no such folder or list"):
         VocDetection(missing, tmp_path)

@@ -401,11 +401,13 @@ class VocDetection(DetectionDataset):
         boxes, positions = _clip_to_recorded_sizes(annotation_dir, boxes, positions, sizes)
         labels = [ids[kept] for ids, kept in zip(class_ids, positions, strict=True)]
         difficult = [flags[kept] for flags, kept in zip(hard, positions, strict=True)]
+        images = [
+            image or Path(image_dir) / filename
+            for (image, _), (filename, _, _) in zip(listed, parsed, strict=True)
+        ]
+        _refuse_images_of_two_files(images, xml_files)
         super().__init__(
-            [
-                image or Path(image_dir) / filename
-                for (image, _), (filename, _, _) in zip(listed, parsed, strict=True)
-            ],
+            images,
             boxes,
             labels,
             names,
@@ -446,6 +448,20 @@ class VocDetection(DetectionDataset):
         except (ET.ParseError, ValueError, TypeError) as exc:
             raise DataError(f"{path} is not a valid VOC annotation file ({exc})") from None
         return filename, objects, (width, height) if width > 0 and height > 0 else None
+
+
+def _refuse_images_of_two_files(images: list[Path], xml_files: list[Path]) -> None:
+    """A DataError for an image that two annotation files describe (a copy of an XML file
+    left beside it, say): each would be trained on with only its own boxes, the other's
+    objects taught as background. A list line repeated, the same image and file twice,
+    stays: that only shows the image more often."""
+    first_file: dict[Path, Path] = {}
+    for image, xml in zip(images, xml_files, strict=True):
+        if first_file.setdefault(image, xml) != xml:
+            raise DataError(
+                f"{first_file[image]} and {xml} both annotate the image {image}; give each "
+                "image one annotation file, with all its boxes"
+            )
 
 
 def _voc_list(path: Path, root: Path) -> list[tuple[Path, Path]]:
