@@ -216,6 +216,10 @@ def test_training_evaluation_scores_the_boxes_clipped_to_the_image(tmp_path: Pat
     )
     voc = VocDetection(tmp_path / "voc", tmp_path, class_names=("red", "blue"))
     assert evaluate_detector(model, voc, 128)["mAP"] == pytest.approx(1.0)
+    # Its box drawn past the photo's edges, in a file that records no size to clip it to
+    # as it loads: clipped when the photo is read, as the detection is.
+    past_edges = CocoDetection(_write_coco(tmp_path, [[(-10, -5, 120, 80, 0)]]), tmp_path)
+    assert evaluate_detector(model, past_edges, 128)["mAP"] == pytest.approx(1.0)
 
 
 # ---------------------------------------------------------------- datasets

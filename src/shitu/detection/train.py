@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from shitu.config.schema import LRConfig, OptimizerConfig
 from shitu.detection.coco_eval import evaluate_boxes
-from shitu.detection.data import DetectionDataset, collate
+from shitu.detection.data import DetectionDataset, clip_boxes, collate
 from shitu.detection.detector import detections_in_image, preprocess
 from shitu.detection.input_size import check_input_size
 from shitu.detection.losses import picodet_loss
@@ -171,9 +171,16 @@ def evaluate_detector(
     the cube of the candidates, and an untrained model scores everything alike).
     """
     model.eval()
-    detections, truths = [], []
+    detections, truths, difficult = [], [], []
     for index in tqdm(range(len(dataset)), "evaluating", unit="img", disable=not progress):
         image = np.asarray(dataset.load_image(index))
+        # Clipped to the photo as the detections are (and as training sees them), also where
+        # the annotations record no size to clip them to as they load: a box past the edge
+        # would otherwise never overlap its detection fully.
+        boxes, labels = dataset.targets(index)
+        boxes, kept = clip_boxes(boxes, np.arange(len(boxes)), image.shape[1], image.shape[0])
+        truths.append((boxes, labels[kept]))
+        difficult.append(dataset.difficult[index][kept])
         scores, boxes = model.predict(torch.from_numpy(preprocess(image, (size, size))[None]))
         detections.append(
             detections_in_image(
@@ -187,8 +194,7 @@ def evaluate_detector(
                 nms_top_k=nms_top_k,
             )
         )
-        truths.append(dataset.targets(index))
-    return evaluate_boxes(detections, truths, crowds=dataset.crowds, difficult=dataset.difficult)
+    return evaluate_boxes(detections, truths, crowds=dataset.crowds, difficult=difficult)
 
 
 class DetectionTrainer:
