@@ -1002,6 +1002,10 @@ def test_detection_data_is_clipped_counted_and_matched_by_class_name(
     path.write_text(json.dumps(data))
     with pytest.raises(DataError, match=r"^the training data's 2 images hold no boxes \(none"):
         DetectionTrainer(CocoDetection(path, tmp_path), DetectionTrainConfig())
+    one_photo = CocoDetection(_write_coco(tmp_path, [[(10, 10, 30, 30, 0)]]), tmp_path)
+    config = DetectionTrainConfig(batch_size=4, train_sizes=(64, 96), eval_size=64)
+    with pytest.raises(ConfigError, match=r"^batches of one image .* at input sizes \[64\], wh"):
+        DetectionTrainer(one_photo, config)
     data["images"], data["annotations"] = [], []
     path.write_text(json.dumps(data))
     with pytest.raises(DataError, match=f"^{re.escape(str(path))}: lists no images"):

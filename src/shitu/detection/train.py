@@ -216,6 +216,7 @@ class DetectionTrainer:
             class_names=dataset.class_names,
             input_size=config.eval_size,
         )
+        _check_batch_norm_can_train(model, min(config.batch_size, len(dataset)), config)
         self.model, self.dataset, self.config = model, dataset, config
         self.ema = ModelEMA(model, config.ema_decay)
         batches = EpochBatches(len(dataset), config.batch_size, config.seed)
@@ -460,6 +461,20 @@ class DetectionTrainer:
         self.ema.updates = state["ema_updates"]
         self.optimizer.load_state_dict(state["optimizer"])
         restore_rng_state(state["rng"])
+
+
+def _check_batch_norm_can_train(model: PicoDet, images: int, config: DetectionTrainConfig) -> None:
+    """A ConfigError for batches of one image at a size whose coarsest level is a single
+    cell: batch norm cannot learn from one value per channel, and the first such step failed
+    with torch's "Expected more than 1 value per channel when training"."""
+    coarsest = max(model.arch.strides)
+    too_small = [size for size in config.train_sizes if size <= coarsest]
+    if images == 1 and too_small:
+        raise ConfigError(
+            f"batches of one image cannot train at input sizes {too_small}, where the coarsest "
+            "level is one cell (batch norm needs more than one value per channel); give sizes "
+            f"above {coarsest}, or a batch size and a training set of at least 2 images"
+        )
 
 
 def _as_list(value: Any) -> Any:
