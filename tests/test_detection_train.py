@@ -346,6 +346,10 @@ def test_voc_dataset_parsing(tmp_path: Path, caplog: pytest.LogCaptureFixture) -
         (tmp_path / "ann" / "a.xml").write_text(swapped.replace("<ymax>9", f"<ymax>{value}"))
         with pytest.raises(DataError, match=rf"object 2: its <bndbox> \[12.0, 5.0, 9.0, {value}\]"):
             VocDetection(tmp_path / "ann", tmp_path)
+    (tmp_path / "ann" / "a.xml").write_text("<annotation><filename>a.jpg</filename></annotation>")
+    expected = r": none of its 1 annotation files has an <object>, so there are no classes$"
+    with pytest.raises(DataError, match=expected):
+        VocDetection(tmp_path / "ann", tmp_path)
     (tmp_path / "ann" / "a.xml").write_text(swapped)
     with pytest.raises(DataError, match=r"^class_names: \['cup'\] are listed more than once"):
         VocDetection(tmp_path / "ann", tmp_path, class_names=["cup", "box", "cup"])

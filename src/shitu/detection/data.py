@@ -381,6 +381,11 @@ class VocDetection(DetectionDataset):
         xml_files = [xml for _, xml in listed]
         parsed = [self._parse(path, image is None) for image, path in listed]
         names = tuple(class_names or sorted({n for _, objs, _ in parsed for n, _, _ in objs}))
+        if not names:  # said in VOC's terms, not as the base class's COCO "categories"
+            raise DataError(
+                f"{annotation_dir}: none of its {len(listed)} annotation files has an <object>, "
+                "so there are no classes"
+            )
         index = {name: i for i, name in enumerate(names)}
         boxes, positions, class_ids, hard = [], [], [], []
         for path, (_, objects, _) in zip(xml_files, parsed, strict=True):
