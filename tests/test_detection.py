@@ -331,6 +331,11 @@ def test_load_detector_errors(tmp_path: Path, caplog) -> None:
         load_detector(tmp_path / "missing.onnx")
     with pytest.raises(CheckpointError, match=r"is a folder, not a detector file; give our"):
         load_detector(tmp_path)
+    run = tmp_path / "run"  # detect-train's --out, given as a recognition model's folder is
+    run.mkdir()
+    save_detector(build_picodet("picodet_s_esnet", input_size=64), run / "model.pt")
+    with pytest.raises(CheckpointError, match=rf"\(.onnx\); it holds {run / 'model.pt'}$"):
+        load_detector(run)
     params = tmp_path / "model.pdparams"
     params.write_bytes(b"x")
     with pytest.raises(

@@ -216,6 +216,10 @@ def test_training_evaluation_scores_the_boxes_clipped_to_the_image(tmp_path: Pat
     )
     voc = VocDetection(tmp_path / "voc", tmp_path, class_names=("red", "blue"))
     assert evaluate_detector(model, voc, 128)["mAP"] == pytest.approx(1.0)
+    # Its box drawn past the photo's edges, in a file that records no size to clip it to
+    # as it loads: clipped when the photo is read, as the detection is.
+    past_edges = CocoDetection(_write_coco(tmp_path, [[(-10, -5, 120, 80, 0)]]), tmp_path)
+    assert evaluate_detector(model, past_edges, 128)["mAP"] == pytest.approx(1.0)
 
 
 # ---------------------------------------------------------------- datasets
@@ -342,6 +346,10 @@ def test_voc_dataset_parsing(tmp_path: Path, caplog: pytest.LogCaptureFixture) -
         (tmp_path / "ann" / "a.xml").write_text(swapped.replace("<ymax>9", f"<ymax>{value}"))
         with pytest.raises(DataError, match=rf"object 2: its <bndbox> \[12.0, 5.0, 9.0, {value}\]"):
             VocDetection(tmp_path / "ann", tmp_path)
+    (tmp_path / "ann" / "a.xml").write_text("<annotation><filename>a.jpg</filename></annotation>")
+    expected = r": none of its 1 annotation files has an <object>, so there are no classes$"
+    with pytest.raises(DataError, match=expected):
+        VocDetection(tmp_path / "ann", tmp_path)
     (tmp_path / "ann" / "a.xml").write_text(swapped)
     with pytest.raises(DataError, match=r"^class_names: \['cup'\] are listed more than once"):
         VocDetection(tmp_path / "ann", tmp_path, class_names=["cup", "box", "cup"])
@@ -380,6 +388,14 @@ def test_voc_data_from_a_paddledetection_list(
                "--train-sizes", "64", "--out", str(tmp_path / "run")]  # fmt: skip
     assert main(command) == 0
     assert set(json.loads(capsys.readouterr().out.splitlines()[-1])) == {"mAP", "AP50"}
+    (tmp_path / "Annotations" / "img0 (copy).xml").write_bytes(
+        (tmp_path / "Annotations" / "img0.xml").read_bytes()
+    )
+    expected = r"img0 \(copy\).xml and \S*img0.xml both annotate the image \S*img0.png; give"
+    with pytest.raises(DataError, match=expected):
+        VocDetection(tmp_path / "Annotations", tmp_path / "JPEGImages")
+    (tmp_path / "trainval.txt").write_text("\n".join([lines[0], lines[0]]))  # oversampled
+    assert len(VocDetection(tmp_path / "trainval.txt", tmp_path)) == 2
     missing = tmp_path / "tranval.txt"  # mistyped: not "no VOC annotation files in" it
     with pytest.raises(DataError, match=f"^VOC annotations {missing}: no such folder or list"):
         VocDetection(missing, tmp_path)
@@ -417,6 +433,12 @@ def test_missing_or_malformed_coco_file(tmp_path: Path) -> None:
         expected = rf"two {what}s have the id {broken[key][0]['id']}; ids must be unique"
         with pytest.raises(DataError, match=rf"valid COCO annotation file \({expected}\)$"):
             CocoDetection(coco, tmp_path)
+    broken = copy.deepcopy(data)  # one photo twice: each entry with some of its boxes
+    broken["images"][1]["file_name"] = "./" + broken["images"][0]["file_name"]
+    coco.write_text(json.dumps(broken))
+    expected = r"the images 1 and 2 are both the file './img0.png'; list each photo once"
+    with pytest.raises(DataError, match=rf"valid COCO annotation file \({expected}"):
+        CocoDetection(coco, tmp_path)
     broken = copy.deepcopy(data)  # a string: truthy, it made every box a crowd region
     broken["annotations"][0]["iscrowd"] = "0"
     coco.write_text(json.dumps(broken))
@@ -984,6 +1006,10 @@ def test_detection_data_is_clipped_counted_and_matched_by_class_name(
     path.write_text(json.dumps(data))
     with pytest.raises(DataError, match=r"^the training data's 2 images hold no boxes \(none"):
         DetectionTrainer(CocoDetection(path, tmp_path), DetectionTrainConfig())
+    one_photo = CocoDetection(_write_coco(tmp_path, [[(10, 10, 30, 30, 0)]]), tmp_path)
+    config = DetectionTrainConfig(batch_size=4, train_sizes=(64, 96), eval_size=64)
+    with pytest.raises(ConfigError, match=r"^batches of one image .* at input sizes \[64\], wh"):
+        DetectionTrainer(one_photo, config)
     data["images"], data["annotations"] = [], []
     path.write_text(json.dumps(data))
     with pytest.raises(DataError, match=f"^{re.escape(str(path))}: lists no images"):

@@ -235,6 +235,7 @@ class CocoDetection(DetectionDataset):
             image_ids = [img["id"] for img in data["images"]]
             _refuse_repeated_ids("image", image_ids)
             files = {img["id"]: Path(image_root) / img["file_name"] for img in data["images"]}
+            _refuse_repeated_files(data["images"], files)
             sizes = [_recorded_size(img) for img in data["images"]]
             per_image: dict[int, list[tuple[list[float], int, bool]]] = {i: [] for i in image_ids}
             for ann in data["annotations"]:
@@ -312,6 +313,21 @@ def _refuse_repeated_ids(what: str, ids: list) -> None:
         seen.add(item_id)
 
 
+def _refuse_repeated_files(images: list[dict], files: dict) -> None:
+    """A ValueError for two image entries of one file (COCO files merged, say): each would
+    be trained on with only its own boxes, the other's objects taught as background, and
+    evaluated so, a detection of those counted as wrong."""
+    first_id: dict[Path, object] = {}
+    for image in images:
+        file = files[image["id"]]
+        if file in first_id:
+            raise ValueError(
+                f"the images {first_id[file]!r} and {image['id']!r} are both the file "
+                f"{image['file_name']!r}; list each photo once, with all its boxes"
+            )
+        first_id[file] = image["id"]
+
+
 def _check_category_names(categories: list[dict]) -> None:
     """A ValueError for a category name that is not text, or is empty, and for two
     categories of one name: classes are known by name (the model's class names, a validation
@@ -365,6 +381,11 @@ class VocDetection(DetectionDataset):
         xml_files = [xml for _, xml in listed]
         parsed = [self._parse(path, image is None) for image, path in listed]
         names = tuple(class_names or sorted({n for _, objs, _ in parsed for n, _, _ in objs}))
+        if not names:  # said in VOC's terms, not as the base class's COCO "categories"
+            raise DataError(
+                f"{annotation_dir}: none of its {len(listed)} annotation files has an <object>, "
+                "so there are no classes"
+            )
         index = {name: i for i, name in enumerate(names)}
         boxes, positions, class_ids, hard = [], [], [], []
         for path, (_, objects, _) in zip(xml_files, parsed, strict=True):
@@ -385,11 +406,13 @@ class VocDetection(DetectionDataset):
         boxes, positions = _clip_to_recorded_sizes(annotation_dir, boxes, positions, sizes)
         labels = [ids[kept] for ids, kept in zip(class_ids, positions, strict=True)]
         difficult = [flags[kept] for flags, kept in zip(hard, positions, strict=True)]
+        images = [
+            image or Path(image_dir) / filename
+            for (image, _), (filename, _, _) in zip(listed, parsed, strict=True)
+        ]
+        _refuse_images_of_two_files(images, xml_files)
         super().__init__(
-            [
-                image or Path(image_dir) / filename
-                for (image, _), (filename, _, _) in zip(listed, parsed, strict=True)
-            ],
+            images,
             boxes,
             labels,
             names,
@@ -430,6 +453,20 @@ class VocDetection(DetectionDataset):
         except (ET.ParseError, ValueError, TypeError) as exc:
             raise DataError(f"{path} is not a valid VOC annotation file ({exc})") from None
         return filename, objects, (width, height) if width > 0 and height > 0 else None
+
+
+def _refuse_images_of_two_files(images: list[Path], xml_files: list[Path]) -> None:
+    """A DataError for an image that two annotation files describe (a copy of an XML file
+    left beside it, say): each would be trained on with only its own boxes, the other's
+    objects taught as background. A list line repeated, the same image and file twice,
+    stays: that only shows the image more often."""
+    first_file: dict[Path, Path] = {}
+    for image, xml in zip(images, xml_files, strict=True):
+        if first_file.setdefault(image, xml) != xml:
+            raise DataError(
+                f"{first_file[image]} and {xml} both annotate the image {image}; give each "
+                "image one annotation file, with all its boxes"
+            )
 
 
 def _voc_list(path: Path, root: Path) -> list[tuple[Path, Path]]:

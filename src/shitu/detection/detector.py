@@ -298,9 +298,14 @@ def load_detector(
     threads (None: the runtime's default; torch's setting is process-wide)."""
     path = Path(path)
     if path.is_dir():  # a Paddle inference folder, say, as PP-ShiTu's configs name one
+        # detect-train's --out folder, given as a recognition model's folder is given
+        exports = [
+            str(path / name) for name in ("model.onnx", "model.pt") if (path / name).is_file()
+        ]
+        held = f"; it holds {' or '.join(exports)}" if exports else ""
         raise CheckpointError(
             f"{path} is a folder, not a detector file; give our checkpoint (.pt), a "
-            "PaddleDetection .pdparams or an ONNX export (.onnx)"
+            f"PaddleDetection .pdparams or an ONNX export (.onnx){held}"
         )
     if not path.is_file():
         raise CheckpointError(f"detector file not found: {path}")

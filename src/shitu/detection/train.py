@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from shitu.config.schema import LRConfig, OptimizerConfig
 from shitu.detection.coco_eval import evaluate_boxes
-from shitu.detection.data import DetectionDataset, collate
+from shitu.detection.data import DetectionDataset, clip_boxes, collate
 from shitu.detection.detector import detections_in_image, preprocess
 from shitu.detection.input_size import check_input_size
 from shitu.detection.losses import picodet_loss
@@ -171,9 +171,16 @@ def evaluate_detector(
     the cube of the candidates, and an untrained model scores everything alike).
     """
     model.eval()
-    detections, truths = [], []
+    detections, truths, difficult = [], [], []
     for index in tqdm(range(len(dataset)), "evaluating", unit="img", disable=not progress):
         image = np.asarray(dataset.load_image(index))
+        # Clipped to the photo as the detections are (and as training sees them), also where
+        # the annotations record no size to clip them to as they load: a box past the edge
+        # would otherwise never overlap its detection fully.
+        boxes, labels = dataset.targets(index)
+        boxes, kept = clip_boxes(boxes, np.arange(len(boxes)), image.shape[1], image.shape[0])
+        truths.append((boxes, labels[kept]))
+        difficult.append(dataset.difficult[index][kept])
         scores, boxes = model.predict(torch.from_numpy(preprocess(image, (size, size))[None]))
         detections.append(
             detections_in_image(
@@ -187,8 +194,7 @@ def evaluate_detector(
                 nms_top_k=nms_top_k,
             )
         )
-        truths.append(dataset.targets(index))
-    return evaluate_boxes(detections, truths, crowds=dataset.crowds, difficult=dataset.difficult)
+    return evaluate_boxes(detections, truths, crowds=dataset.crowds, difficult=difficult)
 
 
 class DetectionTrainer:
@@ -210,6 +216,7 @@ class DetectionTrainer:
             class_names=dataset.class_names,
             input_size=config.eval_size,
         )
+        _check_batch_norm_can_train(model, min(config.batch_size, len(dataset)), config)
         self.model, self.dataset, self.config = model, dataset, config
         self.ema = ModelEMA(model, config.ema_decay)
         batches = EpochBatches(len(dataset), config.batch_size, config.seed)
@@ -454,6 +461,20 @@ class DetectionTrainer:
         self.ema.updates = state["ema_updates"]
         self.optimizer.load_state_dict(state["optimizer"])
         restore_rng_state(state["rng"])
+
+
+def _check_batch_norm_can_train(model: PicoDet, images: int, config: DetectionTrainConfig) -> None:
+    """A ConfigError for batches of one image at a size whose coarsest level is a single
+    cell: batch norm cannot learn from one value per channel, and the first such step failed
+    with torch's "Expected more than 1 value per channel when training"."""
+    coarsest = max(model.arch.strides)
+    too_small = [size for size in config.train_sizes if size <= coarsest]
+    if images == 1 and too_small:
+        raise ConfigError(
+            f"batches of one image cannot train at input sizes {too_small}, where the coarsest "
+            "level is one cell (batch norm needs more than one value per channel); give sizes "
+            f"above {coarsest}, or a batch size and a training set of at least 2 images"
+        )
 
 
 def _as_list(value: Any) -> Any:
