@@ -957,6 +957,46 @@ def test_eval_warns_of_queries_that_find_their_own_file_the_id_rule_keeps(tmp_pa
     assert "2 of 3 query images are listed more than once (the same file or a copy)" in log
 
 
+@pytest.mark.parametrize(
+    ("query", "gallery", "warned"),
+    [
+        ("ids", "plain", "Query lists unique ids (a third column) but DataLoader.Eval.Gallery"),
+        ("plain", "ids", "Gallery lists unique ids (a third column) but DataLoader.Eval.Query"),
+        ("ids", "other ids", None),
+    ],
+)
+def test_eval_warns_when_only_one_label_file_lists_unique_ids(
+    tmp_path, caplog, query, gallery, warned
+):
+    """Ids leave a query's own gallery entries out only when both label files list them:
+    ids in one file alone were ignored without a word, every such entry left in."""
+    import torch
+
+    from shitu.config import load_config
+    from shitu.engine.distributed import DistContext
+    from shitu.engine.evaluate import RetrievalEvaluation
+
+    write_eval_set(tmp_path, GALLERY_CLASSES, "plain")
+    ops = "[ResizeImage: {size: 32}, NormalizeImage: {}]"
+    ids = {"ids": (" 0", " 1"), "other ids": (" 7", " 8"), "plain": ("", "")}
+    sets = []
+    for kind in (query, gallery):
+        listing = tmp_path / f"{kind}.txt"
+        apple, banana = ids[kind]
+        listing.write_text(f"apple.png 10{apple}\nbanana.png 20{banana}\n")
+        sets.append(
+            f"{{name: LabelFileDataset, image_root: {tmp_path}, "
+            f"cls_label_path: '{listing}', transform_ops: {ops}}}"
+        )
+    config = load_config(str(write_eval_config(tmp_path, *sets)))
+    with caplog.at_level(logging.WARNING):
+        RetrievalEvaluation(config, DistContext(0, 1, 0, torch.device("cpu")), seed=0)
+    if warned:
+        assert f"DataLoader.Eval.{warned} does not" in caplog.text
+    else:
+        assert "lists unique ids" not in caplog.text
+
+
 def test_only_the_main_process_warns_of_queries_in_the_gallery(tmp_path, caplog):
     """Under torchrun every process builds the evaluation: the warning came once per
     process (eight times on eight GPUs), where the metrics are printed once."""

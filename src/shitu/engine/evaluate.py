@@ -195,6 +195,7 @@ class RetrievalEvaluation:
         self.evaluator = RetrievalEvaluator.from_metric_config(
             metric_items, re_ranking=config.Global.re_ranking
         )
+        self._warn_of_ids_in_one_file()
         self._warn_of_shared_images()
         self._check_positives()
         if self.evaluator.re_ranking is not None:
@@ -205,6 +206,24 @@ class RetrievalEvaluation:
                 queries if gallery is None else len(gallery),
                 self.evaluator.re_ranking.max_samples,
             )
+
+    def _warn_of_ids_in_one_file(self) -> None:
+        """Warn where only one of the query and gallery label files lists unique ids: ids
+        leave a query's own gallery entries out only when both list them (PaddleClas needs
+        both), so the ids given are unused and every such entry stays in the ranking."""
+        if not self.context.is_main or self.gallery_loader is None:
+            return
+        query_ids = has_unique_ids(self.query_loader)
+        if query_ids == has_unique_ids(self.gallery_loader):
+            return
+        listed, unlisted = ("Query", "Gallery") if query_ids else ("Gallery", "Query")
+        logger.warning(
+            "DataLoader.Eval.%s lists unique ids (a third column) but DataLoader.Eval.%s does "
+            "not: ids leave a query's own gallery entries out only when both sets list them, "
+            "so none is left out",
+            listed,
+            unlisted,
+        )
 
     def _warn_of_shared_images(self) -> None:
         """Warn of query photos that find a gallery entry of their own file (or a copy of it:
@@ -240,7 +259,8 @@ class RetrievalEvaluation:
             what = "gallery images too (the same file or a copy): each finds itself"
             advice = (
                 "Leave out DataLoader.Eval.Gallery to search the query set against itself "
-                "without its own entries, or list unique ids (a third column)"
+                "without its own entries, or list unique ids (a third column) in both label "
+                "files"
             )
         logger.warning(
             "%d of %d query images are %s first and counts as a hit. %s",
