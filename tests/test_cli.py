@@ -890,6 +890,21 @@ def test_eval_matches_query_and_gallery_classes_by_label_not_by_number(
     assert result == {"recall@1": 1.0, "num_queries": 3, "num_queries_without_positive": 1}
 
 
+def test_eval_names_the_query_classes_the_gallery_lacks(tmp_path, capsys, caplog):
+    """`shitu eval` counted the queries without a match but named none of their classes
+    (only `shitu train` did): a class folder named another way in the gallery went unseen."""
+    query = write_eval_set(tmp_path / "query", QUERY_CLASSES, "names")
+    gallery = write_eval_set(tmp_path / "gallery", GALLERY_CLASSES, "folder")
+    config = write_eval_config(tmp_path, query, gallery)
+    with caplog.at_level(logging.WARNING):
+        assert shitu_main(["eval", "-c", str(config), "--no-progress"]) == 0
+    assert "(1 without a match in the gallery, not counted)" in capsys.readouterr().out
+    assert (
+        "DataLoader.Eval: 1 of 3 queries have no match in the gallery (classes 'durian'): "
+        "each evaluation leaves them out of its metrics"
+    ) in caplog.text
+
+
 def test_eval_names_both_sets_classes_when_they_share_none(tmp_path, capsys):
     """Class names against class ids: no query can match, and the error shows why (both
     sets' classes), not only that no query has a positive."""

@@ -281,7 +281,9 @@ class RetrievalEvaluation:
     def _check_positives(self) -> None:
         """Refuse query and gallery sets that share no label now, before any embedding (or a
         training run's epochs): no query would have a match, so no metric is defined. Else
-        count the queries without a match, which every metric leaves out, and their classes."""
+        warn of the queries without a match, which every metric leaves out, naming their
+        classes (a class folder named another way in the gallery, say): the metrics count
+        them, but which they are only a look at both sets would otherwise show."""
         queries = dataset_of(self.query_loader)
         gallery = dataset_of(self.gallery_loader) if self.gallery_loader else queries
         excluded = self._excludes_own_entries()
@@ -294,9 +296,15 @@ class RetrievalEvaluation:
             for query, (label, unique_id) in enumerate(zip(labels, queries.unique_ids, strict=True))
             if per_label[label] <= own[(label, unique_id)]
         ]
-        self.unmatched_query_classes = _class_list(queries, [queries.labels[q] for q in unmatched])
-        self.num_queries_without_positive = len(unmatched)
         if len(unmatched) < len(labels):
+            if unmatched and self.context.is_main:
+                logger.warning(
+                    "DataLoader.Eval: %d of %d queries have no match in the gallery (classes "
+                    "%s): each evaluation leaves them out of its metrics",
+                    len(unmatched),
+                    len(labels),
+                    _class_list(queries, [queries.labels[q] for q in unmatched]),
+                )
             return
         if per_label.keys().isdisjoint(labels):
             reason = (

@@ -228,15 +228,6 @@ class Trainer:
             self.evaluation = RetrievalEvaluation(
                 config, self.context, self.seed, leave_stopping_to_the_trainer, progress
             )
-            unmatched = self.evaluation.num_queries_without_positive
-            if unmatched and self.context.is_main:
-                logger.warning(
-                    "DataLoader.Eval: %d of %d queries have no match in the gallery (classes "
-                    "%s): each evaluation leaves them out of its metrics",
-                    unmatched,
-                    len(dataset_of(self.evaluation.query_loader)),
-                    self.evaluation.unmatched_query_classes,
-                )
             unreached = config.Global.unreached_eval_interval()
             unevaluated = config.Global.epochs % config.Global.eval_interval
             if unreached is not None and self.context.is_main:
