@@ -905,6 +905,23 @@ def test_eval_names_the_query_classes_the_gallery_lacks(tmp_path, capsys, caplog
     ) in caplog.text
 
 
+def test_eval_matches_listed_ids_against_numbered_classes_by_the_ids_listed_only(tmp_path):
+    """Queries listing product ids (barcodes, say) against a gallery of folders named by
+    them: the ids were matched through a table as long as the largest id, 29 s and 1.7 GB
+    for 8-digit ids and beyond any memory for 13-digit barcodes; now only the ids listed."""
+    from shitu.data.datasets.folder import ImageFolderDataset
+    from shitu.data.datasets.label_file import LabelFileDataset
+    from shitu.engine.evaluate import gallery_numbering
+
+    classes = {"oats": 4006381, "milk": 8710398, "tea": 5000112}
+    write_eval_set(tmp_path / "query", classes, "plain")
+    write_eval_set(tmp_path / "gallery", {"oats": 4006381, "milk": 8710398}, "numbered folder")
+    queries = LabelFileDataset(tmp_path / "query", tmp_path / "query" / "list.txt")
+    gallery = ImageFolderDataset(tmp_path / "gallery")
+    # The gallery numbers its folders '4006381', '8710398' as 0, 1; tea is in none of them.
+    assert gallery_numbering(queries, gallery) == {4006381: 0, 8710398: 1, 5000112: 2}
+
+
 def test_eval_names_both_sets_classes_when_they_share_none(tmp_path, capsys):
     """Class names against class ids: no query can match, and the error shows why (both
     sets' classes), not only that no query has a positive."""

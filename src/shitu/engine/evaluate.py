@@ -348,7 +348,9 @@ class RetrievalEvaluation:
     def _in_gallery_numbering(self, labels: torch.Tensor) -> torch.Tensor:
         """Query labels as the gallery numbers their classes (see `gallery_numbering`)."""
         table = self._gallery_labels
-        return labels if table is None else table[labels]
+        if table is None:
+            return labels
+        return torch.tensor([table[label] for label in labels.tolist()], dtype=torch.long)
 
 
 def check_finite(embedded: EmbeddedSet, loader: DataLoader, description: str, amp: str) -> None:
@@ -372,28 +374,32 @@ def check_finite(embedded: EmbeddedSet, loader: DataLoader, description: str, am
     )
 
 
-def gallery_numbering(queries: Any, gallery: Any) -> torch.Tensor | None:
+def gallery_numbering(queries: Any, gallery: Any) -> dict[int, int] | None:
     """By query label, the gallery's label of the same class; None when neither dataset
     numbers its labels itself (both hold the listed ids).
 
     A label file of class names (or of relabelled ids) or an image folder numbers only the
     classes it lists, so one number can stand for two classes in the two sets: they are
-    matched through `label_keys` instead, a dataset without them standing for its own
-    numbers. A query class the gallery lacks gets a label no gallery item has, so its
-    queries have no positive, as with listed ids.
+    matched through `label_keys` instead, a dataset without them standing for the ids it
+    lists (only those: ids such as 13-digit barcodes are no table's size). A query class
+    the gallery lacks gets a label no gallery item has, so its queries have no positive,
+    as with listed ids.
     """
     datasets = (queries, gallery)
     numbered = [getattr(dataset, "label_keys", None) for dataset in datasets]
     if all(keys is None for keys in numbered):
         return None
     query_keys, gallery_keys = (
-        range(max(dataset.labels) + 1) if keys is None else keys
+        {label: label for label in set(dataset.labels)} if keys is None else dict(enumerate(keys))
         for dataset, keys in zip(datasets, numbered, strict=True)
     )
     # Keys of one set are all names (str) or all ids (int); against ids, a name is its id.
-    by_id = not all(isinstance(keys[0], str) for keys in (query_keys, gallery_keys))
-    ids = {_comparable(key, by_id): label for label, key in enumerate(gallery_keys)}
-    return torch.tensor([ids.get(_comparable(key, by_id), len(gallery_keys)) for key in query_keys])
+    by_id = not all(
+        isinstance(next(iter(keys.values())), str) for keys in (query_keys, gallery_keys)
+    )
+    ids = {_comparable(key, by_id): label for label, key in gallery_keys.items()}
+    absent = max(gallery.labels) + 1
+    return {label: ids.get(_comparable(key, by_id), absent) for label, key in query_keys.items()}
 
 
 def _comparable(key: str | int, by_id: bool) -> str | int:
