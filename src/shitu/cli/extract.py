@@ -73,7 +73,9 @@ def _extract(args: argparse.Namespace) -> int:
     targets = [out.parent / f"{out.name}{suffix}" for suffix in (".npy", ".txt")]
     if not out.name or any(target.is_dir() for target in targets):  # now, not after embedding
         raise DataError(f"--out {args.out}: names a folder; give a file prefix such as feats")
-    if Path(args.out).is_dir():  # `--out feats/`: the files would go beside it, not into it
+    # `--out feats/`: the files would go beside the folder, not into it (one not yet made
+    # would never be: feats.npy and feats.txt would be written for it)
+    if Path(args.out).is_dir() or args.out.endswith(("/", os.sep)):
         raise DataError(
             f"--out {args.out}: names a folder; give a file prefix in it, such as {out / 'feats'}"
         )
