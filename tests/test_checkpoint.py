@@ -502,6 +502,8 @@ def test_average_weights_refuses_files_of_different_models(tmp_path):
     # what only steers training may differ between the runs of a soup
     trained = dict(ARCH, frozen_layers=["backbone.stem"])
     trained["Backbone"] = dict(ARCH["Backbone"], pretrained="imagenet.safetensors")
+    # a margin sweep: the margin and scale shape only the training logits
+    trained["Head"] = dict(ARCH["Head"], margin=0.3, scale=30.0, easy_margin=True)
     frozen = save_weights(state, tmp_path / "e.safetensors", model_metadata(model, trained))
     assert average_weights([base, frozen])[1] == metadata
     other_neck = dict(trained, Neck={"name": "BNNeck", "num_features": 64, "bias_frozen": True})

@@ -216,13 +216,24 @@ def _torch_load_failure(path: Path, error: Exception) -> str:
     )
 
 
+# Settings of the margin heads (ArcMargin, CosMargin, CircleMargin) that shape only their
+# training logits: out of training they give plain cosines to the class weights, so runs
+# of a margin or scale sweep hold weights of one model.
+_TRAINING_LOGIT_HEAD_SETTINGS = ("margin", "scale", "easy_margin")
+
+
 def weight_shaping_arch(arch: dict[str, Any]) -> dict[str, Any]:
-    """An Arch config (as JSON data) without its training-only settings and without where
-    the backbone's starting weights came from: soups mix runs that differ only there."""
+    """An Arch config (as JSON data) without its training-only settings (frozen layers, a
+    margin head's margin and scale) and without where the backbone's starting weights came
+    from: soups mix runs that differ only there."""
     shaping = {name: value for name, value in arch.items() if name not in TRAINING_ONLY_ARCH}
-    if isinstance(shaping.get("Backbone"), dict):
-        backbone = shaping["Backbone"]
-        shaping["Backbone"] = {name: v for name, v in backbone.items() if name != "pretrained"}
+    for section, left_out in (
+        ("Backbone", ("pretrained",)),
+        ("Head", _TRAINING_LOGIT_HEAD_SETTINGS),
+    ):
+        if isinstance(shaping.get(section), dict):
+            settings = shaping[section]
+            shaping[section] = {name: v for name, v in settings.items() if name not in left_out}
     return shaping
 
 
