@@ -616,6 +616,23 @@ def test_pretrained_share_refuses_folded_weights(tmp_path):
     assert result.returncode == 2, result.stderr
     assert "folded.safetensors holds folded (re-parameterised) weights" in result.stderr
     assert not (tmp_path / "mixed.safetensors").exists()
+    # The other way round: a config whose pretrained file is folded (an export's weights).
+    # Loading it folds the backbone mixed in, which then lacks the weights' rep branches.
+    unfolded = make_model(seed=2)
+    tuned = save_weights(
+        unfolded.state_dict(), tmp_path / "tuned.safetensors", model_metadata(unfolded, ARCH)
+    )
+    arch["Backbone"]["pretrained"] = str(path)
+    config.write_text(json.dumps({"Arch": arch, "Global": {"image_shape": [3, 64, 64]}}))
+    result = run_shitu("average", str(tuned), "--pretrained-share", "0.2", "--layers", "backbone",
+                       "-c", str(config), "--out", str(tmp_path / "mixed.safetensors"))  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == (
+        f"error: {config}: Arch.Backbone.pretrained holds folded (re-parameterised) weights, "
+        "an export's, which unfolded weights cannot be mixed with: give the weights they were "
+        "folded from\n"
+    )
+    assert not (tmp_path / "mixed.safetensors").exists()
 
 
 def test_convert_counts_the_file_tensors_it_leaves_out(tmp_path):
