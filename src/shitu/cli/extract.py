@@ -65,8 +65,13 @@ def _extract(args: argparse.Namespace) -> int:
     from shitu.inference import FeatureExtractor, default_model_dir
 
     files, _ = expand_images(args.inputs)
-    if any("\n" in str(f) for f in files):
-        raise DataError("a file name contains a line break; it cannot go into the paths list")
+    # Found in a folder of thousands, the file must be named for the user to rename it.
+    broken = next((f for f in files if "\n" in str(f)), None)
+    if broken is not None:
+        raise DataError(
+            f"{str(broken)!r}: its name holds a line break, which the paths list (one path "
+            "a line) cannot hold; rename the file or leave it out"
+        )
     out = Path(args.out)
     if out.suffix.lower() in (".npy", ".txt"):  # a file name given for the prefix
         out = out.with_suffix("")
