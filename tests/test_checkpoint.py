@@ -287,6 +287,22 @@ def test_average_names_what_it_cannot_read(tmp_path):
         assert "Traceback" not in result.stderr
 
 
+def test_average_of_torch_files_with_another_tools_metadata_keeps_its_text(tmp_path):
+    """A torch file's `metadata` from another tool may hold numbers (or be no dict): a
+    .safetensors soup of it keeps the text entries, which are all that format holds (it was
+    a TypeError traceback, or a ValueError for metadata that is text)."""
+    state = make_model().state_dict()
+    runs = []
+    for index, metadata in enumerate([{"epoch": 3, "note": "run a", 7: "seven"}, "run b"]):
+        runs.append(tmp_path / f"run{index}.pt")
+        torch.save({"state_dict": state, "metadata": metadata}, runs[-1])
+    out = tmp_path / "soup.safetensors"
+    result = run_shitu("average", *map(str, runs), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert read_weights(out)[1] == {"note": "run a"}
+    assert read_weights(runs[1])[1] == {}
+
+
 def test_save_refuses_unknown_suffix(tmp_path):
     with pytest.raises(CheckpointError, match="use a .safetensors, .pt or .pth"):
         save_weights({}, tmp_path / "x.bin")

@@ -147,7 +147,7 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
                 "not the weights of a recognition model"
             )
         if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
-            metadata = dict(data.get("metadata") or {})
+            metadata = _text_entries(data.get("metadata"))
             data = data["state_dict"]
         elif isinstance(data, dict) and isinstance(data.get("model"), dict):
             metadata = _training_state_metadata(data)
@@ -167,6 +167,15 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
     raise CheckpointError(
         f"unsupported weight file {path}: expected one of {', '.join(WEIGHT_SUFFIXES)}"
     )
+
+
+def _text_entries(metadata: object) -> dict[str, str]:
+    """The text entries of a torch file's `metadata` (all of those `save_weights` writes):
+    another tool's file may hold numbers or anything else there, which a .safetensors file
+    written from it (a soup of it) cannot hold."""
+    if not isinstance(metadata, dict):
+        return {}
+    return {k: v for k, v in metadata.items() if isinstance(k, str) and isinstance(v, str)}
 
 
 def _no_weight_file(path: Path) -> str:
