@@ -287,6 +287,22 @@ def test_average_names_what_it_cannot_read(tmp_path):
         assert "Traceback" not in result.stderr
 
 
+def test_average_of_torch_files_with_another_tools_metadata_keeps_its_text(tmp_path):
+    """A torch file's `metadata` from another tool may hold numbers (or be no dict): a
+    .safetensors soup of it keeps the text entries, which are all that format holds (it was
+    a TypeError traceback, or a ValueError for metadata that is text)."""
+    state = make_model().state_dict()
+    runs = []
+    for index, metadata in enumerate([{"epoch": 3, "note": "run a", 7: "seven"}, "run b"]):
+        runs.append(tmp_path / f"run{index}.pt")
+        torch.save({"state_dict": state, "metadata": metadata}, runs[-1])
+    out = tmp_path / "soup.safetensors"
+    result = run_shitu("average", *map(str, runs), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert read_weights(out)[1] == {"note": "run a"}
+    assert read_weights(runs[1])[1] == {}
+
+
 def test_save_refuses_unknown_suffix(tmp_path):
     with pytest.raises(CheckpointError, match="use a .safetensors, .pt or .pth"):
         save_weights({}, tmp_path / "x.bin")
@@ -502,6 +518,8 @@ def test_average_weights_refuses_files_of_different_models(tmp_path):
     # what only steers training may differ between the runs of a soup
     trained = dict(ARCH, frozen_layers=["backbone.stem"])
     trained["Backbone"] = dict(ARCH["Backbone"], pretrained="imagenet.safetensors")
+    # a margin sweep: the margin and scale shape only the training logits
+    trained["Head"] = dict(ARCH["Head"], margin=0.3, scale=30.0, easy_margin=True)
     frozen = save_weights(state, tmp_path / "e.safetensors", model_metadata(model, trained))
     assert average_weights([base, frozen])[1] == metadata
     other_neck = dict(trained, Neck={"name": "BNNeck", "num_features": 64, "bias_frozen": True})
@@ -613,6 +631,23 @@ def test_pretrained_share_refuses_folded_weights(tmp_path):
                        "-c", str(config), "--out", str(tmp_path / "mixed.safetensors"))  # fmt: skip
     assert result.returncode == 2, result.stderr
     assert "folded.safetensors holds folded (re-parameterised) weights" in result.stderr
+    assert not (tmp_path / "mixed.safetensors").exists()
+    # The other way round: a config whose pretrained file is folded (an export's weights).
+    # Loading it folds the backbone mixed in, which then lacks the weights' rep branches.
+    unfolded = make_model(seed=2)
+    tuned = save_weights(
+        unfolded.state_dict(), tmp_path / "tuned.safetensors", model_metadata(unfolded, ARCH)
+    )
+    arch["Backbone"]["pretrained"] = str(path)
+    config.write_text(json.dumps({"Arch": arch, "Global": {"image_shape": [3, 64, 64]}}))
+    result = run_shitu("average", str(tuned), "--pretrained-share", "0.2", "--layers", "backbone",
+                       "-c", str(config), "--out", str(tmp_path / "mixed.safetensors"))  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == (
+        f"error: {config}: Arch.Backbone.pretrained holds folded (re-parameterised) weights, "
+        "an export's, which unfolded weights cannot be mixed with: give the weights they were "
+        "folded from\n"
+    )
     assert not (tmp_path / "mixed.safetensors").exists()
 
 

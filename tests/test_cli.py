@@ -638,11 +638,30 @@ def test_extract_refuses_a_folder_for_out_before_embedding(tmp_path):
             == f"error: --out {out}: names a folder; give a file prefix such as feats\n"
         )
     (tmp_path / "features").mkdir()  # PREFIX.npy would go beside it, not into it
-    result = run_shitu("extract", str(image), "--out", f"{tmp_path / 'features'}/")
-    assert result.returncode == 2 and result.stderr == (
-        f"error: --out {tmp_path / 'features'}/: names a folder; give a file prefix in it, "
-        f"such as {tmp_path / 'features' / 'feats'}\n"
+    for folder in ("features", "new"):  # an existing folder, and one to be made
+        result = run_shitu("extract", str(image), "--out", f"{tmp_path / folder}/")
+        assert result.returncode == 2 and result.stderr == (
+            f"error: --out {tmp_path / folder}/: names a folder; give a file prefix in it, "
+            f"such as {tmp_path / folder / 'feats'}\n"
+        )
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["a.jpg", "feats.npy", "features"]
+
+
+def test_extract_names_the_file_whose_name_holds_a_line_break(tmp_path):
+    """Such a name cannot go into the paths list; found in a folder, it must be named for
+    the user to rename it."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    broken = photos / "two\nlines.png"
+    for path in (photos / "a.png", broken):
+        Image.fromarray(np.full((32, 32, 3), 90, np.uint8)).save(path)
+    result = run_shitu("extract", str(photos), "--out", str(tmp_path / "feats"))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == (
+        f"error: {str(broken)!r}: its name holds a line break, which the paths list (one "
+        "path a line) cannot hold; rename the file or leave it out\n"
     )
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["photos"]
 
 
 def test_a_command_that_writes_nothing_leaves_no_output_folder_it_made(tmp_path):

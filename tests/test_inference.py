@@ -448,6 +448,23 @@ def test_killed_export_leaves_nothing_and_reexport_replaces(exported, tmp_path, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
 
 
+def test_int8_calibration_images_none_can_read_are_refused_before_the_onnx_export(
+    exported, tmp_path, monkeypatch
+):
+    """A calibration folder of no images (the wrong one given) is refused at once, not
+    after the ONNX export and its check, which take a large model a long time."""
+
+    def onnx_export(*args, **kwargs):
+        raise AssertionError("the ONNX model was exported before the images were read")
+
+    monkeypatch.setattr(export_module, "_export_onnx", onnx_export)
+    text = tmp_path / "photos.txt"
+    text.write_text("photo.jpg\n")
+    with pytest.raises(DataError, match="no calibration image could be read"):
+        export_model(exported["config"], None, tmp_path / "int8", calibration_images=[text])
+    assert sorted(tmp_path.iterdir()) == [text]
+
+
 def test_export_removes_the_staging_folders_of_killed_exports(exported, tmp_path):
     """An export killed outright (SIGKILL, power loss) leaves its staging folder, a model's
     worth of files: the next export to that name removes it, and leaves a running one's."""

@@ -32,7 +32,8 @@ MUST_MATCH = (ARCH, REPARAMETERIZED)
 
 def _compared(metadata: dict[str, str], key: str) -> object:
     """`metadata[key]`; for the ARCH config, only what shapes the weights (soups mix runs
-    that differ in which layers were frozen or where their starting weights came from)."""
+    that differ in which layers were frozen, where their starting weights came from or a
+    margin head's margin)."""
     if key != ARCH or key not in metadata:
         return metadata.get(key)
     try:

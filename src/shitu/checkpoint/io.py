@@ -147,7 +147,7 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
                 "not the weights of a recognition model"
             )
         if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
-            metadata = dict(data.get("metadata") or {})
+            metadata = _text_entries(data.get("metadata"))
             data = data["state_dict"]
         elif isinstance(data, dict) and isinstance(data.get("model"), dict):
             metadata = _training_state_metadata(data)
@@ -167,6 +167,15 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
     raise CheckpointError(
         f"unsupported weight file {path}: expected one of {', '.join(WEIGHT_SUFFIXES)}"
     )
+
+
+def _text_entries(metadata: object) -> dict[str, str]:
+    """The text entries of a torch file's `metadata` (all of those `save_weights` writes):
+    another tool's file may hold numbers or anything else there, which a .safetensors file
+    written from it (a soup of it) cannot hold."""
+    if not isinstance(metadata, dict):
+        return {}
+    return {k: v for k, v in metadata.items() if isinstance(k, str) and isinstance(v, str)}
 
 
 def _no_weight_file(path: Path) -> str:
@@ -216,13 +225,24 @@ def _torch_load_failure(path: Path, error: Exception) -> str:
     )
 
 
+# Settings of the margin heads (ArcMargin, CosMargin, CircleMargin) that shape only their
+# training logits: out of training they give plain cosines to the class weights, so runs
+# of a margin or scale sweep hold weights of one model.
+_TRAINING_LOGIT_HEAD_SETTINGS = ("margin", "scale", "easy_margin")
+
+
 def weight_shaping_arch(arch: dict[str, Any]) -> dict[str, Any]:
-    """An Arch config (as JSON data) without its training-only settings and without where
-    the backbone's starting weights came from: soups mix runs that differ only there."""
+    """An Arch config (as JSON data) without its training-only settings (frozen layers, a
+    margin head's margin and scale) and without where the backbone's starting weights came
+    from: soups mix runs that differ only there."""
     shaping = {name: value for name, value in arch.items() if name not in TRAINING_ONLY_ARCH}
-    if isinstance(shaping.get("Backbone"), dict):
-        backbone = shaping["Backbone"]
-        shaping["Backbone"] = {name: v for name, v in backbone.items() if name != "pretrained"}
+    for section, left_out in (
+        ("Backbone", ("pretrained",)),
+        ("Head", _TRAINING_LOGIT_HEAD_SETTINGS),
+    ):
+        if isinstance(shaping.get(section), dict):
+            settings = shaping[section]
+            shaping[section] = {name: v for name, v in settings.items() if name not in left_out}
     return shaping
 
 

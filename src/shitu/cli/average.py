@@ -54,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
     from shitu.checkpoint import average_weights, interpolate_toward, read_weights, save_weights
     from shitu.checkpoint.average import check_share
     from shitu.checkpoint.io import REPARAMETERIZED, check_weights_name, fit_hint
+    from shitu.models.reparam import is_reparameterized
 
     check_weights_name(args.out)
     if (args.pretrained_share is None) != (args.layers is None):
@@ -103,7 +104,14 @@ def run(args: argparse.Namespace) -> int:
                 f"{args.weights[0]} holds folded (re-parameterised) weights: mix the "
                 "checkpoint they were folded from"
             )
-        reference = model_from_config(config, args).state_dict()
+        initialised = model_from_config(config, args)
+        if is_reparameterized(initialised):  # loading the pretrained file folded the backbone
+            raise CheckpointError(
+                f"{args.config}: Arch.Backbone.pretrained holds folded (re-parameterised) "
+                "weights, an export's, which unfolded weights cannot be mixed with: give the "
+                "weights they were folded from"
+            )
+        reference = initialised.state_dict()
         # A shape that differs names the settings that do, where the weights record theirs.
         hint = fit_hint(metadata, config.Arch.model_dump(mode="json"))
         state = interpolate_toward(state, reference, args.pretrained_share, args.layers, hint)

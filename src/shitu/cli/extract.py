@@ -65,15 +65,22 @@ def _extract(args: argparse.Namespace) -> int:
     from shitu.inference import FeatureExtractor, default_model_dir
 
     files, _ = expand_images(args.inputs)
-    if any("\n" in str(f) for f in files):
-        raise DataError("a file name contains a line break; it cannot go into the paths list")
+    # Found in a folder of thousands, the file must be named for the user to rename it.
+    broken = next((f for f in files if "\n" in str(f)), None)
+    if broken is not None:
+        raise DataError(
+            f"{str(broken)!r}: its name holds a line break, which the paths list (one path "
+            "a line) cannot hold; rename the file or leave it out"
+        )
     out = Path(args.out)
     if out.suffix.lower() in (".npy", ".txt"):  # a file name given for the prefix
         out = out.with_suffix("")
     targets = [out.parent / f"{out.name}{suffix}" for suffix in (".npy", ".txt")]
     if not out.name or any(target.is_dir() for target in targets):  # now, not after embedding
         raise DataError(f"--out {args.out}: names a folder; give a file prefix such as feats")
-    if Path(args.out).is_dir():  # `--out feats/`: the files would go beside it, not into it
+    # `--out feats/`: the files would go beside the folder, not into it (one not yet made
+    # would never be: feats.npy and feats.txt would be written for it)
+    if Path(args.out).is_dir() or args.out.endswith(("/", os.sep)):
         raise DataError(
             f"--out {args.out}: names a folder; give a file prefix in it, such as {out / 'feats'}"
         )

@@ -158,6 +158,11 @@ def write_export(
             "compact with int8 calibration images (--compact --int8-calibration): a compact "
             "export has no ONNX model to quantise; give one or the other"
         )
+    calibration: list[np.ndarray] = []
+    if calibration_images:
+        from shitu.inference.quantize import calibration_batches
+
+        calibration = calibration_batches(preprocessing, calibration_images)
     _check_finite(model, source, "(weights of a training run that diverged?)")
     if compact:
         with torch.no_grad():
@@ -188,12 +193,10 @@ def write_export(
             if not compact:
                 _export_onnx(wrapped, staging / ONNX_FILE, preprocessing, opset)
                 files.insert(0, ONNX_FILE)
-            if calibration_images:
-                from shitu.inference.quantize import quantize_static_onnx
+            if calibration:
+                from shitu.inference.quantize import quantize_calibrated
 
-                quantize_static_onnx(
-                    staging / ONNX_FILE, staging / INT8_FILE, preprocessing, calibration_images
-                )
+                quantize_calibrated(staging / ONNX_FILE, staging / INT8_FILE, calibration)
                 files.append(INT8_FILE)
             with torch.inference_mode():
                 probe = wrapped(torch.zeros(1, 3, *reversed(preprocessing.size)))

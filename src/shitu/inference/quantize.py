@@ -45,14 +45,15 @@ def quantize_static_onnx(
     fp32_path: Path, out_path: Path, preprocessing: Preprocessing, images: Sequence[str | Path]
 ) -> None:
     """Write `out_path`: int8 weights (per output channel) and uint8 activations."""
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+    quantize_calibrated(fp32_path, out_path, calibration_batches(preprocessing, images))
 
+
+def calibration_batches(
+    preprocessing: Preprocessing, images: Sequence[str | Path]
+) -> list[np.ndarray]:
+    """The readable `images`, preprocessed, in batches (an export reads them before its ONNX
+    export and check, so a folder of no images is refused before that work). Unreadable
+    ones are left out with a warning; a DataError where none is readable."""
     skipped: list[str] = []
     batches = list(_calibration_batches(preprocessing, images, skipped))
     if not batches:
@@ -69,6 +70,18 @@ def quantize_static_onnx(
             skipped[0],
             len(images) - len(skipped),
         )
+    return batches
+
+
+def quantize_calibrated(fp32_path: Path, out_path: Path, batches: Sequence[np.ndarray]) -> None:
+    """`quantize_static_onnx` with the activation ranges of `calibration_batches`' batches."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
