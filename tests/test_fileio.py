@@ -89,6 +89,28 @@ def test_replace_folder_swaps_in_the_new_folder_and_leaves_nothing_else(
     assert os.listdir(tmp_path) == ["model"]
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/fd")
+def test_replace_folder_puts_the_new_files_on_disk_before_they_take_the_name(tmp_path, monkeypatch):
+    """An export's files were renamed into place unsynced: a power loss right after could
+    leave empty files where the old export's whole ones were."""
+    staging = _folder(tmp_path / ".model.new", "new")
+    (staging / "sub").mkdir()
+    (staging / "sub" / "weights.bin").write_bytes(b"w")
+    synced: list[str] = []
+    fsync = os.fsync
+
+    def recording(fd):
+        if not stat.S_ISDIR(os.fstat(fd).st_mode):
+            assert not (tmp_path / "model").exists()  # before the rename
+            synced.append(os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording)
+    monkeypatch.setattr(fileio, "_exchange", lambda first, second: False)
+    replace_folder(staging, tmp_path / "model")
+    assert sorted(synced) == ["file.txt", "weights.bin"]
+
+
 def test_replace_folder_keeps_the_old_folder_when_the_new_one_cannot_move(tmp_path, monkeypatch):
     monkeypatch.setattr(fileio, "_exchange", lambda first, second: False)
     target = _folder(tmp_path / "model", "old")

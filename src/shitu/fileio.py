@@ -312,9 +312,12 @@ def replace_folder(staging: Path, target: Path) -> None:
     Readers see the old folder or the new one, never none: on Linux the two are swapped in
     one step; elsewhere, and where `target` is a link (replaced, not followed), the old one
     is moved aside just before the new one takes its name. The old folder is deleted
-    afterwards, and `staging` is gone either way.
+    afterwards, and `staging` is gone either way. The new folder's files are on disk before
+    it takes the name, so that a power loss cannot leave empty or partial files in place of
+    the old folder's whole ones.
     """
     staging, target = Path(staging), Path(target)
+    _sync_tree(staging)
     if not target.exists() and not target.is_symlink():
         os.replace(staging, target)
     elif not target.is_symlink() and _exchange(staging, target):
@@ -330,6 +333,16 @@ def replace_folder(staging: Path, target: Path) -> None:
         finally:
             shutil.rmtree(old, ignore_errors=True)
     fsync_dir(target.parent)
+
+
+def _sync_tree(folder: Path) -> None:
+    """Flush every file under `folder`, and the folders, to disk: a rename is durable only
+    for what is on disk already."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            with open(Path(root) / name, "rb") as handle:
+                os.fsync(handle.fileno())
+        fsync_dir(Path(root))
 
 
 def home_expanded(value: Any) -> Any:
