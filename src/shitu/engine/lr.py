@@ -61,14 +61,12 @@ class LRSchedule:
         self.total_steps = steps_per_epoch * epochs
         self.warmup_steps = min(warmup_epoch * steps_per_epoch, self.total_steps)
         self.warmup_start_lr = warmup_start_lr
-        # As Cosine's eta_min: a rate scaled down for a smaller batch can fall below it.
-        if self.warmup_steps and warmup_start_lr > learning_rate:
-            logger.warning(
-                "warmup_start_lr %g is above the learning rate %g (as scaled for the batch "
-                "size, where base_batch_size is set), so the warm-up lowers the rate instead "
-                "of raising it",
+        if self.warmup_steps:
+            _warn_if_above_the_rate(
+                "warmup_start_lr",
                 warmup_start_lr,
                 learning_rate,
+                "the warm-up lowers the rate instead of raising it",
             )
         if warmup_epoch >= epochs:  # e.g. a short trial, or a probe
             logger.warning(
@@ -124,14 +122,10 @@ class Cosine(LRSchedule):
             learning_rate, steps_per_epoch, epochs, warmup_epoch, warmup_start_lr, stage
         )
         self.eta_min = eta_min
-        # e.g. a rate scaled down for a smaller batch; the same in every stage, so said once
-        if eta_min > learning_rate:
-            logger.warning(
-                "Cosine: eta_min %g is above the learning rate %g (as scaled for the batch "
-                "size, where base_batch_size is set), so the rate rises instead of decaying",
-                eta_min,
-                learning_rate,
-            )
+        # the same in every stage, so said once
+        _warn_if_above_the_rate(
+            "Cosine: eta_min", eta_min, learning_rate, "the rate rises instead of decaying"
+        )
 
     def decayed(self, step: int) -> float:
         span = max(1, self.total_steps - self.warmup_steps)
@@ -233,15 +227,12 @@ class ReduceOnPlateau(LRSchedule):
         self.check_params(mode=mode)
         self.factor, self.patience = factor, patience
         self.threshold, self.min_lr = threshold, min_lr
-        # As Cosine's eta_min: said once the rate is scaled for the batch size.
-        if min_lr > learning_rate:
-            logger.warning(
-                "ReduceOnPlateau: min_lr %g is above the learning rate %g (as scaled for the "
-                "batch size, where base_batch_size is set), so a plateau raises the rate "
-                "instead of lowering it",
-                min_lr,
-                learning_rate,
-            )
+        _warn_if_above_the_rate(
+            "ReduceOnPlateau: min_lr",
+            min_lr,
+            learning_rate,
+            "a plateau raises the rate instead of lowering it",
+        )
         self.current = learning_rate
         self.best: float | None = None
         self.bad_evals = 0
@@ -277,4 +268,19 @@ class ReduceOnPlateau(LRSchedule):
             state["current"],
             state["best"],
             state["bad_evals"],
+        )
+
+
+def _warn_if_above_the_rate(setting: str, value: float, learning_rate: float, effect: str) -> None:
+    """Warn where a schedule's bound `setting` is above the learning rate as scaled for the
+    batch size (a rate scaled down for a smaller batch can fall below it); `effect`: what
+    the schedule then does instead."""
+    if value > learning_rate:
+        logger.warning(
+            "%s %g is above the learning rate %g (as scaled for the batch size, where "
+            "base_batch_size is set), so %s",
+            setting,
+            value,
+            learning_rate,
+            effect,
         )
