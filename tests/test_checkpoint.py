@@ -522,12 +522,19 @@ def test_average_weights_refuses_files_of_different_models(tmp_path):
     trained["Head"] = dict(ARCH["Head"], margin=0.3, scale=30.0, easy_margin=True)
     frozen = save_weights(state, tmp_path / "e.safetensors", model_metadata(model, trained))
     assert average_weights([base, frozen])[1] == metadata
-    other_neck = dict(trained, Neck={"name": "BNNeck", "num_features": 64, "bias_frozen": True})
+    # a setting written out at its default builds the model that leaving it out builds
+    written_out = dict(trained, Neck={"name": "BNNeck", "num_features": 64, "bias_frozen": True})
+    written_out["Backbone"] = dict(trained["Backbone"], last_stride=1, act="relu")
+    written_out = save_weights(
+        state, tmp_path / "g.safetensors", model_metadata(model, written_out)
+    )
+    assert average_weights([base, written_out])[1] == metadata
+    other_neck = dict(trained, Neck={"name": "BNNeck", "num_features": 64, "bias_frozen": False})
     other_neck = save_weights(state, tmp_path / "f.safetensors", model_metadata(model, other_neck))
     with pytest.raises(
         CheckpointError,
         match=r"f\.safetensors: its shitu\.arch differs from .*a\.safetensors's "
-        r"\(shitu\.arch Neck\.bias_frozen: None and True\); only weights of the same",
+        r"\(shitu\.arch Neck\.bias_frozen: None and False\); only weights of the same",
     ):
         average_weights([base, other_neck])
     fewer = {k: v for k, v in state.items() if not k.startswith("head.")}

@@ -25,6 +25,7 @@ from shitu.fileio import (
     write_failure_reason,
 )
 from shitu.models.reparam import is_reparameterized, reparameterize
+from shitu.registry import BACKBONES, HEADS, NECKS, Registry, populate
 
 TORCH_SUFFIXES = (".pt", ".pth")
 WEIGHT_SUFFIXES = (".safetensors", *TORCH_SUFFIXES, ".pdparams")
@@ -233,17 +234,37 @@ _TRAINING_LOGIT_HEAD_SETTINGS = ("margin", "scale", "easy_margin")
 
 def weight_shaping_arch(arch: dict[str, Any]) -> dict[str, Any]:
     """An Arch config (as JSON data) without its training-only settings (frozen layers, a
-    margin head's margin and scale) and without where the backbone's starting weights came
-    from: soups mix runs that differ only there."""
+    margin head's margin and scale), without where the backbone's starting weights came
+    from (soups mix runs that differ only there) and without component settings written
+    out at their defaults (`bias_frozen: true` builds BNNeck as leaving it out does)."""
     shaping = {name: value for name, value in arch.items() if name not in TRAINING_ONLY_ARCH}
     for section, left_out in (
         ("Backbone", ("pretrained",)),
+        ("Neck", ()),
         ("Head", _TRAINING_LOGIT_HEAD_SETTINGS),
     ):
         if isinstance(shaping.get(section), dict):
-            settings = shaping[section]
+            settings = _without_defaults(shaping[section], _COMPONENT_REGISTRIES[section])
             shaping[section] = {name: v for name, v in settings.items() if name not in left_out}
     return shaping
+
+
+_COMPONENT_REGISTRIES = {"Backbone": BACKBONES, "Neck": NECKS, "Head": HEADS}
+
+
+def _without_defaults(settings: dict[str, Any], components: Registry) -> dict[str, Any]:
+    """A component's section without the settings equal to its constructor's defaults; as
+    given where its name is not a registered component (a file of another version)."""
+    populate()
+    name = settings.get("name")
+    if not isinstance(name, str) or name not in components:
+        return settings
+    fields = components.params_model(name).model_fields
+    return {
+        key: value
+        for key, value in settings.items()
+        if key not in fields or fields[key].is_required() or fields[key].default != value
+    }
 
 
 def _training_state_metadata(payload: dict) -> dict[str, str]:
