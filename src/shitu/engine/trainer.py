@@ -835,31 +835,38 @@ def _saved_config(payload: dict[str, Any]) -> dict[str, Any]:
 
 def _check_class_count(config: ShituConfig, dataset: Any, warn: bool) -> None:
     """A classifier smaller than the labels fails only when such a label is first drawn,
-    with an index error (a device-side assert on a GPU): say so before the first step.
-    One larger than a dataset that numbers its own classes (a folder per class, class
-    names) is a copied config's class_num left as it was: trained without a word, its
-    extra outputs are never a label. Bare class ids may leave gaps: not counted."""
+    with an index error (a device-side assert on a GPU): say so before the first step,
+    naming the listing. One larger than the classes (a copied config's class_num left as
+    it was) trains, but its extra outputs are never a label: warned of. A dataset that
+    numbers its own classes (a folder per class, class names) counts them; bare class ids
+    may leave gaps below the largest, so only the outputs above it are counted."""
     head = config.Arch.Head
     class_num = head.params.get("class_num") if head is not None else None
     labels = getattr(dataset, "labels", None)
     if not isinstance(class_num, int) or not labels:
         return
+    listing = f"DataLoader.Train's {getattr(dataset, 'where', 'dataset')}"
     largest = max(labels)
+    # The labels it numbers (class names, relabelled ids), not the listed ones.
+    keys = getattr(dataset, "label_keys", None)
     if largest >= class_num:
+        numbered = f" (its {len(keys)} classes numbered from 0)" if keys else ""
         raise ConfigError(
-            f"Arch.Head.class_num is {class_num}, but DataLoader.Train has labels up to "
-            f"{largest}; set Arch.Head.class_num: {largest + 1}"
+            f"Arch.Head.class_num is {class_num}, but {listing} has labels up to "
+            f"{largest}{numbered}; set Arch.Head.class_num: {largest + 1}"
         )
     # The classes it numbers, or those a Grocery listing's classes.csv names.
-    classes = getattr(dataset, "label_keys", None) or getattr(dataset, "class_names", None)
-    if warn and classes is not None and class_num > len(classes):
+    classes = keys or getattr(dataset, "class_names", None)
+    used = len(classes) if classes is not None else largest + 1
+    if warn and class_num > used:
         logger.warning(
-            "Arch.Head.class_num is %d, but DataLoader.Train has %d classes: the other %d "
-            "outputs of the classifier are never a label; set Arch.Head.class_num: %d",
+            "Arch.Head.class_num is %d, but %s has %s: the other %d outputs of the "
+            "classifier are never a label; set Arch.Head.class_num: %d",
             class_num,
-            len(classes),
-            class_num - len(classes),
-            len(classes),
+            listing,
+            f"{used} classes" if classes is not None else f"labels up to {largest}",
+            class_num - used,
+            used,
         )
 
 
