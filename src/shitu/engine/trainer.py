@@ -24,6 +24,7 @@ from tqdm import tqdm
 from shitu import registry
 from shitu.checkpoint import load_weights, model_metadata, save_weights
 from shitu.config.schema import ShituConfig
+from shitu.engine.batch_norm import norm_on_one_value_per_channel
 from shitu.engine.data import (
     build_train_loader,
     dataset_of,
@@ -893,32 +894,23 @@ def _warn_of_unused_memory(
 
 
 def _check_last_batch(sampler: Any, model: nn.Module, dataset: Any) -> None:
-    """A BatchNorm that trains on one value per channel raises torch's "Expected more than
-    1 value per channel when training": on a batch of one image, a BatchNorm1d on pooled
-    features (a BNNeck) or a BatchNorm2d on a 1x1 feature map (a backbone's last layers on
-    images of 32-64 px). Refused up front where every batch is of one image (batch_size 1,
-    which raised at the first step) or, without drop_last, an epoch ends on one (which
-    raised mid-run, after a whole epoch of work)."""
+    """A BatchNorm that trains on one value per channel (see `shitu.engine.batch_norm`)
+    is refused up front where every batch is of one image (batch_size 1, which raised at
+    the first step) or, without drop_last, an epoch ends on one (which raised mid-run,
+    after a whole epoch of work)."""
     per_process, size = getattr(sampler, "num_samples", None), sampler.batch_size
     ends_on_one = per_process is not None and not sampler.drop_last and per_process % size == 1
     if size != 1 and not ends_on_one:
         return
     with torch.random.fork_rng(devices=[]):  # the sample's augmentation draws leave no trace
         image = dataset[0][0]
-    found = _norm_on_one_value_per_channel(model, image)
+    found = norm_on_one_value_per_channel(model, image)
     if found is None:
         return
-    name, on_feature_map = found
     _, height, width = image.shape
-    where = (
-        f"BatchNorm layer '{name}' gets a 1x1 feature map from the {width}x{height} training "
-        "images, one value per channel"
-        if on_feature_map
-        else f"BatchNorm layer '{name}' (on pooled features, as a BNNeck) gets one value per "
-        "channel"
-    )
+    where = found.describe(width, height)
     if size == 1:
-        larger = " (or train on larger images)" if on_feature_map else ""
+        larger = " (or train on larger images)" if found.on_feature_map else ""
         raise ConfigError(
             f"DataLoader.Train.sampler: batch_size 1 gives batches of 1 image, on which "
             f"{where}, and BatchNorm cannot train on that; give a batch_size of 2 or more"
@@ -929,38 +921,6 @@ def _check_last_batch(sampler: Any, model: nn.Module, dataset: Any) -> None:
         f"process, batch_size {size}), on which {where}, and BatchNorm cannot train on that; "
         "set sampler.drop_last: true or another batch_size"
     )
-
-
-def _norm_on_one_value_per_channel(
-    model: nn.Module, image: torch.Tensor
-) -> tuple[str, bool] | None:
-    """A BatchNorm that trains and sees one value per channel when `model` takes `image`
-    alone, with whether its input is a feature map (1x1) rather than a vector; None if there
-    is none. One on a vector (a BNNeck) comes first: larger images would not help it. Found
-    by a forward pass in eval mode (no statistics change)."""
-    was_training = model.training
-    model.train()  # frozen layers stay in eval mode, where one value is fine
-    norms = {
-        module: name
-        for name, module in model.named_modules()
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training
-    }
-    found: list[tuple[str, bool]] = []
-
-    def record(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-        if inputs[0][0].numel() == inputs[0].shape[1]:
-            found.append((norms[module], inputs[0].ndim > 2))
-
-    hooks = [module.register_forward_pre_hook(record) for module in norms]
-    try:
-        device = next(model.parameters()).device
-        with torch.no_grad():
-            model.eval()(image.unsqueeze(0).to(device))
-    finally:
-        for hook in hooks:
-            hook.remove()
-        model.train(was_training)
-    return min(found, key=lambda hit: hit[1], default=None)  # False (a vector) first
 
 
 def training_summary(trainer: Trainer) -> dict[str, Any]:
