@@ -493,6 +493,22 @@ def test_a_resume_that_regroups_the_parameters_names_the_settings(grocery, tmp_p
         Trainer(load_config(path, [*resume, "Arch.frozen_layers=[neck]"]))
 
 
+def test_a_checkpoint_that_no_longer_fits_the_model_names_the_changed_arch(grocery, tmp_path):
+    """torch's size mismatch names a tensor (head.fc.weight), not the setting that changed
+    it (Arch.Head.class_num), which the checkpoint's config holds."""
+    path = tiny_config(grocery, tmp_path)
+    output = tmp_path / "output"
+    Trainer(load_config(path, [f"Global.output_dir={output}"])).fit(stop_after_steps=1)
+    resume = [f"Global.output_dir={output}", f"Global.checkpoints={output / 'latest.pt'}"]
+    with pytest.raises(ConfigError) as info:
+        Trainer(load_config(path, [*resume, "Arch.Head.class_num=7"]))
+    assert str(info.value).startswith("Global.checkpoints: the checkpoint does not fit this ")
+    assert "size mismatch for head.fc.weight" in str(info.value)
+    assert str(info.value).endswith(
+        "; changed since: Arch.Head.class_num 7 (was 6); resume with the run's Arch settings"
+    )
+
+
 def test_a_run_resumed_with_another_eval_metric_chooses_its_best_by_that_metric(
     grocery, tmp_path, caplog
 ):

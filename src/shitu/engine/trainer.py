@@ -324,8 +324,17 @@ class Trainer:
             self.model.load_state_dict(payload["model"])
             self.loss.load_state_dict({**payload["loss"], **self._own(payload, "loss_per_process")})
         except (RuntimeError, ValueError, KeyError) as exc:
+            saved_arch = _saved_config(payload).get("Arch")
+            changed = _changed_settings(
+                saved_arch, self.config.Arch.model_dump(mode="json"), "Arch"
+            )
+            since = (
+                f"; changed since: {'; '.join(changed)}; resume with the run's Arch settings"
+                if isinstance(saved_arch, dict) and changed
+                else ""
+            )
             raise ConfigError(
-                f"Global.checkpoints: the checkpoint does not fit this config ({exc})"
+                f"Global.checkpoints: the checkpoint does not fit this config ({exc}){since}"
             ) from None
         try:
             self.optimizer.load_state_dict(payload["optimizer"])
@@ -832,6 +841,20 @@ def _saved_config(payload: dict[str, Any]) -> dict[str, Any]:
     except (KeyError, TypeError, ValueError):
         return {}
     return config if isinstance(config, dict) else {}
+
+
+def _changed_settings(saved: Any, current: Any, key: str) -> list[str]:
+    """The settings under `key` that differ between a checkpoint's config and this one, as
+    'KEY NOW (was THEN)', nested keys joined by dots: what a checkpoint that no longer fits
+    the model (another Arch.Head.class_num, say) was trained with, which torch's size
+    mismatch of a tensor does not say."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        return [
+            change
+            for name in dict.fromkeys([*saved, *current])
+            for change in _changed_settings(saved.get(name), current.get(name), f"{key}.{name}")
+        ]
+    return [] if saved == current else [f"{key} {current} (was {saved})"]
 
 
 def _check_class_count(config: ShituConfig, dataset: Any, warn: bool) -> None:
