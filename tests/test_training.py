@@ -1046,6 +1046,8 @@ def test_training_errors_are_clear(grocery, tmp_path):
         r"5 \(its 6 classes numbered from 0\); set Arch.Head.class_num: 6$",
     ):
         Trainer(load_config(path, ["Arch.Head.class_num=4"]))
+    with pytest.raises(ConfigError, match="set Arch.Head.class_num: 6$"):  # as the head reads it
+        Trainer(load_config(path, ["Arch.Head.class_num=4.0"]))
     # 36 images in batches of 35: the BNNeck would meet a batch of one at the epoch's end.
     sampler = "DataLoader.Train.sampler={name: DistributedBatchSampler, batch_size: 35}"
     with pytest.raises(ConfigError, match="end on a batch of 1 image .36 per process"):

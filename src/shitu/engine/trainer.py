@@ -865,9 +865,12 @@ def _check_class_count(config: ShituConfig, dataset: Any, warn: bool) -> None:
     numbers its own classes (a folder per class, class names) counts them; bare class ids
     may leave gaps below the largest, so only the outputs above it are counted."""
     head = config.Arch.Head
-    class_num = head.params.get("class_num") if head is not None else None
     labels = getattr(dataset, "labels", None)
-    if not isinstance(class_num, int) or not labels:
+    if head is None or not labels:
+        return
+    # Typed as the head was built with it: `class_num: 81.0` (or 1e3) is a whole number.
+    class_num = registry.HEADS.validate(head.name, head.params).get("class_num")
+    if not isinstance(class_num, int):
         return
     listing = f"DataLoader.Train's {getattr(dataset, 'where', 'dataset')}"
     largest = max(labels)
