@@ -678,6 +678,7 @@ TRANSFORM_BASES = {
     ("op", "key", "value"),
     [
         ("ResizeImage", "size", "null"),
+        ("ResizeImage", "resize_short", "16"),  # with size: which one resizes?
         ("CropImage", "size", "[8, 8, 8]"),
         ("RandCropImage", "ratio", "[2, 1]"),
         ("Pad", "padding", "-1"),

@@ -871,6 +871,12 @@ def test_resize_sizes_and_interpolations():
         match="size: required unless resize_short is above 0 in transform 'ResizeImage'",
     ):
         build_transforms([{"ResizeImage": {}}])
+    # Both: PaddleClas takes resize_short without a word, and a fixed size is lost.
+    with pytest.raises(
+        ConfigError,
+        match=r"^transform_ops\[0\]: resize_short: 256 given with size 224, which resize diff",
+    ):
+        build_transforms([{"ResizeImage": {"size": 224, "resize_short": 256}}])
     with pytest.raises(ConfigError, match="interpolation: unknown name 'cubic'"):
         build_transforms([{"ResizeImage": {"size": 4, "interpolation": "cubic"}}])
 

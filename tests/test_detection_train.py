@@ -1007,9 +1007,17 @@ def test_detection_data_is_clipped_counted_and_matched_by_class_name(
     with pytest.raises(DataError, match=r"^the training data's 2 images hold no boxes \(none"):
         DetectionTrainer(CocoDetection(path, tmp_path), DetectionTrainConfig())
     one_photo = CocoDetection(_write_coco(tmp_path, [[(10, 10, 30, 30, 0)]]), tmp_path)
-    config = DetectionTrainConfig(batch_size=4, train_sizes=(64, 96), eval_size=64)
-    with pytest.raises(ConfigError, match=r"^batches of one image .* at input sizes \[64\], wh"):
+    # Its one image at 32 or 64: the stride-64 level is one cell, its BatchNorm named.
+    config = DetectionTrainConfig(batch_size=4, train_sizes=(96, 64, 32, 64), eval_size=64)
+    with pytest.raises(ConfigError) as info:
         DetectionTrainer(one_photo, config)
+    assert str(info.value) == (
+        "batches of one image cannot train at input sizes [32, 64], where BatchNorm layer "
+        "'neck.first_top_conv.bn1' gets a 1x1 feature map from the 64x64 training images, "
+        "one value per channel, and batch norm cannot train on that; give sizes above 64, or "
+        "a batch size and a training set of at least 2 images"
+    )
+    DetectionTrainer(one_photo, DetectionTrainConfig(batch_size=4, train_sizes=(96,)))
     data["images"], data["annotations"] = [], []
     path.write_text(json.dumps(data))
     with pytest.raises(DataError, match=f"^{re.escape(str(path))}: lists no images"):

@@ -493,6 +493,22 @@ def test_a_resume_that_regroups_the_parameters_names_the_settings(grocery, tmp_p
         Trainer(load_config(path, [*resume, "Arch.frozen_layers=[neck]"]))
 
 
+def test_a_checkpoint_that_no_longer_fits_the_model_names_the_changed_arch(grocery, tmp_path):
+    """torch's size mismatch names a tensor (head.fc.weight), not the setting that changed
+    it (Arch.Head.class_num), which the checkpoint's config holds."""
+    path = tiny_config(grocery, tmp_path)
+    output = tmp_path / "output"
+    Trainer(load_config(path, [f"Global.output_dir={output}"])).fit(stop_after_steps=1)
+    resume = [f"Global.output_dir={output}", f"Global.checkpoints={output / 'latest.pt'}"]
+    with pytest.raises(ConfigError) as info:
+        Trainer(load_config(path, [*resume, "Arch.Head.class_num=7"]))
+    assert str(info.value).startswith("Global.checkpoints: the checkpoint does not fit this ")
+    assert "size mismatch for head.fc.weight" in str(info.value)
+    assert str(info.value).endswith(
+        "; changed since: Arch.Head.class_num 7 (was 6); resume with the run's Arch settings"
+    )
+
+
 def test_a_run_resumed_with_another_eval_metric_chooses_its_best_by_that_metric(
     grocery, tmp_path, caplog
 ):
@@ -1025,9 +1041,13 @@ def test_training_errors_are_clear(grocery, tmp_path):
         Trainer(load_config(path, ["Arch.frozen_layers=[backbone, neck, head]"]))
     # 6 classes in the listing, a classifier for 4: refused before the first step.
     with pytest.raises(
-        ConfigError, match=r"class_num is 4, .* up to 5; set Arch.Head.class_num: 6"
+        ConfigError,
+        match=r"class_num is 4, but DataLoader.Train's label file .*train.txt has labels up to "
+        r"5 \(its 6 classes numbered from 0\); set Arch.Head.class_num: 6$",
     ):
         Trainer(load_config(path, ["Arch.Head.class_num=4"]))
+    with pytest.raises(ConfigError, match="set Arch.Head.class_num: 6$"):  # as the head reads it
+        Trainer(load_config(path, ["Arch.Head.class_num=4.0"]))
     # 36 images in batches of 35: the BNNeck would meet a batch of one at the epoch's end.
     sampler = "DataLoader.Train.sampler={name: DistributedBatchSampler, batch_size: 35}"
     with pytest.raises(ConfigError, match="end on a batch of 1 image .36 per process"):
@@ -1095,8 +1115,9 @@ def test_a_classifier_larger_than_the_named_classes_is_warned_about(grocery, tmp
     path = tiny_config(grocery, tmp_path)  # relabel: true, 6 classes
     assert "class_num" not in startup_warnings(caplog, path)
     assert (
-        "Arch.Head.class_num is 81, but DataLoader.Train has 6 classes: the other 75 outputs "
-        "of the classifier are never a label; set Arch.Head.class_num: 6"
+        f"Arch.Head.class_num is 81, but DataLoader.Train's label file {tmp_path / 'train.txt'} "
+        "has 6 classes: the other 75 outputs of the classifier are never a label; set "
+        "Arch.Head.class_num: 6"
     ) in startup_warnings(caplog, path, ["Arch.Head.class_num=81"])
     grocery_listing = [  # 81 classes named in classes.csv, by their ids
         "DataLoader.Train.dataset={name: GroceryStoreDataset, image_root: "
@@ -1105,9 +1126,43 @@ def test_a_classifier_larger_than_the_named_classes_is_warned_about(grocery, tmp
     assert "class_num" not in startup_warnings(
         caplog, path, [*grocery_listing, "Arch.Head.class_num=81"]
     )
-    assert "Arch.Head.class_num is 90, but DataLoader.Train has 81 classes" in startup_warnings(
-        caplog, path, [*grocery_listing, "Arch.Head.class_num=90"]
+    assert (
+        f"Arch.Head.class_num is 90, but DataLoader.Train's label file {grocery / 'val.txt'} "
+        "has 81 classes"
+    ) in startup_warnings(caplog, path, [*grocery_listing, "Arch.Head.class_num=90"])
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        "{name: FC, embedding_size: 32, bias: false}",
+        "{name: ArcMargin, embedding_size: 32, margin: 0.2, scale: 30}",
+        "{name: CosMargin, embedding_size: 32, margin: 0.35, scale: 30}",
+        "{name: CircleMargin, embedding_size: 32, margin: 0.25, scale: 30}",
+    ],
+)
+def test_every_head_checks_class_num_against_the_training_labels(grocery, tmp_path, caplog, head):
+    """Grocery's own class ids (not relabelled): a class_num below the largest failed at
+    the first batch drawing such a label (an index error, a device-side assert on a GPU),
+    naming no file; one far above it trains outputs that are never a label."""
+    path = tiny_config(grocery, tmp_path)
+    listing = tmp_path / "train.txt"
+    largest = max(int(line.split()[1]) for line in listing.read_text().splitlines())
+    ids = ["DataLoader.Train.dataset.relabel=false", f"Arch.Head={head}"]
+    with pytest.raises(ConfigError) as info:
+        Trainer(load_config(path, [*ids, "Arch.Head.class_num=6"]))
+    assert str(info.value) == (
+        f"Arch.Head.class_num is 6, but DataLoader.Train's label file {listing} has labels up "
+        f"to {largest}; set Arch.Head.class_num: {largest + 1}"
     )
+    assert "class_num" not in startup_warnings(
+        caplog, path, [*ids, f"Arch.Head.class_num={largest + 1}"]
+    )
+    assert (
+        f"Arch.Head.class_num is {largest + 101}, but DataLoader.Train's label file {listing} "
+        f"has labels up to {largest}: the other 100 outputs of the classifier are never a "
+        f"label; set Arch.Head.class_num: {largest + 1}"
+    ) in startup_warnings(caplog, path, [*ids, f"Arch.Head.class_num={largest + 101}"])
 
 
 def test_queries_the_gallery_cannot_match_are_warned_about(grocery, tmp_path, caplog):

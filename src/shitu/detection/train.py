@@ -34,6 +34,7 @@ from shitu.detection.input_size import check_input_size
 from shitu.detection.losses import picodet_loss
 from shitu.detection.model import PicoDet, PicoDetArch, build_picodet
 from shitu.detection.weights import save_detector
+from shitu.engine.batch_norm import norm_on_one_value_per_channel
 from shitu.engine.data import end_workers, leave_stopping_to_the_trainer
 from shitu.engine.lr import Cosine
 from shitu.engine.optim import build_optimizer, set_learning_rate
@@ -464,17 +465,27 @@ class DetectionTrainer:
 
 
 def _check_batch_norm_can_train(model: PicoDet, images: int, config: DetectionTrainConfig) -> None:
-    """A ConfigError for batches of one image at a size whose coarsest level is a single
-    cell: batch norm cannot learn from one value per channel, and the first such step failed
-    with torch's "Expected more than 1 value per channel when training"."""
-    coarsest = max(model.arch.strides)
-    too_small = [size for size in config.train_sizes if size <= coarsest]
-    if images == 1 and too_small:
-        raise ConfigError(
-            f"batches of one image cannot train at input sizes {too_small}, where the coarsest "
-            "level is one cell (batch norm needs more than one value per channel); give sizes "
-            f"above {coarsest}, or a batch size and a training set of at least 2 images"
-        )
+    """A ConfigError for batches of one image at a size where a BatchNorm gets one value
+    per channel (a level of one cell): the first such step failed with torch's "Expected
+    more than 1 value per channel when training". Found by forward passes (see
+    `shitu.engine.batch_norm`), from the smallest size up to the first that trains."""
+    if images != 1:
+        return
+    too_small: list[int] = []
+    found = None
+    for size in sorted(set(config.train_sizes)):
+        hit = norm_on_one_value_per_channel(model, torch.zeros(3, size, size))
+        if hit is None:
+            break
+        too_small, found = [*too_small, size], hit
+    if found is None:
+        return
+    largest = too_small[-1]
+    raise ConfigError(
+        f"batches of one image cannot train at input sizes {too_small}, where "
+        f"{found.describe(largest, largest)}, and batch norm cannot train on that; give "
+        f"sizes above {largest}, or a batch size and a training set of at least 2 images"
+    )
 
 
 def _as_list(value: Any) -> Any:

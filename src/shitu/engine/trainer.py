@@ -24,6 +24,7 @@ from tqdm import tqdm
 from shitu import registry
 from shitu.checkpoint import load_weights, model_metadata, save_weights
 from shitu.config.schema import ShituConfig
+from shitu.engine.batch_norm import norm_on_one_value_per_channel
 from shitu.engine.data import (
     build_train_loader,
     dataset_of,
@@ -323,8 +324,17 @@ class Trainer:
             self.model.load_state_dict(payload["model"])
             self.loss.load_state_dict({**payload["loss"], **self._own(payload, "loss_per_process")})
         except (RuntimeError, ValueError, KeyError) as exc:
+            saved_arch = _saved_config(payload).get("Arch")
+            changed = _changed_settings(
+                saved_arch, self.config.Arch.model_dump(mode="json"), "Arch"
+            )
+            since = (
+                f"; changed since: {'; '.join(changed)}; resume with the run's Arch settings"
+                if isinstance(saved_arch, dict) and changed
+                else ""
+            )
             raise ConfigError(
-                f"Global.checkpoints: the checkpoint does not fit this config ({exc})"
+                f"Global.checkpoints: the checkpoint does not fit this config ({exc}){since}"
             ) from None
         try:
             self.optimizer.load_state_dict(payload["optimizer"])
@@ -833,33 +843,57 @@ def _saved_config(payload: dict[str, Any]) -> dict[str, Any]:
     return config if isinstance(config, dict) else {}
 
 
+def _changed_settings(saved: Any, current: Any, key: str) -> list[str]:
+    """The settings under `key` that differ between a checkpoint's config and this one, as
+    'KEY NOW (was THEN)', nested keys joined by dots: what a checkpoint that no longer fits
+    the model (another Arch.Head.class_num, say) was trained with, which torch's size
+    mismatch of a tensor does not say."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        return [
+            change
+            for name in dict.fromkeys([*saved, *current])
+            for change in _changed_settings(saved.get(name), current.get(name), f"{key}.{name}")
+        ]
+    return [] if saved == current else [f"{key} {current} (was {saved})"]
+
+
 def _check_class_count(config: ShituConfig, dataset: Any, warn: bool) -> None:
     """A classifier smaller than the labels fails only when such a label is first drawn,
-    with an index error (a device-side assert on a GPU): say so before the first step.
-    One larger than a dataset that numbers its own classes (a folder per class, class
-    names) is a copied config's class_num left as it was: trained without a word, its
-    extra outputs are never a label. Bare class ids may leave gaps: not counted."""
+    with an index error (a device-side assert on a GPU): say so before the first step,
+    naming the listing. One larger than the classes (a copied config's class_num left as
+    it was) trains, but its extra outputs are never a label: warned of. A dataset that
+    numbers its own classes (a folder per class, class names) counts them; bare class ids
+    may leave gaps below the largest, so only the outputs above it are counted."""
     head = config.Arch.Head
-    class_num = head.params.get("class_num") if head is not None else None
     labels = getattr(dataset, "labels", None)
-    if not isinstance(class_num, int) or not labels:
+    if head is None or not labels:
         return
+    # Typed as the head was built with it: `class_num: 81.0` (or 1e3) is a whole number.
+    class_num = registry.HEADS.validate(head.name, head.params).get("class_num")
+    if not isinstance(class_num, int):
+        return
+    listing = f"DataLoader.Train's {getattr(dataset, 'where', 'dataset')}"
     largest = max(labels)
+    # The labels it numbers (class names, relabelled ids), not the listed ones.
+    keys = getattr(dataset, "label_keys", None)
     if largest >= class_num:
+        numbered = f" (its {len(keys)} classes numbered from 0)" if keys else ""
         raise ConfigError(
-            f"Arch.Head.class_num is {class_num}, but DataLoader.Train has labels up to "
-            f"{largest}; set Arch.Head.class_num: {largest + 1}"
+            f"Arch.Head.class_num is {class_num}, but {listing} has labels up to "
+            f"{largest}{numbered}; set Arch.Head.class_num: {largest + 1}"
         )
     # The classes it numbers, or those a Grocery listing's classes.csv names.
-    classes = getattr(dataset, "label_keys", None) or getattr(dataset, "class_names", None)
-    if warn and classes is not None and class_num > len(classes):
+    classes = keys or getattr(dataset, "class_names", None)
+    used = len(classes) if classes is not None else largest + 1
+    if warn and class_num > used:
         logger.warning(
-            "Arch.Head.class_num is %d, but DataLoader.Train has %d classes: the other %d "
-            "outputs of the classifier are never a label; set Arch.Head.class_num: %d",
+            "Arch.Head.class_num is %d, but %s has %s: the other %d outputs of the "
+            "classifier are never a label; set Arch.Head.class_num: %d",
             class_num,
-            len(classes),
-            class_num - len(classes),
-            len(classes),
+            listing,
+            f"{used} classes" if classes is not None else f"labels up to {largest}",
+            class_num - used,
+            used,
         )
 
 
@@ -886,32 +920,23 @@ def _warn_of_unused_memory(
 
 
 def _check_last_batch(sampler: Any, model: nn.Module, dataset: Any) -> None:
-    """A BatchNorm that trains on one value per channel raises torch's "Expected more than
-    1 value per channel when training": on a batch of one image, a BatchNorm1d on pooled
-    features (a BNNeck) or a BatchNorm2d on a 1x1 feature map (a backbone's last layers on
-    images of 32-64 px). Refused up front where every batch is of one image (batch_size 1,
-    which raised at the first step) or, without drop_last, an epoch ends on one (which
-    raised mid-run, after a whole epoch of work)."""
+    """A BatchNorm that trains on one value per channel (see `shitu.engine.batch_norm`)
+    is refused up front where every batch is of one image (batch_size 1, which raised at
+    the first step) or, without drop_last, an epoch ends on one (which raised mid-run,
+    after a whole epoch of work)."""
     per_process, size = getattr(sampler, "num_samples", None), sampler.batch_size
     ends_on_one = per_process is not None and not sampler.drop_last and per_process % size == 1
     if size != 1 and not ends_on_one:
         return
     with torch.random.fork_rng(devices=[]):  # the sample's augmentation draws leave no trace
         image = dataset[0][0]
-    found = _norm_on_one_value_per_channel(model, image)
+    found = norm_on_one_value_per_channel(model, image)
     if found is None:
         return
-    name, on_feature_map = found
     _, height, width = image.shape
-    where = (
-        f"BatchNorm layer '{name}' gets a 1x1 feature map from the {width}x{height} training "
-        "images, one value per channel"
-        if on_feature_map
-        else f"BatchNorm layer '{name}' (on pooled features, as a BNNeck) gets one value per "
-        "channel"
-    )
+    where = found.describe(width, height)
     if size == 1:
-        larger = " (or train on larger images)" if on_feature_map else ""
+        larger = " (or train on larger images)" if found.on_feature_map else ""
         raise ConfigError(
             f"DataLoader.Train.sampler: batch_size 1 gives batches of 1 image, on which "
             f"{where}, and BatchNorm cannot train on that; give a batch_size of 2 or more"
@@ -922,38 +947,6 @@ def _check_last_batch(sampler: Any, model: nn.Module, dataset: Any) -> None:
         f"process, batch_size {size}), on which {where}, and BatchNorm cannot train on that; "
         "set sampler.drop_last: true or another batch_size"
     )
-
-
-def _norm_on_one_value_per_channel(
-    model: nn.Module, image: torch.Tensor
-) -> tuple[str, bool] | None:
-    """A BatchNorm that trains and sees one value per channel when `model` takes `image`
-    alone, with whether its input is a feature map (1x1) rather than a vector; None if there
-    is none. One on a vector (a BNNeck) comes first: larger images would not help it. Found
-    by a forward pass in eval mode (no statistics change)."""
-    was_training = model.training
-    model.train()  # frozen layers stay in eval mode, where one value is fine
-    norms = {
-        module: name
-        for name, module in model.named_modules()
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training
-    }
-    found: list[tuple[str, bool]] = []
-
-    def record(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-        if inputs[0][0].numel() == inputs[0].shape[1]:
-            found.append((norms[module], inputs[0].ndim > 2))
-
-    hooks = [module.register_forward_pre_hook(record) for module in norms]
-    try:
-        device = next(model.parameters()).device
-        with torch.no_grad():
-            model.eval()(image.unsqueeze(0).to(device))
-    finally:
-        for hook in hooks:
-            hook.remove()
-        model.train(was_training)
-    return min(found, key=lambda hit: hit[1], default=None)  # False (a vector) first
 
 
 def training_summary(trainer: Trainer) -> dict[str, Any]:

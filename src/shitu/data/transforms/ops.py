@@ -266,6 +266,10 @@ def _decode(data: bytes) -> Image.Image:
 class ResizeImage(Transform):
     """Resize to `size` ([width, height] or int), or the short side to `resize_short`.
 
+    A `resize_short` of 0 or less stands for none (PaddleClas's configs write -1). Both
+    given is refused: PaddleClas silently resizes by `resize_short` then, which keeps the
+    aspect ratio that a `size` was meant to fix.
+
     `backend: cv2` (PaddleClas's default) reproduces OpenCV's resize without
     antialiasing; `pil` uses Pillow's antialiased filters. See `_base.resize`.
     `return_numpy` is accepted for PaddleClas configs and has no effect (the next
@@ -281,6 +285,12 @@ class ResizeImage(Transform):
         return_numpy: bool = True,
     ):
         if resize_short is not None and resize_short > 0:
+            if size is not None:
+                raise ValueError(
+                    f"resize_short: {resize_short} given with size {size}, which resize "
+                    "differently; keep size to resize to a fixed width and height, or "
+                    "resize_short to scale the short side and keep the aspect ratio"
+                )
             self.resize_short: int | None = resize_short
             self.size: tuple[int, int] | None = None
         elif size is not None:
