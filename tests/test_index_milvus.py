@@ -206,6 +206,36 @@ def test_replace_collection_drops_only_a_collection_that_its_library_no_longer_u
         assert library.verify() == [] and library.label_counts() == {"second": 3}
 
 
+def test_a_moved_library_records_its_new_folder_in_its_collection_when_opened(
+    tmp_path, monkeypatch
+):
+    """A collection records the folder its library had when it was made: once moved, the
+    library would pass for deleted, and --replace-collection drop the vectors it uses.
+    Where Milvus refuses the record (read-only rights on a server), the library opens."""
+    from pymilvus import MilvusClient
+    from pymilvus.exceptions import MilvusException
+
+    shared = {"uri": str(tmp_path / "shared.db")}
+    with Gallery.create(tmp_path / "a", embedding_dim=DIM, model_fingerprint="m",
+                        backend="milvus", backend_options=shared) as library:  # fmt: skip
+        library.add(clustered(5, DIM), ["x"] * 5)
+    shutil.move(tmp_path / "a", tmp_path / "moved")
+    with monkeypatch.context() as refusing:
+
+        def refused(*args: object, **kwargs: object) -> None:
+            raise MilvusException(message="simulated: permission denied")
+
+        refusing.setattr(MilvusClient, "alter_collection_properties", refused)
+        with Gallery.open(tmp_path / "moved") as library:
+            assert library.verify() == []
+    Gallery.open(tmp_path / "moved").close()
+    with pytest.raises(GalleryError, match=f"the library {tmp_path}/moved, which uses it"):
+        Gallery.create(tmp_path / "b", embedding_dim=DIM, model_fingerprint="m",
+                       backend="milvus", backend_options=shared, replace_collection=True)  # fmt: skip
+    with Gallery.open(tmp_path / "moved") as library:
+        assert library.verify() == [] and library.label_counts() == {"x": 5}
+
+
 def test_a_collection_milvus_fails_to_look_into_or_drop_for_a_new_library_is_a_gallery_error(
     tmp_path, monkeypatch
 ):

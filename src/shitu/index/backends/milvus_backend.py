@@ -14,7 +14,7 @@ import sqlite3
 import threading
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from pathlib import Path
 from typing import Any
 
@@ -269,6 +269,8 @@ class MilvusBackend(Backend):
             ):
                 self._resync()
                 self._resynced = manifest
+            else:
+                self._record_owner()
             self.client.load_collection(self.collection)  # a reopened one starts released
         except _service_failures() as exc:  # damaged files of a Milvus Lite collection, say
             problem = f"{self.root}: Milvus collection '{self.collection}' cannot be read"
@@ -281,6 +283,18 @@ class MilvusBackend(Backend):
             logger.warning("%s (%s); building it again from the stored features", problem, why)
             self.client.drop_collection(self.collection)
             self.damaged = problem  # Gallery.open rebuilds it
+
+    def _record_owner(self) -> None:
+        """Record this library's folder in its collection where that records another (the
+        library was moved, or its collection made by a shitu that recorded none), so that
+        a build told to replace the collection finds the library that uses it. Where Milvus
+        refuses the change (a server user with read-only rights), the library opens all
+        the same: only that protection is missing."""
+        folder = str(self.root.resolve())
+        with suppress(*_service_failures()):
+            properties = self.client.describe_collection(self.collection).get("properties")
+            if (properties or {}).get(OWNER_PROPERTY) != folder:
+                self.client.alter_collection_properties(self.collection, {OWNER_PROPERTY: folder})
 
     def _library_using_collection(self) -> Path | None:
         """The library recorded in the collection (`OWNER_PROPERTY`) where it, or the library
