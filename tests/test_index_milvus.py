@@ -199,10 +199,11 @@ def test_replace_collection_drops_only_a_collection_that_its_library_no_longer_u
     with Gallery.open(tmp_path / "a") as library:  # its own vectors, each found by itself
         found = library.search(embedder.extract_files([i.path for i in first]).features, k=1)
         assert found.ids[:, 0].tolist() == [1, 2, 3] and (found.scores > 0.999).all()
-    shutil.rmtree(tmp_path / "a")  # now no library uses it
-    Gallery.build(tmp_path / "b", embedder, second, backend="milvus", backend_options=shared,
-                  replace_collection=True)  # fmt: skip
-    with Gallery.open(tmp_path / "b") as library:
+    shutil.rmtree(tmp_path / "a")  # now no library uses it: made again, in its place
+    with Gallery.create_for(tmp_path / "a", embedder, backend="milvus", backend_options=shared,
+                            replace_collection=True) as library:  # fmt: skip
+        library.add_files(embedder, second)
+    with Gallery.open(tmp_path / "a") as library:
         assert library.verify() == [] and library.label_counts() == {"second": 3}
 
 

@@ -299,14 +299,18 @@ class MilvusBackend(Backend):
     def _library_using_collection(self) -> Path | None:
         """The library recorded in the collection (`OWNER_PROPERTY`) where it, or the library
         that a build's staging folder became, still uses it; None where none does, or the
-        collection records none (made by an earlier shitu, or by another program)."""
+        collection records none (made by an earlier shitu, or by another program). This new
+        library's own folder is not another's: a library deleted and made again in its
+        place (`Gallery.create`) finds its old path recorded."""
         with self._reading("looking into"):
             properties = self.client.describe_collection(self.collection).get("properties")
         recorded = (properties or {}).get(OWNER_PROPERTY)
         if not recorded:
             return None
         for folder in (Path(recorded), staging_target(Path(recorded))):
-            if folder is not None and _uses_collection(folder, self.collection):
+            if folder is None or folder == self.root.resolve():
+                continue
+            if _uses_collection(folder, self.collection):
                 return folder
         return None
 
