@@ -11,7 +11,7 @@ import pytest
 
 from shitu import fileio
 from shitu.errors import ConfigError
-from shitu.fileio import replace_folder, write_atomically
+from shitu.fileio import replace_folder, staging_folder, staging_target, write_atomically
 
 
 def test_write_atomically_replaces_the_file_whole_with_plain_permissions(tmp_path):
@@ -152,3 +152,13 @@ def test_a_folder_another_run_holds_is_refused_naming_that_run(tmp_path, written
     assert str(refused.value) == (
         f"--out {folder}: {named} in it; wait for it to end or stop it, or give another --out"
     )
+
+
+def test_a_staging_folder_names_the_folder_it_is_written_for(tmp_path):
+    """A Milvus collection made by a build records the build's staging folder: the library
+    that uses it is the folder that staging folder became."""
+    for target in (tmp_path / "lib", tmp_path / "my.gallery v2"):
+        with staging_folder(target, "building") as staging:
+            assert staging_target(staging) == target
+    for other in ("lib", ".lib", ".lib.building", ".lib.building-notahexuuid", "lib.building-0"):
+        assert staging_target(tmp_path / other) is None

@@ -17,7 +17,8 @@ from shitu.errors import GalleryError
 from shitu.index import Gallery, metadata
 from shitu.index import gallery as gallery_module
 from shitu.index.backends import IndexSyncError
-from tests.index_helpers import clustered, run_killed, snapshot
+from shitu.index.labels import GalleryItem
+from tests.index_helpers import PixelEmbedder, clustered, make_images, run_killed, snapshot
 
 pytest.importorskip("milvus_lite", reason="the milvus extra is not installed")
 
@@ -169,15 +170,71 @@ def test_a_new_library_refuses_a_collection_that_another_library_holds(tmp_path)
         first.add(clustered(30, DIM), [f"item {i % 3}" for i in range(30)])
         before = first.search(queries, k=3)
     (tmp_path / "b").mkdir()
-    with pytest.raises(
-        GalleryError, match="collection 'shitu_gallery' at .* already holds vectors"
-    ):
-        Gallery.create(tmp_path / "b", embedding_dim=DIM, model_fingerprint="m",
-                       backend="milvus", backend_options=shared)  # fmt: skip
-    assert not any((tmp_path / "b").iterdir())  # the empty folder it was given, as it was
+    expected = f"collection 'shitu_gallery' at .* holds the vectors of the library {tmp_path}/a,"
+    for replace in (False, True):  # a library that uses it: not to be replaced either
+        with pytest.raises(GalleryError, match=expected):
+            Gallery.create(tmp_path / "b", embedding_dim=DIM, model_fingerprint="m",
+                           backend="milvus", backend_options=shared,
+                           replace_collection=replace)  # fmt: skip
+        assert not any((tmp_path / "b").iterdir())  # the empty folder it was given, as it was
     with Gallery.open(tmp_path / "a") as first:
         assert first.verify() == []
         np.testing.assert_array_equal(first.search(queries, k=3).ids, before.ids)
+
+
+def test_replace_collection_drops_only_a_collection_that_its_library_no_longer_uses(tmp_path):
+    """--replace-collection dropped whatever the collection held: a build into the Lite file
+    (or server) of a library still in use, meant for one whose library was deleted, emptied
+    it, and that library then searched the new one's vectors under its own labels."""
+    shared = {"uri": str(tmp_path / "shared.db")}
+    embedder = PixelEmbedder()
+    first = [GalleryItem(str(path), "first") for path in make_images(tmp_path / "one", 3)]
+    second = [GalleryItem(str(path), "second") for path in make_images(tmp_path / "two", 3, 1)]
+    # built as `index build` builds, in a staging folder that then takes the library's name
+    Gallery.build(tmp_path / "a", embedder, first, backend="milvus", backend_options=shared)
+    with pytest.raises(GalleryError, match=f"holds the vectors of the library {tmp_path}/a, "):
+        Gallery.build(tmp_path / "b", embedder, second, backend="milvus",
+                      backend_options=shared, replace_collection=True)  # fmt: skip
+    assert not (tmp_path / "b").exists()
+    with Gallery.open(tmp_path / "a") as library:  # its own vectors, each found by itself
+        found = library.search(embedder.extract_files([i.path for i in first]).features, k=1)
+        assert found.ids[:, 0].tolist() == [1, 2, 3] and (found.scores > 0.999).all()
+    shutil.rmtree(tmp_path / "a")  # now no library uses it: made again, in its place
+    with Gallery.create_for(tmp_path / "a", embedder, backend="milvus", backend_options=shared,
+                            replace_collection=True) as library:  # fmt: skip
+        library.add_files(embedder, second)
+    with Gallery.open(tmp_path / "a") as library:
+        assert library.verify() == [] and library.label_counts() == {"second": 3}
+
+
+def test_a_moved_library_records_its_new_folder_in_its_collection_when_opened(
+    tmp_path, monkeypatch
+):
+    """A collection records the folder its library had when it was made: once moved, the
+    library would pass for deleted, and --replace-collection drop the vectors it uses.
+    Where Milvus refuses the record (read-only rights on a server), the library opens."""
+    from pymilvus import MilvusClient
+    from pymilvus.exceptions import MilvusException
+
+    shared = {"uri": str(tmp_path / "shared.db")}
+    with Gallery.create(tmp_path / "a", embedding_dim=DIM, model_fingerprint="m",
+                        backend="milvus", backend_options=shared) as library:  # fmt: skip
+        library.add(clustered(5, DIM), ["x"] * 5)
+    shutil.move(tmp_path / "a", tmp_path / "moved")
+    with monkeypatch.context() as refusing:
+
+        def refused(*args: object, **kwargs: object) -> None:
+            raise MilvusException(message="simulated: permission denied")
+
+        refusing.setattr(MilvusClient, "alter_collection_properties", refused)
+        with Gallery.open(tmp_path / "moved") as library:
+            assert library.verify() == []
+    Gallery.open(tmp_path / "moved").close()
+    with pytest.raises(GalleryError, match=f"the library {tmp_path}/moved, which uses it"):
+        Gallery.create(tmp_path / "b", embedding_dim=DIM, model_fingerprint="m",
+                       backend="milvus", backend_options=shared, replace_collection=True)  # fmt: skip
+    with Gallery.open(tmp_path / "moved") as library:
+        assert library.verify() == [] and library.label_counts() == {"x": 5}
 
 
 def test_a_collection_milvus_fails_to_look_into_or_drop_for_a_new_library_is_a_gallery_error(

@@ -306,6 +306,13 @@ def staging_folder(target: Path, doing: str) -> Iterator[Path]:
                 lock_path.unlink(missing_ok=True)
 
 
+def staging_target(staging: Path) -> Path | None:
+    """The folder that `staging`, named by `staging_folder`, is written for (whether or not
+    it has taken that name yet); None for a path of any other name."""
+    match = re.fullmatch(r"\.(.+)\.[a-z]+-[0-9a-f]{32}", staging.name)
+    return staging.with_name(match[1]) if match else None
+
+
 def replace_folder(staging: Path, target: Path) -> None:
     """Put the finished folder `staging` in the place of `target` (which may not exist).
 

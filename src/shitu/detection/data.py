@@ -18,9 +18,10 @@ import logging
 import math
 import random
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from functools import cached_property
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -35,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 Sample = tuple[Image.Image, np.ndarray, np.ndarray]
 FOREGROUND = ("foreground",)
+_Value = TypeVar("_Value")
 _SHOW = 5  # missing images named in an error message before the rest are counted
 
 
@@ -317,32 +319,44 @@ def _refuse_repeated_files(images: list[dict], files: dict) -> None:
     """A ValueError for two image entries of one file (COCO files merged, say): each would
     be trained on with only its own boxes, the other's objects taught as background, and
     evaluated so, a detection of those counted as wrong."""
-    first_id: dict[Path, object] = {}
-    for image in images:
-        file = files[image["id"]]
-        if file in first_id:
-            raise ValueError(
-                f"the images {first_id[file]!r} and {image['id']!r} are both the file "
-                f"{image['file_name']!r}; list each photo once, with all its boxes"
-            )
-        first_id[file] = image["id"]
+    clash = _first_clash((files[image["id"]], image) for image in images)
+    if clash:
+        _, first, second = clash
+        raise ValueError(
+            f"the images {first['id']!r} and {second['id']!r} are both the file "
+            f"{second['file_name']!r}; list each photo once, with all its boxes"
+        )
+
+
+def _first_clash(
+    pairs: Iterable[tuple[Hashable, _Value]],
+) -> tuple[Hashable, _Value, _Value] | None:
+    """The first key paired with a value other than its first one, as (key, first value,
+    that value); None where every key keeps one value. The one check behind each "listed
+    twice" refusal of the annotation formats (an image's file, its annotation file, a
+    category's name), each of which words its own message."""
+    first: dict[Hashable, _Value] = {}
+    for key, value in pairs:
+        if first.setdefault(key, value) != value:
+            return key, first[key], value
+    return None
 
 
 def _check_category_names(categories: list[dict]) -> None:
     """A ValueError for a category name that is not text, or is empty, and for two
     categories of one name: classes are known by name (the model's class names, a validation
     set's classes matched to them), so the second would silently be taken for the first."""
-    first_id: dict = {}
     for category in categories:
         name = category["name"]
         if not isinstance(name, str) or not name.strip():
             raise ValueError(f"category {category['id']!r}: its name {name!r} is not a name")
-        if name in first_id:
-            raise ValueError(
-                f"the categories {first_id[name]!r} and {category['id']!r} are both named "
-                f"{name!r}; category names must be unique (merge them, or rename one)"
-            )
-        first_id[name] = category["id"]
+    clash = _first_clash((category["name"], category["id"]) for category in categories)
+    if clash:
+        name, first_id, second_id = clash
+        raise ValueError(
+            f"the categories {first_id!r} and {second_id!r} are both named {name!r}; "
+            "category names must be unique (merge them, or rename one)"
+        )
 
 
 class VocDetection(DetectionDataset):
@@ -460,13 +474,13 @@ def _refuse_images_of_two_files(images: list[Path], xml_files: list[Path]) -> No
     left beside it, say): each would be trained on with only its own boxes, the other's
     objects taught as background. A list line repeated, the same image and file twice,
     stays: that only shows the image more often."""
-    first_file: dict[Path, Path] = {}
-    for image, xml in zip(images, xml_files, strict=True):
-        if first_file.setdefault(image, xml) != xml:
-            raise DataError(
-                f"{first_file[image]} and {xml} both annotate the image {image}; give each "
-                "image one annotation file, with all its boxes"
-            )
+    clash = _first_clash(zip(images, xml_files, strict=True))
+    if clash:
+        image, first_xml, second_xml = clash
+        raise DataError(
+            f"{first_xml} and {second_xml} both annotate the image {image}; give each image "
+            "one annotation file, with all its boxes"
+        )
 
 
 def _voc_list(path: Path, root: Path) -> list[tuple[Path, Path]]:

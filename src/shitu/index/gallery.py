@@ -37,13 +37,12 @@ from shitu.index.manifest import (
     ModelMismatchError,
     now,
 )
-from shitu.index.metadata import ImageEntry, MetadataStore, NewImage
+from shitu.index.metadata import LIBRARY_FILE, ImageEntry, MetadataStore, NewImage
 from shitu.vectors import l2_normalize
 
 if TYPE_CHECKING:
     from shitu.progress import ImageProgress
 
-LIBRARY_FILE = "gallery.sqlite"
 # What PaddleClas's build_gallery.py writes into its IndexProcess.index_dir: a folder
 # that a PaddleClas inference_general.yaml given to `-c` names.
 PADDLE_INDEX_FILES = ("vector.index", "id_map.pkl")
@@ -330,7 +329,8 @@ class Gallery:
         `collection` (default `shitu_gallery`). Faiss's own names (`efSearch`) are refused.
         A Milvus collection that holds vectors is refused as another library's, unless
         `replace_collection`, which drops them: a collection that no library uses any more
-        (its library deleted, or a build killed outright) can be built into again.
+        (its library deleted, or a build killed outright) can be built into again; one that
+        the library it was made for (recorded in it) still uses is refused all the same.
         """
         root = Path(path)
         existed = root.exists()

@@ -24,6 +24,7 @@ from shitu.index.manifest import Manifest
 
 logger = logging.getLogger(__name__)
 
+LIBRARY_FILE = "gallery.sqlite"  # a library folder's database
 LOCK_WAIT_S = 60.0  # how long a writer waits for another process's write to finish
 WAIT_NOTICE_S = 1.0  # a write waiting longer for another process's says so (not a hang)
 # SQLite's own wait for a lock per try (in C, where a Ctrl-C is not handled): tries are

@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import threading
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from shitu.errors import GalleryError
+from shitu.fileio import staging_target
 from shitu.index.backends import (
     Backend,
     Change,
@@ -29,7 +31,7 @@ from shitu.index.backends import (
     scores_from_distances,
 )
 from shitu.index.manifest import Manifest
-from shitu.index.metadata import LibraryBusyError, MetadataStore
+from shitu.index.metadata import LIBRARY_FILE, LibraryBusyError, MetadataStore
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +58,10 @@ CONSISTENCY = "Strong"
 # the last of them to close stops (stopped earlier, it fails the others' calls).
 _lite_users: Counter[str] = Counter()
 _lite_users_lock = threading.Lock()
+# The collection property that records the folder of the library it was made for: a build
+# told to replace a collection that holds vectors can then tell one that library still uses
+# from one it left behind (deleted, or killed outright while building).
+OWNER_PROPERTY = "shitu.library"
 
 
 def index_params(index_type: str, dim: int, options: dict[str, Any]) -> tuple[str, dict]:
@@ -136,6 +142,28 @@ def _request_slices(count: int, row_bytes: int, max_rows: int, max_bytes: int) -
         yield slice(start, min(start + size, count))
 
 
+def _uses_collection(folder: Path, collection: str) -> bool:
+    """Whether `folder` holds a library whose vectors are the Milvus collection of that
+    name; one whose manifest cannot be read (locked, damaged, a newer shitu's) is taken to:
+    its vectors are not dropped on a guess."""
+    database = folder / LIBRARY_FILE
+    if not database.is_file():
+        return False
+    try:
+        store = MetadataStore(database)
+        try:
+            manifest = store.read_manifest()
+        finally:
+            store.close()
+    except (GalleryError, sqlite3.Error):
+        return True
+    return (
+        manifest is not None
+        and manifest.backend == "milvus"
+        and collection_name(manifest) == collection
+    )
+
+
 def search_params(index_type: str, k: int, options: dict[str, Any]) -> dict[str, Any]:
     if index_type == "HNSW32":
         return {"ef": max(k, options.get("ef_search", 64))}
@@ -210,7 +238,16 @@ class MilvusBackend(Backend):
             # A new library (every write makes a generation): the vectors are another
             # library's, which a sync would drop (an empty collection, say a failed build's
             # on a server, is taken over). A library deleted since, or a build killed
-            # outright, leaves them to no library: only `replace` tells which.
+            # outright, leaves them to no library: `replace` says so, unless the library
+            # recorded in the collection still uses it.
+            owner = self._library_using_collection()
+            if owner is not None:
+                raise GalleryError(
+                    f"Milvus collection '{self.collection}' at {uri} holds the vectors of "
+                    f"the library {owner}, which uses it; choose another collection "
+                    "(`collection`, --milvus-collection in the CLI), or delete that library "
+                    "first: a collection that a library uses is not replaced"
+                )
             if not replace:
                 raise GalleryError(
                     f"Milvus collection '{self.collection}' at {uri} already holds vectors "
@@ -232,6 +269,8 @@ class MilvusBackend(Backend):
             ):
                 self._resync()
                 self._resynced = manifest
+            else:
+                self._record_owner()
             self.client.load_collection(self.collection)  # a reopened one starts released
         except _service_failures() as exc:  # damaged files of a Milvus Lite collection, say
             problem = f"{self.root}: Milvus collection '{self.collection}' cannot be read"
@@ -244,6 +283,36 @@ class MilvusBackend(Backend):
             logger.warning("%s (%s); building it again from the stored features", problem, why)
             self.client.drop_collection(self.collection)
             self.damaged = problem  # Gallery.open rebuilds it
+
+    def _record_owner(self) -> None:
+        """Record this library's folder in its collection where that records another (the
+        library was moved, or its collection made by a shitu that recorded none), so that
+        a build told to replace the collection finds the library that uses it. Where Milvus
+        refuses the change (a server user with read-only rights), the library opens all
+        the same: only that protection is missing."""
+        folder = str(self.root.resolve())
+        with suppress(*_service_failures()):
+            properties = self.client.describe_collection(self.collection).get("properties")
+            if (properties or {}).get(OWNER_PROPERTY) != folder:
+                self.client.alter_collection_properties(self.collection, {OWNER_PROPERTY: folder})
+
+    def _library_using_collection(self) -> Path | None:
+        """The library recorded in the collection (`OWNER_PROPERTY`) where it, or the library
+        that a build's staging folder became, still uses it; None where none does, or the
+        collection records none (made by an earlier shitu, or by another program). This new
+        library's own folder is not another's: a library deleted and made again in its
+        place (`Gallery.create`) finds its old path recorded."""
+        with self._reading("looking into"):
+            properties = self.client.describe_collection(self.collection).get("properties")
+        recorded = (properties or {}).get(OWNER_PROPERTY)
+        if not recorded:
+            return None
+        for folder in (Path(recorded), staging_target(Path(recorded))):
+            if folder is None or folder == self.root.resolve():
+                continue
+            if _uses_collection(folder, self.collection):
+                return folder
+        return None
 
     def _holds_rows(self) -> bool:
         """Whether the collection exists with rows (deleted ones count until compaction)."""
@@ -278,7 +347,12 @@ class MilvusBackend(Backend):
         indexes.add_index(
             field_name="vector", index_type=kind, metric_type=manifest.metric.upper(), params=params
         )
-        self.client.create_collection(self.collection, schema=schema, consistency_level=CONSISTENCY)
+        self.client.create_collection(
+            self.collection,
+            schema=schema,
+            consistency_level=CONSISTENCY,
+            properties={OWNER_PROPERTY: str(self.root.resolve())},
+        )
         # Milvus Lite builds the index at once but lacks the call a synchronous create_index
         # polls with (its server logs a NotImplementedError traceback); a server is waited for.
         self.client.create_index(self.collection, indexes, sync=self._lite_path is None)
