@@ -873,6 +873,41 @@ def test_a_max_megapixels_that_could_never_be_decoded_is_refused_at_start(
     assert str(refused.value) == expected
 
 
+def shop_library(serving_library: DemoLibrary, shop: Path) -> Path:
+    """`shop/gallery`, a folder-per-label tree of some of the demo's gallery photos, and
+    the library built from it beside it, `shop/lib` (returned)."""
+    for path, label in serving_library.gallery_items()[:6]:
+        (shop / "gallery" / label).mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, shop / "gallery" / label)
+    library = shop / "lib"
+    build = ["index", "build", str(shop / "gallery"), "--out", str(library), "--no-progress"]
+    assert shitu_main([*build, "--model", str(serving_library.model)]) == 0
+    return library
+
+
+def test_save_vis_beside_a_library_that_holds_uploads_is_not_refused(serving_library, tmp_path):
+    """The images `shitu serve` keeps in the library's own folder came from no folder of the
+    gallery's: counted as if they had, the folder holding the library and the gallery's
+    tree was taken for the tree's root, and --save-vis anywhere in it was refused."""
+    library = shop_library(serving_library, tmp_path / "shop")
+    config = load_pipeline_config(
+        None,
+        [
+            f"IndexProcess.index_dir={library}",
+            f"Global.rec_inference_model_dir={serving_library.model}",
+            "Global.det_inference_model_dir=plain-background",
+        ],
+    )
+    (path, _label), *_ = serving_library.queries()
+    with RecognitionService(config, ServeSettings(upload_dir=library / "uploads")) as service:
+        features = np.stack([f.result() for f in service.extract([read_rgb(path)])])
+        assert service.add("New", [("new.jpg", path.read_bytes())], features).added
+    vis = tmp_path / "shop" / "vis"
+    recognize = ["recognize", str(path), "--gallery", str(library), "--save-vis", str(vis)]
+    assert shitu_main([*recognize, "--model", str(serving_library.model), "--no-progress"]) == 0
+    assert (vis / path.name).with_suffix(".jpg").is_file()
+
+
 def answer_once(url: str, status: int) -> httpx.Response:
     """The first answer from `url` with `status`, asked again until it comes (up to a
     minute): what the server has seen of other connections is not known from outside."""

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from shitu.config import ShituConfig
-    from shitu.index import Gallery
+    from shitu.index import Catalog, Gallery
     from shitu.models import RecModel
     from shitu.pipeline import FileRecognition
 
@@ -457,20 +457,10 @@ class VisualisationWriter:
 
     def refuse_gallery_sources(self, gallery: Gallery) -> None:
         """Refuse the folder where it is inside one that the searched `gallery`'s images
-        came from (see `collected_from`): adding that folder to the gallery again would take
-        the copies for gallery photos. Checked once the gallery is open; the folder made
-        meanwhile is removed with the command's failure (`removed_if_left_empty`)."""
-        from shitu.index.labels import collected_from
-
-        here = self.folder.resolve()
-        sources = collected_from(((e.path, e.label) for e in gallery.entries()), here)
-        source = next((s for s in sources if here.is_relative_to(s)), None)
-        if source is not None:
-            raise DataError(
-                f"--save-vis {self.folder}: is inside {source}, which the gallery's images "
-                "came from, where adding that folder to the gallery again (`shitu index add`) "
-                "would take the annotated copies for gallery photos: choose a folder outside it"
-            )
+        came from (see `refuse_inside_gallery_sources`). Checked once the gallery is open;
+        the folder made meanwhile is removed with the command's failure
+        (`removed_if_left_empty`)."""
+        refuse_inside_gallery_sources(self.folder, "--save-vis", gallery, "the annotated copies")
 
     def _copy_name(self, source: str | Path, common: Path | None) -> Path:
         """The copy's path under the folder, the same each time for one image: its path
@@ -517,6 +507,33 @@ class VisualisationWriter:
 
         image = found.image if found.image is not None else read_rgb(found.path)
         return self.save(found.path, draw_results(image, found.results, self.fonts))
+
+
+def refuse_inside_gallery_sources(
+    folder: Path, option: str, gallery: Gallery | Catalog, kept: str
+) -> None:
+    """A DataError where `folder`, given as `option`, is inside a folder that the
+    `gallery`'s images came from (see `collected_from`), where adding that folder to the
+    gallery again (`shitu index add`) would take the files kept in it (`kept`, "the
+    annotated copies") for gallery photos. Images kept in the library's own folder (those
+    `shitu serve` added, in its `uploads`) came from no such folder: counted, they made
+    the folder holding the library and the gallery's tree look like one tree's root."""
+    from shitu.index.labels import collected_from
+
+    here = folder.resolve()
+    library = gallery.root.resolve()
+    images = (
+        (e.path, e.label)
+        for e in gallery.entries()
+        if e.path and not Path(e.path).is_relative_to(library)  # whole paths, resolved root
+    )
+    source = next((s for s in collected_from(images, here) if here.is_relative_to(s)), None)
+    if source is not None:
+        raise DataError(
+            f"{option} {folder}: is inside {source}, which the gallery's images came from, "
+            f"where adding that folder to the gallery again (`shitu index add`) would take "
+            f"{kept} for gallery photos: choose a folder outside it"
+        )
 
 
 def _common_folder(images: list[Path]) -> Path | None:
