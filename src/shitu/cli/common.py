@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import itertools
 import math
 import os
 import sys
+import tempfile
 import unicodedata
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from shitu.detection.input_size import check_input_size
-from shitu.errors import ConfigError, DataError, override_word
+from shitu.errors import CheckpointError, ConfigError, DataError, override_word
 from shitu.fileio import check_writable, home_expanded, write_jpeg
 from shitu.image_files import IMAGE_SUFFIXES, LABELLED_LIST_HINT, TEXT_FILE_REASON, scan_images
 from shitu.inference.choices import BACKENDS, PRECISIONS
@@ -287,6 +289,26 @@ def expand_images(sources: Iterable[str]) -> tuple[list[Path], bool]:
         else:
             raise DataError(f"{source}: no such file or folder")
     return paths, folder
+
+
+def writable_weights_file(out: str | Path) -> Path:
+    """`out`, an output weight file, once `save_weights` could write it there: its name
+    (`check_weights_name`), no folder of that name, a folder it can be made in (its
+    folders are made now: run the command in `removed_if_left_empty`). Checked before
+    the inputs are read, merged or converted, with the message `save_weights` would give
+    after that work."""
+    from shitu.checkpoint.io import check_weights_name
+
+    path = check_weights_name(out)
+    try:
+        if path.is_dir():  # `save_weights` renames its file onto it only at the end
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(prefix=f".{path.name}.", dir=path.parent):
+            pass
+    except OSError as exc:
+        raise CheckpointError(f"cannot write {path}: {exc.strerror or exc}") from None
+    return path
 
 
 def warn_if_empty(gallery: Gallery, outcome: str) -> None:
