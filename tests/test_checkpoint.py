@@ -685,6 +685,25 @@ def test_an_output_name_no_weight_file_can_have_is_refused_before_any_work(comma
     assert f"cannot write {tmp_path / 'soup.bin'}: use a .safetensors" in result.stderr
 
 
+@pytest.mark.parametrize("command", ["average", "convert"])
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(command, tmp_path):
+    """A folder of the output's name, or a file in the way of its folder, was refused only
+    when the result was saved, after every input had been read and averaged or converted.
+    A folder made for the output is removed when the command fails."""
+    missing = str(tmp_path / "not-read.safetensors")  # reading it first would fail otherwise
+    inputs = [missing, missing] if command == "average" else [missing]
+    (tmp_path / "soup.safetensors").mkdir()
+    (tmp_path / "file").write_text("")
+    for out, reason in (("soup.safetensors", "Is a directory"), ("file/m.pt", "File exists")):
+        result = run_shitu(command, *inputs, "--out", str(tmp_path / out))
+        assert result.returncode == 2
+        assert result.stderr == f"error: cannot write {tmp_path / out}: {reason}\n"
+    result = run_shitu(command, *inputs, "--out", str(tmp_path / "new" / "soup.safetensors"))
+    assert result.returncode == 2 and "not-read.safetensors" in result.stderr
+    assert not (tmp_path / "new").exists()
+    assert not list(tmp_path.glob(".*"))  # no trial file left behind
+
+
 def test_weights_that_do_not_fit_name_the_arch_settings_they_were_built_with(tmp_path):
     """`shitu eval -o Global.pretrained_model=RUN` without the run's `-o Arch...`: the
     error names the settings that differ, from the Arch the file records (the head, left

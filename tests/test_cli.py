@@ -624,6 +624,50 @@ def test_an_export_that_fails_leaves_no_folder_it_made_for_out(tmp_path):
     assert sorted(path.name for path in tmp_path.iterdir()) == ["photo.jpg"]
 
 
+def test_a_second_extract_to_the_same_output_is_refused_while_the_first_runs(tmp_path):
+    """Each run replaces PREFIX.txt, then PREFIX.npy: two at once could leave one run's
+    features beside the other's paths. The second is refused, naming the first's process;
+    the first writes its whole result and leaves no lock behind."""
+    import signal
+    import time
+
+    images = []
+    for shade in (40, 200):
+        images.append(tmp_path / f"{shade}.png")
+        Image.fromarray(np.full((32, 32, 3), shade, np.uint8)).save(images[-1])
+    out = tmp_path / "feats"
+    first = subprocess.Popen(
+        [*SHITU, "extract", *map(str, images), "--out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(tmp_path.glob(".feats.*"))) == 0 and first.poll() is None:
+            assert time.monotonic() < deadline, "the first run never took its output"
+            time.sleep(0.01)
+        first.send_signal(signal.SIGSTOP)  # held mid-run, its output taken
+        second = run_shitu("extract", str(images[0]), "--out", str(out))
+    finally:
+        first.send_signal(signal.SIGCONT)
+        stdout, stderr = first.communicate(timeout=120)
+    assert second.returncode == 2 and second.stderr == (
+        f"error: --out {out}: another shitu extract (process {first.pid}) is writing "
+        f"{out}.npy and {out}.txt; wait for it to end, or give another --out\n"
+    )
+    assert first.returncode == 0 and stdout.startswith("embedded 2 images"), stderr
+    assert out.with_suffix(".txt").read_text().splitlines() == list(map(str, images))
+    assert np.load(out.with_suffix(".npy")).shape[0] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "200.png",
+        "40.png",
+        "feats.npy",
+        "feats.txt",
+    ]
+    assert run_shitu("extract", str(images[0]), "--out", str(out)).returncode == 0  # free again
+
+
 def test_extract_refuses_a_folder_for_out_before_embedding(tmp_path):
     """`--out` naming a folder is refused up front (it was a traceback after every image
     had been embedded)."""

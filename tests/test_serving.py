@@ -45,7 +45,7 @@ from shitu.serving.library import SharedLibrary, Snapshot
 from shitu.serving.service import RecognitionService
 from shitu.serving.settings import ServeSettings
 from tests.index_helpers import PixelEmbedder, make_images, other_process_holding
-from tests.serving_helpers import DemoLibrary, PrefixProxy, ServerProcess
+from tests.serving_helpers import STARTUP_S, DemoLibrary, PrefixProxy, ServerProcess
 
 KEY = "test-key-0123"
 WRITE = {"X-API-Key": KEY}
@@ -871,6 +871,76 @@ def test_a_max_megapixels_that_could_never_be_decoded_is_refused_at_start(
             max_pixels_in_flight=int(megapixels.get("--max-megapixels-in-flight", 400) * 1e6),
         )
     assert str(refused.value) == expected
+
+
+def shop_library(serving_library: DemoLibrary, shop: Path) -> Path:
+    """`shop/gallery`, a folder-per-label tree of some of the demo's gallery photos, and
+    the library built from it beside it, `shop/lib` (returned)."""
+    for path, label in serving_library.gallery_items()[:6]:
+        (shop / "gallery" / label).mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, shop / "gallery" / label)
+    library = shop / "lib"
+    build = ["index", "build", str(shop / "gallery"), "--out", str(library), "--no-progress"]
+    assert shitu_main([*build, "--model", str(serving_library.model)]) == 0
+    return library
+
+
+def test_an_upload_folder_inside_the_gallery_tree_is_refused_at_start(serving_library, tmp_path):
+    """Images added over HTTP into a folder of the tree the gallery was built from were
+    taken for gallery photos (of a label named after the upload folder) by the next
+    `shitu index add` or build of that tree. A folder beside the tree is served."""
+    library = shop_library(serving_library, tmp_path / "shop")
+    uploads = tmp_path / "shop" / "gallery" / "uploads"
+    model = ["--model", str(serving_library.model), "--detector", "plain-background"]
+    serve = [sys.executable, "-m", "shitu.cli.main", "serve", "--gallery", str(library), *model]
+    # a process: served, it would not return
+    refused = subprocess.run(
+        [*serve, "--port", "0", "--upload-dir", str(uploads)],
+        capture_output=True,
+        text=True,
+        timeout=STARTUP_S,
+    )
+    assert refused.returncode == 2 and refused.stderr == (
+        f"error: --upload-dir {uploads}: is inside {uploads.parent.resolve()}, which the "
+        "gallery's images came from, where adding that folder to the gallery again (`shitu "
+        "index add`) would take the images added over HTTP for gallery photos: choose a "
+        "folder outside it\n"
+    )
+    assert not uploads.exists()
+    beside = tmp_path / "shop" / "uploads"
+    shop = DemoLibrary(serving_library.model, library, serving_library.demo)
+    server = ServerProcess(shop, tmp_path / "work", "--upload-dir", str(beside))
+    try:
+        (path, _label), *_ = serving_library.queries()
+        files = {"image": photo(path)}
+        added = httpx.post(f"{server.url}/v1/gallery/images", data={"label": "New"}, files=files)
+        assert added.status_code == 201, added.text
+    finally:
+        server.stop()
+    assert len(list(beside.iterdir())) == 1
+
+
+def test_save_vis_beside_a_library_that_holds_uploads_is_not_refused(serving_library, tmp_path):
+    """The images `shitu serve` keeps in the library's own folder came from no folder of the
+    gallery's: counted as if they had, the folder holding the library and the gallery's
+    tree was taken for the tree's root, and --save-vis anywhere in it was refused."""
+    library = shop_library(serving_library, tmp_path / "shop")
+    config = load_pipeline_config(
+        None,
+        [
+            f"IndexProcess.index_dir={library}",
+            f"Global.rec_inference_model_dir={serving_library.model}",
+            "Global.det_inference_model_dir=plain-background",
+        ],
+    )
+    (path, _label), *_ = serving_library.queries()
+    with RecognitionService(config, ServeSettings(upload_dir=library / "uploads")) as service:
+        features = np.stack([f.result() for f in service.extract([read_rgb(path)])])
+        assert service.add("New", [("new.jpg", path.read_bytes())], features).added
+    vis = tmp_path / "shop" / "vis"
+    recognize = ["recognize", str(path), "--gallery", str(library), "--save-vis", str(vis)]
+    assert shitu_main([*recognize, "--model", str(serving_library.model), "--no-progress"]) == 0
+    assert (vis / path.name).with_suffix(".jpg").is_file()
 
 
 def answer_once(url: str, status: int) -> httpx.Response:

@@ -4,9 +4,16 @@ optionally moved part of the way back to the pretrained initialisation (WiSE-FT)
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from shitu.cli.common import add_config_arguments, config_from_args, model_from_config
+from shitu.cli.common import (
+    add_config_arguments,
+    config_from_args,
+    model_from_config,
+    writable_weights_file,
+)
 from shitu.errors import CheckpointError, ConfigError
+from shitu.fileio import removed_if_left_empty
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -51,12 +58,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    with removed_if_left_empty(Path(args.out).parent):  # made, then nothing written: removed
+        return _average(args)
+
+
+def _average(args: argparse.Namespace) -> int:
     from shitu.checkpoint import average_weights, interpolate_toward, read_weights, save_weights
     from shitu.checkpoint.average import check_share
-    from shitu.checkpoint.io import REPARAMETERIZED, check_weights_name, fit_hint
+    from shitu.checkpoint.io import REPARAMETERIZED, fit_hint
     from shitu.models.reparam import is_reparameterized
 
-    check_weights_name(args.out)
+    writable_weights_file(args.out)  # now, not after reading and averaging every file
     if (args.pretrained_share is None) != (args.layers is None):
         raise CheckpointError("--pretrained-share and --layers go together")
     if args.weighting and len(args.weights) < 2:

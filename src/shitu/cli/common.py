@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import itertools
 import math
 import os
 import sys
+import tempfile
 import unicodedata
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from shitu.detection.input_size import check_input_size
-from shitu.errors import ConfigError, DataError, override_word
+from shitu.errors import CheckpointError, ConfigError, DataError, override_word
 from shitu.fileio import check_writable, home_expanded, write_jpeg
 from shitu.image_files import IMAGE_SUFFIXES, LABELLED_LIST_HINT, TEXT_FILE_REASON, scan_images
 from shitu.inference.choices import BACKENDS, PRECISIONS
@@ -22,7 +24,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from shitu.config import ShituConfig
-    from shitu.index import Gallery
+    from shitu.index import Catalog, Gallery
     from shitu.models import RecModel
     from shitu.pipeline import FileRecognition
 
@@ -289,6 +291,26 @@ def expand_images(sources: Iterable[str]) -> tuple[list[Path], bool]:
     return paths, folder
 
 
+def writable_weights_file(out: str | Path) -> Path:
+    """`out`, an output weight file, once `save_weights` could write it there: its name
+    (`check_weights_name`), no folder of that name, a folder it can be made in (its
+    folders are made now: run the command in `removed_if_left_empty`). Checked before
+    the inputs are read, merged or converted, with the message `save_weights` would give
+    after that work."""
+    from shitu.checkpoint.io import check_weights_name
+
+    path = check_weights_name(out)
+    try:
+        if path.is_dir():  # `save_weights` renames its file onto it only at the end
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(prefix=f".{path.name}.", dir=path.parent):
+            pass
+    except OSError as exc:
+        raise CheckpointError(f"cannot write {path}: {exc.strerror or exc}") from None
+    return path
+
+
 def warn_if_empty(gallery: Gallery, outcome: str) -> None:
     """Warn that `gallery` holds no images (all removed), with the `outcome` for the
     command ("nothing can be recognised"): else each answer is a silent "nothing"."""
@@ -457,20 +479,10 @@ class VisualisationWriter:
 
     def refuse_gallery_sources(self, gallery: Gallery) -> None:
         """Refuse the folder where it is inside one that the searched `gallery`'s images
-        came from (see `collected_from`): adding that folder to the gallery again would take
-        the copies for gallery photos. Checked once the gallery is open; the folder made
-        meanwhile is removed with the command's failure (`removed_if_left_empty`)."""
-        from shitu.index.labels import collected_from
-
-        here = self.folder.resolve()
-        sources = collected_from(((e.path, e.label) for e in gallery.entries()), here)
-        source = next((s for s in sources if here.is_relative_to(s)), None)
-        if source is not None:
-            raise DataError(
-                f"--save-vis {self.folder}: is inside {source}, which the gallery's images "
-                "came from, where adding that folder to the gallery again (`shitu index add`) "
-                "would take the annotated copies for gallery photos: choose a folder outside it"
-            )
+        came from (see `refuse_inside_gallery_sources`). Checked once the gallery is open;
+        the folder made meanwhile is removed with the command's failure
+        (`removed_if_left_empty`)."""
+        refuse_inside_gallery_sources(self.folder, "--save-vis", gallery, "the annotated copies")
 
     def _copy_name(self, source: str | Path, common: Path | None) -> Path:
         """The copy's path under the folder, the same each time for one image: its path
@@ -517,6 +529,33 @@ class VisualisationWriter:
 
         image = found.image if found.image is not None else read_rgb(found.path)
         return self.save(found.path, draw_results(image, found.results, self.fonts))
+
+
+def refuse_inside_gallery_sources(
+    folder: Path, option: str, gallery: Gallery | Catalog, kept: str
+) -> None:
+    """A DataError where `folder`, given as `option`, is inside a folder that the
+    `gallery`'s images came from (see `collected_from`), where adding that folder to the
+    gallery again (`shitu index add`) would take the files kept in it (`kept`, "the
+    annotated copies") for gallery photos. Images kept in the library's own folder (those
+    `shitu serve` added, in its `uploads`) came from no such folder: counted, they made
+    the folder holding the library and the gallery's tree look like one tree's root."""
+    from shitu.index.labels import collected_from
+
+    here = folder.resolve()
+    library = gallery.root.resolve()
+    images = (
+        (e.path, e.label)
+        for e in gallery.entries()
+        if e.path and not Path(e.path).is_relative_to(library)  # whole paths, resolved root
+    )
+    source = next((s for s in collected_from(images, here) if here.is_relative_to(s)), None)
+    if source is not None:
+        raise DataError(
+            f"{option} {folder}: is inside {source}, which the gallery's images came from, "
+            f"where adding that folder to the gallery again (`shitu index add`) would take "
+            f"{kept} for gallery photos: choose a folder outside it"
+        )
 
 
 def _common_folder(images: list[Path]) -> Path | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from shitu.cli.common import (
     add_config_arguments,
@@ -11,7 +12,9 @@ from shitu.cli.common import (
     count_of,
     count_parameters,
     model_from_config,
+    writable_weights_file,
 )
+from shitu.fileio import removed_if_left_empty
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -35,10 +38,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from shitu.checkpoint import load_weights, model_metadata, save_weights
-    from shitu.checkpoint.io import check_weights_name
+    with removed_if_left_empty(Path(args.out).parent):  # made, then nothing written: removed
+        return _convert(args)
 
-    check_weights_name(args.out)
+
+def _convert(args: argparse.Namespace) -> int:
+    from shitu.checkpoint import load_weights, model_metadata, save_weights
+
+    writable_weights_file(args.out)  # now, not after loading and converting the weights
     config = config_from_args(args)
     # every tensor comes from the weights file: no ImageNet weights to install or load first
     model = model_from_config(config, args, pretrained=False).eval()

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from shitu.cli.common import (
@@ -60,10 +62,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _extract(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from shitu.inference import FeatureExtractor, default_model_dir
-
     files, _ = expand_images(args.inputs)
     # Found in a folder of thousands, the file must be named for the user to rename it.
     broken = next((f for f in files if "\n" in str(f)), None)
@@ -85,6 +83,53 @@ def _extract(args: argparse.Namespace) -> int:
             f"--out {args.out}: names a folder; give a file prefix in it, such as {out / 'feats'}"
         )
     check_writable(out.parent, f"--out {args.out}")
+    with _sole_writer_of(out, args.out):
+        return _embed_and_write(args, files, out, targets)
+
+
+@contextlib.contextmanager
+def _sole_writer_of(out: Path, given: str) -> Iterator[None]:
+    """Hold `.PREFIX.extract.lock` beside the output (an flock, which the kernel releases
+    when the process dies) until the output is written: another `shitu extract` to the
+    same prefix meanwhile is refused, naming this one's process. Each replaces PREFIX.txt,
+    then PREFIX.npy: two at once could leave one's features beside the other's paths. The
+    lock file is removed at the end; a run that locked it just as it went locks the new one."""
+    import fcntl  # POSIX, as the other locks
+
+    path = out.parent / f".{out.name}.extract.lock"
+    while True:
+        lock = open(path, "a+")  # noqa: SIM115 (held past this block: closed below)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "unknown"
+            lock.close()
+            raise DataError(
+                f"--out {given}: another shitu extract (process {holder}) is writing "
+                f"{out}.npy and {out}.txt; wait for it to end, or give another --out"
+            ) from None
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.samestat(os.fstat(lock.fileno()), os.stat(path)):
+                break
+        lock.close()  # removed by the run that held it: lock the file there now
+    try:
+        lock.truncate(0)
+        lock.write(str(os.getpid()))
+        lock.flush()
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # while held: the next run locks a new file
+        lock.close()
+
+
+def _embed_and_write(
+    args: argparse.Namespace, files: list[Path], out: Path, targets: list[Path]
+) -> int:
+    import numpy as np
+
+    from shitu.inference import FeatureExtractor, default_model_dir
+
     extractor = FeatureExtractor.load(
         args.model or default_model_dir(),
         args.runtime,

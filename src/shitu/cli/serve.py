@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from shitu.cli.common import bounded, port_number, positive_int
+from shitu.cli.common import bounded, port_number, positive_int, refuse_inside_gallery_sources
 from shitu.cli.recognize import (
     add_pipeline_arguments,
     naming_config_paths,
@@ -190,6 +190,22 @@ def _api_key(given: str | None) -> str | None:
     return given
 
 
+def _refuse_uploads_among_gallery_sources(upload_dir: Path, library: Path) -> None:
+    """Refuse an --upload-dir inside a folder the library's images came from: a later
+    `shitu index add` or build of that folder would take the images added over HTTP for
+    gallery photos (of a label named after the upload folder). One inside the library's
+    own folder (the default, GALLERY/uploads) is the library's: nothing scans it. Read
+    from the library's database alone, before the models load."""
+    from shitu.index import Catalog
+
+    if upload_dir.resolve().is_relative_to(library.resolve()):
+        return
+    with Catalog(library) as catalog:
+        refuse_inside_gallery_sources(
+            upload_dir, "--upload-dir", catalog, "the images added over HTTP"
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         import uvicorn
@@ -213,8 +229,11 @@ def run(args: argparse.Namespace) -> int:
     library = config.IndexProcess.index_dir
     if not library:
         raise ConfigError("give the gallery library to serve with --gallery")
+    upload_dir = args.upload_dir or Path(library) / "uploads"
+    with naming_config_paths(args, config):
+        _refuse_uploads_among_gallery_sources(upload_dir, Path(library))
     settings = ServeSettings(
-        upload_dir=args.upload_dir or Path(library) / "uploads",
+        upload_dir=upload_dir,
         max_upload_mb=args.max_upload_mb,
         max_pixels=int(args.max_megapixels * 1_000_000),
         max_pixels_in_flight=int(args.max_megapixels_in_flight * 1_000_000),
