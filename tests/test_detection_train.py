@@ -1014,7 +1014,7 @@ def test_detection_data_is_clipped_counted_and_matched_by_class_name(
     assert str(info.value) == (
         "batches of one image cannot train at input sizes [32, 64], where BatchNorm layer "
         "'neck.first_top_conv.bn1' gets a 1x1 feature map from the 64x64 training images, "
-        "one value per channel, and batch norm cannot train on that; give sizes above 64, or "
+        "one value per channel, and BatchNorm cannot train on that; give sizes above 64, or "
         "a batch size and a training set of at least 2 images"
     )
     DetectionTrainer(one_photo, DetectionTrainConfig(batch_size=4, train_sizes=(96,)))

@@ -483,7 +483,7 @@ def _check_batch_norm_can_train(model: PicoDet, images: int, config: DetectionTr
     largest = too_small[-1]
     raise ConfigError(
         f"batches of one image cannot train at input sizes {too_small}, where "
-        f"{found.describe(largest, largest)}, and batch norm cannot train on that; give "
+        f"{found.describe(largest, largest)}, and BatchNorm cannot train on that; give "
         f"sizes above {largest}, or a batch size and a training set of at least 2 images"
     )
 
