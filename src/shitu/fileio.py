@@ -313,6 +313,25 @@ def staging_target(staging: Path) -> Path | None:
     return staging.with_name(match[1]) if match else None
 
 
+def staging_in_progress(staging: Path) -> bool:
+    """Whether the run that writes `staging`, a folder named by `staging_folder`, still
+    goes on: it holds the lock beside it. One whose lock is not held was killed outright
+    (its folder left for the next run to that target to remove); True where there is no
+    lock to tell by."""
+    import fcntl
+
+    try:
+        lock = open(staging.with_name(staging.name + ".lock"))  # noqa: SIM115 (closed below)
+    except FileNotFoundError:
+        return True
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return True
+    return False
+
+
 def replace_folder(staging: Path, target: Path) -> None:
     """Put the finished folder `staging` in the place of `target` (which may not exist).
 
