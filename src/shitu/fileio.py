@@ -287,13 +287,9 @@ def staging_folder(target: Path, doing: str) -> Iterator[Path]:
     import fcntl  # POSIX: the commands that stage folders run on Linux and macOS
 
     for lock_path in target.parent.glob(f".{glob.escape(target.name)}.{doing}-*.lock"):
-        with open(lock_path, "a") as lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                continue  # a live run
+        if not staging_in_progress(lock_path.with_suffix("")):
             shutil.rmtree(lock_path.with_suffix(""), ignore_errors=True)
-        lock_path.unlink(missing_ok=True)
+            lock_path.unlink(missing_ok=True)
     # A name no other run can have, on this host or another sharing the folder.
     staging = target.parent / f".{target.name}.{doing}-{uuid.uuid4().hex}"
     lock_path = staging.with_name(staging.name + ".lock")
