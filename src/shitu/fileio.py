@@ -302,6 +302,20 @@ def staging_folder(target: Path, doing: str) -> Iterator[Path]:
                 lock_path.unlink(missing_ok=True)
 
 
+def listed_file(folder: Path, name: str) -> Path:
+    """The file that a list in `folder` (a label file, a COCO or VOC annotation list) names
+    as `name`, relative to it or absolute: on a system whose separator is '/', a name with
+    backslashes that names no file is read with '/' in their place where that names one, as
+    a list made on Windows has them (a backslash may be part of a file name there, so the
+    name as written comes first)."""
+    path = folder / name
+    if "\\" in name and os.sep == "/" and not path.exists():
+        posix = folder / name.replace("\\", "/")
+        if posix.exists():
+            return posix
+    return path
+
+
 def staging_target(staging: Path) -> Path | None:
     """The folder that `staging`, named by `staging_folder`, is written for (whether or not
     it has taken that name yet); None for a path of any other name."""

@@ -30,7 +30,7 @@ from PIL import Image, ImageEnhance
 from shitu.data.transforms.ops import UnreadableImageError, decode_rgb_image
 from shitu.detection.detector import preprocess
 from shitu.errors import DataError
-from shitu.fileio import from_working_directory, read_text
+from shitu.fileio import from_working_directory, listed_file, read_text
 
 logger = logging.getLogger(__name__)
 
@@ -236,7 +236,8 @@ class CocoDetection(DetectionDataset):
             cat_index = {c["id"]: i for i, c in enumerate(categories)}
             image_ids = [img["id"] for img in data["images"]]
             _refuse_repeated_ids("image", image_ids)
-            files = {img["id"]: Path(image_root) / img["file_name"] for img in data["images"]}
+            root = Path(image_root)
+            files = {img["id"]: listed_file(root, img["file_name"]) for img in data["images"]}
             _refuse_repeated_files(data["images"], files)
             sizes = [_recorded_size(img) for img in data["images"]]
             per_image: dict[int, list[tuple[list[float], int, bool]]] = {i: [] for i in image_ids}
@@ -421,7 +422,7 @@ class VocDetection(DetectionDataset):
         labels = [ids[kept] for ids, kept in zip(class_ids, positions, strict=True)]
         difficult = [flags[kept] for flags, kept in zip(hard, positions, strict=True)]
         images = [
-            image or Path(image_dir) / filename
+            image or listed_file(Path(image_dir), filename)
             for (image, _), (filename, _, _) in zip(listed, parsed, strict=True)
         ]
         _refuse_images_of_two_files(images, xml_files)
@@ -500,7 +501,7 @@ def _voc_list(path: Path, root: Path) -> list[tuple[Path, Path]]:
                 f"{path}:{number}: expected 'image xml' (PaddleDetection's VOC list: two paths "
                 f"relative to the image folder), got {line.strip()!r}"
             )
-        pairs.append((root / fields[0], root / fields[1]))
+        pairs.append((listed_file(root, fields[0]), listed_file(root, fields[1])))
     if not pairs:
         raise DataError(f"{path}: lists no images")
     return pairs
