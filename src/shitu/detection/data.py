@@ -309,11 +309,9 @@ def _recorded_size(image: dict) -> tuple[float, float] | None:
 def _refuse_repeated_ids(what: str, ids: list) -> None:
     """A ValueError for an id listed twice: annotations name images and categories by id, so
     the boxes of one image would land on the other's file (or one class's on another's)."""
-    seen: set = set()
-    for item_id in ids:
-        if item_id in seen:
-            raise ValueError(f"two {what}s have the id {item_id!r}; ids must be unique")
-        seen.add(item_id)
+    clash = _first_clash((item_id, position) for position, item_id in enumerate(ids))
+    if clash:
+        raise ValueError(f"two {what}s have the id {clash[0]!r}; ids must be unique")
 
 
 def _refuse_repeated_files(images: list[dict], files: dict) -> None:
@@ -334,8 +332,8 @@ def _first_clash(
 ) -> tuple[Hashable, _Value, _Value] | None:
     """The first key paired with a value other than its first one, as (key, first value,
     that value); None where every key keeps one value. The one check behind each "listed
-    twice" refusal of the annotation formats (an image's file, its annotation file, a
-    category's name), each of which words its own message."""
+    twice" refusal of the annotation formats (an id, an image's file, its annotation file,
+    a category's name), each of which words its own message."""
     first: dict[Hashable, _Value] = {}
     for key, value in pairs:
         if first.setdefault(key, value) != value:
