@@ -14,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -408,7 +409,13 @@ def test_a_write_interrupted_while_it_waits_for_a_search_lets_later_searches_in(
     lock = ReadWriteLock()
     lock.acquire_read()  # a search under way
     main_thread = threading.main_thread().ident
-    threading.Timer(0.2, signal.pthread_kill, (main_thread, signal.SIGINT)).start()
+
+    def press_ctrl_c_once_the_write_waits() -> None:
+        while not lock._writers_waiting:
+            time.sleep(0.01)
+        signal.pthread_kill(main_thread, signal.SIGINT)
+
+    threading.Thread(target=press_ctrl_c_once_the_write_waits, daemon=True).start()
     with pytest.raises(KeyboardInterrupt), lock.write():
         pass
     lock.release_read()
