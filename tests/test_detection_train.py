@@ -280,6 +280,24 @@ def _write_voc(folder: Path, annotations: list[list]) -> Path:
     return folder
 
 
+def test_coco_and_voc_lists_written_on_windows_find_their_files(tmp_path: Path) -> None:
+    """A COCO file or VOC list made on Windows names `images\\img0.png`: elsewhere every
+    image was missing, as a gallery label file's would have been but is not."""
+    (tmp_path / "images").mkdir()
+    annotations = _write_images(tmp_path / "images", 2, size=64)
+    coco = json.loads(_write_coco(tmp_path, annotations).read_text())
+    for image in coco["images"]:
+        image["file_name"] = "images\\" + image["file_name"]
+    (tmp_path / "instances.json").write_text(json.dumps(coco))
+    dataset = CocoDetection(tmp_path / "instances.json", tmp_path)
+    assert dataset.images == [tmp_path / "images" / f"img{i}.png" for i in range(2)]
+    _write_voc(tmp_path / "Annotations", annotations)
+    lines = [f"images\\img{i}.png Annotations\\img{i}.xml" for i in range(2)]
+    (tmp_path / "trainval.txt").write_text("\n".join(lines))
+    voc = VocDetection(tmp_path / "trainval.txt", tmp_path)
+    assert voc.images == dataset.images and len(voc.boxes[1]) == len(annotations[1])
+
+
 def test_coco_dataset_parsing(tmp_path: Path) -> None:
     annotations = _write_images(tmp_path, 2, size=64)
     dataset = CocoDetection(_write_coco(tmp_path, annotations), tmp_path)

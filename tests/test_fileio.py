@@ -11,7 +11,13 @@ import pytest
 
 from shitu import fileio
 from shitu.errors import ConfigError
-from shitu.fileio import replace_folder, staging_folder, staging_target, write_atomically
+from shitu.fileio import (
+    replace_folder,
+    staging_folder,
+    staging_in_progress,
+    staging_target,
+    write_atomically,
+)
 
 
 def test_write_atomically_replaces_the_file_whole_with_plain_permissions(tmp_path):
@@ -162,3 +168,14 @@ def test_a_staging_folder_names_the_folder_it_is_written_for(tmp_path):
             assert staging_target(staging) == target
     for other in ("lib", ".lib", ".lib.building", ".lib.building-notahexuuid", "lib.building-0"):
         assert staging_target(tmp_path / other) is None
+
+
+def test_a_staging_folder_is_in_progress_while_its_run_holds_its_lock(tmp_path):
+    """What a build killed outright leaves (its folder, its lock no longer held) is told
+    from one still running; a folder without a lock cannot be told, and counts as running."""
+    with staging_folder(tmp_path / "lib", "building") as staging:
+        staging.mkdir()
+        assert staging_in_progress(staging)
+    assert staging.exists() and not staging_in_progress(staging)
+    staging.with_name(staging.name + ".lock").unlink()
+    assert staging_in_progress(staging)

@@ -13,6 +13,8 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ from shitu.errors import GalleryError
 from shitu.fileio import file_sha256
 from shitu.index import Gallery, metadata
 from shitu.index import gallery as gallery_module
+from shitu.index.locking import ReadWriteLock
 from tests.index_helpers import clustered, make_images, other_process_holding
 
 DIM = 16
@@ -398,3 +401,29 @@ def test_a_write_refused_for_room_is_one_clear_error_and_changes_nothing(tmp_pat
     with Gallery.open(path) as gallery:
         assert gallery.verify() == [] and len(gallery) == 20
     assert sorted(p.name for p in path.iterdir()) == ["gallery.sqlite", *index_files(path)]
+
+
+def test_a_write_interrupted_while_it_waits_for_a_search_lets_later_searches_in():
+    """Ctrl-C while a write waited for a search to end (an add in a notebook, a search in
+    another thread) left it counted as waiting: every later search waited for it for ever."""
+    lock = ReadWriteLock()
+    lock.acquire_read()  # a search under way
+    main_thread = threading.main_thread().ident
+
+    def press_ctrl_c_once_the_write_waits() -> None:
+        while not lock._writers_waiting:
+            time.sleep(0.01)
+        signal.pthread_kill(main_thread, signal.SIGINT)
+
+    threading.Thread(target=press_ctrl_c_once_the_write_waits, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt), lock.write():
+        pass
+    lock.release_read()
+    searched = threading.Event()
+
+    def search() -> None:
+        with lock.read():
+            searched.set()
+
+    threading.Thread(target=search, daemon=True).start()
+    assert searched.wait(timeout=60)  # without the fix, never

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from shitu.errors import GalleryError
+from shitu.fileio import staging_folder
 from shitu.index import Gallery, metadata
 from shitu.index import gallery as gallery_module
 from shitu.index.backends import IndexSyncError
@@ -205,6 +206,32 @@ def test_replace_collection_drops_only_a_collection_that_its_library_no_longer_u
         library.add_files(embedder, second)
     with Gallery.open(tmp_path / "a") as library:
         assert library.verify() == [] and library.label_counts() == {"second": 3}
+
+
+def test_the_collection_of_a_build_killed_outright_is_replaced_and_a_running_ones_is_not(
+    tmp_path,
+):
+    """A build killed outright leaves its staging folder, library and all, until the next
+    build to its name removes it: taken for a library that uses the collection, it kept
+    --replace-collection from the very collection it is for. A build still running does
+    use it."""
+    shared = {"uri": str(tmp_path / "shared.db")}
+
+    def replace() -> None:
+        Gallery.create(tmp_path / "b", embedding_dim=DIM, model_fingerprint="m",
+                       backend="milvus", backend_options=shared,
+                       replace_collection=True).close()  # fmt: skip
+
+    with staging_folder(tmp_path / "lib", "building") as staging:  # its lock held: running
+        with Gallery.create(staging, embedding_dim=DIM, model_fingerprint="m",
+                            backend="milvus", backend_options=shared) as library:  # fmt: skip
+            library.add(clustered(5, DIM), ["x"] * 5)
+        with pytest.raises(GalleryError, match=f"the library {staging}, which uses it"):
+            replace()
+    assert staging.exists()  # left with its lock no longer held, as by a build killed outright
+    replace()
+    with Gallery.open(tmp_path / "b") as library:
+        assert library.verify() == [] and len(library) == 0
 
 
 def test_a_moved_library_records_its_new_folder_in_its_collection_when_opened(

@@ -287,13 +287,9 @@ def staging_folder(target: Path, doing: str) -> Iterator[Path]:
     import fcntl  # POSIX: the commands that stage folders run on Linux and macOS
 
     for lock_path in target.parent.glob(f".{glob.escape(target.name)}.{doing}-*.lock"):
-        with open(lock_path, "a") as lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                continue  # a live run
+        if not staging_in_progress(lock_path.with_suffix("")):
             shutil.rmtree(lock_path.with_suffix(""), ignore_errors=True)
-        lock_path.unlink(missing_ok=True)
+            lock_path.unlink(missing_ok=True)
     # A name no other run can have, on this host or another sharing the folder.
     staging = target.parent / f".{target.name}.{doing}-{uuid.uuid4().hex}"
     lock_path = staging.with_name(staging.name + ".lock")
@@ -306,11 +302,44 @@ def staging_folder(target: Path, doing: str) -> Iterator[Path]:
                 lock_path.unlink(missing_ok=True)
 
 
+def listed_file(folder: Path, name: str) -> Path:
+    """The file that a list in `folder` (a label file, a COCO or VOC annotation list) names
+    as `name`, relative to it or absolute: on a system whose separator is '/', a name with
+    backslashes that names no file is read with '/' in their place where that names one, as
+    a list made on Windows has them (a backslash may be part of a file name there, so the
+    name as written comes first)."""
+    path = folder / name
+    if "\\" in name and os.sep == "/" and not path.exists():
+        posix = folder / name.replace("\\", "/")
+        if posix.exists():
+            return posix
+    return path
+
+
 def staging_target(staging: Path) -> Path | None:
     """The folder that `staging`, named by `staging_folder`, is written for (whether or not
     it has taken that name yet); None for a path of any other name."""
     match = re.fullmatch(r"\.(.+)\.[a-z]+-[0-9a-f]{32}", staging.name)
     return staging.with_name(match[1]) if match else None
+
+
+def staging_in_progress(staging: Path) -> bool:
+    """Whether the run that writes `staging`, a folder named by `staging_folder`, still
+    goes on: it holds the lock beside it. One whose lock is not held was killed outright
+    (its folder left for the next run to that target to remove); True where there is no
+    lock to tell by."""
+    import fcntl
+
+    try:
+        lock = open(staging.with_name(staging.name + ".lock"))  # noqa: SIM115 (closed below)
+    except FileNotFoundError:
+        return True
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return True
+    return False
 
 
 def replace_folder(staging: Path, target: Path) -> None:

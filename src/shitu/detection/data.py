@@ -30,7 +30,7 @@ from PIL import Image, ImageEnhance
 from shitu.data.transforms.ops import UnreadableImageError, decode_rgb_image
 from shitu.detection.detector import preprocess
 from shitu.errors import DataError
-from shitu.fileio import from_working_directory, read_text
+from shitu.fileio import from_working_directory, listed_file, read_text
 
 logger = logging.getLogger(__name__)
 
@@ -236,7 +236,8 @@ class CocoDetection(DetectionDataset):
             cat_index = {c["id"]: i for i, c in enumerate(categories)}
             image_ids = [img["id"] for img in data["images"]]
             _refuse_repeated_ids("image", image_ids)
-            files = {img["id"]: Path(image_root) / img["file_name"] for img in data["images"]}
+            root = Path(image_root)
+            files = {img["id"]: listed_file(root, img["file_name"]) for img in data["images"]}
             _refuse_repeated_files(data["images"], files)
             sizes = [_recorded_size(img) for img in data["images"]]
             per_image: dict[int, list[tuple[list[float], int, bool]]] = {i: [] for i in image_ids}
@@ -308,11 +309,9 @@ def _recorded_size(image: dict) -> tuple[float, float] | None:
 def _refuse_repeated_ids(what: str, ids: list) -> None:
     """A ValueError for an id listed twice: annotations name images and categories by id, so
     the boxes of one image would land on the other's file (or one class's on another's)."""
-    seen: set = set()
-    for item_id in ids:
-        if item_id in seen:
-            raise ValueError(f"two {what}s have the id {item_id!r}; ids must be unique")
-        seen.add(item_id)
+    clash = _first_clash((item_id, position) for position, item_id in enumerate(ids))
+    if clash:
+        raise ValueError(f"two {what}s have the id {clash[0]!r}; ids must be unique")
 
 
 def _refuse_repeated_files(images: list[dict], files: dict) -> None:
@@ -333,8 +332,8 @@ def _first_clash(
 ) -> tuple[Hashable, _Value, _Value] | None:
     """The first key paired with a value other than its first one, as (key, first value,
     that value); None where every key keeps one value. The one check behind each "listed
-    twice" refusal of the annotation formats (an image's file, its annotation file, a
-    category's name), each of which words its own message."""
+    twice" refusal of the annotation formats (an id, an image's file, its annotation file,
+    a category's name), each of which words its own message."""
     first: dict[Hashable, _Value] = {}
     for key, value in pairs:
         if first.setdefault(key, value) != value:
@@ -421,7 +420,7 @@ class VocDetection(DetectionDataset):
         labels = [ids[kept] for ids, kept in zip(class_ids, positions, strict=True)]
         difficult = [flags[kept] for flags, kept in zip(hard, positions, strict=True)]
         images = [
-            image or Path(image_dir) / filename
+            image or listed_file(Path(image_dir), filename)
             for (image, _), (filename, _, _) in zip(listed, parsed, strict=True)
         ]
         _refuse_images_of_two_files(images, xml_files)
@@ -500,7 +499,7 @@ def _voc_list(path: Path, root: Path) -> list[tuple[Path, Path]]:
                 f"{path}:{number}: expected 'image xml' (PaddleDetection's VOC list: two paths "
                 f"relative to the image folder), got {line.strip()!r}"
             )
-        pairs.append((root / fields[0], root / fields[1]))
+        pairs.append((listed_file(root, fields[0]), listed_file(root, fields[1])))
     if not pairs:
         raise DataError(f"{path}: lists no images")
     return pairs

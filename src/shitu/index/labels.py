@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -10,7 +9,7 @@ from numbers import Integral
 from pathlib import Path
 
 from shitu.errors import DataError
-from shitu.fileio import SAVE_AS_UTF8, read_text
+from shitu.fileio import SAVE_AS_UTF8, listed_file, read_text
 from shitu.image_files import (
     IMAGE_SUFFIXES,
     scan_images,
@@ -134,7 +133,7 @@ def parse_label_file(path: Path) -> list[GalleryItem]:
         except BadLabelError as exc:
             raise DataError(f"{path}:{number}: {exc}") from None
         image = image.strip()
-        full = _listed_path(path.parent, image)
+        full = listed_file(path.parent, image).resolve()
         if not full.exists() and Path(image).exists():
             raise DataError(
                 f"{path}:{number}: {image} is not in {path.parent.resolve()} but is in the "
@@ -143,19 +142,6 @@ def parse_label_file(path: Path) -> list[GalleryItem]:
             )
         items.append(GalleryItem(full, label))
     return items
-
-
-def _listed_path(folder: Path, image: str) -> Path:
-    """The file a label file in `folder` lists as `image`: on a system whose separator is
-    '/', a path with backslashes that names no file is read with '/' in their place where
-    that names one (a backslash may be part of a file name there, so the path as written
-    comes first)."""
-    full = (folder / image).resolve()
-    if "\\" in image and os.sep == "/" and not full.exists():
-        posix = (folder / image.replace("\\", "/")).resolve()
-        if posix.exists():
-            return posix
-    return full
 
 
 def scan_label_folders(

@@ -41,7 +41,12 @@ class ReadWriteLock:
     def write(self) -> Iterator[None]:
         with self._cond:
             self._writers_waiting += 1
-            self._cond.wait_for(lambda: not self._writing and not self._readers)
+            try:
+                self._cond.wait_for(lambda: not self._writing and not self._readers)
+            except BaseException:  # Ctrl-C while waiting: the readers it held off go on
+                self._writers_waiting -= 1
+                self._cond.notify_all()
+                raise
             self._writers_waiting -= 1
             self._writing = True
         try:

@@ -170,7 +170,8 @@ def open_backend(
     (dropped), is left unloaded and named in `damaged` instead of refused (a Milvus
     collection merely out of step is re-synced from the stored features either way).
     replace_collection: a new library's Milvus collection that holds vectors (no library's
-    any more) is dropped rather than refused as another library's."""
+    any more) is dropped rather than refused as another library's, unless the library it
+    records still uses it."""
     if manifest.backend == "milvus":
         from shitu.index.backends.milvus_backend import MilvusBackend
 

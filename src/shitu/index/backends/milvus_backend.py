@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from shitu.errors import GalleryError
-from shitu.fileio import staging_target
+from shitu.fileio import staging_in_progress, staging_target
 from shitu.index.backends import (
     Backend,
     Change,
@@ -297,20 +297,23 @@ class MilvusBackend(Backend):
                 self.client.alter_collection_properties(self.collection, {OWNER_PROPERTY: folder})
 
     def _library_using_collection(self) -> Path | None:
-        """The library recorded in the collection (`OWNER_PROPERTY`) where it, or the library
-        that a build's staging folder became, still uses it; None where none does, or the
-        collection records none (made by an earlier shitu, or by another program). This new
-        library's own folder is not another's: a library deleted and made again in its
-        place (`Gallery.create`) finds its old path recorded."""
+        """The library recorded in the collection (`OWNER_PROPERTY`) where it still uses it:
+        for a build's staging folder, the library it became, or the folder itself while the
+        build runs (one killed outright left the collection to no library). None where none
+        does, or the collection records none (made by an earlier shitu, or another program).
+        This new library's own folder is not another's: a library deleted and made again in
+        its place (`Gallery.create`) finds its old path recorded."""
         with self._reading("looking into"):
             properties = self.client.describe_collection(self.collection).get("properties")
         recorded = (properties or {}).get(OWNER_PROPERTY)
         if not recorded:
             return None
-        for folder in (Path(recorded), staging_target(Path(recorded))):
-            if folder is None or folder == self.root.resolve():
-                continue
-            if _uses_collection(folder, self.collection):
+        folders = [Path(recorded)]
+        target = staging_target(folders[0])
+        if target is not None:  # a build's: the library it became, its folder while it runs
+            folders = [target] + (folders if staging_in_progress(folders[0]) else [])
+        for folder in folders:
+            if folder != self.root.resolve() and _uses_collection(folder, self.collection):
                 return folder
         return None
 
