@@ -115,36 +115,56 @@ def refuse_file_in_the_way(folder: Path, what: str) -> None:
 
 
 @contextlib.contextmanager
-def only_run_in(folder: Path, setting: str, command: str) -> Iterator[None]:
-    """Make `folder` (see `check_writable`) and hold its run lock (an flock, released by
-    the kernel when the process dies) while the block runs: a second training run into
-    the folder, say a resume started while the run it resumes still goes on, is refused
-    naming the running one (`command`, `shitu train`, and its process), where both would
-    write the same checkpoint. `setting`: the option or config key that named the folder.
-    Folders made here and left with nothing but the lock (a run that failed to start)
-    are removed."""
+def held_lock(path: Path, holder: str, refused: Callable[[str], Exception]) -> Iterator[None]:
+    """Hold an flock on the file `path` (made if missing; the kernel releases it when the
+    process dies) while the block runs, with `holder` (what this run is) written in it. Held
+    by another run: raises `refused(what that run wrote)`. A block may remove the file before
+    it ends; a run that locked it just as it went locks the file made in its place."""
     import fcntl  # POSIX, as the staging locks
 
+    while True:
+        lock = open(path, "a+")  # noqa: SIM115 (held past this loop: closed below)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            other = lock.read().strip()
+            lock.close()
+            raise refused(other) from None
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.samestat(os.fstat(lock.fileno()), os.stat(path)):
+                break
+        lock.close()  # removed by the run that held it
+    with lock:
+        lock.truncate(0)
+        lock.write(holder)
+        lock.flush()
+        yield
+
+
+@contextlib.contextmanager
+def only_run_in(folder: Path, setting: str, command: str) -> Iterator[None]:
+    """Make `folder` (see `check_writable`) and hold its run lock (`held_lock`) while the
+    block runs: a second training run into the folder, say a resume started while the run
+    it resumes still goes on, is refused naming the running one (`command`, `shitu train`,
+    and its process), where both would write the same checkpoint. `setting`: the option or
+    config key that named the folder. Folders made here and left with nothing but the lock
+    (a run that failed to start) are removed."""
     what = f"{setting} {folder}"
+
+    def refused(holder: str) -> ConfigError:
+        if not holder or holder.isdigit():  # written by an earlier shitu: its pid alone
+            holder = f"shitu run (process {holder or 'unknown'})"
+        return ConfigError(
+            f"{what}: another {holder} is running in it; wait for it to end or stop it, or "
+            f"give another {setting}"
+        )
+
     with removed_if_left_empty(folder):
         made = not folder.exists()
         check_writable(folder, what)  # one line, not an OSError
         lock_path = folder / RUN_LOCK
-        with open(lock_path, "a+") as lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                lock.seek(0)
-                holder = lock.read().strip()
-                if not holder or holder.isdigit():  # written by an earlier shitu: its pid alone
-                    holder = f"shitu run (process {holder or 'unknown'})"
-                raise ConfigError(
-                    f"{what}: another {holder} is running in it; wait for it to end or stop "
-                    f"it, or give another {setting}"
-                ) from None
-            lock.truncate(0)
-            lock.write(f"{command} (process {os.getpid()})")
-            lock.flush()
+        with held_lock(lock_path, f"{command} (process {os.getpid()})", refused):
             try:
                 yield
             finally:

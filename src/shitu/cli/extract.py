@@ -20,7 +20,7 @@ from shitu.cli.common import (
     skip_reason,
 )
 from shitu.errors import DataError
-from shitu.fileio import check_writable, removed_if_left_empty, write_atomically
+from shitu.fileio import check_writable, held_lock, removed_if_left_empty, write_atomically
 from shitu.inference.choices import DEVICES
 
 
@@ -89,38 +89,23 @@ def _extract(args: argparse.Namespace) -> int:
 
 @contextlib.contextmanager
 def _sole_writer_of(out: Path, given: str) -> Iterator[None]:
-    """Hold `.PREFIX.extract.lock` beside the output (an flock, which the kernel releases
-    when the process dies) until the output is written: another `shitu extract` to the
-    same prefix meanwhile is refused, naming this one's process. Each replaces PREFIX.txt,
-    then PREFIX.npy: two at once could leave one's features beside the other's paths. The
-    lock file is removed at the end; a run that locked it just as it went locks the new one."""
-    import fcntl  # POSIX, as the other locks
-
+    """Hold `.PREFIX.extract.lock` beside the output (`held_lock`) until the output is
+    written: another `shitu extract` to the same prefix meanwhile is refused, naming this
+    one's process. Each replaces PREFIX.txt, then PREFIX.npy: two at once could leave one's
+    features beside the other's paths. The lock file is removed at the end."""
     path = out.parent / f".{out.name}.extract.lock"
-    while True:
-        lock = open(path, "a+")  # noqa: SIM115 (held past this block: closed below)
+
+    def refused(holder: str) -> DataError:
+        return DataError(
+            f"--out {given}: another {holder or 'shitu extract'} is writing {out}.npy and "
+            f"{out}.txt; wait for it to end, or give another --out"
+        )
+
+    with held_lock(path, f"shitu extract (process {os.getpid()})", refused):
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            holder = lock.read().strip() or "unknown"
-            lock.close()
-            raise DataError(
-                f"--out {given}: another shitu extract (process {holder}) is writing "
-                f"{out}.npy and {out}.txt; wait for it to end, or give another --out"
-            ) from None
-        with contextlib.suppress(FileNotFoundError):
-            if os.path.samestat(os.fstat(lock.fileno()), os.stat(path)):
-                break
-        lock.close()  # removed by the run that held it: lock the file there now
-    try:
-        lock.truncate(0)
-        lock.write(str(os.getpid()))
-        lock.flush()
-        yield
-    finally:
-        path.unlink(missing_ok=True)  # while held: the next run locks a new file
-        lock.close()
+            yield
+        finally:
+            path.unlink(missing_ok=True)  # while held: the next run locks a new file
 
 
 def _embed_and_write(
