@@ -125,8 +125,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--replace-collection",
         action="store_true",
         help="drop the vectors the Milvus collection holds instead of refusing it: for one "
-        "no library uses any more (its library was deleted, or a build was killed); a "
-        "library that still uses it would search the new vectors",
+        "no library uses any more (its library was deleted, or a build was killed); one "
+        "that a library on this host still uses is refused, naming it",
     )
     _add_search_arguments(build)
     _add_image_arguments(build)
