@@ -1410,12 +1410,16 @@ def test_an_eval_set_without_normalisation_or_resize_is_warned_of_by_key(grocery
     resize = {"ResizeImage": {"size": 48}}
     normalize = {"NormalizeImage": {"mean": MEAN, "std": STD}}
     for ops, missing in (
-        (None, "no NormalizeImage and no resize (ResizeImage, RandCropImage, CropImage, "
-               "RandCropImageV2): the model gets unnormalised 0-255 pixels, each image at its "
-               "own size"),
+        (None, "no NormalizeImage and no resize to one size (ResizeImage with size, "
+               "RandCropImage, CropImage, RandCropImageV2): the model gets unnormalised 0-255 "
+               "pixels, each image at its own size"),
         ([resize], "no NormalizeImage: the model gets unnormalised 0-255 pixels, not"),
-        ([normalize], "no resize (ResizeImage, RandCropImage, CropImage, RandCropImageV2): "
-                      "the model gets each image at its own size, not"),
+        ([normalize], "no resize to one size (ResizeImage with size, RandCropImage, "
+                      "CropImage, RandCropImageV2): the model gets each image at its own size"),
+        # the short side resized, the aspect ratio kept: no batch of portrait and landscape
+        ([{"ResizeImage": {"resize_short": 48}}, normalize], "no resize to one size (Resize"),
+        ([{"ResizeImage": {"resize_short": 56}}, {"CropImage": {"size": 48}}, normalize], None),
+        ([{"ResizeImage": {"size": 48, "resize_short": -1}}, normalize], None),
         ([resize, normalize], None),
     ):  # fmt: skip
         split = DataSplitConfig.model_validate(

@@ -493,20 +493,32 @@ def test_a_resume_that_regroups_the_parameters_names_the_settings(grocery, tmp_p
         Trainer(load_config(path, [*resume, "Arch.frozen_layers=[neck]"]))
 
 
-def test_a_checkpoint_that_no_longer_fits_the_model_names_the_changed_arch(grocery, tmp_path):
-    """torch's size mismatch names a tensor (head.fc.weight), not the setting that changed
-    it (Arch.Head.class_num), which the checkpoint's config holds."""
+@pytest.mark.parametrize(
+    ("trained", "resumed", "tensor", "change"),
+    [
+        ("Arch.Head.class_num=6", "Arch.Head.class_num=7", "head.fc.weight",
+         "Arch.Head.class_num 7 (was 6)"),
+        ("Loss.Train=[{XBM: {embedding_size: 32, memory_size: 24, start_iter: 1}}]",
+         "Loss.Train=[{XBM: {embedding_size: 32, memory_size: 16, start_iter: 1}}]",
+         "losses.0.", "Loss.Train [{'XBM': {'embedding_size': 32, 'memory_size': 16, "
+         "'start_iter': 1}}] (was [{'XBM': {'embedding_size': 32, 'memory_size': 24, "
+         "'start_iter': 1}}])"),
+    ],
+)  # fmt: skip
+def test_a_checkpoint_that_no_longer_fits_names_the_changed_settings(
+    grocery, tmp_path, trained, resumed, tensor, change
+):
+    """torch's size mismatch names a tensor (head.fc.weight, XBM's memory), not the setting
+    that changed it (Arch.Head.class_num, memory_size), which the checkpoint's config holds."""
     path = tiny_config(grocery, tmp_path)
     output = tmp_path / "output"
-    Trainer(load_config(path, [f"Global.output_dir={output}"])).fit(stop_after_steps=1)
+    Trainer(load_config(path, [f"Global.output_dir={output}", trained])).fit(stop_after_steps=1)
     resume = [f"Global.output_dir={output}", f"Global.checkpoints={output / 'latest.pt'}"]
     with pytest.raises(ConfigError) as info:
-        Trainer(load_config(path, [*resume, "Arch.Head.class_num=7"]))
+        Trainer(load_config(path, [*resume, resumed]))
     assert str(info.value).startswith("Global.checkpoints: the checkpoint does not fit this ")
-    assert "size mismatch for head.fc.weight" in str(info.value)
-    assert str(info.value).endswith(
-        "; changed since: Arch.Head.class_num 7 (was 6); resume with the run's Arch settings"
-    )
+    assert f"size mismatch for {tensor}" in str(info.value)
+    assert str(info.value).endswith(f"; changed since: {change}; resume with the run's settings")
 
 
 def test_a_run_resumed_with_another_eval_metric_chooses_its_best_by_that_metric(

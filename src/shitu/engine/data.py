@@ -97,12 +97,13 @@ def _warn_of_raw_images(split: DataSplitConfig, where: str) -> None:
     """The model trained on normalised images of one size; without those ops it gets raw
     0-255 pixels at each photo's own size and scores badly, without an error. It happens
     most by replacing a whole `dataset` with -o, which drops its transform_ops."""
-    names = [next(iter(op)) for op in split.dataset.params.get("transform_ops") or []]
+    ops = [next(iter(op.items())) for op in split.dataset.params.get("transform_ops") or []]
     missing = []  # (op, what the model gets without it)
-    if "NormalizeImage" not in names:
+    if "NormalizeImage" not in [name for name, _ in ops]:
         missing.append(("NormalizeImage", "unnormalised 0-255 pixels"))
-    if not any(name in SIZING_OPS for name in names):
-        missing.append((f"resize ({', '.join(SIZING_OPS)})", "each image at its own size"))
+    if not any(_gives_one_size(name, params) for name, params in ops):
+        sizing = f"ResizeImage with size, {', '.join(SIZING_OPS[1:])}"
+        missing.append((f"resize to one size ({sizing})", "each image at its own size"))
     if missing:
         logger.warning(
             "%s has no %s: the model gets %s, not what it was trained on. Replacing a whole "
@@ -112,6 +113,15 @@ def _warn_of_raw_images(split: DataSplitConfig, where: str) -> None:
             " and no ".join(op for op, _ in missing),
             ", ".join(effect for _, effect in missing),
         )
+
+
+def _gives_one_size(name: str, params: dict[str, Any] | None) -> bool:
+    """Whether op `name` gives every image one size: a ResizeImage only by its `size`, as
+    its `resize_short` keeps each photo's aspect ratio (a batch of portrait and landscape
+    photos then fails to stack, at the first batch that mixes them)."""
+    if name == "ResizeImage":
+        return not ((params or {}).get("resize_short") or 0) > 0
+    return name in SIZING_OPS
 
 
 def end_quietly_on_sigterm(_worker_id: int) -> None:

@@ -324,13 +324,17 @@ class Trainer:
             self.model.load_state_dict(payload["model"])
             self.loss.load_state_dict({**payload["loss"], **self._own(payload, "loss_per_process")})
         except (RuntimeError, ValueError, KeyError) as exc:
-            saved_arch = _saved_config(payload).get("Arch")
-            changed = _changed_settings(
-                saved_arch, self.config.Arch.model_dump(mode="json"), "Arch"
-            )
+            # The sections that shape the model's and the loss's tensors (XBM's memory).
+            saved, current = _saved_config(payload), self.config.model_dump(mode="json")
+            changed = [
+                change
+                for section in ("Arch", "Loss")
+                if isinstance(saved.get(section), dict)
+                for change in _changed_settings(saved[section], current[section], section)
+            ]
             since = (
-                f"; changed since: {'; '.join(changed)}; resume with the run's Arch settings"
-                if isinstance(saved_arch, dict) and changed
+                f"; changed since: {'; '.join(changed)}; resume with the run's settings"
+                if changed
                 else ""
             )
             raise ConfigError(
