@@ -498,6 +498,10 @@ def test_an_export_without_a_threshold_warns_that_recognition_uses_the_default(t
         assert not caplog.records
         assert shitu_main([*export, str(tmp_path / "default")]) == 0
     assert read_manifest(tmp_path / "default")["score_thres"] is None
+    # without --out, where the config says, as PaddleClas's export writes
+    setting = f"Global.save_inference_dir={tmp_path / 'inference'}"
+    assert shitu_main(["export", "-c", str(config), "-o", setting, "--score-thres", "0.6"]) == 0
+    assert read_manifest(tmp_path / "inference")["score_thres"] == 0.6
     assert [record.getMessage() for record in caplog.records] == [
         "no --score-thres: the export records no recognition threshold calibrated for this "
         "model, so recognition uses the default 0.5 (PP-ShiTuV2's, for its own model); measure "

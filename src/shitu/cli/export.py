@@ -34,7 +34,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     add_config_arguments(parser, head_option=False)
-    parser.add_argument("--out", required=True, help="output folder (replaced if an export)")
+    parser.add_argument(
+        "--out",
+        help="output folder, replaced if an export (default: the config's "
+        "Global.save_inference_dir, ./inference unless set, where PaddleClas exports to)",
+    )
     parser.add_argument(
         "--int8-calibration",
         nargs="+",
@@ -80,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         out = export_model(
             config,
             weights,
-            Path(args.out),
+            Path(args.out or config.Global.save_inference_dir),
             calibration_images=calibration,
             compact=args.compact,
             score_thres=args.score_thres,

@@ -221,11 +221,7 @@ class Preprocessing:
             try:
                 if name in ("DecodeImage", "NormalizeImage"):
                     _read_op(name, params, values)
-                elif (
-                    name in _TRAIN_SIZING_OPS
-                    and params.get("size") is not None
-                    and not (params.get("resize_short") or 0) > 0  # a ResizeImage keeping shape
-                ):
+                elif name in _TRAIN_SIZING_OPS and params.get("size") is not None:
                     trained_size = pair(params["size"])
             except (ValueError, TypeError) as exc:
                 where = f"DataLoader.Train transform_ops[{index}] {name}"
