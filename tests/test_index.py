@@ -229,16 +229,19 @@ def test_trained_type_stays_exact_until_enough_data_then_trains(tmp_path):
         assert len(gallery) == len(data) and gallery.verify() == []
 
 
-def test_fewer_entries_than_k_are_padded(tmp_path):
+def test_k_past_the_library_is_cut_to_the_images_it_holds(tmp_path):
+    """A huge k (10**9 was killed for memory, padded to k columns) gives every image once;
+    an empty library answers one column of padding."""
     with new_gallery(tmp_path / "lib") as gallery:
         empty = gallery.search(np.ones(DIM), k=3)
-        assert (empty.ids == -1).all() and (empty.labels == "").all()
+        assert empty.ids.shape == (1, 1) and (empty.ids == -1).all() and (empty.labels == "").all()
         gallery.add(clustered(2, DIM), ["a", "b"])
-        result = gallery.search(clustered(4, DIM, seed=3), k=5)
-    assert result.ids.shape == result.scores.shape == result.labels.shape == (4, 5)
-    assert (result.found.sum(axis=1) == 2).all()
-    assert (result.ids[:, 2:] == -1).all() and np.isneginf(result.scores[:, 2:]).all()
-    assert set(result.labels[:, :2].ravel()) == {"a", "b"} and (result.labels[:, 2:] == "").all()
+        result = gallery.search(clustered(4, DIM, seed=3), k=10**9)
+        above = gallery.search(clustered(4, DIM, seed=3), k=5, min_score=2.0)
+    assert result.ids.shape == result.scores.shape == result.labels.shape == (4, 2)
+    assert result.found.all() and np.isfinite(result.scores).all()
+    assert (np.sort(result.labels, axis=1) == ["a", "b"]).all()
+    assert above.ids.shape == (4, 2) and not above.found.any() and (above.labels == "").all()
 
 
 def test_search_results_as_plain_json_ready_hits_without_padding(tmp_path):

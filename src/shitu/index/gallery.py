@@ -64,12 +64,13 @@ HASH_BAR_MIN_FILES = 500
 @dataclass(frozen=True)
 class SearchResult:
     """Top-k hits per query, best first (of equal scores, the image added first), as [Q, k]
-    arrays.
+    arrays, k cut to the images the library holds (at least 1): a k past that would only
+    add padding, and a huge one would not fit in memory.
 
     Scores are higher-is-more-similar: the cosine similarity for every metric in a library
     that normalises its features (the default), else the inner product or the negated
-    Euclidean distance. Slots without a hit (fewer than k images, or below
-    `min_score`) are padding: id -1, label "", score -inf.
+    Euclidean distance. Slots without a hit (an empty library, a backend that found fewer,
+    or below `min_score`) are padding: id -1, label "", score -inf.
     """
 
     labels: np.ndarray
@@ -562,8 +563,8 @@ class Gallery:
     def search(
         self, vectors: np.ndarray, k: int = 5, min_score: float | None = None
     ) -> SearchResult:
-        """The k most similar gallery images per query vector (a float array [Q, D] or [D]);
-        any thread may search."""
+        """The k most similar gallery images per query vector (a float array [Q, D] or [D]),
+        k at most the images the library holds; any thread may search."""
         self._check_usable(sqlite=False)
         # Faiss takes a Python int only: numpy's integers fail inside its bindings.
         if isinstance(k, bool) or not isinstance(k, Integral) or k < 1:
@@ -576,6 +577,7 @@ class Gallery:
             self._check_usable(sqlite=False)  # not closed while this waited
             id_labels = self._id_labels
             newest_id = int(id_labels[0][-1]) if len(id_labels[0]) else -1
+            k = min(k, max(len(id_labels[0]), 1))  # this generation's images
             scores, ids = _ties_in_id_order(*self._backend.search(queries, k, newest_id))
         finally:
             self._swap.release_read()
