@@ -666,6 +666,24 @@ def test_reembed_gives_up_on_a_library_that_keeps_growing(tmp_path, monkeypatch)
         assert len(gallery) == 4 and gallery.verify() == []
 
 
+def test_reembed_records_the_content_hash_of_a_file_changed_in_place(tmp_path):
+    """The features come from the file as it is now: its content is what the library holds,
+    so adding that file again is a duplicate (it kept the old hash and became a second
+    image), and the content it had before is new."""
+    path, model = tmp_path / "lib", PixelEmbedder()
+    photos = make_images(tmp_path / "photos", 2)
+    before = make_images(tmp_path / "before", 1, seed=5)[0]
+    shutil.copyfile(photos[0], before)
+    with Gallery.create_for(path, model) as gallery:
+        gallery.add_files(model, [GalleryItem(p, "x") for p in photos])
+    shutil.copyfile(make_images(tmp_path / "edited", 1, seed=7)[0], photos[0])
+    with Gallery.open(path) as gallery:
+        assert gallery.reembed(model) == 2
+        again = gallery.add_files(model, [GalleryItem(photos[0], "x"), GalleryItem(before, "x")])
+        assert again.duplicates == [str(photos[0])] and len(again.ids) == 1
+        assert len(gallery) == 3 and gallery.verify() == []
+
+
 def test_reembed_names_the_ids_of_images_it_cannot_read(tmp_path):
     """`shitu index remove` takes ids, so the refusal names them, not only a path."""
     path, model = tmp_path / "lib", PixelEmbedder()

@@ -997,10 +997,12 @@ class Gallery:
         another process adds or removes meanwhile (a running `shitu serve`, say) are
         followed: those added are embedded in a short further round, those removed dropped,
         rather than failing the whole re-embedding at its end. An empty library (every
-        image removed) just takes the new model, so that images can be added with it."""
+        image removed) just takes the new model, so that images can be added with it. Each
+        image's content hash is recorded again with its features: a file changed in place
+        is the content the library now holds, so adding that content again is a duplicate."""
         self._check_usable()
         entries = self.entries()
-        embedded: dict[int, np.ndarray] = {}
+        embedded: dict[int, tuple[np.ndarray, str]] = {}  # by id: the feature, content hash
         for _ in range(REEMBED_CATCH_UPS + 1):
             embedded.update(self._embed_entries(embedder, entries, batch_size, progress))
 
@@ -1009,8 +1011,9 @@ class Gallery:
                 added_meanwhile = [int(i) for i in current if int(i) not in embedded]
                 if added_meanwhile:
                     raise _AddedMeanwhile(added_meanwhile)
-                features = np.asarray([embedded[int(i)] for i in current], dtype=np.float32)
-                self._store.replace_features(current, features)
+                features = np.asarray([embedded[int(i)][0] for i in current], dtype=np.float32)
+                hashes = [embedded[int(i)][1] for i in current]
+                self._store.replace_features(current, features, hashes)
                 return Change(rebuild=True), len(current)
 
             try:
@@ -1034,27 +1037,39 @@ class Gallery:
 
     def _embed_entries(
         self, embedder: Embedder, entries: list[ImageEntry], batch_size: int, progress: bool
-    ) -> dict[int, np.ndarray]:
-        """The stored images' features under `embedder`, by id; refused, naming the ids,
-        where an image has no file or its file cannot be read."""
+    ) -> dict[int, tuple[np.ndarray, str]]:
+        """The stored images' features under `embedder` and their files' content hashes, by
+        id; refused, naming the ids, where an image has no file or its file cannot be read."""
         no_file = [e.id for e in entries if not e.path]
         if no_file:
             raise GalleryError(
                 f"{self.root}: {len(no_file)} images were added as vectors without a file "
                 f"(ids {no_file[:5]}); remove them before re-embedding"
             )
-        result = embedder.extract_files([e.path for e in entries], batch_size, progress)
-        if result.failures:  # named by id: what `shitu index remove` takes
-            failed = {path for path, _ in result.failures}
+        hashes: dict[str, str] = {}
+        failures: list[tuple[str, str]] = []
+        for entry in entries:
+            try:
+                hashes[entry.path] = file_sha256(Path(entry.path))
+            except OSError as exc:
+                failures.append((entry.path, exc.strerror or str(exc)))
+        readable = [e for e in entries if e.path in hashes]
+        result = embedder.extract_files([e.path for e in readable], batch_size, progress)
+        failures += result.failures
+        if failures:  # named by id: what `shitu index remove` takes
+            failed = {path for path, _ in failures}
             bad = np.asarray([e.id for e in entries if e.path in failed])
-            path, reason = result.failures[0]
+            path, reason = failures[0]
             raise GalleryError(
                 f"cannot re-embed: {len(bad)} of the {len(entries)} images could not be read "
                 f"(first: {path}: {reason}), ids {_rows(bad)}; put the files back, or remove "
                 f"those images (`shitu index remove {self.root} --id ID ...`), and retry"
             )
         features = self._stored_features(result.features, "re-embed", embedder.embedding_size)
-        return {entry.id: row for entry, row in zip(entries, features, strict=True)}
+        return {
+            entry.id: (row, hashes[entry.path])
+            for entry, row in zip(readable, features, strict=True)
+        }
 
     # ----------------------------------------------------------------------------- reading
 
