@@ -443,7 +443,8 @@ class VocDetection(DetectionDataset):
         `needs_filename`: the image is found by its <filename> (not given by a list)."""
         try:
             root = ET.fromstring(_read(path, "VOC annotation file"))
-            filename = root.findtext("filename") or ""
+            # Pretty-printed files (an editor's, a script's) put the name on a line of its own
+            filename = (root.findtext("filename") or "").strip()
             if needs_filename and not filename:
                 raise ValueError("no <filename>")
             objects = []
