@@ -260,6 +260,15 @@ def test_search_results_as_plain_json_ready_hits_without_padding(tmp_path):
     assert empty.to_list() == []
 
 
+@pytest.mark.parametrize("min_score", [float("nan"), "0.5", True])
+def test_a_min_score_that_is_no_number_is_refused(tmp_path, min_score):
+    """NaN kept every hit (it compares false with every score), text failed inside numpy."""
+    with new_gallery(tmp_path / "lib") as gallery:
+        gallery.add(clustered(3, DIM), ["a", "b", "c"])
+        with pytest.raises(GalleryError, match=r"min_score: expected a number, got"):
+            gallery.search(clustered(1, DIM), k=2, min_score=min_score)
+
+
 @pytest.mark.parametrize("metric", ["ip", "l2"])
 def test_min_score_keeps_only_hits_at_least_that_similar(tmp_path, metric):
     data = clustered(200, DIM)

@@ -10,12 +10,13 @@ killed at any point leaves either the previous library or the new one.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from numbers import Integral
+from numbers import Integral, Real
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -570,6 +571,11 @@ class Gallery:
         if isinstance(k, bool) or not isinstance(k, Integral) or k < 1:
             raise GalleryError(f"k: expected a whole number >= 1, got {k!r}")
         k = int(k)
+        # NaN compares false with every score (all hits kept); text fails inside numpy
+        if min_score is not None and (
+            isinstance(min_score, bool) or not isinstance(min_score, Real) or math.isnan(min_score)
+        ):
+            raise GalleryError(f"min_score: expected a number, got {min_score!r}")
         queries = self._prepare(vectors)
         self._refuse_non_finite(queries, "search: query rows")  # they would rank nothing
         self._swap.acquire_read()  # one generation's index and labels
