@@ -860,19 +860,12 @@ class Gallery:
         self._check_usable()
         # As each label is stored, checked before any file is read
         labels = [_stored_label(item.label, f"add {item.path}") for item in items]
-        failures: list[tuple[str, str]] = []
-        readable: list[tuple[GalleryItem, str]] = []
-        from shitu.progress import ImageProgress
-
-        enabled = progress and len(items) >= HASH_BAR_MIN_FILES
-        with ImageProgress(len(items), enabled, "hashing") as bar:
-            for item, label in zip(items, labels, strict=True):
-                try:
-                    readable.append((replace(item, label=label), file_sha256(item.path)))
-                    bar.update(1)
-                except OSError as exc:
-                    failures.append((str(item.path), exc.strerror or str(exc)))
-                    bar.skip()
+        digests, failures = _file_hashes([item.path for item in items], progress)
+        readable = [
+            (replace(item, label=label), digest)
+            for item, label, digest in zip(items, labels, digests, strict=True)
+            if digest is not None
+        ]
         duplicates: list[str] = []
         if not allow_duplicates:
             present = self.first_with_hashes([digest for _, digest in readable])
@@ -1052,15 +1045,9 @@ class Gallery:
                 f"{self.root}: {len(no_file)} images were added as vectors without a file "
                 f"(ids {no_file[:5]}); remove them before re-embedding"
             )
-        hashes: dict[str, str] = {}
-        failures: list[tuple[str, str]] = []
-        for entry in entries:
-            try:
-                hashes[entry.path] = file_sha256(Path(entry.path))
-            except OSError as exc:
-                failures.append((entry.path, exc.strerror or str(exc)))
-        readable = [e for e in entries if e.path in hashes]
-        result = embedder.extract_files([e.path for e in readable], batch_size, progress)
+        digests, failures = _file_hashes([e.path for e in entries], progress)
+        readable = [(e, digest) for e, digest in zip(entries, digests, strict=True) if digest]
+        result = embedder.extract_files([e.path for e, _ in readable], batch_size, progress)
         failures += result.failures
         if failures:  # named by id: what `shitu index remove` takes
             failed = {path for path, _ in failures}
@@ -1073,8 +1060,7 @@ class Gallery:
             )
         features = self._stored_features(result.features, "re-embed", embedder.embedding_size)
         return {
-            entry.id: (row, hashes[entry.path])
-            for entry, row in zip(readable, features, strict=True)
+            entry.id: (row, digest) for (entry, digest), row in zip(readable, features, strict=True)
         }
 
     # ----------------------------------------------------------------------------- reading
@@ -1166,6 +1152,28 @@ class _AddedMeanwhile(Exception):
     def __init__(self, ids: list[int]) -> None:
         super().__init__(f"{len(ids)} images added meanwhile")
         self.ids = ids
+
+
+def _file_hashes(
+    paths: Sequence[str | Path], progress: bool
+) -> tuple[list[str | None], list[tuple[str, str]]]:
+    """Each file's content hash (None where it cannot be read), and (path, reason) for
+    those. `progress`: a `hashing` bar for HASH_BAR_MIN_FILES files or more (each file is
+    read whole, which on a slow disk takes a while before anything is embedded)."""
+    from shitu.progress import ImageProgress
+
+    digests: list[str | None] = []
+    failures: list[tuple[str, str]] = []
+    with ImageProgress(len(paths), progress and len(paths) >= HASH_BAR_MIN_FILES, "hashing") as bar:
+        for path in paths:
+            try:
+                digests.append(file_sha256(Path(path)))
+                bar.update(1)
+            except OSError as exc:
+                digests.append(None)
+                failures.append((str(path), exc.strerror or str(exc)))
+                bar.skip()
+    return digests, failures
 
 
 def _file_identity(path: Path) -> tuple[int, int] | None:
