@@ -382,6 +382,25 @@ def test_voc_dataset_parsing(tmp_path: Path, caplog: pytest.LogCaptureFixture) -
             VocDetection(tmp_path / "ann", tmp_path)
 
 
+def test_voc_filename_written_on_a_line_of_its_own_finds_its_image(tmp_path: Path) -> None:
+    """A pretty-printed file's `<filename>` holds the name between newlines and indents: the
+    image was looked for under that whole text, and missing."""
+    annotations = _write_images(tmp_path, 1, size=64)
+    xml = _write_voc(tmp_path / "ann", annotations) / "img0.xml"
+    xml.write_text(xml.read_text().replace("img0.png", "\n    img0.png\n  "))
+    dataset = VocDetection(tmp_path / "ann", tmp_path)
+    assert dataset.images == [tmp_path / "img0.png"] and dataset[0][0].size == (64, 64)
+
+
+def test_voc_annotation_files_with_an_upper_case_extension_are_read(tmp_path: Path) -> None:
+    annotations = _write_images(tmp_path, 2, size=64)
+    folder = _write_voc(tmp_path / "ann", annotations)
+    (folder / "img1.xml").rename(folder / "img1.XML")
+    dataset = VocDetection(folder, tmp_path)
+    assert dataset.images == [tmp_path / "img0.png", tmp_path / "img1.png"]
+    assert [len(boxes) for boxes in dataset.boxes] == [len(boxes) for boxes in annotations]
+
+
 def test_voc_data_from_a_paddledetection_list(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

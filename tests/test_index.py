@@ -229,16 +229,19 @@ def test_trained_type_stays_exact_until_enough_data_then_trains(tmp_path):
         assert len(gallery) == len(data) and gallery.verify() == []
 
 
-def test_fewer_entries_than_k_are_padded(tmp_path):
+def test_k_past_the_library_is_cut_to_the_images_it_holds(tmp_path):
+    """A huge k (10**9 was killed for memory, padded to k columns) gives every image once;
+    an empty library answers one column of padding."""
     with new_gallery(tmp_path / "lib") as gallery:
         empty = gallery.search(np.ones(DIM), k=3)
-        assert (empty.ids == -1).all() and (empty.labels == "").all()
+        assert empty.ids.shape == (1, 1) and (empty.ids == -1).all() and (empty.labels == "").all()
         gallery.add(clustered(2, DIM), ["a", "b"])
-        result = gallery.search(clustered(4, DIM, seed=3), k=5)
-    assert result.ids.shape == result.scores.shape == result.labels.shape == (4, 5)
-    assert (result.found.sum(axis=1) == 2).all()
-    assert (result.ids[:, 2:] == -1).all() and np.isneginf(result.scores[:, 2:]).all()
-    assert set(result.labels[:, :2].ravel()) == {"a", "b"} and (result.labels[:, 2:] == "").all()
+        result = gallery.search(clustered(4, DIM, seed=3), k=10**9)
+        above = gallery.search(clustered(4, DIM, seed=3), k=5, min_score=2.0)
+    assert result.ids.shape == result.scores.shape == result.labels.shape == (4, 2)
+    assert result.found.all() and np.isfinite(result.scores).all()
+    assert (np.sort(result.labels, axis=1) == ["a", "b"]).all()
+    assert above.ids.shape == (4, 2) and not above.found.any() and (above.labels == "").all()
 
 
 def test_search_results_as_plain_json_ready_hits_without_padding(tmp_path):
@@ -255,6 +258,15 @@ def test_search_results_as_plain_json_ready_hits_without_padding(tmp_path):
         "image_id": int(ids[0]),
     }
     assert empty.to_list() == []
+
+
+@pytest.mark.parametrize("min_score", [float("nan"), "0.5", True])
+def test_a_min_score_that_is_no_number_is_refused(tmp_path, min_score):
+    """NaN kept every hit (it compares false with every score), text failed inside numpy."""
+    with new_gallery(tmp_path / "lib") as gallery:
+        gallery.add(clustered(3, DIM), ["a", "b", "c"])
+        with pytest.raises(GalleryError, match=r"min_score: expected a number, got"):
+            gallery.search(clustered(1, DIM), k=2, min_score=min_score)
 
 
 @pytest.mark.parametrize("metric", ["ip", "l2"])
@@ -661,6 +673,24 @@ def test_reembed_gives_up_on_a_library_that_keeps_growing(tmp_path, monkeypatch)
         assert new.passes == [1, 1, 1]
     with Gallery.open(path, embedder=model) as gallery:  # nothing changed: the old model's
         assert len(gallery) == 4 and gallery.verify() == []
+
+
+def test_reembed_records_the_content_hash_of_a_file_changed_in_place(tmp_path):
+    """The features come from the file as it is now: its content is what the library holds,
+    so adding that file again is a duplicate (it kept the old hash and became a second
+    image), and the content it had before is new."""
+    path, model = tmp_path / "lib", PixelEmbedder()
+    photos = make_images(tmp_path / "photos", 2)
+    before = make_images(tmp_path / "before", 1, seed=5)[0]
+    shutil.copyfile(photos[0], before)
+    with Gallery.create_for(path, model) as gallery:
+        gallery.add_files(model, [GalleryItem(p, "x") for p in photos])
+    shutil.copyfile(make_images(tmp_path / "edited", 1, seed=7)[0], photos[0])
+    with Gallery.open(path) as gallery:
+        assert gallery.reembed(model) == 2
+        again = gallery.add_files(model, [GalleryItem(photos[0], "x"), GalleryItem(before, "x")])
+        assert again.duplicates == [str(photos[0])] and len(again.ids) == 1
+        assert len(gallery) == 3 and gallery.verify() == []
 
 
 def test_reembed_names_the_ids_of_images_it_cannot_read(tmp_path):

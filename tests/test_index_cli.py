@@ -516,7 +516,8 @@ def test_an_add_written_in_parts_draws_one_progress_bar(models, tmp_path):
 def test_hashing_a_large_add_or_build_draws_a_bar_before_the_embeddings(models, tmp_path):
     """At a terminal, an add or a build of HASH_BAR_MIN_FILES files or more (lowered to 5
     here) shows the hashing that reads every file before any is embedded, its unreadable
-    files counted as skipped; a smaller one (the test above) and --no-progress show none."""
+    files counted as skipped, and so does a re-embedding of as many (it records each file's
+    hash again); a smaller one (the test above) and --no-progress show none."""
     photos, lib = library_of_the_first(models, tmp_path, 7)
     listing = tmp_path / "list.txt"
     rows = [*photos[1:], tmp_path / "missing.png"]
@@ -538,6 +539,11 @@ def test_hashing_a_large_add_or_build_draws_a_bar_before_the_embeddings(models, 
         assert bars[0].startswith("hashing: 100%") and " 7/7 " in bars[0], (name, lines)
         assert "skipped=1" in bars[0], (name, lines)
         assert bars[1].startswith("embedding: 100%") and " 6/6 " in bars[1], (name, lines)
+    reembed = ["index", "reembed", str(lib), *model]
+    status, lines = run_in_terminal([sys.executable, "-c", hash_bar_from_5, *reembed])
+    bars = [line for line in lines if "img/s" in line or "img]" in line]
+    assert status == 0 and len(bars) == 2, lines
+    assert bars[0].startswith("hashing: 100%") and " 7/7 " in bars[0], lines
     quiet = [*commands["add"][:-2], "--allow-duplicates", *model, "--no-progress"]
     status, lines = run_in_terminal([sys.executable, "-c", hash_bar_from_5, *quiet])
     assert status == 0 and not [line for line in lines if "img" in line], lines

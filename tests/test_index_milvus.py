@@ -347,11 +347,25 @@ def test_an_empty_milvus_library_searches_verifies_and_reopens_as_faiss_does(tmp
             assert (result.labels == "").all()
 
 
-def test_milvus_pads_when_fewer_than_k(tmp_path):
+def test_a_search_asks_milvus_for_no_more_hits_than_a_server_gives(tmp_path, monkeypatch):
+    """A server refuses a search for more than LIMIT_MAX hits, Milvus Lite gives them: either
+    way the results are the best LIMIT_MAX, padded to k (here a limit of 6, k 10)."""
+    from shitu.index.backends import milvus_backend
+
+    monkeypatch.setattr(milvus_backend, "LIMIT_MAX", 6)
+    queries = clustered(3, DIM, seed=8)
+    with build(tmp_path, "faiss", count=20) as faiss_gallery:
+        expected = faiss_gallery.search(queries, k=6)
+    with build(tmp_path, "milvus", count=20) as milvus_gallery:
+        got = milvus_gallery.search(queries, k=10)
+    assert got.ids.shape == (3, 10) and (got.found.sum(axis=1) == 6).all()
+    np.testing.assert_array_equal(got.ids[:, :6], expected.ids)
+
+
+def test_milvus_answers_every_image_when_k_is_past_the_library(tmp_path):
     with build(tmp_path, "milvus", count=3) as gallery:
-        result = gallery.search(clustered(2, DIM, seed=6), k=5)
-    assert (result.found.sum(axis=1) == 3).all()
-    assert (result.ids[:, 3:] == -1).all() and np.isneginf(result.scores[:, 3:]).all()
+        result = gallery.search(clustered(2, DIM, seed=6), k=10**9)
+    assert result.ids.shape == (2, 3) and result.found.all()
 
 
 @pytest.mark.parametrize("write", ["remove", "add"])

@@ -388,7 +388,7 @@ class VocDetection(DetectionDataset):
         if Path(annotation_dir).is_file():
             listed = _voc_list(Path(annotation_dir), Path(image_dir))
         else:
-            listed = [(None, xml) for xml in sorted(Path(annotation_dir).glob("*.xml"))]
+            listed = [(None, xml) for xml in _xml_files(Path(annotation_dir))]
             if not listed:
                 raise DataError(f"no VOC annotation files (*.xml) in {annotation_dir}")
         xml_files = [xml for _, xml in listed]
@@ -443,7 +443,8 @@ class VocDetection(DetectionDataset):
         `needs_filename`: the image is found by its <filename> (not given by a list)."""
         try:
             root = ET.fromstring(_read(path, "VOC annotation file"))
-            filename = root.findtext("filename") or ""
+            # Pretty-printed files (an editor's, a script's) put the name on a line of its own
+            filename = (root.findtext("filename") or "").strip()
             if needs_filename and not filename:
                 raise ValueError("no <filename>")
             objects = []
@@ -466,6 +467,12 @@ class VocDetection(DetectionDataset):
         except (ET.ParseError, ValueError, TypeError) as exc:
             raise DataError(f"{path} is not a valid VOC annotation file ({exc})") from None
         return filename, objects, (width, height) if width > 0 and height > 0 else None
+
+
+def _xml_files(folder: Path) -> list[Path]:
+    """The XML files in `folder`, by name, whatever the case of their extension: a tool or
+    a copy from Windows names them `IMG_1.XML`, which `*.xml` left out on Linux."""
+    return sorted(path for path in folder.iterdir() if path.suffix.lower() == ".xml")
 
 
 def _refuse_images_of_two_files(images: list[Path], xml_files: list[Path]) -> None:

@@ -10,12 +10,13 @@ killed at any point leaves either the previous library or the new one.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from numbers import Integral
+from numbers import Integral, Real
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -64,12 +65,13 @@ HASH_BAR_MIN_FILES = 500
 @dataclass(frozen=True)
 class SearchResult:
     """Top-k hits per query, best first (of equal scores, the image added first), as [Q, k]
-    arrays.
+    arrays, k cut to the images the library holds (at least 1): a k past that would only
+    add padding, and a huge one would not fit in memory.
 
     Scores are higher-is-more-similar: the cosine similarity for every metric in a library
     that normalises its features (the default), else the inner product or the negated
-    Euclidean distance. Slots without a hit (fewer than k images, or below
-    `min_score`) are padding: id -1, label "", score -inf.
+    Euclidean distance. Slots without a hit (an empty library, a backend that found fewer,
+    or below `min_score`) are padding: id -1, label "", score -inf.
     """
 
     labels: np.ndarray
@@ -562,13 +564,18 @@ class Gallery:
     def search(
         self, vectors: np.ndarray, k: int = 5, min_score: float | None = None
     ) -> SearchResult:
-        """The k most similar gallery images per query vector (a float array [Q, D] or [D]);
-        any thread may search."""
+        """The k most similar gallery images per query vector (a float array [Q, D] or [D]),
+        k at most the images the library holds; any thread may search."""
         self._check_usable(sqlite=False)
         # Faiss takes a Python int only: numpy's integers fail inside its bindings.
         if isinstance(k, bool) or not isinstance(k, Integral) or k < 1:
             raise GalleryError(f"k: expected a whole number >= 1, got {k!r}")
         k = int(k)
+        # NaN compares false with every score (all hits kept); text fails inside numpy
+        if min_score is not None and (
+            isinstance(min_score, bool) or not isinstance(min_score, Real) or math.isnan(min_score)
+        ):
+            raise GalleryError(f"min_score: expected a number, got {min_score!r}")
         queries = self._prepare(vectors)
         self._refuse_non_finite(queries, "search: query rows")  # they would rank nothing
         self._swap.acquire_read()  # one generation's index and labels
@@ -576,6 +583,7 @@ class Gallery:
             self._check_usable(sqlite=False)  # not closed while this waited
             id_labels = self._id_labels
             newest_id = int(id_labels[0][-1]) if len(id_labels[0]) else -1
+            k = min(k, max(len(id_labels[0]), 1))  # this generation's images
             scores, ids = _ties_in_id_order(*self._backend.search(queries, k, newest_id))
         finally:
             self._swap.release_read()
@@ -852,19 +860,12 @@ class Gallery:
         self._check_usable()
         # As each label is stored, checked before any file is read
         labels = [_stored_label(item.label, f"add {item.path}") for item in items]
-        failures: list[tuple[str, str]] = []
-        readable: list[tuple[GalleryItem, str]] = []
-        from shitu.progress import ImageProgress
-
-        enabled = progress and len(items) >= HASH_BAR_MIN_FILES
-        with ImageProgress(len(items), enabled, "hashing") as bar:
-            for item, label in zip(items, labels, strict=True):
-                try:
-                    readable.append((replace(item, label=label), file_sha256(item.path)))
-                    bar.update(1)
-                except OSError as exc:
-                    failures.append((str(item.path), exc.strerror or str(exc)))
-                    bar.skip()
+        digests, failures = _file_hashes([item.path for item in items], progress)
+        readable = [
+            (replace(item, label=label), digest)
+            for item, label, digest in zip(items, labels, digests, strict=True)
+            if digest is not None
+        ]
         duplicates: list[str] = []
         if not allow_duplicates:
             present = self.first_with_hashes([digest for _, digest in readable])
@@ -995,10 +996,12 @@ class Gallery:
         another process adds or removes meanwhile (a running `shitu serve`, say) are
         followed: those added are embedded in a short further round, those removed dropped,
         rather than failing the whole re-embedding at its end. An empty library (every
-        image removed) just takes the new model, so that images can be added with it."""
+        image removed) just takes the new model, so that images can be added with it. Each
+        image's content hash is recorded again with its features: a file changed in place
+        is the content the library now holds, so adding that content again is a duplicate."""
         self._check_usable()
         entries = self.entries()
-        embedded: dict[int, np.ndarray] = {}
+        embedded: dict[int, tuple[np.ndarray, str]] = {}  # by id: the feature, content hash
         for _ in range(REEMBED_CATCH_UPS + 1):
             embedded.update(self._embed_entries(embedder, entries, batch_size, progress))
 
@@ -1007,8 +1010,9 @@ class Gallery:
                 added_meanwhile = [int(i) for i in current if int(i) not in embedded]
                 if added_meanwhile:
                     raise _AddedMeanwhile(added_meanwhile)
-                features = np.asarray([embedded[int(i)] for i in current], dtype=np.float32)
-                self._store.replace_features(current, features)
+                features = np.asarray([embedded[int(i)][0] for i in current], dtype=np.float32)
+                hashes = [embedded[int(i)][1] for i in current]
+                self._store.replace_features(current, features, hashes)
                 return Change(rebuild=True), len(current)
 
             try:
@@ -1032,27 +1036,32 @@ class Gallery:
 
     def _embed_entries(
         self, embedder: Embedder, entries: list[ImageEntry], batch_size: int, progress: bool
-    ) -> dict[int, np.ndarray]:
-        """The stored images' features under `embedder`, by id; refused, naming the ids,
-        where an image has no file or its file cannot be read."""
+    ) -> dict[int, tuple[np.ndarray, str]]:
+        """The stored images' features under `embedder` and their files' content hashes, by
+        id; refused, naming the ids, where an image has no file or its file cannot be read."""
         no_file = [e.id for e in entries if not e.path]
         if no_file:
             raise GalleryError(
                 f"{self.root}: {len(no_file)} images were added as vectors without a file "
                 f"(ids {no_file[:5]}); remove them before re-embedding"
             )
-        result = embedder.extract_files([e.path for e in entries], batch_size, progress)
-        if result.failures:  # named by id: what `shitu index remove` takes
-            failed = {path for path, _ in result.failures}
+        digests, failures = _file_hashes([e.path for e in entries], progress)
+        readable = [(e, digest) for e, digest in zip(entries, digests, strict=True) if digest]
+        result = embedder.extract_files([e.path for e, _ in readable], batch_size, progress)
+        failures += result.failures
+        if failures:  # named by id: what `shitu index remove` takes
+            failed = {path for path, _ in failures}
             bad = np.asarray([e.id for e in entries if e.path in failed])
-            path, reason = result.failures[0]
+            path, reason = failures[0]
             raise GalleryError(
                 f"cannot re-embed: {len(bad)} of the {len(entries)} images could not be read "
                 f"(first: {path}: {reason}), ids {_rows(bad)}; put the files back, or remove "
                 f"those images (`shitu index remove {self.root} --id ID ...`), and retry"
             )
         features = self._stored_features(result.features, "re-embed", embedder.embedding_size)
-        return {entry.id: row for entry, row in zip(entries, features, strict=True)}
+        return {
+            entry.id: (row, digest) for (entry, digest), row in zip(readable, features, strict=True)
+        }
 
     # ----------------------------------------------------------------------------- reading
 
@@ -1143,6 +1152,28 @@ class _AddedMeanwhile(Exception):
     def __init__(self, ids: list[int]) -> None:
         super().__init__(f"{len(ids)} images added meanwhile")
         self.ids = ids
+
+
+def _file_hashes(
+    paths: Sequence[str | Path], progress: bool
+) -> tuple[list[str | None], list[tuple[str, str]]]:
+    """Each file's content hash (None where it cannot be read), and (path, reason) for
+    those. `progress`: a `hashing` bar for HASH_BAR_MIN_FILES files or more (each file is
+    read whole, which on a slow disk takes a while before anything is embedded)."""
+    from shitu.progress import ImageProgress
+
+    digests: list[str | None] = []
+    failures: list[tuple[str, str]] = []
+    with ImageProgress(len(paths), progress and len(paths) >= HASH_BAR_MIN_FILES, "hashing") as bar:
+        for path in paths:
+            try:
+                digests.append(file_sha256(Path(path)))
+                bar.update(1)
+            except OSError as exc:
+                digests.append(None)
+                failures.append((str(path), exc.strerror or str(exc)))
+                bar.skip()
+    return digests, failures
 
 
 def _file_identity(path: Path) -> tuple[int, int] | None:

@@ -403,10 +403,16 @@ class MetadataStore:
             raise GalleryError(f"{self.path}: stored features are not all {dim}-d float32")
         return np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(-1, dim)
 
-    def replace_features(self, ids: np.ndarray, features: np.ndarray) -> None:
+    def replace_features(
+        self, ids: np.ndarray, features: np.ndarray, hashes: Sequence[str | None]
+    ) -> None:
+        """New features of these rows, with the content hashes of the files they came from."""
         self.conn.executemany(
-            "UPDATE images SET feature = ? WHERE id = ?",
-            ((f.tobytes(), int(i)) for i, f in zip(ids, features, strict=True)),
+            "UPDATE images SET feature = ?, sha256 = ? WHERE id = ?",
+            (
+                (f.tobytes(), digest, int(i))
+                for i, f, digest in zip(ids, features, hashes, strict=True)
+            ),
         )
 
     def integrity_problems(self) -> list[str]:

@@ -452,11 +452,13 @@ class MilvusBackend(Backend):
     def search(self, queries: np.ndarray, k: int, newest_id: int) -> tuple[np.ndarray, np.ndarray]:
         """Hits of equal score cut at k are the first added (lowest ids), as Faiss keeps them:
         Milvus keeps whichever it meets (Milvus Lite answered the third of three copies of
-        one photo for k=1), so a row whose last hit ties its k-th is asked again for more."""
+        one photo for k=1), so a row whose last hit ties its k-th is asked again for more.
+        At most LIMIT_MAX hits are asked for, which a server refuses more than and Milvus
+        Lite gives: the hits past it are padding with either."""
         scores = np.full((len(queries), k), -np.inf, np.float32)
         ids = np.full((len(queries), k), -1, np.int64)
         rows = np.arange(len(queries))
-        limit = k + 1 if k < LIMIT_MAX else k  # one hit more shows a tie cut at k
+        limit = min(k + 1, LIMIT_MAX)  # one hit more shows a tie cut at k
         while len(rows):
             got_scores, got_ids = self._hits(queries[rows], limit, newest_id)
             best = np.lexsort((got_ids, -got_scores), axis=-1)[:, :k]
