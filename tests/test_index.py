@@ -51,6 +51,19 @@ def labels_for(count: int) -> list[str]:
 # --------------------------------------------------------------------------- gallery lists
 
 
+def test_l2_normalize_keeps_huge_rows_and_zero_rows():
+    """Rows of float32 values past 1e19, whose squares overflow float32, still come out of
+    unit length (they were all zeros); zero rows stay zero; float64 rows keep their precision
+    until the float32 result."""
+    rows = np.array([[3e20, 4e20], [0.0, 0.0], [3.0, 4.0]], np.float32)
+    normalised = l2_normalize(rows)
+    assert normalised.dtype == np.float32
+    np.testing.assert_allclose(normalised, [[0.6, 0.8], [0.0, 0.0], [0.6, 0.8]], rtol=1e-6)
+    wide = np.random.default_rng(0).normal(size=(4, 8))
+    expected = (wide / np.linalg.norm(wide, axis=1, keepdims=True)).astype(np.float32)
+    assert np.array_equal(l2_normalize(wide), expected)
+
+
 def test_label_file_keeps_spaces_and_resolves_relative_paths(tmp_path):
     (tmp_path / "imgs").mkdir()
     listing = tmp_path / "gallery.txt"

@@ -9,6 +9,10 @@ import numpy as np
 
 
 def l2_normalize(vectors: np.ndarray) -> np.ndarray:
-    """float32 rows of unit length (all-zero rows stay zero)."""
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return (vectors / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
+    """float32 rows of unit length (all-zero rows stay zero). Norms are taken in float64:
+    float32 squares overflow from about 1e19, which made such a row all zeros."""
+    squares = np.einsum("ij,ij->i", vectors, vectors, dtype=np.float64)
+    norms = np.maximum(np.sqrt(squares), 1e-12)[:, None]
+    # divided in the rows' own precision: a float32 gallery needs no float64 copy
+    norms = norms.astype(np.result_type(vectors, np.float32))
+    return (vectors / norms).astype(np.float32, copy=False)

@@ -606,9 +606,8 @@ def run_search(args: argparse.Namespace) -> int:
     with _open_for(args, model) as gallery:
         warn_if_empty(gallery, "no match can be found")
         extraction = model.extract_files([str(p) for p in images], args.batch_size, progress)
-        # Hits past the gallery's size are padding, not printed: a huge -k allocates none.
-        k = min(args.k, max(len(gallery), 1))
-        result = gallery.search(extraction.features, k, min_score=args.min_score)
+        # at most as wide as the gallery: a huge -k allocates nothing
+        result = gallery.search(extraction.features, args.k, min_score=args.min_score)
     for path, reason in extraction.failures:
         print(
             f"warning: could not read {path}: {skip_reason(reason, 'index search', path)}",
