@@ -265,6 +265,29 @@ def test_build_refuses_a_library_inside_the_folder_it_is_built_from(models, tmp_
     assert beside.returncode == 0, beside.stderr
 
 
+def test_add_refuses_a_folder_that_holds_the_library(models, tmp_path):
+    """A library moved into its gallery folder (or built there from a label file) keeps
+    the images `shitu serve` adds in its uploads folder; an add of that gallery folder took
+    them for photos of a label named after the library's folder."""
+    photos = tmp_path / "photos"
+    make_images(photos / "Kiwi", 1)
+    lib = tmp_path / "lib"
+    assert shitu("index", "build", photos, "--out", lib, "--model", models[128]).returncode == 0
+    lib = lib.rename(photos / "lib")
+    make_images(lib / "uploads", 1, seed=1)  # as the server keeps what it is sent
+    added = shitu("index", "add", lib, photos, "--model", models[128])
+    assert added.returncode == 2
+    assert added.stderr == (
+        f"error: {photos}: holds the library {lib}, whose images kept in it (those added "
+        "over HTTP) its scan would take for gallery photos: move the library out of it, or "
+        "add the folders of images it holds one by one\n"
+    )
+    kiwi = shitu("index", "add", lib, photos / "Kiwi", "--label", "Kiwi", "--model", models[128])
+    assert kiwi.returncode == 0, kiwi.stderr
+    listed = shitu("index", "list", lib)
+    assert listed.returncode == 0 and "lib" not in listed.stdout.split()
+
+
 def test_a_list_option_given_twice_keeps_the_values_of_both(models, tmp_path):
     """`--gallery a --gallery b`, `--label A --label B`: argparse kept the last only, so a
     library was built from half its gallery, and a removal left a label it was given."""

@@ -120,7 +120,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--upload-dir",
         type=Path,
-        help="where images added over HTTP are kept (default: GALLERY/uploads)",
+        help="where images added over HTTP are kept (default: GALLERY/uploads); not inside "
+        "a folder the gallery's images came from, whose next scan would take them",
     )
     parser.add_argument(
         "--max-connections",
