@@ -513,6 +513,27 @@ def test_a_photo_the_library_has_under_another_label_is_named_with_that_label(mo
     assert again.stderr == ""
 
 
+def test_remove_missing_drops_the_images_whose_files_are_gone(models, tmp_path):
+    """Photos deleted or moved since they were added: `--missing` removes them (and nothing
+    else), so that `reembed`, which refuses unreadable images, can run again."""
+    photos, lib = library_of_the_first(models, tmp_path, 3)
+    added = shitu("index", "add", lib, photos[1], photos[2], "--label", "new", "--model",
+                  models[128])  # fmt: skip
+    assert added.returncode == 0, added.stderr
+    none = shitu("index", "remove", lib, "--missing")
+    assert none.returncode == 0 and "removed no images" in none.stdout, none.stderr
+    photos[0].unlink()
+    photos[2].rename(tmp_path / "moved.png")
+    refused = shitu("index", "reembed", lib, "--model", models[128])
+    assert refused.returncode == 2 and "or `--missing` for files that are gone" in refused.stderr
+    removed = shitu("index", "remove", lib, "--missing", "--id", "1")  # id 1 is gone too
+    assert removed.returncode == 0 and f"removed 2 images from {lib}" in removed.stdout
+    listed = shitu("index", "list", lib, "--images")
+    assert [line.split("\t")[2] for line in listed.stdout.splitlines()] == [str(photos[1])]
+    assert shitu("index", "reembed", lib, "--model", models[128]).returncode == 0
+    assert "--id, --label and/or --missing" in shitu("index", "remove", lib).stderr
+
+
 def add_in_parts_of_two(lib: Path, photos: Path, model: Path, *options: str) -> list[str]:
     """The command line of `shitu index add LIB PHOTOS --label new` writing every 2 images."""
     parts_of_two = "import sys, shitu.cli.index as i, shitu.cli.main as m; i.ADD_PART = 2; "

@@ -149,9 +149,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     remove = commands.add_parser(
         "remove",
-        help="remove images by id or by label",
-        description="Remove images by id (`index list --images` lists them) or every image "
-        "of a label.",
+        help="remove images by id, by label or whose files are gone",
+        description="Remove images by id (`index list --images` lists them), every image "
+        "of a label, or every image whose file is gone (--missing).",
     )
     remove.add_argument("library", type=Path)
     remove.add_argument(
@@ -170,6 +170,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=[],
         dest="labels",
         help="every image of these labels",
+    )
+    remove.add_argument(
+        "--missing",
+        action="store_true",
+        help="every image whose file is gone (moved or deleted since it was added); those "
+        "added as vectors, without a file, stay",
     )
     remove.set_defaults(func=run_remove)
 
@@ -536,10 +542,17 @@ def _say_what_is_kept(args: argparse.Namespace, added: int, total: int) -> None:
 
 
 def run_remove(args: argparse.Namespace) -> int:
-    if not args.ids and not args.labels:
-        raise GalleryError("remove: give --id and/or --label")
+    if not args.ids and not args.labels and not args.missing:
+        raise GalleryError("remove: give --id, --label and/or --missing")
     with Gallery.open(args.library) as gallery:
-        removed = gallery.remove(ids=args.ids, labels=args.labels)
+        ids = list(args.ids)
+        if args.missing:
+            gone = [e.id for e in gallery.entries() if e.path and not Path(e.path).exists()]
+            ids += [i for i in gone if i not in set(ids)]
+        if not ids and not args.labels:
+            print(f"removed no images from {args.library}: every image's file is there")
+            return 0
+        removed = gallery.remove(ids=ids, labels=args.labels)
     print(f"removed {count_of(len(removed), 'image')} from {args.library}")
     return 0
 

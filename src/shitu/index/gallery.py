@@ -1056,7 +1056,8 @@ class Gallery:
             raise GalleryError(
                 f"cannot re-embed: {len(bad)} of the {len(entries)} images could not be read "
                 f"(first: {path}: {reason}), ids {_rows(bad)}; put the files back, or remove "
-                f"those images (`shitu index remove {self.root} --id ID ...`), and retry"
+                f"those images (`shitu index remove {self.root} --id ID ...`, or `--missing` for "
+                "files that are gone), and retry"
             )
         features = self._stored_features(result.features, "re-embed", embedder.embedding_size)
         return {
