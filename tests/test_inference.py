@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import io
 import json
@@ -1181,3 +1182,21 @@ def test_more_inference_threads_than_cores_are_warned_of(caplog):
         f"wait for a core, which slows inference; give at most {cores} with --threads (a "
         "pipeline config's Global.cpu_num_threads), or none for the runtime's default"
     ]
+
+
+def test_a_disk_full_as_the_onnx_model_is_written_names_the_export(exported, tmp_path, monkeypatch):
+    """torch's ONNX writer names no file: `shitu export` (and the cache's rebuild of a
+    compact export) said only "[Errno 28] No space left on device"."""
+
+    def disk_fills(model, inputs, path, **options):  # as a full disk refuses the write
+        Path(path).write_bytes(b"\x08")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(export_module, "trace_to_onnx", disk_fills)
+    out = tmp_path / "model"
+    with pytest.raises(
+        export_module.ExportError,
+        match=rf"^cannot write the export to {out}: No space left on device$",
+    ):
+        export_model(exported["config"], None, out)
+    assert list(tmp_path.iterdir()) == []  # nor a temporary folder
