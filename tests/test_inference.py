@@ -1200,3 +1200,22 @@ def test_a_disk_full_as_the_onnx_model_is_written_names_the_export(exported, tmp
     ):
         export_model(exported["config"], None, out)
     assert list(tmp_path.iterdir()) == []  # nor a temporary folder
+
+
+def test_a_cache_folder_given_with_a_leading_tilde_is_in_the_home_folder(
+    exported, tmp_path, monkeypatch
+):
+    """As a Dockerfile's ENV or a systemd unit leaves it: not a folder named ~ made in the
+    current one."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    weights = exported["dir"] / "model.safetensors"
+    compact = export_model(exported["config"], weights, tmp_path / "compact", compact=True)
+    for variable, value in (("SHITU_CACHE_DIR", "~/shitu"), ("XDG_CACHE_HOME", "~/.xdg")):
+        monkeypatch.delenv("SHITU_CACHE_DIR", raising=False)
+        monkeypatch.setenv(variable, value)
+        assert FeatureExtractor.load(compact).backend.name == "onnxruntime"
+    home = tmp_path / "home"
+    assert len(list((home / "shitu" / "exports").iterdir())) == 1
+    assert len(list((home / ".xdg" / "shitu" / "exports").iterdir())) == 1
+    assert not (tmp_path / "~").exists()
