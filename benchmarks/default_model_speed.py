@@ -25,7 +25,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from arguments import add_batch_timing_arguments, benchmark_parser  # noqa: E402
+from arguments import add_batch_timing_arguments, benchmark_parser, count  # noqa: E402
 from feature_extraction import grocery_images, ours, timed  # noqa: E402
 
 from shitu.inference import default_model_dir, read_manifest  # noqa: E402
@@ -56,10 +56,10 @@ def int8_copy(fp32_dir: Path, out: Path, calibration: list[str]) -> Path:
 def main() -> None:
     parser = benchmark_parser(__doc__)
     add_batch_timing_arguments(parser)
-    parser.add_argument("--images", type=int, default=128, help="Grocery Store JPEGs timed")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
+    parser.add_argument("--images", type=count, default=128, help="Grocery Store JPEGs timed")
+    parser.add_argument("--rounds", type=count, default=3, help="interleaved timing rounds")
     parser.add_argument(
-        "--int8-calibration", type=int, default=64, help="photos that calibrate the int8 model"
+        "--int8-calibration", type=count, default=64, help="photos that calibrate the int8 model"
     )
     parser.add_argument(
         "--model", type=Path, help="a `shitu export` folder to time instead of the default model"
