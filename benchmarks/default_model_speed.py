@@ -42,6 +42,15 @@ from shitu.inference.preprocess import Preprocessing  # noqa: E402
 from shitu.inference.quantize import quantize_static_onnx  # noqa: E402
 
 
+def onnx_export(model_dir: Path) -> Path:
+    """The export with the ONNX model that `FeatureExtractor.load` runs: `model_dir` itself,
+    or for a compact export its cached rebuild (a full export is not copied into the user
+    cache, where nothing else would use it)."""
+    if (model_dir / ONNX_FILE).is_file():
+        return model_dir
+    return full_export(model_dir, read_manifest(model_dir))
+
+
 def int8_copy(fp32_dir: Path, out: Path, calibration: list[str]) -> Path:
     """A copy of the (cached) fp32 export with model.int8.onnx added to it."""
     shutil.copytree(fp32_dir, out)
@@ -69,7 +78,7 @@ def main() -> None:
     paths = grocery_images(args.images)
     shipped = (args.model or default_model_dir()).resolve()
     try:
-        cached = full_export(shipped, read_manifest(shipped))  # what FeatureExtractor.load uses
+        cached = onnx_export(shipped)
     except ExportError as exc:
         raise SystemExit(str(exc)) from None
     with tempfile.TemporaryDirectory() as scratch:

@@ -26,8 +26,8 @@ def small_export(tmp_path_factory, grocery) -> Path:
     return export_model(load_config(config_file, ["Arch.Head=null"]), None, work / "model")
 
 
-def run_benchmark(script: str, *args: str) -> str:
-    environment = {**os.environ, "PYTHONPATH": str(BENCHMARKS.parent / "src")}
+def run_benchmark(script: str, *args: str, **variables: str) -> str:
+    environment = {**os.environ, "PYTHONPATH": str(BENCHMARKS.parent / "src"), **variables}
     result = subprocess.run(
         [sys.executable, str(BENCHMARKS / script), *args],
         capture_output=True,
@@ -48,3 +48,18 @@ def test_cpu_runtimes_times_a_model_at_its_own_input_size(small_export: Path) ->
     )
     assert f"{SIZE}x{SIZE}, " in table
     assert "| onnxruntime | 1 |" in table
+
+
+def test_default_model_speed_times_a_full_export_where_it_is(small_export, tmp_path) -> None:
+    """Only a compact export's ONNX model is rebuilt into the user cache: a full export's
+    was copied there too, a cache entry as large as the model that nothing else reads."""
+    cache = tmp_path / "cache"
+    table = run_benchmark(
+        "default_model_speed.py",
+        *("--model", str(small_export), "--batches", "2", "--images", "4", "--rounds", "1"),
+        *("--int8-calibration", "2"),
+        SHITU_CACHE_DIR=str(cache),
+    )
+    assert f"input [{SIZE}, {SIZE}]" in table
+    assert "| onnxruntime int8 | 2 |" in table
+    assert not cache.exists()
