@@ -453,6 +453,26 @@ def test_average_weights_is_the_mean_of_same_model_runs(tmp_path):
     assert not report.missing and not report.unexpected and not report.shape_mismatch
 
 
+def test_average_warns_of_a_file_given_twice(tmp_path):
+    """A path pasted twice (here once through a symlink) doubled that run's share, unsaid."""
+    paths = [
+        save_weights(make_model(seed=seed).state_dict(), tmp_path / f"run{seed}.safetensors")
+        for seed in range(2)
+    ]
+    (tmp_path / "latest.safetensors").symlink_to(paths[1])
+    soup = str(tmp_path / "soup.safetensors")
+    result = run_shitu(
+        "average", *map(str, paths), str(tmp_path / "latest.safetensors"), "--out", soup
+    )
+    assert result.returncode == 0, result.stderr
+    assert (
+        f"warning: {tmp_path / 'latest.safetensors'} is given more than once (as {paths[1]} too)"
+        in result.stderr
+    )
+    result = run_shitu("average", *map(str, paths), "--out", soup)
+    assert result.returncode == 0 and "warning" not in result.stderr
+
+
 def test_weighted_average_adds_a_run_to_an_existing_soup(tmp_path):
     """`--weighting 3 1`: a three-run soup weighted 3 and a fourth run weighted 1 give the
     four-run soup, so a soup can grow without keeping its runs' files."""
