@@ -144,6 +144,30 @@ def test_pdparams_import_maps_names_transposes_and_skips_unused(tmp_path):
     assert torch.equal(ours["logits"], theirs["logits"])
 
 
+def test_pdparams_of_bfloat16_weights_load_as_their_values(tmp_path):
+    """Paddle saves bfloat16 as uint16 bit patterns, as a bf16 AMP O2 run's weights are:
+    they loaded as numbers (weights near 16,000), a model giving nonsense without an error."""
+    model = make_model()
+    with torch.no_grad():  # the values bfloat16 can hold, so both sides compute alike
+        for tensor in model.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.copy_(tensor.bfloat16())
+    state = to_pdparams(model, tmp_path / "m.pdparams")
+    bf16 = {
+        name: torch.from_numpy(array).bfloat16().view(torch.int16).numpy().view(np.uint16)
+        if isinstance(array, np.ndarray) and array.dtype == np.float32
+        else array
+        for name, array in state.items()
+    }
+    with open(tmp_path / "m.pdparams", "wb") as handle:
+        pickle.dump(bf16, handle, protocol=4)
+    fresh = make_model(seed=5)
+    load_weights(fresh, tmp_path / "m.pdparams")
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x)["features"], model(x)["features"])
+
+
 def test_weights_named_without_pdparams_as_paddleclas_configs_name_them(tmp_path):
     """`Global.pretrained_model: output/best_model` reads best_model.pdparams, as in
     PaddleClas; a name that is neither is still not found."""
