@@ -1219,3 +1219,14 @@ def test_a_cache_folder_given_with_a_leading_tilde_is_in_the_home_folder(
     assert len(list((home / "shitu" / "exports").iterdir())) == 1
     assert len(list((home / ".xdg" / "shitu" / "exports").iterdir())) == 1
     assert not (tmp_path / "~").exists()
+
+
+def test_int8_asked_of_a_compact_export_says_to_export_it_without_compact(exported, tmp_path):
+    """Following the advice as given, the same export command with --int8-calibration
+    added, was refused in turn: --compact and the calibration go not together."""
+    compact = export_model(exported["config"], None, tmp_path / "compact", compact=True)
+    with pytest.raises(ConfigError, match=r"--int8-calibration IMAGES` without --compact"):
+        FeatureExtractor.load(compact, precision="int8")
+    plain = export_model(exported["config"], None, tmp_path / "plain")
+    with pytest.raises(ConfigError, match=r"--int8-calibration IMAGES` \(README: int8\)"):
+        FeatureExtractor.load(plain, precision="int8")
