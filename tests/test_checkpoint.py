@@ -311,6 +311,25 @@ def test_average_names_what_it_cannot_read(tmp_path):
         assert "Traceback" not in result.stderr
 
 
+def test_a_paddleclas_output_folder_or_optimizer_file_names_its_pdparams(tmp_path):
+    """What PaddleClas's training writes (output/RecModel/best_model.pdparams, .pdopt and
+    .pdstates beside it), given as the folder or the wrong file of the three: the message
+    named only shitu's own files."""
+    run = tmp_path / "RecModel"
+    run.mkdir()
+    to_pdparams(make_model(), run / "best_model.pdparams")
+    (run / "best_model.pdopt").write_bytes(b"")
+    for given, message in [
+        (run, f"{run} is a PaddleClas training run's folder: give its weights, "),
+        (run / "best_model.pdopt", f"({run / 'best_model.pdparams'} holds the weights)"),
+        (run / "best.pdparams", f"; {run} is a PaddleClas training run's folder: give its"),
+    ]:
+        with pytest.raises(CheckpointError) as info:
+            load_weights(make_model(), given)
+        assert message in str(info.value)
+    load_weights(make_model(), run / "best_model")  # as PaddleClas configs name it
+
+
 def test_average_of_torch_files_with_another_tools_metadata_keeps_its_text(tmp_path):
     """A torch file's `metadata` from another tool may hold numbers (or be no dict): a
     .safetensors soup of it keeps the text entries, which are all that format holds (it was
