@@ -23,6 +23,18 @@ class _DefaultsFormatter(argparse.HelpFormatter):
         return f"{help_text} (default: {shown})"
 
 
+def count(text: str) -> int:
+    """An argparse type for a number of things (runs, images, threads): 0 or fewer made a
+    benchmark divide by zero or take the median of nothing, with a traceback."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
 def benchmark_parser(doc: str) -> argparse.ArgumentParser:
     """A parser described by the first paragraph of the benchmark's docstring `doc`."""
     summary = " ".join(doc.split("\n\n")[0].split())
@@ -33,5 +45,5 @@ def add_batch_timing_arguments(
     parser: argparse.ArgumentParser, threads: str = "CPU threads"
 ) -> None:
     """--threads and --batches, as the extraction speed benchmarks share them."""
-    parser.add_argument("--threads", type=int, default=2, help=threads)
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 32], help="batch sizes")
+    parser.add_argument("--threads", type=count, default=2, help=threads)
+    parser.add_argument("--batches", type=count, nargs="+", default=[1, 32], help="batch sizes")

@@ -7,7 +7,7 @@ shitu runs exports on onnxruntime by default. This script checks that choice on 
 machine at hand against the other CPU runtimes within reach: OpenVINO (shitu's `--runtime
 openvino`; only if `pip install openvino` was done), and torch eager, TorchScript
 (traced, frozen, optimize_for_inference) and torch.compile (inductor, freezing; needs a C
-compiler). Random 224x224 batches, no decoding: end-to-end numbers are in
+compiler). Random batches of the model's input size, no decoding: end-to-end numbers are in
 feature_extraction.py and default_model_speed.py. Model: `--model DIR`, the shipped default
 model, or with --pplcnet PP-LCNetV2_base ShiTu with random weights (the model of the
 Paddle comparison). Each runtime gets one warm-up call; the table gives the median and
@@ -30,11 +30,11 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from arguments import add_batch_timing_arguments, benchmark_parser  # noqa: E402
+from arguments import add_batch_timing_arguments, benchmark_parser, count  # noqa: E402
 from common import model_dir  # noqa: E402
 
 from shitu.config import load_config  # noqa: E402
-from shitu.inference import FeatureExtractor, export_model  # noqa: E402
+from shitu.inference import FeatureExtractor, Preprocessing, export_model  # noqa: E402
 from shitu.inference.backends import (  # noqa: E402
     OnnxBackend,
     OpenVinoBackend,
@@ -84,7 +84,7 @@ def main() -> None:
     which.add_argument("--model", help="exported model folder (default: the shipped model)")
     which.add_argument("--pplcnet", action="store_true", help="PP-LCNetV2_base, random weights")
     add_batch_timing_arguments(parser, "CPU threads per runtime")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
+    parser.add_argument("--rounds", type=count, default=3, help="interleaved timing rounds")
     parser.add_argument("--seconds", type=float, default=3.0, help="per runtime, batch, round")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -95,8 +95,11 @@ def main() -> None:
             folder = export_model(config, None, Path(tmp) / "model")
         else:
             folder = model_dir(args.model, Path(tmp))
-        onnx = FeatureExtractor.load(folder, "onnxruntime", args.threads).backend
+        extractor = FeatureExtractor.load(folder, "onnxruntime", args.threads)
+        onnx = extractor.backend
         assert isinstance(onnx, OnnxBackend)
+        # the export's input size: its ONNX graph takes no other
+        width, height = Preprocessing.from_dict(extractor.preprocessing).size
         eager = FeatureExtractor.load(folder, "torch", args.threads).backend
         assert isinstance(eager, TorchBackend)
         openvino = None
@@ -106,7 +109,7 @@ def main() -> None:
         rng = np.random.default_rng(0)
         rows = []
         for size in args.batches:
-            batch = rng.standard_normal((size, 3, 224, 224), dtype=np.float32)
+            batch = rng.standard_normal((size, 3, height, width), dtype=np.float32)
             runners: dict[str, Runner] = {"onnxruntime": onnx}
             if openvino is not None:
                 runners["OpenVINO"] = openvino
@@ -124,7 +127,7 @@ def main() -> None:
 
     name = "PP-LCNetV2_base (random weights)" if args.pplcnet else args.model or "default model"
     print(
-        f"\n{name}, 224x224, {args.threads} threads, "
+        f"\n{name}, {width}x{height}, {args.threads} threads, "
         f"{platform.processor() or platform.machine()}, torch {torch.__version__}"
     )
     print("| runtime | batch | images/s (median) | images/s (best) | max diff vs onnxruntime |")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from arguments import benchmark_parser
+from arguments import benchmark_parser, count
 
 from shitu.detection import OnnxDetector, TorchDetector, build_picodet, load_detector
 from shitu.detection.export import export_onnx
@@ -31,8 +31,8 @@ def ms_per_image(detector, image: np.ndarray, repeats: int) -> float:
 def main() -> None:
     parser = benchmark_parser(__doc__)
     parser.add_argument("--onnx", action="append", default=[], help="extra ONNX detectors")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per image")
-    parser.add_argument("--threads", type=int, default=1, help="torch and onnxruntime threads")
+    parser.add_argument("--repeats", type=count, default=5, help="timed runs per image")
+    parser.add_argument("--threads", type=count, default=1, help="torch and onnxruntime threads")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     image = np.random.default_rng(0).integers(0, 255, (480, 640, 3), dtype=np.uint8)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from arguments import benchmark_parser
+from arguments import benchmark_parser, count
 from common import every_feature
 
 from shitu.config import load_config
@@ -59,12 +59,12 @@ def main() -> None:
         "-o", "--override", nargs="+", default=[], help="KEY=VALUE config overrides"
     )
     parser.add_argument("--weights", help="trained weights of the config's model")
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads")
+    parser.add_argument("--threads", type=count, default=2, help="CPU threads")
     parser.add_argument(
-        "--fidelity-images", type=int, default=128, help="val photos whose features are compared"
+        "--fidelity-images", type=count, default=128, help="val photos whose features are compared"
     )
     parser.add_argument(
-        "--calibration-images", type=int, default=128, help="photos that calibrate the int8 model"
+        "--calibration-images", type=count, default=128, help="photos that calibrate the int8 model"
     )
     parser.add_argument("--work", type=Path, help="export folder (default: temporary)")
     args = parser.parse_args()

@@ -37,7 +37,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
-from arguments import add_batch_timing_arguments, benchmark_parser  # noqa: E402
+from arguments import add_batch_timing_arguments, benchmark_parser, count  # noqa: E402
 from deploy_preprocess import batch as deploy_batch  # noqa: E402
 
 from shitu.config import load_config  # noqa: E402
@@ -159,8 +159,8 @@ def ours(model: Path, threads: int, batch: int, **options) -> Callable[[list[str
 def main() -> None:
     parser = benchmark_parser(__doc__)
     add_batch_timing_arguments(parser)
-    parser.add_argument("--images", type=int, default=128, help="Grocery Store JPEGs timed")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
+    parser.add_argument("--images", type=count, default=128, help="Grocery Store JPEGs timed")
+    parser.add_argument("--rounds", type=count, default=3, help="interleaved timing rounds")
     parser.add_argument("--torch", action="store_true", help="also time the torch backend")
     parser.add_argument("--work", type=Path, help="model cache (default: a temporary folder)")
     args = parser.parse_args()

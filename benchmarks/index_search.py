@@ -25,7 +25,7 @@ from pathlib import Path
 
 import faiss
 import numpy as np
-from arguments import benchmark_parser
+from arguments import benchmark_parser, count
 
 from shitu.index import Gallery
 
@@ -105,18 +105,18 @@ def recall_at(found: np.ndarray, truth: np.ndarray) -> float:
 
 def main() -> None:
     parser = benchmark_parser(__doc__)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[100_000], help="gallery sizes")
+    parser.add_argument("--sizes", type=count, nargs="+", default=[100_000], help="gallery sizes")
     parser.add_argument(
         "--types", nargs="+", default=["Flat", "HNSW32", "IVFPQ"], help="index types"
     )
-    parser.add_argument("--dim", type=int, default=512, help="vector dimension")
-    parser.add_argument("--queries", type=int, default=1000, help="query vectors")
-    parser.add_argument("--k", type=int, default=10, help="results per query")
-    parser.add_argument("--threads", type=int, default=2, help="Faiss threads")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs, best kept")
-    parser.add_argument("--writes", type=int, default=6, help="timed one-vector adds (>= 2)")
-    parser.add_argument("--ef-search", type=int, help="HNSW search depth (library default 64)")
-    parser.add_argument("--nprobe", type=int, help="IVF lists searched (default nlist/16, >= 8)")
+    parser.add_argument("--dim", type=count, default=512, help="vector dimension")
+    parser.add_argument("--queries", type=count, default=1000, help="query vectors")
+    parser.add_argument("--k", type=count, default=10, help="results per query")
+    parser.add_argument("--threads", type=count, default=2, help="Faiss threads")
+    parser.add_argument("--repeats", type=count, default=3, help="timed runs, best kept")
+    parser.add_argument("--writes", type=count, default=6, help="timed one-vector adds (>= 2)")
+    parser.add_argument("--ef-search", type=count, help="HNSW search depth (library default 64)")
+    parser.add_argument("--nprobe", type=count, help="IVF lists searched (default nlist/16, >= 8)")
     parser.add_argument(
         "--workdir", type=Path, help="where libraries are built (default: a temporary folder)"
     )

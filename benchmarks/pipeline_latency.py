@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from arguments import benchmark_parser
+from arguments import benchmark_parser, count
 from common import model_dir, random_gallery
 
 from shitu.demo import make_demo_set
@@ -43,9 +43,9 @@ def main() -> None:
     parser = benchmark_parser(__doc__)
     parser.add_argument("--model", help="exported model folder")
     parser.add_argument("--picodet", default=str(PICODET), help="PicoDet ONNX (skipped if absent)")
-    parser.add_argument("--gallery-size", type=int, default=10000, help="random gallery vectors")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per photo")
-    parser.add_argument("--threads", type=int, default=1, help="model and detector threads")
+    parser.add_argument("--gallery-size", type=count, default=10000, help="random gallery vectors")
+    parser.add_argument("--repeats", type=count, default=5, help="timed runs per photo")
+    parser.add_argument("--threads", type=count, default=1, help="model and detector threads")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)

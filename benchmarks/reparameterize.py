@@ -10,7 +10,7 @@ import statistics
 import time
 
 import torch
-from arguments import add_batch_timing_arguments, benchmark_parser
+from arguments import add_batch_timing_arguments, benchmark_parser, count
 
 from shitu.config.schema import ArchConfig
 from shitu.models import build_model
@@ -30,8 +30,8 @@ def images_per_second(model: torch.nn.Module, batch: torch.Tensor, repeats: int)
 def main() -> None:
     parser = benchmark_parser(__doc__)
     add_batch_timing_arguments(parser)
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs, median kept")
-    parser.add_argument("--size", type=int, default=224, help="input size in pixels")
+    parser.add_argument("--repeats", type=count, default=5, help="timed runs, median kept")
+    parser.add_argument("--size", type=count, default=224, help="input size in pixels")
     parser.add_argument(
         "--scales", nargs="+", default=["small", "base", "large"], help="PP-LCNetV2 scales"
     )

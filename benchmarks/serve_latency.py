@@ -24,7 +24,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from arguments import benchmark_parser
+from arguments import benchmark_parser, count
 from common import model_dir, random_gallery
 
 from shitu.demo import make_demo_set
@@ -97,16 +97,20 @@ def load(url: str, photo: bytes, clients: int, requests: int, seconds: float) ->
 def main() -> None:
     parser = benchmark_parser(__doc__)
     parser.add_argument("--model", help="exported model folder")
-    parser.add_argument("--gallery-size", type=int, default=10000, help="random gallery vectors")
+    parser.add_argument("--gallery-size", type=count, default=10000, help="random gallery vectors")
     parser.add_argument(
-        "--clients", type=int, nargs="+", default=[1, 4, 16], help="concurrent clients"
+        "--clients", type=count, nargs="+", default=[1, 4, 16], help="concurrent clients"
     )
     parser.add_argument(
-        "--max-batch", type=int, nargs="+", default=[1, 8], help="the service's --max-batch values"
+        "--max-batch",
+        type=count,
+        nargs="+",
+        default=[1, 8],
+        help="the service's --max-batch values",
     )
-    parser.add_argument("--requests", type=int, default=100, help="requests per row")
+    parser.add_argument("--requests", type=count, default=100, help="requests per row")
     parser.add_argument("--seconds", type=float, default=60, help="longest time per row")
-    parser.add_argument("--threads", type=int, help="model threads (default: the runtime's)")
+    parser.add_argument("--threads", type=count, help="model threads (default: the runtime's)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from arguments import benchmark_parser
+from arguments import benchmark_parser, count
 from common import every_feature
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont
 
@@ -228,8 +228,10 @@ def main() -> int:
     parser.add_argument(
         "--model", action="append", help="export folder, repeatable (default: the shipped model)"
     )
-    parser.add_argument("--per-class", type=int, default=30, help="photos drawn per sign")
-    parser.add_argument("--gallery-per-class", type=int, default=5, help="of them, gallery photos")
+    parser.add_argument("--per-class", type=count, default=30, help="photos drawn per sign")
+    parser.add_argument(
+        "--gallery-per-class", type=count, default=5, help="of them, gallery photos"
+    )
     parser.add_argument("--seed", type=int, default=0, help="drawing seed")
     parser.add_argument("--work", type=Path, help="keep the drawn photos here")
     args = parser.parse_args()

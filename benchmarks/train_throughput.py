@@ -22,7 +22,7 @@ import statistics
 import time
 
 import torch
-from arguments import benchmark_parser
+from arguments import benchmark_parser, count
 
 from shitu.config import load_config
 from shitu.engine.optim import build_optimizer
@@ -109,16 +109,16 @@ def main() -> None:
         default=["GeneralRecognitionV2_PPLCNetV2_base"],
         help="training configs",
     )
-    parser.add_argument("--batch", type=int, default=64, help="images per step")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps")
+    parser.add_argument("--batch", type=count, default=64, help="images per step")
+    parser.add_argument("--steps", type=count, default=10, help="timed steps")
     parser.add_argument(
         "--amp", nargs="+", default=["off"], choices=["off", "bf16", "fp16"], help="precisions"
     )
     parser.add_argument(
         "--layout", nargs="+", default=["nhwc"], choices=["nhwc", "nchw"], help="memory layouts"
     )
-    parser.add_argument("--size", type=int, default=224, help="input size in pixels")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
+    parser.add_argument("--size", type=count, default=224, help="input size in pixels")
+    parser.add_argument("--threads", type=count, default=None, help="CPU threads (default: all)")
     parser.add_argument(
         "--allocator",
         nargs="+",

@@ -6,14 +6,20 @@ import ast
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def _benchmark_parser():
+def _arguments():
     spec = importlib.util.spec_from_file_location("arguments", BENCHMARKS / "arguments.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.benchmark_parser
+    return module
+
+
+def _benchmark_parser():
+    return _arguments().benchmark_parser
 
 
 DOC = """What this benchmark measures, in a first paragraph
@@ -65,3 +71,29 @@ def test_every_benchmark_option_has_help() -> None:
             if not any(keyword.arg == "help" for keyword in option.keywords):
                 missing.append(f"{script.name}: {ast.literal_eval(option.args[-1])}")
     assert missing == []
+
+
+def test_a_count_of_zero_is_a_usage_error(capsys) -> None:
+    """`--rounds 0` took the median of nothing, `--repeats 0` divided by zero: tracebacks."""
+    arguments = _arguments()
+    parser = arguments.benchmark_parser(DOC)
+    parser.add_argument("--rounds", type=arguments.count, default=3, help="timing rounds")
+    assert parser.parse_args(["--rounds", "2"]).rounds == 2
+    for given in ("0", "-1", "1.5"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--rounds", given])
+        assert f"expected a whole number >= 1, got '{given}'" in capsys.readouterr().err
+
+
+def test_every_whole_number_option_but_a_seed_is_a_count() -> None:
+    plain = []
+    for script in sorted(BENCHMARKS.glob("*.py")):
+        for call in ast.walk(ast.parse(script.read_text())):
+            if not (
+                isinstance(call, ast.Call) and getattr(call.func, "attr", "") == "add_argument"
+            ):
+                continue
+            kinds = [k.value for k in call.keywords if k.arg == "type"]
+            if kinds and isinstance(kinds[0], ast.Name) and kinds[0].id == "int":
+                plain.append(f"{script.name}: {ast.literal_eval(call.args[-1])}")
+    assert plain == ["synthetic_signs.py: --seed"]

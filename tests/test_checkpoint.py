@@ -144,6 +144,30 @@ def test_pdparams_import_maps_names_transposes_and_skips_unused(tmp_path):
     assert torch.equal(ours["logits"], theirs["logits"])
 
 
+def test_pdparams_of_bfloat16_weights_load_as_their_values(tmp_path):
+    """Paddle saves bfloat16 as uint16 bit patterns, as a bf16 AMP O2 run's weights are:
+    they loaded as numbers (weights near 16,000), a model giving nonsense without an error."""
+    model = make_model()
+    with torch.no_grad():  # the values bfloat16 can hold, so both sides compute alike
+        for tensor in model.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.copy_(tensor.bfloat16())
+    state = to_pdparams(model, tmp_path / "m.pdparams")
+    bf16 = {
+        name: torch.from_numpy(array).bfloat16().view(torch.int16).numpy().view(np.uint16)
+        if isinstance(array, np.ndarray) and array.dtype == np.float32
+        else array
+        for name, array in state.items()
+    }
+    with open(tmp_path / "m.pdparams", "wb") as handle:
+        pickle.dump(bf16, handle, protocol=4)
+    fresh = make_model(seed=5)
+    load_weights(fresh, tmp_path / "m.pdparams")
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x)["features"], model(x)["features"])
+
+
 def test_weights_named_without_pdparams_as_paddleclas_configs_name_them(tmp_path):
     """`Global.pretrained_model: output/best_model` reads best_model.pdparams, as in
     PaddleClas; a name that is neither is still not found."""
@@ -285,6 +309,25 @@ def test_average_names_what_it_cannot_read(tmp_path):
                            "--out", str(tmp_path / "soup.safetensors"))  # fmt: skip
         assert result.returncode == 2 and message in result.stderr, result.stderr
         assert "Traceback" not in result.stderr
+
+
+def test_a_paddleclas_output_folder_or_optimizer_file_names_its_pdparams(tmp_path):
+    """What PaddleClas's training writes (output/RecModel/best_model.pdparams, .pdopt and
+    .pdstates beside it), given as the folder or the wrong file of the three: the message
+    named only shitu's own files."""
+    run = tmp_path / "RecModel"
+    run.mkdir()
+    to_pdparams(make_model(), run / "best_model.pdparams")
+    (run / "best_model.pdopt").write_bytes(b"")
+    for given, message in [
+        (run, f"{run} is a PaddleClas training run's folder: give its weights, "),
+        (run / "best_model.pdopt", f"({run / 'best_model.pdparams'} holds the weights)"),
+        (run / "best.pdparams", f"; {run} is a PaddleClas training run's folder: give its"),
+    ]:
+        with pytest.raises(CheckpointError) as info:
+            load_weights(make_model(), given)
+        assert message in str(info.value)
+    load_weights(make_model(), run / "best_model")  # as PaddleClas configs name it
 
 
 def test_average_of_torch_files_with_another_tools_metadata_keeps_its_text(tmp_path):
@@ -451,6 +494,26 @@ def test_average_weights_is_the_mean_of_same_model_runs(tmp_path):
             assert torch.equal(tensor, states[0][name])
     report = load_weights(make_model(seed=5), tmp_path / "soup.safetensors")
     assert not report.missing and not report.unexpected and not report.shape_mismatch
+
+
+def test_average_warns_of_a_file_given_twice(tmp_path):
+    """A path pasted twice (here once through a symlink) doubled that run's share, unsaid."""
+    paths = [
+        save_weights(make_model(seed=seed).state_dict(), tmp_path / f"run{seed}.safetensors")
+        for seed in range(2)
+    ]
+    (tmp_path / "latest.safetensors").symlink_to(paths[1])
+    soup = str(tmp_path / "soup.safetensors")
+    result = run_shitu(
+        "average", *map(str, paths), str(tmp_path / "latest.safetensors"), "--out", soup
+    )
+    assert result.returncode == 0, result.stderr
+    assert (
+        f"warning: {tmp_path / 'latest.safetensors'} is given more than once (as {paths[1]} too)"
+        in result.stderr
+    )
+    result = run_shitu("average", *map(str, paths), "--out", soup)
+    assert result.returncode == 0 and "warning" not in result.stderr
 
 
 def test_weighted_average_adds_a_run_to_an_existing_soup(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import io
 import json
@@ -1181,3 +1182,51 @@ def test_more_inference_threads_than_cores_are_warned_of(caplog):
         f"wait for a core, which slows inference; give at most {cores} with --threads (a "
         "pipeline config's Global.cpu_num_threads), or none for the runtime's default"
     ]
+
+
+def test_a_disk_full_as_the_onnx_model_is_written_names_the_export(exported, tmp_path, monkeypatch):
+    """torch's ONNX writer names no file: `shitu export` (and the cache's rebuild of a
+    compact export) said only "[Errno 28] No space left on device"."""
+
+    def disk_fills(model, inputs, path, **options):  # as a full disk refuses the write
+        Path(path).write_bytes(b"\x08")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(export_module, "trace_to_onnx", disk_fills)
+    out = tmp_path / "model"
+    with pytest.raises(
+        export_module.ExportError,
+        match=rf"^cannot write the export to {out}: No space left on device$",
+    ):
+        export_model(exported["config"], None, out)
+    assert list(tmp_path.iterdir()) == []  # nor a temporary folder
+
+
+def test_a_cache_folder_given_with_a_leading_tilde_is_in_the_home_folder(
+    exported, tmp_path, monkeypatch
+):
+    """As a Dockerfile's ENV or a systemd unit leaves it: not a folder named ~ made in the
+    current one."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    weights = exported["dir"] / "model.safetensors"
+    compact = export_model(exported["config"], weights, tmp_path / "compact", compact=True)
+    for variable, value in (("SHITU_CACHE_DIR", "~/shitu"), ("XDG_CACHE_HOME", "~/.xdg")):
+        monkeypatch.delenv("SHITU_CACHE_DIR", raising=False)
+        monkeypatch.setenv(variable, value)
+        assert FeatureExtractor.load(compact).backend.name == "onnxruntime"
+    home = tmp_path / "home"
+    assert len(list((home / "shitu" / "exports").iterdir())) == 1
+    assert len(list((home / ".xdg" / "shitu" / "exports").iterdir())) == 1
+    assert not (tmp_path / "~").exists()
+
+
+def test_int8_asked_of_a_compact_export_says_to_export_it_without_compact(exported, tmp_path):
+    """Following the advice as given, the same export command with --int8-calibration
+    added, was refused in turn: --compact and the calibration go not together."""
+    compact = export_model(exported["config"], None, tmp_path / "compact", compact=True)
+    with pytest.raises(ConfigError, match=r"--int8-calibration IMAGES` without --compact"):
+        FeatureExtractor.load(compact, precision="int8")
+    plain = export_model(exported["config"], None, tmp_path / "plain")
+    with pytest.raises(ConfigError, match=r"--int8-calibration IMAGES` \(README: int8\)"):
+        FeatureExtractor.load(plain, precision="int8")

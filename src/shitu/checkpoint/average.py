@@ -11,6 +11,7 @@ knew about other domains, often at little cost on the fine-tuning data.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -24,6 +25,8 @@ from shitu.checkpoint.io import (
     weight_shaping_arch,
 )
 from shitu.errors import CheckpointError, did_you_mean
+
+logger = logging.getLogger(__name__)
 
 # Metadata that must agree: averaging different architectures or a folded with an
 # unfolded model would give a file that loads but computes nonsense.
@@ -66,6 +69,7 @@ def average_weights(
         )
     if not all(math.isfinite(weight) and weight > 0 for weight in weighting):  # inf: NaN soup
         raise CheckpointError(f"weights {weighting}: each must be positive and finite")
+    _warn_of_repeated_files(paths)
     largest = max(weighting)  # relative to it: a sum of huge weights is inf (a NaN soup)
     weighting = [weight / largest for weight in weighting]
     total = sum(weighting)
@@ -116,6 +120,21 @@ def average_weights(
         for name, tensor in first.items()
     }
     return averaged, metadata
+
+
+def _warn_of_repeated_files(paths: list[str | Path]) -> None:
+    """Warn of a file given more than once (a pasted path, or a glob and a name that match
+    the same run): it counts once per mention, so the soup leans to that run, unsaid."""
+    seen: dict[Path, str | Path] = {}
+    for path in paths:
+        first = seen.setdefault(Path(path).resolve(), path)
+        if first is not path:
+            logger.warning(
+                "%s is given more than once (as %s too): it counts once per mention, as a "
+                "larger --weighting would",
+                path,
+                first,
+            )
 
 
 def check_share(share: float) -> None:

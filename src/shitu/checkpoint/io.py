@@ -165,8 +165,11 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
         ):
             raise CheckpointError(f"{path} does not hold a state dict of tensors")
         return _unwrapped(data), metadata
+    weights = path.with_suffix(".pdparams")
+    # What PaddleClas saves beside each .pdparams: optimizer, training or EMA state.
+    beside = f" ({weights} holds the weights)" if weights.is_file() else ""
     raise CheckpointError(
-        f"unsupported weight file {path}: expected one of {', '.join(WEIGHT_SUFFIXES)}"
+        f"unsupported weight file {path}: expected one of {', '.join(WEIGHT_SUFFIXES)}{beside}"
     )
 
 
@@ -184,7 +187,11 @@ def _no_weight_file(path: Path) -> str:
     nothing there (and, in a training run's folder, the weights it has: a run that never
     evaluated has no best_model, which commands are often given)."""
     # Lazily: the names of what each folder holds are the inference package's.
-    from shitu.inference.manifest import TRAINING_RUN_WEIGHTS, weight_file_in
+    from shitu.inference.manifest import (
+        PADDLE_TRAINING_WEIGHTS,
+        TRAINING_RUN_WEIGHTS,
+        weight_file_in,
+    )
 
     if path.is_dir():
         return f"{path} is {weight_file_in(path)}"
@@ -192,7 +199,7 @@ def _no_weight_file(path: Path) -> str:
     suffixes = ", ".join(WEIGHT_SUFFIXES)
     tried = "" if path.suffix in WEIGHT_SUFFIXES else f" (nor with {suffixes})"
     run = path.parent
-    in_run = any((run / name).is_file() for name in TRAINING_RUN_WEIGHTS)
+    in_run = any((run / name).is_file() for name in TRAINING_RUN_WEIGHTS + PADDLE_TRAINING_WEIGHTS)
     beside = f"; {run} is {weight_file_in(run)}" if in_run else ""
     return f"weight file not found: {path}{tried}{beside}{from_working_directory(path)}"
 
@@ -301,6 +308,8 @@ def state_for_model(
     """
     path = weights_file(path)
     if path.suffix == ".pdparams":
+        if not path.is_file():  # a folder, or a name mistyped beside the right file
+            raise CheckpointError(_no_weight_file(path))
         return (*paddle_to_torch(read_pdparams(path), model), {})
     state, metadata = read_weights(path)
     if metadata.get(REPARAMETERIZED) == "true":

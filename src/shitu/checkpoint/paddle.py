@@ -5,7 +5,9 @@ unpickled with an allow-list (numpy arrays and dicts only), so a malicious file
 cannot run code. Mapping rules, from how Paddle names and lays out tensors:
 - BatchNorm running statistics are `_mean` / `_variance` (torch: running_mean / running_var);
 - Linear weights are [in, out] (torch: [out, in]), as are the class weights of margin heads;
-- a re-parameterisable block that has not been folded also stores an unused fused conv.
+- a re-parameterisable block that has not been folded also stores an unused fused conv;
+- bfloat16 tensors (of a bf16 AMP O2 run) are stored as their uint16 bit patterns, read
+  here as float32.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ class _ArrayUnpickler(pickle.Unpickler):
 
 
 def read_pdparams(path: str | Path) -> dict[str, np.ndarray]:
-    """Parameter name -> numpy array from a `.pdparams` file."""
+    """Parameter name -> numpy array from a `.pdparams` file (bfloat16 ones as float32)."""
     path = Path(path)
     try:
         with path.open("rb") as handle:
@@ -69,7 +71,16 @@ def read_pdparams(path: str | Path) -> dict[str, np.ndarray]:
     bad = [k for k, v in state.items() if not isinstance(v, np.ndarray)]
     if bad:
         raise CheckpointError(f"{path}: entry '{bad[0]}' is not an array")
-    return state
+    return {name: _bfloat16_as_float32(array) for name, array in state.items()}
+
+
+def _bfloat16_as_float32(array: np.ndarray) -> np.ndarray:
+    """`array`, or the float32 values of a bfloat16 one. Paddle saves bfloat16, which numpy
+    lacks, as its uint16 bit patterns (its only use of uint16): read as numbers they became
+    weights in the tens of thousands, loaded without a word. float32 holds each exactly."""
+    if array.dtype.kind != "u" or array.dtype.itemsize != 2:  # any byte order
+        return array
+    return (array.astype(np.uint32) << 16).view(np.float32)
 
 
 def _torch_name(paddle_name: str) -> str:

@@ -74,9 +74,11 @@ def _int8_advice(model_dir: Path) -> str:
     from shitu.inference.default_model import DEFAULT_MODEL_DIR, default_int8_export_command
 
     if model_dir.resolve() != DEFAULT_MODEL_DIR:
+        # A compact export has no ONNX model to quantise: --compact refuses the calibration.
+        compact = "" if (model_dir / ONNX_FILE).is_file() else " without --compact"
         return (
-            "make an export that has one with `shitu export ... --int8-calibration IMAGES` "
-            "(README: int8)"
+            f"make an export that has one with `shitu export ... --int8-calibration IMAGES`"
+            f"{compact} (README: int8)"
         )
     return (
         "the shipped model comes without one: export it with one, calibrated on about 64 of "

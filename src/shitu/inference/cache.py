@@ -24,10 +24,14 @@ logger = logging.getLogger(__name__)
 
 
 def cache_root() -> Path:
-    """$SHITU_CACHE_DIR, else $XDG_CACHE_HOME/shitu, else ~/.cache/shitu."""
+    """$SHITU_CACHE_DIR, else $XDG_CACHE_HOME/shitu, else ~/.cache/shitu. A leading ~ in
+    either is the home folder, as torch and Hugging Face read theirs: a Dockerfile's ENV, a
+    systemd unit or a quoted shell value leave it unexpanded, which made a folder named ~
+    in the current one."""
     if os.environ.get("SHITU_CACHE_DIR"):
-        return Path(os.environ["SHITU_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "shitu"
+        return Path(os.environ["SHITU_CACHE_DIR"]).expanduser()
+    home = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(home).expanduser() / "shitu"
 
 
 # What a cached export must share with its compact source. The fingerprint covers all of

@@ -37,6 +37,7 @@ from shitu.fileio import (
     removed_if_left_empty,
     replace_folder,
     staging_folder,
+    write_failure_reason,
 )
 from shitu.inference.manifest import (
     EXPORT_FILES,
@@ -184,9 +185,7 @@ def write_export(
             staging = staged.enter_context(staging_folder(out_dir, "exporting"))
             staging.mkdir(mode=0o700)
         except OSError as exc:
-            raise ExportError(
-                f"cannot write the export to {out_dir}: {exc.strerror or exc}"
-            ) from None
+            raise _write_refused(out_dir, exc) from None
         try:
             save_weights(stored, staging / TORCH_FILE, model_metadata(model, arch))
             files = [TORCH_FILE]
@@ -226,10 +225,18 @@ def write_export(
                 path.chmod(FILE_MODE)  # as the umask has them: temporary ones are owner-only
             staging.chmod(FOLDER_MODE)
             replace_folder(staging, out_dir)
+        except OSError as exc:  # the ONNX writer's (a full disk, say) names no file
+            raise _write_refused(out_dir, exc) from None
         finally:
             if staging.exists():
                 shutil.rmtree(staging)
     return out_dir
+
+
+def _write_refused(out_dir: Path, exc: OSError) -> ExportError:
+    """The error for a write the system refused, naming the export rather than a file of
+    the temporary folder it is written into."""
+    return ExportError(f"cannot write the export to {out_dir}: {write_failure_reason(exc)}")
 
 
 def _check_target(out_dir: Path) -> None:

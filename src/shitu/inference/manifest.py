@@ -40,6 +40,8 @@ PADDLE_INFERENCE_WEIGHTS = "inference.pdiparams"
 # What `shitu train` writes into its Global.output_dir (shitu.engine.state's BEST and FINAL),
 # best first: a folder easily given as the model in place of the export made from it.
 TRAINING_RUN_WEIGHTS = ("best_model.safetensors", "final_model.safetensors")
+# What PaddleClas's training writes into its output folder (output/RecModel/), best first.
+PADDLE_TRAINING_WEIGHTS = ("best_model.pdparams", "latest.pdparams")
 # The database of a gallery library (shitu.index's LIBRARY_FILE): a library is easily given
 # as the model that built it.
 LIBRARY_DATABASE = "gallery.sqlite"
@@ -112,6 +114,9 @@ def weight_file_in(folder: Path) -> str:
         return f"a training run's folder: give its weights, {trained[0]}" + (
             " (the best evaluated epoch's)" if best else ""
         )
+    paddle = next((folder / n for n in PADDLE_TRAINING_WEIGHTS if (folder / n).is_file()), None)
+    if paddle is not None:
+        return f"a PaddleClas training run's folder: give its weights, {paddle}"
     if (folder / MANIFEST).is_file():
         if (folder / TORCH_FILE).is_file():
             return f"an exported model's folder: give its weights, {folder / TORCH_FILE}"

@@ -1,0 +1,65 @@
+"""Benchmark scripts run end to end on a small export of a size other than 224."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from shitu.config import load_config
+from shitu.inference import export_model
+
+from .test_inference import TINY_CONFIG
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def small_export(tmp_path_factory, grocery) -> Path:
+    work = tmp_path_factory.mktemp("benchmark")
+    config_file = work / "tiny.yaml"
+    config_file.write_text(TINY_CONFIG.format(size=SIZE, root=grocery))
+    return export_model(load_config(config_file, ["Arch.Head=null"]), None, work / "model")
+
+
+def run_benchmark(script: str, *args: str, **variables: str) -> str:
+    environment = {**os.environ, "PYTHONPATH": str(BENCHMARKS.parent / "src"), **variables}
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), *args],
+        capture_output=True,
+        text=True,
+        env=environment,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+def test_cpu_runtimes_times_a_model_at_its_own_input_size(small_export: Path) -> None:
+    """Its batches were 224x224 whatever the model, which an export of another size (its
+    ONNX graph's input is fixed) refused with an onnxruntime traceback."""
+    table = run_benchmark(
+        "cpu_runtimes.py",
+        *("--model", str(small_export), "--batches", "1", "--rounds", "1", "--seconds", "0"),
+    )
+    assert f"{SIZE}x{SIZE}, " in table
+    assert "| onnxruntime | 1 |" in table
+
+
+def test_default_model_speed_times_a_full_export_where_it_is(small_export, tmp_path) -> None:
+    """Only a compact export's ONNX model is rebuilt into the user cache: a full export's
+    was copied there too, a cache entry as large as the model that nothing else reads."""
+    cache = tmp_path / "cache"
+    table = run_benchmark(
+        "default_model_speed.py",
+        *("--model", str(small_export), "--batches", "2", "--images", "4", "--rounds", "1"),
+        *("--int8-calibration", "2"),
+        SHITU_CACHE_DIR=str(cache),
+    )
+    assert f"input [{SIZE}, {SIZE}]" in table
+    assert "| onnxruntime int8 | 2 |" in table
+    assert not cache.exists()
