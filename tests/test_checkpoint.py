@@ -757,10 +757,16 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(command, tm
     inputs = [missing, missing] if command == "average" else [missing]
     (tmp_path / "soup.safetensors").mkdir()
     (tmp_path / "file").write_text("")
-    for out, reason in (("soup.safetensors", "Is a directory"), ("file/m.pt", "File exists")):
+    for out, reason in (
+        ("soup.safetensors", f"cannot write {tmp_path / 'soup.safetensors'}: Is a directory"),
+        (
+            "file/m.pt",
+            f"--out {tmp_path / 'file/m.pt'}: {tmp_path / 'file'} is a file, not a folder",
+        ),
+    ):
         result = run_shitu(command, *inputs, "--out", str(tmp_path / out))
         assert result.returncode == 2
-        assert result.stderr == f"error: cannot write {tmp_path / out}: {reason}\n"
+        assert result.stderr == f"error: {reason}\n"
     result = run_shitu(command, *inputs, "--out", str(tmp_path / "new" / "soup.safetensors"))
     assert result.returncode == 2 and "not-read.safetensors" in result.stderr
     assert not (tmp_path / "new").exists()

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from shitu.detection.input_size import check_input_size
 from shitu.errors import CheckpointError, ConfigError, DataError, override_word
-from shitu.fileio import check_writable, home_expanded, write_jpeg
+from shitu.fileio import check_writable, home_expanded, refuse_file_in_the_way, write_jpeg
 from shitu.image_files import IMAGE_SUFFIXES, LABELLED_LIST_HINT, TEXT_FILE_REASON, scan_images
 from shitu.inference.choices import BACKENDS, PRECISIONS
 
@@ -300,6 +300,7 @@ def writable_weights_file(out: str | Path) -> Path:
     from shitu.checkpoint.io import check_weights_name
 
     path = check_weights_name(out)
+    refuse_file_in_the_way(path.parent, f"--out {out}")  # named, not 'File exists'
     try:
         if path.is_dir():  # `save_weights` renames its file onto it only at the end
             raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
