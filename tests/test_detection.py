@@ -282,6 +282,21 @@ def test_our_onnx_export_of_a_fresh_model_loads_into_torch(tmp_path: Path) -> No
             torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-3)
 
 
+def test_our_onnx_export_loads_into_torch_with_its_architecture_named(tmp_path: Path) -> None:
+    """A 2-class export run by torch with --det-arch given, as a .pdparams needs it: the
+    named architecture takes the export's class count and names (its 80 COCO classes
+    refused every conv of the head)."""
+    model = build_picodet("picodet_s_esnet", num_classes=2, class_names=("a", "b"), input_size=64)
+    path = export_onnx(model, tmp_path / "det.onnx")
+    detector = load_detector(path, backend="torch", arch="picodet_s_esnet")
+    assert detector.num_classes == 2 and detector.class_names == ("a", "b")
+    image = np.asarray(Image.open(PICODET / "samples" / "dog.jpg").convert("RGB"))
+    expected = TorchDetector(model, 64).detect(image, 0.0, 10, class_agnostic=False)
+    np.testing.assert_allclose(
+        detector.detect(image, 0.0, 10, class_agnostic=False), expected, atol=1e-3
+    )
+
+
 def test_a_failed_checkpoint_write_leaves_the_earlier_file(tmp_path: Path, monkeypatch) -> None:
     model = build_picodet("picodet_s_esnet", num_classes=2, input_size=64)
     path = save_detector(model, tmp_path / "model.pt")
