@@ -351,6 +351,15 @@ def test_load_detector_errors(tmp_path: Path, caplog) -> None:
     save_detector(build_picodet("picodet_s_esnet", input_size=64), run / "model.pt")
     with pytest.raises(CheckpointError, match=rf"\(.onnx\); it holds {run / 'model.pt'}$"):
         load_detector(run)
+    paddle_export = tmp_path / "picodet_PPLCNet_x2_5_mainbody_lite_v1.0_infer"
+    paddle_export.mkdir()  # PP-ShiTu's mainbody download, as PaddleDetection exports it
+    for name in ("inference.pdiparams", "inference.pdmodel"):
+        (paddle_export / name).write_bytes(b"\x00" * 64)
+    for given in (paddle_export, *paddle_export.iterdir()):
+        with pytest.raises(
+            CheckpointError, match=r"is a Paddle inference model, which shitu does not run; "
+        ):
+            load_detector(given)
     params = tmp_path / "model.pdparams"
     params.write_bytes(b"x")
     with pytest.raises(
