@@ -297,6 +297,17 @@ def test_our_onnx_export_loads_into_torch_with_its_architecture_named(tmp_path: 
     )
 
 
+def test_our_onnx_export_declares_its_class_count(tmp_path: Path) -> None:
+    """Without class names (a model read from a .pdparams, say), the graph's scores shape
+    tells the class count: a names file of another length is then refused by detect."""
+    model = build_picodet("picodet_s_esnet", num_classes=3, input_size=64)
+    path = export_onnx(model, tmp_path / "det.onnx")
+    detector = load_detector(path)
+    assert detector.class_names == () and detector.num_classes == 3
+    scores, boxes = detector.predict(np.zeros((2, 3, 64, 64), np.float32))
+    assert scores.shape == (2, boxes.shape[1], 3)
+
+
 def test_a_failed_checkpoint_write_leaves_the_earlier_file(tmp_path: Path, monkeypatch) -> None:
     model = build_picodet("picodet_s_esnet", num_classes=2, input_size=64)
     path = save_detector(model, tmp_path / "model.pt")

@@ -206,8 +206,8 @@ class OnnxDetector(Detector):
         self.decoded = [o.name for o in outputs] == ["scores", "boxes"]
         if not self.decoded:
             self._init_paddle_layout(path, [o.shape for o in outputs], cell_offset)
-        # Our export names its classes in its metadata, which also gives their count: the
-        # graph leaves its class axis unsized.
+        # Our export names its classes in its metadata, which also gives their count where
+        # the graph leaves its class axis unsized (exports made before it was sized).
         self.class_names = exported_class_names(session.get_modelmeta().custom_metadata_map)
         width = outputs[0].shape[-1]  # class scores last, in either layout
         self.num_classes = width if isinstance(width, int) else len(self.class_names) or None
