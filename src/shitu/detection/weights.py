@@ -229,7 +229,7 @@ def _fits(model: PicoDet, convs: list[tuple[np.ndarray, np.ndarray | None]]) -> 
 def load_onnx_weights(path: str | Path, arch: str | PicoDetArch | dict | None = None) -> PicoDet:
     """A PicoDet carrying the weights of a paddle2onnx export of PicoDet.
 
-    Without `arch`, the known architectures are tried (at the export's class count)
+    `arch`, or without it each known architecture, is tried at the export's class count,
     and the one whose every conv shape matches is used. The model runs at the input size
     the export was made for, as onnxruntime would run the file.
     """
