@@ -73,5 +73,5 @@ def _size_class_scores(exported: onnx.ModelProto, num_classes: int) -> None:
     `shitu detect --class-names` could not check a names file against it."""
     scores, boxes = exported.graph.output
     dims = scores.type.tensor_type.shape.dim
-    dims[1].dim_value = boxes.type.tensor_type.shape.dim[1].dim_value
+    dims[1].CopyFrom(boxes.type.tensor_type.shape.dim[1])
     dims[2].dim_value = num_classes
