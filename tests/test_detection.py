@@ -282,6 +282,32 @@ def test_our_onnx_export_of_a_fresh_model_loads_into_torch(tmp_path: Path) -> No
             torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-3)
 
 
+def test_our_onnx_export_loads_into_torch_with_its_architecture_named(tmp_path: Path) -> None:
+    """A 2-class export run by torch with --det-arch given, as a .pdparams needs it: the
+    named architecture takes the export's class count and names (its 80 COCO classes
+    refused every conv of the head)."""
+    model = build_picodet("picodet_s_esnet", num_classes=2, class_names=("a", "b"), input_size=64)
+    path = export_onnx(model, tmp_path / "det.onnx")
+    detector = load_detector(path, backend="torch", arch="picodet_s_esnet")
+    assert detector.num_classes == 2 and detector.class_names == ("a", "b")
+    image = np.asarray(Image.open(PICODET / "samples" / "dog.jpg").convert("RGB"))
+    expected = TorchDetector(model, 64).detect(image, 0.0, 10, class_agnostic=False)
+    np.testing.assert_allclose(
+        detector.detect(image, 0.0, 10, class_agnostic=False), expected, atol=1e-3
+    )
+
+
+def test_our_onnx_export_declares_its_class_count(tmp_path: Path) -> None:
+    """Without class names (a model read from a .pdparams, say), the graph's scores shape
+    tells the class count: a names file of another length is then refused by detect."""
+    model = build_picodet("picodet_s_esnet", num_classes=3, input_size=64)
+    path = export_onnx(model, tmp_path / "det.onnx")
+    detector = load_detector(path)
+    assert detector.class_names == () and detector.num_classes == 3
+    scores, boxes = detector.predict(np.zeros((2, 3, 64, 64), np.float32))
+    assert scores.shape == (2, boxes.shape[1], 3)
+
+
 def test_a_failed_checkpoint_write_leaves_the_earlier_file(tmp_path: Path, monkeypatch) -> None:
     model = build_picodet("picodet_s_esnet", num_classes=2, input_size=64)
     path = save_detector(model, tmp_path / "model.pt")
@@ -336,6 +362,15 @@ def test_load_detector_errors(tmp_path: Path, caplog) -> None:
     save_detector(build_picodet("picodet_s_esnet", input_size=64), run / "model.pt")
     with pytest.raises(CheckpointError, match=rf"\(.onnx\); it holds {run / 'model.pt'}$"):
         load_detector(run)
+    paddle_export = tmp_path / "picodet_PPLCNet_x2_5_mainbody_lite_v1.0_infer"
+    paddle_export.mkdir()  # PP-ShiTu's mainbody download, as PaddleDetection exports it
+    for name in ("inference.pdiparams", "inference.pdmodel"):
+        (paddle_export / name).write_bytes(b"\x00" * 64)
+    for given in (paddle_export, *paddle_export.iterdir()):
+        with pytest.raises(
+            CheckpointError, match=r"is a Paddle inference model, which shitu does not run; "
+        ):
+            load_detector(given)
     params = tmp_path / "model.pdparams"
     params.write_bytes(b"x")
     with pytest.raises(

@@ -594,6 +594,18 @@ def test_tiny_training_run_learns(tmp_path: Path) -> None:
     assert after["AP50"] > before["AP50"] + 0.2 and after["mAP"] > before["mAP"] + 0.05
 
 
+def test_a_warm_up_as_long_as_the_run_names_detect_trains_option(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Not `shitu train`'s Global.epochs, which detect-train has no use for."""
+    _write_coco(tmp_path, _write_images(tmp_path, 4))
+    with caplog.at_level(logging.WARNING, logger="shitu.engine.lr"):
+        _trainer(tmp_path, epochs=2, learning_rate=0.02)
+    assert "a warm-up of 2 epochs is not shorter than the run's 2 (detect-train's --epochs)" in (
+        caplog.text
+    )
+
+
 def test_resume_continues_identically(tmp_path: Path) -> None:
     torch.set_num_threads(2)
     _write_coco(tmp_path, _write_images(tmp_path, 4))

@@ -1,7 +1,7 @@
 """Numerical parity of our PicoDet with the real PaddleDetection package (paddledet).
 
 A reference script in its own venv builds PaddleDetection PicoDets (ESNet PicoDet-S and
-the PP-ShiTuV2 LCNet x2.5 mainbody architecture) with random weights and runs them on
+PicoDet-M, and the PP-ShiTuV2 LCNet x2.5 mainbody architecture) with random weights and runs them on
 real photos; we load its .pdparams without Paddle and must reproduce the raw head
 outputs (<= 1e-4) and the boxes after NMS.
 """
@@ -27,7 +27,7 @@ pytestmark = pytest.mark.parity
 
 HERE = Path(__file__).resolve().parent
 SAMPLES = Path("/work/shared/models/picodet_s_coco/samples")
-ARCH_SIZES = {"picodet_s_esnet": 416, "picodet_lcnet_x2_5_mainbody": 640}
+ARCH_SIZES = {"picodet_s_esnet": 416, "picodet_m_esnet": 416, "picodet_lcnet_x2_5_mainbody": 640}
 TOLERANCE = 1e-4
 
 

@@ -39,6 +39,8 @@ PIXEL_MAX = np.float32(255.0)
 NMS_IOU = 0.6
 NMS_TOP_K = 1000
 CLASS_NAMES_KEY = "shitu.class_names"  # our ONNX export's metadata: its classes, a JSON list
+# A Paddle inference model's files (PaddleDetection's export, PP-ShiTu's mainbody download)
+PADDLE_INFERENCE_SUFFIXES = (".pdiparams", ".pdmodel")
 
 
 def exported_class_names(metadata: Mapping[str, str]) -> tuple[str, ...]:
@@ -204,8 +206,8 @@ class OnnxDetector(Detector):
         self.decoded = [o.name for o in outputs] == ["scores", "boxes"]
         if not self.decoded:
             self._init_paddle_layout(path, [o.shape for o in outputs], cell_offset)
-        # Our export names its classes in its metadata, which also gives their count: the
-        # graph leaves its class axis unsized.
+        # Our export names its classes in its metadata, which also gives their count where
+        # the graph leaves its class axis unsized (exports made before it was sized).
         self.class_names = exported_class_names(session.get_modelmeta().custom_metadata_map)
         width = outputs[0].shape[-1]  # class scores last, in either layout
         self.num_classes = width if isinstance(width, int) else len(self.class_names) or None
@@ -297,8 +299,13 @@ def load_detector(
     or an ONNX export; `backend` is "auto", "torch" or "onnxruntime". num_threads: inference
     threads (None: the runtime's default; torch's setting is process-wide)."""
     path = Path(path)
-    if path.is_dir():  # a Paddle inference folder, say, as PP-ShiTu's configs name one
-        # detect-train's --out folder, given as a recognition model's folder is given
+    if _is_paddle_inference_model(path):
+        raise CheckpointError(
+            f"{path} is a Paddle inference model, which shitu does not run; give the PicoDet "
+            "weights it was exported from (.pdparams, with the architecture's name) or an "
+            "ONNX export of it (paddle2onnx)"
+        )
+    if path.is_dir():  # detect-train's --out, say, given as a recognition model's folder is
         exports = [
             str(path / name) for name in ("model.onnx", "model.pt") if (path / name).is_file()
         ]
@@ -346,6 +353,15 @@ def load_detector(
         return TorchDetector(load_pdparams(path, arch), input_size)
     _ignored_arch(path, arch, "our checkpoints carry their own")
     return TorchDetector(load_detector_checkpoint(path), input_size)
+
+
+def _is_paddle_inference_model(path: Path) -> bool:
+    """A Paddle inference model's weights or graph file, or the folder holding them (as
+    PP-ShiTu's configs name their detector): weights shitu cannot read, which would
+    otherwise be refused as an unreadable checkpoint or a folder."""
+    if path.is_dir():
+        return any(child.suffix.lower() == ".pdiparams" for child in path.iterdir())
+    return path.is_file() and path.suffix.lower() in PADDLE_INFERENCE_SUFFIXES
 
 
 def _ignored_arch(path: Path, arch: object, why: str) -> None:

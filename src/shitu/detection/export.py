@@ -55,6 +55,7 @@ def export_onnx(model: PicoDet, path: str | Path, input_size: int | None = None)
                 opset_version=13,
             )
         exported = onnx.load(str(tmp))
+        _size_class_scores(exported, model.arch.num_classes)
         names = json.dumps(list(model.arch.class_names))
         exported.metadata_props.add(key=CLASS_NAMES_KEY, value=names)
         onnx.save(exported, str(tmp))
@@ -63,3 +64,14 @@ def export_onnx(model: PicoDet, path: str | Path, input_size: int | None = None)
         return write_atomically(path, write)
     except OSError as exc:
         raise CheckpointError(f"cannot write {path}: {write_failure_reason(exc)}") from None
+
+
+def _size_class_scores(exported: onnx.ModelProto, num_classes: int) -> None:
+    """The `scores` output declared [batch, N, C], as `boxes` is [batch, N, 4]: torch's
+    exporter leaves the class scores' sides unsized, so a reader could not tell the class
+    count of an export without class names (one of PaddleDetection weights, say), and
+    `shitu detect --class-names` could not check a names file against it."""
+    scores, boxes = exported.graph.output
+    dims = scores.type.tensor_type.shape.dim
+    dims[1].CopyFrom(boxes.type.tensor_type.shape.dim[1])
+    dims[2].dim_value = num_classes

@@ -36,7 +36,7 @@ from shitu.detection.model import PicoDet, PicoDetArch, build_picodet
 from shitu.detection.weights import save_detector
 from shitu.engine.batch_norm import norm_on_one_value_per_channel
 from shitu.engine.data import end_workers, leave_stopping_to_the_trainer
-from shitu.engine.lr import Cosine
+from shitu.engine.lr import Cosine, Stage
 from shitu.engine.optim import build_optimizer, set_learning_rate
 from shitu.engine.seeding import (
     SeededBatchSampler,
@@ -50,6 +50,10 @@ from shitu.engine.trainer import TrainingDiverged
 from shitu.errors import CheckpointError, ConfigError, DataError
 
 logger = logging.getLogger(__name__)
+
+# The schedule's warnings name the setting to change: detect-train's, not `shitu train`'s
+# Global.epochs.
+DETECTION_RUN = Stage("the run", "detect-train's --epochs")
 
 
 @dataclass
@@ -245,6 +249,7 @@ class DetectionTrainer:
             config.epochs,
             warmup_epoch=config.warmup_epochs,
             warmup_start_lr=config.warmup_start_lr,
+            stage=DETECTION_RUN,
         )
         self.progress = Progress()
         self.history: list[dict[str, float]] = []

@@ -148,8 +148,14 @@ def _head_classes(arch: PicoDetArch, paddle_state: dict[str, np.ndarray]) -> Pic
     head = paddle_state.get(paddle_key("head.head_cls.0.weight", arch))
     if head is None:  # named as missing when the weights are read
         return arch
-    num_classes = head.shape[0] - 4 * (arch.reg_max + 1)
-    if num_classes <= 0 or num_classes == arch.num_classes:  # a head that fits no count: refused
+    return _with_class_count(arch, head.shape[0] - 4 * (arch.reg_max + 1))
+
+
+def _with_class_count(arch: PicoDetArch, num_classes: int) -> PicoDetArch:
+    """`arch` scoring `num_classes` classes, its class names dropped when the count differs
+    (they name other classes); unchanged for a count of 0 or less, a head that fits no
+    count, which the shape check refuses."""
+    if num_classes <= 0 or num_classes == arch.num_classes:
         return arch
     return replace(arch, num_classes=num_classes, class_names=())
 
@@ -223,7 +229,7 @@ def _fits(model: PicoDet, convs: list[tuple[np.ndarray, np.ndarray | None]]) -> 
 def load_onnx_weights(path: str | Path, arch: str | PicoDetArch | dict | None = None) -> PicoDet:
     """A PicoDet carrying the weights of a paddle2onnx export of PicoDet.
 
-    Without `arch`, the known architectures are tried (at the export's class count)
+    `arch`, or without it each known architecture, is tried at the export's class count,
     and the one whose every conv shape matches is used. The model runs at the input size
     the export was made for, as onnxruntime would run the file.
     """
@@ -232,16 +238,16 @@ def load_onnx_weights(path: str | Path, arch: str | PicoDetArch | dict | None = 
     convs = _onnx_convs(path, graph)
     if not convs:
         raise CheckpointError(f"{path}: has no convolutions; it is not a PicoDet export")
-    num_classes = convs[-1][0].shape[0] - 4 * 8
+    num_classes = convs[-1][0].shape[0] - 4 * 8  # the head's last conv: classes + 4 x 8 bins
     size = image_input_size(graph_input_shape(graph), path)
     # PicoDet sizes are square: a non-square or dynamic export runs at the arch's default
     fixed = {"input_size": size[0]} if size and size[0] == size[1] else {}
-    if arch is not None:
-        candidates = [resolve_arch(arch, **fixed)]
-    elif num_classes > 0:  # the last conv is the head's: classes + 4 sides x 8 bins
-        candidates = [resolve_arch(a, num_classes=num_classes, **fixed) for a in ARCHS]
-    else:
-        candidates = []
+    # The export's own class count, also for a named architecture: PaddleDetection users
+    # fine-tune the named ones on their own classes, as detect-train trains them.
+    candidates = [
+        _with_class_count(resolve_arch(name, **fixed), num_classes)
+        for name in ([arch] if arch is not None else ARCHS)
+    ]
     model = next((m for m in map(build_picodet, candidates) if _fits(m, convs)), None)
     if model is None:
         raise CheckpointError(
