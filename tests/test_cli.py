@@ -175,9 +175,10 @@ PICODET_ONNX = Path("/work/shared/models/picodet_s_coco/picodet_s_416_coco.onnx"
 
 
 def test_onnxruntime_inference_loads_no_torch(tmp_path, grocery):
-    """Building, searching and recognising with the ONNX runtimes (the defaults) run
-    without torch, whose import alone took half of a one-photo `shitu recognize`; so does a
-    PicoDet detector's ONNX export (decoded and NMS'd in numpy)."""
+    """Building, re-embedding, searching, recognising, evaluating and extracting with the
+    ONNX runtimes (the defaults) run without torch, whose import alone took half of a
+    one-photo `shitu recognize`; so does a PicoDet detector's ONNX export (decoded and
+    NMS'd in numpy), in `recognize` and `detect` alike: the README names these commands."""
     from shitu.inference import FeatureExtractor
 
     FeatureExtractor.load(
@@ -198,10 +199,14 @@ def test_onnxruntime_inference_loads_no_torch(tmp_path, grocery):
         ["index", "build", str(tmp_path / "photos"), "--out", lib],
         ["index", "add", lib, photo, "--label", "banana"],
         ["index", "search", lib, photo],
+        ["index", "reembed", lib],
         ["recognize", photo, "--gallery", lib],
+        ["eval-pipeline", "--queries", str(tmp_path / "photos"), "--gallery", lib],
+        ["extract", photo, "--out", str(tmp_path / "feats")],
     ]
     if PICODET_ONNX.is_file():
         commands.append(["recognize", photo, "--gallery", lib, "--detector", str(PICODET_ONNX)])
+        commands.append(["detect", photo, "--model", str(PICODET_ONNX)])
     for command in commands:
         result = subprocess.run(
             [sys.executable, "-c", report, *command], capture_output=True, text=True
