@@ -527,7 +527,7 @@ def test_paths_that_cannot_be_used_are_one_line_errors(tmp_path):
     folder.mkdir()
     converted = run_shitu("convert", str(folder), "--out", str(tmp_path / "w.safetensors"))
     assert converted.returncode == 2 and "Traceback" not in converted.stderr
-    assert f"cannot read weight file {folder}" in converted.stderr
+    assert f"{folder} is a folder, not a weight file" in converted.stderr
     (tmp_path / "plain_file").write_text("x")
     exported = run_shitu(
         "export",
