@@ -41,7 +41,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--class-names",
         metavar="FILE",
         help="one class name per line, for each box's label (e.g. coco.names beside an ONNX "
-        "export; our checkpoints carry their own)",
+        "export; our checkpoints and the model.onnx `shitu detect-train` writes carry their "
+        "own)",
     )
     runtimes = ("auto", "torch", "onnxruntime")
     parser.add_argument(
