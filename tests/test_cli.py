@@ -50,7 +50,8 @@ def test_help_lists_every_subcommand():
 
 def test_help_of_every_command_names_every_default(monkeypatch):
     """`shitu COMMAND -h` says what an option left out does: `--batch-size` of `extract`,
-    `--epochs` of `detect-train`, `--port` of `serve` said nothing of their defaults. A
+    `--epochs` and `--input-size` of `detect-train`, `--port` of `serve` said nothing of
+    their defaults. A
     default read from the environment, the API key, is named, not shown."""
     monkeypatch.setenv("SHITU_API_KEY", "secret-key")
     serve_help = " ".join(build_parser().parse_args(["serve"]).command_parser.format_help().split())
@@ -60,6 +61,7 @@ def test_help_of_every_command_names_every_default(monkeypatch):
     commands = [parser]
     while commands:
         command = commands.pop()
+        formatter = command._get_formatter()
         text = " ".join(command.format_help().split())  # as wrapped lines read
         assert "(default: )" not in text, command.prog  # an empty default, said in words
         assert command.description, command.prog  # `-h` says what the command does
@@ -71,7 +73,12 @@ def test_help_of_every_command_names_every_default(monkeypatch):
             default = action.default
             if action.option_strings and default not in (None, False, [], argparse.SUPPRESS):
                 shown = f"{default:g}" if isinstance(default, float) else str(default)
-                assert shown in text, (command.prog, action.option_strings)
+                # in the option's own help: detect-train's --input-size 416 passed as a
+                # number of --train-sizes' default, its help saying "model.pt's default"
+                assert shown in formatter._expand_help(action), (
+                    command.prog,
+                    action.option_strings,
+                )
     result = run_shitu("detect-train", "-h")
     assert result.returncode == 0 and "training epochs (default: 300)" in result.stdout
     assert "OUT/model.onnx" in " ".join(result.stdout.split())  # what a run writes
@@ -168,9 +175,10 @@ PICODET_ONNX = Path("/work/shared/models/picodet_s_coco/picodet_s_416_coco.onnx"
 
 
 def test_onnxruntime_inference_loads_no_torch(tmp_path, grocery):
-    """Building, searching and recognising with the ONNX runtimes (the defaults) run
-    without torch, whose import alone took half of a one-photo `shitu recognize`; so does a
-    PicoDet detector's ONNX export (decoded and NMS'd in numpy)."""
+    """Building, re-embedding, searching, recognising, evaluating and extracting with the
+    ONNX runtimes (the defaults) run without torch, whose import alone took half of a
+    one-photo `shitu recognize`; so does a PicoDet detector's ONNX export (decoded and
+    NMS'd in numpy), in `recognize` and `detect` alike: the README names these commands."""
     from shitu.inference import FeatureExtractor
 
     FeatureExtractor.load(
@@ -191,10 +199,14 @@ def test_onnxruntime_inference_loads_no_torch(tmp_path, grocery):
         ["index", "build", str(tmp_path / "photos"), "--out", lib],
         ["index", "add", lib, photo, "--label", "banana"],
         ["index", "search", lib, photo],
+        ["index", "reembed", lib],
         ["recognize", photo, "--gallery", lib],
+        ["eval-pipeline", "--queries", str(tmp_path / "photos"), "--gallery", lib],
+        ["extract", photo, "--out", str(tmp_path / "feats")],
     ]
     if PICODET_ONNX.is_file():
         commands.append(["recognize", photo, "--gallery", lib, "--detector", str(PICODET_ONNX)])
+        commands.append(["detect", photo, "--model", str(PICODET_ONNX)])
     for command in commands:
         result = subprocess.run(
             [sys.executable, "-c", report, *command], capture_output=True, text=True
@@ -515,7 +527,7 @@ def test_paths_that_cannot_be_used_are_one_line_errors(tmp_path):
     folder.mkdir()
     converted = run_shitu("convert", str(folder), "--out", str(tmp_path / "w.safetensors"))
     assert converted.returncode == 2 and "Traceback" not in converted.stderr
-    assert f"cannot read weight file {folder}" in converted.stderr
+    assert f"{folder} is a folder, not a weight file" in converted.stderr
     (tmp_path / "plain_file").write_text("x")
     exported = run_shitu(
         "export",

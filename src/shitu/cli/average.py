@@ -29,8 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Evaluate the result with `shitu eval`."
         ),
     )
-    parser.add_argument("weights", nargs="+", help=".safetensors/.pt checkpoints")
-    parser.add_argument("--out", required=True, help="output file: .safetensors or .pt")
+    parser.add_argument("weights", nargs="+", help=".safetensors, .pt or .pth checkpoints")
+    parser.add_argument("--out", required=True, help="output file: .safetensors, .pt or .pth")
     parser.add_argument(
         "--weighting",
         nargs="+",

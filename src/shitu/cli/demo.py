@@ -33,8 +33,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="build a gallery of demo products and recognise demo photos (works offline)",
         description=(
             "Generates photos of invented grocery products, builds a gallery library from "
-            "three views of each with the shipped model, recognises new photos (single "
-            "products and shelves of several) and writes annotated images. The detector "
+            "three views of each with the shipped model (or --model), recognises new photos "
+            "(single products and shelves of several) and writes annotated images to OUT/vis. "
+            "The detector "
             "defaults to 'plain-background' here, so every product on a shelf is found."
         ),
     )

@@ -41,7 +41,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--class-names",
         metavar="FILE",
         help="one class name per line, for each box's label (e.g. coco.names beside an ONNX "
-        "export; our checkpoints carry their own)",
+        "export; our checkpoints and the model.onnx `shitu detect-train` writes carry their "
+        "own)",
     )
     runtimes = ("auto", "torch", "onnxruntime")
     parser.add_argument(
@@ -54,7 +55,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     # Its name before it was called --runtime, as on every other command; scripts use it.
     parser.add_argument("--backend", dest="runtime", choices=runtimes, help=argparse.SUPPRESS)
     parser.add_argument(
-        "--input-size", type=input_side, help="network input size (torch runtime; multiple of 32)"
+        "--input-size",
+        type=input_side,
+        help="network input size, a multiple of 32 (default: the model's own: an ONNX file's "
+        "fixed size, else its architecture's); another size for an ONNX file needs --runtime "
+        "torch",
     )
     parser.add_argument(
         "--threshold", type=detection_score, default=0.3, help="minimum score (default 0.3)"

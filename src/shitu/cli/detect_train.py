@@ -80,8 +80,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--input-size",
         type=input_side,
         default=416,
-        help="input size of the evaluation and of the exports (model.onnx's fixed size, "
-        "model.pt's default)",
+        help="input size of the evaluation and of the exports: model.onnx's fixed size, and "
+        "the size model.pt runs at unless given another",
     )
     parser.add_argument(
         "--train-sizes",

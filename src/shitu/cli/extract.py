@@ -47,10 +47,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_runtime_arguments(parser, gpu=True)
     parser.set_defaults(runtime="auto", precision="fp32")
-    parser.add_argument("--device", default="cpu", choices=DEVICES, help="default: cpu")
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        choices=DEVICES,
+        help="cuda: a GPU, through onnxruntime's CUDA provider or torch (--precision fp16 and "
+        "bf16 need it)",
+    )
     parser.add_argument("--batch-size", type=positive_int, default=32, help="images per model call")
     parser.add_argument(
-        "--threads", type=positive_int, help="inference threads (default: all cores)"
+        "--threads", type=positive_int, help="CPU threads for the model (default: the runtime's)"
     )
     add_progress_argument(parser)
     parser.set_defaults(func=run)

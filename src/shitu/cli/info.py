@@ -25,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_config_arguments(parser)
     parser.add_argument(
         "--weights",
-        help="load these weights first (.safetensors/.pt/.pdparams; default: the config's "
+        help="load these weights first (.safetensors/.pt/.pth/.pdparams; default: the config's "
         "Global.pretrained_model, if it names one)",
     )
     parser.add_argument(

@@ -53,7 +53,11 @@ def add_pipeline_arguments(
     )
     add_override_argument(parser, "-o IndexProcess.score_thres=0.6")
     if gallery:
-        parser.add_argument("--gallery", help="gallery library folder (`shitu index build --out`)")
+        parser.add_argument(
+            "--gallery",
+            help="gallery library folder (`shitu index build --out`; default: the config's "
+            "IndexProcess.index_dir)",
+        )
     parser.add_argument(
         "--model", help="exported model folder (default: the model shipped with shitu)"
     )
