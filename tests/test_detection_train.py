@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 from shitu.cli.main import main
 from shitu.detection import build_picodet, load_detector
@@ -1217,3 +1218,31 @@ def test_a_signal_stops_training_after_its_step_with_a_checkpoint_to_resume_mid_
     resumed.resume(stopped.checkpoint_path)
     rest = [h["loss"] for h in resumed.train()]
     assert rest == pytest.approx(whole[1:], rel=1e-4)
+
+
+PICODET_ONNX = Path("/work/shared/models/picodet_s_coco/picodet_s_320_coco.onnx")
+
+
+@pytest.mark.skipif(not PICODET_ONNX.is_file(), reason="needs the reference PicoDet ONNX")
+def test_resuming_from_a_file_that_is_no_checkpoint_says_so_in_a_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An .onnx or a JSON given to --resume printed torch's page on `weights_only`,
+    advising to load the file as code; weights are named as weights."""
+    coco = _write_coco(tmp_path, _write_images(tmp_path, 2, size=64))
+    weights = tmp_path / "weights.safetensors"
+    save_file({"w": torch.ones(1)}, str(weights))
+    for given in (PICODET_ONNX, coco):
+        command = ["detect-train", "--coco", str(coco), "--images", str(tmp_path)]
+        assert main([*command, "--out", str(tmp_path / "out"), "--resume", str(given)]) == 2
+        err = capsys.readouterr().err
+        assert err.strip().splitlines()[-1] == (
+            f"error: --resume {given}: not a readable training checkpoint (expected the "
+            "latest.pt a training run writes, or its output directory)"
+        )
+        assert "weights_only" not in err
+    assert main([*command, "--out", str(tmp_path / "out"), "--resume", str(weights)]) == 2
+    assert (
+        f"error: {weights} is a weights file, not a training checkpoint; --resume takes the "
+        "run's latest.pt or its output directory"
+    ) in capsys.readouterr().err
