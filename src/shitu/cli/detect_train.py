@@ -234,15 +234,19 @@ def _train(args: argparse.Namespace, output: Path, continues: bool) -> int:
 
     def log(record: dict[str, float]) -> None:
         nonlocal window_start, window_steps
-        if record["step"] % steps_per_epoch == 0:
-            print_past_progress(json.dumps({k: round(v, 5) for k, v in record.items()}))
+        # Steps done, as metrics.jsonl and the stderr lines count them (the trainer's record
+        # has the step's 0-based index).
+        step = int(record["step"]) + 1
+        losses = {key: value for key, value in record.items() if key != "step"}
+        first_of_epoch = record["step"] % steps_per_epoch == 0
+        if first_of_epoch:
+            rounded = {key: round(value, 5) for key, value in losses.items()}
+            print_past_progress(json.dumps({"step": step, **rounded}))
         bar.update(1)
         epoch = record["step"] // steps_per_epoch + 1
         bar.set_postfix(epoch=f"{epoch}/{config.epochs}", loss=f"{record['loss']:.4f}")
         window_steps += 1
-        step = int(record["step"]) + 1
-        if step % STEP_LINE_EVERY == 0 or record["step"] % steps_per_epoch == 0:
-            losses = {key: value for key, value in record.items() if key != "step"}
+        if step % STEP_LINE_EVERY == 0 or first_of_epoch:
             metrics_log.write("train", step, epoch=epoch, **losses)
         if prints_lines and step % STEP_LINE_EVERY == 0:
             elapsed = max(time.monotonic() - window_start, 1e-9)
