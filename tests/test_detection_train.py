@@ -460,7 +460,8 @@ def test_missing_or_malformed_coco_file(tmp_path: Path) -> None:
         broken["annotations"][0][key] = wrong
         coco.write_text(json.dumps(broken))
         what = key.removesuffix("_id")
-        expected = f"annotation {broken['annotations'][0]['id']}: no {what} has its {key} {wrong}"
+        image = "42" if key == "image_id" else "1: img0.png"
+        expected = rf"annotations\[0\] \(id 20, image {image}\): no {what} has its {key} {wrong}"
         with pytest.raises(DataError, match=rf"valid COCO annotation file \({expected}\)$"):
             CocoDetection(coco, tmp_path)
     for key, what in (("images", "image"), ("categories", "category")):
@@ -480,7 +481,7 @@ def test_missing_or_malformed_coco_file(tmp_path: Path) -> None:
     broken = copy.deepcopy(data)  # a string: truthy, it made every box a crowd region
     broken["annotations"][0]["iscrowd"] = "0"
     coco.write_text(json.dumps(broken))
-    expected = rf"annotation {broken['annotations'][0]['id']}: its iscrowd '0' is not 0 or 1"
+    expected = r"annotations\[0\] \(id 20, image 1: img0.png\): its iscrowd '0' is not 0 or 1"
     with pytest.raises(DataError, match=rf"valid COCO annotation file \({expected}\)$"):
         CocoDetection(coco, tmp_path)
     for name in (5, " "):  # a number crashed the summary that joins the names
@@ -499,15 +500,26 @@ def test_missing_or_malformed_coco_file(tmp_path: Path) -> None:
     broken = copy.deepcopy(data)
     broken["annotations"][0]["bbox"] = [1, 2, float("nan"), 4]  # json writes NaN, reads it back
     coco.write_text(json.dumps(broken))
-    expected = rf"annotation {broken['annotations'][0]['id']}: its bbox \[1, 2, nan, 4\] is not fin"
+    expected = (
+        r"annotations\[0\] \(id 20, image 1: img0.png\): its bbox \[1, 2, nan, 4\] is not fin"
+    )
     with pytest.raises(DataError, match=rf"valid COCO annotation file \({expected}"):
         CocoDetection(coco, tmp_path)
-    broken = copy.deepcopy(data)
-    broken["annotations"][0]["bbox"] = [1, 2, 3]
-    coco.write_text(json.dumps(broken))
-    expected = rf"annotation {broken['annotations'][0]['id']}: its bbox \[1, 2, 3\] is not \[x,"
-    with pytest.raises(DataError, match=rf"valid COCO annotation file \({expected}"):
-        CocoDetection(coco, tmp_path)
+    # The box's annotation named by its place, its id and its image, and strings refused:
+    # a converter that wrote them was hidden, and a missing bbox was only "no 'bbox' key".
+    for bbox, expected in (
+        ([1, 2, 3], r"its bbox \[1, 2, 3\] is not \[x, y, w, h\] of numbers"),
+        (["10", "20", "5", "5"], r"its bbox \['10', '20', '5', '5'\] is not \[x, y, w, h\] of"),
+        (None, r"no 'bbox' key"),
+    ):
+        broken = copy.deepcopy(data)
+        broken["annotations"][1]["bbox"] = bbox  # its id, 20, is the first one's too
+        if bbox is None:
+            del broken["annotations"][1]["bbox"]
+        coco.write_text(json.dumps(broken))
+        named = r"annotations\[1\] \(id 20, image 2: img1.png\)"
+        with pytest.raises(DataError, match=rf"valid COCO annotation file \({named}: {expected}"):
+            CocoDetection(coco, tmp_path)
 
 
 def test_detection_images_that_do_not_exist_are_named_before_training(
