@@ -1166,7 +1166,7 @@ def test_sigterm_to_the_process_group_stops_training_with_a_checkpoint_and_its_w
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
     try:
-        assert '"step": 0' in process.stdout.readline()  # training, its workers loading
+        assert '"step": 1' in process.stdout.readline()  # training, its workers loading
         workers = _live_children(process.pid)
         assert len(workers) == 2
         os.killpg(process.pid, signal.SIGTERM)
