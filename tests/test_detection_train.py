@@ -10,6 +10,7 @@ import os
 import random
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -1255,7 +1256,16 @@ def test_resuming_from_a_file_that_is_no_checkpoint_says_so_in_a_line(
         )
         assert "weights_only" not in err
     assert main([*command, "--out", str(tmp_path / "out"), "--resume", str(weights)]) == 2
+    assert not (tmp_path / "out").exists()
     assert (
         f"error: {weights} is a weights file, not a training checkpoint; --resume takes the "
         "run's latest.pt or its output directory"
     ) in capsys.readouterr().err
+    # Without --out, the run goes on in the folder of the file resumed: refused before it
+    # takes that folder's run lock, which stayed in it (a models folder, say).
+    models = tmp_path / "models"
+    models.mkdir()
+    onnx = shutil.copy(PICODET_ONNX, models)
+    assert main([*command, "--resume", str(onnx)]) == 2
+    assert "not a readable training checkpoint" in capsys.readouterr().err
+    assert [path.name for path in models.iterdir()] == [PICODET_ONNX.name]

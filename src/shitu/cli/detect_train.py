@@ -150,13 +150,18 @@ def _summary(
 
 
 def run(args: argparse.Namespace) -> int:
-    from shitu.engine.state import resolve_checkpoint
+    from shitu.engine.state import load_training_state, resolve_checkpoint
 
     if bool(args.val_coco or args.val_voc) != bool(args.val_images):
         raise ConfigError("--val-images and --val-coco (or --val-voc) go together")
-    # The folder of the run resumed (--resume names its latest.pt or the folder itself),
-    # which it goes on writing to unless told otherwise.
-    resumed = resolve_checkpoint(args.resume, "--resume").parent if args.resume else None
+    resumed = None
+    if args.resume:
+        checkpoint = resolve_checkpoint(args.resume, "--resume")
+        # Any other file is refused before the run locks that folder (an .onnx given from a
+        # models folder left it a .shitu-train.lock) and reads its training data.
+        load_training_state(checkpoint, "--resume", kind="detector")
+        # The folder of the run resumed, which it goes on writing to unless told otherwise.
+        resumed = checkpoint.parent
     output = Path(args.out) if args.out else resumed or Path(DEFAULT_OUT)
     continues = resumed is not None and resumed.resolve() == output.resolve()
     earlier = [name for name in RUN_FILES if (output / name).exists()]
