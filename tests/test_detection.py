@@ -742,3 +742,10 @@ def test_detect_export_writes_pdparams_and_our_checkpoints_as_onnx_with_torchs_b
         capsys.readouterr().err
     )
     assert not (tmp_path / "a.onnx").exists() and not (tmp_path / "det").exists()
+    (tmp_path / "folder.onnx").mkdir()  # said before the weights are read, not 'File exists'
+    for out, expected in (
+        (tmp_path / "folder.onnx", "is a folder; give the .onnx file to write"),
+        (checkpoint / "det.onnx", f"{checkpoint} is a file, not a folder"),
+    ):
+        assert shitu_main(["detect-export", str(checkpoint), "--out", str(out)]) == 2
+        assert f"--out {out}: {expected}" in capsys.readouterr().err

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from shitu.cli.common import input_side
 from shitu.errors import ConfigError
+from shitu.fileio import refuse_file_in_the_way
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -47,6 +48,9 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix.lower() != ".onnx":  # detectors are told apart by their suffix
         raise ConfigError(f"--out {out}: give a file name ending in .onnx")
+    if out.is_dir():
+        raise ConfigError(f"--out {out}: is a folder; give the .onnx file to write")
+    refuse_file_in_the_way(out.parent, f"--out {out}")  # named before the weights are read
     detector = load_detector(args.weights, "torch", args.arch, args.input_size)
     size = detector.input_size[0]
     path = export_onnx(detector.model, out, size, check_with_onnxruntime=True)
