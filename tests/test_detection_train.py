@@ -456,13 +456,19 @@ def test_missing_or_malformed_coco_file(tmp_path: Path) -> None:
         CocoDetection(tmp_path / "results.json", tmp_path)
     coco = _write_coco(tmp_path, _write_images(tmp_path, 2, size=64))
     data = json.loads(coco.read_text())
-    for key, wrong in (("image_id", 42), ("category_id", 99)):
+    broken = copy.deepcopy(data)  # not an object: it crashed naming it
+    broken["annotations"][0] = 5
+    coco.write_text(json.dumps(broken))
+    with pytest.raises(DataError, match=r"file \(annotations\[0\] is 5, not an object\)$"):
+        CocoDetection(coco, tmp_path)
+    for key, wrong in (("image_id", 42), ("category_id", 99), ("category_id", [7])):
         broken = copy.deepcopy(data)
         broken["annotations"][0][key] = wrong
         coco.write_text(json.dumps(broken))
         what = key.removesuffix("_id")
         image = "42" if key == "image_id" else "1: img0.png"
-        expected = rf"annotations\[0\] \(id 20, image {image}\): no {what} has its {key} {wrong}"
+        given = re.escape(repr(wrong))
+        expected = rf"annotations\[0\] \(id 20, image {image}\): no {what} has its {key} {given}"
         with pytest.raises(DataError, match=rf"valid COCO annotation file \({expected}\)$"):
             CocoDetection(coco, tmp_path)
     for key, what in (("images", "image"), ("categories", "category")):

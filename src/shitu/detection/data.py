@@ -243,6 +243,8 @@ class CocoDetection(DetectionDataset):
             per_image: dict[int, list[tuple[list[float], int, bool]]] = {i: [] for i in image_ids}
             names = {img["id"]: img["file_name"] for img in data["images"]}
             for position, ann in enumerate(data["annotations"]):
+                if not isinstance(ann, dict):
+                    raise ValueError(f"annotations[{position}] is {ann!r}, not an object")
                 name = _annotation_name(position, ann, names)
                 if "bbox" not in ann:  # a bare "no 'bbox' key" left the user to search
                     raise ValueError(f"{name}: no 'bbox' key")
@@ -260,7 +262,8 @@ class CocoDetection(DetectionDataset):
                     ("image_id", "image", per_image),
                     ("category_id", "category", cat_index),
                 ):
-                    if ann[key] not in known:  # named, not a bare KeyError(42)
+                    # named, not a bare KeyError(42) or "unhashable type: 'list'"
+                    if isinstance(ann[key], list | dict) or ann[key] not in known:
                         raise ValueError(f"{name}: no {what} has its {key} {ann[key]!r}")
                 crowd = ann.get("iscrowd")
                 if crowd not in (None, 0, 1):  # "0", a string, would make every box a crowd
@@ -298,7 +301,8 @@ def _annotation_name(position: int, ann: dict, file_names: dict) -> str:
     """How an error names a COCO annotation: its place in the list and its id (which a
     hand-made file may leave out or repeat), and its image's id and file, to find it by."""
     image_id = ann.get("image_id")
-    file = f": {file_names[image_id]}" if image_id in file_names else ""
+    known = not isinstance(image_id, list | dict) and image_id in file_names
+    file = f": {file_names[image_id]}" if known else ""
     return f"annotations[{position}] (id {ann.get('id')!r}, image {image_id!r}{file})"
 
 
