@@ -749,3 +749,19 @@ def test_detect_export_writes_pdparams_and_our_checkpoints_as_onnx_with_torchs_b
     ):
         assert shitu_main(["detect-export", str(checkpoint), "--out", str(out)]) == 2
         assert f"--out {out}: {expected}" in capsys.readouterr().err
+
+
+def test_an_export_whose_outputs_are_not_torchs_is_refused_and_the_earlier_file_kept(
+    tmp_path: Path,
+) -> None:
+    """The check detect-export makes: a model of NaN weights (a diverged run's) gives NaN
+    boxes, which match nothing; the file at the path stays as it was."""
+    model = build_picodet("picodet_s_esnet", num_classes=2, input_size=64)
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))
+    path = tmp_path / "det.onnx"
+    path.write_bytes(b"the earlier export")
+    with pytest.raises(CheckpointError, match=r"det.onnx: not written, onnxruntime's output "):
+        export_onnx(model, path, check_with_onnxruntime=True)
+    assert path.read_bytes() == b"the earlier export"
+    assert [p.name for p in tmp_path.iterdir()] == ["det.onnx"]  # no temporary file left
