@@ -702,3 +702,66 @@ def test_detect_cli_leaves_no_save_vis_folder_when_no_image_is_read(tmp_path: Pa
     assert shitu_main(["detect", str(broken), "--model", str(model), "--save-vis", str(vis)]) == 1
     assert f"warning: skipped {broken}: " in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@needs_picodet
+def test_detect_export_writes_pdparams_and_our_checkpoints_as_onnx_with_torchs_boxes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """PaddleDetection weights (with --det-arch) and detect-train's model.pt, written as the
+    ONNX file onnxruntime runs (the faster CPU path), at the size asked for."""
+    model = load_onnx_weights(PICODET / "picodet_s_320_coco.onnx", "picodet_s_esnet")
+    pdparams = tmp_path / "picodet_s_320_coco.pdparams"
+    state = {
+        paddle_key(key, model.arch): value.numpy()
+        for key, value in model.state_dict().items()
+        if not key.endswith("num_batches_tracked")
+    }
+    with pdparams.open("wb") as handle:
+        pickle.dump(state, handle, protocol=4)
+    checkpoint = save_detector(model, tmp_path / "model.pt")
+    image = np.asarray(Image.open(PICODET / "samples" / "dog.jpg").convert("RGB"))
+    for weights, arch, size in (
+        (pdparams, ["--det-arch", "picodet_s_esnet"], 320),
+        (checkpoint, [], 416),
+    ):
+        out = tmp_path / f"{weights.stem}_{size}.onnx"
+        command = ["detect-export", str(weights), *arch, "--input-size", str(size)]
+        assert shitu_main([*command, "--out", str(out)]) == 0
+        assert json.loads(capsys.readouterr().out) == {"onnx": str(out), "input_size": size}
+        expected = TorchDetector(model, size).detect(image, 0.3, 10)
+        with load_detector(out) as exported:
+            assert isinstance(exported, OnnxDetector) and exported.input_size == (size, size)
+            found = exported.detect(image, 0.3, 10)
+        assert len(found) == len(expected) >= 3  # the dog, the bicycle and the car
+        np.testing.assert_allclose(found, expected, rtol=1e-3, atol=1e-3)
+    assert shitu_main(["detect-export", str(pdparams), "--out", str(tmp_path / "a.onnx")]) == 2
+    assert "a .pdparams file holds only weights; name its architecture" in capsys.readouterr().err
+    assert shitu_main(["detect-export", str(checkpoint), "--out", str(tmp_path / "det")]) == 2
+    assert f"--out {tmp_path / 'det'}: give a file name ending in .onnx" in (
+        capsys.readouterr().err
+    )
+    assert not (tmp_path / "a.onnx").exists() and not (tmp_path / "det").exists()
+    (tmp_path / "folder.onnx").mkdir()  # said before the weights are read, not 'File exists'
+    for out, expected in (
+        (tmp_path / "folder.onnx", "is a folder; give the .onnx file to write"),
+        (checkpoint / "det.onnx", f"{checkpoint} is a file, not a folder"),
+    ):
+        assert shitu_main(["detect-export", str(checkpoint), "--out", str(out)]) == 2
+        assert f"--out {out}: {expected}" in capsys.readouterr().err
+
+
+def test_an_export_whose_outputs_are_not_torchs_is_refused_and_the_earlier_file_kept(
+    tmp_path: Path,
+) -> None:
+    """The check detect-export makes: a model of NaN weights (a diverged run's) gives NaN
+    boxes, which match nothing; the file at the path stays as it was."""
+    model = build_picodet("picodet_s_esnet", num_classes=2, input_size=64)
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))
+    path = tmp_path / "det.onnx"
+    path.write_bytes(b"the earlier export")
+    with pytest.raises(CheckpointError, match=r"det.onnx: not written, onnxruntime's output "):
+        export_onnx(model, path, check_with_onnxruntime=True)
+    assert path.read_bytes() == b"the earlier export"
+    assert [p.name for p in tmp_path.iterdir()] == ["det.onnx"]  # no temporary file left

@@ -10,6 +10,7 @@ import os
 import random
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 from shitu.cli.main import main
 from shitu.detection import build_picodet, load_detector
@@ -454,12 +456,19 @@ def test_missing_or_malformed_coco_file(tmp_path: Path) -> None:
         CocoDetection(tmp_path / "results.json", tmp_path)
     coco = _write_coco(tmp_path, _write_images(tmp_path, 2, size=64))
     data = json.loads(coco.read_text())
-    for key, wrong in (("image_id", 42), ("category_id", 99)):
+    broken = copy.deepcopy(data)  # not an object: it crashed naming it
+    broken["annotations"][0] = 5
+    coco.write_text(json.dumps(broken))
+    with pytest.raises(DataError, match=r"file \(annotations\[0\] is 5, not an object\)$"):
+        CocoDetection(coco, tmp_path)
+    for key, wrong in (("image_id", 42), ("category_id", 99), ("category_id", [7])):
         broken = copy.deepcopy(data)
         broken["annotations"][0][key] = wrong
         coco.write_text(json.dumps(broken))
         what = key.removesuffix("_id")
-        expected = f"annotation {broken['annotations'][0]['id']}: no {what} has its {key} {wrong}"
+        image = "42" if key == "image_id" else "1: img0.png"
+        given = re.escape(repr(wrong))
+        expected = rf"annotations\[0\] \(id 20, image {image}\): no {what} has its {key} {given}"
         with pytest.raises(DataError, match=rf"valid COCO annotation file \({expected}\)$"):
             CocoDetection(coco, tmp_path)
     for key, what in (("images", "image"), ("categories", "category")):
@@ -479,7 +488,7 @@ def test_missing_or_malformed_coco_file(tmp_path: Path) -> None:
     broken = copy.deepcopy(data)  # a string: truthy, it made every box a crowd region
     broken["annotations"][0]["iscrowd"] = "0"
     coco.write_text(json.dumps(broken))
-    expected = rf"annotation {broken['annotations'][0]['id']}: its iscrowd '0' is not 0 or 1"
+    expected = r"annotations\[0\] \(id 20, image 1: img0.png\): its iscrowd '0' is not 0 or 1"
     with pytest.raises(DataError, match=rf"valid COCO annotation file \({expected}\)$"):
         CocoDetection(coco, tmp_path)
     for name in (5, " "):  # a number crashed the summary that joins the names
@@ -498,15 +507,26 @@ def test_missing_or_malformed_coco_file(tmp_path: Path) -> None:
     broken = copy.deepcopy(data)
     broken["annotations"][0]["bbox"] = [1, 2, float("nan"), 4]  # json writes NaN, reads it back
     coco.write_text(json.dumps(broken))
-    expected = rf"annotation {broken['annotations'][0]['id']}: its bbox \[1, 2, nan, 4\] is not fin"
+    expected = (
+        r"annotations\[0\] \(id 20, image 1: img0.png\): its bbox \[1, 2, nan, 4\] is not fin"
+    )
     with pytest.raises(DataError, match=rf"valid COCO annotation file \({expected}"):
         CocoDetection(coco, tmp_path)
-    broken = copy.deepcopy(data)
-    broken["annotations"][0]["bbox"] = [1, 2, 3]
-    coco.write_text(json.dumps(broken))
-    expected = rf"annotation {broken['annotations'][0]['id']}: its bbox \[1, 2, 3\] is not \[x,"
-    with pytest.raises(DataError, match=rf"valid COCO annotation file \({expected}"):
-        CocoDetection(coco, tmp_path)
+    # The box's annotation named by its place, its id and its image, and strings refused:
+    # a converter that wrote them was hidden, and a missing bbox was only "no 'bbox' key".
+    for bbox, expected in (
+        ([1, 2, 3], r"its bbox \[1, 2, 3\] is not \[x, y, w, h\] of numbers"),
+        (["10", "20", "5", "5"], r"its bbox \['10', '20', '5', '5'\] is not \[x, y, w, h\] of"),
+        (None, r"no 'bbox' key"),
+    ):
+        broken = copy.deepcopy(data)
+        broken["annotations"][1]["bbox"] = bbox  # its id, 20, is the first one's too
+        if bbox is None:
+            del broken["annotations"][1]["bbox"]
+        coco.write_text(json.dumps(broken))
+        named = r"annotations\[1\] \(id 20, image 2: img1.png\)"
+        with pytest.raises(DataError, match=rf"valid COCO annotation file \({named}: {expected}"):
+            CocoDetection(coco, tmp_path)
 
 
 def test_detection_images_that_do_not_exist_are_named_before_training(
@@ -684,7 +704,8 @@ def test_detect_train_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert summary["train images"] == "4 (6 boxes)" and summary["classes"] == "1 (foreground)"
     assert summary["steps per epoch"] == "2" and summary["validation images"] == "4"
     assert summary["start"] == "from scratch" and summary["output"] == str(out)
-    assert [line["step"] for line in lines[:2]] == [0, 2]  # first step of each epoch
+    # The first step of each epoch, counted as metrics.jsonl counts it (steps done).
+    assert [line["step"] for line in lines[:2]] == [1, 3]
     assert set(lines[-1]) == {"mAP", "AP50"}
     detector = load_detector(lines[-2]["model"])
     assert detector.class_names == ("foreground",) and detector.input_size == (64, 64)
@@ -1152,7 +1173,7 @@ def test_sigterm_to_the_process_group_stops_training_with_a_checkpoint_and_its_w
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
     try:
-        assert '"step": 0' in process.stdout.readline()  # training, its workers loading
+        assert '"step": 1' in process.stdout.readline()  # training, its workers loading
         workers = _live_children(process.pid)
         assert len(workers) == 2
         os.killpg(process.pid, signal.SIGTERM)
@@ -1217,3 +1238,40 @@ def test_a_signal_stops_training_after_its_step_with_a_checkpoint_to_resume_mid_
     resumed.resume(stopped.checkpoint_path)
     rest = [h["loss"] for h in resumed.train()]
     assert rest == pytest.approx(whole[1:], rel=1e-4)
+
+
+PICODET_ONNX = Path("/work/shared/models/picodet_s_coco/picodet_s_320_coco.onnx")
+
+
+@pytest.mark.skipif(not PICODET_ONNX.is_file(), reason="needs the reference PicoDet ONNX")
+def test_resuming_from_a_file_that_is_no_checkpoint_says_so_in_a_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An .onnx or a JSON given to --resume printed torch's page on `weights_only`,
+    advising to load the file as code; weights are named as weights."""
+    coco = _write_coco(tmp_path, _write_images(tmp_path, 2, size=64))
+    weights = tmp_path / "weights.safetensors"
+    save_file({"w": torch.ones(1)}, str(weights))
+    for given in (PICODET_ONNX, coco):
+        command = ["detect-train", "--coco", str(coco), "--images", str(tmp_path)]
+        assert main([*command, "--out", str(tmp_path / "out"), "--resume", str(given)]) == 2
+        err = capsys.readouterr().err
+        assert err.strip().splitlines()[-1] == (
+            f"error: --resume {given}: not a readable training checkpoint (expected the "
+            "latest.pt a training run writes, or its output directory)"
+        )
+        assert "weights_only" not in err
+    assert main([*command, "--out", str(tmp_path / "out"), "--resume", str(weights)]) == 2
+    assert not (tmp_path / "out").exists()
+    assert (
+        f"error: {weights} is a weights file, not a training checkpoint; --resume takes the "
+        "run's latest.pt or its output directory"
+    ) in capsys.readouterr().err
+    # Without --out, the run goes on in the folder of the file resumed: refused before it
+    # takes that folder's run lock, which stayed in it (a models folder, say).
+    models = tmp_path / "models"
+    models.mkdir()
+    onnx = shutil.copy(PICODET_ONNX, models)
+    assert main([*command, "--resume", str(onnx)]) == 2
+    assert "not a readable training checkpoint" in capsys.readouterr().err
+    assert [path.name for path in models.iterdir()] == [PICODET_ONNX.name]

@@ -1509,7 +1509,7 @@ def test_an_exported_recognition_model_given_as_the_detector_is_sent_to_model(se
         )
 
 
-def test_wrong_detector_and_model_settings_name_the_setting_and_the_way_out(tmp_path):
+def test_wrong_detector_and_model_settings_name_the_setting_and_the_way_out(tmp_path, capsys):
     with pytest.raises(ConfigError, match="bogus: no such file; .*'none' or 'plain-background'"):
         Recognizer.from_config(
             load_pipeline_config(
@@ -1549,6 +1549,20 @@ def test_wrong_detector_and_model_settings_name_the_setting_and_the_way_out(tmp_
         "model, which shitu does not run; give the PicoDet weights it was made from "
         "(.pdparams, with --det-arch) or an ONNX export"
     )
+    # PaddleDetection's own export (tools/export_model.py) names its files model.*
+    paddle_detection = tmp_path / "picodet_export"
+    paddle_detection.mkdir()
+    for name in ("model.pdiparams", "model.pdmodel", "infer_cfg.yml"):
+        (paddle_detection / name).write_bytes(b"")
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (64, 64)).save(photo)
+    command = ["recognize", str(photo), "--gallery", str(tmp_path), "--detector"]
+    assert shitu_main([*command, str(paddle_detection)]) == 2
+    assert (
+        f"error: Global.det_inference_model_dir (--detector): {paddle_detection} is a Paddle "
+        "inference model, which shitu does not run; give the PicoDet weights it was made from "
+        "(.pdparams, with --det-arch) or an ONNX export"
+    ) in capsys.readouterr().err
 
 
 def test_saved_visualisations_are_drawn_on_the_photos_decoded_for_recognition(

@@ -1604,3 +1604,20 @@ def test_feature_distillation_resumes_towards_the_same_start(grocery, tmp_path):
         "CELoss",
         "TripletAngularMarginLoss",
     ]
+
+
+def test_global_checkpoints_given_a_file_that_is_no_checkpoint_says_so_in_a_line(
+    grocery, tmp_path, capsys
+):
+    """An .onnx printed torch's page on `weights_only`, advising to load the file as code."""
+    onnx = Path("/work/shared/models/picodet_s_coco/picodet_s_320_coco.onnx")
+    if not onnx.is_file():
+        pytest.skip("needs the reference PicoDet ONNX")
+    path = tiny_config(grocery, tmp_path, epochs=1, eval_during_train=False)
+    assert main(["train", "-c", str(path), "-o", f"Global.checkpoints={onnx}"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        f"error: Global.checkpoints {onnx}: not a readable training checkpoint (expected the "
+        "latest.pt a training run writes, or its output directory)"
+    ) in err
+    assert "weights_only" not in err

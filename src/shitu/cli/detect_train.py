@@ -150,13 +150,18 @@ def _summary(
 
 
 def run(args: argparse.Namespace) -> int:
-    from shitu.engine.state import resolve_checkpoint
+    from shitu.engine.state import load_training_state, resolve_checkpoint
 
     if bool(args.val_coco or args.val_voc) != bool(args.val_images):
         raise ConfigError("--val-images and --val-coco (or --val-voc) go together")
-    # The folder of the run resumed (--resume names its latest.pt or the folder itself),
-    # which it goes on writing to unless told otherwise.
-    resumed = resolve_checkpoint(args.resume, "--resume").parent if args.resume else None
+    resumed = None
+    if args.resume:
+        checkpoint = resolve_checkpoint(args.resume, "--resume")
+        # Any other file is refused before the run locks that folder (an .onnx given from a
+        # models folder left it a .shitu-train.lock) and reads its training data.
+        load_training_state(checkpoint, "--resume", kind="detector")
+        # The folder of the run resumed, which it goes on writing to unless told otherwise.
+        resumed = checkpoint.parent
     output = Path(args.out) if args.out else resumed or Path(DEFAULT_OUT)
     continues = resumed is not None and resumed.resolve() == output.resolve()
     earlier = [name for name in RUN_FILES if (output / name).exists()]
@@ -234,15 +239,19 @@ def _train(args: argparse.Namespace, output: Path, continues: bool) -> int:
 
     def log(record: dict[str, float]) -> None:
         nonlocal window_start, window_steps
-        if record["step"] % steps_per_epoch == 0:
-            print_past_progress(json.dumps({k: round(v, 5) for k, v in record.items()}))
+        # Steps done, as metrics.jsonl and the stderr lines count them (the trainer's record
+        # has the step's 0-based index).
+        step = int(record["step"]) + 1
+        losses = {key: value for key, value in record.items() if key != "step"}
+        first_of_epoch = record["step"] % steps_per_epoch == 0
+        if first_of_epoch:
+            rounded = {key: round(value, 5) for key, value in losses.items()}
+            print_past_progress(json.dumps({"step": step, **rounded}))
         bar.update(1)
         epoch = record["step"] // steps_per_epoch + 1
         bar.set_postfix(epoch=f"{epoch}/{config.epochs}", loss=f"{record['loss']:.4f}")
         window_steps += 1
-        step = int(record["step"]) + 1
-        if step % STEP_LINE_EVERY == 0 or record["step"] % steps_per_epoch == 0:
-            losses = {key: value for key, value in record.items() if key != "step"}
+        if step % STEP_LINE_EVERY == 0 or first_of_epoch:
             metrics_log.write("train", step, epoch=epoch, **losses)
         if prints_lines and step % STEP_LINE_EVERY == 0:
             elapsed = max(time.monotonic() - window_start, 1e-9)

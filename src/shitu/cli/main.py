@@ -20,6 +20,7 @@ from shitu.cli import (
     convert,
     demo,
     detect,
+    detect_export,
     detect_train,
     eval_pipeline,
     evaluate,
@@ -49,6 +50,7 @@ SUBCOMMANDS = (
     eval_pipeline,
     demo,
     detect_train,
+    detect_export,
     serve,
 )
 

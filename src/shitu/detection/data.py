@@ -241,28 +241,33 @@ class CocoDetection(DetectionDataset):
             _refuse_repeated_files(data["images"], files)
             sizes = [_recorded_size(img) for img in data["images"]]
             per_image: dict[int, list[tuple[list[float], int, bool]]] = {i: [] for i in image_ids}
-            for ann in data["annotations"]:
+            names = {img["id"]: img["file_name"] for img in data["images"]}
+            for position, ann in enumerate(data["annotations"]):
+                if not isinstance(ann, dict):
+                    raise ValueError(f"annotations[{position}] is {ann!r}, not an object")
+                name = _annotation_name(position, ann, names)
+                if "bbox" not in ann:  # a bare "no 'bbox' key" left the user to search
+                    raise ValueError(f"{name}: no 'bbox' key")
                 bbox = ann["bbox"]
-                if not isinstance(bbox, list) or len(bbox) != 4:
-                    raise ValueError(
-                        f"annotation {ann.get('id')}: its bbox {bbox!r} is not [x, y, w, h]"
-                    )
+                four = isinstance(bbox, list) and len(bbox) == 4
+                # strings ("10") were read as numbers, hiding a converter that wrote them
+                if not four or any(
+                    isinstance(v, bool) or not isinstance(v, int | float) for v in bbox
+                ):
+                    raise ValueError(f"{name}: its bbox {bbox!r} is not [x, y, w, h] of numbers")
                 x, y, w, h = (float(v) for v in bbox)
                 if not math.isfinite(x + y + w + h):  # NaN would fail every test below, unnoticed
-                    raise ValueError(f"annotation {ann.get('id')}: its bbox {bbox!r} is not finite")
+                    raise ValueError(f"{name}: its bbox {bbox!r} is not finite")
                 for key, what, known in (
                     ("image_id", "image", per_image),
                     ("category_id", "category", cat_index),
                 ):
-                    if ann[key] not in known:  # named, not a bare KeyError(42)
-                        raise ValueError(
-                            f"annotation {ann.get('id')}: no {what} has its {key} {ann[key]!r}"
-                        )
+                    # named, not a bare KeyError(42) or "unhashable type: 'list'"
+                    if isinstance(ann[key], list | dict) or ann[key] not in known:
+                        raise ValueError(f"{name}: no {what} has its {key} {ann[key]!r}")
                 crowd = ann.get("iscrowd")
                 if crowd not in (None, 0, 1):  # "0", a string, would make every box a crowd
-                    raise ValueError(
-                        f"annotation {ann.get('id')}: its iscrowd {crowd!r} is not 0 or 1"
-                    )
+                    raise ValueError(f"{name}: its iscrowd {crowd!r} is not 0 or 1")
                 per_image[ann["image_id"]].append(
                     ([x, y, x + w, y + h], cat_index[ann["category_id"]], bool(crowd))
                 )
@@ -290,6 +295,15 @@ class CocoDetection(DetectionDataset):
             crowds,
             path,
         )
+
+
+def _annotation_name(position: int, ann: dict, file_names: dict) -> str:
+    """How an error names a COCO annotation: its place in the list and its id (which a
+    hand-made file may leave out or repeat), and its image's id and file, to find it by."""
+    image_id = ann.get("image_id")
+    known = not isinstance(image_id, list | dict) and image_id in file_names
+    file = f": {file_names[image_id]}" if known else ""
+    return f"annotations[{position}] (id {ann.get('id')!r}, image {image_id!r}{file})"
 
 
 def _recorded_size(image: dict) -> tuple[float, float] | None:

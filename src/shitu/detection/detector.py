@@ -299,7 +299,7 @@ def load_detector(
     or an ONNX export; `backend` is "auto", "torch" or "onnxruntime". num_threads: inference
     threads (None: the runtime's default; torch's setting is process-wide)."""
     path = Path(path)
-    if _is_paddle_inference_model(path):
+    if is_paddle_inference_model(path):
         raise CheckpointError(
             f"{path} is a Paddle inference model, which shitu does not run; give the PicoDet "
             "weights it was exported from (.pdparams, with the architecture's name) or an "
@@ -355,7 +355,7 @@ def load_detector(
     return TorchDetector(load_detector_checkpoint(path), input_size)
 
 
-def _is_paddle_inference_model(path: Path) -> bool:
+def is_paddle_inference_model(path: Path) -> bool:
     """A Paddle inference model's weights or graph file, or the folder holding them (as
     PP-ShiTu's configs name their detector): weights shitu cannot read, which would
     otherwise be refused as an unreadable checkpoint or a folder."""

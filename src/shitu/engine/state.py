@@ -19,6 +19,8 @@ SUFFIX = ".pt"
 # What a run leaves in its output folder, the resumable checkpoint first.
 RUN_FILES = (f"{LATEST}{SUFFIX}", f"{FINAL}.safetensors", f"{BEST}.safetensors", LOG_NAME)
 FORMAT_VERSION = 1
+# Weight files a run writes or starts from, never a checkpoint; torch.load cannot read them.
+WEIGHTS_ONLY_SUFFIXES = (".safetensors", ".pdparams")
 
 
 @dataclass
@@ -86,16 +88,21 @@ def load_training_state(
 ) -> tuple[dict[str, Any], Progress]:
     """The checkpoint of a `kind` run ("recognition" or "detector") and where it stopped."""
     path = resolve_checkpoint(path, option)
+    hint = (
+        "use -o Global.pretrained_model=... to start from weights"
+        if option.startswith("Global.")
+        else f"{option} takes the run's {LATEST}{SUFFIX} or its output directory"
+    )
+    if path.suffix in WEIGHTS_ONLY_SUFFIXES:
+        raise CheckpointError(f"{path} is a weights file, not a training checkpoint; {hint}")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for corrupt files
-        raise CheckpointError(f"{path} is not a readable training checkpoint: {exc}") from None
+    except Exception:  # for an .onnx or a JSON, torch prints a page advising weights_only=False
+        raise CheckpointError(
+            f"{option} {path}: not a readable training checkpoint (expected the "
+            f"{LATEST}{SUFFIX} a training run writes, or its output directory)"
+        ) from None
     if not isinstance(payload, dict) or "progress" not in payload or "model" not in payload:
-        hint = (
-            "use -o Global.pretrained_model=... to start from weights"
-            if option.startswith("Global.")
-            else f"{option} takes the run's {LATEST}{SUFFIX} or its output directory"
-        )
         raise CheckpointError(f"{path} is a weights file, not a training checkpoint; {hint}")
     if payload.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(

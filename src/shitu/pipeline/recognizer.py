@@ -31,11 +31,12 @@ import numpy as np
 
 from shitu.data.transforms.ops import UnreadableImageError, check_rgb_image, image_list
 from shitu.detection.boxes import nms
+from shitu.detection.detector import is_paddle_inference_model
 from shitu.errors import CheckpointError, ConfigError
 from shitu.image_files import path_list
 from shitu.index import Gallery
 from shitu.inference.extractor import FeatureExtractor, check_count
-from shitu.inference.manifest import EXPORT_FILES, MANIFEST, PADDLE_INFERENCE_WEIGHTS
+from shitu.inference.manifest import EXPORT_FILES, MANIFEST
 from shitu.inference.preprocess import read_rgb
 from shitu.pipeline.background import PlainBackgroundDetector
 from shitu.pipeline.config import PipelineConfig, load_pipeline_config, with_settings
@@ -188,7 +189,7 @@ def build_detector(config: PipelineConfig) -> MainbodyDetector | None:
     if not path.is_file():  # PaddleClas configs name a Paddle inference folder here
         problem = f"{name} is a folder, not a file" if path.is_dir() else f"{name}: no such file"
         way_out = f"give {detectors}"
-        if (path / PADDLE_INFERENCE_WEIGHTS).is_file():
+        if is_paddle_inference_model(path):  # PaddleDetection's export: model.pdiparams
             problem = f"{name} is a Paddle inference model, which shitu does not run"
             way_out = (
                 "give the PicoDet weights it was made from (.pdparams, with --det-arch) or "
