@@ -1,5 +1,6 @@
 """File helpers: reading the text files people write; for every writer, checksums,
-write-to-temp-then-rename and folder swaps; the lock a training run holds on its folder.
+write-to-temp-then-rename and folder swaps; the locks that keep two runs from writing one
+folder or output at once.
 
 Checkpoints, exports, index files, embeddings, logs and uploads all go through
 `write_atomically`, so a crash or a full disk never leaves a half-written file under
