@@ -722,6 +722,25 @@ def test_changed_model_file_is_detected(exported, tmp_path):
         FeatureExtractor.load(onnx)
 
 
+def test_a_deleted_onnx_model_is_warned_of_where_auto_runs_torch_instead(
+    exported, tmp_path, caplog
+):
+    """A full export's model.onnx deleted: 'auto' ran the torch backend, slower, saying so
+    only in its name; an ONNX runtime asked for by name refuses the folder, as before."""
+    copy = shutil.copytree(exported["dir"], tmp_path / "copy")
+    (copy / "model.onnx").unlink()
+    with caplog.at_level(logging.WARNING, logger="shitu.inference.extractor"):
+        assert FeatureExtractor.load(copy, backend="torch").backend.name == "torch"
+        assert caplog.text == ""  # asked for: nothing lost
+        assert FeatureExtractor.load(copy).backend.name == "torch"
+    assert (
+        f"{copy / 'model.onnx'}: missing from the export (its shitu_model.json lists it), so "
+        "the slower torch backend runs the model: re-run `shitu export` to restore it"
+    ) in caplog.text
+    with pytest.raises(CheckpointError, match=r"model.onnx: missing from the export \(re-run"):
+        FeatureExtractor.load(copy, backend="onnxruntime")
+
+
 def test_a_paddle_inference_model_is_named_as_one(tmp_path):
     """PP-ShiTu's pipeline config names a Paddle inference folder as the model: say so,
     and what to give shitu instead, not only that shitu_model.json is missing."""
