@@ -29,6 +29,7 @@ from shitu.data.datasets.base import check_image
 from shitu.data.transforms import build_transforms
 from shitu.data.transforms.ops import DecodeImage, UnreadableImageError
 from shitu.errors import CheckpointError, ConfigError, DataError
+from shitu.fileio import staging_folder
 from shitu.inference import (
     FeatureExtractor,
     Preprocessing,
@@ -1078,6 +1079,35 @@ def test_a_cache_entry_that_lost_its_manifest_or_is_a_file_is_built_again(
     entry.write_text("")  # a file in its place
     assert FeatureExtractor.load(compact, num_threads=1).backend.name == "onnxruntime"
     assert (entry / "model.onnx").is_file()
+
+
+def test_loading_from_the_cache_removes_killed_builds_of_other_entries(
+    exported, tmp_path, monkeypatch
+):
+    """A cache build killed outright leaves a model's worth of files, which only a later
+    build of that same entry removed: loading any entry removes it, not a running build's."""
+    monkeypatch.setenv("SHITU_CACHE_DIR", str(tmp_path / "cache"))
+    compact = export_model(exported["config"], None, tmp_path / "compact", compact=True)
+    FeatureExtractor.load(compact, num_threads=1)  # builds its entry
+    exports = tmp_path / "cache" / "exports"
+    (entry,) = exports.iterdir()
+    killed = (
+        "import os, signal, sys\n"
+        "from pathlib import Path\n"
+        "from shitu.fileio import staging_folder\n"
+        "with staging_folder(Path(sys.argv[1]), 'exporting') as staging:\n"
+        "    staging.mkdir()\n"
+        "    (staging / 'model.onnx').write_bytes(b'half a model')\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", killed, str(exports / "another")], check=False)
+    assert run.returncode == -9
+    assert len(list(exports.glob(".another.exporting-*"))) == 2  # its folder and lock
+    with staging_folder(exports / "building", "exporting") as live:
+        live.mkdir()
+        assert FeatureExtractor.load(compact, num_threads=1).backend.name == "onnxruntime"
+        left = sorted(path.name for path in exports.iterdir())
+        assert left == sorted([entry.name, live.name, f"{live.name}.lock"])
 
 
 def test_extract_cli_lists_a_file_name_that_is_not_utf8_as_the_file_system_has_it(
