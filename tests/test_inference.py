@@ -29,6 +29,7 @@ from shitu.data.datasets.base import check_image
 from shitu.data.transforms import build_transforms
 from shitu.data.transforms.ops import DecodeImage, UnreadableImageError
 from shitu.errors import CheckpointError, ConfigError, DataError
+from shitu.fileio import staging_folder
 from shitu.inference import (
     FeatureExtractor,
     Preprocessing,
@@ -722,6 +723,25 @@ def test_changed_model_file_is_detected(exported, tmp_path):
         FeatureExtractor.load(onnx)
 
 
+def test_a_deleted_onnx_model_is_warned_of_where_auto_runs_torch_instead(
+    exported, tmp_path, caplog
+):
+    """A full export's model.onnx deleted: 'auto' ran the torch backend, slower, saying so
+    only in its name; an ONNX runtime asked for by name refuses the folder, as before."""
+    copy = shutil.copytree(exported["dir"], tmp_path / "copy")
+    (copy / "model.onnx").unlink()
+    with caplog.at_level(logging.WARNING, logger="shitu.inference.extractor"):
+        assert FeatureExtractor.load(copy, backend="torch").backend.name == "torch"
+        assert caplog.text == ""  # asked for: nothing lost
+        assert FeatureExtractor.load(copy).backend.name == "torch"
+    assert (
+        f"{copy / 'model.onnx'}: missing from the export (its shitu_model.json lists it), so "
+        "the slower torch backend runs the model: re-run `shitu export` to restore it"
+    ) in caplog.text
+    with pytest.raises(CheckpointError, match=r"model.onnx: missing from the export \(re-run"):
+        FeatureExtractor.load(copy, backend="onnxruntime")
+
+
 def test_a_paddle_inference_model_is_named_as_one(tmp_path):
     """PP-ShiTu's pipeline config names a Paddle inference folder as the model: say so,
     and what to give shitu instead, not only that shitu_model.json is missing."""
@@ -1059,6 +1079,35 @@ def test_a_cache_entry_that_lost_its_manifest_or_is_a_file_is_built_again(
     entry.write_text("")  # a file in its place
     assert FeatureExtractor.load(compact, num_threads=1).backend.name == "onnxruntime"
     assert (entry / "model.onnx").is_file()
+
+
+def test_loading_from_the_cache_removes_killed_builds_of_other_entries(
+    exported, tmp_path, monkeypatch
+):
+    """A cache build killed outright leaves a model's worth of files, which only a later
+    build of that same entry removed: loading any entry removes it, not a running build's."""
+    monkeypatch.setenv("SHITU_CACHE_DIR", str(tmp_path / "cache"))
+    compact = export_model(exported["config"], None, tmp_path / "compact", compact=True)
+    FeatureExtractor.load(compact, num_threads=1)  # builds its entry
+    exports = tmp_path / "cache" / "exports"
+    (entry,) = exports.iterdir()
+    killed = (
+        "import os, signal, sys\n"
+        "from pathlib import Path\n"
+        "from shitu.fileio import staging_folder\n"
+        "with staging_folder(Path(sys.argv[1]), 'exporting') as staging:\n"
+        "    staging.mkdir()\n"
+        "    (staging / 'model.onnx').write_bytes(b'half a model')\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", killed, str(exports / "another")], check=False)
+    assert run.returncode == -9
+    assert len(list(exports.glob(".another.exporting-*"))) == 2  # its folder and lock
+    with staging_folder(exports / "building", "exporting") as live:
+        live.mkdir()
+        assert FeatureExtractor.load(compact, num_threads=1).backend.name == "onnxruntime"
+        left = sorted(path.name for path in exports.iterdir())
+        assert left == sorted([entry.name, live.name, f"{live.name}.lock"])
 
 
 def test_extract_cli_lists_a_file_name_that_is_not_utf8_as_the_file_system_has_it(

@@ -152,6 +152,8 @@ class FeatureExtractor:
             else:  # its files were hashed when it was checked or built
                 model_dir, manifest = rebuilt, read_manifest(rebuilt)
         chosen = choose_backend(model_dir, backend, precision, device)
+        if backend == "auto" and chosen == "torch" and precision == "fp32" and device == "cpu":
+            _warn_of_a_lost_onnx_model(model_dir, manifest)
         if chosen in ("onnxruntime", "openvino"):
             path = model_dir / (INT8_FILE if precision == "int8" else ONNX_FILE)
             if rebuilt is None:
@@ -330,6 +332,21 @@ def _score_thres(model_dir: Path, manifest: dict) -> float | None:
 
 def _compact(model_dir: Path, manifest: dict) -> bool:
     return manifest.get("weights_dtype") == "float16" and not (model_dir / ONNX_FILE).is_file()
+
+
+def _warn_of_a_lost_onnx_model(model_dir: Path, manifest: dict) -> None:
+    """Warn where the export recorded an ONNX model that is gone (deleted by hand or by a
+    cleaner): 'auto' then runs the slower torch backend, which the user would otherwise
+    learn only from the backend's name. Not an error, as the torch backend checks the
+    weights it runs; an ONNX runtime asked for by name refuses the folder (`_verify`)."""
+    path = model_dir / ONNX_FILE
+    if ONNX_FILE in manifest["files"] and not path.is_file() and onnxruntime_available():
+        logger.warning(
+            "%s: missing from the export (its %s lists it), so the slower torch backend runs "
+            "the model: re-run `shitu export` to restore it",
+            path,
+            MANIFEST,
+        )
 
 
 def _verify(model_dir: Path, manifest: dict, name: str) -> None:
