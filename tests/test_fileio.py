@@ -179,3 +179,29 @@ def test_a_staging_folder_is_in_progress_while_its_run_holds_its_lock(tmp_path):
     assert staging.exists() and not staging_in_progress(staging)
     staging.with_name(staging.name + ".lock").unlink()
     assert staging_in_progress(staging)
+
+
+def test_a_check_between_a_staging_locks_making_and_locking_finds_no_dead_run(
+    tmp_path, monkeypatch
+):
+    """Another process clearing dead staging folders (a cache load, another export) just as
+    a run makes its lock: the lock must not be found unheld and removed, which left the
+    run's folder with no lock, never judged dead if the run was then killed."""
+    import fcntl
+
+    target = tmp_path / "lib"
+    flock = fcntl.flock
+
+    def checked_first(handle, operation):  # the other process's check comes in between
+        fileio.remove_dead_staging(tmp_path)
+        return flock(handle, operation)
+
+    monkeypatch.setattr(fcntl, "flock", checked_first)
+    with staging_folder(target, "building") as staging:
+        monkeypatch.setattr(fcntl, "flock", flock)
+        staging.mkdir()
+        assert staging.with_name(staging.name + ".lock").is_file()
+        assert staging_in_progress(staging)
+        fileio.remove_dead_staging(tmp_path)
+        assert staging.is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [staging.name, f"{staging.name}.lock"]

@@ -307,20 +307,37 @@ def staging_folder(target: Path, doing: str) -> Iterator[Path]:
     """
     import fcntl  # POSIX: the commands that stage folders run on Linux and macOS
 
-    for lock_path in target.parent.glob(f".{glob.escape(target.name)}.{doing}-*.lock"):
-        if not staging_in_progress(lock_path.with_suffix("")):
-            shutil.rmtree(lock_path.with_suffix(""), ignore_errors=True)
-            lock_path.unlink(missing_ok=True)
+    remove_dead_staging(target.parent, glob.escape(target.name), doing)
     # A name no other run can have, on this host or another sharing the folder.
     staging = target.parent / f".{target.name}.{doing}-{uuid.uuid4().hex}"
     lock_path = staging.with_name(staging.name + ".lock")
-    with open(lock_path, "a") as lock:
+    # Locked under a name no check looks for, then renamed: a check never finds the lock
+    # unheld between its making and its locking (and takes a live run's folder for dead).
+    unannounced = lock_path.with_name(lock_path.name + "-new")
+    with open(unannounced, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a fresh name: never contended
+        os.replace(unannounced, lock_path)
         try:
             yield staging
         finally:
             if not staging.exists():
                 lock_path.unlink(missing_ok=True)
+
+
+def remove_dead_staging(parent: Path, target: str = "*", doing: str = "*") -> None:
+    """Remove the staging folders in `parent` (named by `staging_folder`; `target` and
+    `doing` as glob patterns) whose runs were killed outright (SIGKILL, power loss): their
+    lock is not held. Live ones, and leftovers that cannot be judged or removed here
+    (another user's), stay."""
+    for lock_path in parent.glob(f".{target}.{doing}-*.lock"):
+        staging = lock_path.with_suffix("")
+        try:
+            if staging_in_progress(staging):
+                continue
+            shutil.rmtree(staging, ignore_errors=True)
+            lock_path.unlink(missing_ok=True)
+        except OSError:
+            continue
 
 
 def listed_file(folder: Path, name: str) -> Path:

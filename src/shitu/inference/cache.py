@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from shitu.errors import CheckpointError, ShituError
-from shitu.fileio import file_sha256, staging_in_progress, staging_target
+from shitu.fileio import file_sha256, remove_dead_staging
 from shitu.inference.manifest import MANIFEST, ExportError, read_manifest
 from shitu.inference.preprocess import Preprocessing
 
@@ -76,29 +76,14 @@ def _discard_without_manifest(entry: Path) -> None:
         pass
 
 
-def _remove_dead_builds(exports: Path) -> None:
-    """Remove the staging folders that builds of any entry, killed outright (SIGKILL, a power
-    loss), left in the cache: a model's worth of files each, otherwise removed only by a
-    later build of that same entry, which a cache hit never makes. Cheap (a folder listing
-    and a lock probe each); a live build holds its lock and is left alone, and a leftover
-    that cannot be judged or removed here (another user's) is left too."""
-    for lock_path in exports.glob(".*.exporting-*.lock"):
-        staging = lock_path.with_suffix("")
-        try:
-            if staging_target(staging) is None or staging_in_progress(staging):
-                continue
-            shutil.rmtree(staging, ignore_errors=True)
-            lock_path.unlink(missing_ok=True)
-        except OSError:
-            continue
-
-
 def full_export(model_dir: Path, manifest: dict[str, Any]) -> Path:
     """The cached full export (ONNX included) of compact export `model_dir`, built on first
     use, and built again if damaged; an ExportError, naming the cache, when it cannot be
     built there (the caller decides whether the torch backend serves instead)."""
     target = cache_root() / "exports" / _cache_key(manifest)
-    _remove_dead_builds(target.parent)
+    # killed builds of any entry: otherwise removed only by a later build of that entry,
+    # which a cache hit never makes
+    remove_dead_staging(target.parent, doing="exporting")
     if (target / MANIFEST).is_file() and _usable(target, manifest):
         return target
     from shitu.inference.export import load_exported_model, write_export  # torch: built once
