@@ -1340,6 +1340,21 @@ def test_queries_that_are_not_float_arrays_are_refused_by_name(tmp_path):
             gallery.search(queries)
 
 
+def test_an_all_zero_query_gets_no_hits_in_a_normalising_library(tmp_path):
+    """A zero vector has no cosine similarity to anything: it got k arbitrary images scored
+    0.0 (added it is refused); one such row of a batch leaves the others their hits."""
+    with new_gallery(tmp_path / "lib") as gallery:
+        gallery.add(clustered(5, DIM), labels_for(5))
+        queries = clustered(3, DIM)
+        queries[1] = 0.0
+        for min_score in (None, -1.0):
+            result = gallery.search(queries, k=2, min_score=min_score)
+            assert result.found.tolist() == [[True, True], [False, False], [True, True]]
+            assert result.scores[1].tolist() == [-np.inf, -np.inf]
+            assert result.labels[1].tolist() == ["", ""]
+            assert result.to_list()[1] == []
+
+
 @pytest.mark.parametrize("damage", ["flip", "delete"])
 def test_opening_with_repair_builds_a_damaged_index_again(tmp_path, damage):
     path = tmp_path / "lib"

@@ -288,6 +288,31 @@ def test_add_refuses_a_folder_that_holds_the_library(models, tmp_path):
     assert listed.returncode == 0 and "lib" not in listed.stdout.split()
 
 
+def test_a_folder_scan_skips_another_library_in_it(models, tmp_path, caplog):
+    """A library kept in a folder of photos (not the one added to) holds the images
+    `shitu serve` adds in its uploads folder: a build or add of that folder took them for
+    photos of a label named after the library's folder."""
+    photos = tmp_path / "photos"
+    make_images(photos / "Kiwi", 1)
+    old = photos / "old_lib"
+    built = shitu("index", "build", photos, "--out", tmp_path / "lib", "--model", models[128])
+    assert built.returncode == 0, built.stderr
+    (tmp_path / "lib").rename(old)
+    make_images(old / "uploads", 1, seed=1)  # as the server keeps what it is sent
+    new = tmp_path / "new"
+    for command in (
+        ("build", photos, "--out", new),
+        ("add", new, photos, "--allow-duplicates"),
+        ("add", new, photos, "--label", "Kiwi", "--allow-duplicates"),
+    ):
+        caplog.clear()
+        scanned = shitu("index", *command, "--model", models[128])
+        assert scanned.returncode == 0, scanned.stderr
+        assert f"(gallery library x1; e.g. {old})" in caplog.text
+    listed = shitu("index", "list", new)
+    assert listed.returncode == 0 and listed.stdout.split() == ["3", "Kiwi"]
+
+
 def test_a_list_option_given_twice_keeps_the_values_of_both(models, tmp_path):
     """`--gallery a --gallery b`, `--label A --label B`: argparse kept the last only, so a
     library was built from half its gallery, and a removal left a label it was given."""

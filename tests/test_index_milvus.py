@@ -37,10 +37,12 @@ def build(tmp_path, backend: str, metric: str = "ip", count: int = 300) -> Galle
 @pytest.mark.parametrize("metric", ["ip", "l2"])
 def test_milvus_returns_the_same_results_as_faiss_flat(tmp_path, metric):
     queries = clustered(25, DIM, seed=4)
+    queries[3] = 0.0  # no direction: no hits on either backend
     with build(tmp_path, "faiss", metric) as faiss_gallery:
         expected = faiss_gallery.search(queries, k=8)
     with build(tmp_path, "milvus", metric) as milvus_gallery:
         got = milvus_gallery.search(queries, k=8)
+    assert not got.found[3].any() and got.found[np.arange(25) != 3].all()
     np.testing.assert_array_equal(got.ids, expected.ids)
     np.testing.assert_array_equal(got.labels, expected.labels)
     np.testing.assert_allclose(got.scores, expected.scores, atol=1e-4)

@@ -13,7 +13,7 @@ import codecs
 import logging
 import os
 from collections import Counter, defaultdict
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 
 from shitu.errors import DataError
@@ -62,12 +62,17 @@ _IMAGE, _QUIET = "image", "quiet"
 
 
 def scan_images(
-    folder: Path, suffixes: Collection[str] = IMAGE_SUFFIXES, loose: bool = True
+    folder: Path,
+    suffixes: Collection[str] = IMAGE_SUFFIXES,
+    loose: bool = True,
+    foreign: Mapping[str, str] | None = None,
 ) -> list[Path]:
     """The image files under `folder` (suffixes compared lower-case), as found (`folder /
     relative path`, links not resolved), in an order that keeps ids and training runs
     reproducible: a folder's files by name, then its sub-folders by name. `loose=False` is
-    for folder-per-label trees: only images inside sub-folders are taken.
+    for folder-per-label trees: only images inside sub-folders are taken. `foreign` maps
+    the name of a file to what a folder holding it is ("a gallery library"): such folders,
+    `folder` too, are skipped, as their images are not the photos the tree is of.
 
     Warns once about the rest (see the module docstring); no image at all is an error
     naming the folder, as there is nothing the command could do with it.
@@ -82,6 +87,11 @@ def scan_images(
     for top, folders, files in os.walk(folder, onerror=unreadable, followlinks=True):
         here = Path(top)
         scanned.add(here.resolve())
+        owner = _foreign_kind(here, foreign or {})
+        if owner is not None:
+            skipped.append((here, owner))
+            folders.clear()
+            continue
         kept = []
         for name in sorted(folders):
             link = here / name
@@ -147,6 +157,11 @@ def warn_of_shared_folder_names(root: Path, folders: Iterable[Path]) -> None:
         )
         more = f"; {len(shared) - _EXAMPLES} more" if len(shared) > _EXAMPLES else ""
         logger.warning("%s: folders of the same name share their label: %s%s", root, shown, more)
+
+
+def _foreign_kind(folder: Path, foreign: Mapping[str, str]) -> str | None:
+    """What `folder` is by the first of `foreign`'s files it holds, else None."""
+    return next((kind for name, kind in foreign.items() if (folder / name).is_file()), None)
 
 
 def _kind(path: Path, suffixes: Collection[str]) -> str:

@@ -71,7 +71,8 @@ class SearchResult:
     Scores are higher-is-more-similar: the cosine similarity for every metric in a library
     that normalises its features (the default), else the inner product or the negated
     Euclidean distance. Slots without a hit (an empty library, a backend that found fewer,
-    or below `min_score`) are padding: id -1, label "", score -inf.
+    below `min_score`, or an all-zero query in a library that normalises) are padding: id
+    -1, label "", score -inf.
     """
 
     labels: np.ndarray
@@ -565,7 +566,12 @@ class Gallery:
         self, vectors: np.ndarray, k: int = 5, min_score: float | None = None
     ) -> SearchResult:
         """The k most similar gallery images per query vector (a float array [Q, D] or [D]),
-        k at most the images the library holds; any thread may search."""
+        k at most the images the library holds; any thread may search.
+
+        A query row with NaN or inf is refused (a GalleryError naming the rows: the model
+        that made it is broken). In a library that normalises its features, an all-zero
+        row has no direction, so no similarity to any image: it gets no hits (padding), so
+        that one such crop does not fail a whole batch of recognitions."""
         self._check_usable(sqlite=False)
         # Faiss takes a Python int only: numpy's integers fail inside its bindings.
         if isinstance(k, bool) or not isinstance(k, Integral) or k < 1:
@@ -578,6 +584,7 @@ class Gallery:
             raise GalleryError(f"min_score: expected a number, got {min_score!r}")
         queries = self._prepare(vectors)
         self._refuse_non_finite(queries, "search: query rows")  # they would rank nothing
+        aimless = _without_direction(queries) if self.manifest.normalize else None
         self._swap.acquire_read()  # one generation's index and labels
         try:
             self._check_usable(sqlite=False)  # not closed while this waited
@@ -587,10 +594,11 @@ class Gallery:
             scores, ids = _ties_in_id_order(*self._backend.search(queries, k, newest_id))
         finally:
             self._swap.release_read()
-        if min_score is not None:
-            below = scores < min_score
-            ids = np.where(below, -1, ids)
-            scores = np.where(below, np.float32(-np.inf), scores)
+        dropped = np.zeros(ids.shape, bool) if min_score is None else scores < min_score
+        if aimless is not None:
+            dropped |= aimless[:, None]  # else scored 0.0 against arbitrary images
+        ids = np.where(dropped, -1, ids)
+        scores = np.where(dropped, np.float32(-np.inf), scores)
         return SearchResult(labels=_labels_of(ids, *id_labels), scores=scores, ids=ids)
 
     def _prepare(
@@ -638,7 +646,7 @@ class Gallery:
         if not self.manifest.normalize:
             return raw
         vectors = l2_normalize(raw)
-        bad = np.flatnonzero(~(np.abs(vectors).sum(axis=1) > 0.5))  # unit rows sum >= 1
+        bad = np.flatnonzero(_without_direction(vectors))
         if len(bad):
             raise GalleryError(
                 f"{self.root}: {where}: rows {_rows(bad)} are all zero or cannot be "
@@ -1232,6 +1240,12 @@ def _listed(values: Any, what: str, where: str) -> list:
         return list(values)
     except TypeError:
         raise GalleryError(f"{where}: expected a list of {what}, got {values!r}") from None
+
+
+def _without_direction(normalised: np.ndarray) -> np.ndarray:
+    """Boolean mask of the rows of `normalised` (l2_normalize's output) that are not of unit
+    length: all zero, or too small to normalise. A unit row's absolute values sum to >= 1."""
+    return ~(np.abs(normalised).sum(axis=1) > 0.5)
 
 
 def _rows(rows: np.ndarray, shown: int = 10) -> str:

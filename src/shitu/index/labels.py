@@ -158,7 +158,7 @@ def scan_label_folders(
     with `leaf_labels`, folders of one name in different places, which share a label.
     """
     try:
-        images = scan_images(root, loose=False)
+        images = scan_images(root, loose=False, foreign=_libraries())
     except DataError as exc:
         if _has_loose_images(root):
             raise DataError(
@@ -171,6 +171,15 @@ def scan_label_folders(
         return [GalleryItem(image.resolve(), image.parent.name) for image in images]
     warn_if_grouped(root, images, "give --leaf-labels")
     return [GalleryItem(image.resolve(), image.relative_to(root).parts[0]) for image in images]
+
+
+def _libraries() -> dict[str, str]:
+    """For `scan_images`: a gallery library in a folder of photos is skipped, or the images
+    it keeps (those `shitu serve` adds, in its `uploads` folder) would be taken for photos
+    of a label named after it. (Imported here: the metadata module imports this one.)"""
+    from shitu.index.metadata import LIBRARY_FILE
+
+    return {LIBRARY_FILE: "gallery library"}
 
 
 def _one_label_hint(one_label_option: bool) -> str:
@@ -221,7 +230,7 @@ def collect_items(
             if label is None:
                 items.extend(scan_label_folders(source, one_label_option, leaf_labels))
             else:
-                images = scan_images(source)
+                images = scan_images(source, foreign=_libraries())
                 items.extend(GalleryItem(image.resolve(), label) for image in images)
         elif source.is_file() and source.suffix.lower() in IMAGE_SUFFIXES:
             if label is None:
