@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -402,7 +401,6 @@ def run_build(args: argparse.Namespace) -> int:
         library = (args.out / LIBRARY_FILE).is_file()  # else `index add` would refuse it too
         add = f" or add to it with `shitu index add {args.out} ...`" if library else ""
         raise GalleryError(f"{args.out}: already exists; choose a new --out{add}")
-    _refuse_out_inside_a_source(args.out, sources)
     check_writable(args.out.parent, f"--out {args.out}")
     items = collect_items(sources, label=args.label, leaf_labels=args.leaf_labels)
     model = _load_model(args)
@@ -430,36 +428,7 @@ def run_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def _source_holding(library: Path, sources: Iterable[str | Path]) -> Path | None:
-    """The first of the folders in `sources` that `library` is inside, if any. A library is
-    no part of the folders of images it is built from: inside one, it keeps the images
-    `shitu serve` adds (in its `uploads` folder), which a scan of that folder takes for
-    gallery photos of a label named after the library's folder (and its other files are
-    warned of as skipped in each scan)."""
-    here = library.resolve()
-    folders = (Path(s) for s in sources)
-    return next((s for s in folders if s.is_dir() and here.is_relative_to(s.resolve())), None)
-
-
-def _refuse_out_inside_a_source(out: Path, sources: list[Path]) -> None:
-    """See `_source_holding`."""
-    source = _source_holding(out, sources)
-    if source is not None:
-        raise GalleryError(
-            f"--out {out}: is inside the gallery folder {source}, whose next scan (`shitu "
-            "index add`, a build) would take the images the library keeps (those added "
-            "over HTTP) for gallery photos: choose a folder outside it"
-        )
-
-
 def run_add(args: argparse.Namespace) -> int:
-    source = _source_holding(args.library, args.sources)  # see there
-    if source is not None:
-        raise GalleryError(
-            f"{source}: holds the library {args.library}, whose images kept in it (those "
-            "added over HTTP) its scan would take for gallery photos: move the library out "
-            "of it, or add the folders of images it holds one by one"
-        )
     items = collect_items(args.sources, label=args.label, leaf_labels=args.leaf_labels)
     model = _load_model(args)
     with _open_for(args, model) as gallery:
