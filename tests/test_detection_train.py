@@ -725,8 +725,12 @@ def test_detect_train_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert main(["detect", str(coco.parent / "img0.png"), "--model", str(out / "latest.pt")]) == 2
     assert (
         f"error: {out / 'latest.pt'} is a detector training checkpoint (for `shitu detect-train "
-        "--resume`); detect with the model.pt its run wrote beside it"
+        "--resume`); give the model.pt its run wrote beside it instead"
     ) in capsys.readouterr().err
+    # The advice fits every command that takes a detector, not only `detect`.
+    assert main(["detect-export", str(out / "latest.pt"), "--out", str(tmp_path / "x.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert "give the model.pt its run wrote beside it instead" in err and "detect with" not in err
     resume = [*common, "--epochs", "3", "--batch-size", "2", "--resume", str(out / "latest.pt")]
     assert main(resume) == 2  # the checkpoint's detector has one class-agnostic label
     err = capsys.readouterr().err

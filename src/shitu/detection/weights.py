@@ -56,7 +56,7 @@ def load_detector_checkpoint(path: str | Path) -> PicoDet:
     if training_state_kind(data) == "detector":
         raise CheckpointError(
             f"{path} is a detector training checkpoint (for `shitu detect-train --resume`); "
-            "detect with the model.pt its run wrote beside it"
+            "give the model.pt its run wrote beside it instead"
         )
     if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(
