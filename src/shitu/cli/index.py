@@ -515,9 +515,8 @@ def run_remove(args: argparse.Namespace) -> int:
         raise GalleryError("remove: give --id, --label and/or --missing")
     with Gallery.open(args.library) as gallery:
         ids = list(args.ids)
-        if args.missing:
-            gone = [e.id for e in gallery.entries() if e.path and not Path(e.path).exists()]
-            ids += [i for i in gone if i not in set(ids)]
+        if args.missing:  # an id also given by --id is removed once (`remove` takes a set)
+            ids += [e.id for e in gallery.entries() if e.path and not Path(e.path).exists()]
         if not ids and not args.labels:
             print(f"removed no images from {args.library}: every image's file is there")
             return 0
