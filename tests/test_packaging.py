@@ -98,3 +98,28 @@ def test_wheel_holds_the_package_its_data_and_licence(dists: Dists) -> None:
     # the versions a user's environment already has.
     requirements = [r.split(";")[0] for r in dists.metadata.get_all("Requires-Dist", [])]
     assert [r for r in requirements if "==" in r] == []
+
+
+def test_no_tracked_file_is_a_copy_of_the_shared_data(grocery: Path) -> None:
+    """Nothing from ../shared (the dataset's photos, the reference models) may be committed:
+    a photo that a script run in the checkout copied into the tree (a test photo written to
+    the working directory, say) is caught here, by content, under whatever name."""
+    if shutil.which("git") is None or not (REPO_ROOT / ".git").exists():
+        pytest.skip("not a git checkout: no list of tracked files")
+    listed = subprocess.run(
+        ["git", "ls-files", "-z"], cwd=REPO_ROOT, capture_output=True, check=True
+    ).stdout.decode()
+    tracked = {REPO_ROOT / name for name in listed.split("\0") if name}
+    by_size: dict[int, list[Path]] = {}
+    for path in tracked:
+        if path.is_file() and not path.is_symlink():
+            by_size.setdefault(path.stat().st_size, []).append(path)
+    shared = grocery.parents[1]  # ../shared: datasets and models
+    copies = [
+        f"{ours.relative_to(REPO_ROOT)} is {theirs}"
+        for theirs in shared.rglob("*")
+        if theirs.is_file() and theirs.stat().st_size in by_size
+        for ours in by_size[theirs.stat().st_size]
+        if ours.read_bytes() == theirs.read_bytes()
+    ]
+    assert not copies, "; ".join(copies)
