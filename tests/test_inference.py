@@ -1279,3 +1279,15 @@ def test_int8_asked_of_a_compact_export_says_to_export_it_without_compact(export
     plain = export_model(exported["config"], None, tmp_path / "plain")
     with pytest.raises(ConfigError, match=r"--int8-calibration IMAGES` \(README: int8\)"):
         FeatureExtractor.load(plain, precision="int8")
+
+
+def test_file_names_inference_looks_for_are_those_their_writers_use() -> None:
+    """shitu.inference names a training run's weights and a library's database without
+    importing the engine or the index, so it keeps its own copies of their file names: a
+    rename on one side would silently stop `--model RUN_DIR` or `--model LIBRARY`."""
+    from shitu.engine.state import BEST, FINAL
+    from shitu.index.metadata import LIBRARY_FILE
+    from shitu.inference.manifest import LIBRARY_DATABASE, TRAINING_RUN_WEIGHTS
+
+    assert (f"{BEST}.safetensors", f"{FINAL}.safetensors") == TRAINING_RUN_WEIGHTS
+    assert LIBRARY_DATABASE == LIBRARY_FILE
