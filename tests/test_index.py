@@ -1434,3 +1434,26 @@ def test_reembed_moves_an_empty_library_to_the_new_model(tmp_path):
         assert gallery.manifest.embedding_dim == 108
         assert len(gallery.add_files(new, [GalleryItem(photos[1], "new")]).ids) == 1
         assert gallery.verify() == []
+
+
+def test_build_and_add_take_items_from_a_generator_and_name_wrong_ones(tmp_path):
+    """Items may come from a generator (read once, though each item is looked at more than
+    once); a `(path, label)` pair, a path alone or a folder's name instead of GalleryItems is
+    refused naming what to pass, not failed on a missing attribute."""
+    photos = make_images(tmp_path / "photos", 4)
+    model = PixelEmbedder()
+    report = Gallery.build(tmp_path / "lib", model, (GalleryItem(p, "label") for p in photos[:2]))
+    assert len(report.ids) == 2
+    with Gallery.open(tmp_path / "lib", embedder=model) as gallery:
+        assert len(gallery.add_files(model, (GalleryItem(p, "new") for p in photos[2:])).ids) == 2
+        assert gallery.label_counts() == {"label": 2, "new": 2}
+    for wrong, got in (
+        ([(photos[0], "label")], "got tuple"),
+        ([str(photos[0])], "got str"),
+        (str(tmp_path / "photos"), "got the string"),
+    ):
+        with pytest.raises(
+            GalleryError, match=f"expected (a list of )?GalleryItem.*collect_items.*{got}"
+        ):
+            Gallery.build(tmp_path / "other", model, wrong)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lib", "photos"]
