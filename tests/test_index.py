@@ -99,6 +99,10 @@ def test_label_file_without_tab_is_a_data_error(tmp_path):
         f"{listing}:1: expected `path<TAB>label`, got 'imgs/a.jpg Coca Cola' (no tab: paths "
         "and labels may contain spaces, so only a tab separates them)"
     )
+    for line, missing in (("imgs/a.jpg\t\n", "no label after"), ("\tCola\n", "no path before")):
+        listing.write_text(line)  # a tab there, but nothing on one side of it
+        with pytest.raises(DataError, match=f"got .* \\({missing} the tab\\)$"):
+            parse_label_file(listing)
 
 
 def test_label_files_with_a_bom_binary_files_and_empty_sources(tmp_path):

@@ -120,14 +120,13 @@ def parse_label_file(path: Path) -> list[GalleryItem]:
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip() or line.startswith("#"):
             continue
-        columns = line.rstrip().split("\t")  # later columns (an id, say) are ignored,
-        if len(columns) < 2 or not columns[0].strip() or not columns[1].strip():  # as PaddleClas
-            missing = " (no tab: paths and labels may contain spaces, so only a tab separates them)"
+        # Later columns (an id, say) are ignored, as PaddleClas does
+        image, label, *_ = [*line.rstrip().split("\t"), ""]
+        if not image.strip() or not label.strip():
             raise DataError(
-                f"{path}:{number}: expected `path<TAB>label`, got {line!r}"
-                f"{missing if len(columns) < 2 else ''}"
+                f"{path}:{number}: expected `path<TAB>label`, got {line!r} "
+                f"({_missing_column(line, image)})"
             )
-        image, label = columns[:2]
         try:
             label = check_label(label)
         except BadLabelError as exc:
@@ -142,6 +141,14 @@ def parse_label_file(path: Path) -> list[GalleryItem]:
             )
         items.append(GalleryItem(full, label))
     return items
+
+
+def _missing_column(line: str, image: str) -> str:
+    """What a label file's line lacks: a line with a tab but nothing after it has no label,
+    not no tab (the trailing tab is easily missed, being invisible)."""
+    if "\t" not in line:
+        return "no tab: paths and labels may contain spaces, so only a tab separates them"
+    return "no path before the tab" if not image.strip() else "no label after the tab"
 
 
 def scan_label_folders(
