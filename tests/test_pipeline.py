@@ -515,6 +515,15 @@ def test_open_takes_the_recognize_commands_flags_as_keywords(setup, recognizer):
     assert keywords == set(SETTINGS)
 
 
+def test_open_takes_a_loaded_pipeline_config_and_leaves_it_as_it_was(setup):
+    """`config=` may be a `load_pipeline_config(...)` with overrides, as `from_config` takes
+    one; the keywords go on a copy, so the caller's config does not take them."""
+    config = load_pipeline_config("inference_general", ["IndexProcess.score_thres=0.3"])
+    with Recognizer.open(setup["library"], model=setup["model"], config=config) as rec:
+        assert rec.score_thres == 0.3 and rec.gallery.root == setup["library"]
+    assert config.IndexProcess.index_dir is None and config.Global.rec_inference_model_dir is None
+
+
 def picodet_pipeline_config(setup, grocery, *overrides: str) -> PipelineConfig:
     """The shipped pipeline config with the test model, library and the real PicoDet-S."""
     model = grocery.parent.parent / "models" / "picodet_s_coco" / "picodet_s_320_coco.onnx"

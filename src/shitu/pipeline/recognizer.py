@@ -338,12 +338,18 @@ class Recognizer:
         threads: int | None = None,
         runtime: str | None = None,
         precision: str | None = None,
-        config: str | Path = DEFAULT_PIPELINE_CONFIG,
+        config: PipelineConfig | str | Path = DEFAULT_PIPELINE_CONFIG,
     ) -> Recognizer:
         """The recogniser `shitu recognize --gallery GALLERY` runs, its flags as keywords
         (None: the config's value, as a flag left out): `model` an export folder (default:
         the shipped model), `detector` a detector file, "plain-background" or "none" (the
-        default: whole images), `config` a pipeline YAML file or shipped name."""
+        default: whole images), `config` a pipeline YAML file or shipped name, or a
+        `load_pipeline_config(...)` (with overrides; the keywords go on a copy of it, so
+        that the caller's config is left as it was)."""
+        if isinstance(config, PipelineConfig):
+            base = config.model_copy(deep=True)
+        else:
+            base = load_pipeline_config(config)
         settings = {
             "gallery": gallery,
             "model": model,
@@ -354,7 +360,7 @@ class Recognizer:
             "runtime": runtime,
             "precision": precision,
         }
-        return cls.from_config(with_settings(load_pipeline_config(config), settings))
+        return cls.from_config(with_settings(base, settings))
 
     def __repr__(self) -> str:
         return (
