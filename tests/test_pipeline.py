@@ -1574,6 +1574,38 @@ def test_wrong_detector_and_model_settings_name_the_setting_and_the_way_out(tmp_
     ) in capsys.readouterr().err
 
 
+def test_save_vis_shrinks_a_copy_wider_than_jpeg_holds_and_goes_on(setup, tmp_path, capsys):
+    """A photo of over 65,500 pixels a side (a shelf panorama; well within the pixel limit)
+    is recognised, but JPEG cannot hold its copy: the copy is shrunk to fit, where its
+    encoder's refusal stopped the run and removed every copy made."""
+    panorama = tmp_path / "photos" / "panorama.png"
+    panorama.parent.mkdir()
+    Image.new("RGB", (70_000, 40), "white").save(panorama)
+    photo = tmp_path / "photos" / "photo.jpg"
+    photo.write_bytes(setup["queries"][0].path.read_bytes())
+    vis = tmp_path / "vis"
+    code = shitu_main(
+        [
+            "recognize",
+            str(panorama),
+            str(photo),
+            "--gallery",
+            str(setup["library"]),
+            "--model",
+            str(setup["model"]),
+            "--score-thres",
+            "-1",
+            "--save-vis",
+            str(vis),
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    assert len(capsys.readouterr().out.splitlines()) == 2
+    with Image.open(vis / "panorama.jpg") as copy:
+        assert copy.size == (65_500, 37)
+    assert read_rgb(vis / "photo.jpg").shape == read_rgb(photo).shape
+
+
 def test_saved_visualisations_are_drawn_on_the_photos_decoded_for_recognition(
     setup, recognizer, tmp_path
 ):
