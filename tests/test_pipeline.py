@@ -1184,7 +1184,10 @@ def test_open_set_evaluation_and_its_threshold_sweep_agree_with_the_pipeline(set
     assert row.split()[:2] == ["0.5", "0.6957"]
     with recognizer() as rec:  # without unknown labels: no rejection figures, no best threshold
         closed = evaluate_pipeline(rec, setup["queries"], sweep=np.float32([0.0, 0.5]))
+        # queries from a generator count as a list's (each query is read more than once)
+        generated = evaluate_pipeline(rec, iter(setup["queries"]), sweep=np.float32([0.0, 0.5]))
     assert closed.rejection is None and closed.best_threshold() is None
+    assert generated.to_dict() == closed.to_dict() and generated.queries == len(setup["queries"])
     assert json.loads(json.dumps([p.to_dict() for p in closed.sweep]))[1]["score_thres"] == 0.5
     assert "rejection" not in closed.to_dict()
 
