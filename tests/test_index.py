@@ -1461,3 +1461,15 @@ def test_build_and_add_take_items_from_a_generator_and_name_wrong_ones(tmp_path)
         ):
             Gallery.build(tmp_path / "other", model, wrong)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lib", "photos"]
+
+
+def test_a_library_given_as_a_folder_of_images_is_named_as_one(tmp_path):
+    """A gallery library given where its images are wanted (`index build OLD_LIB --out
+    NEW`) is said to be one, with where its images are listed: the scan skips it, which
+    left only 'no images in its label sub-folders'."""
+    library = tmp_path / "lib"
+    Gallery.create_for(library, PixelEmbedder()).close()
+    make_images(library / "uploads", 1)  # as `shitu serve` keeps what it is sent
+    for label in (None, "Kiwi"):
+        with pytest.raises(DataError, match=rf"^{library}: a gallery library, .*index list"):
+            collect_items([library], label=label)

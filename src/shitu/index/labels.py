@@ -189,6 +189,17 @@ def _libraries() -> dict[str, str]:
     return {LIBRARY_FILE: "gallery library"}
 
 
+def _refuse_library(folder: Path) -> None:
+    """A DataError for a gallery library given as a folder of images: a scan skips it (it
+    holds features, not photos), which left only 'no images in its label sub-folders'."""
+    if any((folder / name).is_file() for name in _libraries()):
+        raise DataError(
+            f"{folder}: a gallery library, not a folder of gallery images; give the folders or "
+            f"label files of the images it holds (`shitu index list {folder} --images` lists "
+            "them)"
+        )
+
+
 def _one_label_hint(one_label_option: bool) -> str:
     """How else images get a label, for a caller that does or does not take --label."""
     if one_label_option:
@@ -234,6 +245,7 @@ def collect_items(
     items: list[GalleryItem] = []
     for source in sources:
         if source.is_dir():
+            _refuse_library(source)
             if label is None:
                 items.extend(scan_label_folders(source, one_label_option, leaf_labels))
             else:
