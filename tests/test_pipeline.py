@@ -476,6 +476,9 @@ def test_the_recogniser_refuses_keywords_its_config_would_refuse(setup, recogniz
         ):
             with pytest.raises(ConfigError, match=rf"^{named}: .*Recognizer.open\(gallery"):
                 Recognizer(*parts)
+        # The parts in `open`'s order (the gallery first) are named, not an AttributeError
+        with pytest.raises(ConfigError, match=r"^gallery: .*FeatureExtractor; the extractor"):
+            Recognizer(gallery, setup["extractor"])
 
 
 def test_a_recogniser_loads_from_a_config_files_path(setup, tmp_path):
