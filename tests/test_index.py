@@ -1473,3 +1473,23 @@ def test_a_library_given_as_a_folder_of_images_is_named_as_one(tmp_path):
     for label in (None, "Kiwi"):
         with pytest.raises(DataError, match=rf"^{library}: a gallery library, .*index list"):
             collect_items([library], label=label)
+
+
+def test_a_label_file_comment_naming_a_file_there_is_warned_of(tmp_path, caplog):
+    """`#` lines are comments, but a photo may be named `#1.jpg`: its line was left out of
+    the gallery without a word. It is warned of, with the way to list it (`./#1.jpg`); a
+    comment naming no file, or an entry commented out, says nothing."""
+    make_images(tmp_path, 2)
+    first, second = sorted(tmp_path.glob("*.png"))
+    first.rename(tmp_path / "#1.png")
+    listing = tmp_path / "gallery.txt"
+    listing.write_text(
+        f"# path<TAB>label\n#1.png\tHash\n#{second.name}\tCommented out\n./#1.png\tListed\n"
+    )
+    with caplog.at_level(logging.WARNING):
+        items = parse_label_file(listing)
+    assert [(item.path.name, item.label) for item in items] == [("#1.png", "Listed")]
+    assert [record.getMessage() for record in caplog.records] == [
+        f"{listing}:2: skipped as a comment (it starts with #), though #1.png is a file "
+        "there; to list it, write its path as ./#1.png"
+    ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -16,6 +17,8 @@ from shitu.image_files import (
     warn_if_grouped,
     warn_of_shared_folder_names,
 )
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -103,7 +106,8 @@ def parse_label_file(path: Path) -> list[GalleryItem]:
     """PP-ShiTu gallery list: `path<TAB>label` per line, paths relative to the file's folder.
 
     Labels may contain spaces (not tabs); columns after the label are ignored, as PaddleClas
-    does; blank and `#` lines are skipped. A relative path that is missing beside the file
+    does; blank and `#` lines are skipped (one naming a file that is there, `#1.jpg`, with a
+    warning: `./#1.jpg` lists it). A relative path that is missing beside the file
     but present from the working directory is refused with that said: every image of such
     a list would otherwise fail one by one. A path written with Windows' separators
     (`images\\apple.jpg`, as a list made on Windows has them) is found on other systems too.
@@ -118,7 +122,10 @@ def parse_label_file(path: Path) -> list[GalleryItem]:
         raise DataError(f"cannot read label file {path}: {exc.strerror}") from None
     items = []
     for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip() or line.startswith("#"):
+        if line.startswith("#"):  # a comment
+            _warn_if_a_file_is_commented_out(path, number, line)
+            continue
+        if not line.strip():
             continue
         # Later columns (an id, say) are ignored, as PaddleClas does
         image, label, *_ = [*line.rstrip().split("\t"), ""]
@@ -141,6 +148,21 @@ def parse_label_file(path: Path) -> list[GalleryItem]:
             )
         items.append(GalleryItem(full, label))
     return items
+
+
+def _warn_if_a_file_is_commented_out(path: Path, number: int, line: str) -> None:
+    """Warn of a `#` line, a comment, whose path names a file beside the list: a photo named
+    `#1.jpg` would otherwise be left out of the gallery without a word."""
+    image = line.split("\t", 1)[0].strip()
+    if "\t" in line and listed_file(path.parent, image).is_file():
+        logger.warning(
+            "%s:%d: skipped as a comment (it starts with #), though %s is a file there; "
+            "to list it, write its path as ./%s",
+            path,
+            number,
+            image,
+            image,
+        )
 
 
 def _missing_column(line: str, image: str) -> str:
