@@ -99,6 +99,10 @@ def test_label_file_without_tab_is_a_data_error(tmp_path):
         f"{listing}:1: expected `path<TAB>label`, got 'imgs/a.jpg Coca Cola' (no tab: paths "
         "and labels may contain spaces, so only a tab separates them)"
     )
+    for line, missing in (("imgs/a.jpg\t\n", "no label after"), ("\tCola\n", "no path before")):
+        listing.write_text(line)  # a tab there, but nothing on one side of it
+        with pytest.raises(DataError, match=f"got .* \\({missing} the tab\\)$"):
+            parse_label_file(listing)
 
 
 def test_label_files_with_a_bom_binary_files_and_empty_sources(tmp_path):
@@ -1434,3 +1438,58 @@ def test_reembed_moves_an_empty_library_to_the_new_model(tmp_path):
         assert gallery.manifest.embedding_dim == 108
         assert len(gallery.add_files(new, [GalleryItem(photos[1], "new")]).ids) == 1
         assert gallery.verify() == []
+
+
+def test_build_and_add_take_items_from_a_generator_and_name_wrong_ones(tmp_path):
+    """Items may come from a generator (read once, though each item is looked at more than
+    once); a `(path, label)` pair, a path alone or a folder's name instead of GalleryItems is
+    refused naming what to pass, not failed on a missing attribute."""
+    photos = make_images(tmp_path / "photos", 4)
+    model = PixelEmbedder()
+    report = Gallery.build(tmp_path / "lib", model, (GalleryItem(p, "label") for p in photos[:2]))
+    assert len(report.ids) == 2
+    with Gallery.open(tmp_path / "lib", embedder=model) as gallery:
+        assert len(gallery.add_files(model, (GalleryItem(p, "new") for p in photos[2:])).ids) == 2
+        assert gallery.label_counts() == {"label": 2, "new": 2}
+    for wrong, got in (
+        ([(photos[0], "label")], "got tuple"),
+        ([str(photos[0])], "got str"),
+        (str(tmp_path / "photos"), "got the string"),
+    ):
+        with pytest.raises(
+            GalleryError, match=f"expected (a list of )?GalleryItem.*collect_items.*{got}"
+        ):
+            Gallery.build(tmp_path / "other", model, wrong)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lib", "photos"]
+
+
+def test_a_library_given_as_a_folder_of_images_is_named_as_one(tmp_path):
+    """A gallery library given where its images are wanted (`index build OLD_LIB --out
+    NEW`) is said to be one, with where its images are listed: the scan skips it, which
+    left only 'no images in its label sub-folders'."""
+    library = tmp_path / "lib"
+    Gallery.create_for(library, PixelEmbedder()).close()
+    make_images(library / "uploads", 1)  # as `shitu serve` keeps what it is sent
+    for label in (None, "Kiwi"):
+        with pytest.raises(DataError, match=rf"^{library}: a gallery library, .*index list"):
+            collect_items([library], label=label)
+
+
+def test_a_label_file_comment_naming_a_file_there_is_warned_of(tmp_path, caplog):
+    """`#` lines are comments, but a photo may be named `#1.jpg`: its line was left out of
+    the gallery without a word. It is warned of, with the way to list it (`./#1.jpg`); a
+    comment naming no file, or an entry commented out, says nothing."""
+    make_images(tmp_path, 2)
+    first, second = sorted(tmp_path.glob("*.png"))
+    first.rename(tmp_path / "#1.png")
+    listing = tmp_path / "gallery.txt"
+    listing.write_text(
+        f"# path<TAB>label\n#1.png\tHash\n#{second.name}\tCommented out\n./#1.png\tListed\n"
+    )
+    with caplog.at_level(logging.WARNING):
+        items = parse_label_file(listing)
+    assert [(item.path.name, item.label) for item in items] == [("#1.png", "Listed")]
+    assert [record.getMessage() for record in caplog.records] == [
+        f"{listing}:2: skipped as a comment (it starts with #), though #1.png is a file "
+        "there; to list it, write its path as ./#1.png"
+    ]

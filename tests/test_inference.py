@@ -1291,3 +1291,26 @@ def test_file_names_inference_looks_for_are_those_their_writers_use() -> None:
 
     assert (f"{BEST}.safetensors", f"{FINAL}.safetensors") == TRAINING_RUN_WEIGHTS
     assert LIBRARY_DATABASE == LIBRARY_FILE
+
+
+def test_reading_and_decoding_name_what_to_pass_for_the_other_kind_of_input(tmp_path):
+    """`decode_rgb` takes bytes and `read_rgb` a path: each given the other's input (or an
+    open file, or a number, which bytes() took as a count of zero bytes) says what to pass,
+    not a TypeError about encodings or integers."""
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (8, 8), "red").save(photo)
+    data = photo.read_bytes()
+    assert decode_rgb(bytearray(data)).shape == decode_rgb(memoryview(data)).shape == (8, 8, 3)
+    with photo.open("rb") as handle:
+        for given, hint in (
+            (str(photo), r"got str \(a path: shitu.inference.read_rgb\(path\)"),
+            (photo, r"got PosixPath \(a path: shitu.inference.read_rgb\(path\)"),
+            (handle, r"got BufferedReader \(an open file: decode_rgb\(file.read\(\)\)\)"),
+            (8, r"got int$"),
+        ):
+            with pytest.raises(
+                UnreadableImageError, match=rf"^expected an encoded image's .*{hint}"
+            ):
+                decode_rgb(given)
+    with pytest.raises(UnreadableImageError, match=r"got bytes \(an encoded image: .*decode_rgb"):
+        read_rgb(data)

@@ -476,6 +476,9 @@ def test_the_recogniser_refuses_keywords_its_config_would_refuse(setup, recogniz
         ):
             with pytest.raises(ConfigError, match=rf"^{named}: .*Recognizer.open\(gallery"):
                 Recognizer(*parts)
+        # The parts in `open`'s order (the gallery first) are named, not an AttributeError
+        with pytest.raises(ConfigError, match=r"^gallery: .*FeatureExtractor; the extractor"):
+            Recognizer(gallery, setup["extractor"])
 
 
 def test_a_recogniser_loads_from_a_config_files_path(setup, tmp_path):
@@ -513,6 +516,15 @@ def test_open_takes_the_recognize_commands_flags_as_keywords(setup, recognizer):
             Recognizer.open(setup["library"], model=setup["model"], **{keyword: True})
     keywords = set(inspect.signature(Recognizer.open).parameters) - {"config"}
     assert keywords == set(SETTINGS)
+
+
+def test_open_takes_a_loaded_pipeline_config_and_leaves_it_as_it_was(setup):
+    """`config=` may be a `load_pipeline_config(...)` with overrides, as `from_config` takes
+    one; the keywords go on a copy, so the caller's config does not take them."""
+    config = load_pipeline_config("inference_general", ["IndexProcess.score_thres=0.3"])
+    with Recognizer.open(setup["library"], model=setup["model"], config=config) as rec:
+        assert rec.score_thres == 0.3 and rec.gallery.root == setup["library"]
+    assert config.IndexProcess.index_dir is None and config.Global.rec_inference_model_dir is None
 
 
 def picodet_pipeline_config(setup, grocery, *overrides: str) -> PipelineConfig:
@@ -1175,7 +1187,10 @@ def test_open_set_evaluation_and_its_threshold_sweep_agree_with_the_pipeline(set
     assert row.split()[:2] == ["0.5", "0.6957"]
     with recognizer() as rec:  # without unknown labels: no rejection figures, no best threshold
         closed = evaluate_pipeline(rec, setup["queries"], sweep=np.float32([0.0, 0.5]))
+        # queries from a generator count as a list's (each query is read more than once)
+        generated = evaluate_pipeline(rec, iter(setup["queries"]), sweep=np.float32([0.0, 0.5]))
     assert closed.rejection is None and closed.best_threshold() is None
+    assert generated.to_dict() == closed.to_dict() and generated.queries == len(setup["queries"])
     assert json.loads(json.dumps([p.to_dict() for p in closed.sweep]))[1]["score_thres"] == 0.5
     assert "rejection" not in closed.to_dict()
 
@@ -1563,6 +1578,38 @@ def test_wrong_detector_and_model_settings_name_the_setting_and_the_way_out(tmp_
         "inference model, which shitu does not run; give the PicoDet weights it was made from "
         "(.pdparams, with --det-arch) or an ONNX export"
     ) in capsys.readouterr().err
+
+
+def test_save_vis_shrinks_a_copy_wider_than_jpeg_holds_and_goes_on(setup, tmp_path, capsys):
+    """A photo of over 65,500 pixels a side (a shelf panorama; well within the pixel limit)
+    is recognised, but JPEG cannot hold its copy: the copy is shrunk to fit, where its
+    encoder's refusal stopped the run and removed every copy made."""
+    panorama = tmp_path / "photos" / "panorama.png"
+    panorama.parent.mkdir()
+    Image.new("RGB", (70_000, 40), "white").save(panorama)
+    photo = tmp_path / "photos" / "photo.jpg"
+    photo.write_bytes(setup["queries"][0].path.read_bytes())
+    vis = tmp_path / "vis"
+    code = shitu_main(
+        [
+            "recognize",
+            str(panorama),
+            str(photo),
+            "--gallery",
+            str(setup["library"]),
+            "--model",
+            str(setup["model"]),
+            "--score-thres",
+            "-1",
+            "--save-vis",
+            str(vis),
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    assert len(capsys.readouterr().out.splitlines()) == 2
+    with Image.open(vis / "panorama.jpg") as copy:
+        assert copy.size == (65_500, 37)
+    assert read_rgb(vis / "photo.jpg").shape == read_rgb(photo).shape
 
 
 def test_saved_visualisations_are_drawn_on_the_photos_decoded_for_recognition(

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from shitu.pipeline import FileRecognition
 
 DEFAULT_CONFIG = "GeneralRecognitionV2_PPLCNetV2_base"
+JPEG_MAX_SIDE = 65_500  # pixels: the longest side libjpeg (Pillow's JPEG encoder) writes
 
 
 def bounded(kind: type, low: float, high: float | None, what: str) -> Callable[[str], Any]:
@@ -509,7 +510,7 @@ class VisualisationWriter:
         if path not in self.written and path.exists():
             self.replaced += 1
         self.written.add(path)
-        return write_jpeg(path, annotated, quality=90)
+        return write_jpeg(path, _within_jpeg_size(annotated), quality=90)
 
     def note_replaced(self) -> None:
         """Say on stderr how many files already in the folder the copies were written over
@@ -530,6 +531,16 @@ class VisualisationWriter:
 
         image = found.image if found.image is not None else read_rgb(found.path)
         return self.save(found.path, draw_results(image, found.results, self.fonts))
+
+
+def _within_jpeg_size(image: Image.Image) -> Image.Image:
+    """`image`, shrunk to JPEG's largest side where it is longer (a panorama of a shelf): the
+    encoder refuses it, which stopped the run at that photo and removed every copy made."""
+    longest = max(image.size)
+    if longest <= JPEG_MAX_SIDE:
+        return image
+    scale = JPEG_MAX_SIDE / longest
+    return image.resize(tuple(max(1, round(side * scale)) for side in image.size))
 
 
 def refuse_inside_gallery_sources(

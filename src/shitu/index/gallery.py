@@ -14,7 +14,7 @@ import math
 import os
 import shutil
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from numbers import Integral, Real
 from pathlib import Path
@@ -387,7 +387,7 @@ class Gallery:
         cls,
         path: str | Path,
         embedder: Embedder,
-        items: Sequence[GalleryItem],
+        items: Iterable[GalleryItem],
         *,
         batch_size: int = 32,
         progress: bool = False,
@@ -402,6 +402,7 @@ class Gallery:
         root = Path(path)
         if root.exists():
             raise GalleryError(f"{root}: already exists; give a path for the new library")
+        items = _gallery_items(items, "build")
         with staging_folder(root, "building") as tmp:
             try:
                 with cls.create_for(tmp, embedder, **options) as gallery:
@@ -839,7 +840,7 @@ class Gallery:
     def add_files(
         self,
         embedder: Embedder,
-        items: Sequence[GalleryItem],
+        items: Iterable[GalleryItem],
         batch_size: int = 32,
         progress: bool | ImageProgress = False,
         allow_duplicates: bool = False,
@@ -857,7 +858,7 @@ class Gallery:
         return report
 
     def check_files(
-        self, items: Sequence[GalleryItem], allow_duplicates: bool = False, progress: bool = False
+        self, items: Iterable[GalleryItem], allow_duplicates: bool = False, progress: bool = False
     ) -> FilesToAdd:
         """Read each file's content hash, leaving out what an add of `items` does not
         embed: files that cannot be read (failures), and content the library has or that
@@ -866,6 +867,7 @@ class Gallery:
         its own write: an add that keeps what it did when stopped). `progress`: draw a bar
         over the hashing, for HASH_BAR_MIN_FILES files or more (each file is read whole)."""
         self._check_usable()
+        items = _gallery_items(items, "add")
         # As each label is stored, checked before any file is read
         labels = [_stored_label(item.label, f"add {item.path}") for item in items]
         digests, failures = _file_hashes([item.path for item in items], progress)
@@ -1240,6 +1242,21 @@ def _listed(values: Any, what: str, where: str) -> list:
         return list(values)
     except TypeError:
         raise GalleryError(f"{where}: expected a list of {what}, got {values!r}") from None
+
+
+def _gallery_items(items: Any, where: str) -> list[GalleryItem]:
+    """`items` as a list, each a GalleryItem: a generator is read once (its items are gone
+    by the second look at them), and a `(path, label)` pair or a path alone would fail on a
+    missing attribute that says nothing of what to pass."""
+    made_by = "shitu.index.collect_items(sources) makes them from folders and label files"
+    listed = _listed(items, f"GalleryItem(path, label)s ({made_by})", where)
+    wrong = next((item for item in listed if not isinstance(item, GalleryItem)), None)
+    if wrong is not None:
+        raise GalleryError(
+            f"{where}: expected GalleryItem(path, label)s ({made_by}), got "
+            f"{type(wrong).__name__} {wrong!r:.80}"
+        )
+    return listed
 
 
 def _without_direction(normalised: np.ndarray) -> np.ndarray:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -16,6 +17,8 @@ from shitu.image_files import (
     warn_if_grouped,
     warn_of_shared_folder_names,
 )
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -103,7 +106,8 @@ def parse_label_file(path: Path) -> list[GalleryItem]:
     """PP-ShiTu gallery list: `path<TAB>label` per line, paths relative to the file's folder.
 
     Labels may contain spaces (not tabs); columns after the label are ignored, as PaddleClas
-    does; blank and `#` lines are skipped. A relative path that is missing beside the file
+    does; blank and `#` lines are skipped (one naming a file that is there, `#1.jpg`, with a
+    warning: `./#1.jpg` lists it). A relative path that is missing beside the file
     but present from the working directory is refused with that said: every image of such
     a list would otherwise fail one by one. A path written with Windows' separators
     (`images\\apple.jpg`, as a list made on Windows has them) is found on other systems too.
@@ -118,16 +122,18 @@ def parse_label_file(path: Path) -> list[GalleryItem]:
         raise DataError(f"cannot read label file {path}: {exc.strerror}") from None
     items = []
     for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip() or line.startswith("#"):
+        if line.startswith("#"):  # a comment
+            _warn_if_a_file_is_commented_out(path, number, line)
             continue
-        columns = line.rstrip().split("\t")  # later columns (an id, say) are ignored,
-        if len(columns) < 2 or not columns[0].strip() or not columns[1].strip():  # as PaddleClas
-            missing = " (no tab: paths and labels may contain spaces, so only a tab separates them)"
+        if not line.strip():
+            continue
+        # Later columns (an id, say) are ignored, as PaddleClas does
+        image, label, *_ = [*line.rstrip().split("\t"), ""]
+        if not image.strip() or not label.strip():
             raise DataError(
-                f"{path}:{number}: expected `path<TAB>label`, got {line!r}"
-                f"{missing if len(columns) < 2 else ''}"
+                f"{path}:{number}: expected `path<TAB>label`, got {line!r} "
+                f"({_missing_column(line, image)})"
             )
-        image, label = columns[:2]
         try:
             label = check_label(label)
         except BadLabelError as exc:
@@ -142,6 +148,29 @@ def parse_label_file(path: Path) -> list[GalleryItem]:
             )
         items.append(GalleryItem(full, label))
     return items
+
+
+def _warn_if_a_file_is_commented_out(path: Path, number: int, line: str) -> None:
+    """Warn of a `#` line, a comment, whose path names a file beside the list: a photo named
+    `#1.jpg` would otherwise be left out of the gallery without a word."""
+    image = line.split("\t", 1)[0].strip()
+    if "\t" in line and listed_file(path.parent, image).is_file():
+        logger.warning(
+            "%s:%d: skipped as a comment (it starts with #), though %s is a file there; "
+            "to list it, write its path as ./%s",
+            path,
+            number,
+            image,
+            image,
+        )
+
+
+def _missing_column(line: str, image: str) -> str:
+    """What a label file's line lacks: a line with a tab but nothing after it has no label,
+    not no tab (the trailing tab is easily missed, being invisible)."""
+    if "\t" not in line:
+        return "no tab: paths and labels may contain spaces, so only a tab separates them"
+    return "no path before the tab" if not image.strip() else "no label after the tab"
 
 
 def scan_label_folders(
@@ -180,6 +209,17 @@ def _libraries() -> dict[str, str]:
     from shitu.index.metadata import LIBRARY_FILE
 
     return {LIBRARY_FILE: "gallery library"}
+
+
+def _refuse_library(folder: Path) -> None:
+    """A DataError for a gallery library given as a folder of images: a scan skips it (it
+    holds features, not photos), which left only 'no images in its label sub-folders'."""
+    if any((folder / name).is_file() for name in _libraries()):
+        raise DataError(
+            f"{folder}: a gallery library, not a folder of gallery images; give the folders or "
+            f"label files of the images it holds (`shitu index list {folder} --images` lists "
+            "them)"
+        )
 
 
 def _one_label_hint(one_label_option: bool) -> str:
@@ -227,6 +267,7 @@ def collect_items(
     items: list[GalleryItem] = []
     for source in sources:
         if source.is_dir():
+            _refuse_library(source)
             if label is None:
                 items.extend(scan_label_folders(source, one_label_option, leaf_labels))
             else:

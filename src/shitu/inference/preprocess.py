@@ -13,6 +13,7 @@ import functools
 import json
 import logging
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -315,6 +316,11 @@ def read_rgb(path: str | Path) -> np.ndarray:
 
     Raises UnreadableImageError (a DataError) naming the reason.
     """
+    if isinstance(path, bytes | bytearray | memoryview):  # Path() would say only its type
+        raise UnreadableImageError(
+            f"expected an image file's path, got {type(path).__name__} (an encoded image: "
+            "shitu.inference.decode_rgb(data) decodes it)"
+        )
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
@@ -326,7 +332,7 @@ def decode_rgb(data: bytes | np.ndarray) -> np.ndarray:
     """Encoded image bytes -> RGB uint8 HxWx3, decoded as `read_rgb` decodes files, so an
     upload gives the same pixels (and features) as the same file on disk. An image over
     the pixel limit (`check_image_size`) is refused from its header, before decoding."""
-    encoded = bytes(data)  # bytes as they are; an array's buffer copied
+    encoded = _encoded_bytes(data)
     check_encoded_size(encoded)
     buffer = np.frombuffer(encoded, np.uint8)
     image = None
@@ -342,6 +348,23 @@ def decode_rgb(data: bytes | np.ndarray) -> np.ndarray:
     # Formats OpenCV does not read (e.g. ICO) through Pillow, which also says why a file
     # cannot be read.
     return np.asarray(decode_rgb_image(encoded))
+
+
+def _encoded_bytes(data: object) -> bytes:
+    """`data`'s bytes (an array's buffer copied). Anything else is refused naming what to
+    pass: `bytes()` fails on a path or an open file saying nothing of either, and takes a
+    number as a count of zero bytes to decode."""
+    if isinstance(data, bytes | bytearray | memoryview | np.ndarray):
+        return bytes(data)
+    if isinstance(data, str | os.PathLike):
+        hint = " (a path: shitu.inference.read_rgb(path) reads the file)"
+    elif hasattr(data, "read"):
+        hint = " (an open file: decode_rgb(file.read()))"
+    else:
+        hint = ""
+    raise UnreadableImageError(
+        f"expected an encoded image's bytes, got {type(data).__name__}{hint}"
+    )
 
 
 # Formats whose transparency a header check does not settle (GIF sets a transparent colour

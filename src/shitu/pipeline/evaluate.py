@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -112,12 +112,13 @@ class PipelineEvaluation:
 
 def evaluate_pipeline(
     recognizer: Recognizer,
-    items: Sequence[GalleryItem],
+    items: Iterable[GalleryItem],
     progress: bool = False,
     sweep: Sequence[float] = (),
 ) -> PipelineEvaluation:
     """Run the whole pipeline on each query at the recogniser's threshold, and at each
     threshold of `sweep` (reported in `.sweep`)."""
+    items = list(items)  # read three times: a generator would be empty after the first
     gallery_labels = known_labels(recognizer)
     in_gallery = _gallery_images(recognizer, [item.path for item in items], progress)
     scored: list[tuple[str, str, Candidates]] = []

@@ -141,9 +141,10 @@ def _check_pipeline_keywords(
 
 
 def _check_parts(extractor: object, gallery: object, detector: object) -> None:
-    """A ConfigError for a part given as a path, which `Recognizer.open` takes: here it would
-    fail with an AttributeError that says nothing of what to pass instead (the detector's
-    only on the first photo)."""
+    """A ConfigError for a part given as a path, which `Recognizer.open` takes, or a gallery
+    that is not an open library (the parts swapped, as `open` takes the gallery first): here
+    it would fail with an AttributeError that says nothing of what to pass instead (the
+    detector's only on the first photo)."""
     for name, value, how in (
         ("extractor", extractor, "FeatureExtractor.load(model_dir)"),
         ("gallery", gallery, "Gallery.open(path)"),
@@ -154,6 +155,13 @@ def _check_parts(extractor: object, gallery: object, detector: object) -> None:
                 f"{name}: expected a loaded part ({how}), got the path {os.fspath(value)!r}; "
                 "Recognizer.open(gallery, model=...) takes paths"
             )
+    if not isinstance(gallery, Gallery):
+        swapped = isinstance(extractor, Gallery)
+        order = "; the extractor comes first: Recognizer(extractor, gallery)" if swapped else ""
+        raise ConfigError(
+            f"gallery: expected an open library (Gallery.open(path)), got "
+            f"{type(gallery).__name__}{order}"
+        )
 
 
 def pixel_box(box: Sequence[float], width: int, height: int) -> tuple[int, int, int, int]:
@@ -338,12 +346,18 @@ class Recognizer:
         threads: int | None = None,
         runtime: str | None = None,
         precision: str | None = None,
-        config: str | Path = DEFAULT_PIPELINE_CONFIG,
+        config: PipelineConfig | str | Path = DEFAULT_PIPELINE_CONFIG,
     ) -> Recognizer:
         """The recogniser `shitu recognize --gallery GALLERY` runs, its flags as keywords
         (None: the config's value, as a flag left out): `model` an export folder (default:
         the shipped model), `detector` a detector file, "plain-background" or "none" (the
-        default: whole images), `config` a pipeline YAML file or shipped name."""
+        default: whole images), `config` a pipeline YAML file or shipped name, or a
+        `load_pipeline_config(...)` (with overrides; the keywords go on a copy of it, so
+        that the caller's config is left as it was)."""
+        if isinstance(config, PipelineConfig):
+            base = config.model_copy(deep=True)
+        else:
+            base = load_pipeline_config(config)
         settings = {
             "gallery": gallery,
             "model": model,
@@ -354,7 +368,7 @@ class Recognizer:
             "runtime": runtime,
             "precision": precision,
         }
-        return cls.from_config(with_settings(load_pipeline_config(config), settings))
+        return cls.from_config(with_settings(base, settings))
 
     def __repr__(self) -> str:
         return (
