@@ -184,6 +184,16 @@ def test_load_applies_overrides_and_keeps_types(config_file):
     assert config.Arch.BackboneStopLayer.name == "flatten"
 
 
+def test_one_string_of_overrides_is_refused_naming_the_list_to_pass(config_file):
+    """A string is iterable: read as the list, it gave one override per character
+    ("override 'G' is not of the form KEY=VALUE")."""
+    expected = "expected a list of 'KEY=VALUE' strings, got the string 'Global.epochs=7'"
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        load_config(config_file, "Global.epochs=7")
+    with pytest.raises(ConfigError, match=re.escape("pass ['Global.threshold=0.3']")):
+        load_pipeline_config("inference_general", "Global.threshold=0.3")
+
+
 def test_lr_mult_overrides_with_dotted_module_names():
     """A dotted override path and a flow mapping name the same module."""
     name = "GroceryStore_EfficientNetLite0"

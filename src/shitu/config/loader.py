@@ -88,8 +88,14 @@ def apply_attributed_overrides(
 ) -> dict[str, str]:
     """Apply `-o` overrides to `raw`; returns dotted key -> override text for `with_source`.
 
-    A malformed override is a ConfigError naming `source`.
+    A malformed override is a ConfigError naming `source`; so is one string given for the
+    list, which would otherwise be read as overrides of one character each.
     """
+    if isinstance(overrides, str):
+        raise ConfigError(
+            f"{source}: overrides: expected a list of 'KEY=VALUE' strings, got the string "
+            f"{overrides!r}; pass [{overrides!r}]"
+        )
     overrides = list(overrides or [])
     try:
         return apply_attributed(raw, overrides)
