@@ -1412,8 +1412,13 @@ def test_build_makes_a_whole_library_or_nothing_at_its_path(tmp_path):
     with Gallery.open(path, embedder=model) as gallery:
         assert len(gallery) == 6 and gallery.manifest.index_type == "HNSW32"
         assert gallery.label_counts() == {"label 0": 3, "label 1": 3}
-    with pytest.raises(GalleryError, match="lib: already exists"):
+    with pytest.raises(GalleryError, match="lib: already exists and is not an empty folder"):
         Gallery.build(path, model, items)
+    made_beforehand = tmp_path / "made"  # `mkdir made` first: the folder to fill, as create's
+    made_beforehand.mkdir()
+    Gallery.build(made_beforehand, model, items)
+    with Gallery.open(made_beforehand, embedder=model) as gallery:
+        assert len(gallery) == 6
 
     with pytest.raises(RuntimeError, match="out of memory"):
         Gallery.build(tmp_path / "failed", FailingEmbedder(fail_after=3), items)
@@ -1421,7 +1426,7 @@ def test_build_makes_a_whole_library_or_nothing_at_its_path(tmp_path):
         Gallery.build(tmp_path / "empty", model, [GalleryItem(broken, "x")])
     assert "not built, none of the 1 images was added" in str(nothing.value)
     assert [f[0] for f in nothing.value.report.failures] == [str(broken)]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.png", "lib", "photos"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.png", "lib", "made", "photos"]
 
 
 def test_reembed_moves_an_empty_library_to_the_new_model(tmp_path):

@@ -212,10 +212,11 @@ def test_index_help_gives_the_default_of_every_option_that_has_one():
 
 def test_build_refuses_an_existing_library_and_bad_lists(models, tmp_path):
     (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "notes.txt").write_text("x")  # an empty folder would be built into
     taken = shitu(
         "index", "build", "--gallery", tmp_path, "--model", models[512], "--out", tmp_path / "lib"
     )
-    assert taken.returncode == 2 and "already exists" in taken.stderr
+    assert taken.returncode == 2 and "already exists and is not an empty folder" in taken.stderr
     assert "index add" not in taken.stderr  # a folder, not a library to add to
     empty = shitu("index", "build", "--out", tmp_path / "x")
     assert empty.returncode == 2 and "nothing to embed; give the gallery" in empty.stderr

@@ -78,6 +78,12 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def occupied(path: Path) -> bool:
+    """Whether a new folder cannot be put at `path`: something is there other than an empty
+    folder (which one made beforehand, `mkdir out`, is taken as the place to fill)."""
+    return path.exists() and (not path.is_dir() or any(path.iterdir()))
+
+
 def check_writable(folder: Path, what: str) -> None:
     """Create `folder` if needed and write a file in it, before long work whose results go
     there: an unusable place (a file in the way, no permission, a read-only or virtual file

@@ -21,7 +21,7 @@ from shitu.cli.common import (
     warn_if_empty,
 )
 from shitu.errors import DataError, GalleryError, did_you_mean
-from shitu.fileio import check_writable
+from shitu.fileio import check_writable, occupied
 from shitu.index import (
     INDEX_TYPES,
     METRICS,
@@ -86,7 +86,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=[],
         help="SOURCE, given as an option",
     )
-    build.add_argument("--out", type=Path, required=True, help="library folder to create")
+    build.add_argument("--out", type=Path, required=True, help="library folder to create (or an empty folder to fill)")
     build.add_argument("--label", help="label for every given image and folder (as `index add`)")
     add_leaf_labels_argument(build)
     build.add_argument(
@@ -397,10 +397,12 @@ def run_build(args: argparse.Namespace) -> int:
             "trees (shitu index build my_products/ --out my_gallery)"
         )
     search_options = _search_options(args, args.index_type)
-    if args.out.exists():
+    if occupied(args.out):  # an empty folder made for it is filled
         library = (args.out / LIBRARY_FILE).is_file()  # else `index add` would refuse it too
         add = f" or add to it with `shitu index add {args.out} ...`" if library else ""
-        raise GalleryError(f"{args.out}: already exists; choose a new --out{add}")
+        raise GalleryError(
+            f"{args.out}: already exists and is not an empty folder; choose a new --out{add}"
+        )
     check_writable(args.out.parent, f"--out {args.out}")
     items = collect_items(sources, label=args.label, leaf_labels=args.leaf_labels)
     model = _load_model(args)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 
 from shitu.errors import GalleryError, did_you_mean
-from shitu.fileio import file_sha256, fsync_dir, staging_folder
+from shitu.fileio import file_sha256, fsync_dir, occupied, staging_folder
 from shitu.index.backends import Backend, Change, IndexSyncError, describe_index, open_backend
 from shitu.index.embedder import Embedder
 from shitu.index.files import crash_point
@@ -337,7 +337,7 @@ class Gallery:
         """
         root = Path(path)
         existed = root.exists()
-        if existed and (not root.is_dir() or any(root.iterdir())):
+        if occupied(root):
             raise GalleryError(f"{root}: already exists and is not an empty folder")
         if replace_collection and backend != "milvus":
             raise GalleryError(f"replace_collection: only for the milvus backend, not {backend}")
@@ -397,11 +397,15 @@ class Gallery:
         """A new library at `path` of `items` embedded by `embedder`, as `shitu index build`
         makes it: written in a staging folder beside `path` and renamed into place once
         whole, so that a build that fails or is interrupted leaves nothing at `path`, nor a
-        Milvus collection. `options`: `create`'s. Refused where `path` exists; a
-        NothingAddedError, with the report, where no image could be added."""
+        Milvus collection. `options`: `create`'s. Refused where `path` exists, unless an
+        empty folder (as `create`); a NothingAddedError, with the report, where no image
+        could be added."""
         root = Path(path)
-        if root.exists():
-            raise GalleryError(f"{root}: already exists; give a path for the new library")
+        if occupied(root):
+            raise GalleryError(
+                f"{root}: already exists and is not an empty folder; give a path for the new "
+                "library"
+            )
         items = _gallery_items(items, "build")
         with staging_folder(root, "building") as tmp:
             try:
