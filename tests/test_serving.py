@@ -481,6 +481,12 @@ def test_bad_uploads_get_clear_errors(serving_library, client):
             400,
             "field 'image' must be a file upload",
         ),
+        # a photo's bytes as a text field (curl -F image=<photo.jpg): not "not UTF-8 text"
+        "photo as text": (
+            client.post("/v1/recognize", files={"image": (None, good.read_bytes())}),
+            400,
+            "field 'image' must be a file upload, not text (curl: -F image=@photo.jpg)",
+        ),
         "two images": (
             client.post("/v1/recognize", files=[("image", photo(good)), ("image", photo(good))]),
             400,
