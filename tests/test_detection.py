@@ -615,6 +615,22 @@ def test_the_pipelines_cpu_num_threads_limits_the_detector_too() -> None:
 
 
 @needs_picodet
+def test_detect_cli_threads_limit_the_detector(capsys) -> None:
+    """`shitu detect --threads`, as `recognize --threads`: on a shared host the detector
+    need not take every core (onnxruntime's default ignores OMP_NUM_THREADS)."""
+    before = torch.get_num_threads()
+    dog = str(PICODET / "samples" / "dog.jpg")
+    try:
+        torch.set_num_threads(2)
+        command = ["detect", dog, "--model", str(ONNX_416), "--runtime", "torch", "--threads", "1"]
+        assert shitu_main(command) == 0
+        assert torch.get_num_threads() == 1  # torch's setting is process-wide
+    finally:
+        torch.set_num_threads(before)
+    assert json.loads(capsys.readouterr().out)["boxes"]
+
+
+@needs_picodet
 def test_the_onnx_detectors_idle_threads_sleep_and_its_boxes_stay_the_same() -> None:
     """The detector runs between the recognition model's runs and Python work on the same
     cores, so its threads must not spin while idle; onnxruntime's default session (which

@@ -70,6 +70,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--per-class", action="store_true", help="NMS per class instead of class-agnostic"
     )
+    parser.add_argument(
+        "--threads",
+        type=positive_int,
+        help="CPU threads for the detector (default: the runtime's, one per core)",
+    )
     add_visualisation_arguments(parser)
     add_progress_argument(parser)
     parser.set_defaults(func=run)
@@ -108,7 +113,7 @@ def _detect(args: argparse.Namespace) -> int:
     from shitu.progress import ImageProgress
 
     paths, folder = expand_images(args.images)
-    detector = load_detector(args.model, args.runtime, args.arch, args.input_size)
+    detector = load_detector(args.model, args.runtime, args.arch, args.input_size, args.threads)
     names = _class_names(args.class_names) if args.class_names else detector.class_names
     if args.class_names and detector.num_classes not in (None, len(names)):
         raise DataError(
