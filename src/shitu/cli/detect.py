@@ -36,7 +36,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("images", nargs="+", help="image files and/or folders")
     parser.add_argument("--model", required=True, help="detector: .pt, .pdparams or .onnx")
-    parser.add_argument("--arch", help="architecture name (needed for .pdparams)")
+    parser.add_argument(
+        "--arch",
+        "--det-arch",
+        dest="arch",
+        help="architecture name (needed for .pdparams), as recognize's --det-arch",
+    )
     parser.add_argument(
         "--class-names",
         metavar="FILE",
