@@ -602,6 +602,22 @@ def test_bad_uploads_get_clear_errors(serving_library, client):
             400,
             "unexpected parameter 'label' (this endpoint takes none)",
         ),
+        # answered as if the threshold had been set; a form field of that name is refused
+        "query on recognize": (
+            client.post("/v1/recognize", params={"score_thres": 0.9}, files={"image": photo(good)}),
+            400,
+            "invalid query: unexpected parameter 'score_thres' (this endpoint takes none)",
+        ),
+        "query on an add": (
+            client.post(
+                "/v1/gallery/images",
+                params={"label": "x"},
+                files={"image": photo(good)},
+                headers=WRITE,
+            ),
+            400,
+            "invalid query: unexpected parameter 'label' (this endpoint takes none)",
+        ),
     }
     for name, (response, status, message) in cases.items():
         assert response.status_code == status, (name, response.text)
