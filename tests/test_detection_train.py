@@ -811,18 +811,23 @@ def test_a_diverging_detect_train_stops_with_an_error_not_a_model_of_nan(
 ) -> None:
     """A learning rate far too high: the run went on to its last epoch writing NaN weights
     (or failed in the assigner with torch's "all elements of input should be between 0 and
-    1"), where the recogniser's `shitu train` stops and says so."""
+    1"), where the recogniser's `shitu train` stops and says so. One step an epoch, so it
+    diverges after a checkpoint: the advice names the folder, where a new run is refused."""
     torch.set_num_threads(2)
     coco = _write_coco(tmp_path, _write_images(tmp_path, 4, size=64))
-    command = ["detect-train", "--coco", str(coco), "--images", str(tmp_path), "--epochs", "5",
-               "--batch-size", "2", "--input-size", "64", "--train-sizes", "64", "--lr", "1e8",
+    command = ["detect-train", "--coco", str(coco), "--images", str(tmp_path), "--epochs", "10",
+               "--batch-size", "4", "--input-size", "64", "--train-sizes", "64", "--lr", "1e8",
                "--out", str(tmp_path / "run"), "--no-progress"]  # fmt: skip
     assert main(command) == 2
     expected = (
-        r"error: the (network's outputs|loss) became .* at step \d+ \(epoch \d\): training di"
+        r"error: the (network's outputs|loss) became .* at step \d+ \(epoch \d+\): training "
+        r"diverged; train again with a learning rate below 1e\+08 \(detect-train's --lr\), into "
+        f"another folder than {re.escape(str(tmp_path / 'run'))} \\(or remove it\\)"
     )
     assert re.search(expected, capsys.readouterr().err)
     assert not (tmp_path / "run" / "model.pt").exists()
+    assert main([*command, "--lr", "0.01"]) == 2  # as that says
+    assert "holds an earlier run (latest.pt)" in capsys.readouterr().err
 
 
 def test_a_resumed_detect_train_goes_on_in_the_folder_of_the_run_it_continues(
