@@ -806,6 +806,26 @@ def test_detect_train_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     ) in capsys.readouterr().err
 
 
+def test_detect_train_trains_the_mainbody_architecture_at_its_own_sizes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """PP-ShiTu's mainbody detector is a 640 model, trained at 576 to 704 as PaddleDetection's
+    recipe does: without --input-size and --train-sizes it trained and exported at PicoDet-S's
+    416 (352 to 480), a smaller detector than the one asked for, without a word."""
+    torch.set_num_threads(2)
+    coco = _write_coco(tmp_path, _write_images(tmp_path, 2, size=64))
+    out = tmp_path / "out"
+    command = ["detect-train", "--coco", str(coco), "--images", str(tmp_path), "--epochs", "1",
+               "--batch-size", "2", "--arch", "picodet_lcnet_x2_5_mainbody", "--class-agnostic",
+               "--out", str(out), "--no-progress"]  # fmt: skip
+    assert main(command) == 0
+    summary = capsys.readouterr().err
+    assert "input sizes        576 608 640 672 704 (evaluation, exports: 640)" in summary
+    with load_detector(out / "model.onnx") as exported:
+        assert exported.input_size == (640, 640)
+    assert load_detector(out / "model.pt").input_size == (640, 640)
+
+
 def test_a_diverging_detect_train_stops_with_an_error_not_a_model_of_nan(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
