@@ -324,10 +324,11 @@ def test_a_failed_checkpoint_write_leaves_the_earlier_file(tmp_path: Path, monke
 
 
 def test_a_pdparams_fine_tuned_on_other_classes_loads_with_its_class_count(
-    tmp_path: Path,
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A PaddleDetection PicoDet-S trained on 20 VOC classes, named by its architecture: it
-    runs with the 20 classes its head scores (the head's shape refused it)."""
+    runs with the 20 classes its head scores (the head's shape refused it). `shitu detect`
+    takes the architecture as --det-arch too, as recognize and detect-export do."""
     torch.manual_seed(0)
     model = build_picodet("picodet_s_esnet", num_classes=20, input_size=64).eval()
     state = {
@@ -343,6 +344,10 @@ def test_a_pdparams_fine_tuned_on_other_classes_loads_with_its_class_count(
     image = np.asarray(Image.open(PICODET / "samples" / "dog.jpg").convert("RGB"))
     expected = TorchDetector(model, 64).detect(image, 0.0, 10, class_agnostic=False)
     np.testing.assert_array_equal(detector.detect(image, 0.0, 10, class_agnostic=False), expected)
+    dog = str(PICODET / "samples" / "dog.jpg")
+    command = ["detect", dog, "--model", str(path), "--input-size", "64", "--threshold", "0"]
+    assert shitu_main([*command, "--det-arch", "picodet_s_esnet"]) == 0
+    assert json.loads(capsys.readouterr().out)["boxes"]
 
 
 def test_load_detector_errors(tmp_path: Path, caplog) -> None:
@@ -612,6 +617,22 @@ def test_the_pipelines_cpu_num_threads_limits_the_detector_too() -> None:
             assert torch.get_num_threads() == (2 if backend == "onnxruntime" else 1)
     finally:
         torch.set_num_threads(before)
+
+
+@needs_picodet
+def test_detect_cli_threads_limit_the_detector(capsys) -> None:
+    """`shitu detect --threads`, as `recognize --threads`: on a shared host the detector
+    need not take every core (onnxruntime's default ignores OMP_NUM_THREADS)."""
+    before = torch.get_num_threads()
+    dog = str(PICODET / "samples" / "dog.jpg")
+    try:
+        torch.set_num_threads(2)
+        command = ["detect", dog, "--model", str(ONNX_416), "--runtime", "torch", "--threads", "1"]
+        assert shitu_main(command) == 0
+        assert torch.get_num_threads() == 1  # torch's setting is process-wide
+    finally:
+        torch.set_num_threads(before)
+    assert json.loads(capsys.readouterr().out)["boxes"]
 
 
 @needs_picodet

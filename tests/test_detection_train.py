@@ -806,23 +806,48 @@ def test_detect_train_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     ) in capsys.readouterr().err
 
 
+def test_detect_train_trains_the_mainbody_architecture_at_its_own_sizes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """PP-ShiTu's mainbody detector is a 640 model, trained at 576 to 704 as PaddleDetection's
+    recipe does: without --input-size and --train-sizes it trained and exported at PicoDet-S's
+    416 (352 to 480), a smaller detector than the one asked for, without a word."""
+    torch.set_num_threads(2)
+    coco = _write_coco(tmp_path, _write_images(tmp_path, 2, size=64))
+    out = tmp_path / "out"
+    command = ["detect-train", "--coco", str(coco), "--images", str(tmp_path), "--epochs", "1",
+               "--batch-size", "2", "--arch", "picodet_lcnet_x2_5_mainbody", "--class-agnostic",
+               "--out", str(out), "--no-progress"]  # fmt: skip
+    assert main(command) == 0
+    summary = capsys.readouterr().err
+    assert "input sizes        576 608 640 672 704 (evaluation, exports: 640)" in summary
+    with load_detector(out / "model.onnx") as exported:
+        assert exported.input_size == (640, 640)
+    assert load_detector(out / "model.pt").input_size == (640, 640)
+
+
 def test_a_diverging_detect_train_stops_with_an_error_not_a_model_of_nan(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A learning rate far too high: the run went on to its last epoch writing NaN weights
     (or failed in the assigner with torch's "all elements of input should be between 0 and
-    1"), where the recogniser's `shitu train` stops and says so."""
+    1"), where the recogniser's `shitu train` stops and says so. One step an epoch, so it
+    diverges after a checkpoint: the advice names the folder, where a new run is refused."""
     torch.set_num_threads(2)
     coco = _write_coco(tmp_path, _write_images(tmp_path, 4, size=64))
-    command = ["detect-train", "--coco", str(coco), "--images", str(tmp_path), "--epochs", "5",
-               "--batch-size", "2", "--input-size", "64", "--train-sizes", "64", "--lr", "1e8",
+    command = ["detect-train", "--coco", str(coco), "--images", str(tmp_path), "--epochs", "10",
+               "--batch-size", "4", "--input-size", "64", "--train-sizes", "64", "--lr", "1e8",
                "--out", str(tmp_path / "run"), "--no-progress"]  # fmt: skip
     assert main(command) == 2
     expected = (
-        r"error: the (network's outputs|loss) became .* at step \d+ \(epoch \d\): training di"
+        r"error: the (network's outputs|loss) became .* at step \d+ \(epoch \d+\): training "
+        r"diverged; train again with a learning rate below 1e\+08 \(detect-train's --lr\), into "
+        f"another folder than {re.escape(str(tmp_path / 'run'))} \\(or remove it\\)"
     )
     assert re.search(expected, capsys.readouterr().err)
     assert not (tmp_path / "run" / "model.pt").exists()
+    assert main([*command, "--lr", "0.01"]) == 2  # as that says
+    assert "holds an earlier run (latest.pt)" in capsys.readouterr().err
 
 
 def test_a_resumed_detect_train_goes_on_in_the_folder_of_the_run_it_continues(

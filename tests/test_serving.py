@@ -324,13 +324,23 @@ def test_edits_by_another_process_show_up_while_serving(serving_library, server,
 
 def test_a_library_built_again_at_its_path_is_served_without_a_restart(serving_library, tmp_path):
     """`rm -r LIB` and `shitu index build ... --out LIB` beside a running server: it serves the
-    new library (it answered from the deleted one until restarted)."""
+    new library (it answered from the deleted one until restarted). Edits meanwhile are
+    refused (503) before they write anything: an add made the library's folder again for
+    its upload, and the build was refused ("already exists")."""
     server = ServerProcess(serving_library, tmp_path)
     try:
         photos = [path for path, _ in serving_library.gallery_items()[:3]]
         listing = tmp_path / "rebuilt.txt"
         listing.write_text("".join(f"{path}\tRebuilt\n" for path in photos))
         shutil.rmtree(server.gallery)
+        with httpx.Client(base_url=server.url, timeout=60) as http:
+            new_photo = ("new.png", png_bytes(np.full((64, 64, 3), 77, np.uint8)), "image/png")
+            added = http.post("/v1/gallery/images", data={"label": "x"}, files={"image": new_photo})
+            rebuilt = http.post("/v1/gallery/rebuild")
+        for refused in (added, rebuilt):
+            assert refused.status_code == 503 and "Retry-After" in refused.headers, refused.text
+            assert "edits are refused until one is built there" in refused.json()["detail"]
+        assert not server.gallery.exists()
         build = ["index", "build", str(listing), "--out", str(server.gallery)]
         assert shitu_main([*build, "--model", str(serving_library.model)]) == 0
         with httpx.Client(base_url=server.url, timeout=60) as http:
@@ -481,6 +491,12 @@ def test_bad_uploads_get_clear_errors(serving_library, client):
             400,
             "field 'image' must be a file upload",
         ),
+        # a photo's bytes as a text field (curl -F image=<photo.jpg): not "not UTF-8 text"
+        "photo as text": (
+            client.post("/v1/recognize", files={"image": (None, good.read_bytes())}),
+            400,
+            "field 'image' must be a file upload, not text (curl: -F image=@photo.jpg)",
+        ),
         "two images": (
             client.post("/v1/recognize", files=[("image", photo(good)), ("image", photo(good))]),
             400,
@@ -585,6 +601,22 @@ def test_bad_uploads_get_clear_errors(serving_library, client):
             client.delete("/v1/gallery/labels/No Such", params={"label": "x"}, headers=WRITE),
             400,
             "unexpected parameter 'label' (this endpoint takes none)",
+        ),
+        # answered as if the threshold had been set; a form field of that name is refused
+        "query on recognize": (
+            client.post("/v1/recognize", params={"score_thres": 0.9}, files={"image": photo(good)}),
+            400,
+            "invalid query: unexpected parameter 'score_thres' (this endpoint takes none)",
+        ),
+        "query on an add": (
+            client.post(
+                "/v1/gallery/images",
+                params={"label": "x"},
+                files={"image": photo(good)},
+                headers=WRITE,
+            ),
+            400,
+            "invalid query: unexpected parameter 'label' (this endpoint takes none)",
         ),
     }
     for name, (response, status, message) in cases.items():

@@ -36,7 +36,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("images", nargs="+", help="image files and/or folders")
     parser.add_argument("--model", required=True, help="detector: .pt, .pdparams or .onnx")
-    parser.add_argument("--arch", help="architecture name (needed for .pdparams)")
+    parser.add_argument(
+        "--arch",
+        "--det-arch",
+        dest="arch",
+        help="architecture name (needed for .pdparams), as recognize's --det-arch",
+    )
     parser.add_argument(
         "--class-names",
         metavar="FILE",
@@ -69,6 +74,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--per-class", action="store_true", help="NMS per class instead of class-agnostic"
+    )
+    parser.add_argument(
+        "--threads",
+        type=positive_int,
+        help="CPU threads for the detector (default: the runtime's, one per core)",
     )
     add_visualisation_arguments(parser)
     add_progress_argument(parser)
@@ -108,7 +118,7 @@ def _detect(args: argparse.Namespace) -> int:
     from shitu.progress import ImageProgress
 
     paths, folder = expand_images(args.images)
-    detector = load_detector(args.model, args.runtime, args.arch, args.input_size)
+    detector = load_detector(args.model, args.runtime, args.arch, args.input_size, args.threads)
     names = _class_names(args.class_names) if args.class_names else detector.class_names
     if args.class_names and detector.num_classes not in (None, len(names)):
         raise DataError(

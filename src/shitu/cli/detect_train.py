@@ -38,6 +38,9 @@ RUN_FILES = ("latest.pt", "model.pt", "model.onnx")
 STEP_LINE_EVERY = 20
 # How many class names the summary before the run shows.
 _SHOWN_CLASSES = 5
+# PaddleDetection's PicoDet recipes train at the input size and 32 and 64 either side (416:
+# 352 to 480; the 640 mainbody detector PP-ShiTu trains: 576 to 704).
+MULTI_SCALE_STEPS = (-64, -32, 0, 32, 64)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -69,7 +72,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--val-voc", metavar="DIR|LIST", help="VOC XML files to evaluate on, as --voc"
     )
     parser.add_argument("--val-images", help="image directory of --val-coco or --val-voc")
-    parser.add_argument("--arch", default="picodet_s_esnet", help="detector architecture")
+    parser.add_argument(
+        "--arch",
+        default="picodet_s_esnet",
+        help="detector architecture (default: picodet_s_esnet; PP-ShiTu's mainbody detector: "
+        "picodet_lcnet_x2_5_mainbody)",
+    )
     parser.add_argument(
         "--class-agnostic", action="store_true", help="one 'foreground' class (mainbody)"
     )
@@ -79,16 +87,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--input-size",
         type=input_side,
-        default=416,
         help="input size of the evaluation and of the exports: model.onnx's fixed size, and "
-        "the size model.pt runs at unless given another",
+        "the size model.pt runs at unless given another (default: the architecture's, 416; "
+        "640 for picodet_lcnet_x2_5_mainbody)",
     )
     parser.add_argument(
         "--train-sizes",
         type=input_side,
         nargs="+",
-        default=[352, 384, 416, 448, 480],
-        help="input sizes of the multi-scale batches, one drawn per batch",
+        help="input sizes of the multi-scale batches, one drawn per batch (default: the "
+        "architecture's input size and 32 and 64 either side: 352 384 416 448 480; 576 to 704 "
+        "for picodet_lcnet_x2_5_mainbody)",
     )
     parser.add_argument("--workers", type=non_negative_int, default=0, help="data loader processes")
     parser.add_argument("--seed", type=non_negative_int, default=0, help="random seed")
@@ -185,9 +194,15 @@ def _train(args: argparse.Namespace, output: Path, continues: bool) -> int:
     from tqdm import tqdm
 
     from shitu.detection.export import export_onnx
+    from shitu.detection.model import resolve_arch
     from shitu.detection.train import DetectionTrainConfig, DetectionTrainer, evaluate_detector
     from shitu.engine.metrics_log import MetricsLog
 
+    # The architecture's own sizes: the mainbody detector was trained and exported at
+    # PicoDet-S's 416, not at PP-ShiTu's 640, without a word.
+    arch_size = resolve_arch(args.arch).input_size
+    input_size = args.input_size or arch_size
+    train_sizes = args.train_sizes or [arch_size + step for step in MULTI_SCALE_STEPS]
     dataset = _dataset(args.coco, args.voc, args.images, args.class_agnostic, train=True)
     val = None
     if args.val_images:  # read (and matched to the training classes) before any training
@@ -208,8 +223,8 @@ def _train(args: argparse.Namespace, output: Path, continues: bool) -> int:
         epochs=args.epochs,
         batch_size=args.batch_size,
         learning_rate=args.lr,
-        train_sizes=tuple(args.train_sizes),
-        eval_size=args.input_size,
+        train_sizes=tuple(train_sizes),
+        eval_size=input_size,
         seed=args.seed,
         num_workers=args.workers,
         output_dir=str(output),
@@ -278,10 +293,10 @@ def _train(args: argparse.Namespace, output: Path, continues: bool) -> int:
         return 128 + trainer.stop_signal
     path = trainer.export(output / "model.pt")
     # The fast CPU path (onnxruntime), at --input-size, with the class names in the file
-    onnx = export_onnx(trainer.ema.model, output / "model.onnx", args.input_size)
+    onnx = export_onnx(trainer.ema.model, output / "model.onnx", input_size)
     print(json.dumps({"model": str(path), "onnx": str(onnx)}))
     if val is not None:
-        model, size = trainer.ema.model, args.input_size
+        model, size = trainer.ema.model, input_size
         try:
             metrics = evaluate_detector(model, val, size, progress=progress_wanted(args))
         except DataError as exc:  # an image that cannot be read, after the whole run

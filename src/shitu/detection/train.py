@@ -290,11 +290,20 @@ class DetectionTrainer:
     def _diverged(self, what: str) -> TrainingDiverged:
         """The error of a step that diverged, raised before its backward: the run would
         otherwise go on for every epoch left, writing checkpoints and a model of NaN
-        weights that find nothing."""
+        weights that find nothing. Where the run left a checkpoint, the advice names its
+        folder: a new run there is refused beside it, and it resumes at this rate only."""
+        again = (
+            f"train again with a learning rate below {self.config.learning_rate:g} "
+            "(detect-train's --lr)"
+        )
+        if self.checkpoint_path.is_file():
+            again += (
+                f", into another folder than {self.config.output_dir} (or remove it): its "
+                "latest.pt resumes only at the rate that diverged"
+            )
         return TrainingDiverged(
             f"{what} at step {self.progress.global_step + 1} (epoch {self.progress.epoch + 1}): "
-            f"training diverged; train again with a learning rate below "
-            f"{self.config.learning_rate:g} (detect-train's --lr)"
+            f"training diverged; {again}"
         )
 
     # Settings a resumed run must share with the run it continues: the data order and the

@@ -150,7 +150,11 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
         lambda: pixel_budget.held,
     )
     read_access = [Depends(api_key_check(settings, write=False))]
-    write_access = [Depends(api_key_check(settings, write=True))]
+    # The API's routes also refuse a query parameter they do not take, or one given twice:
+    # `/v1/recognize?score_thres=0.9` was answered as if the threshold had been set, where a
+    # form field of that name is refused.
+    api_read = [*read_access, Depends(query_as_declared)]
+    api_write = [Depends(api_key_check(settings, write=True)), Depends(query_as_declared)]
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -252,9 +256,7 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
         """Register an operation on one label at both its addresses: the label as the end of
         the path (`/v1/gallery/labels/NAME`), and as the query's `label`
         (`/v1/gallery/label?label=NAME`), which carries every label: a path cannot carry '.'
-        or '..' (clients resolve them away, even encoded), nor '//' (proxies merge it). A
-        query parameter the route does not take, or one given twice, is refused."""
-        options["dependencies"] = [*options["dependencies"], Depends(query_as_declared)]
+        or '..' (clients resolve them away, even encoded), nor '//' (proxies merge it)."""
 
         def register(operation: F) -> F:
             for path in (LABEL_IN_PATH, LABEL_IN_QUERY):
@@ -368,7 +370,7 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
     @app.post(
         "/v1/recognize",
         response_model=schemas.RecognizeResponse,
-        dependencies=read_access,
+        dependencies=api_read,
         responses=ERRORS,
         tags=["inference"],
         openapi_extra=_upload_body(schemas.RecognizeJSON, "the photo"),
@@ -383,7 +385,7 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
     @app.post(
         "/v1/extract",
         response_model=schemas.ExtractResponse,
-        dependencies=read_access,
+        dependencies=api_read,
         responses=ERRORS,
         tags=["inference"],
         openapi_extra=_upload_body(schemas.ExtractJSON, "images (the field repeated)", many=True),
@@ -409,7 +411,7 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
     @app.get(
         "/v1/gallery",
         response_model=schemas.GalleryInfo,
-        dependencies=read_access,
+        dependencies=api_read,
         responses=ACCESS_ERRORS,
         tags=["gallery"],
     )
@@ -420,7 +422,7 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
     @app.get(
         "/v1/gallery/labels",
         response_model=schemas.LabelsResponse,
-        dependencies=read_access,
+        dependencies=api_read,
         responses=ACCESS_ERRORS,
         tags=["gallery"],
     )
@@ -438,7 +440,7 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
     @label_route(
         "GET",
         response_model=schemas.LabelImagesResponse,
-        dependencies=read_access,
+        dependencies=api_read,
         responses=ERRORS,
         tags=["gallery"],
     )
@@ -471,7 +473,7 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
     @app.get(
         "/v1/gallery/images/{image_id}",
         response_model=schemas.ImageOut,
-        dependencies=read_access,
+        dependencies=api_read,
         responses=ERRORS,
         tags=["gallery"],
     )
@@ -480,7 +482,7 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
 
     @app.get(
         "/v1/gallery/images/{image_id}/thumbnail",
-        dependencies=[*read_access, Depends(query_as_declared)],
+        dependencies=api_read,
         responses={200: {"content": {"image/jpeg": {}}}, **ERRORS},
         response_class=Response,
         tags=["gallery"],
@@ -512,7 +514,7 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
         "/v1/gallery/images",
         response_model=schemas.AddImagesResponse,
         status_code=201,
-        dependencies=write_access,
+        dependencies=api_write,
         responses={
             200: {
                 "model": schemas.AddImagesResponse,
@@ -551,7 +553,7 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
     @app.delete(
         "/v1/gallery/images/{image_id}",
         response_model=schemas.RemovedResponse,
-        dependencies=write_access,
+        dependencies=api_write,
         responses=ERRORS,
         tags=["gallery"],
     )
@@ -562,7 +564,7 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
     @label_route(
         "DELETE",
         response_model=schemas.RemovedResponse,
-        dependencies=write_access,
+        dependencies=api_write,
         responses=ERRORS,
         tags=["gallery"],
     )
@@ -573,7 +575,7 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
     @label_route(
         "PATCH",
         response_model=schemas.RenamedResponse,
-        dependencies=write_access,
+        dependencies=api_write,
         responses={**ERRORS, 409: {"model": schemas.ErrorOut}},
         tags=["gallery"],
     )
@@ -588,7 +590,7 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
     @app.post(
         "/v1/gallery/rebuild",
         response_model=schemas.GalleryInfo,
-        dependencies=write_access,
+        dependencies=api_write,
         responses=ERRORS,
         tags=["gallery"],
     )

@@ -46,6 +46,7 @@ class UnsupportedMediaType(RequestError):
 
 
 class ServiceUnavailable(RequestError):
-    """Too many requests in progress; the client may retry."""
+    """Too many requests in progress, or a library deleted and not yet built again; the
+    client may retry."""
 
     status = 503

@@ -35,6 +35,9 @@ from shitu.serving.settings import MB, ServeSettings
 
 logger = logging.getLogger(__name__)
 IMAGE_FIELD = "image"
+IMAGE_AS_TEXT = (
+    f"field '{IMAGE_FIELD}' must be a file upload, not text (curl: -F {IMAGE_FIELD}=@photo.jpg)"
+)
 # What clients send for a file part: any image type, or "some file" (curl, unknown suffix).
 GENERIC_FILE_TYPES = {"", "application/octet-stream"}
 # How Starlette's parser words a form over its `max_files`: answered as a JSON body with
@@ -427,13 +430,17 @@ class _WholeBodyParser(MultiPartParser):
     upload lost its image silently ("missing field 'image'", or one image fewer). A text
     field that is not text in the body's charset (UTF-8 unless its Content-Type names
     another) is refused, naming it: Starlette read it as Latin-1 instead, so a label sent
-    in a legacy encoding (GBK, Shift JIS) was stored garbled."""
+    in a legacy encoding (GBK, Shift JIS) was stored garbled. An image sent as a text field
+    (curl's `-F image=<photo.jpg` sends a file's bytes without a file name) is refused as
+    such, not as text in another encoding."""
 
     complete = False
 
     def on_part_end(self) -> None:  # python-multipart's callback for the end of a part
         part = self._current_part  # Starlette's, as its own on_part_end reads it
         if part.file is None:
+            if part.field_name == IMAGE_FIELD:
+                raise BadRequest(IMAGE_AS_TEXT)
             try:
                 part.data.decode(self._charset)
             except UnicodeDecodeError:
@@ -471,8 +478,6 @@ async def _read_multipart(request: Request, at_most: int, schema: type[BaseModel
             )
         for key, value in form.multi_items():
             if not isinstance(value, UploadFile):
-                if key == IMAGE_FIELD:
-                    raise BadRequest(f"field '{IMAGE_FIELD}' must be a file upload, not text")
                 if key not in takes:
                     expected = ", ".join(f"'{name}'" for name in [IMAGE_FIELD, *takes])
                     raise BadRequest(f"unexpected field '{key}': the form takes {expected}")

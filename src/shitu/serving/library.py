@@ -39,6 +39,7 @@ from shitu.index.backends import Change
 from shitu.index.labels import normal_form
 from shitu.index.manifest import Manifest
 from shitu.index.metadata import ImageEntry, LibraryBusyError, LockWaitStopped
+from shitu.serving.errors import ServiceUnavailable
 
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
@@ -130,10 +131,19 @@ class SharedLibrary:
     def edit(self, fn: Callable[[], T]) -> T:
         """`run(fn)` once other processes' writes are loaded: an edit checks the ids and
         labels it changes against the library as it is, not as of the last sync (up to
-        SYNC_INTERVAL_S old, where an image another process removed is still listed)."""
+        SYNC_INTERVAL_S old, where an image another process removed is still listed).
+        Refused (ServiceUnavailable) before `fn` writes anything while the library at the
+        path is gone: an add's upload file made the deleted library's folder again, which
+        then stood in the way of the `index build --out LIB` that would replace it."""
 
         def job() -> T:
-            self._sync()
+            self._sync()  # opens a library built again at the path in its place
+            if self.gallery.replaced():
+                raise ServiceUnavailable(
+                    f"{self.gallery.root} was deleted or built again since the server opened "
+                    "it, and no library there can be served (the server's log says why): "
+                    "edits are refused until one is built there; nothing was changed"
+                )
             return fn()
 
         return self._run_edit(job)

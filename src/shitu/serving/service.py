@@ -295,7 +295,7 @@ class RecognitionService:
             gallery.rebuild(index_type)
 
         try:
-            self.library.write(rebuild)
+            self.library.edit(lambda: self.library.write(rebuild))
         except UnsupportedIndexError as exc:  # the request's choice, not the server's failure
             raise BadRequest(str(exc)) from None
         return self.library.snapshot.stats
