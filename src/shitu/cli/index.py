@@ -86,7 +86,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=[],
         help="SOURCE, given as an option",
     )
-    build.add_argument("--out", type=Path, required=True, help="library folder to create (or an empty folder to fill)")
+    build.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="library folder to create (or an empty folder to fill)",
+    )
     build.add_argument("--label", help="label for every given image and folder (as `index add`)")
     add_leaf_labels_argument(build)
     build.add_argument(
