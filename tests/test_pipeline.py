@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import inspect
 import json
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -1545,6 +1546,12 @@ def test_wrong_detector_and_model_settings_name_the_setting_and_the_way_out(tmp_
                 ],
             )
         )
+    run = tmp_path / "detect_run"  # `shitu detect-train --out`: the detectors it holds named
+    run.mkdir()
+    (run / "model.onnx").write_bytes(b"")
+    settings = [f"Global.det_inference_model_dir={run}", f"IndexProcess.index_dir={tmp_path}"]
+    with pytest.raises(ConfigError, match=re.escape(f"; it holds {run / 'model.onnx'}")):
+        Recognizer.from_config(load_pipeline_config(None, settings))
     settings = [
         f"Global.rec_inference_model_dir={paddle_model}",
         f"IndexProcess.index_dir={tmp_path}",

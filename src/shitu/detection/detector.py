@@ -288,6 +288,14 @@ def _single_float_input(inputs: list[NodeArg], path: str | Path) -> NodeArg:
     return inputs[0]
 
 
+def detectors_held(folder: Path) -> str:
+    """'; it holds FOLDER/model.onnx or FOLDER/model.pt' for the detectors that `shitu
+    detect-train` writes into `folder` (its --out) and that are there, else ''."""
+    exports = [str(folder / name) for name in ("model.onnx", "model.pt")]
+    there = [path for path in exports if Path(path).is_file()]
+    return f"; it holds {' or '.join(there)}" if there else ""
+
+
 def load_detector(
     path: str | Path,
     backend: str = "auto",
@@ -306,13 +314,9 @@ def load_detector(
             "ONNX export of it (paddle2onnx)"
         )
     if path.is_dir():  # detect-train's --out, say, given as a recognition model's folder is
-        exports = [
-            str(path / name) for name in ("model.onnx", "model.pt") if (path / name).is_file()
-        ]
-        held = f"; it holds {' or '.join(exports)}" if exports else ""
         raise CheckpointError(
             f"{path} is a folder, not a detector file; give our checkpoint (.pt), a "
-            f"PaddleDetection .pdparams or an ONNX export (.onnx){held}"
+            f"PaddleDetection .pdparams or an ONNX export (.onnx){detectors_held(path)}"
         )
     if not path.is_file():
         raise CheckpointError(f"detector file not found: {path}")

@@ -31,7 +31,7 @@ import numpy as np
 
 from shitu.data.transforms.ops import UnreadableImageError, check_rgb_image, image_list
 from shitu.detection.boxes import nms
-from shitu.detection.detector import is_paddle_inference_model
+from shitu.detection.detector import detectors_held, is_paddle_inference_model
 from shitu.errors import CheckpointError, ConfigError
 from shitu.image_files import path_list
 from shitu.index import Gallery
@@ -196,7 +196,7 @@ def build_detector(config: PipelineConfig) -> MainbodyDetector | None:
         )
     if not path.is_file():  # PaddleClas configs name a Paddle inference folder here
         problem = f"{name} is a folder, not a file" if path.is_dir() else f"{name}: no such file"
-        way_out = f"give {detectors}"
+        way_out = f"give {detectors}{detectors_held(path) if path.is_dir() else ''}"
         if is_paddle_inference_model(path):  # PaddleDetection's export: model.pdiparams
             problem = f"{name} is a Paddle inference model, which shitu does not run"
             way_out = (
