@@ -527,6 +527,10 @@ def test_remove_missing_drops_the_images_whose_files_are_gone(models, tmp_path):
     photos[2].rename(tmp_path / "moved.png")
     refused = shitu("index", "reembed", lib, "--model", models[128])
     assert refused.returncode == 2 and "or `--missing` for files that are gone" in refused.stderr
+    verified = shitu("index", "verify", lib)  # the library itself is whole: said, not failed
+    assert verified.returncode == 0 and "OK (3 images)" in verified.stdout
+    assert "note: the files of 2 images are gone" in verified.stderr
+    assert f"until `shitu index remove {lib} --missing` removes them" in verified.stderr
     removed = shitu("index", "remove", lib, "--missing", "--id", "1")  # id 1 is gone too
     assert removed.returncode == 0 and f"removed 2 images from {lib}" in removed.stdout
     listed = shitu("index", "list", lib, "--images")

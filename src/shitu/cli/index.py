@@ -523,13 +523,18 @@ def run_remove(args: argparse.Namespace) -> int:
     with Gallery.open(args.library) as gallery:
         ids = list(args.ids)
         if args.missing:  # an id also given by --id is removed once (`remove` takes a set)
-            ids += [e.id for e in gallery.entries() if e.path and not Path(e.path).exists()]
+            ids += _missing_file_ids(gallery)
         if not ids and not args.labels:
             print(f"removed no images from {args.library}: every image's file is there")
             return 0
         removed = gallery.remove(ids=ids, labels=args.labels)
     print(f"removed {count_of(len(removed), 'image')} from {args.library}")
     return 0
+
+
+def _missing_file_ids(gallery: Gallery) -> list[int]:
+    """The ids of the library's images whose files are gone (moved or deleted since)."""
+    return [e.id for e in gallery.entries() if e.path and not Path(e.path).exists()]
 
 
 def run_relabel(args: argparse.Namespace) -> int:
@@ -576,6 +581,14 @@ def run_verify(args: argparse.Namespace) -> int:
         with gallery:
             problems = gallery.verify()
             counted = f" ({count_of(len(gallery), 'image')})"
+            missing = len(_missing_file_ids(gallery))
+        if missing:  # the library is whole without their files, but cannot re-embed them
+            print(
+                f"note: the files of {count_of(missing, 'image')} are gone from where they "
+                f"were added from (moved or deleted): `shitu index reembed` refuses to run "
+                f"until `shitu index remove {args.library} --missing` removes them",
+                file=sys.stderr,
+            )
     for problem in problems:
         print(f"problem: {problem}")
     print(f"{args.library}: {'FAILED' if problems else 'OK'}{counted}")
