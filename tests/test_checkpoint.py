@@ -55,9 +55,11 @@ def make_model(arch=ARCH, seed=0):
     return model.eval()
 
 
-def to_pdparams(model: torch.nn.Module, path) -> dict:
+def to_pdparams(model: torch.nn.Module, path, protocol: int = 4) -> dict:
     """Write `model` the way Paddle would: renamed BN stats, transposed Linear/margin weights,
-    the unused fused conv of unfolded rep blocks, and Paddle's structure entry."""
+    the unused fused conv of unfolded rep blocks, and Paddle's structure entry, pickled with
+    `protocol` (4 as `paddle.save` writes now, 2 as Paddle 1.x's `save_dygraph` and Paddle
+    2.0's `paddle.save` wrote)."""
     transposed = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     transposed |= {
         f"{n}.weight" for n, m in model.named_modules() if hasattr(m, "paddle_transposed_params")
@@ -78,7 +80,7 @@ def to_pdparams(model: torch.nn.Module, path) -> dict:
             state[f"{name}.dw_conv.bias"] = np.zeros((c,), np.float32)
     state["StructuredToParameterName@@"] = {"a": "b"}
     with open(path, "wb") as handle:
-        pickle.dump(state, handle, protocol=4)
+        pickle.dump(state, handle, protocol=protocol)
     return state
 
 
@@ -130,9 +132,10 @@ def test_folded_checkpoint_folds_the_model_on_load(tmp_path):
         assert torch.equal(model(x)["features"], fresh(x)["features"])
 
 
-def test_pdparams_import_maps_names_transposes_and_skips_unused(tmp_path):
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_pdparams_import_maps_names_transposes_and_skips_unused(tmp_path, protocol):
     model = make_model()
-    to_pdparams(model, tmp_path / "m.pdparams")
+    to_pdparams(model, tmp_path / "m.pdparams", protocol)
     fresh = make_model(seed=5)
     report = load_weights(fresh, tmp_path / "m.pdparams")
     assert report.dropped and all(".dw_conv." in name for name in report.dropped)
