@@ -74,6 +74,9 @@ def test_parse_override_types_values_with_yaml():
     assert parse_override("Optimizer.lr.learning_rate=1e-5")[1] == 1e-5
     assert parse_override("Global.seed=1e3")[1] == 1000.0
     assert parse_override("Global.output_dir=run-1e-5")[1] == "run-1e-5"
+    # Other text YAML cannot read stays text; quoted, a bracket starts text too.
+    assert parse_override("Global.output_dir=a: b: c")[1] == "a: b: c"
+    assert parse_override("Global.output_dir='[draft]'")[1] == "[draft]"
     assert parse_override("Loss.Train[0].CELoss.epsilon=0.2")[0] == [
         "Loss",
         "Train",
@@ -166,6 +169,13 @@ def test_apply_overrides_nested_paths_and_list_indices():
         ("A.b=1", "override 'A.b=1': A is not a mapping"),
         ("L.x=1", "L is not a mapping"),
         ("A..b=1", "empty key segment"),
+        # A list or mapping left open was taken for text, which the key then refused as
+        # "not a valid list", showing the very list the user meant.
+        (
+            "L=[{c: 1}, {c: 2}",
+            "override 'L=[{c: 1}, {c: 2}': the value is not valid YAML (expected ',' or ']'",
+        ),
+        ("A={b: 1", "override 'A={b: 1': the value is not valid YAML (expected ',' or '}'"),
     ],
 )
 def test_bad_overrides_name_the_problem(override, message):
