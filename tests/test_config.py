@@ -940,6 +940,18 @@ def test_override_of_an_aliased_value_changes_that_place_only(tmp_path):
     assert config.DataLoader.Eval.Query.dataset.params["root"] == "./queries"
 
 
+def test_piecewise_without_learning_rate_starts_at_its_first_value(config_file):
+    """As PaddleClas's Piecewise, which takes no learning_rate (PaddleOCR's configs leave it
+    out): it was refused as a required key missing."""
+    lr = "{name: Piecewise, values: [0.01, 0.001], decay_epochs: [5], warmup_epoch: 1}"
+    text = config_file.read_text() + f"Optimizer: {{name: Momentum, lr: {lr}}}\n"
+    config_file.write_text(text)
+    assert load_config(config_file).Optimizer.lr.learning_rate == 0.01
+    # Other schedules still need it.
+    with pytest.raises(ConfigError, match="Optimizer.lr.learning_rate: required key missing"):
+        load_config(config_file, ["Optimizer.lr={name: Cosine}"])
+
+
 def test_exponent_numbers_without_a_dot_are_numbers(config_file):
     """`1e-2` in a file or an override is a float (YAML 1.1 reads it as a string): Piecewise
     values compare with learning_rate, untyped settings are numbers."""
