@@ -1402,6 +1402,37 @@ def test_dataloader_with_workers_on_real_images(grocery: Path):
     assert images.shape == (64, 3, 48, 48) and ids.tolist() == list(range(64))
 
 
+def test_more_workers_than_cores_is_one_warning_naming_the_setting(
+    tmp_path: Path, monkeypatch, caplog, recwarn
+):
+    """torch's own warning (PaddleClas's GeneralRecognitionV2 config asks for 8 and 4
+    workers) was a multi-line Python warning, twice per loader, naming no setting."""
+    for name in ("a", "b"):
+        save_png(tmp_path / name / "x.png", pattern(8, 8))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0})  # a 1-core host, for torch too
+    split = DataSplitConfig.model_validate(
+        {
+            "dataset": {
+                "name": "ImageFolderDataset",
+                "root": str(tmp_path),
+                "transform_ops": [{"ResizeImage": {"size": 8}}, {"NormalizeImage": {}}],
+            },
+            "loader": {"num_workers": 2},
+        }
+    )
+    with caplog.at_level(logging.WARNING):
+        loader = build_eval_loader(
+            split, init_distributed("cpu"), seed=0, where="DataLoader.Eval.Query"
+        )
+        assert len(list(loader)) == 1
+    assert caplog.messages == [
+        "DataLoader.Eval.Query.loader.num_workers 2 is more than the 1 CPU cores this process "
+        "may use: the extra worker processes only compete for them, which may slow or stall "
+        "loading; lower it (-o DataLoader.Eval.Query.loader.num_workers=1)"
+    ]
+    assert not [w for w in recwarn if "worker processes" in str(w.message)]
+
+
 def test_an_eval_set_without_normalisation_or_resize_is_warned_of_by_key(grocery: Path, caplog):
     """Replacing a whole dataset with -o drops its transform_ops: the model then scores raw
     pixels at each photo's size, recall falls and nothing else says why."""
