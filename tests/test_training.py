@@ -1394,7 +1394,7 @@ def test_a_probe_run_shows_each_warning_once(grocery, tmp_path, caplog, capsys):
 
 @pytest.mark.parametrize("probe", [False, True])
 def test_a_run_stopped_by_a_signal_ends_with_that_signals_status(
-    grocery, tmp_path, monkeypatch, capsys, probe
+    grocery, tmp_path, monkeypatch, capsys, caplog, probe
 ):
     """Ctrl-C or SIGTERM stops a run with a checkpoint, and the command then fails as the
     signal would have made it fail (`train && export` goes no further); in the probe too."""
@@ -1407,10 +1407,19 @@ def test_a_run_stopped_by_a_signal_ends_with_that_signals_status(
 
     monkeypatch.setattr(Trainer, "fit", fit_with_sigterm)
     options = ["-o", "LinearProbe={epochs: 1, frozen_layers: [backbone]}"] if probe else []
-    assert main(["train", "-c", str(path), *options]) == 128 + signal.SIGTERM
+    with caplog.at_level(logging.WARNING, logger="shitu"):
+        assert main(["train", "-c", str(path), *options]) == 128 + signal.SIGTERM
     out = capsys.readouterr().out
     expected = "stopped during the linear probe" if probe else "stopped early after step 0"
     assert out.startswith(expected)
+    # The probe's checkpoint is not resumed: the warning promised one all the same.
+    said = (
+        " (the linear probe is not resumed: the same command starts it over; send it again "
+        "to stop at once)"
+        if probe
+        else ", with a checkpoint (send it again to stop at once, without one)"
+    )
+    assert f"SIGTERM: stopping after this step{said}" in caplog.messages
     if probe:  # the resume command of a run stopped later says how to go on instead
         latest = tmp_path / "output" / "latest.pt"
         resume = ["train", "-c", str(path), *options, f"Global.checkpoints={latest}"]

@@ -550,7 +550,9 @@ class Trainer:
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         """The first signal stops the run after the current step, or evaluation (which the
         message says: one can take minutes, which a stop 'after this step' did not explain),
-        with a checkpoint; a second one acts as without this handler."""
+        with a checkpoint; a second one acts as without this handler. A stage that is not
+        resumed (the linear probe) says that the same command starts it over instead: its
+        checkpoint was promised, then refused as a resume."""
         del frame
         if self._stop_signal is not None:
             signal.signal(signum, self._previous_handlers[signum])
@@ -558,11 +560,17 @@ class Trainer:
             return
         self._stop_signal = signum
         if self.context.is_main:
+            outcome = (
+                ", with a checkpoint (send it again to stop at once, without one)"
+                if self.stage.resumable
+                else f" ({self.stage.name} is not resumed: the same command starts it over; "
+                "send it again to stop at once)"
+            )
             logger.warning(
-                "%s: stopping after this %s, with a checkpoint (send it again to stop at "
-                "once, without one)",
+                "%s: stopping after this %s%s",
                 signal.Signals(signum).name,
                 "evaluation" if self._evaluating else "step",
+                outcome,
             )
 
     def _should_stop(self, before_step: bool = True) -> bool:
