@@ -667,6 +667,17 @@ def test_pretrained_share_moves_only_the_named_layers_back_to_the_initialisation
              "-o", "Arch.Backbone.pretrained=no"],
             "sets no Arch.Backbone.pretrained (it would mix in a random initialisation)",
         ),
+        (  # the new embedding layer starts at random, another way each run: no way back
+            ["--pretrained-share", "0.2", "--layers", "backbone"],
+            "--layers backbone: backbone.fc.bias, backbone.fc.weight did not come from the "
+            "config's pretrained weights (the model initialises them afresh, weights at "
+            "random), so there is no pretrained value to move them back to; give --layers "
+            "backbone.stem backbone.blocks backbone.head",
+        ),
+        (
+            ["--pretrained-share", "0.2", "--layers", "head"],
+            "--layers head: head.fc.weight did not come from the config's pretrained weights",
+        ),
         (  # the settings the run was trained with, left out: named, from the weights' record
             ["--pretrained-share", "0.2", "--layers", "backbone", "-o",
              "Arch.Backbone.class_num=256", "Arch.Neck.num_features=256",
