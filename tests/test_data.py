@@ -354,7 +354,7 @@ def test_corrupt_image_raises_data_error_naming_the_file(grocery: Path, tmp_path
         assert "skip_corrupt: true" in str(info.value)
 
 
-def test_skip_corrupt_drops_bad_images_at_start_up(grocery: Path, tmp_path: Path):
+def test_skip_corrupt_drops_bad_images_at_start_up(grocery: Path, tmp_path: Path, caplog):
     corrupt_files(grocery, tmp_path)
     save_png(tmp_path / "good.png", pattern(6, 6))
     save_png(tmp_path / "good2.png", pattern(5, 5))
@@ -362,7 +362,15 @@ def test_skip_corrupt_drops_bad_images_at_start_up(grocery: Path, tmp_path: Path
     label_file.write_text(
         "good.png 0\ntruncated.jpg 1\ngarbage.jpg 2\nmissing.png 3\ngood2.png 4\n"
     )
-    dataset = LabelFileDataset(str(tmp_path), str(label_file), skip_corrupt=True)
+    with caplog.at_level(logging.WARNING):
+        dataset = LabelFileDataset(str(tmp_path), str(label_file), skip_corrupt=True)
+    # Named, with why: an evaluation set said nothing, a training summary only counted them.
+    (said,) = caplog.messages
+    assert said.startswith(
+        f"label file {label_file}: skip_corrupt left out 3 of 5 listed images: "
+        f"{tmp_path / 'missing.png'} (line 4: file not found), {tmp_path / 'truncated.jpg'} "
+        "(line 2: "
+    ), said
     assert len(dataset) == 2
     assert dataset.labels == [0, 4]
     assert dataset.unique_ids == [0, 4]  # ids are kept from the file positions
