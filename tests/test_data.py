@@ -653,6 +653,25 @@ def test_image_folder_dataset(tmp_path: Path, caplog):
         ImageFolderDataset(str(tmp_path / "empty"))
 
 
+def test_image_folder_dataset_skips_a_gallery_library_in_its_tree(tmp_path: Path, caplog):
+    """A library built inside its photos' folder (`index build photos --out photos/lib`,
+    which `index build` allows) was read as one more class, of the images `shitu serve`
+    keeps in it, and the class count asked for a head to train on it."""
+    from shitu.index import Gallery, collect_items
+    from shitu.inference import FeatureExtractor, default_model_dir
+
+    root = tmp_path / "photos"
+    save_png(root / "apple" / "1.png", pattern(40, 40))
+    save_png(root / "pear" / "1.png", pattern(40, 40, seed=1))
+    with FeatureExtractor.load(default_model_dir()) as extractor:
+        Gallery.build(root / "lib", extractor, collect_items([str(root)]))
+    save_png(root / "lib" / "uploads" / "2.png", pattern(40, 40, seed=2))  # a served upload
+    with caplog.at_level(logging.WARNING):
+        dataset = ImageFolderDataset(str(root))
+    assert dataset.class_names == ["apple", "pear"] and dataset.labels == [0, 1]
+    assert f"(gallery library x1; e.g. {root / 'lib'})" in caplog.text
+
+
 def test_image_folder_dataset_refuses_a_training_runs_folder_as_a_class(tmp_path: Path):
     """A run's output folder inside the root (a detect-train --out, an earlier run's) was
     read as one more class, an empty one, shifting the ids of the classes after it."""
