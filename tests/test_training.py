@@ -1240,6 +1240,12 @@ def test_run_summary_names_the_weights_it_starts_from(grocery, tmp_path, caplog)
     path = tiny_config(grocery, tmp_path)
     fresh = Trainer(load_config(path))
     assert training_summary(fresh)["initial weights"] == "as the config initialises the model"
+    assert training_summary(fresh)["learning rate"] == "0.05"
+    # A rate scaled for the batch size says from what (it showed 0.0125, unexplained).
+    scaled = Trainer(load_config(path, ["Optimizer.lr.base_batch_size=32"]))
+    assert training_summary(scaled)["learning rate"] == (
+        "0.0125 (Optimizer.lr.learning_rate 0.05 for base_batch_size 32, scaled to the batch of 8)"
+    )
     state = {name: tensor.detach().clone() for name, tensor in fresh.model.state_dict().items()}
     complete, partial = tmp_path / "complete.safetensors", tmp_path / "partial.safetensors"
     save_weights(state, complete)
