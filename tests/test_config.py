@@ -26,6 +26,7 @@ from shitu.config import (
 from shitu.config.overrides import load_yaml
 from shitu.config.schema import ShituConfig
 from shitu.data.loader import build_dataset
+from shitu.engine.trainer import check_training_sections
 from shitu.errors import ConfigError
 from shitu.pipeline import load_pipeline_config
 from shitu.pipeline.defaults import PIPELINE_CONFIG_DIR
@@ -246,6 +247,20 @@ def test_every_shipped_config_builds_its_model_and_losses(name):
     assert multipliers == {1.0, *config.Optimizer.lr_mult.values()}
 
 
+def test_an_eval_metric_not_computed_is_refused_for_training_only(config_file):
+    """Training picks its best model by Global.eval_metric, and stopped at one Metric.Eval
+    does not compute once its model and data were built; `shitu eval` does not use it, and
+    was refused all the same (for Metric.Eval's recall@10 alone, say)."""
+    data = f"DataLoader={{Train: {{{DATASET}}}, Eval: {{Query: {{{DATASET}}}}}}}"
+    optimizer = "Optimizer={name: SGD, lr: {name: Cosine, learning_rate: 0.1}}"
+    config = load_config(config_file, ["Global.eval_metric=recall@10", data, optimizer])
+    with pytest.raises(ConfigError) as info:
+        check_training_sections(config)
+    assert str(info.value) == (
+        "Global.eval_metric: 'recall@10' is not computed; Metric.Eval gives recall@1, recall@5, mAP"
+    )
+
+
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
@@ -383,14 +398,6 @@ def test_every_shipped_config_builds_its_model_and_losses(name):
         (  # a PaddleClas config's section, uncommented
             ["AMP={scale_loss: 65536, level: O1}"],
             "AMP: unknown key (PaddleClas's mixed precision; shitu's is Global.amp: bf16 or fp16)",
-        ),
-        (  # a training run stopped at it once its model and data were built
-            [
-                "Global.eval_metric=recall@10",
-                f"DataLoader={{Train: {{{DATASET}}}, Eval: {{Query: {{{DATASET}}}}}}}",
-            ],
-            "Global.eval_metric: 'recall@10' is not computed; Metric.Eval gives recall@1, "
-            "recall@5, mAP",
         ),
         (["Global.eval_metric=map"], "Global.eval_metric: must be recall@K, "),
         (["Global.eval_metric=recall1"], "Global.eval_metric: must be recall@K, "),

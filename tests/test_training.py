@@ -834,6 +834,12 @@ def test_cli_train_then_eval(grocery, tmp_path, capsys):
     assert metrics["recall@1"] == pytest.approx(logged["recall@1"])
     assert metrics["num_queries"] == logged["num_queries"] == 18
     assert metrics["num_queries_without_positive"] == logged["num_queries_without_positive"]
+    # Other metrics than training's Global.eval_metric (recall@1) picks its best model by:
+    # printed (they were refused, as a training run is, eval_metric not among them).
+    recall_at_2 = "Metric.Eval=[{Recallk: {topk: 2}}]"
+    pretrained = f"Global.pretrained_model={weights}"
+    assert main(["eval", "-c", str(path), "-o", pretrained, recall_at_2, "--json"]) == 0
+    assert set(json.loads(capsys.readouterr().out)) >= {"recall@2", "num_queries"}
     # Without weights: the model as the config initialises it, and a note saying so.
     assert main(["eval", "-c", str(path), "--json"]) == 0
     captured = capsys.readouterr()

@@ -58,6 +58,7 @@ from shitu.errors import (
     raised_message,
     weight_file_setting,
 )
+from shitu.evaluation.retrieval import RetrievalEvaluator
 from shitu.fileio import home_expanded, remove_unfinished_writes
 from shitu.losses.combined import CombinedLoss
 from shitu.losses.xbm import CrossBatchMemory
@@ -92,10 +93,29 @@ def check_training_sections(config: ShituConfig) -> None:
         problems.append("DataLoader.Train: training needs a training dataset")
     else:
         problems += _output_dir_in_class_folders(config)
+        problems += _eval_metric_not_computed(config)
     if len(problems) == 1:
         raise ConfigError(problems[0])
     if problems:
         raise ConfigError(problem_list(len(problems), "the config for training", problems))
+
+
+def _eval_metric_not_computed(config: ShituConfig) -> list[str]:
+    """Global.eval_metric picks a training run's best_model among the metrics Metric.Eval
+    computes: one it does not compute stopped the run once its model and data were built.
+    Training's only: `shitu eval` prints whatever Metric.Eval gives (it was refused for
+    asking for recall@10 alone, with the eval_metric recall@1 it does not use)."""
+    if config.DataLoader.Eval is None or not config.Global.eval_during_train:
+        return []
+    computed = RetrievalEvaluator.from_metric_config(
+        config.Metric.Eval if config.Metric else None, re_ranking=config.Global.re_ranking
+    ).metric_names
+    if config.Global.eval_metric in computed:
+        return []
+    return [
+        f"Global.eval_metric: '{config.Global.eval_metric}' is not computed; Metric.Eval "
+        f"gives {', '.join(computed)}"
+    ]
 
 
 def _output_dir_in_class_folders(config: ShituConfig) -> list[str]:
