@@ -803,6 +803,19 @@ def test_a_stop_at_an_epochs_last_step_says_that_its_steps_are_done(
     assert "finished at epoch 2, step 8" in capsys.readouterr().out
 
 
+def test_the_best_model_line_names_later_epochs_that_tied_it(grocery, tmp_path, capsys):
+    """A metric that saturates (recall@1 of a small evaluation set reaching 1.0 early) kept
+    the first evaluation's model as the best, of the fewest steps, without a word."""
+    path = tiny_config(grocery, tmp_path, epochs=2)
+    every_image = ["Metric.Eval=[{Recallk: {topk: 50}}]", "Global.eval_metric=recall@50"]
+    assert main(["train", "-c", str(path), "-o", *every_image]) == 0
+    best = tmp_path / "output" / "best_model.safetensors"
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"best recall@50 1.0000 at epoch 1: {best} (epoch 2 scored as well: it holds the "
+        "first; Global.eval_metric=mAP, say, may tell them apart)"
+    )
+
+
 def test_cli_train_then_eval(grocery, tmp_path, capsys):
     path = tiny_config(grocery, tmp_path, epochs=1)
     assert main(["train", "-c", str(path), "--stop-after-steps", "2"]) == 0

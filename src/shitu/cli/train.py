@@ -213,6 +213,27 @@ def _epochs_done(progress: Progress, steps_per_epoch: int, epochs: int) -> str:
     )
 
 
+def _ties_of_the_best(output_dir: Path, metric: str, progress: Progress) -> str:
+    """A note naming the later evaluated epochs that scored the best value again, which
+    best_model.safetensors is not: it keeps the first. On a small evaluation set recall@1
+    reaches 1.0 early, and the best model was then the first evaluation's, of a few
+    epochs' training, without a word."""
+    from shitu.engine.metrics_log import LOG_NAME, read_log
+
+    tied = [
+        record["epoch"]
+        for record in read_log(output_dir / LOG_NAME, "eval")
+        if record["epoch"] > progress.best_epoch and record.get(metric) == progress.best_metric
+    ]
+    if not tied:
+        return ""
+    epochs = f"epoch {tied[0]}" if len(tied) == 1 else f"epochs {', '.join(map(str, tied))}"
+    return (
+        f" ({epochs} scored as well: it holds the first; Global.eval_metric=mAP, say, may "
+        "tell them apart)"
+    )
+
+
 def _stopped_during_probe(config: ShituConfig, checkpoints: Path) -> bool:
     """Whether `checkpoints`, which holds no checkpoint, names the output folder (or its
     latest.pt) of a run stopped during its LinearProbe stage, before it had one."""
@@ -309,6 +330,7 @@ def _train(args: argparse.Namespace) -> int:
             print(
                 f"best {config.Global.eval_metric} {progress.best_metric:.4f} at epoch "
                 f"{progress.best_epoch}: {result.output_dir}/best_model.safetensors"
+                f"{_ties_of_the_best(result.output_dir, config.Global.eval_metric, progress)}"
             )
     # Stopped by Ctrl-C or SIGTERM: not done, as a caller (`train && export`) must see; a
     # step or time limit asked for is a normal end, and so is a signal that came too late
