@@ -850,6 +850,14 @@ def test_a_folder_given_as_weights_is_named_for_what_it_is(tmp_path, capsys, res
     ]:
         with pytest.raises(CheckpointError, match=re.escape(f"{folder} is {expected}")):
             load_weights(model, folder)
+    # The export's ONNX model, given for its weights: it said only which suffixes load.
+    with pytest.raises(CheckpointError) as info:
+        load_weights(model, exported / "model.onnx")
+    assert str(info.value) == (
+        f"unsupported weight file {exported / 'model.onnx'}: expected one of .safetensors, "
+        f".pt, .pth, .pdparams ({exported} is an exported model's folder: give its weights, "
+        f"{exported / 'model.safetensors'})"
+    )
 
 
 @pytest.mark.parametrize("command", ["info", "convert"])
