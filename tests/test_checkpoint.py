@@ -58,8 +58,8 @@ def make_model(arch=ARCH, seed=0):
 def to_pdparams(model: torch.nn.Module, path, protocol: int = 4) -> dict:
     """Write `model` the way Paddle would: renamed BN stats, transposed Linear/margin weights,
     the unused fused conv of unfolded rep blocks, and Paddle's structure entry, pickled with
-    `protocol` (4 as `paddle.save` writes now, 2 as Paddle 1.x's `save_dygraph` and Paddle
-    2.0's `paddle.save` wrote)."""
+    `protocol` (4 as `paddle.save` writes by default, 2 as Paddle 1.x's `save_dygraph`
+    wrote)."""
     transposed = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     transposed |= {
         f"{n}.weight" for n, m in model.named_modules() if hasattr(m, "paddle_transposed_params")
