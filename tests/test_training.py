@@ -811,8 +811,8 @@ def test_the_best_model_line_names_later_epochs_that_tied_it(grocery, tmp_path, 
     assert main(["train", "-c", str(path), "-o", *every_image]) == 0
     best = tmp_path / "output" / "best_model.safetensors"
     assert capsys.readouterr().out.splitlines()[-1] == (
-        f"best recall@50 1.0000 at epoch 1: {best} (epoch 2 scored as well: it holds the "
-        "first; Global.eval_metric=mAP, say, may tell them apart)"
+        f"best recall@50 1.0000 at epoch 1: {best} (tied by epoch 2; the file holds the "
+        "first: Global.eval_metric=mAP, say, may tell them apart)"
     )
 
 

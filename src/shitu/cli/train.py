@@ -229,8 +229,8 @@ def _ties_of_the_best(output_dir: Path, metric: str, progress: Progress) -> str:
         return ""
     epochs = f"epoch {tied[0]}" if len(tied) == 1 else f"epochs {', '.join(map(str, tied))}"
     return (
-        f" ({epochs} scored as well: it holds the first; Global.eval_metric=mAP, say, may "
-        "tell them apart)"
+        f" (tied by {epochs}; the file holds the first: Global.eval_metric=mAP, say, may tell "
+        "them apart)"
     )
 
 
