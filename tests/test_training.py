@@ -816,6 +816,21 @@ def test_the_best_model_line_names_later_epochs_that_tied_it(grocery, tmp_path, 
     )
 
 
+def test_a_new_run_refuses_an_exports_folder_as_its_output_dir(grocery, tmp_path, capsys):
+    """`-o Global.output_dir=my_model` (an export's --out taken for it) mixed the run's files
+    into the export, which `shitu export` then refused to write there again."""
+    path = tiny_config(grocery, tmp_path, epochs=1)
+    exported = tmp_path / "my_model"
+    assert main(["export", "-c", str(path), "--out", str(exported)]) == 0
+    before = sorted(p.name for p in exported.iterdir())
+    assert main(["train", "-c", str(path), "-o", f"Global.output_dir={exported}"]) == 2
+    assert (
+        f"error: Global.output_dir {exported}: is an exported model's folder (shitu_model.json), "
+        "which a training run's files would be mixed into; give a folder of the run's own"
+    ) in capsys.readouterr().err
+    assert sorted(p.name for p in exported.iterdir()) == before
+
+
 def test_cli_train_then_eval(grocery, tmp_path, capsys):
     path = tiny_config(grocery, tmp_path, epochs=1)
     assert main(["train", "-c", str(path), "--stop-after-steps", "2"]) == 0

@@ -101,6 +101,20 @@ def _refuse_earlier_run(output_dir: Path, resumed: Path | None) -> None:
     )
 
 
+def _refuse_folder_of_another_kind(output_dir: Path) -> None:
+    """An export's or a gallery library's folder given as Global.output_dir (an export's
+    `--out` taken for it, say) took the run's files among its own: the export could then
+    not be written again there (`shitu export` keeps what it did not write)."""
+    from shitu.inference.manifest import LIBRARY_DATABASE, MANIFEST
+
+    for name, kind in ((MANIFEST, "an exported model"), (LIBRARY_DATABASE, "a gallery library")):
+        if (output_dir / name).is_file():
+            raise ConfigError(
+                f"Global.output_dir {output_dir}: is {kind}'s folder ({name}), which a "
+                "training run's files would be mixed into; give a folder of the run's own"
+            )
+
+
 def _has_content(path: Path) -> bool:
     return path.exists() and path.stat().st_size > 0
 
@@ -286,6 +300,7 @@ def _train(args: argparse.Namespace) -> int:
             )
         # A run resumed into another folder starts a new run there, as far as it is concerned.
         if resumed != output_dir.resolve():
+            _refuse_folder_of_another_kind(output_dir)
             _refuse_earlier_run(output_dir, resumed)
         # Before the datasets, the model and a LinearProbe's check are built: a file in the
         # way was an OSError of its own ('afile/linear_probe: Not a directory') after them.
