@@ -1453,8 +1453,8 @@ def test_more_workers_than_cores_is_one_warning_naming_the_setting(
         )
         assert len(list(loader)) == 1
     assert caplog.messages == [
-        "DataLoader.Eval.Query.loader.num_workers 2 is more than the 1 CPU cores this process "
-        "may use: the extra worker processes only compete for them, which may slow or stall "
+        "DataLoader.Eval.Query.loader.num_workers 2 is more than the CPU cores this process "
+        "may use (1): the extra worker processes only compete for them, which may slow or stall "
         "loading; lower it (-o DataLoader.Eval.Query.loader.num_workers=1)"
     ]
     assert not [w for w in recwarn if "worker processes" in str(w.message)]

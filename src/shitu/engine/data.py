@@ -92,7 +92,7 @@ def _warn_of_workers_over_cores(workers: int, where: str) -> None:
         module=r"torch\.utils\.data\.dataloader",
     )
     logger.warning(
-        "%s.loader.num_workers %d is more than the %d CPU cores this process may use: the "
+        "%s.loader.num_workers %d is more than the CPU cores this process may use (%d): the "
         "extra worker processes only compete for them, which may slow or stall loading; "
         "lower it (-o %s.loader.num_workers=%d)",
         where,
