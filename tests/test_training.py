@@ -814,6 +814,15 @@ def test_the_best_model_line_names_later_epochs_that_tied_it(grocery, tmp_path, 
         f"best recall@50 1.0000 at epoch 1: {best} (tied by epoch 2; the file holds the "
         "first: Global.eval_metric=mAP, say, may tell them apart)"
     )
+    # A log that cannot be read (removed, edited by hand) leaves the note out, rather than
+    # fail the run it closes.
+    from shitu.cli.train import _ties_of_the_best
+
+    progress = Progress(best_metric=1.0, best_epoch=1, best_metric_name="recall@50")
+    assert _ties_of_the_best(tmp_path / "nowhere", "recall@50", progress) == ""
+    log = tmp_path / "output" / "metrics.jsonl"
+    log.write_text("not a record\n" + log.read_text())
+    assert _ties_of_the_best(tmp_path / "output", "recall@50", progress) == ""
 
 
 def test_a_new_run_refuses_an_exports_folder_as_its_output_dir(grocery, tmp_path, capsys):

@@ -20,7 +20,7 @@ from shitu.cli.common import (
     positive_minutes,
     print_summary,
 )
-from shitu.errors import CheckpointError, ConfigError, override_word
+from shitu.errors import CheckpointError, ConfigError, DataError, override_word
 from shitu.fileio import only_run_in, refuse_file_in_the_way
 
 if TYPE_CHECKING:
@@ -231,13 +231,19 @@ def _ties_of_the_best(output_dir: Path, metric: str, progress: Progress) -> str:
     """A note naming the later evaluated epochs that scored the best value again, which
     best_model.safetensors is not: it keeps the first. On a small evaluation set recall@1
     reaches 1.0 early, and the best model was then the first evaluation's, of a few
-    epochs' training, without a word."""
+    epochs' training, without a word. Nothing where the log cannot be read (removed, or
+    edited by hand): the run it closes is done all the same."""
     from shitu.engine.metrics_log import LOG_NAME, read_log
 
+    try:
+        records = read_log(output_dir / LOG_NAME, "eval")
+    except (OSError, DataError):
+        return ""
     tied = [
         record["epoch"]
-        for record in read_log(output_dir / LOG_NAME, "eval")
-        if record["epoch"] > progress.best_epoch and record.get(metric) == progress.best_metric
+        for record in records
+        if record.get("epoch", 0) > progress.best_epoch
+        and record.get(metric) == progress.best_metric
     ]
     if not tied:
         return ""
