@@ -55,9 +55,11 @@ def make_model(arch=ARCH, seed=0):
     return model.eval()
 
 
-def to_pdparams(model: torch.nn.Module, path) -> dict:
+def to_pdparams(model: torch.nn.Module, path, protocol: int = 4) -> dict:
     """Write `model` the way Paddle would: renamed BN stats, transposed Linear/margin weights,
-    the unused fused conv of unfolded rep blocks, and Paddle's structure entry."""
+    the unused fused conv of unfolded rep blocks, and Paddle's structure entry, pickled with
+    `protocol` (4 as `paddle.save` writes by default, 2 as Paddle 1.x's `save_dygraph`
+    wrote)."""
     transposed = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     transposed |= {
         f"{n}.weight" for n, m in model.named_modules() if hasattr(m, "paddle_transposed_params")
@@ -78,7 +80,7 @@ def to_pdparams(model: torch.nn.Module, path) -> dict:
             state[f"{name}.dw_conv.bias"] = np.zeros((c,), np.float32)
     state["StructuredToParameterName@@"] = {"a": "b"}
     with open(path, "wb") as handle:
-        pickle.dump(state, handle, protocol=4)
+        pickle.dump(state, handle, protocol=protocol)
     return state
 
 
@@ -130,9 +132,10 @@ def test_folded_checkpoint_folds_the_model_on_load(tmp_path):
         assert torch.equal(model(x)["features"], fresh(x)["features"])
 
 
-def test_pdparams_import_maps_names_transposes_and_skips_unused(tmp_path):
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_pdparams_import_maps_names_transposes_and_skips_unused(tmp_path, protocol):
     model = make_model()
-    to_pdparams(model, tmp_path / "m.pdparams")
+    to_pdparams(model, tmp_path / "m.pdparams", protocol)
     fresh = make_model(seed=5)
     report = load_weights(fresh, tmp_path / "m.pdparams")
     assert report.dropped and all(".dw_conv." in name for name in report.dropped)
@@ -664,6 +667,17 @@ def test_pretrained_share_moves_only_the_named_layers_back_to_the_initialisation
              "-o", "Arch.Backbone.pretrained=no"],
             "sets no Arch.Backbone.pretrained (it would mix in a random initialisation)",
         ),
+        (  # the new embedding layer starts at random, another way each run: no way back
+            ["--pretrained-share", "0.2", "--layers", "backbone"],
+            "--layers backbone: backbone.fc.bias, backbone.fc.weight did not come from the "
+            "config's pretrained weights (the model initialises them afresh, weights at "
+            "random), so there is no pretrained value to move them back to; give --layers "
+            "backbone.stem backbone.blocks backbone.head",
+        ),
+        (
+            ["--pretrained-share", "0.2", "--layers", "head"],
+            "--layers head: head.fc.weight did not come from the config's pretrained weights",
+        ),
         (  # the settings the run was trained with, left out: named, from the weights' record
             ["--pretrained-share", "0.2", "--layers", "backbone", "-o",
              "Arch.Backbone.class_num=256", "Arch.Neck.num_features=256",
@@ -836,6 +850,14 @@ def test_a_folder_given_as_weights_is_named_for_what_it_is(tmp_path, capsys, res
     ]:
         with pytest.raises(CheckpointError, match=re.escape(f"{folder} is {expected}")):
             load_weights(model, folder)
+    # The export's ONNX model, given for its weights: it said only which suffixes load.
+    with pytest.raises(CheckpointError) as info:
+        load_weights(model, exported / "model.onnx")
+    assert str(info.value) == (
+        f"unsupported weight file {exported / 'model.onnx'}: expected one of .safetensors, "
+        f".pt, .pth, .pdparams ({exported} is an exported model's folder: give its weights, "
+        f"{exported / 'model.safetensors'})"
+    )
 
 
 @pytest.mark.parametrize("command", ["info", "convert"])

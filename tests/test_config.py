@@ -26,6 +26,7 @@ from shitu.config import (
 from shitu.config.overrides import load_yaml
 from shitu.config.schema import ShituConfig
 from shitu.data.loader import build_dataset
+from shitu.engine.trainer import check_training_sections
 from shitu.errors import ConfigError
 from shitu.pipeline import load_pipeline_config
 from shitu.pipeline.defaults import PIPELINE_CONFIG_DIR
@@ -74,6 +75,9 @@ def test_parse_override_types_values_with_yaml():
     assert parse_override("Optimizer.lr.learning_rate=1e-5")[1] == 1e-5
     assert parse_override("Global.seed=1e3")[1] == 1000.0
     assert parse_override("Global.output_dir=run-1e-5")[1] == "run-1e-5"
+    # Other text YAML cannot read stays text; quoted, a bracket starts text too.
+    assert parse_override("Global.output_dir=a: b: c")[1] == "a: b: c"
+    assert parse_override("Global.output_dir='[draft]'")[1] == "[draft]"
     assert parse_override("Loss.Train[0].CELoss.epsilon=0.2")[0] == [
         "Loss",
         "Train",
@@ -166,6 +170,13 @@ def test_apply_overrides_nested_paths_and_list_indices():
         ("A.b=1", "override 'A.b=1': A is not a mapping"),
         ("L.x=1", "L is not a mapping"),
         ("A..b=1", "empty key segment"),
+        # A list or mapping left open was taken for text, which the key then refused as
+        # "not a valid list", showing the very list the user meant.
+        (
+            "L=[{c: 1}, {c: 2}",
+            "override 'L=[{c: 1}, {c: 2}': the value is not valid YAML (expected ',' or ']'",
+        ),
+        ("A={b: 1", "override 'A={b: 1': the value is not valid YAML (expected ',' or '}'"),
     ],
 )
 def test_bad_overrides_name_the_problem(override, message):
@@ -244,6 +255,20 @@ def test_every_shipped_config_builds_its_model_and_losses(name):
     optimizer = build_optimizer([model, loss], config.Optimizer, 0.1)
     multipliers = {group["lr_mult"] for group in optimizer.param_groups}
     assert multipliers == {1.0, *config.Optimizer.lr_mult.values()}
+
+
+def test_an_eval_metric_not_computed_is_refused_for_training_only(config_file):
+    """Training picks its best model by Global.eval_metric, and stopped at one Metric.Eval
+    does not compute once its model and data were built; `shitu eval` does not use it, and
+    was refused all the same (for Metric.Eval's recall@10 alone, say)."""
+    data = f"DataLoader={{Train: {{{DATASET}}}, Eval: {{Query: {{{DATASET}}}}}}}"
+    optimizer = "Optimizer={name: SGD, lr: {name: Cosine, learning_rate: 0.1}}"
+    config = load_config(config_file, ["Global.eval_metric=recall@10", data, optimizer])
+    with pytest.raises(ConfigError) as info:
+        check_training_sections(config)
+    assert str(info.value) == (
+        "Global.eval_metric: 'recall@10' is not computed; Metric.Eval gives recall@1, recall@5, mAP"
+    )
 
 
 @pytest.mark.parametrize(
@@ -383,14 +408,6 @@ def test_every_shipped_config_builds_its_model_and_losses(name):
         (  # a PaddleClas config's section, uncommented
             ["AMP={scale_loss: 65536, level: O1}"],
             "AMP: unknown key (PaddleClas's mixed precision; shitu's is Global.amp: bf16 or fp16)",
-        ),
-        (  # a training run stopped at it once its model and data were built
-            [
-                "Global.eval_metric=recall@10",
-                f"DataLoader={{Train: {{{DATASET}}}, Eval: {{Query: {{{DATASET}}}}}}}",
-            ],
-            "Global.eval_metric: 'recall@10' is not computed; Metric.Eval gives recall@1, "
-            "recall@5, mAP",
         ),
         (["Global.eval_metric=map"], "Global.eval_metric: must be recall@K, "),
         (["Global.eval_metric=recall1"], "Global.eval_metric: must be recall@K, "),
@@ -938,6 +955,18 @@ def test_override_of_an_aliased_value_changes_that_place_only(tmp_path):
     assert config.LinearProbe.frozen_layers == ["backbone.stem"]
     assert config.DataLoader.Train.dataset.params["root"] == "./images"
     assert config.DataLoader.Eval.Query.dataset.params["root"] == "./queries"
+
+
+def test_piecewise_without_learning_rate_starts_at_its_first_value(config_file):
+    """As PaddleClas's Piecewise, which takes no learning_rate (PaddleOCR's configs leave it
+    out): it was refused as a required key missing."""
+    lr = "{name: Piecewise, values: [0.01, 0.001], decay_epochs: [5], warmup_epoch: 1}"
+    text = config_file.read_text() + f"Optimizer: {{name: Momentum, lr: {lr}}}\n"
+    config_file.write_text(text)
+    assert load_config(config_file).Optimizer.lr.learning_rate == 0.01
+    # Other schedules still need it.
+    with pytest.raises(ConfigError, match="Optimizer.lr.learning_rate: required key missing"):
+        load_config(config_file, ["Optimizer.lr={name: Cosine}"])
 
 
 def test_exponent_numbers_without_a_dot_are_numbers(config_file):

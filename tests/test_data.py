@@ -354,7 +354,7 @@ def test_corrupt_image_raises_data_error_naming_the_file(grocery: Path, tmp_path
         assert "skip_corrupt: true" in str(info.value)
 
 
-def test_skip_corrupt_drops_bad_images_at_start_up(grocery: Path, tmp_path: Path):
+def test_skip_corrupt_drops_bad_images_at_start_up(grocery: Path, tmp_path: Path, caplog):
     corrupt_files(grocery, tmp_path)
     save_png(tmp_path / "good.png", pattern(6, 6))
     save_png(tmp_path / "good2.png", pattern(5, 5))
@@ -362,7 +362,15 @@ def test_skip_corrupt_drops_bad_images_at_start_up(grocery: Path, tmp_path: Path
     label_file.write_text(
         "good.png 0\ntruncated.jpg 1\ngarbage.jpg 2\nmissing.png 3\ngood2.png 4\n"
     )
-    dataset = LabelFileDataset(str(tmp_path), str(label_file), skip_corrupt=True)
+    with caplog.at_level(logging.WARNING):
+        dataset = LabelFileDataset(str(tmp_path), str(label_file), skip_corrupt=True)
+    # Named, with why: an evaluation set said nothing, a training summary only counted them.
+    (said,) = caplog.messages
+    assert said.startswith(
+        f"label file {label_file}: skip_corrupt left out 3 of 5 listed images: "
+        f"{tmp_path / 'missing.png'} (line 4: file not found), {tmp_path / 'truncated.jpg'} "
+        "(line 2: "
+    ), said
     assert len(dataset) == 2
     assert dataset.labels == [0, 4]
     assert dataset.unique_ids == [0, 4]  # ids are kept from the file positions
@@ -643,6 +651,25 @@ def test_image_folder_dataset(tmp_path: Path, caplog):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no class subfolders"):
         ImageFolderDataset(str(tmp_path / "empty"))
+
+
+def test_image_folder_dataset_skips_a_gallery_library_in_its_tree(tmp_path: Path, caplog):
+    """A library built inside its photos' folder (`index build photos --out photos/lib`,
+    which `index build` allows) was read as one more class, of the images `shitu serve`
+    keeps in it, and the class count asked for a head to train on it."""
+    from shitu.index import Gallery, collect_items
+    from shitu.inference import FeatureExtractor, default_model_dir
+
+    root = tmp_path / "photos"
+    save_png(root / "apple" / "1.png", pattern(40, 40))
+    save_png(root / "pear" / "1.png", pattern(40, 40, seed=1))
+    with FeatureExtractor.load(default_model_dir()) as extractor:
+        Gallery.build(root / "lib", extractor, collect_items([str(root)]))
+    save_png(root / "lib" / "uploads" / "2.png", pattern(40, 40, seed=2))  # a served upload
+    with caplog.at_level(logging.WARNING):
+        dataset = ImageFolderDataset(str(root))
+    assert dataset.class_names == ["apple", "pear"] and dataset.labels == [0, 1]
+    assert f"(gallery library x1; e.g. {root / 'lib'})" in caplog.text
 
 
 def test_image_folder_dataset_refuses_a_training_runs_folder_as_a_class(tmp_path: Path):
@@ -1400,6 +1427,37 @@ def test_dataloader_with_workers_on_real_images(grocery: Path):
     assert len(loader) == math.ceil(296 / 64)
     images, labels, ids, _ = next(iter(loader))
     assert images.shape == (64, 3, 48, 48) and ids.tolist() == list(range(64))
+
+
+def test_more_workers_than_cores_is_one_warning_naming_the_setting(
+    tmp_path: Path, monkeypatch, caplog, recwarn
+):
+    """torch's own warning (PaddleClas's GeneralRecognitionV2 config asks for 8 and 4
+    workers) was a multi-line Python warning, twice per loader, naming no setting."""
+    for name in ("a", "b"):
+        save_png(tmp_path / name / "x.png", pattern(8, 8))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0})  # a 1-core host, for torch too
+    split = DataSplitConfig.model_validate(
+        {
+            "dataset": {
+                "name": "ImageFolderDataset",
+                "root": str(tmp_path),
+                "transform_ops": [{"ResizeImage": {"size": 8}}, {"NormalizeImage": {}}],
+            },
+            "loader": {"num_workers": 2},
+        }
+    )
+    with caplog.at_level(logging.WARNING):
+        loader = build_eval_loader(
+            split, init_distributed("cpu"), seed=0, where="DataLoader.Eval.Query"
+        )
+        assert len(list(loader)) == 1
+    assert caplog.messages == [
+        "DataLoader.Eval.Query.loader.num_workers 2 is more than the CPU cores this process "
+        "may use (1): the extra worker processes only compete for them, which may slow or stall "
+        "loading; lower it (-o DataLoader.Eval.Query.loader.num_workers=1)"
+    ]
+    assert not [w for w in recwarn if "worker processes" in str(w.message)]
 
 
 def test_an_eval_set_without_normalisation_or_resize_is_warned_of_by_key(grocery: Path, caplog):

@@ -803,6 +803,43 @@ def test_a_stop_at_an_epochs_last_step_says_that_its_steps_are_done(
     assert "finished at epoch 2, step 8" in capsys.readouterr().out
 
 
+def test_the_best_model_line_names_later_epochs_that_tied_it(grocery, tmp_path, capsys):
+    """A metric that saturates (recall@1 of a small evaluation set reaching 1.0 early) kept
+    the first evaluation's model as the best, of the fewest steps, without a word."""
+    path = tiny_config(grocery, tmp_path, epochs=2)
+    every_image = ["Metric.Eval=[{Recallk: {topk: 50}}]", "Global.eval_metric=recall@50"]
+    assert main(["train", "-c", str(path), "-o", *every_image]) == 0
+    best = tmp_path / "output" / "best_model.safetensors"
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"best recall@50 1.0000 at epoch 1: {best} (tied by epoch 2; the file holds the "
+        "first: Global.eval_metric=mAP, say, may tell them apart)"
+    )
+    # A log that cannot be read (removed, edited by hand) leaves the note out, rather than
+    # fail the run it closes.
+    from shitu.cli.train import _ties_of_the_best
+
+    progress = Progress(best_metric=1.0, best_epoch=1, best_metric_name="recall@50")
+    assert _ties_of_the_best(tmp_path / "nowhere", "recall@50", progress) == ""
+    log = tmp_path / "output" / "metrics.jsonl"
+    log.write_text("not a record\n" + log.read_text())
+    assert _ties_of_the_best(tmp_path / "output", "recall@50", progress) == ""
+
+
+def test_a_new_run_refuses_an_exports_folder_as_its_output_dir(grocery, tmp_path, capsys):
+    """`-o Global.output_dir=my_model` (an export's --out taken for it) mixed the run's files
+    into the export, which `shitu export` then refused to write there again."""
+    path = tiny_config(grocery, tmp_path, epochs=1)
+    exported = tmp_path / "my_model"
+    assert main(["export", "-c", str(path), "--out", str(exported)]) == 0
+    before = sorted(p.name for p in exported.iterdir())
+    assert main(["train", "-c", str(path), "-o", f"Global.output_dir={exported}"]) == 2
+    assert (
+        f"error: Global.output_dir {exported}: is an exported model's folder (shitu_model.json), "
+        "which a training run's files would be mixed into; give a folder of the run's own"
+    ) in capsys.readouterr().err
+    assert sorted(p.name for p in exported.iterdir()) == before
+
+
 def test_cli_train_then_eval(grocery, tmp_path, capsys):
     path = tiny_config(grocery, tmp_path, epochs=1)
     assert main(["train", "-c", str(path), "--stop-after-steps", "2"]) == 0
@@ -834,6 +871,12 @@ def test_cli_train_then_eval(grocery, tmp_path, capsys):
     assert metrics["recall@1"] == pytest.approx(logged["recall@1"])
     assert metrics["num_queries"] == logged["num_queries"] == 18
     assert metrics["num_queries_without_positive"] == logged["num_queries_without_positive"]
+    # Other metrics than training's Global.eval_metric (recall@1) picks its best model by:
+    # printed (they were refused, as a training run is, eval_metric not among them).
+    recall_at_2 = "Metric.Eval=[{Recallk: {topk: 2}}]"
+    pretrained = f"Global.pretrained_model={weights}"
+    assert main(["eval", "-c", str(path), "-o", pretrained, recall_at_2, "--json"]) == 0
+    assert set(json.loads(capsys.readouterr().out)) >= {"recall@2", "num_queries"}
     # Without weights: the model as the config initialises it, and a note saying so.
     assert main(["eval", "-c", str(path), "--json"]) == 0
     captured = capsys.readouterr()
@@ -1240,6 +1283,12 @@ def test_run_summary_names_the_weights_it_starts_from(grocery, tmp_path, caplog)
     path = tiny_config(grocery, tmp_path)
     fresh = Trainer(load_config(path))
     assert training_summary(fresh)["initial weights"] == "as the config initialises the model"
+    assert training_summary(fresh)["learning rate"] == "0.05"
+    # A rate scaled for the batch size says from what (it showed 0.0125, unexplained).
+    scaled = Trainer(load_config(path, ["Optimizer.lr.base_batch_size=32"]))
+    assert training_summary(scaled)["learning rate"] == (
+        "0.0125 (Optimizer.lr.learning_rate 0.05 for base_batch_size 32, scaled to the batch of 8)"
+    )
     state = {name: tensor.detach().clone() for name, tensor in fresh.model.state_dict().items()}
     complete, partial = tmp_path / "complete.safetensors", tmp_path / "partial.safetensors"
     save_weights(state, complete)
@@ -1394,7 +1443,7 @@ def test_a_probe_run_shows_each_warning_once(grocery, tmp_path, caplog, capsys):
 
 @pytest.mark.parametrize("probe", [False, True])
 def test_a_run_stopped_by_a_signal_ends_with_that_signals_status(
-    grocery, tmp_path, monkeypatch, capsys, probe
+    grocery, tmp_path, monkeypatch, capsys, caplog, probe
 ):
     """Ctrl-C or SIGTERM stops a run with a checkpoint, and the command then fails as the
     signal would have made it fail (`train && export` goes no further); in the probe too."""
@@ -1407,10 +1456,19 @@ def test_a_run_stopped_by_a_signal_ends_with_that_signals_status(
 
     monkeypatch.setattr(Trainer, "fit", fit_with_sigterm)
     options = ["-o", "LinearProbe={epochs: 1, frozen_layers: [backbone]}"] if probe else []
-    assert main(["train", "-c", str(path), *options]) == 128 + signal.SIGTERM
+    with caplog.at_level(logging.WARNING, logger="shitu"):
+        assert main(["train", "-c", str(path), *options]) == 128 + signal.SIGTERM
     out = capsys.readouterr().out
     expected = "stopped during the linear probe" if probe else "stopped early after step 0"
     assert out.startswith(expected)
+    # The probe's checkpoint is not resumed: the warning promised one all the same.
+    said = (
+        " (the linear probe is not resumed: the same command starts it over; send it again "
+        "to stop at once)"
+        if probe
+        else ", with a checkpoint (send it again to stop at once, without one)"
+    )
+    assert f"SIGTERM: stopping after this step{said}" in caplog.messages
     if probe:  # the resume command of a run stopped later says how to go on instead
         latest = tmp_path / "output" / "latest.pt"
         resume = ["train", "-c", str(path), *options, f"Global.checkpoints={latest}"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Collection
 from pathlib import Path
 
 import torch
@@ -149,33 +150,73 @@ def interpolate_toward(
     share: float,
     prefixes: list[str],
     hint: str = "(does the config build the same model?)",
+    pretrained: Collection[str] | None = None,
 ) -> dict[str, torch.Tensor]:
     """`state` with each floating-point tensor under `prefixes` (module paths such as
     `backbone.blocks`) replaced by (1 - share) * itself + share * its `reference` tensor,
     e.g. the pretrained initialisation; every other tensor is kept as it is. `hint` ends
-    the error for a tensor the reference lacks or has in another shape (`fit_hint`'s)."""
+    the error for a tensor the reference lacks or has in another shape (`fit_hint`'s).
+    `pretrained`: the reference tensors that hold pretrained values (None: all); one under
+    `prefixes` outside them is refused, as its reference is a random initialisation (a new
+    embedding layer in `backbone`, say), different on every run."""
     check_share(share)
-
-    def under(name: str, prefix: str) -> bool:
-        return name == prefix or name.startswith(prefix + ".")
-
     parts = [name.split(".") for name in state]
     modules = sorted({".".join(path[:end]) for path in parts for end in range(1, len(path))})
     for prefix in prefixes:
-        if not any(under(name, prefix) for name in state):
+        if not any(_under(name, prefix) for name in state):
             raise CheckpointError(
                 f"layer {prefix!r}: no tensor of the weights is under it"
                 f"{did_you_mean(prefix, modules)}"
             )
-    mixed = {}
+    mixed, random_start = {}, []
     for name, tensor in state.items():
-        if tensor.is_floating_point() and any(under(name, prefix) for prefix in prefixes):
+        if tensor.is_floating_point() and any(_under(name, prefix) for prefix in prefixes):
             other = reference.get(name)
             if other is None or other.shape != tensor.shape:
                 found = "missing" if other is None else f"shape {tuple(other.shape)}"
                 raise CheckpointError(
                     f"{name}: {tuple(tensor.shape)} in the weights, {found} in the reference {hint}"
                 )
+            if pretrained is not None and name not in pretrained:
+                random_start.append(name)
             tensor = ((1 - share) * tensor.double() + share * other.double()).to(tensor.dtype)
         mixed[name] = tensor
+    if random_start:
+        raise CheckpointError(_not_pretrained(random_start, prefixes, reference, pretrained or ()))
     return mixed
+
+
+def _not_pretrained(
+    names: list[str], prefixes: list[str], state: Collection[str], pretrained: Collection[str]
+) -> str:
+    """Why the layers holding `names` cannot be mixed, and the layers to name instead: each
+    prefix none of whose tensors is among `names`, else its modules one level down whose
+    tensors the pretrained weights all gave (in the order of `state`, the model's)."""
+    instead: list[str] = []
+    for prefix in prefixes:
+        if not any(_under(name, prefix) for name in names):
+            instead.append(prefix)
+            continue
+        depth = prefix.count(".") + 2  # segments of a module one level below the prefix
+        for name in state:
+            module = ".".join(name.split(".")[:depth])
+            if (
+                _under(name, prefix)
+                and name.count(".") >= depth
+                and name in pretrained
+                and module not in instead
+                and not any(_under(other, module) for other in names)
+            ):
+                instead.append(module)
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    advice = f"; give --layers {' '.join(instead)}" if instead else ""
+    return (
+        f"--layers {' '.join(prefixes)}: {shown} did not come from the config's pretrained "
+        "weights (the model initialises them afresh, weights at random), so there is no "
+        f"pretrained value to move them back to{advice}"
+    )
+
+
+def _under(name: str, prefix: str) -> bool:
+    """Whether tensor or module `name` lies under the module path `prefix` (or is it)."""
+    return name == prefix or name.startswith(prefix + ".")

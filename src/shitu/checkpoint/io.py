@@ -165,12 +165,24 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
         ):
             raise CheckpointError(f"{path} does not hold a state dict of tensors")
         return _unwrapped(data), metadata
-    weights = path.with_suffix(".pdparams")
-    # What PaddleClas saves beside each .pdparams: optimizer, training or EMA state.
-    beside = f" ({weights} holds the weights)" if weights.is_file() else ""
     raise CheckpointError(
-        f"unsupported weight file {path}: expected one of {', '.join(WEIGHT_SUFFIXES)}{beside}"
+        f"unsupported weight file {path}: expected one of {', '.join(WEIGHT_SUFFIXES)}"
+        f"{_weights_beside(path)}"
     )
+
+
+def _weights_beside(path: Path) -> str:
+    """Where the weights are of a file that holds none: the .pdparams beside what PaddleClas
+    saves with it (optimizer, training or EMA state), or the torch weights of the export
+    whose ONNX model (or manifest) was given, as `shitu export`'s `model.onnx` often is."""
+    from shitu.inference.manifest import MANIFEST, weight_file_in
+
+    weights = path.with_suffix(".pdparams")
+    if weights.is_file():
+        return f" ({weights} holds the weights)"
+    if (path.parent / MANIFEST).is_file():
+        return f" ({path.parent} is {weight_file_in(path.parent)})"
+    return ""
 
 
 def _text_entries(metadata: object) -> dict[str, str]:

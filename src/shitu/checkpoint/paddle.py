@@ -2,7 +2,11 @@
 
 A `.pdparams` file is a pickled dict of parameter name -> numpy array. It is
 unpickled with an allow-list (numpy arrays and dicts only), so a malicious file
-cannot run code. Mapping rules, from how Paddle names and lays out tensors:
+cannot run code. Paddle 1.x's `save_dygraph` pickled with protocol 2 (as does
+`paddle.save(..., protocol=2)`), which stores each array's bytes as a
+`_codecs.encode(text, "latin1")` call: allowed too (it turns text into bytes, nothing more;
+torch's weights-only loader allows it for the same reason).
+Mapping rules, from how Paddle names and lays out tensors:
 - BatchNorm running statistics are `_mean` / `_variance` (torch: running_mean / running_var);
 - Linear weights are [in, out] (torch: [out, in]), as are the class weights of margin heads;
 - a re-parameterisable block that has not been folded also stores an unused fused conv;
@@ -31,6 +35,7 @@ _ALLOWED_GLOBALS = {
     ("numpy", "ndarray"),
     ("numpy", "dtype"),
     ("collections", "OrderedDict"),
+    ("_codecs", "encode"),  # bytes in a protocol-2 pickle (older Paddle's .pdparams)
 }
 _STRUCTURE_KEY = "StructuredToParameterName@@"
 

@@ -124,9 +124,12 @@ def _average(args: argparse.Namespace) -> int:
                 "weights they were folded from"
             )
         reference = initialised.state_dict()
+        pretrained = {f"backbone.{name}" for name in initialised.backbone.pretrained_tensors}
         # A shape that differs names the settings that do, where the weights record theirs.
         hint = fit_hint(metadata, config.Arch.model_dump(mode="json"))
-        state = interpolate_toward(state, reference, args.pretrained_share, args.layers, hint)
+        state = interpolate_toward(
+            state, reference, args.pretrained_share, args.layers, hint, pretrained
+        )
         done += f", {', '.join(args.layers)} mixed with {args.config} at {args.pretrained_share}"
     out = save_weights(state, args.out, metadata)
     print(f"wrote {out}: {done}, {len(state)} tensors")

@@ -20,7 +20,7 @@ from shitu.cli.common import (
     positive_minutes,
     print_summary,
 )
-from shitu.errors import CheckpointError, ConfigError, override_word
+from shitu.errors import CheckpointError, ConfigError, DataError, override_word
 from shitu.fileio import only_run_in, refuse_file_in_the_way
 
 if TYPE_CHECKING:
@@ -99,6 +99,20 @@ def _refuse_earlier_run(output_dir: Path, resumed: Path | None) -> None:
     raise ConfigError(
         f"Global.output_dir {output_dir}: holds an earlier run ({', '.join(found)}); {advice}"
     )
+
+
+def _refuse_folder_of_another_kind(output_dir: Path) -> None:
+    """An export's or a gallery library's folder given as Global.output_dir (an export's
+    `--out` taken for it, say) took the run's files among its own: the export could then
+    not be written again there (`shitu export` keeps what it did not write)."""
+    from shitu.inference.manifest import LIBRARY_DATABASE, MANIFEST
+
+    for name, kind in ((MANIFEST, "an exported model"), (LIBRARY_DATABASE, "a gallery library")):
+        if (output_dir / name).is_file():
+            raise ConfigError(
+                f"Global.output_dir {output_dir}: is {kind}'s folder ({name}), which a "
+                "training run's files would be mixed into; give a folder of the run's own"
+            )
 
 
 def _has_content(path: Path) -> bool:
@@ -213,6 +227,33 @@ def _epochs_done(progress: Progress, steps_per_epoch: int, epochs: int) -> str:
     )
 
 
+def _ties_of_the_best(output_dir: Path, metric: str, progress: Progress) -> str:
+    """A note naming the later evaluated epochs that scored the best value again, which
+    best_model.safetensors is not: it keeps the first. On a small evaluation set recall@1
+    reaches 1.0 early, and the best model was then the first evaluation's, of a few
+    epochs' training, without a word. Nothing where the log cannot be read (removed, or
+    edited by hand): the run it closes is done all the same."""
+    from shitu.engine.metrics_log import LOG_NAME, read_log
+
+    try:
+        records = read_log(output_dir / LOG_NAME, "eval")
+    except (OSError, DataError):
+        return ""
+    tied = [
+        record["epoch"]
+        for record in records
+        if record.get("epoch", 0) > progress.best_epoch
+        and record.get(metric) == progress.best_metric
+    ]
+    if not tied:
+        return ""
+    epochs = f"epoch {tied[0]}" if len(tied) == 1 else f"epochs {', '.join(map(str, tied))}"
+    return (
+        f" (tied by {epochs}; the file holds the first: Global.eval_metric=mAP, say, may tell "
+        "them apart)"
+    )
+
+
 def _stopped_during_probe(config: ShituConfig, checkpoints: Path) -> bool:
     """Whether `checkpoints`, which holds no checkpoint, names the output folder (or its
     latest.pt) of a run stopped during its LinearProbe stage, before it had one."""
@@ -265,6 +306,7 @@ def _train(args: argparse.Namespace) -> int:
             )
         # A run resumed into another folder starts a new run there, as far as it is concerned.
         if resumed != output_dir.resolve():
+            _refuse_folder_of_another_kind(output_dir)
             _refuse_earlier_run(output_dir, resumed)
         # Before the datasets, the model and a LinearProbe's check are built: a file in the
         # way was an OSError of its own ('afile/linear_probe: Not a directory') after them.
@@ -309,6 +351,7 @@ def _train(args: argparse.Namespace) -> int:
             print(
                 f"best {config.Global.eval_metric} {progress.best_metric:.4f} at epoch "
                 f"{progress.best_epoch}: {result.output_dir}/best_model.safetensors"
+                f"{_ties_of_the_best(result.output_dir, config.Global.eval_metric, progress)}"
             )
     # Stopped by Ctrl-C or SIGTERM: not done, as a caller (`train && export`) must see; a
     # step or time limit asked for is a normal end, and so is a signal that came too late

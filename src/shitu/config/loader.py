@@ -157,10 +157,9 @@ def _validate_components(config: ShituConfig) -> None:
     if failed:
         raise ConfigError(_joined_problems(failed))
     # Built as training and `shitu eval` build it, so that a wrong entry names the file now.
-    evaluator = RetrievalEvaluator.from_metric_config(
+    RetrievalEvaluator.from_metric_config(
         config.Metric.Eval if config.Metric else None, re_ranking=config.Global.re_ranking
     )
-    _check_eval_metric_is_computed(config, evaluator.metric_names)
     if config.Optimizer is not None:
         _check_schedule_is_evaluated(config.Optimizer.lr.name, config)
     _check_evaluated_features_are_exported(config)
@@ -245,19 +244,6 @@ def _check_something_to_learn(
                 "Loss.Train has a weight, so the probe would learn nothing; give another loss "
                 "a weight, or drop LinearProbe"
             )
-        )
-
-
-def _check_eval_metric_is_computed(config: ShituConfig, computed: tuple[str, ...]) -> None:
-    """Global.eval_metric picks a training run's best_model among the metrics Metric.Eval
-    computes: one it does not compute stopped the run once its model and data were built."""
-    data = config.DataLoader
-    if data is None or data.Train is None or data.Eval is None:
-        return  # not a training config with evaluation
-    if config.Global.eval_during_train and config.Global.eval_metric not in computed:
-        raise ConfigError(
-            f"Global.eval_metric: '{config.Global.eval_metric}' is not computed; "
-            f"Metric.Eval gives {', '.join(computed)}"
         )
 
 

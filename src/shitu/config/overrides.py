@@ -74,7 +74,10 @@ def parse_override(text: str) -> tuple[list[str | int], Any]:
     """Split 'A.b[0].c=value' into (['A', 'b', 0, 'c'], parsed value).
 
     The value is parsed as YAML, so `3` is an int, `1e-5` a float, `[1, 2]` a list,
-    `null` None and `true` a bool; anything else stays a string. A `~` starting a path
+    `null` None and `true` a bool; anything else stays a string, except a value opening a
+    list or mapping (`[` or `{`) that is not valid YAML (a bracket left open, say): that is
+    refused naming the YAML problem, as it would be in a config file, rather than taken
+    for text that the key then refuses as "not a valid list". A `~` starting a path
     key's value (`-o Global.output_dir=~/runs`, which the shell leaves as it is) is
     expanded where the config is validated (`ConfigPath`), as in a YAML file; other text
     (a label, a delimiter) is left as written.
@@ -85,7 +88,13 @@ def parse_override(text: str) -> tuple[list[str | int], Any]:
     path = _parse_path(key.strip(), text)
     try:
         value = load_yaml(raw) if raw.strip() else None
-    except yaml.YAMLError:
+    except yaml.YAMLError as exc:
+        if raw.lstrip().startswith(("[", "{")):
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ConfigError(
+                f"override '{text}': the value is not valid YAML ({problem}); close its "
+                "brackets, or quote it to give text"
+            ) from None
         value = raw
     return path, value
 

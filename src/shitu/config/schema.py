@@ -197,6 +197,22 @@ class LRConfig(ComponentConfig):
     # `learning_rate` is tuned for this total batch size and is scaled linearly to the real one.
     base_batch_size: int | None = Field(None, ge=1)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _piecewise_rate_from_its_values(cls, data: Any) -> Any:
+        """PaddleClas's Piecewise starts at its first `values` entry and takes no
+        `learning_rate`, so its configs may leave that out: the first value is then the
+        learning rate (which a config giving both must match, below)."""
+        if (
+            isinstance(data, dict)
+            and data.get("name") == "Piecewise"
+            and data.get("learning_rate") is None
+            and isinstance(data.get("values"), list)
+            and data["values"]
+        ):
+            return {**data, "learning_rate": data["values"][0]}
+        return data
+
     @model_validator(mode="after")
     def _piecewise_values_start_at_learning_rate(self) -> LRConfig:
         # Piecewise `values` are scaled with `learning_rate`, so the two must agree.

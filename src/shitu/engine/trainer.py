@@ -58,6 +58,7 @@ from shitu.errors import (
     raised_message,
     weight_file_setting,
 )
+from shitu.evaluation.retrieval import RetrievalEvaluator
 from shitu.fileio import home_expanded, remove_unfinished_writes
 from shitu.losses.combined import CombinedLoss
 from shitu.losses.xbm import CrossBatchMemory
@@ -92,10 +93,29 @@ def check_training_sections(config: ShituConfig) -> None:
         problems.append("DataLoader.Train: training needs a training dataset")
     else:
         problems += _output_dir_in_class_folders(config)
+        problems += _eval_metric_not_computed(config)
     if len(problems) == 1:
         raise ConfigError(problems[0])
     if problems:
         raise ConfigError(problem_list(len(problems), "the config for training", problems))
+
+
+def _eval_metric_not_computed(config: ShituConfig) -> list[str]:
+    """Global.eval_metric picks a training run's best_model among the metrics Metric.Eval
+    computes: one it does not compute stopped the run once its model and data were built.
+    Training's only: `shitu eval` prints whatever Metric.Eval gives (it was refused for
+    asking for recall@10 alone, with the eval_metric recall@1 it does not use)."""
+    if config.DataLoader.Eval is None or not config.Global.eval_during_train:
+        return []
+    computed = RetrievalEvaluator.from_metric_config(
+        config.Metric.Eval if config.Metric else None, re_ranking=config.Global.re_ranking
+    ).metric_names
+    if config.Global.eval_metric in computed:
+        return []
+    return [
+        f"Global.eval_metric: '{config.Global.eval_metric}' is not computed; Metric.Eval "
+        f"gives {', '.join(computed)}"
+    ]
 
 
 def _output_dir_in_class_folders(config: ShituConfig) -> list[str]:
@@ -550,7 +570,9 @@ class Trainer:
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         """The first signal stops the run after the current step, or evaluation (which the
         message says: one can take minutes, which a stop 'after this step' did not explain),
-        with a checkpoint; a second one acts as without this handler."""
+        with a checkpoint; a second one acts as without this handler. A stage that is not
+        resumed (the linear probe) says that the same command starts it over instead: its
+        checkpoint was promised, then refused as a resume."""
         del frame
         if self._stop_signal is not None:
             signal.signal(signum, self._previous_handlers[signum])
@@ -558,11 +580,17 @@ class Trainer:
             return
         self._stop_signal = signum
         if self.context.is_main:
+            outcome = (
+                ", with a checkpoint (send it again to stop at once, without one)"
+                if self.stage.resumable
+                else f" ({self.stage.name} is not resumed: the same command starts it over; "
+                "send it again to stop at once)"
+            )
             logger.warning(
-                "%s: stopping after this %s, with a checkpoint (send it again to stop at "
-                "once, without one)",
+                "%s: stopping after this %s%s",
                 signal.Signals(signum).name,
                 "evaluation" if self._evaluating else "step",
+                outcome,
             )
 
     def _should_stop(self, before_step: bool = True) -> bool:
@@ -964,9 +992,22 @@ def training_summary(trainer: Trainer) -> dict[str, Any]:
         "skipped images": len(getattr(dataset, "skipped", [])),
         "batch size per process": trainer.train_loader.batch_sampler.batch_size,
         "steps per epoch": trainer.steps_per_epoch,
-        "learning rate": trainer.learning_rate,
+        "learning rate": _learning_rate_shown(trainer),
         "seed": trainer.seed,
         "initial weights": trainer.initial_weights,
         "weight average (EMA) decay": trainer.ema.decay if trainer.ema is not None else "off",
         "output": str(trainer.output_dir),
     }
+
+
+def _learning_rate_shown(trainer: Trainer) -> str:
+    """The rate the run starts from, and where it was scaled for the batch size, from what:
+    `learning_rate: 0.03` showed as 0.0075, unexplained, for a batch of 8."""
+    lr = trainer.config.Optimizer.lr
+    if lr.base_batch_size is None or trainer.learning_rate == lr.learning_rate:
+        return f"{trainer.learning_rate:g}"
+    batch = trainer.train_loader.batch_sampler.batch_size * trainer.context.world_size
+    return (
+        f"{trainer.learning_rate:g} (Optimizer.lr.learning_rate {lr.learning_rate:g} for "
+        f"base_batch_size {lr.base_batch_size}, scaled to the batch of {batch})"
+    )

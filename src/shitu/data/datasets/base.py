@@ -227,6 +227,13 @@ def _scan(paths: Sequence[str], skip_corrupt: bool) -> Scan:
     return Scan((*missing, *undecodable), sizes)
 
 
+def _described(entry: Entry, why: str) -> str:
+    """`PATH (LISTED: WHY)`, for a message naming an image left out; where it is listed is
+    left out where that is the path itself (an image folder's images)."""
+    listed = "" if entry.source == entry.path else f"{entry.source}: "
+    return f"{entry.path} ({listed}{why})"
+
+
 class ImageDataset(Dataset):
     """Base class: subclasses parse their listing into `Entry`s and call `_set_entries`.
 
@@ -277,6 +284,8 @@ class ImageDataset(Dataset):
         self.skipped.extend((entries[i].path, why) for i, why in problems)
         if len(problems) == len(entries):
             self._refuse_all_skipped(entries, problems, image_root)
+        if problems:
+            self._warn_of_skipped(entries, problems)
         dropped = {i for i, _ in problems}
         entries = [entry for i, entry in enumerate(entries) if i not in dropped]
         self.paths = StringTable([entry.path for entry in entries])
@@ -344,15 +353,28 @@ class ImageDataset(Dataset):
             "(skip_corrupt: true leaves them out)"
         )
 
+    def _warn_of_skipped(self, entries: list[Entry], problems: Problems) -> None:
+        """Name the images skip_corrupt left out, and why: a training summary only counted
+        them, and an evaluation set said nothing at all, its metrics quietly over fewer
+        queries or gallery images (a file truncated by a copy, say, is to be put right)."""
+        examples = ", ".join(_described(entries[i], why) for i, why in problems[:_SHOW])
+        more = f" and {len(problems) - _SHOW} more" if len(problems) > _SHOW else ""
+        logger.warning(
+            "%s: skip_corrupt left out %d of %d listed images: %s%s",
+            self.where,
+            len(problems),
+            len(entries),
+            examples,
+            more,
+        )
+
     def _refuse_all_skipped(
         self, entries: list[Entry], problems: Problems, image_root: str | None
     ) -> NoReturn:
         """skip_corrupt left every image out: say why, with the first few reasons (all
         missing: a wrong image_root, most often; all smaller than a crop, yet readable),
         not only that there is nothing left."""
-        examples = ", ".join(
-            f"{entries[i].path} ({entries[i].source}: {why})" for i, why in problems[:_SHOW]
-        )
+        examples = ", ".join(_described(entries[i], why) for i, why in problems[:_SHOW])
         more = f" and {len(problems) - _SHOW} more" if len(problems) > _SHOW else ""
         missing = [entries[i].path for i, why in problems if why == _NOT_FOUND]
         raise DataError(

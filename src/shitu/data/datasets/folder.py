@@ -46,8 +46,13 @@ class ImageFolderDataset(ImageDataset):
         self.root = root
         check_root(root, where, key="root")
         suffixes = {"." + ext.lower().lstrip(".") for ext in extensions or IMAGE_SUFFIXES}
+        libraries = _gallery_libraries()
         self.class_names = sorted(
-            e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")
+            e.name
+            for e in os.scandir(root)
+            if e.is_dir()
+            and not e.name.startswith(".")
+            and not any((Path(e.path) / name).exists() for name in libraries)
         )
         if not self.class_names:
             raise DataError(f"{where}: has no class subfolders (expected root/<class>/<image>)")
@@ -57,7 +62,7 @@ class ImageFolderDataset(ImageDataset):
                 f"{where}: folder(s) {', '.join(runs)} hold a shitu training run's files "
                 f"({RUN_LOCK}), not a class's images; move them out of {root}"
             )
-        images = scan_images(Path(root), suffixes, loose=False)
+        images = scan_images(Path(root), suffixes, loose=False, foreign=libraries)
         if leaf_labels:
             warn_of_shared_folder_names(Path(root), {image.parent for image in images})
             self.class_names = sorted({image.parent.name for image in images})
@@ -82,3 +87,14 @@ class ImageFolderDataset(ImageDataset):
                 where,
                 shown,
             )
+
+
+def _gallery_libraries() -> dict[str, str]:
+    """For `scan_images`: a gallery library in the tree (one may lie inside the folder it
+    was built from, `shitu index build photos/ --out photos/lib`) is skipped, as `index
+    build` skips it, rather than taken for a class of the images it keeps (those `shitu
+    serve` adds, in its `uploads` folder), which the class count then asked to be trained
+    on. Imported here: the index package is not loaded for training otherwise."""
+    from shitu.index.metadata import LIBRARY_FILE
+
+    return {LIBRARY_FILE: "gallery library"}

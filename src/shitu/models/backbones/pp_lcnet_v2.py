@@ -215,7 +215,7 @@ class PPLCNetV2(SequentialBackbone):
         if pretrained:
             from shitu.checkpoint import load_pretrained
 
-            load_pretrained(self, pretrained)
+            self.pretrained_tensors = frozenset(load_pretrained(self, pretrained).loaded)
 
 
 _SCALES = {

@@ -202,7 +202,7 @@ class ResNet(SequentialBackbone):
         if pretrained:
             from shitu.checkpoint import load_pretrained
 
-            load_pretrained(self, pretrained)
+            self.pretrained_tensors = frozenset(load_pretrained(self, pretrained).loaded)
 
     def _make_stage(
         self,
