@@ -385,6 +385,7 @@ def test_an_eval_metric_not_computed_is_refused_for_training_only(config_file):
         (["Metrics.Eval=[]"], "Metrics: unknown key (did you mean 'Metric'?)"),
         (["Global.use_visualdl=true"], "Global.use_visualdl: shitu has no VisualDL logging"),
         (["Global.use_dali=true"], "Global.use_dali: shitu has no NVIDIA DALI loader"),
+        (["Global.to_static=true"], "Global.to_static: shitu trains PyTorch's eager model"),
         (
             ["Arch.infer_add_softmax=true"],
             "Arch.infer_add_softmax: a recognition model exports features",
@@ -467,13 +468,15 @@ def test_a_preset_takes_what_it_fixes_at_its_own_value(config_file):
 
 
 def test_paddleclas_settings_that_ask_for_nothing_load(config_file):
-    """PaddleClas's recognition configs carry switches for its tools (VisualDL, DALI, an
-    exported softmax) and its vehicle dataset's name: turned off, as they ship, they load."""
+    """PaddleClas's recognition configs carry switches for its tools (VisualDL, DALI,
+    dynamic-to-static conversion, an exported softmax) and its vehicle dataset's name:
+    turned off, as they ship, they load."""
     config = load_config(
         config_file,
         [
             "Global.use_visualdl=false",
             "Global.use_dali=false",
+            "Global.to_static=false",
             "Arch.infer_add_softmax=false",
             "DataLoader.Eval={Query: {dataset: {name: VeriWild, image_root: ., "
             "cls_label_path: query.txt}}, Gallery: {dataset: {name: VeriWild, image_root: ., "

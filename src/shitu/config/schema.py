@@ -91,11 +91,18 @@ class GlobalConfig(Section):
     # are, and refused, saying what to use instead, where they ask for the tool.
     use_visualdl: bool = False
     use_dali: bool = False
+    to_static: bool = False  # Paddle's dynamic-to-static graph conversion
 
     _no_visualdl = field_validator("use_visualdl")(
         only_off(
             "shitu has no VisualDL logging: it writes metrics.jsonl in Global.output_dir, "
             "and TensorBoard logs with Global.use_tensorboard: true"
+        )
+    )
+    _no_to_static = field_validator("to_static")(
+        only_off(
+            "shitu trains PyTorch's eager model, which has no static-graph mode: leave "
+            "Global.to_static false (the ONNX export, `shitu export`, is the static graph)"
         )
     )
     _no_dali = field_validator("use_dali")(
