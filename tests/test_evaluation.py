@@ -19,6 +19,7 @@ from shitu.evaluation import (
     k_reciprocal_distances,
     retrieval,
 )
+from shitu.evaluation.reranking import check_rerank_size
 
 ALL_METRICS = {"recall_k": (1, 2, 5, 10), "precision_k": (1, 3, 5, 300), "map": True, "minp": True}
 
@@ -547,8 +548,11 @@ def test_rerank_fixes_a_hub_negative() -> None:
 
 def test_rerank_size_limit() -> None:
     qf, ql, gf, gl = random_set(seed=10, num_q=4, num_g=8)
-    with pytest.raises(ReRankingTooLargeError, match=r"12 samples|max_samples=10"):
+    with pytest.raises(ReRankingTooLargeError, match=r"12 samples|max_samples=10") as small:
         k_reciprocal_distances(qf, gf, max_samples=10)
+    assert "12x12 distance matrix (~0.1 MiB)" in str(small.value)  # not "~0.0 GiB"
+    with pytest.raises(ReRankingTooLargeError, match=r"\(~6\.0 GiB\)"):  # 23,170 squared x 12
+        check_rerank_size(20_000, 3_170, 10_000)
     evaluator = RetrievalEvaluator(re_ranking=ReRanking(max_samples=11))
     with pytest.raises(ShituError, match="max_samples=11"):
         evaluator.evaluate(qf, ql, gf, gl)

@@ -65,9 +65,11 @@ def check_rerank_size(n_query: int, n_gallery: int, max_samples: int) -> None:
     before any embedding work too, so a run fails at its start, not after an epoch."""
     total = n_query + n_gallery
     if total > max_samples:
+        mib = 12 * total * total / 2**20  # a limit lowered to a small set: not "0.0 GiB"
+        size = f"{mib / 1024:.1f} GiB" if mib >= 1024 else f"{max(mib, 0.1):.1f} MiB"
         raise ReRankingTooLargeError(
             f"k-reciprocal re-ranking needs a dense {total}x{total} distance matrix "
-            f"(~{12 * total * total / 2**30:.1f} GiB) for {n_query} queries + {n_gallery} "
+            f"(~{size}) for {n_query} queries + {n_gallery} "
             f"gallery items, above its limit of max_samples={max_samples}; raise the limit "
             "(Global.re_ranking: {max_samples: N}) or evaluate without re-ranking"
         )
