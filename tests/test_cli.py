@@ -214,11 +214,30 @@ def test_onnxruntime_inference_loads_no_torch(tmp_path, grocery):
         assert result.stdout.splitlines()[-1] == "status 0 False", (command, result.stderr)
 
 
-def test_info_builds_the_shipped_model():
-    result = run_shitu("info", "-o", "Arch.Head.class_num=10", "--batch-size", "2")
+def test_info_builds_a_shipped_config():
+    result = run_shitu(
+        "info", "-c", "GeneralRecognitionV2_PPLCNetV2_base", "-o", "Arch.Head.class_num=10",
+        "--batch-size", "2",
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "PPLCNetV2_base_ShiTu" in result.stdout
     assert "out features 2 x 512" in result.stdout
+    assert "out logits   2 x 10" in result.stdout
+
+
+def test_info_without_a_config_describes_the_shipped_model():
+    """What `recognize` and `demo` run without --model: `shitu info` described an untrained
+    PP-LCNetV2 with PaddleClas's 192,612-class training head, 25 times the shipped model's
+    size, that no command runs."""
+    result = run_shitu("info", "--batch-size", "1")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[:2] == [
+        "config       GroceryStore_EfficientNetLite0",
+        f"weights      {default_model_dir() / 'model.safetensors'}",
+    ]
+    assert "EfficientNetLite0" in lines[2] and not any(line.startswith("head") for line in lines)
+    assert "out features 1 x 512" in lines
 
 
 def test_info_names_stages_that_do_not_fit():
@@ -246,8 +265,9 @@ def test_info_with_an_exports_weights_says_to_leave_the_head_out(capsys):
 
 
 def test_info_reparameterized_has_fewer_parameters():
-    plain = run_shitu("info", "--no-head", "--batch-size", "1")
-    folded = run_shitu("info", "--no-head", "--batch-size", "1", "--reparameterize")
+    pplcnet = ("-c", "GeneralRecognitionV2_PPLCNetV2_base", "--no-head", "--batch-size", "1")
+    plain = run_shitu("info", *pplcnet)
+    folded = run_shitu("info", *pplcnet, "--reparameterize")
     assert plain.returncode == 0 and folded.returncode == 0, plain.stderr + folded.stderr
 
     def total(text: str) -> int:

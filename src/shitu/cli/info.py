@@ -20,9 +20,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "info",
         help="build the model of a config and print its parameters, outputs and CPU speed",
-        description="Build the model a config describes (no data needed) and print a summary.",
+        description="Build the model a config describes (no data needed) and print a summary; "
+        "without -c, of the shipped model the recognition commands run without --model.",
     )
-    add_config_arguments(parser)
+    add_config_arguments(
+        parser,
+        default=None,
+        without="the shipped model: the config it was trained with, its weights (unless "
+        "--weights names others) and no head",
+    )
     parser.add_argument(
         "--weights",
         help="load these weights first (.safetensors/.pt/.pth/.pdparams; default: the config's "
@@ -42,11 +48,18 @@ def run(args: argparse.Namespace) -> int:
 
     from shitu.checkpoint import load_weights
     from shitu.errors import weight_file_setting
+    from shitu.inference.default_model import DEFAULT_MODEL_CONFIG, default_model_dir
+    from shitu.inference.manifest import TORCH_FILE
 
+    shipped = args.config is None
+    args.config = args.config or DEFAULT_MODEL_CONFIG
     config = config_from_args(args)
     # As eval and export, the config's trained weights where it names them (they were left
     # unread, the model reported as initialised).
     weights = args.weights or config.Global.pretrained_model
+    if shipped and not weights:  # what a new user runs, not an untrained model of a config
+        weights = str(default_model_dir() / TORCH_FILE)
+        config.Arch.Head = None  # an export's weights hold no classifier
     model = model_from_config(config, args, pretrained=not weights).eval()
     if weights:
         setting = "--weights" if args.weights else "Global.pretrained_model"
@@ -69,6 +82,8 @@ def run(args: argparse.Namespace) -> int:
 
     arch = config.Arch
     print(f"config       {args.config}")
+    if weights:
+        print(f"weights      {weights}")
     print(f"backbone     {arch.Backbone.name:<28} {count_parameters(model.backbone):>12,} params")
     if arch.Neck:
         print(f"neck         {arch.Neck.name:<28} {count_parameters(model.neck):>12,} params")
