@@ -238,6 +238,8 @@ def test_info_without_a_config_describes_the_shipped_model():
     ]
     assert "EfficientNetLite0" in lines[2] and not any(line.startswith("head") for line in lines)
     assert "out features 1 x 512" in lines
+    # torch's speed, not that of the onnxruntime that `recognize` runs (2-3x faster)
+    assert "images/s on CPU in torch eager mode (" in lines[-1]
 
 
 def test_info_names_stages_that_do_not_fit():
