@@ -9,13 +9,13 @@ import argparse
 
 
 class _DefaultsFormatter(argparse.HelpFormatter):
-    """Shows each option's default after its help, unless there is none or the help already
-    says what it is."""
+    """Shows each option's default after its help, unless there is none (an empty list, as
+    a repeatable option's, read "(default: )") or the help already says what it is."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         help_text = action.help or ""
         default = action.default
-        if default is None or default is False or default == argparse.SUPPRESS:
+        if default is None or default is False or default == [] or default == argparse.SUPPRESS:
             return help_text
         if "default" in help_text:
             return help_text

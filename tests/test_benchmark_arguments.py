@@ -43,12 +43,14 @@ def test_help_shows_defaults_zero_and_lists_included() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32], help="batch sizes")
     parser.add_argument("--work", help="keep files here")
     parser.add_argument("--threads", type=int, help="threads (default: all)")
+    parser.add_argument("--onnx", action="append", default=[], help="extra detectors")
     parser.add_argument("--torch", action="store_true", help="also time torch")
     text = " ".join(parser.format_help().split())
+    assert "extra detectors --torch" in text  # no "(default: )"
     assert "drawing seed (default: 0)" in text
     assert "batch sizes (default: 1 32)" in text
     assert "keep files here --threads" in text  # no "(default: None)"
-    assert "threads (default: all) --torch" in text  # not said twice
+    assert "threads (default: all) --onnx" in text  # not said twice
     assert text.endswith("also time torch")
 
 
