@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from shitu.config import load_config
+from shitu.config import load_config, resolve_config_path
 from shitu.inference import export_model
 
 from .test_inference import TINY_CONFIG
@@ -63,3 +63,16 @@ def test_default_model_speed_times_a_full_export_where_it_is(small_export, tmp_p
     assert f"input [{SIZE}, {SIZE}]" in table
     assert "| onnxruntime int8 | 2 |" in table
     assert not cache.exists()
+
+
+def test_train_throughput_reads_no_imagenet_weights(tmp_path) -> None:
+    """Speed does not depend on the weights: the recipe's backbone `pretrained` file was
+    read all the same (the [pretrained] extra needed, or an absent file's traceback)."""
+    shipped = resolve_config_path("GroceryStore_EfficientNetLite0").read_text()
+    config = tmp_path / "lite0.yaml"
+    config.write_text(shipped.replace("pretrained: true", f"pretrained: {tmp_path / 'no.pth'}"))
+    table = run_benchmark(
+        "train_throughput.py",
+        *("-c", str(config), "--batch", "8", "--steps", "1", "--size", "32", "--threads", "1"),
+    )
+    assert f"| {config} | 8 | off | nhwc | keep |" in table
