@@ -6,6 +6,10 @@ Benchmarks run as scripts (`python benchmarks/NAME.py`), so they import this as 
 from __future__ import annotations
 
 import argparse
+import sys
+from types import TracebackType
+
+from shitu.errors import ShituError, raised_message
 
 
 class _DefaultsFormatter(argparse.HelpFormatter):
@@ -36,7 +40,9 @@ def count(text: str) -> int:
 
 
 def benchmark_parser(doc: str) -> argparse.ArgumentParser:
-    """A parser described by the first paragraph of the benchmark's docstring `doc`."""
+    """A parser described by the first paragraph of the benchmark's docstring `doc`; the
+    benchmark then ends on a user's mistake with its message (`_report_mistakes`)."""
+    sys.excepthook = _report_mistakes
     summary = " ".join(doc.split("\n\n")[0].split())
     return argparse.ArgumentParser(description=summary, formatter_class=_DefaultsFormatter)
 
@@ -47,3 +53,18 @@ def add_batch_timing_arguments(
     """--threads and --batches, as the extraction speed benchmarks share them."""
     parser.add_argument("--threads", type=count, default=2, help=threads)
     parser.add_argument("--batches", type=count, nargs="+", default=[1, 32], help="batch sizes")
+
+
+def _report_mistakes(
+    kind: type[BaseException], error: BaseException, trace: TracebackType | None
+) -> None:
+    """An uncaught ShituError (`--model` naming no export, an unknown index type) or
+    OSError naming its file, as `shitu` reports them: `error: MESSAGE`, not a traceback
+    whose last line says the same. Other exceptions, bugs, keep their traceback. The
+    status stays 1."""
+    if isinstance(error, OSError) and error.strerror and error.filename is not None:
+        print(f"error: {error.filename}: {error.strerror}", file=sys.stderr)
+    elif isinstance(error, ShituError):
+        print(f"error: {raised_message(error)}", file=sys.stderr)
+    else:
+        sys.__excepthook__(kind, error, trace)

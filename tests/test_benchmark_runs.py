@@ -26,15 +26,19 @@ def small_export(tmp_path_factory, grocery) -> Path:
     return export_model(load_config(config_file, ["Arch.Head=null"]), None, work / "model")
 
 
-def run_benchmark(script: str, *args: str, **variables: str) -> str:
+def run_script(script: str, *args: str, **variables: str) -> subprocess.CompletedProcess:
     environment = {**os.environ, "PYTHONPATH": str(BENCHMARKS.parent / "src"), **variables}
-    result = subprocess.run(
+    return subprocess.run(
         [sys.executable, str(BENCHMARKS / script), *args],
         capture_output=True,
         text=True,
         env=environment,
         check=False,
     )
+
+
+def run_benchmark(script: str, *args: str, **variables: str) -> str:
+    result = run_script(script, *args, **variables)
     assert result.returncode == 0, result.stderr[-2000:]
     return result.stdout
 
@@ -76,3 +80,11 @@ def test_train_throughput_reads_no_imagenet_weights(tmp_path) -> None:
         *("-c", str(config), "--batch", "8", "--steps", "1", "--size", "32", "--threads", "1"),
     )
     assert f"| {config} | 8 | off | nhwc | keep |" in table
+
+
+def test_a_mistake_is_one_line_not_a_traceback(tmp_path) -> None:
+    """A model folder that is not there, as every `shitu` command names it: the scripts
+    printed a traceback whose last line said it."""
+    result = run_script("cpu_runtimes.py", "--model", str(tmp_path / "none"))
+    assert result.returncode == 1
+    assert result.stderr == f"error: model {tmp_path / 'none'}: no such folder\n"
