@@ -235,8 +235,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0, help="drawing seed")
     parser.add_argument("--work", type=Path, help="keep the drawn photos here")
     args = parser.parse_args()
-    if not 0 < args.gallery_per_class < args.per_class:
-        sys.exit("--gallery-per-class must be at least 1 and below --per-class")
+    if args.gallery_per_class >= args.per_class:  # no queries left
+        parser.error("--gallery-per-class must be below --per-class")
     work = args.work or Path(tempfile.mkdtemp(prefix="shitu-signs-"))
     if args.work is None:  # a scratch folder: gone when the table is printed
         atexit.register(shutil.rmtree, work, ignore_errors=True)

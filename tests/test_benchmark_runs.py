@@ -88,3 +88,24 @@ def test_a_mistake_is_one_line_not_a_traceback(tmp_path) -> None:
     result = run_script("cpu_runtimes.py", "--model", str(tmp_path / "none"))
     assert result.returncode == 1
     assert result.stderr == f"error: model {tmp_path / 'none'}: no such folder\n"
+
+
+@pytest.mark.parametrize(
+    ("script", "words", "said"),
+    [
+        ("index_search.py", ["--types", "HSNW32"], "argument --types: invalid choice: 'HSNW32'"),
+        ("reparameterize.py", ["--scales", "huge"], "argument --scales: invalid choice: 'huge'"),
+        (
+            "synthetic_signs.py",
+            ["--per-class", "5", "--gallery-per-class", "5"],
+            "--gallery-per-class must be below --per-class",
+        ),
+    ],
+)
+def test_an_option_value_that_cannot_work_is_a_usage_error(script, words, said) -> None:
+    """Refused as argparse refuses a value, before any work (a table's header, a library
+    built): not a traceback after it, nor a bare exit status 1."""
+    result = run_script(script, *words)
+    assert result.returncode == 2
+    assert result.stderr.startswith("usage: ") and said in result.stderr
+    assert result.stdout == ""
