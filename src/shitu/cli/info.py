@@ -26,8 +26,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_config_arguments(
         parser,
         default=None,
-        without="the shipped model: the config it was trained with, its weights (unless "
-        "--weights names others) and no head",
+        without="the shipped model: the config it was trained with, its weights unless "
+        "--weights names others, no head",
     )
     parser.add_argument(
         "--weights",
