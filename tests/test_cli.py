@@ -40,6 +40,9 @@ def test_help_lists_every_subcommand():
     assert result.returncode == 0
     for module in SUBCOMMANDS:
         assert module.__name__.rsplit(".", 1)[1].replace("_", "-") in result.stdout
+    # where to start, and where each command's options are
+    assert "`shitu demo` runs the whole system" in result.stdout
+    assert "`shitu COMMAND --help` lists a command's options" in result.stdout
     # No command is a usage error, as `shitu index` without one is: the help goes to stderr,
     # and `shitu > out` leaves no help text in a file meant for results.
     for command in ([], ["index"]):

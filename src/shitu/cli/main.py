@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _SuggestingParser(
         prog="shitu",
         description="General image recognition: detect objects, embed them, search a gallery.",
+        # Where a new user starts, and how to learn a command: the list alone says neither.
+        epilog="New here? `shitu demo` runs the whole system on generated photos, offline. "
+        "`shitu COMMAND --help` lists a command's options.",
     )
     parser.add_argument("--version", action="version", version=f"shitu {__version__}")
     _add_verbose_argument(parser, default=False)
