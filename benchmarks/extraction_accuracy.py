@@ -56,7 +56,12 @@ def main() -> None:
         help="training config of the model",
     )
     parser.add_argument(
-        "-o", "--override", nargs="+", default=[], help="KEY=VALUE config overrides"
+        "-o",
+        "--override",
+        action="extend",  # repeatable, as shitu's -o: a second -o replaced the first
+        nargs="+",
+        default=[],
+        help="KEY=VALUE config overrides",
     )
     parser.add_argument("--weights", help="trained weights of the config's model")
     parser.add_argument("--threads", type=count, default=2, help="CPU threads")

@@ -109,3 +109,19 @@ def test_an_option_value_that_cannot_work_is_a_usage_error(script, words, said) 
     assert result.returncode == 2
     assert result.stderr.startswith("usage: ") and said in result.stderr
     assert result.stdout == ""
+
+
+def test_extraction_accuracy_takes_every_override(tmp_path, grocery) -> None:
+    """`-o A=1 -o B=2`, as shitu's -o is given: the second -o replaced the first, so the
+    benchmark measured a model other than the one asked for, without a word."""
+    for split in ("train", "val"):  # one photo each: the run fails fast or ends fast
+        first = (grocery / f"{split}.txt").read_text().splitlines()[0]
+        (tmp_path / f"{split}.txt").write_text(f"{grocery / first}\n")
+    result = run_script(
+        "extraction_accuracy.py",
+        *("-o", "Global.no_such_key=1", "-o", "Global.seed=0", "--threads", "1"),
+        *("--fidelity-images", "1", "--calibration-images", "1"),
+        SHITU_GROCERY_ROOT=str(tmp_path),
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: ") and "no_such_key" in result.stderr
