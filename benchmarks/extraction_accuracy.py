@@ -114,7 +114,8 @@ def main() -> None:
         input_diff = np.abs(slow - fast)
         feature_diff = np.abs(slow_features - fast_features).max()
         cosine = np.sum(slow_features * fast_features, axis=1).min()
-        print(f"model: {args.config} {' '.join(args.override)}, weights: {args.weights}")
+        weights = args.weights or f"ImageNet's, {' '.join(IMAGENET_ONLY)}"
+        print(f"model: {' '.join([args.config, *args.override])}; weights: {weights}")
         print(f"\npreprocessing, {len(files)} val photos: training transform vs OpenCV fast path\n")
         print("| largest input diff | mean input diff | largest feature diff | lowest cosine |")
         print("|---:|---:|---:|---:|")

@@ -111,17 +111,38 @@ def test_an_option_value_that_cannot_work_is_a_usage_error(script, words, said) 
     assert result.stdout == ""
 
 
-def test_extraction_accuracy_takes_every_override(tmp_path, grocery) -> None:
-    """`-o A=1 -o B=2`, as shitu's -o is given: the second -o replaced the first, so the
-    benchmark measured a model other than the one asked for, without a word."""
-    for split in ("train", "val"):  # one photo each: the run fails fast or ends fast
+@pytest.fixture
+def one_photo_grocery(tmp_path, grocery) -> dict[str, str]:
+    """SHITU_GROCERY_ROOT for extraction_accuracy.py: one photo each of train and val, so
+    that a run ends in seconds."""
+    for split in ("train", "val"):
         first = (grocery / f"{split}.txt").read_text().splitlines()[0]
         (tmp_path / f"{split}.txt").write_text(f"{grocery / first}\n")
+    return {"SHITU_GROCERY_ROOT": str(tmp_path)}
+
+
+def test_extraction_accuracy_names_the_model_it_measured(one_photo_grocery) -> None:
+    """Without --weights it read "model: GroceryStore_EfficientNetLite0 , weights: None" of
+    a model with ImageNet weights and its neck left out."""
+    table = run_benchmark(
+        "extraction_accuracy.py",
+        *("--threads", "1", "--fidelity-images", "1", "--calibration-images", "1"),
+        **one_photo_grocery,
+    )
+    assert (
+        "model: GroceryStore_EfficientNetLite0; weights: ImageNet's, "
+        "Arch.BackboneStopLayer.name=flatten Arch.Neck=null\n"
+    ) in table
+
+
+def test_extraction_accuracy_takes_every_override(one_photo_grocery) -> None:
+    """`-o A=1 -o B=2`, as shitu's -o is given: the second -o replaced the first, so the
+    benchmark measured a model other than the one asked for, without a word."""
     result = run_script(
         "extraction_accuracy.py",
         *("-o", "Global.no_such_key=1", "-o", "Global.seed=0", "--threads", "1"),
         *("--fidelity-images", "1", "--calibration-images", "1"),
-        SHITU_GROCERY_ROOT=str(tmp_path),
+        **one_photo_grocery,
     )
     assert result.returncode == 1
     assert result.stderr.startswith("error: ") and "no_such_key" in result.stderr
