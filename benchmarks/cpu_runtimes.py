@@ -21,6 +21,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -48,7 +49,10 @@ Runner = Callable[[np.ndarray], np.ndarray]
 def torch_runners(model: torch.nn.Module, example: np.ndarray) -> dict[str, Runner]:
     """Eager, TorchScript and torch.compile forms of the same float32 module."""
     x = torch.from_numpy(example)
-    with torch.no_grad():
+    # A trace holds one input size, this batch's: the warnings that the shipped model's
+    # padding arithmetic would not follow another size (two screenfuls) do not apply.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
         script = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(model, x)))
     import torch._inductor.config as inductor_config
 
