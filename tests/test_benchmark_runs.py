@@ -158,3 +158,13 @@ def test_extraction_accuracy_takes_every_override(one_photo_grocery) -> None:
     )
     assert result.returncode == 1
     assert result.stderr.startswith("error: ") and "no_such_key" in result.stderr
+
+
+def test_pipeline_latency_refuses_a_detector_file_that_is_not_there(tmp_path) -> None:
+    """Only the default PicoDet is skipped where absent: a mistyped --picodet printed the
+    table without its rows, as if the file had been timed."""
+    missing = tmp_path / "picodet_s_320_coco.onnx"
+    result = run_script("pipeline_latency.py", "--picodet", str(missing))
+    assert result.returncode == 2
+    assert f"error: --picodet {missing}: no such file" in result.stderr
+    assert result.stdout == ""
