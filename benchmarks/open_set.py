@@ -25,8 +25,10 @@ on a sweep of `--step`.
 
 from __future__ import annotations
 
+import argparse
 import atexit
 import csv
+import math
 import shutil
 import sys
 import tempfile
@@ -47,6 +49,18 @@ DATASET = ROOT.parent / "shared" / "datasets" / "grocery_store"
 def photos(root: Path, split: str, names: dict[int, str]) -> list[tuple[Path, int, str]]:
     rows = [line.split(",") for line in (root / f"{split}.txt").read_text().splitlines()]
     return [(root / r[0].strip(), int(r[1]), names[int(r[1])]) for r in rows if len(r) > 1]
+
+
+def sweep_step(text: str) -> float:
+    """A step from 0.001 to 1, as `shitu eval-pipeline --sweep` takes one: 0 divided by
+    zero after the libraries were built, and a negative step swept 1.0 alone."""
+    try:
+        step = float(text)
+    except ValueError:
+        step = math.nan
+    if not 0.001 <= step <= 1:
+        raise argparse.ArgumentTypeError(f"expected a step from 0.001 to 1, got {text!r}")
+    return step
 
 
 def protocols(root: Path) -> dict[str, tuple[list[GalleryItem], list[GalleryItem]]]:
@@ -86,7 +100,7 @@ def main() -> int:
         default=[0.5, 0.6, 0.7, 0.8],
         help="score thresholds tabled",
     )
-    parser.add_argument("--step", type=float, default=0.05, help="sweep step for the best")
+    parser.add_argument("--step", type=sweep_step, default=0.05, help="sweep step for the best")
     parser.add_argument("--dataset", type=Path, default=DATASET, help="Grocery Store folder")
     parser.add_argument("--work", type=Path, help="keep the gallery libraries here")
     args = parser.parse_args()
