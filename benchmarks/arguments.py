@@ -6,7 +6,9 @@ Benchmarks run as scripts (`python benchmarks/NAME.py`), so they import this as 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+from collections.abc import Callable
 from types import TracebackType
 
 from shitu.errors import ShituError, raised_message
@@ -37,6 +39,29 @@ def count(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
     return value
+
+
+def checked_number(what: str, accepts: Callable[[float], bool]) -> Callable[[str], float]:
+    """An argparse type for a finite number that `accepts` (`what` says which): plain
+    `float` let a duration, a size or a score of 0, below 0, NaN or infinity through, to a
+    traceback or a table of nothing once the work was done."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and accepts(value)):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    return parse
+
+
+seconds = checked_number("a number of seconds >= 0", lambda value: value >= 0)
+positive_number = checked_number("a number above 0", lambda value: value > 0)
+fraction = checked_number("a number from 0 to 1", lambda value: 0 <= value <= 1)
+cosine_score = checked_number("a cosine similarity from -1 to 1", lambda value: -1 <= value <= 1)
 
 
 def benchmark_parser(doc: str) -> argparse.ArgumentParser:

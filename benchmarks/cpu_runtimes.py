@@ -31,7 +31,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from arguments import add_batch_timing_arguments, benchmark_parser, count  # noqa: E402
+from arguments import add_batch_timing_arguments, benchmark_parser, count, seconds  # noqa: E402
 from common import model_dir  # noqa: E402
 
 from shitu.config import load_config  # noqa: E402
@@ -89,7 +89,7 @@ def main() -> None:
     which.add_argument("--pplcnet", action="store_true", help="PP-LCNetV2_base, random weights")
     add_batch_timing_arguments(parser, "CPU threads per runtime")
     parser.add_argument("--rounds", type=count, default=3, help="interleaved timing rounds")
-    parser.add_argument("--seconds", type=float, default=3.0, help="per runtime, batch, round")
+    parser.add_argument("--seconds", type=seconds, default=3.0, help="per runtime, batch, round")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from arguments import benchmark_parser
+from arguments import benchmark_parser, fraction
 from common import every_feature
 from tqdm import tqdm
 
@@ -47,10 +47,10 @@ def main() -> None:
         ),
         help="Grocery Store folder",
     )
-    parser.add_argument("--threshold", type=float, default=0.3, help="lowest box score")
+    parser.add_argument("--threshold", type=fraction, default=0.3, help="lowest box score")
     parser.add_argument(
         "--min-coverage",
-        type=float,
+        type=fraction,
         default=0.3,
         help="box area over image area for a photo to count as covered",
     )

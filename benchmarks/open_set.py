@@ -25,17 +25,15 @@ on a sweep of `--step`.
 
 from __future__ import annotations
 
-import argparse
 import atexit
 import csv
-import math
 import shutil
 import sys
 import tempfile
 from collections import defaultdict
 from pathlib import Path
 
-from arguments import benchmark_parser
+from arguments import benchmark_parser, checked_number, cosine_score
 
 from shitu.index import Gallery, GalleryItem
 from shitu.inference import FeatureExtractor, default_model_dir
@@ -51,16 +49,9 @@ def photos(root: Path, split: str, names: dict[int, str]) -> list[tuple[Path, in
     return [(root / r[0].strip(), int(r[1]), names[int(r[1])]) for r in rows if len(r) > 1]
 
 
-def sweep_step(text: str) -> float:
-    """A step from 0.001 to 1, as `shitu eval-pipeline --sweep` takes one: 0 divided by
-    zero after the libraries were built, and a negative step swept 1.0 alone."""
-    try:
-        step = float(text)
-    except ValueError:
-        step = math.nan
-    if not 0.001 <= step <= 1:
-        raise argparse.ArgumentTypeError(f"expected a step from 0.001 to 1, got {text!r}")
-    return step
+# As `shitu eval-pipeline --sweep` takes it: 0 divided by zero after the libraries were
+# built, and a negative step swept 1.0 alone.
+sweep_step = checked_number("a step from 0.001 to 1", lambda step: 0.001 <= step <= 1)
 
 
 def protocols(root: Path) -> dict[str, tuple[list[GalleryItem], list[GalleryItem]]]:
@@ -95,7 +86,7 @@ def main() -> int:
     )
     parser.add_argument(
         "--thresholds",
-        type=float,
+        type=cosine_score,
         nargs="+",
         default=[0.5, 0.6, 0.7, 0.8],
         help="score thresholds tabled",

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from arguments import benchmark_parser, count
+from arguments import benchmark_parser, count, seconds
 from common import model_dir, random_gallery
 
 from shitu.demo import make_demo_set
@@ -109,7 +109,7 @@ def main() -> None:
         help="the service's --max-batch values",
     )
     parser.add_argument("--requests", type=count, default=100, help="requests per row")
-    parser.add_argument("--seconds", type=float, default=60, help="longest time per row")
+    parser.add_argument("--seconds", type=seconds, default=60, help="longest time per row")
     parser.add_argument("--threads", type=count, help="model threads (default: the runtime's)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp_name:

@@ -108,6 +108,7 @@ def test_a_mistake_is_one_line_not_a_traceback(tmp_path) -> None:
         ("index_search.py", ["--types", "HSNW32"], "argument --types: invalid choice: 'HSNW32'"),
         ("reparameterize.py", ["--scales", "huge"], "argument --scales: invalid choice: 'huge'"),
         ("open_set.py", ["--step", "0"], "argument --step: expected a step from 0.001 to 1"),
+        ("decode_memory.py", ["--megapixels", "0"], "expected a number above 0, got '0'"),
         (
             "synthetic_signs.py",
             ["--per-class", "5", "--gallery-per-class", "5"],
