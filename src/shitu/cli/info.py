@@ -19,7 +19,7 @@ from shitu.cli.common import (
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "info",
-        help="build the model of a config and print its parameters, outputs and CPU speed",
+        help="parameters, outputs and CPU speed of the shipped model, or of a config's",
         description="Build the model a config describes (no data needed) and print a summary; "
         "without -c, of the shipped model the recognition commands run without --model.",
     )
