@@ -467,6 +467,9 @@ def test_a_misspelt_option_is_named_by_its_command_with_the_option_meant(capsys)
         (["recognise", "photos", "--gallery", "LIB"], "recognise", "recognize"),  # docs' spelling
         (["index", "biuld", "photos", "--out", "LIB"], "biuld", "build"),
         (["recognize", "photos", "--format", "tabel"], "tabel", "table"),
+        # a command of `index` without it: argparse listed the top-level commands alone
+        (["build", "photos", "--out", "LIB"], "build", "index build"),
+        (["search", "LIB", "photo.jpg"], "search", "index search"),
     ],
 )
 def test_a_misspelt_command_or_choice_is_told_the_one_meant(command, typo, meant, capsys):

@@ -58,13 +58,15 @@ SUBCOMMANDS = (
 class _SuggestingParser(argparse.ArgumentParser):
     """A value that is not one of an argument's choices is told the choice it may be a
     misspelling of, as misspelt options are (`_parse`): `shitu recognise`, in the spelling
-    the docs' prose uses, `--format tabel`. Subcommands' parsers are of this class too."""
+    the docs' prose uses, `--format tabel`; a command of a group given without the group
+    (`shitu build`), the whole command. Subcommands' parsers are of this class too."""
 
     def _check_value(self, action: argparse.Action, value: Any) -> None:
         try:
             super()._check_value(action, value)
         except argparse.ArgumentError as exc:
-            hint = did_you_mean(str(value), [str(choice) for choice in action.choices or ()])
+            choices = [str(choice) for choice in action.choices or ()]
+            hint = _grouped_command_hint(str(value), action) or did_you_mean(str(value), choices)
             if not hint:
                 raise
             raise argparse.ArgumentError(action, f"{exc.message}{hint}") from None
@@ -77,6 +79,18 @@ class _SuggestingParser(argparse.ArgumentParser):
             file.write(message)
         else:
             super()._print_message(message, file)
+
+
+def _grouped_command_hint(word: str, action: argparse.Action) -> str:
+    """' (did you mean 'index build'?)' where `word` is a command of a group of commands
+    (`index`) that `action` chooses among; else ''."""
+    if not isinstance(action, argparse._SubParsersAction):
+        return ""
+    for group, parser in action.choices.items():
+        for inner in parser._actions:
+            if isinstance(inner, argparse._SubParsersAction) and word in inner.choices:
+                return f" (did you mean '{group} {word}'?)"
+    return ""
 
 
 def build_parser() -> argparse.ArgumentParser:
