@@ -244,8 +244,9 @@ def main() -> int:
     paths, labels = make_signs(work, args.per_class, args.seed)
     in_gallery = np.arange(len(paths)) % args.per_class < args.gallery_per_class
     evaluator = RetrievalEvaluator(recall_k=(1, 5))
+    kept = f" ({work})" if args.work else ""  # not the scratch folder, gone by then
     print(f"{len(sign_classes())} classes, {in_gallery.sum()} gallery photos, "
-          f"{(~in_gallery).sum()} queries ({work})\n")  # fmt: skip
+          f"{(~in_gallery).sum()} queries{kept}\n")  # fmt: skip
     print("| model | recall@1 | recall@5 | mAP |")
     print("|---|---:|---:|---:|")
     for model in [Path(m) for m in args.model or [default_model_dir()]]:

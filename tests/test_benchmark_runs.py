@@ -170,3 +170,13 @@ def test_pipeline_latency_refuses_a_detector_file_that_is_not_there(tmp_path) ->
     assert result.returncode == 2
     assert f"error: --picodet {missing}: no such file" in result.stderr
     assert result.stdout == ""
+
+
+def test_synthetic_signs_names_only_a_folder_it_keeps(tmp_path) -> None:
+    """Its scratch folder, removed as it ends, was named beside the counts as if the drawn
+    photos could be looked at there; a --work folder is named."""
+    small = ("--per-class", "2", "--gallery-per-class", "1")
+    assert "shitu-signs-" not in run_benchmark("synthetic_signs.py", *small).splitlines()[0]
+    work = tmp_path / "signs"
+    first = run_benchmark("synthetic_signs.py", *small, "--work", str(work)).splitlines()[0]
+    assert first.endswith(f"queries ({work})") and any(work.iterdir())
