@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from collections.abc import Callable
 from types import TracebackType
@@ -85,9 +86,13 @@ def _report_mistakes(
 ) -> None:
     """An uncaught ShituError (`--model` naming no export, an unknown index type) or
     OSError naming its file, as `shitu` reports them: `error: MESSAGE`, not a traceback
-    whose last line says the same. Other exceptions, bugs, keep their traceback. The
-    status stays 1."""
-    if isinstance(error, OSError) and error.strerror and error.filename is not None:
+    whose last line says the same; stdout's reader gone (`| head -3`) ends it quietly.
+    Other exceptions, bugs, keep their traceback. The status stays 1."""
+    if isinstance(error, BrokenPipeError):  # the rest of the table has nowhere to go
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # nor has what is left in stdout's buffer
+        os.close(devnull)
+    elif isinstance(error, OSError) and error.strerror and error.filename is not None:
         print(f"error: {error.filename}: {error.strerror}", file=sys.stderr)
     elif isinstance(error, ShituError):
         print(f"error: {raised_message(error)}", file=sys.stderr)

@@ -180,3 +180,19 @@ def test_synthetic_signs_names_only_a_folder_it_keeps(tmp_path) -> None:
     work = tmp_path / "signs"
     first = run_benchmark("synthetic_signs.py", *small, "--work", str(work)).splitlines()[0]
     assert first.endswith(f"queries ({work})") and any(work.iterdir())
+
+
+def test_a_reader_that_stops_early_ends_a_benchmark_quietly() -> None:
+    """`python benchmarks/X.py | head -3`: a BrokenPipeError traceback followed the lines
+    the reader took."""
+    script = str(BENCHMARKS / "decode_memory.py")
+    environment = {**os.environ, "PYTHONPATH": str(BENCHMARKS.parent / "src")}
+    with subprocess.Popen(
+        [sys.executable, script, "--megapixels", "0.05"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=environment,
+    ) as process:
+        process.stdout.close()  # gone before the table is printed
+        assert process.stderr.read() == b""
+    assert process.returncode == 1
