@@ -67,8 +67,8 @@ cosine_score = checked_number("a cosine similarity from -1 to 1", lambda value: 
 
 def benchmark_parser(doc: str) -> argparse.ArgumentParser:
     """A parser described by the first paragraph of the benchmark's docstring `doc`; the
-    benchmark then ends on a user's mistake with its message (`_report_mistakes`)."""
-    sys.excepthook = _report_mistakes
+    benchmark then ends on a user's mistake with its message (`_end_without_traceback`)."""
+    sys.excepthook = _end_without_traceback
     summary = " ".join(doc.split("\n\n")[0].split())
     return argparse.ArgumentParser(description=summary, formatter_class=_DefaultsFormatter)
 
@@ -81,7 +81,7 @@ def add_batch_timing_arguments(
     parser.add_argument("--batches", type=count, nargs="+", default=[1, 32], help="batch sizes")
 
 
-def _report_mistakes(
+def _end_without_traceback(
     kind: type[BaseException], error: BaseException, trace: TracebackType | None
 ) -> None:
     """An uncaught ShituError (`--model` naming no export, an unknown index type) or
