@@ -1,4 +1,5 @@
-"""`shitu info`: build the model a config describes and report its size, outputs and speed."""
+"""`shitu info`: build the shipped model, or the model a config describes, and report its size,
+outputs and speed."""
 
 from __future__ import annotations
 
