@@ -49,6 +49,9 @@ def test_help_lists_every_subcommand():
         result = run_shitu(*command)
         assert result.returncode == 2 and result.stdout == "", command
         assert "COMMAND" in result.stderr or "CMD" in result.stderr
+    # `shitu index` named only CMD: its help lists the commands it takes
+    assert "  build " in result.stderr and "  search " in result.stderr
+    assert result.stderr.endswith("shitu index: error: the following arguments are required: CMD\n")
 
 
 def test_help_of_every_command_names_every_default(monkeypatch):

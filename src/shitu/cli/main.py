@@ -12,7 +12,7 @@ import sys
 import threading
 import traceback
 from collections.abc import Iterator
-from typing import Any, TextIO
+from typing import Any, NoReturn, TextIO
 
 from shitu import __version__
 from shitu.cli import (
@@ -70,6 +70,17 @@ class _SuggestingParser(argparse.ArgumentParser):
             if not hint:
                 raise
             raise argparse.ArgumentError(action, f"{exc.message}{hint}") from None
+
+    def error(self, message: str) -> NoReturn:
+        """A group of commands given none (`shitu index`): its help, which lists them, then
+        the error, as `shitu` alone prints its help (argparse's usage named only CMD)."""
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction) and message.endswith(
+                f"required: {action.metavar}"
+            ):
+                self.print_help(sys.stderr)
+                self.exit(2, f"{self.prog}: error: {message}\n")
+        super().error(message)
 
     def _print_message(self, message: str, file: TextIO | None = None) -> None:
         """Help and version text as argparse writes it, but a failed write to stdout is
