@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(autouse=True)
+def _keep_the_excepthook(monkeypatch):
+    """`benchmark_parser` installs the scripts' excepthook: not pytest's process's."""
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)
 
 
 def _arguments():
