@@ -27,8 +27,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_config_arguments(
         parser,
         default=None,
-        without="the shipped model: the config it was trained with, its weights unless "
-        "--weights names others, no head",
+        without="the shipped model: its weights, without a head, in the config it was "
+        "trained with, which --weights fills with others instead",
     )
     parser.add_argument(
         "--weights",
