@@ -13,6 +13,7 @@ exported with random weights.
 
 from __future__ import annotations
 
+import platform
 import select
 import signal
 import subprocess
@@ -129,6 +130,11 @@ def main() -> None:
             for max_batch in args.max_batch:
                 servers[max_batch] = start_server([*serve, "--max-batch", str(max_batch)])
                 load(servers[max_batch][1], photo, 4, 8, args.seconds)  # warm-up
+            threads = args.threads or "the runtime's"
+            print(
+                f"model {model}, plain-background detector, gallery {args.gallery_size} "
+                f"vectors, threads {threads}, {platform.processor() or platform.machine()}\n"
+            )
             print(
                 ROW.format(
                     "max batch", "clients", "requests", "requests/s", "p50 ms", "p99 ms", "errors"

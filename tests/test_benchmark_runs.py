@@ -196,3 +196,17 @@ def test_a_reader_that_stops_early_ends_a_benchmark_quietly() -> None:
         process.stdout.close()  # gone before the table is printed
         assert process.stderr.read() == b""
     assert process.returncode == 1
+
+
+def test_serve_latency_names_what_it_timed(small_export) -> None:
+    """Its table alone named neither the model, the gallery nor the threads, as every other
+    benchmark's first line does."""
+    table = run_benchmark(
+        "serve_latency.py",
+        *("--model", str(small_export), "--gallery-size", "10", "--clients", "1"),
+        *("--max-batch", "1", "--requests", "1", "--seconds", "30", "--threads", "1"),
+    )
+    first = table.splitlines()[0]
+    assert first.startswith(f"model {small_export}, plain-background detector, gallery 10 ")
+    assert "threads 1, " in first
+    assert "| 1 | 1 | 1 | " in table
