@@ -260,6 +260,21 @@ def test_info_names_stages_that_do_not_fit():
     assert "Head.embedding_size" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_info_without_a_config_names_the_model_weights_must_fit(tmp_path, capsys):
+    """Without -c the weights go into the shipped model's config: a file of another model
+    (PP-LCNetV2, the default before) was told only "does the config match?", of no config."""
+    from safetensors.numpy import save_file
+
+    weights = tmp_path / "other.safetensors"
+    save_file({"backbone.other.weight": np.zeros(3, np.float32)}, str(weights))
+    assert shitu_main(["info", "--weights", str(weights), "--batch-size", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(
+        "error: --weights (without -c, into GroceryStore_EfficientNetLite0's model): "
+        f"{weights} does not fit the model"
+    )
+
+
 def test_info_with_an_exports_weights_says_to_leave_the_head_out(capsys):
     """An export's weights hold no classifier: the error said only 'does the config
     match?', which it does."""

@@ -64,6 +64,8 @@ def run(args: argparse.Namespace) -> int:
     model = model_from_config(config, args, pretrained=not weights).eval()
     if weights:
         setting = "--weights" if args.weights else "Global.pretrained_model"
+        if shipped:  # the user named no config: say which model the file has to fit
+            setting += f" (without -c, into {DEFAULT_MODEL_CONFIG}'s model)"
         with weight_file_setting(setting):
             load_weights(
                 model,
