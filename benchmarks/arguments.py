@@ -10,6 +10,7 @@ import math
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from types import TracebackType
 
 from shitu.errors import ShituError, raised_message
@@ -57,6 +58,15 @@ def checked_number(what: str, accepts: Callable[[float], bool]) -> Callable[[str
         return value
 
     return parse
+
+
+def existing_file(text: str) -> Path:
+    """An argparse type for a file to time: a mistyped one is refused before the work,
+    not found after the other rows were timed."""
+    path = Path(text)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"{text}: no such file")
+    return path
 
 
 seconds = checked_number("a number of seconds >= 0", lambda value: value >= 0)

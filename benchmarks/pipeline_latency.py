@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from arguments import benchmark_parser, count
+from arguments import benchmark_parser, count, existing_file
 from common import model_dir, random_gallery
 
 from shitu.demo import make_demo_set
@@ -43,14 +43,14 @@ def main() -> None:
     parser = benchmark_parser(__doc__)
     parser.add_argument("--model", help="exported model folder")
     parser.add_argument(
-        "--picodet", type=Path, help=f"PicoDet ONNX (default: {PICODET}, skipped if absent)"
+        "--picodet",
+        type=existing_file,
+        help=f"PicoDet ONNX (default: {PICODET}, skipped if absent)",
     )
     parser.add_argument("--gallery-size", type=count, default=10000, help="random gallery vectors")
     parser.add_argument("--repeats", type=count, default=5, help="timed runs per photo")
     parser.add_argument("--threads", type=count, default=1, help="model and detector threads")
     args = parser.parse_args()
-    if args.picodet and not args.picodet.is_file():  # a table without its rows says nothing
-        parser.error(f"--picodet {args.picodet}: no such file")
     picodet = args.picodet or (PICODET if PICODET.is_file() else None)
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)

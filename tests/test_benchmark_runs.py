@@ -162,13 +162,16 @@ def test_extraction_accuracy_takes_every_override(one_photo_grocery) -> None:
     assert result.stderr.startswith("error: ") and "no_such_key" in result.stderr
 
 
-def test_pipeline_latency_refuses_a_detector_file_that_is_not_there(tmp_path) -> None:
-    """Only the default PicoDet is skipped where absent: a mistyped --picodet printed the
-    table without its rows, as if the file had been timed."""
-    missing = tmp_path / "picodet_s_320_coco.onnx"
-    result = run_script("pipeline_latency.py", "--picodet", str(missing))
+@pytest.mark.parametrize(
+    ("script", "option"), [("pipeline_latency.py", "--picodet"), ("detector.py", "--onnx")]
+)
+def test_a_detector_file_that_is_not_there_is_refused_before_any_work(script, option) -> None:
+    """pipeline_latency printed its table without the PicoDet rows, as if the mistyped file
+    had been timed; detector.py timed its own detectors before it found the file missing."""
+    missing = "absent/picodet_s_320_coco.onnx"
+    result = run_script(script, option, missing)
     assert result.returncode == 2
-    assert f"error: --picodet {missing}: no such file" in result.stderr
+    assert f"error: argument {option}: {missing}: no such file" in result.stderr
     assert result.stdout == ""
 
 
