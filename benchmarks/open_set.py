@@ -34,14 +34,12 @@ from collections import defaultdict
 from pathlib import Path
 
 from arguments import benchmark_parser, checked_number, cosine_score
+from common import grocery_root
 
 from shitu.index import Gallery, GalleryItem
 from shitu.inference import FeatureExtractor, default_model_dir
 from shitu.pipeline import Recognizer, evaluate_pipeline
 from shitu.pipeline.evaluate import sweep_thresholds
-
-ROOT = Path(__file__).resolve().parent.parent
-DATASET = ROOT.parent / "shared" / "datasets" / "grocery_store"
 
 
 def photos(root: Path, split: str, names: dict[int, str]) -> list[tuple[Path, int, str]]:
@@ -92,7 +90,7 @@ def main() -> int:
         help="score thresholds tabled",
     )
     parser.add_argument("--step", type=sweep_step, default=0.05, help="sweep step for the best")
-    parser.add_argument("--dataset", type=Path, default=DATASET, help="Grocery Store folder")
+    parser.add_argument("--dataset", type=Path, default=grocery_root(), help="Grocery Store folder")
     parser.add_argument("--work", type=Path, help="keep the gallery libraries here")
     args = parser.parse_args()
     if not (args.dataset / "train.txt").is_file():

@@ -213,3 +213,13 @@ def test_serve_latency_names_what_it_timed(small_export) -> None:
     assert first.startswith(f"model {small_export}, plain-background detector, gallery 10 ")
     assert "threads 1, " in first
     assert "| 1 | 1 | 1 | " in table
+
+
+def test_open_set_reads_the_grocery_dataset_the_other_benchmarks_read(tmp_path) -> None:
+    """$SHITU_GROCERY_ROOT, as the tests and the other Grocery benchmarks take it: open_set
+    read ../shared/datasets alone, another dataset than theirs where both exist."""
+    result = run_script(
+        "open_set.py", "--model", str(tmp_path / "none"), SHITU_GROCERY_ROOT=str(tmp_path)
+    )
+    assert result.returncode == 1
+    assert result.stderr == f"{tmp_path}: no Grocery Store dataset (train.txt) there\n"
