@@ -5,6 +5,7 @@ Benchmarks run as scripts (`python benchmarks/NAME.py`), so they import this as 
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,6 +16,13 @@ from shitu.config import load_config
 from shitu.errors import CheckpointError
 from shitu.index import Gallery
 from shitu.inference import FeatureExtractor, default_model_dir, export_model
+
+
+def grocery_root() -> Path:
+    """The Grocery Store dataset: $SHITU_GROCERY_ROOT, as the tests read it, else
+    ../shared/datasets/grocery_store beside the repository."""
+    default = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "grocery_store"
+    return Path(os.environ.get("SHITU_GROCERY_ROOT", default))
 
 
 def model_dir(given: str | None, tmp: Path) -> Path:

@@ -21,6 +21,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,7 +31,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from arguments import add_batch_timing_arguments, benchmark_parser, count  # noqa: E402
+from arguments import add_batch_timing_arguments, benchmark_parser, count, seconds  # noqa: E402
 from common import model_dir  # noqa: E402
 
 from shitu.config import load_config  # noqa: E402
@@ -48,7 +49,10 @@ Runner = Callable[[np.ndarray], np.ndarray]
 def torch_runners(model: torch.nn.Module, example: np.ndarray) -> dict[str, Runner]:
     """Eager, TorchScript and torch.compile forms of the same float32 module."""
     x = torch.from_numpy(example)
-    with torch.no_grad():
+    # A trace holds one input size, this batch's: the warnings that the shipped model's
+    # padding arithmetic would not follow another size (two screenfuls) do not apply.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
         script = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(model, x)))
     import torch._inductor.config as inductor_config
 
@@ -85,7 +89,7 @@ def main() -> None:
     which.add_argument("--pplcnet", action="store_true", help="PP-LCNetV2_base, random weights")
     add_batch_timing_arguments(parser, "CPU threads per runtime")
     parser.add_argument("--rounds", type=count, default=3, help="interleaved timing rounds")
-    parser.add_argument("--seconds", type=float, default=3.0, help="per runtime, batch, round")
+    parser.add_argument("--seconds", type=seconds, default=3.0, help="per runtime, batch, round")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 

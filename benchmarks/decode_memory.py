@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from arguments import benchmark_parser
+from arguments import benchmark_parser, positive_number
 from PIL import Image
 
 # (row name, Pillow format, mode, save options)
@@ -68,7 +68,9 @@ def photo_like(width: int, height: int, mode: str) -> Image.Image:
 
 def main() -> None:
     parser = benchmark_parser(__doc__)
-    parser.add_argument("--megapixels", type=float, default=20.0, help="size of each image")
+    parser.add_argument(
+        "--megapixels", type=positive_number, default=20.0, help="size of each image"
+    )
     args = parser.parse_args()
     side = int((args.megapixels * 1e6) ** 0.5)
     print("| format | encoded MB | peak MB | bytes/pixel |")

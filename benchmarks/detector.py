@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from arguments import benchmark_parser, count
+from arguments import benchmark_parser, count, existing_file
 
 from shitu.detection import OnnxDetector, TorchDetector, build_picodet, load_detector
 from shitu.detection.export import export_onnx
@@ -30,7 +30,9 @@ def ms_per_image(detector, image: np.ndarray, repeats: int) -> float:
 
 def main() -> None:
     parser = benchmark_parser(__doc__)
-    parser.add_argument("--onnx", action="append", default=[], help="extra ONNX detectors")
+    parser.add_argument(
+        "--onnx", type=existing_file, action="append", default=[], help="extra ONNX detectors"
+    )
     parser.add_argument("--repeats", type=count, default=5, help="timed runs per image")
     parser.add_argument("--threads", type=count, default=1, help="torch and onnxruntime threads")
     args = parser.parse_args()
@@ -57,11 +59,11 @@ def main() -> None:
             detector = OnnxDetector(path, threads=args.threads)
             size = detector.input_size[0]
             rows.append(
-                (Path(path).name, size, "onnxruntime", ms_per_image(detector, image, args.repeats))
+                (path.name, size, "onnxruntime", ms_per_image(detector, image, args.repeats))
             )
             torch_detector = load_detector(path, backend="torch", input_size=size)
             rows.append(
-                (Path(path).name, size, "torch", ms_per_image(torch_detector, image, args.repeats))
+                (path.name, size, "torch", ms_per_image(torch_detector, image, args.repeats))
             )
     print(f"CPU threads: {args.threads}, image 640x480, {args.repeats} runs each\n")
     print("| model | input | backend | ms / image |")

@@ -15,20 +15,17 @@ measurable stand-in for "IoU >= 0.5 with the product".
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
-from arguments import benchmark_parser
-from common import every_feature
+from arguments import benchmark_parser, fraction
+from common import every_feature, grocery_root
 from tqdm import tqdm
 
 from shitu.detection import load_detector
 from shitu.inference import FeatureExtractor, default_model_dir
 from shitu.inference.preprocess import read_rgb
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def split(root: Path, name: str) -> tuple[list[Path], np.ndarray]:
@@ -42,15 +39,13 @@ def main() -> None:
     parser.add_argument("--rec-model", help="exported recogniser (default: the shipped one)")
     parser.add_argument(
         "--data",
-        default=os.environ.get(
-            "SHITU_GROCERY_ROOT", str(ROOT.parent / "shared" / "datasets" / "grocery_store")
-        ),
+        default=grocery_root(),
         help="Grocery Store folder",
     )
-    parser.add_argument("--threshold", type=float, default=0.3, help="lowest box score")
+    parser.add_argument("--threshold", type=fraction, default=0.3, help="lowest box score")
     parser.add_argument(
         "--min-coverage",
-        type=float,
+        type=fraction,
         default=0.3,
         help="box area over image area for a photo to count as covered",
     )

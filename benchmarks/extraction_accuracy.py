@@ -19,7 +19,6 @@ without a training run; --weights takes a trained checkpoint of the config's mod
 
 from __future__ import annotations
 
-import os
 import sys
 import tempfile
 import time
@@ -28,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from arguments import benchmark_parser, count
-from common import every_feature
+from common import every_feature, grocery_root
 
 from shitu.config import load_config
 from shitu.data.transforms import build_transforms
@@ -37,7 +36,6 @@ from shitu.inference import FeatureExtractor, Preprocessing, export_model
 from shitu.inference.backends import openvino_available
 from shitu.inference.extractor import l2_normalize
 
-ROOT = Path(__file__).resolve().parent.parent
 # Without trained weights: the ImageNet backbone's pooled features, no embedding layer or neck.
 IMAGENET_ONLY = ["Arch.BackboneStopLayer.name=flatten", "Arch.Neck=null"]
 
@@ -56,7 +54,12 @@ def main() -> None:
         help="training config of the model",
     )
     parser.add_argument(
-        "-o", "--override", nargs="+", default=[], help="KEY=VALUE config overrides"
+        "-o",
+        "--override",
+        action="extend",  # repeatable, as shitu's -o: a second -o replaced the first
+        nargs="+",
+        default=[],
+        help="KEY=VALUE config overrides",
     )
     parser.add_argument("--weights", help="trained weights of the config's model")
     parser.add_argument("--threads", type=count, default=2, help="CPU threads")
@@ -69,9 +72,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, help="export folder (default: temporary)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    root = Path(
-        os.environ.get("SHITU_GROCERY_ROOT", ROOT.parent / "shared" / "datasets" / "grocery_store")
-    )
+    root = grocery_root()
     gallery_files, gallery_labels = split(root, "train.txt")
     query_files, query_labels = split(root, "val.txt")
     imagenet_only = [] if args.weights else IMAGENET_ONLY
@@ -109,7 +110,8 @@ def main() -> None:
         input_diff = np.abs(slow - fast)
         feature_diff = np.abs(slow_features - fast_features).max()
         cosine = np.sum(slow_features * fast_features, axis=1).min()
-        print(f"model: {args.config} {' '.join(args.override)}, weights: {args.weights}")
+        weights = args.weights or f"ImageNet's, {' '.join(IMAGENET_ONLY)}"
+        print(f"model: {' '.join([args.config, *args.override])}; weights: {weights}")
         print(f"\npreprocessing, {len(files)} val photos: training transform vs OpenCV fast path\n")
         print("| largest input diff | mean input diff | largest feature diff | lowest cosine |")
         print("|---:|---:|---:|---:|")

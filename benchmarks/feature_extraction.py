@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
 from arguments import add_batch_timing_arguments, benchmark_parser, count  # noqa: E402
+from common import grocery_root  # noqa: E402
 from deploy_preprocess import batch as deploy_batch  # noqa: E402
 
 from shitu.config import load_config  # noqa: E402
@@ -50,9 +51,7 @@ PADDLE_SCRIPT = HERE / "paddle_feature_extraction.py"
 
 
 def grocery_images(count: int) -> list[str]:
-    root = Path(
-        os.environ.get("SHITU_GROCERY_ROOT", ROOT.parent / "shared" / "datasets" / "grocery_store")
-    )
+    root = grocery_root()
     lines = [line for line in (root / "val.txt").read_text().splitlines() if line.strip()]
     lines += [line for line in (root / "train.txt").read_text().splitlines() if line.strip()]
     step = max(1, len(lines) // count)

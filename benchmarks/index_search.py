@@ -27,7 +27,7 @@ import faiss
 import numpy as np
 from arguments import benchmark_parser, count
 
-from shitu.index import Gallery
+from shitu.index import INDEX_TYPES, Gallery
 
 SINGLE_QUERIES = 200
 
@@ -107,7 +107,11 @@ def main() -> None:
     parser = benchmark_parser(__doc__)
     parser.add_argument("--sizes", type=count, nargs="+", default=[100_000], help="gallery sizes")
     parser.add_argument(
-        "--types", nargs="+", default=["Flat", "HNSW32", "IVFPQ"], help="index types"
+        "--types",
+        nargs="+",
+        default=["Flat", "HNSW32", "IVFPQ"],
+        choices=INDEX_TYPES,
+        help="index types",
     )
     parser.add_argument("--dim", type=count, default=512, help="vector dimension")
     parser.add_argument("--queries", type=count, default=1000, help="query vectors")

@@ -33,20 +33,23 @@ import tempfile
 from collections import defaultdict
 from pathlib import Path
 
-from arguments import benchmark_parser
+from arguments import benchmark_parser, checked_number, cosine_score
+from common import grocery_root
 
 from shitu.index import Gallery, GalleryItem
 from shitu.inference import FeatureExtractor, default_model_dir
 from shitu.pipeline import Recognizer, evaluate_pipeline
 from shitu.pipeline.evaluate import sweep_thresholds
 
-ROOT = Path(__file__).resolve().parent.parent
-DATASET = ROOT.parent / "shared" / "datasets" / "grocery_store"
-
 
 def photos(root: Path, split: str, names: dict[int, str]) -> list[tuple[Path, int, str]]:
     rows = [line.split(",") for line in (root / f"{split}.txt").read_text().splitlines()]
     return [(root / r[0].strip(), int(r[1]), names[int(r[1])]) for r in rows if len(r) > 1]
+
+
+# As `shitu eval-pipeline --sweep` takes it: 0 divided by zero after the libraries were
+# built, and a negative step swept 1.0 alone.
+sweep_step = checked_number("a step from 0.001 to 1", lambda step: 0.001 <= step <= 1)
 
 
 def protocols(root: Path) -> dict[str, tuple[list[GalleryItem], list[GalleryItem]]]:
@@ -81,13 +84,13 @@ def main() -> int:
     )
     parser.add_argument(
         "--thresholds",
-        type=float,
+        type=cosine_score,
         nargs="+",
         default=[0.5, 0.6, 0.7, 0.8],
         help="score thresholds tabled",
     )
-    parser.add_argument("--step", type=float, default=0.05, help="sweep step for the best")
-    parser.add_argument("--dataset", type=Path, default=DATASET, help="Grocery Store folder")
+    parser.add_argument("--step", type=sweep_step, default=0.05, help="sweep step for the best")
+    parser.add_argument("--dataset", type=Path, default=grocery_root(), help="Grocery Store folder")
     parser.add_argument("--work", type=Path, help="keep the gallery libraries here")
     args = parser.parse_args()
     if not (args.dataset / "train.txt").is_file():

@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from arguments import benchmark_parser, count
+from arguments import benchmark_parser, count, existing_file
 from common import model_dir, random_gallery
 
 from shitu.demo import make_demo_set
@@ -42,11 +42,16 @@ def ms_per_image(recognizer: Recognizer, path: Path, repeats: int) -> tuple[floa
 def main() -> None:
     parser = benchmark_parser(__doc__)
     parser.add_argument("--model", help="exported model folder")
-    parser.add_argument("--picodet", default=str(PICODET), help="PicoDet ONNX (skipped if absent)")
+    parser.add_argument(
+        "--picodet",
+        type=existing_file,
+        help=f"PicoDet ONNX (default: {PICODET}, skipped if absent)",
+    )
     parser.add_argument("--gallery-size", type=count, default=10000, help="random gallery vectors")
     parser.add_argument("--repeats", type=count, default=5, help="timed runs per photo")
     parser.add_argument("--threads", type=count, default=1, help="model and detector threads")
     args = parser.parse_args()
+    picodet = args.picodet or (PICODET if PICODET.is_file() else None)
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         demo = make_demo_set(tmp / "demo")
@@ -54,8 +59,8 @@ def main() -> None:
         extractor = FeatureExtractor.load(model_dir(args.model, tmp), num_threads=args.threads)
         random_gallery(tmp / "gallery", extractor, args.gallery_size)
         detectors: dict[str, object] = {"none": None, "plain-background": PlainBackgroundDetector()}
-        if Path(args.picodet).is_file():
-            detectors[Path(args.picodet).stem] = OnnxDetector(args.picodet, threads=args.threads)
+        if picodet:
+            detectors[picodet.stem] = OnnxDetector(picodet, threads=args.threads)
         rows = []
         for name, detector in detectors.items():
             with Recognizer(

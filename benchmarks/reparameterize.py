@@ -33,7 +33,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=count, default=5, help="timed runs, median kept")
     parser.add_argument("--size", type=count, default=224, help="input size in pixels")
     parser.add_argument(
-        "--scales", nargs="+", default=["small", "base", "large"], help="PP-LCNetV2 scales"
+        "--scales",
+        nargs="+",
+        default=["small", "base", "large"],
+        choices=["small", "base", "large"],
+        help="PP-LCNetV2 scales",
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

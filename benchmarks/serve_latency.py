@@ -13,6 +13,7 @@ exported with random weights.
 
 from __future__ import annotations
 
+import platform
 import select
 import signal
 import subprocess
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from arguments import benchmark_parser, count
+from arguments import benchmark_parser, count, seconds
 from common import model_dir, random_gallery
 
 from shitu.demo import make_demo_set
@@ -109,7 +110,7 @@ def main() -> None:
         help="the service's --max-batch values",
     )
     parser.add_argument("--requests", type=count, default=100, help="requests per row")
-    parser.add_argument("--seconds", type=float, default=60, help="longest time per row")
+    parser.add_argument("--seconds", type=seconds, default=60, help="longest time per row")
     parser.add_argument("--threads", type=count, help="model threads (default: the runtime's)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp_name:
@@ -129,6 +130,11 @@ def main() -> None:
             for max_batch in args.max_batch:
                 servers[max_batch] = start_server([*serve, "--max-batch", str(max_batch)])
                 load(servers[max_batch][1], photo, 4, 8, args.seconds)  # warm-up
+            threads = args.threads or "the runtime's"
+            print(
+                f"model {model}, plain-background detector, gallery {args.gallery_size} "
+                f"vectors, threads {threads}, {platform.processor() or platform.machine()}\n"
+            )
             print(
                 ROW.format(
                     "max batch", "clients", "requests", "requests/s", "p50 ms", "p99 ms", "errors"

@@ -235,8 +235,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0, help="drawing seed")
     parser.add_argument("--work", type=Path, help="keep the drawn photos here")
     args = parser.parse_args()
-    if not 0 < args.gallery_per_class < args.per_class:
-        sys.exit("--gallery-per-class must be at least 1 and below --per-class")
+    if args.gallery_per_class >= args.per_class:  # no queries left
+        parser.error("--gallery-per-class must be below --per-class")
     work = args.work or Path(tempfile.mkdtemp(prefix="shitu-signs-"))
     if args.work is None:  # a scratch folder: gone when the table is printed
         atexit.register(shutil.rmtree, work, ignore_errors=True)
@@ -244,8 +244,9 @@ def main() -> int:
     paths, labels = make_signs(work, args.per_class, args.seed)
     in_gallery = np.arange(len(paths)) % args.per_class < args.gallery_per_class
     evaluator = RetrievalEvaluator(recall_k=(1, 5))
+    kept = f" ({work})" if args.work else ""  # not the scratch folder, gone by then
     print(f"{len(sign_classes())} classes, {in_gallery.sum()} gallery photos, "
-          f"{(~in_gallery).sum()} queries ({work})\n")  # fmt: skip
+          f"{(~in_gallery).sum()} queries{kept}\n")  # fmt: skip
     print("| model | recall@1 | recall@5 | mAP |")
     print("|---|---:|---:|---:|")
     for model in [Path(m) for m in args.model or [default_model_dir()]]:

@@ -40,12 +40,18 @@ def test_help_lists_every_subcommand():
     assert result.returncode == 0
     for module in SUBCOMMANDS:
         assert module.__name__.rsplit(".", 1)[1].replace("_", "-") in result.stdout
+    # where to start, and where each command's options are
+    assert "`shitu demo` runs the whole system" in result.stdout
+    assert "`shitu COMMAND --help` lists a command's options" in result.stdout
     # No command is a usage error, as `shitu index` without one is: the help goes to stderr,
     # and `shitu > out` leaves no help text in a file meant for results.
     for command in ([], ["index"]):
         result = run_shitu(*command)
         assert result.returncode == 2 and result.stdout == "", command
         assert "COMMAND" in result.stderr or "CMD" in result.stderr
+    # `shitu index` named only CMD: its help lists the commands it takes
+    assert "  build " in result.stderr and "  search " in result.stderr
+    assert result.stderr.endswith("shitu index: error: the following arguments are required: CMD\n")
 
 
 def test_help_of_every_command_names_every_default(monkeypatch):
@@ -214,11 +220,32 @@ def test_onnxruntime_inference_loads_no_torch(tmp_path, grocery):
         assert result.stdout.splitlines()[-1] == "status 0 False", (command, result.stderr)
 
 
-def test_info_builds_the_shipped_model():
-    result = run_shitu("info", "-o", "Arch.Head.class_num=10", "--batch-size", "2")
+def test_info_builds_a_shipped_config():
+    result = run_shitu(
+        "info", "-c", "GeneralRecognitionV2_PPLCNetV2_base", "-o", "Arch.Head.class_num=10",
+        "--batch-size", "2",
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "PPLCNetV2_base_ShiTu" in result.stdout
     assert "out features 2 x 512" in result.stdout
+    assert "out logits   2 x 10" in result.stdout
+
+
+def test_info_without_a_config_describes_the_shipped_model():
+    """What `recognize` and `demo` run without --model: `shitu info` described an untrained
+    PP-LCNetV2 with PaddleClas's 192,612-class training head, 25 times the shipped model's
+    size, that no command runs."""
+    result = run_shitu("info", "--batch-size", "1")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[:2] == [
+        "config       GroceryStore_EfficientNetLite0",
+        f"weights      {default_model_dir() / 'model.safetensors'}",
+    ]
+    assert "EfficientNetLite0" in lines[2] and not any(line.startswith("head") for line in lines)
+    assert "out features 1 x 512" in lines
+    # torch's speed, not that of the onnxruntime that `recognize` runs (2-3x faster)
+    assert "images/s on CPU in torch eager mode (" in lines[-1]
 
 
 def test_info_names_stages_that_do_not_fit():
@@ -231,6 +258,21 @@ def test_info_names_stages_that_do_not_fit():
     assert result.returncode == 2
     assert "yaml: Arch: the model fails on a 1 x 3 x 64 x 64 image" in result.stderr
     assert "Head.embedding_size" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_info_without_a_config_names_the_model_weights_must_fit(tmp_path, capsys):
+    """Without -c the weights go into the shipped model's config: a file of another model
+    (PP-LCNetV2, the default before) was told only "does the config match?", of no config."""
+    from safetensors.numpy import save_file
+
+    weights = tmp_path / "other.safetensors"
+    save_file({"backbone.other.weight": np.zeros(3, np.float32)}, str(weights))
+    assert shitu_main(["info", "--weights", str(weights), "--batch-size", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(
+        "error: --weights (without -c, into GroceryStore_EfficientNetLite0's model): "
+        f"{weights} does not fit the model"
+    )
 
 
 def test_info_with_an_exports_weights_says_to_leave_the_head_out(capsys):
@@ -246,8 +288,9 @@ def test_info_with_an_exports_weights_says_to_leave_the_head_out(capsys):
 
 
 def test_info_reparameterized_has_fewer_parameters():
-    plain = run_shitu("info", "--no-head", "--batch-size", "1")
-    folded = run_shitu("info", "--no-head", "--batch-size", "1", "--reparameterize")
+    pplcnet = ("-c", "GeneralRecognitionV2_PPLCNetV2_base", "--no-head", "--batch-size", "1")
+    plain = run_shitu("info", *pplcnet)
+    folded = run_shitu("info", *pplcnet, "--reparameterize")
     assert plain.returncode == 0 and folded.returncode == 0, plain.stderr + folded.stderr
 
     def total(text: str) -> int:
@@ -442,6 +485,9 @@ def test_a_misspelt_option_is_named_by_its_command_with_the_option_meant(capsys)
         (["recognise", "photos", "--gallery", "LIB"], "recognise", "recognize"),  # docs' spelling
         (["index", "biuld", "photos", "--out", "LIB"], "biuld", "build"),
         (["recognize", "photos", "--format", "tabel"], "tabel", "table"),
+        # a command of `index` without it: argparse listed the top-level commands alone
+        (["build", "photos", "--out", "LIB"], "build", "index build"),
+        (["search", "LIB", "photo.jpg"], "search", "index search"),
     ],
 )
 def test_a_misspelt_command_or_choice_is_told_the_one_meant(command, typo, meant, capsys):

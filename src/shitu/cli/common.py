@@ -119,11 +119,14 @@ def print_past_progress(text: str, file: TextIO | None = None) -> None:
 
 
 def add_config_arguments(
-    parser: argparse.ArgumentParser, head_option: bool = True, default: str | None = DEFAULT_CONFIG
+    parser: argparse.ArgumentParser,
+    head_option: bool = True,
+    default: str | None = DEFAULT_CONFIG,
+    without: str = "",
 ) -> None:
     """`-c CONFIG` and `-o`; `default` None for a command that reads a config only when -c
-    names one."""
-    shown = f" (default: {default})" if default else ""
+    names one, or that does what `without` says when it does not."""
+    shown = f" (default: {default})" if default else f" (default: {without})" if without else ""
     parser.add_argument(
         "-c",
         "--config",

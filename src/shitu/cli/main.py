@@ -12,7 +12,7 @@ import sys
 import threading
 import traceback
 from collections.abc import Iterator
-from typing import Any, TextIO
+from typing import Any, NoReturn, TextIO
 
 from shitu import __version__
 from shitu.cli import (
@@ -58,16 +58,29 @@ SUBCOMMANDS = (
 class _SuggestingParser(argparse.ArgumentParser):
     """A value that is not one of an argument's choices is told the choice it may be a
     misspelling of, as misspelt options are (`_parse`): `shitu recognise`, in the spelling
-    the docs' prose uses, `--format tabel`. Subcommands' parsers are of this class too."""
+    the docs' prose uses, `--format tabel`; a command of a group given without the group
+    (`shitu build`), the whole command. Subcommands' parsers are of this class too."""
 
     def _check_value(self, action: argparse.Action, value: Any) -> None:
         try:
             super()._check_value(action, value)
         except argparse.ArgumentError as exc:
-            hint = did_you_mean(str(value), [str(choice) for choice in action.choices or ()])
+            choices = [str(choice) for choice in action.choices or ()]
+            hint = _grouped_command_hint(str(value), action) or did_you_mean(str(value), choices)
             if not hint:
                 raise
             raise argparse.ArgumentError(action, f"{exc.message}{hint}") from None
+
+    def error(self, message: str) -> NoReturn:
+        """A group of commands given none (`shitu index`): its help, which lists them, then
+        the error, as `shitu` alone prints its help (argparse's usage named only CMD)."""
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction) and message.endswith(
+                f"required: {action.metavar}"
+            ):
+                self.print_help(sys.stderr)
+                self.exit(2, f"{self.prog}: error: {message}\n")
+        super().error(message)
 
     def _print_message(self, message: str, file: TextIO | None = None) -> None:
         """Help and version text as argparse writes it, but a failed write to stdout is
@@ -79,10 +92,25 @@ class _SuggestingParser(argparse.ArgumentParser):
             super()._print_message(message, file)
 
 
+def _grouped_command_hint(word: str, action: argparse.Action) -> str:
+    """' (did you mean 'index build'?)' where `word` is a command of a group of commands
+    (`index`) that `action` chooses among; else ''."""
+    if not isinstance(action, argparse._SubParsersAction):
+        return ""
+    for group, parser in action.choices.items():
+        for inner in parser._actions:
+            if isinstance(inner, argparse._SubParsersAction) and word in inner.choices:
+                return f" (did you mean '{group} {word}'?)"
+    return ""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _SuggestingParser(
         prog="shitu",
         description="General image recognition: detect objects, embed them, search a gallery.",
+        # Where a new user starts, and how to learn a command: the list alone says neither.
+        epilog="New here? `shitu demo` runs the whole system on generated photos, offline. "
+        "`shitu COMMAND --help` lists a command's options.",
     )
     parser.add_argument("--version", action="version", version=f"shitu {__version__}")
     _add_verbose_argument(parser, default=False)
