@@ -44,6 +44,22 @@ def new_gallery(path: Path, **kwargs) -> Gallery:
     return Gallery.create(path, embedding_dim=DIM, model_fingerprint="test-model", **kwargs)
 
 
+@pytest.mark.parametrize(
+    "stop", [OSError(28, "No space left on device"), KeyboardInterrupt()], ids=["full", "ctrl-c"]
+)
+def test_a_create_whose_write_fails_leaves_nothing_beside_its_path(tmp_path, monkeypatch, stop):
+    """A full disk (or Ctrl-C) while the new library's database is written left its
+    `.NAME.creating-PID` folder behind, which no later run removed."""
+
+    def write_stopped(self, manifest) -> None:
+        raise stop
+
+    monkeypatch.setattr(MetadataStore, "write_manifest", write_stopped)
+    with pytest.raises(type(stop)):
+        new_gallery(tmp_path / "lib")
+    assert list(tmp_path.iterdir()) == []
+
+
 def labels_for(count: int) -> list[str]:
     return [f"product {i % 7}" for i in range(count)]
 

@@ -354,13 +354,21 @@ class Gallery:
             backend_options=backend_options or {},
         )
         root.parent.mkdir(parents=True, exist_ok=True)
-        tmp = root.parent / f".{root.name}.creating-{os.getpid()}"
-        tmp.mkdir()
-        store = MetadataStore(tmp / LIBRARY_FILE, create=True)
-        with store.transaction():
-            store.write_manifest(manifest)
-        store.close()
-        os.replace(tmp, root)
+        # Staged as a build is: a write that fails (a full disk) or is interrupted leaves
+        # no folder beside `path`, and one killed outright is removed by the next.
+        with staging_folder(root, "creating") as tmp:
+            tmp.mkdir()
+            try:
+                store = MetadataStore(tmp / LIBRARY_FILE, create=True)
+                try:
+                    with store.transaction():
+                        store.write_manifest(manifest)
+                finally:
+                    store.close()
+                os.replace(tmp, root)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
         fsync_dir(root.parent)
         try:
             return cls._open(root, replace_collection=replace_collection)
