@@ -518,6 +518,28 @@ def test_an_override_given_as_two_words_is_shown_as_one(command, capsys):
     )
 
 
+@pytest.mark.parametrize(
+    ("words", "hint"),
+    [
+        (
+            ["-o", "Global.output_dir=my", "run"],
+            "run (a value with spaces is one word, quoted: -o 'Global.output_dir=my run')",
+        ),
+        (
+            ["-o", "Global.epochs=1", "--stop-after-steps", "1", "Global.seed=2"],
+            "Global.seed=2 (overrides come after -o, which another option ends: -o Global.seed=2)",
+        ),
+    ],
+    ids=["unquoted-space", "after-another-option"],
+)
+def test_override_words_argparse_does_not_know_say_how_to_write_them(words, hint, capsys):
+    """Both were only 'unrecognized arguments: WORD', which says nothing of -o."""
+    with pytest.raises(SystemExit) as exit_info:
+        shitu_main(["train", "-c", "my.yaml", *words])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.rstrip().endswith(f"error: unrecognized arguments: {hint}")
+
+
 def test_commands_given_all_weights_do_not_need_the_imagenet_package(tmp_path, monkeypatch):
     """info and export with a checkpoint never read the backbone's ImageNet weights, so they
     work without the `pretrained` extra; starting from ImageNet still asks for it."""

@@ -7,6 +7,7 @@ import io
 import itertools
 import logging
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -186,12 +187,23 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespa
 
 
 def _split_override_hint(argv: list[str], unknown: list[str]) -> str:
-    """Advice for `-o Global.epochs 5`, a key and its value as two words (the value is then
-    an unknown argument): an override is one word."""
+    """Advice for an override split into words that argparse then does not know: a key and
+    its value as two (`-o Global.epochs 5`), a value with a space left unquoted (`-o
+    Global.output_dir=my run`), and overrides after another option (`-o A=1 --time-limit 5
+    B=2`), which end `-o`'s list."""
     for before, word in itertools.pairwise(argv):
-        key = before.removeprefix("--override=")
-        if word in unknown and key != before and "=" not in key:
-            return f" (an override is one word, KEY=VALUE: -o {key}={word})"
+        override = before.removeprefix("--override=")
+        if word not in unknown:
+            continue
+        if override != before:
+            if "=" not in override:
+                return f" (an override is one word, KEY=VALUE: -o {override}={word})"
+            return (
+                " (a value with spaces is one word, quoted: "
+                f"-o {shlex.quote(f'{override} {word}')})"
+            )
+        if "=" in word and not word.startswith("-"):
+            return f" (overrides come after -o, which another option ends: -o {word})"
     return ""
 
 
