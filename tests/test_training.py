@@ -921,6 +921,45 @@ def test_ctrl_c_in_a_terminal_says_so_on_a_line_of_its_own(grocery, tmp_path):
     assert said.startswith("warning: SIGINT: stopping after this step"), shown
 
 
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP on this system")
+def test_a_closed_terminal_stops_the_run_with_a_checkpoint(grocery, tmp_path):
+    """An ssh session or terminal window closed under a run: SIGHUP to its process group
+    (data loader workers too), then every write to the terminal fails. The run killed
+    outright by default, with nothing saved since its last epoch; it stops after its step
+    with a checkpoint, as on SIGTERM."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    path = tiny_config(grocery, tmp_path, epochs=2)
+    command = [sys.executable, "-m", "shitu.cli.main", "train", "-c", str(path),
+               "-o", "DataLoader.Train.loader.num_workers=1"]  # fmt: skip
+    main_end, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 100, 0, 0))  # for the bar
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def in_a_session_of_the_terminal() -> None:  # as a shell starts a command in it
+        os.setsid()
+        fcntl.ioctl(1, termios.TIOCSCTTY, 0)
+
+    with subprocess.Popen(
+        command, stdout=terminal, stderr=terminal, env=env, preexec_fn=in_a_session_of_the_terminal
+    ) as run:
+        os.close(terminal)
+        shown = b""
+        while b"| 1/4 [" not in shown:  # a step drawn, in the first epoch
+            try:
+                shown += os.read(main_end, 65536)
+            except OSError:  # EIO: the command ended
+                pytest.fail(shown.decode(errors="replace"))
+        os.close(main_end)  # the terminal hangs up: SIGHUP to the run and its workers
+        status = run.wait(timeout=300)
+    assert status == 128 + signal.SIGHUP, shown.decode(errors="replace")
+    assert (tmp_path / "output" / "latest.pt").is_file()
+    assert not (tmp_path / "output" / "final_model.safetensors").exists()
+
+
 def test_a_run_that_failed_before_its_first_checkpoint_is_not_offered_for_resuming(
     grocery, tmp_path, capsys
 ):

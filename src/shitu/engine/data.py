@@ -168,9 +168,11 @@ def leave_stopping_to_the_trainer(_worker_id: int) -> None:
     sent to the process group reach the workers too, while the trainer stops only after
     its current step, and the evaluation of an epoch that step ends: a worker that ended
     on the signal would fail that evaluation, and one keeping the trainer's handler it was
-    forked with would repeat its warning. The main process ends the workers as it stops."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    forked with would repeat its warning. The main process ends the workers as it stops.
+    SIGHUP, from a terminal that closed, likewise."""
+    for signum in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if signum is not None:
+            signal.signal(signum, signal.SIG_IGN)
 
 
 def end_workers(loader: DataLoader) -> None:
