@@ -1187,12 +1187,14 @@ def test_an_image_that_cannot_be_loaded_mid_run_leaves_a_checkpoint_to_resume_fr
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads processes in /proc")
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
 def test_sigterm_to_the_process_group_stops_training_with_a_checkpoint_and_its_workers(
-    tmp_path: Path,
+    tmp_path: Path, signum: signal.Signals
 ) -> None:
-    """systemd, Slurm and `kill -- -PGID` send SIGTERM to the data loader's workers too: the
-    run stops after its step with a checkpoint to resume, says so, ends its workers and exits
-    143 (128 + SIGTERM), without a traceback about the workers."""
+    """systemd, Slurm and `kill -- -PGID` send SIGTERM to the data loader's workers too, a
+    terminal that closes SIGHUP: the run stops after its step with a checkpoint to resume,
+    says so, ends its workers and exits 128 + the signal, without a traceback about the
+    workers (SIGHUP killed them all outright)."""
     coco = _write_coco(tmp_path, _write_images(tmp_path, 16))
     out = tmp_path / "out"
     command = [sys.executable, "-m", "shitu", "detect-train", "--coco", str(coco),
@@ -1205,15 +1207,15 @@ def test_sigterm_to_the_process_group_stops_training_with_a_checkpoint_and_its_w
         assert '"step": 1' in process.stdout.readline()  # training, its workers loading
         workers = _live_children(process.pid)
         assert len(workers) == 2
-        os.killpg(process.pid, signal.SIGTERM)
+        os.killpg(process.pid, signum)
         stdout, err = process.communicate(timeout=120)
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
-    assert process.returncode == 128 + signal.SIGTERM
+    assert process.returncode == 128 + signum
     # Besides the summary and the step lines of a log, only the stop is said.
     assert (
-        "\nwarning: SIGTERM: stopping after this step, with a checkpoint (send it again to stop "
+        f"\nwarning: {signum.name}: stopping after this step, with a checkpoint (send it again to stop "
         "at once, without one)\n"
     ) in err
     assert err.count("warning") == 1 and "Traceback" not in err and "error" not in err

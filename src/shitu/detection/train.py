@@ -46,6 +46,7 @@ from shitu.engine.seeding import (
     seed_everything,
 )
 from shitu.engine.state import LATEST, SUFFIX, Progress, load_training_state, save_training_state
+from shitu.engine.stopping import STOPPING_SIGNALS, leave_a_closed_terminal
 from shitu.engine.trainer import TrainingDiverged
 from shitu.errors import CheckpointError, ConfigError, DataError
 
@@ -402,13 +403,13 @@ class DetectionTrainer:
 
     @contextmanager
     def _stopping_on_signals(self) -> Iterator[None]:
-        """SIGINT and SIGTERM handled by `_on_signal` while training (the main thread only
-        may set handlers: elsewhere they act as they would)."""
+        """SIGINT, SIGTERM and SIGHUP handled by `_on_signal` while training (the main thread
+        only may set handlers: elsewhere they act as they would)."""
         if threading.current_thread() is not threading.main_thread():
             yield
             return
         self._previous_handlers = {
-            sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)
+            sig: signal.signal(sig, self._on_signal) for sig in STOPPING_SIGNALS
         }
         try:
             yield
@@ -417,6 +418,7 @@ class DetectionTrainer:
                 signal.signal(sig, handler)
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        leave_a_closed_terminal(signum)
         if self.stop_signal is not None:  # a second one: as without this handler
             signal.signal(signum, self._previous_handlers[signum])
             signal.raise_signal(signum)

@@ -21,6 +21,7 @@ from shitu.data.loader import build_dataset, build_sampler
 from shitu.data.samplers import DistributedBatchSampler
 from shitu.engine.distributed import DistContext
 from shitu.engine.seeding import SeededBatchSampler, SeededDataset
+from shitu.engine.stopping import STOPPING_SIGNALS
 from shitu.errors import ConfigError
 
 EVAL_SAMPLER = ComponentConfig(name="DistributedBatchSampler", batch_size=64, shuffle=False)
@@ -170,9 +171,8 @@ def leave_stopping_to_the_trainer(_worker_id: int) -> None:
     on the signal would fail that evaluation, and one keeping the trainer's handler it was
     forked with would repeat its warning. The main process ends the workers as it stops.
     SIGHUP, from a terminal that closed, likewise."""
-    for signum in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)):
-        if signum is not None:
-            signal.signal(signum, signal.SIG_IGN)
+    for signum in STOPPING_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def end_workers(loader: DataLoader) -> None:

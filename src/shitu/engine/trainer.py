@@ -5,11 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
 import shutil
 import signal
-import stat
 import sys
 import time
 from dataclasses import dataclass
@@ -52,6 +50,7 @@ from shitu.engine.state import (
     resolve_checkpoint,
     save_training_state,
 )
+from shitu.engine.stopping import STOPPING_SIGNALS, leave_a_closed_terminal
 from shitu.errors import (
     ConfigError,
     DataError,
@@ -68,33 +67,6 @@ from shitu.models import build_model
 from shitu.registry import problem_list
 
 logger = logging.getLogger(__name__)
-
-# Signals that stop a run after its current step, with a checkpoint: Ctrl-C, SIGTERM (kill,
-# Slurm, systemd) and, where the system has it, SIGHUP (the terminal or ssh session that
-# started the run closed), which by default killed the run with nothing saved since the
-# last epoch.
-STOPPING_SIGNALS = (
-    signal.SIGINT,
-    signal.SIGTERM,
-    *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else []),
-)
-
-
-def leave_the_closed_terminal() -> None:
-    """Point stdout and stderr, where they are a terminal, at the null device: once the
-    terminal has hung up, each write to it fails (EIO), and the progress bar's next one
-    would end the run with an error before it saved its checkpoint. A hung-up terminal is
-    no longer a tty to `isatty` (its ioctl fails too), so any character device is taken
-    for one; files and pipes (`> log`) are left to be written."""
-    with open(os.devnull, "w") as null:
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                descriptor = stream.fileno()
-                if not stat.S_ISCHR(os.fstat(descriptor).st_mode):
-                    continue
-            except (AttributeError, OSError, ValueError):  # none (a captured stream)
-                continue
-            os.dup2(null.fileno(), descriptor)  # what it still buffers goes there too
 
 
 class TrainingDiverged(ShituError):
@@ -603,8 +575,7 @@ class Trainer:
         resumed (the linear probe) says that the same command starts it over instead: its
         checkpoint was promised, then refused as a resume."""
         del frame
-        if signum == getattr(signal, "SIGHUP", None):
-            leave_the_closed_terminal()
+        leave_a_closed_terminal(signum)
         if self._stop_signal is not None:
             signal.signal(signum, self._previous_handlers[signum])
             signal.raise_signal(signum)
