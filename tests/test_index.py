@@ -572,6 +572,24 @@ def test_an_unknown_label_is_refused_with_the_label_it_may_misspell(tmp_path, ca
 # --------------------------------------------------------------------------- model & files
 
 
+def test_a_file_whose_name_is_not_utf8_is_reported_not_added(tmp_path, capsys):
+    """A name in a legacy encoding (Latin-1's `café.jpg`, bytes that are not UTF-8) has no
+    UTF-8 text for the library to record: that file is named as not added, and the others
+    are; the build stopped with a traceback (UnicodeEncodeError) and left no library."""
+    images = make_images(tmp_path / "imgs" / "Cafe", 2)
+    latin1 = images[1].with_name(os.fsdecode(b"caf\xe9.png"))
+    try:
+        images[1].rename(latin1)
+    except (OSError, UnicodeEncodeError):
+        pytest.skip("this file system takes UTF-8 names only")
+    model = PixelEmbedder()
+    report = Gallery.build(tmp_path / "lib", model, collect_items([tmp_path / "imgs"]))
+    assert len(report.ids) == 1
+    assert report.failures == [(str(latin1), gallery_module.NAME_NOT_UTF8)]
+    with Gallery.open(tmp_path / "lib") as gallery:
+        assert [entry.path for entry in gallery.entries()] == [str(images[0].resolve())]
+
+
 def test_files_are_embedded_hashed_and_reembedded(tmp_path):
     images = make_images(tmp_path / "imgs", 6)
     (tmp_path / "imgs" / "broken.png").write_bytes(b"not a png")

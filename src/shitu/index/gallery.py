@@ -60,6 +60,8 @@ REEMBED_CATCH_UPS = 5
 # second or two from an SSD, 15 s from a hard disk at 100 MB/s, longer from a network share;
 # fewer are hashed before a bar would say anything, and one flashing by is only noise.
 HASH_BAR_MIN_FILES = 500
+# Why a file whose path is not UTF-8 text is not added (Gallery._storable).
+NAME_NOT_UTF8 = "its path is not UTF-8 text, which the library records paths in: rename it"
 
 
 @dataclass(frozen=True)
@@ -872,9 +874,13 @@ class Gallery:
         over the hashing, for HASH_BAR_MIN_FILES files or more (each file is read whole)."""
         self._check_usable()
         items = _gallery_items(items, "add")
+        unstorable = {index for index, item in enumerate(items) if not self._storable(item)}
+        failures = [(str(items[index].path), NAME_NOT_UTF8) for index in sorted(unstorable)]
+        items = [item for index, item in enumerate(items) if index not in unstorable]
         # As each label is stored, checked before any file is read
         labels = [_stored_label(item.label, f"add {item.path}") for item in items]
-        digests, failures = _file_hashes([item.path for item in items], progress)
+        digests, unreadable = _file_hashes([item.path for item in items], progress)
+        failures += unreadable
         readable = [
             (replace(item, label=label), digest)
             for item, label, digest in zip(items, labels, digests, strict=True)
@@ -1102,6 +1108,16 @@ class Gallery:
         say it is there."""
         self._check_usable()
         return self._store.first_with_hashes(hashes)
+
+    def _storable(self, item: GalleryItem) -> bool:
+        """Whether the library can record the item's path: it keeps paths as UTF-8 text,
+        which a file name in another encoding (a legacy code page's bytes, which Python
+        gives as lone surrogates) cannot be written in."""
+        try:
+            self._stored_path(str(item.path)).encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        return True
 
     def _stored_path(self, path: str) -> str:
         """How a file's path is stored: relative to the library folder for files inside it
