@@ -572,6 +572,20 @@ def test_an_unknown_label_is_refused_with_the_label_it_may_misspell(tmp_path, ca
 # --------------------------------------------------------------------------- model & files
 
 
+def test_a_label_that_is_not_utf8_text_is_refused_naming_it(tmp_path):
+    """`--label Café` typed in a Latin-1 terminal reaches Python as lone surrogates (and a
+    JSON `\\udce9` escape makes one): refused as a label, not a UnicodeEncodeError
+    traceback from SQLite."""
+    latin1 = os.fsdecode(b"Caf\xe9")
+    with new_gallery(tmp_path / "lib") as gallery:
+        with pytest.raises(GalleryError, match=r"the label 'Caf\\udce9' is not UTF-8 text"):
+            gallery.add(clustered(1, DIM), [latin1])
+        gallery.add(clustered(1, DIM), ["Café"])
+        with pytest.raises(GalleryError, match="is not UTF-8 text"):
+            gallery.relabel("Café", latin1)
+        assert gallery.label_counts() == {"Café": 1}
+
+
 def test_a_file_whose_name_is_not_utf8_is_reported_not_added(tmp_path, capsys):
     """A name in a legacy encoding (Latin-1's `café.jpg`, bytes that are not UTF-8) has no
     UTF-8 text for the library to record: that file is named as not added, and the others
