@@ -602,6 +602,9 @@ def test_a_file_whose_name_is_not_utf8_is_reported_not_added(tmp_path, capsys):
     assert report.failures == [(str(latin1), gallery_module.NAME_NOT_UTF8)]
     with Gallery.open(tmp_path / "lib") as gallery:
         assert [entry.path for entry in gallery.entries()] == [str(images[0].resolve())]
+        with pytest.raises(GalleryError, match="its path is not UTF-8 text"):
+            gallery.add(unit(clustered(1, model.embedding_size)), ["Cafe"], [str(latin1)])
+        assert len(gallery.entries()) == 1
 
 
 def test_files_are_embedded_hashed_and_reembedded(tmp_path):

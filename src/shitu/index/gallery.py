@@ -816,6 +816,9 @@ class Gallery:
         if not len(labels) == len(paths) == len(hashes) == count:
             raise GalleryError("add: features, labels, paths and hashes differ in length")
         labels = [_stored_label(label, "add") for label in labels]
+        unstorable = [path for path in paths if not self._storable(path)]
+        if unstorable:
+            raise GalleryError(f"add {unstorable[0]!r}: {NAME_NOT_UTF8}")
 
         def mutate() -> tuple[Change | None, AddReport]:
             keep = list(range(count))
@@ -874,7 +877,7 @@ class Gallery:
         over the hashing, for HASH_BAR_MIN_FILES files or more (each file is read whole)."""
         self._check_usable()
         items = _gallery_items(items, "add")
-        unstorable = {index for index, item in enumerate(items) if not self._storable(item)}
+        unstorable = {index for index, item in enumerate(items) if not self._storable(item.path)}
         failures = [(str(items[index].path), NAME_NOT_UTF8) for index in sorted(unstorable)]
         items = [item for index, item in enumerate(items) if index not in unstorable]
         # As each label is stored, checked before any file is read
@@ -1109,12 +1112,12 @@ class Gallery:
         self._check_usable()
         return self._store.first_with_hashes(hashes)
 
-    def _storable(self, item: GalleryItem) -> bool:
-        """Whether the library can record the item's path: it keeps paths as UTF-8 text,
+    def _storable(self, path: str | Path) -> bool:
+        """Whether the library can record a file's path: it keeps paths as UTF-8 text,
         which a file name in another encoding (a legacy code page's bytes, which Python
         gives as lone surrogates) cannot be written in."""
         try:
-            self._stored_path(str(item.path)).encode("utf-8")
+            self._stored_path(str(path)).encode("utf-8")
         except UnicodeEncodeError:
             return False
         return True
