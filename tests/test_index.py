@@ -607,6 +607,28 @@ def test_a_file_whose_name_is_not_utf8_is_reported_not_added(tmp_path, capsys):
         assert len(gallery.entries()) == 1
 
 
+def test_a_library_folder_whose_path_is_not_utf8_is_refused_naming_it(tmp_path):
+    """Faiss writes and reads its index file by a UTF-8 path only: a library folder named
+    in Latin-1 (`bibliothèque`) is refused by name, where the build stopped with a TypeError
+    from inside Faiss; one moved there later is refused as it is opened."""
+    latin1 = tmp_path / os.fsdecode(b"biblioth\xe8que")
+    try:
+        latin1.mkdir()
+        latin1.rmdir()
+    except (OSError, UnicodeEncodeError):
+        pytest.skip("this file system takes UTF-8 names only")
+    model = PixelEmbedder()
+    items = collect_items([make_images(tmp_path / "imgs", 2)[0]], label="Cafe")
+    not_utf8 = "the library's path is not UTF-8 text"
+    with pytest.raises(GalleryError, match=not_utf8):
+        Gallery.build(latin1, model, items)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["imgs"]
+    Gallery.build(tmp_path / "lib", model, items)
+    (tmp_path / "lib").rename(latin1)
+    with pytest.raises(GalleryError, match=not_utf8):
+        Gallery.open(latin1)
+
+
 def test_files_are_embedded_hashed_and_reembedded(tmp_path):
     images = make_images(tmp_path / "imgs", 6)
     (tmp_path / "imgs" / "broken.png").write_bytes(b"not a png")

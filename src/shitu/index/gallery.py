@@ -338,6 +338,7 @@ class Gallery:
         the library it was made for (recorded in it) still uses is refused all the same.
         """
         root = Path(path)
+        _refuse_non_utf8_root(root)
         existed = root.exists()
         if occupied(root):
             raise GalleryError(f"{root}: already exists and is not an empty folder")
@@ -403,6 +404,7 @@ class Gallery:
         empty folder (as `create`); a NothingAddedError, with the report, where no image
         could be added."""
         root = Path(path)
+        _refuse_non_utf8_root(root)
         if occupied(root):
             raise GalleryError(
                 f"{root}: already exists and is not an empty folder; give a path for the new "
@@ -494,6 +496,7 @@ class Gallery:
     ) -> Gallery:
         """`open`, refused unless the library holds `model`'s features (fingerprint, embedding
         size); `replace_collection` is `create`'s, for the new library it opens."""
+        _refuse_non_utf8_root(root)
         store = _open_store(root)
         backend: Backend | None = None
         try:
@@ -1186,6 +1189,19 @@ class _AddedMeanwhile(Exception):
     def __init__(self, ids: list[int]) -> None:
         super().__init__(f"{len(ids)} images added meanwhile")
         self.ids = ids
+
+
+def _refuse_non_utf8_root(root: Path) -> None:
+    """Refuse a library folder whose path is not UTF-8 text (a name in a legacy code page,
+    which Python gives as lone surrogates): Faiss and Milvus take file paths only as UTF-8,
+    and failed inside with a TypeError or an 'unexpected error'."""
+    try:
+        str(root.resolve()).encode("utf-8")
+    except UnicodeEncodeError:
+        raise GalleryError(
+            f"{root}: the library's path is not UTF-8 text, which Faiss and Milvus open "
+            "files by: give it a path in UTF-8 (rename the folder)"
+        ) from None
 
 
 def _file_hashes(
