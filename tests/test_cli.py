@@ -339,8 +339,10 @@ def test_a_tilde_after_an_options_equals_sign_is_the_home_folder(tmp_path, monke
     command expands it, as a folder named `~` in the working directory is no one's intent.
     After `--` a word is a positional, as given."""
     monkeypatch.setenv("HOME", str(tmp_path))
-    assert expand_home_in_option_values(["--out=~/lib", "~/x", "-o", "--", "--a=~/b"]) == [
+    words = ["--out=~/lib", "-c=~/my.yaml", "~/x", "-o", "--", "--a=~/b"]
+    assert expand_home_in_option_values(words) == [
         f"--out={tmp_path}/lib",
+        f"-c={tmp_path}/my.yaml",  # argparse takes `-c=VALUE` as `-c VALUE`
         "~/x",  # the shell's to expand: left alone
         "-o",
         "--",

@@ -588,6 +588,63 @@ def test_an_unknown_label_is_refused_with_the_label_it_may_misspell(tmp_path, ca
 # --------------------------------------------------------------------------- model & files
 
 
+def test_a_label_that_is_not_utf8_text_is_refused_naming_it(tmp_path):
+    """`--label Café` typed in a Latin-1 terminal reaches Python as lone surrogates (and a
+    JSON `\\udce9` escape makes one): refused as a label, not a UnicodeEncodeError
+    traceback from SQLite."""
+    latin1 = os.fsdecode(b"Caf\xe9")
+    with new_gallery(tmp_path / "lib") as gallery:
+        with pytest.raises(GalleryError, match=r"the label 'Caf\\udce9' is not UTF-8 text"):
+            gallery.add(clustered(1, DIM), [latin1])
+        gallery.add(clustered(1, DIM), ["Café"])
+        with pytest.raises(GalleryError, match="is not UTF-8 text"):
+            gallery.relabel("Café", latin1)
+        assert gallery.label_counts() == {"Café": 1}
+
+
+def test_a_file_whose_name_is_not_utf8_is_reported_not_added(tmp_path, capsys):
+    """A name in a legacy encoding (Latin-1's `café.jpg`, bytes that are not UTF-8) has no
+    UTF-8 text for the library to record: that file is named as not added, and the others
+    are; the build stopped with a traceback (UnicodeEncodeError) and left no library."""
+    images = make_images(tmp_path / "imgs" / "Cafe", 2)
+    latin1 = images[1].with_name(os.fsdecode(b"caf\xe9.png"))
+    try:
+        images[1].rename(latin1)
+    except (OSError, UnicodeEncodeError):
+        pytest.skip("this file system takes UTF-8 names only")
+    model = PixelEmbedder()
+    report = Gallery.build(tmp_path / "lib", model, collect_items([tmp_path / "imgs"]))
+    assert len(report.ids) == 1
+    assert report.failures == [(str(latin1), gallery_module.NAME_NOT_UTF8)]
+    with Gallery.open(tmp_path / "lib") as gallery:
+        assert [entry.path for entry in gallery.entries()] == [str(images[0].resolve())]
+        with pytest.raises(GalleryError, match="its path is not UTF-8 text"):
+            gallery.add(unit(clustered(1, model.embedding_size)), ["Cafe"], [str(latin1)])
+        assert len(gallery.entries()) == 1
+
+
+def test_a_library_folder_whose_path_is_not_utf8_is_refused_naming_it(tmp_path):
+    """Faiss writes and reads its index file by a UTF-8 path only: a library folder named
+    in Latin-1 (`bibliothèque`) is refused by name, where the build stopped with a TypeError
+    from inside Faiss; one moved there later is refused as it is opened."""
+    latin1 = tmp_path / os.fsdecode(b"biblioth\xe8que")
+    try:
+        latin1.mkdir()
+        latin1.rmdir()
+    except (OSError, UnicodeEncodeError):
+        pytest.skip("this file system takes UTF-8 names only")
+    model = PixelEmbedder()
+    items = collect_items([make_images(tmp_path / "imgs", 2)[0]], label="Cafe")
+    not_utf8 = "the library's path is not UTF-8 text"
+    with pytest.raises(GalleryError, match=not_utf8):
+        Gallery.build(latin1, model, items)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["imgs"]
+    Gallery.build(tmp_path / "lib", model, items)
+    (tmp_path / "lib").rename(latin1)
+    with pytest.raises(GalleryError, match=not_utf8):
+        Gallery.open(latin1)
+
+
 def test_files_are_embedded_hashed_and_reembedded(tmp_path):
     images = make_images(tmp_path / "imgs", 6)
     (tmp_path / "imgs" / "broken.png").write_bytes(b"not a png")

@@ -34,7 +34,7 @@ from PIL import Image
 
 from shitu.cli.main import main as shitu_main
 from shitu.errors import ConfigError, DataError, GalleryError
-from shitu.index import Gallery, metadata
+from shitu.index import Gallery, collect_items, metadata
 from shitu.inference.preprocess import read_rgb
 from shitu.pipeline import Recognizer, load_pipeline_config
 from shitu.serving import library as library_module
@@ -2009,6 +2009,28 @@ def test_the_first_request_after_another_process_writes_sees_the_write(written_s
     with Gallery.open(path) as writer:
         writer.remove(labels=["new"])
     assert set(shared.snapshot.by_label) == {"old"}
+
+
+def test_a_library_re_embedded_with_another_model_is_logged_with_a_restart(tmp_path, caplog):
+    """`shitu index reembed LIB --model NEW` while the server runs: the server keeps
+    answering with its model and logs that the library holds another model's features,
+    with a restart as the remedy, not a traceback advising the re-embedding just done."""
+    path, model = tmp_path / "lib", PixelEmbedder()
+    images = make_images(tmp_path / "imgs", 2)
+    Gallery.build(path, model, collect_items(images, label="old"))
+    shared = SharedLibrary()
+    try:
+        shared.attach(shared.run(lambda: Gallery.open(path, embedder=model)))
+        newer = PixelEmbedder(fingerprint="pixels-4, retrained")
+        with Gallery.open(path) as writer:
+            writer.reembed(newer)
+        shared.run(shared._sync)
+        assert "holds the features of another model (pixels-4, retrained)" in caplog.text
+        assert "restart the server with that model (--model)" in caplog.text
+        assert "Traceback" not in caplog.text and "reembed" not in caplog.text
+        assert set(shared.snapshot.by_label) == {"old"}  # still serving what it had
+    finally:
+        shared.close()
 
 
 def test_the_server_retries_a_generation_that_failed_to_load(written_since, monkeypatch, caplog):

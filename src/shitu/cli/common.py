@@ -187,19 +187,24 @@ def separate_overrides(argv: list[str]) -> list[str]:
 
 
 def expand_home_in_option_values(argv: list[str]) -> list[str]:
-    """`argv` with the `~` that starts an `--option=VALUE` value expanded to the home
-    folder, as the shell expands `--option ~/path` but not `--option=~/path` (the word is
-    no variable assignment): `--save-vis=~/vis` made a folder named `~` in the working
-    directory. Words after `--` are positionals, left as they are."""
+    """`argv` with the `~` that starts an `--option=VALUE` (or `-c=VALUE`) value expanded to
+    the home folder, as the shell expands `--option ~/path` but not `--option=~/path` (the
+    word is no variable assignment): `--save-vis=~/vis` made a folder named `~` in the
+    working directory. Words after `--` are positionals, left as they are."""
     expanded: list[str] = []
     for index, word in enumerate(argv):
         if word == "--":
             return expanded + argv[index:]
         option, sep, value = word.partition("=")
-        if word.startswith("--") and sep:
+        if sep and (word.startswith("--") or _is_short_option(option)):
             word = f"{option}={home_expanded(value)}"
         expanded.append(word)
     return expanded
+
+
+def _is_short_option(word: str) -> bool:
+    """`-c`, which argparse also takes as `-c=VALUE`."""
+    return len(word) == 2 and word[0] == "-" and word[1].isalpha()
 
 
 def trained_weights(config: ShituConfig, doing: str) -> str | None:

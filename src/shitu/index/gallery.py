@@ -60,6 +60,8 @@ REEMBED_CATCH_UPS = 5
 # second or two from an SSD, 15 s from a hard disk at 100 MB/s, longer from a network share;
 # fewer are hashed before a bar would say anything, and one flashing by is only noise.
 HASH_BAR_MIN_FILES = 500
+# Why a file whose path is not UTF-8 text is not added (Gallery._storable).
+NAME_NOT_UTF8 = "its path is not UTF-8 text, which the library records paths in: rename it"
 
 
 @dataclass(frozen=True)
@@ -336,6 +338,7 @@ class Gallery:
         the library it was made for (recorded in it) still uses is refused all the same.
         """
         root = Path(path)
+        _refuse_non_utf8_root(root)
         existed = root.exists()
         if occupied(root):
             raise GalleryError(f"{root}: already exists and is not an empty folder")
@@ -409,6 +412,7 @@ class Gallery:
         empty folder (as `create`); a NothingAddedError, with the report, where no image
         could be added."""
         root = Path(path)
+        _refuse_non_utf8_root(root)
         if occupied(root):
             raise GalleryError(
                 f"{root}: already exists and is not an empty folder; give a path for the new "
@@ -500,6 +504,7 @@ class Gallery:
     ) -> Gallery:
         """`open`, refused unless the library holds `model`'s features (fingerprint, embedding
         size); `replace_collection` is `create`'s, for the new library it opens."""
+        _refuse_non_utf8_root(root)
         store = _open_store(root)
         backend: Backend | None = None
         try:
@@ -822,6 +827,9 @@ class Gallery:
         if not len(labels) == len(paths) == len(hashes) == count:
             raise GalleryError("add: features, labels, paths and hashes differ in length")
         labels = [_stored_label(label, "add") for label in labels]
+        unstorable = [path for path in paths if not self._storable(path)]
+        if unstorable:
+            raise GalleryError(f"add {unstorable[0]!r}: {NAME_NOT_UTF8}")
 
         def mutate() -> tuple[Change | None, AddReport]:
             keep = list(range(count))
@@ -880,9 +888,13 @@ class Gallery:
         over the hashing, for HASH_BAR_MIN_FILES files or more (each file is read whole)."""
         self._check_usable()
         items = _gallery_items(items, "add")
+        unstorable = {index for index, item in enumerate(items) if not self._storable(item.path)}
+        failures = [(str(items[index].path), NAME_NOT_UTF8) for index in sorted(unstorable)]
+        items = [item for index, item in enumerate(items) if index not in unstorable]
         # As each label is stored, checked before any file is read
         labels = [_stored_label(item.label, f"add {item.path}") for item in items]
-        digests, failures = _file_hashes([item.path for item in items], progress)
+        digests, unreadable = _file_hashes([item.path for item in items], progress)
+        failures += unreadable
         readable = [
             (replace(item, label=label), digest)
             for item, label, digest in zip(items, labels, digests, strict=True)
@@ -1111,6 +1123,16 @@ class Gallery:
         self._check_usable()
         return self._store.first_with_hashes(hashes)
 
+    def _storable(self, path: str | Path) -> bool:
+        """Whether the library can record a file's path: it keeps paths as UTF-8 text,
+        which a file name in another encoding (a legacy code page's bytes, which Python
+        gives as lone surrogates) cannot be written in."""
+        try:
+            self._stored_path(str(path)).encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        return True
+
     def _stored_path(self, path: str) -> str:
         """How a file's path is stored: relative to the library folder for files inside it
         (the server's uploads), so that the folder moved or copied whole still finds them;
@@ -1175,6 +1197,19 @@ class _AddedMeanwhile(Exception):
     def __init__(self, ids: list[int]) -> None:
         super().__init__(f"{len(ids)} images added meanwhile")
         self.ids = ids
+
+
+def _refuse_non_utf8_root(root: Path) -> None:
+    """Refuse a library folder whose path is not UTF-8 text (a name in a legacy code page,
+    which Python gives as lone surrogates): Faiss and Milvus take file paths only as UTF-8,
+    and failed inside with a TypeError or an 'unexpected error'."""
+    try:
+        str(root.resolve()).encode("utf-8")
+    except UnicodeEncodeError:
+        raise GalleryError(
+            f"{root}: the library's path is not UTF-8 text, which Faiss and Milvus open "
+            "files by: give it a path in UTF-8 (rename the folder)"
+        ) from None
 
 
 def _file_hashes(

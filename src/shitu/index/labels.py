@@ -55,6 +55,12 @@ def check_label(label: str) -> str:
         raise BadLabelError(
             f"the label {label!r} must not contain tabs, line breaks or other control characters"
         )
+    if any(unicodedata.category(char) == "Cs" for char in label):
+        # Lone surrogates: bytes of another encoding (a Latin-1 terminal's `--label`, Python
+        # decodes them so), or a JSON `\udce9` escape; no UTF-8 text, which SQLite stores.
+        raise BadLabelError(
+            f"the label {label!r} is not UTF-8 text (typed or saved in another encoding?)"
+        )
     return label
 
 

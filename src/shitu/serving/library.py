@@ -37,7 +37,7 @@ from shitu.errors import GalleryError
 from shitu.index import Gallery, SearchResult
 from shitu.index.backends import Change
 from shitu.index.labels import normal_form
-from shitu.index.manifest import Manifest
+from shitu.index.manifest import Manifest, ModelMismatchError
 from shitu.index.metadata import ImageEntry, LibraryBusyError, LockWaitStopped
 from shitu.serving.errors import ServiceUnavailable
 
@@ -270,16 +270,9 @@ class SharedLibrary:
                     gallery.root,
                     gallery.manifest.generation,
                 )
-        except Exception:  # e.g. re-embedded with another model: keep serving, say why
+        except Exception as exc:  # e.g. re-embedded with another model: keep serving, say why
             if self._failed is None or self._failed[0] != generation:
-                logger.exception(
-                    "%s: could not load generation %s written by another process; still "
-                    "serving generation %d (retrying every %g s)",
-                    gallery.root,
-                    generation,
-                    gallery.manifest.generation,
-                    RETRY_S,
-                )
+                _log_not_loaded(gallery, generation, exc)
             self._failed = (generation, time.monotonic())
         finally:
             with self._sync_guard:
@@ -382,3 +375,29 @@ class SharedLibrary:
             self.run(close_all)
         finally:
             self._executor.shutdown()
+
+
+def _log_not_loaded(gallery: Gallery, generation: int | None, exc: Exception) -> None:
+    """Say why another process's generation of the library is not served (from its except
+    block). A re-embedding with another model is no failure to retry: the server's own
+    model cannot search it, so the advice is a restart with that model (the error's own,
+    to re-embed, is what was just done)."""
+    if isinstance(exc, ModelMismatchError):
+        logger.error(
+            "%s: generation %s, written by another process, holds the features of another "
+            "model (%s); still serving generation %d: restart the server with that model "
+            "(--model) to serve it",
+            gallery.root,
+            generation,
+            exc.library_fingerprint,
+            gallery.manifest.generation,
+        )
+        return
+    logger.exception(
+        "%s: could not load generation %s written by another process; still serving "
+        "generation %d (retrying every %g s)",
+        gallery.root,
+        generation,
+        gallery.manifest.generation,
+        RETRY_S,
+    )
