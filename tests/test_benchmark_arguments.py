@@ -94,7 +94,9 @@ def test_a_count_of_zero_is_a_usage_error(capsys) -> None:
         assert f"expected a whole number >= 1, got '{given}'" in capsys.readouterr().err
 
 
-def test_every_whole_number_option_but_a_seed_is_a_count() -> None:
+def options_typed(type_name: str) -> list[str]:
+    """'SCRIPT: --option' for each benchmark option that parses with the builtin `type_name`
+    (`type=int`), unchecked."""
     plain = []
     for script in sorted(BENCHMARKS.glob("*.py")):
         for call in ast.walk(ast.parse(script.read_text())):
@@ -103,9 +105,13 @@ def test_every_whole_number_option_but_a_seed_is_a_count() -> None:
             ):
                 continue
             kinds = [k.value for k in call.keywords if k.arg == "type"]
-            if kinds and isinstance(kinds[0], ast.Name) and kinds[0].id == "int":
+            if kinds and isinstance(kinds[0], ast.Name) and kinds[0].id == type_name:
                 plain.append(f"{script.name}: {ast.literal_eval(call.args[-1])}")
-    assert plain == ["synthetic_signs.py: --seed"]
+    return plain
+
+
+def test_every_whole_number_option_but_a_seed_is_a_count() -> None:
+    assert options_typed("int") == ["synthetic_signs.py: --seed"]
 
 
 def test_a_number_out_of_its_range_is_a_usage_error(capsys) -> None:
@@ -135,14 +141,4 @@ def test_a_number_out_of_its_range_is_a_usage_error(capsys) -> None:
 
 def test_every_number_option_is_checked() -> None:
     """No option parses with plain `float`, which lets 0, negatives, NaN and infinity in."""
-    plain = []
-    for script in sorted(BENCHMARKS.glob("*.py")):
-        for call in ast.walk(ast.parse(script.read_text())):
-            if not (
-                isinstance(call, ast.Call) and getattr(call.func, "attr", "") == "add_argument"
-            ):
-                continue
-            kinds = [k.value for k in call.keywords if k.arg == "type"]
-            if kinds and isinstance(kinds[0], ast.Name) and kinds[0].id == "float":
-                plain.append(f"{script.name}: {ast.literal_eval(call.args[-1])}")
-    assert plain == []
+    assert options_typed("float") == []
