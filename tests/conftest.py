@@ -114,3 +114,16 @@ def thin_limit(monkeypatch) -> int:
     32 refuses an image as thin as 2x400 (32x6400 pixels) and thin cases stay cheap."""
     monkeypatch.setenv("SHITU_MAX_MEGAPIXELS", "0.05")
     return 50_000
+
+
+@pytest.fixture
+def latin1_folder(tmp_path: Path) -> Path:
+    """An empty folder named `modèle` in Latin-1, as old archives and Windows shares name
+    it (Python gives its bytes as lone surrogates); skipped on a file system that takes
+    UTF-8 names only."""
+    folder = tmp_path / os.fsdecode(b"mod\xe8le")
+    try:
+        folder.mkdir()
+    except (OSError, UnicodeEncodeError):
+        pytest.skip("this file system takes UTF-8 names only")
+    return folder

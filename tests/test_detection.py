@@ -9,6 +9,7 @@ import logging
 import os
 import pickle
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 from typing import BinaryIO
@@ -770,6 +771,39 @@ def test_detect_export_writes_pdparams_and_our_checkpoints_as_onnx_with_torchs_b
     ):
         assert shitu_main(["detect-export", str(checkpoint), "--out", str(out)]) == 2
         assert f"--out {out}: {expected}" in capsys.readouterr().err
+
+
+def test_a_detector_file_whose_path_is_not_utf8_is_refused_by_detect_naming_it(
+    tmp_path: Path, latin1_folder: Path
+) -> None:
+    """onnxruntime takes file paths only as UTF-8: `shitu detect --model` of an ONNX file
+    in a folder named in Latin-1 said only that onnxruntime's constructor took no such
+    arguments, over three lines."""
+    model = build_picodet("picodet_s_esnet", num_classes=2, input_size=64)
+    moved = shutil.copy(export_onnx(model, tmp_path / "det.onnx"), latin1_folder / "det.onnx")
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (80, 60), "white").save(photo)
+    command = [sys.executable, "-m", "shitu", "detect", str(photo), "--model", str(moved)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.startswith("error: "), result.stderr
+    assert result.stderr.count("\n") == 1
+    assert "det.onnx: the detector file's path is not UTF-8 text" in result.stderr
+    assert "rename the folder or file named in another encoding" in result.stderr
+
+
+def test_detect_export_to_a_path_that_is_not_utf8_is_refused_naming_it(
+    tmp_path: Path, latin1_folder: Path
+) -> None:
+    """torch's ONNX exporter takes file paths only as UTF-8: `shitu detect-export --out`
+    into a folder named in Latin-1 stopped with its traceback (exit 1)."""
+    model = build_picodet("picodet_s_esnet", num_classes=2, input_size=64)
+    checkpoint = save_detector(model, tmp_path / "model.pt")
+    out = latin1_folder / "det.onnx"
+    command = [sys.executable, "-m", "shitu", "detect-export", str(checkpoint), "--out", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.startswith("error: "), result.stderr
+    assert "det.onnx: the ONNX file's path is not UTF-8 text" in result.stderr
+    assert not any(latin1_folder.iterdir())  # nor a temporary file
 
 
 def test_an_export_whose_outputs_are_not_torchs_is_refused_and_the_earlier_file_kept(

@@ -443,6 +443,23 @@ def test_voc_data_from_a_paddledetection_list(
         VocDetection(tmp_path / "test.txt", tmp_path)
 
 
+def test_an_output_folder_whose_path_is_not_utf8_is_refused_before_training(
+    tmp_path: Path, latin1_folder: Path
+) -> None:
+    """The run ends by writing model.onnx into --out, which torch's ONNX exporter takes by a
+    UTF-8 path only: a folder named in Latin-1 is refused before the training, not after."""
+    (tmp_path / "JPEGImages").mkdir()
+    _write_voc(tmp_path / "Annotations", _write_images(tmp_path / "JPEGImages", 2, size=64))
+    command = [sys.executable, "-m", "shitu", "detect-train", "--voc",
+               str(tmp_path / "Annotations"), "--images", str(tmp_path / "JPEGImages"),
+               "--epochs", "1", "--batch-size", "2", "--input-size", "64",
+               "--train-sizes", "64", "--out", str(latin1_folder / "run")]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.startswith("error: "), result.stderr
+    assert "run: --out's path is not UTF-8 text" in result.stderr
+    assert not any(latin1_folder.iterdir())  # nothing trained, nor a lock left
+
+
 def test_missing_or_malformed_coco_file(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="missing.json"):
         CocoDetection(tmp_path / "missing.json", tmp_path)

@@ -1129,6 +1129,37 @@ def test_extract_cli_lists_a_file_name_that_is_not_utf8_as_the_file_system_has_i
     assert np.load(prefix.with_suffix(".npy")).shape == (2, 512)
 
 
+def test_an_export_whose_path_is_not_utf8_is_refused_by_extract_naming_it(
+    exported, latin1_folder, tmp_path
+):
+    """onnxruntime takes file paths only as UTF-8: an export in a folder named in Latin-1
+    stopped `shitu extract --model` with a TypeError's traceback (exit 1)."""
+    moved = shutil.copytree(exported["dir"], latin1_folder / "model")
+    photo, out = str(exported["files"][0]), str(tmp_path / "feats")
+    command = [sys.executable, "-m", "shitu", "extract", photo, "--model", str(moved)]
+    result = subprocess.run([*command, "--out", out], capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.startswith("error: "), result.stderr
+    assert "model.onnx: the model file's path is not UTF-8 text" in result.stderr
+    assert "rename the folder or file named in another encoding" in result.stderr
+
+
+def test_export_to_a_path_that_is_not_utf8_is_refused_naming_it(
+    exported, latin1_folder, grocery, tmp_path
+):
+    """torch's ONNX exporter takes file paths only as UTF-8: `shitu export --out` into a
+    folder named in Latin-1 stopped with its traceback (exit 1)."""
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text(TINY_CONFIG.format(size=SIZE, root=grocery))
+    weights = f"Global.pretrained_model={exported['dir'] / 'model.safetensors'}"
+    command = [sys.executable, "-m", "shitu", "export", "-c", str(config_file), "-o", weights]
+    result = subprocess.run(
+        [*command, "--out", str(latin1_folder / "model")], capture_output=True, text=True
+    )
+    assert result.returncode == 2 and result.stderr.startswith("error: "), result.stderr
+    assert "model: the export folder's path is not UTF-8 text" in result.stderr
+    assert not any(latin1_folder.iterdir())  # nor a staging folder
+
+
 def test_a_compact_export_on_an_onnx_runtime_asked_for_names_the_cache_it_cannot_write(
     exported, tmp_path, monkeypatch
 ):

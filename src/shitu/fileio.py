@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from shitu.errors import CheckpointError, ConfigError, DataError
+from shitu.errors import CheckpointError, ConfigError, DataError, ShituError
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -48,6 +48,21 @@ def read_text(path: str | Path) -> str:
     if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         return data.decode("utf-16")
     return data.decode("utf-8-sig")
+
+
+def refuse_non_utf8_path(path: Path, what: str, readers: str, error: type[ShituError]) -> None:
+    """Raise `error` naming `path` where it is not UTF-8 text (a name in a legacy code page,
+    which Python gives as lone surrogates): `readers` (onnxruntime, torch's ONNX exporter,
+    Faiss) take file paths only as UTF-8 and failed inside, with a TypeError or a traceback.
+    `what` says whose path it is ("the library's path"); check the path as it is handed to
+    them (resolved where they resolve it)."""
+    try:
+        os.fspath(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise error(
+            f"{path}: {what} is not UTF-8 text, and file paths reach {readers} only as UTF-8: "
+            "give it a path in UTF-8 (rename the folder or file named in another encoding)"
+        ) from None
 
 
 def file_sha256(path: Path) -> str:

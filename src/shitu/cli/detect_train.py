@@ -21,7 +21,7 @@ from shitu.cli.common import (
     progress_wanted,
 )
 from shitu.errors import ConfigError, DataError
-from shitu.fileio import only_run_in, remove_unfinished_writes
+from shitu.fileio import only_run_in, refuse_non_utf8_path, remove_unfinished_writes
 
 if TYPE_CHECKING:
     from shitu.detection.data import DetectionDataset
@@ -172,6 +172,10 @@ def run(args: argparse.Namespace) -> int:
         # The folder of the run resumed, which it goes on writing to unless told otherwise.
         resumed = checkpoint.parent
     output = Path(args.out) if args.out else resumed or Path(DEFAULT_OUT)
+    # The run ends by writing model.onnx there (`export_onnx`, which refuses such a path):
+    # refused now, not after the training.
+    readers = "torch's ONNX exporter and onnxruntime"
+    refuse_non_utf8_path(output.absolute(), "--out's path", readers, ConfigError)
     continues = resumed is not None and resumed.resolve() == output.resolve()
     earlier = [name for name in RUN_FILES if (output / name).exists()]
     if earlier and not continues:

@@ -24,6 +24,7 @@ from shitu.data.transforms.ops import check_rgb_image
 from shitu.detection.boxes import cell_centres, decode_distributions, level_shapes, multiclass_nms
 from shitu.detection.input_size import check_input_size
 from shitu.errors import CheckpointError, ConfigError
+from shitu.fileio import refuse_non_utf8_path
 from shitu.onnx_input import image_input_size
 
 if TYPE_CHECKING:
@@ -186,6 +187,7 @@ class OnnxDetector(Detector):
         # spinning meanwhile took the cores those need (`shitu recognize --detector` on a
         # shared 2-core host: a fifth less CPU time per photo, and faster).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        refuse_non_utf8_path(Path(path), "the detector file's path", "onnxruntime", CheckpointError)
         try:
             session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:

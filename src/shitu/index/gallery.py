@@ -23,7 +23,13 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 
 from shitu.errors import GalleryError, did_you_mean
-from shitu.fileio import file_sha256, fsync_dir, occupied, staging_folder
+from shitu.fileio import (
+    file_sha256,
+    fsync_dir,
+    occupied,
+    refuse_non_utf8_path,
+    staging_folder,
+)
 from shitu.index.backends import Backend, Change, IndexSyncError, describe_index, open_backend
 from shitu.index.embedder import Embedder
 from shitu.index.files import crash_point
@@ -1200,16 +1206,8 @@ class _AddedMeanwhile(Exception):
 
 
 def _refuse_non_utf8_root(root: Path) -> None:
-    """Refuse a library folder whose path is not UTF-8 text (a name in a legacy code page,
-    which Python gives as lone surrogates): Faiss and Milvus take file paths only as UTF-8,
-    and failed inside with a TypeError or an 'unexpected error'."""
-    try:
-        str(root.resolve()).encode("utf-8")
-    except UnicodeEncodeError:
-        raise GalleryError(
-            f"{root}: the library's path is not UTF-8 text, which Faiss and Milvus open "
-            "files by: give it a path in UTF-8 (rename the folder)"
-        ) from None
+    """Faiss and Milvus are handed the library's files by their full paths."""
+    refuse_non_utf8_path(root.resolve(), "the library's path", "Faiss and Milvus", GalleryError)
 
 
 def _file_hashes(

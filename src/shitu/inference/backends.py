@@ -14,7 +14,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from shitu.errors import ConfigError
+from shitu.errors import CheckpointError, ConfigError
+from shitu.fileio import refuse_non_utf8_path
 from shitu.inference.choices import BACKENDS, DEVICES, PRECISIONS
 from shitu.inference.manifest import INPUT_NAME, INT8_FILE, ONNX_FILE
 from shitu.onnx_input import image_input_size
@@ -119,6 +120,7 @@ class OnnxBackend:
             if not _onnxruntime_has_cuda():
                 raise ConfigError("device cuda: this onnxruntime has no CUDA support")
             providers.insert(0, "CUDAExecutionProvider")
+        refuse_non_utf8_path(path, "the model file's path", "onnxruntime", CheckpointError)
         self.session = ort.InferenceSession(str(path), options, providers=providers)
         self.input_size = image_input_size(self.session.get_inputs()[0].shape, path)
 

@@ -34,6 +34,7 @@ from shitu.fileio import (
     FILE_MODE,
     FOLDER_MODE,
     file_sha256,
+    refuse_non_utf8_path,
     removed_if_left_empty,
     replace_folder,
     staging_folder,
@@ -151,6 +152,9 @@ def write_export(
     version-1 fingerprint (without the arch), for the cached rebuild of a version-1 export.
     """
     out_dir = Path(out_dir)
+    # Each file is written and read back by its path in out_dir's staging folder beside it.
+    readers = "torch's ONNX exporter, onnxruntime and safetensors"
+    refuse_non_utf8_path(out_dir, "the export folder's path", readers, ExportError)
     _check_target(out_dir)
     if score_thres is not None and not -1.0 <= score_thres <= 1.0:
         raise ExportError(f"score_thres {score_thres}: a cosine similarity, in [-1, 1]")
