@@ -23,7 +23,7 @@ import pytest
 import torch
 from PIL import Image
 
-from shitu.checkpoint import save_weights
+from shitu.checkpoint import read_weights, save_weights
 from shitu.config import load_config
 from shitu.data.datasets.base import check_image
 from shitu.data.transforms import build_transforms
@@ -1141,6 +1141,24 @@ def test_an_export_whose_path_is_not_utf8_is_refused_by_extract_naming_it(
     assert result.returncode == 2 and result.stderr.startswith("error: "), result.stderr
     assert "model.onnx: the model file's path is not UTF-8 text" in result.stderr
     assert "rename the folder or file named in another encoding" in result.stderr
+
+
+def test_weights_whose_path_is_not_utf8_are_refused_naming_the_path(
+    exported, latin1_folder, tmp_path
+):
+    """safetensors takes file paths only as UTF-8: it said the file was not a readable
+    safetensors file, of one that is fine, for an export's weights (torch runtime) and for
+    Global.pretrained_model alike."""
+    moved = shutil.copytree(exported["dir"], latin1_folder / "model")
+    photo, out = str(exported["files"][0]), str(tmp_path / "feats")
+    command = [sys.executable, "-m", "shitu", "extract", photo, "--model", str(moved),
+               "--runtime", "torch", "--out", out]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.startswith("error: "), result.stderr
+    assert "model.safetensors: the weight file's path is not UTF-8 text" in result.stderr
+    assert "not a readable safetensors file" not in result.stderr
+    with pytest.raises(CheckpointError, match="the weight file's path is not UTF-8 text"):
+        read_weights(moved / "model.safetensors")
 
 
 def test_export_to_a_path_that_is_not_utf8_is_refused_naming_it(

@@ -20,6 +20,7 @@ from shitu.engine.state import training_state_kind
 from shitu.errors import CheckpointError
 from shitu.fileio import (
     from_working_directory,
+    refuse_non_utf8_path,
     torch_save_atomically,
     write_atomically,
     write_failure_reason,
@@ -123,6 +124,8 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
             f"{path}: .pdparams need a model to be read; `shitu convert` it first"
         )
     if path.suffix == ".safetensors":
+        # else "not a readable safetensors file", of a file that is fine
+        refuse_non_utf8_path(path, "the weight file's path", "safetensors", CheckpointError)
         try:
             with safe_open(str(path), framework="pt") as handle:
                 metadata = dict(handle.metadata() or {})

@@ -19,6 +19,7 @@ from safetensors.numpy import load_file
 from shitu import __version__
 from shitu.config.schema import TRAINING_ONLY_ARCH
 from shitu.errors import CheckpointError, ShituError
+from shitu.fileio import refuse_non_utf8_path
 from shitu.inference.preprocess import Preprocessing
 
 if TYPE_CHECKING:
@@ -91,6 +92,7 @@ def check_fingerprint(
     fingerprint its manifest records."""
     if state is None:
         path = Path(model_dir) / TORCH_FILE  # float32: not a compact export
+        refuse_non_utf8_path(path, "the weight file's path", "safetensors", CheckpointError)
         try:
             state = load_file(str(path))
         except (SafetensorError, OSError) as exc:
