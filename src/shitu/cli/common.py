@@ -100,6 +100,16 @@ def add_leaf_labels_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_detector_arch_argument(parser: argparse.ArgumentParser, *names: str) -> None:
+    """The .pdparams detector's architecture as `args.arch`, under `names`: the command's
+    own name first (its usage shows that one), then the other commands' name for it."""
+    parser.add_argument(
+        *names,
+        dest="arch",
+        help="architecture name (needed for .pdparams), as recognize's --det-arch",
+    )
+
+
 def progress_wanted(args: argparse.Namespace) -> bool:
     """Whether to draw a progress bar on stderr: not with --no-progress, and not where
     stderr is a file or a pipe (`2> log`, a job runner), whose log would fill with the

@@ -7,6 +7,7 @@ import json
 import sys
 
 from shitu.cli.common import (
+    add_detector_arch_argument,
     add_progress_argument,
     add_visualisation_arguments,
     detection_score,
@@ -36,12 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("images", nargs="+", help="image files and/or folders")
     parser.add_argument("--model", required=True, help="detector: .pt, .pdparams or .onnx")
-    parser.add_argument(
-        "--arch",
-        "--det-arch",
-        dest="arch",
-        help="architecture name (needed for .pdparams), as recognize's --det-arch",
-    )
+    add_detector_arch_argument(parser, "--arch", "--det-arch")
     parser.add_argument(
         "--class-names",
         metavar="FILE",

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from shitu.cli.common import input_side
+from shitu.cli.common import add_detector_arch_argument, input_side
 from shitu.errors import ConfigError
 from shitu.fileio import refuse_file_in_the_way
 
@@ -27,12 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "weights", help="detector weights: .pdparams (with --det-arch), our .pt, or a .onnx"
     )
     parser.add_argument("--out", required=True, help="output file, .onnx")
-    parser.add_argument(
-        "--det-arch",
-        "--arch",
-        dest="arch",
-        help="architecture name (needed for .pdparams), as recognize's --det-arch",
-    )
+    add_detector_arch_argument(parser, "--det-arch", "--arch")
     parser.add_argument(
         "--input-size",
         type=input_side,
