@@ -193,7 +193,7 @@ def scan_label_folders(
     with `leaf_labels`, folders of one name in different places, which share a label.
     """
     try:
-        images = scan_images(root, loose=False, foreign=_libraries())
+        images = scan_images(root, loose=False, foreign=gallery_libraries())
     except DataError as exc:
         if _has_loose_images(root):
             raise DataError(
@@ -208,7 +208,7 @@ def scan_label_folders(
     return [GalleryItem(image.resolve(), image.relative_to(root).parts[0]) for image in images]
 
 
-def _libraries() -> dict[str, str]:
+def gallery_libraries() -> dict[str, str]:
     """For `scan_images`: a gallery library in a folder of photos is skipped, or the images
     it keeps (those `shitu serve` adds, in its `uploads` folder) would be taken for photos
     of a label named after it. (Imported here: the metadata module imports this one.)"""
@@ -220,7 +220,7 @@ def _libraries() -> dict[str, str]:
 def _refuse_library(folder: Path) -> None:
     """A DataError for a gallery library given as a folder of images: a scan skips it (it
     holds features, not photos), which left only 'no images in its label sub-folders'."""
-    if any((folder / name).is_file() for name in _libraries()):
+    if any((folder / name).is_file() for name in gallery_libraries()):
         raise DataError(
             f"{folder}: a gallery library, not a folder of gallery images; give the folders or "
             f"label files of the images it holds (`shitu index list {folder} --images` lists "
@@ -277,7 +277,7 @@ def collect_items(
             if label is None:
                 items.extend(scan_label_folders(source, one_label_option, leaf_labels))
             else:
-                images = scan_images(source, foreign=_libraries())
+                images = scan_images(source, foreign=gallery_libraries())
                 items.extend(GalleryItem(image.resolve(), label) for image in images)
         elif source.is_file() and source.suffix.lower() in IMAGE_SUFFIXES:
             if label is None:

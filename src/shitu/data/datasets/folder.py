@@ -46,7 +46,14 @@ class ImageFolderDataset(ImageDataset):
         self.root = root
         check_root(root, where, key="root")
         suffixes = {"." + ext.lower().lstrip(".") for ext in extensions or IMAGE_SUFFIXES}
-        libraries = _gallery_libraries()
+        # A gallery library in the tree (one may lie inside the folder it was built from,
+        # `shitu index build photos/ --out photos/lib`) is skipped, as `index build` skips
+        # it, rather than taken for a class of the images it keeps (those `shitu serve`
+        # adds, in its `uploads` folder), which the class count then asked to be trained on.
+        # Imported here: the index package is not loaded for training otherwise.
+        from shitu.index.labels import gallery_libraries
+
+        libraries = gallery_libraries()
         self.class_names = sorted(
             e.name
             for e in os.scandir(root)
@@ -87,14 +94,3 @@ class ImageFolderDataset(ImageDataset):
                 where,
                 shown,
             )
-
-
-def _gallery_libraries() -> dict[str, str]:
-    """For `scan_images`: a gallery library in the tree (one may lie inside the folder it
-    was built from, `shitu index build photos/ --out photos/lib`) is skipped, as `index
-    build` skips it, rather than taken for a class of the images it keeps (those `shitu
-    serve` adds, in its `uploads` folder), which the class count then asked to be trained
-    on. Imported here: the index package is not loaded for training otherwise."""
-    from shitu.index.metadata import LIBRARY_FILE
-
-    return {LIBRARY_FILE: "gallery library"}
