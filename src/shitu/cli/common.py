@@ -391,6 +391,19 @@ def count_of(count: int, noun: str) -> str:
     return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
+def owned_folder(folder: Path) -> tuple[str, str] | None:
+    """The file that makes `folder` a gallery library's or an exported model's, and which
+    of them ('a gallery library'), else None: a folder the other commands must not write
+    their own files into."""
+    from shitu.index.metadata import LIBRARY_FILE
+    from shitu.inference.manifest import MANIFEST
+
+    for name, kind in ((LIBRARY_FILE, "a gallery library"), (MANIFEST, "an exported model")):
+        if (folder / name).is_file():
+            return name, kind
+    return None
+
+
 def add_visualisation_arguments(parser: argparse.ArgumentParser) -> None:
     """--save-vis and --vis-font, the same on each command that draws its results."""
     parser.add_argument(
@@ -453,8 +466,6 @@ class VisualisationWriter:
         the next run would take the copies for photos. `font`: the captions' font file
         (default: see CaptionFonts), `font_index` its face in a collection (.ttc). A gallery
         library's or an exported model's folder is refused: the copies are no part of it."""
-        from shitu.index.gallery import LIBRARY_FILE
-        from shitu.inference.manifest import MANIFEST
         from shitu.pipeline import CaptionFonts
 
         self.fonts = CaptionFonts(font, font_index)
@@ -475,11 +486,10 @@ class VisualisationWriter:
                 f"--save-vis {folder}: holds input images ({inside}), and the annotated "
                 "copies take the images' names: choose another folder"
             )
-        owners = {LIBRARY_FILE: "a gallery library", MANIFEST: "an exported model"}
-        owner = next((what for name, what in owners.items() if (folder / name).is_file()), None)
+        owner = owned_folder(folder)
         if owner is not None:
             raise DataError(
-                f"--save-vis {folder}: is {owner}'s folder, not one for annotated copies: "
+                f"--save-vis {folder}: is {owner[1]}'s folder, not one for annotated copies: "
                 "choose another folder"
             )
         source = next((s for s in scanned if here.is_relative_to(s.resolve())), None)

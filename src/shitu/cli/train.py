@@ -16,6 +16,7 @@ from shitu.cli.common import (
     add_progress_argument,
     config_from_args,
     count_of,
+    owned_folder,
     positive_int,
     positive_minutes,
     print_summary,
@@ -105,14 +106,13 @@ def _refuse_folder_of_another_kind(output_dir: Path) -> None:
     """An export's or a gallery library's folder given as Global.output_dir (an export's
     `--out` taken for it, say) took the run's files among its own: the export could then
     not be written again there (`shitu export` keeps what it did not write)."""
-    from shitu.inference.manifest import LIBRARY_DATABASE, MANIFEST
-
-    for name, kind in ((MANIFEST, "an exported model"), (LIBRARY_DATABASE, "a gallery library")):
-        if (output_dir / name).is_file():
-            raise ConfigError(
-                f"Global.output_dir {output_dir}: is {kind}'s folder ({name}), which a "
-                "training run's files would be mixed into; give a folder of the run's own"
-            )
+    owner = owned_folder(output_dir)
+    if owner is not None:
+        name, kind = owner
+        raise ConfigError(
+            f"Global.output_dir {output_dir}: is {kind}'s folder ({name}), which a "
+            "training run's files would be mixed into; give a folder of the run's own"
+        )
 
 
 def _has_content(path: Path) -> bool:
