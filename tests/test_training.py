@@ -763,10 +763,10 @@ def test_cli_train_hints_hold_a_path_with_spaces_as_one_word(grocery, tmp_path, 
     output_dir = tmp_path / "My Drive"
     run = ["train", "-c", str(path), "-o", f"Global.output_dir={output_dir}"]
     assert main([*run, "--stop-after-steps", "1"]) == 0
-    hint = capsys.readouterr().out.splitlines()[0].split("resume with ")[1]
+    hint = capsys.readouterr().err.splitlines()[-1].split("resume with ")[1]
     assert hint == f"-o 'Global.checkpoints={output_dir / 'latest.pt'}'"
     assert main([*run, "--stop-after-steps", "2", *shlex.split(hint)]) == 0
-    assert "stopped early after step 2" in capsys.readouterr().out
+    assert "stopped early after step 2" in capsys.readouterr().err
     assert main(run) == 2  # the same folder again: the advice quotes it too
     assert f"resume it with -o 'Global.checkpoints={output_dir / 'latest.pt'}', or " in (
         capsys.readouterr().err
@@ -791,7 +791,7 @@ def test_a_stop_at_an_epochs_last_step_says_that_its_steps_are_done(
     assert main(["train", "-c", str(path)]) == 128 + signal.SIGINT
     assert (
         capsys.readouterr()
-        .out.splitlines()[0]
+        .err.splitlines()[-1]
         .startswith(
             "stopped early after step 4 (0 of 2 epochs done, and all of epoch 1's steps: resuming "
             "only ends that epoch (evaluation, saves)); resume with "
@@ -844,7 +844,10 @@ def test_cli_train_then_eval(grocery, tmp_path, capsys):
     path = tiny_config(grocery, tmp_path, epochs=1)
     assert main(["train", "-c", str(path), "--stop-after-steps", "2"]) == 0
     latest = tmp_path / "output" / "latest.pt"
-    assert capsys.readouterr().out.splitlines()[0] == (
+    # A message, on stderr: stdout holds the run's results (none yet).
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.splitlines()[-1] == (
         f"stopped early after step 2 (0 of 1 epochs done); resume with "
         f"-o Global.checkpoints={latest}"
     )
@@ -1497,9 +1500,10 @@ def test_a_run_stopped_by_a_signal_ends_with_that_signals_status(
     options = ["-o", "LinearProbe={epochs: 1, frozen_layers: [backbone]}"] if probe else []
     with caplog.at_level(logging.WARNING, logger="shitu"):
         assert main(["train", "-c", str(path), *options]) == 128 + signal.SIGTERM
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
     expected = "stopped during the linear probe" if probe else "stopped early after step 0"
-    assert out.startswith(expected)
+    assert captured.out == ""
+    assert captured.err.splitlines()[-1].startswith(expected)
     # The probe's checkpoint is not resumed: the warning promised one all the same.
     said = (
         " (the linear probe is not resumed: the same command starts it over; send it again "
@@ -1629,7 +1633,7 @@ def test_a_signal_to_the_process_group_stops_the_run_once_with_a_checkpoint(
     assert run.returncode == 128 + signum, run.stderr[-3000:]
     assert "Traceback" not in run.stderr
     assert run.stderr.count("stopping after this evaluation, with a checkpoint") == 1
-    assert "stopped early after step 4 (1 of 2 epochs done)" in run.stdout
+    assert "stopped early after step 4 (1 of 2 epochs done)" in run.stderr
     assert (tmp_path / "output" / "latest.pt").is_file()
 
 

@@ -292,6 +292,7 @@ def _train(args: argparse.Namespace, output: Path, continues: bool) -> int:
         print(
             f"stopped early after step {progress.global_step} ({progress.epoch} of "
             f"{config.epochs} epochs done); resume with --resume {latest}",
+            file=sys.stderr,
             flush=True,
         )
         return 128 + trainer.stop_signal

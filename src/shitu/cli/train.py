@@ -154,7 +154,10 @@ def _probe(config: ShituConfig, context: DistContext, progress: bool) -> int | N
     # A signal during the probe's final save lets it finish, and still stops the command.
     if trainer.context.is_main and result.stop_signal is not None:
         when = "after" if result.finished else "during"
-        print(f"stopped {when} the linear probe; run the same command again to start over")
+        print(
+            f"stopped {when} the linear probe; run the same command again to start over",
+            file=sys.stderr,
+        )
     return result.stop_signal
 
 
@@ -345,7 +348,8 @@ def _train(args: argparse.Namespace) -> int:
                 f"stopped early after step {progress.global_step} "
                 f"({_epochs_done(progress, trainer.steps_per_epoch, config.Global.epochs)}); "
                 "resume with "
-                f"-o {override_word('Global.checkpoints', result.output_dir / 'latest.pt')}"
+                f"-o {override_word('Global.checkpoints', result.output_dir / 'latest.pt')}",
+                file=sys.stderr,
             )
         if progress.best_metric is not None:
             print(
