@@ -163,6 +163,32 @@ def test_multiclass_nms_keeps_equal_scores_in_box_order() -> None:
     assert multiclass_nms(boxes, scores, 0.1, 0.5, nms_top_k=2)[:, 2].tolist() == [0, 20]
 
 
+def test_per_class_nms_at_threshold_0_computes_iou_rows_only_for_the_boxes_it_keeps(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`shitu detect --per-class --threshold 0`: every box a candidate of every class (80
+    classes x NMS_TOP_K), where an IoU matrix of each class's candidates took seconds an
+    image; NMS works out the IoU of the boxes it keeps, up to the boxes output per class,
+    and keeps the same boxes."""
+    rng = np.random.default_rng(0)
+    corner = rng.random((1000, 2)).astype(np.float32) * 400
+    boxes = np.concatenate([corner, corner + 20 + 40 * rng.random((1000, 2))], axis=1)
+    scores = rng.random((1000, 3)).astype(np.float32)
+    every_box = multiclass_nms(boxes, scores, 0.0, 0.6, keep_top_k=3000)
+    computed = []
+    box_iou = numpy_boxes.box_iou
+
+    def counted(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        computed.append(a.shape[0] * b.shape[0])
+        return box_iou(a, b)
+
+    monkeypatch.setattr(numpy_boxes, "box_iou", counted)
+    np.testing.assert_array_equal(
+        multiclass_nms(boxes, scores, 0.0, 0.6, keep_top_k=5), every_box[:5]
+    )
+    assert 0 < sum(computed) <= 3 * 5 * 1000  # not 3 * 1000 * 1000
+
+
 def test_numpy_decode_matches_the_models_torch_decode() -> None:
     """PaddleDetection's ONNX outputs are decoded in numpy, the model decodes in torch (from
     the same cell centres): boxes within float32 rounding."""

@@ -6,10 +6,10 @@ gradients and ONNX graph need.
 
 Boxes are decoded GFL style: each side's offset is the expectation of a softmax over
 reg_max+1 bins, times the level's stride, measured from the cell centre
-(`(index + cell_offset) * stride`). NMS is exact greedy NMS computed with matrix
-operations: a box is kept iff no kept, higher-scored box of its group overlaps it by more
-than the threshold; that fixed point is reached by iterating the rule on all boxes of a
-group at once, which needs as many rounds as the longest suppression chain. Equal scores
+(`(index + cell_offset) * stride`). NMS is exact greedy NMS: a box is kept iff no kept,
+higher-scored box of its group overlaps it by more than the threshold. Each box kept drops
+the rest of its group that it overlaps, so the work grows with the boxes kept times the
+candidates, and stops once a group has as many as can be output (`max_kept`). Equal scores
 keep their input order.
 """
 
@@ -59,25 +59,32 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(union > 0, inter / union.clip(min=1e-12), 0)
 
 
-def _greedy_nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
+def _greedy_nms(
+    boxes: np.ndarray, scores: np.ndarray, iou_threshold: float, max_kept: int | None
+) -> np.ndarray:
+    """The best `max_kept` (all if None) of the boxes greedy NMS keeps, best first: one IoU
+    row per box kept, not a matrix of all candidates (a per-class NMS at score threshold 0
+    has a thousand candidates in each of 80 classes)."""
     order = np.argsort(-scores, kind="stable")
-    n = len(order)
-    suppresses = np.tril(box_iou(boxes[order], boxes[order]) > iou_threshold, -1)
-    keep = np.ones(n, dtype=bool)
-    for _ in range(n):
-        updated = ~(suppresses & keep[None, :]).any(axis=1)
-        if np.array_equal(updated, keep):
-            break
-        keep = updated
-    return order[keep]
+    kept: list[int] = []
+    while len(order) and (max_kept is None or len(kept) < max_kept):
+        best, order = order[0], order[1:]
+        kept.append(int(best))
+        order = order[~(box_iou(boxes[best : best + 1], boxes[order])[0] > iou_threshold)]
+    return np.array(kept, dtype=np.int64)
 
 
 def nms(
-    boxes: np.ndarray, scores: np.ndarray, groups: np.ndarray, iou_threshold: float
+    boxes: np.ndarray,
+    scores: np.ndarray,
+    groups: np.ndarray,
+    iou_threshold: float,
+    max_kept: int | None = None,
 ) -> np.ndarray:
-    """Indices kept by greedy NMS within each group, highest score first."""
+    """Indices kept by greedy NMS within each group, highest score first; `max_kept`: at
+    most that many of each group, its best (a caller that outputs no more)."""
     kept = [
-        members[_greedy_nms(boxes[members], scores[members], iou_threshold)]
+        members[_greedy_nms(boxes[members], scores[members], iou_threshold, max_kept)]
         for members in (np.flatnonzero(groups == g) for g in np.unique(groups))
     ]
     if not kept:
@@ -119,7 +126,7 @@ def multiclass_nms(
     top = rank < nms_top_k
     cand_classes, cand_index, cand_scores = cand_classes[top], cand_index[top], cand_scores[top]
     cand_boxes = boxes[cand_index]
-    kept = nms(cand_boxes, cand_scores, cand_classes, iou_threshold)[:keep_top_k]
+    kept = nms(cand_boxes, cand_scores, cand_classes, iou_threshold, keep_top_k)[:keep_top_k]
     if class_agnostic:
         cand_classes = labels[cand_index]
     return np.concatenate(

@@ -173,8 +173,8 @@ def evaluate_detector(
     regions and difficult boxes ignored; `progress` draws a bar on stderr (a COCO-sized set
     takes minutes).
 
-    Keeps the `nms_top_k` best boxes per class before NMS (greedy NMS costs grow with
-    the cube of the candidates, and an untrained model scores everything alike).
+    Keeps the `nms_top_k` best boxes per class before NMS (an untrained model scores
+    everything alike, and NMS costs grow with the candidates).
     """
     model.eval()
     detections, truths, difficult = [], [], []
