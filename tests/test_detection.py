@@ -621,6 +621,77 @@ def test_an_onnx_detector_that_cannot_take_our_images_is_refused_when_loaded(
     assert str(refused.value).startswith(f"{path}: ")
 
 
+PADDLECLAS_DET_PREPROCESS = """\
+Global:
+  det_inference_model_dir: {detector}
+DetPreProcess:
+  transform_ops:
+    - DetResize:
+        interp: 2
+        keep_ratio: false
+        target_size: {target_size}
+    - DetNormalizeImage:
+        is_scale: true
+        mean: [0.485, 0.456, 0.406]
+        std: [0.229, 0.224, 0.225]
+    - DetPermute: {{}}
+"""
+
+
+def test_the_pipelines_det_resize_target_size_is_the_detectors_input_size(tmp_path: Path) -> None:
+    """PaddleClas's inference_general.yaml sets the detector's input size in DetPreProcess's
+    DetResize; the detector runs at it (it ran at its architecture's own, the setting
+    ignored), and a resize it cannot do is refused saying what it does."""
+    checkpoint = save_detector(build_picodet("picodet_s_esnet", input_size=64), tmp_path / "d.pt")
+    config = tmp_path / "inference_general.yaml"
+
+    def detector_at(target_size: str, **resize: str) -> object:
+        text = PADDLECLAS_DET_PREPROCESS.format(detector=checkpoint, target_size=target_size)
+        for key, value in resize.items():
+            text = text.replace(f"{key}: ", f"{key}: {value} #")
+        config.write_text(text)
+        return build_detector(load_pipeline_config(config))
+
+    assert detector_at("[96, 96]").input_size == (96, 96)
+    assert detector_at("128").input_size == (128, 128)
+    no_resize = "DetPreProcess:\n  transform_ops: []\n"
+    config.write_text(f"Global:\n  det_inference_model_dir: {checkpoint}\n{no_resize}")
+    assert build_detector(load_pipeline_config(config)).input_size == (64, 64)  # its own
+    refused = {
+        (
+            "[640, 480]",
+            (),
+        ): r"DetResize target_size: \[640, 480\]; shitu's detectors take a square input",
+        (
+            "[100, 100]",
+            (),
+        ): r"DetResize target_size: a detector input size is a positive multiple of 32",
+        ("[96, 96]", ("keep_ratio", "true")): r"DetResize keep_ratio: True; .* give keep_ratio: "
+        "false, interp: 2",
+        ("[96, 96]", ("interp", "1")): r"DetResize interp: 1; .*bicubic",
+    }
+    for (target_size, resize), message in refused.items():
+        with pytest.raises(ConfigError, match=rf"^{config}: DetPreProcess: {message}"):
+            detector_at(target_size, **dict([resize]) if resize else {})
+
+
+@needs_picodet
+def test_an_onnx_detector_refuses_another_det_resize_target_size() -> None:
+    """An ONNX file runs at the size it was exported for: a pipeline config asking another
+    is refused, naming where that size came from and the backend that runs it."""
+    overrides = [f"Global.det_inference_model_dir={ONNX_416}"]
+    target = "DetPreProcess.transform_ops=[{DetResize: {interp: 2, keep_ratio: false, "
+    config = load_pipeline_config(None, [*overrides, target + "target_size: 640}}]"])
+    with pytest.raises(ConfigError, match=r"416x416; another input size \(640: .*DetResize "):
+        build_detector(config)
+    config = load_pipeline_config(None, [*overrides, target + "target_size: 416}}]"])
+    assert build_detector(config).input_size == (416, 416)
+    torch_config = load_pipeline_config(
+        None, [*overrides, "Global.det_backend=torch", target + "target_size: 320}}]"]
+    )
+    assert build_detector(torch_config).input_size == (320, 320)
+
+
 @needs_picodet
 def test_the_pipelines_cpu_num_threads_limits_the_detector_too() -> None:
     """As PaddleClas's: `Global.cpu_num_threads` (`--threads`) limits the detector as well

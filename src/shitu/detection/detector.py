@@ -332,8 +332,9 @@ def load_detector(
             raise ConfigError(
                 f"{path}: an ONNX detector runs at the size it was exported for, "
                 f"{detector.input_size[1]}x{detector.input_size[0]}; another input size "
-                "needs the torch backend (detect's --runtime torch, the pipeline's "
-                "Global.det_backend: torch)"
+                f"({input_size}: detect's --input-size, the pipeline's DetPreProcess "
+                "DetResize target_size) needs the torch backend (detect's --runtime torch, "
+                "the pipeline's Global.det_backend: torch)"
             )
         return detector
     if backend == "onnxruntime":

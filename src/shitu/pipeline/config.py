@@ -3,7 +3,8 @@
 PaddleClas keys that only steer Paddle's runtime (use_gpu, ir_optim, ...) or index
 building (index_method, data_file, ...) are accepted and ignored, so its files load
 as they are; any other unknown key is an error. Pre/post-processing sections are
-ignored too: an export records its own preprocessing, and the detector its own.
+ignored too (an export records its own preprocessing, and the detector its own), except
+DetPreProcess's DetResize: its target_size is the detector's input size.
 """
 
 from __future__ import annotations
@@ -66,7 +67,10 @@ _IGNORED_INDEX = {
     "return_k",
     "hamming_radius",
 }
-_IGNORED_SECTIONS = {"DetPreProcess", "DetPostProcess", "RecPreProcess", "RecPostProcess"}
+_IGNORED_SECTIONS = {"DetPostProcess", "RecPreProcess", "RecPostProcess"}
+# DetResize as PP-ShiTu's configs give it, the resize shitu's detectors do (PaddleClas's own
+# defaults, where a key is left out, are keep_ratio: true and interp: 1, bilinear).
+_DET_RESIZE = {"keep_ratio": False, "interp": 2}
 Backend = Literal["auto", "onnxruntime", "torch"]
 RecBackend = Literal[
     "auto", "onnxruntime", "openvino", "torch"
@@ -129,9 +133,60 @@ class IndexProcessConfig(_Section):
         return _drop(data, _IGNORED_INDEX)
 
 
+def det_resize_size(transform_ops: Any) -> int | None:
+    """The detector input side DetPreProcess's DetResize sets (None without one); a resize
+    the detectors cannot do is a ValueError saying what they do, not ignored."""
+    from shitu.detection.input_size import check_input_size
+
+    ops = transform_ops if isinstance(transform_ops, list) else []
+    resizes = [op["DetResize"] for op in ops if isinstance(op, dict) and "DetResize" in op]
+    if not resizes:
+        return None
+    resize = resizes[-1] if isinstance(resizes[-1], dict) else {}
+    for key, value in _DET_RESIZE.items():
+        if resize.get(key) != value:
+            given = repr(resize[key]) if key in resize else "not given (PaddleClas's default)"
+            raise ValueError(
+                f"DetResize {key}: {given}; shitu's detectors resize to target_size without "
+                "keeping the aspect ratio, bicubic: give keep_ratio: false, interp: 2, as "
+                "PP-ShiTu's configs do"
+            )
+    target = resize.get("target_size")
+    sides = [target, target] if isinstance(target, int) else target
+    if not isinstance(sides, list) or len(sides) != 2 or sides[0] != sides[1]:
+        raise ValueError(
+            f"DetResize target_size: {target!r}; shitu's detectors take a square input, "
+            "[S, S] with S a multiple of 32 (PP-ShiTu's mainbody detector: [640, 640])"
+        )
+    try:
+        return check_input_size(sides[0])
+    except ConfigError as exc:
+        raise ValueError(f"DetResize target_size: {exc}") from None
+
+
+class DetPreProcessConfig(BaseModel):
+    """PaddleClas's detector preprocessing: its DetResize's target_size is the detector's
+    input size; its other ops (normalisation, layout) are the detector's own, ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+    transform_ops: list[Any] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resize_the_detectors_do(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            det_resize_size(data.get("transform_ops"))
+        return data
+
+    @property
+    def input_size(self) -> int | None:
+        return det_resize_size(self.transform_ops)
+
+
 class PipelineConfig(_Section):
     Global: PipelineGlobal = Field(default_factory=PipelineGlobal)
     IndexProcess: IndexProcessConfig = Field(default_factory=IndexProcessConfig)
+    DetPreProcess: DetPreProcessConfig | None = None
 
     @model_validator(mode="before")
     @classmethod

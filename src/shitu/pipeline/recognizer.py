@@ -207,7 +207,8 @@ def build_detector(config: PipelineConfig) -> MainbodyDetector | None:
     from shitu.detection import load_detector
 
     g = config.Global
-    return load_detector(name, g.det_backend, g.det_arch, num_threads=g.cpu_num_threads)
+    size = config.DetPreProcess.input_size if config.DetPreProcess else None
+    return load_detector(name, g.det_backend, g.det_arch, size, g.cpu_num_threads)
 
 
 def load_extractor(config: PipelineConfig) -> FeatureExtractor:
