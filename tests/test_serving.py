@@ -1232,6 +1232,33 @@ def test_writes_need_the_api_key(serving_library, client):
         assert client.get(path).status_code == 200  # reads are open without --protect-reads
 
 
+def test_writes_from_another_origin_are_refused_where_no_sec_fetch_site_is_sent(server, client):
+    """Browsers without Sec-Fetch-Site (Safari before 16.4) still send Origin with a POST,
+    PATCH or DELETE: a form another site's page posts is refused by it, key or not, and
+    this server's own page (its Origin this server's address) is let through."""
+    host = server.url.removeprefix("http://")
+    others = ["http://evil.example", "null", f"http://{host.split(':')[0]}:1", f"ftp://{host}"]
+    for origin in others:
+        other = client.post("/v1/gallery/rebuild", headers={**WRITE, "Origin": origin})
+        assert other.status_code == 403, (origin, other.text)
+        detail = other.json()["detail"]
+        assert detail.startswith("changes to the gallery cannot come from another web site's")
+        assert f"(Origin {origin}, not this server's address, {host};" in detail
+        removed = client.delete(
+            "/v1/gallery/labels/Lemon Soda", headers={**WRITE, "Origin": origin}
+        )
+        assert removed.status_code == 403
+    assert client.get("/v1/gallery/labels/Lemon Soda").json()["count"] == 3  # nothing changed
+    own_page = client.post("/v1/gallery/rebuild", headers={**WRITE, "Origin": server.url})
+    assert own_page.status_code == 200, own_page.text
+    # A browser's Sec-Fetch-Site is what counts where it sends one (a proxy may have given
+    # the server another Host than the page's address)
+    trusted = {**WRITE, "Origin": "https://shop.example", "Sec-Fetch-Site": "same-origin"}
+    assert client.post("/v1/gallery/rebuild", headers=trusted).status_code == 200
+    # reads are not refused: a page cannot read their answers
+    assert client.get("/v1/gallery/labels", headers={"Origin": "http://evil.example"}).is_success
+
+
 # ------------------------------------------------------------------------------ service
 
 

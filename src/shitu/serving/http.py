@@ -59,6 +59,12 @@ STOPPING_RETRY_AFTER_S = 10
 # What browsers send as Sec-Fetch-Site for a request made by a page from another origin
 # ("same-site" is another port or subdomain); this server's own page sends "same-origin".
 OTHER_SITES = {"cross-site", "same-site"}
+# The port an Origin leaves out, as browsers write it (`http://example.com`).
+DEFAULT_PORTS = {"http": 80, "https": 443}
+OTHER_SITE_REFUSED = (
+    "changes to the gallery cannot come from another web site's page: use this server's "
+    "page, or a client that is not a browser"
+)
 
 
 def too_large(limit_mb: float) -> PayloadTooLarge:
@@ -335,11 +341,8 @@ def api_key_check(settings: ServeSettings, write: bool) -> Callable[..., Awaitab
         bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
         header: Annotated[str | None, Depends(_key_header)],
     ) -> None:
-        if write and request.headers.get("sec-fetch-site") in OTHER_SITES:
-            raise Forbidden(
-                "changes to the gallery cannot come from another web site's page: use this "
-                "server's page, or a client that is not a browser"
-            )
+        if write:
+            refuse_other_sites(request)
         if not needed:
             return
         given = header or (bearer.credentials if bearer else None)
@@ -353,6 +356,30 @@ def api_key_check(settings: ServeSettings, write: bool) -> Callable[..., Awaitab
             raise Forbidden("wrong API key")
 
     return check
+
+
+def refuse_other_sites(request: Request) -> None:
+    """Forbidden where a browser says the request comes from another site's page: its
+    Sec-Fetch-Site, or where it sends none (Safari before 16.4, older browsers) its Origin,
+    which every browser sends with a POST, PATCH or DELETE, unless it is this server's
+    address (its Host). Clients that are not browsers send neither."""
+    site = request.headers.get("sec-fetch-site")
+    if site is not None:
+        if site in OTHER_SITES:
+            raise Forbidden(OTHER_SITE_REFUSED)
+        return
+    origin = request.headers.get("origin")
+    if origin is None:
+        return
+    host = request.headers.get("host", "").lower()
+    scheme, _, netloc = origin.lower().partition("://")
+    if scheme in DEFAULT_PORTS and netloc in (host, host.removesuffix(f":{DEFAULT_PORTS[scheme]}")):
+        return
+    raise Forbidden(
+        f"{OTHER_SITE_REFUSED} (Origin {origin}, not this server's address, {host}; behind a "
+        "reverse proxy, have it pass the Host header on: nginx's proxy_set_header Host "
+        "$http_host)"
+    )
 
 
 async def query_as_declared(request: Request) -> None:
