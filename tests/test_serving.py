@@ -771,7 +771,7 @@ def test_size_and_pixel_limits(server, client):
     host, port = server.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=10) as connection:
         head = (
-            "POST /v1/recognize HTTP/1.1\r\nHost: shitu\r\n"
+            f"POST /v1/recognize HTTP/1.1\r\nHost: {host}:{port}\r\n"
             "Content-Type: multipart/form-data; boundary=b\r\n"
             f"Content-Length: {len(big)}\r\nExpect: 100-continue\r\n\r\n"
         )
@@ -859,6 +859,11 @@ def test_the_413_limit_is_written_out_in_plain_digits(limit_mb, shown):
         ("--max-batch", "0", "a whole number >= 1, got 0"),
         ("--max-connections", "-5", "a whole number >= 1, got -5"),
         ("--root-path", "shitu", "a URL path starting with '/', got shitu"),
+        (
+            "--allowed-host",
+            "https://shop.example/",
+            "a host name (shop.example), without a scheme, port or path: 'https://shop.example/'",
+        ),
     ],
 )
 def test_limits_that_let_nothing_through_are_usage_errors(option, value, expected, capsys):
@@ -997,7 +1002,7 @@ def test_requests_over_the_limit_in_progress_get_a_json_503_with_retry_after(
     try:
         for connection in stalled:  # a body of 100 bytes, one sent
             connection.sendall(
-                b"POST /v1/recognize HTTP/1.1\r\nHost: shitu\r\n"
+                b"POST /v1/recognize HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                 b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
             )
         busy = answer_once(f"{server.url}/v1/gallery", 503)  # both are reading their bodies
@@ -1257,6 +1262,42 @@ def test_writes_from_another_origin_are_refused_where_no_sec_fetch_site_is_sent(
     assert client.post("/v1/gallery/rebuild", headers=trusted).status_code == 200
     # reads are not refused: a page cannot read their answers
     assert client.get("/v1/gallery/labels", headers={"Origin": "http://evil.example"}).is_success
+
+
+def test_requests_addressed_to_another_name_are_refused_on_loopback(
+    serving_library, server, client, tmp_path
+):
+    """DNS rebinding: a page at http://evil.example:PORT whose name then resolves to
+    127.0.0.1 is the browser's same origin as a server on loopback (Sec-Fetch-Site
+    same-origin, Origin its own), and could read and empty the gallery; the server refuses
+    requests addressed to names other than localhost's, unless allowed (a proxy's)."""
+    port = urlsplit(server.url).port
+    for host in (f"evil.example:{port}", "evil.example", f"localhost.evil.example:{port}"):
+        rebound = {
+            **WRITE,
+            "Host": host,
+            "Origin": f"http://{host}",
+            "Sec-Fetch-Site": "same-origin",
+        }
+        for method, path in (
+            ("GET", "/v1/gallery/labels"),
+            ("DELETE", "/v1/gallery/labels/Lemon Soda"),
+        ):
+            refused = client.request(method, path, headers=rebound)
+            assert refused.status_code == 403, (host, path, refused.text)
+            detail = refused.json()["detail"]
+            assert f"not to '{host}'" in detail and "--allowed-host NAME" in detail
+    assert client.get("/v1/gallery/labels/Lemon Soda").json()["count"] == 3  # nothing removed
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"shop.localhost:{port}", "[::1]"):
+        assert client.get("/v1/gallery/labels", headers={"Host": host}).status_code == 200, host
+    proxied = ServerProcess(serving_library, tmp_path, "--allowed-host", "Shop.Example")
+    try:
+        address = {"Host": f"shop.example:{urlsplit(proxied.url).port}"}
+        assert httpx.get(f"{proxied.url}/v1/gallery/labels", headers=address).status_code == 200
+        other = httpx.get(f"{proxied.url}/v1/gallery/labels", headers={"Host": "evil.example"})
+        assert other.status_code == 403
+    finally:
+        proxied.stop()
 
 
 # ------------------------------------------------------------------------------ service
@@ -1703,7 +1744,7 @@ def test_a_request_the_server_cuts_off_as_it_stops_gets_a_json_503(serving_libra
         url = httpx.URL(server.url)
         with socket.create_connection((url.host, url.port)) as stalled:
             stalled.sendall(
-                b"POST /v1/extract HTTP/1.1\r\nHost: shitu\r\nContent-Type: application/json"
+                b"POST /v1/extract HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json"
                 b'\r\nContent-Length: 1000\r\n\r\n{"image": "'
             )
             # Answered after the server has read what came before it on the other connection.

@@ -596,7 +596,7 @@ def server_kept_busy(server) -> Iterator[None]:
     try:
         for connection in stalled:  # a body of 100 bytes, one sent
             connection.sendall(
-                b"POST /v1/recognize HTTP/1.1\r\nHost: shitu\r\nX-API-Key: "
+                b"POST /v1/recognize HTTP/1.1\r\nHost: 127.0.0.1\r\nX-API-Key: "
                 + KEY.encode()
                 + b"\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
             )

@@ -58,6 +58,16 @@ def listen_host(value: str) -> str:
     return value[1:-1] if value.startswith("[") and value.endswith("]") else value
 
 
+def allowed_host(value: str) -> str:
+    """A host name as a Host header carries it, without a port: compared in lower case."""
+    name = value.strip().lower()
+    if not name or any(char in name for char in "/:[] "):
+        raise argparse.ArgumentTypeError(
+            f"expected a host name (shop.example), without a scheme, port or path: {value!r}"
+        )
+    return name
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "serve",
@@ -138,6 +148,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="the path prefix a reverse proxy serves this server under (e.g. /shitu), which "
         "the proxy strips: for the API docs' links and the thumbnail paths the API gives "
         "(default: none, served at /)",
+    )
+    parser.add_argument(
+        "--allowed-host",
+        action="append",
+        type=allowed_host,
+        default=[],
+        metavar="NAME",
+        help="a host name requests may be addressed to besides localhost and IP addresses "
+        "(repeatable): the name a reverse proxy passes on as Host. Where the server listens "
+        "on loopback (the default) or this is given, requests addressed to other names are "
+        "refused, as a web page's would be after pointing its name at this machine (DNS "
+        "rebinding)",
     )
     parser.add_argument("--access-log", action="store_true", help="log every request")
     parser.set_defaults(func=run)
@@ -242,6 +264,11 @@ def run(args: argparse.Namespace) -> int:
         protect_reads=args.protect_reads,
         max_batch=args.max_batch,
         max_requests=args.max_connections,
+        # On loopback only this machine's clients are meant: a name other than localhost is
+        # a proxy's, allowed by name, or a rebinding page's.
+        allowed_hosts=frozenset(args.allowed_host)
+        if args.allowed_host or _is_loopback(args.host)
+        else None,
     )
     sock = _listen(args.host, args.port)
     metrics = Metrics()

@@ -47,6 +47,7 @@ from shitu.serving.http import (
     IMAGE_FIELD,
     LIBRARY_BUSY_RETRY_AFTER_S,
     RETRY_AFTER_S,
+    AllowedHosts,
     AnswerCutOff,
     BodyLimit,
     HeadAsGet,
@@ -179,6 +180,7 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
     app.state.pixel_budget = pixel_budget  # what the requests in progress hold
     app.add_middleware(HeadAsGet)  # innermost: the metrics count HEAD as HEAD
     app.add_middleware(BodyLimit, settings=settings)
+    app.add_middleware(AllowedHosts, settings=settings)  # before any body is read
     app.add_middleware(RequestLimit, settings=settings)  # inside the metrics: 503s counted
     app.add_middleware(AnswerCutOff)  # around every other: any request can be cut off
     app.add_middleware(MetricsMiddleware, metrics=metrics)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import json
 import logging
 from collections import deque
@@ -12,6 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 import numpy as np
 from fastapi import Depends, Request
@@ -129,6 +131,47 @@ class BodyLimit(HttpMiddleware):
             return message
 
         await self.app(scope, counted, send)
+
+
+class AllowedHosts(HttpMiddleware):
+    """ASGI middleware: with the settings' `allowed_hosts`, a request addressed (its Host
+    header) to any other name than those, localhost or a name under .localhost is refused
+    with 403, as a DNS rebinding page's are; an IP address is always let through (a page
+    can only be served from one that is its own)."""
+
+    def __init__(self, app: Any, settings: ServeSettings) -> None:
+        super().__init__(app)
+        self.allowed = settings.allowed_hosts
+
+    async def handle(self, scope: dict, receive: Callable, send: Callable) -> None:
+        headers = dict(scope["headers"])
+        host = headers.get(b"host", b"").decode("latin-1")
+        # No Host at all (HTTP/1.0) is no browser's: they always send one
+        if self.allowed is None or not host or _host_allowed(host, self.allowed):
+            await self.app(scope, receive, send)
+            return
+        refused = Forbidden(
+            f"this server answers requests addressed to localhost or an IP address, not to "
+            f"{host!r}, as a web page would send them after pointing its name at this machine "
+            "(DNS rebinding); a name this server is reached by (a reverse proxy passing its "
+            "Host on) is allowed with --allowed-host NAME"
+        )
+        await refuse(headers, receive, send, refused)
+
+
+def _host_allowed(host: str, allowed: frozenset[str]) -> bool:
+    """Whether a Host header (`name[:port]`, `[v6]:port`) names an IP address, localhost, a
+    name under .localhost (browsers resolve those to loopback themselves) or an allowed name."""
+    try:
+        name = urlsplit(f"//{host}").hostname or ""
+    except ValueError:  # an unclosed '[', say
+        return False
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        pass
+    return name == "localhost" or name.endswith(".localhost") or name in allowed
 
 
 class HeadAsGet(HttpMiddleware):
@@ -377,8 +420,8 @@ def refuse_other_sites(request: Request) -> None:
         return
     raise Forbidden(
         f"{OTHER_SITE_REFUSED} (Origin {origin}, not this server's address, {host}; behind a "
-        "reverse proxy, have it pass the Host header on: nginx's proxy_set_header Host "
-        "$http_host)"
+        "reverse proxy, have it pass the Host header on, nginx's proxy_set_header Host "
+        "$http_host, and allow that name with --allowed-host NAME)"
     )
 
 

@@ -35,6 +35,11 @@ class ServeSettings:
     each may hold an upload, so this bounds the memory they take).
     max_pixels_in_flight: decoded pixels that the requests in progress may hold together
     (--max-megapixels-in-flight): a request that does not fit waits briefly, then gets 503.
+    allowed_hosts: None, requests addressed to any host; else only those addressed to an
+    IP address, localhost (or a name under .localhost) or one of these names, as a server
+    on loopback must: a web page whose name its DNS then points at 127.0.0.1 (DNS
+    rebinding) is the browser's same origin as the server, and would read and edit the
+    gallery, Sec-Fetch-Site and Origin notwithstanding.
 
     A largest image (max_pixels) over what shitu decodes ($SHITU_MAX_MEGAPIXELS) or over
     max_pixels_in_flight is a ConfigError: images between the limits would pass the
@@ -51,6 +56,7 @@ class ServeSettings:
     max_batch: int = DEFAULT_MAX_BATCH
     max_requests: int = DEFAULT_MAX_REQUESTS
     max_pixels_in_flight: int = int(DEFAULT_MAX_MEGAPIXELS_IN_FLIGHT * 1_000_000)
+    allowed_hosts: frozenset[str] | None = None
 
     def __post_init__(self) -> None:
         # imported here: the CLI's parser imports these settings, and must not import OpenCV
