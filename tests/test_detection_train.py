@@ -366,6 +366,17 @@ def test_voc_dataset_parsing(tmp_path: Path, caplog: pytest.LogCaptureFixture) -
         (tmp_path / "ann" / "a.xml").write_text(swapped.replace("<ymax>9", f"<ymax>{value}"))
         with pytest.raises(DataError, match=rf"object 2: its <bndbox> \[12.0, 5.0, 9.0, {value}\]"):
             VocDetection(tmp_path / "ann", tmp_path)
+    not_numbers = {  # named by object and tag, not as "could not convert string to float"
+        "<ymax>9": (r"<ymax>9,5", r"object 2's <ymax> '9,5' is not a number"),
+        "<width>40": (r"<width>wide", r"<size>'s <width> 'wide' is not a number"),
+    }
+    for old, (new, message) in not_numbers.items():
+        sized = swapped.replace("<filename>", "<size><width>40</width></size><filename>")
+        (tmp_path / "ann" / "a.xml").write_text(sized.replace(old, new, 1))
+        with pytest.raises(
+            DataError, match=rf"a.xml is not a valid VOC annotation file \({message}\)$"
+        ):
+            VocDetection(tmp_path / "ann", tmp_path)
     (tmp_path / "ann" / "a.xml").write_text("<annotation><filename>a.jpg</filename></annotation>")
     expected = r": none of its 1 annotation files has an <object>, so there are no classes$"
     with pytest.raises(DataError, match=expected):

@@ -473,14 +473,29 @@ class VocDetection(DetectionDataset):
                 difficult = (obj.findtext("difficult") or "0").strip()
                 if difficult not in ("0", "1"):  # read as 1 by one tool and 0 by another
                     raise ValueError(f"object {number}: <difficult> is 0 or 1, not {difficult!r}")
-                box = [float(value) for value in corners]
+                box = [
+                    _number(value, f"object {number}'s <{tag}>")
+                    for tag, value in zip(("xmin", "ymin", "xmax", "ymax"), corners, strict=True)
+                ]
                 if not math.isfinite(sum(box)):  # NaN: "no area"; inf: a box that never matches
                     raise ValueError(f"object {number}: its <bndbox> {box} is not finite")
                 objects.append((name, box, difficult == "1"))
-            width, height = (float(root.findtext(f"size/{k}") or 0) for k in ("width", "height"))
+            width, height = (
+                _number(root.findtext(f"size/{k}") or "0", f"<size>'s <{k}>")
+                for k in ("width", "height")
+            )
         except (ET.ParseError, ValueError, TypeError) as exc:
             raise DataError(f"{path} is not a valid VOC annotation file ({exc})") from None
         return filename, objects, (width, height) if width > 0 and height > 0 else None
+
+
+def _number(text: str, what: str) -> float:
+    """A VOC file's number, or a ValueError naming its tag and object: Python's own
+    "could not convert string to float: 'a'" left a file of a hundred boxes to search."""
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"{what} {text.strip()!r} is not a number") from None
 
 
 def _xml_files(folder: Path) -> list[Path]:
