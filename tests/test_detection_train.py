@@ -449,6 +449,15 @@ def test_voc_data_from_a_paddledetection_list(
     missing = tmp_path / "tranval.txt"  # mistyped: not "no VOC annotation files in" it
     with pytest.raises(DataError, match=f"^VOC annotations {missing}: no such folder or list"):
         VocDetection(missing, tmp_path)
+    # The list's paths are relative to the image folder: a wrong one is said as such, every
+    # file that is not there counted (it was "cannot read VOC annotation file" of the first)
+    expected = (
+        rf"^{tmp_path / 'test.txt'}: 2 of the 2 annotation files it lists do not exist: "
+        rf"{tmp_path / 'JPEGImages' / 'Annotations' / 'img4.xml'}, .*img5.xml \(is the image "
+        r"folder right\?\)$"
+    )
+    with pytest.raises(DataError, match=expected):
+        VocDetection(tmp_path / "test.txt", tmp_path / "JPEGImages")
     (tmp_path / "test.txt").write_text("JPEGImages/img4.png\n")
     with pytest.raises(DataError, match=r"test.txt:1: expected 'image xml' \(PaddleDetection"):
         VocDetection(tmp_path / "test.txt", tmp_path)

@@ -63,7 +63,7 @@ class DetectionDataset:
             raise DataError(f"{source}: lists no images")
         if not class_names:
             raise DataError(f"{source}: names no classes (no categories)")
-        _check_images_exist(images, source)
+        _check_listed_files_exist(images, source, "images")
         no_crowd = (np.zeros((0, 4), np.float32), np.zeros(0, np.int64))
         crowds = crowds if crowds is not None else [no_crowd] * len(images)
         if class_agnostic:
@@ -124,15 +124,16 @@ class DetectionDataset:
         return self.transform(sample) if self.transform else sample
 
 
-def _check_images_exist(images: list[Path], source: str | Path) -> None:
+def _check_listed_files_exist(files: list[Path], source: str | Path, what: str) -> None:
     """At start-up, not when training (or, for a validation set, evaluation after it) first
-    reads a missing image: a wrong image folder is named before hours of work are lost."""
-    missing = [path for path in images if not path.is_file()]
+    reads a missing image: a wrong image folder is named before hours of work are lost. A
+    VOC list's annotation files too, which are found from the image folder as well."""
+    missing = [path for path in files if not path.is_file()]
     if missing:
         shown = ", ".join(map(str, missing[:_SHOW]))
         more = f" and {len(missing) - _SHOW} more" if len(missing) > _SHOW else ""
         raise DataError(
-            f"{source}: {len(missing)} of the {len(images)} images it lists do not exist: "
+            f"{source}: {len(missing)} of the {len(files)} {what} it lists do not exist: "
             f"{shown}{more} (is the image folder right?)"
         )
 
@@ -538,6 +539,8 @@ def _voc_list(path: Path, root: Path) -> list[tuple[Path, Path]]:
         pairs.append((listed_file(root, fields[0]), listed_file(root, fields[1])))
     if not pairs:
         raise DataError(f"{path}: lists no images")
+    # all named at once, as the images are, not the first alone as a file that cannot be read
+    _check_listed_files_exist([xml for _, xml in pairs], path, "annotation files")
     return pairs
 
 
