@@ -18,6 +18,7 @@ from shitu.cli.common import (
     positive_int,
     progress_wanted,
     skip_reason,
+    table_field,
     warn_if_empty,
 )
 from shitu.errors import DataError, GalleryError, did_you_mean
@@ -200,11 +201,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "list",
         help="list labels with counts, or one label's images",
         description="List the labels with their image counts; with --label that label's "
-        "images, with --images every image: `ID<TAB>LABEL<TAB>PATH<TAB>ADDED_AT` lines.",
+        "images, with --images every image: `ID<TAB>LABEL<TAB>PATH<TAB>ADDED_AT` lines, a "
+        "path that holds a tab, a line break or another control character (or starts with "
+        '`"`) written as a JSON string (--format jsonl: a JSON object per line).',
     )
     listing.add_argument("library", type=Path)
     listing.add_argument("--label", help="list this label's images")
     listing.add_argument("--images", action="store_true", help="list every image")
+    listing.add_argument(
+        "--format",
+        choices=("table", "jsonl"),
+        default="table",
+        help='table: the lines above; jsonl: {"label", "images"} per label, or {"id", '
+        '"label", "path", "added_at"} per image (for jq; default %(default)s)',
+    )
     listing.set_defaults(func=run_list)
 
     stats = commands.add_parser(
@@ -254,8 +264,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "search",
         help="embed query images and print the top hits",
         description="Prints a line per image that could be read: `PATH<TAB>LABEL (SCORE, id ID); "
-        "...`, best first, or `PATH<TAB>no match` (--format jsonl: a JSON object). Exit status "
-        "1 when no image could be read.",
+        "...`, best first, or `PATH<TAB>no match` (a PATH as `index list` writes it; --format "
+        "jsonl: a JSON object). Exit status 1 when no image could be read.",
     )
     search.add_argument("library", type=Path)
     search.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
@@ -548,14 +558,27 @@ def run_list(args: argparse.Namespace) -> int:
     with Catalog(args.library) as catalog:  # no index loaded: fast on a big library
         if args.label is None and not args.images:
             for label, count in catalog.label_counts().items():
-                print(f"{count:>8}  {label}")
+                if args.format == "jsonl":
+                    print(json.dumps({"label": label, "images": count}, ensure_ascii=False))
+                else:
+                    print(f"{count:>8}  {label}")
             return 0
         entries = catalog.entries(args.label)
         if args.label is not None and not entries:  # as remove and relabel say
             hint = did_you_mean(args.label, list(catalog.label_counts()))
             raise GalleryError(f"{args.library}: no images labelled '{args.label}'{hint}")
         for entry in entries:
-            print(f"{entry.id}\t{entry.label}\t{entry.path}\t{entry.added_at}")
+            if args.format == "jsonl":
+                row = {
+                    "id": entry.id,
+                    "label": entry.label,
+                    "path": entry.path,
+                    "added_at": entry.added_at,
+                }
+                print(json.dumps(row, ensure_ascii=False))
+            else:
+                path = table_field(entry.path)  # a label is one line of text
+                print(f"{entry.id}\t{entry.label}\t{path}\t{entry.added_at}")
     return 0
 
 
@@ -634,5 +657,5 @@ def run_search(args: argparse.Namespace) -> int:
             print(json.dumps({"image": str(path), "results": hits}, ensure_ascii=False))
         else:
             shown = [f"{h['label']} ({h['score']:.3f}, id {h['image_id']})" for h in hits]
-            print(f"{path}\t{'; '.join(shown) or 'no match'}")
+            print(f"{table_field(str(path))}\t{'; '.join(shown) or 'no match'}")
     return 0 if extraction.paths else 1  # no query could be read: fail, like recognize

@@ -21,6 +21,11 @@ from shitu.image_files import (
 logger = logging.getLogger(__name__)
 
 
+# Unicode categories of tabs, line breaks and other control characters (C0 and C1, and
+# U+2028/U+2029, which some readers end lines at too)
+LINE_BREAKING = ("Cc", "Zl", "Zp")
+
+
 @dataclass(frozen=True)
 class GalleryItem:
     """An image file to add and the label it gets."""
@@ -39,6 +44,12 @@ def normal_form(label: str) -> str:
     return unicodedata.normalize("NFC", label)
 
 
+def breaks_lines(text: str) -> bool:
+    """Whether `text` holds a tab, a line break or another control character: one that
+    would split a `path<TAB>label` line or a line of `shitu index list` in two."""
+    return any(unicodedata.category(char) in LINE_BREAKING for char in text)
+
+
 def check_label(label: str) -> str:
     """A label as stored: trimmed, non-empty, one line of text (label files are
     `path<TAB>label` lines, and `index list`/`search` print one label per line), NFC. A
@@ -51,7 +62,7 @@ def check_label(label: str) -> str:
     label = normal_form(label.strip())
     if not label:
         raise BadLabelError("the label is empty")
-    if any(unicodedata.category(char) in ("Cc", "Zl", "Zp") for char in label):
+    if breaks_lines(label):
         raise BadLabelError(
             f"the label {label!r} must not contain tabs, line breaks or other control characters"
         )
