@@ -879,3 +879,49 @@ def test_list_and_search_keep_a_line_per_image_whose_file_name_has_a_tab_or_newl
     assert found.returncode == 0, found.stderr
     queries = [line.split("\t")[0] for line in found.stdout.split("\n")[:-1]]
     assert [json.loads(query) for query in queries] == [str(named[0]), str(named[1])]
+
+
+def test_reembed_reads_the_files_of_a_moved_folder_where_it_says_and_records_them_there(
+    models, tmp_path
+):
+    """The library records where each file was added from: a user who moved the photo
+    folder could only remove those images. `--moved OLD NEW` reads them from NEW and
+    records the new paths; files missing are named, and nothing is changed then."""
+    photos = make_images(tmp_path / "photos" / "fruit", 3)
+    lib = tmp_path / "lib"
+    built = shitu("index", "build", tmp_path / "photos", "--model", models[128], "--out", lib)
+    assert built.returncode == 0, built.stderr
+    before = shitu("index", "list", lib, "--images").stdout
+    (tmp_path / "photos").rename(tmp_path / "moved")
+    now = [tmp_path / "moved" / "fruit" / photo.name for photo in photos]
+
+    refused = shitu("index", "reembed", lib, "--model", models[512])
+    assert refused.returncode == 2, refused.stderr
+    assert all(f"{photo} (No such file or directory)" in refused.stderr for photo in photos)
+    assert "`--moved OLD NEW`" in refused.stderr and "nothing was changed" in refused.stderr
+    typo = shitu("index", "reembed", lib, "--moved", tmp_path / "fotos", tmp_path / "moved",
+                 "--model", models[512])  # fmt: skip
+    assert typo.returncode == 2
+    assert (
+        f"no image of the library was added from {tmp_path / 'fotos'}; the files that are "
+        f"gone were in {tmp_path / 'photos' / 'fruit'}\n"
+    ) in typo.stderr
+    nowhere = shitu("index", "reembed", lib, "--moved", tmp_path / "photos", tmp_path / "gone",
+                    "--model", models[512])  # fmt: skip
+    assert nowhere.returncode == 2 and f"{tmp_path / 'gone'} is not a folder" in nowhere.stderr
+    now[1].rename(tmp_path / "elsewhere.png")  # one file not in the moved folder: nothing changes
+    moved = ["--moved", tmp_path / "photos", tmp_path / "moved", "--model", models[512]]
+    partly = shitu("index", "reembed", lib, *moved)
+    assert partly.returncode == 2 and f"ids 2: {now[1]} (No such file" in partly.stderr
+    assert shitu("index", "list", lib, "--images").stdout == before
+    assert json.loads(shitu("index", "stats", lib).stdout)["embedding_dim"] == 128
+
+    (tmp_path / "elsewhere.png").rename(now[1])
+    done = shitu("index", "reembed", lib, *moved)
+    assert done.returncode == 0 and "re-embedded 3 images" in done.stdout, done.stderr
+    listed = shitu("index", "list", lib, "--images")
+    assert [line.split("\t")[2] for line in listed.stdout.splitlines()] == [str(p) for p in now]
+    verified = shitu("index", "verify", lib)
+    assert verified.returncode == 0 and verified.stderr == "", verified.stderr
+    found = shitu("index", "search", lib, now[2], "--model", models[512], "-k", "1")
+    assert found.stdout == f"{now[2]}\tfruit (1.000, id 3)\n", found.stderr

@@ -35,7 +35,7 @@ from shitu.index import (
     collect_items,
 )
 from shitu.index.embedder import Embedder
-from shitu.index.gallery import LIBRARY_FILE
+from shitu.index.gallery import LIBRARY_FILE, file_gone
 from shitu.index.metadata import LibraryBusyError
 
 SHOWN_PROBLEMS = 10
@@ -240,9 +240,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "reembed",
         help="re-extract every image with a new model",
         description="Embed every image of the library again with --model (and --precision), "
-        "which the library is then searched with: a model upgrade in one command.",
+        "which the library is then searched with: a model upgrade in one command. Every "
+        "image's file is read from where it was added from, or from where --moved says its "
+        "folder is now; one that cannot be read is named, and then nothing is changed.",
     )
     reembed.add_argument("library", type=Path)
+    reembed.add_argument(
+        "--moved",
+        nargs=2,
+        type=Path,
+        action="append",
+        default=[],
+        metavar=("OLD", "NEW"),
+        help="a folder of the images' files moved from OLD to NEW since they were added: "
+        "they are read from NEW (the same paths below it), and recorded there; repeatable",
+    )
     _add_model_arguments(reembed)
     reembed.set_defaults(func=run_reembed)
 
@@ -544,7 +556,7 @@ def run_remove(args: argparse.Namespace) -> int:
 
 def _missing_file_ids(gallery: Gallery) -> list[int]:
     """The ids of the library's images whose files are gone (moved or deleted since)."""
-    return [e.id for e in gallery.entries() if e.path and not Path(e.path).exists()]
+    return [e.id for e in gallery.entries() if file_gone(e)]
 
 
 def run_relabel(args: argparse.Namespace) -> int:
@@ -609,7 +621,8 @@ def run_verify(args: argparse.Namespace) -> int:
             print(
                 f"note: the files of {count_of(missing, 'image')} are gone from where they "
                 f"were added from (moved or deleted): `shitu index reembed` refuses to run "
-                f"until `shitu index remove {args.library} --missing` removes them",
+                f"until `shitu index remove {args.library} --missing` removes them, or, for "
+                "a folder that moved, is told where it is now (`--moved OLD NEW`)",
                 file=sys.stderr,
             )
     for problem in problems:
@@ -621,7 +634,9 @@ def run_verify(args: argparse.Namespace) -> int:
 def run_reembed(args: argparse.Namespace) -> int:
     model = _load_model(args)
     with Gallery.open(args.library) as gallery:
-        count = gallery.reembed(model, args.batch_size, progress=progress_wanted(args))
+        count = gallery.reembed(
+            model, args.batch_size, progress=progress_wanted(args), moved=args.moved
+        )
     print(f"re-embedded {count_of(count, 'image')} with model {model.fingerprint}")
     return 0
 
