@@ -797,6 +797,32 @@ def test_reembed_names_the_ids_of_images_it_cannot_read(tmp_path):
     assert f"`shitu index remove {path} --id ID ...`" in str(caught.value)
 
 
+def test_reembed_moved_takes_the_deepest_old_folder_and_refuses_what_is_not_a_pair(tmp_path):
+    """An image under two old folders moves with the deeper one; a file kept inside the
+    library (stored relative to it) is no moved folder's; a pair given as one path, or
+    three, is refused by name rather than unpacked a character at a time."""
+    path, model = tmp_path / "lib", PixelEmbedder()
+    outer = make_images(tmp_path / "photos", 1)
+    inner = make_images(tmp_path / "photos" / "kiwi", 1, seed=1)
+    with Gallery.create_for(path, model) as gallery:
+        inside = make_images(path / "uploads", 1, seed=2)
+        gallery.add_files(model, [GalleryItem(p, "x") for p in outer + inner + inside])
+        for wrong in (("a", "b"), [tmp_path], [("a", "b", "c")], [5]):
+            with pytest.raises(GalleryError, match="expected .old folder, new folder. pairs"):
+                gallery.reembed(model, moved=wrong)
+    (tmp_path / "photos").rename(tmp_path / "all")
+    (tmp_path / "all" / "kiwi").rename(tmp_path / "kiwi")
+    moves = [
+        (tmp_path / "photos", tmp_path / "all"),
+        (tmp_path / "photos" / "kiwi", tmp_path / "kiwi"),
+    ]
+    with Gallery.open(path) as gallery:
+        assert gallery.reembed(model, moved=moves) == 3 and gallery.verify() == []
+        paths = [entry.path for entry in gallery.entries()]
+    expected = [tmp_path / "all" / outer[0].name, tmp_path / "kiwi" / inner[0].name, inside[0]]
+    assert paths == [str(p.resolve()) for p in expected]
+
+
 def test_model_fingerprint_mismatch_is_refused(tmp_path):
     new_gallery(tmp_path / "lib").close()
     other = PixelEmbedder(side=2, fingerprint="other")  # 12-d, not the library's 16-d

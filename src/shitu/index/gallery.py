@@ -1098,8 +1098,15 @@ class Gallery:
         for an image under two); refused where a new folder is not there, or where an old
         one holds no image of the library (mistyped, it would quietly move nothing)."""
         moves = []
-        for old, new in _listed(moved, "(old folder, new folder) pairs", "reembed"):
-            old, new = Path(old).resolve(), Path(new).resolve()
+        for pair in _listed(moved, "(old folder, new folder) pairs", "reembed"):
+            try:
+                if isinstance(pair, str | bytes | os.PathLike):  # one path, not a pair
+                    raise TypeError
+                old, new = (Path(folder).resolve() for folder in pair)
+            except (TypeError, ValueError):  # not two paths
+                raise GalleryError(
+                    f"reembed: moved: expected (old folder, new folder) pairs, got {pair!r}"
+                ) from None
             if not new.is_dir():
                 raise GalleryError(f"{self.root}: moved {old} to {new}: {new} is not a folder")
             if not any(Path(e.path).is_relative_to(old) for e in entries if e.path):
