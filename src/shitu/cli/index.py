@@ -253,7 +253,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=[],
         metavar=("OLD", "NEW"),
         help="a folder of the images' files moved from OLD to NEW since they were added: "
-        "they are read from NEW (the same paths below it), and recorded there; repeatable",
+        "they are read from NEW (the same paths below it), and recorded there; repeatable "
+        "(to keep the library's model, give the --model that built it)",
     )
     _add_model_arguments(reembed)
     reembed.set_defaults(func=run_reembed)
@@ -634,10 +635,18 @@ def run_verify(args: argparse.Namespace) -> int:
 def run_reembed(args: argparse.Namespace) -> int:
     model = _load_model(args)
     with Gallery.open(args.library) as gallery:
+        before = gallery.manifest.model_fingerprint
         count = gallery.reembed(
             model, args.batch_size, progress=progress_wanted(args), moved=args.moved
         )
     print(f"re-embedded {count_of(count, 'image')} with model {model.fingerprint}")
+    if before != model.fingerprint:  # easily unmeant: a reembed for --moved without --model
+        given = "the model shipped with shitu (no --model)" if args.model is None else "it"
+        print(
+            f"note: the library held model {before}'s features; it is searched with {given} "
+            "from now on",
+            file=sys.stderr,
+        )
     return 0
 
 
