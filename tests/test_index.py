@@ -397,6 +397,30 @@ def test_a_small_write_leaves_the_index_file_and_opening_replays_it(tmp_path, in
         assert (repaired.search(data[count:], k=1).labels == "newer").all()
 
 
+def test_a_write_is_not_failed_by_a_staged_index_file_its_writer_removes_meanwhile(
+    tmp_path, monkeypatch
+):
+    """A write removes the index files of writes that did not commit; the writer of one
+    that rolled back removes its own after giving up the lock, so the two can race: the
+    file gone between the listing and its removal failed the other process's write."""
+    data = clustered(30, DIM)
+    path = tmp_path / "lib"
+    with new_gallery(path) as gallery:
+        gallery.add(data[:20], labels_for(20))
+        orphan = path / "index-00000009-0badcafe.faiss"  # a rolled-back write's
+        orphan.write_bytes(b"staged")
+        unlink = Path.unlink
+
+        def removed_first_by_its_writer(self: Path, missing_ok: bool = False) -> None:
+            if self == orphan:
+                unlink(self)  # the other process's discard_staged, a moment before
+            unlink(self, missing_ok=missing_ok)
+
+        monkeypatch.setattr(Path, "unlink", removed_first_by_its_writer)
+        gallery.add(data[20:], labels_for(10))  # rewrites the file: a third of the images
+        assert len(gallery) == 30 and gallery.verify() == [] and not orphan.exists()
+
+
 def test_the_index_file_is_written_again_when_a_tenth_of_the_library_changed_since(tmp_path):
     """One add at a time stays out of the file until more than a tenth of the images
     changed since it; the write that passes that mark writes the live index as it was
