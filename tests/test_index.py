@@ -847,6 +847,17 @@ def test_reembed_moved_takes_the_deepest_old_folder_and_refuses_what_is_not_a_pa
     assert paths == [str(p.resolve()) for p in expected]
 
 
+def test_create_at_a_link_to_an_empty_folder_makes_the_library_there(tmp_path):
+    """A library is renamed into place whole, which cannot replace a link: followed."""
+    (tmp_path / "disk").mkdir()
+    (tmp_path / "lib").symlink_to(tmp_path / "disk")
+    with Gallery.create_for(tmp_path / "lib", PixelEmbedder()) as gallery:
+        gallery.add(clustered(2, 48), ["a", "b"])
+    assert (tmp_path / "disk" / "gallery.sqlite").is_file() and (tmp_path / "lib").is_symlink()
+    with Gallery.open(tmp_path / "lib") as gallery:
+        assert gallery.label_counts() == {"a": 1, "b": 1}
+
+
 def test_model_fingerprint_mismatch_is_refused(tmp_path):
     new_gallery(tmp_path / "lib").close()
     other = PixelEmbedder(side=2, fingerprint="other")  # 12-d, not the library's 16-d

@@ -934,3 +934,25 @@ def test_reembed_reads_the_files_of_a_moved_folder_where_it_says_and_records_the
     assert verified.returncode == 0 and verified.stderr == "", verified.stderr
     found = shitu("index", "search", lib, now[2], "--model", models[512], "-k", "1")
     assert found.stdout == f"{now[2]}\tfruit (1.000, id 3)\n", found.stderr
+
+
+def test_build_out_a_link_to_a_folder_elsewhere_makes_the_library_there(models, tmp_path):
+    """`--out gallery` where gallery links to a folder on another disk (empty, or not made
+    yet): the build renamed the library onto the link, which failed once every image was
+    embedded, saying the library had been built meanwhile by another process."""
+    photos = make_images(tmp_path / "photos", 2)
+    elsewhere = tmp_path / "disk"
+    (elsewhere / "empty").mkdir(parents=True)
+    for name, target in (("to_empty", elsewhere / "empty"), ("dangling", elsewhere / "new")):
+        (tmp_path / name).symlink_to(target)
+        built = shitu("index", "build", tmp_path / "photos", "--label", "x", "--model",
+                      models[128], "--out", tmp_path / name)  # fmt: skip
+        assert built.returncode == 0, built.stderr
+        assert (target / "gallery.sqlite").is_file() and (tmp_path / name).is_symlink()
+        listed = shitu("index", "list", tmp_path / name, "--images")
+        assert [line.split("\t")[2] for line in listed.stdout.splitlines()] == [
+            str(photo) for photo in photos
+        ]
+    again = shitu("index", "build", tmp_path / "photos", "--label", "x", "--model",
+                  models[128], "--out", tmp_path / "dangling")  # fmt: skip
+    assert again.returncode == 2 and "already exists and is not an empty folder" in again.stderr

@@ -35,7 +35,7 @@ from shitu.index import (
     collect_items,
 )
 from shitu.index.embedder import Embedder
-from shitu.index.gallery import LIBRARY_FILE, file_gone
+from shitu.index.gallery import LIBRARY_FILE, file_gone, library_place
 from shitu.index.metadata import LibraryBusyError
 
 SHOWN_PROBLEMS = 10
@@ -91,7 +91,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--out",
         type=Path,
         required=True,
-        help="library folder to create (or an empty folder to fill)",
+        help="library folder to create (or an empty folder to fill; a symbolic link there "
+        "is followed)",
     )
     build.add_argument("--label", help="label for every given image and folder (as `index add`)")
     add_leaf_labels_argument(build)
@@ -425,13 +426,14 @@ def run_build(args: argparse.Namespace) -> int:
             "trees (shitu index build my_products/ --out my_gallery)"
         )
     search_options = _search_options(args, args.index_type)
-    if occupied(args.out):  # an empty folder made for it is filled
-        library = (args.out / LIBRARY_FILE).is_file()  # else `index add` would refuse it too
+    place = library_place(args.out)  # where a link given as --out points
+    if occupied(place):  # an empty folder made for it is filled
+        library = (place / LIBRARY_FILE).is_file()  # else `index add` would refuse it too
         add = f" or add to it with `shitu index add {args.out} ...`" if library else ""
         raise GalleryError(
             f"{args.out}: already exists and is not an empty folder; choose a new --out{add}"
         )
-    check_writable(args.out.parent, f"--out {args.out}")
+    check_writable(place.parent, f"--out {args.out}")
     items = collect_items(sources, label=args.label, leaf_labels=args.leaf_labels)
     model = _load_model(args)
     options = milvus | search_options

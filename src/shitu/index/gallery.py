@@ -159,6 +159,14 @@ def _committed_manifest(
     return manifest
 
 
+def library_place(path: str | Path) -> Path:
+    """Where a new library at `path` is made: a symbolic link there (to a folder on another
+    disk, say) is followed, as a library is renamed into place whole, and a rename cannot
+    put a folder where a link is (it failed once every image was embedded)."""
+    path = Path(path)
+    return path.resolve() if path.is_symlink() else path
+
+
 def _open_store(root: Path) -> MetadataStore:
     """The library's database, refused with a one-line error where there is no library."""
     if not root.exists():
@@ -345,7 +353,7 @@ class Gallery:
         (its library deleted, or a build killed outright) can be built into again; one that
         the library it was made for (recorded in it) still uses is refused all the same.
         """
-        root = Path(path)
+        root = library_place(path)
         _refuse_non_utf8_root(root)
         existed = root.exists()
         if occupied(root):
@@ -419,7 +427,7 @@ class Gallery:
         Milvus collection. `options`: `create`'s. Refused where `path` exists, unless an
         empty folder (as `create`); a NothingAddedError, with the report, where no image
         could be added."""
-        root = Path(path)
+        root = library_place(path)
         _refuse_non_utf8_root(root)
         if occupied(root):
             raise GalleryError(
