@@ -855,17 +855,18 @@ def test_list_and_search_keep_a_line_per_image_whose_file_name_has_a_tab_or_newl
     """`PATH` is a tab-separated field: a file named with a tab or a line break split its
     line, so a script reading the listing got wrong fields and lines. Such a path (and one
     starting with a quote) is written as a JSON string; --format jsonl gives objects."""
-    photos = make_images(tmp_path / "photos", 4)
-    names = ["tab\there.png", "line\nbreak.png", '"quoted".png', "plain.png"]
+    photos = make_images(tmp_path / "photos", 5)
+    # U+2028, a line separator: Python's splitlines() ends a line there
+    names = ["tab\there.png", "line\nbreak.png", '"quoted".png', "plain.png", "u\u2028.png"]
     named = [photo.rename(photo.with_name(name)) for photo, name in zip(photos, names, strict=True)]
     lib = tmp_path / "lib"
     built = shitu("index", "build", tmp_path / "photos", "--label", "x", "--model", models[128],
                   "--out", lib)  # fmt: skip
-    assert built.returncode == 0 and "added 4 images" in built.stdout, built.stderr
+    assert built.returncode == 0 and "added 5 images" in built.stdout, built.stderr
     listed = shitu("index", "list", lib, "--images")
     assert listed.returncode == 0, listed.stderr
-    rows = [line.split("\t") for line in listed.stdout.split("\n")[:-1]]
-    assert [len(row) for row in rows] == [4, 4, 4, 4]
+    rows = [line.split("\t") for line in listed.stdout.splitlines()]
+    assert [len(row) for row in rows] == [4, 4, 4, 4, 4]
     paths = [json.loads(path) if path.startswith('"') else path for _, _, path, _ in rows]
     assert sorted(paths) == sorted(str(path) for path in named)
     assert str(named[3]) in [row[2] for row in rows]  # a plain path stays as it is
@@ -874,7 +875,7 @@ def test_list_and_search_keep_a_line_per_image_whose_file_name_has_a_tab_or_newl
     assert sorted(o["path"] for o in objects) == sorted(str(path) for path in named)
     assert [o["id"] for o in objects] == [int(row[0]) for row in rows]
     labels = shitu("index", "list", lib, "--format", "jsonl")
-    assert labels.stdout == '{"label": "x", "images": 4}\n', labels.stderr
+    assert labels.stdout == '{"label": "x", "images": 5}\n', labels.stderr
     found = shitu("index", "search", lib, named[0], named[1], "--model", models[128], "-k", "1")
     assert found.returncode == 0, found.stderr
     queries = [line.split("\t")[0] for line in found.stdout.split("\n")[:-1]]
