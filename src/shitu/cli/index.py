@@ -35,8 +35,8 @@ from shitu.index import (
     collect_items,
 )
 from shitu.index.embedder import Embedder
-from shitu.index.gallery import LIBRARY_FILE, file_gone, library_place
-from shitu.index.metadata import LibraryBusyError
+from shitu.index.gallery import LIBRARY_FILE, file_gone, gone_from, library_place
+from shitu.index.metadata import ImageEntry, LibraryBusyError
 
 SHOWN_PROBLEMS = 10
 # `index add` writes the library every ADD_PART images it embeds, so that an add stopped by
@@ -546,20 +546,21 @@ def run_remove(args: argparse.Namespace) -> int:
     if not args.ids and not args.labels and not args.missing:
         raise GalleryError("remove: give --id, --label and/or --missing")
     with Gallery.open(args.library) as gallery:
-        ids = list(args.ids)
-        if args.missing:  # an id also given by --id is removed once (`remove` takes a set)
-            ids += _missing_file_ids(gallery)
+        gone = _files_gone(gallery) if args.missing else []
+        ids = list(args.ids) + [e.id for e in gone]  # an id given twice is removed once
         if not ids and not args.labels:
             print(f"removed no images from {args.library}: every image's file is there")
             return 0
         removed = gallery.remove(ids=ids, labels=args.labels)
     print(f"removed {count_of(len(removed), 'image')} from {args.library}")
+    if gone:  # an unmounted disk's, say: seen now, they can be added again
+        print(f"the files that were gone were in {gone_from(gone)}")
     return 0
 
 
-def _missing_file_ids(gallery: Gallery) -> list[int]:
-    """The ids of the library's images whose files are gone (moved or deleted since)."""
-    return [e.id for e in gallery.entries() if file_gone(e)]
+def _files_gone(gallery: Gallery) -> list[ImageEntry]:
+    """The library's images whose files are gone (moved or deleted since they were added)."""
+    return [e for e in gallery.entries() if file_gone(e)]
 
 
 def run_relabel(args: argparse.Namespace) -> int:
@@ -619,11 +620,12 @@ def run_verify(args: argparse.Namespace) -> int:
         with gallery:
             problems = gallery.verify()
             counted = f" ({count_of(len(gallery), 'image')})"
-            missing = len(_missing_file_ids(gallery))
-        if missing:  # the library is whole without their files, but cannot re-embed them
+            gone = _files_gone(gallery)
+        if gone:  # the library is whole without their files, but cannot re-embed them
             print(
-                f"note: the files of {count_of(missing, 'image')} are gone from where they "
-                f"were added from (moved or deleted): `shitu index reembed` refuses to run "
+                f"note: the files of {count_of(len(gone), 'image')} are gone from where they "
+                f"were added from, {gone_from(gone)} (moved, deleted, or on a disk not "
+                f"mounted): `shitu index reembed` refuses to run "
                 f"until `shitu index remove {args.library} --missing` removes them, or, for "
                 "a folder that moved, is told where it is now (`--moved OLD NEW`)",
                 file=sys.stderr,

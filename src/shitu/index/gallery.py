@@ -1118,8 +1118,8 @@ class Gallery:
             if not new.is_dir():
                 raise GalleryError(f"{self.root}: moved {old} to {new}: {new} is not a folder")
             if not any(Path(e.path).is_relative_to(old) for e in entries if e.path):
-                gone = sorted({str(Path(e.path).parent) for e in entries if file_gone(e)})
-                where = f"; the files that are gone were in {', '.join(gone[:3])}" if gone else ""
+                gone = gone_from([e for e in entries if file_gone(e)])
+                where = f"; the files that are gone were in {gone}" if gone else ""
                 raise GalleryError(
                     f"{self.root}: moved {old} to {new}: no image of the library was added "
                     f"from {old}{where}"
@@ -1299,6 +1299,15 @@ def _moved_path(path: str, moves: list[tuple[Path, Path]]) -> str | None:
 def file_gone(entry: ImageEntry) -> bool:
     """Whether a stored image had a file that is no longer where it was added from."""
     return bool(entry.path) and not Path(entry.path).exists()
+
+
+def gone_from(gone: Sequence[ImageEntry]) -> str:
+    """The folders that images whose files are gone were added from, for a message: the
+    first few, and how many more ('' for none). A folder on a disk that is not mounted, say,
+    is recognised there before those images are removed."""
+    folders = sorted({str(Path(entry.path).parent) for entry in gone})
+    more = f" and {len(folders) - SHOWN_FILES} more folders" if len(folders) > SHOWN_FILES else ""
+    return ", ".join(folders[:SHOWN_FILES]) + more
 
 
 def _file_identity(path: Path) -> tuple[int, int] | None:
