@@ -899,6 +899,14 @@ def test_reembed_reads_the_files_of_a_moved_folder_where_it_says_and_records_the
     before = shitu("index", "list", lib, "--images").stdout
     (tmp_path / "photos").rename(tmp_path / "moved")
     now = [tmp_path / "moved" / "fruit" / photo.name for photo in photos]
+    # Added again from where they are now, they are duplicates: the way on is said
+    again = shitu("index", "add", lib, tmp_path / "moved", "--model", models[128])
+    assert again.returncode == 0 and "skipped 3 duplicates" in again.stdout, again.stderr
+    assert again.stderr == (
+        f"note: the files of 3 images of the library are gone from where they were added "
+        f"from, {photos[0].parent}; if they moved, `shitu index reembed {lib} --moved OLD "
+        "NEW` (with the --model that built it) records where they are now\n"
+    )
 
     refused = shitu("index", "reembed", lib, "--model", models[512])
     assert refused.returncode == 2, refused.stderr

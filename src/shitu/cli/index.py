@@ -466,7 +466,18 @@ def run_add(args: argparse.Namespace) -> int:
     with _open_for(args, model) as gallery:
         report = _add_in_parts(args, gallery, model, items)
         stats = gallery.stats()
+        # Adding a moved photo folder again finds its photos in the library: the way to
+        # say where they are now is reembed's --moved (a stat per image, only then)
+        gone = _files_gone(gallery) if report.duplicates else []
     _report(report, args.library, stats)
+    if gone:
+        print(
+            f"note: the files of {count_of(len(gone), 'image')} of the library are gone from "
+            f"where they were added from, {gone_from(gone)}; if they moved, `shitu index "
+            f"reembed {args.library} --moved OLD NEW` (with the --model that built it) records "
+            "where they are now",
+            file=sys.stderr,
+        )
     return 1 if report.failures and not len(report.ids) else 0  # nothing could be added
 
 
