@@ -905,7 +905,7 @@ def test_reembed_reads_the_files_of_a_moved_folder_where_it_says_and_records_the
     assert again.stderr == (
         f"note: the files of 3 images of the library are gone from where they were added "
         f"from, {photos[0].parent}; if they moved, `shitu index reembed {lib} --moved OLD "
-        "NEW` (with the --model that built it) records where they are now\n"
+        f"NEW --model {models[128]}` records where they are now\n"
     )
 
     refused = shitu("index", "reembed", lib, "--model", models[512])

@@ -470,12 +470,13 @@ def run_add(args: argparse.Namespace) -> int:
         # say where they are now is reembed's --moved (a stat per image, only then)
         gone = _files_gone(gallery) if report.duplicates else []
     _report(report, args.library, stats)
-    if gone:
+    if gone:  # with this add's model, which is the library's: it opened for it
+        model_flags = f" --model {args.model}" if args.model else ""
+        model_flags += f" --precision {args.precision}" if args.precision else ""
         print(
             f"note: the files of {count_of(len(gone), 'image')} of the library are gone from "
             f"where they were added from, {gone_from(gone)}; if they moved, `shitu index "
-            f"reembed {args.library} --moved OLD NEW` (with the --model that built it) records "
-            "where they are now",
+            f"reembed {args.library} --moved OLD NEW{model_flags}` records where they are now",
             file=sys.stderr,
         )
     return 1 if report.failures and not len(report.ids) else 0  # nothing could be added
