@@ -106,6 +106,27 @@ def test_label_file_written_on_windows_finds_its_images(tmp_path):
     ]
 
 
+def test_label_file_lines_end_only_where_the_file_ends_them(tmp_path):
+    """A label file is lines ended by \\n (\\r\\n, \\r): a file named with U+2028, or a
+    label holding a form feed, split its line in two at the character Python's
+    splitlines() also ends lines at, each refused for a missing tab at a line the file
+    does not have."""
+    (tmp_path / "imgs").mkdir()
+    odd = tmp_path / "imgs" / "u\u2028v\x85w.jpg"
+    odd.touch()
+    listing = tmp_path / "gallery.txt"
+    listing.write_bytes(f"imgs/{odd.name}\tKiwi\r\nimgs/b.jpg\tFig\rimgs/c.jpg\tPear".encode())
+    items = parse_label_file(listing)
+    assert [(item.path, item.label) for item in items] == [
+        (odd.resolve(), "Kiwi"),
+        ((tmp_path / "imgs" / "b.jpg").resolve(), "Fig"),
+        ((tmp_path / "imgs" / "c.jpg").resolve(), "Pear"),
+    ]
+    listing.write_text("imgs/b.jpg\tFig\nimgs/c.jpg\tPear\x0cs\n")
+    with pytest.raises(DataError, match=r":2: the label 'Pear\\x0cs' must not contain tabs"):
+        parse_label_file(listing)
+
+
 def test_label_file_without_tab_is_a_data_error(tmp_path):
     listing = tmp_path / "gallery.txt"
     listing.write_text("imgs/a.jpg Coca Cola\n")

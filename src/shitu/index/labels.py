@@ -10,7 +10,7 @@ from numbers import Integral
 from pathlib import Path
 
 from shitu.errors import DataError
-from shitu.fileio import SAVE_AS_UTF8, listed_file, read_text
+from shitu.fileio import SAVE_AS_UTF8, listed_file, read_text, text_lines
 from shitu.image_files import (
     IMAGE_SUFFIXES,
     scan_images,
@@ -138,7 +138,7 @@ def parse_label_file(path: Path) -> list[GalleryItem]:
     except OSError as exc:
         raise DataError(f"cannot read label file {path}: {exc.strerror}") from None
     items = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(text_lines(text), start=1):
         if line.startswith("#"):  # a comment
             _warn_if_a_file_is_commented_out(path, number, line)
             continue
