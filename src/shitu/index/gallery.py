@@ -66,7 +66,8 @@ REEMBED_CATCH_UPS = 5
 # second or two from an SSD, 15 s from a hard disk at 100 MB/s, longer from a network share;
 # fewer are hashed before a bar would say anything, and one flashing by is only noise.
 HASH_BAR_MIN_FILES = 500
-# The most unreadable files a refused re-embedding names (the rest it counts).
+# The most files a refused re-embedding names, or folders of gone files a note names (the
+# rest are counted).
 SHOWN_FILES = 5
 # Why a file whose path is not UTF-8 text is not added (Gallery._storable).
 NAME_NOT_UTF8 = "its path is not UTF-8 text, which the library records paths in: rename it"
