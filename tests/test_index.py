@@ -106,6 +106,27 @@ def test_label_file_written_on_windows_finds_its_images(tmp_path):
     ]
 
 
+def test_label_file_lines_end_only_where_the_file_ends_them(tmp_path):
+    """A label file is lines ended by \\n (\\r\\n, \\r): a file named with U+2028, or a
+    label holding a form feed, split its line in two at the character Python's
+    splitlines() also ends lines at, each refused for a missing tab at a line the file
+    does not have."""
+    (tmp_path / "imgs").mkdir()
+    odd = tmp_path / "imgs" / "u\u2028v\x85w.jpg"
+    odd.touch()
+    listing = tmp_path / "gallery.txt"
+    listing.write_bytes(f"imgs/{odd.name}\tKiwi\r\nimgs/b.jpg\tFig\rimgs/c.jpg\tPear".encode())
+    items = parse_label_file(listing)
+    assert [(item.path, item.label) for item in items] == [
+        (odd.resolve(), "Kiwi"),
+        ((tmp_path / "imgs" / "b.jpg").resolve(), "Fig"),
+        ((tmp_path / "imgs" / "c.jpg").resolve(), "Pear"),
+    ]
+    listing.write_text("imgs/b.jpg\tFig\nimgs/c.jpg\tPear\x0cs\n")
+    with pytest.raises(DataError, match=r":2: the label 'Pear\\x0cs' must not contain tabs"):
+        parse_label_file(listing)
+
+
 def test_label_file_without_tab_is_a_data_error(tmp_path):
     listing = tmp_path / "gallery.txt"
     listing.write_text("imgs/a.jpg Coca Cola\n")
@@ -395,6 +416,30 @@ def test_a_small_write_leaves_the_index_file_and_opening_replays_it(tmp_path, in
         assert repaired.repaired and repaired.manifest.index_state[CHANGES_KEY] == 0
         assert repaired.verify() == [] and len(repaired) == count + 2
         assert (repaired.search(data[count:], k=1).labels == "newer").all()
+
+
+def test_a_write_is_not_failed_by_a_staged_index_file_its_writer_removes_meanwhile(
+    tmp_path, monkeypatch
+):
+    """A write removes the index files of writes that did not commit; the writer of one
+    that rolled back removes its own after giving up the lock, so the two can race: the
+    file gone between the listing and its removal failed the other process's write."""
+    data = clustered(30, DIM)
+    path = tmp_path / "lib"
+    with new_gallery(path) as gallery:
+        gallery.add(data[:20], labels_for(20))
+        orphan = path / "index-00000009-0badcafe.faiss"  # a rolled-back write's
+        orphan.write_bytes(b"staged")
+        unlink = Path.unlink
+
+        def removed_first_by_its_writer(self: Path, missing_ok: bool = False) -> None:
+            if self == orphan:
+                unlink(self)  # the other process's discard_staged, a moment before
+            unlink(self, missing_ok=missing_ok)
+
+        monkeypatch.setattr(Path, "unlink", removed_first_by_its_writer)
+        gallery.add(data[20:], labels_for(10))  # rewrites the file: a third of the images
+        assert len(gallery) == 30 and gallery.verify() == [] and not orphan.exists()
 
 
 def test_the_index_file_is_written_again_when_a_tenth_of_the_library_changed_since(tmp_path):
@@ -792,9 +837,46 @@ def test_reembed_names_the_ids_of_images_it_cannot_read(tmp_path):
         photos[1].unlink()
         with pytest.raises(GalleryError) as caught:
             gallery.reembed(PixelEmbedder(side=2, fingerprint="new"))
-    assert f"1 of the 3 images could not be read (first: {photos[1]}: " in str(caught.value)
-    assert f"ids {ids[1]}; put the files back" in str(caught.value)
+    assert f"1 of the 3 images could not be read, ids {ids[1]}: {photos[1]} (" in str(caught.value)
+    assert "; put the files back" in str(caught.value)
     assert f"`shitu index remove {path} --id ID ...`" in str(caught.value)
+
+
+def test_reembed_moved_takes_the_deepest_old_folder_and_refuses_what_is_not_a_pair(tmp_path):
+    """An image under two old folders moves with the deeper one; a file kept inside the
+    library (stored relative to it) is no moved folder's; a pair given as one path, or
+    three, is refused by name rather than unpacked a character at a time."""
+    path, model = tmp_path / "lib", PixelEmbedder()
+    outer = make_images(tmp_path / "photos", 1)
+    inner = make_images(tmp_path / "photos" / "kiwi", 1, seed=1)
+    with Gallery.create_for(path, model) as gallery:
+        inside = make_images(path / "uploads", 1, seed=2)
+        gallery.add_files(model, [GalleryItem(p, "x") for p in outer + inner + inside])
+        for wrong in (("a", "b"), [tmp_path], [("a", "b", "c")], [5]):
+            with pytest.raises(GalleryError, match="expected .old folder, new folder. pairs"):
+                gallery.reembed(model, moved=wrong)
+    (tmp_path / "photos").rename(tmp_path / "all")
+    (tmp_path / "all" / "kiwi").rename(tmp_path / "kiwi")
+    moves = [
+        (tmp_path / "photos", tmp_path / "all"),
+        (tmp_path / "photos" / "kiwi", tmp_path / "kiwi"),
+    ]
+    with Gallery.open(path) as gallery:
+        assert gallery.reembed(model, moved=moves) == 3 and gallery.verify() == []
+        paths = [entry.path for entry in gallery.entries()]
+    expected = [tmp_path / "all" / outer[0].name, tmp_path / "kiwi" / inner[0].name, inside[0]]
+    assert paths == [str(p.resolve()) for p in expected]
+
+
+def test_create_at_a_link_to_an_empty_folder_makes_the_library_there(tmp_path):
+    """A library is renamed into place whole, which cannot replace a link: followed."""
+    (tmp_path / "disk").mkdir()
+    (tmp_path / "lib").symlink_to(tmp_path / "disk")
+    with Gallery.create_for(tmp_path / "lib", PixelEmbedder()) as gallery:
+        gallery.add(clustered(2, 48), ["a", "b"])
+    assert (tmp_path / "disk" / "gallery.sqlite").is_file() and (tmp_path / "lib").is_symlink()
+    with Gallery.open(tmp_path / "lib") as gallery:
+        assert gallery.label_counts() == {"a": 1, "b": 1}
 
 
 def test_model_fingerprint_mismatch_is_refused(tmp_path):

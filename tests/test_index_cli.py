@@ -529,10 +529,14 @@ def test_remove_missing_drops_the_images_whose_files_are_gone(models, tmp_path):
     assert refused.returncode == 2 and "or `--missing` for files that are gone" in refused.stderr
     verified = shitu("index", "verify", lib)  # the library itself is whole: said, not failed
     assert verified.returncode == 0 and "OK (3 images)" in verified.stdout
-    assert "note: the files of 2 images are gone" in verified.stderr
+    # Where they were, named: a folder on a disk not mounted, say, is seen for what it is
+    gone = f"the files of 2 images are gone from where they were added from, {photos[0].parent} ("
+    assert f"note: {gone}" in verified.stderr
     assert f"until `shitu index remove {lib} --missing` removes them" in verified.stderr
     removed = shitu("index", "remove", lib, "--missing", "--id", "1")  # id 1 is gone too
-    assert removed.returncode == 0 and f"removed 2 images from {lib}" in removed.stdout
+    assert removed.returncode == 0 and removed.stdout == (
+        f"removed 2 images from {lib}\nthe files that were gone were in {photos[0].parent}\n"
+    )
     listed = shitu("index", "list", lib, "--images")
     assert [line.split("\t")[2] for line in listed.stdout.splitlines()] == [str(photos[1])]
     assert shitu("index", "reembed", lib, "--model", models[128]).returncode == 0
@@ -847,3 +851,121 @@ def test_a_milvus_collection_whose_library_was_deleted_is_replaced_on_request(
                   "--model", models[128], "--replace-collection")  # fmt: skip
     assert faiss.returncode == 2
     assert "--replace-collection: only with --backend milvus" in faiss.stderr
+
+
+def test_list_and_search_keep_a_line_per_image_whose_file_name_has_a_tab_or_newline(
+    models, tmp_path
+):
+    """`PATH` is a tab-separated field: a file named with a tab or a line break split its
+    line, so a script reading the listing got wrong fields and lines. Such a path (and one
+    starting with a quote) is written as a JSON string; --format jsonl gives objects."""
+    photos = make_images(tmp_path / "photos", 5)
+    # U+2028, a line separator: Python's splitlines() ends a line there
+    names = ["tab\there.png", "line\nbreak.png", '"quoted".png', "plain.png", "u\u2028.png"]
+    named = [photo.rename(photo.with_name(name)) for photo, name in zip(photos, names, strict=True)]
+    lib = tmp_path / "lib"
+    built = shitu("index", "build", tmp_path / "photos", "--label", "x", "--model", models[128],
+                  "--out", lib)  # fmt: skip
+    assert built.returncode == 0 and "added 5 images" in built.stdout, built.stderr
+    listed = shitu("index", "list", lib, "--images")
+    assert listed.returncode == 0, listed.stderr
+    rows = [line.split("\t") for line in listed.stdout.splitlines()]
+    assert [len(row) for row in rows] == [4, 4, 4, 4, 4]
+    paths = [json.loads(path) if path.startswith('"') else path for _, _, path, _ in rows]
+    assert sorted(paths) == sorted(str(path) for path in named)
+    assert str(named[3]) in [row[2] for row in rows]  # a plain path stays as it is
+    as_json = shitu("index", "list", lib, "--images", "--format", "jsonl")
+    objects = [json.loads(line) for line in as_json.stdout.split("\n")[:-1]]
+    assert sorted(o["path"] for o in objects) == sorted(str(path) for path in named)
+    assert [o["id"] for o in objects] == [int(row[0]) for row in rows]
+    labels = shitu("index", "list", lib, "--format", "jsonl")
+    assert labels.stdout == '{"label": "x", "images": 5}\n', labels.stderr
+    found = shitu("index", "search", lib, named[0], named[1], "--model", models[128], "-k", "1")
+    assert found.returncode == 0, found.stderr
+    queries = [line.split("\t")[0] for line in found.stdout.split("\n")[:-1]]
+    assert [json.loads(query) for query in queries] == [str(named[0]), str(named[1])]
+
+
+def test_reembed_reads_the_files_of_a_moved_folder_where_it_says_and_records_them_there(
+    models, tmp_path
+):
+    """The library records where each file was added from: a user who moved the photo
+    folder could only remove those images. `--moved OLD NEW` reads them from NEW and
+    records the new paths; files missing are named, and nothing is changed then."""
+    photos = make_images(tmp_path / "photos" / "fruit", 3)
+    lib = tmp_path / "lib"
+    built = shitu("index", "build", tmp_path / "photos", "--model", models[128], "--out", lib)
+    assert built.returncode == 0, built.stderr
+    before = shitu("index", "list", lib, "--images").stdout
+    (tmp_path / "photos").rename(tmp_path / "moved")
+    now = [tmp_path / "moved" / "fruit" / photo.name for photo in photos]
+    # Added again from where they are now, they are duplicates: the way on is said
+    again = shitu("index", "add", lib, tmp_path / "moved", "--model", models[128])
+    assert again.returncode == 0 and "skipped 3 duplicates" in again.stdout, again.stderr
+    assert again.stderr == (
+        f"note: the files of 3 images of the library are gone from where they were added "
+        f"from, {photos[0].parent}; if they moved, `shitu index reembed {lib} --moved OLD "
+        f"NEW --model {models[128]}` records where they are now\n"
+    )
+
+    refused = shitu("index", "reembed", lib, "--model", models[512])
+    assert refused.returncode == 2, refused.stderr
+    assert all(f"{photo} (No such file or directory)" in refused.stderr for photo in photos)
+    assert "`--moved OLD NEW`" in refused.stderr and "nothing was changed" in refused.stderr
+    typo = shitu("index", "reembed", lib, "--moved", tmp_path / "fotos", tmp_path / "moved",
+                 "--model", models[512])  # fmt: skip
+    assert typo.returncode == 2
+    assert (
+        f"no image of the library was added from {tmp_path / 'fotos'}; the files that are "
+        f"gone were in {tmp_path / 'photos' / 'fruit'}\n"
+    ) in typo.stderr
+    nowhere = shitu("index", "reembed", lib, "--moved", tmp_path / "photos", tmp_path / "gone",
+                    "--model", models[512])  # fmt: skip
+    assert nowhere.returncode == 2 and f"{tmp_path / 'gone'} is not a folder" in nowhere.stderr
+    now[1].rename(tmp_path / "elsewhere.png")  # one file not in the moved folder: nothing changes
+    moved = ["--moved", tmp_path / "photos", tmp_path / "moved", "--model", models[512]]
+    partly = shitu("index", "reembed", lib, *moved)
+    assert partly.returncode == 2 and f"ids 2: {now[1]} (No such file" in partly.stderr
+    assert shitu("index", "list", lib, "--images").stdout == before
+    assert json.loads(shitu("index", "stats", lib).stdout)["embedding_dim"] == 128
+
+    (tmp_path / "elsewhere.png").rename(now[1])
+    done = shitu("index", "reembed", lib, *moved)
+    assert done.returncode == 0 and "re-embedded 3 images" in done.stdout, done.stderr
+    # Another model than the library's, easily unmeant where the point was --moved: said
+    assert "note: the library held model " in done.stderr
+    assert "it is searched with it from now on" in done.stderr
+    same = shitu("index", "reembed", lib, "--model", models[512])
+    assert same.returncode == 0 and same.stderr == "", same.stderr
+    shipped = shitu("index", "reembed", lib, "--moved", tmp_path / "moved", tmp_path / "moved")
+    assert shipped.returncode == 0, shipped.stderr
+    assert "searched with the model shipped with shitu (no --model)" in shipped.stderr
+    assert shitu("index", "reembed", lib, "--model", models[512]).returncode == 0
+    listed = shitu("index", "list", lib, "--images")
+    assert [line.split("\t")[2] for line in listed.stdout.splitlines()] == [str(p) for p in now]
+    verified = shitu("index", "verify", lib)
+    assert verified.returncode == 0 and verified.stderr == "", verified.stderr
+    found = shitu("index", "search", lib, now[2], "--model", models[512], "-k", "1")
+    assert found.stdout == f"{now[2]}\tfruit (1.000, id 3)\n", found.stderr
+
+
+def test_build_out_a_link_to_a_folder_elsewhere_makes_the_library_there(models, tmp_path):
+    """`--out gallery` where gallery links to a folder on another disk (empty, or not made
+    yet): the build renamed the library onto the link, which failed once every image was
+    embedded, saying the library had been built meanwhile by another process."""
+    photos = make_images(tmp_path / "photos", 2)
+    elsewhere = tmp_path / "disk"
+    (elsewhere / "empty").mkdir(parents=True)
+    for name, target in (("to_empty", elsewhere / "empty"), ("dangling", elsewhere / "new")):
+        (tmp_path / name).symlink_to(target)
+        built = shitu("index", "build", tmp_path / "photos", "--label", "x", "--model",
+                      models[128], "--out", tmp_path / name)  # fmt: skip
+        assert built.returncode == 0, built.stderr
+        assert (target / "gallery.sqlite").is_file() and (tmp_path / name).is_symlink()
+        listed = shitu("index", "list", tmp_path / name, "--images")
+        assert [line.split("\t")[2] for line in listed.stdout.splitlines()] == [
+            str(photo) for photo in photos
+        ]
+    again = shitu("index", "build", tmp_path / "photos", "--label", "x", "--model",
+                  models[128], "--out", tmp_path / "dangling")  # fmt: skip
+    assert again.returncode == 2 and "already exists and is not an empty folder" in again.stderr

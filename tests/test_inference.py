@@ -13,6 +13,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -1363,3 +1364,34 @@ def test_reading_and_decoding_name_what_to_pass_for_the_other_kind_of_input(tmp_
                 decode_rgb(given)
     with pytest.raises(UnreadableImageError, match=r"got bytes \(an encoded image: .*decode_rgb"):
         read_rgb(data)
+
+
+def test_building_a_cache_entry_removes_those_unused_for_30_days(exported, tmp_path, monkeypatch):
+    """Each compact model loaded keeps a model's worth of files in the cache (the shipped
+    model of each release among them), which nothing removed: a build removes the entries
+    no load has used for UNUSED_DAYS; a load marks its entry used."""
+    monkeypatch.setenv("SHITU_CACHE_DIR", str(tmp_path / "cache"))
+    weights = save_weights(exported["model"].state_dict(), tmp_path / "trained.safetensors")
+    compacts = [
+        export_model(exported["config"], given, tmp_path / name, compact=True)
+        for name, given in (("old", None), ("recent", weights))
+    ]
+    exports = tmp_path / "cache" / "exports"
+    entries = []
+    for compact in compacts:
+        FeatureExtractor.load(compact, num_threads=1)
+        entries.append(next(e for e in exports.iterdir() if e not in entries))
+    entries.append(shutil.copytree(entries[0], exports / "used_29_days_ago"))
+
+    def last_used(entry: Path, days: int) -> None:
+        stamp = time.time() - days * 86_400
+        os.utime(entry / "shitu_model.json", (stamp, stamp))
+
+    last_used(entries[0], 31)
+    last_used(entries[2], 29)
+    FeatureExtractor.load(compacts[0], num_threads=1)  # a use: it is not unused any more
+    assert time.time() - (entries[0] / "shitu_model.json").stat().st_mtime < 3600
+    last_used(entries[0], 31)
+    (entries[1] / "model.onnx").write_bytes(b"cut short")  # built again: removes the unused
+    assert FeatureExtractor.load(compacts[1], num_threads=1).backend.name == "onnxruntime"
+    assert sorted(exports.iterdir()) == sorted(entries[1:])

@@ -50,6 +50,15 @@ def read_text(path: str | Path) -> str:
     return data.decode("utf-8-sig")
 
 
+def text_lines(text: str) -> list[str]:
+    """`text`'s lines, ended as files end them: at \\n, \\r\\n or \\r alone. Not at the other
+    characters `str.splitlines()` also ends lines at (\\v, \\f, \\x1c-\\x1e, \\x85, U+2028,
+    U+2029), which a file name may hold, and a label by mistake: such a line was read as
+    two, each refused for a missing tab, under line numbers the file does not have."""
+    lines = re.split(r"\r\n|\r|\n", text)
+    return lines[:-1] if lines[-1] == "" else lines
+
+
 def refuse_non_utf8_path(path: Path, what: str, readers: str, error: type[ShituError]) -> None:
     """Raise `error` naming `path` where it is not UTF-8 text (a name in a legacy code page,
     which Python gives as lone surrogates): `readers` (onnxruntime, torch's ONNX exporter,

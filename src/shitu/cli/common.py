@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import errno
 import itertools
+import json
 import math
 import os
 import sys
@@ -384,6 +385,23 @@ def print_summary(summary: dict[str, Any]) -> None:
     width = max(len(key) for key in summary)
     for key, value in summary.items():
         print(f"{key:<{width}}  {value}", file=sys.stderr)
+
+
+def table_field(text: str) -> str:
+    """`text` as one field of a tab-separated line: as it is, unless it holds a tab, a line
+    break or another control character (a file may be named so), or starts with a double
+    quote; then as a JSON string (quoted, those characters escaped), as git quotes such
+    paths, so that a reader splitting lines at tabs gets the fields, and `json.loads` the
+    text of one that starts with a quote."""
+    from shitu.index.labels import LINE_BREAKING, breaks_lines
+
+    if not text.startswith('"') and not breaks_lines(text):
+        return text
+    quoted = json.dumps(text, ensure_ascii=False)  # escapes only U+0000 to U+001F
+    return "".join(
+        f"\\u{ord(char):04x}" if unicodedata.category(char) in LINE_BREAKING else char
+        for char in quoted
+    )
 
 
 def count_of(count: int, noun: str) -> str:

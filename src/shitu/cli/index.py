@@ -18,6 +18,7 @@ from shitu.cli.common import (
     positive_int,
     progress_wanted,
     skip_reason,
+    table_field,
     warn_if_empty,
 )
 from shitu.errors import DataError, GalleryError, did_you_mean
@@ -34,8 +35,8 @@ from shitu.index import (
     collect_items,
 )
 from shitu.index.embedder import Embedder
-from shitu.index.gallery import LIBRARY_FILE
-from shitu.index.metadata import LibraryBusyError
+from shitu.index.gallery import LIBRARY_FILE, file_gone, gone_from, library_place
+from shitu.index.metadata import ImageEntry, LibraryBusyError
 
 SHOWN_PROBLEMS = 10
 # `index add` writes the library every ADD_PART images it embeds, so that an add stopped by
@@ -90,7 +91,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--out",
         type=Path,
         required=True,
-        help="library folder to create (or an empty folder to fill)",
+        help="library folder to create (or an empty folder to fill; a symbolic link there "
+        "is followed)",
     )
     build.add_argument("--label", help="label for every given image and folder (as `index add`)")
     add_leaf_labels_argument(build)
@@ -200,11 +202,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "list",
         help="list labels with counts, or one label's images",
         description="List the labels with their image counts; with --label that label's "
-        "images, with --images every image: `ID<TAB>LABEL<TAB>PATH<TAB>ADDED_AT` lines.",
+        "images, with --images every image: `ID<TAB>LABEL<TAB>PATH<TAB>ADDED_AT` lines, a "
+        "path that holds a tab, a line break or another control character (or starts with "
+        '`"`) written as a JSON string (--format jsonl: a JSON object per line).',
     )
     listing.add_argument("library", type=Path)
     listing.add_argument("--label", help="list this label's images")
     listing.add_argument("--images", action="store_true", help="list every image")
+    listing.add_argument(
+        "--format",
+        choices=("table", "jsonl"),
+        default="table",
+        help='table: the lines above; jsonl: {"label", "images"} per label, or {"id", '
+        '"label", "path", "added_at"} per image (for jq; default %(default)s)',
+    )
     listing.set_defaults(func=run_list)
 
     stats = commands.add_parser(
@@ -230,9 +241,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "reembed",
         help="re-extract every image with a new model",
         description="Embed every image of the library again with --model (and --precision), "
-        "which the library is then searched with: a model upgrade in one command.",
+        "which the library is then searched with: a model upgrade in one command. Every "
+        "image's file is read from where it was added from, or from where --moved says its "
+        "folder is now; one that cannot be read is named, and then nothing is changed.",
     )
     reembed.add_argument("library", type=Path)
+    reembed.add_argument(
+        "--moved",
+        nargs=2,
+        type=Path,
+        action="append",
+        default=[],
+        metavar=("OLD", "NEW"),
+        help="a folder of the images' files moved from OLD to NEW since they were added: "
+        "they are read from NEW (the same paths below it), and recorded there; repeatable "
+        "(to keep the library's model, give the --model that built it)",
+    )
     _add_model_arguments(reembed)
     reembed.set_defaults(func=run_reembed)
 
@@ -254,8 +278,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "search",
         help="embed query images and print the top hits",
         description="Prints a line per image that could be read: `PATH<TAB>LABEL (SCORE, id ID); "
-        "...`, best first, or `PATH<TAB>no match` (--format jsonl: a JSON object). Exit status "
-        "1 when no image could be read.",
+        "...`, best first, or `PATH<TAB>no match` (a PATH as `index list` writes it; --format "
+        "jsonl: a JSON object). Exit status 1 when no image could be read.",
     )
     search.add_argument("library", type=Path)
     search.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
@@ -402,13 +426,14 @@ def run_build(args: argparse.Namespace) -> int:
             "trees (shitu index build my_products/ --out my_gallery)"
         )
     search_options = _search_options(args, args.index_type)
-    if occupied(args.out):  # an empty folder made for it is filled
-        library = (args.out / LIBRARY_FILE).is_file()  # else `index add` would refuse it too
+    place = library_place(args.out)  # where a link given as --out points
+    if occupied(place):  # an empty folder made for it is filled
+        library = (place / LIBRARY_FILE).is_file()  # else `index add` would refuse it too
         add = f" or add to it with `shitu index add {args.out} ...`" if library else ""
         raise GalleryError(
             f"{args.out}: already exists and is not an empty folder; choose a new --out{add}"
         )
-    check_writable(args.out.parent, f"--out {args.out}")
+    check_writable(place.parent, f"--out {args.out}")
     items = collect_items(sources, label=args.label, leaf_labels=args.leaf_labels)
     model = _load_model(args)
     options = milvus | search_options
@@ -441,7 +466,19 @@ def run_add(args: argparse.Namespace) -> int:
     with _open_for(args, model) as gallery:
         report = _add_in_parts(args, gallery, model, items)
         stats = gallery.stats()
+        # Adding a moved photo folder again finds its photos in the library: the way to
+        # say where they are now is reembed's --moved (a stat per image, only then)
+        gone = _files_gone(gallery) if report.duplicates else []
     _report(report, args.library, stats)
+    if gone:  # with this add's model, which is the library's: it opened for it
+        model_flags = f" --model {args.model}" if args.model else ""
+        model_flags += f" --precision {args.precision}" if args.precision else ""
+        print(
+            f"note: the files of {count_of(len(gone), 'image')} of the library are gone from "
+            f"where they were added from, {gone_from(gone)}; if they moved, `shitu index "
+            f"reembed {args.library} --moved OLD NEW{model_flags}` records where they are now",
+            file=sys.stderr,
+        )
     return 1 if report.failures and not len(report.ids) else 0  # nothing could be added
 
 
@@ -521,20 +558,21 @@ def run_remove(args: argparse.Namespace) -> int:
     if not args.ids and not args.labels and not args.missing:
         raise GalleryError("remove: give --id, --label and/or --missing")
     with Gallery.open(args.library) as gallery:
-        ids = list(args.ids)
-        if args.missing:  # an id also given by --id is removed once (`remove` takes a set)
-            ids += _missing_file_ids(gallery)
+        gone = _files_gone(gallery) if args.missing else []
+        ids = list(args.ids) + [e.id for e in gone]  # an id given twice is removed once
         if not ids and not args.labels:
             print(f"removed no images from {args.library}: every image's file is there")
             return 0
         removed = gallery.remove(ids=ids, labels=args.labels)
     print(f"removed {count_of(len(removed), 'image')} from {args.library}")
+    if gone:  # an unmounted disk's, say: seen now, they can be added again
+        print(f"the files that were gone were in {gone_from(gone)}")
     return 0
 
 
-def _missing_file_ids(gallery: Gallery) -> list[int]:
-    """The ids of the library's images whose files are gone (moved or deleted since)."""
-    return [e.id for e in gallery.entries() if e.path and not Path(e.path).exists()]
+def _files_gone(gallery: Gallery) -> list[ImageEntry]:
+    """The library's images whose files are gone (moved or deleted since they were added)."""
+    return [e for e in gallery.entries() if file_gone(e)]
 
 
 def run_relabel(args: argparse.Namespace) -> int:
@@ -548,14 +586,27 @@ def run_list(args: argparse.Namespace) -> int:
     with Catalog(args.library) as catalog:  # no index loaded: fast on a big library
         if args.label is None and not args.images:
             for label, count in catalog.label_counts().items():
-                print(f"{count:>8}  {label}")
+                if args.format == "jsonl":
+                    print(json.dumps({"label": label, "images": count}, ensure_ascii=False))
+                else:
+                    print(f"{count:>8}  {label}")
             return 0
         entries = catalog.entries(args.label)
         if args.label is not None and not entries:  # as remove and relabel say
             hint = did_you_mean(args.label, list(catalog.label_counts()))
             raise GalleryError(f"{args.library}: no images labelled '{args.label}'{hint}")
         for entry in entries:
-            print(f"{entry.id}\t{entry.label}\t{entry.path}\t{entry.added_at}")
+            if args.format == "jsonl":
+                row = {
+                    "id": entry.id,
+                    "label": entry.label,
+                    "path": entry.path,
+                    "added_at": entry.added_at,
+                }
+                print(json.dumps(row, ensure_ascii=False))
+            else:
+                path = table_field(entry.path)  # a label is one line of text
+                print(f"{entry.id}\t{entry.label}\t{path}\t{entry.added_at}")
     return 0
 
 
@@ -581,12 +632,14 @@ def run_verify(args: argparse.Namespace) -> int:
         with gallery:
             problems = gallery.verify()
             counted = f" ({count_of(len(gallery), 'image')})"
-            missing = len(_missing_file_ids(gallery))
-        if missing:  # the library is whole without their files, but cannot re-embed them
+            gone = _files_gone(gallery)
+        if gone:  # the library is whole without their files, but cannot re-embed them
             print(
-                f"note: the files of {count_of(missing, 'image')} are gone from where they "
-                f"were added from (moved or deleted): `shitu index reembed` refuses to run "
-                f"until `shitu index remove {args.library} --missing` removes them",
+                f"note: the files of {count_of(len(gone), 'image')} are gone from where they "
+                f"were added from, {gone_from(gone)} (moved, deleted, or on a disk not "
+                f"mounted): `shitu index reembed` refuses to run "
+                f"until `shitu index remove {args.library} --missing` removes them, or, for "
+                "a folder that moved, is told where it is now (`--moved OLD NEW`)",
                 file=sys.stderr,
             )
     for problem in problems:
@@ -598,8 +651,18 @@ def run_verify(args: argparse.Namespace) -> int:
 def run_reembed(args: argparse.Namespace) -> int:
     model = _load_model(args)
     with Gallery.open(args.library) as gallery:
-        count = gallery.reembed(model, args.batch_size, progress=progress_wanted(args))
+        before = gallery.manifest.model_fingerprint
+        count = gallery.reembed(
+            model, args.batch_size, progress=progress_wanted(args), moved=args.moved
+        )
     print(f"re-embedded {count_of(count, 'image')} with model {model.fingerprint}")
+    if before != model.fingerprint:  # easily unmeant: a reembed for --moved without --model
+        given = "the model shipped with shitu (no --model)" if args.model is None else "it"
+        print(
+            f"note: the library held model {before}'s features; it is searched with {given} "
+            "from now on",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -634,5 +697,5 @@ def run_search(args: argparse.Namespace) -> int:
             print(json.dumps({"image": str(path), "results": hits}, ensure_ascii=False))
         else:
             shown = [f"{h['label']} ({h['score']:.3f}, id {h['image_id']})" for h in hits]
-            print(f"{path}\t{'; '.join(shown) or 'no match'}")
+            print(f"{table_field(str(path))}\t{'; '.join(shown) or 'no match'}")
     return 0 if extraction.paths else 1  # no query could be read: fail, like recognize

@@ -66,6 +66,9 @@ REEMBED_CATCH_UPS = 5
 # second or two from an SSD, 15 s from a hard disk at 100 MB/s, longer from a network share;
 # fewer are hashed before a bar would say anything, and one flashing by is only noise.
 HASH_BAR_MIN_FILES = 500
+# The most files a refused re-embedding names, or folders of gone files a note names (the
+# rest are counted).
+SHOWN_FILES = 5
 # Why a file whose path is not UTF-8 text is not added (Gallery._storable).
 NAME_NOT_UTF8 = "its path is not UTF-8 text, which the library records paths in: rename it"
 
@@ -155,6 +158,14 @@ def _committed_manifest(
     if model is not None:
         manifest.check_model(*model, str(root))
     return manifest
+
+
+def library_place(path: str | Path) -> Path:
+    """Where a new library at `path` is made: a symbolic link there (to a folder on another
+    disk, say) is followed, as a library is renamed into place whole, and a rename cannot
+    put a folder where a link is (it failed once every image was embedded)."""
+    path = Path(path)
+    return path.resolve() if path.is_symlink() else path
 
 
 def _open_store(root: Path) -> MetadataStore:
@@ -343,7 +354,7 @@ class Gallery:
         (its library deleted, or a build killed outright) can be built into again; one that
         the library it was made for (recorded in it) still uses is refused all the same.
         """
-        root = Path(path)
+        root = library_place(path)
         _refuse_non_utf8_root(root)
         existed = root.exists()
         if occupied(root):
@@ -417,7 +428,7 @@ class Gallery:
         Milvus collection. `options`: `create`'s. Refused where `path` exists, unless an
         empty folder (as `create`); a NothingAddedError, with the report, where no image
         could be added."""
-        root = Path(path)
+        root = library_place(path)
         _refuse_non_utf8_root(root)
         if occupied(root):
             raise GalleryError(
@@ -1031,18 +1042,32 @@ class Gallery:
             updates["backend_options"] = {**self.manifest.backend_options, **backend_options}
         self._write(lambda: (Change(rebuild=True), None), **updates)
 
-    def reembed(self, embedder: Embedder, batch_size: int = 32, progress: bool = False) -> int:
+    def reembed(
+        self,
+        embedder: Embedder,
+        batch_size: int = 32,
+        progress: bool = False,
+        moved: Sequence[tuple[str | Path, str | Path]] = (),
+    ) -> int:
         """Re-extract every image with a new model and rebuild; all or nothing. Images that
         another process adds or removes meanwhile (a running `shitu serve`, say) are
         followed: those added are embedded in a short further round, those removed dropped,
         rather than failing the whole re-embedding at its end. An empty library (every
         image removed) just takes the new model, so that images can be added with it. Each
         image's content hash is recorded again with its features: a file changed in place
-        is the content the library now holds, so adding that content again is a duplicate."""
+        is the content the library now holds, so adding that content again is a duplicate.
+        `moved`: (old folder, new folder) pairs, for photo folders moved since their images
+        were added: an image whose file was under an old folder is read from the same place
+        under the new one, and recorded there with its new features."""
         self._check_usable()
         entries = self.entries()
+        moves = self._moves(moved, entries)
         embedded: dict[int, tuple[np.ndarray, str]] = {}  # by id: the feature, content hash
+        new_paths: dict[int, str] = {}  # by id: where a moved image's file is now, as stored
         for _ in range(REEMBED_CATCH_UPS + 1):
+            now_at = {e.id: path for e in entries if (path := _moved_path(e.path, moves))}
+            entries = [replace(e, path=now_at.get(e.id, e.path)) for e in entries]
+            new_paths.update((i, self._stored_path(path)) for i, path in now_at.items())
             embedded.update(self._embed_entries(embedder, entries, batch_size, progress))
 
             def mutate() -> tuple[Change, int]:
@@ -1053,6 +1078,7 @@ class Gallery:
                 features = np.asarray([embedded[int(i)][0] for i in current], dtype=np.float32)
                 hashes = [embedded[int(i)][1] for i in current]
                 self._store.replace_features(current, features, hashes)
+                self._store.move_files(new_paths)  # an id removed meanwhile matches no row
                 return Change(rebuild=True), len(current)
 
             try:
@@ -1074,6 +1100,34 @@ class Gallery:
             "retry when fewer images are being added"
         )
 
+    def _moves(
+        self, moved: Sequence[tuple[str | Path, str | Path]], entries: list[ImageEntry]
+    ) -> list[tuple[Path, Path]]:
+        """`reembed`'s `moved` pairs as full paths, the deepest old folder first (it decides
+        for an image under two); refused where a new folder is not there, or where an old
+        one holds no image of the library (mistyped, it would quietly move nothing)."""
+        moves = []
+        for pair in _listed(moved, "(old folder, new folder) pairs", "reembed"):
+            try:
+                if isinstance(pair, str | bytes | os.PathLike):  # one path, not a pair
+                    raise TypeError
+                old, new = (Path(folder).resolve() for folder in pair)
+            except (TypeError, ValueError):  # not two paths
+                raise GalleryError(
+                    f"reembed: moved: expected (old folder, new folder) pairs, got {pair!r}"
+                ) from None
+            if not new.is_dir():
+                raise GalleryError(f"{self.root}: moved {old} to {new}: {new} is not a folder")
+            if not any(Path(e.path).is_relative_to(old) for e in entries if e.path):
+                gone = gone_from([e for e in entries if file_gone(e)])
+                where = f"; the files that are gone were in {gone}" if gone else ""
+                raise GalleryError(
+                    f"{self.root}: moved {old} to {new}: no image of the library was added "
+                    f"from {old}{where}"
+                )
+            moves.append((old, new))
+        return sorted(moves, key=lambda move: len(move[0].parts), reverse=True)
+
     def _embed_entries(
         self, embedder: Embedder, entries: list[ImageEntry], batch_size: int, progress: bool
     ) -> dict[int, tuple[np.ndarray, str]]:
@@ -1092,12 +1146,15 @@ class Gallery:
         if failures:  # named by id: what `shitu index remove` takes
             failed = {path for path, _ in failures}
             bad = np.asarray([e.id for e in entries if e.path in failed])
-            path, reason = failures[0]
+            named = "; ".join(f"{path} ({reason})" for path, reason in failures[:SHOWN_FILES])
+            more = len(failures) - SHOWN_FILES
+            named += f"; and {more} more" if more > 0 else ""
             raise GalleryError(
-                f"cannot re-embed: {len(bad)} of the {len(entries)} images could not be read "
-                f"(first: {path}: {reason}), ids {_rows(bad)}; put the files back, or remove "
-                f"those images (`shitu index remove {self.root} --id ID ...`, or `--missing` for "
-                "files that are gone), and retry"
+                f"cannot re-embed: {len(bad)} of the {len(entries)} images could not be read, "
+                f"ids {_rows(bad)}: {named}; put the files back, or say where a folder of "
+                "them moved to (`--moved OLD NEW`: OLD the folder they were added from), or "
+                f"remove those images (`shitu index remove {self.root} --id ID ...`, or "
+                "`--missing` for files that are gone), and retry; nothing was changed"
             )
         features = self._stored_features(result.features, "re-embed", embedder.embedding_size)
         return {
@@ -1230,6 +1287,28 @@ def _file_hashes(
                 failures.append((str(path), exc.strerror or str(exc)))
                 bar.skip()
     return digests, failures
+
+
+def _moved_path(path: str, moves: list[tuple[Path, Path]]) -> str | None:
+    """Where the file at `path` is after `moves` (Gallery._moves'), None if none moved it."""
+    for old, new in moves if path else ():
+        if Path(path).is_relative_to(old):
+            return str(new / Path(path).relative_to(old))
+    return None
+
+
+def file_gone(entry: ImageEntry) -> bool:
+    """Whether a stored image had a file that is no longer where it was added from."""
+    return bool(entry.path) and not Path(entry.path).exists()
+
+
+def gone_from(gone: Sequence[ImageEntry]) -> str:
+    """The folders that images whose files are gone were added from, for a message: the
+    first few, and how many more ('' for none). A folder on a disk that is not mounted, say,
+    is recognised there before those images are removed."""
+    folders = sorted({str(Path(entry.path).parent) for entry in gone})
+    more = f" and {len(folders) - SHOWN_FILES} more folders" if len(folders) > SHOWN_FILES else ""
+    return ", ".join(folders[:SHOWN_FILES]) + more
 
 
 def _file_identity(path: Path) -> tuple[int, int] | None:

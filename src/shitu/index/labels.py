@@ -10,7 +10,7 @@ from numbers import Integral
 from pathlib import Path
 
 from shitu.errors import DataError
-from shitu.fileio import SAVE_AS_UTF8, listed_file, read_text
+from shitu.fileio import SAVE_AS_UTF8, listed_file, read_text, text_lines
 from shitu.image_files import (
     IMAGE_SUFFIXES,
     scan_images,
@@ -19,6 +19,11 @@ from shitu.image_files import (
 )
 
 logger = logging.getLogger(__name__)
+
+
+# Unicode categories of tabs, line breaks and other control characters (C0 and C1, and
+# U+2028/U+2029, which some readers end lines at too)
+LINE_BREAKING = ("Cc", "Zl", "Zp")
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,12 @@ def normal_form(label: str) -> str:
     return unicodedata.normalize("NFC", label)
 
 
+def breaks_lines(text: str) -> bool:
+    """Whether `text` holds a tab, a line break or another control character: one that
+    would split a `path<TAB>label` line or a line of `shitu index list` in two."""
+    return any(unicodedata.category(char) in LINE_BREAKING for char in text)
+
+
 def check_label(label: str) -> str:
     """A label as stored: trimmed, non-empty, one line of text (label files are
     `path<TAB>label` lines, and `index list`/`search` print one label per line), NFC. A
@@ -51,7 +62,7 @@ def check_label(label: str) -> str:
     label = normal_form(label.strip())
     if not label:
         raise BadLabelError("the label is empty")
-    if any(unicodedata.category(char) in ("Cc", "Zl", "Zp") for char in label):
+    if breaks_lines(label):
         raise BadLabelError(
             f"the label {label!r} must not contain tabs, line breaks or other control characters"
         )
@@ -127,7 +138,7 @@ def parse_label_file(path: Path) -> list[GalleryItem]:
     except OSError as exc:
         raise DataError(f"cannot read label file {path}: {exc.strerror}") from None
     items = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(text_lines(text), start=1):
         if line.startswith("#"):  # a comment
             _warn_if_a_file_is_commented_out(path, number, line)
             continue

@@ -415,6 +415,13 @@ class MetadataStore:
             ),
         )
 
+    def move_files(self, paths: dict[int, str]) -> None:
+        """Record new paths of these rows' files (by id), as stored: files that moved."""
+        self.conn.executemany(
+            "UPDATE images SET path = ? WHERE id = ?",
+            ((path, int(i)) for i, path in paths.items()),
+        )
+
     def integrity_problems(self) -> list[str]:
         try:
             rows = self.conn.execute("PRAGMA integrity_check").fetchall()

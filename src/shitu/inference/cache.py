@@ -7,11 +7,13 @@ from it, keyed by fingerprint, and later loads reuse it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,13 @@ def cache_root() -> Path:
 # recorded settings too means a hand-edited arch gets an entry (and a check) of its own
 # instead of the unedited model's ONNX.
 SAME_MODEL = ("fingerprint", "arch", "output_key", "preprocessing")
+
+
+# A cache entry that no load has used for this many days is removed when another entry is
+# built: each is a model's worth of files (31 MB for the shipped model's ONNX model and
+# weights), one per compact model loaded on an ONNX runtime (the shipped model of each
+# shitu release among them): without this the cache only grew.
+UNUSED_DAYS = 30
 
 
 def _cache_key(manifest: dict[str, Any]) -> str:
@@ -76,6 +85,30 @@ def _discard_without_manifest(entry: Path) -> None:
         pass
 
 
+def _mark_used(entry: Path) -> None:
+    """Record a use of a cache entry, in its manifest's time (`_remove_unused` reads it); a
+    cache this process cannot write still serves."""
+    with contextlib.suppress(OSError):
+        os.utime(entry / MANIFEST)
+
+
+def _remove_unused(exports: Path, keep: Path) -> None:
+    """Remove the cache entries but `keep` that no load has used for UNUSED_DAYS, by their
+    manifest's time. Staging folders (dot names) are remove_dead_staging's; an entry
+    without a manifest, or that cannot be removed here (another user's), stays."""
+    cutoff = time.time() - UNUSED_DAYS * 86_400
+    try:
+        entries = [e for e in exports.iterdir() if e != keep and not e.name.startswith(".")]
+    except OSError:  # no cache yet
+        return
+    for entry in entries:
+        try:
+            if not entry.is_symlink() and (entry / MANIFEST).stat().st_mtime < cutoff:
+                shutil.rmtree(entry)
+        except OSError:
+            continue
+
+
 def full_export(model_dir: Path, manifest: dict[str, Any]) -> Path:
     """The cached full export (ONNX included) of compact export `model_dir`, built on first
     use, and built again if damaged; an ExportError, naming the cache, when it cannot be
@@ -84,11 +117,14 @@ def full_export(model_dir: Path, manifest: dict[str, Any]) -> Path:
     # killed builds of any entry: otherwise removed only by a later build of that entry,
     # which a cache hit never makes
     remove_dead_staging(target.parent, doing="exporting")
-    if (target / MANIFEST).is_file() and _usable(target, manifest):
-        return target
+    if (target / MANIFEST).is_file():
+        _mark_used(target)  # before it is read: another process's build prunes by it
+        if _usable(target, manifest):
+            return target
     from shitu.inference.export import load_exported_model, write_export  # torch: built once
 
     logger.info("building the ONNX model of %s into %s (once)", model_dir, target)
+    _remove_unused(target.parent, target)  # before the build: it may need their space
     model = load_exported_model(model_dir, manifest)
     try:
         _discard_without_manifest(target)

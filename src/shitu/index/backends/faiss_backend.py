@@ -334,8 +334,8 @@ class FaissBackend(Backend):
         keep = self.manifest.index_state.get("file")
         # index files of other generations, and temporary files of unfinished writes
         for path in [*self.root.glob("index-*.faiss"), *self.root.glob(".index-*.faiss.*")]:
-            if path.name != keep:
-                path.unlink()
+            if path.name != keep:  # a rolled-back write's writer may remove its own first
+                path.unlink(missing_ok=True)
 
     def search(self, queries: np.ndarray, k: int, newest_id: int) -> tuple[np.ndarray, np.ndarray]:
         """(The index holds the loaded rows alone, none newer than `newest_id`.)"""
