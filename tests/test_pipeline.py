@@ -624,6 +624,28 @@ def test_recognize_cli_jsonl_table_visualisations_and_unreadable_files(setup, tm
     assert "(nothing recognised)" in capsys.readouterr().out
 
 
+def test_recognize_table_keeps_a_line_per_path_whose_file_name_has_a_line_break(
+    setup, tmp_path, capsys
+):
+    """The table gives each image's path a line of its own, its results indented below: a
+    file named with a line break or tab split that line, so a reader saw a path that is
+    not there. Such a path is written as a JSON string, as `index list` writes one."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    names = ["line\nbreak.jpg", "tab\there.jpg", "u\u2028.jpg", "plain.jpg"]
+    for name, query in zip(names, setup["queries"], strict=False):
+        (folder / name).write_bytes(query.path.read_bytes())
+    (folder / "bro\nken.jpg").write_bytes(b"not an image")
+    common = ["--gallery", str(setup["library"]), "--model", str(setup["model"]), "--no-progress"]
+    code = shitu_main(["recognize", str(folder), *common, "--format", "table"])
+    out = capsys.readouterr().out
+    assert code == 0
+    paths = [line for line in out.splitlines() if not line.startswith("  ")]
+    read = [json.loads(path) if path.startswith('"') else path for path in paths]
+    assert sorted(read) == sorted(str(folder / name) for name in [*names, "bro\nken.jpg"])
+    assert str(folder / "plain.jpg") in paths  # a plain path stays as it is
+
+
 def test_a_labelled_list_given_as_an_image_is_called_a_text_file(setup, capsys):
     """A `path<TAB>label` list passed to recognize or extract is not "unknown or corrupt":
     the warning says it is text, and which command reads labelled lists."""

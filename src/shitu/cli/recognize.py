@@ -22,6 +22,7 @@ from shitu.cli.common import (
     print_past_progress,
     progress_wanted,
     skip_reason,
+    table_field,
     unread_files_status,
     visualisation_writer,
     warn_if_empty,
@@ -175,18 +176,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def format_table(found: FileRecognition) -> str:
-    """A block per image: path, then score, label, box and gallery id per result."""
+    """A block per image: path, then score, label, box and gallery id per result. The path
+    is a line of its own, quoted as `index list` quotes one (`table_field`) where a file
+    named with a line break or tab would split it."""
+    path = table_field(found.path)
     if found.error is not None:
-        return f"{found.path}\n  skipped: {found.error}"
+        return f"{path}\n  skipped: {found.error}"
     if not found.results:
-        return f"{found.path}\n  (nothing recognised)"
+        return f"{path}\n  (nothing recognised)"
     width = max(display_width(r.label) for r in found.results)
     rows = [
         f"  {r.score:6.3f}  {r.label}{' ' * (width - display_width(r.label))}  "
         f"[{', '.join(map(str, r.bbox))}]  id {r.image_id}"
         for r in found.results
     ]
-    return "\n".join([found.path, *rows])
+    return "\n".join([path, *rows])
 
 
 def run(args: argparse.Namespace) -> int:
