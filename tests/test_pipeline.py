@@ -1140,6 +1140,28 @@ def test_eval_pipeline_cli_counts_the_wrong_answers_it_does_not_list(setup, caps
     assert wrong[-1] == f"wrong: ... and {hidden} more (the first {SHOWN_MISTAKES} listed)"
 
 
+def test_eval_pipeline_cli_lists_a_wrong_answer_a_line_each_whatever_the_file_name(
+    setup, tmp_path, capsys
+):
+    """A query of a folder-per-label tree may be named with a line break: its `wrong:`
+    line was split in two, the second a line the report does not have. Such a path is
+    written as a JSON string, as `index list` writes one."""
+    query = setup["queries"][0]
+    names = ["line\nbreak.jpg", "tab\there.jpg", "plain.jpg"]
+    for name in names:
+        (tmp_path / "queries" / query.label).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "queries" / query.label / name).write_bytes(query.path.read_bytes())
+    common = ["eval-pipeline", "--queries", str(tmp_path / "queries"), "--gallery",
+              str(setup["library"]), "--model", str(setup["model"]), "--no-progress"]  # fmt: skip
+    assert shitu_main([*common, "--score-thres", "1"]) == 0  # no cosine reaches 1: all wrong
+    lines = capsys.readouterr().out.splitlines()
+    wrong = [line.removeprefix("wrong: ") for line in lines if line.startswith("wrong: ")]
+    paths = [line.rsplit(": expected ", 1)[0] for line in wrong]
+    read = [json.loads(path) if path.startswith('"') else path for path in paths]
+    assert sorted(read) == sorted(str(tmp_path / "queries" / query.label / n) for n in names)
+    assert all(line.startswith(("wrong: ", " ")) for line in lines)
+
+
 def test_eval_pipeline_cli_warns_when_no_query_label_is_in_the_gallery(setup, tmp_path, capsys):
     """Labels written otherwise than the gallery's (here in lower case) make every query
     unknown; the numbers alone would not say why."""

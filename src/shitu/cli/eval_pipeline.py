@@ -16,6 +16,7 @@ from shitu.cli.common import (
     add_progress_argument,
     count_of,
     progress_wanted,
+    table_field,
 )
 from shitu.cli.recognize import (
     add_pipeline_arguments,
@@ -122,7 +123,8 @@ def run(args: argparse.Namespace) -> int:
         # An unknown query's right answer is nothing, not its label.
         expected = repr(truth) if truth in known else f"nothing ({truth!r} is not in the gallery)"
         got = repr(predicted) if predicted else "nothing"  # not a label called 'nothing'
-        print(f"wrong: {path}: expected {expected}, got {got}")
+        # a line each: a file named with a line break (a folder tree's) is quoted
+        print(f"wrong: {table_field(str(path))}: expected {expected}, got {got}")
     if len(report.mistakes) > SHOWN_MISTAKES:
         hidden = len(report.mistakes) - SHOWN_MISTAKES
         print(f"wrong: ... and {hidden} more (the first {SHOWN_MISTAKES} listed)")
