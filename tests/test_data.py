@@ -140,6 +140,20 @@ def test_tab_delimited_labels_with_spaces(tmp_path: Path):
         LabelFileDataset(str(tmp_path), str(label_file))
 
 
+def test_a_label_file_line_ends_only_where_files_end_lines(tmp_path: Path):
+    """A file named with U+2028 or a form feed (str.splitlines() ends lines there) split its
+    line in two, each refused under a line number the file does not have; a line ends at
+    \\n, \\r\\n or \\r only, as gallery label files are read."""
+    names = ["a\u2028b.png", "c\x0cd.png", "e\x85f.png"]
+    for name in names:
+        save_png(tmp_path / name, pattern(8, 8))
+    label_file = tmp_path / "list.tsv"
+    label_file.write_text("".join(f"{name}\t{i}\n" for i, name in enumerate(names)))
+    dataset = LabelFileDataset(str(tmp_path), str(label_file), delimiter="\t")
+    assert list(dataset.paths) == [os.path.join(tmp_path, name) for name in names]
+    assert dataset.labels == [0, 1, 2]
+
+
 def test_a_space_in_a_path_is_refused_with_the_line_and_the_tab_advice(tmp_path: Path):
     """Split on whitespace, `my photos/b.png 1` was path `my` and label `photos/b.png`: an
     image `my` not found, a mismatch of unique-id columns, or (labels being names) a wrong

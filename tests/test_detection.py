@@ -442,6 +442,19 @@ def test_an_onnx_file_that_is_no_picodet_is_refused(tmp_path: Path, out_channels
 
 
 @needs_picodet
+def test_detect_class_names_end_only_where_files_end_lines(tmp_path: Path, capsys) -> None:
+    """A class name holding U+2028 (or a form feed) was two names for str.splitlines(): every
+    later class got the name of the one before it, or the count was refused. A line ends at
+    \\n, \\r\\n or \\r only."""
+    names = tmp_path / "coco.names"
+    names.write_text((PICODET / "coco.names").read_text().replace("person\n", "per\u2028son\n"))
+    bus = min(str(p) for p in (PICODET / "samples").glob("*.jpg"))
+    assert shitu_main(["detect", bus, "--model", str(ONNX_416), "--class-names", str(names)]) == 0
+    labels = {box["label"] for box in json.loads(capsys.readouterr().out)["boxes"]}
+    assert "per\u2028son" in labels
+
+
+@needs_picodet
 def test_detect_cli_writes_json_lines_and_images(tmp_path: Path, capsys) -> None:
     samples = sorted(str(p) for p in (PICODET / "samples").glob("*.jpg"))
     code = shitu_main(

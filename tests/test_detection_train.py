@@ -463,6 +463,21 @@ def test_voc_data_from_a_paddledetection_list(
         VocDetection(tmp_path / "test.txt", tmp_path)
 
 
+def test_a_voc_list_line_ends_only_where_files_end_lines(tmp_path: Path) -> None:
+    """A form feed (a page break some tools write) or U+2028 ended a line for
+    str.splitlines(): the lines after were counted one too many, and a bad one was named
+    under a line number the file does not have. A line ends at \\n, \\r\\n or \\r only."""
+    (tmp_path / "JPEGImages").mkdir()
+    _write_voc(tmp_path / "Annotations", _write_images(tmp_path / "JPEGImages", 2, size=64))
+    lines = [f"JPEGImages/img{i}.png Annotations/img{i}.xml" for i in range(2)]
+    listing = tmp_path / "trainval.txt"
+    listing.write_text(f"{lines[0]}\x0c\n{lines[1]}\u2028\n")
+    assert len(VocDetection(listing, tmp_path)) == 2
+    listing.write_text(f"{lines[0]}\x0c\nJPEGImages/img1.png\n")
+    with pytest.raises(DataError, match=r"trainval.txt:2: expected 'image xml'"):
+        VocDetection(listing, tmp_path)
+
+
 def test_an_output_folder_whose_path_is_not_utf8_is_refused_before_training(
     tmp_path: Path, latin1_folder: Path
 ) -> None:

@@ -21,7 +21,7 @@ from shitu.cli.common import (
     visualisation_writer,
 )
 from shitu.errors import DataError
-from shitu.fileio import SAVE_AS_UTF8, read_text, removed_if_left_empty
+from shitu.fileio import SAVE_AS_UTF8, read_text, removed_if_left_empty, text_lines
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -83,7 +83,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _class_names(path: str) -> tuple[str, ...]:
     try:
-        lines = read_text(path).splitlines()
+        lines = text_lines(read_text(path))
     except UnicodeDecodeError:
         raise DataError(f"--class-names {path}: not UTF-8 or UTF-16 text: {SAVE_AS_UTF8}") from None
     except IsADirectoryError:

@@ -30,7 +30,7 @@ from PIL import Image, ImageEnhance
 from shitu.data.transforms.ops import UnreadableImageError, decode_rgb_image
 from shitu.detection.detector import preprocess
 from shitu.errors import DataError
-from shitu.fileio import from_working_directory, listed_file, read_text
+from shitu.fileio import from_working_directory, listed_file, read_text, text_lines
 
 logger = logging.getLogger(__name__)
 
@@ -527,7 +527,7 @@ def _voc_list(path: Path, root: Path) -> list[tuple[Path, Path]]:
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"cannot read VOC list {path}: {exc}") from None
     pairs = []
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(text_lines(text), 1):
         fields = line.split()
         if not fields or fields[0].startswith("#"):
             continue

@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 from shitu.data.transforms.compose import Compose, build_transforms
 from shitu.data.transforms.ops import UnreadableImageError, check_image_size
 from shitu.errors import DataError
-from shitu.fileio import SAVE_AS_UTF8, from_working_directory, read_text
+from shitu.fileio import SAVE_AS_UTF8, from_working_directory, read_text, text_lines
 from shitu.progress import ImageProgress
 
 TransformOps = list[dict[str, dict[str, Any] | None]]
@@ -456,7 +456,7 @@ def read_lines(path: str, what: str) -> list[tuple[int, str]]:
         ) from None
     except OSError as exc:
         raise DataError(f"{what}: cannot read label file {path}: {exc}") from exc
-    lines = ((number, line.strip()) for number, line in enumerate(text.splitlines(), 1))
+    lines = ((number, line.strip()) for number, line in enumerate(text_lines(text), 1))
     return [(number, line) for number, line in lines if line and not line.startswith("#")]
 
 
