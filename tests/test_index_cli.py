@@ -543,6 +543,50 @@ def test_remove_missing_drops_the_images_whose_files_are_gone(models, tmp_path):
     assert "--id, --label and/or --missing" in shitu("index", "remove", lib).stderr
 
 
+def test_remove_missing_refuses_where_a_whole_folder_or_every_file_is_gone(models, tmp_path):
+    """A disk not mounted, or a photo folder moved, makes every file of it look gone:
+    `--missing` removed all those images, each to be embedded again once the disk was back.
+    It now removes nothing, naming the folder that is not there and the ways on (mount it,
+    `reembed --moved`, or `--force`); files deleted from a folder that is there go as
+    before."""
+    disk = tmp_path / "disk"  # a mount point: an empty folder while its disk is unplugged
+    make_images(disk / "photos" / "apple", 2, seed=1)
+    make_images(disk / "photos" / "pear", 2, seed=2)
+    kept = make_images(tmp_path / "local", 2, seed=3)
+    lib = tmp_path / "lib"
+    built = shitu("index", "build", disk / "photos", tmp_path / "local", "--label", "x",
+                  "--model", models[128], "--out", lib)  # fmt: skip
+    assert built.returncode == 0 and "added 6 images" in built.stdout, built.stderr
+    listed = shitu("index", "list", lib, "--images").stdout
+    (disk / "photos").rename(tmp_path / "unplugged")
+    kept[0].unlink()  # deleted on purpose, from a folder that is there
+    refused = shitu("index", "remove", lib, "--missing")
+    assert refused.returncode == 2, refused.stderr
+    assert f"remove --missing: the folder {disk / 'photos'} is not there (" in refused.stderr
+    assert "nothing was removed" in refused.stderr
+    assert f"`shitu index reembed {lib} --moved {disk / 'photos'} NEW --model MODEL`" in (
+        refused.stderr
+    )
+    assert "add --force" in refused.stderr
+    assert shitu("index", "list", lib, "--images").stdout == listed  # nothing removed
+    with_id = shitu("index", "remove", lib, "--missing", "--id", "6")  # refused as a whole
+    assert with_id.returncode == 2 and shitu("index", "list", lib, "--images").stdout == listed
+    alone = shitu("index", "remove", lib, "--id", "6", "--force")
+    assert alone.returncode == 2 and "--force is only for --missing" in alone.stderr
+    forced = shitu("index", "remove", lib, "--missing", "--force")
+    assert forced.returncode == 0 and "removed 5 images" in forced.stdout, forced.stderr
+    listed = shitu("index", "list", lib, "--images").stdout
+    assert [line.split("\t")[2] for line in listed.splitlines()] == [str(kept[1])]
+    # Every file gone, from a folder that is there (a mount point holding files, unmounted)
+    kept[1].unlink()
+    emptied = shitu("index", "remove", lib, "--missing")
+    assert emptied.returncode == 2, emptied.stderr
+    gone = f"every file its images were added from is gone (1 image), from {kept[1].parent} ("
+    assert gone in emptied.stderr
+    assert shitu("index", "list", lib, "--images").stdout == listed
+    assert shitu("index", "remove", lib, "--missing", "--force").stdout.startswith("removed 1 ")
+
+
 def add_in_parts_of_two(lib: Path, photos: Path, model: Path, *options: str) -> list[str]:
     """The command line of `shitu index add LIB PHOTOS --label new` writing every 2 images."""
     parts_of_two = "import sys, shitu.cli.index as i, shitu.cli.main as m; i.ADD_PART = 2; "

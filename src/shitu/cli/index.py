@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,13 @@ from shitu.index import (
     collect_items,
 )
 from shitu.index.embedder import Embedder
-from shitu.index.gallery import LIBRARY_FILE, file_gone, gone_from, library_place
+from shitu.index.gallery import (
+    LIBRARY_FILE,
+    SHOWN_FILES,
+    file_gone,
+    gone_from,
+    library_place,
+)
 from shitu.index.metadata import ImageEntry, LibraryBusyError
 
 SHOWN_PROBLEMS = 10
@@ -181,7 +188,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--missing",
         action="store_true",
         help="every image whose file is gone (moved or deleted since it was added); those "
-        "added as vectors, without a file, stay",
+        "added as vectors, without a file, stay. Refused, removing nothing, where a folder "
+        "they were added from is not there at all, or every file is gone: a disk not "
+        "mounted or a folder moved, most likely",
+    )
+    remove.add_argument(
+        "--force",
+        action="store_true",
+        help="with --missing: remove them even then (the folder, or every file, is gone for good)",
     )
     remove.set_defaults(func=run_remove)
 
@@ -557,8 +571,12 @@ def _say_what_is_kept(args: argparse.Namespace, added: int, total: int) -> None:
 def run_remove(args: argparse.Namespace) -> int:
     if not args.ids and not args.labels and not args.missing:
         raise GalleryError("remove: give --id, --label and/or --missing")
+    if args.force and not args.missing:
+        raise GalleryError("remove: --force is only for --missing")
     with Gallery.open(args.library) as gallery:
         gone = _files_gone(gallery) if args.missing else []
+        if gone and not args.force:
+            _refuse_if_a_whole_source_is_gone(args.library, gallery, gone)
         ids = list(args.ids) + [e.id for e in gone]  # an id given twice is removed once
         if not ids and not args.labels:
             print(f"removed no images from {args.library}: every image's file is there")
@@ -573,6 +591,51 @@ def run_remove(args: argparse.Namespace) -> int:
 def _files_gone(gallery: Gallery) -> list[ImageEntry]:
     """The library's images whose files are gone (moved or deleted since they were added)."""
     return [e for e in gallery.entries() if file_gone(e)]
+
+
+def _refuse_if_a_whole_source_is_gone(
+    library: Path, gallery: Gallery, gone: list[ImageEntry]
+) -> None:
+    """A GalleryError, before anything is removed, where the `gone` files look unplugged
+    rather than deleted: a folder they were added from is not there at all, or every file
+    of the library is gone. A disk not mounted made `--missing` remove all its images,
+    each to be embedded again once it was back."""
+    folders = {Path(e.path).parent for e in gone}
+    roots = sorted({root for folder in folders if (root := _gone_root(folder)) is not None})
+    if roots:
+        shown = ", ".join(map(str, roots[:SHOWN_FILES]))
+        more = f" and {len(roots) - SHOWN_FILES} more" if len(roots) > SHOWN_FILES else ""
+        what = (
+            f"the folder {shown} is not there"
+            if len(roots) == 1
+            else f"the folders {shown}{more} are not there"
+        )
+        moved = f"--moved {shlex.quote(str(roots[0]))} NEW"
+    elif len(gone) == sum(1 for e in gallery.entries() if e.path):
+        what = (
+            f"every file its images were added from is gone ({count_of(len(gone), 'image')}), "
+            f"from {gone_from(gone)}"
+        )
+        moved = "--moved OLD NEW"
+    else:
+        return
+    raise GalleryError(
+        f"remove --missing: {what} (a disk not mounted, or a folder moved or renamed?); "
+        "nothing was removed. Once the disk is mounted they are found again; for a folder "
+        f"that moved, `shitu index reembed {shlex.quote(str(library))} {moved} --model MODEL` "
+        "(MODEL the library's model) records where its files are now; to remove the images "
+        "whose files are gone all the same, add --force"
+    )
+
+
+def _gone_root(folder: Path) -> Path | None:
+    """The outermost of `folder` and the folders above it that is not there (a disk's
+    folder, unmounted), None where `folder` is there."""
+    if folder.is_dir():
+        return None
+    while folder.parent != folder and not folder.parent.is_dir():
+        folder = folder.parent
+    return folder
 
 
 def run_relabel(args: argparse.Namespace) -> int:
