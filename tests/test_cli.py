@@ -780,18 +780,20 @@ def test_extract_refuses_a_folder_for_out_before_embedding(tmp_path):
 def test_extract_names_the_file_whose_name_holds_a_line_break(tmp_path):
     """Such a name cannot go into the paths list; found in a folder, it must be named for
     the user to rename it."""
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    broken = photos / "two\nlines.png"
-    for path in (photos / "a.png", broken):
-        Image.fromarray(np.full((32, 32, 3), 90, np.uint8)).save(path)
-    result = run_shitu("extract", str(photos), "--out", str(tmp_path / "feats"))
-    assert result.returncode == 2, result.stderr
-    assert result.stderr == (
-        f"error: {str(broken)!r}: its name holds a line break, which the paths list (one "
-        "path a line) cannot hold; rename the file or leave it out\n"
-    )
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["photos"]
+    for name in ("two\nlines.png", "carriage\rreturn.png"):  # \r: a line end read as text
+        photos = tmp_path / "photos"
+        photos.mkdir()
+        broken = photos / name
+        for path in (photos / "a.png", broken):
+            Image.fromarray(np.full((32, 32, 3), 90, np.uint8)).save(path)
+        result = run_shitu("extract", str(photos), "--out", str(tmp_path / "feats"))
+        assert result.returncode == 2, result.stderr
+        assert result.stderr == (
+            f"error: {str(broken)!r}: its name holds a line break, which the paths list (one "
+            "path a line) cannot hold; rename the file or leave it out\n"
+        )
+        assert sorted(path.name for path in tmp_path.iterdir()) == ["photos"]
+        shutil.rmtree(photos)
 
 
 def test_a_command_that_writes_nothing_leaves_no_output_folder_it_made(tmp_path):

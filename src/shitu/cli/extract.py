@@ -69,8 +69,10 @@ def run(args: argparse.Namespace) -> int:
 
 def _extract(args: argparse.Namespace) -> int:
     files, _ = expand_images(args.inputs)
-    # Found in a folder of thousands, the file must be named for the user to rename it.
-    broken = next((f for f in files if "\n" in str(f)), None)
+    # Found in a folder of thousands, the file must be named for the user to rename it. A
+    # lone \r ends a line too where the list is read as text (Python's universal newlines,
+    # splitlines): every later path would be paired with the features of the one before.
+    broken = next((f for f in files if "\n" in str(f) or "\r" in str(f)), None)
     if broken is not None:
         raise DataError(
             f"{str(broken)!r}: its name holds a line break, which the paths list (one path "
