@@ -856,6 +856,7 @@ def test_detect_export_writes_pdparams_and_our_checkpoints_as_onnx_with_torchs_b
     for weights, arch, size in (
         (pdparams, ["--det-arch", "picodet_s_esnet"], 320),
         (checkpoint, [], 416),
+        (PICODET / "picodet_s_320_coco.onnx", [], 416),  # an ONNX file, at another size
     ):
         out = tmp_path / f"{weights.stem}_{size}.onnx"
         command = ["detect-export", str(weights), *arch, "--input-size", str(size)]

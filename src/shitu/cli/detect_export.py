@@ -14,11 +14,12 @@ from shitu.fileio import refuse_file_in_the_way
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "detect-export",
-        help="write a PicoDet detector (.pdparams or our .pt) as ONNX, for onnxruntime",
+        help="write a PicoDet detector (.pdparams, our .pt or a .onnx) as ONNX, for onnxruntime",
         description=(
-            "Write a detector given as PaddleDetection .pdparams (with --det-arch) or our "
-            "checkpoint (a detect-train model.pt) as an ONNX file with box decoding inside, "
-            "at --input-size, its class names in it: the fast CPU path of `shitu detect "
+            "Write a detector given as PaddleDetection .pdparams (with --det-arch), our "
+            "checkpoint (a detect-train model.pt) or an ONNX file (to write it at another "
+            "size) as an ONNX file with box decoding inside, at --input-size, its class names "
+            "in it: the fast CPU path of `shitu detect "
             "--model` and `shitu recognize --detector`. The file is run with onnxruntime on "
             "a test image before it is written, and refused where its boxes are not torch's."
         ),
@@ -31,7 +32,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--input-size",
         type=input_side,
-        help="the input side the file runs at (a multiple of 32; default: the architecture's)",
+        help="the input side the file runs at (a multiple of 32; default: the architecture's, an "
+        "ONNX file's own)",
     )
     parser.set_defaults(func=run)
 
