@@ -214,7 +214,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     listing = commands.add_parser(
         "list",
-        help="list labels with counts, or one label's images",
+        help="list labels with counts, or images (one label's, or all with --images)",
         description="List the labels with their image counts; with --label that label's "
         "images, with --images every image: `ID<TAB>LABEL<TAB>PATH<TAB>ADDED_AT` lines, a "
         "path that holds a tab, a line break or another control character (or starts with "
