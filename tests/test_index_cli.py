@@ -562,7 +562,8 @@ def test_remove_missing_refuses_where_a_whole_folder_or_every_file_is_gone(model
     kept[0].unlink()  # deleted on purpose, from a folder that is there
     refused = shitu("index", "remove", lib, "--missing")
     assert refused.returncode == 2, refused.stderr
-    assert f"remove --missing: the folder {disk / 'photos'} is not there (" in refused.stderr
+    folder = f"the folder {disk / 'photos'}, where the files of 4 images were, is not there ("
+    assert f"remove --missing: {folder}" in refused.stderr
     assert "nothing was removed" in refused.stderr
     assert f"`shitu index reembed {lib} --moved {disk / 'photos'} NEW --model MODEL`" in (
         refused.stderr

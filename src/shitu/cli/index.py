@@ -605,10 +605,12 @@ def _refuse_if_a_whole_source_is_gone(
     if roots:
         shown = ", ".join(map(str, roots[:SHOWN_FILES]))
         more = f" and {len(roots) - SHOWN_FILES} more" if len(roots) > SHOWN_FILES else ""
+        held = sum(1 for e in gone if any(Path(e.path).is_relative_to(r) for r in roots))
+        where = f"the files of {count_of(held, 'image')} were"
         what = (
-            f"the folder {shown} is not there"
+            f"the folder {shown}, where {where}, is not there"
             if len(roots) == 1
-            else f"the folders {shown}{more} are not there"
+            else f"the folders {shown}{more}, where {where}, are not there"
         )
         moved = f"--moved {shlex.quote(str(roots[0]))} NEW"
     elif len(gone) == sum(1 for e in gallery.entries() if e.path):
