@@ -94,10 +94,10 @@ def average_weights(
                     f"hold the same model (`shitu convert {bare} -c CONFIG` records it)"
                 )
             differences = setting_differences(
-                _compared(metadata, key), _compared(other_metadata, key), key
+                _compared(metadata, key), _compared(other_metadata, key), key, "there"
             )
             raise CheckpointError(
-                f"{path}: its {key} differs from {first_path}'s ({'; '.join(differences[:3])}); "
+                f"{path}: its {key} differs from {first_path}'s: {'; '.join(differences[:3])}; "
                 "only weights of the same model can be averaged"
             )
         if state.keys() != first.keys():

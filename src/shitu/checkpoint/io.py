@@ -299,18 +299,22 @@ def _training_state_metadata(payload: dict) -> dict[str, str]:
     return {REPARAMETERIZED: "false", ARCH: json.dumps(arch)}
 
 
-def setting_differences(first: object, other: object, where: str) -> list[str]:
-    """Where two metadata values (an Arch config as JSON data) differ, by setting: e.g.
-    `shitu.arch Head.class_num: 6 and 7` for an Arch config's classifier sizes."""
+def setting_differences(first: object, other: object, where: str, than: str) -> list[str]:
+    """Where two versions of settings (config sections, or an Arch recorded as metadata, as
+    JSON data) differ, by setting, as 'KEY OTHER (THAN FIRST)', nested keys joined by dots:
+    `Arch.Head.class_num 7 (was 6)` for a resumed run's config against its checkpoint's
+    (`than` "was"). A tensor's size mismatch does not name the setting that changed it."""
     if isinstance(first, dict) and isinstance(other, dict):
         keys = sorted(first.keys() | other.keys(), key=str)
         prefix = f"{where} " if where == ARCH else f"{where}."
         return [
             difference
             for key in keys
-            for difference in setting_differences(first.get(key), other.get(key), f"{prefix}{key}")
+            for difference in setting_differences(
+                first.get(key), other.get(key), f"{prefix}{key}", than
+            )
         ]
-    return [] if first == other else [f"{where}: {first!r} and {other!r}"]
+    return [] if first == other else [f"{where} {other!r} ({than} {first!r})"]
 
 
 def state_for_model(
@@ -346,13 +350,10 @@ def fit_hint(metadata: dict[str, str], arch: dict[str, Any] | None) -> str:
     if not isinstance(recorded, dict):
         return check
     given, built = weight_shaping_arch(arch), weight_shaping_arch(recorded)
-    differences = setting_differences({k: built.get(k) for k in given}, given, "Arch")
+    differences = setting_differences({k: built.get(k) for k in given}, given, "Arch", "the file's")
     if not differences:
         return check
-    return (
-        "(the file was built with other Arch settings, the file's then the config's: "
-        f"{'; '.join(differences[:3])})"
-    )
+    return f"(the config's Arch settings differ from the file's: {'; '.join(differences[:3])})"
 
 
 def load_weights(
