@@ -677,6 +677,35 @@ def test_an_export_has_the_permissions_the_umask_gives(tmp_path, umask, file_mod
     assert {path.stat().st_mode & 0o777 for path in out.iterdir()} == {file_mode}
 
 
+def test_export_says_how_many_calibration_images_it_uses_and_from_where(tmp_path):
+    """Nothing said whether the calibration folder was read, nor how much of it was used;
+    a folder without images is refused naming it, before any model is written."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for shade in range(5):
+        Image.fromarray(np.full((32, 32, 3), 40 * shade, np.uint8)).save(photos / f"{shade}.png")
+    extra = tmp_path / "extra.png"
+    Image.fromarray(np.full((32, 32, 3), 90, np.uint8)).save(extra)
+    weights = f"Global.pretrained_model={default_model_dir() / 'model.safetensors'}"
+    out = tmp_path / "model"
+    result = run_shitu("export", "-c", "GroceryStore_EfficientNetLite0", "-o", weights,
+                       "--out", str(out), "--score-thres", "0.6", "--int8-images", "4",
+                       "--int8-calibration", str(photos), str(extra))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == (
+        f"int8 calibration: 4 of the 6 images (in {photos}; 1 file given; evenly spaced: "
+        "--int8-images sets how many)\n"
+    )
+    assert (out / "model.int8.onnx").is_file()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no photos here")
+    refused = run_shitu("export", "-c", "GroceryStore_EfficientNetLite0", "-o", weights,
+                        "--out", str(tmp_path / "other"), "--int8-calibration", str(empty))  # fmt: skip
+    assert refused.returncode == 2 and not (tmp_path / "other").exists()
+    assert refused.stderr.endswith(f"error: {empty}: no images in this folder\n")
+
+
 def test_int8_images_without_calibration_images_is_refused(tmp_path):
     """It was ignored: the export came without the int8 model the user asked for."""
     result = run_shitu("export", "--out", str(tmp_path / "model"), "--int8-images", "64")
