@@ -306,7 +306,9 @@ def test_convert_missing_file_is_one_line_error(tmp_path):
         "convert", str(tmp_path / "none.pdparams"), "--out", str(tmp_path / "o.safetensors")
     )
     assert result.returncode == 2
-    assert result.stderr.strip() == f"error: weight file not found: {tmp_path / 'none.pdparams'}"
+    note, *error = result.stderr.splitlines()  # the note: which config, without -c
+    assert note.startswith("note: no -c, so the shipped config ")
+    assert error == [f"error: weight file not found: {tmp_path / 'none.pdparams'}"]
     assert not (tmp_path / "o.safetensors").exists()
 
 
@@ -639,6 +641,28 @@ DataLoader:
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: {tmp_path / 'garbage.jpg'}: cannot decode image")
     assert "Traceback" not in result.stderr and "worker" not in result.stderr
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "export", "convert"])
+def test_a_command_without_c_names_the_config_it_reads(tmp_path, command):
+    """Without -c they read PP-ShiTuV2's config, not the shipped model's (which `info`
+    describes without -c), and nothing said so: its dataset paths, not the user's, were
+    then refused as if the user had named them."""
+    words = {
+        "convert": ["convert", str(tmp_path / "none.pdparams"), "--out", "w.safetensors"],
+        "export": ["export", "-o", f"Global.pretrained_model={tmp_path / 'none.pt'}"],
+    }
+    result = subprocess.run([*SHITU, *words.get(command, [command])], capture_output=True,
+                            text=True, cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.startswith(
+        "note: no -c, so the shipped config GeneralRecognitionV2_PPLCNetV2_base (PP-ShiTuV2's "
+        "recipe; the shipped model's is GroceryStore_EfficientNetLite0); give -c CONFIG for "
+        "your own\n"
+    )
+    named = subprocess.run([*SHITU, *words.get(command, [command]), "-c", "xbm_resnet50"],
+                           capture_output=True, text=True, cwd=tmp_path)  # fmt: skip
+    assert named.returncode == 2 and "note: no -c" not in named.stderr
 
 
 def test_train_limits_must_be_positive():

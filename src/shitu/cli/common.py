@@ -135,14 +135,13 @@ def add_config_arguments(
     without: str = "",
 ) -> None:
     """`-c CONFIG` and `-o`; `default` None for a command that reads a config only when -c
-    names one, or that does what `without` says when it does not."""
+    names one, or that does what `without` says when it does not. `args.config` is None
+    without -c: `config_from_args` then reads `default` and says so."""
     shown = f" (default: {default})" if default else f" (default: {without})" if without else ""
     parser.add_argument(
-        "-c",
-        "--config",
-        default=default,
-        help=f"YAML config file, or the name of a shipped config{shown}",
+        "-c", "--config", help=f"YAML config file, or the name of a shipped config{shown}"
     )
+    parser.set_defaults(default_config=default)
     add_override_argument(parser, "-o Global.epochs=10 -o Arch.Head.class_num=81")
     if head_option:
         parser.add_argument(
@@ -251,6 +250,9 @@ def config_from_args(
     from shitu.config.loader import with_source
     from shitu.config.overrides import override_paths
 
+    if args.config is None:
+        args.config = args.default_config
+        _say_default_config(args.config)
     overrides = [item for group in args.override for item in group]
     config = load_config(args.config, overrides)
     if needs is not None:
@@ -262,6 +264,20 @@ def config_from_args(
     if getattr(args, "no_head", False):
         config.Arch.Head = None
     return config
+
+
+def _say_default_config(name: str) -> None:
+    """Name the config a command reads without -c: its errors (a dataset path of its own,
+    not the user's) and its model (not the shipped one) were otherwise unexplained."""
+    from shitu.engine.distributed import launched_rank
+    from shitu.inference.default_model import DEFAULT_MODEL_CONFIG
+
+    if launched_rank() == 0:  # once under torchrun
+        print(
+            f"note: no -c, so the shipped config {name} (PP-ShiTuV2's recipe; the shipped "
+            f"model's is {DEFAULT_MODEL_CONFIG}); give -c CONFIG for your own",
+            file=sys.stderr,
+        )
 
 
 def arch_of_model(config: ShituConfig) -> dict[str, Any]:
