@@ -8,6 +8,7 @@ import logging
 import os
 import pickle
 import re
+import shutil
 import signal
 
 import numpy as np
@@ -785,6 +786,33 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(command, tm
     assert result.returncode == 2 and "not-read.safetensors" in result.stderr
     assert not (tmp_path / "new").exists()
     assert not list(tmp_path.glob(".*"))  # no trial file left behind
+
+
+@pytest.mark.parametrize("command", ["average", "convert"])
+def test_an_output_in_an_export_or_library_folder_is_refused(command, tmp_path):
+    """Written over an export's own model.safetensors, the export no longer loaded (its
+    recorded hash no longer matched); a library's folder is no place for weights either."""
+    from shitu.index.metadata import LIBRARY_FILE
+    from shitu.inference import FeatureExtractor, default_model_dir
+
+    export = tmp_path / "export"
+    shutil.copytree(default_model_dir(), export)
+    library = tmp_path / "library"
+    library.mkdir()
+    (library / LIBRARY_FILE).write_bytes(b"")  # what makes a folder a library's
+    weights = str(export / "model.safetensors")
+    inputs = [weights, weights] if command == "average" else [weights, "--no-head"]
+    for folder, kind, marker in ((export, "an exported model", "shitu_model.json"),
+                                 (library, "a gallery library", LIBRARY_FILE)):  # fmt: skip
+        out = folder / "model.safetensors"
+        result = run_shitu(command, *inputs, "--out", str(out))
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.endswith(
+            f"error: --out {out}: {folder} is {kind}'s folder ({marker}), whose files are its "
+            "own: write the weights to another folder\n"
+        )
+    assert sorted(path.name for path in library.iterdir()) == [LIBRARY_FILE]
+    FeatureExtractor.load(export, backend="torch").close()  # unchanged: it still loads
 
 
 def test_weights_that_do_not_fit_name_the_arch_settings_they_were_built_with(tmp_path):

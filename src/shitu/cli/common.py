@@ -331,11 +331,18 @@ def writable_weights_file(out: str | Path) -> Path:
     (`check_weights_name`), no folder of that name, a folder it can be made in (its
     folders are made now: run the command in `removed_if_left_empty`). Checked before
     the inputs are read, merged or converted, with the message `save_weights` would give
-    after that work."""
+    after that work. Not into a gallery library's or an export's folder (`owned_folder`):
+    written over an export's own model.safetensors, the export no longer loaded."""
     from shitu.checkpoint.io import check_weights_name
 
     path = check_weights_name(out)
     refuse_file_in_the_way(path.parent, f"--out {out}")  # named, not 'File exists'
+    owner = owned_folder(path.parent)
+    if owner is not None:
+        raise CheckpointError(
+            f"--out {out}: {path.parent} is {owner[1]}'s folder ({owner[0]}), whose files "
+            "are its own: write the weights to another folder"
+        )
     try:
         if path.is_dir():  # `save_weights` renames its file onto it only at the end
             raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
