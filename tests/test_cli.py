@@ -665,6 +665,18 @@ def test_a_command_without_c_names_the_config_it_reads(tmp_path, command):
     assert named.returncode == 2 and "note: no -c" not in named.stderr
 
 
+@pytest.mark.parametrize("command", ["info", "eval", "train", "export"])
+def test_an_empty_config_name_is_refused(command):
+    """`-c "$CONFIG"` with the variable unset: `info` described an untrained model as if
+    the shipped config's, the others called the empty name "a folder" (it is `.`)."""
+    result = run_shitu(command, "-c", "")
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == (
+        "error: config file: an empty name; give a YAML file or a shipped name: "
+        "GeneralRecognitionV2_PPLCNetV2_base, GroceryStore_EfficientNetLite0, xbm_resnet50\n"
+    )
+
+
 def test_train_limits_must_be_positive():
     """A step or time limit of 0 or less stopped every run before its first step."""
     steps = run_shitu("train", "--stop-after-steps", "-3")
