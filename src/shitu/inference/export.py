@@ -158,6 +158,11 @@ def write_export(
     _check_target(out_dir)
     if score_thres is not None and not -1.0 <= score_thres <= 1.0:
         raise ExportError(f"score_thres {score_thres}: a cosine similarity, in [-1, 1]")
+    if isinstance(calibration_images, str | Path):  # a str is a sequence of characters
+        raise ExportError(
+            f"calibration_images {str(calibration_images)!r}: a list of image files, not one "
+            "path (a folder's images: shitu.image_files.scan_images(Path(folder)))"
+        )
     if compact and calibration_images:
         raise ExportError(
             "compact with int8 calibration images (--compact --int8-calibration): a compact "
