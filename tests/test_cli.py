@@ -677,6 +677,27 @@ def test_an_empty_config_name_is_refused(command):
     )
 
 
+def test_export_without_weights_says_whether_the_model_is_random(tmp_path):
+    """The note said "e.g. an ImageNet backbone" of a config that names no pretrained
+    backbone too, whose export then holds random weights."""
+    for pretrained, start in (
+        ("false", "all at random, as it names no Arch.Backbone.pretrained weights"),
+        ("true", "its backbone's pretrained weights (Arch.Backbone.pretrained), new layers at "
+         "random"),
+    ):  # fmt: skip
+        out = tmp_path / pretrained
+        result = run_shitu("export", "-c", "GroceryStore_EfficientNetLite0", "--compact",
+                           "--score-thres", "0.5", "--out", str(out),
+                           "-o", f"Arch.Backbone.pretrained={pretrained}")  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        assert result.stderr == (
+            "note: no Global.pretrained_model, so the export holds the model as the config "
+            f"initialises it: {start}; pass -o Global.pretrained_model=output/"
+            "default_recognizer/best_model.safetensors (or any weights file) for trained "
+            "weights\n"
+        )
+
+
 def test_train_limits_must_be_positive():
     """A step or time limit of 0 or less stopped every run before its first step."""
     steps = run_shitu("train", "--stop-after-steps", "-3")
