@@ -232,6 +232,25 @@ def test_corrupt_weight_files(tmp_path, name, content, message):
         load_weights(make_model(), path)
 
 
+def test_an_empty_or_foreign_torch_file_is_named_as_what_it_is(tmp_path):
+    """torch's unpickler said nothing ("zero.pt is not a readable torch checkpoint: ") of an
+    empty file and "101" (a KeyError) of one that is not a torch file."""
+    empty, foreign = tmp_path / "zero.pt", tmp_path / "notes.pth"
+    empty.write_bytes(b"")
+    foreign.write_bytes(b"hello world")
+    with pytest.raises(CheckpointError) as refused:
+        load_weights(make_model(), empty)
+    assert str(refused.value) == (
+        f"{empty} is empty (0 bytes), not a torch checkpoint (a save that never finished?)"
+    )
+    with pytest.raises(CheckpointError) as refused:
+        load_weights(make_model(), foreign)
+    assert str(refused.value) == (
+        f"{foreign} is not a readable torch checkpoint: cut short, or not a torch file "
+        "(neither a torch.save zip archive nor a legacy pickle)"
+    )
+
+
 def test_weights_saved_from_a_ddp_wrapped_model_load(tmp_path):
     """Another trainer's `torch.save(ddp_model.state_dict())` prefixes every name with the
     wrapper's `module.`: those load as the model's own names."""

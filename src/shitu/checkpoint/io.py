@@ -240,6 +240,15 @@ def _torch_load_failure(path: Path, error: Exception) -> str:
     object it holds and what to save instead."""
     found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
     if found is None:
+        if path.stat().st_size == 0:  # torch's EOFError says nothing
+            return (
+                f"{path} is empty (0 bytes), not a torch checkpoint (a save that never finished?)"
+            )
+        if isinstance(error, EOFError | KeyError):  # an unpickler's, naming no problem ("101")
+            return (
+                f"{path} is not a readable torch checkpoint: cut short, or not a torch file "
+                "(neither a torch.save zip archive nor a legacy pickle)"
+            )
         return f"{path} is not a readable torch checkpoint: {error}"
     return (
         f"{path} holds pickled Python objects ({found.group(1)}), not only tensors, and shitu "
