@@ -251,6 +251,24 @@ def test_an_empty_or_foreign_torch_file_is_named_as_what_it_is(tmp_path):
     )
 
 
+def test_a_url_given_for_weights_is_named_as_one():
+    """PaddleClas downloads a URL given as Global.pretrained_model; shitu looked for it as
+    a local file: "weight file not found: https:/host/..." (one slash lost), relative to the
+    working directory."""
+    url = "https://paddle-imagenet-models-name.bj.bcebos.com/v1/PPLCNetV2_base.pdparams"
+    refusal = (
+        f"{url} is a URL, and shitu downloads no weights: download the file (e.g. `curl -LO "
+        f"{url}`) and give its path"
+    )
+    with pytest.raises(CheckpointError) as refused:
+        load_weights(make_model(), url)
+    assert str(refused.value) == refusal
+    result = run_shitu("info", "-c", "GroceryStore_EfficientNetLite0", "-o",
+                       f"Arch.Backbone.pretrained={url}")  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr == f"error: Arch.Backbone.pretrained: {refusal}\n"
+
+
 def test_weights_saved_from_a_ddp_wrapped_model_load(tmp_path):
     """Another trainer's `torch.save(ddp_model.state_dict())` prefixes every name with the
     wrapper's `module.`: those load as the model's own names."""

@@ -103,7 +103,13 @@ def save_weights(
 def weights_file(path: str | Path) -> Path:
     """`path`, or, where no file has that name, the weight file of that name plus a suffix
     (the first of `WEIGHT_SUFFIXES` found): PaddleClas's `Global.pretrained_model` names
-    files without their suffix (`output/RecModel/best_model`)."""
+    files without their suffix (`output/RecModel/best_model`). A URL, as PaddleClas (which
+    downloads it) takes, is refused naming it: as a path it was "not found: https:/..."."""
+    if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", str(path)):
+        raise CheckpointError(
+            f"{path} is a URL, and shitu downloads no weights: download the file (e.g. "
+            f"`curl -LO {path}`) and give its path"
+        )
     path = Path(path)
     if path.exists() or path.suffix in WEIGHT_SUFFIXES:
         return path
