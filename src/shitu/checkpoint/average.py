@@ -94,7 +94,10 @@ def average_weights(
                     f"hold the same model (`shitu convert {bare} -c CONFIG` records it)"
                 )
             differences = setting_differences(
-                _compared(metadata, key), _compared(other_metadata, key), key, "there"
+                _compared(metadata, key),
+                _compared(other_metadata, key),
+                key,
+                f"{Path(first_path).name}'s",
             )
             raise CheckpointError(
                 f"{path}: its {key} differs from {first_path}'s: {'; '.join(differences[:3])}; "

@@ -314,11 +314,22 @@ def _training_state_metadata(payload: dict) -> dict[str, str]:
     return {REPARAMETERIZED: "false", ARCH: json.dumps(arch)}
 
 
+class _NotSet:
+    """A setting that one side does not hold: compared as null, shown as "not set"."""
+
+    def __repr__(self) -> str:
+        return "not set"
+
+
+_NOT_SET = _NotSet()
+
+
 def setting_differences(first: object, other: object, where: str, than: str) -> list[str]:
     """Where two versions of settings (config sections, or an Arch recorded as metadata, as
     JSON data) differ, by setting, as 'KEY OTHER (THAN FIRST)', nested keys joined by dots:
     `Arch.Head.class_num 7 (was 6)` for a resumed run's config against its checkpoint's
-    (`than` "was"). A tensor's size mismatch does not name the setting that changed it."""
+    (`than` "was"). A tensor's size mismatch does not name the setting that changed it. A
+    key one side lacks is "not set" there, and equal to null."""
     if isinstance(first, dict) and isinstance(other, dict):
         keys = sorted(first.keys() | other.keys(), key=str)
         prefix = f"{where} " if where == ARCH else f"{where}."
@@ -326,10 +337,11 @@ def setting_differences(first: object, other: object, where: str, than: str) -> 
             difference
             for key in keys
             for difference in setting_differences(
-                first.get(key), other.get(key), f"{prefix}{key}", than
+                first.get(key, _NOT_SET), other.get(key, _NOT_SET), f"{prefix}{key}", than
             )
         ]
-    return [] if first == other else [f"{where} {other!r} ({than} {first!r})"]
+    same = (None if first is _NOT_SET else first) == (None if other is _NOT_SET else other)
+    return [] if same else [f"{where} {other!r} ({than} {first!r})"]
 
 
 def state_for_model(
