@@ -381,6 +381,8 @@ PADDLECLAS_PARAMS = {
     "multi_precision": "PaddleClas's float32 master weights for fp16; shitu's weights stay "
     "float32 under Global.amp",
     "by_epoch": "PaddleClas's per-epoch stepping; shitu's schedules change the rate every step",
+    "Infer": "PaddleClas's tools/infer.py settings; shitu's inference takes the preprocessing "
+    "`shitu export` records beside the model (DataLoader.Eval's), so remove the section",
 }
 
 
