@@ -416,6 +416,11 @@ def test_an_eval_metric_not_computed_is_refused_for_training_only(config_file):
             "the preprocessing `shitu export` records beside the model (DataLoader.Eval's), so "
             "remove the section)",
         ),
+        (  # a PaddleClas Products config's classifier size
+            ["Global.class_num=50030"],
+            "Global.class_num: unknown key (PaddleClas's classifier size for its classification "
+            "configs; shitu's is Arch.Head.class_num)",
+        ),
         (["Global.eval_metric=map"], "Global.eval_metric: must be recall@K, "),
         (["Global.eval_metric=recall1"], "Global.eval_metric: must be recall@K, "),
         (["Global.re_ranking={k1: 0}"], "Global.re_ranking.k1: must be a positive integer"),
