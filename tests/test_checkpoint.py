@@ -592,13 +592,15 @@ def test_weighted_average_adds_a_run_to_an_existing_soup(tmp_path):
         for name, tensor in read_weights(grown)[0].items():
             torch.testing.assert_close(tensor, expected[name], atol=1e-6, rtol=1e-5)
     for options, message in [
-        (["--weighting", "3"], "1 weights given for 2 weight files"),
-        (["--weighting", "1", "0"], "each must be positive"),
-        (["--weighting", "inf", "1"], "each must be positive and finite"),
-    ]:
+        (["--weighting", "3"], "weighting [3.0]: 1 value for 2 weight files; give one per file"),
+        (["--weighting", "1", "0"], "weighting [1.0, 0.0]: each value must be positive and "
+         "finite"),
+        (["--weighting", "inf", "1"], "weighting [inf, 1.0]: each value must be positive and "
+         "finite"),
+    ]:  # fmt: skip
         result = run_shitu("average", str(three), str(paths[3]), *options,
                            "--out", str(tmp_path / "refused.safetensors"))  # fmt: skip
-        assert result.returncode == 2 and message in result.stderr, result.stderr
+        assert result.returncode == 2 and result.stderr == f"error: {message}\n", result.stderr
     result = run_shitu("average", str(three), "--weighting", "1", "--pretrained-share", "0.1",
                        "--layers", "head", "--out", str(tmp_path / "refused.safetensors"))  # fmt: skip
     assert result.returncode == 2 and "two or more weight files" in result.stderr

@@ -65,11 +65,13 @@ def average_weights(
         raise CheckpointError(f"averaging needs at least two weight files, got {len(paths)}")
     weighting = [1.0] * len(paths) if weighting is None else [float(w) for w in weighting]
     if len(weighting) != len(paths):
+        # named as the option is: "1 weights given" was taken for weight files
+        values = f"{len(weighting)} value{'' if len(weighting) == 1 else 's'}"
         raise CheckpointError(
-            f"{len(weighting)} weights given for {len(paths)} weight files: give one per file"
+            f"weighting {weighting}: {values} for {len(paths)} weight files; give one per file"
         )
     if not all(math.isfinite(weight) and weight > 0 for weight in weighting):  # inf: NaN soup
-        raise CheckpointError(f"weights {weighting}: each must be positive and finite")
+        raise CheckpointError(f"weighting {weighting}: each value must be positive and finite")
     _warn_of_repeated_files(paths)
     largest = max(weighting)  # relative to it: a sum of huge weights is inf (a NaN soup)
     weighting = [weight / largest for weight in weighting]
