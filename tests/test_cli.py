@@ -785,6 +785,24 @@ def test_compact_with_int8_calibration_is_refused_naming_both_options(tmp_path):
     )
 
 
+def test_export_refuses_a_file_name_for_out(tmp_path):
+    """`--out model.onnx` made a folder named model.onnx (holding model.onnx): an export is
+    a folder, which a file's name makes look like one file. An existing export of such a
+    name is still replaced."""
+    weights = f"Global.pretrained_model={default_model_dir() / 'model.safetensors'}"
+    export = ["export", "-c", "GroceryStore_EfficientNetLite0", "-o", weights, "--compact",
+              "--score-thres", "0.6", "--out"]  # fmt: skip
+    out = tmp_path / "model.onnx"
+    result = run_shitu(*export, str(out))
+    assert result.returncode == 2 and not out.exists()
+    assert result.stderr == (
+        f"error: {out}: a file's name, but an export is a folder (model.onnx, model.safetensors "
+        f"and shitu_model.json go into it); give a folder for --out, e.g. {tmp_path / 'model'}\n"
+    )
+    shutil.copytree(default_model_dir(), tmp_path / "old.onnx")  # an export of that name
+    assert run_shitu(*export, str(tmp_path / "old.onnx")).returncode == 0
+
+
 def test_an_export_that_fails_leaves_no_folder_it_made_for_out(tmp_path):
     """The folders above --out were made for the export's staging folder, and stayed, empty,
     after an export that failed (here: no calibration image could be read)."""
