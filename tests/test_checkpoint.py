@@ -8,6 +8,7 @@ import logging
 import os
 import pickle
 import re
+import shutil
 import signal
 
 import numpy as np
@@ -229,6 +230,43 @@ def test_corrupt_weight_files(tmp_path, name, content, message):
     path.write_bytes(content)
     with pytest.raises(CheckpointError, match=message):
         load_weights(make_model(), path)
+
+
+def test_an_empty_or_foreign_torch_file_is_named_as_what_it_is(tmp_path):
+    """torch's unpickler said nothing ("zero.pt is not a readable torch checkpoint: ") of an
+    empty file and "101" (a KeyError) of one that is not a torch file."""
+    empty, foreign = tmp_path / "zero.pt", tmp_path / "notes.pth"
+    empty.write_bytes(b"")
+    foreign.write_bytes(b"hello world")
+    with pytest.raises(CheckpointError) as refused:
+        load_weights(make_model(), empty)
+    assert str(refused.value) == (
+        f"{empty} is empty (0 bytes), not a torch checkpoint (a save that never finished?)"
+    )
+    with pytest.raises(CheckpointError) as refused:
+        load_weights(make_model(), foreign)
+    assert str(refused.value) == (
+        f"{foreign} is not a readable torch checkpoint: cut short, or not a torch file "
+        "(neither a torch.save zip archive nor a legacy pickle)"
+    )
+
+
+def test_a_url_given_for_weights_is_named_as_one():
+    """PaddleClas downloads a URL given as Global.pretrained_model; shitu looked for it as
+    a local file: "weight file not found: https:/host/..." (one slash lost), relative to the
+    working directory."""
+    url = "https://paddle-imagenet-models-name.bj.bcebos.com/v1/PPLCNetV2_base.pdparams"
+    refusal = (
+        f"{url} is a URL, and shitu downloads no weights: download the file (e.g. `curl -LO "
+        f"{url}`) and give its path"
+    )
+    with pytest.raises(CheckpointError) as refused:
+        load_weights(make_model(), url)
+    assert str(refused.value) == refusal
+    result = run_shitu("info", "-c", "GroceryStore_EfficientNetLite0", "-o",
+                       f"Arch.Backbone.pretrained={url}")  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr == f"error: Arch.Backbone.pretrained: {refusal}\n"
 
 
 def test_weights_saved_from_a_ddp_wrapped_model_load(tmp_path):
@@ -554,13 +592,15 @@ def test_weighted_average_adds_a_run_to_an_existing_soup(tmp_path):
         for name, tensor in read_weights(grown)[0].items():
             torch.testing.assert_close(tensor, expected[name], atol=1e-6, rtol=1e-5)
     for options, message in [
-        (["--weighting", "3"], "1 weights given for 2 weight files"),
-        (["--weighting", "1", "0"], "each must be positive"),
-        (["--weighting", "inf", "1"], "each must be positive and finite"),
-    ]:
+        (["--weighting", "3"], "weighting [3.0]: 1 value for 2 weight files; give one per file"),
+        (["--weighting", "1", "0"], "weighting [1.0, 0.0]: each value must be positive and "
+         "finite"),
+        (["--weighting", "inf", "1"], "weighting [inf, 1.0]: each value must be positive and "
+         "finite"),
+    ]:  # fmt: skip
         result = run_shitu("average", str(three), str(paths[3]), *options,
                            "--out", str(tmp_path / "refused.safetensors"))  # fmt: skip
-        assert result.returncode == 2 and message in result.stderr, result.stderr
+        assert result.returncode == 2 and result.stderr == f"error: {message}\n", result.stderr
     result = run_shitu("average", str(three), "--weighting", "1", "--pretrained-share", "0.1",
                        "--layers", "head", "--out", str(tmp_path / "refused.safetensors"))  # fmt: skip
     assert result.returncode == 2 and "two or more weight files" in result.stderr
@@ -599,8 +639,9 @@ def test_average_weights_refuses_files_of_different_models(tmp_path):
     other_neck = save_weights(state, tmp_path / "f.safetensors", model_metadata(model, other_neck))
     with pytest.raises(
         CheckpointError,
-        match=r"f\.safetensors: its shitu\.arch differs from .*a\.safetensors's "
-        r"\(shitu\.arch Neck\.bias_frozen: None and False\); only weights of the same",
+        match=r"f\.safetensors: its shitu\.arch differs from .*a\.safetensors's: "
+        r"shitu\.arch Neck\.bias_frozen False \(a\.safetensors's not set\); only weights of "
+        r"the same",
     ):
         average_weights([base, other_neck])
     fewer = {k: v for k, v in state.items() if not k.startswith("head.")}
@@ -682,9 +723,9 @@ def test_pretrained_share_moves_only_the_named_layers_back_to_the_initialisation
             ["--pretrained-share", "0.2", "--layers", "backbone", "-o",
              "Arch.Backbone.class_num=256", "Arch.Neck.num_features=256",
              "Arch.Head.embedding_size=256"],
-            "(the file was built with other Arch settings, the file's then the config's: "
-            "Arch.Backbone.class_num: 512 and 256; Arch.Head.embedding_size: 512 and 256; "
-            "Arch.Neck.num_features: 512 and 256)",
+            "(the config's Arch settings differ from the file's: Arch.Backbone.class_num 256 "
+            "(the file's 512); Arch.Head.embedding_size 256 (the file's 512); "
+            "Arch.Neck.num_features 256 (the file's 512))",
         ),
     ]:  # fmt: skip
         result = run_shitu("average", str(path), *options, "-c", "GroceryStore_EfficientNetLite0",
@@ -787,6 +828,33 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(command, tm
     assert not list(tmp_path.glob(".*"))  # no trial file left behind
 
 
+@pytest.mark.parametrize("command", ["average", "convert"])
+def test_an_output_in_an_export_or_library_folder_is_refused(command, tmp_path):
+    """Written over an export's own model.safetensors, the export no longer loaded (its
+    recorded hash no longer matched); a library's folder is no place for weights either."""
+    from shitu.index.metadata import LIBRARY_FILE
+    from shitu.inference import FeatureExtractor, default_model_dir
+
+    export = tmp_path / "export"
+    shutil.copytree(default_model_dir(), export)
+    library = tmp_path / "library"
+    library.mkdir()
+    (library / LIBRARY_FILE).write_bytes(b"")  # what makes a folder a library's
+    weights = str(export / "model.safetensors")
+    inputs = [weights, weights] if command == "average" else [weights, "--no-head"]
+    for folder, kind, marker in ((export, "an exported model", "shitu_model.json"),
+                                 (library, "a gallery library", LIBRARY_FILE)):  # fmt: skip
+        out = folder / "model.safetensors"
+        result = run_shitu(command, *inputs, "--out", str(out))
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.endswith(
+            f"error: --out {out}: {folder} is {kind}'s folder ({marker}), whose files are its "
+            "own: write the weights to another folder\n"
+        )
+    assert sorted(path.name for path in library.iterdir()) == [LIBRARY_FILE]
+    FeatureExtractor.load(export, backend="torch").close()  # unchanged: it still loads
+
+
 def test_weights_that_do_not_fit_name_the_arch_settings_they_were_built_with(tmp_path):
     """`shitu eval -o Global.pretrained_model=RUN` without the run's `-o Arch...`: the
     error names the settings that differ, from the Arch the file records (the head, left
@@ -801,8 +869,8 @@ def test_weights_that_do_not_fit_name_the_arch_settings_they_were_built_with(tmp
     with pytest.raises(CheckpointError) as info:
         load_weights(make_model(wider), path, ignore_prefixes=("head.",), arch=features)
     assert str(info.value).endswith(
-        "(the file was built with other Arch settings, the file's then the config's: "
-        "Arch.Backbone.class_expand: 64 and 32; Arch.Neck.num_features: 64 and 32)"
+        "(the config's Arch settings differ from the file's: Arch.Backbone.class_expand 32 "
+        "(the file's 64); Arch.Neck.num_features 32 (the file's 64))"
     )
     plain = save_weights(model.state_dict(), tmp_path / "plain.safetensors")  # records none
     with pytest.raises(CheckpointError, match=r"\(does the config match\?\)$"):
@@ -879,8 +947,8 @@ def test_weights_that_do_not_fit_name_the_arch_settings_that_differ(tmp_path, ca
     }[command]
     assert shitu_main([*words, "-c", str(config), "-o", "Arch.Head.class_num=9"]) == 2
     err = capsys.readouterr().err
-    assert "(the file was built with other Arch settings, the file's then the config's: " in err
-    assert "Arch.Head.class_num: 7 and 9)" in err
+    assert "(the config's Arch settings differ from the file's: " in err
+    assert "Arch.Head.class_num 9 (the file's 7))" in err
 
 
 def test_resuming_a_run_folder_without_its_checkpoint_names_the_weights_to_start_from(tmp_path):

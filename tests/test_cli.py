@@ -306,7 +306,9 @@ def test_convert_missing_file_is_one_line_error(tmp_path):
         "convert", str(tmp_path / "none.pdparams"), "--out", str(tmp_path / "o.safetensors")
     )
     assert result.returncode == 2
-    assert result.stderr.strip() == f"error: weight file not found: {tmp_path / 'none.pdparams'}"
+    note, *error = result.stderr.splitlines()  # the note: which config, without -c
+    assert note.startswith("note: no -c, so the shipped config ")
+    assert error == [f"error: weight file not found: {tmp_path / 'none.pdparams'}"]
     assert not (tmp_path / "o.safetensors").exists()
 
 
@@ -364,8 +366,8 @@ def test_overrides_before_a_positional_leave_it_to_the_command(tmp_path):
         result = run_shitu(
             "convert", *overrides, str(weights), "--out", str(tmp_path / "o.safetensors")
         )
-        assert result.returncode == 2
-        assert result.stderr.strip() == f"error: weight file not found: {weights}"
+        assert result.returncode == 2  # after the note naming the config, without -c
+        assert result.stderr.splitlines()[1:] == [f"error: weight file not found: {weights}"]
     # The first word after -o is its value, with or without '=': the config names it.
     result = run_shitu("info", "-o", "Global.epochs")
     assert "override 'Global.epochs' is not of the form Section.key=value" in result.stderr
@@ -641,6 +643,61 @@ DataLoader:
     assert "Traceback" not in result.stderr and "worker" not in result.stderr
 
 
+@pytest.mark.parametrize("command", ["train", "eval", "export", "convert"])
+def test_a_command_without_c_names_the_config_it_reads(tmp_path, command):
+    """Without -c they read PP-ShiTuV2's config, not the shipped model's (which `info`
+    describes without -c), and nothing said so: its dataset paths, not the user's, were
+    then refused as if the user had named them."""
+    words = {
+        "convert": ["convert", str(tmp_path / "none.pdparams"), "--out", "w.safetensors"],
+        "export": ["export", "-o", f"Global.pretrained_model={tmp_path / 'none.pt'}"],
+    }
+    result = subprocess.run([*SHITU, *words.get(command, [command])], capture_output=True,
+                            text=True, cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.startswith(
+        "note: no -c, so the shipped config GeneralRecognitionV2_PPLCNetV2_base (PP-ShiTuV2's "
+        "recipe; the shipped model's is GroceryStore_EfficientNetLite0); give -c CONFIG for "
+        "your own\n"
+    )
+    named = subprocess.run([*SHITU, *words.get(command, [command]), "-c", "xbm_resnet50"],
+                           capture_output=True, text=True, cwd=tmp_path)  # fmt: skip
+    assert named.returncode == 2 and "note: no -c" not in named.stderr
+
+
+@pytest.mark.parametrize("command", ["info", "eval", "train", "export"])
+def test_an_empty_config_name_is_refused(command):
+    """`-c "$CONFIG"` with the variable unset: `info` described an untrained model as if
+    the shipped config's, the others called the empty name "a folder" (it is `.`)."""
+    result = run_shitu(command, "-c", "")
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == (
+        "error: config file: an empty name; give a YAML file or a shipped name: "
+        "GeneralRecognitionV2_PPLCNetV2_base, GroceryStore_EfficientNetLite0, xbm_resnet50\n"
+    )
+
+
+def test_export_without_weights_says_whether_the_model_is_random(tmp_path):
+    """The note said "e.g. an ImageNet backbone" of a config that names no pretrained
+    backbone too, whose export then holds random weights."""
+    for pretrained, start in (
+        ("false", "all at random, as it names no Arch.Backbone.pretrained weights"),
+        ("true", "its backbone's pretrained weights (Arch.Backbone.pretrained), new layers at "
+         "random"),
+    ):  # fmt: skip
+        out = tmp_path / pretrained
+        result = run_shitu("export", "-c", "GroceryStore_EfficientNetLite0", "--compact",
+                           "--score-thres", "0.5", "--out", str(out),
+                           "-o", f"Arch.Backbone.pretrained={pretrained}")  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        assert result.stderr == (
+            "note: no Global.pretrained_model, so the export holds the model as the config "
+            f"initialises it: {start}; pass -o Global.pretrained_model=output/"
+            "default_recognizer/best_model.safetensors (or any weights file) for trained "
+            "weights\n"
+        )
+
+
 def test_train_limits_must_be_positive():
     """A step or time limit of 0 or less stopped every run before its first step."""
     steps = run_shitu("train", "--stop-after-steps", "-3")
@@ -677,6 +734,35 @@ def test_an_export_has_the_permissions_the_umask_gives(tmp_path, umask, file_mod
     assert {path.stat().st_mode & 0o777 for path in out.iterdir()} == {file_mode}
 
 
+def test_export_says_how_many_calibration_images_it_uses_and_from_where(tmp_path):
+    """Nothing said whether the calibration folder was read, nor how much of it was used;
+    a folder without images is refused naming it, before any model is written."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for shade in range(5):
+        Image.fromarray(np.full((32, 32, 3), 40 * shade, np.uint8)).save(photos / f"{shade}.png")
+    extra = tmp_path / "extra.png"
+    Image.fromarray(np.full((32, 32, 3), 90, np.uint8)).save(extra)
+    weights = f"Global.pretrained_model={default_model_dir() / 'model.safetensors'}"
+    out = tmp_path / "model"
+    result = run_shitu("export", "-c", "GroceryStore_EfficientNetLite0", "-o", weights,
+                       "--out", str(out), "--score-thres", "0.6", "--int8-images", "4",
+                       "--int8-calibration", str(photos), str(extra))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == (
+        f"int8 calibration: 4 of the 6 images (in {photos}; 1 file given; evenly spaced: "
+        "--int8-images sets how many)\n"
+    )
+    assert (out / "model.int8.onnx").is_file()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no photos here")
+    refused = run_shitu("export", "-c", "GroceryStore_EfficientNetLite0", "-o", weights,
+                        "--out", str(tmp_path / "other"), "--int8-calibration", str(empty))  # fmt: skip
+    assert refused.returncode == 2 and not (tmp_path / "other").exists()
+    assert refused.stderr.endswith(f"error: {empty}: no images in this folder\n")
+
+
 def test_int8_images_without_calibration_images_is_refused(tmp_path):
     """It was ignored: the export came without the int8 model the user asked for."""
     result = run_shitu("export", "--out", str(tmp_path / "model"), "--int8-images", "64")
@@ -697,6 +783,24 @@ def test_compact_with_int8_calibration_is_refused_naming_both_options(tmp_path):
         "error: compact with int8 calibration images (--compact --int8-calibration): a compact "
         "export has no ONNX model to quantise; give one or the other\n"
     )
+
+
+def test_export_refuses_a_file_name_for_out(tmp_path):
+    """`--out model.onnx` made a folder named model.onnx (holding model.onnx): an export is
+    a folder, which a file's name makes look like one file. An existing export of such a
+    name is still replaced."""
+    weights = f"Global.pretrained_model={default_model_dir() / 'model.safetensors'}"
+    export = ["export", "-c", "GroceryStore_EfficientNetLite0", "-o", weights, "--compact",
+              "--score-thres", "0.6", "--out"]  # fmt: skip
+    out = tmp_path / "model.onnx"
+    result = run_shitu(*export, str(out))
+    assert result.returncode == 2 and not out.exists()
+    assert result.stderr == (
+        f"error: {out}: a file's name, but an export is a folder (model.onnx, model.safetensors "
+        f"and shitu_model.json go into it); give a folder for --out, e.g. {tmp_path / 'model'}\n"
+    )
+    shutil.copytree(default_model_dir(), tmp_path / "old.onnx")  # an export of that name
+    assert run_shitu(*export, str(tmp_path / "old.onnx")).returncode == 0
 
 
 def test_an_export_that_fails_leaves_no_folder_it_made_for_out(tmp_path):

@@ -410,6 +410,17 @@ def test_an_eval_metric_not_computed_is_refused_for_training_only(config_file):
             ["AMP={scale_loss: 65536, level: O1}"],
             "AMP: unknown key (PaddleClas's mixed precision; shitu's is Global.amp: bf16 or fp16)",
         ),
+        (  # the section of PaddleClas's tools/infer.py, in its Products configs
+            ["Infer={infer_imgs: demo.jpg, batch_size: 10}"],
+            "Infer: unknown key (PaddleClas's tools/infer.py settings; shitu's inference takes "
+            "the preprocessing `shitu export` records beside the model (DataLoader.Eval's), so "
+            "remove the section)",
+        ),
+        (  # a PaddleClas Products config's classifier size
+            ["Global.class_num=50030"],
+            "Global.class_num: unknown key (PaddleClas's classifier size for its classification "
+            "configs; shitu's is Arch.Head.class_num)",
+        ),
         (["Global.eval_metric=map"], "Global.eval_metric: must be recall@K, "),
         (["Global.eval_metric=recall1"], "Global.eval_metric: must be recall@K, "),
         (["Global.re_ranking={k1: 0}"], "Global.re_ranking.k1: must be a positive integer"),

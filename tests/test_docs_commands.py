@@ -455,9 +455,10 @@ def static_checks(args: argparse.Namespace, monkeypatch: pytest.MonkeyPatch, tmp
             raise ShituError(f"-o {item}: not KEY=VALUE")
     placeholder = any(re.search(r"\.\.\.|=[A-Z_]+$|^KEY=", item) for item in overrides)
     if args.command in TRAINING_CONFIG_COMMANDS and not placeholder:
-        unchecked = args.config in UNCHECKED_CONFIGS or _placeholder(args.config)
-        if not unchecked and args.config is not None:  # None: `average` without -c
-            load_config(args.config, overrides)
+        config = args.config or args.default_config  # the one the command reads without -c
+        unchecked = config in UNCHECKED_CONFIGS or _placeholder(config)
+        if not unchecked and config is not None:  # None: `average` and `info` without -c
+            load_config(config, overrides)
     if args.command in PIPELINE_CONFIG_COMMANDS and not placeholder:
         pipeline_config_from_args(args)  # the config, -o, then --gallery, --detector, ...
     if args.command == "average" and not _placeholder(args.out):

@@ -468,6 +468,20 @@ def test_int8_calibration_images_none_can_read_are_refused_before_the_onnx_expor
     assert sorted(tmp_path.iterdir()) == [text]
 
 
+def test_int8_calibration_images_given_as_one_path_are_refused_naming_it(exported, tmp_path):
+    """A folder's path as a str was read as the images '/', 't', 'm', ... ("no calibration
+    image could be read (12 given; first: /: Is a directory)"); as a Path, a TypeError."""
+    folder = exported["files"][0].parent
+    for given in (str(folder), folder):
+        with pytest.raises(export_module.ExportError) as refused:
+            export_model(exported["config"], None, tmp_path / "int8", calibration_images=given)
+        assert str(refused.value) == (
+            f"calibration_images {str(folder)!r}: a list of image files, not one path (a "
+            "folder's images: shitu.image_files.scan_images(Path(folder)))"
+        )
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_export_removes_the_staging_folders_of_killed_exports(exported, tmp_path):
     """An export killed outright (SIGKILL, power loss) leaves its staging folder, a model's
     worth of files: the next export to that name removes it, and leaves a running one's."""

@@ -369,8 +369,11 @@ def each_problem(message: str, edit: Callable[[str], str]) -> str:
 
 # Parameters of PaddleClas components (and sections of its configs) that shitu takes in
 # another form: the unknown-key error for one says which, so that a config brought from
-# PaddleClas is quick to adapt.
+# PaddleClas is quick to adapt. By name, or by dotted path for a key that is PaddleClas's
+# in one section only (a `class_num` elsewhere is a misplaced setting of shitu's).
 PADDLECLAS_PARAMS = {
+    "Global.class_num": "PaddleClas's classifier size for its classification configs; "
+    "shitu's is Arch.Head.class_num",
     "AMP": "PaddleClas's mixed precision; shitu's is Global.amp: bf16 or fp16",
     "weight_attr": "PaddleClas's weight initialiser; shitu's FC head takes init_std",
     "bias_attr": "PaddleClas's bias settings; shitu's BNNeck takes bias_frozen, its FC head bias",
@@ -381,6 +384,8 @@ PADDLECLAS_PARAMS = {
     "multi_precision": "PaddleClas's float32 master weights for fp16; shitu's weights stay "
     "float32 under Global.amp",
     "by_epoch": "PaddleClas's per-epoch stepping; shitu's schedules change the rate every step",
+    "Infer": "PaddleClas's tools/infer.py settings; shitu's inference takes the preprocessing "
+    "`shitu export` records beside the model (DataLoader.Eval's), so remove the section",
 }
 
 
@@ -401,7 +406,7 @@ def _problem(
         close = suggested[error["loc"]]
         if key in notes:
             return f"{key}: {notes[key]}"
-        paddleclas = PADDLECLAS_PARAMS.get(str(error["loc"][-1]))
+        paddleclas = PADDLECLAS_PARAMS.get(key) or PADDLECLAS_PARAMS.get(str(error["loc"][-1]))
         if paddleclas:
             return f"{key}: unknown key ({paddleclas})"
         return f"{key}: unknown key" + (f" (did you mean '{close}'?)" if close else "")

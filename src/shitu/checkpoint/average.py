@@ -65,11 +65,13 @@ def average_weights(
         raise CheckpointError(f"averaging needs at least two weight files, got {len(paths)}")
     weighting = [1.0] * len(paths) if weighting is None else [float(w) for w in weighting]
     if len(weighting) != len(paths):
+        # named as the option is: "1 weights given" was taken for weight files
+        values = f"{len(weighting)} value{'' if len(weighting) == 1 else 's'}"
         raise CheckpointError(
-            f"{len(weighting)} weights given for {len(paths)} weight files: give one per file"
+            f"weighting {weighting}: {values} for {len(paths)} weight files; give one per file"
         )
     if not all(math.isfinite(weight) and weight > 0 for weight in weighting):  # inf: NaN soup
-        raise CheckpointError(f"weights {weighting}: each must be positive and finite")
+        raise CheckpointError(f"weighting {weighting}: each value must be positive and finite")
     _warn_of_repeated_files(paths)
     largest = max(weighting)  # relative to it: a sum of huge weights is inf (a NaN soup)
     weighting = [weight / largest for weight in weighting]
@@ -94,10 +96,13 @@ def average_weights(
                     f"hold the same model (`shitu convert {bare} -c CONFIG` records it)"
                 )
             differences = setting_differences(
-                _compared(metadata, key), _compared(other_metadata, key), key
+                _compared(metadata, key),
+                _compared(other_metadata, key),
+                key,
+                f"{Path(first_path).name}'s",
             )
             raise CheckpointError(
-                f"{path}: its {key} differs from {first_path}'s ({'; '.join(differences[:3])}); "
+                f"{path}: its {key} differs from {first_path}'s: {'; '.join(differences[:3])}; "
                 "only weights of the same model can be averaged"
             )
         if state.keys() != first.keys():

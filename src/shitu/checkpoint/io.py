@@ -103,7 +103,13 @@ def save_weights(
 def weights_file(path: str | Path) -> Path:
     """`path`, or, where no file has that name, the weight file of that name plus a suffix
     (the first of `WEIGHT_SUFFIXES` found): PaddleClas's `Global.pretrained_model` names
-    files without their suffix (`output/RecModel/best_model`)."""
+    files without their suffix (`output/RecModel/best_model`). A URL, as PaddleClas (which
+    downloads it) takes, is refused naming it: as a path it was "not found: https:/..."."""
+    if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", str(path)):
+        raise CheckpointError(
+            f"{path} is a URL, and shitu downloads no weights: download the file (e.g. "
+            f"`curl -LO {path}`) and give its path"
+        )
     path = Path(path)
     if path.exists() or path.suffix in WEIGHT_SUFFIXES:
         return path
@@ -240,6 +246,15 @@ def _torch_load_failure(path: Path, error: Exception) -> str:
     object it holds and what to save instead."""
     found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
     if found is None:
+        if path.stat().st_size == 0:  # torch's EOFError says nothing
+            return (
+                f"{path} is empty (0 bytes), not a torch checkpoint (a save that never finished?)"
+            )
+        if isinstance(error, EOFError | KeyError):  # an unpickler's, naming no problem ("101")
+            return (
+                f"{path} is not a readable torch checkpoint: cut short, or not a torch file "
+                "(neither a torch.save zip archive nor a legacy pickle)"
+            )
         return f"{path} is not a readable torch checkpoint: {error}"
     return (
         f"{path} holds pickled Python objects ({found.group(1)}), not only tensors, and shitu "
@@ -299,18 +314,34 @@ def _training_state_metadata(payload: dict) -> dict[str, str]:
     return {REPARAMETERIZED: "false", ARCH: json.dumps(arch)}
 
 
-def setting_differences(first: object, other: object, where: str) -> list[str]:
-    """Where two metadata values (an Arch config as JSON data) differ, by setting: e.g.
-    `shitu.arch Head.class_num: 6 and 7` for an Arch config's classifier sizes."""
+class _NotSet:
+    """A setting that one side does not hold: compared as null, shown as "not set"."""
+
+    def __repr__(self) -> str:
+        return "not set"
+
+
+_NOT_SET = _NotSet()
+
+
+def setting_differences(first: object, other: object, where: str, than: str) -> list[str]:
+    """Where two versions of settings (config sections, or an Arch recorded as metadata, as
+    JSON data) differ, by setting, as 'KEY OTHER (THAN FIRST)', nested keys joined by dots:
+    `Arch.Head.class_num 7 (was 6)` for a resumed run's config against its checkpoint's
+    (`than` "was"). A tensor's size mismatch does not name the setting that changed it. A
+    key one side lacks is "not set" there, and equal to null."""
     if isinstance(first, dict) and isinstance(other, dict):
         keys = sorted(first.keys() | other.keys(), key=str)
         prefix = f"{where} " if where == ARCH else f"{where}."
         return [
             difference
             for key in keys
-            for difference in setting_differences(first.get(key), other.get(key), f"{prefix}{key}")
+            for difference in setting_differences(
+                first.get(key, _NOT_SET), other.get(key, _NOT_SET), f"{prefix}{key}", than
+            )
         ]
-    return [] if first == other else [f"{where}: {first!r} and {other!r}"]
+    same = (None if first is _NOT_SET else first) == (None if other is _NOT_SET else other)
+    return [] if same else [f"{where} {other!r} ({than} {first!r})"]
 
 
 def state_for_model(
@@ -346,13 +377,10 @@ def fit_hint(metadata: dict[str, str], arch: dict[str, Any] | None) -> str:
     if not isinstance(recorded, dict):
         return check
     given, built = weight_shaping_arch(arch), weight_shaping_arch(recorded)
-    differences = setting_differences({k: built.get(k) for k in given}, given, "Arch")
+    differences = setting_differences({k: built.get(k) for k in given}, given, "Arch", "the file's")
     if not differences:
         return check
-    return (
-        "(the file was built with other Arch settings, the file's then the config's: "
-        f"{'; '.join(differences[:3])})"
-    )
+    return f"(the config's Arch settings differ from the file's: {'; '.join(differences[:3])})"
 
 
 def load_weights(

@@ -136,14 +136,13 @@ def add_config_arguments(
     without: str = "",
 ) -> None:
     """`-c CONFIG` and `-o`; `default` None for a command that reads a config only when -c
-    names one, or that does what `without` says when it does not."""
+    names one, or that does what `without` says when it does not. `args.config` is None
+    without -c: `config_from_args` then reads `default` and says so."""
     shown = f" (default: {default})" if default else f" (default: {without})" if without else ""
     parser.add_argument(
-        "-c",
-        "--config",
-        default=default,
-        help=f"YAML config file, or the name of a shipped config{shown}",
+        "-c", "--config", help=f"YAML config file, or the name of a shipped config{shown}"
     )
+    parser.set_defaults(default_config=default)
     add_override_argument(parser, "-o Global.epochs=10 -o Arch.Head.class_num=81")
     if head_option:
         parser.add_argument(
@@ -232,12 +231,21 @@ def trained_weights(config: ShituConfig, doing: str) -> str | None:
             "or final_model.safetensors)"
         )
     if not weights:
+        from shitu import registry  # pydantic: not for the parser (`shitu --help`)
+
         best = Path(config.Global.output_dir) / "best_model.safetensors"
         trained = override_word("Global.pretrained_model", best)
+        backbone = config.Arch.Backbone
+        # Typed as the backbone reads it: `pretrained: no` is false, not a file's name.
+        if registry.BACKBONES.validate(backbone.name, backbone.params).get("pretrained"):
+            start = (
+                "its backbone's pretrained weights (Arch.Backbone.pretrained), new layers at random"
+            )
+        else:  # "e.g. an ImageNet backbone" was said of random weights too
+            start = "all at random, as it names no Arch.Backbone.pretrained weights"
         print(
             f"note: no Global.pretrained_model, so {doing} the model as the config initialises "
-            f"it (e.g. an ImageNet backbone); pass -o {trained} (or any weights file) for "
-            "trained weights",
+            f"it: {start}; pass -o {trained} (or any weights file) for trained weights",
             file=sys.stderr,
         )
     return weights
@@ -252,6 +260,9 @@ def config_from_args(
     from shitu.config.loader import with_source
     from shitu.config.overrides import override_paths
 
+    if args.config is None:
+        args.config = args.default_config
+        _say_default_config(args.config)
     overrides = [item for group in args.override for item in group]
     config = load_config(args.config, overrides)
     if needs is not None:
@@ -263,6 +274,20 @@ def config_from_args(
     if getattr(args, "no_head", False):
         config.Arch.Head = None
     return config
+
+
+def _say_default_config(name: str) -> None:
+    """Name the config a command reads without -c: its errors (a dataset path of its own,
+    not the user's) and its model (not the shipped one) were otherwise unexplained."""
+    from shitu.engine.distributed import launched_rank
+    from shitu.inference.default_model import DEFAULT_MODEL_CONFIG
+
+    if launched_rank() == 0:  # once under torchrun
+        print(
+            f"note: no -c, so the shipped config {name} (PP-ShiTuV2's recipe; the shipped "
+            f"model's is {DEFAULT_MODEL_CONFIG}); give -c CONFIG for your own",
+            file=sys.stderr,
+        )
 
 
 def arch_of_model(config: ShituConfig) -> dict[str, Any]:
@@ -316,11 +341,18 @@ def writable_weights_file(out: str | Path) -> Path:
     (`check_weights_name`), no folder of that name, a folder it can be made in (its
     folders are made now: run the command in `removed_if_left_empty`). Checked before
     the inputs are read, merged or converted, with the message `save_weights` would give
-    after that work."""
+    after that work. Not into a gallery library's or an export's folder (`owned_folder`):
+    written over an export's own model.safetensors, the export no longer loaded."""
     from shitu.checkpoint.io import check_weights_name
 
     path = check_weights_name(out)
     refuse_file_in_the_way(path.parent, f"--out {out}")  # named, not 'File exists'
+    owner = owned_folder(path.parent)
+    if owner is not None:
+        raise CheckpointError(
+            f"--out {out}: {path.parent} is {owner[1]}'s folder ({owner[0]}), whose files "
+            "are its own: write the weights to another folder"
+        )
     try:
         if path.is_dir():  # `save_weights` renames its file onto it only at the end
             raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
 from shitu.cli.common import (
     add_config_arguments,
     config_from_args,
     cosine_similarity,
+    count_of,
     expand_images,
     positive_int,
     trained_weights,
@@ -78,8 +80,9 @@ def run(args: argparse.Namespace) -> int:
     weights = trained_weights(config, "the export holds")
     calibration: list[Path] = []
     if args.int8_calibration:
-        count = args.int8_images or DEFAULT_INT8_IMAGES
-        calibration = spread(expand_images(args.int8_calibration)[0], count)
+        calibration = calibration_images(
+            args.int8_calibration, args.int8_images or DEFAULT_INT8_IMAGES
+        )
     with weight_file_setting("Global.pretrained_model"):
         out = export_model(
             config,
@@ -111,6 +114,26 @@ def _warn_of_default_threshold() -> None:
         "with --score-thres S (or give --score-thres to recognize)",
         DEFAULT_SCORE_THRES,
     )
+
+
+def calibration_images(sources: list[str], count: int) -> list[Path]:
+    """`count` of the images `sources` (files and folders) give, `spread` over them, said on
+    stderr with where they came from: the export alone did not show whether a folder was
+    read, nor how much of it was used. A folder without images is refused (`expand_images`)."""
+    found = expand_images(sources)[0]
+    chosen = spread(found, count)
+    folders = [source for source in sources if Path(source).is_dir()]
+    given = [f"in {folder}" for folder in folders[:3]]
+    if len(folders) > 3:
+        given.append(f"in {len(folders) - 3} more folders")
+    if len(sources) > len(folders):
+        given.append(f"{count_of(len(sources) - len(folders), 'file')} given")
+    used = count_of(len(found), "image")
+    if len(chosen) < len(found):
+        used = f"{len(chosen)} of the {used}"
+        given.append("evenly spaced: --int8-images sets how many")
+    print(f"int8 calibration: {used} ({'; '.join(given)})", file=sys.stderr)
+    return chosen
 
 
 def spread(files: list[Path], count: int) -> list[Path]:

@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     from shitu.inference.manifest import TORCH_FILE
 
     shipped = args.config is None
-    args.config = args.config or DEFAULT_MODEL_CONFIG
+    args.config = DEFAULT_MODEL_CONFIG if shipped else args.config  # `-c ""` is refused
     config = config_from_args(args)
     # As eval and export, the config's trained weights where it names them (they were left
     # unread, the model reported as initialised).

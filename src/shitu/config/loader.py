@@ -34,6 +34,11 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
 
 def find_config(name_or_path: str | Path, shipped_dir: Path, what: str) -> Path:
     """An existing file, or the name of a YAML file in `shipped_dir` (with or without .yaml)."""
+    names = sorted(p.stem for p in shipped_dir.glob("*.yaml"))
+    if not str(name_or_path).strip():  # `-c "$CONFIG"` with the variable unset: not `.`
+        raise ConfigError(
+            f"{what}: an empty name; give a YAML file or a shipped name: {', '.join(names)}"
+        )
     path = Path(name_or_path)
     if path.is_file():
         return path
@@ -45,7 +50,6 @@ def find_config(name_or_path: str | Path, shipped_dir: Path, what: str) -> Path:
     # A relative path is looked up in the folder the command runs in: say which.
     looked_for, hint = f"no such file: {path.absolute()}", ""
     if path.parent == Path("."):
-        names = sorted(p.stem for p in shipped_dir.glob("*.yaml"))
         looked_for += f", nor a shipped name: {', '.join(names)}"
         hint = did_you_mean(path.stem, names)
     raise ConfigError(f"{what} not found: {name_or_path}{hint} ({looked_for})")

