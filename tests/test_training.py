@@ -359,7 +359,11 @@ def test_bf16_training_on_cpu(grocery, tmp_path):
         assert Trainer(config).fit().finished
         runs[amp] = [loss for _, loss in train_losses(output)]
     assert all(math.isfinite(loss) for loss in runs["bf16"])
-    assert runs["bf16"][0] == pytest.approx(runs["off"][0], rel=0.05)  # same batch, same init
+    # Same batch, same init: bfloat16's 8-bit mantissa through a randomly initialised network
+    # moves the first loss by a few percent, by how much depends on the CPU's bfloat16
+    # kernels: 5.1% on an AMD EPYC with AVX512-BF16 (CELoss 2.309 against 2.415, the triplet
+    # term's hinges 0.786 against 0.848), under 5% on the Intel Xeons measured before.
+    assert runs["bf16"][0] == pytest.approx(runs["off"][0], rel=0.1)
     assert runs["bf16"] != runs["off"]  # autocast really ran the model in bfloat16
     assert read_log(tmp_path / "bf16" / "metrics.jsonl", "eval")
 
