@@ -207,8 +207,9 @@ class RetrievalEvaluator:
 
         Peak memory besides the normalised feature copies: about 7 * block * G bytes for the
         query block's scores (float32; ~270 MB for the default block at G = 100k), plus ~50
-        bytes per positive in the block (a gallery of few labels: up to ~8x). Re-ranking
-        instead holds dense (Q+G)^2 matrices; see `k_reciprocal_distances`.
+        bytes per positive in the block (a gallery of few labels: up to ~8x), and where the
+        gallery holds copies of a vector, the block's scores of its distinct vectors.
+        Re-ranking instead holds dense (Q+G)^2 matrices; see `k_reciprocal_distances`.
         """
         q_feat = _check_features(query_features, "query_features")
         g_feat = _check_features(gallery_features, "gallery_features")
@@ -241,16 +242,15 @@ class RetrievalEvaluator:
                     return -dist[start:stop]
             else:
                 q_unit = F.normalize(q_feat.to(device, dtype), dim=1)
-                g_unit = F.normalize(g_feat.to(device, dtype), dim=1)
+                # Copies of one gallery vector (a photo listed twice) are scored once, so
+                # that they tie exactly: a matrix product rounds the columns of its edge
+                # tiles (BLAS's matrix-vector path, of one query, those past its unrolled
+                # width) otherwise than the rest, and copies would order by that last bit.
+                g_unit, copies = _distinct_rows(F.normalize(g_feat.to(device, dtype), dim=1))
 
                 def scores(start: int, stop: int) -> Tensor:
-                    block = q_unit[start:stop]
-                    if len(block) == 1:
-                        # A one-row product takes BLAS's matrix-vector path, which rounds
-                        # the columns past its unrolled width differently: identical
-                        # gallery vectors would not tie. Two rows take the matrix path.
-                        return (block.repeat(2, 1) @ g_unit.T)[:1]
-                    return block @ g_unit.T
+                    block_scores = q_unit[start:stop] @ g_unit.T
+                    return block_scores if copies is None else block_scores[:, copies]
 
             block = self.block_size or _default_block(len(g_feat), torch.finfo(dtype).bits // 8)
             stats = _rank_statistics(
@@ -396,6 +396,15 @@ def _positive_ranks(scores: Tensor, positive: Tensor) -> tuple[Tensor, Tensor, T
         rows.append(torch.full((len(cols),), row, device=device))
     count = torch.tensor(counts, dtype=torch.long, device=device)
     return count, torch.cat(rows), torch.cat(ranks).double()
+
+
+def _distinct_rows(matrix: Tensor) -> tuple[Tensor, Tensor | None]:
+    """The distinct rows of `matrix` and, for each row, its index among them; `matrix`
+    itself and None where no two rows are equal."""
+    distinct, inverse = torch.unique(matrix, dim=0, return_inverse=True)
+    if len(distinct) == len(matrix):
+        return matrix, None
+    return distinct, inverse
 
 
 def _default_block(num_gallery: int, score_bytes: int) -> int:
