@@ -532,6 +532,22 @@ def test_rerank_many_exact_duplicates_give_no_nan() -> None:
     assert result["recall@1"] == 1.0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rerank_copies_of_a_gallery_vector_tie(dtype) -> None:
+    """Copies of one gallery vector have the same re-ranked distance to every query, so
+    they rank in gallery order. The distance matrix's product rounded the copies in its
+    edge tiles otherwise in the last bit, so their neighbour lists and distances differed."""
+    gen = torch.Generator().manual_seed(3)
+    for dim in (64, 512):
+        for copies in (7, 37):
+            others = torch.randn(20, dim, generator=gen, dtype=dtype)
+            copy = torch.randn(1, dim, generator=gen, dtype=dtype).repeat(copies, 1)
+            queries = torch.randn(3, dim, generator=gen, dtype=dtype)
+            dist = k_reciprocal_distances(queries, torch.cat([others, copy]), k1=5, k2=3)
+            of_copies = dist[:, 20:]
+            assert torch.equal(of_copies, of_copies[:, :1].expand_as(of_copies)), (dim, copies)
+
+
 def hub_case() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """A query (label 0) whose single nearest gallery item `nb` (label 1) belongs to a tight
     cluster of five other label-1 items, while three label-0 items are a bit farther away.

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from shitu.errors import ConfigError, ShituError, did_you_mean
-from shitu.evaluation.reranking import ReRanking, k_reciprocal_distances
+from shitu.evaluation.reranking import ReRanking, distinct_rows, k_reciprocal_distances
 
 # Working memory the default query block may use: ~7 bytes per query-gallery score (float32
 # scores, three bool masks) -> ~380 queries per block at G = 100k; add ~50 bytes per positive
@@ -242,11 +242,9 @@ class RetrievalEvaluator:
                     return -dist[start:stop]
             else:
                 q_unit = F.normalize(q_feat.to(device, dtype), dim=1)
-                # Copies of one gallery vector (a photo listed twice) are scored once, so
-                # that they tie exactly: a matrix product rounds the columns of its edge
-                # tiles (BLAS's matrix-vector path, of one query, those past its unrolled
-                # width) otherwise than the rest, and copies would order by that last bit.
-                g_unit, copies = _distinct_rows(F.normalize(g_feat.to(device, dtype), dim=1))
+                # Copies of one gallery vector are scored once, so that they tie exactly
+                # and rank in gallery order (see `distinct_rows`).
+                g_unit, copies = distinct_rows(F.normalize(g_feat.to(device, dtype), dim=1))
 
                 def scores(start: int, stop: int) -> Tensor:
                     block_scores = q_unit[start:stop] @ g_unit.T
@@ -396,15 +394,6 @@ def _positive_ranks(scores: Tensor, positive: Tensor) -> tuple[Tensor, Tensor, T
         rows.append(torch.full((len(cols),), row, device=device))
     count = torch.tensor(counts, dtype=torch.long, device=device)
     return count, torch.cat(rows), torch.cat(ranks).double()
-
-
-def _distinct_rows(matrix: Tensor) -> tuple[Tensor, Tensor | None]:
-    """The distinct rows of `matrix` and, for each row, its index among them; `matrix`
-    itself and None where no two rows are equal."""
-    distinct, inverse = torch.unique(matrix, dim=0, return_inverse=True)
-    if len(distinct) == len(matrix):
-        return matrix, None
-    return distinct, inverse
 
 
 def _default_block(num_gallery: int, score_bytes: int) -> int:
