@@ -290,6 +290,12 @@ def test_label_file_errors_name_the_file_and_line(tmp_path: Path, monkeypatch):
     assert unquoted == "\\t"
     dataset = LabelFileDataset(str(tmp_path), str(label_file), delimiter=unquoted)
     assert dataset.class_names == ["Coca Cola"]
+    # An empty delimiter splits nothing: refused naming the key, as a config loads too.
+    with pytest.raises(ValueError, match="delimiter: empty; leave it out"):
+        LabelFileDataset(str(tmp_path), str(label_file), delimiter="")
+    params = {"image_root": str(tmp_path), "cls_label_path": str(label_file), "delimiter": ""}
+    with pytest.raises(ConfigError, match="delimiter: empty; .* in dataset 'ImageNetDataset'"):
+        registry.DATASETS.validate("ImageNetDataset", params)
     label_file.write_text("\n\n# path label\n")
     with pytest.raises(DataError, match="lists no images"):
         LabelFileDataset(str(tmp_path), str(label_file))
