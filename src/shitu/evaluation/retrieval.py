@@ -205,7 +205,8 @@ class RetrievalEvaluator:
         and label are left out of that query's ranking, which is how a set is evaluated
         against itself. Computes on the query features' device.
 
-        Peak memory besides the normalised feature copies: about 7 * block * G bytes for the
+        Peak memory besides the normalised feature copies (and, while copies of a gallery
+        vector are looked for, a sorted one of the gallery's): about 7 * block * G bytes for the
         query block's scores (float32; ~270 MB for the default block at G = 100k), plus ~50
         bytes per positive in the block (a gallery of few labels: up to ~8x), and where the
         gallery holds copies of a vector, the block's scores of its distinct vectors.
