@@ -579,6 +579,17 @@ def test_grocery_store_dataset_joins_listings(grocery: Path, tmp_path: Path):
         GroceryStoreDataset(str(grocery), [])
 
 
+def test_grocery_store_dataset_takes_paths(grocery: Path):
+    """Path objects, as the other datasets take them: a listing given as a Path was
+    iterated as a list of listings (TypeError: 'PosixPath' object is not iterable)."""
+    val = GroceryStoreDataset(str(grocery), str(grocery / "val.txt"))
+    for listing in (grocery / "val.txt", [grocery / "val.txt"]):
+        given = GroceryStoreDataset(grocery, listing)
+        assert list(given.paths) == list(val.paths) and given.labels == val.labels
+    both = GroceryStoreDataset(grocery, [grocery / "val.txt", "iconic"])
+    assert len(both) == len(val) + 81
+
+
 def test_a_grocery_listing_given_to_a_label_file_dataset_names_the_right_one(
     grocery: Path,
 ):
