@@ -1188,3 +1188,18 @@ def test_no_numeric_setting_takes_nan_or_inf(validate, key, annotation):
             validate({key: _holding(annotation, value)})
         lines = [line.strip() for line in str(info.value).splitlines()]
         assert any(line.startswith(key) and "finite number" in line for line in lines), lines
+
+
+def test_a_loss_item_gives_its_model_output_under_one_name(config_file):
+    """`feature_from` (PaddleClas's name) and `input_key` are one setting: given both with
+    different outputs, input_key was read and feature_from silently dropped."""
+    both = "Loss.Train=[{CELoss: {feature_from: features, input_key: logits}}]"
+    with pytest.raises(ConfigError) as info:
+        load_config(config_file, [both])
+    message = str(info.value)
+    assert message.startswith(
+        f"{config_file}: Loss.Train.0.CELoss.feature_from: 'features' and input_key 'logits' "
+        "are one setting"
+    )
+    assert f"(set by -o {both})" in message
+    load_config(config_file, ["Loss.Train=[{CELoss: {feature_from: logits, input_key: logits}}]"])

@@ -304,6 +304,12 @@ def test_label_file_errors_name_the_file_and_line(tmp_path: Path, monkeypatch):
     assert unquoted == "\\t"
     dataset = LabelFileDataset(str(tmp_path), str(label_file), delimiter=unquoted)
     assert dataset.class_names == ["Coca Cola"]
+    # An empty delimiter splits nothing: refused naming the key, as a config loads too.
+    with pytest.raises(ValueError, match="delimiter: empty; leave it out"):
+        LabelFileDataset(str(tmp_path), str(label_file), delimiter="")
+    params = {"image_root": str(tmp_path), "cls_label_path": str(label_file), "delimiter": ""}
+    with pytest.raises(ConfigError, match="delimiter: empty; .* in dataset 'ImageNetDataset'"):
+        registry.DATASETS.validate("ImageNetDataset", params)
     label_file.write_text("\n\n# path label\n")
     with pytest.raises(DataError, match="lists no images"):
         LabelFileDataset(str(tmp_path), str(label_file))
@@ -585,6 +591,17 @@ def test_grocery_store_dataset_joins_listings(grocery: Path, tmp_path: Path):
         GroceryStoreDataset(str(grocery), [listings[0], str(broken)], label_level="coarse")
     with pytest.raises(DataError, match="names no label file"):
         GroceryStoreDataset(str(grocery), [])
+
+
+def test_grocery_store_dataset_takes_paths(grocery: Path):
+    """Path objects, as the other datasets take them: a listing given as a Path was
+    iterated as a list of listings (TypeError: 'PosixPath' object is not iterable)."""
+    val = GroceryStoreDataset(str(grocery), str(grocery / "val.txt"))
+    for listing in (grocery / "val.txt", [grocery / "val.txt"]):
+        given = GroceryStoreDataset(grocery, listing)
+        assert list(given.paths) == list(val.paths) and given.labels == val.labels
+    both = GroceryStoreDataset(grocery, [grocery / "val.txt", "iconic"])
+    assert len(both) == len(val) + 81
 
 
 def test_a_grocery_listing_given_to_a_label_file_dataset_names_the_right_one(

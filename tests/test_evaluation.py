@@ -283,6 +283,31 @@ def test_identical_gallery_vectors_tie_for_a_query_alone_in_its_block(dtype) -> 
                 assert result["mAP"] == 1 / (positive + 1), (positive, block_size)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_copies_of_a_gallery_vector_tie_in_any_block_of_queries(dtype) -> None:
+    """A photo listed several times: its copies must rank in gallery order, so the one
+    positive among them ranks by its index, whatever the block of queries and the width. A
+    matrix product of two or more rows rounded the copies in its edge tiles (here the last
+    columns of seven) otherwise than the rest in the last bit, so they did not tie."""
+    gen = torch.Generator().manual_seed(11)
+    for dim in (64, 512):
+        for copies in (7, 37):
+            gallery = torch.randn(1, dim, generator=gen, dtype=dtype).repeat(copies, 1)
+            queries = torch.randn(5, dim, generator=gen, dtype=dtype)
+            for positive in (0, copies // 2, copies - 1):
+                labels = torch.ones(copies, dtype=torch.long)
+                labels[positive] = 0
+                for block_size in (1, 2, 5):
+                    result = evaluate_retrieval(
+                        queries,
+                        torch.zeros(5, dtype=torch.long),
+                        gallery,
+                        labels,
+                        block_size=block_size,
+                    )
+                    assert result["mAP"] == 1 / (positive + 1), (dim, copies, positive, block_size)
+
+
 def test_float32_and_labels_as_column() -> None:
     """float32 features and [N, 1] labels (as label files load) give the same numbers."""
     qf, ql, gf, gl = random_set(seed=4, num_q=40, num_g=150)
@@ -505,6 +530,22 @@ def test_rerank_many_exact_duplicates_give_no_nan() -> None:
     labels = torch.tensor([1, 1, 1, 1, 1, 1, 0])
     result = evaluate_retrieval(qf, torch.tensor([0]), gf, labels, re_ranking=ReRanking(k1=2, k2=1))
     assert result["recall@1"] == 1.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rerank_copies_of_a_gallery_vector_tie(dtype) -> None:
+    """Copies of one gallery vector have the same re-ranked distance to every query, so
+    they rank in gallery order. The distance matrix's product rounded the copies in its
+    edge tiles otherwise in the last bit, so their neighbour lists and distances differed."""
+    gen = torch.Generator().manual_seed(3)
+    for dim in (64, 512):
+        for copies in (7, 37):
+            others = torch.randn(20, dim, generator=gen, dtype=dtype)
+            copy = torch.randn(1, dim, generator=gen, dtype=dtype).repeat(copies, 1)
+            queries = torch.randn(3, dim, generator=gen, dtype=dtype)
+            dist = k_reciprocal_distances(queries, torch.cat([others, copy]), k1=5, k2=3)
+            of_copies = dist[:, 20:]
+            assert torch.equal(of_copies, of_copies[:, :1].expand_as(of_copies)), (dim, copies)
 
 
 def hub_case() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

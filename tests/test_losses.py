@@ -578,6 +578,15 @@ def test_every_loss_gives_a_connected_zero_on_an_empty_batch(name, caplog):
         ),
         ({"ContrastiveLoss_XBM": {}}, "ContrastiveLoss_XBM.embedding_size is 128 but the model's"),
         ({"ContrastiveLoss": {"embedding_size": 8}}, "embedding_size is 8 but embeddings have 16"),
+        (  # the pair loss inside XBM too
+            {
+                "XBM": {
+                    "embedding_size": 16,
+                    "pair_loss": {"ContrastiveLoss": {"embedding_size": 8}},
+                }
+            },
+            "ContrastiveLoss.embedding_size is 8 but embeddings have 16",
+        ),
     ],
 )
 def test_a_loss_sized_for_other_features_is_refused_before_the_first_step(item, message):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import inspect
 import json
+import os
 import re
 import shutil
 import sqlite3
@@ -224,6 +225,13 @@ def test_the_recogniser_names_what_it_cannot_take(setup, recognizer):
     assert rec.recognize(read_rgb(path)) == rec.recognize(decode_rgb(path.read_bytes()))
     with pytest.raises(DataError, match="expected a list of image paths, got the single path"):
         list(rec.recognize_files(str(setup["queries"][0].path)))
+    # A bytes path (os.listdir(b".")) is the file it names, not the text "b'...'".
+    as_bytes = os.fsencode(path)
+    with pytest.raises(DataError, match=f"got the single path '{re.escape(str(path))}'"):
+        list(rec.recognize_files(as_bytes))
+    (found,) = rec.recognize_files([as_bytes])
+    assert found.error is None and found.path == str(path)
+    assert found.results == rec.recognize(read_rgb(path))
     with pytest.raises(ConfigError, match="batch_size: expected a whole number >= 1, got 0"):
         recognizer(batch_size=0)
     for threshold in (2.0, float("nan")):

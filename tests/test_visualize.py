@@ -82,6 +82,8 @@ def test_the_font_given_draws_glyphs_that_pillows_font_draws_as_tofu(
     (first, second), path = found
     given = CaptionFonts(Path(path))
     assert given.font_for(first, 20).path == path
+    # as text too (it was refused with an AttributeError, 'str' has no is_file)
+    assert CaptionFonts(str(path)).font_for(first, 20).path == path
     assert (text_pixels(given, first) != text_pixels(given, second)).any()
     assert not warnings(caplog)
     tofu = CaptionFonts()

@@ -206,9 +206,11 @@ def is_text(data: bytes) -> bool:
     return True
 
 
-def path_list(paths: Sequence[str | Path]) -> list[str]:
-    """`paths` as strings; one path passed alone is refused with the reason (iterating a
-    string would take each of its characters for a file name)."""
-    if isinstance(paths, str | Path):
-        raise DataError(f"expected a list of image paths, got the single path {str(paths)!r}")
-    return [str(path) for path in paths]
+def path_list(paths: Sequence[str | bytes | os.PathLike]) -> list[str]:
+    """`paths` as strings (bytes ones, as `os.listdir(b".")` gives them, decoded as the file
+    system names them, not written as their repr); one path passed alone is refused with
+    the reason (iterating it would take each of its characters for a file name)."""
+    if isinstance(paths, str | bytes | os.PathLike):
+        single = os.fsdecode(paths)
+        raise DataError(f"expected a list of image paths, got the single path {single!r}")
+    return [os.fsdecode(path) for path in paths]

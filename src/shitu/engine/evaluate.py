@@ -383,12 +383,17 @@ def gallery_numbering(queries: Any, gallery: Any) -> dict[int, int] | None:
     matched through `label_keys` instead, a dataset without them standing for the ids it
     lists (only those: ids such as 13-digit barcodes are no table's size). A query class
     the gallery lacks gets a label no gallery item has, so its queries have no positive,
-    as with listed ids.
+    as with listed ids. Listed ids that the two sets name differently (Grocery listings
+    read at another `label_level`: 0 is Apple in one, Golden-Delicious in the other) are
+    matched by those names (`class_names`), not by number.
     """
     datasets = (queries, gallery)
     numbered = [getattr(dataset, "label_keys", None) for dataset in datasets]
     if all(keys is None for keys in numbered):
-        return None
+        names = [getattr(dataset, "class_names", None) for dataset in datasets]
+        if None in names or names[0] == names[1]:
+            return None
+        numbered = names
     query_keys, gallery_keys = (
         {label: label for label in set(dataset.labels)} if keys is None else dict(enumerate(keys))
         for dataset, keys in zip(datasets, numbered, strict=True)

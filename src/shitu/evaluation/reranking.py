@@ -106,9 +106,14 @@ def k_reciprocal_distances(
     feats = F.normalize(feats, dim=1)
     # In `dtype` also when called under autocast, whose bf16 matmul would round the distances.
     with torch.no_grad(), torch.autocast(device.type, enabled=False):
-        dist = (2.0 - 2.0 * (feats @ feats.T)).clamp_(min=0.0)
-        # Exactly symmetric, so neighbour ranks do not depend on the GEMM's summation order.
+        # Copies of one vector are compared once, so that they tie exactly (see
+        # `distinct_rows`), and the rest exactly symmetric: neighbour ranks do not depend on
+        # the GEMM's summation order.
+        distinct, copies = distinct_rows(feats)
+        dist = (2.0 - 2.0 * (distinct @ distinct.T)).clamp_(min=0.0)
         dist = (dist + dist.T) / 2.0
+        if copies is not None:
+            dist = dist[copies][:, copies]
         dist /= dist.amax(dim=1, keepdim=True).clamp_(min=torch.finfo(dtype).tiny)
 
         k_full = min(k1 + 1, total)
@@ -130,6 +135,17 @@ def k_reciprocal_distances(
         del weights
         jaccard = 1.0 - overlap / (2.0 - overlap)
         return jaccard * (1.0 - lambda_value) + base * lambda_value
+
+
+def distinct_rows(matrix: Tensor) -> tuple[Tensor, Tensor | None]:
+    """The distinct rows of `matrix` and, for each row, its index among them; `matrix`
+    itself and None where no two rows are equal. A matrix product rounds the columns of its
+    edge tiles otherwise than the rest in the last bit, so the scores of copies of one
+    vector (a photo listed twice) tie exactly only where the copies are scored once."""
+    distinct, inverse = torch.unique(matrix, dim=0, return_inverse=True)
+    if len(distinct) == len(matrix):
+        return matrix, None
+    return distinct, inverse
 
 
 def _nearest(dist: Tensor, k: int) -> Tensor:

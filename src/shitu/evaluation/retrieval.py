@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from shitu.errors import ConfigError, ShituError, did_you_mean
-from shitu.evaluation.reranking import ReRanking, k_reciprocal_distances
+from shitu.evaluation.reranking import ReRanking, distinct_rows, k_reciprocal_distances
 
 # Working memory the default query block may use: ~7 bytes per query-gallery score (float32
 # scores, three bool masks) -> ~380 queries per block at G = 100k; add ~50 bytes per positive
@@ -205,10 +205,12 @@ class RetrievalEvaluator:
         and label are left out of that query's ranking, which is how a set is evaluated
         against itself. Computes on the query features' device.
 
-        Peak memory besides the normalised feature copies: about 7 * block * G bytes for the
+        Peak memory besides the normalised feature copies (and, while copies of a gallery
+        vector are looked for, a sorted one of the gallery's): about 7 * block * G bytes for the
         query block's scores (float32; ~270 MB for the default block at G = 100k), plus ~50
-        bytes per positive in the block (a gallery of few labels: up to ~8x). Re-ranking
-        instead holds dense (Q+G)^2 matrices; see `k_reciprocal_distances`.
+        bytes per positive in the block (a gallery of few labels: up to ~8x), and where the
+        gallery holds copies of a vector, the block's scores of its distinct vectors.
+        Re-ranking instead holds dense (Q+G)^2 matrices; see `k_reciprocal_distances`.
         """
         q_feat = _check_features(query_features, "query_features")
         g_feat = _check_features(gallery_features, "gallery_features")
@@ -241,16 +243,13 @@ class RetrievalEvaluator:
                     return -dist[start:stop]
             else:
                 q_unit = F.normalize(q_feat.to(device, dtype), dim=1)
-                g_unit = F.normalize(g_feat.to(device, dtype), dim=1)
+                # Copies of one gallery vector are scored once, so that they tie exactly
+                # and rank in gallery order (see `distinct_rows`).
+                g_unit, copies = distinct_rows(F.normalize(g_feat.to(device, dtype), dim=1))
 
                 def scores(start: int, stop: int) -> Tensor:
-                    block = q_unit[start:stop]
-                    if len(block) == 1:
-                        # A one-row product takes BLAS's matrix-vector path, which rounds
-                        # the columns past its unrolled width differently: identical
-                        # gallery vectors would not tie. Two rows take the matrix path.
-                        return (block.repeat(2, 1) @ g_unit.T)[:1]
-                    return block @ g_unit.T
+                    block_scores = q_unit[start:stop] @ g_unit.T
+                    return block_scores if copies is None else block_scores[:, copies]
 
             block = self.block_size or _default_block(len(g_feat), torch.finfo(dtype).bits // 8)
             stats = _rank_statistics(

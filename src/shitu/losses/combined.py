@@ -35,7 +35,12 @@ def split_loss_params(params: dict[str, Any] | None) -> tuple[CombinerOptions, d
     params = dict(params or {})
     options = {key: params.pop(key) for key in COMBINER_KEYS if key in params}
     if "feature_from" in options:
-        options.setdefault("input_key", options.pop("feature_from"))
+        feature_from = options.pop("feature_from")
+        if options.setdefault("input_key", feature_from) != feature_from:
+            raise ConfigError(
+                f"feature_from: {feature_from!r} and input_key {options['input_key']!r} are "
+                "one setting (feature_from is PaddleClas's name for it); give one"
+            )
     try:
         return CombinerOptions.model_validate(options), params
     except ValidationError as exc:

@@ -117,12 +117,16 @@ class CrossBatchMemory(nn.Module):
         return self.memory.shape[0]
 
     def check_input(self, features: torch.Tensor) -> None:
-        """A ConfigError where [N, D] `features` do not fit the memory's width."""
+        """A ConfigError where [N, D] `features` do not fit the memory's width, or the pair
+        loss's own (ContrastiveLoss's embedding_size): both before the first step."""
         if features.shape[1] != self.memory.shape[1]:
             raise ConfigError(
                 f"{self.config_name}.{self.size_key} is {self.memory.shape[1]} but the "
                 f"model's features have {features.shape[1]} dimensions"
             )
+        pair_check = getattr(self.pair_loss, "check_input", None)
+        if pair_check is not None:
+            pair_check(features)
 
     def enqueue(self, features: torch.Tensor, labels: torch.Tensor) -> None:
         """Write a batch into the ring, oldest entries first to go."""

@@ -158,9 +158,9 @@ class CaptionFonts:
     warned about once, not on every image, and the installed fonts chosen before are tried
     first (a search runs `fc-match`)."""
 
-    def __init__(self, path: Path | None = None, index: int = 0) -> None:
+    def __init__(self, path: str | os.PathLike | None = None, index: int = 0) -> None:
         if path is not None:
-            check_font_file(path, index)
+            check_font_file(Path(path), index)
         self.given = None if path is None else FontFace(str(path), index)
         self.chosen: list[FontFace] = []
         self.warned: set[str] = set()

@@ -42,7 +42,9 @@ class GroceryStoreDataset(ImageDataset):
         class_file: ConfigPath | None = None,
         skip_corrupt: bool = False,
     ):
-        listings = [cls_label_path] if isinstance(cls_label_path, str) else list(cls_label_path)
+        # One listing or several; paths as text (a Path, as the other datasets take one).
+        single = isinstance(cls_label_path, str | os.PathLike)
+        listings = [os.fspath(p) for p in ([cls_label_path] if single else cls_label_path)]
         if not listings:
             raise DataError("cls_label_path names no label file")
         where = f"label file {' + '.join(listings)}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 from shitu.data.datasets.base import (
     Entry,
@@ -62,6 +63,7 @@ class LabelFileDataset(ImageDataset):
         # nothing is split on: the tab it means.
         if delimiter == "\\t":
             delimiter = "\t"
+        self.check_params(delimiter=delimiter)
         check_root(image_root, where)
         lines = read_lines(cls_label_path, "cls_label_path")
         if not lines:
@@ -96,6 +98,15 @@ class LabelFileDataset(ImageDataset):
             path = os.path.join(image_root, fields[0])
             entries.append(Entry(path, label, unique_id, f"line {number}"))
         self._set_entries(entries, image_root)
+
+    @staticmethod
+    def check_params(delimiter: str | None = None, **_others: Any) -> None:
+        """Also checked as a config loads (by the registry): an empty delimiter splits
+        nothing (Python's split refuses it, naming no key)."""
+        if delimiter == "":
+            raise ValueError(
+                'delimiter: empty; leave it out to split on whitespace, or give "\\t" for tabs'
+            )
 
     def _split(self, number: int, line: str, delimiter: str | None) -> tuple[int, list[str]]:
         if delimiter is None or delimiter == " ":
