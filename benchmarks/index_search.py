@@ -10,7 +10,7 @@ library returns, averaged over the queries: how much an approximate index misses
 `Gallery.search` adds (query checks, normalisation, score conversion, id -> label lookup).
 The Faiss time is measured inside each `Gallery.search` call (best of --repeats), so the
 overhead is not blurred by run-to-run noise on a shared machine. Build time is the whole
-library write (SQLite rows with features, index, checksum); "disk MB" is the library folder.
+library write (SQLite rows with features, index, checksum); "disk MiB" is the library folder.
 "add 1 s" times --writes adds of one vector to the built library, opened anew (each a whole
 write: SQLite commit and whatever the index needs), the cost of one upload to `shitu serve`:
 the first, and the median of the others.
@@ -139,7 +139,7 @@ def main() -> None:
         f"{args.queries} queries, k={args.k}, search options {options or 'default'}\n"
     )
     print(
-        f"| N | index | build s | index MB | disk MB | recall@{args.k} | q/s batch (faiss) "
+        f"| N | index | build s | index MiB | disk MiB | recall@{args.k} | q/s batch (faiss) "
         "| q/s batch (ours) | overhead | q/s 1-by-1 (faiss) | q/s 1-by-1 (ours) | overhead "
         "| add 1 s first | add 1 s later |"
     )

@@ -223,3 +223,16 @@ def test_open_set_reads_the_grocery_dataset_the_other_benchmarks_read(tmp_path) 
     )
     assert result.returncode == 1
     assert result.stderr == f"{tmp_path}: no Grocery Store dataset (train.txt) there\n"
+
+
+def test_index_search_names_the_unit_its_sizes_are_in() -> None:
+    """Its sizes are bytes / 2**20, which its table and the README's called MB: a 20 MiB
+    index (2,560 vectors of 2,048 float32s) is 21 MB."""
+    table = run_benchmark(
+        "index_search.py",
+        *("--sizes", "2560", "--dim", "2048", "--types", "Flat", "--queries", "1"),
+        *("--k", "1", "--repeats", "1", "--writes", "2", "--threads", "1"),
+    )
+    header, _, row = (line.split(" | ") for line in table.splitlines()[-3:])
+    assert header[3:5] == ["index MiB", "disk MiB"]
+    assert row[3] == "20"

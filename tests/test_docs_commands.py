@@ -25,8 +25,11 @@ from __future__ import annotations
 
 import argparse
 import ast
+import json
 import re
 import shlex
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -110,9 +113,11 @@ def extract_commands(path: Path) -> list[DocCommand]:
     return _from_markdown(name, text)
 
 
-def _from_markdown(name: str, text: str) -> list[DocCommand]:
+def _markdown_parts(text: str) -> tuple[list[list[tuple[int, str]]], str]:
+    """The fenced code blocks (numbered lines) and the prose, code blocks blanked so that
+    spans are found in prose only and keep their line numbers."""
     lines = text.split("\n")
-    prose = list(lines)  # code blocks blanked, so that spans are found in prose only
+    prose = list(lines)
     blocks: list[list[tuple[int, str]]] = []
     block: list[tuple[int, str]] | None = None
     for number, line in enumerate(lines, 1):
@@ -126,11 +131,16 @@ def _from_markdown(name: str, text: str) -> list[DocCommand]:
         elif block is not None:
             block.append((number, line))
             prose[number - 1] = ""
+    return blocks, "\n".join(prose)
+
+
+def _from_markdown(name: str, text: str) -> list[DocCommand]:
+    blocks, prose = _markdown_parts(text)
     env: dict[str, str] = {}  # a file's variables, for the spans that use them too
     commands = []
     for block in blocks:
         commands += _from_code(name, block, env)
-    commands += _from_spans(name, "\n".join(prose), 1, env)
+    commands += _from_spans(name, prose, 1, env)
     return sorted(commands, key=lambda c: c.line)
 
 
@@ -587,3 +597,83 @@ def test_doc_commands_parse(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
         checked += 1
     assert not failures, f"{len(failures)} doc commands fail:\n" + "\n".join(failures)
     assert checked > 100
+
+
+# --- benchmark commands ----------------------------------------------------------------------
+
+BENCHMARKS = REPO_ROOT / "benchmarks"
+BENCHMARK_COMMAND = re.compile(r"python (benchmarks/\w+\.py)([^|;&#`]*)")
+# Run in a child with the benchmarks' folder on its path: each script's own parser reads
+# each command line given on stdin (JSON [script, words]), and the script stops there.
+PARSE_ONLY = """
+import argparse, contextlib, io, json, runpy, sys
+sys.path.insert(0, sys.argv[1])
+class Parsed(Exception):
+    pass
+def parse_only(self, args=None, namespace=None):
+    parse_args(self, args, namespace)
+    raise Parsed
+parse_args = argparse.ArgumentParser.parse_args
+argparse.ArgumentParser.parse_args = parse_only
+failures = []
+for script, words in json.load(sys.stdin):
+    sys.argv = [script, *words]
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(said):
+            runpy.run_path(script, run_name="__main__")
+        failures.append([script, words, "ran without parsing its arguments"])
+    except Parsed:
+        pass
+    except SystemExit:
+        failures.append([script, words, said.getvalue().strip().splitlines()[-1]])
+print(json.dumps(failures))
+"""
+
+
+def benchmark_commands() -> list[tuple[str, int, str, list[str]]]:
+    """(file, line, script, words) of each `python benchmarks/NAME.py ...` in the Markdown
+    docs, in code blocks (continuations joined) and prose code spans; `...` left out."""
+    found = []
+    for path in doc_files():
+        if path.suffix != ".md":
+            continue
+        name = str(path.relative_to(REPO_ROOT))
+        blocks, prose = _markdown_parts(path.read_text(encoding="utf-8"))
+        lines = [line for block in blocks for line in _logical_lines(block)]
+        for span in SPAN.finditer(prose):
+            lines.append((1 + prose.count("\n", 0, span.start()), " ".join(span[1].split())))
+        for number, line in lines:
+            for match in BENCHMARK_COMMAND.finditer(line):
+                words = [word for word in shlex.split(match[2]) if word != "..."]
+                found.append((name, number, match[1], words))
+    return found
+
+
+def test_doc_benchmark_commands_parse():
+    """Every benchmark command the docs give runs the script they name with options it
+    takes, and every benchmark script (one that reads a command line) is given there."""
+    commands = benchmark_commands()
+    runnable = {
+        f"benchmarks/{script.name}"
+        for script in BENCHMARKS.glob("*.py")
+        if "benchmark_parser(__doc__)" in script.read_text()
+    }
+    named = {script for _, _, script, _ in commands}
+    assert named <= runnable, f"no such benchmark: {sorted(named - runnable)}"
+    assert runnable <= named, f"benchmarks no doc runs: {sorted(runnable - named)}"
+    child = subprocess.run(
+        [sys.executable, "-c", PARSE_ONLY, str(BENCHMARKS)],
+        input=json.dumps([[script, words] for _, _, script, words in commands]),
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        check=True,
+    )
+    failures = json.loads(child.stdout)
+    assert not failures, "\n".join(
+        f"{path}:{line}: python {script} {' '.join(words)}\n    -> {reason}"
+        for (path, line, script, words) in commands
+        for (failed_script, failed_words, reason) in failures
+        if [script, words] == [failed_script, failed_words]
+    )

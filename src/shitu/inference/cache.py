@@ -44,7 +44,7 @@ SAME_MODEL = ("fingerprint", "arch", "output_key", "preprocessing")
 
 
 # A cache entry that no load has used for this many days is removed when another entry is
-# built: each is a model's worth of files (31 MB for the shipped model's ONNX model and
+# built: each is a model's worth of files (32 MB for the shipped model's ONNX model and
 # weights), one per compact model loaded on an ONNX runtime (the shipped model of each
 # shitu release among them): without this the cache only grew.
 UNUSED_DAYS = 30
