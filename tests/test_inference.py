@@ -696,6 +696,32 @@ def test_export_refuses_the_current_folder(exported, tmp_path, monkeypatch, name
     assert not any((tmp_path / "work").iterdir())
 
 
+def test_export_out_a_link_writes_the_export_where_it_points(exported, tmp_path):
+    """`--out current` where current links to an export (or a folder not made yet): the
+    export went in the link's place, leaving the export the link pointed to stale."""
+    first = export_model(exported["config"], None, tmp_path / "v1")
+    (tmp_path / "current").symlink_to(first)
+    (tmp_path / "dangling").symlink_to(tmp_path / "disk" / "new")
+    weights = exported["dir"] / "model.safetensors"
+    trained = read_manifest(exported["dir"])["fingerprint"]
+    assert read_manifest(first)["fingerprint"] != trained
+    for link in (tmp_path / "current", tmp_path / "dangling"):
+        assert export_model(exported["config"], weights, link) == link
+        assert link.is_symlink() and read_manifest(link.resolve())["fingerprint"] == trained
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["current", "dangling", "disk", "v1"]
+    assert sorted(p.name for p in (tmp_path / "disk").iterdir()) == ["new"]
+
+
+def test_export_refuses_a_link_to_the_current_folder(exported, tmp_path, monkeypatch):
+    """Followed, the link's export would replace the folder the command runs in."""
+    (tmp_path / "work").mkdir()
+    (tmp_path / "here").symlink_to(tmp_path / "work")
+    monkeypatch.chdir(tmp_path / "work")
+    with pytest.raises(export_module.ExportError, match="is the current folder"):
+        export_model(exported["config"], None, tmp_path / "here")
+    assert not any((tmp_path / "work").iterdir())
+
+
 def test_reexport_refuses_an_export_folder_that_holds_other_files(exported, tmp_path):
     """Re-exporting replaces the whole folder, so files the user added to it would go too."""
     target = export_model(exported["config"], None, tmp_path / "model")

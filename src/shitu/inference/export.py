@@ -35,6 +35,7 @@ from shitu.fileio import (
     FILE_MODE,
     FOLDER_MODE,
     file_sha256,
+    folder_place,
     refuse_non_utf8_path,
     removed_if_left_empty,
     replace_folder,
@@ -187,12 +188,13 @@ def write_export(
         name: tensor.half() if compact and tensor.is_floating_point() else tensor
         for name, tensor in state.items()
     }
+    place = folder_place(out_dir)  # where a link given as out_dir points, as index build
     with contextlib.ExitStack() as staged:
-        staged.enter_context(removed_if_left_empty(out_dir.parent))  # made here, then failed
+        staged.enter_context(removed_if_left_empty(place.parent))  # made here, then failed
         try:
-            out_dir.parent.mkdir(parents=True, exist_ok=True)
+            place.parent.mkdir(parents=True, exist_ok=True)
             # Beside the target, and removed by the next export there if this one is killed
-            staging = staged.enter_context(staging_folder(out_dir, "exporting"))
+            staging = staged.enter_context(staging_folder(place, "exporting"))
             staging.mkdir(mode=0o700)
         except OSError as exc:
             raise _write_refused(out_dir, exc) from None
@@ -234,7 +236,7 @@ def write_export(
             for path in staging.iterdir():
                 path.chmod(FILE_MODE)  # as the umask has them: temporary ones are owner-only
             staging.chmod(FOLDER_MODE)
-            replace_folder(staging, out_dir)
+            replace_folder(staging, place)
         except OSError as exc:  # the ONNX writer's (a full disk, say) names no file
             raise _write_refused(out_dir, exc) from None
         finally:
@@ -264,7 +266,7 @@ def _check_target(out_dir: Path) -> None:
         )
     if not out_dir.exists():
         return
-    if not out_dir.is_symlink() and out_dir.resolve() == Path.cwd().resolve():
+    if out_dir.resolve() == Path.cwd().resolve():
         # Replacing it fails ("Device or resource busy" for `.`) or leaves the shell that
         # ran the command in a deleted folder.
         raise ExportError(
