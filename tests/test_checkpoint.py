@@ -694,8 +694,8 @@ def test_pretrained_share_moves_only_the_named_layers_back_to_the_initialisation
         ([str(path)], "-c and -o are read only with --pretrained-share"),  # else ignored
         (["--pretrained-share", "1.5", "--layers", "backbone.head"], "must be between 0 and 1"),
         (
-            ["--pretrained-share", "0.2", "--layers", "backbone.heads"],
-            "layer 'backbone.heads': no tensor of the weights is under it (did you mean "
+            ["--pretrained-share", "0.2", "--layers", "backbone.stem", "backbone.heads"],
+            "--layers backbone.heads: no tensor of the weights is under it (did you mean "
             "'backbone.head'?)",
         ),
         (

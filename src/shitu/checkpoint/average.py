@@ -170,7 +170,7 @@ def interpolate_toward(
     for prefix in prefixes:
         if not any(_under(name, prefix) for name in state):
             raise CheckpointError(
-                f"layer {prefix!r}: no tensor of the weights is under it"
+                f"--layers {prefix}: no tensor of the weights is under it"
                 f"{did_you_mean(prefix, modules)}"
             )
     mixed, random_start = {}, []
