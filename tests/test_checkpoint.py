@@ -692,7 +692,8 @@ def test_pretrained_share_moves_only_the_named_layers_back_to_the_initialisation
     for options, message in [
         (["--pretrained-share", "0.25"], "--pretrained-share and --layers go together"),
         ([str(path)], "-c and -o are read only with --pretrained-share"),  # else ignored
-        (["--pretrained-share", "1.5", "--layers", "backbone.head"], "must be between 0 and 1"),
+        (["--pretrained-share", "1.5", "--layers", "backbone.head"],
+         "--pretrained-share 1.5: must be between 0 and 1"),
         (
             ["--pretrained-share", "0.2", "--layers", "backbone.stem", "backbone.heads"],
             "--layers backbone.heads: no tensor of the weights is under it (did you mean "

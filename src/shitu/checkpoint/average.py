@@ -146,7 +146,7 @@ def _warn_of_repeated_files(paths: list[str | Path]) -> None:
 def check_share(share: float) -> None:
     """A share of the way back to the reference weights: strictly between 0 and 1."""
     if not 0.0 < share < 1.0:
-        raise CheckpointError(f"pretrained share {share}: must be between 0 and 1 (exclusive)")
+        raise CheckpointError(f"--pretrained-share {share}: must be between 0 and 1 (exclusive)")
 
 
 def interpolate_toward(
