@@ -274,19 +274,47 @@ def test_int8_calibration_logs_what_it_skips_but_not_expected_fallback_notices(
     assert (tmp_path / "again.int8.onnx").is_file()
     assert "out-of-range for weight" not in caplog.text  # the BNNeck's rank-1 batch norm
     # An unreadable image is said, with how many were used.
-    assert f"1 of 3 images could not be read and were left out (first: {broken}:" in caplog.text
+    assert f"1 of 3 images left out: 1 could not be read (first: {broken}:" in caplog.text
     assert "calibrated on the other 2" in caplog.text
     logging.getLogger().warning("still heard")  # the filter went with the call
     assert "still heard" in caplog.text
     # None readable: the error says why, as the warning does.
     missing = tmp_path / "missing.jpg"
-    with pytest.raises(DataError, match=rf"\(2 given; first: {broken}: cannot decode image"):
+    read = rf"used \(2 given\): 2 could not be read \(first: {broken}: cannot decode image"
+    with pytest.raises(DataError, match=read):
         quantize_static_onnx(
             exported["dir"] / "model.onnx",
             tmp_path / "none.int8.onnx",
             Preprocessing.from_dict(manifest["preprocessing"]),
             [broken, missing],
         )
+
+
+def test_int8_calibration_says_which_images_were_read_but_of_a_size_it_cannot_take(
+    exported, tmp_path, caplog
+):
+    """An image smaller than the crop was read whole, but said to be unreadable."""
+    from shitu.inference.quantize import calibration_batches
+
+    preprocessing = Preprocessing(resize=None, resize_short=16, crop=(32, 16))
+    Image.new("RGB", (20, 200)).save(tall := tmp_path / "tall.png")  # 16x160: narrower
+    Image.new("RGB", (200, 20)).save(wide := tmp_path / "wide.png")
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    unfit = f"of a size the export's preprocessing cannot take (first: {tall}: crop 32x16 is"
+    with pytest.raises(DataError) as refused:
+        calibration_batches(preprocessing, [tall, broken])
+    assert str(refused.value).startswith(
+        f"int8 calibration: no calibration image could be used (2 given): 1 could not be "
+        f"read (first: {broken}: cannot decode image"
+    )
+    assert f"; 1 is {unfit} larger than the image (20x200, resized to 16x160))" in str(
+        refused.value
+    )
+    with caplog.at_level(logging.WARNING):
+        assert len(calibration_batches(preprocessing, [tall, wide, tall])) == 1
+    assert f"2 of 3 images left out: 2 are {unfit}" in caplog.text
+    assert "calibrated on the other 1" in caplog.text
 
 
 def test_openvino_backend_matches_onnxruntime_and_runs_int8(exported):
@@ -463,7 +491,7 @@ def test_int8_calibration_images_none_can_read_are_refused_before_the_onnx_expor
     monkeypatch.setattr(export_module, "_export_onnx", onnx_export)
     text = tmp_path / "photos.txt"
     text.write_text("photo.jpg\n")
-    with pytest.raises(DataError, match="no calibration image could be read"):
+    with pytest.raises(DataError, match="no calibration image could be used"):
         export_model(exported["config"], None, tmp_path / "int8", calibration_images=[text])
     assert sorted(tmp_path.iterdir()) == [text]
 
