@@ -245,9 +245,13 @@ def test_the_extractor_names_what_it_cannot_take(exported):
 def test_a_device_that_cannot_run_the_model_is_refused_when_loading(exported):
     with pytest.raises(ConfigError, match="device: unknown 'cuda:0'; use one of cpu, cuda"):
         FeatureExtractor.load(exported["dir"], device="cuda:0")
-    if not torch.cuda.is_available():
-        with pytest.raises(ConfigError, match="device cuda: torch here sees no CUDA GPU"):
-            FeatureExtractor.load(exported["dir"], backend="torch", device="cuda")
+    for device in ("cuda", "gpu"):  # gpu: PaddleClas's name, which Global.device takes
+        if not torch.cuda.is_available():
+            with pytest.raises(ConfigError, match="device cuda: torch here sees no CUDA GPU"):
+                FeatureExtractor.load(exported["dir"], backend="torch", device=device)
+        else:
+            with FeatureExtractor.load(exported["dir"], backend="torch", device=device) as gpu:
+                assert gpu.backend.device.type == "cuda"
     # auto on a GPU: onnxruntime where its package has CUDA, else torch (the default
     # onnxruntime package has none, and would refuse the device)
     onnx_cuda = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
