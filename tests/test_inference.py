@@ -174,6 +174,25 @@ def test_export_refuses_weights_whose_features_would_be_nan(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["diverged.safetensors"]
 
 
+@pytest.mark.parametrize("compact", [False, True])
+def test_export_refuses_finite_weights_whose_features_are_nan(exported, tmp_path, compact):
+    """A batch norm's running_var below 0 is finite, so the weights passed their check, but
+    every feature is NaN: the export was written, and its ONNX check (NaN apart by NaN)
+    passed too."""
+    model = build_model(exported["config"].Arch).eval()
+    model.load_state_dict(exported["model"].state_dict())
+    with torch.no_grad():
+        model.neck.feat_bn.running_var[0] = -5.0
+    weights = save_weights(model.state_dict(), tmp_path / "negative.safetensors")
+    with pytest.raises(
+        export_module.ExportError,
+        match=rf"^{weights}: the model's features hold NaN or infinite values, though its "
+        r"weights are finite \(a batch norm's running_var below 0\?\)$",
+    ):
+        export_model(exported["config"], weights, tmp_path / "model", compact=compact)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["negative.safetensors"]
+
+
 def test_extract_images_equals_extract_files(exported):
     extractor = FeatureExtractor.load(exported["dir"], num_threads=1)
     files = exported["files"][:3]

@@ -183,6 +183,14 @@ def write_export(
                     tensor.copy_(tensor.half())
         _check_finite(model, source, "once rounded to float16: export it without --compact")
     wrapped = FeaturesOnly(model, output_key).eval()
+    with torch.inference_mode():
+        probe = wrapped(torch.zeros(1, 3, *reversed(preprocessing.size)))
+    if not bool(torch.isfinite(probe).all()):  # finite weights can give NaN features
+        where = f"{source}: " if source else ""
+        raise ExportError(
+            f"{where}the model's features hold NaN or infinite values, though its weights are "
+            "finite (a batch norm's running_var below 0?)"
+        )
     state = model.state_dict()
     stored = {
         name: tensor.half() if compact and tensor.is_floating_point() else tensor
@@ -209,8 +217,6 @@ def write_export(
 
                 quantize_calibrated(staging / ONNX_FILE, staging / INT8_FILE, calibration)
                 files.append(INT8_FILE)
-            with torch.inference_mode():
-                probe = wrapped(torch.zeros(1, 3, *reversed(preprocessing.size)))
             manifest = {
                 "format": FORMAT,
                 "format_version": format_version,
@@ -319,7 +325,7 @@ def _export_onnx(model: FeaturesOnly, path: Path, preprocessing: Preprocessing, 
     actual = session.run(None, {INPUT_NAME: example.numpy()})[0]
     scale = max(1.0, float(np.abs(expected).max()))
     diff = float(np.abs(actual - expected).max()) / scale
-    if diff > EXPORT_TOLERANCE:
+    if not diff <= EXPORT_TOLERANCE:  # NaN included
         raise ExportError(
             f"{path}: ONNX output differs from torch by {diff:.2e} of the largest feature"
         )
