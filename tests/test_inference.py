@@ -502,6 +502,21 @@ def test_killed_export_leaves_nothing_and_reexport_replaces(exported, tmp_path, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
 
 
+def test_an_onnx_model_that_differs_from_torch_is_refused_naming_the_export(
+    exported, tmp_path, monkeypatch
+):
+    """The error named the model.onnx of the staging folder, gone once the export failed."""
+    monkeypatch.setattr(export_module, "EXPORT_TOLERANCE", -1.0)  # any difference is too large
+    out = tmp_path / "model"
+    with pytest.raises(export_module.ExportError) as refused:
+        export_model(exported["config"], None, out)
+    assert str(refused.value).startswith(
+        f"{out}: not written, the ONNX model's output differs from torch's by "
+    )
+    assert str(refused.value).endswith(" of the largest feature (at most -1 expected)")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_int8_calibration_images_none_can_read_are_refused_before_the_onnx_export(
     exported, tmp_path, monkeypatch
 ):

@@ -210,7 +210,7 @@ def write_export(
             save_weights(stored, staging / TORCH_FILE, model_metadata(model, arch))
             files = [TORCH_FILE]
             if not compact:
-                _export_onnx(wrapped, staging / ONNX_FILE, preprocessing, opset)
+                _export_onnx(wrapped, staging / ONNX_FILE, preprocessing, opset, out_dir)
                 files.insert(0, ONNX_FILE)
             if calibration:
                 from shitu.inference.quantize import quantize_calibrated
@@ -303,8 +303,12 @@ def _check_finite(model: RecModel, source: str | None, why: str) -> None:
             raise ExportError(f"{where}{name} holds NaN or infinite values {why}")
 
 
-def _export_onnx(model: FeaturesOnly, path: Path, preprocessing: Preprocessing, opset: int) -> None:
-    """Trace to ONNX with a dynamic batch axis, then check ONNX == torch on a batch of 2."""
+def _export_onnx(
+    model: FeaturesOnly, path: Path, preprocessing: Preprocessing, opset: int, out_dir: Path
+) -> None:
+    """Trace to ONNX with a dynamic batch axis, then check ONNX == torch on a batch of 2.
+    `out_dir`: the export's folder, which a failure names (`path` is in its staging folder,
+    gone once the export fails)."""
     import onnxruntime as ort
 
     width, height = preprocessing.size
@@ -327,9 +331,10 @@ def _export_onnx(model: FeaturesOnly, path: Path, preprocessing: Preprocessing, 
     diff = float(np.abs(actual - expected).max()) / scale
     if not diff <= EXPORT_TOLERANCE:  # NaN included
         raise ExportError(
-            f"{path}: ONNX output differs from torch by {diff:.2e} of the largest feature"
+            f"{out_dir}: not written, the ONNX model's output differs from torch's by "
+            f"{diff:.2e} of the largest feature (at most {EXPORT_TOLERANCE:g} expected)"
         )
-    logger.info("ONNX export %s: max |onnx - torch| = %.2e of the largest feature", path, diff)
+    logger.info("ONNX export %s: max |onnx - torch| = %.2e of the largest feature", out_dir, diff)
 
 
 def load_exported_model(model_dir: str | Path, manifest: dict[str, Any]) -> RecModel:
