@@ -91,12 +91,8 @@ def _average(args: argparse.Namespace) -> int:
                 "--pretrained-share needs -c CONFIG: the config whose pretrained backbone is "
                 "mixed in"
             )
-        from shitu import registry  # pydantic: not for the parser (`shitu --help`)
-
         config = config_from_args(args)
-        backbone = config.Arch.Backbone
-        # Typed as the backbone reads it: `pretrained: no` is false, not a file's name.
-        if not registry.BACKBONES.validate(backbone.name, backbone.params).get("pretrained"):
+        if not config.Arch.backbone_pretrained():
             raise ConfigError(
                 f"--pretrained-share mixes towards the backbone's pretrained weights, but "
                 f"{args.config} sets no Arch.Backbone.pretrained (it would mix in a random "

@@ -177,12 +177,16 @@ class ArchConfig(Section):
         )
     )
 
+    def backbone_pretrained(self) -> bool:
+        """Whether the backbone starts from pretrained weights (Arch.Backbone.pretrained),
+        typed as the backbone reads it: `pretrained: no` is false, not a file's name."""
+        return bool(BACKBONES.validate(self.Backbone.name, self.Backbone.params).get("pretrained"))
+
     def initialisation(self) -> str:
         """How the model built from this section starts, before any weights file is loaded,
         for the notes and the training summary that say so: "as the config initialises it"
         did not say whether from pretrained backbone weights or all at random."""
-        # Typed as the backbone reads it: `pretrained: no` is false, not a file's name.
-        if BACKBONES.validate(self.Backbone.name, self.Backbone.params).get("pretrained"):
+        if self.backbone_pretrained():
             return (
                 "its backbone's pretrained weights (Arch.Backbone.pretrained), new layers at random"
             )
