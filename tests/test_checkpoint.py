@@ -728,6 +728,12 @@ def test_pretrained_share_moves_only_the_named_layers_back_to_the_initialisation
             "(the file's 512); Arch.Head.embedding_size 256 (the file's 512); "
             "Arch.Neck.num_features 256 (the file's 512))",
         ),
+        (  # without the head, which the file has: not a difference of the model mixed
+            ["--pretrained-share", "0.2", "--layers", "backbone", "-o",
+             "Arch.Backbone.class_num=256", "Arch.Neck.num_features=256", "Arch.Head=null"],
+            "(the config's Arch settings differ from the file's: Arch.Backbone.class_num 256 "
+            "(the file's 512); Arch.Neck.num_features 256 (the file's 512))",
+        ),
     ]:  # fmt: skip
         result = run_shitu("average", str(path), *options, "-c", "GroceryStore_EfficientNetLite0",
                            "--out", str(tmp_path / "refused.safetensors"))  # fmt: skip

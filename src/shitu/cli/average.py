@@ -8,6 +8,7 @@ from pathlib import Path
 
 from shitu.cli.common import (
     add_config_arguments,
+    arch_of_model,
     config_from_args,
     model_from_config,
     writable_weights_file,
@@ -122,7 +123,7 @@ def _average(args: argparse.Namespace) -> int:
         reference = initialised.state_dict()
         pretrained = {f"backbone.{name}" for name in initialised.backbone.pretrained_tensors}
         # A shape that differs names the settings that do, where the weights record theirs.
-        hint = fit_hint(metadata, config.Arch.model_dump(mode="json"))
+        hint = fit_hint(metadata, arch_of_model(config))
         state = interpolate_toward(
             state, reference, args.pretrained_share, args.layers, hint, pretrained
         )
