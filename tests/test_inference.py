@@ -701,6 +701,14 @@ def test_hand_edited_preprocessing_is_refused_by_its_fingerprint_on_every_runtim
             lambda m: m["preprocessing"].update(mean=[float("nan"), 0.4, 0.4]),
             r"preprocessing: mean: expected a list of 3 numbers, got \[NaN, 0.4, 0.4\]",
         ),
+        (  # was compared with the crop: Python's words on an int and a str
+            lambda m: m["preprocessing"].update(resize=None, resize_short="big", crop=[96, 96]),
+            "preprocessing: resize_short: expected a whole number >= 1, got 'big'",
+        ),
+        (  # was "crop [96, 96] is larger than the resize_short -1 on both sides"
+            lambda m: m["preprocessing"].update(resize=None, resize_short=-1, crop=[96, 96]),
+            "preprocessing: resize_short: expected a whole number >= 1, got -1",
+        ),
     ],
 )
 def test_a_missing_or_malformed_manifest_entry_is_named_on_every_runtime(
