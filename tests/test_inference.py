@@ -786,6 +786,15 @@ def test_export_out_a_link_writes_the_export_where_it_points(exported, tmp_path)
     assert sorted(p.name for p in (tmp_path / "disk").iterdir()) == ["new"]
 
 
+def test_export_out_a_link_in_a_loop_is_refused_naming_it(exported, tmp_path):
+    """Followed, a link to itself raised a traceback (RuntimeError: Symlink loop)."""
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    with pytest.raises(OSError) as refused:
+        export_model(exported["config"], None, tmp_path / "loop")
+    assert refused.value.errno == errno.ELOOP and refused.value.filename == str(tmp_path / "loop")
+    assert [p.name for p in tmp_path.iterdir()] == ["loop"]
+
+
 def test_export_refuses_a_link_to_the_current_folder(exported, tmp_path, monkeypatch):
     """Followed, the link's export would replace the folder the command runs in."""
     (tmp_path / "work").mkdir()

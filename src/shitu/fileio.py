@@ -114,7 +114,10 @@ def folder_place(path: str | Path) -> Path:
     into place, and a rename puts it in the link's place (leaving what the link points to
     stale) or, across disks, fails."""
     path = Path(path)
-    return path.resolve() if path.is_symlink() else path
+    try:
+        return path.resolve() if path.is_symlink() else path
+    except RuntimeError:  # a link to itself, in a loop: Python 3.13 raises this OSError
+        raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), str(path)) from None
 
 
 def check_writable(folder: Path, what: str) -> None:
