@@ -534,6 +534,18 @@ def test_int8_calibration_images_none_can_read_are_refused_before_the_onnx_expor
     assert sorted(tmp_path.iterdir()) == [text]
 
 
+@pytest.mark.parametrize("value", [True, "0.5", 1.5, float("nan")])
+def test_export_refuses_a_score_thres_that_is_no_cosine_similarity(exported, tmp_path, value):
+    """true was taken as 1 and written into a manifest that loading refuses; text failed
+    with a TypeError."""
+    with pytest.raises(
+        export_module.ExportError,
+        match=re.escape(f"score_thres {value!r}: a cosine similarity, a number in [-1, 1]"),
+    ):
+        export_model(exported["config"], None, tmp_path / "model", score_thres=value)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_int8_calibration_images_given_as_one_path_are_refused_naming_it(exported, tmp_path):
     """A folder's path as a str was read as the images '/', 't', 'm', ... ("no calibration
     image could be read (12 given; first: /: Is a directory)"); as a Path, a TypeError."""

@@ -158,8 +158,13 @@ def write_export(
     readers = "torch's ONNX exporter, onnxruntime and safetensors"
     refuse_non_utf8_path(out_dir, "the export folder's path", readers, ExportError)
     _check_target(out_dir)
-    if score_thres is not None and not -1.0 <= score_thres <= 1.0:
-        raise ExportError(f"score_thres {score_thres}: a cosine similarity, in [-1, 1]")
+    # true (as 1) and text were compared as numbers: an export loading refuses, or a TypeError
+    if score_thres is not None and (
+        isinstance(score_thres, bool)
+        or not isinstance(score_thres, int | float)
+        or not -1.0 <= score_thres <= 1.0
+    ):
+        raise ExportError(f"score_thres {score_thres!r}: a cosine similarity, a number in [-1, 1]")
     if isinstance(calibration_images, str | Path):  # a str is a sequence of characters
         raise ExportError(
             f"calibration_images {str(calibration_images)!r}: a list of image files, not one "
