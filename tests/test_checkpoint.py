@@ -748,6 +748,19 @@ def test_pretrained_share_moves_only_the_named_layers_back_to_the_initialisation
         interpolate_toward(tuned, other, 0.2, ["backbone.head"])
 
 
+def test_average_api_refuses_values_that_are_no_numbers(tmp_path):
+    """float() took true and "2" as numbers, and failed on "x" in Python's words; comparing
+    a share given as text raised a TypeError."""
+    paths = [save_weights(make_model(seed=s).state_dict(), tmp_path / f"{s}.pt") for s in (1, 2)]
+    for weighting in (["x", 1], [True, 1], ["2", 1]):
+        with pytest.raises(CheckpointError, match=r"\]: each value must be a number$"):
+            average_weights(paths, weighting)
+    assert average_weights(paths, np.array([1, 2], np.float32))[0].keys()  # numpy's numbers
+    tuned = make_model().state_dict()
+    with pytest.raises(CheckpointError, match=r"^--pretrained-share '0.5': must be between 0"):
+        interpolate_toward(tuned, tuned, "0.5", ["backbone"])
+
+
 def test_pretrained_share_refuses_folded_weights(tmp_path):
     """Folded weights have none of the config's rep-branch tensors: the error says so, not
     that the config builds another model."""
