@@ -1314,6 +1314,18 @@ def test_export_to_a_path_that_is_not_utf8_is_refused_naming_it(
     assert not any(latin1_folder.iterdir())  # nor a staging folder
 
 
+def test_export_to_a_link_to_a_path_that_is_not_utf8_is_refused_naming_it(
+    exported, latin1_folder, tmp_path
+):
+    """The link is followed, so the folder it points to is checked, not the link's name."""
+    (tmp_path / "link").symlink_to(latin1_folder / "model")
+    with pytest.raises(
+        export_module.ExportError, match="model: the export folder's path is not UTF-8 text"
+    ):
+        export_model(exported["config"], None, tmp_path / "link")
+    assert not any(latin1_folder.iterdir())  # nor a staging folder
+
+
 def test_a_compact_export_on_an_onnx_runtime_asked_for_names_the_cache_it_cannot_write(
     exported, tmp_path, monkeypatch
 ):

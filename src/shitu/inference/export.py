@@ -154,9 +154,10 @@ def write_export(
     version-1 fingerprint (without the arch), for the cached rebuild of a version-1 export.
     """
     out_dir = Path(out_dir)
-    # Each file is written and read back by its path in out_dir's staging folder beside it.
+    place = folder_place(out_dir)  # where a link given as out_dir points, as index build
+    # Each file is written and read back by its path in the staging folder beside it.
     readers = "torch's ONNX exporter, onnxruntime and safetensors"
-    refuse_non_utf8_path(out_dir, "the export folder's path", readers, ExportError)
+    refuse_non_utf8_path(place, "the export folder's path", readers, ExportError)
     _check_target(out_dir)
     # true (as 1) and text were compared as numbers: an export loading refuses, or a TypeError
     if score_thres is not None and (
@@ -201,7 +202,6 @@ def write_export(
         name: tensor.half() if compact and tensor.is_floating_point() else tensor
         for name, tensor in state.items()
     }
-    place = folder_place(out_dir)  # where a link given as out_dir points, as index build
     with contextlib.ExitStack() as staged:
         staged.enter_context(removed_if_left_empty(place.parent))  # made here, then failed
         try:
