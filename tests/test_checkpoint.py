@@ -269,6 +269,17 @@ def test_a_url_given_for_weights_is_named_as_one():
     assert result.stderr == f"error: Arch.Backbone.pretrained: {refusal}\n"
 
 
+def test_a_backbone_pretrained_true_is_refused_naming_the_setting_once():
+    """It said "Arch.Backbone.pretrained: pretrained: True would download ..."."""
+    arch = dict(ARCH, Backbone=dict(ARCH["Backbone"], pretrained=True))
+    with pytest.raises(CheckpointError) as refused:
+        build_model(ArchConfig.model_validate(arch))
+    assert str(refused.value) == (
+        "Arch.Backbone.pretrained: True would download weights, which shitu never does; give "
+        "the path of a .safetensors, .pt/.pth or .pdparams file"
+    )
+
+
 def test_weights_saved_from_a_ddp_wrapped_model_load(tmp_path):
     """Another trainer's `torch.save(ddp_model.state_dict())` prefixes every name with the
     wrapper's `module.`: those load as the model's own names."""
