@@ -269,6 +269,17 @@ def test_a_url_given_for_weights_is_named_as_one():
     assert result.stderr == f"error: Arch.Backbone.pretrained: {refusal}\n"
 
 
+def test_a_backbone_pretrained_true_is_refused_naming_the_setting_once():
+    """It said "Arch.Backbone.pretrained: pretrained: True would download ..."."""
+    arch = dict(ARCH, Backbone=dict(ARCH["Backbone"], pretrained=True))
+    with pytest.raises(CheckpointError) as refused:
+        build_model(ArchConfig.model_validate(arch))
+    assert str(refused.value) == (
+        "Arch.Backbone.pretrained: True would download weights, which shitu never does; give "
+        "the path of a .safetensors, .pt/.pth or .pdparams file"
+    )
+
+
 def test_weights_saved_from_a_ddp_wrapped_model_load(tmp_path):
     """Another trainer's `torch.save(ddp_model.state_dict())` prefixes every name with the
     wrapper's `module.`: those load as the model's own names."""
@@ -692,10 +703,11 @@ def test_pretrained_share_moves_only_the_named_layers_back_to_the_initialisation
     for options, message in [
         (["--pretrained-share", "0.25"], "--pretrained-share and --layers go together"),
         ([str(path)], "-c and -o are read only with --pretrained-share"),  # else ignored
-        (["--pretrained-share", "1.5", "--layers", "backbone.head"], "must be between 0 and 1"),
+        (["--pretrained-share", "1.5", "--layers", "backbone.head"],
+         "--pretrained-share 1.5: must be between 0 and 1"),
         (
-            ["--pretrained-share", "0.2", "--layers", "backbone.heads"],
-            "layer 'backbone.heads': no tensor of the weights is under it (did you mean "
+            ["--pretrained-share", "0.2", "--layers", "backbone.stem", "backbone.heads"],
+            "--layers backbone.heads: no tensor of the weights is under it (did you mean "
             "'backbone.head'?)",
         ),
         (
@@ -727,6 +739,12 @@ def test_pretrained_share_moves_only_the_named_layers_back_to_the_initialisation
             "(the file's 512); Arch.Head.embedding_size 256 (the file's 512); "
             "Arch.Neck.num_features 256 (the file's 512))",
         ),
+        (  # without the head, which the file has: not a difference of the model mixed
+            ["--pretrained-share", "0.2", "--layers", "backbone", "-o",
+             "Arch.Backbone.class_num=256", "Arch.Neck.num_features=256", "Arch.Head=null"],
+            "(the config's Arch settings differ from the file's: Arch.Backbone.class_num 256 "
+            "(the file's 512); Arch.Neck.num_features 256 (the file's 512))",
+        ),
     ]:  # fmt: skip
         result = run_shitu("average", str(path), *options, "-c", "GroceryStore_EfficientNetLite0",
                            "--out", str(tmp_path / "refused.safetensors"))  # fmt: skip
@@ -739,6 +757,19 @@ def test_pretrained_share_moves_only_the_named_layers_back_to_the_initialisation
     other = {"backbone.head.conv.weight": torch.zeros(3, 3)}  # a config of another model
     with pytest.raises(CheckpointError, match="does the config build the same model"):
         interpolate_toward(tuned, other, 0.2, ["backbone.head"])
+
+
+def test_average_api_refuses_values_that_are_no_numbers(tmp_path):
+    """float() took true and "2" as numbers, and failed on "x" in Python's words; comparing
+    a share given as text raised a TypeError."""
+    paths = [save_weights(make_model(seed=s).state_dict(), tmp_path / f"{s}.pt") for s in (1, 2)]
+    for weighting in (["x", 1], [True, 1], ["2", 1]):
+        with pytest.raises(CheckpointError, match=r"\]: each value must be a number$"):
+            average_weights(paths, weighting)
+    assert average_weights(paths, np.array([1, 2], np.float32))[0].keys()  # numpy's numbers
+    tuned = make_model().state_dict()
+    with pytest.raises(CheckpointError, match=r"^--pretrained-share '0.5': must be between 0"):
+        interpolate_toward(tuned, tuned, "0.5", ["backbone"])
 
 
 def test_pretrained_share_refuses_folded_weights(tmp_path):

@@ -810,7 +810,7 @@ def test_an_export_that_fails_leaves_no_folder_it_made_for_out(tmp_path):
     text.write_text("not an image")
     out = tmp_path / "new" / "deeper" / "model"
     result = run_shitu("export", "--out", str(out), "--int8-calibration", str(text))
-    assert result.returncode == 2 and "no calibration image could be read" in result.stderr
+    assert result.returncode == 2 and "(1 given): 1 could not be read" in result.stderr
     assert sorted(path.name for path in tmp_path.iterdir()) == ["photo.jpg"]
 
 

@@ -174,6 +174,25 @@ def test_export_refuses_weights_whose_features_would_be_nan(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["diverged.safetensors"]
 
 
+@pytest.mark.parametrize("compact", [False, True])
+def test_export_refuses_finite_weights_whose_features_are_nan(exported, tmp_path, compact):
+    """A batch norm's running_var below 0 is finite, so the weights passed their check, but
+    every feature is NaN: the export was written, and its ONNX check (NaN apart by NaN)
+    passed too."""
+    model = build_model(exported["config"].Arch).eval()
+    model.load_state_dict(exported["model"].state_dict())
+    with torch.no_grad():
+        model.neck.feat_bn.running_var[0] = -5.0
+    weights = save_weights(model.state_dict(), tmp_path / "negative.safetensors")
+    with pytest.raises(
+        export_module.ExportError,
+        match=rf"^{weights}: the model's features hold NaN or infinite values, though its "
+        r"weights are finite \(a batch norm's running_var below 0\?\)$",
+    ):
+        export_model(exported["config"], weights, tmp_path / "model", compact=compact)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["negative.safetensors"]
+
+
 def test_extract_images_equals_extract_files(exported):
     extractor = FeatureExtractor.load(exported["dir"], num_threads=1)
     files = exported["files"][:3]
@@ -245,9 +264,13 @@ def test_the_extractor_names_what_it_cannot_take(exported):
 def test_a_device_that_cannot_run_the_model_is_refused_when_loading(exported):
     with pytest.raises(ConfigError, match="device: unknown 'cuda:0'; use one of cpu, cuda"):
         FeatureExtractor.load(exported["dir"], device="cuda:0")
-    if not torch.cuda.is_available():
-        with pytest.raises(ConfigError, match="device cuda: torch here sees no CUDA GPU"):
-            FeatureExtractor.load(exported["dir"], backend="torch", device="cuda")
+    for device in ("cuda", "gpu"):  # gpu: PaddleClas's name, which Global.device takes
+        if not torch.cuda.is_available():
+            with pytest.raises(ConfigError, match="device cuda: torch here sees no CUDA GPU"):
+                FeatureExtractor.load(exported["dir"], backend="torch", device=device)
+        else:
+            with FeatureExtractor.load(exported["dir"], backend="torch", device=device) as gpu:
+                assert gpu.backend.device.type == "cuda"
     # auto on a GPU: onnxruntime where its package has CUDA, else torch (the default
     # onnxruntime package has none, and would refuse the device)
     onnx_cuda = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
@@ -274,19 +297,47 @@ def test_int8_calibration_logs_what_it_skips_but_not_expected_fallback_notices(
     assert (tmp_path / "again.int8.onnx").is_file()
     assert "out-of-range for weight" not in caplog.text  # the BNNeck's rank-1 batch norm
     # An unreadable image is said, with how many were used.
-    assert f"1 of 3 images could not be read and were left out (first: {broken}:" in caplog.text
+    assert f"1 of 3 images left out: 1 could not be read (first: {broken}:" in caplog.text
     assert "calibrated on the other 2" in caplog.text
     logging.getLogger().warning("still heard")  # the filter went with the call
     assert "still heard" in caplog.text
     # None readable: the error says why, as the warning does.
     missing = tmp_path / "missing.jpg"
-    with pytest.raises(DataError, match=rf"\(2 given; first: {broken}: cannot decode image"):
+    read = rf"used \(2 given\): 2 could not be read \(first: {broken}: cannot decode image"
+    with pytest.raises(DataError, match=read):
         quantize_static_onnx(
             exported["dir"] / "model.onnx",
             tmp_path / "none.int8.onnx",
             Preprocessing.from_dict(manifest["preprocessing"]),
             [broken, missing],
         )
+
+
+def test_int8_calibration_says_which_images_were_read_but_of_a_size_it_cannot_take(
+    exported, tmp_path, caplog
+):
+    """An image smaller than the crop was read whole, but said to be unreadable."""
+    from shitu.inference.quantize import calibration_batches
+
+    preprocessing = Preprocessing(resize=None, resize_short=16, crop=(32, 16))
+    Image.new("RGB", (20, 200)).save(tall := tmp_path / "tall.png")  # 16x160: narrower
+    Image.new("RGB", (200, 20)).save(wide := tmp_path / "wide.png")
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    unfit = f"of a size the export's preprocessing cannot take (first: {tall}: crop 32x16 is"
+    with pytest.raises(DataError) as refused:
+        calibration_batches(preprocessing, [tall, broken])
+    assert str(refused.value).startswith(
+        f"int8 calibration: no calibration image could be used (2 given): 1 could not be "
+        f"read (first: {broken}: cannot decode image"
+    )
+    assert f"; 1 is {unfit} larger than the image (20x200, resized to 16x160))" in str(
+        refused.value
+    )
+    with caplog.at_level(logging.WARNING):
+        assert len(calibration_batches(preprocessing, [tall, wide, tall])) == 1
+    assert f"2 of 3 images left out: 2 are {unfit}" in caplog.text
+    assert "calibrated on the other 1" in caplog.text
 
 
 def test_openvino_backend_matches_onnxruntime_and_runs_int8(exported):
@@ -451,6 +502,21 @@ def test_killed_export_leaves_nothing_and_reexport_replaces(exported, tmp_path, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
 
 
+def test_an_onnx_model_that_differs_from_torch_is_refused_naming_the_export(
+    exported, tmp_path, monkeypatch
+):
+    """The error named the model.onnx of the staging folder, gone once the export failed."""
+    monkeypatch.setattr(export_module, "EXPORT_TOLERANCE", -1.0)  # any difference is too large
+    out = tmp_path / "model"
+    with pytest.raises(export_module.ExportError) as refused:
+        export_model(exported["config"], None, out)
+    assert str(refused.value).startswith(
+        f"{out}: not written, the ONNX model's output differs from torch's by "
+    )
+    assert str(refused.value).endswith(" of the largest feature (at most -1 expected)")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_int8_calibration_images_none_can_read_are_refused_before_the_onnx_export(
     exported, tmp_path, monkeypatch
 ):
@@ -463,9 +529,21 @@ def test_int8_calibration_images_none_can_read_are_refused_before_the_onnx_expor
     monkeypatch.setattr(export_module, "_export_onnx", onnx_export)
     text = tmp_path / "photos.txt"
     text.write_text("photo.jpg\n")
-    with pytest.raises(DataError, match="no calibration image could be read"):
+    with pytest.raises(DataError, match="no calibration image could be used"):
         export_model(exported["config"], None, tmp_path / "int8", calibration_images=[text])
     assert sorted(tmp_path.iterdir()) == [text]
+
+
+@pytest.mark.parametrize("value", [True, "0.5", 1.5, float("nan")])
+def test_export_refuses_a_score_thres_that_is_no_cosine_similarity(exported, tmp_path, value):
+    """true was taken as 1 and written into a manifest that loading refuses; text failed
+    with a TypeError."""
+    with pytest.raises(
+        export_module.ExportError,
+        match=re.escape(f"score_thres {value!r}: a cosine similarity, a number in [-1, 1]"),
+    ):
+        export_model(exported["config"], None, tmp_path / "model", score_thres=value)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_int8_calibration_images_given_as_one_path_are_refused_naming_it(exported, tmp_path):
@@ -635,6 +713,14 @@ def test_hand_edited_preprocessing_is_refused_by_its_fingerprint_on_every_runtim
             lambda m: m["preprocessing"].update(mean=[float("nan"), 0.4, 0.4]),
             r"preprocessing: mean: expected a list of 3 numbers, got \[NaN, 0.4, 0.4\]",
         ),
+        (  # was compared with the crop: Python's words on an int and a str
+            lambda m: m["preprocessing"].update(resize=None, resize_short="big", crop=[96, 96]),
+            "preprocessing: resize_short: expected a whole number >= 1, got 'big'",
+        ),
+        (  # was "crop [96, 96] is larger than the resize_short -1 on both sides"
+            lambda m: m["preprocessing"].update(resize=None, resize_short=-1, crop=[96, 96]),
+            "preprocessing: resize_short: expected a whole number >= 1, got -1",
+        ),
     ],
 )
 def test_a_missing_or_malformed_manifest_entry_is_named_on_every_runtime(
@@ -693,6 +779,41 @@ def test_export_refuses_the_current_folder(exported, tmp_path, monkeypatch, name
     with pytest.raises(export_module.ExportError, match=rf"^{name} is the current folder"):
         export_model(exported["config"], None, name)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["work"]
+    assert not any((tmp_path / "work").iterdir())
+
+
+def test_export_out_a_link_writes_the_export_where_it_points(exported, tmp_path):
+    """`--out current` where current links to an export (or a folder not made yet): the
+    export went in the link's place, leaving the export the link pointed to stale."""
+    first = export_model(exported["config"], None, tmp_path / "v1")
+    (tmp_path / "current").symlink_to(first)
+    (tmp_path / "dangling").symlink_to(tmp_path / "disk" / "new")
+    weights = exported["dir"] / "model.safetensors"
+    trained = read_manifest(exported["dir"])["fingerprint"]
+    assert read_manifest(first)["fingerprint"] != trained
+    for link in (tmp_path / "current", tmp_path / "dangling"):
+        assert export_model(exported["config"], weights, link) == link
+        assert link.is_symlink() and read_manifest(link.resolve())["fingerprint"] == trained
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["current", "dangling", "disk", "v1"]
+    assert sorted(p.name for p in (tmp_path / "disk").iterdir()) == ["new"]
+
+
+def test_export_out_a_link_in_a_loop_is_refused_naming_it(exported, tmp_path):
+    """Followed, a link to itself raised a traceback (RuntimeError: Symlink loop)."""
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    with pytest.raises(OSError) as refused:
+        export_model(exported["config"], None, tmp_path / "loop")
+    assert refused.value.errno == errno.ELOOP and refused.value.filename == str(tmp_path / "loop")
+    assert [p.name for p in tmp_path.iterdir()] == ["loop"]
+
+
+def test_export_refuses_a_link_to_the_current_folder(exported, tmp_path, monkeypatch):
+    """Followed, the link's export would replace the folder the command runs in."""
+    (tmp_path / "work").mkdir()
+    (tmp_path / "here").symlink_to(tmp_path / "work")
+    monkeypatch.chdir(tmp_path / "work")
+    with pytest.raises(export_module.ExportError, match="is the current folder"):
+        export_model(exported["config"], None, tmp_path / "here")
     assert not any((tmp_path / "work").iterdir())
 
 
@@ -1190,6 +1311,18 @@ def test_export_to_a_path_that_is_not_utf8_is_refused_naming_it(
     )
     assert result.returncode == 2 and result.stderr.startswith("error: "), result.stderr
     assert "model: the export folder's path is not UTF-8 text" in result.stderr
+    assert not any(latin1_folder.iterdir())  # nor a staging folder
+
+
+def test_export_to_a_link_to_a_path_that_is_not_utf8_is_refused_naming_it(
+    exported, latin1_folder, tmp_path
+):
+    """The link is followed, so the folder it points to is checked, not the link's name."""
+    (tmp_path / "link").symlink_to(latin1_folder / "model")
+    with pytest.raises(
+        export_module.ExportError, match="model: the export folder's path is not UTF-8 text"
+    ):
+        export_model(exported["config"], None, tmp_path / "link")
     assert not any(latin1_folder.iterdir())  # nor a staging folder
 
 

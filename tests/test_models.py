@@ -159,6 +159,19 @@ def test_stop_after_unknown_layer_lists_choices():
     backbone = BACKBONES.build("PPLCNetV2_small")
     with pytest.raises(ConfigError, match="choose one of: stem, stages, avg_pool"):
         backbone.stop_after("flaten")
+    with pytest.raises(ConfigError, match=r", fc \(did you mean 'flatten'\?\)$"):
+        backbone.stop_after("flaten")
+
+
+@pytest.mark.parametrize("backbone", ["PPLCNetV2_small", "ResNet18"])
+def test_stop_after_paddleclas_numbered_layer_name_says_shitus_name(backbone):
+    """PaddleClas's configs give `BackboneStopLayer: {name: flatten_0}`: refused with the
+    choices only, none of which said that it is shitu's `flatten`."""
+    arch = {"Backbone": {"name": backbone}, "BackboneStopLayer": {"name": "flatten_0"}}
+    with pytest.raises(
+        ConfigError, match=r", fc \(PaddleClas's flatten_0: shitu calls it 'flatten'\)$"
+    ):
+        build_model(ArchConfig.model_validate(arch))
 
 
 def test_downscale_in_infer_dropout():

@@ -551,6 +551,14 @@ def test_bad_uploads_get_clear_errors(serving_library, client):
             400,
             "invalid JSON body: label: Field required",
         ),
+        # a JSON boolean: "yes" (or 1) was taken as true, and merged two labels
+        "rename merge": (
+            client.patch(
+                "/v1/gallery/labels/Lemon Soda", json={"label": "x", "merge": "yes"}, headers=WRITE
+            ),
+            400,
+            "invalid JSON body: merge: Input should be a valid boolean",
+        ),
         "rename type": (
             client.patch(
                 "/v1/gallery/labels/Lemon Soda",

@@ -1328,7 +1328,11 @@ def test_run_summary_names_the_weights_it_starts_from(grocery, tmp_path, caplog)
     """A complete load is reported in the summary; only a partial one warns."""
     path = tiny_config(grocery, tmp_path)
     fresh = Trainer(load_config(path))
-    assert training_summary(fresh)["initial weights"] == "as the config initialises the model"
+    # Saying which: pretrained backbone weights, or all at random (it said neither).
+    assert training_summary(fresh)["initial weights"] == (
+        "as the config initialises the model: all at random, as it names no "
+        "Arch.Backbone.pretrained weights"
+    )
     assert training_summary(fresh)["learning rate"] == "0.05"
     # A rate scaled for the batch size says from what (it showed 0.0125, unexplained).
     scaled = Trainer(load_config(path, ["Optimizer.lr.base_batch_size=32"]))

@@ -108,6 +108,18 @@ def occupied(path: Path) -> bool:
     return path.exists() and (not path.is_dir() or any(path.iterdir()))
 
 
+def folder_place(path: str | Path) -> Path:
+    """Where a folder written whole at `path` (a library, an export) is made: a symbolic
+    link there (to a folder on another disk, say) is followed, as the folder is renamed
+    into place, and a rename puts it in the link's place (leaving what the link points to
+    stale) or, across disks, fails."""
+    path = Path(path)
+    try:
+        return path.resolve() if path.is_symlink() else path
+    except RuntimeError:  # a link to itself, in a loop: Python 3.13 raises this OSError
+        raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), str(path)) from None
+
+
 def check_writable(folder: Path, what: str) -> None:
     """Create `folder` if needed and write a file in it, before long work whose results go
     there: an unusable place (a file in the way, no permission, a read-only or virtual file

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import numbers
 from collections.abc import Collection
 from pathlib import Path
 
@@ -63,7 +64,10 @@ def average_weights(
     """
     if len(paths) < 2:
         raise CheckpointError(f"averaging needs at least two weight files, got {len(paths)}")
-    weighting = [1.0] * len(paths) if weighting is None else [float(w) for w in weighting]
+    weighting = [1.0] * len(paths) if weighting is None else list(weighting)
+    if not all(_is_number(weight) for weight in weighting):  # float("x"): Python's words
+        raise CheckpointError(f"weighting {weighting}: each value must be a number")
+    weighting = [float(weight) for weight in weighting]
     if len(weighting) != len(paths):
         # named as the option is: "1 weights given" was taken for weight files
         values = f"{len(weighting)} value{'' if len(weighting) == 1 else 's'}"
@@ -143,10 +147,16 @@ def _warn_of_repeated_files(paths: list[str | Path]) -> None:
             )
 
 
+def _is_number(value: object) -> bool:
+    """Whether `value` is a real number, numpy's too (true and "2" are not, though float()
+    takes them)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def check_share(share: float) -> None:
     """A share of the way back to the reference weights: strictly between 0 and 1."""
-    if not 0.0 < share < 1.0:
-        raise CheckpointError(f"pretrained share {share}: must be between 0 and 1 (exclusive)")
+    if not _is_number(share) or not 0.0 < share < 1.0:
+        raise CheckpointError(f"--pretrained-share {share!r}: must be between 0 and 1 (exclusive)")
 
 
 def interpolate_toward(
@@ -170,7 +180,7 @@ def interpolate_toward(
     for prefix in prefixes:
         if not any(_under(name, prefix) for name in state):
             raise CheckpointError(
-                f"layer {prefix!r}: no tensor of the weights is under it"
+                f"--layers {prefix}: no tensor of the weights is under it"
                 f"{did_you_mean(prefix, modules)}"
             )
     mixed, random_start = {}, []

@@ -416,7 +416,7 @@ def load_pretrained(module: nn.Module, path: str | Path | bool) -> LoadReport:
     """
     if path is True or path is False:
         raise CheckpointError(
-            "pretrained: True would download weights, which shitu never does; "
+            "True would download weights, which shitu never does; "
             "give the path of a .safetensors, .pt/.pth or .pdparams file"
         )
     state, dropped, _ = state_for_model(module, path)

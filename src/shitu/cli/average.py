@@ -8,6 +8,7 @@ from pathlib import Path
 
 from shitu.cli.common import (
     add_config_arguments,
+    arch_of_model,
     config_from_args,
     model_from_config,
     writable_weights_file,
@@ -91,12 +92,8 @@ def _average(args: argparse.Namespace) -> int:
                 "--pretrained-share needs -c CONFIG: the config whose pretrained backbone is "
                 "mixed in"
             )
-        from shitu import registry  # pydantic: not for the parser (`shitu --help`)
-
         config = config_from_args(args)
-        backbone = config.Arch.Backbone
-        # Typed as the backbone reads it: `pretrained: no` is false, not a file's name.
-        if not registry.BACKBONES.validate(backbone.name, backbone.params).get("pretrained"):
+        if not config.Arch.backbone_pretrained():
             raise ConfigError(
                 f"--pretrained-share mixes towards the backbone's pretrained weights, but "
                 f"{args.config} sets no Arch.Backbone.pretrained (it would mix in a random "
@@ -126,7 +123,7 @@ def _average(args: argparse.Namespace) -> int:
         reference = initialised.state_dict()
         pretrained = {f"backbone.{name}" for name in initialised.backbone.pretrained_tensors}
         # A shape that differs names the settings that do, where the weights record theirs.
-        hint = fit_hint(metadata, config.Arch.model_dump(mode="json"))
+        hint = fit_hint(metadata, arch_of_model(config))
         state = interpolate_toward(
             state, reference, args.pretrained_share, args.layers, hint, pretrained
         )

@@ -231,21 +231,12 @@ def trained_weights(config: ShituConfig, doing: str) -> str | None:
             "or final_model.safetensors)"
         )
     if not weights:
-        from shitu import registry  # pydantic: not for the parser (`shitu --help`)
-
         best = Path(config.Global.output_dir) / "best_model.safetensors"
         trained = override_word("Global.pretrained_model", best)
-        backbone = config.Arch.Backbone
-        # Typed as the backbone reads it: `pretrained: no` is false, not a file's name.
-        if registry.BACKBONES.validate(backbone.name, backbone.params).get("pretrained"):
-            start = (
-                "its backbone's pretrained weights (Arch.Backbone.pretrained), new layers at random"
-            )
-        else:  # "e.g. an ImageNet backbone" was said of random weights too
-            start = "all at random, as it names no Arch.Backbone.pretrained weights"
         print(
             f"note: no Global.pretrained_model, so {doing} the model as the config initialises "
-            f"it: {start}; pass -o {trained} (or any weights file) for trained weights",
+            f"it: {config.Arch.initialisation()}; pass -o {trained} (or any weights file) for "
+            "trained weights",
             file=sys.stderr,
         )
     return weights

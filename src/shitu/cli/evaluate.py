@@ -8,6 +8,7 @@ import json
 from shitu.cli.common import (
     add_config_arguments,
     add_progress_argument,
+    arch_of_model,
     config_from_args,
     model_from_config,
     trained_weights,
@@ -49,12 +50,7 @@ def run(args: argparse.Namespace) -> int:
         model = model_from_config(config, args, pretrained=not weights)
         if weights:
             with weight_file_setting("Global.pretrained_model"):
-                load_weights(
-                    model,
-                    weights,
-                    ignore_prefixes=("head.",),
-                    arch=config.Arch.model_dump(mode="json", exclude={"Head"}),
-                )
+                load_weights(model, weights, ignore_prefixes=("head.",), arch=arch_of_model(config))
         model.to(context.device)
         if config.Global.channels_last:  # the layout training evaluates in: the same rounding
             model.to(memory_format=torch.channels_last)

@@ -38,7 +38,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_config_arguments(parser, head_option=False)
     parser.add_argument(
         "--out",
-        help="output folder, replaced if an export (default: the config's "
+        help="output folder, replaced if an export (a symbolic link there is followed; "
+        "default: the config's "
         "Global.save_inference_dir, ./inference unless set, where PaddleClas exports to)",
     )
     parser.add_argument(

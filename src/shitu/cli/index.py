@@ -23,7 +23,7 @@ from shitu.cli.common import (
     warn_if_empty,
 )
 from shitu.errors import DataError, GalleryError, did_you_mean
-from shitu.fileio import check_writable, occupied
+from shitu.fileio import check_writable, folder_place, occupied
 from shitu.index import (
     INDEX_TYPES,
     METRICS,
@@ -41,7 +41,6 @@ from shitu.index.gallery import (
     SHOWN_FILES,
     file_gone,
     gone_from,
-    library_place,
 )
 from shitu.index.metadata import ImageEntry, LibraryBusyError
 
@@ -440,7 +439,7 @@ def run_build(args: argparse.Namespace) -> int:
             "trees (shitu index build my_products/ --out my_gallery)"
         )
     search_options = _search_options(args, args.index_type)
-    place = library_place(args.out)  # where a link given as --out points
+    place = folder_place(args.out)  # where a link given as --out points
     if occupied(place):  # an empty folder made for it is filled
         library = (place / LIBRARY_FILE).is_file()  # else `index add` would refuse it too
         add = f" or add to it with `shitu index add {args.out} ...`" if library else ""

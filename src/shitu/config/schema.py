@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from shitu.registry import ConfigPath, null_is_default, refuse_bool_as_number
+from shitu.registry import BACKBONES, ConfigPath, null_is_default, refuse_bool_as_number
 
 
 def only_off(refusal: str) -> Callable[[Any, bool], bool]:
@@ -176,6 +176,21 @@ class ArchConfig(Section):
             "probabilities: set it to false"
         )
     )
+
+    def backbone_pretrained(self) -> bool:
+        """Whether the backbone starts from pretrained weights (Arch.Backbone.pretrained),
+        typed as the backbone reads it: `pretrained: no` is false, not a file's name."""
+        return bool(BACKBONES.validate(self.Backbone.name, self.Backbone.params).get("pretrained"))
+
+    def initialisation(self) -> str:
+        """How the model built from this section starts, before any weights file is loaded,
+        for the notes and the training summary that say so: "as the config initialises it"
+        did not say whether from pretrained backbone weights or all at random."""
+        if self.backbone_pretrained():
+            return (
+                "its backbone's pretrained weights (Arch.Backbone.pretrained), new layers at random"
+            )
+        return "all at random, as it names no Arch.Backbone.pretrained weights"
 
 
 LossList = list[dict[str, dict[str, Any]]]

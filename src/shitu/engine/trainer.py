@@ -189,7 +189,9 @@ class Trainer:
         if config.Global.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         # What the run starts from, for the summary a user sees before a long run.
-        self.initial_weights = "as the config initialises the model"
+        self.initial_weights = (
+            f"as the config initialises the model: {config.Arch.initialisation()}"
+        )
         if resume_payload is not None:
             self.initial_weights = f"resumed from {config.Global.checkpoints}"
         elif config.Global.pretrained_model:

@@ -25,6 +25,7 @@ import numpy as np
 from shitu.errors import GalleryError, did_you_mean
 from shitu.fileio import (
     file_sha256,
+    folder_place,
     fsync_dir,
     occupied,
     refuse_non_utf8_path,
@@ -158,14 +159,6 @@ def _committed_manifest(
     if model is not None:
         manifest.check_model(*model, str(root))
     return manifest
-
-
-def library_place(path: str | Path) -> Path:
-    """Where a new library at `path` is made: a symbolic link there (to a folder on another
-    disk, say) is followed, as a library is renamed into place whole, and a rename cannot
-    put a folder where a link is (it failed once every image was embedded)."""
-    path = Path(path)
-    return path.resolve() if path.is_symlink() else path
 
 
 def _open_store(root: Path) -> MetadataStore:
@@ -354,7 +347,7 @@ class Gallery:
         (its library deleted, or a build killed outright) can be built into again; one that
         the library it was made for (recorded in it) still uses is refused all the same.
         """
-        root = library_place(path)
+        root = folder_place(path)
         _refuse_non_utf8_root(root)
         existed = root.exists()
         if occupied(root):
@@ -428,7 +421,7 @@ class Gallery:
         Milvus collection. `options`: `create`'s. Refused where `path` exists, unless an
         empty folder (as `create`); a NothingAddedError, with the report, where no image
         could be added."""
-        root = library_place(path)
+        root = folder_place(path)
         _refuse_non_utf8_root(root)
         if occupied(root):
             raise GalleryError(

@@ -35,6 +35,7 @@ from shitu.fileio import (
     FILE_MODE,
     FOLDER_MODE,
     file_sha256,
+    folder_place,
     refuse_non_utf8_path,
     removed_if_left_empty,
     replace_folder,
@@ -153,12 +154,18 @@ def write_export(
     version-1 fingerprint (without the arch), for the cached rebuild of a version-1 export.
     """
     out_dir = Path(out_dir)
-    # Each file is written and read back by its path in out_dir's staging folder beside it.
+    place = folder_place(out_dir)  # where a link given as out_dir points, as index build
+    # Each file is written and read back by its path in the staging folder beside it.
     readers = "torch's ONNX exporter, onnxruntime and safetensors"
-    refuse_non_utf8_path(out_dir, "the export folder's path", readers, ExportError)
+    refuse_non_utf8_path(place, "the export folder's path", readers, ExportError)
     _check_target(out_dir)
-    if score_thres is not None and not -1.0 <= score_thres <= 1.0:
-        raise ExportError(f"score_thres {score_thres}: a cosine similarity, in [-1, 1]")
+    # true (as 1) and text were compared as numbers: an export loading refuses, or a TypeError
+    if score_thres is not None and (
+        isinstance(score_thres, bool)
+        or not isinstance(score_thres, int | float)
+        or not -1.0 <= score_thres <= 1.0
+    ):
+        raise ExportError(f"score_thres {score_thres!r}: a cosine similarity, a number in [-1, 1]")
     if isinstance(calibration_images, str | Path):  # a str is a sequence of characters
         raise ExportError(
             f"calibration_images {str(calibration_images)!r}: a list of image files, not one "
@@ -182,17 +189,25 @@ def write_export(
                     tensor.copy_(tensor.half())
         _check_finite(model, source, "once rounded to float16: export it without --compact")
     wrapped = FeaturesOnly(model, output_key).eval()
+    with torch.inference_mode():
+        probe = wrapped(torch.zeros(1, 3, *reversed(preprocessing.size)))
+    if not bool(torch.isfinite(probe).all()):  # finite weights can give NaN features
+        where = f"{source}: " if source else ""
+        raise ExportError(
+            f"{where}the model's features hold NaN or infinite values, though its weights are "
+            "finite (a batch norm's running_var below 0?)"
+        )
     state = model.state_dict()
     stored = {
         name: tensor.half() if compact and tensor.is_floating_point() else tensor
         for name, tensor in state.items()
     }
     with contextlib.ExitStack() as staged:
-        staged.enter_context(removed_if_left_empty(out_dir.parent))  # made here, then failed
+        staged.enter_context(removed_if_left_empty(place.parent))  # made here, then failed
         try:
-            out_dir.parent.mkdir(parents=True, exist_ok=True)
+            place.parent.mkdir(parents=True, exist_ok=True)
             # Beside the target, and removed by the next export there if this one is killed
-            staging = staged.enter_context(staging_folder(out_dir, "exporting"))
+            staging = staged.enter_context(staging_folder(place, "exporting"))
             staging.mkdir(mode=0o700)
         except OSError as exc:
             raise _write_refused(out_dir, exc) from None
@@ -200,15 +215,13 @@ def write_export(
             save_weights(stored, staging / TORCH_FILE, model_metadata(model, arch))
             files = [TORCH_FILE]
             if not compact:
-                _export_onnx(wrapped, staging / ONNX_FILE, preprocessing, opset)
+                _export_onnx(wrapped, staging / ONNX_FILE, preprocessing, opset, out_dir)
                 files.insert(0, ONNX_FILE)
             if calibration:
                 from shitu.inference.quantize import quantize_calibrated
 
                 quantize_calibrated(staging / ONNX_FILE, staging / INT8_FILE, calibration)
                 files.append(INT8_FILE)
-            with torch.inference_mode():
-                probe = wrapped(torch.zeros(1, 3, *reversed(preprocessing.size)))
             manifest = {
                 "format": FORMAT,
                 "format_version": format_version,
@@ -234,7 +247,7 @@ def write_export(
             for path in staging.iterdir():
                 path.chmod(FILE_MODE)  # as the umask has them: temporary ones are owner-only
             staging.chmod(FOLDER_MODE)
-            replace_folder(staging, out_dir)
+            replace_folder(staging, place)
         except OSError as exc:  # the ONNX writer's (a full disk, say) names no file
             raise _write_refused(out_dir, exc) from None
         finally:
@@ -264,7 +277,7 @@ def _check_target(out_dir: Path) -> None:
         )
     if not out_dir.exists():
         return
-    if not out_dir.is_symlink() and out_dir.resolve() == Path.cwd().resolve():
+    if out_dir.resolve() == Path.cwd().resolve():
         # Replacing it fails ("Device or resource busy" for `.`) or leaves the shell that
         # ran the command in a deleted folder.
         raise ExportError(
@@ -295,8 +308,12 @@ def _check_finite(model: RecModel, source: str | None, why: str) -> None:
             raise ExportError(f"{where}{name} holds NaN or infinite values {why}")
 
 
-def _export_onnx(model: FeaturesOnly, path: Path, preprocessing: Preprocessing, opset: int) -> None:
-    """Trace to ONNX with a dynamic batch axis, then check ONNX == torch on a batch of 2."""
+def _export_onnx(
+    model: FeaturesOnly, path: Path, preprocessing: Preprocessing, opset: int, out_dir: Path
+) -> None:
+    """Trace to ONNX with a dynamic batch axis, then check ONNX == torch on a batch of 2.
+    `out_dir`: the export's folder, which a failure names (`path` is in its staging folder,
+    gone once the export fails)."""
     import onnxruntime as ort
 
     width, height = preprocessing.size
@@ -317,11 +334,12 @@ def _export_onnx(model: FeaturesOnly, path: Path, preprocessing: Preprocessing, 
     actual = session.run(None, {INPUT_NAME: example.numpy()})[0]
     scale = max(1.0, float(np.abs(expected).max()))
     diff = float(np.abs(actual - expected).max()) / scale
-    if diff > EXPORT_TOLERANCE:
+    if not diff <= EXPORT_TOLERANCE:  # NaN included
         raise ExportError(
-            f"{path}: ONNX output differs from torch by {diff:.2e} of the largest feature"
+            f"{out_dir}: not written, the ONNX model's output differs from torch's by "
+            f"{diff:.2e} of the largest feature (at most {EXPORT_TOLERANCE:g} expected)"
         )
-    logger.info("ONNX export %s: max |onnx - torch| = %.2e of the largest feature", path, diff)
+    logger.info("ONNX export %s: max |onnx - torch| = %.2e of the largest feature", out_dir, diff)
 
 
 def load_exported_model(model_dir: str | Path, manifest: dict[str, Any]) -> RecModel:

@@ -86,6 +86,13 @@ class Preprocessing:
             raise ValueError("give exactly one of resize and resize_short")
         if self.resize_short is not None and self.crop is None:
             raise ValueError("resize_short needs a CropImage after it for a fixed input size")
+        short = self.resize_short
+        if short is not None and (
+            isinstance(short, bool) or not isinstance(short, int) or short < 1
+        ):
+            # else compared with the crop: "crop [224, 224] is larger than the resize_short
+            # -1", or Python's words on comparing a number with a hand-edited text
+            raise ValueError(f"resize_short: expected a whole number >= 1, got {short!r}")
         # A crop that no resized image can hold would refuse every image, one by one.
         if self.crop is not None and self.resize is not None:
             if self.crop[0] > self.resize[0] or self.crop[1] > self.resize[1]:

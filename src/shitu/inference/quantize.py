@@ -16,7 +16,7 @@ import numpy as np
 
 from shitu.data.transforms.ops import UnreadableImageError
 from shitu.errors import DataError
-from shitu.inference.preprocess import Preprocessing
+from shitu.inference.preprocess import Preprocessing, read_rgb
 
 CALIBRATION_BATCH = 8
 logger = logging.getLogger(__name__)
@@ -51,26 +51,43 @@ def quantize_static_onnx(
 def calibration_batches(
     preprocessing: Preprocessing, images: Sequence[str | Path]
 ) -> list[np.ndarray]:
-    """The readable `images`, preprocessed, in batches (an export reads them before its ONNX
-    export and check, so a folder of no images is refused before that work). Unreadable
-    ones are left out with a warning; a DataError where none is readable."""
-    skipped: list[str] = []
-    batches = list(_calibration_batches(preprocessing, images, skipped))
+    """The usable `images`, preprocessed, in batches (an export reads them before its ONNX
+    export and check, so a folder of no images is refused before that work). Those that
+    cannot be read, or are of a size the preprocessing cannot take, are left out with a
+    warning saying which of the two; a DataError where none is usable."""
+    unread: list[str] = []
+    unfit: list[str] = []
+    batches = list(_calibration_batches(preprocessing, images, unread, unfit))
+    left_out = _left_out(unread, unfit)
     if not batches:
-        first = f"; first: {skipped[0]}" if skipped else ""
         raise DataError(
-            f"int8 calibration: no calibration image could be read ({len(images)} given{first})"
+            f"int8 calibration: no calibration image could be used ({len(images)} given)"
+            + (f": {left_out}" if left_out else "")
         )
-    if skipped:
+    if left_out:
         logger.warning(
-            "int8 calibration: %d of %d images could not be read and were left out (first: "
-            "%s); calibrated on the other %d",
-            len(skipped),
+            "int8 calibration: %d of %d images left out: %s; calibrated on the other %d",
+            len(unread) + len(unfit),
             len(images),
-            skipped[0],
-            len(images) - len(skipped),
+            left_out,
+            len(images) - len(unread) - len(unfit),
         )
     return batches
+
+
+def _left_out(unread: list[str], unfit: list[str]) -> str:
+    """What happened to the images left out, and the first of each kind with why: a small
+    image read whole was said to be unreadable."""
+    parts = []
+    if unread:
+        parts.append(f"{len(unread)} could not be read (first: {unread[0]})")
+    if unfit:
+        verb = "is" if len(unfit) == 1 else "are"
+        parts.append(
+            f"{len(unfit)} {verb} of a size the export's preprocessing cannot take (first: "
+            f"{unfit[0]})"
+        )
+    return "; ".join(parts)
 
 
 def quantize_calibrated(fp32_path: Path, out_path: Path, batches: Sequence[np.ndarray]) -> None:
@@ -107,15 +124,24 @@ def quantize_calibrated(fp32_path: Path, out_path: Path, batches: Sequence[np.nd
 
 
 def _calibration_batches(
-    preprocessing: Preprocessing, images: Sequence[str | Path], skipped: list[str]
+    preprocessing: Preprocessing,
+    images: Sequence[str | Path],
+    unread: list[str],
+    unfit: list[str],
 ) -> Iterator[np.ndarray]:
-    """The readable images in batches; each unreadable one goes to `skipped`, with why."""
+    """The usable images in batches; each left out goes to `unread` (the file could not be
+    decoded) or `unfit` (decoded, but of a size the preprocessing cannot take), with why."""
     batch: list[np.ndarray] = []
     for path in images:
         try:
-            batch.append(preprocessing.load(path))
+            image = read_rgb(path)
         except UnreadableImageError as exc:
-            skipped.append(f"{path}: {exc}")
+            unread.append(f"{path}: {exc}")
+            continue
+        try:
+            batch.append(preprocessing.normalize(preprocessing.prepare(image)))
+        except UnreadableImageError as exc:
+            unfit.append(f"{path}: {exc}")
             continue
         if len(batch) == CALIBRATION_BATCH:
             yield np.stack(batch)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import nn
 
-from shitu.errors import ConfigError
+from shitu.errors import ConfigError, did_you_mean
 
 
 class SequentialBackbone(nn.Module):
@@ -29,9 +31,15 @@ class SequentialBackbone(nn.Module):
 
     def stop_after(self, layer_name: str) -> None:
         if layer_name not in self.layer_order:
+            # PaddleClas's configs name some layers as Paddle numbers them (`flatten_0`).
+            numbered = re.fullmatch(r"(.+)_\d+", layer_name)
+            if numbered and numbered[1] in self.layer_order:
+                hint = f" (PaddleClas's {layer_name}: shitu calls it '{numbered[1]}')"
+            else:
+                hint = did_you_mean(layer_name, self.layer_order)
             raise ConfigError(
                 f"Arch.BackboneStopLayer.name: '{layer_name}' is not a layer of "
-                f"{type(self).__name__}; choose one of: {', '.join(self.layer_order)}"
+                f"{type(self).__name__}; choose one of: {', '.join(self.layer_order)}{hint}"
             )
         for name in self.layer_order[self.layer_order.index(layer_name) + 1 :]:
             setattr(self, name, nn.Identity())
