@@ -1413,6 +1413,24 @@ def test_demo_builds_a_gallery_and_recognises_every_product(setup, tmp_path, cap
     )
 
 
+def test_the_demo_loads_its_model_once_and_closes_it(setup, tmp_path, monkeypatch, capsys):
+    """The demo loaded the model to check the settings, built the library with it and
+    never closed it; the recogniser then loaded the same model a second time."""
+    loaded: list[FeatureExtractor] = []
+    load = FeatureExtractor.load.__func__
+
+    def counting_load(cls, *args, **kwargs) -> FeatureExtractor:
+        loaded.append(load(cls, *args, **kwargs))
+        return loaded[-1]
+
+    monkeypatch.setattr(FeatureExtractor, "load", classmethod(counting_load))
+    out = tmp_path / "demo"
+    assert shitu_main(["demo", "--out", str(out), "--model", str(setup["model"])]) == 0
+    assert "recognised " in capsys.readouterr().out
+    assert len(loaded) == 1
+    assert repr(loaded[0]).startswith("FeatureExtractor(closed")
+
+
 def test_a_demo_photo_the_disk_cannot_take_whole_is_an_error_not_a_cut_short_jpeg(setup, tmp_path):
     """The demo's photos were saved by Pillow's JPEG encoder, which takes a short write (a
     full disk, the file size limit) for a whole one: a gallery photo cut off at the limit
