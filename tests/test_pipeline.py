@@ -346,6 +346,27 @@ def test_file_results_are_the_commands_json_lines(setup, recognizer, tmp_path):
     assert lines[1] == {"image": str(broken), "results": [], "error": skipped.error}
 
 
+def test_a_folder_given_to_recognize_files_is_named_as_one_with_how_to_pass_its_images(
+    setup, recognizer, tmp_path
+):
+    """A folder among the paths was reported with the OS's bare "Is a directory"."""
+    from shitu.image_files import scan_images
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    shutil.copy(setup["queries"][0].path, folder / "a.jpg")
+    with recognizer(score_thres=-1.0) as rec:
+        skipped, found = rec.recognize_files([folder, folder / "a.jpg"])
+        assert skipped.results == [] and found.error is None and found.results
+        assert skipped.error == (
+            "a folder, not an image file: pass the images in it, as `shitu recognize FOLDER` "
+            "does: shitu.image_files.scan_images(Path(folder)) lists them"
+        )
+        # as the message says
+        (scanned,) = rec.recognize_files(scan_images(Path(folder)))
+        assert scanned.results == found.results
+
+
 def test_one_recogniser_serves_several_threads_at_once(setup, recognizer):
     """As its docstring says: concurrent calls give what the same calls give one by one."""
     photos = [read_rgb(q.path) for q in setup["queries"]]
