@@ -245,7 +245,7 @@ def decode_rgb_image(data: bytes) -> Image.Image:
 _PIXEL_FORMAT_REFUSALS = ("unknown pixel mode",)  # TIFF: e.g. 3-channel float samples
 
 
-def _pixel_format_refusal(data: bytes) -> str | None:
+def pixel_format_refusal(data: bytes) -> str | None:
     """Why a file Pillow could not identify cannot be decoded, where its format's plugin
     (found by the file's first bytes, as Image.open finds it) refused its pixel format:
     Image.open says "cannot identify" whatever the plugin's reason, and a float32 RGB TIFF
@@ -281,7 +281,7 @@ def _decode(data: bytes) -> Image.Image:
         if kind is not None:
             reason = f"{kind} images are not supported: convert it to JPEG or PNG"
         else:
-            reason = _pixel_format_refusal(data) or (
+            reason = pixel_format_refusal(data) or (
                 TEXT_FILE_REASON if is_text(data) else "unknown or corrupt format"
             )
         raise UnreadableImageError(f"cannot decode image: {reason}") from None
