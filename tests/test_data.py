@@ -374,6 +374,26 @@ def test_corrupt_image_raises_data_error_naming_the_file(grocery: Path, tmp_path
         assert "skip_corrupt: true" in str(info.value)
 
 
+def test_a_tiff_in_a_pixel_format_pillow_cannot_decode_is_not_called_corrupt():
+    """A 3-channel float32 TIFF (as OpenCV saves a float image) was "unknown or corrupt
+    format": Pillow knows TIFF files, but has no mode for floating-point colour."""
+    ok, encoded = cv2.imencode(".tiff", np.random.default_rng(0).random((8, 8, 3), np.float32))
+    data = encoded.tobytes()
+    assert ok and data.startswith(b"II*\0")
+    reason = (
+        "a TIFF image in a pixel format Pillow cannot decode (unknown pixel mode; "
+        "floating-point colour, say): save it with 8-bit samples, as JPEG or PNG"
+    )
+    with pytest.raises(DataError) as info:
+        decode_rgb(data)
+    assert str(info.value) == f"cannot decode image: {reason}"
+    # A TIFF cut short, or its header followed by zeros, is still a corrupt file.
+    for corrupt in (data[:50], data[:8] + bytes(100)):
+        with pytest.raises(DataError) as info:
+            decode_rgb(corrupt)
+        assert str(info.value) == "cannot decode image: unknown or corrupt format"
+
+
 def test_skip_corrupt_drops_bad_images_at_start_up(grocery: Path, tmp_path: Path, caplog):
     corrupt_files(grocery, tmp_path)
     save_png(tmp_path / "good.png", pattern(6, 6))

@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
 
+import cv2
 import httpx
 import numpy as np
 import pytest
@@ -371,6 +372,7 @@ def test_bad_uploads_get_clear_errors(serving_library, client):
     ppm = io.BytesIO()
     Image.fromarray(np.full((64, 64, 3), 90, np.uint8)).save(ppm, "PPM")
     ppm = ppm.getvalue()
+    float_tiff = cv2.imencode(".tiff", np.full((8, 8, 3), 0.5, np.float32))[1].tobytes()
 
     def add_labelled(label: str) -> httpx.Response:
         files = {"image": photo(good)}
@@ -403,6 +405,13 @@ def test_bad_uploads_get_clear_errors(serving_library, client):
             ),
             415,
             "x.ppm: PPM images are not accepted (expected JPEG, PNG, WebP, BMP, TIFF or GIF)",
+        ),
+        # a TIFF of float32 colour, which Pillow cannot decode: an image all the same
+        "pixel format": (
+            client.post("/v1/recognize", files={"image": ("f.tif", float_tiff, "image/tiff")}),
+            415,
+            "f.tif: a TIFF image in a pixel format Pillow cannot decode (unknown pixel mode; "
+            "floating-point colour, say): save it with 8-bit samples, as JPEG or PNG",
         ),
         # an iPhone's photo: Pillow cannot read it, but it is an image, and says which
         "heic": (

@@ -1287,6 +1287,23 @@ def test_queries_the_gallery_cannot_match_are_warned_about(grocery, tmp_path, ca
     ) in warned
 
 
+def test_grocery_query_classes_the_gallery_lacks_are_named(grocery, tmp_path, caplog):
+    """Coarse Grocery queries against the fine packshots are matched by their classes.csv
+    names, but the classes without a match were listed by id alone ("classes 0, 7, 13")."""
+    path = tiny_config(grocery, tmp_path)
+    dataset = f"{{name: GroceryStoreDataset, image_root: {grocery}, transform_ops: []"
+    sets = [
+        f"DataLoader.Eval.Query.dataset={dataset}, cls_label_path: {grocery / 'val.txt'}, "
+        "label_level: coarse}",
+        f"DataLoader.Eval.Gallery.dataset={dataset}, cls_label_path: iconic}}",
+    ]
+    assert (
+        "DataLoader.Eval: 190 of 296 queries have no match in the gallery (classes 'Apple' (0), "
+        "'Melon' (7), 'Pear' (13), 'Juice' (19), 'Milk' (20), ...): each evaluation leaves them "
+        "out of its metrics"
+    ) in startup_warnings(caplog, path, sets)
+
+
 def test_a_run_too_short_for_its_eval_interval_is_warned_about(grocery, tmp_path, caplog):
     """The Grocery config evaluates every 5 epochs: a 2-epoch run of it evaluates nothing."""
     path = tiny_config(grocery, tmp_path, epochs=2)

@@ -22,6 +22,7 @@ from shitu.fileio import check_writable
 from shitu.pipeline.defaults import PLAIN_BACKGROUND
 
 if TYPE_CHECKING:
+    from shitu.inference import FeatureExtractor
     from shitu.pipeline import PipelineConfig
 
 MARKER = ".shitu-demo"
@@ -78,18 +79,29 @@ def _under(out: Path, path: Path) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from shitu.demo import make_demo_set
-    from shitu.index import Gallery, collect_items
-    from shitu.pipeline import Recognizer
     from shitu.pipeline.recognizer import build_detector, load_extractor
 
     config, next_command = demo_settings(args)
     # The model and the detector first: a setting that cannot work leaves nothing written.
-    with naming_config_paths(args, config), contextlib.ExitStack() as checked:
-        extractor = load_extractor(config)
-        detector = build_detector(config)  # loaded again by the recogniser, once it can be
-        if isinstance(detector, contextlib.AbstractContextManager):
-            checked.enter_context(detector)
+    # The model stays loaded: it builds the library, then the recogniser uses it.
+    with contextlib.ExitStack() as held:
+        with naming_config_paths(args, config), contextlib.ExitStack() as checked:
+            extractor = held.enter_context(load_extractor(config))
+            detector = build_detector(config)  # loaded again by the recogniser, once it can be
+            if isinstance(detector, contextlib.AbstractContextManager):
+                checked.enter_context(detector)
+        return _recognise_demo(args, config, extractor, next_command)
+
+
+def _recognise_demo(
+    args: argparse.Namespace, config: PipelineConfig, extractor: FeatureExtractor, next_command: str
+) -> int:
+    """Write the demo photos, build their library and recognise the query photos with
+    `extractor`, the config's model."""
+    from shitu.demo import make_demo_set
+    from shitu.index import Gallery, collect_items
+    from shitu.pipeline import Recognizer
+
     out: Path = args.out
     _prepare(out)
     demo = make_demo_set(out / "images")
@@ -106,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     expected.update({_under(out, path): labels for path, labels in demo.shelves})
     writer = VisualisationWriter(out / "vis")
     found_right = total = 0
-    with Recognizer.from_config(config) as recognizer:
+    with Recognizer.from_config(config, extractor=extractor) as recognizer:
         for found in recognizer.recognize_files(list(expected), keep_images=True):
             truth = expected[found.path]
             print(format_table(found))

@@ -420,12 +420,15 @@ def _comparable(key: str | int, by_id: bool) -> str | int:
 
 def _class_list(dataset: Any, labels: list[int] | None = None, shown: int = 5) -> str:
     """The first few of a dataset's classes (of those of `labels`, if given) as it lists
-    them: names quoted, ids bare."""
+    them: names quoted, ids bare, and ids that its class table names (Grocery's
+    classes.csv, by whose names two listings may be matched) with their names."""
     keys = getattr(dataset, "label_keys", None)
+    names = getattr(dataset, "class_names", None) if keys is None else None
     labels = dataset.labels if labels is None else labels
     classes = sorted({label if keys is None else keys[label] for label in labels})
     more = ", ..." if len(classes) > shown else ""
-    return ", ".join(repr(key) for key in classes[:shown]) + more
+    listed = [repr(key) if names is None else f"{names[key]!r} ({key})" for key in classes[:shown]]
+    return ", ".join(listed) + more
 
 
 def has_unique_ids(loader: DataLoader) -> bool:

@@ -289,11 +289,15 @@ class Recognizer:
         self._opened = ExitStack()
 
     @classmethod
-    def from_config(cls, config: PipelineConfig | str | Path) -> Recognizer:
+    def from_config(
+        cls, config: PipelineConfig | str | Path, *, extractor: FeatureExtractor | None = None
+    ) -> Recognizer:
         """Load the config's model (the shipped one unless `Global.rec_inference_model_dir`),
         detector and library (`IndexProcess.index_dir`, refused unless built with that
         model); `close()` closes them all. `config`: a `load_pipeline_config(...)`, or
-        the YAML file (or shipped name) it would load without overrides."""
+        the YAML file (or shipped name) it would load without overrides. `extractor`: the
+        config's model already loaded (`load_extractor(config)`), by a caller that uses it
+        before, to save loading it twice; it stays the caller's to close."""
         from shitu.inference import default_model_fingerprint
 
         if isinstance(config, str | Path):
@@ -313,7 +317,8 @@ class Recognizer:
             detector = build_detector(config)
             if isinstance(detector, AbstractContextManager):  # one that holds a session
                 opened.enter_context(detector)
-            extractor = opened.enter_context(load_extractor(config))
+            if extractor is None:
+                extractor = opened.enter_context(load_extractor(config))
             gallery = opened.enter_context(
                 Gallery.open_for(
                     config.IndexProcess.index_dir,
@@ -517,5 +522,10 @@ class Recognizer:
             image = read_rgb(path)
             self.extractor.check_size(image.shape[1], image.shape[0])
         except UnreadableImageError as exc:
+            if os.path.isdir(path):  # the read said only "Is a directory"
+                return (
+                    "a folder, not an image file: pass the images in it, as `shitu recognize "
+                    "FOLDER` does: shitu.image_files.scan_images(Path(folder)) lists them"
+                )
             return str(exc)
         return image

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from shitu.data.transforms.ops import to_rgb8
+from shitu.data.transforms.ops import pixel_format_refusal, to_rgb8
 from shitu.image_files import iso_media_kind
 from shitu.inference.preprocess import UnreadableImageError, decode_rgb
 from shitu.serving.errors import BadRequest, NotFound, PayloadTooLarge, UnsupportedMediaType
@@ -73,6 +73,9 @@ def read_header(data: bytes, max_pixels: int, name: str = "image") -> ImageHeade
     except (UnidentifiedImageError, OSError, ValueError):
         kind = iso_media_kind(data)
         if kind is None:
+            refusal = pixel_format_refusal(data)  # an image all the same: float32 RGB TIFF
+            if refusal is not None:
+                raise UnsupportedMediaType(f"{name}: {refusal}") from None
             raise BadRequest(
                 f"{name}: not an image file ({EXPECTED}; got {len(data)} bytes starting "
                 f"{data[:8]!r})"

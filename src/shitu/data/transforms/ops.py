@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import struct
 from collections.abc import Iterable, Sequence
 from typing import Literal
 
@@ -240,6 +241,33 @@ def decode_rgb_image(data: bytes) -> Image.Image:
     return to_rgb8(_decode(data))
 
 
+# What Pillow's plugins say of a file of their format whose pixel format they cannot decode.
+_PIXEL_FORMAT_REFUSALS = ("unknown pixel mode",)  # TIFF: e.g. 3-channel float samples
+
+
+def pixel_format_refusal(data: bytes) -> str | None:
+    """Why a file Pillow could not identify cannot be decoded, where its format's plugin
+    (found by the file's first bytes, as Image.open finds it) refused its pixel format:
+    Image.open says "cannot identify" whatever the plugin's reason, and a float32 RGB TIFF
+    is no corrupt file. None for any other refusal, corrupt files included."""
+    Image.init()
+    for name in Image.ID:
+        factory, accept = Image.OPEN[name]
+        taken = accept is not None and accept(data[:16])
+        if not taken or isinstance(taken, str):  # a str: a format Pillow knows, never opens
+            continue
+        try:
+            factory(io.BytesIO(data), "").close()
+        except (SyntaxError, IndexError, TypeError, struct.error) as exc:  # as Image.open
+            if str(exc) in _PIXEL_FORMAT_REFUSALS:
+                return (
+                    f"a {name} image in a pixel format Pillow cannot decode ({exc}; "
+                    "floating-point colour, say): save it with 8-bit samples, as JPEG or PNG"
+                )
+            return None
+    return None
+
+
 def _decode(data: bytes) -> Image.Image:
     if not data:
         raise UnreadableImageError("cannot decode image: the file is empty")
@@ -253,7 +281,9 @@ def _decode(data: bytes) -> Image.Image:
         if kind is not None:
             reason = f"{kind} images are not supported: convert it to JPEG or PNG"
         else:
-            reason = TEXT_FILE_REASON if is_text(data) else "unknown or corrupt format"
+            reason = pixel_format_refusal(data) or (
+                TEXT_FILE_REASON if is_text(data) else "unknown or corrupt format"
+            )
         raise UnreadableImageError(f"cannot decode image: {reason}") from None
     except UnreadableImageError:
         raise
