@@ -367,32 +367,6 @@ def test_a_folder_given_to_recognize_files_is_named_as_one_with_how_to_pass_its_
         assert scanned.results == found.results
 
 
-def test_the_recognition_models_idle_threads_sleep_and_its_results_stay_the_same(setup):
-    """Recognition searches the library right after each model run, on the same cores:
-    onnxruntime's threads spinning meanwhile (its default) held up Faiss's threads, and a
-    search of 8 crops against 81 images took 20-40 ms instead of 0.5 (2-core host). A
-    session that spins gives the same results."""
-    import onnxruntime as ort
-
-    from shitu.inference.manifest import ONNX_FILE
-
-    extractor = FeatureExtractor.load(setup["model"], "onnxruntime")
-    options = extractor.backend.session.get_session_options()
-    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1")
-    spinning = FeatureExtractor.load(setup["model"], "onnxruntime")
-    spinning.backend.session = ort.InferenceSession(
-        str(setup["model"] / ONNX_FILE), options, providers=["CPUExecutionProvider"]
-    )
-    paths = [q.path for q in setup["queries"]]
-    found = []
-    for model in (extractor, spinning):
-        with Gallery.open(setup["library"], embedder=model) as gallery:
-            rec = Recognizer(model, gallery, PlainBackgroundDetector(), score_thres=-1.0)
-            found.append([f.to_dict() for f in rec.recognize_files(paths)])
-    assert found[0] == found[1] and all(line["results"] for line in found[0])
-
-
 def test_one_recogniser_serves_several_threads_at_once(setup, recognizer):
     """As its docstring says: concurrent calls give what the same calls give one by one."""
     photos = [read_rgb(q.path) for q in setup["queries"]]
