@@ -859,6 +859,38 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(command, tm
     assert not list(tmp_path.glob(".*"))  # no trial file left behind
 
 
+def test_average_out_a_link_writes_the_file_it_points_to(tmp_path):
+    """`--out best.safetensors` where that links to the weights kept elsewhere: the link
+    was replaced by a new file, and the file it pointed to stayed stale. Checked before
+    the work where it points: a link into an export's folder, or in a loop, is refused."""
+    from shitu.inference import default_model_dir
+
+    paths = [
+        save_weights(make_model(seed=seed).state_dict(), tmp_path / f"run{seed}.safetensors")
+        for seed in range(2)
+    ]
+    (tmp_path / "kept").mkdir()
+    kept = save_weights(make_model(seed=5).state_dict(), tmp_path / "kept" / "soup.safetensors")
+    link = tmp_path / "best.safetensors"
+    link.symlink_to(kept)
+    result = run_shitu("average", *map(str, paths), "--out", str(link))
+    assert result.returncode == 0, result.stderr
+    assert link.is_symlink() and os.listdir(tmp_path / "kept") == ["soup.safetensors"]
+    for name, tensor in average_weights(paths)[0].items():
+        assert torch.equal(read_weights(kept)[0][name], tensor)
+    export = tmp_path / "export"
+    shutil.copytree(default_model_dir(), export)
+    (tmp_path / "into-export.safetensors").symlink_to(export / "model.safetensors")
+    (tmp_path / "loop.safetensors").symlink_to(tmp_path / "loop.safetensors")
+    for out, reason in (
+        ("into-export.safetensors", f"{export} is an exported model's folder"),
+        ("loop.safetensors", "Too many levels of symbolic links"),
+    ):
+        result = run_shitu("average", *map(str, paths), "--out", str(tmp_path / out))
+        assert result.returncode == 2 and reason in result.stderr, result.stderr
+        assert (tmp_path / out).is_symlink()
+
+
 @pytest.mark.parametrize("command", ["average", "convert"])
 def test_an_output_in_an_export_or_library_folder_is_refused(command, tmp_path):
     """Written over an export's own model.safetensors, the export no longer loaded (its
