@@ -262,8 +262,11 @@ def test_the_extractor_names_what_it_cannot_take(exported):
 
 
 def test_a_device_that_cannot_run_the_model_is_refused_when_loading(exported):
-    with pytest.raises(ConfigError, match="device: unknown 'cuda:0'; use one of cpu, cuda"):
+    with pytest.raises(ConfigError, match="device: unknown 'cuda:0'; use one of auto, cpu, gpu,"):
         FeatureExtractor.load(exported["dir"], device="cuda:0")
+    # auto, as Global.device takes it: a GPU where torch sees one (it was refused as unknown)
+    with FeatureExtractor.load(exported["dir"], backend="torch", device="auto") as chosen:
+        assert chosen.backend.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
     for device in ("cuda", "gpu"):  # gpu: PaddleClas's name, which Global.device takes
         if not torch.cuda.is_available():
             with pytest.raises(ConfigError, match="device cuda: torch here sees no CUDA GPU"):

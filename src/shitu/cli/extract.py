@@ -51,8 +51,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--device",
         default="cpu",
         choices=DEVICES,
-        help="cuda: a GPU, through onnxruntime's CUDA provider or torch (--precision fp16 and "
-        "bf16 need it)",
+        help="cpu (default); cuda, or gpu as in Global.device: a GPU, through onnxruntime's "
+        "CUDA provider or torch (--precision fp16 and bf16 need it); auto: a GPU where torch "
+        "sees one",
     )
     parser.add_argument("--batch-size", type=positive_int, default=32, help="images per model call")
     parser.add_argument(
