@@ -14,6 +14,7 @@ import signal
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 
 from shitu.checkpoint import (
     average_weights,
@@ -822,6 +823,28 @@ def test_convert_counts_the_file_tensors_it_leaves_out(tmp_path):
     written, loaded = len(read_weights(out)[0]), len(make_model().state_dict())
     assert written < loaded
     assert result.stdout.startswith(f"wrote {out}: {written} tensors (folded from {loaded}), ")
+
+
+def test_weight_file_suffixes_are_taken_in_any_case(tmp_path):
+    """SOUP.SAFETENSORS, a Windows tool's MODEL.PTH: refused as no weight file's suffix,
+    though image suffixes are compared lower-case."""
+    state = make_model().state_dict()
+    for name in ("SOUP.SAFETENSORS", "MODEL.PTH", "run.Pt"):
+        read, _ = read_weights(save_weights(state, tmp_path / name))  # written, read as such
+        assert read.keys() == state.keys()
+    with safe_open(str(tmp_path / "SOUP.SAFETENSORS"), framework="pt") as handle:
+        assert set(handle.keys()) == set(state)
+    (tmp_path / "PADDLE.PDPARAMS").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="need a model to be read; `shitu convert` it"):
+        read_weights(tmp_path / "PADDLE.PDPARAMS")
+    with pytest.raises(CheckpointError, match="a weights file, not a training checkpoint"):
+        load_training_state(tmp_path / "SOUP.SAFETENSORS")
+    out = tmp_path / "AVERAGED.SAFETENSORS"
+    result = run_shitu(
+        "average", *(str(tmp_path / n) for n in ("MODEL.PTH", "run.Pt")), "--out", str(out)
+    )
+    assert result.returncode == 0, result.stderr
+    assert read_weights(out)[0].keys() == state.keys()
 
 
 @pytest.mark.parametrize("command", ["average", "convert"])
