@@ -125,7 +125,13 @@ def _average(args: argparse.Namespace) -> int:
         # A shape that differs names the settings that do, where the weights record theirs.
         hint = fit_hint(metadata, arch_of_model(config))
         state = interpolate_toward(
-            state, reference, args.pretrained_share, args.layers, hint, pretrained
+            state,
+            reference,
+            args.pretrained_share,
+            args.layers,
+            hint,
+            pretrained,
+            reference_name="the model the config builds",
         )
         done += f", {', '.join(args.layers)} mixed with {args.config} at {args.pretrained_share}"
     out = save_weights(state, args.out, metadata)
