@@ -684,7 +684,15 @@ def test_hand_edited_preprocessing_is_refused_by_its_fingerprint_on_every_runtim
         ),
         (
             lambda m: m["preprocessing"].update(resize="big"),
-            'preprocessing: resize: expected a list of 2 numbers, got "big"',
+            'preprocessing: resize: expected a list of 2 whole numbers, got "big"',
+        ),
+        (  # a fraction was rounded down: the fingerprint matched, the edit went unsaid
+            lambda m: m["preprocessing"].update(resize=[96.5, 96]),
+            r"preprocessing: resize: expected a list of 2 whole numbers, got \[96.5, 96\]",
+        ),
+        (
+            lambda m: m["preprocessing"].update(crop=[80, 80.9]),
+            r"preprocessing: crop: expected a list of 2 whole numbers, got \[80, 80.9\]",
         ),
         (
             lambda m: m["preprocessing"].update(interpolation="foo"),
