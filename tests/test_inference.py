@@ -282,6 +282,21 @@ def test_a_device_that_cannot_run_the_model_is_refused_when_loading(exported):
     assert choose_backend(exported["dir"], "auto", "fp32", "cpu") == "onnxruntime"
 
 
+def test_int8_calibration_refuses_an_item_that_is_no_path_naming_it(exported, tmp_path):
+    """Given through the API, None or a decoded image among the calibration images raised
+    os's TypeError ('expected str, bytes or os.PathLike object, not NoneType')."""
+    from shitu.inference.quantize import calibration_batches
+
+    manifest = json.loads((exported["dir"] / "shitu_model.json").read_text())
+    preprocessing = Preprocessing.from_dict(manifest["preprocessing"])
+    with pytest.raises(DataError, match=r"item 1 \(from 0\) is not one: None \(NoneType\)$"):
+        calibration_batches(preprocessing, [exported["files"][0], None])
+    image = np.zeros((8, 8, 3), np.uint8)
+    with pytest.raises(DataError, match=r"item 0 \(from 0\) is not one: array\(.* \(ndarray\)$"):
+        export_model(exported["config"], None, tmp_path / "model", calibration_images=[image])
+    assert not (tmp_path / "model").exists()
+
+
 def test_int8_calibration_logs_what_it_skips_but_not_expected_fallback_notices(
     exported, tmp_path, caplog
 ):
