@@ -882,6 +882,12 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(command, tm
     result = run_shitu(command, *inputs, "--out", str(tmp_path / "new" / "soup.safetensors"))
     assert result.returncode == 2 and "not-read.safetensors" in result.stderr
     assert not (tmp_path / "new").exists()
+    # Where a link points: the folder made there (the output's, as it is written there)
+    (tmp_path / "link.safetensors").symlink_to(tmp_path / "disk" / "soup.safetensors")
+    result = run_shitu(command, *inputs, "--out", str(tmp_path / "link.safetensors"))
+    assert result.returncode == 2 and "not-read.safetensors" in result.stderr
+    assert not (tmp_path / "disk").exists()
+    (tmp_path / "link.safetensors").unlink()
     assert not list(tmp_path.glob(".*"))  # no trial file left behind
 
 

@@ -333,6 +333,16 @@ def expand_images(sources: Iterable[str]) -> tuple[list[Path], bool]:
     return paths, folder
 
 
+def weights_folder(out: str | Path) -> Path:
+    """The folder the weight file `out` is written in: where a link there points
+    (`folder_place`), for `removed_if_left_empty` to remove it where the command made it
+    and then failed; a link in a loop (refused by `writable_weights_file`): its own."""
+    try:
+        return folder_place(out).parent
+    except OSError:
+        return Path(out).parent
+
+
 def writable_weights_file(out: str | Path) -> Path:
     """`out`, an output weight file, once `save_weights` could write it there: its name
     (`check_weights_name`), no folder of that name, a folder it can be made in (its
