@@ -14,6 +14,7 @@ import signal
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 
 from shitu.checkpoint import (
     average_weights,
@@ -742,8 +743,11 @@ def test_pretrained_share_moves_only_the_named_layers_back_to_the_initialisation
         (  # without the head, which the file has: not a difference of the model mixed
             ["--pretrained-share", "0.2", "--layers", "backbone", "-o",
              "Arch.Backbone.class_num=256", "Arch.Neck.num_features=256", "Arch.Head=null"],
-            "(the config's Arch settings differ from the file's: Arch.Backbone.class_num 256 "
-            "(the file's 512); Arch.Neck.num_features 256 (the file's 512))",
+            # the model -c builds said in the user's terms: "the reference" is the API's name
+            "error: backbone.fc.bias: (512,) in the weights, shape (256,) in the model the "
+            "config builds (the config's Arch settings differ from the file's: "
+            "Arch.Backbone.class_num 256 (the file's 512); Arch.Neck.num_features 256 (the "
+            "file's 512))",
         ),
     ]:  # fmt: skip
         result = run_shitu("average", str(path), *options, "-c", "GroceryStore_EfficientNetLite0",
@@ -824,6 +828,28 @@ def test_convert_counts_the_file_tensors_it_leaves_out(tmp_path):
     assert result.stdout.startswith(f"wrote {out}: {written} tensors (folded from {loaded}), ")
 
 
+def test_weight_file_suffixes_are_taken_in_any_case(tmp_path):
+    """SOUP.SAFETENSORS, a Windows tool's MODEL.PTH: refused as no weight file's suffix,
+    though image suffixes are compared lower-case."""
+    state = make_model().state_dict()
+    for name in ("SOUP.SAFETENSORS", "MODEL.PTH", "run.Pt"):
+        read, _ = read_weights(save_weights(state, tmp_path / name))  # written, read as such
+        assert read.keys() == state.keys()
+    with safe_open(str(tmp_path / "SOUP.SAFETENSORS"), framework="pt") as handle:
+        assert set(handle.keys()) == set(state)
+    (tmp_path / "PADDLE.PDPARAMS").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="need a model to be read; `shitu convert` it"):
+        read_weights(tmp_path / "PADDLE.PDPARAMS")
+    with pytest.raises(CheckpointError, match="a weights file, not a training checkpoint"):
+        load_training_state(tmp_path / "SOUP.SAFETENSORS")
+    out = tmp_path / "AVERAGED.SAFETENSORS"
+    result = run_shitu(
+        "average", *(str(tmp_path / n) for n in ("MODEL.PTH", "run.Pt")), "--out", str(out)
+    )
+    assert result.returncode == 0, result.stderr
+    assert read_weights(out)[0].keys() == state.keys()
+
+
 @pytest.mark.parametrize("command", ["average", "convert"])
 def test_an_output_name_no_weight_file_can_have_is_refused_before_any_work(command, tmp_path):
     """Before reading (and averaging or converting) every input, not after."""
@@ -856,7 +882,45 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(command, tm
     result = run_shitu(command, *inputs, "--out", str(tmp_path / "new" / "soup.safetensors"))
     assert result.returncode == 2 and "not-read.safetensors" in result.stderr
     assert not (tmp_path / "new").exists()
+    # Where a link points: the folder made there (the output's, as it is written there)
+    (tmp_path / "link.safetensors").symlink_to(tmp_path / "disk" / "soup.safetensors")
+    result = run_shitu(command, *inputs, "--out", str(tmp_path / "link.safetensors"))
+    assert result.returncode == 2 and "not-read.safetensors" in result.stderr
+    assert not (tmp_path / "disk").exists()
+    (tmp_path / "link.safetensors").unlink()
     assert not list(tmp_path.glob(".*"))  # no trial file left behind
+
+
+def test_average_out_a_link_writes_the_file_it_points_to(tmp_path):
+    """`--out best.safetensors` where that links to the weights kept elsewhere: the link
+    was replaced by a new file, and the file it pointed to stayed stale. Checked before
+    the work where it points: a link into an export's folder, or in a loop, is refused."""
+    from shitu.inference import default_model_dir
+
+    paths = [
+        save_weights(make_model(seed=seed).state_dict(), tmp_path / f"run{seed}.safetensors")
+        for seed in range(2)
+    ]
+    (tmp_path / "kept").mkdir()
+    kept = save_weights(make_model(seed=5).state_dict(), tmp_path / "kept" / "soup.safetensors")
+    link = tmp_path / "best.safetensors"
+    link.symlink_to(kept)
+    result = run_shitu("average", *map(str, paths), "--out", str(link))
+    assert result.returncode == 0, result.stderr
+    assert link.is_symlink() and os.listdir(tmp_path / "kept") == ["soup.safetensors"]
+    for name, tensor in average_weights(paths)[0].items():
+        assert torch.equal(read_weights(kept)[0][name], tensor)
+    export = tmp_path / "export"
+    shutil.copytree(default_model_dir(), export)
+    (tmp_path / "into-export.safetensors").symlink_to(export / "model.safetensors")
+    (tmp_path / "loop.safetensors").symlink_to(tmp_path / "loop.safetensors")
+    for out, reason in (
+        ("into-export.safetensors", f"{export} is an exported model's folder"),
+        ("loop.safetensors", "Too many levels of symbolic links"),
+    ):
+        result = run_shitu("average", *map(str, paths), "--out", str(tmp_path / out))
+        assert result.returncode == 2 and reason in result.stderr, result.stderr
+        assert (tmp_path / out).is_symlink()
 
 
 @pytest.mark.parametrize("command", ["average", "convert"])

@@ -453,6 +453,40 @@ def test_extract_that_cannot_write_its_paths_keeps_the_previous_features_and_pat
     assert (out.with_suffix(".npy").read_bytes(), out.with_suffix(".txt").read_bytes()) == before
 
 
+def test_extract_to_a_link_in_a_loop_is_refused_before_embedding(tmp_path):
+    """feats.npy a link to itself: refused as the system names it only when written, after
+    every image was embedded (here: after none could be read, which was said instead)."""
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    (tmp_path / "feats.txt").symlink_to(tmp_path / "feats.txt")
+    result = run_shitu("extract", str(broken), "--out", str(tmp_path / "feats"))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == (
+        f"error: --out {tmp_path / 'feats'}: {tmp_path / 'feats.txt'}: Too many levels of "
+        "symbolic links\n"
+    )
+
+
+def test_extract_takes_the_device_names_global_device_takes(tmp_path):
+    """--device took cpu and cuda only: gpu (PaddleClas's name) and auto, which Global.device
+    and FeatureExtractor.load take, were refused by the parser."""
+    import torch
+
+    image = tmp_path / "photo.png"
+    Image.fromarray(np.full((32, 32, 3), 90, np.uint8)).save(image)
+    result = run_shitu("extract", str(image), "--out", str(tmp_path / "feats"), "--device", "auto")
+    assert result.returncode == 0, result.stderr
+    assert np.load(tmp_path / "feats.npy").shape == (1, 512)
+    result = run_shitu("extract", str(image), "--out", str(tmp_path / "g"), "--device", "gpu",
+                       "--runtime", "torch")  # fmt: skip
+    if torch.cuda.is_available():
+        assert result.returncode == 0, result.stderr
+    else:  # the GPU asked for, not the name, is refused
+        assert (
+            result.returncode == 2 and "device cuda: torch here sees no CUDA GPU" in result.stderr
+        )
+
+
 def test_a_failure_of_the_file_system_is_one_line_naming_the_file(monkeypatch, capsys):
     def full_disk(args):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/data/lib/gallery.sqlite")

@@ -915,6 +915,13 @@ def test_detect_export_to_a_path_that_is_not_utf8_is_refused_naming_it(
     assert result.returncode == 2 and result.stderr.startswith("error: "), result.stderr
     assert "det.onnx: the ONNX file's path is not UTF-8 text" in result.stderr
     assert not any(latin1_folder.iterdir())  # nor a temporary file
+    # Through a link, the file is traced beside the file it points to: torch's TypeError
+    (tmp_path / "link.onnx").symlink_to(out)
+    command[-1] = str(tmp_path / "link.onnx")
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.startswith("error: "), result.stderr
+    assert "/det.onnx: the ONNX file's path is not UTF-8 text" in result.stderr  # where it goes
+    assert "link.onnx" not in result.stderr and not any(latin1_folder.iterdir())
 
 
 def test_an_export_whose_outputs_are_not_torchs_is_refused_and_the_earlier_file_kept(

@@ -44,6 +44,29 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temporary_file(tmp_path):
     assert os.listdir(tmp_path) == ["labels.txt"]
 
 
+def test_write_atomically_writes_where_a_link_points(tmp_path):
+    """`--out best.safetensors` where that links to the file kept on another disk: the link
+    was replaced by the new file, and the file it pointed to stayed stale. The file is
+    staged beside the file the link points to (a rename does not cross disks)."""
+    (tmp_path / "disk").mkdir()
+    kept = tmp_path / "disk" / "weights.bin"
+    kept.write_bytes(b"old")
+    link, dangling = tmp_path / "best.bin", tmp_path / "new.bin"
+    link.symlink_to(kept)
+    dangling.symlink_to(tmp_path / "disk" / "made" / "new.bin")
+    for path, written in ((link, kept), (dangling, tmp_path / "disk" / "made" / "new.bin")):
+        assert write_atomically(path, lambda tmp: tmp.write_bytes(b"new"), durable=True) == path
+        assert path.is_symlink() and written.read_bytes() == b"new"
+    assert sorted(os.listdir(tmp_path)) == ["best.bin", "disk", "new.bin"]
+    assert sorted(os.listdir(tmp_path / "disk")) == ["made", "weights.bin"]
+    loop = tmp_path / "loop.bin"
+    loop.symlink_to(loop)
+    with pytest.raises(OSError, match=os.strerror(errno.ELOOP)) as info:
+        write_atomically(loop, lambda tmp: tmp.write_bytes(b"new"))
+    assert info.value.errno == errno.ELOOP and loop.is_symlink()
+    assert sorted(os.listdir(tmp_path)) == ["best.bin", "disk", "loop.bin", "new.bin"]
+
+
 def _folders_refuse_sync(monkeypatch, code):
     """os.fsync answering `code` for folders, as some network and FUSE filesystems do."""
     fsync = os.fsync

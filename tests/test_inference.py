@@ -262,8 +262,11 @@ def test_the_extractor_names_what_it_cannot_take(exported):
 
 
 def test_a_device_that_cannot_run_the_model_is_refused_when_loading(exported):
-    with pytest.raises(ConfigError, match="device: unknown 'cuda:0'; use one of cpu, cuda"):
+    with pytest.raises(ConfigError, match="device: unknown 'cuda:0'; use one of auto, cpu, gpu,"):
         FeatureExtractor.load(exported["dir"], device="cuda:0")
+    # auto, as Global.device takes it: a GPU where torch sees one (it was refused as unknown)
+    with FeatureExtractor.load(exported["dir"], backend="torch", device="auto") as chosen:
+        assert chosen.backend.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
     for device in ("cuda", "gpu"):  # gpu: PaddleClas's name, which Global.device takes
         if not torch.cuda.is_available():
             with pytest.raises(ConfigError, match="device cuda: torch here sees no CUDA GPU"):
@@ -277,6 +280,21 @@ def test_a_device_that_cannot_run_the_model_is_refused_when_loading(exported):
     expected = "onnxruntime" if onnx_cuda else "torch"
     assert choose_backend(exported["dir"], "auto", "fp32", "cuda") == expected
     assert choose_backend(exported["dir"], "auto", "fp32", "cpu") == "onnxruntime"
+
+
+def test_int8_calibration_refuses_an_item_that_is_no_path_naming_it(exported, tmp_path):
+    """Given through the API, None or a decoded image among the calibration images raised
+    os's TypeError ('expected str, bytes or os.PathLike object, not NoneType')."""
+    from shitu.inference.quantize import calibration_batches
+
+    manifest = json.loads((exported["dir"] / "shitu_model.json").read_text())
+    preprocessing = Preprocessing.from_dict(manifest["preprocessing"])
+    with pytest.raises(DataError, match=r"item 1 \(from 0\) is not one: None \(NoneType\)$"):
+        calibration_batches(preprocessing, [exported["files"][0], None])
+    image = np.zeros((8, 8, 3), np.uint8)
+    with pytest.raises(DataError, match=r"item 0 \(from 0\) is not one: array\(.* \(ndarray\)$"):
+        export_model(exported["config"], None, tmp_path / "model", calibration_images=[image])
+    assert not (tmp_path / "model").exists()
 
 
 def test_int8_calibration_logs_what_it_skips_but_not_expected_fallback_notices(
@@ -681,7 +699,15 @@ def test_hand_edited_preprocessing_is_refused_by_its_fingerprint_on_every_runtim
         ),
         (
             lambda m: m["preprocessing"].update(resize="big"),
-            'preprocessing: resize: expected a list of 2 numbers, got "big"',
+            'preprocessing: resize: expected a list of 2 whole numbers, got "big"',
+        ),
+        (  # a fraction was rounded down: the fingerprint matched, the edit went unsaid
+            lambda m: m["preprocessing"].update(resize=[96.5, 96]),
+            r"preprocessing: resize: expected a list of 2 whole numbers, got \[96.5, 96\]",
+        ),
+        (
+            lambda m: m["preprocessing"].update(crop=[80, 80.9]),
+            r"preprocessing: crop: expected a list of 2 whole numbers, got \[80, 80.9\]",
         ),
         (
             lambda m: m["preprocessing"].update(interpolation="foo"),

@@ -109,10 +109,10 @@ def occupied(path: Path) -> bool:
 
 
 def folder_place(path: str | Path) -> Path:
-    """Where a folder written whole at `path` (a library, an export) is made: a symbolic
-    link there (to a folder on another disk, say) is followed, as the folder is renamed
-    into place, and a rename puts it in the link's place (leaving what the link points to
-    stale) or, across disks, fails."""
+    """Where a folder written whole at `path` (a library, an export), or a file written by
+    `write_atomically`, is made: a symbolic link there (to a folder on another disk, say) is
+    followed, as the folder or file is renamed into place, and a rename puts it in the
+    link's place (leaving what the link points to stale) or, across disks, fails."""
     path = Path(path)
     try:
         return path.resolve() if path.is_symlink() else path
@@ -272,11 +272,13 @@ def write_atomically(path: Path, write: Callable[[Path], None], durable: bool = 
     Readers see the old file or the whole new one; a failed write leaves no temporary file.
     `durable` also syncs the file and the folder, so the new file survives a power loss.
     The file gets the permissions a plain `open` would give it (the temporary file's are
-    owner-only).
+    owner-only). A symbolic link at `path` is followed (`folder_place`): the file is
+    written, and staged, where it points; a link in a loop is an OSError (ELOOP).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    place = folder_place(path)
+    place.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{place.name}.", dir=place.parent)
     os.close(fd)
     tmp = Path(name)
     try:
@@ -285,9 +287,9 @@ def write_atomically(path: Path, write: Callable[[Path], None], durable: bool = 
         if durable:
             with open(tmp, "rb") as handle:
                 os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        os.replace(tmp, place)
         if durable:
-            fsync_dir(path.parent)
+            fsync_dir(place.parent)
     finally:
         tmp.unlink(missing_ok=True)
     return path

@@ -12,6 +12,7 @@ from __future__ import annotations
 import codecs
 import logging
 import os
+import reprlib
 from collections import Counter, defaultdict
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -209,8 +210,18 @@ def is_text(data: bytes) -> bool:
 def path_list(paths: Sequence[str | bytes | os.PathLike]) -> list[str]:
     """`paths` as strings (bytes ones, as `os.listdir(b".")` gives them, decoded as the file
     system names them, not written as their repr); one path passed alone is refused with
-    the reason (iterating it would take each of its characters for a file name)."""
+    the reason (iterating it would take each of its characters for a file name), and an
+    item that is no path (None, a decoded image) naming it, not in a TypeError of os's."""
     if isinstance(paths, str | bytes | os.PathLike):
         single = os.fsdecode(paths)
         raise DataError(f"expected a list of image paths, got the single path {single!r}")
-    return [os.fsdecode(path) for path in paths]
+    names = []
+    for index, path in enumerate(paths):
+        if not isinstance(path, str | bytes | os.PathLike):
+            shown = " ".join(reprlib.repr(path).split())  # an array's repr spans lines
+            raise DataError(
+                f"expected a list of image paths; item {index} (from 0) is not one: {shown} "
+                f"({type(path).__name__})"
+            )
+        names.append(os.fsdecode(path))
+    return names

@@ -166,6 +166,7 @@ def interpolate_toward(
     prefixes: list[str],
     hint: str = "(does the config build the same model?)",
     pretrained: Collection[str] | None = None,
+    reference_name: str = "the reference",
 ) -> dict[str, torch.Tensor]:
     """`state` with each floating-point tensor under `prefixes` (module paths such as
     `backbone.blocks`) replaced by (1 - share) * itself + share * its `reference` tensor,
@@ -173,7 +174,8 @@ def interpolate_toward(
     the error for a tensor the reference lacks or has in another shape (`fit_hint`'s).
     `pretrained`: the reference tensors that hold pretrained values (None: all); one under
     `prefixes` outside them is refused, as its reference is a random initialisation (a new
-    embedding layer in `backbone`, say), different on every run."""
+    embedding layer in `backbone`, say), different on every run. `reference_name`: what the
+    error calls `reference`, in the caller's terms ("the model the config builds")."""
     check_share(share)
     parts = [name.split(".") for name in state]
     modules = sorted({".".join(path[:end]) for path in parts for end in range(1, len(path))})
@@ -190,7 +192,8 @@ def interpolate_toward(
             if other is None or other.shape != tensor.shape:
                 found = "missing" if other is None else f"shape {tuple(other.shape)}"
                 raise CheckpointError(
-                    f"{name}: {tuple(tensor.shape)} in the weights, {found} in the reference {hint}"
+                    f"{name}: {tuple(tensor.shape)} in the weights, {found} in {reference_name} "
+                    f"{hint}"
                 )
             if pretrained is not None and name not in pretrained:
                 random_start.append(name)

@@ -28,6 +28,7 @@ from shitu.fileio import (
 from shitu.models.reparam import is_reparameterized, reparameterize
 from shitu.registry import BACKBONES, HEADS, NECKS, Registry, populate
 
+# Compared with a name's suffix lower-case, as image suffixes are (MODEL.PTH, a Windows tool's).
 TORCH_SUFFIXES = (".pt", ".pth")
 WEIGHT_SUFFIXES = (".safetensors", *TORCH_SUFFIXES, ".pdparams")
 REPARAMETERIZED = "shitu.reparameterized"
@@ -71,7 +72,7 @@ def check_weights_name(path: str | Path) -> Path:
     """`path` if `save_weights` can write that kind of file; commands check their output
     name with it first, before the minutes of work whose result it names."""
     path = Path(path)
-    if path.suffix not in (".safetensors", *TORCH_SUFFIXES):
+    if path.suffix.lower() not in (".safetensors", *TORCH_SUFFIXES):
         raise CheckpointError(f"cannot write {path}: use a .safetensors, .pt or .pth file name")
     return path
 
@@ -88,7 +89,7 @@ def save_weights(
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     metadata = dict(metadata or {})
 
-    if path.suffix != ".safetensors":
+    if path.suffix.lower() != ".safetensors":
         return torch_save_atomically({"state_dict": tensors, "metadata": metadata}, path, durable)
     try:
         return write_atomically(
@@ -111,7 +112,7 @@ def weights_file(path: str | Path) -> Path:
             f"`curl -LO {path}`) and give its path"
         )
     path = Path(path)
-    if path.exists() or path.suffix in WEIGHT_SUFFIXES:
+    if path.exists() or path.suffix.lower() in WEIGHT_SUFFIXES:
         return path
     suffixed = (path.with_name(path.name + suffix) for suffix in WEIGHT_SUFFIXES)
     return next((candidate for candidate in suffixed if candidate.is_file()), path)
@@ -125,11 +126,11 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
     path = weights_file(path)
     if not path.is_file():
         raise CheckpointError(_no_weight_file(path))
-    if path.suffix == ".pdparams":  # its names and layouts depend on the model it goes into
+    if path.suffix.lower() == ".pdparams":  # its names and layouts depend on the model it goes into
         raise CheckpointError(
             f"{path}: .pdparams need a model to be read; `shitu convert` it first"
         )
-    if path.suffix == ".safetensors":
+    if path.suffix.lower() == ".safetensors":
         # else "not a readable safetensors file", of a file that is fine
         refuse_non_utf8_path(path, "the weight file's path", "safetensors", CheckpointError)
         try:
@@ -138,7 +139,7 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
             return _unwrapped(load_file(str(path))), metadata
         except (SafetensorError, OSError) as exc:
             raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from None
-    if path.suffix in TORCH_SUFFIXES:
+    if path.suffix.lower() in TORCH_SUFFIXES:
         try:
             data = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises many types for corrupt files
@@ -218,7 +219,7 @@ def _no_weight_file(path: Path) -> str:
         return f"{path} is {weight_file_in(path)}"
     # A name without a suffix was looked for with each one too (`weights_file`).
     suffixes = ", ".join(WEIGHT_SUFFIXES)
-    tried = "" if path.suffix in WEIGHT_SUFFIXES else f" (nor with {suffixes})"
+    tried = "" if path.suffix.lower() in WEIGHT_SUFFIXES else f" (nor with {suffixes})"
     run = path.parent
     in_run = any((run / name).is_file() for name in TRAINING_RUN_WEIGHTS + PADDLE_TRAINING_WEIGHTS)
     beside = f"; {run} is {weight_file_in(run)}" if in_run else ""
@@ -353,7 +354,7 @@ def state_for_model(
     Folds `model` first when the file holds re-parameterised (folded) weights.
     """
     path = weights_file(path)
-    if path.suffix == ".pdparams":
+    if path.suffix.lower() == ".pdparams":
         if not path.is_file():  # a folder, or a name mistyped beside the right file
             raise CheckpointError(_no_weight_file(path))
         return (*paddle_to_torch(read_pdparams(path), model), {})

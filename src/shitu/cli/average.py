@@ -4,13 +4,13 @@ optionally moved part of the way back to the pretrained initialisation (WiSE-FT)
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from shitu.cli.common import (
     add_config_arguments,
     arch_of_model,
     config_from_args,
     model_from_config,
+    weights_folder,
     writable_weights_file,
 )
 from shitu.errors import CheckpointError, ConfigError
@@ -59,7 +59,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    with removed_if_left_empty(Path(args.out).parent):  # made, then nothing written: removed
+    with removed_if_left_empty(weights_folder(args.out)):  # made, then nothing written: removed
         return _average(args)
 
 
@@ -125,7 +125,13 @@ def _average(args: argparse.Namespace) -> int:
         # A shape that differs names the settings that do, where the weights record theirs.
         hint = fit_hint(metadata, arch_of_model(config))
         state = interpolate_toward(
-            state, reference, args.pretrained_share, args.layers, hint, pretrained
+            state,
+            reference,
+            args.pretrained_share,
+            args.layers,
+            hint,
+            pretrained,
+            reference_name="the model the config builds",
         )
         done += f", {', '.join(args.layers)} mixed with {args.config} at {args.pretrained_share}"
     out = save_weights(state, args.out, metadata)

@@ -17,7 +17,13 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from shitu.detection.input_size import check_input_size
 from shitu.errors import CheckpointError, ConfigError, DataError, override_word
-from shitu.fileio import check_writable, home_expanded, refuse_file_in_the_way, write_jpeg
+from shitu.fileio import (
+    check_writable,
+    folder_place,
+    home_expanded,
+    refuse_file_in_the_way,
+    write_jpeg,
+)
 from shitu.image_files import IMAGE_SUFFIXES, LABELLED_LIST_HINT, TEXT_FILE_REASON, scan_images
 from shitu.inference.choices import BACKENDS, PRECISIONS
 
@@ -327,28 +333,43 @@ def expand_images(sources: Iterable[str]) -> tuple[list[Path], bool]:
     return paths, folder
 
 
+def weights_folder(out: str | Path) -> Path:
+    """The folder the weight file `out` is written in: where a link there points
+    (`folder_place`), for `removed_if_left_empty` to remove it where the command made it
+    and then failed; a link in a loop (refused by `writable_weights_file`): its own."""
+    try:
+        return folder_place(out).parent
+    except OSError:
+        return Path(out).parent
+
+
 def writable_weights_file(out: str | Path) -> Path:
     """`out`, an output weight file, once `save_weights` could write it there: its name
     (`check_weights_name`), no folder of that name, a folder it can be made in (its
     folders are made now: run the command in `removed_if_left_empty`). Checked before
     the inputs are read, merged or converted, with the message `save_weights` would give
     after that work. Not into a gallery library's or an export's folder (`owned_folder`):
-    written over an export's own model.safetensors, the export no longer loaded."""
+    written over an export's own model.safetensors, the export no longer loaded. All of it
+    where a symbolic link `out` points, as `save_weights` writes there (`folder_place`)."""
     from shitu.checkpoint.io import check_weights_name
 
     path = check_weights_name(out)
-    refuse_file_in_the_way(path.parent, f"--out {out}")  # named, not 'File exists'
-    owner = owned_folder(path.parent)
+    try:
+        place = folder_place(path)
+    except OSError as exc:  # a link in a loop
+        raise CheckpointError(f"cannot write {path}: {exc.strerror}") from None
+    refuse_file_in_the_way(place.parent, f"--out {out}")  # named, not 'File exists'
+    owner = owned_folder(place.parent)
     if owner is not None:
         raise CheckpointError(
-            f"--out {out}: {path.parent} is {owner[1]}'s folder ({owner[0]}), whose files "
+            f"--out {out}: {place.parent} is {owner[1]}'s folder ({owner[0]}), whose files "
             "are its own: write the weights to another folder"
         )
     try:
-        if path.is_dir():  # `save_weights` renames its file onto it only at the end
+        if place.is_dir():  # `save_weights` renames its file onto it only at the end
             raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(prefix=f".{path.name}.", dir=path.parent):
+        place.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(prefix=f".{place.name}.", dir=place.parent):
             pass
     except OSError as exc:
         raise CheckpointError(f"cannot write {path}: {exc.strerror or exc}") from None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from shitu.cli.common import (
     add_config_arguments,
@@ -12,6 +11,7 @@ from shitu.cli.common import (
     count_of,
     count_parameters,
     model_from_config,
+    weights_folder,
     writable_weights_file,
 )
 from shitu.fileio import removed_if_left_empty
@@ -38,7 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    with removed_if_left_empty(Path(args.out).parent):  # made, then nothing written: removed
+    with removed_if_left_empty(weights_folder(args.out)):  # made, then nothing written: removed
         return _convert(args)
 
 

@@ -20,7 +20,13 @@ from shitu.cli.common import (
     skip_reason,
 )
 from shitu.errors import DataError
-from shitu.fileio import check_writable, held_lock, removed_if_left_empty, write_atomically
+from shitu.fileio import (
+    check_writable,
+    folder_place,
+    held_lock,
+    removed_if_left_empty,
+    write_atomically,
+)
 from shitu.inference.choices import DEVICES
 
 
@@ -51,8 +57,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--device",
         default="cpu",
         choices=DEVICES,
-        help="cuda: a GPU, through onnxruntime's CUDA provider or torch (--precision fp16 and "
-        "bf16 need it)",
+        help="cpu (default); cuda, or gpu as in Global.device: a GPU, through onnxruntime's "
+        "CUDA provider or torch (--precision fp16 and bf16 need it); auto: a GPU where torch "
+        "sees one",
     )
     parser.add_argument("--batch-size", type=positive_int, default=32, help="images per model call")
     parser.add_argument(
@@ -90,6 +97,11 @@ def _extract(args: argparse.Namespace) -> int:
         raise DataError(
             f"--out {args.out}: names a folder; give a file prefix in it, such as {out / 'feats'}"
         )
+    for target in targets:  # written where a link points: one in a loop is refused now
+        try:
+            folder_place(target)
+        except OSError as exc:
+            raise DataError(f"--out {args.out}: {target}: {exc.strerror}") from None
     check_writable(out.parent, f"--out {args.out}")
     with _sole_writer_of(out, args.out):
         return _embed_and_write(args, files, out, targets)

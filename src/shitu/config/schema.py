@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from shitu.inference.choices import Device
 from shitu.registry import BACKBONES, ConfigPath, null_is_default, refuse_bool_as_number
 
 
@@ -62,7 +63,7 @@ class GlobalConfig(Section):
     checkpoints: ConfigPath | None = None
     pretrained_model: ConfigPath | None = None
     output_dir: ConfigPath = "./output"
-    device: Literal["auto", "cpu", "gpu", "cuda"] = "auto"
+    device: Device = "auto"
     # What torch, numpy and Python's RNGs all take (numpy refuses negative seeds, torch
     # those of 2**64 and more), with room for the rank a DDP process adds.
     seed: int | None = Field(None, ge=0, lt=2**63)

@@ -20,7 +20,12 @@ from shitu.detection.detector import CLASS_NAMES_KEY
 from shitu.detection.input_size import check_input_size
 from shitu.detection.model import PicoDet
 from shitu.errors import CheckpointError
-from shitu.fileio import refuse_non_utf8_path, write_atomically, write_failure_reason
+from shitu.fileio import (
+    folder_place,
+    refuse_non_utf8_path,
+    write_atomically,
+    write_failure_reason,
+)
 from shitu.onnx_trace import trace_to_onnx
 
 
@@ -52,9 +57,11 @@ def export_onnx(
     no file written) where its boxes or scores are not torch's."""
     size = check_input_size(model.arch.input_size if input_size is None else input_size)
     path = Path(path)
-    # Traced to and checked in a temporary file beside it, named by its full path.
+    # Traced to and checked in a temporary file beside it, named by its full path: beside
+    # the file a link at `path` points to, where `write_atomically` writes.
     readers = "torch's ONNX exporter and onnxruntime"
-    refuse_non_utf8_path(path.absolute(), "the ONNX file's path", readers, CheckpointError)
+    place = folder_place(path).absolute()
+    refuse_non_utf8_path(place, "the ONNX file's path", readers, CheckpointError)
 
     def write(tmp: Path) -> None:
         with torch.no_grad():

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from shitu.errors import ConfigError
+from shitu.inference.choices import device_type
 
 
 @dataclass(frozen=True)
@@ -33,8 +34,8 @@ class DistContext:
 
 
 def select_device(preference: str, local_rank: int = 0) -> torch.device:
-    """'auto' picks CUDA when present; 'gpu'/'cuda' insists on it."""
-    if preference in ("gpu", "cuda") or (preference == "auto" and torch.cuda.is_available()):
+    """'auto' picks CUDA when present; 'gpu'/'cuda' insists on it (`device_type`)."""
+    if device_type(preference) == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(  # PaddleClas's configs ship `device: gpu`
                 f"Global.device: '{preference}' asked for, but no CUDA GPU is visible; set "

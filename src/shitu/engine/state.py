@@ -93,7 +93,7 @@ def load_training_state(
         if option.startswith("Global.")
         else f"{option} takes the run's {LATEST}{SUFFIX} or its output directory"
     )
-    if path.suffix in WEIGHTS_ONLY_SUFFIXES:
+    if path.suffix.lower() in WEIGHTS_ONLY_SUFFIXES:
         raise CheckpointError(f"{path} is a weights file, not a training checkpoint; {hint}")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)

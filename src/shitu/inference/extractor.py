@@ -34,7 +34,7 @@ from shitu.inference.backends import (
     onnxruntime_available,
 )
 from shitu.inference.cache import full_export
-from shitu.inference.choices import DEVICE_ALIASES
+from shitu.inference.choices import device_type
 from shitu.inference.manifest import (
     INT8_FILE,
     MANIFEST,
@@ -118,10 +118,10 @@ class FeatureExtractor:
         there or can be rebuilt from a compact export into the cache, else torch),
         'onnxruntime', 'openvino' (`pip install 'shitu[openvino]'`, CPU) or 'torch'. num_threads:
         inference threads (None: the runtime's default). precision: fp32; int8
-        (onnxruntime or openvino, needs model.int8.onnx); fp16/bf16 (torch on
-        device='cuda', or 'gpu' as PaddleClas and Global.device name it). workers: decoding
-        threads (each decodes and resizes whole images, so loading sets OpenCV's own thread
-        count, process-wide, to 1).
+        (onnxruntime or openvino, needs model.int8.onnx); fp16/bf16 (torch on a GPU).
+        device: as Global.device names it: 'cpu', 'cuda' (or 'gpu', PaddleClas's name) or
+        'auto' (a GPU where torch sees one). workers: decoding threads (each decodes and
+        resizes whole images, so loading sets OpenCV's own thread count, process-wide, to 1).
 
         The fingerprint is the export's for fp32 on either backend; other precisions give
         different features, so they get their own fingerprint.
@@ -131,8 +131,8 @@ class FeatureExtractor:
         if num_threads is not None:  # None: the runtime's default
             check_count(num_threads, "num_threads")
             _warn_of_threads_over_cores(num_threads)
-        device = DEVICE_ALIASES.get(device, device)  # `gpu` was refused, which the config takes
         check_runtime_names(backend, precision, device)
+        device = device_type(device)  # the names Global.device takes
         model_dir = Path(model_dir)
         manifest = read_manifest(model_dir)
         score_thres = _score_thres(model_dir, manifest)  # a rebuilt cache entry has none

@@ -149,7 +149,7 @@ class Preprocessing:
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         for key in ("resize", "crop"):
             if known.get(key) is not None:
-                _check_json_numbers(known[key], key, 2)
+                _check_json_numbers(known[key], key, 2, whole=True)
                 known[key] = pair(known[key], key)
         for key in ("mean", "std"):
             if key in known:
@@ -301,20 +301,22 @@ class Preprocessing:
         return np.asarray(resized)
 
 
-def _check_json_numbers(value: Any, key: str, count: int | None) -> None:
+def _check_json_numbers(value: Any, key: str, count: int | None, whole: bool = False) -> None:
     """A ValueError naming `key` unless `value` is a list of `count` JSON numbers (None:
     one number): a hand-edited manifest's mean of "abc" would otherwise fail with Python's
-    words on its first letter ("could not convert string to float: 'a'")."""
+    words on its first letter ("could not convert string to float: 'a'"). `whole`: whole
+    numbers only, as sizes are (a resize of 224.5 was rounded down, unsaid)."""
     numbers = [value] if count is None else value
+    kind = int if whole else int | float
     if (
         not isinstance(numbers, list | tuple)
         or len(numbers) != (count or 1)
         or not all(
-            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-            for v in numbers
+            isinstance(v, kind) and not isinstance(v, bool) and math.isfinite(v) for v in numbers
         )
     ):  # (Python's json reads NaN and Infinity)
-        wanted = "a number" if count is None else f"a list of {count} numbers"
+        noun = "whole number" if whole else "number"
+        wanted = f"a {noun}" if count is None else f"a list of {count} {noun}s"
         raise ValueError(f"{key}: expected {wanted}, got {json.dumps(value, default=repr)}")
 
 

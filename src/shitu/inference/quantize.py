@@ -16,6 +16,7 @@ import numpy as np
 
 from shitu.data.transforms.ops import UnreadableImageError
 from shitu.errors import DataError
+from shitu.image_files import path_list
 from shitu.inference.preprocess import Preprocessing, read_rgb
 
 CALIBRATION_BATCH = 8
@@ -54,7 +55,9 @@ def calibration_batches(
     """The usable `images`, preprocessed, in batches (an export reads them before its ONNX
     export and check, so a folder of no images is refused before that work). Those that
     cannot be read, or are of a size the preprocessing cannot take, are left out with a
-    warning saying which of the two; a DataError where none is usable."""
+    warning saying which of the two; a DataError where none is usable, or where an item is
+    no path (`path_list`: it raised a TypeError)."""
+    images = path_list(images)
     unread: list[str] = []
     unfit: list[str] = []
     batches = list(_calibration_batches(preprocessing, images, unread, unfit))
