@@ -755,6 +755,25 @@ def test_files_are_embedded_hashed_and_reembedded(tmp_path):
         assert result.labels[0, 0] == "Item 1" and result.scores[0, 0] == pytest.approx(1.0)
 
 
+def test_a_folder_given_to_add_files_is_named_as_one_with_how_to_list_its_images(tmp_path):
+    """A folder among add_files' items was reported with the OS's bare "Is a directory"
+    (from hashing it), where read_rgb names it."""
+    (image,) = make_images(tmp_path / "imgs", 1)
+    model = PixelEmbedder()
+    with Gallery.create_for(tmp_path / "lib", model) as gallery:
+        report = gallery.add_files(
+            model, [GalleryItem(tmp_path / "imgs", "Item 0"), GalleryItem(image, "Item 0")]
+        )
+    assert len(report.ids) == 1
+    assert report.failures == [
+        (
+            str(tmp_path / "imgs"),
+            "a folder, not an image file: pass the images in it "
+            "(shitu.image_files.scan_images(Path(folder)) lists them)",
+        )
+    ]
+
+
 def test_a_library_moved_whole_still_finds_the_files_kept_inside_it(tmp_path, monkeypatch):
     """Files inside the library folder (the server's uploads) are stored relative to it;
     files elsewhere keep their absolute path, a relative one taken from the working folder."""

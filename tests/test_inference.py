@@ -578,6 +578,26 @@ def test_int8_calibration_images_given_as_one_path_are_refused_naming_it(exporte
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_folder_given_to_extract_files_is_named_as_one_with_how_to_list_its_images(
+    exported, tmp_path
+):
+    """A folder among extract_files' paths was reported with the OS's bare "Is a
+    directory"; read_rgb, which every API reading image files goes through, says it."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    said = (
+        "a folder, not an image file: pass the images in it "
+        "(shitu.image_files.scan_images(Path(folder)) lists them)"
+    )
+    with pytest.raises(UnreadableImageError) as caught:
+        read_rgb(folder)
+    assert str(caught.value) == said
+    photo = exported["files"][0]
+    with FeatureExtractor.load(exported["dir"], num_threads=1) as extractor:
+        result = extractor.extract_files([folder, photo])
+    assert result.failures == [(str(folder), said)] and result.paths == [str(photo)]
+
+
 def test_export_removes_the_staging_folders_of_killed_exports(exported, tmp_path):
     """An export killed outright (SIGKILL, power loss) leaves its staging folder, a model's
     worth of files: the next export to that name removes it, and leaves a running one's."""

@@ -359,8 +359,8 @@ def test_a_folder_given_to_recognize_files_is_named_as_one_with_how_to_pass_its_
         skipped, found = rec.recognize_files([folder, folder / "a.jpg"])
         assert skipped.results == [] and found.error is None and found.results
         assert skipped.error == (
-            "a folder, not an image file: pass the images in it, as `shitu recognize FOLDER` "
-            "does: shitu.image_files.scan_images(Path(folder)) lists them"
+            "a folder, not an image file: pass the images in it "
+            "(shitu.image_files.scan_images(Path(folder)) lists them)"
         )
         # as the message says
         (scanned,) = rec.recognize_files(scan_images(Path(folder)))

@@ -49,6 +49,18 @@ LABELLED_LIST_HINT = (
 )
 
 
+def unreadable_reason(path: str | os.PathLike, exc: OSError) -> str:
+    """Why the image file at `path` could not be read, as reported for it: a folder is
+    named as one, with how to list its images (the OS says only "Is a directory", or on
+    Windows "Permission denied"), so every API that reads image files says the same."""
+    if os.path.isdir(path):
+        return (
+            "a folder, not an image file: pass the images in it "
+            "(shitu.image_files.scan_images(Path(folder)) lists them)"
+        )
+    return exc.strerror or str(exc)
+
+
 def iso_media_kind(data: bytes) -> str | None:
     """ "HEIC", "HEIF" or "AVIF" for a file of those formats (from its first 12 bytes), else
     None."""

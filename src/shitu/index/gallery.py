@@ -31,6 +31,7 @@ from shitu.fileio import (
     refuse_non_utf8_path,
     staging_folder,
 )
+from shitu.image_files import unreadable_reason
 from shitu.index.backends import Backend, Change, IndexSyncError, describe_index, open_backend
 from shitu.index.embedder import Embedder
 from shitu.index.files import crash_point
@@ -1277,7 +1278,7 @@ def _file_hashes(
                 bar.update(1)
             except OSError as exc:
                 digests.append(None)
-                failures.append((str(path), exc.strerror or str(exc)))
+                failures.append((str(path), unreadable_reason(path, exc)))
                 bar.skip()
     return digests, failures
 

@@ -36,6 +36,7 @@ from shitu.data.transforms.ops import (
     short_side_size,
 )
 from shitu.errors import ConfigError
+from shitu.image_files import unreadable_reason
 
 logger = logging.getLogger(__name__)
 
@@ -333,7 +334,7 @@ def read_rgb(path: str | Path) -> np.ndarray:
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
-        raise UnreadableImageError(exc.strerror or str(exc)) from None
+        raise UnreadableImageError(unreadable_reason(path, exc)) from None
     return decode_rgb(data)
 
 

@@ -522,10 +522,5 @@ class Recognizer:
             image = read_rgb(path)
             self.extractor.check_size(image.shape[1], image.shape[0])
         except UnreadableImageError as exc:
-            if os.path.isdir(path):  # the read said only "Is a directory"
-                return (
-                    "a folder, not an image file: pass the images in it, as `shitu recognize "
-                    "FOLDER` does: shitu.image_files.scan_images(Path(folder)) lists them"
-                )
             return str(exc)
         return image
