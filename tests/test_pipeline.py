@@ -1452,6 +1452,29 @@ def test_the_demo_loads_its_model_once_and_closes_it(setup, tmp_path, monkeypatc
     assert repr(loaded[0]).startswith("FeatureExtractor(closed")
 
 
+def test_the_demo_loads_a_detector_file_once_and_closes_it(
+    setup, grocery, tmp_path, monkeypatch, capsys
+):
+    """The demo loaded an ONNX detector to check the settings and closed it; the recogniser
+    then loaded the same file a second time."""
+    import shitu.detection
+
+    loaded = []
+
+    def counting_load(*args, **kwargs):
+        loaded.append(load_detector(*args, **kwargs))
+        return loaded[-1]
+
+    monkeypatch.setattr(shitu.detection, "load_detector", counting_load)
+    onnx = grocery.parent.parent / "models" / "picodet_s_coco" / "picodet_s_320_coco.onnx"
+    out = tmp_path / "demo"
+    given = ["demo", "--out", str(out), "--model", str(setup["model"]), "--detector", str(onnx)]
+    assert shitu_main(given) == 0
+    assert "recognised " in capsys.readouterr().out
+    assert len(loaded) == 1
+    assert repr(loaded[0]) == "OnnxDetector(closed)"
+
+
 def test_a_demo_photo_the_disk_cannot_take_whole_is_an_error_not_a_cut_short_jpeg(setup, tmp_path):
     """The demo's photos were saved by Pillow's JPEG encoder, which takes a short write (a
     full disk, the file size limit) for a whole one: a gallery photo cut off at the limit

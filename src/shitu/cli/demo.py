@@ -24,6 +24,7 @@ from shitu.pipeline.defaults import PLAIN_BACKGROUND
 if TYPE_CHECKING:
     from shitu.inference import FeatureExtractor
     from shitu.pipeline import PipelineConfig
+    from shitu.pipeline.recognizer import MainbodyDetector
 
 MARKER = ".shitu-demo"
 
@@ -83,21 +84,25 @@ def run(args: argparse.Namespace) -> int:
 
     config, next_command = demo_settings(args)
     # The model and the detector first: a setting that cannot work leaves nothing written.
-    # The model stays loaded: it builds the library, then the recogniser uses it.
+    # Both stay loaded: the model builds the library, then the recogniser uses them.
     with contextlib.ExitStack() as held:
-        with naming_config_paths(args, config), contextlib.ExitStack() as checked:
+        with naming_config_paths(args, config):
             extractor = held.enter_context(load_extractor(config))
-            detector = build_detector(config)  # loaded again by the recogniser, once it can be
+            detector = build_detector(config)
             if isinstance(detector, contextlib.AbstractContextManager):
-                checked.enter_context(detector)
-        return _recognise_demo(args, config, extractor, next_command)
+                held.enter_context(detector)
+        return _recognise_demo(args, config, extractor, detector, next_command)
 
 
 def _recognise_demo(
-    args: argparse.Namespace, config: PipelineConfig, extractor: FeatureExtractor, next_command: str
+    args: argparse.Namespace,
+    config: PipelineConfig,
+    extractor: FeatureExtractor,
+    detector: MainbodyDetector | None,
+    next_command: str,
 ) -> int:
     """Write the demo photos, build their library and recognise the query photos with
-    `extractor`, the config's model."""
+    `extractor` and `detector`, the config's model and detector."""
     from shitu.demo import make_demo_set
     from shitu.index import Gallery, collect_items
     from shitu.pipeline import Recognizer
@@ -118,7 +123,7 @@ def _recognise_demo(
     expected.update({_under(out, path): labels for path, labels in demo.shelves})
     writer = VisualisationWriter(out / "vis")
     found_right = total = 0
-    with Recognizer.from_config(config, extractor=extractor) as recognizer:
+    with Recognizer.from_config(config, extractor=extractor, detector=detector) as recognizer:
         for found in recognizer.recognize_files(list(expected), keep_images=True):
             truth = expected[found.path]
             print(format_table(found))

@@ -290,14 +290,19 @@ class Recognizer:
 
     @classmethod
     def from_config(
-        cls, config: PipelineConfig | str | Path, *, extractor: FeatureExtractor | None = None
+        cls,
+        config: PipelineConfig | str | Path,
+        *,
+        extractor: FeatureExtractor | None = None,
+        detector: MainbodyDetector | None = None,
     ) -> Recognizer:
         """Load the config's model (the shipped one unless `Global.rec_inference_model_dir`),
         detector and library (`IndexProcess.index_dir`, refused unless built with that
         model); `close()` closes them all. `config`: a `load_pipeline_config(...)`, or
-        the YAML file (or shipped name) it would load without overrides. `extractor`: the
-        config's model already loaded (`load_extractor(config)`), by a caller that uses it
-        before, to save loading it twice; it stays the caller's to close."""
+        the YAML file (or shipped name) it would load without overrides. `extractor` and
+        `detector`: the config's model and detector already loaded (`load_extractor(config)`,
+        `build_detector(config)`; None: loaded here), by a caller that uses them before, to
+        save loading them twice; they stay the caller's to close."""
         from shitu.inference import default_model_fingerprint
 
         if isinstance(config, str | Path):
@@ -314,9 +319,10 @@ class Recognizer:
                 "library that `shitu index build IMAGES --out LIB` makes from labelled images"
             )
         with ExitStack() as opened:  # each closed again if a later step fails
-            detector = build_detector(config)
-            if isinstance(detector, AbstractContextManager):  # one that holds a session
-                opened.enter_context(detector)
+            if detector is None:
+                detector = build_detector(config)
+                if isinstance(detector, AbstractContextManager):  # one that holds a session
+                    opened.enter_context(detector)
             if extractor is None:
                 extractor = opened.enter_context(load_extractor(config))
             gallery = opened.enter_context(
