@@ -467,6 +467,30 @@ def test_extract_to_a_link_in_a_loop_is_refused_before_embedding(tmp_path):
     )
 
 
+def test_extract_to_links_checks_where_they_point_before_embedding_and_leaves_no_folder(
+    tmp_path,
+):
+    """FEATS.npy and FEATS.txt links to files in folders not made yet: only the folder
+    beside the links was checked, so one where a link points that could not be made failed
+    after every image was embedded, leaving the folder made for the other file behind."""
+    image = tmp_path / "photo.png"
+    Image.fromarray(np.full((32, 32, 3), 90, np.uint8)).save(image)
+    blocker = tmp_path / "a file"
+    blocker.write_text("in the way")
+    (tmp_path / "feats.npy").symlink_to(tmp_path / "new" / "feats.npy")
+    (tmp_path / "feats.txt").symlink_to(blocker / "x" / "feats.txt")
+    out = tmp_path / "feats"
+    result = run_shitu("extract", str(image), "--out", str(out))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == f"error: --out {out}: {blocker} is a file, not a folder\n"
+    assert not (tmp_path / "new").exists()
+    # made to be checked, then nothing written (no image could be read): removed
+    (tmp_path / "feats.txt").unlink()
+    result = run_shitu("extract", str(blocker), "--out", str(out))
+    assert result.returncode == 1 and "nothing written" in result.stderr, result.stderr
+    assert not (tmp_path / "new").exists()
+
+
 def test_extract_takes_the_device_names_global_device_takes(tmp_path):
     """--device took cpu and cuda only: gpu (PaddleClas's name) and auto, which Global.device
     and FeatureExtractor.load take, were refused by the parser."""

@@ -70,11 +70,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    with removed_if_left_empty(Path(args.out).parent):  # made, then nothing written: removed
-        return _extract(args)
-
-
-def _extract(args: argparse.Namespace) -> int:
     files, _ = expand_images(args.inputs)
     # Found in a folder of thousands, the file must be named for the user to rename it. A
     # lone \r ends a line too where the list is read as text (Python's universal newlines,
@@ -97,14 +92,18 @@ def _extract(args: argparse.Namespace) -> int:
         raise DataError(
             f"--out {args.out}: names a folder; give a file prefix in it, such as {out / 'feats'}"
         )
-    for target in targets:  # written where a link points: one in a loop is refused now
+    folders = [out.parent]  # the lock's, and each file's: written where a link there points
+    for target in targets:  # one in a loop is refused now
         try:
-            folder_place(target)
+            folders.append(folder_place(target).parent)
         except OSError as exc:
             raise DataError(f"--out {args.out}: {target}: {exc.strerror}") from None
-    check_writable(out.parent, f"--out {args.out}")
-    with _sole_writer_of(out, args.out):
-        return _embed_and_write(args, files, out, targets)
+    with contextlib.ExitStack() as made:  # made, then nothing written: removed
+        for folder in dict.fromkeys(folders):
+            made.enter_context(removed_if_left_empty(folder))
+            check_writable(folder, f"--out {args.out}")
+        with _sole_writer_of(out, args.out):
+            return _embed_and_write(args, files, out, targets)
 
 
 @contextlib.contextmanager
