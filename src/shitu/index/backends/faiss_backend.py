@@ -350,7 +350,7 @@ class FaissBackend(Backend):
             return np.full((len(queries), k), -np.inf, np.float32), np.full(
                 (len(queries), k), -1, np.int64
             )
-        if len(queries) * index.ntotal * index.d <= SERIAL_SEARCH_WORK:
+        if queries.size * index.ntotal <= SERIAL_SEARCH_WORK:  # queries x vectors x dims
             with _one_openmp_thread():
                 raw, ids = index.search(queries, k)
         else:
