@@ -374,6 +374,7 @@ def test_corrupt_image_raises_data_error_naming_the_file(grocery: Path, tmp_path
         assert "skip_corrupt: true" in str(info.value)
 
 
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data:UserWarning")  # Pillow's, of the cut TIFFs
 def test_a_tiff_in_a_pixel_format_pillow_cannot_decode_is_not_called_corrupt():
     """A 3-channel float32 TIFF (as OpenCV saves a float image) was "unknown or corrupt
     format": Pillow knows TIFF files, but has no mode for floating-point colour."""
