@@ -4,7 +4,7 @@
 import contextlib
 import difflib
 import shlex
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 
 class ShituError(Exception):
@@ -63,6 +63,12 @@ def did_you_mean(name: str, choices: list[str]) -> str:
     folded = {choice.lower(): choice for choice in choices}
     close = difflib.get_close_matches(name.lower(), list(folded), n=1)
     return f" (did you mean '{folded[close[0]]}'?)" if close else ""
+
+
+def first_few(names: Sequence[object], shown: int) -> str:
+    """The first `shown` of `names` for a message, and how many more: 'a, b and 3 more'."""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(map(str, names[:shown])) + more
 
 
 def override_word(key: str, value: object) -> str:

@@ -26,7 +26,7 @@ from shitu.checkpoint.io import (
     setting_differences,
     weight_shaping_arch,
 )
-from shitu.errors import CheckpointError, did_you_mean
+from shitu.errors import CheckpointError, did_you_mean, first_few
 
 logger = logging.getLogger(__name__)
 
@@ -226,11 +226,10 @@ def _not_pretrained(
                 and not any(_under(other, module) for other in names)
             ):
                 instead.append(module)
-    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
     advice = f"; give --layers {' '.join(instead)}" if instead else ""
     return (
-        f"--layers {' '.join(prefixes)}: {shown} did not come from the config's pretrained "
-        "weights (the model initialises them afresh, weights at random), so there is no "
+        f"--layers {' '.join(prefixes)}: {first_few(names, 3)} did not come from the config's "
+        "pretrained weights (the model initialises them afresh, weights at random), so there is no "
         f"pretrained value to move them back to{advice}"
     )
 

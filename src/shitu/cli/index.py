@@ -22,7 +22,7 @@ from shitu.cli.common import (
     table_field,
     warn_if_empty,
 )
-from shitu.errors import DataError, GalleryError, did_you_mean
+from shitu.errors import DataError, GalleryError, did_you_mean, first_few
 from shitu.fileio import check_writable, folder_place, occupied
 from shitu.index import (
     INDEX_TYPES,
@@ -602,14 +602,13 @@ def _refuse_if_a_whole_source_is_gone(
     folders = {Path(e.path).parent for e in gone}
     roots = sorted({root for folder in folders if (root := _gone_root(folder)) is not None})
     if roots:
-        shown = ", ".join(map(str, roots[:SHOWN_FILES]))
-        more = f" and {len(roots) - SHOWN_FILES} more" if len(roots) > SHOWN_FILES else ""
+        shown = first_few(roots, SHOWN_FILES)
         held = sum(1 for e in gone if any(Path(e.path).is_relative_to(r) for r in roots))
         where = f"the files of {count_of(held, 'image')} were"
         what = (
             f"the folder {shown}, where {where}, is not there"
             if len(roots) == 1
-            else f"the folders {shown}{more}, where {where}, are not there"
+            else f"the folders {shown}, where {where}, are not there"
         )
         moved = f"--moved {shlex.quote(str(roots[0]))} NEW"
     elif len(gone) == sum(1 for e in gallery.entries() if e.path):

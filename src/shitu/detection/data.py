@@ -29,7 +29,7 @@ from PIL import Image, ImageEnhance
 
 from shitu.data.transforms.ops import UnreadableImageError, decode_rgb_image
 from shitu.detection.detector import preprocess
-from shitu.errors import DataError
+from shitu.errors import DataError, first_few
 from shitu.fileio import from_working_directory, listed_file, read_text, text_lines
 
 logger = logging.getLogger(__name__)
@@ -130,11 +130,9 @@ def _check_listed_files_exist(files: list[Path], source: str | Path, what: str) 
     VOC list's annotation files too, which are found from the image folder as well."""
     missing = [path for path in files if not path.is_file()]
     if missing:
-        shown = ", ".join(map(str, missing[:_SHOW]))
-        more = f" and {len(missing) - _SHOW} more" if len(missing) > _SHOW else ""
         raise DataError(
             f"{source}: {len(missing)} of the {len(files)} {what} it lists do not exist: "
-            f"{shown}{more} (is the image folder right?)"
+            f"{first_few(missing, _SHOW)} (is the image folder right?)"
         )
 
 

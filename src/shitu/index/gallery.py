@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
-from shitu.errors import GalleryError, did_you_mean
+from shitu.errors import GalleryError, did_you_mean, first_few
 from shitu.fileio import (
     file_sha256,
     folder_place,
@@ -1385,8 +1385,7 @@ def _without_direction(normalised: np.ndarray) -> np.ndarray:
 
 def _rows(rows: np.ndarray, shown: int = 10) -> str:
     """Row numbers for a message: the first `shown`, and how many more."""
-    listed = ", ".join(str(row) for row in rows[:shown].tolist())
-    return listed + (f" and {len(rows) - shown} more" if len(rows) > shown else "")
+    return first_few(rows.tolist(), shown)
 
 
 def _stored_label(label: str, where: str) -> str:

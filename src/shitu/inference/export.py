@@ -30,7 +30,7 @@ from shitu import __version__
 from shitu.checkpoint import load_weights, model_metadata, save_weights
 from shitu.checkpoint.io import WEIGHT_SUFFIXES
 from shitu.config import ArchConfig, ShituConfig
-from shitu.errors import CheckpointError, ConfigError
+from shitu.errors import CheckpointError, ConfigError, first_few
 from shitu.fileio import (
     FILE_MODE,
     FOLDER_MODE,
@@ -291,10 +291,9 @@ def _check_target(out_dir: Path) -> None:
     # The old export is replaced as a whole folder: anything else in it would go with it.
     others = sorted(p.name for p in out_dir.iterdir() if p.name not in EXPORT_FILES)
     if others:
-        shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
         raise ExportError(
-            f"{out_dir} is an export that also holds {shown}, which replacing it would "
-            "delete; move them out of it or choose a new folder for --out"
+            f"{out_dir} is an export that also holds {first_few(others, 5)}, which replacing it "
+            "would delete; move them out of it or choose a new folder for --out"
         )
 
 

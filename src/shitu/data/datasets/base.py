@@ -29,7 +29,7 @@ from torch.utils.data import Dataset
 
 from shitu.data.transforms.compose import Compose, build_transforms
 from shitu.data.transforms.ops import UnreadableImageError, check_image_size
-from shitu.errors import DataError
+from shitu.errors import DataError, first_few
 from shitu.fileio import SAVE_AS_UTF8, from_working_directory, read_text, text_lines
 from shitu.progress import ImageProgress
 
@@ -345,11 +345,10 @@ class ImageDataset(Dataset):
         return tuple(problems)
 
     def _refuse_missing(self, missing: list[Entry], total: int, image_root: str | None) -> NoReturn:
-        examples = ", ".join(f"{e.path} ({e.source})" for e in missing[:_SHOW])
-        more = f" and {len(missing) - _SHOW} more" if len(missing) > _SHOW else ""
+        examples = first_few([f"{e.path} ({e.source})" for e in missing], _SHOW)
         raise DataError(
             f"{self.where}: {len(missing)} of {total} listed images do not exist: "
-            f"{examples}{more}{_not_found_hint([e.path for e in missing], image_root)} "
+            f"{examples}{_not_found_hint([e.path for e in missing], image_root)} "
             "(skip_corrupt: true leaves them out)"
         )
 
@@ -357,15 +356,13 @@ class ImageDataset(Dataset):
         """Name the images skip_corrupt left out, and why: a training summary only counted
         them, and an evaluation set said nothing at all, its metrics quietly over fewer
         queries or gallery images (a file truncated by a copy, say, is to be put right)."""
-        examples = ", ".join(_described(entries[i], why) for i, why in problems[:_SHOW])
-        more = f" and {len(problems) - _SHOW} more" if len(problems) > _SHOW else ""
+        examples = first_few([_described(entries[i], why) for i, why in problems], _SHOW)
         logger.warning(
-            "%s: skip_corrupt left out %d of %d listed images: %s%s",
+            "%s: skip_corrupt left out %d of %d listed images: %s",
             self.where,
             len(problems),
             len(entries),
             examples,
-            more,
         )
 
     def _refuse_all_skipped(
@@ -374,12 +371,11 @@ class ImageDataset(Dataset):
         """skip_corrupt left every image out: say why, with the first few reasons (all
         missing: a wrong image_root, most often; all smaller than a crop, yet readable),
         not only that there is nothing left."""
-        examples = ", ".join(_described(entries[i], why) for i, why in problems[:_SHOW])
-        more = f" and {len(problems) - _SHOW} more" if len(problems) > _SHOW else ""
+        examples = first_few([_described(entries[i], why) for i, why in problems], _SHOW)
         missing = [entries[i].path for i, why in problems if why == _NOT_FOUND]
         raise DataError(
             f"{self.where}: none of the {len(entries)} listed images can be used: "
-            f"{examples}{more}{_not_found_hint(missing, image_root) if missing else ''}"
+            f"{examples}{_not_found_hint(missing, image_root) if missing else ''}"
         )
 
     @cached_property
