@@ -573,9 +573,10 @@ def run_remove(args: argparse.Namespace) -> int:
     if args.force and not args.missing:
         raise GalleryError("remove: --force is only for --missing")
     with Gallery.open(args.library) as gallery:
-        gone = _files_gone(gallery) if args.missing else []
+        entries = gallery.entries() if args.missing else []
+        gone = [e for e in entries if file_gone(e)]
         if gone and not args.force:
-            _refuse_if_a_whole_source_is_gone(args.library, gallery, gone)
+            _refuse_if_a_whole_source_is_gone(args.library, entries, gone)
         ids = list(args.ids) + [e.id for e in gone]  # an id given twice is removed once
         if not ids and not args.labels:
             print(f"removed no images from {args.library}: every image's file is there")
@@ -593,7 +594,7 @@ def _files_gone(gallery: Gallery) -> list[ImageEntry]:
 
 
 def _refuse_if_a_whole_source_is_gone(
-    library: Path, gallery: Gallery, gone: list[ImageEntry]
+    library: Path, entries: list[ImageEntry], gone: list[ImageEntry]
 ) -> None:
     """A GalleryError, before anything is removed, where the `gone` files look unplugged
     rather than deleted: a folder they were added from is not there at all, or every file
@@ -611,7 +612,7 @@ def _refuse_if_a_whole_source_is_gone(
             else f"the folders {shown}, where {where}, are not there"
         )
         moved = f"--moved {shlex.quote(str(roots[0]))} NEW"
-    elif len(gone) == sum(1 for e in gallery.entries() if e.path):
+    elif len(gone) == sum(1 for e in entries if e.path):
         what = (
             f"every file its images were added from is gone ({count_of(len(gone), 'image')}), "
             f"from {gone_from(gone)}"
