@@ -724,6 +724,19 @@ def test_image_folder_dataset_skips_a_gallery_library_in_its_tree(tmp_path: Path
     assert f"(gallery library x1; e.g. {root / 'lib'})" in caplog.text
 
 
+def test_a_class_folder_holding_a_folder_named_as_a_library_file_is_a_class(tmp_path: Path):
+    """A library is told by its file, as the image scan tells it: a folder of that name
+    inside a class folder left the class out of the class list while the scan took its
+    images, a KeyError for their class."""
+    from shitu.index.metadata import LIBRARY_FILE
+
+    root = tmp_path / "photos"
+    save_png(root / "apple" / "1.png", pattern(40, 40))
+    save_png(root / "pear" / LIBRARY_FILE / "1.png", pattern(40, 40, seed=1))
+    dataset = ImageFolderDataset(str(root))
+    assert dataset.class_names == ["apple", "pear"] and dataset.labels == [0, 1]
+
+
 def test_image_folder_dataset_refuses_a_training_runs_folder_as_a_class(tmp_path: Path):
     """A run's output folder inside the root (a detect-train --out, an earlier run's) was
     read as one more class, an empty one, shifting the ids of the classes after it."""

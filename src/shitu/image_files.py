@@ -100,7 +100,7 @@ def scan_images(
     for top, folders, files in os.walk(folder, onerror=unreadable, followlinks=True):
         here = Path(top)
         scanned.add(here.resolve())
-        owner = _foreign_kind(here, foreign or {})
+        owner = foreign_kind(here, foreign or {})
         if owner is not None:
             skipped.append((here, owner))
             folders.clear()
@@ -172,7 +172,7 @@ def warn_of_shared_folder_names(root: Path, folders: Iterable[Path]) -> None:
         logger.warning("%s: folders of the same name share their label: %s%s", root, shown, more)
 
 
-def _foreign_kind(folder: Path, foreign: Mapping[str, str]) -> str | None:
+def foreign_kind(folder: Path, foreign: Mapping[str, str]) -> str | None:
     """What `folder` is by the first of `foreign`'s files it holds, else None."""
     return next((kind for name, kind in foreign.items() if (folder / name).is_file()), None)
 

@@ -11,6 +11,7 @@ from shitu.errors import DataError
 from shitu.fileio import RUN_LOCK
 from shitu.image_files import (
     IMAGE_SUFFIXES,
+    foreign_kind,
     scan_images,
     warn_if_grouped,
     warn_of_shared_folder_names,
@@ -59,7 +60,7 @@ class ImageFolderDataset(ImageDataset):
             for e in os.scandir(root)
             if e.is_dir()
             and not e.name.startswith(".")
-            and not any((Path(e.path) / name).exists() for name in libraries)
+            and foreign_kind(Path(e.path), libraries) is None
         )
         if not self.class_names:
             raise DataError(f"{where}: has no class subfolders (expected root/<class>/<image>)")
