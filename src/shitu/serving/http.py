@@ -144,10 +144,13 @@ class AllowedHosts(HttpMiddleware):
         self.allowed = settings.allowed_hosts
 
     async def handle(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if self.allowed is None:  # any host: the headers need not be read
+            await self.app(scope, receive, send)
+            return
         headers = dict(scope["headers"])
         host = headers.get(b"host", b"").decode("latin-1")
         # No Host at all (HTTP/1.0) is no browser's: they always send one
-        if self.allowed is None or not host or _host_allowed(host, self.allowed):
+        if not host or _host_allowed(host, self.allowed):
             await self.app(scope, receive, send)
             return
         refused = Forbidden(
