@@ -22,9 +22,9 @@ SHIPPED_DIR = Path(__file__).resolve().parent.parent / "configs"
 SHIPPED_PIPELINE_DIR = SHIPPED_DIR / "pipeline"
 
 
-def shipped_configs() -> list[str]:
-    """Names of the configs that ship inside the package."""
-    return sorted(p.stem for p in SHIPPED_DIR.glob("*.yaml"))
+def shipped_configs(shipped_dir: Path = SHIPPED_DIR) -> list[str]:
+    """Names of the configs that ship inside the package (in `shipped_dir`)."""
+    return sorted(p.stem for p in shipped_dir.glob("*.yaml"))
 
 
 def resolve_config_path(name_or_path: str | Path) -> Path:
@@ -34,8 +34,8 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
 
 def find_config(name_or_path: str | Path, shipped_dir: Path, what: str) -> Path:
     """An existing file, or the name of a YAML file in `shipped_dir` (with or without .yaml)."""
-    names = sorted(p.stem for p in shipped_dir.glob("*.yaml"))
     if not str(name_or_path).strip():  # `-c "$CONFIG"` with the variable unset: not `.`
+        names = shipped_configs(shipped_dir)
         raise ConfigError(
             f"{what}: an empty name; give a YAML file or a shipped name: {', '.join(names)}"
         )
@@ -50,6 +50,7 @@ def find_config(name_or_path: str | Path, shipped_dir: Path, what: str) -> Path:
     # A relative path is looked up in the folder the command runs in: say which.
     looked_for, hint = f"no such file: {path.absolute()}", ""
     if path.parent == Path("."):
+        names = shipped_configs(shipped_dir)
         looked_for += f", nor a shipped name: {', '.join(names)}"
         hint = did_you_mean(path.stem, names)
     raise ConfigError(f"{what} not found: {name_or_path}{hint} ({looked_for})")
