@@ -113,7 +113,7 @@ def k_reciprocal_distances(
         dist = (2.0 - 2.0 * (distinct @ distinct.T)).clamp_(min=0.0)
         dist = (dist + dist.T) / 2.0
         if copies is not None:
-            dist = dist[copies][:, copies]
+            dist = dist[copies[:, None], copies]  # one gather: no copies x distinct matrix
         dist /= dist.amax(dim=1, keepdim=True).clamp_(min=torch.finfo(dtype).tiny)
 
         k_full = min(k1 + 1, total)
