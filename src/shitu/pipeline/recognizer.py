@@ -196,7 +196,7 @@ def build_detector(config: PipelineConfig) -> MainbodyDetector | None:
         )
     if not path.is_file():  # PaddleClas configs name a Paddle inference folder here
         problem = f"{name} is a folder, not a file" if path.is_dir() else f"{name}: no such file"
-        way_out = f"give {detectors}{detectors_held(path) if path.is_dir() else ''}"
+        way_out = f"give {detectors}{detectors_held(path)}"  # '' but for a folder
         if is_paddle_inference_model(path):  # PaddleDetection's export: model.pdiparams
             problem = f"{name} is a Paddle inference model, which shitu does not run"
             way_out = (
