@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import sys
 
 logger = logging.getLogger(__name__)
@@ -25,6 +26,12 @@ M_MMAP_THRESHOLD = -3
 
 _LARGEST = 2**31 - 1  # mallopt takes an int
 _TOP_PAD = 64 << 20  # grow the heap in 64 MiB steps rather than page by page
+
+
+def usable_cores() -> int | None:
+    """The CPU cores this process may run on (its affinity, as a container's CPU set limits
+    it), else the machine's; None where unknown."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 def keep_freed_memory() -> bool:

@@ -23,6 +23,7 @@ from shitu.engine.distributed import DistContext
 from shitu.engine.seeding import SeededBatchSampler, SeededDataset
 from shitu.engine.stopping import STOPPING_SIGNALS
 from shitu.errors import ConfigError
+from shitu.runtime import usable_cores
 
 EVAL_SAMPLER = ComponentConfig(name="DistributedBatchSampler", batch_size=64, shuffle=False)
 # Ops after which every image has one size (what a batch and the model's training need).
@@ -83,7 +84,7 @@ def _warn_of_workers_over_cores(workers: int, where: str) -> None:
     given twice per loader and naming no setting, which PaddleClas's GeneralRecognitionV2
     config (8 and 4 workers) raised four times on a 2-core host. Each sample is seeded
     on its own, so fewer workers change no batch."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = usable_cores()
     if not cores or workers <= cores:
         return
     warnings.filterwarnings(

@@ -46,6 +46,7 @@ from shitu.inference.manifest import (
 )
 from shitu.inference.preprocess import Preprocessing
 from shitu.progress import ImageProgress
+from shitu.runtime import usable_cores
 from shitu.vectors import l2_normalize
 
 logger = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ def _warn_of_threads_over_cores(num_threads: int) -> None:
     """Warn of more inference threads than the CPU cores this process may run on: the
     extra ones wait for a core and stall the others, so inference gets slower, not faster
     (a PaddleClas inference_general.yaml sets cpu_num_threads: 10, a 2-core VM has 2)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = usable_cores()
     if cores and num_threads > cores:
         logger.warning(
             "%d inference threads asked for, on %d CPU cores: the extra threads wait for a "
