@@ -189,9 +189,6 @@ class Trainer:
         if config.Global.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         # What the run starts from, for the summary a user sees before a long run.
-        self.initial_weights = (
-            f"as the config initialises the model: {config.Arch.initialisation()}"
-        )
         if resume_payload is not None:
             self.initial_weights = f"resumed from {config.Global.checkpoints}"
         elif config.Global.pretrained_model:
@@ -200,6 +197,10 @@ class Trainer:
             self.initial_weights = f"{config.Global.pretrained_model} ({report.summary()})"
             if not report.complete and self.context.is_main:
                 logger.warning("pretrained_model %s", self.initial_weights)
+        else:
+            self.initial_weights = (
+                f"as the config initialises the model: {config.Arch.initialisation()}"
+            )
         self.ema = WeightEMA(self.model, config.EMA.decay) if config.EMA else None
         self.loss = CombinedLoss(config.Loss.Train).to(self.context.device)
         self.loss.attach(self.model)  # before a resume restores the loss's state
@@ -317,8 +318,12 @@ class Trainer:
         lr = self.config.Optimizer.lr
         if lr.base_batch_size is None:
             return lr.learning_rate
-        total = self.train_loader.batch_sampler.batch_size * self.context.world_size
-        return lr.learning_rate * total / lr.base_batch_size
+        return lr.learning_rate * self.total_batch_size / lr.base_batch_size
+
+    @property
+    def total_batch_size(self) -> int:
+        """Images per optimiser step, over all processes."""
+        return self.train_loader.batch_sampler.batch_size * self.context.world_size
 
     def _restore(self, payload: dict[str, Any]) -> None:
         progress, steps = self.progress, self.steps_per_epoch
@@ -997,8 +1002,7 @@ def _learning_rate_shown(trainer: Trainer) -> str:
     lr = trainer.config.Optimizer.lr
     if lr.base_batch_size is None or trainer.learning_rate == lr.learning_rate:
         return f"{trainer.learning_rate:g}"
-    batch = trainer.train_loader.batch_sampler.batch_size * trainer.context.world_size
     return (
         f"{trainer.learning_rate:g} (Optimizer.lr.learning_rate {lr.learning_rate:g} for "
-        f"base_batch_size {lr.base_batch_size}, scaled to the batch of {batch})"
+        f"base_batch_size {lr.base_batch_size}, scaled to the batch of {trainer.total_batch_size})"
     )
