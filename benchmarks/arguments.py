@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
 from shitu.errors import ShituError, raised_message
+from shitu.fileio import drop_unwritten_stdout
 
 
 class _DefaultsFormatter(argparse.HelpFormatter):
@@ -99,9 +99,7 @@ def _end_without_traceback(
     whose last line says the same; stdout's reader gone (`| head -3`) ends it quietly.
     Other exceptions, bugs, keep their traceback. The status stays 1."""
     if isinstance(error, BrokenPipeError):  # the rest of the table has nowhere to go
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())  # nor has what is left in stdout's buffer
-        os.close(devnull)
+        drop_unwritten_stdout()
     elif isinstance(error, OSError) and error.strerror and error.filename is not None:
         print(f"error: {error.filename}: {error.strerror}", file=sys.stderr)
     elif isinstance(error, ShituError):

@@ -86,6 +86,15 @@ def file_sha256(path: Path) -> str:
 _FOLDER_SYNC_UNSUPPORTED = {errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF}
 
 
+def drop_unwritten_stdout() -> None:
+    """Where stdout's reader is gone (`| head`), what is left in its buffer cannot be
+    written, and Python's flush at exit would print "Exception ignored ... OSError" after
+    the program's own words: it goes to devnull instead."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
 def fsync_dir(folder: Path) -> None:
     """Make a rename inside `folder` durable (POSIX needs the directory synced too).
 

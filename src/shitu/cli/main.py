@@ -35,6 +35,7 @@ from shitu.cli import (
 )
 from shitu.cli.common import expand_home_in_option_values, separate_overrides
 from shitu.errors import ShituError, did_you_mean, raised_message
+from shitu.fileio import drop_unwritten_stdout
 from shitu.runtime import keep_freed_memory
 
 SUBCOMMANDS = (
@@ -234,10 +235,10 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             sys.stdout.flush()  # a failed write is seen here, not at interpreter exit
     except BrokenPipeError:
-        _drop_unwritten_output()
+        drop_unwritten_stdout()
         return STDOUT_CLOSED_STATUS
     except OSError as exc:  # raised by the flush: `_run` turns its own into `error:` lines
-        _drop_unwritten_output()
+        drop_unwritten_stdout()
         if status != 2:  # a command that failed has said why (most often this very write)
             print(f"error: cannot write to stdout: {exc.strerror or exc}", file=sys.stderr)
         return 2
@@ -291,15 +292,6 @@ def _write_file_names_as_they_are() -> None:
     for, as `ls` writes the name and as Python itself does in the C locale."""
     if isinstance(sys.stdout, io.TextIOWrapper):  # not a StringIO a caller put there
         sys.stdout.reconfigure(errors="surrogateescape")
-
-
-def _drop_unwritten_output() -> None:
-    """What is left in stdout's buffer cannot be written, and Python's flush at exit would
-    print "Exception ignored ... OSError" after the command's own words: it goes to devnull
-    instead."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    os.close(devnull)
 
 
 def _run(argv: list[str] | None) -> int:
