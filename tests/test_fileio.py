@@ -67,6 +67,20 @@ def test_write_atomically_writes_where_a_link_points(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["best.bin", "disk", "loop.bin", "new.bin"]
 
 
+def test_unfinished_writes_are_looked_for_where_a_link_points(tmp_path):
+    """A run's `latest.pt` linked to another disk is staged there by `write_atomically`, so
+    a write killed outright leaves its temporary file there, not beside the link."""
+    (tmp_path / "disk").mkdir()
+    kept = tmp_path / "disk" / "checkpoint.pt"
+    link = tmp_path / "latest.pt"
+    link.symlink_to(kept)
+    killed = tmp_path / "disk" / ".checkpoint.pt.k1ll3d_x"
+    killed.write_bytes(b"half")
+    assert fileio.unfinished_writes(link) == [killed]
+    fileio.remove_unfinished_writes(tmp_path, ["latest.pt"])
+    assert not killed.exists() and link.is_symlink()
+
+
 def _folders_refuse_sync(monkeypatch, code):
     """os.fsync answering `code` for folders, as some network and FUSE filesystems do."""
     fsync = os.fsync

@@ -308,9 +308,11 @@ def unfinished_writes(path: Path) -> list[Path]:
     """The temporary files `write_atomically` left beside `path` where it was killed outright
     (SIGKILL, a power loss) while writing it: nothing else removes them, and that of a
     training checkpoint is as large as the checkpoint. Names as mkstemp makes them: the
-    prefix, then 8 characters of its alphabet."""
-    own = re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}")
-    candidates = path.parent.glob(f".{glob.escape(path.name)}.*")
+    prefix, then 8 characters of its alphabet. A link at `path` is followed, as
+    `write_atomically` stages the file where the link points."""
+    place = folder_place(path)
+    own = re.compile(rf"\.{re.escape(place.name)}\.[a-z0-9_]{{8}}")
+    candidates = place.parent.glob(f".{glob.escape(place.name)}.*")
     return sorted(candidate for candidate in candidates if own.fullmatch(candidate.name))
 
 
