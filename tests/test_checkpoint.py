@@ -202,6 +202,21 @@ def test_pdparams_mismatch_is_a_clear_error(tmp_path):
     assert "head.weight" in report.dropped
 
 
+def test_a_backbones_weights_given_for_the_whole_model_say_where_they_go(tmp_path):
+    """PaddleClas's ImageNet .pdparams (PPLCNetV2_base_pretrained) hold a backbone alone:
+    `shitu convert` of one listed every tensor as missing and unexpected and asked whether
+    the config matched. It says to give the file as the backbone's starting weights."""
+    model = make_model()
+    path = tmp_path / "PPLCNetV2_small_pretrained.pdparams"
+    to_pdparams(model.backbone, path)
+    with pytest.raises(CheckpointError, match=rf"backbone alone.*Arch.Backbone.pretrained={path}"):
+        load_weights(make_model(seed=1), path)
+    assert load_pretrained(make_model(seed=1).backbone, path).complete  # where it goes
+    to_pdparams(BACKBONES.build("ResNet18"), tmp_path / "resnet.pdparams")  # not this one's
+    with pytest.raises(CheckpointError, match=r"\(does the config match\?\)$"):
+        load_weights(make_model(), tmp_path / "resnet.pdparams")
+
+
 def test_pdparams_reader_refuses_code(tmp_path):
     class Evil:
         def __reduce__(self):

@@ -478,6 +478,12 @@ def _fit(
                 "(the file holds no classification head, as an export's weights do: leave "
                 "the head out, with --no-head or -o Arch.Head=null)"
             )
+        elif _a_backbone_alone(report, expected):
+            hint = (
+                "(the file holds a backbone alone, its tensors named without 'backbone.', as "
+                "ImageNet weights such as PaddleClas's PPLCNetV2_base_pretrained are: give it "
+                f"as the backbone's starting weights, -o Arch.Backbone.pretrained={source})"
+            )
         raise CheckpointError(f"{source} does not fit the model: {report.summary()} {hint}")
     model.load_state_dict(fitting, strict=False)
     return report
@@ -493,6 +499,14 @@ def _only_the_head_missing(report: LoadReport, state: dict[str, torch.Tensor]) -
         and not report.shape_mismatch
         and not any(name.startswith("head.") for name in state)
     )
+
+
+def _a_backbone_alone(report: LoadReport, expected: dict[str, torch.Tensor]) -> bool:
+    """Whether most tensors the model did not know are its backbone's, named without
+    `backbone.`: a classification network's weights, which initialise a backbone
+    (`Arch.Backbone.pretrained`), given for a whole recognition model."""
+    backbone_names = [name for name in report.unexpected if f"backbone.{name}" in expected]
+    return not report.loaded and len(backbone_names) > len(report.unexpected) / 2
 
 
 def model_metadata(model: nn.Module, arch: dict | None = None) -> dict[str, str]:
