@@ -14,7 +14,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from shitu.checkpoint.paddle import paddle_to_torch, read_pdparams
+from shitu.checkpoint.paddle import paddle_to_torch, read_pdparams, refuse_unmapped
 from shitu.config.schema import TRAINING_ONLY_ARCH
 from shitu.engine.state import training_state_kind
 from shitu.errors import CheckpointError
@@ -357,6 +357,7 @@ def state_for_model(
     if path.suffix.lower() == ".pdparams":
         if not path.is_file():  # a folder, or a name mistyped beside the right file
             raise CheckpointError(_no_weight_file(path))
+        refuse_unmapped(model, path)
         return (*paddle_to_torch(read_pdparams(path), model), {})
     state, metadata = read_weights(path)
     if metadata.get(REPARAMETERIZED) == "true":

@@ -79,6 +79,16 @@ def read_pdparams(path: str | Path) -> dict[str, np.ndarray]:
     return {name: _bfloat16_as_float32(array) for name, array in state.items()}
 
 
+def refuse_unmapped(model: nn.Module, path: Path) -> None:
+    """A CheckpointError where a module of `model` takes no `.pdparams` (its
+    `paddle_weights_unmapped` says why): the few tensors of another naming that would fit
+    by chance (a classifier) are no weights of it."""
+    for module in model.modules():
+        reason = getattr(module, "paddle_weights_unmapped", None)
+        if reason:
+            raise CheckpointError(f"{path}: {reason}")
+
+
 def _bfloat16_as_float32(array: np.ndarray) -> np.ndarray:
     """`array`, or the float32 values of a bfloat16 one. Paddle saves bfloat16, which numpy
     lacks, as its uint16 bit patterns (its only use of uint16): read as numbers they became
