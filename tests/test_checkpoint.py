@@ -58,14 +58,15 @@ def make_model(arch=ARCH, seed=0):
 
 
 def to_pdparams(model: torch.nn.Module, path, protocol: int = 4) -> dict:
-    """Write `model` the way Paddle would: renamed BN stats, transposed Linear/margin weights,
-    the unused fused conv of unfolded rep blocks, and Paddle's structure entry, pickled with
-    `protocol` (4 as `paddle.save` writes by default, 2 as Paddle 1.x's `save_dygraph`
-    wrote)."""
+    """Write `model` the way Paddle would: renamed BN stats and PReLU weights (`_weight`),
+    transposed Linear/margin weights, the unused fused conv of unfolded rep blocks and the
+    unused activation of the others, and Paddle's structure entry, pickled with `protocol`
+    (4 as `paddle.save` writes by default, 2 as Paddle 1.x's `save_dygraph` wrote)."""
     transposed = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     transposed |= {
         f"{n}.weight" for n, m in model.named_modules() if hasattr(m, "paddle_transposed_params")
     }
+    prelu = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.PReLU)}
     state = {}
     for name, tensor in model.state_dict().items():
         if name.endswith("num_batches_tracked"):
@@ -73,6 +74,8 @@ def to_pdparams(model: torch.nn.Module, path, protocol: int = 4) -> dict:
         array = tensor.numpy()
         if name in transposed:
             array = array.T.copy()
+        if name in prelu:
+            name = name.removesuffix("weight") + "_weight"
         name = name.replace("running_mean", "_mean").replace("running_var", "_variance")
         state[name] = array
     for name, module in model.named_modules():
@@ -80,6 +83,8 @@ def to_pdparams(model: torch.nn.Module, path, protocol: int = 4) -> dict:
             c, k = module.in_channels, module.dw_size
             state[f"{name}.dw_conv.weight"] = np.zeros((c, 1, k, k), np.float32)
             state[f"{name}.dw_conv.bias"] = np.zeros((c,), np.float32)
+        elif getattr(module, "use_rep", True) is False and prelu:  # built, used by no branch
+            state[f"{name}.act._weight"] = np.full((1,), 0.25, np.float32)
     state["StructuredToParameterName@@"] = {"a": "b"}
     with open(path, "wb") as handle:
         pickle.dump(state, handle, protocol=protocol)
@@ -147,6 +152,27 @@ def test_pdparams_import_maps_names_transposes_and_skips_unused(tmp_path, protoc
         ours, theirs = model(x), fresh(x)
     assert torch.equal(ours["features"], theirs["features"])
     assert torch.equal(ours["logits"], theirs["logits"])
+
+
+def test_pdparams_of_a_prelu_model_load_as_paddleclas_names_them(tmp_path):
+    """PaddleClas's PP-LCNetV2 with `act: prelu` names each PReLU's weight `_weight` and
+    builds one, unused, in every block without rep branches: its .pdparams did not fit
+    (27 missing, 32 not in model). They load now, and give the model's features (against
+    PaddleClas 2.6 itself: within 4e-6)."""
+    arch = {**ARCH, "Backbone": {**ARCH["Backbone"], "act": "prelu"}}
+    model = make_model(arch)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.PReLU):
+                module.weight.uniform_(0.05, 0.5)
+    state = to_pdparams(model, tmp_path / "prelu.pdparams")
+    assert "backbone.stem.1.act._weight" in state  # a block without branches
+    fresh = make_model(arch, seed=1)
+    report = load_weights(fresh, tmp_path / "prelu.pdparams")
+    assert "backbone.stem.1.act._weight" in report.dropped
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(model(x)["features"], fresh(x)["features"])
 
 
 def test_pdparams_of_bfloat16_weights_load_as_their_values(tmp_path):

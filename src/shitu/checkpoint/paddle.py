@@ -9,7 +9,9 @@ torch's weights-only loader allows it for the same reason).
 Mapping rules, from how Paddle names and lays out tensors:
 - BatchNorm running statistics are `_mean` / `_variance` (torch: running_mean / running_var);
 - Linear weights are [in, out] (torch: [out, in]), as are the class weights of margin heads;
-- a re-parameterisable block that has not been folded also stores an unused fused conv;
+- a re-parameterisable block that has not been folded also stores an unused fused conv,
+  and one without branches an unused activation (a PReLU's weight);
+- a PReLU's weight is `_weight`;
 - bfloat16 tensors (of a bf16 AMP O2 run) are stored as their uint16 bit patterns, read
   here as float32.
 """
@@ -118,13 +120,23 @@ def _transposed_names(model: nn.Module) -> set[str]:
     return names
 
 
-def _unused_fused_convs(model: nn.Module) -> set[str]:
-    """Paddle keeps a fused conv beside unfolded rep branches; it carries no information."""
+def _unused_paddle_tensors(model: nn.Module) -> set[str]:
+    """Paddle names of tensors PaddleClas's modules hold and use for nothing (a module's
+    `paddle_unused_params`: the fused conv beside unfolded rep branches, say)."""
     names: set[str] = set()
     for prefix, module in model.named_modules():
-        if getattr(module, "use_rep", False) and not getattr(module, "is_repped", True):
-            names.update({f"{prefix}.dw_conv.weight", f"{prefix}.dw_conv.bias"})
+        dot = f"{prefix}." if prefix else ""
+        names.update(f"{dot}{param}" for param in getattr(module, "paddle_unused_params", ()))
     return names
+
+
+def _prelu_weights(model: nn.Module) -> dict[str, str]:
+    """Paddle name -> torch name of each PReLU's weight, which Paddle calls `_weight`."""
+    return {
+        f"{prefix}._weight": f"{prefix}.weight"
+        for prefix, module in model.named_modules()
+        if isinstance(module, nn.PReLU)
+    }
 
 
 def paddle_to_torch(
@@ -137,14 +149,15 @@ def paddle_to_torch(
     know are kept under their mapped name, so the caller can report them.
     """
     transposed = _transposed_names(model)
-    ignorable = _unused_fused_convs(model)
+    ignorable = _unused_paddle_tensors(model)
+    prelu_weights = _prelu_weights(model)
     state: dict[str, torch.Tensor] = {}
     dropped: list[str] = []
     for paddle_name, array in paddle_state.items():
-        name = _torch_name(paddle_name)
-        if name in ignorable:
+        if paddle_name in ignorable:
             dropped.append(paddle_name)
             continue
+        name = prelu_weights.get(paddle_name) or _torch_name(paddle_name)
         tensor = torch.from_numpy(np.ascontiguousarray(array))
         if name in transposed and tensor.ndim == 2:
             tensor = tensor.t().contiguous()
