@@ -30,7 +30,7 @@ from shitu.config import load_config
 from shitu.config.schema import ArchConfig
 from shitu.detection import build_picodet
 from shitu.detection.export import export_onnx
-from shitu.detection.weights import save_detector
+from shitu.detection.weights import paddle_key, save_detector
 from shitu.engine.state import Progress, load_training_state, save_training_state
 from shitu.errors import CheckpointError
 from shitu.models import build_model
@@ -373,6 +373,27 @@ def test_detector_training_checkpoint_is_not_recognition_weights(tmp_path):
     assert result.returncode == 2, result.stdout
     assert "is a detector training checkpoint (for `shitu detect-train --resume`)" in result.stderr
     assert not out.exists()
+
+
+def test_a_paddledetection_picodet_pdparams_is_not_recognition_weights(tmp_path):
+    """PaddleDetection's PicoDet .pdparams given as a recogniser's weights (`shitu convert`,
+    --weights, pretrained) was listed tensor by tensor, asking whether the config matched."""
+    detector = build_picodet("picodet_s_esnet", num_classes=3, input_size=64)
+    path = tmp_path / "picodet_s_416_coco.pdparams"
+    with path.open("wb") as handle:
+        pickle.dump(
+            {
+                paddle_key(key, detector.arch): value.numpy()
+                for key, value in detector.state_dict().items()
+                if not key.endswith("num_batches_tracked")
+            },
+            handle,
+        )
+    refused = r"holds a PaddleDetection PicoDet detector, not the weights of a recognition model"
+    with pytest.raises(CheckpointError, match=refused):
+        load_weights(make_model(), path)
+    with pytest.raises(CheckpointError, match=refused):
+        load_pretrained(make_model().backbone, path)
 
 
 def test_info_no_head_loads_a_checkpoint_with_a_head(tmp_path):

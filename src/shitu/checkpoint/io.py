@@ -36,6 +36,9 @@ ARCH = "shitu.arch"  # the Arch config that built the weights, as JSON
 # The "format" entry of shitu.detection's checkpoints starts with this (defined here, below
 # it, so that recognition loading can refuse them without importing detection).
 DETECTOR_FORMAT_PREFIX = "shitu-picodet"
+# Where the tensors of a PaddleDetection PicoDet's head are named, in its .pdparams (of the
+# PicoHead and PicoHeadV2 alike): such a file holds a detector, which no recogniser is.
+PADDLE_PICODET_HEAD = "head.conv_feat."
 
 logger = logging.getLogger(__name__)
 
@@ -358,7 +361,13 @@ def state_for_model(
         if not path.is_file():  # a folder, or a name mistyped beside the right file
             raise CheckpointError(_no_weight_file(path))
         refuse_unmapped(model, path)
-        return (*paddle_to_torch(read_pdparams(path), model), {})
+        paddle_state = read_pdparams(path)
+        if any(name.startswith(PADDLE_PICODET_HEAD) for name in paddle_state):
+            raise CheckpointError(
+                f"{path} holds a PaddleDetection PicoDet detector, not the weights of a "
+                "recognition model (`shitu detect --model` takes it, with --arch)"
+            )
+        return (*paddle_to_torch(paddle_state, model), {})
     state, metadata = read_weights(path)
     if metadata.get(REPARAMETERIZED) == "true":
         reparameterize(model)
