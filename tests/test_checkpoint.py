@@ -293,6 +293,27 @@ def test_an_empty_or_foreign_torch_file_is_named_as_what_it_is(tmp_path):
     )
 
 
+def test_a_pickle_torch_cannot_read_is_named_without_torchs_advice_to_run_it(tmp_path):
+    """A .pdparams named .pth, or a state dict pickled by pickle.dump (protocol 4), got
+    torch's refusal, which advises re-running torch.load with weights_only=False: loading
+    the file as code, which shitu never does. Each says what the file is and what to do."""
+    renamed = tmp_path / "PPLCNetV2_small_pretrained.pth"
+    to_pdparams(make_model(), renamed)
+    with pytest.raises(CheckpointError) as refused:
+        load_weights(make_model(), renamed)
+    assert str(refused.value) == (
+        f"{renamed} is no torch checkpoint but a pickle of numpy arrays, as PaddlePaddle's "
+        ".pdparams are: name it PPLCNetV2_small_pretrained.pdparams"
+    )
+    pickled = tmp_path / "state.pt"
+    pickled.write_bytes(pickle.dumps(dict(make_model().state_dict()), protocol=4))
+    with pytest.raises(CheckpointError) as refused:
+        load_weights(make_model(), pickled)
+    message = str(refused.value)
+    assert message.startswith(f"{pickled} is not a readable torch checkpoint: a pickle")
+    assert "weights_only" not in message and "\n" not in message
+
+
 def test_a_url_given_for_weights_is_named_as_one():
     """PaddleClas downloads a URL given as Global.pretrained_model; shitu looked for it as
     a local file: "weight file not found: https:/host/..." (one slash lost), relative to the

@@ -248,16 +248,28 @@ def _torch_load_failure(path: Path, error: Exception) -> str:
     objects (a whole model, `torch.save(model, ...)`), torch's message runs to pages with
     terminal colours and advises loading it as code, which shitu never does: say which
     object it holds and what to save instead."""
+    if path.stat().st_size == 0:  # torch's EOFError says nothing
+        return f"{path} is empty (0 bytes), not a torch checkpoint (a save that never finished?)"
+    if _reads_as_pdparams(path):
+        return (
+            f"{path} is no torch checkpoint but a pickle of numpy arrays, as PaddlePaddle's "
+            f".pdparams are: name it {path.with_suffix('.pdparams').name}"
+        )
     found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
     if found is None:
-        if path.stat().st_size == 0:  # torch's EOFError says nothing
-            return (
-                f"{path} is empty (0 bytes), not a torch checkpoint (a save that never finished?)"
-            )
         if isinstance(error, EOFError | KeyError):  # an unpickler's, naming no problem ("101")
             return (
                 f"{path} is not a readable torch checkpoint: cut short, or not a torch file "
                 "(neither a torch.save zip archive nor a legacy pickle)"
+            )
+        # Of a pickle that torch.save did not write (pickle.dump's protocol 4, "Unsupported
+        # operand 149"): torch's own words advise loading it as code, which shitu never does.
+        refused = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|$)", str(error), re.S)
+        if refused is not None:
+            return (
+                f"{path} is not a readable torch checkpoint: a pickle torch.save did not "
+                f"write ({refused.group(1)}); save the weights with "
+                "torch.save(model.state_dict(), PATH)"
             )
         return f"{path} is not a readable torch checkpoint: {error}"
     return (
@@ -265,6 +277,15 @@ def _torch_load_failure(path: Path, error: Exception) -> str:
         "never runs a file's code to read it; save the weights alone: "
         "torch.save(model.state_dict(), PATH)"
     )
+
+
+def _reads_as_pdparams(path: Path) -> bool:
+    """Whether `path`, which torch cannot read, reads as a .pdparams (numpy arrays only)."""
+    try:
+        read_pdparams(path)
+    except CheckpointError:
+        return False
+    return True
 
 
 # Settings of the margin heads (ArcMargin, CosMargin, CircleMargin) that shape only their
