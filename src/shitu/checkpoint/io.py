@@ -512,8 +512,9 @@ def _fit(
         elif _a_backbone_alone(report, expected):
             hint = (
                 "(the file holds a backbone alone, its tensors named without 'backbone.', as "
-                "ImageNet weights such as PaddleClas's PPLCNetV2_base_pretrained are: give it "
-                f"as the backbone's starting weights, -o Arch.Backbone.pretrained={source})"
+                "ImageNet weights such as PaddleClas's PPLCNetV2_base_pretrained are: a "
+                "backbone's starting weights, which training takes as "
+                f"-o Arch.Backbone.pretrained={source})"
             )
         raise CheckpointError(f"{source} does not fit the model: {report.summary()} {hint}")
     model.load_state_dict(fitting, strict=False)
