@@ -175,6 +175,26 @@ def test_pdparams_of_a_prelu_model_load_as_paddleclas_names_them(tmp_path):
         assert torch.allclose(model(x)["features"], fresh(x)["features"])
 
 
+def test_a_whole_models_pdparams_as_the_backbones_pretrained_maps_as_the_whole_models(tmp_path):
+    """PP-ShiTuV2's .pdparams given as Arch.Backbone.pretrained: its names were mapped by
+    the backbone's own (`stem.0.`, not `backbone.stem.0.`), so the rules keyed by names
+    missed: PReLU weights were left at their initial value (logged only), and the unused
+    fused convs were reported as tensors the backbone lacks."""
+    arch = {**ARCH, "Backbone": {**ARCH["Backbone"], "act": "prelu"}}
+    model = make_model(arch)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.PReLU):
+                module.weight.uniform_(0.05, 0.5)
+    to_pdparams(model, tmp_path / "general_PPLCNetV2_small.pdparams")
+    backbone = make_model(arch, seed=1).backbone
+    report = load_pretrained(backbone, tmp_path / "general_PPLCNetV2_small.pdparams")
+    assert report.complete, report.summary()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(model.backbone(x), backbone(x))
+
+
 def test_pdparams_of_bfloat16_weights_load_as_their_values(tmp_path):
     """Paddle saves bfloat16 as uint16 bit patterns, as a bf16 AMP O2 run's weights are:
     they loaded as numbers (weights near 16,000), a model giving nonsense without an error."""

@@ -19,6 +19,7 @@ Mapping rules, from how Paddle names and lays out tensors:
 from __future__ import annotations
 
 import pickle
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -108,11 +109,21 @@ def _torch_name(paddle_name: str) -> str:
     return paddle_name
 
 
+def _module_prefixes(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Each module of `model` with the prefix of its tensors' names (`stem.0.`), as a file
+    of `model` names them and as one of a whole recognition model given for `model` as its
+    backbone (`Arch.Backbone.pretrained`) does, which `load_pretrained` takes `backbone.`
+    off once they are mapped: the rules, keyed by names, apply to both."""
+    for name, module in model.named_modules():
+        own = f"{name}." if name else ""
+        yield own, module
+        yield f"backbone.{own}", module
+
+
 def _transposed_names(model: nn.Module) -> set[str]:
     """Names of parameters that Paddle stores transposed relative to torch."""
     names: set[str] = set()
-    for prefix, module in model.named_modules():
-        dot = f"{prefix}." if prefix else ""
+    for dot, module in _module_prefixes(model):
         if isinstance(module, nn.Linear):
             names.add(f"{dot}weight")
         for param in getattr(module, "paddle_transposed_params", ()):
@@ -124,8 +135,7 @@ def _unused_paddle_tensors(model: nn.Module) -> set[str]:
     """Paddle names of tensors PaddleClas's modules hold and use for nothing (a module's
     `paddle_unused_params`: the fused conv beside unfolded rep branches, say)."""
     names: set[str] = set()
-    for prefix, module in model.named_modules():
-        dot = f"{prefix}." if prefix else ""
+    for dot, module in _module_prefixes(model):
         names.update(f"{dot}{param}" for param in getattr(module, "paddle_unused_params", ()))
     return names
 
@@ -133,8 +143,8 @@ def _unused_paddle_tensors(model: nn.Module) -> set[str]:
 def _prelu_weights(model: nn.Module) -> dict[str, str]:
     """Paddle name -> torch name of each PReLU's weight, which Paddle calls `_weight`."""
     return {
-        f"{prefix}._weight": f"{prefix}.weight"
-        for prefix, module in model.named_modules()
+        f"{dot}_weight": f"{dot}weight"
+        for dot, module in _module_prefixes(model)
         if isinstance(module, nn.PReLU)
     }
 
