@@ -334,6 +334,22 @@ def test_a_pickle_torch_cannot_read_is_named_without_torchs_advice_to_run_it(tmp
     assert "weights_only" not in message and "\n" not in message
 
 
+def test_a_paddle_inference_models_file_given_as_weights_says_what_to_give(tmp_path):
+    """PP-ShiTuV2 is downloaded as an inference model: `shitu convert inference.pdiparams`
+    said only that the suffix is none of the supported ones (its folder was named as a
+    Paddle inference model already)."""
+    folder = tmp_path / "general_PPLCNetV2_base_pretrained_v1.0_infer"
+    folder.mkdir()
+    for name in ("inference.pdmodel", "inference.pdiparams"):
+        (folder / name).write_bytes(b"\0")
+        with pytest.raises(CheckpointError) as refused:
+            load_weights(make_model(), folder / name)
+        assert str(refused.value).endswith(
+            "(a file of a Paddle inference model, whose weights shitu does not read: give the "
+            "PaddleClas weights (.pdparams) it was exported from)"
+        )
+
+
 def test_a_url_given_for_weights_is_named_as_one():
     """PaddleClas downloads a URL given as Global.pretrained_model; shitu looked for it as
     a local file: "weight file not found: https:/host/..." (one slash lost), relative to the

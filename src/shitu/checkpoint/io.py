@@ -186,10 +186,18 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
 
 def _weights_beside(path: Path) -> str:
     """Where the weights are of a file that holds none: the .pdparams beside what PaddleClas
-    saves with it (optimizer, training or EMA state), or the torch weights of the export
-    whose ONNX model (or manifest) was given, as `shitu export`'s `model.onnx` often is."""
-    from shitu.inference.manifest import MANIFEST, weight_file_in
+    saves with it (optimizer, training or EMA state), the torch weights of the export
+    whose ONNX model (or manifest) was given, as `shitu export`'s `model.onnx` often is, or
+    the .pdparams a Paddle inference model (PP-ShiTuV2's download) was exported from."""
+    from shitu.inference.manifest import (
+        MANIFEST,
+        PADDLE_INFERENCE_SUFFIXES,
+        PADDLE_INFERENCE_UNREAD,
+        weight_file_in,
+    )
 
+    if path.suffix.lower() in PADDLE_INFERENCE_SUFFIXES:
+        return f" (a file of a Paddle inference model, {PADDLE_INFERENCE_UNREAD})"
     weights = path.with_suffix(".pdparams")
     if weights.is_file():
         return f" ({weights} holds the weights)"
