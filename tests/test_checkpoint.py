@@ -263,6 +263,24 @@ def test_a_backbones_weights_given_for_the_whole_model_say_where_they_go(tmp_pat
         load_weights(make_model(), tmp_path / "resnet.pdparams")
 
 
+def test_a_file_whose_head_scores_other_classes_names_its_class_count(tmp_path):
+    """A PaddleClas run on its own classes converted with the recipe (192,612 classes) was
+    asked whether the config matched: it does, but for the class count, which is said."""
+    to_pdparams(make_model(), tmp_path / "m.pdparams")
+    other = {**ARCH, "Head": {"name": "ArcMargin", "embedding_size": 64, "class_num": 9}}
+    with pytest.raises(CheckpointError) as refused:
+        load_weights(make_model(other), tmp_path / "m.pdparams")
+    assert str(refused.value).endswith(
+        "(only the classifier differs: the file's scores 7 classes; features need none, so "
+        "leave the head out with --no-head or -o Arch.Head=null, or build it as the file's, "
+        "-o Arch.Head.class_num=7)"
+    )
+    wider = {**ARCH, "Head": {"name": "ArcMargin", "embedding_size": 32, "class_num": 7}}
+    wider["Neck"] = {"name": "FC", "embedding_size": 64, "class_num": 32}
+    with pytest.raises(CheckpointError, match=r"\(does the config match\?\)$"):  # not classes
+        load_weights(make_model(wider), tmp_path / "m.pdparams")
+
+
 def test_pdparams_reader_refuses_code(tmp_path):
     class Evil:
         def __reduce__(self):

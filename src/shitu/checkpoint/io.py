@@ -517,6 +517,12 @@ def _fit(
                 "(the file holds no classification head, as an export's weights do: leave "
                 "the head out, with --no-head or -o Arch.Head=null)"
             )
+        elif classes := _only_the_class_count_differs(report, state, expected, mismatched):
+            hint = (
+                f"(only the classifier differs: the file's scores {classes} classes; "
+                "features need none, so leave the head out with --no-head or "
+                f"-o Arch.Head=null, or build it as the file's, -o Arch.Head.class_num={classes})"
+            )
         elif _a_backbone_alone(report, expected):
             hint = (
                 "(the file holds a backbone alone, its tensors named without 'backbone.', as "
@@ -539,6 +545,26 @@ def _only_the_head_missing(report: LoadReport, state: dict[str, torch.Tensor]) -
         and not report.shape_mismatch
         and not any(name.startswith("head.") for name in state)
     )
+
+
+def _only_the_class_count_differs(
+    report: LoadReport,
+    state: dict[str, torch.Tensor],
+    expected: dict[str, torch.Tensor],
+    mismatched: set[str],
+) -> int | None:
+    """The file's class count where its tensors fit but for the head's class count (a
+    PaddleClas run's on its own classes, converted with the recipe's 192,612), else None:
+    each misshapen tensor is the head's, and differs in its first size (classes) alone."""
+    if report.missing or report.unexpected or not mismatched:
+        return None
+    if not all(
+        name.startswith("head.") and state[name].shape[1:] == expected[name].shape[1:]
+        for name in mismatched
+    ):
+        return None
+    counts = {state[name].shape[0] for name in mismatched}
+    return counts.pop() if len(counts) == 1 else None
 
 
 def _a_backbone_alone(report: LoadReport, expected: dict[str, torch.Tensor]) -> bool:
