@@ -41,6 +41,8 @@ DETECTOR_FORMAT_PREFIX = "shitu-picodet"
 PADDLE_PICODET_HEAD = "head.conv_feat."
 
 logger = logging.getLogger(__name__)
+# The hint where a file that does not fit tells no more about why.
+CHECK_THE_CONFIG = "(does the config match?)"
 
 
 @dataclass
@@ -407,7 +409,7 @@ def fit_hint(metadata: dict[str, str], arch: dict[str, Any] | None) -> str:
     """What to add where a file does not fit the model built from `arch` (the Arch config
     as JSON data, only its sections compared): the settings that differ from those the
     file records it was built with, where it records them, else to check the config."""
-    check = "(does the config match?)"
+    check = CHECK_THE_CONFIG
     if arch is None or ARCH not in metadata:
         return check
     try:
@@ -490,7 +492,7 @@ def _fit(
     dropped: list[str],
     strict: bool,
     source: str,
-    hint: str = "(does the config match?)",
+    hint: str = CHECK_THE_CONFIG,
 ) -> LoadReport:
     expected = model.state_dict()
     report = LoadReport(dropped=dropped)
@@ -517,7 +519,9 @@ def _fit(
                 "(the file holds no classification head, as an export's weights do: leave "
                 "the head out, with --no-head or -o Arch.Head=null)"
             )
-        elif classes := _only_the_class_count_differs(report, state, expected, mismatched):
+        elif hint == CHECK_THE_CONFIG and (
+            classes := _only_the_class_count_differs(report, state, expected, mismatched)
+        ):  # a file that records its Arch settings names the one that differs
             hint = (
                 f"(only the classifier differs: the file's scores {classes} classes; "
                 "features need none, so leave the head out with --no-head or "
