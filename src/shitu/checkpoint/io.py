@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -146,7 +147,11 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
             raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from None
     if path.suffix.lower() in TORCH_SUFFIXES:
         try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():
+                # of a pickle torch.save did not write (pickle.dump's), a Python warning with
+                # torch's source line, before the line that names the file
+                warnings.filterwarnings("ignore", message="Detected pickle protocol")
+                data = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises many types for corrupt files
             raise CheckpointError(_torch_load_failure(path, exc)) from None
         metadata = {}
