@@ -27,6 +27,7 @@ from shitu.checkpoint import (
     read_weights,
     save_weights,
 )
+from shitu.checkpoint.io import fit_hint
 from shitu.config import load_config
 from shitu.config.schema import ArchConfig
 from shitu.detection import build_picodet
@@ -1184,6 +1185,17 @@ def test_weights_that_do_not_fit_name_the_arch_settings_that_differ(tmp_path, ca
     err = capsys.readouterr().err
     assert "(the config's Arch settings differ from the file's: " in err
     assert "Arch.Head.class_num 9 (the file's 7))" in err
+
+
+def test_weights_of_another_backbone_name_it_among_the_settings_that_differ():
+    """Of the settings that differ, the first three are named, in key order: those of the
+    backbone beside its name (class_expand, class_num, dropout_prob) left the name out."""
+    model = make_model()
+    recorded = ArchConfig.model_validate(ARCH).model_dump(mode="json")
+    lite = {"name": "EfficientNetLite0", "class_num": 64, "dropout_prob": 0.1}
+    arch = {**ARCH, "Backbone": lite, "BackboneStopLayer": {"name": "fc"}}
+    hint = fit_hint(model_metadata(model, recorded), arch)
+    assert "Arch.Backbone.name 'EfficientNetLite0' (the file's 'PPLCNetV2_small_ShiTu')" in hint
 
 
 def test_resuming_a_run_folder_without_its_checkpoint_names_the_weights_to_start_from(tmp_path):

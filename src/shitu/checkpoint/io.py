@@ -427,6 +427,9 @@ def fit_hint(metadata: dict[str, str], arch: dict[str, Any] | None) -> str:
     differences = setting_differences({k: built.get(k) for k in given}, given, "Arch", "the file's")
     if not differences:
         return check
+    # Another component (Arch.Backbone.name) first: the settings beside it, shown before it
+    # in key order, are its consequences, and the first three may be all of them.
+    differences.sort(key=lambda difference: not difference.split(" ")[0].endswith(".name"))
     return f"(the config's Arch settings differ from the file's: {'; '.join(differences[:3])})"
 
 
