@@ -283,6 +283,18 @@ def test_a_file_whose_head_scores_other_classes_names_its_class_count(tmp_path):
         load_weights(make_model(wider), tmp_path / "m.pdparams")
 
 
+def test_tensors_that_do_not_fit_are_named_by_weights_before_batch_norm_counters(tmp_path):
+    """safetensors files list int64 tensors first: the examples of those not in the model
+    were batch norms' num_batches_tracked, which say least about what the file holds."""
+    path = save_weights(make_model().state_dict(), tmp_path / "m.safetensors")
+    lite = {"name": "EfficientNetLite0", "class_num": 64}
+    other = {**ARCH, "Backbone": lite, "BackboneStopLayer": {"name": "fc"}}
+    with pytest.raises(CheckpointError) as refused:
+        load_weights(make_model(other), path)
+    examples = re.search(r"not in model \(e\.g\. ([^)]+)\)", str(refused.value)).group(1)
+    assert "num_batches_tracked" not in examples, examples
+
+
 def test_pdparams_reader_refuses_code(tmp_path):
     class Evil:
         def __reduce__(self):

@@ -70,7 +70,10 @@ class LoadReport:
             ("shape mismatch", self.shape_mismatch),
         ):
             if names:
-                text += f"; {len(names)} {label} (e.g. {', '.join(names[:3])})"
+                # A batch norm's counter says less than its weights: safetensors files
+                # list them first (int64 before float), as every example there was.
+                shown = sorted(names, key=lambda name: name.endswith("num_batches_tracked"))
+                text += f"; {len(names)} {label} (e.g. {', '.join(shown[:3])})"
         return text
 
 
