@@ -10,6 +10,7 @@ import pickle
 import re
 import shutil
 import signal
+import warnings
 
 import numpy as np
 import pytest
@@ -26,11 +27,12 @@ from shitu.checkpoint import (
     read_weights,
     save_weights,
 )
+from shitu.checkpoint.io import fit_hint
 from shitu.config import load_config
 from shitu.config.schema import ArchConfig
 from shitu.detection import build_picodet
 from shitu.detection.export import export_onnx
-from shitu.detection.weights import save_detector
+from shitu.detection.weights import paddle_key, save_detector
 from shitu.engine.state import Progress, load_training_state, save_training_state
 from shitu.errors import CheckpointError
 from shitu.models import build_model
@@ -58,14 +60,15 @@ def make_model(arch=ARCH, seed=0):
 
 
 def to_pdparams(model: torch.nn.Module, path, protocol: int = 4) -> dict:
-    """Write `model` the way Paddle would: renamed BN stats, transposed Linear/margin weights,
-    the unused fused conv of unfolded rep blocks, and Paddle's structure entry, pickled with
-    `protocol` (4 as `paddle.save` writes by default, 2 as Paddle 1.x's `save_dygraph`
-    wrote)."""
+    """Write `model` the way Paddle would: renamed BN stats and PReLU weights (`_weight`),
+    transposed Linear/margin weights, the unused fused conv of unfolded rep blocks and the
+    unused activation of the others, and Paddle's structure entry, pickled with `protocol`
+    (4 as `paddle.save` writes by default, 2 as Paddle 1.x's `save_dygraph` wrote)."""
     transposed = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     transposed |= {
         f"{n}.weight" for n, m in model.named_modules() if hasattr(m, "paddle_transposed_params")
     }
+    prelu = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.PReLU)}
     state = {}
     for name, tensor in model.state_dict().items():
         if name.endswith("num_batches_tracked"):
@@ -73,6 +76,8 @@ def to_pdparams(model: torch.nn.Module, path, protocol: int = 4) -> dict:
         array = tensor.numpy()
         if name in transposed:
             array = array.T.copy()
+        if name in prelu:
+            name = name.removesuffix("weight") + "_weight"
         name = name.replace("running_mean", "_mean").replace("running_var", "_variance")
         state[name] = array
     for name, module in model.named_modules():
@@ -80,6 +85,8 @@ def to_pdparams(model: torch.nn.Module, path, protocol: int = 4) -> dict:
             c, k = module.in_channels, module.dw_size
             state[f"{name}.dw_conv.weight"] = np.zeros((c, 1, k, k), np.float32)
             state[f"{name}.dw_conv.bias"] = np.zeros((c,), np.float32)
+        elif getattr(module, "use_rep", True) is False and prelu:  # built, used by no branch
+            state[f"{name}.act._weight"] = np.full((1,), 0.25, np.float32)
     state["StructuredToParameterName@@"] = {"a": "b"}
     with open(path, "wb") as handle:
         pickle.dump(state, handle, protocol=protocol)
@@ -149,6 +156,47 @@ def test_pdparams_import_maps_names_transposes_and_skips_unused(tmp_path, protoc
     assert torch.equal(ours["logits"], theirs["logits"])
 
 
+def test_pdparams_of_a_prelu_model_load_as_paddleclas_names_them(tmp_path):
+    """PaddleClas's PP-LCNetV2 with `act: prelu` names each PReLU's weight `_weight` and
+    builds one, unused, in every block without rep branches: its .pdparams did not fit
+    (27 missing, 32 not in model). They load now, and give the model's features (against
+    PaddleClas 2.6 itself: within 4e-6)."""
+    arch = {**ARCH, "Backbone": {**ARCH["Backbone"], "act": "prelu"}}
+    model = make_model(arch)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.PReLU):
+                module.weight.uniform_(0.05, 0.5)
+    state = to_pdparams(model, tmp_path / "prelu.pdparams")
+    assert "backbone.stem.1.act._weight" in state  # a block without branches
+    fresh = make_model(arch, seed=1)
+    report = load_weights(fresh, tmp_path / "prelu.pdparams")
+    assert "backbone.stem.1.act._weight" in report.dropped
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(model(x)["features"], fresh(x)["features"])
+
+
+def test_a_whole_models_pdparams_as_the_backbones_pretrained_maps_as_the_whole_models(tmp_path):
+    """PP-ShiTuV2's .pdparams given as Arch.Backbone.pretrained: its names were mapped by
+    the backbone's own (`stem.0.`, not `backbone.stem.0.`), so the rules keyed by names
+    missed: PReLU weights were left at their initial value (logged only), and the unused
+    fused convs were reported as tensors the backbone lacks."""
+    arch = {**ARCH, "Backbone": {**ARCH["Backbone"], "act": "prelu"}}
+    model = make_model(arch)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.PReLU):
+                module.weight.uniform_(0.05, 0.5)
+    to_pdparams(model, tmp_path / "general_PPLCNetV2_small.pdparams")
+    backbone = make_model(arch, seed=1).backbone
+    report = load_pretrained(backbone, tmp_path / "general_PPLCNetV2_small.pdparams")
+    assert report.complete, report.summary()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(model.backbone(x), backbone(x))
+
+
 def test_pdparams_of_bfloat16_weights_load_as_their_values(tmp_path):
     """Paddle saves bfloat16 as uint16 bit patterns, as a bf16 AMP O2 run's weights are:
     they loaded as numbers (weights near 16,000), a model giving nonsense without an error."""
@@ -202,6 +250,51 @@ def test_pdparams_mismatch_is_a_clear_error(tmp_path):
     assert "head.weight" in report.dropped
 
 
+def test_a_backbones_weights_given_for_the_whole_model_say_where_they_go(tmp_path):
+    """PaddleClas's ImageNet .pdparams (PPLCNetV2_base_pretrained) hold a backbone alone:
+    `shitu convert` of one listed every tensor as missing and unexpected and asked whether
+    the config matched. It says to give the file as the backbone's starting weights."""
+    model = make_model()
+    path = tmp_path / "PPLCNetV2_small_pretrained.pdparams"
+    to_pdparams(model.backbone, path)
+    with pytest.raises(CheckpointError, match=rf"backbone alone.*Arch.Backbone.pretrained={path}"):
+        load_weights(make_model(seed=1), path)
+    assert load_pretrained(make_model(seed=1).backbone, path).complete  # where it goes
+    to_pdparams(BACKBONES.build("ResNet18"), tmp_path / "resnet.pdparams")  # not this one's
+    with pytest.raises(CheckpointError, match=r"\(does the config match\?\)$"):
+        load_weights(make_model(), tmp_path / "resnet.pdparams")
+
+
+def test_a_file_whose_head_scores_other_classes_names_its_class_count(tmp_path):
+    """A PaddleClas run on its own classes converted with the recipe (192,612 classes) was
+    asked whether the config matched: it does, but for the class count, which is said."""
+    to_pdparams(make_model(), tmp_path / "m.pdparams")
+    other = {**ARCH, "Head": {"name": "ArcMargin", "embedding_size": 64, "class_num": 9}}
+    with pytest.raises(CheckpointError) as refused:
+        load_weights(make_model(other), tmp_path / "m.pdparams")
+    assert str(refused.value).endswith(
+        "(only the classifier differs: the file's scores 7 classes; features need none, so "
+        "leave the head out with --no-head or -o Arch.Head=null, or build it as the file's, "
+        "-o Arch.Head.class_num=7)"
+    )
+    wider = {**ARCH, "Head": {"name": "ArcMargin", "embedding_size": 32, "class_num": 7}}
+    wider["Neck"] = {"name": "FC", "embedding_size": 64, "class_num": 32}
+    with pytest.raises(CheckpointError, match=r"\(does the config match\?\)$"):  # not classes
+        load_weights(make_model(wider), tmp_path / "m.pdparams")
+
+
+def test_tensors_that_do_not_fit_are_named_by_weights_before_batch_norm_counters(tmp_path):
+    """safetensors files list int64 tensors first: the examples of those not in the model
+    were batch norms' num_batches_tracked, which say least about what the file holds."""
+    path = save_weights(make_model().state_dict(), tmp_path / "m.safetensors")
+    lite = {"name": "EfficientNetLite0", "class_num": 64}
+    other = {**ARCH, "Backbone": lite, "BackboneStopLayer": {"name": "fc"}}
+    with pytest.raises(CheckpointError) as refused:
+        load_weights(make_model(other), path)
+    examples = re.search(r"not in model \(e\.g\. ([^)]+)\)", str(refused.value)).group(1)
+    assert "num_batches_tracked" not in examples, examples
+
+
 def test_pdparams_reader_refuses_code(tmp_path):
     class Evil:
         def __reduce__(self):
@@ -250,6 +343,45 @@ def test_an_empty_or_foreign_torch_file_is_named_as_what_it_is(tmp_path):
         f"{foreign} is not a readable torch checkpoint: cut short, or not a torch file "
         "(neither a torch.save zip archive nor a legacy pickle)"
     )
+
+
+def test_a_pickle_torch_cannot_read_is_named_without_torchs_advice_to_run_it(tmp_path):
+    """A .pdparams named .pth, or a state dict pickled by pickle.dump (protocol 4), got
+    torch's refusal, which advises re-running torch.load with weights_only=False: loading
+    the file as code, which shitu never does. Each says what the file is and what to do."""
+    renamed = tmp_path / "PPLCNetV2_small_pretrained.pth"
+    to_pdparams(make_model(), renamed)
+    with pytest.raises(CheckpointError) as refused:
+        load_weights(make_model(), renamed)
+    assert str(refused.value) == (
+        f"{renamed} is no torch checkpoint but a pickle of numpy arrays, as PaddlePaddle's "
+        ".pdparams are: name it PPLCNetV2_small_pretrained.pdparams"
+    )
+    pickled = tmp_path / "state.pt"
+    pickled.write_bytes(pickle.dumps(dict(make_model().state_dict()), protocol=4))
+    with pytest.raises(CheckpointError) as refused, warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        load_weights(make_model(), pickled)
+    assert not seen, seen[0].message  # torch's on the pickle protocol, with its source line
+    message = str(refused.value)
+    assert message.startswith(f"{pickled} is not a readable torch checkpoint: a pickle")
+    assert "weights_only" not in message and "\n" not in message
+
+
+def test_a_paddle_inference_models_file_given_as_weights_says_what_to_give(tmp_path):
+    """PP-ShiTuV2 is downloaded as an inference model: `shitu convert inference.pdiparams`
+    said only that the suffix is none of the supported ones (its folder was named as a
+    Paddle inference model already)."""
+    folder = tmp_path / "general_PPLCNetV2_base_pretrained_v1.0_infer"
+    folder.mkdir()
+    for name in ("inference.pdmodel", "inference.pdiparams"):
+        (folder / name).write_bytes(b"\0")
+        with pytest.raises(CheckpointError) as refused:
+            load_weights(make_model(), folder / name)
+        assert str(refused.value).endswith(
+            "(a file of a Paddle inference model, whose weights shitu does not read: give the "
+            "PaddleClas weights (.pdparams) it was exported from)"
+        )
 
 
 def test_a_url_given_for_weights_is_named_as_one():
@@ -332,6 +464,27 @@ def test_detector_training_checkpoint_is_not_recognition_weights(tmp_path):
     assert result.returncode == 2, result.stdout
     assert "is a detector training checkpoint (for `shitu detect-train --resume`)" in result.stderr
     assert not out.exists()
+
+
+def test_a_paddledetection_picodet_pdparams_is_not_recognition_weights(tmp_path):
+    """PaddleDetection's PicoDet .pdparams given as a recogniser's weights (`shitu convert`,
+    --weights, pretrained) was listed tensor by tensor, asking whether the config matched."""
+    detector = build_picodet("picodet_s_esnet", num_classes=3, input_size=64)
+    path = tmp_path / "picodet_s_416_coco.pdparams"
+    with path.open("wb") as handle:
+        pickle.dump(
+            {
+                paddle_key(key, detector.arch): value.numpy()
+                for key, value in detector.state_dict().items()
+                if not key.endswith("num_batches_tracked")
+            },
+            handle,
+        )
+    refused = r"holds a PaddleDetection PicoDet detector, not the weights of a recognition model"
+    with pytest.raises(CheckpointError, match=refused):
+        load_weights(make_model(), path)
+    with pytest.raises(CheckpointError, match=refused):
+        load_pretrained(make_model().backbone, path)
 
 
 def test_info_no_head_loads_a_checkpoint_with_a_head(tmp_path):
@@ -1044,6 +1197,17 @@ def test_weights_that_do_not_fit_name_the_arch_settings_that_differ(tmp_path, ca
     err = capsys.readouterr().err
     assert "(the config's Arch settings differ from the file's: " in err
     assert "Arch.Head.class_num 9 (the file's 7))" in err
+
+
+def test_weights_of_another_backbone_name_it_among_the_settings_that_differ():
+    """Of the settings that differ, the first three are named, in key order: those of the
+    backbone beside its name (class_expand, class_num, dropout_prob) left the name out."""
+    model = make_model()
+    recorded = ArchConfig.model_validate(ARCH).model_dump(mode="json")
+    lite = {"name": "EfficientNetLite0", "class_num": 64, "dropout_prob": 0.1}
+    arch = {**ARCH, "Backbone": lite, "BackboneStopLayer": {"name": "fc"}}
+    hint = fit_hint(model_metadata(model, recorded), arch)
+    assert "Arch.Backbone.name 'EfficientNetLite0' (the file's 'PPLCNetV2_small_ShiTu')" in hint
 
 
 def test_resuming_a_run_folder_without_its_checkpoint_names_the_weights_to_start_from(tmp_path):

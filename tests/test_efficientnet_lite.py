@@ -372,3 +372,21 @@ def test_missing_package_says_what_to_install(monkeypatch):
         build("lite1", pretrained=True)
     with pytest.raises(CheckpointError, match="no ImageNet weights are published"):
         build("lite3", pretrained=True)
+
+
+def test_a_pdparams_is_refused_saying_no_paddleclas_weights_are_lite_weights(tmp_path):
+    """A .pdparams given as a Lite backbone's pretrained file was told "`shitu convert` it
+    first", which no .pdparams survives: PaddleClas has no EfficientNet-Lite. Given for a
+    whole model (convert, --weights) the same is said, not each tensor that did not fit."""
+    import pickle
+
+    from shitu.checkpoint import load_weights
+
+    path = tmp_path / "PPLCNetV2_base_pretrained.pdparams"
+    path.write_bytes(pickle.dumps({"stem.0.conv.weight": np.zeros((32, 3, 3, 3), np.float32)}))
+    refused = "PaddleClas has no EfficientNet-Lite, so no .pdparams holds its weights"
+    with pytest.raises(CheckpointError, match=refused):
+        build("lite0", pretrained=str(path))
+    arch = {"Backbone": {"name": "EfficientNetLite0"}, "BackboneStopLayer": {"name": "flatten"}}
+    with pytest.raises(CheckpointError, match=refused):
+        load_weights(build_model(ArchConfig.model_validate(arch)), path)

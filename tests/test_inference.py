@@ -1460,6 +1460,15 @@ def test_int8_asked_of_the_shipped_model_gives_the_command_that_makes_it(tmp_pat
     assert read_manifest(tmp_path / "default_int8")["fingerprint"] == shipped["fingerprint"]
 
 
+def test_int8_asked_of_the_torch_runtime_is_refused_as_such_before_the_int8_file():
+    """`--runtime torch --precision int8` on an export without an int8 file said to make
+    one; made, the next run refused torch for int8 anyway. It says that now."""
+    for runtime in ("torch", "auto"):  # auto still asks for the missing file
+        expected = "onnxruntime or openvino, not torch" if runtime == "torch" else "has no model"
+        with pytest.raises(ConfigError, match=expected):
+            FeatureExtractor.load(default_model_dir(), runtime, precision="int8")
+
+
 @pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="counts the cores it may use")
 def test_more_inference_threads_than_cores_are_warned_of(caplog):
     """PaddleClas's inference_general.yaml sets cpu_num_threads: 10; on fewer cores the

@@ -8,7 +8,7 @@ from torch import nn
 
 from shitu.checkpoint import load_pretrained, load_weights
 from shitu.config import load_config
-from shitu.errors import ConfigError
+from shitu.errors import CheckpointError, ConfigError
 from shitu.models import build_model
 from shitu.models.backbones.resnet import ResNet
 from shitu.registry import BACKBONES, populate
@@ -260,3 +260,28 @@ def test_all_variants_registered():
         assert {f"ResNet{depth}", f"ResNet{depth}_vd"} <= names
     model = BACKBONES.build("ResNet50_last_stage_stride1")
     assert model.layer4[0].conv2.stride == (1, 1)
+
+
+def test_a_paddleclas_resnet_pdparams_is_refused_naming_why(tmp_path):
+    """PaddleClas's ResNet .pdparams name their layers otherwise: as a backbone's
+    `pretrained` file only its classifier fit, and training went on from random weights
+    after a warning; as a whole model's weights, the error asked whether the config
+    matched. Either way the file is refused, saying which weights these ResNets take."""
+    import pickle
+
+    import numpy as np
+
+    path = tmp_path / "ResNet18_pretrained.pdparams"
+    paddle_state = {  # PaddleClas's names; its fc weight is [in, out], as Paddle lays it out
+        "stem.0.conv.weight": np.zeros((32, 3, 3, 3), np.float32),
+        "blocks.0.conv0.conv.weight": np.zeros((64, 64, 3, 3), np.float32),
+        "fc.weight": np.zeros((512, 1000), np.float32),
+        "fc.bias": np.zeros(1000, np.float32),
+    }
+    path.write_bytes(pickle.dumps(paddle_state))
+    refused = r"PaddleClas's ResNet \.pdparams name their layers otherwise"
+    with pytest.raises(CheckpointError, match=refused):
+        load_pretrained(BACKBONES.build("ResNet18"), path)
+    config = load_config("xbm_resnet50", ["Arch.Backbone.name=ResNet18", "Arch.Neck=null"])
+    with pytest.raises(CheckpointError, match=refused):
+        load_weights(build_model(config.Arch), path, ignore_prefixes=("head.",))

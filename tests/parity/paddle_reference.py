@@ -119,8 +119,23 @@ def main() -> None:
         model.neck = None
         model.head = None
         models[f"shitu_{scale}_nohead"] = model
+    # `act: prelu`: PReLU weights are named `_weight`, and each block without rep branches
+    # builds one it never uses. Of the plain network: the ShiTu variant rebuilds its last two
+    # blocks with ReLU, whatever `act` says.
+    from ppcls.arch.backbone.legendary_models.pp_lcnet_v2 import PPLCNetV2_small
+
+    model = rec_model("PPLCNetV2_base_ShiTu", {"name": "FC", "embedding_size": 512, "class_num": 1})
+    model.backbone = PPLCNetV2_small(pretrained=False, act="prelu")
+    model.backbone.stop_after("flatten")
+    model.neck = None
+    model.head = None
+    models["small_prelu_nohead"] = model
 
     for name, model in models.items():
+        for layer in model.sublayers():  # not PReLU's initial 0.25, which torch's is too
+            if isinstance(layer, paddle.nn.PReLU):
+                shape = layer._weight.shape
+                layer._weight.set_value(rng.uniform(0.05, 0.5, shape).astype("float32"))
         randomise_batchnorm(model, inputs, rng)
         model.eval()
         paddle.save(model.state_dict(), os.path.join(out_dir, f"{name}.pdparams"))

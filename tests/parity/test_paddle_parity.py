@@ -49,6 +49,10 @@ MODELS = {
         "Backbone": {"name": "PPLCNetV2_large_ShiTu"},
         "BackboneStopLayer": {"name": "flatten"},
     },
+    "small_prelu_nohead": {
+        "Backbone": {"name": "PPLCNetV2_small", "act": "prelu"},
+        "BackboneStopLayer": {"name": "flatten"},
+    },
 }
 HEAD_SPECS = {
     "ArcMargin": ("ArcMargin", {}),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from shitu.checkpoint.paddle import paddle_to_torch, read_pdparams
+from shitu.checkpoint.paddle import paddle_to_torch, read_pdparams, refuse_unmapped
 from shitu.config.schema import TRAINING_ONLY_ARCH
 from shitu.engine.state import training_state_kind
 from shitu.errors import CheckpointError
@@ -36,8 +37,13 @@ ARCH = "shitu.arch"  # the Arch config that built the weights, as JSON
 # The "format" entry of shitu.detection's checkpoints starts with this (defined here, below
 # it, so that recognition loading can refuse them without importing detection).
 DETECTOR_FORMAT_PREFIX = "shitu-picodet"
+# Where the tensors of a PaddleDetection PicoDet's head are named, in its .pdparams (of the
+# PicoHead and PicoHeadV2 alike): such a file holds a detector, which no recogniser is.
+PADDLE_PICODET_HEAD = "head.conv_feat."
 
 logger = logging.getLogger(__name__)
+# The hint where a file that does not fit tells no more about why.
+CHECK_THE_CONFIG = "(does the config match?)"
 
 
 @dataclass
@@ -64,7 +70,10 @@ class LoadReport:
             ("shape mismatch", self.shape_mismatch),
         ):
             if names:
-                text += f"; {len(names)} {label} (e.g. {', '.join(names[:3])})"
+                # A batch norm's counter says less than its weights: safetensors files
+                # list them first (int64 before float), as every example there was.
+                shown = sorted(names, key=lambda name: name.endswith("num_batches_tracked"))
+                text += f"; {len(names)} {label} (e.g. {', '.join(shown[:3])})"
         return text
 
 
@@ -141,7 +150,11 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
             raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from None
     if path.suffix.lower() in TORCH_SUFFIXES:
         try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():
+                # of a pickle torch.save did not write (pickle.dump's), a Python warning with
+                # torch's source line, before the line that names the file
+                warnings.filterwarnings("ignore", message="Detected pickle protocol")
+                data = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises many types for corrupt files
             raise CheckpointError(_torch_load_failure(path, exc)) from None
         metadata = {}
@@ -183,10 +196,18 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
 
 def _weights_beside(path: Path) -> str:
     """Where the weights are of a file that holds none: the .pdparams beside what PaddleClas
-    saves with it (optimizer, training or EMA state), or the torch weights of the export
-    whose ONNX model (or manifest) was given, as `shitu export`'s `model.onnx` often is."""
-    from shitu.inference.manifest import MANIFEST, weight_file_in
+    saves with it (optimizer, training or EMA state), the torch weights of the export
+    whose ONNX model (or manifest) was given, as `shitu export`'s `model.onnx` often is, or
+    the .pdparams a Paddle inference model (PP-ShiTuV2's download) was exported from."""
+    from shitu.inference.manifest import (
+        MANIFEST,
+        PADDLE_INFERENCE_SUFFIXES,
+        PADDLE_INFERENCE_UNREAD,
+        weight_file_in,
+    )
 
+    if path.suffix.lower() in PADDLE_INFERENCE_SUFFIXES:
+        return f" (a file of a Paddle inference model, {PADDLE_INFERENCE_UNREAD})"
     weights = path.with_suffix(".pdparams")
     if weights.is_file():
         return f" ({weights} holds the weights)"
@@ -245,16 +266,28 @@ def _torch_load_failure(path: Path, error: Exception) -> str:
     objects (a whole model, `torch.save(model, ...)`), torch's message runs to pages with
     terminal colours and advises loading it as code, which shitu never does: say which
     object it holds and what to save instead."""
+    if path.stat().st_size == 0:  # torch's EOFError says nothing
+        return f"{path} is empty (0 bytes), not a torch checkpoint (a save that never finished?)"
+    if _reads_as_pdparams(path):
+        return (
+            f"{path} is no torch checkpoint but a pickle of numpy arrays, as PaddlePaddle's "
+            f".pdparams are: name it {path.with_suffix('.pdparams').name}"
+        )
     found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
     if found is None:
-        if path.stat().st_size == 0:  # torch's EOFError says nothing
-            return (
-                f"{path} is empty (0 bytes), not a torch checkpoint (a save that never finished?)"
-            )
         if isinstance(error, EOFError | KeyError):  # an unpickler's, naming no problem ("101")
             return (
                 f"{path} is not a readable torch checkpoint: cut short, or not a torch file "
                 "(neither a torch.save zip archive nor a legacy pickle)"
+            )
+        # Of a pickle that torch.save did not write (pickle.dump's protocol 4, "Unsupported
+        # operand 149"): torch's own words advise loading it as code, which shitu never does.
+        refused = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|$)", str(error), re.S)
+        if refused is not None:
+            return (
+                f"{path} is not a readable torch checkpoint: a pickle torch.save did not "
+                f"write ({refused.group(1)}); save the weights with "
+                "torch.save(model.state_dict(), PATH)"
             )
         return f"{path} is not a readable torch checkpoint: {error}"
     return (
@@ -262,6 +295,15 @@ def _torch_load_failure(path: Path, error: Exception) -> str:
         "never runs a file's code to read it; save the weights alone: "
         "torch.save(model.state_dict(), PATH)"
     )
+
+
+def _reads_as_pdparams(path: Path) -> bool:
+    """Whether `path`, which torch cannot read, reads as a .pdparams (numpy arrays only)."""
+    try:
+        read_pdparams(path)
+    except CheckpointError:
+        return False
+    return True
 
 
 # Settings of the margin heads (ArcMargin, CosMargin, CircleMargin) that shape only their
@@ -357,7 +399,14 @@ def state_for_model(
     if path.suffix.lower() == ".pdparams":
         if not path.is_file():  # a folder, or a name mistyped beside the right file
             raise CheckpointError(_no_weight_file(path))
-        return (*paddle_to_torch(read_pdparams(path), model), {})
+        refuse_unmapped(model, path)
+        paddle_state = read_pdparams(path)
+        if any(name.startswith(PADDLE_PICODET_HEAD) for name in paddle_state):
+            raise CheckpointError(
+                f"{path} holds a PaddleDetection PicoDet detector, not the weights of a "
+                "recognition model (`shitu detect --model` takes it, with --arch)"
+            )
+        return (*paddle_to_torch(paddle_state, model), {})
     state, metadata = read_weights(path)
     if metadata.get(REPARAMETERIZED) == "true":
         reparameterize(model)
@@ -368,7 +417,7 @@ def fit_hint(metadata: dict[str, str], arch: dict[str, Any] | None) -> str:
     """What to add where a file does not fit the model built from `arch` (the Arch config
     as JSON data, only its sections compared): the settings that differ from those the
     file records it was built with, where it records them, else to check the config."""
-    check = "(does the config match?)"
+    check = CHECK_THE_CONFIG
     if arch is None or ARCH not in metadata:
         return check
     try:
@@ -381,6 +430,9 @@ def fit_hint(metadata: dict[str, str], arch: dict[str, Any] | None) -> str:
     differences = setting_differences({k: built.get(k) for k in given}, given, "Arch", "the file's")
     if not differences:
         return check
+    # Another component (Arch.Backbone.name) first: the settings beside it, shown before it
+    # in key order, are its consequences, and the first three may be all of them.
+    differences.sort(key=lambda difference: not difference.split(" ")[0].endswith(".name"))
     return f"(the config's Arch settings differ from the file's: {'; '.join(differences[:3])})"
 
 
@@ -451,7 +503,7 @@ def _fit(
     dropped: list[str],
     strict: bool,
     source: str,
-    hint: str = "(does the config match?)",
+    hint: str = CHECK_THE_CONFIG,
 ) -> LoadReport:
     expected = model.state_dict()
     report = LoadReport(dropped=dropped)
@@ -478,6 +530,21 @@ def _fit(
                 "(the file holds no classification head, as an export's weights do: leave "
                 "the head out, with --no-head or -o Arch.Head=null)"
             )
+        elif hint == CHECK_THE_CONFIG and (
+            classes := _only_the_class_count_differs(report, state, expected, mismatched)
+        ):  # a file that records its Arch settings names the one that differs
+            hint = (
+                f"(only the classifier differs: the file's scores {classes} classes; "
+                "features need none, so leave the head out with --no-head or "
+                f"-o Arch.Head=null, or build it as the file's, -o Arch.Head.class_num={classes})"
+            )
+        elif _a_backbone_alone(report, expected):
+            hint = (
+                "(the file holds a backbone alone, its tensors named without 'backbone.', as "
+                "ImageNet weights such as PaddleClas's PPLCNetV2_base_pretrained are: a "
+                "backbone's starting weights, which training takes as "
+                f"-o Arch.Backbone.pretrained={source})"
+            )
         raise CheckpointError(f"{source} does not fit the model: {report.summary()} {hint}")
     model.load_state_dict(fitting, strict=False)
     return report
@@ -493,6 +560,34 @@ def _only_the_head_missing(report: LoadReport, state: dict[str, torch.Tensor]) -
         and not report.shape_mismatch
         and not any(name.startswith("head.") for name in state)
     )
+
+
+def _only_the_class_count_differs(
+    report: LoadReport,
+    state: dict[str, torch.Tensor],
+    expected: dict[str, torch.Tensor],
+    mismatched: set[str],
+) -> int | None:
+    """The file's class count where its tensors fit but for the head's class count (a
+    PaddleClas run's on its own classes, converted with the recipe's 192,612), else None:
+    each misshapen tensor is the head's, and differs in its first size (classes) alone."""
+    if report.missing or report.unexpected or not mismatched:
+        return None
+    if not all(
+        name.startswith("head.") and state[name].shape[1:] == expected[name].shape[1:]
+        for name in mismatched
+    ):
+        return None
+    counts = {state[name].shape[0] for name in mismatched}
+    return counts.pop() if len(counts) == 1 else None
+
+
+def _a_backbone_alone(report: LoadReport, expected: dict[str, torch.Tensor]) -> bool:
+    """Whether most tensors the model did not know are its backbone's, named without
+    `backbone.`: a classification network's weights, which initialise a backbone
+    (`Arch.Backbone.pretrained`), given for a whole recognition model."""
+    backbone_names = [name for name in report.unexpected if f"backbone.{name}" in expected]
+    return not report.loaded and len(backbone_names) > len(report.unexpected) / 2
 
 
 def model_metadata(model: nn.Module, arch: dict | None = None) -> dict[str, str]:

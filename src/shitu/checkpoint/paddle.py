@@ -9,7 +9,9 @@ torch's weights-only loader allows it for the same reason).
 Mapping rules, from how Paddle names and lays out tensors:
 - BatchNorm running statistics are `_mean` / `_variance` (torch: running_mean / running_var);
 - Linear weights are [in, out] (torch: [out, in]), as are the class weights of margin heads;
-- a re-parameterisable block that has not been folded also stores an unused fused conv;
+- a re-parameterisable block that has not been folded also stores an unused fused conv,
+  and one without branches an unused activation (a PReLU's weight);
+- a PReLU's weight is `_weight`;
 - bfloat16 tensors (of a bf16 AMP O2 run) are stored as their uint16 bit patterns, read
   here as float32.
 """
@@ -17,6 +19,7 @@ Mapping rules, from how Paddle names and lays out tensors:
 from __future__ import annotations
 
 import pickle
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +82,16 @@ def read_pdparams(path: str | Path) -> dict[str, np.ndarray]:
     return {name: _bfloat16_as_float32(array) for name, array in state.items()}
 
 
+def refuse_unmapped(model: nn.Module, path: Path) -> None:
+    """A CheckpointError where a module of `model` takes no `.pdparams` (its
+    `paddle_weights_unmapped` says why): the few tensors of another naming that would fit
+    by chance (a classifier) are no weights of it."""
+    for module in model.modules():
+        reason = getattr(module, "paddle_weights_unmapped", None)
+        if reason:
+            raise CheckpointError(f"{path}: {reason}")
+
+
 def _bfloat16_as_float32(array: np.ndarray) -> np.ndarray:
     """`array`, or the float32 values of a bfloat16 one. Paddle saves bfloat16, which numpy
     lacks, as its uint16 bit patterns (its only use of uint16): read as numbers they became
@@ -96,11 +109,21 @@ def _torch_name(paddle_name: str) -> str:
     return paddle_name
 
 
+def _module_prefixes(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Each module of `model` with the prefix of its tensors' names (`stem.0.`), as a file
+    of `model` names them and as one of a whole recognition model given for `model` as its
+    backbone (`Arch.Backbone.pretrained`) does, which `load_pretrained` takes `backbone.`
+    off once they are mapped: the rules, keyed by names, apply to both."""
+    for name, module in model.named_modules():
+        own = f"{name}." if name else ""
+        yield own, module
+        yield f"backbone.{own}", module
+
+
 def _transposed_names(model: nn.Module) -> set[str]:
     """Names of parameters that Paddle stores transposed relative to torch."""
     names: set[str] = set()
-    for prefix, module in model.named_modules():
-        dot = f"{prefix}." if prefix else ""
+    for dot, module in _module_prefixes(model):
         if isinstance(module, nn.Linear):
             names.add(f"{dot}weight")
         for param in getattr(module, "paddle_transposed_params", ()):
@@ -108,13 +131,22 @@ def _transposed_names(model: nn.Module) -> set[str]:
     return names
 
 
-def _unused_fused_convs(model: nn.Module) -> set[str]:
-    """Paddle keeps a fused conv beside unfolded rep branches; it carries no information."""
+def _unused_paddle_tensors(model: nn.Module) -> set[str]:
+    """Paddle names of tensors PaddleClas's modules hold and use for nothing (a module's
+    `paddle_unused_params`: the fused conv beside unfolded rep branches, say)."""
     names: set[str] = set()
-    for prefix, module in model.named_modules():
-        if getattr(module, "use_rep", False) and not getattr(module, "is_repped", True):
-            names.update({f"{prefix}.dw_conv.weight", f"{prefix}.dw_conv.bias"})
+    for dot, module in _module_prefixes(model):
+        names.update(f"{dot}{param}" for param in getattr(module, "paddle_unused_params", ()))
     return names
+
+
+def _prelu_weights(model: nn.Module) -> dict[str, str]:
+    """Paddle name -> torch name of each PReLU's weight, which Paddle calls `_weight`."""
+    return {
+        f"{dot}_weight": f"{dot}weight"
+        for dot, module in _module_prefixes(model)
+        if isinstance(module, nn.PReLU)
+    }
 
 
 def paddle_to_torch(
@@ -127,14 +159,15 @@ def paddle_to_torch(
     know are kept under their mapped name, so the caller can report them.
     """
     transposed = _transposed_names(model)
-    ignorable = _unused_fused_convs(model)
+    ignorable = _unused_paddle_tensors(model)
+    prelu_weights = _prelu_weights(model)
     state: dict[str, torch.Tensor] = {}
     dropped: list[str] = []
     for paddle_name, array in paddle_state.items():
-        name = _torch_name(paddle_name)
-        if name in ignorable:
+        if paddle_name in ignorable:
             dropped.append(paddle_name)
             continue
+        name = prelu_weights.get(paddle_name) or _torch_name(paddle_name)
         tensor = torch.from_numpy(np.ascontiguousarray(array))
         if name in transposed and tensor.ndim == 2:
             tensor = tensor.t().contiguous()

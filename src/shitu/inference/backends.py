@@ -46,7 +46,8 @@ def choose_backend(model_dir: Path, backend: str, precision: str, device: str = 
     """'auto': onnxruntime when installed, able to run on `device` and the export has the
     ONNX file, else torch (the onnxruntime package shitu installs has no CUDA, torch may)."""
     check_runtime_names(backend, precision, device)
-    if precision == "int8" and not (model_dir / INT8_FILE).is_file():
+    # torch is refused int8 below: made as this message says, the file would be refused too
+    if precision == "int8" and backend != "torch" and not (model_dir / INT8_FILE).is_file():
         raise ConfigError(
             f"precision int8: {model_dir} has no {INT8_FILE}; {_int8_advice(model_dir)}"
         )

@@ -38,6 +38,11 @@ FORMAT_VERSION = 2
 # What PaddleClas's own export writes (with inference.pdmodel or inference.json): the
 # folders PP-ShiTu's pipeline config names as rec_inference_model_dir.
 PADDLE_INFERENCE_WEIGHTS = "inference.pdiparams"
+PADDLE_INFERENCE_SUFFIXES = (".pdiparams", ".pdmodel")
+PADDLE_INFERENCE_UNREAD = (
+    "whose weights shitu does not read: give the PaddleClas weights (.pdparams) it was "
+    "exported from"
+)
 # What `shitu train` writes into its Global.output_dir (shitu.engine.state's BEST and FINAL),
 # best first: a folder easily given as the model in place of the export made from it.
 TRAINING_RUN_WEIGHTS = ("best_model.safetensors", "final_model.safetensors")
@@ -132,10 +137,7 @@ def weight_file_in(folder: Path) -> str:
             "the model that built it"
         )
     if (folder / PADDLE_INFERENCE_WEIGHTS).is_file():
-        return (
-            "a Paddle inference model, whose weights shitu does not read: give the "
-            "PaddleClas weights (.pdparams) it was exported from"
-        )
+        return f"a Paddle inference model, {PADDLE_INFERENCE_UNREAD}"
     return (
         f"a folder, not a weight file: give one (an export's is its {TORCH_FILE}, a training run's "
         f"its {TRAINING_RUN_WEIGHTS[0]})"

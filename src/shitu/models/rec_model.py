@@ -66,8 +66,8 @@ class RecModel(nn.Module):
     ) -> dict[str, torch.Tensor]:
         backbone = self.backbone(x)
         if backbone.ndim == 4 and backbone.shape[2:] == (1, 1):
-            # Stopped at its pooling layer (PaddleClas's `avg_pool`): the same embedding as
-            # stopped at `flatten`, which evaluation, export and the metric losses take.
+            # Stopped at its pooling layer (PaddleClas's `avg_pool`): a vector, as stopped at
+            # `flatten`, which evaluation, export and the metric losses take.
             backbone = backbone.flatten(1)
         out: dict[str, torch.Tensor] = {"backbone": backbone}
         if self.neck is not None:

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from shitu.checkpoint.io import read_weights
+from shitu.checkpoint.io import read_weights, weights_file
+from shitu.checkpoint.paddle import refuse_unmapped
 from shitu.errors import CheckpointError
 from shitu.models.backbones.base import SequentialBackbone
 from shitu.models.layers import (
@@ -227,6 +228,13 @@ class EfficientNetLite(SequentialBackbone):
             module's own names, optionally prefixed `backbone.`). Every tensor must match.
     """
 
+    # Said of a .pdparams given for it (convert, weights, pretrained), not "convert it first"
+    paddle_weights_unmapped = (
+        "PaddleClas has no EfficientNet-Lite, so no .pdparams holds its weights: it takes "
+        "lukemelas EfficientNet-PyTorch or shitu weights (.pth, .safetensors), or pretrained: "
+        "true (lite0-2)"
+    )
+
     def __init__(
         self,
         variant: str = "lite0",
@@ -361,6 +369,8 @@ def load_lite_weights(model: EfficientNetLite, path: str | Path) -> list[str]:
     as for any fine-tuning, and a GeM exponent missing from a file of an average-pooled
     model, which keeps its initial value. Returns the names loaded.
     """
+    if weights_file(path).suffix.lower() == ".pdparams":
+        refuse_unmapped(model, Path(path))
     state, _ = read_weights(path)
     if any(name.startswith("_blocks.") for name in state):
         state = from_lukemelas_names(state)

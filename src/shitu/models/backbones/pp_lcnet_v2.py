@@ -90,6 +90,15 @@ class RepDepthwiseSeparable(nn.Module):
         else:
             self.pw_conv = ConvBNLayer(in_channels, out_channels, 1, act=act)
 
+    @property
+    def paddle_unused_params(self) -> tuple[str, ...]:
+        """PaddleClas's tensors of this block that carry nothing: the fused conv it keeps
+        beside unfolded branches, and the weight of the activation it builds for a block
+        without branches too, which only those use (a PReLU's)."""
+        if not self.use_rep:
+            return ("act._weight",)
+        return () if self.is_repped else ("dw_conv.weight", "dw_conv.bias")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.use_rep:
             y = self.dw_conv(x)

@@ -141,6 +141,14 @@ class ResNet(SequentialBackbone):
             timm ResNet state dict); tensors whose shape does not fit (fc) are skipped.
     """
 
+    # Why no .pdparams loads (the module docstring): said in place of the few tensors of
+    # another naming that happen to fit (`fc`), loaded without the rest.
+    paddle_weights_unmapped = (
+        "PaddleClas's ResNet .pdparams name their layers otherwise (stem.N.conv, "
+        "blocks.K.conv0) and do not map onto shitu's ResNets, which take torchvision or timm "
+        "ResNet weights (.pth, .safetensors)"
+    )
+
     def __init__(
         self,
         block: Literal["basic", "bottleneck"],
