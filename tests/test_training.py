@@ -543,6 +543,54 @@ def test_a_run_resumed_with_another_eval_metric_chooses_its_best_by_that_metric(
     assert result.progress.best_metric == evaluations[-1]["mAP"]
 
 
+def test_a_run_resumed_with_other_evaluation_images_chooses_its_best_anew(
+    grocery, tmp_path, caplog
+):
+    """A query list put right (or another gallery) scores on another scale: its values were
+    compared with the old set's best, which a harder set then never beat (best_model and the
+    run's last line naming an epoch scored on images no longer evaluated). A plateau
+    schedule's best is of the old scale too."""
+    path = tiny_config(grocery, tmp_path, epochs=1)
+    plateau = ["Optimizer.lr.name=ReduceOnPlateau", "Optimizer.lr.warmup_epoch=0"]
+    first = Trainer(load_config(path, plateau)).fit()
+    assert first.progress.best_epoch == 1
+    fewer = write_subset(grocery, "val", tmp_path / "val_fixed.txt", classes=6, per_class=2)
+    resume = [
+        *plateau,
+        f"Global.checkpoints={tmp_path / 'output' / 'latest.pt'}",
+        "Global.epochs=2",
+        f"DataLoader.Eval.Query.dataset.cls_label_path={fewer}",
+    ]
+    with caplog.at_level(logging.WARNING, logger="shitu"):
+        resumed = Trainer(load_config(path, resume))
+    assert "resuming with other evaluation images than the checkpoint's" in caplog.text
+    assert "(DataLoader.Eval.Query)" in caplog.text
+    assert resumed.progress.best_metric is None and resumed.schedule.best is None
+    result = resumed.fit()
+    assert result.progress.best_epoch == 2
+    evaluations = read_log(tmp_path / "output" / "metrics.jsonl", "eval")
+    assert result.progress.best_metric == evaluations[-1]["recall@1"]
+
+
+def test_a_plateau_schedule_resumed_with_another_eval_metric_forgets_the_old_best(
+    grocery, tmp_path
+):
+    """ReduceOnPlateau compared the new metric's values with the old one's best, and so
+    lowered the rate for a plateau that was none."""
+    path = tiny_config(grocery, tmp_path, epochs=1)
+    plateau = ["Optimizer.lr.name=ReduceOnPlateau", "Optimizer.lr.warmup_epoch=0"]
+    first = Trainer(load_config(path, plateau)).fit()
+    assert first.progress.best_metric is not None
+    resume = [
+        *plateau,
+        f"Global.checkpoints={tmp_path / 'output' / 'latest.pt'}",
+        "Global.epochs=2",
+        "Global.eval_metric=mAP",
+    ]
+    resumed = Trainer(load_config(path, resume))
+    assert (resumed.schedule.best, resumed.schedule.bad_evals) == (None, 0)
+
+
 def test_a_crash_after_a_step_checkpoint_does_not_evaluate_an_epoch_twice(grocery, tmp_path):
     """The step checkpoint of an epoch's last step is taken after its evaluation, so the
     resumed run neither repeats nor logs that evaluation again."""

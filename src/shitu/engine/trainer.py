@@ -181,7 +181,6 @@ class Trainer:
         self.progress = Progress()
         if config.Global.checkpoints:
             resume_payload, self.progress = load_training_state(config.Global.checkpoints)
-            self._forget_best_of_another_metric()
         self.seed = self._choose_seed(resume_payload)
         seed_everything(self.seed + self.context.rank)
 
@@ -279,6 +278,7 @@ class Trainer:
                 "set Global.eval_during_train: false"
             )
         if resume_payload is not None:
+            self._forget_best_of_other_evaluation_images(resume_payload)
             self._carry_over_from(resolve_checkpoint(config.Global.checkpoints).parent)
         if self.context.is_main:
             self._remove_unfinished_writes()
@@ -410,6 +410,7 @@ class Trainer:
                 "section to keep it"
             )
         self.schedule.load_state_dict(payload["schedule"])
+        self._forget_best_of_another_metric()
         load_scaler_state(self.scaler, payload["scaler"])
         restore_rng_state(self._own(payload, "rng"))
 
@@ -456,6 +457,20 @@ class Trainer:
     def _train_listing(self) -> str | None:
         """The training images' digest (`listing_digest`), where the dataset gives one."""
         return getattr(dataset_of(self.train_loader), "listing_digest", None)
+
+    def _eval_listings(self) -> dict[str, str | None] | None:
+        """The evaluation sets' digests (`listing_digest`) by section, None without an
+        evaluation: what the best model's metric values were scored on."""
+        if self.evaluation is None:
+            return None
+        loaders = {
+            "DataLoader.Eval.Query": self.evaluation.query_loader,
+            "DataLoader.Eval.Gallery": self.evaluation.gallery_loader,
+        }
+        return {
+            where: getattr(dataset_of(loader), "listing_digest", None) if loader else None
+            for where, loader in loaders.items()
+        }
 
     def _warn_of_other_batches(self, payload: dict[str, Any]) -> None:
         """A resume draws the batches the run would have drawn only from the same images
@@ -521,6 +536,7 @@ class Trainer:
             "seed": self.seed,
             "steps_per_epoch": self.steps_per_epoch,  # a resume must keep the epoch's batches
             "train_listing": self._train_listing(),
+            "eval_listings": self._eval_listings(),
             "config": json.dumps(self.config.model_dump(mode="json")),
             **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
         }
@@ -780,7 +796,37 @@ class Trainer:
                 progress.best_metric_name,
                 metric,
             )
+        self._forget_best()
+
+    def _forget_best_of_other_evaluation_images(self, payload: dict[str, Any]) -> None:
+        """A run resumed with other query or gallery images (a query list put right, say)
+        scores on another scale: compared with the best of the old images, its values would
+        seldom replace it (a harder set never), and the run's best would be an epoch scored
+        on images no longer evaluated. The best is chosen anew from the next evaluation."""
+        saved, current = payload.get("eval_listings"), self._eval_listings()
+        if saved is None or current is None or self.progress.best_metric is None:
+            return  # an older checkpoint, no evaluation now, or no best yet
+        changed = [where for where in current if saved.get(where) != current[where]]
+        if not changed:
+            return
+        if self.context.is_main:
+            logger.warning(
+                "resuming with other evaluation images than the checkpoint's (%s): its best "
+                "model (epoch %s, %s %.4f) was scored on those, so the best model is chosen "
+                "anew from the next evaluation",
+                ", ".join(changed),
+                self.progress.best_epoch,
+                self.progress.best_metric_name,
+                self.progress.best_metric,
+            )
+        self._forget_best()
+
+    def _forget_best(self) -> None:
+        """No best model yet, as far as this run knows; nor a best for a plateau schedule
+        to compare the next evaluation with."""
+        progress = self.progress
         progress.best_metric = progress.best_epoch = progress.best_metric_name = None
+        self.schedule.forget_best()
 
     def _carry_over_from(self, run_dir: Path) -> None:
         """A run resumed into another folder than its checkpoint's would leave its earlier
