@@ -739,7 +739,9 @@ def test_cli_train_refuses_an_output_dir_that_a_file_is_in_the_way_of(grocery, t
 
 def test_cli_train_refuses_an_output_dir_another_run_is_training_in(grocery, tmp_path, capsys):
     """A resume started while the run it resumes still goes on (or a second start) wrote
-    latest.pt and metrics.jsonl beside it; the lock the running one holds refuses it."""
+    latest.pt and metrics.jsonl beside it; the lock the running one holds refuses it. A
+    second start is told of the running one too, not of an earlier run to resume (which,
+    resumed, was then refused as running)."""
     import fcntl
 
     path = tiny_config(grocery, tmp_path, epochs=1)
@@ -749,10 +751,11 @@ def test_cli_train_refuses_an_output_dir_another_run_is_training_in(grocery, tmp
     capsys.readouterr()
     with open(output / ".shitu-train.lock", "a+") as held:  # as a running `shitu train` does
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        assert main(["train", "-c", str(path), "-o", f"Global.checkpoints={latest}"]) == 2
-        assert f"error: Global.output_dir {output}: another shitu train (process " in (
-            capsys.readouterr().err
-        )
+        for resume in (["-o", f"Global.checkpoints={latest}"], []):
+            assert main(["train", "-c", str(path), *resume]) == 2
+            said = capsys.readouterr().err
+            assert f"error: Global.output_dir {output}: another shitu train (process " in said
+            assert "earlier run" not in said
     assert main(["train", "-c", str(path), "-o", f"Global.checkpoints={latest}"]) == 0
     assert "finished at epoch 1" in capsys.readouterr().out
 

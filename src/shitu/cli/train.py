@@ -308,9 +308,9 @@ def _train(args: argparse.Namespace) -> int:
                 "Global.checkpoints to start it over"
             )
         # A run resumed into another folder starts a new run there, as far as it is concerned.
-        if resumed != output_dir.resolve():
-            _refuse_folder_of_another_kind(output_dir)
-            _refuse_earlier_run(output_dir, resumed)
+        new_run = resumed != output_dir.resolve()
+        if new_run:
+            _refuse_folder_of_another_kind(output_dir)  # before a lock is left in it
         # Before the datasets, the model and a LinearProbe's check are built: a file in the
         # way was an OSError of its own ('afile/linear_probe: Not a directory') after them.
         # A run that fails to start leaves no folder (see `only_run_in`).
@@ -321,6 +321,10 @@ def _train(args: argparse.Namespace) -> int:
             if launched_rank() == 0
             else nullcontext()
         ):
+            # Within the lock: the files of a run still training there are no earlier run's,
+            # to be resumed (the advice a second start into the folder was given).
+            if new_run:
+                _refuse_earlier_run(output_dir, resumed)
             stage = RUN if config.LinearProbe is None else FINE_TUNING
             if config.LinearProbe is not None:
                 # A resumed run's checkpoint already holds weights that went through the probe.
