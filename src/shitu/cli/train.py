@@ -129,6 +129,12 @@ def _check_fine_tuning(config: ShituConfig, progress: bool) -> DistContext:
 
     fine_tuning = fine_tune_stage(config)
     fine_tuning.Global.pretrained_model = None  # the probe makes them
+    # Nor the backbone's pretrained weights, which the probe's replace (a run from the
+    # shipped model needs none, nor their package): nothing checked depends on weights.
+    backbone = fine_tuning.Arch.Backbone
+    fine_tuning.Arch.Backbone = type(backbone)(
+        name=backbone.name, **{k: v for k, v in backbone.params.items() if k != "pretrained"}
+    )
     with tempfile.TemporaryDirectory(prefix="shitu-check-") as scratch:
         fine_tuning.Global.output_dir = scratch
         trainer = Trainer(fine_tuning, progress=progress, stage=FINE_TUNING)

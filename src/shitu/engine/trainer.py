@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from shitu import registry
 from shitu.checkpoint import load_weights, model_metadata, save_weights
-from shitu.checkpoint.io import setting_differences
+from shitu.checkpoint.io import LoadReport, setting_differences
 from shitu.config.schema import ShituConfig
 from shitu.engine.batch_norm import norm_on_one_value_per_channel
 from shitu.engine.data import (
@@ -184,18 +184,26 @@ class Trainer:
         self.seed = self._choose_seed(resume_payload)
         seed_everything(self.seed + self.context.rank)
 
-        # A resume loads every weight from its checkpoint: the backbone's pretrained file
-        # (a package, a path on the machine that started the run) is not read.
-        self.model = build_model(config.Arch, pretrained=resume_payload is None)
+        # A resume loads every weight from its checkpoint, and Global.pretrained_model (the
+        # shipped model, a probe's weights) most often every backbone weight: the backbone's
+        # pretrained file (a package, a path on the machine that started the run) is read
+        # only where weights are left to it.
+        from_file = resume_payload is None and bool(config.Global.pretrained_model)
+        self.model = build_model(config.Arch, pretrained=resume_payload is None and not from_file)
+        if from_file:
+            report = self._load_pretrained_model()
+            left = [n for n in report.missing + report.shape_mismatch if n.startswith("backbone.")]
+            if left and config.Arch.backbone_pretrained():
+                seed_everything(self.seed + self.context.rank)  # new layers as one build has them
+                self.model = build_model(config.Arch)
+                report = self._load_pretrained_model()
         self.model = self.model.to(self.context.device)
         if config.Global.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         # What the run starts from, for the summary a user sees before a long run.
         if resume_payload is not None:
             self.initial_weights = f"resumed from {config.Global.checkpoints}"
-        elif config.Global.pretrained_model:
-            with weight_file_setting("Global.pretrained_model"):
-                report = load_weights(self.model, config.Global.pretrained_model, strict=False)
+        elif from_file:
             self.initial_weights = f"{config.Global.pretrained_model} ({report.summary()})"
             if not report.complete and self.context.is_main:
                 logger.warning("pretrained_model %s", self.initial_weights)
@@ -298,6 +306,11 @@ class Trainer:
         self._deadline: float | None = None
 
     # ----------------------------------------------------------------- set-up helpers
+    def _load_pretrained_model(self) -> LoadReport:
+        """Global.pretrained_model loaded into the model, what fits of it."""
+        with weight_file_setting("Global.pretrained_model"):
+            return load_weights(self.model, self.config.Global.pretrained_model, strict=False)
+
     def _choose_seed(self, payload: dict[str, Any] | None) -> int:
         if payload is not None:
             seed = int(payload["seed"])
