@@ -1848,3 +1848,21 @@ def test_global_checkpoints_given_a_file_that_is_no_checkpoint_says_so_in_a_line
         "latest.pt a training run writes, or its output directory)"
     ) in err
     assert "weights_only" not in err
+
+
+def test_a_resume_past_its_step_limit_says_that_the_limit_counts_the_runs_steps(
+    grocery, tmp_path, caplog
+):
+    """`--stop-after-steps 1` given to a resume at step 2, meant as one more step, stopped
+    before any with only the usual 'stopped early'."""
+    path = tiny_config(grocery, tmp_path, epochs=2, eval_during_train=False)
+    assert main(["train", "-c", str(path), "--no-progress", "--stop-after-steps", "2"]) == 0
+    latest = tmp_path / "output" / "latest.pt"
+    resume = ["-o", f"Global.checkpoints={latest}", "--stop-after-steps", "1"]
+    with caplog.at_level(logging.WARNING, logger="shitu"):
+        assert main(["train", "-c", str(path), "--no-progress", *resume]) == 0
+    assert (
+        "--stop-after-steps 1: the resumed run is at step 2 already (the limit counts the "
+        "run's steps, not this command's), so it stops at once; for 1 more step, give "
+        "--stop-after-steps 3"
+    ) in caplog.text

@@ -24,6 +24,8 @@ from shitu.cli.common import (
 from shitu.errors import CheckpointError, ConfigError, DataError, override_word
 from shitu.fileio import only_run_in, refuse_file_in_the_way
 
+logger = logging.getLogger(__name__)
+
 if TYPE_CHECKING:
     from shitu.config.schema import ShituConfig
     from shitu.engine.distributed import DistContext
@@ -223,6 +225,23 @@ def run(args: argparse.Namespace) -> int:
         return _train(args)
 
 
+def _warn_of_a_step_limit_passed(stop_after_steps: int | None, trainer: Trainer) -> None:
+    """A resumed run already past --stop-after-steps stops before its first step: the
+    limit counts the run's steps, not this command's (`--stop-after-steps 100` meant as
+    100 more stopped at once, without a word but the usual 'stopped early')."""
+    step = trainer.progress.global_step
+    if stop_after_steps is not None and stop_after_steps < step and trainer.context.is_main:
+        logger.warning(
+            "--stop-after-steps %d: the resumed run is at step %d already (the limit counts "
+            "the run's steps, not this command's), so it stops at once; for %s, give "
+            "--stop-after-steps %d",
+            stop_after_steps,
+            step,
+            count_of(stop_after_steps, "more step"),
+            step + stop_after_steps,
+        )
+
+
 def _epochs_done(progress: Progress, steps_per_epoch: int, epochs: int) -> str:
     """How far a stopped run got. A stop (a signal, the time limit) during an epoch's last
     step leaves only that epoch's end to do (its evaluation, its saves), which the resume
@@ -342,6 +361,7 @@ def _train(args: argparse.Namespace) -> int:
                 config = fine_tune_stage(config)
             trainer = Trainer(config, context, progress=not args.no_progress, stage=stage)
             _print_summary(trainer)
+            _warn_of_a_step_limit_passed(args.stop_after_steps, trainer)
             time_limit = args.time_limit * 60 if args.time_limit is not None else None
             result = trainer.fit(stop_after_steps=args.stop_after_steps, time_limit_s=time_limit)
     finally:
