@@ -1866,3 +1866,16 @@ def test_a_resume_past_its_step_limit_says_that_the_limit_counts_the_runs_steps(
         "run's steps, not this command's), so it stops at once; for 1 more step, give "
         "--stop-after-steps 3"
     ) in caplog.text
+
+
+def test_a_finished_run_resumed_into_another_folder_leaves_a_checkpoint_there(grocery, tmp_path):
+    """With as many epochs nothing is left to train: the new folder got the final and best
+    weights and the log, but no latest.pt, so the run could not be lengthened from it."""
+    path = tiny_config(grocery, tmp_path, epochs=1)
+    assert Trainer(load_config(path)).fit().finished
+    moved = tmp_path / "moved"
+    resume = [f"Global.checkpoints={tmp_path / 'output'}", f"Global.output_dir={moved}"]
+    assert Trainer(load_config(path, resume)).fit().finished
+    longer = [f"Global.checkpoints={moved}", f"Global.output_dir={moved}", "Global.epochs=2"]
+    result = Trainer(load_config(path, longer)).fit()
+    assert (result.finished, result.progress.epoch) == (True, 2)

@@ -654,6 +654,11 @@ class Trainer:
 
     def _run_epochs(self) -> bool:
         global_config = self.config.Global
+        if self.progress.epoch >= global_config.epochs:
+            # Nothing left to train (a finished run resumed with as many epochs): saved all
+            # the same, as a run resumed into another folder had no checkpoint there to be
+            # lengthened from (-o Global.epochs=MORE).
+            self.save_latest()
         while self.progress.epoch < global_config.epochs:
             epoch = self.progress.epoch
             if not self._train_epoch():
