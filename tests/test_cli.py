@@ -1471,3 +1471,27 @@ def test_eval_matches_grocery_listings_of_another_label_level_by_name(grocery):
     assert fine.class_names[table[coarse.class_names.index("Kiwi")]] == "Kiwi"
     # Sets that name their ids alike are still compared by number.
     assert gallery_numbering(GroceryStoreDataset(str(grocery), val), fine) is None
+
+
+def test_eval_matches_folders_named_as_classes_csv_against_a_grocery_listing(grocery, tmp_path):
+    """Photos in folders named as Grocery's classes.csv names the products (the fine-tuning
+    how-to's query set) against a Grocery listing: matched by number only, so none matched,
+    and the error named the same classes on both sides. Now by name, either way round; a
+    folder named by a class id still is that class."""
+    from shitu.data.datasets.folder import ImageFolderDataset
+    from shitu.data.datasets.grocery import GroceryStoreDataset
+    from shitu.engine.evaluate import gallery_numbering
+
+    listing = GroceryStoreDataset(str(grocery), "iconic")
+    names = listing.class_names
+    photos = tmp_path / "photos"
+    for folder, class_id in (("Granny-Smith", 1), ("2", 2), ("Durian", 0)):
+        (photos / folder).mkdir(parents=True)
+        shutil.copy(listing.paths[listing.labels.index(class_id)], photos / folder)
+    folders = ImageFolderDataset(str(photos))  # labels: 2 0, Durian 1, Granny-Smith 2
+    absent = max(listing.labels) + 1
+    assert gallery_numbering(folders, listing) == {0: 2, 1: absent, 2: 1}
+    back = gallery_numbering(listing, folders)
+    assert back is not None
+    assert (back[names.index("Granny-Smith")], back[2]) == (2, 0)
+    assert back[names.index("Golden-Delicious")] == max(folders.labels) + 1

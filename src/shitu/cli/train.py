@@ -24,6 +24,8 @@ from shitu.cli.common import (
 from shitu.errors import CheckpointError, ConfigError, DataError, override_word
 from shitu.fileio import only_run_in, refuse_file_in_the_way
 
+logger = logging.getLogger(__name__)
+
 if TYPE_CHECKING:
     from shitu.config.schema import ShituConfig
     from shitu.engine.distributed import DistContext
@@ -129,6 +131,12 @@ def _check_fine_tuning(config: ShituConfig, progress: bool) -> DistContext:
 
     fine_tuning = fine_tune_stage(config)
     fine_tuning.Global.pretrained_model = None  # the probe makes them
+    # Nor the backbone's pretrained weights, which the probe's replace (a run from the
+    # shipped model needs none, nor their package): nothing checked depends on weights.
+    backbone = fine_tuning.Arch.Backbone
+    fine_tuning.Arch.Backbone = type(backbone)(
+        name=backbone.name, **{k: v for k, v in backbone.params.items() if k != "pretrained"}
+    )
     with tempfile.TemporaryDirectory(prefix="shitu-check-") as scratch:
         fine_tuning.Global.output_dir = scratch
         trainer = Trainer(fine_tuning, progress=progress, stage=FINE_TUNING)
@@ -215,6 +223,23 @@ def run(args: argparse.Namespace) -> int:
 
     with reused_scans(), _each_warning_once(), _warnings_from_the_main_process():
         return _train(args)
+
+
+def _warn_of_a_step_limit_passed(stop_after_steps: int | None, trainer: Trainer) -> None:
+    """A resumed run already past --stop-after-steps stops before its first step: the
+    limit counts the run's steps, not this command's (`--stop-after-steps 100` meant as
+    100 more stopped at once, without a word but the usual 'stopped early')."""
+    step = trainer.progress.global_step
+    if stop_after_steps is not None and stop_after_steps < step and trainer.context.is_main:
+        logger.warning(
+            "--stop-after-steps %d: the resumed run is at step %d already (the limit counts "
+            "the run's steps, not this command's), so it stops at once; for %s, give "
+            "--stop-after-steps %d",
+            stop_after_steps,
+            step,
+            count_of(stop_after_steps, "more step"),
+            step + stop_after_steps,
+        )
 
 
 def _epochs_done(progress: Progress, steps_per_epoch: int, epochs: int) -> str:
@@ -308,9 +333,9 @@ def _train(args: argparse.Namespace) -> int:
                 "Global.checkpoints to start it over"
             )
         # A run resumed into another folder starts a new run there, as far as it is concerned.
-        if resumed != output_dir.resolve():
-            _refuse_folder_of_another_kind(output_dir)
-            _refuse_earlier_run(output_dir, resumed)
+        new_run = resumed != output_dir.resolve()
+        if new_run:
+            _refuse_folder_of_another_kind(output_dir)  # before a lock is left in it
         # Before the datasets, the model and a LinearProbe's check are built: a file in the
         # way was an OSError of its own ('afile/linear_probe: Not a directory') after them.
         # A run that fails to start leaves no folder (see `only_run_in`).
@@ -321,6 +346,10 @@ def _train(args: argparse.Namespace) -> int:
             if launched_rank() == 0
             else nullcontext()
         ):
+            # Within the lock: the files of a run still training there are no earlier run's,
+            # to be resumed (the advice a second start into the folder was given).
+            if new_run:
+                _refuse_earlier_run(output_dir, resumed)
             stage = RUN if config.LinearProbe is None else FINE_TUNING
             if config.LinearProbe is not None:
                 # A resumed run's checkpoint already holds weights that went through the probe.
@@ -332,6 +361,7 @@ def _train(args: argparse.Namespace) -> int:
                 config = fine_tune_stage(config)
             trainer = Trainer(config, context, progress=not args.no_progress, stage=stage)
             _print_summary(trainer)
+            _warn_of_a_step_limit_passed(args.stop_after_steps, trainer)
             time_limit = args.time_limit * 60 if args.time_limit is not None else None
             result = trainer.fit(stop_after_steps=args.stop_after_steps, time_limit_s=time_limit)
     finally:

@@ -44,6 +44,13 @@ def find_config(name_or_path: str | Path, shipped_dir: Path, what: str) -> Path:
         return path
     shipped = shipped_dir / (path.name if path.suffix == ".yaml" else f"{path.name}.yaml")
     if path.parent == Path(".") and shipped.is_file():
+        local = Path(shipped.name)
+        if local.is_file():  # a copy of it made here (and edited) would be left unread
+            raise ConfigError(
+                f"{what} {name_or_path}: names the shipped {shipped.stem}, and {local} in this "
+                f"folder has that name too; give -c ./{local} for that file, or -c "
+                f"{shipped} for the shipped one"
+            )
         return shipped
     if path.is_dir():
         raise ConfigError(f"{what} {name_or_path}: a folder, not a YAML file")

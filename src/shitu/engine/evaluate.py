@@ -385,7 +385,9 @@ def gallery_numbering(queries: Any, gallery: Any) -> dict[int, int] | None:
     the gallery lacks gets a label no gallery item has, so its queries have no positive,
     as with listed ids. Listed ids that the two sets name differently (Grocery listings
     read at another `label_level`: 0 is Apple in one, Golden-Delicious in the other) are
-    matched by those names (`class_names`), not by number.
+    matched by those names (`class_names`), not by number; so are listed ids that a class
+    table names against a set of class names (a Grocery listing against folders named as
+    its classes.csv names them; a folder named by a class id is still that class).
     """
     datasets = (queries, gallery)
     numbered = [getattr(dataset, "label_keys", None) for dataset in datasets]
@@ -395,16 +397,41 @@ def gallery_numbering(queries: Any, gallery: Any) -> dict[int, int] | None:
             return None
         numbered = names
     query_keys, gallery_keys = (
-        {label: label for label in set(dataset.labels)} if keys is None else dict(enumerate(keys))
-        for dataset, keys in zip(datasets, numbered, strict=True)
+        _class_keys(dataset, keys, other)
+        for dataset, keys, other in zip(datasets, numbered, numbered[::-1], strict=True)
     )
-    # Keys of one set are all names (str) or all ids (int); against ids, a name is its id.
-    by_id = not all(
-        isinstance(next(iter(keys.values())), str) for keys in (query_keys, gallery_keys)
+    # A set's keys are names (str) or ids (int); where either set has ids, a name that is
+    # an integer is that id.
+    by_id = any(
+        isinstance(key, int)
+        for keys in (query_keys, gallery_keys)
+        for key in keys[next(iter(keys))]
     )
-    ids = {_comparable(key, by_id): label for label, key in gallery_keys.items()}
+    ids: dict[str | int, int] = {}
+    for label, keys in gallery_keys.items():
+        for key in keys:
+            ids.setdefault(_comparable(key, by_id), label)
     absent = max(gallery.labels) + 1
-    return {label: ids.get(_comparable(key, by_id), absent) for label, key in query_keys.items()}
+    return {
+        label: next(
+            (ids[found] for key in keys if (found := _comparable(key, by_id)) in ids), absent
+        )
+        for label, keys in query_keys.items()
+    }
+
+
+def _class_keys(
+    dataset: Any, keys: list[str] | list[int] | None, other: list[str] | list[int] | None
+) -> dict[int, tuple[str | int, ...]]:
+    """By label, the keys a class of `dataset` is matched by, in order: its key in `keys`
+    (the names or ids it numbers its classes by), or, where None, its listed id, preceded
+    by its `class_names` entry where `other` (the other set's keys) are names."""
+    if keys is not None:
+        return {label: (key,) for label, key in enumerate(keys)}
+    names = getattr(dataset, "class_names", None)
+    if names is not None and other is not None and all(isinstance(key, str) for key in other):
+        return {label: (name, label) for label, name in enumerate(names)}
+    return {label: (label,) for label in set(dataset.labels)}
 
 
 def _comparable(key: str | int, by_id: bool) -> str | int:

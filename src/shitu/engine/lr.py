@@ -92,6 +92,10 @@ class LRSchedule:
     def observe(self, metric: float) -> None:
         """Called with the tracked eval metric after each evaluation (used by plateau)."""
 
+    def forget_best(self) -> None:
+        """Compare the next `observe`d value with none before it: a resumed run's metric,
+        or the images it is scored on, changed (used by plateau)."""
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 
@@ -259,6 +263,9 @@ class ReduceOnPlateau(LRSchedule):
         if self.bad_evals > self.patience:
             self.current = max(self.min_lr, self.current * self.factor)
             self.bad_evals = 0
+
+    def forget_best(self) -> None:
+        self.best, self.bad_evals = None, 0  # the rate reached so far stays
 
     def state_dict(self) -> dict[str, Any]:
         return {"current": self.current, "best": self.best, "bad_evals": self.bad_evals}

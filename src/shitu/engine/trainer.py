@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from shitu import registry
 from shitu.checkpoint import load_weights, model_metadata, save_weights
-from shitu.checkpoint.io import setting_differences
+from shitu.checkpoint.io import LoadReport, setting_differences
 from shitu.config.schema import ShituConfig
 from shitu.engine.batch_norm import norm_on_one_value_per_channel
 from shitu.engine.data import (
@@ -181,19 +181,29 @@ class Trainer:
         self.progress = Progress()
         if config.Global.checkpoints:
             resume_payload, self.progress = load_training_state(config.Global.checkpoints)
-            self._forget_best_of_another_metric()
         self.seed = self._choose_seed(resume_payload)
         seed_everything(self.seed + self.context.rank)
 
-        self.model = build_model(config.Arch).to(self.context.device)
+        # A resume loads every weight from its checkpoint, and Global.pretrained_model (the
+        # shipped model, a probe's weights) most often every backbone weight: the backbone's
+        # pretrained file (a package, a path on the machine that started the run) is read
+        # only where weights are left to it.
+        from_file = resume_payload is None and bool(config.Global.pretrained_model)
+        self.model = build_model(config.Arch, pretrained=resume_payload is None and not from_file)
+        if from_file:
+            report = self._load_pretrained_model()
+            left = [n for n in report.missing + report.shape_mismatch if n.startswith("backbone.")]
+            if left and config.Arch.backbone_pretrained():
+                seed_everything(self.seed + self.context.rank)  # new layers as one build has them
+                self.model = build_model(config.Arch)
+                report = self._load_pretrained_model()
+        self.model = self.model.to(self.context.device)
         if config.Global.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         # What the run starts from, for the summary a user sees before a long run.
         if resume_payload is not None:
             self.initial_weights = f"resumed from {config.Global.checkpoints}"
-        elif config.Global.pretrained_model:
-            with weight_file_setting("Global.pretrained_model"):
-                report = load_weights(self.model, config.Global.pretrained_model, strict=False)
+        elif from_file:
             self.initial_weights = f"{config.Global.pretrained_model} ({report.summary()})"
             if not report.complete and self.context.is_main:
                 logger.warning("pretrained_model %s", self.initial_weights)
@@ -279,6 +289,7 @@ class Trainer:
                 "set Global.eval_during_train: false"
             )
         if resume_payload is not None:
+            self._forget_best_of_other_evaluation_images(resume_payload)
             self._carry_over_from(resolve_checkpoint(config.Global.checkpoints).parent)
         if self.context.is_main:
             self._remove_unfinished_writes()
@@ -295,6 +306,11 @@ class Trainer:
         self._deadline: float | None = None
 
     # ----------------------------------------------------------------- set-up helpers
+    def _load_pretrained_model(self) -> LoadReport:
+        """Global.pretrained_model loaded into the model, what fits of it."""
+        with weight_file_setting("Global.pretrained_model"):
+            return load_weights(self.model, self.config.Global.pretrained_model, strict=False)
+
     def _choose_seed(self, payload: dict[str, Any] | None) -> int:
         if payload is not None:
             seed = int(payload["seed"])
@@ -410,6 +426,7 @@ class Trainer:
                 "section to keep it"
             )
         self.schedule.load_state_dict(payload["schedule"])
+        self._forget_best_of_another_metric()
         load_scaler_state(self.scaler, payload["scaler"])
         restore_rng_state(self._own(payload, "rng"))
 
@@ -456,6 +473,20 @@ class Trainer:
     def _train_listing(self) -> str | None:
         """The training images' digest (`listing_digest`), where the dataset gives one."""
         return getattr(dataset_of(self.train_loader), "listing_digest", None)
+
+    def _eval_listings(self) -> dict[str, str | None] | None:
+        """The evaluation sets' digests (`listing_digest`) by section, None without an
+        evaluation: what the best model's metric values were scored on."""
+        if self.evaluation is None:
+            return None
+        loaders = {
+            "DataLoader.Eval.Query": self.evaluation.query_loader,
+            "DataLoader.Eval.Gallery": self.evaluation.gallery_loader,
+        }
+        return {
+            where: getattr(dataset_of(loader), "listing_digest", None) if loader else None
+            for where, loader in loaders.items()
+        }
 
     def _warn_of_other_batches(self, payload: dict[str, Any]) -> None:
         """A resume draws the batches the run would have drawn only from the same images
@@ -521,6 +552,7 @@ class Trainer:
             "seed": self.seed,
             "steps_per_epoch": self.steps_per_epoch,  # a resume must keep the epoch's batches
             "train_listing": self._train_listing(),
+            "eval_listings": self._eval_listings(),
             "config": json.dumps(self.config.model_dump(mode="json")),
             **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
         }
@@ -622,6 +654,11 @@ class Trainer:
 
     def _run_epochs(self) -> bool:
         global_config = self.config.Global
+        if self.progress.epoch >= global_config.epochs:
+            # Nothing left to train (a finished run resumed with as many epochs): saved all
+            # the same, as a run resumed into another folder had no checkpoint there to be
+            # lengthened from (-o Global.epochs=MORE).
+            self.save_latest()
         while self.progress.epoch < global_config.epochs:
             epoch = self.progress.epoch
             if not self._train_epoch():
@@ -780,7 +817,37 @@ class Trainer:
                 progress.best_metric_name,
                 metric,
             )
+        self._forget_best()
+
+    def _forget_best_of_other_evaluation_images(self, payload: dict[str, Any]) -> None:
+        """A run resumed with other query or gallery images (a query list put right, say)
+        scores on another scale: compared with the best of the old images, its values would
+        seldom replace it (a harder set never), and the run's best would be an epoch scored
+        on images no longer evaluated. The best is chosen anew from the next evaluation."""
+        saved, current = payload.get("eval_listings"), self._eval_listings()
+        if saved is None or current is None or self.progress.best_metric is None:
+            return  # an older checkpoint, no evaluation now, or no best yet
+        changed = [where for where in current if saved.get(where) != current[where]]
+        if not changed:
+            return
+        if self.context.is_main:
+            logger.warning(
+                "resuming with other evaluation images than the checkpoint's (%s): its best "
+                "model (epoch %s, %s %.4f) was scored on those, so the best model is chosen "
+                "anew from the next evaluation",
+                ", ".join(changed),
+                self.progress.best_epoch,
+                self.progress.best_metric_name,
+                self.progress.best_metric,
+            )
+        self._forget_best()
+
+    def _forget_best(self) -> None:
+        """No best model yet, as far as this run knows; nor a best for a plateau schedule
+        to compare the next evaluation with."""
+        progress = self.progress
         progress.best_metric = progress.best_epoch = progress.best_metric_name = None
+        self.schedule.forget_best()
 
     def _carry_over_from(self, run_dir: Path) -> None:
         """A run resumed into another folder than its checkpoint's would leave its earlier
