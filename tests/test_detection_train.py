@@ -327,6 +327,43 @@ def test_detection_images_are_decoded_upright_as_inference_sees_them(tmp_path: P
         dataset[0]
 
 
+def test_an_image_whose_pixels_are_not_the_size_its_annotations_record_is_named(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A phone photo annotated sideways (its size recorded before the EXIF orientation that
+    reading applies), or a resized copy: its boxes are in another frame than its pixels,
+    which training would otherwise learn from without a word. The first one is named."""
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 300x100, read upright as 100x300
+    Image.new("RGB", (300, 100), "red").save(tmp_path / "img0.png", exif=exif)
+    Image.new("RGB", (64, 48), "red").save(tmp_path / "img1.png")  # recorded as 128x96
+    Image.new("RGB", (50, 40), "red").save(tmp_path / "img2.png")  # recorded as it is
+    path = _write_coco(tmp_path, [[(10, 10, 60, 60, 0)]] * 3)
+    data = json.loads(path.read_text())
+    sizes = [(300, 100), (128, 96), (50, 40)]
+    for image, (width, height) in zip(data["images"], sizes, strict=True):
+        image |= {"width": width, "height": height}
+    path.write_text(json.dumps(data))
+    dataset = CocoDetection(path, tmp_path)
+    with caplog.at_level(logging.WARNING, logger="shitu.detection"):
+        dataset.load_image(2)
+        assert caplog.text == ""
+        dataset.load_image(0)
+    assert (
+        f"{tmp_path / 'img0.png'}: read upright it is 100x300 pixels, but {path} records "
+        "300x100 for it (width and height swapped: were its boxes drawn on the photo sideways"
+    ) in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="shitu.detection"):
+        dataset.load_image(1)  # one named is enough: a resized set would name each image
+    assert caplog.text == ""
+    fresh = CocoDetection(path, tmp_path)
+    with caplog.at_level(logging.WARNING, logger="shitu.detection"):
+        fresh.load_image(1)
+    assert "img1.png: read upright it is 64x48 pixels, but" in caplog.text
+    assert "records 128x96 for it; its boxes were clipped" in caplog.text
+
+
 def test_voc_dataset_parsing(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     (tmp_path / "ann").mkdir()
     Image.new("RGB", (40, 30)).save(tmp_path / "a.jpg")

@@ -54,11 +54,13 @@ class DetectionDataset:
         crowds: list[tuple[np.ndarray, np.ndarray]] | None = None,
         source: str | Path = "the detection dataset",
         difficult: list[np.ndarray] | None = None,
+        sizes: list[tuple[float, float] | None] | None = None,
     ) -> None:
         """`crowds`: each image's crowd regions (boxes, labels), none where not given.
         `source`: the annotations' file or folder, which the errors name (a run reads a
         training and a validation set). `difficult`: each image's [K] mask of the boxes
-        evaluation ignores (VOC's `difficult`), none where not given."""
+        evaluation ignores (VOC's `difficult`), none where not given. `sizes`: each
+        image's (width, height) as the annotations record it, None where they do not."""
         if not images:
             raise DataError(f"{source}: lists no images")
         if not class_names:
@@ -77,6 +79,9 @@ class DetectionDataset:
         )
         self.class_names = class_names
         self.transform = transform
+        self.source = source
+        self.recorded_sizes = sizes if sizes is not None else [None] * len(images)
+        self._named_a_size_mismatch = False  # one warning per process, not one per image
 
     def __len__(self) -> int:
         return len(self.images)
@@ -99,9 +104,40 @@ class DetectionDataset:
         boxes, annotated on the photo as displayed, fall where they belong)."""
         path = self.images[index]
         try:
-            return decode_rgb_image(_read(path, "image"))
+            image = decode_rgb_image(_read(path, "image"))
         except UnreadableImageError as exc:
             raise DataError(f"{path}: {exc}") from None
+        self._check_recorded_size(index, image.size)
+        return image
+
+    def _check_recorded_size(self, index: int, size: tuple[int, int]) -> None:
+        """Warn, for the first image, where its pixels are not the size its annotations
+        record: its boxes, in that size's frame and clipped to it as they loaded, would be
+        trained (and evaluated) on other places of the photo without a word. Seen in a
+        resized copy of the images, and in a phone photo annotated sideways, its size
+        recorded before its EXIF orientation, which reading applies, turns it upright."""
+        recorded = self.recorded_sizes[index]
+        if recorded is None or tuple(recorded) == size or self._named_a_size_mismatch:
+            return
+        self._named_a_size_mismatch = True
+        width, height = recorded
+        sideways = (
+            " (width and height swapped: were its boxes drawn on the photo sideways, before "
+            "its EXIF orientation turns it upright as it is read here?)"
+            if (height, width) == size
+            else ""
+        )
+        logger.warning(
+            "%s: read upright it is %dx%d pixels, but %s records %gx%g for it%s; its boxes "
+            "were clipped to the size recorded, and where drawn on a copy of that size they "
+            "fall elsewhere on these pixels (later images whose size differs are not named)",
+            self.images[index],
+            *size,
+            self.source,
+            width,
+            height,
+            sideways,
+        )
 
     def targets(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         return self.boxes[index], self.labels[index]
@@ -293,6 +329,7 @@ class CocoDetection(DetectionDataset):
             transform,
             crowds,
             path,
+            sizes=sizes,
         )
 
 
@@ -446,6 +483,7 @@ class VocDetection(DetectionDataset):
             transform,
             source=annotation_dir,
             difficult=difficult,
+            sizes=sizes,
         )
 
     @staticmethod
