@@ -27,10 +27,11 @@ from shitu.detection import boxes as numpy_boxes
 from shitu.detection import build_picodet, load_detector
 from shitu.detection.boxes import multiclass_nms, nms
 from shitu.detection.detector import MEAN, STD, OnnxDetector, TorchDetector, preprocess
-from shitu.detection.export import export_onnx
+from shitu.detection.export import _Decoded, export_onnx
 from shitu.detection.postprocess import anchor_points, box_iou, decode_boxes
 from shitu.detection.weights import load_onnx_weights, paddle_key, save_detector
 from shitu.errors import CheckpointError, ConfigError
+from shitu.onnx_trace import trace_to_onnx
 from shitu.pipeline import build_detector, fonts, load_pipeline_config
 from tests.font_helpers import font_covering
 from tests.onnx_helpers import tiny_model
@@ -306,6 +307,40 @@ def test_our_onnx_export_of_a_fresh_model_loads_into_torch(tmp_path: Path) -> No
     batch = torch.from_numpy(preprocess(photo, (64, 64))[None])
     with torch.no_grad():
         for ours, theirs in zip(model.eval().predict(batch), loaded.predict(batch), strict=True):
+            torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-3)
+
+
+def test_an_onnx_export_that_keeps_its_batch_norms_loads_into_torch_with_them(
+    tmp_path: Path,
+) -> None:
+    """An export made without constant folding keeps each BatchNormalization node after
+    its bias-less conv: `--runtime torch` (and detect-export) failed on it with an
+    AttributeError, and its statistics would have been dropped. They are folded in."""
+    torch.manual_seed(0)
+    model = build_picodet("picodet_s_esnet", num_classes=2, input_size=64).eval()
+    for module in model.modules():  # statistics far from the identity, as trained ones are
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.2, 0.2)
+    path = tmp_path / "unfolded.onnx"
+    with torch.no_grad():
+        trace_to_onnx(
+            _Decoded(model).eval(),
+            (torch.zeros(1, 3, 64, 64),),
+            path,
+            input_names=["image"],
+            output_names=["scores", "boxes"],
+            opset_version=13,
+            do_constant_folding=False,
+        )
+    assert any(node.op_type == "BatchNormalization" for node in onnx.load(str(path)).graph.node)
+    loaded = load_onnx_weights(path)
+    photo = np.random.default_rng(0).integers(0, 256, (80, 90, 3), dtype=np.uint8)
+    batch = torch.from_numpy(preprocess(photo, (64, 64))[None])
+    with torch.no_grad():
+        for ours, theirs in zip(model.predict(batch), loaded.predict(batch), strict=True):
             torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-3)
 
 

@@ -1,7 +1,8 @@
 """Weights for PicoDet from three sources: our checkpoints, PaddleDetection `.pdparams`,
 and the initializers of ONNX exports made by paddle2onnx.
 
-ONNX exports fold every BatchNorm into the preceding convolution and rename tensors,
+ONNX exports fold every BatchNorm into the preceding convolution (those that keep it as a
+BatchNormalization node are folded here) and rename tensors,
 so they are matched by position: the graph lists convolutions in the order Paddle ran
 them, and our modules run theirs in the same order. Each folded (weight, bias) goes
 into our conv with its BatchNorm set to the identity plus that bias; shapes are
@@ -186,16 +187,54 @@ def _onnx_convs(path: str | Path, graph: Any) -> list[tuple[np.ndarray, np.ndarr
             # torch's exporter stores equal tensors once (a fresh model's zero biases, say)
             # and hands each further user an Identity of it
             values[node.output[0]] = values[node.input[0]]
-    convs = []
+    convs: list[tuple[np.ndarray, np.ndarray | None]] = []
+    made_by: dict[str, int] = {}  # a conv's output -> its place in `convs`
     for node in graph.node:
+        if node.op_type == "BatchNormalization":
+            # Kept unfolded (an export without constant folding): its statistics were
+            # otherwise dropped, the conv's output taken as final.
+            index = _conv_of(path, node, made_by)
+            convs[index] = _fold_batch_norm(path, node, convs[index], values)
         if node.op_type != "Conv":
             continue
         weight = values.get(node.input[1])
         if weight is None:
             raise CheckpointError(f"{path}: conv '{node.name}' has a computed weight")
         bias = values.get(node.input[2]) if len(node.input) > 2 else None
+        made_by[node.output[0]] = len(convs)
         convs.append((weight, bias))
     return convs
+
+
+def _conv_of(path: str | Path, node: Any, made_by: dict[str, int]) -> int:
+    """The place in the conv list of the conv whose output BatchNormalization `node` takes;
+    a CheckpointError where none does (a PicoDet normalises only conv outputs)."""
+    if node.input[0] not in made_by:
+        raise CheckpointError(
+            f"{path}: BatchNormalization '{node.name}' does not follow a convolution; it is "
+            "not a PicoDet export"
+        )
+    return made_by[node.input[0]]
+
+
+def _fold_batch_norm(
+    path: str | Path,
+    node: Any,
+    conv: tuple[np.ndarray, np.ndarray | None],
+    values: dict[str, np.ndarray],
+) -> tuple[np.ndarray, np.ndarray]:
+    """`conv`'s (weight, bias) with BatchNormalization `node` (inference mode) folded in."""
+    try:
+        scale, shift, mean, variance = (values[name] for name in node.input[1:5])
+    except KeyError:
+        raise CheckpointError(
+            f"{path}: BatchNormalization '{node.name}' has computed inputs"
+        ) from None
+    epsilon = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
+    weight, bias = conv
+    factor = scale / np.sqrt(variance + np.float32(epsilon))
+    folded_bias = ((0.0 if bias is None else bias) - mean) * factor + shift
+    return weight * factor[:, None, None, None], folded_bias.astype(weight.dtype)
 
 
 def _execution_order(model: PicoDet) -> list[tuple[nn.Conv2d, nn.BatchNorm2d | None]]:
@@ -261,7 +300,10 @@ def load_onnx_weights(path: str | Path, arch: str | PicoDetArch | dict | None = 
                 conv.bias.copy_(torch.from_numpy(bias.copy()))
             elif bn is not None:
                 bn.weight.fill_(1.0)
-                bn.bias.copy_(torch.from_numpy(bias.copy()))
+                if bias is not None:  # none in the graph: its conv's output goes on as it is
+                    bn.bias.copy_(torch.from_numpy(bias.copy()))
+                else:
+                    bn.bias.zero_()
                 bn.running_mean.zero_()
                 bn.running_var.fill_(1.0 - bn.eps)
             elif bias is not None and np.any(bias != 0):
