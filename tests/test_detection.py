@@ -278,6 +278,22 @@ def test_checkpoint_and_export_round_trip(tmp_path: Path) -> None:
     np.testing.assert_allclose(b[1][0, 2:], b[0][0, 2:] / 2, atol=3.0)  # same top box, halved
 
 
+def test_exporting_a_detectors_model_leaves_its_boxes_as_they_were(tmp_path: Path) -> None:
+    """torch's exporter put the model it was given back in training mode: a TorchDetector
+    whose model was exported then found other boxes (its batch norms on each photo's own
+    statistics), or failed on a level of one cell. A model in training stays so."""
+    torch.manual_seed(0)
+    model = build_picodet("picodet_s_esnet", num_classes=2, input_size=64)
+    detector = TorchDetector(model)
+    photo = np.random.default_rng(0).integers(0, 256, (80, 90, 3), dtype=np.uint8)
+    before = detector.detect(photo, 0.0, 10)
+    export_onnx(detector.model, tmp_path / "det.onnx")
+    assert not detector.model.training
+    np.testing.assert_array_equal(detector.detect(photo, 0.0, 10), before)
+    export_onnx(model.train(), tmp_path / "det.onnx")
+    assert model.training
+
+
 def test_our_onnx_export_carries_its_class_names_as_our_checkpoints_do(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
