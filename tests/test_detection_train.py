@@ -364,6 +364,29 @@ def test_an_image_whose_pixels_are_not_the_size_its_annotations_record_is_named(
     assert "records 128x96 for it; its boxes were clipped" in caplog.text
 
 
+def test_boxes_wholly_outside_an_image_of_no_recorded_size_are_named_when_it_is_read(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Where the annotations record no size (COCO's width and height are optional), boxes
+    outside the image can only be found once it is read: they were left out without the
+    warning that those outside a recorded size get."""
+    annotations = [[(10, 10, 40, 40, 0), (200, 200, 220, 230, 1)], [(300, 0, 320, 20, 0)]]
+    for i in range(2):
+        Image.new("RGB", (64, 48), "red").save(tmp_path / f"img{i}.png")
+    dataset = CocoDetection(_write_coco(tmp_path, annotations), tmp_path)
+    with caplog.at_level(logging.WARNING, logger="shitu.detection"):
+        _, boxes, _ = dataset[0]
+    assert len(boxes) == 1
+    assert (
+        f"{tmp_path / 'img0.png'}: 1 of its 2 boxes lie wholly outside it (64x48 pixels, "
+        "read upright) and are left out"
+    ) in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="shitu.detection"):
+        dataset[1]  # named once: a set drawn on other sizes would name every image
+    assert caplog.text == ""
+
+
 def test_voc_dataset_parsing(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     (tmp_path / "ann").mkdir()
     Image.new("RGB", (40, 30)).save(tmp_path / "a.jpg")

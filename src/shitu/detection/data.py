@@ -81,7 +81,7 @@ class DetectionDataset:
         self.transform = transform
         self.source = source
         self.recorded_sizes = sizes if sizes is not None else [None] * len(images)
-        self._named_a_size_mismatch = False  # one warning per process, not one per image
+        self._named: set[str] = set()  # each warning of `_check_boxes_fit` once per process
 
     def __len__(self) -> int:
         return len(self.images)
@@ -107,19 +107,34 @@ class DetectionDataset:
             image = decode_rgb_image(_read(path, "image"))
         except UnreadableImageError as exc:
             raise DataError(f"{path}: {exc}") from None
-        self._check_recorded_size(index, image.size)
+        self._check_boxes_fit(index, image.size)
         return image
 
-    def _check_recorded_size(self, index: int, size: tuple[int, int]) -> None:
+    def _check_boxes_fit(self, index: int, size: tuple[int, int]) -> None:
         """Warn, for the first image, where its pixels are not the size its annotations
-        record: its boxes, in that size's frame and clipped to it as they loaded, would be
-        trained (and evaluated) on other places of the photo without a word. Seen in a
-        resized copy of the images, and in a phone photo annotated sideways, its size
-        recorded before its EXIF orientation, which reading applies, turns it upright."""
+        record, or, where they record none, where boxes lie wholly outside it (left out as
+        its samples are made, as those outside a recorded size are, counted, as they load):
+        its boxes, drawn on another size, would be trained (and evaluated) on other places
+        of the photo, or dropped, without a word. Seen in a resized copy of the images, and
+        in a phone photo annotated sideways, its size recorded before its EXIF orientation,
+        which reading applies, turns it upright."""
         recorded = self.recorded_sizes[index]
-        if recorded is None or tuple(recorded) == size or self._named_a_size_mismatch:
+        if recorded is None:
+            boxes = self.boxes[index]
+            inside = len(clip_boxes(boxes, self.labels[index], *size)[0])
+            if inside < len(boxes) and self._first("outside"):
+                logger.warning(
+                    "%s: %d of its %d boxes lie wholly outside it (%dx%d pixels, read upright) "
+                    "and are left out; were they drawn on another size of it? (later images "
+                    "with such boxes are not named)",
+                    self.images[index],
+                    len(boxes) - inside,
+                    len(boxes),
+                    *size,
+                )
             return
-        self._named_a_size_mismatch = True
+        if tuple(recorded) == size or not self._first("size"):
+            return
         width, height = recorded
         sideways = (
             " (width and height swapped: were its boxes drawn on the photo sideways, before "
@@ -138,6 +153,12 @@ class DetectionDataset:
             height,
             sideways,
         )
+
+    def _first(self, warning: str) -> bool:
+        """Whether `warning` is given for the first time (by this process)."""
+        first = warning not in self._named
+        self._named.add(warning)
+        return first
 
     def targets(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         return self.boxes[index], self.labels[index]
