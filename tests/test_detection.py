@@ -919,6 +919,15 @@ def test_detect_export_writes_pdparams_and_our_checkpoints_as_onnx_with_torchs_b
             found = exported.detect(image, 0.3, 10)
         assert len(found) == len(expected) >= 3  # the dog, the bicycle and the car
         np.testing.assert_allclose(found, expected, rtol=1e-3, atol=1e-3)
+    # Without --input-size, the size the model runs at, as the help says: the checkpoint's
+    # (320 here, PicoDet-S's architecture 416), a .pdparams's architecture's.
+    for weights, arch, size in (
+        (checkpoint, [], 320),
+        (pdparams, ["--arch", "picodet_s_esnet"], 416),
+    ):
+        out = tmp_path / f"{weights.stem}_default.onnx"
+        assert shitu_main(["detect-export", str(weights), *arch, "--out", str(out)]) == 0
+        assert json.loads(capsys.readouterr().out) == {"onnx": str(out), "input_size": size}
     assert shitu_main(["detect-export", str(pdparams), "--out", str(tmp_path / "a.onnx")]) == 2
     assert "a .pdparams file holds only weights; name its architecture" in capsys.readouterr().err
     assert shitu_main(["detect-export", str(checkpoint), "--out", str(tmp_path / "det")]) == 2

@@ -59,8 +59,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--input-size",
         type=input_side,
         help="network input size, a multiple of 32 (default: the model's own: an ONNX file's "
-        "fixed size, else its architecture's); another size for an ONNX file needs --runtime "
-        "torch",
+        "fixed size, a detect-train model.pt's --input-size, a .pdparams's architecture's); "
+        "another size for an ONNX file needs --runtime torch",
     )
     parser.add_argument(
         "--threshold", type=detection_score, default=0.3, help="minimum score (default 0.3)"

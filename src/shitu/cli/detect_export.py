@@ -32,8 +32,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--input-size",
         type=input_side,
-        help="the input side the file runs at (a multiple of 32; default: the architecture's, an "
-        "ONNX file's own)",
+        help="the input side the file runs at (a multiple of 32; default: the size the model "
+        "runs at: a detect-train model.pt's --input-size, an ONNX file's own, a .pdparams's "
+        "architecture's)",
     )
     parser.set_defaults(func=run)
 
