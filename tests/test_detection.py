@@ -875,6 +875,22 @@ def test_detect_on_a_terminal_draws_a_progress_bar_that_counts_the_skipped(
     assert status == 0 and not any(line.startswith("detecting") for line in lines), lines
 
 
+def test_detect_given_recognizes_plain_background_detector_says_it_is_no_model_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`recognize --detector plain-background` takes it; detect said only that no such
+    detector file exists. A file of that name is still a detector file."""
+    Image.new("RGB", (64, 48), "red").save(tmp_path / "photo.png")
+    monkeypatch.chdir(tmp_path)
+    assert shitu_main(["detect", "photo.png", "--model", "plain-background"]) == 2
+    err = capsys.readouterr().err
+    assert "--model plain-background: detect runs a detector model file" in err
+    assert "--detector plain-background --save-vis DIR` draws" in err
+    save_detector(build_picodet("picodet_s_esnet", input_size=64), tmp_path / "plain-background")
+    assert shitu_main(["detect", "photo.png", "--model", "plain-background"]) == 0
+    assert json.loads(capsys.readouterr().out)["image"] == "photo.png"
+
+
 def test_detect_cli_leaves_no_save_vis_folder_when_no_image_is_read(tmp_path: Path, capsys):
     """The --save-vis folder, made before the first image to check it can be written in,
     was left behind, empty, by a run that read no image; as `shitu recognize`, it goes."""

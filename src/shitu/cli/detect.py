@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from shitu.cli.common import (
@@ -20,7 +21,7 @@ from shitu.cli.common import (
     unread_files_status,
     visualisation_writer,
 )
-from shitu.errors import DataError
+from shitu.errors import ConfigError, DataError
 from shitu.fileio import SAVE_AS_UTF8, read_text, removed_if_left_empty, text_lines
 
 
@@ -111,8 +112,18 @@ def _detect(args: argparse.Namespace) -> int:
     from shitu.detection import load_detector
     from shitu.inference.preprocess import read_rgb
     from shitu.pipeline import draw_boxes
+    from shitu.pipeline.defaults import PLAIN_BACKGROUND
     from shitu.progress import ImageProgress
 
+    if args.model == PLAIN_BACKGROUND and not os.path.exists(args.model):
+        # recognize's --detector names it so; "detector file not found" left the user to
+        # find that it is no file
+        raise ConfigError(
+            f"--model {PLAIN_BACKGROUND}: detect runs a detector model file (.pt, .pdparams or "
+            f".onnx); {PLAIN_BACKGROUND} is `shitu recognize`'s model-free detector, whose "
+            f"boxes `shitu recognize PHOTOS --gallery LIB --detector {PLAIN_BACKGROUND} "
+            "--save-vis DIR` draws"
+        )
     paths, folder = expand_images(args.images)
     detector = load_detector(args.model, args.runtime, args.arch, args.input_size, args.threads)
     names = _class_names(args.class_names) if args.class_names else detector.class_names
