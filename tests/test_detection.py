@@ -360,6 +360,20 @@ def test_an_onnx_export_that_keeps_its_batch_norms_loads_into_torch_with_them(
             torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-3)
 
 
+@needs_picodet
+def test_an_onnx_export_of_another_architecture_than_the_one_named_says_which_was_named() -> None:
+    """`--arch` names one architecture, and only that one is tried: the error said "the
+    given one", not which, nor that without it every known one is tried."""
+    onnx_file = PICODET / "picodet_s_416_coco.onnx"
+    with pytest.raises(CheckpointError) as refused:
+        load_detector(onnx_file, backend="torch", arch="picodet_lcnet_x2_5_mainbody")
+    assert str(refused.value) == (
+        f"{onnx_file}: its convolutions do not match the PicoDet architecture "
+        "picodet_lcnet_x2_5_mainbody; without an architecture named, each known one is tried "
+        "(picodet_s_esnet, picodet_m_esnet, picodet_lcnet_x2_5_mainbody)"
+    )
+
+
 def test_our_onnx_export_loads_into_torch_with_its_architecture_named(tmp_path: Path) -> None:
     """A 2-class export run by torch with --det-arch given, as a .pdparams needs it: the
     named architecture takes the export's class count and names (its 80 COCO classes

@@ -288,10 +288,15 @@ def load_onnx_weights(path: str | Path, arch: str | PicoDetArch | dict | None = 
         for name in ([arch] if arch is not None else ARCHS)
     ]
     model = next((m for m in map(build_picodet, candidates) if _fits(m, convs)), None)
+    if model is None and arch is not None:  # the name given (--arch, --det-arch) said
+        given = arch if isinstance(arch, str) else "the one given"
+        raise CheckpointError(
+            f"{path}: its convolutions do not match the PicoDet architecture {given}; without "
+            f"an architecture named, each known one is tried ({', '.join(ARCHS)})"
+        )
     if model is None:
         raise CheckpointError(
-            f"{path}: its convolutions match no PicoDet architecture "
-            f"({'the given one' if arch is not None else ', '.join(ARCHS)})"
+            f"{path}: its convolutions match no PicoDet architecture ({', '.join(ARCHS)})"
         )
     with torch.no_grad():
         for (conv, bn), (weight, bias) in zip(_execution_order(model), convs, strict=True):
