@@ -111,13 +111,13 @@ class DetectionDataset:
         return image
 
     def _check_boxes_fit(self, index: int, size: tuple[int, int]) -> None:
-        """Warn, for the first image, where its pixels are not the size its annotations
-        record, or, where they record none, where boxes lie wholly outside it (left out as
-        its samples are made, as those outside a recorded size are, counted, as they load):
-        its boxes, drawn on another size, would be trained (and evaluated) on other places
-        of the photo, or dropped, without a word. Seen in a resized copy of the images, and
-        in a phone photo annotated sideways, its size recorded before its EXIF orientation,
-        which reading applies, turns it upright."""
+        """Warn (once per process) of the first image whose pixels, read upright, are not
+        the size its annotations record, and, where they record none, of the first with
+        boxes wholly outside it (those outside a recorded size are counted as the
+        annotations load). Such boxes were drawn on another size of the photo (a resized
+        copy; a phone photo annotated sideways, before the EXIF orientation reading applies)
+        and would be trained on, and evaluated at, other places of it, or dropped, without
+        a word."""
         recorded = self.recorded_sizes[index]
         if recorded is None:
             boxes = self.boxes[index]
