@@ -1260,6 +1260,22 @@ def test_detection_train_config_refuses_values_that_cannot_train(field, value, e
         DetectionTrainConfig(**{field: value})
 
 
+def test_detect_train_refuses_a_seed_out_of_range_as_its_option(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A seed of 2**63 or more was refused as 'DetectionTrainConfig.seed', a name the user
+    never typed, after the data was read; it is --seed's error, before anything runs."""
+    command = ["detect-train", "--coco", str(tmp_path / "none.json"), "--images", str(tmp_path)]
+    with pytest.raises(SystemExit) as stopped:
+        main([*command, "--seed", str(2**63), "--out", str(tmp_path / "run")])
+    assert stopped.value.code == 2
+    assert (
+        f"argument --seed: expected a whole number from 0 to 2**63 - 1, got {2**63}"
+        in capsys.readouterr().err
+    )
+    assert not (tmp_path / "run").exists()
+
+
 def _live_children(pid: int) -> list[int]:
     """The processes whose parent is `pid`, but for those that have ended (zombies)."""
     children = []

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from shitu.cli.common import (
     add_progress_argument,
+    bounded,
     input_side,
     non_negative_int,
     positive_float,
@@ -41,6 +42,8 @@ _SHOWN_CLASSES = 5
 # PaddleDetection's PicoDet recipes train at the input size and 32 and 64 either side (416:
 # 352 to 480; the 640 mainbody detector PP-ShiTu trains: 576 to 704).
 MULTI_SCALE_STEPS = (-64, -32, 0, 32, 64)
+# The seeds DetectionTrainConfig takes, refused as the option, not as the config's field
+SEED = bounded(int, 0, 2**63 - 1, "a whole number from 0 to 2**63 - 1")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -100,7 +103,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "for picodet_lcnet_x2_5_mainbody)",
     )
     parser.add_argument("--workers", type=non_negative_int, default=0, help="data loader processes")
-    parser.add_argument("--seed", type=non_negative_int, default=0, help="random seed")
+    parser.add_argument("--seed", type=SEED, default=0, help="random seed")
     parser.add_argument(
         "--out",
         help=f"output folder (default: {DEFAULT_OUT}, or with --resume the folder of the run "
