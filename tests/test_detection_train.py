@@ -364,6 +364,25 @@ def test_an_image_whose_pixels_are_not_the_size_its_annotations_record_is_named(
     assert "records 128x96 for it; its boxes were clipped" in caplog.text
 
 
+def test_a_voc_image_of_another_size_than_its_xml_records_names_that_file(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The size comes from the image's own XML file, which the warning names (it named
+    the annotation folder, where a user would look through every file)."""
+    Image.new("RGB", (64, 48), "red").save(tmp_path / "img0.png")
+    folder = _write_voc(tmp_path / "ann", [[(10, 10, 40, 40, 0)]])
+    xml = folder / "img0.xml"
+    xml.write_text(
+        xml.read_text().replace(
+            "</filename>", "</filename><size><width>128</width><height>96</height></size>"
+        )
+    )
+    dataset = VocDetection(folder, tmp_path)
+    with caplog.at_level(logging.WARNING, logger="shitu.detection"):
+        dataset.load_image(0)
+    assert f"but {xml} records 128x96 for it" in caplog.text
+
+
 def test_boxes_wholly_outside_an_image_of_no_recorded_size_are_named_when_it_is_read(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -148,11 +148,15 @@ class DetectionDataset:
             "fall elsewhere on these pixels (later images whose size differs are not named)",
             self.images[index],
             *size,
-            self.source,
+            self.annotations_of(index),
             width,
             height,
             sideways,
         )
+
+    def annotations_of(self, index: int) -> str | Path:
+        """The annotation file (or folder) that describes image `index`, as warnings name it."""
+        return self.source
 
     def _first(self, warning: str) -> bool:
         """Whether `warning` is given for the first time (by this process)."""
@@ -506,6 +510,11 @@ class VocDetection(DetectionDataset):
             difficult=difficult,
             sizes=sizes,
         )
+        self.xml_files = xml_files
+
+    def annotations_of(self, index: int) -> str | Path:
+        """The XML file that annotates image `index`."""
+        return self.xml_files[index]
 
     @staticmethod
     def _parse(
