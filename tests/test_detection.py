@@ -30,6 +30,7 @@ from shitu.detection.detector import MEAN, STD, OnnxDetector, TorchDetector, pre
 from shitu.detection.export import _Decoded, export_onnx
 from shitu.detection.postprocess import anchor_points, box_iou, decode_boxes
 from shitu.detection.weights import load_onnx_weights, paddle_key, save_detector
+from shitu.engine.state import Progress, save_training_state
 from shitu.errors import CheckpointError, ConfigError
 from shitu.onnx_trace import trace_to_onnx
 from shitu.pipeline import build_detector, fonts, load_pipeline_config
@@ -440,6 +441,22 @@ def test_a_pdparams_fine_tuned_on_other_classes_loads_with_its_class_count(
     command = ["detect", dog, "--model", str(path), "--input-size", "64", "--threshold", "0"]
     assert shitu_main([*command, "--det-arch", "picodet_s_esnet"]) == 0
     assert json.loads(capsys.readouterr().out)["boxes"]
+
+
+def test_a_recognition_training_checkpoint_given_as_a_detector_is_named_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`shitu train`'s latest.pt, found in an output/ folder beside detect-train's: it was
+    refused as having 'no shitu-picodet-1', which said nothing of what it is."""
+    latest = tmp_path / "latest.pt"
+    state = {"seed": 0, "model": {"w": torch.zeros(2)}, "optimizer": {}}
+    save_training_state(latest, state, Progress(epoch=1, global_step=10))
+    Image.new("RGB", (64, 48), "red").save(tmp_path / "photo.png")
+    assert shitu_main(["detect", str(tmp_path / "photo.png"), "--model", str(latest)]) == 2
+    assert (
+        f"{latest} is a recognition model's training checkpoint (`shitu train`'s), not a "
+        "detector; give a detector: the model.pt or model.onnx `shitu detect-train` writes"
+    ) in capsys.readouterr().err
 
 
 def test_load_detector_errors(tmp_path: Path, caplog) -> None:

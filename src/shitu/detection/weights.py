@@ -54,10 +54,17 @@ def load_detector_checkpoint(path: str | Path) -> PicoDet:
             f"{path} is not a readable detector checkpoint (expected a .pt file from `shitu "
             "detect-train`, an .onnx or a .pdparams file)"
         ) from None
-    if training_state_kind(data) == "detector":
+    kind = training_state_kind(data)
+    if kind == "detector":
         raise CheckpointError(
             f"{path} is a detector training checkpoint (for `shitu detect-train --resume`); "
             "give the model.pt its run wrote beside it instead"
+        )
+    if kind == "recognition":  # a run's latest.pt of the other trainer, found in output/
+        raise CheckpointError(
+            f"{path} is a recognition model's training checkpoint (`shitu train`'s), not a "
+            "detector; give a detector: the model.pt or model.onnx `shitu detect-train` "
+            "writes, a PaddleDetection .pdparams or an ONNX export"
         )
     if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(
