@@ -459,6 +459,30 @@ def test_a_recognition_training_checkpoint_given_as_a_detector_is_named_so(
     ) in capsys.readouterr().err
 
 
+def test_a_recognition_export_given_as_the_detector_is_named_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`shitu export`'s folder (or its model.onnx) given to detect or detect-export: the
+    folder was said to hold a detector, model.onnx, which was then refused for its
+    outputs, leaving the user to find that it is a recognition model."""
+    export = tmp_path / "my_model"
+    export.mkdir()
+    (export / "shitu_model.json").write_text("{}")
+    (export / "model.onnx").write_bytes(b"not read")
+    Image.new("RGB", (64, 48), "red").save(tmp_path / "photo.png")
+    photo = str(tmp_path / "photo.png")
+    for given in (export, export / "model.onnx"):
+        assert shitu_main(["detect", photo, "--model", str(given)]) == 2
+        part = "" if given == export else "a file of "
+        assert (
+            f"--model {given} is {part}an exported recognition model ({export} holds "
+            "shitu_model.json), not a detector; give a detector: the model.pt or model.onnx"
+        ) in capsys.readouterr().err
+    out = str(tmp_path / "det.onnx")
+    assert shitu_main(["detect-export", str(export / "model.onnx"), "--out", out]) == 2
+    assert "is a file of an exported recognition model" in capsys.readouterr().err
+
+
 def test_load_detector_errors(tmp_path: Path, caplog) -> None:
     checkpoint = save_detector(build_picodet("picodet_s_esnet", input_size=64), tmp_path / "d.pt")
     for size in (100, 0, 64.0):  # PicoDet's neck fails on sides that do not halve to 1/32

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 from shitu.cli.common import (
     add_detector_arch_argument,
@@ -102,6 +103,23 @@ def _class_names(path: str) -> tuple[str, ...]:
     return tuple(names)
 
 
+def refuse_recognition_export(model: str, option: str) -> None:
+    """A ConfigError for a recognition model's export folder, or a file of one, given as
+    the detector: the folder was said to "hold model.onnx", and that file was then refused
+    for outputs that are no detector's."""
+    from shitu.inference.manifest import EXPORT_FILES, MANIFEST
+
+    path = Path(model)
+    export = path if path.is_dir() else path.parent if path.name in EXPORT_FILES else None
+    if export is not None and (export / MANIFEST).is_file():
+        part = "" if export == path else "a file of "
+        raise ConfigError(
+            f"{option} {model} is {part}an exported recognition model ({export} holds "
+            f"{MANIFEST}), not a detector; give a detector: the model.pt or model.onnx `shitu "
+            "detect-train` writes, a PaddleDetection .pdparams or a PicoDet ONNX export"
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     with removed_if_left_empty(args.save_vis):  # a run that fails leaves no folder made
         return _detect(args)
@@ -124,6 +142,7 @@ def _detect(args: argparse.Namespace) -> int:
             f"boxes `shitu recognize PHOTOS --gallery LIB --detector {PLAIN_BACKGROUND} "
             "--save-vis DIR` draws"
         )
+    refuse_recognition_export(args.model, "--model")
     paths, folder = expand_images(args.images)
     detector = load_detector(args.model, args.runtime, args.arch, args.input_size, args.threads)
     names = _class_names(args.class_names) if args.class_names else detector.class_names

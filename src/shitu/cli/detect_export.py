@@ -40,6 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from shitu.cli.detect import refuse_recognition_export
     from shitu.detection import load_detector
     from shitu.detection.export import export_onnx
 
@@ -49,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
     if out.is_dir():
         raise ConfigError(f"--out {out}: is a folder; give the .onnx file to write")
     refuse_file_in_the_way(out.parent, f"--out {out}")  # named before the weights are read
+    refuse_recognition_export(args.weights, "WEIGHTS")
     detector = load_detector(args.weights, "torch", args.arch, args.input_size)
     size = detector.input_size[0]
     path = export_onnx(detector.model, out, size, check_with_onnxruntime=True)
