@@ -901,7 +901,7 @@ def test_detect_train_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     for option, value, expected in (
         ("--lr", "0", "above 0"),
         ("--workers", "-1", ">= 0"),
-        ("--seed", "-1", ">= 0"),
+        ("--seed", "-1", "from 0 to 2**63 - 1"),
     ):
         with pytest.raises(SystemExit):
             main([*common, option, value])
