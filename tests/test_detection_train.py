@@ -1279,6 +1279,30 @@ def test_detection_train_config_refuses_values_that_cannot_train(field, value, e
         DetectionTrainConfig(**{field: value})
 
 
+def test_an_out_folder_of_another_kind_of_run_is_not_offered_to_resume(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An --out holding `shitu train`'s latest.pt, or a model.onnx alone, was refused with
+    'resume it with --resume OUT/latest.pt', which --resume then refused (or which is not
+    there)."""
+    command = ["detect-train", "--coco", str(tmp_path / "none.json"), "--images", str(tmp_path)]
+    recognition = tmp_path / "recognition_run"
+    recognition.mkdir()
+    save_training_state(recognition / "latest.pt", {"seed": 0, "model": {}}, Progress())
+    assert main([*command, "--out", str(recognition)]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {recognition}: holds an earlier run (latest.pt), but no detect-train run" in err
+    assert "a recognition training checkpoint, not a detector one" in err
+    assert "--resume" not in err
+    exported = tmp_path / "exported"
+    exported.mkdir()
+    (exported / "model.onnx").write_bytes(b"a detector")
+    assert main([*command, "--out", str(exported)]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {exported}: holds an earlier run (model.onnx), with no latest.pt to" in err
+    assert "--resume" not in err
+
+
 def test_detect_train_refuses_a_seed_out_of_range_as_its_option(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
