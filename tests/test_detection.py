@@ -459,6 +459,29 @@ def test_a_recognition_training_checkpoint_given_as_a_detector_is_named_so(
     ) in capsys.readouterr().err
 
 
+def test_the_training_checkpoint_of_a_run_stopped_early_says_how_to_get_its_model(
+    tmp_path: Path,
+) -> None:
+    """A run stopped early (Ctrl-C, SIGTERM) has written no model.pt: its latest.pt was
+    answered 'give the model.pt its run wrote beside it', a file that is not there."""
+    latest = tmp_path / "latest.pt"
+    what = f"{latest} is a detector training checkpoint (for `shitu detect-train --resume`)"
+    save_training_state(latest, {"arch": {}, "model": {}}, Progress(epoch=3, global_step=30))
+    with pytest.raises(CheckpointError) as refused:
+        load_detector(latest)
+    assert str(refused.value) == (
+        f"{what} of a run that has not ended: it writes model.pt and model.onnx beside it when "
+        "it does; to use what it has learnt, resume it with --epochs 3 (the epochs it has "
+        "done), which writes them without training on"
+    )
+    save_training_state(latest, {"arch": {}, "model": {}}, Progress(global_step=2))
+    with pytest.raises(CheckpointError, match=r"beside it when it does$"):
+        load_detector(latest)  # no epoch done: --epochs 0 is no setting
+    save_detector(build_picodet("picodet_s_esnet", input_size=64), tmp_path / "model.pt")
+    with pytest.raises(CheckpointError, match="give the model.pt its run wrote beside it instead"):
+        load_detector(latest)
+
+
 def test_a_recognition_export_given_as_the_detector_is_named_so(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

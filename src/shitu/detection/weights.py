@@ -56,9 +56,20 @@ def load_detector_checkpoint(path: str | Path) -> PicoDet:
         ) from None
     kind = training_state_kind(data)
     if kind == "detector":
+        what = f"{path} is a detector training checkpoint (for `shitu detect-train --resume`)"
+        if (Path(path).parent / "model.pt").is_file():
+            raise CheckpointError(f"{what}; give the model.pt its run wrote beside it instead")
+        # A run stopped early has written no model.pt, which the advice above sent users to
+        done = int(data["progress"].get("epoch", 0))
+        export = (
+            f"; to use what it has learnt, resume it with --epochs {done} (the epochs it has "
+            "done), which writes them without training on"
+            if done
+            else ""
+        )
         raise CheckpointError(
-            f"{path} is a detector training checkpoint (for `shitu detect-train --resume`); "
-            "give the model.pt its run wrote beside it instead"
+            f"{what} of a run that has not ended: it writes model.pt and model.onnx beside "
+            f"it when it does{export}"
         )
     if kind == "recognition":  # a run's latest.pt of the other trainer, found in output/
         raise CheckpointError(
