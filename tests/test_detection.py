@@ -27,10 +27,12 @@ from shitu.detection import boxes as numpy_boxes
 from shitu.detection import build_picodet, load_detector
 from shitu.detection.boxes import multiclass_nms, nms
 from shitu.detection.detector import MEAN, STD, OnnxDetector, TorchDetector, preprocess
-from shitu.detection.export import export_onnx
+from shitu.detection.export import _Decoded, export_onnx
 from shitu.detection.postprocess import anchor_points, box_iou, decode_boxes
 from shitu.detection.weights import load_onnx_weights, paddle_key, save_detector
+from shitu.engine.state import Progress, save_training_state
 from shitu.errors import CheckpointError, ConfigError
+from shitu.onnx_trace import trace_to_onnx
 from shitu.pipeline import build_detector, fonts, load_pipeline_config
 from tests.font_helpers import font_covering
 from tests.onnx_helpers import tiny_model
@@ -277,6 +279,22 @@ def test_checkpoint_and_export_round_trip(tmp_path: Path) -> None:
     np.testing.assert_allclose(b[1][0, 2:], b[0][0, 2:] / 2, atol=3.0)  # same top box, halved
 
 
+def test_exporting_a_detectors_model_leaves_its_boxes_as_they_were(tmp_path: Path) -> None:
+    """torch's exporter put the model it was given back in training mode: a TorchDetector
+    whose model was exported then found other boxes (its batch norms on each photo's own
+    statistics), or failed on a level of one cell. A model in training stays so."""
+    torch.manual_seed(0)
+    model = build_picodet("picodet_s_esnet", num_classes=2, input_size=64)
+    detector = TorchDetector(model)
+    photo = np.random.default_rng(0).integers(0, 256, (80, 90, 3), dtype=np.uint8)
+    before = detector.detect(photo, 0.0, 10)
+    export_onnx(detector.model, tmp_path / "det.onnx")
+    assert not detector.model.training
+    np.testing.assert_array_equal(detector.detect(photo, 0.0, 10), before)
+    export_onnx(model.train(), tmp_path / "det.onnx")
+    assert model.training
+
+
 def test_our_onnx_export_carries_its_class_names_as_our_checkpoints_do(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -307,6 +325,54 @@ def test_our_onnx_export_of_a_fresh_model_loads_into_torch(tmp_path: Path) -> No
     with torch.no_grad():
         for ours, theirs in zip(model.eval().predict(batch), loaded.predict(batch), strict=True):
             torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-3)
+
+
+def test_an_onnx_export_that_keeps_its_batch_norms_loads_into_torch_with_them(
+    tmp_path: Path,
+) -> None:
+    """An export made without constant folding keeps each BatchNormalization node after
+    its bias-less conv: `--runtime torch` (and detect-export) failed on it with an
+    AttributeError, and its statistics would have been dropped. They are folded in."""
+    torch.manual_seed(0)
+    model = build_picodet("picodet_s_esnet", num_classes=2, input_size=64).eval()
+    for module in model.modules():  # statistics far from the identity, as trained ones are
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.2, 0.2)
+    path = tmp_path / "unfolded.onnx"
+    with torch.no_grad():
+        trace_to_onnx(
+            _Decoded(model).eval(),
+            (torch.zeros(1, 3, 64, 64),),
+            path,
+            input_names=["image"],
+            output_names=["scores", "boxes"],
+            opset_version=13,
+            do_constant_folding=False,
+        )
+    assert any(node.op_type == "BatchNormalization" for node in onnx.load(str(path)).graph.node)
+    loaded = load_onnx_weights(path)
+    photo = np.random.default_rng(0).integers(0, 256, (80, 90, 3), dtype=np.uint8)
+    batch = torch.from_numpy(preprocess(photo, (64, 64))[None])
+    with torch.no_grad():
+        for ours, theirs in zip(model.predict(batch), loaded.predict(batch), strict=True):
+            torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-3)
+
+
+@needs_picodet
+def test_an_onnx_export_of_another_architecture_than_the_one_named_says_which_was_named() -> None:
+    """`--arch` names one architecture, and only that one is tried: the error said "the
+    given one", not which, nor that without it every known one is tried."""
+    onnx_file = PICODET / "picodet_s_416_coco.onnx"
+    with pytest.raises(CheckpointError) as refused:
+        load_detector(onnx_file, backend="torch", arch="picodet_lcnet_x2_5_mainbody")
+    assert str(refused.value) == (
+        f"{onnx_file}: its convolutions do not match the PicoDet architecture "
+        "picodet_lcnet_x2_5_mainbody; without an architecture named, each known one is tried "
+        "(picodet_s_esnet, picodet_m_esnet, picodet_lcnet_x2_5_mainbody)"
+    )
 
 
 def test_our_onnx_export_loads_into_torch_with_its_architecture_named(tmp_path: Path) -> None:
@@ -375,6 +441,69 @@ def test_a_pdparams_fine_tuned_on_other_classes_loads_with_its_class_count(
     command = ["detect", dog, "--model", str(path), "--input-size", "64", "--threshold", "0"]
     assert shitu_main([*command, "--det-arch", "picodet_s_esnet"]) == 0
     assert json.loads(capsys.readouterr().out)["boxes"]
+
+
+def test_a_recognition_training_checkpoint_given_as_a_detector_is_named_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`shitu train`'s latest.pt, found in an output/ folder beside detect-train's: it was
+    refused as having 'no shitu-picodet-1', which said nothing of what it is."""
+    latest = tmp_path / "latest.pt"
+    state = {"seed": 0, "model": {"w": torch.zeros(2)}, "optimizer": {}}
+    save_training_state(latest, state, Progress(epoch=1, global_step=10))
+    Image.new("RGB", (64, 48), "red").save(tmp_path / "photo.png")
+    assert shitu_main(["detect", str(tmp_path / "photo.png"), "--model", str(latest)]) == 2
+    assert (
+        f"{latest} is a recognition model's training checkpoint (`shitu train`'s), not a "
+        "detector; give a detector: the model.pt or model.onnx `shitu detect-train` writes"
+    ) in capsys.readouterr().err
+
+
+def test_the_training_checkpoint_of_a_run_stopped_early_says_how_to_get_its_model(
+    tmp_path: Path,
+) -> None:
+    """A run stopped early (Ctrl-C, SIGTERM) has written no model.pt: its latest.pt was
+    answered 'give the model.pt its run wrote beside it', a file that is not there."""
+    latest = tmp_path / "latest.pt"
+    what = f"{latest} is a detector training checkpoint (for `shitu detect-train --resume`)"
+    save_training_state(latest, {"arch": {}, "model": {}}, Progress(epoch=3, global_step=30))
+    with pytest.raises(CheckpointError) as refused:
+        load_detector(latest)
+    assert str(refused.value) == (
+        f"{what} of a run that has not ended: it writes model.pt and model.onnx beside it when "
+        "it does; to use what it has learnt, resume it with --epochs 3 (the epochs it has "
+        "done), which writes them without training on"
+    )
+    save_training_state(latest, {"arch": {}, "model": {}}, Progress(global_step=2))
+    with pytest.raises(CheckpointError, match=r"beside it when it does$"):
+        load_detector(latest)  # no epoch done: --epochs 0 is no setting
+    save_detector(build_picodet("picodet_s_esnet", input_size=64), tmp_path / "model.pt")
+    with pytest.raises(CheckpointError, match="give the model.pt its run wrote beside it instead"):
+        load_detector(latest)
+
+
+def test_a_recognition_export_given_as_the_detector_is_named_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`shitu export`'s folder (or its model.onnx) given to detect or detect-export: the
+    folder was said to hold a detector, model.onnx, which was then refused for its
+    outputs, leaving the user to find that it is a recognition model."""
+    export = tmp_path / "my_model"
+    export.mkdir()
+    (export / "shitu_model.json").write_text("{}")
+    (export / "model.onnx").write_bytes(b"not read")
+    Image.new("RGB", (64, 48), "red").save(tmp_path / "photo.png")
+    photo = str(tmp_path / "photo.png")
+    for given in (export, export / "model.onnx"):
+        assert shitu_main(["detect", photo, "--model", str(given)]) == 2
+        part = "" if given == export else "a file of "
+        assert (
+            f"--model {given} is {part}an exported recognition model ({export} holds "
+            "shitu_model.json), not a detector; give a detector: the model.pt or model.onnx"
+        ) in capsys.readouterr().err
+    out = str(tmp_path / "det.onnx")
+    assert shitu_main(["detect-export", str(export / "model.onnx"), "--out", out]) == 2
+    assert "is a file of an exported recognition model" in capsys.readouterr().err
 
 
 def test_load_detector_errors(tmp_path: Path, caplog) -> None:
@@ -824,6 +953,22 @@ def test_detect_on_a_terminal_draws_a_progress_bar_that_counts_the_skipped(
     assert status == 0 and not any(line.startswith("detecting") for line in lines), lines
 
 
+def test_detect_given_recognizes_plain_background_detector_says_it_is_no_model_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`recognize --detector plain-background` takes it; detect said only that no such
+    detector file exists. A file of that name is still a detector file."""
+    Image.new("RGB", (64, 48), "red").save(tmp_path / "photo.png")
+    monkeypatch.chdir(tmp_path)
+    assert shitu_main(["detect", "photo.png", "--model", "plain-background"]) == 2
+    err = capsys.readouterr().err
+    assert "--model plain-background: detect runs a detector model file" in err
+    assert "--detector plain-background --save-vis DIR` draws" in err
+    save_detector(build_picodet("picodet_s_esnet", input_size=64), tmp_path / "plain-background")
+    assert shitu_main(["detect", "photo.png", "--model", "plain-background"]) == 0
+    assert json.loads(capsys.readouterr().out)["image"] == "photo.png"
+
+
 def test_detect_cli_leaves_no_save_vis_folder_when_no_image_is_read(tmp_path: Path, capsys):
     """The --save-vis folder, made before the first image to check it can be written in,
     was left behind, empty, by a run that read no image; as `shitu recognize`, it goes."""
@@ -868,6 +1013,15 @@ def test_detect_export_writes_pdparams_and_our_checkpoints_as_onnx_with_torchs_b
             found = exported.detect(image, 0.3, 10)
         assert len(found) == len(expected) >= 3  # the dog, the bicycle and the car
         np.testing.assert_allclose(found, expected, rtol=1e-3, atol=1e-3)
+    # Without --input-size, the size the model runs at, as the help says: the checkpoint's
+    # (320 here, PicoDet-S's architecture 416), a .pdparams's architecture's.
+    for weights, arch, size in (
+        (checkpoint, [], 320),
+        (pdparams, ["--arch", "picodet_s_esnet"], 416),
+    ):
+        out = tmp_path / f"{weights.stem}_default.onnx"
+        assert shitu_main(["detect-export", str(weights), *arch, "--out", str(out)]) == 0
+        assert json.loads(capsys.readouterr().out) == {"onnx": str(out), "input_size": size}
     assert shitu_main(["detect-export", str(pdparams), "--out", str(tmp_path / "a.onnx")]) == 2
     assert "a .pdparams file holds only weights; name its architecture" in capsys.readouterr().err
     assert shitu_main(["detect-export", str(checkpoint), "--out", str(tmp_path / "det")]) == 2

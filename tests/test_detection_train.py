@@ -327,6 +327,85 @@ def test_detection_images_are_decoded_upright_as_inference_sees_them(tmp_path: P
         dataset[0]
 
 
+def test_an_image_whose_pixels_are_not_the_size_its_annotations_record_is_named(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A phone photo annotated sideways (its size recorded before the EXIF orientation that
+    reading applies), or a resized copy: its boxes are in another frame than its pixels,
+    which training would otherwise learn from without a word. The first one is named."""
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 300x100, read upright as 100x300
+    Image.new("RGB", (300, 100), "red").save(tmp_path / "img0.png", exif=exif)
+    Image.new("RGB", (64, 48), "red").save(tmp_path / "img1.png")  # recorded as 128x96
+    Image.new("RGB", (50, 40), "red").save(tmp_path / "img2.png")  # recorded as it is
+    path = _write_coco(tmp_path, [[(10, 10, 60, 60, 0)]] * 3)
+    data = json.loads(path.read_text())
+    sizes = [(300, 100), (128, 96), (50, 40)]
+    for image, (width, height) in zip(data["images"], sizes, strict=True):
+        image |= {"width": width, "height": height}
+    path.write_text(json.dumps(data))
+    dataset = CocoDetection(path, tmp_path)
+    with caplog.at_level(logging.WARNING, logger="shitu.detection"):
+        dataset.load_image(2)
+        assert caplog.text == ""
+        dataset.load_image(0)
+    assert (
+        f"{tmp_path / 'img0.png'}: read upright it is 100x300 pixels, but {path} records "
+        "300x100 for it (width and height swapped: were its boxes drawn on the photo sideways"
+    ) in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="shitu.detection"):
+        dataset.load_image(1)  # one named is enough: a resized set would name each image
+    assert caplog.text == ""
+    fresh = CocoDetection(path, tmp_path)
+    with caplog.at_level(logging.WARNING, logger="shitu.detection"):
+        fresh.load_image(1)
+    assert "img1.png: read upright it is 64x48 pixels, but" in caplog.text
+    assert "records 128x96 for it; its boxes were clipped" in caplog.text
+
+
+def test_a_voc_image_of_another_size_than_its_xml_records_names_that_file(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The size comes from the image's own XML file, which the warning names (it named
+    the annotation folder, where a user would look through every file)."""
+    Image.new("RGB", (64, 48), "red").save(tmp_path / "img0.png")
+    folder = _write_voc(tmp_path / "ann", [[(10, 10, 40, 40, 0)]])
+    xml = folder / "img0.xml"
+    xml.write_text(
+        xml.read_text().replace(
+            "</filename>", "</filename><size><width>128</width><height>96</height></size>"
+        )
+    )
+    dataset = VocDetection(folder, tmp_path)
+    with caplog.at_level(logging.WARNING, logger="shitu.detection"):
+        dataset.load_image(0)
+    assert f"but {xml} records 128x96 for it" in caplog.text
+
+
+def test_boxes_wholly_outside_an_image_of_no_recorded_size_are_named_when_it_is_read(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Where the annotations record no size (COCO's width and height are optional), boxes
+    outside the image can only be found once it is read: they were left out without the
+    warning that those outside a recorded size get."""
+    annotations = [[(10, 10, 40, 40, 0), (200, 200, 220, 230, 1)], [(300, 0, 320, 20, 0)]]
+    for i in range(2):
+        Image.new("RGB", (64, 48), "red").save(tmp_path / f"img{i}.png")
+    dataset = CocoDetection(_write_coco(tmp_path, annotations), tmp_path)
+    with caplog.at_level(logging.WARNING, logger="shitu.detection"):
+        _, boxes, _ = dataset[0]
+    assert len(boxes) == 1
+    assert (
+        f"{tmp_path / 'img0.png'}: 1 of its 2 boxes lie wholly outside it (64x48 pixels, "
+        "read upright) and are left out"
+    ) in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="shitu.detection"):
+        dataset[1]  # named once: a set drawn on other sizes would name every image
+    assert caplog.text == ""
+
+
 def test_voc_dataset_parsing(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     (tmp_path / "ann").mkdir()
     Image.new("RGB", (40, 30)).save(tmp_path / "a.jpg")
@@ -822,7 +901,7 @@ def test_detect_train_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     for option, value, expected in (
         ("--lr", "0", "above 0"),
         ("--workers", "-1", ">= 0"),
-        ("--seed", "-1", ">= 0"),
+        ("--seed", "-1", "from 0 to 2**63 - 1"),
     ):
         with pytest.raises(SystemExit):
             main([*common, option, value])
@@ -1198,6 +1277,46 @@ def test_detection_train_config_refuses_values_that_cannot_train(field, value, e
         ConfigError, match=rf"^DetectionTrainConfig\.{field}: expected {re.escape(expected)}"
     ):
         DetectionTrainConfig(**{field: value})
+
+
+def test_an_out_folder_of_another_kind_of_run_is_not_offered_to_resume(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An --out holding `shitu train`'s latest.pt, or a model.onnx alone, was refused with
+    'resume it with --resume OUT/latest.pt', which --resume then refused (or which is not
+    there)."""
+    command = ["detect-train", "--coco", str(tmp_path / "none.json"), "--images", str(tmp_path)]
+    recognition = tmp_path / "recognition_run"
+    recognition.mkdir()
+    save_training_state(recognition / "latest.pt", {"seed": 0, "model": {}}, Progress())
+    assert main([*command, "--out", str(recognition)]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {recognition}: holds an earlier run (latest.pt), but no detect-train run" in err
+    assert "a recognition training checkpoint, not a detector one" in err
+    assert "--resume" not in err
+    exported = tmp_path / "exported"
+    exported.mkdir()
+    (exported / "model.onnx").write_bytes(b"a detector")
+    assert main([*command, "--out", str(exported)]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {exported}: holds an earlier run (model.onnx), with no latest.pt to" in err
+    assert "--resume" not in err
+
+
+def test_detect_train_refuses_a_seed_out_of_range_as_its_option(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A seed of 2**63 or more was refused as 'DetectionTrainConfig.seed', a name the user
+    never typed, after the data was read; it is --seed's error, before anything runs."""
+    command = ["detect-train", "--coco", str(tmp_path / "none.json"), "--images", str(tmp_path)]
+    with pytest.raises(SystemExit) as stopped:
+        main([*command, "--seed", str(2**63), "--out", str(tmp_path / "run")])
+    assert stopped.value.code == 2
+    assert (
+        f"argument --seed: expected a whole number from 0 to 2**63 - 1, got {2**63}"
+        in capsys.readouterr().err
+    )
+    assert not (tmp_path / "run").exists()
 
 
 def _live_children(pid: int) -> list[int]:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from pathlib import Path
 
 from shitu.cli.common import (
     add_detector_arch_argument,
@@ -20,7 +22,7 @@ from shitu.cli.common import (
     unread_files_status,
     visualisation_writer,
 )
-from shitu.errors import DataError
+from shitu.errors import ConfigError, DataError
 from shitu.fileio import SAVE_AS_UTF8, read_text, removed_if_left_empty, text_lines
 
 
@@ -59,8 +61,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--input-size",
         type=input_side,
         help="network input size, a multiple of 32 (default: the model's own: an ONNX file's "
-        "fixed size, else its architecture's); another size for an ONNX file needs --runtime "
-        "torch",
+        "fixed size, a detect-train model.pt's --input-size, a .pdparams's architecture's); "
+        "another size for an ONNX file needs --runtime torch",
     )
     parser.add_argument(
         "--threshold", type=detection_score, default=0.3, help="minimum score (default 0.3)"
@@ -101,6 +103,23 @@ def _class_names(path: str) -> tuple[str, ...]:
     return tuple(names)
 
 
+def refuse_recognition_export(model: str, option: str) -> None:
+    """A ConfigError for a recognition model's export folder, or a file of one, given as
+    the detector: the folder was said to "hold model.onnx", and that file was then refused
+    for outputs that are no detector's."""
+    from shitu.inference.manifest import EXPORT_FILES, MANIFEST
+
+    path = Path(model)
+    export = path if path.is_dir() else path.parent if path.name in EXPORT_FILES else None
+    if export is not None and (export / MANIFEST).is_file():
+        part = "" if export == path else "a file of "
+        raise ConfigError(
+            f"{option} {model} is {part}an exported recognition model ({export} holds "
+            f"{MANIFEST}), not a detector; give a detector: the model.pt or model.onnx `shitu "
+            "detect-train` writes, a PaddleDetection .pdparams or a PicoDet ONNX export"
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     with removed_if_left_empty(args.save_vis):  # a run that fails leaves no folder made
         return _detect(args)
@@ -111,8 +130,19 @@ def _detect(args: argparse.Namespace) -> int:
     from shitu.detection import load_detector
     from shitu.inference.preprocess import read_rgb
     from shitu.pipeline import draw_boxes
+    from shitu.pipeline.defaults import PLAIN_BACKGROUND
     from shitu.progress import ImageProgress
 
+    if args.model == PLAIN_BACKGROUND and not os.path.exists(args.model):
+        # recognize's --detector names it so; "detector file not found" left the user to
+        # find that it is no file
+        raise ConfigError(
+            f"--model {PLAIN_BACKGROUND}: detect runs a detector model file (.pt, .pdparams or "
+            f".onnx); {PLAIN_BACKGROUND} is `shitu recognize`'s model-free detector, whose "
+            f"boxes `shitu recognize PHOTOS --gallery LIB --detector {PLAIN_BACKGROUND} "
+            "--save-vis DIR` draws"
+        )
+    refuse_recognition_export(args.model, "--model")
     paths, folder = expand_images(args.images)
     detector = load_detector(args.model, args.runtime, args.arch, args.input_size, args.threads)
     names = _class_names(args.class_names) if args.class_names else detector.class_names

@@ -32,13 +32,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--input-size",
         type=input_side,
-        help="the input side the file runs at (a multiple of 32; default: the architecture's, an "
-        "ONNX file's own)",
+        help="the input side the file runs at (a multiple of 32; default: the size the model "
+        "runs at: a detect-train model.pt's --input-size, an ONNX file's own, a .pdparams's "
+        "architecture's)",
     )
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from shitu.cli.detect import refuse_recognition_export
     from shitu.detection import load_detector
     from shitu.detection.export import export_onnx
 
@@ -48,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
     if out.is_dir():
         raise ConfigError(f"--out {out}: is a folder; give the .onnx file to write")
     refuse_file_in_the_way(out.parent, f"--out {out}")  # named before the weights are read
+    refuse_recognition_export(args.weights, "WEIGHTS")
     detector = load_detector(args.weights, "torch", args.arch, args.input_size)
     size = detector.input_size[0]
     path = export_onnx(detector.model, out, size, check_with_onnxruntime=True)

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from shitu.cli.common import (
     add_progress_argument,
+    bounded,
     input_side,
     non_negative_int,
     positive_float,
@@ -20,7 +21,7 @@ from shitu.cli.common import (
     print_summary,
     progress_wanted,
 )
-from shitu.errors import ConfigError, DataError
+from shitu.errors import CheckpointError, ConfigError, DataError
 from shitu.fileio import only_run_in, refuse_non_utf8_path, remove_unfinished_writes
 
 if TYPE_CHECKING:
@@ -41,6 +42,8 @@ _SHOWN_CLASSES = 5
 # PaddleDetection's PicoDet recipes train at the input size and 32 and 64 either side (416:
 # 352 to 480; the 640 mainbody detector PP-ShiTu trains: 576 to 704).
 MULTI_SCALE_STEPS = (-64, -32, 0, 32, 64)
+# The seeds DetectionTrainConfig takes, refused as the option, not as the config's field
+SEED = bounded(int, 0, 2**63 - 1, "a whole number from 0 to 2**63 - 1")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -100,7 +103,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "for picodet_lcnet_x2_5_mainbody)",
     )
     parser.add_argument("--workers", type=non_negative_int, default=0, help="data loader processes")
-    parser.add_argument("--seed", type=non_negative_int, default=0, help="random seed")
+    parser.add_argument("--seed", type=SEED, default=0, help="random seed")
     parser.add_argument(
         "--out",
         help=f"output folder (default: {DEFAULT_OUT}, or with --resume the folder of the run "
@@ -180,10 +183,7 @@ def run(args: argparse.Namespace) -> int:
     earlier = [name for name in RUN_FILES if (output / name).exists()]
     if earlier and not continues:
         # a new run, or one resumed from elsewhere, would write over them
-        raise ConfigError(
-            f"--out {output}: holds an earlier run ({', '.join(earlier)}); resume it with --resume "
-            f"{shlex.quote(str(output / 'latest.pt'))}, or give another --out (or remove that one)"
-        )
+        raise _earlier_run_refusal(output, earlier)
     # Made now, not after the first epoch; one another run trains in is refused, and one
     # made for a run that fails to start (bad data, a checkpoint of another detector) goes.
     with only_run_in(output, "--out", "shitu detect-train"):
@@ -191,6 +191,31 @@ def run(args: argparse.Namespace) -> int:
         # temporary file, a whole checkpoint's size, beside the file it kept.
         remove_unfinished_writes(output, RUN_FILES)
         return _train(args, output, continues)
+
+
+def _earlier_run_refusal(output: Path, earlier: list[str]) -> ConfigError:
+    """The refusal of an --out that holds the files `earlier` of a run: the --resume it
+    offers only where its latest.pt is a detect-train run's (`shitu train`'s, or none at
+    all, was offered too, and --resume then refused it)."""
+    from shitu.engine.state import load_training_state
+
+    latest = output / "latest.pt"
+    held = f"--out {output}: holds an earlier run ({', '.join(earlier)})"
+    if not latest.is_file():
+        return ConfigError(
+            f"{held}, with no latest.pt to resume; give another --out (or remove that one)"
+        )
+    try:
+        load_training_state(latest, "its", kind="detector")
+    except CheckpointError as exc:
+        return ConfigError(
+            f"{held}, but no detect-train run to resume ({exc}); give another --out (or "
+            "remove that one)"
+        )
+    return ConfigError(
+        f"{held}; resume it with --resume {shlex.quote(str(latest))}, or give another --out "
+        "(or remove that one)"
+    )
 
 
 def _train(args: argparse.Namespace, output: Path, continues: bool) -> int:

@@ -54,11 +54,13 @@ class DetectionDataset:
         crowds: list[tuple[np.ndarray, np.ndarray]] | None = None,
         source: str | Path = "the detection dataset",
         difficult: list[np.ndarray] | None = None,
+        sizes: list[tuple[float, float] | None] | None = None,
     ) -> None:
         """`crowds`: each image's crowd regions (boxes, labels), none where not given.
         `source`: the annotations' file or folder, which the errors name (a run reads a
         training and a validation set). `difficult`: each image's [K] mask of the boxes
-        evaluation ignores (VOC's `difficult`), none where not given."""
+        evaluation ignores (VOC's `difficult`), none where not given. `sizes`: each
+        image's (width, height) as the annotations record it, None where they do not."""
         if not images:
             raise DataError(f"{source}: lists no images")
         if not class_names:
@@ -77,6 +79,9 @@ class DetectionDataset:
         )
         self.class_names = class_names
         self.transform = transform
+        self.source = source
+        self.recorded_sizes = sizes if sizes is not None else [None] * len(images)
+        self._named: set[str] = set()  # each warning of `_check_boxes_fit` once per process
 
     def __len__(self) -> int:
         return len(self.images)
@@ -99,9 +104,65 @@ class DetectionDataset:
         boxes, annotated on the photo as displayed, fall where they belong)."""
         path = self.images[index]
         try:
-            return decode_rgb_image(_read(path, "image"))
+            image = decode_rgb_image(_read(path, "image"))
         except UnreadableImageError as exc:
             raise DataError(f"{path}: {exc}") from None
+        self._check_boxes_fit(index, image.size)
+        return image
+
+    def _check_boxes_fit(self, index: int, size: tuple[int, int]) -> None:
+        """Warn (once per process) of the first image whose pixels, read upright, are not
+        the size its annotations record, and, where they record none, of the first with
+        boxes wholly outside it (those outside a recorded size are counted as the
+        annotations load). Such boxes were drawn on another size of the photo (a resized
+        copy; a phone photo annotated sideways, before the EXIF orientation reading applies)
+        and would be trained on, and evaluated at, other places of it, or dropped, without
+        a word."""
+        recorded = self.recorded_sizes[index]
+        if recorded is None:
+            boxes = self.boxes[index]
+            inside = len(clip_boxes(boxes, self.labels[index], *size)[0])
+            if inside < len(boxes) and self._first("outside"):
+                logger.warning(
+                    "%s: %d of its %d boxes lie wholly outside it (%dx%d pixels, read upright) "
+                    "and are left out; were they drawn on another size of it? (later images "
+                    "with such boxes are not named)",
+                    self.images[index],
+                    len(boxes) - inside,
+                    len(boxes),
+                    *size,
+                )
+            return
+        if tuple(recorded) == size or not self._first("size"):
+            return
+        width, height = recorded
+        sideways = (
+            " (width and height swapped: were its boxes drawn on the photo sideways, before "
+            "its EXIF orientation turns it upright as it is read here?)"
+            if (height, width) == size
+            else ""
+        )
+        logger.warning(
+            "%s: read upright it is %dx%d pixels, but %s records %gx%g for it%s; its boxes "
+            "were clipped to the size recorded, and where drawn on a copy of that size they "
+            "fall elsewhere on these pixels (later images whose size differs are not named)",
+            self.images[index],
+            *size,
+            self.annotations_of(index),
+            width,
+            height,
+            sideways,
+        )
+
+    def annotations_of(self, index: int) -> str | Path:
+        """The annotation file (or folder) that describes image `index`, as warnings name it."""
+        return self.source
+
+    def _first(self, warning: str) -> bool:
+        """Whether `warning` is given for the first time (by this process)."""
+        first = warning not in self._named
+        self._named.add(warning)
+        return first
 
     def targets(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         return self.boxes[index], self.labels[index]
@@ -293,6 +354,7 @@ class CocoDetection(DetectionDataset):
             transform,
             crowds,
             path,
+            sizes=sizes,
         )
 
 
@@ -446,7 +508,13 @@ class VocDetection(DetectionDataset):
             transform,
             source=annotation_dir,
             difficult=difficult,
+            sizes=sizes,
         )
+        self.xml_files = xml_files
+
+    def annotations_of(self, index: int) -> str | Path:
+        """The XML file that annotates image `index`."""
+        return self.xml_files[index]
 
     @staticmethod
     def _parse(

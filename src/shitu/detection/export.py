@@ -54,7 +54,9 @@ def export_onnx(
     refused write (a CheckpointError naming the file) leaves the file that was there, not
     a truncated graph (detect-train writes model.onnx over the one a resumed run made).
     `check_with_onnxruntime`: run the file on one image and refuse it (a CheckpointError,
-    no file written) where its boxes or scores are not torch's."""
+    no file written) where its boxes or scores are not torch's. `model` is left in the
+    mode it was in (torch's exporter put it in training mode: a detector of it then found
+    other boxes)."""
     size = check_input_size(model.arch.input_size if input_size is None else input_size)
     path = Path(path)
     # Traced to and checked in a temporary file beside it, named by its full path: beside
@@ -66,7 +68,7 @@ def export_onnx(
     def write(tmp: Path) -> None:
         with torch.no_grad():
             trace_to_onnx(
-                _Decoded(model.eval()),
+                _Decoded(model).eval(),  # the mode the exporter sets again after tracing
                 (torch.zeros(1, 3, size, size),),
                 tmp,
                 input_names=["image"],
@@ -86,10 +88,13 @@ def export_onnx(
         if check_with_onnxruntime:
             _check_same_outputs(model, tmp, size, path)
 
+    training = model.training
     try:
         return write_atomically(path, write)
     except OSError as exc:
         raise CheckpointError(f"cannot write {path}: {write_failure_reason(exc)}") from None
+    finally:
+        model.train(training)
 
 
 def _check_same_outputs(model: PicoDet, onnx_file: Path, size: int, path: Path) -> None:

@@ -1,7 +1,8 @@
 """Weights for PicoDet from three sources: our checkpoints, PaddleDetection `.pdparams`,
 and the initializers of ONNX exports made by paddle2onnx.
 
-ONNX exports fold every BatchNorm into the preceding convolution and rename tensors,
+ONNX exports fold every BatchNorm into the preceding convolution (those that keep it as a
+BatchNormalization node are folded here) and rename tensors,
 so they are matched by position: the graph lists convolutions in the order Paddle ran
 them, and our modules run theirs in the same order. Each folded (weight, bias) goes
 into our conv with its BatchNorm set to the identity plus that bias; shapes are
@@ -53,10 +54,28 @@ def load_detector_checkpoint(path: str | Path) -> PicoDet:
             f"{path} is not a readable detector checkpoint (expected a .pt file from `shitu "
             "detect-train`, an .onnx or a .pdparams file)"
         ) from None
-    if training_state_kind(data) == "detector":
+    kind = training_state_kind(data)
+    if kind == "detector":
+        what = f"{path} is a detector training checkpoint (for `shitu detect-train --resume`)"
+        if (Path(path).parent / "model.pt").is_file():
+            raise CheckpointError(f"{what}; give the model.pt its run wrote beside it instead")
+        # A run stopped early has written no model.pt, which the advice above sent users to
+        done = int(data["progress"].get("epoch", 0))
+        export = (
+            f"; to use what it has learnt, resume it with --epochs {done} (the epochs it has "
+            "done), which writes them without training on"
+            if done
+            else ""
+        )
         raise CheckpointError(
-            f"{path} is a detector training checkpoint (for `shitu detect-train --resume`); "
-            "give the model.pt its run wrote beside it instead"
+            f"{what} of a run that has not ended: it writes model.pt and model.onnx beside "
+            f"it when it does{export}"
+        )
+    if kind == "recognition":  # a run's latest.pt of the other trainer, found in output/
+        raise CheckpointError(
+            f"{path} is a recognition model's training checkpoint (`shitu train`'s), not a "
+            "detector; give a detector: the model.pt or model.onnx `shitu detect-train` "
+            "writes, a PaddleDetection .pdparams or an ONNX export"
         )
     if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(
@@ -186,16 +205,54 @@ def _onnx_convs(path: str | Path, graph: Any) -> list[tuple[np.ndarray, np.ndarr
             # torch's exporter stores equal tensors once (a fresh model's zero biases, say)
             # and hands each further user an Identity of it
             values[node.output[0]] = values[node.input[0]]
-    convs = []
+    convs: list[tuple[np.ndarray, np.ndarray | None]] = []
+    made_by: dict[str, int] = {}  # a conv's output -> its place in `convs`
     for node in graph.node:
+        if node.op_type == "BatchNormalization":
+            # Kept unfolded (an export without constant folding): its statistics were
+            # otherwise dropped, the conv's output taken as final.
+            index = _conv_of(path, node, made_by)
+            convs[index] = _fold_batch_norm(path, node, convs[index], values)
         if node.op_type != "Conv":
             continue
         weight = values.get(node.input[1])
         if weight is None:
             raise CheckpointError(f"{path}: conv '{node.name}' has a computed weight")
         bias = values.get(node.input[2]) if len(node.input) > 2 else None
+        made_by[node.output[0]] = len(convs)
         convs.append((weight, bias))
     return convs
+
+
+def _conv_of(path: str | Path, node: Any, made_by: dict[str, int]) -> int:
+    """The place in the conv list of the conv whose output BatchNormalization `node` takes;
+    a CheckpointError where none does (a PicoDet normalises only conv outputs)."""
+    if node.input[0] not in made_by:
+        raise CheckpointError(
+            f"{path}: BatchNormalization '{node.name}' does not follow a convolution; it is "
+            "not a PicoDet export"
+        )
+    return made_by[node.input[0]]
+
+
+def _fold_batch_norm(
+    path: str | Path,
+    node: Any,
+    conv: tuple[np.ndarray, np.ndarray | None],
+    values: dict[str, np.ndarray],
+) -> tuple[np.ndarray, np.ndarray]:
+    """`conv`'s (weight, bias) with BatchNormalization `node` (inference mode) folded in."""
+    try:
+        scale, shift, mean, variance = (values[name] for name in node.input[1:5])
+    except KeyError:
+        raise CheckpointError(
+            f"{path}: BatchNormalization '{node.name}' has computed inputs"
+        ) from None
+    epsilon = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
+    weight, bias = conv
+    factor = scale / np.sqrt(variance + np.float32(epsilon))
+    folded_bias = ((0.0 if bias is None else bias) - mean) * factor + shift
+    return weight * factor[:, None, None, None], folded_bias.astype(weight.dtype)
 
 
 def _execution_order(model: PicoDet) -> list[tuple[nn.Conv2d, nn.BatchNorm2d | None]]:
@@ -249,10 +306,15 @@ def load_onnx_weights(path: str | Path, arch: str | PicoDetArch | dict | None = 
         for name in ([arch] if arch is not None else ARCHS)
     ]
     model = next((m for m in map(build_picodet, candidates) if _fits(m, convs)), None)
+    if model is None and arch is not None:  # the name given (--arch, --det-arch) said
+        given = arch if isinstance(arch, str) else "the one given"
+        raise CheckpointError(
+            f"{path}: its convolutions do not match the PicoDet architecture {given}; without "
+            f"an architecture named, each known one is tried ({', '.join(ARCHS)})"
+        )
     if model is None:
         raise CheckpointError(
-            f"{path}: its convolutions match no PicoDet architecture "
-            f"({'the given one' if arch is not None else ', '.join(ARCHS)})"
+            f"{path}: its convolutions match no PicoDet architecture ({', '.join(ARCHS)})"
         )
     with torch.no_grad():
         for (conv, bn), (weight, bias) in zip(_execution_order(model), convs, strict=True):
@@ -261,7 +323,10 @@ def load_onnx_weights(path: str | Path, arch: str | PicoDetArch | dict | None = 
                 conv.bias.copy_(torch.from_numpy(bias.copy()))
             elif bn is not None:
                 bn.weight.fill_(1.0)
-                bn.bias.copy_(torch.from_numpy(bias.copy()))
+                if bias is not None:  # none in the graph: its conv's output goes on as it is
+                    bn.bias.copy_(torch.from_numpy(bias.copy()))
+                else:
+                    bn.bias.zero_()
                 bn.running_mean.zero_()
                 bn.running_var.fill_(1.0 - bn.eps)
             elif bias is not None and np.any(bias != 0):
