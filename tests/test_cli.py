@@ -765,6 +765,22 @@ def test_train_limits_must_be_positive():
     assert "--time-limit: expected a number of minutes above 0, got 0.0" in minutes.stderr
 
 
+def test_a_whole_number_beyond_int64_is_a_usage_error(capsys):
+    """A whole number of 400 digits parsed, then its check against infinity (or a later
+    int64) was an OverflowError's traceback; now a usage error naming the largest taken."""
+    huge = "9" * 400
+    for args in (
+        ["detect", "a.jpg", "--model", "det.onnx", "--max-boxes", huge],
+        ["detect-train", "--coco", "a.json", "--images", "img", "--out", "run", "--seed", huge],
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            shitu_main(args)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert "got a number of 400 digits, beyond the largest one taken" in err, err
+        assert "Traceback" not in err
+
+
 def test_int8_images_are_spread_over_all_the_calibration_images():
     """--int8-images 128 of a 200-image folder (sorted by class) reaches its last classes,
     not only its first 128 images."""

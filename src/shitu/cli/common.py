@@ -39,15 +39,28 @@ DEFAULT_CONFIG = "GeneralRecognitionV2_PPLCNetV2_base"
 JPEG_MAX_SIDE = 65_500  # pixels: the longest side libjpeg (Pillow's JPEG encoder) writes
 
 
+# The largest whole number an option takes: numpy and torch hold them as int64.
+LARGEST_WHOLE_NUMBER = 2**63 - 1
+
+
 def bounded(kind: type, low: float, high: float | None, what: str) -> Callable[[str], Any]:
     """An argparse type that parses `kind` and checks low <= value (<= high). NaN and
-    infinity parse as floats but are refused: no limit or setting can use them."""
+    infinity parse as floats but are refused: no limit or setting can use them; so are
+    whole numbers beyond int64 (`LARGEST_WHOLE_NUMBER`), which numpy and torch cannot
+    hold (one of 400 digits was an OverflowError's traceback)."""
 
     def parse(text: str) -> Any:
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if isinstance(value, int) and abs(value) > LARGEST_WHOLE_NUMBER:
+            digits = len(str(abs(value)))
+            given = value if digits <= 24 else f"a number of {digits} digits"
+            raise argparse.ArgumentTypeError(
+                f"expected {what}, got {given}, beyond the largest one taken "
+                f"({LARGEST_WHOLE_NUMBER})"
+            )
         if not math.isfinite(value) or value < low or (high is not None and value > high):
             raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
         return value
