@@ -39,6 +39,7 @@ from common import grocery_root
 from shitu.index import Gallery, GalleryItem
 from shitu.inference import FeatureExtractor, default_model_dir
 from shitu.pipeline import Recognizer, evaluate_pipeline
+from shitu.pipeline.defaults import MIN_SWEEP_STEP
 from shitu.pipeline.evaluate import sweep_thresholds
 
 
@@ -49,7 +50,9 @@ def photos(root: Path, split: str, names: dict[int, str]) -> list[tuple[Path, in
 
 # As `shitu eval-pipeline --sweep` takes it: 0 divided by zero after the libraries were
 # built, and a negative step swept 1.0 alone.
-sweep_step = checked_number("a step from 0.001 to 1", lambda step: 0.001 <= step <= 1)
+sweep_step = checked_number(
+    f"a step from {MIN_SWEEP_STEP} to 1", lambda step: MIN_SWEEP_STEP <= step <= 1
+)
 
 
 def protocols(root: Path) -> dict[str, tuple[list[GalleryItem], list[GalleryItem]]]:

@@ -24,15 +24,13 @@ from shitu.cli.recognize import (
     pipeline_config_from_args,
 )
 from shitu.index import GalleryItem, collect_items
+from shitu.pipeline.defaults import MIN_SWEEP_STEP
 
 if TYPE_CHECKING:
     from shitu.pipeline.evaluate import PipelineEvaluation
 
 SHOWN_MISTAKES = 10
 DEFAULT_SWEEP_STEP = 0.05
-# 1001 thresholds; each is every query's selection again, and a step of 1e-5 takes 100001
-# (14 s for 4 queries), one below 1e-6 thresholds off its grid (rounded to 6 decimals).
-MIN_SWEEP_STEP = 0.001
 SWEEP_COLUMNS = ("score_thres", "recall@1", "rejection", "open_set_accuracy", "balanced_accuracy")
 
 

@@ -9,6 +9,10 @@ NO_DETECTOR = "none"
 PLAIN_BACKGROUND = "plain-background"
 # PP-ShiTuV2's score_thres: used when neither the config nor the model sets one.
 DEFAULT_SCORE_THRES = 0.5
+# The finest step of a threshold sweep (`sweep_thresholds`): 1001 thresholds; each is every
+# query's selection again, and a step of 1e-5 takes 100001 (14 s for 4 queries), one below
+# 1e-6 thresholds off its grid (rounded to 6 decimals).
+MIN_SWEEP_STEP = 0.001
 # The settings that `shitu recognize` takes as flags and `Recognizer.open` as keywords, by
 # the config key each one writes over.
 SETTINGS = {
