@@ -19,7 +19,7 @@ import pytest
 import torch
 import yaml
 
-from shitu.checkpoint import average_weights, read_weights, save_weights
+from shitu.checkpoint import average_weights, model_metadata, read_weights, save_weights
 from shitu.cli.main import main
 from shitu.config import load_config
 from shitu.data.datasets import base
@@ -1307,6 +1307,26 @@ def startup_warnings(caplog: pytest.LogCaptureFixture, path: Path, overrides=())
     with caplog.at_level(logging.WARNING, logger="shitu"):
         Trainer(load_config(path, list(overrides)))
     return caplog.text
+
+
+def test_a_run_from_folded_weights_warns_that_it_trains_without_the_branches(
+    grocery, tmp_path, caplog
+):
+    """Folded weights (an export's, `shitu convert --reparameterize`'s) fold the model they
+    load into: the run trained without PP-LCNetV2's parallel branches, and nothing said so."""
+    path = tiny_config(grocery, tmp_path, epochs=1, eval_during_train=False)
+    model = Trainer(load_config(path)).model
+    unfolded = save_weights(model.backbone.state_dict(), tmp_path / "unfolded.safetensors")
+    model.reparameterize()
+    folded = save_weights(
+        model.state_dict(), tmp_path / "folded.safetensors", model_metadata(model)
+    )
+    assert "folded" not in startup_warnings(caplog, path, [f"Arch.Backbone.pretrained={unfolded}"])
+    for setting in ("Arch.Backbone.pretrained", "Global.pretrained_model"):
+        warned = startup_warnings(caplog, path, [f"{setting}={folded}"])
+        assert f"{setting}: {folded} holds folded (re-parameterised) weights" in warned
+        assert warned.count("folded (re-parameterised)") == 1
+        assert "trains without its parallel branches" in warned
 
 
 def test_a_classifier_larger_than_the_named_classes_is_warned_about(grocery, tmp_path, caplog):
