@@ -248,6 +248,16 @@ def test_the_extractor_names_what_it_cannot_take(exported):
     with pytest.raises(UnreadableImageError, match="got one Image: pass"):
         extractor.extract_images(Image.fromarray(image))
     assert extractor.extract_images(np.stack([image, image])).shape[0] == 2  # a stack is N
+    # Pixels of another type: how to convert them, and the conversion is taken.
+    wide = image.astype(np.uint16) * 257
+    for pixels, problem in (
+        (wide, r"got uint16 \(40, 30, 3\) \(16-bit: .* of 0..65535: \(image >> 8\)"),
+        (image.astype(np.float32), r"of 0..255: image.round\(\).astype\(np.uint8\)\)$"),
+        (image.astype(np.int64), r"\(int64: pixels are uint8 0..255; of 0..255: image.astype"),
+    ):
+        with pytest.raises(UnreadableImageError, match=problem):
+            extractor.extract_images([pixels])
+    assert extractor.extract_images([(wide >> 8).astype(np.uint8)]).shape[0] == 1
     for size in (0, -3):
         with pytest.raises(
             ConfigError, match=f"batch_size: expected a whole number >= 1, got {size}"
