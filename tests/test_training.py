@@ -997,6 +997,26 @@ def test_cli_train_then_eval(grocery, tmp_path, capsys):
     ) in capsys.readouterr().err
 
 
+def test_eval_without_weights_names_only_trained_weights_that_are_there(grocery, tmp_path, capsys):
+    """Before any run of the config: no best_model.safetensors to pass (it said to pass
+    one all the same); a run without evaluation leaves only final_model.safetensors."""
+    path = tiny_config(grocery, tmp_path, epochs=1)
+    output = tmp_path / "output"
+    assert main(["eval", "-c", str(path), "--json"]) == 0
+    err = capsys.readouterr().err
+    assert (
+        f"pass -o Global.pretrained_model=FILE (none in {output} yet: a shitu train run of "
+        "this config writes its best_model.safetensors there) for trained weights"
+    ) in err
+    output.mkdir()
+    save_weights(Trainer(load_config(path)).model.state_dict(), output / "final_model.safetensors")
+    assert main(["eval", "-c", str(path), "--json"]) == 0
+    final = output / "final_model.safetensors"
+    assert (
+        f"pass -o Global.pretrained_model={final} (or any weights file)" in capsys.readouterr().err
+    )
+
+
 def test_a_run_logged_to_a_file_prints_lines_not_a_progress_bar(grocery, tmp_path, capsys):
     """`shitu train ... 2> train.log`: a bar's carriage-return redraws would fill the log,
     so each logged step (Global.print_batch_step) is a line instead."""
