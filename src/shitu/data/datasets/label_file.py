@@ -68,6 +68,7 @@ class LabelFileDataset(ImageDataset):
         lines = read_lines(cls_label_path, "cls_label_path")
         if not lines:
             raise DataError(f"{where}: lists no images")
+        self._refuse_a_header(lines, image_root, delimiter)
         rows = [self._split(number, line, delimiter) for number, line in lines]
         texts = dict(lines)
         if delimiter in (None, " "):
@@ -106,6 +107,28 @@ class LabelFileDataset(ImageDataset):
         if delimiter == "":
             raise ValueError(
                 'delimiter: empty; leave it out to split on whitespace, or give "\\t" for tabs'
+            )
+
+    def _refuse_a_header(
+        self, lines: list[tuple[int, str]], image_root: str, delimiter: str | None
+    ) -> None:
+        """Refuse a first line such as `path label`, a header, saying to comment it out: the
+        error its columns gave instead (a class name among class ids, a missing image
+        `path`) named the line but not what to do."""
+        if len(lines) < 2:
+            return
+        (number, first), (_, second) = lines[:2]
+        separator = None if delimiter == " " else delimiter
+        head, listed = (line.split(separator, 1)[0].strip() for line in (first, second))
+        if (
+            Path(head).suffix.lower() not in IMAGE_SUFFIXES
+            and Path(listed).suffix.lower() in IMAGE_SUFFIXES
+            and not os.path.isfile(os.path.join(image_root, head))
+        ):
+            raise DataError(
+                f"{self.cls_label_path}:{number}: {first!r} looks like a header, not an image "
+                f"and its label (no image {head!r} in image_root); start the line with # to "
+                "comment it out"
             )
 
     def _split(self, number: int, line: str, delimiter: str | None) -> tuple[int, list[str]]:
