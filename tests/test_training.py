@@ -837,6 +837,24 @@ def test_cli_train_refuses_an_output_dir_inside_a_folder_per_class_root(grocery,
     )
 
 
+def test_the_summary_counts_what_skip_corrupt_left_out_as_only_that(grocery, tmp_path, caplog):
+    """A folder scan leaves out images (one beside the label folders, here) with a warning
+    of its own: the summary's "skipped images: 0", counting skip_corrupt's only, was false."""
+    path = tiny_config(grocery, tmp_path, epochs=1)
+    photos = tmp_path / "photos"
+    for label, images in list(grocery_listing(grocery, "train").items())[:2]:
+        (photos / str(label)).mkdir(parents=True)
+        for image in images[:4]:
+            shutil.copy(grocery / image, photos / str(label))
+    shutil.copy(grocery / images[4], photos / "stray.jpg")
+    folder = f"DataLoader.Train.dataset={{name: ImageFolderDataset, root: {photos}}}"
+    warned = startup_warnings(caplog, path, [folder])
+    assert "not in a label folder x1" in warned
+    summary = training_summary(Trainer(load_config(path, [folder])))
+    assert summary["images left out by skip_corrupt"] == 0
+    assert not any("skipped" in key for key in summary)
+
+
 def test_cli_train_that_fails_to_start_leaves_no_output_dir(grocery, tmp_path, capsys):
     path = tiny_config(grocery, tmp_path, epochs=1)
     assert main(["train", "-c", str(path), "-o", "Global.pretrained_model=missing.pt"]) == 2

@@ -1079,7 +1079,9 @@ def training_summary(trainer: Trainer) -> dict[str, Any]:
         "processes": trainer.context.world_size,
         "train images": len(dataset),
         "classes": len(set(dataset.labels)),  # in the training list, not the label map's
-        "skipped images": len(getattr(dataset, "skipped", [])),
+        # Only these: "skipped images: 0" was false where a folder scan left images out (one
+        # beside the label folders, a .gif), with a warning of its own.
+        "images left out by skip_corrupt": len(getattr(dataset, "skipped", [])),
         "batch size per process": trainer.train_loader.batch_sampler.batch_size,
         "steps per epoch": trainer.steps_per_epoch,
         "learning rate": _learning_rate_shown(trainer),
