@@ -15,7 +15,7 @@ from shitu.data.datasets.base import (
     read_lines,
 )
 from shitu.errors import DataError
-from shitu.image_files import IMAGE_SUFFIXES
+from shitu.image_files import COMMENT_OUT_HEADER, IMAGE_SUFFIXES, is_header
 from shitu.registry import DATASETS, ConfigPath
 
 
@@ -118,17 +118,11 @@ class LabelFileDataset(ImageDataset):
         if len(lines) < 2:
             return
         (number, first), (_, second) = lines[:2]
-        separator = None if delimiter == " " else delimiter
-        head, listed = (line.split(separator, 1)[0].strip() for line in (first, second))
-        if (
-            Path(head).suffix.lower() not in IMAGE_SUFFIXES
-            and Path(listed).suffix.lower() in IMAGE_SUFFIXES
-            and not os.path.isfile(os.path.join(image_root, head))
-        ):
+        head = first.split(None if delimiter == " " else delimiter, 1)[0].strip()
+        if is_header(first, second, os.path.isfile(os.path.join(image_root, head))):
             raise DataError(
                 f"{self.cls_label_path}:{number}: {first!r} looks like a header, not an image "
-                f"and its label (no image {head!r} in image_root); start the line with # to "
-                "comment it out"
+                f"and its label (no image {head!r} in image_root); {COMMENT_OUT_HEADER}"
             )
 
     def _split(self, number: int, line: str, delimiter: str | None) -> tuple[int, list[str]]:
