@@ -49,15 +49,20 @@ LABELLED_LIST_HINT = (
 )
 
 
-# What a label file's refusal of its header line (`path label`) says to do.
-COMMENT_OUT_HEADER = "start the line with # to comment it out"
-
-
 def is_header(line: str, following: str, found: bool) -> bool:
     """Whether a listing's first `line`, whose first column is no `found` file, is a
     header (`path label`): no word of it names an image, as a word of the next line does
     (a word, not a column: a line whose columns are split wrong still names its image)."""
     return not found and not _names_an_image(line) and _names_an_image(following)
+
+
+def header_error(listing: object, number: int, line: str, head: str, place: str) -> DataError:
+    """The refusal of a header line (see `is_header`) that says how to keep it: as a
+    comment. `head`: its first column, no image `place` ("beside the file")."""
+    return DataError(
+        f"{listing}:{number}: {line!r} looks like a header, not an image and its label (no "
+        f"image {head!r} {place}); start the line with # to comment it out"
+    )
 
 
 def _names_an_image(line: str) -> bool:

@@ -12,8 +12,8 @@ from pathlib import Path
 from shitu.errors import DataError
 from shitu.fileio import SAVE_AS_UTF8, listed_file, read_text, text_lines
 from shitu.image_files import (
-    COMMENT_OUT_HEADER,
     IMAGE_SUFFIXES,
+    header_error,
     is_header,
     scan_images,
     warn_if_grouped,
@@ -183,10 +183,7 @@ def _refuse_a_header(path: Path, text: str) -> None:
     (number, first), (_, second) = listed[:2]
     head = first.split("\t", 1)[0].strip()
     if is_header(first, second, listed_file(path.parent, head).exists()):
-        raise DataError(
-            f"{path}:{number}: {first!r} looks like a header, not an image and its label (no "
-            f"image {head!r} beside the file); {COMMENT_OUT_HEADER}"
-        )
+        raise header_error(path, number, first, head, "beside the file")
 
 
 def _warn_if_a_file_is_commented_out(path: Path, number: int, line: str) -> None:

@@ -15,7 +15,7 @@ from shitu.data.datasets.base import (
     read_lines,
 )
 from shitu.errors import DataError
-from shitu.image_files import COMMENT_OUT_HEADER, IMAGE_SUFFIXES, is_header
+from shitu.image_files import IMAGE_SUFFIXES, header_error, is_header
 from shitu.registry import DATASETS, ConfigPath
 
 
@@ -120,10 +120,7 @@ class LabelFileDataset(ImageDataset):
         (number, first), (_, second) = lines[:2]
         head = first.split(None if delimiter == " " else delimiter, 1)[0].strip()
         if is_header(first, second, os.path.isfile(os.path.join(image_root, head))):
-            raise DataError(
-                f"{self.cls_label_path}:{number}: {first!r} looks like a header, not an image "
-                f"and its label (no image {head!r} in image_root); {COMMENT_OUT_HEADER}"
-            )
+            raise header_error(self.cls_label_path, number, first, head, "in image_root")
 
     def _split(self, number: int, line: str, delimiter: str | None) -> tuple[int, list[str]]:
         if delimiter is None or delimiter == " ":
