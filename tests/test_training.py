@@ -1347,11 +1347,10 @@ def startup_warnings(caplog: pytest.LogCaptureFixture, path: Path, overrides=())
     return caplog.text
 
 
-def test_a_run_from_folded_weights_warns_that_it_trains_without_the_branches(
-    grocery, tmp_path, caplog
-):
+def test_a_run_from_folded_weights_is_refused_naming_the_setting(grocery, tmp_path):
     """Folded weights (an export's, `shitu convert --reparameterize`'s) fold the model they
-    load into: the run trained without PP-LCNetV2's parallel branches, and nothing said so."""
+    load into: the run trained without PP-LCNetV2's parallel branches, unsaid, and its
+    checkpoint could not be resumed (a resume builds the model unfolded)."""
     path = tiny_config(grocery, tmp_path, epochs=1, eval_during_train=False)
     model = Trainer(load_config(path)).model
     unfolded = save_weights(model.backbone.state_dict(), tmp_path / "unfolded.safetensors")
@@ -1359,12 +1358,16 @@ def test_a_run_from_folded_weights_warns_that_it_trains_without_the_branches(
     folded = save_weights(
         model.state_dict(), tmp_path / "folded.safetensors", model_metadata(model)
     )
-    assert "folded" not in startup_warnings(caplog, path, [f"Arch.Backbone.pretrained={unfolded}"])
+    Trainer(load_config(path, [f"Arch.Backbone.pretrained={unfolded}"]))  # taken
     for setting in ("Arch.Backbone.pretrained", "Global.pretrained_model"):
-        warned = startup_warnings(caplog, path, [f"{setting}={folded}"])
-        assert f"{setting}: {folded} holds folded (re-parameterised) weights" in warned
-        assert warned.count("folded (re-parameterised)") == 1
-        assert "trains without its parallel branches" in warned
+        with pytest.raises(CheckpointError) as refused:
+            Trainer(load_config(path, [f"{setting}={folded}"]))
+        assert str(refused.value) == (
+            f"{setting}: {folded} holds folded (re-parameterised) weights, an export's, for "
+            "inference: a run from them would train the backbone without its parallel "
+            "branches; give the weights they were folded from (a run's "
+            "best_model.safetensors, say)"
+        )
 
 
 def test_a_classifier_larger_than_the_named_classes_is_warned_about(grocery, tmp_path, caplog):

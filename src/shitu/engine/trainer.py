@@ -53,6 +53,7 @@ from shitu.engine.state import (
 )
 from shitu.engine.stopping import STOPPING_SIGNALS, leave_a_closed_terminal
 from shitu.errors import (
+    CheckpointError,
     ConfigError,
     DataError,
     ShituError,
@@ -191,14 +192,14 @@ class Trainer:
         # only where weights are left to it.
         from_file = resume_payload is None and bool(config.Global.pretrained_model)
         self.model = build_model(config.Arch, pretrained=resume_payload is None and not from_file)
-        self._warn_of_a_folded_start("Arch.Backbone.pretrained")
+        self._refuse_a_folded_start("Arch.Backbone.pretrained")
         if from_file:
             report = self._load_pretrained_model()
             left = [n for n in report.missing + report.shape_mismatch if n.startswith("backbone.")]
             if left and config.Arch.backbone_pretrained():
                 seed_everything(self.seed + self.context.rank)  # new layers as one build has them
                 self.model = build_model(config.Arch)
-                self._warn_of_a_folded_start("Arch.Backbone.pretrained")
+                self._refuse_a_folded_start("Arch.Backbone.pretrained")
                 report = self._load_pretrained_model()
         self.model = self.model.to(self.context.device)
         if config.Global.channels_last:
@@ -311,31 +312,28 @@ class Trainer:
     # ----------------------------------------------------------------- set-up helpers
     def _load_pretrained_model(self) -> LoadReport:
         """Global.pretrained_model loaded into the model, what fits of it."""
-        folded = is_reparameterized(self.model)  # already, by Arch.Backbone.pretrained
         with weight_file_setting("Global.pretrained_model"):
             report = load_weights(self.model, self.config.Global.pretrained_model, strict=False)
-        if not folded:
-            self._warn_of_a_folded_start("Global.pretrained_model")
+        self._refuse_a_folded_start("Global.pretrained_model")
         return report
 
-    def _warn_of_a_folded_start(self, setting: str) -> None:
-        """Warn where the run starts from folded weights (an export's, `shitu convert
-        --reparameterize`'s): loading them folds the model, which then trains without the
-        parallel branches folding merged away. Not refused: an export's weights may be all
-        a user has, and the folded model trains (as the plainer network it runs as)."""
-        if not is_reparameterized(self.model) or not self.context.is_main:
+    def _refuse_a_folded_start(self, setting: str) -> None:
+        """Refuse folded weights (an export's, `shitu convert --reparameterize`'s) as the
+        run's start: loading them folded the model, which then trained without the parallel
+        branches folding merged away, unsaid, and whose checkpoint no resume could load (a
+        resume builds the model unfolded)."""
+        if not is_reparameterized(self.model):
             return
         path = (
             self.config.Global.pretrained_model
             if setting == "Global.pretrained_model"
             else self.config.Arch.Backbone.params["pretrained"]
         )
-        logger.warning(
-            "%s: %s holds folded (re-parameterised) weights, an export's: the backbone is "
-            "folded and trains without its parallel branches; to train with them, give the "
-            "weights they were folded from (a run's best_model.safetensors, say)",
-            setting,
-            path,
+        raise CheckpointError(
+            f"{setting}: {path} holds folded (re-parameterised) weights, an export's, for "
+            "inference: a run from them would train the backbone without its parallel "
+            "branches; give the weights they were folded from (a run's "
+            "best_model.safetensors, say)"
         )
 
     def _choose_seed(self, payload: dict[str, Any] | None) -> int:
