@@ -805,7 +805,8 @@ def test_average_weights_refuses_files_of_different_models(tmp_path):
     with pytest.raises(
         CheckpointError,
         match=r"f\.safetensors: its shitu\.arch differs from .*a\.safetensors's: "
-        r"shitu\.arch Neck\.bias_frozen False \(a\.safetensors's not set\); only weights of "
+        r"shitu\.arch Neck\.bias_frozen False \(a\.safetensors's at its default\); only weights "
+        r"of "
         r"the same",
     ):
         average_weights([base, other_neck])
@@ -1120,6 +1121,17 @@ def test_weights_that_do_not_fit_name_the_arch_settings_they_were_built_with(tmp
         "(the config's Arch settings differ from the file's: Arch.Backbone.class_expand 32 "
         "(the file's 64); Arch.Neck.num_features 32 (the file's 64))"
     )
+    # A setting the config leaves out is at its constructor's default, not unset.
+    default_width = dict(
+        features,
+        Backbone={"name": "PPLCNetV2_small_ShiTu"},
+        Neck=dict(ARCH["Neck"], num_features=512),
+    )
+    with pytest.raises(CheckpointError) as info:
+        load_weights(
+            make_model(default_width), path, ignore_prefixes=("head.",), arch=default_width
+        )
+    assert "Arch.Backbone.class_expand at its default (the file's 64)" in str(info.value)
     plain = save_weights(model.state_dict(), tmp_path / "plain.safetensors")  # records none
     with pytest.raises(CheckpointError, match=r"\(does the config match\?\)$"):
         load_weights(make_model(wider), plain, ignore_prefixes=("head.",), arch=features)

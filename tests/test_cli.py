@@ -746,13 +746,14 @@ def test_export_without_weights_says_whether_the_model_is_random(tmp_path):
         out = tmp_path / pretrained
         result = run_shitu("export", "-c", "GroceryStore_EfficientNetLite0", "--compact",
                            "--score-thres", "0.5", "--out", str(out),
-                           "-o", f"Arch.Backbone.pretrained={pretrained}")  # fmt: skip
+                           "-o", f"Arch.Backbone.pretrained={pretrained}",
+                           f"Global.output_dir={tmp_path / 'run'}")  # fmt: skip
         assert result.returncode == 0, result.stderr
         assert result.stderr == (
             "note: no Global.pretrained_model, so the export holds the model as the config "
-            f"initialises it: {start}; pass -o Global.pretrained_model=output/"
-            "default_recognizer/best_model.safetensors (or any weights file) for trained "
-            "weights\n"
+            f"initialises it: {start}; pass -o Global.pretrained_model=FILE (none in "
+            f"{tmp_path / 'run'} yet: a shitu train run of this config writes its "
+            "best_model.safetensors there) for trained weights\n"
         )
 
 

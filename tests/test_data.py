@@ -240,6 +240,29 @@ def test_labels_mixing_ids_and_names_are_refused(tmp_path: Path):
     assert dataset.class_names == ["4011_1", "4011_2"] and dataset.num_classes == 2
 
 
+def test_a_header_line_is_refused_saying_to_comment_it_out(tmp_path: Path):
+    """`path label` above the listing: its columns gave another error (a class name among
+    ids, a missing image `path`) naming line 1 but not the `#` that comments it out."""
+    for name in "ab":
+        save_png(tmp_path / f"{name}.png", pattern(4, 4))
+    label_file = tmp_path / "list.txt"
+    for header, rows, delimiter in (
+        ("path label", "a.png 0\nb.png 1\n", None),
+        ("image\tclass", "a.png\tx\n", "\t"),
+    ):
+        label_file.write_text(f"{header}\n{rows}")
+        with pytest.raises(DataError) as caught:
+            LabelFileDataset(str(tmp_path), str(label_file), delimiter=delimiter)
+        head = header.split()[0]
+        assert str(caught.value) == (
+            f"{label_file}:1: {header!r} looks like a header, not an image and its label (no "
+            f"image {head!r} in image_root); start the line with # to comment it out"
+        )
+        label_file.write_text(f"# {header}\n{rows}")  # as it says: taken
+        dataset = LabelFileDataset(str(tmp_path), str(label_file), delimiter=delimiter)
+        assert len(dataset) == rows.count("\n")
+
+
 def test_images_listed_more_than_once_are_warned_of(tmp_path: Path, caplog):
     """An image listed under two labels (label files merged) is trained towards both:
     kept, as a repeat may be meant, but named, those under different labels first."""

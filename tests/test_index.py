@@ -127,6 +127,27 @@ def test_label_file_lines_end_only_where_the_file_ends_them(tmp_path):
         parse_label_file(listing)
 
 
+def test_a_label_files_header_line_is_refused_saying_to_comment_it_out(tmp_path):
+    """`path<TAB>label` above the list was warned of as a missing image `path`, and `path
+    label` refused for want of a tab: neither said that a `#` comments the header out."""
+    listing = tmp_path / "gallery.txt"
+    for header in ("path\tlabel", "image path label"):
+        listing.write_text(f"{header}\nimgs/a.jpg\tApple\n")
+        with pytest.raises(DataError) as caught:
+            parse_label_file(listing)
+        head = header.split("\t")[0]
+        assert str(caught.value) == (
+            f"{listing}:1: {header!r} looks like a header, not an image and its label (no "
+            f"image {head!r} beside the file); start the line with # to comment it out"
+        )
+        listing.write_text(f"# {header}\nimgs/a.jpg\tApple\n")  # as it says: taken
+        assert [item.label for item in parse_label_file(listing)] == ["Apple"]
+    # A first line whose columns are split wrong still names its image: not a header.
+    listing.write_text("imgs/a.jpg Apple\nimgs/b.jpg\tFig\n")
+    with pytest.raises(DataError, match=r":1: expected `path<TAB>label`, got 'imgs/a.jpg Apple'"):
+        parse_label_file(listing)
+
+
 def test_label_file_without_tab_is_a_data_error(tmp_path):
     listing = tmp_path / "gallery.txt"
     listing.write_text("imgs/a.jpg Coca Cola\n")

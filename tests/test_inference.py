@@ -24,6 +24,7 @@ import pytest
 import torch
 from PIL import Image
 
+from shitu import registry
 from shitu.checkpoint import read_weights, save_weights
 from shitu.config import load_config
 from shitu.data.datasets.base import check_image
@@ -43,6 +44,8 @@ from shitu.inference.backends import choose_backend
 from shitu.inference.export import fingerprint, load_exported_model
 from shitu.inference.preprocess import decode_rgb, read_rgb
 from shitu.models import build_model
+from shitu.models.backbones.pp_lcnet_v2 import PPLCNetV2
+from shitu.registry import Variant
 from tests.image_helpers import declared_png
 
 SIZE = 96
@@ -245,6 +248,16 @@ def test_the_extractor_names_what_it_cannot_take(exported):
     with pytest.raises(UnreadableImageError, match="got one Image: pass"):
         extractor.extract_images(Image.fromarray(image))
     assert extractor.extract_images(np.stack([image, image])).shape[0] == 2  # a stack is N
+    # Pixels of another type: how to convert them, and the conversion is taken.
+    wide = image.astype(np.uint16) * 257
+    for pixels, problem in (
+        (wide, r"got uint16 \(40, 30, 3\) \(16-bit: .* of 0..65535: \(image >> 8\)"),
+        (image.astype(np.float32), r"of 0..255: image.round\(\).astype\(np.uint8\)\)$"),
+        (image.astype(np.int64), r"\(int64: pixels are uint8 0..255; of 0..255: image.astype"),
+    ):
+        with pytest.raises(UnreadableImageError, match=problem):
+            extractor.extract_images([pixels])
+    assert extractor.extract_images([(wide >> 8).astype(np.uint8)]).shape[0] == 1
     for size in (0, -3):
         with pytest.raises(
             ConfigError, match=f"batch_size: expected a whole number >= 1, got {size}"
@@ -259,6 +272,34 @@ def test_the_extractor_names_what_it_cannot_take(exported):
     for backend, threads in (("onnxruntime", 2.5), ("openvino", -1), ("torch", 0)):
         with pytest.raises(ConfigError, match="num_threads: expected a whole number >= 1"):
             FeatureExtractor.load(exported["dir"], backend, threads)
+
+
+def test_an_export_of_a_user_registered_backbone_loads_only_once_it_is_registered_again(
+    tmp_path, monkeypatch
+):
+    # A backbone the user registers exists only in the processes that import the module
+    # registering it: the export holds its weights, not its code. Loading elsewhere (here:
+    # once unregistered) must say so, not blame a manifest edited by hand.
+    registry.populate()
+    user_net = Variant(PPLCNetV2, defaults={"scale": 0.25, "depths": (1, 1, 1, 1)})
+    monkeypatch.setitem(registry.BACKBONES._entries, "TinyUserNet", user_net)
+    config_file = tmp_path / "user.yaml"
+    config_file.write_text(
+        "Arch: {name: RecModel, Backbone: {name: TinyUserNet, class_expand: 32},"
+        " BackboneStopLayer: {name: flatten}}\n"
+    )
+    out = export_model(load_config(config_file), None, tmp_path / "model")
+    monkeypatch.delitem(registry.BACKBONES._entries, "TinyUserNet")
+    with pytest.raises(CheckpointError) as refused:
+        FeatureExtractor.load(out, backend="torch")
+    message = str(refused.value)
+    assert (
+        "backbone 'TinyUserNet' is not registered in this process: if it is your own, import"
+        in message
+    )
+    assert "edited by hand" not in message
+    monkeypatch.setitem(registry.BACKBONES._entries, "TinyUserNet", user_net)
+    assert FeatureExtractor.load(out, backend="torch").backend.name == "torch"
 
 
 def test_a_device_that_cannot_run_the_model_is_refused_when_loading(exported):
@@ -793,7 +834,9 @@ def test_an_arch_edited_into_one_that_cannot_be_built_is_named_with_its_manifest
     compact = export_model(exported["config"], weights, tmp_path / "compact", compact=True)
     edits = {
         "Backbone: required key missing in arch": lambda arch: arch.pop("Backbone"),
-        "arch: unknown backbone 'Nope'": lambda arch: arch["Backbone"].update(name="Nope"),
+        "the model's backbone 'Nope' is not registered in this process": lambda arch: arch[
+            "Backbone"
+        ].update(name="Nope"),
     }
     for source, backend in ((exported["dir"], "torch"), (compact, "auto")):
         for message, edit in edits.items():

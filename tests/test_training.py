@@ -19,7 +19,7 @@ import pytest
 import torch
 import yaml
 
-from shitu.checkpoint import average_weights, read_weights, save_weights
+from shitu.checkpoint import average_weights, model_metadata, read_weights, save_weights
 from shitu.cli.main import main
 from shitu.config import load_config
 from shitu.data.datasets import base
@@ -837,6 +837,24 @@ def test_cli_train_refuses_an_output_dir_inside_a_folder_per_class_root(grocery,
     )
 
 
+def test_the_summary_counts_what_skip_corrupt_left_out_as_only_that(grocery, tmp_path, caplog):
+    """A folder scan leaves out images (one beside the label folders, here) with a warning
+    of its own: the summary's "skipped images: 0", counting skip_corrupt's only, was false."""
+    path = tiny_config(grocery, tmp_path, epochs=1)
+    photos = tmp_path / "photos"
+    for label, images in list(grocery_listing(grocery, "train").items())[:2]:
+        (photos / str(label)).mkdir(parents=True)
+        for image in images[:4]:
+            shutil.copy(grocery / image, photos / str(label))
+    shutil.copy(grocery / images[4], photos / "stray.jpg")
+    folder = f"DataLoader.Train.dataset={{name: ImageFolderDataset, root: {photos}}}"
+    warned = startup_warnings(caplog, path, [folder])
+    assert "not in a label folder x1" in warned
+    summary = training_summary(Trainer(load_config(path, [folder])))
+    assert summary["images left out by skip_corrupt"] == 0
+    assert not any("skipped" in key for key in summary)
+
+
 def test_cli_train_that_fails_to_start_leaves_no_output_dir(grocery, tmp_path, capsys):
     path = tiny_config(grocery, tmp_path, epochs=1)
     assert main(["train", "-c", str(path), "-o", "Global.pretrained_model=missing.pt"]) == 2
@@ -995,6 +1013,26 @@ def test_cli_train_then_eval(grocery, tmp_path, capsys):
         f"Global.checkpoints {latest}: only shitu train reads it (to resume); give the "
         "weights as -o Global.pretrained_model=FILE"
     ) in capsys.readouterr().err
+
+
+def test_eval_without_weights_names_only_trained_weights_that_are_there(grocery, tmp_path, capsys):
+    """Before any run of the config: no best_model.safetensors to pass (it said to pass
+    one all the same); a run without evaluation leaves only final_model.safetensors."""
+    path = tiny_config(grocery, tmp_path, epochs=1)
+    output = tmp_path / "output"
+    assert main(["eval", "-c", str(path), "--json"]) == 0
+    err = capsys.readouterr().err
+    assert (
+        f"pass -o Global.pretrained_model=FILE (none in {output} yet: a shitu train run of "
+        "this config writes its best_model.safetensors there) for trained weights"
+    ) in err
+    output.mkdir()
+    save_weights(Trainer(load_config(path)).model.state_dict(), output / "final_model.safetensors")
+    assert main(["eval", "-c", str(path), "--json"]) == 0
+    final = output / "final_model.safetensors"
+    assert (
+        f"pass -o Global.pretrained_model={final} (or any weights file)" in capsys.readouterr().err
+    )
 
 
 def test_a_run_logged_to_a_file_prints_lines_not_a_progress_bar(grocery, tmp_path, capsys):
@@ -1307,6 +1345,29 @@ def startup_warnings(caplog: pytest.LogCaptureFixture, path: Path, overrides=())
     with caplog.at_level(logging.WARNING, logger="shitu"):
         Trainer(load_config(path, list(overrides)))
     return caplog.text
+
+
+def test_a_run_from_folded_weights_is_refused_naming_the_setting(grocery, tmp_path):
+    """Folded weights (an export's, `shitu convert --reparameterize`'s) fold the model they
+    load into: the run trained without PP-LCNetV2's parallel branches, unsaid, and its
+    checkpoint could not be resumed (a resume builds the model unfolded)."""
+    path = tiny_config(grocery, tmp_path, epochs=1, eval_during_train=False)
+    model = Trainer(load_config(path)).model
+    unfolded = save_weights(model.backbone.state_dict(), tmp_path / "unfolded.safetensors")
+    model.reparameterize()
+    folded = save_weights(
+        model.state_dict(), tmp_path / "folded.safetensors", model_metadata(model)
+    )
+    Trainer(load_config(path, [f"Arch.Backbone.pretrained={unfolded}"]))  # taken
+    for setting in ("Arch.Backbone.pretrained", "Global.pretrained_model"):
+        with pytest.raises(CheckpointError) as refused:
+            Trainer(load_config(path, [f"{setting}={folded}"]))
+        assert str(refused.value) == (
+            f"{setting}: {folded} holds folded (re-parameterised) weights, an export's, for "
+            "inference: a run from them would train the backbone without its parallel "
+            "branches; give the weights they were folded from (a run's "
+            "best_model.safetensors, say)"
+        )
 
 
 def test_a_classifier_larger_than_the_named_classes_is_warned_about(grocery, tmp_path, caplog):

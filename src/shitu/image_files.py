@@ -49,6 +49,26 @@ LABELLED_LIST_HINT = (
 )
 
 
+def is_header(line: str, following: str, found: bool) -> bool:
+    """Whether a listing's first `line`, whose first column is no `found` file, is a
+    header (`path label`): no word of it names an image, as a word of the next line does
+    (a word, not a column: a line whose columns are split wrong still names its image)."""
+    return not found and not _names_an_image(line) and _names_an_image(following)
+
+
+def header_error(listing: object, number: int, line: str, head: str, place: str) -> DataError:
+    """The refusal of a header line (see `is_header`) that says how to keep it: as a
+    comment. `head`: its first column, no image `place` ("beside the file")."""
+    return DataError(
+        f"{listing}:{number}: {line!r} looks like a header, not an image and its label (no "
+        f"image {head!r} {place}); start the line with # to comment it out"
+    )
+
+
+def _names_an_image(line: str) -> bool:
+    return any(Path(word.strip(",;'\"")).suffix.lower() in IMAGE_SUFFIXES for word in line.split())
+
+
 def unreadable_reason(path: str | os.PathLike, exc: OSError) -> str:
     """Why the image file at `path` could not be read, as reported for it: a folder is
     named as one, with how to list its images (the OS says only "Is a directory", or on

@@ -358,10 +358,11 @@ def _training_state_metadata(payload: dict) -> dict[str, str]:
 
 
 class _NotSet:
-    """A setting that one side does not hold: compared as null, shown as "not set"."""
+    """A setting that one side does not hold: compared as null, shown as "at its default"
+    (the constructor's, which a left-out setting takes: "not set" read as unset)."""
 
     def __repr__(self) -> str:
-        return "not set"
+        return "at its default"
 
 
 _NOT_SET = _NotSet()
@@ -372,7 +373,8 @@ def setting_differences(first: object, other: object, where: str, than: str) -> 
     JSON data) differ, by setting, as 'KEY OTHER (THAN FIRST)', nested keys joined by dots:
     `Arch.Head.class_num 7 (was 6)` for a resumed run's config against its checkpoint's
     (`than` "was"). A tensor's size mismatch does not name the setting that changed it. A
-    key one side lacks is "not set" there, and equal to null."""
+    key one side lacks is "at its default" there (a config leaves it out, or a recorded
+    Arch drops settings written out at their defaults), and equal to null."""
     if isinstance(first, dict) and isinstance(other, dict):
         keys = sorted(first.keys() | other.keys(), key=str)
         prefix = f"{where} " if where == ARCH else f"{where}."

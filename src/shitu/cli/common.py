@@ -236,6 +236,10 @@ def _is_short_option(word: str) -> bool:
     return len(word) == 2 and word[0] == "-" and word[1].isalpha()
 
 
+# What a training run leaves in its output_dir, the one to evaluate or export first.
+TRAINED_WEIGHTS = ("best_model.safetensors", "final_model.safetensors")
+
+
 def trained_weights(config: ShituConfig, doing: str) -> str | None:
     """`Global.pretrained_model`; without it, a note that `doing` uses the model as the
     config initialises it, and where a training run of this config leaves its weights.
@@ -250,12 +254,17 @@ def trained_weights(config: ShituConfig, doing: str) -> str | None:
             "or final_model.safetensors)"
         )
     if not weights:
-        best = Path(config.Global.output_dir) / "best_model.safetensors"
-        trained = override_word("Global.pretrained_model", best)
+        output = Path(config.Global.output_dir)
+        written = [output / name for name in TRAINED_WEIGHTS if (output / name).is_file()]
+        trained = (  # only a file that is there: no run of this config may have ended yet
+            f"-o {override_word('Global.pretrained_model', written[0])} (or any weights file)"
+            if written
+            else f"-o Global.pretrained_model=FILE (none in {output} yet: a shitu train run "
+            f"of this config writes its {TRAINED_WEIGHTS[0]} there)"
+        )
         print(
             f"note: no Global.pretrained_model, so {doing} the model as the config initialises "
-            f"it: {config.Arch.initialisation()}; pass -o {trained} (or any weights file) for "
-            "trained weights",
+            f"it: {config.Arch.initialisation()}; pass {trained} for trained weights",
             file=sys.stderr,
         )
     return weights

@@ -53,6 +53,7 @@ from shitu.engine.state import (
 )
 from shitu.engine.stopping import STOPPING_SIGNALS, leave_a_closed_terminal
 from shitu.errors import (
+    CheckpointError,
     ConfigError,
     DataError,
     ShituError,
@@ -65,6 +66,7 @@ from shitu.fileio import home_expanded, remove_unfinished_writes
 from shitu.losses.combined import CombinedLoss
 from shitu.losses.xbm import CrossBatchMemory
 from shitu.models import build_model
+from shitu.models.reparam import is_reparameterized
 from shitu.registry import problem_list
 
 logger = logging.getLogger(__name__)
@@ -190,12 +192,14 @@ class Trainer:
         # only where weights are left to it.
         from_file = resume_payload is None and bool(config.Global.pretrained_model)
         self.model = build_model(config.Arch, pretrained=resume_payload is None and not from_file)
+        self._refuse_a_folded_start("Arch.Backbone.pretrained")
         if from_file:
             report = self._load_pretrained_model()
             left = [n for n in report.missing + report.shape_mismatch if n.startswith("backbone.")]
             if left and config.Arch.backbone_pretrained():
                 seed_everything(self.seed + self.context.rank)  # new layers as one build has them
                 self.model = build_model(config.Arch)
+                self._refuse_a_folded_start("Arch.Backbone.pretrained")
                 report = self._load_pretrained_model()
         self.model = self.model.to(self.context.device)
         if config.Global.channels_last:
@@ -309,7 +313,28 @@ class Trainer:
     def _load_pretrained_model(self) -> LoadReport:
         """Global.pretrained_model loaded into the model, what fits of it."""
         with weight_file_setting("Global.pretrained_model"):
-            return load_weights(self.model, self.config.Global.pretrained_model, strict=False)
+            report = load_weights(self.model, self.config.Global.pretrained_model, strict=False)
+        self._refuse_a_folded_start("Global.pretrained_model")
+        return report
+
+    def _refuse_a_folded_start(self, setting: str) -> None:
+        """Refuse folded weights (an export's, `shitu convert --reparameterize`'s) as the
+        run's start: loading them folded the model, which then trained without the parallel
+        branches folding merged away, unsaid, and whose checkpoint no resume could load (a
+        resume builds the model unfolded)."""
+        if not is_reparameterized(self.model):
+            return
+        path = (
+            self.config.Global.pretrained_model
+            if setting == "Global.pretrained_model"
+            else self.config.Arch.Backbone.params["pretrained"]
+        )
+        raise CheckpointError(
+            f"{setting}: {path} holds folded (re-parameterised) weights, an export's, for "
+            "inference: a run from them would train the backbone without its parallel "
+            "branches; give the weights they were folded from (a run's "
+            "best_model.safetensors, say)"
+        )
 
     def _choose_seed(self, payload: dict[str, Any] | None) -> int:
         if payload is not None:
@@ -1052,7 +1077,9 @@ def training_summary(trainer: Trainer) -> dict[str, Any]:
         "processes": trainer.context.world_size,
         "train images": len(dataset),
         "classes": len(set(dataset.labels)),  # in the training list, not the label map's
-        "skipped images": len(getattr(dataset, "skipped", [])),
+        # Only these: "skipped images: 0" was false where a folder scan left images out (one
+        # beside the label folders, a .gif), with a warning of its own.
+        "images left out by skip_corrupt": len(getattr(dataset, "skipped", [])),
         "batch size per process": trainer.train_loader.batch_sampler.batch_size,
         "steps per epoch": trainer.steps_per_epoch,
         "learning rate": _learning_rate_shown(trainer),

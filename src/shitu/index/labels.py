@@ -13,6 +13,8 @@ from shitu.errors import DataError
 from shitu.fileio import SAVE_AS_UTF8, listed_file, read_text, text_lines
 from shitu.image_files import (
     IMAGE_SUFFIXES,
+    header_error,
+    is_header,
     scan_images,
     warn_if_grouped,
     warn_of_shared_folder_names,
@@ -137,6 +139,7 @@ def parse_label_file(path: Path) -> list[GalleryItem]:
         ) from None
     except OSError as exc:
         raise DataError(f"cannot read label file {path}: {exc.strerror}") from None
+    _refuse_a_header(path, text)
     items = []
     for number, line in enumerate(text_lines(text), start=1):
         if line.startswith("#"):  # a comment
@@ -165,6 +168,22 @@ def parse_label_file(path: Path) -> list[GalleryItem]:
             )
         items.append(GalleryItem(full, label))
     return items
+
+
+def _refuse_a_header(path: Path, text: str) -> None:
+    """Refuse a first line such as `path<TAB>label`, a header, saying to comment it out: it
+    was refused for want of a tab, or warned of as an image that is not there."""
+    listed = [
+        (number, line)
+        for number, line in enumerate(text_lines(text), start=1)
+        if line.strip() and not line.startswith("#")
+    ]
+    if len(listed) < 2:
+        return
+    (number, first), (_, second) = listed[:2]
+    head = first.split("\t", 1)[0].strip()
+    if is_header(first, second, listed_file(path.parent, head).exists()):
+        raise header_error(path, number, first, head, "beside the file")
 
 
 def _warn_if_a_file_is_commented_out(path: Path, number: int, line: str) -> None:

@@ -26,11 +26,11 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from shitu import __version__
+from shitu import __version__, registry
 from shitu.checkpoint import load_weights, model_metadata, save_weights
 from shitu.checkpoint.io import WEIGHT_SUFFIXES
 from shitu.config import ArchConfig, ShituConfig
-from shitu.errors import CheckpointError, ConfigError, first_few
+from shitu.errors import CheckpointError, ConfigError, did_you_mean, first_few
 from shitu.fileio import (
     FILE_MODE,
     FOLDER_MODE,
@@ -341,19 +341,44 @@ def _export_onnx(
     logger.info("ONNX export %s: max |onnx - torch| = %.2e of the largest feature", out_dir, diff)
 
 
+def refuse_unregistered_components(arch: ArchConfig, where: Path) -> None:
+    """Refuse an arch naming a component no imported module registers, saying to import it:
+    an export of a user-registered backbone holds its weights, not its code, so another
+    process must import the module that registers it before the torch runtime can build it."""
+    registry.populate()
+    for component, components in (
+        (arch.Backbone, registry.BACKBONES),
+        (arch.Neck, registry.NECKS),
+        (arch.Head, registry.HEADS),
+    ):
+        if component is not None and component.name not in components:
+            raise CheckpointError(
+                f"{where}: the model's {components.kind} '{component.name}' is not registered "
+                f"in this process{did_you_mean(component.name, components.names())}: if it is "
+                f"your own, import the module that registers it "
+                f"(shitu.registry.{components.kind.upper()}S.register) before loading the "
+                f"export, which holds its weights, not its code; "
+                f"registered {components.kind}s: {', '.join(components.names())}"
+            )
+
+
 def load_exported_model(model_dir: str | Path, manifest: dict[str, Any]) -> RecModel:
     """The export's folded model in eval mode, checked against the fingerprint its manifest
     records (so a hand-edited arch or preprocessing is refused, not silently served)."""
+    where = Path(model_dir) / MANIFEST
     try:
-        model = build_model(ArchConfig.model_validate(manifest["arch"])).eval()
-    except (ValidationError, ConfigError) as exc:  # an arch edited by hand, say
-        problem = (
-            format_validation_error(exc, ArchConfig, what="arch")
-            if isinstance(exc, ValidationError)
-            else f"arch: {exc}"
-        )
+        arch = ArchConfig.model_validate(manifest["arch"])
+    except ValidationError as exc:  # an arch edited by hand, say
+        problem = format_validation_error(exc, ArchConfig, what="arch")
         raise CheckpointError(
-            f"{Path(model_dir) / MANIFEST}: {problem} (edited by hand? export the model again)"
+            f"{where}: {problem} (edited by hand? export the model again)"
+        ) from None
+    refuse_unregistered_components(arch, where)
+    try:
+        model = build_model(arch).eval()
+    except ConfigError as exc:
+        raise CheckpointError(
+            f"{where}: arch: {exc} (edited by hand? export the model again)"
         ) from None
     load_weights(model, Path(model_dir) / TORCH_FILE, strict=True)  # folds, as the file says
     check_fingerprint(model_dir, manifest, model.state_dict())

@@ -145,9 +145,16 @@ def _not_array_hint(image: object) -> str:
 
 def _rgb_hint(image: np.ndarray) -> str:
     """How to make an RGB array of the arrays callers most often have instead (grey, RGBA,
-    float pixels), as `_not_array_hint` says for other objects."""
+    float or 16-bit pixels), as `_not_array_hint` says for other objects."""
     if image.dtype.kind == "f":  # 0..1 or 0..255: only the caller knows which
-        return " (float: pixels are uint8 0..255; of 0..1: (image * 255).round().astype(np.uint8))"
+        return (
+            " (float: pixels are uint8 0..255; of 0..1: (image * 255).round().astype(np.uint8),"
+            " of 0..255: image.round().astype(np.uint8))"
+        )
+    if image.dtype == np.uint16:  # a 16-bit PNG or TIFF as OpenCV reads it unchanged
+        return " (16-bit: pixels are uint8 0..255; of 0..65535: (image >> 8).astype(np.uint8))"
+    if image.dtype.kind in "iu" and image.dtype != np.uint8:  # np.array of Python ints, say
+        return f" ({image.dtype}: pixels are uint8 0..255; of 0..255: image.astype(np.uint8))"
     if image.dtype != np.uint8:
         return ""
     if image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 1):
