@@ -1514,6 +1514,17 @@ def test_a_string_where_a_list_belongs_is_not_read_a_character_at_a_time(tmp_pat
         assert len(gallery.remove(labels=["zero"])) == 1
 
 
+def test_an_id_that_is_not_a_whole_number_is_refused_and_removes_nothing(tmp_path):
+    with new_gallery(tmp_path / "lib") as gallery:
+        ids = gallery.add(clustered(3, DIM), ["zero", "one", "two"]).ids
+        for wrong, named in [(1.5, "float 1.5"), (True, "bool True"), ("2", "str '2'")]:
+            with pytest.raises(GalleryError) as caught:
+                gallery.remove(ids=[int(ids[2]), wrong])
+            assert str(caught.value) == f"remove: an image id is a whole number, got {named}"
+        assert gallery.label_counts() == {"one": 1, "two": 1, "zero": 1}
+        assert gallery.remove(ids=ids[:1]).tolist() == [int(ids[0])]  # numpy ints are ids
+
+
 def test_sources_given_as_strings_or_as_one_path(tmp_path, monkeypatch):
     make_images(tmp_path / "photos" / "Fanta", 2)
     make_images(tmp_path / "photos" / "Sprite", 1)

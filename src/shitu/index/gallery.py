@@ -981,14 +981,14 @@ class Gallery:
     def remove(self, ids: Sequence[int] = (), labels: Sequence[str] = ()) -> np.ndarray:
         """Remove images by id and/or every image of the given labels; returns removed ids."""
         self._check_usable()
-        ids, labels = _listed(ids, "ids", "remove"), _listed(labels, "labels", "remove")
+        ids, labels = _image_ids(_listed(ids, "ids", "remove")), _listed(labels, "labels", "remove")
 
         def mutate() -> tuple[Change, np.ndarray]:
             unknown = [label for label in labels if not self._store.ids_with_labels([label])]
             if unknown:
                 hint = did_you_mean(unknown[0], list(self._store.label_counts()))
                 raise GalleryError(f"{self.root}: no images labelled {unknown}{hint}")
-            target = sorted({int(i) for i in ids} | set(self._store.ids_with_labels(labels)))
+            target = sorted(set(ids) | set(self._store.ids_with_labels(labels)))
             removed = self._store.delete(target)
             missing = sorted(set(target) - set(removed.tolist()))
             if missing:
@@ -1360,6 +1360,17 @@ def _listed(values: Any, what: str, where: str) -> list:
         return list(values)
     except TypeError:
         raise GalleryError(f"{where}: expected a list of {what}, got {values!r}") from None
+
+
+def _image_ids(values: list) -> list[int]:
+    """`values` as ints; anything but a whole number is refused, naming it: int() would take
+    1.5 (or True) for image 1 and remove an image that was not meant."""
+    wrong = next((v for v in values if isinstance(v, bool) or not isinstance(v, Integral)), None)
+    if wrong is not None:
+        raise GalleryError(
+            f"remove: an image id is a whole number, got {type(wrong).__name__} {wrong!r}"
+        )
+    return [int(v) for v in values]
 
 
 def _gallery_items(items: Any, where: str) -> list[GalleryItem]:
