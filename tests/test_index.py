@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import logging
 import os
@@ -11,6 +12,7 @@ import shutil
 import sqlite3
 import subprocess
 import threading
+import typing
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +23,7 @@ import pytest
 
 from shitu.cli.main import main as shitu_main
 from shitu.errors import DataError, GalleryError
-from shitu.index import Gallery, GalleryItem, collect_items, metadata
+from shitu.index import Embedder, Gallery, GalleryItem, collect_items, metadata
 from shitu.index import gallery as gallery_module
 from shitu.index.backends.faiss_backend import CHANGES_KEY, MIN_TRAIN
 from shitu.index.labels import parse_label_file
@@ -1523,6 +1525,20 @@ def test_an_id_that_is_not_a_whole_number_is_refused_and_removes_nothing(tmp_pat
             assert str(caught.value) == f"remove: an image id is a whole number, got {named}"
         assert gallery.label_counts() == {"one": 1, "two": 1, "zero": 1}
         assert gallery.remove(ids=ids[:1]).tolist() == [int(ids[0])]  # numpy ints are ids
+
+
+def test_the_type_hints_take_the_feature_extractor_and_the_ids_add_returns(tmp_path):
+    """What a type checker (mypy) refused although it runs: a Protocol's plain attribute is
+    one the library may set, so FeatureExtractor's read-only `preprocessing` did not
+    satisfy Embedder (Gallery.open(path, embedder=extractor)), and remove's ids were a
+    Sequence, which the numpy array of ids that add returns is not."""
+    for name in ("embedding_size", "fingerprint", "preprocessing"):
+        assert isinstance(inspect.getattr_static(Embedder, name, None), property), name
+    with new_gallery(tmp_path / "lib") as gallery:
+        ids = gallery.add(clustered(2, DIM), ["zero", "one"]).ids
+        hint = typing.get_type_hints(Gallery.remove)["ids"]
+        assert isinstance(ids, typing.get_origin(hint))
+        assert gallery.remove(ids=ids).tolist() == ids.tolist()
 
 
 def test_sources_given_as_strings_or_as_one_path(tmp_path, monkeypatch):

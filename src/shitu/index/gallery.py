@@ -978,8 +978,9 @@ class Gallery:
         report.failures = list(result.failures)
         return report
 
-    def remove(self, ids: Sequence[int] = (), labels: Sequence[str] = ()) -> np.ndarray:
-        """Remove images by id and/or every image of the given labels; returns removed ids."""
+    def remove(self, ids: Iterable[int] = (), labels: Iterable[str] = ()) -> np.ndarray:
+        """Remove images by id and/or every image of the given labels; returns removed ids.
+        `ids` may be the arrays that `add` and `search` return."""
         self._check_usable()
         ids, labels = _image_ids(_listed(ids, "ids", "remove")), _listed(labels, "labels", "remove")
 
