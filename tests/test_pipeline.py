@@ -388,6 +388,28 @@ def test_closing_a_recogniser_leaves_a_library_it_was_given_open(setup):
         assert gallery.label_counts()  # still open: the caller's to close
 
 
+def test_a_closed_recogniser_says_so_when_used_again(setup, recognizer, tmp_path):
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (64, 48), "red").save(photo)
+    image = read_rgb(photo)
+    opened = Recognizer.open(setup["library"], model=setup["model"])
+    given = recognizer()
+    for rec in (opened, given):
+        rec.recognize(image)
+        with rec:
+            pass
+        rec.close()  # again: nothing more to do
+        for call in (
+            lambda rec=rec: rec.recognize(image),
+            lambda rec=rec: list(rec.recognize_files([photo])),
+            lambda rec=rec: rec.__enter__(),
+        ):
+            with pytest.raises(ValueError, match=r"^the Recognizer is closed \(by close\(\)"):
+                call()
+    assert given.extractor.extract_images([image]).shape[0] == 1  # its parts stay open
+    assert len(given.gallery.search(given.extractor.extract_images([image]), k=1).ids) == 1
+
+
 def test_several_products_are_each_recognised_and_not_suppressed_by_the_whole_image(
     setup, recognizer
 ):

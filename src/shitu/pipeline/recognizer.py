@@ -287,6 +287,7 @@ class Recognizer:
         self.batch_size = batch_size
         # What from_config opened, closed with the recogniser (parts passed in are not).
         self._opened = ExitStack()
+        self._closed = False
 
     @classmethod
     def from_config(
@@ -390,10 +391,19 @@ class Recognizer:
 
     def close(self) -> None:
         """Close the library, model and detector `from_config` opened (parts passed in are
-        left open)."""
+        left open); later recognitions are refused."""
+        self._closed = True
         self._opened.close()
 
+    def _check_open(self) -> None:
+        """A ValueError naming the recogniser once closed: its own parts would fail on
+        their own terms ('the FeatureExtractor is closed'), or, passed in and still open,
+        go on working, so that a use after close went unnoticed."""
+        if self._closed:
+            raise ValueError("the Recognizer is closed (by close() or the end of its `with` block)")
+
     def __enter__(self) -> Recognizer:
+        self._check_open()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -410,6 +420,7 @@ class Recognizer:
     def score_batch(self, images: Iterable[np.ndarray]) -> list[Candidates]:
         """Every candidate box of every image with its best gallery hit, before the
         threshold: `select` turns them into results, at any threshold, without re-embedding."""
+        self._check_open()
         crops: list[np.ndarray] = []
         boxes_per_image: list[list[tuple[int, int, int, int]]] = []  # whole image last
         for image in image_list(images):
