@@ -1541,6 +1541,18 @@ def test_the_type_hints_take_the_feature_extractor_and_the_ids_add_returns(tmp_p
         assert gallery.remove(ids=ids).tolist() == ids.tolist()
 
 
+def test_a_library_without_a_model_fingerprint_is_not_created(tmp_path):
+    """Stored, None or "" is a fingerprint that no model has: every use was refused."""
+    for wrong in (None, "", " ", 5):
+        with pytest.raises(GalleryError) as caught:
+            Gallery.create(tmp_path / "lib", embedding_dim=DIM, model_fingerprint=wrong)
+        assert str(caught.value).startswith(
+            f"model_fingerprint: expected the model's fingerprint (text: its FeatureExtractor's "
+            f"fingerprint), got {wrong!r}; "
+        )
+        assert not (tmp_path / "lib").exists()
+
+
 def test_sources_given_as_strings_or_as_one_path(tmp_path, monkeypatch):
     make_images(tmp_path / "photos" / "Fanta", 2)
     make_images(tmp_path / "photos" / "Sprite", 1)

@@ -355,6 +355,13 @@ class Gallery:
             raise GalleryError(f"{root}: already exists and is not an empty folder")
         if replace_collection and backend != "milvus":
             raise GalleryError(f"replace_collection: only for the milvus backend, not {backend}")
+        if not isinstance(model_fingerprint, str) or not model_fingerprint.strip():
+            # stored, such a library would be refused to every model that tried to use it
+            raise GalleryError(
+                f"model_fingerprint: expected the model's fingerprint (text: its "
+                f"FeatureExtractor's fingerprint), got {model_fingerprint!r}; "
+                "Gallery.create_for(path, extractor) takes it from the model"
+            )
         if backend in BACKENDS:  # an unknown backend is refused by name below
             Manifest.check_backend_options(backend, backend_options or {})
         manifest = Manifest(
