@@ -531,6 +531,25 @@ def test_the_recogniser_refuses_keywords_its_config_would_refuse(setup, recogniz
         # The parts in `open`'s order (the gallery first) are named, not an AttributeError
         with pytest.raises(ConfigError, match=r"^gallery: .*FeatureExtractor; the extractor"):
             Recognizer(gallery, setup["extractor"])
+        # and loaded parts given to `open`, which takes paths, are named with where they go
+        for keywords, named, got in (
+            ({"gallery": gallery}, "gallery", "Gallery"),
+            (
+                {"gallery": setup["library"], "model": setup["extractor"]},
+                "model",
+                "FeatureExtractor",
+            ),
+            (
+                {"gallery": setup["library"], "detector": PlainBackgroundDetector()},
+                "detector",
+                "Plain",
+            ),
+        ):
+            with pytest.raises(ConfigError) as caught:
+                Recognizer.open(**keywords)
+            assert str(caught.value).startswith(
+                f"{named}: Recognizer.open takes paths, got {got}"
+            ) and str(caught.value).endswith("go to Recognizer(extractor, gallery, detector)")
 
 
 def test_a_recogniser_loads_from_a_config_files_path(setup, tmp_path):

@@ -367,6 +367,13 @@ class Recognizer:
         default: whole images), `config` a pipeline YAML file or shipped name, or a
         `load_pipeline_config(...)` (with overrides; the keywords go on a copy of it, so
         that the caller's config is left as it was)."""
+        for name, value in (("gallery", gallery), ("model", model), ("detector", detector)):
+            # An open Gallery or loaded model, which the config would call 'not a string'
+            if value is not None and not isinstance(value, str | os.PathLike):
+                raise ConfigError(
+                    f"{name}: Recognizer.open takes paths, got {type(value).__name__}; loaded "
+                    "parts go to Recognizer(extractor, gallery, detector)"
+                )
         if isinstance(config, PipelineConfig):
             base = config.model_copy(deep=True)
         else:
