@@ -1587,6 +1587,17 @@ def test_read_rgb_names_what_it_was_given_instead_of_a_path(tmp_path):
     assert read_rgb(str(photo)).shape == (8, 8, 3)
 
 
+def test_loading_a_model_from_no_path_names_the_argument():
+    """None (an unset setting) failed inside pathlib, and '' looked in the current folder."""
+    for given in (None, "", 3):
+        with pytest.raises(CheckpointError) as caught:
+            FeatureExtractor.load(given)
+        assert str(caught.value) == (
+            "model_dir: expected an exported model's folder "
+            f"(shitu.inference.default_model_dir() is the shipped one), got {given!r}"
+        )
+
+
 def test_building_a_cache_entry_removes_those_unused_for_30_days(exported, tmp_path, monkeypatch):
     """Each compact model loaded keeps a model's worth of files in the cache (the shipped
     model of each release among them), which nothing removed: a build removes the entries

@@ -134,6 +134,12 @@ class FeatureExtractor:
             _warn_of_threads_over_cores(num_threads)
         check_runtime_names(backend, precision, device)
         device = device_type(device)  # the names Global.device takes
+        if not isinstance(model_dir, str | os.PathLike) or not os.fspath(model_dir):
+            # Path() fails inside pathlib on None (an unset setting), '' is the current folder
+            raise CheckpointError(
+                f"model_dir: expected an exported model's folder "
+                f"(shitu.inference.default_model_dir() is the shipped one), got {model_dir!r}"
+            )
         model_dir = Path(model_dir)
         manifest = read_manifest(model_dir)
         score_thres = _score_thres(model_dir, manifest)  # a rebuilt cache entry has none
