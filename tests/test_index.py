@@ -23,7 +23,7 @@ import pytest
 
 from shitu.cli.main import main as shitu_main
 from shitu.errors import DataError, GalleryError
-from shitu.index import Embedder, Gallery, GalleryItem, collect_items, metadata
+from shitu.index import Catalog, Embedder, Gallery, GalleryItem, collect_items, metadata
 from shitu.index import gallery as gallery_module
 from shitu.index.backends.faiss_backend import CHANGES_KEY, MIN_TRAIN
 from shitu.index.labels import parse_label_file
@@ -1551,6 +1551,22 @@ def test_a_library_without_a_model_fingerprint_is_not_created(tmp_path):
             f"fingerprint), got {wrong!r}; "
         )
         assert not (tmp_path / "lib").exists()
+
+
+def test_a_library_given_no_path_names_the_argument(tmp_path, monkeypatch):
+    """None (an unset setting) failed inside pathlib; '' was the current folder."""
+    monkeypatch.chdir(tmp_path)
+    for given in (None, "", 3):
+        for call in (
+            Gallery.open,
+            new_gallery,
+            lambda path: Gallery.build(path, PixelEmbedder(), []),
+            Catalog,
+        ):
+            with pytest.raises(GalleryError) as caught:
+                call(given)
+            assert str(caught.value) == f"expected a gallery library's path, got {given!r}"
+    assert not list(tmp_path.iterdir())
 
 
 def test_sources_given_as_strings_or_as_one_path(tmp_path, monkeypatch):

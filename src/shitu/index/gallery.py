@@ -239,7 +239,7 @@ class Catalog:
     Milvus collection is connected to and loaded, which on a big library takes long."""
 
     def __init__(self, path: str | Path) -> None:
-        self.root = Path(path)
+        self.root = _library_path(path)
         self._store = _open_store(self.root)
         try:
             _committed_manifest(self.root, self._store, None)  # refused as Gallery.open does
@@ -348,7 +348,7 @@ class Gallery:
         (its library deleted, or a build killed outright) can be built into again; one that
         the library it was made for (recorded in it) still uses is refused all the same.
         """
-        root = folder_place(path)
+        root = folder_place(_library_path(path))
         _refuse_non_utf8_root(root)
         existed = root.exists()
         if occupied(root):
@@ -429,7 +429,7 @@ class Gallery:
         Milvus collection. `options`: `create`'s. Refused where `path` exists, unless an
         empty folder (as `create`); a NothingAddedError, with the report, where no image
         could be added."""
-        root = folder_place(path)
+        root = folder_place(_library_path(path))
         _refuse_non_utf8_root(root)
         if occupied(root):
             raise GalleryError(
@@ -508,7 +508,7 @@ class Gallery:
         write: a new generation); `repaired` then says so.
         """
         model = None if embedder is None else (embedder.fingerprint, embedder.embedding_size)
-        return cls._open(Path(path), model=model, verify=verify, repair=repair)
+        return cls._open(_library_path(path), model=model, verify=verify, repair=repair)
 
     @classmethod
     def _open(
@@ -1262,6 +1262,14 @@ class _AddedMeanwhile(Exception):
     def __init__(self, ids: list[int]) -> None:
         super().__init__(f"{len(ids)} images added meanwhile")
         self.ids = ids
+
+
+def _library_path(path: str | Path) -> Path:
+    """`path` as a Path; anything else (None, an unset setting) would fail inside pathlib
+    saying only its type, and '' be taken for the current folder."""
+    if not isinstance(path, str | os.PathLike) or not os.fspath(path):
+        raise GalleryError(f"expected a gallery library's path, got {path!r}")
+    return Path(path)
 
 
 def _refuse_non_utf8_root(root: Path) -> None:
