@@ -1516,7 +1516,7 @@ def test_a_string_where_a_list_belongs_is_not_read_a_character_at_a_time(tmp_pat
         assert len(gallery.remove(labels=["zero"])) == 1
 
 
-def test_an_id_that_is_not_a_whole_number_is_refused_and_removes_nothing(tmp_path):
+def test_an_id_that_is_not_a_whole_number_is_refused_not_taken_for_another_image(tmp_path):
     with new_gallery(tmp_path / "lib") as gallery:
         ids = gallery.add(clustered(3, DIM), ["zero", "one", "two"]).ids
         for wrong, named in [(1.5, "float 1.5"), (True, "bool True"), ("2", "str '2'")]:
@@ -1524,7 +1524,14 @@ def test_an_id_that_is_not_a_whole_number_is_refused_and_removes_nothing(tmp_pat
                 gallery.remove(ids=[int(ids[2]), wrong])
             assert str(caught.value) == f"remove: an image id is a whole number, got {named}"
         assert gallery.label_counts() == {"one": 1, "two": 1, "zero": 1}
+        for wrong, named in [(1.5, "float 1.5"), ("2", "str '2'")]:  # not image 1, nor 1 and 2
+            with pytest.raises(GalleryError) as caught:
+                gallery.entries_with_ids([wrong])
+            assert str(caught.value) == f"entries: an image id is a whole number, got {named}"
+        with pytest.raises(GalleryError, match="^entries: expected a list of ids, got the str"):
+            gallery.entries_with_ids("12")
         assert gallery.remove(ids=ids[:1]).tolist() == [int(ids[0])]  # numpy ints are ids
+        assert [entry.id for entry in gallery.entries_with_ids(ids)] == ids[1:].tolist()
 
 
 def test_the_type_hints_take_the_feature_extractor_and_the_ids_add_returns(tmp_path):

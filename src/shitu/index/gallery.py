@@ -989,7 +989,7 @@ class Gallery:
         """Remove images by id and/or every image of the given labels; returns removed ids.
         `ids` may be the arrays that `add` and `search` return."""
         self._check_usable()
-        ids, labels = _image_ids(_listed(ids, "ids", "remove")), _listed(labels, "labels", "remove")
+        ids, labels = _image_ids(ids, "remove"), _listed(labels, "labels", "remove")
 
         def mutate() -> tuple[Change, np.ndarray]:
             unknown = [label for label in labels if not self._store.ids_with_labels([label])]
@@ -1170,11 +1170,11 @@ class Gallery:
         self._check_usable()
         return _full_entries(self.root, self._store.entries(label))
 
-    def entries_with_ids(self, ids: Sequence[int]) -> list[ImageEntry]:
+    def entries_with_ids(self, ids: Iterable[int]) -> list[ImageEntry]:
         """The stored images with these ids, as `entries` gives them: say the rows a write
         added, for a listing that follows the writes rather than reading every row again."""
         self._check_usable()
-        return _full_entries(self.root, self._store.entries_with_ids(ids))
+        return _full_entries(self.root, self._store.entries_with_ids(_image_ids(ids, "entries")))
 
     def stored_hashes(self, hashes: Sequence[str]) -> set[str]:
         """Which of these content hashes the library's images have."""
@@ -1378,13 +1378,14 @@ def _listed(values: Any, what: str, where: str) -> list:
         raise GalleryError(f"{where}: expected a list of {what}, got {values!r}") from None
 
 
-def _image_ids(values: list) -> list[int]:
-    """`values` as ints; anything but a whole number is refused, naming it: int() would take
-    1.5 (or True) for image 1 and remove an image that was not meant."""
+def _image_ids(ids: Any, where: str) -> list[int]:
+    """`ids` as a list of ints; anything but a whole number is refused, naming it: int()
+    would take 1.5 (or True) for image 1, and remove or list an image that was not meant."""
+    values = _listed(ids, "ids", where)
     wrong = next((v for v in values if isinstance(v, bool) or not isinstance(v, Integral)), None)
     if wrong is not None:
         raise GalleryError(
-            f"remove: an image id is a whole number, got {type(wrong).__name__} {wrong!r}"
+            f"{where}: an image id is a whole number, got {type(wrong).__name__} {wrong!r}"
         )
     return [int(v) for v in values]
 
