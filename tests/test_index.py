@@ -1576,6 +1576,27 @@ def test_a_library_given_no_path_names_the_argument(tmp_path, monkeypatch):
     assert not list(tmp_path.iterdir())
 
 
+def test_a_label_looked_up_is_text_or_a_whole_number(tmp_path):
+    """None (or another non-text) label to remove or rename failed with an AttributeError
+    inside the did-you-mean hint; a whole number is found as `add` stored it."""
+    with new_gallery(tmp_path / "lib") as gallery:
+        gallery.add(clustered(3, DIM), [7, "seven", "eight"])
+        for call, where in (
+            (lambda: gallery.remove(labels=[None]), "remove"),
+            (lambda: gallery.relabel(None, "x"), "relabel"),
+            (lambda: gallery.relabel(b"seven", "x"), "relabel"),
+        ):
+            with pytest.raises(
+                GalleryError, match=rf"^{where}: a label is text, got (NoneType|bytes)"
+            ):
+                call()
+        assert gallery.relabel(7, "seven", merge=True) == 1
+        assert len(gallery.remove(labels=["seven"])) == 2
+        with pytest.raises(GalleryError, match=r"no images labelled \['8'\]"):
+            gallery.remove(labels=[8])
+        assert gallery.label_counts() == {"eight": 1}
+
+
 def test_sources_given_as_strings_or_as_one_path(tmp_path, monkeypatch):
     make_images(tmp_path / "photos" / "Fanta", 2)
     make_images(tmp_path / "photos" / "Sprite", 1)

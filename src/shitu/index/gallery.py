@@ -989,7 +989,7 @@ class Gallery:
         """Remove images by id and/or every image of the given labels; returns removed ids.
         `ids` may be the arrays that `add` and `search` return."""
         self._check_usable()
-        ids, labels = _image_ids(ids, "remove"), _listed(labels, "labels", "remove")
+        ids, labels = _image_ids(ids, "remove"), _label_names(labels, "remove")
 
         def mutate() -> tuple[Change, np.ndarray]:
             unknown = [label for label in labels if not self._store.ids_with_labels([label])]
@@ -1009,6 +1009,7 @@ class Gallery:
         """Rename a label; returns how many images it had. Renaming onto a label that has
         images merges the two, which cannot be told apart afterwards: only with `merge`."""
         self._check_usable()
+        (old,) = _label_names([old], "relabel")
         new = _stored_label(new, "relabel")
 
         def mutate() -> tuple[Change, int]:
@@ -1388,6 +1389,20 @@ def _image_ids(ids: Any, where: str) -> list[int]:
             f"{where}: an image id is a whole number, got {type(wrong).__name__} {wrong!r}"
         )
     return [int(v) for v in values]
+
+
+def _label_names(labels: Any, where: str) -> list[str]:
+    """`labels` to look up, as a list of text: a whole number is its decimal text, as
+    `check_label` stores it; anything else (None) is refused, naming it, where it failed
+    inside the did-you-mean hint of an unknown label."""
+    names = []
+    for label in _listed(labels, "labels", where):
+        if isinstance(label, Integral) and not isinstance(label, bool):
+            label = str(int(label))
+        if not isinstance(label, str):
+            raise GalleryError(f"{where}: a label is text, got {type(label).__name__} {label!r}")
+        names.append(label)
+    return names
 
 
 def _gallery_items(items: Any, where: str) -> list[GalleryItem]:
