@@ -1597,6 +1597,18 @@ def test_a_label_looked_up_is_text_or_a_whole_number(tmp_path):
         assert gallery.label_counts() == {"eight": 1}
 
 
+def test_a_path_to_add_that_is_not_text_is_named(tmp_path):
+    """None failed as a NOT NULL constraint of the database, a number inside pathlib."""
+    with new_gallery(tmp_path / "lib") as gallery:
+        for wrong, named in [(None, "NoneType None"), (3, "int 3")]:
+            with pytest.raises(GalleryError) as caught:
+                gallery.add(clustered(2, DIM), ["a", "b"], paths=["a.jpg", wrong])
+            assert str(caught.value) == f"add: a path is text ('' for none), got {named}"
+        assert len(gallery) == 0
+        gallery.add(clustered(2, DIM), ["a", "b"], paths=[tmp_path / "a.jpg", ""])
+        assert [entry.path for entry in gallery.entries()] == [str(tmp_path / "a.jpg"), ""]
+
+
 def test_sources_given_as_strings_or_as_one_path(tmp_path, monkeypatch):
     make_images(tmp_path / "photos" / "Fanta", 2)
     make_images(tmp_path / "photos" / "Sprite", 1)

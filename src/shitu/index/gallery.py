@@ -827,7 +827,7 @@ class Gallery:
         self,
         features: np.ndarray,
         labels: Sequence[str],
-        paths: Sequence[str] | None = None,
+        paths: Sequence[str | Path] | None = None,
         hashes: Sequence[str | None] | None = None,
         allow_duplicates: bool = False,
     ) -> AddReport:
@@ -845,6 +845,12 @@ class Gallery:
         if not len(labels) == len(paths) == len(hashes) == count:
             raise GalleryError("add: features, labels, paths and hashes differ in length")
         labels = [_stored_label(label, "add") for label in labels]
+        # None failed as a database constraint, a number inside pathlib
+        for path in paths:
+            if not isinstance(path, str | os.PathLike):
+                raise GalleryError(
+                    f"add: a path is text ('' for none), got {type(path).__name__} {path!r}"
+                )
         unstorable = [path for path in paths if not self._storable(path)]
         if unstorable:
             raise GalleryError(f"add {unstorable[0]!r}: {NAME_NOT_UTF8}")
