@@ -1519,12 +1519,17 @@ def test_a_string_where_a_list_belongs_is_not_read_a_character_at_a_time(tmp_pat
 def test_an_id_that_is_not_a_whole_number_is_refused_not_taken_for_another_image(tmp_path):
     with new_gallery(tmp_path / "lib") as gallery:
         ids = gallery.add(clustered(3, DIM), ["zero", "one", "two"]).ids
-        for wrong, named in [(1.5, "float 1.5"), (True, "bool True"), ("2", "str '2'")]:
+        for wrong, named in [
+            (1.5, "float 1.5"),
+            (True, "bool True"),
+            ("2", "str '2'"),
+            (None, "NoneType None"),
+        ]:
             with pytest.raises(GalleryError) as caught:
                 gallery.remove(ids=[int(ids[2]), wrong])
             assert str(caught.value) == f"remove: an image id is a whole number, got {named}"
         assert gallery.label_counts() == {"one": 1, "two": 1, "zero": 1}
-        for wrong, named in [(1.5, "float 1.5"), ("2", "str '2'")]:  # not image 1, nor 1 and 2
+        for wrong, named in [(1.5, "float 1.5"), ("2", "str '2'"), (None, "NoneType None")]:
             with pytest.raises(GalleryError) as caught:
                 gallery.entries_with_ids([wrong])
             assert str(caught.value) == f"entries: an image id is a whole number, got {named}"
@@ -1761,6 +1766,7 @@ def test_build_and_add_take_items_from_a_generator_and_name_wrong_ones(tmp_path)
     for wrong, got in (
         ([(photos[0], "label")], "got tuple"),
         ([str(photos[0])], "got str"),
+        ([GalleryItem(photos[0], "label"), None], "got NoneType None"),
         (str(tmp_path / "photos"), "got the string"),
     ):
         with pytest.raises(

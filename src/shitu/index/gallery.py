@@ -1389,11 +1389,11 @@ def _image_ids(ids: Any, where: str) -> list[int]:
     """`ids` as a list of ints; anything but a whole number is refused, naming it: int()
     would take 1.5 (or True) for image 1, and remove or list an image that was not meant."""
     values = _listed(ids, "ids", where)
-    wrong = next((v for v in values if isinstance(v, bool) or not isinstance(v, Integral)), None)
-    if wrong is not None:
-        raise GalleryError(
-            f"{where}: an image id is a whole number, got {type(wrong).__name__} {wrong!r}"
-        )
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, Integral):
+            raise GalleryError(
+                f"{where}: an image id is a whole number, got {type(value).__name__} {value!r}"
+            )
     return [int(v) for v in values]
 
 
@@ -1417,12 +1417,12 @@ def _gallery_items(items: Any, where: str) -> list[GalleryItem]:
     missing attribute that says nothing of what to pass."""
     made_by = "shitu.index.collect_items(sources) makes them from folders and label files"
     listed = _listed(items, f"GalleryItem(path, label)s ({made_by})", where)
-    wrong = next((item for item in listed if not isinstance(item, GalleryItem)), None)
-    if wrong is not None:
-        raise GalleryError(
-            f"{where}: expected GalleryItem(path, label)s ({made_by}), got "
-            f"{type(wrong).__name__} {wrong!r:.80}"
-        )
+    for item in listed:  # (a None among them is named too)
+        if not isinstance(item, GalleryItem):
+            raise GalleryError(
+                f"{where}: expected GalleryItem(path, label)s ({made_by}), got "
+                f"{type(item).__name__} {item!r:.80}"
+            )
     return listed
 
 
