@@ -1626,6 +1626,17 @@ def test_sources_given_as_strings_or_as_one_path(tmp_path, monkeypatch):
     assert collect_items("photos") == expected
     with pytest.raises(DataError, match="nowhere: no such file or folder"):
         collect_items("nowhere")
+    # nothing, or what is no path, named: it failed inside pathlib or on iterating it
+    for wrong, message in (
+        (None, "expected label files, folders or images (paths or strings), got NoneType None"),
+        (3, "expected label files, folders or images (paths or strings), got int 3"),
+        ([None], "expected label files, folders or images (paths or strings), got NoneType None"),
+        ("", "expected label files, folders or images (paths or strings), got str ''"),
+        ([], "no sources given: expected label files, folders or images (paths or strings)"),
+    ):
+        with pytest.raises(DataError) as caught:
+            collect_items(wrong)
+        assert str(caught.value) == message
 
 
 def test_queries_that_are_not_float_arrays_are_refused_by_name(tmp_path):
