@@ -1784,6 +1784,11 @@ def test_build_and_add_take_items_from_a_generator_and_name_wrong_ones(tmp_path)
             GalleryError, match=f"expected (a list of )?GalleryItem.*collect_items.*{got}"
         ):
             Gallery.build(tmp_path / "other", model, wrong)
+    with pytest.raises(GalleryError) as caught:
+        Gallery.build(tmp_path / "other", model, [GalleryItem(None, "label")])
+    assert (
+        str(caught.value) == "build: GalleryItem(path=None, label='label'): its path is not a path"
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lib", "photos"]
 
 

@@ -1423,6 +1423,8 @@ def _gallery_items(items: Any, where: str) -> list[GalleryItem]:
                 f"{where}: expected GalleryItem(path, label)s ({made_by}), got "
                 f"{type(item).__name__} {item!r:.80}"
             )
+        if not isinstance(item.path, str | os.PathLike):  # else failed inside pathlib
+            raise GalleryError(f"{where}: {item!r:.80}: its path is not a path")
     return listed
 
 
