@@ -231,6 +231,9 @@ def test_the_recogniser_names_what_it_cannot_take(setup, recognizer):
         list(rec.recognize_files(as_bytes))
     (found,) = rec.recognize_files([as_bytes])
     assert found.error is None and found.path == str(path)
+    for nothing in (None, 3):  # not a TypeError ('NoneType' object is not iterable)
+        with pytest.raises(DataError, match=f"^expected a list of image paths, got .* {nothing}$"):
+            list(rec.recognize_files(nothing))
     assert found.results == rec.recognize(read_rgb(path))
     with pytest.raises(ConfigError, match="batch_size: expected a whole number >= 1, got 0"):
         recognizer(batch_size=0)
