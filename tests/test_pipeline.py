@@ -1581,6 +1581,16 @@ def test_pipeline_config_reads_paddleclas_files_and_overrides(tmp_path):
     assert load_pipeline_config("inference_general").IndexProcess.score_thres is None  # the model's
     with pytest.raises(ConfigError, match="expected a PipelineConfig .* got dict"):
         Recognizer.from_config({"IndexProcess": {"index_dir": "./index"}})
+    # what is not a name, path or override: named, not a TypeError or AttributeError
+    with pytest.raises(
+        ConfigError, match=r"^expected a pipeline config's name or path, got int 3$"
+    ):
+        load_pipeline_config(3)
+    with pytest.raises(
+        ConfigError,
+        match=r"^pipeline defaults: overrides: expected 'KEY=VALUE' strings, got NoneType",
+    ):
+        load_pipeline_config(None, [None])
 
     def detector(keyword: str) -> object:
         return build_detector(
