@@ -1514,6 +1514,10 @@ def test_a_string_where_a_list_belongs_is_not_read_a_character_at_a_time(tmp_pat
             assert str(caught.value) == expected
         assert gallery.label_counts() == {"one": 1, "two": 1, "zero": 1}
         assert len(gallery.remove(labels=["zero"])) == 1
+        with pytest.raises(GalleryError, match=r"got complex values \(complex64\)$"):
+            gallery.search(clustered(1, DIM).astype(np.complex64))  # not its real parts
+        with pytest.raises(GalleryError, match=r"got list \[\[1, 2\], \[3\]\]$"):
+            gallery.search([[1, 2], [3]])
 
 
 def test_an_id_that_is_not_a_whole_number_is_refused_not_taken_for_another_image(tmp_path):

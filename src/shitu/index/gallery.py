@@ -652,6 +652,8 @@ class Gallery:
         if isinstance(vectors, str | bytes):
             raise refused(f"the string {vectors!r:.40}")
         try:
+            if np.iscomplexobj(vectors):  # else their imaginary parts dropped, with a warning
+                raise refused(f"complex values ({np.asarray(vectors).dtype})")
             array = np.asarray(vectors, dtype=np.float32)
             if not array.ndim:  # one number, or None
                 raise TypeError
