@@ -28,7 +28,7 @@ from shitu.config import load_config, resolve_config_path
 from shitu.data.transforms.ops import UnreadableImageError
 from shitu.detection import load_detector
 from shitu.detection.postprocess import box_iou
-from shitu.errors import CheckpointError, ConfigError, DataError
+from shitu.errors import CheckpointError, ConfigError, DataError, GalleryError
 from shitu.index import Gallery, GalleryItem
 from shitu.inference import (
     FeatureExtractor,
@@ -411,6 +411,22 @@ def test_a_closed_recogniser_says_so_when_used_again(setup, recognizer, tmp_path
                 call()
     assert given.extractor.extract_images([image]).shape[0] == 1  # its parts stay open
     assert len(given.gallery.search(given.extractor.extract_images([image]), k=1).ids) == 1
+
+
+def test_a_recogniser_closed_from_another_thread_closes_nothing(setup):
+    """The library is closed by the thread that opened it: refused elsewhere, the model
+    was closed all the same and the library dropped from what close() closes, so that a
+    close on the right thread then left it (and its database file) open."""
+    image = np.zeros((48, 64, 3), np.uint8)
+    rec = Recognizer.open(setup["library"], model=setup["model"])
+    with (
+        ThreadPoolExecutor(1) as pool,
+        pytest.raises(GalleryError, match="used from the thread that opened it"),
+    ):
+        pool.submit(rec.close).result()
+    rec.recognize(image)  # nothing was closed
+    rec.close()
+    assert repr(rec.gallery).endswith(", closed>") and "closed" in repr(rec.extractor)
 
 
 def test_several_products_are_each_recognised_and_not_suppressed_by_the_whole_image(

@@ -313,7 +313,14 @@ class Gallery:
         that touches SQLite from another thread than the one that opened the library."""
         if self._closed:
             raise GalleryError(f"{self.root}: the library is closed")
-        if sqlite and threading.get_ident() != self._owner:
+        if sqlite:
+            self.check_thread()
+
+    def check_thread(self) -> None:
+        """A GalleryError unless called from the thread that opened the library, the one
+        that may write and close it: for a caller that closes other things with it, to be
+        refused before it has closed any."""
+        if threading.get_ident() != self._owner:
             raise GalleryError(
                 f"{self.root}: a Gallery is used from the thread that opened it (only search "
                 "may run in other threads); open one per thread, or make every other call "

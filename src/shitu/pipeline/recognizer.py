@@ -287,6 +287,7 @@ class Recognizer:
         self.batch_size = batch_size
         # What from_config opened, closed with the recogniser (parts passed in are not).
         self._opened = ExitStack()
+        self._opened_gallery: Gallery | None = None  # the library among them
         self._closed = False
 
     @classmethod
@@ -345,6 +346,7 @@ class Recognizer:
                 batch_size=g.batch_size,
             )
             recognizer._opened = opened.pop_all()
+            recognizer._opened_gallery = gallery
         return recognizer
 
     @classmethod
@@ -398,7 +400,11 @@ class Recognizer:
 
     def close(self) -> None:
         """Close the library, model and detector `from_config` opened (parts passed in are
-        left open); later recognitions are refused."""
+        left open); later recognitions are refused. From another thread than the one that
+        opened the library it is refused before anything is closed: once the model was
+        closed and the library refused, a close on the right thread left the library open."""
+        if self._opened_gallery is not None:
+            self._opened_gallery.check_thread()
         self._closed = True
         self._opened.close()
 
