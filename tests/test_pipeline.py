@@ -550,6 +550,26 @@ def test_the_recogniser_refuses_keywords_its_config_would_refuse(setup, recogniz
         # The parts in `open`'s order (the gallery first) are named, not an AttributeError
         with pytest.raises(ConfigError, match=r"^gallery: .*FeatureExtractor; the extractor"):
             Recognizer(gallery, setup["extractor"])
+        # and parts that are none, not an AttributeError (the detector's on the first photo)
+        for parts, message in (
+            (
+                (None, gallery),
+                "extractor: expected a loaded model (FeatureExtractor.load(model_dir)), got "
+                "NoneType",
+            ),
+            (
+                (setup["extractor"], gallery, 3),
+                "detector: expected one with a detect(image, ...) method (load_detector(path), "
+                "PlainBackgroundDetector()), got int",
+            ),
+            (
+                (setup["extractor"], gallery, PlainBackgroundDetector),
+                "detector: expected an instance, PlainBackgroundDetector(), not the class",
+            ),
+        ):
+            with pytest.raises(ConfigError) as caught:
+                Recognizer(*parts)
+            assert str(caught.value) == message
         # and loaded parts given to `open`, which takes paths, are named with where they go
         for keywords, named, got in (
             ({"gallery": gallery}, "gallery", "Gallery"),

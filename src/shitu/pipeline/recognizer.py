@@ -141,8 +141,9 @@ def _check_pipeline_keywords(
 
 
 def _check_parts(extractor: object, gallery: object, detector: object) -> None:
-    """A ConfigError for a part given as a path, which `Recognizer.open` takes, or a gallery
-    that is not an open library (the parts swapped, as `open` takes the gallery first): here
+    """A ConfigError for a part given as a path, which `Recognizer.open` takes, a gallery
+    that is not an open library (the parts swapped, as `open` takes the gallery first), or
+    an extractor or detector that is none (None, a detector's class): here
     it would fail with an AttributeError that says nothing of what to pass instead (the
     detector's only on the first photo)."""
     for name, value, how in (
@@ -162,6 +163,18 @@ def _check_parts(extractor: object, gallery: object, detector: object) -> None:
             f"gallery: expected an open library (Gallery.open(path)), got "
             f"{type(gallery).__name__}{order}"
         )
+    if not hasattr(extractor, "extract_images"):  # None: else an AttributeError
+        raise ConfigError(
+            "extractor: expected a loaded model (FeatureExtractor.load(model_dir)), got "
+            f"{type(extractor).__name__}"
+        )
+    if detector is not None and not callable(getattr(detector, "detect", None)):
+        raise ConfigError(  # else an AttributeError on the first photo
+            f"detector: expected one with a detect(image, ...) method (load_detector(path), "
+            f"PlainBackgroundDetector()), got {type(detector).__name__}"
+        )
+    if isinstance(detector, type):  # its detect() would take the photo for `self`
+        raise ConfigError(f"detector: expected an instance, {detector.__name__}(), not the class")
 
 
 def pixel_box(box: Sequence[float], width: int, height: int) -> tuple[int, int, int, int]:
