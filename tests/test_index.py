@@ -1614,8 +1614,11 @@ def test_a_path_to_add_that_is_not_text_is_named(tmp_path):
                 gallery.add(clustered(2, DIM), ["a", "b"], paths=["a.jpg", wrong])
             assert str(caught.value) == f"add: a path is text ('' for none), got {named}"
         assert len(gallery) == 0
-        gallery.add(clustered(2, DIM), ["a", "b"], paths=[tmp_path / "a.jpg", ""])
+        features = clustered(2, DIM)
+        gallery.add(features, ["a", "b"], paths=[tmp_path / "a.jpg", ""], hashes=["x", "y"])
         assert [entry.path for entry in gallery.entries()] == [str(tmp_path / "a.jpg"), ""]
+        again = gallery.add(features[:1], ["a"], paths=[tmp_path / "a.jpg"], hashes=["x"])
+        assert again.duplicates == [str(tmp_path / "a.jpg")]  # text, as the report's type says
 
 
 def test_sources_given_as_strings_or_as_one_path(tmp_path, monkeypatch):

@@ -849,17 +849,11 @@ class Gallery:
         vectors = self._stored_features(features, "add")
         count = len(vectors)
         labels = _listed(labels, "labels", "add")
-        paths = _listed(paths, "paths", "add") if paths is not None else [""] * count
+        paths = _path_texts(paths, count)
         hashes = _listed(hashes, "hashes", "add") if hashes is not None else [None] * count
         if not len(labels) == len(paths) == len(hashes) == count:
             raise GalleryError("add: features, labels, paths and hashes differ in length")
         labels = [_stored_label(label, "add") for label in labels]
-        # None failed as a database constraint, a number inside pathlib
-        for path in paths:
-            if not isinstance(path, str | os.PathLike):
-                raise GalleryError(
-                    f"add: a path is text ('' for none), got {type(path).__name__} {path!r}"
-                )
         unstorable = [path for path in paths if not self._storable(path)]
         if unstorable:
             raise GalleryError(f"add {unstorable[0]!r}: {NAME_NOT_UTF8}")
@@ -1404,6 +1398,22 @@ def _image_ids(ids: Any, where: str) -> list[int]:
                 f"{where}: an image id is a whole number, got {type(value).__name__} {value!r}"
             )
     return [int(v) for v in values]
+
+
+def _path_texts(paths: Any, count: int) -> list[str]:
+    """`add`'s paths as text, as its report names them ('' for each of `count` rows where
+    none are given); one that is no path is refused, naming it: None failed as a database
+    constraint, a number inside pathlib."""
+    if paths is None:
+        return [""] * count
+    texts = []
+    for path in _listed(paths, "paths", "add"):
+        if not isinstance(path, str | os.PathLike):
+            raise GalleryError(
+                f"add: a path is text ('' for none), got {type(path).__name__} {path!r}"
+            )
+        texts.append(os.fspath(path))
+    return texts
 
 
 def _label_names(labels: Any, where: str) -> list[str]:
