@@ -218,6 +218,13 @@ def test_the_recogniser_names_what_it_cannot_take(setup, recognizer):
     ):
         with pytest.raises(UnreadableImageError, match=problem):
             rec.recognize_batch(images)
+    # one of several is named by its place, which the message alone did not say
+    grey = r"image 2 \(from 0\) of 3: expected an RGB uint8 HxWx3 image, got uint8 \(\d+, \d+\)"
+    for embed in (rec.recognize_batch, rec.extractor.extract_images):
+        with pytest.raises(UnreadableImageError, match=rf"^{grey} \(grey: "):
+            embed([photo, photo, photo[:, :, 0]])
+    with pytest.raises(UnreadableImageError, match=r"^expected an RGB uint8 HxWx3 image"):
+        rec.extractor.extract_images([photo[:, :, 0]])  # alone: no place to name
     # as the hints say: taken
     rec.recognize(np.dstack([photo[:, :, 0]] * 3))
     rec.recognize((photo / 255.0 * 255).round().astype(np.uint8))

@@ -35,7 +35,7 @@ from shitu.detection.detector import detectors_held, is_paddle_inference_model
 from shitu.errors import CheckpointError, ConfigError
 from shitu.image_files import path_list
 from shitu.index import Gallery
-from shitu.inference.extractor import FeatureExtractor, check_count
+from shitu.inference.extractor import FeatureExtractor, check_count, in_batch
 from shitu.inference.manifest import EXPORT_FILES, MANIFEST
 from shitu.inference.preprocess import read_rgb
 from shitu.pipeline.background import PlainBackgroundDetector
@@ -449,8 +449,13 @@ class Recognizer:
         self._check_open()
         crops: list[np.ndarray] = []
         boxes_per_image: list[list[tuple[int, int, int, int]]] = []  # whole image last
-        for image in image_list(images):
-            boxes = self.candidate_boxes(check_rgb_image(image))
+        images = image_list(images)
+        for index, image in enumerate(images):
+            try:
+                check_rgb_image(image)
+            except UnreadableImageError as exc:
+                raise in_batch(exc, index, len(images)) from None
+            boxes = self.candidate_boxes(image)
             boxes_per_image.append(boxes)
             crops.extend(image[y1:y2, x1:x2] for x1, y1, x2, y2 in boxes)
         if not crops:
