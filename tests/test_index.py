@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import logging
 import os
@@ -11,6 +12,7 @@ import shutil
 import sqlite3
 import subprocess
 import threading
+import typing
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +23,7 @@ import pytest
 
 from shitu.cli.main import main as shitu_main
 from shitu.errors import DataError, GalleryError
-from shitu.index import Gallery, GalleryItem, collect_items, metadata
+from shitu.index import Catalog, Embedder, Gallery, GalleryItem, collect_items, metadata
 from shitu.index import gallery as gallery_module
 from shitu.index.backends.faiss_backend import CHANGES_KEY, MIN_TRAIN
 from shitu.index.labels import parse_label_file
@@ -1533,6 +1535,111 @@ def test_a_string_where_a_list_belongs_is_not_read_a_character_at_a_time(tmp_pat
             assert str(caught.value) == expected
         assert gallery.label_counts() == {"one": 1, "two": 1, "zero": 1}
         assert len(gallery.remove(labels=["zero"])) == 1
+        with pytest.raises(GalleryError, match=r"got complex values \(complex64\)$"):
+            gallery.search(clustered(1, DIM).astype(np.complex64))  # not its real parts
+        with pytest.raises(GalleryError, match=r"got list \[\[1, 2\], \[3\]\]$"):
+            gallery.search([[1, 2], [3]])
+
+
+def test_an_id_that_is_not_a_whole_number_is_refused_not_taken_for_another_image(tmp_path):
+    with new_gallery(tmp_path / "lib") as gallery:
+        ids = gallery.add(clustered(3, DIM), ["zero", "one", "two"]).ids
+        for wrong, named in [
+            (1.5, "float 1.5"),
+            (True, "bool True"),
+            ("2", "str '2'"),
+            (None, "NoneType None"),
+        ]:
+            with pytest.raises(GalleryError) as caught:
+                gallery.remove(ids=[int(ids[2]), wrong])
+            assert str(caught.value) == f"remove: an image id is a whole number, got {named}"
+        assert gallery.label_counts() == {"one": 1, "two": 1, "zero": 1}
+        for wrong, named in [(1.5, "float 1.5"), ("2", "str '2'"), (None, "NoneType None")]:
+            with pytest.raises(GalleryError) as caught:
+                gallery.entries_with_ids([wrong])
+            assert str(caught.value) == f"entries: an image id is a whole number, got {named}"
+        with pytest.raises(GalleryError, match="^entries: expected a list of ids, got the str"):
+            gallery.entries_with_ids("12")
+        assert gallery.remove(ids=ids[:1]).tolist() == [int(ids[0])]  # numpy ints are ids
+        assert [entry.id for entry in gallery.entries_with_ids(ids)] == ids[1:].tolist()
+
+
+def test_the_type_hints_take_the_feature_extractor_and_the_ids_add_returns(tmp_path):
+    """What a type checker (mypy) refused although it runs: a Protocol's plain attribute is
+    one the library may set, so FeatureExtractor's read-only `preprocessing` did not
+    satisfy Embedder (Gallery.open(path, embedder=extractor)), and remove's ids were a
+    Sequence, which the numpy array of ids that add returns is not."""
+    for name in ("embedding_size", "fingerprint", "preprocessing"):
+        assert isinstance(inspect.getattr_static(Embedder, name, None), property), name
+    with new_gallery(tmp_path / "lib") as gallery:
+        ids = gallery.add(clustered(2, DIM), ["zero", "one"]).ids
+        hint = typing.get_type_hints(Gallery.remove)["ids"]
+        assert isinstance(ids, typing.get_origin(hint))
+        assert gallery.remove(ids=ids).tolist() == ids.tolist()
+
+
+def test_a_library_without_a_model_fingerprint_is_not_created(tmp_path):
+    """Stored, None or "" is a fingerprint that no model has: every use was refused."""
+    for wrong in (None, "", " ", 5):
+        with pytest.raises(GalleryError) as caught:
+            Gallery.create(tmp_path / "lib", embedding_dim=DIM, model_fingerprint=wrong)
+        assert str(caught.value).startswith(
+            f"model_fingerprint: expected the model's fingerprint (text: its FeatureExtractor's "
+            f"fingerprint), got {wrong!r}; "
+        )
+        assert not (tmp_path / "lib").exists()
+
+
+def test_a_library_given_no_path_names_the_argument(tmp_path, monkeypatch):
+    """None (an unset setting) failed inside pathlib; '' was the current folder."""
+    monkeypatch.chdir(tmp_path)
+    for given in (None, "", 3):
+        for call in (
+            Gallery.open,
+            new_gallery,
+            lambda path: Gallery.build(path, PixelEmbedder(), []),
+            Catalog,
+        ):
+            with pytest.raises(GalleryError) as caught:
+                call(given)
+            assert str(caught.value) == f"expected a gallery library's path, got {given!r}"
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_label_looked_up_is_text_or_a_whole_number(tmp_path):
+    """None (or another non-text) label to remove or rename failed with an AttributeError
+    inside the did-you-mean hint; a whole number is found as `add` stored it."""
+    with new_gallery(tmp_path / "lib") as gallery:
+        gallery.add(clustered(3, DIM), [7, "seven", "eight"])
+        for call, where in (
+            (lambda: gallery.remove(labels=[None]), "remove"),
+            (lambda: gallery.relabel(None, "x"), "relabel"),
+            (lambda: gallery.relabel(b"seven", "x"), "relabel"),
+        ):
+            with pytest.raises(
+                GalleryError, match=rf"^{where}: a label is text, got (NoneType|bytes)"
+            ):
+                call()
+        assert gallery.relabel(7, "seven", merge=True) == 1
+        assert len(gallery.remove(labels=["seven"])) == 2
+        with pytest.raises(GalleryError, match=r"no images labelled \['8'\]"):
+            gallery.remove(labels=[8])
+        assert gallery.label_counts() == {"eight": 1}
+
+
+def test_a_path_to_add_that_is_not_text_is_named(tmp_path):
+    """None failed as a NOT NULL constraint of the database, a number inside pathlib."""
+    with new_gallery(tmp_path / "lib") as gallery:
+        for wrong, named in [(None, "NoneType None"), (3, "int 3")]:
+            with pytest.raises(GalleryError) as caught:
+                gallery.add(clustered(2, DIM), ["a", "b"], paths=["a.jpg", wrong])
+            assert str(caught.value) == f"add: a path is text ('' for none), got {named}"
+        assert len(gallery) == 0
+        features = clustered(2, DIM)
+        gallery.add(features, ["a", "b"], paths=[tmp_path / "a.jpg", ""], hashes=["x", "y"])
+        assert [entry.path for entry in gallery.entries()] == [str(tmp_path / "a.jpg"), ""]
+        again = gallery.add(features[:1], ["a"], paths=[tmp_path / "a.jpg"], hashes=["x"])
+        assert again.duplicates == [str(tmp_path / "a.jpg")]  # text, as the report's type says
 
 
 def test_sources_given_as_strings_or_as_one_path(tmp_path, monkeypatch):
@@ -1547,6 +1654,17 @@ def test_sources_given_as_strings_or_as_one_path(tmp_path, monkeypatch):
     assert collect_items("photos") == expected
     with pytest.raises(DataError, match="nowhere: no such file or folder"):
         collect_items("nowhere")
+    # nothing, or what is no path, named: it failed inside pathlib or on iterating it
+    for wrong, message in (
+        (None, "expected label files, folders or images (paths or strings), got NoneType None"),
+        (3, "expected label files, folders or images (paths or strings), got int 3"),
+        ([None], "expected label files, folders or images (paths or strings), got NoneType None"),
+        ("", "expected label files, folders or images (paths or strings), got str ''"),
+        ([], "no sources given: expected label files, folders or images (paths or strings)"),
+    ):
+        with pytest.raises(DataError) as caught:
+            collect_items(wrong)
+        assert str(caught.value) == message
 
 
 def test_queries_that_are_not_float_arrays_are_refused_by_name(tmp_path):
@@ -1687,12 +1805,18 @@ def test_build_and_add_take_items_from_a_generator_and_name_wrong_ones(tmp_path)
     for wrong, got in (
         ([(photos[0], "label")], "got tuple"),
         ([str(photos[0])], "got str"),
+        ([GalleryItem(photos[0], "label"), None], "got NoneType None"),
         (str(tmp_path / "photos"), "got the string"),
     ):
         with pytest.raises(
             GalleryError, match=f"expected (a list of )?GalleryItem.*collect_items.*{got}"
         ):
             Gallery.build(tmp_path / "other", model, wrong)
+    with pytest.raises(GalleryError) as caught:
+        Gallery.build(tmp_path / "other", model, [GalleryItem(None, "label")])
+    assert (
+        str(caught.value) == "build: GalleryItem(path=None, label='label'): its path is not a path"
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lib", "photos"]
 
 

@@ -1611,6 +1611,36 @@ def test_reading_and_decoding_name_what_to_pass_for_the_other_kind_of_input(tmp_
         read_rgb(data)
 
 
+def test_read_rgb_names_what_it_was_given_instead_of_a_path(tmp_path):
+    """Anything but a path failed inside pathlib ('expected str, bytes or os.PathLike
+    object, not JpegImageFile'), and '' read the current folder ('Is a directory')."""
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (8, 8), "red").save(photo)
+    with photo.open("rb") as handle, Image.open(photo) as image:
+        for given, got in (
+            (handle, "BufferedReader (an open file: shitu.inference.decode_rgb(file.read())"),
+            (image, "PngImageFile (a Pillow image: np.asarray(image.convert('RGB'))"),
+            (np.zeros((8, 8, 3), np.uint8), "ndarray (an array is an image already read)"),
+            (None, "NoneType"),
+            ("", "an empty path"),
+        ):
+            with pytest.raises(UnreadableImageError) as caught:
+                read_rgb(given)
+            assert str(caught.value).startswith(f"expected an image file's path, got {got}")
+    assert read_rgb(str(photo)).shape == (8, 8, 3)
+
+
+def test_loading_a_model_from_no_path_names_the_argument():
+    """None (an unset setting) failed inside pathlib, and '' looked in the current folder."""
+    for given in (None, "", 3):
+        with pytest.raises(CheckpointError) as caught:
+            FeatureExtractor.load(given)
+        assert str(caught.value) == (
+            "model_dir: expected an exported model's folder "
+            f"(shitu.inference.default_model_dir() is the shipped one), got {given!r}"
+        )
+
+
 def test_building_a_cache_entry_removes_those_unused_for_30_days(exported, tmp_path, monkeypatch):
     """Each compact model loaded keeps a model's worth of files in the cache (the shipped
     model of each release among them), which nothing removed: a build removes the entries

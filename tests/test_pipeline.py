@@ -28,7 +28,7 @@ from shitu.config import load_config, resolve_config_path
 from shitu.data.transforms.ops import UnreadableImageError
 from shitu.detection import load_detector
 from shitu.detection.postprocess import box_iou
-from shitu.errors import CheckpointError, ConfigError, DataError
+from shitu.errors import CheckpointError, ConfigError, DataError, GalleryError
 from shitu.index import Gallery, GalleryItem
 from shitu.inference import (
     FeatureExtractor,
@@ -218,6 +218,13 @@ def test_the_recogniser_names_what_it_cannot_take(setup, recognizer):
     ):
         with pytest.raises(UnreadableImageError, match=problem):
             rec.recognize_batch(images)
+    # one of several is named by its place, which the message alone did not say
+    grey = r"image 2 \(from 0\) of 3: expected an RGB uint8 HxWx3 image, got uint8 \(\d+, \d+\)"
+    for embed in (rec.recognize_batch, rec.extractor.extract_images):
+        with pytest.raises(UnreadableImageError, match=rf"^{grey} \(grey: "):
+            embed([photo, photo, photo[:, :, 0]])
+    with pytest.raises(UnreadableImageError, match=r"^expected an RGB uint8 HxWx3 image"):
+        rec.extractor.extract_images([photo[:, :, 0]])  # alone: no place to name
     # as the hints say: taken
     rec.recognize(np.dstack([photo[:, :, 0]] * 3))
     rec.recognize((photo / 255.0 * 255).round().astype(np.uint8))
@@ -231,6 +238,9 @@ def test_the_recogniser_names_what_it_cannot_take(setup, recognizer):
         list(rec.recognize_files(as_bytes))
     (found,) = rec.recognize_files([as_bytes])
     assert found.error is None and found.path == str(path)
+    for nothing in (None, 3):  # not a TypeError ('NoneType' object is not iterable)
+        with pytest.raises(DataError, match=f"^expected a list of image paths, got .* {nothing}$"):
+            list(rec.recognize_files(nothing))
     assert found.results == rec.recognize(read_rgb(path))
     with pytest.raises(ConfigError, match="batch_size: expected a whole number >= 1, got 0"):
         recognizer(batch_size=0)
@@ -388,6 +398,44 @@ def test_closing_a_recogniser_leaves_a_library_it_was_given_open(setup):
         assert gallery.label_counts()  # still open: the caller's to close
 
 
+def test_a_closed_recogniser_says_so_when_used_again(setup, recognizer, tmp_path):
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (64, 48), "red").save(photo)
+    image = read_rgb(photo)
+    opened = Recognizer.open(setup["library"], model=setup["model"])
+    given = recognizer()
+    for rec in (opened, given):
+        rec.recognize(image)
+        with rec:
+            pass
+        rec.close()  # again: nothing more to do
+        for call in (
+            lambda rec=rec: rec.recognize(image),
+            lambda rec=rec: list(rec.recognize_files([photo])),
+            lambda rec=rec: rec.__enter__(),
+        ):
+            with pytest.raises(ValueError, match=r"^the Recognizer is closed \(by close\(\)"):
+                call()
+    assert given.extractor.extract_images([image]).shape[0] == 1  # its parts stay open
+    assert len(given.gallery.search(given.extractor.extract_images([image]), k=1).ids) == 1
+
+
+def test_a_recogniser_closed_from_another_thread_closes_nothing(setup):
+    """The library is closed by the thread that opened it: refused elsewhere, the model
+    was closed all the same and the library dropped from what close() closes, so that a
+    close on the right thread then left it (and its database file) open."""
+    image = np.zeros((48, 64, 3), np.uint8)
+    rec = Recognizer.open(setup["library"], model=setup["model"])
+    with (
+        ThreadPoolExecutor(1) as pool,
+        pytest.raises(GalleryError, match="used from the thread that opened it"),
+    ):
+        pool.submit(rec.close).result()
+    rec.recognize(image)  # nothing was closed
+    rec.close()
+    assert repr(rec.gallery).endswith(", closed>") and "closed" in repr(rec.extractor)
+
+
 def test_several_products_are_each_recognised_and_not_suppressed_by_the_whole_image(
     setup, recognizer
 ):
@@ -509,6 +557,45 @@ def test_the_recogniser_refuses_keywords_its_config_would_refuse(setup, recogniz
         # The parts in `open`'s order (the gallery first) are named, not an AttributeError
         with pytest.raises(ConfigError, match=r"^gallery: .*FeatureExtractor; the extractor"):
             Recognizer(gallery, setup["extractor"])
+        # and parts that are none, not an AttributeError (the detector's on the first photo)
+        for parts, message in (
+            (
+                (None, gallery),
+                "extractor: expected a loaded model (FeatureExtractor.load(model_dir)), got "
+                "NoneType",
+            ),
+            (
+                (setup["extractor"], gallery, 3),
+                "detector: expected one with a detect(image, ...) method (load_detector(path), "
+                "PlainBackgroundDetector()), got int",
+            ),
+            (
+                (setup["extractor"], gallery, PlainBackgroundDetector),
+                "detector: expected an instance, PlainBackgroundDetector(), not the class",
+            ),
+        ):
+            with pytest.raises(ConfigError) as caught:
+                Recognizer(*parts)
+            assert str(caught.value) == message
+        # and loaded parts given to `open`, which takes paths, are named with where they go
+        for keywords, named, got in (
+            ({"gallery": gallery}, "gallery", "Gallery"),
+            (
+                {"gallery": setup["library"], "model": setup["extractor"]},
+                "model",
+                "FeatureExtractor",
+            ),
+            (
+                {"gallery": setup["library"], "detector": PlainBackgroundDetector()},
+                "detector",
+                "Plain",
+            ),
+        ):
+            with pytest.raises(ConfigError) as caught:
+                Recognizer.open(**keywords)
+            assert str(caught.value).startswith(
+                f"{named}: Recognizer.open takes paths, got {got}"
+            ) and str(caught.value).endswith("go to Recognizer(extractor, gallery, detector)")
 
 
 def test_a_recogniser_loads_from_a_config_files_path(setup, tmp_path):
@@ -1537,6 +1624,16 @@ def test_pipeline_config_reads_paddleclas_files_and_overrides(tmp_path):
     assert load_pipeline_config("inference_general").IndexProcess.score_thres is None  # the model's
     with pytest.raises(ConfigError, match="expected a PipelineConfig .* got dict"):
         Recognizer.from_config({"IndexProcess": {"index_dir": "./index"}})
+    # what is not a name, path or override: named, not a TypeError or AttributeError
+    with pytest.raises(
+        ConfigError, match=r"^expected a pipeline config's name or path, got int 3$"
+    ):
+        load_pipeline_config(3)
+    with pytest.raises(
+        ConfigError,
+        match=r"^pipeline defaults: overrides: expected 'KEY=VALUE' strings, got NoneType",
+    ):
+        load_pipeline_config(None, [None])
 
     def detector(keyword: str) -> object:
         return build_detector(

@@ -247,6 +247,8 @@ def path_list(paths: Sequence[str | bytes | os.PathLike]) -> list[str]:
     if isinstance(paths, str | bytes | os.PathLike):
         single = os.fsdecode(paths)
         raise DataError(f"expected a list of image paths, got the single path {single!r}")
+    if not isinstance(paths, Iterable):  # None, a number: Python's TypeError names no path
+        raise DataError(f"expected a list of image paths, got {type(paths).__name__} {paths!r}")
     names = []
     for index, path in enumerate(paths):
         if not isinstance(path, str | bytes | os.PathLike):

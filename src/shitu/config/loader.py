@@ -109,6 +109,12 @@ def apply_attributed_overrides(
             f"{overrides!r}; pass [{overrides!r}]"
         )
     overrides = list(overrides or [])
+    for override in overrides:  # else an AttributeError inside the parsing
+        if not isinstance(override, str):
+            raise ConfigError(
+                f"{source}: overrides: expected 'KEY=VALUE' strings, got "
+                f"{type(override).__name__} {override!r}"
+            )
     try:
         return apply_attributed(raw, overrides)
     except ConfigError as exc:

@@ -20,11 +20,18 @@ class Extraction(Protocol):
 
 
 class Embedder(Protocol):
-    """Satisfied by `shitu.inference.extractor.FeatureExtractor` and by test doubles."""
+    """Satisfied by `shitu.inference.extractor.FeatureExtractor` and by test doubles. Its
+    values are read-only properties: a type checker takes a plain attribute of a Protocol
+    for one the library may set, which FeatureExtractor's read-only `preprocessing` is not."""
 
-    embedding_size: int
-    fingerprint: str
-    preprocessing: dict[str, Any]
+    @property
+    def embedding_size(self) -> int: ...
+
+    @property
+    def fingerprint(self) -> str: ...
+
+    @property
+    def preprocessing(self) -> dict[str, Any]: ...
 
     def extract_files(
         self, paths: Sequence[str], batch_size: int = 32, progress: bool | ImageProgress = False

@@ -239,7 +239,7 @@ class Catalog:
     Milvus collection is connected to and loaded, which on a big library takes long."""
 
     def __init__(self, path: str | Path) -> None:
-        self.root = Path(path)
+        self.root = _library_path(path)
         self._store = _open_store(self.root)
         try:
             _committed_manifest(self.root, self._store, None)  # refused as Gallery.open does
@@ -313,7 +313,14 @@ class Gallery:
         that touches SQLite from another thread than the one that opened the library."""
         if self._closed:
             raise GalleryError(f"{self.root}: the library is closed")
-        if sqlite and threading.get_ident() != self._owner:
+        if sqlite:
+            self.check_thread()
+
+    def check_thread(self) -> None:
+        """A GalleryError unless called from the thread that opened the library, the one
+        that may write and close it: for a caller that closes other things with it, to be
+        refused before it has closed any."""
+        if threading.get_ident() != self._owner:
             raise GalleryError(
                 f"{self.root}: a Gallery is used from the thread that opened it (only search "
                 "may run in other threads); open one per thread, or make every other call "
@@ -348,13 +355,20 @@ class Gallery:
         (its library deleted, or a build killed outright) can be built into again; one that
         the library it was made for (recorded in it) still uses is refused all the same.
         """
-        root = folder_place(path)
+        root = folder_place(_library_path(path))
         _refuse_non_utf8_root(root)
         existed = root.exists()
         if occupied(root):
             raise GalleryError(f"{root}: already exists and is not an empty folder")
         if replace_collection and backend != "milvus":
             raise GalleryError(f"replace_collection: only for the milvus backend, not {backend}")
+        if not isinstance(model_fingerprint, str) or not model_fingerprint.strip():
+            # stored, such a library would be refused to every model that tried to use it
+            raise GalleryError(
+                f"model_fingerprint: expected the model's fingerprint (text: its "
+                f"FeatureExtractor's fingerprint), got {model_fingerprint!r}; "
+                "Gallery.create_for(path, extractor) takes it from the model"
+            )
         if backend in BACKENDS:  # an unknown backend is refused by name below
             Manifest.check_backend_options(backend, backend_options or {})
         manifest = Manifest(
@@ -422,7 +436,7 @@ class Gallery:
         Milvus collection. `options`: `create`'s. Refused where `path` exists, unless an
         empty folder (as `create`); a NothingAddedError, with the report, where no image
         could be added."""
-        root = folder_place(path)
+        root = folder_place(_library_path(path))
         _refuse_non_utf8_root(root)
         if occupied(root):
             raise GalleryError(
@@ -501,7 +515,7 @@ class Gallery:
         write: a new generation); `repaired` then says so.
         """
         model = None if embedder is None else (embedder.fingerprint, embedder.embedding_size)
-        return cls._open(Path(path), model=model, verify=verify, repair=repair)
+        return cls._open(_library_path(path), model=model, verify=verify, repair=repair)
 
     @classmethod
     def _open(
@@ -645,6 +659,8 @@ class Gallery:
         if isinstance(vectors, str | bytes):
             raise refused(f"the string {vectors!r:.40}")
         try:
+            if np.iscomplexobj(vectors):  # else their imaginary parts dropped, with a warning
+                raise refused(f"complex values ({np.asarray(vectors).dtype})")
             array = np.asarray(vectors, dtype=np.float32)
             if not array.ndim:  # one number, or None
                 raise TypeError
@@ -820,7 +836,7 @@ class Gallery:
         self,
         features: np.ndarray,
         labels: Sequence[str],
-        paths: Sequence[str] | None = None,
+        paths: Sequence[str | Path] | None = None,
         hashes: Sequence[str | None] | None = None,
         allow_duplicates: bool = False,
     ) -> AddReport:
@@ -833,7 +849,7 @@ class Gallery:
         vectors = self._stored_features(features, "add")
         count = len(vectors)
         labels = _listed(labels, "labels", "add")
-        paths = _listed(paths, "paths", "add") if paths is not None else [""] * count
+        paths = _path_texts(paths, count)
         hashes = _listed(hashes, "hashes", "add") if hashes is not None else [None] * count
         if not len(labels) == len(paths) == len(hashes) == count:
             raise GalleryError("add: features, labels, paths and hashes differ in length")
@@ -978,17 +994,18 @@ class Gallery:
         report.failures = list(result.failures)
         return report
 
-    def remove(self, ids: Sequence[int] = (), labels: Sequence[str] = ()) -> np.ndarray:
-        """Remove images by id and/or every image of the given labels; returns removed ids."""
+    def remove(self, ids: Iterable[int] = (), labels: Iterable[str] = ()) -> np.ndarray:
+        """Remove images by id and/or every image of the given labels; returns removed ids.
+        `ids` may be the arrays that `add` and `search` return."""
         self._check_usable()
-        ids, labels = _listed(ids, "ids", "remove"), _listed(labels, "labels", "remove")
+        ids, labels = _image_ids(ids, "remove"), _label_names(labels, "remove")
 
         def mutate() -> tuple[Change, np.ndarray]:
             unknown = [label for label in labels if not self._store.ids_with_labels([label])]
             if unknown:
                 hint = did_you_mean(unknown[0], list(self._store.label_counts()))
                 raise GalleryError(f"{self.root}: no images labelled {unknown}{hint}")
-            target = sorted({int(i) for i in ids} | set(self._store.ids_with_labels(labels)))
+            target = sorted(set(ids) | set(self._store.ids_with_labels(labels)))
             removed = self._store.delete(target)
             missing = sorted(set(target) - set(removed.tolist()))
             if missing:
@@ -1001,6 +1018,7 @@ class Gallery:
         """Rename a label; returns how many images it had. Renaming onto a label that has
         images merges the two, which cannot be told apart afterwards: only with `merge`."""
         self._check_usable()
+        (old,) = _label_names([old], "relabel")
         new = _stored_label(new, "relabel")
 
         def mutate() -> tuple[Change, int]:
@@ -1162,11 +1180,11 @@ class Gallery:
         self._check_usable()
         return _full_entries(self.root, self._store.entries(label))
 
-    def entries_with_ids(self, ids: Sequence[int]) -> list[ImageEntry]:
+    def entries_with_ids(self, ids: Iterable[int]) -> list[ImageEntry]:
         """The stored images with these ids, as `entries` gives them: say the rows a write
         added, for a listing that follows the writes rather than reading every row again."""
         self._check_usable()
-        return _full_entries(self.root, self._store.entries_with_ids(ids))
+        return _full_entries(self.root, self._store.entries_with_ids(_image_ids(ids, "entries")))
 
     def stored_hashes(self, hashes: Sequence[str]) -> set[str]:
         """Which of these content hashes the library's images have."""
@@ -1254,6 +1272,14 @@ class _AddedMeanwhile(Exception):
     def __init__(self, ids: list[int]) -> None:
         super().__init__(f"{len(ids)} images added meanwhile")
         self.ids = ids
+
+
+def _library_path(path: str | Path) -> Path:
+    """`path` as a Path; anything else (None, an unset setting) would fail inside pathlib
+    saying only its type, and '' be taken for the current folder."""
+    if not isinstance(path, str | os.PathLike) or not os.fspath(path):
+        raise GalleryError(f"expected a gallery library's path, got {path!r}")
+    return Path(path)
 
 
 def _refuse_non_utf8_root(root: Path) -> None:
@@ -1362,18 +1388,62 @@ def _listed(values: Any, what: str, where: str) -> list:
         raise GalleryError(f"{where}: expected a list of {what}, got {values!r}") from None
 
 
+def _image_ids(ids: Any, where: str) -> list[int]:
+    """`ids` as a list of ints; anything but a whole number is refused, naming it: int()
+    would take 1.5 (or True) for image 1, and remove or list an image that was not meant."""
+    values = _listed(ids, "ids", where)
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, Integral):
+            raise GalleryError(
+                f"{where}: an image id is a whole number, got {type(value).__name__} {value!r}"
+            )
+    return [int(v) for v in values]
+
+
+def _path_texts(paths: Any, count: int) -> list[str]:
+    """`add`'s paths as text, as its report names them ('' for each of `count` rows where
+    none are given); one that is no path is refused, naming it: None failed as a database
+    constraint, a number inside pathlib."""
+    if paths is None:
+        return [""] * count
+    texts = []
+    for path in _listed(paths, "paths", "add"):
+        if not isinstance(path, str | os.PathLike):
+            raise GalleryError(
+                f"add: a path is text ('' for none), got {type(path).__name__} {path!r}"
+            )
+        texts.append(os.fspath(path))
+    return texts
+
+
+def _label_names(labels: Any, where: str) -> list[str]:
+    """`labels` to look up, as a list of text: a whole number is its decimal text, as
+    `check_label` stores it; anything else (None) is refused, naming it, where it failed
+    inside the did-you-mean hint of an unknown label."""
+    names = []
+    for label in _listed(labels, "labels", where):
+        if isinstance(label, Integral) and not isinstance(label, bool):
+            label = str(int(label))
+        if not isinstance(label, str):
+            raise GalleryError(f"{where}: a label is text, got {type(label).__name__} {label!r}")
+        names.append(label)
+    return names
+
+
 def _gallery_items(items: Any, where: str) -> list[GalleryItem]:
     """`items` as a list, each a GalleryItem: a generator is read once (its items are gone
     by the second look at them), and a `(path, label)` pair or a path alone would fail on a
     missing attribute that says nothing of what to pass."""
     made_by = "shitu.index.collect_items(sources) makes them from folders and label files"
     listed = _listed(items, f"GalleryItem(path, label)s ({made_by})", where)
-    wrong = next((item for item in listed if not isinstance(item, GalleryItem)), None)
-    if wrong is not None:
-        raise GalleryError(
-            f"{where}: expected GalleryItem(path, label)s ({made_by}), got "
-            f"{type(wrong).__name__} {wrong!r:.80}"
-        )
+    for item in listed:  # (a None among them is named too)
+        if not isinstance(item, GalleryItem):
+            raise GalleryError(
+                f"{where}: expected GalleryItem(path, label)s ({made_by}), got "
+                f"{type(item).__name__} {item!r:.80}"
+            )
+        if not isinstance(item.path, str | os.PathLike):  # else failed inside pathlib
+            raise GalleryError(f"{where}: {item!r:.80}: its path is not a path")
     return listed
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -277,6 +278,22 @@ def _has_loose_images(folder: Path) -> bool:
         return False
 
 
+def _source_list(sources: object) -> list[str | os.PathLike]:
+    """`sources` as a list of paths, one path alone a list of one; None, a number or an
+    empty list is refused naming what to give, not failed inside pathlib (or, empty, as
+    'no images listed in ' nothing)."""
+    wanted = "label files, folders or images (paths or strings)"
+    if isinstance(sources, str | os.PathLike):
+        sources = [sources]
+    listed = list(sources) if isinstance(sources, Iterable) else [sources]
+    if not listed:
+        raise DataError(f"no sources given: expected {wanted}")
+    for source in listed:
+        if not isinstance(source, str | os.PathLike) or not os.fspath(source):
+            raise DataError(f"expected {wanted}, got {type(source).__name__} {source!r}")
+    return listed
+
+
 def collect_items(
     sources: Sequence[str | Path] | str | Path,
     label: str | None = None,
@@ -297,9 +314,7 @@ def collect_items(
             "--label gives every image one label, --leaf-labels takes them from folder names: "
             "give one or the other"
         )
-    if isinstance(sources, str | Path):
-        sources = [sources]
-    sources = [Path(source) for source in sources]
+    sources = [Path(source) for source in _source_list(sources)]
     items: list[GalleryItem] = []
     for source in sources:
         if source.is_dir():

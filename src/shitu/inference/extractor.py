@@ -134,6 +134,12 @@ class FeatureExtractor:
             _warn_of_threads_over_cores(num_threads)
         check_runtime_names(backend, precision, device)
         device = device_type(device)  # the names Global.device takes
+        if not isinstance(model_dir, str | os.PathLike) or not os.fspath(model_dir):
+            # Path() fails inside pathlib on None (an unset setting), '' is the current folder
+            raise CheckpointError(
+                f"model_dir: expected an exported model's folder "
+                f"(shitu.inference.default_model_dir() is the shipped one), got {model_dir!r}"
+            )
         model_dir = Path(model_dir)
         manifest = read_manifest(model_dir)
         score_thres = _score_thres(model_dir, manifest)  # a rebuilt cache entry has none
@@ -239,14 +245,23 @@ class FeatureExtractor:
         check_count(batch_size, "batch_size")
         runtime = self.backend  # a closed extractor is refused before any work
         images = image_list(images)
-        prep = self._preprocessing
         chunks = []
         for start in range(0, len(images), batch_size):
             chunk = images[start : start + batch_size]
-            chunks.append(
-                self._embed(runtime, [prep.normalize(prep.prepare(image)) for image in chunk])
-            )
+            prepared = [
+                self._prepared(image, start + offset, len(images))
+                for offset, image in enumerate(chunk)
+            ]
+            chunks.append(self._embed(runtime, prepared))
         return np.concatenate(chunks) if chunks else self._empty()
+
+    def _prepared(self, image: np.ndarray, index: int, count: int) -> np.ndarray:
+        """One image of `extract_images`'s `count` as the model takes it; refused, it is
+        named by its place (`in_batch`)."""
+        try:
+            return self._preprocessing.normalize(self._preprocessing.prepare(image))
+        except UnreadableImageError as exc:
+            raise in_batch(exc, index, count) from None
 
     def extract_files(
         self,
@@ -313,6 +328,14 @@ class FeatureExtractor:
 
     def _empty(self) -> np.ndarray:
         return np.zeros((0, self.embedding_size), np.float32)
+
+
+def in_batch(error: UnreadableImageError, index: int, count: int) -> UnreadableImageError:
+    """`error` about image `index` of `count` given together, naming its place where there
+    are several: the message alone ('got uint8 (348, 348)') did not say which was refused."""
+    if count == 1:
+        return error
+    return UnreadableImageError(f"image {index} (from 0) of {count}: {error}")
 
 
 def check_count(value: int, name: str) -> None:

@@ -326,16 +326,31 @@ def read_rgb(path: str | Path) -> np.ndarray:
 
     Raises UnreadableImageError (a DataError) naming the reason.
     """
-    if isinstance(path, bytes | bytearray | memoryview):  # Path() would say only its type
-        raise UnreadableImageError(
-            f"expected an image file's path, got {type(path).__name__} (an encoded image: "
-            "shitu.inference.decode_rgb(data) decodes it)"
-        )
+    if not isinstance(path, str | os.PathLike) or not os.fspath(path):
+        # Path() would fail deep inside pathlib saying only the type, and '' is the current
+        # folder ('Is a directory')
+        raise UnreadableImageError(f"expected an image file's path, got {_not_a_path(path)}")
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
         raise UnreadableImageError(unreadable_reason(path, exc)) from None
     return decode_rgb(data)
+
+
+def _not_a_path(value: object) -> str:
+    """What `read_rgb` was given instead of a path, and what reads it."""
+    if isinstance(value, str | os.PathLike):
+        return "an empty path"
+    hint = ""
+    if isinstance(value, bytes | bytearray | memoryview):
+        hint = " (an encoded image: shitu.inference.decode_rgb(data) decodes it)"
+    elif hasattr(value, "read"):
+        hint = " (an open file: shitu.inference.decode_rgb(file.read()) decodes it)"
+    elif hasattr(value, "convert"):
+        hint = " (a Pillow image: np.asarray(image.convert('RGB')) is its RGB array)"
+    elif isinstance(value, np.ndarray):
+        hint = " (an array is an image already read)"
+    return f"{type(value).__name__}{hint}"
 
 
 def decode_rgb(data: bytes | np.ndarray) -> np.ndarray:

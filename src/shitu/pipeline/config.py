@@ -208,6 +208,11 @@ def load_pipeline_config(
     name_or_path: str | Path | None = None, overrides: list[str] | None = None
 ) -> PipelineConfig:
     """Defaults, or a YAML file / shipped name, with `-o Section.key=value` overrides."""
+    if name_or_path is not None and not isinstance(name_or_path, str | os.PathLike):
+        raise ConfigError(  # else a TypeError inside pathlib
+            f"expected a pipeline config's name or path, got {type(name_or_path).__name__} "
+            f"{name_or_path!r}"
+        )
     source = _pipeline_source(name_or_path) if name_or_path else None
     raw = read_yaml(source) if source else {}
     if "Arch" in raw:  # else a list of each of its keys, unknown

@@ -35,7 +35,7 @@ from shitu.detection.detector import detectors_held, is_paddle_inference_model
 from shitu.errors import CheckpointError, ConfigError
 from shitu.image_files import path_list
 from shitu.index import Gallery
-from shitu.inference.extractor import FeatureExtractor, check_count
+from shitu.inference.extractor import FeatureExtractor, check_count, in_batch
 from shitu.inference.manifest import EXPORT_FILES, MANIFEST
 from shitu.inference.preprocess import read_rgb
 from shitu.pipeline.background import PlainBackgroundDetector
@@ -141,8 +141,9 @@ def _check_pipeline_keywords(
 
 
 def _check_parts(extractor: object, gallery: object, detector: object) -> None:
-    """A ConfigError for a part given as a path, which `Recognizer.open` takes, or a gallery
-    that is not an open library (the parts swapped, as `open` takes the gallery first): here
+    """A ConfigError for a part given as a path, which `Recognizer.open` takes, a gallery
+    that is not an open library (the parts swapped, as `open` takes the gallery first), or
+    an extractor or detector that is none (None, a detector's class): here
     it would fail with an AttributeError that says nothing of what to pass instead (the
     detector's only on the first photo)."""
     for name, value, how in (
@@ -162,6 +163,18 @@ def _check_parts(extractor: object, gallery: object, detector: object) -> None:
             f"gallery: expected an open library (Gallery.open(path)), got "
             f"{type(gallery).__name__}{order}"
         )
+    if not hasattr(extractor, "extract_images"):  # None: else an AttributeError
+        raise ConfigError(
+            "extractor: expected a loaded model (FeatureExtractor.load(model_dir)), got "
+            f"{type(extractor).__name__}"
+        )
+    if detector is not None and not callable(getattr(detector, "detect", None)):
+        raise ConfigError(  # else an AttributeError on the first photo
+            f"detector: expected one with a detect(image, ...) method (load_detector(path), "
+            f"PlainBackgroundDetector()), got {type(detector).__name__}"
+        )
+    if isinstance(detector, type):  # its detect() would take the photo for `self`
+        raise ConfigError(f"detector: expected an instance, {detector.__name__}(), not the class")
 
 
 def pixel_box(box: Sequence[float], width: int, height: int) -> tuple[int, int, int, int]:
@@ -287,6 +300,8 @@ class Recognizer:
         self.batch_size = batch_size
         # What from_config opened, closed with the recogniser (parts passed in are not).
         self._opened = ExitStack()
+        self._opened_gallery: Gallery | None = None  # the library among them
+        self._closed = False
 
     @classmethod
     def from_config(
@@ -344,6 +359,7 @@ class Recognizer:
                 batch_size=g.batch_size,
             )
             recognizer._opened = opened.pop_all()
+            recognizer._opened_gallery = gallery
         return recognizer
 
     @classmethod
@@ -366,6 +382,13 @@ class Recognizer:
         default: whole images), `config` a pipeline YAML file or shipped name, or a
         `load_pipeline_config(...)` (with overrides; the keywords go on a copy of it, so
         that the caller's config is left as it was)."""
+        for name, value in (("gallery", gallery), ("model", model), ("detector", detector)):
+            # An open Gallery or loaded model, which the config would call 'not a string'
+            if value is not None and not isinstance(value, str | os.PathLike):
+                raise ConfigError(
+                    f"{name}: Recognizer.open takes paths, got {type(value).__name__}; loaded "
+                    "parts go to Recognizer(extractor, gallery, detector)"
+                )
         if isinstance(config, PipelineConfig):
             base = config.model_copy(deep=True)
         else:
@@ -390,10 +413,23 @@ class Recognizer:
 
     def close(self) -> None:
         """Close the library, model and detector `from_config` opened (parts passed in are
-        left open)."""
+        left open); later recognitions are refused. From another thread than the one that
+        opened the library it is refused before anything is closed: once the model was
+        closed and the library refused, a close on the right thread left the library open."""
+        if self._opened_gallery is not None:
+            self._opened_gallery.check_thread()
+        self._closed = True
         self._opened.close()
 
+    def _check_open(self) -> None:
+        """A ValueError naming the recogniser once closed: its own parts would fail on
+        their own terms ('the FeatureExtractor is closed'), or, passed in and still open,
+        go on working, so that a use after close went unnoticed."""
+        if self._closed:
+            raise ValueError("the Recognizer is closed (by close() or the end of its `with` block)")
+
     def __enter__(self) -> Recognizer:
+        self._check_open()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -410,10 +446,16 @@ class Recognizer:
     def score_batch(self, images: Iterable[np.ndarray]) -> list[Candidates]:
         """Every candidate box of every image with its best gallery hit, before the
         threshold: `select` turns them into results, at any threshold, without re-embedding."""
+        self._check_open()
         crops: list[np.ndarray] = []
         boxes_per_image: list[list[tuple[int, int, int, int]]] = []  # whole image last
-        for image in image_list(images):
-            boxes = self.candidate_boxes(check_rgb_image(image))
+        images = image_list(images)
+        for index, image in enumerate(images):
+            try:
+                check_rgb_image(image)
+            except UnreadableImageError as exc:
+                raise in_batch(exc, index, len(images)) from None
+            boxes = self.candidate_boxes(image)
             boxes_per_image.append(boxes)
             crops.extend(image[y1:y2, x1:x2] for x1, y1, x2, y2 in boxes)
         if not crops:
