@@ -464,6 +464,13 @@ def held(driver: WebDriver) -> bool:
     return driver.execute_script("return !!window.release")
 
 
+def disabled(driver: WebDriver, selector: str) -> list[bool]:
+    """Whether each of the buttons `selector` finds is disabled."""
+    return driver.execute_script(
+        "return [...document.querySelectorAll(arguments[0])].map((e) => e.disabled)", selector
+    )
+
+
 def test_an_answer_for_a_replaced_photo_is_dropped(serving_library, server, browser):
     open_page(browser, server)
     browser.execute_script(HOLD_NEXT, "POST /v1/recognize")
@@ -628,9 +635,14 @@ def test_a_busy_server_stops_an_add_at_its_first_refusal(server, browser, tmp_pa
     label.send_keys("Busy")
     files = browser.find_element(By.ID, "add-files")
     files.send_keys(str(first))
+    browser.execute_script(HOLD_NEXT, "POST /v1/gallery/images")
     browser.find_element(By.CSS_SELECTOR, "#add-form button[type=submit]").click()
+    wait(browser, held, "the add sent")
+    assert disabled(browser, "#add-form button") == [True]  # not sent twice
+    browser.execute_async_script(RELEASE_HELD)
     title = browser.find_element(By.ID, "label-title")
     wait(browser, lambda d: title.text == "Busy (1 image)", "the first image added")
+    assert disabled(browser, "#add-form button") == [False]
     wait(browser, lambda d: loaded_thumbnails(d) == 1, "its thumbnail shown")
     files.send_keys("\n".join(map(str, rest)))  # two requests: 32 images, then 8
     status = browser.find_element(By.ID, "add-status")
@@ -739,7 +751,8 @@ def test_a_label_given_images_elsewhere_is_not_merged_into_unasked(server, brows
 
 def test_edits_say_what_they_are_doing_while_they_wait(serving_library, server, browser):
     """An edit may wait a minute for another process's write to the library: the page says
-    at once what it is doing (it said nothing until the answer came)."""
+    at once what it is doing (it said nothing until the answer came), and its buttons are
+    disabled meanwhile (a second click sent the edit again, which failed with a 404)."""
     with httpx.Client(base_url=server.url, headers={"X-API-Key": KEY}, timeout=60) as client:
         for number, (image, _) in enumerate(serving_library.queries()[:2]):
             files = {"image": (f"held{number}.jpg", image.read_bytes(), "image/jpeg")}
@@ -754,6 +767,7 @@ def test_edits_say_what_they_are_doing_while_they_wait(serving_library, server, 
     rename.send_keys("Held on", Keys.ENTER)
     wait(browser, held, "the rename sent")
     assert status.text == 'renaming "Held"…'
+    assert disabled(browser, "#rename-form button") == [True, True]
     browser.execute_async_script(RELEASE_HELD)
     wait(browser, lambda d: status.text.startswith("renamed"), "renamed")
     title = browser.find_element(By.ID, "label-title")
@@ -764,6 +778,7 @@ def test_edits_say_what_they_are_doing_while_they_wait(serving_library, server, 
     browser.switch_to.alert.accept()
     wait(browser, held, "the image's delete sent")
     assert status.text == f"deleting image #{image_id}…"
+    assert disabled(browser, f'figure[data-id="{image_id}"] button') == [True]
     browser.execute_async_script(RELEASE_HELD)
     wait(browser, lambda d: title.text == "Held on (1 image)", "the image deleted")
     browser.execute_script(HOLD_NEXT, "DELETE /v1/gallery/label?label=Held+on")
@@ -771,8 +786,10 @@ def test_edits_say_what_they_are_doing_while_they_wait(serving_library, server, 
     browser.switch_to.alert.accept()
     wait(browser, held, "the label's delete sent")
     assert status.text == 'deleting "Held on"…'
+    assert disabled(browser, "#rename-form button") == [True, True]
     browser.execute_async_script(RELEASE_HELD)
     wait(browser, lambda d: status.text == "deleted 1 image", "the label deleted")
+    assert disabled(browser, "#rename-form button") == [False, False]
 
 
 def test_a_label_removed_elsewhere_leaves_the_list(server, browser, tmp_path):

@@ -102,6 +102,18 @@ async function attempt(action, where = null) {
   }
 }
 
+// Runs `action` with `buttons` disabled: an edit may wait a minute for another process's
+// write, and a second click meanwhile sent it again, which then failed (404) on what the
+// first had already changed, or sent the same images twice.
+async function withDisabled(buttons, action) {
+  for (const button of buttons) button.disabled = true;
+  try {
+    return await action();
+  } finally {
+    for (const button of buttons) button.disabled = false;
+  }
+}
+
 // ---------------------------------------------------------------------------- drawing
 
 function labelColour(label) {
@@ -421,7 +433,7 @@ function appendThumbs(label, images) {
       type: "button", className: "danger", textContent: "×", title: "delete this image",
     });
     remove.setAttribute("aria-label", `delete image #${image.id}`);
-    remove.addEventListener("click", () => attempt(async () => {
+    remove.addEventListener("click", () => attempt(() => withDisabled([remove], async () => {
       if (!confirm(`Delete image #${image.id} from "${label}"?`)) return;
       setStatus("label-status", `deleting image #${image.id}…`);
       const place = [...$("thumbs").querySelectorAll("figure")].indexOf(figure);
@@ -430,7 +442,7 @@ function appendThumbs(label, images) {
       // Focus goes to the image now in its place (or the last one), not back to the page's top.
       const buttons = $("thumbs").querySelectorAll("figure button");
       (buttons[Math.min(place, buttons.length - 1)] || $("label-title")).focus();
-    }, "label-status"));
+    }), "label-status"));
     figure.append(img, caption, remove);
     grid.append(figure);
     if (image.thumbnail === null) { // the server has no file of it: nothing to fetch
@@ -626,6 +638,9 @@ function choose(input, files) {
 
 // ---------------------------------------------------------------------------- wiring
 
+// The selected label's Rename and Delete label: one edit of the label at a time.
+const labelButtons = () => $("rename-form").querySelectorAll("button");
+
 window.addEventListener("DOMContentLoaded", () => {
   $("api-key").value = sessionStorage.getItem(KEY_STORE) || "";
   $("api-key").addEventListener("change", () => {
@@ -646,7 +661,7 @@ window.addEventListener("DOMContentLoaded", () => {
   });
   $("rename-form").addEventListener("submit", (event) => {
     event.preventDefault();
-    attempt(async () => {
+    attempt(() => withDisabled(labelButtons(), async () => {
       const old = selected;
       const wanted = $("rename-input").value.trim().normalize("NFC"); // as the server keeps labels
       const existing = labels.find((entry) => entry.label === wanted && entry.label !== old);
@@ -674,9 +689,9 @@ window.addEventListener("DOMContentLoaded", () => {
           `${plural(existing.count + body.count, "image")} now`
         : `renamed "${body.old}" to "${body.new}" (${plural(body.count, "image")})`, "ok");
       await refresh(body.new);
-    }, "label-status");
+    }), "label-status");
   });
-  $("delete-label").addEventListener("click", () => attempt(async () => {
+  $("delete-label").addEventListener("click", () => attempt(() => withDisabled(labelButtons(), async () => {
     const { count } = labels.find((entry) => entry.label === selected); // how much goes
     if (!confirm(`Delete "${selected}" and its ${plural(count, "image")}?`)) return;
     setStatus("label-status", `deleting "${selected}"…`);
@@ -684,15 +699,15 @@ window.addEventListener("DOMContentLoaded", () => {
     setStatus("label-status", `deleted ${plural(body.removed.length, "image")}`, "ok");
     await refresh(null);
     $("label-title").focus(); // the button that had it is hidden
-  }, "label-status"));
+  }), "label-status"));
   $("add-form").addEventListener("submit", (event) => {
     event.preventDefault();
-    attempt(async () => {
+    attempt(() => withDisabled($("add-form").querySelectorAll("button"), async () => {
       $("add-failures").replaceChildren();
       const outcome = await addImages($("add-label").value, [...$("add-files").files]);
       reportAdded(outcome);
       if (!outcome.failed.length) $("add-files").value = "";
-    }, "add-status");
+    }), "add-status");
   });
   attempt(() => refresh(null));
 });
