@@ -1075,6 +1075,31 @@ def test_keyboard_focus_stays_on_the_chosen_label_and_the_images(server, browser
     assert focused(browser, "aria-label") == f"delete image #{third}"
 
 
+def test_a_recognised_label_added_elsewhere_is_listed_and_deleted(server, browser, tmp_path):
+    """A result's label that another client added after the page listed the labels: choosing
+    it lists it, and "Delete label" asks about its images (it failed: a TypeError)."""
+    (photo,) = make_images(tmp_path / "fresh", 1, seed=23)
+    open_page(browser, server)
+    with httpx.Client(base_url=server.url, headers={"X-API-Key": KEY}, timeout=60) as client:
+        files = {"image": (photo.name, photo.read_bytes(), "image/png")}
+        assert client.post("/v1/gallery/images", data={"label": "Fresh"}, files=files).is_success
+    browser.find_element(By.ID, "photo").send_keys(str(photo))
+    wait(browser, lambda d: "Fresh" in texts(d, "#results li button"), "recognised as Fresh")
+    browser.execute_script(
+        "[...document.querySelectorAll('#results li button')]"
+        ".find((b) => b.textContent === 'Fresh').click()"
+    )
+    title = browser.find_element(By.ID, "label-title")
+    wait(browser, lambda d: title.text == "Fresh (1 image)", "the label's images shown")
+    assert label_button(browser, "Fresh").get_attribute("aria-current") == "true"
+    browser.find_element(By.ID, "delete-label").click()
+    alert = browser.switch_to.alert
+    assert alert.text == 'Delete "Fresh" and its 1 image?'
+    alert.accept()
+    status = browser.find_element(By.ID, "label-status")
+    wait(browser, lambda d: status.text == "deleted 1 image", "the label deleted")
+
+
 # Last: it empties the gallery.
 def test_one_image_is_one_image_and_an_empty_gallery_says_how_to_fill_it(
     serving_library, server, browser

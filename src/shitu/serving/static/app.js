@@ -380,6 +380,10 @@ async function selectLabel(label) {
   const choice = ++selection;
   renderLabels();
   const body = await api(labelPath(label));
+  // A label the list lacks (a recognised photo's, given images elsewhere since the list was
+  // drawn) is listed: shown selected there, and known to "Delete label", which asks how many
+  // images go (it failed with a TypeError).
+  if (!labels.some((entry) => entry.label === label)) await loadLabels();
   if (choice !== selection) return; // another choice came while this one loaded
   $("label-title").textContent = `${label} (${plural(body.count, "image")})`;
   $("rename-form").hidden = false;
