@@ -984,6 +984,13 @@ def test_captions_are_readable_and_inside_a_wide_photo(serving_library, server, 
         assert photo_box["left"] - 1 <= caption["left"], (caption, photo_box)
         assert caption["right"] <= photo_box["right"] + 1, (caption, photo_box)
         assert photo_box["top"] - 1 <= caption["top"], (caption, photo_box)
+    # Read out once, from the results list, not again from the captions over the photo.
+    shown = browser.execute_script(
+        "return [...document.querySelectorAll('#overlay text')].map((t) => t.textContent)"
+    )
+    tree = browser.execute_cdp_cmd("Accessibility.getFullAXTree", {})["nodes"]
+    spoken = {n.get("name", {}).get("value") for n in tree if not n.get("ignored")}
+    assert not spoken & set(shown)
 
 
 # Per EXIF orientation, the turn that stores an upright photo so that the orientation
