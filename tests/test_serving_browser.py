@@ -677,6 +677,22 @@ def test_no_answer_from_the_server_is_said_in_words(server, browser):
     assert "error" in status.get_attribute("class").split()
 
 
+def test_an_api_key_a_browser_cannot_send_is_named_as_such(server, browser):
+    """A character outside Latin-1 (a typographic quote pasted with the key) cannot go in a
+    header: the browser's fetch refused it, and the page said the server did not answer."""
+    open_page(browser, server)
+    field = browser.find_element(By.ID, "api-key")
+    field.clear()
+    field.send_keys(f"{KEY}\u2019", Keys.TAB)
+    message = browser.find_element(By.ID, "message")
+    wait(browser, lambda d: message.text, "the error shown")
+    assert message.text == (
+        "the API key holds a character no browser can send (’): check the API key box at "
+        "the top of the page"
+    )
+    open_page(browser, server)  # the right key again, for the tests after this one
+
+
 def test_a_label_the_server_refuses_stops_an_add_at_once(server, browser, tmp_path):
     """A refused label is said once: the page no longer splits the request down to single
     files, each refused for the same label, and lists every file as failed."""

@@ -14,18 +14,23 @@ const thumbUrls = [];
 
 // ---------------------------------------------------------------------------- requests
 
+// A header holds Latin-1 only: fetch refused a key with any other character (a typographic
+// quote pasted with it), which the page then reported as the server not answering.
 function authHeaders() {
   const key = $("api-key").value.trim();
+  const unsendable = [...key].find((char) => char.codePointAt(0) > 0xff);
+  if (unsendable) {
+    throw new Error(`the API key holds a character no browser can send (${unsendable}): ` +
+      "check the API key box at the top of the page");
+  }
   return key ? { "X-API-Key": key } : {};
 }
 
 async function api(path, options = {}) {
+  const headers = { ...authHeaders(), ...(options.headers || {}) };
   let response;
   try {
-    response = await fetch(path, {
-      ...options,
-      headers: { ...authHeaders(), ...(options.headers || {}) },
-    });
+    response = await fetch(path, { ...options, headers });
   } catch (error) { // no answer at all: the browser's bare "Failed to fetch" says too little
     throw new Error(`no answer from the server (${error.message}): is it still running, ` +
       "and this computer online?");
