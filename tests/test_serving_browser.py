@@ -464,6 +464,13 @@ def held(driver: WebDriver) -> bool:
     return driver.execute_script("return !!window.release")
 
 
+def disabled(driver: WebDriver, selector: str) -> list[bool]:
+    """Whether each of the buttons `selector` finds is disabled."""
+    return driver.execute_script(
+        "return [...document.querySelectorAll(arguments[0])].map((e) => e.disabled)", selector
+    )
+
+
 def test_an_answer_for_a_replaced_photo_is_dropped(serving_library, server, browser):
     open_page(browser, server)
     browser.execute_script(HOLD_NEXT, "POST /v1/recognize")
@@ -628,9 +635,14 @@ def test_a_busy_server_stops_an_add_at_its_first_refusal(server, browser, tmp_pa
     label.send_keys("Busy")
     files = browser.find_element(By.ID, "add-files")
     files.send_keys(str(first))
+    browser.execute_script(HOLD_NEXT, "POST /v1/gallery/images")
     browser.find_element(By.CSS_SELECTOR, "#add-form button[type=submit]").click()
+    wait(browser, held, "the add sent")
+    assert disabled(browser, "#add-form button") == [True]  # not sent twice
+    browser.execute_async_script(RELEASE_HELD)
     title = browser.find_element(By.ID, "label-title")
     wait(browser, lambda d: title.text == "Busy (1 image)", "the first image added")
+    assert disabled(browser, "#add-form button") == [False]
     wait(browser, lambda d: loaded_thumbnails(d) == 1, "its thumbnail shown")
     files.send_keys("\n".join(map(str, rest)))  # two requests: 32 images, then 8
     status = browser.find_element(By.ID, "add-status")
@@ -663,6 +675,22 @@ def test_no_answer_from_the_server_is_said_in_words(server, browser):
         wait(browser, lambda d: status.text, "the error shown")
     assert status.text.startswith("no answer from the server (Failed to fetch): is it still")
     assert "error" in status.get_attribute("class").split()
+
+
+def test_an_api_key_a_browser_cannot_send_is_named_as_such(server, browser):
+    """A character outside Latin-1 (a typographic quote pasted with the key) cannot go in a
+    header: the browser's fetch refused it, and the page said the server did not answer."""
+    open_page(browser, server)
+    field = browser.find_element(By.ID, "api-key")
+    field.clear()
+    field.send_keys(f"{KEY}\u2019", Keys.TAB)
+    message = browser.find_element(By.ID, "message")
+    wait(browser, lambda d: message.text, "the error shown")
+    assert message.text == (
+        "the API key holds a character no browser can send (’): check the API key box at "
+        "the top of the page"
+    )
+    open_page(browser, server)  # the right key again, for the tests after this one
 
 
 def test_a_label_the_server_refuses_stops_an_add_at_once(server, browser, tmp_path):
@@ -739,7 +767,8 @@ def test_a_label_given_images_elsewhere_is_not_merged_into_unasked(server, brows
 
 def test_edits_say_what_they_are_doing_while_they_wait(serving_library, server, browser):
     """An edit may wait a minute for another process's write to the library: the page says
-    at once what it is doing (it said nothing until the answer came)."""
+    at once what it is doing (it said nothing until the answer came), and its buttons are
+    disabled meanwhile (a second click sent the edit again, which failed with a 404)."""
     with httpx.Client(base_url=server.url, headers={"X-API-Key": KEY}, timeout=60) as client:
         for number, (image, _) in enumerate(serving_library.queries()[:2]):
             files = {"image": (f"held{number}.jpg", image.read_bytes(), "image/jpeg")}
@@ -754,6 +783,7 @@ def test_edits_say_what_they_are_doing_while_they_wait(serving_library, server, 
     rename.send_keys("Held on", Keys.ENTER)
     wait(browser, held, "the rename sent")
     assert status.text == 'renaming "Held"…'
+    assert disabled(browser, "#rename-form button") == [True, True]
     browser.execute_async_script(RELEASE_HELD)
     wait(browser, lambda d: status.text.startswith("renamed"), "renamed")
     title = browser.find_element(By.ID, "label-title")
@@ -764,6 +794,7 @@ def test_edits_say_what_they_are_doing_while_they_wait(serving_library, server, 
     browser.switch_to.alert.accept()
     wait(browser, held, "the image's delete sent")
     assert status.text == f"deleting image #{image_id}…"
+    assert disabled(browser, f'figure[data-id="{image_id}"] button') == [True]
     browser.execute_async_script(RELEASE_HELD)
     wait(browser, lambda d: title.text == "Held on (1 image)", "the image deleted")
     browser.execute_script(HOLD_NEXT, "DELETE /v1/gallery/label?label=Held+on")
@@ -771,8 +802,10 @@ def test_edits_say_what_they_are_doing_while_they_wait(serving_library, server, 
     browser.switch_to.alert.accept()
     wait(browser, held, "the label's delete sent")
     assert status.text == 'deleting "Held on"…'
+    assert disabled(browser, "#rename-form button") == [True, True]
     browser.execute_async_script(RELEASE_HELD)
     wait(browser, lambda d: status.text == "deleted 1 image", "the label deleted")
+    assert disabled(browser, "#rename-form button") == [False, False]
 
 
 def test_a_label_removed_elsewhere_leaves_the_list(server, browser, tmp_path):
@@ -967,6 +1000,13 @@ def test_captions_are_readable_and_inside_a_wide_photo(serving_library, server, 
         assert photo_box["left"] - 1 <= caption["left"], (caption, photo_box)
         assert caption["right"] <= photo_box["right"] + 1, (caption, photo_box)
         assert photo_box["top"] - 1 <= caption["top"], (caption, photo_box)
+    # Read out once, from the results list, not again from the captions over the photo.
+    shown = browser.execute_script(
+        "return [...document.querySelectorAll('#overlay text')].map((t) => t.textContent)"
+    )
+    tree = browser.execute_cdp_cmd("Accessibility.getFullAXTree", {})["nodes"]
+    spoken = {n.get("name", {}).get("value") for n in tree if not n.get("ignored")}
+    assert not spoken & set(shown)
 
 
 # Per EXIF orientation, the turn that stores an upright photo so that the orientation
@@ -1056,6 +1096,31 @@ def test_keyboard_focus_stays_on_the_chosen_label_and_the_images(server, browser
     wait(browser, lambda d: title.text == "Keys (2 images)", "the image deleted")
     third = browser.find_elements(By.CSS_SELECTOR, "figure.thumb")[1].get_attribute("data-id")
     assert focused(browser, "aria-label") == f"delete image #{third}"
+
+
+def test_a_recognised_label_added_elsewhere_is_listed_and_deleted(server, browser, tmp_path):
+    """A result's label that another client added after the page listed the labels: choosing
+    it lists it, and "Delete label" asks about its images (it failed: a TypeError)."""
+    (photo,) = make_images(tmp_path / "fresh", 1, seed=23)
+    open_page(browser, server)
+    with httpx.Client(base_url=server.url, headers={"X-API-Key": KEY}, timeout=60) as client:
+        files = {"image": (photo.name, photo.read_bytes(), "image/png")}
+        assert client.post("/v1/gallery/images", data={"label": "Fresh"}, files=files).is_success
+    browser.find_element(By.ID, "photo").send_keys(str(photo))
+    wait(browser, lambda d: "Fresh" in texts(d, "#results li button"), "recognised as Fresh")
+    browser.execute_script(
+        "[...document.querySelectorAll('#results li button')]"
+        ".find((b) => b.textContent === 'Fresh').click()"
+    )
+    title = browser.find_element(By.ID, "label-title")
+    wait(browser, lambda d: title.text == "Fresh (1 image)", "the label's images shown")
+    assert label_button(browser, "Fresh").get_attribute("aria-current") == "true"
+    browser.find_element(By.ID, "delete-label").click()
+    alert = browser.switch_to.alert
+    assert alert.text == 'Delete "Fresh" and its 1 image?'
+    alert.accept()
+    status = browser.find_element(By.ID, "label-status")
+    wait(browser, lambda d: status.text == "deleted 1 image", "the label deleted")
 
 
 # Last: it empties the gallery.

@@ -14,18 +14,23 @@ const thumbUrls = [];
 
 // ---------------------------------------------------------------------------- requests
 
+// A header holds Latin-1 only: fetch refused a key with any other character (a typographic
+// quote pasted with it), which the page then reported as the server not answering.
 function authHeaders() {
   const key = $("api-key").value.trim();
+  const unsendable = [...key].find((char) => char.codePointAt(0) > 0xff);
+  if (unsendable) {
+    throw new Error(`the API key holds a character no browser can send (${unsendable}): ` +
+      "check the API key box at the top of the page");
+  }
   return key ? { "X-API-Key": key } : {};
 }
 
 async function api(path, options = {}) {
+  const headers = { ...authHeaders(), ...(options.headers || {}) };
   let response;
   try {
-    response = await fetch(path, {
-      ...options,
-      headers: { ...authHeaders(), ...(options.headers || {}) },
-    });
+    response = await fetch(path, { ...options, headers });
   } catch (error) { // no answer at all: the browser's bare "Failed to fetch" says too little
     throw new Error(`no answer from the server (${error.message}): is it still running, ` +
       "and this computer online?");
@@ -99,6 +104,18 @@ async function attempt(action, where = null) {
     else show(error.message);
     box.scrollIntoView({ block: "nearest" });
     if (error.status === 404) await refresh(selected).catch(() => {}); // the error stays
+  }
+}
+
+// Runs `action` with `buttons` disabled: an edit may wait a minute for another process's
+// write, and a second click meanwhile sent it again, which then failed (404) on what the
+// first had already changed, or sent the same images twice.
+async function withDisabled(buttons, action) {
+  for (const button of buttons) button.disabled = true;
+  try {
+    return await action();
+  } finally {
+    for (const button of buttons) button.disabled = false;
   }
 }
 
@@ -368,6 +385,10 @@ async function selectLabel(label) {
   const choice = ++selection;
   renderLabels();
   const body = await api(labelPath(label));
+  // A label the list lacks (a recognised photo's, given images elsewhere since the list was
+  // drawn) is listed: shown selected there, and known to "Delete label", which asks how many
+  // images go (it failed with a TypeError).
+  if (!labels.some((entry) => entry.label === label)) await loadLabels();
   if (choice !== selection) return; // another choice came while this one loaded
   $("label-title").textContent = `${label} (${plural(body.count, "image")})`;
   $("rename-form").hidden = false;
@@ -421,7 +442,7 @@ function appendThumbs(label, images) {
       type: "button", className: "danger", textContent: "×", title: "delete this image",
     });
     remove.setAttribute("aria-label", `delete image #${image.id}`);
-    remove.addEventListener("click", () => attempt(async () => {
+    remove.addEventListener("click", () => attempt(() => withDisabled([remove], async () => {
       if (!confirm(`Delete image #${image.id} from "${label}"?`)) return;
       setStatus("label-status", `deleting image #${image.id}…`);
       const place = [...$("thumbs").querySelectorAll("figure")].indexOf(figure);
@@ -430,7 +451,7 @@ function appendThumbs(label, images) {
       // Focus goes to the image now in its place (or the last one), not back to the page's top.
       const buttons = $("thumbs").querySelectorAll("figure button");
       (buttons[Math.min(place, buttons.length - 1)] || $("label-title")).focus();
-    }, "label-status"));
+    }), "label-status"));
     figure.append(img, caption, remove);
     grid.append(figure);
     if (image.thumbnail === null) { // the server has no file of it: nothing to fetch
@@ -626,6 +647,9 @@ function choose(input, files) {
 
 // ---------------------------------------------------------------------------- wiring
 
+// The selected label's Rename and Delete label: one edit of the label at a time.
+const labelButtons = () => $("rename-form").querySelectorAll("button");
+
 window.addEventListener("DOMContentLoaded", () => {
   $("api-key").value = sessionStorage.getItem(KEY_STORE) || "";
   $("api-key").addEventListener("change", () => {
@@ -646,7 +670,7 @@ window.addEventListener("DOMContentLoaded", () => {
   });
   $("rename-form").addEventListener("submit", (event) => {
     event.preventDefault();
-    attempt(async () => {
+    attempt(() => withDisabled(labelButtons(), async () => {
       const old = selected;
       const wanted = $("rename-input").value.trim().normalize("NFC"); // as the server keeps labels
       const existing = labels.find((entry) => entry.label === wanted && entry.label !== old);
@@ -674,9 +698,9 @@ window.addEventListener("DOMContentLoaded", () => {
           `${plural(existing.count + body.count, "image")} now`
         : `renamed "${body.old}" to "${body.new}" (${plural(body.count, "image")})`, "ok");
       await refresh(body.new);
-    }, "label-status");
+    }), "label-status");
   });
-  $("delete-label").addEventListener("click", () => attempt(async () => {
+  $("delete-label").addEventListener("click", () => attempt(() => withDisabled(labelButtons(), async () => {
     const { count } = labels.find((entry) => entry.label === selected); // how much goes
     if (!confirm(`Delete "${selected}" and its ${plural(count, "image")}?`)) return;
     setStatus("label-status", `deleting "${selected}"…`);
@@ -684,15 +708,15 @@ window.addEventListener("DOMContentLoaded", () => {
     setStatus("label-status", `deleted ${plural(body.removed.length, "image")}`, "ok");
     await refresh(null);
     $("label-title").focus(); // the button that had it is hidden
-  }, "label-status"));
+  }), "label-status"));
   $("add-form").addEventListener("submit", (event) => {
     event.preventDefault();
-    attempt(async () => {
+    attempt(() => withDisabled($("add-form").querySelectorAll("button"), async () => {
       $("add-failures").replaceChildren();
       const outcome = await addImages($("add-label").value, [...$("add-files").files]);
       reportAdded(outcome);
       if (!outcome.failed.length) $("add-files").value = "";
-    }, "add-status");
+    }), "add-status");
   });
   attempt(() => refresh(null));
 });
