@@ -1,5 +1,5 @@
 """Peak memory of decoding one uploaded image, in bytes per pixel, by format: what the
-README's memory bound for `shitu serve` (--max-megapixels-in-flight) multiplies by.
+docs/commands.md's memory bound for `shitu serve` (--max-megapixels-in-flight) multiplies by.
 
 Each format is decoded in a fresh process by the decoder every reader uses
 (`shitu.inference.preprocess.decode_rgb`), from a photo-like image (smooth gradients and

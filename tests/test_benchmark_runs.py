@@ -226,7 +226,7 @@ def test_open_set_reads_the_grocery_dataset_the_other_benchmarks_read(tmp_path) 
 
 
 def test_index_search_names_the_unit_its_sizes_are_in() -> None:
-    """Its sizes are bytes / 2**20, which its table and the README's called MB: a 20 MiB
+    """Its sizes are bytes / 2**20, which its table and docs/benchmarks.md called MB: a 20 MiB
     index (2,560 vectors of 2,048 float32s) is 21 MB."""
     table = run_benchmark(
         "index_search.py",

@@ -6,7 +6,7 @@ its packages. What is checked, each failure naming the file and line:
   attribute of one), and every `from shitu.x import a, b` imports;
 - Python code in the docs runs for real: ```python blocks (none at present),
   `python -c "..."` commands, and inline calls on names the doc imports with a `from
-  shitu... import` span (docstrings: on the module's own names), e.g. README's
+  shitu... import` span (docstrings: on the module's own names), e.g. docs/commands.md's
   `Gallery.open(path).search(vectors, k)`. Markdown calls are evaluated on the demo set
   (`shitu.demo.make_demo_set`) and a library built from its gallery with the shipped
   model; their placeholder names are bound as in `placeholders` below, and the literal
@@ -14,7 +14,7 @@ its packages. What is checked, each failure naming the file and line:
   checked where RESULT_CHECKS names its last method. A call whose name or argument has no
   placeholder fails until one is added. Checked statically instead (the callable exists
   and its signature takes the arguments shown, with a `self` for instance methods):
-  `shitu.x.f(...)` calls (README's `shitu.runtime.keep_freed_memory()` would change the
+  `shitu.x.f(...)` calls (docs/commands.md's `shitu.runtime.keep_freed_memory()` would change the
   test process's allocator), `Class.method(...)` of an instance method, and docstring
   calls (`load_detector(path)`, `Detector.detect(image)`: no detector file here);
 - `shitu.__version__` is the project's version, and each package's `__all__` lists only
@@ -279,7 +279,7 @@ PYTHON_C_CODE = [
 
 
 def test_doc_python_was_found():
-    # README's Recognizer and Gallery calls at least; zero means the collection broke.
+    # The docs' Recognizer and Gallery calls at least; zero means the collection broke.
     assert len(CALL_SPANS) >= 2, [str(s) for s, _ in CALL_SPANS]
     assert PYTHON_C_CODE, "README's `python -c` (default_model_dir) not found"
 

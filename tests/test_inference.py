@@ -1470,7 +1470,7 @@ def test_files_decode_to_the_pixels_of_opencvs_bgr_decoding_reversed(grocery):
 
 
 def test_the_shipped_model_exported_again_keeps_its_fingerprint(tmp_path):
-    """The README's int8 recipe exports the shipped weights again: their float32 features
+    """The int8 recipe of docs/commands.md exports the shipped weights again: their float32 features
     are the shipped model's, so a library built with it must stay valid for the new export
     (a config key read since, at its default, must not change the recorded arch)."""
     shipped = default_model_dir()
@@ -1572,7 +1572,7 @@ def test_int8_asked_of_a_compact_export_says_to_export_it_without_compact(export
     with pytest.raises(ConfigError, match=r"--int8-calibration IMAGES` without --compact"):
         FeatureExtractor.load(compact, precision="int8")
     plain = export_model(exported["config"], None, tmp_path / "plain")
-    with pytest.raises(ConfigError, match=r"--int8-calibration IMAGES` \(README: int8\)"):
+    with pytest.raises(ConfigError, match=r"--int8-calibration IMAGES` \(docs/commands.md: int8\)"):
         FeatureExtractor.load(plain, precision="int8")
 
 

@@ -80,7 +80,7 @@ def _int8_advice(model_dir: Path) -> str:
         compact = "" if (model_dir / ONNX_FILE).is_file() else " without --compact"
         return (
             f"make an export that has one with `shitu export ... --int8-calibration IMAGES`"
-            f"{compact} (README: int8)"
+            f"{compact} (docs/commands.md: int8)"
         )
     return (
         "the shipped model comes without one: export it with one, calibrated on about 64 of "
