@@ -184,7 +184,7 @@ def test_onnxruntime_inference_loads_no_torch(tmp_path, grocery):
     """Building, re-embedding, searching, recognising, evaluating and extracting with the
     ONNX runtimes (the defaults) run without torch, whose import alone took half of a
     one-photo `shitu recognize`; so does a PicoDet detector's ONNX export (decoded and
-    NMS'd in numpy), in `recognize` and `detect` alike: the README names these commands."""
+    NMS'd in numpy), in `recognize` and `detect` alike: docs/commands.md names these commands."""
     from shitu.inference import FeatureExtractor
 
     FeatureExtractor.load(

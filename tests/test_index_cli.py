@@ -205,7 +205,7 @@ def test_index_help_gives_the_default_of_every_option_that_has_one():
             assert f"default {action.default})" in words, (name, action.option_strings)
             checked.add(action.option_strings[-1])
     assert {"--index-type", "--metric", "--backend", "--batch-size", "-k"} <= checked
-    # The usage names the arguments as the description and the README do: `relabel OLD NEW`.
+    # The usage names the arguments as the description and docs/commands.md do: `relabel OLD NEW`.
     relabel = " ".join(commands.choices["relabel"].format_help().split())
     assert "library OLD NEW" in relabel and "Rename label OLD to NEW" in relabel
 
