@@ -156,17 +156,24 @@ def test_pdparams_import_maps_names_transposes_and_skips_unused(tmp_path, protoc
     assert torch.equal(ours["logits"], theirs["logits"])
 
 
-def test_pdparams_of_a_prelu_model_load_as_paddleclas_names_them(tmp_path):
-    """PaddleClas's PP-LCNetV2 with `act: prelu` names each PReLU's weight `_weight` and
-    builds one, unused, in every block without rep branches: its .pdparams did not fit
-    (27 missing, 32 not in model). They load now, and give the model's features (against
-    PaddleClas 2.6 itself: within 4e-6)."""
+def _prelu_model() -> tuple[dict, torch.nn.Module]:
+    """The test architecture with `act: prelu`, and a model of it whose PReLU weights are
+    not their initial value, so that a load that leaves them there shows."""
     arch = {**ARCH, "Backbone": {**ARCH["Backbone"], "act": "prelu"}}
     model = make_model(arch)
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, torch.nn.PReLU):
                 module.weight.uniform_(0.05, 0.5)
+    return arch, model
+
+
+def test_pdparams_of_a_prelu_model_load_as_paddleclas_names_them(tmp_path):
+    """PaddleClas's PP-LCNetV2 with `act: prelu` names each PReLU's weight `_weight` and
+    builds one, unused, in every block without rep branches: its .pdparams did not fit
+    (27 missing, 32 not in model). They load now, and give the model's features (against
+    PaddleClas 2.6 itself: within 4e-6)."""
+    arch, model = _prelu_model()
     state = to_pdparams(model, tmp_path / "prelu.pdparams")
     assert "backbone.stem.1.act._weight" in state  # a block without branches
     fresh = make_model(arch, seed=1)
@@ -182,12 +189,7 @@ def test_a_whole_models_pdparams_as_the_backbones_pretrained_maps_as_the_whole_m
     the backbone's own (`stem.0.`, not `backbone.stem.0.`), so the rules keyed by names
     missed: PReLU weights were left at their initial value (logged only), and the unused
     fused convs were reported as tensors the backbone lacks."""
-    arch = {**ARCH, "Backbone": {**ARCH["Backbone"], "act": "prelu"}}
-    model = make_model(arch)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.PReLU):
-                module.weight.uniform_(0.05, 0.5)
+    arch, model = _prelu_model()
     to_pdparams(model, tmp_path / "general_PPLCNetV2_small.pdparams")
     backbone = make_model(arch, seed=1).backbone
     report = load_pretrained(backbone, tmp_path / "general_PPLCNetV2_small.pdparams")

@@ -808,16 +808,22 @@ def test_cli_train_refuses_an_output_dir_another_run_is_training_in(grocery, tmp
     assert "finished at epoch 1" in capsys.readouterr().out
 
 
+def _class_folders(grocery: Path, photos: Path) -> Path:
+    """`photos` as a folder-per-class root: the first 4 train photos of 2 Grocery classes,
+    in folders named by their class ids."""
+    for label, images in list(grocery_listing(grocery, "train").items())[:2]:
+        (photos / str(label)).mkdir(parents=True)
+        for image in images[:4]:
+            shutil.copy(grocery / image, photos / str(label))
+    return photos
+
+
 def test_cli_train_refuses_an_output_dir_inside_a_folder_per_class_root(grocery, tmp_path, capsys):
     """`root: photos`, `output_dir: photos/output`: the run's folder was read as one more
     class (made before the datasets are built, so by this run already, and by every later
     one). Refused before anything is made, naming both settings."""
     path = tiny_config(grocery, tmp_path, epochs=1)
-    photos = tmp_path / "photos"
-    for label, images in list(grocery_listing(grocery, "train").items())[:2]:
-        (photos / str(label)).mkdir(parents=True)
-        for image in images[:4]:
-            shutil.copy(grocery / image, photos / str(label))
+    photos = _class_folders(grocery, tmp_path / "photos")
     config = yaml.safe_load(path.read_text())
     train = config["DataLoader"]["Train"]["dataset"]
     config["DataLoader"]["Train"]["dataset"] = {
@@ -841,12 +847,9 @@ def test_the_summary_counts_what_skip_corrupt_left_out_as_only_that(grocery, tmp
     """A folder scan leaves out images (one beside the label folders, here) with a warning
     of its own: the summary's "skipped images: 0", counting skip_corrupt's only, was false."""
     path = tiny_config(grocery, tmp_path, epochs=1)
-    photos = tmp_path / "photos"
-    for label, images in list(grocery_listing(grocery, "train").items())[:2]:
-        (photos / str(label)).mkdir(parents=True)
-        for image in images[:4]:
-            shutil.copy(grocery / image, photos / str(label))
-    shutil.copy(grocery / images[4], photos / "stray.jpg")
+    photos = _class_folders(grocery, tmp_path / "photos")
+    second_class = list(grocery_listing(grocery, "train").values())[1]
+    shutil.copy(grocery / second_class[4], photos / "stray.jpg")
     folder = f"DataLoader.Train.dataset={{name: ImageFolderDataset, root: {photos}}}"
     warned = startup_warnings(caplog, path, [folder])
     assert "not in a label folder x1" in warned
