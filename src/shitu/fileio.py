@@ -474,6 +474,13 @@ def _sync_tree(folder: Path) -> None:
         fsync_dir(Path(root))
 
 
+def is_given_path(value: object) -> bool:
+    """Whether `value` is a path to hand pathlib: text or os.PathLike, not empty. Anything
+    else (None, an unset setting) would fail inside pathlib saying only its type, and ''
+    be taken for the current folder."""
+    return isinstance(value, str | os.PathLike) and bool(os.fspath(value))
+
+
 def home_expanded(value: Any) -> Any:
     """`value` with the `~` that starts it (`~/runs`, `~user/runs`) expanded to that home
     folder, if it is text: for paths no shell expanded (after `KEY=` or `--option=`, in a

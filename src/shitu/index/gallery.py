@@ -27,6 +27,7 @@ from shitu.fileio import (
     file_sha256,
     folder_place,
     fsync_dir,
+    is_given_path,
     occupied,
     refuse_non_utf8_path,
     staging_folder,
@@ -1275,9 +1276,8 @@ class _AddedMeanwhile(Exception):
 
 
 def _library_path(path: str | Path) -> Path:
-    """`path` as a Path; anything else (None, an unset setting) would fail inside pathlib
-    saying only its type, and '' be taken for the current folder."""
-    if not isinstance(path, str | os.PathLike) or not os.fspath(path):
+    """`path` as a Path, or a GalleryError naming what was given instead (`is_given_path`)."""
+    if not is_given_path(path):
         raise GalleryError(f"expected a gallery library's path, got {path!r}")
     return Path(path)
 

@@ -11,7 +11,7 @@ from numbers import Integral
 from pathlib import Path
 
 from shitu.errors import DataError
-from shitu.fileio import SAVE_AS_UTF8, listed_file, read_text, text_lines
+from shitu.fileio import SAVE_AS_UTF8, is_given_path, listed_file, read_text, text_lines
 from shitu.image_files import (
     IMAGE_SUFFIXES,
     header_error,
@@ -289,7 +289,7 @@ def _source_list(sources: object) -> list[str | os.PathLike]:
     if not listed:
         raise DataError(f"no sources given: expected {wanted}")
     for source in listed:
-        if not isinstance(source, str | os.PathLike) or not os.fspath(source):
+        if not is_given_path(source):
             raise DataError(f"expected {wanted}, got {type(source).__name__} {source!r}")
     return listed
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from shitu.data.transforms.ops import UnreadableImageError, image_list
 from shitu.errors import CheckpointError, ConfigError
-from shitu.fileio import file_sha256
+from shitu.fileio import file_sha256, is_given_path
 from shitu.image_files import path_list
 from shitu.inference.backends import (
     Backend,
@@ -134,8 +134,7 @@ class FeatureExtractor:
             _warn_of_threads_over_cores(num_threads)
         check_runtime_names(backend, precision, device)
         device = device_type(device)  # the names Global.device takes
-        if not isinstance(model_dir, str | os.PathLike) or not os.fspath(model_dir):
-            # Path() fails inside pathlib on None (an unset setting), '' is the current folder
+        if not is_given_path(model_dir):
             raise CheckpointError(
                 f"model_dir: expected an exported model's folder "
                 f"(shitu.inference.default_model_dir() is the shipped one), got {model_dir!r}"

@@ -36,6 +36,7 @@ from shitu.data.transforms.ops import (
     short_side_size,
 )
 from shitu.errors import ConfigError
+from shitu.fileio import is_given_path
 from shitu.image_files import unreadable_reason
 
 logger = logging.getLogger(__name__)
@@ -326,9 +327,7 @@ def read_rgb(path: str | Path) -> np.ndarray:
 
     Raises UnreadableImageError (a DataError) naming the reason.
     """
-    if not isinstance(path, str | os.PathLike) or not os.fspath(path):
-        # Path() would fail deep inside pathlib saying only the type, and '' is the current
-        # folder ('Is a directory')
+    if not is_given_path(path):
         raise UnreadableImageError(f"expected an image file's path, got {_not_a_path(path)}")
     try:
         data = Path(path).read_bytes()
