@@ -65,7 +65,7 @@ from shitu.evaluation.retrieval import RetrievalEvaluator
 from shitu.fileio import home_expanded, remove_unfinished_writes
 from shitu.losses.combined import CombinedLoss
 from shitu.losses.xbm import CrossBatchMemory
-from shitu.models import build_model
+from shitu.models import RecModel, build_model
 from shitu.models.reparam import is_reparameterized
 from shitu.registry import problem_list
 
@@ -191,15 +191,13 @@ class Trainer:
         # pretrained file (a package, a path on the machine that started the run) is read
         # only where weights are left to it.
         from_file = resume_payload is None and bool(config.Global.pretrained_model)
-        self.model = build_model(config.Arch, pretrained=resume_payload is None and not from_file)
-        self._refuse_a_folded_start("Arch.Backbone.pretrained")
+        self.model = self._build_model(pretrained=resume_payload is None and not from_file)
         if from_file:
             report = self._load_pretrained_model()
             left = [n for n in report.missing + report.shape_mismatch if n.startswith("backbone.")]
             if left and config.Arch.backbone_pretrained():
                 seed_everything(self.seed + self.context.rank)  # new layers as one build has them
-                self.model = build_model(config.Arch)
-                self._refuse_a_folded_start("Arch.Backbone.pretrained")
+                self.model = self._build_model(pretrained=True)
                 report = self._load_pretrained_model()
         self.model = self.model.to(self.context.device)
         if config.Global.channels_last:
@@ -310,31 +308,24 @@ class Trainer:
         self._deadline: float | None = None
 
     # ----------------------------------------------------------------- set-up helpers
+    def _build_model(self, pretrained: bool) -> RecModel:
+        """The model Arch describes (`build_model`), with or without the backbone's
+        pretrained weights, which are refused where they folded it."""
+        model = build_model(self.config.Arch, pretrained=pretrained)
+        if is_reparameterized(model):
+            raise _folded_start(
+                "Arch.Backbone.pretrained", self.config.Arch.Backbone.params["pretrained"]
+            )
+        return model
+
     def _load_pretrained_model(self) -> LoadReport:
         """Global.pretrained_model loaded into the model, what fits of it."""
+        path = self.config.Global.pretrained_model
         with weight_file_setting("Global.pretrained_model"):
-            report = load_weights(self.model, self.config.Global.pretrained_model, strict=False)
-        self._refuse_a_folded_start("Global.pretrained_model")
+            report = load_weights(self.model, path, strict=False)
+        if is_reparameterized(self.model):
+            raise _folded_start("Global.pretrained_model", path)
         return report
-
-    def _refuse_a_folded_start(self, setting: str) -> None:
-        """Refuse folded weights (an export's, `shitu convert --reparameterize`'s) as the
-        run's start: loading them folded the model, which then trained without the parallel
-        branches folding merged away, unsaid, and whose checkpoint no resume could load (a
-        resume builds the model unfolded)."""
-        if not is_reparameterized(self.model):
-            return
-        path = (
-            self.config.Global.pretrained_model
-            if setting == "Global.pretrained_model"
-            else self.config.Arch.Backbone.params["pretrained"]
-        )
-        raise CheckpointError(
-            f"{setting}: {path} holds folded (re-parameterised) weights, an export's, for "
-            "inference: a run from them would train the backbone without its parallel "
-            "branches; give the weights they were folded from (a run's "
-            "best_model.safetensors, say)"
-        )
 
     def _choose_seed(self, payload: dict[str, Any] | None) -> int:
         if payload is not None:
@@ -1066,6 +1057,19 @@ def _check_last_batch(sampler: Any, model: nn.Module, dataset: Any) -> None:
         f"DataLoader.Train: each epoch would end on a batch of 1 image ({per_process} per "
         f"process, batch_size {size}), on which {where}, and BatchNorm cannot train on that; "
         "set sampler.drop_last: true or another batch_size"
+    )
+
+
+def _folded_start(setting: str, path: object) -> CheckpointError:
+    """The refusal of folded weights (an export's, `shitu convert --reparameterize`'s) as a
+    run's start: loading them folded the model, which then trained without the parallel
+    branches folding merged away, unsaid, and whose checkpoint no resume could load (a
+    resume builds the model unfolded)."""
+    return CheckpointError(
+        f"{setting}: {path} holds folded (re-parameterised) weights, an export's, for "
+        "inference: a run from them would train the backbone without its parallel "
+        "branches; give the weights they were folded from (a run's "
+        "best_model.safetensors, say)"
     )
 
 
