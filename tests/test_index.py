@@ -1677,12 +1677,23 @@ def test_queries_that_are_not_float_arrays_are_refused_by_name(tmp_path):
             ([[1.0, 2.0], [3.0]], "list [[1.0, 2.0], [3.0]]"),
             (None, "NoneType None"),
             (np.zeros((2, DIM + 1)), f"shape [2, {DIM + 1}]"),
+            # cast to float32 these searched: a mask or ids taken for features
+            (clustered(2, DIM) > 0, "bool values (bool)"),
+            (np.ones((2, DIM), np.int64), "integer values (int64)"),
+            (np.ones(DIM, np.uint8), "integer values (uint8)"),
+            (clustered(2, DIM).astype(object), "object values (object)"),
+            (clustered(2, DIM).astype(np.complex64), "complex values (complex64)"),
+            ([[1] * DIM], "integer values (int64)"),
         ]:
             with pytest.raises(GalleryError) as caught:
                 gallery.search(query)
             assert str(caught.value) == f"{expected} {got}"
-        with pytest.raises(GalleryError, match="got the string 'abc'"):
-            gallery.add("abc", ["x"])
+        for features, got in [("abc", "the string 'abc'"), ([[True] * DIM], "bool values (bool)")]:
+            with pytest.raises(GalleryError) as caught:
+                gallery.add(features, ["x"])
+            assert str(caught.value) == f"{expected} {got}"
+        assert len(gallery) == 3
+        assert gallery.search(clustered(1, DIM).astype(np.float16), k=2).found.all()
         assert gallery.search(clustered(1, DIM)[0].tolist(), k=2).found.all()  # a list is fine
         queries = clustered(3, DIM)
         queries[1, 0] = np.nan

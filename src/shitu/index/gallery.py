@@ -72,6 +72,8 @@ HASH_BAR_MIN_FILES = 500
 # The most files a refused re-embedding names, or folders of gone files a note names (the
 # rest are counted).
 SHOWN_FILES = 5
+# How a refused feature array's values are named, by numpy dtype kind (Gallery._prepare).
+_DTYPE_KINDS = {"b": "bool", "i": "integer", "u": "integer", "c": "complex", "O": "object"}
 # Why a file whose path is not UTF-8 text is not added (Gallery._storable).
 NAME_NOT_UTF8 = "its path is not UTF-8 text, which the library records paths in: rename it"
 
@@ -660,13 +662,18 @@ class Gallery:
         if isinstance(vectors, str | bytes):
             raise refused(f"the string {vectors!r:.40}")
         try:
-            if np.iscomplexobj(vectors):  # else their imaginary parts dropped, with a warning
-                raise refused(f"complex values ({np.asarray(vectors).dtype})")
-            array = np.asarray(vectors, dtype=np.float32)
+            array = np.asarray(vectors)
             if not array.ndim:  # one number, or None
                 raise TypeError
-        except (TypeError, ValueError):  # text, ragged lists, objects
+        except (TypeError, ValueError):  # ragged lists
             raise refused(f"{type(vectors).__name__} {vectors!r:.40}") from None
+        # bool masks, ids or pixels are no features, yet cast quietly (complex ones losing
+        # their imaginary parts); objects and text may fail inside numpy, or not
+        if array.dtype.kind != "f":
+            raise refused(
+                f"{_DTYPE_KINDS.get(array.dtype.kind, 'non-float')} values ({array.dtype})"
+            )
+        array = array.astype(np.float32, copy=False)
         if array.ndim == 1:
             array = array[None]
         if array.ndim != 2 or array.shape[1] != dim:
