@@ -1684,6 +1684,8 @@ def test_queries_that_are_not_float_arrays_are_refused_by_name(tmp_path):
             (clustered(2, DIM).astype(object), "object values (object)"),
             (clustered(2, DIM).astype(np.complex64), "complex values (complex64)"),
             ([[1] * DIM], "integer values (int64)"),
+            # float64 past float32's range: cast to inf, it was refused as a NaN or inf row
+            (np.full((2, DIM), -1e39), "1e+39, beyond float32's range, which features are kept in"),
         ]:
             with pytest.raises(GalleryError) as caught:
                 gallery.search(query)

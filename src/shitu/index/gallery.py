@@ -673,6 +673,11 @@ class Gallery:
             raise refused(
                 f"{_DTYPE_KINDS.get(array.dtype.kind, 'non-float')} values ({array.dtype})"
             )
+        if array.dtype.itemsize > 4:  # else cast to inf, and refused as "NaN or inf" rows
+            beyond = np.isfinite(array) & (np.abs(array) > np.finfo(np.float32).max)
+            if beyond.any():
+                largest = np.abs(array[beyond]).max()
+                raise refused(f"{largest:.3g}, beyond float32's range, which features are kept in")
         array = array.astype(np.float32, copy=False)
         if array.ndim == 1:
             array = array[None]
