@@ -1755,6 +1755,36 @@ class FailingEmbedder(PixelEmbedder):
         return super().extract_files(paths, batch_size, progress)
 
 
+class OverflowingEmbedder(PixelEmbedder):
+    """Gives the files whose names hold "inf" features of inf and NaN, as a model that
+    overflows on some photos (an int8 or fp16 runtime) gives them."""
+
+    def extract_files(self, paths, batch_size=32, progress=False):
+        result = super().extract_files(paths, batch_size, progress)
+        for row, path in enumerate(result.paths):
+            if "inf" in Path(path).name:
+                result.features[row, :2] = [np.inf, np.nan]
+        return result
+
+
+def test_a_file_the_model_gives_nan_or_inf_is_named_and_the_rest_are_added(tmp_path):
+    """Such a file is named as not added, as an unreadable one is; the whole add or build
+    was refused with `add: rows 1 contain NaN or inf`, a row of a batch the user never saw."""
+    photos = make_images(tmp_path / "photos", 4)
+    overflows = photos[1].rename(photos[1].with_name("inf.png"))
+    items = [GalleryItem(p, "label") for p in [photos[0], overflows, *photos[2:]]]
+    model = OverflowingEmbedder()
+    report = Gallery.build(tmp_path / "lib", model, items)
+    assert len(report.ids) == 3
+    assert report.failures == [(str(overflows), gallery_module.NOT_FINITE)]
+    with Gallery.open(tmp_path / "lib", embedder=model) as gallery:
+        assert gallery.verify() == []
+        assert str(overflows) not in [entry.path for entry in gallery.entries()]
+    with pytest.raises(gallery_module.NothingAddedError) as nothing:
+        Gallery.build(tmp_path / "none", model, items[1:2])
+    assert nothing.value.report.failures == [(str(overflows), gallery_module.NOT_FINITE)]
+
+
 def test_build_makes_a_whole_library_or_nothing_at_its_path(tmp_path):
     """`Gallery.build` is `shitu index build` for Python callers: the library appears at its
     path whole, while a build that fails, or adds no image, leaves nothing there (no

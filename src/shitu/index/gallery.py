@@ -74,6 +74,8 @@ HASH_BAR_MIN_FILES = 500
 SHOWN_FILES = 5
 # How a refused feature array's values are named, by numpy dtype kind (Gallery._prepare).
 _DTYPE_KINDS = {"b": "bool", "i": "integer", "u": "integer", "c": "complex", "O": "object"}
+# Why a file the model gave NaN or inf features is not added (Gallery.add_checked_files).
+NOT_FINITE = "the model gave it NaN or inf features (a broken model, or its runtime overflowing?)"
 # Why a file whose path is not UTF-8 text is not added (Gallery._storable).
 NAME_NOT_UTF8 = "its path is not UTF-8 text, which the library records paths in: rename it"
 
@@ -997,14 +999,19 @@ class Gallery:
             raise GalleryError(
                 f"embedder returned {len(result.features)} features for {len(embedded)} images"
             )
+        # A file the model gave NaN or inf is named, as one that cannot be read is: refused
+        # by `add`, it failed the whole add, naming a row of the batch
+        usable = np.isfinite(result.features).all(axis=1)
+        broken = [str(item.path) for (item, _), ok in zip(embedded, usable, strict=True) if not ok]
+        embedded = [pair for pair, ok in zip(embedded, usable, strict=True) if ok]
         report = self.add(
-            result.features,
+            result.features[usable],
             [item.label for item, _ in embedded],
             [str(item.path) for item, _ in embedded],
             [digest for _, digest in embedded],
             allow_duplicates=allow_duplicates,
         )
-        report.failures = list(result.failures)
+        report.failures = list(result.failures) + [(path, NOT_FINITE) for path in broken]
         return report
 
     def remove(self, ids: Iterable[int] = (), labels: Iterable[str] = ()) -> np.ndarray:
