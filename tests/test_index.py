@@ -1785,6 +1785,24 @@ def test_a_file_the_model_gives_nan_or_inf_is_named_and_the_rest_are_added(tmp_p
     assert nothing.value.report.failures == [(str(overflows), gallery_module.NOT_FINITE)]
 
 
+def test_a_reembedding_the_model_gives_nan_or_inf_names_those_images_by_id(tmp_path):
+    """It was refused with `re-embed: rows 1 contain NaN or inf`, a row of the readable
+    images, not an id that `shitu index remove` takes."""
+    photos = make_images(tmp_path / "photos", 3)
+    overflows = photos[2].rename(photos[2].with_name("inf.png"))
+    items = [GalleryItem(p, "label") for p in [*photos[:2], overflows]]
+    path = tmp_path / "lib"
+    ids = Gallery.build(path, PixelEmbedder(), items).ids
+    before = snapshot(path, unit(clustered(2, PixelEmbedder().embedding_size)))
+    with Gallery.open(path) as gallery, pytest.raises(GalleryError) as caught:
+        gallery.reembed(OverflowingEmbedder(fingerprint="pixels-4 int8"))
+    assert str(caught.value) == (
+        f"cannot re-embed: {gallery_module.NOT_FINITE} for 1 of the 3 images, ids {ids[2]}: "
+        f"{overflows}; nothing was changed"
+    )
+    assert snapshot(path, unit(clustered(2, PixelEmbedder().embedding_size))) == before
+
+
 def test_build_makes_a_whole_library_or_nothing_at_its_path(tmp_path):
     """`Gallery.build` is `shitu index build` for Python callers: the library appears at its
     path whole, while a build that fails, or adds no image, leaves nothing there (no

@@ -75,7 +75,7 @@ SHOWN_FILES = 5
 # How a refused feature array's values are named, by numpy dtype kind (Gallery._prepare).
 _DTYPE_KINDS = {"b": "bool", "i": "integer", "u": "integer", "c": "complex", "O": "object"}
 # Why a file the model gave NaN or inf features is not added (Gallery.add_checked_files).
-NOT_FINITE = "the model gave it NaN or inf features (a broken model, or its runtime overflowing?)"
+NOT_FINITE = "the model gave NaN or inf features (a broken model, or its runtime overflowing?)"
 # Why a file whose path is not UTF-8 text is not added (Gallery._storable).
 NAME_NOT_UTF8 = "its path is not UTF-8 text, which the library records paths in: rename it"
 
@@ -1187,6 +1187,15 @@ class Gallery:
                 "them moved to (`--moved OLD NEW`: OLD the folder they were added from), or "
                 f"remove those images (`shitu index remove {self.root} --id ID ...`, or "
                 "`--missing` for files that are gone), and retry; nothing was changed"
+            )
+        usable = np.isfinite(result.features).all(axis=1)
+        broken = [e for (e, _), ok in zip(readable, usable, strict=True) if not ok]
+        if broken:  # by id, not by the row of `readable` that _stored_features would name
+            ids = first_few([e.id for e in broken], SHOWN_FILES)
+            raise GalleryError(
+                f"cannot re-embed: {NOT_FINITE} for {len(broken)} of the {len(entries)} "
+                f"images, ids {ids}: {first_few([e.path for e in broken], SHOWN_FILES)}; "
+                "nothing was changed"
             )
         features = self._stored_features(result.features, "re-embed", embedder.embedding_size)
         return {
