@@ -469,6 +469,34 @@ def library_of_the_first(models: dict, tmp_path: Path, count: int) -> tuple[list
     return photos, lib
 
 
+def test_search_names_a_photo_the_model_gives_nan_and_searches_the_rest(
+    models, tmp_path, monkeypatch
+):
+    """As an unreadable photo is named, and the others searched: the search refused them
+    all with `search: query rows 1 contain NaN or inf`, a row of the photos read."""
+    from shitu.inference import FeatureExtractor
+
+    photos, lib = library_of_the_first(models, tmp_path, 3)
+    overflows = photos[1].rename(photos[1].with_name("inf.png"))
+    extract_files = FeatureExtractor.extract_files
+
+    def overflowing(self, paths, *args, **kwargs):  # as an int8 or fp16 runtime might
+        result = extract_files(self, paths, *args, **kwargs)
+        result.features[[Path(p).name == "inf.png" for p in result.paths], 0] = float("nan")
+        return result
+
+    monkeypatch.setattr(FeatureExtractor, "extract_files", overflowing)
+    search = shitu("index", "search", lib, photos[0], overflows, photos[2], "--model", models[128])
+    assert search.returncode == 0, search.stderr
+    assert [line.split("\t")[0] for line in search.stdout.splitlines()] == [
+        str(photos[0]),
+        str(photos[2]),
+    ]
+    assert f"warning: could not search {overflows}: {gallery_module.NOT_FINITE}" in search.stderr
+    alone = shitu("index", "search", lib, overflows, "--model", models[128])
+    assert alone.returncode == 1 and alone.stdout == ""
+
+
 def test_an_add_written_in_parts_reports_as_one_add(models, tmp_path, monkeypatch):
     """`index add` writes the library a part at a time, and says what one write says: the
     totals, a photo listed again under another label in a later part refused as in one

@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from shitu.cli.common import (
     add_leaf_labels_argument,
     add_progress_argument,
@@ -38,6 +40,7 @@ from shitu.index import (
 from shitu.index.embedder import Embedder
 from shitu.index.gallery import (
     LIBRARY_FILE,
+    NOT_FINITE,
     SHOWN_FILES,
     file_gone,
     gone_from,
@@ -292,7 +295,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="embed query images and print the top hits",
         description="Prints a line per image that could be read: `PATH<TAB>LABEL (SCORE, id ID); "
         "...`, best first, or `PATH<TAB>no match` (a PATH as `index list` writes it; --format "
-        "jsonl: a JSON object). Exit status 1 when no image could be read.",
+        "jsonl: a JSON object); one the model gives NaN or inf features is named in a warning "
+        "instead. Exit status 1 when no image could be read and searched.",
     )
     search.add_argument("library", type=Path)
     search.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
@@ -749,17 +753,24 @@ def run_search(args: argparse.Namespace) -> int:
     with _open_for(args, model) as gallery:
         warn_if_empty(gallery, "no match can be found")
         extraction = model.extract_files([str(p) for p in images], args.batch_size, progress)
+        # An image the model gives NaN or inf is named, as an unreadable one: the search
+        # refused them all, naming a row of the images read
+        usable = np.isfinite(extraction.features).all(axis=1)
+        paths = [path for path, ok in zip(extraction.paths, usable, strict=True) if ok]
         # at most as wide as the gallery: a huge -k allocates nothing
-        result = gallery.search(extraction.features, args.k, min_score=args.min_score)
+        result = gallery.search(extraction.features[usable], args.k, min_score=args.min_score)
     for path, reason in extraction.failures:
         print(
             f"warning: could not read {path}: {skip_reason(reason, 'index search', path)}",
             file=sys.stderr,
         )
-    for path, hits in zip(extraction.paths, result.to_list(), strict=True):
+    for path, ok in zip(extraction.paths, usable, strict=True):
+        if not ok:
+            print(f"warning: could not search {path}: {NOT_FINITE}", file=sys.stderr)
+    for path, hits in zip(paths, result.to_list(), strict=True):
         if args.format == "jsonl":
             print(json.dumps({"image": str(path), "results": hits}, ensure_ascii=False))
         else:
             shown = [f"{h['label']} ({h['score']:.3f}, id {h['image_id']})" for h in hits]
             print(f"{table_field(str(path))}\t{'; '.join(shown) or 'no match'}")
-    return 0 if extraction.paths else 1  # no query could be read: fail, like recognize
+    return 0 if paths else 1  # no query could be read (or searched): fail, like recognize
