@@ -165,6 +165,22 @@ def test_label_file_without_tab_is_a_data_error(tmp_path):
             parse_label_file(listing)
 
 
+def test_a_grocery_store_list_says_how_to_build_a_gallery_of_its_photos(grocery):
+    """Its `path, class_id, coarse_id` lines were refused for want of a tab alone, with no
+    word of the build that works: the photos' folder, labelled by --leaf-labels."""
+    listing = grocery / "train.txt"
+    with pytest.raises(DataError) as caught:
+        collect_items([listing])
+    first = listing.read_text().splitlines()[0]
+    assert str(caught.value) == (
+        f"{listing}:1: expected `path<TAB>label`, got {first!r} (no tab: paths and labels "
+        "may contain spaces, so only a tab separates them); a Grocery Store Dataset list "
+        "(`path, class_id, coarse_id`, for `shitu train` and `shitu eval`) has no label "
+        "names: build from its photos' folder, each photo labelled by the folder it is in, "
+        f"`shitu index build {grocery / 'train'} --leaf-labels --out LIB`"
+    )
+
+
 def test_label_files_with_a_bom_binary_files_and_empty_sources(tmp_path):
     (tmp_path / "imgs").mkdir()
     listing = tmp_path / "gallery.txt"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -153,7 +154,7 @@ def parse_label_file(path: Path) -> list[GalleryItem]:
         if not image.strip() or not label.strip():
             raise DataError(
                 f"{path}:{number}: expected `path<TAB>label`, got {line!r} "
-                f"({_missing_column(line, image)})"
+                f"({_missing_column(line, image)}){_grocery_list_hint(path, line)}"
             )
         try:
             label = check_label(label)
@@ -208,6 +209,23 @@ def _missing_column(line: str, image: str) -> str:
     if "\t" not in line:
         return "no tab: paths and labels may contain spaces, so only a tab separates them"
     return "no path before the tab" if not image.strip() else "no label after the tab"
+
+
+def _grocery_list_hint(listing: Path, line: str) -> str:
+    """Where `line` is a Grocery Store Dataset list's (`path, class_id, coarse_id`, for
+    training and evaluation), how to build a gallery of its photos instead: such a list
+    names classes by number, and its photos are labelled by the folders they are in."""
+    fields = [field.strip() for field in line.split(",")]
+    if "\t" in line or len(fields) != 3 or not all(f.isdigit() for f in fields[1:]):
+        return ""
+    parts = Path(fields[0]).parts
+    folder = listing.parent / parts[0] if len(parts) > 1 else listing.parent
+    return (
+        "; a Grocery Store Dataset list (`path, class_id, coarse_id`, for `shitu train` "
+        "and `shitu eval`) has no label names: build from its photos' folder, each photo "
+        f"labelled by the folder it is in, `shitu index build {shlex.quote(str(folder))} "
+        "--leaf-labels --out LIB`"
+    )
 
 
 def scan_label_folders(
