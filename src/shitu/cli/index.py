@@ -9,8 +9,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from shitu.cli.common import (
     add_leaf_labels_argument,
     add_progress_argument,
@@ -46,6 +44,7 @@ from shitu.index.gallery import (
     gone_from,
 )
 from shitu.index.metadata import ImageEntry, LibraryBusyError
+from shitu.vectors import finite_rows
 
 SHOWN_PROBLEMS = 10
 # `index add` writes the library every ADD_PART images it embeds, so that an add stopped by
@@ -755,7 +754,7 @@ def run_search(args: argparse.Namespace) -> int:
         extraction = model.extract_files([str(p) for p in images], args.batch_size, progress)
         # An image the model gives NaN or inf is named, as an unreadable one: the search
         # refused them all, naming a row of the images read
-        usable = np.isfinite(extraction.features).all(axis=1)
+        usable = finite_rows(extraction.features)
         paths = [path for path, ok in zip(extraction.paths, usable, strict=True) if ok]
         # at most as wide as the gallery: a huge -k allocates nothing
         result = gallery.search(extraction.features[usable], args.k, min_score=args.min_score)

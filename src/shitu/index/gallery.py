@@ -48,7 +48,7 @@ from shitu.index.manifest import (
     now,
 )
 from shitu.index.metadata import LIBRARY_FILE, ImageEntry, MetadataStore, NewImage
-from shitu.vectors import l2_normalize
+from shitu.vectors import finite_rows, l2_normalize
 
 if TYPE_CHECKING:
     from shitu.progress import ImageProgress
@@ -693,7 +693,7 @@ class Gallery:
         """A GalleryError naming the rows (`named`: how the message calls them) that hold
         NaN or inf; one check of the whole array when there are none."""
         if not np.isfinite(rows).all():
-            bad = np.flatnonzero(~np.isfinite(rows).all(axis=1))
+            bad = np.flatnonzero(~finite_rows(rows))
             raise GalleryError(f"{self.root}: {named} {_rows(bad)} contain NaN or inf")
 
     def _stored_features(
@@ -1001,7 +1001,7 @@ class Gallery:
             )
         # A file the model gave NaN or inf is named, as one that cannot be read is: refused
         # by `add`, it failed the whole add, naming a row of the batch
-        usable = np.isfinite(result.features).all(axis=1)
+        usable = finite_rows(result.features)
         broken = [str(item.path) for (item, _), ok in zip(embedded, usable, strict=True) if not ok]
         embedded = [pair for pair, ok in zip(embedded, usable, strict=True) if ok]
         report = self.add(
@@ -1188,7 +1188,7 @@ class Gallery:
                 f"remove those images (`shitu index remove {self.root} --id ID ...`, or "
                 "`--missing` for files that are gone), and retry; nothing was changed"
             )
-        usable = np.isfinite(result.features).all(axis=1)
+        usable = finite_rows(result.features)
         broken = [e for (e, _), ok in zip(readable, usable, strict=True) if not ok]
         if broken:  # by id, not by the row of `readable` that _stored_features would name
             ids = first_few([e.id for e in broken], SHOWN_FILES)
