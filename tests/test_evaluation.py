@@ -705,6 +705,22 @@ def test_input_validation() -> None:
         evaluate_retrieval(qf, ql + 100, gf, gl)
 
 
+def test_rerank_refuses_features_that_evaluation_refuses() -> None:
+    """Called on its own, re-ranking gave NaN distances for a NaN feature, ranked integer
+    features, and failed inside torch.cat on two dimensions."""
+    qf, _, gf, _ = random_set(seed=11, num_q=5, num_g=9)
+    nan = gf.clone()
+    nan[3, 0] = float("nan")
+    for query, gallery, message in [
+        (qf, gf[:, :8], "query features have dimension 16 but gallery features have 8"),
+        (qf, nan, "gallery_features contains NaN or infinite values"),
+        (qf.long(), gf, "query_features must be a floating-point tensor, got torch.int64"),
+        (qf, gf[:0], r"gallery_features is empty \(shape \(0, 16\)\)"),
+    ]:
+        with pytest.raises(EvaluationInputError, match=f"^{message}$"):
+            k_reciprocal_distances(query, gallery)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_matches_cpu() -> None:
     qf, ql, gf, gl = random_set(seed=12, num_q=40, num_g=120, dtype=torch.float32)

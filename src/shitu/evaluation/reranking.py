@@ -93,6 +93,10 @@ def k_reciprocal_distances(
     Peak memory is about 12 (Q+G)^2 bytes in float32 (two dense (Q+G)^2 float matrices, one
     bool mask, the [Q, G] output and chunked temporaries), hence `max_samples`.
     """
+    from shitu.evaluation.retrieval import check_features  # (that module imports this one)
+
+    # else NaN distances, or a size mismatch failing inside torch.cat
+    query_features, gallery_features = check_features(query_features, gallery_features)
     n_query, n_gallery = len(query_features), len(gallery_features)
     check_rerank_size(n_query, n_gallery, max_samples)
     total = n_query + n_gallery

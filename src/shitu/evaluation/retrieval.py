@@ -212,13 +212,7 @@ class RetrievalEvaluator:
         gallery holds copies of a vector, the block's scores of its distinct vectors.
         Re-ranking instead holds dense (Q+G)^2 matrices; see `k_reciprocal_distances`.
         """
-        q_feat = _check_features(query_features, "query_features")
-        g_feat = _check_features(gallery_features, "gallery_features")
-        if q_feat.shape[1] != g_feat.shape[1]:
-            raise EvaluationInputError(
-                f"query features have dimension {q_feat.shape[1]} but gallery features have "
-                f"{g_feat.shape[1]}"
-            )
+        q_feat, g_feat = check_features(query_features, gallery_features)
         device = q_feat.device
         q_labels = _check_ids(query_labels, len(q_feat), "query_labels", device)
         g_labels = _check_ids(gallery_labels, len(g_feat), "gallery_labels", device)
@@ -400,6 +394,20 @@ def _positive_ranks(scores: Tensor, positive: Tensor) -> tuple[Tensor, Tensor, T
 def _default_block(num_gallery: int, score_bytes: int) -> int:
     per_query = num_gallery * (score_bytes + 3)
     return max(1, DEFAULT_BLOCK_BYTES // per_query)
+
+
+def check_features(query_features: Any, gallery_features: Any) -> tuple[Tensor, Tensor]:
+    """Query and gallery features as evaluation and re-ranking take them: non-empty [N, D]
+    float tensors of finite values and one dimension D; an EvaluationInputError naming
+    what is wrong else."""
+    q_feat = _check_features(query_features, "query_features")
+    g_feat = _check_features(gallery_features, "gallery_features")
+    if q_feat.shape[1] != g_feat.shape[1]:
+        raise EvaluationInputError(
+            f"query features have dimension {q_feat.shape[1]} but gallery features have "
+            f"{g_feat.shape[1]}"
+        )
+    return q_feat, g_feat
 
 
 def _check_features(features: Any, name: str) -> Tensor:
