@@ -62,6 +62,23 @@ def test_a_create_whose_write_fails_leaves_nothing_beside_its_path(tmp_path, mon
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_build_whose_index_write_fails_names_the_library_not_its_staging(tmp_path, monkeypatch):
+    """A build on a full disk named the file it could not write by its staging folder's
+    path (`.lib.building-<hex>/index-....faiss`), a folder gone once the error was shown."""
+
+    def full_disk(index, path) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(faiss, "write_index", full_disk)
+    items = [GalleryItem(path, "box") for path in make_images(tmp_path / "imgs", 2)]
+    with pytest.raises(GalleryError, match="No space left on device") as refused:
+        Gallery.build(tmp_path / "lib", PixelEmbedder(), items)
+    message = str(refused.value)
+    assert message.startswith(f"{tmp_path / 'lib'}{os.sep}index-"), message
+    assert "building" not in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["imgs"]
+
+
 def labels_for(count: int) -> list[str]:
     return [f"product {i % 7}" for i in range(count)]
 

@@ -472,6 +472,10 @@ class Gallery:
                 shutil.rmtree(tmp, ignore_errors=True)
                 if isinstance(exc, IndexSyncError):  # not "kept": its library was the staging
                     raise GalleryError(f"{root}: not built: {exc.failure}") from exc
+                if isinstance(exc, GalleryError) and str(tmp) in str(exc):
+                    # a write refused in the staging folder (a full disk), which is gone:
+                    # named by the library's path, which the user gave
+                    raise GalleryError(str(exc).replace(str(tmp), str(root))) from exc
                 raise
         fsync_dir(root.parent)
         return report
