@@ -584,6 +584,16 @@ def test_detect_class_names_end_only_where_files_end_lines(tmp_path: Path, capsy
 
 
 @needs_picodet
+def test_detect_cli_skips_a_device_naming_it_without_reading_it(capsys) -> None:
+    """`shitu detect /dev/zero` read the device until memory ran out: a path that is no
+    regular file is skipped, named with what it is, before it is read (/dev/null here,
+    which the old reader took for an empty file)."""
+    assert shitu_main(["detect", "/dev/null", "--model", str(ONNX_416)]) == 1
+    err = capsys.readouterr().err
+    assert "skipped /dev/null: a character device, not an image file" in err
+
+
+@needs_picodet
 def test_detect_cli_writes_json_lines_and_images(tmp_path: Path, capsys) -> None:
     samples = sorted(str(p) for p in (PICODET / "samples").glob("*.jpg"))
     code = shitu_main(

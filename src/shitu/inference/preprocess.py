@@ -37,7 +37,7 @@ from shitu.data.transforms.ops import (
 )
 from shitu.errors import ConfigError
 from shitu.fileio import is_given_path
-from shitu.image_files import unreadable_reason
+from shitu.image_files import read_image_file, unreadable_reason
 
 logger = logging.getLogger(__name__)
 
@@ -330,7 +330,7 @@ def read_rgb(path: str | Path) -> np.ndarray:
     if not is_given_path(path):
         raise UnreadableImageError(f"expected an image file's path, got {_not_a_path(path)}")
     try:
-        data = Path(path).read_bytes()
+        data = read_image_file(path)
     except OSError as exc:
         raise UnreadableImageError(unreadable_reason(path, exc)) from None
     return decode_rgb(data)

@@ -10,6 +10,7 @@ reference counts change.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 from collections import OrderedDict, deque
@@ -31,6 +32,7 @@ from shitu.data.transforms.compose import Compose, build_transforms
 from shitu.data.transforms.ops import UnreadableImageError, check_image_size
 from shitu.errors import DataError, first_few
 from shitu.fileio import SAVE_AS_UTF8, from_working_directory, read_text, text_lines
+from shitu.image_files import read_image_file, unreadable_reason
 from shitu.progress import ImageProgress
 
 TransformOps = list[dict[str, dict[str, Any] | None]]
@@ -121,7 +123,11 @@ def check_image(path: str) -> str | tuple[int, int]:
     byte, so truncation shows), other formats fully.
     """
     try:
-        with Image.open(path) as image:
+        data = read_image_file(path)
+    except OSError as exc:
+        return unreadable_reason(path, exc)
+    try:
+        with Image.open(io.BytesIO(data)) as image:
             width, height = image.size
             check_image_size(width, height)
             turned = image.getexif().get(ExifTags.Base.Orientation) in _QUARTER_TURNS
@@ -403,7 +409,7 @@ class ImageDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
         path = self.paths[index]
         try:
-            data = Path(path).read_bytes()
+            data = read_image_file(path)
         except OSError as exc:
             raise DataError(f"{path}: cannot read the image ({exc.strerror or exc})") from exc
         try:
