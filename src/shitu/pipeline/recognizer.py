@@ -389,6 +389,12 @@ class Recognizer:
                     f"{name}: Recognizer.open takes paths, got {type(value).__name__}; loaded "
                     "parts go to Recognizer(extractor, gallery, detector)"
                 )
+        # Refused as the constructor and FeatureExtractor.load refuse them: the config
+        # would take the text "0.5" or "2" for its number.
+        if score_thres is not None:
+            checked_score_thres(score_thres)
+        if threads is not None:
+            check_count(threads, "threads")
         if isinstance(config, PipelineConfig):
             base = config.model_copy(deep=True)
         else:
