@@ -637,6 +637,25 @@ def test_grocery_store_dataset_joins_listings(grocery: Path, tmp_path: Path):
         GroceryStoreDataset(str(grocery), [])
 
 
+def test_a_header_line_in_a_grocery_listing_is_refused_saying_to_comment_it_out(
+    grocery: Path, tmp_path: Path
+):
+    """A header above a Grocery Store listing (`path, fine_id, coarse_id`, as a
+    spreadsheet saves one) was refused as "class id 'fine_id' is not an integer", not
+    said to be a header that `#` comments out, as the other datasets' listings are."""
+    rows = (grocery / "val.txt").read_text().splitlines()[:3]
+    listing = tmp_path / "mine.txt"
+    listing.write_text("\n".join(["path, fine_id, coarse_id", *rows]) + "\n")
+    with pytest.raises(DataError) as caught:
+        GroceryStoreDataset(str(grocery), [str(grocery / "val.txt"), str(listing)])
+    assert str(caught.value) == (
+        f"{listing}:1: 'path, fine_id, coarse_id' looks like a header, not an image and its "
+        "label (no image 'path' in image_root); start the line with # to comment it out"
+    )
+    listing.write_text("\n".join(["# path, fine_id, coarse_id", *rows]) + "\n")
+    assert len(GroceryStoreDataset(str(grocery), str(listing))) == 3
+
+
 def test_grocery_store_dataset_takes_paths(grocery: Path):
     """Path objects, as the other datasets take them: a listing given as a Path was
     iterated as a list of listings (TypeError: 'PosixPath' object is not iterable)."""

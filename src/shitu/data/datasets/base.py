@@ -32,7 +32,7 @@ from shitu.data.transforms.compose import Compose, build_transforms
 from shitu.data.transforms.ops import UnreadableImageError, check_image_size
 from shitu.errors import DataError, first_few
 from shitu.fileio import SAVE_AS_UTF8, from_working_directory, read_text, text_lines
-from shitu.image_files import read_image_file, unreadable_reason
+from shitu.image_files import header_error, is_header, read_image_file, unreadable_reason
 from shitu.progress import ImageProgress
 
 TransformOps = list[dict[str, dict[str, Any] | None]]
@@ -460,6 +460,21 @@ def read_lines(path: str, what: str) -> list[tuple[int, str]]:
         raise DataError(f"{what}: cannot read label file {path}: {exc}") from exc
     lines = ((number, line.strip()) for number, line in enumerate(text_lines(text), 1))
     return [(number, line) for number, line in lines if line and not line.startswith("#")]
+
+
+def refuse_a_header(
+    listing: object, lines: list[tuple[int, str]], image_root: str, delimiter: str | None
+) -> None:
+    """Refuse a first line such as `path label`, a header, of the `read_lines` of `listing`
+    (columns split by `delimiter`, None: whitespace), saying to comment it out: the error
+    its columns gave instead (a class name among class ids, a missing image `path`) named
+    the line but not what to do."""
+    if len(lines) < 2:
+        return
+    (number, first), (_, second) = lines[:2]
+    head = first.split(delimiter, 1)[0].strip()
+    if is_header(first, second, os.path.isfile(os.path.join(image_root, head))):
+        raise header_error(listing, number, first, head, "in image_root")
 
 
 def check_root(root: str, what: str, key: str = "image_root") -> None:

@@ -13,6 +13,7 @@ from shitu.data.datasets.base import (
     TransformOps,
     check_root,
     read_lines,
+    refuse_a_header,
 )
 from shitu.errors import DataError
 from shitu.registry import DATASETS, ConfigPath
@@ -66,6 +67,7 @@ class GroceryStoreDataset(ImageDataset):
                 file, lines = class_file, read_iconic_listing(class_file)
             else:
                 file, lines = listing, read_lines(listing, "cls_label_path")
+                refuse_a_header(listing, lines, image_root, ",")
             for number, line in lines:
                 relative, label = _parse_line(file, number, line, column)
                 path = os.path.join(image_root, relative)
