@@ -656,6 +656,15 @@ def test_a_header_line_in_a_grocery_listing_is_refused_saying_to_comment_it_out(
     assert len(GroceryStoreDataset(str(grocery), str(listing))) == 3
 
 
+def test_a_grocery_label_level_other_than_fine_or_coarse_is_refused(grocery: Path):
+    """`label_level="Fine"` given in Python (a config's is checked by the registry) was
+    taken for "coarse": 43 classes, all apples one, without a word."""
+    for level in ("Fine", "medium"):
+        with pytest.raises(ConfigError) as caught:
+            GroceryStoreDataset(str(grocery), str(grocery / "val.txt"), label_level=level)
+        assert str(caught.value) == f"label_level: expected 'fine' or 'coarse', got {level!r}"
+
+
 def test_grocery_store_dataset_takes_paths(grocery: Path):
     """Path objects, as the other datasets take them: a listing given as a Path was
     iterated as a list of listings (TypeError: 'PosixPath' object is not iterable)."""

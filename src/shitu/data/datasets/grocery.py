@@ -15,7 +15,7 @@ from shitu.data.datasets.base import (
     read_lines,
     refuse_a_header,
 )
-from shitu.errors import DataError
+from shitu.errors import ConfigError, DataError
 from shitu.registry import DATASETS, ConfigPath
 
 ICONIC = "iconic"  # a cls_label_path value: the one packshot per class named in classes.csv
@@ -49,6 +49,10 @@ class GroceryStoreDataset(ImageDataset):
         if not listings:
             raise DataError("cls_label_path names no label file")
         where = f"label file {' + '.join(listings)}"
+        # Refused as the registry refuses it in a config: anything but "fine" ("Fine", say)
+        # was taken for "coarse".
+        if label_level not in ("fine", "coarse"):
+            raise ConfigError(f"label_level: expected 'fine' or 'coarse', got {label_level!r}")
         super().__init__(transform_ops, skip_corrupt, where)
         self.image_root = image_root
         self.label_level = label_level
