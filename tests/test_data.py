@@ -443,6 +443,10 @@ def test_skip_corrupt_drops_bad_images_at_start_up(grocery: Path, tmp_path: Path
         str(tmp_path / n) for n in ("truncated.jpg", "garbage.jpg", "missing.png")
     }
     assert "truncated" in skipped[str(tmp_path / "truncated.jpg")]
+    # Said as the loader says it, not as "cannot identify image file <_io.BytesIO ...>"
+    assert (
+        skipped[str(tmp_path / "garbage.jpg")] == "cannot decode image: a text file, not an image"
+    )
     assert dataset[1][0].shape == (3, 5, 5)
     # An image that breaks after the check still fails loudly.
     (tmp_path / "good2.png").write_bytes(b"\x00broken later")

@@ -25,11 +25,15 @@ from typing import Any, NoReturn, overload
 
 import numpy as np
 import torch
-from PIL import ExifTags, Image
+from PIL import ExifTags, Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from shitu.data.transforms.compose import Compose, build_transforms
-from shitu.data.transforms.ops import UnreadableImageError, check_image_size
+from shitu.data.transforms.ops import (
+    UnreadableImageError,
+    check_image_size,
+    unidentified_reason,
+)
 from shitu.errors import DataError, first_few
 from shitu.fileio import SAVE_AS_UTF8, from_working_directory, read_text, text_lines
 from shitu.image_files import header_error, is_header, read_image_file, unreadable_reason
@@ -133,6 +137,8 @@ def check_image(path: str) -> str | tuple[int, int]:
             turned = image.getexif().get(ExifTags.Base.Orientation) in _QUARTER_TURNS
             image.draft("RGB", (64, 64))
             image.load()
+    except UnidentifiedImageError:
+        return f"cannot decode image: {unidentified_reason(data)}"  # as the loader says
     except UnreadableImageError as exc:
         return str(exc)
     except Exception as exc:  # any failure means the loader would fail too
