@@ -758,6 +758,14 @@ def test_image_folder_dataset(tmp_path: Path, caplog):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no class subfolders"):
         ImageFolderDataset(str(tmp_path / "empty"))
+    # "png" in Python was read letter by letter (.p .n .g), and [""] matched no file
+    said = "extensions: expected a list of file suffixes, such as ['.jpg', '.png'], got"
+    with pytest.raises(ValueError) as refused:
+        ImageFolderDataset(str(root), extensions="png")
+    assert str(refused.value) == f"{said} 'png'"
+    with pytest.raises(ConfigError) as refused:
+        registry.DATASETS.build("ImageFolderDataset", root=str(root), extensions=[".png", ""])
+    assert str(refused.value) == f"{said} ['.png', ''] in dataset 'ImageFolderDataset'"
 
 
 def test_image_folder_dataset_skips_a_gallery_library_in_its_tree(tmp_path: Path, caplog):
