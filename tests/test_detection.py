@@ -586,11 +586,19 @@ def test_detect_class_names_end_only_where_files_end_lines(tmp_path: Path, capsy
 @needs_picodet
 def test_detect_cli_skips_a_device_naming_it_without_reading_it(capsys) -> None:
     """`shitu detect /dev/zero` read the device until memory ran out: a path that is no
-    regular file is skipped, named with what it is, before it is read (/dev/null here,
-    which the old reader took for an empty file)."""
+    regular file is skipped, or refused as --class-names, named with what it is, before
+    it is read (/dev/null here, which the old reader took for an empty file)."""
     assert shitu_main(["detect", "/dev/null", "--model", str(ONNX_416)]) == 1
     err = capsys.readouterr().err
     assert "skipped /dev/null: a character device, not an image file" in err
+    # --class-names /dev/zero was read until memory ran out (/dev/null: "0 names")
+    photo = str(PICODET / "samples" / "dog.jpg")
+    assert (
+        shitu_main(["detect", photo, "--model", str(ONNX_416), "--class-names", "/dev/null"]) == 2
+    )
+    assert capsys.readouterr().err == (
+        "error: --class-names /dev/null: cannot read it (a character device, not a text file)\n"
+    )
 
 
 @needs_picodet

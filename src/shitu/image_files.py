@@ -10,16 +10,15 @@ annotations, photo metadata), which are left out quietly.
 from __future__ import annotations
 
 import codecs
-import errno
 import logging
 import os
 import reprlib
-import stat
 from collections import Counter, defaultdict
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 
 from shitu.errors import DataError
+from shitu.fileio import read_regular_file
 
 logger = logging.getLogger(__name__)
 
@@ -90,41 +89,12 @@ def unreadable_reason(path: str | os.PathLike, exc: OSError) -> str:
 # a file was read whole into memory before either could refuse it.
 MAX_IMAGE_FILE_BYTES = 2 << 30
 
-# What a path that is no regular file is, by its stat mode's test.
-_NOT_REGULAR = (
-    (stat.S_ISCHR, "a character device"),
-    (stat.S_ISBLK, "a block device"),
-    (stat.S_ISFIFO, "a FIFO (named pipe)"),
-    (stat.S_ISSOCK, "a socket"),
-)
-
 
 def read_image_file(path: str | os.PathLike) -> bytes:
     """The bytes of the image file at `path`, read only where it is a regular file of at
-    most MAX_IMAGE_FILE_BYTES: a device (`/dev/zero`) or an enormous file was read until
-    memory ran out, and opening a FIFO waited for a writer without end. Raises OSError,
-    whose strerror says why not (see `unreadable_reason`)."""
-    # Non-blocking: a FIFO opens at once, to be refused below; no effect on regular files.
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    try:
-        info = os.fstat(fd)
-        mode, size = info.st_mode, info.st_size
-        if stat.S_ISDIR(mode):
-            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), os.fspath(path))
-        if not stat.S_ISREG(mode):
-            kind = next((kind for test, kind in _NOT_REGULAR if test(mode)), "a special file")
-            raise OSError(errno.EINVAL, f"{kind}, not an image file", str(path))
-        if size > MAX_IMAGE_FILE_BYTES:
-            raise OSError(
-                errno.EFBIG,
-                f"{size / 2**30:.1f} GiB, over the {MAX_IMAGE_FILE_BYTES / 2**30:g} GiB an "
-                "image file may hold; not read",
-                str(path),
-            )
-        with os.fdopen(fd, "rb", closefd=False) as handle:
-            return handle.read()
-    finally:
-        os.close(fd)
+    most MAX_IMAGE_FILE_BYTES (see `read_regular_file`): `/dev/zero` was read until memory
+    ran out. Raises OSError, whose strerror says why not (see `unreadable_reason`)."""
+    return read_regular_file(path, "an image file", MAX_IMAGE_FILE_BYTES)
 
 
 def iso_media_kind(data: bytes) -> str | None:
