@@ -602,6 +602,18 @@ def test_detect_cli_skips_a_device_naming_it_without_reading_it(capsys) -> None:
 
 
 @needs_picodet
+def test_detect_cli_refuses_an_empty_path(tmp_path: Path, monkeypatch, capsys) -> None:
+    """`shitu detect "$PHOTO"` with the variable unset searched the working directory, as
+    Path("") names it, and ran on every image there."""
+    shutil.copy(PICODET / "samples" / "dog.jpg", tmp_path / "dog.jpg")
+    monkeypatch.chdir(tmp_path)
+    assert shitu_main(["detect", "", "--model", str(ONNX_416)]) == 2
+    out = capsys.readouterr()
+    assert out.err == "error: an empty path was given: name image files or folders\n"
+    assert out.out == ""
+
+
+@needs_picodet
 def test_detect_cli_writes_json_lines_and_images(tmp_path: Path, capsys) -> None:
     samples = sorted(str(p) for p in (PICODET / "samples").glob("*.jpg"))
     code = shitu_main(

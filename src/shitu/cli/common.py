@@ -344,7 +344,10 @@ def expand_images(sources: Iterable[str]) -> tuple[list[Path], bool]:
     also whether a folder was given."""
     paths: list[Path] = []
     folder = False
-    for source in map(Path, sources):
+    for given in sources:
+        if not given:  # "$PHOTO" of an unset variable: Path("") is the working directory
+            raise DataError("an empty path was given: name image files or folders")
+        source = Path(given)
         if source.is_dir():
             folder = True
             paths.extend(scan_images(source))
