@@ -669,6 +669,29 @@ def test_a_grocery_label_level_other_than_fine_or_coarse_is_refused(grocery: Pat
         assert str(caught.value) == f"label_level: expected 'fine' or 'coarse', got {level!r}"
 
 
+def test_a_grocery_class_file_is_read_as_label_files_are(grocery: Path, tmp_path: Path):
+    """classes.csv saved by Excel as "Unicode Text" (UTF-16) was refused with Python's
+    "'utf-8' codec can't decode byte 0xff", a missing one with "[Errno 2] ...": read as
+    label files are, and refused in their words."""
+    listing = str(grocery / "val.txt")
+    utf16 = tmp_path / "classes.csv"
+    utf16.write_text((grocery / "classes.csv").read_text(encoding="utf-8"), encoding="utf-16")
+    read = GroceryStoreDataset(str(grocery), listing, class_file=str(utf16))
+    assert read.class_names == GroceryStoreDataset(str(grocery), listing).class_names
+    missing = tmp_path / "none.csv"
+    for class_file, said in (
+        (missing, f"class file {missing} not found"),
+        (grocery / "val", f"class file {grocery / 'val'} not found (it is a directory)"),
+    ):
+        with pytest.raises(DataError) as caught:
+            GroceryStoreDataset(str(grocery), listing, class_file=str(class_file))
+        assert str(caught.value) == said
+    utf16.write_bytes("Name,0\ncaf\u00e9,1\n".encode("cp1252"))
+    with pytest.raises(DataError) as caught:
+        GroceryStoreDataset(str(grocery), listing, class_file=str(utf16))
+    assert str(caught.value) == f"class file {utf16} is not UTF-8 or UTF-16 text: save it as UTF-8"
+
+
 def test_grocery_store_dataset_takes_paths(grocery: Path):
     """Path objects, as the other datasets take them: a listing given as a Path was
     iterated as a list of listings (TypeError: 'PosixPath' object is not iterable)."""

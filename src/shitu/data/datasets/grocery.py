@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import os
 from pathlib import Path
 from typing import Literal
@@ -16,6 +17,7 @@ from shitu.data.datasets.base import (
     refuse_a_header,
 )
 from shitu.errors import ConfigError, DataError
+from shitu.fileio import SAVE_AS_UTF8, from_working_directory, read_text
 from shitu.registry import DATASETS, ConfigPath
 
 ICONIC = "iconic"  # a cls_label_path value: the one packshot per class named in classes.csv
@@ -116,12 +118,19 @@ def _parse_line(listing: str, number: int, line: str, column: int) -> tuple[str,
 
 
 def _read_class_rows(path: str) -> list[tuple[int, list[str]]]:
-    """(line number, fields) of the rows of `classes.csv` below its header."""
+    """(line number, fields) of the rows of `classes.csv` below its header. Read as label
+    files are (`read_text`): UTF-16 too, as Excel saves "Unicode Text", and refused in the
+    same words, not Python's ("[Errno 2] ...", "'utf-8' codec can't decode byte ...")."""
+    if not Path(path).is_file():
+        hint = " (it is a directory)" if Path(path).is_dir() else from_working_directory(path)
+        raise DataError(f"class file {path} not found{hint}")
     try:
-        with open(path, newline="", encoding="utf-8-sig") as handle:
-            rows = list(csv.reader(handle))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"class file {path}: cannot read it ({exc})") from exc
+        text = read_text(path)
+    except UnicodeDecodeError:
+        raise DataError(f"class file {path} is not UTF-8 or UTF-16 text: {SAVE_AS_UTF8}") from None
+    except OSError as exc:
+        raise DataError(f"class file {path}: cannot read it ({exc.strerror or exc})") from None
+    rows = list(csv.reader(io.StringIO(text, newline="")))
     return [(number, row) for number, row in enumerate(rows[1:], 2) if row]
 
 
