@@ -361,6 +361,18 @@ def test_missing_images_are_counted_and_shown(tmp_path: Path):
     assert len(dataset) == 1 and len(dataset.skipped) == 8
     assert dataset.skipped[0] == (str(tmp_path / "gone0.png"), "file not found")
     assert "backslash" not in message
+    # A listed folder (or device) is named as what it is: it was said not to exist.
+    (tmp_path / "folder.png").mkdir()
+    label_file.write_text("a.png 0\nfolder.png 1\n/dev/null 1\ngone0.png 1\n")
+    with pytest.raises(DataError) as info:
+        LabelFileDataset(str(tmp_path), str(label_file))
+    assert str(info.value).startswith(
+        f"label file {label_file}: 3 of 4 listed images are not image files: "
+        f"{tmp_path / 'folder.png'} (line 2: a folder, not an image file), /dev/null (line 3: "
+        f"not a regular file), {tmp_path / 'gone0.png'} (line 4: file not found); "
+    )
+    dataset = LabelFileDataset(str(tmp_path), str(label_file), skip_corrupt=True)
+    assert dataset.skipped[0] == (str(tmp_path / "folder.png"), "a folder, not an image file")
     # A list written on Windows: its separators are named, not only the files.
     (tmp_path / "sub").mkdir()
     save_png(tmp_path / "sub" / "b.png", pattern(4, 4))

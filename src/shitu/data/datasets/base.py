@@ -218,8 +218,16 @@ def _scan_paths(paths: Sequence[str], skip_corrupt: bool) -> Scan:
     return scan
 
 
+def _not_a_file(path: str) -> str:
+    """Why the listed `path`, no regular file, is no image to read: _NOT_FOUND, or what is
+    there instead (a folder was said to be "not found")."""
+    if os.path.isdir(path):
+        return "a folder, not an image file"
+    return "not a regular file" if os.path.exists(path) else _NOT_FOUND
+
+
 def _scan(paths: Sequence[str], skip_corrupt: bool) -> Scan:
-    missing = [(i, _NOT_FOUND) for i, path in enumerate(paths) if not os.path.isfile(path)]
+    missing = [(i, _not_a_file(path)) for i, path in enumerate(paths) if not os.path.isfile(path)]
     if not skip_corrupt:
         return Scan(tuple(missing), None)
     gone = {i for i, _ in missing}
@@ -291,7 +299,7 @@ class ImageDataset(Dataset):
         scan = _scan_paths([entry.path for entry in entries], self.skip_corrupt)
         problems = scan.problems
         if problems and not self.skip_corrupt:  # missing files: the only problem looked for
-            self._refuse_missing([entries[i] for i, _ in problems], len(entries), image_root)
+            self._refuse_missing(entries, problems, image_root)
         problems += self._size_problems(scan)
         self.skipped.extend((entries[i].path, why) for i, why in problems)
         if len(problems) == len(entries):
@@ -356,11 +364,23 @@ class ImageDataset(Dataset):
                 problems.append((i, why))
         return tuple(problems)
 
-    def _refuse_missing(self, missing: list[Entry], total: int, image_root: str | None) -> NoReturn:
-        examples = first_few([f"{e.path} ({e.source})" for e in missing], _SHOW)
+    def _refuse_missing(
+        self, entries: list[Entry], missing: Problems, image_root: str | None
+    ) -> NoReturn:
+        """Refuse the `missing` of `entries` (no file at their path), each named with where
+        it is listed, and with what is there where any is something (`_not_a_file`)."""
+        none = all(why == _NOT_FOUND for _, why in missing)
+        examples = first_few(
+            [
+                f"{entries[i].path} ({entries[i].source}{'' if none else f': {why}'})"
+                for i, why in missing
+            ],
+            _SHOW,
+        )
         raise DataError(
-            f"{self.where}: {len(missing)} of {total} listed images do not exist: "
-            f"{examples}{_not_found_hint([e.path for e in missing], image_root)} "
+            f"{self.where}: {len(missing)} of {len(entries)} listed images "
+            f"{'do not exist' if none else 'are not image files'}: {examples}"
+            f"{_not_found_hint([entries[i].path for i, _ in missing], image_root)} "
             "(skip_corrupt: true leaves them out)"
         )
 
