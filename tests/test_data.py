@@ -344,6 +344,13 @@ def test_label_file_errors_name_the_file_and_line(tmp_path: Path, monkeypatch):
     label_file.write_text("a.png Café\n", encoding="cp1252")  # not to be guessed at
     with pytest.raises(DataError, match=r"list\.txt is not UTF-8 or UTF-16 text: save it as UTF-8"):
         LabelFileDataset(str(tmp_path), str(label_file))
+    # an image given as the label file is not to be saved as UTF-8
+    with pytest.raises(DataError) as caught:
+        LabelFileDataset(str(tmp_path), str(tmp_path / "a.png"))
+    assert str(caught.value) == (
+        f"cls_label_path: label file {tmp_path / 'a.png'} is an image, not a text file listing "
+        "images"
+    )
 
 
 def test_missing_images_are_counted_and_shown(tmp_path: Path):

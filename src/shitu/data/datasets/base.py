@@ -36,7 +36,13 @@ from shitu.data.transforms.ops import (
 )
 from shitu.errors import DataError, first_few
 from shitu.fileio import SAVE_AS_UTF8, from_working_directory, read_text, text_lines
-from shitu.image_files import header_error, is_header, read_image_file, unreadable_reason
+from shitu.image_files import (
+    IMAGE_SUFFIXES,
+    header_error,
+    is_header,
+    read_image_file,
+    unreadable_reason,
+)
 from shitu.progress import ImageProgress
 
 TransformOps = list[dict[str, dict[str, Any] | None]]
@@ -479,6 +485,10 @@ def read_lines(path: str, what: str) -> list[tuple[int, str]]:
     try:
         text = read_text(file)
     except UnicodeDecodeError:
+        if file.suffix.lower() in IMAGE_SUFFIXES:  # not to be saved as UTF-8
+            raise DataError(
+                f"{what}: label file {path} is an image, not a text file listing images"
+            ) from None
         raise DataError(
             f"{what}: label file {path} is not UTF-8 or UTF-16 text: {SAVE_AS_UTF8}"
         ) from None
