@@ -1306,6 +1306,12 @@ def test_build_transforms_errors_name_op_and_key():
         build_transforms([{"RandFlipImage": {"flip_code": 2}}])
     with pytest.raises(ConfigError, match=r"transform_ops\[0\]: .*one-key mapping"):
         build_transforms([{"ResizeImage": {"size": 3}, "Pad": {"padding": 1}}])
+    with pytest.raises(ConfigError) as refused:  # not "[0]: ..., got 'ResizeImage'"
+        build_transforms({"ResizeImage": {"size": 3}})
+    assert str(refused.value) == (
+        "transform_ops: expected a list of ops like [{ResizeImage: {size: 224}}], got dict "
+        "{'ResizeImage': {'size': 3}}"
+    )
     with pytest.raises(
         ConfigError, match=r"transform_ops\[1\] ResizeImage: .*before NormalizeImage"
     ):
