@@ -8,6 +8,7 @@ import math
 import os
 import random
 import re
+import struct
 import zlib
 from collections import Counter
 from collections.abc import Callable
@@ -952,6 +953,15 @@ def test_transparent_parts_are_decoded_as_white_not_as_the_colour_stored_under_t
         assert (decoded[3] > 245).all() and (decoded[1:3, 2:4] < 10).all(), name
         assert np.array_equal(decoded, decode_rgb(buffer.getvalue())), name  # as inference
     assert abs(int(DecodeImage()(png_bytes(logo))[0, 0, 0]) - 127) <= 1  # half: grey
+    # A 32-bit BMP whose fourth byte is alpha (a BITMAPV4HEADER's mask, as Windows tools
+    # write one; Pillow saves none): OpenCV read it as the black square.
+    pixels = logo[::-1, :, [2, 1, 0, 3]].tobytes()  # bottom-up BGRA
+    header = struct.pack("<IiiHHIIiiII", 108, 6, 4, 1, 32, 3, len(pixels), 2835, 2835, 0, 0)
+    header += struct.pack("<IIII", 0xFF0000, 0xFF00, 0xFF, 0xFF000000) + b"BGRs" + bytes(48)
+    bmp = b"BM" + struct.pack("<IHHI", 14 + 108 + len(pixels), 0, 0, 14 + 108) + header + pixels
+    decoded = DecodeImage()(bmp)
+    assert (decoded[3] > 245).all() and (decoded[1:3, 2:4] < 10).all()
+    assert np.array_equal(decoded, decode_rgb(bmp))
     # A palette PNG's transparent entry after 100 KB of metadata (an editor's XMP, say)
     buffer = io.BytesIO()
     rgba.quantize(4).save(buffer, format="PNG")
