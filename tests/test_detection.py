@@ -604,13 +604,17 @@ def test_detect_cli_skips_a_device_naming_it_without_reading_it(capsys) -> None:
 @needs_picodet
 def test_detect_cli_refuses_an_empty_path(tmp_path: Path, monkeypatch, capsys) -> None:
     """`shitu detect "$PHOTO"` with the variable unset searched the working directory, as
-    Path("") names it, and ran on every image there."""
+    Path("") names it, and ran on every image there; an empty --model is refused too."""
     shutil.copy(PICODET / "samples" / "dog.jpg", tmp_path / "dog.jpg")
     monkeypatch.chdir(tmp_path)
     assert shitu_main(["detect", "", "--model", str(ONNX_416)]) == 2
     out = capsys.readouterr()
     assert out.err == "error: an empty path was given: name image files or folders\n"
     assert out.out == ""
+    # an empty --model was "error: . is a folder, not a detector file"
+    assert shitu_main(["detect", "dog.jpg", "--model", ""]) == 2
+    said = "error: --model: empty; give a detector file (.pt, .pdparams or .onnx)\n"
+    assert capsys.readouterr().err == said
 
 
 @needs_picodet
