@@ -692,7 +692,7 @@ def test_a_grocery_label_level_other_than_fine_or_coarse_is_refused(grocery: Pat
 def test_a_grocery_class_file_is_read_as_label_files_are(grocery: Path, tmp_path: Path):
     """classes.csv saved by Excel as "Unicode Text" (UTF-16) was refused with Python's
     "'utf-8' codec can't decode byte 0xff", a missing one with "[Errno 2] ...": read as
-    label files are, and refused in their words."""
+    label files are, and refused in their words; its header is optional."""
     listing = str(grocery / "val.txt")
     utf16 = tmp_path / "classes.csv"
     utf16.write_text((grocery / "classes.csv").read_text(encoding="utf-8"), encoding="utf-16")
@@ -706,6 +706,12 @@ def test_a_grocery_class_file_is_read_as_label_files_are(grocery: Path, tmp_path
         with pytest.raises(DataError) as caught:
             GroceryStoreDataset(str(grocery), listing, class_file=str(class_file))
         assert str(caught.value) == said
+    # one saved without its header lost its first class: "fine class ids are not 0..79"
+    headless = tmp_path / "headless.csv"
+    headless.write_text("".join((grocery / "classes.csv").read_text().splitlines(True)[1:]))
+    read = GroceryStoreDataset(str(grocery), listing, class_file=str(headless))
+    assert read.class_names == GroceryStoreDataset(str(grocery), listing).class_names
+    assert len(GroceryStoreDataset(str(grocery), "iconic", class_file=str(headless))) == 81
     utf16.write_bytes("Name,0\ncaf\u00e9,1\n".encode("cp1252"))
     with pytest.raises(DataError) as caught:
         GroceryStoreDataset(str(grocery), listing, class_file=str(utf16))

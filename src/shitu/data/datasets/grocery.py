@@ -118,9 +118,10 @@ def _parse_line(listing: str, number: int, line: str, column: int) -> tuple[str,
 
 
 def _read_class_rows(path: str) -> list[tuple[int, list[str]]]:
-    """(line number, fields) of the rows of `classes.csv` below its header. Read as label
-    files are (`read_text`): UTF-16 too, as Excel saves "Unicode Text", and refused in the
-    same words, not Python's ("[Errno 2] ...", "'utf-8' codec can't decode byte ...")."""
+    """(line number, fields) of the rows of `classes.csv`, below its header if it has one.
+    Read as label files are (`read_text`): UTF-16 too, as Excel saves "Unicode Text", and
+    refused in the same words, not Python's ("[Errno 2] ...", "'utf-8' codec can't decode
+    byte ...")."""
     if not Path(path).is_file():
         hint = " (it is a directory)" if Path(path).is_dir() else from_working_directory(path)
         raise DataError(f"class file {path} not found{hint}")
@@ -130,8 +131,13 @@ def _read_class_rows(path: str) -> list[tuple[int, list[str]]]:
         raise DataError(f"class file {path} is not UTF-8 or UTF-16 text: {SAVE_AS_UTF8}") from None
     except OSError as exc:
         raise DataError(f"class file {path}: cannot read it ({exc.strerror or exc})") from None
-    rows = list(csv.reader(io.StringIO(text, newline="")))
-    return [(number, row) for number, row in enumerate(rows[1:], 2) if row]
+    rows = list(enumerate(csv.reader(io.StringIO(text, newline="")), 1))
+    # The header, which the dataset's own file has: a first row whose class id is a number
+    # is a class's (one saved without the header lost its first class, and the id check
+    # then said only that the ids are not 0..N-1).
+    if rows and not (len(rows[0][1]) > 1 and rows[0][1][1].strip().isdigit()):
+        rows = rows[1:]
+    return [(number, row) for number, row in rows if row]
 
 
 def read_iconic_listing(path: str) -> list[tuple[int, str]]:
