@@ -822,6 +822,11 @@ def test_recognize_cli_fails_clearly_when_there_is_nothing_to_recognise(setup, t
     iphone.write_bytes(b"\0\0\0\x18ftypheic\0\0\0\0mif1heic" + b"\0" * 64)
     assert shitu_main(["recognize", str(iphone), *common]) == 1
     assert "HEIC images are not supported: convert it to JPEG or PNG" in capsys.readouterr().err
+    logo = tmp_path / "logo.svg"  # an image, named as one: not "a text file" to list
+    logo.write_text('<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg"/>\n')
+    assert shitu_main(["recognize", str(logo), *common]) == 1
+    said = "cannot decode image: SVG (vector) images are not supported: convert it to PNG\n"
+    assert f"warning: skipped {logo}: {said}" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     assert shitu_main(["recognize", str(tmp_path / "empty"), *common]) == 2
     assert f"error: {tmp_path / 'empty'}: no images in this folder" in capsys.readouterr().err

@@ -33,7 +33,7 @@ from shitu.data.transforms._base import (
     to_pil,
 )
 from shitu.errors import ConfigError, DataError
-from shitu.image_files import TEXT_FILE_REASON, is_text, iso_media_kind
+from shitu.image_files import TEXT_FILE_REASON, TEXT_PROBE_BYTES, is_text, iso_media_kind
 from shitu.registry import TRANSFORMS
 
 Backend = Literal["cv2", "pil"]
@@ -284,6 +284,8 @@ def unidentified_reason(data: bytes) -> str:
     kind = iso_media_kind(data)
     if kind is not None:
         return f"{kind} images are not supported: convert it to JPEG or PNG"
+    if is_text(data) and b"<svg" in data[:TEXT_PROBE_BYTES].lower():  # a logo, not a list
+        return "SVG (vector) images are not supported: convert it to PNG"
     return pixel_format_refusal(data) or (
         TEXT_FILE_REASON if is_text(data) else "unknown or corrupt format"
     )
