@@ -618,6 +618,29 @@ def test_detect_cli_refuses_an_empty_path(tmp_path: Path, monkeypatch, capsys) -
 
 
 @needs_picodet
+def test_an_empty_save_vis_is_refused_not_taken_for_the_working_directory(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """`--save-vis "$VIS"` with the variable unset wrote the annotated copies into the
+    working directory, over any file there of the same name."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    shutil.copy(PICODET / "samples" / "dog.jpg", photos / "dog.jpg")
+    work = tmp_path / "work"
+    work.mkdir()
+    mine = work / "dog.jpg"
+    mine.write_bytes(b"the user's own file")
+    monkeypatch.chdir(work)
+    for option in ("--save-vis", "--vis-font"):
+        command = ["detect", str(photos / "dog.jpg"), "--model", str(ONNX_416), option, ""]
+        with pytest.raises(SystemExit) as stopped:
+            shitu_main([*command, *(["--save-vis", "vis"] if option == "--vis-font" else [])])
+        assert stopped.value.code == 2
+        assert capsys.readouterr().err.endswith(f"error: argument {option}: empty; give a path\n")
+    assert mine.read_bytes() == b"the user's own file" and not (work / "vis").exists()
+
+
+@needs_picodet
 def test_detect_cli_writes_json_lines_and_images(tmp_path: Path, capsys) -> None:
     samples = sorted(str(p) for p in (PICODET / "samples").glob("*.jpg"))
     code = shitu_main(
