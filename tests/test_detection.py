@@ -615,11 +615,6 @@ def test_detect_cli_refuses_an_empty_path(tmp_path: Path, monkeypatch, capsys) -
     assert shitu_main(["detect", "dog.jpg", "--model", ""]) == 2
     said = "error: --model: empty; give a detector file (.pt, .pdparams or .onnx)\n"
     assert capsys.readouterr().err == said
-    # an empty --class-names was taken for none given: boxes without labels, unsaid
-    with pytest.raises(SystemExit) as stopped:
-        shitu_main(["detect", "dog.jpg", "--model", str(ONNX_416), "--class-names", ""])
-    assert stopped.value.code == 2
-    assert capsys.readouterr().err.endswith("error: argument --class-names: empty; give a path\n")
 
 
 @needs_picodet

@@ -14,7 +14,6 @@ from shitu.cli.common import (
     add_visualisation_arguments,
     detection_score,
     expand_images,
-    given_path,
     input_side,
     positive_int,
     print_past_progress,
@@ -43,7 +42,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_detector_arch_argument(parser, "--arch", "--det-arch")
     parser.add_argument(
         "--class-names",
-        type=given_path,
         metavar="FILE",
         help="one class name per line, for each box's label (e.g. coco.names beside an ONNX "
         "export; our checkpoints and the model.onnx `shitu detect-train` writes carry their "
@@ -85,7 +83,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def _class_names(path: Path) -> tuple[str, ...]:
+def _class_names(path: str) -> tuple[str, ...]:
     try:
         lines = text_lines(read_text(path))
     except UnicodeDecodeError:
