@@ -639,15 +639,6 @@ def test_open_takes_the_recognize_commands_flags_as_keywords(setup, recognizer):
         ConfigError, match=r"^runtime=True \(Global.rec_backend\): expected a value"
     ):
         Recognizer.open(setup["library"], model=setup["model"], runtime=True)
-    # '' (`--detector "$DET"` of an unset variable) stood for no detector, or the shipped model
-    keys = {"detector": "Global.det_inference_model_dir", "gallery": "IndexProcess.index_dir"}
-    for keyword, key in keys.items():
-        given = {"gallery": setup["library"], "model": setup["model"], keyword: ""}
-        with pytest.raises(ConfigError) as refused:
-            Recognizer.open(**given)
-        assert str(refused.value) == (
-            f"{keyword}='' ({key}): empty; give one, or leave it out for the config's value"
-        )
     with pytest.raises(ConfigError) as refused:
         recognizer(score_thres="0.5")
     assert str(refused.value) == "score_thres: expected a cosine similarity from -1 to 1, got '0.5'"

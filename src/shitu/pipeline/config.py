@@ -233,19 +233,13 @@ def load_pipeline_config(
 def with_settings(config: PipelineConfig, settings: dict[str, Any]) -> PipelineConfig:
     """`config` with each of `settings` (names of SETTINGS) that is not None written over
     its key, paths as text; a value the key cannot take is a ConfigError naming both. No
-    setting is a yes/no: True would pass as 1 (`score_thres=True` recognising nothing),
-    nor empty: '' stood for no detector (or the shipped model) without a word."""
+    setting is a yes/no: True would pass as 1 (`score_thres=True` recognising nothing)."""
     for name, value in settings.items():
         if value is None:
             continue
         section, key = SETTINGS[name]
         if isinstance(value, bool):
             raise ConfigError(f"{name}={value!r} ({section}.{key}): expected a value, not a bool")
-        if value == "":
-            raise ConfigError(
-                f"{name}='' ({section}.{key}): empty; give one, or leave it out for the "
-                "config's value"
-            )
         try:
             setattr(
                 getattr(config, section),
