@@ -78,12 +78,11 @@ cosine_similarity = bounded(float, -1.0, 1.0, "a cosine similarity from -1 to 1"
 detection_score = bounded(float, 0.0, 1.0, "a score from 0 to 1")
 
 
-def given_path(text: str) -> Path:
-    """A path option's value; '' (`--save-vis "$VIS"` of an unset variable) is refused, as
-    Path('') is the working directory, where the option's files would then go."""
-    if not text:
-        raise argparse.ArgumentTypeError("empty; give a path")
-    return Path(text)
+def given_path(text: str) -> Path | None:
+    """A path option's value; '' (`--save-vis "$VIS"` of an unset variable) is none given,
+    as an empty --detector or --model is, not Path(''): the working directory, where the
+    option's files would then go."""
+    return Path(text) if text else None
 
 
 def add_runtime_arguments(parser: argparse.ArgumentParser, gpu: bool = False) -> None:
