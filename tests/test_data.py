@@ -8,6 +8,7 @@ import math
 import os
 import random
 import re
+import struct
 import zlib
 from collections import Counter
 from collections.abc import Callable
@@ -344,6 +345,13 @@ def test_label_file_errors_name_the_file_and_line(tmp_path: Path, monkeypatch):
     label_file.write_text("a.png Café\n", encoding="cp1252")  # not to be guessed at
     with pytest.raises(DataError, match=r"list\.txt is not UTF-8 or UTF-16 text: save it as UTF-8"):
         LabelFileDataset(str(tmp_path), str(label_file))
+    # an image given as the label file is not to be saved as UTF-8
+    with pytest.raises(DataError) as caught:
+        LabelFileDataset(str(tmp_path), str(tmp_path / "a.png"))
+    assert str(caught.value) == (
+        f"cls_label_path: label file {tmp_path / 'a.png'} is an image, not a text file listing "
+        "images"
+    )
 
 
 def test_missing_images_are_counted_and_shown(tmp_path: Path):
@@ -361,6 +369,18 @@ def test_missing_images_are_counted_and_shown(tmp_path: Path):
     assert len(dataset) == 1 and len(dataset.skipped) == 8
     assert dataset.skipped[0] == (str(tmp_path / "gone0.png"), "file not found")
     assert "backslash" not in message
+    # A listed folder (or device) is named as what it is: it was said not to exist.
+    (tmp_path / "folder.png").mkdir()
+    label_file.write_text("a.png 0\nfolder.png 1\n/dev/null 1\ngone0.png 1\n")
+    with pytest.raises(DataError) as info:
+        LabelFileDataset(str(tmp_path), str(label_file))
+    assert str(info.value).startswith(
+        f"label file {label_file}: 3 of 4 listed images are not image files: "
+        f"{tmp_path / 'folder.png'} (line 2: a folder, not an image file), /dev/null (line 3: "
+        f"not a regular file), {tmp_path / 'gone0.png'} (line 4: file not found); "
+    )
+    dataset = LabelFileDataset(str(tmp_path), str(label_file), skip_corrupt=True)
+    assert dataset.skipped[0] == (str(tmp_path / "folder.png"), "a folder, not an image file")
     # A list written on Windows: its separators are named, not only the files.
     (tmp_path / "sub").mkdir()
     save_png(tmp_path / "sub" / "b.png", pattern(4, 4))
@@ -443,6 +463,10 @@ def test_skip_corrupt_drops_bad_images_at_start_up(grocery: Path, tmp_path: Path
         str(tmp_path / n) for n in ("truncated.jpg", "garbage.jpg", "missing.png")
     }
     assert "truncated" in skipped[str(tmp_path / "truncated.jpg")]
+    # Said as the loader says it, not as "cannot identify image file <_io.BytesIO ...>"
+    assert (
+        skipped[str(tmp_path / "garbage.jpg")] == "cannot decode image: a text file, not an image"
+    )
     assert dataset[1][0].shape == (3, 5, 5)
     # An image that breaks after the check still fails loudly.
     (tmp_path / "good2.png").write_bytes(b"\x00broken later")
@@ -637,6 +661,63 @@ def test_grocery_store_dataset_joins_listings(grocery: Path, tmp_path: Path):
         GroceryStoreDataset(str(grocery), [])
 
 
+def test_a_header_line_in_a_grocery_listing_is_refused_saying_to_comment_it_out(
+    grocery: Path, tmp_path: Path
+):
+    """A header above a Grocery Store listing (`path, fine_id, coarse_id`, as a
+    spreadsheet saves one) was refused as "class id 'fine_id' is not an integer", not
+    said to be a header that `#` comments out, as the other datasets' listings are."""
+    rows = (grocery / "val.txt").read_text().splitlines()[:3]
+    listing = tmp_path / "mine.txt"
+    listing.write_text("\n".join(["path, fine_id, coarse_id", *rows]) + "\n")
+    with pytest.raises(DataError) as caught:
+        GroceryStoreDataset(str(grocery), [str(grocery / "val.txt"), str(listing)])
+    assert str(caught.value) == (
+        f"{listing}:1: 'path, fine_id, coarse_id' looks like a header, not an image and its "
+        "label (no image 'path' in image_root); start the line with # to comment it out"
+    )
+    listing.write_text("\n".join(["# path, fine_id, coarse_id", *rows]) + "\n")
+    assert len(GroceryStoreDataset(str(grocery), str(listing))) == 3
+
+
+def test_a_grocery_label_level_other_than_fine_or_coarse_is_refused(grocery: Path):
+    """`label_level="Fine"` given in Python (a config's is checked by the registry) was
+    taken for "coarse": 43 classes, all apples one, without a word."""
+    for level in ("Fine", "medium"):
+        with pytest.raises(ConfigError) as caught:
+            GroceryStoreDataset(str(grocery), str(grocery / "val.txt"), label_level=level)
+        assert str(caught.value) == f"label_level: expected 'fine' or 'coarse', got {level!r}"
+
+
+def test_a_grocery_class_file_is_read_as_label_files_are(grocery: Path, tmp_path: Path):
+    """classes.csv saved by Excel as "Unicode Text" (UTF-16) was refused with Python's
+    "'utf-8' codec can't decode byte 0xff", a missing one with "[Errno 2] ...": read as
+    label files are, and refused in their words; its header is optional."""
+    listing = str(grocery / "val.txt")
+    utf16 = tmp_path / "classes.csv"
+    utf16.write_text((grocery / "classes.csv").read_text(encoding="utf-8"), encoding="utf-16")
+    read = GroceryStoreDataset(str(grocery), listing, class_file=str(utf16))
+    assert read.class_names == GroceryStoreDataset(str(grocery), listing).class_names
+    missing = tmp_path / "none.csv"
+    for class_file, said in (
+        (missing, f"class file {missing} not found"),
+        (grocery / "val", f"class file {grocery / 'val'} not found (it is a directory)"),
+    ):
+        with pytest.raises(DataError) as caught:
+            GroceryStoreDataset(str(grocery), listing, class_file=str(class_file))
+        assert str(caught.value) == said
+    # one saved without its header lost its first class: "fine class ids are not 0..79"
+    headless = tmp_path / "headless.csv"
+    headless.write_text("".join((grocery / "classes.csv").read_text().splitlines(True)[1:]))
+    read = GroceryStoreDataset(str(grocery), listing, class_file=str(headless))
+    assert read.class_names == GroceryStoreDataset(str(grocery), listing).class_names
+    assert len(GroceryStoreDataset(str(grocery), "iconic", class_file=str(headless))) == 81
+    utf16.write_bytes("Name,0\ncaf\u00e9,1\n".encode("cp1252"))
+    with pytest.raises(DataError) as caught:
+        GroceryStoreDataset(str(grocery), listing, class_file=str(utf16))
+    assert str(caught.value) == f"class file {utf16} is not UTF-8 or UTF-16 text: save it as UTF-8"
+
+
 def test_grocery_store_dataset_takes_paths(grocery: Path):
     """Path objects, as the other datasets take them: a listing given as a Path was
     iterated as a list of listings (TypeError: 'PosixPath' object is not iterable)."""
@@ -726,6 +807,14 @@ def test_image_folder_dataset(tmp_path: Path, caplog):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no class subfolders"):
         ImageFolderDataset(str(tmp_path / "empty"))
+    # "png" in Python was read letter by letter (.p .n .g), and [""] matched no file
+    said = "extensions: expected a list of file suffixes, such as ['.jpg', '.png'], got"
+    with pytest.raises(ValueError) as refused:
+        ImageFolderDataset(str(root), extensions="png")
+    assert str(refused.value) == f"{said} 'png'"
+    with pytest.raises(ConfigError) as refused:
+        registry.DATASETS.build("ImageFolderDataset", root=str(root), extensions=[".png", ""])
+    assert str(refused.value) == f"{said} ['.png', ''] in dataset 'ImageFolderDataset'"
 
 
 def test_image_folder_dataset_skips_a_gallery_library_in_its_tree(tmp_path: Path, caplog):
@@ -870,6 +959,15 @@ def test_transparent_parts_are_decoded_as_white_not_as_the_colour_stored_under_t
         assert (decoded[3] > 245).all() and (decoded[1:3, 2:4] < 10).all(), name
         assert np.array_equal(decoded, decode_rgb(buffer.getvalue())), name  # as inference
     assert abs(int(DecodeImage()(png_bytes(logo))[0, 0, 0]) - 127) <= 1  # half: grey
+    # A 32-bit BMP whose fourth byte is alpha (a BITMAPV4HEADER's mask, as Windows tools
+    # write one; Pillow saves none): OpenCV read it as the black square.
+    pixels = logo[::-1, :, [2, 1, 0, 3]].tobytes()  # bottom-up BGRA
+    header = struct.pack("<IiiHHIIiiII", 108, 6, 4, 1, 32, 3, len(pixels), 2835, 2835, 0, 0)
+    header += struct.pack("<IIII", 0xFF0000, 0xFF00, 0xFF, 0xFF000000) + b"BGRs" + bytes(48)
+    bmp = b"BM" + struct.pack("<IHHI", 14 + 108 + len(pixels), 0, 0, 14 + 108) + header + pixels
+    decoded = DecodeImage()(bmp)
+    assert (decoded[3] > 245).all() and (decoded[1:3, 2:4] < 10).all()
+    assert np.array_equal(decoded, decode_rgb(bmp))
     # A palette PNG's transparent entry after 100 KB of metadata (an editor's XMP, say)
     buffer = io.BytesIO()
     rgba.quantize(4).save(buffer, format="PNG")
@@ -1224,6 +1322,12 @@ def test_build_transforms_errors_name_op_and_key():
         build_transforms([{"RandFlipImage": {"flip_code": 2}}])
     with pytest.raises(ConfigError, match=r"transform_ops\[0\]: .*one-key mapping"):
         build_transforms([{"ResizeImage": {"size": 3}, "Pad": {"padding": 1}}])
+    with pytest.raises(ConfigError) as refused:  # not "[0]: ..., got 'ResizeImage'"
+        build_transforms({"ResizeImage": {"size": 3}})
+    assert str(refused.value) == (
+        "transform_ops: expected a list of ops like [{ResizeImage: {size: 224}}], got dict "
+        "{'ResizeImage': {'size': 3}}"
+    )
     with pytest.raises(
         ConfigError, match=r"transform_ops\[1\] ResizeImage: .*before NormalizeImage"
     ):

@@ -584,6 +584,61 @@ def test_detect_class_names_end_only_where_files_end_lines(tmp_path: Path, capsy
 
 
 @needs_picodet
+def test_detect_cli_skips_a_device_naming_it_without_reading_it(capsys) -> None:
+    """`shitu detect /dev/zero` read the device until memory ran out: a path that is no
+    regular file is skipped, or refused as --class-names, named with what it is, before
+    it is read (/dev/null here, which the old reader took for an empty file)."""
+    assert shitu_main(["detect", "/dev/null", "--model", str(ONNX_416)]) == 1
+    err = capsys.readouterr().err
+    assert "skipped /dev/null: a character device, not an image file" in err
+    # --class-names /dev/zero was read until memory ran out (/dev/null: "0 names")
+    photo = str(PICODET / "samples" / "dog.jpg")
+    assert (
+        shitu_main(["detect", photo, "--model", str(ONNX_416), "--class-names", "/dev/null"]) == 2
+    )
+    assert capsys.readouterr().err == (
+        "error: --class-names /dev/null: cannot read it (a character device, not a text file)\n"
+    )
+
+
+@needs_picodet
+def test_detect_cli_refuses_an_empty_path(tmp_path: Path, monkeypatch, capsys) -> None:
+    """`shitu detect "$PHOTO"` with the variable unset searched the working directory, as
+    Path("") names it, and ran on every image there; an empty --model is refused too."""
+    shutil.copy(PICODET / "samples" / "dog.jpg", tmp_path / "dog.jpg")
+    monkeypatch.chdir(tmp_path)
+    assert shitu_main(["detect", "", "--model", str(ONNX_416)]) == 2
+    out = capsys.readouterr()
+    assert out.err == "error: an empty path was given: name image files or folders\n"
+    assert out.out == ""
+    # an empty --model was "error: . is a folder, not a detector file"
+    assert shitu_main(["detect", "dog.jpg", "--model", ""]) == 2
+    said = "error: --model: empty; give a detector file (.pt, .pdparams or .onnx)\n"
+    assert capsys.readouterr().err == said
+
+
+@needs_picodet
+def test_an_empty_save_vis_is_none_given_not_the_working_directory(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """`--save-vis "$VIS"` with the variable unset wrote the annotated copies into the
+    working directory, over any file there of the same name: it is none given, as an empty
+    --detector is (and an empty --vis-font, Pillow's own font)."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    shutil.copy(PICODET / "samples" / "dog.jpg", photos / "dog.jpg")
+    work = tmp_path / "work"
+    work.mkdir()
+    mine = work / "dog.jpg"
+    mine.write_bytes(b"the user's own file")
+    monkeypatch.chdir(work)
+    command = ["detect", str(photos / "dog.jpg"), "--model", str(ONNX_416), "--save-vis", ""]
+    assert shitu_main([*command, "--vis-font", ""]) == 0
+    assert json.loads(capsys.readouterr().out)["boxes"]
+    assert mine.read_bytes() == b"the user's own file" and os.listdir(work) == ["dog.jpg"]
+
+
+@needs_picodet
 def test_detect_cli_writes_json_lines_and_images(tmp_path: Path, capsys) -> None:
     samples = sorted(str(p) for p in (PICODET / "samples").glob("*.jpg"))
     code = shitu_main(

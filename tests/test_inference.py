@@ -24,7 +24,7 @@ import pytest
 import torch
 from PIL import Image
 
-from shitu import registry
+from shitu import image_files, registry
 from shitu.checkpoint import read_weights, save_weights
 from shitu.config import load_config
 from shitu.data.datasets.base import check_image
@@ -637,6 +637,32 @@ def test_a_folder_given_to_extract_files_is_named_as_one_with_how_to_list_its_im
     with FeatureExtractor.load(exported["dir"], num_threads=1) as extractor:
         result = extractor.extract_files([folder, photo])
     assert result.failures == [(str(folder), said)] and result.paths == [str(photo)]
+
+
+def test_image_readers_refuse_devices_fifos_and_huge_files_before_reading_them(
+    tmp_path, monkeypatch
+):
+    """`shitu detect /dev/zero` read the device until memory ran out, a FIFO waited for a
+    writer without end, and a file of any size was read whole: read_rgb and the dataset
+    check refuse them from the file's kind and size, before reading it."""
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (64, 48), "red").save(photo)
+    monkeypatch.setattr(image_files, "MAX_IMAGE_FILE_BYTES", photo.stat().st_size - 1)
+    refused = {
+        "/dev/null": "a character device, not an image file",
+        str(fifo): "a FIFO (named pipe), not an image file",
+        str(photo): f"0.0 GiB, over the {(photo.stat().st_size - 1) / 2**30:g} GiB an image "
+        "file may hold; not read",
+    }
+    for path, said in refused.items():
+        with pytest.raises(UnreadableImageError) as caught:
+            read_rgb(path)
+        assert str(caught.value) == said, path
+        assert check_image(path) == said, path
+    monkeypatch.setattr(image_files, "MAX_IMAGE_FILE_BYTES", photo.stat().st_size)
+    assert read_rgb(photo).shape == (48, 64, 3) and check_image(str(photo)) == (64, 48)
 
 
 def test_export_removes_the_staging_folders_of_killed_exports(exported, tmp_path):

@@ -19,6 +19,7 @@ import io
 import os
 import re
 import shutil
+import stat
 import sys
 import tempfile
 import uuid
@@ -39,12 +40,50 @@ RUN_LOCK = ".shitu-train.lock"
 SAVE_AS_UTF8 = "save it as UTF-8"
 
 
+# What a path that is no regular file is, by its stat mode's test.
+_NOT_REGULAR = (
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def read_regular_file(path: str | os.PathLike, what: str, limit: int | None = None) -> bytes:
+    """The bytes of the file at `path`, read only where it is a regular file (of at most
+    `limit` bytes, if given): a device (`/dev/zero`) was read until memory ran out, and
+    opening a FIFO waited for a writer without end. Raises OSError, whose strerror says
+    why not: "a character device, not `what`" ("an image file"), or the size over `limit`
+    (IsADirectoryError for a folder)."""
+    # Non-blocking: a FIFO opens at once, to be refused below; no effect on regular files.
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), os.fspath(path))
+        if not stat.S_ISREG(info.st_mode):
+            kind = next((k for test, k in _NOT_REGULAR if test(info.st_mode)), "a special file")
+            raise OSError(errno.EINVAL, f"{kind}, not {what}", os.fspath(path))
+        if limit is not None and info.st_size > limit:
+            raise OSError(
+                errno.EFBIG,
+                f"{info.st_size / 2**30:.1f} GiB, over the {limit / 2**30:g} GiB {what} may "
+                "hold; not read",
+                os.fspath(path),
+            )
+        with os.fdopen(fd, "rb", closefd=False) as handle:
+            return handle.read()
+    finally:
+        os.close(fd)
+
+
 def read_text(path: str | Path) -> str:
     """A text file as the usual editors and shells write it: UTF-8 with or without a BOM
     (Notepad, Excel), or UTF-16 with its BOM (PowerShell 5's `>` and `Out-File`, Notepad's
     "Unicode"). Anything else raises UnicodeDecodeError: guessing a legacy code page would
-    turn accented labels into other letters without a word."""
-    data = Path(path).read_bytes()
+    turn accented labels into other letters without a word. What is no regular file (a
+    device) raises OSError (`read_regular_file`)."""
+    data = read_regular_file(path, "a text file")
     if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         return data.decode("utf-16")
     return data.decode("utf-8-sig")

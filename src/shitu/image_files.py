@@ -18,6 +18,7 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 
 from shitu.errors import DataError
+from shitu.fileio import read_regular_file
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +80,21 @@ def unreadable_reason(path: str | os.PathLike, exc: OSError) -> str:
             "(shitu.image_files.scan_images(Path(folder)) lists them)"
         )
     return exc.strerror or str(exc)
+
+
+# The largest image file read: an image at the most pixels shitu decodes (250 megapixels,
+# `shitu.data.transforms.ops.max_image_pixels`) fits even stored uncompressed at 8 bytes a
+# pixel (16-bit RGBA TIFF: 2.0 GB). Pillow's decompression-bomb guard (which that pixel
+# limit replaces) and the server's --max-upload-mb bound pixels and request bodies only:
+# a file was read whole into memory before either could refuse it.
+MAX_IMAGE_FILE_BYTES = 2 << 30
+
+
+def read_image_file(path: str | os.PathLike) -> bytes:
+    """The bytes of the image file at `path`, read only where it is a regular file of at
+    most MAX_IMAGE_FILE_BYTES (see `read_regular_file`): `/dev/zero` was read until memory
+    ran out. Raises OSError, whose strerror says why not (see `unreadable_reason`)."""
+    return read_regular_file(path, "an image file", MAX_IMAGE_FILE_BYTES)
 
 
 def iso_media_kind(data: bytes) -> str | None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import numbers
 from collections.abc import Collection
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from shitu.checkpoint.io import (
     weight_shaping_arch,
 )
 from shitu.errors import CheckpointError, did_you_mean, first_few
+from shitu.values import is_number
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def average_weights(
     if len(paths) < 2:
         raise CheckpointError(f"averaging needs at least two weight files, got {len(paths)}")
     weighting = [1.0] * len(paths) if weighting is None else list(weighting)
-    if not all(_is_number(weight) for weight in weighting):  # float("x"): Python's words
+    if not all(is_number(weight) for weight in weighting):  # float("x"): Python's words
         raise CheckpointError(f"weighting {weighting}: each value must be a number")
     weighting = [float(weight) for weight in weighting]
     if len(weighting) != len(paths):
@@ -147,15 +147,9 @@ def _warn_of_repeated_files(paths: list[str | Path]) -> None:
             )
 
 
-def _is_number(value: object) -> bool:
-    """Whether `value` is a real number, numpy's too (true and "2" are not, though float()
-    takes them)."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
 def check_share(share: float) -> None:
     """A share of the way back to the reference weights: strictly between 0 and 1."""
-    if not _is_number(share) or not 0.0 < share < 1.0:
+    if not is_number(share) or not 0.0 < share < 1.0:
         raise CheckpointError(f"--pretrained-share {share!r}: must be between 0 and 1 (exclusive)")
 
 

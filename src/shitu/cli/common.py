@@ -78,6 +78,13 @@ cosine_similarity = bounded(float, -1.0, 1.0, "a cosine similarity from -1 to 1"
 detection_score = bounded(float, 0.0, 1.0, "a score from 0 to 1")
 
 
+def given_path(text: str) -> Path | None:
+    """A path option's value; '' (`--save-vis "$VIS"` of an unset variable) is none given,
+    as an empty --detector or --model is, not Path(''): the working directory, where the
+    option's files would then go."""
+    return Path(text) if text else None
+
+
 def add_runtime_arguments(parser: argparse.ArgumentParser, gpu: bool = False) -> None:
     """--runtime and --precision for commands that embed images (None when not given:
     auto and fp32). fp16 and bf16 run on a GPU only: offered where the command has a
@@ -344,7 +351,10 @@ def expand_images(sources: Iterable[str]) -> tuple[list[Path], bool]:
     also whether a folder was given."""
     paths: list[Path] = []
     folder = False
-    for source in map(Path, sources):
+    for given in sources:
+        if not given:  # "$PHOTO" of an unset variable: Path("") is the working directory
+            raise DataError("an empty path was given: name image files or folders")
+        source = Path(given)
         if source.is_dir():
             folder = True
             paths.extend(scan_images(source))
@@ -492,14 +502,14 @@ def add_visualisation_arguments(parser: argparse.ArgumentParser) -> None:
     """--save-vis and --vis-font, the same on each command that draws its results."""
     parser.add_argument(
         "--save-vis",
-        type=Path,
+        type=given_path,
         metavar="DIR",
         help="write copies of the images with boxes, labels and scores drawn here, as JPEG "
         "named after the images, in the sub-folders they have under the inputs' common folder",
     )
     parser.add_argument(
         "--vis-font",
-        type=Path,
+        type=given_path,
         metavar="FILE",
         help="TrueType/OpenType font for the --save-vis captions (default: Pillow's own, and "
         "for labels it cannot draw, e.g. Chinese, an installed font that can)",

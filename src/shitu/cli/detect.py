@@ -133,6 +133,8 @@ def _detect(args: argparse.Namespace) -> int:
     from shitu.pipeline.defaults import PLAIN_BACKGROUND
     from shitu.progress import ImageProgress
 
+    if not args.model:  # `--model "$DET"` unset: Path("") is the working directory
+        raise ConfigError("--model: empty; give a detector file (.pt, .pdparams or .onnx)")
     if args.model == PLAIN_BACKGROUND and not os.path.exists(args.model):
         # recognize's --detector names it so; "detector file not found" left the user to
         # find that it is no file

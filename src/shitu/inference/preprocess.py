@@ -37,7 +37,7 @@ from shitu.data.transforms.ops import (
 )
 from shitu.errors import ConfigError
 from shitu.fileio import is_given_path
-from shitu.image_files import unreadable_reason
+from shitu.image_files import read_image_file, unreadable_reason
 
 logger = logging.getLogger(__name__)
 
@@ -330,7 +330,7 @@ def read_rgb(path: str | Path) -> np.ndarray:
     if not is_given_path(path):
         raise UnreadableImageError(f"expected an image file's path, got {_not_a_path(path)}")
     try:
-        data = Path(path).read_bytes()
+        data = read_image_file(path)
     except OSError as exc:
         raise UnreadableImageError(unreadable_reason(path, exc)) from None
     return decode_rgb(data)
@@ -410,14 +410,22 @@ def decoded_otherwise_by_opencv(data: bytes) -> bool:
     image bytes, which must then go to Pillow. OpenCV drops an alpha channel, keeping the
     colour stored under transparent parts (often black) where Pillow shows them on white:
     PNG and WebP that declare transparency ahead of their pixels (PNG's after all of its
-    metadata, which Photoshop's XMP can make hundreds of KB), and GIF, TIFF, JPEG 2000 and
-    AVIF always. It also converts CMYK JPEGs with its own rounding."""
+    metadata, which Photoshop's XMP can make hundreds of KB), and GIF, TIFF, JPEG 2000,
+    AVIF and 32-bit BMP always. It also converts CMYK JPEGs with its own rounding."""
     return (
         data.startswith(_TRANSPARENCY_ANYWHERE)
         or (data[4:8] == b"ftyp" and _pillow_reads_avif())  # AVIF: alpha in an item of its own
         or declares_transparency(data)  # whole: metadata may come before PNG's tRNS
         or is_cmyk_jpeg(data)
+        or _is_32_bit_bmp(data)
     )
+
+
+def _is_32_bit_bmp(data: bytes) -> bool:
+    """Whether the bytes are a BMP of 32 bits a pixel, whose fourth byte may be alpha (a
+    V4 or V5 header's alpha mask, as Windows tools write them): OpenCV drops it, as it
+    drops PNG's. From the bit count in the header (offset 28), without decoding."""
+    return data[:2] == b"BM" and int.from_bytes(data[28:30], "little") == 32
 
 
 @functools.cache

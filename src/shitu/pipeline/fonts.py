@@ -61,7 +61,8 @@ def check_font_file(path: Path, index: int = 0) -> None:
     at `path`: a wrong `--vis-font` (or `--vis-font-index`) is reported before any image is
     read, not after the first one."""
     if not path.is_file():
-        raise DataError(f"font {path}: {'a folder' if path.is_dir() else 'no such file'}")
+        kind = "a folder" if path.is_dir() else "not a file" if path.exists() else "no such file"
+        raise DataError(f"font {path}: {kind}")
     try:
         ImageFont.truetype(str(path), PROBE_SIZE)
     except OSError as exc:

@@ -23,7 +23,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, field
-from numbers import Integral, Real
+from numbers import Integral
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -47,6 +47,7 @@ from shitu.pipeline.defaults import (
     PLAIN_BACKGROUND,
 )
 from shitu.progress import ImageProgress
+from shitu.values import is_number
 
 logger = logging.getLogger(__name__)
 
@@ -117,13 +118,9 @@ class FileRecognition:
 def checked_score_thres(value: float) -> float:
     """`value` if it is a cosine similarity threshold (-1 to 1), else a ConfigError: one
     above 1 would silently recognise nothing, one below -1 everything."""
-    if not _is_number(value) or not -1.0 <= value <= 1.0:  # NaN fails too
+    if not is_number(value) or not -1.0 <= value <= 1.0:  # NaN fails too
         raise ConfigError(f"score_thres: expected a cosine similarity from -1 to 1, got {value!r}")
     return value
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, Real) and not isinstance(value, bool)
 
 
 def _check_pipeline_keywords(
@@ -133,7 +130,7 @@ def _check_pipeline_keywords(
     the same keys: an NMS threshold below 0 keeps only the best result and one above 1 is
     no NMS, and the detector's would fail only on the first image, or never without one."""
     for name, value in (("rec_nms_thres", rec_nms_thres), ("det_threshold", det_threshold)):
-        if not _is_number(value) or not 0.0 <= value <= 1.0:  # NaN fails too
+        if not is_number(value) or not 0.0 <= value <= 1.0:  # NaN fails too
             raise ConfigError(f"{name}: expected a number from 0 to 1, got {value!r}")
     whole = isinstance(max_det_results, Integral) and not isinstance(max_det_results, bool)
     if not whole or max_det_results < 0:
@@ -389,6 +386,12 @@ class Recognizer:
                     f"{name}: Recognizer.open takes paths, got {type(value).__name__}; loaded "
                     "parts go to Recognizer(extractor, gallery, detector)"
                 )
+        # Refused as the constructor and FeatureExtractor.load refuse them: the config
+        # would take the text "0.5" or "2" for its number.
+        if score_thres is not None:
+            checked_score_thres(score_thres)
+        if threads is not None:
+            check_count(threads, "threads")
         if isinstance(config, PipelineConfig):
             base = config.model_copy(deep=True)
         else:

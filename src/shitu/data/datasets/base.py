@@ -10,6 +10,7 @@ reference counts change.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 from collections import OrderedDict, deque
@@ -24,13 +25,24 @@ from typing import Any, NoReturn, overload
 
 import numpy as np
 import torch
-from PIL import ExifTags, Image
+from PIL import ExifTags, Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from shitu.data.transforms.compose import Compose, build_transforms
-from shitu.data.transforms.ops import UnreadableImageError, check_image_size
+from shitu.data.transforms.ops import (
+    UnreadableImageError,
+    check_image_size,
+    unidentified_reason,
+)
 from shitu.errors import DataError, first_few
 from shitu.fileio import SAVE_AS_UTF8, from_working_directory, read_text, text_lines
+from shitu.image_files import (
+    IMAGE_SUFFIXES,
+    header_error,
+    is_header,
+    read_image_file,
+    unreadable_reason,
+)
 from shitu.progress import ImageProgress
 
 TransformOps = list[dict[str, dict[str, Any] | None]]
@@ -121,12 +133,18 @@ def check_image(path: str) -> str | tuple[int, int]:
     byte, so truncation shows), other formats fully.
     """
     try:
-        with Image.open(path) as image:
+        data = read_image_file(path)
+    except OSError as exc:
+        return unreadable_reason(path, exc)
+    try:
+        with Image.open(io.BytesIO(data)) as image:
             width, height = image.size
             check_image_size(width, height)
             turned = image.getexif().get(ExifTags.Base.Orientation) in _QUARTER_TURNS
             image.draft("RGB", (64, 64))
             image.load()
+    except UnidentifiedImageError:
+        return f"cannot decode image: {unidentified_reason(data)}"  # as the loader says
     except UnreadableImageError as exc:
         return str(exc)
     except Exception as exc:  # any failure means the loader would fail too
@@ -206,8 +224,16 @@ def _scan_paths(paths: Sequence[str], skip_corrupt: bool) -> Scan:
     return scan
 
 
+def _not_a_file(path: str) -> str:
+    """Why the listed `path`, no regular file, is no image to read: _NOT_FOUND, or what is
+    there instead (a folder was said to be "not found")."""
+    if os.path.isdir(path):
+        return "a folder, not an image file"
+    return "not a regular file" if os.path.exists(path) else _NOT_FOUND
+
+
 def _scan(paths: Sequence[str], skip_corrupt: bool) -> Scan:
-    missing = [(i, _NOT_FOUND) for i, path in enumerate(paths) if not os.path.isfile(path)]
+    missing = [(i, _not_a_file(path)) for i, path in enumerate(paths) if not os.path.isfile(path)]
     if not skip_corrupt:
         return Scan(tuple(missing), None)
     gone = {i for i, _ in missing}
@@ -279,7 +305,7 @@ class ImageDataset(Dataset):
         scan = _scan_paths([entry.path for entry in entries], self.skip_corrupt)
         problems = scan.problems
         if problems and not self.skip_corrupt:  # missing files: the only problem looked for
-            self._refuse_missing([entries[i] for i, _ in problems], len(entries), image_root)
+            self._refuse_missing(entries, problems, image_root)
         problems += self._size_problems(scan)
         self.skipped.extend((entries[i].path, why) for i, why in problems)
         if len(problems) == len(entries):
@@ -344,11 +370,23 @@ class ImageDataset(Dataset):
                 problems.append((i, why))
         return tuple(problems)
 
-    def _refuse_missing(self, missing: list[Entry], total: int, image_root: str | None) -> NoReturn:
-        examples = first_few([f"{e.path} ({e.source})" for e in missing], _SHOW)
+    def _refuse_missing(
+        self, entries: list[Entry], missing: Problems, image_root: str | None
+    ) -> NoReturn:
+        """Refuse the `missing` of `entries` (no file at their path), each named with where
+        it is listed, and with what is there where any is something (`_not_a_file`)."""
+        none = all(why == _NOT_FOUND for _, why in missing)
+        examples = first_few(
+            [
+                f"{entries[i].path} ({entries[i].source}{'' if none else f': {why}'})"
+                for i, why in missing
+            ],
+            _SHOW,
+        )
         raise DataError(
-            f"{self.where}: {len(missing)} of {total} listed images do not exist: "
-            f"{examples}{_not_found_hint([e.path for e in missing], image_root)} "
+            f"{self.where}: {len(missing)} of {len(entries)} listed images "
+            f"{'do not exist' if none else 'are not image files'}: {examples}"
+            f"{_not_found_hint([entries[i].path for i, _ in missing], image_root)} "
             "(skip_corrupt: true leaves them out)"
         )
 
@@ -403,7 +441,7 @@ class ImageDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
         path = self.paths[index]
         try:
-            data = Path(path).read_bytes()
+            data = read_image_file(path)
         except OSError as exc:
             raise DataError(f"{path}: cannot read the image ({exc.strerror or exc})") from exc
         try:
@@ -447,6 +485,10 @@ def read_lines(path: str, what: str) -> list[tuple[int, str]]:
     try:
         text = read_text(file)
     except UnicodeDecodeError:
+        if file.suffix.lower() in IMAGE_SUFFIXES:  # not to be saved as UTF-8
+            raise DataError(
+                f"{what}: label file {path} is an image, not a text file listing images"
+            ) from None
         raise DataError(
             f"{what}: label file {path} is not UTF-8 or UTF-16 text: {SAVE_AS_UTF8}"
         ) from None
@@ -454,6 +496,21 @@ def read_lines(path: str, what: str) -> list[tuple[int, str]]:
         raise DataError(f"{what}: cannot read label file {path}: {exc}") from exc
     lines = ((number, line.strip()) for number, line in enumerate(text_lines(text), 1))
     return [(number, line) for number, line in lines if line and not line.startswith("#")]
+
+
+def refuse_a_header(
+    listing: object, lines: list[tuple[int, str]], image_root: str, delimiter: str | None
+) -> None:
+    """Refuse a first line such as `path label`, a header, of the `read_lines` of `listing`
+    (columns split by `delimiter`, None: whitespace), saying to comment it out: the error
+    its columns gave instead (a class name among class ids, a missing image `path`) named
+    the line but not what to do."""
+    if len(lines) < 2:
+        return
+    (number, first), (_, second) = lines[:2]
+    head = first.split(delimiter, 1)[0].strip()
+    if is_header(first, second, os.path.isfile(os.path.join(image_root, head))):
+        raise header_error(listing, number, first, head, "in image_root")
 
 
 def check_root(root: str, what: str, key: str = "image_root") -> None:

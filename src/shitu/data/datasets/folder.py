@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 from shitu.data.datasets.base import Entry, ImageDataset, TransformOps, check_root
 from shitu.errors import DataError
@@ -45,6 +46,7 @@ class ImageFolderDataset(ImageDataset):
         where = f"image folder {root}"
         super().__init__(transform_ops, skip_corrupt, where)
         self.root = root
+        self.check_params(extensions=extensions)
         check_root(root, where, key="root")
         suffixes = {"." + ext.lower().lstrip(".") for ext in extensions or IMAGE_SUFFIXES}
         # A gallery library in the tree (one may lie inside the folder it was built from,
@@ -94,4 +96,17 @@ class ImageFolderDataset(ImageDataset):
                 "%s: no images in class folder(s) %s, which count as classes all the same",
                 where,
                 shown,
+            )
+
+    @staticmethod
+    def check_params(extensions: list[str] | None = None, **_others: Any) -> None:
+        """Also checked as a config loads (by the registry): the text "jpg", given in
+        Python, was taken letter by letter (.j .p .g), and an empty suffix ('' or '.')
+        matches no file: no images were found, the warning saying why only in passing."""
+        if isinstance(extensions, str) or not all(
+            isinstance(ext, str) and ext.strip(".") for ext in extensions or ()
+        ):
+            raise ValueError(
+                f"extensions: expected a list of file suffixes, such as ['.jpg', '.png'], got "
+                f"{extensions!r}"
             )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import os
 from pathlib import Path
 from typing import Literal
@@ -13,8 +14,10 @@ from shitu.data.datasets.base import (
     TransformOps,
     check_root,
     read_lines,
+    refuse_a_header,
 )
-from shitu.errors import DataError
+from shitu.errors import ConfigError, DataError
+from shitu.fileio import SAVE_AS_UTF8, from_working_directory, read_text
 from shitu.registry import DATASETS, ConfigPath
 
 ICONIC = "iconic"  # a cls_label_path value: the one packshot per class named in classes.csv
@@ -48,6 +51,10 @@ class GroceryStoreDataset(ImageDataset):
         if not listings:
             raise DataError("cls_label_path names no label file")
         where = f"label file {' + '.join(listings)}"
+        # Refused as the registry refuses it in a config: anything but "fine" ("Fine", say)
+        # was taken for "coarse".
+        if label_level not in ("fine", "coarse"):
+            raise ConfigError(f"label_level: expected 'fine' or 'coarse', got {label_level!r}")
         super().__init__(transform_ops, skip_corrupt, where)
         self.image_root = image_root
         self.label_level = label_level
@@ -66,6 +73,7 @@ class GroceryStoreDataset(ImageDataset):
                 file, lines = class_file, read_iconic_listing(class_file)
             else:
                 file, lines = listing, read_lines(listing, "cls_label_path")
+                refuse_a_header(listing, lines, image_root, ",")
             for number, line in lines:
                 relative, label = _parse_line(file, number, line, column)
                 path = os.path.join(image_root, relative)
@@ -110,13 +118,26 @@ def _parse_line(listing: str, number: int, line: str, column: int) -> tuple[str,
 
 
 def _read_class_rows(path: str) -> list[tuple[int, list[str]]]:
-    """(line number, fields) of the rows of `classes.csv` below its header."""
+    """(line number, fields) of the rows of `classes.csv`, below its header if it has one.
+    Read as label files are (`read_text`): UTF-16 too, as Excel saves "Unicode Text", and
+    refused in the same words, not Python's ("[Errno 2] ...", "'utf-8' codec can't decode
+    byte ...")."""
+    if not Path(path).is_file():
+        hint = " (it is a directory)" if Path(path).is_dir() else from_working_directory(path)
+        raise DataError(f"class file {path} not found{hint}")
     try:
-        with open(path, newline="", encoding="utf-8-sig") as handle:
-            rows = list(csv.reader(handle))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"class file {path}: cannot read it ({exc})") from exc
-    return [(number, row) for number, row in enumerate(rows[1:], 2) if row]
+        text = read_text(path)
+    except UnicodeDecodeError:
+        raise DataError(f"class file {path} is not UTF-8 or UTF-16 text: {SAVE_AS_UTF8}") from None
+    except OSError as exc:
+        raise DataError(f"class file {path}: cannot read it ({exc.strerror or exc})") from None
+    rows = list(enumerate(csv.reader(io.StringIO(text, newline="")), 1))
+    # The header, which the dataset's own file has: a first row whose class id is a number
+    # is a class's (one saved without the header lost its first class, and the id check
+    # then said only that the ids are not 0..N-1).
+    if rows and not (len(rows[0][1]) > 1 and rows[0][1][1].strip().isdigit()):
+        rows = rows[1:]
+    return [(number, row) for number, row in rows if row]
 
 
 def read_iconic_listing(path: str) -> list[tuple[int, str]]:

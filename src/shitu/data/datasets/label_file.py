@@ -13,9 +13,10 @@ from shitu.data.datasets.base import (
     TransformOps,
     check_root,
     read_lines,
+    refuse_a_header,
 )
 from shitu.errors import DataError
-from shitu.image_files import IMAGE_SUFFIXES, header_error, is_header
+from shitu.image_files import IMAGE_SUFFIXES
 from shitu.registry import DATASETS, ConfigPath
 
 
@@ -68,7 +69,7 @@ class LabelFileDataset(ImageDataset):
         lines = read_lines(cls_label_path, "cls_label_path")
         if not lines:
             raise DataError(f"{where}: lists no images")
-        self._refuse_a_header(lines, image_root, delimiter)
+        refuse_a_header(cls_label_path, lines, image_root, None if delimiter == " " else delimiter)
         rows = [self._split(number, line, delimiter) for number, line in lines]
         texts = dict(lines)
         if delimiter in (None, " "):
@@ -108,19 +109,6 @@ class LabelFileDataset(ImageDataset):
             raise ValueError(
                 'delimiter: empty; leave it out to split on whitespace, or give "\\t" for tabs'
             )
-
-    def _refuse_a_header(
-        self, lines: list[tuple[int, str]], image_root: str, delimiter: str | None
-    ) -> None:
-        """Refuse a first line such as `path label`, a header, saying to comment it out: the
-        error its columns gave instead (a class name among class ids, a missing image
-        `path`) named the line but not what to do."""
-        if len(lines) < 2:
-            return
-        (number, first), (_, second) = lines[:2]
-        head = first.split(None if delimiter == " " else delimiter, 1)[0].strip()
-        if is_header(first, second, os.path.isfile(os.path.join(image_root, head))):
-            raise header_error(self.cls_label_path, number, first, head, "in image_root")
 
     def _split(self, number: int, line: str, delimiter: str | None) -> tuple[int, list[str]]:
         if delimiter is None or delimiter == " ":

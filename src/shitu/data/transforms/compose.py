@@ -83,6 +83,12 @@ def build_transforms(ops: OpList | None, where: str = "transform_ops") -> Compos
     `ConfigError` naming `where[index]`, the op and the key. A pipeline that does
     not start with `DecodeImage` gets a default one (RGB, HWC) in front.
     """
+    if ops is not None and not isinstance(ops, list | tuple):
+        # A mapping was taken key by key: "[0]: each op is a one-key mapping, got 'ResizeImage'"
+        raise ConfigError(
+            f"{where}: expected a list of ops like [{{ResizeImage: {{size: 224}}}}], got "
+            f"{type(ops).__name__} {ops!r}"
+        )
     built: list[Transform] = []
     names: list[str] = []
     for index, item in enumerate(ops or []):

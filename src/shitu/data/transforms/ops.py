@@ -33,7 +33,7 @@ from shitu.data.transforms._base import (
     to_pil,
 )
 from shitu.errors import ConfigError, DataError
-from shitu.image_files import TEXT_FILE_REASON, is_text, iso_media_kind
+from shitu.image_files import TEXT_FILE_REASON, TEXT_PROBE_BYTES, is_text, iso_media_kind
 from shitu.registry import TRANSFORMS
 
 Backend = Literal["cv2", "pil"]
@@ -275,23 +275,30 @@ def pixel_format_refusal(data: bytes) -> str | None:
     return None
 
 
-def _decode(data: bytes) -> Image.Image:
+def unidentified_reason(data: bytes) -> str:
+    """Why Pillow could not identify the file bytes `data` as an image, for
+    "cannot decode image: ...": Pillow's UnidentifiedImageError names the in-memory stream
+    they were read from (`<_io.BytesIO object at 0x...>`), not the file or the reason."""
     if not data:
-        raise UnreadableImageError("cannot decode image: the file is empty")
+        return "the file is empty"
+    kind = iso_media_kind(data)
+    if kind is not None:
+        return f"{kind} images are not supported: convert it to JPEG or PNG"
+    if is_text(data) and b"<svg" in data[:TEXT_PROBE_BYTES].lower():  # a logo, not a list
+        return "SVG (vector) images are not supported: convert it to PNG"
+    return pixel_format_refusal(data) or (
+        TEXT_FILE_REASON if is_text(data) else "unknown or corrupt format"
+    )
+
+
+def _decode(data: bytes) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data))
         check_image_size(*image.size)
         image.load()
         transposed = ImageOps.exif_transpose(image)
-    except UnidentifiedImageError:  # its message names an in-memory stream, not the file
-        kind = iso_media_kind(data)
-        if kind is not None:
-            reason = f"{kind} images are not supported: convert it to JPEG or PNG"
-        else:
-            reason = pixel_format_refusal(data) or (
-                TEXT_FILE_REASON if is_text(data) else "unknown or corrupt format"
-            )
-        raise UnreadableImageError(f"cannot decode image: {reason}") from None
+    except UnidentifiedImageError:
+        raise UnreadableImageError(f"cannot decode image: {unidentified_reason(data)}") from None
     except UnreadableImageError:
         raise
     except Exception as exc:  # any decoder failure means a corrupt or unsupported file
