@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import inspect
 import json
+import logging
 import os
 import re
 import shutil
@@ -478,6 +479,31 @@ def test_a_detected_sliver_too_elongated_for_the_model_is_left_out_not_the_photo
         (found,) = rec.recognize_batch([photo])
     assert [box.bbox for box in candidates.boxes] == [(50, 50, 146, 146)]
     assert [(r.bbox, r.label) for r in found] == [((50, 50, 146, 146), "block img000")]
+
+
+def test_a_crop_the_model_gives_nan_is_left_unrecognised_and_the_others_are_not(
+    setup, recognizer, monkeypatch, caplog
+):
+    """A model giving one crop NaN features (broken, or its runtime overflowing) failed the
+    whole photo (in `shitu serve` the request) with 'search: query rows 0 contain NaN or
+    inf'; that crop is now left unrecognised, with a warning, and the rest are searched."""
+    canvas, boxes, _ = compose([setup["queries"][0].path, setup["queries"][3].path], [120, 120])
+    extractor = setup["extractor"]
+    with recognizer(FixedBoxes(boxes), score_thres=-1.0) as rec:
+        expected = rec.score_batch([canvas])[0]
+        extract = extractor.extract_images
+
+        def first_crop_broken(crops, batch_size=32):
+            features = extract(crops, batch_size)
+            features[0] = np.nan
+            return features
+
+        monkeypatch.setattr(extractor, "extract_images", first_crop_broken)
+        with caplog.at_level(logging.WARNING, logger="shitu.pipeline.recognizer"):
+            (candidates,) = rec.score_batch([canvas])
+    assert candidates.boxes == [None, expected.boxes[1]]
+    assert candidates.whole == expected.whole
+    assert "1 of 3 crops left unrecognised: the model gave NaN or inf features" in caplog.text
 
 
 def test_whole_image_is_the_fallback_when_no_box_is_recognised(setup, recognizer):

@@ -35,6 +35,7 @@ from shitu.detection.detector import detectors_held, is_paddle_inference_model
 from shitu.errors import CheckpointError, ConfigError
 from shitu.image_files import path_list
 from shitu.index import Gallery
+from shitu.index.gallery import NOT_FINITE
 from shitu.inference.extractor import FeatureExtractor, check_count, in_batch
 from shitu.inference.manifest import EXPORT_FILES, MANIFEST
 from shitu.inference.preprocess import read_rgb
@@ -48,6 +49,7 @@ from shitu.pipeline.defaults import (
 )
 from shitu.progress import ImageProgress
 from shitu.values import is_number
+from shitu.vectors import finite_rows
 
 logger = logging.getLogger(__name__)
 
@@ -463,13 +465,27 @@ class Recognizer:
             crops.extend(image[y1:y2, x1:x2] for x1, y1, x2, y2 in boxes)
         if not crops:
             return []
-        hits = self.gallery.search(self.extractor.extract_images(crops, self.batch_size), k=1)
+        features = self.extractor.extract_images(crops, self.batch_size)
+        # A crop the model gives NaN or inf is left unrecognised, said once per batch: the
+        # search refused the whole batch for it, naming a row of the crops
+        usable = finite_rows(features)
+        if not usable.all():
+            logger.warning(
+                "%d of %d crops left unrecognised: %s",
+                int((~usable).sum()),
+                len(crops),
+                NOT_FINITE,
+            )
+        hits = self.gallery.search(features[usable], k=1)
+        hit_row = np.cumsum(usable) - 1  # each crop's row among the searched ones
         labels, scores, ids = hits.labels[:, 0], hits.scores[:, 0], hits.ids[:, 0]
         scored = [
-            Recognition(box, str(labels[row]), float(scores[row]), int(ids[row]))
-            if ids[row] >= 0
-            else None  # an empty library has no hit
-            for row, box in enumerate(box for boxes in boxes_per_image for box in boxes)
+            Recognition(box, str(labels[hit]), float(scores[hit]), int(ids[hit]))
+            if usable[row] and ids[hit] >= 0  # an empty library has no hit
+            else None
+            for row, (hit, box) in enumerate(
+                zip(hit_row, (box for boxes in boxes_per_image for box in boxes), strict=True)
+            )
         ]
         candidates, start = [], 0
         for boxes in boxes_per_image:
