@@ -6,18 +6,33 @@ import errno
 import os
 import stat
 import sys
+from pathlib import Path
 
 import pytest
 
 from shitu import fileio
-from shitu.errors import ConfigError
+from shitu.errors import ConfigError, DataError
 from shitu.fileio import (
+    check_writable,
     replace_folder,
     staging_folder,
     staging_in_progress,
     staging_target,
     write_atomically,
 )
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs procfs")
+def test_an_output_folder_that_cannot_be_made_is_named_by_the_folder_that_refused_it():
+    """`--out RO/new` under a folder no one may write in said 'cannot write in RO/new', a
+    folder that did not exist, not the one that refused it (procfs's: root is refused too)."""
+    with pytest.raises(DataError) as refused:
+        check_writable(Path("/proc/self/new/lib"), "--out /proc/self/new/lib")
+    assert str(refused.value).startswith(
+        "--out /proc/self/new/lib: cannot make the folder in /proc/self ("
+    )
+    with pytest.raises(DataError, match=r"^--out /proc/self: cannot write in /proc/self \("):
+        check_writable(Path("/proc/self"), "--out /proc/self")
 
 
 def test_write_atomically_replaces_the_file_whole_with_plain_permissions(tmp_path):
