@@ -697,6 +697,45 @@ def test_an_api_key_a_browser_cannot_send_is_named_as_such(server, browser):
     open_page(browser, server)  # the right key again, for the tests after this one
 
 
+# Gives the API key box the value arguments[0], as typing it and leaving the box does.
+CHANGE_KEY = """
+const field = document.getElementById('api-key');
+field.value = arguments[0];
+field.dispatchEvent(new Event('change'));
+"""
+
+
+def test_an_answer_for_an_earlier_api_key_is_dropped(server, browser):
+    """Reads answered after the key changed (held here until the new key's answers are
+    shown) no longer replace what those show: the gallery of the right key that came after
+    the wrong one's refusal, or a 403 of the wrong key after the right one's images."""
+    open_page(browser, server)
+    summary = browser.find_element(By.ID, "gallery-summary")
+    message = browser.find_element(By.ID, "message")
+    browser.execute_script(HOLD_NEXT, "GET /v1/gallery/labels")
+    browser.execute_script(CHANGE_KEY, KEY)  # the same key again: the gallery read anew
+    wait(browser, held, "the right key's labels asked for")
+    browser.execute_script(CHANGE_KEY, "wrong")
+    wait(browser, lambda d: summary.text == "wrong API key", "the wrong key refused")
+    browser.execute_async_script(RELEASE_HELD)  # the right key's labels arrive now
+    assert summary.text == "wrong API key"
+    assert message.text == "wrong API key (check the API key at the top of the page)"
+    label = browser.find_element(By.CSS_SELECTOR, "#labels button").get_attribute("data-label")
+    asked = browser.execute_script(  # the label's images, as the page asks for them
+        "return `GET /v1/gallery/label?${new URLSearchParams({label: arguments[0]})}`", label
+    )
+    browser.execute_script(HOLD_NEXT, asked)
+    browser.execute_script("document.querySelector('#labels button').click()")
+    wait(browser, held, "the label's images asked for with the wrong key")
+    browser.execute_script(CHANGE_KEY, KEY)
+    title = browser.find_element(By.ID, "label-title")
+    wait(browser, lambda d: title.text.startswith(f"{label} ("), "the label's images shown")
+    browser.execute_async_script(RELEASE_HELD)  # the wrong key's 403 arrives now
+    assert browser.find_element(By.ID, "label-status").text == ""
+    assert not message.is_displayed()
+    assert title.text.startswith(f"{label} (")
+
+
 def test_a_label_the_server_refuses_stops_an_add_at_once(server, browser, tmp_path):
     """A refused label is said once: the page no longer splits the request down to single
     files, each refused for the same label, and lists every file as failed."""
