@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import re
+import select
 import shutil
 import signal
 import socket
@@ -875,6 +876,7 @@ def test_the_413_limit_is_written_out_in_plain_digits(limit_mb, shown):
         ),
         ("--max-batch", "0", "a whole number >= 1, got 0"),
         ("--max-connections", "-5", "a whole number >= 1, got -5"),
+        ("--read-timeout", "0", "a number of seconds above 0 (a millisecond or more), got 0.0"),
         ("--root-path", "shitu", "a URL path starting with '/', got shitu"),
         (
             "--allowed-host",
@@ -1033,6 +1035,63 @@ def test_requests_over_the_limit_in_progress_get_a_json_503_with_retry_after(
             connection.close()
     try:
         answer_once(f"{server.url}/v1/gallery", 200)  # once the server has seen them close
+    finally:
+        server.stop()
+
+
+def raw_answer(connection: socket.socket) -> tuple[int, dict[str, str], dict]:
+    """The status, headers and JSON body of the answer on `connection`, read until the
+    server closes it (at most 30 s)."""
+    connection.settimeout(30)
+    received = b""
+    while chunk := connection.recv(65536):
+        received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    status, *lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.lower().split(": ", 1) for line in lines)
+    return int(status.split()[1]), headers, json.loads(body)
+
+
+def test_a_client_that_stops_sending_its_body_is_dropped(serving_library, tmp_path):
+    """A body declared and not sent (or sent a byte at a time) held the server's only
+    request slot for ever: after --read-timeout it gets 408, naming what came, and the
+    connection is closed; one declared over the upload limit gets its 413 (the server no
+    longer waits to discard a body that never comes). The slot then serves others."""
+    server = ServerProcess(
+        serving_library, tmp_path, "--max-connections", "1", "--read-timeout", "0.5",
+        "--max-upload-mb", "1",
+    )  # fmt: skip
+    url = httpx.URL(server.url)
+    head = (
+        "POST /v1/recognize HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {}\r\n"
+        "Content-Length: {}\r\n\r\n"
+    )
+    try:
+        part = b'--b\r\nContent-Disposition: form-data; name="image"; filename="a.jpg"\r\n\r\n'
+        with socket.create_connection((url.host, url.port)) as stalled:
+            stalled.sendall(head.format("multipart/form-data; boundary=b", 1000).encode() + part)
+            status, headers, body = raw_answer(stalled)
+        assert (status, headers["connection"]) == (408, "close")
+        assert body == {
+            "detail": f"the request body stopped arriving ({len(part)} of its 1000 bytes "
+            "came): the server waits 0.5 s for a body, and a second more for every 500 bytes "
+            "(--read-timeout)"
+        }
+        with socket.create_connection((url.host, url.port)) as trickling:
+            trickling.sendall(head.format("application/json", 100_000).encode() + b"{")
+            for _ in range(300):  # a byte every 0.1 s until the server answers (at most 30 s)
+                if select.select([trickling], [], [], 0.1)[0]:
+                    break
+                trickling.sendall(b" ")
+            status, headers, body = raw_answer(trickling)
+        assert (status, headers["connection"]) == (408, "close")
+        assert body["detail"].startswith("the request body stopped arriving (")
+        with socket.create_connection((url.host, url.port)) as oversized:
+            oversized.sendall(head.format("application/json", 10 * 2**20).encode())
+            status, headers, body = raw_answer(oversized)
+        assert (status, headers["connection"]) == (413, "close")
+        assert body == {"detail": "request body is larger than the 1 MB limit"}
+        assert httpx.get(f"{server.url}/v1/gallery", timeout=10).status_code == 200
     finally:
         server.stop()
 

@@ -24,7 +24,9 @@ from shitu.serving.settings import (  # no web framework: the settings are plain
     DEFAULT_MAX_MEGAPIXELS_IN_FLIGHT,
     DEFAULT_MAX_REQUESTS,
     DEFAULT_MAX_UPLOAD_MB,
+    DEFAULT_READ_TIMEOUT_S,
     MB,
+    MIN_BODY_RATE,
     ServeSettings,
 )
 
@@ -37,6 +39,7 @@ API_KEY_ENV = "SHITU_API_KEY"
 # The smallest limits that let anything through: limits are applied in whole bytes and pixels.
 megabytes = bounded(float, 1 / MB, None, "a number of MB above 0 (one byte or more)")
 megapixels = bounded(float, 1e-6, None, "a number of megapixels above 0 (one pixel or more)")
+seconds = bounded(float, 1e-3, None, "a number of seconds above 0 (a millisecond or more)")
 
 
 def root_path(value: str) -> str:
@@ -139,6 +142,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=DEFAULT_MAX_REQUESTS,
         help="requests in progress beyond which requests get 503 (bounds the memory that "
         f"queued uploads take; default {DEFAULT_MAX_REQUESTS})",
+    )
+    parser.add_argument(
+        "--read-timeout",
+        type=seconds,
+        default=DEFAULT_READ_TIMEOUT_S,
+        metavar="SECONDS",
+        help="how long the server waits for a request's body, in all, plus a second for every "
+        f"{MIN_BODY_RATE} bytes that came, before answering 408 and closing the connection: "
+        "a client that stops sending holds a request slot no longer "
+        f"(default {DEFAULT_READ_TIMEOUT_S:g})",
     )
     parser.add_argument(
         "--root-path",
@@ -264,6 +277,7 @@ def run(args: argparse.Namespace) -> int:
         protect_reads=args.protect_reads,
         max_batch=args.max_batch,
         max_requests=args.max_connections,
+        read_timeout_s=args.read_timeout,
         # On loopback only this machine's clients are meant: a name other than localhost is
         # a proxy's, allowed by name, or a rebinding page's.
         allowed_hosts=frozenset(args.allowed_host)

@@ -50,6 +50,7 @@ from shitu.serving.http import (
     AllowedHosts,
     AnswerCutOff,
     BodyLimit,
+    BodyTimeout,
     HeadAsGet,
     PixelBudget,
     RawUploads,
@@ -181,6 +182,7 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
     app.add_middleware(HeadAsGet)  # innermost: the metrics count HEAD as HEAD
     app.add_middleware(BodyLimit, settings=settings)
     app.add_middleware(AllowedHosts, settings=settings)  # before any body is read
+    app.add_middleware(BodyTimeout, settings=settings)  # round every reader of the body
     app.add_middleware(RequestLimit, settings=settings)  # inside the metrics: 503s counted
     app.add_middleware(AnswerCutOff)  # around every other: any request can be cut off
     app.add_middleware(MetricsMiddleware, metrics=metrics)
