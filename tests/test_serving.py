@@ -1426,6 +1426,24 @@ def test_the_page_is_checked_for_a_new_version_on_each_load(client):
     assert again.status_code == 304
 
 
+def test_unknown_paths_and_methods_are_named_with_what_to_use(client):
+    """Starlette's bare "Not Found" and "Method Not Allowed" named neither the path nor what
+    the endpoint takes: a misspelt `/v1/recognise` left the client to guess."""
+    for path in ("/v1/recognise", "/static/nope.js"):
+        missing = client.post(path) if path.startswith("/v1") else client.get(path)
+        assert missing.status_code == 404, path
+        assert missing.json() == {
+            "detail": f"nothing is served at {path}: the API's endpoints are listed at /docs"
+        }
+    refused = client.put("/v1/recognize")
+    assert (refused.status_code, refused.headers["allow"]) == (405, "POST")
+    assert refused.json() == {"detail": "PUT is not allowed on /v1/recognize: it takes POST"}
+    listed = client.delete("/v1/gallery/labels", headers=WRITE)
+    assert listed.json() == {
+        "detail": "DELETE is not allowed on /v1/gallery/labels: it takes GET, HEAD"
+    }
+
+
 def test_the_page_answers_head_as_uptime_monitors_check_it(client):
     page, head = client.get("/"), client.head("/")
     assert head.status_code == 200 and head.content == b""

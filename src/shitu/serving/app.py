@@ -55,6 +55,7 @@ from shitu.serving.http import (
     PixelBudget,
     RawUploads,
     RequestLimit,
+    allowing_head,
     api_key_check,
     media_type,
     query_as_declared,
@@ -219,9 +220,25 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         """FastAPI turns any error while it parses a JSON body into 400 "error parsing the
-        body", a chunked body over the limit too: answer with our error (413) instead."""
+        body", a chunked body over the limit too: answer with our error (413) instead. A
+        path nothing answers, or a method its endpoint does not take, is named with what to
+        use instead: Starlette's bare "Not Found" and "Method Not Allowed" left the client
+        to guess which part was wrong (`/v1/recognise`, say)."""
         if isinstance(exc.__cause__, ShituError):
             return await shitu_error(request, exc.__cause__)
+        path = request.url.path
+        if exc.status_code == 404:  # no route, or no file under /static
+            docs = f"{request.base_url.path}docs"  # under the proxy's prefix, if any
+            exc = StarletteHTTPException(
+                404, f"nothing is served at {path}: the API's endpoints are listed at {docs}"
+            )
+        elif exc.status_code == 405 and exc.headers and "Allow" in exc.headers:
+            [(_, allowed)] = allowing_head([(b"allow", exc.headers["Allow"].encode())])
+            exc = StarletteHTTPException(
+                405,
+                f"{request.method} is not allowed on {path}: it takes {allowed.decode()}",
+                exc.headers,
+            )
         return await http_exception_handler(request, exc)
 
     @app.exception_handler(RequestValidationError)

@@ -253,7 +253,7 @@ class HeadAsGet(HttpMiddleware):
 
         async def answer(message: dict) -> None:
             if message["type"] == "http.response.start" and message["status"] == 405:
-                message = {**message, "headers": _allowing_head(message.get("headers", []))}
+                message = {**message, "headers": allowing_head(message.get("headers", []))}
             elif head and message["type"] == "http.response.body":
                 message = {**message, "body": b""}
             await send(message)
@@ -266,7 +266,7 @@ class HeadAsGet(HttpMiddleware):
                 scope["route"] = inner["route"]
 
 
-def _allowing_head(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+def allowing_head(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     """The headers with HEAD added to an Allow that lists GET."""
     allowing = []
     for name, value in headers:
