@@ -1049,6 +1049,7 @@ def raw_answer(connection: socket.socket) -> tuple[int, dict[str, str], dict]:
     head, _, body = received.partition(b"\r\n\r\n")
     status, *lines = head.decode("latin-1").split("\r\n")
     headers = dict(line.lower().split(": ", 1) for line in lines)
+    assert len(headers) == len(lines), f"a header given twice: {lines}"
     return int(status.split()[1]), headers, json.loads(body)
 
 

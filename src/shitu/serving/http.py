@@ -182,12 +182,17 @@ class BodyTimeout(HttpMiddleware):
         async def closing(message: dict) -> None:
             """The answer, telling the client that a connection whose body is cut short is
             closed after it (the server cannot tell where its next request would start)."""
-            if timed_out and message["type"] == "http.response.start":
-                headers = [*message.get("headers", []), (b"connection", b"close")]
-                message = {**message, "headers": headers}
+            headers = message.get("headers", [])
+            if timed_out and message["type"] == "http.response.start" and not _closes(headers):
+                message = {**message, "headers": [*headers, (b"connection", b"close")]}
             await send(message)
 
         await self.app(scope, timed, closing)
+
+
+def _closes(headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    """Whether response headers already say the connection closes after it (`_answer`'s)."""
+    return (b"connection", b"close") in [(name.lower(), value.lower()) for name, value in headers]
 
 
 def _what_came(scope: dict, received: int) -> str:
