@@ -1039,14 +1039,19 @@ def test_requests_over_the_limit_in_progress_get_a_json_503_with_retry_after(
         server.stop()
 
 
-def raw_answer(connection: socket.socket) -> tuple[int, dict[str, str], dict]:
-    """The status, headers and JSON body of the answer on `connection`, read until the
-    server closes it (at most 30 s)."""
+def closed_by_server(connection: socket.socket) -> bytes:
+    """What the server sends on `connection` before closing it (at most 30 s)."""
     connection.settimeout(30)
     received = b""
     while chunk := connection.recv(65536):
         received += chunk
-    head, _, body = received.partition(b"\r\n\r\n")
+    return received
+
+
+def raw_answer(connection: socket.socket) -> tuple[int, dict[str, str], dict]:
+    """The status, headers and JSON body of the answer on `connection`, read until the
+    server closes it."""
+    head, _, body = closed_by_server(connection).partition(b"\r\n\r\n")
     status, *lines = head.decode("latin-1").split("\r\n")
     headers = dict(line.lower().split(": ", 1) for line in lines)
     assert len(headers) == len(lines), f"a header given twice: {lines}"
@@ -1093,6 +1098,31 @@ def test_a_client_that_stops_sending_its_body_is_dropped(serving_library, tmp_pa
         assert (status, headers["connection"]) == (413, "close")
         assert body == {"detail": "request body is larger than the 1 MB limit"}
         assert httpx.get(f"{server.url}/v1/gallery", timeout=10).status_code == 200
+    finally:
+        server.stop()
+
+
+def test_a_client_that_does_not_send_its_request_headers_is_dropped(serving_library, tmp_path):
+    """A connection that sent nothing, half a request line, or half a request after its
+    first was answered was held open for ever (a file descriptor each): it is closed after
+    --read-timeout, with nothing to answer."""
+    server = ServerProcess(serving_library, tmp_path, "--read-timeout", "0.5")
+    url = httpx.URL(server.url)
+    try:
+        with socket.create_connection((url.host, url.port)) as silent:
+            assert closed_by_server(silent) == b""
+        with socket.create_connection((url.host, url.port)) as halting:
+            halting.sendall(b"GET /heal")
+            assert closed_by_server(halting) == b""
+        with socket.create_connection((url.host, url.port)) as kept:
+            kept.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            first = b""
+            while not re.search(rb"\r\n\r\n\{.*\}$", first, re.S):  # its JSON answer, whole
+                first += kept.recv(65536)
+            assert first.startswith(b"HTTP/1.1 200 ")
+            kept.sendall(b"GET /healthz HTTP/1.1\r\nHost: 12")
+            assert closed_by_server(kept) == b""
+        assert httpx.get(f"{server.url}/healthz", timeout=10).status_code == 200
     finally:
         server.stop()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import ipaddress
 import logging
 import os
@@ -148,10 +149,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=seconds,
         default=DEFAULT_READ_TIMEOUT_S,
         metavar="SECONDS",
-        help="how long the server waits for a request's body, in all, plus a second for every "
-        f"{MIN_BODY_RATE} bytes that came, before answering 408 and closing the connection: "
-        "a client that stops sending holds a request slot no longer "
-        f"(default {DEFAULT_READ_TIMEOUT_S:g})",
+        help="how long the server waits for a request's headers (then closes the connection), "
+        f"and for its body, in all, plus a second for every {MIN_BODY_RATE} bytes that came "
+        "(then answers 408 and closes it): a client that stops sending holds a connection "
+        f"and a request slot no longer (default {DEFAULT_READ_TIMEOUT_S:g})",
     )
     parser.add_argument(
         "--root-path",
@@ -210,6 +211,52 @@ def _server_that_stops_waiting(server: type[Server], library: SharedLibrary) -> 
             await super().shutdown(sockets)
 
     return StoppingServer
+
+
+def _protocol_timing_headers(timeout_s: float) -> type:
+    """uvicorn's HTTP/1.1 protocol, which closes a connection whose request headers have not
+    come whole `timeout_s` after it opened or its last answer went out: uvicorn waits for
+    them for ever, so a client that opened connections and sent nothing, or half a request
+    line, held each open (a file descriptor, and the memory of its buffer) for good. The body
+    is BodyTimeout's to time. The h11 protocol is uvicorn's own where httptools is missing."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class TimingHeaders(H11Protocol):
+        waiting: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._wait_for_headers()
+
+        def handle_events(self) -> None:
+            cycle = self.cycle
+            super().handle_events()
+            if self.cycle is not cycle:  # a request's headers came whole
+                self._stop_waiting()
+
+        def on_response_complete(self) -> None:
+            self._wait_for_headers()  # before: a pipelined request may start in it
+            super().on_response_complete()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._stop_waiting()
+            super().connection_lost(exc)
+
+        def _wait_for_headers(self) -> None:
+            self._stop_waiting()
+            self.waiting = self.loop.call_later(timeout_s, self._drop)
+
+        def _stop_waiting(self) -> None:
+            if self.waiting is not None:
+                self.waiting.cancel()
+                self.waiting = None
+
+        def _drop(self) -> None:
+            self.waiting = None
+            if not self.transport.is_closing():
+                self.transport.close()
+
+    return TimingHeaders
 
 
 def _api_key(given: str | None) -> str | None:
@@ -327,6 +374,7 @@ def run(args: argparse.Namespace) -> int:
             access_log=args.access_log,
             root_path=args.root_path,
             timeout_graceful_shutdown=10,
+            http=_protocol_timing_headers(settings.read_timeout_s),
         )
         if args.access_log:  # uvicorn gives its access log the log level: "warning" would drop it
             logging.getLogger("uvicorn.access").setLevel(logging.INFO)

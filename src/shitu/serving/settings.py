@@ -21,6 +21,7 @@ DEFAULT_MAX_REQUESTS = 64
 # How long, in seconds, the server waits in all for a request's body to arrive (beyond it, a
 # second more for every MIN_BODY_RATE bytes that came) before answering 408: a client that
 # declared a body and sent nothing held its request's slot (--max-connections) for ever.
+# `shitu serve` waits as long for a request's headers before it closes the connection.
 DEFAULT_READ_TIMEOUT_S = 30.0
 # Bytes a second that a body must arrive at, past the read timeout (Apache's mod_reqtimeout
 # MinRate default): one trickled a byte at a time runs out, a slow link's upload does not.
