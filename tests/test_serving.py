@@ -1433,6 +1433,7 @@ def test_page_and_docs_load_nothing_from_elsewhere(client):
     answers = [set(op["responses"]) for path in spec["paths"].values() for op in path.values()]
     assert not any("422" in codes for codes in answers)  # invalid requests get 400
     assert "400" in spec["paths"]["/v1/gallery/images/{image_id}"]["get"]["responses"]
+    assert {"408", "413"} <= set(spec["paths"]["/v1/recognize"]["post"]["responses"])
     assert {"200", "201"} <= set(spec["paths"]["/v1/gallery/images"]["post"]["responses"])
     for path in ("/metrics", "/v1/gallery", "/v1/gallery/labels"):  # refused without a key
         assert {"401", "403"} <= set(spec["paths"][path]["get"]["responses"]), path

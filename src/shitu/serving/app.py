@@ -89,7 +89,7 @@ LABEL_IN_QUERY = "/v1/gallery/label"  # ?label=NAME
 JSON_TYPE = re.compile(r"|application/json|application/[^/]+\+json")
 SOURCES = {"body": "JSON body", "path": "path", "query": "query"}  # where FastAPI found a value
 ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": schemas.ErrorOut} for status in (400, 401, 403, 404, 413, 415, 503)
+    status: {"model": schemas.ErrorOut} for status in (400, 401, 403, 404, 408, 413, 415, 503)
 }
 # What a request that cannot go wrong otherwise may still get: refused access (with an API
 # key, or --protect-reads for reads), or too many requests in progress.
