@@ -1476,6 +1476,39 @@ def test_unknown_paths_and_methods_are_named_with_what_to_use(client):
     }
 
 
+@pytest.mark.parametrize(
+    "head, status, detail",
+    [
+        (
+            b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: abc\r\n\r\n",
+            400,
+            "invalid HTTP request: bad Content-Length",
+        ),
+        (
+            b"GET /healthz HTTP/1.1\r\n\r\n",
+            400,
+            "invalid HTTP request: Missing mandatory Host: header",
+        ),
+        (
+            b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Long: " + b"a" * 20_000,
+            431,
+            "the request's headers are too large: 16 KB came and they had not ended",
+        ),
+    ],
+)
+def test_a_request_that_is_not_valid_http_is_answered_as_json_naming_why(
+    server, head, status, detail
+):
+    """uvicorn answered these with a plain-text 400, "Invalid HTTP request received.", the
+    one error not answered as JSON, and without the reason."""
+    url = httpx.URL(server.url)
+    with socket.create_connection((url.host, url.port)) as connection:
+        connection.sendall(head)
+        answer = raw_answer(connection)
+    assert answer == (status, {**answer[1], "content-type": "application/json"}, {"detail": detail})
+    assert answer[1]["connection"] == "close"
+
+
 def test_the_page_answers_head_as_uptime_monitors_check_it(client):
     page, head = client.get("/"), client.head("/")
     assert head.status_code == 200 and head.content == b""
