@@ -705,10 +705,12 @@ field.dispatchEvent(new Event('change'));
 """
 
 
-def test_an_answer_for_an_earlier_api_key_is_dropped(server, browser):
+def test_an_answer_for_an_earlier_api_key_is_dropped(server, browser, tmp_path):
     """Reads answered after the key changed (held here until the new key's answers are
     shown) no longer replace what those show: the gallery of the right key that came after
-    the wrong one's refusal, or a 403 of the wrong key after the right one's images."""
+    the wrong one's refusal, or a 403 of the wrong key after the right one's images. An
+    edit's outcome is still reported, though the gallery it drew after was an earlier
+    key's."""
     open_page(browser, server)
     summary = browser.find_element(By.ID, "gallery-summary")
     message = browser.find_element(By.ID, "message")
@@ -734,6 +736,17 @@ def test_an_answer_for_an_earlier_api_key_is_dropped(server, browser):
     assert browser.find_element(By.ID, "label-status").text == ""
     assert not message.is_displayed()
     assert title.text.startswith(f"{label} (")
+    add_label = browser.find_element(By.ID, "add-label")
+    add_label.clear()
+    add_label.send_keys("Rekeyed")
+    browser.find_element(By.ID, "add-files").send_keys(str(make_images(tmp_path, 1, seed=43)[0]))
+    browser.execute_script(HOLD_NEXT, "GET /v1/gallery/labels")
+    browser.find_element(By.CSS_SELECTOR, "#add-form button[type=submit]").click()
+    wait(browser, held, "the gallery asked for after the add")
+    browser.execute_script(CHANGE_KEY, KEY)
+    browser.execute_async_script(RELEASE_HELD)  # the gallery before the key's change
+    status = browser.find_element(By.ID, "add-status")
+    wait(browser, lambda d: status.text == 'added 1 to "Rekeyed"', "the add reported")
 
 
 def test_a_label_the_server_refuses_stops_an_add_at_once(server, browser, tmp_path):
