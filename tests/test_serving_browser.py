@@ -752,6 +752,28 @@ def test_an_answer_for_an_earlier_api_key_is_dropped(server, browser, tmp_path):
         client.delete("/v1/gallery/labels/Rekeyed").raise_for_status()  # for the later tests
 
 
+def test_an_add_goes_on_when_the_api_key_changes_as_it_asks_for_the_limits(
+    server, browser, tmp_path
+):
+    """The server's limits (/healthz, which needs no key) answered after the key changed
+    were dropped as an earlier key's answer: the add stopped there, saying nothing."""
+    open_page(browser, server)  # a new page: the limits not yet asked for
+    add_label = browser.find_element(By.ID, "add-label")
+    add_label.clear()
+    add_label.send_keys("Limits")
+    (image,) = make_images(tmp_path, 1, seed=61)  # a seed no other test uses
+    browser.find_element(By.ID, "add-files").send_keys(str(image))
+    browser.execute_script(HOLD_NEXT, "GET /healthz")
+    browser.find_element(By.CSS_SELECTOR, "#add-form button[type=submit]").click()
+    wait(browser, held, "the limits asked for")
+    browser.execute_script(CHANGE_KEY, KEY)
+    browser.execute_async_script(RELEASE_HELD)
+    status = browser.find_element(By.ID, "add-status")
+    wait(browser, lambda d: status.text == 'added 1 to "Limits"', "the add reported")
+    with httpx.Client(base_url=server.url, headers={"X-API-Key": KEY}) as client:
+        client.delete("/v1/gallery/labels/Limits").raise_for_status()  # for the later tests
+
+
 def test_a_label_the_server_refuses_stops_an_add_at_once(server, browser, tmp_path):
     """A refused label is said once: the page no longer splits the request down to single
     files, each refused for the same label, and lists every file as failed."""

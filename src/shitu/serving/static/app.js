@@ -515,10 +515,12 @@ async function redraw(label) {
 
 // ---------------------------------------------------------------------------- adding images
 
-// What one request may hold, from the server's /healthz (which needs no API key).
+// What one request may hold, from the server's /healthz. It needs no API key, so its answer
+// holds whatever the key is now: not dropped as stale, which left an add the key changed
+// during undone, without a word.
 let limits = null;
 async function serverLimits() {
-  if (!limits) limits = (await api("healthz")).limits;
+  if (!limits) limits = (await request("healthz", {})).limits;
   return limits;
 }
 
