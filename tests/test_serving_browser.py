@@ -878,6 +878,7 @@ def test_edits_say_what_they_are_doing_while_they_wait(serving_library, server, 
     assert disabled(browser, f'figure[data-id="{image_id}"] button') == [True]
     browser.execute_async_script(RELEASE_HELD)
     wait(browser, lambda d: title.text == "Held on (1 image)", "the image deleted")
+    assert status.text == f"deleted image #{image_id}"
     browser.execute_script(HOLD_NEXT, "DELETE /v1/gallery/label?label=Held+on")
     browser.find_element(By.ID, "delete-label").click()
     browser.switch_to.alert.accept()

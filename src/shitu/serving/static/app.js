@@ -465,6 +465,7 @@ function appendThumbs(label, images) {
       setStatus("label-status", `deleting image #${image.id}…`);
       const place = [...$("thumbs").querySelectorAll("figure")].indexOf(figure);
       await api(imagePath(image.id), { method: "DELETE" });
+      setStatus("label-status", `deleted image #${image.id}`, "ok"); // not "deleting" for good
       await refresh(label);
       // Focus goes to the image now in its place (or the last one), not back to the page's top.
       const buttons = $("thumbs").querySelectorAll("figure button");
