@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import re
+import select
 import shutil
 import signal
 import socket
@@ -875,6 +876,7 @@ def test_the_413_limit_is_written_out_in_plain_digits(limit_mb, shown):
         ),
         ("--max-batch", "0", "a whole number >= 1, got 0"),
         ("--max-connections", "-5", "a whole number >= 1, got -5"),
+        ("--read-timeout", "0", "a number of seconds above 0 (a millisecond or more), got 0.0"),
         ("--root-path", "shitu", "a URL path starting with '/', got shitu"),
         (
             "--allowed-host",
@@ -1033,6 +1035,94 @@ def test_requests_over_the_limit_in_progress_get_a_json_503_with_retry_after(
             connection.close()
     try:
         answer_once(f"{server.url}/v1/gallery", 200)  # once the server has seen them close
+    finally:
+        server.stop()
+
+
+def closed_by_server(connection: socket.socket) -> bytes:
+    """What the server sends on `connection` before closing it (at most 30 s)."""
+    connection.settimeout(30)
+    received = b""
+    while chunk := connection.recv(65536):
+        received += chunk
+    return received
+
+
+def raw_answer(connection: socket.socket) -> tuple[int, dict[str, str], dict]:
+    """The status, headers and JSON body of the answer on `connection`, read until the
+    server closes it."""
+    head, _, body = closed_by_server(connection).partition(b"\r\n\r\n")
+    status, *lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.lower().split(": ", 1) for line in lines)
+    assert len(headers) == len(lines), f"a header given twice: {lines}"
+    return int(status.split()[1]), headers, json.loads(body)
+
+
+def test_a_client_that_stops_sending_its_body_is_dropped(serving_library, tmp_path):
+    """A body declared and not sent (or sent a byte at a time) held the server's only
+    request slot for ever: after --read-timeout it gets 408, naming what came, and the
+    connection is closed; one declared over the upload limit gets its 413 (the server no
+    longer waits to discard a body that never comes). The slot then serves others."""
+    server = ServerProcess(
+        serving_library, tmp_path, "--max-connections", "1", "--read-timeout", "0.5",
+        "--max-upload-mb", "1",
+    )  # fmt: skip
+    url = httpx.URL(server.url)
+    head = (
+        "POST /v1/recognize HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {}\r\n"
+        "Content-Length: {}\r\n\r\n"
+    )
+    try:
+        part = b'--b\r\nContent-Disposition: form-data; name="image"; filename="a.jpg"\r\n\r\n'
+        with socket.create_connection((url.host, url.port)) as stalled:
+            stalled.sendall(head.format("multipart/form-data; boundary=b", 1000).encode() + part)
+            status, headers, body = raw_answer(stalled)
+        assert (status, headers["connection"]) == (408, "close")
+        assert body == {
+            "detail": f"the request body stopped arriving ({len(part)} of its 1000 bytes "
+            "came): the server waits 0.5 s for a body, and a second more for every 500 bytes "
+            "(--read-timeout)"
+        }
+        with socket.create_connection((url.host, url.port)) as trickling:
+            trickling.sendall(head.format("application/json", 100_000).encode() + b"{")
+            for _ in range(300):  # a byte every 0.1 s until the server answers (at most 30 s)
+                if select.select([trickling], [], [], 0.1)[0]:
+                    break
+                trickling.sendall(b" ")
+            status, headers, body = raw_answer(trickling)
+        assert (status, headers["connection"]) == (408, "close")
+        assert body["detail"].startswith("the request body stopped arriving (")
+        with socket.create_connection((url.host, url.port)) as oversized:
+            oversized.sendall(head.format("application/json", 10 * 2**20).encode())
+            status, headers, body = raw_answer(oversized)
+        assert (status, headers["connection"]) == (413, "close")
+        assert body == {"detail": "request body is larger than the 1 MB limit"}
+        assert httpx.get(f"{server.url}/v1/gallery", timeout=10).status_code == 200
+    finally:
+        server.stop()
+
+
+def test_a_client_that_does_not_send_its_request_headers_is_dropped(serving_library, tmp_path):
+    """A connection that sent nothing, half a request line, or half a request after its
+    first was answered was held open for ever (a file descriptor each): it is closed after
+    --read-timeout, with nothing to answer."""
+    server = ServerProcess(serving_library, tmp_path, "--read-timeout", "0.5")
+    url = httpx.URL(server.url)
+    try:
+        with socket.create_connection((url.host, url.port)) as silent:
+            assert closed_by_server(silent) == b""
+        with socket.create_connection((url.host, url.port)) as halting:
+            halting.sendall(b"GET /heal")
+            assert closed_by_server(halting) == b""
+        with socket.create_connection((url.host, url.port)) as kept:
+            kept.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            first = b""
+            while not re.search(rb"\r\n\r\n\{.*\}$", first, re.S):  # its JSON answer, whole
+                first += kept.recv(65536)
+            assert first.startswith(b"HTTP/1.1 200 ")
+            kept.sendall(b"GET /healthz HTTP/1.1\r\nHost: 12")
+            assert closed_by_server(kept) == b""
+        assert httpx.get(f"{server.url}/healthz", timeout=10).status_code == 200
     finally:
         server.stop()
 
@@ -1343,6 +1433,7 @@ def test_page_and_docs_load_nothing_from_elsewhere(client):
     answers = [set(op["responses"]) for path in spec["paths"].values() for op in path.values()]
     assert not any("422" in codes for codes in answers)  # invalid requests get 400
     assert "400" in spec["paths"]["/v1/gallery/images/{image_id}"]["get"]["responses"]
+    assert {"408", "413"} <= set(spec["paths"]["/v1/recognize"]["post"]["responses"])
     assert {"200", "201"} <= set(spec["paths"]["/v1/gallery/images"]["post"]["responses"])
     for path in ("/metrics", "/v1/gallery", "/v1/gallery/labels"):  # refused without a key
         assert {"401", "403"} <= set(spec["paths"][path]["get"]["responses"]), path
@@ -1365,6 +1456,57 @@ def test_the_page_is_checked_for_a_new_version_on_each_load(client):
     script = client.get("/static/app.js")
     again = client.get("/static/app.js", headers={"If-None-Match": script.headers["etag"]})
     assert again.status_code == 304
+
+
+def test_unknown_paths_and_methods_are_named_with_what_to_use(client):
+    """Starlette's bare "Not Found" and "Method Not Allowed" named neither the path nor what
+    the endpoint takes: a misspelt `/v1/recognise` left the client to guess."""
+    for path in ("/v1/recognise", "/static/nope.js"):
+        missing = client.post(path) if path.startswith("/v1") else client.get(path)
+        assert missing.status_code == 404, path
+        assert missing.json() == {
+            "detail": f"nothing is served at {path}: the API's endpoints are listed at /docs"
+        }
+    refused = client.put("/v1/recognize")
+    assert (refused.status_code, refused.headers["allow"]) == (405, "POST")
+    assert refused.json() == {"detail": "PUT is not allowed on /v1/recognize: it takes POST"}
+    listed = client.delete("/v1/gallery/labels", headers=WRITE)
+    assert listed.json() == {
+        "detail": "DELETE is not allowed on /v1/gallery/labels: it takes GET, HEAD"
+    }
+
+
+@pytest.mark.parametrize(
+    "head, status, detail",
+    [
+        (
+            b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: abc\r\n\r\n",
+            400,
+            "invalid HTTP request: bad Content-Length",
+        ),
+        (
+            b"GET /healthz HTTP/1.1\r\n\r\n",
+            400,
+            "invalid HTTP request: Missing mandatory Host: header",
+        ),
+        (
+            b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Long: " + b"a" * 20_000,
+            431,
+            "the request's headers are too large: 16 KB came and they had not ended",
+        ),
+    ],
+)
+def test_a_request_that_is_not_valid_http_is_answered_as_json_naming_why(
+    server, head, status, detail
+):
+    """uvicorn answered these with a plain-text 400, "Invalid HTTP request received.", the
+    one error not answered as JSON, and without the reason."""
+    url = httpx.URL(server.url)
+    with socket.create_connection((url.host, url.port)) as connection:
+        connection.sendall(head)
+        answer = raw_answer(connection)
+    assert answer == (status, {**answer[1], "content-type": "application/json"}, {"detail": detail})
+    assert answer[1]["connection"] == "close"
 
 
 def test_the_page_answers_head_as_uptime_monitors_check_it(client):

@@ -697,6 +697,83 @@ def test_an_api_key_a_browser_cannot_send_is_named_as_such(server, browser):
     open_page(browser, server)  # the right key again, for the tests after this one
 
 
+# Gives the API key box the value arguments[0], as typing it and leaving the box does.
+CHANGE_KEY = """
+const field = document.getElementById('api-key');
+field.value = arguments[0];
+field.dispatchEvent(new Event('change'));
+"""
+
+
+def test_an_answer_for_an_earlier_api_key_is_dropped(server, browser, tmp_path):
+    """Reads answered after the key changed (held here until the new key's answers are
+    shown) no longer replace what those show: the gallery of the right key that came after
+    the wrong one's refusal, or a 403 of the wrong key after the right one's images. An
+    edit's outcome is still reported, though the gallery it drew after was an earlier
+    key's."""
+    open_page(browser, server)
+    summary = browser.find_element(By.ID, "gallery-summary")
+    message = browser.find_element(By.ID, "message")
+    browser.execute_script(HOLD_NEXT, "GET /v1/gallery/labels")
+    browser.execute_script(CHANGE_KEY, KEY)  # the same key again: the gallery read anew
+    wait(browser, held, "the right key's labels asked for")
+    browser.execute_script(CHANGE_KEY, "wrong")
+    wait(browser, lambda d: summary.text == "wrong API key", "the wrong key refused")
+    browser.execute_async_script(RELEASE_HELD)  # the right key's labels arrive now
+    assert summary.text == "wrong API key"
+    assert message.text == "wrong API key (check the API key at the top of the page)"
+    label = browser.find_element(By.CSS_SELECTOR, "#labels button").get_attribute("data-label")
+    asked = browser.execute_script(  # the label's images, as the page asks for them
+        "return `GET /v1/gallery/label?${new URLSearchParams({label: arguments[0]})}`", label
+    )
+    browser.execute_script(HOLD_NEXT, asked)
+    browser.execute_script("document.querySelector('#labels button').click()")
+    wait(browser, held, "the label's images asked for with the wrong key")
+    browser.execute_script(CHANGE_KEY, KEY)
+    title = browser.find_element(By.ID, "label-title")
+    wait(browser, lambda d: title.text.startswith(f"{label} ("), "the label's images shown")
+    browser.execute_async_script(RELEASE_HELD)  # the wrong key's 403 arrives now
+    assert browser.find_element(By.ID, "label-status").text == ""
+    assert not message.is_displayed()
+    assert title.text.startswith(f"{label} (")
+    add_label = browser.find_element(By.ID, "add-label")
+    add_label.clear()
+    add_label.send_keys("Rekeyed")
+    (image,) = make_images(tmp_path, 1, seed=59)  # a seed no other test uses
+    browser.find_element(By.ID, "add-files").send_keys(str(image))
+    browser.execute_script(HOLD_NEXT, "GET /v1/gallery/labels")
+    browser.find_element(By.CSS_SELECTOR, "#add-form button[type=submit]").click()
+    wait(browser, held, "the gallery asked for after the add")
+    browser.execute_script(CHANGE_KEY, KEY)
+    browser.execute_async_script(RELEASE_HELD)  # the gallery before the key's change
+    status = browser.find_element(By.ID, "add-status")
+    wait(browser, lambda d: status.text == 'added 1 to "Rekeyed"', "the add reported")
+    with httpx.Client(base_url=server.url, headers={"X-API-Key": KEY}) as client:
+        client.delete("/v1/gallery/labels/Rekeyed").raise_for_status()  # for the later tests
+
+
+def test_an_add_goes_on_when_the_api_key_changes_as_it_asks_for_the_limits(
+    server, browser, tmp_path
+):
+    """The server's limits (/healthz, which needs no key) answered after the key changed
+    were dropped as an earlier key's answer: the add stopped there, saying nothing."""
+    open_page(browser, server)  # a new page: the limits not yet asked for
+    add_label = browser.find_element(By.ID, "add-label")
+    add_label.clear()
+    add_label.send_keys("Limits")
+    (image,) = make_images(tmp_path, 1, seed=61)  # a seed no other test uses
+    browser.find_element(By.ID, "add-files").send_keys(str(image))
+    browser.execute_script(HOLD_NEXT, "GET /healthz")
+    browser.find_element(By.CSS_SELECTOR, "#add-form button[type=submit]").click()
+    wait(browser, held, "the limits asked for")
+    browser.execute_script(CHANGE_KEY, KEY)
+    browser.execute_async_script(RELEASE_HELD)
+    status = browser.find_element(By.ID, "add-status")
+    wait(browser, lambda d: status.text == 'added 1 to "Limits"', "the add reported")
+    with httpx.Client(base_url=server.url, headers={"X-API-Key": KEY}) as client:
+        client.delete("/v1/gallery/labels/Limits").raise_for_status()  # for the later tests
+
+
 def test_a_label_the_server_refuses_stops_an_add_at_once(server, browser, tmp_path):
     """A refused label is said once: the page no longer splits the request down to single
     files, each refused for the same label, and lists every file as failed."""
@@ -801,6 +878,7 @@ def test_edits_say_what_they_are_doing_while_they_wait(serving_library, server, 
     assert disabled(browser, f'figure[data-id="{image_id}"] button') == [True]
     browser.execute_async_script(RELEASE_HELD)
     wait(browser, lambda d: title.text == "Held on (1 image)", "the image deleted")
+    assert status.text == f"deleted image #{image_id}"
     browser.execute_script(HOLD_NEXT, "DELETE /v1/gallery/label?label=Held+on")
     browser.find_element(By.ID, "delete-label").click()
     browser.switch_to.alert.accept()

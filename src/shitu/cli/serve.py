@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import ipaddress
+import json
 import logging
 import os
 import socket
 import sys
+from http import HTTPStatus
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from shitu.cli.common import bounded, port_number, positive_int, refuse_inside_gallery_sources
 from shitu.cli.recognize import (
@@ -24,7 +27,9 @@ from shitu.serving.settings import (  # no web framework: the settings are plain
     DEFAULT_MAX_MEGAPIXELS_IN_FLIGHT,
     DEFAULT_MAX_REQUESTS,
     DEFAULT_MAX_UPLOAD_MB,
+    DEFAULT_READ_TIMEOUT_S,
     MB,
+    MIN_BODY_RATE,
     ServeSettings,
 )
 
@@ -34,9 +39,13 @@ if TYPE_CHECKING:
     from shitu.serving.library import SharedLibrary
 
 API_KEY_ENV = "SHITU_API_KEY"
+# How much of a request's headers the server takes in while they have not ended (h11's
+# default); more gets 431.
+H11_MAX_HEADERS_KB = 16
 # The smallest limits that let anything through: limits are applied in whole bytes and pixels.
 megabytes = bounded(float, 1 / MB, None, "a number of MB above 0 (one byte or more)")
 megapixels = bounded(float, 1e-6, None, "a number of megapixels above 0 (one pixel or more)")
+seconds = bounded(float, 1e-3, None, "a number of seconds above 0 (a millisecond or more)")
 
 
 def root_path(value: str) -> str:
@@ -141,6 +150,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         f"queued uploads take; default {DEFAULT_MAX_REQUESTS})",
     )
     parser.add_argument(
+        "--read-timeout",
+        type=seconds,
+        default=DEFAULT_READ_TIMEOUT_S,
+        metavar="SECONDS",
+        help="how long the server waits for a request's headers (then closes the connection), "
+        f"and for its body, in all, plus a second for every {MIN_BODY_RATE} bytes that came "
+        "(then answers 408 and closes it): a client that stops sending holds a connection "
+        f"and a request slot no longer (default {DEFAULT_READ_TIMEOUT_S:g})",
+    )
+    parser.add_argument(
         "--root-path",
         type=root_path,
         default="",
@@ -197,6 +216,92 @@ def _server_that_stops_waiting(server: type[Server], library: SharedLibrary) -> 
             await super().shutdown(sockets)
 
     return StoppingServer
+
+
+def _http_protocol(timeout_s: float) -> type:
+    """uvicorn's HTTP/1.1 protocol, which closes a connection whose request headers have not
+    come whole `timeout_s` after it opened or its last answer went out: uvicorn waits for
+    them for ever, so a client that opened connections and sent nothing, or half a request
+    line, held each open (a file descriptor, and the memory of its buffer) for good. The body
+    is BodyTimeout's to time. A request that is not valid HTTP (no Host, a Content-Length
+    that is no number, headers too large) is answered as JSON naming the problem, with the
+    status h11 gives it, as every other error is: uvicorn's was a plain-text 400, "Invalid
+    HTTP request received.". The h11 protocol is uvicorn's own where httptools is missing."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class Http11(H11Protocol):
+        waiting: asyncio.TimerHandle | None = None
+        malformed: h11.RemoteProtocolError | None = None  # why the request was not HTTP
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            next_event = self.conn.next_event
+
+            def noting_why() -> Any:  # uvicorn drops h11's reason
+                try:
+                    return next_event()
+                except h11.RemoteProtocolError as exc:
+                    self.malformed = exc
+                    raise
+
+            self.conn.next_event = noting_why  # type: ignore[method-assign]
+
+        def send_400_response(self, msg: str) -> None:
+            status = self.malformed.error_status_hint if self.malformed else 400
+            detail = (
+                f"the request's headers are too large: {H11_MAX_HEADERS_KB} KB came and they "
+                "had not ended"
+                if status == 431
+                else f"invalid HTTP request: {self.malformed or msg}"
+            )
+            body = json.dumps({"detail": detail}).encode()
+            headers = [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ]
+            for event in (
+                h11.Response(status_code=status, headers=headers, reason=HTTPStatus(status).phrase),
+                h11.Data(data=body),
+                h11.EndOfMessage(),
+            ):
+                self.transport.write(self.conn.send(event))
+            self.transport.close()
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._wait_for_headers()
+
+        def handle_events(self) -> None:
+            cycle = self.cycle
+            super().handle_events()
+            if self.cycle is not cycle:  # a request's headers came whole
+                self._stop_waiting()
+
+        def on_response_complete(self) -> None:
+            self._wait_for_headers()  # before: a pipelined request may start in it
+            super().on_response_complete()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._stop_waiting()
+            super().connection_lost(exc)
+
+        def _wait_for_headers(self) -> None:
+            self._stop_waiting()
+            self.waiting = self.loop.call_later(timeout_s, self._drop)
+
+        def _stop_waiting(self) -> None:
+            if self.waiting is not None:
+                self.waiting.cancel()
+                self.waiting = None
+
+        def _drop(self) -> None:
+            self.waiting = None
+            if not self.transport.is_closing():
+                self.transport.close()
+
+    return Http11
 
 
 def _api_key(given: str | None) -> str | None:
@@ -264,6 +369,7 @@ def run(args: argparse.Namespace) -> int:
         protect_reads=args.protect_reads,
         max_batch=args.max_batch,
         max_requests=args.max_connections,
+        read_timeout_s=args.read_timeout,
         # On loopback only this machine's clients are meant: a name other than localhost is
         # a proxy's, allowed by name, or a rebinding page's.
         allowed_hosts=frozenset(args.allowed_host)
@@ -313,6 +419,8 @@ def run(args: argparse.Namespace) -> int:
             access_log=args.access_log,
             root_path=args.root_path,
             timeout_graceful_shutdown=10,
+            http=_http_protocol(settings.read_timeout_s),
+            h11_max_incomplete_event_size=H11_MAX_HEADERS_KB * 1024,
         )
         if args.access_log:  # uvicorn gives its access log the log level: "warning" would drop it
             logging.getLogger("uvicorn.access").setLevel(logging.INFO)

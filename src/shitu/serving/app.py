@@ -50,10 +50,12 @@ from shitu.serving.http import (
     AllowedHosts,
     AnswerCutOff,
     BodyLimit,
+    BodyTimeout,
     HeadAsGet,
     PixelBudget,
     RawUploads,
     RequestLimit,
+    allowing_head,
     api_key_check,
     media_type,
     query_as_declared,
@@ -87,7 +89,7 @@ LABEL_IN_QUERY = "/v1/gallery/label"  # ?label=NAME
 JSON_TYPE = re.compile(r"|application/json|application/[^/]+\+json")
 SOURCES = {"body": "JSON body", "path": "path", "query": "query"}  # where FastAPI found a value
 ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": schemas.ErrorOut} for status in (400, 401, 403, 404, 413, 415, 503)
+    status: {"model": schemas.ErrorOut} for status in (400, 401, 403, 404, 408, 413, 415, 503)
 }
 # What a request that cannot go wrong otherwise may still get: refused access (with an API
 # key, or --protect-reads for reads), or too many requests in progress.
@@ -181,6 +183,7 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
     app.add_middleware(HeadAsGet)  # innermost: the metrics count HEAD as HEAD
     app.add_middleware(BodyLimit, settings=settings)
     app.add_middleware(AllowedHosts, settings=settings)  # before any body is read
+    app.add_middleware(BodyTimeout, settings=settings)  # round every reader of the body
     app.add_middleware(RequestLimit, settings=settings)  # inside the metrics: 503s counted
     app.add_middleware(AnswerCutOff)  # around every other: any request can be cut off
     app.add_middleware(MetricsMiddleware, metrics=metrics)
@@ -217,9 +220,25 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         """FastAPI turns any error while it parses a JSON body into 400 "error parsing the
-        body", a chunked body over the limit too: answer with our error (413) instead."""
+        body", a chunked body over the limit too: answer with our error (413) instead. A
+        path nothing answers, or a method its endpoint does not take, is named with what to
+        use instead: Starlette's bare "Not Found" and "Method Not Allowed" left the client
+        to guess which part was wrong (`/v1/recognise`, say)."""
         if isinstance(exc.__cause__, ShituError):
             return await shitu_error(request, exc.__cause__)
+        path = request.url.path
+        if exc.status_code == 404:  # no route, or no file under /static
+            docs = f"{request.base_url.path}docs"  # under the proxy's prefix, if any
+            exc = StarletteHTTPException(
+                404, f"nothing is served at {path}: the API's endpoints are listed at {docs}"
+            )
+        elif exc.status_code == 405 and exc.headers and "Allow" in exc.headers:
+            [(_, allowed)] = allowing_head([(b"allow", exc.headers["Allow"].encode())])
+            exc = StarletteHTTPException(
+                405,
+                f"{request.method} is not allowed on {path}: it takes {allowed.decode()}",
+                exc.headers,
+            )
         return await http_exception_handler(request, exc)
 
     @app.exception_handler(RequestValidationError)

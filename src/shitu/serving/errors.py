@@ -31,6 +31,12 @@ class NotFound(RequestError):
     status = 404
 
 
+class RequestTimeout(RequestError):
+    """The client stopped sending its request body (or sends it too slowly to wait for)."""
+
+    status = 408
+
+
 class Conflict(RequestError):
     """The request would change what it was not asked to (a rename that would merge)."""
 

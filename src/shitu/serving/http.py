@@ -8,6 +8,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import aclosing, asynccontextmanager
@@ -28,12 +29,13 @@ from shitu.serving.errors import (
     Forbidden,
     PayloadTooLarge,
     RequestError,
+    RequestTimeout,
     ServiceUnavailable,
     Unauthorized,
     UnsupportedMediaType,
 )
 from shitu.serving.images import decode_base64
-from shitu.serving.settings import MB, ServeSettings
+from shitu.serving.settings import MB, MIN_BODY_RATE, ServeSettings
 
 logger = logging.getLogger(__name__)
 IMAGE_FIELD = "image"
@@ -133,6 +135,74 @@ class BodyLimit(HttpMiddleware):
         await self.app(scope, counted, send)
 
 
+class BodyTimeout(HttpMiddleware):
+    """ASGI middleware: a client that keeps the server waiting for its request body is
+    answered 408 and its connection closed, which frees the request's slot: one that declared
+    a body and sent nothing (or a byte now and then) held it for ever, and --max-connections
+    of them shut every other client out.
+
+    The client has the settings' `read_timeout_s` of the server's waiting for its body, in
+    all, and a second more for every MIN_BODY_RATE bytes it sends: a slow link's upload goes
+    through, a trickle runs out. Only the waiting for the client counts, not the time the
+    server takes before reading (an edit's wait for the library's lock); once the body is in,
+    reads (whether the client has gone) wait as long as they like.
+    """
+
+    def __init__(self, app: Any, settings: ServeSettings) -> None:
+        super().__init__(app)
+        self.timeout_s = settings.read_timeout_s
+
+    async def handle(self, scope: dict, receive: Callable, send: Callable) -> None:
+        waited = 0.0
+        received = 0
+        body_in = False
+        timed_out = False
+
+        async def timed() -> dict:
+            nonlocal waited, received, body_in, timed_out
+            if body_in:
+                return await receive()
+            allowed = self.timeout_s + received / MIN_BODY_RATE - waited
+            began = time.monotonic()
+            try:
+                message = await asyncio.wait_for(receive(), max(allowed, 0))
+            except TimeoutError:
+                timed_out = True
+                raise RequestTimeout(
+                    f"the request body stopped arriving ({_what_came(scope, received)}): the "
+                    f"server waits {self.timeout_s:g} s for a body, and a second more for "
+                    f"every {MIN_BODY_RATE} bytes (--read-timeout)"
+                ) from None
+            finally:
+                waited += time.monotonic() - began
+            received += len(message.get("body", b""))
+            body_in = message["type"] != "http.request" or not message.get("more_body")
+            return message
+
+        async def closing(message: dict) -> None:
+            """The answer, telling the client that a connection whose body is cut short is
+            closed after it (the server cannot tell where its next request would start)."""
+            headers = message.get("headers", [])
+            if timed_out and message["type"] == "http.response.start" and not _closes(headers):
+                message = {**message, "headers": [*headers, (b"connection", b"close")]}
+            await send(message)
+
+        await self.app(scope, timed, closing)
+
+
+def _closes(headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    """Whether response headers already say the connection closes after it (`_answer`'s)."""
+    return (b"connection", b"close") in [(name.lower(), value.lower()) for name, value in headers]
+
+
+def _what_came(scope: dict, received: int) -> str:
+    """How much of the request's body came, and of how much it declared, in words."""
+    declared = dict(scope["headers"]).get(b"content-length")
+    if declared is None:
+        return f"{received} bytes of it came, in chunks"
+    return f"{received} of its {declared.decode('latin-1')} bytes came"
+
+
 class AllowedHosts(HttpMiddleware):
     """ASGI middleware: with the settings' `allowed_hosts`, a request addressed (its Host
     header) to any other name than those, localhost or a name under .localhost is refused
@@ -188,7 +258,7 @@ class HeadAsGet(HttpMiddleware):
 
         async def answer(message: dict) -> None:
             if message["type"] == "http.response.start" and message["status"] == 405:
-                message = {**message, "headers": _allowing_head(message.get("headers", []))}
+                message = {**message, "headers": allowing_head(message.get("headers", []))}
             elif head and message["type"] == "http.response.body":
                 message = {**message, "body": b""}
             await send(message)
@@ -201,7 +271,7 @@ class HeadAsGet(HttpMiddleware):
                 scope["route"] = inner["route"]
 
 
-def _allowing_head(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+def allowing_head(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     """The headers with HEAD added to an Allow that lists GET."""
     allowing = []
     for name, value in headers:
@@ -359,13 +429,17 @@ async def _answer(
 
 
 async def drain(receive: Callable) -> None:
-    """Read and discard the rest of a request body, up to DRAIN_BYTES."""
+    """Read and discard the rest of a request body, up to DRAIN_BYTES, or until the client
+    stops sending it (BodyTimeout): the answer then closes the connection."""
     drained = 0
-    while drained <= DRAIN_BYTES:
-        message = await receive()
-        if message["type"] != "http.request" or not message.get("more_body"):
-            return
-        drained += len(message.get("body", b""))
+    try:
+        while drained <= DRAIN_BYTES:
+            message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body"):
+                return
+            drained += len(message.get("body", b""))
+    except RequestTimeout:
+        return
 
 
 # --------------------------------------------------------------------------- API key

@@ -18,6 +18,14 @@ REQUEST_PIXELS_FACTOR = 4
 DEFAULT_MAX_BATCH = 8
 MAX_IMAGES_PER_REQUEST = 32
 DEFAULT_MAX_REQUESTS = 64
+# How long, in seconds, the server waits in all for a request's body to arrive (beyond it, a
+# second more for every MIN_BODY_RATE bytes that came) before answering 408: a client that
+# declared a body and sent nothing held its request's slot (--max-connections) for ever.
+# `shitu serve` waits as long for a request's headers before it closes the connection.
+DEFAULT_READ_TIMEOUT_S = 30.0
+# Bytes a second that a body must arrive at, past the read timeout (Apache's mod_reqtimeout
+# MinRate default): one trickled a byte at a time runs out, a slow link's upload does not.
+MIN_BODY_RATE = 500
 
 
 @dataclass(frozen=True)
@@ -35,6 +43,9 @@ class ServeSettings:
     each may hold an upload, so this bounds the memory they take).
     max_pixels_in_flight: decoded pixels that the requests in progress may hold together
     (--max-megapixels-in-flight): a request that does not fit waits briefly, then gets 503.
+    read_timeout_s: how long the server waits for a request body to arrive, in all, plus a
+    second for every MIN_BODY_RATE bytes that came (--read-timeout); a client past it gets
+    408 and its connection is closed.
     allowed_hosts: None, requests addressed to any host; else only those addressed to an
     IP address, localhost (or a name under .localhost) or one of these names, as a server
     on loopback must: a web page whose name its DNS then points at 127.0.0.1 (DNS
@@ -57,6 +68,7 @@ class ServeSettings:
     max_requests: int = DEFAULT_MAX_REQUESTS
     max_pixels_in_flight: int = int(DEFAULT_MAX_MEGAPIXELS_IN_FLIGHT * 1_000_000)
     allowed_hosts: frozenset[str] | None = None
+    read_timeout_s: float = DEFAULT_READ_TIMEOUT_S
 
     def __post_init__(self) -> None:
         # imported here: the CLI's parser imports these settings, and must not import OpenCV

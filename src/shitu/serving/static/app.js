@@ -10,6 +10,7 @@ let labels = [];
 let selected = null;
 let selection = 0; // counts label choices: an answer for an earlier one is dropped
 let photoChoice = 0; // counts photos chosen: an answer for an earlier photo is dropped
+let keyChange = 0; // counts API key changes: a read answered for an earlier key is dropped
 const thumbUrls = [];
 
 // ---------------------------------------------------------------------------- requests
@@ -26,7 +27,22 @@ function authHeaders() {
   return key ? { "X-API-Key": key } : {};
 }
 
+// A read (GET) answered after the API key changed is dropped, as an error marked `stale`:
+// the change reads the gallery again with the new key, and this answer (the 401 of a key
+// being typed, say) arriving after that one's replaced what it showed. An edit's answer is
+// kept: it says what was done, whatever the key is now.
 async function api(path, options = {}) {
+  const sentWith = keyChange;
+  try {
+    return await request(path, options);
+  } finally {
+    if (sentWith !== keyChange && (options.method || "GET") === "GET") {
+      throw Object.assign(new Error("the API key changed while this was loading"), { stale: true });
+    }
+  }
+}
+
+async function request(path, options) {
   const headers = { ...authHeaders(), ...(options.headers || {}) };
   let response;
   try {
@@ -99,6 +115,7 @@ async function attempt(action, where = null) {
     if (where) setStatus(where, "");
     await action();
   } catch (error) {
+    if (error.stale) return; // the key's change reads again and says how that went
     const box = where ? $(where) : $("message");
     if (where) setStatus(where, error.message, "error");
     else show(error.message);
@@ -306,6 +323,7 @@ async function loadLabels() {
   try {
     [body, info] = await Promise.all([api("v1/gallery/labels"), api("v1/gallery")]);
   } catch (error) {
+    if (error.stale) throw error; // the summary is the newer key's to write
     $("gallery-summary").textContent = {
       401: "API key needed", 403: "wrong API key",
     }[error.status] || "gallery not loaded";
@@ -447,6 +465,7 @@ function appendThumbs(label, images) {
       setStatus("label-status", `deleting image #${image.id}…`);
       const place = [...$("thumbs").querySelectorAll("figure")].indexOf(figure);
       await api(imagePath(image.id), { method: "DELETE" });
+      setStatus("label-status", `deleted image #${image.id}`, "ok"); // not "deleting" for good
       await refresh(label);
       // Focus goes to the image now in its place (or the last one), not back to the page's top.
       const buttons = $("thumbs").querySelectorAll("figure button");
@@ -467,7 +486,17 @@ function appendThumbs(label, images) {
   }
 }
 
+// Draws the labels and `label`'s images anew. Answers for an earlier API key leave it
+// quietly: the key's change draws them again, and an edit's outcome is still reported.
 async function refresh(label) {
+  try {
+    await redraw(label);
+  } catch (error) {
+    if (!error.stale) throw error;
+  }
+}
+
+async function redraw(label) {
   const choice = selection;
   await loadLabels();
   if (choice !== selection) return; // a label was chosen meanwhile: that choice stands
@@ -487,10 +516,12 @@ async function refresh(label) {
 
 // ---------------------------------------------------------------------------- adding images
 
-// What one request may hold, from the server's /healthz (which needs no API key).
+// What one request may hold, from the server's /healthz. It needs no API key, so its answer
+// holds whatever the key is now: not dropped as stale, which left an add the key changed
+// during undone, without a word.
 let limits = null;
 async function serverLimits() {
-  if (!limits) limits = (await api("healthz")).limits;
+  if (!limits) limits = (await request("healthz", {})).limits;
   return limits;
 }
 
@@ -653,6 +684,7 @@ const labelButtons = () => $("rename-form").querySelectorAll("button");
 window.addEventListener("DOMContentLoaded", () => {
   $("api-key").value = sessionStorage.getItem(KEY_STORE) || "";
   $("api-key").addEventListener("change", () => {
+    keyChange++;
     sessionStorage.setItem(KEY_STORE, $("api-key").value.trim());
     attempt(() => refresh(selected));
   });
