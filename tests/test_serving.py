@@ -40,7 +40,7 @@ from shitu.index import Gallery, collect_items, metadata
 from shitu.inference.preprocess import read_rgb
 from shitu.pipeline import Recognizer, load_pipeline_config
 from shitu.serving import library as library_module
-from shitu.serving.errors import Conflict, NotFound, ServiceUnavailable
+from shitu.serving.errors import BadRequest, Conflict, NotFound, ServiceUnavailable
 from shitu.serving.http import PixelBudget, too_large
 from shitu.serving.images import thumbnail_jpeg
 from shitu.serving.library import SharedLibrary, Snapshot
@@ -1776,6 +1776,26 @@ def test_an_upload_another_process_adds_first_is_answered_as_a_duplicate(serving
         outcome = service.add("New product", [("same photo.jpg", data)], vector)
         assert outcome.added == [] and outcome.duplicates == ["same photo.jpg"]
         assert not any((tmp_path / "uploads").iterdir())  # its file went with it
+
+
+def test_an_upload_the_model_gives_nan_features_is_named_and_nothing_is_added(
+    serving_library, tmp_path
+):
+    """An add whose model gave one upload NaN features failed on the library's refusal,
+    naming a row of the request's vectors and not the upload; nothing may be kept of it."""
+    config = local_config(serving_library, tmp_path / "gallery")
+    (first, _), (second, _), *_ = serving_library.queries()
+    with RecognitionService(config, ServeSettings(upload_dir=tmp_path / "uploads")) as service:
+        features = np.stack([f.result() for f in service.extract(map(read_rgb, (first, second)))])
+        features[1, 3] = np.nan
+        before = len(service.library.snapshot.by_id)
+        upload = [("good.jpg", first.read_bytes()), ("broken.jpg", second.read_bytes())]
+        with pytest.raises(BadRequest) as refused:
+            service.add("New product", upload, features)
+        assert str(refused.value).startswith("cannot add broken.jpg: the model gave NaN")
+        assert str(refused.value).endswith("; nothing was added")
+        assert len(service.library.snapshot.by_id) == before
+    assert not (tmp_path / "uploads").exists() or not any((tmp_path / "uploads").iterdir())
 
 
 def test_edits_check_the_library_as_another_process_left_it(serving_library, tmp_path, monkeypatch):

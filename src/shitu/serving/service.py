@@ -26,6 +26,7 @@ from shitu.errors import did_you_mean
 from shitu.fileio import check_writable, write_atomically
 from shitu.index import INDEX_TYPES, Gallery
 from shitu.index.backends import UnsupportedIndexError
+from shitu.index.gallery import NOT_FINITE
 from shitu.index.labels import BadLabelError, normal_form
 from shitu.index.labels import check_label as check_stored_label
 from shitu.index.metadata import ImageEntry
@@ -35,6 +36,7 @@ from shitu.serving.errors import BadRequest, Conflict, NotFound
 from shitu.serving.images import SUFFIXES, thumbnail_jpeg, thumbnail_pixels
 from shitu.serving.library import SharedLibrary
 from shitu.serving.settings import ServeSettings
+from shitu.vectors import finite_rows
 
 logger = logging.getLogger(__name__)
 MAX_LABEL_LENGTH = 200
@@ -203,6 +205,11 @@ class RecognitionService:
         label = check_label(label)
         if not images:
             raise BadRequest("no images to add")
+        # Named as uploaded (a request holds a few): the library refused them as its rows
+        usable = finite_rows(features)
+        broken = [name for (name, _), ok in zip(images, usable, strict=True) if not ok]
+        if broken:
+            raise BadRequest(f"cannot add {', '.join(broken)}: {NOT_FINITE}; nothing was added")
         hashes = [hashlib.sha256(data).hexdigest() for _name, data in images]
 
         def commit() -> AddOutcome:
