@@ -1430,6 +1430,15 @@ def test_the_demos_next_command_repeats_what_the_demo_did(tmp_path, given):
     assert pipeline_config_from_args(again) == config
 
 
+def test_an_empty_demo_out_is_the_default_folder_not_the_working_directory():
+    """`shitu demo --out "$OUT"` with the variable unset was Path(''): the demo wrote its
+    photos, library and copies into the working directory (where empty). It is none given:
+    the default folder, shitu-demo."""
+    config, hint = demo_settings(build_parser().parse_args(["demo", "--out", ""]))
+    assert config.IndexProcess.index_dir == str(Path("shitu-demo") / "gallery")
+    assert "--save-vis shitu-demo/vis_yours" in hint
+
+
 def test_recognize_table_lines_up_labels_of_wide_and_combining_characters():
     """Columns are terminal columns: a Chinese label is twice its length wide, and a
     decomposed accent, a Thai or Devanagari vowel sign above or below its letter, and a

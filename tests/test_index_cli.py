@@ -1042,3 +1042,51 @@ def test_build_out_a_link_to_a_folder_elsewhere_makes_the_library_there(models, 
     again = shitu("index", "build", tmp_path / "photos", "--label", "x", "--model",
                   models[128], "--out", tmp_path / "dangling")  # fmt: skip
     assert again.returncode == 2 and "already exists and is not an empty folder" in again.stderr
+
+
+@pytest.mark.parametrize(
+    ("command", "named"),
+    [
+        (["index", "build", "", "--out", "LIB"], "SOURCE"),
+        (["index", "build", "photos", "--gallery", "", "--out", "LIB"], "--gallery"),
+        (["index", "build", "photos", "--out", ""], "--out"),
+        (["index", "add", "", "photos"], "library"),
+        (["index", "add", "LIB", ""], "sources"),
+        (["index", "remove", "", "--id", "1"], "library"),
+        (["index", "relabel", "", "a", "b"], "library"),
+        (["index", "list", ""], "library"),
+        (["index", "stats", ""], "library"),
+        (["index", "verify", ""], "library"),
+        (["index", "reembed", ""], "library"),
+        (["index", "reembed", "LIB", "--moved", "", "photos"], "--moved"),
+        (["index", "rebuild", ""], "library"),
+        (["index", "search", "", "photos"], "library"),
+        (["eval-pipeline", "--queries", ""], "--queries"),
+    ],
+)
+def test_an_empty_path_that_must_be_given_is_refused_naming_it(
+    command, named, tmp_path, monkeypatch, capsys
+):
+    """`shitu index build "$PHOTOS" --out LIB` with the variable unset built a library of
+    every image under the working directory, as Path("") names it (and `index stats
+    "$LIB"` said `.` was no library): an empty source, library or required --out is
+    refused, naming the argument, and nothing is written."""
+    make_images(tmp_path / "photos", 1)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stopped:
+        main(command)
+    assert stopped.value.code == 2
+    assert f"error: argument {named}: empty; give a path\n" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["photos"]
+
+
+def test_an_empty_model_is_the_shipped_one(models, tmp_path):
+    """`--model "$MODEL"` with the variable unset was Path(''), the working directory,
+    refused as no exported model: it is none given, the shipped model, as in `recognize`,
+    and a library built with another model says that no --model was given."""
+    photos = make_images(tmp_path / "photos", 1)
+    lib = tmp_path / "lib"
+    built = shitu("index", "build", photos[0], "--label", "x", "--model", models[128], "--out", lib)
+    assert built.returncode == 0, built.stderr
+    searched = shitu("index", "search", lib, photos[0], "--model", "")
+    assert searched.returncode == 2 and "no --model was given" in searched.stderr, searched.stderr

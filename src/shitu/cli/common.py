@@ -85,6 +85,16 @@ def given_path(text: str) -> Path | None:
     return Path(text) if text else None
 
 
+def required_path(text: str) -> Path:
+    """A path that must be given (an image source, a library, a required --out); '' (`"$LIB"`
+    of an unset variable) is refused, named by argparse (`argument --out: empty; give a
+    path`), not taken for Path(''): the working directory, which would be scanned, opened
+    or written as that argument."""
+    if not text:
+        raise argparse.ArgumentTypeError("empty; give a path")
+    return Path(text)
+
+
 def add_runtime_arguments(parser: argparse.ArgumentParser, gpu: bool = False) -> None:
     """--runtime and --precision for commands that embed images (None when not given:
     auto and fp32). fp16 and bf16 run on a GPU only: offered where the command has a
