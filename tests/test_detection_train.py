@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from shitu import image_files
 from shitu.cli.main import main
 from shitu.detection import build_picodet, load_detector
 from shitu.detection.assigner import simota_assign
@@ -325,6 +326,36 @@ def test_detection_images_are_decoded_upright_as_inference_sees_them(tmp_path: P
     (tmp_path / "img0.png").write_bytes(b"not an image")
     with pytest.raises(DataError, match="img0.png: cannot decode image"):
         dataset[0]
+
+
+def test_detection_images_and_annotations_are_read_only_as_regular_files(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """Detection datasets read images and annotation files with `path.read_bytes()`:
+    `/dev/zero` (an image replaced by a link to it, an annotation file given as it) was
+    read until memory ran out, a FIFO waited for a writer, and an image of any size was
+    read whole. They are read as the recognition datasets read images: a device is named
+    as one, an image over the size limit is refused before it is read."""
+    dataset = CocoDetection(_write_coco(tmp_path, _write_images(tmp_path, 1, size=64)), tmp_path)
+    monkeypatch.setattr(
+        image_files, "MAX_IMAGE_FILE_BYTES", (tmp_path / "img0.png").stat().st_size - 1
+    )
+    with pytest.raises(
+        DataError, match=r"cannot read image .*img0\.png: .* GiB an image file may hold; not read$"
+    ):
+        dataset[0]
+    monkeypatch.undo()
+    (tmp_path / "img0.png").unlink()
+    (tmp_path / "img0.png").symlink_to("/dev/null")  # replaced since the dataset was made
+    said = f"cannot read image {tmp_path / 'img0.png'}: a character device, not an image file"
+    with pytest.raises(DataError) as caught:
+        dataset[0]
+    assert str(caught.value) == said
+    with pytest.raises(DataError) as caught:
+        CocoDetection("/dev/null", tmp_path)
+    assert str(caught.value) == (
+        "cannot read COCO annotation file /dev/null: a character device, not a text file"
+    )
 
 
 def test_an_image_whose_pixels_are_not_the_size_its_annotations_record_is_named(

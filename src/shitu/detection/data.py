@@ -30,7 +30,14 @@ from PIL import Image, ImageEnhance
 from shitu.data.transforms.ops import UnreadableImageError, decode_rgb_image
 from shitu.detection.detector import preprocess
 from shitu.errors import DataError, first_few
-from shitu.fileio import from_working_directory, listed_file, read_text, text_lines
+from shitu.fileio import (
+    from_working_directory,
+    listed_file,
+    read_regular_file,
+    read_text,
+    text_lines,
+)
+from shitu.image_files import read_image_file
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +111,7 @@ class DetectionDataset:
         boxes, annotated on the photo as displayed, fall where they belong)."""
         path = self.images[index]
         try:
-            image = decode_rgb_image(_read(path, "image"))
+            image = decode_rgb_image(_read(path, "image", read_image_file))
         except UnreadableImageError as exc:
             raise DataError(f"{path}: {exc}") from None
         self._check_boxes_fit(index, image.size)
@@ -264,9 +271,18 @@ def _clip_to_recorded_sizes(
     return [box for box, _ in clipped], [label for _, label in clipped]
 
 
-def _read(path: Path, what: str) -> bytes:
+def _read_text_file(path: Path) -> bytes:
+    """An annotation file's bytes (COCO JSON, VOC XML): text, so no device or FIFO."""
+    return read_regular_file(path, "a text file")
+
+
+def _read(path: Path, what: str, read: Callable[[Path], bytes] = _read_text_file) -> bytes:
+    """The bytes of the `what` ("image", "COCO annotation file") at `path`, by `read`: only
+    where it is a regular file (`read_regular_file`; an image within the size limit of
+    `read_image_file`), as `path.read_bytes()` read /dev/zero until memory ran out and
+    waited on a FIFO for a writer without end."""
     try:
-        return path.read_bytes()
+        return read(path)
     except OSError as exc:
         raise DataError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
 
