@@ -10,6 +10,7 @@ import contextlib
 import fcntl
 import io
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -1090,3 +1091,19 @@ def test_an_empty_model_is_the_shipped_one(models, tmp_path):
     assert built.returncode == 0, built.stderr
     searched = shitu("index", "search", lib, photos[0], "--model", "")
     assert searched.returncode == 2 and "no --model was given" in searched.stderr, searched.stderr
+
+
+def test_a_source_that_is_a_device_or_fifo_is_named_as_one_not_as_missing(tmp_path):
+    """`shitu index build /dev/stdin --out LIB` (or a FIFO, eval-pipeline's --queries) said
+    "no such file or folder" of a path that is there: what it is is said instead."""
+    fifo = tmp_path / "gallery.fifo"
+    os.mkfifo(fifo)
+    for given, kind in ((fifo, "a FIFO (named pipe)"), ("/dev/null", "a character device")):
+        said = f"error: {given}: {kind}, not an image, folder or label file\n"
+        built = shitu("index", "build", given, "--out", tmp_path / "lib")
+        assert (built.returncode, built.stderr) == (2, said)
+        labelled = shitu("index", "build", given, "--label", "x", "--out", tmp_path / "lib")
+        assert (labelled.returncode, labelled.stderr) == (2, said)
+        queried = shitu("eval-pipeline", "--queries", given, "--gallery", tmp_path / "lib")
+        assert (queried.returncode, queried.stderr) == (2, said)
+    assert not (tmp_path / "lib").exists()

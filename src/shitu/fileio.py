@@ -49,6 +49,12 @@ _NOT_REGULAR = (
 )
 
 
+def special_kind(info: os.stat_result) -> str:
+    """What a path of this `os.stat` is that is neither a regular file nor a folder ("a
+    character device"), for messages: such a path exists, so it is no "not found"."""
+    return next((kind for test, kind in _NOT_REGULAR if test(info.st_mode)), "a special file")
+
+
 def read_regular_file(path: str | os.PathLike, what: str, limit: int | None = None) -> bytes:
     """The bytes of the file at `path`, read only where it is a regular file (of at most
     `limit` bytes, if given): a device (`/dev/zero`) was read until memory ran out, and
@@ -62,8 +68,7 @@ def read_regular_file(path: str | os.PathLike, what: str, limit: int | None = No
         if stat.S_ISDIR(info.st_mode):
             raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), os.fspath(path))
         if not stat.S_ISREG(info.st_mode):
-            kind = next((k for test, k in _NOT_REGULAR if test(info.st_mode)), "a special file")
-            raise OSError(errno.EINVAL, f"{kind}, not {what}", os.fspath(path))
+            raise OSError(errno.EINVAL, f"{special_kind(info)}, not {what}", os.fspath(path))
         if limit is not None and info.st_size > limit:
             raise OSError(
                 errno.EFBIG,
