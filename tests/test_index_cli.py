@@ -1107,3 +1107,15 @@ def test_a_source_that_is_a_device_or_fifo_is_named_as_one_not_as_missing(tmp_pa
         queried = shitu("eval-pipeline", "--queries", given, "--gallery", tmp_path / "lib")
         assert (queried.returncode, queried.stderr) == (2, said)
     assert not (tmp_path / "lib").exists()
+
+
+def test_a_library_given_as_a_device_or_fifo_is_named_as_one(tmp_path):
+    """`shitu index stats /dev/null` was told to build a library from it first (`shitu
+    index build /dev/null --out LIB`), as a label file is: it is named for what it is."""
+    fifo = tmp_path / "lib.fifo"
+    os.mkfifo(fifo)
+    for given, kind in ((fifo, "a FIFO (named pipe)"), ("/dev/null", "a character device")):
+        for command in ("stats", "verify"):
+            opened = shitu("index", command, given)
+            assert opened.returncode == 2
+            assert opened.stderr == f"error: {given}: {kind}, not a gallery library\n"

@@ -30,6 +30,7 @@ from shitu.fileio import (
     is_given_path,
     occupied,
     refuse_non_utf8_path,
+    special_kind,
     staging_folder,
 )
 from shitu.image_files import unreadable_reason
@@ -188,6 +189,8 @@ def _open_store(root: Path) -> MetadataStore:
                 "as --gallery the library that `shitu index build IMAGES --out LIB --model "
                 f"{root}` makes"
             )
+        if not root.is_dir() and not root.is_file():  # a device, a FIFO: no list to build from
+            raise GalleryError(f"{root}: {special_kind(root.stat())}, not a gallery library")
         inner = _libraries_in(root)
         if inner:  # `shitu demo`'s folder, whose library is its gallery/, say
             shown = " or ".join(str(path) for path in inner[:3])
