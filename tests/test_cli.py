@@ -413,6 +413,23 @@ def test_an_output_place_that_cannot_be_written_is_named_before_any_work(tmp_pat
     assert "Traceback" not in result.stderr and sorted(tmp_path.iterdir()) == [blocker]
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["index", "build", "--gallery", "{image}", "--out", "{fifo}/lib"],
+        ["demo", "--out", "{fifo}"],
+    ],
+)
+def test_an_output_place_that_is_a_fifo_or_device_is_named_as_one(tmp_path, capsys, command):
+    """A FIFO (or a device, /dev/null) where an output folder must go was "a file"."""
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    args = [arg.format(image=tmp_path / "photo.jpg", fifo=fifo) for arg in command]
+    assert shitu_main(args) == 2
+    assert capsys.readouterr().err.endswith(f"{fifo} is a FIFO (named pipe), not a folder\n")
+    assert sorted(tmp_path.iterdir()) == [fifo]
+
+
 def test_an_image_opencv_cannot_decode_goes_to_pillow_without_opencvs_warning(tmp_path):
     float_tiff = tmp_path / "float.tif"  # 32-bit float samples: OpenCV gives up and warns
     Image.fromarray(np.full((40, 40), 200.0, np.float32), mode="F").save(float_tiff)

@@ -203,11 +203,12 @@ def removed_if_left_empty(folder: Path | None) -> Iterator[None]:
 
 
 def refuse_file_in_the_way(folder: Path, what: str) -> None:
-    """A DataError naming `what` where `folder`, or a folder on its path, is a file; for a
-    check that makes no folder (`check_writable` makes it)."""
+    """A DataError naming `what` where `folder`, or a folder on its path, is a file (or a
+    device, a FIFO: said so); for a check that makes no folder (`check_writable` makes it)."""
     existing = next((f for f in (folder, *folder.parents) if f.exists()), None)
     if existing is not None and not existing.is_dir():
-        raise DataError(f"{what}: {existing} is a file, not a folder")
+        kind = "a file" if existing.is_file() else special_kind(existing.stat())
+        raise DataError(f"{what}: {existing} is {kind}, not a folder")
 
 
 @contextlib.contextmanager
