@@ -176,10 +176,12 @@ def folder_place(path: str | Path) -> Path:
 def check_writable(folder: Path, what: str) -> None:
     """Create `folder` if needed and write a file in it, before long work whose results go
     there: an unusable place (a file in the way, no permission, a read-only or virtual file
-    system) is a one-line error naming `what` now, not a traceback after the work."""
+    system) is a one-line error naming `what` now, not a traceback after the work. A
+    symbolic link `folder` to a folder not made yet (on another disk, say) has it made
+    where it points (`folder_place`): mkdir of the link itself failed with "File exists"."""
     refuse_file_in_the_way(folder, what)
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        folder_place(folder).mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(prefix=".shitu-write-check.", dir=folder)
         os.close(fd)
         os.unlink(name)

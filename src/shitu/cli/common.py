@@ -582,7 +582,11 @@ class VisualisationWriter:
         common = _common_folder(inputs)
         for image in inputs:
             self._copy_name(image, common)
-        here = folder.resolve()
+        try:  # where a link there points, to make the folder there (mkdir of a link to one
+            place = folder_place(folder)  # not made yet was "File exists")
+        except OSError as exc:  # a link in a loop: resolve() was a RuntimeError's traceback
+            raise DataError(f"--save-vis {folder}: {exc.strerror}") from None
+        here = place.resolve()
         beside = {(here / name).parent for name in self.names.values()}
         inside = next((image for image in inputs if image.parent.resolve() in beside), None)
         if inside is not None:
@@ -603,7 +607,7 @@ class VisualisationWriter:
                 "run would take the annotated copies for photos: choose a folder outside it"
             )
         try:
-            folder.mkdir(parents=True, exist_ok=True)
+            place.mkdir(parents=True, exist_ok=True)
         except OSError as exc:  # a file there, or in the way on its path, or no permission
             if folder.is_file():
                 raise DataError(f"--save-vis {folder}: is a file; give a folder") from None
