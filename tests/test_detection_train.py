@@ -358,6 +358,25 @@ def test_detection_images_and_annotations_are_read_only_as_regular_files(
     )
 
 
+def test_a_listed_image_that_is_a_folder_or_fifo_is_named_as_one_not_as_missing(
+    tmp_path: Path,
+) -> None:
+    """A COCO file's image that is a folder or a FIFO (there, but no image file) was among
+    those it "lists that do not exist" (is the image folder right?): each is named as what
+    it is."""
+    coco = _write_coco(tmp_path, _write_images(tmp_path, 3, size=64))
+    for name in ("img0.png", "img1.png"):
+        (tmp_path / name).unlink()
+    (tmp_path / "img0.png").mkdir()
+    os.mkfifo(tmp_path / "img1.png")
+    with pytest.raises(DataError) as caught:
+        CocoDetection(coco, tmp_path)
+    assert str(caught.value) == (
+        f"{coco}: 2 of the 3 images it lists are no files: {tmp_path / 'img0.png'} (a folder), "
+        f"{tmp_path / 'img1.png'} (a FIFO (named pipe))"
+    )
+
+
 def test_an_image_whose_pixels_are_not_the_size_its_annotations_record_is_named(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

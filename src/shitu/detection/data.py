@@ -35,6 +35,7 @@ from shitu.fileio import (
     listed_file,
     read_regular_file,
     read_text,
+    special_kind,
     text_lines,
 )
 from shitu.image_files import read_image_file
@@ -196,11 +197,22 @@ def _check_listed_files_exist(files: list[Path], source: str | Path, what: str) 
     """At start-up, not when training (or, for a validation set, evaluation after it) first
     reads a missing image: a wrong image folder is named before hours of work are lost. A
     VOC list's annotation files too, which are found from the image folder as well."""
-    missing = [path for path in files if not path.is_file()]
+    missing = [path for path in files if not path.exists()]
     if missing:
         raise DataError(
             f"{source}: {len(missing)} of the {len(files)} {what} it lists do not exist: "
             f"{first_few(missing, _SHOW)} (is the image folder right?)"
+        )
+    # There, but a folder, a device or a FIFO: not said not to exist, each named as what it is
+    others = [
+        f"{path} ({'a folder' if path.is_dir() else special_kind(path.stat())})"
+        for path in files
+        if not path.is_file()
+    ]
+    if others:
+        raise DataError(
+            f"{source}: {len(others)} of the {len(files)} {what} it lists are no files: "
+            f"{first_few(others, _SHOW)}"
         )
 
 
