@@ -1119,3 +1119,30 @@ def test_a_library_given_as_a_device_or_fifo_is_named_as_one(tmp_path):
             opened = shitu("index", command, given)
             assert opened.returncode == 2
             assert opened.stderr == f"error: {given}: {kind}, not a gallery library\n"
+
+
+def test_a_listed_image_that_is_a_fifo_is_skipped_not_waited_on(models, tmp_path):
+    """A label file listing a FIFO (or /dev/zero) as an image: `index build` and
+    `eval-pipeline` hashed it with a plain open(), which waited for a writer without end
+    (/dev/zero: read for ever). It is skipped, named as what it is."""
+    photos = make_images(tmp_path / "photos", 1)
+    fifo = tmp_path / "photos" / "pipe.png"
+    os.mkfifo(fifo)
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{fifo}\tpipe\n{photos[0]}\tphoto\n")
+
+    def hung(*_: object) -> None:
+        raise RuntimeError("waited on the FIFO")
+
+    before = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(60)  # a guard: without it, a regression hangs the test run
+    try:
+        built = shitu("index", "build", listing, "--model", models[128], "--out", tmp_path / "lib")
+        queried = shitu("eval-pipeline", "--queries", listing, "--gallery", tmp_path / "lib",
+                        "--model", models[128], "--no-progress")  # fmt: skip
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, before)
+    skipped = f"{fifo}: a FIFO (named pipe), not an image file"
+    assert built.returncode == 0 and f"could not add {skipped}" in built.stderr, built.stderr
+    assert queried.returncode == 0 and f"skipped {skipped}" in queried.stderr, queried.stderr

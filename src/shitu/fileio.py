@@ -61,6 +61,16 @@ def read_regular_file(path: str | os.PathLike, what: str, limit: int | None = No
     opening a FIFO waited for a writer without end. Raises OSError, whose strerror says
     why not: "a character device, not `what`" ("an image file"), or the size over `limit`
     (IsADirectoryError for a folder)."""
+    with open_regular_file(path, what, limit) as handle:
+        return handle.read()
+
+
+@contextlib.contextmanager
+def open_regular_file(
+    path: str | os.PathLike, what: str, limit: int | None = None
+) -> Iterator[io.BufferedReader]:
+    """The file at `path` open for reading, where it is a regular file (see
+    `read_regular_file`, which raises the same OSErrors)."""
     # Non-blocking: a FIFO opens at once, to be refused below; no effect on regular files.
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     try:
@@ -77,7 +87,7 @@ def read_regular_file(path: str | os.PathLike, what: str, limit: int | None = No
                 os.fspath(path),
             )
         with os.fdopen(fd, "rb", closefd=False) as handle:
-            return handle.read()
+            yield handle
     finally:
         os.close(fd)
 
@@ -118,9 +128,12 @@ def refuse_non_utf8_path(path: Path, what: str, readers: str, error: type[ShituE
         ) from None
 
 
-def file_sha256(path: Path) -> str:
+def file_sha256(path: Path, what: str = "a regular file") -> str:
+    """The SHA-256 of the file at `path`, `what` ("an image file"), read only where it is a
+    regular file (`open_regular_file`): a FIFO listed as a gallery image waited for a writer
+    without end, /dev/zero was read for ever."""
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    with open_regular_file(path, what) as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()

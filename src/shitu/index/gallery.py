@@ -1335,7 +1335,7 @@ def _file_hashes(
     with ImageProgress(len(paths), progress and len(paths) >= HASH_BAR_MIN_FILES, "hashing") as bar:
         for path in paths:
             try:
-                digests.append(file_sha256(Path(path)))
+                digests.append(file_sha256(Path(path), "an image file"))
                 bar.update(1)
             except OSError as exc:
                 digests.append(None)
