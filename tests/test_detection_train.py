@@ -578,6 +578,15 @@ def test_voc_data_from_a_paddledetection_list(
     missing = tmp_path / "tranval.txt"  # mistyped: not "no VOC annotation files in" it
     with pytest.raises(DataError, match=f"^VOC annotations {missing}: no such folder or list"):
         VocDetection(missing, tmp_path)
+    # a device or a FIFO: NotADirectoryError's traceback, from listing it as a folder
+    os.mkfifo(tmp_path / "voc.fifo")
+    for given, kind in (
+        (tmp_path / "voc.fifo", "a FIFO (named pipe)"),
+        ("/dev/null", "a character device"),
+    ):
+        with pytest.raises(DataError) as caught:
+            VocDetection(given, tmp_path)
+        assert str(caught.value) == f"VOC annotations {given}: {kind}, not a folder or list file"
     # The list's paths are relative to the image folder: a wrong one is said as such, every
     # file that is not there counted (it was "cannot read VOC annotation file" of the first)
     expected = (

@@ -490,6 +490,9 @@ class VocDetection(DetectionDataset):
             )
         if Path(annotation_dir).is_file():
             listed = _voc_list(Path(annotation_dir), Path(image_dir))
+        elif not Path(annotation_dir).is_dir():  # a device, a FIFO: was NotADirectoryError
+            kind = special_kind(Path(annotation_dir).stat())
+            raise DataError(f"VOC annotations {annotation_dir}: {kind}, not a folder or list file")
         else:
             listed = [(None, xml) for xml in _xml_files(Path(annotation_dir))]
             if not listed:
