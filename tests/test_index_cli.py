@@ -11,6 +11,7 @@ import fcntl
 import io
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -1146,3 +1147,20 @@ def test_a_listed_image_that_is_a_fifo_is_skipped_not_waited_on(models, tmp_path
     skipped = f"{fifo}: a FIFO (named pipe), not an image file"
     assert built.returncode == 0 and f"could not add {skipped}" in built.stderr, built.stderr
     assert queried.returncode == 0 and f"skipped {skipped}" in queried.stderr, queried.stderr
+
+
+def test_commands_suggested_for_a_path_with_spaces_quote_it(models, tmp_path):
+    """`shitu index add My Gallery ...` suggested for a library in "My Gallery" is two
+    words to the shell, and runs on a folder `My`: paths in suggested commands are quoted
+    as the shell needs."""
+    photos = make_images(tmp_path / "photos", 1)
+    lib = tmp_path / "My Gallery"
+    build = ["index", "build", photos[0], "--label", "x", "--model", models[128], "--out", lib]
+    assert shitu(*build).returncode == 0
+    again = shitu(*build)
+    assert again.returncode == 2
+    assert f"`shitu index add {shlex.quote(str(lib))} ...`" in again.stderr, again.stderr
+    listing = tmp_path / "my photos.txt"
+    listing.write_text(f"{photos[0]}\tx\n")
+    opened = shitu("index", "stats", listing)
+    assert f"`shitu index build {shlex.quote(str(listing))} --out LIB`" in opened.stderr

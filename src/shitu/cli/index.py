@@ -451,7 +451,8 @@ def run_build(args: argparse.Namespace) -> int:
     place = folder_place(args.out)  # where a link given as --out points
     if occupied(place):  # an empty folder made for it is filled
         library = (place / LIBRARY_FILE).is_file()  # else `index add` would refuse it too
-        add = f" or add to it with `shitu index add {args.out} ...`" if library else ""
+        out = shlex.quote(str(args.out))  # a command to copy: a path with spaces quoted
+        add = f" or add to it with `shitu index add {out} ...`" if library else ""
         raise GalleryError(
             f"{args.out}: already exists and is not an empty folder; choose a new --out{add}"
         )
@@ -493,12 +494,13 @@ def run_add(args: argparse.Namespace) -> int:
         gone = _files_gone(gallery) if report.duplicates else []
     _report(report, args.library, stats)
     if gone:  # with this add's model, which is the library's: it opened for it
-        model_flags = f" --model {args.model}" if args.model else ""
+        model_flags = f" --model {shlex.quote(str(args.model))}" if args.model else ""
         model_flags += f" --precision {args.precision}" if args.precision else ""
         print(
             f"note: the files of {count_of(len(gone), 'image')} of the library are gone from "
             f"where they were added from, {gone_from(gone)}; if they moved, `shitu index "
-            f"reembed {args.library} --moved OLD NEW{model_flags}` records where they are now",
+            f"reembed {shlex.quote(str(args.library))} --moved OLD NEW{model_flags}` records "
+            "where they are now",
             file=sys.stderr,
         )
     return 1 if report.failures and not len(report.ids) else 0  # nothing could be added
@@ -564,8 +566,8 @@ def _say_what_is_kept(args: argparse.Namespace, added: int, total: int) -> None:
     if args.allow_duplicates:
         again = (
             "the same command again would add them a second time (--allow-duplicates): give "
-            f"it the rest only (`shitu index list {args.library} --images` lists the "
-            "library's images)"
+            f"it the rest only (`shitu index list {shlex.quote(str(args.library))} --images` "
+            "lists the library's images)"
         )
     else:
         again = "the same command again adds the rest (it skips the images the library has)"
@@ -711,8 +713,8 @@ def run_verify(args: argparse.Namespace) -> int:
                 f"note: the files of {count_of(len(gone), 'image')} are gone from where they "
                 f"were added from, {gone_from(gone)} (moved, deleted, or on a disk not "
                 f"mounted): `shitu index reembed` refuses to run "
-                f"until `shitu index remove {args.library} --missing` removes them, or, for "
-                "a folder that moved, is told where it is now (`--moved OLD NEW`)",
+                f"until `shitu index remove {shlex.quote(str(args.library))} --missing` removes "
+                "them, or, for a folder that moved, is told where it is now (`--moved OLD NEW`)",
                 file=sys.stderr,
             )
     for problem in problems:

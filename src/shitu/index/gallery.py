@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import shlex
 import shutil
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -199,7 +200,8 @@ def _open_store(root: Path) -> MetadataStore:
         # given the one for the other.
         raise GalleryError(
             f"{root}: not a gallery library (no {LIBRARY_FILE}); for a folder or list of "
-            f"gallery images, build one first: `shitu index build {root} --out LIB`"
+            f"gallery images, build one first: `shitu index build {shlex.quote(str(root))} "
+            "--out LIB`"
         )
     return MetadataStore(root / LIBRARY_FILE)
 
@@ -972,7 +974,7 @@ class Gallery:
                             f"the library has this photo as image {stored_id}, labelled "
                             f"'{stored_label}'; it keeps that label (to label it "
                             f"'{item.label}' instead, remove it, `shitu index remove "
-                            f"{self.root} --id {stored_id}`, and add it again)",
+                            f"{shlex.quote(str(self.root))} --id {stored_id}`, and add it again)",
                         )
                     )
                 elif digest in seen:
@@ -1192,8 +1194,9 @@ class Gallery:
                 f"cannot re-embed: {len(bad)} of the {len(entries)} images could not be read, "
                 f"ids {_rows(bad)}: {named}; put the files back, or say where a folder of "
                 "them moved to (`--moved OLD NEW`: OLD the folder they were added from), or "
-                f"remove those images (`shitu index remove {self.root} --id ID ...`, or "
-                "`--missing` for files that are gone), and retry; nothing was changed"
+                "remove those images (`shitu index remove "
+                f"{shlex.quote(str(self.root))} --id ID ...`, or `--missing` for files that "
+                "are gone), and retry; nothing was changed"
             )
         usable = finite_rows(result.features)
         broken = [e for (e, _), ok in zip(readable, usable, strict=True) if not ok]
