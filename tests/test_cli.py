@@ -18,12 +18,18 @@ import pytest
 from PIL import Image
 
 from shitu.cli import index as index_cli
-from shitu.cli.common import expand_home_in_option_values, separate_overrides
+from shitu.cli.common import (
+    VisualisationWriter,
+    expand_home_in_option_values,
+    separate_overrides,
+)
 from shitu.cli.demo import demo_settings
 from shitu.cli.export import spread
 from shitu.cli.main import STDOUT_CLOSED_STATUS, SUBCOMMANDS, build_parser
 from shitu.cli.main import main as shitu_main
 from shitu.cli.recognize import format_table, pipeline_config_from_args
+from shitu.errors import DataError
+from shitu.fileio import check_writable
 from shitu.inference import default_model_dir, read_manifest
 from shitu.pipeline import FileRecognition, Recognition
 from tests.terminal_helpers import run_in_terminal
@@ -411,6 +417,45 @@ def test_an_output_place_that_cannot_be_written_is_named_before_any_work(tmp_pat
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().endswith(f"{blocker} is a file, not a folder")
     assert "Traceback" not in result.stderr and sorted(tmp_path.iterdir()) == [blocker]
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["index", "build", "--gallery", "{image}", "--out", "{fifo}/lib"],
+        ["demo", "--out", "{fifo}"],
+    ],
+)
+def test_an_output_place_that_is_a_fifo_or_device_is_named_as_one(tmp_path, capsys, command):
+    """A FIFO (or a device, /dev/null) where an output folder must go was "a file"."""
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    args = [arg.format(image=tmp_path / "photo.jpg", fifo=fifo) for arg in command]
+    assert shitu_main(args) == 2
+    assert capsys.readouterr().err.endswith(f"{fifo} is a FIFO (named pipe), not a folder\n")
+    assert sorted(tmp_path.iterdir()) == [fifo]
+
+
+def test_an_output_folder_given_as_a_link_to_one_not_made_yet_is_made_where_it_points(tmp_path):
+    """`shitu demo --out LINK` (or `--save-vis LINK`) where LINK points to a folder not made
+    yet, on another disk say: mkdir of the link said "cannot write in LINK (File exists)".
+    The folder is made where the link points; a link in a loop is named as one."""
+    for name in ("demo", "vis"):
+        link = tmp_path / name
+        link.symlink_to(tmp_path / "disk" / name)
+        if name == "demo":
+            check_writable(link, "--out demo")
+        else:
+            VisualisationWriter(link)
+        assert (tmp_path / "disk" / name).is_dir() and link.is_symlink()
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    with pytest.raises(DataError) as caught:
+        check_writable(tmp_path / "loop", "--out loop")
+    loop = "(Too many levels of symbolic links)"
+    assert str(caught.value) == f"--out loop: cannot write in {tmp_path / 'loop'} {loop}"
+    with pytest.raises(DataError) as caught:
+        VisualisationWriter(tmp_path / "loop")
+    assert str(caught.value) == f"--save-vis {tmp_path / 'loop'}: Too many levels of symbolic links"
 
 
 def test_an_image_opencv_cannot_decode_goes_to_pillow_without_opencvs_warning(tmp_path):
@@ -1428,6 +1473,15 @@ def test_the_demos_next_command_repeats_what_the_demo_did(tmp_path, given):
     again = parser.parse_args(separate_overrides(command[1:]))
     assert again.images == ["YOUR_PHOTOS"] and again.gallery == str(tmp_path / "my demo/gallery")
     assert pipeline_config_from_args(again) == config
+
+
+def test_an_empty_demo_out_is_the_default_folder_not_the_working_directory():
+    """`shitu demo --out "$OUT"` with the variable unset was Path(''): the demo wrote its
+    photos, library and copies into the working directory (where empty). It is none given:
+    the default folder, shitu-demo."""
+    config, hint = demo_settings(build_parser().parse_args(["demo", "--out", ""]))
+    assert config.IndexProcess.index_dir == str(Path("shitu-demo") / "gallery")
+    assert "--save-vis shitu-demo/vis_yours" in hint
 
 
 def test_recognize_table_lines_up_labels_of_wide_and_combining_characters():

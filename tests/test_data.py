@@ -298,6 +298,28 @@ def test_a_file_name_that_is_not_utf8_is_an_image_like_any_other(tmp_path: Path)
     assert dataset[0][0].shape == (3, 4, 4) and len(dataset.listing_digest) == 64
 
 
+def test_a_label_or_class_file_that_is_no_regular_file_is_named_as_what_it_is(
+    grocery: Path, tmp_path: Path
+):
+    """A label file or classes.csv given as a folder, a device or a FIFO was "not found"
+    (a folder: "not found (it is a directory)"): each is named as what it is, and the
+    FIFO is refused without waiting for a writer."""
+    fifo = tmp_path / "list.fifo"
+    os.mkfifo(fifo)
+    listing = str(grocery / "val.txt")
+    for given, kind in (
+        (tmp_path, " is a folder, not a text file"),
+        (Path("/dev/null"), ": cannot read it (a character device, not a text file)"),
+        (fifo, ": cannot read it (a FIFO (named pipe), not a text file)"),
+    ):
+        with pytest.raises(DataError) as caught:
+            LabelFileDataset(str(tmp_path), str(given))
+        assert str(caught.value).endswith(f"label file {given}{kind}")
+        with pytest.raises(DataError) as caught:
+            GroceryStoreDataset(str(grocery), listing, class_file=str(given))
+        assert str(caught.value) == f"class file {given}{kind}"
+
+
 def test_label_file_errors_name_the_file_and_line(tmp_path: Path, monkeypatch):
     save_png(tmp_path / "a.png", pattern(4, 4))
     label_file = tmp_path / "list.txt"
@@ -701,7 +723,7 @@ def test_a_grocery_class_file_is_read_as_label_files_are(grocery: Path, tmp_path
     missing = tmp_path / "none.csv"
     for class_file, said in (
         (missing, f"class file {missing} not found"),
-        (grocery / "val", f"class file {grocery / 'val'} not found (it is a directory)"),
+        (grocery / "val", f"class file {grocery / 'val'} is a folder, not a text file"),
     ):
         with pytest.raises(DataError) as caught:
             GroceryStoreDataset(str(grocery), listing, class_file=str(class_file))

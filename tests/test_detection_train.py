@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from shitu import image_files
 from shitu.cli.main import main
 from shitu.detection import build_picodet, load_detector
 from shitu.detection.assigner import simota_assign
@@ -327,6 +328,55 @@ def test_detection_images_are_decoded_upright_as_inference_sees_them(tmp_path: P
         dataset[0]
 
 
+def test_detection_images_and_annotations_are_read_only_as_regular_files(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """Detection datasets read images and annotation files with `path.read_bytes()`:
+    `/dev/zero` (an image replaced by a link to it, an annotation file given as it) was
+    read until memory ran out, a FIFO waited for a writer, and an image of any size was
+    read whole. They are read as the recognition datasets read images: a device is named
+    as one, an image over the size limit is refused before it is read."""
+    dataset = CocoDetection(_write_coco(tmp_path, _write_images(tmp_path, 1, size=64)), tmp_path)
+    monkeypatch.setattr(
+        image_files, "MAX_IMAGE_FILE_BYTES", (tmp_path / "img0.png").stat().st_size - 1
+    )
+    with pytest.raises(
+        DataError, match=r"cannot read image .*img0\.png: .* GiB an image file may hold; not read$"
+    ):
+        dataset[0]
+    monkeypatch.undo()
+    (tmp_path / "img0.png").unlink()
+    (tmp_path / "img0.png").symlink_to("/dev/null")  # replaced since the dataset was made
+    said = f"cannot read image {tmp_path / 'img0.png'}: a character device, not an image file"
+    with pytest.raises(DataError) as caught:
+        dataset[0]
+    assert str(caught.value) == said
+    with pytest.raises(DataError) as caught:
+        CocoDetection("/dev/null", tmp_path)
+    assert str(caught.value) == (
+        "cannot read COCO annotation file /dev/null: a character device, not a text file"
+    )
+
+
+def test_a_listed_image_that_is_a_folder_or_fifo_is_named_as_one_not_as_missing(
+    tmp_path: Path,
+) -> None:
+    """A COCO file's image that is a folder or a FIFO (there, but no image file) was among
+    those it "lists that do not exist" (is the image folder right?): each is named as what
+    it is."""
+    coco = _write_coco(tmp_path, _write_images(tmp_path, 3, size=64))
+    for name in ("img0.png", "img1.png"):
+        (tmp_path / name).unlink()
+    (tmp_path / "img0.png").mkdir()
+    os.mkfifo(tmp_path / "img1.png")
+    with pytest.raises(DataError) as caught:
+        CocoDetection(coco, tmp_path)
+    assert str(caught.value) == (
+        f"{coco}: 2 of the 3 images it lists are no files: {tmp_path / 'img0.png'} (a folder), "
+        f"{tmp_path / 'img1.png'} (a FIFO (named pipe))"
+    )
+
+
 def test_an_image_whose_pixels_are_not_the_size_its_annotations_record_is_named(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -528,6 +578,15 @@ def test_voc_data_from_a_paddledetection_list(
     missing = tmp_path / "tranval.txt"  # mistyped: not "no VOC annotation files in" it
     with pytest.raises(DataError, match=f"^VOC annotations {missing}: no such folder or list"):
         VocDetection(missing, tmp_path)
+    # a device or a FIFO: NotADirectoryError's traceback, from listing it as a folder
+    os.mkfifo(tmp_path / "voc.fifo")
+    for given, kind in (
+        (tmp_path / "voc.fifo", "a FIFO (named pipe)"),
+        ("/dev/null", "a character device"),
+    ):
+        with pytest.raises(DataError) as caught:
+            VocDetection(given, tmp_path)
+        assert str(caught.value) == f"VOC annotations {given}: {kind}, not a folder or list file"
     # The list's paths are relative to the image folder: a wrong one is said as such, every
     # file that is not there counted (it was "cannot read VOC annotation file" of the first)
     expected = (

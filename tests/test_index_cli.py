@@ -10,6 +10,8 @@ import contextlib
 import fcntl
 import io
 import json
+import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -1042,3 +1044,123 @@ def test_build_out_a_link_to_a_folder_elsewhere_makes_the_library_there(models, 
     again = shitu("index", "build", tmp_path / "photos", "--label", "x", "--model",
                   models[128], "--out", tmp_path / "dangling")  # fmt: skip
     assert again.returncode == 2 and "already exists and is not an empty folder" in again.stderr
+
+
+@pytest.mark.parametrize(
+    ("command", "named"),
+    [
+        (["index", "build", "", "--out", "LIB"], "SOURCE"),
+        (["index", "build", "photos", "--gallery", "", "--out", "LIB"], "--gallery"),
+        (["index", "build", "photos", "--out", ""], "--out"),
+        (["index", "add", "", "photos"], "library"),
+        (["index", "add", "LIB", ""], "sources"),
+        (["index", "remove", "", "--id", "1"], "library"),
+        (["index", "relabel", "", "a", "b"], "library"),
+        (["index", "list", ""], "library"),
+        (["index", "stats", ""], "library"),
+        (["index", "verify", ""], "library"),
+        (["index", "reembed", ""], "library"),
+        (["index", "reembed", "LIB", "--moved", "", "photos"], "--moved"),
+        (["index", "rebuild", ""], "library"),
+        (["index", "search", "", "photos"], "library"),
+        (["eval-pipeline", "--queries", ""], "--queries"),
+    ],
+)
+def test_an_empty_path_that_must_be_given_is_refused_naming_it(
+    command, named, tmp_path, monkeypatch, capsys
+):
+    """`shitu index build "$PHOTOS" --out LIB` with the variable unset built a library of
+    every image under the working directory, as Path("") names it (and `index stats
+    "$LIB"` said `.` was no library): an empty source, library or required --out is
+    refused, naming the argument, and nothing is written."""
+    make_images(tmp_path / "photos", 1)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stopped:
+        main(command)
+    assert stopped.value.code == 2
+    assert f"error: argument {named}: empty; give a path\n" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["photos"]
+
+
+def test_an_empty_model_is_the_shipped_one(models, tmp_path):
+    """`--model "$MODEL"` with the variable unset was Path(''), the working directory,
+    refused as no exported model: it is none given, the shipped model, as in `recognize`,
+    and a library built with another model says that no --model was given."""
+    photos = make_images(tmp_path / "photos", 1)
+    lib = tmp_path / "lib"
+    built = shitu("index", "build", photos[0], "--label", "x", "--model", models[128], "--out", lib)
+    assert built.returncode == 0, built.stderr
+    searched = shitu("index", "search", lib, photos[0], "--model", "")
+    assert searched.returncode == 2 and "no --model was given" in searched.stderr, searched.stderr
+
+
+def test_a_source_that_is_a_device_or_fifo_is_named_as_one_not_as_missing(tmp_path):
+    """`shitu index build /dev/stdin --out LIB` (or a FIFO, eval-pipeline's --queries) said
+    "no such file or folder" of a path that is there: what it is is said instead."""
+    fifo = tmp_path / "gallery.fifo"
+    os.mkfifo(fifo)
+    for given, kind in ((fifo, "a FIFO (named pipe)"), ("/dev/null", "a character device")):
+        said = f"error: {given}: {kind}, not an image, folder or label file\n"
+        built = shitu("index", "build", given, "--out", tmp_path / "lib")
+        assert (built.returncode, built.stderr) == (2, said)
+        labelled = shitu("index", "build", given, "--label", "x", "--out", tmp_path / "lib")
+        assert (labelled.returncode, labelled.stderr) == (2, said)
+        queried = shitu("eval-pipeline", "--queries", given, "--gallery", tmp_path / "lib")
+        assert (queried.returncode, queried.stderr) == (2, said)
+    assert not (tmp_path / "lib").exists()
+
+
+def test_a_library_given_as_a_device_or_fifo_is_named_as_one(tmp_path):
+    """`shitu index stats /dev/null` was told to build a library from it first (`shitu
+    index build /dev/null --out LIB`), as a label file is: it is named for what it is."""
+    fifo = tmp_path / "lib.fifo"
+    os.mkfifo(fifo)
+    for given, kind in ((fifo, "a FIFO (named pipe)"), ("/dev/null", "a character device")):
+        for command in ("stats", "verify"):
+            opened = shitu("index", command, given)
+            assert opened.returncode == 2
+            assert opened.stderr == f"error: {given}: {kind}, not a gallery library\n"
+
+
+def test_a_listed_image_that_is_a_fifo_is_skipped_not_waited_on(models, tmp_path):
+    """A label file listing a FIFO (or /dev/zero) as an image: `index build` and
+    `eval-pipeline` hashed it with a plain open(), which waited for a writer without end
+    (/dev/zero: read for ever). It is skipped, named as what it is."""
+    photos = make_images(tmp_path / "photos", 1)
+    fifo = tmp_path / "photos" / "pipe.png"
+    os.mkfifo(fifo)
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{fifo}\tpipe\n{photos[0]}\tphoto\n")
+
+    def hung(*_: object) -> None:
+        raise RuntimeError("waited on the FIFO")
+
+    before = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(60)  # a guard: without it, a regression hangs the test run
+    try:
+        built = shitu("index", "build", listing, "--model", models[128], "--out", tmp_path / "lib")
+        queried = shitu("eval-pipeline", "--queries", listing, "--gallery", tmp_path / "lib",
+                        "--model", models[128], "--no-progress")  # fmt: skip
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, before)
+    skipped = f"{fifo}: a FIFO (named pipe), not an image file"
+    assert built.returncode == 0 and f"could not add {skipped}" in built.stderr, built.stderr
+    assert queried.returncode == 0 and f"skipped {skipped}" in queried.stderr, queried.stderr
+
+
+def test_commands_suggested_for_a_path_with_spaces_quote_it(models, tmp_path):
+    """`shitu index add My Gallery ...` suggested for a library in "My Gallery" is two
+    words to the shell, and runs on a folder `My`: paths in suggested commands are quoted
+    as the shell needs."""
+    photos = make_images(tmp_path / "photos", 1)
+    lib = tmp_path / "My Gallery"
+    build = ["index", "build", photos[0], "--label", "x", "--model", models[128], "--out", lib]
+    assert shitu(*build).returncode == 0
+    again = shitu(*build)
+    assert again.returncode == 2
+    assert f"`shitu index add {shlex.quote(str(lib))} ...`" in again.stderr, again.stderr
+    listing = tmp_path / "my photos.txt"
+    listing.write_text(f"{photos[0]}\tx\n")
+    opened = shitu("index", "stats", listing)
+    assert f"`shitu index build {shlex.quote(str(listing))} --out LIB`" in opened.stderr

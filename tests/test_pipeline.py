@@ -42,6 +42,7 @@ from shitu.inference import (
 from shitu.inference import default_model as default_model_module
 from shitu.inference.export import MANIFEST, ExportError
 from shitu.pipeline import (
+    CaptionFonts,
     PipelineConfig,
     PipelineEvaluation,
     PlainBackgroundDetector,
@@ -1897,3 +1898,21 @@ def test_saved_visualisations_are_drawn_on_the_photos_decoded_for_recognition(
     writer = VisualisationWriter(tmp_path / "vis")
     for found in kept:
         assert read_rgb(writer.save_recognition(found)).shape == found.image.shape
+
+
+def test_a_detector_or_font_given_as_a_device_or_fifo_is_named_as_one(tmp_path):
+    """`--detector /dev/null` (or a FIFO) was "no such file", `--vis-font` of one "not a
+    file": each path is there, and named for what it is."""
+    fifo = tmp_path / "det.fifo"
+    os.mkfifo(fifo)
+    for given, kind in ((fifo, "a FIFO (named pipe)"), ("/dev/null", "a character device")):
+        settings = [f"Global.det_inference_model_dir={given}", f"IndexProcess.index_dir={tmp_path}"]
+        with pytest.raises(ConfigError) as caught:
+            Recognizer.from_config(load_pipeline_config(None, settings))
+        assert str(caught.value).startswith(
+            f"Global.det_inference_model_dir (--detector): {given} is {kind}, not a detector "
+            "file; give a detector file"
+        )
+        with pytest.raises(DataError) as caught:
+            CaptionFonts(Path(given))
+        assert str(caught.value) == f"font {given}: {kind}, not a font file"

@@ -210,7 +210,7 @@ def test_vis_font_that_cannot_be_used_is_refused_before_anything_is_written(tmp_
         (tmp_path / "missing.ttf", "no such file"),
         (not_a_font, "not a TrueType/OpenType font (unknown file format)"),
         (tmp_path, "a folder"),
-        (Path("/dev/null"), "not a file"),  # not "no such file"
+        (Path("/dev/null"), "a character device, not a font file"),  # not "no such file"
     ):
         code = shitu_main(
             ["recognize", str(photo), "--save-vis", str(vis), "--vis-font", str(font)]

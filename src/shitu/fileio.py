@@ -49,12 +49,28 @@ _NOT_REGULAR = (
 )
 
 
+def special_kind(info: os.stat_result) -> str:
+    """What a path of this `os.stat` is that is neither a regular file nor a folder ("a
+    character device"), for messages: such a path exists, so it is no "not found"."""
+    return next((kind for test, kind in _NOT_REGULAR if test(info.st_mode)), "a special file")
+
+
 def read_regular_file(path: str | os.PathLike, what: str, limit: int | None = None) -> bytes:
     """The bytes of the file at `path`, read only where it is a regular file (of at most
     `limit` bytes, if given): a device (`/dev/zero`) was read until memory ran out, and
     opening a FIFO waited for a writer without end. Raises OSError, whose strerror says
     why not: "a character device, not `what`" ("an image file"), or the size over `limit`
     (IsADirectoryError for a folder)."""
+    with open_regular_file(path, what, limit) as handle:
+        return handle.read()
+
+
+@contextlib.contextmanager
+def open_regular_file(
+    path: str | os.PathLike, what: str, limit: int | None = None
+) -> Iterator[io.BufferedReader]:
+    """The file at `path` open for reading, where it is a regular file (see
+    `read_regular_file`, which raises the same OSErrors)."""
     # Non-blocking: a FIFO opens at once, to be refused below; no effect on regular files.
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     try:
@@ -62,8 +78,7 @@ def read_regular_file(path: str | os.PathLike, what: str, limit: int | None = No
         if stat.S_ISDIR(info.st_mode):
             raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), os.fspath(path))
         if not stat.S_ISREG(info.st_mode):
-            kind = next((k for test, k in _NOT_REGULAR if test(info.st_mode)), "a special file")
-            raise OSError(errno.EINVAL, f"{kind}, not {what}", os.fspath(path))
+            raise OSError(errno.EINVAL, f"{special_kind(info)}, not {what}", os.fspath(path))
         if limit is not None and info.st_size > limit:
             raise OSError(
                 errno.EFBIG,
@@ -72,7 +87,7 @@ def read_regular_file(path: str | os.PathLike, what: str, limit: int | None = No
                 os.fspath(path),
             )
         with os.fdopen(fd, "rb", closefd=False) as handle:
-            return handle.read()
+            yield handle
     finally:
         os.close(fd)
 
@@ -113,9 +128,12 @@ def refuse_non_utf8_path(path: Path, what: str, readers: str, error: type[ShituE
         ) from None
 
 
-def file_sha256(path: Path) -> str:
+def file_sha256(path: Path, what: str = "a regular file") -> str:
+    """The SHA-256 of the file at `path`, `what` ("an image file"), read only where it is a
+    regular file (`open_regular_file`): a FIFO listed as a gallery image waited for a writer
+    without end, /dev/zero was read for ever."""
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    with open_regular_file(path, what) as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -171,10 +189,12 @@ def folder_place(path: str | Path) -> Path:
 def check_writable(folder: Path, what: str) -> None:
     """Create `folder` if needed and write a file in it, before long work whose results go
     there: an unusable place (a file in the way, no permission, a read-only or virtual file
-    system) is a one-line error naming `what` now, not a traceback after the work."""
+    system) is a one-line error naming `what` now, not a traceback after the work. A
+    symbolic link `folder` to a folder not made yet (on another disk, say) has it made
+    where it points (`folder_place`): mkdir of the link itself failed with "File exists"."""
     refuse_file_in_the_way(folder, what)
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        folder_place(folder).mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(prefix=".shitu-write-check.", dir=folder)
         os.close(fd)
         os.unlink(name)
@@ -202,11 +222,12 @@ def removed_if_left_empty(folder: Path | None) -> Iterator[None]:
 
 
 def refuse_file_in_the_way(folder: Path, what: str) -> None:
-    """A DataError naming `what` where `folder`, or a folder on its path, is a file; for a
-    check that makes no folder (`check_writable` makes it)."""
+    """A DataError naming `what` where `folder`, or a folder on its path, is a file (or a
+    device, a FIFO: said so); for a check that makes no folder (`check_writable` makes it)."""
     existing = next((f for f in (folder, *folder.parents) if f.exists()), None)
     if existing is not None and not existing.is_dir():
-        raise DataError(f"{what}: {existing} is a file, not a folder")
+        kind = "a file" if existing.is_file() else special_kind(existing.stat())
+        raise DataError(f"{what}: {existing} is {kind}, not a folder")
 
 
 @contextlib.contextmanager

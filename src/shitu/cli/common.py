@@ -85,6 +85,16 @@ def given_path(text: str) -> Path | None:
     return Path(text) if text else None
 
 
+def required_path(text: str) -> Path:
+    """A path that must be given (an image source, a library, a required --out); '' (`"$LIB"`
+    of an unset variable) is refused, named by argparse (`argument --out: empty; give a
+    path`), not taken for Path(''): the working directory, which would be scanned, opened
+    or written as that argument."""
+    if not text:
+        raise argparse.ArgumentTypeError("empty; give a path")
+    return Path(text)
+
+
 def add_runtime_arguments(parser: argparse.ArgumentParser, gpu: bool = False) -> None:
     """--runtime and --precision for commands that embed images (None when not given:
     auto and fp32). fp16 and bf16 run on a GPU only: offered where the command has a
@@ -572,7 +582,11 @@ class VisualisationWriter:
         common = _common_folder(inputs)
         for image in inputs:
             self._copy_name(image, common)
-        here = folder.resolve()
+        try:  # where a link there points, to make the folder there (mkdir of a link to one
+            place = folder_place(folder)  # not made yet was "File exists")
+        except OSError as exc:  # a link in a loop: resolve() was a RuntimeError's traceback
+            raise DataError(f"--save-vis {folder}: {exc.strerror}") from None
+        here = place.resolve()
         beside = {(here / name).parent for name in self.names.values()}
         inside = next((image for image in inputs if image.parent.resolve() in beside), None)
         if inside is not None:
@@ -593,7 +607,7 @@ class VisualisationWriter:
                 "run would take the annotated copies for photos: choose a folder outside it"
             )
         try:
-            folder.mkdir(parents=True, exist_ok=True)
+            place.mkdir(parents=True, exist_ok=True)
         except OSError as exc:  # a file there, or in the way on its path, or no permission
             if folder.is_file():
                 raise DataError(f"--save-vis {folder}: is a file; give a folder") from None

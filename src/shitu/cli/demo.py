@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from shitu.cli.common import VisualisationWriter
+from shitu.cli.common import VisualisationWriter, given_path
 from shitu.cli.recognize import (
     add_pipeline_arguments,
     format_table,
@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from shitu.pipeline.recognizer import MainbodyDetector
 
 MARKER = ".shitu-demo"
+DEFAULT_OUT = "shitu-demo"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -42,10 +43,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     parser.add_argument(
-        "--out", type=Path, default=Path("shitu-demo"), help="output folder (default shitu-demo)"
+        "--out",
+        type=_out_folder,
+        default=DEFAULT_OUT,
+        help=f"output folder (default {DEFAULT_OUT})",
     )
     add_pipeline_arguments(parser, gallery=False, default_detector=PLAIN_BACKGROUND)
     parser.set_defaults(func=run)
+
+
+def _out_folder(text: str) -> Path:
+    """--out; '' (`--out "$OUT"` of an unset variable) is none given, the default folder,
+    not Path(''): the working directory, which the demo would fill (an empty one) or refuse."""
+    return given_path(text) or Path(DEFAULT_OUT)
 
 
 def _prepare(out: Path) -> None:

@@ -8,7 +8,6 @@ import argparse
 import json
 import sys
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from shitu.cli.common import (
@@ -16,6 +15,7 @@ from shitu.cli.common import (
     add_progress_argument,
     count_of,
     progress_wanted,
+    required_path,
     table_field,
 )
 from shitu.cli.recognize import (
@@ -56,7 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "folder-per-label tree."
         ),
     )
-    parser.add_argument("--queries", type=Path, required=True, help="label file or folder")
+    parser.add_argument("--queries", type=required_path, required=True, help="label file or folder")
     add_leaf_labels_argument(parser)
     add_pipeline_arguments(parser)
     parser.add_argument(

@@ -16,8 +16,10 @@ from shitu.cli.common import (
     count_of,
     expand_images,
     finite_float,
+    given_path,
     positive_int,
     progress_wanted,
+    required_path,
     skip_reason,
     table_field,
     warn_if_empty,
@@ -80,7 +82,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     build.add_argument(
         "sources",
-        type=Path,
+        type=required_path,
         nargs="*",
         metavar="SOURCE",
         help="label file(s) (`path<TAB>label`, paths relative to the file's folder) or "
@@ -89,7 +91,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     # The option form, as PaddleClas's gallery settings name it; SOURCE as `index add` takes it.
     build.add_argument(
         "--gallery",
-        type=Path,
+        type=required_path,
         nargs="+",
         action="extend",
         default=[],
@@ -97,7 +99,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     build.add_argument(
         "--out",
-        type=Path,
+        type=required_path,
         required=True,
         help="library folder to create (or an empty folder to fill; a symbolic link there "
         "is followed)",
@@ -154,8 +156,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "images: an add that is stopped keeps what it wrote, and the same command again adds "
         "the rest (it skips the images the library has, unless --allow-duplicates).",
     )
-    add.add_argument("library", type=Path)
-    add.add_argument("sources", type=Path, nargs="+", help="images, folders or label files")
+    add.add_argument("library", type=required_path)
+    add.add_argument(
+        "sources", type=required_path, nargs="+", help="images, folders or label files"
+    )
     add.add_argument("--label", help="label for every given image and folder")
     add_leaf_labels_argument(add)
     _add_image_arguments(add)
@@ -167,7 +171,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Remove images by id (`index list --images` lists them), every image "
         "of a label, or every image whose file is gone (--missing).",
     )
-    remove.add_argument("library", type=Path)
+    remove.add_argument("library", type=required_path)
     remove.add_argument(
         "--id",
         type=int,
@@ -205,7 +209,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="rename a label",
         description="Rename label OLD to NEW; onto a label that has images only with --merge.",
     )
-    relabel.add_argument("library", type=Path)
+    relabel.add_argument("library", type=required_path)
     relabel.add_argument("old", metavar="OLD", help="the label to rename")
     relabel.add_argument("new", metavar="NEW", help="its new name")
     relabel.add_argument(
@@ -221,7 +225,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "path that holds a tab, a line break or another control character (or starts with "
         '`"`) written as a JSON string (--format jsonl: a JSON object per line).',
     )
-    listing.add_argument("library", type=Path)
+    listing.add_argument("library", type=required_path)
     listing.add_argument("--label", help="list this label's images")
     listing.add_argument("--images", action="store_true", help="list every image")
     listing.add_argument(
@@ -239,7 +243,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Print the library's image and label counts, model fingerprint, metric "
         "and index facts as JSON.",
     )
-    stats.add_argument("library", type=Path)
+    stats.add_argument("library", type=required_path)
     stats.set_defaults(func=run_stats)
 
     verify = commands.add_parser(
@@ -249,7 +253,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "index holds the images the database lists; exit status 1 on a problem (each printed "
         "as `problem: ...`).",
     )
-    verify.add_argument("library", type=Path)
+    verify.add_argument("library", type=required_path)
     verify.set_defaults(func=run_verify)
 
     reembed = commands.add_parser(
@@ -260,11 +264,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "image's file is read from where it was added from, or from where --moved says its "
         "folder is now; one that cannot be read is named, and then nothing is changed.",
     )
-    reembed.add_argument("library", type=Path)
+    reembed.add_argument("library", type=required_path)
     reembed.add_argument(
         "--moved",
         nargs=2,
-        type=Path,
+        type=required_path,
         action="append",
         default=[],
         metavar=("OLD", "NEW"),
@@ -282,7 +286,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "another --index-type or with other search settings; also mends a library whose "
         "index file was lost or damaged.",
     )
-    rebuild.add_argument("library", type=Path)
+    rebuild.add_argument("library", type=required_path)
     rebuild.add_argument(
         "--index-type", choices=INDEX_TYPES, help="rebuild as this type (default: the same)"
     )
@@ -297,7 +301,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "jsonl: a JSON object); one the model gives NaN or inf features is named in a warning "
         "instead. Exit status 1 when no image could be read and searched.",
     )
-    search.add_argument("library", type=Path)
+    search.add_argument("library", type=required_path)
     search.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
     search.add_argument("-k", type=positive_int, default=5, help="hits per image (default 5)")
     search.add_argument(
@@ -320,7 +324,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--model", type=Path, help="exported model folder (default: the model shipped with shitu)"
+        "--model",
+        type=given_path,
+        help="exported model folder (default: the model shipped with shitu)",
     )
     parser.add_argument(
         "--batch-size",
@@ -445,7 +451,8 @@ def run_build(args: argparse.Namespace) -> int:
     place = folder_place(args.out)  # where a link given as --out points
     if occupied(place):  # an empty folder made for it is filled
         library = (place / LIBRARY_FILE).is_file()  # else `index add` would refuse it too
-        add = f" or add to it with `shitu index add {args.out} ...`" if library else ""
+        out = shlex.quote(str(args.out))  # a command to copy: a path with spaces quoted
+        add = f" or add to it with `shitu index add {out} ...`" if library else ""
         raise GalleryError(
             f"{args.out}: already exists and is not an empty folder; choose a new --out{add}"
         )
@@ -487,12 +494,13 @@ def run_add(args: argparse.Namespace) -> int:
         gone = _files_gone(gallery) if report.duplicates else []
     _report(report, args.library, stats)
     if gone:  # with this add's model, which is the library's: it opened for it
-        model_flags = f" --model {args.model}" if args.model else ""
+        model_flags = f" --model {shlex.quote(str(args.model))}" if args.model else ""
         model_flags += f" --precision {args.precision}" if args.precision else ""
         print(
             f"note: the files of {count_of(len(gone), 'image')} of the library are gone from "
             f"where they were added from, {gone_from(gone)}; if they moved, `shitu index "
-            f"reembed {args.library} --moved OLD NEW{model_flags}` records where they are now",
+            f"reembed {shlex.quote(str(args.library))} --moved OLD NEW{model_flags}` records "
+            "where they are now",
             file=sys.stderr,
         )
     return 1 if report.failures and not len(report.ids) else 0  # nothing could be added
@@ -558,8 +566,8 @@ def _say_what_is_kept(args: argparse.Namespace, added: int, total: int) -> None:
     if args.allow_duplicates:
         again = (
             "the same command again would add them a second time (--allow-duplicates): give "
-            f"it the rest only (`shitu index list {args.library} --images` lists the "
-            "library's images)"
+            f"it the rest only (`shitu index list {shlex.quote(str(args.library))} --images` "
+            "lists the library's images)"
         )
     else:
         again = "the same command again adds the rest (it skips the images the library has)"
@@ -705,8 +713,8 @@ def run_verify(args: argparse.Namespace) -> int:
                 f"note: the files of {count_of(len(gone), 'image')} are gone from where they "
                 f"were added from, {gone_from(gone)} (moved, deleted, or on a disk not "
                 f"mounted): `shitu index reembed` refuses to run "
-                f"until `shitu index remove {args.library} --missing` removes them, or, for "
-                "a folder that moved, is told where it is now (`--moved OLD NEW`)",
+                f"until `shitu index remove {shlex.quote(str(args.library))} --missing` removes "
+                "them, or, for a folder that moved, is told where it is now (`--moved OLD NEW`)",
                 file=sys.stderr,
             )
     for problem in problems:

@@ -30,7 +30,15 @@ from PIL import Image, ImageEnhance
 from shitu.data.transforms.ops import UnreadableImageError, decode_rgb_image
 from shitu.detection.detector import preprocess
 from shitu.errors import DataError, first_few
-from shitu.fileio import from_working_directory, listed_file, read_text, text_lines
+from shitu.fileio import (
+    from_working_directory,
+    listed_file,
+    read_regular_file,
+    read_text,
+    special_kind,
+    text_lines,
+)
+from shitu.image_files import read_image_file
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +112,7 @@ class DetectionDataset:
         boxes, annotated on the photo as displayed, fall where they belong)."""
         path = self.images[index]
         try:
-            image = decode_rgb_image(_read(path, "image"))
+            image = decode_rgb_image(_read(path, "image", read_image_file))
         except UnreadableImageError as exc:
             raise DataError(f"{path}: {exc}") from None
         self._check_boxes_fit(index, image.size)
@@ -189,11 +197,22 @@ def _check_listed_files_exist(files: list[Path], source: str | Path, what: str) 
     """At start-up, not when training (or, for a validation set, evaluation after it) first
     reads a missing image: a wrong image folder is named before hours of work are lost. A
     VOC list's annotation files too, which are found from the image folder as well."""
-    missing = [path for path in files if not path.is_file()]
+    missing = [path for path in files if not path.exists()]
     if missing:
         raise DataError(
             f"{source}: {len(missing)} of the {len(files)} {what} it lists do not exist: "
             f"{first_few(missing, _SHOW)} (is the image folder right?)"
+        )
+    # There, but a folder, a device or a FIFO: not said not to exist, each named as what it is
+    others = [
+        f"{path} ({'a folder' if path.is_dir() else special_kind(path.stat())})"
+        for path in files
+        if not path.is_file()
+    ]
+    if others:
+        raise DataError(
+            f"{source}: {len(others)} of the {len(files)} {what} it lists are no files: "
+            f"{first_few(others, _SHOW)}"
         )
 
 
@@ -264,9 +283,18 @@ def _clip_to_recorded_sizes(
     return [box for box, _ in clipped], [label for _, label in clipped]
 
 
-def _read(path: Path, what: str) -> bytes:
+def _read_text_file(path: Path) -> bytes:
+    """An annotation file's bytes (COCO JSON, VOC XML): text, so no device or FIFO."""
+    return read_regular_file(path, "a text file")
+
+
+def _read(path: Path, what: str, read: Callable[[Path], bytes] = _read_text_file) -> bytes:
+    """The bytes of the `what` ("image", "COCO annotation file") at `path`, by `read`: only
+    where it is a regular file (`read_regular_file`; an image within the size limit of
+    `read_image_file`), as `path.read_bytes()` read /dev/zero until memory ran out and
+    waited on a FIFO for a writer without end."""
     try:
-        return path.read_bytes()
+        return read(path)
     except OSError as exc:
         raise DataError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
 
@@ -462,6 +490,9 @@ class VocDetection(DetectionDataset):
             )
         if Path(annotation_dir).is_file():
             listed = _voc_list(Path(annotation_dir), Path(image_dir))
+        elif not Path(annotation_dir).is_dir():  # a device, a FIFO: was NotADirectoryError
+            kind = special_kind(Path(annotation_dir).stat())
+            raise DataError(f"VOC annotations {annotation_dir}: {kind}, not a folder or list file")
         else:
             listed = [(None, xml) for xml in _xml_files(Path(annotation_dir))]
             if not listed:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import shlex
 import shutil
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -30,6 +31,7 @@ from shitu.fileio import (
     is_given_path,
     occupied,
     refuse_non_utf8_path,
+    special_kind,
     staging_folder,
 )
 from shitu.image_files import unreadable_reason
@@ -188,6 +190,8 @@ def _open_store(root: Path) -> MetadataStore:
                 "as --gallery the library that `shitu index build IMAGES --out LIB --model "
                 f"{root}` makes"
             )
+        if not root.is_dir() and not root.is_file():  # a device, a FIFO: no list to build from
+            raise GalleryError(f"{root}: {special_kind(root.stat())}, not a gallery library")
         inner = _libraries_in(root)
         if inner:  # `shitu demo`'s folder, whose library is its gallery/, say
             shown = " or ".join(str(path) for path in inner[:3])
@@ -196,7 +200,8 @@ def _open_store(root: Path) -> MetadataStore:
         # given the one for the other.
         raise GalleryError(
             f"{root}: not a gallery library (no {LIBRARY_FILE}); for a folder or list of "
-            f"gallery images, build one first: `shitu index build {root} --out LIB`"
+            f"gallery images, build one first: `shitu index build {shlex.quote(str(root))} "
+            "--out LIB`"
         )
     return MetadataStore(root / LIBRARY_FILE)
 
@@ -969,7 +974,7 @@ class Gallery:
                             f"the library has this photo as image {stored_id}, labelled "
                             f"'{stored_label}'; it keeps that label (to label it "
                             f"'{item.label}' instead, remove it, `shitu index remove "
-                            f"{self.root} --id {stored_id}`, and add it again)",
+                            f"{shlex.quote(str(self.root))} --id {stored_id}`, and add it again)",
                         )
                     )
                 elif digest in seen:
@@ -1189,8 +1194,9 @@ class Gallery:
                 f"cannot re-embed: {len(bad)} of the {len(entries)} images could not be read, "
                 f"ids {_rows(bad)}: {named}; put the files back, or say where a folder of "
                 "them moved to (`--moved OLD NEW`: OLD the folder they were added from), or "
-                f"remove those images (`shitu index remove {self.root} --id ID ...`, or "
-                "`--missing` for files that are gone), and retry; nothing was changed"
+                "remove those images (`shitu index remove "
+                f"{shlex.quote(str(self.root))} --id ID ...`, or `--missing` for files that "
+                "are gone), and retry; nothing was changed"
             )
         usable = finite_rows(result.features)
         broken = [e for (e, _), ok in zip(readable, usable, strict=True) if not ok]
@@ -1332,7 +1338,7 @@ def _file_hashes(
     with ImageProgress(len(paths), progress and len(paths) >= HASH_BAR_MIN_FILES, "hashing") as bar:
         for path in paths:
             try:
-                digests.append(file_sha256(Path(path)))
+                digests.append(file_sha256(Path(path), "an image file"))
                 bar.update(1)
             except OSError as exc:
                 digests.append(None)

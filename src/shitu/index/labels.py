@@ -12,7 +12,14 @@ from numbers import Integral
 from pathlib import Path
 
 from shitu.errors import DataError
-from shitu.fileio import SAVE_AS_UTF8, is_given_path, listed_file, read_text, text_lines
+from shitu.fileio import (
+    SAVE_AS_UTF8,
+    is_given_path,
+    listed_file,
+    read_text,
+    special_kind,
+    text_lines,
+)
 from shitu.image_files import (
     IMAGE_SUFFIXES,
     header_error,
@@ -360,6 +367,9 @@ def collect_items(
                     "and folders"
                 )
             items.extend(parse_label_file(source))
+        elif source.exists():  # a device or a FIFO, whose reading would never end
+            kind = special_kind(source.stat())
+            raise DataError(f"{source}: {kind}, not an image, folder or label file")
         else:
             raise DataError(f"{source}: no such file or folder")
     if not items:

@@ -18,6 +18,7 @@ from typing import cast
 from PIL import ImageFont
 
 from shitu.errors import DataError
+from shitu.fileio import special_kind
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +62,13 @@ def check_font_file(path: Path, index: int = 0) -> None:
     at `path`: a wrong `--vis-font` (or `--vis-font-index`) is reported before any image is
     read, not after the first one."""
     if not path.is_file():
-        kind = "a folder" if path.is_dir() else "not a file" if path.exists() else "no such file"
+        kind = (
+            "a folder"
+            if path.is_dir()
+            else f"{special_kind(path.stat())}, not a font file"
+            if path.exists()
+            else "no such file"
+        )
         raise DataError(f"font {path}: {kind}")
     try:
         ImageFont.truetype(str(path), PROBE_SIZE)

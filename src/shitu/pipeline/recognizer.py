@@ -33,6 +33,7 @@ from shitu.data.transforms.ops import UnreadableImageError, check_rgb_image, ima
 from shitu.detection.boxes import nms
 from shitu.detection.detector import detectors_held, is_paddle_inference_model
 from shitu.errors import CheckpointError, ConfigError
+from shitu.fileio import special_kind
 from shitu.image_files import path_list
 from shitu.index import Gallery
 from shitu.index.gallery import NOT_FINITE
@@ -207,7 +208,13 @@ def build_detector(config: PipelineConfig) -> MainbodyDetector | None:
             f"goes to --model ({export}); give as --detector {detectors}"
         )
     if not path.is_file():  # PaddleClas configs name a Paddle inference folder here
-        problem = f"{name} is a folder, not a file" if path.is_dir() else f"{name}: no such file"
+        problem = (
+            f"{name} is a folder, not a file"
+            if path.is_dir()
+            else f"{name} is {special_kind(path.stat())}, not a detector file"
+            if path.exists()  # a device, a FIFO: was "no such file"
+            else f"{name}: no such file"
+        )
         way_out = f"give {detectors}{detectors_held(path)}"  # '' but for a folder
         if is_paddle_inference_model(path):  # PaddleDetection's export: model.pdiparams
             problem = f"{name} is a Paddle inference model, which shitu does not run"

@@ -474,26 +474,35 @@ def _not_found_hint(missing: Sequence[str], image_root: str | None) -> str:
     return hint
 
 
+def listing_text(path: str, named: str) -> str:
+    """The text of the listing file at `path` (`read_text`); a DataError, `named` ("class
+    file x"), for one that is not there, a folder or no regular file (a device, a FIFO),
+    each said to be what it is: all were "not found". UnicodeDecodeError is left to the
+    caller, whose advice differs by file."""
+    try:
+        return read_text(path)
+    except FileNotFoundError:
+        raise DataError(f"{named} not found{from_working_directory(path)}") from None
+    except IsADirectoryError:
+        raise DataError(f"{named} is a folder, not a text file") from None
+    except OSError as exc:  # "a character device, not a text file", "Permission denied"
+        raise DataError(f"{named}: cannot read it ({exc.strerror or exc})") from None
+
+
 def read_lines(path: str, what: str) -> list[tuple[int, str]]:
     """(line number, stripped text) of the lines of a listing file, less blank ones and
     `#` comments (a header line, say), which gallery label files may have as well: the
     same list then serves `shitu index build` and evaluation."""
-    file = Path(path)
-    if not file.is_file():
-        hint = " (it is a directory)" if file.is_dir() else from_working_directory(path)
-        raise DataError(f"{what}: label file {path} not found{hint}")
     try:
-        text = read_text(file)
+        text = listing_text(path, f"{what}: label file {path}")
     except UnicodeDecodeError:
-        if file.suffix.lower() in IMAGE_SUFFIXES:  # not to be saved as UTF-8
+        if Path(path).suffix.lower() in IMAGE_SUFFIXES:  # not to be saved as UTF-8
             raise DataError(
                 f"{what}: label file {path} is an image, not a text file listing images"
             ) from None
         raise DataError(
             f"{what}: label file {path} is not UTF-8 or UTF-16 text: {SAVE_AS_UTF8}"
         ) from None
-    except OSError as exc:
-        raise DataError(f"{what}: cannot read label file {path}: {exc}") from exc
     lines = ((number, line.strip()) for number, line in enumerate(text_lines(text), 1))
     return [(number, line) for number, line in lines if line and not line.startswith("#")]
 

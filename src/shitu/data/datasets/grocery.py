@@ -13,11 +13,12 @@ from shitu.data.datasets.base import (
     ImageDataset,
     TransformOps,
     check_root,
+    listing_text,
     read_lines,
     refuse_a_header,
 )
 from shitu.errors import ConfigError, DataError
-from shitu.fileio import SAVE_AS_UTF8, from_working_directory, read_text
+from shitu.fileio import SAVE_AS_UTF8
 from shitu.registry import DATASETS, ConfigPath
 
 ICONIC = "iconic"  # a cls_label_path value: the one packshot per class named in classes.csv
@@ -122,15 +123,10 @@ def _read_class_rows(path: str) -> list[tuple[int, list[str]]]:
     Read as label files are (`read_text`): UTF-16 too, as Excel saves "Unicode Text", and
     refused in the same words, not Python's ("[Errno 2] ...", "'utf-8' codec can't decode
     byte ...")."""
-    if not Path(path).is_file():
-        hint = " (it is a directory)" if Path(path).is_dir() else from_working_directory(path)
-        raise DataError(f"class file {path} not found{hint}")
     try:
-        text = read_text(path)
+        text = listing_text(path, f"class file {path}")
     except UnicodeDecodeError:
         raise DataError(f"class file {path} is not UTF-8 or UTF-16 text: {SAVE_AS_UTF8}") from None
-    except OSError as exc:
-        raise DataError(f"class file {path}: cannot read it ({exc.strerror or exc})") from None
     rows = list(enumerate(csv.reader(io.StringIO(text, newline="")), 1))
     # The header, which the dataset's own file has: a first row whose class id is a number
     # is a class's (one saved without the header lost its first class, and the id check
