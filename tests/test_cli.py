@@ -1484,6 +1484,13 @@ def test_an_empty_demo_out_is_the_default_folder_not_the_working_directory():
     assert "--save-vis shitu-demo/vis_yours" in hint
 
 
+def test_an_empty_serve_upload_dir_is_the_default_folder_not_the_working_directory():
+    """`shitu serve --upload-dir "$UPLOADS"` with the variable unset was Path(''), which is
+    truthy: images added over HTTP were kept in the working directory, not GALLERY/uploads."""
+    args = build_parser().parse_args(["serve", "--gallery", "lib", "--upload-dir", ""])
+    assert args.upload_dir is None
+
+
 def test_recognize_table_lines_up_labels_of_wide_and_combining_characters():
     """Columns are terminal columns: a Chinese label is twice its length wide, and a
     decomposed accent, a Thai or Devanagari vowel sign above or below its letter, and a

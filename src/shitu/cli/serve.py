@@ -14,7 +14,13 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from shitu.cli.common import bounded, port_number, positive_int, refuse_inside_gallery_sources
+from shitu.cli.common import (
+    bounded,
+    given_path,
+    port_number,
+    positive_int,
+    refuse_inside_gallery_sources,
+)
 from shitu.cli.recognize import (
     add_pipeline_arguments,
     naming_config_paths,
@@ -138,7 +144,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--upload-dir",
-        type=Path,
+        type=given_path,
         help="where images added over HTTP are kept (default: GALLERY/uploads); not inside "
         "a folder the gallery's images came from, whose next scan would take them",
     )
