@@ -736,20 +736,30 @@ def test_an_answer_for_an_earlier_api_key_is_dropped(server, browser, tmp_path):
     assert browser.find_element(By.ID, "label-status").text == ""
     assert not message.is_displayed()
     assert title.text.startswith(f"{label} (")
+    # the gallery drawn after the add, asked for before the key's change
+    add_across_a_key_change(browser, server, tmp_path, "Rekeyed", 59, "GET /v1/gallery/labels")
+
+
+def add_across_a_key_change(
+    browser, server, tmp_path: Path, label: str, seed: int, request: str
+) -> None:
+    """Add a new image under `label`, holding the `request` the add makes until the API
+    key has changed (to the same key): the add is reported all the same. The label is then
+    removed, for the later tests; `seed` makes an image no other test adds."""
     add_label = browser.find_element(By.ID, "add-label")
     add_label.clear()
-    add_label.send_keys("Rekeyed")
-    (image,) = make_images(tmp_path, 1, seed=59)  # a seed no other test uses
+    add_label.send_keys(label)
+    (image,) = make_images(tmp_path, 1, seed=seed)
     browser.find_element(By.ID, "add-files").send_keys(str(image))
-    browser.execute_script(HOLD_NEXT, "GET /v1/gallery/labels")
+    browser.execute_script(HOLD_NEXT, request)
     browser.find_element(By.CSS_SELECTOR, "#add-form button[type=submit]").click()
-    wait(browser, held, "the gallery asked for after the add")
+    wait(browser, held, f"{request} asked for by the add")
     browser.execute_script(CHANGE_KEY, KEY)
-    browser.execute_async_script(RELEASE_HELD)  # the gallery before the key's change
+    browser.execute_async_script(RELEASE_HELD)
     status = browser.find_element(By.ID, "add-status")
-    wait(browser, lambda d: status.text == 'added 1 to "Rekeyed"', "the add reported")
+    wait(browser, lambda d: status.text == f'added 1 to "{label}"', "the add reported")
     with httpx.Client(base_url=server.url, headers={"X-API-Key": KEY}) as client:
-        client.delete("/v1/gallery/labels/Rekeyed").raise_for_status()  # for the later tests
+        client.delete(f"/v1/gallery/labels/{label}").raise_for_status()
 
 
 def test_an_add_goes_on_when_the_api_key_changes_as_it_asks_for_the_limits(
@@ -758,20 +768,7 @@ def test_an_add_goes_on_when_the_api_key_changes_as_it_asks_for_the_limits(
     """The server's limits (/healthz, which needs no key) answered after the key changed
     were dropped as an earlier key's answer: the add stopped there, saying nothing."""
     open_page(browser, server)  # a new page: the limits not yet asked for
-    add_label = browser.find_element(By.ID, "add-label")
-    add_label.clear()
-    add_label.send_keys("Limits")
-    (image,) = make_images(tmp_path, 1, seed=61)  # a seed no other test uses
-    browser.find_element(By.ID, "add-files").send_keys(str(image))
-    browser.execute_script(HOLD_NEXT, "GET /healthz")
-    browser.find_element(By.CSS_SELECTOR, "#add-form button[type=submit]").click()
-    wait(browser, held, "the limits asked for")
-    browser.execute_script(CHANGE_KEY, KEY)
-    browser.execute_async_script(RELEASE_HELD)
-    status = browser.find_element(By.ID, "add-status")
-    wait(browser, lambda d: status.text == 'added 1 to "Limits"', "the add reported")
-    with httpx.Client(base_url=server.url, headers={"X-API-Key": KEY}) as client:
-        client.delete("/v1/gallery/labels/Limits").raise_for_status()  # for the later tests
+    add_across_a_key_change(browser, server, tmp_path, "Limits", 61, "GET /healthz")
 
 
 def test_a_label_the_server_refuses_stops_an_add_at_once(server, browser, tmp_path):
