@@ -370,6 +370,24 @@ def test_triplet_angular_margin_loss_xbm_takes_paddleclas_s_arguments():
         LOSSES.validate("TripletAngularMarginLoss_XBM", {"feat_dim": 0})
 
 
+def test_xbm_batch_larger_than_its_memory_keeps_the_batchs_last_rows():
+    """A batch of 5 into 3 slots holds rows 2-4 (the newest), and compares the batch with
+    those alone; the next batch of 2 then replaces rows 2 and 3, the oldest, not row 4."""
+    pair = LOSSES.build("ContrastiveLoss", margin=0.1)
+    xbm = LOSSES.build(
+        "XBM", pair_loss={"ContrastiveLoss": {"margin": 0.1}}, memory_size=3,
+        embedding_size=2, start_iter=0, batch_weight=0.0,
+    ).train()  # fmt: skip
+    x, labels = _unit(0, 20, 40, 60, 80), torch.tensor([0, 1, 0, 1, 0])
+    value = xbm(x, labels)
+    assert value.item() == pytest.approx(pair(x, labels, x[2:], labels[2:]).item(), abs=1e-6)
+    memory, memory_labels = xbm.stored()
+    assert torch.equal(memory, x[2:]) and memory_labels.tolist() == [0, 1, 0]
+    xbm(_unit(100, 120), torch.tensor([5, 6]))
+    assert xbm.stored()[1].tolist() == [5, 6, 0]
+    assert torch.equal(xbm.stored()[0][2], x[4])
+
+
 def test_xbm_state_round_trips_through_state_dict():
     xbm = LOSSES.build("ContrastiveLoss_XBM", xbm_size=4, embedding_size=2, start_iter=0).train()
     xbm(_unit(0, 90), torch.tensor([3, 4]))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -261,7 +262,8 @@ def test_margin_head_defaults_follow_paddleclas():
         ("CosMargin", {"scale": -64.0}, "scale: Input should be greater than 0"),
         ("CircleMargin", {"margin": 0.25, "scale": -1}, "scale: Input should be greater than 0"),
         ("ArcMargin", {"margin": -0.5}, "margin: Input should be greater than or equal to 0"),
-        ("ArcMargin", {"margin": 3.5}, "margin: Input should be less than 3.14"),
+        ("ArcMargin", {"margin": 2.5}, r"margin: must be below 2.331 radians, got 2.5: from"),
+        ("ArcMargin", {"margin": 3.5}, r"margin: must be below 2.331 radians, got 3.5: from"),
         (  # every true-class logit at or below every other: nothing to learn
             "CosMargin",
             {"margin": 2.0},
@@ -276,7 +278,7 @@ def test_margin_head_defaults_follow_paddleclas():
 )
 def test_head_settings_that_break_the_classifier_are_config_errors(name, params, message):
     """A scale of 0 or below gives constant or inverted logits, ArcMargin's angle outside
-    [0, pi) a logit that is not monotonic in the angle, a CosMargin margin from
+    [0, 2.331) a logit that is not monotonic in the angle, a CosMargin margin from
     sqrt(2C/(C-1)) on a class that can never win (and from -2 down one that always does),
     CircleMargin's relaxation outside [0, 0.5) reversed thresholds, and a negative init_std
     was torch's RuntimeError (a traceback) while the model was built."""
@@ -324,6 +326,25 @@ def test_arcmargin_hand_computed():
     assert head(far, torch.tensor([0]))[0, 0].item() == pytest.approx(
         10 * (cos_far - 0.5 * math.sin(0.5)), abs=1e-4
     )
+
+
+@pytest.mark.parametrize("margin", [0.5, 1.5, 2.33])
+def test_arcmargin_true_class_logit_falls_as_the_angle_grows(margin):
+    """Checked against the definition on a grid of angles over [0, pi]: cos(theta + m) up
+    to pi - m, then cos(theta) - m*sin(m), decreasing throughout for the margins the config
+    takes (2.5, refused, would rise at pi - m: -(cos m + m*sin m) = -0.69 > -1)."""
+    head = _two_class_head("ArcMargin", margin=margin, scale=1.0)
+    angles = np.linspace(0.0, math.pi, 2001)
+    x = torch.tensor(np.stack([np.cos(angles), np.sin(angles)], 1), dtype=torch.float32)
+    logits = head(x, torch.zeros(len(angles), dtype=torch.long))[:, 0].detach().numpy()
+    expected = np.where(
+        angles < math.pi - margin,
+        np.cos(angles + margin),
+        np.cos(angles) - margin * math.sin(margin),
+    )
+    near_threshold = np.abs(angles - (math.pi - margin)) < 1e-3  # float32 may fall either side
+    assert np.abs(logits - expected)[~near_threshold].max() < 2e-3  # sin's + 1e-6 under the root
+    assert (np.diff(logits) <= 1e-6).all()
 
 
 def test_arcmargin_easy_margin_only_for_positive_cosine():
