@@ -62,6 +62,19 @@ def test_a_latin_label_keeps_pillows_font(caplog):
     assert not warnings(caplog)
 
 
+def test_a_label_pillows_font_draws_searches_no_installed_font(monkeypatch):
+    """Pillow's own font, as the first choice, was taken for "none drew it": each caption
+    it drew ran the search for an installed font (`fc-match` per new label) and added
+    Pillow's font to the chosen ones again, a list that grew with every caption of a run."""
+    searched: list[str] = []
+    monkeypatch.setattr(fonts, "installed_fonts", lambda text: searched.append(text) or ())
+    caption_fonts = CaptionFonts()
+    for _ in range(3):
+        assert caption_fonts.font_for("Oat milk", 20) is fonts.load_font(None, 20)
+    assert searched == []
+    assert caption_fonts.chosen == []
+
+
 def test_a_label_no_font_can_draw_keeps_its_box_and_is_warned_about_once(
     no_installed_fonts, caplog
 ):

@@ -170,16 +170,16 @@ class CaptionFonts:
         if path is not None:
             check_font_file(Path(path), index)
         self.given = None if path is None else FontFace(str(path), index)
-        self.chosen: list[FontFace] = []
+        self.chosen: list[FontFace | None] = []
         self.warned: set[str] = set()
 
     def font_for(self, label: str, size: int) -> ImageFont.FreeTypeFont:
         """A font for `label` and its score at `size` pixels: the first that draws them all,
         else the one that lacks fewest characters (drawn as empty boxes, after a warning)."""
         text = label + SCORE_CHARS
-        face = next((f for f in (self.given, *self.chosen) if not missing_chars(f, text)), None)
-        if face is not None:
-            return load_font(face, size)
+        for known in (self.given, *self.chosen):  # None is a face here: Pillow's own font
+            if not missing_chars(known, text):
+                return load_font(known, size)
         choices = (self.given, *installed_fonts(text))
         face, missing = min(
             ((choice, missing_chars(choice, text)) for choice in choices),
