@@ -161,7 +161,7 @@ def known_labels(recognizer: Recognizer) -> set[str]:
     return {normal_form(label) for label in recognizer.gallery.label_counts()}
 
 
-def _gallery_images(recognizer: Recognizer, paths: Sequence[str], progress: bool) -> int:
+def _gallery_images(recognizer: Recognizer, paths: Sequence[str | Path], progress: bool) -> int:
     """How many of the query files are gallery images too (the same file, or a copy with
     the same content): those find themselves, and measure nothing. Each file is read whole
     for its hash: `progress` draws a `hashing` bar for HASH_BAR_MIN_FILES files or more,

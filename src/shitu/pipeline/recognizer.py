@@ -551,9 +551,10 @@ class Recognizer:
         keep_images: each result also holds its decoded photo (memory: one photo per result
         kept)."""
         for path, decoded, candidates in self._score_decoded(paths, progress):
-            if candidates is None:
+            if isinstance(decoded, str):
                 yield FileRecognition(path, [], decoded)
             else:
+                assert candidates is not None  # _score_decoded scores each decoded image
                 image = decoded if keep_images else None
                 yield FileRecognition(path, self.select(candidates), image=image)
 
@@ -563,7 +564,11 @@ class Recognizer:
         """(path, candidates, None) per file in input order, (path, None, reason) for an
         unreadable one: `score_batch` for files, decoded in threads."""
         for path, decoded, candidates in self._score_decoded(paths, progress):
-            yield (path, None, decoded) if candidates is None else (path, candidates, None)
+            if isinstance(decoded, str):
+                yield path, None, decoded
+            else:
+                assert candidates is not None  # _score_decoded scores each decoded image
+                yield path, candidates, None
 
     def _score_decoded(
         self, paths: Sequence[str | Path], progress: bool

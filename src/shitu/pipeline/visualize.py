@@ -26,12 +26,12 @@ def label_colour(label: str) -> tuple[int, int, int]:
 
 
 def fitted_caption(
-    draw: ImageDraw.ImageDraw, label: str, score: float, font: ImageFont.FreeTypeFont, width: int
+    draw: ImageDraw.ImageDraw, label: str, score: float, font: ImageFont.FreeTypeFont, width: float
 ) -> str:
     """`label score`, the label cut short with "..." where the caption is wider than
     `width` pixels: a caption wider than the image would lose its score off the edge."""
 
-    def text_width(text: str) -> int:
+    def text_width(text: str) -> float:
         left, _, right, _ = draw.textbbox((0, 0), text, font=font)
         return right - left
 
