@@ -66,12 +66,12 @@ class GlobalConfig(Section):
     device: Device = "auto"
     # What torch, numpy and Python's RNGs all take (numpy refuses negative seeds, torch
     # those of 2**64 and more), with room for the rank a DDP process adds.
-    seed: int | None = Field(None, ge=0, lt=2**63)
-    save_interval: int = Field(1, ge=1)
+    seed: int | None = Field(default=None, ge=0, lt=2**63)
+    save_interval: int = Field(default=1, ge=1)
     eval_during_train: bool = True
-    eval_interval: int = Field(1, ge=1)
-    epochs: int = Field(100, ge=1)
-    print_batch_step: int = Field(20, ge=1)
+    eval_interval: int = Field(default=1, ge=1)
+    epochs: int = Field(default=100, ge=1)
+    print_batch_step: int = Field(default=20, ge=1)
     eval_mode: Literal["retrieval"] = "retrieval"  # PaddleClas key; recognition is retrieval
     retrieval_feature_from: Literal["features", "backbone"] = "features"
     # k-reciprocal re-ranking: true, or its settings {k1, k2, lambda_value, max_samples}.
@@ -81,7 +81,7 @@ class GlobalConfig(Section):
     # Metric that picks `best_model` and drives ReduceOnPlateau, e.g. recall@1 or mAP.
     eval_metric: str = "recall@1"
     # Also save `latest` every N steps (a run killed mid-epoch then loses at most N steps).
-    checkpoint_every_steps: int | None = Field(None, ge=1)
+    checkpoint_every_steps: int | None = Field(default=None, ge=1)
     amp: Literal["off", "bf16", "fp16"] = "off"
     # NHWC activations: 1.2-1.8x faster float32 training steps for the shipped recipes on a
     # 2-core CPU (benchmarks/train_throughput.py --layout nhwc nchw), and the usual layout
@@ -216,9 +216,9 @@ class LRConfig(ComponentConfig):
     """Learning-rate schedule: `name` plus schedule parameters (e.g. Cosine, Piecewise)."""
 
     learning_rate: float = Field(gt=0)
-    warmup_epoch: int = Field(0, ge=0)
+    warmup_epoch: int = Field(default=0, ge=0)
     # `learning_rate` is tuned for this total batch size and is scaled linearly to the real one.
-    base_batch_size: int | None = Field(None, ge=1)
+    base_batch_size: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="before")
     @classmethod
@@ -256,7 +256,7 @@ class LRConfig(ComponentConfig):
 
 class RegularizerConfig(Section):
     name: Literal["L2", "L1"] = "L2"
-    coeff: float = Field(0.0, ge=0)
+    coeff: float = Field(default=0.0, ge=0)
 
     @field_validator("name")
     @classmethod
@@ -274,16 +274,16 @@ class OptimizerConfig(Section):
     # The ranges torch accepts (it raised a bare ValueError only as the optimizer was built);
     # a negative weight decay would pull the weights away from zero. A momentum of 1 or more
     # (which torch takes) never forgets a gradient: the steps grow until the loss is NaN.
-    momentum: float | None = Field(None, ge=0, lt=1)
-    beta1: float | None = Field(None, ge=0, lt=1)
-    beta2: float | None = Field(None, ge=0, lt=1)
-    weight_decay: float | None = Field(None, ge=0)
+    momentum: float | None = Field(default=None, ge=0, lt=1)
+    beta1: float | None = Field(default=None, ge=0, lt=1)
+    beta2: float | None = Field(default=None, ge=0, lt=1)
+    weight_decay: float | None = Field(default=None, ge=0)
     regularizer: RegularizerConfig | None = None
     # Space-separated name fragments of parameters that get no weight decay (PaddleClas style).
     no_weight_decay_name: str | None = None
     # Weight decay on normalisation layers and biases too (off: the usual, better choice).
     decay_norm_and_bias: bool = False
-    clip_norm: float | None = Field(None, gt=0)
+    clip_norm: float | None = Field(default=None, gt=0)
     # Learning-rate multipliers by module name, e.g. {backbone.blocks: 0.25}: pretrained
     # layers can move slower than new ones. The longest matching name wins; others get 1.
     lr_mult: dict[str, float] = Field(default_factory=dict)
@@ -331,7 +331,7 @@ class OptimizerConfig(Section):
 
 
 class LoaderOptions(Section):
-    num_workers: int = Field(4, ge=0)
+    num_workers: int = Field(default=4, ge=0)
     use_shared_memory: bool = True
 
 

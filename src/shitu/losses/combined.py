@@ -25,7 +25,7 @@ class CombinerOptions(BaseModel):
     maximise it) and the model output it reads (default: the one its class declares)."""
 
     model_config = ConfigDict(extra="forbid")
-    weight: float = Field(1.0, ge=0.0, allow_inf_nan=False)
+    weight: float = Field(default=1.0, ge=0.0, allow_inf_nan=False)
     input_key: Literal["features", "logits", "backbone", "neck"] | None = None
 
 

@@ -101,11 +101,11 @@ class PipelineGlobal(_Section):
     det_inference_model_dir: ConfigPath | None = None
     det_backend: Backend = "auto"
     det_arch: str | None = None
-    threshold: float = Field(0.2, ge=0.0, le=1.0)  # detector score threshold
-    max_det_results: int = Field(5, ge=0)
-    rec_nms_thresold: float = Field(0.05, ge=0.0, le=1.0)  # PaddleClas's spelling
-    batch_size: int = Field(32, ge=1)
-    cpu_num_threads: int | None = Field(None, ge=1)
+    threshold: float = Field(default=0.2, ge=0.0, le=1.0)  # detector score threshold
+    max_det_results: int = Field(default=5, ge=0)
+    rec_nms_thresold: float = Field(default=0.05, ge=0.0, le=1.0)  # PaddleClas's spelling
+    batch_size: int = Field(default=32, ge=1)
+    cpu_num_threads: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="before")
     @classmethod
@@ -125,7 +125,7 @@ class IndexProcessConfig(_Section):
     index_dir: ConfigPath | None = None  # gallery library folder (`shitu index build --out`)
     # Cosine similarity in [-1, 1] a box's best hit needs (IP and L2 libraries alike);
     # null: the model's calibrated one (its shitu_model.json), else DEFAULT_SCORE_THRES.
-    score_thres: float | None = Field(None, ge=-1.0, le=1.0)
+    score_thres: float | None = Field(default=None, ge=-1.0, le=1.0)
 
     @model_validator(mode="before")
     @classmethod

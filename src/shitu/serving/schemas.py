@@ -23,8 +23,8 @@ class RecognizeJSON(_Body):
 
 
 class ExtractJSON(_Body):
-    image: str | None = Field(None, description=BASE64_HELP)
-    images: list[str] | None = Field(None, description="several images, " + BASE64_HELP)
+    image: str | None = Field(default=None, description=BASE64_HELP)
+    images: list[str] | None = Field(default=None, description="several images, " + BASE64_HELP)
 
 
 class AddImagesJSON(ExtractJSON):
