@@ -648,9 +648,10 @@ class Gallery:
             id_labels = self._id_labels
             newest_id = int(id_labels[0][-1]) if len(id_labels[0]) else -1
             k = min(k, max(len(id_labels[0]), 1))  # this generation's images
-            scores, ids = _ties_in_id_order(*self._backend.search(queries, k, newest_id))
+            found = self._backend.search(queries, k, newest_id)
         finally:
             self._swap.release_read()
+        scores, ids = _ties_in_id_order(*found)
         dropped = np.zeros(ids.shape, bool) if min_score is None else scores < min_score
         if aimless is not None:
             dropped |= aimless[:, None]  # else scored 0.0 against arbitrary images

@@ -10,6 +10,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from numbers import Integral
 from pathlib import Path
+from typing import cast
 
 from shitu.errors import DataError
 from shitu.fileio import (
@@ -316,7 +317,7 @@ def _source_list(sources: object) -> list[str | os.PathLike]:
     for source in listed:
         if not is_given_path(source):
             raise DataError(f"expected {wanted}, got {type(source).__name__} {source!r}")
-    return listed
+    return cast("list[str | os.PathLike]", listed)  # each one checked by is_given_path
 
 
 def collect_items(
@@ -339,9 +340,9 @@ def collect_items(
             "--label gives every image one label, --leaf-labels takes them from folder names: "
             "give one or the other"
         )
-    sources = [Path(source) for source in _source_list(sources)]
+    paths = [Path(source) for source in _source_list(sources)]
     items: list[GalleryItem] = []
-    for source in sources:
+    for source in paths:
         if source.is_dir():
             _refuse_library(source)
             if label is None:
@@ -373,5 +374,5 @@ def collect_items(
         else:
             raise DataError(f"{source}: no such file or folder")
     if not items:
-        raise DataError(f"no images listed in {', '.join(map(str, sources))}")
+        raise DataError(f"no images listed in {', '.join(map(str, paths))}")
     return items

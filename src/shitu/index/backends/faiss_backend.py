@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import faiss
 import numpy as np
@@ -101,9 +101,11 @@ def build_index(
     count, dim = features.shape
     index = faiss.index_factory(dim, factory_string(index_type, dim, count), metric_code(metric))
     if not index.is_trained:
-        ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+        # faiss's stubs type downcast_index as returning Index: it returns the IVF subclass
+        ivf = cast(faiss.IndexIVF, faiss.downcast_index(faiss.extract_index_ivf(index)))
         if isinstance(ivf, faiss.IndexIVFPQ):
-            ivf.do_polysemous_training = False  # costly, and only polysemous search uses it
+            # costly, and only polysemous search uses it (an attribute faiss's stubs lack)
+            ivf.do_polysemous_training = False  # type: ignore[attr-defined]
         sample = min(count, max(TRAIN_POINTS_PER_LIST * ivf.nlist, MIN_TRAIN[index_type]))
         rows = np.random.default_rng(seed).choice(count, size=sample, replace=False)
         index.train(features[np.sort(rows)])
@@ -118,6 +120,7 @@ def indexed_ids(index: faiss.Index) -> np.ndarray:
         return faiss.vector_to_array(index.id_map)
     ivf = faiss.extract_index_ivf(index)
     lists = ivf.invlists
+    assert lists is not None  # an IVF index owns its inverted lists
     held = [
         faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)).copy()
         for i in range(ivf.nlist)
@@ -129,8 +132,10 @@ def indexed_ids(index: faiss.Index) -> np.ndarray:
 def apply_change(index: faiss.Index, change: Change) -> None:
     """`change`'s removals and additions, made to `index` in place."""
     if len(change.removed_ids):
-        index.remove_ids(change.removed_ids)
+        # faiss's Python wrapper takes an id array; its stubs list an IDSelector only
+        index.remove_ids(change.removed_ids)  # type: ignore[arg-type]
     if len(change.added_ids):
+        assert change.added is not None  # a Change gives the vectors of the ids it adds
         index.add_with_ids(change.added, change.added_ids)
 
 
@@ -197,12 +202,14 @@ class FaissBackend(Backend):
     def _replay_since_checkpoint(self) -> None:
         """Bring the loaded index file up to the rows committed since it was written (called
         under the read lock that keeps the manifest and the rows of one generation)."""
+        assert self.index is not None  # just read from its file
         apply_change(self.index, self._unindexed_change())
 
     def _unindexed_change(self) -> Change:
         """What makes the index hold the stored rows: the ids it lacks (with their stored
         features) added, the ids SQLite lacks removed."""
         stored = self.store.ids()
+        assert self.index is not None  # its callers have a loaded index
         held = indexed_ids(self.index)
         removed = np.setdiff1d(held, stored, assume_unique=True)
         added = np.setdiff1d(stored, held, assume_unique=True)  # ascending: as they were added
@@ -219,6 +226,7 @@ class FaissBackend(Backend):
         change = self._unindexed_change()
 
         def catch_up() -> None:
+            assert self.index is not None  # checked above, and no write runs in between
             apply_change(self.index, change)
             self.manifest = manifest
 
@@ -266,7 +274,7 @@ class FaissBackend(Backend):
         changed = len(change.added_ids) + len(change.removed_ids)
         since = self.manifest.index_state.get(CHANGES_KEY, 0) + changed
         state = dict(self.manifest.index_state)
-        if self._needs_rebuild(change, target, count):
+        if self.index is None or self._needs_rebuild(change, target, count):
             ids, features = self.store.features(manifest.embedding_dim)
             index = build_index(target, manifest.metric, features, ids)
             state = {"built_type": target, CHANGES_KEY: 0}
@@ -314,6 +322,7 @@ class FaissBackend(Backend):
             return
         index = staged.index
         if staged.in_place is not None:
+            assert index is not None  # a change made in place is made to the live index
             apply_change(index, staged.in_place)
         if index is not None:
             apply_search_params(index, manifest.index_state["built_type"], manifest.backend_options)

@@ -423,6 +423,7 @@ class MilvusBackend(Backend):
                 with self._applying("removing vectors from"):
                     self.client.delete(self.collection, ids=[int(i) for i in change.removed_ids])
             if len(change.added_ids):
+                assert change.added is not None  # a Change gives the vectors of the ids it adds
                 with self._applying("adding vectors to"):
                     self._insert(change.added_ids, change.added)
         self._mark_synced(manifest)  # not reached after a failure: the collection stays stale
