@@ -1025,6 +1025,25 @@ def test_a_damaged_database_page_is_a_gallery_error_not_sqlites_traceback(tmp_pa
             assert gallery.verify()[0] == "sqlite: database disk image is malformed"
 
 
+def test_a_write_to_a_library_whose_manifest_is_gone_says_so_not_attributeerror(tmp_path):
+    """The manifest row deleted while the library was open: the write's transaction read
+    it as None and failed on `None.generation`, an AttributeError shown above the
+    GalleryError the roll-back's reload then raised, as if shitu itself had crashed."""
+    path = tmp_path / "lib"
+    with new_gallery(path) as gallery:
+        gallery.add(clustered(10, DIM), labels_for(10))
+        with contextlib.closing(sqlite3.connect(path / "gallery.sqlite")) as conn, conn:
+            conn.execute("DELETE FROM manifest")
+        with pytest.raises(GalleryError, match="gallery.sqlite: library has no manifest") as info:
+            gallery.relabel(labels_for(1)[0], "renamed")
+        chained = []
+        error: BaseException | None = info.value
+        while error is not None:
+            chained.append(type(error).__name__)
+            error = error.__cause__ or error.__context__
+        assert "AttributeError" not in chained
+
+
 def test_a_write_to_a_library_built_again_since_it_was_opened_says_so(tmp_path):
     """A server's library deleted and built again at its path: the server's edits went to
     the deleted file, which SQLite refuses as "attempt to write a readonly database" (a

@@ -731,7 +731,7 @@ class Gallery:
         A `mutate` that changed nothing returns no Change: the generation stays."""
         try:
             with self._store.transaction():
-                committed = self._store.read_manifest()
+                committed = _committed_manifest(self.root, self._store, None)
                 if committed.generation != self.manifest.generation:
                     self._reload()  # another process wrote since we opened
                     committed = self.manifest
