@@ -361,6 +361,37 @@ def test_an_onnx_export_that_keeps_its_batch_norms_loads_into_torch_with_them(
             torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-3)
 
 
+@pytest.mark.parametrize("bias", ["absent", "computed"])
+def test_an_onnx_export_whose_head_conv_has_no_stored_bias(tmp_path: Path, bias: str) -> None:
+    """The head's last conv given without its bias input (an optimiser dropping it): our
+    conv's bias was copied from None, an AttributeError; its output goes on as it is, so
+    the conv's bias is zero. A bias the graph computes was taken for none, the model
+    loaded with wrong weights: refused, as a computed weight is."""
+    model = build_picodet("picodet_s_esnet", num_classes=2, input_size=64).eval()
+    exported = onnx.load(str(export_onnx(model, tmp_path / "det.onnx")))
+    last = [node for node in exported.graph.node if node.op_type == "Conv"][-1]
+    if bias == "absent":
+        del last.input[2:]
+    else:  # the stored bias, passed through an op the weight reader does not evaluate
+        exported.graph.node.insert(0, helper.make_node("Neg", [last.input[2]], ["negated"]))
+        exported.graph.node.insert(1, helper.make_node("Neg", ["negated"], ["computed"]))
+        last.input[2] = "computed"
+    path = tmp_path / "edited.onnx"
+    onnx.save(exported, str(path))
+    if bias == "computed":
+        with pytest.raises(CheckpointError, match=f"conv '{last.name}' has a computed bias"):
+            load_onnx_weights(path)
+        return
+    loaded = load_onnx_weights(path)
+    with torch.no_grad():
+        model.head.head_cls[-1].bias.zero_()
+    photo = np.random.default_rng(0).integers(0, 256, (80, 90, 3), dtype=np.uint8)
+    batch = torch.from_numpy(preprocess(photo, (64, 64))[None])
+    with torch.no_grad():
+        for ours, theirs in zip(model.predict(batch), loaded.predict(batch), strict=True):
+            torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-3)
+
+
 @needs_picodet
 def test_an_onnx_export_of_another_architecture_than_the_one_named_says_which_was_named() -> None:
     """`--arch` names one architecture, and only that one is tried: the error said "the

@@ -218,7 +218,11 @@ def _onnx_convs(path: str | Path, graph: Any) -> list[tuple[np.ndarray, np.ndarr
         weight = values.get(node.input[1])
         if weight is None:
             raise CheckpointError(f"{path}: conv '{node.name}' has a computed weight")
-        bias = values.get(node.input[2]) if len(node.input) > 2 else None
+        bias = None  # none in the graph (no input, or an empty name: the optional one left out)
+        if len(node.input) > 2 and node.input[2]:
+            bias = values.get(node.input[2])
+            if bias is None:  # else taken for none: the model loaded with wrong weights
+                raise CheckpointError(f"{path}: conv '{node.name}' has a computed bias")
         made_by[node.output[0]] = len(convs)
         convs.append((weight, bias))
     return convs
@@ -320,7 +324,10 @@ def load_onnx_weights(path: str | Path, arch: str | PicoDetArch | dict | None = 
         for (conv, bn), (weight, bias) in zip(_execution_order(model), convs, strict=True):
             conv.weight.copy_(torch.from_numpy(weight.copy()))
             if conv.bias is not None:
-                conv.bias.copy_(torch.from_numpy(bias.copy()))
+                if bias is None:  # none in the graph: its conv's output goes on as it is
+                    conv.bias.zero_()
+                else:
+                    conv.bias.copy_(torch.from_numpy(bias.copy()))
             elif bn is not None:
                 bn.weight.fill_(1.0)
                 if bias is not None:  # none in the graph: its conv's output goes on as it is
