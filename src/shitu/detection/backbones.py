@@ -149,6 +149,8 @@ LCNET_STAGES: tuple[tuple[tuple[int, int, int, int, bool], ...], ...] = (
 class LCNet(nn.Module):
     """PP-LCNet (v1) returning the outputs of stages `feature_maps` (3/4/5 = strides 8/16/32)."""
 
+    blocks2: nn.Sequential  # added by add_module, as blocks3 to blocks6 are
+
     def __init__(self, scale: float = 1.0, feature_maps: tuple[int, ...] = (3, 4, 5)) -> None:
         super().__init__()
         self.feature_maps = tuple(feature_maps)

@@ -21,7 +21,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from functools import cached_property
 from pathlib import Path
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import numpy as np
 import torch
@@ -480,7 +480,8 @@ class VocDetection(DetectionDataset):
         class_agnostic: bool = False,
         transform: Callable[[Sample], Sample] | None = None,
     ) -> None:
-        repeated = sorted({n for n in class_names or () if list(class_names).count(n) > 1})
+        given = list(class_names or ())
+        repeated = sorted({n for n in given if given.count(n) > 1})
         if repeated:  # the boxes of each would all be given the last one's id
             raise DataError(f"class_names: {repeated} are listed more than once")
         if not Path(annotation_dir).exists():  # a mistyped list, not a folder without XML
@@ -488,6 +489,7 @@ class VocDetection(DetectionDataset):
                 f"VOC annotations {annotation_dir}: no such folder or list file"
                 f"{from_working_directory(annotation_dir)}"
             )
+        listed: Sequence[tuple[Path | None, Path]]  # (image, XML); None: the XML names it
         if Path(annotation_dir).is_file():
             listed = _voc_list(Path(annotation_dir), Path(image_dir))
         elif not Path(annotation_dir).is_dir():  # a device, a FIFO: was NotADirectoryError
@@ -573,7 +575,10 @@ class VocDetection(DetectionDataset):
                     raise ValueError(f"object {number}: <difficult> is 0 or 1, not {difficult!r}")
                 box = [
                     _number(value, f"object {number}'s <{tag}>")
-                    for tag, value in zip(("xmin", "ymin", "xmax", "ymax"), corners, strict=True)
+                    # none of `corners` is None: checked above
+                    for tag, value in zip(
+                        ("xmin", "ymin", "xmax", "ymax"), cast("list[str]", corners), strict=True
+                    )
                 ]
                 if not math.isfinite(sum(box)):  # NaN: "no area"; inf: a box that never matches
                     raise ValueError(f"object {number}: its <bndbox> {box} is not finite")

@@ -52,6 +52,8 @@ class PicoHead(nn.Module):
         self.head_cls = nn.ModuleList(nn.Conv2d(channels, out, 1) for _ in range(num_levels))
         prior_bias = -math.log((1 - prior_prob) / prior_prob)
         for conv in self.head_cls:
+            # the convs made above (ModuleList yields Modules, Conv2d's bias is optional)
+            assert isinstance(conv, nn.Conv2d) and conv.bias is not None
             nn.init.normal_(conv.weight, std=0.01)
             nn.init.zeros_(conv.bias)
             nn.init.constant_(conv.bias[:num_classes], prior_bias)

@@ -4,7 +4,7 @@ line checks `--input-size` as it parses it)."""
 from shitu.errors import ConfigError
 
 
-def check_input_size(size: int) -> int:
+def check_input_size(size: object) -> int:
     """A detector input side: PicoDet's strides go down to 1/32 and its neck joins levels
     that must halve exactly, so any other side fails deep inside the network."""
     if isinstance(size, bool) or not isinstance(size, int) or size <= 0 or size % 32:

@@ -121,7 +121,7 @@ class ModelEMA:
     """Exponential moving average of the weights; the decay ramps up as min(d, (1+t)/(10+t))
     so early averages are not dominated by the random initialisation."""
 
-    def __init__(self, model: nn.Module, decay: float) -> None:
+    def __init__(self, model: PicoDet, decay: float) -> None:
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
         self.decay = decay
         self.updates = 0
@@ -187,11 +187,11 @@ def evaluate_detector(
         boxes, kept = clip_boxes(boxes, np.arange(len(boxes)), image.shape[1], image.shape[0])
         truths.append((boxes, labels[kept]))
         difficult.append(dataset.difficult[index][kept])
-        scores, boxes = model.predict(torch.from_numpy(preprocess(image, (size, size))[None]))
+        scores, predicted = model.predict(torch.from_numpy(preprocess(image, (size, size))[None]))
         detections.append(
             detections_in_image(
                 scores[0].numpy(),
-                boxes[0].numpy(),
+                predicted[0].numpy(),
                 image.shape[:2],
                 (size, size),
                 0.025,
@@ -420,7 +420,7 @@ class DetectionTrainer:
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         leave_a_closed_terminal(signum)
         if self.stop_signal is not None:  # a second one: as without this handler
-            signal.signal(signum, self._previous_handlers[signum])
+            signal.signal(signum, self._previous_handlers[signal.Signals(signum)])
             signal.raise_signal(signum)
             return
         self.stop_signal = signum

@@ -334,6 +334,8 @@ def load_onnx_weights(path: str | Path, arch: str | PicoDetArch | dict | None = 
                     bn.bias.copy_(torch.from_numpy(bias.copy()))
                 else:
                     bn.bias.zero_()
+                # torch types them optional (no statistics kept): a PicoDet's BatchNorms keep them
+                assert bn.running_mean is not None and bn.running_var is not None
                 bn.running_mean.zero_()
                 bn.running_var.fill_(1.0 - bn.eps)
             elif bias is not None and np.any(bias != 0):
