@@ -109,7 +109,7 @@ class PicoDet(nn.Module):
         super().__init__()
         self.arch = arch
         if arch.backbone == "ESNet":
-            self.backbone: nn.Module = ESNet(arch.scale, arch.channel_ratio)
+            self.backbone: ESNet | LCNet = ESNet(arch.scale, arch.channel_ratio)
         elif arch.backbone == "LCNet":
             self.backbone = LCNet(arch.scale)
         else:

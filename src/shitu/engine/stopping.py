@@ -12,7 +12,7 @@ import sys
 # Slurm, systemd) and, where the system has it, SIGHUP (the terminal or ssh session that
 # started the run closed), which by default killed the run with nothing saved since the
 # last epoch.
-STOPPING_SIGNALS = (
+STOPPING_SIGNALS: tuple[signal.Signals, ...] = (
     signal.SIGINT,
     signal.SIGTERM,
     *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else []),
