@@ -287,6 +287,20 @@ def test_info_with_an_exports_weights_says_to_leave_the_head_out(capsys):
     assert shitu_main([*command, "--batch-size", "1", "--no-head"]) == 0
 
 
+@pytest.mark.parametrize("command", ["info", "export", "eval"])
+@pytest.mark.parametrize("given", ["folder", "manifest"])
+def test_an_export_given_as_the_config_is_named_as_one(command, given, capsys):
+    """`-c EXPORT` was "a folder, not a YAML file", and `-c EXPORT/shitu_model.json` (JSON,
+    so YAML) a list of its entries as unknown config keys: neither said what was given."""
+    folder = default_model_dir()
+    config = str(folder if given == "folder" else folder / "shitu_model.json")
+    assert shitu_main([command, "-c", config]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: -c {config}: an exported model (its shitu_model.json), not")
+    assert f"-o Global.pretrained_model={folder / 'model.safetensors'}" in err
+    assert "unknown key" not in err
+
+
 def test_info_reparameterized_has_fewer_parameters():
     pplcnet = ("-c", "GeneralRecognitionV2_PPLCNetV2_base", "--no-head", "--batch-size", "1")
     plain = run_shitu("info", *pplcnet)
