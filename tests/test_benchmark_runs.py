@@ -118,6 +118,11 @@ def test_a_mistake_is_one_line_not_a_traceback(tmp_path) -> None:
     ("script", "words", "said"),
     [
         ("index_search.py", ["--types", "HSNW32"], "argument --types: invalid choice: 'HSNW32'"),
+        (  # recall@200 of a 100-vector gallery was 0.5 on an exact index
+            "index_search.py",
+            ["--sizes", "100", "1000", "--k", "200", "--types", "Flat", "--queries", "1"],
+            "--k 200: more than the smallest of --sizes, 100",
+        ),
         ("reparameterize.py", ["--scales", "huge"], "argument --scales: invalid choice: 'huge'"),
         ("open_set.py", ["--step", "0"], "argument --step: expected a step from 0.001 to 1"),
         ("decode_memory.py", ["--megapixels", "0"], "expected a number above 0, got '0'"),
