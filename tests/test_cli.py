@@ -970,6 +970,27 @@ def test_extract_refuses_a_folder_for_out_before_embedding(tmp_path):
     assert sorted(path.name for path in tmp_path.iterdir()) == ["a.jpg", "feats.npy", "features"]
 
 
+@pytest.mark.parametrize("lone", [".txt", ".npy"])
+def test_extract_refuses_to_replace_a_file_that_is_no_earlier_output(tmp_path, lone):
+    """An earlier run's output is a pair: `--out train` in a dataset folder replaced its
+    label list, train.txt, with the embedded paths."""
+    image = tmp_path / "a.png"
+    Image.fromarray(np.full((32, 32, 3), 90, np.uint8)).save(image)
+    mine = (tmp_path / "train").with_suffix(lone)
+    mine.write_bytes(b"images/a.jpg\t3\n")
+    result = run_shitu("extract", str(image), "--out", str(tmp_path / "train"))
+    other = mine.with_suffix(".npy" if lone == ".txt" else ".txt")
+    assert result.returncode == 2
+    assert result.stderr.startswith(
+        f"error: --out {tmp_path / 'train'}: {mine} exists without {other} beside it, so it "
+        "is no earlier output of extract"
+    )
+    assert mine.read_bytes() == b"images/a.jpg\t3\n" and not other.exists()
+    # the pair an earlier run wrote is replaced, as before
+    assert run_shitu("extract", str(image), "--out", str(tmp_path / "feats")).returncode == 0
+    assert run_shitu("extract", str(image), "--out", str(tmp_path / "feats")).returncode == 0
+
+
 def test_extract_names_the_file_whose_name_holds_a_line_break(tmp_path):
     """Such a name cannot go into the paths list; found in a folder, it must be named for
     the user to rename it."""
