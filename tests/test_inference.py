@@ -639,6 +639,18 @@ def test_a_folder_given_to_extract_files_is_named_as_one_with_how_to_list_its_im
     assert result.failures == [(str(folder), said)] and result.paths == [str(photo)]
 
 
+def test_a_device_given_as_an_image_is_named_as_one_and_not_read(exported):
+    """Read whole, a terminal given as an image (/dev/stdin) waited for typing, /dev/zero
+    filled the memory, a disk was read to its end; /dev/null was 'the file is empty'."""
+    with pytest.raises(UnreadableImageError, match="^a character device, not an image file$"):
+        read_rgb("/dev/null")
+    photo = exported["files"][0]
+    with FeatureExtractor.load(exported["dir"], num_threads=1) as extractor:
+        result = extractor.extract_files(["/dev/null", photo])
+    assert result.failures == [("/dev/null", "a character device, not an image file")]
+    assert result.paths == [str(photo)]
+
+
 def test_export_removes_the_staging_folders_of_killed_exports(exported, tmp_path):
     """An export killed outright (SIGKILL, power loss) leaves its staging folder, a model's
     worth of files: the next export to that name removes it, and leaves a running one's."""

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -330,6 +331,12 @@ def read_rgb(path: str | Path) -> np.ndarray:
     if not is_given_path(path):
         raise UnreadableImageError(f"expected an image file's path, got {_not_a_path(path)}")
     try:
+        mode = os.stat(path).st_mode
+        if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+            # Read whole, a terminal (/dev/stdin) waited for typing, /dev/zero filled the
+            # memory and a disk was read to its end. A pipe is read: <(command) gives one.
+            kind = "character" if stat.S_ISCHR(mode) else "block"
+            raise UnreadableImageError(f"a {kind} device, not an image file")
         data = Path(path).read_bytes()
     except OSError as exc:
         raise UnreadableImageError(unreadable_reason(path, exc)) from None
