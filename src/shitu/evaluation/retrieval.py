@@ -125,7 +125,6 @@ class RetrievalEvaluator:
         cls,
         items: list[dict[str, dict[str, Any] | None]] | None,
         re_ranking: bool | dict[str, Any] | ReRanking | None = False,
-        block_size: int | None = None,
     ) -> RetrievalEvaluator:
         """Build from a PaddleClas-style `Metric.Eval` list and `Global.re_ranking`.
 
@@ -135,7 +134,7 @@ class RetrievalEvaluator:
         `ReRanking` fields.
         """
         if items is None or items == []:
-            return cls(block_size=block_size, re_ranking=_re_ranking_from(re_ranking))
+            return cls(re_ranking=_re_ranking_from(re_ranking))
         if not isinstance(items, list):
             raise ConfigError(
                 f"Metric.Eval: expected a list of {{name: params}} entries, got {items!r}"
@@ -185,7 +184,6 @@ class RetrievalEvaluator:
             precision_k=tuple(precision),
             map=want_map,
             minp=want_minp,
-            block_size=block_size,
             re_ranking=_re_ranking_from(re_ranking),
         )
 
