@@ -124,7 +124,7 @@ class RetrievalEvaluator:
     def from_metric_config(
         cls,
         items: list[dict[str, dict[str, Any] | None]] | None,
-        re_ranking: bool | dict[str, Any] | ReRanking | None = False,
+        re_ranking: bool | dict[str, Any] | None = False,
     ) -> RetrievalEvaluator:
         """Build from a PaddleClas-style `Metric.Eval` list and `Global.re_ranking`.
 
@@ -460,13 +460,11 @@ def _hint(name: str, choices: list[str]) -> str:
     return f" (did you mean '{folded[0]}'?)" if folded else did_you_mean(name, choices)
 
 
-def _re_ranking_from(value: bool | dict[str, Any] | ReRanking | None) -> ReRanking | None:
+def _re_ranking_from(value: bool | dict[str, Any] | None) -> ReRanking | None:
     if value is None or value is False:
         return None
     if value is True:
         return ReRanking()
-    if isinstance(value, ReRanking):
-        return value
     if isinstance(value, dict):
         params = dict(value)
         if "lambda" in params:  # the paper's and PaddleClas's name
