@@ -67,7 +67,6 @@ class PKSampler(EpochBatchSampler):
         self.classes_per_batch = batch_size // sample_per_id
         self.shuffle = shuffle
         self.drop_last = drop_last
-        self.sample_method = sample_method
         self.num_images = len(labels)
 
         # Group image indices by class: class c's images are _members[_starts[c]:_starts[c + 1]].
