@@ -65,7 +65,6 @@ class PKSampler(EpochBatchSampler):
             raise ConfigError(f"PKSampler: the dataset ({type(dataset).__name__}) has no labels")
         self.sample_per_id = sample_per_id
         self.classes_per_batch = batch_size // sample_per_id
-        self.shuffle = shuffle
         self.drop_last = drop_last
         self.num_images = len(labels)
 
