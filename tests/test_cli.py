@@ -1432,7 +1432,7 @@ def test_eval_warns_when_only_one_label_file_lists_unique_ids(
         )
     config = load_config(str(write_eval_config(tmp_path, *sets)))
     with caplog.at_level(logging.WARNING):
-        RetrievalEvaluation(config, DistContext(0, 1, 0, torch.device("cpu")), seed=0)
+        RetrievalEvaluation(config, DistContext(0, 1, torch.device("cpu")), seed=0)
     if warned:
         assert f"DataLoader.Eval.{warned} does not" in caplog.text
     else:
@@ -1453,7 +1453,7 @@ def test_only_the_main_process_warns_of_queries_in_the_gallery(tmp_path, caplog)
     for rank, warned in ((1, False), (0, True)):
         caplog.clear()
         with caplog.at_level(logging.WARNING):
-            RetrievalEvaluation(config, DistContext(rank, 2, rank, torch.device("cpu")), seed=0)
+            RetrievalEvaluation(config, DistContext(rank, 2, torch.device("cpu")), seed=0)
         assert ("3 of 3 query images are gallery images too" in caplog.text) is warned
 
 
