@@ -14,6 +14,7 @@ alike; the table gives median and best round.
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import shutil
@@ -40,6 +41,8 @@ from shitu.inference.export import (  # noqa: E402
 from shitu.inference.preprocess import Preprocessing  # noqa: E402
 from shitu.inference.quantize import quantize_static_onnx  # noqa: E402
 
+INT8_CALIBRATION = 64  # photos, unless --int8-calibration says
+
 
 def onnx_export(model_dir: Path) -> Path:
     """The export with the ONNX model that `FeatureExtractor.load` runs: `model_dir` itself,
@@ -61,13 +64,33 @@ def int8_copy(fp32_dir: Path, out: Path, calibration: list[str]) -> Path:
     return out
 
 
+def calibration_photos(
+    parser: argparse.ArgumentParser, paths: list[str], wanted: int | None
+) -> list[str]:
+    """Every other timed photo, `wanted` of them (None: up to INT8_CALIBRATION); a usage
+    error where there are fewer: more than --images gives were taken silently as fewer,
+    and the table did not say how many."""
+    available = paths[1::2]
+    if not available:
+        parser.error(f"--images {len(paths)}: at least 2, int8 calibration takes every other")
+    if wanted is not None and wanted > len(available):
+        parser.error(
+            f"--int8-calibration {wanted}: at most {len(available)}, every other one of the "
+            f"{len(paths)} timed photos (--images)"
+        )
+    return available[: wanted or INT8_CALIBRATION]
+
+
 def main() -> None:
     parser = benchmark_parser(__doc__)
     add_batch_timing_arguments(parser)
     parser.add_argument("--images", type=count, default=128, help="Grocery Store JPEGs timed")
     parser.add_argument("--rounds", type=count, default=3, help="interleaved timing rounds")
     parser.add_argument(
-        "--int8-calibration", type=count, default=64, help="photos that calibrate the int8 model"
+        "--int8-calibration",
+        type=count,
+        help="photos that calibrate the int8 model, every other timed one (default: "
+        f"{INT8_CALIBRATION}, or as many as --images gives)",
     )
     parser.add_argument(
         "--model", type=Path, help="a `shitu export` folder to time instead of the default model"
@@ -75,10 +98,11 @@ def main() -> None:
     args = parser.parse_args()
 
     paths = grocery_images(args.images)
+    calibration = calibration_photos(parser, paths, args.int8_calibration)
     shipped = (args.model or default_model_dir()).resolve()
     cached = onnx_export(shipped)  # an ExportError is one line (see benchmark_parser)
     with tempfile.TemporaryDirectory() as scratch:
-        int8_dir = int8_copy(cached, Path(scratch) / "int8", paths[1::2][: args.int8_calibration])
+        int8_dir = int8_copy(cached, Path(scratch) / "int8", calibration)
         rows = []
         for batch in args.batches:
             runs = {
@@ -102,7 +126,8 @@ def main() -> None:
     which = "model" if args.model else "default model"
     print(
         f"{which} {manifest['arch_name']} {manifest['embedding_size']}-d, input {size}, "
-        f"{args.images} JPEGs, {args.threads} threads, {platform.processor() or platform.machine()}"
+        f"{len(paths)} JPEGs (int8 calibrated on {len(calibration)} of them), "
+        f"{args.threads} threads, {platform.processor() or platform.machine()}"
     )
     print("| path | batch | images/s (median) | images/s (best) |")
     print("|---|---:|---:|---:|")

@@ -127,6 +127,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.writes < 2:  # the first add is timed apart: "later" needs at least one more
         parser.error("--writes must be at least 2")
+    if args.k > min(args.sizes):  # recall@k was of k ids a smaller gallery cannot all hold
+        parser.error(
+            f"--k {args.k}: more than the smallest of --sizes, {min(args.sizes)}: a gallery "
+            "returns at most its size, so recall@k would fall short on an exact index"
+        )
     faiss.omp_set_num_threads(args.threads)
     options = {
         key: value

@@ -76,9 +76,21 @@ def test_default_model_speed_times_a_full_export_where_it_is(small_export, tmp_p
         *("--int8-calibration", "2"),
         SHITU_CACHE_DIR=str(cache),
     )
-    assert f"input [{SIZE}, {SIZE}]" in table
+    assert f"input [{SIZE}, {SIZE}], 4 JPEGs (int8 calibrated on 2 of them)" in table
     assert "| onnxruntime int8 | 2 |" in table
     assert not cache.exists()
+
+
+def test_default_model_speed_refuses_more_calibration_photos_than_it_times(small_export) -> None:
+    """int8 calibration takes every other timed photo: more than --images gives were taken
+    silently as fewer, under a table that did not say how many."""
+    result = run_script(
+        "default_model_speed.py",
+        *("--model", str(small_export), "--batches", "2", "--images", "4", "--rounds", "1"),
+        *("--int8-calibration", "3"),
+    )
+    assert result.returncode == 2
+    assert "--int8-calibration 3: at most 2, every other one of the 4 timed photos" in result.stderr
 
 
 def test_train_throughput_reads_no_imagenet_weights(tmp_path) -> None:
@@ -106,6 +118,11 @@ def test_a_mistake_is_one_line_not_a_traceback(tmp_path) -> None:
     ("script", "words", "said"),
     [
         ("index_search.py", ["--types", "HSNW32"], "argument --types: invalid choice: 'HSNW32'"),
+        (  # recall@200 of a 100-vector gallery was 0.5 on an exact index
+            "index_search.py",
+            ["--sizes", "100", "1000", "--k", "200", "--types", "Flat", "--queries", "1"],
+            "--k 200: more than the smallest of --sizes, 100",
+        ),
         ("reparameterize.py", ["--scales", "huge"], "argument --scales: invalid choice: 'huge'"),
         ("open_set.py", ["--step", "0"], "argument --step: expected a step from 0.001 to 1"),
         ("decode_memory.py", ["--megapixels", "0"], "expected a number above 0, got '0'"),

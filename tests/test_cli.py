@@ -293,6 +293,20 @@ def test_info_with_an_exports_weights_says_to_leave_the_head_out(capsys):
     assert shitu_main([*command, "--batch-size", "1", "--no-head"]) == 0
 
 
+@pytest.mark.parametrize("command", ["info", "export", "eval"])
+@pytest.mark.parametrize("given", ["folder", "manifest"])
+def test_an_export_given_as_the_config_is_named_as_one(command, given, capsys):
+    """`-c EXPORT` was "a folder, not a YAML file", and `-c EXPORT/shitu_model.json` (JSON,
+    so YAML) a list of its entries as unknown config keys: neither said what was given."""
+    folder = default_model_dir()
+    config = str(folder if given == "folder" else folder / "shitu_model.json")
+    assert shitu_main([command, "-c", config]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: -c {config}: an exported model (its shitu_model.json), not")
+    assert f"-o Global.pretrained_model={folder / 'model.safetensors'}" in err
+    assert "unknown key" not in err
+
+
 def test_info_reparameterized_has_fewer_parameters():
     pplcnet = ("-c", "GeneralRecognitionV2_PPLCNetV2_base", "--no-head", "--batch-size", "1")
     plain = run_shitu("info", *pplcnet)
@@ -1001,6 +1015,27 @@ def test_extract_refuses_a_folder_for_out_before_embedding(tmp_path):
     assert sorted(path.name for path in tmp_path.iterdir()) == ["a.jpg", "feats.npy", "features"]
 
 
+@pytest.mark.parametrize("lone", [".txt", ".npy"])
+def test_extract_refuses_to_replace_a_file_that_is_no_earlier_output(tmp_path, lone):
+    """An earlier run's output is a pair: `--out train` in a dataset folder replaced its
+    label list, train.txt, with the embedded paths."""
+    image = tmp_path / "a.png"
+    Image.fromarray(np.full((32, 32, 3), 90, np.uint8)).save(image)
+    mine = (tmp_path / "train").with_suffix(lone)
+    mine.write_bytes(b"images/a.jpg\t3\n")
+    result = run_shitu("extract", str(image), "--out", str(tmp_path / "train"))
+    other = mine.with_suffix(".npy" if lone == ".txt" else ".txt")
+    assert result.returncode == 2
+    assert result.stderr.startswith(
+        f"error: --out {tmp_path / 'train'}: {mine} exists without {other} beside it, so it "
+        "is no earlier output of extract"
+    )
+    assert mine.read_bytes() == b"images/a.jpg\t3\n" and not other.exists()
+    # the pair an earlier run wrote is replaced, as before
+    assert run_shitu("extract", str(image), "--out", str(tmp_path / "feats")).returncode == 0
+    assert run_shitu("extract", str(image), "--out", str(tmp_path / "feats")).returncode == 0
+
+
 def test_extract_names_the_file_whose_name_holds_a_line_break(tmp_path):
     """Such a name cannot go into the paths list; found in a folder, it must be named for
     the user to rename it."""
@@ -1397,7 +1432,7 @@ def test_eval_warns_when_only_one_label_file_lists_unique_ids(
         )
     config = load_config(str(write_eval_config(tmp_path, *sets)))
     with caplog.at_level(logging.WARNING):
-        RetrievalEvaluation(config, DistContext(0, 1, 0, torch.device("cpu")), seed=0)
+        RetrievalEvaluation(config, DistContext(0, 1, torch.device("cpu")), seed=0)
     if warned:
         assert f"DataLoader.Eval.{warned} does not" in caplog.text
     else:
@@ -1418,7 +1453,7 @@ def test_only_the_main_process_warns_of_queries_in_the_gallery(tmp_path, caplog)
     for rank, warned in ((1, False), (0, True)):
         caplog.clear()
         with caplog.at_level(logging.WARNING):
-            RetrievalEvaluation(config, DistContext(rank, 2, rank, torch.device("cpu")), seed=0)
+            RetrievalEvaluation(config, DistContext(rank, 2, torch.device("cpu")), seed=0)
         assert ("3 of 3 query images are gallery images too" in caplog.text) is warned
 
 

@@ -439,6 +439,14 @@ def test_corrupt_image_raises_data_error_naming_the_file(grocery: Path, tmp_path
         assert "skip_corrupt: true" in str(info.value)
 
 
+def test_a_file_of_a_few_bytes_is_an_image_that_cannot_be_decoded():
+    """A file of 1 to 3 bytes (not text) failed with a struct.error traceback from Pillow's
+    BMP check, which unpacks 4 bytes, stopping `shitu extract` and `recognize` on it."""
+    for data in (b"\x00", b"BM", b"\xff\xd8\xff"):
+        with pytest.raises(DataError, match="^cannot decode image: "):
+            decode_rgb(data)
+
+
 @pytest.mark.filterwarnings("ignore:Corrupt EXIF data:UserWarning")  # Pillow's, of the cut TIFFs
 def test_a_tiff_in_a_pixel_format_pillow_cannot_decode_is_not_called_corrupt():
     """A 3-channel float32 TIFF (as OpenCV saves a float image) was "unknown or corrupt

@@ -1822,7 +1822,7 @@ def test_edits_check_the_library_as_another_process_left_it(serving_library, tmp
         assert service.remove_image(int(new_id)).label == "Added elsewhere"
         first, second = list(service.library.snapshot.by_label)[:2]
         with pytest.raises(Conflict, match=f"label '{second}' already has images"):
-            service.rename_label(first, second)  # merged unless asked, unlike the API and CLI
+            service.rename_label(first, second)  # merged only when asked, as in the API and CLI
 
 
 def test_an_edit_that_waits_out_another_writer_is_a_503_to_retry(

@@ -200,7 +200,7 @@ def check_writable(folder: Path, what: str) -> None:
         os.unlink(name)
     except OSError as exc:
         reason = exc.strerror or exc
-        if not folder.is_dir():  # named by the folder it was to be made in, which refused
+        if not os.path.lexists(folder):  # named by the folder it was to be made in, which refused
             place = next((up for up in folder.parents if up.is_dir()), folder.parent)
             raise DataError(f"{what}: cannot make the folder in {place} ({reason})") from None
         raise DataError(f"{what}: cannot write in {folder} ({reason})") from None

@@ -299,6 +299,7 @@ def config_from_args(
     if args.config is None:
         args.config = args.default_config
         _say_default_config(args.config)
+    _refuse_an_export(args.config)
     overrides = [item for group in args.override for item in group]
     config = load_config(args.config, overrides)
     if needs is not None:
@@ -310,6 +311,23 @@ def config_from_args(
     if getattr(args, "no_head", False):
         config.Arch.Head = None
     return config
+
+
+def _refuse_an_export(given: str) -> None:
+    """A ConfigError where `-c` names an exported model's folder or its manifest: taken for
+    a config, the folder was "a folder, not a YAML file" and the manifest, JSON and so YAML,
+    a list of its 17 entries as unknown config keys, neither saying what was given."""
+    from shitu.inference.manifest import MANIFEST, TORCH_FILE
+
+    path = Path(given)
+    folder = path if path.is_dir() else path.parent if path.name == MANIFEST else None
+    if folder is not None and (folder / MANIFEST).is_file():
+        raise ConfigError(
+            f"-c {given}: an exported model (its {MANIFEST}), not a training config: give the "
+            f"config it was exported from, with -o Global.pretrained_model={folder / TORCH_FILE} "
+            "for its weights (they hold no head: --no-head where the command takes it); "
+            f"`--model {folder}` runs the export itself (extract, recognize, index)"
+        )
 
 
 def _say_default_config(name: str) -> None:

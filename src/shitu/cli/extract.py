@@ -49,7 +49,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--model", help="folder written by `shitu export` (default: the model shipped with shitu)"
     )
     parser.add_argument(
-        "--out", required=True, help="output prefix: writes PREFIX.npy, .txt (feats or feats.npy)"
+        "--out",
+        required=True,
+        help="output prefix: writes PREFIX.npy, .txt (feats or feats.npy), replacing an earlier "
+        "run's pair (one of the two alone is refused)",
     )
     add_runtime_arguments(parser, gpu=True)
     parser.set_defaults(runtime="auto", precision="fp32")
@@ -92,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
         raise DataError(
             f"--out {args.out}: names a folder; give a file prefix in it, such as {out / 'feats'}"
         )
+    _refuse_replacing_a_lone_file(targets, args.out)
     folders = [out.parent]  # the lock's, and each file's: written where a link there points
     for target in targets:  # one in a loop is refused now
         try:
@@ -104,6 +108,21 @@ def run(args: argparse.Namespace) -> int:
             check_writable(folder, f"--out {args.out}")
         with _sole_writer_of(out, args.out):
             return _embed_and_write(args, files, out, targets)
+
+
+def _refuse_replacing_a_lone_file(targets: list[Path], given: str) -> None:
+    """A DataError where one of PREFIX.npy and PREFIX.txt exists without the other: an
+    earlier run's output is a pair, and a lone file is someone's own (`--out train` in a
+    dataset folder replaced its label list, train.txt, with the embedded paths)."""
+    there = [target for target in targets if target.exists()]  # a link: where it points
+    if len(there) == 1:
+        (lone,) = there
+        (other,) = [target for target in targets if target != lone]
+        raise DataError(
+            f"--out {given}: {lone} exists without {other} beside it, so it is no earlier "
+            "output of extract, and this run would replace it; give another --out, or move "
+            "it away"
+        )
 
 
 @contextlib.contextmanager

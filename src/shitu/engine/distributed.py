@@ -21,8 +21,7 @@ from shitu.inference.choices import device_type
 class DistContext:
     rank: int
     world_size: int
-    local_rank: int
-    device: torch.device
+    device: torch.device  # cuda:LOCAL_RANK under torchrun with GPUs
 
     @property
     def is_main(self) -> bool:
@@ -61,7 +60,7 @@ def init_distributed(preference: str) -> DistContext:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return DistContext(rank, world_size, local_rank, device)
+    return DistContext(rank, world_size, device)
 
 
 def shutdown_distributed() -> None:

@@ -445,10 +445,11 @@ def _comparable(key: str | int, by_id: bool) -> str | int:
     return int(key) if by_id and is_class_id(key) else key
 
 
-def _class_list(dataset: Any, labels: list[int] | None = None, shown: int = 5) -> str:
-    """The first few of a dataset's classes (of those of `labels`, if given) as it lists
+def _class_list(dataset: Any, labels: list[int] | None = None) -> str:
+    """The first five of a dataset's classes (of those of `labels`, if given) as it lists
     them: names quoted, ids bare, and ids that its class table names (Grocery's
     classes.csv, by whose names two listings may be matched) with their names."""
+    shown = 5
     keys = getattr(dataset, "label_keys", None)
     names = getattr(dataset, "class_names", None) if keys is None else None
     labels = dataset.labels if labels is None else labels

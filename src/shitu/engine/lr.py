@@ -57,7 +57,6 @@ class LRSchedule:
         if steps_per_epoch < 1:
             raise ValueError("steps_per_epoch must be at least 1")
         self.learning_rate = learning_rate
-        self.steps_per_epoch = steps_per_epoch
         self.total_steps = steps_per_epoch * epochs
         self.warmup_steps = min(warmup_epoch * steps_per_epoch, self.total_steps)
         self.warmup_start_lr = warmup_start_lr

@@ -124,8 +124,7 @@ class RetrievalEvaluator:
     def from_metric_config(
         cls,
         items: list[dict[str, dict[str, Any] | None]] | None,
-        re_ranking: bool | dict[str, Any] | ReRanking | None = False,
-        block_size: int | None = None,
+        re_ranking: bool | dict[str, Any] | None = False,
     ) -> RetrievalEvaluator:
         """Build from a PaddleClas-style `Metric.Eval` list and `Global.re_ranking`.
 
@@ -135,7 +134,7 @@ class RetrievalEvaluator:
         `ReRanking` fields.
         """
         if items is None or items == []:
-            return cls(block_size=block_size, re_ranking=_re_ranking_from(re_ranking))
+            return cls(re_ranking=_re_ranking_from(re_ranking))
         if not isinstance(items, list):
             raise ConfigError(
                 f"Metric.Eval: expected a list of {{name: params}} entries, got {items!r}"
@@ -185,7 +184,6 @@ class RetrievalEvaluator:
             precision_k=tuple(precision),
             map=want_map,
             minp=want_minp,
-            block_size=block_size,
             re_ranking=_re_ranking_from(re_ranking),
         )
 
@@ -462,13 +460,11 @@ def _hint(name: str, choices: list[str]) -> str:
     return f" (did you mean '{folded[0]}'?)" if folded else did_you_mean(name, choices)
 
 
-def _re_ranking_from(value: bool | dict[str, Any] | ReRanking | None) -> ReRanking | None:
+def _re_ranking_from(value: bool | dict[str, Any] | None) -> ReRanking | None:
     if value is None or value is False:
         return None
     if value is True:
         return ReRanking()
-    if isinstance(value, ReRanking):
-        return value
     if isinstance(value, dict):
         params = dict(value)
         if "lambda" in params:  # the paper's and PaddleClas's name

@@ -185,6 +185,7 @@ class FeatureExtractor:
             # The torch backend checked it as it loaded the weights; the ONNX graph leaves
             # out preprocessing, so an edit there would change the features unseen.
             check_fingerprint(model_dir, manifest)
+        _check_embedding_size(model_dir, runtime, preprocessing, manifest["embedding_size"])
         # Process-wide (OpenCV has no other setting): parallelism comes from the decoding
         # threads, so OpenCV's own would only compete with them; the docstring says so.
         cv2.setNumThreads(1)
@@ -342,6 +343,22 @@ def check_count(value: int, name: str) -> None:
     number of threads of 0 or less would embed nothing, or fail deep inside)."""
     if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
         raise ConfigError(f"{name}: expected a whole number >= 1, got {value!r}")
+
+
+def _check_embedding_size(
+    model_dir: Path, runtime: Backend, preprocessing: Preprocessing, expected: int
+) -> None:
+    """A CheckpointError, naming the export, where the model's features are not of the size
+    its manifest records, which the fingerprint does not cover: an edited size loaded, the
+    extractor reporting it, and was refused only at the first image, naming no folder (as
+    'this model gives 256-d' by a library of the model's own 512-d features)."""
+    width, height = preprocessing.size
+    features = runtime(np.zeros((1, 3, height, width), np.float32))
+    if features.ndim != 2 or features.shape[1] != expected:
+        raise CheckpointError(
+            f"{model_dir}: the model gives features of shape {list(features.shape)}, but its "
+            f"{MANIFEST} says embedding_size {expected} (edited by hand? export the model again)"
+        )
 
 
 def _score_thres(model_dir: Path, manifest: dict) -> float | None:

@@ -34,10 +34,9 @@ def make_activation(name: str | None) -> nn.Module:
         ) from None
 
 
-def make_divisible(value: float, divisor: int = 8, min_value: int | None = None) -> int:
+def make_divisible(value: float, divisor: int = 8) -> int:
     """Round a channel count to a multiple of `divisor`, never dropping below 90% of it."""
-    min_value = divisor if min_value is None else min_value
-    rounded = max(min_value, int(value + divisor / 2) // divisor * divisor)
+    rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
     if rounded < 0.9 * value:
         rounded += divisor
     return rounded

@@ -398,7 +398,7 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
     )
     async def recognize(request: Request) -> dict:
         """What is in the photo: boxes, labels, scores and the matching gallery image ids."""
-        raw = await read_uploads(request, settings, schemas.RecognizeJSON, 1)
+        raw = await read_uploads(request, schemas.RecognizeJSON, 1)
         async with decoded(raw) as (pixels,):
             results = await asyncio.wrap_future(service.recognize(pixels))
         return {"results": [r.to_dict() for r in results]}
@@ -413,9 +413,7 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
     )
     async def extract(request: Request) -> JSONResponse:
         """L2-normalised embeddings of whole images, in the order sent."""
-        raw = await read_uploads(
-            request, settings, schemas.ExtractJSON, settings.max_images_per_request
-        )
+        raw = await read_uploads(request, schemas.ExtractJSON, settings.max_images_per_request)
         vectors = await embedded(raw)
         return JSONResponse(
             {
@@ -553,9 +551,7 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
         `duplicates`, and those it has under another label also in `elsewhere`, with that
         image's id and label). 201 where any image was added; 200 where none was, as nothing
         was created."""
-        raw = await read_uploads(
-            request, settings, schemas.AddImagesJSON, settings.max_images_per_request
-        )
+        raw = await read_uploads(request, schemas.AddImagesJSON, settings.max_images_per_request)
         if "label" not in raw.fields:
             raise BadRequest("missing field 'label'")
         label = check_label(raw.fields["label"])  # as stored (NFC), before any decoding

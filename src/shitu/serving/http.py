@@ -550,9 +550,7 @@ class RawUploads:
     fields: dict[str, str]
 
 
-async def read_uploads(
-    request: Request, settings: ServeSettings, schema: type[BaseModel], at_most: int
-) -> RawUploads:
+async def read_uploads(request: Request, schema: type[BaseModel], at_most: int) -> RawUploads:
     """Images from multipart/form-data (file fields named `image`) or JSON (`image` and/or
     `images` as base64, validated by `schema`); anything else is 415."""
     media = media_type(request)

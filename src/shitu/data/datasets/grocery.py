@@ -58,7 +58,6 @@ class GroceryStoreDataset(ImageDataset):
             raise ConfigError(f"label_level: expected 'fine' or 'coarse', got {label_level!r}")
         super().__init__(transform_ops, skip_corrupt, where)
         self.image_root = image_root
-        self.label_level = label_level
         check_root(image_root, where)
         column = 1 if label_level == "fine" else 2
         if class_file is None and (Path(image_root) / "classes.csv").is_file():

@@ -65,9 +65,7 @@ class PKSampler(EpochBatchSampler):
             raise ConfigError(f"PKSampler: the dataset ({type(dataset).__name__}) has no labels")
         self.sample_per_id = sample_per_id
         self.classes_per_batch = batch_size // sample_per_id
-        self.shuffle = shuffle
         self.drop_last = drop_last
-        self.sample_method = sample_method
         self.num_images = len(labels)
 
         # Group image indices by class: class c's images are _members[_starts[c]:_starts[c + 1]].

@@ -168,7 +168,6 @@ class ResNet(SequentialBackbone):
             raise ValueError(f"last_stride must be 1 or 2, got {last_stride}")
         block_cls = BLOCKS[block]
         self.vd = vd
-        self.last_stride = last_stride
         if vd:
             self.conv1: nn.Module = nn.Sequential(
                 conv3x3(3, 32, stride=2),

@@ -25,7 +25,6 @@ class CosineClassifier(nn.Module):
 
     def __init__(self, embedding_size: int, class_num: int) -> None:
         super().__init__()
-        self.embedding_size = embedding_size
         self.class_num = class_num
         self.weight = nn.Parameter(torch.empty(class_num, embedding_size))
         nn.init.xavier_normal_(self.weight)
