@@ -166,7 +166,7 @@ class TorchBackend:
     """The exported weights in our own model; fp16/bf16 on a GPU."""
 
     name = "torch"
-    input_size = None  # our model takes any size
+    input_size: tuple[int, int] | None = None  # our model takes any size
 
     def __init__(
         self,
@@ -192,7 +192,8 @@ class TorchBackend:
         self.model = FeaturesOnly(model, manifest["output_key"]).eval()
         self.model.to(self.device, self.dtype)
         if self.device.type == "cuda":
-            self.model.to(memory_format=torch.channels_last)
+            # Module.to takes memory_format; torch's overloads leave it out
+            self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         import torch

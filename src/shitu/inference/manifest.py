@@ -226,7 +226,11 @@ def _check_entries(path: Path, manifest: dict[str, Any]) -> None:
     or truncated manifest), instead of a KeyError or ValueError deep inside loading."""
     for name, (kind, described) in _MANIFEST_ENTRIES.items():
         value = manifest.get(name)
-        if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 1):
+        if (
+            not isinstance(value, kind)
+            or isinstance(value, bool)
+            or (kind is int and isinstance(value, int) and value < 1)
+        ):
             shown = "missing" if name not in manifest else json.dumps(value)[:80]
             raise CheckpointError(
                 f"{path}: {name} must be {described}, is {shown} (edited by hand? export the "

@@ -101,7 +101,7 @@ class Preprocessing:
                 raise ValueError(
                     f"crop {list(self.crop)} is larger than the resize {list(self.resize)}"
                 )
-        elif self.crop is not None and min(self.crop) > self.resize_short:
+        elif self.crop is not None and short is not None and min(self.crop) > short:
             raise ValueError(
                 f"crop {list(self.crop)} is larger than the resize_short {self.resize_short} "
                 "on both sides"
