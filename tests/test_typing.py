@@ -17,6 +17,7 @@ CHECKED = (
     "src/shitu/pipeline",
     "src/shitu/index",
     "src/shitu/detection",
+    "src/shitu/inference",
     "src/shitu/vectors.py",
     "src/shitu/errors.py",
     "src/shitu/values.py",
