@@ -474,7 +474,7 @@ def _not_found_hint(missing: Sequence[str], image_root: str | None) -> str:
     return hint
 
 
-def listing_text(path: str, named: str) -> str:
+def read_listing_text(path: str, named: str) -> str:
     """The text of the listing file at `path` (`read_text`); a DataError, `named` ("class
     file x"), for one that is not there, a folder or no regular file (a device, a FIFO),
     each said to be what it is: all were "not found". UnicodeDecodeError is left to the
@@ -494,7 +494,7 @@ def read_lines(path: str, what: str) -> list[tuple[int, str]]:
     `#` comments (a header line, say), which gallery label files may have as well: the
     same list then serves `shitu index build` and evaluation."""
     try:
-        text = listing_text(path, f"{what}: label file {path}")
+        text = read_listing_text(path, f"{what}: label file {path}")
     except UnicodeDecodeError:
         if Path(path).suffix.lower() in IMAGE_SUFFIXES:  # not to be saved as UTF-8
             raise DataError(

@@ -13,8 +13,8 @@ from shitu.data.datasets.base import (
     ImageDataset,
     TransformOps,
     check_root,
-    listing_text,
     read_lines,
+    read_listing_text,
     refuse_a_header,
 )
 from shitu.errors import ConfigError, DataError
@@ -123,7 +123,7 @@ def _read_class_rows(path: str) -> list[tuple[int, list[str]]]:
     refused in the same words, not Python's ("[Errno 2] ...", "'utf-8' codec can't decode
     byte ...")."""
     try:
-        text = listing_text(path, f"class file {path}")
+        text = read_listing_text(path, f"class file {path}")
     except UnicodeDecodeError:
         raise DataError(f"class file {path} is not UTF-8 or UTF-16 text: {SAVE_AS_UTF8}") from None
     rows = list(enumerate(csv.reader(io.StringIO(text, newline="")), 1))
