@@ -1608,3 +1608,34 @@ def test_eval_matches_folders_named_as_classes_csv_against_a_grocery_listing(gro
     assert back is not None
     assert (back[names.index("Granny-Smith")], back[2]) == (2, 0)
     assert back[names.index("Golden-Delicious")] == max(folders.labels) + 1
+
+
+def test_a_library_or_export_given_as_images_is_named_with_its_option(tmp_path, capsys, caplog):
+    """`shitu recognize LIB PHOTO` (the library meant for --gallery) warned of the
+    library's own files and then said 'no images in this folder'. A library's or an
+    export's folder given as images is now named as such, with the command's option for
+    it; one inside a folder of photos is skipped, its images not taken for queries."""
+    from shitu.index import Gallery
+    from tests.index_helpers import PixelEmbedder, make_images
+
+    library = tmp_path / "lib"
+    Gallery.create_for(library, PixelEmbedder()).close()
+    model = str(default_model_dir())
+    assert shitu_main(["recognize", str(library), "--gallery", str(library)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {library}: a gallery library (it holds gallery.sqlite), not a folder of "
+        "images; give it with --gallery\n"
+    )
+    assert shitu_main(["extract", model, "--out", str(tmp_path / "features.npy")]) == 2
+    assert capsys.readouterr().err.endswith(
+        "an exported model (it holds shitu_model.json), not a folder of images; give it "
+        "with --model\n"
+    )
+    photos = tmp_path / "photos"
+    make_images(photos, 1)
+    Gallery.create_for(photos / "kept", PixelEmbedder()).close()
+    make_images(photos / "kept" / "uploads", 2)  # a library's copies of what was added
+    out = tmp_path / "features.npy"
+    assert shitu_main(["extract", str(photos), "--out", str(out), "--no-progress"]) == 0
+    assert np.load(out).shape[0] == 1
+    assert f"(a gallery library x1; e.g. {photos / 'kept'})" in caplog.text

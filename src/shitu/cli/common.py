@@ -11,7 +11,7 @@ import os
 import sys
 import tempfile
 import unicodedata
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -374,9 +374,14 @@ def count_parameters(module: object) -> int:
     return sum(p.numel() for p in module.parameters()) if module is not None else 0
 
 
-def expand_images(sources: Iterable[str]) -> tuple[list[Path], bool]:
+def expand_images(
+    sources: Iterable[str], options: Mapping[str, str] | None = None
+) -> tuple[list[Path], bool]:
     """Files as given, folders as the images in them (a folder without any is an error);
-    also whether a folder was given."""
+    also whether a folder was given. A gallery library's or an exported model's folder is
+    refused, named as such (and with the command's option for it in `options`, by kind,
+    e.g. {"a gallery library": "--gallery"}), rather than scanned to no images; one inside
+    a folder given is skipped, as its files are not the photos the folder is of."""
     paths: list[Path] = []
     folder = False
     for given in sources:
@@ -385,7 +390,14 @@ def expand_images(sources: Iterable[str]) -> tuple[list[Path], bool]:
         source = Path(given)
         if source.is_dir():
             folder = True
-            paths.extend(scan_images(source))
+            owner = owned_folder(source)
+            if owner is not None:
+                option = (options or {}).get(owner[1])
+                raise DataError(
+                    f"{source}: {owner[1]} (it holds {owner[0]}), not a folder of images"
+                    + (f"; give it with {option}" if option else "")
+                )
+            paths.extend(scan_images(source, foreign=_owned_kinds()))
         elif source.exists() or source.suffix.lower() in IMAGE_SUFFIXES:
             paths.append(source)  # missing files are reported per file, not fatal
         else:
@@ -513,17 +525,23 @@ def count_of(count: int, noun: str) -> str:
     return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
-def owned_folder(folder: Path) -> tuple[str, str] | None:
-    """The file that makes `folder` a gallery library's or an exported model's, and which
-    of them ('a gallery library'), else None: a folder the other commands must not write
-    their own files into."""
+def _owned_kinds() -> dict[str, str]:
+    """The files that make a folder a gallery library's or an exported model's, to what
+    that makes it."""
     from shitu.index.metadata import LIBRARY_FILE
     from shitu.inference.manifest import MANIFEST
 
-    for name, kind in ((LIBRARY_FILE, "a gallery library"), (MANIFEST, "an exported model")):
-        if (folder / name).is_file():
-            return name, kind
-    return None
+    return {LIBRARY_FILE: "a gallery library", MANIFEST: "an exported model"}
+
+
+def owned_folder(folder: Path) -> tuple[str, str] | None:
+    """The file that makes `folder` a gallery library's or an exported model's, and which
+    of them ('a gallery library'), else None: a folder the other commands must not write
+    their own files into, nor read as a folder of images."""
+    return next(
+        ((name, kind) for name, kind in _owned_kinds().items() if (folder / name).is_file()),
+        None,
+    )
 
 
 def add_visualisation_arguments(parser: argparse.ArgumentParser) -> None:

@@ -73,7 +73,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    files, _ = expand_images(args.inputs)
+    files, _ = expand_images(args.inputs, {"an exported model": "--model"})
     # Found in a folder of thousands, the file must be named for the user to rename it. A
     # lone \r ends a line too where the list is read as text (Python's universal newlines,
     # splitlines): every later path would be paired with the features of the one before.

@@ -755,7 +755,7 @@ def run_rebuild(args: argparse.Namespace) -> int:
 
 def run_search(args: argparse.Namespace) -> int:
     model = _load_model(args)
-    images, folder = expand_images(args.images)
+    images, folder = expand_images(args.images, {"an exported model": "--model"})
     progress = progress_wanted(args) and (folder or len(images) > 1)  # as `shitu recognize`
     with _open_for(args, model) as gallery:
         warn_if_empty(gallery, "no match can be found")

@@ -201,7 +201,9 @@ def run(args: argparse.Namespace) -> int:
 def _recognize(args: argparse.Namespace) -> int:
     from shitu.pipeline import Recognizer
 
-    paths, folder = expand_images(args.images)
+    paths, folder = expand_images(
+        args.images, {"a gallery library": "--gallery", "an exported model": "--model"}
+    )
     config = pipeline_config_from_args(args)
     writer = visualisation_writer(args, paths)
     progress = progress_wanted(args) and (folder or len(paths) > 1)
