@@ -1916,3 +1916,27 @@ def test_a_detector_or_font_given_as_a_device_or_fifo_is_named_as_one(tmp_path):
         with pytest.raises(DataError) as caught:
             CaptionFonts(Path(given))
         assert str(caught.value) == f"font {given}: {kind}, not a font file"
+
+
+def test_an_override_of_a_paddleclas_key_shitu_ignores_is_warned_of(tmp_path, caplog):
+    """PaddleClas keys that shitu ignores load quietly from its files, so that they load
+    as they are; `-o IndexProcess.return_k=5` or `-o Global.use_gpu=true` asked for
+    something nothing carried out, without a word. Each such override is warned of with
+    why; a key shitu uses, or one only in the file, says nothing."""
+    paddle = tmp_path / "inference_general.yaml"
+    paddle.write_text("Global:\n  use_gpu: true\nIndexProcess:\n  return_k: 5\n")
+    with caplog.at_level(logging.WARNING, logger="shitu.pipeline"):
+        load_pipeline_config(paddle, ["Global.batch_size=4", "IndexProcess.score_thres=0.5"])
+    assert caplog.messages == []
+    overrides = ["IndexProcess.return_k=3", "Global.use_gpu=false", "RecPreProcess={}"]
+    with caplog.at_level(logging.WARNING, logger="shitu.pipeline"):
+        config = load_pipeline_config(paddle, overrides)
+    assert config.Global.batch_size == 32
+    assert caplog.messages == [
+        "-o IndexProcess.return_k=3: PaddleClas's setting, which shitu ignores (`shitu index "
+        "build` builds libraries, and only the top hit is used)",
+        "-o Global.use_gpu=false: PaddleClas's setting, which shitu ignores (it steers "
+        "Paddle's runtime)",
+        "-o RecPreProcess={}: PaddleClas's setting, which shitu ignores (an export records "
+        "its own preprocessing, and a detector its own)",
+    ]

@@ -9,6 +9,7 @@ DetPreProcess's DetResize: its target_size is the detector's input size.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -37,6 +38,8 @@ from shitu.registry import (
     null_is_default,
     refuse_bool_as_number,
 )
+
+logger = logging.getLogger(__name__)
 
 _IGNORED_GLOBAL = {
     "infer_imgs",
@@ -68,6 +71,15 @@ _IGNORED_INDEX = {
     "hamming_radius",
 }
 _IGNORED_SECTIONS = {"DetPostProcess", "RecPreProcess", "RecPostProcess"}
+# Why each is ignored, for an -o that sets one: the user's wish that nothing carries out.
+_IGNORED_WHY = {
+    "Global": (_IGNORED_GLOBAL, "it steers Paddle's runtime"),
+    "IndexProcess": (
+        _IGNORED_INDEX,
+        "`shitu index build` builds libraries, and only the top hit is used",
+    ),
+}
+_IGNORED_SECTION_WHY = "an export records its own preprocessing, and a detector its own"
 # DetResize as PP-ShiTu's configs give it, the resize shitu's detectors do (PaddleClas's own
 # defaults, where a key is left out, are keep_ratio: true and interp: 1, bilinear).
 _DET_RESIZE = {"keep_ratio": False, "interp": 2}
@@ -223,11 +235,26 @@ def load_pipeline_config(
         )
     where = str(source) if source else "pipeline defaults"
     attribution = apply_attributed_overrides(raw, overrides, where)
+    _warn_of_ignored_overrides(attribution)
     try:
         return PipelineConfig.model_validate(raw)
     except ValidationError as exc:
         message = format_validation_error(exc, PipelineConfig, what="the pipeline config")
         raise ConfigError(with_source(where, message, attribution)) from None
+
+
+def _warn_of_ignored_overrides(attribution: dict[str, str]) -> None:
+    """A PaddleClas key that shitu ignores loads quietly from a file, but set with -o it
+    is asked for: say that it changes nothing, and why (`attribution`: dotted key -> the
+    override's text)."""
+    for dotted, text in attribution.items():
+        section, _, rest = dotted.partition(".")
+        keys, why = _IGNORED_WHY.get(section, (set(), ""))
+        if section in _IGNORED_SECTIONS:
+            why = _IGNORED_SECTION_WHY
+        elif rest.split(".")[0] not in keys:
+            continue
+        logger.warning("-o %s: PaddleClas's setting, which shitu ignores (%s)", text, why)
 
 
 def with_settings(config: PipelineConfig, settings: dict[str, Any]) -> PipelineConfig:
