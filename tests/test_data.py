@@ -943,6 +943,40 @@ def test_16_bit_grey_keeps_its_top_8_bits_as_opencv_does():
     assert np.array_equal(decoded, decode_rgb(buffer.getvalue()))  # as inference reads it
 
 
+def tiff_bytes(values: np.ndarray, mode: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(values, mode=mode).save(buffer, format="TIFF")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("values", "mode", "expected"),
+    [
+        # 8-bit levels in a 32-bit integer TIFF (numpy ints saved by Pillow): kept as they are
+        (np.array([[0, 10, 128, 255]], np.int32), "I", [0, 10, 128, 255]),
+        # 16-bit levels: their top 8 bits, as for a 16-bit PNG
+        (np.array([[0, 1000, 20000, 65535]], np.int32), "I", [0, 3, 78, 255]),
+        # levels beyond 16 bits (a 24-bit camera, say): scaled by the image's own range
+        (np.array([[0, 1 << 20, 1 << 23, (1 << 24) - 1]], np.int32), "I", [0, 15, 127, 255]),
+        (np.array([[-5, 0, 128, 255]], np.int32), "I", [0, 0, 128, 255]),  # below 0: black
+        # floats of 0..1, as image libraries store them; 0..255 kept as they are
+        (np.array([[0.0, 0.25, 0.5, 1.0]], np.float32), "F", [0, 64, 128, 255]),
+        (np.array([[0.0, 10.0, 128.4, 255.0]], np.float32), "F", [0, 10, 128, 255]),
+        (np.array([[np.nan, 0.0, 0.5, 1.0]], np.float32), "F", [0, 0, 128, 255]),
+    ],
+)
+def test_32_bit_and_float_grey_are_scaled_to_8_bits_by_the_range_their_levels_fill(
+    values, mode, expected
+):
+    """Pillow's modes I and F do not say the bit depth of their levels: 8-bit levels were
+    shifted to black, anything beyond 16 bits clipped to white, 0..1 floats made black."""
+    data = tiff_bytes(values, mode)
+    decoded = DecodeImage()(data)
+    assert decoded[..., 0].ravel().tolist() == expected
+    assert np.array_equal(decoded[..., 0], decoded[..., 2])
+    assert np.array_equal(decoded, decode_rgb(data))  # as inference reads it
+
+
 def test_cmyk_jpegs_decode_in_inference_as_training_decodes_them():
     """OpenCV's CMYK conversion rounds otherwise than Pillow's (one level off on nearly
     every pixel): inference must give training's pixels, also with an EXIF block and a
