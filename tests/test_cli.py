@@ -481,6 +481,27 @@ def test_an_image_opencv_cannot_decode_goes_to_pillow_without_opencvs_warning(tm
     assert "skipped" not in result.stdout  # no "skipped 0 unreadable files": none to name
 
 
+def test_photos_with_corrupt_exif_are_read_without_pillows_raw_warnings(tmp_path):
+    """Pillow warns of EXIF tags it cannot read (from its own source line, once per run,
+    naming no file); the pixels decode in full and only those tags are skipped, so such
+    photos (common in large photo collections) are read without a word, in inference and
+    in training's decoder alike."""
+    exif = Image.Exif()
+    exif[0x010E] = "x" * 200  # ImageDescription, cut short below
+    photo = Image.fromarray(np.full((32, 32, 3), 90, np.uint8))
+    paths = [tmp_path / "photo.jpg", tmp_path / "photo.png"]
+    for path in paths:
+        photo.save(path, exif=exif.tobytes()[:-150])
+    result = run_shitu("extract", *map(str, paths), "--out", str(tmp_path / "feats"))
+    assert result.returncode == 0, result.stderr
+    assert "embedded 2 images" in result.stdout and result.stderr == ""
+    decode = "import sys; from shitu.data.transforms.ops import DecodeImage; " + "; ".join(
+        f"DecodeImage()(open({str(path)!r}, 'rb').read())" for path in paths
+    )
+    result = subprocess.run([sys.executable, "-c", decode], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stderr == ""
+
+
 def test_extract_that_cannot_write_its_paths_keeps_the_previous_features_and_paths(tmp_path):
     """New features beside the previous run's paths would pair every row with another
     image: a paths list that cannot be written (here over the file size limit, which the

@@ -12,6 +12,7 @@ import io
 import math
 import os
 import struct
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Literal
 
@@ -54,6 +55,11 @@ DEFAULT_MAX_MEGAPIXELS = 250
 # PIL.Image.MAX_IMAGE_PIXELS, as Image.open reads the header), which would refuse a 200 MP
 # photo to training and to the Pillow-decoded formats while OpenCV decodes it for inference.
 Image.MAX_IMAGE_PIXELS = None
+# Pillow warns of EXIF (TIFF-tag) data it cannot read, "Possibly corrupt EXIF data" and the
+# like, from its own source line, once per run and naming no file: harmless, as the pixels
+# decode in full and only those tags are skipped, and such photos are common in
+# large photo collections (ImageNet's), so not shown.
+warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.TiffImagePlugin")
 
 
 def max_image_pixels() -> int:
