@@ -55,19 +55,21 @@ def special_kind(info: os.stat_result) -> str:
     return next((kind for test, kind in _NOT_REGULAR if test(info.st_mode)), "a special file")
 
 
-def read_regular_file(path: str | os.PathLike, what: str, limit: int | None = None) -> bytes:
+def read_regular_file(
+    path: str | os.PathLike, what: str, limit: int | None = None, remedy: str = ""
+) -> bytes:
     """The bytes of the file at `path`, read only where it is a regular file (of at most
     `limit` bytes, if given): a device (`/dev/zero`) was read until memory ran out, and
     opening a FIFO waited for a writer without end. Raises OSError, whose strerror says
     why not: "a character device, not `what`" ("an image file"), or the size over `limit`
-    (IsADirectoryError for a folder)."""
-    with open_regular_file(path, what, limit) as handle:
+    with the `remedy` that raises it, if given (IsADirectoryError for a folder)."""
+    with open_regular_file(path, what, limit, remedy) as handle:
         return handle.read()
 
 
 @contextlib.contextmanager
 def open_regular_file(
-    path: str | os.PathLike, what: str, limit: int | None = None
+    path: str | os.PathLike, what: str, limit: int | None = None, remedy: str = ""
 ) -> Iterator[io.BufferedReader]:
     """The file at `path` open for reading, where it is a regular file (see
     `read_regular_file`, which raises the same OSErrors)."""
@@ -83,7 +85,7 @@ def open_regular_file(
             raise OSError(
                 errno.EFBIG,
                 f"{info.st_size / 2**30:.1f} GiB, over the {limit / 2**30:g} GiB {what} may "
-                "hold; not read",
+                f"hold{f' ({remedy})' if remedy else ''}; not read",
                 os.fspath(path),
             )
         with os.fdopen(fd, "rb", closefd=False) as handle:
