@@ -1629,3 +1629,37 @@ def test_eval_matches_folders_named_as_classes_csv_against_a_grocery_listing(gro
     assert back is not None
     assert (back[names.index("Granny-Smith")], back[2]) == (2, 0)
     assert back[names.index("Golden-Delicious")] == max(folders.labels) + 1
+
+
+def test_eval_pipeline_names_queries_as_they_were_given_not_resolved(tmp_path, monkeypatch, capsys):
+    """Queries were named by their resolved, absolute paths (a linked folder's by its
+    target), unlike the folder scan's own warning and every other command: they are named
+    as given, a label file's joined to its folder."""
+    rng = np.random.default_rng(0)
+    for folder in ("gallery/apple", "gallery/kiwi", "queries/apple", "elsewhere/kiwi"):
+        (tmp_path / folder).mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 255, (48, 48, 3), np.uint8)).save(
+            tmp_path / folder / "0.jpg"
+        )
+    (tmp_path / "queries" / "kiwi").symlink_to(tmp_path / "elsewhere" / "kiwi")
+    (tmp_path / "queries" / "broken.jpg").write_bytes(b"not a jpeg")
+    (tmp_path / "queries" / "list.txt").write_text(
+        "apple/0.jpg\tapple\nkiwi/0.jpg\tkiwi\nbroken.jpg\tapple\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    common = ["--gallery", "lib", "--no-progress", "--score-thres", "1"]  # all wrong
+    assert shitu_main(["index", "build", "gallery", "--out", "lib"]) == 0
+    capsys.readouterr()
+    assert shitu_main(["eval-pipeline", "--queries", "queries/list.txt", *common]) == 0
+    captured = capsys.readouterr()
+    assert [line.split(": expected")[0] for line in captured.out.splitlines()[:2]] == [
+        "wrong: queries/apple/0.jpg",
+        "wrong: queries/kiwi/0.jpg",
+    ]
+    assert captured.err.startswith("warning: skipped queries/broken.jpg: cannot decode image")
+    assert shitu_main(["eval-pipeline", "--queries", "queries", *common]) == 0
+    wrong = [line for line in capsys.readouterr().out.splitlines() if line.startswith("wrong")]
+    assert [line.split(": expected")[0] for line in wrong] == [
+        "wrong: queries/apple/0.jpg",
+        "wrong: queries/kiwi/0.jpg",
+    ]
