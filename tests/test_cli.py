@@ -502,6 +502,22 @@ def test_photos_with_corrupt_exif_are_read_without_pillows_raw_warnings(tmp_path
     assert result.returncode == 0 and result.stderr == ""
 
 
+def test_pngs_with_a_colour_profile_libpng_refuses_are_read_without_its_raw_warning(tmp_path):
+    """OpenCV's libpng printed `libpng warning: iCCP: ...` on stderr for each PNG whose
+    colour profile it finds wrong (old editors' "known incorrect sRGB profile"), a line per
+    photo that names none: such PNGs are decoded by Pillow, which does not check the
+    profile (neither decoder applies it), to the same pixels."""
+    from shitu.inference import read_rgb
+
+    pixels = np.random.default_rng(0).integers(0, 255, (24, 32, 3), np.uint8)
+    photo = tmp_path / "photo.png"
+    Image.fromarray(pixels).save(photo, icc_profile=bytes(200))  # no valid profile
+    result = run_shitu("extract", str(photo), "--out", str(tmp_path / "feats"))
+    assert result.returncode == 0, result.stderr
+    assert "embedded 1 image" in result.stdout and result.stderr == ""
+    assert np.array_equal(read_rgb(photo), pixels)
+
+
 def test_extract_that_cannot_write_its_paths_keeps_the_previous_features_and_paths(tmp_path):
     """New features beside the previous run's paths would pair every row with another
     image: a paths list that cannot be written (here over the file size limit, which the
