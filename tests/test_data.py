@@ -34,6 +34,7 @@ from shitu.data.transforms.ops import DecodeImage, ResizeImage
 from shitu.engine.data import build_eval_loader, build_train_loader
 from shitu.engine.distributed import init_distributed
 from shitu.errors import ConfigError, DataError, raised_message
+from shitu.index import collect_items
 from shitu.inference.preprocess import decode_rgb, is_cmyk_jpeg
 
 registry.populate()
@@ -367,6 +368,13 @@ def test_label_file_errors_name_the_file_and_line(tmp_path: Path, monkeypatch):
     label_file.write_text("a.png Café\n", encoding="cp1252")  # not to be guessed at
     with pytest.raises(DataError, match=r"list\.txt is not UTF-8 or UTF-16 text: save it as UTF-8"):
         LabelFileDataset(str(tmp_path), str(label_file))
+    # UTF-16 without its BOM is valid UTF-8 with a NUL beside each ASCII character: it was
+    # read as such, and refused for a line 2 of '\x00' (or a label of NULs in a label file)
+    label_file.write_bytes("a.png 3\n".encode("utf-16-le"))
+    with pytest.raises(DataError, match=r"list\.txt is not UTF-8 or UTF-16 text: save it as UTF-8"):
+        LabelFileDataset(str(tmp_path), str(label_file))
+    with pytest.raises(DataError, match=r"list\.txt: not a label file \(not UTF-8 or UTF-16"):
+        collect_items([label_file])
     # an image given as the label file is not to be saved as UTF-8
     with pytest.raises(DataError) as caught:
         LabelFileDataset(str(tmp_path), str(tmp_path / "a.png"))
@@ -851,7 +859,7 @@ def test_image_folder_dataset_skips_a_gallery_library_in_its_tree(tmp_path: Path
     """A library built inside its photos' folder (`index build photos --out photos/lib`,
     which `index build` allows) was read as one more class, of the images `shitu serve`
     keeps in it, and the class count asked for a head to train on it."""
-    from shitu.index import Gallery, collect_items
+    from shitu.index import Gallery
     from shitu.inference import FeatureExtractor, default_model_dir
 
     root = tmp_path / "photos"

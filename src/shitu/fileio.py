@@ -98,12 +98,18 @@ def read_text(path: str | Path) -> str:
     """A text file as the usual editors and shells write it: UTF-8 with or without a BOM
     (Notepad, Excel), or UTF-16 with its BOM (PowerShell 5's `>` and `Out-File`, Notepad's
     "Unicode"). Anything else raises UnicodeDecodeError: guessing a legacy code page would
-    turn accented labels into other letters without a word. What is no regular file (a
-    device) raises OSError (`read_regular_file`)."""
+    turn accented labels into other letters without a word. So does text with a NUL byte,
+    which no editor writes: UTF-16 without its BOM is valid UTF-8 with a NUL beside each
+    ASCII character, and was read as lines of NULs. What is no regular file (a device)
+    raises OSError (`read_regular_file`)."""
     data = read_regular_file(path, "a text file")
     if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         return data.decode("utf-16")
-    return data.decode("utf-8-sig")
+    text = data.decode("utf-8-sig")
+    if "\0" in text:
+        at = data.index(b"\0")
+        raise UnicodeDecodeError("utf-8", data, at, at + 1, "a NUL byte (UTF-16 without its BOM?)")
+    return text
 
 
 def text_lines(text: str) -> list[str]:
