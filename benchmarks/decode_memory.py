@@ -20,12 +20,16 @@ from pathlib import Path
 
 import numpy as np
 from arguments import benchmark_parser, positive_number
-from PIL import Image
+from PIL import Image, ImageCms
+
+# A colour profile as editors embed one: OpenCV is given a PNG with one without it (a copy).
+SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
 
 # (row name, Pillow format, mode, save options)
 FORMATS = [
     ("JPEG", "JPEG", "RGB", {"quality": 90}),
     ("PNG 8-bit RGB", "PNG", "RGB", {"compress_level": 1}),
+    ("PNG 8-bit RGB, colour profile", "PNG", "RGB", {"compress_level": 1, "icc_profile": SRGB}),
     ("PNG 16-bit grey", "PNG", "I;16", {"compress_level": 1}),
     ("PNG with alpha", "PNG", "RGBA", {"compress_level": 1}),
     ("WebP with alpha", "WEBP", "RGBA", {"quality": 90}),

@@ -481,6 +481,43 @@ def test_an_image_opencv_cannot_decode_goes_to_pillow_without_opencvs_warning(tm
     assert "skipped" not in result.stdout  # no "skipped 0 unreadable files": none to name
 
 
+def test_photos_with_corrupt_exif_are_read_without_pillows_raw_warnings(tmp_path):
+    """Pillow warns of EXIF tags it cannot read (from its own source line, once per run,
+    naming no file); the pixels decode in full and only those tags are skipped, so such
+    photos (common in large photo collections) are read without a word, in inference and
+    in training's decoder alike."""
+    exif = Image.Exif()
+    exif[0x010E] = "x" * 200  # ImageDescription, cut short below
+    photo = Image.fromarray(np.full((32, 32, 3), 90, np.uint8))
+    paths = [tmp_path / "photo.jpg", tmp_path / "photo.png"]
+    for path in paths:
+        photo.save(path, exif=exif.tobytes()[:-150])
+    result = run_shitu("extract", *map(str, paths), "--out", str(tmp_path / "feats"))
+    assert result.returncode == 0, result.stderr
+    assert "embedded 2 images" in result.stdout and result.stderr == ""
+    decode = "import sys; from shitu.data.transforms.ops import DecodeImage; " + "; ".join(
+        f"DecodeImage()(open({str(path)!r}, 'rb').read())" for path in paths
+    )
+    result = subprocess.run([sys.executable, "-c", decode], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stderr == ""
+
+
+def test_pngs_with_a_colour_profile_libpng_refuses_are_read_without_its_raw_warning(tmp_path):
+    """OpenCV's libpng printed `libpng warning: iCCP: ...` on stderr for each PNG whose
+    colour profile it finds wrong (old editors' "known incorrect sRGB profile"), a line per
+    photo that names none: such PNGs are decoded by Pillow, which does not check the
+    profile (neither decoder applies it), to the same pixels."""
+    from shitu.inference import read_rgb
+
+    pixels = np.random.default_rng(0).integers(0, 255, (24, 32, 3), np.uint8)
+    photo = tmp_path / "photo.png"
+    Image.fromarray(pixels).save(photo, icc_profile=bytes(200))  # no valid profile
+    result = run_shitu("extract", str(photo), "--out", str(tmp_path / "feats"))
+    assert result.returncode == 0, result.stderr
+    assert "embedded 1 image" in result.stdout and result.stderr == ""
+    assert np.array_equal(read_rgb(photo), pixels)
+
+
 def test_extract_that_cannot_write_its_paths_keeps_the_previous_features_and_paths(tmp_path):
     """New features beside the previous run's paths would pair every row with another
     image: a paths list that cannot be written (here over the file size limit, which the
@@ -1639,3 +1676,37 @@ def test_a_library_or_export_given_as_images_is_named_with_its_option(tmp_path, 
     assert shitu_main(["extract", str(photos), "--out", str(out), "--no-progress"]) == 0
     assert np.load(out).shape[0] == 1
     assert f"(a gallery library x1; e.g. {photos / 'kept'})" in caplog.text
+
+
+def test_eval_pipeline_names_queries_as_they_were_given_not_resolved(tmp_path, monkeypatch, capsys):
+    """Queries were named by their resolved, absolute paths (a linked folder's by its
+    target), unlike the folder scan's own warning and every other command: they are named
+    as given, a label file's joined to its folder."""
+    rng = np.random.default_rng(0)
+    for folder in ("gallery/apple", "gallery/kiwi", "queries/apple", "elsewhere/kiwi"):
+        (tmp_path / folder).mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 255, (48, 48, 3), np.uint8)).save(
+            tmp_path / folder / "0.jpg"
+        )
+    (tmp_path / "queries" / "kiwi").symlink_to(tmp_path / "elsewhere" / "kiwi")
+    (tmp_path / "queries" / "broken.jpg").write_bytes(b"not a jpeg")
+    (tmp_path / "queries" / "list.txt").write_text(
+        "apple/0.jpg\tapple\nkiwi/0.jpg\tkiwi\nbroken.jpg\tapple\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    common = ["--gallery", "lib", "--no-progress", "--score-thres", "1"]  # all wrong
+    assert shitu_main(["index", "build", "gallery", "--out", "lib"]) == 0
+    capsys.readouterr()
+    assert shitu_main(["eval-pipeline", "--queries", "queries/list.txt", *common]) == 0
+    captured = capsys.readouterr()
+    assert [line.split(": expected")[0] for line in captured.out.splitlines()[:2]] == [
+        "wrong: queries/apple/0.jpg",
+        "wrong: queries/kiwi/0.jpg",
+    ]
+    assert captured.err.startswith("warning: skipped queries/broken.jpg: cannot decode image")
+    assert shitu_main(["eval-pipeline", "--queries", "queries", *common]) == 0
+    wrong = [line for line in capsys.readouterr().out.splitlines() if line.startswith("wrong")]
+    assert [line.split(": expected")[0] for line in wrong] == [
+        "wrong: queries/apple/0.jpg",
+        "wrong: queries/kiwi/0.jpg",
+    ]

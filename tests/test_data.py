@@ -34,6 +34,7 @@ from shitu.data.transforms.ops import DecodeImage, ResizeImage
 from shitu.engine.data import build_eval_loader, build_train_loader
 from shitu.engine.distributed import init_distributed
 from shitu.errors import ConfigError, DataError, raised_message
+from shitu.index import collect_items
 from shitu.inference.preprocess import decode_rgb, is_cmyk_jpeg
 
 registry.populate()
@@ -367,6 +368,13 @@ def test_label_file_errors_name_the_file_and_line(tmp_path: Path, monkeypatch):
     label_file.write_text("a.png Café\n", encoding="cp1252")  # not to be guessed at
     with pytest.raises(DataError, match=r"list\.txt is not UTF-8 or UTF-16 text: save it as UTF-8"):
         LabelFileDataset(str(tmp_path), str(label_file))
+    # UTF-16 without its BOM is valid UTF-8 with a NUL beside each ASCII character: it was
+    # read as such, and refused for a line 2 of '\x00' (or a label of NULs in a label file)
+    label_file.write_bytes("a.png 3\n".encode("utf-16-le"))
+    with pytest.raises(DataError, match=r"list\.txt is not UTF-8 or UTF-16 text: save it as UTF-8"):
+        LabelFileDataset(str(tmp_path), str(label_file))
+    with pytest.raises(DataError, match=r"list\.txt: not a label file \(not UTF-8 or UTF-16"):
+        collect_items([label_file])
     # an image given as the label file is not to be saved as UTF-8
     with pytest.raises(DataError) as caught:
         LabelFileDataset(str(tmp_path), str(tmp_path / "a.png"))
@@ -851,7 +859,7 @@ def test_image_folder_dataset_skips_a_gallery_library_in_its_tree(tmp_path: Path
     """A library built inside its photos' folder (`index build photos --out photos/lib`,
     which `index build` allows) was read as one more class, of the images `shitu serve`
     keeps in it, and the class count asked for a head to train on it."""
-    from shitu.index import Gallery, collect_items
+    from shitu.index import Gallery
     from shitu.inference import FeatureExtractor, default_model_dir
 
     root = tmp_path / "photos"
@@ -941,6 +949,40 @@ def test_16_bit_grey_keeps_its_top_8_bits_as_opencv_does():
     decoded = DecodeImage()(buffer.getvalue())
     assert decoded[..., 0].ravel().tolist() == [0, 3, 78, 255]  # not clipped to white
     assert np.array_equal(decoded, decode_rgb(buffer.getvalue()))  # as inference reads it
+
+
+def tiff_bytes(values: np.ndarray, mode: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(values, mode=mode).save(buffer, format="TIFF")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("values", "mode", "expected"),
+    [
+        # 8-bit levels in a 32-bit integer TIFF (numpy ints saved by Pillow): kept as they are
+        (np.array([[0, 10, 128, 255]], np.int32), "I", [0, 10, 128, 255]),
+        # 16-bit levels: their top 8 bits, as for a 16-bit PNG
+        (np.array([[0, 1000, 20000, 65535]], np.int32), "I", [0, 3, 78, 255]),
+        # levels beyond 16 bits (a 24-bit camera, say): scaled by the image's own range
+        (np.array([[0, 1 << 20, 1 << 23, (1 << 24) - 1]], np.int32), "I", [0, 15, 127, 255]),
+        (np.array([[-5, 0, 128, 255]], np.int32), "I", [0, 0, 128, 255]),  # below 0: black
+        # floats of 0..1, as image libraries store them; 0..255 kept as they are
+        (np.array([[0.0, 0.25, 0.5, 1.0]], np.float32), "F", [0, 64, 128, 255]),
+        (np.array([[0.0, 10.0, 128.4, 255.0]], np.float32), "F", [0, 10, 128, 255]),
+        (np.array([[np.nan, 0.0, 0.5, 1.0]], np.float32), "F", [0, 0, 128, 255]),
+    ],
+)
+def test_32_bit_and_float_grey_are_scaled_to_8_bits_by_the_range_their_levels_fill(
+    values, mode, expected
+):
+    """Pillow's modes I and F do not say the bit depth of their levels: 8-bit levels were
+    shifted to black, anything beyond 16 bits clipped to white, 0..1 floats made black."""
+    data = tiff_bytes(values, mode)
+    decoded = DecodeImage()(data)
+    assert decoded[..., 0].ravel().tolist() == expected
+    assert np.array_equal(decoded[..., 0], decoded[..., 2])
+    assert np.array_equal(decoded, decode_rgb(data))  # as inference reads it
 
 
 def test_cmyk_jpegs_decode_in_inference_as_training_decodes_them():

@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from shitu import image_files
 from shitu.cli.common import expand_images
 from shitu.errors import DataError
-from shitu.image_files import TEXT_PROBE_BYTES, is_text, scan_images
+from shitu.image_files import TEXT_PROBE_BYTES, is_text, read_image_file, scan_images
 from shitu.index import collect_items
 
 SUPPORTED = "images are read from .bmp .jpeg .jpg .png .tif .tiff .webp files"
@@ -169,3 +170,23 @@ def test_is_text_tells_text_from_image_bytes(tmp_path):
     Image.new("RGB", (4, 4)).save(tmp_path / "a.png")
     assert not is_text((tmp_path / "a.png").read_bytes())
     assert not is_text(b"") and not is_text(b"text\x00with a NUL") and not is_text(b"\xff\xd8")
+
+
+def test_the_image_file_size_limit_grows_with_the_pixel_limit_and_says_so(tmp_path, monkeypatch):
+    """An image allowed by SHITU_MAX_MEGAPIXELS may be stored uncompressed (8 bytes a
+    pixel, a 16-bit RGBA TIFF): its file was refused at 2 GiB whatever the pixel limit,
+    by a message that did not say how to allow it. Devices stay refused."""
+    photo = save(tmp_path / "photo.png", "PNG")
+    size = photo.stat().st_size
+    monkeypatch.setattr(image_files, "MAX_IMAGE_FILE_BYTES", size - 1)  # 2 GiB at 250 MP
+    monkeypatch.delenv("SHITU_MAX_MEGAPIXELS", raising=False)
+    with pytest.raises(OSError) as caught:
+        read_image_file(photo)
+    assert caught.value.strerror == (
+        f"0.0 GiB, over the {(size - 1) / 2**30:g} GiB an image file may hold "
+        "(SHITU_MAX_MEGAPIXELS raises it, with the pixel limit); not read"
+    )
+    monkeypatch.setenv("SHITU_MAX_MEGAPIXELS", "500")  # twice the default: twice the bytes
+    assert read_image_file(photo) == photo.read_bytes()
+    with pytest.raises(OSError, match="a character device, not an image file"):
+        read_image_file("/dev/zero")

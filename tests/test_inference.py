@@ -654,7 +654,7 @@ def test_image_readers_refuse_devices_fifos_and_huge_files_before_reading_them(
         "/dev/null": "a character device, not an image file",
         str(fifo): "a FIFO (named pipe), not an image file",
         str(photo): f"0.0 GiB, over the {(photo.stat().st_size - 1) / 2**30:g} GiB an image "
-        "file may hold; not read",
+        "file may hold (SHITU_MAX_MEGAPIXELS raises it, with the pixel limit); not read",
     }
     for path, said in refused.items():
         with pytest.raises(UnreadableImageError) as caught:

@@ -55,19 +55,21 @@ def special_kind(info: os.stat_result) -> str:
     return next((kind for test, kind in _NOT_REGULAR if test(info.st_mode)), "a special file")
 
 
-def read_regular_file(path: str | os.PathLike, what: str, limit: int | None = None) -> bytes:
+def read_regular_file(
+    path: str | os.PathLike, what: str, limit: int | None = None, remedy: str = ""
+) -> bytes:
     """The bytes of the file at `path`, read only where it is a regular file (of at most
     `limit` bytes, if given): a device (`/dev/zero`) was read until memory ran out, and
     opening a FIFO waited for a writer without end. Raises OSError, whose strerror says
     why not: "a character device, not `what`" ("an image file"), or the size over `limit`
-    (IsADirectoryError for a folder)."""
-    with open_regular_file(path, what, limit) as handle:
+    with the `remedy` that raises it, if given (IsADirectoryError for a folder)."""
+    with open_regular_file(path, what, limit, remedy) as handle:
         return handle.read()
 
 
 @contextlib.contextmanager
 def open_regular_file(
-    path: str | os.PathLike, what: str, limit: int | None = None
+    path: str | os.PathLike, what: str, limit: int | None = None, remedy: str = ""
 ) -> Iterator[io.BufferedReader]:
     """The file at `path` open for reading, where it is a regular file (see
     `read_regular_file`, which raises the same OSErrors)."""
@@ -83,7 +85,7 @@ def open_regular_file(
             raise OSError(
                 errno.EFBIG,
                 f"{info.st_size / 2**30:.1f} GiB, over the {limit / 2**30:g} GiB {what} may "
-                "hold; not read",
+                f"hold{f' ({remedy})' if remedy else ''}; not read",
                 os.fspath(path),
             )
         with os.fdopen(fd, "rb", closefd=False) as handle:
@@ -96,12 +98,18 @@ def read_text(path: str | Path) -> str:
     """A text file as the usual editors and shells write it: UTF-8 with or without a BOM
     (Notepad, Excel), or UTF-16 with its BOM (PowerShell 5's `>` and `Out-File`, Notepad's
     "Unicode"). Anything else raises UnicodeDecodeError: guessing a legacy code page would
-    turn accented labels into other letters without a word. What is no regular file (a
-    device) raises OSError (`read_regular_file`)."""
+    turn accented labels into other letters without a word. So does text with a NUL byte,
+    which no editor writes: UTF-16 without its BOM is valid UTF-8 with a NUL beside each
+    ASCII character, and was read as lines of NULs. What is no regular file (a device)
+    raises OSError (`read_regular_file`)."""
     data = read_regular_file(path, "a text file")
     if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         return data.decode("utf-16")
-    return data.decode("utf-8-sig")
+    text = data.decode("utf-8-sig")
+    if "\0" in text:
+        at = data.index(b"\0")
+        raise UnicodeDecodeError("utf-8", data, at, at + 1, "a NUL byte (UTF-16 without its BOM?)")
+    return text
 
 
 def text_lines(text: str) -> list[str]:

@@ -82,19 +82,33 @@ def unreadable_reason(path: str | os.PathLike, exc: OSError) -> str:
     return exc.strerror or str(exc)
 
 
-# The largest image file read: an image at the most pixels shitu decodes (250 megapixels,
-# `shitu.data.transforms.ops.max_image_pixels`) fits even stored uncompressed at 8 bytes a
-# pixel (16-bit RGBA TIFF: 2.0 GB). Pillow's decompression-bomb guard (which that pixel
-# limit replaces) and the server's --max-upload-mb bound pixels and request bodies only:
-# a file was read whole into memory before either could refuse it.
+# The largest image file read at the default pixel limit (250 megapixels,
+# `shitu.data.transforms.ops.max_image_pixels`): an image of that many pixels fits even
+# stored uncompressed at 8 bytes a pixel (16-bit RGBA TIFF: 2.0 GB). A higher limit
+# ($SHITU_MAX_MEGAPIXELS) raises it in proportion (`max_image_file_bytes`). Pillow's
+# decompression-bomb guard (which that pixel limit replaces) and the server's
+# --max-upload-mb bound pixels and request bodies only: a file was read whole into memory
+# before either could refuse it.
 MAX_IMAGE_FILE_BYTES = 2 << 30
+
+
+def max_image_file_bytes() -> int:
+    """The largest image file read: MAX_IMAGE_FILE_BYTES, raised in proportion to a pixel
+    limit above the default, so that an image allowed by $SHITU_MAX_MEGAPIXELS is not
+    refused for its file size (read at each call, as the pixel limit is)."""
+    # Imported here: shitu.data.transforms.ops, where the pixel limit is, imports this module.
+    from shitu.data.transforms.ops import DEFAULT_MAX_MEGAPIXELS, max_image_pixels
+
+    growth = max(1.0, max_image_pixels() / (DEFAULT_MAX_MEGAPIXELS * 1_000_000))
+    return int(MAX_IMAGE_FILE_BYTES * growth)
 
 
 def read_image_file(path: str | os.PathLike) -> bytes:
     """The bytes of the image file at `path`, read only where it is a regular file of at
-    most MAX_IMAGE_FILE_BYTES (see `read_regular_file`): `/dev/zero` was read until memory
-    ran out. Raises OSError, whose strerror says why not (see `unreadable_reason`)."""
-    return read_regular_file(path, "an image file", MAX_IMAGE_FILE_BYTES)
+    most `max_image_file_bytes` (see `read_regular_file`): `/dev/zero` was read until
+    memory ran out. Raises OSError, whose strerror says why not (see `unreadable_reason`)."""
+    remedy = "SHITU_MAX_MEGAPIXELS raises it, with the pixel limit"
+    return read_regular_file(path, "an image file", max_image_file_bytes(), remedy)
 
 
 def iso_media_kind(data: bytes) -> str | None:

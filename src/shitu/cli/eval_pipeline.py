@@ -79,8 +79,10 @@ def run(args: argparse.Namespace) -> int:
     from shitu.pipeline import Recognizer, evaluate_pipeline
     from shitu.pipeline.evaluate import known_labels, sweep_thresholds
 
-    # no --label here
-    items = collect_items([args.queries], one_label_option=False, leaf_labels=args.leaf_labels)
+    # no --label here; queries named as given in what it reports
+    items = collect_items(
+        [args.queries], one_label_option=False, leaf_labels=args.leaf_labels, resolve=False
+    )
     config = pipeline_config_from_args(args)
     thresholds = sweep_thresholds(args.sweep) if args.sweep else []
     with naming_config_paths(args, config):

@@ -131,8 +131,9 @@ def _sub_folders_within(folder: Path, folders: set[Path]) -> bool:
         return False
 
 
-def parse_label_file(path: Path) -> list[GalleryItem]:
-    """PP-ShiTu gallery list: `path<TAB>label` per line, paths relative to the file's folder.
+def parse_label_file(path: Path, resolve: bool = True) -> list[GalleryItem]:
+    """PP-ShiTu gallery list: `path<TAB>label` per line, paths relative to the file's folder
+    (joined to it, and resolved where `resolve`: see `collect_items`).
 
     Labels may contain spaces (not tabs); columns after the label are ignored, as PaddleClas
     does; blank and `#` lines are skipped (one naming a file that is there, `#1.jpg`, with a
@@ -169,14 +170,14 @@ def parse_label_file(path: Path) -> list[GalleryItem]:
         except BadLabelError as exc:
             raise DataError(f"{path}:{number}: {exc}") from None
         image = image.strip()
-        full = listed_file(path.parent, image).resolve()
+        full = listed_file(path.parent, image)
         if not full.exists() and Path(image).exists():
             raise DataError(
                 f"{path}:{number}: {image} is not in {path.parent.resolve()} but is in the "
                 "working directory; paths in a label file are relative to its folder (or "
                 "absolute)"
             )
-        items.append(GalleryItem(full, label))
+        items.append(GalleryItem(_found(full, resolve), label))
     return items
 
 
@@ -237,7 +238,7 @@ def _grocery_list_hint(listing: Path, line: str) -> str:
 
 
 def scan_label_folders(
-    root: Path, one_label_option: bool = True, leaf_labels: bool = False
+    root: Path, one_label_option: bool = True, leaf_labels: bool = False, resolve: bool = True
 ) -> list[GalleryItem]:
     """Folder-per-label tree: every image under `root/<label>/` gets that label; with
     `leaf_labels`, the name of the folder it is in, for trees grouped by category
@@ -260,9 +261,16 @@ def scan_label_folders(
         raise
     if leaf_labels:
         warn_of_shared_folder_names(root, {image.parent for image in images})
-        return [GalleryItem(image.resolve(), image.parent.name) for image in images]
+        return [GalleryItem(_found(image, resolve), image.parent.name) for image in images]
     warn_if_grouped(root, images, "give --leaf-labels")
-    return [GalleryItem(image.resolve(), image.relative_to(root).parts[0]) for image in images]
+    return [
+        GalleryItem(_found(image, resolve), image.relative_to(root).parts[0]) for image in images
+    ]
+
+
+def _found(path: Path, resolve: bool) -> Path:
+    """`path` resolved where `resolve` (see `collect_items`), else as found."""
+    return path.resolve() if resolve else path
 
 
 def gallery_libraries() -> dict[str, str]:
@@ -325,6 +333,7 @@ def collect_items(
     label: str | None = None,
     one_label_option: bool = True,
     leaf_labels: bool = False,
+    resolve: bool = True,
 ) -> list[GalleryItem]:
     """Items from any mix of label files, folders and image files (paths or strings; one
     path alone is a list of one).
@@ -334,6 +343,11 @@ def collect_items(
     `leaf_labels` by the folder each image is in) and label files carry their own labels.
     Errors about images without a label suggest --label where `one_label_option` (the
     caller takes it).
+
+    Paths are resolved (absolute, links followed), as a gallery stores them, to be found
+    from any working directory; `resolve=False` keeps them as given (a folder's images as
+    found in it, a label file's joined to its folder), for a command that only reads them
+    and names them to the user as they gave them.
     """
     if label is not None and leaf_labels:
         raise DataError(
@@ -346,10 +360,10 @@ def collect_items(
         if source.is_dir():
             _refuse_library(source)
             if label is None:
-                items.extend(scan_label_folders(source, one_label_option, leaf_labels))
+                items.extend(scan_label_folders(source, one_label_option, leaf_labels, resolve))
             else:
                 images = scan_images(source, foreign=gallery_libraries())
-                items.extend(GalleryItem(image.resolve(), label) for image in images)
+                items.extend(GalleryItem(_found(image, resolve), label) for image in images)
         elif source.is_file() and source.suffix.lower() in IMAGE_SUFFIXES:
             if label is None:
                 how = (
@@ -360,14 +374,14 @@ def collect_items(
                     "named after its label"
                 )
                 raise DataError(f"{source}: a single image needs a label: {how}")
-            items.append(GalleryItem(source.resolve(), label))
+            items.append(GalleryItem(_found(source, resolve), label))
         elif source.is_file():
             if label is not None:
                 raise DataError(
                     f"{source}: a label file carries its own labels; --label is for images "
                     "and folders"
                 )
-            items.extend(parse_label_file(source))
+            items.extend(parse_label_file(source, resolve))
         elif source.exists():  # a device or a FIFO, whose reading would never end
             kind = special_kind(source.stat())
             raise DataError(f"{source}: {kind}, not an image, folder or label file")

@@ -26,6 +26,7 @@ from shitu import registry
 from shitu.config import ShituConfig
 from shitu.data.transforms._base import interpolation_name, pair, pil_filter
 from shitu.data.transforms.ops import (
+    PNG_SIGNATURE,
     NormalizeImage,
     UnreadableImageError,
     check_encoded_size,
@@ -358,7 +359,7 @@ def decode_rgb(data: bytes | np.ndarray) -> np.ndarray:
     the pixel limit (`check_image_size`) is refused from its header, before decoding."""
     encoded = _encoded_bytes(data)
     check_encoded_size(encoded)
-    buffer = np.frombuffer(encoded, np.uint8)
+    buffer = np.frombuffer(_without_png_profile(encoded), np.uint8)
     image = None
     if buffer.size and not decoded_otherwise_by_opencv(encoded):
         try:
@@ -419,6 +420,27 @@ def decoded_otherwise_by_opencv(data: bytes) -> bool:
         or is_cmyk_jpeg(data)
         or _is_32_bit_bmp(data)
     )
+
+
+def _without_png_profile(data: bytes) -> bytes:
+    """PNG bytes without their colour profile (an iCCP chunk, ahead of the pixels), for
+    OpenCV: its libpng checks the profile and prints `libpng warning: iCCP: ...` on stderr,
+    from C and naming no file, for each one it finds wrong (old editors' "known incorrect
+    sRGB profile"). Neither decoder applies the profile: the pixels are the same. Other
+    bytes (another format, a PNG without a profile or whose chunks do not add up) are
+    returned as they are; a PNG with a profile is copied without it."""
+    if data[:8] != PNG_SIGNATURE:
+        return data
+    start = 8
+    while start + 8 <= len(data):
+        kind = data[start + 4 : start + 8]
+        end = start + 12 + int.from_bytes(data[start : start + 4], "big")  # length, type, CRC
+        if kind == b"iCCP" and end <= len(data):
+            return data[:start] + data[end:]
+        if kind == b"IDAT":
+            break
+        start = end
+    return data
 
 
 def _is_32_bit_bmp(data: bytes) -> bool:

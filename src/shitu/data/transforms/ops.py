@@ -12,6 +12,7 @@ import io
 import math
 import os
 import struct
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Literal
 
@@ -54,6 +55,11 @@ DEFAULT_MAX_MEGAPIXELS = 250
 # PIL.Image.MAX_IMAGE_PIXELS, as Image.open reads the header), which would refuse a 200 MP
 # photo to training and to the Pillow-decoded formats while OpenCV decodes it for inference.
 Image.MAX_IMAGE_PIXELS = None
+# Pillow warns of EXIF (TIFF-tag) data it cannot read, "Possibly corrupt EXIF data" and the
+# like, from its own source line, once per run and naming no file: harmless, as the pixels
+# decode in full and only those tags are skipped, and such photos are common in
+# large photo collections (ImageNet's), so not shown.
+warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.TiffImagePlugin")
 
 
 def max_image_pixels() -> int:
@@ -203,16 +209,36 @@ class DecodeImage(Transform):
 
 def to_rgb8(image: Image.Image) -> Image.Image:
     """8-bit RGB. Pillow converts 16-bit and 32-bit grey by clipping at 255 (nearly all
-    white); the top 8 bits are kept instead, as OpenCV (PaddleClas's decoder) does.
-    Transparent parts are shown on white (see `on_white`)."""
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
-        levels = np.asarray(image).astype(np.int64) >> 8
-        image = Image.fromarray(np.clip(levels, 0, 255).astype(np.uint8))
-    elif image.mode == "F":  # float data: taken as 0..255 levels
-        image = Image.fromarray(np.clip(np.asarray(image), 0, 255).astype(np.uint8))
+    white): 16-bit grey keeps its top 8 bits instead, as OpenCV (PaddleClas's decoder)
+    does, and 32-bit integer and float grey are scaled by `grey_levels`. Transparent
+    parts are shown on white (see `on_white`)."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        image = Image.fromarray((np.asarray(image) >> 8).astype(np.uint8))
+    elif image.mode in ("I", "F"):
+        image = Image.fromarray(grey_levels(np.asarray(image)))
     elif image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
         return on_white(image)
     return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def grey_levels(values: np.ndarray) -> np.ndarray:
+    """uint8 levels of 32-bit integer or float grey (Pillow's modes I and F, from TIFFs or
+    numpy arrays), whose mode does not say what range the levels are of: so by the range
+    they fill. Floats of at most 1 are of 0..1; levels of at most 255 are kept as they
+    are (8-bit levels in a 32-bit file); of at most 65535, they keep their top 8 bits, as
+    16-bit grey does; beyond that, they are scaled by the image's brightest level.
+    Negative levels are black, as are NaN and infinite ones."""
+    floats = np.nan_to_num(values.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    top = floats.max(initial=0.0)
+    if values.dtype.kind == "f" and top <= 1:
+        levels = np.rint(floats * 255)
+    elif top <= 255:
+        levels = np.rint(floats)
+    elif top <= 65535:
+        levels = np.floor(floats / 256)
+    else:
+        levels = np.floor(floats * 255 / top)
+    return np.clip(levels, 0, 255).astype(np.uint8)
 
 
 def on_white(image: Image.Image) -> Image.Image:
