@@ -1963,3 +1963,19 @@ def test_a_label_file_comment_naming_a_file_there_is_warned_of(tmp_path, caplog)
         f"{listing}:2: skipped as a comment (it starts with #), though #1.png is a file "
         "there; to list it, write its path as ./#1.png"
     ]
+
+
+def test_a_folder_in_a_label_file_is_refused_naming_its_line(tmp_path):
+    """A label file's line naming a folder (`photos/apple<TAB>Apple`) was skipped when
+    the images were read, with advice for Python callers (scan_images) that a user of
+    `shitu index build LIST` cannot follow; it is refused with its line and what to do."""
+    make_images(tmp_path / "photos" / "apple", 1)
+    listing = tmp_path / "gallery.txt"
+    listing.write_text("photos/apple\tApple\n")
+    with pytest.raises(DataError) as refused:
+        parse_label_file(listing)
+    assert str(refused.value) == (
+        f"{listing}:1: photos/apple is a folder; a label file lists image files, one a line "
+        "(a folder of images is given to the command itself, with --label LABEL where it "
+        "takes one, or as FOLDER/LABEL/IMAGE)"
+    )

@@ -139,8 +139,9 @@ def parse_label_file(path: Path, resolve: bool = True) -> list[GalleryItem]:
     does; blank and `#` lines are skipped (one naming a file that is there, `#1.jpg`, with a
     warning: `./#1.jpg` lists it). A relative path that is missing beside the file
     but present from the working directory is refused with that said: every image of such
-    a list would otherwise fail one by one. A path written with Windows' separators
-    (`images\\apple.jpg`, as a list made on Windows has them) is found on other systems too.
+    a list would otherwise fail one by one; so is a folder. A path written with Windows'
+    separators (`images\\apple.jpg`, as a list made on Windows has them) is found on other
+    systems too.
     """
     try:
         text = read_text(path)
@@ -176,6 +177,12 @@ def parse_label_file(path: Path, resolve: bool = True) -> list[GalleryItem]:
                 f"{path}:{number}: {image} is not in {path.parent.resolve()} but is in the "
                 "working directory; paths in a label file are relative to its folder (or "
                 "absolute)"
+            )
+        if full.is_dir():  # else skipped when read, with advice for Python callers
+            raise DataError(
+                f"{path}:{number}: {image} is a folder; a label file lists image files, one a "
+                "line (a folder of images is given to the command itself, with --label LABEL "
+                "where it takes one, or as FOLDER/LABEL/IMAGE)"
             )
         items.append(GalleryItem(_found(full, resolve), label))
     return items
