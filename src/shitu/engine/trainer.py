@@ -402,9 +402,9 @@ class Trainer:
                 f"Global.checkpoints: the checkpoint does not fit this config ({exc}){since}"
             ) from None
         try:
-            self.optimizer.load_state_dict(payload["optimizer"])
+            self.optimizer.load_state_dict(self._optimizer_state_for_these_groups(payload))
         except ValueError as exc:  # another number or size of parameter groups
-            raise ConfigError(self._regrouped_parameters(payload, exc)) from None
+            raise ConfigError(self._regrouped_parameters(payload, str(exc))) from None
         # load_state_dict brings back the checkpoint's settings (weight decay, lr_mult,
         # momentum, betas) with the state; the config given now is what the run continues with.
         for index, (group, settings) in enumerate(
@@ -466,17 +466,62 @@ class Trainer:
                 "Global.pretrained_model=..."
             )
 
-    def _regrouped_parameters(self, payload: dict[str, Any], error: Exception) -> str:
-        """Why the checkpoint's optimizer state does not fit: the settings that group the
-        trainable parameters (by learning-rate multiplier and weight decay) must stay as
-        the run had them, since torch matches the state to the parameters by position."""
+    def _parameter_group_names(self) -> list[list[str]]:
+        """Each optimizer group's parameters by name (`model.` or `loss.` and the name
+        there), in the group's order: what a resume matches the saved state by."""
+        names: dict[int, str] = {}
+        for prefix, module in (("model", self.model), ("loss", self.loss)):
+            for name, param in module.named_parameters():
+                names.setdefault(id(param), f"{prefix}.{name}")
+        return [
+            [names[id(param)] for param in group["params"]] for group in self.optimizer.param_groups
+        ]
+
+    def _optimizer_state_for_these_groups(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """The checkpoint's optimizer state, its groups in this optimizer's order. torch
+        matches the state to the parameters by position, checking the groups' sizes only:
+        a parameter moved to another group of the same size (a multiplier moved to a block
+        of the same shape) took another's momentum without a word. The groups' parameter
+        names are compared instead; the same groups in another order (a multiplier's new
+        value sorts its group elsewhere) are put in this order. A checkpoint from before
+        the names were recorded is compared by the grouping settings its config holds."""
+        state: dict[str, Any] = payload["optimizer"]
+        saved = payload.get("param_group_names")
+        if saved is None:
+            if self._grouping_changes(payload):
+                raise ConfigError(
+                    self._regrouped_parameters(
+                        payload, "the checkpoint records no parameter names to tell"
+                    )
+                )
+            return state
+        current = self._parameter_group_names()
+        if saved == current:
+            return state
+        if sorted(saved) == sorted(current):
+            groups = [state["param_groups"][saved.index(names)] for names in current]
+            return {**state, "param_groups": groups}
+        raise ConfigError(
+            self._regrouped_parameters(payload, _regrouping(saved, state, current, self.optimizer))
+        )
+
+    def _grouping_changes(self, payload: dict[str, Any]) -> list[str]:
+        """The settings of `_PARAMETER_GROUPING` this config changes from the checkpoint's
+        (those its config holds)."""
         saved, current = _saved_config(payload), self.config.model_dump(mode="json")
-        changed = [
-            f"{section}.{key} {current[section].get(key)} (was {saved[section].get(key)})"
+        return [
+            f"{section}.{key} {current[section].get(key)} (was {saved[section][key]})"
             for section, key in _PARAMETER_GROUPING
             if isinstance(saved.get(section), dict)
-            and saved[section].get(key) != current[section].get(key)
+            and key in saved[section]
+            and saved[section][key] != current[section].get(key)
         ]
+
+    def _regrouped_parameters(self, payload: dict[str, Any], error: str) -> str:
+        """Why the checkpoint's optimizer state does not fit: the settings that group the
+        trainable parameters (by learning-rate multiplier and weight decay) must stay as
+        the run had them, since the state belongs to the parameters as they were grouped."""
+        changed = self._grouping_changes(payload)
         settings = ", ".join(f"{section}.{key}" for section, key in _PARAMETER_GROUPING)
         return (
             f"Global.checkpoints: the run's optimizer grouped the trainable parameters "
@@ -562,6 +607,7 @@ class Trainer:
                 else {}
             ),
             "optimizer": self.optimizer.state_dict(),
+            "param_group_names": self._parameter_group_names(),  # what the state belongs to
             "schedule": self.schedule.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": rng,
@@ -951,6 +997,34 @@ _PARAMETER_GROUPING = (
     ("Optimizer", "no_weight_decay_name"),
     ("Optimizer", "decay_norm_and_bias"),
 )
+
+
+def _regrouping(
+    saved: list[list[str]],
+    state: dict[str, Any],
+    current: list[list[str]],
+    optimizer: torch.optim.Optimizer,
+) -> str:
+    """The parameters whose group a resume would change: trained now but not then (or
+    the other way round), or with another multiplier or with(out) weight decay; the
+    first few, and how many more."""
+
+    def kinds(names: list[list[str]], groups: list[dict[str, Any]]) -> dict[str, str]:
+        return {
+            name: f"lr_mult {group.get('lr_mult', 1.0)}, "
+            + ("decayed" if group.get("weight_decay") else "not decayed")
+            for group_names, group in zip(names, groups, strict=True)
+            for name in group_names
+        }
+
+    before, now = kinds(saved, state["param_groups"]), kinds(current, optimizer.param_groups)
+    changes = [
+        f"{name} {now.get(name, 'frozen')} (was {before.get(name, 'frozen')})"
+        for name in [*now, *(name for name in before if name not in now)]
+        if now.get(name) != before.get(name)
+    ]
+    more = f"; and {len(changes) - 3} more" if len(changes) > 3 else ""
+    return "; ".join(changes[:3]) + more
 
 
 def _on_cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
