@@ -1608,3 +1608,29 @@ def test_eval_matches_folders_named_as_classes_csv_against_a_grocery_listing(gro
     assert back is not None
     assert (back[names.index("Granny-Smith")], back[2]) == (2, 0)
     assert back[names.index("Golden-Delicious")] == max(folders.labels) + 1
+
+
+def test_export_and_extract_write_to_names_as_long_as_the_file_system_takes(tmp_path):
+    """The temporary names beside an output (an export's staging folder and its lock, the
+    file written before its rename, extract's lock) added up to 53 bytes to its name: an
+    --out of 203 to 255 bytes, which the file system takes, failed with "File name too
+    long". They are cut to fit now; a name that is too long itself still fails as such."""
+    config = tmp_path / "tiny.yaml"
+    config.write_text(
+        "Global: {image_shape: [3, 32, 32]}\n"
+        "Arch: {Backbone: {name: PPLCNetV2_small_ShiTu}, BackboneStopLayer: {name: flatten}}\n"
+    )
+    export = tmp_path / ("é" + "m" * 248)  # 250 bytes: cut at a character, not in one
+    for _ in range(2):  # made, then replaced
+        assert shitu_main(["export", "-c", str(config), "--out", str(export)]) == 0
+        assert read_manifest(export)["arch_name"] == "PPLCNetV2_small_ShiTu"
+    assert {path.name for path in tmp_path.iterdir()} == {export.name, "tiny.yaml"}
+    image = tmp_path / "photo.png"
+    Image.fromarray(np.full((32, 32, 3), 90, np.uint8)).save(image)
+    out = tmp_path / ("f" * 251)  # feats.npy and feats.txt: 255 bytes
+    for _ in range(2):
+        assert run_shitu("extract", str(image), "--out", str(out)).returncode == 0
+    assert np.load(f"{out}.npy").shape == (1, 512)
+    assert Path(f"{out}.txt").read_text() == f"{image}\n"
+    names = {path.name for path in tmp_path.iterdir()}
+    assert names == {export.name, "tiny.yaml", "photo.png", f"{out.name}.npy", f"{out.name}.txt"}
