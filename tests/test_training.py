@@ -334,6 +334,28 @@ def test_a_resume_with_other_images_or_sampling_says_it_is_not_the_same_run(
     assert "'shuffle': False" in unshuffled and "(was {" in unshuffled
 
 
+def test_a_resume_with_settings_written_out_at_their_defaults_warns_of_no_change(
+    grocery, tmp_path, caplog
+):
+    """A sampler or schedule setting written out at its default (or left out where the run
+    wrote it) builds the same sampler and schedule: the resume warned that the batches, or
+    the learning-rate schedule, were no longer the run's. A real change is still said."""
+    path = tiny_config(grocery, tmp_path, epochs=1, eval_during_train=False)
+    Trainer(load_config(path)).fit(stop_after_steps=2)
+    resume = f"Global.checkpoints={tmp_path / 'output' / 'latest.pt'}"
+    defaults = [
+        "DataLoader.Train.sampler.shuffle=null",  # PKSampler's default, true, as the run had
+        "DataLoader.Train.sampler.drop_last=null",
+        "Optimizer.lr.eta_min=0",  # Cosine's default
+        "Optimizer.lr.warmup_start_lr=0.0",
+    ]
+    assert "resuming with" not in startup_warnings(caplog, path, [resume, *defaults])
+    changed = startup_warnings(caplog, path, [resume, *defaults, "Optimizer.lr.eta_min=0.001"])
+    assert "with this config's learning-rate schedule: eta_min 0.001 (was at its default)" in (
+        changed
+    )
+
+
 def test_a_step_limit_at_an_epochs_end_still_evaluates_it(grocery, tmp_path):
     """A limit at an epoch's last step leaves that epoch evaluated and counted as done; one
     at the run's last step finishes the run (final weights), with nothing left to resume."""

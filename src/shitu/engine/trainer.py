@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from shitu import registry
 from shitu.checkpoint import load_weights, model_metadata, save_weights
-from shitu.checkpoint.io import LoadReport, setting_differences
+from shitu.checkpoint.io import LoadReport, setting_differences, without_defaults
 from shitu.config.schema import ShituConfig
 from shitu.engine.batch_norm import norm_on_one_value_per_channel
 from shitu.engine.data import (
@@ -552,7 +552,8 @@ class Trainer:
     def _warn_of_other_batches(self, payload: dict[str, Any]) -> None:
         """A resume draws the batches the run would have drawn only from the same images
         and sampler settings: other ones with as many steps per epoch (which are checked)
-        go on, with a warning that the run is no longer the one it would have been."""
+        go on, with a warning that the run is no longer the one it would have been. A
+        setting written out at its default, or left out, is the same setting."""
         saved_listing = payload.get("train_listing")
         changes = []
         if saved_listing is not None and saved_listing != self._train_listing():
@@ -560,7 +561,9 @@ class Trainer:
         saved_sampler = (_saved_config(payload).get("DataLoader") or {}).get("Train", {})
         saved_sampler = (saved_sampler or {}).get("sampler")
         current = self.config.model_dump(mode="json")["DataLoader"]["Train"].get("sampler")
-        if saved_sampler is not None and saved_sampler != current:
+        if saved_sampler is not None and without_defaults(
+            saved_sampler, registry.SAMPLERS
+        ) != without_defaults(current, registry.SAMPLERS):
             changes.append(f"DataLoader.Train.sampler {current} (was {saved_sampler})")
         if changes and self.context.is_main:
             logger.warning(
@@ -572,21 +575,29 @@ class Trainer:
     def _warn_of_new_schedule(self, payload: dict[str, Any]) -> None:
         """The learning-rate schedule is computed from the config, so a resumed run follows
         the config given now (its Global.epochs too: a longer run stretches a decay over
-        the new length): say so where that differs from the checkpoint's."""
+        the new length): say so where that differs from the checkpoint's. Settings are
+        compared as the schedule takes them: one written out at its default is the one
+        left out (which is shown as such)."""
         try:
             run = _saved_config(payload)
-            saved = {**run["Optimizer"]["lr"], "Global.epochs": run["Global"]["epochs"]}
+            saved_lr = without_defaults(run["Optimizer"]["lr"], registry.LR_SCHEDULES)
+            saved = {**saved_lr, "Global.epochs": run["Global"]["epochs"]}
         except (KeyError, TypeError):
             return  # an older checkpoint without its config
         current = {
-            **self.config.Optimizer.lr.model_dump(mode="json"),
+            **without_defaults(
+                self.config.Optimizer.lr.model_dump(mode="json"), registry.LR_SCHEDULES
+            ),
             "Global.epochs": self.config.Global.epochs,
         }
-        changed = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
+        changed = [
+            f"{key} {current.get(key, AT_ITS_DEFAULT)} (was {saved.get(key, AT_ITS_DEFAULT)})"
+            for key in dict.fromkeys([*current, *saved])
+            if saved.get(key) != current.get(key)
+        ]
         if changed and self.context.is_main:
             logger.warning(
-                "resuming with this config's learning-rate schedule: %s",
-                ", ".join(f"{k} {new} (was {old})" for k, (old, new) in changed.items()),
+                "resuming with this config's learning-rate schedule: %s", ", ".join(changed)
             )
 
     def _state(self) -> dict[str, Any]:
@@ -989,6 +1000,9 @@ class Trainer:
             self.progress.best_metric_name = self.config.Global.eval_metric
             self._save_weights(BEST)
 
+
+# How a message shows a setting left out, which takes its component's default.
+AT_ITS_DEFAULT = "at its default"
 
 # The settings that decide which parameters train and how the optimizer groups them.
 _PARAMETER_GROUPING = (
