@@ -358,9 +358,9 @@ def name_within(name: str, affixes: int) -> str:
     return os.fsdecode(encoded[:room])
 
 
-def _mkstemp_prefix(name: str) -> str:
-    """The prefix `write_atomically` gives mkstemp for `name`: `.NAME.`, which mkstemp
-    follows with 8 characters."""
+def temporary_prefix(name: str) -> str:
+    """The prefix of the temporary file `write_atomically` writes `name` as: `.NAME.`,
+    which mkstemp follows with 8 characters (NAME cut to fit, `name_within`)."""
     return f".{name_within(name, 10)}."
 
 
@@ -376,7 +376,7 @@ def write_atomically(path: Path, write: Callable[[Path], None], durable: bool = 
     path = Path(path)
     place = folder_place(path)
     place.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=_mkstemp_prefix(place.name), dir=place.parent)
+    fd, name = tempfile.mkstemp(prefix=temporary_prefix(place.name), dir=place.parent)
     os.close(fd)
     tmp = Path(name)
     try:
@@ -400,7 +400,7 @@ def unfinished_writes(path: Path) -> list[Path]:
     prefix, then 8 characters of its alphabet. A link at `path` is followed, as
     `write_atomically` stages the file where the link points."""
     place = folder_place(path)
-    prefix = _mkstemp_prefix(place.name)
+    prefix = temporary_prefix(place.name)
     own = re.compile(rf"{re.escape(prefix)}[a-z0-9_]{{8}}")
     candidates = place.parent.glob(f"{glob.escape(prefix)}*")
     return sorted(candidate for candidate in candidates if own.fullmatch(candidate.name))
