@@ -543,6 +543,8 @@ def test_a_resume_that_moves_parameters_between_equal_groups_is_refused(grocery,
     with pytest.raises(ConfigError, match=r"changed since: Optimizer.lr_mult"):
         Trainer(load_config(path, moved))
     Trainer(load_config(path, [*resume, "Optimizer.lr_mult={backbone.stages.2.1: 0.5}"]))
+    # A new multiplier for the same modules keeps the groups: it resumes, as it did.
+    Trainer(load_config(path, [*resume, "Optimizer.lr_mult={backbone.stages.2.1: 0.25}"]))
 
 
 def test_a_resume_whose_multiplier_reorders_the_groups_keeps_each_parameters_state(

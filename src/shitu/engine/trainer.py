@@ -488,7 +488,7 @@ class Trainer:
         state: dict[str, Any] = payload["optimizer"]
         saved = payload.get("param_group_names")
         if saved is None:
-            if self._grouping_changes(payload):
+            if self._grouping_changes(payload, regrouping=True):
                 raise ConfigError(
                     self._regrouped_parameters(
                         payload, "the checkpoint records no parameter names to tell"
@@ -505,9 +505,11 @@ class Trainer:
             self._regrouped_parameters(payload, _regrouping(saved, state, current, self.optimizer))
         )
 
-    def _grouping_changes(self, payload: dict[str, Any]) -> list[str]:
+    def _grouping_changes(self, payload: dict[str, Any], regrouping: bool = False) -> list[str]:
         """The settings of `_PARAMETER_GROUPING` this config changes from the checkpoint's
-        (those its config holds)."""
+        (those its config holds). `regrouping`: only those that change the groups, not an
+        Optimizer.lr_mult of new values for the same modules that keeps them in their order
+        (`_same_groups_of_multipliers`)."""
         saved, current = _saved_config(payload), self.config.model_dump(mode="json")
         return [
             f"{section}.{key} {current[section].get(key)} (was {saved[section][key]})"
@@ -515,6 +517,11 @@ class Trainer:
             if isinstance(saved.get(section), dict)
             and key in saved[section]
             and saved[section][key] != current[section].get(key)
+            and not (
+                regrouping
+                and key == "lr_mult"
+                and _same_groups_of_multipliers(saved[section][key], current[section][key])
+            )
         ]
 
     def _regrouped_parameters(self, payload: dict[str, Any], error: str) -> str:
@@ -1011,6 +1018,17 @@ _PARAMETER_GROUPING = (
     ("Optimizer", "no_weight_decay_name"),
     ("Optimizer", "decay_norm_and_bias"),
 )
+
+
+def _same_groups_of_multipliers(saved: object, current: dict[str, float]) -> bool:
+    """Whether Optimizer.lr_mult `current` groups the parameters as `saved` did: the same
+    module names, their values (and the 1 of the others) mapped one to one onto the new
+    ones in the same order, as the optimizer sorts its groups by multiplier."""
+    if not isinstance(saved, dict) or saved.keys() != current.keys():
+        return False
+    pairs = sorted({(1.0, 1.0), *((saved[name], current[name]) for name in saved)})
+    old, new = [pair[0] for pair in pairs], [pair[1] for pair in pairs]
+    return len(set(old)) == len(set(new)) == len(pairs) and new == sorted(new)
 
 
 def _regrouping(
