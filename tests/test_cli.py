@@ -1634,3 +1634,21 @@ def test_export_and_extract_write_to_names_as_long_as_the_file_system_takes(tmp_
     assert Path(f"{out}.txt").read_text() == f"{image}\n"
     names = {path.name for path in tmp_path.iterdir()}
     assert names == {export.name, "tiny.yaml", "photo.png", f"{out.name}.npy", f"{out.name}.txt"}
+
+
+def test_export_to_an_empty_out_is_refused_not_written_to_the_default_folder(
+    tmp_path, monkeypatch, capsys
+):
+    """`--out "$OUT"` with the variable unset gave --out "", which was taken as no --out:
+    the export went to Global.save_inference_dir (./inference), replacing the export
+    there without a word."""
+    config = tmp_path / "tiny.yaml"
+    config.write_text(
+        "Global: {image_shape: [3, 32, 32]}\n"
+        "Arch: {Backbone: {name: PPLCNetV2_small_ShiTu}, BackboneStopLayer: {name: flatten}}\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    for empty in ("", " "):
+        assert shitu_main(["export", "-c", str(config), "--out", empty]) == 2
+        assert "error: --out: an empty name; give the export's folder" in capsys.readouterr().err
+    assert [path.name for path in tmp_path.iterdir()] == ["tiny.yaml"]
