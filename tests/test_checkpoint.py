@@ -554,6 +554,18 @@ def test_average_of_torch_files_with_another_tools_metadata_keeps_its_text(tmp_p
     assert read_weights(runs[1])[1] == {}
 
 
+def test_average_writes_to_a_name_as_long_as_the_file_system_takes(tmp_path):
+    """The check that --out can be written, before the files are read, made a temporary
+    file of its name plus 10 bytes: a 246 to 255-byte name, which the file system takes,
+    was refused as "File name too long"."""
+    runs = [save_weights(make_model(seed=s).state_dict(), tmp_path / f"r{s}.pt") for s in (0, 1)]
+    out = tmp_path / ("s" * 243 + ".safetensors")  # 255 bytes
+    result = run_shitu("average", *map(str, runs), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert read_weights(out)[0].keys() == read_weights(runs[0])[0].keys()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["r0.pt", "r1.pt", out.name]
+
+
 def test_save_refuses_unknown_suffix(tmp_path):
     with pytest.raises(CheckpointError, match="use a .safetensors, .pt or .pth"):
         save_weights({}, tmp_path / "x.bin")

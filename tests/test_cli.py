@@ -1710,3 +1710,47 @@ def test_eval_pipeline_names_queries_as_they_were_given_not_resolved(tmp_path, m
         "wrong: queries/apple/0.jpg",
         "wrong: queries/kiwi/0.jpg",
     ]
+
+
+def test_export_and_extract_write_to_names_as_long_as_the_file_system_takes(tmp_path):
+    """The temporary names beside an output (an export's staging folder and its lock, the
+    file written before its rename, extract's lock) added up to 53 bytes to its name: an
+    --out of 203 to 255 bytes, which the file system takes, failed with "File name too
+    long". They are cut to fit now; a name that is too long itself still fails as such."""
+    config = tmp_path / "tiny.yaml"
+    config.write_text(
+        "Global: {image_shape: [3, 32, 32]}\n"
+        "Arch: {Backbone: {name: PPLCNetV2_small_ShiTu}, BackboneStopLayer: {name: flatten}}\n"
+    )
+    export = tmp_path / ("é" + "m" * 248)  # 250 bytes: cut at a character, not in one
+    for _ in range(2):  # made, then replaced
+        assert shitu_main(["export", "-c", str(config), "--out", str(export)]) == 0
+        assert read_manifest(export)["arch_name"] == "PPLCNetV2_small_ShiTu"
+    assert {path.name for path in tmp_path.iterdir()} == {export.name, "tiny.yaml"}
+    image = tmp_path / "photo.png"
+    Image.fromarray(np.full((32, 32, 3), 90, np.uint8)).save(image)
+    out = tmp_path / ("f" * 251)  # feats.npy and feats.txt: 255 bytes
+    for _ in range(2):
+        assert run_shitu("extract", str(image), "--out", str(out)).returncode == 0
+    assert np.load(f"{out}.npy").shape == (1, 512)
+    assert Path(f"{out}.txt").read_text() == f"{image}\n"
+    names = {path.name for path in tmp_path.iterdir()}
+    assert names == {export.name, "tiny.yaml", "photo.png", f"{out.name}.npy", f"{out.name}.txt"}
+
+
+def test_export_to_an_empty_out_is_refused_not_written_to_the_default_folder(
+    tmp_path, monkeypatch, capsys
+):
+    """`--out "$OUT"` with the variable unset gave --out "", which was taken as no --out:
+    the export went to Global.save_inference_dir (./inference), replacing the export
+    there without a word."""
+    config = tmp_path / "tiny.yaml"
+    config.write_text(
+        "Global: {image_shape: [3, 32, 32]}\n"
+        "Arch: {Backbone: {name: PPLCNetV2_small_ShiTu}, BackboneStopLayer: {name: flatten}}\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    for empty in ("", " "):
+        assert shitu_main(["export", "-c", str(config), "--out", empty]) == 2
+        assert "error: --out: an empty name; give the export's folder" in capsys.readouterr().err
+    assert [path.name for path in tmp_path.iterdir()] == ["tiny.yaml"]

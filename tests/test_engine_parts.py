@@ -116,6 +116,25 @@ def test_reduce_on_plateau_and_state_round_trip():
     assert other.lr_at(50) == pytest.approx(0.025)
 
 
+def test_a_plateau_schedule_resumed_with_another_rate_keeps_its_reductions_of_it():
+    """A resumed run follows the config's learning rate (the resume says so), but a plateau
+    schedule's restored state held its current rate, the old one's: a run resumed with a
+    tenth of the rate went on at the old one. The reductions so far now apply to the new."""
+    lr = schedule("ReduceOnPlateau", learning_rate=0.1, patience=0, factor=0.5, min_lr=0.001)
+    for metric in (0.6, 0.6):  # one eval without gain: halved
+        lr.observe(metric)
+    assert lr.lr_at(50) == pytest.approx(0.05)
+    lower = schedule("ReduceOnPlateau", learning_rate=0.02, patience=0, factor=0.5, min_lr=0.001)
+    lower.load_state_dict(lr.state_dict())
+    assert lower.lr_at(50) == pytest.approx(0.01)
+    floor = schedule("ReduceOnPlateau", learning_rate=0.0015, patience=0, factor=0.5, min_lr=0.001)
+    floor.load_state_dict(lr.state_dict())
+    assert floor.lr_at(50) == pytest.approx(0.001)  # reduced, but not below min_lr
+    older = {key: value for key, value in lr.state_dict().items() if key != "learning_rate"}
+    lower.load_state_dict(older)  # a checkpoint without the rate: its current rate, as before
+    assert lower.lr_at(50) == pytest.approx(0.05)
+
+
 def test_a_warm_up_start_above_the_rate_is_warned_of(caplog):
     """A warm-up from above the (batch-scaled) rate lowered it, without a word."""
     with caplog.at_level(logging.WARNING):

@@ -257,3 +257,27 @@ def test_a_check_between_a_staging_locks_making_and_locking_finds_no_dead_run(
         fileio.remove_dead_staging(tmp_path)
         assert staging.is_dir()
     assert sorted(p.name for p in tmp_path.iterdir()) == [staging.name, f"{staging.name}.lock"]
+
+
+def test_temporary_names_of_a_long_name_fit_and_are_found_again_when_left(tmp_path):
+    """The temporary names beside a file or folder of a 255-byte name are cut to fit the
+    file system's limit; what a run killed outright leaves under them (a staging folder
+    and its lock, a file's temporary copy) is still found, and removed, by the next run to
+    that name (with the dead ones of names cut to the same, which are as dead)."""
+    target = tmp_path / ("é" + "t" * 253)  # 255 bytes, the first character two of them
+    other = tmp_path / ("é" + "t" * 252 + "u")  # the same name but for its last letter
+    for name in (target, other):
+        with staging_folder(name, "exporting") as staging:
+            staging.mkdir()  # left, as by a run killed outright: its lock no longer held
+    assert all(len(os.fsencode(path.name)) <= 255 for path in tmp_path.iterdir())
+    with staging_folder(target, "exporting") as staging:
+        leftovers = sorted(path.name for path in tmp_path.iterdir())
+    assert leftovers == [staging.name + ".lock"]  # the live one's lock alone: both dead removed
+    fileio.write_atomically(target, lambda tmp: tmp.write_bytes(b"whole"))
+    killed = tmp_path / f"{fileio.temporary_prefix(target.name)}k1ll3d_x"
+    killed.write_bytes(b"half")
+    assert len(os.fsencode(killed.name)) == 255
+    assert fileio.unfinished_writes(target) == [killed]
+    fileio.remove_unfinished_writes(tmp_path, [target.name])
+    assert [path.name for path in tmp_path.iterdir()] == [target.name]
+    assert target.read_bytes() == b"whole"

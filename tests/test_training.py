@@ -334,6 +334,28 @@ def test_a_resume_with_other_images_or_sampling_says_it_is_not_the_same_run(
     assert "'shuffle': False" in unshuffled and "(was {" in unshuffled
 
 
+def test_a_resume_with_settings_written_out_at_their_defaults_warns_of_no_change(
+    grocery, tmp_path, caplog
+):
+    """A sampler or schedule setting written out at its default (or left out where the run
+    wrote it) builds the same sampler and schedule: the resume warned that the batches, or
+    the learning-rate schedule, were no longer the run's. A real change is still said."""
+    path = tiny_config(grocery, tmp_path, epochs=1, eval_during_train=False)
+    Trainer(load_config(path)).fit(stop_after_steps=2)
+    resume = f"Global.checkpoints={tmp_path / 'output' / 'latest.pt'}"
+    defaults = [
+        "DataLoader.Train.sampler.shuffle=null",  # PKSampler's default, true, as the run had
+        "DataLoader.Train.sampler.drop_last=null",
+        "Optimizer.lr.eta_min=0",  # Cosine's default
+        "Optimizer.lr.warmup_start_lr=0.0",
+    ]
+    assert "resuming with" not in startup_warnings(caplog, path, [resume, *defaults])
+    changed = startup_warnings(caplog, path, [resume, *defaults, "Optimizer.lr.eta_min=0.001"])
+    assert "with this config's learning-rate schedule: eta_min 0.001 (was at its default)" in (
+        changed
+    )
+
+
 def test_a_step_limit_at_an_epochs_end_still_evaluates_it(grocery, tmp_path):
     """A limit at an epoch's last step leaves that epoch evaluated and counted as done; one
     at the run's last step finishes the run (final weights), with nothing left to resume."""
@@ -495,6 +517,61 @@ def test_a_resume_that_regroups_the_parameters_names_the_settings(grocery, tmp_p
         r"Arch.frozen_layers, Optimizer.lr_mult, ",
     ):
         Trainer(load_config(path, [*resume, "Arch.frozen_layers=[neck]"]))
+
+
+def test_a_resume_that_moves_parameters_between_equal_groups_is_refused(grocery, tmp_path):
+    """torch matches optimizer state to parameters by position, checking only the groups'
+    sizes: a multiplier moved to a block of the same shape loaded the momentum of one
+    block onto the other without a word. Each group's parameter names are recorded."""
+    path = tiny_config(grocery, tmp_path)
+    output = tmp_path / "output"
+    trained = [f"Global.output_dir={output}", "Optimizer.lr_mult={backbone.stages.2.1: 0.5}"]
+    Trainer(load_config(path, trained)).fit(stop_after_steps=1)
+    resume = [f"Global.output_dir={output}", f"Global.checkpoints={output / 'latest.pt'}"]
+    moved = [*resume, "Optimizer.lr_mult={backbone.stages.2.2: 0.5}"]
+    refusal = (
+        r"grouped the trainable parameters otherwise \(model.backbone.stages.2.2.\S+ lr_mult "
+        r"0.5, decayed \(was lr_mult 1.0, decayed\);.* and 35 more\); changed since: Optimizer.lr_mult \{'backbone.stages.2.2': 0.5\} "
+        r"\(was \{'backbone.stages.2.1': 0.5\}\)"
+    )
+    with pytest.raises(ConfigError, match=refusal):
+        Trainer(load_config(path, moved))
+    # A checkpoint from before the record is compared by the settings its config holds.
+    older = torch.load(output / "latest.pt", weights_only=False)
+    del older["param_group_names"]
+    torch.save(older, output / "latest.pt")
+    with pytest.raises(ConfigError, match=r"changed since: Optimizer.lr_mult"):
+        Trainer(load_config(path, moved))
+    Trainer(load_config(path, [*resume, "Optimizer.lr_mult={backbone.stages.2.1: 0.5}"]))
+    # A new multiplier for the same modules keeps the groups: it resumes, as it did.
+    Trainer(load_config(path, [*resume, "Optimizer.lr_mult={backbone.stages.2.1: 0.25}"]))
+
+
+def test_a_resume_whose_multiplier_reorders_the_groups_keeps_each_parameters_state(
+    grocery, tmp_path, caplog
+):
+    """A new lr_mult value sorts its group elsewhere among the optimizer's groups: the same
+    groups, in another order, were refused for their sizes; the state now follows them."""
+    path = tiny_config(grocery, tmp_path)
+    output = tmp_path / "output"
+    trained = [f"Global.output_dir={output}", "Optimizer.lr_mult={backbone: 0.25}"]
+    first = Trainer(load_config(path, trained))
+    first.fit(stop_after_steps=1)
+    resume = [f"Global.output_dir={output}", f"Global.checkpoints={output / 'latest.pt'}"]
+    resumed = Trainer(load_config(path, [*resume, "Optimizer.lr_mult={backbone: 2}"]))
+    buffers = {
+        name: resumed.optimizer.state[param]["momentum_buffer"]
+        for name, param in resumed.model.named_parameters()
+        if param in resumed.optimizer.state
+    }
+    saved = {
+        name: first.optimizer.state[param]["momentum_buffer"]
+        for name, param in first.model.named_parameters()
+        if param in first.optimizer.state
+    }
+    assert buffers.keys() == saved.keys()
+    assert all(torch.equal(buffers[name], saved[name]) for name in saved)
+    assert "with this config's lr_mult 2.0 (was 0.25)" in caplog.text
 
 
 @pytest.mark.parametrize(

@@ -347,6 +347,31 @@ FILE_MODE = 0o666 & ~_UMASK
 FOLDER_MODE = 0o777 & ~_UMASK
 
 
+# The longest name, in bytes, of a file or folder on the usual file systems (ext4, XFS,
+# btrfs, APFS, NTFS in UTF-8 terms near enough).
+NAME_MAX = 255
+
+
+def name_within(name: str, affixes: int) -> str:
+    """`name` as it goes into a temporary name beside the file or folder it names, which
+    adds `affixes` bytes (dots, a suffix, a random part): cut, at a character, so that the
+    whole fits NAME_MAX. A name the file system takes (up to 255 bytes) failed as "File
+    name too long" once the temporary name's 10 to 53 bytes were added."""
+    encoded = os.fsencode(name)
+    room = max(NAME_MAX - affixes, 1)
+    if len(encoded) <= room:
+        return name
+    while room > 1 and encoded[room] & 0xC0 == 0x80:  # not inside a UTF-8 character
+        room -= 1
+    return os.fsdecode(encoded[:room])
+
+
+def temporary_prefix(name: str) -> str:
+    """The prefix of the temporary file `write_atomically` writes `name` as: `.NAME.`,
+    which mkstemp follows with 8 characters (NAME cut to fit, `name_within`)."""
+    return f".{name_within(name, 10)}."
+
+
 def write_atomically(path: Path, write: Callable[[Path], None], durable: bool = False) -> Path:
     """`write(tmp)` to a temporary file beside `path`, then rename it to `path`.
 
@@ -359,7 +384,7 @@ def write_atomically(path: Path, write: Callable[[Path], None], durable: bool = 
     path = Path(path)
     place = folder_place(path)
     place.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{place.name}.", dir=place.parent)
+    fd, name = tempfile.mkstemp(prefix=temporary_prefix(place.name), dir=place.parent)
     os.close(fd)
     tmp = Path(name)
     try:
@@ -383,8 +408,9 @@ def unfinished_writes(path: Path) -> list[Path]:
     prefix, then 8 characters of its alphabet. A link at `path` is followed, as
     `write_atomically` stages the file where the link points."""
     place = folder_place(path)
-    own = re.compile(rf"\.{re.escape(place.name)}\.[a-z0-9_]{{8}}")
-    candidates = place.parent.glob(f".{glob.escape(place.name)}.*")
+    prefix = temporary_prefix(place.name)
+    own = re.compile(rf"{re.escape(prefix)}[a-z0-9_]{{8}}")
+    candidates = place.parent.glob(f"{glob.escape(prefix)}*")
     return sorted(candidate for candidate in candidates if own.fullmatch(candidate.name))
 
 
@@ -423,7 +449,8 @@ def _exchange(first: Path, second: Path) -> bool:
 @contextlib.contextmanager
 def staging_folder(target: Path, doing: str) -> Iterator[Path]:
     """A fresh name `.TARGET.DOING-<random>` beside `target`, for a folder that is written
-    whole and then renamed to `target` (the caller makes it, and removes it on failure).
+    whole and then renamed to `target` (the caller makes it, and removes it on failure);
+    TARGET is cut where the name would be too long (`name_within`).
 
     A lock file beside it is held while the block runs (an flock, which the kernel releases
     when the process dies, also across hosts on NFSv4), so that staging folders of earlier
@@ -434,9 +461,11 @@ def staging_folder(target: Path, doing: str) -> Iterator[Path]:
     """
     import fcntl  # POSIX: the commands that stage folders run on Linux and macOS
 
-    remove_dead_staging(target.parent, glob.escape(target.name), doing)
+    # `.NAME.DOING-<32 hex>.lock-new`, the longest name made here, within NAME_MAX.
+    name = name_within(target.name, len(doing) + 44)
+    remove_dead_staging(target.parent, glob.escape(name), doing)
     # A name no other run can have, on this host or another sharing the folder.
-    staging = target.parent / f".{target.name}.{doing}-{uuid.uuid4().hex}"
+    staging = target.parent / f".{name}.{doing}-{uuid.uuid4().hex}"
     lock_path = staging.with_name(staging.name + ".lock")
     # Locked under a name no check looks for, then renamed: a check never finds the lock
     # unheld between its making and its locking (and takes a live run's folder for dead).
@@ -524,7 +553,8 @@ def replace_folder(staging: Path, target: Path) -> None:
     elif not target.is_symlink() and _exchange(staging, target):
         shutil.rmtree(staging, ignore_errors=True)  # now the old folder; it is out of sight
     else:  # also a link to a folder, which is replaced by the folder, not followed
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+        prefix = f".{name_within(target.name, 14)}.old."  # and 8 characters of mkdtemp's
+        old = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
         os.replace(target, old / target.name)
         try:
             os.replace(staging, target)

@@ -324,7 +324,7 @@ def weight_shaping_arch(arch: dict[str, Any]) -> dict[str, Any]:
         ("Head", _TRAINING_LOGIT_HEAD_SETTINGS),
     ):
         if isinstance(shaping.get(section), dict):
-            settings = _without_defaults(shaping[section], _COMPONENT_REGISTRIES[section])
+            settings = without_defaults(shaping[section], _COMPONENT_REGISTRIES[section])
             shaping[section] = {name: v for name, v in settings.items() if name not in left_out}
     return shaping
 
@@ -332,9 +332,10 @@ def weight_shaping_arch(arch: dict[str, Any]) -> dict[str, Any]:
 _COMPONENT_REGISTRIES = {"Backbone": BACKBONES, "Neck": NECKS, "Head": HEADS}
 
 
-def _without_defaults(settings: dict[str, Any], components: Registry) -> dict[str, Any]:
-    """A component's section without the settings equal to its constructor's defaults; as
-    given where its name is not a registered component (a file of another version)."""
+def without_defaults(settings: dict[str, Any], components: Registry) -> dict[str, Any]:
+    """A component's section without the settings equal to its constructor's defaults, as
+    a section that leaves them out builds it; as given where its name is not a registered
+    component (a file of another version)."""
     populate()
     name = settings.get("name")
     if not isinstance(name, str) or name not in components:

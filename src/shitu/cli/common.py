@@ -22,6 +22,7 @@ from shitu.fileio import (
     folder_place,
     home_expanded,
     refuse_file_in_the_way,
+    temporary_prefix,
     write_jpeg,
 )
 from shitu.image_files import IMAGE_SUFFIXES, LABELLED_LIST_HINT, TEXT_FILE_REASON, scan_images
@@ -441,7 +442,7 @@ def writable_weights_file(out: str | Path) -> Path:
         if place.is_dir():  # `save_weights` renames its file onto it only at the end
             raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
         place.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(prefix=f".{place.name}.", dir=place.parent):
+        with tempfile.NamedTemporaryFile(prefix=temporary_prefix(place.name), dir=place.parent):
             pass
     except OSError as exc:
         raise CheckpointError(f"cannot write {path}: {exc.strerror or exc}") from None

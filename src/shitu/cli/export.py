@@ -77,6 +77,13 @@ def run(args: argparse.Namespace) -> int:
     if args.int8_images is not None and not args.int8_calibration:
         # else the export would lack the int8 model the option suggests it makes
         raise ConfigError("--int8-images counts the --int8-calibration images; give those too")
+    if args.out is not None and not args.out.strip():
+        # `--out "$OUT"` with the variable unset: not the default folder, whose export it
+        # would replace
+        raise ConfigError(
+            "--out: an empty name; give the export's folder (without --out it goes to the "
+            "config's Global.save_inference_dir)"
+        )
     config = config_from_args(args)
     weights = trained_weights(config, "the export holds")
     calibration: list[Path] = []

@@ -24,6 +24,7 @@ from shitu.fileio import (
     check_writable,
     folder_place,
     held_lock,
+    name_within,
     removed_if_left_empty,
     write_atomically,
 )
@@ -131,7 +132,7 @@ def _sole_writer_of(out: Path, given: str) -> Iterator[None]:
     written: another `shitu extract` to the same prefix meanwhile is refused, naming this
     one's process. Each replaces PREFIX.txt, then PREFIX.npy: two at once could leave one's
     features beside the other's paths. The lock file is removed at the end."""
-    path = out.parent / f".{out.name}.extract.lock"
+    path = out.parent / f".{name_within(out.name, 14)}.extract.lock"
 
     def refused(holder: str) -> DataError:
         return DataError(

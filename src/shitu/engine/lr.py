@@ -267,14 +267,28 @@ class ReduceOnPlateau(LRSchedule):
         self.best, self.bad_evals = None, 0  # the rate reached so far stays
 
     def state_dict(self) -> dict[str, Any]:
-        return {"current": self.current, "best": self.best, "bad_evals": self.bad_evals}
+        return {
+            "current": self.current,
+            "best": self.best,
+            "bad_evals": self.bad_evals,
+            "learning_rate": self.learning_rate,  # what `current` was reduced from
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """The state of a run resumed with another learning rate applies the reductions
+        so far to the new rate (a resume follows the config's rate, and says so); kept
+        above min_lr as reductions are. A state without its rate (an older checkpoint)
+        keeps its current rate."""
         self.current, self.best, self.bad_evals = (
             state["current"],
             state["best"],
             state["bad_evals"],
         )
+        saved = state.get("learning_rate")
+        if saved and saved != self.learning_rate:
+            self.current *= self.learning_rate / saved
+            if state["current"] < saved:  # reduced: as far as min_lr at most
+                self.current = max(self.min_lr, self.current)
 
 
 def _warn_if_above_the_rate(setting: str, value: float, learning_rate: float, effect: str) -> None:

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from shitu import registry
 from shitu.checkpoint import load_weights, model_metadata, save_weights
-from shitu.checkpoint.io import LoadReport, setting_differences
+from shitu.checkpoint.io import LoadReport, setting_differences, without_defaults
 from shitu.config.schema import ShituConfig
 from shitu.engine.batch_norm import norm_on_one_value_per_channel
 from shitu.engine.data import (
@@ -402,9 +402,9 @@ class Trainer:
                 f"Global.checkpoints: the checkpoint does not fit this config ({exc}){since}"
             ) from None
         try:
-            self.optimizer.load_state_dict(payload["optimizer"])
+            self.optimizer.load_state_dict(self._optimizer_state_for_these_groups(payload))
         except ValueError as exc:  # another number or size of parameter groups
-            raise ConfigError(self._regrouped_parameters(payload, exc)) from None
+            raise ConfigError(self._regrouped_parameters(payload, str(exc))) from None
         # load_state_dict brings back the checkpoint's settings (weight decay, lr_mult,
         # momentum, betas) with the state; the config given now is what the run continues with.
         for index, (group, settings) in enumerate(
@@ -466,17 +466,69 @@ class Trainer:
                 "Global.pretrained_model=..."
             )
 
-    def _regrouped_parameters(self, payload: dict[str, Any], error: Exception) -> str:
-        """Why the checkpoint's optimizer state does not fit: the settings that group the
-        trainable parameters (by learning-rate multiplier and weight decay) must stay as
-        the run had them, since torch matches the state to the parameters by position."""
+    def _parameter_group_names(self) -> list[list[str]]:
+        """Each optimizer group's parameters by name (`model.` or `loss.` and the name
+        there), in the group's order: what a resume matches the saved state by."""
+        names: dict[int, str] = {}
+        for prefix, module in (("model", self.model), ("loss", self.loss)):
+            for name, param in module.named_parameters():
+                names.setdefault(id(param), f"{prefix}.{name}")
+        return [
+            [names[id(param)] for param in group["params"]] for group in self.optimizer.param_groups
+        ]
+
+    def _optimizer_state_for_these_groups(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """The checkpoint's optimizer state, its groups in this optimizer's order. torch
+        matches the state to the parameters by position, checking the groups' sizes only:
+        a parameter moved to another group of the same size (a multiplier moved to a block
+        of the same shape) took another's momentum without a word. The groups' parameter
+        names are compared instead; the same groups in another order (a multiplier's new
+        value sorts its group elsewhere) are put in this order. A checkpoint from before
+        the names were recorded is compared by the grouping settings its config holds."""
+        state: dict[str, Any] = payload["optimizer"]
+        saved = payload.get("param_group_names")
+        if saved is None:
+            if self._grouping_changes(payload, regrouping=True):
+                raise ConfigError(
+                    self._regrouped_parameters(
+                        payload, "the checkpoint records no parameter names to tell"
+                    )
+                )
+            return state
+        current = self._parameter_group_names()
+        if saved == current:
+            return state
+        if sorted(saved) == sorted(current):
+            groups = [state["param_groups"][saved.index(names)] for names in current]
+            return {**state, "param_groups": groups}
+        raise ConfigError(
+            self._regrouped_parameters(payload, _regrouping(saved, state, current, self.optimizer))
+        )
+
+    def _grouping_changes(self, payload: dict[str, Any], regrouping: bool = False) -> list[str]:
+        """The settings of `_PARAMETER_GROUPING` this config changes from the checkpoint's
+        (those its config holds). `regrouping`: only those that change the groups, not an
+        Optimizer.lr_mult of new values for the same modules that keeps them in their order
+        (`_same_groups_of_multipliers`)."""
         saved, current = _saved_config(payload), self.config.model_dump(mode="json")
-        changed = [
-            f"{section}.{key} {current[section].get(key)} (was {saved[section].get(key)})"
+        return [
+            f"{section}.{key} {current[section].get(key)} (was {saved[section][key]})"
             for section, key in _PARAMETER_GROUPING
             if isinstance(saved.get(section), dict)
-            and saved[section].get(key) != current[section].get(key)
+            and key in saved[section]
+            and saved[section][key] != current[section].get(key)
+            and not (
+                regrouping
+                and key == "lr_mult"
+                and _same_groups_of_multipliers(saved[section][key], current[section][key])
+            )
         ]
+
+    def _regrouped_parameters(self, payload: dict[str, Any], error: str) -> str:
+        """Why the checkpoint's optimizer state does not fit: the settings that group the
+        trainable parameters (by learning-rate multiplier and weight decay) must stay as
+        the run had them, since the state belongs to the parameters as they were grouped."""
+        changed = self._grouping_changes(payload)
         settings = ", ".join(f"{section}.{key}" for section, key in _PARAMETER_GROUPING)
         return (
             f"Global.checkpoints: the run's optimizer grouped the trainable parameters "
@@ -507,7 +559,8 @@ class Trainer:
     def _warn_of_other_batches(self, payload: dict[str, Any]) -> None:
         """A resume draws the batches the run would have drawn only from the same images
         and sampler settings: other ones with as many steps per epoch (which are checked)
-        go on, with a warning that the run is no longer the one it would have been."""
+        go on, with a warning that the run is no longer the one it would have been. A
+        setting written out at its default, or left out, is the same setting."""
         saved_listing = payload.get("train_listing")
         changes = []
         if saved_listing is not None and saved_listing != self._train_listing():
@@ -515,7 +568,9 @@ class Trainer:
         saved_sampler = (_saved_config(payload).get("DataLoader") or {}).get("Train", {})
         saved_sampler = (saved_sampler or {}).get("sampler")
         current = self.config.model_dump(mode="json")["DataLoader"]["Train"].get("sampler")
-        if saved_sampler is not None and saved_sampler != current:
+        if saved_sampler is not None and without_defaults(
+            saved_sampler, registry.SAMPLERS
+        ) != without_defaults(current, registry.SAMPLERS):
             changes.append(f"DataLoader.Train.sampler {current} (was {saved_sampler})")
         if changes and self.context.is_main:
             logger.warning(
@@ -527,21 +582,29 @@ class Trainer:
     def _warn_of_new_schedule(self, payload: dict[str, Any]) -> None:
         """The learning-rate schedule is computed from the config, so a resumed run follows
         the config given now (its Global.epochs too: a longer run stretches a decay over
-        the new length): say so where that differs from the checkpoint's."""
+        the new length): say so where that differs from the checkpoint's. Settings are
+        compared as the schedule takes them: one written out at its default is the one
+        left out (which is shown as such)."""
         try:
             run = _saved_config(payload)
-            saved = {**run["Optimizer"]["lr"], "Global.epochs": run["Global"]["epochs"]}
+            saved_lr = without_defaults(run["Optimizer"]["lr"], registry.LR_SCHEDULES)
+            saved = {**saved_lr, "Global.epochs": run["Global"]["epochs"]}
         except (KeyError, TypeError):
             return  # an older checkpoint without its config
         current = {
-            **self.config.Optimizer.lr.model_dump(mode="json"),
+            **without_defaults(
+                self.config.Optimizer.lr.model_dump(mode="json"), registry.LR_SCHEDULES
+            ),
             "Global.epochs": self.config.Global.epochs,
         }
-        changed = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
+        changed = [
+            f"{key} {current.get(key, AT_ITS_DEFAULT)} (was {saved.get(key, AT_ITS_DEFAULT)})"
+            for key in dict.fromkeys([*current, *saved])
+            if saved.get(key) != current.get(key)
+        ]
         if changed and self.context.is_main:
             logger.warning(
-                "resuming with this config's learning-rate schedule: %s",
-                ", ".join(f"{k} {new} (was {old})" for k, (old, new) in changed.items()),
+                "resuming with this config's learning-rate schedule: %s", ", ".join(changed)
             )
 
     def _state(self) -> dict[str, Any]:
@@ -562,6 +625,7 @@ class Trainer:
                 else {}
             ),
             "optimizer": self.optimizer.state_dict(),
+            "param_group_names": self._parameter_group_names(),  # what the state belongs to
             "schedule": self.schedule.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": rng,
@@ -944,6 +1008,9 @@ class Trainer:
             self._save_weights(BEST)
 
 
+# How a message shows a setting left out, which takes its component's default.
+AT_ITS_DEFAULT = "at its default"
+
 # The settings that decide which parameters train and how the optimizer groups them.
 _PARAMETER_GROUPING = (
     ("Arch", "frozen_layers"),
@@ -951,6 +1018,45 @@ _PARAMETER_GROUPING = (
     ("Optimizer", "no_weight_decay_name"),
     ("Optimizer", "decay_norm_and_bias"),
 )
+
+
+def _same_groups_of_multipliers(saved: object, current: dict[str, float]) -> bool:
+    """Whether Optimizer.lr_mult `current` groups the parameters as `saved` did: the same
+    module names, their values (and the 1 of the others) mapped one to one onto the new
+    ones in the same order, as the optimizer sorts its groups by multiplier."""
+    if not isinstance(saved, dict) or saved.keys() != current.keys():
+        return False
+    pairs = sorted({(1.0, 1.0), *((saved[name], current[name]) for name in saved)})
+    old, new = [pair[0] for pair in pairs], [pair[1] for pair in pairs]
+    return len(set(old)) == len(set(new)) == len(pairs) and new == sorted(new)
+
+
+def _regrouping(
+    saved: list[list[str]],
+    state: dict[str, Any],
+    current: list[list[str]],
+    optimizer: torch.optim.Optimizer,
+) -> str:
+    """The parameters whose group a resume would change: trained now but not then (or
+    the other way round), or with another multiplier or with(out) weight decay; the
+    first few, and how many more."""
+
+    def kinds(names: list[list[str]], groups: list[dict[str, Any]]) -> dict[str, str]:
+        return {
+            name: f"lr_mult {group.get('lr_mult', 1.0)}, "
+            + ("decayed" if group.get("weight_decay") else "not decayed")
+            for group_names, group in zip(names, groups, strict=True)
+            for name in group_names
+        }
+
+    before, now = kinds(saved, state["param_groups"]), kinds(current, optimizer.param_groups)
+    changes = [
+        f"{name} {now.get(name, 'frozen')} (was {before.get(name, 'frozen')})"
+        for name in [*now, *(name for name in before if name not in now)]
+        if now.get(name) != before.get(name)
+    ]
+    more = f"; and {len(changes) - 3} more" if len(changes) > 3 else ""
+    return "; ".join(changes[:3]) + more
 
 
 def _on_cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
