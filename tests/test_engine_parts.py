@@ -416,6 +416,27 @@ def test_rng_capture_and_restore():
     assert draws[:2] == again[:2] and torch.equal(draws[2], again[2])
 
 
+def test_rng_restore_sets_only_the_gpus_visible_now(monkeypatch):
+    """A checkpoint of a 2-GPU run resumed where one GPU is visible (CUDA_VISIBLE_DEVICES)
+    failed with an IndexError from torch.cuda.set_rng_state_all; the GPUs there get their
+    states, those no longer seen are left out. (The CUDA calls are stood in for: CI has
+    no GPU.)"""
+    restored = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+
+    def set_rng_state(state: torch.Tensor, device: int = 0) -> None:
+        if device >= 1:
+            raise IndexError("device index out of range")
+        restored[device] = state
+
+    monkeypatch.setattr(torch.cuda, "set_rng_state", set_rng_state)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [torch.ones(2), torch.zeros(2)])
+    state = capture_rng_state()
+    restore_rng_state(state)
+    assert list(restored) == [0] and torch.equal(restored[0], torch.ones(2))
+
+
 def test_training_checkpoint_round_trip_and_errors(tmp_path, monkeypatch):
     path = save_training_state(
         tmp_path / "latest.pt",

@@ -114,7 +114,10 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # The GPUs visible now: a run resumed with fewer (CUDA_VISIBLE_DEVICES) failed
+        # with an IndexError from set_rng_state_all; those it no longer sees draw nothing.
+        for index, device_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(device_state, index)
 
 
 def seed_everything(seed: int) -> None:
