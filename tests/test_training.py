@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -1242,7 +1243,9 @@ def test_a_run_resumed_into_another_runs_folder_is_refused(grocery, tmp_path, ca
     assert train(first, f"Global.checkpoints={first}") == 0
 
 
-def test_a_run_resumed_into_a_new_folder_carries_its_log_and_best_model_over(grocery, tmp_path):
+def test_a_run_resumed_into_a_new_folder_carries_its_log_and_best_model_over(
+    grocery, tmp_path, monkeypatch
+):
     """The best so far is only replaced by a better evaluation, and the run names it in
     its own folder: it was left behind in the checkpoint's, with the log's first part."""
     path = tiny_config(grocery, tmp_path)  # 4 steps per epoch, each evaluated
@@ -1256,6 +1259,18 @@ def test_a_run_resumed_into_a_new_folder_carries_its_log_and_best_model_over(gro
     assert best == (first / "best_model.safetensors").read_bytes()
     steps = [(r["kind"], r["step"]) for r in read_log(new / "metrics.jsonl")]
     assert steps == [*(("train", step) for step in range(1, 5)), ("eval", 4), ("train", 5)]
+
+    # A copy that fails (a full disk) leaves no half-written best model behind.
+    def half_a_copy(source: Path, target: Path) -> None:
+        Path(target).write_bytes(Path(source).read_bytes()[:100])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    full = tmp_path / "full"
+    with monkeypatch.context() as patch:
+        patch.setattr(shutil, "copyfile", half_a_copy)
+        with pytest.raises(OSError, match="No space left"):
+            Trainer(load_config(path, [f"Global.output_dir={full}", f"Global.checkpoints={first}"]))
+    assert not list(full.iterdir())
     # Without the checkpoint folder's best model, the best is chosen anew.
     (first / "best_model.safetensors").unlink()
     again = load_config(path, [f"Global.output_dir={tmp_path / 'again'}"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -62,7 +63,7 @@ from shitu.errors import (
     weight_file_setting,
 )
 from shitu.evaluation.retrieval import RetrievalEvaluator
-from shitu.fileio import home_expanded, remove_unfinished_writes
+from shitu.fileio import home_expanded, remove_unfinished_writes, write_atomically
 from shitu.losses.combined import CombinedLoss
 from shitu.losses.xbm import CrossBatchMemory
 from shitu.models import RecModel, build_model
@@ -944,9 +945,11 @@ class Trainer:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
         carried = [run_dir / LOG_NAME] + ([best] if self.progress.best_metric is not None else [])
-        for source in carried:
+        for source in carried:  # whole or not at all: a kill meanwhile leaves no half file
             if source.is_file():
-                shutil.copyfile(source, self.output_dir / source.name)
+                write_atomically(
+                    self.output_dir / source.name, functools.partial(shutil.copyfile, source)
+                )
 
     def _remove_unfinished_writes(self) -> None:
         """A run killed outright while it saved (SIGKILL when a SIGTERM's grace period ran
