@@ -25,6 +25,7 @@ from shitu.detection.boxes import cell_centres, decode_distributions, level_shap
 from shitu.detection.input_size import check_input_size
 from shitu.errors import CheckpointError, ConfigError
 from shitu.fileio import refuse_non_utf8_path
+from shitu.inference.manifest import PADDLE_INFERENCE_SUFFIXES
 from shitu.onnx_input import image_input_size
 
 if TYPE_CHECKING:
@@ -40,8 +41,6 @@ PIXEL_MAX = np.float32(255.0)
 NMS_IOU = 0.6
 NMS_TOP_K = 1000
 CLASS_NAMES_KEY = "shitu.class_names"  # our ONNX export's metadata: its classes, a JSON list
-# A Paddle inference model's files (PaddleDetection's export, PP-ShiTu's mainbody download)
-PADDLE_INFERENCE_SUFFIXES = (".pdiparams", ".pdmodel")
 
 
 def exported_class_names(metadata: Mapping[str, str]) -> tuple[str, ...]:
