@@ -646,15 +646,16 @@ def _voc_list(path: Path, root: Path) -> list[tuple[Path, Path]]:
     return pairs
 
 
-def random_crop(sample: Sample, min_scale: float = 0.3, tries: int = 20) -> Sample:
-    """Crop a random window that keeps every box whose centre it contains (clipped to it)."""
+def random_crop(sample: Sample) -> Sample:
+    """Crop a random window, each side at least 0.3 of the image's, that keeps every box
+    whose centre it contains (clipped to it); 20 windows that keep none leave it uncropped."""
     image, boxes, labels = sample
     w, h = image.size
-    for _ in range(tries):
+    for _ in range(20):
         # At least a pixel: a few-pixel photo with no box to keep would otherwise be cropped
         # to nothing, and the batch that holds it fail mid-run.
-        cw = max(1, int(w * random.uniform(min_scale, 1.0)))
-        ch = max(1, int(h * random.uniform(min_scale, 1.0)))
+        cw = max(1, int(w * random.uniform(0.3, 1.0)))
+        ch = max(1, int(h * random.uniform(0.3, 1.0)))
         x0, y0 = random.randint(0, w - cw), random.randint(0, h - ch)
         centres = (boxes[:, :2] + boxes[:, 2:]) / 2
         inside = (
@@ -671,9 +672,10 @@ def random_crop(sample: Sample, min_scale: float = 0.3, tries: int = 20) -> Samp
     return sample
 
 
-def random_flip(sample: Sample, prob: float = 0.5) -> Sample:
+def random_flip(sample: Sample) -> Sample:
+    """Mirror left to right, boxes with it, half the time."""
     image, boxes, labels = sample
-    if random.random() >= prob:
+    if random.random() >= 0.5:
         return sample
     w = image.size[0]
     flipped = boxes.copy()
@@ -681,14 +683,15 @@ def random_flip(sample: Sample, prob: float = 0.5) -> Sample:
     return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT), flipped, labels
 
 
-def random_distort(sample: Sample, strength: float = 0.3, prob: float = 0.5) -> Sample:
-    """Brightness, contrast and saturation changes, each with `prob`, in random order."""
+def random_distort(sample: Sample) -> Sample:
+    """Brightness, contrast and saturation changes of up to 30%, each half the time, in
+    random order."""
     image, boxes, labels = sample
     enhancers = [ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color]
     random.shuffle(enhancers)
     for enhancer in enhancers:
-        if random.random() < prob:
-            image = enhancer(image).enhance(random.uniform(1 - strength, 1 + strength))
+        if random.random() < 0.5:
+            image = enhancer(image).enhance(random.uniform(0.7, 1.3))
     return image, boxes, labels
 
 

@@ -175,7 +175,7 @@ class OnnxDetector(Detector):
     raise ValueError. Close only when no thread will call again.
     """
 
-    def __init__(self, path: str | Path, cell_offset: float = 0.5, threads: int = 0) -> None:
+    def __init__(self, path: str | Path, threads: int = 0) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -206,14 +206,14 @@ class OnnxDetector(Detector):
         outputs = session.get_outputs()
         self.decoded = [o.name for o in outputs] == ["scores", "boxes"]
         if not self.decoded:
-            self._init_paddle_layout(path, [o.shape for o in outputs], cell_offset)
+            self._init_paddle_layout(path, [o.shape for o in outputs])
         # Our export names its classes in its metadata, which also gives their count where
         # the graph leaves its class axis unsized (exports made before it was sized).
         self.class_names = exported_class_names(session.get_modelmeta().custom_metadata_map)
         width = outputs[0].shape[-1]  # class scores last, in either layout
         self.num_classes = width if isinstance(width, int) else len(self.class_names) or None
 
-    def _init_paddle_layout(self, path: str | Path, shapes: list, cell_offset: float) -> None:
+    def _init_paddle_layout(self, path: str | Path, shapes: list) -> None:
         levels = len(shapes) // 2
         strides = [8 * 2**i for i in range(levels)]
         sizes = level_shapes(*self.input_size, strides)
@@ -226,7 +226,8 @@ class OnnxDetector(Detector):
                 "PicoDet's per-level scores and box distributions (PaddleDetection's export "
                 "without post-processing)"
             )
-        self.points, self.strides = cell_centres(sizes, strides, cell_offset)
+        # PaddleDetection's PicoHead puts each cell's point at its centre (cell_offset 0.5)
+        self.points, self.strides = cell_centres(sizes, strides, 0.5)
         self.levels = levels
 
     @property
