@@ -670,7 +670,7 @@ def test_an_empty_save_vis_is_none_given_not_the_working_directory(
 
 
 @needs_picodet
-def test_detect_cli_writes_json_lines_and_images(tmp_path: Path, capsys) -> None:
+def test_detect_cli_writes_json_lines_and_images(tmp_path: Path, monkeypatch, capsys) -> None:
     samples = sorted(str(p) for p in (PICODET / "samples").glob("*.jpg"))
     code = shitu_main(
         [
@@ -740,7 +740,16 @@ def test_detect_cli_writes_json_lines_and_images(tmp_path: Path, capsys) -> None
     assert f"--class-names {gap}: line 2 is blank;" in capsys.readouterr().err
     folder_given = ["detect", samples[0], "--model", str(ONNX_416), "--class-names", str(tmp_path)]
     assert shitu_main(folder_given) == 2
-    assert f"--class-names {tmp_path}: is a folder, not a file" in capsys.readouterr().err
+    assert f"--class-names {tmp_path} is a folder, not a text file" in capsys.readouterr().err
+    # said as the other listing files are (read_listing_text): "not found", and where a
+    # relative path was looked for, not "cannot read it (No such file or directory)"
+    monkeypatch.chdir(tmp_path)
+    missing = ["detect", samples[0], "--model", str(ONNX_416), "--class-names", "coco.names"]
+    assert shitu_main(missing) == 2
+    assert capsys.readouterr().err == (
+        "error: --class-names coco.names not found (relative paths are taken from the "
+        f"working directory, {tmp_path})\n"
+    )
     resized = ["detect", str(folder), "--model", str(ONNX_416), "--input-size", "320"]
     assert shitu_main(resized) == 2  # onnxruntime runs the file at the size it was made for
     assert "runs at the size it was exported for, 416x416" in capsys.readouterr().err
