@@ -1127,6 +1127,52 @@ def test_a_client_that_does_not_send_its_request_headers_is_dropped(serving_libr
         server.stop()
 
 
+def requests_counted(text: str) -> dict[tuple[str, str, str], float]:
+    """shitu_http_requests_total of a /metrics text, by (method, route, status)."""
+    pattern = r'^shitu_http_requests_total\{method="(.*?)",route="(.*?)",status="(.*?)"\} (\S+)$'
+    return {tuple(m[:3]): float(m[3]) for m in re.findall(pattern, text, re.M)}
+
+
+def test_errors_answered_before_the_app_are_counted_in_the_metrics(serving_library, tmp_path):
+    """Requests that are not valid HTTP (400, 431), a request whose headers stopped coming
+    (its connection closed: 408, as nginx logs it) and a body that stopped coming (408)
+    are counted in shitu_http_requests_total as every other error is: the server's layer
+    under the app answered them unseen, and a client flooding it with them showed no
+    errors. A connection that began no request (a browser's preconnect) is none."""
+    server = ServerProcess(serving_library, tmp_path, "--read-timeout", "0.5")
+    url = httpx.URL(server.url)
+    invalid = (
+        b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: abc\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Long: " + b"a" * 20_000,
+    )
+    try:
+        for head in invalid:
+            with socket.create_connection((url.host, url.port)) as connection:
+                connection.sendall(head)
+                closed_by_server(connection)
+        for sent in (b"", b"GET /healthz HTTP/1.1\r\nHost: 12"):
+            with socket.create_connection((url.host, url.port)) as stalled:
+                stalled.sendall(sent)
+                assert closed_by_server(stalled) == b""
+        with socket.create_connection((url.host, url.port)) as stalled:
+            stalled.sendall(
+                b"POST /v1/recognize HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
+            )
+            assert raw_answer(stalled)[0] == 408
+        counted = requests_counted(httpx.get(f"{server.url}/metrics", timeout=10).text)
+    finally:
+        server.stop()
+    # (less ServerProcess's /healthz, as it waited for the server, and the /metrics)
+    assert {key: n for key, n in counted.items() if key[0] != "GET"} == {
+        ("other", "unmatched", "400"): 2,
+        ("other", "unmatched", "431"): 1,
+        ("other", "unmatched", "408"): 1,
+        ("POST", "/v1/recognize", "408"): 1,
+    }
+
+
 def decoded_pixels(http: httpx.Client) -> float:
     """The pixels the server's requests in progress hold, as /metrics says."""
     found = re.search(r"^shitu_decoded_pixels (\S+)$", http.get("/metrics").text, re.M)
