@@ -1802,6 +1802,35 @@ def test_an_upload_file_that_cannot_be_deleted_does_not_fail_its_removal(
     assert f"could not delete {stored}, which the library no longer lists" in caplog.text
 
 
+def test_removing_an_image_keeps_its_upload_file_while_another_row_lists_it(
+    serving_library, tmp_path
+):
+    """An upload that `shitu index add --allow-duplicates` also added, under another label:
+    removing the uploaded image (or its label) over HTTP deleted the file the other row
+    still lists, whose thumbnail and re-embedding then failed. The file goes with
+    the last row that lists it."""
+    config = local_config(serving_library, tmp_path / "gallery")
+    (path, _label), *_ = serving_library.queries()
+    with RecognitionService(config, ServeSettings(upload_dir=tmp_path / "uploads")) as service:
+        features = np.stack([f.result() for f in service.extract([read_rgb(path)])])
+        (added,) = service.add("Uploaded", [("shared.jpg", path.read_bytes())], features).added
+        stored = Path(added.path)
+        # as `shitu index add LIB LIB/uploads/... --label Also --allow-duplicates` adds it
+        report = service.library.write(
+            lambda gallery: gallery.add(features, ["Also"], [stored], allow_duplicates=True)
+        )
+        (also,) = report.ids
+        assert service.remove_image(added.id) == added
+        assert stored.is_file() and service.image(int(also)).path == str(stored)
+        report = service.library.write(
+            lambda gallery: gallery.add(features, ["Again"], [stored], allow_duplicates=True)
+        )
+        assert service.remove_label("Again") == [int(i) for i in report.ids]
+        assert stored.is_file()
+        service.remove_image(int(also))  # the last row that lists it
+        assert not stored.exists()
+
+
 def test_an_upload_another_process_adds_first_is_answered_as_a_duplicate(serving_library, tmp_path):
     """Content another process adds between the service's look at the library and its
     write is skipped by the write: the answer names it a duplicate (it was in neither list)."""
