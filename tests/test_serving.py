@@ -530,6 +530,12 @@ def test_bad_uploads_get_clear_errors(serving_library, client):
             400,
             "33 images sent; at most 32 per request",
         ),
+        # a JSON body's images may come as 'images', which was left unsaid
+        "json no images": (
+            client.post("/v1/extract", json={"images": []}),
+            400,
+            "no image in the request: send 'image', or 'images' with at least one",
+        ),
         "json syntax": (
             client.post(
                 "/v1/recognize", content=b"{", headers={"content-type": "application/json"}
