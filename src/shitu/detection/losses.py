@@ -48,13 +48,12 @@ def giou_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return 1.0 - giou(pred, target)
 
 
-def varifocal_loss(
-    logits: torch.Tensor, target: torch.Tensor, alpha: float = 0.75, gamma: float = 2.0
-) -> torch.Tensor:
+def varifocal_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Element-wise VFL: BCE against the soft target q (the IoU for the true class, else 0);
-    positives weighted by q, negatives by alpha * p^gamma (p detached)."""
+    positives weighted by q, negatives by 0.75 * p^2 (p detached; VFL's alpha and gamma, as
+    the assigner's cost has them)."""
     p = logits.sigmoid().detach()
-    weight = torch.where(target > 0, target, alpha * p.pow(gamma))
+    weight = torch.where(target > 0, target, 0.75 * p.pow(2))
     return F.binary_cross_entropy_with_logits(logits, target, reduction="none") * weight
 
 
