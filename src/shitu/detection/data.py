@@ -318,21 +318,20 @@ class CocoDetection(DetectionDataset):
                     f"a JSON {type(data).__name__}, not an object of images, annotations and "
                     "categories"
                 )
-            categories = sorted(data["categories"], key=lambda c: c["id"])
+            categories = sorted(_checked_entries(data, "categories"), key=lambda c: c["id"])
             _refuse_repeated_ids("category", [c["id"] for c in categories])
             _check_category_names(categories)
             cat_index = {c["id"]: i for i, c in enumerate(categories)}
-            image_ids = [img["id"] for img in data["images"]]
+            images = _checked_entries(data, "images")
+            image_ids = [img["id"] for img in images]
             _refuse_repeated_ids("image", image_ids)
             root = Path(image_root)
-            files = {img["id"]: listed_file(root, img["file_name"]) for img in data["images"]}
-            _refuse_repeated_files(data["images"], files)
-            sizes = [_recorded_size(img) for img in data["images"]]
+            files = {img["id"]: listed_file(root, img["file_name"]) for img in images}
+            _refuse_repeated_files(images, files)
+            sizes = [_recorded_size(img) for img in images]
             per_image: dict[int, list[tuple[list[float], int, bool]]] = {i: [] for i in image_ids}
-            names = {img["id"]: img["file_name"] for img in data["images"]}
-            for position, ann in enumerate(data["annotations"]):
-                if not isinstance(ann, dict):
-                    raise ValueError(f"annotations[{position}] is {ann!r}, not an object")
+            names = {img["id"]: img["file_name"] for img in images}
+            for position, ann in enumerate(_objects(data, "annotations")):
                 name = _annotation_name(position, ann, names)
                 if "bbox" not in ann:  # a bare "no 'bbox' key" left the user to search
                     raise ValueError(f"{name}: no 'bbox' key")
@@ -384,6 +383,40 @@ class CocoDetection(DetectionDataset):
             path,
             sizes=sizes,
         )
+
+
+def _objects(data: dict, key: str) -> list[dict]:
+    """`data[key]`, a COCO file's list of objects; a ValueError naming it where it is no
+    list, or an entry that is no object (a converter's output gone wrong): they failed with
+    Python's words, "'int' object is not subscriptable", or were read as no images."""
+    entries = data[key]
+    if not isinstance(entries, list):
+        kind = type(entries).__name__
+        kind = {"dict": "object", "str": "string", "NoneType": "null"}.get(kind, kind)
+        raise ValueError(f"its {key!r} is a JSON {kind}, not a list")
+    for position, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise ValueError(f"{key}[{position}] is {entry!r}, not an object")
+    return entries
+
+
+def _checked_entries(data: dict, key: str) -> list[dict]:
+    """The images or categories of a COCO file (`_objects`), each id a number or text, of
+    one kind (the categories are sorted by id), and each image's file_name text: others
+    failed with Python's words ("unhashable type: 'list'", "'<' not supported between
+    instances of 'str' and 'int'")."""
+    entries = _objects(data, key)
+    for position, entry in enumerate(entries):
+        given = entry["id"]
+        if isinstance(given, bool) or not isinstance(given, int | str):
+            raise ValueError(f"{key}[{position}]: its id {given!r} is not a number or text")
+        if key == "images" and not isinstance(entry["file_name"], str):
+            raise ValueError(f"{key}[{position}]: its file_name {entry['file_name']!r} is not text")
+    kinds = {type(entry["id"]) for entry in entries}
+    if len(kinds) > 1:
+        mixed = [next(e["id"] for e in entries if type(e["id"]) is kind) for kind in (int, str)]
+        raise ValueError(f"the {key}' ids mix numbers and text ({mixed[0]!r}, {mixed[1]!r})")
+    return entries
 
 
 def _annotation_name(position: int, ann: dict, file_names: dict) -> str:
