@@ -1179,6 +1179,36 @@ def test_errors_answered_before_the_app_are_counted_in_the_metrics(serving_libra
     }
 
 
+def test_a_client_that_leaves_mid_upload_is_no_server_error(serving_library, tmp_path):
+    """An upload cancelled, or a network lost, while the body was coming: the server logged
+    "Exception in ASGI application" with a traceback and counted a 500, an error of its own
+    for what the client did (alerts on 5xx fired). It is counted as 499, nginx's "client
+    closed request", and the log says nothing."""
+    server = ServerProcess(serving_library, tmp_path)
+    url = httpx.URL(server.url)
+    head = "POST /v1/recognize HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {}\r\n"
+    head += "Content-Length: 1000\r\n\r\n"
+    part = b'--b\r\nContent-Disposition: form-data; name="image"; filename="a.jpg"\r\n\r\n'
+    try:
+        for kind, begun in (
+            ("application/json", b'{"image": "'),
+            ("multipart/form-data; boundary=b", part),
+        ):
+            with socket.create_connection((url.host, url.port)) as leaving:
+                leaving.sendall(head.format(kind).encode() + begun)
+        deadline = time.monotonic() + 60  # until the server has seen both go
+        while True:
+            text = httpx.get(f"{server.url}/metrics", timeout=10).text
+            counted = requests_counted(text).get(("POST", "/v1/recognize", "499"), 0)
+            if counted == 2 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+    finally:
+        server.stop()
+    assert counted == 2 and ("POST", "/v1/recognize", "500") not in requests_counted(text)
+    assert "Traceback" not in server.log.read_text()
+
+
 def decoded_pixels(http: httpx.Client) -> float:
     """The pixels the server's requests in progress hold, as /metrics says."""
     found = re.search(r"^shitu_decoded_pixels (\S+)$", http.get("/metrics").text, re.M)
