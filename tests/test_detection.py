@@ -558,7 +558,11 @@ def test_load_detector_errors(tmp_path: Path, caplog) -> None:
     paddle_export.mkdir()  # PP-ShiTu's mainbody download, as PaddleDetection exports it
     for name in ("inference.pdiparams", "inference.pdmodel"):
         (paddle_export / name).write_bytes(b"\x00" * 64)
-    for given in (paddle_export, *paddle_export.iterdir()):
+    paddle3_export = tmp_path / "paddle3"  # PaddleDetection 3's: the graph as JSON
+    paddle3_export.mkdir()
+    (paddle3_export / "model.pdiparams").write_bytes(b"\x00" * 64)
+    (paddle3_export / "model.json").write_text('{"program": {}}')
+    for given in (paddle_export, *paddle_export.iterdir(), *paddle3_export.iterdir()):
         with pytest.raises(
             CheckpointError, match=r"is a Paddle inference model, which shitu does not run; "
         ):

@@ -363,11 +363,14 @@ def load_detector(
 
 
 def is_paddle_inference_model(path: Path) -> bool:
-    """A Paddle inference model's weights or graph file, or the folder holding them (as
-    PP-ShiTu's configs name their detector): weights shitu cannot read, which would
-    otherwise be refused as an unreadable checkpoint or a folder."""
+    """A Paddle inference model's weights or graph file (Paddle 3 writes the graph as
+    `model.json` beside `model.pdiparams`), or the folder holding them (as PP-ShiTu's
+    configs name their detector): weights shitu cannot read, which would otherwise be
+    refused as an unreadable checkpoint or a folder."""
     if path.is_dir():
         return any(child.suffix.lower() == ".pdiparams" for child in path.iterdir())
+    if path.suffix.lower() == ".json":
+        return path.is_file() and path.with_suffix(".pdiparams").is_file()
     return path.is_file() and path.suffix.lower() in PADDLE_INFERENCE_SUFFIXES
 
 
