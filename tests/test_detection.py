@@ -575,6 +575,12 @@ def test_load_detector_errors(tmp_path: Path, caplog) -> None:
         load_detector(params)  # the names to choose from, not the Python keyword
     with pytest.raises(ConfigError, match="unknown detector architecture"):
         load_detector(params, arch="nope")
+    # named with the way to an .onnx file (it was "the onnxruntime backend needs an .onnx file")
+    with pytest.raises(ConfigError) as caught:
+        load_detector(checkpoint, "onnxruntime")
+    assert f"write this one as one with `shitu detect-export {checkpoint} --out FILE.onnx`" in (
+        str(caught.value)
+    )
     with caplog.at_level(logging.WARNING, logger="shitu.detection.detector"):
         load_detector(checkpoint, arch="picodet_s_esnet")  # the checkpoint's own arch is used
     assert f"{checkpoint}: the detector architecture given is not used" in caplog.text

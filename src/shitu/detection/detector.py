@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from numbers import Integral
@@ -337,8 +338,13 @@ def load_detector(
                 "the pipeline's Global.det_backend: torch)"
             )
         return detector
-    if backend == "onnxruntime":
-        raise ConfigError(f"{path}: the onnxruntime backend needs an .onnx file")
+    if backend == "onnxruntime":  # named with the way to an .onnx file, and the other way
+        raise ConfigError(
+            f"{path}: the onnxruntime backend (detect's --runtime onnxruntime, the pipeline's "
+            "Global.det_backend) runs .onnx files; write this one as one with `shitu "
+            f"detect-export {shlex.quote(str(path))} --out FILE.onnx` (a .pdparams with "
+            "--det-arch), or run it with the torch backend"
+        )
     # Our PyTorch PicoDet, with the file's weights.
     import torch
 
