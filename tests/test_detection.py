@@ -558,7 +558,11 @@ def test_load_detector_errors(tmp_path: Path, caplog) -> None:
     paddle_export.mkdir()  # PP-ShiTu's mainbody download, as PaddleDetection exports it
     for name in ("inference.pdiparams", "inference.pdmodel"):
         (paddle_export / name).write_bytes(b"\x00" * 64)
-    for given in (paddle_export, *paddle_export.iterdir()):
+    paddle3_export = tmp_path / "paddle3"  # PaddleDetection 3's: the graph as JSON
+    paddle3_export.mkdir()
+    (paddle3_export / "model.pdiparams").write_bytes(b"\x00" * 64)
+    (paddle3_export / "model.json").write_text('{"program": {}}')
+    for given in (paddle_export, *paddle_export.iterdir(), *paddle3_export.iterdir()):
         with pytest.raises(
             CheckpointError, match=r"is a Paddle inference model, which shitu does not run; "
         ):
@@ -571,6 +575,12 @@ def test_load_detector_errors(tmp_path: Path, caplog) -> None:
         load_detector(params)  # the names to choose from, not the Python keyword
     with pytest.raises(ConfigError, match="unknown detector architecture"):
         load_detector(params, arch="nope")
+    # named with the way to an .onnx file (it was "the onnxruntime backend needs an .onnx file")
+    with pytest.raises(ConfigError) as caught:
+        load_detector(checkpoint, "onnxruntime")
+    assert f"write this one as one with `shitu detect-export {checkpoint} --out FILE.onnx`" in (
+        str(caught.value)
+    )
     with caplog.at_level(logging.WARNING, logger="shitu.detection.detector"):
         load_detector(checkpoint, arch="picodet_s_esnet")  # the checkpoint's own arch is used
     assert f"{checkpoint}: the detector architecture given is not used" in caplog.text
@@ -670,7 +680,7 @@ def test_an_empty_save_vis_is_none_given_not_the_working_directory(
 
 
 @needs_picodet
-def test_detect_cli_writes_json_lines_and_images(tmp_path: Path, capsys) -> None:
+def test_detect_cli_writes_json_lines_and_images(tmp_path: Path, monkeypatch, capsys) -> None:
     samples = sorted(str(p) for p in (PICODET / "samples").glob("*.jpg"))
     code = shitu_main(
         [
@@ -740,7 +750,16 @@ def test_detect_cli_writes_json_lines_and_images(tmp_path: Path, capsys) -> None
     assert f"--class-names {gap}: line 2 is blank;" in capsys.readouterr().err
     folder_given = ["detect", samples[0], "--model", str(ONNX_416), "--class-names", str(tmp_path)]
     assert shitu_main(folder_given) == 2
-    assert f"--class-names {tmp_path}: is a folder, not a file" in capsys.readouterr().err
+    assert f"--class-names {tmp_path} is a folder, not a text file" in capsys.readouterr().err
+    # said as the other listing files are (read_listing_text): "not found", and where a
+    # relative path was looked for, not "cannot read it (No such file or directory)"
+    monkeypatch.chdir(tmp_path)
+    missing = ["detect", samples[0], "--model", str(ONNX_416), "--class-names", "coco.names"]
+    assert shitu_main(missing) == 2
+    assert capsys.readouterr().err == (
+        "error: --class-names coco.names not found (relative paths are taken from the "
+        f"working directory, {tmp_path})\n"
+    )
     resized = ["detect", str(folder), "--model", str(ONNX_416), "--input-size", "320"]
     assert shitu_main(resized) == 2  # onnxruntime runs the file at the size it was made for
     assert "runs at the size it was exported for, 416x416" in capsys.readouterr().err

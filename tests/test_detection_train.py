@@ -652,6 +652,28 @@ def test_missing_or_malformed_coco_file(tmp_path: Path) -> None:
     coco.write_text(json.dumps(broken))
     with pytest.raises(DataError, match=r"file \(annotations\[0\] is 5, not an object\)$"):
         CocoDetection(coco, tmp_path)
+    # A converter's output gone wrong, named: it failed in Python's words ("'int' object is
+    # not subscriptable", "unhashable type: 'list'"), or an object of images read as none.
+    for key, position, field, wrong, expected in (
+        ("images", 1, None, 5, "images[1] is 5, not an object"),
+        ("images", None, None, {}, "its 'images' is a JSON object, not a list"),
+        ("annotations", None, None, "x", "its 'annotations' is a JSON string, not a list"),
+        ("images", 0, "id", [1], "images[0]: its id [1] is not a number or text"),
+        ("images", 1, "file_name", 5, "images[1]: its file_name 5 is not text"),
+        ("categories", 1, "id", "3", "the categories' ids mix numbers and text (7, '3')"),
+    ):
+        broken = copy.deepcopy(data)
+        if position is None:
+            broken[key] = wrong
+        elif field is None:
+            broken[key][position] = wrong
+        else:
+            broken[key][position][field] = wrong
+        coco.write_text(json.dumps(broken))
+        with pytest.raises(
+            DataError, match=rf"valid COCO annotation file \({re.escape(expected)}\)$"
+        ):
+            CocoDetection(coco, tmp_path)
     for key, wrong in (("image_id", 42), ("category_id", 99), ("category_id", [7])):
         broken = copy.deepcopy(data)
         broken["annotations"][0][key] = wrong

@@ -852,13 +852,21 @@ def test_recognize_cli_fails_clearly_when_there_is_nothing_to_recognise(setup, t
     assert shitu_main(["recognize", photo, "--no-progress"]) == 2  # --gallery forgotten
     err = capsys.readouterr().err
     assert "no gallery library given: pass --gallery LIB" in err and "shitu index build" in err
-    # A file where the folder goes, or where a parent goes: said in words, not as an errno.
+    # A file (or a device) where the folder goes, or where a parent goes: named, in words,
+    # as for every output folder (check_writable), not as an errno ("File exists").
     assert shitu_main(["recognize", photo, *common, "--save-vis", str(broken)]) == 2
-    assert f"--save-vis {broken}: is a file; give a folder\n" in capsys.readouterr().err
+    assert f"--save-vis {broken}: {broken} is a file, not a folder\n" in capsys.readouterr().err
     assert shitu_main(["recognize", photo, *common, "--save-vis", str(broken / "sub")]) == 2
     err = capsys.readouterr().err
-    assert f"--save-vis {broken / 'sub'}: cannot make the folder (Not a directory: " in err
-    assert "Errno" not in err
+    assert f"--save-vis {broken / 'sub'}: {broken} is a file, not a folder\n" in err
+    assert shitu_main(["recognize", photo, *common, "--save-vis", "/dev/null"]) == 2
+    err = capsys.readouterr().err
+    assert "error: --save-vis /dev/null: /dev/null is a character device, not a folder\n" in err
+    # A folder that cannot be made: named by the folder that refused it.
+    if Path("/proc/self").is_dir():
+        assert shitu_main(["recognize", photo, *common, "--save-vis", "/proc/self/new"]) == 2
+        err = capsys.readouterr().err
+        assert "error: --save-vis /proc/self/new: cannot make the folder in /proc/self (" in err
     # A folder no one may write in (procfs's: root may not either), refused before any photo.
     if Path("/proc/self").is_dir():
         assert shitu_main(["recognize", photo, *common, "--save-vis", "/proc/self"]) == 2

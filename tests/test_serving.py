@@ -530,6 +530,12 @@ def test_bad_uploads_get_clear_errors(serving_library, client):
             400,
             "33 images sent; at most 32 per request",
         ),
+        # a JSON body's images may come as 'images', which was left unsaid
+        "json no images": (
+            client.post("/v1/extract", json={"images": []}),
+            400,
+            "no image in the request: send 'image', or 'images' with at least one",
+        ),
         "json syntax": (
             client.post(
                 "/v1/recognize", content=b"{", headers={"content-type": "application/json"}
@@ -1125,6 +1131,82 @@ def test_a_client_that_does_not_send_its_request_headers_is_dropped(serving_libr
         assert httpx.get(f"{server.url}/healthz", timeout=10).status_code == 200
     finally:
         server.stop()
+
+
+def requests_counted(text: str) -> dict[tuple[str, str, str], float]:
+    """shitu_http_requests_total of a /metrics text, by (method, route, status)."""
+    pattern = r'^shitu_http_requests_total\{method="(.*?)",route="(.*?)",status="(.*?)"\} (\S+)$'
+    return {tuple(m[:3]): float(m[3]) for m in re.findall(pattern, text, re.M)}
+
+
+def test_errors_answered_before_the_app_are_counted_in_the_metrics(serving_library, tmp_path):
+    """Requests that are not valid HTTP (400, 431), a request whose headers stopped coming
+    (its connection closed: 408, as nginx logs it) and a body that stopped coming (408)
+    are counted in shitu_http_requests_total as every other error is: the server's layer
+    under the app answered them unseen, and a client flooding it with them showed no
+    errors. A connection that began no request (a browser's preconnect) is none."""
+    server = ServerProcess(serving_library, tmp_path, "--read-timeout", "0.5")
+    url = httpx.URL(server.url)
+    invalid = (
+        b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: abc\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Long: " + b"a" * 20_000,
+    )
+    try:
+        for head in invalid:
+            with socket.create_connection((url.host, url.port)) as connection:
+                connection.sendall(head)
+                closed_by_server(connection)
+        for sent in (b"", b"GET /healthz HTTP/1.1\r\nHost: 12"):
+            with socket.create_connection((url.host, url.port)) as stalled:
+                stalled.sendall(sent)
+                assert closed_by_server(stalled) == b""
+        with socket.create_connection((url.host, url.port)) as stalled:
+            stalled.sendall(
+                b"POST /v1/recognize HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
+            )
+            assert raw_answer(stalled)[0] == 408
+        counted = requests_counted(httpx.get(f"{server.url}/metrics", timeout=10).text)
+    finally:
+        server.stop()
+    # (less ServerProcess's /healthz, as it waited for the server, and the /metrics)
+    assert {key: n for key, n in counted.items() if key[0] != "GET"} == {
+        ("other", "unmatched", "400"): 2,
+        ("other", "unmatched", "431"): 1,
+        ("other", "unmatched", "408"): 1,
+        ("POST", "/v1/recognize", "408"): 1,
+    }
+
+
+def test_a_client_that_leaves_mid_upload_is_no_server_error(serving_library, tmp_path):
+    """An upload cancelled, or a network lost, while the body was coming: the server logged
+    "Exception in ASGI application" with a traceback and counted a 500, an error of its own
+    for what the client did (alerts on 5xx fired). It is counted as 499, nginx's "client
+    closed request", and the log says nothing."""
+    server = ServerProcess(serving_library, tmp_path)
+    url = httpx.URL(server.url)
+    head = "POST /v1/recognize HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {}\r\n"
+    head += "Content-Length: 1000\r\n\r\n"
+    part = b'--b\r\nContent-Disposition: form-data; name="image"; filename="a.jpg"\r\n\r\n'
+    try:
+        for kind, begun in (
+            ("application/json", b'{"image": "'),
+            ("multipart/form-data; boundary=b", part),
+        ):
+            with socket.create_connection((url.host, url.port)) as leaving:
+                leaving.sendall(head.format(kind).encode() + begun)
+        deadline = time.monotonic() + 60  # until the server has seen both go
+        while True:
+            text = httpx.get(f"{server.url}/metrics", timeout=10).text
+            counted = requests_counted(text).get(("POST", "/v1/recognize", "499"), 0)
+            if counted == 2 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+    finally:
+        server.stop()
+    assert counted == 2 and ("POST", "/v1/recognize", "500") not in requests_counted(text)
+    assert "Traceback" not in server.log.read_text()
 
 
 def decoded_pixels(http: httpx.Client) -> float:
@@ -1754,6 +1836,35 @@ def test_an_upload_file_that_cannot_be_deleted_does_not_fail_its_removal(
         assert added.id not in service.library.snapshot.by_id
     assert stored.is_dir()
     assert f"could not delete {stored}, which the library no longer lists" in caplog.text
+
+
+def test_removing_an_image_keeps_its_upload_file_while_another_row_lists_it(
+    serving_library, tmp_path
+):
+    """An upload that `shitu index add --allow-duplicates` also added, under another label:
+    removing the uploaded image (or its label) over HTTP deleted the file the other row
+    still lists, whose thumbnail and re-embedding then failed. The file goes with
+    the last row that lists it."""
+    config = local_config(serving_library, tmp_path / "gallery")
+    (path, _label), *_ = serving_library.queries()
+    with RecognitionService(config, ServeSettings(upload_dir=tmp_path / "uploads")) as service:
+        features = np.stack([f.result() for f in service.extract([read_rgb(path)])])
+        (added,) = service.add("Uploaded", [("shared.jpg", path.read_bytes())], features).added
+        stored = Path(added.path)
+        # as `shitu index add LIB LIB/uploads/... --label Also --allow-duplicates` adds it
+        report = service.library.write(
+            lambda gallery: gallery.add(features, ["Also"], [stored], allow_duplicates=True)
+        )
+        (also,) = report.ids
+        assert service.remove_image(added.id) == added
+        assert stored.is_file() and service.image(int(also)).path == str(stored)
+        report = service.library.write(
+            lambda gallery: gallery.add(features, ["Again"], [stored], allow_duplicates=True)
+        )
+        assert service.remove_label("Again") == [int(i) for i in report.ids]
+        assert stored.is_file()
+        service.remove_image(int(also))  # the last row that lists it
+        assert not stored.exists()
 
 
 def test_an_upload_another_process_adds_first_is_answered_as_a_duplicate(serving_library, tmp_path):

@@ -643,14 +643,9 @@ class VisualisationWriter:
                 f"--save-vis {folder}: is inside the input folder {source}, where the next "
                 "run would take the annotated copies for photos: choose a folder outside it"
             )
-        try:
-            place.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:  # a file there, or in the way on its path, or no permission
-            if folder.is_file():
-                raise DataError(f"--save-vis {folder}: is a file; give a folder") from None
-            why = f"{exc.strerror}: {exc.filename}" if exc.strerror else str(exc)
-            raise DataError(f"--save-vis {folder}: cannot make the folder ({why})") from None
-        check_writable(folder, f"--save-vis {folder}")  # now, not after the first photo
+        # Made and written in now, not after the first photo; a file (or device) in the
+        # way, or a place that refuses the folder, said as for every output folder.
+        check_writable(folder, f"--save-vis {folder}")
 
     def refuse_gallery_sources(self, gallery: Gallery) -> None:
         """Refuse the folder where it is inside one that the searched `gallery`'s images

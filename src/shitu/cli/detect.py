@@ -84,14 +84,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _class_names(path: str) -> tuple[str, ...]:
+    """The names of a --class-names file, line n naming class n-1; a DataError for one
+    that cannot be read, said as for the other listing files (`read_listing_text`)."""
     try:
-        lines = text_lines(read_text(path))
+        text = read_text(path)
     except UnicodeDecodeError:
         raise DataError(f"--class-names {path}: not UTF-8 or UTF-16 text: {SAVE_AS_UTF8}") from None
-    except IsADirectoryError:
-        raise DataError(f"--class-names {path}: is a folder, not a file of names") from None
-    except OSError as exc:
-        raise DataError(f"--class-names {path}: cannot read it ({exc.strerror or exc})") from None
+    except OSError:
+        # imported only for the error: its module loads torch, which an ONNX detector
+        # runs without
+        from shitu.data.datasets.base import read_listing_text
+
+        text = read_listing_text(path, f"--class-names {path}")  # raises the DataError
+    lines = text_lines(text)
     names = [line.strip() for line in lines]
     while names and not names[-1]:  # trailing blank lines name nothing
         names.pop()

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from uvicorn import Server
 
     from shitu.serving.library import SharedLibrary
+    from shitu.serving.metrics import Metrics
 
 API_KEY_ENV = "SHITU_API_KEY"
 # How much of a request's headers the server takes in while they have not ended (h11's
@@ -224,7 +225,7 @@ def _server_that_stops_waiting(server: type[Server], library: SharedLibrary) -> 
     return StoppingServer
 
 
-def _http_protocol(timeout_s: float) -> type:
+def _http_protocol(timeout_s: float, metrics: Metrics) -> type:
     """uvicorn's HTTP/1.1 protocol, which closes a connection whose request headers have not
     come whole `timeout_s` after it opened or its last answer went out: uvicorn waits for
     them for ever, so a client that opened connections and sent nothing, or half a request
@@ -232,7 +233,9 @@ def _http_protocol(timeout_s: float) -> type:
     is BodyTimeout's to time. A request that is not valid HTTP (no Host, a Content-Length
     that is no number, headers too large) is answered as JSON naming the problem, with the
     status h11 gives it, as every other error is: uvicorn's was a plain-text 400, "Invalid
-    HTTP request received.". The h11 protocol is uvicorn's own where httptools is missing."""
+    HTTP request received.". Both are counted in `metrics` as the app's answers are (the
+    app never sees them): a request begun and dropped as a 408, the status nginx logs for
+    it. The h11 protocol is uvicorn's own where httptools is missing."""
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -274,6 +277,7 @@ def _http_protocol(timeout_s: float) -> type:
             ):
                 self.transport.write(self.conn.send(event))
             self.transport.close()
+            metrics.count_unrouted(status)
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -306,6 +310,8 @@ def _http_protocol(timeout_s: float) -> type:
             self.waiting = None
             if not self.transport.is_closing():
                 self.transport.close()
+                if self.conn.trailing_data[0]:  # part of a request came, not none
+                    metrics.count_unrouted(HTTPStatus.REQUEST_TIMEOUT)
 
     return Http11
 
@@ -425,7 +431,7 @@ def run(args: argparse.Namespace) -> int:
             access_log=args.access_log,
             root_path=args.root_path,
             timeout_graceful_shutdown=10,
-            http=_http_protocol(settings.read_timeout_s),
+            http=_http_protocol(settings.read_timeout_s, metrics),
             h11_max_incomplete_event_size=H11_MAX_HEADERS_KB * 1024,
         )
         if args.access_log:  # uvicorn gives its access log the log level: "warning" would drop it

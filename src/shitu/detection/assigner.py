@@ -2,7 +2,7 @@
 top-10 IoUs for the dynamic k, IoU cost weight 6).
 
 Candidates are anchors whose point lies inside a ground-truth box or within the radius of
-its centre. Cost = VFL classification cost + iou_weight * -log(IoU), plus a huge penalty
+its centre. Cost = VFL classification cost + IOU_WEIGHT * -log(IoU), plus a huge penalty
 unless the point is both inside the box and near its centre. Each ground truth takes its
 k cheapest candidates, k = max(1, int(sum of its top IoUs)); an anchor claimed by
 several ground truths keeps the cheapest.
@@ -16,6 +16,9 @@ import torch.nn.functional as F
 from shitu.detection.postprocess import box_iou
 
 OUTSIDE_COST = 1e8
+CENTRE_RADIUS = 2.5  # strides
+CANDIDATE_TOPK = 10
+IOU_WEIGHT = 6.0
 
 
 def _vfl_cost(probs: torch.Tensor, labels: torch.Tensor, ious: torch.Tensor) -> torch.Tensor:
@@ -35,9 +38,6 @@ def simota_assign(
     strides: torch.Tensor,
     gt_boxes: torch.Tensor,
     gt_labels: torch.Tensor,
-    center_radius: float = 2.5,
-    candidate_topk: int = 10,
-    iou_weight: float = 6.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scores [N, C] (sigmoid), predicted boxes [N, 4], anchor points [N, 2] and strides [N],
     ground truth [G, 4] + [G] -> per anchor the assigned ground-truth index (-1: background)
@@ -52,7 +52,7 @@ def simota_assign(
         (x > gt_boxes[:, 0]) & (x < gt_boxes[:, 2]) & (y > gt_boxes[:, 1]) & (y < gt_boxes[:, 3])
     )
     centre = (gt_boxes[:, :2] + gt_boxes[:, 2:]) / 2
-    radius = center_radius * strides[:, None]
+    radius = CENTRE_RADIUS * strides[:, None]
     in_centre = ((x - centre[:, 0]).abs() < radius) & ((y - centre[:, 1]).abs() < radius)
     candidates = torch.nonzero((in_box | in_centre).any(dim=1)).squeeze(1)
     if candidates.numel() == 0:
@@ -61,10 +61,10 @@ def simota_assign(
     ious = box_iou(boxes[candidates], gt_boxes)  # [Nc, G]
     cost = (
         _vfl_cost(scores[candidates], gt_labels, ious)
-        + iou_weight * -torch.log(ious + 1e-8)
+        + IOU_WEIGHT * -torch.log(ious + 1e-8)
         + OUTSIDE_COST * ~(in_box[candidates] & in_centre[candidates])
     )
-    top_ious = ious.topk(min(candidate_topk, len(candidates)), dim=0).values
+    top_ious = ious.topk(min(CANDIDATE_TOPK, len(candidates)), dim=0).values
     dynamic_k = top_ious.sum(dim=0).int().clamp(min=1)  # [G]
     order = cost.argsort(dim=0, stable=True)  # cheapest first, per ground truth
     rank = torch.empty_like(order).scatter_(

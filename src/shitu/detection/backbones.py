@@ -19,10 +19,10 @@ from shitu.models.layers import ConvBNLayer, make_divisible
 class HardSigmoidSE(nn.Module):
     """Squeeze-and-excitation gated by a hard sigmoid (ESNet, PP-LCNet)."""
 
-    def __init__(self, channels: int, reduction: int = 4) -> None:
+    def __init__(self, channels: int) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(channels, channels // reduction, 1)
-        self.conv2 = nn.Conv2d(channels // reduction, channels, 1)
+        self.conv1 = nn.Conv2d(channels, channels // 4, 1)
+        self.conv2 = nn.Conv2d(channels // 4, channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate = torch.relu(self.conv1(x.mean(dim=(2, 3), keepdim=True)))
@@ -37,13 +37,13 @@ def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
 class ESBlock(nn.Module):
     """ESNet stride-1 unit: half the channels pass through, the other half is refined."""
 
-    def __init__(self, channels: int, mid_channels: int, act: str) -> None:
+    def __init__(self, channels: int, mid_channels: int) -> None:
         super().__init__()
         half = mid_channels // 2
-        self.conv_pw = ConvBNLayer(channels // 2, half, 1, act=act)
+        self.conv_pw = ConvBNLayer(channels // 2, half, 1, act="hardswish")
         self.conv_dw = ConvBNLayer(half, half, 3, groups=half, act=None)
         self.se = HardSigmoidSE(mid_channels)
-        self.conv_linear = ConvBNLayer(mid_channels, channels // 2, 1, act=act)
+        self.conv_linear = ConvBNLayer(mid_channels, channels // 2, 1, act="hardswish")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x1, x2 = x.chunk(2, dim=1)
@@ -55,15 +55,15 @@ class ESBlock(nn.Module):
 class ESBlockDown(nn.Module):
     """ESNet stride-2 unit: two downsampling branches, then a depthwise-pointwise fuse."""
 
-    def __init__(self, in_channels: int, mid_channels: int, out_channels: int, act: str) -> None:
+    def __init__(self, in_channels: int, mid_channels: int, out_channels: int) -> None:
         super().__init__()
         half = mid_channels // 2
         self.conv_dw_1 = ConvBNLayer(in_channels, in_channels, 3, 2, groups=in_channels, act=None)
-        self.conv_linear_1 = ConvBNLayer(in_channels, out_channels // 2, 1, act=act)
-        self.conv_pw_2 = ConvBNLayer(in_channels, half, 1, act=act)
+        self.conv_linear_1 = ConvBNLayer(in_channels, out_channels // 2, 1, act="hardswish")
+        self.conv_pw_2 = ConvBNLayer(in_channels, half, 1, act="hardswish")
         self.conv_dw_2 = ConvBNLayer(half, half, 3, 2, groups=half, act=None)
         self.se = HardSigmoidSE(half)
-        self.conv_linear_2 = ConvBNLayer(half, out_channels // 2, 1, act=act)
+        self.conv_linear_2 = ConvBNLayer(half, out_channels // 2, 1, act="hardswish")
         self.conv_dw_mv1 = ConvBNLayer(
             out_channels, out_channels, 3, groups=out_channels, act="hardswish"
         )
@@ -79,20 +79,14 @@ class ESNet(nn.Module):
     """Enhanced ShuffleNet (PicoDet); `channel_ratio` scales each block's hidden width."""
 
     STAGE_REPEATS = (3, 7, 3)
+    FEATURE_MAPS = (4, 11, 14)  # the blocks (counted from 2) ending strides 8, 16 and 32
 
-    def __init__(
-        self,
-        scale: float = 1.0,
-        channel_ratio: tuple[float, ...] = (1.0,) * 13,
-        feature_maps: tuple[int, ...] = (4, 11, 14),
-        act: str = "hardswish",
-    ) -> None:
+    def __init__(self, scale: float = 1.0, channel_ratio: tuple[float, ...] = (1.0,) * 13) -> None:
         super().__init__()
         if len(channel_ratio) != sum(self.STAGE_REPEATS):
             raise ValueError(f"ESNet needs {sum(self.STAGE_REPEATS)} channel ratios")
         widths = [24] + [make_divisible(c * scale, 16) for c in (128, 256, 512)]
-        self.feature_maps = tuple(feature_maps)
-        self.conv1 = ConvBNLayer(3, widths[0], 3, 2, act=act)
+        self.conv1 = ConvBNLayer(3, widths[0], 3, 2, act="hardswish")
         self.max_pool = nn.MaxPool2d(3, 2, 1)
         blocks: OrderedDict[str, nn.Module] = OrderedDict()
         self.out_channels: list[int] = []
@@ -102,12 +96,12 @@ class ESNet(nn.Module):
             for i in range(repeats):
                 mid = make_divisible(int(out_c * channel_ratio[index]), 8)
                 if i == 0:
-                    block: nn.Module = ESBlockDown(widths[stage], mid, out_c, act)
+                    block: nn.Module = ESBlockDown(widths[stage], mid, out_c)
                 else:
-                    block = ESBlock(out_c, mid, act)
+                    block = ESBlock(out_c, mid)
                 blocks[f"{stage + 2}_{i + 1}"] = block
                 index += 1
-                if index + 1 in self.feature_maps:
+                if index + 1 in self.FEATURE_MAPS:
                     self.out_channels.append(out_c)
         self.blocks = nn.Sequential(blocks)
 
@@ -116,7 +110,7 @@ class ESNet(nn.Module):
         outs = []
         for i, block in enumerate(self.blocks):
             x = block(x)
-            if i + 2 in self.feature_maps:
+            if i + 2 in self.FEATURE_MAPS:
                 outs.append(x)
         return outs
 
@@ -147,13 +141,13 @@ LCNET_STAGES: tuple[tuple[tuple[int, int, int, int, bool], ...], ...] = (
 
 
 class LCNet(nn.Module):
-    """PP-LCNet (v1) returning the outputs of stages `feature_maps` (3/4/5 = strides 8/16/32)."""
+    """PP-LCNet (v1) returning the outputs of stages FEATURE_MAPS (3/4/5 = strides 8/16/32)."""
 
+    FEATURE_MAPS = (3, 4, 5)
     blocks2: nn.Sequential  # added by add_module, as blocks3 to blocks6 are
 
-    def __init__(self, scale: float = 1.0, feature_maps: tuple[int, ...] = (3, 4, 5)) -> None:
+    def __init__(self, scale: float = 1.0) -> None:
         super().__init__()
-        self.feature_maps = tuple(feature_maps)
         self.conv1 = ConvBNLayer(3, make_divisible(16 * scale), 3, 2, act="hardswish")
         for stage, table in enumerate(LCNET_STAGES, start=2):
             layers = [
@@ -164,7 +158,7 @@ class LCNet(nn.Module):
         self.out_channels = [
             make_divisible(table[-1][2] * scale)
             for feature, table in enumerate(LCNET_STAGES[1:], start=2)
-            if feature in self.feature_maps
+            if feature in self.FEATURE_MAPS
         ]
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -172,6 +166,6 @@ class LCNet(nn.Module):
         outs = []
         for stage in range(3, 7):
             x = getattr(self, f"blocks{stage}")(x)
-            if stage - 1 in self.feature_maps:
+            if stage - 1 in self.FEATURE_MAPS:
                 outs.append(x)
         return outs

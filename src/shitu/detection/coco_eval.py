@@ -21,6 +21,7 @@ from shitu.detection.boxes import box_iou
 
 IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
 RECALL_POINTS = np.linspace(0.0, 1.0, 101)
+MAX_DETECTIONS = 100  # per image and class: pycocotools' maxDets
 
 
 def _average_precision(tp: np.ndarray, num_gt: int) -> float:
@@ -48,13 +49,12 @@ def _in_crowd(dets: np.ndarray, crowd_boxes: np.ndarray) -> np.ndarray:
 def evaluate_boxes(
     detections: Sequence[np.ndarray],
     ground_truths: Sequence[tuple[np.ndarray, np.ndarray]],
-    max_detections: int = 100,
     crowds: Sequence[tuple[np.ndarray, np.ndarray]] | None = None,
     difficult: Sequence[np.ndarray] | None = None,
 ) -> dict[str, float]:
     """Per image detections [M, 6] (cls, score, x1, y1, x2, y2) and ground truth (boxes [K, 4],
     labels [K]) -> {"mAP": AP@[.5:.95], "AP50": AP@.5}, averaged over classes with ground truth
-    that is not difficult. An image's `max_detections` best boxes of each class count
+    that is not difficult. An image's MAX_DETECTIONS best boxes of each class count
     (pycocotools' maxDets); `crowds` gives each image's crowd regions (boxes, labels), where
     detections are ignored; `difficult` each image's [K] mask of its difficult boxes."""
     crowds = crowds if crowds is not None else [(np.zeros((0, 4)), np.zeros(0))] * len(detections)
@@ -76,7 +76,7 @@ def evaluate_boxes(
         ):
             dets = np.asarray(dets, np.float64).reshape(-1, 6)
             dets = dets[dets[:, 0] == cls]  # then its best: pycocotools' maxDets is per class
-            dets = dets[np.argsort(-dets[:, 1], kind="stable")][:max_detections]
+            dets = dets[np.argsort(-dets[:, 1], kind="stable")][:MAX_DETECTIONS]
             of_class = np.asarray(gt_labels) == cls
             hard = np.asarray(hard, bool)
             all_gts = np.asarray(gt_boxes, np.float64).reshape(-1, 4)

@@ -318,21 +318,20 @@ class CocoDetection(DetectionDataset):
                     f"a JSON {type(data).__name__}, not an object of images, annotations and "
                     "categories"
                 )
-            categories = sorted(data["categories"], key=lambda c: c["id"])
+            categories = sorted(_checked_entries(data, "categories"), key=lambda c: c["id"])
             _refuse_repeated_ids("category", [c["id"] for c in categories])
             _check_category_names(categories)
             cat_index = {c["id"]: i for i, c in enumerate(categories)}
-            image_ids = [img["id"] for img in data["images"]]
+            images = _checked_entries(data, "images")
+            image_ids = [img["id"] for img in images]
             _refuse_repeated_ids("image", image_ids)
             root = Path(image_root)
-            files = {img["id"]: listed_file(root, img["file_name"]) for img in data["images"]}
-            _refuse_repeated_files(data["images"], files)
-            sizes = [_recorded_size(img) for img in data["images"]]
+            files = {img["id"]: listed_file(root, img["file_name"]) for img in images}
+            _refuse_repeated_files(images, files)
+            sizes = [_recorded_size(img) for img in images]
             per_image: dict[int, list[tuple[list[float], int, bool]]] = {i: [] for i in image_ids}
-            names = {img["id"]: img["file_name"] for img in data["images"]}
-            for position, ann in enumerate(data["annotations"]):
-                if not isinstance(ann, dict):
-                    raise ValueError(f"annotations[{position}] is {ann!r}, not an object")
+            names = {img["id"]: img["file_name"] for img in images}
+            for position, ann in enumerate(_objects(data, "annotations")):
                 name = _annotation_name(position, ann, names)
                 if "bbox" not in ann:  # a bare "no 'bbox' key" left the user to search
                     raise ValueError(f"{name}: no 'bbox' key")
@@ -384,6 +383,40 @@ class CocoDetection(DetectionDataset):
             path,
             sizes=sizes,
         )
+
+
+def _objects(data: dict, key: str) -> list[dict]:
+    """`data[key]`, a COCO file's list of objects; a ValueError naming it where it is no
+    list, or an entry that is no object (a converter's output gone wrong): they failed with
+    Python's words, "'int' object is not subscriptable", or were read as no images."""
+    entries = data[key]
+    if not isinstance(entries, list):
+        kind = type(entries).__name__
+        kind = {"dict": "object", "str": "string", "NoneType": "null"}.get(kind, kind)
+        raise ValueError(f"its {key!r} is a JSON {kind}, not a list")
+    for position, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise ValueError(f"{key}[{position}] is {entry!r}, not an object")
+    return entries
+
+
+def _checked_entries(data: dict, key: str) -> list[dict]:
+    """The images or categories of a COCO file (`_objects`), each id a number or text, of
+    one kind (the categories are sorted by id), and each image's file_name text: others
+    failed with Python's words ("unhashable type: 'list'", "'<' not supported between
+    instances of 'str' and 'int'")."""
+    entries = _objects(data, key)
+    for position, entry in enumerate(entries):
+        given = entry["id"]
+        if isinstance(given, bool) or not isinstance(given, int | str):
+            raise ValueError(f"{key}[{position}]: its id {given!r} is not a number or text")
+        if key == "images" and not isinstance(entry["file_name"], str):
+            raise ValueError(f"{key}[{position}]: its file_name {entry['file_name']!r} is not text")
+    kinds = {type(entry["id"]) for entry in entries}
+    if len(kinds) > 1:
+        mixed = [next(e["id"] for e in entries if type(e["id"]) is kind) for kind in (int, str)]
+        raise ValueError(f"the {key}' ids mix numbers and text ({mixed[0]!r}, {mixed[1]!r})")
+    return entries
 
 
 def _annotation_name(position: int, ann: dict, file_names: dict) -> str:
@@ -646,15 +679,16 @@ def _voc_list(path: Path, root: Path) -> list[tuple[Path, Path]]:
     return pairs
 
 
-def random_crop(sample: Sample, min_scale: float = 0.3, tries: int = 20) -> Sample:
-    """Crop a random window that keeps every box whose centre it contains (clipped to it)."""
+def random_crop(sample: Sample) -> Sample:
+    """Crop a random window, each side at least 0.3 of the image's, that keeps every box
+    whose centre it contains (clipped to it); 20 windows that keep none leave it uncropped."""
     image, boxes, labels = sample
     w, h = image.size
-    for _ in range(tries):
+    for _ in range(20):
         # At least a pixel: a few-pixel photo with no box to keep would otherwise be cropped
         # to nothing, and the batch that holds it fail mid-run.
-        cw = max(1, int(w * random.uniform(min_scale, 1.0)))
-        ch = max(1, int(h * random.uniform(min_scale, 1.0)))
+        cw = max(1, int(w * random.uniform(0.3, 1.0)))
+        ch = max(1, int(h * random.uniform(0.3, 1.0)))
         x0, y0 = random.randint(0, w - cw), random.randint(0, h - ch)
         centres = (boxes[:, :2] + boxes[:, 2:]) / 2
         inside = (
@@ -671,9 +705,10 @@ def random_crop(sample: Sample, min_scale: float = 0.3, tries: int = 20) -> Samp
     return sample
 
 
-def random_flip(sample: Sample, prob: float = 0.5) -> Sample:
+def random_flip(sample: Sample) -> Sample:
+    """Mirror left to right, boxes with it, half the time."""
     image, boxes, labels = sample
-    if random.random() >= prob:
+    if random.random() >= 0.5:
         return sample
     w = image.size[0]
     flipped = boxes.copy()
@@ -681,14 +716,15 @@ def random_flip(sample: Sample, prob: float = 0.5) -> Sample:
     return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT), flipped, labels
 
 
-def random_distort(sample: Sample, strength: float = 0.3, prob: float = 0.5) -> Sample:
-    """Brightness, contrast and saturation changes, each with `prob`, in random order."""
+def random_distort(sample: Sample) -> Sample:
+    """Brightness, contrast and saturation changes of up to 30%, each half the time, in
+    random order."""
     image, boxes, labels = sample
     enhancers = [ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color]
     random.shuffle(enhancers)
     for enhancer in enhancers:
-        if random.random() < prob:
-            image = enhancer(image).enhance(random.uniform(1 - strength, 1 + strength))
+        if random.random() < 0.5:
+            image = enhancer(image).enhance(random.uniform(0.7, 1.3))
     return image, boxes, labels
 
 

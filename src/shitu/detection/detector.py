@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from numbers import Integral
@@ -25,6 +26,7 @@ from shitu.detection.boxes import cell_centres, decode_distributions, level_shap
 from shitu.detection.input_size import check_input_size
 from shitu.errors import CheckpointError, ConfigError
 from shitu.fileio import refuse_non_utf8_path
+from shitu.inference.manifest import PADDLE_INFERENCE_SUFFIXES
 from shitu.onnx_input import image_input_size
 
 if TYPE_CHECKING:
@@ -40,8 +42,6 @@ PIXEL_MAX = np.float32(255.0)
 NMS_IOU = 0.6
 NMS_TOP_K = 1000
 CLASS_NAMES_KEY = "shitu.class_names"  # our ONNX export's metadata: its classes, a JSON list
-# A Paddle inference model's files (PaddleDetection's export, PP-ShiTu's mainbody download)
-PADDLE_INFERENCE_SUFFIXES = (".pdiparams", ".pdmodel")
 
 
 def exported_class_names(metadata: Mapping[str, str]) -> tuple[str, ...]:
@@ -176,7 +176,7 @@ class OnnxDetector(Detector):
     raise ValueError. Close only when no thread will call again.
     """
 
-    def __init__(self, path: str | Path, cell_offset: float = 0.5, threads: int = 0) -> None:
+    def __init__(self, path: str | Path, threads: int = 0) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -207,14 +207,14 @@ class OnnxDetector(Detector):
         outputs = session.get_outputs()
         self.decoded = [o.name for o in outputs] == ["scores", "boxes"]
         if not self.decoded:
-            self._init_paddle_layout(path, [o.shape for o in outputs], cell_offset)
+            self._init_paddle_layout(path, [o.shape for o in outputs])
         # Our export names its classes in its metadata, which also gives their count where
         # the graph leaves its class axis unsized (exports made before it was sized).
         self.class_names = exported_class_names(session.get_modelmeta().custom_metadata_map)
         width = outputs[0].shape[-1]  # class scores last, in either layout
         self.num_classes = width if isinstance(width, int) else len(self.class_names) or None
 
-    def _init_paddle_layout(self, path: str | Path, shapes: list, cell_offset: float) -> None:
+    def _init_paddle_layout(self, path: str | Path, shapes: list) -> None:
         levels = len(shapes) // 2
         strides = [8 * 2**i for i in range(levels)]
         sizes = level_shapes(*self.input_size, strides)
@@ -227,7 +227,8 @@ class OnnxDetector(Detector):
                 "PicoDet's per-level scores and box distributions (PaddleDetection's export "
                 "without post-processing)"
             )
-        self.points, self.strides = cell_centres(sizes, strides, cell_offset)
+        # PaddleDetection's PicoHead puts each cell's point at its centre (cell_offset 0.5)
+        self.points, self.strides = cell_centres(sizes, strides, 0.5)
         self.levels = levels
 
     @property
@@ -337,8 +338,13 @@ def load_detector(
                 "the pipeline's Global.det_backend: torch)"
             )
         return detector
-    if backend == "onnxruntime":
-        raise ConfigError(f"{path}: the onnxruntime backend needs an .onnx file")
+    if backend == "onnxruntime":  # named with the way to an .onnx file, and the other way
+        raise ConfigError(
+            f"{path}: the onnxruntime backend (detect's --runtime onnxruntime, the pipeline's "
+            "Global.det_backend) runs .onnx files; write this one as one with `shitu "
+            f"detect-export {shlex.quote(str(path))} --out FILE.onnx` (a .pdparams with "
+            "--det-arch), or run it with the torch backend"
+        )
     # Our PyTorch PicoDet, with the file's weights.
     import torch
 
@@ -363,11 +369,14 @@ def load_detector(
 
 
 def is_paddle_inference_model(path: Path) -> bool:
-    """A Paddle inference model's weights or graph file, or the folder holding them (as
-    PP-ShiTu's configs name their detector): weights shitu cannot read, which would
-    otherwise be refused as an unreadable checkpoint or a folder."""
+    """A Paddle inference model's weights or graph file (Paddle 3 writes the graph as
+    `model.json` beside `model.pdiparams`), or the folder holding them (as PP-ShiTu's
+    configs name their detector): weights shitu cannot read, which would otherwise be
+    refused as an unreadable checkpoint or a folder."""
     if path.is_dir():
         return any(child.suffix.lower() == ".pdiparams" for child in path.iterdir())
+    if path.suffix.lower() == ".json":
+        return path.is_file() and path.with_suffix(".pdiparams").is_file()
     return path.is_file() and path.suffix.lower() in PADDLE_INFERENCE_SUFFIXES
 
 

@@ -10,6 +10,10 @@ from torch import nn
 
 from shitu.models.layers import ConvBNLayer
 
+# The class probability the untrained head starts at (its logits' bias): the focal-loss
+# prior, so that the many background cells do not swamp the first steps.
+PRIOR_PROB = 0.01
+
 
 class PicoFeat(nn.Module):
     """Shared class/box tower: `num_convs` x (dw 5x5 -> act -> pw 1x1 -> act) per level."""
@@ -42,15 +46,13 @@ class PicoHead(nn.Module):
         num_levels: int,
         num_convs: int,
         reg_max: int,
-        prior_prob: float = 0.01,
     ) -> None:
         super().__init__()
         self.num_classes = num_classes
-        self.reg_max = reg_max
         self.conv_feat = PicoFeat(channels, num_levels, num_convs)
         out = num_classes + 4 * (reg_max + 1)
         self.head_cls = nn.ModuleList(nn.Conv2d(channels, out, 1) for _ in range(num_levels))
-        prior_bias = -math.log((1 - prior_prob) / prior_prob)
+        prior_bias = -math.log((1 - PRIOR_PROB) / PRIOR_PROB)
         for conv in self.head_cls:
             # the convs made above (ModuleList yields Modules, Conv2d's bias is optional)
             assert isinstance(conv, nn.Conv2d) and conv.bias is not None

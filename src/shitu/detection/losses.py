@@ -15,6 +15,8 @@ from shitu.detection.assigner import simota_assign
 from shitu.detection.postprocess import anchor_points, decode_boxes
 
 EPS = 1e-7
+# The weights of the VFL, GIoU and DFL losses, as PaddleDetection's PicoDet configs set them
+LOSS_WEIGHTS = (1.0, 2.0, 0.25)
 
 
 def _area(box: torch.Tensor) -> torch.Tensor:
@@ -46,13 +48,12 @@ def giou_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return 1.0 - giou(pred, target)
 
 
-def varifocal_loss(
-    logits: torch.Tensor, target: torch.Tensor, alpha: float = 0.75, gamma: float = 2.0
-) -> torch.Tensor:
+def varifocal_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Element-wise VFL: BCE against the soft target q (the IoU for the true class, else 0);
-    positives weighted by q, negatives by alpha * p^gamma (p detached)."""
+    positives weighted by q, negatives by 0.75 * p^2 (p detached; VFL's alpha and gamma, as
+    the assigner's cost has them)."""
     p = logits.sigmoid().detach()
-    weight = torch.where(target > 0, target, alpha * p.pow(gamma))
+    weight = torch.where(target > 0, target, 0.75 * p.pow(2))
     return F.binary_cross_entropy_with_logits(logits, target, reduction="none") * weight
 
 
@@ -71,8 +72,7 @@ def picodet_loss(
     reg_dists: list[torch.Tensor],
     targets: list[torch.Tensor],
     strides: list[int],
-    cell_offset: float = 0.5,
-    weights: tuple[float, float, float] = (1.0, 2.0, 0.25),
+    cell_offset: float,
 ) -> dict[str, torch.Tensor]:
     """Per-level head outputs + per-image targets [K, 5] (label, x1, y1, x2, y2) in input
     pixels -> {"loss", "loss_vfl", "loss_giou", "loss_dfl"}."""
@@ -121,6 +121,6 @@ def picodet_loss(
         loss_dfl = (dfl.mean(dim=1) * score_weight).sum() / norm
     else:
         loss_giou = loss_dfl = reg.sum() * 0.0
-    w_vfl, w_giou, w_dfl = weights
+    w_vfl, w_giou, w_dfl = LOSS_WEIGHTS
     loss = w_vfl * loss_vfl + w_giou * loss_giou + w_dfl * loss_dfl
     return {"loss": loss, "loss_vfl": loss_vfl, "loss_giou": loss_giou, "loss_dfl": loss_dfl}

@@ -166,14 +166,13 @@ def evaluate_detector(
     model: PicoDet,
     dataset: DetectionDataset,
     size: int,
-    nms_top_k: int = 200,
     progress: bool = False,
 ) -> dict[str, float]:
     """COCO mAP of `model` on `dataset`'s images (un-augmented) at input `size`, its crowd
     regions and difficult boxes ignored; `progress` draws a bar on stderr (a COCO-sized set
     takes minutes).
 
-    Keeps the `nms_top_k` best boxes per class before NMS (an untrained model scores
+    Keeps the 200 best boxes per class before NMS (an untrained model scores
     everything alike, and NMS costs grow with the candidates).
     """
     model.eval()
@@ -197,7 +196,7 @@ def evaluate_detector(
                 0.025,
                 100,
                 class_agnostic=False,
-                nms_top_k=nms_top_k,
+                nms_top_k=200,
             )
         )
     return evaluate_boxes(detections, truths, crowds=dataset.crowds, difficult=difficult)

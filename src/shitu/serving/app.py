@@ -28,6 +28,7 @@ from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import Scope
 
 from shitu import __version__
@@ -83,6 +84,7 @@ FAVICON = "static/favicon.svg"
 THUMBNAIL_SIZES = (16, 512)
 REVALIDATE = "no-cache"  # kept, but checked with the server (by ETag) before each use
 LABEL_PAGE = 200
+CLIENT_CLOSED_REQUEST = 499  # nginx's status of a request whose client left before its answer
 LABEL_IN_PATH = "/v1/gallery/labels/{label:path}"
 LABEL_IN_QUERY = "/v1/gallery/label"  # ?label=NAME
 # FastAPI parses a body as JSON when it is sent as that, or with no content type.
@@ -216,6 +218,14 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
         return JSONResponse(
             {"detail": f"the server failed: {reason} (its log has the details)"}, 500
         )
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_left(request: Request, exc: ClientDisconnect) -> Response:
+        """A client that closed its connection before its request's body came whole (an
+        upload cancelled, a network lost): no answer reaches it, and it is no failure of
+        the server's. Counted as CLIENT_CLOSED_REQUEST; it was a 500, with "Exception in
+        ASGI application" and a traceback in the log."""
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:

@@ -565,6 +565,12 @@ async def read_uploads(request: Request, schema: type[BaseModel], at_most: int) 
             f"file in field '{IMAGE_FIELD}', or application/json with base64 '{IMAGE_FIELD}'"
         )
     if not uploads.images:
+        if media == "application/json" and "images" in schema.model_fields:
+            # `{"images": []}` was told that field 'image' was missing, as if 'images' were
+            # not taken
+            raise BadRequest(
+                f"no image in the request: send '{IMAGE_FIELD}', or 'images' with at least one"
+            )
         raise BadRequest(f"missing field '{IMAGE_FIELD}': no image in the request")
     return uploads
 

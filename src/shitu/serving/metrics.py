@@ -71,6 +71,12 @@ class Metrics:
             "shitu_gallery_generation", "Writes committed to the library", registry=self.registry
         )
 
+    def count_unrouted(self, status: int) -> None:
+        """Count an answer (`status`) that the HTTP layer gave below the app, which never
+        saw the request: one that is not valid HTTP, or whose headers stopped coming. Its
+        method and route are not known."""
+        self.requests.labels("other", "unmatched", str(status)).inc()
+
     def observe_batch(self, kind: str, size: int, seconds: float) -> None:
         self.batch_size.labels(kind).observe(size)
         self.batch_seconds.labels(kind).observe(seconds)

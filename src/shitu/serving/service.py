@@ -325,8 +325,8 @@ class RecognitionService:
         return path, True
 
     def _drop_unlisted(self, written: Sequence[Path]) -> None:
-        """Delete the upload files just written that no library row names (no file is kept
-        without its row)."""
+        """Delete those of the upload files `written` (or of the rows just removed) that no
+        library row names: no file is kept without its row, nor deleted under one."""
         if not written:
             return
         listed = {entry.path for entry in self.library.snapshot.by_id.values()}
@@ -335,11 +335,13 @@ class RecognitionService:
                 _delete_upload(path)
 
     def _forget_files(self, entries: Sequence[ImageEntry]) -> None:
-        """Delete the stored uploads of removed images (files added by other means stay)."""
-        for entry in entries:
-            path = Path(entry.path)
-            if entry.path and path.parent == self.upload_dir:
-                _delete_upload(path)
+        """Delete the stored uploads of removed images (files added by other means stay),
+        but for one that another row still lists (`shitu index add --allow-duplicates`
+        added it again, under another label)."""
+        uploads = [
+            Path(e.path) for e in entries if e.path and Path(e.path).parent == self.upload_dir
+        ]
+        self._drop_unlisted(uploads)
 
 
 def _delete_upload(path: Path) -> None:
