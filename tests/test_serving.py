@@ -1477,16 +1477,29 @@ def test_requests_addressed_to_another_name_are_refused_on_loopback(
             detail = refused.json()["detail"]
             assert f"not to '{host}'" in detail and "--allowed-host NAME" in detail
     assert client.get("/v1/gallery/labels/Lemon Soda").json()["count"] == 3  # nothing removed
-    for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"shop.localhost:{port}", "[::1]"):
+    # a name in its fully qualified form, `localhost.`, is the same name
+    ours = (f"localhost:{port}", f"127.0.0.1:{port}", f"shop.localhost:{port}", "[::1]")
+    for host in (*ours, f"localhost.:{port}", "shop.localhost."):
         assert client.get("/v1/gallery/labels", headers={"Host": host}).status_code == 200, host
-    proxied = ServerProcess(serving_library, tmp_path, "--allowed-host", "Shop.Example")
+    proxied = ServerProcess(serving_library, tmp_path, "--allowed-host", "Shop.Example.")
     try:
-        address = {"Host": f"shop.example:{urlsplit(proxied.url).port}"}
-        assert httpx.get(f"{proxied.url}/v1/gallery/labels", headers=address).status_code == 200
+        for name in ("shop.example", "shop.example."):
+            address = {"Host": f"{name}:{urlsplit(proxied.url).port}"}
+            answer = httpx.get(f"{proxied.url}/v1/gallery/labels", headers=address)
+            assert answer.status_code == 200, name
         other = httpx.get(f"{proxied.url}/v1/gallery/labels", headers={"Host": "evil.example"})
         assert other.status_code == 403
     finally:
         proxied.stop()
+    # --host in capitals is loopback too: it was taken for another host (no guard, and a
+    # warning to set an API key)
+    capitals = ServerProcess(serving_library, tmp_path / "capitals", "--host", "LOCALHOST")
+    try:
+        other = httpx.get(f"{capitals.url}/v1/gallery/labels", headers={"Host": "evil.example"})
+        assert other.status_code == 403
+    finally:
+        capitals.stop()
+    assert "without an API key" not in capitals.log.read_text()
 
 
 # ------------------------------------------------------------------------------ service

@@ -75,8 +75,9 @@ def listen_host(value: str) -> str:
 
 
 def allowed_host(value: str) -> str:
-    """A host name as a Host header carries it, without a port: compared in lower case."""
-    name = value.strip().lower()
+    """A host name as a Host header carries it, without a port: compared in lower case,
+    without the trailing dot of its fully qualified form (`shop.example.`)."""
+    name = value.strip().lower().removesuffix(".")
     if not name or any(char in name for char in "/:[] "):
         raise argparse.ArgumentTypeError(
             f"expected a host name (shop.example), without a scheme, port or path: {value!r}"
@@ -206,10 +207,12 @@ def _listen(host: str, port: int) -> socket.socket:
 
 
 def _is_loopback(host: str) -> bool:
+    """Whether --host is this machine's own: host names in any case (`LOCALHOST` was taken
+    for another host: no rebinding guard, and a warning to set an API key)."""
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
-        return host == "localhost"
+        return host.lower().removesuffix(".") == "localhost"
 
 
 def _server_that_stops_waiting(server: type[Server], library: SharedLibrary) -> type[Server]:

@@ -234,9 +234,11 @@ class AllowedHosts(HttpMiddleware):
 
 def _host_allowed(host: str, allowed: frozenset[str]) -> bool:
     """Whether a Host header (`name[:port]`, `[v6]:port`) names an IP address, localhost, a
-    name under .localhost (browsers resolve those to loopback themselves) or an allowed name."""
+    name under .localhost (browsers resolve those to loopback themselves) or an allowed name;
+    a name in its fully qualified form (`localhost.`, as a browser sends a URL written so)
+    is the same name."""
     try:
-        name = urlsplit(f"//{host}").hostname or ""
+        name = (urlsplit(f"//{host}").hostname or "").removesuffix(".")
     except ValueError:  # an unclosed '[', say
         return False
     try:
