@@ -1064,6 +1064,11 @@ def test_build_out_a_link_to_a_folder_elsewhere_makes_the_library_there(models, 
         (["index", "rebuild", ""], "library"),
         (["index", "search", "", "photos"], "library"),
         (["eval-pipeline", "--queries", ""], "--queries"),
+        (["extract", "photos", "--out", ""], "--out"),
+        (["convert", "", "--out", "w.safetensors"], "weights"),
+        (["convert", "w.pdparams", "--out", ""], "--out"),
+        (["average", "a.safetensors", "", "--out", "w.safetensors"], "weights"),
+        (["average", "a.safetensors", "b.safetensors", "--out", ""], "--out"),
     ],
 )
 def test_an_empty_path_that_must_be_given_is_refused_naming_it(
@@ -1072,7 +1077,8 @@ def test_an_empty_path_that_must_be_given_is_refused_naming_it(
     """`shitu index build "$PHOTOS" --out LIB` with the variable unset built a library of
     every image under the working directory, as Path("") names it (and `index stats
     "$LIB"` said `.` was no library): an empty source, library or required --out is
-    refused, naming the argument, and nothing is written."""
+    refused, naming the argument, and nothing is written (`extract --out ""` was said to
+    name a folder; `convert ""` and `average`'s empty --out to be `.`)."""
     make_images(tmp_path / "photos", 1)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as stopped:
