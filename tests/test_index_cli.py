@@ -1009,12 +1009,12 @@ def test_reembed_reads_the_files_of_a_moved_folder_where_it_says_and_records_the
     assert done.returncode == 0 and "re-embedded 3 images" in done.stdout, done.stderr
     # Another model than the library's, easily unmeant where the point was --moved: said
     assert "note: the library held model " in done.stderr
-    assert "it is searched with it from now on" in done.stderr
+    assert f"; search it with --model {models[512]} from now on\n" in done.stderr
     same = shitu("index", "reembed", lib, "--model", models[512])
     assert same.returncode == 0 and same.stderr == "", same.stderr
     shipped = shitu("index", "reembed", lib, "--moved", tmp_path / "moved", tmp_path / "moved")
     assert shipped.returncode == 0, shipped.stderr
-    assert "searched with the model shipped with shitu (no --model)" in shipped.stderr
+    assert "search it with no --model (the model shipped with shitu) from now" in shipped.stderr
     assert shitu("index", "reembed", lib, "--model", models[512]).returncode == 0
     listed = shitu("index", "list", lib, "--images")
     assert [line.split("\t")[2] for line in listed.stdout.splitlines()] == [str(p) for p in now]
