@@ -308,6 +308,24 @@ def test_a_detector_architecture_without_a_detector_model_is_warned_about(caplog
     assert build_detector(load_pipeline_config(None)) is None and not caplog.text
 
 
+def test_detector_settings_no_detector_reads_are_warned_about(caplog):
+    """`-o Global.threshold=0.5` without --detector changed nothing, without a word: a
+    detector setting given away from its default is named where no detector reads it
+    (plain-background reads max_det_results, not threshold)."""
+    settings = ["Global.threshold=0.5", "Global.max_det_results=2"]
+    config = load_pipeline_config(None, settings)
+    assert build_detector(config) is None
+    assert "Global.threshold 0.5 is not used: no detector is given (--detector)" in caplog.text
+    assert "Global.max_det_results 2 is not used: no detector is given" in caplog.text
+    caplog.clear()
+    plain = load_pipeline_config(
+        None, [*settings, "Global.det_inference_model_dir=plain-background"]
+    )
+    assert build_detector(plain) is not None
+    assert "Global.threshold 0.5 is not used: plain-background scores every region" in caplog.text
+    assert "max_det_results" not in caplog.text
+
+
 def test_the_plain_background_detector_finds_boxes_in_a_wide_panorama(setup):
     """A shelf at the end of a photo 8 times as wide: a copy only 1024 px long would leave
     its products a few dozen pixels high; a megapixel copy keeps them large enough."""
