@@ -260,10 +260,14 @@ def load_extractor(config: PipelineConfig) -> FeatureExtractor:
     except CheckpointError as exc:
         if g.rec_inference_model_dir is None:
             raise
-        raise CheckpointError(
-            f"Global.rec_inference_model_dir (--model): {exc} (set it to null, or give "
-            "no --model, for the model shipped with shitu)"
-        ) from None
+        # The way back to the shipped model, unless the error gives it already (a library
+        # given as the model: "or none for the shipped model"), which said it twice.
+        shipped = (
+            ""
+            if "shipped model" in str(exc)
+            else " (set it to null, or give no --model, for the model shipped with shitu)"
+        )
+        raise CheckpointError(f"Global.rec_inference_model_dir (--model): {exc}{shipped}") from None
 
 
 class Recognizer:
