@@ -722,9 +722,12 @@ def test_commands_given_all_weights_do_not_need_the_imagenet_package(tmp_path, m
     assert main(["info", "-c", name, "--batch-size", "1"]) == 2
 
 
-def test_an_export_without_a_threshold_warns_that_recognition_uses_the_default(tmp_path, caplog):
+def test_an_export_without_a_threshold_warns_that_recognition_uses_the_default(
+    tmp_path, caplog, capsys
+):
     """Without --score-thres the export records no threshold and recognition falls back to
-    PP-ShiTuV2's 0.5: the user is told, with how to calibrate one; with it, nothing."""
+    PP-ShiTuV2's 0.5: the user is told, with how to calibrate one; with it, nothing but the
+    threshold recorded, in the line that says what was written."""
     config = tmp_path / "tiny.yaml"
     config.write_text(
         "Global: {image_shape: [3, 32, 32]}\n"
@@ -734,7 +737,9 @@ def test_an_export_without_a_threshold_warns_that_recognition_uses_the_default(t
     with caplog.at_level(logging.WARNING, logger="shitu"):
         assert shitu_main([*export, str(tmp_path / "calibrated"), "--score-thres", "0.6"]) == 0
         assert not caplog.records
+        assert capsys.readouterr().out.endswith(", recognition threshold 0.6\n")
         assert shitu_main([*export, str(tmp_path / "default")]) == 0
+        assert "threshold" not in capsys.readouterr().out
     assert read_manifest(tmp_path / "default")["score_thres"] is None
     # without --out, where the config says, as PaddleClas's export writes
     setting = f"Global.save_inference_dir={tmp_path / 'inference'}"

@@ -38,7 +38,7 @@ import pytest
 from shitu import checkpoint
 from shitu.cli import average as average_cli
 from shitu.cli import index as index_cli
-from shitu.cli.common import OVERRIDE_FLAGS, separate_overrides
+from shitu.cli.common import OVERRIDE_FLAGS, required_path, separate_overrides
 from shitu.cli.main import build_parser
 from shitu.cli.recognize import pipeline_config_from_args
 from shitu.config import load_config
@@ -409,7 +409,7 @@ def _fill_placeholders(parser: argparse.ArgumentParser, argv: list[str]) -> list
         elif (
             action is not None
             and re.fullmatch(r"[A-Z][A-Z0-9_]*", word)
-            and action.type not in (None, str, Path)
+            and action.type not in (None, str, Path, required_path)  # a path is any word
         ):
             for candidate in PLACEHOLDER_VALUES:
                 try:
@@ -496,8 +496,8 @@ def static_checks(args: argparse.Namespace, monkeypatch: pytest.MonkeyPatch, tmp
         index_cli._search_options(args, args.index_type)
 
 
-def _placeholder(value: str | None) -> bool:
-    return value is not None and bool(re.fullmatch(r"[A-Z][A-Z0-9_]*", value))
+def _placeholder(value: str | Path | None) -> bool:
+    return value is not None and bool(re.fullmatch(r"[A-Z][A-Z0-9_]*", str(value)))
 
 
 def _reach_work(*_args: object, **_kwargs: object) -> None:

@@ -1009,12 +1009,12 @@ def test_reembed_reads_the_files_of_a_moved_folder_where_it_says_and_records_the
     assert done.returncode == 0 and "re-embedded 3 images" in done.stdout, done.stderr
     # Another model than the library's, easily unmeant where the point was --moved: said
     assert "note: the library held model " in done.stderr
-    assert "it is searched with it from now on" in done.stderr
+    assert f"; search it with --model {models[512]} from now on\n" in done.stderr
     same = shitu("index", "reembed", lib, "--model", models[512])
     assert same.returncode == 0 and same.stderr == "", same.stderr
     shipped = shitu("index", "reembed", lib, "--moved", tmp_path / "moved", tmp_path / "moved")
     assert shipped.returncode == 0, shipped.stderr
-    assert "searched with the model shipped with shitu (no --model)" in shipped.stderr
+    assert "search it with no --model (the model shipped with shitu) from now" in shipped.stderr
     assert shitu("index", "reembed", lib, "--model", models[512]).returncode == 0
     listed = shitu("index", "list", lib, "--images")
     assert [line.split("\t")[2] for line in listed.stdout.splitlines()] == [str(p) for p in now]
@@ -1064,6 +1064,11 @@ def test_build_out_a_link_to_a_folder_elsewhere_makes_the_library_there(models, 
         (["index", "rebuild", ""], "library"),
         (["index", "search", "", "photos"], "library"),
         (["eval-pipeline", "--queries", ""], "--queries"),
+        (["extract", "photos", "--out", ""], "--out"),
+        (["convert", "", "--out", "w.safetensors"], "weights"),
+        (["convert", "w.pdparams", "--out", ""], "--out"),
+        (["average", "a.safetensors", "", "--out", "w.safetensors"], "weights"),
+        (["average", "a.safetensors", "b.safetensors", "--out", ""], "--out"),
     ],
 )
 def test_an_empty_path_that_must_be_given_is_refused_naming_it(
@@ -1072,7 +1077,8 @@ def test_an_empty_path_that_must_be_given_is_refused_naming_it(
     """`shitu index build "$PHOTOS" --out LIB` with the variable unset built a library of
     every image under the working directory, as Path("") names it (and `index stats
     "$LIB"` said `.` was no library): an empty source, library or required --out is
-    refused, naming the argument, and nothing is written."""
+    refused, naming the argument, and nothing is written (`extract --out ""` was said to
+    name a folder; `convert ""` and `average`'s empty --out to be `.`)."""
     make_images(tmp_path / "photos", 1)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as stopped:

@@ -308,6 +308,24 @@ def test_a_detector_architecture_without_a_detector_model_is_warned_about(caplog
     assert build_detector(load_pipeline_config(None)) is None and not caplog.text
 
 
+def test_detector_settings_no_detector_reads_are_warned_about(caplog):
+    """`-o Global.threshold=0.5` without --detector changed nothing, without a word: a
+    detector setting given away from its default is named where no detector reads it
+    (plain-background reads max_det_results, not threshold)."""
+    settings = ["Global.threshold=0.5", "Global.max_det_results=2"]
+    config = load_pipeline_config(None, settings)
+    assert build_detector(config) is None
+    assert "Global.threshold 0.5 is not used: no detector is given (--detector)" in caplog.text
+    assert "Global.max_det_results 2 is not used: no detector is given" in caplog.text
+    caplog.clear()
+    plain = load_pipeline_config(
+        None, [*settings, "Global.det_inference_model_dir=plain-background"]
+    )
+    assert build_detector(plain) is not None
+    assert "Global.threshold 0.5 is not used: plain-background scores every region" in caplog.text
+    assert "max_det_results" not in caplog.text
+
+
 def test_the_plain_background_detector_finds_boxes_in_a_wide_panorama(setup):
     """A shelf at the end of a photo 8 times as wide: a copy only 1024 px long would leave
     its products a few dozen pixels high; a megapixel copy keeps them large enough."""
@@ -942,6 +960,21 @@ def test_a_missing_model_or_detector_from_a_config_file_names_the_file_and_key(
     err = capsys.readouterr().err
     assert err.startswith(f"error: {config}: IndexProcess.index_dir: {setup['library']}: ")
     assert "pass the --model export that built the library" in err and err.count("\n") == 1
+
+
+def test_a_library_given_as_the_model_is_told_of_the_shipped_model_once(setup, capsys):
+    """`--model LIB` was told to give it as --gallery, 'and as --model the export that built
+    it, or none for the shipped model', then '(set it to null, or give no --model, for the
+    model shipped with shitu)' again; a model path that is not there keeps that way out."""
+    photo, lib = str(setup["queries"][0].path), str(setup["library"])
+    assert shitu_main(["recognize", photo, "--gallery", lib, "--model", lib]) == 2
+    err = capsys.readouterr().err
+    assert "is a gallery library, not an exported model: give it as --gallery" in err
+    assert "set it to null" not in err
+    assert shitu_main(["recognize", photo, "--gallery", lib, "--model", "no_such_model"]) == 2
+    assert capsys.readouterr().err.endswith(
+        "no such folder (set it to null, or give no --model, for the model shipped with shitu)\n"
+    )
 
 
 def test_recognize_cli_skips_an_image_over_the_pixel_limit(setup, tmp_path, capsys):

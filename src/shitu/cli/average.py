@@ -10,6 +10,7 @@ from shitu.cli.common import (
     arch_of_model,
     config_from_args,
     model_from_config,
+    required_path,
     weights_folder,
     writable_weights_file,
 )
@@ -30,8 +31,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Evaluate the result with `shitu eval`."
         ),
     )
-    parser.add_argument("weights", nargs="+", help=".safetensors, .pt or .pth checkpoints")
-    parser.add_argument("--out", required=True, help="output file: .safetensors, .pt or .pth")
+    parser.add_argument(
+        "weights", type=required_path, nargs="+", help=".safetensors, .pt or .pth checkpoints"
+    )
+    parser.add_argument(
+        "--out", type=required_path, required=True, help="output file: .safetensors, .pt or .pth"
+    )
     parser.add_argument(
         "--weighting",
         nargs="+",
@@ -106,7 +111,7 @@ def _average(args: argparse.Namespace) -> int:
             done += f" weighted {' : '.join(f'{w:g}' for w in args.weighting)}"
     else:
         state, metadata = read_weights(args.weights[0])
-        done = args.weights[0]
+        done = str(args.weights[0])
     if config is not None:
         if metadata.get(REPARAMETERIZED) == "true":  # its tensors are not the config's
             raise CheckpointError(

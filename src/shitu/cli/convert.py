@@ -11,6 +11,7 @@ from shitu.cli.common import (
     count_of,
     count_parameters,
     model_from_config,
+    required_path,
     weights_folder,
     writable_weights_file,
 )
@@ -26,8 +27,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "describes, check every tensor fits, and write a .safetensors (or .pt) checkpoint."
         ),
     )
-    parser.add_argument("weights", help="source weights: .pdparams, .safetensors, .pt or .pth")
-    parser.add_argument("--out", required=True, help="output file: .safetensors, .pt or .pth")
+    parser.add_argument(
+        "weights", type=required_path, help="source weights: .pdparams, .safetensors, .pt or .pth"
+    )
+    parser.add_argument(
+        "--out", type=required_path, required=True, help="output file: .safetensors, .pt or .pth"
+    )
     add_config_arguments(parser)
     parser.add_argument(
         "--reparameterize",

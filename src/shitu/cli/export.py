@@ -102,9 +102,14 @@ def run(args: argparse.Namespace) -> int:
         )
     manifest = read_manifest(out)
     files = ", ".join(manifest["files"])
+    # The threshold recorded, as the warning below says where none is: nothing confirmed
+    # which one recognition with the export will use.
+    threshold = manifest.get("score_thres")
+    recorded = "" if threshold is None else f", recognition threshold {threshold:g}"
     print(
         f"wrote {out}: {files}, {manifest['arch_name']}, {manifest['embedding_size']}-d features, "
         f"input {manifest['preprocessing']['crop'] or manifest['preprocessing']['resize']}"
+        f"{recorded}"
     )
     if args.score_thres is None:
         _warn_of_default_threshold()

@@ -17,6 +17,7 @@ from shitu.cli.common import (
     expand_images,
     positive_int,
     progress_wanted,
+    required_path,
     skip_reason,
 )
 from shitu.errors import DataError
@@ -51,6 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--out",
+        type=_output_prefix,
         required=True,
         help="output prefix: writes PREFIX.npy, .txt (feats or feats.npy), replacing an earlier "
         "run's pair (one of the two alone is refused)",
@@ -71,6 +73,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_progress_argument(parser)
     parser.set_defaults(func=run)
+
+
+def _output_prefix(text: str) -> str:
+    """--out as typed, a trailing / included (which `run` refuses as a folder); '' (`"$FEATS"`
+    of an unset variable) is refused as `required_path` refuses it: it was said to name a
+    folder, `--out : names a folder`."""
+    required_path(text)
+    return text
 
 
 def run(args: argparse.Namespace) -> int:

@@ -732,10 +732,14 @@ def run_reembed(args: argparse.Namespace) -> int:
         )
     print(f"re-embedded {count_of(count, 'image')} with model {model.fingerprint}")
     if before != model.fingerprint:  # easily unmeant: a reembed for --moved without --model
-        given = "the model shipped with shitu (no --model)" if args.model is None else "it"
+        # The model by its flag: "searched with it" read as the model it held before.
+        given = (
+            "no --model (the model shipped with shitu)"
+            if args.model is None
+            else f"--model {args.model}"
+        )
         print(
-            f"note: the library held model {before}'s features; it is searched with {given} "
-            "from now on",
+            f"note: the library held model {before}'s features; search it with {given} from now on",
             file=sys.stderr,
         )
     return 0

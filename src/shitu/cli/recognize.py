@@ -159,7 +159,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "For each image: mainbody boxes from the detector (none: the whole image), crops "
             "embedded in one batch, each box labelled by its best gallery hit if the score "
             "passes the threshold, overlapping results reduced by NMS. Prints one JSON line "
-            "per image (or a table); folders are searched for images."
+            "per image (or a table); an image that cannot be read gets no JSON line, a warning "
+            "on stderr names it (the table lists it as skipped). Folders are searched for "
+            "images."
         ),
     )
     parser.add_argument("images", nargs="+", help="image files and/or folders")

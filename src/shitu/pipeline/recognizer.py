@@ -194,6 +194,7 @@ def build_detector(config: PipelineConfig) -> MainbodyDetector | None:
                 config.Global.det_arch,
                 "no detector is given" if name is None else f"{PLAIN_BACKGROUND} has no model",
             )
+        _warn_of_unused_detector_settings(config)
         return None if name is None else PlainBackgroundDetector()
     path = Path(name)
     key = "Global.det_inference_model_dir (--detector)"
@@ -230,6 +231,21 @@ def build_detector(config: PipelineConfig) -> MainbodyDetector | None:
     return load_detector(name, g.det_backend, g.det_arch, size, g.cpu_num_threads)
 
 
+def _warn_of_unused_detector_settings(config: PipelineConfig) -> None:
+    """Name the detector settings set away from their defaults that no detector reads: `-o
+    Global.threshold=0.5` without --detector changed nothing, without a word. Without a
+    detector neither applies; plain-background boxes every region it finds at score 1."""
+    g = config.Global
+    unused = {"threshold": g.threshold}
+    why = f"{PLAIN_BACKGROUND} scores every region it finds 1"
+    if config.detector is None:
+        unused["max_det_results"] = g.max_det_results
+        why = "no detector is given (--detector)"
+    for key, value in unused.items():
+        if value != type(g).model_fields[key].default:
+            logger.warning("Global.%s %s is not used: %s", key, value, why)
+
+
 def load_extractor(config: PipelineConfig) -> FeatureExtractor:
     """The config's recognition model (the shipped one unless Global.rec_inference_model_dir)
     on its runtime; one that cannot be loaded is a CheckpointError naming the key."""
@@ -244,10 +260,14 @@ def load_extractor(config: PipelineConfig) -> FeatureExtractor:
     except CheckpointError as exc:
         if g.rec_inference_model_dir is None:
             raise
-        raise CheckpointError(
-            f"Global.rec_inference_model_dir (--model): {exc} (set it to null, or give "
-            "no --model, for the model shipped with shitu)"
-        ) from None
+        # The way back to the shipped model, unless the error gives it already (a library
+        # given as the model: "or none for the shipped model"), which said it twice.
+        shipped = (
+            ""
+            if "shipped model" in str(exc)
+            else " (set it to null, or give no --model, for the model shipped with shitu)"
+        )
+        raise CheckpointError(f"Global.rec_inference_model_dir (--model): {exc}{shipped}") from None
 
 
 class Recognizer:
