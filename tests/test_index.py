@@ -1979,3 +1979,24 @@ def test_a_folder_in_a_label_file_is_refused_naming_its_line(tmp_path):
         "(a folder of images is given to the command itself, with --label LABEL where it "
         "takes one, or as FOLDER/LABEL/IMAGE)"
     )
+
+
+def test_one_label_over_a_folder_per_label_tree_is_warned_of(tmp_path, caplog):
+    """`shitu index build my_products --label X` gave every image of a folder-per-label
+    tree the one label without a word; it is warned of, with the sub-folders that would
+    label them. A folder with images of its own, or one sub-folder, says nothing."""
+    for name in ("Apple", "Kiwi", "Lemon", "Milk"):
+        make_images(tmp_path / "tree" / name, 1)
+    make_images(tmp_path / "one" / "front", 2)
+    make_images(tmp_path / "loose", 1)
+    make_images(tmp_path / "loose" / "back", 1)
+    with caplog.at_level(logging.WARNING, logger="shitu.index"):
+        collect_items([tmp_path / "one", tmp_path / "loose"], label="X")
+        assert caplog.messages == []
+        items = collect_items([tmp_path / "tree"], label="X")
+    assert {item.label for item in items} == {"X"} and len(items) == 4
+    assert caplog.messages == [
+        f"{tmp_path / 'tree'}: --label 'X' gives all 4 images one label, though they lie in 4 "
+        "sub-folders (Apple, Kiwi, Lemon and 1 more), which label them without --label: leave "
+        "it out to label each image by its folder"
+    ]

@@ -12,7 +12,7 @@ from numbers import Integral
 from pathlib import Path
 from typing import cast
 
-from shitu.errors import DataError
+from shitu.errors import DataError, first_few
 from shitu.fileio import (
     SAVE_AS_UTF8,
     is_given_path,
@@ -275,6 +275,28 @@ def scan_label_folders(
     ]
 
 
+def _warn_of_one_label_over_folders(folder: Path, images: list[Path], label: str) -> None:
+    """Warn where --label gives one label to a folder whose images all lie in two or more
+    sub-folders: most likely a folder-per-label tree (`my_products/Apple/`), which without
+    --label would be labelled by them. (Photos of one product in `front/` and `back/` are
+    meant so: hence a warning.)"""
+    if any(image.parent == folder for image in images):
+        return
+    names = sorted({image.relative_to(folder).parts[0] for image in images})
+    if len(names) < 2:
+        return
+    logger.warning(
+        "%s: --label %r gives all %d images one label, though they lie in %d sub-folders "
+        "(%s), which label them without --label: leave it out to label each image by its "
+        "folder",
+        folder,
+        label,
+        len(images),
+        len(names),
+        first_few(names, 3),
+    )
+
+
 def _found(path: Path, resolve: bool) -> Path:
     """`path` resolved where `resolve` (see `collect_items`), else as found."""
     return path.resolve() if resolve else path
@@ -370,6 +392,7 @@ def collect_items(
                 items.extend(scan_label_folders(source, one_label_option, leaf_labels, resolve))
             else:
                 images = scan_images(source, foreign=gallery_libraries())
+                _warn_of_one_label_over_folders(source, images, label)
                 items.extend(GalleryItem(_found(image, resolve), label) for image in images)
         elif source.is_file() and source.suffix.lower() in IMAGE_SUFFIXES:
             if label is None:
