@@ -968,6 +968,7 @@ def test_export_refuses_a_file_name_for_out(tmp_path):
     weights = f"Global.pretrained_model={default_model_dir() / 'model.safetensors'}"
     export = ["export", "-c", "GroceryStore_EfficientNetLite0", "-o", weights, "--compact",
               "--score-thres", "0.6", "--out"]  # fmt: skip
+    (tmp_path / "notes.txt").write_text("not an export's")
     out = tmp_path / "model.onnx"
     result = run_shitu(*export, str(out))
     assert result.returncode == 2 and not out.exists()
@@ -975,6 +976,11 @@ def test_export_refuses_a_file_name_for_out(tmp_path):
         f"error: {out}: a file's name, but an export is a folder (model.onnx, model.safetensors "
         f"and shitu_model.json go into it); give a folder for --out, e.g. {tmp_path / 'model'}\n"
     )
+    # an export's own file in a folder it may go into: that folder is the one meant
+    out = tmp_path / "m3" / "model.onnx"
+    result = run_shitu(*export, str(out))
+    assert result.returncode == 2 and not out.exists()
+    assert result.stderr.endswith(f"give a folder for --out, e.g. {tmp_path / 'm3'}\n")
     shutil.copytree(default_model_dir(), tmp_path / "old.onnx")  # an export of that name
     assert run_shitu(*export, str(tmp_path / "old.onnx")).returncode == 0
 

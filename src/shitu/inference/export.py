@@ -262,6 +262,14 @@ def _write_refused(out_dir: Path, exc: OSError) -> ExportError:
     return ExportError(f"cannot write the export to {out_dir}: {write_failure_reason(exc)}")
 
 
+def _may_hold_an_export(folder: Path) -> bool:
+    """Whether an export could be written to `folder` as a whole: a new or empty folder,
+    or an earlier export, other than the working directory."""
+    if folder.resolve() == Path.cwd().resolve():
+        return False
+    return not folder.is_dir() or not any(folder.iterdir()) or (folder / MANIFEST).is_file()
+
+
 def _check_target(out_dir: Path) -> None:
     # A file on the way would fail the write with a bare "File exists" / "Not a directory".
     in_the_way = next((p for p in out_dir.parents if p.exists() and not p.is_dir()), None)
@@ -271,9 +279,16 @@ def _check_target(out_dir: Path) -> None:
         )
     file_like = out_dir.suffix.lower() in (".onnx", ".json", *WEIGHT_SUFFIXES)
     if file_like and not (out_dir / MANIFEST).is_file():  # `--out model.onnx` made a folder
+        # `--out m3/model.onnx`, an export's own file named: the folder meant is m3, where
+        # an export may go there (not the working directory, nor a folder of other files)
+        meant = (
+            out_dir.parent
+            if out_dir.name in EXPORT_FILES and _may_hold_an_export(out_dir.parent)
+            else out_dir.with_suffix("")
+        )
         raise ExportError(
             f"{out_dir}: a file's name, but an export is a folder ({ONNX_FILE}, {TORCH_FILE} "
-            f"and {MANIFEST} go into it); give a folder for --out, e.g. {out_dir.with_suffix('')}"
+            f"and {MANIFEST} go into it); give a folder for --out, e.g. {meant}"
         )
     if not out_dir.exists():
         return
