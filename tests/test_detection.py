@@ -570,10 +570,17 @@ def test_load_detector_errors(tmp_path: Path, caplog) -> None:
     params = tmp_path / "model.pdparams"
     params.write_bytes(b"x")
     with pytest.raises(
-        ConfigError, match=r"holds only weights; name its .*one of picodet_s_esnet, "
+        ConfigError,
+        match=r"holds only weights; name its architecture \(--det-arch, the pipeline's "
+        r"Global.det_arch\), one of picodet_s_esnet, ",
     ):
-        load_detector(params)  # the names to choose from, not the Python keyword
-    with pytest.raises(ConfigError, match="unknown detector architecture"):
+        load_detector(params)  # the names to choose from, and where they are given
+    # with where it was given (it named neither)
+    with pytest.raises(
+        ConfigError,
+        match=r"^unknown detector architecture 'nope' \(--det-arch, the pipeline's "
+        r"Global.det_arch\); known: picodet_s_esnet, ",
+    ):
         load_detector(params, arch="nope")
     # named with the way to an .onnx file (it was "the onnxruntime backend needs an .onnx file")
     with pytest.raises(ConfigError) as caught:

@@ -353,15 +353,20 @@ def load_detector(
 
     if num_threads:
         torch.set_num_threads(num_threads)  # process-wide, as the recogniser's torch backend
+    # Said with where an architecture is named (the commands' --det-arch, a pipeline
+    # config's Global.det_arch; load_detector's arch= for a Python caller) and the names.
+    where = "--det-arch, the pipeline's Global.det_arch"
+    if isinstance(arch, str) and arch not in ARCHS and suffix in (".onnx", ".pdparams"):
+        raise ConfigError(
+            f"unknown detector architecture '{arch}' ({where}); known: {', '.join(ARCHS)}"
+        )
     if suffix == ".onnx":
         return TorchDetector(load_onnx_weights(path, arch), input_size)
     if suffix == ".pdparams":
         if arch is None:
-            # Said with the names to choose from: the option differs by caller (detect's
-            # --arch, the pipeline's --det-arch / Global.det_arch, load_detector's arch=).
             raise ConfigError(
-                f"{path}: a .pdparams file holds only weights; name its architecture, one of "
-                f"{', '.join(ARCHS)}"
+                f"{path}: a .pdparams file holds only weights; name its architecture ({where}), "
+                f"one of {', '.join(ARCHS)}"
             )
         return TorchDetector(load_pdparams(path, arch), input_size)
     _ignored_arch(path, arch, "our checkpoints carry their own")
