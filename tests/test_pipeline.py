@@ -215,6 +215,9 @@ def test_the_recogniser_names_what_it_cannot_take(setup, recognizer):
             r", 4\) \(RGBA: image\[:, :, :3\] drops the alpha\)$",
         ),
         ([photo / 255.0], r"got float64 .*\(image \* 255\).round\(\).astype\(np.uint8\)"),
+        # a tensor's layouts, channels first and a batch of one
+        ([photo.transpose(2, 0, 1)], r", \d+\) \(channels first: image.transpose\(1, 2, 0\) "),
+        ([photo[None]], r", 3\) \(a batch of one: image\[0\] is the image\)$"),
         ([setup["queries"][0].path], r"got PosixPath \(an image file: shitu.inference.read_rgb"),
         ([b"\xff\xd8"], r"got bytes \(an encoded image: shitu.inference.decode_rgb\(data\)"),
     ):

@@ -167,6 +167,10 @@ def _rgb_hint(image: np.ndarray) -> str:
         return " (grey: np.dstack([image] * 3) makes it RGB)"
     if image.ndim == 3 and image.shape[2] == 4:
         return " (RGBA: image[:, :, :3] drops the alpha)"
+    if image.ndim == 3 and image.shape[0] == 3:  # a tensor's layout, CxHxW
+        return " (channels first: image.transpose(1, 2, 0) makes it HxWx3)"
+    if image.ndim == 4 and image.shape[0] == 1 and image.shape[3] == 3:
+        return " (a batch of one: image[0] is the image)"
     return ""
 
 
