@@ -873,6 +873,8 @@ def test_recognize_cli_fails_clearly_when_there_is_nothing_to_recognise(setup, t
     assert shitu_main(["recognize", photo, "--no-progress"]) == 2  # --gallery forgotten
     err = capsys.readouterr().err
     assert "no gallery library given: pass --gallery LIB" in err and "shitu index build" in err
+    with pytest.raises(ConfigError, match=r"--gallery LIB \(in Python, Recognizer.open\(LIB\)"):
+        Recognizer.from_config(load_pipeline_config())  # and how a Python caller gives one
     # A file (or a device) where the folder goes, or where a parent goes: named, in words,
     # as for every output folder (check_writable), not as an errno ("File exists").
     assert shitu_main(["recognize", photo, *common, "--save-vis", str(broken)]) == 2

@@ -356,8 +356,9 @@ class Recognizer:
         g = config.Global
         if not config.IndexProcess.index_dir:
             raise ConfigError(
-                "IndexProcess.index_dir: no gallery library given: pass --gallery LIB, a "
-                "library that `shitu index build IMAGES --out LIB` makes from labelled images"
+                "IndexProcess.index_dir: no gallery library given: pass --gallery LIB (in "
+                "Python, Recognizer.open(LIB), or index_dir in the config), a library that "
+                "`shitu index build IMAGES --out LIB` makes from labelled images"
             )
         with ExitStack() as opened:  # each closed again if a later step fails
             if detector is None:
