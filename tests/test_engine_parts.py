@@ -319,6 +319,15 @@ def test_combined_loss_weights_keys_and_paddleclas_feature_from():
     ):
         loss.attach(RecModel(torch.nn.Flatten()))
     loss.attach(RecModel(torch.nn.Flatten(), head=torch.nn.Identity()))
+    # The neck's output is missing for want of a neck, which a head does not give.
+    with pytest.raises(
+        ConfigError,
+        match=r"reads model output 'neck'.*gives backbone, features, logits\); add "
+        r"an Arch\.Neck or set TripletLoss\.input_key",
+    ):
+        CombinedLoss([{"TripletLoss": {"input_key": "neck"}}]).attach(
+            RecModel(torch.nn.Flatten(), head=torch.nn.Identity())
+        )
 
     # Each item weighted and fed its own output; a repeated name gets a numbered key.
     items = [

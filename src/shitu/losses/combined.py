@@ -80,9 +80,12 @@ class CombinedLoss(nn.Module):
         loaded."""
         for name, key in zip(self.names, self.input_keys, strict=True):
             if key not in model.output_keys:
+                # Only the neck's and the head's outputs can be missing: name the section
+                # that gives the one read (an Arch.Head gives no 'neck').
+                section = "Arch.Neck" if key == "neck" else "Arch.Head"
                 raise ConfigError(
                     f"Loss.Train: {name} reads model output '{key}', which this model does "
-                    f"not produce (it gives {', '.join(model.output_keys)}); add an Arch.Head "
+                    f"not produce (it gives {', '.join(model.output_keys)}); add an {section} "
                     f"or set {name}.input_key"
                 )
         checked = [
