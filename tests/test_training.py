@@ -1857,6 +1857,33 @@ def test_a_signal_says_the_run_stops_after_this_step_and_a_second_stops_it_now(
     assert signal.getsignal(signal.SIGINT) is before
 
 
+def test_a_second_ctrl_c_says_which_checkpoint_resumes_the_run(
+    grocery, tmp_path, capsys, monkeypatch, request
+):
+    """A second Ctrl-C stops the run at once, without a checkpoint of the steps since its
+    last: "interrupted" alone did not say that the epoch before was saved, nor how to
+    resume from it."""
+    path = tiny_config(grocery, tmp_path, epochs=2, eval_during_train=False)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
+    step = Trainer._step
+
+    def pressed_twice_in_step_6(self, images, labels):
+        if self.progress.global_step == 5:  # the first epoch's 4 steps are saved
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
+        return step(self, images, labels)
+
+    monkeypatch.setattr(Trainer, "_step", pressed_twice_in_step_6)
+    assert main(["train", "-c", str(path)]) == 130
+    latest = tmp_path / "output" / "latest.pt"
+    assert capsys.readouterr().err.splitlines()[-2:] == [
+        "stopped at once at step 5, without a checkpoint since step 4: resume from the run's "
+        f"last checkpoint with -o Global.checkpoints={latest}",
+        "interrupted",
+    ]
+
+
 def test_a_signal_during_the_last_evaluation_leaves_a_finished_run_a_success(
     grocery, tmp_path, monkeypatch, capsys
 ):

@@ -299,6 +299,25 @@ def _stopped_during_probe(config: ShituConfig, checkpoints: Path) -> bool:
     )
 
 
+def _say_what_resumes(trainer: Trainer) -> None:
+    """After a second Ctrl-C, which stops the run at once without a checkpoint: where its
+    last checkpoint left it, and how to resume from it ("interrupted" alone said neither,
+    though a checkpoint of an earlier epoch was there)."""
+    saved = trainer.checkpointed
+    if saved is None or not trainer.stage.resumable or not trainer.context.is_main:
+        return
+    latest = trainer.output_dir / "latest.pt"
+    step = trainer.progress.global_step
+    since = (
+        f", without a checkpoint since step {saved.global_step}" if step > saved.global_step else ""
+    )
+    print(
+        f"stopped at once at step {step}{since}: resume from the run's last checkpoint with "
+        f"-o {override_word('Global.checkpoints', latest)}",
+        file=sys.stderr,
+    )
+
+
 def _train(args: argparse.Namespace) -> int:
     from shitu.engine.distributed import launched_rank, shutdown_distributed
     from shitu.engine.linear_probe import FINE_TUNING, fine_tune_stage, probe_weights_path
@@ -363,7 +382,13 @@ def _train(args: argparse.Namespace) -> int:
             _print_summary(trainer)
             _warn_of_a_step_limit_passed(args.stop_after_steps, trainer)
             time_limit = args.time_limit * 60 if args.time_limit is not None else None
-            result = trainer.fit(stop_after_steps=args.stop_after_steps, time_limit_s=time_limit)
+            try:
+                result = trainer.fit(
+                    stop_after_steps=args.stop_after_steps, time_limit_s=time_limit
+                )
+            except KeyboardInterrupt:
+                _say_what_resumes(trainer)
+                raise
     finally:
         shutdown_distributed()
     if trainer.context.is_main:

@@ -11,7 +11,7 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -291,9 +291,15 @@ class Trainer:
                 "best_model.safetensors is written; add the section (Query, and Gallery), or "
                 "set Global.eval_during_train: false"
             )
+        # Where the output folder's latest.pt left the run, if it holds one: what a run
+        # stopped at once (a second Ctrl-C) is resumed from.
+        self.checkpointed: Progress | None = None
         if resume_payload is not None:
             self._forget_best_of_other_evaluation_images(resume_payload)
-            self._carry_over_from(resolve_checkpoint(config.Global.checkpoints).parent)
+            checkpoint = resolve_checkpoint(config.Global.checkpoints)
+            self._carry_over_from(checkpoint.parent)
+            if checkpoint.resolve() == (self.output_dir / f"{LATEST}{SUFFIX}").resolve():
+                self.checkpointed = replace(self.progress)
         if self.context.is_main:
             self._remove_unfinished_writes()
         self.log = MetricsLog(
@@ -642,6 +648,7 @@ class Trainer:
         state = self._state()  # collective under DDP: every rank takes part
         if self.context.is_main:
             save_training_state(self.output_dir / f"{LATEST}{SUFFIX}", state, self.progress)
+            self.checkpointed = replace(self.progress)
 
     @property
     def result_model(self) -> nn.Module:
