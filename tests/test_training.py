@@ -1509,8 +1509,10 @@ def test_every_head_checks_class_num_against_the_training_labels(grocery, tmp_pa
         Trainer(load_config(path, [*ids, "Arch.Head.class_num=6"]))
     assert str(info.value) == (
         f"Arch.Head.class_num is 6, but DataLoader.Train's label file {listing} has labels up "
-        f"to {largest}; set Arch.Head.class_num: {largest + 1}"
+        f"to {largest}; set Arch.Head.class_num: {largest + 1}, or "
+        "DataLoader.Train.dataset.relabel: true to number its 6 classes from 0"
     )
+    Trainer(load_config(path, [*ids[1:], "Arch.Head.class_num=6"]))  # as relabelled: taken
     assert "class_num" not in startup_warnings(
         caplog, path, [*ids, f"Arch.Head.class_num={largest + 1}"]
     )

@@ -1105,9 +1105,17 @@ def _check_class_count(config: ShituConfig, dataset: Any, warn: bool) -> None:
     keys = getattr(dataset, "label_keys", None)
     if largest >= class_num:
         numbered = f" (its {len(keys)} classes numbered from 0)" if keys else ""
+        # Class ids with gaps (product codes, a subset of a larger listing): a classifier
+        # of largest + 1 outputs, most never a label, was the only advice.
+        distinct = len(set(labels))
+        relabel = (
+            f", or DataLoader.Train.dataset.relabel: true to number its {distinct} classes from 0"
+            if getattr(dataset, "relabel", None) is False and distinct <= largest
+            else ""
+        )
         raise ConfigError(
             f"Arch.Head.class_num is {class_num}, but {listing} has labels up to "
-            f"{largest}{numbered}; set Arch.Head.class_num: {largest + 1}"
+            f"{largest}{numbered}; set Arch.Head.class_num: {largest + 1}{relabel}"
         )
     # The classes it numbers, or those a Grocery listing's classes.csv names.
     classes = keys or getattr(dataset, "class_names", None)
