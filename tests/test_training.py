@@ -24,6 +24,8 @@ from shitu.checkpoint import average_weights, model_metadata, read_weights, save
 from shitu.cli.main import main
 from shitu.config import load_config
 from shitu.data.datasets import base
+from shitu.engine.distributed import init_distributed
+from shitu.engine.evaluate import RetrievalEvaluation
 from shitu.engine.linear_probe import probe_stage
 from shitu.engine.metrics_log import MetricsLog, read_log
 from shitu.engine.precision import cpu_has_native_bf16
@@ -264,6 +266,57 @@ def test_an_unreadable_image_met_mid_run_leaves_a_checkpoint_to_resume_from(groc
     a, _ = read_weights(tmp_path / "full" / "final_model.safetensors")
     b, _ = read_weights(output / "final_model.safetensors")
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_an_image_one_dataset_left_out_as_unreadable_is_refused_in_one_that_reads_all(
+    grocery, tmp_path
+):
+    """skip_corrupt on the training set only, the gallery listing the same images: the
+    image its scan found undecodable stopped the run at the first evaluation, an epoch in.
+    Refused at the start, naming the section to set skip_corrupt in; so is the other way
+    round, and a query set against its gallery."""
+    path = tiny_config(grocery, tmp_path, epochs=1)
+    root = tmp_path / "images"
+    lines = [line.split() for line in (tmp_path / "train.txt").read_text().splitlines()]
+    for relative, _ in lines:
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(grocery / relative, root / relative)
+    broken = root / lines[4][0]
+    broken.write_bytes(b"not an image")
+    roots = [f"DataLoader.{split}.dataset.image_root={root}" for split in ("Train", "Eval.Gallery")]
+    queries = [  # the training images as queries
+        f"DataLoader.Eval.Query.dataset.image_root={root}",
+        f"DataLoader.Eval.Query.dataset.cls_label_path={tmp_path / 'train.txt'}",
+    ]
+    cases = [
+        (["DataLoader.Train.dataset.skip_corrupt=true"], "Eval.Gallery", "Train"),
+        (
+            [
+                *queries,
+                *(f"DataLoader.Eval.{s}.dataset.skip_corrupt=true" for s in ("Query", "Gallery")),
+            ],
+            "Train",
+            "Eval.Query",
+        ),
+    ]
+    for skipping, refused, left_out in cases:
+        with pytest.raises(ConfigError) as caught:
+            Trainer(load_config(path, [*roots, *skipping]))
+        assert str(caught.value).startswith(
+            f"DataLoader.{refused} lists 1 image that DataLoader.{left_out}'s skip_corrupt left "
+            f"out ({broken}: cannot decode image: a text file, not an image), and would stop at "
+            f"the first it reads: set DataLoader.{refused}.dataset.skip_corrupt: true too"
+        )
+    with pytest.raises(ConfigError, match=r"^DataLoader.Eval.Gallery lists 1 image that Data"):
+        RetrievalEvaluation(
+            load_config(
+                path, [*roots, *queries, "DataLoader.Eval.Query.dataset.skip_corrupt=true"]
+            ),
+            init_distributed("cpu"),
+            seed=0,
+        )
+    every = [f"DataLoader.{split}.dataset.skip_corrupt=true" for split in ("Train", "Eval.Gallery")]
+    Trainer(load_config(path, [*roots, *every]))  # both leave it out
 
 
 def test_an_unreadable_image_met_in_the_probe_says_to_run_the_command_again(

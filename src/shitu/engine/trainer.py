@@ -29,6 +29,7 @@ from shitu.config.schema import ShituConfig
 from shitu.engine.batch_norm import norm_on_one_value_per_channel
 from shitu.engine.data import (
     build_train_loader,
+    check_unreadable_elsewhere,
     dataset_of,
     end_workers,
     leave_stopping_to_the_trainer,
@@ -294,6 +295,10 @@ class Trainer:
         # Where the output folder's latest.pt left the run, if it holds one: what a run
         # stopped at once (a second Ctrl-C) is resumed from.
         self.checkpointed: Progress | None = None
+        datasets = {"DataLoader.Train": dataset_of(self.train_loader)}
+        if self.evaluation is not None:
+            datasets.update(self.evaluation.datasets())
+        check_unreadable_elsewhere(datasets)
         if resume_payload is not None:
             self._forget_best_of_other_evaluation_images(resume_payload)
             checkpoint = resolve_checkpoint(config.Global.checkpoints)
