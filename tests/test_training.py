@@ -319,6 +319,30 @@ def test_an_image_one_dataset_left_out_as_unreadable_is_refused_in_one_that_read
     Trainer(load_config(path, [*roots, *every]))  # both leave it out
 
 
+def test_losses_that_read_frozen_layers_only_are_refused_before_the_first_step(
+    grocery, tmp_path, capsys
+):
+    """A metric loss alone on the features of a frozen backbone (a LinearProbe's probe
+    without a neck, or Arch.frozen_layers up to the head): the first step failed with
+    torch's "element 0 of tensors does not require grad", a traceback."""
+    path = tiny_config(grocery, tmp_path, epochs=1, eval_during_train=False)
+    triplet = "Loss.Train=[{TripletAngularMarginLoss: {weight: 1.0}}]"
+    probe = ["Arch.Neck=null", "LinearProbe={epochs: 1, frozen_layers: [backbone]}"]
+    assert main(["train", "-c", str(path), "-o", triplet, *probe]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "error: Loss.Train: every loss reads an output of frozen layers only "
+        "(TripletAngularMarginLoss reads 'features'), so nothing would be learnt: "
+        "Arch.frozen_layers (and in a LinearProbe run's probe LinearProbe.frozen_layers) "
+        "freeze every layer it comes through; add a loss on an output of a trained layer (a "
+        "head's 'logits', say), or freeze fewer layers"
+    )
+    frozen = "Arch.frozen_layers=[backbone, neck]"
+    with pytest.raises(ConfigError, match="TripletAngularMarginLoss reads 'features'"):
+        Trainer(load_config(path, [triplet, frozen]))
+    Trainer(load_config(path, [frozen]))  # CELoss trains the head
+    Trainer(load_config(path, [triplet, "Arch.frozen_layers=[backbone]"]))  # and the neck
+
+
 def test_an_unreadable_image_met_in_the_probe_says_to_run_the_command_again(
     grocery, tmp_path, capsys
 ):

@@ -88,6 +88,7 @@ class CombinedLoss(nn.Module):
                     f"not produce (it gives {', '.join(model.output_keys)}); add an {section} "
                     f"or set {name}.input_key"
                 )
+        self._check_something_trains(model)
         checked = [
             (key, loss)
             for key, loss in zip(self.input_keys, self.losses, strict=True)
@@ -105,6 +106,28 @@ class CombinedLoss(nn.Module):
                     loss.attach(model)
                 except ConfigError as exc:
                     raise ConfigError(f"Loss.Train: {exc}") from None
+
+    def _check_something_trains(self, model: RecModel) -> None:
+        """Refuse losses that each read an output of frozen layers only (a metric loss on
+        the features of a frozen backbone and neck, the head alone trainable): the first
+        step failed with torch's "element 0 of tensors does not require grad". Where nothing
+        at all trains, the optimizer says so instead."""
+        if not any(p.requires_grad for p in [*model.parameters(), *self.parameters()]):
+            return
+        parts = zip(self.names, self.weights, self.input_keys, self.losses, strict=True)
+        read = []
+        for name, weight, key, loss in parts:
+            if not weight:
+                continue
+            if model.trains_output(key) or any(p.requires_grad for p in loss.parameters()):
+                return
+            read.append(f"{name} reads '{key}'")
+        raise ConfigError(
+            f"Loss.Train: every loss reads an output of frozen layers only ({'; '.join(read)}), "
+            "so nothing would be learnt: Arch.frozen_layers (and in a LinearProbe run's probe "
+            "LinearProbe.frozen_layers) freeze every layer it comes through; add a loss on "
+            "an output of a trained layer (a head's 'logits', say), or freeze fewer layers"
+        )
 
     def process_state(self) -> dict[str, torch.Tensor]:
         """The part of `state_dict` that each DDP process holds for itself (XBM's memory of

@@ -61,6 +61,27 @@ class RecModel(nn.Module):
         neck = ("neck",) if self.neck is not None else ()
         return ("backbone", *neck, "features", *(("logits",) if self.head is not None else ()))
 
+    def trains_output(self, key: str) -> bool:
+        """Whether output `key` (one of `output_keys`) comes through a trainable parameter,
+        so that a loss on it can train something: not where `Arch.frozen_layers` froze
+        every stage it passes."""
+        features = [self.backbone, *([self.neck] if self.neck is not None else [])]
+        through = {
+            "backbone": [self.backbone],
+            "neck": features,
+            "features": features,
+            "logits": [
+                *(features if self.head_feature_from != "backbone" else [self.backbone]),
+                self.head,
+            ],
+        }[key]
+        return any(
+            param.requires_grad
+            for module in through
+            if module is not None
+            for param in module.parameters()
+        )
+
     def forward(
         self, x: torch.Tensor, label: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
