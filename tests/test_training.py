@@ -1542,6 +1542,31 @@ def test_a_run_from_folded_weights_is_refused_naming_the_setting(grocery, tmp_pa
         )
 
 
+def test_a_cross_entropy_on_outputs_narrower_than_the_labels_is_refused(grocery, tmp_path):
+    """CELoss set to read the features (as a model without a head is advised to): Grocery's
+    class ids up to 68 against 32 features failed when such a label was first drawn, with
+    torch's "Target 68 is out of bounds", a traceback."""
+    path = tiny_config(grocery, tmp_path, epochs=1, eval_during_train=False)
+    listing = tmp_path / "train.txt"
+    largest = max(int(line.split()[1]) for line in listing.read_text().splitlines())
+    ids = ["DataLoader.Train.dataset.relabel=false", f"Arch.Head.class_num={largest + 1}"]
+    on_features = "Loss.Train=[{CELoss: {input_key: features}}]"
+    scores = (
+        f"Loss.Train: CELoss reads 'features' (32 values per image) as class scores, but "
+        f"DataLoader.Train's label file {listing} has labels up to {largest}; "
+    )
+    with pytest.raises(ConfigError) as caught:
+        Trainer(load_config(path, [*ids, on_features]))
+    assert str(caught.value) == scores + "leave out CELoss.input_key to read the head's 'logits'"
+    with pytest.raises(ConfigError) as caught:
+        Trainer(load_config(path, [*ids, on_features, "Arch.Head=null"]))
+    assert str(caught.value) == scores + (
+        f"give the model an Arch.Head with class_num: {largest + 1}, whose 'logits' CELoss "
+        "reads by default"
+    )
+    Trainer(load_config(path, [on_features, "Arch.Head=null"]))  # 6 classes numbered from 0
+
+
 def test_a_classifier_larger_than_the_named_classes_is_warned_about(grocery, tmp_path, caplog):
     """A copied config's class_num (81) left as it was, on a 6-class folder or listing:
     it trains, but the user asked for 6 outputs and should hear of the other 75."""

@@ -68,6 +68,7 @@ from shitu.fileio import home_expanded, remove_unfinished_writes, write_atomical
 from shitu.losses.combined import CombinedLoss
 from shitu.losses.xbm import CrossBatchMemory
 from shitu.models import RecModel, build_model
+from shitu.models.rec_model import one_image_outputs
 from shitu.models.reparam import is_reparameterized
 from shitu.registry import problem_list
 
@@ -222,6 +223,7 @@ class Trainer:
             config.DataLoader.Train, self.context, self.seed, progress
         )
         _check_class_count(config, dataset_of(self.train_loader), warn=self.context.is_main)
+        _check_scores_of_other_outputs(self.loss, self.model, dataset_of(self.train_loader))
         _check_last_batch(
             self.train_loader.batch_sampler.batch_sampler,
             self.model,
@@ -1135,6 +1137,37 @@ def _check_class_count(config: ShituConfig, dataset: Any, warn: bool) -> None:
             class_num - used,
             used,
         )
+
+
+def _check_scores_of_other_outputs(loss: CombinedLoss, model: RecModel, dataset: Any) -> None:
+    """A cross-entropy set to read another output than the head's logits (as the advice for
+    a model without a head offers) takes its values for class scores: one narrower than
+    the labels failed when such a label was first drawn, with torch's "Target 68 is out of
+    bounds", maybe an epoch in. `_check_class_count` checks the head's logits."""
+    labels = getattr(dataset, "labels", None)
+    reading = [
+        (name, key)
+        for name, key, part in zip(loss.names, loss.input_keys, loss.losses, strict=True)
+        if key != "logits" and getattr(part, "reads_class_scores", False)
+    ]
+    if not labels or not reading:
+        return
+    largest = max(labels)
+    outputs = one_image_outputs(model)
+    for name, key in reading:
+        width = outputs[key].shape[1]
+        if largest >= width:
+            listing = f"DataLoader.Train's {getattr(dataset, 'where', 'dataset')}"
+            advice = (
+                f"leave out {name}.input_key to read the head's 'logits'"
+                if "logits" in model.output_keys
+                else f"give the model an Arch.Head with class_num: {largest + 1}, whose "
+                f"'logits' {name} reads by default"
+            )
+            raise ConfigError(
+                f"Loss.Train: {name} reads '{key}' ({width} values per image) as class scores, "
+                f"but {listing} has labels up to {largest}; {advice}"
+            )
 
 
 def _warn_of_unused_memory(
