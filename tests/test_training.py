@@ -1355,6 +1355,26 @@ def test_a_run_resumed_into_a_new_folder_carries_its_log_and_best_model_over(
     assert Trainer(again).progress.best_epoch is None
 
 
+def test_a_run_resumed_without_its_best_model_file_chooses_the_best_anew(
+    grocery, tmp_path, capsys, caplog
+):
+    """best_model.safetensors removed from the run's folder (to save space, say) before a
+    resume there: the run went on naming the file as its best, and ended naming it, absent,
+    as its epoch 1's best (only a better evaluation wrote it again)."""
+    path = tiny_config(grocery, tmp_path)
+    output = tmp_path / "output"
+    Trainer(load_config(path, ["Global.epochs=1"])).fit()
+    best = output / "best_model.safetensors"
+    best.unlink()
+    resume = ["-o", f"Global.checkpoints={output / 'latest.pt'}"]
+    with caplog.at_level(logging.WARNING, logger="shitu"):
+        assert main(["train", "-c", str(path), *resume]) == 0
+    assert f"{best} is gone, so the best model (epoch 1, recall@1 " in caplog.text
+    said = capsys.readouterr().out.splitlines()[-1]
+    assert said.startswith("best recall@1 ") and said.endswith(f" at epoch 2: {best}")
+    assert best.is_file()
+
+
 def test_cli_eval_is_repeatable_and_warns_before_it_misleads(grocery, tmp_path, capsys, caplog):
     path = tiny_config(grocery, tmp_path)
     # Untrained new layers start from Global.seed: the same numbers on every run.

@@ -948,14 +948,23 @@ class Trainer:
         """A run resumed into another folder than its checkpoint's would leave its earlier
         part's metrics log and best model behind, and name a best_model.safetensors that
         only a better evaluation writes there: copy both over, so that the folder holds the
-        whole run. Without the best model's file, the best is chosen anew."""
-        if run_dir.resolve() == self.output_dir.resolve():
-            return
+        whole run. Without the best model's file (in either folder), the best is chosen
+        anew."""
         best = run_dir / f"{BEST}.safetensors"
-        if not best.is_file():
+        if self.progress.best_metric is not None and not best.is_file():
+            # Removed since (to save space, say): the run went on naming it as its best.
+            if self.context.is_main:
+                logger.warning(
+                    "%s is gone, so the best model (epoch %s, %s %.4f) is chosen anew from "
+                    "the next evaluation",
+                    best,
+                    self.progress.best_epoch,
+                    self.progress.best_metric_name,
+                    self.progress.best_metric,
+                )
             self.progress.best_metric = self.progress.best_epoch = None
             self.progress.best_metric_name = None
-        if not self.context.is_main:
+        if run_dir.resolve() == self.output_dir.resolve() or not self.context.is_main:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
         carried = [run_dir / LOG_NAME] + ([best] if self.progress.best_metric is not None else [])
