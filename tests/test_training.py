@@ -177,8 +177,10 @@ def test_resumed_metrics_log_drops_later_records_and_a_torn_last_line(tmp_path, 
     assert [(r["step"], r["loss"]) for r in read_log(log)] == [(1, 1.0), (2, 1.0), (3, 0.5)]
 
     log.write_text(records[0] + "\nnot json\n" + records[1] + "\n")  # damage, not a torn end
-    with pytest.raises(DataError, match="line 2 is not a JSON record"):
+    with pytest.raises(DataError, match="line 2 is not a JSON record") as caught:
         MetricsLog(tmp_path, resume_step=2)
+    # What stands in the way of the resume, and what to do about it.
+    assert str(caught.value).endswith("; put the line right or remove it, then resume again")
 
 
 def test_a_resumed_runs_tensorboard_hides_the_steps_logged_after_its_checkpoint(tmp_path):
