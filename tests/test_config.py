@@ -769,6 +769,25 @@ def test_transform_ops_in_an_order_that_cannot_work_are_refused_as_the_config_lo
     )
 
 
+def test_transform_ops_no_image_can_go_through_are_refused_as_the_config_loads(config_file):
+    """A crop larger than the fixed size a ResizeImage (and a Pad) before it gives: each image
+    failed at the first step, said to be the image's fault ("set skip_corrupt: true")."""
+    ops = "[{ResizeImage: {size: 64}}, {Pad: {padding: 4}}, {RandCropImageV2: {size: 128}}]"
+    split = f"DataLoader.Train={{dataset: {{name: ImageNetDataset, image_root: ., cls_label_path: t.txt, transform_ops: {ops}}}}}"
+    with pytest.raises(ConfigError) as info:
+        load_config(config_file, [split])
+    assert str(info.value) == (
+        f"{config_file}: DataLoader.Train.dataset.transform_ops: no image can go through these "
+        "ops, whatever its size (RandCropImageV2: image 72x72 is smaller than the crop "
+        "128x128, as the ops before it make every image); make the later op fit what they "
+        f"give (set by -o {split})"
+    )
+    fits = split.replace("size: 128", "size: 72")
+    assert load_config(config_file, [fits]).DataLoader.Train is not None
+    # A crop of images left at their size: some may be large enough.
+    load_config(config_file, [split.replace("{ResizeImage: {size: 64}}, ", "")])
+
+
 def test_a_schedule_driven_by_evaluations_is_refused_in_a_run_without_them(config_file):
     """ReduceOnPlateau lowers the rate on evaluations: without any it would never lower it."""
     plateau = "Optimizer={name: Momentum, lr: {name: ReduceOnPlateau, learning_rate: 0.1}}"
