@@ -345,6 +345,28 @@ def test_losses_that_read_frozen_layers_only_are_refused_before_the_first_step(
     Trainer(load_config(path, [triplet, "Arch.frozen_layers=[backbone]"]))  # and the neck
 
 
+def test_an_unreadable_image_met_after_one_step_says_that_step_is_saved(
+    grocery, tmp_path, monkeypatch
+):
+    """In words that agree with one step ("The run's 1 step so far are saved" read wrong)."""
+    path = tiny_config(grocery, tmp_path, epochs=1, eval_during_train=False)
+    step = Trainer._step
+
+    def unreadable_at_step_2(self, images, labels):
+        if self.progress.global_step == 1:
+            raise DataError("photo.jpg: cannot decode image: the file is empty")
+        return step(self, images, labels)
+
+    monkeypatch.setattr(Trainer, "_step", unreadable_at_step_2)
+    with pytest.raises(DataError) as caught:
+        Trainer(load_config(path)).fit()
+    latest = tmp_path / "output" / "latest.pt"
+    assert str(caught.value) == (
+        f"photo.jpg: cannot decode image: the file is empty. The run's 1 step so far is saved "
+        f"in {latest}: put the image right and resume with -o Global.checkpoints={latest}"
+    )
+
+
 def test_an_unreadable_image_met_in_the_probe_says_to_run_the_command_again(
     grocery, tmp_path, capsys
 ):

@@ -834,10 +834,10 @@ class Trainer:
             latest = self.output_dir / f"{LATEST}{SUFFIX}"
             steps = self.progress.global_step
             resume = override_word("Global.checkpoints", latest)
+            done = "1 step so far is" if steps == 1 else f"{steps} steps so far are"
             raise DataError(
-                f"{raised_message(exc)}. The run's {steps} step{'' if steps == 1 else 's'} so "
-                f"far are saved in "
-                f"{latest}: put the image right and resume with -o {resume}"
+                f"{raised_message(exc)}. The run's {done} saved in {latest}: put the image "
+                f"right and resume with -o {resume}"
             ) from None
         finally:
             bar.close()
