@@ -2030,6 +2030,14 @@ def test_a_second_ctrl_c_says_which_checkpoint_resumes_the_run(
         f"last checkpoint with -o Global.checkpoints={latest}",
         "interrupted",
     ]
+    # The probe is not resumed: the same command starts it over.
+    probe = ["-o", "LinearProbe={epochs: 2, frozen_layers: [backbone]}"]
+    output = ["-o", f"Global.output_dir={tmp_path / 'probed'}"]
+    assert main(["train", "-c", str(path), *probe, *output]) == 130
+    assert capsys.readouterr().err.splitlines()[-2:] == [
+        "stopped at once during the linear probe; run the same command again to start over",
+        "interrupted",
+    ]
 
 
 def test_a_signal_during_the_last_evaluation_leaves_a_finished_run_a_success(

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from shitu.config.schema import ShituConfig
     from shitu.engine.distributed import DistContext
     from shitu.engine.state import Progress
-    from shitu.engine.trainer import Trainer
+    from shitu.engine.trainer import FitResult, Trainer
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -158,7 +158,7 @@ def _probe(config: ShituConfig, context: DistContext, progress: bool) -> int | N
             file=sys.stderr,
         )
     _print_summary(trainer)
-    result = trainer.fit()
+    result = _fit(trainer)
     # A signal during the probe's final save lets it finish, and still stops the command.
     if trainer.context.is_main and result.stop_signal is not None:
         when = "after" if result.finished else "during"
@@ -299,12 +299,32 @@ def _stopped_during_probe(config: ShituConfig, checkpoints: Path) -> bool:
     )
 
 
+def _fit(
+    trainer: Trainer, stop_after_steps: int | None = None, time_limit_s: float | None = None
+) -> FitResult:
+    """`trainer.fit`, saying after a second Ctrl-C what goes on from there."""
+    try:
+        return trainer.fit(stop_after_steps, time_limit_s)
+    except KeyboardInterrupt:
+        _say_what_resumes(trainer)
+        raise
+
+
 def _say_what_resumes(trainer: Trainer) -> None:
     """After a second Ctrl-C, which stops the run at once without a checkpoint: where its
     last checkpoint left it, and how to resume from it ("interrupted" alone said neither,
-    though a checkpoint of an earlier epoch was there)."""
+    though a checkpoint of an earlier epoch was there); that a probe starts over."""
     saved = trainer.checkpointed
-    if saved is None or not trainer.stage.resumable or not trainer.context.is_main:
+    if not trainer.context.is_main:
+        return
+    if not trainer.stage.resumable:
+        print(
+            f"stopped at once during {trainer.stage.name}; run the same command again to start "
+            "over",
+            file=sys.stderr,
+        )
+        return
+    if saved is None:
         return
     latest = trainer.output_dir / "latest.pt"
     step = trainer.progress.global_step
@@ -382,13 +402,7 @@ def _train(args: argparse.Namespace) -> int:
             _print_summary(trainer)
             _warn_of_a_step_limit_passed(args.stop_after_steps, trainer)
             time_limit = args.time_limit * 60 if args.time_limit is not None else None
-            try:
-                result = trainer.fit(
-                    stop_after_steps=args.stop_after_steps, time_limit_s=time_limit
-                )
-            except KeyboardInterrupt:
-                _say_what_resumes(trainer)
-                raise
+            result = _fit(trainer, stop_after_steps=args.stop_after_steps, time_limit_s=time_limit)
     finally:
         shutdown_distributed()
     if trainer.context.is_main:
