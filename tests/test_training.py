@@ -847,8 +847,12 @@ def test_a_crash_after_a_step_checkpoint_does_not_evaluate_an_epoch_twice(grocer
     assert any(r["lr"] > 0 for r in logged)
 
     refused = [f"Global.output_dir={output}", f"Global.checkpoints={output}"]
-    with pytest.raises(ConfigError, match="4 steps per epoch, this config gives 2"):
+    with pytest.raises(ConfigError, match="4 steps per epoch, this config gives 2") as caught:
         Trainer(load_config(path, [*refused, "DataLoader.Train.sampler.batch_size=16"]))
+    # Photos added since: the run's weights can still go on, in a new run.
+    assert str(caught.value).endswith(
+        f", or start a new run from its weights with -o Global.pretrained_model={output}/latest.pt"
+    )
     older = torch.load(output / "latest.pt", weights_only=False)  # as saved before the field
     del older["steps_per_epoch"]
     torch.save(older, output / "latest.pt")

@@ -378,10 +378,14 @@ class Trainer:
         position_fits = progress.global_step == progress.epoch * steps + progress.batch_in_epoch
         if (saved is not None and saved != steps) or (saved is None and not position_fits):
             had = f"{saved} steps per epoch" if saved is not None else "another epoch length"
+            # Photos added to the list since (the likeliest cause): its weights go on as well.
+            weights = override_word(
+                "Global.pretrained_model", resolve_checkpoint(self.config.Global.checkpoints)
+            )
             raise ConfigError(
                 f"Global.checkpoints: the run had {had}, this config gives {steps}; resume "
                 "with the same training list, DataLoader.Train.sampler.batch_size and number "
-                "of processes"
+                f"of processes, or start a new run from its weights with -o {weights}"
             )
         epochs = self.config.Global.epochs
         if progress.global_step > epochs * steps:  # it would "finish" without a step
