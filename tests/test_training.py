@@ -1673,6 +1673,20 @@ def test_every_head_checks_class_num_against_the_training_labels(grocery, tmp_pa
     ) in startup_warnings(caplog, path, [*ids, f"Arch.Head.class_num={largest + 101}"])
 
 
+def test_query_images_the_run_trains_on_are_warned_about(grocery, tmp_path, caplog):
+    """The training list given as the query set: every evaluation, and the best model
+    chosen by them, scored photos the model had trained on, without a word."""
+    path = tiny_config(grocery, tmp_path)  # the training images are the gallery: that is fine
+    assert "training images too" not in startup_warnings(caplog, path)
+    listing = f"DataLoader.Eval.Query.dataset.cls_label_path={tmp_path / 'train.txt'}"
+    first = (tmp_path / "train.txt").read_text().split()[0]
+    assert (
+        f"36 of 36 query images are training images too ({grocery / first}, ...): the metrics "
+        "then tell how well the model knows photos it trains on, not how it does on new ones; "
+        "query with photos kept out of training"
+    ) in startup_warnings(caplog, path, [listing])
+
+
 def test_queries_the_gallery_cannot_match_are_warned_about(grocery, tmp_path, caplog):
     """Every evaluation leaves them out of its metrics: a gallery list missing classes would
     otherwise score a run on a few of its queries without a word."""

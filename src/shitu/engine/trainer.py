@@ -6,6 +6,7 @@ import functools
 import json
 import logging
 import math
+import os
 import random
 import shutil
 import signal
@@ -301,6 +302,10 @@ class Trainer:
         if self.evaluation is not None:
             datasets.update(self.evaluation.datasets())
         check_unreadable_elsewhere(datasets)
+        if self.context.is_main and "DataLoader.Eval.Query" in datasets:
+            _warn_of_trained_queries(
+                datasets["DataLoader.Train"], datasets["DataLoader.Eval.Query"]
+            )
         if resume_payload is not None:
             self._forget_best_of_other_evaluation_images(resume_payload)
             checkpoint = resolve_checkpoint(config.Global.checkpoints)
@@ -1149,6 +1154,24 @@ def _check_class_count(config: ShituConfig, dataset: Any, warn: bool) -> None:
             f"{used} classes" if classes is not None else f"labels up to {largest}",
             class_num - used,
             used,
+        )
+
+
+def _warn_of_trained_queries(train: Any, queries: Any) -> None:
+    """Query images the run trains on (the training list given as the query set, or lists
+    that overlap) score the model on what it learnt, above what it does on new photos:
+    the metrics and the best model chosen by them said nothing of it."""
+    trained = {os.path.abspath(path) for path in train.paths}
+    shared = [path for path in queries.paths if os.path.abspath(path) in trained]
+    if shared:
+        logger.warning(
+            "%d of %d query images are training images too (%s%s): the metrics then tell "
+            "how well the model knows photos it trains on, not how it does on new ones; "
+            "query with photos kept out of training",
+            len(shared),
+            len(queries),
+            shared[0],
+            ", ..." if len(shared) > 1 else "",
         )
 
 
