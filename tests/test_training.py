@@ -1454,6 +1454,41 @@ def test_ddp_on_cpu_matches_single_process_eval(grocery, tmp_path):
     assert read_log(tmp_path / "output" / "metrics.jsonl", "train")[-1]["step"] == 2
 
 
+def test_an_unreadable_image_met_under_ddp_names_the_checkpoint_to_resume_from(grocery, tmp_path):
+    """Under torchrun the processes cannot save together once one of them has failed: the
+    error named the image alone, not the run's last checkpoint, nor how to resume from it."""
+    path = tiny_config(grocery, tmp_path, epochs=2, eval_during_train=False)
+    root = tmp_path / "images"
+    lines = [line.split() for line in (tmp_path / "train.txt").read_text().splitlines()]
+    for relative, _ in lines:
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(grocery / relative, root / relative)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        "-m", "shitu", "train", "-c", str(path), "-o", f"DataLoader.Train.dataset.image_root={root}",
+    ]  # fmt: skip
+    first = subprocess.run(
+        [*command, "--stop-after-steps", "2"], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert first.returncode == 0, first.stderr[-3000:]
+    for relative, _ in lines:
+        (root / relative).write_bytes(b"not an image")
+    latest = tmp_path / "output" / "latest.pt"
+    resumed = subprocess.run(
+        [*command, f"Global.checkpoints={latest}"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert resumed.returncode != 0
+    assert (
+        f". The run's last checkpoint, of step 2, is {latest}: put the image right and resume "
+        f"with -o Global.checkpoints={latest}\n"
+    ) in resumed.stderr
+
+
 def test_a_resumed_ddp_run_keeps_each_processs_cross_batch_memory(grocery, tmp_path):
     """Each process's XBM memory holds the batches that process saw: a checkpoint kept rank
     0's alone, which every process resumed with, and the resumed run left the uninterrupted

@@ -664,7 +664,7 @@ class Trainer:
         state = self._state()  # collective under DDP: every rank takes part
         if self.context.is_main:
             save_training_state(self.output_dir / f"{LATEST}{SUFFIX}", state, self.progress)
-            self.checkpointed = replace(self.progress)
+        self.checkpointed = replace(self.progress)  # every process: any may meet a bad image
 
     @property
     def result_model(self) -> nn.Module:
@@ -837,12 +837,18 @@ class Trainer:
                     f"{raised_message(exc)}; put the image right and run the same command "
                     f"again ({self.stage.name} starts over)"
                 ) from None
-            if self.context.distributed:  # saving is collective: the other ranks are not here
-                raise
-            self.save_latest()
             latest = self.output_dir / f"{LATEST}{SUFFIX}"
-            steps = self.progress.global_step
             resume = override_word("Global.checkpoints", latest)
+            if self.context.distributed:  # saving is collective: the other ranks are not here
+                if self.checkpointed is None:
+                    raise
+                raise DataError(
+                    f"{raised_message(exc)}. The run's last checkpoint, of step "
+                    f"{self.checkpointed.global_step}, is {latest}: put the image right and "
+                    f"resume with -o {resume}"
+                ) from None
+            self.save_latest()
+            steps = self.progress.global_step
             done = "1 step so far is" if steps == 1 else f"{steps} steps so far are"
             raise DataError(
                 f"{raised_message(exc)}. The run's {done} saved in {latest}: put the image "
