@@ -1383,6 +1383,21 @@ def test_a_run_resumed_into_a_new_folder_carries_its_log_and_best_model_over(
     assert Trainer(again).progress.best_epoch is None
 
 
+def test_a_pretrained_model_given_with_a_resume_is_said_to_be_unused(grocery, tmp_path, caplog):
+    """A resume takes every weight from its checkpoint: other weights given with it were
+    dropped without a word."""
+    path = tiny_config(grocery, tmp_path, epochs=1, eval_during_train=False)
+    Trainer(load_config(path)).fit()
+    output = tmp_path / "output"
+    weights = output / "final_model.safetensors"
+    resume = [f"Global.checkpoints={output}", "Global.epochs=2"]
+    assert "is not used" not in startup_warnings(caplog, path, resume)
+    assert (
+        f"Global.pretrained_model {weights} is not used: a resumed run goes on from its "
+        f"checkpoint's weights; to start a new run from {weights}, leave out Global.checkpoints"
+    ) in startup_warnings(caplog, path, [*resume, f"Global.pretrained_model={weights}"])
+
+
 def test_a_run_resumed_without_its_best_model_file_chooses_the_best_anew(
     grocery, tmp_path, capsys, caplog
 ):

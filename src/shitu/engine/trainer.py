@@ -209,6 +209,7 @@ class Trainer:
         # What the run starts from, for the summary a user sees before a long run.
         if resume_payload is not None:
             self.initial_weights = f"resumed from {config.Global.checkpoints}"
+            self._warn_of_unused_pretrained_model(resume_payload)
         elif from_file:
             self.initial_weights = f"{config.Global.pretrained_model} ({report.summary()})"
             if not report.complete and self.context.is_main:
@@ -345,6 +346,21 @@ class Trainer:
         if is_reparameterized(self.model):
             raise _folded_start("Global.pretrained_model", path)
         return report
+
+    def _warn_of_unused_pretrained_model(self, payload: dict[str, Any]) -> None:
+        """A resume takes every weight from its checkpoint: a Global.pretrained_model given
+        with it (other weights than the run started from) was dropped without a word. Not
+        in a LinearProbe run's fine-tuning, whose pretrained_model is the probe's file."""
+        given = self.config.Global.pretrained_model
+        saved = (_saved_config(payload).get("Global") or {}).get("pretrained_model")
+        if not given or given == saved or self.stage != RUN or not self.context.is_main:
+            return
+        logger.warning(
+            "Global.pretrained_model %s is not used: a resumed run goes on from its "
+            "checkpoint's weights; to start a new run from %s, leave out Global.checkpoints",
+            given,
+            given,
+        )
 
     def _choose_seed(self, payload: dict[str, Any] | None) -> int:
         if payload is not None:
