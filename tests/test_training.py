@@ -2098,6 +2098,17 @@ def test_a_second_ctrl_c_says_which_checkpoint_resumes_the_run(
         f"last checkpoint with -o Global.checkpoints={latest}",
         "interrupted",
     ]
+    # Before the first checkpoint there is nothing to resume, and the folder's log would
+    # refuse the same command as an earlier run's.
+    first = ["-o", f"Global.output_dir={tmp_path / 'first'}"]
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "save_latest", lambda self: None)  # none written yet
+        assert main(["train", "-c", str(path), *first]) == 130
+    assert capsys.readouterr().err.splitlines()[-2:] == [
+        f"stopped at once at step 5, before the run's first checkpoint: nothing to resume; "
+        f"remove {tmp_path / 'first'} (or give another Global.output_dir) to start over",
+        "interrupted",
+    ]
     # The probe is not resumed: the same command starts it over.
     probe = ["-o", "LinearProbe={epochs: 2, frozen_layers: [backbone]}"]
     output = ["-o", f"Global.output_dir={tmp_path / 'probed'}"]

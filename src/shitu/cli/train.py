@@ -313,7 +313,8 @@ def _fit(
 def _say_what_resumes(trainer: Trainer) -> None:
     """After a second Ctrl-C, which stops the run at once without a checkpoint: where its
     last checkpoint left it, and how to resume from it ("interrupted" alone said neither,
-    though a checkpoint of an earlier epoch was there); that a probe starts over."""
+    though a checkpoint of an earlier epoch was there), or that there is none to; that a
+    probe starts over."""
     saved = trainer.checkpointed
     if not trainer.context.is_main:
         return
@@ -324,10 +325,18 @@ def _say_what_resumes(trainer: Trainer) -> None:
             file=sys.stderr,
         )
         return
+    step = trainer.progress.global_step
     if saved is None:
+        # Its folder's log alone then refused the same command again (an earlier run).
+        if trainer.config.Global.checkpoints is None:
+            print(
+                f"stopped at once at step {step}, before the run's first checkpoint: nothing to "
+                f"resume; remove {trainer.output_dir} (or give another Global.output_dir) to "
+                "start over",
+                file=sys.stderr,
+            )
         return
     latest = trainer.output_dir / "latest.pt"
-    step = trainer.progress.global_step
     since = (
         f", without a checkpoint since step {saved.global_step}" if step > saved.global_step else ""
     )
