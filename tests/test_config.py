@@ -123,6 +123,16 @@ def test_a_path_override_starting_with_a_tilde_is_in_the_home_folder(
     assert pipeline.IndexProcess.index_dir == f"{tmp_path}/lib"
 
 
+def test_no_weight_decay_names_given_as_a_list_are_taken(config_file):
+    """`[bn, bias]`, the YAML list a user writes for several names: refused as 'not a valid
+    string', where PaddleClas's form is one space-separated string."""
+    optimizer = "Optimizer={name: SGD, lr: {name: Cosine, learning_rate: 0.1}}"
+    config = load_config(config_file, [optimizer, "Optimizer.no_weight_decay_name=[bn, bias]"])
+    assert config.Optimizer.no_weight_decay_name == "bn bias"
+    with pytest.raises(ConfigError, match="no_weight_decay_name: Input should be a valid string"):
+        load_config(config_file, [optimizer, "Optimizer.no_weight_decay_name=[bn, 3]"])
+
+
 def test_a_path_in_a_config_file_starting_with_a_tilde_is_in_the_home_folder(monkeypatch, tmp_path):
     """As in an `-o` value: `~/runs` in a YAML file made a folder named `~` in the working
     directory. Only path keys: a bare `~` is YAML's null, and other text is left as written."""
