@@ -1723,6 +1723,25 @@ def test_every_head_checks_class_num_against_the_training_labels(grocery, tmp_pa
     ) in startup_warnings(caplog, path, [*ids, f"Arch.Head.class_num={largest + 101}"])
 
 
+def test_a_training_set_of_one_class_is_warned_about(grocery, tmp_path, caplog):
+    """Every label the same (a label column read wrong): cross-entropy over one class is 0,
+    so a run with a sampler that takes it learnt nothing, without a word."""
+    path = tiny_config(grocery, tmp_path, eval_during_train=False)
+    listing = tmp_path / "train.txt"
+    assert "one label" not in startup_warnings(caplog, path)
+    one = tmp_path / "one.txt"
+    one.write_text("".join(f"{line.split()[0]} 7\n" for line in listing.read_text().splitlines()))
+    overrides = [
+        f"DataLoader.Train.dataset.cls_label_path={one}",
+        "DataLoader.Train.sampler={name: DistributedBatchSampler, batch_size: 8, shuffle: true}",
+        "Loss.Train=[{CELoss: {}}]",
+    ]
+    assert (
+        f"DataLoader.Train's label file {one}: all 36 images have one label (7), so there are "
+        "no classes to tell apart and the losses on labels learn nothing; check the labels"
+    ) in startup_warnings(caplog, path, overrides)
+
+
 def test_query_images_the_run_trains_on_are_warned_about(grocery, tmp_path, caplog):
     """The training list given as the query set: every evaluation, and the best model
     chosen by them, scored photos the model had trained on, without a word."""

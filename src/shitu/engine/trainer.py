@@ -226,6 +226,8 @@ class Trainer:
         )
         _check_class_count(config, dataset_of(self.train_loader), warn=self.context.is_main)
         _check_scores_of_other_outputs(self.loss, self.model, dataset_of(self.train_loader))
+        if self.context.is_main:
+            _warn_of_one_class(dataset_of(self.train_loader))
         _check_last_batch(
             self.train_loader.batch_sampler.batch_sampler,
             self.model,
@@ -1177,6 +1179,25 @@ def _check_class_count(config: ShituConfig, dataset: Any, warn: bool) -> None:
             class_num - used,
             used,
         )
+
+
+def _warn_of_one_class(dataset: Any) -> None:
+    """A training set of one class (a label column read wrong, a script that wrote one
+    label for all) has no classes to tell apart: cross-entropy over one class is 0 and a
+    metric loss finds no negative, so the run learnt nothing, without a word (a PKSampler
+    refuses it; other samplers took it)."""
+    labels = getattr(dataset, "labels", None)
+    if not labels or len(set(labels)) > 1:
+        return
+    keys = getattr(dataset, "label_keys", None) or getattr(dataset, "class_names", None)
+    label = keys[labels[0]] if keys is not None and labels[0] < len(keys) else labels[0]
+    logger.warning(
+        "DataLoader.Train's %s: all %d images have one label (%s), so there are no classes "
+        "to tell apart and the losses on labels learn nothing; check the labels",
+        getattr(dataset, "where", "dataset"),
+        len(labels),
+        label,
+    )
 
 
 def _warn_of_trained_queries(train: Any, queries: Any) -> None:
