@@ -2138,6 +2138,37 @@ def test_a_second_ctrl_c_says_which_checkpoint_resumes_the_run(
     ]
 
 
+def test_a_second_sigterm_says_which_checkpoint_resumes_the_run(
+    grocery, tmp_path, capsys, monkeypatch
+):
+    """A service manager's stop sends SIGTERM, and another (or a kill) if the run is slow to
+    end: the run then stops at once, and its log said nothing of the checkpoint before."""
+    import shitu.cli.main as cli_main
+
+    path = tiny_config(grocery, tmp_path, epochs=2, eval_during_train=False)
+    step = Trainer._step
+
+    def terminated_twice_in_step_6(self, images, labels):
+        if self.progress.global_step == 5:
+            signal.raise_signal(signal.SIGTERM)
+            signal.raise_signal(signal.SIGTERM)
+        return step(self, images, labels)
+
+    monkeypatch.setattr(Trainer, "_step", terminated_twice_in_step_6)
+    # The command ends by SIGTERM itself once it has unwound: not this test's process.
+    monkeypatch.setattr(cli_main.os, "kill", lambda pid, signum: None)
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        assert main(["train", "-c", str(path)]) == 128 + signal.SIGTERM
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    latest = tmp_path / "output" / "latest.pt"
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "stopped at once at step 5, without a checkpoint since step 4: resume from the run's "
+        f"last checkpoint with -o Global.checkpoints={latest}"
+    )
+
+
 def test_a_signal_during_the_last_evaluation_leaves_a_finished_run_a_success(
     grocery, tmp_path, monkeypatch, capsys
 ):

@@ -302,19 +302,22 @@ def _stopped_during_probe(config: ShituConfig, checkpoints: Path) -> bool:
 def _fit(
     trainer: Trainer, stop_after_steps: int | None = None, time_limit_s: float | None = None
 ) -> FitResult:
-    """`trainer.fit`, saying after a second Ctrl-C what goes on from there."""
+    """`trainer.fit`, saying after a second Ctrl-C (or SIGTERM: a service manager's stop,
+    then its kill) what goes on from there."""
+    from shitu.cli.main import Terminated  # here: that module imports this one
+
     try:
         return trainer.fit(stop_after_steps, time_limit_s)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Terminated):
         _say_what_resumes(trainer)
         raise
 
 
 def _say_what_resumes(trainer: Trainer) -> None:
-    """After a second Ctrl-C, which stops the run at once without a checkpoint: where its
-    last checkpoint left it, and how to resume from it ("interrupted" alone said neither,
-    though a checkpoint of an earlier epoch was there), or that there is none to; that a
-    probe starts over."""
+    """After a second Ctrl-C (or SIGTERM), which stops the run at once without a
+    checkpoint: where its last checkpoint left it, and how to resume from it ("interrupted"
+    alone said neither, though a checkpoint of an earlier epoch was there), or that there
+    is none to; that a probe starts over."""
     saved = trainer.checkpointed
     if not trainer.context.is_main:
         return
