@@ -266,10 +266,12 @@ def check_unreadable_elsewhere(datasets: dict[str, Any]) -> None:
     if not unreadable:  # the usual case: nothing left out, nothing to compare
         return
     problems = []
+    # The few unreadable paths in a set; a training list of millions is read once.
+    wanted = {os.path.abspath(path) for found in unreadable.values() for path in found}
     for where, dataset in datasets.items():
         if getattr(dataset, "skip_corrupt", True):
             continue
-        listed = {os.path.abspath(path) for path in dataset.paths}
+        listed = {key for path in dataset.paths if (key := os.path.abspath(path)) in wanted}
         for other, found in unreadable.items():
             shared = [
                 f"{path}: {why}" for path, why in found.items() if os.path.abspath(path) in listed

@@ -1204,7 +1204,9 @@ def _warn_of_trained_queries(train: Any, queries: Any) -> None:
     """Query images the run trains on (the training list given as the query set, or lists
     that overlap) score the model on what it learnt, above what it does on new photos:
     the metrics and the best model chosen by them said nothing of it."""
-    trained = {os.path.abspath(path) for path in train.paths}
+    # A set of the query paths (the fewer, most often); the training list is read once.
+    listed = {os.path.abspath(path) for path in queries.paths}
+    trained = {key for path in train.paths if (key := os.path.abspath(path)) in listed}
     shared = [path for path in queries.paths if os.path.abspath(path) in trained]
     if shared:
         logger.warning(
