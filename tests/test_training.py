@@ -2138,6 +2138,46 @@ def test_a_second_ctrl_c_says_which_checkpoint_resumes_the_run(
     ]
 
 
+def test_a_second_ctrl_c_during_an_evaluation_keeps_the_epochs_training(
+    grocery, tmp_path, capsys, caplog, monkeypatch, request
+):
+    """An evaluation takes minutes, its epoch maybe hours: stopped at once during it, the
+    run lost the epoch's training too. It is saved as trained but not evaluated, and the
+    resumed run evaluates it, then goes on."""
+    path = tiny_config(grocery, tmp_path, epochs=2)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
+    run = RetrievalEvaluation.run
+
+    def pressed_twice(self, model):
+        monkeypatch.setattr(RetrievalEvaluation, "run", run)  # the first evaluation only
+        signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)
+        return run(self, model)
+
+    monkeypatch.setattr(RetrievalEvaluation, "run", pressed_twice)
+    with caplog.at_level(logging.WARNING, logger="shitu"):
+        assert main(["train", "-c", str(path)]) == 130
+    latest = tmp_path / "output" / "latest.pt"
+    said = (
+        "SIGINT: stopping after this evaluation, with a checkpoint (send it again to stop at "
+        "once, the epoch's training is kept, not its evaluation)"
+    )
+    assert said in caplog.messages
+    assert capsys.readouterr().err.splitlines()[-2:] == [
+        f"stopped at once at step 4: resume from the run's last checkpoint with "
+        f"-o Global.checkpoints={latest}",
+        "interrupted",
+    ]
+    assert main(["train", "-c", str(path), "-o", f"Global.checkpoints={latest}"]) == 0
+    logged = read_log(tmp_path / "output" / "metrics.jsonl")
+    assert [(r["kind"], r["step"]) for r in logged if r["kind"] == "eval"] == [
+        ("eval", 4),
+        ("eval", 8),
+    ]
+    assert [r["step"] for r in logged if r["kind"] == "train"] == list(range(1, 9))
+
+
 def test_a_second_sigterm_says_which_checkpoint_resumes_the_run(
     grocery, tmp_path, capsys, monkeypatch
 ):

@@ -744,8 +744,12 @@ class Trainer:
             return
         self._stop_signal = signum
         if self.context.is_main:
+            # Stopped at once during an evaluation, a run keeps its epoch's training (see
+            # `_evaluate`), which took longer than the evaluation most often.
+            kept = self._evaluating and not self.context.distributed
+            at_once = "the epoch's training is kept, not its evaluation" if kept else "without one"
             outcome = (
-                ", with a checkpoint (send it again to stop at once, without one)"
+                f", with a checkpoint (send it again to stop at once, {at_once})"
                 if self.stage.resumable
                 else f" ({self.stage.name} is not resumed: the same command starts it over; "
                 "send it again to stop at once)"
@@ -1014,19 +1018,22 @@ class Trainer:
         this run's folder."""
         remove_unfinished_writes(self.output_dir, RUN_FILES)
 
-    def _save_unevaluated_epoch(self, epoch: int) -> None:
-        """After a failed evaluation (out of memory, an unreadable eval image), checkpoint
-        the epoch it evaluated as trained but not evaluated, as a stop at the epoch's end
-        does: a resumed run evaluates it again instead of training it again. One process
-        only: under DDP the other processes wait in the evaluation's collectives, where
-        the checkpoint's own would not meet them."""
+    def _save_unevaluated_epoch(self, epoch: int, ended: str) -> None:
+        """After an evaluation that failed (out of memory, an unreadable eval image) or
+        `ended` otherwise (stopped at once by a second signal, which lost the epoch's
+        training, hours of it maybe, for an evaluation of minutes), checkpoint the epoch it
+        evaluated as trained but not evaluated, as a stop at the epoch's end does: a
+        resumed run evaluates it again instead of training it again. One process only:
+        under DDP the other processes wait in the evaluation's collectives, where the
+        checkpoint's own would not meet them."""
         if self.context.distributed:
             return
         self.save_latest()
         logger.warning(
-            "the evaluation of epoch %d failed; its training is saved: resume with "
+            "the evaluation of epoch %d %s; its training is saved: resume with "
             "-o Global.checkpoints=%s to evaluate it and go on",
             epoch,
+            ended,
             self.output_dir / f"{LATEST}{SUFFIX}",
         )
 
@@ -1042,7 +1049,12 @@ class Trainer:
         try:
             result = self.evaluation.run(model)
         except Exception:
-            self._save_unevaluated_epoch(epoch)
+            self._save_unevaluated_epoch(epoch, "failed")
+            raise
+        except (SystemExit, GeneratorExit):
+            raise
+        except BaseException:  # a second Ctrl-C or SIGTERM (KeyboardInterrupt, Terminated)
+            self._save_unevaluated_epoch(epoch, "was stopped")
             raise
         finally:
             self._evaluating = False
