@@ -2138,6 +2138,27 @@ def test_a_second_ctrl_c_says_which_checkpoint_resumes_the_run(
     ]
 
 
+def test_a_crash_mid_run_says_which_checkpoint_resumes_it(grocery, tmp_path, capsys, monkeypatch):
+    """Out of GPU memory at step 6 (say): torch's traceback named no checkpoint, though the
+    epoch before was saved."""
+    path = tiny_config(grocery, tmp_path, epochs=2, eval_during_train=False)
+    step = Trainer._step
+
+    def out_of_memory_at_step_6(self, images, labels):
+        if self.progress.global_step == 5:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return step(self, images, labels)
+
+    monkeypatch.setattr(Trainer, "_step", out_of_memory_at_step_6)
+    with pytest.raises(torch.OutOfMemoryError):
+        main(["train", "-c", str(path)])
+    latest = tmp_path / "output" / "latest.pt"
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "failed at step 5, without a checkpoint since step 4: resume from the run's last "
+        f"checkpoint with -o Global.checkpoints={latest}"
+    )
+
+
 def test_a_second_ctrl_c_during_an_evaluation_keeps_the_epochs_training(
     grocery, tmp_path, capsys, caplog, monkeypatch, request
 ):

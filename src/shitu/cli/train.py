@@ -21,7 +21,7 @@ from shitu.cli.common import (
     positive_minutes,
     print_summary,
 )
-from shitu.errors import CheckpointError, ConfigError, DataError, override_word
+from shitu.errors import CheckpointError, ConfigError, DataError, ShituError, override_word
 from shitu.fileio import only_run_in, refuse_file_in_the_way
 
 logger = logging.getLogger(__name__)
@@ -303,28 +303,32 @@ def _fit(
     trainer: Trainer, stop_after_steps: int | None = None, time_limit_s: float | None = None
 ) -> FitResult:
     """`trainer.fit`, saying after a second Ctrl-C (or SIGTERM: a service manager's stop,
-    then its kill) what goes on from there."""
+    then its kill), or a crash, what goes on from there."""
     from shitu.cli.main import Terminated  # here: that module imports this one
 
     try:
         return trainer.fit(stop_after_steps, time_limit_s)
     except (KeyboardInterrupt, Terminated):
-        _say_what_resumes(trainer)
+        _say_what_resumes(trainer, "stopped at once")
+        raise
+    except ShituError:
+        raise  # its message says what to do
+    except Exception:  # out of GPU memory, say: a traceback follows, naming no checkpoint
+        _say_what_resumes(trainer, "failed")
         raise
 
 
-def _say_what_resumes(trainer: Trainer) -> None:
-    """After a second Ctrl-C (or SIGTERM), which stops the run at once without a
-    checkpoint: where its last checkpoint left it, and how to resume from it ("interrupted"
-    alone said neither, though a checkpoint of an earlier epoch was there), or that there
-    is none to; that a probe starts over."""
+def _say_what_resumes(trainer: Trainer, ended: str) -> None:
+    """After a run `ended` ("stopped at once", "failed") without a checkpoint of its last
+    steps (a second Ctrl-C or SIGTERM, a crash): where its last checkpoint left it, and how
+    to resume from it ("interrupted" alone said neither, though a checkpoint of an earlier
+    epoch was there), or that there is none to; that a probe starts over."""
     saved = trainer.checkpointed
     if not trainer.context.is_main:
         return
     if not trainer.stage.resumable:
         print(
-            f"stopped at once during {trainer.stage.name}; run the same command again to start "
-            "over",
+            f"{ended} during {trainer.stage.name}; run the same command again to start over",
             file=sys.stderr,
         )
         return
@@ -333,7 +337,7 @@ def _say_what_resumes(trainer: Trainer) -> None:
         # Its folder's log alone then refused the same command again (an earlier run).
         if trainer.config.Global.checkpoints is None:
             print(
-                f"stopped at once at step {step}, before the run's first checkpoint: nothing to "
+                f"{ended} at step {step}, before the run's first checkpoint: nothing to "
                 f"resume; remove {trainer.output_dir} (or give another Global.output_dir) to "
                 "start over",
                 file=sys.stderr,
@@ -344,7 +348,7 @@ def _say_what_resumes(trainer: Trainer) -> None:
         f", without a checkpoint since step {saved.global_step}" if step > saved.global_step else ""
     )
     print(
-        f"stopped at once at step {step}{since}: resume from the run's last checkpoint with "
+        f"{ended} at step {step}{since}: resume from the run's last checkpoint with "
         f"-o {override_word('Global.checkpoints', latest)}",
         file=sys.stderr,
     )
