@@ -309,48 +309,46 @@ def _fit(
     try:
         return trainer.fit(stop_after_steps, time_limit_s)
     except (KeyboardInterrupt, Terminated):
-        _say_what_resumes(trainer, "stopped at once")
+        said = _what_resumes(trainer, "stopped at once")
+        if said:
+            print(said, file=sys.stderr)
         raise
     except ShituError:
         raise  # its message says what to do
-    except Exception:  # out of GPU memory, say: a traceback follows, naming no checkpoint
-        _say_what_resumes(trainer, "failed")
+    except Exception as exc:  # out of GPU memory, say: a traceback naming no checkpoint
+        said = _what_resumes(trainer, "failed")
+        if said:
+            exc.add_note(said)  # shown below the traceback's last line
         raise
 
 
-def _say_what_resumes(trainer: Trainer, ended: str) -> None:
-    """After a run `ended` ("stopped at once", "failed") without a checkpoint of its last
-    steps (a second Ctrl-C or SIGTERM, a crash): where its last checkpoint left it, and how
-    to resume from it ("interrupted" alone said neither, though a checkpoint of an earlier
-    epoch was there), or that there is none to; that a probe starts over."""
+def _what_resumes(trainer: Trainer, ended: str) -> str | None:
+    """What to say after a run `ended` ("stopped at once", "failed") without a checkpoint
+    of its last steps (a second Ctrl-C or SIGTERM, a crash): where its last checkpoint left
+    it, and how to resume from it ("interrupted" alone said neither, though a checkpoint of
+    an earlier epoch was there), or that there is none to; that a probe starts over. None
+    where there is nothing to say (a process other than the main one)."""
     saved = trainer.checkpointed
     if not trainer.context.is_main:
-        return
+        return None
     if not trainer.stage.resumable:
-        print(
-            f"{ended} during {trainer.stage.name}; run the same command again to start over",
-            file=sys.stderr,
-        )
-        return
+        return f"{ended} during {trainer.stage.name}; run the same command again to start over"
     step = trainer.progress.global_step
     if saved is None:
         # Its folder's log alone then refused the same command again (an earlier run).
-        if trainer.config.Global.checkpoints is None:
-            print(
-                f"{ended} at step {step}, before the run's first checkpoint: nothing to "
-                f"resume; remove {trainer.output_dir} (or give another Global.output_dir) to "
-                "start over",
-                file=sys.stderr,
-            )
-        return
+        if trainer.config.Global.checkpoints is not None:
+            return None
+        return (
+            f"{ended} at step {step}, before the run's first checkpoint: nothing to resume; "
+            f"remove {trainer.output_dir} (or give another Global.output_dir) to start over"
+        )
     latest = trainer.output_dir / "latest.pt"
     since = (
         f", without a checkpoint since step {saved.global_step}" if step > saved.global_step else ""
     )
-    print(
+    return (
         f"{ended} at step {step}{since}: resume from the run's last checkpoint with "
-        f"-o {override_word('Global.checkpoints', latest)}",
-        file=sys.stderr,
+        f"-o {override_word('Global.checkpoints', latest)}"
     )
 
 
