@@ -2138,7 +2138,7 @@ def test_a_second_ctrl_c_says_which_checkpoint_resumes_the_run(
     ]
 
 
-def test_a_crash_mid_run_says_which_checkpoint_resumes_it(grocery, tmp_path, capsys, monkeypatch):
+def test_a_crash_mid_run_says_which_checkpoint_resumes_it(grocery, tmp_path, monkeypatch):
     """Out of GPU memory at step 6 (say): torch's traceback named no checkpoint, though the
     epoch before was saved."""
     path = tiny_config(grocery, tmp_path, epochs=2, eval_during_train=False)
