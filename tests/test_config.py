@@ -123,6 +123,16 @@ def test_a_path_override_starting_with_a_tilde_is_in_the_home_folder(
     assert pipeline.IndexProcess.index_dir == f"{tmp_path}/lib"
 
 
+def test_no_weight_decay_names_given_as_a_list_are_taken(config_file):
+    """`[bn, bias]`, the YAML list a user writes for several names: refused as 'not a valid
+    string', where PaddleClas's form is one space-separated string."""
+    optimizer = "Optimizer={name: SGD, lr: {name: Cosine, learning_rate: 0.1}}"
+    config = load_config(config_file, [optimizer, "Optimizer.no_weight_decay_name=[bn, bias]"])
+    assert config.Optimizer.no_weight_decay_name == "bn bias"
+    with pytest.raises(ConfigError, match="no_weight_decay_name: Input should be a valid string"):
+        load_config(config_file, [optimizer, "Optimizer.no_weight_decay_name=[bn, 3]"])
+
+
 def test_a_path_in_a_config_file_starting_with_a_tilde_is_in_the_home_folder(monkeypatch, tmp_path):
     """As in an `-o` value: `~/runs` in a YAML file made a folder named `~` in the working
     directory. Only path keys: a bare `~` is YAML's null, and other text is left as written."""
@@ -767,6 +777,25 @@ def test_transform_ops_in_an_order_that_cannot_work_are_refused_as_the_config_lo
         f"{config_file}: DataLoader.Train.dataset.transform_ops[1] ResizeImage: works on uint8 "
         f"pixels; move it before NormalizeImage (set by -o {split})"
     )
+
+
+def test_transform_ops_no_image_can_go_through_are_refused_as_the_config_loads(config_file):
+    """A crop larger than the fixed size a ResizeImage (and a Pad) before it gives: each image
+    failed at the first step, said to be the image's fault ("set skip_corrupt: true")."""
+    ops = "[{ResizeImage: {size: 64}}, {Pad: {padding: 4}}, {RandCropImageV2: {size: 128}}]"
+    split = f"DataLoader.Train={{dataset: {{name: ImageNetDataset, image_root: ., cls_label_path: t.txt, transform_ops: {ops}}}}}"
+    with pytest.raises(ConfigError) as info:
+        load_config(config_file, [split])
+    assert str(info.value) == (
+        f"{config_file}: DataLoader.Train.dataset.transform_ops: no image can go through these "
+        "ops, whatever its size (RandCropImageV2: image 72x72 is smaller than the crop "
+        "128x128, as the ops before it make every image); make the later op fit what they "
+        f"give (set by -o {split})"
+    )
+    fits = split.replace("size: 128", "size: 72")
+    assert load_config(config_file, [fits]).DataLoader.Train is not None
+    # A crop of images left at their size: some may be large enough.
+    load_config(config_file, [split.replace("{ResizeImage: {size: 64}}, ", "")])
 
 
 def test_a_schedule_driven_by_evaluations_is_refused_in_a_run_without_them(config_file):

@@ -84,6 +84,13 @@ def test_piecewise_gamma_and_values(caplog):
         caplog.text
     )
     assert "leaving 9 of its 10 (Global.epochs))" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # none reached: each named, and what that means
+        schedule("Piecewise", learning_rate=0.1, decay_epochs=[12, 20])
+    assert "decay epochs 12, 20 are not reached in the run (decay epochs count after the 0 " in (
+        caplog.text
+    )
+    assert "leaving 10 of its 10 (Global.epochs)): the rate never decays" in caplog.text
     # Decay epochs count from the end of the warm-up (PaddleClas's warm-up wraps the schedule).
     lr = schedule("Piecewise", learning_rate=0.1, decay_epochs=[3], warmup_epoch=1)
     assert [lr.lr_at(s) for s in (5, 10, 39, 40)] == pytest.approx([0.05, 0.1, 0.1, 0.01])
@@ -319,6 +326,15 @@ def test_combined_loss_weights_keys_and_paddleclas_feature_from():
     ):
         loss.attach(RecModel(torch.nn.Flatten()))
     loss.attach(RecModel(torch.nn.Flatten(), head=torch.nn.Identity()))
+    # The neck's output is missing for want of a neck, which a head does not give.
+    with pytest.raises(
+        ConfigError,
+        match=r"reads model output 'neck'.*gives backbone, features, logits\); add "
+        r"an Arch\.Neck or set TripletLoss\.input_key",
+    ):
+        CombinedLoss([{"TripletLoss": {"input_key": "neck"}}]).attach(
+            RecModel(torch.nn.Flatten(), head=torch.nn.Identity())
+        )
 
     # Each item weighted and fed its own output; a repeated name gets a numbered key.
     items = [

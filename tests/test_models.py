@@ -502,3 +502,20 @@ def test_stage_sizes_that_do_not_fit_are_named_when_the_model_is_built(section, 
         match=r"^Arch: the model fails on a 1 x 3 x 64 x 64 image \(.*Neck.num_features",
     ):
         build_model(ArchConfig.model_validate(arch))
+
+
+def test_a_head_too_large_to_allocate_is_a_config_error_naming_its_sizes():
+    """A class_num of the largest of 13-digit product codes (the listed ids themselves):
+    torch's allocator traceback, naming no setting. Larger than any address space, so
+    the allocation fails at once wherever the test runs."""
+    arch = {
+        "Backbone": {"name": "PPLCNetV2_small_ShiTu", "class_expand": 32},
+        "BackboneStopLayer": {"name": "flatten"},
+        "Head": {"name": "FC", "embedding_size": 32, "class_num": 10**15},
+    }
+    with pytest.raises(ConfigError) as caught:
+        build_model(ArchConfig.model_validate(arch))
+    assert str(caught.value).startswith(
+        f"Arch.Head: FC (embedding_size 32, class_num {10**15}) needs more memory than there is ("
+    )
+    assert str(caught.value).endswith("); check its sizes")

@@ -24,6 +24,8 @@ from shitu.checkpoint import average_weights, model_metadata, read_weights, save
 from shitu.cli.main import main
 from shitu.config import load_config
 from shitu.data.datasets import base
+from shitu.engine.distributed import init_distributed
+from shitu.engine.evaluate import RetrievalEvaluation
 from shitu.engine.linear_probe import probe_stage
 from shitu.engine.metrics_log import MetricsLog, read_log
 from shitu.engine.precision import cpu_has_native_bf16
@@ -175,8 +177,10 @@ def test_resumed_metrics_log_drops_later_records_and_a_torn_last_line(tmp_path, 
     assert [(r["step"], r["loss"]) for r in read_log(log)] == [(1, 1.0), (2, 1.0), (3, 0.5)]
 
     log.write_text(records[0] + "\nnot json\n" + records[1] + "\n")  # damage, not a torn end
-    with pytest.raises(DataError, match="line 2 is not a JSON record"):
+    with pytest.raises(DataError, match="line 2 is not a JSON record") as caught:
         MetricsLog(tmp_path, resume_step=2)
+    # What stands in the way of the resume, and what to do about it.
+    assert str(caught.value).endswith("; put the line right or remove it, then resume again")
 
 
 def test_a_resumed_runs_tensorboard_hides_the_steps_logged_after_its_checkpoint(tmp_path):
@@ -264,6 +268,103 @@ def test_an_unreadable_image_met_mid_run_leaves_a_checkpoint_to_resume_from(groc
     a, _ = read_weights(tmp_path / "full" / "final_model.safetensors")
     b, _ = read_weights(output / "final_model.safetensors")
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_an_image_one_dataset_left_out_as_unreadable_is_refused_in_one_that_reads_all(
+    grocery, tmp_path
+):
+    """skip_corrupt on the training set only, the gallery listing the same images: the
+    image its scan found undecodable stopped the run at the first evaluation, an epoch in.
+    Refused at the start, naming the section to set skip_corrupt in; so is the other way
+    round, and a query set against its gallery."""
+    path = tiny_config(grocery, tmp_path, epochs=1)
+    root = tmp_path / "images"
+    lines = [line.split() for line in (tmp_path / "train.txt").read_text().splitlines()]
+    for relative, _ in lines:
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(grocery / relative, root / relative)
+    broken = root / lines[4][0]
+    broken.write_bytes(b"not an image")
+    roots = [f"DataLoader.{split}.dataset.image_root={root}" for split in ("Train", "Eval.Gallery")]
+    queries = [  # the training images as queries
+        f"DataLoader.Eval.Query.dataset.image_root={root}",
+        f"DataLoader.Eval.Query.dataset.cls_label_path={tmp_path / 'train.txt'}",
+    ]
+    cases = [
+        (["DataLoader.Train.dataset.skip_corrupt=true"], "Eval.Gallery", "Train"),
+        (
+            [
+                *queries,
+                *(f"DataLoader.Eval.{s}.dataset.skip_corrupt=true" for s in ("Query", "Gallery")),
+            ],
+            "Train",
+            "Eval.Query",
+        ),
+    ]
+    for skipping, refused, left_out in cases:
+        with pytest.raises(ConfigError) as caught:
+            Trainer(load_config(path, [*roots, *skipping]))
+        assert str(caught.value).startswith(
+            f"DataLoader.{refused} lists 1 image that DataLoader.{left_out}'s skip_corrupt left "
+            f"out ({broken}: cannot decode image: a text file, not an image), and would stop at "
+            f"the first it reads: set DataLoader.{refused}.dataset.skip_corrupt: true too"
+        )
+    with pytest.raises(ConfigError, match=r"^DataLoader.Eval.Gallery lists 1 image that Data"):
+        RetrievalEvaluation(
+            load_config(
+                path, [*roots, *queries, "DataLoader.Eval.Query.dataset.skip_corrupt=true"]
+            ),
+            init_distributed("cpu"),
+            seed=0,
+        )
+    every = [f"DataLoader.{split}.dataset.skip_corrupt=true" for split in ("Train", "Eval.Gallery")]
+    Trainer(load_config(path, [*roots, *every]))  # both leave it out
+
+
+def test_losses_that_read_frozen_layers_only_are_refused_before_the_first_step(
+    grocery, tmp_path, capsys
+):
+    """A metric loss alone on the features of a frozen backbone (a LinearProbe's probe
+    without a neck, or Arch.frozen_layers up to the head): the first step failed with
+    torch's "element 0 of tensors does not require grad", a traceback."""
+    path = tiny_config(grocery, tmp_path, epochs=1, eval_during_train=False)
+    triplet = "Loss.Train=[{TripletAngularMarginLoss: {weight: 1.0}}]"
+    probe = ["Arch.Neck=null", "LinearProbe={epochs: 1, frozen_layers: [backbone]}"]
+    assert main(["train", "-c", str(path), "-o", triplet, *probe]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "error: Loss.Train: every loss reads an output of frozen layers only "
+        "(TripletAngularMarginLoss reads 'features'), so nothing would be learnt: "
+        "Arch.frozen_layers (and in a LinearProbe run's probe LinearProbe.frozen_layers) "
+        "freeze every layer it comes through; add a loss on an output of a trained layer (a "
+        "head's 'logits', say), or freeze fewer layers"
+    )
+    frozen = "Arch.frozen_layers=[backbone, neck]"
+    with pytest.raises(ConfigError, match="TripletAngularMarginLoss reads 'features'"):
+        Trainer(load_config(path, [triplet, frozen]))
+    Trainer(load_config(path, [frozen]))  # CELoss trains the head
+    Trainer(load_config(path, [triplet, "Arch.frozen_layers=[backbone]"]))  # and the neck
+
+
+def test_an_unreadable_image_met_after_one_step_says_that_step_is_saved(
+    grocery, tmp_path, monkeypatch
+):
+    """In words that agree with one step ("The run's 1 step so far are saved" read wrong)."""
+    path = tiny_config(grocery, tmp_path, epochs=1, eval_during_train=False)
+    step = Trainer._step
+
+    def unreadable_at_step_2(self, images, labels):
+        if self.progress.global_step == 1:
+            raise DataError("photo.jpg: cannot decode image: the file is empty")
+        return step(self, images, labels)
+
+    monkeypatch.setattr(Trainer, "_step", unreadable_at_step_2)
+    with pytest.raises(DataError) as caught:
+        Trainer(load_config(path)).fit()
+    latest = tmp_path / "output" / "latest.pt"
+    assert str(caught.value) == (
+        f"photo.jpg: cannot decode image: the file is empty. The run's 1 step so far is saved "
+        f"in {latest}: put the image right and resume with -o Global.checkpoints={latest}"
+    )
 
 
 def test_an_unreadable_image_met_in_the_probe_says_to_run_the_command_again(
@@ -746,8 +847,12 @@ def test_a_crash_after_a_step_checkpoint_does_not_evaluate_an_epoch_twice(grocer
     assert any(r["lr"] > 0 for r in logged)
 
     refused = [f"Global.output_dir={output}", f"Global.checkpoints={output}"]
-    with pytest.raises(ConfigError, match="4 steps per epoch, this config gives 2"):
+    with pytest.raises(ConfigError, match="4 steps per epoch, this config gives 2") as caught:
         Trainer(load_config(path, [*refused, "DataLoader.Train.sampler.batch_size=16"]))
+    # Photos added since: the run's weights can still go on, in a new run.
+    assert str(caught.value).endswith(
+        f", or start a new run from its weights with -o Global.pretrained_model={output}/latest.pt"
+    )
     older = torch.load(output / "latest.pt", weights_only=False)  # as saved before the field
     del older["steps_per_epoch"]
     torch.save(older, output / "latest.pt")
@@ -1278,6 +1383,41 @@ def test_a_run_resumed_into_a_new_folder_carries_its_log_and_best_model_over(
     assert Trainer(again).progress.best_epoch is None
 
 
+def test_a_pretrained_model_given_with_a_resume_is_said_to_be_unused(grocery, tmp_path, caplog):
+    """A resume takes every weight from its checkpoint: other weights given with it were
+    dropped without a word."""
+    path = tiny_config(grocery, tmp_path, epochs=1, eval_during_train=False)
+    Trainer(load_config(path)).fit()
+    output = tmp_path / "output"
+    weights = output / "final_model.safetensors"
+    resume = [f"Global.checkpoints={output}", "Global.epochs=2"]
+    assert "is not used" not in startup_warnings(caplog, path, resume)
+    assert (
+        f"Global.pretrained_model {weights} is not used: a resumed run goes on from its "
+        f"checkpoint's weights; to start a new run from {weights}, leave out Global.checkpoints"
+    ) in startup_warnings(caplog, path, [*resume, f"Global.pretrained_model={weights}"])
+
+
+def test_a_run_resumed_without_its_best_model_file_chooses_the_best_anew(
+    grocery, tmp_path, capsys, caplog
+):
+    """best_model.safetensors removed from the run's folder (to save space, say) before a
+    resume there: the run went on naming the file as its best, and ended naming it, absent,
+    as its epoch 1's best (only a better evaluation wrote it again)."""
+    path = tiny_config(grocery, tmp_path)
+    output = tmp_path / "output"
+    Trainer(load_config(path, ["Global.epochs=1"])).fit()
+    best = output / "best_model.safetensors"
+    best.unlink()
+    resume = ["-o", f"Global.checkpoints={output / 'latest.pt'}"]
+    with caplog.at_level(logging.WARNING, logger="shitu"):
+        assert main(["train", "-c", str(path), *resume]) == 0
+    assert f"{best} is gone, so the best model (epoch 1, recall@1 " in caplog.text
+    said = capsys.readouterr().out.splitlines()[-1]
+    assert said.startswith("best recall@1 ") and said.endswith(f" at epoch 2: {best}")
+    assert best.is_file()
+
+
 def test_cli_eval_is_repeatable_and_warns_before_it_misleads(grocery, tmp_path, capsys, caplog):
     path = tiny_config(grocery, tmp_path)
     # Untrained new layers start from Global.seed: the same numbers on every run.
@@ -1327,6 +1467,41 @@ def test_ddp_on_cpu_matches_single_process_eval(grocery, tmp_path):
     assert metrics["mAP"] == pytest.approx(logged["mAP"], abs=1e-5)
     # 36 train images, 2 processes x PK batches of 8: 2 steps per epoch.
     assert read_log(tmp_path / "output" / "metrics.jsonl", "train")[-1]["step"] == 2
+
+
+def test_an_unreadable_image_met_under_ddp_names_the_checkpoint_to_resume_from(grocery, tmp_path):
+    """Under torchrun the processes cannot save together once one of them has failed: the
+    error named the image alone, not the run's last checkpoint, nor how to resume from it."""
+    path = tiny_config(grocery, tmp_path, epochs=2, eval_during_train=False)
+    root = tmp_path / "images"
+    lines = [line.split() for line in (tmp_path / "train.txt").read_text().splitlines()]
+    for relative, _ in lines:
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(grocery / relative, root / relative)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        "-m", "shitu", "train", "-c", str(path), "-o", f"DataLoader.Train.dataset.image_root={root}",
+    ]  # fmt: skip
+    first = subprocess.run(
+        [*command, "--stop-after-steps", "2"], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert first.returncode == 0, first.stderr[-3000:]
+    for relative, _ in lines:
+        (root / relative).write_bytes(b"not an image")
+    latest = tmp_path / "output" / "latest.pt"
+    resumed = subprocess.run(
+        [*command, f"Global.checkpoints={latest}"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert resumed.returncode != 0
+    assert (
+        f". The run's last checkpoint, of step 2, is {latest}: put the image right and resume "
+        f"with -o Global.checkpoints={latest}\n"
+    ) in resumed.stderr
 
 
 def test_a_resumed_ddp_run_keeps_each_processs_cross_batch_memory(grocery, tmp_path):
@@ -1465,6 +1640,31 @@ def test_a_run_from_folded_weights_is_refused_naming_the_setting(grocery, tmp_pa
         )
 
 
+def test_a_cross_entropy_on_outputs_narrower_than_the_labels_is_refused(grocery, tmp_path):
+    """CELoss set to read the features (as a model without a head is advised to): Grocery's
+    class ids up to 68 against 32 features failed when such a label was first drawn, with
+    torch's "Target 68 is out of bounds", a traceback."""
+    path = tiny_config(grocery, tmp_path, epochs=1, eval_during_train=False)
+    listing = tmp_path / "train.txt"
+    largest = max(int(line.split()[1]) for line in listing.read_text().splitlines())
+    ids = ["DataLoader.Train.dataset.relabel=false", f"Arch.Head.class_num={largest + 1}"]
+    on_features = "Loss.Train=[{CELoss: {input_key: features}}]"
+    scores = (
+        f"Loss.Train: CELoss reads 'features' (32 values per image) as class scores, but "
+        f"DataLoader.Train's label file {listing} has labels up to {largest}; "
+    )
+    with pytest.raises(ConfigError) as caught:
+        Trainer(load_config(path, [*ids, on_features]))
+    assert str(caught.value) == scores + "leave out CELoss.input_key to read the head's 'logits'"
+    with pytest.raises(ConfigError) as caught:
+        Trainer(load_config(path, [*ids, on_features, "Arch.Head=null"]))
+    assert str(caught.value) == scores + (
+        f"give the model an Arch.Head with class_num: {largest + 1}, whose 'logits' CELoss "
+        "reads by default"
+    )
+    Trainer(load_config(path, [on_features, "Arch.Head=null"]))  # 6 classes numbered from 0
+
+
 def test_a_classifier_larger_than_the_named_classes_is_warned_about(grocery, tmp_path, caplog):
     """A copied config's class_num (81) left as it was, on a 6-class folder or listing:
     it trains, but the user asked for 6 outputs and should hear of the other 75."""
@@ -1509,8 +1709,10 @@ def test_every_head_checks_class_num_against_the_training_labels(grocery, tmp_pa
         Trainer(load_config(path, [*ids, "Arch.Head.class_num=6"]))
     assert str(info.value) == (
         f"Arch.Head.class_num is 6, but DataLoader.Train's label file {listing} has labels up "
-        f"to {largest}; set Arch.Head.class_num: {largest + 1}"
+        f"to {largest}; set Arch.Head.class_num: {largest + 1}, or "
+        "DataLoader.Train.dataset.relabel: true to number its 6 classes from 0"
     )
+    Trainer(load_config(path, [*ids[1:], "Arch.Head.class_num=6"]))  # as relabelled: taken
     assert "class_num" not in startup_warnings(
         caplog, path, [*ids, f"Arch.Head.class_num={largest + 1}"]
     )
@@ -1519,6 +1721,39 @@ def test_every_head_checks_class_num_against_the_training_labels(grocery, tmp_pa
         f"has labels up to {largest}: the other 100 outputs of the classifier are never a "
         f"label; set Arch.Head.class_num: {largest + 1}"
     ) in startup_warnings(caplog, path, [*ids, f"Arch.Head.class_num={largest + 101}"])
+
+
+def test_a_training_set_of_one_class_is_warned_about(grocery, tmp_path, caplog):
+    """Every label the same (a label column read wrong): cross-entropy over one class is 0,
+    so a run with a sampler that takes it learnt nothing, without a word."""
+    path = tiny_config(grocery, tmp_path, eval_during_train=False)
+    listing = tmp_path / "train.txt"
+    assert "one label" not in startup_warnings(caplog, path)
+    one = tmp_path / "one.txt"
+    one.write_text("".join(f"{line.split()[0]} 7\n" for line in listing.read_text().splitlines()))
+    overrides = [
+        f"DataLoader.Train.dataset.cls_label_path={one}",
+        "DataLoader.Train.sampler={name: DistributedBatchSampler, batch_size: 8, shuffle: true}",
+        "Loss.Train=[{CELoss: {}}]",
+    ]
+    assert (
+        f"DataLoader.Train's label file {one}: all 36 images have one label (7), so there are "
+        "no classes to tell apart and the losses on labels learn nothing; check the labels"
+    ) in startup_warnings(caplog, path, overrides)
+
+
+def test_query_images_the_run_trains_on_are_warned_about(grocery, tmp_path, caplog):
+    """The training list given as the query set: every evaluation, and the best model
+    chosen by them, scored photos the model had trained on, without a word."""
+    path = tiny_config(grocery, tmp_path)  # the training images are the gallery: that is fine
+    assert "training images too" not in startup_warnings(caplog, path)
+    listing = f"DataLoader.Eval.Query.dataset.cls_label_path={tmp_path / 'train.txt'}"
+    first = (tmp_path / "train.txt").read_text().split()[0]
+    assert (
+        f"36 of 36 query images are training images too ({grocery / first}, ...): the metrics "
+        "then tell how well the model knows photos it trains on, not how it does on new ones; "
+        "query with photos kept out of training"
+    ) in startup_warnings(caplog, path, [listing])
 
 
 def test_queries_the_gallery_cannot_match_are_warned_about(grocery, tmp_path, caplog):
@@ -1855,6 +2090,145 @@ def test_a_signal_says_the_run_stops_after_this_step_and_a_second_stops_it_now(
             assert not (tmp_path / "output" / "latest.pt").exists()
     assert "SIGINT: stopping after this step, with a checkpoint (send it again" in caplog.text
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_a_second_ctrl_c_says_which_checkpoint_resumes_the_run(
+    grocery, tmp_path, capsys, monkeypatch, request
+):
+    """A second Ctrl-C stops the run at once, without a checkpoint of the steps since its
+    last: "interrupted" alone did not say that the epoch before was saved, nor how to
+    resume from it."""
+    path = tiny_config(grocery, tmp_path, epochs=2, eval_during_train=False)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
+    step = Trainer._step
+
+    def pressed_twice_in_step_6(self, images, labels):
+        if self.progress.global_step == 5:  # the first epoch's 4 steps are saved
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
+        return step(self, images, labels)
+
+    monkeypatch.setattr(Trainer, "_step", pressed_twice_in_step_6)
+    assert main(["train", "-c", str(path)]) == 130
+    latest = tmp_path / "output" / "latest.pt"
+    assert capsys.readouterr().err.splitlines()[-2:] == [
+        "stopped at once at step 5, without a checkpoint since step 4: resume from the run's "
+        f"last checkpoint with -o Global.checkpoints={latest}",
+        "interrupted",
+    ]
+    # Before the first checkpoint there is nothing to resume, and the folder's log would
+    # refuse the same command as an earlier run's.
+    first = ["-o", f"Global.output_dir={tmp_path / 'first'}"]
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "save_latest", lambda self: None)  # none written yet
+        assert main(["train", "-c", str(path), *first]) == 130
+    assert capsys.readouterr().err.splitlines()[-2:] == [
+        f"stopped at once at step 5, before the run's first checkpoint: nothing to resume; "
+        f"remove {tmp_path / 'first'} (or give another Global.output_dir) to start over",
+        "interrupted",
+    ]
+    # The probe is not resumed: the same command starts it over.
+    probe = ["-o", "LinearProbe={epochs: 2, frozen_layers: [backbone]}"]
+    output = ["-o", f"Global.output_dir={tmp_path / 'probed'}"]
+    assert main(["train", "-c", str(path), *probe, *output]) == 130
+    assert capsys.readouterr().err.splitlines()[-2:] == [
+        "stopped at once during the linear probe; run the same command again to start over",
+        "interrupted",
+    ]
+
+
+def test_a_crash_mid_run_says_which_checkpoint_resumes_it(grocery, tmp_path, monkeypatch):
+    """Out of GPU memory at step 6 (say): torch's traceback named no checkpoint, though the
+    epoch before was saved."""
+    path = tiny_config(grocery, tmp_path, epochs=2, eval_during_train=False)
+    step = Trainer._step
+
+    def out_of_memory_at_step_6(self, images, labels):
+        if self.progress.global_step == 5:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return step(self, images, labels)
+
+    monkeypatch.setattr(Trainer, "_step", out_of_memory_at_step_6)
+    with pytest.raises(torch.OutOfMemoryError) as caught:
+        main(["train", "-c", str(path)])
+    latest = tmp_path / "output" / "latest.pt"
+    # A note, shown below the traceback's last line.
+    assert caught.value.__notes__ == [
+        "failed at step 5, without a checkpoint since step 4: resume from the run's last "
+        f"checkpoint with -o Global.checkpoints={latest}"
+    ]
+
+
+def test_a_second_ctrl_c_during_an_evaluation_keeps_the_epochs_training(
+    grocery, tmp_path, capsys, caplog, monkeypatch, request
+):
+    """An evaluation takes minutes, its epoch maybe hours: stopped at once during it, the
+    run lost the epoch's training too. It is saved as trained but not evaluated, and the
+    resumed run evaluates it, then goes on."""
+    path = tiny_config(grocery, tmp_path, epochs=2)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
+    run = RetrievalEvaluation.run
+
+    def pressed_twice(self, model):
+        monkeypatch.setattr(RetrievalEvaluation, "run", run)  # the first evaluation only
+        signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)
+        return run(self, model)
+
+    monkeypatch.setattr(RetrievalEvaluation, "run", pressed_twice)
+    with caplog.at_level(logging.WARNING, logger="shitu"):
+        assert main(["train", "-c", str(path)]) == 130
+    latest = tmp_path / "output" / "latest.pt"
+    said = (
+        "SIGINT: stopping after this evaluation, with a checkpoint (send it again to stop at "
+        "once, the epoch's training is kept, not its evaluation)"
+    )
+    assert said in caplog.messages
+    assert capsys.readouterr().err.splitlines()[-2:] == [
+        f"stopped at once at step 4: resume from the run's last checkpoint with "
+        f"-o Global.checkpoints={latest}",
+        "interrupted",
+    ]
+    assert main(["train", "-c", str(path), "-o", f"Global.checkpoints={latest}"]) == 0
+    logged = read_log(tmp_path / "output" / "metrics.jsonl")
+    assert [(r["kind"], r["step"]) for r in logged if r["kind"] == "eval"] == [
+        ("eval", 4),
+        ("eval", 8),
+    ]
+    assert [r["step"] for r in logged if r["kind"] == "train"] == list(range(1, 9))
+
+
+def test_a_second_sigterm_says_which_checkpoint_resumes_the_run(
+    grocery, tmp_path, capsys, monkeypatch
+):
+    """A service manager's stop sends SIGTERM, and another (or a kill) if the run is slow to
+    end: the run then stops at once, and its log said nothing of the checkpoint before."""
+    import shitu.cli.main as cli_main
+
+    path = tiny_config(grocery, tmp_path, epochs=2, eval_during_train=False)
+    step = Trainer._step
+
+    def terminated_twice_in_step_6(self, images, labels):
+        if self.progress.global_step == 5:
+            signal.raise_signal(signal.SIGTERM)
+            signal.raise_signal(signal.SIGTERM)
+        return step(self, images, labels)
+
+    monkeypatch.setattr(Trainer, "_step", terminated_twice_in_step_6)
+    # The command ends by SIGTERM itself once it has unwound: not this test's process.
+    monkeypatch.setattr(cli_main.os, "kill", lambda pid, signum: None)
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        assert main(["train", "-c", str(path)]) == 128 + signal.SIGTERM
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    latest = tmp_path / "output" / "latest.pt"
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "stopped at once at step 5, without a checkpoint since step 4: resume from the run's "
+        f"last checkpoint with -o Global.checkpoints={latest}"
+    )
 
 
 def test_a_signal_during_the_last_evaluation_leaves_a_finished_run_a_success(

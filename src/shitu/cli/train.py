@@ -21,7 +21,7 @@ from shitu.cli.common import (
     positive_minutes,
     print_summary,
 )
-from shitu.errors import CheckpointError, ConfigError, DataError, override_word
+from shitu.errors import CheckpointError, ConfigError, DataError, ShituError, override_word
 from shitu.fileio import only_run_in, refuse_file_in_the_way
 
 logger = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from shitu.config.schema import ShituConfig
     from shitu.engine.distributed import DistContext
     from shitu.engine.state import Progress
-    from shitu.engine.trainer import Trainer
+    from shitu.engine.trainer import FitResult, Trainer
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -158,7 +158,7 @@ def _probe(config: ShituConfig, context: DistContext, progress: bool) -> int | N
             file=sys.stderr,
         )
     _print_summary(trainer)
-    result = trainer.fit()
+    result = _fit(trainer)
     # A signal during the probe's final save lets it finish, and still stops the command.
     if trainer.context.is_main and result.stop_signal is not None:
         when = "after" if result.finished else "during"
@@ -299,6 +299,59 @@ def _stopped_during_probe(config: ShituConfig, checkpoints: Path) -> bool:
     )
 
 
+def _fit(
+    trainer: Trainer, stop_after_steps: int | None = None, time_limit_s: float | None = None
+) -> FitResult:
+    """`trainer.fit`, saying after a second Ctrl-C (or SIGTERM: a service manager's stop,
+    then its kill), or a crash, what goes on from there."""
+    from shitu.cli.main import Terminated  # here: that module imports this one
+
+    try:
+        return trainer.fit(stop_after_steps, time_limit_s)
+    except (KeyboardInterrupt, Terminated):
+        said = _what_resumes(trainer, "stopped at once")
+        if said:
+            print(said, file=sys.stderr)
+        raise
+    except ShituError:
+        raise  # its message says what to do
+    except Exception as exc:  # out of GPU memory, say: a traceback naming no checkpoint
+        said = _what_resumes(trainer, "failed")
+        if said:
+            exc.add_note(said)  # shown below the traceback's last line
+        raise
+
+
+def _what_resumes(trainer: Trainer, ended: str) -> str | None:
+    """What to say after a run `ended` ("stopped at once", "failed") without a checkpoint
+    of its last steps (a second Ctrl-C or SIGTERM, a crash): where its last checkpoint left
+    it, and how to resume from it ("interrupted" alone said neither, though a checkpoint of
+    an earlier epoch was there), or that there is none to; that a probe starts over. None
+    where there is nothing to say (a process other than the main one)."""
+    saved = trainer.checkpointed
+    if not trainer.context.is_main:
+        return None
+    if not trainer.stage.resumable:
+        return f"{ended} during {trainer.stage.name}; run the same command again to start over"
+    step = trainer.progress.global_step
+    if saved is None:
+        # Its folder's log alone then refused the same command again (an earlier run).
+        if trainer.config.Global.checkpoints is not None:
+            return None
+        return (
+            f"{ended} at step {step}, before the run's first checkpoint: nothing to resume; "
+            f"remove {trainer.output_dir} (or give another Global.output_dir) to start over"
+        )
+    latest = trainer.output_dir / "latest.pt"
+    since = (
+        f", without a checkpoint since step {saved.global_step}" if step > saved.global_step else ""
+    )
+    return (
+        f"{ended} at step {step}{since}: resume from the run's last checkpoint with "
+        f"-o {override_word('Global.checkpoints', latest)}"
+    )
+
+
 def _train(args: argparse.Namespace) -> int:
     from shitu.engine.distributed import launched_rank, shutdown_distributed
     from shitu.engine.linear_probe import FINE_TUNING, fine_tune_stage, probe_weights_path
@@ -363,7 +416,7 @@ def _train(args: argparse.Namespace) -> int:
             _print_summary(trainer)
             _warn_of_a_step_limit_passed(args.stop_after_steps, trainer)
             time_limit = args.time_limit * 60 if args.time_limit is not None else None
-            result = trainer.fit(stop_after_steps=args.stop_after_steps, time_limit_s=time_limit)
+            result = _fit(trainer, stop_after_steps=args.stop_after_steps, time_limit_s=time_limit)
     finally:
         shutdown_distributed()
     if trainer.context.is_main:

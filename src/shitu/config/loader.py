@@ -333,15 +333,35 @@ def _validate_data_split(where: str, split: DataSplitConfig, failed: list[Config
         )
     if ops and len(failed) == problems_before:  # each op right: then their order (no resize
         try:  # after NormalizeImage), which the dataset would find only once it is built
-            build_transforms(ops, where=f"{where}.dataset.transform_ops")
+            transforms = build_transforms(ops, where=f"{where}.dataset.transform_ops")
         except ConfigError as exc:
             failed.append(exc)
+        else:
+            _check_some_size_goes_through(transforms, f"{where}.dataset.transform_ops", failed)
     if split.sampler is not None:
         sampler = split.sampler
         _check(
             failed,
             f"{where}.sampler",
             lambda: registry.SAMPLERS.validate(sampler.name, sampler.params),
+        )
+
+
+# A square image larger than any photo: one the ops refuse, they refuse whatever the size.
+_ANY_SIZE = 1 << 20
+
+
+def _check_some_size_goes_through(transforms: Any, where: str, failed: list[ConfigError]) -> None:
+    """Ops that no image can go through (a crop larger than the fixed size a ResizeImage
+    before it gives): each image failed as it was read, said to be the image's fault ("set
+    skip_corrupt: true", "put the image right"), at the first step of a training run."""
+    problem = transforms.size_problem(_ANY_SIZE, _ANY_SIZE)
+    if problem is not None:
+        failed.append(
+            ConfigError(
+                f"{where}: no image can go through these ops, whatever its size ({problem}, "
+                "as the ops before it make every image); make the later op fit what they give"
+            )
         )
 
 

@@ -300,6 +300,15 @@ class OptimizerConfig(Section):
             )
         return self
 
+    @field_validator("no_weight_decay_name", mode="before")
+    @classmethod
+    def _fragments_as_listed(cls, value: Any) -> Any:
+        """`[bn, bias]`, the YAML list a user writes for several names, is the space-
+        separated `bn bias` PaddleClas writes: it was refused as 'not a valid string'."""
+        if isinstance(value, list) and all(isinstance(item, str) for item in value):
+            return " ".join(value)
+        return value
+
     @field_validator("lr_mult", mode="before")
     @classmethod
     def _dotted_names(cls, value: Any) -> Any:

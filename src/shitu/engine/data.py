@@ -22,7 +22,7 @@ from shitu.data.samplers import DistributedBatchSampler
 from shitu.engine.distributed import DistContext
 from shitu.engine.seeding import SeededBatchSampler, SeededDataset
 from shitu.engine.stopping import STOPPING_SIGNALS
-from shitu.errors import ConfigError
+from shitu.errors import ConfigError, first_few
 from shitu.runtime import usable_cores
 
 EVAL_SAMPLER = ComponentConfig(name="DistributedBatchSampler", batch_size=64, shuffle=False)
@@ -251,6 +251,40 @@ def build_eval_loader(
         worker_init=worker_init,
         progress=progress,
     )
+
+
+def check_unreadable_elsewhere(datasets: dict[str, Any]) -> None:
+    """Refuse, by config section, a dataset without skip_corrupt that lists an image which
+    another one's skip_corrupt scan found missing or undecodable: it would stop the run on
+    that image once it got there (an evaluation set at the first evaluation, an epoch into
+    the run; a training set within an epoch), though the start-up already knew of it."""
+    unreadable = {
+        where: dataset.unreadable
+        for where, dataset in datasets.items()
+        if getattr(dataset, "unreadable", None)
+    }
+    if not unreadable:  # the usual case: nothing left out, nothing to compare
+        return
+    problems = []
+    # The few unreadable paths in a set; a training list of millions is read once.
+    wanted = {os.path.abspath(path) for found in unreadable.values() for path in found}
+    for where, dataset in datasets.items():
+        if getattr(dataset, "skip_corrupt", True):
+            continue
+        listed = {key for path in dataset.paths if (key := os.path.abspath(path)) in wanted}
+        for other, found in unreadable.items():
+            shared = [
+                f"{path}: {why}" for path, why in found.items() if os.path.abspath(path) in listed
+            ]
+            if shared:
+                problems.append(
+                    f"{where} lists {len(shared)} image{'s' if len(shared) > 1 else ''} that "
+                    f"{other}'s skip_corrupt left out ({first_few(shared, 3)}), and would stop "
+                    f"at the first it reads: set {where}.dataset.skip_corrupt: true too, or put "
+                    "the images right"
+                )
+    if problems:
+        raise ConfigError("; ".join(problems))
 
 
 def dataset_of(loader: DataLoader) -> Any:

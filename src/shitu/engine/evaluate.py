@@ -18,7 +18,12 @@ from tqdm import tqdm
 
 from shitu.config.schema import ShituConfig
 from shitu.data.datasets.label_file import is_class_id
-from shitu.engine.data import build_eval_loader, dataset_of, end_quietly_on_sigterm
+from shitu.engine.data import (
+    build_eval_loader,
+    check_unreadable_elsewhere,
+    dataset_of,
+    end_quietly_on_sigterm,
+)
 from shitu.engine.distributed import DistContext, all_gather_concat
 from shitu.engine.precision import autocast_for, effective_amp
 from shitu.errors import ConfigError
@@ -195,6 +200,7 @@ class RetrievalEvaluation:
         self.evaluator = RetrievalEvaluator.from_metric_config(
             metric_items, re_ranking=config.Global.re_ranking
         )
+        check_unreadable_elsewhere(self.datasets())
         self._warn_of_ids_in_one_file()
         self._warn_of_shared_images()
         self._check_positives()
@@ -206,6 +212,13 @@ class RetrievalEvaluation:
                 queries if gallery is None else len(gallery),
                 self.evaluator.re_ranking.max_samples,
             )
+
+    def datasets(self) -> dict[str, Any]:
+        """The query and gallery datasets by config section."""
+        datasets = {"DataLoader.Eval.Query": dataset_of(self.query_loader)}
+        if self.gallery_loader is not None:
+            datasets["DataLoader.Eval.Gallery"] = dataset_of(self.gallery_loader)
+        return datasets
 
     def _warn_of_ids_in_one_file(self) -> None:
         """Warn where only one of the query and gallery label files lists unique ids: ids

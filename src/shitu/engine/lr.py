@@ -169,16 +169,20 @@ class Piecewise(LRSchedule):
         else:
             values = [value * (learning_rate / values[0]) for value in values]
         reached = epochs - warmup_epoch
-        if decay_epochs and decay_epochs[-1] >= reached:  # e.g. a short trial, or a probe
+        unreached = [epoch for epoch in decay_epochs if epoch >= reached]
+        if unreached:  # e.g. a short trial, or a probe
+            # Each one named: the last alone hid that the rate never decays at all.
             logger.warning(
-                "Piecewise: decay epoch %d is not reached in %s (decay epochs count after "
-                "the %d warm-up epochs, leaving %d of its %d (%s))",
-                decay_epochs[-1],
+                "Piecewise: decay epoch%s %s not reached in %s (decay epochs count after "
+                "the %d warm-up epochs, leaving %d of its %d (%s))%s",
+                "s" if len(unreached) > 1 else "",
+                f"{', '.join(map(str, unreached))} {'are' if len(unreached) > 1 else 'is'}",
                 stage.name,
                 warmup_epoch,
                 reached,
                 epochs,
                 stage.epochs_key,
+                ": the rate never decays" if len(unreached) == len(decay_epochs) else "",
             )
         self.boundaries = [epoch * steps_per_epoch for epoch in decay_epochs]
         self.values = list(values)

@@ -88,5 +88,7 @@ def _parse(path: Path, repair: bool) -> list[dict[str, Any]]:
             if repair and position == len(lines) - 1:
                 logger.warning("%s: dropping the unfinished last line %d (%s)", path, number, error)
                 continue
-            raise DataError(f"{path}: line {number} is not a JSON record ({error})") from None
+            # Resuming: the log alone stood in the way, and the message said nothing of it.
+            fix = "; put the line right or remove it, then resume again" if repair else ""
+            raise DataError(f"{path}: line {number} is not a JSON record ({error}){fix}") from None
     return records

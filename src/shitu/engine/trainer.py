@@ -6,12 +6,13 @@ import functools
 import json
 import logging
 import math
+import os
 import random
 import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -29,6 +30,7 @@ from shitu.config.schema import ShituConfig
 from shitu.engine.batch_norm import norm_on_one_value_per_channel
 from shitu.engine.data import (
     build_train_loader,
+    check_unreadable_elsewhere,
     dataset_of,
     end_workers,
     leave_stopping_to_the_trainer,
@@ -67,6 +69,7 @@ from shitu.fileio import home_expanded, remove_unfinished_writes, write_atomical
 from shitu.losses.combined import CombinedLoss
 from shitu.losses.xbm import CrossBatchMemory
 from shitu.models import RecModel, build_model
+from shitu.models.rec_model import one_image_outputs
 from shitu.models.reparam import is_reparameterized
 from shitu.registry import problem_list
 
@@ -206,6 +209,7 @@ class Trainer:
         # What the run starts from, for the summary a user sees before a long run.
         if resume_payload is not None:
             self.initial_weights = f"resumed from {config.Global.checkpoints}"
+            self._warn_of_unused_pretrained_model(resume_payload)
         elif from_file:
             self.initial_weights = f"{config.Global.pretrained_model} ({report.summary()})"
             if not report.complete and self.context.is_main:
@@ -221,6 +225,9 @@ class Trainer:
             config.DataLoader.Train, self.context, self.seed, progress
         )
         _check_class_count(config, dataset_of(self.train_loader), warn=self.context.is_main)
+        _check_scores_of_other_outputs(self.loss, self.model, dataset_of(self.train_loader))
+        if self.context.is_main:
+            _warn_of_one_class(dataset_of(self.train_loader))
         _check_last_batch(
             self.train_loader.batch_sampler.batch_sampler,
             self.model,
@@ -291,9 +298,23 @@ class Trainer:
                 "best_model.safetensors is written; add the section (Query, and Gallery), or "
                 "set Global.eval_during_train: false"
             )
+        # Where the output folder's latest.pt left the run, if it holds one: what a run
+        # stopped at once (a second Ctrl-C) is resumed from.
+        self.checkpointed: Progress | None = None
+        datasets = {"DataLoader.Train": dataset_of(self.train_loader)}
+        if self.evaluation is not None:
+            datasets.update(self.evaluation.datasets())
+        check_unreadable_elsewhere(datasets)
+        if self.context.is_main and "DataLoader.Eval.Query" in datasets:
+            _warn_of_trained_queries(
+                datasets["DataLoader.Train"], datasets["DataLoader.Eval.Query"]
+            )
         if resume_payload is not None:
             self._forget_best_of_other_evaluation_images(resume_payload)
-            self._carry_over_from(resolve_checkpoint(config.Global.checkpoints).parent)
+            checkpoint = resolve_checkpoint(config.Global.checkpoints)
+            self._carry_over_from(checkpoint.parent)
+            if checkpoint.resolve() == (self.output_dir / f"{LATEST}{SUFFIX}").resolve():
+                self.checkpointed = replace(self.progress)
         if self.context.is_main:
             self._remove_unfinished_writes()
         self.log = MetricsLog(
@@ -327,6 +348,21 @@ class Trainer:
         if is_reparameterized(self.model):
             raise _folded_start("Global.pretrained_model", path)
         return report
+
+    def _warn_of_unused_pretrained_model(self, payload: dict[str, Any]) -> None:
+        """A resume takes every weight from its checkpoint: a Global.pretrained_model given
+        with it (other weights than the run started from) was dropped without a word. Not
+        in a LinearProbe run's fine-tuning, whose pretrained_model is the probe's file."""
+        given = self.config.Global.pretrained_model
+        saved = (_saved_config(payload).get("Global") or {}).get("pretrained_model")
+        if not given or given == saved or self.stage != RUN or not self.context.is_main:
+            return
+        logger.warning(
+            "Global.pretrained_model %s is not used: a resumed run goes on from its "
+            "checkpoint's weights; to start a new run from %s, leave out Global.checkpoints",
+            given,
+            given,
+        )
 
     def _choose_seed(self, payload: dict[str, Any] | None) -> int:
         if payload is not None:
@@ -365,10 +401,14 @@ class Trainer:
         position_fits = progress.global_step == progress.epoch * steps + progress.batch_in_epoch
         if (saved is not None and saved != steps) or (saved is None and not position_fits):
             had = f"{saved} steps per epoch" if saved is not None else "another epoch length"
+            # Photos added to the list since (the likeliest cause): its weights go on as well.
+            weights = override_word(
+                "Global.pretrained_model", resolve_checkpoint(self.config.Global.checkpoints)
+            )
             raise ConfigError(
                 f"Global.checkpoints: the run had {had}, this config gives {steps}; resume "
                 "with the same training list, DataLoader.Train.sampler.batch_size and number "
-                "of processes"
+                f"of processes, or start a new run from its weights with -o {weights}"
             )
         epochs = self.config.Global.epochs
         if progress.global_step > epochs * steps:  # it would "finish" without a step
@@ -642,6 +682,7 @@ class Trainer:
         state = self._state()  # collective under DDP: every rank takes part
         if self.context.is_main:
             save_training_state(self.output_dir / f"{LATEST}{SUFFIX}", state, self.progress)
+        self.checkpointed = replace(self.progress)  # every process: any may meet a bad image
 
     @property
     def result_model(self) -> nn.Module:
@@ -703,8 +744,12 @@ class Trainer:
             return
         self._stop_signal = signum
         if self.context.is_main:
+            # Stopped at once during an evaluation, a run keeps its epoch's training (see
+            # `_evaluate`), which took longer than the evaluation most often.
+            kept = self._evaluating and not self.context.distributed
+            at_once = "the epoch's training is kept, not its evaluation" if kept else "without one"
             outcome = (
-                ", with a checkpoint (send it again to stop at once, without one)"
+                f", with a checkpoint (send it again to stop at once, {at_once})"
                 if self.stage.resumable
                 else f" ({self.stage.name} is not resumed: the same command starts it over; "
                 "send it again to stop at once)"
@@ -814,16 +859,22 @@ class Trainer:
                     f"{raised_message(exc)}; put the image right and run the same command "
                     f"again ({self.stage.name} starts over)"
                 ) from None
-            if self.context.distributed:  # saving is collective: the other ranks are not here
-                raise
-            self.save_latest()
             latest = self.output_dir / f"{LATEST}{SUFFIX}"
-            steps = self.progress.global_step
             resume = override_word("Global.checkpoints", latest)
+            if self.context.distributed:  # saving is collective: the other ranks are not here
+                if self.checkpointed is None:
+                    raise
+                raise DataError(
+                    f"{raised_message(exc)}. The run's last checkpoint, of step "
+                    f"{self.checkpointed.global_step}, is {latest}: put the image right and "
+                    f"resume with -o {resume}"
+                ) from None
+            self.save_latest()
+            steps = self.progress.global_step
+            done = "1 step so far is" if steps == 1 else f"{steps} steps so far are"
             raise DataError(
-                f"{raised_message(exc)}. The run's {steps} step{'' if steps == 1 else 's'} so "
-                f"far are saved in "
-                f"{latest}: put the image right and resume with -o {resume}"
+                f"{raised_message(exc)}. The run's {done} saved in {latest}: put the image "
+                f"right and resume with -o {resume}"
             ) from None
         finally:
             bar.close()
@@ -934,14 +985,23 @@ class Trainer:
         """A run resumed into another folder than its checkpoint's would leave its earlier
         part's metrics log and best model behind, and name a best_model.safetensors that
         only a better evaluation writes there: copy both over, so that the folder holds the
-        whole run. Without the best model's file, the best is chosen anew."""
-        if run_dir.resolve() == self.output_dir.resolve():
-            return
+        whole run. Without the best model's file (in either folder), the best is chosen
+        anew."""
         best = run_dir / f"{BEST}.safetensors"
-        if not best.is_file():
+        if self.progress.best_metric is not None and not best.is_file():
+            # Removed since (to save space, say): the run went on naming it as its best.
+            if self.context.is_main:
+                logger.warning(
+                    "%s is gone, so the best model (epoch %s, %s %.4f) is chosen anew from "
+                    "the next evaluation",
+                    best,
+                    self.progress.best_epoch,
+                    self.progress.best_metric_name,
+                    self.progress.best_metric,
+                )
             self.progress.best_metric = self.progress.best_epoch = None
             self.progress.best_metric_name = None
-        if not self.context.is_main:
+        if run_dir.resolve() == self.output_dir.resolve() or not self.context.is_main:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
         carried = [run_dir / LOG_NAME] + ([best] if self.progress.best_metric is not None else [])
@@ -958,19 +1018,22 @@ class Trainer:
         this run's folder."""
         remove_unfinished_writes(self.output_dir, RUN_FILES)
 
-    def _save_unevaluated_epoch(self, epoch: int) -> None:
-        """After a failed evaluation (out of memory, an unreadable eval image), checkpoint
-        the epoch it evaluated as trained but not evaluated, as a stop at the epoch's end
-        does: a resumed run evaluates it again instead of training it again. One process
-        only: under DDP the other processes wait in the evaluation's collectives, where
-        the checkpoint's own would not meet them."""
+    def _save_unevaluated_epoch(self, epoch: int, ended: str) -> None:
+        """After an evaluation that failed (out of memory, an unreadable eval image) or
+        `ended` otherwise (stopped at once by a second signal, which lost the epoch's
+        training, hours of it maybe, for an evaluation of minutes), checkpoint the epoch it
+        evaluated as trained but not evaluated, as a stop at the epoch's end does: a
+        resumed run evaluates it again instead of training it again. One process only:
+        under DDP the other processes wait in the evaluation's collectives, where the
+        checkpoint's own would not meet them."""
         if self.context.distributed:
             return
         self.save_latest()
         logger.warning(
-            "the evaluation of epoch %d failed; its training is saved: resume with "
+            "the evaluation of epoch %d %s; its training is saved: resume with "
             "-o Global.checkpoints=%s to evaluate it and go on",
             epoch,
+            ended,
             self.output_dir / f"{LATEST}{SUFFIX}",
         )
 
@@ -986,7 +1049,12 @@ class Trainer:
         try:
             result = self.evaluation.run(model)
         except Exception:
-            self._save_unevaluated_epoch(epoch)
+            self._save_unevaluated_epoch(epoch, "failed")
+            raise
+        except (SystemExit, GeneratorExit):
+            raise
+        except BaseException:  # a second Ctrl-C or SIGTERM (KeyboardInterrupt, Terminated)
+            self._save_unevaluated_epoch(epoch, "was stopped")
             raise
         finally:
             self._evaluating = False
@@ -1098,9 +1166,17 @@ def _check_class_count(config: ShituConfig, dataset: Any, warn: bool) -> None:
     keys = getattr(dataset, "label_keys", None)
     if largest >= class_num:
         numbered = f" (its {len(keys)} classes numbered from 0)" if keys else ""
+        # Class ids with gaps (product codes, a subset of a larger listing): a classifier
+        # of largest + 1 outputs, most never a label, was the only advice.
+        distinct = len(set(labels))
+        relabel = (
+            f", or DataLoader.Train.dataset.relabel: true to number its {distinct} classes from 0"
+            if getattr(dataset, "relabel", None) is False and distinct <= largest
+            else ""
+        )
         raise ConfigError(
             f"Arch.Head.class_num is {class_num}, but {listing} has labels up to "
-            f"{largest}{numbered}; set Arch.Head.class_num: {largest + 1}"
+            f"{largest}{numbered}; set Arch.Head.class_num: {largest + 1}{relabel}"
         )
     # The classes it numbers, or those a Grocery listing's classes.csv names.
     classes = keys or getattr(dataset, "class_names", None)
@@ -1115,6 +1191,76 @@ def _check_class_count(config: ShituConfig, dataset: Any, warn: bool) -> None:
             class_num - used,
             used,
         )
+
+
+def _warn_of_one_class(dataset: Any) -> None:
+    """A training set of one class (a label column read wrong, a script that wrote one
+    label for all) has no classes to tell apart: cross-entropy over one class is 0 and a
+    metric loss finds no negative, so the run learnt nothing, without a word (a PKSampler
+    refuses it; other samplers took it)."""
+    labels = getattr(dataset, "labels", None)
+    if not labels or len(set(labels)) > 1:
+        return
+    keys = getattr(dataset, "label_keys", None) or getattr(dataset, "class_names", None)
+    label = keys[labels[0]] if keys is not None and labels[0] < len(keys) else labels[0]
+    logger.warning(
+        "DataLoader.Train's %s: all %d images have one label (%s), so there are no classes "
+        "to tell apart and the losses on labels learn nothing; check the labels",
+        getattr(dataset, "where", "dataset"),
+        len(labels),
+        label,
+    )
+
+
+def _warn_of_trained_queries(train: Any, queries: Any) -> None:
+    """Query images the run trains on (the training list given as the query set, or lists
+    that overlap) score the model on what it learnt, above what it does on new photos:
+    the metrics and the best model chosen by them said nothing of it."""
+    # A set of the query paths (the fewer, most often); the training list is read once.
+    listed = {os.path.abspath(path) for path in queries.paths}
+    trained = {key for path in train.paths if (key := os.path.abspath(path)) in listed}
+    shared = [path for path in queries.paths if os.path.abspath(path) in trained]
+    if shared:
+        logger.warning(
+            "%d of %d query images are training images too (%s%s): the metrics then tell "
+            "how well the model knows photos it trains on, not how it does on new ones; "
+            "query with photos kept out of training",
+            len(shared),
+            len(queries),
+            shared[0],
+            ", ..." if len(shared) > 1 else "",
+        )
+
+
+def _check_scores_of_other_outputs(loss: CombinedLoss, model: RecModel, dataset: Any) -> None:
+    """A cross-entropy set to read another output than the head's logits (as the advice for
+    a model without a head offers) takes its values for class scores: one narrower than
+    the labels failed when such a label was first drawn, with torch's "Target 68 is out of
+    bounds", maybe an epoch in. `_check_class_count` checks the head's logits."""
+    labels = getattr(dataset, "labels", None)
+    reading = [
+        (name, key)
+        for name, key, part in zip(loss.names, loss.input_keys, loss.losses, strict=True)
+        if key != "logits" and getattr(part, "reads_class_scores", False)
+    ]
+    if not labels or not reading:
+        return
+    largest = max(labels)
+    outputs = one_image_outputs(model)
+    for name, key in reading:
+        width = outputs[key].shape[1]
+        if largest >= width:
+            listing = f"DataLoader.Train's {getattr(dataset, 'where', 'dataset')}"
+            advice = (
+                f"leave out {name}.input_key to read the head's 'logits'"
+                if "logits" in model.output_keys
+                else f"give the model an Arch.Head with class_num: {largest + 1}, whose "
+                f"'logits' {name} reads by default"
+            )
+            raise ConfigError(
+                f"Loss.Train: {name} reads '{key}' ({width} values per image) as class scores, "
+                f"but {listing} has labels up to {largest}; {advice}"
+            )
 
 
 def _warn_of_unused_memory(

@@ -22,6 +22,8 @@ class CELoss(nn.Module):
     """
 
     input_key: ClassVar[str] = "logits"
+    # Its input holds a score per class, indexed by the label (see the trainer's check).
+    reads_class_scores: ClassVar[bool] = True
 
     def __init__(self, epsilon: Annotated[float, Field(ge=0, lt=1)] | None = None) -> None:
         super().__init__()

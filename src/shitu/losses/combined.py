@@ -80,11 +80,15 @@ class CombinedLoss(nn.Module):
         loaded."""
         for name, key in zip(self.names, self.input_keys, strict=True):
             if key not in model.output_keys:
+                # Only the neck's and the head's outputs can be missing: name the section
+                # that gives the one read (an Arch.Head gives no 'neck').
+                section = "Arch.Neck" if key == "neck" else "Arch.Head"
                 raise ConfigError(
                     f"Loss.Train: {name} reads model output '{key}', which this model does "
-                    f"not produce (it gives {', '.join(model.output_keys)}); add an Arch.Head "
+                    f"not produce (it gives {', '.join(model.output_keys)}); add an {section} "
                     f"or set {name}.input_key"
                 )
+        self._check_something_trains(model)
         checked = [
             (key, loss)
             for key, loss in zip(self.input_keys, self.losses, strict=True)
@@ -102,6 +106,28 @@ class CombinedLoss(nn.Module):
                     loss.attach(model)
                 except ConfigError as exc:
                     raise ConfigError(f"Loss.Train: {exc}") from None
+
+    def _check_something_trains(self, model: RecModel) -> None:
+        """Refuse losses that each read an output of frozen layers only (a metric loss on
+        the features of a frozen backbone and neck, the head alone trainable): the first
+        step failed with torch's "element 0 of tensors does not require grad". Where nothing
+        at all trains, the optimizer says so instead."""
+        if not any(p.requires_grad for p in [*model.parameters(), *self.parameters()]):
+            return
+        parts = zip(self.names, self.weights, self.input_keys, self.losses, strict=True)
+        read = []
+        for name, weight, key, loss in parts:
+            if not weight:
+                continue
+            if model.trains_output(key) or any(p.requires_grad for p in loss.parameters()):
+                return
+            read.append(f"{name} reads '{key}'")
+        raise ConfigError(
+            f"Loss.Train: every loss reads an output of frozen layers only ({'; '.join(read)}), "
+            "so nothing would be learnt: Arch.frozen_layers (and in a LinearProbe run's probe "
+            "LinearProbe.frozen_layers) freeze every layer it comes through; add a loss on "
+            "an output of a trained layer (a head's 'logits', say), or freeze fewer layers"
+        )
 
     def process_state(self) -> dict[str, torch.Tensor]:
         """The part of `state_dict` that each DDP process holds for itself (XBM's memory of

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from shitu import registry
-from shitu.config.schema import ArchConfig
+from shitu.config.schema import ArchConfig, ComponentConfig
 from shitu.errors import ConfigError, weight_file_setting
 from shitu.models.reparam import reparameterize
 
@@ -60,6 +60,27 @@ class RecModel(nn.Module):
         """The keys `forward` returns, known before any image goes through."""
         neck = ("neck",) if self.neck is not None else ()
         return ("backbone", *neck, "features", *(("logits",) if self.head is not None else ()))
+
+    def trains_output(self, key: str) -> bool:
+        """Whether output `key` (one of `output_keys`) comes through a trainable parameter,
+        so that a loss on it can train something: not where `Arch.frozen_layers` froze
+        every stage it passes."""
+        features = [self.backbone, *([self.neck] if self.neck is not None else [])]
+        through = {
+            "backbone": [self.backbone],
+            "neck": features,
+            "features": features,
+            "logits": [
+                *(features if self.head_feature_from != "backbone" else [self.backbone]),
+                self.head,
+            ],
+        }[key]
+        return any(
+            param.requires_grad
+            for module in through
+            if module is not None
+            for param in module.parameters()
+        )
 
     def forward(
         self, x: torch.Tensor, label: torch.Tensor | None = None
@@ -119,8 +140,8 @@ def build_model(arch: ArchConfig, pretrained: bool = True) -> RecModel:
         backbone = registry.BACKBONES.build(arch.Backbone.name, **params)
     if arch.BackboneStopLayer is not None:
         backbone.stop_after(arch.BackboneStopLayer.name)
-    neck = registry.NECKS.build(arch.Neck.name, **arch.Neck.params) if arch.Neck else None
-    head = registry.HEADS.build(arch.Head.name, **arch.Head.params) if arch.Head else None
+    neck = _build_stage("Neck", registry.NECKS, arch.Neck)
+    head = _build_stage("Head", registry.HEADS, arch.Head)
     model = RecModel(
         backbone,
         neck,
@@ -130,6 +151,25 @@ def build_model(arch: ArchConfig, pretrained: bool = True) -> RecModel:
     )
     _check_stage_sizes(model)
     return model
+
+
+def _build_stage(
+    section: str, components: registry.Registry, config: ComponentConfig | None
+) -> nn.Module | None:
+    """The Neck or Head `config` names, if any. Sizes too large to allocate (a class_num of
+    the largest of 13-digit product codes) failed with torch's allocator traceback."""
+    if config is None:
+        return None
+    try:
+        return components.build(config.name, **config.params)
+    except RuntimeError as exc:
+        if "allocate" not in str(exc):
+            raise
+        sizes = ", ".join(f"{key} {value}" for key, value in config.params.items())
+        raise ConfigError(
+            f"Arch.{section}: {config.name} ({sizes}) needs more memory than there is "
+            f"({str(exc).splitlines()[0]}); check its sizes"
+        ) from None
 
 
 def one_image_outputs(model: RecModel) -> dict[str, torch.Tensor]:

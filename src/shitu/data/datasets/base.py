@@ -293,6 +293,9 @@ class ImageDataset(Dataset):
         self.skip_corrupt = skip_corrupt
         self.transform: Compose = build_transforms(transform_ops)
         self.skipped: list[tuple[str, str]] = []
+        # Of `skipped`, the missing and undecodable images by path, with why: unusable by
+        # any dataset (unlike an image too small for this one's crop).
+        self.unreadable: dict[str, str] = {}
         self.class_names: list[str] | None = None
         self.label_keys: list[str] | list[int] | None = None
         self.num_classes = 0
@@ -306,6 +309,7 @@ class ImageDataset(Dataset):
         problems = scan.problems
         if problems and not self.skip_corrupt:  # missing files: the only problem looked for
             self._refuse_missing(entries, problems, image_root)
+        self.unreadable.update((entries[i].path, why) for i, why in problems)
         problems += self._size_problems(scan)
         self.skipped.extend((entries[i].path, why) for i, why in problems)
         if len(problems) == len(entries):
