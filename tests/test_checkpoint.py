@@ -242,11 +242,11 @@ def test_pdparams_mismatch_is_a_clear_error(tmp_path):
     other = {**ARCH, "Head": {"name": "ArcMargin", "embedding_size": 64, "class_num": 9}}
     with pytest.raises(
         CheckpointError,
-        match=r"m.pdparams does not fit the model: .*1 shape mismatch \(e.g. head.weight \(7, 64\) vs \(9, 64\)\)",
+        match=r"m.pdparams does not fit the model: .*1 shape mismatch \(head.weight \(7, 64\) vs \(9, 64\)\)",
     ):
         load_weights(make_model(other), tmp_path / "m.pdparams")
     no_head = {k: v for k, v in ARCH.items() if k != "Head"}
-    with pytest.raises(CheckpointError, match="1 not in model .e.g. head.weight"):
+    with pytest.raises(CheckpointError, match="1 not in model .head.weight"):
         load_weights(make_model(no_head), tmp_path / "m.pdparams")
     report = load_weights(make_model(no_head), tmp_path / "m.pdparams", ignore_prefixes=("head.",))
     assert "head.weight" in report.dropped
@@ -293,7 +293,7 @@ def test_tensors_that_do_not_fit_are_named_by_weights_before_batch_norm_counters
     other = {**ARCH, "Backbone": lite, "BackboneStopLayer": {"name": "fc"}}
     with pytest.raises(CheckpointError) as refused:
         load_weights(make_model(other), path)
-    examples = re.search(r"not in model \(e\.g\. ([^)]+)\)", str(refused.value)).group(1)
+    examples = re.search(r"not in model \(([^)]+)\)", str(refused.value)).group(1)
     assert "num_batches_tracked" not in examples, examples
 
 

@@ -1857,7 +1857,9 @@ def test_run_summary_names_the_weights_it_starts_from(grocery, tmp_path, caplog)
     )
     assert not caplog.records
     partial_load = startup_warnings(caplog, path, [f"Global.pretrained_model={partial}"])
-    assert "missing from file (e.g. head." in partial_load
+    # what becomes of them said too: "e.g." before the only name read as if there were more
+    assert "missing from file (head." in partial_load
+    assert "; those missing start afresh, as the config initialises them\n" in partial_load
 
 
 def test_linear_probe_run_is_its_two_stages_and_resumes_without_the_probe(

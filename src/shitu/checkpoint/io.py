@@ -18,7 +18,7 @@ from torch import nn
 from shitu.checkpoint.paddle import paddle_to_torch, read_pdparams, refuse_unmapped
 from shitu.config.schema import TRAINING_ONLY_ARCH
 from shitu.engine.state import training_state_kind
-from shitu.errors import CheckpointError
+from shitu.errors import CheckpointError, first_few
 from shitu.fileio import (
     from_working_directory,
     refuse_non_utf8_path,
@@ -73,7 +73,7 @@ class LoadReport:
                 # A batch norm's counter says less than its weights: safetensors files
                 # list them first (int64 before float), as every example there was.
                 shown = sorted(names, key=lambda name: name.endswith("num_batches_tracked"))
-                text += f"; {len(names)} {label} (e.g. {', '.join(shown[:3])})"
+                text += f"; {len(names)} {label} ({first_few(shown, 3)})"
         return text
 
 

@@ -213,7 +213,11 @@ class Trainer:
         elif from_file:
             self.initial_weights = f"{config.Global.pretrained_model} ({report.summary()})"
             if not report.complete and self.context.is_main:
-                logger.warning("pretrained_model %s", self.initial_weights)
+                # The shipped model's file, say, holds no classifier: what becomes of it.
+                afresh = "; those missing start afresh, as the config initialises them"
+                logger.warning(
+                    "pretrained_model %s%s", self.initial_weights, afresh if report.missing else ""
+                )
         else:
             self.initial_weights = (
                 f"as the config initialises the model: {config.Arch.initialisation()}"
