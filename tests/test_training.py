@@ -2158,6 +2158,22 @@ def test_a_crash_mid_run_says_which_checkpoint_resumes_it(grocery, tmp_path, mon
         "failed at step 5, without a checkpoint since step 4: resume from the run's last "
         f"checkpoint with -o Global.checkpoints={latest}"
     ]
+    # At the first step nothing is logged yet: the same command starts the run again (it
+    # was told to remove the folder).
+    first = ["-o", f"Global.output_dir={tmp_path / 'first'}"]
+
+    def out_of_memory(self, images, labels):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "_step", out_of_memory)
+        with pytest.raises(torch.OutOfMemoryError) as caught:
+            main(["train", "-c", str(path), *first])
+    assert caught.value.__notes__ == [
+        "failed before the run's first step: run the same command again"
+    ]
+    monkeypatch.setattr(Trainer, "_step", step)
+    assert main(["train", "-c", str(path), *first]) == 0
 
 
 def test_a_second_ctrl_c_during_an_evaluation_keeps_the_epochs_training(
