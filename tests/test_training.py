@@ -1742,6 +1742,25 @@ def test_a_training_set_of_one_class_is_warned_about(grocery, tmp_path, caplog):
     ) in startup_warnings(caplog, path, overrides)
 
 
+def test_query_images_in_the_gallery_under_another_label_are_warned_about(
+    grocery, tmp_path, caplog
+):
+    """A query photo that the gallery lists under another class (one list put right, the
+    other not) finds itself as a non-match: a miss the metrics counted without a word."""
+    path = tiny_config(grocery, tmp_path)
+    assert "under another label" not in startup_warnings(caplog, path)
+    queries = (tmp_path / "val.txt").read_text().splitlines()
+    moved = queries[0].split()[0]
+    gallery = tmp_path / "gallery.txt"
+    gallery.write_text((tmp_path / "train.txt").read_text() + f"{moved} 11\n")
+    listing = f"DataLoader.Eval.Gallery.dataset.cls_label_path={gallery}"
+    assert (
+        f"1 of 18 query images are gallery images too under another label (the first: "
+        f"{grocery / moved}, 0 in the query set, 11 in the gallery): each finds itself as a "
+        "non-match, most likely first; put the labels right in one of the lists"
+    ) in startup_warnings(caplog, path, [listing])
+
+
 def test_query_images_the_run_trains_on_are_warned_about(grocery, tmp_path, caplog):
     """The training list given as the query set: every evaluation, and the best model
     chosen by them, scored photos the model had trained on, without a word."""
@@ -2160,6 +2179,22 @@ def test_a_crash_mid_run_says_which_checkpoint_resumes_it(grocery, tmp_path, mon
         "failed at step 5, without a checkpoint since step 4: resume from the run's last "
         f"checkpoint with -o Global.checkpoints={latest}"
     ]
+    # At the first step nothing is logged yet: the same command starts the run again (it
+    # was told to remove the folder).
+    first = ["-o", f"Global.output_dir={tmp_path / 'first'}"]
+
+    def out_of_memory(self, images, labels):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "_step", out_of_memory)
+        with pytest.raises(torch.OutOfMemoryError) as caught:
+            main(["train", "-c", str(path), *first])
+    assert caught.value.__notes__ == [
+        "failed before the run's first step: run the same command again"
+    ]
+    monkeypatch.setattr(Trainer, "_step", step)
+    assert main(["train", "-c", str(path), *first]) == 0
 
 
 def test_a_second_ctrl_c_during_an_evaluation_keeps_the_epochs_training(

@@ -335,9 +335,11 @@ def _what_resumes(trainer: Trainer, ended: str) -> str | None:
         return f"{ended} during {trainer.stage.name}; run the same command again to start over"
     step = trainer.progress.global_step
     if saved is None:
-        # Its folder's log alone then refused the same command again (an earlier run).
         if trainer.config.Global.checkpoints is not None:
             return None
+        if step == 0:  # nothing logged yet either: the folder is no earlier run's
+            return f"{ended} before the run's first step: run the same command again"
+        # Its folder's log alone then refused the same command again (an earlier run).
         return (
             f"{ended} at step {step}, before the run's first checkpoint: nothing to resume; "
             f"remove {trainer.output_dir} (or give another Global.output_dir) to start over"

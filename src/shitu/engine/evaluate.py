@@ -44,19 +44,21 @@ class SameFiles:
 
     def __init__(self, paths: Sequence[str], labels: Sequence[int], ids: Sequence[int]) -> None:
         self._ids_of: dict[tuple[str, int], set[int]] = defaultdict(set)
+        self._labels_of: dict[str, set[int]] = defaultdict(set)
         self._by_size: dict[tuple[int, int], list[str]] = defaultdict(list)
         self._hashes: dict[str, str | None] = {}
         for path, label, unique_id in zip(paths, labels, ids, strict=True):
             real = os.path.realpath(path)
+            self._labels_of[real].add(label)
             if (real, label) not in self._ids_of:
                 size = _file_size(real)
                 if size is not None:
                     self._by_size[(size, label)].append(real)
             self._ids_of[(real, label)].add(unique_id)
 
-    def ids(self, path: str, label: int) -> set[int]:
-        """The unique ids of the gallery entries with this label of `path`'s file or a copy."""
-        real = os.path.realpath(path)
+    def ids(self, real: str, label: int) -> set[int]:
+        """The unique ids of the gallery entries with this label of the file at `real` (a
+        `realpath`, which the caller computes once for this and `other_labels`) or a copy."""
         ids = set(self._ids_of.get((real, label), ()))
         size = _file_size(real)
         if size is None:
@@ -67,6 +69,10 @@ class SameFiles:
                 if self._hash(other) == digest:
                     ids |= self._ids_of[(other, label)]
         return ids
+
+    def other_labels(self, real: str, label: int) -> set[int]:
+        """The labels other than `label` that gallery entries of the file at `real` have."""
+        return self._labels_of.get(real, set()) - {label}
 
     def _hash(self, path: str) -> str | None:
         if path not in self._hashes:
@@ -254,9 +260,16 @@ class RetrievalEvaluation:
         same_files = SameFiles(gallery.paths, gallery.labels, gallery.unique_ids)
         labels = self._in_gallery_numbering(torch.tensor(queries.labels)).tolist()
         shared = 0
-        for path, label, unique_id in zip(queries.paths, labels, queries.unique_ids, strict=True):
-            ids = same_files.ids(path, label)
+        relabelled = []  # (query index, the file's other gallery labels)
+        rows = zip(queries.paths, labels, queries.unique_ids, strict=True)
+        for index, (path, label, unique_id) in enumerate(rows):
+            real = os.path.realpath(path)
+            ids = same_files.ids(real, label)
             shared += bool(ids - {unique_id} if excluded else ids)
+            if self.gallery_loader is not None and (others := same_files.other_labels(real, label)):
+                relabelled.append((index, others))
+        if relabelled:
+            self._warn_of_relabelled_queries(queries, gallery, relabelled)
         if not shared:
             return
         if self.gallery_loader is None:
@@ -281,6 +294,24 @@ class RetrievalEvaluation:
             len(queries),
             what,
             advice,
+        )
+
+    def _warn_of_relabelled_queries(
+        self, queries: Any, gallery: Any, relabelled: list[tuple[int, set[int]]]
+    ) -> None:
+        """Query photos listed in the gallery under another class (one of the two lists
+        put right, the other not): each finds itself first as a non-match, a miss that
+        the metrics counted without a word."""
+        index, others = relabelled[0]
+        logger.warning(
+            "%d of %d query images are gallery images too under another label (the first: %s, "
+            "%s in the query set, %s in the gallery): each finds itself as a non-match, most "
+            "likely first; put the labels right in one of the lists",
+            len(relabelled),
+            len(queries),
+            queries.paths[index],
+            _class_list(queries, [queries.labels[index]]),
+            _class_list(gallery, sorted(others)),
         )
 
     def _excludes_own_entries(self) -> bool:
