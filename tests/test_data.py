@@ -845,6 +845,17 @@ def test_image_folder_dataset(tmp_path: Path, caplog):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no class subfolders"):
         ImageFolderDataset(str(tmp_path / "empty"))
+    # a gallery library given as root (the README's `my_gallery` for `my_gallery_photos`):
+    # named as one, with what to give; it said only that it had no class subfolders
+    library = tmp_path / "my_gallery"
+    (library / "uploads").mkdir(parents=True)
+    (library / "gallery.sqlite").write_bytes(b"")
+    with pytest.raises(DataError) as refused:
+        ImageFolderDataset(str(library))
+    assert str(refused.value) == (
+        f"image folder {library}: a gallery library, not a folder of class folders of photos; "
+        "give the folder of photos it was built from (root/<class>/<image>)"
+    )
     # "png" in Python was read letter by letter (.p .n .g), and [""] matched no file
     said = "extensions: expected a list of file suffixes, such as ['.jpg', '.png'], got"
     with pytest.raises(ValueError) as refused:

@@ -57,6 +57,12 @@ class ImageFolderDataset(ImageDataset):
         from shitu.index.labels import gallery_libraries
 
         libraries = gallery_libraries()
+        owner = foreign_kind(Path(root), libraries)  # `shitu index build --out`'s, given
+        if owner is not None:
+            raise DataError(
+                f"{where}: a {owner}, not a folder of class folders of photos; give the "
+                "folder of photos it was built from (root/<class>/<image>)"
+            )
         self.class_names = sorted(
             e.name
             for e in os.scandir(root)
