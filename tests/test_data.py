@@ -845,6 +845,15 @@ def test_image_folder_dataset(tmp_path: Path, caplog):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no class subfolders"):
         ImageFolderDataset(str(tmp_path / "empty"))
+    # a label file's settings left beside root (the dataset's name swapped in a copied
+    # config, or with -o): said what they are and how to drop them, not 'unknown key'
+    with pytest.raises(ConfigError) as refused:
+        registry.DATASETS.validate("ImageFolderDataset", {"root": str(root), "image_root": "."})
+    assert str(refused.value) == (
+        "image_root: a label file's setting, which a folder of class folders does not take "
+        "(it reads root alone): remove it, or set it null where the dataset's name was "
+        "overridden in dataset 'ImageFolderDataset'"
+    )
     # a gallery library given as root (the README's `my_gallery` for `my_gallery_photos`):
     # named as one, with what to give; it said only that it had no class subfolders
     library = tmp_path / "my_gallery"

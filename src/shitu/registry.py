@@ -251,10 +251,13 @@ class Registry:
         try:
             validated = model.model_validate(params)
         except ValidationError as exc:
-            notes = {
-                key: self._fixed_note(entry, key, params[key])
+            # Why a key is not taken, where the component says (`unknown_key_notes`: the
+            # settings of the components it is most often swapped for), or a preset fixes it.
+            notes = {**getattr(ctor, "unknown_key_notes", {})}
+            notes.update(
+                (key, self._fixed_note(entry, key, params[key]))
                 for key in fixed.keys() & params.keys()
-            }
+            )
             raise ConfigError(
                 format_validation_error(exc, model, what=f"{self.kind} '{name}'", notes=notes)
             ) from None

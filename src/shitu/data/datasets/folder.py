@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from shitu.data.datasets.base import Entry, ImageDataset, TransformOps, check_root
 from shitu.errors import DataError
@@ -34,6 +34,16 @@ class ImageFolderDataset(ImageDataset):
     --leaf-labels` labels a gallery; without it such a tree is warned of. Unique ids are
     the sample indices.
     """
+
+    # A label file's settings, left in a config whose dataset was swapped for this one
+    _LISTING = (
+        "a label file's setting, which a folder of class folders does not take (it reads "
+        "root alone): remove it, or set it null where the dataset's name was overridden"
+    )
+    unknown_key_notes: ClassVar[dict[str, str]] = {
+        "image_root": _LISTING,
+        "cls_label_path": _LISTING,
+    }
 
     def __init__(
         self,
