@@ -344,13 +344,12 @@ def _what_resumes(trainer: Trainer, ended: str) -> str | None:
             f"{ended} at step {step}, before the run's first checkpoint: nothing to resume; "
             f"remove {trainer.output_dir} (or give another Global.output_dir) to start over"
         )
-    latest = trainer.output_dir / "latest.pt"
     since = (
         f", without a checkpoint since step {saved.global_step}" if step > saved.global_step else ""
     )
     return (
         f"{ended} at step {step}{since}: resume from the run's last checkpoint with "
-        f"-o {override_word('Global.checkpoints', latest)}"
+        f"-o {override_word('Global.checkpoints', trainer.latest_path)}"
     )
 
 
@@ -433,7 +432,7 @@ def _train(args: argparse.Namespace) -> int:
                 f"stopped early after step {progress.global_step} "
                 f"({_epochs_done(progress, trainer.steps_per_epoch, config.Global.epochs)}); "
                 "resume with "
-                f"-o {override_word('Global.checkpoints', result.output_dir / 'latest.pt')}",
+                f"-o {override_word('Global.checkpoints', trainer.latest_path)}",
                 file=sys.stderr,
             )
         if progress.best_metric is not None:

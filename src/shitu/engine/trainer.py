@@ -317,7 +317,7 @@ class Trainer:
             self._forget_best_of_other_evaluation_images(resume_payload)
             checkpoint = resolve_checkpoint(config.Global.checkpoints)
             self._carry_over_from(checkpoint.parent)
-            if checkpoint.resolve() == (self.output_dir / f"{LATEST}{SUFFIX}").resolve():
+            if checkpoint.resolve() == self.latest_path.resolve():
                 self.checkpointed = replace(self.progress)
         if self.context.is_main:
             self._remove_unfinished_writes()
@@ -685,8 +685,13 @@ class Trainer:
     def save_latest(self) -> None:
         state = self._state()  # collective under DDP: every rank takes part
         if self.context.is_main:
-            save_training_state(self.output_dir / f"{LATEST}{SUFFIX}", state, self.progress)
+            save_training_state(self.latest_path, state, self.progress)
         self.checkpointed = replace(self.progress)  # every process: any may meet a bad image
+
+    @property
+    def latest_path(self) -> Path:
+        """The run's training checkpoint in its output folder, which a resume is given."""
+        return self.output_dir / f"{LATEST}{SUFFIX}"
 
     @property
     def result_model(self) -> nn.Module:
@@ -863,7 +868,7 @@ class Trainer:
                     f"{raised_message(exc)}; put the image right and run the same command "
                     f"again ({self.stage.name} starts over)"
                 ) from None
-            latest = self.output_dir / f"{LATEST}{SUFFIX}"
+            latest = self.latest_path
             resume = override_word("Global.checkpoints", latest)
             if self.context.distributed:  # saving is collective: the other ranks are not here
                 if self.checkpointed is None:
@@ -926,7 +931,7 @@ class Trainer:
         the weights are those of the step before. Resuming is offered where a checkpoint
         of this run is there to resume (none before the first, none of a LinearProbe's
         probe, which `shitu train` starts over)."""
-        latest = self.output_dir / f"{LATEST}{SUFFIX}"
+        latest = self.latest_path
         resume = ""
         if self.stage.resumable and latest.is_file():
             checkpoint = override_word("Global.checkpoints", latest)
@@ -1038,7 +1043,7 @@ class Trainer:
             "-o Global.checkpoints=%s to evaluate it and go on",
             epoch,
             ended,
-            self.output_dir / f"{LATEST}{SUFFIX}",
+            self.latest_path,
         )
 
     def _evaluate(self, epoch: int) -> None:
