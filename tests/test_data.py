@@ -1537,6 +1537,11 @@ def test_pk_config_errors():
         pk(labels, batch_size=4, sample_per_id=2, id_list=[0, 3, 5], ratio=[2.0])
     with pytest.raises(ConfigError, match="ratio.0: Input should be greater than or equal to 0"):
         pk(labels, batch_size=4, sample_per_id=2, id_list=[0, 3], ratio=[-2.0])
+    # a range written backwards holds no class: its ratio would never apply
+    with pytest.raises(
+        ConfigError, match=r"^id_list: the range \[3, 0\] is backwards .* write it \[0, 3\]"
+    ):
+        pk(labels, batch_size=4, sample_per_id=2, id_list=[0, 0, 3, 0], ratio=[1.0, 2.0])
 
 
 def test_pk_is_deterministic_per_epoch_and_resumable():

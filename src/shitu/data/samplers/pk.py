@@ -131,6 +131,14 @@ class PKSampler(EpochBatchSampler):
                 "id_list: holds [first, last] class-id pairs and ratio one factor per pair "
                 f"(got {len(id_list or [])} ids and {len(ratio or [])} ratios)"
             )
+        # A range written backwards holds no class: its ratio was silently never applied.
+        ranges = id_list or []
+        for first, last in zip(ranges[::2], ranges[1::2], strict=True):
+            if first > last:
+                raise ValueError(
+                    f"id_list: the range [{first}, {last}] is backwards (first > last) and holds "
+                    f"no class; write it [{last}, {first}]"
+                )
 
     def __len__(self) -> int:
         per_rank = math.ceil(self.num_images / self.num_replicas)
