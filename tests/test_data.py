@@ -200,6 +200,18 @@ def test_a_space_in_a_file_name_is_refused_even_without_an_image_suffix(
     assert dataset.class_names == ["Coke", "Fanta"] and len(dataset) == 2
 
 
+def test_a_class_name_is_one_class_however_its_accents_are_encoded(tmp_path: Path):
+    """`Café` typed (one code point for the é) and copied from a macOS folder listing (an e
+    and a combining accent) are one class, as a gallery library takes them, not two."""
+    for name in "abc":
+        save_png(tmp_path / f"{name}.png", pattern(4, 4))
+    label_file = tmp_path / "list.tsv"
+    label_file.write_text("a.png\tCaf\u00e9\nb.png\tCafe\u0301\nc.png\tTea\n", encoding="utf-8")
+    dataset = LabelFileDataset(str(tmp_path), str(label_file), delimiter="\t")
+    assert dataset.class_names == ["Caf\u00e9", "Tea"]
+    assert dataset.labels == [0, 0, 1] and dataset.num_classes == 2
+
+
 def test_relabel_maps_sorted_labels_to_consecutive_ids(tmp_path: Path):
     for name in "abcd":
         save_png(tmp_path / f"{name}.png", pattern(4, 4))

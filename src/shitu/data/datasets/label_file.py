@@ -32,12 +32,13 @@ class LabelFileDataset(ImageDataset):
 
     Labels: when every label is an integer they are class ids (`relabel: true`
     maps the distinct values, sorted, to 0..C-1, kept in `label_map`); when none
-    is, they are class names, numbered in sorted order, with the names in
-    `class_names`. A file that mixes the two is refused: a name among ids is most
-    likely a mistake, and taking every label for a name would renumber the classes
-    unseen (id 10 before id 2, as text sorts). Names and relabelled ids number only
-    the labels this file lists, kept in `label_keys`: evaluation matches a query
-    and a gallery file's classes through them, not by number. The optional third
+    is, they are class names (in Unicode NFC, as a gallery library keeps labels),
+    numbered in sorted order, with the names in `class_names`. A file that mixes the
+    two is refused: a name among ids is most likely a mistake, and taking every label
+    for a name would renumber the classes unseen (id 10 before id 2, as text sorts).
+    Names and relabelled ids number only the labels this file lists, kept in
+    `label_keys`: evaluation matches a query and a gallery file's classes through
+    them, not by number. The optional third
     column is a unique id (e.g. a product or instance id) that retrieval
     evaluation uses to exclude an image's own entries; without it the entry's
     position among the listed images is used (from 0; blank lines and `#` comments
@@ -178,8 +179,14 @@ class LabelFileDataset(ImageDataset):
                     "with an integer class id or every line with a class name (a name cannot "
                     "be a bare number)"
                 )
-            self.class_names = sorted({text for _, text in raw})
-            return self._number(self.class_names, [text for _, text in raw])
+            # As a gallery library compares labels (NFC): `Café` typed, and the same name
+            # copied from a macOS folder listing, decomposed, were two classes, trained apart.
+            # Imported here: the index package is not loaded for training otherwise.
+            from shitu.index.labels import normal_form
+
+            texts = [normal_form(text) for _, text in raw]
+            self.class_names = sorted(set(texts))
+            return self._number(self.class_names, texts)
         values = [int(text) for _, text in raw]
         if self.relabel:
             return self._number(sorted(set(values)), values)
