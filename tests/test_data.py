@@ -212,6 +212,25 @@ def test_a_class_name_is_one_class_however_its_accents_are_encoded(tmp_path: Pat
     assert dataset.labels == [0, 0, 1] and dataset.num_classes == 2
 
 
+def test_a_commented_out_line_naming_an_image_is_warned_of(tmp_path: Path, caplog):
+    """`#1.jpg 0` is a comment, but a photo of that name was left out of training without a
+    word: the warning names it and how to list it; a comment that names no image (or one
+    commented out on purpose, `#b.png` for b.png) is skipped quietly."""
+    for name in ("#1.png", "b.png"):
+        save_png(tmp_path / name, pattern(4, 4))
+    label_file = tmp_path / "list.txt"
+    label_file.write_text("# photos of 2024\n#1.png 0\n#b.png 1\nb.png 1\n")
+    with caplog.at_level(logging.WARNING, logger="shitu"):
+        dataset = LabelFileDataset(str(tmp_path), str(label_file))
+    assert [Path(path).name for path in dataset.paths] == ["b.png"]
+    assert [record.getMessage() for record in caplog.records] == [
+        f"{label_file}:2: skipped as a comment (it starts with #), though #1.png is an image "
+        "in image_root; to list it, write its path as ./#1.png"
+    ]
+    label_file.write_text("./#1.png 0\nb.png 1\n")
+    assert LabelFileDataset(str(tmp_path), str(label_file)).labels == [0, 1]
+
+
 def test_relabel_maps_sorted_labels_to_consecutive_ids(tmp_path: Path):
     for name in "abcd":
         save_png(tmp_path / f"{name}.png", pattern(4, 4))

@@ -493,10 +493,14 @@ def read_listing_text(path: str, named: str) -> str:
         raise DataError(f"{named}: cannot read it ({exc.strerror or exc})") from None
 
 
-def read_lines(path: str, what: str) -> list[tuple[int, str]]:
+def read_lines(
+    path: str, what: str, image_root: str | None = None, delimiter: str | None = None
+) -> list[tuple[int, str]]:
     """(line number, stripped text) of the lines of a listing file, less blank ones and
     `#` comments (a header line, say), which gallery label files may have as well: the
-    same list then serves `shitu index build` and evaluation."""
+    same list then serves `shitu index build` and evaluation. With `image_root`, a comment
+    whose first column (split by `delimiter`, None: whitespace) names an image there is
+    warned of: a photo named `#1.jpg` was left out without a word."""
     try:
         text = read_listing_text(path, f"{what}: label file {path}")
     except UnicodeDecodeError:
@@ -507,8 +511,30 @@ def read_lines(path: str, what: str) -> list[tuple[int, str]]:
         raise DataError(
             f"{what}: label file {path} is not UTF-8 or UTF-16 text: {SAVE_AS_UTF8}"
         ) from None
-    lines = ((number, line.strip()) for number, line in enumerate(text_lines(text), 1))
+    lines = [(number, line.strip()) for number, line in enumerate(text_lines(text), 1)]
+    if image_root is not None:
+        for number, line in lines:
+            if line.startswith("#"):
+                _warn_if_an_image_is_commented_out(path, number, line, image_root, delimiter)
     return [(number, line) for number, line in lines if line and not line.startswith("#")]
+
+
+def _warn_if_an_image_is_commented_out(
+    path: str, number: int, line: str, image_root: str, delimiter: str | None
+) -> None:
+    """Warn of the `#` line `number` of the listing at `path` where its first column (not
+    the whole line: `# photos of 2024` names no file) is an image in `image_root`."""
+    columns = line.split(delimiter, 1)
+    head = columns[0].strip()
+    if len(columns) == 2 and os.path.isfile(os.path.join(image_root, head)):
+        logger.warning(
+            "%s:%d: skipped as a comment (it starts with #), though %s is an image in "
+            "image_root; to list it, write its path as ./%s",
+            path,
+            number,
+            head,
+            head,
+        )
 
 
 def refuse_a_header(

@@ -72,7 +72,7 @@ class GroceryStoreDataset(ImageDataset):
                     )
                 file, lines = class_file, read_iconic_listing(class_file)
             else:
-                file, lines = listing, read_lines(listing, "cls_label_path")
+                file, lines = listing, read_lines(listing, "cls_label_path", image_root, ",")
                 refuse_a_header(listing, lines, image_root, ",")
             for number, line in lines:
                 relative, label = _parse_line(file, number, line, column)

@@ -67,10 +67,11 @@ class LabelFileDataset(ImageDataset):
             delimiter = "\t"
         self.check_params(delimiter=delimiter)
         check_root(image_root, where)
-        lines = read_lines(cls_label_path, "cls_label_path")
+        split_on = None if delimiter == " " else delimiter  # None: any whitespace
+        lines = read_lines(cls_label_path, "cls_label_path", image_root, split_on)
         if not lines:
             raise DataError(f"{where}: lists no images")
-        refuse_a_header(cls_label_path, lines, image_root, None if delimiter == " " else delimiter)
+        refuse_a_header(cls_label_path, lines, image_root, split_on)
         rows = [self._split(number, line, delimiter) for number, line in lines]
         texts = dict(lines)
         if delimiter in (None, " "):
