@@ -904,6 +904,10 @@ def test_image_folder_dataset(tmp_path: Path, caplog):
     with pytest.raises(ConfigError) as refused:
         registry.DATASETS.build("ImageFolderDataset", root=str(root), extensions=[".png", ""])
     assert str(refused.value) == f"{said} ['.png', ''] in dataset 'ImageFolderDataset'"
+    # a pattern is no suffix: `*.jpg` matched no file either
+    with pytest.raises(ConfigError) as refused:
+        registry.DATASETS.build("ImageFolderDataset", root=str(root), extensions=["*.png"])
+    assert str(refused.value) == f"{said} ['*.png'] in dataset 'ImageFolderDataset'"
 
 
 def test_image_folder_dataset_skips_a_gallery_library_in_its_tree(tmp_path: Path, caplog):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -20,6 +21,8 @@ from shitu.image_files import (
 from shitu.registry import DATASETS, ConfigPath
 
 logger = logging.getLogger(__name__)
+# A file suffix as `extensions` takes one, `.jpg` or `jpg`: no glob pattern or path.
+_SUFFIX = re.compile(r"\.*[^\s.*?\[\]/\\]+")
 
 
 @DATASETS.register("ImageFolderDataset")
@@ -117,10 +120,11 @@ class ImageFolderDataset(ImageDataset):
     @staticmethod
     def check_params(extensions: list[str] | None = None, **_others: Any) -> None:
         """Also checked as a config loads (by the registry): the text "jpg", given in
-        Python, was taken letter by letter (.j .p .g), and an empty suffix ('' or '.')
-        matches no file: no images were found, the warning saying why only in passing."""
+        Python, was taken letter by letter (.j .p .g), and an empty suffix ('' or '.') or
+        a pattern (`*.jpg`, a suffix is compared as it is) matches no file: no images were
+        found, the warning saying why only in passing."""
         if isinstance(extensions, str) or not all(
-            isinstance(ext, str) and ext.strip(".") for ext in extensions or ()
+            isinstance(ext, str) and _SUFFIX.fullmatch(ext) for ext in extensions or ()
         ):
             raise ValueError(
                 f"extensions: expected a list of file suffixes, such as ['.jpg', '.png'], got "
