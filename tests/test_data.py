@@ -454,6 +454,24 @@ def test_missing_images_are_counted_and_shown(tmp_path: Path):
     )
 
 
+def test_a_listed_name_whose_accents_the_file_encodes_otherwise_is_told_so(tmp_path: Path):
+    """Linux keeps `café.png` typed (é one character) and as macOS names it (e and an
+    accent) apart: the error showed the listed path, which looks the same as the file's."""
+    composed, decomposed = "caf\u00e9.png", "cafe\u0301.png"
+    save_png(tmp_path / decomposed, pattern(4, 4))
+    label_file = tmp_path / "list.txt"
+    label_file.write_text(f"{composed} 0\n", encoding="utf-8")
+    with pytest.raises(DataError) as info:
+        LabelFileDataset(str(tmp_path), str(label_file))
+    assert str(info.value).endswith(
+        f"; {tmp_path / decomposed} is there, its accented letters decomposed (Unicode NFD, as "
+        "macOS names files) where the list has them composed: list the names as the files "
+        "have them, or rename the files (skip_corrupt: true leaves them out)"
+    )
+    label_file.write_text(f"{decomposed} 0\n", encoding="utf-8")
+    assert len(LabelFileDataset(str(tmp_path), str(label_file))) == 1
+
+
 def corrupt_files(grocery: Path, folder: Path) -> tuple[Path, Path]:
     jpeg = (grocery / grocery_lines(grocery, 1)[0][0]).read_bytes()
     truncated = folder / "truncated.jpg"

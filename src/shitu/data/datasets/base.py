@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any, NoReturn, overload
+from unicodedata import normalize
 
 import numpy as np
 import torch
@@ -468,6 +469,14 @@ class ImageDataset(Dataset):
         )
 
 
+# How a file's name found in Unicode normal form NFC or NFD encodes its accented letters,
+# against the list that names it in the other.
+_ENCODED = {
+    "NFC": "composed (Unicode NFC) where the list has them decomposed (NFD)",
+    "NFD": "decomposed (Unicode NFD, as macOS names files) where the list has them composed",
+}
+
+
 def _not_found_hint(missing: Sequence[str], image_root: str | None) -> str:
     """What to add to a message about the `missing` listed paths: where listed paths are
     looked for, and that a backslash separates no folders here (a list a Windows script
@@ -475,6 +484,16 @@ def _not_found_hint(missing: Sequence[str], image_root: str | None) -> str:
     hint = f"; paths are read relative to image_root={image_root!r}" if image_root else ""
     if os.sep == "/" and any("\\" in path for path in missing):
         hint += "; a backslash separates no folders here: write the paths with '/'"
+    # Listed as typed (é one character) but named as macOS writes it (e and an accent), or
+    # the other way round: the message showed two paths that look the same.
+    for path in missing:
+        for form in ("NFC", "NFD"):
+            other = normalize(form, path)
+            if other != path and os.path.isfile(other):
+                return (
+                    f"{hint}; {other} is there, its accented letters {_ENCODED[form]}: list "
+                    "the names as the files have them, or rename the files"
+                )
     return hint
 
 
