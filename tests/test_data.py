@@ -1191,6 +1191,20 @@ def test_resize_short_refuses_an_image_it_would_blow_up(monkeypatch):
     assert run_op("ResizeImage", pattern(2, 400), resize_short=20).shape == (20, 4000, 3)
 
 
+def test_an_output_size_over_the_pixel_limit_is_refused_as_the_config_loads():
+    """`size: 22400` (a typo of 224) made every image 500 megapixels, gigabytes each, when
+    first loaded: refused by name, for each op that sizes its output."""
+    for name in ("ResizeImage", "RandCropImage", "CropImage", "RandCropImageV2"):
+        with pytest.raises(ConfigError) as refused:
+            build_transforms([{name: {"size": 22400}}])
+        assert str(refused.value) == (
+            "transform_ops[0]: size: 22400x22400 is 501.8 megapixels, over the limit of 250 "
+            f"megapixels (SHITU_MAX_MEGAPIXELS) in transform '{name}'"
+        )
+    resize = build_transforms([{"ResizeImage": {"size": [15000, 15000]}}]).ops[1]
+    assert resize.size == (15000, 15000)  # 225 megapixels: within it
+
+
 def test_channel_first_decode_with_chw_normalise():
     image = pattern(5, 6)
     out = pipeline_output(

@@ -372,7 +372,7 @@ class ResizeImage(Transform):
             self.size: tuple[int, int] | None = None
         elif size is not None:
             self.resize_short = None
-            self.size = pair(size)
+            self.size = _output_pair(size)
         else:
             raise ValueError("size: required unless resize_short is above 0")
         self.interpolation = interpolation_name(interpolation, backend)
@@ -387,6 +387,20 @@ class ResizeImage(Transform):
     def __call__(self, image: np.ndarray) -> np.ndarray:
         height, width = image.shape[:2]
         return resize(image, *self.output_size(width, height), self.interpolation, self.backend)
+
+
+def _output_pair(size: int | list[int]) -> tuple[int, int]:
+    """`pair(size)` for the size an op makes every image: refused (ValueError) where it holds
+    more pixels than `max_image_pixels`, as a config typo (`size: 22400`) made each image
+    gigabytes when first loaded, which stopped the run on memory, not on the setting."""
+    width, height = pair(size)
+    limit = max_image_pixels()
+    if width * height > limit:
+        raise ValueError(
+            f"size: {width}x{height} is {round(width * height / 1e6, 1):g} megapixels, over the "
+            f"limit of {limit / 1e6:g} megapixels ({MAX_MEGAPIXELS_VARIABLE})"
+        )
+    return width, height
 
 
 def short_side_size(width: int, height: int, short: int) -> tuple[int, int]:
@@ -413,7 +427,7 @@ class _Crop(Transform):
     least that big."""
 
     def __init__(self, size: int | list[int]):
-        self.size = pair(size)
+        self.size = _output_pair(size)
 
     def output_size(self, width: int, height: int) -> tuple[int, int]:
         if width < self.size[0] or height < self.size[1]:
@@ -450,7 +464,7 @@ class RandCropImage(Transform):
         interpolation: Interpolation = None,
         backend: Backend = "cv2",
     ):
-        self.size = pair(size)
+        self.size = _output_pair(size)
         self.scale = tuple(scale) if scale is not None else (0.08, 1.0)
         self.ratio = tuple(ratio) if ratio is not None else (3.0 / 4.0, 4.0 / 3.0)
         for key, value in (("scale", self.scale), ("ratio", self.ratio)):
