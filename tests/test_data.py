@@ -1201,6 +1201,9 @@ def test_an_output_size_over_the_pixel_limit_is_refused_as_the_config_loads():
             "transform_ops[0]: size: 22400x22400 is 501.8 megapixels, over the limit of 250 "
             f"megapixels (SHITU_MAX_MEGAPIXELS) in transform '{name}'"
         )
+    # a short side of 22400 makes at least 22400x22400: each image was refused as elongated
+    with pytest.raises(ConfigError, match=r"^transform_ops\[0\]: resize_short: 22400x22400 is "):
+        build_transforms([{"ResizeImage": {"resize_short": 22400}}])
     resize = build_transforms([{"ResizeImage": {"size": [15000, 15000]}}]).ops[1]
     assert resize.size == (15000, 15000)  # 225 megapixels: within it
 

@@ -368,6 +368,7 @@ class ResizeImage(Transform):
                     "differently; keep size to resize to a fixed width and height, or "
                     "resize_short to scale the short side and keep the aspect ratio"
                 )
+            _output_pair(resize_short, "resize_short")
             self.resize_short: int | None = resize_short
             self.size: tuple[int, int] | None = None
         elif size is not None:
@@ -389,15 +390,16 @@ class ResizeImage(Transform):
         return resize(image, *self.output_size(width, height), self.interpolation, self.backend)
 
 
-def _output_pair(size: int | list[int]) -> tuple[int, int]:
-    """`pair(size)` for the size an op makes every image: refused (ValueError) where it holds
-    more pixels than `max_image_pixels`, as a config typo (`size: 22400`) made each image
-    gigabytes when first loaded, which stopped the run on memory, not on the setting."""
-    width, height = pair(size)
+def _output_pair(size: int | list[int], what: str = "size") -> tuple[int, int]:
+    """`pair(size)` for the size an op makes every image (at least: a `resize_short`'s
+    square): refused (ValueError) where it holds more pixels than `max_image_pixels`, as a
+    config typo (`size: 22400`) made each image gigabytes when first loaded, which stopped
+    the run on memory, or refused each image as too elongated, not naming the setting."""
+    width, height = pair(size, what)
     limit = max_image_pixels()
     if width * height > limit:
         raise ValueError(
-            f"size: {width}x{height} is {round(width * height / 1e6, 1):g} megapixels, over the "
+            f"{what}: {width}x{height} is {round(width * height / 1e6, 1):g} megapixels, over the "
             f"limit of {limit / 1e6:g} megapixels ({MAX_MEGAPIXELS_VARIABLE})"
         )
     return width, height
