@@ -282,11 +282,14 @@ def test_a_header_line_is_refused_saying_to_comment_it_out(tmp_path: Path):
     for header, rows, delimiter in (
         ("path label", "a.png 0\nb.png 1\n", None),
         ("image\tclass", "a.png\tx\n", "\t"),
+        # no space after the comma: `a.png,0` was read as naming no image, and the header
+        # as a class name among class ids
+        ("file_name,label", "a.png,0\nb.png,1\n", ","),
     ):
         label_file.write_text(f"{header}\n{rows}")
         with pytest.raises(DataError) as caught:
             LabelFileDataset(str(tmp_path), str(label_file), delimiter=delimiter)
-        head = header.split()[0]
+        head = re.split(r"[\s,]", header)[0]
         assert str(caught.value) == (
             f"{label_file}:1: {header!r} looks like a header, not an image and its label (no "
             f"image {head!r} in image_root); start the line with # to comment it out"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import codecs
 import logging
 import os
+import re
 import reprlib
 from collections import Counter, defaultdict
 from collections.abc import Collection, Iterable, Mapping, Sequence
@@ -67,7 +68,10 @@ def header_error(listing: object, number: int, line: str, head: str, place: str)
 
 
 def _names_an_image(line: str) -> bool:
-    return any(Path(word.strip(",;'\"")).suffix.lower() in IMAGE_SUFFIXES for word in line.split())
+    """Whether a word of `line` is an image's name; words end at commas and semicolons too,
+    as `a.png,0` (a listing with `delimiter: ","`) names a.png."""
+    words = re.split(r"[\s,;]+", line)
+    return any(Path(word.strip("'\"")).suffix.lower() in IMAGE_SUFFIXES for word in words)
 
 
 def unreadable_reason(path: str | os.PathLike, exc: OSError) -> str:
