@@ -231,6 +231,17 @@ def test_a_commented_out_line_naming_an_image_is_warned_of(tmp_path: Path, caplo
     assert LabelFileDataset(str(tmp_path), str(label_file)).labels == [0, 1]
 
 
+def test_label_files_joined_with_their_byte_order_marks_are_read(tmp_path: Path):
+    """`cat a.txt b.txt` of two lists Notepad saved puts b's invisible BOM at the start of a
+    line, which was read as part of its path: an image 'not found' that is there."""
+    for name in "ab":
+        save_png(tmp_path / f"{name}.png", pattern(4, 4))
+    label_file = tmp_path / "list.txt"
+    label_file.write_bytes(b"\xef\xbb\xbfa.png 0\r\n\xef\xbb\xbfb.png 1\r\n")
+    dataset = LabelFileDataset(str(tmp_path), str(label_file))
+    assert [Path(path).name for path in dataset.paths] == ["a.png", "b.png"]
+
+
 def test_relabel_maps_sorted_labels_to_consecutive_ids(tmp_path: Path):
     for name in "abcd":
         save_png(tmp_path / f"{name}.png", pattern(4, 4))

@@ -116,8 +116,10 @@ def text_lines(text: str) -> list[str]:
     """`text`'s lines, ended as files end them: at \\n, \\r\\n or \\r alone. Not at the other
     characters `str.splitlines()` also ends lines at (\\v, \\f, \\x1c-\\x1e, \\x85, U+2028,
     U+2029), which a file name may hold, and a label by mistake: such a line was read as
-    two, each refused for a missing tab, under line numbers the file does not have."""
-    lines = re.split(r"\r\n|\r|\n", text)
+    two, each refused for a missing tab, under line numbers the file does not have. A
+    byte-order mark starting a line is left out: the BOM of a file joined onto another
+    (`cat a.txt b.txt`, each saved by Notepad), invisible, was read as part of the path."""
+    lines = [line.removeprefix("\ufeff") for line in re.split(r"\r\n|\r|\n", text)]
     return lines[:-1] if lines[-1] == "" else lines
 
 
