@@ -1436,6 +1436,14 @@ def test_normalise_values_and_scale_strings():
         [{"NormalizeImage": {"scale": 2, "mean": [0, 0, 0], "std": [1, 1, 1]}}], image
     )
     assert np.array_equal(plain.numpy(), 2 * image.transpose(2, 0, 1).astype(np.float32))
+    # ImageNet's 0-1 mean and std with `scale: 1` (the /255 left out): values in the hundreds
+    with pytest.raises(ConfigError) as refused:
+        build_transforms([{"NormalizeImage": {"scale": 1.0, "mean": MEAN, "std": STD}}])
+    assert str(refused.value) == (
+        f"transform_ops[0]: scale: 1 leaves pixels in [0, 255], but mean {MEAN} and std {STD} "
+        "are those of pixels in [0, 1], so normalised images reach values in the hundreds; "
+        "set scale: 1.0/255.0 in transform 'NormalizeImage'"
+    )
     with pytest.raises(
         ConfigError, match=r"transform_ops\[0\]: scale: write a finite number or 'a/b'"
     ):

@@ -734,7 +734,8 @@ def check_normalization(scale: float, mean: Sequence[float], std: Sequence[float
     """Refuse a normalisation, (pixel * scale - mean) / std in float32, that cannot give
     the model images: a scale of 0 maps every image to one constant, a negative scale or
     std turns the pixel values round, a mean outside the scaled pixels' range puts them all
-    on one side of it, and a std so small that some pixel of 0-255 overflows float32
+    on one side of it, mean and std of 0-1 pixels with 0-255 ones give values in the
+    hundreds, and a std so small that some pixel of 0-255 overflows float32
     (1e-50 is 0 there) gives inf. ValueError naming the key."""
     if not scale > 0:
         raise ValueError(f"scale: must be positive (0 makes every image one constant), got {scale}")
@@ -747,6 +748,15 @@ def check_normalization(scale: float, mean: Sequence[float], std: Sequence[float
         raise ValueError(
             f"mean: {list(mean)} lies outside the scaled pixels' range [0, {top:.4g}] "
             f"(0-255 times scale {scale:.4g}); give mean and std in the units of pixel * scale"
+        )
+    # The other way round: mean and std of pixels scaled to 0-1 ([0.485, ...]) with a scale
+    # that leaves them 0-255 (`scale: 1`, the /255 left out) make every image values in the
+    # hundreds, which trained and searched without an error.
+    if top > 2 and 0 < max(mean) <= 1 and max(std) <= 1:
+        raise ValueError(
+            f"scale: {scale:.4g} leaves pixels in [0, {top:.4g}], but mean {list(mean)} and std "
+            f"{list(std)} are those of pixels in [0, 1], so normalised images reach values "
+            "in the hundreds; set scale: 1.0/255.0"
         )
     mean32, std32 = np.asarray(mean, np.float32), np.asarray(std, np.float32)
     with np.errstate(over="ignore", divide="ignore"):
