@@ -1621,6 +1621,9 @@ def test_pk_config_errors():
         pk(labels, batch_size=10, sample_per_id=4)
     with pytest.raises(ConfigError, match="needs 12 distinct classes .* has 10"):
         pk(labels, batch_size=24, sample_per_id=2)
+    # classes id_list's ratio 0 leaves out are named as the reason
+    with pytest.raises(ConfigError, match=r"has 2 that can be drawn \(ratio 0 leaves out 8 of its"):
+        pk(labels, batch_size=6, sample_per_id=2, id_list=[0, 7], ratio=[0.0])
     with pytest.raises(
         ConfigError, match="sample_method: Input should be 'sample_avg_prob' or 'id_avg_prob'"
     ):

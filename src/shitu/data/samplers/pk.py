@@ -75,13 +75,17 @@ class PKSampler(EpochBatchSampler):
         self._starts = np.concatenate([[0], np.cumsum(counts)])
 
         weights = np.ones(len(counts)) if sample_method == "id_avg_prob" else counts.astype(float)
-        weights = weights * class_ratios(self.class_ids, id_list, ratio)
+        factors = class_ratios(self.class_ids, id_list, ratio)
+        weights = weights * factors
         drawable = int(np.count_nonzero(weights))
         if drawable < self.classes_per_batch:
+            # the advice alone sent one whose ratio 0 left classes out to the batch size
+            zeroed = int(np.count_nonzero(factors == 0))
+            why = f" (ratio 0 leaves out {zeroed} of its {len(counts)})" if zeroed else ""
             raise ConfigError(
                 f"PKSampler: a batch needs {self.classes_per_batch} distinct classes "
                 f"(batch_size {batch_size} / sample_per_id {sample_per_id}) but the dataset has "
-                f"{drawable} that can be drawn; lower batch_size or raise sample_per_id"
+                f"{drawable} that can be drawn{why}; lower batch_size or raise sample_per_id"
             )
         self.class_probs = weights / weights.sum()
         if self.rank == 0:
