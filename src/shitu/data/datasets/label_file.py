@@ -38,12 +38,11 @@ class LabelFileDataset(ImageDataset):
     for a name would renumber the classes unseen (id 10 before id 2, as text sorts).
     Names and relabelled ids number only the labels this file lists, kept in
     `label_keys`: evaluation matches a query and a gallery file's classes through
-    them, not by number. The optional third
-    column is a unique id (e.g. a product or instance id) that retrieval
-    evaluation uses to exclude an image's own entries; without it the entry's
-    position among the listed images is used (from 0; blank lines and `#` comments
-    are not counted). An image listed more than once is a sample each time, with a warning that
-    names it (and its labels, where they differ).
+    them, not by number. The optional third column is a unique id (e.g. a product or
+    instance id) that retrieval evaluation uses to exclude an image's own entries;
+    without it the entry's position among the listed images is used (from 0; blank
+    lines and `#` comments are not counted). An image listed more than once is a sample
+    each time, with a warning that names it (and its labels, where they differ).
     """
 
     def __init__(
