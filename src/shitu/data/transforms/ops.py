@@ -734,8 +734,7 @@ def check_normalization(scale: float, mean: Sequence[float], std: Sequence[float
     """Refuse a normalisation, (pixel * scale - mean) / std in float32, that cannot give
     the model images: a scale of 0 maps every image to one constant, a negative scale or
     std turns the pixel values round, a mean outside the scaled pixels' range puts them all
-    on one side of it, mean and std of 0-1 pixels with 0-255 ones give values in the
-    hundreds, and a std so small that some pixel of 0-255 overflows float32
+    on one side of it, and a std so small that some pixel of 0-255 overflows float32
     (1e-50 is 0 there) gives inf. ValueError naming the key."""
     if not scale > 0:
         raise ValueError(f"scale: must be positive (0 makes every image one constant), got {scale}")
@@ -749,15 +748,6 @@ def check_normalization(scale: float, mean: Sequence[float], std: Sequence[float
             f"mean: {list(mean)} lies outside the scaled pixels' range [0, {top:.4g}] "
             f"(0-255 times scale {scale:.4g}); give mean and std in the units of pixel * scale"
         )
-    # The other way round: mean and std of pixels scaled to 0-1 ([0.485, ...]) with a scale
-    # that leaves them 0-255 (`scale: 1`, the /255 left out) make every image values in the
-    # hundreds, which trained and searched without an error.
-    if top > 2 and 0 < max(mean) <= 1 and max(std) <= 1:
-        raise ValueError(
-            f"scale: {scale:.4g} leaves pixels in [0, {top:.4g}], but mean {list(mean)} and std "
-            f"{list(std)} are those of pixels in [0, 1], so normalised images reach values "
-            "in the hundreds; set scale: 1.0/255.0"
-        )
     mean32, std32 = np.asarray(mean, np.float32), np.asarray(std, np.float32)
     with np.errstate(over="ignore", divide="ignore"):
         farthest = np.maximum(np.abs(mean32), np.abs(np.float32(255 * scale) - mean32)) / std32
@@ -765,6 +755,20 @@ def check_normalization(scale: float, mean: Sequence[float], std: Sequence[float
         raise ValueError(
             f"std: {list(std)} is too small: a pixel normalised by it, "
             "(pixel * scale - mean) / std, is inf in float32"
+        )
+
+
+def _check_pixel_units(scale: float, mean: Sequence[float], std: Sequence[float]) -> None:
+    """Refuse (ValueError naming scale) mean and std of pixels scaled to 0-1 ([0.485, ...])
+    with a scale that leaves them 0-255 (`scale: 1`, the /255 left out): every image
+    normalised to values in the hundreds, which trained and searched without an error. A
+    config's check, not an export's: a model trained so takes its images so."""
+    top = 255 * scale
+    if top > 2 and 0 < max(mean) <= 1 and max(std) <= 1:
+        raise ValueError(
+            f"scale: {scale:.4g} leaves pixels in [0, {top:.4g}], but mean {list(mean)} and std "
+            f"{list(std)} are those of pixels in [0, 1], so normalised images reach values "
+            "in the hundreds; set scale: 1.0/255.0"
         )
 
 
@@ -797,6 +801,7 @@ class NormalizeImage(Transform):
                     f"{key}: needs one value per channel ({channel_num}), got {values}"
                 )
         check_normalization(float(self.scale), mean, std)
+        _check_pixel_units(float(self.scale), mean, std)
         self.mean = np.asarray(mean, np.float32)
         self.std = np.asarray(std, np.float32)
         self.order: str | None = "hwc" if order == "" else order
