@@ -385,6 +385,13 @@ def test_label_file_errors_name_the_file_and_line(tmp_path: Path, monkeypatch):
     label_file.write_text("a.png 0 7\na.png 0 x\n")
     with pytest.raises(DataError, match=r"list\.txt:2: unique id 'x' is not an integer"):
         LabelFileDataset(str(tmp_path), str(label_file))
+    # Read by int(), `4011_1` was the id 40111 (another image's) and `７` (full width) 7.
+    for written in ("4011_1", "\uff17"):
+        label_file.write_text(f"a.png 0 40111\na.png 0 {written}\n")
+        with pytest.raises(DataError, match=rf"list\.txt:2: unique id '{written}' is not an"):
+            LabelFileDataset(str(tmp_path), str(label_file))
+    label_file.write_text("a.png 0 -3\na.png 0 +7\n")
+    assert LabelFileDataset(str(tmp_path), str(label_file)).unique_ids == [-3, 7]
     label_file.write_text("a.png 0 7\na.png 0\n")
     with pytest.raises(DataError, match=r"list\.txt:2: no unique id, but line 1 has one"):
         LabelFileDataset(str(tmp_path), str(label_file))

@@ -90,14 +90,14 @@ class LabelFileDataset(ImageDataset):
         for position, ((number, fields), label) in enumerate(zip(rows, labels, strict=True)):
             unique_id = position
             if self.has_unique_ids:
-                try:
-                    unique_id = int(fields[2])
-                except ValueError:
+                # Digits only, as a class id: int() reads `4011_1` as 40111, another id.
+                if not is_class_id(fields[2]):
                     hint = self._tab_hint(texts[number], delimiter, False)
                     raise DataError(
                         f"{cls_label_path}:{number}: unique id {fields[2]!r} is not an integer"
                         f"{hint}"
-                    ) from None
+                    )
+                unique_id = int(fields[2])
             path = os.path.join(image_root, fields[0])
             entries.append(Entry(path, label, unique_id, f"line {number}"))
         self._set_entries(entries, image_root)
