@@ -765,6 +765,15 @@ def test_grocery_store_dataset_joins_listings(grocery: Path, tmp_path: Path):
     broken.write_text("train/x.jpg, 1, one\n")
     with pytest.raises(DataError, match=r"broken\.txt:1: class id 'one' is not an integer"):
         GroceryStoreDataset(str(grocery), [listings[0], str(broken)], label_level="coarse")
+    # Read by int(), `4_0` was the class 40 and `３` (full width) the class 3.
+    for written in ("4_0", "\uff13"):
+        broken.write_text(f"train/x.jpg, {written}, 1\n")
+        with pytest.raises(DataError, match=rf"broken\.txt:1: class id '{written}' is not an"):
+            GroceryStoreDataset(str(grocery), str(broken))
+        table = tmp_path / "classes.csv"
+        table.write_text(f"Apple,0,Fruit,0\nPear,{written},Fruit,0\n")
+        with pytest.raises(DataError, match=r"classes\.csv:2: expected 'name, id, coarse name"):
+            GroceryStoreDataset(str(grocery), listings[0], class_file=str(table))
     with pytest.raises(DataError, match="names no label file"):
         GroceryStoreDataset(str(grocery), [])
 

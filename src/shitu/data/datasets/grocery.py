@@ -17,6 +17,7 @@ from shitu.data.datasets.base import (
     read_listing_text,
     refuse_a_header,
 )
+from shitu.data.datasets.label_file import is_class_id
 from shitu.errors import ConfigError, DataError
 from shitu.fileio import SAVE_AS_UTF8
 from shitu.registry import DATASETS, ConfigPath
@@ -106,12 +107,10 @@ def _parse_line(listing: str, number: int, line: str, column: int) -> tuple[str,
         raise DataError(
             f"{listing}:{number}: expected 'path, fine_id, coarse_id', got {line!r}{hint}"
         )
-    try:
-        label = int(fields[column])
-    except ValueError:
-        raise DataError(
-            f"{listing}:{number}: class id {fields[column]!r} is not an integer"
-        ) from None
+    # Digits only (is_class_id): int() reads `4_0` as the class 40, `３` as 3.
+    if not is_class_id(fields[column]):
+        raise DataError(f"{listing}:{number}: class id {fields[column]!r} is not an integer")
+    label = int(fields[column])
     if label < 0:
         raise DataError(f"{listing}:{number}: class id {label} is negative")
     return fields[0], label
@@ -150,12 +149,11 @@ def read_class_names(path: str, level: Literal["fine", "coarse"]) -> list[str]:
     name_col, id_col = (0, 1) if level == "fine" else (2, 3)
     names: dict[int, str] = {}
     for number, row in _read_class_rows(path):
-        try:
-            class_id, name = int(row[id_col]), row[name_col].strip()
-        except (IndexError, ValueError):
+        if len(row) <= id_col or not is_class_id(row[id_col].strip()):
             raise DataError(
                 f"{path}:{number}: expected 'name, id, coarse name, coarse id, ...', got {row}"
-            ) from None
+            )
+        class_id, name = int(row[id_col]), row[name_col].strip()
         if names.get(class_id, name) != name:
             raise DataError(
                 f"{path}:{number}: class id {class_id} named both {names[class_id]!r} and {name!r}"
