@@ -35,6 +35,7 @@ from shitu.engine.data import build_eval_loader, build_train_loader
 from shitu.engine.distributed import init_distributed
 from shitu.errors import ConfigError, DataError, raised_message
 from shitu.index import collect_items
+from shitu.index.labels import parse_label_file
 from shitu.inference.preprocess import decode_rgb, is_cmyk_jpeg
 
 registry.populate()
@@ -795,6 +796,26 @@ def test_a_header_line_in_a_grocery_listing_is_refused_saying_to_comment_it_out(
     )
     listing.write_text("\n".join(["# path, fine_id, coarse_id", *rows]) + "\n")
     assert len(GroceryStoreDataset(str(grocery), str(listing))) == 3
+
+
+def test_a_grocery_class_table_given_as_a_listing_is_named_for_what_it_is(grocery: Path):
+    """Grocery's classes.csv given as a listing was said to have a header to comment out;
+    commented out, its rows were refused next. Training lists and gallery lists alike."""
+    table = grocery / "classes.csv"
+    expected = (
+        f"{table}:1: a table of class names and ids (the Grocery Store dataset's classes.csv, "
+        "by its header), not a listing of images and their labels (that dataset's are "
+        "train.txt, val.txt and test.txt)"
+    )
+    for read in (
+        lambda: GroceryStoreDataset(str(grocery), str(table)),
+        lambda: LabelFileDataset(str(grocery), str(table)),
+        lambda: LabelFileDataset(str(grocery), str(table), delimiter=","),
+        lambda: parse_label_file(table),
+    ):
+        with pytest.raises(DataError) as caught:
+            read()
+        assert str(caught.value) == expected
 
 
 def test_a_grocery_label_level_other_than_fine_or_coarse_is_refused(grocery: Path):

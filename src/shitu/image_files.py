@@ -58,9 +58,21 @@ def is_header(line: str, following: str, found: bool) -> bool:
     return not found and not _names_an_image(line) and _names_an_image(following)
 
 
+# The header of the Grocery Store dataset's class table, classes.csv (`Class Name (str),Class
+# ID (int),...`): a file given as a listing of images that starts so is that table.
+_CLASS_TABLE_HEADER = re.compile(r"\s*class name\b[^,]*,\s*class id\b", re.IGNORECASE)
+
+
 def header_error(listing: object, number: int, line: str, head: str, place: str) -> DataError:
     """The refusal of a header line (see `is_header`) that says how to keep it: as a
-    comment. `head`: its first column, no image `place` ("beside the file")."""
+    comment. `head`: its first column, no image `place` ("beside the file"). The header of
+    a class table is not advised so: commented out, its rows were refused next."""
+    if _CLASS_TABLE_HEADER.match(line):
+        return DataError(
+            f"{listing}:{number}: a table of class names and ids (the Grocery Store "
+            "dataset's classes.csv, by its header), not a listing of images and their labels "
+            "(that dataset's are train.txt, val.txt and test.txt)"
+        )
     return DataError(
         f"{listing}:{number}: {line!r} looks like a header, not an image and its label (no "
         f"image {head!r} {place}); start the line with # to comment it out"
