@@ -82,7 +82,7 @@ def max_image_pixels() -> int:
 
 def check_image_size(width: int, height: int) -> None:
     """UnreadableImageError for an image over `max_image_pixels`, from the size its header
-    declares: a PNG of one colour, a few KB on disk, can decode to gigabytes."""
+    declares: a PNG of one colour, 2.6 MB on disk, decodes to 2.7 GB (30000 x 30000)."""
     limit = max_image_pixels()
     if width * height > limit:
         raise UnreadableImageError(
