@@ -818,6 +818,22 @@ def test_a_grocery_class_table_given_as_a_listing_is_named_for_what_it_is(grocer
         assert str(caught.value) == expected
 
 
+def test_a_grocery_listing_given_as_its_class_table_is_named_for_what_it_is(grocery: Path):
+    """val.txt given as class_file was refused as "class id 0 named both .../001.jpg and
+    .../002.jpg" (fine), or by its first row's shape (coarse, iconic): not as a listing."""
+    listing = grocery / "val.txt"
+    first = listing.read_text().split(",", 1)[0]
+    expected = (
+        f"{listing}:1: a listing of images ('path, fine_id, coarse_id'), not a table of class "
+        f"names and ids (the Grocery Store dataset's classes.csv): its first column {first!r} "
+        "is an image, not a class name"
+    )
+    for given, level in ((str(listing), "fine"), (str(listing), "coarse"), ("iconic", "fine")):
+        with pytest.raises(DataError) as caught:
+            GroceryStoreDataset(str(grocery), given, label_level=level, class_file=str(listing))
+        assert str(caught.value) == expected
+
+
 def test_a_grocery_label_level_other_than_fine_or_coarse_is_refused(grocery: Path):
     """`label_level="Fine"` given in Python (a config's is checked by the registry) was
     taken for "coarse": 43 classes, all apples one, without a word."""

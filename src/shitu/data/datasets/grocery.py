@@ -20,6 +20,7 @@ from shitu.data.datasets.base import (
 from shitu.data.datasets.label_file import is_class_id
 from shitu.errors import ConfigError, DataError
 from shitu.fileio import SAVE_AS_UTF8
+from shitu.image_files import IMAGE_SUFFIXES
 from shitu.registry import DATASETS, ConfigPath
 
 ICONIC = "iconic"  # a cls_label_path value: the one packshot per class named in classes.csv
@@ -131,7 +132,17 @@ def _read_class_rows(path: str) -> list[tuple[int, list[str]]]:
     # then said only that the ids are not 0..N-1).
     if rows and not (len(rows[0][1]) > 1 and rows[0][1][1].strip().isdigit()):
         rows = rows[1:]
-    return [(number, row) for number, row in rows if row]
+    rows = [(number, row) for number, row in rows if row]
+    # A listing given as the class table (`class_file: val.txt`) was refused by its second
+    # row, 'class id 0 named both .../001.jpg and .../002.jpg': a class name is no image.
+    if rows and Path(rows[0][1][0].strip()).suffix.lower() in IMAGE_SUFFIXES:
+        number, row = rows[0]
+        raise DataError(
+            f"{path}:{number}: a listing of images ('path, fine_id, coarse_id'), not a table "
+            f"of class names and ids (the Grocery Store dataset's classes.csv): its first "
+            f"column {row[0].strip()!r} is an image, not a class name"
+        )
+    return rows
 
 
 def read_iconic_listing(path: str) -> list[tuple[int, str]]:
