@@ -305,6 +305,7 @@ class ImageDataset(Dataset):
     def _set_entries(self, entries: list[Entry], image_root: str | None = None) -> None:
         if not entries:
             raise DataError(f"{self.where}: lists no images")
+        labels, ids = (self._int64_column(entries, field) for field in ("label", "unique_id"))
         self._warn_of_repeats(entries)
         scan = _scan_paths([entry.path for entry in entries], self.skip_corrupt)
         problems = scan.problems
@@ -318,10 +319,24 @@ class ImageDataset(Dataset):
         if problems:
             self._warn_of_skipped(entries, problems)
         dropped = {i for i, _ in problems}
-        entries = [entry for i, entry in enumerate(entries) if i not in dropped]
-        self.paths = StringTable([entry.path for entry in entries])
-        self._labels = np.fromiter((e.label for e in entries), dtype=np.int64, count=len(entries))
-        self._ids = np.fromiter((e.unique_id for e in entries), dtype=np.int64, count=len(entries))
+        kept = [i for i in range(len(entries)) if i not in dropped]
+        self.paths = StringTable([entries[i].path for i in kept])
+        self._labels, self._ids = labels[kept], ids[kept]
+
+    def _int64_column(self, entries: list[Entry], field: str) -> np.ndarray:
+        """The entries' `field` (label or unique_id) as int64, as they are kept: a listed
+        value beyond it (20 digits, two product codes run together) was an OverflowError
+        naming no line."""
+        try:
+            return np.fromiter((getattr(e, field) for e in entries), np.int64, len(entries))
+        except OverflowError:
+            info = np.iinfo(np.int64)
+            entry = next(e for e in entries if not info.min <= getattr(e, field) <= info.max)
+            raise DataError(
+                f"{self.where}: {entry.source}: {field.replace('_', ' ')} "
+                f"{getattr(entry, field)} does not fit the 64-bit integer it is kept in "
+                f"({info.min} to {info.max})"
+            ) from None
 
     def _warn_of_repeats(self, entries: list[Entry]) -> None:
         """An image listed twice is drawn twice as often, and one listed under two labels
