@@ -808,7 +808,9 @@ def test_a_header_line_in_a_grocery_listing_is_refused_saying_to_comment_it_out(
     assert len(GroceryStoreDataset(str(grocery), str(listing))) == 3
 
 
-def test_a_grocery_class_table_given_as_a_listing_is_named_for_what_it_is(grocery: Path):
+def test_a_grocery_class_table_given_as_a_listing_is_named_for_what_it_is(
+    grocery: Path, tmp_path: Path
+):
     """Grocery's classes.csv given as a listing was said to have a header to comment out;
     commented out, its rows were refused next. Training lists and gallery lists alike."""
     table = grocery / "classes.csv"
@@ -826,6 +828,12 @@ def test_a_grocery_class_table_given_as_a_listing_is_named_for_what_it_is(grocer
         with pytest.raises(DataError) as caught:
             read()
         assert str(caught.value) == expected
+    # Grocery's header as it is, not any table's: another's header is no sign of that file.
+    rows = (grocery / "val.txt").read_text().splitlines()[:2]
+    listing = tmp_path / "mine.txt"
+    listing.write_text("\n".join(["class name, class id, image", *rows]) + "\n")
+    with pytest.raises(DataError, match="mine.txt:1: 'class name, class id, image' looks like a"):
+        GroceryStoreDataset(str(grocery), str(listing))
 
 
 def test_a_grocery_listing_given_as_its_class_table_is_named_for_what_it_is(grocery: Path):

@@ -60,7 +60,7 @@ def is_header(line: str, following: str, found: bool) -> bool:
 
 # The header of the Grocery Store dataset's class table, classes.csv (`Class Name (str),Class
 # ID (int),...`): a file given as a listing of images that starts so is that table.
-_CLASS_TABLE_HEADER = re.compile(r"\s*class name\b[^,]*,\s*class id\b", re.IGNORECASE)
+_CLASS_TABLE_HEADER = re.compile(r"\s*class name \(str\)\s*,\s*class id \(int\)", re.IGNORECASE)
 
 
 def header_error(listing: object, number: int, line: str, head: str, place: str) -> DataError:
