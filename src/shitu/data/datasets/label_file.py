@@ -39,7 +39,8 @@ class LabelFileDataset(ImageDataset):
     Names and relabelled ids number only the labels this file lists, kept in
     `label_keys`: evaluation matches a query and a gallery file's classes through
     them, not by number. The optional third column is a unique id (e.g. a product or
-    instance id) that retrieval evaluation uses to exclude an image's own entries;
+    instance id; digits, a sign at most, as a class id) that retrieval evaluation uses
+    to exclude an image's own entries;
     without it the entry's position among the listed images is used (from 0; blank
     lines and `#` comments are not counted). An image listed more than once is a sample
     each time, with a warning that names it (and its labels, where they differ).
