@@ -48,7 +48,8 @@ class UnreadableImageError(DataError):
 
 MAX_MEGAPIXELS_VARIABLE = "SHITU_MAX_MEGAPIXELS"
 # Above the largest photos (200-megapixel phone cameras), far below OpenCV's own limit (2^30
-# pixels: 3 GB of RGB, from a PNG of one colour that takes 120 KB); 750 MB decoded at most.
+# pixels: 3 GB of RGB, from a PNG of one colour that takes 3.1 MB as Pillow saves it,
+# `Image.new("RGB", (32768, 32768)).save(path)`); 750 MB decoded at most.
 DEFAULT_MAX_MEGAPIXELS = 250
 # shitu's limit, checked from the header before OpenCV or Pillow decode anything, takes the
 # place of Pillow's decompression-bomb check: that one refuses from 179 megapixels (twice
