@@ -1850,6 +1850,23 @@ def test_a_cross_batch_memory_the_run_never_reaches_is_warned_about(grocery, tmp
     assert "start_iter" not in startup_warnings(caplog, path, xbm(7))
 
 
+def test_a_cross_batch_memory_of_no_more_than_one_batch_is_refused(grocery, tmp_path):
+    """XBM writes the batch before comparing it with its memory: one of 8 entries or fewer
+    held the tiny run's batch of 8 alone, never a past one, and trained without a word."""
+    path = tiny_config(grocery, tmp_path)
+    for loss, key in (("XBM", "memory_size"), ("ContrastiveLoss_XBM", "xbm_size")):
+        memory = f"{{embedding_size: 32, {key}: 8, start_iter: 1}}"
+        with pytest.raises(ConfigError) as refused:
+            Trainer(load_config(path, [f"Loss.Train=[{{CELoss: {{}}}}, {{{loss}: {memory}}}]"]))
+        assert str(refused.value) == (
+            f"Loss.Train: {loss}.{key} is 8, no more than one batch (DataLoader.Train.sampler."
+            "batch_size 8), so the memory would hold only the batch it is compared with, "
+            f"never a past one; give {key} room for many batches, or lower batch_size"
+        )
+    memory = "{embedding_size: 32, memory_size: 9, start_iter: 1}"
+    Trainer(load_config(path, [f"Loss.Train=[{{CELoss: {{}}}}, {{XBM: {memory}}}]"]))
+
+
 def test_run_summary_names_the_weights_it_starts_from(grocery, tmp_path, caplog):
     """A complete load is reported in the summary; only a partial one warns."""
     path = tiny_config(grocery, tmp_path)

@@ -247,6 +247,7 @@ class Trainer:
                 f"of {self.train_loader.batch_sampler.batch_size}; lower sampler.batch_size "
                 "or set drop_last: false"
             )
+        _check_memory_holds_past_batches(self.loss, self.train_loader.batch_sampler.batch_size)
         if self.context.is_main:
             _warn_of_unused_memory(self.loss, self.steps_per_epoch, config.Global.epochs, stage)
         self.learning_rate = self._scaled_learning_rate()
@@ -1291,6 +1292,20 @@ def _warn_of_unused_memory(
                 epochs,
                 steps_per_epoch,
                 stage.epochs_key,
+            )
+
+
+def _check_memory_holds_past_batches(loss: CombinedLoss, batch_size: int) -> None:
+    """XBM writes each batch into its memory before comparing the batch with it: a memory
+    of no more than one batch holds the batch itself alone, never a past one, and its term
+    only repeated the in-batch pairs, without a word."""
+    for name, part in zip(loss.names, loss.losses, strict=True):
+        if isinstance(part, CrossBatchMemory) and part.memory_size <= batch_size:
+            raise ConfigError(
+                f"Loss.Train: {name}.{part.memory_key} is {part.memory_size}, no more than "
+                f"one batch (DataLoader.Train.sampler.batch_size {batch_size}), so the memory "
+                "would hold only the batch it is compared with, never a past one; give "
+                f"{part.memory_key} room for many batches, or lower batch_size"
             )
 
 

@@ -76,6 +76,7 @@ class CrossBatchMemory(nn.Module):
     # How a config names this loss and its embedding width, for the message of a mismatch.
     config_name: ClassVar[str] = "XBM"
     size_key: ClassVar[str] = "embedding_size"
+    memory_key: ClassVar[str] = "memory_size"
 
     def __init__(
         self,
@@ -174,6 +175,7 @@ class ContrastiveLossXBM(CrossBatchMemory):
     """
 
     config_name: ClassVar[str] = "ContrastiveLoss_XBM"
+    memory_key: ClassVar[str] = "xbm_size"
 
     def __init__(
         self,
@@ -216,6 +218,7 @@ class TripletAngularMarginLossXBM(CrossBatchMemory):
 
     config_name: ClassVar[str] = "TripletAngularMarginLoss_XBM"
     size_key: ClassVar[str] = "feat_dim"
+    memory_key: ClassVar[str] = "xbm_size"
 
     def __init__(
         self,
