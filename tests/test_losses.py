@@ -421,6 +421,35 @@ def test_xbm_pair_loss_is_checked_with_the_config(pair_loss, message):
         LOSSES.validate("XBM", {"pair_loss": pair_loss})
 
 
+@pytest.mark.parametrize(
+    ("loss", "params", "message"),
+    [
+        ("XBM", {"margin": 0.3}, "margin: a setting of XBM's pair loss (ContrastiveLoss, "
+         "TripletLoss, TripletAngularMarginLoss), not of XBM: give it inside pair_loss, e.g. "
+         "pair_loss: {ContrastiveLoss: {margin: ...}} in loss 'XBM'"),
+        ("XBM", {"ap_value": 0.8}, "ap_value: a setting of XBM's pair loss "
+         "(TripletAngularMarginLoss), not of XBM: give it inside pair_loss, e.g. pair_loss: "
+         "{TripletAngularMarginLoss: {ap_value: ...}} in loss 'XBM'"),
+        ("XBM", {"xbm_size": 64}, "xbm_size: another XBM loss's name for a setting that XBM "
+         "names memory_size in loss 'XBM'"),
+        ("ContrastiveLoss_XBM", {"memory_size": 64}, "memory_size: another XBM loss's name "
+         "for a setting that ContrastiveLoss_XBM names xbm_size in loss 'ContrastiveLoss_XBM'"),
+        ("TripletAngularMarginLoss_XBM", {"embedding_size": 8}, "embedding_size: another XBM "
+         "loss's name for a setting that TripletAngularMarginLoss_XBM names feat_dim in loss "
+         "'TripletAngularMarginLoss_XBM'"),
+        ("ContrastiveLoss_XBM", {"pair_loss": "TripletLoss"}, "pair_loss: XBM's setting; "
+         "ContrastiveLoss_XBM has its pair loss built in, whose settings it takes itself (or "
+         "use XBM, which takes a pair_loss) in loss 'ContrastiveLoss_XBM'"),
+    ],
+)  # fmt: skip
+def test_xbm_keys_of_its_pair_loss_or_another_xbm_loss_say_where_they_belong(loss, params, message):
+    """`XBM: {margin: 0.3}` (a setting of the pair loss inside it) or PaddleClas's xbm_size
+    in XBM were each an 'unknown key', which did not say where the key goes."""
+    with pytest.raises(ConfigError) as refused:
+        LOSSES.validate(loss, params)
+    assert str(refused.value) == message
+
+
 def _lite0_model(
     drop_connect_rate: float,
     frozen_layers: tuple[str, ...] = ("backbone.stem", "backbone.blocks.0"),
