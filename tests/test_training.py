@@ -270,6 +270,40 @@ def test_an_unreadable_image_met_mid_run_leaves_a_checkpoint_to_resume_from(groc
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 
 
+def test_images_of_another_size_met_mid_run_leave_a_checkpoint_to_resume_from(grocery, tmp_path):
+    """transform_ops without a resize, and photos of one size but for a class of another:
+    the run stopped at the first batch that mixed them, maybe hours in, and lost its steps
+    (an unreadable image's error saved them). Saved, and resumed once the op is added."""
+    from PIL import Image
+
+    path = tiny_config(grocery, tmp_path, epochs=1, eval_during_train=False)
+    root = tmp_path / "images"
+    lines = [line.split() for line in (tmp_path / "train.txt").read_text().splitlines()]
+    for relative, label in lines:
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        size = (SIZE, SIZE - 8) if label == lines[24][1] else (SIZE, SIZE)
+        with Image.open(grocery / relative) as image:
+            image.convert("RGB").resize(size).save(root / relative)
+    decode = {"DecodeImage": {"to_rgb": True, "channel_first": False}}
+    ops = [decode, NORMALIZE]
+    run = [
+        f"DataLoader.Train.dataset.image_root={root}",
+        f"DataLoader.Train.dataset.transform_ops={json.dumps(ops)}",
+    ]
+    with pytest.raises(ConfigError) as caught:
+        Trainer(load_config(path, run)).fit()
+    latest = tmp_path / "output" / "latest.pt"
+    assert str(caught.value).endswith(
+        f"or a crop (RandCropImage, CropImage, RandCropImageV2). The run's 3 steps so far are "
+        f"saved in {latest}: add that op and resume with -o Global.checkpoints={latest}"
+    )  # the class is first drawn in the epoch's 4th batch
+    resized = [decode, {"ResizeImage": {"size": [SIZE, SIZE]}}, NORMALIZE]
+    resume = [*run[:1], f"DataLoader.Train.dataset.transform_ops={json.dumps(resized)}"]
+    resumed = Trainer(load_config(path, [*resume, f"Global.checkpoints={latest}"]))
+    assert resumed.progress.global_step == 3
+    assert resumed.fit().finished
+
+
 def test_an_image_one_dataset_left_out_as_unreadable_is_refused_in_one_that_reads_all(
     grocery, tmp_path
 ):

@@ -29,6 +29,7 @@ from shitu.checkpoint.io import LoadReport, setting_differences, without_default
 from shitu.config.schema import ShituConfig
 from shitu.engine.batch_norm import norm_on_one_value_per_channel
 from shitu.engine.data import (
+    MixedImageSizes,
     build_train_loader,
     check_unreadable_elsewhere,
     dataset_of,
@@ -863,28 +864,32 @@ class Trainer:
                 ):
                     self.save_latest()
             return not self._should_stop(before_step=False)
-        except DataError as exc:  # an image that cannot be read, met hours into the run
+        # An image that cannot be read, or of another size than the others (transform_ops
+        # without a resize), met hours into the run: the steps done are kept.
+        except (DataError, MixedImageSizes) as exc:
+            kind = MixedImageSizes if isinstance(exc, MixedImageSizes) else DataError
+            fix = "add that op" if kind is MixedImageSizes else "put the image right"
             if not self.stage.resumable:  # shitu train starts it over
-                raise DataError(
-                    f"{raised_message(exc)}; put the image right and run the same command "
-                    f"again ({self.stage.name} starts over)"
+                raise kind(
+                    f"{raised_message(exc)}; {fix} and run the same command again "
+                    f"({self.stage.name} starts over)"
                 ) from None
             latest = self.latest_path
             resume = override_word("Global.checkpoints", latest)
             if self.context.distributed:  # saving is collective: the other ranks are not here
                 if self.checkpointed is None:
                     raise
-                raise DataError(
+                raise kind(
                     f"{raised_message(exc)}. The run's last checkpoint, of step "
-                    f"{self.checkpointed.global_step}, is {latest}: put the image right and "
-                    f"resume with -o {resume}"
+                    f"{self.checkpointed.global_step}, is {latest}: {fix} and resume with "
+                    f"-o {resume}"
                 ) from None
             self.save_latest()
             steps = self.progress.global_step
             done = "1 step so far is" if steps == 1 else f"{steps} steps so far are"
-            raise DataError(
-                f"{raised_message(exc)}. The run's {done} saved in {latest}: put the image "
-                f"right and resume with -o {resume}"
+            raise kind(
+                f"{raised_message(exc)}. The run's {done} saved in {latest}: {fix} and resume "
+                f"with -o {resume}"
             ) from None
         finally:
             bar.close()
