@@ -25,7 +25,12 @@ from tqdm import tqdm
 
 from shitu import registry
 from shitu.checkpoint import load_weights, model_metadata, save_weights
-from shitu.checkpoint.io import LoadReport, setting_differences, without_defaults
+from shitu.checkpoint.io import (
+    LoadReport,
+    fitting_tensors,
+    setting_differences,
+    without_defaults,
+)
 from shitu.config.schema import ShituConfig
 from shitu.engine.batch_norm import norm_on_one_value_per_channel
 from shitu.engine.data import (
@@ -428,10 +433,21 @@ class Trainer:
             {key: value for key, value in group.items() if key not in ("params", "lr")}
             for group in self.optimizer.param_groups
         ]
+        loss_state = {**payload.get("loss", {}), **self._own(payload, "loss_per_process")}
         try:
             self.model.load_state_dict(payload["model"])
-            self.loss.load_state_dict({**payload["loss"], **self._own(payload, "loss_per_process")})
+            self.loss.load_state_dict(loss_state)
         except (RuntimeError, ValueError, KeyError) as exc:
+            # torch's message lists every tensor (200 lines for another backbone): a count
+            # and the first few of each kind, of the model's and of the loss's.
+            misfits = [
+                f"{what}: {', '.join(found)}"
+                for what, module, state in (
+                    ("model", self.model, payload.get("model", {})),
+                    ("loss state", self.loss, loss_state),
+                )
+                if (found := fitting_tensors(module.state_dict(), state)[0].misfits())
+            ]
             # The sections that shape the model's and the loss's tensors (XBM's memory).
             saved, current = _saved_config(payload), self.config.model_dump(mode="json")
             changed = [
@@ -446,7 +462,8 @@ class Trainer:
                 else ""
             )
             raise ConfigError(
-                f"Global.checkpoints: the checkpoint does not fit this config ({exc}){since}"
+                "Global.checkpoints: the checkpoint does not fit this config "
+                f"({'; '.join(misfits) or exc}){since}"
             ) from None
         try:
             self.optimizer.load_state_dict(self._optimizer_state_for_these_groups(payload))
