@@ -336,6 +336,11 @@ def test_an_eval_metric_not_computed_is_refused_for_training_only(config_file):
             "Loss.Train.0.CELoss.epsilom: unknown key (did you mean 'epsilon'?)",
         ),
         (["Loss.Train.0={TripletLossX: {}}"], "Loss.Train.0.TripletLossX.name: unknown loss"),
+        (  # a misspelt loss name in a key path adds a second loss: the whole list was shown
+            ["Loss.Train.0.CELos.weight=1"],
+            "Loss.Train.0: holds 2 losses (CELoss, CELos); each item must be a single "
+            "'{LossName: {params}}' mapping in the config (set by -o Loss.Train.0.CELos.weight=1)",
+        ),
         (["Loss.Train.0.CELoss.weight=abc"], "Loss.Train.0.CELoss.weight: Input should be"),
         (["Loss.Train.0.CELoss.weight=-1"], "Loss.Train.0.CELoss.weight: Input should be greater"),
         (  # the probe ran on no loss at all ('list at least one loss'), or on weights of 0
