@@ -1224,6 +1224,16 @@ def test_no_numeric_setting_takes_nan_or_inf(validate, key, annotation):
         assert any(line.startswith(key) and "finite number" in line for line in lines), lines
 
 
+def test_a_loss_with_nothing_under_it_takes_its_defaults(config_file):
+    """`- CELoss:` in YAML (or `{CELoss: }` in an override) gives the loss null: refused as
+    'Input should be a valid dictionary (got None)', where a null setting is its default."""
+    from shitu.losses.combined import CombinedLoss
+
+    config = load_config(config_file, ["Loss.Train=[{CELoss: }, {TripletLossV2: {}}]"])
+    assert config.Loss.Train == [{"CELoss": {}}, {"TripletLossV2": {}}]
+    assert CombinedLoss(config.Loss.Train).names == ["CELoss", "TripletLossV2"]
+
+
 def test_a_loss_item_gives_its_model_output_under_one_name(config_file):
     """`feature_from` (PaddleClas's name) and `input_key` are one setting: given both with
     different outputs, input_key was read and feature_from silently dropped."""

@@ -201,19 +201,20 @@ class ArchConfig(Section):
         return "all at random, as it names no Arch.Backbone.pretrained weights"
 
 
-def _one_loss(item: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+def _one_loss(item: dict[str, dict[str, Any] | None]) -> dict[str, dict[str, Any]]:
     """An item of a loss list holds one loss. Checked per item, so that the error names
     the item and its losses (an `-o Loss.Train.0.CELos.weight=1` typo adds a second), not
-    the whole list."""
+    the whole list. A loss with nothing under it (`- CELoss:`, YAML's null) takes its
+    defaults, as a null setting does: it was refused as 'not a valid dictionary'."""
     if len(item) != 1:
         held = f"{len(item)} losses ({', '.join(map(str, item))})" if item else "no loss"
         raise ValueError(
             f"holds {held}; each item must be a single '{{LossName: {{params}}}}' mapping"
         )
-    return item
+    return {name: params or {} for name, params in item.items()}
 
 
-LossList = list[Annotated[dict[str, dict[str, Any]], AfterValidator(_one_loss)]]
+LossList = list[Annotated[dict[str, dict[str, Any] | None], AfterValidator(_one_loss)]]
 
 
 class LossConfig(Section):
