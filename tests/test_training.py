@@ -1943,6 +1943,14 @@ def test_run_summary_names_the_weights_it_starts_from(grocery, tmp_path, caplog)
     # what becomes of them said too: "e.g." before the only name read as if there were more
     assert "missing from file (head." in partial_load
     assert "; those missing start afresh, as the config initialises them\n" in partial_load
+    # a classifier of other classes starts afresh as well, which was not said
+    other_classes = startup_warnings(
+        caplog, path, [f"Global.pretrained_model={complete}", "Arch.Head.class_num=7"]
+    )
+    assert "1 shape mismatch (head.fc.weight (6, 32) vs (7, 32))" in other_classes
+    assert "; those of another shape start afresh, as the config initialises them\n" in (
+        other_classes
+    )
 
 
 def test_linear_probe_run_is_its_two_stages_and_resumes_without_the_probe(

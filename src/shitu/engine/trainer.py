@@ -219,10 +219,19 @@ class Trainer:
         elif from_file:
             self.initial_weights = f"{config.Global.pretrained_model} ({report.summary()})"
             if not report.complete and self.context.is_main:
-                # The shipped model's file, say, holds no classifier: what becomes of it.
-                afresh = "; those missing start afresh, as the config initialises them"
+                # The shipped model's file, say, holds no classifier, or one of other classes
+                # (which was not said to start afresh): what becomes of them.
+                unfit = " or ".join(
+                    kind
+                    for kind, names in (
+                        ("missing", report.missing),
+                        ("of another shape", report.shape_mismatch),
+                    )
+                    if names
+                )
+                afresh = f"; those {unfit} start afresh, as the config initialises them"
                 logger.warning(
-                    "pretrained_model %s%s", self.initial_weights, afresh if report.missing else ""
+                    "pretrained_model %s%s", self.initial_weights, afresh if unfit else ""
                 )
         else:
             self.initial_weights = (
