@@ -492,6 +492,29 @@ def test_a_resume_with_settings_written_out_at_their_defaults_warns_of_no_change
     )
 
 
+def test_a_resume_with_other_losses_says_so(grocery, tmp_path, caplog):
+    """Another loss weight or margin than the run's (an -o of the first command left out of
+    the resume) trained on without a word, where another schedule is said; settings written
+    out at their defaults, or under another name (feature_from), are no change."""
+    path = tiny_config(grocery, tmp_path, epochs=1, eval_during_train=False)
+    Trainer(load_config(path)).fit(stop_after_steps=2)
+    resume = f"Global.checkpoints={tmp_path / 'output' / 'latest.pt'}"
+    same = [
+        "Loss.Train.1.TripletAngularMarginLoss={input_key: features, margin: 0.5}",
+        "Loss.Train.0.CELoss.weight=null",
+    ]
+    assert "resuming with" not in startup_warnings(caplog, path, [resume, *same])
+    changed = ["Loss.Train.0.CELoss.weight=0.5", "Loss.Train.1.TripletAngularMarginLoss.margin=0.2"]
+    assert (
+        "resuming with this config's losses: Loss.Train.0.CELoss.weight 0.5 (was at its "
+        "default); Loss.Train.1.TripletAngularMarginLoss.margin 0.2 (was at its default)"
+    ) in startup_warnings(caplog, path, [resume, *changed])
+    assert (
+        "resuming with this config's losses: Loss.Train CELoss (was CELoss, "
+        "TripletAngularMarginLoss)"
+    ) in startup_warnings(caplog, path, [resume, "Loss.Train=[{CELoss: {epsilon: 0.1}}]"])
+
+
 def test_a_step_limit_at_an_epochs_end_still_evaluates_it(grocery, tmp_path):
     """A limit at an epoch's last step leaves that epoch evaluated and counted as done; one
     at the run's last step finishes the run (final weights), with nothing left to resume."""

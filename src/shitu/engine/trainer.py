@@ -72,7 +72,7 @@ from shitu.errors import (
 )
 from shitu.evaluation.retrieval import RetrievalEvaluator
 from shitu.fileio import home_expanded, remove_unfinished_writes, write_atomically
-from shitu.losses.combined import CombinedLoss
+from shitu.losses.combined import CombinedLoss, split_loss_params
 from shitu.losses.xbm import CrossBatchMemory
 from shitu.models import RecModel, build_model
 from shitu.models.rec_model import one_image_outputs
@@ -492,6 +492,7 @@ class Trainer:
                 )
                 group.update(settings)
         self._warn_of_new_schedule(payload)
+        self._warn_of_new_losses(payload)
         self._warn_of_other_batches(payload)
         if self.ema is not None:
             if "ema" not in payload:
@@ -679,6 +680,28 @@ class Trainer:
             logger.warning(
                 "resuming with this config's learning-rate schedule: %s", ", ".join(changed)
             )
+
+    def _warn_of_new_losses(self, payload: dict[str, Any]) -> None:
+        """A resumed run trains on the losses the config gives now: another weight or margin
+        than the checkpoint's (an `-o` of the first command left out of the resume) went on
+        without a word, where another schedule or optimizer setting is said. Compared as the
+        losses take their settings, one written out at its default being the one left out.
+        Losses whose state no longer fits are refused before (`_restore`)."""
+        saved_items = (_saved_config(payload).get("Loss") or {}).get("Train")
+        if not isinstance(saved_items, list) or not self.context.is_main:
+            return
+        try:
+            saved = _loss_settings(saved_items)
+        except (ConfigError, ValueError, TypeError, AttributeError):
+            return  # the losses of another version's checkpoint
+        current = _loss_settings(self.config.Loss.Train)
+        if list(saved) != list(current):
+            names = [[key.split(".", 1)[1] for key in losses] for losses in (current, saved)]
+            changed = [f"Loss.Train {', '.join(names[0])} (was {', '.join(names[1])})"]
+        else:
+            changed = setting_differences(saved, current, "Loss.Train", "was")
+        if changed:
+            logger.warning("resuming with this config's losses: %s", "; ".join(changed))
 
     def _state(self) -> dict[str, Any]:
         """The checkpoint's content. Under DDP every process's RNG states and own loss state
@@ -1169,6 +1192,19 @@ def _regrouping(
     ]
     more = f"; and {len(changes) - 3} more" if len(changes) > 3 else ""
     return "; ".join(changes[:3]) + more
+
+
+def _loss_settings(items: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Loss.Train `items` by item ('0.CELoss'), each with its settings that are not at
+    their defaults: the sum's (weight, input_key) and the loss's own."""
+    settings = {}
+    for index, item in enumerate(items):
+        ((name, params),) = item.items()
+        options, arguments = split_loss_params(params)
+        own = without_defaults({"name": name, **arguments}, registry.LOSSES)
+        own.pop("name")
+        settings[f"{index}.{name}"] = {**options.model_dump(exclude_defaults=True), **own}
+    return settings
 
 
 def _on_cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
