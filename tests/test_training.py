@@ -302,6 +302,12 @@ def test_images_of_another_size_met_mid_run_leave_a_checkpoint_to_resume_from(gr
     resumed = Trainer(load_config(path, [*resume, f"Global.checkpoints={latest}"]))
     assert resumed.progress.global_step == 3
     assert resumed.fit().finished
+    # Grocery's own photos, of two sizes, mix in the first batch: nothing to resume
+    first_batch = [run[1], "Global.output_dir=" + str(tmp_path / "first")]
+    with pytest.raises(ConfigError) as caught:
+        Trainer(load_config(path, first_batch)).fit()
+    assert str(caught.value).endswith("; add that op and run the same command again")
+    assert not (tmp_path / "first" / "latest.pt").exists()
 
 
 def test_an_image_one_dataset_left_out_as_unreadable_is_refused_in_one_that_reads_all(
@@ -436,10 +442,14 @@ def test_an_unreadable_image_met_by_a_loader_worker_is_reported_in_one_line(groc
         Trainer(load_config(path, options)).fit()
     message = str(caught.value)
     assert "\n" not in message and message.startswith(f"{root}/")
-    assert (
+    # met in the run's first batch: nothing to resume, and the same command runs again (a
+    # checkpoint of no step refused it as an earlier run's)
+    assert message.endswith(
         ": cannot decode image: a text file, not an image; set skip_corrupt: true in the "
-        "dataset config to leave such images out. The run's 0 steps so far are saved in " in message
+        "dataset config to leave such images out; put the image right and run the same "
+        "command again"
     )
+    assert not (tmp_path / "output" / "latest.pt").exists()
 
 
 def test_a_resume_with_other_images_or_sampling_says_it_is_not_the_same_run(

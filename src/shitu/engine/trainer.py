@@ -918,10 +918,14 @@ class Trainer:
         except (DataError, MixedImageSizes) as exc:
             kind = MixedImageSizes if isinstance(exc, MixedImageSizes) else DataError
             fix = "add that op" if kind is MixedImageSizes else "put the image right"
-            if not self.stage.resumable:  # shitu train starts it over
+            # Nothing to keep: a stage that shitu train starts over, or a new run that met
+            # it in its first batch (most often so with images of several sizes), whose
+            # checkpoint of no step then only refused the same command as an earlier run.
+            fresh = self.progress.global_step == 0 and self.config.Global.checkpoints is None
+            if not self.stage.resumable or fresh:
+                over = "" if self.stage.resumable else f" ({self.stage.name} starts over)"
                 raise kind(
-                    f"{raised_message(exc)}; {fix} and run the same command again "
-                    f"({self.stage.name} starts over)"
+                    f"{raised_message(exc)}; {fix} and run the same command again{over}"
                 ) from None
             latest = self.latest_path
             resume = override_word("Global.checkpoints", latest)
