@@ -1947,6 +1947,20 @@ def test_a_cross_batch_memory_of_no_more_than_one_batch_is_refused(grocery, tmp_
     Trainer(load_config(path, [f"Loss.Train=[{{CELoss: {{}}}}, {{XBM: {memory}}}]"]))
 
 
+def test_a_batch_size_above_the_training_images_is_warned_about(grocery, tmp_path, caplog):
+    """Without drop_last, a batch_size of 64 for the tiny run's 36 images trained on batches
+    of 36, while the summary said 64 and base_batch_size scaled the rate for 64."""
+    path = tiny_config(grocery, tmp_path)
+    sampler = "DataLoader.Train.sampler={name: DistributedBatchSampler, batch_size: %d}"
+    assert (
+        "DataLoader.Train.sampler: batch_size 64 is more than the 36 training images (per "
+        "process), so each batch holds those 36 (and Optimizer.lr.base_batch_size scales the "
+        "learning rate for 64); set batch_size: 36"
+    ) in startup_warnings(caplog, path, [sampler % 64, "Optimizer.lr.base_batch_size=32"])
+    assert "so each batch holds those 36; set" in startup_warnings(caplog, path, [sampler % 64])
+    assert "batch_size 36" not in startup_warnings(caplog, path, [sampler % 36])
+
+
 def test_run_summary_names_the_weights_it_starts_from(grocery, tmp_path, caplog):
     """A complete load is reported in the summary; only a partial one warns."""
     path = tiny_config(grocery, tmp_path)

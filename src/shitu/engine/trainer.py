@@ -265,6 +265,10 @@ class Trainer:
         _check_memory_holds_past_batches(self.loss, self.train_loader.batch_sampler.batch_size)
         if self.context.is_main:
             _warn_of_unused_memory(self.loss, self.steps_per_epoch, config.Global.epochs, stage)
+            _warn_of_a_batch_above_the_images(
+                self.train_loader.batch_sampler.batch_sampler,
+                scaled=config.Optimizer.lr.base_batch_size is not None,
+            )
         self.learning_rate = self._scaled_learning_rate()
         self.optimizer = build_optimizer(
             [self.model, self.loss], config.Optimizer, self.learning_rate
@@ -1378,6 +1382,26 @@ def _check_memory_holds_past_batches(loss: CombinedLoss, batch_size: int) -> Non
                 "would hold only the batch it is compared with, never a past one; give "
                 f"{part.memory_key} room for many batches, or lower batch_size"
             )
+
+
+def _warn_of_a_batch_above_the_images(sampler: Any, scaled: bool) -> None:
+    """A batch_size above the images a process has (without drop_last, which refuses it)
+    gives batches of those images alone: the run's summary showed the batch size it never
+    reaches, and where Optimizer.lr.base_batch_size is given (`scaled`) the learning rate
+    was scaled for it."""
+    per_process, size = getattr(sampler, "num_samples", None), sampler.batch_size
+    if per_process is None or per_process >= size:
+        return
+    rate = f" (and Optimizer.lr.base_batch_size scales the learning rate for {size})"
+    logger.warning(
+        "DataLoader.Train.sampler: batch_size %d is more than the %d training images (per "
+        "process), so each batch holds those %d%s; set batch_size: %d",
+        size,
+        per_process,
+        per_process,
+        rate if scaled else "",
+        per_process,
+    )
 
 
 def _check_last_batch(sampler: Any, model: nn.Module, dataset: Any) -> None:
