@@ -619,12 +619,21 @@ def test_every_loss_gives_a_connected_zero_on_an_empty_batch(name, caplog):
 @pytest.mark.parametrize(
     ("item", "message"),
     [
-        (
+        (  # it named no value to set (nor the output read: logits, maybe)
             {"XBM": {"embedding_size": 8}},
-            "XBM.embedding_size is 8 but the model's features have 16",
+            "XBM.embedding_size is 8 but the model output it reads has 16 dimensions; set "
+            "embedding_size: 16$",
         ),
-        ({"ContrastiveLoss_XBM": {}}, "ContrastiveLoss_XBM.embedding_size is 128 but the model's"),
-        ({"ContrastiveLoss": {"embedding_size": 8}}, "embedding_size is 8 but embeddings have 16"),
+        (
+            {"ContrastiveLoss_XBM": {}},
+            "ContrastiveLoss_XBM.embedding_size is 128 but the model output it reads has 16 "
+            "dimensions; set embedding_size: 16$",
+        ),
+        (
+            {"ContrastiveLoss": {"embedding_size": 8}},
+            "embedding_size is 8 but embeddings have 16 dimensions; set embedding_size: 16, or "
+            r"leave it out \(it is only checked\)$",
+        ),
         (  # the pair loss inside XBM too
             {
                 "XBM": {

@@ -135,7 +135,8 @@ class CrossBatchMemory(nn.Module):
         if features.shape[1] != self.memory.shape[1]:
             raise ConfigError(
                 f"{self.config_name}.{self.size_key} is {self.memory.shape[1]} but the "
-                f"model's features have {features.shape[1]} dimensions"
+                f"model output it reads has {features.shape[1]} dimensions; set "
+                f"{self.size_key}: {features.shape[1]}"
             )
         pair_check = getattr(self.pair_loss, "check_input", None)
         if pair_check is not None:
