@@ -910,6 +910,11 @@ def test_missing_and_malformed_files(tmp_path, monkeypatch):
     scalar.write_text("just a string\n")
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         load_config(scalar)
+    empty = tmp_path / "empty.yaml"  # not said to be of the wrong shape: of none
+    empty.write_text("# to fill in\n")
+    with pytest.raises(ConfigError) as refused:
+        load_config(empty)
+    assert str(refused.value) == f"{empty}: the file is empty (a config is a mapping of sections)"
 
 
 def test_cli_prints_one_line_error_not_a_traceback(config_file, capsys):
