@@ -1930,6 +1930,23 @@ def test_a_cross_batch_memory_the_run_never_reaches_is_warned_about(grocery, tmp
     assert "start_iter" not in startup_warnings(caplog, path, xbm(7))
 
 
+def test_a_cross_batch_memory_above_the_training_images_is_warned_about(grocery, tmp_path, caplog):
+    """The xbm_resnet50 recipe's 55,000 entries on a smaller training set held each image
+    many times over, a batch's own images among their positives, without a word."""
+    path = tiny_config(grocery, tmp_path)
+
+    def xbm(memory_size: int) -> list[str]:
+        memory = f"{{embedding_size: 32, memory_size: {memory_size}, start_iter: 1}}"
+        return [f"Loss.Train=[{{CELoss: {{}}}}, {{XBM: {memory}}}]"]
+
+    assert (
+        "Loss.Train XBM: memory_size 37 is more than the 36 training images, so the memory "
+        "holds images more than once, older embeddings of a batch's own images among their "
+        "positives; give memory_size 36 or less"
+    ) in startup_warnings(caplog, path, xbm(37))
+    assert "memory_size" not in startup_warnings(caplog, path, xbm(36))
+
+
 def test_a_cross_batch_memory_of_no_more_than_one_batch_is_refused(grocery, tmp_path):
     """XBM writes the batch before comparing it with its memory: one of 8 entries or fewer
     held the tiny run's batch of 8 alone, never a past one, and trained without a word."""

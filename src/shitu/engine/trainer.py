@@ -265,6 +265,7 @@ class Trainer:
         _check_memory_holds_past_batches(self.loss, self.train_loader.batch_sampler.batch_size)
         if self.context.is_main:
             _warn_of_unused_memory(self.loss, self.steps_per_epoch, config.Global.epochs, stage)
+            _warn_of_memory_above_the_images(self.loss, len(dataset_of(self.train_loader)))
             _warn_of_a_batch_above_the_images(
                 self.train_loader.batch_sampler.batch_sampler,
                 scaled=config.Optimizer.lr.base_batch_size is not None,
@@ -1381,6 +1382,25 @@ def _check_memory_holds_past_batches(loss: CombinedLoss, batch_size: int) -> Non
                 f"one batch (DataLoader.Train.sampler.batch_size {batch_size}), so the memory "
                 "would hold only the batch it is compared with, never a past one; give "
                 f"{part.memory_key} room for many batches, or lower batch_size"
+            )
+
+
+def _warn_of_memory_above_the_images(loss: CombinedLoss, images: int) -> None:
+    """An XBM memory larger than the training set (a recipe's 55,000 on a smaller one)
+    holds images more than once: older embeddings of a batch's own images then count as
+    their positives, and each batch is compared with every copy, without a word."""
+    for name, part in zip(loss.names, loss.losses, strict=True):
+        if isinstance(part, CrossBatchMemory) and part.memory_size > images:
+            logger.warning(
+                "Loss.Train %s: %s %d is more than the %d training images, so the memory "
+                "holds images more than once, older embeddings of a batch's own images "
+                "among their positives; give %s %d or less",
+                name,
+                part.memory_key,
+                part.memory_size,
+                images,
+                part.memory_key,
+                images,
             )
 
 
