@@ -2100,6 +2100,15 @@ def test_a_probe_run_checks_its_fine_tuning_before_probing(grocery, tmp_path, ca
         "no module 'backbone.stage' (modules there: backbone.stem, backbone.stages, backbone.avg"
         in capsys.readouterr().err
     )
+    # Every layer frozen by the probe's layers (with the config's): named under its key
+    # (was: 'Arch.frozen_layers: nothing to train', a key the config left empty).
+    everything = "LinearProbe={epochs: 1, frozen_layers: [neck, head]}"
+    assert main(["train", "-c", str(path), "-o", everything, "Arch.frozen_layers=[backbone]"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "error: LinearProbe.frozen_layers: neck, head (with Arch.frozen_layers) freeze every "
+        "layer, so the probe would train nothing; leave the layers it fits (the head, or the "
+        "neck) unfrozen"
+    )
     assert not output.exists()
 
 
