@@ -1914,37 +1914,33 @@ def test_a_run_too_short_for_its_eval_interval_is_warned_about(grocery, tmp_path
     assert "DataLoader.Eval" not in startup_warnings(caplog, path, off)
 
 
+def xbm_losses(memory_size: int = 24, start_iter: int = 1) -> list[str]:
+    """The `-o` of a CELoss and an XBM on the tiny run's 32-d features."""
+    memory = f"{{embedding_size: 32, memory_size: {memory_size}, start_iter: {start_iter}}}"
+    return [f"Loss.Train=[{{CELoss: {{}}}}, {{XBM: {memory}}}]"]
+
+
 def test_a_cross_batch_memory_the_run_never_reaches_is_warned_about(grocery, tmp_path, caplog):
     """XBM joins the loss after start_iter steps; the tiny run has 2 epochs of 4 steps, so
     from start_iter 8 on it trained on in-batch pairs alone, without a word."""
     path = tiny_config(grocery, tmp_path)
-
-    def xbm(start_iter: int) -> list[str]:
-        memory = f"{{embedding_size: 32, memory_size: 24, start_iter: {start_iter}}}"
-        return [f"Loss.Train=[{{CELoss: {{}}}}, {{XBM: {memory}}}]"]
-
     assert (
         "Loss.Train XBM: start_iter 8 is not before the end of the run (8 steps: 2 epochs of "
         "4, Global.epochs), so its cross-batch memory is never used; lower start_iter"
-    ) in startup_warnings(caplog, path, xbm(8))
-    assert "start_iter" not in startup_warnings(caplog, path, xbm(7))
+    ) in startup_warnings(caplog, path, xbm_losses(start_iter=8))
+    assert "start_iter" not in startup_warnings(caplog, path, xbm_losses(start_iter=7))
 
 
 def test_a_cross_batch_memory_above_the_training_images_is_warned_about(grocery, tmp_path, caplog):
     """The xbm_resnet50 recipe's 55,000 entries on a smaller training set held each image
     many times over, a batch's own images among their positives, without a word."""
     path = tiny_config(grocery, tmp_path)
-
-    def xbm(memory_size: int) -> list[str]:
-        memory = f"{{embedding_size: 32, memory_size: {memory_size}, start_iter: 1}}"
-        return [f"Loss.Train=[{{CELoss: {{}}}}, {{XBM: {memory}}}]"]
-
     assert (
         "Loss.Train XBM: memory_size 37 is more than the 36 training images, so the memory "
         "holds images more than once, older embeddings of a batch's own images among their "
         "positives; give memory_size 36 or less"
-    ) in startup_warnings(caplog, path, xbm(37))
-    assert "memory_size" not in startup_warnings(caplog, path, xbm(36))
+    ) in startup_warnings(caplog, path, xbm_losses(memory_size=37))
+    assert "memory_size" not in startup_warnings(caplog, path, xbm_losses(memory_size=36))
 
 
 def test_a_cross_batch_memory_of_no_more_than_one_batch_is_refused(grocery, tmp_path):
@@ -1960,8 +1956,7 @@ def test_a_cross_batch_memory_of_no_more_than_one_batch_is_refused(grocery, tmp_
             "batch_size 8), so the memory would hold only the batch it is compared with, "
             f"never a past one; give {key} room for many batches, or lower batch_size"
         )
-    memory = "{embedding_size: 32, memory_size: 9, start_iter: 1}"
-    Trainer(load_config(path, [f"Loss.Train=[{{CELoss: {{}}}}, {{XBM: {memory}}}]"]))
+    Trainer(load_config(path, xbm_losses(memory_size=9)))
 
 
 def test_a_batch_size_above_the_training_images_is_warned_about(grocery, tmp_path, caplog):
