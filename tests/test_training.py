@@ -780,7 +780,8 @@ def test_a_checkpoint_that_no_longer_fits_names_the_changed_settings(
         Trainer(load_config(path, [*resume, resumed]))
     assert str(info.value) == (
         f"Global.checkpoints: the checkpoint does not fit this config ({misfits}); changed "
-        f"since: {change}; resume with the run's settings"
+        f"since: {change}; resume with the run's settings, or start a new run from its "
+        f"weights (those that fit) with -o Global.pretrained_model={output / 'latest.pt'}"
     )
 
 

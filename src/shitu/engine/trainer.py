@@ -470,14 +470,16 @@ class Trainer:
                 if isinstance(saved.get(section), dict)
                 for change in setting_differences(saved[section], current[section], section, "was")
             ]
-            since = (
-                f"; changed since: {'; '.join(changed)}; resume with the run's settings"
-                if changed
-                else ""
+            since = f"; changed since: {'; '.join(changed)}" if changed else ""
+            # A new model (another backbone, a wider embedding) may start from the weights
+            # that fit, as the other refusals of a resume offer.
+            weights = override_word(
+                "Global.pretrained_model", resolve_checkpoint(self.config.Global.checkpoints)
             )
             raise ConfigError(
                 "Global.checkpoints: the checkpoint does not fit this config "
-                f"({'; '.join(misfits) or exc}){since}"
+                f"({'; '.join(misfits) or exc}){since}; resume with the run's settings, or "
+                f"start a new run from its weights (those that fit) with -o {weights}"
             ) from None
         try:
             self.optimizer.load_state_dict(self._optimizer_state_for_these_groups(payload))
