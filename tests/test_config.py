@@ -163,6 +163,26 @@ def test_a_path_in_a_config_file_starting_with_a_tilde_is_in_the_home_folder(mon
     assert pipeline.IndexProcess.index_dir == f"{tmp_path}/lib"
 
 
+def test_an_override_into_a_list_by_an_items_name_gives_its_index(config_file):
+    """`Loss.Train.CELoss.weight` (the index left out) was refused as 'Loss.Train is not a
+    mapping': the override with the index of the item of that name is offered."""
+    with pytest.raises(ConfigError) as refused:
+        load_config(config_file, ["Loss.Train.CELoss.epsilon=0.2"])
+    assert str(refused.value) == (
+        f"{config_file}: override 'Loss.Train.CELoss.epsilon=0.2': Loss.Train is a list, whose "
+        "CELoss is item 0: -o Loss.Train.0.CELoss.epsilon=0.2"
+    )
+    items = [{"Op": {"size": 1}}, {"Op": {"size": 2}}]
+    with pytest.raises(ConfigError) as refused:
+        apply_overrides({"L": items}, ["L.Op.size=[3, 3]"])
+    assert str(refused.value) == (
+        "override 'L.Op.size=[3, 3]': L is a list: name its item by index (Op is at 0, 1), 0 to 1"
+    )
+    with pytest.raises(ConfigError) as refused:
+        apply_overrides({"L": [{"Op": {}}, {"Other": {}}]}, ["L.Op.size=[3, 3]"])
+    assert str(refused.value).endswith(": -o 'L.0.Op.size=[3, 3]'")
+
+
 def test_apply_overrides_nested_paths_and_list_indices():
     raw = {"A": {"b": [{"c": 1}, {"c": 2}]}, "L": [1, 2, 3]}
     apply_overrides(raw, ["A.b[1].c=5", "L.0=9", "A.new.deep=x", "A.n.0=y"])
@@ -178,7 +198,7 @@ def test_apply_overrides_nested_paths_and_list_indices():
         ("Global", "not of the form"),
         ("L.7=1", "index 7 out of range for L (length 3)"),
         ("A.b=1", "override 'A.b=1': A is not a mapping"),
-        ("L.x=1", "L is not a mapping"),
+        ("L.x=1", "override 'L.x=1': L is a list: name its item by index, 0 to 2"),
         ("A..b=1", "empty key segment"),
         # A list or mapping left open was taken for text, which the key then refused as
         # "not a valid list", showing the very list the user meant.

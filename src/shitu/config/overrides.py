@@ -7,7 +7,7 @@ from typing import Any
 
 import yaml
 
-from shitu.errors import ConfigError
+from shitu.errors import ConfigError, override_word
 
 _TOKEN = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
 
@@ -170,6 +170,8 @@ def _set_path(node: Any, path: list[str | int], value: Any, text: str) -> int | 
             else:
                 node = node[part]
         else:
+            if isinstance(node, list):
+                raise ConfigError(_list_item_not_named(text, path, depth, node))
             if not isinstance(node, dict):
                 raise ConfigError(f"override '{text}': {_path_str(path[:depth])} is not a mapping")
             if last and value is None and part in node:
@@ -186,6 +188,26 @@ def _set_path(node: Any, path: list[str | int], value: Any, text: str) -> int | 
                     made = made or depth + 1
                 node = node[part]
     return made
+
+
+def _list_item_not_named(text: str, path: list[str | int], depth: int, items: list) -> str:
+    """Why `path[depth]`, a name, cannot go into the list `items` at `path[:depth]`: a list
+    item is named by its index (`Loss.Train.0.CELoss.weight`), which `Loss.Train.CELoss.weight`
+    leaves out; the override with the index, where one item has that name. It said only
+    that the list 'is not a mapping'."""
+    where, name = _path_str(path[:depth]), path[depth]
+    found = [index for index, item in enumerate(items) if isinstance(item, dict) and name in item]
+    if len(found) == 1:
+        fixed = ".".join(map(str, [*path[:depth], found[0], *path[depth:]]))
+        return (
+            f"override '{text}': {where} is a list, whose {name} is item {found[0]}: "
+            f"-o {override_word(fixed, text.partition('=')[2])}"
+        )
+    return (
+        f"override '{text}': {where} is a list: name its item by index"
+        + (f" ({name} is at {', '.join(map(str, found))})" if found else "")
+        + (f", 0 to {len(items) - 1}" if items else " (it is empty)")
+    )
 
 
 def _path_str(path: list[str | int]) -> str:
