@@ -181,6 +181,20 @@ def test_an_override_into_a_list_by_an_items_name_gives_its_index(config_file):
     with pytest.raises(ConfigError) as refused:
         apply_overrides({"L": [{"Op": {}}, {"Other": {}}]}, ["L.Op.size=[3, 3]"])
     assert str(refused.value).endswith(": -o 'L.0.Op.size=[3, 3]'")
+    # Another item's name under an item's index: a second loss added to item 0 (refused as
+    # an item of two losses), where the one meant is item 1.
+    with pytest.raises(ConfigError) as refused:
+        load_config(
+            config_file,
+            [
+                "Loss.Train=[{CELoss: {}}, {TripletLossV2: {}}]",
+                "Loss.Train.0.TripletLossV2.margin=0.3",
+            ],
+        )
+    assert str(refused.value) == (
+        f"{config_file}: override 'Loss.Train.0.TripletLossV2.margin=0.3': Loss.Train[0] is "
+        "CELoss, and TripletLossV2 is item 1: -o Loss.Train.1.TripletLossV2.margin=0.3"
+    )
 
 
 def test_apply_overrides_nested_paths_and_list_indices():
