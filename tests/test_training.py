@@ -478,6 +478,14 @@ def test_a_resume_with_other_images_or_sampling_says_it_is_not_the_same_run(
         unshuffled
     )
     assert "'shuffle': False" in unshuffled and "(was {" in unshuffled
+    # other transforms (another crop, a resize added): the batches differ as well (it was
+    # not said); an op's setting written out at its default is none
+    rotated = "DataLoader.Train.dataset.transform_ops.5.RandomRotation"
+    assert (
+        "resuming with other training data than the checkpoint's (DataLoader.Train.dataset."
+        "transform_ops.5.RandomRotation.degrees 30 (was 90)): the run goes on"
+    ) in startup_warnings(caplog, path, [resume, f"{rotated}.degrees=30"])
+    assert "resuming with" not in startup_warnings(caplog, path, [resume, f"{rotated}.prob=null"])
 
 
 def test_a_resume_with_settings_written_out_at_their_defaults_warns_of_no_change(

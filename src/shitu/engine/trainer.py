@@ -12,6 +12,7 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
@@ -646,13 +647,24 @@ class Trainer:
         changes = []
         if saved_listing is not None and saved_listing != self._train_listing():
             changes.append("its images or their labels")
-        saved_sampler = (_saved_config(payload).get("DataLoader") or {}).get("Train", {})
-        saved_sampler = (saved_sampler or {}).get("sampler")
+        saved_train = (_saved_config(payload).get("DataLoader") or {}).get("Train")
+        saved_sampler = (saved_train or {}).get("sampler")
         current = self.config.model_dump(mode="json")["DataLoader"]["Train"].get("sampler")
         if saved_sampler is not None and without_defaults(
             saved_sampler, registry.SAMPLERS
         ) != without_defaults(current, registry.SAMPLERS):
             changes.append(f"DataLoader.Train.sampler {current} (was {saved_sampler})")
+        # Other transforms (a resize added to images of several sizes, another crop) prepare
+        # the images otherwise from here: said as other sampling is.
+        saved_dataset = (saved_train or {}).get("dataset")
+        if isinstance(saved_dataset, dict):  # a config without ops has none
+            changes += _listed_changes(
+                saved_dataset.get("transform_ops") or [],
+                self.config.DataLoader.Train.dataset.params.get("transform_ops") or [],
+                "DataLoader.Train.dataset.transform_ops",
+                registry.TRANSFORMS,
+                lambda params: ({}, dict(params or {})),
+            )
         if changes and self.context.is_main:
             logger.warning(
                 "resuming with other training data than the checkpoint's (%s): the run goes "
@@ -694,20 +706,10 @@ class Trainer:
         without a word, where another schedule or optimizer setting is said. Compared as the
         losses take their settings, one written out at its default being the one left out.
         Losses whose state no longer fits are refused before (`_restore`)."""
-        saved_items = (_saved_config(payload).get("Loss") or {}).get("Train")
-        if not isinstance(saved_items, list) or not self.context.is_main:
-            return
-        try:
-            saved = _loss_settings(saved_items)
-        except (ConfigError, ValueError, TypeError, AttributeError):
-            return  # the losses of another version's checkpoint
-        current = _loss_settings(self.config.Loss.Train)
-        if list(saved) != list(current):
-            names = [[key.split(".", 1)[1] for key in losses] for losses in (current, saved)]
-            changed = [f"Loss.Train {', '.join(names[0])} (was {', '.join(names[1])})"]
-        else:
-            changed = setting_differences(saved, current, "Loss.Train", "was")
-        if changed:
+        saved = (_saved_config(payload).get("Loss") or {}).get("Train")
+        current = self.config.Loss.Train
+        changed = _listed_changes(saved, current, "Loss.Train", registry.LOSSES, _loss_options)
+        if changed and self.context.is_main:
             logger.warning("resuming with this config's losses: %s", "; ".join(changed))
 
     def _state(self) -> dict[str, Any]:
@@ -1205,17 +1207,44 @@ def _regrouping(
     return "; ".join(changes[:3]) + more
 
 
-def _loss_settings(items: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Loss.Train `items` by item ('0.CELoss'), each with its settings that are not at
-    their defaults: the sum's (weight, input_key) and the loss's own."""
-    settings = {}
-    for index, item in enumerate(items):
-        ((name, params),) = item.items()
-        options, arguments = split_loss_params(params)
-        own = without_defaults({"name": name, **arguments}, registry.LOSSES)
-        own.pop("name")
-        settings[f"{index}.{name}"] = {**options.model_dump(exclude_defaults=True), **own}
-    return settings
+def _loss_options(params: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A loss item's settings of the sum (weight, input_key) not at their defaults, and the
+    loss's own."""
+    options, arguments = split_loss_params(params)
+    return options.model_dump(exclude_defaults=True), arguments
+
+
+def _listed_changes(
+    saved: Any,
+    current: list[dict[str, Any]],
+    where: str,
+    components: registry.Registry,
+    options: Callable[[dict[str, Any] | None], tuple[dict[str, Any], dict[str, Any]]],
+) -> list[str]:
+    """How a list of `{Name: {params}}` items at `where` (Loss.Train, transform_ops) differs
+    from a checkpoint's (`saved`, its config's): the names where the items are others, else
+    each setting, compared as the components take them (one written out at its default is
+    the one left out). `options` splits off settings of the list's own (the loss sum's).
+    None where `saved` is not such a list (another version's checkpoint)."""
+
+    def by_item(items: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        settings = {}
+        for index, item in enumerate(items):
+            ((name, params),) = item.items()
+            own, arguments = options(params)
+            given = without_defaults({"name": name, **arguments}, components)
+            settings[f"{index}.{name}"] = {**own, **{k: v for k, v in given.items() if k != "name"}}
+        return settings
+
+    try:
+        before = by_item(saved)
+    except (ConfigError, ValueError, TypeError, AttributeError):
+        return []  # not a list of items as this version writes them
+    after = by_item(current)
+    if list(before) != list(after):
+        names = [[key.split(".", 1)[1] for key in items] for items in (after, before)]
+        return [f"{where} {', '.join(names[0])} (was {', '.join(names[1])})"]
+    return setting_differences(before, after, where, "was")
 
 
 def _on_cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
