@@ -1379,6 +1379,34 @@ def test_a_closed_terminal_stops_the_run_with_a_checkpoint(grocery, tmp_path):
     assert not (tmp_path / "output" / "final_model.safetensors").exists()
 
 
+def test_a_checkpoint_that_cannot_be_written_names_the_last_one_to_resume_from(
+    grocery, tmp_path, capsys, monkeypatch
+):
+    """A save refused mid-run (a full disk) ended with 'cannot write latest.pt' alone: the
+    run's last whole checkpoint, kept, and how to resume from it were not said, as they
+    are after a crash."""
+    from shitu.engine import trainer as trainer_module
+
+    path = tiny_config(grocery, tmp_path, eval_during_train=False)
+    save = trainer_module.save_training_state
+    saves = []
+
+    def full_disk_at_the_second(target, state, progress):
+        saves.append(progress.global_step)
+        if len(saves) == 2:
+            raise CheckpointError(f"cannot write {target}: no space left on device")
+        return save(target, state, progress)
+
+    monkeypatch.setattr(trainer_module, "save_training_state", full_disk_at_the_second)
+    assert main(["train", "-c", str(path)]) == 2
+    latest = tmp_path / "output" / "latest.pt"
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: cannot write {latest}: no space left on device; failed at step 8, without a "
+        f"checkpoint since step 4: resume from the run's last checkpoint with -o "
+        f"Global.checkpoints={latest}"
+    )
+
+
 def test_a_run_that_failed_before_its_first_checkpoint_is_not_offered_for_resuming(
     grocery, tmp_path, capsys
 ):

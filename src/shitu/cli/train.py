@@ -21,7 +21,14 @@ from shitu.cli.common import (
     positive_minutes,
     print_summary,
 )
-from shitu.errors import CheckpointError, ConfigError, DataError, ShituError, override_word
+from shitu.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    ShituError,
+    override_word,
+    raised_message,
+)
 from shitu.fileio import only_run_in, refuse_file_in_the_way
 
 logger = logging.getLogger(__name__)
@@ -313,6 +320,11 @@ def _fit(
         if said:
             print(said, file=sys.stderr)
         raise
+    except CheckpointError as exc:  # a save refused (a full disk): its last whole one stays
+        said = _what_resumes(trainer, "failed")
+        if said is None:
+            raise
+        raise CheckpointError(f"{raised_message(exc)}; {said}") from exc
     except ShituError:
         raise  # its message says what to do
     except Exception as exc:  # out of GPU memory, say: a traceback naming no checkpoint
