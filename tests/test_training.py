@@ -1405,6 +1405,25 @@ def test_a_checkpoint_that_cannot_be_written_names_the_last_one_to_resume_from(
         f"checkpoint since step 4: resume from the run's last checkpoint with -o "
         f"Global.checkpoints={latest}"
     )
+    # The metrics log refused likewise: an OSError, which the command prints alone (the
+    # note a crash's traceback carries was dropped with the traceback)
+    monkeypatch.undo()
+    log = tmp_path / "again" / "metrics.jsonl"
+    write = MetricsLog.write
+
+    def full_disk_at_step_6(self, kind, step, **values):
+        if step == 6:
+            raise OSError(errno.ENOSPC, "No space left on device", str(log))
+        return write(self, kind, step, **values)
+
+    monkeypatch.setattr(MetricsLog, "write", full_disk_at_step_6)
+    again = ["-o", f"Global.output_dir={log.parent}"]
+    assert main(["train", "-c", str(path), *again]) == 2
+    assert capsys.readouterr().err.splitlines()[-2:] == [
+        f"failed at step 6, without a checkpoint since step 4: resume from the run's last "
+        f"checkpoint with -o Global.checkpoints={log.parent / 'latest.pt'}",
+        f"error: {log}: No space left on device",
+    ]
 
 
 def test_a_run_that_failed_before_its_first_checkpoint_is_not_offered_for_resuming(

@@ -327,6 +327,11 @@ def _fit(
         raise CheckpointError(f"{raised_message(exc)}; {said}") from exc
     except ShituError:
         raise  # its message says what to do
+    except OSError:  # a write refused (a full disk): the command prints its message alone
+        said = _what_resumes(trainer, "failed")
+        if said:
+            print(said, file=sys.stderr)
+        raise
     except Exception as exc:  # out of GPU memory, say: a traceback naming no checkpoint
         said = _what_resumes(trainer, "failed")
         if said:
