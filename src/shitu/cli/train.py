@@ -21,14 +21,7 @@ from shitu.cli.common import (
     positive_minutes,
     print_summary,
 )
-from shitu.errors import (
-    CheckpointError,
-    ConfigError,
-    DataError,
-    ShituError,
-    override_word,
-    raised_message,
-)
+from shitu.errors import CheckpointError, ConfigError, DataError, ShituError, override_word
 from shitu.fileio import only_run_in, refuse_file_in_the_way
 
 logger = logging.getLogger(__name__)
@@ -324,7 +317,7 @@ def _fit(
         said = _what_resumes(trainer, "failed")
         if said is None:
             raise
-        raise CheckpointError(f"{raised_message(exc)}; {said}") from exc
+        raise CheckpointError(f"{exc}; {said}") from exc
     except ShituError:
         raise  # its message says what to do
     except OSError:  # a write refused (a full disk): the command prints its message alone
