@@ -142,6 +142,16 @@ def test_batch_hard_loss_without_triplets_warns_once(name, caplog):
     warnings = [r.getMessage() for r in caplog.records if "loss was 0" in r.getMessage()]
     assert len(warnings) == 1 and warnings[0].startswith(f"{name}: no image of a training batch")
     assert "sample_per_id >= 2" in warnings[0]
+    # Batches of one class (a PKSampler's batch_size equal to its sample_per_id) are said to
+    # be: the advice, sample_per_id >= 2, was one such a run followed already.
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="shitu.losses"):
+        assert LOSSES.build(name)(features, torch.tensor([5, 5, 5, 5])).item() == 0.0
+    assert caplog.messages == [
+        f"{name}: every image of a training batch was of one class, so the loss was 0; "
+        "batch-hard losses need several classes and several images of each in a batch "
+        "(PKSampler, sample_per_id >= 2 and a batch_size of several times it)"
+    ]
 
 
 @pytest.mark.parametrize("pair_loss", ["TripletLoss", "TripletAngularMarginLoss"])

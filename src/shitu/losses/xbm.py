@@ -106,7 +106,8 @@ class CrossBatchMemory(nn.Module):
         self.pair_loss.triplets_advice = (
             f"XBM's memory supplies pairs from past batches only after start_iter "
             f"({start_iter}) training steps; until then a batch needs several classes "
-            "and several images of each (PKSampler, sample_per_id >= 2)"
+            "and several images of each (PKSampler, sample_per_id >= 2 and a batch_size of "
+            "several times it)"
         )
         self.start_iter = start_iter
         self.memory_weight = memory_weight
