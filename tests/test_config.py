@@ -163,6 +163,40 @@ def test_a_path_in_a_config_file_starting_with_a_tilde_is_in_the_home_folder(mon
     assert pipeline.IndexProcess.index_dir == f"{tmp_path}/lib"
 
 
+def test_an_override_into_a_list_by_an_items_name_gives_its_index(config_file):
+    """`Loss.Train.CELoss.weight` (the index left out) was refused as 'Loss.Train is not a
+    mapping': the override with the index of the item of that name is offered."""
+    with pytest.raises(ConfigError) as refused:
+        load_config(config_file, ["Loss.Train.CELoss.epsilon=0.2"])
+    assert str(refused.value) == (
+        f"{config_file}: override 'Loss.Train.CELoss.epsilon=0.2': Loss.Train is a list, whose "
+        "CELoss is item 0: -o Loss.Train.0.CELoss.epsilon=0.2"
+    )
+    items = [{"Op": {"size": 1}}, {"Op": {"size": 2}}]
+    with pytest.raises(ConfigError) as refused:
+        apply_overrides({"L": items}, ["L.Op.size=[3, 3]"])
+    assert str(refused.value) == (
+        "override 'L.Op.size=[3, 3]': L is a list: name its item by index (Op is at 0, 1), 0 to 1"
+    )
+    with pytest.raises(ConfigError) as refused:
+        apply_overrides({"L": [{"Op": {}}, {"Other": {}}]}, ["L.Op.size=[3, 3]"])
+    assert str(refused.value).endswith(": -o 'L.0.Op.size=[3, 3]'")
+    # Another item's name under an item's index: a second loss added to item 0 (refused as
+    # an item of two losses), where the one meant is item 1.
+    with pytest.raises(ConfigError) as refused:
+        load_config(
+            config_file,
+            [
+                "Loss.Train=[{CELoss: {}}, {TripletLossV2: {}}]",
+                "Loss.Train.0.TripletLossV2.margin=0.3",
+            ],
+        )
+    assert str(refused.value) == (
+        f"{config_file}: override 'Loss.Train.0.TripletLossV2.margin=0.3': Loss.Train[0] is "
+        "CELoss, and TripletLossV2 is item 1: -o Loss.Train.1.TripletLossV2.margin=0.3"
+    )
+
+
 def test_apply_overrides_nested_paths_and_list_indices():
     raw = {"A": {"b": [{"c": 1}, {"c": 2}]}, "L": [1, 2, 3]}
     apply_overrides(raw, ["A.b[1].c=5", "L.0=9", "A.new.deep=x", "A.n.0=y"])
@@ -178,7 +212,7 @@ def test_apply_overrides_nested_paths_and_list_indices():
         ("Global", "not of the form"),
         ("L.7=1", "index 7 out of range for L (length 3)"),
         ("A.b=1", "override 'A.b=1': A is not a mapping"),
-        ("L.x=1", "L is not a mapping"),
+        ("L.x=1", "override 'L.x=1': L is a list: name its item by index, 0 to 2"),
         ("A..b=1", "empty key segment"),
         # A list or mapping left open was taken for text, which the key then refused as
         # "not a valid list", showing the very list the user meant.
@@ -336,6 +370,11 @@ def test_an_eval_metric_not_computed_is_refused_for_training_only(config_file):
             "Loss.Train.0.CELoss.epsilom: unknown key (did you mean 'epsilon'?)",
         ),
         (["Loss.Train.0={TripletLossX: {}}"], "Loss.Train.0.TripletLossX.name: unknown loss"),
+        (  # a misspelt loss name in a key path adds a second loss: the whole list was shown
+            ["Loss.Train.0.CELos.weight=1"],
+            "Loss.Train.0: holds 2 losses (CELoss, CELos); each item must be a single "
+            "'{LossName: {params}}' mapping in the config (set by -o Loss.Train.0.CELos.weight=1)",
+        ),
         (["Loss.Train.0.CELoss.weight=abc"], "Loss.Train.0.CELoss.weight: Input should be"),
         (["Loss.Train.0.CELoss.weight=-1"], "Loss.Train.0.CELoss.weight: Input should be greater"),
         (  # the probe ran on no loss at all ('list at least one loss'), or on weights of 0
@@ -905,6 +944,11 @@ def test_missing_and_malformed_files(tmp_path, monkeypatch):
     scalar.write_text("just a string\n")
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         load_config(scalar)
+    empty = tmp_path / "empty.yaml"  # not said to be of the wrong shape: of none
+    empty.write_text("# to fill in\n")
+    with pytest.raises(ConfigError) as refused:
+        load_config(empty)
+    assert str(refused.value) == f"{empty}: the file is empty (a config is a mapping of sections)"
 
 
 def test_cli_prints_one_line_error_not_a_traceback(config_file, capsys):
@@ -1217,6 +1261,16 @@ def test_no_numeric_setting_takes_nan_or_inf(validate, key, annotation):
             validate({key: _holding(annotation, value)})
         lines = [line.strip() for line in str(info.value).splitlines()]
         assert any(line.startswith(key) and "finite number" in line for line in lines), lines
+
+
+def test_a_loss_with_nothing_under_it_takes_its_defaults(config_file):
+    """`- CELoss:` in YAML (or `{CELoss: }` in an override) gives the loss null: refused as
+    'Input should be a valid dictionary (got None)', where a null setting is its default."""
+    from shitu.losses.combined import CombinedLoss
+
+    config = load_config(config_file, ["Loss.Train=[{CELoss: }, {TripletLossV2: {}}]"])
+    assert config.Loss.Train == [{"CELoss": {}}, {"TripletLossV2": {}}]
+    assert CombinedLoss(config.Loss.Train).names == ["CELoss", "TripletLossV2"]
 
 
 def test_a_loss_item_gives_its_model_output_under_one_name(config_file):

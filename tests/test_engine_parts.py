@@ -96,6 +96,17 @@ def test_piecewise_gamma_and_values(caplog):
     assert [lr.lr_at(s) for s in (5, 10, 39, 40)] == pytest.approx([0.05, 0.1, 0.1, 0.01])
     lr = schedule("Piecewise", learning_rate=0.2, decay_epochs=[5], values=[0.2, 0.02])
     assert (lr.lr_at(49), lr.lr_at(50)) == (0.2, 0.02)
+    # A gamma of 10 (for 0.1), or rising values, multiplied the rate up without a word.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        schedule("Piecewise", learning_rate=0.1, decay_epochs=[3, 6], gamma=10)
+        schedule("Piecewise", learning_rate=0.1, decay_epochs=[3, 6], values=[0.1, 0.01, 0.1])
+    assert caplog.messages == [
+        "Piecewise: the rate rises at decay epochs 3, 6, as its gamma 10 has it, instead of "
+        "decaying; give a gamma below 1 (or falling values)",
+        "Piecewise: the rate rises at decay epoch 6, as its values have it, instead of "
+        "decaying; give a gamma below 1 (or falling values)",
+    ]
     # A rate scaled for the batch size (base_batch_size) scales every piece.
     lr = schedule("Piecewise", learning_rate=0.4, decay_epochs=[5], values=[0.2, 0.02])
     assert (lr.lr_at(49), lr.lr_at(50)) == pytest.approx((0.4, 0.04))

@@ -142,6 +142,16 @@ def test_batch_hard_loss_without_triplets_warns_once(name, caplog):
     warnings = [r.getMessage() for r in caplog.records if "loss was 0" in r.getMessage()]
     assert len(warnings) == 1 and warnings[0].startswith(f"{name}: no image of a training batch")
     assert "sample_per_id >= 2" in warnings[0]
+    # Batches of one class (a PKSampler's batch_size equal to its sample_per_id) are said to
+    # be: the advice, sample_per_id >= 2, was one such a run followed already.
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="shitu.losses"):
+        assert LOSSES.build(name)(features, torch.tensor([5, 5, 5, 5])).item() == 0.0
+    assert caplog.messages == [
+        f"{name}: every image of a training batch was of one class, so the loss was 0; "
+        "batch-hard losses need several classes and several images of each in a batch "
+        "(PKSampler, sample_per_id >= 2 and a batch_size of several times it)"
+    ]
 
 
 @pytest.mark.parametrize("pair_loss", ["TripletLoss", "TripletAngularMarginLoss"])
@@ -421,6 +431,35 @@ def test_xbm_pair_loss_is_checked_with_the_config(pair_loss, message):
         LOSSES.validate("XBM", {"pair_loss": pair_loss})
 
 
+@pytest.mark.parametrize(
+    ("loss", "params", "message"),
+    [
+        ("XBM", {"margin": 0.3}, "margin: a setting of XBM's pair loss (ContrastiveLoss, "
+         "TripletLoss, TripletAngularMarginLoss), not of XBM: give it inside pair_loss, e.g. "
+         "pair_loss: {ContrastiveLoss: {margin: ...}} in loss 'XBM'"),
+        ("XBM", {"ap_value": 0.8}, "ap_value: a setting of XBM's pair loss "
+         "(TripletAngularMarginLoss), not of XBM: give it inside pair_loss, e.g. pair_loss: "
+         "{TripletAngularMarginLoss: {ap_value: ...}} in loss 'XBM'"),
+        ("XBM", {"xbm_size": 64}, "xbm_size: another XBM loss's name for a setting that XBM "
+         "names memory_size in loss 'XBM'"),
+        ("ContrastiveLoss_XBM", {"memory_size": 64}, "memory_size: another XBM loss's name "
+         "for a setting that ContrastiveLoss_XBM names xbm_size in loss 'ContrastiveLoss_XBM'"),
+        ("TripletAngularMarginLoss_XBM", {"embedding_size": 8}, "embedding_size: another XBM "
+         "loss's name for a setting that TripletAngularMarginLoss_XBM names feat_dim in loss "
+         "'TripletAngularMarginLoss_XBM'"),
+        ("ContrastiveLoss_XBM", {"pair_loss": "TripletLoss"}, "pair_loss: XBM's setting; "
+         "ContrastiveLoss_XBM has its pair loss built in, whose settings it takes itself (or "
+         "use XBM, which takes a pair_loss) in loss 'ContrastiveLoss_XBM'"),
+    ],
+)  # fmt: skip
+def test_xbm_keys_of_its_pair_loss_or_another_xbm_loss_say_where_they_belong(loss, params, message):
+    """`XBM: {margin: 0.3}` (a setting of the pair loss inside it) or PaddleClas's xbm_size
+    in XBM were each an 'unknown key', which did not say where the key goes."""
+    with pytest.raises(ConfigError) as refused:
+        LOSSES.validate(loss, params)
+    assert str(refused.value) == message
+
+
 def _lite0_model(
     drop_connect_rate: float,
     frozen_layers: tuple[str, ...] = ("backbone.stem", "backbone.blocks.0"),
@@ -590,12 +629,21 @@ def test_every_loss_gives_a_connected_zero_on_an_empty_batch(name, caplog):
 @pytest.mark.parametrize(
     ("item", "message"),
     [
-        (
+        (  # it named no value to set (nor the output read: logits, maybe)
             {"XBM": {"embedding_size": 8}},
-            "XBM.embedding_size is 8 but the model's features have 16",
+            "XBM.embedding_size is 8 but the model output it reads has 16 dimensions; set "
+            "embedding_size: 16$",
         ),
-        ({"ContrastiveLoss_XBM": {}}, "ContrastiveLoss_XBM.embedding_size is 128 but the model's"),
-        ({"ContrastiveLoss": {"embedding_size": 8}}, "embedding_size is 8 but embeddings have 16"),
+        (
+            {"ContrastiveLoss_XBM": {}},
+            "ContrastiveLoss_XBM.embedding_size is 128 but the model output it reads has 16 "
+            "dimensions; set embedding_size: 16$",
+        ),
+        (
+            {"ContrastiveLoss": {"embedding_size": 8}},
+            "embedding_size is 8 but embeddings have 16 dimensions; set embedding_size: 16, or "
+            r"leave it out \(it is only checked\)$",
+        ),
         (  # the pair loss inside XBM too
             {
                 "XBM": {

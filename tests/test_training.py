@@ -270,6 +270,46 @@ def test_an_unreadable_image_met_mid_run_leaves_a_checkpoint_to_resume_from(groc
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 
 
+def test_images_of_another_size_met_mid_run_leave_a_checkpoint_to_resume_from(grocery, tmp_path):
+    """transform_ops without a resize, and photos of one size but for a class of another:
+    the run stopped at the first batch that mixed them, maybe hours in, and lost its steps
+    (an unreadable image's error saved them). Saved, and resumed once the op is added."""
+    from PIL import Image
+
+    path = tiny_config(grocery, tmp_path, epochs=1, eval_during_train=False)
+    root = tmp_path / "images"
+    lines = [line.split() for line in (tmp_path / "train.txt").read_text().splitlines()]
+    for relative, label in lines:
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        size = (SIZE, SIZE - 8) if label == lines[24][1] else (SIZE, SIZE)
+        with Image.open(grocery / relative) as image:
+            image.convert("RGB").resize(size).save(root / relative)
+    decode = {"DecodeImage": {"to_rgb": True, "channel_first": False}}
+    ops = [decode, NORMALIZE]
+    run = [
+        f"DataLoader.Train.dataset.image_root={root}",
+        f"DataLoader.Train.dataset.transform_ops={json.dumps(ops)}",
+    ]
+    with pytest.raises(ConfigError) as caught:
+        Trainer(load_config(path, run)).fit()
+    latest = tmp_path / "output" / "latest.pt"
+    assert str(caught.value).endswith(
+        f"or a crop (RandCropImage, CropImage, RandCropImageV2). The run's 3 steps so far are "
+        f"saved in {latest}: add that op and resume with -o Global.checkpoints={latest}"
+    )  # the class is first drawn in the epoch's 4th batch
+    resized = [decode, {"ResizeImage": {"size": [SIZE, SIZE]}}, NORMALIZE]
+    resume = [*run[:1], f"DataLoader.Train.dataset.transform_ops={json.dumps(resized)}"]
+    resumed = Trainer(load_config(path, [*resume, f"Global.checkpoints={latest}"]))
+    assert resumed.progress.global_step == 3
+    assert resumed.fit().finished
+    # Grocery's own photos, of two sizes, mix in the first batch: nothing to resume
+    first_batch = [run[1], "Global.output_dir=" + str(tmp_path / "first")]
+    with pytest.raises(ConfigError) as caught:
+        Trainer(load_config(path, first_batch)).fit()
+    assert str(caught.value).endswith("; add that op and run the same command again")
+    assert not (tmp_path / "first" / "latest.pt").exists()
+
+
 def test_an_image_one_dataset_left_out_as_unreadable_is_refused_in_one_that_reads_all(
     grocery, tmp_path
 ):
@@ -402,10 +442,14 @@ def test_an_unreadable_image_met_by_a_loader_worker_is_reported_in_one_line(groc
         Trainer(load_config(path, options)).fit()
     message = str(caught.value)
     assert "\n" not in message and message.startswith(f"{root}/")
-    assert (
+    # met in the run's first batch: nothing to resume, and the same command runs again (a
+    # checkpoint of no step refused it as an earlier run's)
+    assert message.endswith(
         ": cannot decode image: a text file, not an image; set skip_corrupt: true in the "
-        "dataset config to leave such images out. The run's 0 steps so far are saved in " in message
+        "dataset config to leave such images out; put the image right and run the same "
+        "command again"
     )
+    assert not (tmp_path / "output" / "latest.pt").exists()
 
 
 def test_a_resume_with_other_images_or_sampling_says_it_is_not_the_same_run(
@@ -434,6 +478,14 @@ def test_a_resume_with_other_images_or_sampling_says_it_is_not_the_same_run(
         unshuffled
     )
     assert "'shuffle': False" in unshuffled and "(was {" in unshuffled
+    # other transforms (another crop, a resize added): the batches differ as well (it was
+    # not said); an op's setting written out at its default is none
+    rotated = "DataLoader.Train.dataset.transform_ops.5.RandomRotation"
+    assert (
+        "resuming with other training data than the checkpoint's (DataLoader.Train.dataset."
+        "transform_ops.5.RandomRotation.degrees 30 (was 90)): the run goes on"
+    ) in startup_warnings(caplog, path, [resume, f"{rotated}.degrees=30"])
+    assert "resuming with" not in startup_warnings(caplog, path, [resume, f"{rotated}.prob=null"])
 
 
 def test_a_resume_with_settings_written_out_at_their_defaults_warns_of_no_change(
@@ -456,6 +508,29 @@ def test_a_resume_with_settings_written_out_at_their_defaults_warns_of_no_change
     assert "with this config's learning-rate schedule: eta_min 0.001 (was at its default)" in (
         changed
     )
+
+
+def test_a_resume_with_other_losses_says_so(grocery, tmp_path, caplog):
+    """Another loss weight or margin than the run's (an -o of the first command left out of
+    the resume) trained on without a word, where another schedule is said; settings written
+    out at their defaults, or under another name (feature_from), are no change."""
+    path = tiny_config(grocery, tmp_path, epochs=1, eval_during_train=False)
+    Trainer(load_config(path)).fit(stop_after_steps=2)
+    resume = f"Global.checkpoints={tmp_path / 'output' / 'latest.pt'}"
+    same = [
+        "Loss.Train.1.TripletAngularMarginLoss={input_key: features, margin: 0.5}",
+        "Loss.Train.0.CELoss.weight=null",
+    ]
+    assert "resuming with" not in startup_warnings(caplog, path, [resume, *same])
+    changed = ["Loss.Train.0.CELoss.weight=0.5", "Loss.Train.1.TripletAngularMarginLoss.margin=0.2"]
+    assert (
+        "resuming with this config's losses: Loss.Train.0.CELoss.weight 0.5 (was at its "
+        "default); Loss.Train.1.TripletAngularMarginLoss.margin 0.2 (was at its default)"
+    ) in startup_warnings(caplog, path, [resume, *changed])
+    assert (
+        "resuming with this config's losses: Loss.Train CELoss (was CELoss, "
+        "TripletAngularMarginLoss)"
+    ) in startup_warnings(caplog, path, [resume, "Loss.Train=[{CELoss: {epsilon: 0.1}}]"])
 
 
 def test_a_step_limit_at_an_epochs_end_still_evaluates_it(grocery, tmp_path):
@@ -677,31 +752,45 @@ def test_a_resume_whose_multiplier_reorders_the_groups_keeps_each_parameters_sta
 
 
 @pytest.mark.parametrize(
-    ("trained", "resumed", "tensor", "change"),
+    ("trained", "resumed", "misfits", "change"),
     [
-        ("Arch.Head.class_num=6", "Arch.Head.class_num=7", "head.fc.weight",
+        ("Arch.Head.class_num=6", "Arch.Head.class_num=7",
+         "model: 1 shape mismatch (head.fc.weight (6, 32) vs (7, 32))",
          "Arch.Head.class_num 7 (was 6)"),
         ("Loss.Train=[{XBM: {embedding_size: 32, memory_size: 24, start_iter: 1}}]",
          "Loss.Train=[{XBM: {embedding_size: 32, memory_size: 16, start_iter: 1}}]",
-         "losses.0.", "Loss.Train [{'XBM': {'embedding_size': 32, 'memory_size': 16, "
+         "loss state: 2 shape mismatch (losses.0.memory (24, 32) vs (16, 32), "
+         "losses.0.memory_labels (24,) vs (16,))",
+         "Loss.Train [{'XBM': {'embedding_size': 32, 'memory_size': 16, "
          "'start_iter': 1}}] (was [{'XBM': {'embedding_size': 32, 'memory_size': 24, "
          "'start_iter': 1}}])"),
+        # torch's message listed each of the 265 tensors, 200 lines of it
+        ("Arch.Backbone.name=PPLCNetV2_small_ShiTu", "Arch.Backbone.name=PPLCNetV2_base_ShiTu",
+         "model: 58 missing from file (backbone.stages.2.4.dw_conv_list.0.conv.weight, "
+         "backbone.stages.2.4.dw_conv_list.0.bn.weight, backbone.stages.2.4.dw_conv_list.0.bn."
+         "bias and 55 more), 207 shape mismatch (backbone.stem.0.conv.weight (24, 3, 3, 3) vs "
+         "(32, 3, 3, 3), backbone.stem.0.bn.weight (24,) vs (32,), backbone.stem.0.bn.bias "
+         "(24,) vs (32,) and 204 more)",
+         "Arch.Backbone.name 'PPLCNetV2_base_ShiTu' (was 'PPLCNetV2_small_ShiTu')"),
     ],
 )  # fmt: skip
 def test_a_checkpoint_that_no_longer_fits_names_the_changed_settings(
-    grocery, tmp_path, trained, resumed, tensor, change
+    grocery, tmp_path, trained, resumed, misfits, change
 ):
     """torch's size mismatch names a tensor (head.fc.weight, XBM's memory), not the setting
-    that changed it (Arch.Head.class_num, memory_size), which the checkpoint's config holds."""
+    that changed it (Arch.Head.class_num, memory_size), which the checkpoint's config holds;
+    and it names every tensor that does not fit, where a few and a count say as much."""
     path = tiny_config(grocery, tmp_path)
     output = tmp_path / "output"
     Trainer(load_config(path, [f"Global.output_dir={output}", trained])).fit(stop_after_steps=1)
     resume = [f"Global.output_dir={output}", f"Global.checkpoints={output / 'latest.pt'}"]
     with pytest.raises(ConfigError) as info:
         Trainer(load_config(path, [*resume, resumed]))
-    assert str(info.value).startswith("Global.checkpoints: the checkpoint does not fit this ")
-    assert f"size mismatch for {tensor}" in str(info.value)
-    assert str(info.value).endswith(f"; changed since: {change}; resume with the run's settings")
+    assert str(info.value) == (
+        f"Global.checkpoints: the checkpoint does not fit this config ({misfits}); changed "
+        f"since: {change}; resume with the run's settings, or start a new run from its "
+        f"weights (those that fit) with -o Global.pretrained_model={output / 'latest.pt'}"
+    )
 
 
 def test_a_run_resumed_with_another_eval_metric_chooses_its_best_by_that_metric(
@@ -1290,6 +1379,53 @@ def test_a_closed_terminal_stops_the_run_with_a_checkpoint(grocery, tmp_path):
     assert not (tmp_path / "output" / "final_model.safetensors").exists()
 
 
+def test_a_checkpoint_that_cannot_be_written_names_the_last_one_to_resume_from(
+    grocery, tmp_path, capsys, monkeypatch
+):
+    """A save refused mid-run (a full disk) ended with 'cannot write latest.pt' alone: the
+    run's last whole checkpoint, kept, and how to resume from it were not said, as they
+    are after a crash."""
+    from shitu.engine import trainer as trainer_module
+
+    path = tiny_config(grocery, tmp_path, eval_during_train=False)
+    save = trainer_module.save_training_state
+    saves = []
+
+    def full_disk_at_the_second(target, state, progress):
+        saves.append(progress.global_step)
+        if len(saves) == 2:
+            raise CheckpointError(f"cannot write {target}: no space left on device")
+        return save(target, state, progress)
+
+    monkeypatch.setattr(trainer_module, "save_training_state", full_disk_at_the_second)
+    assert main(["train", "-c", str(path)]) == 2
+    latest = tmp_path / "output" / "latest.pt"
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: cannot write {latest}: no space left on device; failed at step 8, without a "
+        f"checkpoint since step 4: resume from the run's last checkpoint with -o "
+        f"Global.checkpoints={latest}"
+    )
+    # The metrics log refused likewise: an OSError, which the command prints alone (the
+    # note a crash's traceback carries was dropped with the traceback)
+    monkeypatch.undo()
+    log = tmp_path / "again" / "metrics.jsonl"
+    write = MetricsLog.write
+
+    def full_disk_at_step_6(self, kind, step, **values):
+        if step == 6:
+            raise OSError(errno.ENOSPC, "No space left on device", str(log))
+        return write(self, kind, step, **values)
+
+    monkeypatch.setattr(MetricsLog, "write", full_disk_at_step_6)
+    again = ["-o", f"Global.output_dir={log.parent}"]
+    assert main(["train", "-c", str(path), *again]) == 2
+    assert capsys.readouterr().err.splitlines()[-2:] == [
+        f"failed at step 6, without a checkpoint since step 4: resume from the run's last "
+        f"checkpoint with -o Global.checkpoints={log.parent / 'latest.pt'}",
+        f"error: {log}: No space left on device",
+    ]
+
+
 def test_a_run_that_failed_before_its_first_checkpoint_is_not_offered_for_resuming(
     grocery, tmp_path, capsys
 ):
@@ -1834,20 +1970,63 @@ def test_a_run_too_short_for_its_eval_interval_is_warned_about(grocery, tmp_path
     assert "DataLoader.Eval" not in startup_warnings(caplog, path, off)
 
 
+def xbm_losses(memory_size: int = 24, start_iter: int = 1) -> list[str]:
+    """The `-o` of a CELoss and an XBM on the tiny run's 32-d features."""
+    memory = f"{{embedding_size: 32, memory_size: {memory_size}, start_iter: {start_iter}}}"
+    return [f"Loss.Train=[{{CELoss: {{}}}}, {{XBM: {memory}}}]"]
+
+
 def test_a_cross_batch_memory_the_run_never_reaches_is_warned_about(grocery, tmp_path, caplog):
     """XBM joins the loss after start_iter steps; the tiny run has 2 epochs of 4 steps, so
     from start_iter 8 on it trained on in-batch pairs alone, without a word."""
     path = tiny_config(grocery, tmp_path)
-
-    def xbm(start_iter: int) -> list[str]:
-        memory = f"{{embedding_size: 32, memory_size: 24, start_iter: {start_iter}}}"
-        return [f"Loss.Train=[{{CELoss: {{}}}}, {{XBM: {memory}}}]"]
-
     assert (
         "Loss.Train XBM: start_iter 8 is not before the end of the run (8 steps: 2 epochs of "
         "4, Global.epochs), so its cross-batch memory is never used; lower start_iter"
-    ) in startup_warnings(caplog, path, xbm(8))
-    assert "start_iter" not in startup_warnings(caplog, path, xbm(7))
+    ) in startup_warnings(caplog, path, xbm_losses(start_iter=8))
+    assert "start_iter" not in startup_warnings(caplog, path, xbm_losses(start_iter=7))
+
+
+def test_a_cross_batch_memory_above_the_training_images_is_warned_about(grocery, tmp_path, caplog):
+    """The xbm_resnet50 recipe's 55,000 entries on a smaller training set held each image
+    many times over, a batch's own images among their positives, without a word."""
+    path = tiny_config(grocery, tmp_path)
+    assert (
+        "Loss.Train XBM: memory_size 37 is more than the 36 training images, so the memory "
+        "holds images more than once, older embeddings of a batch's own images among their "
+        "positives; give memory_size 36 or less"
+    ) in startup_warnings(caplog, path, xbm_losses(memory_size=37))
+    assert "memory_size" not in startup_warnings(caplog, path, xbm_losses(memory_size=36))
+
+
+def test_a_cross_batch_memory_of_no_more_than_one_batch_is_refused(grocery, tmp_path):
+    """XBM writes the batch before comparing it with its memory: one of 8 entries or fewer
+    held the tiny run's batch of 8 alone, never a past one, and trained without a word."""
+    path = tiny_config(grocery, tmp_path)
+    for loss, key in (("XBM", "memory_size"), ("ContrastiveLoss_XBM", "xbm_size")):
+        memory = f"{{embedding_size: 32, {key}: 8, start_iter: 1}}"
+        with pytest.raises(ConfigError) as refused:
+            Trainer(load_config(path, [f"Loss.Train=[{{CELoss: {{}}}}, {{{loss}: {memory}}}]"]))
+        assert str(refused.value) == (
+            f"Loss.Train: {loss}.{key} is 8, no more than one batch (DataLoader.Train.sampler."
+            "batch_size 8), so the memory would hold only the batch it is compared with, "
+            f"never a past one; give {key} room for many batches, or lower batch_size"
+        )
+    Trainer(load_config(path, xbm_losses(memory_size=9)))
+
+
+def test_a_batch_size_above_the_training_images_is_warned_about(grocery, tmp_path, caplog):
+    """Without drop_last, a batch_size of 64 for the tiny run's 36 images trained on batches
+    of 36, while the summary said 64 and base_batch_size scaled the rate for 64."""
+    path = tiny_config(grocery, tmp_path)
+    sampler = "DataLoader.Train.sampler={name: DistributedBatchSampler, batch_size: %d}"
+    assert (
+        "DataLoader.Train.sampler: batch_size 64 is more than the 36 training images (per "
+        "process), so each batch holds those 36 (and Optimizer.lr.base_batch_size scales the "
+        "learning rate for 64); set batch_size: 36"
+    ) in startup_warnings(caplog, path, [sampler % 64, "Optimizer.lr.base_batch_size=32"])
+    assert "so each batch holds those 36; set" in startup_warnings(caplog, path, [sampler % 64])
+    assert "batch_size 36" not in startup_warnings(caplog, path, [sampler % 36])
 
 
 def test_run_summary_names_the_weights_it_starts_from(grocery, tmp_path, caplog):
@@ -1879,6 +2058,14 @@ def test_run_summary_names_the_weights_it_starts_from(grocery, tmp_path, caplog)
     # what becomes of them said too: "e.g." before the only name read as if there were more
     assert "missing from file (head." in partial_load
     assert "; those missing start afresh, as the config initialises them\n" in partial_load
+    # a classifier of other classes starts afresh as well, which was not said
+    other_classes = startup_warnings(
+        caplog, path, [f"Global.pretrained_model={complete}", "Arch.Head.class_num=7"]
+    )
+    assert "1 shape mismatch (head.fc.weight (6, 32) vs (7, 32))" in other_classes
+    assert "; those of another shape start afresh, as the config initialises them\n" in (
+        other_classes
+    )
 
 
 def test_linear_probe_run_is_its_two_stages_and_resumes_without_the_probe(
@@ -1963,6 +2150,15 @@ def test_a_probe_run_checks_its_fine_tuning_before_probing(grocery, tmp_path, ca
     assert (
         "no module 'backbone.stage' (modules there: backbone.stem, backbone.stages, backbone.avg"
         in capsys.readouterr().err
+    )
+    # Every layer frozen by the probe's layers (with the config's): named under its key
+    # (was: 'Arch.frozen_layers: nothing to train', a key the config left empty).
+    everything = "LinearProbe={epochs: 1, frozen_layers: [neck, head]}"
+    assert main(["train", "-c", str(path), "-o", everything, "Arch.frozen_layers=[backbone]"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "error: LinearProbe.frozen_layers: neck, head (with Arch.frozen_layers) freeze every "
+        "layer, so the probe would train nothing; leave the layers it fits (the head, or the "
+        "neck) unfrozen"
     )
     assert not output.exists()
 

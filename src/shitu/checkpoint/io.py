@@ -63,7 +63,12 @@ class LoadReport:
 
     def summary(self) -> str:
         """One line: tensors loaded, and the first few missing, unexpected or misshapen."""
-        text = f"loaded {len(self.loaded)} tensors"
+        return "; ".join([f"loaded {len(self.loaded)} tensors", *self.misfits()])
+
+    def misfits(self) -> list[str]:
+        """Each kind of tensor that did not fit (missing, unexpected, misshapen): how many,
+        and the first few."""
+        found = []
         for label, names in (
             ("missing from file", self.missing),
             ("not in model", self.unexpected),
@@ -73,8 +78,8 @@ class LoadReport:
                 # A batch norm's counter says less than its weights: safetensors files
                 # list them first (int64 before float), as every example there was.
                 shown = sorted(names, key=lambda name: name.endswith("num_batches_tracked"))
-                text += f"; {len(names)} {label} ({first_few(shown, 3)})"
-        return text
+                found.append(f"{len(names)} {label} ({first_few(shown, 3)})")
+        return found
 
 
 def check_weights_name(path: str | Path) -> Path:
@@ -500,16 +505,15 @@ def load_pretrained(module: nn.Module, path: str | Path | bool) -> LoadReport:
     return report
 
 
-def _fit(
-    model: nn.Module,
+def fitting_tensors(
+    expected: dict[str, torch.Tensor],
     state: dict[str, torch.Tensor],
-    dropped: list[str],
-    strict: bool,
-    source: str,
-    hint: str = CHECK_THE_CONFIG,
-) -> LoadReport:
-    expected = model.state_dict()
-    report = LoadReport(dropped=dropped)
+    dropped: list[str] | None = None,
+) -> tuple[LoadReport, dict[str, torch.Tensor]]:
+    """What of `state` fits a module whose `state_dict()` is `expected`: the report, and the
+    tensors that fit, in the module's dtypes (with the batch counters Paddle's files lack
+    at 0). `dropped`: the file's tensors left out before, for the report."""
+    report = LoadReport(dropped=list(dropped or []))
     fitting: dict[str, torch.Tensor] = {}
     mismatched: set[str] = set()
     for name, tensor in state.items():
@@ -527,6 +531,20 @@ def _fit(
             fitting[name] = torch.zeros_like(value)  # Paddle does not count batches
     report.missing = [n for n in expected if n not in fitting and n not in mismatched]
     report.loaded = sorted(name for name in fitting if name in state)  # not the added counters
+    return report, fitting
+
+
+def _fit(
+    model: nn.Module,
+    state: dict[str, torch.Tensor],
+    dropped: list[str],
+    strict: bool,
+    source: str,
+    hint: str = CHECK_THE_CONFIG,
+) -> LoadReport:
+    expected = model.state_dict()
+    report, fitting = fitting_tensors(expected, state, dropped)
+    mismatched = {name for name in state if name in expected and name not in fitting}
     if strict and not report.complete:
         if _only_the_head_missing(report, state):
             hint = (

@@ -313,8 +313,18 @@ def _fit(
         if said:
             print(said, file=sys.stderr)
         raise
+    except CheckpointError as exc:  # a save refused (a full disk): its last whole one stays
+        said = _what_resumes(trainer, "failed")
+        if said is None:
+            raise
+        raise CheckpointError(f"{exc}; {said}") from exc
     except ShituError:
         raise  # its message says what to do
+    except OSError:  # a write refused (a full disk): the command prints its message alone
+        said = _what_resumes(trainer, "failed")
+        if said:
+            print(said, file=sys.stderr)
+        raise
     except Exception as exc:  # out of GPU memory, say: a traceback naming no checkpoint
         said = _what_resumes(trainer, "failed")
         if said:

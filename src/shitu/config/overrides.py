@@ -7,7 +7,7 @@ from typing import Any
 
 import yaml
 
-from shitu.errors import ConfigError
+from shitu.errors import ConfigError, override_word
 
 _TOKEN = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
 
@@ -145,6 +145,7 @@ def _set_path(node: Any, path: list[str | int], value: Any, text: str) -> int | 
     """Set `path` to `value`; returns the length of the path of the first mapping it had
     to make, None where every mapping on the way was there."""
     made: int | None = None
+    parent: Any = None
     for depth, part in enumerate(path):
         last = depth == len(path) - 1
         if isinstance(part, int) and isinstance(node, dict):
@@ -168,10 +169,14 @@ def _set_path(node: Any, path: list[str | int], value: Any, text: str) -> int | 
             if last:
                 node[part] = value
             else:
-                node = node[part]
+                parent, node = node, node[part]
         else:
+            if isinstance(node, list):
+                raise ConfigError(_list_item_not_named(text, path, depth, node))
             if not isinstance(node, dict):
                 raise ConfigError(f"override '{text}': {_path_str(path[:depth])} is not a mapping")
+            if isinstance(parent, list) and len(node) == 1 and part not in node:
+                _refuse_another_items_name(text, path, depth, parent, node)
             if last and value is None and part in node:
                 # As if the file left it out: its default applies, and the config's record
                 # (a checkpoint's, an export's manifest) is that of a config without it. A
@@ -184,8 +189,53 @@ def _set_path(node: Any, path: list[str | int], value: Any, text: str) -> int | 
                 if node.get(part) is None:  # a new list could hold no index: a mapping
                     node[part] = {}
                     made = made or depth + 1
-                node = node[part]
+                parent, node = node, node[part]
     return made
+
+
+def _refuse_another_items_name(
+    text: str, path: list[str | int], depth: int, items: list, item: dict
+) -> None:
+    """Refuse `path[depth]` into the one-key `item` of `items` (a `{LossName: {params}}`
+    list's, say) where another item has that key: `-o Loss.Train.0.TripletLoss.margin=0.3`
+    with TripletLoss at 1 added a second loss to item 0, refused as a list item of two.
+    The override with the other item's index is offered."""
+    found = _items_named(items, path[depth])
+    if len(found) == 1:
+        raise ConfigError(
+            f"override '{text}': {_path_str(path[:depth])} is {next(iter(item))}, and "
+            f"{path[depth]} is item {found[0]}: "
+            f"-o {_with_path(text, [*path[: depth - 1], found[0], *path[depth:]])}"
+        )
+
+
+def _list_item_not_named(text: str, path: list[str | int], depth: int, items: list) -> str:
+    """Why `path[depth]`, a name, cannot go into the list `items` at `path[:depth]`: a list
+    item is named by its index (`Loss.Train.0.CELoss.weight`), which `Loss.Train.CELoss.weight`
+    leaves out; the override with the index, where one item has that name. It said only
+    that the list 'is not a mapping'."""
+    where, name = _path_str(path[:depth]), path[depth]
+    found = _items_named(items, name)
+    if len(found) == 1:
+        return (
+            f"override '{text}': {where} is a list, whose {name} is item {found[0]}: "
+            f"-o {_with_path(text, [*path[:depth], found[0], *path[depth:]])}"
+        )
+    return (
+        f"override '{text}': {where} is a list: name its item by index"
+        + (f" ({name} is at {', '.join(map(str, found))})" if found else "")
+        + (f", 0 to {len(items) - 1}" if items else " (it is empty)")
+    )
+
+
+def _items_named(items: list, name: str | int) -> list[int]:
+    """The indices of the mappings among `items` that have the key `name`."""
+    return [index for index, item in enumerate(items) if isinstance(item, dict) and name in item]
+
+
+def _with_path(text: str, path: list[str | int]) -> str:
+    """Override `text` with its key path put right as `path`, as one shell word."""
+    return override_word(".".join(map(str, path)), text.partition("=")[2])
 
 
 def _path_str(path: list[str | int]) -> str:

@@ -10,9 +10,16 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 from shitu.inference.choices import Device
 from shitu.registry import BACKBONES, ConfigPath, null_is_default, refuse_bool_as_number
@@ -194,7 +201,20 @@ class ArchConfig(Section):
         return "all at random, as it names no Arch.Backbone.pretrained weights"
 
 
-LossList = list[dict[str, dict[str, Any]]]
+def _one_loss(item: dict[str, dict[str, Any] | None]) -> dict[str, dict[str, Any]]:
+    """An item of a loss list holds one loss. Checked per item, so that the error names
+    the item and its losses (an `-o Loss.Train.0.CELos.weight=1` typo adds a second), not
+    the whole list. A loss with nothing under it (`- CELoss:`, YAML's null) takes its
+    defaults, as a null setting does: it was refused as 'not a valid dictionary'."""
+    if len(item) != 1:
+        held = f"{len(item)} losses ({', '.join(map(str, item))})" if item else "no loss"
+        raise ValueError(
+            f"holds {held}; each item must be a single '{{LossName: {{params}}}}' mapping"
+        )
+    return {name: params or {} for name, params in item.items()}
+
+
+LossList = list[Annotated[dict[str, dict[str, Any] | None], AfterValidator(_one_loss)]]
 
 
 class LossConfig(Section):
@@ -202,14 +222,6 @@ class LossConfig(Section):
     # PaddleClas configs list their eval losses here: read and checked, not computed
     # (retrieval evaluation reports recall and mAP, not a loss).
     Eval: LossList = Field(default_factory=list)
-
-    @field_validator("Train", "Eval")
-    @classmethod
-    def _one_loss_per_item(cls, value: LossList) -> LossList:
-        for item in value:
-            if len(item) != 1:
-                raise ValueError("each item must be a single '{LossName: {params}}' mapping")
-        return value
 
 
 class LRConfig(ComponentConfig):

@@ -32,6 +32,12 @@ SIZING_OPS = ("ResizeImage", "RandCropImage", "CropImage", "RandCropImageV2")
 logger = logging.getLogger(__name__)
 
 
+class MixedImageSizes(ConfigError):
+    """A batch of images of several sizes: the transform_ops give no one size. Met mid-epoch
+    in training, it is another image of the listing, not the run, that needs the fix: the
+    trainer saves the run's steps for a resume, as for an unreadable image."""
+
+
 def build_loader(
     split: DataSplitConfig,
     context: DistContext,
@@ -117,7 +123,7 @@ def collate_one_size(items: list[tuple[Any, ...]], where: str) -> Any:
         sizes = sorted({tuple(item[0].shape) for item in items})
         if len(sizes) < 2:
             raise
-        raise ConfigError(
+        raise MixedImageSizes(
             f"{where}: images of different sizes in one batch ({sizes[0]} and {sizes[1]}, "
             "channels x height x width); give them one size with a ResizeImage {size: [W, H]} "
             f"or a crop ({', '.join(SIZING_OPS[1:])})"

@@ -55,17 +55,26 @@ def probe_stage(config: ShituConfig) -> ShituConfig:
 
 def check_probe_layers(config: ShituConfig, model: nn.Module) -> None:
     """A ConfigError naming `LinearProbe.frozen_layers` for each of its names that is no
-    module of `model` (the fine-tuning stage's, which has the probe's modules). The probe
-    stage freezes them as its `Arch.frozen_layers`, whose own check named that key, one
-    the config does not set."""
+    module of `model` (the fine-tuning stage's, which has the probe's modules), or where
+    they freeze every layer left to train. The probe stage freezes them as its
+    `Arch.frozen_layers`, whose own checks named that key, one the config does not set
+    (or need not: `LinearProbe.frozen_layers: [backbone, neck, head]`)."""
     if config.LinearProbe is None:
         return
+    probed = config.LinearProbe.frozen_layers
     modules = dict(model.named_modules())
-    unknown = [name for name in config.LinearProbe.frozen_layers if name not in modules]
+    unknown = [name for name in probed if name not in modules]
     if unknown:
         raise ConfigError(
             f"LinearProbe.frozen_layers: the model has no module {', '.join(map(repr, unknown))} "
             f"(modules there: {', '.join(modules_beside(unknown[0], modules))})"
+        )
+    frozen = tuple(f"{name}." for name in probed)
+    if not any(p.requires_grad and not n.startswith(frozen) for n, p in model.named_parameters()):
+        raise ConfigError(
+            f"LinearProbe.frozen_layers: {', '.join(probed)} (with Arch.frozen_layers) freeze "
+            "every layer, so the probe would train nothing; leave the layers it fits (the "
+            "head, or the neck) unfrozen"
         )
 
 

@@ -164,10 +164,25 @@ class Piecewise(LRSchedule):
             learning_rate, steps_per_epoch, epochs, warmup_epoch, warmup_start_lr, stage
         )
         self.check_params(decay_epochs, values)
+        source = "its values have" if values is not None else f"its gamma {gamma:g} has"
         if values is None:
             values = [learning_rate * gamma**i for i in range(len(decay_epochs) + 1)]
         else:
             values = [value * (learning_rate / values[0]) for value in values]
+        # A gamma of 10 for 0.1 multiplied the rate at each step until the loss was NaN.
+        rising = [
+            epoch
+            for epoch, (before, after) in zip(decay_epochs, itertools.pairwise(values), strict=True)
+            if after > before
+        ]
+        if rising:
+            logger.warning(
+                "Piecewise: the rate rises at decay epoch%s %s, as %s it, instead of "
+                "decaying; give a gamma below 1 (or falling values)",
+                "s" if len(rising) > 1 else "",
+                ", ".join(map(str, rising)),
+                source,
+            )
         reached = epochs - warmup_epoch
         unreached = [epoch for epoch in decay_epochs if epoch >= reached]
         if unreached:  # e.g. a short trial, or a probe

@@ -12,6 +12,7 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
@@ -25,10 +26,16 @@ from tqdm import tqdm
 
 from shitu import registry
 from shitu.checkpoint import load_weights, model_metadata, save_weights
-from shitu.checkpoint.io import LoadReport, setting_differences, without_defaults
+from shitu.checkpoint.io import (
+    LoadReport,
+    fitting_tensors,
+    setting_differences,
+    without_defaults,
+)
 from shitu.config.schema import ShituConfig
 from shitu.engine.batch_norm import norm_on_one_value_per_channel
 from shitu.engine.data import (
+    MixedImageSizes,
     build_train_loader,
     check_unreadable_elsewhere,
     dataset_of,
@@ -66,7 +73,7 @@ from shitu.errors import (
 )
 from shitu.evaluation.retrieval import RetrievalEvaluator
 from shitu.fileio import home_expanded, remove_unfinished_writes, write_atomically
-from shitu.losses.combined import CombinedLoss
+from shitu.losses.combined import CombinedLoss, split_loss_params
 from shitu.losses.xbm import CrossBatchMemory
 from shitu.models import RecModel, build_model
 from shitu.models.rec_model import one_image_outputs
@@ -213,10 +220,19 @@ class Trainer:
         elif from_file:
             self.initial_weights = f"{config.Global.pretrained_model} ({report.summary()})"
             if not report.complete and self.context.is_main:
-                # The shipped model's file, say, holds no classifier: what becomes of it.
-                afresh = "; those missing start afresh, as the config initialises them"
+                # The shipped model's file, say, holds no classifier, or one of other classes
+                # (which was not said to start afresh): what becomes of them.
+                unfit = " or ".join(
+                    kind
+                    for kind, names in (
+                        ("missing", report.missing),
+                        ("of another shape", report.shape_mismatch),
+                    )
+                    if names
+                )
+                afresh = f"; those {unfit} start afresh, as the config initialises them"
                 logger.warning(
-                    "pretrained_model %s%s", self.initial_weights, afresh if report.missing else ""
+                    "pretrained_model %s%s", self.initial_weights, afresh if unfit else ""
                 )
         else:
             self.initial_weights = (
@@ -247,8 +263,14 @@ class Trainer:
                 f"of {self.train_loader.batch_sampler.batch_size}; lower sampler.batch_size "
                 "or set drop_last: false"
             )
+        _check_memory_holds_past_batches(self.loss, self.train_loader.batch_sampler.batch_size)
         if self.context.is_main:
             _warn_of_unused_memory(self.loss, self.steps_per_epoch, config.Global.epochs, stage)
+            _warn_of_memory_above_the_images(self.loss, len(dataset_of(self.train_loader)))
+            _warn_of_a_batch_above_the_images(
+                self.train_loader.batch_sampler.batch_sampler,
+                scaled=config.Optimizer.lr.base_batch_size is not None,
+            )
         self.learning_rate = self._scaled_learning_rate()
         self.optimizer = build_optimizer(
             [self.model, self.loss], config.Optimizer, self.learning_rate
@@ -426,10 +448,21 @@ class Trainer:
             {key: value for key, value in group.items() if key not in ("params", "lr")}
             for group in self.optimizer.param_groups
         ]
+        loss_state = {**payload.get("loss", {}), **self._own(payload, "loss_per_process")}
         try:
             self.model.load_state_dict(payload["model"])
-            self.loss.load_state_dict({**payload["loss"], **self._own(payload, "loss_per_process")})
+            self.loss.load_state_dict(loss_state)
         except (RuntimeError, ValueError, KeyError) as exc:
+            # torch's message lists every tensor (200 lines for another backbone): a count
+            # and the first few of each kind, of the model's and of the loss's.
+            misfits = [
+                f"{what}: {', '.join(found)}"
+                for what, module, state in (
+                    ("model", self.model, payload.get("model", {})),
+                    ("loss state", self.loss, loss_state),
+                )
+                if (found := fitting_tensors(module.state_dict(), state)[0].misfits())
+            ]
             # The sections that shape the model's and the loss's tensors (XBM's memory).
             saved, current = _saved_config(payload), self.config.model_dump(mode="json")
             changed = [
@@ -438,13 +471,16 @@ class Trainer:
                 if isinstance(saved.get(section), dict)
                 for change in setting_differences(saved[section], current[section], section, "was")
             ]
-            since = (
-                f"; changed since: {'; '.join(changed)}; resume with the run's settings"
-                if changed
-                else ""
+            since = f"; changed since: {'; '.join(changed)}" if changed else ""
+            # A new model (another backbone, a wider embedding) may start from the weights
+            # that fit, as the other refusals of a resume offer.
+            weights = override_word(
+                "Global.pretrained_model", resolve_checkpoint(self.config.Global.checkpoints)
             )
             raise ConfigError(
-                f"Global.checkpoints: the checkpoint does not fit this config ({exc}){since}"
+                "Global.checkpoints: the checkpoint does not fit this config "
+                f"({'; '.join(misfits) or exc}){since}; resume with the run's settings, or "
+                f"start a new run from its weights (those that fit) with -o {weights}"
             ) from None
         try:
             self.optimizer.load_state_dict(self._optimizer_state_for_these_groups(payload))
@@ -464,6 +500,7 @@ class Trainer:
                 )
                 group.update(settings)
         self._warn_of_new_schedule(payload)
+        self._warn_of_new_losses(payload)
         self._warn_of_other_batches(payload)
         if self.ema is not None:
             if "ema" not in payload:
@@ -610,13 +647,24 @@ class Trainer:
         changes = []
         if saved_listing is not None and saved_listing != self._train_listing():
             changes.append("its images or their labels")
-        saved_sampler = (_saved_config(payload).get("DataLoader") or {}).get("Train", {})
-        saved_sampler = (saved_sampler or {}).get("sampler")
+        saved_train = (_saved_config(payload).get("DataLoader") or {}).get("Train")
+        saved_sampler = (saved_train or {}).get("sampler")
         current = self.config.model_dump(mode="json")["DataLoader"]["Train"].get("sampler")
         if saved_sampler is not None and without_defaults(
             saved_sampler, registry.SAMPLERS
         ) != without_defaults(current, registry.SAMPLERS):
             changes.append(f"DataLoader.Train.sampler {current} (was {saved_sampler})")
+        # Other transforms (a resize added to images of several sizes, another crop) prepare
+        # the images otherwise from here: said as other sampling is.
+        saved_dataset = (saved_train or {}).get("dataset")
+        if isinstance(saved_dataset, dict):  # a config without ops has none
+            changes += _listed_changes(
+                saved_dataset.get("transform_ops") or [],
+                self.config.DataLoader.Train.dataset.params.get("transform_ops") or [],
+                "DataLoader.Train.dataset.transform_ops",
+                registry.TRANSFORMS,
+                lambda params: ({}, dict(params or {})),
+            )
         if changes and self.context.is_main:
             logger.warning(
                 "resuming with other training data than the checkpoint's (%s): the run goes "
@@ -651,6 +699,18 @@ class Trainer:
             logger.warning(
                 "resuming with this config's learning-rate schedule: %s", ", ".join(changed)
             )
+
+    def _warn_of_new_losses(self, payload: dict[str, Any]) -> None:
+        """A resumed run trains on the losses the config gives now: another weight or margin
+        than the checkpoint's (an `-o` of the first command left out of the resume) went on
+        without a word, where another schedule or optimizer setting is said. Compared as the
+        losses take their settings, one written out at its default being the one left out.
+        Losses whose state no longer fits are refused before (`_restore`)."""
+        saved = (_saved_config(payload).get("Loss") or {}).get("Train")
+        current = self.config.Loss.Train
+        changed = _listed_changes(saved, current, "Loss.Train", registry.LOSSES, _loss_options)
+        if changed and self.context.is_main:
+            logger.warning("resuming with this config's losses: %s", "; ".join(changed))
 
     def _state(self) -> dict[str, Any]:
         """The checkpoint's content. Under DDP every process's RNG states and own loss state
@@ -862,28 +922,36 @@ class Trainer:
                 ):
                     self.save_latest()
             return not self._should_stop(before_step=False)
-        except DataError as exc:  # an image that cannot be read, met hours into the run
-            if not self.stage.resumable:  # shitu train starts it over
-                raise DataError(
-                    f"{raised_message(exc)}; put the image right and run the same command "
-                    f"again ({self.stage.name} starts over)"
+        # An image that cannot be read, or of another size than the others (transform_ops
+        # without a resize), met hours into the run: the steps done are kept.
+        except (DataError, MixedImageSizes) as exc:
+            kind = MixedImageSizes if isinstance(exc, MixedImageSizes) else DataError
+            fix = "add that op" if kind is MixedImageSizes else "put the image right"
+            # Nothing to keep: a stage that shitu train starts over, or a new run that met
+            # it in its first batch (most often so with images of several sizes), whose
+            # checkpoint of no step then only refused the same command as an earlier run.
+            fresh = self.progress.global_step == 0 and self.config.Global.checkpoints is None
+            if not self.stage.resumable or fresh:
+                over = "" if self.stage.resumable else f" ({self.stage.name} starts over)"
+                raise kind(
+                    f"{raised_message(exc)}; {fix} and run the same command again{over}"
                 ) from None
             latest = self.latest_path
             resume = override_word("Global.checkpoints", latest)
             if self.context.distributed:  # saving is collective: the other ranks are not here
                 if self.checkpointed is None:
                     raise
-                raise DataError(
+                raise kind(
                     f"{raised_message(exc)}. The run's last checkpoint, of step "
-                    f"{self.checkpointed.global_step}, is {latest}: put the image right and "
-                    f"resume with -o {resume}"
+                    f"{self.checkpointed.global_step}, is {latest}: {fix} and resume with "
+                    f"-o {resume}"
                 ) from None
             self.save_latest()
             steps = self.progress.global_step
             done = "1 step so far is" if steps == 1 else f"{steps} steps so far are"
-            raise DataError(
-                f"{raised_message(exc)}. The run's {done} saved in {latest}: put the image "
-                f"right and resume with -o {resume}"
+            raise kind(
+                f"{raised_message(exc)}. The run's {done} saved in {latest}: {fix} and resume "
+                f"with -o {resume}"
             ) from None
         finally:
             bar.close()
@@ -1139,6 +1207,46 @@ def _regrouping(
     return "; ".join(changes[:3]) + more
 
 
+def _loss_options(params: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A loss item's settings of the sum (weight, input_key) not at their defaults, and the
+    loss's own."""
+    options, arguments = split_loss_params(params)
+    return options.model_dump(exclude_defaults=True), arguments
+
+
+def _listed_changes(
+    saved: Any,
+    current: list[dict[str, Any]],
+    where: str,
+    components: registry.Registry,
+    options: Callable[[dict[str, Any] | None], tuple[dict[str, Any], dict[str, Any]]],
+) -> list[str]:
+    """How a list of `{Name: {params}}` items at `where` (Loss.Train, transform_ops) differs
+    from a checkpoint's (`saved`, its config's): the names where the items are others, else
+    each setting, compared as the components take them (one written out at its default is
+    the one left out). `options` splits off settings of the list's own (the loss sum's).
+    None where `saved` is not such a list (another version's checkpoint)."""
+
+    def by_item(items: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        settings = {}
+        for index, item in enumerate(items):
+            ((name, params),) = item.items()
+            own, arguments = options(params)
+            given = without_defaults({"name": name, **arguments}, components)
+            settings[f"{index}.{name}"] = {**own, **{k: v for k, v in given.items() if k != "name"}}
+        return settings
+
+    try:
+        before = by_item(saved)
+    except (ConfigError, ValueError, TypeError, AttributeError):
+        return []  # not a list of items as this version writes them
+    after = by_item(current)
+    if list(before) != list(after):
+        names = [[key.split(".", 1)[1] for key in items] for items in (after, before)]
+        return [f"{where} {', '.join(names[0])} (was {', '.join(names[1])})"]
+    return setting_differences(before, after, where, "was")
+
+
 def _on_cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """`state`'s tensors on the CPU, to gather from other processes (a GPU tensor would be
     unpickled onto the sender's device index)."""
@@ -1292,6 +1400,59 @@ def _warn_of_unused_memory(
                 steps_per_epoch,
                 stage.epochs_key,
             )
+
+
+def _check_memory_holds_past_batches(loss: CombinedLoss, batch_size: int) -> None:
+    """XBM writes each batch into its memory before comparing the batch with it: a memory
+    of no more than one batch holds the batch itself alone, never a past one, and its term
+    only repeated the in-batch pairs, without a word."""
+    for name, part in zip(loss.names, loss.losses, strict=True):
+        if isinstance(part, CrossBatchMemory) and part.memory_size <= batch_size:
+            raise ConfigError(
+                f"Loss.Train: {name}.{part.memory_key} is {part.memory_size}, no more than "
+                f"one batch (DataLoader.Train.sampler.batch_size {batch_size}), so the memory "
+                "would hold only the batch it is compared with, never a past one; give "
+                f"{part.memory_key} room for many batches, or lower batch_size"
+            )
+
+
+def _warn_of_memory_above_the_images(loss: CombinedLoss, images: int) -> None:
+    """An XBM memory larger than the training set (a recipe's 55,000 on a smaller one)
+    holds images more than once: older embeddings of a batch's own images then count as
+    their positives, and each batch is compared with every copy, without a word."""
+    for name, part in zip(loss.names, loss.losses, strict=True):
+        if isinstance(part, CrossBatchMemory) and part.memory_size > images:
+            logger.warning(
+                "Loss.Train %s: %s %d is more than the %d training images, so the memory "
+                "holds images more than once, older embeddings of a batch's own images "
+                "among their positives; give %s %d or less",
+                name,
+                part.memory_key,
+                part.memory_size,
+                images,
+                part.memory_key,
+                images,
+            )
+
+
+def _warn_of_a_batch_above_the_images(sampler: Any, scaled: bool) -> None:
+    """A batch_size above the images a process has (without drop_last, which refuses it)
+    gives batches of those images alone: the run's summary showed the batch size it never
+    reaches, and where Optimizer.lr.base_batch_size is given (`scaled`) the learning rate
+    was scaled for it."""
+    per_process, size = getattr(sampler, "num_samples", None), sampler.batch_size
+    if per_process is None or per_process >= size:
+        return
+    rate = f" (and Optimizer.lr.base_batch_size scales the learning rate for {size})"
+    logger.warning(
+        "DataLoader.Train.sampler: batch_size %d is more than the %d training images (per "
+        "process), so each batch holds those %d%s; set batch_size: %d",
+        size,
+        per_process,
+        per_process,
+        rate if scaled else "",
+        per_process,
+    )
 
 
 def _check_last_batch(sampler: Any, model: nn.Module, dataset: Any) -> None:

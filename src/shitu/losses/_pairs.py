@@ -118,7 +118,7 @@ class PairLoss(nn.Module):
     # starts to supply them.
     triplets_advice: str = (
         "batch-hard losses need several classes and several images of each in a batch "
-        "(PKSampler, sample_per_id >= 2)"
+        "(PKSampler, sample_per_id >= 2 and a batch_size of several times it)"
     )
     # False while something else supplies the pairs a batch lacks (XBM's memory, once it
     # has started): a batch without triplets is then no fault of the run.
@@ -146,16 +146,21 @@ class PairLoss(nn.Module):
     def compare(self, query: Tensor, ref: Tensor, positive: Tensor, negative: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def without_triplets(self, query: Tensor) -> Tensor:
+    def without_triplets(self, query: Tensor, negative: Tensor) -> Tensor:
         """The zero loss of a batch-hard loss on a batch where no anchor has both a positive
         and a negative, with a warning the first time: batches of one image per class (or
-        of one class) leave the loss at 0 for the whole run, which nothing else shows."""
+        of one class: a PKSampler's batch_size equal to its sample_per_id, whose advice,
+        sample_per_id >= 2, it had already) leave the loss at 0 for the whole run, which
+        nothing else shows. `negative`: the batch's negative pairs, to tell which."""
         if self.warn_without_triplets and not self._warned_without_triplets:
             self._warned_without_triplets = True
+            lacked = (
+                "no image of a training batch had both another image of its class and one "
+                "of another class"
+                if bool(negative.any())
+                else "every image of a training batch was of one class"
+            )
             logger.warning(
-                "%s: no image of a training batch had both another image of its class and "
-                "one of another class, so the loss was 0; %s",
-                type(self).__name__,
-                self.triplets_advice,
+                "%s: %s, so the loss was 0; %s", type(self).__name__, lacked, self.triplets_advice
             )
         return zero_loss(query)

@@ -76,7 +76,8 @@ class ContrastiveLoss(PairLoss):
         if self.embedding_size is not None and embeddings.shape[1] != self.embedding_size:
             raise ConfigError(
                 f"ContrastiveLoss.embedding_size is {self.embedding_size} but embeddings have "
-                f"{embeddings.shape[1]} dimensions"
+                f"{embeddings.shape[1]} dimensions; set embedding_size: {embeddings.shape[1]}, "
+                "or leave it out (it is only checked)"
             )
 
     def compare(self, query: Tensor, ref: Tensor, positive: Tensor, negative: Tensor) -> Tensor:

@@ -42,7 +42,7 @@ class TripletLoss(PairLoss):
     def compare(self, query: Tensor, ref: Tensor, positive: Tensor, negative: Tensor) -> Tensor:
         valid = positive.any(dim=1) & negative.any(dim=1)
         if not bool(valid.any()):
-            return self.without_triplets(query)
+            return self.without_triplets(query, negative)
         dist = euclidean_distances(query[valid], ref)
         d_ap = hardest(dist, positive[valid], largest=True)
         d_an = hardest(dist, negative[valid], largest=False)

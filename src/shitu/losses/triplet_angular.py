@@ -81,7 +81,7 @@ class TripletAngularMarginLoss(PairLoss):
     def compare(self, query: Tensor, ref: Tensor, positive: Tensor, negative: Tensor) -> Tensor:
         valid = positive.any(dim=1) & negative.any(dim=1)
         if not bool(valid.any()):
-            return self.without_triplets(query)
+            return self.without_triplets(query, negative)
         sim = query[valid] @ ref.t()
         s_ap = hardest(sim, positive[valid], largest=False)
         s_an = hardest(sim, negative[valid], largest=True)

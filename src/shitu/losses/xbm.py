@@ -12,6 +12,7 @@ written just before.
 
 from __future__ import annotations
 
+import inspect
 from typing import Annotated, Any, ClassVar, Literal
 
 import torch
@@ -21,12 +22,21 @@ from torch import nn
 from shitu.errors import ConfigError
 from shitu.losses._pairs import PairLoss, as_embeddings
 from shitu.losses.contrastive import ContrastiveLoss, Tolerance
+from shitu.losses.triplet import TripletLoss
 from shitu.losses.triplet_angular import TripletAngularMarginLoss
 from shitu.registry import LOSSES, NonNegative, Size, Variant, each_problem
 
 Iterations = Annotated[int, Field(ge=0)]
 # A loss name, or {name: {params}}
 PairLossSpec = str | dict[str, dict[str, Any] | None]
+# The losses that compare a batch with a reference set, which XBM's pair_loss names.
+PAIR_LOSSES: tuple[type[PairLoss], ...] = (ContrastiveLoss, TripletLoss, TripletAngularMarginLoss)
+# XBM's names of its settings, and PaddleClas's (which its XBM losses below take).
+SETTING_NAMES = (
+    ("memory_size", "xbm_size"),
+    ("memory_weight", "xbm_weight"),
+    ("embedding_size", "feat_dim"),
+)
 
 
 def _pair_loss_spec(spec: PairLossSpec) -> tuple[str, dict[str, Any]]:
@@ -47,7 +57,7 @@ def _pair_loss_spec(spec: PairLossSpec) -> tuple[str, dict[str, Any]]:
     if not getattr(loss_class, "supports_reference", False):
         raise ValueError(
             f"pair_loss: XBM needs a pair loss that compares a batch with a reference set "
-            f"(ContrastiveLoss, TripletLoss, TripletAngularMarginLoss); {name} is not one"
+            f"({', '.join(loss.__name__ for loss in PAIR_LOSSES)}); {name} is not one"
         )
     try:
         return name, LOSSES.validate(name, params)
@@ -76,6 +86,9 @@ class CrossBatchMemory(nn.Module):
     # How a config names this loss and its embedding width, for the message of a mismatch.
     config_name: ClassVar[str] = "XBM"
     size_key: ClassVar[str] = "embedding_size"
+    memory_key: ClassVar[str] = "memory_size"
+    # Why it takes no key that another XBM loss or its pair loss does (set below them).
+    unknown_key_notes: ClassVar[dict[str, str]] = {}
 
     def __init__(
         self,
@@ -93,7 +106,8 @@ class CrossBatchMemory(nn.Module):
         self.pair_loss.triplets_advice = (
             f"XBM's memory supplies pairs from past batches only after start_iter "
             f"({start_iter}) training steps; until then a batch needs several classes "
-            "and several images of each (PKSampler, sample_per_id >= 2)"
+            "and several images of each (PKSampler, sample_per_id >= 2 and a batch_size of "
+            "several times it)"
         )
         self.start_iter = start_iter
         self.memory_weight = memory_weight
@@ -122,7 +136,8 @@ class CrossBatchMemory(nn.Module):
         if features.shape[1] != self.memory.shape[1]:
             raise ConfigError(
                 f"{self.config_name}.{self.size_key} is {self.memory.shape[1]} but the "
-                f"model's features have {features.shape[1]} dimensions"
+                f"model output it reads has {features.shape[1]} dimensions; set "
+                f"{self.size_key}: {features.shape[1]}"
             )
         pair_check = getattr(self.pair_loss, "check_input", None)
         if pair_check is not None:
@@ -174,6 +189,7 @@ class ContrastiveLossXBM(CrossBatchMemory):
     """
 
     config_name: ClassVar[str] = "ContrastiveLoss_XBM"
+    memory_key: ClassVar[str] = "xbm_size"
 
     def __init__(
         self,
@@ -216,6 +232,7 @@ class TripletAngularMarginLossXBM(CrossBatchMemory):
 
     config_name: ClassVar[str] = "TripletAngularMarginLoss_XBM"
     size_key: ClassVar[str] = "feat_dim"
+    memory_key: ClassVar[str] = "xbm_size"
 
     def __init__(
         self,
@@ -253,3 +270,45 @@ class TripletAngularMarginLossXBM(CrossBatchMemory):
     def check_params(**params: Any) -> None:
         """The TripletAngularMarginLoss settings it passes on, also checked as a config loads."""
         TripletAngularMarginLoss.check_params(**params)
+
+
+def _parameters(loss: type[nn.Module]) -> set[str]:
+    """The keys a config may give `loss` (its constructor's arguments)."""
+    return set(inspect.signature(loss.__init__).parameters) - {"self"}
+
+
+def _renamed_notes(loss: type[CrossBatchMemory]) -> dict[str, str]:
+    """Why `loss` takes no `xbm_size` (or `memory_size`, ...): the name another XBM loss
+    gives the setting, which `loss` takes under its own."""
+    taken, notes = _parameters(loss), {}
+    for names in SETTING_NAMES:
+        own = [name for name in names if name in taken]
+        notes.update(
+            (other, f"another XBM loss's name for a setting that {loss.config_name} names {own[0]}")
+            for other in names
+            if own and other not in taken
+        )
+    return notes
+
+
+def _pair_loss_notes() -> dict[str, str]:
+    """Why XBM takes no `margin` (or other setting of its pair loss): it goes in pair_loss."""
+    notes = {}
+    for loss in PAIR_LOSSES:
+        for key in sorted(_parameters(loss) - _parameters(CrossBatchMemory)):
+            takers = [other.__name__ for other in PAIR_LOSSES if key in _parameters(other)]
+            notes.setdefault(
+                key,
+                f"a setting of XBM's pair loss ({', '.join(takers)}), not of XBM: give it "
+                f"inside pair_loss, e.g. pair_loss: {{{takers[0]}: {{{key}: ...}}}}",
+            )
+    return notes
+
+
+CrossBatchMemory.unknown_key_notes = {**_pair_loss_notes(), **_renamed_notes(CrossBatchMemory)}
+for _preset in (ContrastiveLossXBM, TripletAngularMarginLossXBM):
+    _preset.unknown_key_notes = {
+        **_renamed_notes(_preset),
+        "pair_loss": f"XBM's setting; {_preset.config_name} has its pair loss built in, whose "
+        "settings it takes itself (or use XBM, which takes a pair_loss)",
+    }
