@@ -687,8 +687,13 @@ def test_an_override_given_as_two_words_is_shown_as_one(command, capsys):
             ["-o", "Global.epochs=1", "--stop-after-steps", "1", "Global.seed=2"],
             "Global.seed=2 (overrides come after -o, which another option ends: -o Global.seed=2)",
         ),
+        (
+            ["-o", "Global.seed=1", "Loss.Train.0.CELoss.weight"],
+            "Loss.Train.0.CELoss.weight (an override is KEY=VALUE, and "
+            "Loss.Train.0.CELoss.weight has no value: -o Loss.Train.0.CELoss.weight=VALUE)",
+        ),
     ],
-    ids=["unquoted-space", "after-another-option"],
+    ids=["unquoted-space", "after-another-option", "key-without-value"],
 )
 def test_override_words_argparse_does_not_know_say_how_to_write_them(words, hint, capsys):
     """Both were only 'unrecognized arguments: WORD', which says nothing of -o."""

@@ -7,6 +7,7 @@ import io
 import itertools
 import logging
 import os
+import re
 import shlex
 import signal
 import sys
@@ -187,11 +188,17 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespa
     return args
 
 
+# A config key path as overrides write it (Global.epochs, Loss.Train.0.CELoss.weight): a
+# section's capitalised name, then dotted parts; a value's second word seldom looks so.
+_CONFIG_KEY = re.compile(r"[A-Z]\w*(\.[\w-]+)+")
+
+
 def _split_override_hint(argv: list[str], unknown: list[str]) -> str:
     """Advice for an override split into words that argparse then does not know: a key and
     its value as two (`-o Global.epochs 5`), a value with a space left unquoted (`-o
     Global.output_dir=my run`), and overrides after another option (`-o A=1 --time-limit 5
-    B=2`), which end `-o`'s list."""
+    B=2`), which end `-o`'s list; a key left without its value (`-o A=1 Global.epochs`)
+    is not taken for the second word of A's value."""
     for before, word in itertools.pairwise(argv):
         override = before.removeprefix("--override=")
         if word not in unknown:
@@ -199,6 +206,8 @@ def _split_override_hint(argv: list[str], unknown: list[str]) -> str:
         if override != before:
             if "=" not in override:
                 return f" (an override is one word, KEY=VALUE: -o {override}={word})"
+            if _CONFIG_KEY.fullmatch(word):
+                return f" (an override is KEY=VALUE, and {word} has no value: -o {word}=VALUE)"
             return (
                 " (a value with spaces is one word, quoted: "
                 f"-o {shlex.quote(f'{override} {word}')})"
