@@ -1690,6 +1690,11 @@ def test_pk_config_errors():
         match=r"^batch_size: 10 is not a multiple of sample_per_id \(4\) in sampler 'PKSampler'$",
     ):
         pk(labels, batch_size=10, sample_per_id=4)
+    # the key to change is named: sample_per_id itself, not batch_size, where it is the one off
+    with pytest.raises(
+        ConfigError, match=r"^sample_per_id: 8 images of a class do not fit in a batch of batch_"
+    ):
+        pk(labels, batch_size=4, sample_per_id=8)
     with pytest.raises(ConfigError, match="needs 12 distinct classes .* has 10"):
         pk(labels, batch_size=24, sample_per_id=2)
     # classes id_list's ratio 0 leaves out are named as the reason

@@ -126,7 +126,14 @@ class PKSampler(EpochBatchSampler):
     ) -> None:
         """Batches are whole groups of K, and `id_list` ranges come with a `ratio` each:
         also checked as a config loads (by the registry)."""
-        if sample_per_id < 1 or batch_size % sample_per_id:
+        if sample_per_id < 1:
+            raise ValueError(f"sample_per_id: must be at least 1, got {sample_per_id}")
+        if sample_per_id > batch_size:
+            raise ValueError(
+                f"sample_per_id: {sample_per_id} images of a class do not fit in a batch of "
+                f"batch_size {batch_size}; lower sample_per_id or raise batch_size"
+            )
+        if batch_size % sample_per_id:
             raise ValueError(
                 f"batch_size: {batch_size} is not a multiple of sample_per_id ({sample_per_id})"
             )
