@@ -20,6 +20,9 @@ class CheckpointError(ShituError):
 
     # The config key that gave the file's path, once the message starts with it.
     setting: str | None = None
+    # The message already says how to use the model shipped with shitu instead, so a
+    # caller that adds that way out leaves it off (said twice otherwise).
+    names_shipped_model: bool = False
 
 
 @contextlib.contextmanager

@@ -264,7 +264,7 @@ def load_extractor(config: PipelineConfig) -> FeatureExtractor:
         # given as the model: "or none for the shipped model"), which said it twice.
         shipped = (
             ""
-            if "shipped model" in str(exc)
+            if exc.names_shipped_model
             else " (set it to null, or give no --model, for the model shipped with shitu)"
         )
         raise CheckpointError(f"Global.rec_inference_model_dir (--model): {exc}{shipped}") from None
