@@ -286,7 +286,7 @@ def test_a_folder_scan_skips_another_library_in_it(models, tmp_path, caplog):
         caplog.clear()
         scanned = shitu("index", *command, "--model", models[128])
         assert scanned.returncode == 0, scanned.stderr
-        assert f"(gallery library x1; e.g. {old})" in caplog.text
+        assert f"(a gallery library x1; e.g. {old})" in caplog.text
     listed = shitu("index", "list", new)
     assert listed.returncode == 0 and listed.stdout.split() == ["3", "Kiwi"]
 

@@ -527,12 +527,12 @@ def count_of(count: int, noun: str) -> str:
 
 
 def _owned_kinds() -> dict[str, str]:
-    """The files that make a folder a gallery library's or an exported model's, to what
-    that makes it."""
-    from shitu.index.metadata import LIBRARY_FILE
+    """The files that make a folder a gallery library's (those `index build` skips too) or
+    an exported model's, to what that makes it."""
+    from shitu.index.labels import gallery_libraries
     from shitu.inference.manifest import MANIFEST
 
-    return {LIBRARY_FILE: "a gallery library", MANIFEST: "an exported model"}
+    return {**gallery_libraries(), MANIFEST: "an exported model"}
 
 
 def owned_folder(folder: Path) -> tuple[str, str] | None:

@@ -305,10 +305,11 @@ def _found(path: Path, resolve: bool) -> Path:
 def gallery_libraries() -> dict[str, str]:
     """For `scan_images`: a gallery library in a folder of photos is skipped, or the images
     it keeps (those `shitu serve` adds, in its `uploads` folder) would be taken for photos
-    of a label named after it. (Imported here: the metadata module imports this one.)"""
+    of a label named after it. The CLI's commands skip these and exported models' folders.
+    (Imported here: the metadata module imports this one.)"""
     from shitu.index.metadata import LIBRARY_FILE
 
-    return {LIBRARY_FILE: "gallery library"}
+    return {LIBRARY_FILE: "a gallery library"}
 
 
 def _refuse_library(folder: Path) -> None:
