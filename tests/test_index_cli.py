@@ -324,6 +324,21 @@ def test_a_single_unlabelled_image_is_told_a_build_option_that_works(
     assert shitu("index", "list", lib).stdout.split() == ["1", "Lemon"]
 
 
+def test_a_label_that_cannot_be_stored_is_refused_as_the_option(models, tmp_path):
+    """`--label ""` (`"$LABEL"` unset) was refused as the first image's ('add
+    photos/a/1.png: the label is empty'), after a warning that it gave the images of
+    several folders one label; a tab, the same. Now `--label` is named, before any scan."""
+    make_images(tmp_path / "photos" / "a", 1)
+    make_images(tmp_path / "photos" / "b", 1)
+    lib = tmp_path / "lib"
+    for label, problem in [("", "the label is empty"), ("a\tb", "must not contain tabs")]:
+        for command in (("build", "--out", lib), ("add", lib)):
+            given = shitu("index", *command, tmp_path / "photos", "--label", label)
+            assert given.returncode == 2 and given.stderr.startswith("error: --label: ")
+            assert problem in given.stderr and given.stderr.count("\n") == 1, given.stderr
+    assert not lib.exists()
+
+
 def test_a_tree_grouped_by_category_builds_a_label_per_product_with_leaf_labels(models, tmp_path):
     """`index build` and `index add` label each image by the folder it is in with
     --leaf-labels (the Grocery Store Dataset's Fruit/Apple/Golden-Delicious/), and refuse

@@ -384,6 +384,11 @@ def collect_items(
             "--label gives every image one label, --leaf-labels takes them from folder names: "
             "give one or the other"
         )
+    if label is not None:
+        try:  # now, named as the option: after the scan, it was refused as the first image's
+            label = check_label(label)
+        except BadLabelError as exc:
+            raise BadLabelError(f"--label: {exc}") from None
     paths = [Path(source) for source in _source_list(sources)]
     items: list[GalleryItem] = []
     for source in paths:
