@@ -988,17 +988,21 @@ def test_create_at_a_link_to_an_empty_folder_makes_the_library_there(tmp_path):
 
 
 def test_model_fingerprint_mismatch_is_refused(tmp_path):
+    """With the model to use: refused to `index add`, the advice was to 'search with' it."""
     new_gallery(tmp_path / "lib").close()
     other = PixelEmbedder(side=2, fingerprint="other")  # 12-d, not the library's 16-d
     other_same_dim = PixelEmbedder(side=2, fingerprint="other")
     with pytest.raises(GalleryError) as caught:
         Gallery.open(tmp_path / "lib", embedder=other)
     assert (
-        "16-d features of model test-model but this model, other, gives 12-d; search with "
-        "the model that built it, or re-embed" in str(caught.value)
+        "16-d features of model test-model but this model, other, gives 12-d; use the "
+        "model that built it, or re-embed" in str(caught.value)
     )
     Gallery.create(tmp_path / "lib12", embedding_dim=12, model_fingerprint="m12").close()
-    with pytest.raises(GalleryError, match="built with model m12 but this model is other"):
+    with pytest.raises(
+        GalleryError,
+        match=r"built with model m12 but this model is other .*; use the model and precision",
+    ):
         Gallery.open(tmp_path / "lib12", embedder=other_same_dim)
 
 
