@@ -1138,6 +1138,25 @@ def test_save_vis_refuses_a_gallery_library_or_an_exported_model(setup, tmp_path
     assert before == {folder: sorted(folder.iterdir()) for folder in (library, model)}
 
 
+def test_save_vis_copies_of_photos_with_the_longest_names_are_written(setup, tmp_path, capsys):
+    """A photo's name of up to 255 bytes took `.jpg` (or `.png.jpg` beside a `.jpg` of the
+    same name) past the file system's limit: 'File name too long' stopped the run there.
+    The copies' names are cut to fit, each its own."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    long = "d" * 251
+    shutil.copy(setup["queries"][0].path, folder / f"{long}.jpg")
+    Image.open(setup["queries"][1].path).save(folder / f"{long}.png")
+    bare = shutil.copy(setup["queries"][2].path, tmp_path / ("e" * 255))  # given by name
+    common = ["--gallery", str(setup["library"]), "--model", str(setup["model"]), "--no-progress"]
+    vis = tmp_path / "vis"
+    given = [str(folder), str(bare), *common, "--save-vis", str(vis), "--format", "table"]
+    assert shitu_main(["recognize", *given]) == 0, capsys.readouterr().err
+    written = sorted(path.name for path in vis.rglob("*") if path.is_file())
+    assert len(set(written)) == 3 and all(len(name) <= 255 for name in written)
+    assert f"{long}.jpg" in written and f"{'e' * 251}.jpg" in written
+
+
 def test_save_vis_keeps_the_sub_folders_so_same_named_photos_keep_their_copies(
     setup, tmp_path, capsys
 ):

@@ -21,6 +21,7 @@ from shitu.fileio import (
     check_writable,
     folder_place,
     home_expanded,
+    name_within,
     refuse_file_in_the_way,
     temporary_prefix,
     write_jpeg,
@@ -658,14 +659,19 @@ class VisualisationWriter:
         """The copy's path under the folder, the same each time for one image: its path
         under `common` (its file name where None) as JPEG; where another image has that
         name (`x.jpg` beside `x.png`), its name with its suffix (`x.png.jpg`), then
-        numbered (`x_2.jpg`)."""
+        numbered (`x_2.jpg`). Each name is cut to fit NAME_MAX (`name_within`): an image's
+        name of up to 255 bytes, with `.jpg` added, failed as "File name too long" and
+        stopped the run at that image."""
         key = os.path.abspath(source)
         if key in self.names:
             return self.names[key]
         relative = Path(key).relative_to(common) if common else Path(Path(key).name)
-        candidates = itertools.chain(
-            (relative.with_suffix(".jpg"), relative.with_name(f"{relative.name}.jpg")),
-            (relative.with_name(f"{relative.stem}_{n}.jpg") for n in itertools.count(2)),
+        endings = itertools.chain(
+            ((relative.stem, ".jpg"), (relative.name, ".jpg")),
+            ((relative.stem, f"_{n}.jpg") for n in itertools.count(2)),
+        )
+        candidates = (
+            relative.with_name(name_within(start, len(end)) + end) for start, end in endings
         )
         name = next(c for c in candidates if str(c).casefold() not in self.used)
         self.used.add(str(name).casefold())
