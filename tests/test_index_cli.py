@@ -324,6 +324,22 @@ def test_a_single_unlabelled_image_is_told_a_build_option_that_works(
     assert shitu("index", "list", lib).stdout.split() == ["1", "Lemon"]
 
 
+def test_a_build_that_fails_leaves_no_folder_made_for_its_out(models, tmp_path):
+    """`--out new/sub/lib`: the folders made for it, to check they could be written in,
+    were left behind by a build that then failed (no image could be read, no such model)
+    or was stopped, as the library was not."""
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    out = tmp_path / "new" / "sub" / "lib"
+    failed = shitu("index", "build", broken, "--label", "X", "--model", models[128], "--out", out)
+    assert failed.returncode == 1 and "none of the 1 images was added" in failed.stderr
+    refused = shitu(
+        "index", "build", broken, "--label", "X", "--model", tmp_path / "no", "--out", out
+    )
+    assert refused.returncode == 2, refused.stderr
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["broken.png"]
+
+
 def test_a_label_that_cannot_be_stored_is_refused_as_the_option(models, tmp_path):
     """`--label ""` (`"$LABEL"` unset) was refused as the first image's ('add
     photos/a/1.png: the label is empty'), after a warning that it gave the images of

@@ -25,7 +25,7 @@ from shitu.cli.common import (
     warn_if_empty,
 )
 from shitu.errors import DataError, GalleryError, did_you_mean, first_few
-from shitu.fileio import check_writable, folder_place, occupied
+from shitu.fileio import check_writable, folder_place, occupied, removed_if_left_empty
 from shitu.index import (
     INDEX_TYPES,
     METRICS,
@@ -456,28 +456,30 @@ def run_build(args: argparse.Namespace) -> int:
         raise GalleryError(
             f"{args.out}: already exists and is not an empty folder; choose a new --out{add}"
         )
-    check_writable(place.parent, f"--out {args.out}")
-    items = collect_items(sources, label=args.label, leaf_labels=args.leaf_labels)
-    model = _load_model(args)
-    options = milvus | search_options
-    try:
-        report = Gallery.build(
-            args.out,
-            model,
-            items,
-            batch_size=args.batch_size,
-            progress=progress_wanted(args),
-            allow_duplicates=args.allow_duplicates,
-            metric=args.metric,
-            index_type=args.index_type,
-            backend=args.backend,
-            backend_options=options,
-            replace_collection=args.replace_collection,
-        )
-    except NothingAddedError as exc:  # status 1, as `index add` and `recognize`
-        _warn_failures(exc.report)
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    # A build that fails or is stopped leaves no library, nor the folders made for it
+    with removed_if_left_empty(place.parent):
+        check_writable(place.parent, f"--out {args.out}")
+        items = collect_items(sources, label=args.label, leaf_labels=args.leaf_labels)
+        model = _load_model(args)
+        options = milvus | search_options
+        try:
+            report = Gallery.build(
+                args.out,
+                model,
+                items,
+                batch_size=args.batch_size,
+                progress=progress_wanted(args),
+                allow_duplicates=args.allow_duplicates,
+                metric=args.metric,
+                index_type=args.index_type,
+                backend=args.backend,
+                backend_options=options,
+                replace_collection=args.replace_collection,
+            )
+        except NothingAddedError as exc:  # status 1, as `index add` and `recognize`
+            _warn_failures(exc.report)
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
     with Catalog(args.out) as catalog:
         _report(report, args.out, catalog.stats())
     return 0
