@@ -697,8 +697,8 @@ def test_a_class_id_label_is_its_text_and_other_non_text_labels_are_refused(tmp_
 def test_unknown_label_or_id_is_refused_without_change(tmp_path):
     with new_gallery(tmp_path / "lib") as gallery:
         ids = gallery.add(clustered(3, DIM), ["a", "b", "c"]).ids
-        with pytest.raises(GalleryError, match="no images labelled"):
-            gallery.remove(labels=["a", "zzz"])
+        with pytest.raises(GalleryError, match="no images labelled 'zzz', 'yyy'$"):
+            gallery.remove(labels=["a", "zzz", "yyy"])
         with pytest.raises(GalleryError, match="no images with ids"):
             gallery.remove(ids=[int(ids[0]), 999])
         with pytest.raises(GalleryError, match="no images labelled 'zzz'"):
@@ -707,11 +707,12 @@ def test_unknown_label_or_id_is_refused_without_change(tmp_path):
 
 
 def test_an_unknown_label_is_refused_with_the_label_it_may_misspell(tmp_path, capsys):
-    """Labels compare exactly: `Kiwi` typed for the library's `kiwi` is told which it has."""
+    """Labels compare exactly: `Kiwi` typed for the library's `kiwi` is told which it has,
+    named alike by remove, relabel and list (remove said ['Kiwi'], a Python list)."""
     with new_gallery(tmp_path / "lib") as gallery:
         gallery.add(clustered(2, DIM), ["kiwi", "Banana"])
         meant = r" \(did you mean 'kiwi'\?\)$"
-        with pytest.raises(GalleryError, match=r"no images labelled \['Kiwi'\]" + meant):
+        with pytest.raises(GalleryError, match="no images labelled 'Kiwi'" + meant):
             gallery.remove(labels=["Kiwi"])
         with pytest.raises(GalleryError, match="no images labelled 'Kiwi'" + meant):
             gallery.relabel("Kiwi", "Kiwi fruit")
@@ -1678,7 +1679,7 @@ def test_a_label_looked_up_is_text_or_a_whole_number(tmp_path):
                 call()
         assert gallery.relabel(7, "seven", merge=True) == 1
         assert len(gallery.remove(labels=["seven"])) == 2
-        with pytest.raises(GalleryError, match=r"no images labelled \['8'\]"):
+        with pytest.raises(GalleryError, match="no images labelled '8'$"):
             gallery.remove(labels=[8])
         assert gallery.label_counts() == {"eight": 1}
 

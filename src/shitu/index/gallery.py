@@ -71,8 +71,8 @@ REEMBED_CATCH_UPS = 5
 # second or two from an SSD, 15 s from a hard disk at 100 MB/s, longer from a network share;
 # fewer are hashed before a bar would say anything, and one flashing by is only noise.
 HASH_BAR_MIN_FILES = 500
-# The most files a refused re-embedding names, or folders of gone files a note names (the
-# rest are counted).
+# The most files a refused re-embedding names, folders of gone files a note names, or
+# unknown labels a refused remove names (the rest are counted).
 SHOWN_FILES = 5
 # How a refused feature array's values are named, by numpy dtype kind (Gallery._prepare).
 _DTYPE_KINDS = {"b": "bool", "i": "integer", "u": "integer", "c": "complex", "O": "object"}
@@ -1034,7 +1034,8 @@ class Gallery:
             unknown = [label for label in labels if not self._store.ids_with_labels([label])]
             if unknown:
                 hint = did_you_mean(unknown[0], list(self._store.label_counts()))
-                raise GalleryError(f"{self.root}: no images labelled {unknown}{hint}")
+                named = first_few([f"'{label}'" for label in unknown], SHOWN_FILES)
+                raise GalleryError(f"{self.root}: no images labelled {named}{hint}")
             target = sorted(set(ids) | set(self._store.ids_with_labels(labels)))
             removed = self._store.delete(target)
             missing = sorted(set(target) - set(removed.tolist()))
