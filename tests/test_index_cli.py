@@ -480,14 +480,20 @@ def test_index_commands_refuse_what_they_cannot_store_or_find(models, gallery_li
 def test_one_photo_listed_under_two_labels_is_reported_not_silently_dropped(
     models, gallery_list, tmp_path
 ):
+    """The file listed again was said to be 'the same photo as' itself; a copy of it
+    elsewhere is named with the path of the one added."""
     image = gallery_list.read_text().splitlines()[0].split("\t")[0]
+    copy = shutil.copy(image, tmp_path / "copy.jpg")
     twice = tmp_path / "twice.txt"
-    twice.write_text(f"{image}\tapple\n{image}\tpear\n{image}\tapple\n")
+    twice.write_text(f"{image}\tapple\n{image}\tpear\n{image}\tapple\n{copy}\tplum\n")
     lib = tmp_path / "lib"
     built = shitu("index", "build", "--gallery", twice, "--model", models[128], "--out", lib)
     assert built.returncode == 0 and "added 1 image" in built.stdout
     assert "skipped 1 duplicate" in built.stdout  # the same photo under the same label
-    assert f"could not add {image}: the same photo as {image}, labelled 'apple'" in built.stderr
+    assert f"could not add {image}: listed before, labelled 'apple'; it keeps" in built.stderr
+    assert f"could not add {copy}: the same photo as {image}, labelled 'apple'; it" in (
+        built.stderr
+    )
 
 
 def library_of_the_first(models: dict, tmp_path: Path, count: int) -> tuple[list[Path], Path]:
@@ -549,9 +555,7 @@ def test_an_add_written_in_parts_reports_as_one_add(models, tmp_path, monkeypatc
     assert parts.stderr == one.stderr.replace(str(tmp_path / "copy"), str(lib))
     assert f"added 5 images to {lib} (now 6 images of 2 labels)" in parts.stdout
     assert "skipped 1 duplicate" in parts.stdout  # photo 2
-    assert f"could not add {photos[1]}: the same photo as {photos[1]}, labelled 'x'" in (
-        parts.stderr
-    )
+    assert f"could not add {photos[1]}: listed before, labelled 'x'" in parts.stderr
     assert f"could not add {photos[0]}: the library has this photo as image 1" in parts.stderr
     assert "broken.png" in parts.stderr and "missing.png" in parts.stderr
     with Gallery.open(lib) as gallery:

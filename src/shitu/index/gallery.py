@@ -961,12 +961,14 @@ class Gallery:
                 first = listed.get(digest)
                 stored_id, stored_label = present.get(digest, (None, item.label))
                 if first is not None and first.label != item.label:  # one photo, two labels
+                    # One file listed twice was 'the same photo as' itself
+                    where = (
+                        "listed before"
+                        if first.path == item.path
+                        else f"the same photo as {first.path}"
+                    )
                     failures.append(
-                        (
-                            str(item.path),
-                            f"the same photo as {first.path}, labelled "
-                            f"'{first.label}' there; it keeps that label",
-                        )
+                        (str(item.path), f"{where}, labelled '{first.label}'; it keeps that label")
                     )
                 elif normal_form(stored_label) != item.label:  # a mistake, or meant to move it
                     failures.append(
