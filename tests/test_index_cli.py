@@ -536,6 +536,23 @@ def test_search_names_a_photo_the_model_gives_nan_and_searches_the_rest(
     assert alone.returncode == 1 and alone.stdout == ""
 
 
+def test_a_min_score_no_cosine_similarity_reaches_is_refused(models, tmp_path):
+    """`--min-score 5` (a percentage meant, say) in a library of cosine similarities
+    printed 'no match' for every photo, without a word."""
+    photos, lib = library_of_the_first(models, tmp_path, 1)
+    for score, passing in (("5", "no hit"), ("-1.5", "every hit")):
+        search = shitu(
+            "index", "search", lib, photos[0], "--model", models[128], "--min-score", score
+        )
+        assert search.returncode == 2 and search.stdout == ""
+        assert search.stderr == (
+            f"error: --min-score {float(score)}: the scores of {lib} are cosine similarities, "
+            f"from -1 to 1, so {passing} would pass it\n"
+        )
+    kept = shitu("index", "search", lib, photos[0], "--model", models[128], "--min-score", "0.5")
+    assert kept.returncode == 0 and "old (1.000, id 1)" in kept.stdout, kept.stderr
+
+
 def test_an_add_written_in_parts_reports_as_one_add(models, tmp_path, monkeypatch):
     """`index add` writes the library a part at a time, and says what one write says: the
     totals, a photo listed again under another label in a later part refused as in one

@@ -759,11 +759,24 @@ def run_rebuild(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_min_score(score: float | None, gallery: Gallery) -> None:
+    """A GalleryError for a --min-score beyond -1 to 1 where the library's scores are
+    cosine similarities (it normalises): every image was 'no match' (or no hit dropped),
+    without a word, before any image was embedded."""
+    if score is not None and gallery.manifest.normalize and not -1 <= score <= 1:
+        passing = "no hit" if score > 1 else "every hit"
+        raise GalleryError(
+            f"--min-score {score}: the scores of {gallery.root} are cosine similarities, from "
+            f"-1 to 1, so {passing} would pass it"
+        )
+
+
 def run_search(args: argparse.Namespace) -> int:
     model = _load_model(args)
     images, folder = expand_images(args.images, {"an exported model": "--model"})
     progress = progress_wanted(args) and (folder or len(images) > 1)  # as `shitu recognize`
     with _open_for(args, model) as gallery:
+        _check_min_score(args.min_score, gallery)
         warn_if_empty(gallery, "no match can be found")
         extraction = model.extract_files([str(p) for p in images], args.batch_size, progress)
         # An image the model gives NaN or inf is named, as an unreadable one: the search
