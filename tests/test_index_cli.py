@@ -818,6 +818,15 @@ def test_a_terminated_build_unwinds_and_ends_by_the_signal(models, grocery, tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
+def test_stats_prints_a_path_in_its_own_letters(tmp_path):
+    """`index stats` printed a library named `Äpfel 梨` as "\\u00c4pfel \\u68a8", where
+    `list --format jsonl` prints labels and paths as they are."""
+    lib = tmp_path / "Äpfel 梨"
+    Gallery.create(lib, embedding_dim=8, model_fingerprint="m").close()
+    stats = shitu("index", "stats", lib)
+    assert stats.returncode == 0 and f'"path": "{lib}"' in stats.stdout, stats.stdout
+
+
 @pytest.mark.parametrize("backend", ["faiss", "milvus"])
 def test_list_and_stats_read_the_rows_without_loading_the_index(tmp_path, monkeypatch, backend):
     """On a big library loading the index (a Faiss file read whole and checksummed, a

@@ -689,7 +689,8 @@ def run_list(args: argparse.Namespace) -> int:
 
 def run_stats(args: argparse.Namespace) -> int:
     with Catalog(args.library) as catalog:
-        print(json.dumps(catalog.stats(), indent=2))
+        # Its path as typed (`Äpfel`), as `list --format jsonl` prints text: not `\u00c4pfel`
+        print(json.dumps(catalog.stats(), indent=2, ensure_ascii=False))
     return 0
 
 
