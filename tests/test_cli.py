@@ -1063,6 +1063,36 @@ def test_extract_refuses_a_folder_for_out_before_embedding(tmp_path):
     assert sorted(path.name for path in tmp_path.iterdir()) == ["a.jpg", "feats.npy", "features"]
 
 
+def test_extract_refuses_to_write_into_a_library_or_an_export_before_embedding(tmp_path):
+    """`--out LIB/feats` wrote the features among a library's files, and `--out
+    EXPORT/feats` among an export's, which `shitu export` then refused to replace; as
+    weights are, they are refused, where a link there points too."""
+    from shitu.index import Gallery
+    from tests.index_helpers import PixelEmbedder
+
+    image = tmp_path / "a.jpg"
+    image.write_bytes(b"never read")
+    library = tmp_path / "lib"
+    Gallery.create_for(library, PixelEmbedder()).close()
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "shitu_model.json").write_text("{}")
+    (tmp_path / "link").symlink_to(library)
+    owned = [
+        (library, "a gallery library", "gallery.sqlite"),
+        (export, "an exported model", "shitu_model.json"),
+        (tmp_path / "link", "a gallery library", "gallery.sqlite"),
+    ]
+    for folder, kind, marker in owned:
+        result = run_shitu("extract", str(image), "--out", str(folder / "feats"))
+        assert result.returncode == 2 and result.stderr == (
+            f"error: --out {folder / 'feats'}: {folder} is {kind}'s folder ({marker}), whose "
+            "files are its own: write the features to another folder\n"
+        )
+    assert sorted(path.name for path in export.iterdir()) == ["shitu_model.json"]
+    assert not list(library.glob("feats*"))
+
+
 @pytest.mark.parametrize("lone", [".txt", ".npy"])
 def test_extract_refuses_to_replace_a_file_that_is_no_earlier_output(tmp_path, lone):
     """An earlier run's output is a pair: `--out train` in a dataset folder replaced its

@@ -433,12 +433,9 @@ def writable_weights_file(out: str | Path) -> Path:
     except OSError as exc:  # a link in a loop
         raise CheckpointError(f"cannot write {path}: {exc.strerror}") from None
     refuse_file_in_the_way(place.parent, f"--out {out}")  # named, not 'File exists'
-    owner = owned_folder(place.parent)
-    if owner is not None:
-        raise CheckpointError(
-            f"--out {out}: {place.parent} is {owner[1]}'s folder ({owner[0]}), whose files "
-            "are its own: write the weights to another folder"
-        )
+    refusal = owned_output_refusal(place.parent, f"--out {out}", "the weights")
+    if refusal is not None:
+        raise CheckpointError(refusal)
     try:
         if place.is_dir():  # `save_weights` renames its file onto it only at the end
             raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
@@ -534,6 +531,20 @@ def _owned_kinds() -> dict[str, str]:
     from shitu.inference.manifest import MANIFEST
 
     return {**gallery_libraries(), MANIFEST: "an exported model"}
+
+
+def owned_output_refusal(folder: Path, option: str, written: str) -> str | None:
+    """Why `option` may not write `written` ("the weights") into `folder`, where it is a
+    gallery library's or an exported model's (`owned_folder`), else None: files of
+    another command's there are none of its own (`shitu export` then refused to replace
+    the export that holds them)."""
+    owner = owned_folder(folder)
+    if owner is None:
+        return None
+    return (
+        f"{option}: {folder} is {owner[1]}'s folder ({owner[0]}), whose files are its own: "
+        f"write {written} to another folder"
+    )
 
 
 def owned_folder(folder: Path) -> tuple[str, str] | None:

@@ -15,6 +15,7 @@ from shitu.cli.common import (
     add_runtime_arguments,
     count_of,
     expand_images,
+    owned_output_refusal,
     positive_int,
     progress_wanted,
     required_path,
@@ -115,6 +116,9 @@ def run(args: argparse.Namespace) -> int:
             raise DataError(f"--out {args.out}: {target}: {exc.strerror}") from None
     with contextlib.ExitStack() as made:  # made, then nothing written: removed
         for folder in dict.fromkeys(folders):
+            refusal = owned_output_refusal(folder, f"--out {args.out}", "the features")
+            if refusal is not None:
+                raise DataError(refusal)
             made.enter_context(removed_if_left_empty(folder))
             check_writable(folder, f"--out {args.out}")
         with _sole_writer_of(out, args.out):
