@@ -324,6 +324,27 @@ def test_a_single_unlabelled_image_is_told_a_build_option_that_works(
     assert shitu("index", "list", lib).stdout.split() == ["1", "Lemon"]
 
 
+def test_a_library_is_not_built_into_another_library_or_an_export(models, tmp_path):
+    """`--out EXPORT/lib` built a library among an export's files, which `shitu export`
+    then refused to replace, and `--out LIB/inner` one among another library's; as
+    weights and features are, it is refused there."""
+    image = make_images(tmp_path / "photos", 1)[0]
+    build = ("index", "build", image, "--label", "X", "--model", models[128], "--out")
+    assert shitu(*build, tmp_path / "lib").returncode == 0
+    for owner, kind, marker in [
+        (models[128], "an exported model", "shitu_model.json"),
+        (tmp_path / "lib", "a gallery library", "gallery.sqlite"),
+    ]:
+        before = sorted(owner.iterdir())
+        inner = owner / "inner"
+        refused = shitu(*build, inner)
+        assert refused.returncode == 2 and refused.stderr == (
+            f"error: --out {inner}: {owner} is {kind}'s folder ({marker}), whose files are its "
+            "own: write the library to another folder\n"
+        )
+        assert sorted(owner.iterdir()) == before
+
+
 def test_a_build_that_fails_leaves_no_folder_made_for_its_out(models, tmp_path):
     """`--out new/sub/lib`: the folders made for it, to check they could be written in,
     were left behind by a build that then failed (no image could be read, no such model)
