@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 from shitu.cli.common import (
     add_progress_argument,
@@ -29,6 +30,7 @@ from shitu.fileio import (
     name_within,
     removed_if_left_empty,
     write_atomically,
+    write_failure_reason,
 )
 from shitu.inference.choices import DEVICES
 
@@ -194,12 +196,20 @@ def _embed_and_write(
 
     def save_features_then_names(tmp: Path) -> None:
         with tmp.open("wb") as handle:  # a file name would get a second .npy appended
-            np.save(handle, result.features)
+            # By the handle's writes, not numpy's own (it writes to a file object with C's
+            # fwrite): one refused says why, not numpy's "N requested and M written"
+            np.lib.format.write_array(SimpleNamespace(write=handle.write), result.features)
         # Replaced while the new features wait to replace theirs: a write that fails (a
         # full disk) leaves the previous pair, not new features beside the old paths.
         write_atomically(targets[1], lambda names_tmp: names_tmp.write_bytes(names))
 
-    write_atomically(targets[0], save_features_then_names)
+    try:
+        write_atomically(targets[0], save_features_then_names)
+    except OSError as exc:  # "File too large", with no file named
+        raise DataError(
+            f"cannot write {targets[0]} and {targets[1]}: {write_failure_reason(exc)}; "
+            "neither was changed"
+        ) from None
     rate = len(result.paths) / seconds if seconds > 0 else 0.0
     skipped = len(result.failures)  # each named in a warning above; none is no news
     print(
