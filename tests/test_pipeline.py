@@ -967,6 +967,31 @@ def test_a_missing_model_or_detector_from_a_config_file_names_the_file_and_key(
     assert "pass the --model export that built the library" in err and err.count("\n") == 1
 
 
+def test_an_unreadable_detector_file_is_named_by_its_key_and_config_file(
+    setup, tmp_path, capsys, monkeypatch
+):
+    """A detector file that is there but cannot be read (not ONNX) was 'error: det.onnx
+    cannot be opened by onnxruntime: ...', with no word of the key, or of the config file
+    that named it; a missing one said both."""
+    (tmp_path / "det.onnx").write_text("not a model")
+    config = tmp_path / "pipeline.yaml"
+    config.write_text("Global:\n  det_inference_model_dir: det.onnx\n")
+    monkeypatch.chdir(tmp_path)
+    photo = str(setup["queries"][0].path)
+    common = ["--gallery", str(setup["library"]), "--model", str(setup["model"])]
+    assert shitu_main(["recognize", photo, *common, "-c", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(
+        f"error: {config}: Global.det_inference_model_dir: det.onnx cannot be opened by "
+        "onnxruntime: "
+    )
+    assert err.endswith(f" (read from the working directory {tmp_path})\n")
+    assert shitu_main(["recognize", photo, *common, "--detector", "det.onnx"]) == 2
+    assert capsys.readouterr().err.startswith(
+        "error: Global.det_inference_model_dir (--detector): det.onnx cannot be opened by "
+    )
+
+
 def test_a_library_given_as_the_model_is_told_of_the_shipped_model_once(setup, capsys):
     """`--model LIB` was told to give it as --gallery, 'and as --model the export that built
     it, or none for the shipped model', then '(set it to null, or give no --model, for the

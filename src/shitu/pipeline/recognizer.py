@@ -228,7 +228,10 @@ def build_detector(config: PipelineConfig) -> MainbodyDetector | None:
 
     g = config.Global
     size = config.DetPreProcess.input_size if config.DetPreProcess else None
-    return load_detector(name, g.det_backend, g.det_arch, size, g.cpu_num_threads)
+    try:
+        return load_detector(name, g.det_backend, g.det_arch, size, g.cpu_num_threads)
+    except CheckpointError as exc:  # an unreadable file: named by its key, as a missing one
+        raise CheckpointError(f"{key}: {exc}") from None
 
 
 def _warn_of_unused_detector_settings(config: PipelineConfig) -> None:
