@@ -534,10 +534,9 @@ def _owned_kinds() -> dict[str, str]:
 
 
 def owned_output_refusal(folder: Path, option: str, written: str) -> str | None:
-    """Why `option` may not write `written` ("the weights") into `folder`, where it is a
-    gallery library's or an exported model's (`owned_folder`), else None: files of
-    another command's there are none of its own (`shitu export` then refused to replace
-    the export that holds them)."""
+    """Why `option` may not write `written` ("the weights") into `folder`: a gallery
+    library's or an exported model's folder (`owned_folder`), whose files are its own
+    (`shitu export` refuses to replace an export that holds others); None where it may."""
     owner = owned_folder(folder)
     if owner is None:
         return None
