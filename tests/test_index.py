@@ -694,6 +694,17 @@ def test_a_class_id_label_is_its_text_and_other_non_text_labels_are_refused(tmp_
         assert len(gallery) == 2
 
 
+def test_add_names_the_list_whose_length_is_off(tmp_path):
+    """Two rows and one label were 'features, labels, paths and hashes differ in length',
+    though no path or hash was given."""
+    with new_gallery(tmp_path / "lib") as gallery:
+        with pytest.raises(GalleryError, match=r"^add: 2 feature rows, but 1 in labels; give"):
+            gallery.add(clustered(2, DIM), ["a"])
+        with pytest.raises(GalleryError, match=r"^add: 2 feature rows, but 3 in paths; give"):
+            gallery.add(clustered(2, DIM), ["a", "b"], ["x.jpg", "y.jpg", "z.jpg"])
+        assert len(gallery) == 0
+
+
 def test_unknown_label_or_id_is_refused_without_change(tmp_path):
     with new_gallery(tmp_path / "lib") as gallery:
         ids = gallery.add(clustered(3, DIM), ["a", "b", "c"]).ids

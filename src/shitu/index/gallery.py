@@ -876,8 +876,16 @@ class Gallery:
         labels = _listed(labels, "labels", "add")
         paths = _path_texts(paths, count)
         hashes = _listed(hashes, "hashes", "add") if hashes is not None else [None] * count
-        if not len(labels) == len(paths) == len(hashes) == count:
-            raise GalleryError("add: features, labels, paths and hashes differ in length")
+        # Each list that is off, with its length: 'features, labels, paths and hashes differ
+        # in length' named paths and hashes that were never given
+        given = {"labels": labels, "paths": paths, "hashes": hashes}
+        wrong = [
+            f"{len(values)} in {name}" for name, values in given.items() if len(values) != count
+        ]
+        if wrong:
+            raise GalleryError(
+                f"add: {count} feature rows, but {' and '.join(wrong)}; give one for each row"
+            )
         labels = [_stored_label(label, "add") for label in labels]
         unstorable = [path for path in paths if not self._storable(path)]
         if unstorable:
