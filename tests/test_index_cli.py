@@ -361,6 +361,32 @@ def test_a_build_that_fails_leaves_no_folder_made_for_its_out(models, tmp_path):
     assert sorted(path.name for path in tmp_path.iterdir()) == ["broken.png"]
 
 
+def test_labels_apart_only_by_case_are_warned_of(models, tmp_path, caplog):
+    """`Apple/` beside `apple/`, or `--label apple` added to a library of `Apple`, made two
+    labels without a word: recognition then names one product two ways."""
+    photos = tmp_path / "photos"
+    make_images(photos / "Apple", 1)
+    make_images(photos / "apple", 1, seed=1)
+    make_images(photos / "Kiwi", 1, seed=2)
+    lib = tmp_path / "lib"
+    built = shitu("index", "build", photos, "--out", lib, "--model", models[128])
+    assert built.returncode == 0, built.stderr
+    relabel = f"`shitu index relabel {lib} OLD NEW --merge`"
+    assert caplog.text.count("differ only in case") == 1
+    assert f"are kept apart: 'Apple' and 'apple'; to make them one label, {relabel}" in (
+        caplog.text
+    )
+    extra = make_images(tmp_path / "extra", 1, seed=3)[0]
+    for label, warned in (("KIWI", "'KIWI' and 'Kiwi';"), ("Pear", None)):
+        caplog.clear()
+        added = shitu("index", "add", lib, extra, "--label", label, "--model", models[128],
+                      "--allow-duplicates")  # fmt: skip
+        assert added.returncode == 0, added.stderr
+        # the library's Apple and apple, added before, are not said again
+        assert ("differ only in case" in caplog.text) == (warned is not None)
+        assert warned is None or f"kept apart: {warned}" in caplog.text
+
+
 def test_a_label_that_cannot_be_stored_is_refused_as_the_option(models, tmp_path):
     """`--label ""` (`"$LABEL"` unset) was refused as the first image's ('add
     photos/a/1.png: the label is empty'), after a warning that it gave the images of

@@ -46,6 +46,7 @@ from shitu.index.gallery import (
     file_gone,
     gone_from,
 )
+from shitu.index.labels import warn_of_labels_apart_by_case
 from shitu.index.metadata import ImageEntry, LibraryBusyError
 from shitu.vectors import finite_rows
 
@@ -464,6 +465,7 @@ def run_build(args: argparse.Namespace) -> int:
     with removed_if_left_empty(place.parent):
         check_writable(place.parent, f"--out {args.out}")
         items = collect_items(sources, label=args.label, leaf_labels=args.leaf_labels)
+        warn_of_labels_apart_by_case(args.out, (item.label for item in items))
         model = _load_model(args)
         options = milvus | search_options
         try:
@@ -493,6 +495,8 @@ def run_add(args: argparse.Namespace) -> int:
     items = collect_items(args.sources, label=args.label, leaf_labels=args.leaf_labels)
     model = _load_model(args)
     with _open_for(args, model) as gallery:
+        labels = (item.label for item in items)
+        warn_of_labels_apart_by_case(args.library, labels, gallery.label_counts())
         report = _add_in_parts(args, gallery, model, items)
         stats = gallery.stats()
         # Adding a moved photo folder again finds its photos in the library: the way to

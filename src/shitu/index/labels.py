@@ -6,6 +6,7 @@ import logging
 import os
 import shlex
 import unicodedata
+from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from numbers import Integral
@@ -295,6 +296,27 @@ def _warn_of_one_label_over_folders(folder: Path, images: list[Path], label: str
         len(names),
         first_few(names, 3),
     )
+
+
+def warn_of_labels_apart_by_case(
+    library: str | Path, given: Iterable[str], held: Iterable[str] = ()
+) -> None:
+    """Warn where a label `given` differs from another, given too or `held` by the
+    `library`, only in case (`apple` beside `Apple`): most likely one product named two
+    ways, which the library keeps, and recognition names, as two. (Both may be meant.)"""
+    new = {normal_form(label) for label in given}
+    spellings: defaultdict[str, set[str]] = defaultdict(set)
+    for label in new | set(held):
+        spellings[label.casefold()].add(label)
+    apart = [sorted(names) for names in spellings.values() if len(names) > 1 and names & new]
+    if apart:
+        named = [f"{', '.join(map(repr, names[:-1]))} and {names[-1]!r}" for names in sorted(apart)]
+        logger.warning(
+            "labels that differ only in case are kept apart: %s; to make them one label, "
+            "`shitu index relabel %s OLD NEW --merge`",
+            first_few(named, 3),
+            shlex.quote(str(library)),
+        )
 
 
 def _found(path: Path, resolve: bool) -> Path:
