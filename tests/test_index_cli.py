@@ -600,6 +600,20 @@ def test_a_min_score_no_cosine_similarity_reaches_is_refused(models, tmp_path):
     assert kept.returncode == 0 and "old (1.000, id 1)" in kept.stdout, kept.stderr
 
 
+def test_every_image_that_could_not_be_added_is_named(models, tmp_path):
+    """Past 10 images that could not be added, the rest were '... 12 images failed in
+    all': which ones the library lacks could not be told. Each is named, then counted."""
+    lib = library_of_the_first(models, tmp_path, 1)[1]
+    broken = [tmp_path / "photos" / f"broken{n:02}.png" for n in range(12)]
+    for n, path in enumerate(broken):
+        path.write_bytes(b"not an image %d" % n)  # each its own: not one file's duplicates
+    added = shitu("index", "add", lib, *broken, "--label", "x", "--model", models[128])
+    assert added.returncode == 1, added.stderr
+    for path in broken:
+        assert f"warning: could not add {path}: " in added.stderr
+    assert added.stderr.endswith("warning: 12 images could not be added\n")
+
+
 def test_an_add_written_in_parts_reports_as_one_add(models, tmp_path, monkeypatch):
     """`index add` writes the library a part at a time, and says what one write says: the
     totals, a photo listed again under another label in a later part refused as in one

@@ -50,7 +50,9 @@ from shitu.index.labels import warn_of_labels_apart_by_case
 from shitu.index.metadata import ImageEntry, LibraryBusyError
 from shitu.vectors import finite_rows
 
-SHOWN_PROBLEMS = 10
+# Past this many images that could not be added, their count follows the warnings naming
+# them (which run off the screen).
+COUNTED_FAILURES = 10
 # `index add` writes the library every ADD_PART images it embeds, so that an add stopped by
 # Ctrl-C, a crash or a failed write keeps the parts it wrote, and the same command again adds
 # the rest (the images written are skipped as duplicates); `index build` stays all or nothing.
@@ -428,10 +430,13 @@ def _note_untrained(stats: dict[str, Any]) -> None:
 
 
 def _warn_failures(report: AddReport) -> None:
-    for path, reason in report.failures[:SHOWN_PROBLEMS]:
+    """Name every image that could not be added, as extract and recognize name each file
+    they skip: past the first 10, the rest were only counted, so which images the library
+    lacks could not be told."""
+    for path, reason in report.failures:
         print(f"warning: could not add {path}: {reason}", file=sys.stderr)
-    if len(report.failures) > SHOWN_PROBLEMS:
-        print(f"warning: ... {len(report.failures)} images failed in all", file=sys.stderr)
+    if len(report.failures) > COUNTED_FAILURES:
+        print(f"warning: {len(report.failures)} images could not be added", file=sys.stderr)
 
 
 def run_build(args: argparse.Namespace) -> int:
