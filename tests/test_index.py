@@ -712,6 +712,10 @@ def test_unknown_label_or_id_is_refused_without_change(tmp_path):
             gallery.remove(labels=["a", "zzz", "yyy"])
         with pytest.raises(GalleryError, match="no images with ids"):
             gallery.remove(ids=[int(ids[0]), 999])
+        # beyond SQLite's integers: an OverflowError's traceback from the query
+        for call in (gallery.remove, gallery.entries_with_ids):
+            with pytest.raises(GalleryError, match=rf": no image has id {10**20}, beyond the"):
+                call(ids=[int(ids[0]), 10**20])
         with pytest.raises(GalleryError, match="no images labelled 'zzz'"):
             gallery.relabel("zzz", "y")
         assert len(gallery) == 3 and gallery.verify() == []

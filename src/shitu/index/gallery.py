@@ -1440,12 +1440,19 @@ def _listed(values: Any, what: str, where: str) -> list:
 
 def _image_ids(ids: Any, where: str) -> list[int]:
     """`ids` as a list of ints; anything but a whole number is refused, naming it: int()
-    would take 1.5 (or True) for image 1, and remove or list an image that was not meant."""
+    would take 1.5 (or True) for image 1, and remove or list an image that was not meant.
+    One beyond SQLite's 64-bit integers, which no image has, is refused too: the query
+    failed with an OverflowError's traceback (`index remove --id 100000000000000000000`)."""
     values = _listed(ids, "ids", where)
     for value in values:
         if isinstance(value, bool) or not isinstance(value, Integral):
             raise GalleryError(
                 f"{where}: an image id is a whole number, got {type(value).__name__} {value!r}"
+            )
+        if not -(2**63) <= value < 2**63:
+            raise GalleryError(
+                f"{where}: no image has id {value}, beyond the largest a library gives "
+                f"({2**63 - 1})"
             )
     return [int(v) for v in values]
 
