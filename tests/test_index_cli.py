@@ -387,6 +387,22 @@ def test_labels_apart_only_by_case_are_warned_of(models, tmp_path, caplog):
         assert warned is None or f"kept apart: {warned}" in caplog.text
 
 
+def test_leaf_labels_without_a_folder_is_said_to_be_unused(models, gallery_list, tmp_path, caplog):
+    """`--leaf-labels` with only a label file (or image files) was dropped without a word:
+    the labels were the file's, not the folders' the flag named."""
+    lib = tmp_path / "lib"
+    built = shitu("index", "build", gallery_list, "--leaf-labels", "--model", models[128],
+                  "--out", lib)  # fmt: skip
+    assert built.returncode == 0, built.stderr
+    assert "--leaf-labels is not used: it labels the images of a folder" in caplog.text
+    caplog.clear()
+    make_images(tmp_path / "tree" / "Fruit" / "Kiwi", 1)
+    added = shitu("index", "add", lib, gallery_list, tmp_path / "tree", "--leaf-labels",
+                  "--model", models[128])  # fmt: skip
+    assert added.returncode == 0, added.stderr
+    assert "--leaf-labels is not used" not in caplog.text
+
+
 def test_a_label_that_cannot_be_stored_is_refused_as_the_option(models, tmp_path):
     """`--label ""` (`"$LABEL"` unset) was refused as the first image's ('add
     photos/a/1.png: the label is empty'), after a warning that it gave the images of

@@ -447,4 +447,9 @@ def collect_items(
             raise DataError(f"{source}: no such file or folder")
     if not items:
         raise DataError(f"no images listed in {', '.join(map(str, paths))}")
+    if leaf_labels and not any(source.is_dir() for source in paths):  # else dropped unseen
+        logger.warning(
+            "--leaf-labels is not used: it labels the images of a folder by the folders they "
+            "are in, and no folder was given (a label file carries its own labels)"
+        )
     return items
