@@ -681,7 +681,12 @@ def test_remove_missing_drops_the_images_whose_files_are_gone(models, tmp_path):
                   models[128])  # fmt: skip
     assert added.returncode == 0, added.stderr
     none = shitu("index", "remove", lib, "--missing")
-    assert none.returncode == 0 and "removed no images" in none.stdout, none.stderr
+    assert none.returncode == 0, none.stderr
+    assert none.stdout == f"removed no images from {lib}: no image's file is gone\n"
+    with Gallery.create(tmp_path / "vectors", embedding_dim=8, model_fingerprint="m") as kept:
+        kept.add(clustered(2, 8), ["a", "b"])  # as vectors: no file, none gone
+    vectors = shitu("index", "remove", tmp_path / "vectors", "--missing")
+    assert vectors.stdout.endswith(": no image's file is gone\n"), vectors.stderr
     photos[0].unlink()
     photos[2].rename(tmp_path / "moved.png")
     refused = shitu("index", "reembed", lib, "--model", models[128])

@@ -605,7 +605,8 @@ def run_remove(args: argparse.Namespace) -> int:
             _refuse_if_a_whole_source_is_gone(args.library, entries, gone)
         ids = list(args.ids) + [e.id for e in gone]  # an id given twice is removed once
         if not ids and not args.labels:
-            print(f"removed no images from {args.library}: every image's file is there")
+            # Images added as vectors have no file, so 'every file is there' said too much
+            print(f"removed no images from {args.library}: no image's file is gone")
             return 0
         removed = gallery.remove(ids=ids, labels=args.labels)
     print(f"removed {count_of(len(removed), 'image')} from {args.library}")
