@@ -521,7 +521,9 @@ def test_pngs_with_a_colour_profile_libpng_refuses_are_read_without_its_raw_warn
 def test_extract_that_cannot_write_its_paths_keeps_the_previous_features_and_paths(tmp_path):
     """New features beside the previous run's paths would pair every row with another
     image: a paths list that cannot be written (here over the file size limit, which the
-    features keep under) must leave both files as they were."""
+    features keep under) must leave both files as they were. Features over it were said
+    in numpy's words, 'N requested and M written'; both are said as the system says
+    them, with the files."""
     import resource
 
     image = tmp_path / "photo.png"
@@ -534,19 +536,23 @@ def test_extract_that_cannot_write_its_paths_keeps_the_previous_features_and_pat
     images = [deep / "a.png", deep / "b.png"]
     for path in images:
         shutil.copy(image, path)
-    limit = 128 + 2 * 512 * 4 + 400  # the new features' .npy fits, their paths do not
+    # the new features' .npy fits the first limit, their paths do not; neither fits the second
+    for limit in (128 + 2 * 512 * 4 + 400, 400):
 
-    def limit_file_size() -> None:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+        def limit_file_size(limit: int = limit) -> None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    result = subprocess.run(
-        [*SHITU, "extract", *map(str, images), "--out", str(out)],
-        capture_output=True,
-        text=True,
-        preexec_fn=limit_file_size,
-    )
-    assert result.returncode == 2 and "File too large" in result.stderr, result.stderr
-    assert (out.with_suffix(".npy").read_bytes(), out.with_suffix(".txt").read_bytes()) == before
+        result = subprocess.run(
+            [*SHITU, "extract", *map(str, images), "--out", str(out)],
+            capture_output=True,
+            text=True,
+            preexec_fn=limit_file_size,
+        )
+        assert result.returncode == 2 and result.stderr == (
+            f"error: cannot write {out}.npy and {out}.txt: File too large; neither was changed\n"
+        )
+        npy, txt = out.with_suffix(".npy").read_bytes(), out.with_suffix(".txt").read_bytes()
+        assert (npy, txt) == before
 
 
 def test_extract_to_a_link_in_a_loop_is_refused_before_embedding(tmp_path):
@@ -1066,6 +1072,36 @@ def test_extract_refuses_a_folder_for_out_before_embedding(tmp_path):
             f"such as {tmp_path / folder / 'feats'}\n"
         )
     assert sorted(path.name for path in tmp_path.iterdir()) == ["a.jpg", "feats.npy", "features"]
+
+
+def test_extract_refuses_to_write_into_a_library_or_an_export_before_embedding(tmp_path):
+    """`--out LIB/feats` wrote the features among a library's files, and `--out
+    EXPORT/feats` among an export's, which `shitu export` then refused to replace; as
+    weights are, they are refused, where a link there points too."""
+    from shitu.index import Gallery
+    from tests.index_helpers import PixelEmbedder
+
+    image = tmp_path / "a.jpg"
+    image.write_bytes(b"never read")
+    library = tmp_path / "lib"
+    Gallery.create_for(library, PixelEmbedder()).close()
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "shitu_model.json").write_text("{}")
+    (tmp_path / "link").symlink_to(library)
+    owned = [
+        (library, "a gallery library", "gallery.sqlite"),
+        (export, "an exported model", "shitu_model.json"),
+        (tmp_path / "link", "a gallery library", "gallery.sqlite"),
+    ]
+    for folder, kind, marker in owned:
+        result = run_shitu("extract", str(image), "--out", str(folder / "feats"))
+        assert result.returncode == 2 and result.stderr == (
+            f"error: --out {folder / 'feats'}: {folder} is {kind}'s folder ({marker}), whose "
+            "files are its own: write the features to another folder\n"
+        )
+    assert sorted(path.name for path in export.iterdir()) == ["shitu_model.json"]
+    assert not list(library.glob("feats*"))
 
 
 @pytest.mark.parametrize("lone", [".txt", ".npy"])

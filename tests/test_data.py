@@ -1029,7 +1029,7 @@ def test_image_folder_dataset_skips_a_gallery_library_in_its_tree(tmp_path: Path
     with caplog.at_level(logging.WARNING):
         dataset = ImageFolderDataset(str(root))
     assert dataset.class_names == ["apple", "pear"] and dataset.labels == [0, 1]
-    assert f"(gallery library x1; e.g. {root / 'lib'})" in caplog.text
+    assert f"(a gallery library x1; e.g. {root / 'lib'})" in caplog.text
 
 
 def test_a_class_folder_holding_a_folder_named_as_a_library_file_is_a_class(tmp_path: Path):

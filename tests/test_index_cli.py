@@ -286,7 +286,7 @@ def test_a_folder_scan_skips_another_library_in_it(models, tmp_path, caplog):
         caplog.clear()
         scanned = shitu("index", *command, "--model", models[128])
         assert scanned.returncode == 0, scanned.stderr
-        assert f"(gallery library x1; e.g. {old})" in caplog.text
+        assert f"(a gallery library x1; e.g. {old})" in caplog.text
     listed = shitu("index", "list", new)
     assert listed.returncode == 0 and listed.stdout.split() == ["3", "Kiwi"]
 
@@ -322,6 +322,100 @@ def test_a_single_unlabelled_image_is_told_a_build_option_that_works(
     labelled = shitu(*build, "--label", "Lemon")
     assert labelled.returncode == 0, labelled.stderr
     assert shitu("index", "list", lib).stdout.split() == ["1", "Lemon"]
+
+
+def test_a_library_is_not_built_into_another_library_or_an_export(models, tmp_path):
+    """`--out EXPORT/lib` built a library among an export's files, which `shitu export`
+    then refused to replace, and `--out LIB/inner` one among another library's; as
+    weights and features are, it is refused there."""
+    image = make_images(tmp_path / "photos", 1)[0]
+    build = ("index", "build", image, "--label", "X", "--model", models[128], "--out")
+    assert shitu(*build, tmp_path / "lib").returncode == 0
+    for owner, kind, marker in [
+        (models[128], "an exported model", "shitu_model.json"),
+        (tmp_path / "lib", "a gallery library", "gallery.sqlite"),
+    ]:
+        before = sorted(owner.iterdir())
+        inner = owner / "inner"
+        refused = shitu(*build, inner)
+        assert refused.returncode == 2 and refused.stderr == (
+            f"error: --out {inner}: {owner} is {kind}'s folder ({marker}), whose files are its "
+            "own: write the library to another folder\n"
+        )
+        assert sorted(owner.iterdir()) == before
+
+
+def test_a_build_that_fails_leaves_no_folder_made_for_its_out(models, tmp_path):
+    """`--out new/sub/lib`: the folders made for it, to check they could be written in,
+    were left behind by a build that then failed (no image could be read, no such model)
+    or was stopped, as the library was not."""
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    out = tmp_path / "new" / "sub" / "lib"
+    failed = shitu("index", "build", broken, "--label", "X", "--model", models[128], "--out", out)
+    assert failed.returncode == 1 and "none of the 1 images was added" in failed.stderr
+    refused = shitu(
+        "index", "build", broken, "--label", "X", "--model", tmp_path / "no", "--out", out
+    )
+    assert refused.returncode == 2, refused.stderr
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["broken.png"]
+
+
+def test_labels_apart_only_by_case_are_warned_of(models, tmp_path, caplog):
+    """`Apple/` beside `apple/`, or `--label apple` added to a library of `Apple`, made two
+    labels without a word: recognition then names one product two ways."""
+    photos = tmp_path / "photos"
+    make_images(photos / "Apple", 1)
+    make_images(photos / "apple", 1, seed=1)
+    make_images(photos / "Kiwi", 1, seed=2)
+    lib = tmp_path / "lib"
+    built = shitu("index", "build", photos, "--out", lib, "--model", models[128])
+    assert built.returncode == 0, built.stderr
+    relabel = f"`shitu index relabel {lib} OLD NEW --merge`"
+    assert caplog.text.count("differ only in case") == 1
+    assert f"are kept apart: 'Apple' and 'apple'; to make them one label, {relabel}" in (
+        caplog.text
+    )
+    extra = make_images(tmp_path / "extra", 1, seed=3)[0]
+    for label, warned in (("KIWI", "'KIWI' and 'Kiwi';"), ("Pear", None)):
+        caplog.clear()
+        added = shitu("index", "add", lib, extra, "--label", label, "--model", models[128],
+                      "--allow-duplicates")  # fmt: skip
+        assert added.returncode == 0, added.stderr
+        # the library's Apple and apple, added before, are not said again
+        assert ("differ only in case" in caplog.text) == (warned is not None)
+        assert warned is None or f"kept apart: {warned}" in caplog.text
+
+
+def test_leaf_labels_without_a_folder_is_said_to_be_unused(models, gallery_list, tmp_path, caplog):
+    """`--leaf-labels` with only a label file (or image files) was dropped without a word:
+    the labels were the file's, not the folders' the flag named."""
+    lib = tmp_path / "lib"
+    built = shitu("index", "build", gallery_list, "--leaf-labels", "--model", models[128],
+                  "--out", lib)  # fmt: skip
+    assert built.returncode == 0, built.stderr
+    assert "--leaf-labels is not used: it labels the images of a folder" in caplog.text
+    caplog.clear()
+    make_images(tmp_path / "tree" / "Fruit" / "Kiwi", 1)
+    added = shitu("index", "add", lib, gallery_list, tmp_path / "tree", "--leaf-labels",
+                  "--model", models[128])  # fmt: skip
+    assert added.returncode == 0, added.stderr
+    assert "--leaf-labels is not used" not in caplog.text
+
+
+def test_a_label_that_cannot_be_stored_is_refused_as_the_option(models, tmp_path):
+    """`--label ""` (`"$LABEL"` unset) was refused as the first image's ('add
+    photos/a/1.png: the label is empty'), after a warning that it gave the images of
+    several folders one label; a tab, the same. Now `--label` is named, before any scan."""
+    make_images(tmp_path / "photos" / "a", 1)
+    make_images(tmp_path / "photos" / "b", 1)
+    lib = tmp_path / "lib"
+    for label, problem in [("", "the label is empty"), ("a\tb", "must not contain tabs")]:
+        for command in (("build", "--out", lib), ("add", lib)):
+            given = shitu("index", *command, tmp_path / "photos", "--label", label)
+            assert given.returncode == 2 and given.stderr.startswith("error: --label: ")
+            assert problem in given.stderr and given.stderr.count("\n") == 1, given.stderr
+    assert not lib.exists()
 
 
 def test_a_tree_grouped_by_category_builds_a_label_per_product_with_leaf_labels(models, tmp_path):
@@ -449,14 +543,20 @@ def test_index_commands_refuse_what_they_cannot_store_or_find(models, gallery_li
 def test_one_photo_listed_under_two_labels_is_reported_not_silently_dropped(
     models, gallery_list, tmp_path
 ):
+    """The file listed again was said to be 'the same photo as' itself; a copy of it
+    elsewhere is named with the path of the one added."""
     image = gallery_list.read_text().splitlines()[0].split("\t")[0]
+    copy = shutil.copy(image, tmp_path / "copy.jpg")
     twice = tmp_path / "twice.txt"
-    twice.write_text(f"{image}\tapple\n{image}\tpear\n{image}\tapple\n")
+    twice.write_text(f"{image}\tapple\n{image}\tpear\n{image}\tapple\n{copy}\tplum\n")
     lib = tmp_path / "lib"
     built = shitu("index", "build", "--gallery", twice, "--model", models[128], "--out", lib)
     assert built.returncode == 0 and "added 1 image" in built.stdout
     assert "skipped 1 duplicate" in built.stdout  # the same photo under the same label
-    assert f"could not add {image}: the same photo as {image}, labelled 'apple'" in built.stderr
+    assert f"could not add {image}: listed before, labelled 'apple'; it keeps" in built.stderr
+    assert f"could not add {copy}: the same photo as {image}, labelled 'apple'; it" in (
+        built.stderr
+    )
 
 
 def library_of_the_first(models: dict, tmp_path: Path, count: int) -> tuple[list[Path], Path]:
@@ -499,6 +599,37 @@ def test_search_names_a_photo_the_model_gives_nan_and_searches_the_rest(
     assert alone.returncode == 1 and alone.stdout == ""
 
 
+def test_a_min_score_no_cosine_similarity_reaches_is_refused(models, tmp_path):
+    """`--min-score 5` (a percentage meant, say) in a library of cosine similarities
+    printed 'no match' for every photo, without a word."""
+    photos, lib = library_of_the_first(models, tmp_path, 1)
+    for score, passing in (("5", "no hit"), ("-1.5", "every hit")):
+        search = shitu(
+            "index", "search", lib, photos[0], "--model", models[128], "--min-score", score
+        )
+        assert search.returncode == 2 and search.stdout == ""
+        assert search.stderr == (
+            f"error: --min-score {float(score)}: the scores of {lib} are cosine similarities, "
+            f"from -1 to 1, so {passing} would pass it\n"
+        )
+    kept = shitu("index", "search", lib, photos[0], "--model", models[128], "--min-score", "0.5")
+    assert kept.returncode == 0 and "old (1.000, id 1)" in kept.stdout, kept.stderr
+
+
+def test_every_image_that_could_not_be_added_is_named(models, tmp_path):
+    """Past 10 images that could not be added, the rest were '... 12 images failed in
+    all': which ones the library lacks could not be told. Each is named, then counted."""
+    lib = library_of_the_first(models, tmp_path, 1)[1]
+    broken = [tmp_path / "photos" / f"broken{n:02}.png" for n in range(12)]
+    for n, path in enumerate(broken):
+        path.write_bytes(b"not an image %d" % n)  # each its own: not one file's duplicates
+    added = shitu("index", "add", lib, *broken, "--label", "x", "--model", models[128])
+    assert added.returncode == 1, added.stderr
+    for path in broken:
+        assert f"warning: could not add {path}: " in added.stderr
+    assert added.stderr.endswith("warning: 12 images could not be added\n")
+
+
 def test_an_add_written_in_parts_reports_as_one_add(models, tmp_path, monkeypatch):
     """`index add` writes the library a part at a time, and says what one write says: the
     totals, a photo listed again under another label in a later part refused as in one
@@ -518,9 +649,7 @@ def test_an_add_written_in_parts_reports_as_one_add(models, tmp_path, monkeypatc
     assert parts.stderr == one.stderr.replace(str(tmp_path / "copy"), str(lib))
     assert f"added 5 images to {lib} (now 6 images of 2 labels)" in parts.stdout
     assert "skipped 1 duplicate" in parts.stdout  # photo 2
-    assert f"could not add {photos[1]}: the same photo as {photos[1]}, labelled 'x'" in (
-        parts.stderr
-    )
+    assert f"could not add {photos[1]}: listed before, labelled 'x'" in parts.stderr
     assert f"could not add {photos[0]}: the library has this photo as image 1" in parts.stderr
     assert "broken.png" in parts.stderr and "missing.png" in parts.stderr
     with Gallery.open(lib) as gallery:
@@ -552,7 +681,12 @@ def test_remove_missing_drops_the_images_whose_files_are_gone(models, tmp_path):
                   models[128])  # fmt: skip
     assert added.returncode == 0, added.stderr
     none = shitu("index", "remove", lib, "--missing")
-    assert none.returncode == 0 and "removed no images" in none.stdout, none.stderr
+    assert none.returncode == 0, none.stderr
+    assert none.stdout == f"removed no images from {lib}: no image's file is gone\n"
+    with Gallery.create(tmp_path / "vectors", embedding_dim=8, model_fingerprint="m") as kept:
+        kept.add(clustered(2, 8), ["a", "b"])  # as vectors: no file, none gone
+    vectors = shitu("index", "remove", tmp_path / "vectors", "--missing")
+    assert vectors.stdout.endswith(": no image's file is gone\n"), vectors.stderr
     photos[0].unlink()
     photos[2].rename(tmp_path / "moved.png")
     refused = shitu("index", "reembed", lib, "--model", models[128])
@@ -764,6 +898,15 @@ def test_a_terminated_build_unwinds_and_ends_by_the_signal(models, grocery, tmp_
     process.communicate(timeout=60)
     assert process.returncode == -signal.SIGTERM
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_stats_prints_a_path_in_its_own_letters(tmp_path):
+    """`index stats` printed a library named `Äpfel 梨` as "\\u00c4pfel \\u68a8", where
+    `list --format jsonl` prints labels and paths as they are."""
+    lib = tmp_path / "Äpfel 梨"
+    Gallery.create(lib, embedding_dim=8, model_fingerprint="m").close()
+    stats = shitu("index", "stats", lib)
+    assert stats.returncode == 0 and f'"path": "{lib}"' in stats.stdout, stats.stdout
 
 
 @pytest.mark.parametrize("backend", ["faiss", "milvus"])

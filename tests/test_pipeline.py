@@ -967,19 +967,48 @@ def test_a_missing_model_or_detector_from_a_config_file_names_the_file_and_key(
     assert "pass the --model export that built the library" in err and err.count("\n") == 1
 
 
+def test_an_unreadable_detector_file_is_named_by_its_key_and_config_file(
+    setup, tmp_path, capsys, monkeypatch
+):
+    """A detector file that is there but cannot be read (not ONNX) was 'error: det.onnx
+    cannot be opened by onnxruntime: ...', with no word of the key, or of the config file
+    that named it; a missing one said both."""
+    (tmp_path / "det.onnx").write_text("not a model")
+    config = tmp_path / "pipeline.yaml"
+    config.write_text("Global:\n  det_inference_model_dir: det.onnx\n")
+    monkeypatch.chdir(tmp_path)
+    photo = str(setup["queries"][0].path)
+    common = ["--gallery", str(setup["library"]), "--model", str(setup["model"])]
+    assert shitu_main(["recognize", photo, *common, "-c", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(
+        f"error: {config}: Global.det_inference_model_dir: det.onnx cannot be opened by "
+        "onnxruntime: "
+    )
+    assert err.endswith(f" (read from the working directory {tmp_path})\n")
+    assert shitu_main(["recognize", photo, *common, "--detector", "det.onnx"]) == 2
+    assert capsys.readouterr().err.startswith(
+        "error: Global.det_inference_model_dir (--detector): det.onnx cannot be opened by "
+    )
+
+
 def test_a_library_given_as_the_model_is_told_of_the_shipped_model_once(setup, capsys):
     """`--model LIB` was told to give it as --gallery, 'and as --model the export that built
     it, or none for the shipped model', then '(set it to null, or give no --model, for the
-    model shipped with shitu)' again; a model path that is not there keeps that way out."""
+    model shipped with shitu)' again; a model path that is not there keeps that way out,
+    even one whose name says "shipped model" (the words of the error once decided it)."""
     photo, lib = str(setup["queries"][0].path), str(setup["library"])
     assert shitu_main(["recognize", photo, "--gallery", lib, "--model", lib]) == 2
     err = capsys.readouterr().err
     assert "is a gallery library, not an exported model: give it as --gallery" in err
     assert "set it to null" not in err
-    assert shitu_main(["recognize", photo, "--gallery", lib, "--model", "no_such_model"]) == 2
-    assert capsys.readouterr().err.endswith(
-        "no such folder (set it to null, or give no --model, for the model shipped with shitu)\n"
-    )
+    # Told by the error, not by its words: a path that says "shipped model" keeps it too.
+    for missing in ["no_such_model", "my shipped model"]:
+        assert shitu_main(["recognize", photo, "--gallery", lib, "--model", missing]) == 2
+        assert capsys.readouterr().err.endswith(
+            "no such folder (set it to null, or give no --model, for the model shipped with "
+            "shitu)\n"
+        )
 
 
 def test_recognize_cli_skips_an_image_over_the_pixel_limit(setup, tmp_path, capsys):
@@ -1132,6 +1161,25 @@ def test_save_vis_refuses_a_gallery_library_or_an_exported_model(setup, tmp_path
             "choose another folder\n"
         )
     assert before == {folder: sorted(folder.iterdir()) for folder in (library, model)}
+
+
+def test_save_vis_copies_of_photos_with_the_longest_names_are_written(setup, tmp_path, capsys):
+    """A photo's name of up to 255 bytes took `.jpg` (or `.png.jpg` beside a `.jpg` of the
+    same name) past the file system's limit: 'File name too long' stopped the run there.
+    The copies' names are cut to fit, each its own."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    long = "d" * 251
+    shutil.copy(setup["queries"][0].path, folder / f"{long}.jpg")
+    Image.open(setup["queries"][1].path).save(folder / f"{long}.png")
+    bare = shutil.copy(setup["queries"][2].path, tmp_path / ("e" * 255))  # given by name
+    common = ["--gallery", str(setup["library"]), "--model", str(setup["model"]), "--no-progress"]
+    vis = tmp_path / "vis"
+    given = [str(folder), str(bare), *common, "--save-vis", str(vis), "--format", "table"]
+    assert shitu_main(["recognize", *given]) == 0, capsys.readouterr().err
+    written = sorted(path.name for path in vis.rglob("*") if path.is_file())
+    assert len(set(written)) == 3 and all(len(name) <= 255 for name in written)
+    assert f"{long}.jpg" in written and f"{'e' * 251}.jpg" in written
 
 
 def test_save_vis_keeps_the_sub_folders_so_same_named_photos_keep_their_copies(

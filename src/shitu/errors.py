@@ -10,6 +10,12 @@ from collections.abc import Iterator, Sequence
 class ShituError(Exception):
     """Base class for errors caused by user input (files, configs, checkpoints)."""
 
+    # The config key that gave the file's path, once the message starts with it; `problem`
+    # the message after the key (and a flag that set it, `KEY (--FLAG): PROBLEM`), where
+    # a caller may name the key another way (with the config file it came from).
+    setting: str | None = None
+    problem: str | None = None
+
 
 class ConfigError(ShituError):
     """A config file or override is missing, malformed, or names an unknown key."""
@@ -18,8 +24,9 @@ class ConfigError(ShituError):
 class CheckpointError(ShituError):
     """A weight file cannot be read or does not fit the model."""
 
-    # The config key that gave the file's path, once the message starts with it.
-    setting: str | None = None
+    # The message already says how to use the model shipped with shitu instead, so a
+    # caller that adds that way out leaves it off (said twice otherwise).
+    names_shipped_model: bool = False
 
 
 @contextlib.contextmanager

@@ -21,6 +21,7 @@ from shitu.fileio import (
     check_writable,
     folder_place,
     home_expanded,
+    name_within,
     refuse_file_in_the_way,
     temporary_prefix,
     write_jpeg,
@@ -432,12 +433,9 @@ def writable_weights_file(out: str | Path) -> Path:
     except OSError as exc:  # a link in a loop
         raise CheckpointError(f"cannot write {path}: {exc.strerror}") from None
     refuse_file_in_the_way(place.parent, f"--out {out}")  # named, not 'File exists'
-    owner = owned_folder(place.parent)
-    if owner is not None:
-        raise CheckpointError(
-            f"--out {out}: {place.parent} is {owner[1]}'s folder ({owner[0]}), whose files "
-            "are its own: write the weights to another folder"
-        )
+    refusal = owned_output_refusal(place.parent, f"--out {out}", "the weights")
+    if refusal is not None:
+        raise CheckpointError(refusal)
     try:
         if place.is_dir():  # `save_weights` renames its file onto it only at the end
             raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
@@ -527,12 +525,25 @@ def count_of(count: int, noun: str) -> str:
 
 
 def _owned_kinds() -> dict[str, str]:
-    """The files that make a folder a gallery library's or an exported model's, to what
-    that makes it."""
-    from shitu.index.metadata import LIBRARY_FILE
+    """The files that make a folder a gallery library's (those `index build` skips too) or
+    an exported model's, to what that makes it."""
+    from shitu.index.labels import gallery_libraries
     from shitu.inference.manifest import MANIFEST
 
-    return {LIBRARY_FILE: "a gallery library", MANIFEST: "an exported model"}
+    return {**gallery_libraries(), MANIFEST: "an exported model"}
+
+
+def owned_output_refusal(folder: Path, option: str, written: str) -> str | None:
+    """Why `option` may not write `written` ("the weights") into `folder`: a gallery
+    library's or an exported model's folder (`owned_folder`), whose files are its own
+    (`shitu export` refuses to replace an export that holds others); None where it may."""
+    owner = owned_folder(folder)
+    if owner is None:
+        return None
+    return (
+        f"{option}: {folder} is {owner[1]}'s folder ({owner[0]}), whose files are its own: "
+        f"write {written} to another folder"
+    )
 
 
 def owned_folder(folder: Path) -> tuple[str, str] | None:
@@ -658,14 +669,19 @@ class VisualisationWriter:
         """The copy's path under the folder, the same each time for one image: its path
         under `common` (its file name where None) as JPEG; where another image has that
         name (`x.jpg` beside `x.png`), its name with its suffix (`x.png.jpg`), then
-        numbered (`x_2.jpg`)."""
+        numbered (`x_2.jpg`). Each name is cut to fit NAME_MAX (`name_within`): an image's
+        name of up to 255 bytes, with `.jpg` added, failed as "File name too long" and
+        stopped the run at that image."""
         key = os.path.abspath(source)
         if key in self.names:
             return self.names[key]
         relative = Path(key).relative_to(common) if common else Path(Path(key).name)
-        candidates = itertools.chain(
-            (relative.with_suffix(".jpg"), relative.with_name(f"{relative.name}.jpg")),
-            (relative.with_name(f"{relative.stem}_{n}.jpg") for n in itertools.count(2)),
+        endings = itertools.chain(
+            ((relative.stem, ".jpg"), (relative.name, ".jpg")),
+            ((relative.stem, f"_{n}.jpg") for n in itertools.count(2)),
+        )
+        candidates = (
+            relative.with_name(name_within(start, len(end)) + end) for start, end in endings
         )
         name = next(c for c in candidates if str(c).casefold() not in self.used)
         self.used.add(str(name).casefold())

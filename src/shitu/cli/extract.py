@@ -9,12 +9,14 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 from shitu.cli.common import (
     add_progress_argument,
     add_runtime_arguments,
     count_of,
     expand_images,
+    owned_output_refusal,
     positive_int,
     progress_wanted,
     required_path,
@@ -28,6 +30,7 @@ from shitu.fileio import (
     name_within,
     removed_if_left_empty,
     write_atomically,
+    write_failure_reason,
 )
 from shitu.inference.choices import DEVICES
 
@@ -115,6 +118,9 @@ def run(args: argparse.Namespace) -> int:
             raise DataError(f"--out {args.out}: {target}: {exc.strerror}") from None
     with contextlib.ExitStack() as made:  # made, then nothing written: removed
         for folder in dict.fromkeys(folders):
+            refusal = owned_output_refusal(folder, f"--out {args.out}", "the features")
+            if refusal is not None:
+                raise DataError(refusal)
             made.enter_context(removed_if_left_empty(folder))
             check_writable(folder, f"--out {args.out}")
         with _sole_writer_of(out, args.out):
@@ -190,12 +196,20 @@ def _embed_and_write(
 
     def save_features_then_names(tmp: Path) -> None:
         with tmp.open("wb") as handle:  # a file name would get a second .npy appended
-            np.save(handle, result.features)
+            # By the handle's writes, not numpy's own (it writes to a file object with C's
+            # fwrite): one refused says why, not numpy's "N requested and M written"
+            np.lib.format.write_array(SimpleNamespace(write=handle.write), result.features)
         # Replaced while the new features wait to replace theirs: a write that fails (a
         # full disk) leaves the previous pair, not new features beside the old paths.
         write_atomically(targets[1], lambda names_tmp: names_tmp.write_bytes(names))
 
-    write_atomically(targets[0], save_features_then_names)
+    try:
+        write_atomically(targets[0], save_features_then_names)
+    except OSError as exc:  # "File too large", with no file named
+        raise DataError(
+            f"cannot write {targets[0]} and {targets[1]}: {write_failure_reason(exc)}; "
+            "neither was changed"
+        ) from None
     rate = len(result.paths) / seconds if seconds > 0 else 0.0
     skipped = len(result.failures)  # each named in a warning above; none is no news
     print(

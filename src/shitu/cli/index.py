@@ -17,6 +17,7 @@ from shitu.cli.common import (
     expand_images,
     finite_float,
     given_path,
+    owned_output_refusal,
     positive_int,
     progress_wanted,
     required_path,
@@ -25,7 +26,7 @@ from shitu.cli.common import (
     warn_if_empty,
 )
 from shitu.errors import DataError, GalleryError, did_you_mean, first_few
-from shitu.fileio import check_writable, folder_place, occupied
+from shitu.fileio import check_writable, folder_place, occupied, removed_if_left_empty
 from shitu.index import (
     INDEX_TYPES,
     METRICS,
@@ -45,10 +46,13 @@ from shitu.index.gallery import (
     file_gone,
     gone_from,
 )
+from shitu.index.labels import warn_of_labels_apart_by_case
 from shitu.index.metadata import ImageEntry, LibraryBusyError
 from shitu.vectors import finite_rows
 
-SHOWN_PROBLEMS = 10
+# Past this many images that could not be added, their count follows the warnings naming
+# them (which run off the screen).
+COUNTED_FAILURES = 10
 # `index add` writes the library every ADD_PART images it embeds, so that an add stopped by
 # Ctrl-C, a crash or a failed write keeps the parts it wrote, and the same command again adds
 # the rest (the images written are skipped as duplicates); `index build` stays all or nothing.
@@ -426,10 +430,13 @@ def _note_untrained(stats: dict[str, Any]) -> None:
 
 
 def _warn_failures(report: AddReport) -> None:
-    for path, reason in report.failures[:SHOWN_PROBLEMS]:
+    """Name every image that could not be added, as extract and recognize name each file
+    they skip: past the first 10, the rest were only counted, so which images the library
+    lacks could not be told."""
+    for path, reason in report.failures:
         print(f"warning: could not add {path}: {reason}", file=sys.stderr)
-    if len(report.failures) > SHOWN_PROBLEMS:
-        print(f"warning: ... {len(report.failures)} images failed in all", file=sys.stderr)
+    if len(report.failures) > COUNTED_FAILURES:
+        print(f"warning: {len(report.failures)} images could not be added", file=sys.stderr)
 
 
 def run_build(args: argparse.Namespace) -> int:
@@ -456,28 +463,34 @@ def run_build(args: argparse.Namespace) -> int:
         raise GalleryError(
             f"{args.out}: already exists and is not an empty folder; choose a new --out{add}"
         )
-    check_writable(place.parent, f"--out {args.out}")
-    items = collect_items(sources, label=args.label, leaf_labels=args.leaf_labels)
-    model = _load_model(args)
-    options = milvus | search_options
-    try:
-        report = Gallery.build(
-            args.out,
-            model,
-            items,
-            batch_size=args.batch_size,
-            progress=progress_wanted(args),
-            allow_duplicates=args.allow_duplicates,
-            metric=args.metric,
-            index_type=args.index_type,
-            backend=args.backend,
-            backend_options=options,
-            replace_collection=args.replace_collection,
-        )
-    except NothingAddedError as exc:  # status 1, as `index add` and `recognize`
-        _warn_failures(exc.report)
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    refusal = owned_output_refusal(place.parent, f"--out {args.out}", "the library")
+    if refusal is not None:
+        raise GalleryError(refusal)
+    # A build that fails or is stopped leaves no library, nor the folders made for it
+    with removed_if_left_empty(place.parent):
+        check_writable(place.parent, f"--out {args.out}")
+        items = collect_items(sources, label=args.label, leaf_labels=args.leaf_labels)
+        warn_of_labels_apart_by_case(args.out, (item.label for item in items))
+        model = _load_model(args)
+        options = milvus | search_options
+        try:
+            report = Gallery.build(
+                args.out,
+                model,
+                items,
+                batch_size=args.batch_size,
+                progress=progress_wanted(args),
+                allow_duplicates=args.allow_duplicates,
+                metric=args.metric,
+                index_type=args.index_type,
+                backend=args.backend,
+                backend_options=options,
+                replace_collection=args.replace_collection,
+            )
+        except NothingAddedError as exc:  # status 1, as `index add` and `recognize`
+            _warn_failures(exc.report)
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
     with Catalog(args.out) as catalog:
         _report(report, args.out, catalog.stats())
     return 0
@@ -487,6 +500,8 @@ def run_add(args: argparse.Namespace) -> int:
     items = collect_items(args.sources, label=args.label, leaf_labels=args.leaf_labels)
     model = _load_model(args)
     with _open_for(args, model) as gallery:
+        labels = (item.label for item in items)
+        warn_of_labels_apart_by_case(args.library, labels, gallery.label_counts())
         report = _add_in_parts(args, gallery, model, items)
         stats = gallery.stats()
         # Adding a moved photo folder again finds its photos in the library: the way to
@@ -590,7 +605,8 @@ def run_remove(args: argparse.Namespace) -> int:
             _refuse_if_a_whole_source_is_gone(args.library, entries, gone)
         ids = list(args.ids) + [e.id for e in gone]  # an id given twice is removed once
         if not ids and not args.labels:
-            print(f"removed no images from {args.library}: every image's file is there")
+            # Images added as vectors have no file, so 'every file is there' said too much
+            print(f"removed no images from {args.library}: no image's file is gone")
             return 0
         removed = gallery.remove(ids=ids, labels=args.labels)
     print(f"removed {count_of(len(removed), 'image')} from {args.library}")
@@ -687,7 +703,8 @@ def run_list(args: argparse.Namespace) -> int:
 
 def run_stats(args: argparse.Namespace) -> int:
     with Catalog(args.library) as catalog:
-        print(json.dumps(catalog.stats(), indent=2))
+        # Its path as typed (`Äpfel`), as `list --format jsonl` prints text: not `\u00c4pfel`
+        print(json.dumps(catalog.stats(), indent=2, ensure_ascii=False))
     return 0
 
 
@@ -757,11 +774,24 @@ def run_rebuild(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_min_score(score: float | None, gallery: Gallery) -> None:
+    """A GalleryError for a --min-score beyond -1 to 1 where the library's scores are
+    cosine similarities (it normalises): every image was 'no match' (or no hit dropped),
+    without a word, before any image was embedded."""
+    if score is not None and gallery.manifest.normalize and not -1 <= score <= 1:
+        passing = "no hit" if score > 1 else "every hit"
+        raise GalleryError(
+            f"--min-score {score}: the scores of {gallery.root} are cosine similarities, from "
+            f"-1 to 1, so {passing} would pass it"
+        )
+
+
 def run_search(args: argparse.Namespace) -> int:
     model = _load_model(args)
     images, folder = expand_images(args.images, {"an exported model": "--model"})
     progress = progress_wanted(args) and (folder or len(images) > 1)  # as `shitu recognize`
     with _open_for(args, model) as gallery:
+        _check_min_score(args.min_score, gallery)
         warn_if_empty(gallery, "no match can be found")
         extraction = model.extract_files([str(p) for p in images], args.batch_size, progress)
         # An image the model gives NaN or inf is named, as an unreadable one: the search

@@ -131,12 +131,10 @@ def _opened_path_problem(exc: ShituError) -> tuple[str | None, str]:
     key alone."""
     if isinstance(exc, GalleryError):
         return "gallery", f"{'.'.join(SETTINGS['gallery'])}: {exc}"
-    for flag in ("model", "detector"):
-        dotted = ".".join(SETTINGS[flag])
-        said = f"{dotted} (--{flag}): "
-        if str(exc).startswith(said):
-            return flag, f"{dotted}: {str(exc).removeprefix(said)}"
-    return None, ""
+    flag = next((f for f in ("model", "detector") if ".".join(SETTINGS[f]) == exc.setting), None)
+    if flag is None or exc.problem is None:
+        return None, ""
+    return flag, f"{exc.setting}: {exc.problem}"
 
 
 def pipeline_arguments(args: argparse.Namespace) -> list[str]:

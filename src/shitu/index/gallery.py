@@ -71,8 +71,8 @@ REEMBED_CATCH_UPS = 5
 # second or two from an SSD, 15 s from a hard disk at 100 MB/s, longer from a network share;
 # fewer are hashed before a bar would say anything, and one flashing by is only noise.
 HASH_BAR_MIN_FILES = 500
-# The most files a refused re-embedding names, or folders of gone files a note names (the
-# rest are counted).
+# The most files a refused re-embedding names, folders of gone files a note names, or
+# unknown labels a refused remove names (the rest are counted).
 SHOWN_FILES = 5
 # How a refused feature array's values are named, by numpy dtype kind (Gallery._prepare).
 _DTYPE_KINDS = {"b": "bool", "i": "integer", "u": "integer", "c": "complex", "O": "object"}
@@ -876,8 +876,16 @@ class Gallery:
         labels = _listed(labels, "labels", "add")
         paths = _path_texts(paths, count)
         hashes = _listed(hashes, "hashes", "add") if hashes is not None else [None] * count
-        if not len(labels) == len(paths) == len(hashes) == count:
-            raise GalleryError("add: features, labels, paths and hashes differ in length")
+        # Each list that is off, with its length: 'features, labels, paths and hashes differ
+        # in length' named paths and hashes that were never given
+        given = {"labels": labels, "paths": paths, "hashes": hashes}
+        wrong = [
+            f"{len(values)} in {name}" for name, values in given.items() if len(values) != count
+        ]
+        if wrong:
+            raise GalleryError(
+                f"add: {count} feature rows, but {' and '.join(wrong)}; give one for each row"
+            )
         labels = [_stored_label(label, "add") for label in labels]
         unstorable = [path for path in paths if not self._storable(path)]
         if unstorable:
@@ -961,12 +969,14 @@ class Gallery:
                 first = listed.get(digest)
                 stored_id, stored_label = present.get(digest, (None, item.label))
                 if first is not None and first.label != item.label:  # one photo, two labels
+                    # One file listed twice was 'the same photo as' itself
+                    where = (
+                        "listed before"
+                        if first.path == item.path
+                        else f"the same photo as {first.path}"
+                    )
                     failures.append(
-                        (
-                            str(item.path),
-                            f"the same photo as {first.path}, labelled "
-                            f"'{first.label}' there; it keeps that label",
-                        )
+                        (str(item.path), f"{where}, labelled '{first.label}'; it keeps that label")
                     )
                 elif normal_form(stored_label) != item.label:  # a mistake, or meant to move it
                     failures.append(
@@ -1034,7 +1044,8 @@ class Gallery:
             unknown = [label for label in labels if not self._store.ids_with_labels([label])]
             if unknown:
                 hint = did_you_mean(unknown[0], list(self._store.label_counts()))
-                raise GalleryError(f"{self.root}: no images labelled {unknown}{hint}")
+                named = first_few([f"'{label}'" for label in unknown], SHOWN_FILES)
+                raise GalleryError(f"{self.root}: no images labelled {named}{hint}")
             target = sorted(set(ids) | set(self._store.ids_with_labels(labels)))
             removed = self._store.delete(target)
             missing = sorted(set(target) - set(removed.tolist()))
@@ -1429,12 +1440,19 @@ def _listed(values: Any, what: str, where: str) -> list:
 
 def _image_ids(ids: Any, where: str) -> list[int]:
     """`ids` as a list of ints; anything but a whole number is refused, naming it: int()
-    would take 1.5 (or True) for image 1, and remove or list an image that was not meant."""
+    would take 1.5 (or True) for image 1, and remove or list an image that was not meant.
+    One beyond SQLite's 64-bit integers, which no image has, is refused too: the query
+    failed with an OverflowError's traceback (`index remove --id 100000000000000000000`)."""
     values = _listed(ids, "ids", where)
     for value in values:
         if isinstance(value, bool) or not isinstance(value, Integral):
             raise GalleryError(
                 f"{where}: an image id is a whole number, got {type(value).__name__} {value!r}"
+            )
+        if not -(2**63) <= value < 2**63:
+            raise GalleryError(
+                f"{where}: no image has id {value}, beyond the largest a library gives "
+                f"({2**63 - 1})"
             )
     return [int(v) for v in values]
 

@@ -6,6 +6,7 @@ import logging
 import os
 import shlex
 import unicodedata
+from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from numbers import Integral
@@ -297,6 +298,27 @@ def _warn_of_one_label_over_folders(folder: Path, images: list[Path], label: str
     )
 
 
+def warn_of_labels_apart_by_case(
+    library: str | Path, given: Iterable[str], held: Iterable[str] = ()
+) -> None:
+    """Warn where a label `given` differs from another, given too or `held` by the
+    `library`, only in case (`apple` beside `Apple`): most likely one product named two
+    ways, which the library keeps, and recognition names, as two. (Both may be meant.)"""
+    new = {normal_form(label) for label in given}
+    spellings: defaultdict[str, set[str]] = defaultdict(set)
+    for label in new | set(held):
+        spellings[label.casefold()].add(label)
+    apart = [sorted(names) for names in spellings.values() if len(names) > 1 and names & new]
+    if apart:
+        named = [f"{', '.join(map(repr, names[:-1]))} and {names[-1]!r}" for names in sorted(apart)]
+        logger.warning(
+            "labels that differ only in case are kept apart: %s; to make them one label, "
+            "`shitu index relabel %s OLD NEW --merge`",
+            first_few(named, 3),
+            shlex.quote(str(library)),
+        )
+
+
 def _found(path: Path, resolve: bool) -> Path:
     """`path` resolved where `resolve` (see `collect_items`), else as found."""
     return path.resolve() if resolve else path
@@ -305,10 +327,11 @@ def _found(path: Path, resolve: bool) -> Path:
 def gallery_libraries() -> dict[str, str]:
     """For `scan_images`: a gallery library in a folder of photos is skipped, or the images
     it keeps (those `shitu serve` adds, in its `uploads` folder) would be taken for photos
-    of a label named after it. (Imported here: the metadata module imports this one.)"""
+    of a label named after it. The CLI's commands skip these and exported models' folders.
+    (Imported here: the metadata module imports this one.)"""
     from shitu.index.metadata import LIBRARY_FILE
 
-    return {LIBRARY_FILE: "gallery library"}
+    return {LIBRARY_FILE: "a gallery library"}
 
 
 def _refuse_library(folder: Path) -> None:
@@ -383,6 +406,11 @@ def collect_items(
             "--label gives every image one label, --leaf-labels takes them from folder names: "
             "give one or the other"
         )
+    if label is not None:
+        try:  # now, named as the option: after the scan, it was refused as the first image's
+            label = check_label(label)
+        except BadLabelError as exc:
+            raise BadLabelError(f"--label: {exc}") from None
     paths = [Path(source) for source in _source_list(sources)]
     items: list[GalleryItem] = []
     for source in paths:
@@ -419,4 +447,9 @@ def collect_items(
             raise DataError(f"{source}: no such file or folder")
     if not items:
         raise DataError(f"no images listed in {', '.join(map(str, paths))}")
+    if leaf_labels and not any(source.is_dir() for source in paths):  # else dropped unseen
+        logger.warning(
+            "--leaf-labels is not used: it labels the images of a folder by the folders they "
+            "are in, and no folder was given (a label file carries its own labels)"
+        )
     return items

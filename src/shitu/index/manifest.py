@@ -150,20 +150,21 @@ class Manifest:
         return cls(**data)
 
     def check_model(self, fingerprint: str, embedding_dim: int, source: str) -> None:
-        """Refuse vectors from another model: mixing embedding spaces gives silent garbage."""
+        """Refuse vectors from another model: mixing embedding spaces gives silent garbage.
+        Said for an add or a re-embed as for a search: 'use', not 'search with', the model."""
         if embedding_dim != self.embedding_dim:
             raise ModelMismatchError(
                 f"{source}: library holds {self.embedding_dim}-d features of model "
                 f"{self.model_fingerprint} but this model, {fingerprint}, gives "
-                f"{embedding_dim}-d; search with the model that built it, or re-embed with "
+                f"{embedding_dim}-d; use the model that built it, or re-embed with "
                 f"`shitu index reembed {source} --model ...`",
                 self.model_fingerprint,
             )
         if fingerprint != self.model_fingerprint:
             raise ModelMismatchError(
                 f"{source}: library was built with model {self.model_fingerprint} but this model "
-                f"is {fingerprint} (another model, or another --precision); search with the "
-                f"model and precision that built it, or re-embed with `shitu index reembed "
+                f"is {fingerprint} (another model, or another --precision); use the model "
+                f"and precision that built it, or re-embed with `shitu index reembed "
                 f"{source} --model ...`",
                 self.model_fingerprint,
             )

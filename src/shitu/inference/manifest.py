@@ -180,10 +180,12 @@ def read_manifest(model_dir: str | Path) -> dict[str, Any]:
                 "--out DIR`, and give DIR"
             )
         if (Path(model_dir) / LIBRARY_DATABASE).is_file():
-            raise CheckpointError(
+            library = CheckpointError(
                 f"{model_dir} is a gallery library, not an exported model: give it as --gallery "
                 "(and as --model the export that built it, or none for the shipped model)"
             )
+            library.names_shipped_model = True
+            raise library
         raise CheckpointError(
             f"{model_dir} is not an exported model (no {MANIFEST}); create one with `shitu export`"
         )

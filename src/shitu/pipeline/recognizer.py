@@ -25,14 +25,14 @@ from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, field
 from numbers import Integral
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
 from shitu.data.transforms.ops import UnreadableImageError, check_rgb_image, image_list
 from shitu.detection.boxes import nms
 from shitu.detection.detector import detectors_held, is_paddle_inference_model
-from shitu.errors import CheckpointError, ConfigError
+from shitu.errors import CheckpointError, ConfigError, ShituError
 from shitu.fileio import special_kind
 from shitu.image_files import path_list
 from shitu.index import Gallery
@@ -47,6 +47,7 @@ from shitu.pipeline.defaults import (
     DEFAULT_SCORE_THRES,
     NO_DETECTOR,
     PLAIN_BACKGROUND,
+    SETTINGS,
 )
 from shitu.progress import ImageProgress
 from shitu.values import is_number
@@ -56,6 +57,7 @@ logger = logging.getLogger(__name__)
 
 MIN_BOX_SIDE = 2  # pixels; thinner detector boxes cannot be embedded meaningfully
 FILES_PER_BATCH = 8  # images decoded and recognised together by recognize_files
+PathError = TypeVar("PathError", bound=ShituError)  # see _setting_error
 
 
 class MainbodyDetector(Protocol):
@@ -197,16 +199,17 @@ def build_detector(config: PipelineConfig) -> MainbodyDetector | None:
         _warn_of_unused_detector_settings(config)
         return None if name is None else PlainBackgroundDetector()
     path = Path(name)
-    key = "Global.det_inference_model_dir (--detector)"
     detectors = (
         f"a detector file (.onnx, .pt or .pdparams), '{NO_DETECTOR}' or '{PLAIN_BACKGROUND}'"
     )
     export = path if path.is_dir() else path.parent if path.name in EXPORT_FILES else None
     if export is not None and (export / MANIFEST).is_file():  # --detector for --model
         part = "" if export == path else "a file of "
-        raise ConfigError(
-            f"{key}: {name} is {part}an exported recognition model, not a detector: that "
-            f"goes to --model ({export}); give as --detector {detectors}"
+        raise _setting_error(
+            ConfigError,
+            "detector",
+            f"{name} is {part}an exported recognition model, not a detector: that goes to "
+            f"--model ({export}); give as --detector {detectors}",
         )
     if not path.is_file():  # PaddleClas configs name a Paddle inference folder here
         problem = (
@@ -223,12 +226,25 @@ def build_detector(config: PipelineConfig) -> MainbodyDetector | None:
                 "give the PicoDet weights it was made from (.pdparams, with --det-arch) or "
                 "an ONNX export"
             )
-        raise ConfigError(f"{key}: {problem}; {way_out}")
+        raise _setting_error(ConfigError, "detector", f"{problem}; {way_out}")
     from shitu.detection import load_detector
 
     g = config.Global
     size = config.DetPreProcess.input_size if config.DetPreProcess else None
-    return load_detector(name, g.det_backend, g.det_arch, size, g.cpu_num_threads)
+    try:
+        return load_detector(name, g.det_backend, g.det_arch, size, g.cpu_num_threads)
+    except CheckpointError as exc:  # an unreadable file: named by its key, as a missing one
+        raise _setting_error(CheckpointError, "detector", str(exc)) from None
+
+
+def _setting_error(kind: type[PathError], flag: str, problem: str) -> PathError:
+    """A `kind` error about the path that the setting of `flag` (a SETTINGS name) gives:
+    `KEY (--FLAG): PROBLEM`, with KEY and PROBLEM kept (`setting`, `problem`) for a caller
+    that names where else the path came from (`shitu recognize`: the config file)."""
+    key = ".".join(SETTINGS[flag])
+    error = kind(f"{key} (--{flag}): {problem}")
+    error.setting, error.problem = key, problem
+    return error
 
 
 def _warn_of_unused_detector_settings(config: PipelineConfig) -> None:
@@ -264,10 +280,10 @@ def load_extractor(config: PipelineConfig) -> FeatureExtractor:
         # given as the model: "or none for the shipped model"), which said it twice.
         shipped = (
             ""
-            if "shipped model" in str(exc)
+            if exc.names_shipped_model
             else " (set it to null, or give no --model, for the model shipped with shitu)"
         )
-        raise CheckpointError(f"Global.rec_inference_model_dir (--model): {exc}{shipped}") from None
+        raise _setting_error(CheckpointError, "model", f"{exc}{shipped}") from None
 
 
 class Recognizer:

@@ -73,7 +73,7 @@ class ImageFolderDataset(ImageDataset):
         owner = foreign_kind(Path(root), libraries)  # `shitu index build --out`'s, given
         if owner is not None:
             raise DataError(
-                f"{where}: a {owner}, not a folder of class folders of photos; give the "
+                f"{where}: {owner}, not a folder of class folders of photos; give the "
                 "folder of photos it was built from (root/<class>/<image>)"
             )
         self.class_names = sorted(
