@@ -855,7 +855,7 @@ def test_recognize_cli_fails_clearly_when_there_is_nothing_to_recognise(setup, t
     broken.write_bytes(b"\x00not an image")
     assert shitu_main(["recognize", str(broken), *common]) == 1
     err = capsys.readouterr().err
-    assert "1 of 1 files could not be read" in err and "unknown or corrupt format" in err
+    assert "the only file could not be read" in err and "unknown or corrupt format" in err
     assert "BytesIO" not in err
     iphone = tmp_path / "IMG_0001.HEIC"  # the start of an iPhone's photo: no corrupt file
     iphone.write_bytes(b"\0\0\0\x18ftypheic\0\0\0\0mif1heic" + b"\0" * 64)

@@ -458,7 +458,8 @@ def unread_files_status(unread: int, total: int) -> int:
     """Say how many of the `total` files given could not be read (each was named as it was
     skipped); the command's exit status: 1 where none could be, else 0."""
     if unread:
-        print(f"warning: {unread} of {total} files could not be read", file=sys.stderr)
+        counted = "the only file" if total == 1 else f"{unread} of {total} files"
+        print(f"warning: {counted} could not be read", file=sys.stderr)
     return 1 if unread == total else 0
 
 

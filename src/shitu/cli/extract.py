@@ -185,9 +185,8 @@ def _embed_and_write(
     for path, reason in result.failures:
         print(f"warning: skipped {path}: {skip_reason(reason, 'extract', path)}", file=sys.stderr)
     if not result.paths:  # exit 1 like recognize and index search: the run produced nothing
-        print(
-            f"error: none of the {len(files)} files could be read, nothing written", file=sys.stderr
-        )
+        which = "the only file" if len(files) == 1 else f"none of the {len(files)} files"
+        print(f"error: {which} could not be read, nothing written", file=sys.stderr)
         return 1
 
     # The names as the file system has them: one that is not UTF-8 (a Latin-1 name from an
