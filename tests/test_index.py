@@ -660,6 +660,9 @@ def test_relabel_onto_a_label_in_use_merges_only_when_asked(tmp_path):
         assert gallery.label_counts() == {"a": 1, "b": 2}
         assert gallery.relabel("a", " b ", merge=True) == 1
         assert gallery.label_counts() == {"b": 3}
+        generation = gallery.manifest.generation
+        assert gallery.relabel("b", "b") == 3  # to itself: nothing written
+        assert gallery.manifest.generation == generation
 
 
 def test_a_label_with_accents_is_one_label_however_its_accents_are_encoded(tmp_path):

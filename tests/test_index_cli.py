@@ -122,6 +122,9 @@ def test_build_search_edit_and_reembed(models, gallery_list, tmp_path):
     assert by_folder.stdout.count("(1.000") == 3
 
     assert shitu("index", "relabel", lib, "Pink Lady apple", "Pink Lady").returncode == 0
+    itself = shitu("index", "relabel", lib, "Pink Lady", "Pink Lady")
+    assert itself.returncode == 0
+    assert itself.stdout == "'Pink Lady' is already the label of 2 images: no change\n"
     merging = shitu("index", "relabel", lib, "Pink Lady", "Mixed bag")
     assert merging.returncode == 2 and "--merge" in merging.stderr
     removed = shitu("index", "remove", lib, "--label", "Granny Smith apple")

@@ -668,8 +668,13 @@ def _gone_root(folder: Path) -> Path | None:
 
 def run_relabel(args: argparse.Namespace) -> int:
     with Gallery.open(args.library) as gallery:
+        before = gallery.manifest.generation
         count = gallery.relabel(args.old, args.new, merge=args.merge)
-    print(f"relabelled {count_of(count, 'image')}: '{args.old}' -> '{args.new.strip()}'")
+        unchanged = gallery.manifest.generation == before
+    if unchanged:
+        print(f"'{args.new.strip()}' is already the label of {count_of(count, 'image')}: no change")
+    else:
+        print(f"relabelled {count_of(count, 'image')}: '{args.old}' -> '{args.new.strip()}'")
     return 0
 
 

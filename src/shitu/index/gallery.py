@@ -1057,15 +1057,19 @@ class Gallery:
 
     def relabel(self, old: str, new: str, merge: bool = False) -> int:
         """Rename a label; returns how many images it had. Renaming onto a label that has
-        images merges the two, which cannot be told apart afterwards: only with `merge`."""
+        images merges the two, which cannot be told apart afterwards: only with `merge`.
+        Renaming a label to itself writes nothing (the library keeps its generation)."""
         self._check_usable()
         (old,) = _label_names([old], "relabel")
         new = _stored_label(new, "relabel")
 
-        def mutate() -> tuple[Change, int]:
-            if not self._store.ids_with_labels([old]):
+        def mutate() -> tuple[Change | None, int]:
+            ids = self._store.ids_with_labels([old])
+            if not ids:
                 hint = did_you_mean(old, list(self._store.label_counts()))
                 raise GalleryError(f"{self.root}: no images labelled '{old}'{hint}")
+            if self._store.stored_forms([old]) == [new]:  # already so: no new generation
+                return None, len(ids)
             if not merge and new != normal_form(old) and self._store.ids_with_labels([new]):
                 raise GalleryError(
                     f"{self.root}: label '{new}' already has images; renaming '{old}' onto it "
