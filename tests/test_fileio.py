@@ -14,6 +14,7 @@ from shitu import fileio
 from shitu.errors import ConfigError, DataError
 from shitu.fileio import (
     check_writable,
+    removed_if_left_empty,
     replace_folder,
     staging_folder,
     staging_in_progress,
@@ -281,3 +282,17 @@ def test_temporary_names_of_a_long_name_fit_and_are_found_again_when_left(tmp_pa
     fileio.remove_unfinished_writes(tmp_path, [target.name])
     assert [path.name for path in tmp_path.iterdir()] == [target.name]
     assert target.read_bytes() == b"whole"
+
+
+def test_folders_made_above_one_never_made_are_removed_when_left_empty(tmp_path):
+    """A block that made new/sub but failed before new/sub/out leaves neither: the missing
+    deepest folder ended the clean-up, which left the folders above it behind."""
+    with pytest.raises(RuntimeError), removed_if_left_empty(tmp_path / "new" / "sub" / "out"):
+        (tmp_path / "new" / "sub").mkdir(parents=True)
+        raise RuntimeError("failed before making out")
+    assert list(tmp_path.iterdir()) == []
+    # one written in stays, and so do the folders above it
+    with removed_if_left_empty(tmp_path / "kept" / "out"):
+        (tmp_path / "kept" / "out").mkdir(parents=True)
+        (tmp_path / "kept" / "out" / "file").write_text("x")
+    assert (tmp_path / "kept" / "out" / "file").is_file()

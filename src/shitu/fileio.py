@@ -226,9 +226,13 @@ def removed_if_left_empty(folder: Path | None) -> Iterator[None]:
     try:
         yield
     finally:
-        with contextlib.suppress(OSError):  # not empty: written in, by this run or another
-            for empty in made:  # the deepest first
+        for empty in made:  # the deepest first
+            try:
                 empty.rmdir()
+            except FileNotFoundError:  # never made (the block failed first): those above were
+                continue
+            except OSError:  # not empty: written in, by this run or another
+                break
 
 
 def refuse_file_in_the_way(folder: Path, what: str) -> None:
