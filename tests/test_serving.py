@@ -1179,6 +1179,41 @@ def test_errors_answered_before_the_app_are_counted_in_the_metrics(serving_libra
     }
 
 
+def test_a_malformed_chunked_body_is_answered_and_counted_once(serving_library, tmp_path):
+    """A chunked body that turns out not to be valid HTTP once the app has its request is
+    answered 400 naming why, and counted once, as that 400 of its route: it was also
+    counted as a 499 (the app took the connection's closing for the client leaving). One
+    sent on after its request was answered (a 404) is not answered again: it closes the
+    connection, where a traceback went to the log."""
+    server = ServerProcess(serving_library, tmp_path)
+    url = httpx.URL(server.url)
+    head = b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+    head += b"Transfer-Encoding: chunked\r\n\r\n"
+    try:
+        for body in (b"zz\r\n", b"3\r\nabcXX\r\n"):
+            with socket.create_connection((url.host, url.port)) as connection:
+                connection.sendall(head % b"/v1/recognize" + body)
+                status, headers, answer = raw_answer(connection)
+            assert (status, headers["connection"]) == (400, "close")
+            assert answer["detail"].startswith("invalid HTTP request: ")
+        with socket.create_connection((url.host, url.port)) as connection:
+            connection.sendall(head % b"/v1/recognise" + b"1\r\n{\r\n")
+            answered = b""
+            while not re.search(rb"\r\n\r\n\{.*\}$", answered, re.S):  # its JSON answer, whole
+                answered += connection.recv(65536)
+            assert answered.startswith(b"HTTP/1.1 404 ")
+            connection.sendall(b"zz\r\n")
+            assert closed_by_server(connection) == b""
+        counted = requests_counted(httpx.get(f"{server.url}/metrics", timeout=10).text)
+    finally:
+        server.stop()
+    assert {key: n for key, n in counted.items() if key[0] != "GET"} == {
+        ("POST", "/v1/recognize", "400"): 2,
+        ("POST", "unmatched", "404"): 1,
+    }
+    assert "Traceback" not in server.log.read_text()
+
+
 def test_a_client_that_leaves_mid_upload_is_no_server_error(serving_library, tmp_path):
     """An upload cancelled, or a network lost, while the body was coming: the server logged
     "Exception in ASGI application" with a traceback and counted a 500, an error of its own

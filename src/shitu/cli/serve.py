@@ -238,9 +238,13 @@ def _http_protocol(timeout_s: float, metrics: Metrics) -> type:
     status h11 gives it, as every other error is: uvicorn's was a plain-text 400, "Invalid
     HTTP request received.". Both are counted in `metrics` as the app's answers are (the
     app never sees them): a request begun and dropped as a 408, the status nginx logs for
-    it. The h11 protocol is uvicorn's own where httptools is missing."""
+    it; a chunked body found malformed once the app has its request is counted once, by the
+    app, as the 400 (it was also counted as a 499, the app taking the closing for the client
+    leaving). The h11 protocol is uvicorn's own where httptools is missing."""
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    from shitu.serving.metrics import ANSWERED_BELOW
 
     class Http11(H11Protocol):
         waiting: asyncio.TimerHandle | None = None
@@ -273,14 +277,23 @@ def _http_protocol(timeout_s: float, metrics: Metrics) -> type:
                 (b"content-length", str(len(body)).encode()),
                 (b"connection", b"close"),
             ]
-            for event in (
-                h11.Response(status_code=status, headers=headers, reason=HTTPStatus(status).phrase),
-                h11.Data(data=body),
-                h11.EndOfMessage(),
-            ):
-                self.transport.write(self.conn.send(event))
+            running = self.cycle is not None and not self.cycle.response_complete
+            # An answer begun or given (a body sent on after a 404) leaves nothing to answer:
+            # the connection is closed, and the request was counted as the app answered it.
+            if self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+                for event in (
+                    h11.Response(
+                        status_code=status, headers=headers, reason=HTTPStatus(status).phrase
+                    ),
+                    h11.Data(data=body),
+                    h11.EndOfMessage(),
+                ):
+                    self.transport.write(self.conn.send(event))
+                if running:  # the app, reading the body, counts it (once) as this answer
+                    self.cycle.scope[ANSWERED_BELOW] = status
+                else:
+                    metrics.count_unrouted(status)
             self.transport.close()
-            metrics.count_unrouted(status)
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
