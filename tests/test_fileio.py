@@ -212,6 +212,25 @@ def test_a_folder_another_run_holds_is_refused_naming_that_run(tmp_path, written
     )
 
 
+@pytest.mark.parametrize(
+    ("make", "kind"), [(os.mkfifo, "a FIFO (named pipe)"), (os.mkdir, "a folder")]
+)
+def test_a_lock_path_that_is_no_file_is_named_not_opened(tmp_path, make, kind):
+    """A FIFO where a run's lock file goes failed with "File or stream is not seekable" (on
+    systems where opening one waits for a reader, it hung), a folder with "Is a directory";
+    both are named, with what to do, and left as they were."""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    make(folder / fileio.RUN_LOCK)
+    with pytest.raises(DataError) as refused, fileio.only_run_in(folder, "--out", "x"):
+        pass
+    assert str(refused.value) == (
+        f"{folder / fileio.RUN_LOCK} is {kind}, where this run keeps its lock file (a file "
+        "it makes): move it away"
+    )
+    assert [path.name for path in folder.iterdir()] == [fileio.RUN_LOCK]
+
+
 def test_a_staging_folder_names_the_folder_it_is_written_for(tmp_path):
     """A Milvus collection made by a build records the build's staging folder: the library
     that uses it is the folder that staging folder became."""

@@ -247,7 +247,7 @@ def held_lock(path: Path, holder: str, refused: Callable[[str], Exception]) -> I
     import fcntl  # POSIX, as the staging locks
 
     while True:
-        lock = open(path, "a+")  # noqa: SIM115 (held past this loop: closed below)
+        lock = _open_lock_file(path)
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -264,6 +264,27 @@ def held_lock(path: Path, holder: str, refused: Callable[[str], Exception]) -> I
         lock.write(holder)
         lock.flush()
         yield
+
+
+def _open_lock_file(path: Path) -> io.TextIOWrapper:
+    """The file `path` opened to be locked and written ("a+"), made if missing. Anything
+    else in its place is a DataError naming it: a folder gave "Is a directory", and a FIFO
+    "File or stream is not seekable" (or, where opening one waits for a reader, a run that
+    never started)."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_APPEND | getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(path, flags, 0o666)
+    except IsADirectoryError:
+        kind = "a folder"
+    else:
+        info = os.fstat(fd)
+        if stat.S_ISREG(info.st_mode):
+            return open(fd, "a+")  # the caller closes it
+        os.close(fd)
+        kind = special_kind(info)
+    raise DataError(
+        f"{path} is {kind}, where this run keeps its lock file (a file it makes): move it away"
+    )
 
 
 @contextlib.contextmanager
