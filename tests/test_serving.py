@@ -885,6 +885,12 @@ def test_the_413_limit_is_written_out_in_plain_digits(limit_mb, shown):
         ("--read-timeout", "0", "a number of seconds above 0 (a millisecond or more), got 0.0"),
         ("--root-path", "shitu", "a URL path starting with '/', got shitu"),
         (
+            "--host",
+            "",
+            "a host name or address (127.0.0.1, 0.0.0.0, ::), got an empty one (a variable "
+            "that is not set?)",
+        ),
+        (
             "--allowed-host",
             "https://shop.example/",
             "a host name (shop.example), without a scheme, port or path: 'https://shop.example/'",

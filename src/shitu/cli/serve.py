@@ -66,7 +66,14 @@ def root_path(value: str) -> str:
 def listen_host(value: str) -> str:
     """A host name or address to listen on; an IPv6 address also in brackets, as URLs write
     it (`[::1]`), which the socket library took for a host name ("Name or service not
-    known")."""
+    known"). An empty one is refused: most often a variable that is not set (`--host
+    "$HOST"`), with which the server listened on every interface, without the guard
+    against DNS rebinding that loopback gets."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError(
+            "expected a host name or address (127.0.0.1, 0.0.0.0, ::), got an empty one (a "
+            "variable that is not set?)"
+        )
     if "://" in value:
         raise argparse.ArgumentTypeError(
             f"expected a host name or address (127.0.0.1, 0.0.0.0, ::), not a URL: {value}"
