@@ -668,6 +668,42 @@ def test_json_that_does_not_parse_is_named_once(client):
         assert response.json() == {"detail": f"invalid JSON body: body: Invalid JSON: {reason}"}
 
 
+def test_a_json_body_the_framework_cannot_read_is_named_or_counted_as_the_client_leaving(
+    server, client
+):
+    """The routes whose JSON body FastAPI reads (a rename, a rebuild) answered a body that
+    is not UTF-8 text, or nests too deeply for Python's parser, with "There was an error
+    parsing the body", and counted a client that left before its body came as a 400, an
+    error of the request's, where the upload routes count it as 499."""
+    cases = {
+        b'{"label": "\xff"}': "'utf-8' codec can't decode byte 0xff in position 11",
+        b'{"label": ' + b"[" * 100_000 + b"]" * 100_000 + b"}": "maximum recursion depth",
+    }
+    route = ("PATCH", "/v1/gallery/labels/{label:path}")
+    before = requests_counted(client.get("/metrics").text)
+    headers = {**WRITE, "content-type": "application/json"}
+    for body, reason in cases.items():
+        for method, path in (("PATCH", "/v1/gallery/labels/x"), ("POST", "/v1/gallery/rebuild")):
+            response = client.request(method, path, content=body, headers=headers)
+            assert response.status_code == 400
+            assert response.json()["detail"].startswith(f"invalid JSON body: {reason}")
+
+    def counted(status: str) -> float:
+        return requests_counted(client.get("/metrics").text).get((*route, status), 0)
+
+    url = httpx.URL(server.url)
+    with socket.create_connection((url.host, url.port)) as leaving:
+        leaving.sendall(
+            f"PATCH /v1/gallery/labels/x HTTP/1.1\r\nHost: 127.0.0.1\r\nX-API-Key: {KEY}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{".encode()
+        )
+    deadline = time.monotonic() + 60  # until the server has seen it go
+    while counted("499") == before.get((*route, "499"), 0) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert counted("499") == before.get((*route, "499"), 0) + 1
+    assert counted("400") == before.get((*route, "400"), 0) + len(cases)
+
+
 def test_unknown_labels_and_images_are_404(client):
     for method, path in [
         ("GET", "/v1/gallery/labels/No Such Thing"),
