@@ -1648,6 +1648,24 @@ def test_unknown_paths_and_methods_are_named_with_what_to_use(client):
     }
 
 
+def test_a_request_for_a_whole_url_is_answered_as_one_for_its_path(server):
+    """`GET http://HOST/PATH`, as clients send requests to a proxy, which RFC 9112 has
+    servers accept: uvicorn took the URL for the path ("nothing is served at
+    /http://..."). The URL's host is the one the request is addressed to, as the RFC says,
+    and is checked as a Host header is (on loopback: refused for another name)."""
+    url = httpx.URL(server.url)
+    answers = []
+    for target in (f"http://127.0.0.1:{url.port}/healthz", "http://shop.example/healthz"):
+        with socket.create_connection((url.host, url.port)) as connection:
+            connection.sendall(
+                f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode()
+            )
+            answers.append(raw_answer(connection))
+    (status, _, body), (refused, _, why) = answers
+    assert (status, body["status"]) == (200, "ok")
+    assert refused == 403 and "not to 'shop.example'" in why["detail"]
+
+
 @pytest.mark.parametrize(
     "head, status, detail",
     [

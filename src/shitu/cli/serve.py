@@ -13,6 +13,7 @@ import sys
 from http import HTTPStatus
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from shitu.cli.common import (
     bounded,
@@ -263,10 +264,11 @@ def _http_protocol(timeout_s: float, metrics: Metrics) -> type:
 
             def noting_why() -> Any:  # uvicorn drops h11's reason
                 try:
-                    return next_event()
+                    event = next_event()
                 except h11.RemoteProtocolError as exc:
                     self.malformed = exc
                     raise
+                return _origin_form(event) if isinstance(event, h11.Request) else event
 
             self.conn.next_event = noting_why  # type: ignore[method-assign]
 
@@ -335,6 +337,27 @@ def _http_protocol(timeout_s: float, metrics: Metrics) -> type:
                 self.transport.close()
                 if self.conn.trailing_data[0]:  # part of a request came, not none
                     metrics.count_unrouted(HTTPStatus.REQUEST_TIMEOUT)
+
+    def _origin_form(request: h11.Request) -> h11.Request:
+        """A request whose target is a whole URL (`GET http://HOST/healthz`, as clients send
+        them to a proxy) as the same request for its path, addressed (its Host) to the URL's
+        host, as RFC 9112 has a server take it: uvicorn took the URL for the path, and
+        answered 404 "nothing is served at /http://HOST/healthz"."""
+        try:
+            target = urlsplit(request.target.decode("ascii"))
+        except ValueError:  # an unclosed '[': no URL, left to answer 404 as a path
+            return request
+        if not (target.scheme and target.netloc):
+            return request
+        path = (target.path or "/") + (f"?{target.query}" if target.query else "")
+        host = target.netloc.rpartition("@")[2]  # without a user name and password
+        headers = [(name, value) for name, value in request.headers if name != b"host"]
+        return h11.Request(
+            method=request.method,
+            target=path.encode("ascii"),
+            headers=[(b"host", host.encode("ascii")), *headers],
+            http_version=request.http_version,
+        )
 
     return Http11
 
