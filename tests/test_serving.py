@@ -1096,6 +1096,15 @@ def closed_by_server(connection: socket.socket) -> bytes:
     return received
 
 
+def answered_whole(connection: socket.socket) -> bytes:
+    """The answer on `connection`, read until its JSON body has come whole (the server may
+    keep the connection open after it)."""
+    answer = b""
+    while not re.search(rb"\r\n\r\n\{.*\}$", answer, re.S):
+        answer += connection.recv(65536)
+    return answer
+
+
 def raw_answer(connection: socket.socket) -> tuple[int, dict[str, str], dict]:
     """The status, headers and JSON body of the answer on `connection`, read until the
     server closes it."""
@@ -1164,10 +1173,7 @@ def test_a_client_that_does_not_send_its_request_headers_is_dropped(serving_libr
             assert closed_by_server(halting) == b""
         with socket.create_connection((url.host, url.port)) as kept:
             kept.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-            first = b""
-            while not re.search(rb"\r\n\r\n\{.*\}$", first, re.S):  # its JSON answer, whole
-                first += kept.recv(65536)
-            assert first.startswith(b"HTTP/1.1 200 ")
+            assert answered_whole(kept).startswith(b"HTTP/1.1 200 ")
             kept.sendall(b"GET /healthz HTTP/1.1\r\nHost: 12")
             assert closed_by_server(kept) == b""
         assert httpx.get(f"{server.url}/healthz", timeout=10).status_code == 200
@@ -1179,6 +1185,13 @@ def requests_counted(text: str) -> dict[tuple[str, str, str], float]:
     """shitu_http_requests_total of a /metrics text, by (method, route, status)."""
     pattern = r'^shitu_http_requests_total\{method="(.*?)",route="(.*?)",status="(.*?)"\} (\S+)$'
     return {tuple(m[:3]): float(m[3]) for m in re.findall(pattern, text, re.M)}
+
+
+def requests_counted_but_gets(server: ServerProcess) -> dict[tuple[str, str, str], float]:
+    """`requests_counted` of the server's /metrics, less the GETs: ServerProcess's /healthz,
+    as it waited for the server, and the /metrics."""
+    counted = requests_counted(httpx.get(f"{server.url}/metrics", timeout=10).text)
+    return {key: n for key, n in counted.items() if key[0] != "GET"}
 
 
 def test_errors_answered_before_the_app_are_counted_in_the_metrics(serving_library, tmp_path):
@@ -1209,11 +1222,10 @@ def test_errors_answered_before_the_app_are_counted_in_the_metrics(serving_libra
                 b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
             )
             assert raw_answer(stalled)[0] == 408
-        counted = requests_counted(httpx.get(f"{server.url}/metrics", timeout=10).text)
+        counted = requests_counted_but_gets(server)
     finally:
         server.stop()
-    # (less ServerProcess's /healthz, as it waited for the server, and the /metrics)
-    assert {key: n for key, n in counted.items() if key[0] != "GET"} == {
+    assert counted == {
         ("other", "unmatched", "400"): 2,
         ("other", "unmatched", "431"): 1,
         ("other", "unmatched", "408"): 1,
@@ -1240,16 +1252,13 @@ def test_a_malformed_chunked_body_is_answered_and_counted_once(serving_library, 
             assert answer["detail"].startswith("invalid HTTP request: ")
         with socket.create_connection((url.host, url.port)) as connection:
             connection.sendall(head % b"/v1/recognise" + b"1\r\n{\r\n")
-            answered = b""
-            while not re.search(rb"\r\n\r\n\{.*\}$", answered, re.S):  # its JSON answer, whole
-                answered += connection.recv(65536)
-            assert answered.startswith(b"HTTP/1.1 404 ")
+            assert answered_whole(connection).startswith(b"HTTP/1.1 404 ")
             connection.sendall(b"zz\r\n")
             assert closed_by_server(connection) == b""
-        counted = requests_counted(httpx.get(f"{server.url}/metrics", timeout=10).text)
+        counted = requests_counted_but_gets(server)
     finally:
         server.stop()
-    assert {key: n for key, n in counted.items() if key[0] != "GET"} == {
+    assert counted == {
         ("POST", "/v1/recognize", "400"): 2,
         ("POST", "unmatched", "404"): 1,
     }
