@@ -14,6 +14,7 @@ from shitu import fileio
 from shitu.errors import ConfigError, DataError
 from shitu.fileio import (
     check_writable,
+    remove_dead_staging,
     replace_folder,
     staging_folder,
     staging_in_progress,
@@ -250,6 +251,24 @@ def test_a_staging_folder_is_in_progress_while_its_run_holds_its_lock(tmp_path):
     assert staging.exists() and not staging_in_progress(staging)
     staging.with_name(staging.name + ".lock").unlink()
     assert staging_in_progress(staging)
+
+
+def test_a_fifo_named_as_a_staging_lock_is_left_and_does_not_hang_the_check(tmp_path):
+    """Opening a FIFO waits for a writer: `shitu index build` beside one named as a staging
+    lock (`.lib.building-<32 hex>.lock`) waited for ever. It tells nothing, and is left."""
+    import threading
+
+    fifo = tmp_path / f".lib.building-{'0' * 32}.lock"
+    os.mkfifo(fifo)
+    checked = threading.Thread(target=remove_dead_staging, args=(tmp_path,), daemon=True)
+    checked.start()
+    checked.join(60)
+    hung = checked.is_alive()
+    if hung:  # waiting on the FIFO: a writer lets it go on
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    assert not hung
+    assert staging_in_progress(fifo.with_suffix(""))
+    assert [path.name for path in tmp_path.iterdir()] == [fifo.name]
 
 
 def test_a_check_between_a_staging_locks_making_and_locking_finds_no_dead_run(

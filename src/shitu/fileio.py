@@ -542,18 +542,15 @@ def staging_in_progress(staging: Path) -> bool:
     """Whether the run that writes `staging`, a folder named by `staging_folder`, still
     goes on: it holds the lock beside it. One whose lock is not held was killed outright
     (its folder left for the next run to that target to remove); True where there is no
-    lock to tell by."""
+    lock to tell by, or no file under its name (a FIFO there: opening it waited for a
+    writer, and `shitu index build` with it, for ever)."""
     import fcntl
 
     try:
-        lock = open(staging.with_name(staging.name + ".lock"))  # noqa: SIM115 (closed below)
-    except FileNotFoundError:
-        return True
-    with lock:
-        try:
+        with open_regular_file(staging.with_name(staging.name + ".lock"), "a lock file") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            return True
+    except OSError:  # held, or nothing to tell by
+        return True
     return False
 
 
