@@ -466,6 +466,16 @@ def test_bad_uploads_get_clear_errors(serving_library, client):
             400,
             "unexpected field 'k': the form takes 'image'",
         ),
+        # a valid body: not "malformed multipart body: Too many fields. Maximum number ..."
+        "many fields": (
+            client.post(
+                "/v1/recognize",
+                data={f"k{n}": "3" for n in range(20)},
+                files={"image": photo(good)},
+            ),
+            400,
+            "too many form fields sent (over 16); the form takes 'image'",
+        ),
         "two labels": (
             client.post(
                 "/v1/gallery/images",

@@ -47,6 +47,9 @@ GENERIC_FILE_TYPES = {"", "application/octet-stream"}
 # How Starlette's parser words a form over its `max_files`: answered as a JSON body with
 # too many images is, not as "malformed multipart body: Too many files. Maximum ... is 32."
 TOO_MANY_FILES = "Too many files"
+# ... and over its `max_fields`: a valid body too, answered naming the fields a form takes.
+TOO_MANY_FIELDS = "Too many fields"
+MAX_FORM_FIELDS = 16
 # How much of a refused body is read and thrown away before the 413 goes out. A server that
 # closes a connection with unread bytes makes the kernel reset it, and the client can lose the
 # reply it was sent; past this much the connection is closed anyway.
@@ -615,13 +618,20 @@ async def _read_multipart(request: Request, at_most: int, schema: type[BaseModel
     images: list[tuple[str, bytes]] = []
     fields: dict[str, str] = {}
     takes = [name for name in schema.model_fields if name not in (IMAGE_FIELD, "images")]
+    expected = ", ".join(f"'{name}'" for name in [IMAGE_FIELD, *takes])
     try:
         async with aclosing(request.stream()) as stream:
-            parser = _WholeBodyParser(request.headers, stream, max_files=at_most, max_fields=16)
+            parser = _WholeBodyParser(
+                request.headers, stream, max_files=at_most, max_fields=MAX_FORM_FIELDS
+            )
             form = await parser.parse()
     except MultiPartException as exc:
         if exc.message.startswith(TOO_MANY_FILES):  # a valid body, not a malformed one
             raise BadRequest(f"too many images sent; at most {at_most} per request") from None
+        if exc.message.startswith(TOO_MANY_FIELDS):
+            raise BadRequest(
+                f"too many form fields sent (over {MAX_FORM_FIELDS}); the form takes {expected}"
+            ) from None
         raise BadRequest(f"malformed multipart body: {exc.message}") from None
     try:
         if not parser.complete:
@@ -632,7 +642,6 @@ async def _read_multipart(request: Request, at_most: int, schema: type[BaseModel
         for key, value in form.multi_items():
             if not isinstance(value, UploadFile):
                 if key not in takes:
-                    expected = ", ".join(f"'{name}'" for name in [IMAGE_FIELD, *takes])
                     raise BadRequest(f"unexpected field '{key}': the form takes {expected}")
                 if key in fields:
                     raise BadRequest(f"field '{key}' is given more than once")
