@@ -2307,6 +2307,26 @@ def test_an_ipv6_host_is_listened_on_in_brackets_too(serving_library, tmp_path, 
     )
 
 
+def test_a_port_in_use_or_a_host_that_names_nothing_is_one_line_before_the_models_load(
+    serving_library, capsys
+):
+    """The socket is bound before anything slow: a port another server holds, or a --host
+    no address answers to, is a line naming it, at once, not a traceback from uvicorn."""
+    args = ["serve", "--gallery", str(serving_library.gallery)]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert shitu_main([*args, "--port", str(port)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: cannot listen on 127.0.0.1:{port}: Address already in use\n"
+    )
+    assert shitu_main([*args, "--host", "no-such-host.invalid"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: cannot listen on no-such-host.invalid:8000: ")
+    assert len(error.splitlines()) == 1
+
+
 def test_a_key_http_headers_cannot_carry_is_refused_at_start(serving_library, capsys):
     args = ["serve", "--gallery", str(serving_library.gallery), "--api-key", "clé"]
     assert shitu_main(args) == 2
