@@ -21,6 +21,7 @@ from shitu.fileio import (
     staging_target,
     write_atomically,
 )
+from tests.fifo_helpers import returns_beside_fifo
 
 
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs procfs")
@@ -256,17 +257,9 @@ def test_a_staging_folder_is_in_progress_while_its_run_holds_its_lock(tmp_path):
 def test_a_fifo_named_as_a_staging_lock_is_left_and_does_not_hang_the_check(tmp_path):
     """Opening a FIFO waits for a writer: `shitu index build` beside one named as a staging
     lock (`.lib.building-<32 hex>.lock`) waited for ever. It tells nothing, and is left."""
-    import threading
-
     fifo = tmp_path / f".lib.building-{'0' * 32}.lock"
     os.mkfifo(fifo)
-    checked = threading.Thread(target=remove_dead_staging, args=(tmp_path,), daemon=True)
-    checked.start()
-    checked.join(60)
-    hung = checked.is_alive()
-    if hung:  # waiting on the FIFO: a writer lets it go on
-        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-    assert not hung
+    assert returns_beside_fifo(fifo, lambda: remove_dead_staging(tmp_path))
     assert staging_in_progress(fifo.with_suffix(""))
     assert [path.name for path in tmp_path.iterdir()] == [fifo.name]
 

@@ -12,6 +12,7 @@ import codecs
 import hashlib
 import io
 import json
+import os
 import re
 import select
 import shutil
@@ -46,6 +47,7 @@ from shitu.serving.images import thumbnail_jpeg
 from shitu.serving.library import SharedLibrary, Snapshot
 from shitu.serving.service import RecognitionService
 from shitu.serving.settings import ServeSettings
+from tests.fifo_helpers import returns_beside_fifo
 from tests.index_helpers import PixelEmbedder, make_images, other_process_holding
 from tests.serving_helpers import STARTUP_S, DemoLibrary, PrefixProxy, ServerProcess
 
@@ -2446,6 +2448,24 @@ def test_previews_of_large_stored_images(tmp_path):
         assert max(t.size) == 64
     with pytest.raises(NotFound, match="no preview: the image is 3000x2000, over the server's 4"):
         thumbnail_jpeg(str(tmp_path / "big.png"), 64, four_megapixels)
+
+
+def test_a_stored_image_that_is_a_fifo_has_no_preview_and_holds_no_thread(tmp_path):
+    """Opening a FIFO waits for a writer: a thumbnail of a gallery image whose file had been
+    replaced by one held a worker thread for good (and with enough such requests, every
+    thread the server decodes uploads on). It is a 404 naming what is there."""
+    fifo = tmp_path / "photo.jpg"
+    os.mkfifo(fifo)
+    refused: list[NotFound] = []
+
+    def preview() -> None:
+        try:
+            thumbnail_jpeg(str(fifo), 64, 4_000_000)
+        except NotFound as exc:
+            refused.append(exc)
+
+    assert returns_beside_fifo(fifo, preview)
+    assert "a FIFO (named pipe), not an image file" in str(refused[0])
 
 
 def test_images_the_server_has_no_file_of_are_listed_without_a_thumbnail(serving_library, tmp_path):
