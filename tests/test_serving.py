@@ -1277,6 +1277,29 @@ def test_a_malformed_chunked_body_is_answered_and_counted_once(serving_library, 
     assert "Traceback" not in server.log.read_text()
 
 
+def test_connections_past_the_open_file_limit_wait_and_are_logged_in_one_line(
+    serving_library, tmp_path
+):
+    """Out of file descriptors, asyncio logged a traceback for each try to accept a
+    connection, 2048 of them a second (megabytes of log in seconds). One line says so, and
+    the connections are served once others close."""
+    server = ServerProcess(serving_library, tmp_path, open_files=64)
+    url = httpx.URL(server.url)
+    warning = "warning: new connections wait: they cannot be accepted (Too many open files)"
+    try:
+        held = [socket.create_connection((url.host, url.port)) for _ in range(100)]
+        deadline = time.monotonic() + 60  # until the server has tried to accept them all
+        while warning not in server.log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for connection in held:
+            connection.close()
+        assert httpx.get(f"{server.url}/healthz", timeout=30).status_code == 200
+    finally:
+        server.stop()
+    log = server.log.read_text()
+    assert warning in log and "Traceback" not in log
+
+
 def test_a_client_that_leaves_mid_upload_is_no_server_error(serving_library, tmp_path):
     """An upload cancelled, or a network lost, while the body was coming: the server logged
     "Exception in ASGI application" with a traceback and counted a 500, an error of its own

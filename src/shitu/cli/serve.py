@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import ipaddress
 import json
 import logging
+import math
 import os
 import socket
 import sys
+from collections.abc import Callable
 from http import HTTPStatus
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -46,7 +49,12 @@ if TYPE_CHECKING:
     from shitu.serving.library import SharedLibrary
     from shitu.serving.metrics import Metrics
 
+logger = logging.getLogger(__name__)
 API_KEY_ENV = "SHITU_API_KEY"
+# How asyncio says that its listening socket could not accept a connection, and how often
+# shitu says it at most.
+ACCEPT_FAILED = "socket.accept() out of system resource"
+ACCEPT_FAILURE_LOG_S = 60.0
 # How much of a request's headers the server takes in while they have not ended (h11's
 # default); more gets 431.
 H11_MAX_HEADERS_KB = 16
@@ -226,14 +234,46 @@ def _is_loopback(host: str) -> bool:
 def _server_that_stops_waiting(server: type[Server], library: SharedLibrary) -> type[Server]:
     """uvicorn's Server, whose shutdown first has the library's edits stop waiting for
     another process's write: uvicorn waits for the requests under way (up to its grace
-    period) before anything else, and an edit may wait a minute."""
+    period) before anything else, and an edit may wait a minute. Its event loop says that
+    connections cannot be accepted in brief (`_accept_failures_in_brief`)."""
 
     class StoppingServer(server):  # type: ignore[misc,valid-type]
+        async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+            asyncio.get_running_loop().set_exception_handler(_accept_failures_in_brief())
+            await super().serve(sockets)
+
         async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
             library.stop_waiting()
             await super().shutdown(sockets)
 
     return StoppingServer
+
+
+def _accept_failures_in_brief() -> Callable[[asyncio.AbstractEventLoop, dict[str, Any]], None]:
+    """An event loop's exception handler that says in one line, at most once every
+    ACCEPT_FAILURE_LOG_S, that connections cannot be accepted (the process is out of file
+    descriptors, say): asyncio logged a traceback for each try, up to uvicorn's backlog
+    (2048) of them a second, megabytes of log in seconds. It tries again each second, and
+    the connections wait meanwhile. Anything else goes to the loop's default handler."""
+    said_at = -math.inf
+
+    def handle(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        nonlocal said_at
+        error = context.get("exception")
+        if context.get("message") != ACCEPT_FAILED or not isinstance(error, OSError):
+            loop.default_exception_handler(context)
+            return
+        if loop.time() - said_at < ACCEPT_FAILURE_LOG_S:
+            return
+        said_at = loop.time()
+        out_of_files = error.errno in (errno.EMFILE, errno.ENFILE)
+        logger.warning(
+            "new connections wait: they cannot be accepted (%s)%s",
+            error.strerror,
+            "; raise the limit on open files (ulimit -n)" if out_of_files else "",
+        )
+
+    return handle
 
 
 def _http_protocol(timeout_s: float, metrics: Metrics) -> type:
