@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import codecs
+import gzip
 import hashlib
 import io
 import json
@@ -467,6 +468,17 @@ def test_bad_uploads_get_clear_errors(serving_library, client):
             client.post("/v1/recognize", data={"k": "3"}, files={"image": photo(good)}),
             400,
             "unexpected field 'k': the form takes 'image'",
+        ),
+        # read as it came: "Invalid JSON: expected value at line 1 column 1"
+        "gzipped json": (
+            client.post(
+                "/v1/recognize",
+                content=gzip.compress(json.dumps({"image": "abc"}).encode()),
+                headers={"content-type": "application/json", "content-encoding": "gzip"},
+            ),
+            415,
+            "the request body is compressed (gzip, its Content-Encoding), which this server "
+            "does not take: send it uncompressed",
         ),
         # a valid body: not "malformed multipart body: Too many fields. Maximum number ..."
         "many fields": (

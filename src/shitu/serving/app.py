@@ -52,6 +52,7 @@ from shitu.serving.http import (
     AnswerCutOff,
     BodyLimit,
     BodyTimeout,
+    EncodedBodies,
     HeadAsGet,
     PixelBudget,
     RawUploads,
@@ -184,6 +185,7 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
     app.state.pixel_budget = pixel_budget  # what the requests in progress hold
     app.add_middleware(HeadAsGet)  # innermost: the metrics count HEAD as HEAD
     app.add_middleware(BodyLimit, settings=settings)
+    app.add_middleware(EncodedBodies)
     app.add_middleware(AllowedHosts, settings=settings)  # before any body is read
     app.add_middleware(BodyTimeout, settings=settings)  # round every reader of the body
     app.add_middleware(RequestLimit, settings=settings)  # inside the metrics: 503s counted

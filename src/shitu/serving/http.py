@@ -138,6 +138,26 @@ class BodyLimit(HttpMiddleware):
         await self.app(scope, counted, send)
 
 
+class EncodedBodies(HttpMiddleware):
+    """ASGI middleware: a request body sent in a content coding (`Content-Encoding: gzip`)
+    is refused with 415, as RFC 9110 has a server do with codings it does not take: the
+    server read the compressed bytes as they came, so a gzipped JSON body was answered
+    "Invalid JSON: expected value at line 1 column 1", and a gzipped form as malformed."""
+
+    async def handle(self, scope: dict, receive: Callable, send: Callable) -> None:
+        headers = dict(scope["headers"])
+        coding = headers.get(b"content-encoding", b"").strip().lower()
+        has_body = headers.get(b"content-length", b"0") != b"0" or b"transfer-encoding" in headers
+        if coding in (b"", b"identity") or not has_body:
+            await self.app(scope, receive, send)
+            return
+        refused = UnsupportedMediaType(
+            f"the request body is compressed ({coding.decode('latin-1')}, its Content-Encoding), "
+            "which this server does not take: send it uncompressed"
+        )
+        await refuse(headers, receive, send, refused)
+
+
 class BodyTimeout(HttpMiddleware):
     """ASGI middleware: a client that keeps the server waiting for its request body is
     answered 408 and its connection closed, which frees the request's slot: one that declared
