@@ -1086,7 +1086,8 @@ def test_requests_over_the_limit_in_progress_get_a_json_503_with_retry_after(
 ):
     """Two uploads still being sent fill --max-connections 2: the next request is refused
     as every error is, JSON naming the limit (was uvicorn's text "Service Unavailable"), and
-    told when to retry; once they end, requests go through again."""
+    told when to retry; once they end, requests go through again. Health checks and metrics
+    scrapes are answered meanwhile: a liveness probe's 503 had a busy server restarted."""
     server = ServerProcess(serving_library, tmp_path, "--max-connections", "2")
     host, port = httpx.URL(server.url).host, httpx.URL(server.url).port
     stalled = [socket.create_connection((host, port)) for _ in range(2)]
@@ -1102,6 +1103,9 @@ def test_requests_over_the_limit_in_progress_get_a_json_503_with_retry_after(
             "detail": "the server is busy: 2 requests in progress, its limit "
             "(--max-connections); retry in a moment"
         }
+        for path in ("/healthz", "/metrics"):
+            assert httpx.get(f"{server.url}{path}", timeout=10).status_code == 200
+        assert httpx.head(f"{server.url}/healthz", timeout=10).status_code == 200
     finally:
         for connection in stalled:
             connection.close()

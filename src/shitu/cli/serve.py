@@ -171,7 +171,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=positive_int,
         default=DEFAULT_MAX_REQUESTS,
         help="requests in progress beyond which requests get 503 (bounds the memory that "
-        f"queued uploads take; default {DEFAULT_MAX_REQUESTS})",
+        f"queued uploads take; default {DEFAULT_MAX_REQUESTS}); /healthz and /metrics are "
+        "answered past it",
     )
     parser.add_argument(
         "--read-timeout",

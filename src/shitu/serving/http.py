@@ -55,6 +55,7 @@ MAX_FORM_FIELDS = 16
 # reply it was sent; past this much the connection is closed anyway.
 DRAIN_BYTES = 64 * MB
 RETRY_AFTER_S = 1  # what a request refused for want of capacity is told to wait
+UNLIMITED_PATHS = {"/healthz", "/metrics"}  # answered past --max-connections (RequestLimit)
 # How long a request waits for other requests' decoded pixels to be freed before its 503.
 PIXELS_WAIT_S = 5.0
 # what an edit refused because another process kept the library locked (its write, a
@@ -309,7 +310,10 @@ def allowing_head(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, b
 
 class RequestLimit(HttpMiddleware):
     """ASGI middleware: beyond the settings' number of requests in progress, a request is
-    answered 503, as JSON naming the limit, with Retry-After, and its body is never kept."""
+    answered 503, as JSON naming the limit, with Retry-After, and its body is never kept.
+    Health checks and metrics scrapes (GET or HEAD of UNLIMITED_PATHS), which keep no
+    upload, neither count nor wait: a liveness probe refused while uploads filled the
+    server had a busy server restarted, and the metrics went blank when most needed."""
 
     def __init__(self, app: Any, settings: ServeSettings) -> None:
         super().__init__(app)
@@ -317,6 +321,10 @@ class RequestLimit(HttpMiddleware):
         self.in_progress = 0  # changed on the event loop only: no lock
 
     async def handle(self, scope: dict, receive: Callable, send: Callable) -> None:
+        path = scope["path"].removeprefix(scope.get("root_path", ""))  # as routed
+        if scope["method"] in ("GET", "HEAD") and path in UNLIMITED_PATHS:
+            await self.app(scope, receive, send)
+            return
         if self.in_progress >= self.max_requests:
             busy = ServiceUnavailable(
                 f"the server is busy: {self.in_progress} requests in progress, its limit "
