@@ -1227,7 +1227,8 @@ def test_errors_answered_before_the_app_are_counted_in_the_metrics(serving_libra
     (its connection closed: 408, as nginx logs it) and a body that stopped coming (408)
     are counted in shitu_http_requests_total as every other error is: the server's layer
     under the app answered them unseen, and a client flooding it with them showed no
-    errors. A connection that began no request (a browser's preconnect) is none."""
+    errors. A connection that began no request (a browser's preconnect) is none, and the
+    rest of a body that stops coming after its request was answered is not counted again."""
     server = ServerProcess(serving_library, tmp_path, "--read-timeout", "0.5")
     url = httpx.URL(server.url)
     invalid = (
@@ -1250,6 +1251,13 @@ def test_errors_answered_before_the_app_are_counted_in_the_metrics(serving_libra
                 b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
             )
             assert raw_answer(stalled)[0] == 408
+        # answered (404) before its body was read; the rest stops coming mid-chunk: once
+        with socket.create_connection((url.host, url.port)) as stalled:
+            stalled.sendall(
+                b"POST /v1/recognise HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n1"
+            )
+            assert closed_by_server(stalled).startswith(b"HTTP/1.1 404 ")
         counted = requests_counted_but_gets(server)
     finally:
         server.stop()
@@ -1258,6 +1266,7 @@ def test_errors_answered_before_the_app_are_counted_in_the_metrics(serving_libra
         ("other", "unmatched", "431"): 1,
         ("other", "unmatched", "408"): 1,
         ("POST", "/v1/recognize", "408"): 1,
+        ("POST", "unmatched", "404"): 1,
     }
 
 

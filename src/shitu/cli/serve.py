@@ -376,7 +376,9 @@ def _http_protocol(timeout_s: float, metrics: Metrics) -> type:
             self.waiting = None
             if not self.transport.is_closing():
                 self.transport.close()
-                if self.conn.trailing_data[0]:  # part of a request came, not none
+                # Part of a request's headers came, not none; not the rest of a body sent on
+                # after its answer (a 404 given before it was read), counted as that answer.
+                if self.conn.their_state is h11.IDLE and self.conn.trailing_data[0]:
                     metrics.count_unrouted(HTTPStatus.REQUEST_TIMEOUT)
 
     def _origin_form(request: h11.Request) -> h11.Request:
