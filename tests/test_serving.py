@@ -1753,6 +1753,12 @@ def test_a_request_for_a_whole_url_is_answered_as_one_for_its_path(server):
             431,
             "the request's headers are too large: 16 KB came and they had not ended",
         ),
+        (  # HTTP/2 without TLS: was 404 "nothing is served at /*"
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+            505,
+            "invalid HTTP request: HTTP/2.0 is not served: this server speaks HTTP/1.1 (have "
+            "the client or proxy use it)",
+        ),
     ],
 )
 def test_a_request_that_is_not_valid_http_is_answered_as_json_naming_why(

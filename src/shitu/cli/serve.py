@@ -306,6 +306,8 @@ def _http_protocol(timeout_s: float, metrics: Metrics) -> type:
             def noting_why() -> Any:  # uvicorn drops h11's reason
                 try:
                     event = next_event()
+                    if isinstance(event, h11.Request):
+                        _refuse_other_versions(event)
                 except h11.RemoteProtocolError as exc:
                     self.malformed = exc
                     raise
@@ -380,6 +382,18 @@ def _http_protocol(timeout_s: float, metrics: Metrics) -> type:
                 # after its answer (a 404 given before it was read), counted as that answer.
                 if self.conn.their_state is h11.IDLE and self.conn.trailing_data[0]:
                     metrics.count_unrouted(HTTPStatus.REQUEST_TIMEOUT)
+
+    def _refuse_other_versions(request: h11.Request) -> None:
+        """A RemoteProtocolError (505) for a request of an HTTP version other than 1.x, which
+        h11 reads as one: an HTTP/2 client without TLS (a proxy told the backend speaks it)
+        opens with `PRI * HTTP/2.0`, which was answered 404 "nothing is served at /*"."""
+        if request.http_version not in (b"1.0", b"1.1"):
+            version = request.http_version.decode("ascii")
+            raise h11.RemoteProtocolError(
+                f"HTTP/{version} is not served: this server speaks HTTP/1.1 (have the client "
+                "or proxy use it)",
+                error_status_hint=HTTPStatus.HTTP_VERSION_NOT_SUPPORTED,
+            )
 
     def _origin_form(request: h11.Request) -> h11.Request:
         """A request whose target is a whole URL (`GET http://HOST/healthz`, as clients send
