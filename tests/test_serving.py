@@ -1092,27 +1092,29 @@ def test_requests_over_the_limit_in_progress_get_a_json_503_with_retry_after(
     host, port = httpx.URL(server.url).host, httpx.URL(server.url).port
     stalled = [socket.create_connection((host, port)) for _ in range(2)]
     try:
-        for connection in stalled:  # a body of 100 bytes, one sent
-            connection.sendall(
-                b"POST /v1/recognize HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
-            )
-        busy = answer_once(f"{server.url}/v1/gallery", 503)  # both are reading their bodies
-        assert busy.headers["retry-after"] == "1"
-        assert busy.json() == {
-            "detail": "the server is busy: 2 requests in progress, its limit "
-            "(--max-connections); retry in a moment"
-        }
-        for path in ("/healthz", "/metrics"):
-            assert httpx.get(f"{server.url}{path}", timeout=10).status_code == 200
-        assert httpx.head(f"{server.url}/healthz", timeout=10).status_code == 200
-    finally:
-        for connection in stalled:
-            connection.close()
-    try:
+        try:
+            for connection in stalled:  # a body of 100 bytes, one sent
+                connection.sendall(
+                    b"POST /v1/recognize HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                    b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
+                )
+            busy = answer_once(f"{server.url}/v1/gallery", 503)  # both are reading their bodies
+            answered = [
+                httpx.get(f"{server.url}{path}", timeout=10) for path in ("/healthz", "/metrics")
+            ]
+            answered.append(httpx.head(f"{server.url}/healthz", timeout=10))
+        finally:
+            for connection in stalled:
+                connection.close()
         answer_once(f"{server.url}/v1/gallery", 200)  # once the server has seen them close
     finally:
         server.stop()
+    assert busy.headers["retry-after"] == "1"
+    assert busy.json() == {
+        "detail": "the server is busy: 2 requests in progress, its limit "
+        "(--max-connections); retry in a moment"
+    }
+    assert [response.status_code for response in answered] == [200] * 3
 
 
 def closed_by_server(connection: socket.socket) -> bytes:
