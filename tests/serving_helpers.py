@@ -7,6 +7,7 @@ default model, with the plain-background detector so shelf photos give one box p
 from __future__ import annotations
 
 import os
+import resource
 import select
 import shutil
 import signal
@@ -15,6 +16,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -59,7 +61,15 @@ def demo_library(root: Path) -> DemoLibrary:
 class ServerProcess:
     """`shitu serve` on a free loopback port in a subprocess; `url` once /healthz answers."""
 
-    def __init__(self, library: DemoLibrary, work: Path, *args: str, env: dict | None = None):
+    def __init__(
+        self,
+        library: DemoLibrary,
+        work: Path,
+        *args: str,
+        env: dict | None = None,
+        open_files: int | None = None,
+    ):
+        """`open_files`: the server's limit on open file descriptors (ulimit -n)."""
         self.work = work
         self.gallery = work / "gallery"
         shutil.copytree(library.gallery, self.gallery)
@@ -76,6 +86,7 @@ class ServerProcess:
             stderr=self._log_file,
             text=True,
             env={**os.environ, **(env or {})},
+            preexec_fn=None if open_files is None else partial(_limit_open_files, open_files),
         )
         self.url = self._wait_ready()
 
@@ -108,6 +119,11 @@ class ServerProcess:
         self.process.stdout.close()
         self._log_file.close()
         return self.process.returncode
+
+
+def _limit_open_files(count: int) -> None:
+    """Set this process's limit on open file descriptors (in a server's child, before exec)."""
+    resource.setrlimit(resource.RLIMIT_NOFILE, (count, count))
 
 
 # What a proxy does not pass on: hop-by-hop headers, and the length it sets itself.

@@ -549,6 +549,11 @@ def test_load_detector_errors(tmp_path: Path, caplog) -> None:
         load_detector(tmp_path / "missing.onnx")
     with pytest.raises(CheckpointError, match=r"is a folder, not a detector file; give our"):
         load_detector(tmp_path)
+    fifo = tmp_path / "det.onnx"  # was "detector file not found", as a recogniser's is not
+    os.mkfifo(fifo)
+    with pytest.raises(CheckpointError, match=r"det.onnx is a FIFO \(named pipe\), not a det"):
+        load_detector(fifo)
+    fifo.unlink()
     run = tmp_path / "run"  # detect-train's --out, given as a recognition model's folder is
     run.mkdir()
     save_detector(build_picodet("picodet_s_esnet", input_size=64), run / "model.pt")

@@ -14,6 +14,7 @@ from shitu import fileio
 from shitu.errors import ConfigError, DataError
 from shitu.fileio import (
     check_writable,
+    remove_dead_staging,
     removed_if_left_empty,
     replace_folder,
     staging_folder,
@@ -21,6 +22,7 @@ from shitu.fileio import (
     staging_target,
     write_atomically,
 )
+from tests.fifo_helpers import returns_beside_fifo
 
 
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs procfs")
@@ -213,6 +215,25 @@ def test_a_folder_another_run_holds_is_refused_naming_that_run(tmp_path, written
     )
 
 
+@pytest.mark.parametrize(
+    ("make", "kind"), [(os.mkfifo, "a FIFO (named pipe)"), (os.mkdir, "a folder")]
+)
+def test_a_lock_path_that_is_no_file_is_named_not_opened(tmp_path, make, kind):
+    """A FIFO where a run's lock file goes failed with "File or stream is not seekable" (on
+    systems where opening one waits for a reader, it hung), a folder with "Is a directory";
+    both are named, with what to do, and left as they were."""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    make(folder / fileio.RUN_LOCK)
+    with pytest.raises(DataError) as refused, fileio.only_run_in(folder, "--out", "x"):
+        pass
+    assert str(refused.value) == (
+        f"{folder / fileio.RUN_LOCK} is {kind}, where this run keeps its lock file (a file "
+        "it makes): move it away"
+    )
+    assert [path.name for path in folder.iterdir()] == [fileio.RUN_LOCK]
+
+
 def test_a_staging_folder_names_the_folder_it_is_written_for(tmp_path):
     """A Milvus collection made by a build records the build's staging folder: the library
     that uses it is the folder that staging folder became."""
@@ -232,6 +253,16 @@ def test_a_staging_folder_is_in_progress_while_its_run_holds_its_lock(tmp_path):
     assert staging.exists() and not staging_in_progress(staging)
     staging.with_name(staging.name + ".lock").unlink()
     assert staging_in_progress(staging)
+
+
+def test_a_fifo_named_as_a_staging_lock_is_left_and_does_not_hang_the_check(tmp_path):
+    """Opening a FIFO waits for a writer: `shitu index build` beside one named as a staging
+    lock (`.lib.building-<32 hex>.lock`) waited for ever. It tells nothing, and is left."""
+    fifo = tmp_path / f".lib.building-{'0' * 32}.lock"
+    os.mkfifo(fifo)
+    assert returns_beside_fifo(fifo, lambda: remove_dead_staging(tmp_path))
+    assert staging_in_progress(fifo.with_suffix(""))
+    assert [path.name for path in tmp_path.iterdir()] == [fifo.name]
 
 
 def test_a_check_between_a_staging_locks_making_and_locking_finds_no_dead_run(

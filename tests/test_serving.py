@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import codecs
+import gzip
 import hashlib
 import io
 import json
+import os
 import re
 import select
 import shutil
@@ -46,6 +48,7 @@ from shitu.serving.images import thumbnail_jpeg
 from shitu.serving.library import SharedLibrary, Snapshot
 from shitu.serving.service import RecognitionService
 from shitu.serving.settings import ServeSettings
+from tests.fifo_helpers import returns_beside_fifo
 from tests.index_helpers import PixelEmbedder, make_images, other_process_holding
 from tests.serving_helpers import STARTUP_S, DemoLibrary, PrefixProxy, ServerProcess
 
@@ -466,6 +469,27 @@ def test_bad_uploads_get_clear_errors(serving_library, client):
             400,
             "unexpected field 'k': the form takes 'image'",
         ),
+        # read as it came: "Invalid JSON: expected value at line 1 column 1"
+        "gzipped json": (
+            client.post(
+                "/v1/recognize",
+                content=gzip.compress(json.dumps({"image": "abc"}).encode()),
+                headers={"content-type": "application/json", "content-encoding": "gzip"},
+            ),
+            415,
+            "the request body is compressed (gzip, its Content-Encoding), which this server "
+            "does not take: send it uncompressed",
+        ),
+        # a valid body: not "malformed multipart body: Too many fields. Maximum number ..."
+        "many fields": (
+            client.post(
+                "/v1/recognize",
+                data={f"k{n}": "3" for n in range(20)},
+                files={"image": photo(good)},
+            ),
+            400,
+            "too many form fields sent (over 16); the form takes 'image'",
+        ),
         "two labels": (
             client.post(
                 "/v1/gallery/images",
@@ -666,6 +690,42 @@ def test_json_that_does_not_parse_is_named_once(client):
         )
         assert response.status_code == 400
         assert response.json() == {"detail": f"invalid JSON body: body: Invalid JSON: {reason}"}
+
+
+def test_a_json_body_the_framework_cannot_read_is_named_or_counted_as_the_client_leaving(
+    server, client
+):
+    """The routes whose JSON body FastAPI reads (a rename, a rebuild) answered a body that
+    is not UTF-8 text, or nests too deeply for Python's parser, with "There was an error
+    parsing the body", and counted a client that left before its body came as a 400, an
+    error of the request's, where the upload routes count it as 499."""
+    cases = {
+        b'{"label": "\xff"}': "'utf-8' codec can't decode byte 0xff in position 11",
+        b'{"label": ' + b"[" * 100_000 + b"]" * 100_000 + b"}": "maximum recursion depth",
+    }
+    route = ("PATCH", "/v1/gallery/labels/{label:path}")
+    before = requests_counted(client.get("/metrics").text)
+    headers = {**WRITE, "content-type": "application/json"}
+    for body, reason in cases.items():
+        for method, path in (("PATCH", "/v1/gallery/labels/x"), ("POST", "/v1/gallery/rebuild")):
+            response = client.request(method, path, content=body, headers=headers)
+            assert response.status_code == 400
+            assert response.json()["detail"].startswith(f"invalid JSON body: {reason}")
+
+    def counted(status: str) -> float:
+        return requests_counted(client.get("/metrics").text).get((*route, status), 0)
+
+    url = httpx.URL(server.url)
+    with socket.create_connection((url.host, url.port)) as leaving:
+        leaving.sendall(
+            f"PATCH /v1/gallery/labels/x HTTP/1.1\r\nHost: 127.0.0.1\r\nX-API-Key: {KEY}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{".encode()
+        )
+    deadline = time.monotonic() + 60  # until the server has seen it go
+    while counted("499") == before.get((*route, "499"), 0) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert counted("499") == before.get((*route, "499"), 0) + 1
+    assert counted("400") == before.get((*route, "400"), 0) + len(cases)
 
 
 def test_unknown_labels_and_images_are_404(client):
@@ -885,6 +945,12 @@ def test_the_413_limit_is_written_out_in_plain_digits(limit_mb, shown):
         ("--read-timeout", "0", "a number of seconds above 0 (a millisecond or more), got 0.0"),
         ("--root-path", "shitu", "a URL path starting with '/', got shitu"),
         (
+            "--host",
+            "",
+            "a host name or address (127.0.0.1, 0.0.0.0, ::), got an empty one (a variable "
+            "that is not set?)",
+        ),
+        (
             "--allowed-host",
             "https://shop.example/",
             "a host name (shop.example), without a scheme, port or path: 'https://shop.example/'",
@@ -1020,29 +1086,35 @@ def test_requests_over_the_limit_in_progress_get_a_json_503_with_retry_after(
 ):
     """Two uploads still being sent fill --max-connections 2: the next request is refused
     as every error is, JSON naming the limit (was uvicorn's text "Service Unavailable"), and
-    told when to retry; once they end, requests go through again."""
+    told when to retry; once they end, requests go through again. Health checks and metrics
+    scrapes are answered meanwhile: a liveness probe's 503 had a busy server restarted."""
     server = ServerProcess(serving_library, tmp_path, "--max-connections", "2")
     host, port = httpx.URL(server.url).host, httpx.URL(server.url).port
     stalled = [socket.create_connection((host, port)) for _ in range(2)]
     try:
-        for connection in stalled:  # a body of 100 bytes, one sent
-            connection.sendall(
-                b"POST /v1/recognize HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
-            )
-        busy = answer_once(f"{server.url}/v1/gallery", 503)  # both are reading their bodies
-        assert busy.headers["retry-after"] == "1"
-        assert busy.json() == {
-            "detail": "the server is busy: 2 requests in progress, its limit "
-            "(--max-connections); retry in a moment"
-        }
-    finally:
-        for connection in stalled:
-            connection.close()
-    try:
+        try:
+            for connection in stalled:  # a body of 100 bytes, one sent
+                connection.sendall(
+                    b"POST /v1/recognize HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                    b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
+                )
+            busy = answer_once(f"{server.url}/v1/gallery", 503)  # both are reading their bodies
+            answered = [
+                httpx.get(f"{server.url}{path}", timeout=10) for path in ("/healthz", "/metrics")
+            ]
+            answered.append(httpx.head(f"{server.url}/healthz", timeout=10))
+        finally:
+            for connection in stalled:
+                connection.close()
         answer_once(f"{server.url}/v1/gallery", 200)  # once the server has seen them close
     finally:
         server.stop()
+    assert busy.headers["retry-after"] == "1"
+    assert busy.json() == {
+        "detail": "the server is busy: 2 requests in progress, its limit "
+        "(--max-connections); retry in a moment"
+    }
+    assert [response.status_code for response in answered] == [200] * 3
 
 
 def closed_by_server(connection: socket.socket) -> bytes:
@@ -1052,6 +1124,15 @@ def closed_by_server(connection: socket.socket) -> bytes:
     while chunk := connection.recv(65536):
         received += chunk
     return received
+
+
+def answered_whole(connection: socket.socket) -> bytes:
+    """The answer on `connection`, read until its JSON body has come whole (the server may
+    keep the connection open after it)."""
+    answer = b""
+    while not re.search(rb"\r\n\r\n\{.*\}$", answer, re.S):
+        answer += connection.recv(65536)
+    return answer
 
 
 def raw_answer(connection: socket.socket) -> tuple[int, dict[str, str], dict]:
@@ -1122,10 +1203,7 @@ def test_a_client_that_does_not_send_its_request_headers_is_dropped(serving_libr
             assert closed_by_server(halting) == b""
         with socket.create_connection((url.host, url.port)) as kept:
             kept.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-            first = b""
-            while not re.search(rb"\r\n\r\n\{.*\}$", first, re.S):  # its JSON answer, whole
-                first += kept.recv(65536)
-            assert first.startswith(b"HTTP/1.1 200 ")
+            assert answered_whole(kept).startswith(b"HTTP/1.1 200 ")
             kept.sendall(b"GET /healthz HTTP/1.1\r\nHost: 12")
             assert closed_by_server(kept) == b""
         assert httpx.get(f"{server.url}/healthz", timeout=10).status_code == 200
@@ -1139,12 +1217,20 @@ def requests_counted(text: str) -> dict[tuple[str, str, str], float]:
     return {tuple(m[:3]): float(m[3]) for m in re.findall(pattern, text, re.M)}
 
 
+def requests_counted_but_gets(server: ServerProcess) -> dict[tuple[str, str, str], float]:
+    """`requests_counted` of the server's /metrics, less the GETs: ServerProcess's /healthz,
+    as it waited for the server, and the /metrics."""
+    counted = requests_counted(httpx.get(f"{server.url}/metrics", timeout=10).text)
+    return {key: n for key, n in counted.items() if key[0] != "GET"}
+
+
 def test_errors_answered_before_the_app_are_counted_in_the_metrics(serving_library, tmp_path):
     """Requests that are not valid HTTP (400, 431), a request whose headers stopped coming
     (its connection closed: 408, as nginx logs it) and a body that stopped coming (408)
     are counted in shitu_http_requests_total as every other error is: the server's layer
     under the app answered them unseen, and a client flooding it with them showed no
-    errors. A connection that began no request (a browser's preconnect) is none."""
+    errors. A connection that began no request (a browser's preconnect) is none, and the
+    rest of a body that stops coming after its request was answered is not counted again."""
     server = ServerProcess(serving_library, tmp_path, "--read-timeout", "0.5")
     url = httpx.URL(server.url)
     invalid = (
@@ -1167,16 +1253,78 @@ def test_errors_answered_before_the_app_are_counted_in_the_metrics(serving_libra
                 b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
             )
             assert raw_answer(stalled)[0] == 408
-        counted = requests_counted(httpx.get(f"{server.url}/metrics", timeout=10).text)
+        # answered (404) before its body was read; the rest stops coming mid-chunk: once
+        with socket.create_connection((url.host, url.port)) as stalled:
+            stalled.sendall(
+                b"POST /v1/recognise HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n1"
+            )
+            assert closed_by_server(stalled).startswith(b"HTTP/1.1 404 ")
+        counted = requests_counted_but_gets(server)
     finally:
         server.stop()
-    # (less ServerProcess's /healthz, as it waited for the server, and the /metrics)
-    assert {key: n for key, n in counted.items() if key[0] != "GET"} == {
+    assert counted == {
         ("other", "unmatched", "400"): 2,
         ("other", "unmatched", "431"): 1,
         ("other", "unmatched", "408"): 1,
         ("POST", "/v1/recognize", "408"): 1,
+        ("POST", "unmatched", "404"): 1,
     }
+
+
+def test_a_malformed_chunked_body_is_answered_and_counted_once(serving_library, tmp_path):
+    """A chunked body that turns out not to be valid HTTP once the app has its request is
+    answered 400 naming why, and counted once, as that 400 of its route: it was also
+    counted as a 499 (the app took the connection's closing for the client leaving). One
+    sent on after its request was answered (a 404) is not answered again: it closes the
+    connection, where a traceback went to the log."""
+    server = ServerProcess(serving_library, tmp_path)
+    url = httpx.URL(server.url)
+    head = b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+    head += b"Transfer-Encoding: chunked\r\n\r\n"
+    try:
+        for body in (b"zz\r\n", b"3\r\nabcXX\r\n"):
+            with socket.create_connection((url.host, url.port)) as connection:
+                connection.sendall(head % b"/v1/recognize" + body)
+                status, headers, answer = raw_answer(connection)
+            assert (status, headers["connection"]) == (400, "close")
+            assert answer["detail"].startswith("invalid HTTP request: ")
+        with socket.create_connection((url.host, url.port)) as connection:
+            connection.sendall(head % b"/v1/recognise" + b"1\r\n{\r\n")
+            assert answered_whole(connection).startswith(b"HTTP/1.1 404 ")
+            connection.sendall(b"zz\r\n")
+            assert closed_by_server(connection) == b""
+        counted = requests_counted_but_gets(server)
+    finally:
+        server.stop()
+    assert counted == {
+        ("POST", "/v1/recognize", "400"): 2,
+        ("POST", "unmatched", "404"): 1,
+    }
+    assert "Traceback" not in server.log.read_text()
+
+
+def test_connections_past_the_open_file_limit_wait_and_are_logged_in_one_line(
+    serving_library, tmp_path
+):
+    """Out of file descriptors, asyncio logged a traceback for each try to accept a
+    connection, 2048 of them a second (megabytes of log in seconds). One line says so, and
+    the connections are served once others close."""
+    server = ServerProcess(serving_library, tmp_path, open_files=64)
+    url = httpx.URL(server.url)
+    warning = "warning: new connections wait: they cannot be accepted (Too many open files)"
+    try:
+        held = [socket.create_connection((url.host, url.port)) for _ in range(100)]
+        deadline = time.monotonic() + 60  # until the server has tried to accept them all
+        while warning not in server.log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for connection in held:
+            connection.close()
+        assert httpx.get(f"{server.url}/healthz", timeout=30).status_code == 200
+    finally:
+        server.stop()
+    log = server.log.read_text()
+    assert warning in log and "Traceback" not in log
 
 
 def test_a_client_that_leaves_mid_upload_is_no_server_error(serving_library, tmp_path):
@@ -1571,6 +1719,24 @@ def test_unknown_paths_and_methods_are_named_with_what_to_use(client):
     }
 
 
+def test_a_request_for_a_whole_url_is_answered_as_one_for_its_path(server):
+    """`GET http://HOST/PATH`, as clients send requests to a proxy, which RFC 9112 has
+    servers accept: uvicorn took the URL for the path ("nothing is served at
+    /http://..."). The URL's host is the one the request is addressed to, as the RFC says,
+    and is checked as a Host header is (on loopback: refused for another name)."""
+    url = httpx.URL(server.url)
+    answers = []
+    for target in (f"http://127.0.0.1:{url.port}/healthz", "http://shop.example/healthz"):
+        with socket.create_connection((url.host, url.port)) as connection:
+            connection.sendall(
+                f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode()
+            )
+            answers.append(raw_answer(connection))
+    (status, _, body), (refused, _, why) = answers
+    assert (status, body["status"]) == (200, "ok")
+    assert refused == 403 and "not to 'shop.example'" in why["detail"]
+
+
 @pytest.mark.parametrize(
     "head, status, detail",
     [
@@ -1588,6 +1754,12 @@ def test_unknown_paths_and_methods_are_named_with_what_to_use(client):
             b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Long: " + b"a" * 20_000,
             431,
             "the request's headers are too large: 16 KB came and they had not ended",
+        ),
+        (  # HTTP/2 without TLS: was 404 "nothing is served at /*"
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+            505,
+            "invalid HTTP request: HTTP/2.0 is not served: this server speaks HTTP/1.1 (have "
+            "the client or proxy use it)",
         ),
     ],
 )
@@ -2193,6 +2365,26 @@ def test_an_ipv6_host_is_listened_on_in_brackets_too(serving_library, tmp_path, 
     )
 
 
+def test_a_port_in_use_or_a_host_that_names_nothing_is_one_line_before_the_models_load(
+    serving_library, capsys
+):
+    """The socket is bound before anything slow: a port another server holds, or a --host
+    no address answers to, is a line naming it, at once, not a traceback from uvicorn."""
+    args = ["serve", "--gallery", str(serving_library.gallery)]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert shitu_main([*args, "--port", str(port)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: cannot listen on 127.0.0.1:{port}: Address already in use\n"
+    )
+    assert shitu_main([*args, "--host", "no-such-host.invalid"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: cannot listen on no-such-host.invalid:8000: ")
+    assert len(error.splitlines()) == 1
+
+
 def test_a_key_http_headers_cannot_carry_is_refused_at_start(serving_library, capsys):
     args = ["serve", "--gallery", str(serving_library.gallery), "--api-key", "clé"]
     assert shitu_main(args) == 2
@@ -2312,6 +2504,24 @@ def test_previews_of_large_stored_images(tmp_path):
         assert max(t.size) == 64
     with pytest.raises(NotFound, match="no preview: the image is 3000x2000, over the server's 4"):
         thumbnail_jpeg(str(tmp_path / "big.png"), 64, four_megapixels)
+
+
+def test_a_stored_image_that_is_a_fifo_has_no_preview_and_holds_no_thread(tmp_path):
+    """Opening a FIFO waits for a writer: a thumbnail of a gallery image whose file had been
+    replaced by one held a worker thread for good (and with enough such requests, every
+    thread the server decodes uploads on). It is a 404 naming what is there."""
+    fifo = tmp_path / "photo.jpg"
+    os.mkfifo(fifo)
+    refused: list[NotFound] = []
+
+    def preview() -> None:
+        try:
+            thumbnail_jpeg(str(fifo), 64, 4_000_000)
+        except NotFound as exc:
+            refused.append(exc)
+
+    assert returns_beside_fifo(fifo, preview)
+    assert "a FIFO (named pipe), not an image file" in str(refused[0])
 
 
 def test_images_the_server_has_no_file_of_are_listed_without_a_thumbnail(serving_library, tmp_path):

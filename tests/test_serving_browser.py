@@ -607,20 +607,21 @@ def server_kept_busy(server) -> Iterator[None]:
                 + KEY.encode()
                 + b"\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
             )
-        wait_for_health(server, busy=True)  # all of them in progress
+        wait_for_slots(server, busy=True)  # all of them in progress
         yield
     finally:
         for connection in stalled:
             connection.close()
-    wait_for_health(server, busy=False)  # the server saw them go
+    wait_for_slots(server, busy=False)  # the server saw them go
 
 
-def wait_for_health(server, busy: bool) -> None:
-    """Until /healthz answers 503 (`busy`) or 200."""
+def wait_for_slots(server, busy: bool) -> None:
+    """Until the page (a request that takes a slot: /healthz is answered past the limit)
+    answers 503 (`busy`) or 200."""
     deadline = time.monotonic() + WAIT_S
     with httpx.Client(base_url=server.url, timeout=10) as client:
-        while client.get("/healthz").status_code != (503 if busy else 200):
-            assert time.monotonic() < deadline, f"/healthz never {'busy' if busy else 'ok'}"
+        while client.get("/").status_code != (503 if busy else 200):
+            assert time.monotonic() < deadline, f"the page never {'busy' if busy else 'ok'}"
             time.sleep(0.1)
 
 

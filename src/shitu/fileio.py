@@ -253,7 +253,7 @@ def held_lock(path: Path, holder: str, refused: Callable[[str], Exception]) -> I
     import fcntl  # POSIX, as the staging locks
 
     while True:
-        lock = open(path, "a+")  # noqa: SIM115 (held past this loop: closed below)
+        lock = _open_lock_file(path)
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -270,6 +270,27 @@ def held_lock(path: Path, holder: str, refused: Callable[[str], Exception]) -> I
         lock.write(holder)
         lock.flush()
         yield
+
+
+def _open_lock_file(path: Path) -> io.TextIOWrapper:
+    """The file `path` opened to be locked and written ("a+"), made if missing. Anything
+    else in its place is a DataError naming it: a folder gave "Is a directory", and a FIFO
+    "File or stream is not seekable" (or, where opening one waits for a reader, a run that
+    never started)."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_APPEND | getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(path, flags, 0o666)
+    except IsADirectoryError:
+        kind = "a folder"
+    else:
+        info = os.fstat(fd)
+        if stat.S_ISREG(info.st_mode):
+            return open(fd, "a+")  # the caller closes it
+        os.close(fd)
+        kind = special_kind(info)
+    raise DataError(
+        f"{path} is {kind}, where this run keeps its lock file (a file it makes): move it away"
+    )
 
 
 @contextlib.contextmanager
@@ -527,18 +548,15 @@ def staging_in_progress(staging: Path) -> bool:
     """Whether the run that writes `staging`, a folder named by `staging_folder`, still
     goes on: it holds the lock beside it. One whose lock is not held was killed outright
     (its folder left for the next run to that target to remove); True where there is no
-    lock to tell by."""
+    lock to tell by, or no file under its name (a FIFO there: opening it waited for a
+    writer, and `shitu index build` with it, for ever)."""
     import fcntl
 
     try:
-        lock = open(staging.with_name(staging.name + ".lock"))  # noqa: SIM115 (closed below)
-    except FileNotFoundError:
-        return True
-    with lock:
-        try:
+        with open_regular_file(staging.with_name(staging.name + ".lock"), "a lock file") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            return True
+    except OSError:  # held, or nothing to tell by
+        return True
     return False
 
 

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import ipaddress
 import json
 import logging
+import math
 import os
 import socket
 import sys
+from collections.abc import Callable
 from http import HTTPStatus
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from shitu.cli.common import (
     bounded,
@@ -45,7 +49,12 @@ if TYPE_CHECKING:
     from shitu.serving.library import SharedLibrary
     from shitu.serving.metrics import Metrics
 
+logger = logging.getLogger(__name__)
 API_KEY_ENV = "SHITU_API_KEY"
+# How asyncio says that its listening socket could not accept a connection, and how often
+# shitu says it at most.
+ACCEPT_FAILED = "socket.accept() out of system resource"
+ACCEPT_FAILURE_LOG_S = 60.0
 # How much of a request's headers the server takes in while they have not ended (h11's
 # default); more gets 431.
 H11_MAX_HEADERS_KB = 16
@@ -66,7 +75,14 @@ def root_path(value: str) -> str:
 def listen_host(value: str) -> str:
     """A host name or address to listen on; an IPv6 address also in brackets, as URLs write
     it (`[::1]`), which the socket library took for a host name ("Name or service not
-    known")."""
+    known"). An empty one is refused: most often a variable that is not set (`--host
+    "$HOST"`), with which the server listened on every interface, without the guard
+    against DNS rebinding that loopback gets."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError(
+            "expected a host name or address (127.0.0.1, 0.0.0.0, ::), got an empty one (a "
+            "variable that is not set?)"
+        )
     if "://" in value:
         raise argparse.ArgumentTypeError(
             f"expected a host name or address (127.0.0.1, 0.0.0.0, ::), not a URL: {value}"
@@ -155,7 +171,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=positive_int,
         default=DEFAULT_MAX_REQUESTS,
         help="requests in progress beyond which requests get 503 (bounds the memory that "
-        f"queued uploads take; default {DEFAULT_MAX_REQUESTS})",
+        f"queued uploads take; default {DEFAULT_MAX_REQUESTS}); /healthz and /metrics are "
+        "answered past it",
     )
     parser.add_argument(
         "--read-timeout",
@@ -218,14 +235,46 @@ def _is_loopback(host: str) -> bool:
 def _server_that_stops_waiting(server: type[Server], library: SharedLibrary) -> type[Server]:
     """uvicorn's Server, whose shutdown first has the library's edits stop waiting for
     another process's write: uvicorn waits for the requests under way (up to its grace
-    period) before anything else, and an edit may wait a minute."""
+    period) before anything else, and an edit may wait a minute. Its event loop says that
+    connections cannot be accepted in brief (`_accept_failures_in_brief`)."""
 
     class StoppingServer(server):  # type: ignore[misc,valid-type]
+        async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+            asyncio.get_running_loop().set_exception_handler(_accept_failures_in_brief())
+            await super().serve(sockets)
+
         async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
             library.stop_waiting()
             await super().shutdown(sockets)
 
     return StoppingServer
+
+
+def _accept_failures_in_brief() -> Callable[[asyncio.AbstractEventLoop, dict[str, Any]], None]:
+    """An event loop's exception handler that says in one line, at most once every
+    ACCEPT_FAILURE_LOG_S, that connections cannot be accepted (the process is out of file
+    descriptors, say): asyncio logged a traceback for each try, up to uvicorn's backlog
+    (2048) of them a second, megabytes of log in seconds. It tries again each second, and
+    the connections wait meanwhile. Anything else goes to the loop's default handler."""
+    said_at = -math.inf
+
+    def handle(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        nonlocal said_at
+        error = context.get("exception")
+        if context.get("message") != ACCEPT_FAILED or not isinstance(error, OSError):
+            loop.default_exception_handler(context)
+            return
+        if loop.time() - said_at < ACCEPT_FAILURE_LOG_S:
+            return
+        said_at = loop.time()
+        out_of_files = error.errno in (errno.EMFILE, errno.ENFILE)
+        logger.warning(
+            "new connections wait: they cannot be accepted (%s)%s",
+            error.strerror,
+            "; raise the limit on open files (ulimit -n)" if out_of_files else "",
+        )
+
+    return handle
 
 
 def _http_protocol(timeout_s: float, metrics: Metrics) -> type:
@@ -238,9 +287,13 @@ def _http_protocol(timeout_s: float, metrics: Metrics) -> type:
     status h11 gives it, as every other error is: uvicorn's was a plain-text 400, "Invalid
     HTTP request received.". Both are counted in `metrics` as the app's answers are (the
     app never sees them): a request begun and dropped as a 408, the status nginx logs for
-    it. The h11 protocol is uvicorn's own where httptools is missing."""
+    it; a chunked body found malformed once the app has its request is counted once, by the
+    app, as the 400 (it was also counted as a 499, the app taking the closing for the client
+    leaving). The h11 protocol is uvicorn's own where httptools is missing."""
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    from shitu.serving.metrics import ANSWERED_BELOW
 
     class Http11(H11Protocol):
         waiting: asyncio.TimerHandle | None = None
@@ -252,10 +305,13 @@ def _http_protocol(timeout_s: float, metrics: Metrics) -> type:
 
             def noting_why() -> Any:  # uvicorn drops h11's reason
                 try:
-                    return next_event()
+                    event = next_event()
+                    if isinstance(event, h11.Request):
+                        _refuse_other_versions(event)
                 except h11.RemoteProtocolError as exc:
                     self.malformed = exc
                     raise
+                return _origin_form(event) if isinstance(event, h11.Request) else event
 
             self.conn.next_event = noting_why  # type: ignore[method-assign]
 
@@ -273,14 +329,23 @@ def _http_protocol(timeout_s: float, metrics: Metrics) -> type:
                 (b"content-length", str(len(body)).encode()),
                 (b"connection", b"close"),
             ]
-            for event in (
-                h11.Response(status_code=status, headers=headers, reason=HTTPStatus(status).phrase),
-                h11.Data(data=body),
-                h11.EndOfMessage(),
-            ):
-                self.transport.write(self.conn.send(event))
+            running = self.cycle is not None and not self.cycle.response_complete
+            # An answer begun or given (a body sent on after a 404) leaves nothing to answer:
+            # the connection is closed, and the request was counted as the app answered it.
+            if self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+                for event in (
+                    h11.Response(
+                        status_code=status, headers=headers, reason=HTTPStatus(status).phrase
+                    ),
+                    h11.Data(data=body),
+                    h11.EndOfMessage(),
+                ):
+                    self.transport.write(self.conn.send(event))
+                if running:  # the app, reading the body, counts it (once) as this answer
+                    self.cycle.scope[ANSWERED_BELOW] = status
+                else:
+                    metrics.count_unrouted(status)
             self.transport.close()
-            metrics.count_unrouted(status)
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -313,8 +378,43 @@ def _http_protocol(timeout_s: float, metrics: Metrics) -> type:
             self.waiting = None
             if not self.transport.is_closing():
                 self.transport.close()
-                if self.conn.trailing_data[0]:  # part of a request came, not none
+                # Part of a request's headers came, not none; not the rest of a body sent on
+                # after its answer (a 404 given before it was read), counted as that answer.
+                if self.conn.their_state is h11.IDLE and self.conn.trailing_data[0]:
                     metrics.count_unrouted(HTTPStatus.REQUEST_TIMEOUT)
+
+    def _refuse_other_versions(request: h11.Request) -> None:
+        """A RemoteProtocolError (505) for a request of an HTTP version other than 1.x, which
+        h11 reads as one: an HTTP/2 client without TLS (a proxy told the backend speaks it)
+        opens with `PRI * HTTP/2.0`, which was answered 404 "nothing is served at /*"."""
+        if request.http_version not in (b"1.0", b"1.1"):
+            version = request.http_version.decode("ascii")
+            raise h11.RemoteProtocolError(
+                f"HTTP/{version} is not served: this server speaks HTTP/1.1 (have the client "
+                "or proxy use it)",
+                error_status_hint=HTTPStatus.HTTP_VERSION_NOT_SUPPORTED,
+            )
+
+    def _origin_form(request: h11.Request) -> h11.Request:
+        """A request whose target is a whole URL (`GET http://HOST/healthz`, as clients send
+        them to a proxy) as the same request for its path, addressed (its Host) to the URL's
+        host, as RFC 9112 has a server take it: uvicorn took the URL for the path, and
+        answered 404 "nothing is served at /http://HOST/healthz"."""
+        try:
+            target = urlsplit(request.target.decode("ascii"))
+        except ValueError:  # an unclosed '[': no URL, left to answer 404 as a path
+            return request
+        if not (target.scheme and target.netloc):
+            return request
+        path = (target.path or "/") + (f"?{target.query}" if target.query else "")
+        host = target.netloc.rpartition("@")[2]  # without a user name and password
+        headers = [(name, value) for name, value in request.headers if name != b"host"]
+        return h11.Request(
+            method=request.method,
+            target=path.encode("ascii"),
+            headers=[(b"host", host.encode("ascii")), *headers],
+            http_version=request.http_version,
+        )
 
     return Http11
 

@@ -25,7 +25,7 @@ from shitu.data.transforms.ops import check_rgb_image
 from shitu.detection.boxes import cell_centres, decode_distributions, level_shapes, multiclass_nms
 from shitu.detection.input_size import check_input_size
 from shitu.errors import CheckpointError, ConfigError
-from shitu.fileio import refuse_non_utf8_path
+from shitu.fileio import refuse_non_utf8_path, special_kind
 from shitu.inference.manifest import PADDLE_INFERENCE_SUFFIXES
 from shitu.onnx_input import image_input_size
 
@@ -320,6 +320,11 @@ def load_detector(
         raise CheckpointError(
             f"{path} is a folder, not a detector file; give our checkpoint (.pt), a "
             f"PaddleDetection .pdparams or an ONNX export (.onnx){detectors_held(path)}"
+        )
+    if path.exists() and not path.is_file():  # a device, a FIFO: was "not found"
+        raise CheckpointError(
+            f"{path} is {special_kind(path.stat())}, not a detector file; give our checkpoint "
+            "(.pt), a PaddleDetection .pdparams or an ONNX export (.onnx)"
         )
     if not path.is_file():
         raise CheckpointError(f"detector file not found: {path}")

@@ -52,6 +52,7 @@ from shitu.serving.http import (
     AnswerCutOff,
     BodyLimit,
     BodyTimeout,
+    EncodedBodies,
     HeadAsGet,
     PixelBudget,
     RawUploads,
@@ -184,6 +185,7 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
     app.state.pixel_budget = pixel_budget  # what the requests in progress hold
     app.add_middleware(HeadAsGet)  # innermost: the metrics count HEAD as HEAD
     app.add_middleware(BodyLimit, settings=settings)
+    app.add_middleware(EncodedBodies)
     app.add_middleware(AllowedHosts, settings=settings)  # before any body is read
     app.add_middleware(BodyTimeout, settings=settings)  # round every reader of the body
     app.add_middleware(RequestLimit, settings=settings)  # inside the metrics: 503s counted
@@ -229,13 +231,20 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        """FastAPI turns any error while it parses a JSON body into 400 "error parsing the
-        body", a chunked body over the limit too: answer with our error (413) instead. A
+        """FastAPI turns any error while it reads and parses a JSON body into 400 "There
+        was an error parsing the body": a chunked body over the limit (answered with our
+        413), a body that is not UTF-8 text or nests too deeply for Python's parser (named),
+        and a client that left before its body came (counted as such, not as a 400). A
         path nothing answers, or a method its endpoint does not take, is named with what to
         use instead: Starlette's bare "Not Found" and "Method Not Allowed" left the client
         to guess which part was wrong (`/v1/recognise`, say)."""
-        if isinstance(exc.__cause__, ShituError):
-            return await shitu_error(request, exc.__cause__)
+        cause = exc.__cause__
+        if isinstance(cause, ShituError):
+            return await shitu_error(request, cause)
+        if isinstance(cause, ClientDisconnect):
+            return await client_left(request, cause)
+        if isinstance(cause, ValueError | RecursionError):  # from json.loads
+            return await shitu_error(request, BadRequest(f"invalid JSON body: {cause}"))
         path = request.url.path
         if exc.status_code == 404:  # no route, or no file under /static
             docs = f"{request.base_url.path}docs"  # under the proxy's prefix, if any

@@ -47,11 +47,15 @@ GENERIC_FILE_TYPES = {"", "application/octet-stream"}
 # How Starlette's parser words a form over its `max_files`: answered as a JSON body with
 # too many images is, not as "malformed multipart body: Too many files. Maximum ... is 32."
 TOO_MANY_FILES = "Too many files"
+# ... and over its `max_fields`: a valid body too, answered naming the fields a form takes.
+TOO_MANY_FIELDS = "Too many fields"
+MAX_FORM_FIELDS = 16
 # How much of a refused body is read and thrown away before the 413 goes out. A server that
 # closes a connection with unread bytes makes the kernel reset it, and the client can lose the
 # reply it was sent; past this much the connection is closed anyway.
 DRAIN_BYTES = 64 * MB
 RETRY_AFTER_S = 1  # what a request refused for want of capacity is told to wait
+UNLIMITED_PATHS = {"/healthz", "/metrics"}  # answered past --max-connections (RequestLimit)
 # How long a request waits for other requests' decoded pixels to be freed before its 503.
 PIXELS_WAIT_S = 5.0
 # what an edit refused because another process kept the library locked (its write, a
@@ -133,6 +137,26 @@ class BodyLimit(HttpMiddleware):
             return message
 
         await self.app(scope, counted, send)
+
+
+class EncodedBodies(HttpMiddleware):
+    """ASGI middleware: a request body sent in a content coding (`Content-Encoding: gzip`)
+    is refused with 415, as RFC 9110 has a server do with codings it does not take: the
+    server read the compressed bytes as they came, so a gzipped JSON body was answered
+    "Invalid JSON: expected value at line 1 column 1", and a gzipped form as malformed."""
+
+    async def handle(self, scope: dict, receive: Callable, send: Callable) -> None:
+        headers = dict(scope["headers"])
+        coding = headers.get(b"content-encoding", b"").strip().lower()
+        has_body = headers.get(b"content-length", b"0") != b"0" or b"transfer-encoding" in headers
+        if coding in (b"", b"identity") or not has_body:
+            await self.app(scope, receive, send)
+            return
+        refused = UnsupportedMediaType(
+            f"the request body is compressed ({coding.decode('latin-1')}, its Content-Encoding), "
+            "which this server does not take: send it uncompressed"
+        )
+        await refuse(headers, receive, send, refused)
 
 
 class BodyTimeout(HttpMiddleware):
@@ -286,7 +310,10 @@ def allowing_head(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, b
 
 class RequestLimit(HttpMiddleware):
     """ASGI middleware: beyond the settings' number of requests in progress, a request is
-    answered 503, as JSON naming the limit, with Retry-After, and its body is never kept."""
+    answered 503, as JSON naming the limit, with Retry-After, and its body is never kept.
+    Health checks and metrics scrapes (GET or HEAD of UNLIMITED_PATHS), which keep no
+    upload, neither count nor wait: a liveness probe refused while uploads filled the
+    server had a busy server restarted, and the metrics went blank when most needed."""
 
     def __init__(self, app: Any, settings: ServeSettings) -> None:
         super().__init__(app)
@@ -294,6 +321,10 @@ class RequestLimit(HttpMiddleware):
         self.in_progress = 0  # changed on the event loop only: no lock
 
     async def handle(self, scope: dict, receive: Callable, send: Callable) -> None:
+        path = scope["path"].removeprefix(scope.get("root_path", ""))  # as routed
+        if scope["method"] in ("GET", "HEAD") and path in UNLIMITED_PATHS:
+            await self.app(scope, receive, send)
+            return
         if self.in_progress >= self.max_requests:
             busy = ServiceUnavailable(
                 f"the server is busy: {self.in_progress} requests in progress, its limit "
@@ -615,13 +646,20 @@ async def _read_multipart(request: Request, at_most: int, schema: type[BaseModel
     images: list[tuple[str, bytes]] = []
     fields: dict[str, str] = {}
     takes = [name for name in schema.model_fields if name not in (IMAGE_FIELD, "images")]
+    expected = ", ".join(f"'{name}'" for name in [IMAGE_FIELD, *takes])
     try:
         async with aclosing(request.stream()) as stream:
-            parser = _WholeBodyParser(request.headers, stream, max_files=at_most, max_fields=16)
+            parser = _WholeBodyParser(
+                request.headers, stream, max_files=at_most, max_fields=MAX_FORM_FIELDS
+            )
             form = await parser.parse()
     except MultiPartException as exc:
         if exc.message.startswith(TOO_MANY_FILES):  # a valid body, not a malformed one
             raise BadRequest(f"too many images sent; at most {at_most} per request") from None
+        if exc.message.startswith(TOO_MANY_FIELDS):
+            raise BadRequest(
+                f"too many form fields sent (over {MAX_FORM_FIELDS}); the form takes {expected}"
+            ) from None
         raise BadRequest(f"malformed multipart body: {exc.message}") from None
     try:
         if not parser.complete:
@@ -632,7 +670,6 @@ async def _read_multipart(request: Request, at_most: int, schema: type[BaseModel
         for key, value in form.multi_items():
             if not isinstance(value, UploadFile):
                 if key not in takes:
-                    expected = ", ".join(f"'{name}'" for name in [IMAGE_FIELD, *takes])
                     raise BadRequest(f"unexpected field '{key}': the form takes {expected}")
                 if key in fields:
                     raise BadRequest(f"field '{key}' is given more than once")

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from shitu.data.transforms.ops import pixel_format_refusal, to_rgb8
+from shitu.fileio import open_regular_file
 from shitu.image_files import iso_media_kind
 from shitu.inference.preprocess import UnreadableImageError, decode_rgb
 from shitu.serving.errors import BadRequest, NotFound, PayloadTooLarge, UnsupportedMediaType
@@ -112,9 +113,11 @@ def decode_base64(text: str, name: str) -> bytes:
 def _drafted(path: str, size: int, max_pixels: int) -> Iterator[Image.Image]:
     """A stored gallery image, opened to decode at the smallest scale a size x size thumbnail
     needs (JPEG: a reduced scale); NotFound, with the reason, for a file that is missing,
-    cannot be read, or is too large to decode (the pixel limit applies to what is decoded)."""
+    cannot be read, is no file (a FIFO, whose opening waited for a writer, holding one of the
+    server's worker threads for good), or is too large to decode (the pixel limit applies to
+    what is decoded)."""
     try:
-        with Image.open(path) as image:
+        with open_regular_file(path, "an image file") as file, Image.open(file) as image:
             image.draft("RGB", (size, size))  # JPEG: decode at a reduced scale, much faster
             if image.size[0] * image.size[1] > max_pixels:
                 raise NotFound(

@@ -17,6 +17,10 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+# The request scope's key for the status the HTTP layer under the app answered a request with
+# that the app had begun (its chunked body turned out not to be valid HTTP): counted in place
+# of the app's own, which never reached the client, so the request counts once.
+ANSWERED_BELOW = "shitu.answered_below"
 
 
 class Metrics:
@@ -129,6 +133,7 @@ class MetricsMiddleware(HttpMiddleware):
         try:
             await self.app(scope, receive, record_status)
         finally:
+            status = scope.get(ANSWERED_BELOW, status)
             route = _route_template(scope)
             # Clients choose the method: unknown ones share one series, not one each.
             method = scope["method"] if scope["method"] in HTTP_METHODS else "other"
