@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import os
 import re
 import textwrap
 from types import UnionType
@@ -926,6 +927,13 @@ def test_missing_and_malformed_files(tmp_path, monkeypatch):
     )
     with pytest.raises(ConfigError, match=f"^config file {re.escape(str(tmp_path))}: a folder"):
         load_config(tmp_path)
+    fifo = tmp_path / "fifo.yaml"  # there, so not "not found"; never opened (no writer)
+    os.mkfifo(fifo)
+    with pytest.raises(
+        ConfigError,
+        match=rf"^config file {re.escape(str(fifo))}: a FIFO \(named pipe\), not a YAML file$",
+    ):
+        load_config(fifo)
     bad = tmp_path / "broken.yaml"
     bad.write_text("Arch:\n  Backbone: [unclosed\n")
     with pytest.raises(ConfigError, match=r"broken.yaml: invalid YAML at line \d+"):

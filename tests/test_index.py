@@ -1186,6 +1186,10 @@ def test_not_a_library_and_existing_target_are_refused(tmp_path):
         Gallery.open(tmp_path)
     with pytest.raises(GalleryError, match="nowhere: no such gallery library"):
         Gallery.open(tmp_path / "nowhere")
+    in_place = tmp_path / "database_a_folder"  # not "no gallery.sqlite": one is there
+    (in_place / "gallery.sqlite").mkdir(parents=True)
+    with pytest.raises(GalleryError, match="gallery.sqlite: a folder, not the library's database"):
+        Gallery.open(in_place)
     paddle = tmp_path / "paddle_index"  # PaddleClas's IndexProcess.index_dir, via `-c`
     paddle.mkdir()
     (paddle / "vector.index").write_bytes(b"")

@@ -13,7 +13,7 @@ from shitu import registry
 from shitu.config.overrides import apply_attributed, load_yaml
 from shitu.config.schema import ComponentConfig, DataSplitConfig, ShituConfig
 from shitu.errors import ConfigError, did_you_mean
-from shitu.fileio import SAVE_AS_UTF8, read_text
+from shitu.fileio import SAVE_AS_UTF8, read_text, special_kind
 from shitu.registry import each_problem, format_validation_error, problem_list
 
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -54,6 +54,8 @@ def find_config(name_or_path: str | Path, shipped_dir: Path, what: str) -> Path:
         return shipped
     if path.is_dir():
         raise ConfigError(f"{what} {name_or_path}: a folder, not a YAML file")
+    if path.exists() and not path.is_file():  # a FIFO, a device: it exists, so no "not found"
+        raise ConfigError(f"{what} {name_or_path}: {special_kind(path.stat())}, not a YAML file")
     # A relative path is looked up in the folder the command runs in: say which.
     looked_for, hint = f"no such file: {path.absolute()}", ""
     if path.parent == Path("."):

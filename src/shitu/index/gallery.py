@@ -174,6 +174,10 @@ def _open_store(root: Path) -> MetadataStore:
     if not root.exists():
         raise GalleryError(f"{root}: no such gallery library (build one with `shitu index build`)")
     if not (root / LIBRARY_FILE).is_file():
+        database = root / LIBRARY_FILE
+        if database.exists():  # a folder or a FIFO in its place: no "no gallery.sqlite"
+            kind = "a folder" if database.is_dir() else special_kind(database.stat())
+            raise GalleryError(f"{database}: {kind}, not the library's database (a file)")
         if root.is_file() and (root.parent / LIBRARY_FILE).is_file():  # its database, say
             raise GalleryError(f"{root}: a file of the library {root.parent}; give its folder")
         if all((root / name).is_file() for name in PADDLE_INDEX_FILES):
