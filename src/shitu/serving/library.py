@@ -10,8 +10,9 @@ browsing waits for no write.
 Other processes may write the library too (`shitu index add ...`): at most once a second,
 a search or a look at the snapshot has the library's thread check for a newer generation
 (one SQLite read) and load it (a Faiss index whose file those writes kept takes only the
-rows they changed), and waits for that before answering, so a request made after
-their edit sees it, however long the server sat idle before; a search or listing made while
+rows they changed), and waits for that before answering, so a request made a second or
+more after their edit sees it, however long the server sat idle before (one within the
+second after a check may answer from the generation that check found); a search or listing made while
 an edit of this server's is under way does not wait (the check would queue behind the edit,
 which may wait minutes for another process's rebuild): it answers from the generation
 loaded. An edit loads them first, always: it checks what it changes against the library as
