@@ -343,8 +343,9 @@ class RequestLimit(HttpMiddleware):
 class AnswerCutOff(HttpMiddleware):
     """ASGI middleware: a request still running when the server stops (uvicorn cancels
     those left after its grace period) is answered with a JSON 503 where its answer has not
-    begun, as every other error is: uvicorn's own answer was a plain-text 500. An edit it
-    asked for may still be made (the library's thread runs each one to its end)."""
+    begun, as every other error is: uvicorn's own answer was a plain-text 500. A gallery
+    edit it asked for may still be made (the library's thread runs each one to its end),
+    which the answer to one says."""
 
     async def handle(self, scope: dict, receive: Callable, send: Callable) -> None:
         started = False
@@ -359,9 +360,15 @@ class AnswerCutOff(HttpMiddleware):
         except asyncio.CancelledError:
             if started:  # uvicorn closes the connection: the client sees the answer cut short
                 raise
+            # Only a gallery edit may still be made (recognize, extract change nothing).
+            edit = scope["method"] not in ("GET", "HEAD") and "/v1/gallery/" in scope["path"]
             stopping = ServiceUnavailable(
-                "the server is stopping and did not wait for this request to finish; an "
-                "edit it asked for may still be made: check before retrying"
+                "the server is stopping and did not wait for this request to finish; "
+                + (
+                    "an edit it asked for may still be made: check before retrying"
+                    if edit
+                    else "retry it"
+                )
             )
             retry = [(b"retry-after", str(STOPPING_RETRY_AFTER_S).encode())]
             await _answer(send, stopping, retry)

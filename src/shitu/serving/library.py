@@ -12,13 +12,13 @@ a search or a look at the snapshot has the library's thread check for a newer ge
 (one SQLite read) and load it (a Faiss index whose file those writes kept takes only the
 rows they changed), and waits for that before answering, so a request made a second or
 more after their edit sees it, however long the server sat idle before (one within the
-second after a check may answer from the generation that check found); a search or listing made while
-an edit of this server's is under way does not wait (the check would queue behind the edit,
-which may wait minutes for another process's rebuild): it answers from the generation
-loaded. An edit loads them first, always: it checks what it changes against the library as
-it is. A library deleted and built again at its path (`index build` renames a whole one
-into place) is opened in place of the one served at the same check, if it holds the
-same model's features.
+second after a check may answer from the generation that check found); a search or listing
+made while an edit of this server's is under way does not wait (the check would queue
+behind the edit, which may wait minutes for another process's rebuild): it answers from
+the generation loaded. An edit loads them first, always: it checks what it changes against
+the library as it is. A library deleted and built again at its path (`index build` renames
+a whole one into place) is opened in place of the one served at the same check, if it
+holds the same model's features.
 """
 
 from __future__ import annotations
