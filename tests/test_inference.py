@@ -850,6 +850,22 @@ def test_a_missing_or_malformed_manifest_entry_is_named_on_every_runtime(
             FeatureExtractor.load(edited, backend=backend)
 
 
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda data: data[: len(data) // 2],  # a write cut short
+        lambda data: data.replace(b'"shitu-feature-extractor"', b'"\xff\xfe"'),  # not UTF-8
+    ],
+)
+def test_an_unreadable_manifest_is_named(exported, tmp_path, damage):
+    """Bytes that are not UTF-8 gave a UnicodeDecodeError traceback naming no file."""
+    edited = shutil.copytree(exported["dir"], tmp_path / "edited")
+    manifest = edited / "shitu_model.json"
+    manifest.write_bytes(damage(manifest.read_bytes()))
+    with pytest.raises(CheckpointError, match=f"^{manifest}: unreadable manifest"):
+        FeatureExtractor.load(edited)
+
+
 def test_an_arch_edited_into_one_that_cannot_be_built_is_named_with_its_manifest(
     exported, tmp_path, monkeypatch
 ):

@@ -188,8 +188,8 @@ def read_manifest(model_dir: str | Path) -> dict[str, Any]:
             f"{model_dir} is not an exported model (no {MANIFEST}); create one with `shitu export`"
         )
     try:
-        manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON, or bytes that are not UTF-8
         raise CheckpointError(f"{path}: unreadable manifest ({exc})") from None
     version = manifest.get("format_version") if isinstance(manifest, dict) else None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
