@@ -247,6 +247,13 @@ def test_the_extractor_names_what_it_cannot_take(exported):
         extractor.extract_images(image)
     with pytest.raises(UnreadableImageError, match="got one Image: pass"):
         extractor.extract_images(Image.fromarray(image))
+    # Not each row, character or byte taken for an image ("image 0 (from 0) of 40: ...")
+    with pytest.raises(UnreadableImageError, match=r"one image array \(40, 30\): pass"):
+        extractor.extract_images(image[:, :, 0])
+    with pytest.raises(UnreadableImageError, match="got the path 'a.jpg': .*read_rgb"):
+        extractor.extract_images("a.jpg")
+    with pytest.raises(UnreadableImageError, match="got bytes: .*decode_rgb"):
+        extractor.extract_images(cv2.imencode(".png", image)[1].tobytes())
     assert extractor.extract_images(np.stack([image, image])).shape[0] == 2  # a stack is N
     # Pixels of another type: how to convert them, and the conversion is taken.
     wide = image.astype(np.uint16) * 257
