@@ -313,6 +313,11 @@ def test_pdparams_reader_refuses_code(tmp_path):
     [
         ("bad.pdparams", b"not a pickle", "is not a readable .pdparams file"),
         ("list.pdparams", pickle.dumps([1, 2]), "is not a .pdparams state dict"),
+        (  # was torch's TypeError ("can't convert np.ndarray of type numpy.object_")
+            "objects.pdparams",
+            pickle.dumps({"w": np.array([{"a": 1}], dtype=object)}),
+            "entry 'w' is an array of object, not of numbers",
+        ),
         # corrupt lengths: a frame past the maximum, bytes past memory (both were tracebacks)
         ("frame.pdparams", b"\x80\x04\x95" + (2**63).to_bytes(8, "little"), "FRAME length"),
         ("huge.pdparams", b"\x80\x04\x8e" + (2**62).to_bytes(8, "little"), "corrupt length"),
