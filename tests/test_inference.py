@@ -1250,6 +1250,10 @@ def test_preprocessing_refuses_an_image_resize_short_would_blow_up(monkeypatch):
     portrait_crop = Preprocessing(resize=None, resize_short=20, crop=(16, 24))
     with pytest.raises(UnreadableImageError, match=r"crop 16x24 is larger than the image "):
         portrait_crop.check_size(40, 30)  # resized to 27x20
+    # an empty detector box: was a ZeroDivisionError, or taken as fine by a fixed resize
+    for preprocessing in (prep, Preprocessing(resize=(16, 16))):
+        with pytest.raises(UnreadableImageError, match=r"the image is empty \(0x30 pixels\)"):
+            preprocessing.check_size(0, 30)
 
 
 def test_preprocessing_replays_only_what_inference_can_and_nothing_it_was_not_given(exported):
