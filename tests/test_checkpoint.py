@@ -846,6 +846,37 @@ def test_average_weights_refuses_files_of_different_models(tmp_path):
     assert not (tmp_path / "o.safetensors").exists()
 
 
+def test_averaging_an_export_with_a_training_run_says_to_leave_the_head_out(tmp_path):
+    """An export's weights have no head, a training run's have one: the error said the
+    Head differs, not that `shitu convert --no-head` makes the two averageable."""
+    trained = make_model()
+    run = save_weights(
+        trained.state_dict(), tmp_path / "run.safetensors", model_metadata(trained, ARCH)
+    )
+    headless_arch = dict(ARCH, Head=None)
+    headless = make_model(headless_arch, seed=1)
+    export = save_weights(
+        headless.state_dict(),
+        tmp_path / "model.safetensors",
+        model_metadata(headless, headless_arch),
+    )
+    hint = (
+        f"(the same model, but {run} has a classification head and the other none: "
+        f"`shitu convert {run} -c CONFIG --no-head --out FILE` leaves it out)"
+    )
+    for pair in ([export, run], [run, export]):
+        with pytest.raises(CheckpointError) as refused:
+            average_weights(pair)
+        assert str(refused.value).endswith(hint)
+    other = dict(ARCH, Neck={"name": "BNNeck", "num_features": 64, "bias_frozen": False})
+    unlike = save_weights(
+        headless.state_dict(), tmp_path / "unlike.safetensors", model_metadata(headless, other)
+    )
+    with pytest.raises(CheckpointError) as refused:  # more than the head differs: no hint
+        average_weights([export, unlike])
+    assert "--no-head" not in str(refused.value)
+
+
 def test_pretrained_share_moves_only_the_named_layers_back_to_the_initialisation(tmp_path):
     """`shitu average --pretrained-share` (WiSE-FT): the named ImageNet layers of a
     "fine-tuned" EfficientNet-Lite0 move a quarter of the way back to the ImageNet weights
