@@ -612,6 +612,12 @@ def test_export_refuses_a_score_thres_that_is_no_cosine_similarity(exported, tmp
     assert list(tmp_path.iterdir()) == []
 
 
+def test_export_takes_a_numpy_score_thres(exported, tmp_path):
+    """A threshold computed from numpy scores (np.float32) was refused as no number."""
+    target = export_model(exported["config"], None, tmp_path / "model", score_thres=np.float32(0.5))
+    assert read_manifest(target)["score_thres"] == 0.5
+
+
 def test_int8_calibration_images_given_as_one_path_are_refused_naming_it(exported, tmp_path):
     """A folder's path as a str was read as the images '/', 't', 'm', ... ("no calibration
     image could be read (12 given; first: /: Is a directory)"); as a Path, a TypeError."""
