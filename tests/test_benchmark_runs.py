@@ -124,6 +124,11 @@ def test_a_mistake_is_one_line_not_a_traceback(tmp_path) -> None:
             "--k 200: more than the smallest of --sizes, 100",
         ),
         ("reparameterize.py", ["--scales", "huge"], "argument --scales: invalid choice: 'huge'"),
+        (  # was batch norm's ValueError traceback, from the worker process
+            "train_throughput.py",
+            ["--batch", "1"],
+            "--batch 1: batch norm trains on 2 or more images a step",
+        ),
         ("open_set.py", ["--step", "0"], "argument --step: expected a step from 0.001 to 1"),
         ("decode_memory.py", ["--megapixels", "0"], "expected a number above 0, got '0'"),
         (
