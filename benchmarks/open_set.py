@@ -33,7 +33,7 @@ import tempfile
 from collections import defaultdict
 from pathlib import Path
 
-from arguments import benchmark_parser, checked_number, cosine_score
+from arguments import benchmark_parser, checked_number, cosine_score, folder
 from common import grocery_root
 
 from shitu.index import Gallery, GalleryItem
@@ -94,7 +94,7 @@ def main() -> int:
     )
     parser.add_argument("--step", type=sweep_step, default=0.05, help="sweep step for the best")
     parser.add_argument("--dataset", type=Path, default=grocery_root(), help="Grocery Store folder")
-    parser.add_argument("--work", type=Path, help="keep the gallery libraries here")
+    parser.add_argument("--work", type=folder, help="keep the gallery libraries here")
     args = parser.parse_args()
     if not (args.dataset / "train.txt").is_file():
         sys.exit(f"{args.dataset}: no Grocery Store dataset (train.txt) there")

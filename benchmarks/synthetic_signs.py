@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from arguments import benchmark_parser, count
+from arguments import benchmark_parser, count, folder
 from common import every_feature
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont
 
@@ -233,7 +233,7 @@ def main() -> int:
         "--gallery-per-class", type=count, default=5, help="of them, gallery photos"
     )
     parser.add_argument("--seed", type=int, default=0, help="drawing seed")
-    parser.add_argument("--work", type=Path, help="keep the drawn photos here")
+    parser.add_argument("--work", type=folder, help="keep the drawn photos here")
     args = parser.parse_args()
     if args.gallery_per_class >= args.per_class:  # no queries left
         parser.error("--gallery-per-class must be below --per-class")

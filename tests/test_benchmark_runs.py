@@ -124,6 +124,12 @@ def test_a_mistake_is_one_line_not_a_traceback(tmp_path) -> None:
             "--k 200: more than the smallest of --sizes, 100",
         ),
         ("reparameterize.py", ["--scales", "huge"], "argument --scales: invalid choice: 'huge'"),
+        (  # was "error: ...: File exists", of the folder, once the table's header was out
+            "index_search.py",
+            ["--workdir", __file__],
+            f"argument --workdir: {__file__}: a file, not a folder",
+        ),
+        ("open_set.py", ["--work", __file__], f"argument --work: {__file__}: a file, not a"),
         (  # was batch norm's ValueError traceback, from the worker process
             "train_throughput.py",
             ["--batch", "1"],
