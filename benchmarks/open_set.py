@@ -34,10 +34,10 @@ from collections import defaultdict
 from pathlib import Path
 
 from arguments import benchmark_parser, checked_number, cosine_score, folder
-from common import grocery_root
+from common import export_folders, grocery_root
 
 from shitu.index import Gallery, GalleryItem
-from shitu.inference import FeatureExtractor, default_model_dir
+from shitu.inference import FeatureExtractor
 from shitu.pipeline import Recognizer, evaluate_pipeline
 from shitu.pipeline.defaults import MIN_SWEEP_STEP
 from shitu.pipeline.evaluate import sweep_thresholds
@@ -98,7 +98,7 @@ def main() -> int:
     args = parser.parse_args()
     if not (args.dataset / "train.txt").is_file():
         sys.exit(f"{args.dataset}: no Grocery Store dataset (train.txt) there")
-    models = [Path(m) for m in args.model or [default_model_dir()]]
+    models = export_folders(args.model)
     work = args.work or Path(tempfile.mkdtemp(prefix="shitu-open-set-"))
     if args.work is None:  # a scratch folder: gone when the table is printed
         atexit.register(shutil.rmtree, work, ignore_errors=True)

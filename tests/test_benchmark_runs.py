@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from shitu.config import load_config, resolve_config_path
-from shitu.inference import export_model
+from shitu.inference import default_model_dir, export_model
 
 from .test_inference import TINY_CONFIG
 
@@ -211,6 +211,17 @@ def test_synthetic_signs_names_only_a_folder_it_keeps(tmp_path) -> None:
     work = tmp_path / "signs"
     first = run_benchmark("synthetic_signs.py", *small, "--work", str(work)).splitlines()[0]
     assert first.endswith(f"queries ({work})") and any(work.iterdir())
+
+
+@pytest.mark.parametrize("script", ["synthetic_signs.py", "open_set.py"])
+def test_a_model_that_is_no_export_is_refused_before_any_work(tmp_path, script) -> None:
+    """A mistyped second --model was found only after the first model's run (open_set: a
+    minute a model) or the photos were drawn, below a table's header."""
+    missing = tmp_path / "none"
+    result = run_script(script, "--model", str(default_model_dir()), "--model", str(missing))
+    assert result.returncode == 1
+    assert result.stderr == f"error: model {missing}: no such folder\n"
+    assert result.stdout == ""
 
 
 def test_a_reader_that_stops_early_ends_a_benchmark_quietly() -> None:
