@@ -1296,6 +1296,19 @@ def test_preprocessing_replays_only_what_inference_can_and_nothing_it_was_not_gi
     assert expected.max() > 100 and np.abs(actual - expected).max() <= 1.0  # one grey level
 
 
+def test_threads_loading_a_compact_export_at_once_each_get_the_onnx_model(
+    exported, tmp_path, monkeypatch
+):
+    """torch's ONNX exporter keeps its state in globals: two first loads at once (a server's
+    threads, say) failed with "AssertionError: GLOBALS.in_onnx_export must be True"."""
+    monkeypatch.setenv("SHITU_CACHE_DIR", str(tmp_path / "cache"))
+    weights = save_weights(exported["model"].state_dict(), tmp_path / "trained.safetensors")
+    compact = export_model(exported["config"], weights, tmp_path / "compact", compact=True)
+    with ThreadPoolExecutor(4) as pool:
+        loaded = list(pool.map(lambda _: FeatureExtractor.load(compact), range(4)))
+    assert [extractor.backend.name for extractor in loaded] == ["onnxruntime"] * 4
+
+
 def test_compact_export_is_half_the_size_and_rebuilds_its_onnx_model_once(
     exported, tmp_path, monkeypatch
 ):
