@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import errno
 import fcntl
 import io
@@ -877,6 +878,15 @@ def test_an_unreadable_manifest_is_named(exported, tmp_path, damage):
     manifest.write_bytes(damage(manifest.read_bytes()))
     with pytest.raises(CheckpointError, match=f"^{manifest}: unreadable manifest"):
         FeatureExtractor.load(edited)
+
+
+def test_a_manifest_saved_by_an_editor_with_a_byte_order_mark_loads(exported, tmp_path):
+    """Notepad saves UTF-8 with a BOM, which json.loads refused ("Unexpected UTF-8 BOM")."""
+    edited = shutil.copytree(exported["dir"], tmp_path / "edited")
+    manifest = edited / "shitu_model.json"
+    manifest.write_bytes(codecs.BOM_UTF8 + manifest.read_bytes())
+    loaded = FeatureExtractor.load(edited)
+    assert loaded.fingerprint == read_manifest(exported["dir"])["fingerprint"]
 
 
 def test_an_arch_edited_into_one_that_cannot_be_built_is_named_with_its_manifest(
