@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from shitu.errors import ConfigError, ShituError
-from shitu.values import is_whole_number
+from shitu.values import is_number, is_whole_number
 
 # About 12 bytes per entry of the (Q+G)^2 matrix are alive at the peak (see
 # `k_reciprocal_distances`): 8000 samples -> ~0.77 GB.
@@ -56,10 +56,11 @@ class ReRanking:
                 )
             object.__setattr__(self, name, int(value))
         lam = self.lambda_value
-        if isinstance(lam, bool) or not isinstance(lam, int | float) or not 0.0 <= lam <= 1.0:
+        if not is_number(lam) or not 0.0 <= lam <= 1.0:
             raise ConfigError(
                 f"Global.re_ranking.lambda_value: must be a number in [0, 1], got {lam!r}"
             )
+        object.__setattr__(self, "lambda_value", float(lam))
 
 
 def check_rerank_size(n_query: int, n_gallery: int, max_samples: int) -> None:
