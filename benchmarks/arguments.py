@@ -69,6 +69,15 @@ def existing_file(text: str) -> Path:
     return path
 
 
+def folder(text: str) -> Path:
+    """An argparse type for a folder the benchmark keeps its files in (made where missing):
+    a file of that name was refused only when the folder was made, as "File exists"."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: a file, not a folder")
+    return path
+
+
 seconds = checked_number("a number of seconds >= 0", lambda value: value >= 0)
 positive_number = checked_number("a number above 0", lambda value: value > 0)
 fraction = checked_number("a number from 0 to 1", lambda value: 0 <= value <= 1)

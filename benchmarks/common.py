@@ -16,6 +16,7 @@ from shitu.config import load_config
 from shitu.errors import CheckpointError
 from shitu.index import Gallery
 from shitu.inference import FeatureExtractor, default_model_dir, export_model
+from shitu.inference.manifest import read_manifest
 
 
 def grocery_root() -> Path:
@@ -35,6 +36,16 @@ def model_dir(given: str | None, tmp: Path) -> Path:
     except CheckpointError:
         config = load_config("GeneralRecognitionV2_PPLCNetV2_base", ["Arch.Head=null"])
         return export_model(config, None, tmp / "model")
+
+
+def export_folders(given: list[str] | None) -> list[Path]:
+    """The export folders of a repeatable --model, else the shipped model's, each checked
+    before any work: a mistyped one was refused only after the models before it had run
+    (minutes), or after the photos were drawn."""
+    models = [Path(model) for model in given or [default_model_dir()]]
+    for model in models:
+        read_manifest(model)
+    return models
 
 
 def random_gallery(path: Path, extractor: FeatureExtractor, size: int) -> Path:

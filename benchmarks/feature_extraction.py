@@ -37,7 +37,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
-from arguments import add_batch_timing_arguments, benchmark_parser, count  # noqa: E402
+from arguments import add_batch_timing_arguments, benchmark_parser, count, folder  # noqa: E402
 from common import grocery_root  # noqa: E402
 from deploy_preprocess import batch as deploy_batch  # noqa: E402
 
@@ -161,7 +161,7 @@ def main() -> None:
     parser.add_argument("--images", type=count, default=128, help="Grocery Store JPEGs timed")
     parser.add_argument("--rounds", type=count, default=3, help="interleaved timing rounds")
     parser.add_argument("--torch", action="store_true", help="also time the torch backend")
-    parser.add_argument("--work", type=Path, help="model cache (default: a temporary folder)")
+    parser.add_argument("--work", type=folder, help="model cache (default: a temporary folder)")
     args = parser.parse_args()
     import onnxruntime as ort
     import torch

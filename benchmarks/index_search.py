@@ -25,7 +25,7 @@ from pathlib import Path
 
 import faiss
 import numpy as np
-from arguments import benchmark_parser, count
+from arguments import benchmark_parser, count, folder
 
 from shitu.index import INDEX_TYPES, Gallery
 
@@ -122,7 +122,7 @@ def main() -> None:
     parser.add_argument("--ef-search", type=count, help="HNSW search depth (library default 64)")
     parser.add_argument("--nprobe", type=count, help="IVF lists searched (default nlist/16, >= 8)")
     parser.add_argument(
-        "--workdir", type=Path, help="where libraries are built (default: a temporary folder)"
+        "--workdir", type=folder, help="where libraries are built (default: a temporary folder)"
     )
     args = parser.parse_args()
     if args.writes < 2:  # the first add is timed apart: "later" needs at least one more

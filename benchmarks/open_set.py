@@ -33,11 +33,11 @@ import tempfile
 from collections import defaultdict
 from pathlib import Path
 
-from arguments import benchmark_parser, checked_number, cosine_score
-from common import grocery_root
+from arguments import benchmark_parser, checked_number, cosine_score, folder
+from common import export_folders, grocery_root
 
 from shitu.index import Gallery, GalleryItem
-from shitu.inference import FeatureExtractor, default_model_dir
+from shitu.inference import FeatureExtractor
 from shitu.pipeline import Recognizer, evaluate_pipeline
 from shitu.pipeline.defaults import MIN_SWEEP_STEP
 from shitu.pipeline.evaluate import sweep_thresholds
@@ -94,11 +94,11 @@ def main() -> int:
     )
     parser.add_argument("--step", type=sweep_step, default=0.05, help="sweep step for the best")
     parser.add_argument("--dataset", type=Path, default=grocery_root(), help="Grocery Store folder")
-    parser.add_argument("--work", type=Path, help="keep the gallery libraries here")
+    parser.add_argument("--work", type=folder, help="keep the gallery libraries here")
     args = parser.parse_args()
     if not (args.dataset / "train.txt").is_file():
         sys.exit(f"{args.dataset}: no Grocery Store dataset (train.txt) there")
-    models = [Path(m) for m in args.model or [default_model_dir()]]
+    models = export_folders(args.model)
     work = args.work or Path(tempfile.mkdtemp(prefix="shitu-open-set-"))
     if args.work is None:  # a scratch folder: gone when the table is printed
         atexit.register(shutil.rmtree, work, ignore_errors=True)

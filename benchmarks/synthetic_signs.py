@@ -25,12 +25,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from arguments import benchmark_parser, count
-from common import every_feature
+from arguments import benchmark_parser, count, folder
+from common import every_feature, export_folders
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont
 
 from shitu.evaluation import RetrievalEvaluator
-from shitu.inference import FeatureExtractor, default_model_dir
+from shitu.inference import FeatureExtractor
 
 CANVAS = 160  # drawing size; photos are shrunk to 24-72 px afterwards
 RED, BLUE, WHITE, BLACK, YELLOW, GREY = (
@@ -233,10 +233,11 @@ def main() -> int:
         "--gallery-per-class", type=count, default=5, help="of them, gallery photos"
     )
     parser.add_argument("--seed", type=int, default=0, help="drawing seed")
-    parser.add_argument("--work", type=Path, help="keep the drawn photos here")
+    parser.add_argument("--work", type=folder, help="keep the drawn photos here")
     args = parser.parse_args()
     if args.gallery_per_class >= args.per_class:  # no queries left
         parser.error("--gallery-per-class must be below --per-class")
+    models = export_folders(args.model)
     work = args.work or Path(tempfile.mkdtemp(prefix="shitu-signs-"))
     if args.work is None:  # a scratch folder: gone when the table is printed
         atexit.register(shutil.rmtree, work, ignore_errors=True)
@@ -249,7 +250,7 @@ def main() -> int:
           f"{(~in_gallery).sum()} queries{kept}\n")  # fmt: skip
     print("| model | recall@1 | recall@5 | mAP |")
     print("|---|---:|---:|---:|")
-    for model in [Path(m) for m in args.model or [default_model_dir()]]:
+    for model in models:
         features = torch.from_numpy(every_feature(FeatureExtractor.load(model), paths))
         result = evaluator.evaluate(
             features[~in_gallery], torch.from_numpy(labels[~in_gallery]),

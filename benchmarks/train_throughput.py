@@ -126,6 +126,8 @@ def main() -> None:
         help="memory allocators",
     )
     args = parser.parse_args()
+    if args.batch < 2:  # else batch norm's ValueError, from the worker process
+        parser.error(f"--batch {args.batch}: batch norm trains on 2 or more images a step")
     if torch.cuda.is_available():
         where = torch.cuda.get_device_name()
     else:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from shitu.config import load_config, resolve_config_path
-from shitu.inference import export_model
+from shitu.inference import default_model_dir, export_model
 
 from .test_inference import TINY_CONFIG
 
@@ -124,6 +124,17 @@ def test_a_mistake_is_one_line_not_a_traceback(tmp_path) -> None:
             "--k 200: more than the smallest of --sizes, 100",
         ),
         ("reparameterize.py", ["--scales", "huge"], "argument --scales: invalid choice: 'huge'"),
+        (  # was "error: ...: File exists", of the folder, once the table's header was out
+            "index_search.py",
+            ["--workdir", __file__],
+            f"argument --workdir: {__file__}: a file, not a folder",
+        ),
+        ("open_set.py", ["--work", __file__], f"argument --work: {__file__}: a file, not a"),
+        (  # was batch norm's ValueError traceback, from the worker process
+            "train_throughput.py",
+            ["--batch", "1"],
+            "--batch 1: batch norm trains on 2 or more images a step",
+        ),
         ("open_set.py", ["--step", "0"], "argument --step: expected a step from 0.001 to 1"),
         ("decode_memory.py", ["--megapixels", "0"], "expected a number above 0, got '0'"),
         (
@@ -200,6 +211,17 @@ def test_synthetic_signs_names_only_a_folder_it_keeps(tmp_path) -> None:
     work = tmp_path / "signs"
     first = run_benchmark("synthetic_signs.py", *small, "--work", str(work)).splitlines()[0]
     assert first.endswith(f"queries ({work})") and any(work.iterdir())
+
+
+@pytest.mark.parametrize("script", ["synthetic_signs.py", "open_set.py"])
+def test_a_model_that_is_no_export_is_refused_before_any_work(tmp_path, script) -> None:
+    """A mistyped second --model was found only after the first model's run (open_set: a
+    minute a model) or the photos were drawn, below a table's header."""
+    missing = tmp_path / "none"
+    result = run_script(script, "--model", str(default_model_dir()), "--model", str(missing))
+    assert result.returncode == 1
+    assert result.stderr == f"error: model {missing}: no such folder\n"
+    assert result.stdout == ""
 
 
 def test_a_reader_that_stops_early_ends_a_benchmark_quietly() -> None:

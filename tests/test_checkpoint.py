@@ -313,6 +313,11 @@ def test_pdparams_reader_refuses_code(tmp_path):
     [
         ("bad.pdparams", b"not a pickle", "is not a readable .pdparams file"),
         ("list.pdparams", pickle.dumps([1, 2]), "is not a .pdparams state dict"),
+        (  # was torch's TypeError ("can't convert np.ndarray of type numpy.object_")
+            "objects.pdparams",
+            pickle.dumps({"w": np.array([{"a": 1}], dtype=object)}),
+            "entry 'w' is an array of object, not of numbers",
+        ),
         # corrupt lengths: a frame past the maximum, bytes past memory (both were tracebacks)
         ("frame.pdparams", b"\x80\x04\x95" + (2**63).to_bytes(8, "little"), "FRAME length"),
         ("huge.pdparams", b"\x80\x04\x8e" + (2**62).to_bytes(8, "little"), "corrupt length"),
@@ -839,6 +844,37 @@ def test_average_weights_refuses_files_of_different_models(tmp_path):
     assert "at least two weight files, got 1 (one file is mixed with" in result.stderr
     assert "with --pretrained-share S --layers PREFIX -c CONFIG)" in result.stderr
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_averaging_an_export_with_a_training_run_says_to_leave_the_head_out(tmp_path):
+    """An export's weights have no head, a training run's have one: the error said the
+    Head differs, not that `shitu convert --no-head` makes the two averageable."""
+    trained = make_model()
+    run = save_weights(
+        trained.state_dict(), tmp_path / "run.safetensors", model_metadata(trained, ARCH)
+    )
+    headless_arch = dict(ARCH, Head=None)
+    headless = make_model(headless_arch, seed=1)
+    export = save_weights(
+        headless.state_dict(),
+        tmp_path / "model.safetensors",
+        model_metadata(headless, headless_arch),
+    )
+    hint = (
+        f"(the same model, but {run} has a classification head and the other none: "
+        f"`shitu convert {run} -c CONFIG --no-head --out FILE` leaves it out)"
+    )
+    for pair in ([export, run], [run, export]):
+        with pytest.raises(CheckpointError) as refused:
+            average_weights(pair)
+        assert str(refused.value).endswith(hint)
+    other = dict(ARCH, Neck={"name": "BNNeck", "num_features": 64, "bias_frozen": False})
+    unlike = save_weights(
+        headless.state_dict(), tmp_path / "unlike.safetensors", model_metadata(headless, other)
+    )
+    with pytest.raises(CheckpointError) as refused:  # more than the head differs: no hint
+        average_weights([export, unlike])
+    assert "--no-head" not in str(refused.value)
 
 
 def test_pretrained_share_moves_only_the_named_layers_back_to_the_initialisation(tmp_path):

@@ -166,6 +166,27 @@ def test_hand_computed_metrics() -> None:
     assert "1 without a positive" in result.summary()
 
 
+def test_numpy_numbers_are_taken_as_settings() -> None:
+    """np.arange(1, 6) for the ks (or a numpy k1) was refused as "must be a positive
+    integer ... got (np.int64(1), ...)", which it is; a float32 lambda as no number."""
+    result = evaluate_retrieval(
+        *ranking_case(),
+        recall_k=np.arange(1, 3),
+        precision_k=[np.int64(5)],
+        block_size=np.int32(2),
+        re_ranking=ReRanking(k1=np.int64(4), k2=np.int64(1), lambda_value=np.float32(0.5)),
+    )
+    expected = evaluate_retrieval(
+        *ranking_case(),
+        recall_k=(1, 2),
+        precision_k=(5,),
+        block_size=2,
+        re_ranking=ReRanking(k1=4, k2=1, lambda_value=0.5),
+    )
+    assert result.metrics == expected.metrics
+    assert list(result.metrics) == ["recall@1", "recall@2", "precision@5", "mAP"]
+
+
 def test_hand_computed_same_id_exclusion() -> None:
     """q0 shares its id with gallery item 0 (its rank-1 positive): its list becomes
     1,2,3,4,5 -> labels 1,0,2,1,0 -> positives at ranks 2, 5. q3 shares its id with item 4,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import errno
 import fcntl
 import io
@@ -247,6 +248,13 @@ def test_the_extractor_names_what_it_cannot_take(exported):
         extractor.extract_images(image)
     with pytest.raises(UnreadableImageError, match="got one Image: pass"):
         extractor.extract_images(Image.fromarray(image))
+    # Not each row, character or byte taken for an image ("image 0 (from 0) of 40: ...")
+    with pytest.raises(UnreadableImageError, match=r"one image array \(40, 30\): pass"):
+        extractor.extract_images(image[:, :, 0])
+    with pytest.raises(UnreadableImageError, match="got the path 'a.jpg': .*read_rgb"):
+        extractor.extract_images("a.jpg")
+    with pytest.raises(UnreadableImageError, match="got bytes: .*decode_rgb"):
+        extractor.extract_images(cv2.imencode(".png", image)[1].tobytes())
     assert extractor.extract_images(np.stack([image, image])).shape[0] == 2  # a stack is N
     # Pixels of another type: how to convert them, and the conversion is taken.
     wide = image.astype(np.uint16) * 257
@@ -608,6 +616,12 @@ def test_export_refuses_a_score_thres_that_is_no_cosine_similarity(exported, tmp
     assert list(tmp_path.iterdir()) == []
 
 
+def test_export_takes_a_numpy_score_thres(exported, tmp_path):
+    """A threshold computed from numpy scores (np.float32) was refused as no number."""
+    target = export_model(exported["config"], None, tmp_path / "model", score_thres=np.float32(0.5))
+    assert read_manifest(target)["score_thres"] == 0.5
+
+
 def test_int8_calibration_images_given_as_one_path_are_refused_naming_it(exported, tmp_path):
     """A folder's path as a str was read as the images '/', 't', 'm', ... ("no calibration
     image could be read (12 given; first: /: Is a directory)"); as a Path, a TypeError."""
@@ -851,6 +865,31 @@ def test_a_missing_or_malformed_manifest_entry_is_named_on_every_runtime(
     for backend in ("onnxruntime", "torch"):
         with pytest.raises(CheckpointError, match=f"shitu_model.json: {message}"):
             FeatureExtractor.load(edited, backend=backend)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda data: data[: len(data) // 2],  # a write cut short
+        lambda data: data.replace(b'"shitu-feature-extractor"', b'"\xff\xfe"'),  # not UTF-8
+    ],
+)
+def test_an_unreadable_manifest_is_named(exported, tmp_path, damage):
+    """Bytes that are not UTF-8 gave a UnicodeDecodeError traceback naming no file."""
+    edited = shutil.copytree(exported["dir"], tmp_path / "edited")
+    manifest = edited / "shitu_model.json"
+    manifest.write_bytes(damage(manifest.read_bytes()))
+    with pytest.raises(CheckpointError, match=f"^{manifest}: unreadable manifest"):
+        FeatureExtractor.load(edited)
+
+
+def test_a_manifest_saved_by_an_editor_with_a_byte_order_mark_loads(exported, tmp_path):
+    """Notepad saves UTF-8 with a BOM, which json.loads refused ("Unexpected UTF-8 BOM")."""
+    edited = shutil.copytree(exported["dir"], tmp_path / "edited")
+    manifest = edited / "shitu_model.json"
+    manifest.write_bytes(codecs.BOM_UTF8 + manifest.read_bytes())
+    loaded = FeatureExtractor.load(edited)
+    assert loaded.fingerprint == read_manifest(exported["dir"])["fingerprint"]
 
 
 def test_an_arch_edited_into_one_that_cannot_be_built_is_named_with_its_manifest(
@@ -1230,6 +1269,10 @@ def test_preprocessing_refuses_an_image_resize_short_would_blow_up(monkeypatch):
     portrait_crop = Preprocessing(resize=None, resize_short=20, crop=(16, 24))
     with pytest.raises(UnreadableImageError, match=r"crop 16x24 is larger than the image "):
         portrait_crop.check_size(40, 30)  # resized to 27x20
+    # an empty detector box: was a ZeroDivisionError, or taken as fine by a fixed resize
+    for preprocessing in (prep, Preprocessing(resize=(16, 16))):
+        with pytest.raises(UnreadableImageError, match=r"the image is empty \(0x30 pixels\)"):
+            preprocessing.check_size(0, 30)
 
 
 def test_preprocessing_replays_only_what_inference_can_and_nothing_it_was_not_given(exported):
@@ -1264,6 +1307,19 @@ def test_preprocessing_replays_only_what_inference_can_and_nothing_it_was_not_gi
     expected = build_transforms(raw)(image.read_bytes()).numpy()
     actual = Preprocessing.from_config(config).load(image)
     assert expected.max() > 100 and np.abs(actual - expected).max() <= 1.0  # one grey level
+
+
+def test_threads_loading_a_compact_export_at_once_each_get_the_onnx_model(
+    exported, tmp_path, monkeypatch
+):
+    """torch's ONNX exporter keeps its state in globals: two first loads at once (a server's
+    threads, say) failed with "AssertionError: GLOBALS.in_onnx_export must be True"."""
+    monkeypatch.setenv("SHITU_CACHE_DIR", str(tmp_path / "cache"))
+    weights = save_weights(exported["model"].state_dict(), tmp_path / "trained.safetensors")
+    compact = export_model(exported["config"], weights, tmp_path / "compact", compact=True)
+    with ThreadPoolExecutor(4) as pool:
+        loaded = list(pool.map(lambda _: FeatureExtractor.load(compact), range(4)))
+    assert [extractor.backend.name for extractor in loaded] == ["onnxruntime"] * 4
 
 
 def test_compact_export_is_half_the_size_and_rebuilds_its_onnx_model_once(

@@ -108,6 +108,7 @@ def average_weights(
             raise CheckpointError(
                 f"{path}: its {key} differs from {first_path}'s: {'; '.join(differences[:3])}; "
                 "only weights of the same model can be averaged"
+                + _headless_hint(metadata, other_metadata, first_path, path)
             )
         if state.keys() != first.keys():
             extra = sorted(state.keys() - first.keys())[:3]
@@ -130,6 +131,26 @@ def average_weights(
         for name, tensor in first.items()
     }
     return averaged, metadata
+
+
+def _headless_hint(
+    first: dict[str, str], other: dict[str, str], first_path: str | Path, path: str | Path
+) -> str:
+    """How to average an export's weights (no classification head) with a training run's,
+    where the head is all their archs differ in: the difference alone ("Head {...}
+    (model.safetensors's None)") did not say that leaving the head out is the cure."""
+    archs = [_compared(metadata, ARCH) for metadata in (first, other)]
+    if not all(isinstance(arch, dict) for arch in archs):
+        return ""
+    heads = [arch.get("Head") for arch in archs]
+    bodies = [{name: v for name, v in arch.items() if name != "Head"} for arch in archs]
+    if bodies[0] != bodies[1] or (heads[0] is None) == (heads[1] is None):
+        return ""
+    headed = path if heads[0] is None else first_path
+    return (
+        f" (the same model, but {headed} has a classification head and the other none: "
+        f"`shitu convert {headed} -c CONFIG --no-head --out FILE` leaves it out)"
+    )
 
 
 def _warn_of_repeated_files(paths: list[str | Path]) -> None:

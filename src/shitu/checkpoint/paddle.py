@@ -79,6 +79,11 @@ def read_pdparams(path: str | Path) -> dict[str, np.ndarray]:
     bad = [k for k, v in state.items() if not isinstance(v, np.ndarray)]
     if bad:
         raise CheckpointError(f"{path}: entry '{bad[0]}' is not an array")
+    # else a TypeError of torch's from deep inside the mapping, naming neither file nor entry
+    odd = [k for k, v in state.items() if v.dtype.kind not in "biuf"]
+    if odd:
+        kind = state[odd[0]].dtype
+        raise CheckpointError(f"{path}: entry '{odd[0]}' is an array of {kind}, not of numbers")
     return {name: _bfloat16_as_float32(array) for name, array in state.items()}
 
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from shitu.errors import ConfigError, ShituError
+from shitu.values import is_number, is_whole_number
 
 # About 12 bytes per entry of the (Q+G)^2 matrix are alive at the peak (see
 # `k_reciprocal_distances`): 8000 samples -> ~0.77 GB.
@@ -49,15 +50,17 @@ class ReRanking:
     def __post_init__(self) -> None:
         for name in ("k1", "k2", "max_samples"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_whole_number(value) or value < 1:
                 raise ConfigError(
                     f"Global.re_ranking.{name}: must be a positive integer, got {value!r}"
                 )
+            object.__setattr__(self, name, int(value))
         lam = self.lambda_value
-        if isinstance(lam, bool) or not isinstance(lam, int | float) or not 0.0 <= lam <= 1.0:
+        if not is_number(lam) or not 0.0 <= lam <= 1.0:
             raise ConfigError(
                 f"Global.re_ranking.lambda_value: must be a number in [0, 1], got {lam!r}"
             )
+        object.__setattr__(self, "lambda_value", float(lam))
 
 
 def check_rerank_size(n_query: int, n_gallery: int, max_samples: int) -> None:

@@ -35,6 +35,7 @@ from torch import Tensor
 
 from shitu.errors import ConfigError, ShituError, did_you_mean
 from shitu.evaluation.reranking import ReRanking, distinct_rows, k_reciprocal_distances
+from shitu.values import is_whole_number
 
 # Working memory the default query block may use: ~7 bytes per query-gallery score (float32
 # scores, three bool masks) -> ~380 queries per block at G = 100k; add ~50 bytes per positive
@@ -99,12 +100,12 @@ class RetrievalEvaluator:
     def __post_init__(self) -> None:
         object.__setattr__(self, "recall_k", _check_topk(self.recall_k, "recall_k"))
         object.__setattr__(self, "precision_k", _check_topk(self.precision_k, "precision_k"))
-        if self.block_size is not None and (
-            isinstance(self.block_size, bool)
-            or not isinstance(self.block_size, int)
-            or self.block_size < 1
-        ):
-            raise ConfigError(f"block_size: must be a positive integer, got {self.block_size!r}")
+        if self.block_size is not None:
+            if not is_whole_number(self.block_size) or self.block_size < 1:
+                raise ConfigError(
+                    f"block_size: must be a positive integer, got {self.block_size!r}"
+                )
+            object.__setattr__(self, "block_size", int(self.block_size))
         names = (
             [f"recall@{k}" for k in self.recall_k]
             + [f"precision@{k}" for k in self.precision_k]
@@ -447,11 +448,11 @@ def _check_topk(value: Any, where: str) -> tuple[int, ...]:
     """A positive int or a list of them -> sorted unique tuple."""
     values = list(value) if isinstance(value, list | tuple) else [value]
     for k in values:
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        if not is_whole_number(k) or k < 1:
             raise ConfigError(
                 f"{where}: must be a positive integer or a list of them, got {value!r}"
             )
-    return tuple(sorted(set(values)))
+    return tuple(sorted({int(k) for k in values}))
 
 
 def _hint(name: str, choices: list[str]) -> str:

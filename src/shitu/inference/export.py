@@ -60,6 +60,7 @@ from shitu.inference.preprocess import Preprocessing
 from shitu.models import RecModel, build_model
 from shitu.onnx_trace import trace_to_onnx
 from shitu.registry import format_validation_error
+from shitu.values import is_number
 
 OPSET = 17
 # Largest |ONNX - torch| difference accepted when an export checks itself, relative to the
@@ -160,12 +161,12 @@ def write_export(
     refuse_non_utf8_path(place, "the export folder's path", readers, ExportError)
     _check_target(out_dir)
     # true (as 1) and text were compared as numbers: an export loading refuses, or a TypeError
-    if score_thres is not None and (
-        isinstance(score_thres, bool)
-        or not isinstance(score_thres, int | float)
-        or not -1.0 <= score_thres <= 1.0
-    ):
-        raise ExportError(f"score_thres {score_thres!r}: a cosine similarity, a number in [-1, 1]")
+    if score_thres is not None:
+        if not is_number(score_thres) or not -1.0 <= score_thres <= 1.0:
+            raise ExportError(
+                f"score_thres {score_thres!r}: a cosine similarity, a number in [-1, 1]"
+            )
+        score_thres = float(score_thres)  # numpy's float32 (a sweep's) is no JSON number
     if isinstance(calibration_images, str | Path):  # a str is a sequence of characters
         raise ExportError(
             f"calibration_images {str(calibration_images)!r}: a list of image files, not one "

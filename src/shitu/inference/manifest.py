@@ -19,7 +19,7 @@ from safetensors.numpy import load_file
 from shitu import __version__
 from shitu.config.schema import TRAINING_ONLY_ARCH
 from shitu.errors import CheckpointError, ShituError
-from shitu.fileio import refuse_non_utf8_path
+from shitu.fileio import read_text, refuse_non_utf8_path
 from shitu.inference.preprocess import Preprocessing
 
 if TYPE_CHECKING:
@@ -190,8 +190,9 @@ def read_manifest(model_dir: str | Path) -> dict[str, Any]:
             f"{model_dir} is not an exported model (no {MANIFEST}); create one with `shitu export`"
         )
     try:
-        manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        # as editors save it: a manifest edited by hand in Notepad starts with a BOM
+        manifest = json.loads(read_text(path))
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON, or bytes that are not UTF-8
         raise CheckpointError(f"{path}: unreadable manifest ({exc})") from None
     version = manifest.get("format_version") if isinstance(manifest, dict) else None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:

@@ -270,6 +270,8 @@ class Preprocessing:
         this preprocessing cannot take it (too elongated to resize its short side, or
         smaller than the crop): from the size alone, so callers can refuse such an image
         before it joins a batch and fails the others."""
+        if width < 1 or height < 1:  # else a ZeroDivisionError resizing its short side
+            raise UnreadableImageError(f"the image is empty ({width}x{height} pixels)")
         if self.resize_short is None:
             assert self.resize is not None
             size = self.resize

@@ -107,10 +107,21 @@ def check_encoded_size(data: bytes) -> None:
 def image_list(images: Iterable[np.ndarray]) -> Sequence[np.ndarray]:
     """`images` as a sequence of images (a generator's listed); one image passed alone is
     refused with the reason (iterating an array would take its rows for images). An
-    N x H x W x 3 stack is a sequence of N images."""
-    if isinstance(images, np.ndarray) and images.ndim == 3:
+    N x H x W x 3 stack is a sequence of N images. A path or encoded bytes, sequences of
+    characters or numbers, are refused too, not taken one character or byte an image."""
+    if isinstance(images, np.ndarray) and images.ndim in (2, 3):  # a grey one, or colour
         raise UnreadableImageError(
             f"expected a sequence of images, got one image array {images.shape}: pass [image]"
+        )
+    if isinstance(images, str | os.PathLike):
+        raise UnreadableImageError(
+            f"expected a sequence of images, got the path {os.fspath(images)!r}: "
+            "shitu.inference.read_rgb(path) reads the image"
+        )
+    if isinstance(images, bytes | bytearray | memoryview):
+        raise UnreadableImageError(
+            f"expected a sequence of images, got {type(images).__name__}: "
+            "shitu.inference.decode_rgb(data) decodes an encoded image"
         )
     if isinstance(images, np.ndarray | Sequence):
         return images
