@@ -1808,3 +1808,23 @@ def test_export_to_an_empty_out_is_refused_not_written_to_the_default_folder(
         assert shitu_main(["export", "-c", str(config), "--out", empty]) == 2
         assert "error: --out: an empty name; give the export's folder" in capsys.readouterr().err
     assert [path.name for path in tmp_path.iterdir()] == ["tiny.yaml"]
+
+
+@pytest.mark.parametrize("command", ["extract", "recognize", "detect", "index search"])
+def test_a_thread_count_no_cpu_runs_is_a_usage_error(command, capsys):
+    """`--threads 100000` started 15,000 threads (16 GB) before it was stopped; the count is
+    refused as the option is read, and as a pipeline config's Global.cpu_num_threads."""
+    with pytest.raises(SystemExit) as exit_info:
+        shitu_main([*command.split(), "photo.jpg", "--threads", "100000"])
+    assert exit_info.value.code == 2
+    assert "--threads: expected a thread count from 1 to 1024, got 100000" in (
+        capsys.readouterr().err
+    )
+
+
+def test_a_pipeline_configs_thread_count_no_cpu_runs_is_refused():
+    from shitu.errors import ConfigError
+    from shitu.pipeline.config import load_pipeline_config
+
+    with pytest.raises(ConfigError, match=r"cpu_num_threads.*less than or equal to 1024"):
+        load_pipeline_config(None, ["Global.cpu_num_threads=5000"])

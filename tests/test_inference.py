@@ -280,6 +280,13 @@ def test_the_extractor_names_what_it_cannot_take(exported):
     for backend, threads in (("onnxruntime", 2.5), ("openvino", -1), ("torch", 0)):
         with pytest.raises(ConfigError, match="num_threads: expected a whole number >= 1"):
             FeatureExtractor.load(exported["dir"], backend, threads)
+    # Refused before any thread starts: 100000 started 15,000 threads, 16 GB, and went on.
+    for name, options in (
+        ("num_threads", {"num_threads": 100_000}),
+        ("workers", {"workers": 1025}),
+    ):
+        with pytest.raises(ConfigError, match=f"^{name}: .* more than any CPU runs at once"):
+            FeatureExtractor.load(exported["dir"], **options)
 
 
 def test_an_export_of_a_user_registered_backbone_loads_only_once_it_is_registered_again(

@@ -17,6 +17,8 @@ import logging
 import os
 import sys
 
+from shitu.errors import ConfigError
+
 logger = logging.getLogger(__name__)
 
 # mallopt parameters from glibc's <malloc.h>
@@ -32,6 +34,22 @@ def usable_cores() -> int | None:
     """The CPU cores this process may run on (its affinity, as a container's CPU set limits
     it), else the machine's; None where unknown."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+# More threads than any CPU runs at once: each costs memory (its stack, onnxruntime's
+# pools), and `--threads 100000` started 15,000 of them, 16 GB, before it was stopped.
+MAX_THREADS = 1024
+
+
+def check_thread_count(value: int, name: str) -> None:
+    """A ConfigError naming `name` for a thread count over MAX_THREADS (counts over the
+    cores are only warned of: they slow inference, but a 10 from a PaddleClas config
+    works)."""
+    if value > MAX_THREADS:
+        raise ConfigError(
+            f"{name}: {value} threads is more than any CPU runs at once (at most "
+            f"{MAX_THREADS}; this process may use {usable_cores()} cores)"
+        )
 
 
 def keep_freed_memory() -> bool:

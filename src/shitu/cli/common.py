@@ -28,6 +28,7 @@ from shitu.fileio import (
 )
 from shitu.image_files import IMAGE_SUFFIXES, LABELLED_LIST_HINT, TEXT_FILE_REASON, scan_images
 from shitu.inference.choices import BACKENDS, PRECISIONS
+from shitu.runtime import MAX_THREADS
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -72,6 +73,7 @@ def bounded(kind: type, low: float, high: float | None, what: str) -> Callable[[
 
 finite_float = bounded(float, -math.inf, None, "a finite number")
 positive_int = bounded(int, 1, None, "a whole number >= 1")
+thread_count = bounded(int, 1, MAX_THREADS, f"a thread count from 1 to {MAX_THREADS}")
 non_negative_int = bounded(int, 0, None, "a whole number >= 0")
 positive_float = bounded(float, 1e-12, None, "a number above 0")
 positive_minutes = bounded(float, 1e-9, None, "a number of minutes above 0")

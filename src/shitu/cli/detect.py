@@ -19,6 +19,7 @@ from shitu.cli.common import (
     print_past_progress,
     progress_wanted,
     skip_reason,
+    thread_count,
     unread_files_status,
     visualisation_writer,
 )
@@ -75,7 +76,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--threads",
-        type=positive_int,
+        type=thread_count,
         help="CPU threads for the detector (default: the runtime's, one per core)",
     )
     add_visualisation_arguments(parser)

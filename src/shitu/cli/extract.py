@@ -21,6 +21,7 @@ from shitu.cli.common import (
     progress_wanted,
     required_path,
     skip_reason,
+    thread_count,
 )
 from shitu.errors import DataError
 from shitu.fileio import (
@@ -72,7 +73,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--batch-size", type=positive_int, default=32, help="images per model call")
     parser.add_argument(
-        "--threads", type=positive_int, help="CPU threads for the model (default: the runtime's)"
+        "--threads", type=thread_count, help="CPU threads for the model (default: the runtime's)"
     )
     add_progress_argument(parser)
     parser.set_defaults(func=run)

@@ -23,6 +23,7 @@ from shitu.cli.common import (
     required_path,
     skip_reason,
     table_field,
+    thread_count,
     warn_if_empty,
 )
 from shitu.errors import DataError, GalleryError, did_you_mean, first_few
@@ -339,7 +340,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="images per model call (default %(default)s)",
     )
     parser.add_argument(
-        "--threads", type=positive_int, help="CPU threads for the model (default: the runtime's)"
+        "--threads", type=thread_count, help="CPU threads for the model (default: the runtime's)"
     )
     add_runtime_arguments(parser)
     add_progress_argument(parser)

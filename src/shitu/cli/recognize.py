@@ -18,11 +18,11 @@ from shitu.cli.common import (
     cosine_similarity,
     display_width,
     expand_images,
-    positive_int,
     print_past_progress,
     progress_wanted,
     skip_reason,
     table_field,
+    thread_count,
     unread_files_status,
     visualisation_writer,
     warn_if_empty,
@@ -78,7 +78,7 @@ def add_pipeline_arguments(
     )
     parser.add_argument(
         "--threads",
-        type=positive_int,
+        type=thread_count,
         help="CPU threads for the recognition model and the detector (default: the config's "
         "Global.cpu_num_threads, else the runtime's)",
     )

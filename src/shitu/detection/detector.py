@@ -28,6 +28,7 @@ from shitu.errors import CheckpointError, ConfigError
 from shitu.fileio import refuse_non_utf8_path, special_kind
 from shitu.inference.manifest import PADDLE_INFERENCE_SUFFIXES
 from shitu.onnx_input import image_input_size
+from shitu.runtime import check_thread_count
 
 if TYPE_CHECKING:
     from onnxruntime import InferenceSession, NodeArg
@@ -331,6 +332,8 @@ def load_detector(
     suffix = path.suffix.lower()
     if backend not in ("auto", "torch", "onnxruntime"):
         raise ConfigError(f"unknown detector backend '{backend}' (auto, torch, onnxruntime)")
+    if num_threads:
+        check_thread_count(num_threads, "num_threads")
     if suffix == ".onnx" and backend != "torch":
         _ignored_arch(path, arch, "onnxruntime runs the graph it holds")
         detector = OnnxDetector(path, threads=num_threads or 0)

@@ -46,7 +46,7 @@ from shitu.inference.manifest import (
 )
 from shitu.inference.preprocess import Preprocessing
 from shitu.progress import ImageProgress
-from shitu.runtime import usable_cores
+from shitu.runtime import check_thread_count, usable_cores
 from shitu.vectors import l2_normalize
 
 logger = logging.getLogger(__name__)
@@ -129,8 +129,10 @@ class FeatureExtractor:
         """
         if workers is not None:  # None: a share of the cores
             check_count(workers, "workers")
+            check_thread_count(workers, "workers")
         if num_threads is not None:  # None: the runtime's default
             check_count(num_threads, "num_threads")
+            check_thread_count(num_threads, "num_threads")
             _warn_of_threads_over_cores(num_threads)
         check_runtime_names(backend, precision, device)
         device = device_type(device)  # the names Global.device takes

@@ -38,6 +38,7 @@ from shitu.registry import (
     null_is_default,
     refuse_bool_as_number,
 )
+from shitu.runtime import MAX_THREADS
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ class PipelineGlobal(_Section):
     max_det_results: int = Field(default=5, ge=0)
     rec_nms_thresold: float = Field(default=0.05, ge=0.0, le=1.0)  # PaddleClas's spelling
     batch_size: int = Field(default=32, ge=1)
-    cpu_num_threads: int | None = Field(default=None, ge=1)
+    cpu_num_threads: int | None = Field(default=None, ge=1, le=MAX_THREADS)
 
     @model_validator(mode="before")
     @classmethod
