@@ -97,6 +97,7 @@ def export_model(
     out_dir: str | Path,
     *,
     calibration_images: Sequence[str | Path] = (),
+    calibration_count: int | None = None,
     opset: int = OPSET,
     compact: bool = False,
     score_thres: float | None = None,
@@ -104,7 +105,8 @@ def export_model(
     """Export `config`'s model with `weights` (None: as initialised) to `out_dir`; returns it.
 
     calibration_images: image files for int8 static quantisation (model.int8.onnx); none
-    means no int8 model. compact, score_thres: see `write_export`. An existing export at
+    means no int8 model. calibration_count: use at most this many of them, spread over
+    the list (None: all). compact, score_thres: see `write_export`. An existing export at
     `out_dir` is replaced; any other existing folder, or an export that also holds other
     files, is an error (nothing of the user's is deleted).
     """
@@ -124,6 +126,7 @@ def export_model(
         out_dir,
         source=str(weights) if weights else None,
         calibration_images=calibration_images,
+        calibration_count=calibration_count,
         opset=opset,
         compact=compact,
         score_thres=score_thres,
@@ -139,6 +142,7 @@ def write_export(
     *,
     source: str | None,
     calibration_images: Sequence[str | Path] = (),
+    calibration_count: int | None = None,
     opset: int = OPSET,
     compact: bool = False,
     score_thres: float | None = None,
@@ -181,7 +185,7 @@ def write_export(
     if calibration_images:
         from shitu.inference.quantize import calibration_batches
 
-        calibration = calibration_batches(preprocessing, calibration_images)
+        calibration = calibration_batches(preprocessing, calibration_images, calibration_count)
     _check_finite(model, source, "(weights of a training run that diverged?)")
     if compact:
         with torch.no_grad():
