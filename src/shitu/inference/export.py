@@ -28,7 +28,7 @@ from torch import nn
 
 from shitu import __version__, registry
 from shitu.checkpoint import load_weights, model_metadata, save_weights
-from shitu.checkpoint.io import WEIGHT_SUFFIXES
+from shitu.checkpoint.io import WEIGHT_SUFFIXES, non_finite_tensors
 from shitu.config import ArchConfig, ShituConfig
 from shitu.errors import CheckpointError, ConfigError, did_you_mean, first_few
 from shitu.fileio import (
@@ -321,10 +321,10 @@ def _check_finite(model: RecModel, source: str | None, why: str) -> None:
     """An ExportError naming the first tensor with NaN or infinite values: every feature of
     such a model is NaN, which the export would write silently and a gallery would refuse
     only as its images are added."""
-    for name, tensor in model.state_dict().items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            where = f"{source}: " if source else ""
-            raise ExportError(f"{where}{name} holds NaN or infinite values {why}")
+    bad = non_finite_tensors(model.state_dict())
+    if bad:
+        where = f"{source}: " if source else ""
+        raise ExportError(f"{where}{bad[0]} holds NaN or infinite values {why}")
 
 
 def _export_onnx(
