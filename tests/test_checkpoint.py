@@ -875,6 +875,18 @@ def test_averaging_an_export_with_a_training_run_says_to_leave_the_head_out(tmp_
     with pytest.raises(CheckpointError) as refused:  # more than the head differs: no hint
         average_weights([export, unlike])
     assert "--no-head" not in str(refused.value)
+    fewer_classes = dict(ARCH, Head=dict(ARCH["Head"], class_num=5))
+    other_run = save_weights(
+        make_model(fewer_classes).state_dict(),
+        tmp_path / "other_run.safetensors",
+        model_metadata(make_model(fewer_classes), fewer_classes),
+    )
+    with pytest.raises(CheckpointError) as refused:  # runs on other classes: the same hint
+        average_weights([run, other_run])
+    assert str(refused.value).endswith(
+        f"(the same model but for the classification head: `shitu convert {run} -c CONFIG "
+        f"--no-head --out FILE`, and the same for {other_run}, leave it out)"
+    )
 
 
 def test_pretrained_share_moves_only_the_named_layers_back_to_the_initialisation(tmp_path):
