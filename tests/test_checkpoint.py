@@ -875,6 +875,18 @@ def test_averaging_an_export_with_a_training_run_says_to_leave_the_head_out(tmp_
     with pytest.raises(CheckpointError) as refused:  # more than the head differs: no hint
         average_weights([export, unlike])
     assert "--no-head" not in str(refused.value)
+    fewer_classes = dict(ARCH, Head=dict(ARCH["Head"], class_num=5))
+    other_run = save_weights(
+        make_model(fewer_classes).state_dict(),
+        tmp_path / "other_run.safetensors",
+        model_metadata(make_model(fewer_classes), fewer_classes),
+    )
+    with pytest.raises(CheckpointError) as refused:  # runs on other classes: the same hint
+        average_weights([run, other_run])
+    assert str(refused.value).endswith(
+        f"(the same model but for the classification head: `shitu convert {run} -c CONFIG "
+        f"--no-head --out FILE`, and the same for {other_run}, leave it out)"
+    )
 
 
 def test_pretrained_share_moves_only_the_named_layers_back_to_the_initialisation(tmp_path):
@@ -1030,6 +1042,31 @@ def test_convert_counts_the_file_tensors_it_leaves_out(tmp_path):
     written, loaded = len(read_weights(out)[0]), len(make_model().state_dict())
     assert written < loaded
     assert result.stdout.startswith(f"wrote {out}: {written} tensors (folded from {loaded}), ")
+
+
+def test_convert_and_average_refuse_nan_weights_naming_the_tensors(tmp_path):
+    """A diverged run's NaN weights were converted and averaged without a word; only
+    `shitu export` refused them, later. Now the first few tensors are named, nothing
+    written."""
+    state = make_model().state_dict()
+    fine = save_weights(state, tmp_path / "fine.safetensors")
+    names = [name for name, tensor in state.items() if tensor.is_floating_point()][:4]
+    for name in names:
+        state[name] = torch.full_like(state[name], float("nan"))
+    state[names[0]][0] = float("inf")
+    diverged = save_weights(state, tmp_path / "diverged.safetensors")
+    config = tmp_path / "tiny.yaml"
+    config.write_text(json.dumps({"Arch": ARCH, "Global": {"image_shape": [3, 64, 64]}}))
+    out = tmp_path / "out" / "weights.safetensors"
+    for command, what, order in [  # the model's order; a .safetensors file's is sorted
+        (("convert", str(diverged), "-c", str(config)), str(diverged), names),
+        (("average", str(fine), str(diverged)), "the mean of 2 checkpoints", sorted(names)),
+    ]:
+        result = run_shitu(*command, "--out", str(out))
+        assert result.returncode == 2, result.stderr
+        few = f"{order[0]}, {order[1]}, {order[2]} and 1 more hold NaN or infinite values"
+        assert f"{what}: {few} (weights of a training run that diverged?)" in result.stderr
+        assert not out.parent.exists()
 
 
 def test_weight_file_suffixes_are_taken_in_any_case(tmp_path):

@@ -24,7 +24,6 @@ from shitu.cli.common import (
     separate_overrides,
 )
 from shitu.cli.demo import demo_settings
-from shitu.cli.export import spread
 from shitu.cli.main import STDOUT_CLOSED_STATUS, SUBCOMMANDS, build_parser
 from shitu.cli.main import main as shitu_main
 from shitu.cli.recognize import format_table, pipeline_config_from_args
@@ -892,16 +891,6 @@ def test_a_whole_number_beyond_int64_is_a_usage_error(capsys):
         err = capsys.readouterr().err
         assert "got a number of 400 digits, beyond the largest one taken" in err, err
         assert "Traceback" not in err
-
-
-def test_int8_images_are_spread_over_all_the_calibration_images():
-    """--int8-images 128 of a 200-image folder (sorted by class) reaches its last classes,
-    not only its first 128 images."""
-    files = list(range(200))
-    chosen = spread(files, 128)
-    assert len(set(chosen)) == 128 and chosen[0] == 0 and chosen[-1] >= 198
-    assert spread(files, 7) == [0, 28, 57, 85, 114, 142, 171]
-    assert spread(files[:5], 128) == files[:5]
 
 
 @pytest.mark.parametrize(

@@ -387,6 +387,40 @@ def test_int8_calibration_logs_what_it_skips_but_not_expected_fallback_notices(
         )
 
 
+def test_int8_calibration_replaces_unreadable_picks_keeping_the_spread(tmp_path, caplog):
+    """--int8-images 3 of 7 images picks 0, 2, 4 (evenly spaced: a folder is sorted by
+    class). Unreadable picks were dropped, not replaced: it calibrated on fewer images than
+    asked while others were readable. Now the next readable image of a pick's share stands
+    in for it, else any other, and fewer than asked is said."""
+    from shitu.inference.quantize import calibration_batches
+
+    preprocessing = Preprocessing(resize=(8, 8), resize_short=None, crop=None)
+    files = [tmp_path / f"{index}.png" for index in range(7)]
+    for index, path in enumerate(files):
+        Image.fromarray(np.full((8, 8, 3), 30 * index, np.uint8)).save(path)
+    (batch,) = calibration_batches(preprocessing, files, 3)
+    np.testing.assert_array_equal(batch, calibration_batches(preprocessing, files[0:5:2])[0])
+    for index in (2, 4, 5):  # share 1 (2, 3) keeps 3; share 2 (4, 5, 6) has 6
+        files[index].write_bytes(b"not an image")
+    with caplog.at_level(logging.WARNING):
+        (batch,) = calibration_batches(preprocessing, files, 3)
+    np.testing.assert_array_equal(batch, calibration_batches(preprocessing, files[0:7:3])[0])
+    assert "3 of 7 images left out" in caplog.text
+    assert "replaced by others: calibrated on 3" in caplog.text
+    files[3].write_bytes(b"not an image")  # share 1 has none left: another stands in
+    (batch,) = calibration_batches(preprocessing, files, 3)
+    np.testing.assert_array_equal(
+        batch, calibration_batches(preprocessing, [files[0], files[6], files[1]])[0]
+    )
+    caplog.clear()
+    for index in (0, 1):  # fewer readable than asked for: said
+        files[index].write_bytes(b"not an image")
+    with caplog.at_level(logging.WARNING):
+        (batch,) = calibration_batches(preprocessing, files, 3)
+    assert len(batch) == 1
+    assert "calibrated on 1, fewer than the 3 asked for" in caplog.text
+
+
 def test_int8_calibration_says_which_images_were_read_but_of_a_size_it_cannot_take(
     exported, tmp_path, caplog
 ):

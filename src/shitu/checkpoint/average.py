@@ -136,16 +136,22 @@ def average_weights(
 def _headless_hint(
     first: dict[str, str], other: dict[str, str], first_path: str | Path, path: str | Path
 ) -> str:
-    """How to average an export's weights (no classification head) with a training run's,
-    where the head is all their archs differ in: the difference alone ("Head {...}
-    (model.safetensors's None)") did not say that leaving the head out is the cure."""
+    """How to average weights whose archs differ only in their classification head: an
+    export's (no head) with a training run's, or runs trained on different classes
+    (`Head.class_num`). The difference alone ("Head {...} (model.safetensors's None)") did
+    not say that leaving the head out, which features do not use, is the cure."""
     archs = [_compared(metadata, ARCH) for metadata in (first, other)]
     if not all(isinstance(arch, dict) for arch in archs):
         return ""
     heads = [arch.get("Head") for arch in archs]
     bodies = [{name: v for name, v in arch.items() if name != "Head"} for arch in archs]
-    if bodies[0] != bodies[1] or (heads[0] is None) == (heads[1] is None):
+    if bodies[0] != bodies[1] or heads[0] == heads[1]:
         return ""
+    if None not in heads:
+        return (
+            f" (the same model but for the classification head: `shitu convert {first_path} "
+            f"-c CONFIG --no-head --out FILE`, and the same for {path}, leave it out)"
+        )
     headed = path if heads[0] is None else first_path
     return (
         f" (the same model, but {headed} has a classification head and the other none: "

@@ -91,6 +91,28 @@ def check_weights_name(path: str | Path) -> Path:
     return path
 
 
+def non_finite_tensors(state: dict[str, torch.Tensor]) -> list[str]:
+    """The names of `state`'s floating-point tensors holding NaN or infinite values: every
+    feature of such a model is NaN."""
+    return [
+        name
+        for name, tensor in state.items()
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+    ]
+
+
+def check_finite(state: dict[str, torch.Tensor], what: str) -> None:
+    """A CheckpointError naming the first few of `state`'s tensors with NaN or infinite
+    values, before they are written: `shitu convert` and `shitu average` wrote them without
+    a word, and only `shitu export` refused them, later."""
+    bad = non_finite_tensors(state)
+    if bad:
+        raise CheckpointError(
+            f"{what}: {first_few(bad, 3)} hold{'s' if len(bad) == 1 else ''} NaN or infinite "
+            "values (weights of a training run that diverged?); nothing written"
+        )
+
+
 def save_weights(
     state: dict[str, torch.Tensor],
     path: str | Path,

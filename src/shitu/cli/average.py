@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
 def _average(args: argparse.Namespace) -> int:
     from shitu.checkpoint import average_weights, interpolate_toward, read_weights, save_weights
     from shitu.checkpoint.average import check_share
-    from shitu.checkpoint.io import REPARAMETERIZED, fit_hint
+    from shitu.checkpoint.io import REPARAMETERIZED, check_finite, fit_hint
     from shitu.models.reparam import is_reparameterized
 
     writable_weights_file(args.out)  # now, not after reading and averaging every file
@@ -139,6 +139,7 @@ def _average(args: argparse.Namespace) -> int:
             reference_name="the model the config builds",
         )
         done += f", {', '.join(args.layers)} mixed with {args.config} at {args.pretrained_share}"
+    check_finite(state, done)
     out = save_weights(state, args.out, metadata)
     print(f"wrote {out}: {done}, {len(state)} tensors")
     return 0

@@ -49,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _convert(args: argparse.Namespace) -> int:
     from shitu.checkpoint import load_weights, model_metadata, save_weights
+    from shitu.checkpoint.io import check_finite
 
     writable_weights_file(args.out)  # now, not after loading and converting the weights
     config = config_from_args(args)
@@ -63,6 +64,7 @@ def _convert(args: argparse.Namespace) -> int:
     if args.reparameterize:
         model.reparameterize()
     state = model.state_dict()
+    check_finite(state, str(args.weights))
     out = save_weights(state, args.out, model_metadata(model, config.Arch.model_dump(mode="json")))
     # The count the file holds: folding merges the tensors loaded into fewer.
     folding = args.reparameterize and len(state) != len(report.loaded)

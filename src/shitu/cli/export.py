@@ -87,16 +87,16 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     weights = trained_weights(config, "the export holds")
     calibration: list[Path] = []
+    count = args.int8_images or DEFAULT_INT8_IMAGES
     if args.int8_calibration:
-        calibration = calibration_images(
-            args.int8_calibration, args.int8_images or DEFAULT_INT8_IMAGES
-        )
+        calibration = calibration_images(args.int8_calibration, count)
     with weight_file_setting("Global.pretrained_model"):
         out = export_model(
             config,
             weights,
             Path(args.out or config.Global.save_inference_dir),
             calibration_images=calibration,
+            calibration_count=count,
             compact=args.compact,
             score_thres=args.score_thres,
         )
@@ -130,11 +130,11 @@ def _warn_of_default_threshold() -> None:
 
 
 def calibration_images(sources: list[str], count: int) -> list[Path]:
-    """`count` of the images `sources` (files and folders) give, `spread` over them, said on
-    stderr with where they came from: the export alone did not show whether a folder was
-    read, nor how much of it was used. A folder without images is refused (`expand_images`)."""
+    """The images `sources` (files and folders) give, of which the export uses `count`,
+    spread over them (`calibration_batches`), said on stderr with where they came from: the
+    export alone did not show whether a folder was read, nor how much of it was used. A
+    folder without images is refused (`expand_images`)."""
     found = expand_images(sources)[0]
-    chosen = spread(found, count)
     folders = [source for source in sources if Path(source).is_dir()]
     given = [f"in {folder}" for folder in folders[:3]]
     if len(folders) > 3:
@@ -142,15 +142,8 @@ def calibration_images(sources: list[str], count: int) -> list[Path]:
     if len(sources) > len(folders):
         given.append(f"{count_of(len(sources) - len(folders), 'file')} given")
     used = count_of(len(found), "image")
-    if len(chosen) < len(found):
-        used = f"{len(chosen)} of the {used}"
+    if count < len(found):
+        used = f"{count} of the {used}"
         given.append("evenly spaced: --int8-images sets how many")
     print(f"int8 calibration: {used} ({'; '.join(given)})", file=sys.stderr)
-    return chosen
-
-
-def spread(files: list[Path], count: int) -> list[Path]:
-    """`count` of `files` (all, if fewer), evenly spaced from the first to the last: a
-    folder's images come sorted by class, so its first ones would show only a few classes."""
-    total = len(files)
-    return [files[i * total // count] for i in range(count)] if total > count else files
+    return found

@@ -28,7 +28,7 @@ from torch import nn
 
 from shitu import __version__, registry
 from shitu.checkpoint import load_weights, model_metadata, save_weights
-from shitu.checkpoint.io import WEIGHT_SUFFIXES
+from shitu.checkpoint.io import WEIGHT_SUFFIXES, non_finite_tensors
 from shitu.config import ArchConfig, ShituConfig
 from shitu.errors import CheckpointError, ConfigError, did_you_mean, first_few
 from shitu.fileio import (
@@ -97,6 +97,7 @@ def export_model(
     out_dir: str | Path,
     *,
     calibration_images: Sequence[str | Path] = (),
+    calibration_count: int | None = None,
     opset: int = OPSET,
     compact: bool = False,
     score_thres: float | None = None,
@@ -104,7 +105,8 @@ def export_model(
     """Export `config`'s model with `weights` (None: as initialised) to `out_dir`; returns it.
 
     calibration_images: image files for int8 static quantisation (model.int8.onnx); none
-    means no int8 model. compact, score_thres: see `write_export`. An existing export at
+    means no int8 model. calibration_count: use at most this many of them, spread over
+    the list (None: all). compact, score_thres: see `write_export`. An existing export at
     `out_dir` is replaced; any other existing folder, or an export that also holds other
     files, is an error (nothing of the user's is deleted).
     """
@@ -124,6 +126,7 @@ def export_model(
         out_dir,
         source=str(weights) if weights else None,
         calibration_images=calibration_images,
+        calibration_count=calibration_count,
         opset=opset,
         compact=compact,
         score_thres=score_thres,
@@ -139,6 +142,7 @@ def write_export(
     *,
     source: str | None,
     calibration_images: Sequence[str | Path] = (),
+    calibration_count: int | None = None,
     opset: int = OPSET,
     compact: bool = False,
     score_thres: float | None = None,
@@ -181,7 +185,7 @@ def write_export(
     if calibration_images:
         from shitu.inference.quantize import calibration_batches
 
-        calibration = calibration_batches(preprocessing, calibration_images)
+        calibration = calibration_batches(preprocessing, calibration_images, calibration_count)
     _check_finite(model, source, "(weights of a training run that diverged?)")
     if compact:
         with torch.no_grad():
@@ -317,10 +321,10 @@ def _check_finite(model: RecModel, source: str | None, why: str) -> None:
     """An ExportError naming the first tensor with NaN or infinite values: every feature of
     such a model is NaN, which the export would write silently and a gallery would refuse
     only as its images are added."""
-    for name, tensor in model.state_dict().items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            where = f"{source}: " if source else ""
-            raise ExportError(f"{where}{name} holds NaN or infinite values {why}")
+    bad = non_finite_tensors(model.state_dict())
+    if bad:
+        where = f"{source}: " if source else ""
+        raise ExportError(f"{where}{bad[0]} holds NaN or infinite values {why}")
 
 
 def _export_onnx(

@@ -10,6 +10,7 @@ import logging
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -50,32 +51,45 @@ def quantize_static_onnx(
 
 
 def calibration_batches(
-    preprocessing: Preprocessing, images: Sequence[str | Path]
+    preprocessing: Preprocessing, images: Sequence[str | Path], count: int | None = None
 ) -> list[np.ndarray]:
-    """The usable `images`, preprocessed, in batches (an export reads them before its ONNX
-    export and check, so a folder of no images is refused before that work). Those that
-    cannot be read, or are of a size the preprocessing cannot take, are left out with a
-    warning saying which of the two; a DataError where none is usable, or where an item is
-    no path (`path_list`: it raised a TypeError)."""
+    """The usable `images` (at most `count` of them, evenly spaced from the first to the last:
+    a folder's images come sorted by class, so its first ones would show only a few classes),
+    preprocessed, in batches (an export reads them before its ONNX export and check, so a
+    folder of no images is refused before that work). Those that cannot be read, or are of
+    a size the preprocessing cannot take, are left out with a warning saying which of the
+    two; a pick left out is replaced by the next usable image of its share of the list, else
+    by any other, so that a few broken files do not shrink the calibration set. A DataError where
+    none is usable, or where an item is no path (`path_list`: it raised a TypeError)."""
     images = path_list(images)
     unread: list[str] = []
     unfit: list[str] = []
-    batches = list(_calibration_batches(preprocessing, images, unread, unfit))
+    used = _calibration_arrays(preprocessing, images, count, unread, unfit)
     left_out = _left_out(unread, unfit)
-    if not batches:
+    if not used:
         raise DataError(
             f"int8 calibration: no calibration image could be used ({len(images)} given)"
             + (f": {left_out}" if left_out else "")
         )
     if left_out:
+        wanted = len(images) if count is None else min(count, len(images))
+        if count is None:
+            calibrated = f"calibrated on the other {len(used)}"
+        elif len(used) < wanted:
+            calibrated = f"calibrated on {len(used)}, fewer than the {wanted} asked for"
+        else:
+            calibrated = f"replaced by others: calibrated on {len(used)}"
         logger.warning(
-            "int8 calibration: %d of %d images left out: %s; calibrated on the other %d",
+            "int8 calibration: %d of %d images left out: %s; %s",
             len(unread) + len(unfit),
             len(images),
             left_out,
-            len(images) - len(unread) - len(unfit),
+            calibrated,
         )
-    return batches
+    return [
+        np.stack(used[start : start + CALIBRATION_BATCH])
+        for start in range(0, len(used), CALIBRATION_BATCH)
+    ]
 
 
 def _left_out(unread: list[str], unfit: list[str]) -> str:
@@ -126,28 +140,50 @@ def quantize_calibrated(fp32_path: Path, out_path: Path, batches: Sequence[np.nd
             )
 
 
-def _calibration_batches(
+def _calibration_arrays(
     preprocessing: Preprocessing,
-    images: Sequence[str | Path],
+    images: list[Path],
+    count: int | None,
     unread: list[str],
     unfit: list[str],
-) -> Iterator[np.ndarray]:
-    """The usable images in batches; each left out goes to `unread` (the file could not be
-    decoded) or `unfit` (decoded, but of a size the preprocessing cannot take), with why."""
-    batch: list[np.ndarray] = []
-    for path in images:
-        try:
-            image = read_rgb(path)
-        except UnreadableImageError as exc:
-            unread.append(f"{path}: {exc}")
-            continue
-        try:
-            batch.append(preprocessing.normalize(preprocessing.prepare(image)))
-        except UnreadableImageError as exc:
-            unfit.append(f"{path}: {exc}")
-            continue
-        if len(batch) == CALIBRATION_BATCH:
-            yield np.stack(batch)
-            batch = []
-    if batch:
-        yield np.stack(batch)
+) -> list[np.ndarray]:
+    """The preprocessed usable images: the first usable one of each of `count` equal shares
+    of `images` (the first of each share, or the next ones where those fail), then, where shares
+    had none, the first usable untried ones. Each left out goes to `unread` (the file could
+    not be decoded) or `unfit` (decoded, but of a size the preprocessing cannot take)."""
+    total = len(images)
+    shares = total if count is None else min(count, total)
+    bounds = [share * total // shares for share in range(shares)] + [total]
+    tried: set[int] = set()
+    used: list[np.ndarray] = []
+    for start, end in pairwise(bounds):
+        for index in range(start, end):
+            tried.add(index)
+            array = _usable(preprocessing, images[index], unread, unfit)
+            if array is not None:
+                used.append(array)
+                break
+    for index in range(total):
+        if len(used) == shares:
+            break
+        if index not in tried:
+            array = _usable(preprocessing, images[index], unread, unfit)
+            if array is not None:
+                used.append(array)
+    return used
+
+
+def _usable(
+    preprocessing: Preprocessing, path: Path, unread: list[str], unfit: list[str]
+) -> np.ndarray | None:
+    """`path` preprocessed, or None with why in `unread` or `unfit`."""
+    try:
+        image = read_rgb(path)
+    except UnreadableImageError as exc:
+        unread.append(f"{path}: {exc}")
+        return None
+    try:
+        return preprocessing.normalize(preprocessing.prepare(image))
+    except UnreadableImageError as exc:
+        unfit.append(f"{path}: {exc}")
+        return None
