@@ -897,7 +897,7 @@ def test_recognize_cli_fails_clearly_when_there_is_nothing_to_recognise(setup, t
         assert out == "" and "error: --save-vis /proc/self: cannot write in /proc/self (" in err
     for flag, value, reason in (
         ("--score-thres", "5", "a cosine similarity from -1 to 1"),
-        ("--threads", "0", "a whole number >= 1"),
+        ("--threads", "0", "a thread count from 1 to 1024"),
     ):
         with pytest.raises(SystemExit):
             shitu_main(["recognize", photo, *common, flag, value])
