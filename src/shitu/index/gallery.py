@@ -1457,7 +1457,7 @@ def _image_ids(ids: Any, where: str) -> list[int]:
             raise GalleryError(
                 f"{where}: an image id is a whole number, got {type(value).__name__} {value!r}"
             )
-        if not -(2**63) <= value < 2**63:
+        if not -(2**63) <= int(value) < 2**63:
             raise GalleryError(
                 f"{where}: no image has id {value}, beyond the largest a library gives "
                 f"({2**63 - 1})"

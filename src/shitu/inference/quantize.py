@@ -142,7 +142,7 @@ def quantize_calibrated(fp32_path: Path, out_path: Path, batches: Sequence[np.nd
 
 def _calibration_arrays(
     preprocessing: Preprocessing,
-    images: list[Path],
+    images: list[str],
     count: int | None,
     unread: list[str],
     unfit: list[str],
@@ -174,7 +174,7 @@ def _calibration_arrays(
 
 
 def _usable(
-    preprocessing: Preprocessing, path: Path, unread: list[str], unfit: list[str]
+    preprocessing: Preprocessing, path: str, unread: list[str], unfit: list[str]
 ) -> np.ndarray | None:
     """`path` preprocessed, or None with why in `unread` or `unfit`."""
     try:
