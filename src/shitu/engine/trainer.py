@@ -375,6 +375,12 @@ class Trainer:
             raise _folded_start("Global.pretrained_model", path)
         return report
 
+    def _checkpoint_as_pretrained_model(self) -> str:
+        """The override that starts a new run from the resumed checkpoint's weights."""
+        return override_word(
+            "Global.pretrained_model", resolve_checkpoint(self.config.Global.checkpoints)
+        )
+
     def _warn_of_unused_pretrained_model(self, payload: dict[str, Any]) -> None:
         """A resume takes every weight from its checkpoint: a Global.pretrained_model given
         with it (other weights than the run started from) was dropped without a word. Not
@@ -428,13 +434,11 @@ class Trainer:
         if (saved is not None and saved != steps) or (saved is None and not position_fits):
             had = f"{saved} steps per epoch" if saved is not None else "another epoch length"
             # Photos added to the list since (the likeliest cause): its weights go on as well.
-            weights = override_word(
-                "Global.pretrained_model", resolve_checkpoint(self.config.Global.checkpoints)
-            )
             raise ConfigError(
                 f"Global.checkpoints: the run had {had}, this config gives {steps}; resume "
                 "with the same training list, DataLoader.Train.sampler.batch_size and number "
-                f"of processes, or start a new run from its weights with -o {weights}"
+                f"of processes, or start a new run from its weights with -o "
+                f"{self._checkpoint_as_pretrained_model()}"
             )
         epochs = self.config.Global.epochs
         if progress.global_step > epochs * steps:  # it would "finish" without a step
@@ -474,13 +478,11 @@ class Trainer:
             since = f"; changed since: {'; '.join(changed)}" if changed else ""
             # A new model (another backbone, a wider embedding) may start from the weights
             # that fit, as the other refusals of a resume offer.
-            weights = override_word(
-                "Global.pretrained_model", resolve_checkpoint(self.config.Global.checkpoints)
-            )
             raise ConfigError(
                 "Global.checkpoints: the checkpoint does not fit this config "
                 f"({'; '.join(misfits) or exc}){since}; resume with the run's settings, or "
-                f"start a new run from its weights (those that fit) with -o {weights}"
+                "start a new run from its weights (those that fit) with -o "
+                f"{self._checkpoint_as_pretrained_model()}"
             ) from None
         try:
             self.optimizer.load_state_dict(self._optimizer_state_for_these_groups(payload))
@@ -1334,9 +1336,10 @@ def _warn_of_trained_queries(train: Any, queries: Any) -> None:
     that overlap) score the model on what it learnt, above what it does on new photos:
     the metrics and the best model chosen by them said nothing of it."""
     # A set of the query paths (the fewer, most often); the training list is read once.
-    listed = {os.path.abspath(path) for path in queries.paths}
+    queried = [os.path.abspath(path) for path in queries.paths]
+    listed = set(queried)
     trained = {key for path in train.paths if (key := os.path.abspath(path)) in listed}
-    shared = [path for path in queries.paths if os.path.abspath(path) in trained]
+    shared = [path for path, key in zip(queries.paths, queried, strict=True) if key in trained]
     if shared:
         logger.warning(
             "%d of %d query images are training images too (%s%s): the metrics then tell "
@@ -1380,6 +1383,15 @@ def _check_scores_of_other_outputs(loss: CombinedLoss, model: RecModel, dataset:
             )
 
 
+def _memories(loss: CombinedLoss) -> list[tuple[str, CrossBatchMemory]]:
+    """The loss's cross-batch memory terms (XBM), by their names in Loss.Train."""
+    return [
+        (name, part)
+        for name, part in zip(loss.names, loss.losses, strict=True)
+        if isinstance(part, CrossBatchMemory)
+    ]
+
+
 def _warn_of_unused_memory(
     loss: CombinedLoss, steps_per_epoch: int, epochs: int, stage: Stage
 ) -> None:
@@ -1387,8 +1399,8 @@ def _warn_of_unused_memory(
     recipe's 1,000 on a smaller dataset) trains on the in-batch pairs alone, without a
     word."""
     total = steps_per_epoch * epochs
-    for name, part in zip(loss.names, loss.losses, strict=True):
-        if isinstance(part, CrossBatchMemory) and part.start_iter >= total:
+    for name, part in _memories(loss):
+        if part.start_iter >= total:
             logger.warning(
                 "Loss.Train %s: start_iter %d is not before the end of %s (%d steps: %d "
                 "epochs of %d, %s), so its cross-batch memory is never used; lower start_iter",
@@ -1406,8 +1418,8 @@ def _check_memory_holds_past_batches(loss: CombinedLoss, batch_size: int) -> Non
     """XBM writes each batch into its memory before comparing the batch with it: a memory
     of no more than one batch holds the batch itself alone, never a past one, and its term
     only repeated the in-batch pairs, without a word."""
-    for name, part in zip(loss.names, loss.losses, strict=True):
-        if isinstance(part, CrossBatchMemory) and part.memory_size <= batch_size:
+    for name, part in _memories(loss):
+        if part.memory_size <= batch_size:
             raise ConfigError(
                 f"Loss.Train: {name}.{part.memory_key} is {part.memory_size}, no more than "
                 f"one batch (DataLoader.Train.sampler.batch_size {batch_size}), so the memory "
@@ -1420,8 +1432,8 @@ def _warn_of_memory_above_the_images(loss: CombinedLoss, images: int) -> None:
     """An XBM memory larger than the training set (a recipe's 55,000 on a smaller one)
     holds images more than once: older embeddings of a batch's own images then count as
     their positives, and each batch is compared with every copy, without a word."""
-    for name, part in zip(loss.names, loss.losses, strict=True):
-        if isinstance(part, CrossBatchMemory) and part.memory_size > images:
+    for name, part in _memories(loss):
+        if part.memory_size > images:
             logger.warning(
                 "Loss.Train %s: %s %d is more than the %d training images, so the memory "
                 "holds images more than once, older embeddings of a batch's own images "
