@@ -624,3 +624,18 @@ def from_working_directory(path: str | Path) -> str:
     if Path(path).is_absolute():
         return ""
     return f" (relative paths are taken from the working directory, {Path.cwd()})"
+
+
+def read_listing_text(path: str, named: str) -> str:
+    """The text of the listing file at `path` (`read_text`); a DataError, `named` ("class
+    file x"), for one that is not there, a folder or no regular file (a device, a FIFO),
+    each said to be what it is: all were "not found". UnicodeDecodeError is left to the
+    caller, whose advice differs by file."""
+    try:
+        return read_text(path)
+    except FileNotFoundError:
+        raise DataError(f"{named} not found{from_working_directory(path)}") from None
+    except IsADirectoryError:
+        raise DataError(f"{named} is a folder, not a text file") from None
+    except OSError as exc:  # "a character device, not a text file", "Permission denied"
+        raise DataError(f"{named}: cannot read it ({exc.strerror or exc})") from None

@@ -24,7 +24,7 @@ from shitu.cli.common import (
     visualisation_writer,
 )
 from shitu.errors import ConfigError, DataError
-from shitu.fileio import SAVE_AS_UTF8, read_text, removed_if_left_empty, text_lines
+from shitu.fileio import SAVE_AS_UTF8, read_listing_text, removed_if_left_empty, text_lines
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -88,15 +88,9 @@ def _class_names(path: str) -> tuple[str, ...]:
     """The names of a --class-names file, line n naming class n-1; a DataError for one
     that cannot be read, said as for the other listing files (`read_listing_text`)."""
     try:
-        text = read_text(path)
+        text = read_listing_text(path, f"--class-names {path}")
     except UnicodeDecodeError:
         raise DataError(f"--class-names {path}: not UTF-8 or UTF-16 text: {SAVE_AS_UTF8}") from None
-    except OSError:
-        # imported only for the error: its module loads torch, which an ONNX detector
-        # runs without
-        from shitu.data.datasets.base import read_listing_text
-
-        text = read_listing_text(path, f"--class-names {path}")  # raises the DataError
     lines = text_lines(text)
     names = [line.strip() for line in lines]
     while names and not names[-1]:  # trailing blank lines name nothing

@@ -36,7 +36,7 @@ from shitu.data.transforms.ops import (
     unidentified_reason,
 )
 from shitu.errors import DataError, first_few
-from shitu.fileio import SAVE_AS_UTF8, from_working_directory, read_text, text_lines
+from shitu.fileio import SAVE_AS_UTF8, from_working_directory, read_listing_text, text_lines
 from shitu.image_files import (
     IMAGE_SUFFIXES,
     header_error,
@@ -510,21 +510,6 @@ def _not_found_hint(missing: Sequence[str], image_root: str | None) -> str:
                     "the names as the files have them, or rename the files"
                 )
     return hint
-
-
-def read_listing_text(path: str, named: str) -> str:
-    """The text of the listing file at `path` (`read_text`); a DataError, `named` ("class
-    file x"), for one that is not there, a folder or no regular file (a device, a FIFO),
-    each said to be what it is: all were "not found". UnicodeDecodeError is left to the
-    caller, whose advice differs by file."""
-    try:
-        return read_text(path)
-    except FileNotFoundError:
-        raise DataError(f"{named} not found{from_working_directory(path)}") from None
-    except IsADirectoryError:
-        raise DataError(f"{named} is a folder, not a text file") from None
-    except OSError as exc:  # "a character device, not a text file", "Permission denied"
-        raise DataError(f"{named}: cannot read it ({exc.strerror or exc})") from None
 
 
 def read_lines(

@@ -14,12 +14,11 @@ from shitu.data.datasets.base import (
     TransformOps,
     check_root,
     read_lines,
-    read_listing_text,
     refuse_a_header,
 )
 from shitu.data.datasets.label_file import is_class_id
 from shitu.errors import ConfigError, DataError
-from shitu.fileio import SAVE_AS_UTF8
+from shitu.fileio import SAVE_AS_UTF8, read_listing_text
 from shitu.image_files import IMAGE_SUFFIXES
 from shitu.registry import DATASETS, ConfigPath
 
