@@ -317,18 +317,18 @@ def load_detector(
             "weights it was exported from (.pdparams, with the architecture's name) or an "
             "ONNX export of it (paddle2onnx)"
         )
-    if path.is_dir():  # detect-train's --out, say, given as a recognition model's folder is
-        raise CheckpointError(
-            f"{path} is a folder, not a detector file; give our checkpoint (.pt), a "
-            f"PaddleDetection .pdparams or an ONNX export (.onnx){detectors_held(path)}"
-        )
-    if path.exists() and not path.is_file():  # a device, a FIFO: was "not found"
-        raise CheckpointError(
-            f"{path} is {special_kind(path.stat())}, not a detector file; give our checkpoint "
-            "(.pt), a PaddleDetection .pdparams or an ONNX export (.onnx)"
-        )
     if not path.is_file():
-        raise CheckpointError(f"detector file not found: {path}")
+        if not path.exists():
+            raise CheckpointError(f"detector file not found: {path}")
+        # detect-train's --out, say, given as a recognition model's folder is; a device or
+        # a FIFO was "not found"
+        kind, held = (
+            ("a folder", detectors_held(path)) if path.is_dir() else (special_kind(path.stat()), "")
+        )
+        raise CheckpointError(
+            f"{path} is {kind}, not a detector file; give our checkpoint (.pt), a "
+            f"PaddleDetection .pdparams or an ONNX export (.onnx){held}"
+        )
     suffix = path.suffix.lower()
     if backend not in ("auto", "torch", "onnxruntime"):
         raise ConfigError(f"unknown detector backend '{backend}' (auto, torch, onnxruntime)")

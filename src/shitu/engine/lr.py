@@ -164,10 +164,11 @@ class Piecewise(LRSchedule):
             learning_rate, steps_per_epoch, epochs, warmup_epoch, warmup_start_lr, stage
         )
         self.check_params(decay_epochs, values)
-        source = "its values have" if values is not None else f"its gamma {gamma:g} has"
         if values is None:
+            source = f"its gamma {gamma:g} has"
             values = [learning_rate * gamma**i for i in range(len(decay_epochs) + 1)]
         else:
+            source = "its values have"
             values = [value * (learning_rate / values[0]) for value in values]
         # A gamma of 10 for 0.1 multiplied the rate at each step until the loss was NaN.
         rising = [

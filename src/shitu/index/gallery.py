@@ -17,7 +17,7 @@ import shutil
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from numbers import Integral, Real
+from numbers import Real
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -50,6 +50,7 @@ from shitu.index.manifest import (
     now,
 )
 from shitu.index.metadata import LIBRARY_FILE, ImageEntry, MetadataStore, NewImage
+from shitu.values import is_whole_number
 from shitu.vectors import finite_rows, l2_normalize
 
 if TYPE_CHECKING:
@@ -635,7 +636,7 @@ class Gallery:
         that one such crop does not fail a whole batch of recognitions."""
         self._check_usable(sqlite=False)
         # Faiss takes a Python int only: numpy's integers fail inside its bindings.
-        if isinstance(k, bool) or not isinstance(k, Integral) or k < 1:
+        if not is_whole_number(k) or k < 1:
             raise GalleryError(f"k: expected a whole number >= 1, got {k!r}")
         k = int(k)
         # NaN compares false with every score (all hits kept); text fails inside numpy
@@ -1453,7 +1454,7 @@ def _image_ids(ids: Any, where: str) -> list[int]:
     failed with an OverflowError's traceback (`index remove --id 100000000000000000000`)."""
     values = _listed(ids, "ids", where)
     for value in values:
-        if isinstance(value, bool) or not isinstance(value, Integral):
+        if not is_whole_number(value):
             raise GalleryError(
                 f"{where}: an image id is a whole number, got {type(value).__name__} {value!r}"
             )
@@ -1487,7 +1488,7 @@ def _label_names(labels: Any, where: str) -> list[str]:
     inside the did-you-mean hint of an unknown label."""
     names = []
     for label in _listed(labels, "labels", where):
-        if isinstance(label, Integral) and not isinstance(label, bool):
+        if is_whole_number(label):
             label = str(int(label))
         if not isinstance(label, str):
             raise GalleryError(f"{where}: a label is text, got {type(label).__name__} {label!r}")
