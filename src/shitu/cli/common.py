@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from shitu.detection.input_size import check_input_size
-from shitu.errors import CheckpointError, ConfigError, DataError, override_word
+from shitu.errors import CheckpointError, ConfigError, DataError, ShituError, override_word
 from shitu.fileio import (
     check_writable,
     folder_place,
@@ -435,9 +435,7 @@ def writable_weights_file(out: str | Path) -> Path:
     except OSError as exc:  # a link in a loop
         raise CheckpointError(f"cannot write {path}: {exc.strerror}") from None
     refuse_file_in_the_way(place.parent, f"--out {out}")  # named, not 'File exists'
-    refusal = owned_output_refusal(place.parent, f"--out {out}", "the weights")
-    if refusal is not None:
-        raise CheckpointError(refusal)
+    refuse_owned_output(place.parent, f"--out {out}", "the weights", CheckpointError)
     try:
         if place.is_dir():  # `save_weights` renames its file onto it only at the end
             raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
@@ -536,17 +534,16 @@ def _owned_kinds() -> dict[str, str]:
     return {**gallery_libraries(), MANIFEST: "an exported model"}
 
 
-def owned_output_refusal(folder: Path, option: str, written: str) -> str | None:
-    """Why `option` may not write `written` ("the weights") into `folder`: a gallery
-    library's or an exported model's folder (`owned_folder`), whose files are its own
-    (`shitu export` refuses to replace an export that holds others); None where it may."""
+def refuse_owned_output(folder: Path, option: str, written: str, error: type[ShituError]) -> None:
+    """An `error` where `option` would write `written` ("the weights") into `folder`, a
+    gallery library's or an exported model's folder (`owned_folder`), whose files are its
+    own (`shitu export` refuses to replace an export that holds others)."""
     owner = owned_folder(folder)
-    if owner is None:
-        return None
-    return (
-        f"{option}: {folder} is {owner[1]}'s folder ({owner[0]}), whose files are its own: "
-        f"write {written} to another folder"
-    )
+    if owner is not None:
+        raise error(
+            f"{option}: {folder} is {owner[1]}'s folder ({owner[0]}), whose files are its "
+            f"own: write {written} to another folder"
+        )
 
 
 def owned_folder(folder: Path) -> tuple[str, str] | None:

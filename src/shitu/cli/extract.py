@@ -16,9 +16,9 @@ from shitu.cli.common import (
     add_runtime_arguments,
     count_of,
     expand_images,
-    owned_output_refusal,
     positive_int,
     progress_wanted,
+    refuse_owned_output,
     required_path,
     skip_reason,
     thread_count,
@@ -119,9 +119,7 @@ def run(args: argparse.Namespace) -> int:
             raise DataError(f"--out {args.out}: {target}: {exc.strerror}") from None
     with contextlib.ExitStack() as made:  # made, then nothing written: removed
         for folder in dict.fromkeys(folders):
-            refusal = owned_output_refusal(folder, f"--out {args.out}", "the features")
-            if refusal is not None:
-                raise DataError(refusal)
+            refuse_owned_output(folder, f"--out {args.out}", "the features", DataError)
             made.enter_context(removed_if_left_empty(folder))
             check_writable(folder, f"--out {args.out}")
         with _sole_writer_of(out, args.out):

@@ -17,9 +17,9 @@ from shitu.cli.common import (
     expand_images,
     finite_float,
     given_path,
-    owned_output_refusal,
     positive_int,
     progress_wanted,
+    refuse_owned_output,
     required_path,
     skip_reason,
     table_field,
@@ -464,9 +464,7 @@ def run_build(args: argparse.Namespace) -> int:
         raise GalleryError(
             f"{args.out}: already exists and is not an empty folder; choose a new --out{add}"
         )
-    refusal = owned_output_refusal(place.parent, f"--out {args.out}", "the library")
-    if refusal is not None:
-        raise GalleryError(refusal)
+    refuse_owned_output(place.parent, f"--out {args.out}", "the library", GalleryError)
     # A build that fails or is stopped leaves no library, nor the folders made for it
     with removed_if_left_empty(place.parent):
         check_writable(place.parent, f"--out {args.out}")
