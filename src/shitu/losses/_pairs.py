@@ -112,7 +112,6 @@ class PairLoss(nn.Module):
     """
 
     input_key: ClassVar[str] = "features"
-    supports_reference: ClassVar[bool] = True
     normalize_feature: bool
     # What the warning of a batch without triplets advises; XBM's says when its memory
     # starts to supply them.

@@ -54,7 +54,7 @@ def _pair_loss_spec(spec: PairLossSpec) -> tuple[str, dict[str, Any]]:
     except ConfigError as exc:
         raise ConfigError(f"pair_loss: {exc}") from None
     loss_class = entry.ctor if isinstance(entry, Variant) else entry  # e.g. TripletLossV2
-    if not getattr(loss_class, "supports_reference", False):
+    if not (isinstance(loss_class, type) and issubclass(loss_class, PairLoss)):
         raise ValueError(
             f"pair_loss: XBM needs a pair loss that compares a batch with a reference set "
             f"({', '.join(loss.__name__ for loss in PAIR_LOSSES)}); {name} is not one"
