@@ -361,9 +361,9 @@ def decode_rgb(data: bytes | np.ndarray) -> np.ndarray:
     the pixel limit (`check_image_size`) is refused from its header, before decoding."""
     encoded = _encoded_bytes(data)
     check_encoded_size(encoded)
-    buffer = np.frombuffer(_without_png_profile(encoded), np.uint8)
     image = None
-    if buffer.size and not decoded_otherwise_by_opencv(encoded):
+    if encoded and not decoded_otherwise_by_opencv(encoded):
+        buffer = np.frombuffer(_without_png_profile(encoded), np.uint8)
         try:
             # Straight to RGB: the same pixels as BGR then cvtColor, without another pass
             # over the whole photo (a tenth of a 12-megapixel JPEG's decoding time).
