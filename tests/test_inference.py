@@ -968,6 +968,26 @@ def test_export_refuses_a_folder_that_is_not_an_export(exported, tmp_path):
         export_model(exported["config"], None, tmp_path / "keep.txt" / "model")
 
 
+def test_export_refusals_from_python_name_out_dir_not_the_flag(exported, tmp_path, monkeypatch):
+    """Called from Python they said "choose a new folder for --out", a flag the caller
+    never gave; `shitu export` still names --out (test_cli)."""
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "keep.txt").write_text("user data")
+    shutil.copytree(exported["dir"], tmp_path / "old")
+    (tmp_path / "old" / "notes.txt").write_text("user data")
+    monkeypatch.chdir(tmp_path)
+    for out_dir, ending in (
+        (tmp_path / "mine", "choose a new folder for out_dir"),
+        (tmp_path / "mine" / "keep.txt" / "model", "choose another folder for out_dir"),
+        (tmp_path / "old", "move them out of it or choose a new folder for out_dir"),
+        (tmp_path / "model.onnx", f"give a folder for out_dir, e.g. {tmp_path / 'model'}"),
+        (".", "give it a folder of its own for out_dir (e.g. my_model)"),
+    ):
+        with pytest.raises(export_module.ExportError) as refused:
+            export_model(exported["config"], None, out_dir)
+        assert str(refused.value).endswith(ending) and "--out" not in str(refused.value)
+
+
 @pytest.mark.parametrize("name", [".", "../work"])
 def test_export_refuses_the_current_folder(exported, tmp_path, monkeypatch, name):
     """Even an empty one: the export would take its place, and the command's own shell

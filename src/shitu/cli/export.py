@@ -73,6 +73,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from shitu.inference import export_model, read_manifest
+    from shitu.inference.export import check_export_target
 
     if args.int8_images is not None and not args.int8_calibration:
         # else the export would lack the int8 model the option suggests it makes
@@ -85,6 +86,8 @@ def run(args: argparse.Namespace) -> int:
             "config's Global.save_inference_dir)"
         )
     config = config_from_args(args)
+    out = Path(args.out or config.Global.save_inference_dir)
+    check_export_target(out, "--out")  # a refusal naming the flag, not export_model's out_dir
     weights = trained_weights(config, "the export holds")
     calibration: list[Path] = []
     count = args.int8_images or DEFAULT_INT8_IMAGES
@@ -94,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         out = export_model(
             config,
             weights,
-            Path(args.out or config.Global.save_inference_dir),
+            out,
             calibration_images=calibration,
             calibration_count=count,
             compact=args.compact,

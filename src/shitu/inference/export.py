@@ -163,7 +163,7 @@ def write_export(
     # Each file is written and read back by its path in the staging folder beside it.
     readers = "torch's ONNX exporter, onnxruntime and safetensors"
     refuse_non_utf8_path(place, "the export folder's path", readers, ExportError)
-    _check_target(out_dir)
+    check_export_target(out_dir)
     # true (as 1) and text were compared as numbers: an export loading refuses, or a TypeError
     if score_thres is not None:
         if not is_number(score_thres) or not -1.0 <= score_thres <= 1.0:
@@ -275,12 +275,15 @@ def _may_hold_an_export(folder: Path) -> bool:
     return not folder.is_dir() or not any(folder.iterdir()) or (folder / MANIFEST).is_file()
 
 
-def _check_target(out_dir: Path) -> None:
+def check_export_target(out_dir: Path, name: str = "out_dir") -> None:
+    """An ExportError where an export cannot go to `out_dir`, saying to choose another
+    `name`: what the caller gave the folder as, the parameter from Python, `shitu export`'s
+    --out from the command line (it checks before the model is built)."""
     # A file on the way would fail the write with a bare "File exists" / "Not a directory".
     in_the_way = next((p for p in out_dir.parents if p.exists() and not p.is_dir()), None)
     if in_the_way is not None:
         raise ExportError(
-            f"{out_dir}: {in_the_way} is a file, not a folder; choose another folder for --out"
+            f"{out_dir}: {in_the_way} is a file, not a folder; choose another folder for {name}"
         )
     file_like = out_dir.suffix.lower() in (".onnx", ".json", *WEIGHT_SUFFIXES)
     if file_like and not (out_dir / MANIFEST).is_file():  # `--out model.onnx` made a folder
@@ -293,7 +296,7 @@ def _check_target(out_dir: Path) -> None:
         )
         raise ExportError(
             f"{out_dir}: a file's name, but an export is a folder ({ONNX_FILE}, {TORCH_FILE} "
-            f"and {MANIFEST} go into it); give a folder for --out, e.g. {meant}"
+            f"and {MANIFEST} go into it); give a folder for {name}, e.g. {meant}"
         )
     if not out_dir.exists():
         return
@@ -302,18 +305,18 @@ def _check_target(out_dir: Path) -> None:
         # ran the command in a deleted folder.
         raise ExportError(
             f"{out_dir} is the current folder, which an export replaces as a whole; give it "
-            "a folder of its own for --out (e.g. --out my_model)"
+            f"a folder of its own for {name} (e.g. my_model)"
         )
     if not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / MANIFEST).is_file()):
         raise ExportError(
-            f"{out_dir} exists and is not a shitu export; choose a new folder for --out"
+            f"{out_dir} exists and is not a shitu export; choose a new folder for {name}"
         )
     # The old export is replaced as a whole folder: anything else in it would go with it.
     others = sorted(p.name for p in out_dir.iterdir() if p.name not in EXPORT_FILES)
     if others:
         raise ExportError(
             f"{out_dir} is an export that also holds {first_few(others, 5)}, which replacing it "
-            "would delete; move them out of it or choose a new folder for --out"
+            f"would delete; move them out of it or choose a new folder for {name}"
         )
 
 
