@@ -23,6 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
 from shitu.cli.main import main as shitu_main
+from shitu.data.transforms.ops import UnreadableImageError
 from shitu.detection import boxes as numpy_boxes
 from shitu.detection import build_picodet, load_detector
 from shitu.detection.boxes import multiclass_nms, nms
@@ -293,6 +294,27 @@ def test_exporting_a_detectors_model_leaves_its_boxes_as_they_were(tmp_path: Pat
     np.testing.assert_array_equal(detector.detect(photo, 0.0, 10), before)
     export_onnx(model.train(), tmp_path / "det.onnx")
     assert model.training
+
+
+def test_detect_batch_takes_any_sequence_of_images_and_names_one_it_refuses() -> None:
+    """One array alone failed on numpy's "truth value ... is ambiguous", a generator's images
+    were spent by the stacking ("zip() argument 2 is longer"), and a refused image in a
+    batch was not named by its place, as the recogniser and extractor name it."""
+    torch.manual_seed(0)
+    detector = TorchDetector(build_picodet("picodet_s_esnet", num_classes=2, input_size=64))
+    photo = np.random.default_rng(0).integers(0, 256, (80, 90, 3), dtype=np.uint8)
+    expected = detector.detect(photo, 0.0, 10)
+    found = detector.detect_batch((image for image in [photo, photo]), 0.0, 10)
+    assert len(found) == 2
+    for boxes in found:
+        np.testing.assert_allclose(boxes, expected, rtol=1e-5, atol=1e-3)
+    assert detector.detect_batch(iter([])) == []
+    with pytest.raises(
+        UnreadableImageError, match=r"one image array \(80, 90, 3\): pass \[image\]"
+    ):
+        detector.detect_batch(photo)
+    with pytest.raises(UnreadableImageError, match=r"^image 1 \(from 0\) of 2: expected an RGB"):
+        detector.detect_batch([photo, photo.astype(np.float32)])
 
 
 def test_our_onnx_export_carries_its_class_names_as_our_checkpoints_do(

@@ -13,7 +13,7 @@ import json
 import logging
 import shlex
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from numbers import Integral
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,11 +21,12 @@ from typing import TYPE_CHECKING
 import cv2
 import numpy as np
 
-from shitu.data.transforms.ops import check_rgb_image
+from shitu.data.transforms.ops import UnreadableImageError, check_rgb_image, image_list
 from shitu.detection.boxes import cell_centres, decode_distributions, level_shapes, multiclass_nms
 from shitu.detection.input_size import check_input_size
 from shitu.errors import CheckpointError, ConfigError
 from shitu.fileio import refuse_non_utf8_path, special_kind
+from shitu.inference.extractor import in_batch
 from shitu.inference.manifest import PADDLE_INFERENCE_SUFFIXES
 from shitu.onnx_input import image_input_size
 from shitu.runtime import check_thread_count
@@ -99,7 +100,7 @@ class Detector(ABC):
 
     def detect_batch(
         self,
-        images: list[np.ndarray],
+        images: Iterable[np.ndarray],
         score_threshold: float = 0.3,
         max_boxes: int = 5,
         class_agnostic: bool = True,
@@ -107,9 +108,12 @@ class Detector(ABC):
         """`detect` for several images in one model call (an ONNX export of batch 1 runs
         them one by one)."""
         _check_detect_arguments(score_threshold, max_boxes)
-        if not images:
+        # One array alone was read a row an image (numpy's "truth value ... is ambiguous"),
+        # and a generator, spent by the stacking, lost its images to the pairing below.
+        images = image_list(images)
+        if not len(images):
             return []
-        batch = np.stack([preprocess(img, self.input_size) for img in images])
+        batch = np.stack([self._prepared(img, i, len(images)) for i, img in enumerate(images)])
         scores, boxes = self.predict(batch)
         return [
             detections_in_image(
@@ -117,6 +121,13 @@ class Detector(ABC):
             )
             for img, s, b in zip(images, scores, boxes, strict=True)
         ]
+
+    def _prepared(self, image: np.ndarray, index: int, count: int) -> np.ndarray:
+        """Image `index` of `count` as the network takes it; refused, named by its place."""
+        try:
+            return preprocess(image, self.input_size)
+        except UnreadableImageError as exc:
+            raise in_batch(exc, index, count) from None
 
 
 def detections_in_image(
