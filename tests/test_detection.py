@@ -1048,12 +1048,16 @@ def test_a_closed_onnx_detector_releases_its_session_and_refuses_calls() -> None
         (0.3, 2.5, r"max_boxes: expected a whole number >= 0, got 2.5$"),
         (float("nan"), 5, r"score_threshold: expected a score from 0 to 1, got nan$"),
         (1.5, 5, r"score_threshold: expected a score from 0 to 1, got 1.5$"),
+        # text failed in a bare comparison's TypeError; True passed as a threshold of 1
+        ("0.5", 5, r"score_threshold: expected a score from 0 to 1, got '0.5'$"),
+        (True, 5, r"score_threshold: expected a score from 0 to 1, got True$"),
     ],
 )
 def test_detect_refuses_arguments_that_would_quietly_give_the_wrong_boxes(
     score_threshold: float, max_boxes: int, message: str
 ) -> None:
-    """max_boxes=-1 kept every box but the last; a NaN threshold kept none."""
+    """max_boxes=-1 kept every box but the last; a NaN threshold kept none; a threshold
+    given as text failed on a TypeError."""
     detector = TorchDetector(build_picodet("picodet_s_esnet", num_classes=2, input_size=64))
     image = np.full((48, 40, 3), 128, np.uint8)
     assert detector.detect(image, 0.0, 3).shape == (3, 6)

@@ -30,6 +30,7 @@ from shitu.inference.extractor import in_batch
 from shitu.inference.manifest import PADDLE_INFERENCE_SUFFIXES
 from shitu.onnx_input import image_input_size
 from shitu.runtime import check_thread_count
+from shitu.values import is_number
 
 if TYPE_CHECKING:
     from onnxruntime import InferenceSession, NodeArg
@@ -161,7 +162,8 @@ def _check_detect_arguments(score_threshold: float, max_boxes: int) -> None:
     outside 0..1 (NaN too) keeps every box or none."""
     if isinstance(max_boxes, bool) or not isinstance(max_boxes, Integral) or max_boxes < 0:
         raise ConfigError(f"max_boxes: expected a whole number >= 0, got {max_boxes!r}")
-    if not 0.0 <= score_threshold <= 1.0:
+    # text ("0.5") failed in a bare comparison's TypeError, and True passed as 1.0
+    if not is_number(score_threshold) or not 0.0 <= score_threshold <= 1.0:
         raise ConfigError(f"score_threshold: expected a score from 0 to 1, got {score_threshold!r}")
 
 
