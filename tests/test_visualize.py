@@ -16,6 +16,7 @@ from PIL import Image, ImageDraw
 from shitu.cli.common import visualisation_writer
 from shitu.cli.main import build_parser
 from shitu.cli.main import main as shitu_main
+from shitu.data.transforms.ops import UnreadableImageError
 from shitu.pipeline import CaptionFonts, draw_boxes, fonts
 from shitu.pipeline.visualize import fitted_caption, label_colour
 from tests.font_helpers import font_collection, labels_and_font
@@ -187,6 +188,20 @@ def test_a_box_under_a_pixel_wide_is_drawn_not_refused():
     ]:
         drawn = np.asarray(draw_boxes(image, [(box, "x", 0.5)]))
         assert tuple(drawn[row, column]) == label_colour("x")
+
+
+def test_drawing_on_what_is_no_rgb_array_is_refused_naming_it_as_recognition_does():
+    """A Pillow image failed on "a bytes-like object is required, not 'Image'", a float
+    array on "Cannot handle this data type": neither said what the image should be."""
+    image = np.zeros((60, 80, 3), np.uint8)
+    for given, message in [
+        (Image.fromarray(image), r"got Image \(np.asarray\(image.convert\('RGB'\)\) gives one\)"),
+        (image.astype(np.float32), r"got float32 \(60, 80, 3\) \(float: pixels are uint8"),
+        (image[:, :, 0], r"got uint8 \(60, 80\) \(grey: "),
+    ]:
+        with pytest.raises(UnreadableImageError, match=message):
+            draw_boxes(given, [(BOX, "x", 0.5)])
+    assert draw_boxes(image[:, :, ::-1], [(BOX, "x", 0.5)]).size == (80, 60)  # a BGR view
 
 
 def test_a_caption_at_the_right_edge_is_moved_left_to_show_the_label_and_score_whole():

@@ -9,6 +9,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from shitu.data.transforms.ops import check_rgb_image
 from shitu.pipeline.fonts import CaptionFonts
 from shitu.pipeline.recognizer import Recognition
 
@@ -51,11 +52,16 @@ def fitted_caption(
 def draw_boxes(
     image: np.ndarray, boxes: Iterable[LabelledBox], fonts: CaptionFonts | None = None
 ) -> Image.Image:
-    """A copy of the RGB image with each box in its label's colour, captioned `label score`.
+    """A copy of the image, an RGB uint8 HxWx3 array, with each box in its label's colour,
+    captioned `label score`.
     `fonts`: one for a whole run, so that each label no font can draw is warned about once
     (default: Pillow's font, installed fonts for the labels it cannot draw)."""
+    # What recognition takes, refused as it refuses it: Pillow's own errors named neither
+    # the image ("a bytes-like object is required" for a Pillow image, "Cannot handle this
+    # data type" for a float array), and a grey or RGBA array was drawn as given.
+    check_rgb_image(image)
     fonts = fonts or CaptionFonts()
-    canvas = Image.fromarray(image).convert("RGB")
+    canvas = Image.fromarray(image)
     draw = ImageDraw.Draw(canvas)
     size = max(12, min(canvas.size) // 30)
     width = max(2, min(canvas.size) // 150)
