@@ -1493,6 +1493,12 @@ def test_open_set_evaluation_and_its_threshold_sweep_agree_with_the_pipeline(set
     assert generated.to_dict() == closed.to_dict() and generated.queries == len(setup["queries"])
     assert json.loads(json.dumps([p.to_dict() for p in closed.sweep]))[1]["score_thres"] == 0.5
     assert "rejection" not in closed.to_dict()
+    # a folder's path or (path, label) pairs failed on "object has no attribute 'path'"
+    query = setup["queries"][0]
+    with recognizer() as rec:
+        for given, got in [(str(query.path), "the string"), ([(query.path, query.label)], "tuple")]:
+            with pytest.raises(GalleryError, match=rf"^evaluate_pipeline: expected .*got {got}"):
+                evaluate_pipeline(rec, given)
 
 
 def test_thresholds_tied_on_balanced_accuracy_choose_the_lower() -> None:

@@ -458,7 +458,7 @@ class Gallery:
                 f"{root}: already exists and is not an empty folder; give a path for the new "
                 "library"
             )
-        items = _gallery_items(items, "build")
+        items = gallery_items(items, "build")
         with staging_folder(root, "building") as tmp:
             try:
                 with cls.create_for(tmp, embedder, **options) as gallery:
@@ -952,7 +952,7 @@ class Gallery:
         its own write: an add that keeps what it did when stopped). `progress`: draw a bar
         over the hashing, for HASH_BAR_MIN_FILES files or more (each file is read whole)."""
         self._check_usable()
-        items = _gallery_items(items, "add")
+        items = gallery_items(items, "add")
         unstorable = {index for index, item in enumerate(items) if not self._storable(item.path)}
         failures = [(str(items[index].path), NAME_NOT_UTF8) for index in sorted(unstorable)]
         items = [item for index, item in enumerate(items) if index not in unstorable]
@@ -1496,7 +1496,7 @@ def _label_names(labels: Any, where: str) -> list[str]:
     return names
 
 
-def _gallery_items(items: Any, where: str) -> list[GalleryItem]:
+def gallery_items(items: Any, where: str) -> list[GalleryItem]:
     """`items` as a list, each a GalleryItem: a generator is read once (its items are gone
     by the second look at them), and a `(path, label)` pair or a path alone would fail on a
     missing attribute that says nothing of what to pass."""

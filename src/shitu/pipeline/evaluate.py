@@ -118,7 +118,9 @@ def evaluate_pipeline(
 ) -> PipelineEvaluation:
     """Run the whole pipeline on each query at the recogniser's threshold, and at each
     threshold of `sweep` (reported in `.sweep`)."""
-    items = list(items)  # read three times: a generator would be empty after the first
+    # read three times: a generator would be empty after the first; a path or a (path,
+    # label) pair failed on a missing attribute
+    items = index_gallery.gallery_items(items, "evaluate_pipeline")
     gallery_labels = known_labels(recognizer)
     in_gallery = _gallery_images(recognizer, [item.path for item in items], progress)
     scored: list[tuple[str, str, Candidates]] = []
