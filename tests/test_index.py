@@ -1421,6 +1421,26 @@ def test_a_closed_library_refuses_every_call(tmp_path):
         assert str(caught.value) == f"{tmp_path / 'lib'}: the library is closed", name
 
 
+def test_a_closed_catalog_refuses_every_call_as_a_library_does(tmp_path):
+    """Its calls failed on an AttributeError of the error handling ('ProgrammingError'
+    object has no attribute 'sqlite_errorcode') or SQLite's "closed database"."""
+    new_gallery(tmp_path / "lib").close()
+    catalog = Catalog(tmp_path / "lib")
+    assert catalog.label_counts() == {}
+    catalog.close()
+    catalog.close()  # closing twice is harmless
+    calls = {
+        "label_counts": catalog.label_counts,
+        "entries": catalog.entries,
+        "stats": catalog.stats,
+        "with": catalog.__enter__,
+    }
+    for name, call in calls.items():
+        with pytest.raises(GalleryError) as caught:
+            call()
+        assert str(caught.value) == f"{tmp_path / 'lib'}: the catalog is closed", name
+
+
 @pytest.mark.parametrize("normalize", [True, False])
 def test_vectors_without_a_value_or_direction_are_refused(tmp_path, normalize):
     with new_gallery(tmp_path / "lib", normalize=normalize) as gallery:

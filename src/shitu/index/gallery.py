@@ -256,6 +256,7 @@ class Catalog:
     def __init__(self, path: str | Path) -> None:
         self.root = _library_path(path)
         self._store = _open_store(self.root)
+        self._closed = False
         try:
             _committed_manifest(self.root, self._store, None)  # refused as Gallery.open does
         except BaseException:
@@ -263,10 +264,18 @@ class Catalog:
             raise
 
     def close(self) -> None:
-        """Close the database connection."""
+        """Close the database connection; every later call but `close` is refused."""
+        self._closed = True
         self._store.close()
 
+    def _check_open(self) -> None:
+        """Refuse a call once closed, as a Gallery does: SQLite's refusal surfaced as an
+        AttributeError of the error handling ('no attribute sqlite_errorcode')."""
+        if self._closed:
+            raise GalleryError(f"{self.root}: the catalog is closed")
+
     def __enter__(self) -> Catalog:
+        self._check_open()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -274,14 +283,17 @@ class Catalog:
 
     def label_counts(self) -> dict[str, int]:
         """As `Gallery.label_counts`."""
+        self._check_open()
         return self._store.label_counts()
 
     def entries(self, label: str | None = None) -> list[ImageEntry]:
         """As `Gallery.entries`."""
+        self._check_open()
         return _full_entries(self.root, self._store.entries(label))
 
     def stats(self) -> dict[str, Any]:
         """As `Gallery.stats`."""
+        self._check_open()
         with self._store.reading():  # the manifest and the counts of one generation
             manifest = _committed_manifest(self.root, self._store, None)
             images, labels = self._store.counts()
