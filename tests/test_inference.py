@@ -968,6 +968,21 @@ def test_export_refuses_a_folder_that_is_not_an_export(exported, tmp_path):
         export_model(exported["config"], None, tmp_path / "keep.txt" / "model")
 
 
+def test_export_model_takes_a_config_files_path_and_refuses_what_is_no_config(
+    exported, grocery, tmp_path
+):
+    """A config's path or name failed on "'str' object has no attribute 'Arch'", though
+    Recognizer.from_config takes one for its config."""
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text(TINY_CONFIG.format(size=SIZE, root=grocery))
+    weights = exported["dir"] / "model.safetensors"
+    for given in (config_file, str(config_file)):
+        out = export_model(given, weights, tmp_path / "model")
+        assert read_manifest(out)["fingerprint"] == read_manifest(exported["dir"])["fingerprint"]
+    with pytest.raises(ConfigError, match=r"^config: expected a ShituConfig .* got dict$"):
+        export_model({"Arch": {}}, weights, tmp_path / "model")
+
+
 def test_export_refusals_from_python_name_out_dir_not_the_flag(exported, tmp_path, monkeypatch):
     """Called from Python they said "choose a new folder for --out", a flag the caller
     never gave; `shitu export` still names --out (test_cli)."""

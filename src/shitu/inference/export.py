@@ -29,7 +29,7 @@ from torch import nn
 from shitu import __version__, registry
 from shitu.checkpoint import load_weights, model_metadata, save_weights
 from shitu.checkpoint.io import WEIGHT_SUFFIXES, non_finite_tensors
-from shitu.config import ArchConfig, ShituConfig
+from shitu.config import ArchConfig, ShituConfig, load_config
 from shitu.errors import CheckpointError, ConfigError, did_you_mean, first_few
 from shitu.fileio import (
     FILE_MODE,
@@ -92,7 +92,7 @@ def inference_arch(arch: ArchConfig) -> dict[str, Any]:
 
 
 def export_model(
-    config: ShituConfig,
+    config: ShituConfig | str | Path,
     weights: str | Path | None,
     out_dir: str | Path,
     *,
@@ -104,12 +104,22 @@ def export_model(
 ) -> Path:
     """Export `config`'s model with `weights` (None: as initialised) to `out_dir`; returns it.
 
+    config: a `shitu.config.load_config(...)`, or the YAML file (or shipped name) it would
+    load without overrides, as `Recognizer.from_config` takes its config.
+
     calibration_images: image files for int8 static quantisation (model.int8.onnx); none
     means no int8 model. calibration_count: use at most this many of them, spread over
     the list (None: all). compact, score_thres: see `write_export`. An existing export at
     `out_dir` is replaced; any other existing folder, or an export that also holds other
     files, is an error (nothing of the user's is deleted).
     """
+    if isinstance(config, str | Path):
+        config = load_config(config)
+    elif not isinstance(config, ShituConfig):  # else an AttributeError on `.Arch`
+        raise ConfigError(
+            "config: expected a ShituConfig (shitu.config.load_config(name_or_path, "
+            f"overrides)) or a config file's path, got {type(config).__name__}"
+        )
     arch = inference_arch(config.Arch)
     if weights:
         model = build_model(ArchConfig.model_validate(arch)).eval()
