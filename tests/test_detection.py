@@ -1041,6 +1041,22 @@ def test_a_closed_onnx_detector_releases_its_session_and_refuses_calls() -> None
     detector.close()  # again: nothing left to release
 
 
+def test_a_torch_detector_takes_a_with_block_and_refuses_calls_once_closed(tmp_path) -> None:
+    """Only an ONNX detector had close() and `with`: `with load_detector(path)` failed on a
+    TypeError for our checkpoint or a .pdparams, which load_detector gives a TorchDetector."""
+    torch.manual_seed(0)
+    path = save_detector(
+        build_picodet("picodet_s_esnet", num_classes=2, input_size=64), tmp_path / "det.pt"
+    )
+    photo = np.full((48, 40, 3), 128, np.uint8)
+    with load_detector(path) as detector:
+        assert isinstance(detector, TorchDetector) and len(detector.detect(photo, 0.0, 3)) == 3
+    assert repr(detector) == "TorchDetector(closed)"
+    with pytest.raises(ValueError, match=r"^the TorchDetector is closed"):
+        detector.detect(photo)
+    detector.close()  # again: nothing left to release
+
+
 @pytest.mark.parametrize(
     ("score_threshold", "max_boxes", "message"),
     [

@@ -16,7 +16,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
 from numbers import Integral
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Self
 
 import cv2
 import numpy as np
@@ -87,6 +87,18 @@ class Detector(ABC):
     @abstractmethod
     def predict(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Normalised batch [B, 3, H, W] -> scores [B, N, C], boxes [B, N, 4] in input pixels."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release the model or session; later calls raise ValueError. Every backend has it
+        (and `with`): `load_detector` picks one by the file, and only an ONNX detector's
+        took a `with` block."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def detect(
         self,
@@ -169,11 +181,25 @@ def _check_detect_arguments(score_threshold: float, max_boxes: int) -> None:
 
 class TorchDetector(Detector):
     def __init__(self, model: PicoDet, input_size: int | None = None) -> None:
-        self.model = model.eval()
+        self._model: PicoDet | None = model.eval()
         size = check_input_size(model.arch.input_size if input_size is None else input_size)
         self.input_size = (size, size)
         self.class_names = model.arch.class_names
         self.num_classes = model.arch.num_classes
+
+    @property
+    def model(self) -> PicoDet:
+        """The PicoDet network; a ValueError once the detector is closed."""
+        if self._model is None:
+            raise ValueError("the TorchDetector is closed (close() released its model)")
+        return self._model
+
+    def close(self) -> None:
+        """Release the model; later calls raise ValueError."""
+        self._model = None
+
+    def __repr__(self) -> str:
+        return "TorchDetector(closed)" if self._model is None else super().__repr__()
 
     def predict(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         import torch
@@ -255,12 +281,6 @@ class OnnxDetector(Detector):
     def close(self) -> None:
         """Release the onnxruntime session; later calls raise ValueError."""
         self._session = None
-
-    def __enter__(self) -> OnnxDetector:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return "OnnxDetector(closed)" if self._session is None else super().__repr__()
