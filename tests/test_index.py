@@ -1539,6 +1539,17 @@ def test_an_embedding_size_that_is_not_a_positive_integer_is_refused(tmp_path, d
     assert list(tmp_path.iterdir()) == []  # nothing written
 
 
+@pytest.mark.parametrize("normalize", ["no", 0, None])
+def test_a_normalize_that_is_not_a_bool_is_refused(tmp_path, normalize):
+    """normalize="no" made a library that stored "no" and normalised all the same."""
+    with pytest.raises(GalleryError) as caught:
+        Gallery.create(
+            tmp_path / "lib", embedding_dim=DIM, model_fingerprint="m", normalize=normalize
+        )
+    assert str(caught.value) == f"normalize must be True or False, got {normalize!r}"
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
 def test_a_numpy_integer_embedding_size_is_stored_as_a_number(tmp_path):
     with Gallery.create(tmp_path / "lib", embedding_dim=np.int64(DIM), model_fingerprint="m"):
         pass

@@ -90,6 +90,8 @@ class Manifest:
         if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or dim < 1:
             raise GalleryError(f"embedding_dim must be a positive integer, got {dim!r}")
         self.embedding_dim = int(dim)  # a numpy integer, say, as JSON can store it
+        if not isinstance(self.normalize, bool):  # "no" was stored, and normalised as true
+            raise GalleryError(f"normalize must be True or False, got {self.normalize!r}")
         for key in COUNT_OPTIONS:
             value = self.backend_options.get(key)
             if value is not None and (type(value) is not int or value < 1):
