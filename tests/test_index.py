@@ -1539,6 +1539,37 @@ def test_an_embedding_size_that_is_not_a_positive_integer_is_refused(tmp_path, d
     assert list(tmp_path.iterdir()) == []  # nothing written
 
 
+def test_an_embedder_given_as_a_path_or_none_is_refused_naming_what_to_pass(tmp_path):
+    """A model folder's path where the loaded model goes failed on "'PosixPath' object has
+    no attribute 'embedding_size'" (or 'fingerprint'), before or after the build began."""
+    images = make_images(tmp_path / "photos", 2)
+    items = [GalleryItem(path, "a") for path in images]
+    model = tmp_path / "model"
+    with Gallery.create_for(tmp_path / "lib", PixelEmbedder()) as gallery:
+        gallery.add_files(PixelEmbedder(), items)
+    with Gallery.open(tmp_path / "lib") as gallery:
+        calls = {
+            "build": lambda: Gallery.build(tmp_path / "new", model, items),
+            "create_for": lambda: Gallery.create_for(tmp_path / "new", str(model)),
+            "open": lambda: Gallery.open(tmp_path / "lib", embedder=model),
+            "add_files": lambda: gallery.add_files(model, items),
+            "reembed": lambda: gallery.reembed(model),
+        }
+        for name, call in calls.items():
+            with pytest.raises(GalleryError) as caught:
+                call()
+            assert str(caught.value) == (
+                "embedder: expected a loaded model, shitu.inference.FeatureExtractor.load"
+                f"(model_dir), got the path '{model}'"
+            ), name
+        with pytest.raises(
+            GalleryError, match=r"FeatureExtractor.load\(model_dir\), got NoneType$"
+        ):
+            gallery.check_embedder(None)
+        assert len(gallery) == 2
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["lib", "photos"]
+
+
 @pytest.mark.parametrize("normalize", ["no", 0, None])
 def test_a_normalize_that_is_not_a_bool_is_refused(tmp_path, normalize):
     """normalize="no" made a library that stored "no" and normalised all the same."""

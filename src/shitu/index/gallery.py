@@ -437,6 +437,7 @@ class Gallery:
     @classmethod
     def create_for(cls, path: str | Path, embedder: Embedder, **options: Any) -> Gallery:
         """`create` a library for `embedder`'s features (its size, fingerprint, preprocessing)."""
+        _check_embedder(embedder)
         return cls.create(
             path,
             embedding_dim=embedder.embedding_size,
@@ -470,6 +471,7 @@ class Gallery:
                 f"{root}: already exists and is not an empty folder; give a path for the new "
                 "library"
             )
+        _check_embedder(embedder)
         items = gallery_items(items, "build")
         with staging_folder(root, "building") as tmp:
             try:
@@ -545,6 +547,8 @@ class Gallery:
         collection cannot be read, by building the index again from the stored features (a
         write: a new generation); `repaired` then says so.
         """
+        if embedder is not None:
+            _check_embedder(embedder)
         model = None if embedder is None else (embedder.fingerprint, embedder.embedding_size)
         return cls._open(_library_path(path), model=model, verify=verify, repair=repair)
 
@@ -632,6 +636,7 @@ class Gallery:
         """A ModelMismatchError unless `embedder` gives this library's features (its model
         fingerprint and embedding size)."""
         self._check_usable(sqlite=False)
+        _check_embedder(embedder)
         self.manifest.check_model(embedder.fingerprint, embedder.embedding_size, str(self.root))
 
     # ----------------------------------------------------------------------------- search
@@ -1134,6 +1139,7 @@ class Gallery:
         were added: an image whose file was under an old folder is read from the same place
         under the new one, and recorded there with its new features."""
         self._check_usable()
+        _check_embedder(embedder)
         entries = self.entries()
         moves = self._moves(moved, entries)
         embedded: dict[int, tuple[np.ndarray, str]] = {}  # by id: the feature, content hash
@@ -1506,6 +1512,18 @@ def _label_names(labels: Any, where: str) -> list[str]:
             raise GalleryError(f"{where}: a label is text, got {type(label).__name__} {label!r}")
         names.append(label)
     return names
+
+
+def _check_embedder(embedder: object) -> None:
+    """A GalleryError unless `embedder` is a loaded model: its folder's path, or None,
+    failed on an AttributeError ("'PosixPath' object has no attribute 'embedding_size'")."""
+    how = "a loaded model, shitu.inference.FeatureExtractor.load(model_dir)"
+    if isinstance(embedder, str | os.PathLike):
+        raise GalleryError(f"embedder: expected {how}, got the path {os.fspath(embedder)!r}")
+    if not all(
+        hasattr(embedder, name) for name in ("embedding_size", "fingerprint", "extract_files")
+    ):
+        raise GalleryError(f"embedder: expected {how}, got {type(embedder).__name__}")
 
 
 def gallery_items(items: Any, where: str) -> list[GalleryItem]:
