@@ -250,6 +250,16 @@ def test_one_string_of_overrides_is_refused_naming_the_list_to_pass(config_file)
         load_pipeline_config("inference_general", "Global.threshold=0.3")
 
 
+def test_a_dict_of_overrides_is_refused_naming_the_list_to_pass(config_file):
+    """Read as the list, each key was one override, refused as malformed ("override
+    'Global.epochs' is not of the form ..."), which did not say that a dict is no list."""
+    expected = "expected a list of 'KEY=VALUE' strings, got a dict; pass ['Global.epochs=7']"
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        load_config(config_file, {"Global.epochs": 7})
+    with pytest.raises(ConfigError, match=re.escape("pass ['Global.threshold=0.3']")):
+        load_pipeline_config("inference_general", {"Global.threshold": 0.3})
+
+
 def test_lr_mult_overrides_with_dotted_module_names():
     """A dotted override path and a flow mapping name the same module."""
     name = "GroceryStore_EfficientNetLite0"

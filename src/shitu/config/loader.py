@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +110,12 @@ def apply_attributed_overrides(
         raise ConfigError(
             f"{source}: overrides: expected a list of 'KEY=VALUE' strings, got the string "
             f"{overrides!r}; pass [{overrides!r}]"
+        )
+    if isinstance(overrides, Mapping):  # else each key was read as a malformed override
+        pairs = [f"{key}={value}" for key, value in overrides.items()]
+        raise ConfigError(
+            f"{source}: overrides: expected a list of 'KEY=VALUE' strings, got a "
+            f"{type(overrides).__name__}; pass {pairs!r}"
         )
     overrides = list(overrides or [])
     for override in overrides:  # else an AttributeError inside the parsing
