@@ -1499,6 +1499,11 @@ def test_open_set_evaluation_and_its_threshold_sweep_agree_with_the_pipeline(set
         for given, got in [(str(query.path), "the string"), ([(query.path, query.label)], "tuple")]:
             with pytest.raises(GalleryError, match=rf"^evaluate_pipeline: expected .*got {got}"):
                 evaluate_pipeline(rec, given)
+        # one threshold alone failed on "'float' object is not iterable", once all were scored
+        with pytest.raises(
+            ConfigError, match=r"^sweep: expected a list of thresholds, got 0.5; pass \[0.5\]$"
+        ):
+            evaluate_pipeline(rec, setup["queries"], sweep=0.5)
 
 
 def test_thresholds_tied_on_balanced_accuracy_choose_the_lower() -> None:

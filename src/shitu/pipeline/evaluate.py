@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 
+from shitu.errors import ConfigError
 from shitu.fileio import file_sha256
 from shitu.index import GalleryItem
 from shitu.index import gallery as index_gallery
@@ -121,6 +122,10 @@ def evaluate_pipeline(
     # read three times: a generator would be empty after the first; a path or a (path,
     # label) pair failed on a missing attribute
     items = index_gallery.gallery_items(items, "evaluate_pipeline")
+    # before any query is scored: one threshold alone failed at the end, after all of them
+    if isinstance(sweep, str) or not isinstance(sweep, Iterable):
+        raise ConfigError(f"sweep: expected a list of thresholds, got {sweep!r}; pass [{sweep!r}]")
+    thresholds = sorted(sweep)
     gallery_labels = known_labels(recognizer)
     in_gallery = _gallery_images(recognizer, [item.path for item in items], progress)
     scored: list[tuple[str, str, Candidates]] = []
@@ -153,7 +158,7 @@ def evaluate_pipeline(
         return report
 
     report = count(recognizer.score_thres)
-    report.sweep = [count(threshold) for threshold in sorted(sweep)]
+    report.sweep = [count(threshold) for threshold in thresholds]
     return report
 
 
