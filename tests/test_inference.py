@@ -1802,6 +1802,18 @@ def test_read_rgb_names_what_it_was_given_instead_of_a_path(tmp_path):
     assert read_rgb(str(photo)).shape == (8, 8, 3)
 
 
+def test_a_file_read_rgb_refuses_is_named_in_a_note_not_in_the_reason(tmp_path):
+    """From Python, "UnreadableImageError: No such file or directory" named no file; the
+    message stays the reason, which the commands and `failures` give beside the path."""
+    missing, text = tmp_path / "missing.jpg", tmp_path / "notes.jpg"
+    text.write_text("not an image")
+    for path, reason in ((missing, "No such file or directory"), (text, "cannot decode image")):
+        with pytest.raises(UnreadableImageError) as caught:
+            read_rgb(path)
+        assert str(caught.value).startswith(reason) and str(path) not in str(caught.value)
+        assert caught.value.__notes__ == [f"read_rgb({str(path)!r})"]
+
+
 def test_loading_a_model_from_no_path_names_the_argument():
     """None (an unset setting) failed inside pathlib, and '' looked in the current folder."""
     for given in (None, "", 3):

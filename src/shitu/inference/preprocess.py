@@ -328,15 +328,21 @@ def _check_json_numbers(value: Any, key: str, count: int | None, whole: bool = F
 def read_rgb(path: str | Path) -> np.ndarray:
     """File -> RGB uint8 HxWx3 with EXIF orientation applied; OpenCV first, then Pillow.
 
-    Raises UnreadableImageError (a DataError) naming the reason.
+    Raises UnreadableImageError (a DataError) naming the reason; the file is named in a
+    note (`read_rgb('photo.jpg')`, below a traceback), not in the message, which callers
+    that name the file themselves (`skipped PATH: REASON`) take as the reason.
     """
     if not is_given_path(path):
         raise UnreadableImageError(f"expected an image file's path, got {_not_a_path(path)}")
     try:
-        data = read_image_file(path)
-    except OSError as exc:
-        raise UnreadableImageError(unreadable_reason(path, exc)) from None
-    return decode_rgb(data)
+        try:
+            data = read_image_file(path)
+        except OSError as exc:
+            raise UnreadableImageError(unreadable_reason(path, exc)) from None
+        return decode_rgb(data)
+    except UnreadableImageError as exc:  # "No such file or directory" named no file
+        exc.add_note(f"read_rgb({os.fspath(path)!r})")
+        raise
 
 
 def _not_a_path(value: object) -> str:
