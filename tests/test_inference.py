@@ -983,6 +983,29 @@ def test_export_model_takes_a_config_files_path_and_refuses_what_is_no_config(
         export_model({"Arch": {}}, weights, tmp_path / "model")
 
 
+def test_paths_from_python_that_start_with_a_tilde_are_in_the_home_folder(
+    exported, tmp_path, monkeypatch
+):
+    """Gallery.build("~/lib") or export_model(..., "~/model") made a folder named `~` in the
+    working directory (one `rm -r ~` from disaster), and FeatureExtractor.load("~/model")
+    and Gallery.open("~/lib") looked there, where Recognizer.open("~/lib") looked home."""
+    from shitu.index import Gallery, GalleryItem
+
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    assert export_model(exported["config"], None, "~/model") == home / "model"
+    with FeatureExtractor.load("~/model") as extractor:
+        items = [GalleryItem(path, "a") for path in exported["files"][:2]]
+        Gallery.build("~/lib", extractor, items)
+        with Gallery.open("~/lib", embedder=extractor) as gallery:
+            assert gallery.root == home / "lib" and len(gallery) == 2
+    assert sorted(p.name for p in home.iterdir()) == ["lib", "model"]
+    assert list(work.iterdir()) == []
+
+
 def test_export_refusals_from_python_name_out_dir_not_the_flag(exported, tmp_path, monkeypatch):
     """Called from Python they said "choose a new folder for --out", a flag the caller
     never gave; `shitu export` still names --out (test_cli)."""

@@ -617,6 +617,14 @@ def home_expanded(value: Any) -> Any:
     return value
 
 
+def expanded_path(path: str | os.PathLike[str]) -> Path:
+    """`path` as a Path, its leading `~` expanded (`home_expanded`): a library or export
+    given as "~/lib" from Python was made in a literal `~` folder in the working directory,
+    and a model or library there was not found, where `Recognizer.open`, whose config
+    expands it, found them."""
+    return Path(home_expanded(os.fspath(path)))
+
+
 def from_working_directory(path: str | Path) -> str:
     """Where a relative config path was looked for, to add to a "not found": from the
     working directory, not the config's folder (the shipped configs' `../shared/...` fit

@@ -25,6 +25,7 @@ import numpy as np
 
 from shitu.errors import GalleryError, did_you_mean, first_few
 from shitu.fileio import (
+    expanded_path,
     file_sha256,
     folder_place,
     fsync_dir,
@@ -1356,7 +1357,7 @@ def _library_path(path: str | Path) -> Path:
     """`path` as a Path, or a GalleryError naming what was given instead (`is_given_path`)."""
     if not is_given_path(path):
         raise GalleryError(f"expected a gallery library's path, got {path!r}")
-    return Path(path)
+    return expanded_path(path)
 
 
 def _refuse_non_utf8_root(root: Path) -> None:

@@ -34,6 +34,7 @@ from shitu.errors import CheckpointError, ConfigError, did_you_mean, first_few
 from shitu.fileio import (
     FILE_MODE,
     FOLDER_MODE,
+    expanded_path,
     file_sha256,
     folder_place,
     refuse_non_utf8_path,
@@ -168,7 +169,7 @@ def write_export(
     not depend on it, so it is not part of the fingerprint. format_version: 1 writes a
     version-1 fingerprint (without the arch), for the cached rebuild of a version-1 export.
     """
-    out_dir = Path(out_dir)
+    out_dir = expanded_path(out_dir)
     place = folder_place(out_dir)  # where a link given as out_dir points, as index build
     # Each file is written and read back by its path in the staging folder beside it.
     readers = "torch's ONNX exporter, onnxruntime and safetensors"

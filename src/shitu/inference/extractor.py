@@ -22,7 +22,7 @@ import numpy as np
 
 from shitu.data.transforms.ops import UnreadableImageError, image_list
 from shitu.errors import CheckpointError, ConfigError
-from shitu.fileio import file_sha256, is_given_path
+from shitu.fileio import expanded_path, file_sha256, is_given_path
 from shitu.image_files import path_list
 from shitu.inference.backends import (
     Backend,
@@ -141,7 +141,7 @@ class FeatureExtractor:
                 f"model_dir: expected an exported model's folder "
                 f"(shitu.inference.default_model_dir() is the shipped one), got {model_dir!r}"
             )
-        model_dir = Path(model_dir)
+        model_dir = expanded_path(model_dir)
         manifest = read_manifest(model_dir)
         score_thres = _score_thres(model_dir, manifest)  # a rebuilt cache entry has none
         # The weights every path loads, converts or fingerprints: checked once, here.
