@@ -1977,6 +1977,23 @@ def test_build_makes_a_whole_library_or_nothing_at_its_path(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.png", "lib", "made", "photos"]
 
 
+def test_a_build_that_adds_nothing_names_why_in_its_notes_not_its_message(tmp_path):
+    """From Python, "not built, none of the 7 images was added" said no reason (a command
+    prints each failure itself before it, and the message stays as it printed it)."""
+    broken = []
+    for index in range(7):
+        broken.append(tmp_path / f"broken{index}.png")
+        broken[-1].write_bytes(f"not an image {index}".encode())  # no two the same
+    with pytest.raises(gallery_module.NothingAddedError) as nothing:
+        Gallery.build(tmp_path / "lib", PixelEmbedder(), [GalleryItem(p, "x") for p in broken])
+    assert str(nothing.value) == f"{tmp_path / 'lib'}: not built, none of the 7 images was added"
+    reasons = dict(nothing.value.report.failures)
+    assert nothing.value.__notes__ == [
+        *(f"not added: {path}: {reasons[str(path)]}" for path in broken[:5]),
+        "and 2 more (the error's report.failures lists them all)",
+    ]
+
+
 def test_reembed_moves_an_empty_library_to_the_new_model(tmp_path):
     """A library whose images were all removed takes the new model, so that images can be
     added with it, rather than being refused both the re-embedding and the adds."""

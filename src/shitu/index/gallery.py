@@ -135,6 +135,9 @@ class AddReport:
         self.failures += later.failures
 
 
+NOTED_FAILURES = 5  # the failures a NothingAddedError names in its notes
+
+
 class NothingAddedError(GalleryError):
     """A build none of whose images could be added: no library is made. `report` says
     why (each unreadable file's reason, duplicates)."""
@@ -142,6 +145,13 @@ class NothingAddedError(GalleryError):
     def __init__(self, path: Path, given: int, report: AddReport) -> None:
         self.report = report
         super().__init__(f"{path}: not built, none of the {given} images was added")
+        # Why, in notes that a traceback shows below the message: from Python it named no
+        # reason; a command prints each failure itself, then the message alone.
+        for file, reason in report.failures[:NOTED_FAILURES]:
+            self.add_note(f"not added: {file}: {reason}")
+        if len(report.failures) > NOTED_FAILURES:
+            more = len(report.failures) - NOTED_FAILURES
+            self.add_note(f"and {more} more (the error's report.failures lists them all)")
 
 
 @dataclass(frozen=True)
