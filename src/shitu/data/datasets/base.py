@@ -36,7 +36,13 @@ from shitu.data.transforms.ops import (
     unidentified_reason,
 )
 from shitu.errors import DataError, first_few
-from shitu.fileio import SAVE_AS_UTF8, from_working_directory, read_listing_text, text_lines
+from shitu.fileio import (
+    SAVE_AS_UTF8,
+    from_working_directory,
+    read_listing_text,
+    special_kind,
+    text_lines,
+)
 from shitu.image_files import (
     IMAGE_SUFFIXES,
     header_error,
@@ -572,5 +578,12 @@ def refuse_a_header(
 
 
 def check_root(root: str, what: str, key: str = "image_root") -> None:
-    if not Path(root).is_dir():
-        raise DataError(f"{what}: {key} {root} is not a directory{from_working_directory(root)}")
+    """Refuse a `root` that is no folder, saying what it is: "is not a directory" read alike
+    for a mistyped path and a file given in its place."""
+    path = Path(root)
+    if path.is_dir():
+        return
+    if not path.exists():
+        raise DataError(f"{what}: {key} {root}: no such folder{from_working_directory(root)}")
+    kind = "a file" if path.is_file() else special_kind(path.stat())
+    raise DataError(f"{what}: {key} {root} is {kind}, not a folder of images")
