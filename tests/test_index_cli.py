@@ -388,6 +388,13 @@ def test_labels_apart_only_by_case_are_warned_of(models, tmp_path, caplog):
         # the library's Apple and apple, added before, are not said again
         assert ("differ only in case" in caplog.text) == (warned is not None)
         assert warned is None or f"kept apart: {warned}" in caplog.text
+    # A photo the library has, added again under another case, is not added: no label
+    # 'pear' comes to be, so none is said to be kept apart from 'Pear'
+    caplog.clear()
+    again = shitu("index", "add", lib, extra, "--label", "pear", "--model", models[128])
+    assert again.returncode == 1, again.stderr  # none of its images could be added
+    assert "could not add" in again.stderr + caplog.text
+    assert "differ only in case" not in again.stderr + caplog.text
 
 
 def test_leaf_labels_without_a_folder_is_said_to_be_unused(models, gallery_list, tmp_path, caplog):

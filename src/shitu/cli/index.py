@@ -499,8 +499,6 @@ def run_add(args: argparse.Namespace) -> int:
     items = collect_items(args.sources, label=args.label, leaf_labels=args.leaf_labels)
     model = _load_model(args)
     with _open_for(args, model) as gallery:
-        labels = (item.label for item in items)
-        warn_of_labels_apart_by_case(args.library, labels, gallery.label_counts())
         report = _add_in_parts(args, gallery, model, items)
         stats = gallery.stats()
         # Adding a moved photo folder again finds its photos in the library: the way to
@@ -531,6 +529,10 @@ def _add_in_parts(
     checked = gallery.check_files(items, args.allow_duplicates, progress_wanted(args))
     report = checked.report()
     files = checked.files
+    # Of the labels that will be given: a photo the library has under another label keeps
+    # it, and a label none of whose photos is added does not come to be
+    labels = (item.label for item, _ in files)
+    warn_of_labels_apart_by_case(args.library, labels, gallery.label_counts())
     images_before = _images_on_disk(args.library) if args.allow_duplicates else 0
     try:
         # No bar where nothing is to be embedded (all duplicates), as one write draws none
