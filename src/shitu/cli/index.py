@@ -761,6 +761,8 @@ def run_reembed(args: argparse.Namespace) -> int:
             if args.model is None
             else f"--model {args.model}"
         )
+        if args.precision:  # int8 features answer to that precision alone
+            given += f" --precision {args.precision}"
         print(
             f"note: the library held model {before}'s features; search it with {given} from now on",
             file=sys.stderr,
