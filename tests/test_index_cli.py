@@ -397,6 +397,23 @@ def test_labels_apart_only_by_case_are_warned_of(models, tmp_path, caplog):
     assert "differ only in case" not in again.stderr + caplog.text
 
 
+def test_a_library_given_after_the_images_is_told_to_come_first(models, tmp_path):
+    """`index add PHOTOS LIB` and `index search PHOTOS LIB`: the photos were refused as no
+    library, or the library as no images, neither saying that the order is the mistake."""
+    photos = tmp_path / "photos"
+    make_images(photos / "Kiwi", 1)
+    lib = tmp_path / "lib"
+    assert shitu("index", "build", photos, "--out", lib, "--model", models[128]).returncode == 0
+    before = shitu("index", "list", lib, "--images").stdout
+    for command, extra in (("add", ["--label", "Kiwi"]), ("search", [])):
+        swapped = shitu("index", command, photos, lib, "--model", models[128], *extra)
+        assert swapped.returncode == 2 and swapped.stderr == (
+            f"error: {photos}: not a gallery library, and {lib} is one: the library comes "
+            f"first, `shitu index {command} {lib} {photos}` (and the options as before)\n"
+        )
+    assert shitu("index", "list", lib, "--images").stdout == before
+
+
 def test_leaf_labels_without_a_folder_is_said_to_be_unused(models, gallery_list, tmp_path, caplog):
     """`--leaf-labels` with only a label file (or image files) was dropped without a word:
     the labels were the file's, not the folders' the flag named."""

@@ -495,7 +495,24 @@ def run_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _refuse_a_library_given_last(args: argparse.Namespace, given: list, command: str) -> None:
+    """Refuse `shitu index COMMAND IMAGES LIB`, the library given after the images: the
+    images were said not to be a library, or the library not to be images, neither naming
+    the way out, the order."""
+    if (Path(args.library) / LIBRARY_FILE).is_file():
+        return
+    library = next((path for path in given if (Path(path) / LIBRARY_FILE).is_file()), None)
+    if library is not None:
+        others = [args.library, *(path for path in given if path is not library)]
+        order = " ".join(shlex.quote(str(path)) for path in (library, *others))
+        raise GalleryError(
+            f"{args.library}: not a gallery library, and {library} is one: the library comes "
+            f"first, `shitu index {command} {order}` (and the options as before)"
+        )
+
+
 def run_add(args: argparse.Namespace) -> int:
+    _refuse_a_library_given_last(args, args.sources, "add")
     items = collect_items(args.sources, label=args.label, leaf_labels=args.leaf_labels)
     model = _load_model(args)
     with _open_for(args, model) as gallery:
@@ -795,6 +812,7 @@ def _check_min_score(score: float | None, gallery: Gallery) -> None:
 
 
 def run_search(args: argparse.Namespace) -> int:
+    _refuse_a_library_given_last(args, args.images, "search")
     model = _load_model(args)
     images, folder = expand_images(args.images, {"an exported model": "--model"})
     progress = progress_wanted(args) and (folder or len(images) > 1)  # as `shitu recognize`
