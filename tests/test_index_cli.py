@@ -779,6 +779,21 @@ def test_remove_missing_refuses_where_a_whole_folder_or_every_file_is_gone(model
     assert shitu("index", "remove", lib, "--missing", "--force").stdout.startswith("removed 1 ")
 
 
+def test_remove_missing_offers_the_reembed_without_model_for_a_shipped_model_library(tmp_path):
+    """The way on for a moved folder was `reembed ... --model MODEL (MODEL the library's
+    model)`: a library of the shipped model has no MODEL to give, and takes no --model."""
+    make_images(tmp_path / "photos" / "apple", 1)
+    lib = tmp_path / "lib"
+    assert shitu("index", "build", tmp_path / "photos", "--out", lib).returncode == 0
+    (tmp_path / "photos").rename(tmp_path / "moved")
+    refused = shitu("index", "remove", lib, "--missing")
+    assert refused.returncode == 2, refused.stderr
+    assert (
+        f"`shitu index reembed {lib} --moved {tmp_path / 'photos'} NEW` (no --model: the "
+        "library's is the model shipped with shitu) records where its files are now"
+    ) in refused.stderr
+
+
 def add_in_parts_of_two(lib: Path, photos: Path, model: Path, *options: str) -> list[str]:
     """The command line of `shitu index add LIB PHOTOS --label new` writing every 2 images."""
     parts_of_two = "import sys, shitu.cli.index as i, shitu.cli.main as m; i.ADD_PART = 2; "

@@ -620,7 +620,8 @@ def run_remove(args: argparse.Namespace) -> int:
         entries = gallery.entries() if args.missing else []
         gone = [e for e in entries if file_gone(e)]
         if gone and not args.force:
-            _refuse_if_a_whole_source_is_gone(args.library, entries, gone)
+            fingerprint = gallery.manifest.model_fingerprint
+            _refuse_if_a_whole_source_is_gone(args.library, entries, gone, fingerprint)
         ids = list(args.ids) + [e.id for e in gone]  # an id given twice is removed once
         if not ids and not args.labels:
             # Images added as vectors have no file, so 'every file is there' said too much
@@ -639,12 +640,15 @@ def _files_gone(gallery: Gallery) -> list[ImageEntry]:
 
 
 def _refuse_if_a_whole_source_is_gone(
-    library: Path, entries: list[ImageEntry], gone: list[ImageEntry]
+    library: Path, entries: list[ImageEntry], gone: list[ImageEntry], fingerprint: str
 ) -> None:
     """A GalleryError, before anything is removed, where the `gone` files look unplugged
     rather than deleted: a folder they were added from is not there at all, or every file
     of the library is gone. A disk not mounted made `--missing` remove all its images,
-    each to be embedded again once it was back."""
+    each to be embedded again once it was back. The reembed it offers takes the --model of
+    the library's `fingerprint`, none for the shipped model's."""
+    from shitu.inference import default_model_fingerprint
+
     folders = {Path(e.path).parent for e in gone}
     roots = sorted({root for folder in folders if (root := _gone_root(folder)) is not None})
     if roots:
@@ -665,12 +669,16 @@ def _refuse_if_a_whole_source_is_gone(
         moved = "--moved OLD NEW"
     else:
         return
+    if fingerprint == default_model_fingerprint():  # "--model MODEL" was no way on
+        model = "` (no --model: the library's is the model shipped with shitu)"
+    else:
+        model = " --model MODEL` (MODEL the library's model)"
     raise GalleryError(
         f"remove --missing: {what} (a disk not mounted, or a folder moved or renamed?); "
         "nothing was removed. Once the disk is mounted they are found again; for a folder "
-        f"that moved, `shitu index reembed {shlex.quote(str(library))} {moved} --model MODEL` "
-        "(MODEL the library's model) records where its files are now; to remove the images "
-        "whose files are gone all the same, add --force"
+        f"that moved, `shitu index reembed {shlex.quote(str(library))} {moved}{model} "
+        "records where its files are now; to remove the images whose files are gone all the "
+        "same, add --force"
     )
 
 
