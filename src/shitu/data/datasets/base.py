@@ -297,6 +297,9 @@ class ImageDataset(Dataset):
         where: str,
     ) -> None:
         self.where = where
+        # The config section it was built from ("DataLoader.Train.dataset"), which the
+        # advice to set skip_corrupt names, set by `build_dataset`; None where built directly.
+        self.config_key: str | None = None
         self.skip_corrupt = skip_corrupt
         self.transform: Compose = build_transforms(transform_ops)
         self.skipped: list[tuple[str, str]] = []
@@ -473,10 +476,12 @@ class ImageDataset(Dataset):
         try:
             image = self.transform(data)
         except UnreadableImageError as exc:
+            key = self.config_key
+            setting = f"{key} (-o {key}.skip_corrupt=true)" if key else "the dataset config"
             hint = (
                 " (it passed the start-up check, so it changed since)"
                 if self.skip_corrupt
-                else "; set skip_corrupt: true in the dataset config to leave such images out"
+                else f"; set skip_corrupt: true in {setting} to leave such images out"
             )
             raise DataError(f"{path}: {exc}{hint}") from exc
         except DataError as exc:
