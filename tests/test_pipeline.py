@@ -703,6 +703,12 @@ def test_open_takes_a_loaded_pipeline_config_and_leaves_it_as_it_was(setup):
     with Recognizer.open(setup["library"], model=setup["model"], config=config) as rec:
         assert rec.score_thres == 0.3 and rec.gallery.root == setup["library"]
     assert config.IndexProcess.index_dir is None and config.Global.rec_inference_model_dir is None
+    # the library, as --gallery may, comes from the config's index_dir where not given
+    config = load_pipeline_config(
+        "inference_general", [f"IndexProcess.index_dir={setup['library']}"]
+    )
+    with Recognizer.open(model=setup["model"], config=config) as rec:
+        assert rec.gallery.root == setup["library"]
 
 
 def picodet_pipeline_config(setup, grocery, *overrides: str) -> PipelineConfig:
