@@ -1211,6 +1211,12 @@ def test_a_config_saved_as_utf16_loads(config_file, tmp_path):
     assert str(info.value) == (
         f"{legacy}: not a YAML config (not UTF-8 text, nor UTF-16 with its BOM); save it as UTF-8"
     )
+    # an image given as -c: no re-saving as UTF-8 makes it a config
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(b"\xff\xd8\xff\xe0" + bytes(32))
+    with pytest.raises(ConfigError) as info:
+        load_config(photo)
+    assert str(info.value) == f"{photo}: an image, not a YAML config"
 
 
 COMPONENT_REGISTRIES = (

@@ -652,6 +652,10 @@ def test_detect_cli_skips_a_device_naming_it_without_reading_it(capsys) -> None:
     assert capsys.readouterr().err == (
         "error: --class-names /dev/null: cannot read it (a character device, not a text file)\n"
     )
+    # an image given as --class-names was told to be saved as UTF-8
+    assert shitu_main(["detect", photo, "--model", str(ONNX_416), "--class-names", photo]) == 2
+    said = f"error: --class-names {photo}: an image, not a text file of names\n"
+    assert capsys.readouterr().err == said
 
 
 @needs_picodet
