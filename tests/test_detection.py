@@ -21,6 +21,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
+from safetensors.torch import save_file
 
 from shitu.cli.main import main as shitu_main
 from shitu.detection import boxes as numpy_boxes
@@ -600,6 +601,14 @@ def test_load_detector_errors(tmp_path: Path, caplog) -> None:
     torch.save({"a": 1}, bogus)
     with pytest.raises(CheckpointError, match="not a shitu PicoDet checkpoint"):
         load_detector(bogus)
+    # a recognition run's weights (a state dict; torch reads a .safetensors as one too)
+    # given as the detector: said to be weights alone, not "no 'shitu-picodet-1'"
+    weights = tmp_path / "best_model.safetensors"
+    save_file({"backbone.conv.weight": torch.zeros(2, 2)}, str(weights))
+    with pytest.raises(
+        CheckpointError, match=r"best_model\.safetensors holds weights alone \(a state dict"
+    ):
+        load_detector(weights)
     photo = tmp_path / "photo.jpg"  # a user passing an image as --detector
     photo.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     with pytest.raises(
