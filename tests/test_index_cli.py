@@ -414,6 +414,24 @@ def test_a_library_given_after_the_images_is_told_to_come_first(models, tmp_path
     assert shitu("index", "list", lib, "--images").stdout == before
 
 
+def test_listing_a_library_of_no_images_says_so(models, tmp_path):
+    """`index list` of a library whose images were all removed printed nothing at all, as
+    if it had failed unseen; stdout stays empty, for scripts, and stderr says why."""
+    make_images(tmp_path / "photos" / "Kiwi", 1)
+    lib = tmp_path / "lib"
+    assert (
+        shitu(
+            "index", "build", tmp_path / "photos", "--out", lib, "--model", models[128]
+        ).returncode
+        == 0
+    )
+    assert shitu("index", "remove", lib, "--label", "Kiwi").returncode == 0
+    for options in ([], ["--images"], ["--format", "jsonl"]):
+        listed = shitu("index", "list", lib, *options)
+        assert listed.returncode == 0 and listed.stdout == ""
+        assert listed.stderr == f"note: {lib} holds no images\n"
+
+
 def test_leaf_labels_without_a_folder_is_said_to_be_unused(models, gallery_list, tmp_path, caplog):
     """`--leaf-labels` with only a label file (or image files) was dropped without a word:
     the labels were the file's, not the folders' the flag named."""

@@ -706,8 +706,11 @@ def run_relabel(args: argparse.Namespace) -> int:
 
 def run_list(args: argparse.Namespace) -> int:
     with Catalog(args.library) as catalog:  # no index loaded: fast on a big library
+        counts = catalog.label_counts()
+        if not counts and args.label is None:  # all removed: the listing was no output at all
+            print(f"note: {args.library} holds no images", file=sys.stderr)
         if args.label is None and not args.images:
-            for label, count in catalog.label_counts().items():
+            for label, count in counts.items():
                 if args.format == "jsonl":
                     print(json.dumps({"label": label, "images": count}, ensure_ascii=False))
                 else:
@@ -715,7 +718,7 @@ def run_list(args: argparse.Namespace) -> int:
             return 0
         entries = catalog.entries(args.label)
         if args.label is not None and not entries:  # as remove and relabel say
-            hint = did_you_mean(args.label, list(catalog.label_counts()))
+            hint = did_you_mean(args.label, list(counts))
             raise GalleryError(f"{args.library}: no images labelled '{args.label}'{hint}")
         for entry in entries:
             if args.format == "jsonl":
