@@ -1389,6 +1389,20 @@ def test_eval_pipeline_cli_names_each_unreadable_query_in_a_warning(setup, tmp_p
         assert str(broken) not in captured.out
 
 
+def test_eval_pipeline_cli_refuses_the_library_as_its_queries(setup, capsys):
+    """`--queries LIB`, the library given for the queries, was refused as 'a folder of
+    gallery images', with the advice to give the images it holds: queries of themselves."""
+    library = str(setup["library"])
+    code = shitu_main(["eval-pipeline", "--queries", library, "--gallery", library,
+                       "--model", str(setup["model"]), "--no-progress"])  # fmt: skip
+    assert code == 2
+    assert capsys.readouterr().err == (
+        f"error: --queries {library}: a gallery library, not query photos; give labelled "
+        "query photos (a folder of label folders, or a `path<TAB>label` file), and the library "
+        "as --gallery\n"
+    )
+
+
 def test_eval_pipeline_cli_counts_the_wrong_answers_it_does_not_list(setup, capsys):
     common = ["eval-pipeline", "--queries", str(setup["label_file"]), "--gallery",
               str(setup["library"]), "--model", str(setup["model"]), "--no-progress"]  # fmt: skip
