@@ -740,6 +740,24 @@ def test_problems_in_several_components_are_listed_together(config_file):
     ]
 
 
+def test_a_key_of_another_component_of_its_kind_is_said_to_be_one(config_file):
+    """A head renamed with -o (FC to ArcMargin) keeps FC's settings, each said to be an
+    'unknown key' as a typo is: named as another head's, with how to drop it."""
+    head = "    name: ArcMargin\n"
+    config_file.write_text(MINIMAL.replace(head, "    name: FC\n    bias: false\n"))
+    with pytest.raises(ConfigError) as info:
+        load_config(config_file, ["Arch.Head.name=ArcMargin"])
+    assert str(info.value) == (
+        f"{config_file}: Arch.Head.bias: a setting of FC, not of head ArcMargin: remove it, or "
+        "set it null where -o changed the name in head 'ArcMargin'"
+    )
+    # set null, it is gone; a typo is still one
+    config = load_config(config_file, ["Arch.Head.name=ArcMargin", "Arch.Head.bias=null"])
+    assert config.Arch.Head.name == "ArcMargin"
+    with pytest.raises(ConfigError, match=r"Arch\.Head\.clas_num: unknown key \(did you mean"):
+        load_config(config_file, ["Arch.Head.clas_num=3"])
+
+
 def test_a_malformed_transform_op_is_listed_with_the_other_problems(config_file):
     """An item of transform_ops holding two ops (an -o into the wrong index adds a second)
     is one problem among the others, each named once, not the only one shown."""
@@ -1203,6 +1221,12 @@ def test_a_config_saved_as_utf16_loads(config_file, tmp_path):
     assert str(info.value) == (
         f"{legacy}: not a YAML config (not UTF-8 text, nor UTF-16 with its BOM); save it as UTF-8"
     )
+    # an image given as -c: no re-saving as UTF-8 makes it a config
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(b"\xff\xd8\xff\xe0" + bytes(32))
+    with pytest.raises(ConfigError) as info:
+        load_config(photo)
+    assert str(info.value) == f"{photo}: an image, not a YAML config"
 
 
 COMPONENT_REGISTRIES = (

@@ -372,11 +372,16 @@ def test_label_file_errors_name_the_file_and_line(tmp_path: Path, monkeypatch):
     label_file = tmp_path / "list.txt"
     with pytest.raises(DataError, match=r"label file .*missing\.txt not found"):
         LabelFileDataset(str(tmp_path), str(tmp_path / "missing.txt"))
-    with pytest.raises(DataError, match="image_root .*nowhere is not a directory"):
+    with pytest.raises(DataError, match="image_root .*nowhere: no such folder$"):
         LabelFileDataset(str(tmp_path / "nowhere"), str(label_file))
+    # a file in the folder's place is said to be one, not "not a directory" as a typo was
+    with pytest.raises(DataError, match=r"image_root .*a\.png is a file, not a folder of images$"):
+        LabelFileDataset(str(tmp_path / "a.png"), str(label_file))
+    with pytest.raises(DataError, match=r"root .*a\.png is a file, not a folder of images$"):
+        ImageFolderDataset(str(tmp_path / "a.png"))
     monkeypatch.chdir(tmp_path)  # a relative path says where it was looked for
     cwd = f"(relative paths are taken from the working directory, {tmp_path})"
-    with pytest.raises(DataError, match=rf"image_root nowhere is not a directory {re.escape(cwd)}"):
+    with pytest.raises(DataError, match=rf"image_root nowhere: no such folder {re.escape(cwd)}"):
         LabelFileDataset("nowhere", "missing.txt")
     with pytest.raises(DataError, match=rf"label file missing\.txt not found {re.escape(cwd)}"):
         LabelFileDataset(".", "missing.txt")

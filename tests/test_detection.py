@@ -21,6 +21,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
+from safetensors.torch import save_file
 
 from shitu.cli.main import main as shitu_main
 from shitu.data.transforms.ops import UnreadableImageError
@@ -622,6 +623,14 @@ def test_load_detector_errors(tmp_path: Path, caplog) -> None:
     torch.save({"a": 1}, bogus)
     with pytest.raises(CheckpointError, match="not a shitu PicoDet checkpoint"):
         load_detector(bogus)
+    # a recognition run's weights (a state dict; torch reads a .safetensors as one too)
+    # given as the detector: said to be weights alone, not "no 'shitu-picodet-1'"
+    weights = tmp_path / "best_model.safetensors"
+    save_file({"backbone.conv.weight": torch.zeros(2, 2)}, str(weights))
+    with pytest.raises(
+        CheckpointError, match=r"best_model\.safetensors holds weights alone \(a state dict"
+    ):
+        load_detector(weights)
     photo = tmp_path / "photo.jpg"  # a user passing an image as --detector
     photo.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     with pytest.raises(
@@ -674,6 +683,10 @@ def test_detect_cli_skips_a_device_naming_it_without_reading_it(capsys) -> None:
     assert capsys.readouterr().err == (
         "error: --class-names /dev/null: cannot read it (a character device, not a text file)\n"
     )
+    # an image given as --class-names was told to be saved as UTF-8
+    assert shitu_main(["detect", photo, "--model", str(ONNX_416), "--class-names", photo]) == 2
+    said = f"error: --class-names {photo}: an image, not a text file of names\n"
+    assert capsys.readouterr().err == said
 
 
 @needs_picodet

@@ -645,6 +645,19 @@ def test_missing_or_malformed_coco_file(tmp_path: Path) -> None:
     expected = r"\(a JSON list, not an object of images, annotations and categories\)$"
     with pytest.raises(DataError, match=rf"results.json is not a valid COCO .* {expected}"):
         CocoDetection(tmp_path / "results.json", tmp_path)
+    # A file that is no UTF-8 or UTF-16 text is said to be so (an image given by mistake, a
+    # legacy code page's JSON), not in the codec's words ("can't decode byte 0xff").
+    (tmp_path / "photo.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(64))
+    with pytest.raises(
+        DataError, match=r"photo\.jpg is not a valid .* \(an image, not JSON text\)$"
+    ):
+        CocoDetection(tmp_path / "photo.jpg", tmp_path)
+    (tmp_path / "cp1252.json").write_bytes(
+        '{"categories": [{"id": 1, "name": "café"}]}'.encode("cp1252")
+    )
+    expected = r"\(not UTF-8 or UTF-16 text: save it as UTF-8\)$"
+    with pytest.raises(DataError, match=rf"cp1252\.json is not a valid COCO .* {expected}"):
+        CocoDetection(tmp_path / "cp1252.json", tmp_path)
     coco = _write_coco(tmp_path, _write_images(tmp_path, 2, size=64))
     data = json.loads(coco.read_text())
     broken = copy.deepcopy(data)  # not an object: it crashed naming it

@@ -388,6 +388,48 @@ def test_labels_apart_only_by_case_are_warned_of(models, tmp_path, caplog):
         # the library's Apple and apple, added before, are not said again
         assert ("differ only in case" in caplog.text) == (warned is not None)
         assert warned is None or f"kept apart: {warned}" in caplog.text
+    # A photo the library has, added again under another case, is not added: no label
+    # 'pear' comes to be, so none is said to be kept apart from 'Pear'
+    caplog.clear()
+    again = shitu("index", "add", lib, extra, "--label", "pear", "--model", models[128])
+    assert again.returncode == 1, again.stderr  # none of its images could be added
+    assert "could not add" in again.stderr + caplog.text
+    assert "differ only in case" not in again.stderr + caplog.text
+
+
+def test_a_library_given_after_the_images_is_told_to_come_first(models, tmp_path):
+    """`index add PHOTOS LIB` and `index search PHOTOS LIB`: the photos were refused as no
+    library, or the library as no images, neither saying that the order is the mistake."""
+    photos = tmp_path / "photos"
+    make_images(photos / "Kiwi", 1)
+    lib = tmp_path / "lib"
+    assert shitu("index", "build", photos, "--out", lib, "--model", models[128]).returncode == 0
+    before = shitu("index", "list", lib, "--images").stdout
+    for command, extra in (("add", ["--label", "Kiwi"]), ("search", [])):
+        swapped = shitu("index", command, photos, lib, "--model", models[128], *extra)
+        assert swapped.returncode == 2 and swapped.stderr == (
+            f"error: {photos}: not a gallery library, and {lib} is one: the library comes "
+            f"first, `shitu index {command} {lib} {photos}` (and the options as before)\n"
+        )
+    assert shitu("index", "list", lib, "--images").stdout == before
+
+
+def test_listing_a_library_of_no_images_says_so(models, tmp_path):
+    """`index list` of a library whose images were all removed printed nothing at all, as
+    if it had failed unseen; stdout stays empty, for scripts, and stderr says why."""
+    make_images(tmp_path / "photos" / "Kiwi", 1)
+    lib = tmp_path / "lib"
+    assert (
+        shitu(
+            "index", "build", tmp_path / "photos", "--out", lib, "--model", models[128]
+        ).returncode
+        == 0
+    )
+    assert shitu("index", "remove", lib, "--label", "Kiwi").returncode == 0
+    for options in ([], ["--images"], ["--format", "jsonl"]):
+        listed = shitu("index", "list", lib, *options)
+        assert listed.returncode == 0 and listed.stdout == ""
+        assert listed.stderr == f"note: {lib} holds no images\n"
 
 
 def test_leaf_labels_without_a_folder_is_said_to_be_unused(models, gallery_list, tmp_path, caplog):
@@ -753,6 +795,21 @@ def test_remove_missing_refuses_where_a_whole_folder_or_every_file_is_gone(model
     assert gone in emptied.stderr
     assert shitu("index", "list", lib, "--images").stdout == listed
     assert shitu("index", "remove", lib, "--missing", "--force").stdout.startswith("removed 1 ")
+
+
+def test_remove_missing_offers_the_reembed_without_model_for_a_shipped_model_library(tmp_path):
+    """The way on for a moved folder was `reembed ... --model MODEL (MODEL the library's
+    model)`: a library of the shipped model has no MODEL to give, and takes no --model."""
+    make_images(tmp_path / "photos" / "apple", 1)
+    lib = tmp_path / "lib"
+    assert shitu("index", "build", tmp_path / "photos", "--out", lib).returncode == 0
+    (tmp_path / "photos").rename(tmp_path / "moved")
+    refused = shitu("index", "remove", lib, "--missing")
+    assert refused.returncode == 2, refused.stderr
+    assert (
+        f"`shitu index reembed {lib} --moved {tmp_path / 'photos'} NEW` (no --model: the "
+        "library's is the model shipped with shitu) records where its files are now"
+    ) in refused.stderr
 
 
 def add_in_parts_of_two(lib: Path, photos: Path, model: Path, *options: str) -> list[str]:

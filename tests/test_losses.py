@@ -422,6 +422,13 @@ def test_xbm_rejects_bad_settings():
         ({"TripletLoss": {"margin": -1}}, r"^pair_loss\.TripletLoss\.margin: Input should be"),
         ("TripletLos", r"^pair_loss: unknown loss 'TripletLos' \(did you mean 'TripletLoss'"),
         ("CELoss", "^pair_loss: XBM needs a pair loss"),
+        # PaddleClas's shape for a component, named by a `name` key: the rewrite is given
+        (
+            {"name": "ContrastiveLoss", "margin": 0.5},
+            r"^pair_loss: the loss's name is the key its settings go under, not a `name` "
+            r"setting: pair_loss: \{ContrastiveLoss: \{margin: 0\.5\}\} in loss 'XBM'$",
+        ),
+        ({"ContrastiveLoss": 0.5}, r"^pair_loss: must be a loss name \(ContrastiveLoss\) or one"),
     ],
 )
 def test_xbm_pair_loss_is_checked_with_the_config(pair_loss, message):

@@ -703,6 +703,12 @@ def test_open_takes_a_loaded_pipeline_config_and_leaves_it_as_it_was(setup):
     with Recognizer.open(setup["library"], model=setup["model"], config=config) as rec:
         assert rec.score_thres == 0.3 and rec.gallery.root == setup["library"]
     assert config.IndexProcess.index_dir is None and config.Global.rec_inference_model_dir is None
+    # the library, as --gallery may, comes from the config's index_dir where not given
+    config = load_pipeline_config(
+        "inference_general", [f"IndexProcess.index_dir={setup['library']}"]
+    )
+    with Recognizer.open(model=setup["model"], config=config) as rec:
+        assert rec.gallery.root == setup["library"]
 
 
 def picodet_pipeline_config(setup, grocery, *overrides: str) -> PipelineConfig:
@@ -1381,6 +1387,20 @@ def test_eval_pipeline_cli_names_each_unreadable_query_in_a_warning(setup, tmp_p
         captured = capsys.readouterr()
         assert f"warning: skipped {broken}: cannot decode image" in captured.err
         assert str(broken) not in captured.out
+
+
+def test_eval_pipeline_cli_refuses_the_library_as_its_queries(setup, capsys):
+    """`--queries LIB`, the library given for the queries, was refused as 'a folder of
+    gallery images', with the advice to give the images it holds: queries of themselves."""
+    library = str(setup["library"])
+    code = shitu_main(["eval-pipeline", "--queries", library, "--gallery", library,
+                       "--model", str(setup["model"]), "--no-progress"])  # fmt: skip
+    assert code == 2
+    assert capsys.readouterr().err == (
+        f"error: --queries {library}: a gallery library, not query photos; give labelled "
+        "query photos (a folder of label folders, or a `path<TAB>label` file), and the library "
+        "as --gallery\n"
+    )
 
 
 def test_eval_pipeline_cli_counts_the_wrong_answers_it_does_not_list(setup, capsys):

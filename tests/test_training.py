@@ -445,9 +445,9 @@ def test_an_unreadable_image_met_by_a_loader_worker_is_reported_in_one_line(groc
     # met in the run's first batch: nothing to resume, and the same command runs again (a
     # checkpoint of no step refused it as an earlier run's)
     assert message.endswith(
-        ": cannot decode image: a text file, not an image; set skip_corrupt: true in the "
-        "dataset config to leave such images out; put the image right and run the same "
-        "command again"
+        ": cannot decode image: a text file, not an image; set skip_corrupt: true in "
+        "DataLoader.Train.dataset (-o DataLoader.Train.dataset.skip_corrupt=true) to leave "
+        "such images out; put the image right and run the same command again"
     )
     assert not (tmp_path / "output" / "latest.pt").exists()
 

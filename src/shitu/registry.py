@@ -29,7 +29,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from shitu.errors import ConfigError, did_you_mean
+from shitu.errors import ConfigError, did_you_mean, first_few
 from shitu.fileio import home_expanded
 
 T = TypeVar("T", bound=Callable[..., Any])
@@ -258,6 +258,11 @@ class Registry:
                 (key, self._fixed_note(entry, key, params[key]))
                 for key in fixed.keys() & params.keys()
             )
+            notes.update(
+                (key, note)
+                for key in params.keys() - model.model_fields.keys() - notes.keys()
+                if key not in PADDLECLAS_PARAMS and (note := self._elsewhere_note(name, key))
+            )
             raise ConfigError(
                 format_validation_error(exc, model, what=f"{self.kind} '{name}'", notes=notes)
             ) from None
@@ -269,6 +274,22 @@ class Registry:
             except ValueError as exc:
                 raise ConfigError(f"{exc} in {self.kind} '{name}'") from None
         return validated.model_dump(exclude_unset=True)
+
+    def _elsewhere_note(self, name: str, key: str) -> str | None:
+        """Why `name` takes no `key` that other components of this kind take (FC's `bias`
+        left in a head that -o renamed ArcMargin, said to be an 'unknown key' as a typo
+        is): which take it, and how to drop it; None where none does."""
+        takers = [
+            other
+            for other in self._entries
+            if other != name and key in self.params_model(other).model_fields
+        ]
+        if not takers:
+            return None
+        return (
+            f"a setting of {first_few(takers, 3)}, not of {self.kind} {name}: remove it, or "
+            "set it null where -o changed the name"
+        )
 
     def _fixed_note(self, preset: Variant, key: str, value: Any) -> str:
         """Why `preset` takes no `key` at another value than its own, and which presets

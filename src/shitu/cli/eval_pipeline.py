@@ -8,6 +8,7 @@ import argparse
 import json
 import sys
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from shitu.cli.common import (
@@ -23,7 +24,9 @@ from shitu.cli.recognize import (
     naming_config_paths,
     pipeline_config_from_args,
 )
+from shitu.errors import DataError
 from shitu.index import GalleryItem, collect_items
+from shitu.index.gallery import LIBRARY_FILE
 from shitu.pipeline.defaults import MIN_SWEEP_STEP
 
 if TYPE_CHECKING:
@@ -79,6 +82,12 @@ def run(args: argparse.Namespace) -> int:
     from shitu.pipeline import Recognizer, evaluate_pipeline
     from shitu.pipeline.evaluate import known_labels, sweep_thresholds
 
+    if (Path(args.queries) / LIBRARY_FILE).is_file():  # was refused as gallery images
+        raise DataError(
+            f"--queries {args.queries}: a gallery library, not query photos; give labelled "
+            "query photos (a folder of label folders, or a `path<TAB>label` file), and the "
+            "library as --gallery"
+        )
     # no --label here; queries named as given in what it reports
     items = collect_items(
         [args.queries], one_label_option=False, leaf_labels=args.leaf_labels, resolve=False

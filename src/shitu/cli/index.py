@@ -495,12 +495,27 @@ def run_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _refuse_a_library_given_last(args: argparse.Namespace, given: list, command: str) -> None:
+    """Refuse `shitu index COMMAND IMAGES LIB`, the library given after the images: the
+    images were said not to be a library, or the library not to be images, neither naming
+    the way out, the order."""
+    if (Path(args.library) / LIBRARY_FILE).is_file():
+        return
+    library = next((path for path in given if (Path(path) / LIBRARY_FILE).is_file()), None)
+    if library is not None:
+        others = [args.library, *(path for path in given if path is not library)]
+        order = " ".join(shlex.quote(str(path)) for path in (library, *others))
+        raise GalleryError(
+            f"{args.library}: not a gallery library, and {library} is one: the library comes "
+            f"first, `shitu index {command} {order}` (and the options as before)"
+        )
+
+
 def run_add(args: argparse.Namespace) -> int:
+    _refuse_a_library_given_last(args, args.sources, "add")
     items = collect_items(args.sources, label=args.label, leaf_labels=args.leaf_labels)
     model = _load_model(args)
     with _open_for(args, model) as gallery:
-        labels = (item.label for item in items)
-        warn_of_labels_apart_by_case(args.library, labels, gallery.label_counts())
         report = _add_in_parts(args, gallery, model, items)
         stats = gallery.stats()
         # Adding a moved photo folder again finds its photos in the library: the way to
@@ -531,6 +546,10 @@ def _add_in_parts(
     checked = gallery.check_files(items, args.allow_duplicates, progress_wanted(args))
     report = checked.report()
     files = checked.files
+    # Of the labels that will be given: a photo the library has under another label keeps
+    # it, and a label none of whose photos is added does not come to be
+    labels = (item.label for item, _ in files)
+    warn_of_labels_apart_by_case(args.library, labels, gallery.label_counts())
     images_before = _images_on_disk(args.library) if args.allow_duplicates else 0
     try:
         # No bar where nothing is to be embedded (all duplicates), as one write draws none
@@ -601,7 +620,8 @@ def run_remove(args: argparse.Namespace) -> int:
         entries = gallery.entries() if args.missing else []
         gone = [e for e in entries if file_gone(e)]
         if gone and not args.force:
-            _refuse_if_a_whole_source_is_gone(args.library, entries, gone)
+            fingerprint = gallery.manifest.model_fingerprint
+            _refuse_if_a_whole_source_is_gone(args.library, entries, gone, fingerprint)
         ids = list(args.ids) + [e.id for e in gone]  # an id given twice is removed once
         if not ids and not args.labels:
             # Images added as vectors have no file, so 'every file is there' said too much
@@ -620,12 +640,15 @@ def _files_gone(gallery: Gallery) -> list[ImageEntry]:
 
 
 def _refuse_if_a_whole_source_is_gone(
-    library: Path, entries: list[ImageEntry], gone: list[ImageEntry]
+    library: Path, entries: list[ImageEntry], gone: list[ImageEntry], fingerprint: str
 ) -> None:
     """A GalleryError, before anything is removed, where the `gone` files look unplugged
     rather than deleted: a folder they were added from is not there at all, or every file
     of the library is gone. A disk not mounted made `--missing` remove all its images,
-    each to be embedded again once it was back."""
+    each to be embedded again once it was back. The reembed it offers takes the --model of
+    the library's `fingerprint`, none for the shipped model's."""
+    from shitu.inference import default_model_fingerprint
+
     folders = {Path(e.path).parent for e in gone}
     roots = sorted({root for folder in folders if (root := _gone_root(folder)) is not None})
     if roots:
@@ -646,12 +669,16 @@ def _refuse_if_a_whole_source_is_gone(
         moved = "--moved OLD NEW"
     else:
         return
+    if fingerprint == default_model_fingerprint():  # "--model MODEL" was no way on
+        model = "` (no --model: the library's is the model shipped with shitu)"
+    else:
+        model = " --model MODEL` (MODEL the library's model)"
     raise GalleryError(
         f"remove --missing: {what} (a disk not mounted, or a folder moved or renamed?); "
         "nothing was removed. Once the disk is mounted they are found again; for a folder "
-        f"that moved, `shitu index reembed {shlex.quote(str(library))} {moved} --model MODEL` "
-        "(MODEL the library's model) records where its files are now; to remove the images "
-        "whose files are gone all the same, add --force"
+        f"that moved, `shitu index reembed {shlex.quote(str(library))} {moved}{model} "
+        "records where its files are now; to remove the images whose files are gone all the "
+        "same, add --force"
     )
 
 
@@ -679,8 +706,11 @@ def run_relabel(args: argparse.Namespace) -> int:
 
 def run_list(args: argparse.Namespace) -> int:
     with Catalog(args.library) as catalog:  # no index loaded: fast on a big library
+        counts = catalog.label_counts()
+        if not counts and args.label is None:  # all removed: the listing was no output at all
+            print(f"note: {args.library} holds no images", file=sys.stderr)
         if args.label is None and not args.images:
-            for label, count in catalog.label_counts().items():
+            for label, count in counts.items():
                 if args.format == "jsonl":
                     print(json.dumps({"label": label, "images": count}, ensure_ascii=False))
                 else:
@@ -688,7 +718,7 @@ def run_list(args: argparse.Namespace) -> int:
             return 0
         entries = catalog.entries(args.label)
         if args.label is not None and not entries:  # as remove and relabel say
-            hint = did_you_mean(args.label, list(catalog.label_counts()))
+            hint = did_you_mean(args.label, list(counts))
             raise GalleryError(f"{args.library}: no images labelled '{args.label}'{hint}")
         for entry in entries:
             if args.format == "jsonl":
@@ -759,6 +789,8 @@ def run_reembed(args: argparse.Namespace) -> int:
             if args.model is None
             else f"--model {args.model}"
         )
+        if args.precision:  # int8 features answer to that precision alone
+            given += f" --precision {args.precision}"
         print(
             f"note: the library held model {before}'s features; search it with {given} from now on",
             file=sys.stderr,
@@ -791,6 +823,7 @@ def _check_min_score(score: float | None, gallery: Gallery) -> None:
 
 
 def run_search(args: argparse.Namespace) -> int:
+    _refuse_a_library_given_last(args, args.images, "search")
     model = _load_model(args)
     images, folder = expand_images(args.images, {"an exported model": "--model"})
     progress = progress_wanted(args) and (folder or len(images) > 1)  # as `shitu recognize`

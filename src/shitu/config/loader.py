@@ -15,6 +15,7 @@ from shitu.config.overrides import apply_attributed, load_yaml
 from shitu.config.schema import ComponentConfig, DataSplitConfig, ShituConfig
 from shitu.errors import ConfigError, did_you_mean
 from shitu.fileio import SAVE_AS_UTF8, read_text, special_kind
+from shitu.image_files import IMAGE_SUFFIXES
 from shitu.registry import each_problem, format_validation_error, problem_list
 
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -138,6 +139,8 @@ def read_yaml(path: Path) -> dict[str, Any]:
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
     except UnicodeDecodeError:
+        if path.suffix.lower() in IMAGE_SUFFIXES:  # no re-saving makes it text
+            raise ConfigError(f"{path}: an image, not a YAML config") from None
         raise ConfigError(
             f"{path}: not a YAML config (not UTF-8 text, nor UTF-16 with its BOM); {SAVE_AS_UTF8}"
         ) from None

@@ -6,6 +6,7 @@ from typing import Any
 
 from shitu import registry
 from shitu.config.schema import ComponentConfig, DataSplitConfig
+from shitu.data.datasets.base import ImageDataset
 from shitu.errors import ConfigError, DataError
 
 
@@ -17,9 +18,12 @@ def build_dataset(split: DataSplitConfig, where: str) -> Any:
     """
     registry.populate()
     try:
-        return registry.DATASETS.build(split.dataset.name, **split.dataset.params)
+        dataset = registry.DATASETS.build(split.dataset.name, **split.dataset.params)
     except (ConfigError, DataError) as exc:
         raise type(exc)(f"{where}: {exc}") from exc
+    if isinstance(dataset, ImageDataset):  # its load errors name the section to set
+        dataset.config_key = where
+    return dataset
 
 
 def build_sampler(

@@ -77,6 +77,15 @@ def load_detector_checkpoint(path: str | Path) -> PicoDet:
             "detector; give a detector: the model.pt or model.onnx `shitu detect-train` "
             "writes, a PaddleDetection .pdparams or an ONNX export"
         )
+    if isinstance(data, dict) and data and all(isinstance(v, torch.Tensor) for v in data.values()):
+        # a state dict: `shitu train`'s weights (a .safetensors torch reads too), given as
+        # --detector by mistake, or a detector's saved without its architecture
+        raise CheckpointError(
+            f"{path} holds weights alone (a state dict, as `shitu train`'s .safetensors do), "
+            "not a detector checkpoint, which carries its architecture; give the model.pt or "
+            "model.onnx `shitu detect-train` writes, a PaddleDetection .pdparams (with "
+            "--det-arch) or an ONNX export"
+        )
     if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(
             f"{path} is not a shitu PicoDet checkpoint (no '{CHECKPOINT_FORMAT}')"

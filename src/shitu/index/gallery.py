@@ -528,13 +528,20 @@ class Gallery:
         model is involved, which the fingerprints alone do not tell: `shipped_model` (no
         --model was given) for a library built with `--model EXPORT` and used without it;
         `shipped_fingerprint` (the shipped model's) for one built with the shipped model and
-        used with a --model."""
+        used with a --model; and the --precision of this model that built it, where one did
+        (the embedder's `precision_fingerprints`)."""
         try:
             return cls.open(path, embedder=embedder)
         except ModelMismatchError as exc:
             # Both shipped: the library was built at another precision, as the error says.
             built_with_shipped = exc.library_fingerprint == shipped_fingerprint
-            if shipped_model and not built_with_shipped:
+            precisions = getattr(embedder, "precision_fingerprints", {})
+            built_in = [p for p, built in precisions.items() if built == exc.library_fingerprint]
+            if built_in:  # the model given, at another precision
+                note = (
+                    f"it holds this model's {built_in[0]} features: give --precision {built_in[0]}"
+                )
+            elif shipped_model and not built_with_shipped:
                 note = SHIPPED_MODEL_NOTE
             elif built_with_shipped and not shipped_model:
                 note = SHIPPED_LIBRARY_NOTE

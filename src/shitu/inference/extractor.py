@@ -16,6 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from numbers import Integral
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -75,6 +76,17 @@ def _warn_of_threads_over_cores(num_threads: int) -> None:
         )
 
 
+def _precision_fingerprint(manifest: dict[str, Any], precision: str) -> str:
+    """The fingerprint of an export's features at `precision`: the export's own for fp32;
+    other precisions give other features, and int8's depend on the calibration too (the
+    quantised file's hash)."""
+    fingerprint = manifest["fingerprint"]
+    if precision == "fp32":
+        return fingerprint
+    detail = manifest["files"][INT8_FILE] if precision == "int8" else ""
+    return hashlib.sha256(f"{fingerprint}:{precision}:{detail}".encode()).hexdigest()
+
+
 class FeatureExtractor:
     """Image files or arrays -> L2-normalised embeddings, with an exported model's own
     preprocessing. Build with `FeatureExtractor.load(model_dir)`.
@@ -103,6 +115,10 @@ class FeatureExtractor:
         self.workers = workers or max(1, min(4, (os.cpu_count() or 2) // 2))
         # The export's calibrated recognition threshold (cosine similarity), if it has one.
         self.score_thres = score_thres
+        # The fingerprint of each precision a library may be built in with this export, by
+        # precision (`load` fills it): a library refused as another model's may be this
+        # one's at another --precision, which its refusal then says.
+        self.precision_fingerprints: dict[str, str] = {}
 
     @classmethod
     def load(
@@ -191,19 +207,22 @@ class FeatureExtractor:
         # Process-wide (OpenCV has no other setting): parallelism comes from the decoding
         # threads, so OpenCV's own would only compete with them; the docstring says so.
         cv2.setNumThreads(1)
-        fingerprint = manifest["fingerprint"]
-        if precision != "fp32":
-            # int8 features also depend on the calibration: the quantised file's hash counts
-            detail = manifest["files"][INT8_FILE] if precision == "int8" else ""
-            fingerprint = hashlib.sha256(f"{fingerprint}:{precision}:{detail}".encode()).hexdigest()
-        return cls(
+        # A library's precisions (index build's): fp32, and int8 where the export has it
+        library_precisions = (
+            ("fp32", "int8") if INT8_FILE in manifest.get("files", {}) else ("fp32",)
+        )
+        extractor = cls(
             runtime,
             preprocessing,
             int(manifest["embedding_size"]),
-            fingerprint,
+            _precision_fingerprint(manifest, precision),
             workers,
             score_thres,
         )
+        extractor.precision_fingerprints = {
+            other: _precision_fingerprint(manifest, other) for other in library_precisions
+        }
+        return extractor
 
     def __repr__(self) -> str:
         if self._backend is None:

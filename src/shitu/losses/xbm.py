@@ -13,6 +13,7 @@ written just before.
 from __future__ import annotations
 
 import inspect
+import json
 from typing import Annotated, Any, ClassVar, Literal
 
 import torch
@@ -27,8 +28,9 @@ from shitu.losses.triplet_angular import TripletAngularMarginLoss
 from shitu.registry import LOSSES, NonNegative, Size, Variant, each_problem
 
 Iterations = Annotated[int, Field(ge=0)]
-# A loss name, or {name: {params}}
-PairLossSpec = str | dict[str, dict[str, Any] | None]
+# A loss name, or {name: {params}}: any mapping passes the type, so that `_pair_loss_spec`
+# words the refusal of another shape, such as PaddleClas's {name: ContrastiveLoss, ...}.
+PairLossSpec = str | dict[str, Any]
 # The losses that compare a batch with a reference set, which XBM's pair_loss names.
 PAIR_LOSSES: tuple[type[PairLoss], ...] = (ContrastiveLoss, TripletLoss, TripletAngularMarginLoss)
 # XBM's names of its settings, and PaddleClas's (which its XBM losses below take).
@@ -44,11 +46,26 @@ def _pair_loss_spec(spec: PairLossSpec) -> tuple[str, dict[str, Any]]:
     params); a problem is named under `pair_loss`, as the config has it."""
     if isinstance(spec, str):
         name, params = spec, {}
-    elif isinstance(spec, dict) and len(spec) == 1:
+    elif (
+        isinstance(spec, dict)
+        and len(spec) == 1
+        and isinstance(next(iter(spec.values())), dict | None)
+    ):
         ((name, params),) = spec.items()
         params = dict(params or {})
+    elif isinstance(spec, dict) and isinstance(spec.get("name"), str):
+        settings = ", ".join(
+            f"{key}: {json.dumps(value)}" for key, value in spec.items() if key != "name"
+        )
+        raise ValueError(
+            f"pair_loss: the loss's name is the key its settings go under, not a `name` "
+            f"setting: pair_loss: {{{spec['name']}: {{{settings}}}}}"
+        )
     else:
-        raise ValueError(f"pair_loss: must be a loss name or {{name: {{params}}}}, got {spec!r}")
+        raise ValueError(
+            f"pair_loss: must be a loss name (ContrastiveLoss) or one loss name with its "
+            f"settings ({{ContrastiveLoss: {{margin: 0.5}}}}), got {spec!r}"
+        )
     try:
         entry = LOSSES.get(name)
     except ConfigError as exc:

@@ -408,7 +408,7 @@ class Recognizer:
     @classmethod
     def open(
         cls,
-        gallery: str | Path,
+        gallery: str | Path | None = None,
         *,
         model: str | Path | None = None,
         detector: str | Path | None = None,
@@ -420,7 +420,8 @@ class Recognizer:
         config: PipelineConfig | str | Path = DEFAULT_PIPELINE_CONFIG,
     ) -> Recognizer:
         """The recogniser `shitu recognize --gallery GALLERY` runs, its flags as keywords
-        (None: the config's value, as a flag left out): `model` an export folder (default:
+        (None: the config's value, as a flag left out; `gallery` too, the config's
+        IndexProcess.index_dir, as --gallery may be): `model` an export folder (default:
         the shipped model), `detector` a detector file, "plain-background" or "none" (the
         default: whole images), `config` a pipeline YAML file or shipped name, or a
         `load_pipeline_config(...)` (with overrides; the keywords go on a copy of it, so

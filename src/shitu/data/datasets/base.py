@@ -36,7 +36,13 @@ from shitu.data.transforms.ops import (
     unidentified_reason,
 )
 from shitu.errors import DataError, first_few
-from shitu.fileio import SAVE_AS_UTF8, from_working_directory, read_listing_text, text_lines
+from shitu.fileio import (
+    SAVE_AS_UTF8,
+    from_working_directory,
+    read_listing_text,
+    special_kind,
+    text_lines,
+)
 from shitu.image_files import (
     IMAGE_SUFFIXES,
     header_error,
@@ -291,6 +297,9 @@ class ImageDataset(Dataset):
         where: str,
     ) -> None:
         self.where = where
+        # The config section it was built from ("DataLoader.Train.dataset"), which the
+        # advice to set skip_corrupt names, set by `build_dataset`; None where built directly.
+        self.config_key: str | None = None
         self.skip_corrupt = skip_corrupt
         self.transform: Compose = build_transforms(transform_ops)
         self.skipped: list[tuple[str, str]] = []
@@ -467,10 +476,12 @@ class ImageDataset(Dataset):
         try:
             image = self.transform(data)
         except UnreadableImageError as exc:
+            key = self.config_key
+            setting = f"{key} (-o {key}.skip_corrupt=true)" if key else "the dataset config"
             hint = (
                 " (it passed the start-up check, so it changed since)"
                 if self.skip_corrupt
-                else "; set skip_corrupt: true in the dataset config to leave such images out"
+                else f"; set skip_corrupt: true in {setting} to leave such images out"
             )
             raise DataError(f"{path}: {exc}{hint}") from exc
         except DataError as exc:
@@ -572,5 +583,12 @@ def refuse_a_header(
 
 
 def check_root(root: str, what: str, key: str = "image_root") -> None:
-    if not Path(root).is_dir():
-        raise DataError(f"{what}: {key} {root} is not a directory{from_working_directory(root)}")
+    """Refuse a `root` that is no folder, saying what it is: "is not a directory" read alike
+    for a mistyped path and a file given in its place."""
+    path = Path(root)
+    if path.is_dir():
+        return
+    if not path.exists():
+        raise DataError(f"{what}: {key} {root}: no such folder{from_working_directory(root)}")
+    kind = "a file" if path.is_file() else special_kind(path.stat())
+    raise DataError(f"{what}: {key} {root} is {kind}, not a folder of images")
