@@ -19,7 +19,7 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 
 from shitu.errors import DataError
-from shitu.fileio import read_regular_file
+from shitu.fileio import SAVE_AS_UTF8, read_regular_file
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +84,14 @@ def _names_an_image(line: str) -> bool:
     as `a.png,0` (a listing with `delimiter: ","`) names a.png."""
     words = re.split(r"[\s,;]+", line)
     return any(Path(word.strip("'\"")).suffix.lower() in IMAGE_SUFFIXES for word in words)
+
+
+def undecodable_text_reason(path: str | os.PathLike, expected: str) -> str:
+    """Why a file meant to be `expected` text did not decode: an image given in its place,
+    which no re-saving makes text, or text in another encoding, to be saved as UTF-8."""
+    if Path(path).suffix.lower() in IMAGE_SUFFIXES:
+        return f"an image, not {expected}"
+    return f"not UTF-8 or UTF-16 text: {SAVE_AS_UTF8}"
 
 
 def unreadable_reason(path: str | os.PathLike, exc: OSError) -> str:

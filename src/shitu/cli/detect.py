@@ -24,8 +24,8 @@ from shitu.cli.common import (
     visualisation_writer,
 )
 from shitu.errors import ConfigError, DataError
-from shitu.fileio import SAVE_AS_UTF8, read_listing_text, removed_if_left_empty, text_lines
-from shitu.image_files import IMAGE_SUFFIXES
+from shitu.fileio import read_listing_text, removed_if_left_empty, text_lines
+from shitu.image_files import undecodable_text_reason
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -91,9 +91,8 @@ def _class_names(path: str) -> tuple[str, ...]:
     try:
         text = read_listing_text(path, f"--class-names {path}")
     except UnicodeDecodeError:
-        if Path(path).suffix.lower() in IMAGE_SUFFIXES:  # no re-saving makes it text
-            raise DataError(f"--class-names {path}: an image, not a text file of names") from None
-        raise DataError(f"--class-names {path}: not UTF-8 or UTF-16 text: {SAVE_AS_UTF8}") from None
+        reason = undecodable_text_reason(path, "a text file of names")
+        raise DataError(f"--class-names {path}: {reason}") from None
     lines = text_lines(text)
     names = [line.strip() for line in lines]
     while names and not names[-1]:  # trailing blank lines name nothing

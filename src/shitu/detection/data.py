@@ -31,7 +31,6 @@ from shitu.data.transforms.ops import UnreadableImageError, decode_rgb_image
 from shitu.detection.detector import preprocess
 from shitu.errors import DataError, first_few
 from shitu.fileio import (
-    SAVE_AS_UTF8,
     from_working_directory,
     listed_file,
     read_regular_file,
@@ -39,7 +38,7 @@ from shitu.fileio import (
     special_kind,
     text_lines,
 )
-from shitu.image_files import IMAGE_SUFFIXES, read_image_file
+from shitu.image_files import read_image_file, undecodable_text_reason
 
 logger = logging.getLogger(__name__)
 
@@ -362,12 +361,8 @@ class CocoDetection(DetectionDataset):
         except KeyError as exc:
             raise DataError(f"{path} is not a valid COCO annotation file (no {exc} key)") from None
         except UnicodeDecodeError:  # its codec's words named a byte, not the file's fault
-            kind = (
-                "an image, not JSON text"
-                if path.suffix.lower() in IMAGE_SUFFIXES
-                else f"not UTF-8 or UTF-16 text: {SAVE_AS_UTF8}"
-            )
-            raise DataError(f"{path} is not a valid COCO annotation file ({kind})") from None
+            reason = undecodable_text_reason(path, "JSON text")
+            raise DataError(f"{path} is not a valid COCO annotation file ({reason})") from None
         except (ValueError, TypeError) as exc:
             raise DataError(f"{path} is not a valid COCO annotation file ({exc})") from None
         boxes, labels, crowds = [], [], []

@@ -37,17 +37,16 @@ from shitu.data.transforms.ops import (
 )
 from shitu.errors import DataError, first_few
 from shitu.fileio import (
-    SAVE_AS_UTF8,
     from_working_directory,
     read_listing_text,
     special_kind,
     text_lines,
 )
 from shitu.image_files import (
-    IMAGE_SUFFIXES,
     header_error,
     is_header,
     read_image_file,
+    undecodable_text_reason,
     unreadable_reason,
 )
 from shitu.progress import ImageProgress
@@ -534,13 +533,8 @@ def read_lines(
     try:
         text = read_listing_text(path, f"{what}: label file {path}")
     except UnicodeDecodeError:
-        if Path(path).suffix.lower() in IMAGE_SUFFIXES:  # not to be saved as UTF-8
-            raise DataError(
-                f"{what}: label file {path} is an image, not a text file listing images"
-            ) from None
-        raise DataError(
-            f"{what}: label file {path} is not UTF-8 or UTF-16 text: {SAVE_AS_UTF8}"
-        ) from None
+        reason = undecodable_text_reason(path, "a text file listing images")
+        raise DataError(f"{what}: label file {path} is {reason}") from None
     lines = [(number, line.strip()) for number, line in enumerate(text_lines(text), 1)]
     if image_root is not None:
         for number, line in lines:
