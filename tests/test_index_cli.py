@@ -585,6 +585,32 @@ def test_index_commands_refuse_what_they_cannot_store_or_find(models, gallery_li
     assert f"{CLASSES[0]} (1.000" in shitu("index", "search", lib, image, "--model", model).stdout
 
 
+def test_a_rebuild_to_another_type_drops_the_settings_it_does_not_read(tmp_path):
+    """An IVF library's nprobe was kept on a rebuild to HNSW32 (and an ef_search on one to
+    IVF or Flat): shown by `index stats` as the library's settings, read by nothing, and in
+    force again, unasked, on a rebuild back to IVF."""
+    make_images(tmp_path / "photos" / "apple", 2)
+    lib = tmp_path / "lib"
+    built = shitu("index", "build", tmp_path / "photos", "--out", lib, "--index-type", "IVF",
+                  "--nprobe", "4")  # fmt: skip
+    assert built.returncode == 0, built.stderr
+
+    def options() -> dict:
+        return json.loads(shitu("index", "stats", lib).stdout)["backend_options"]
+
+    ivfpq = shitu("index", "rebuild", lib, "--index-type", "IVFPQ")  # reads nprobe too
+    assert ivfpq.returncode == 0 and "dropped" not in ivfpq.stderr, ivfpq.stderr
+    assert options() == {"nprobe": 4}
+    hnsw = shitu("index", "rebuild", lib, "--index-type", "HNSW32", "--ef-search", "100")
+    assert hnsw.returncode == 0, hnsw.stderr
+    assert "note: dropped the settings HNSW32 does not read: nprobe 4" in hnsw.stderr
+    assert options() == {"ef_search": 100}
+    ivf = shitu("index", "rebuild", lib, "--index-type", "IVF")
+    assert "note: dropped the settings IVF does not read: ef_search 100" in ivf.stderr
+    assert options() == {}  # IVF's default nprobe, not the 4 set before HNSW32
+    assert shitu("index", "verify", lib).returncode == 0
+
+
 def test_one_photo_listed_under_two_labels_is_reported_not_silently_dropped(
     models, gallery_list, tmp_path
 ):

@@ -48,6 +48,7 @@ from shitu.index.gallery import (
     gone_from,
 )
 from shitu.index.labels import warn_of_labels_apart_by_case
+from shitu.index.manifest import TYPED_OPTIONS
 from shitu.index.metadata import ImageEntry, LibraryBusyError
 from shitu.vectors import finite_rows
 
@@ -359,10 +360,8 @@ def _search_options(args: argparse.Namespace, index_type: str) -> dict[str, int]
     """The search settings given, each refused for an index type that never reads it (it
     would be stored and ignored)."""
     options = {}
-    for name, value, types in (
-        ("nprobe", args.nprobe, ("IVF", "IVFPQ")),
-        ("ef_search", args.ef_search, ("HNSW32",)),
-    ):
+    for name, value in (("nprobe", args.nprobe), ("ef_search", args.ef_search)):
+        types = TYPED_OPTIONS[name]
         if value is not None and index_type not in types:
             flag = "--" + name.replace("_", "-")
             raise GalleryError(
@@ -802,10 +801,17 @@ def run_rebuild(args: argparse.Namespace) -> int:
     with Gallery.open(args.library, repair=True) as gallery:  # also mends a lost index file
         options = _search_options(args, args.index_type or gallery.manifest.index_type)
         changed = args.index_type not in (None, gallery.manifest.index_type) or options
+        dropped: dict[str, Any] = {}
         if not gallery.repaired or changed:
-            gallery.rebuild(args.index_type, **options)
+            dropped = gallery.rebuild(args.index_type, **options)
         stats = gallery.stats()
     print(f"rebuilt {args.library}: {count_of(stats['images'], 'image')}, {stats['index_type']}")
+    if dropped:  # set for the type it was, they would be kept unread
+        settings = ", ".join(f"{name} {value}" for name, value in dropped.items())
+        print(
+            f"note: dropped the settings {stats['index_type']} does not read: {settings}",
+            file=sys.stderr,
+        )
     _note_untrained(stats)
     return 0
 

@@ -46,6 +46,7 @@ from shitu.index.manifest import (
     LOCATION_OPTIONS,
     SHIPPED_LIBRARY_NOTE,
     SHIPPED_MODEL_NOTE,
+    TYPED_OPTIONS,
     Manifest,
     ModelMismatchError,
     now,
@@ -1120,10 +1121,12 @@ class Gallery:
 
         return self._write(mutate)
 
-    def rebuild(self, index_type: str | None = None, **backend_options: Any) -> None:
+    def rebuild(self, index_type: str | None = None, **backend_options: Any) -> dict[str, Any]:
         """Rebuild the index from the stored features, optionally as another type and with
         other `backend_options` (the names `create` takes, e.g. `ef_search=128`), but for
-        the Milvus `uri` and `collection`: the index is rebuilt where it is."""
+        the Milvus `uri` and `collection`: the index is rebuilt where it is. The stored
+        settings the new type does not read (an IVF `nprobe` on a rebuild to HNSW32) are
+        dropped, and returned for the caller to tell."""
         self._check_usable()
         Manifest.check_backend_options(self.manifest.backend, backend_options)
         moved = [name for name in LOCATION_OPTIONS if name in backend_options]
@@ -1135,9 +1138,18 @@ class Gallery:
         updates: dict[str, Any] = {}
         if index_type is not None:
             updates["index_type"] = index_type
-        if backend_options:
-            updates["backend_options"] = {**self.manifest.backend_options, **backend_options}
+        new_type = index_type or self.manifest.index_type
+        stored = self.manifest.backend_options
+        dropped = {
+            name: value
+            for name, value in stored.items()
+            if new_type not in TYPED_OPTIONS.get(name, (new_type,)) and name not in backend_options
+        }
+        if backend_options or dropped:
+            kept = {name: value for name, value in stored.items() if name not in dropped}
+            updates["backend_options"] = {**kept, **backend_options}
         self._write(lambda: (Change(rebuild=True), None), **updates)
+        return dropped
 
     def reembed(
         self,

@@ -28,6 +28,9 @@ BACKEND_OPTIONS = {
     "faiss": ("ef_search", "nprobe"),
     "milvus": ("ef_search", "nprobe", "nlist", "uri", "collection"),
 }
+# The index types that read each setting: a rebuild to another type drops it (stored, it
+# would be carried along unread, and come back into force on a rebuild to its type).
+TYPED_OPTIONS = {"nprobe": ("IVF", "IVFPQ"), "nlist": ("IVF", "IVFPQ"), "ef_search": ("HNSW32",)}
 # Where a library's vectors are kept: chosen when it is made (rebuild takes the others).
 LOCATION_OPTIONS = ("uri", "collection")
 # A Milvus server's rule for collection names; Milvus Lite also takes others (hyphens, spaces),
