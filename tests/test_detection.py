@@ -1038,7 +1038,7 @@ def test_the_onnx_detectors_idle_threads_sleep_and_its_boxes_stay_the_same() -> 
     options = detector.session.get_session_options()
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     spinning = OnnxDetector(ONNX_416)
-    spinning._session = ort.InferenceSession(str(ONNX_416), providers=["CPUExecutionProvider"])
+    spinning._resource = ort.InferenceSession(str(ONNX_416), providers=["CPUExecutionProvider"])
     for photo in _photos():
         np.testing.assert_array_equal(detector.detect(photo), spinning.detect(photo))
 
@@ -1048,8 +1048,10 @@ def test_a_closed_onnx_detector_releases_its_session_and_refuses_calls() -> None
     photo = _photos()[0]
     with load_detector(ONNX_416) as detector:
         assert isinstance(detector, OnnxDetector) and len(detector.detect(photo))
-    assert detector._session is None and repr(detector) == "OnnxDetector(closed)"
-    with pytest.raises(ValueError, match=r"^the OnnxDetector is closed"):
+    assert detector._resource is None and repr(detector) == "OnnxDetector(closed)"
+    with pytest.raises(
+        ValueError, match=r"^the OnnxDetector is closed \(close\(\) released its session\)$"
+    ):
         detector.detect(photo)
     detector.close()  # again: nothing left to release
 
@@ -1065,7 +1067,9 @@ def test_a_torch_detector_takes_a_with_block_and_refuses_calls_once_closed(tmp_p
     with load_detector(path) as detector:
         assert isinstance(detector, TorchDetector) and len(detector.detect(photo, 0.0, 3)) == 3
     assert repr(detector) == "TorchDetector(closed)"
-    with pytest.raises(ValueError, match=r"^the TorchDetector is closed"):
+    with pytest.raises(
+        ValueError, match=r"^the TorchDetector is closed \(close\(\) released its model\)$"
+    ):
         detector.detect(photo)
     detector.close()  # again: nothing left to release
 

@@ -214,10 +214,12 @@ def test_a_closed_extractor_releases_its_runtime_and_refuses_calls(exported, bac
     files = exported["files"][:2]
     with FeatureExtractor.load(exported["dir"], backend, num_threads=1) as extractor:
         assert extractor.extract_files(files).features.shape == (2, 512)
-    assert extractor._backend is None and "closed" in repr(extractor)
+    assert extractor._resource is None and "closed" in repr(extractor)
     image = np.zeros((40, 40, 3), np.uint8)
     for call in (lambda: extractor.extract_files(files), lambda: extractor.extract_images([image])):
-        with pytest.raises(ValueError, match=r"^the FeatureExtractor is closed"):
+        with pytest.raises(
+            ValueError, match=r"^the FeatureExtractor is closed \(close\(\) released its runtime\)$"
+        ):
             call()
     extractor.close()  # again: nothing left to release
 

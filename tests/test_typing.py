@@ -19,6 +19,7 @@ CHECKED = (
     "src/shitu/detection",
     "src/shitu/inference",
     "src/shitu/vectors.py",
+    "src/shitu/closable.py",
     "src/shitu/errors.py",
     "src/shitu/values.py",
 )

@@ -16,11 +16,12 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
 from numbers import Integral
 from pathlib import Path
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 
+from shitu.closable import Closable, Resource
 from shitu.data.transforms.ops import UnreadableImageError, check_rgb_image, image_list
 from shitu.detection.boxes import cell_centres, decode_distributions, level_shapes, multiclass_nms
 from shitu.detection.input_size import check_input_size
@@ -73,32 +74,24 @@ def preprocess(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return out
 
 
-class Detector(ABC):
-    """Common front end; backends only turn a batch into (scores [B,N,C], boxes [B,N,4])."""
+class Detector(Closable[Resource], ABC):
+    """Common front end; backends only turn a batch into (scores [B,N,C], boxes [B,N,4]).
+    Every backend has close() (and `with`), releasing its model or session: `load_detector`
+    picks one by the file, and only an ONNX detector's took a `with` block."""
 
     input_size: tuple[int, int]
     class_names: tuple[str, ...] = ()
     num_classes: int | None = None  # the score width, where the model tells it
 
     def __repr__(self) -> str:
+        if self._resource is None:
+            return f"{type(self).__name__}(closed)"
         height, width = self.input_size
         return f"{type(self).__name__}(input_size={width}x{height}, classes={self.num_classes})"
 
     @abstractmethod
     def predict(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Normalised batch [B, 3, H, W] -> scores [B, N, C], boxes [B, N, 4] in input pixels."""
-
-    @abstractmethod
-    def close(self) -> None:
-        """Release the model or session; later calls raise ValueError. Every backend has it
-        (and `with`): `load_detector` picks one by the file, and only an ONNX detector's
-        took a `with` block."""
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def detect(
         self,
@@ -179,9 +172,11 @@ def _check_detect_arguments(score_threshold: float, max_boxes: int) -> None:
         raise ConfigError(f"score_threshold: expected a score from 0 to 1, got {score_threshold!r}")
 
 
-class TorchDetector(Detector):
+class TorchDetector(Detector["PicoDet"]):
+    _releases = "its model"
+
     def __init__(self, model: PicoDet, input_size: int | None = None) -> None:
-        self._model: PicoDet | None = model.eval()
+        self._resource = model.eval()
         size = check_input_size(model.arch.input_size if input_size is None else input_size)
         self.input_size = (size, size)
         self.class_names = model.arch.class_names
@@ -190,16 +185,7 @@ class TorchDetector(Detector):
     @property
     def model(self) -> PicoDet:
         """The PicoDet network; a ValueError once the detector is closed."""
-        if self._model is None:
-            raise ValueError("the TorchDetector is closed (close() released its model)")
-        return self._model
-
-    def close(self) -> None:
-        """Release the model; later calls raise ValueError."""
-        self._model = None
-
-    def __repr__(self) -> str:
-        return "TorchDetector(closed)" if self._model is None else super().__repr__()
+        return self._held()
 
     def predict(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         import torch
@@ -209,12 +195,14 @@ class TorchDetector(Detector):
         return scores.numpy(), boxes.numpy()
 
 
-class OnnxDetector(Detector):
+class OnnxDetector(Detector["InferenceSession"]):
     """onnxruntime session over a PaddleDetection PicoDet export or our `export_onnx` file.
 
     `close()` (or `with`) releases the session once the calls under way end; calls after it
     raise ValueError. Close only when no thread will call again.
     """
+
+    _releases = "its session"
 
     def __init__(self, path: str | Path, threads: int = 0) -> None:
         import onnxruntime as ort
@@ -232,7 +220,7 @@ class OnnxDetector(Detector):
             session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:
             raise CheckpointError(f"{path} cannot be opened by onnxruntime: {exc}") from None
-        self._session: InferenceSession | None = session
+        self._resource = session
         image = _single_float_input(session.get_inputs(), path)
         size = image_input_size(image.shape, path)
         if size is None:
@@ -274,16 +262,7 @@ class OnnxDetector(Detector):
     @property
     def session(self) -> InferenceSession:
         """The onnxruntime session; a ValueError once the detector is closed."""
-        if self._session is None:
-            raise ValueError("the OnnxDetector is closed (close() released its session)")
-        return self._session
-
-    def close(self) -> None:
-        """Release the onnxruntime session; later calls raise ValueError."""
-        self._session = None
-
-    def __repr__(self) -> str:
-        return "OnnxDetector(closed)" if self._session is None else super().__repr__()
+        return self._held()
 
     def _run(self, batch: np.ndarray) -> list[np.ndarray]:
         session = self.session  # the one session for every image of the batch

@@ -21,6 +21,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from shitu.closable import Closable
 from shitu.data.transforms.ops import UnreadableImageError, image_list
 from shitu.errors import CheckpointError, ConfigError
 from shitu.fileio import expanded_path, file_sha256, is_given_path
@@ -87,7 +88,7 @@ def _precision_fingerprint(manifest: dict[str, Any], precision: str) -> str:
     return hashlib.sha256(f"{fingerprint}:{precision}:{detail}".encode()).hexdigest()
 
 
-class FeatureExtractor:
+class FeatureExtractor(Closable[Backend]):
     """Image files or arrays -> L2-normalised embeddings, with an exported model's own
     preprocessing. Build with `FeatureExtractor.load(model_dir)`.
 
@@ -99,6 +100,8 @@ class FeatureExtractor:
     again: one that starts as close runs may get either.
     """
 
+    _releases = "its runtime"
+
     def __init__(
         self,
         backend: Backend,
@@ -108,7 +111,7 @@ class FeatureExtractor:
         workers: int | None = None,
         score_thres: float | None = None,
     ) -> None:
-        self._backend: Backend | None = backend
+        self._resource = backend
         self._preprocessing = preprocessing
         self.embedding_size = embedding_size
         self.fingerprint = fingerprint
@@ -225,10 +228,10 @@ class FeatureExtractor:
         return extractor
 
     def __repr__(self) -> str:
-        if self._backend is None:
+        if self._resource is None:
             return f"FeatureExtractor(closed, fingerprint='{self.fingerprint[:12]}...')"
         return (
-            f"FeatureExtractor(backend={self._backend.name!r}, "
+            f"FeatureExtractor(backend={self._resource.name!r}, "
             f"embedding_size={self.embedding_size}, fingerprint='{self.fingerprint[:12]}...', "
             f"score_thres={self.score_thres})"
         )
@@ -236,19 +239,7 @@ class FeatureExtractor:
     @property
     def backend(self) -> Backend:
         """The runtime that embeds; a ValueError once the extractor is closed."""
-        if self._backend is None:
-            raise ValueError("the FeatureExtractor is closed (close() released its runtime)")
-        return self._backend
-
-    def close(self) -> None:
-        """Release the runtime (its session or model); later calls raise ValueError."""
-        self._backend = None
-
-    def __enter__(self) -> FeatureExtractor:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        return self._held()
 
     @property
     def preprocessing(self) -> dict:
