@@ -1114,6 +1114,21 @@ def test_16_bit_grey_keeps_its_top_8_bits_as_opencv_does():
     assert np.array_equal(decoded, decode_rgb(buffer.getvalue()))  # as inference reads it
 
 
+def test_a_16_bit_grey_pngs_transparent_level_is_shown_on_white():
+    """A 16-bit grey PNG's transparent level (its tRNS) was dropped, where 8-bit grey's
+    and 16-bit RGB's are shown on white: a black logo on a transparent background was a
+    black square. Level 1 is no transparent 0, though its top 8 bits are."""
+    levels = np.zeros((4, 6), np.uint16)  # transparent black around the logo
+    levels[1:3, 2:4] = 1  # the logo: opaque, nearly black
+    levels[0, 0] = 65535  # opaque white
+    buffer = io.BytesIO()
+    Image.fromarray(levels).save(buffer, format="PNG", transparency=0)
+    decoded = DecodeImage()(buffer.getvalue())
+    expected = np.where(levels == 0, 255, levels >> 8).astype(np.uint8)
+    assert np.array_equal(decoded, np.repeat(expected[..., None], 3, axis=2))
+    assert np.array_equal(decoded, decode_rgb(buffer.getvalue()))  # as inference reads it
+
+
 def tiff_bytes(values: np.ndarray, mode: str) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(values, mode=mode).save(buffer, format="TIFF")

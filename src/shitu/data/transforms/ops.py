@@ -227,9 +227,14 @@ def to_rgb8(image: Image.Image) -> Image.Image:
     """8-bit RGB. Pillow converts 16-bit and 32-bit grey by clipping at 255 (nearly all
     white): 16-bit grey keeps its top 8 bits instead, as OpenCV (PaddleClas's decoder)
     does, and 32-bit integer and float grey are scaled by `grey_levels`. Transparent
-    parts are shown on white (see `on_white`)."""
+    parts are shown on white (see `on_white`), a 16-bit grey PNG's transparent level (its
+    tRNS) too: told apart by all 16 bits, as levels that share their top 8 may not be."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
-        image = Image.fromarray((np.asarray(image) >> 8).astype(np.uint8))
+        levels, transparent = np.asarray(image), image.info.get("transparency")
+        image = Image.fromarray((levels >> 8).astype(np.uint8))
+        if isinstance(transparent, int):
+            alpha = Image.fromarray(np.where(levels == transparent, 0, 255).astype(np.uint8))
+            return on_white(Image.merge("LA", (image, alpha)))
     elif image.mode in ("I", "F"):
         image = Image.fromarray(grey_levels(np.asarray(image)))
     elif image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
