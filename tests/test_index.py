@@ -1644,9 +1644,68 @@ def test_unknown_index_options_and_wrong_values_are_refused(tmp_path):
         with pytest.raises(GalleryError, match="ef_search must be a whole number >= 1, got 1.5"):
             gallery.rebuild(ef_search=1.5)
         assert gallery.manifest.generation == 1
-        gallery.rebuild(ef_search=128, nprobe=4)
-        assert gallery.manifest.backend_options == {"ef_search": 128, "nprobe": 4}
+        gallery.rebuild(ef_search=128)
+        assert gallery.manifest.backend_options == {"ef_search": 128}
         assert gallery.search(clustered(1, DIM), k=3).found.all()
+
+
+def test_a_setting_the_index_type_never_reads_is_refused_by_create_and_rebuild(tmp_path):
+    """`Gallery.create(index_type="Flat", backend_options={"nprobe": 4})` stored the setting,
+    which Flat never reads, and `rebuild` kept one given for a type that does not read it:
+    the CLI refused both (`--nprobe: only with --index-type ...`), Python took them."""
+    path = tmp_path / "lib"
+    for backend, index_type, options, expected in [
+        (
+            "faiss",
+            "Flat",
+            {"nprobe": 4},
+            "index option nprobe: only with index_type IVF or IVFPQ (not Flat)",
+        ),
+        (
+            "faiss",
+            "IVF",
+            {"ef_search": 32},
+            "index option ef_search: only with index_type HNSW32 (not IVF)",
+        ),
+        (
+            "milvus",
+            "HNSW32",
+            {"nlist": 64},
+            "index option nlist: only with index_type IVF or IVFPQ (not HNSW32)",
+        ),
+    ]:
+        with pytest.raises(GalleryError) as caught:
+            new_gallery(path, backend=backend, index_type=index_type, backend_options=options)
+        assert str(caught.value) == expected
+        assert not path.exists()
+    with new_gallery(path, index_type="Flat") as gallery:
+        gallery.add(clustered(20, DIM), labels_for(20))
+        for call, expected in [
+            (
+                lambda: gallery.rebuild(nprobe=4),
+                "nprobe: only with index_type IVF or IVFPQ (not Flat)",
+            ),
+            (
+                lambda: gallery.rebuild("HNSW32", nprobe=4),
+                "nprobe: only with index_type IVF or IVFPQ (not HNSW32)",
+            ),
+            (
+                lambda: gallery.rebuild("IVF", ef_search=64),
+                "ef_search: only with index_type HNSW32 (not IVF)",
+            ),
+        ]:
+            with pytest.raises(GalleryError, match=re.escape(expected)):
+                call()
+            assert gallery.manifest.index_type == "Flat"
+            assert gallery.manifest.backend_options == {}
+            assert gallery.manifest.generation == 1
+        assert gallery.rebuild("IVF", nprobe=4) == {}
+        assert gallery.manifest.backend_options == {"nprobe": 4}
+    with Gallery.open(path) as gallery:
+        assert (gallery.manifest.index_type, gallery.manifest.backend_options) == (
+            "IVF",
+            {"nprobe": 4},
+        )
 
 
 def test_a_string_where_a_list_belongs_is_not_read_a_character_at_a_time(tmp_path):

@@ -333,6 +333,29 @@ def test_a_rebuild_is_refused_another_collection_or_milvus_file(tmp_path):
     ]
 
 
+def test_a_milvus_setting_its_index_type_never_reads_is_refused_and_a_rebuild_drops_it(tmp_path):
+    """Milvus reads `nlist` and `nprobe` on IVF (IVF_FLAT) and IVFPQ, `ef_search` on HNSW32,
+    none on Flat, as Faiss does: a library was made holding `nlist` for a Flat collection."""
+    with pytest.raises(GalleryError) as caught:
+        Gallery.create(tmp_path / "flat", embedding_dim=DIM, model_fingerprint="m",
+                       backend="milvus", backend_options={"nlist": 8})  # fmt: skip
+    assert str(caught.value) == "index option nlist: only with index_type IVF or IVFPQ (not Flat)"
+    assert not (tmp_path / "flat").exists()
+    queries = clustered(4, DIM, seed=15)
+    with Gallery.create(tmp_path / "lib", embedding_dim=DIM, model_fingerprint="m",
+                        backend="milvus", index_type="IVF",
+                        backend_options={"nlist": 4, "nprobe": 4}) as gallery:  # fmt: skip
+        gallery.add(clustered(30, DIM), [f"item {i % 9}" for i in range(30)])
+        with pytest.raises(GalleryError, match=r"nlist: only with index_type IVF or IVFPQ \(not"):
+            gallery.rebuild("HNSW32", nlist=8)
+        assert gallery.rebuild("HNSW32", ef_search=32) == {"nlist": 4, "nprobe": 4}
+        found = gallery.search(queries, k=3).ids
+    with Gallery.open(tmp_path / "lib") as gallery:
+        assert gallery.manifest.index_type == "HNSW32" and gallery.verify() == []
+        assert gallery.manifest.backend_options == {"ef_search": 32}
+        np.testing.assert_array_equal(gallery.search(queries, k=3).ids, found)
+
+
 def test_an_empty_milvus_library_searches_verifies_and_reopens_as_faiss_does(tmp_path):
     """New, and emptied by removing every image: padding only, and no problem found."""
     queries = clustered(2, DIM, seed=17)

@@ -48,7 +48,6 @@ from shitu.index.gallery import (
     gone_from,
 )
 from shitu.index.labels import warn_of_labels_apart_by_case
-from shitu.index.manifest import TYPED_OPTIONS
 from shitu.index.metadata import ImageEntry, LibraryBusyError
 from shitu.vectors import finite_rows
 
@@ -67,6 +66,7 @@ COUNTED_FAILURES = 10
 ADD_PART = 2048
 # The Milvus settings of `index build`, by the flags that give them.
 MILVUS_FLAGS = {"uri": "--milvus-uri", "collection": "--milvus-collection"}
+SEARCH_FLAGS = {"nprobe": "--nprobe", "ef_search": "--ef-search", "index_type": "--index-type"}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -358,17 +358,10 @@ def _add_search_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _search_options(args: argparse.Namespace, index_type: str) -> dict[str, int]:
     """The search settings given, each refused for an index type that never reads it (it
-    would be stored and ignored)."""
-    options = {}
-    for name, value in (("nprobe", args.nprobe), ("ef_search", args.ef_search)):
-        types = TYPED_OPTIONS[name]
-        if value is not None and index_type not in types:
-            flag = "--" + name.replace("_", "-")
-            raise GalleryError(
-                f"{flag}: only with --index-type {' or '.join(types)} (not {index_type})"
-            )
-        if value is not None:
-            options[name] = value
+    would be stored and ignored): before the model loads, named as typed."""
+    given = {"nprobe": args.nprobe, "ef_search": args.ef_search}
+    options = {name: value for name, value in given.items() if value is not None}
+    Manifest.check_typed_options(index_type, options, SEARCH_FLAGS)
     return options
 
 

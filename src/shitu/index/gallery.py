@@ -43,6 +43,7 @@ from shitu.index.labels import BadLabelError, GalleryItem, check_label, normal_f
 from shitu.index.locking import ReadWriteLock
 from shitu.index.manifest import (
     BACKENDS,
+    INDEX_TYPES,
     LOCATION_OPTIONS,
     SHIPPED_LIBRARY_NOTE,
     SHIPPED_MODEL_NOTE,
@@ -388,11 +389,12 @@ class Gallery:
         (IVF lists searched per query, default nlist/16, at least 8); for Milvus those two
         (`nprobe` default 16), `nlist` (IVF lists, default 1024), `uri` (a Milvus Lite `.db`
         file in the library, default `milvus.db`, or a server's `http://host:19530`) and
-        `collection` (default `shitu_gallery`). Faiss's own names (`efSearch`) are refused.
-        A Milvus collection that holds vectors is refused as another library's, unless
-        `replace_collection`, which drops them: a collection that no library uses any more
-        (its library deleted, or a build killed outright) can be built into again; one that
-        the library it was made for (recorded in it) still uses is refused all the same.
+        `collection` (default `shitu_gallery`). Faiss's own names (`efSearch`) are refused,
+        and so is a setting `index_type` never reads (`nprobe` on Flat). A Milvus collection
+        that holds vectors is refused as another library's, unless `replace_collection`,
+        which drops them: a collection that no library uses any more (its library deleted,
+        or a build killed outright) can be built into again; one that the library it was
+        made for (recorded in it) still uses is refused all the same.
         """
         root = folder_place(_library_path(path))
         _refuse_non_utf8_root(root)
@@ -420,6 +422,7 @@ class Gallery:
             index_type=index_type,
             backend_options=backend_options or {},
         )
+        Manifest.check_typed_options(index_type, manifest.backend_options)  # values first
         root.parent.mkdir(parents=True, exist_ok=True)
         # Staged as a build is: a write that fails (a full disk) or is interrupted leaves
         # no folder beside `path`, and one killed outright is removed by the next.
@@ -1126,7 +1129,8 @@ class Gallery:
         other `backend_options` (the names `create` takes, e.g. `ef_search=128`), but for
         the Milvus `uri` and `collection`: the index is rebuilt where it is. The stored
         settings the new type does not read (an IVF `nprobe` on a rebuild to HNSW32) are
-        dropped, and returned for the caller to tell."""
+        dropped, and returned for the caller to tell; one given that it does not read is
+        refused, as `create` refuses it."""
         self._check_usable()
         Manifest.check_backend_options(self.manifest.backend, backend_options)
         moved = [name for name in LOCATION_OPTIONS if name in backend_options]
@@ -1139,6 +1143,8 @@ class Gallery:
         if index_type is not None:
             updates["index_type"] = index_type
         new_type = index_type or self.manifest.index_type
+        if new_type in INDEX_TYPES:  # an unknown type is refused by name when written
+            Manifest.check_typed_options(new_type, backend_options)
         stored = self.manifest.backend_options
         dropped = {
             name: value

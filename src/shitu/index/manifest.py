@@ -130,6 +130,23 @@ class Manifest:
                     f"letters, digits and underscores, at most 255 in all, got {value!r}"
                 )
 
+    @staticmethod
+    def check_typed_options(
+        index_type: str, options: Mapping[str, Any], flags: Mapping[str, str] | None = None
+    ) -> None:
+        """Refuse a setting `index_type` never reads (an IVF `nprobe` on a Flat index): it
+        would be stored and ignored. `flags` names the options, `index_type` among them, as
+        the caller's user gave them (`nprobe`: `--nprobe`)."""
+        named = flags or {}
+        for name in options:
+            types = TYPED_OPTIONS.get(name, (index_type,))
+            if index_type not in types:
+                given = named.get(name, f"index option {name}")
+                raise GalleryError(
+                    f"{given}: only with {named.get('index_type', 'index_type')} "
+                    f"{' or '.join(types)} (not {index_type})"
+                )
+
     def to_json(self) -> str:
         """The manifest as the library stores it."""
         return json.dumps(asdict(self), indent=2, sort_keys=True)
