@@ -363,6 +363,29 @@ def test_a_library_built_again_at_its_path_is_served_without_a_restart(serving_l
         server.stop()
 
 
+def test_a_rebuild_answers_the_settings_the_new_index_type_drops(serving_library, tmp_path):
+    """A rebuild as another type drops the stored search settings it does not read (an IVF
+    nprobe on HNSW32), as `shitu index rebuild` does with a note: the answer did not say so."""
+    server = ServerProcess(serving_library, tmp_path)
+    try:
+        with Gallery.open(server.gallery) as gallery:  # another process's write: loaded
+            gallery.rebuild("IVF", nprobe=4)
+        with httpx.Client(base_url=server.url, timeout=60) as http:
+            rebuilt = http.post("/v1/gallery/rebuild", json={"index_type": "HNSW32"})
+            assert rebuilt.status_code == 200, rebuilt.text
+            assert rebuilt.json()["index_type"] == "HNSW32"
+            assert rebuilt.json()["dropped_settings"] == {"nprobe": 4}
+            again = http.post("/v1/gallery/rebuild")
+            assert again.status_code == 200 and again.json()["dropped_settings"] == {}
+            spec = http.get("/openapi.json").json()["components"]["schemas"]
+            assert "dropped_settings" in spec["RebuildResponse"]["properties"]
+        with Gallery.open(server.gallery) as gallery:
+            assert gallery.manifest.index_type == "HNSW32"
+            assert gallery.manifest.backend_options == {}
+    finally:
+        server.stop()
+
+
 # ------------------------------------------------------------------------------ bad input
 
 

@@ -625,14 +625,15 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
 
     @app.post(
         "/v1/gallery/rebuild",
-        response_model=schemas.GalleryInfo,
+        response_model=schemas.RebuildResponse,
         dependencies=api_write,
         responses=ERRORS,
         tags=["gallery"],
     )
-    async def rebuild(body: schemas.RebuildRequest | None = None) -> schemas.GalleryInfo:
-        """Rebuild the search index from the stored features (optionally as another type)."""
+    async def rebuild(body: schemas.RebuildRequest | None = None) -> schemas.RebuildResponse:
+        """Rebuild the search index from the stored features (optionally as another type),
+        dropping the stored search settings the new type does not read."""
         stats = await run_in_threadpool(service.rebuild, body.index_type if body else None)
-        return schemas.GalleryInfo.of(stats)
+        return schemas.RebuildResponse.of(stats)
 
     return app

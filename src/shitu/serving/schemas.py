@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Self
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -131,8 +131,16 @@ class GalleryInfo(BaseModel):
     updated_at: str | None = None
 
     @classmethod
-    def of(cls, stats: dict[str, Any]) -> GalleryInfo:
+    def of(cls, stats: dict[str, Any]) -> Self:
         return cls.model_validate({k: v for k, v in stats.items() if k in cls.model_fields})
+
+
+class RebuildResponse(GalleryInfo):
+    dropped_settings: dict[str, int] = Field(
+        default_factory=dict,
+        description="the stored search settings the new index type does not read, dropped "
+        '(an IVF library\'s {"nprobe": 8} on a rebuild as HNSW32); empty where none was',
+    )
 
 
 class Limits(BaseModel):

@@ -298,14 +298,14 @@ class RecognitionService:
                 f"choose one of {', '.join(INDEX_TYPES)}"
             )
 
-        def rebuild(gallery: Gallery) -> None:
-            gallery.rebuild(index_type)
+        def rebuild(gallery: Gallery) -> dict[str, Any]:
+            return gallery.rebuild(index_type)
 
         try:
-            self.library.edit(lambda: self.library.write(rebuild))
+            dropped = self.library.edit(lambda: self.library.write(rebuild))
         except UnsupportedIndexError as exc:  # the request's choice, not the server's failure
             raise BadRequest(str(exc)) from None
-        return self.library.snapshot.stats
+        return {**self.library.snapshot.stats, "dropped_settings": dropped}
 
     # ------------------------------------------------------------------------- files
 
