@@ -90,10 +90,15 @@ def listen_host(value: str) -> str:
     return value[1:-1] if value.startswith("[") and value.endswith("]") else value
 
 
+def _host_name(value: str) -> str:
+    """A host name as compared: in lower case, without the trailing dot of its fully
+    qualified form (`shop.example.`, `LOCALHOST.`: the same names)."""
+    return value.lower().removesuffix(".")
+
+
 def allowed_host(value: str) -> str:
-    """A host name as a Host header carries it, without a port: compared in lower case,
-    without the trailing dot of its fully qualified form (`shop.example.`)."""
-    name = value.strip().lower().removesuffix(".")
+    """A host name as a Host header carries it, without a port, as `_host_name` compares it."""
+    name = _host_name(value.strip())
     if not name or any(char in name for char in "/:[] "):
         raise argparse.ArgumentTypeError(
             f"expected a host name (shop.example), without a scheme, port or path: {value!r}"
@@ -229,7 +234,7 @@ def _is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
-        return host.lower().removesuffix(".") == "localhost"
+        return _host_name(host) == "localhost"
 
 
 def _server_that_stops_waiting(server: type[Server], library: SharedLibrary) -> type[Server]:
