@@ -1146,10 +1146,10 @@ class Gallery:
         if new_type in INDEX_TYPES:  # an unknown type is refused by name when written
             Manifest.check_typed_options(new_type, backend_options)
         stored = self.manifest.backend_options
-        dropped = {
+        dropped = {  # those given were checked above: the new type reads them
             name: value
             for name, value in stored.items()
-            if new_type not in TYPED_OPTIONS.get(name, (new_type,)) and name not in backend_options
+            if new_type not in TYPED_OPTIONS.get(name, (new_type,))
         }
         if backend_options or dropped:
             kept = {name: value for name, value in stored.items() if name not in dropped}
