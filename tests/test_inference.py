@@ -755,8 +755,9 @@ def test_export_removes_the_staging_folders_of_killed_exports(exported, tmp_path
 
 
 def test_fingerprint_covers_weightless_arch_settings_but_not_training_ones(exported, tmp_path):
-    """The same weights without the last activation give other features, so another
-    fingerprint (a gallery must refuse them); frozen layers only matter to training."""
+    """The same weights with the last activation (the ShiTu preset leaves it out) give
+    other features, so another fingerprint (a gallery must refuse them); frozen layers only
+    matter to training."""
     config, weights = exported["config"], exported["dir"] / "model.safetensors"
 
     def fingerprint_of(name: str, **arch) -> str:
@@ -765,10 +766,38 @@ def test_fingerprint_covers_weightless_arch_settings_but_not_training_ones(expor
             "fingerprint"
         ]
 
-    backbone = config.Arch.Backbone.model_copy(update={"last_act": False})
+    backbone = config.Arch.Backbone.model_copy(update={"last_act": True})
     plain = fingerprint_of("plain")
     assert fingerprint_of("frozen", frozen_layers=["backbone.stem"]) == plain
-    assert fingerprint_of("no_last_act", Backbone=backbone) != plain
+    assert fingerprint_of("last_act", Backbone=backbone) != plain
+
+
+def test_settings_written_out_at_their_defaults_keep_the_fingerprint(exported, grocery, tmp_path):
+    """`shitu export -o Arch.Backbone.last_stride=1` (the ShiTu preset's own) builds the
+    model that leaving it out does: its fingerprint differed, so a library built with one
+    export refused the other. A setting at another value still changes it."""
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text(TINY_CONFIG.format(size=SIZE, root=grocery))
+    weights = f"Global.pretrained_model={exported['dir'] / 'model.safetensors'}"
+
+    def fingerprint_of(name: str, *overrides: str) -> str:
+        command = [sys.executable, "-m", "shitu", "export", "-c", str(config_file), "--compact"]
+        for override in (weights, *overrides):
+            command += ["-o", override]
+        made = subprocess.run([*command, "--out", str(tmp_path / name)], capture_output=True,
+                              text=True)  # fmt: skip
+        assert made.returncode == 0, made.stderr
+        return read_manifest(tmp_path / name)["fingerprint"]
+
+    implicit = fingerprint_of("implicit")
+    defaults = (
+        "Arch.Backbone.last_stride=1",
+        "Arch.Backbone.act=relu",
+        "Arch.Neck.bias_frozen=true",
+    )
+    assert fingerprint_of("explicit", *defaults) == implicit
+    assert FeatureExtractor.load(tmp_path / "explicit", backend="torch").fingerprint == implicit
+    assert fingerprint_of("other", "Arch.Backbone.last_act=true") != implicit
 
 
 def test_a_version_1_export_loads_under_its_own_fingerprint(exported, tmp_path, monkeypatch):
@@ -1470,7 +1499,7 @@ def test_compact_export_is_half_the_size_and_rebuilds_its_onnx_model_once(
 
     # A manifest edited by hand no longer matches what its weights and arch give: an
     # activation changed (other features), or the fingerprint itself.
-    for name, edit in (("relu", ("arch", "relu")), ("edited", ("fingerprint", "f" * 64))):
+    for name, edit in (("hardswish", ("arch", "hardswish")), ("edited", ("fingerprint", "f" * 64))):
         edited = shutil.copytree(compact, tmp_path / name)
         record = json.loads((edited / "shitu_model.json").read_text())
         if edit[0] == "arch":

@@ -28,7 +28,7 @@ from torch import nn
 
 from shitu import __version__, registry
 from shitu.checkpoint import load_weights, model_metadata, save_weights
-from shitu.checkpoint.io import WEIGHT_SUFFIXES, non_finite_tensors
+from shitu.checkpoint.io import WEIGHT_SUFFIXES, non_finite_tensors, without_defaults
 from shitu.config import ArchConfig, ShituConfig, load_config
 from shitu.errors import CheckpointError, ConfigError, did_you_mean, first_few
 from shitu.fileio import (
@@ -84,11 +84,31 @@ class FeaturesOnly(nn.Module):
         return self.model(images)[self.output_key]
 
 
+# Component settings an export records even at their default, filled in where a config
+# leaves them out: the shipped model's arch, which its fingerprint covers, has BNNeck's
+# bias_frozen written out (as both shipped configs write it), and the libraries built with
+# it must keep taking the same weights exported again.
+RECORDED_AT_DEFAULT = {"BNNeck": ("bias_frozen",)}
+
+
 def inference_arch(arch: ArchConfig) -> dict[str, Any]:
-    """The Arch without head, and without `pretrained` (the weights come from the export)."""
+    """The Arch without head, without `pretrained` (the weights come from the export) and
+    with its components' settings at their defaults recorded one way (left out, except
+    RECORDED_AT_DEFAULT's): the fingerprint covers the arch as recorded, and a config that
+    writes a default out (`-o Arch.Backbone.last_stride=1`) builds the model that one
+    leaving it out does, whose libraries must take either export."""
     data = arch.model_dump(mode="json")
     data["Head"] = None
     data["Backbone"].pop("pretrained", None)
+    for section, components in (("Backbone", registry.BACKBONES), ("Neck", registry.NECKS)):
+        if data[section] is None:
+            continue
+        # as given where the component is not registered: its defaults are unknown
+        settings = without_defaults(data[section], components)
+        name = settings["name"]
+        for key in RECORDED_AT_DEFAULT.get(name, ()) if name in components else ():
+            settings.setdefault(key, components.params_model(name).model_fields[key].default)
+        data[section] = settings
     return data
 
 
