@@ -795,8 +795,11 @@ def test_settings_written_out_at_their_defaults_keep_the_fingerprint(exported, g
         "Arch.Backbone.act=relu",
         "Arch.Neck.bias_frozen=true",
     )
+    # null takes the default; a preset's fixed value may be given at that value
+    as_left_out = ("Arch.Backbone.dropout_prob=null", "Arch.Backbone.depths=[2, 2, 4, 2]")
     assert fingerprint_of("explicit", *defaults) == implicit
     assert FeatureExtractor.load(tmp_path / "explicit", backend="torch").fingerprint == implicit
+    assert fingerprint_of("as_left_out", *as_left_out) == implicit
     assert fingerprint_of("other", "Arch.Backbone.last_act=true") != implicit
 
 
