@@ -846,6 +846,26 @@ def test_average_weights_refuses_files_of_different_models(tmp_path):
     assert not (tmp_path / "o.safetensors").exists()
 
 
+def test_average_takes_runs_whose_arch_writes_a_default_as_null_or_a_presets_value(tmp_path):
+    """`dropout_prob: null` takes the default and `depths: [2, 2, 4, 2]` is the value that
+    PPLCNetV2_small_ShiTu fixes: both build the model leaving them out builds, but were
+    compared as written, so `shitu average` refused the soup as of two models."""
+    model = make_model()
+    state = model.state_dict()
+    base = save_weights(state, tmp_path / "a.safetensors", model_metadata(model, ARCH))
+    spelt = dict(ARCH, Backbone=dict(ARCH["Backbone"], dropout_prob=None, depths=[2, 2, 4, 2]))
+    other = save_weights(state, tmp_path / "b.safetensors", model_metadata(model, spelt))
+    soup = tmp_path / "soup.safetensors"
+    result = run_shitu("average", str(base), str(other), "--out", str(soup))
+    assert result.returncode == 0, result.stderr
+    assert read_weights(soup)[1] == read_weights(base)[1]
+    stride = dict(spelt, Backbone=dict(spelt["Backbone"], last_stride=2))  # not its default
+    stride = save_weights(state, tmp_path / "c.safetensors", model_metadata(model, stride))
+    result = run_shitu("average", str(base), str(stride), "--out", str(soup))
+    assert result.returncode != 0
+    assert "Backbone.last_stride 2 (a.safetensors's at its default)" in result.stderr
+
+
 def test_averaging_an_export_with_a_training_run_says_to_leave_the_head_out(tmp_path):
     """An export's weights have no head, a training run's have one: the error said the
     Head differs, not that `shitu convert --no-head` makes the two averageable."""

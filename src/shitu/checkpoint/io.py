@@ -18,7 +18,7 @@ from torch import nn
 from shitu.checkpoint.paddle import paddle_to_torch, read_pdparams, refuse_unmapped
 from shitu.config.schema import TRAINING_ONLY_ARCH
 from shitu.engine.state import training_state_kind
-from shitu.errors import CheckpointError, first_few
+from shitu.errors import CheckpointError, ConfigError, first_few
 from shitu.fileio import (
     from_working_directory,
     refuse_non_utf8_path,
@@ -343,7 +343,8 @@ def weight_shaping_arch(arch: dict[str, Any]) -> dict[str, Any]:
     """An Arch config (as JSON data) without its training-only settings (frozen layers, a
     margin head's margin and scale), without where the backbone's starting weights came
     from (soups mix runs that differ only there) and without component settings written
-    out at their defaults (`bias_frozen: true` builds BNNeck as leaving it out does)."""
+    out at their defaults (`bias_frozen: true` builds BNNeck as leaving it out does), null or
+    at a preset's fixed value (`settings_as_built`)."""
     shaping = {name: value for name, value in arch.items() if name not in TRAINING_ONLY_ARCH}
     for section, left_out in (
         ("Backbone", ("pretrained",)),
@@ -351,7 +352,7 @@ def weight_shaping_arch(arch: dict[str, Any]) -> dict[str, Any]:
         ("Head", _TRAINING_LOGIT_HEAD_SETTINGS),
     ):
         if isinstance(shaping.get(section), dict):
-            settings = without_defaults(shaping[section], _COMPONENT_REGISTRIES[section])
+            settings = settings_as_built(shaping[section], _COMPONENT_REGISTRIES[section])
             shaping[section] = {name: v for name, v in settings.items() if name not in left_out}
     return shaping
 
@@ -372,6 +373,37 @@ def without_defaults(settings: dict[str, Any], components: Registry) -> dict[str
         key: value
         for key, value in settings.items()
         if key not in fields or fields[key].is_required() or fields[key].default != value
+    }
+
+
+def settings_as_built(settings: dict[str, Any], components: Registry) -> dict[str, Any]:
+    """A component's section (JSON data) without the settings that build what leaving them
+    out builds: at the default, null (which takes it) or at the value a preset fixes
+    (`depths` of a PP-LCNetV2 preset), compared as the component reads them and kept as
+    written. As given where the component is not registered (a file of another version),
+    as its defaults are unknown; where its settings do not validate, `without_defaults`."""
+    populate()
+    name = settings.get("name")
+    if not isinstance(name, str) or name not in components:
+        return settings
+    given = {key: value for key, value in settings.items() if key != "name"}
+    try:
+        validated = components.validate(name, given)  # typed; a preset's fixed values left out
+    except ConfigError:
+        return without_defaults(settings, components)
+    fields = components.params_model(name).model_fields
+    return {
+        "name": name,
+        **{
+            key: value
+            for key, value in given.items()
+            if key in validated
+            and (
+                key not in fields
+                or fields[key].is_required()
+                or validated[key] != fields[key].default
+            )
+        },
     }
 
 

@@ -28,7 +28,7 @@ from torch import nn
 
 from shitu import __version__, registry
 from shitu.checkpoint import load_weights, model_metadata, save_weights
-from shitu.checkpoint.io import WEIGHT_SUFFIXES, non_finite_tensors
+from shitu.checkpoint.io import WEIGHT_SUFFIXES, non_finite_tensors, settings_as_built
 from shitu.config import ArchConfig, ShituConfig, load_config
 from shitu.errors import CheckpointError, ConfigError, did_you_mean, first_few
 from shitu.fileio import (
@@ -93,42 +93,22 @@ RECORDED_AT_DEFAULT = {"BNNeck": ("bias_frozen",)}
 
 def inference_arch(arch: ArchConfig) -> dict[str, Any]:
     """The Arch without head, without `pretrained` (the weights come from the export) and
-    with its components' settings at their defaults recorded one way (`_recorded_settings`):
-    the fingerprint covers the arch as recorded, and a config that writes a default out
-    (`-o Arch.Backbone.last_stride=1`) builds the model that one leaving it out does, whose
+    with its components' settings at their defaults recorded one way (left out by
+    `settings_as_built`, RECORDED_AT_DEFAULT's written out): the fingerprint covers the
+    arch as recorded, and a config that writes a default out (`-o
+    Arch.Backbone.last_stride=1`) builds the model that one leaving it out does, whose
     libraries must take either export."""
     data = arch.model_dump(mode="json")
     data["Head"] = None
     data["Backbone"].pop("pretrained", None)
     for section, components in (("Backbone", registry.BACKBONES), ("Neck", registry.NECKS)):
-        if data[section] is not None:
-            data[section] = _recorded_settings(data[section], components)
+        if data[section] is None:
+            continue
+        settings = data[section] = settings_as_built(data[section], components)
+        name = settings["name"]
+        for key in RECORDED_AT_DEFAULT.get(name, ()) if name in components else ():
+            settings.setdefault(key, components.params_model(name).model_fields[key].default)
     return data
-
-
-def _recorded_settings(settings: dict[str, Any], components: registry.Registry) -> dict[str, Any]:
-    """A component's section (JSON data) without the settings that build what leaving them
-    out builds: at the default, null (which takes it) or at a value its preset fixes
-    (`depths` of a PP-LCNetV2 preset); RECORDED_AT_DEFAULT's written out. As given where
-    the component is not registered: its defaults are unknown."""
-    registry.populate()
-    name = settings["name"]
-    if name not in components:
-        return settings
-    given = {key: value for key, value in settings.items() if key != "name"}
-    validated = components.validate(name, given)  # typed; a preset's fixed values left out
-    fields = components.params_model(name).model_fields
-    recorded = {
-        key: value
-        for key, value in given.items()
-        if key in validated
-        and (
-            key not in fields or fields[key].is_required() or validated[key] != fields[key].default
-        )
-    }
-    for key in RECORDED_AT_DEFAULT.get(name, ()):
-        recorded.setdefault(key, fields[key].default)
-    return {"name": name, **recorded}
 
 
 def export_model(
