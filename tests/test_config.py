@@ -1337,9 +1337,9 @@ def test_a_shipped_name_with_a_copy_of_that_name_here_is_refused(tmp_path, monke
     shipped = resolve_config_path("GroceryStore_EfficientNetLite0")
     monkeypatch.chdir(tmp_path)
     copy = tmp_path / shipped.name
-    copy.write_text(shipped.read_text().replace("epochs: 30", "epochs: 3"))
+    copy.write_text(shipped.read_text().replace("epochs: 40", "epochs: 3"))
     with pytest.raises(ConfigError, match=r"and GroceryStore_EfficientNetLite0\.yaml in"):
         load_config("GroceryStore_EfficientNetLite0")
     assert load_config(copy.name).Global.epochs == 3  # the file named: no doubt
     assert load_config(f"./{copy.name}").Global.epochs == 3
-    assert load_config(str(shipped)).Global.epochs == 30
+    assert load_config(str(shipped)).Global.epochs == 40
