@@ -47,10 +47,10 @@ from shitu.index.manifest import (
     LOCATION_OPTIONS,
     SHIPPED_LIBRARY_NOTE,
     SHIPPED_MODEL_NOTE,
-    TYPED_OPTIONS,
     Manifest,
     ModelMismatchError,
     now,
+    unread_options,
 )
 from shitu.index.metadata import LIBRARY_FILE, ImageEntry, MetadataStore, NewImage
 from shitu.values import is_whole_number
@@ -1146,11 +1146,7 @@ class Gallery:
         if new_type in INDEX_TYPES:  # an unknown type is refused by name when written
             Manifest.check_typed_options(new_type, backend_options)
         stored = self.manifest.backend_options
-        dropped = {  # those given were checked above: the new type reads them
-            name: value
-            for name, value in stored.items()
-            if new_type not in TYPED_OPTIONS.get(name, (new_type,))
-        }
+        dropped = unread_options(new_type, stored)  # those given: read, as checked above
         if backend_options or dropped:
             kept = {name: value for name, value in stored.items() if name not in dropped}
             updates["backend_options"] = {**kept, **backend_options}

@@ -31,11 +31,22 @@ BACKEND_OPTIONS = {
 # The index types that read each setting: a rebuild to another type drops it (stored, it
 # would be carried along unread, and come back into force on a rebuild to its type).
 TYPED_OPTIONS = {"nprobe": ("IVF", "IVFPQ"), "nlist": ("IVF", "IVFPQ"), "ef_search": ("HNSW32",)}
+
 # Where a library's vectors are kept: chosen when it is made (rebuild takes the others).
 LOCATION_OPTIONS = ("uri", "collection")
 # A Milvus server's rule for collection names; Milvus Lite also takes others (hyphens, spaces),
 # which a server then refuses, so a library could not move from one to the other.
 MILVUS_COLLECTION_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}")
+
+
+def unread_options(index_type: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings of `options` that `index_type` never reads (an IVF `nprobe` on Flat);
+    those TYPED_OPTIONS does not tie to types are read by every type."""
+    return {
+        name: value
+        for name, value in options.items()
+        if index_type not in TYPED_OPTIONS.get(name, (index_type,))
+    }
 
 
 class ModelMismatchError(GalleryError):
@@ -138,14 +149,12 @@ class Manifest:
         would be stored and ignored. `flags` names the options, `index_type` among them, as
         the caller's user gave them (`nprobe`: `--nprobe`)."""
         named = flags or {}
-        for name in options:
-            types = TYPED_OPTIONS.get(name, (index_type,))
-            if index_type not in types:
-                given = named.get(name, f"index option {name}")
-                raise GalleryError(
-                    f"{given}: only with {named.get('index_type', 'index_type')} "
-                    f"{' or '.join(types)} (not {index_type})"
-                )
+        for name in unread_options(index_type, options):
+            given = named.get(name, f"index option {name}")
+            raise GalleryError(
+                f"{given}: only with {named.get('index_type', 'index_type')} "
+                f"{' or '.join(TYPED_OPTIONS[name])} (not {index_type})"
+            )
 
     def to_json(self) -> str:
         """The manifest as the library stores it."""
