@@ -12,6 +12,7 @@ import codecs
 import gzip
 import hashlib
 import io
+import ipaddress
 import json
 import os
 import re
@@ -1671,6 +1672,30 @@ def test_requests_addressed_to_another_name_are_refused_on_loopback(
     finally:
         capitals.stop()
     assert "without an API key" not in capitals.log.read_text()
+
+
+def test_a_host_that_resolves_to_loopback_is_loopback(serving_library, tmp_path):
+    """Whether the server is on loopback is judged by the address --host resolved to: a name
+    that /etc/hosts maps to loopback (the machine's own name, Debian's 127.0.1.1), or
+    `shop.localhost` where the resolver answers for `*.localhost`, was taken for another
+    host, without the guard against DNS rebinding (and with a needless warning to set an
+    API key); so was loopback's IPv4 address mapped into IPv6."""
+    hosts = ["::ffff:127.0.0.1"]
+    machine = socket.gethostname()
+    if ipaddress.ip_address(socket.gethostbyname(machine)).is_loopback:
+        hosts.append(machine)
+    for number, host in enumerate(hosts):
+        loopback = ServerProcess(serving_library, tmp_path / str(number), "--host", host)
+        try:
+            other = httpx.get(f"{loopback.url}/v1/gallery/labels", headers={"Host": "evil.example"})
+            assert other.status_code == 403, (host, other.text)
+            # the name it was told to listen on is its own
+            name = f"[{host}]" if ":" in host else host.upper()
+            own = {"Host": f"{name}:{urlsplit(loopback.url).port}"}
+            assert httpx.get(f"{loopback.url}/v1/gallery/labels", headers=own).is_success, host
+        finally:
+            loopback.stop()
+        assert "without an API key" not in loopback.log.read_text(), host
 
 
 # ------------------------------------------------------------------------------ service
