@@ -2883,6 +2883,18 @@ def test_serving_an_empty_library_warns_that_nothing_can_be_recognised(serving_l
     assert "holds no images" not in served.log.read_text()
 
 
+def test_the_start_line_counts_one_image_of_one_label_in_the_singular(serving_library, tmp_path):
+    """ "serving LIB (1 images, 1 labels)" read wrong; `shitu index build` says "1 image"."""
+    shutil.copytree(serving_library.gallery, tmp_path / "one")
+    with Gallery.open(tmp_path / "one") as gallery:
+        _kept, *others = gallery.entries()
+        gallery.remove(ids=[entry.id for entry in others])
+    one = DemoLibrary(serving_library.model, tmp_path / "one", serving_library.demo)
+    server = ServerProcess(one, tmp_path / "server")
+    server.stop()
+    assert server.banner.startswith(f"serving {server.gallery} (1 image, 1 label) at http://")
+
+
 def test_access_log_lists_each_request_in_shitus_log_format(serving_library, tmp_path):
     """--access-log without -v logs every request (uvicorn's access logger at the server's
     warning level dropped them all), in the `level: message` form of shitu's own lines."""

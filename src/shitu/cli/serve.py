@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 from shitu.cli.common import (
     bounded,
+    count_of,
     given_path,
     port_number,
     positive_int,
@@ -520,8 +521,9 @@ def run(args: argparse.Namespace) -> int:
         # proxy only.
         docs = f"{args.root_path}/docs through the proxy" if args.root_path else f"{url}/docs"
         print(
-            f"serving {library} ({len(snapshot.by_id)} images, {len(snapshot.by_label)} labels)"
-            f" at {url}  (web page: {url}/, API docs: {docs})",
+            f"serving {library} ({count_of(len(snapshot.by_id), 'image')}, "
+            f"{count_of(len(snapshot.by_label), 'label')}) at {url}  (web page: {url}/, "
+            f"API docs: {docs})",
             flush=True,
         )
         if not snapshot.by_id:  # else every photo's answer is a silent "nothing"
