@@ -364,6 +364,31 @@ def test_a_library_built_again_at_its_path_is_served_without_a_restart(serving_l
         server.stop()
 
 
+def test_health_and_metrics_come_to_count_another_processs_edit(serving_library, tmp_path):
+    """/healthz and the /metrics gauges never wait for the library, and answered from what
+    was loaded: where no request read the library, a label `shitu index remove` took away
+    was counted for good. They now start the check for other processes' writes, and a later
+    answer has them."""
+    server = ServerProcess(serving_library, tmp_path)
+    try:
+        with Gallery.open(server.gallery) as gallery:  # another process's write
+            gallery.remove(labels=["Lemon Soda"])
+            left = len(gallery)
+        deadline = time.monotonic() + 30
+        with httpx.Client(base_url=server.url, timeout=60) as http:
+            while True:
+                images = http.get("/healthz").json()["images"]
+                scraped = re.search(
+                    r"^shitu_gallery_images (\S+)$", http.get("/metrics").text, re.M
+                )
+                if images == left and float(scraped[1]) == left:
+                    break
+                assert time.monotonic() < deadline, f"still {images} and {scraped[1]}, not {left}"
+                time.sleep(0.2)
+    finally:
+        server.stop()
+
+
 def test_a_rebuild_answers_the_settings_the_new_index_type_drops(serving_library, tmp_path):
     """A rebuild as another type drops the stored search settings it does not read (an IVF
     nprobe on HNSW32), as `shitu index rebuild` does with a note: the answer did not say so."""

@@ -380,7 +380,8 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
     async def healthz() -> schemas.Health:
         """Liveness and readiness: models are loaded before the server accepts requests.
         Also the request limits, which hold no data (the web page splits uploads by them).
-        Never waits for a gallery write: the image count is as the last one left it."""
+        Never waits for a gallery write: the image count is as the last one left it (or
+        the last check for other processes' writes, which it starts where one is due)."""
         return schemas.Health(
             status="ok",
             images=len(service.library.last_loaded.by_id),
