@@ -1790,6 +1790,18 @@ def test_unknown_paths_and_methods_are_named_with_what_to_use(client):
     assert listed.json() == {
         "detail": "DELETE is not allowed on /v1/gallery/labels: it takes GET, HEAD"
     }
+    # every method the path takes, not only the first route's (GET): its image and label
+    # are also removed with DELETE, and a label renamed with PATCH
+    for path, takes in (
+        ("/v1/gallery/images/1", "DELETE, GET, HEAD"),
+        ("/v1/gallery/labels/Lemon Soda", "DELETE, GET, HEAD, PATCH"),
+        ("/v1/gallery/label?label=Lemon Soda", "DELETE, GET, HEAD, PATCH"),
+    ):
+        refused = client.post(path, headers=WRITE)
+        assert (refused.status_code, refused.headers["allow"]) == (405, takes), path
+        assert refused.json()["detail"].endswith(f": it takes {takes}"), path
+    static = client.post("/static/app.js")
+    assert (static.status_code, static.headers["allow"]) == (405, "GET, HEAD")
 
 
 def test_a_request_for_a_whole_url_is_answered_as_one_for_its_path(server):
