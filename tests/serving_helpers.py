@@ -94,6 +94,7 @@ class ServerProcess:
         deadline = time.monotonic() + STARTUP_S
         ready, _, _ = select.select([self.process.stdout], [], [], STARTUP_S)
         line = self.process.stdout.readline() if ready else ""  # "serving ... at URL"
+        self.banner = line.strip()
         if " at http://" not in line:
             self.stop()
             raise AssertionError(f"server did not start: {line!r}\n{self.log.read_text()}")

@@ -12,6 +12,7 @@ import codecs
 import gzip
 import hashlib
 import io
+import ipaddress
 import json
 import os
 import re
@@ -359,6 +360,31 @@ def test_a_library_built_again_at_its_path_is_served_without_a_restart(serving_l
             found = http.post("/v1/recognize", files={"image": photo(photos[0])}).json()
             assert found["results"][0]["label"] == "Rebuilt"
         assert "was built again since the server opened it: now serving" in server.log.read_text()
+    finally:
+        server.stop()
+
+
+def test_health_and_metrics_come_to_count_another_processs_edit(serving_library, tmp_path):
+    """/healthz and the /metrics gauges never wait for the library, and answered from what
+    was loaded: where no request read the library, a label `shitu index remove` took away
+    was counted for good. They now start the check for other processes' writes, and a later
+    answer has them."""
+    server = ServerProcess(serving_library, tmp_path)
+    try:
+        with Gallery.open(server.gallery) as gallery:  # another process's write
+            gallery.remove(labels=["Lemon Soda"])
+            left = len(gallery)
+        deadline = time.monotonic() + 30
+        with httpx.Client(base_url=server.url, timeout=60) as http:
+            while True:
+                images = http.get("/healthz").json()["images"]
+                scraped = re.search(
+                    r"^shitu_gallery_images (\S+)$", http.get("/metrics").text, re.M
+                )
+                if images == left and float(scraped[1]) == left:
+                    break
+                assert time.monotonic() < deadline, f"still {images} and {scraped[1]}, not {left}"
+                time.sleep(0.2)
     finally:
         server.stop()
 
@@ -1673,6 +1699,33 @@ def test_requests_addressed_to_another_name_are_refused_on_loopback(
     assert "without an API key" not in capitals.log.read_text()
 
 
+def test_a_host_that_resolves_to_loopback_is_loopback(serving_library, tmp_path):
+    """Whether the server is on loopback is judged by the address --host resolved to: a name
+    that /etc/hosts maps to loopback (the machine's own name, Debian's 127.0.1.1), or
+    `shop.localhost` where the resolver answers for `*.localhost`, was taken for another
+    host, without the guard against DNS rebinding (and with a needless warning to set an
+    API key); so was loopback's IPv4 address mapped into IPv6."""
+    hosts = ["::ffff:127.0.0.1"]
+    machine = socket.gethostname()
+    try:
+        if ipaddress.ip_address(socket.gethostbyname(machine)).is_loopback:
+            hosts.append(machine)
+    except OSError:  # a machine whose resolver does not know its name
+        pass
+    for number, host in enumerate(hosts):
+        loopback = ServerProcess(serving_library, tmp_path / str(number), "--host", host)
+        try:
+            other = httpx.get(f"{loopback.url}/v1/gallery/labels", headers={"Host": "evil.example"})
+            assert other.status_code == 403, (host, other.text)
+            # the name it was told to listen on is its own
+            name = f"[{host}]" if ":" in host else host.upper()
+            own = {"Host": f"{name}:{urlsplit(loopback.url).port}"}
+            assert httpx.get(f"{loopback.url}/v1/gallery/labels", headers=own).is_success, host
+        finally:
+            loopback.stop()
+        assert "without an API key" not in loopback.log.read_text(), host
+
+
 # ------------------------------------------------------------------------------ service
 
 
@@ -1740,6 +1793,18 @@ def test_unknown_paths_and_methods_are_named_with_what_to_use(client):
     assert listed.json() == {
         "detail": "DELETE is not allowed on /v1/gallery/labels: it takes GET, HEAD"
     }
+    # every method the path takes, not only the first route's (GET): its image and label
+    # are also removed with DELETE, and a label renamed with PATCH
+    for path, takes in (
+        ("/v1/gallery/images/1", "DELETE, GET, HEAD"),
+        ("/v1/gallery/labels/Lemon Soda", "DELETE, GET, HEAD, PATCH"),
+        ("/v1/gallery/label?label=Lemon Soda", "DELETE, GET, HEAD, PATCH"),
+    ):
+        refused = client.post(path, headers=WRITE)
+        assert (refused.status_code, refused.headers["allow"]) == (405, takes), path
+        assert refused.json()["detail"].endswith(f": it takes {takes}"), path
+    static = client.post("/static/app.js")
+    assert (static.status_code, static.headers["allow"]) == (405, "GET, HEAD")
 
 
 def test_a_request_for_a_whole_url_is_answered_as_one_for_its_path(server):
@@ -2856,6 +2921,18 @@ def test_serving_an_empty_library_warns_that_nothing_can_be_recognised(serving_l
     served = ServerProcess(serving_library, tmp_path / "full")
     served.stop()
     assert "holds no images" not in served.log.read_text()
+
+
+def test_the_start_line_counts_one_image_of_one_label_in_the_singular(serving_library, tmp_path):
+    """ "serving LIB (1 images, 1 labels)" read wrong; `shitu index build` says "1 image"."""
+    shutil.copytree(serving_library.gallery, tmp_path / "one")
+    with Gallery.open(tmp_path / "one") as gallery:
+        _kept, *others = gallery.entries()
+        gallery.remove(ids=[entry.id for entry in others])
+    one = DemoLibrary(serving_library.model, tmp_path / "one", serving_library.demo)
+    server = ServerProcess(one, tmp_path / "server")
+    server.stop()
+    assert server.banner.startswith(f"serving {server.gallery} (1 image, 1 label) at http://")
 
 
 def test_access_log_lists_each_request_in_shitus_log_format(serving_library, tmp_path):

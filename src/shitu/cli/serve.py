@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 from shitu.cli.common import (
     bounded,
+    count_of,
     given_path,
     port_number,
     positive_int,
@@ -204,9 +205,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=allowed_host,
         default=[],
         metavar="NAME",
-        help="a host name requests may be addressed to besides localhost and IP addresses "
-        "(repeatable): the name a reverse proxy passes on as Host. Where the server listens "
-        "on loopback (the default) or this is given, requests addressed to other names are "
+        help="a host name requests may be addressed to besides localhost, IP addresses and "
+        "the name --host gives (repeatable): the name a reverse proxy passes on as Host. "
+        "Where the server listens on loopback (the default) or this is given, requests "
+        "addressed to other names are "
         "refused, as a web page's would be after pointing its name at this machine (DNS "
         "rebinding)",
     )
@@ -228,13 +230,18 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _is_loopback(host: str) -> bool:
-    """Whether --host is this machine's own: host names in any case (`LOCALHOST` was taken
-    for another host: no rebinding guard, and a warning to set an API key)."""
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return _host_name(host) == "localhost"
+def _is_loopback(sock: socket.socket) -> bool:
+    """Whether the listening socket is bound to a loopback address: judged by the address
+    that --host resolved to, not by its name, which took only `localhost` for loopback. A
+    name the resolver maps to loopback (the machine's own in /etc/hosts, Debian's
+    127.0.1.1; `shop.localhost` where systemd-resolved answers for `*.localhost`) had no
+    guard against DNS rebinding, and a needless warning to set an API key; and a name that
+    is loopback by its form but resolves elsewhere must keep that warning. An IPv4 address
+    mapped into IPv6 (`::ffff:127.0.0.1`) is the IPv4 address."""
+    address = ipaddress.ip_address(sock.getsockname()[0])
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
 
 
 def _server_that_stops_waiting(server: type[Server], library: SharedLibrary) -> type[Server]:
@@ -480,25 +487,25 @@ def run(args: argparse.Namespace) -> int:
     upload_dir = args.upload_dir or Path(library) / "uploads"
     with naming_config_paths(args, config):
         _refuse_uploads_among_gallery_sources(upload_dir, Path(library))
-    settings = ServeSettings(
-        upload_dir=upload_dir,
-        max_upload_mb=args.max_upload_mb,
-        max_pixels=int(args.max_megapixels * 1_000_000),
-        max_pixels_in_flight=int(args.max_megapixels_in_flight * 1_000_000),
-        api_key=key,
-        protect_reads=args.protect_reads,
-        max_batch=args.max_batch,
-        max_requests=args.max_connections,
-        read_timeout_s=args.read_timeout,
-        # On loopback only this machine's clients are meant: a name other than localhost is
-        # a proxy's, allowed by name, or a rebinding page's.
-        allowed_hosts=frozenset(args.allowed_host)
-        if args.allowed_host or _is_loopback(args.host)
-        else None,
-    )
     sock = _listen(args.host, args.port)
     metrics = Metrics()
     try:
+        settings = ServeSettings(
+            upload_dir=upload_dir,
+            max_upload_mb=args.max_upload_mb,
+            max_pixels=int(args.max_megapixels * 1_000_000),
+            max_pixels_in_flight=int(args.max_megapixels_in_flight * 1_000_000),
+            api_key=key,
+            protect_reads=args.protect_reads,
+            max_batch=args.max_batch,
+            max_requests=args.max_connections,
+            read_timeout_s=args.read_timeout,
+            # On loopback only this machine's clients are meant: a name other than localhost
+            # and the one --host gives is a proxy's, allowed by name, or a rebinding page's.
+            allowed_hosts=frozenset([*args.allowed_host, _host_name(args.host)])
+            if args.allowed_host or _is_loopback(sock)
+            else None,
+        )
         with naming_config_paths(args, config):
             service = RecognitionService(config, settings, metrics.observe_batch)
     except BaseException:
@@ -514,8 +521,9 @@ def run(args: argparse.Namespace) -> int:
         # proxy only.
         docs = f"{args.root_path}/docs through the proxy" if args.root_path else f"{url}/docs"
         print(
-            f"serving {library} ({len(snapshot.by_id)} images, {len(snapshot.by_label)} labels)"
-            f" at {url}  (web page: {url}/, API docs: {docs})",
+            f"serving {library} ({count_of(len(snapshot.by_id), 'image')}, "
+            f"{count_of(len(snapshot.by_label), 'label')}) at {url}  (web page: {url}/, "
+            f"API docs: {docs})",
             flush=True,
         )
         if not snapshot.by_id:  # else every photo's answer is a silent "nothing"
@@ -524,7 +532,7 @@ def run(args: argparse.Namespace) -> int:
                 "added (on the web page, or POST /v1/gallery/images)",
                 file=sys.stderr,
             )
-        if not settings.api_key and not _is_loopback(args.host):
+        if not settings.api_key and not _is_loopback(sock):
             print(
                 f"warning: listening on {args.host} without an API key: anyone who can reach it "
                 "can edit the gallery (set --api-key)",

@@ -29,6 +29,7 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from starlette.routing import Match
 from starlette.types import Scope
 
 from shitu import __version__
@@ -57,7 +58,6 @@ from shitu.serving.http import (
     PixelBudget,
     RawUploads,
     RequestLimit,
-    allowing_head,
     api_key_check,
     media_type,
     query_as_declared,
@@ -252,11 +252,11 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
                 404, f"nothing is served at {path}: the API's endpoints are listed at {docs}"
             )
         elif exc.status_code == 405 and exc.headers and "Allow" in exc.headers:
-            [(_, allowed)] = allowing_head([(b"allow", exc.headers["Allow"].encode())])
+            allowed = ", ".join(methods_at(request.scope, exc.headers["Allow"]))
             exc = StarletteHTTPException(
                 405,
-                f"{request.method} is not allowed on {path}: it takes {allowed.decode()}",
-                exc.headers,
+                f"{request.method} is not allowed on {path}: it takes {allowed}",
+                {**exc.headers, "Allow": allowed},
             )
         return await http_exception_handler(request, exc)
 
@@ -278,6 +278,18 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
                 )
             )
         return await shitu_error(request, error)
+
+    def methods_at(scope: Scope, allow: str) -> list[str]:
+        """The methods of a 405's `allow` and of every other route at the request's path,
+        with HEAD wherever GET is (HeadAsGet): Starlette's 405 named those of the first
+        route at the path alone, so `POST /v1/gallery/labels/NAME` was told it takes GET,
+        and not the PATCH that renames nor the DELETE that removes."""
+        methods = {method.strip() for method in allow.split(",")}
+        for route in app.router.routes:
+            taken = getattr(route, "methods", None)
+            if taken and route.matches(scope)[0] is not Match.NONE:
+                methods |= taken
+        return sorted(methods | ({"HEAD"} if "GET" in methods else set()))
 
     def openapi() -> dict[str, Any]:
         """FastAPI's OpenAPI document, less the 422 answers it lists: invalid requests get 400."""
@@ -380,7 +392,8 @@ def create_app(service: RecognitionService, metrics: Metrics | None = None) -> F
     async def healthz() -> schemas.Health:
         """Liveness and readiness: models are loaded before the server accepts requests.
         Also the request limits, which hold no data (the web page splits uploads by them).
-        Never waits for a gallery write: the image count is as the last one left it."""
+        Never waits for a gallery write: the image count is as the last one left it (or
+        the last check for other processes' writes, which it starts where one is due)."""
         return schemas.Health(
             status="ok",
             images=len(service.library.last_loaded.by_id),

@@ -207,8 +207,12 @@ class SharedLibrary:
 
     @property
     def last_loaded(self) -> Snapshot:
-        """The snapshot as the last write or check left it, without checking again: never
-        waits, for answers that must come while a long write runs (/healthz, /metrics)."""
+        """The snapshot as the last write or check left it, never waiting, for answers that
+        must come while a long write runs (/healthz, /metrics); the check for other
+        processes' writes is started where it is due, for the next answer to have them:
+        without it, where no request read the library, /healthz and the /metrics gauges
+        gave the counts from before another process's edit for good."""
+        self._sync_if_due(wait=False)
         return self._snapshot
 
     def search(
@@ -226,10 +230,10 @@ class SharedLibrary:
             # search took it and before it ran
             return replacement.search(vectors, k, min_score)
 
-    def _sync_if_due(self) -> None:
+    def _sync_if_due(self, wait: bool = True) -> None:
         """If it is time, have the library's thread load other processes' writes, and wait
         for it (with every other request that finds the same check under way), but not
-        where an edit is queued or running (the check runs after it)."""
+        where an edit is queued or running (the check runs after it), nor without `wait`."""
         if threading.current_thread() is self._thread:
             return  # a write job's own reads: it is the thread that would sync
         with self._sync_guard:
@@ -242,7 +246,7 @@ class SharedLibrary:
                     pending = self._pending_sync = self._executor.submit(self._sync)
                 except RuntimeError:  # closing: the thread takes no more work
                     return
-        if not self._edits:  # an edit queued later runs after the check
+        if wait and not self._edits:  # an edit queued later runs after the check
             pending.result()
 
     def _sync(self) -> None:
