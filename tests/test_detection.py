@@ -640,6 +640,27 @@ def test_load_detector_errors(tmp_path: Path, caplog) -> None:
 
 
 @pytest.mark.parametrize(
+    ("name", "backend", "arch"),
+    [
+        ("det.onnx", "auto", None),  # was onnxruntime's "No graph was found in the protobuf"
+        ("det.onnx", "torch", None),  # was "has no convolutions; it is not a PicoDet export"
+        ("det.pt", "auto", None),  # was "not a readable detector checkpoint"
+        ("det.pdparams", "auto", "picodet_s_esnet"),  # was "... .pdparams file: Ran out of input"
+    ],
+)
+def test_an_empty_detector_file_is_said_to_be_empty(
+    tmp_path: Path, name: str, backend: str, arch: str | None
+) -> None:
+    """A download or copy that never finished leaves a file of 0 bytes: each reader named
+    another cause, or none."""
+    empty = tmp_path / name
+    empty.touch()
+    with pytest.raises(CheckpointError, match=r"is empty \(0 bytes\), not a detector") as refused:
+        load_detector(empty, backend, arch)
+    assert str(refused.value).startswith(f"{empty} is empty")
+
+
+@pytest.mark.parametrize(
     ("out_channels", "message"),
     [
         (None, "has no convolutions; it is not a PicoDet export"),

@@ -355,6 +355,10 @@ def load_detector(
             f"{path} is {kind}, not a detector file; give our checkpoint (.pt), a "
             f"PaddleDetection .pdparams or an ONNX export (.onnx){held}"
         )
+    if path.stat().st_size == 0:  # each reader said something else, none of it "empty"
+        raise CheckpointError(
+            f"{path} is empty (0 bytes), not a detector (a download or copy that never finished?)"
+        )
     suffix = path.suffix.lower()
     if backend not in ("auto", "torch", "onnxruntime"):
         raise ConfigError(f"unknown detector backend '{backend}' (auto, torch, onnxruntime)")
