@@ -640,6 +640,27 @@ def test_load_detector_errors(tmp_path: Path, caplog) -> None:
 
 
 @pytest.mark.parametrize(
+    ("name", "backend", "arch"),
+    [
+        ("det.onnx", "auto", None),  # was onnxruntime's "No graph was found in the protobuf"
+        ("det.onnx", "torch", None),  # was "has no convolutions; it is not a PicoDet export"
+        ("det.pt", "auto", None),  # was "not a readable detector checkpoint"
+        ("det.pdparams", "auto", "picodet_s_esnet"),  # was "... .pdparams file: Ran out of input"
+    ],
+)
+def test_an_empty_detector_file_is_said_to_be_empty(
+    tmp_path: Path, name: str, backend: str, arch: str | None
+) -> None:
+    """A download or copy that never finished leaves a file of 0 bytes: each reader named
+    another cause, or none."""
+    empty = tmp_path / name
+    empty.touch()
+    with pytest.raises(CheckpointError, match=r"is empty \(0 bytes\), not a detector") as refused:
+        load_detector(empty, backend, arch)
+    assert str(refused.value).startswith(f"{empty} is empty")
+
+
+@pytest.mark.parametrize(
     ("out_channels", "message"),
     [
         (None, "has no convolutions; it is not a PicoDet export"),
@@ -913,6 +934,42 @@ def test_an_onnx_detector_that_cannot_take_our_images_is_refused_when_loaded(
     with pytest.raises(CheckpointError, match=message) as refused:
         load_detector(path)
     assert str(refused.value).startswith(f"{path}: ")
+
+
+@pytest.mark.parametrize(
+    "shapes",
+    [
+        ([1, 3, 64, 64], [1, 3, 64, 64]),  # another model's image-shaped outputs
+        ([1, 80, 85], [1, 85, 4]),  # 80 boxes scored, 85 boxes given
+        ([1, 85, 80], [1, 85]),  # boxes of no side axis
+        ([1, 85, 80], [1, 85, 6]),  # boxes of 6 numbers
+    ],
+)
+def test_outputs_named_as_our_exports_but_shaped_otherwise_are_refused_when_loaded(
+    tmp_path: Path, shapes: tuple[list[int], list[int]]
+) -> None:
+    """A graph whose outputs are called `scores` and `boxes` but are not [B, N, C] and
+    [B, N, 4] is named when loaded; it failed at the first image with numpy's "operands
+    could not be broadcast together"."""
+    image = helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, 64, 64])
+    outputs = [
+        helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+        for name, shape in zip(("scores", "boxes"), shapes, strict=True)
+    ]
+    nodes = [
+        helper.make_node("ConstantOfShape", [f"{name}_shape"], [name])
+        for name in ("scores", "boxes")
+    ]
+    sizes = [
+        numpy_helper.from_array(np.array(shape, np.int64), f"{name}_shape")
+        for name, shape in zip(("scores", "boxes"), shapes, strict=True)
+    ]
+    graph = helper.make_graph(nodes, "named_like_ours", [image], outputs, initializer=sizes)
+    path = tmp_path / "named_like_ours.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)]), path)
+    with pytest.raises(CheckpointError, match="are neither our export's") as refused:
+        load_detector(path)
+    assert str(refused.value).startswith(f"{path}: outputs [")
 
 
 PADDLECLAS_DET_PREPROCESS = """\

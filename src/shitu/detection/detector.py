@@ -233,9 +233,10 @@ class OnnxDetector(Detector["InferenceSession"]):
         self.input_size = size
         self.batch_one = image.shape[0] == 1
         outputs = session.get_outputs()
-        self.decoded = [o.name for o in outputs] == ["scores", "boxes"]
+        shapes = [o.shape for o in outputs]
+        self.decoded = [o.name for o in outputs] == ["scores", "boxes"] and _decoded_shapes(shapes)
         if not self.decoded:
-            self._init_paddle_layout(path, [o.shape for o in outputs])
+            self._init_paddle_layout(path, shapes)
         # Our export names its classes in its metadata, which also gives their count where
         # the graph leaves its class axis unsized (exports made before it was sized).
         self.class_names = exported_class_names(session.get_modelmeta().custom_metadata_map)
@@ -247,7 +248,9 @@ class OnnxDetector(Detector["InferenceSession"]):
         strides = [8 * 2**i for i in range(levels)]
         sizes = level_shapes(*self.input_size, strides)
         cells = [h * w for h, w in sizes]
-        if len(shapes) % 2 or [s[1] for s in shapes[:levels]] != cells:
+        # each level's scores [1, cells, C] and box distributions [1, cells, 4 * (R + 1)]
+        per_level = [s[1] if len(s) == 3 else None for s in shapes]
+        if len(shapes) % 2 or per_level != cells * 2:
             dims = (", ".join("?" if d is None else str(d) for d in shape) for shape in shapes)
             shown = ", ".join(f"[{text}]" for text in dims)
             raise CheckpointError(
@@ -278,6 +281,17 @@ class OnnxDetector(Detector["InferenceSession"]):
         scores = np.concatenate(outs[: self.levels], axis=1)
         reg = np.concatenate(outs[self.levels :], axis=1)
         return scores, decode_distributions(reg, self.points, self.strides)
+
+
+def _decoded_shapes(shapes: list[list]) -> bool:
+    """Whether two outputs are shaped as our export's scores [B, N, C] and boxes [B, N, 4]
+    (dims unsized in the graph pass): outputs of those names shaped otherwise, another
+    tool's, failed at the first image with numpy's "operands could not be broadcast"."""
+    scores, boxes = shapes
+    if len(scores) != 3 or len(boxes) != 3:
+        return False
+    one_box_count = len({dim for dim in (scores[1], boxes[1]) if isinstance(dim, int)}) < 2
+    return one_box_count and (boxes[2] == 4 or not isinstance(boxes[2], int))
 
 
 def _single_float_input(inputs: list[NodeArg], path: str | Path) -> NodeArg:
@@ -340,6 +354,10 @@ def load_detector(
         raise CheckpointError(
             f"{path} is {kind}, not a detector file; give our checkpoint (.pt), a "
             f"PaddleDetection .pdparams or an ONNX export (.onnx){held}"
+        )
+    if path.stat().st_size == 0:  # each reader said something else, none of it "empty"
+        raise CheckpointError(
+            f"{path} is empty (0 bytes), not a detector (a download or copy that never finished?)"
         )
     suffix = path.suffix.lower()
     if backend not in ("auto", "torch", "onnxruntime"):
