@@ -504,6 +504,14 @@ def test_a_resume_with_settings_written_out_at_their_defaults_warns_of_no_change
         "Optimizer.lr.warmup_start_lr=0.0",
     ]
     assert "resuming with" not in startup_warnings(caplog, path, [resume, *defaults])
+    # null for a key the file lacks takes its default too, and `yes` (text in YAML 1.2)
+    # is the switch's true: compared as the sampler and the transforms read them
+    spelt = [
+        "DataLoader.Train.sampler.sample_method=null",
+        "DataLoader.Train.sampler.shuffle=yes",
+        "DataLoader.Train.dataset.transform_ops.0.DecodeImage.to_rgb=yes",
+    ]
+    assert "resuming with" not in startup_warnings(caplog, path, [resume, *spelt])
     changed = startup_warnings(caplog, path, [resume, *defaults, "Optimizer.lr.eta_min=0.001"])
     assert "with this config's learning-rate schedule: eta_min 0.001 (was at its default)" in (
         changed

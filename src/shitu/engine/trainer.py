@@ -30,7 +30,7 @@ from shitu.checkpoint.io import (
     LoadReport,
     fitting_tensors,
     setting_differences,
-    without_defaults,
+    settings_as_built,
 )
 from shitu.config.schema import ShituConfig
 from shitu.engine.batch_norm import norm_on_one_value_per_channel
@@ -652,9 +652,9 @@ class Trainer:
         saved_train = (_saved_config(payload).get("DataLoader") or {}).get("Train")
         saved_sampler = (saved_train or {}).get("sampler")
         current = self.config.model_dump(mode="json")["DataLoader"]["Train"].get("sampler")
-        if saved_sampler is not None and without_defaults(
+        if saved_sampler is not None and settings_as_built(
             saved_sampler, registry.SAMPLERS
-        ) != without_defaults(current, registry.SAMPLERS):
+        ) != settings_as_built(current, registry.SAMPLERS):
             changes.append(f"DataLoader.Train.sampler {current} (was {saved_sampler})")
         # Other transforms (a resize added to images of several sizes, another crop) prepare
         # the images otherwise from here: said as other sampling is.
@@ -682,12 +682,12 @@ class Trainer:
         left out (which is shown as such)."""
         try:
             run = _saved_config(payload)
-            saved_lr = without_defaults(run["Optimizer"]["lr"], registry.LR_SCHEDULES)
+            saved_lr = settings_as_built(run["Optimizer"]["lr"], registry.LR_SCHEDULES)
             saved = {**saved_lr, "Global.epochs": run["Global"]["epochs"]}
         except (KeyError, TypeError):
             return  # an older checkpoint without its config
         current = {
-            **without_defaults(
+            **settings_as_built(
                 self.config.Optimizer.lr.model_dump(mode="json"), registry.LR_SCHEDULES
             ),
             "Global.epochs": self.config.Global.epochs,
@@ -1234,7 +1234,7 @@ def _listed_changes(
         for index, item in enumerate(items):
             ((name, params),) = item.items()
             own, arguments = options(params)
-            given = without_defaults({"name": name, **arguments}, components)
+            given = settings_as_built({"name": name, **arguments}, components)
             settings[f"{index}.{name}"] = {**own, **{k: v for k, v in given.items() if k != "name"}}
         return settings
 
