@@ -30,7 +30,7 @@ from shitu.engine.linear_probe import probe_stage
 from shitu.engine.metrics_log import MetricsLog, read_log
 from shitu.engine.precision import cpu_has_native_bf16
 from shitu.engine.state import Progress, save_training_state
-from shitu.engine.trainer import Trainer, training_summary
+from shitu.engine.trainer import Trainer, TrainingDiverged, training_summary
 from shitu.errors import CheckpointError, ConfigError, DataError
 from shitu.evaluation.retrieval import EvaluationInputError
 from tests.terminal_helpers import run_in_terminal
@@ -983,6 +983,32 @@ def test_a_failed_evaluation_keeps_the_epoch_it_evaluated(grocery, tmp_path, cap
     assert [r["step"] for r in read_log(output / "metrics.jsonl", "train")] == list(range(1, 9))
     evals = read_log(output / "metrics.jsonl", "eval")
     assert [(e["step"], e["epoch"]) for e in evals] == [(4, 1), (8, 2)]
+
+
+def test_an_evaluation_of_diverged_weights_keeps_the_last_checkpoint(grocery, tmp_path, caplog):
+    """Weights grown so large that their features overflow to NaN, at a loss still finite,
+    were checkpointed as an epoch to evaluate over the run's last checkpoint, and a resume
+    was offered that evaluated them to NaN again: the checkpoint to go on from at a lower
+    learning rate was lost. It stays, and the error says to do so, as for a NaN loss."""
+    path = tiny_config(grocery, tmp_path, epochs=1)
+    output = tmp_path / "output"
+    assert Trainer(load_config(path)).fit().finished
+    diverging = [
+        f"Global.checkpoints={output}",
+        "Global.epochs=2",
+        "Optimizer.lr.learning_rate=100",
+    ]
+    with caplog.at_level(logging.WARNING), pytest.raises(TrainingDiverged) as caught:
+        Trainer(load_config(path, diverging)).fit()
+    assert str(caught.value).startswith(
+        "evaluating epoch 2: the model gave NaN or infinite features for 18 of 18 query images"
+    )
+    assert str(caught.value).endswith(
+        "; lower Optimizer.lr.learning_rate or set Optimizer.clip_norm, and resume from its "
+        f"last checkpoint with -o Global.checkpoints={output / 'latest.pt'}"
+    )
+    assert "its training is saved" not in caplog.text
+    assert Trainer(load_config(path, diverging)).progress.global_step == 4  # epoch 1's
 
 
 def test_ema_weights_are_saved_and_resume_exactly(grocery, tmp_path, caplog):

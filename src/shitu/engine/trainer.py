@@ -44,7 +44,7 @@ from shitu.engine.data import (
 )
 from shitu.engine.distributed import DistContext, all_reduce_mean, barrier, init_distributed
 from shitu.engine.ema import WeightEMA
-from shitu.engine.evaluate import RetrievalEvaluation
+from shitu.engine.evaluate import NonFiniteFeatures, RetrievalEvaluation
 from shitu.engine.lr import RUN, LRSchedule, Stage
 from shitu.engine.metrics_log import LOG_NAME, MetricsLog
 from shitu.engine.optim import OPTIMIZER_CLASSES, build_optimizer, set_learning_rate
@@ -982,7 +982,10 @@ class Trainer:
         loss, parts = self.loss(outputs, labels)
         value = float(all_reduce_mean(loss.detach(), self.context))
         if not math.isfinite(value):
-            raise self._diverged(value)
+            raise self._diverged(
+                f"the loss became {value} at step {self.progress.global_step + 1} (epoch "
+                f"{self.progress.epoch + 1} of {self.stage.name})"
+            )
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.config.Optimizer.clip_norm:
@@ -996,20 +999,19 @@ class Trainer:
             self.ema.update()
         return value, parts
 
-    def _diverged(self, value: float) -> TrainingDiverged:
-        """The error of a step whose loss is `value` (NaN or infinite), before its backward:
-        the weights are those of the step before. Resuming is offered where a checkpoint
-        of this run is there to resume (none before the first, none of a LinearProbe's
-        probe, which `shitu train` starts over)."""
+    def _diverged(self, problem: str) -> TrainingDiverged:
+        """The error of a run whose training diverged (`problem`: a NaN or infinite loss,
+        raised before its step's backward; or features an evaluation found NaN or
+        infinite), its last checkpoint left as it was. Resuming is offered where a
+        checkpoint of this run is there to resume (none before the first, none of a
+        LinearProbe's probe, which `shitu train` starts over)."""
         latest = self.latest_path
         resume = ""
         if self.stage.resumable and latest.is_file():
             checkpoint = override_word("Global.checkpoints", latest)
             resume = f", and resume from its last checkpoint with -o {checkpoint}"
         return TrainingDiverged(
-            f"the loss became {value} at step {self.progress.global_step + 1} (epoch "
-            f"{self.progress.epoch + 1} of {self.stage.name}); lower "
-            f"Optimizer.lr.learning_rate or set Optimizer.clip_norm{resume}"
+            f"{problem}; lower Optimizer.lr.learning_rate or set Optimizer.clip_norm{resume}"
         )
 
     def _forget_best_of_another_metric(self) -> None:
@@ -1127,6 +1129,13 @@ class Trainer:
         self._evaluating = True
         try:
             result = self.evaluation.run(model)
+        except NonFiniteFeatures as exc:
+            if self.evaluation.amp == "fp16":  # float16 may have overflowed: the weights kept
+                self._save_unevaluated_epoch(epoch, "failed")
+                raise
+            # Diverged weights: saved, they would replace the run's last checkpoint (the one
+            # to go on from at a lower rate), and a resume would evaluate them to NaN again.
+            raise self._diverged(f"evaluating epoch {epoch}: {exc}") from None
         except Exception:
             self._save_unevaluated_epoch(epoch, "failed")
             raise
