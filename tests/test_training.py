@@ -765,6 +765,11 @@ def test_a_resume_whose_multiplier_reorders_the_groups_keeps_each_parameters_sta
         ("Arch.Head.class_num=6", "Arch.Head.class_num=7",
          "model: 1 shape mismatch (head.fc.weight (6, 32) vs (7, 32))",
          "Arch.Head.class_num 7 (was 6)"),
+        # settings that build what the run's did are no change: `bias: no` is its false
+        ("Arch.Head.class_num=6",
+         "Arch.Head={name: FC, embedding_size: 32, class_num: 7, bias: no}",
+         "model: 1 shape mismatch (head.fc.weight (6, 32) vs (7, 32))",
+         "Arch.Head.class_num 7 (was 6)"),
         ("Loss.Train=[{XBM: {embedding_size: 32, memory_size: 24, start_iter: 1}}]",
          "Loss.Train=[{XBM: {embedding_size: 32, memory_size: 16, start_iter: 1}}]",
          "loss state: 2 shape mismatch (losses.0.memory (24, 32) vs (16, 32), "

@@ -31,6 +31,7 @@ from shitu.checkpoint.io import (
     fitting_tensors,
     setting_differences,
     settings_as_built,
+    weight_shaping_arch,
 )
 from shitu.config.schema import ShituConfig
 from shitu.engine.batch_norm import norm_on_one_value_per_channel
@@ -467,8 +468,12 @@ class Trainer:
                 )
                 if (found := fitting_tensors(module.state_dict(), state)[0].misfits())
             ]
-            # The sections that shape the model's and the loss's tensors (XBM's memory).
+            # The sections that shape the model's and the loss's tensors (XBM's memory), the
+            # Arch's settings as they build it (`last_act: no` is its default, left out).
             saved, current = _saved_config(payload), self.config.model_dump(mode="json")
+            if isinstance(saved.get("Arch"), dict):
+                saved["Arch"] = weight_shaping_arch(saved["Arch"])
+                current["Arch"] = weight_shaping_arch(current["Arch"])
             changed = [
                 change
                 for section in ("Arch", "Loss")
