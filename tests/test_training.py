@@ -30,7 +30,7 @@ from shitu.engine.linear_probe import probe_stage
 from shitu.engine.metrics_log import MetricsLog, read_log
 from shitu.engine.precision import cpu_has_native_bf16
 from shitu.engine.state import Progress, save_training_state
-from shitu.engine.trainer import Trainer, training_summary
+from shitu.engine.trainer import Trainer, TrainingDiverged, training_summary
 from shitu.errors import CheckpointError, ConfigError, DataError
 from shitu.evaluation.retrieval import EvaluationInputError
 from tests.terminal_helpers import run_in_terminal
@@ -504,6 +504,14 @@ def test_a_resume_with_settings_written_out_at_their_defaults_warns_of_no_change
         "Optimizer.lr.warmup_start_lr=0.0",
     ]
     assert "resuming with" not in startup_warnings(caplog, path, [resume, *defaults])
+    # null for a key the file lacks takes its default too, and `yes` (text in YAML 1.2)
+    # is the switch's true: compared as the sampler and the transforms read them
+    spelt = [
+        "DataLoader.Train.sampler.sample_method=null",
+        "DataLoader.Train.sampler.shuffle=yes",
+        "DataLoader.Train.dataset.transform_ops.0.DecodeImage.to_rgb=yes",
+    ]
+    assert "resuming with" not in startup_warnings(caplog, path, [resume, *spelt])
     changed = startup_warnings(caplog, path, [resume, *defaults, "Optimizer.lr.eta_min=0.001"])
     assert "with this config's learning-rate schedule: eta_min 0.001 (was at its default)" in (
         changed
@@ -757,6 +765,11 @@ def test_a_resume_whose_multiplier_reorders_the_groups_keeps_each_parameters_sta
         ("Arch.Head.class_num=6", "Arch.Head.class_num=7",
          "model: 1 shape mismatch (head.fc.weight (6, 32) vs (7, 32))",
          "Arch.Head.class_num 7 (was 6)"),
+        # settings that build what the run's did are no change: `bias: no` is its false
+        ("Arch.Head.class_num=6",
+         "Arch.Head={name: FC, embedding_size: 32, class_num: 7, bias: no}",
+         "model: 1 shape mismatch (head.fc.weight (6, 32) vs (7, 32))",
+         "Arch.Head.class_num 7 (was 6)"),
         ("Loss.Train=[{XBM: {embedding_size: 32, memory_size: 24, start_iter: 1}}]",
          "Loss.Train=[{XBM: {embedding_size: 32, memory_size: 16, start_iter: 1}}]",
          "loss state: 2 shape mismatch (losses.0.memory (24, 32) vs (16, 32), "
@@ -975,6 +988,32 @@ def test_a_failed_evaluation_keeps_the_epoch_it_evaluated(grocery, tmp_path, cap
     assert [r["step"] for r in read_log(output / "metrics.jsonl", "train")] == list(range(1, 9))
     evals = read_log(output / "metrics.jsonl", "eval")
     assert [(e["step"], e["epoch"]) for e in evals] == [(4, 1), (8, 2)]
+
+
+def test_an_evaluation_of_diverged_weights_keeps_the_last_checkpoint(grocery, tmp_path, caplog):
+    """Weights grown so large that their features overflow to NaN, at a loss still finite,
+    were checkpointed as an epoch to evaluate over the run's last checkpoint, and a resume
+    was offered that evaluated them to NaN again: the checkpoint to go on from at a lower
+    learning rate was lost. It stays, and the error says to do so, as for a NaN loss."""
+    path = tiny_config(grocery, tmp_path, epochs=1)
+    output = tmp_path / "output"
+    assert Trainer(load_config(path)).fit().finished
+    diverging = [
+        f"Global.checkpoints={output}",
+        "Global.epochs=2",
+        "Optimizer.lr.learning_rate=100",
+    ]
+    with caplog.at_level(logging.WARNING), pytest.raises(TrainingDiverged) as caught:
+        Trainer(load_config(path, diverging)).fit()
+    assert str(caught.value).startswith(
+        "evaluating epoch 2: the model gave NaN or infinite features for 18 of 18 query images"
+    )
+    assert str(caught.value).endswith(
+        "; lower Optimizer.lr.learning_rate or set Optimizer.clip_norm, and resume from its "
+        f"last checkpoint with -o Global.checkpoints={output / 'latest.pt'}"
+    )
+    assert "its training is saved" not in caplog.text
+    assert Trainer(load_config(path, diverging)).progress.global_step == 4  # epoch 1's
 
 
 def test_ema_weights_are_saved_and_resume_exactly(grocery, tmp_path, caplog):

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic_core import to_jsonable_python
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -379,8 +380,10 @@ def without_defaults(settings: dict[str, Any], components: Registry) -> dict[str
 def settings_as_built(settings: dict[str, Any], components: Registry) -> dict[str, Any]:
     """A component's section (JSON data) without the settings that build what leaving them
     out builds: at the default, null (which takes it) or at the value a preset fixes
-    (`depths` of a PP-LCNetV2 preset), compared as the component reads them and kept as
-    written. As given where the component is not registered (a file of another version),
+    (`depths` of a PP-LCNetV2 preset), compared as the component reads them. The others
+    are kept as written, except text that a switch or number reads (`yes`, `010`, which
+    YAML 1.2 leaves text): as read, so that `last_act: yes` records what `last_act: true`
+    does. As given where the component is not registered (a file of another version),
     as its defaults are unknown; where its settings do not validate, `without_defaults`."""
     populate()
     name = settings.get("name")
@@ -395,7 +398,7 @@ def settings_as_built(settings: dict[str, Any], components: Registry) -> dict[st
     return {
         "name": name,
         **{
-            key: value
+            key: value if value == validated[key] else to_jsonable_python(validated[key])
             for key, value in given.items()
             if key in validated
             and (

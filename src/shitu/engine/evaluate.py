@@ -397,8 +397,12 @@ class RetrievalEvaluation:
         return torch.tensor([table[label] for label in labels.tolist()], dtype=torch.long)
 
 
+class NonFiniteFeatures(EvaluationInputError):
+    """The model gave NaN or infinite features: its weights, not the images, are at fault."""
+
+
 def check_finite(embedded: EmbeddedSet, loader: DataLoader, description: str, amp: str) -> None:
-    """An EvaluationInputError naming the images whose features are NaN or infinite: no
+    """A NonFiniteFeatures naming the images whose features are NaN or infinite: no
     ranking can be scored from them, and the cause is the model (NaN weights, or float16
     overflow under Global.amp), not the metric."""
     bad = (~torch.isfinite(embedded.features).all(dim=1)).nonzero().squeeze(1).tolist()
@@ -411,7 +415,7 @@ def check_finite(embedded: EmbeddedSet, loader: DataLoader, description: str, am
         else f"most likely {weights}"
     )
     first = dataset_of(loader).paths[bad[0]]
-    raise EvaluationInputError(
+    raise NonFiniteFeatures(
         f"the model gave NaN or infinite features for {len(bad)} of {len(embedded.features)} "
         f"{description} images (the first: {first}), so no retrieval metric is defined: "
         f"{cause}"

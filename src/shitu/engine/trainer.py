@@ -30,7 +30,8 @@ from shitu.checkpoint.io import (
     LoadReport,
     fitting_tensors,
     setting_differences,
-    without_defaults,
+    settings_as_built,
+    weight_shaping_arch,
 )
 from shitu.config.schema import ShituConfig
 from shitu.engine.batch_norm import norm_on_one_value_per_channel
@@ -44,7 +45,7 @@ from shitu.engine.data import (
 )
 from shitu.engine.distributed import DistContext, all_reduce_mean, barrier, init_distributed
 from shitu.engine.ema import WeightEMA
-from shitu.engine.evaluate import RetrievalEvaluation
+from shitu.engine.evaluate import NonFiniteFeatures, RetrievalEvaluation
 from shitu.engine.lr import RUN, LRSchedule, Stage
 from shitu.engine.metrics_log import LOG_NAME, MetricsLog
 from shitu.engine.optim import OPTIMIZER_CLASSES, build_optimizer, set_learning_rate
@@ -467,8 +468,12 @@ class Trainer:
                 )
                 if (found := fitting_tensors(module.state_dict(), state)[0].misfits())
             ]
-            # The sections that shape the model's and the loss's tensors (XBM's memory).
+            # The sections that shape the model's and the loss's tensors (XBM's memory), the
+            # Arch's settings as they build it (`last_act: no` is its default, left out).
             saved, current = _saved_config(payload), self.config.model_dump(mode="json")
+            if isinstance(saved.get("Arch"), dict):
+                saved["Arch"] = weight_shaping_arch(saved["Arch"])
+                current["Arch"] = weight_shaping_arch(current["Arch"])
             changed = [
                 change
                 for section in ("Arch", "Loss")
@@ -652,9 +657,9 @@ class Trainer:
         saved_train = (_saved_config(payload).get("DataLoader") or {}).get("Train")
         saved_sampler = (saved_train or {}).get("sampler")
         current = self.config.model_dump(mode="json")["DataLoader"]["Train"].get("sampler")
-        if saved_sampler is not None and without_defaults(
+        if saved_sampler is not None and settings_as_built(
             saved_sampler, registry.SAMPLERS
-        ) != without_defaults(current, registry.SAMPLERS):
+        ) != settings_as_built(current, registry.SAMPLERS):
             changes.append(f"DataLoader.Train.sampler {current} (was {saved_sampler})")
         # Other transforms (a resize added to images of several sizes, another crop) prepare
         # the images otherwise from here: said as other sampling is.
@@ -682,12 +687,12 @@ class Trainer:
         left out (which is shown as such)."""
         try:
             run = _saved_config(payload)
-            saved_lr = without_defaults(run["Optimizer"]["lr"], registry.LR_SCHEDULES)
+            saved_lr = settings_as_built(run["Optimizer"]["lr"], registry.LR_SCHEDULES)
             saved = {**saved_lr, "Global.epochs": run["Global"]["epochs"]}
         except (KeyError, TypeError):
             return  # an older checkpoint without its config
         current = {
-            **without_defaults(
+            **settings_as_built(
                 self.config.Optimizer.lr.model_dump(mode="json"), registry.LR_SCHEDULES
             ),
             "Global.epochs": self.config.Global.epochs,
@@ -982,7 +987,10 @@ class Trainer:
         loss, parts = self.loss(outputs, labels)
         value = float(all_reduce_mean(loss.detach(), self.context))
         if not math.isfinite(value):
-            raise self._diverged(value)
+            raise self._diverged(
+                f"the loss became {value} at step {self.progress.global_step + 1} (epoch "
+                f"{self.progress.epoch + 1} of {self.stage.name})"
+            )
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.config.Optimizer.clip_norm:
@@ -996,20 +1004,19 @@ class Trainer:
             self.ema.update()
         return value, parts
 
-    def _diverged(self, value: float) -> TrainingDiverged:
-        """The error of a step whose loss is `value` (NaN or infinite), before its backward:
-        the weights are those of the step before. Resuming is offered where a checkpoint
-        of this run is there to resume (none before the first, none of a LinearProbe's
-        probe, which `shitu train` starts over)."""
+    def _diverged(self, problem: str) -> TrainingDiverged:
+        """The error of a run whose training diverged (`problem`: a NaN or infinite loss,
+        raised before its step's backward; or features an evaluation found NaN or
+        infinite), its last checkpoint left as it was. Resuming is offered where a
+        checkpoint of this run is there to resume (none before the first, none of a
+        LinearProbe's probe, which `shitu train` starts over)."""
         latest = self.latest_path
         resume = ""
         if self.stage.resumable and latest.is_file():
             checkpoint = override_word("Global.checkpoints", latest)
             resume = f", and resume from its last checkpoint with -o {checkpoint}"
         return TrainingDiverged(
-            f"the loss became {value} at step {self.progress.global_step + 1} (epoch "
-            f"{self.progress.epoch + 1} of {self.stage.name}); lower "
-            f"Optimizer.lr.learning_rate or set Optimizer.clip_norm{resume}"
+            f"{problem}; lower Optimizer.lr.learning_rate or set Optimizer.clip_norm{resume}"
         )
 
     def _forget_best_of_another_metric(self) -> None:
@@ -1127,6 +1134,13 @@ class Trainer:
         self._evaluating = True
         try:
             result = self.evaluation.run(model)
+        except NonFiniteFeatures as exc:
+            if self.evaluation.amp == "fp16":  # float16 may have overflowed: the weights kept
+                self._save_unevaluated_epoch(epoch, "failed")
+                raise
+            # Diverged weights: saved, they would replace the run's last checkpoint (the one
+            # to go on from at a lower rate), and a resume would evaluate them to NaN again.
+            raise self._diverged(f"evaluating epoch {epoch}: {exc}") from None
         except Exception:
             self._save_unevaluated_epoch(epoch, "failed")
             raise
@@ -1234,7 +1248,7 @@ def _listed_changes(
         for index, item in enumerate(items):
             ((name, params),) = item.items()
             own, arguments = options(params)
-            given = without_defaults({"name": name, **arguments}, components)
+            given = settings_as_built({"name": name, **arguments}, components)
             settings[f"{index}.{name}"] = {**own, **{k: v for k, v in given.items() if k != "name"}}
         return settings
 
