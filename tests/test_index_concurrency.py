@@ -213,6 +213,33 @@ def test_a_write_committed_by_another_process_just_after_ours_is_loaded_later(
         assert reopened.search(other, k=1).labels[0, 0] == "other"
 
 
+def test_a_rebuild_decides_its_settings_from_another_processs_rebuild_since(tmp_path):
+    """Rebuild kept the settings of the manifest as this object had loaded it: after
+    another process rebuilt an HNSW32 library as IVF with its nprobe, an `ef_search`
+    rebuild here wrote IVF with that ef_search, which IVF never reads, and lost the nprobe;
+    a rebuild to HNSW32 said it dropped the ef_search it had, not the nprobe it dropped."""
+    path = tmp_path / "lib"
+    options = {"ef_search": 64}
+    with Gallery.create(
+        path, embedding_dim=DIM, model_fingerprint="m", index_type="HNSW32", backend_options=options
+    ) as gallery:
+        gallery.add(clustered(20, DIM), ["base"] * 20)
+    with Gallery.open(path) as gallery:
+        run_in_other_process(path, "gallery.rebuild('IVF', nprobe=10)")
+        with pytest.raises(GalleryError, match=r"ef_search: only with index_type HNSW32 \(not IVF"):
+            gallery.rebuild(ef_search=128)
+        assert (gallery.manifest.index_type, gallery.manifest.backend_options) == (
+            "IVF",
+            {"nprobe": 10},
+        )
+        run_in_other_process(path, "gallery.rebuild(nprobe=12)")
+        assert gallery.rebuild("HNSW32", ef_search=128) == {"nprobe": 12}
+    with Gallery.open(path) as reopened:
+        assert reopened.verify() == []
+        assert reopened.manifest.index_type == "HNSW32"
+        assert reopened.manifest.backend_options == {"ef_search": 128}
+
+
 def test_other_processes_read_while_a_large_write_is_under_way(tmp_path, monkeypatch):
     """A write larger than SQLite's page cache (here 3,000 rows of 512-d features, 6 MB)
     spilled its pages into the file, which takes the exclusive lock: from then to its

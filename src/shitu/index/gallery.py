@@ -770,9 +770,15 @@ class Gallery:
 
     # ----------------------------------------------------------------------------- writes
 
-    def _write(self, mutate: Callable[[], tuple[Change | None, T]], **manifest_updates: Any) -> T:
+    def _write(
+        self,
+        mutate: Callable[[], tuple[Change | None, T]],
+        manifest_updates: Callable[[Manifest], dict[str, Any]] | None = None,
+    ) -> T:
         """Run `mutate` and stage the index in one transaction; publish after the commit.
-        A `mutate` that changed nothing returns no Change: the generation stays."""
+        A `mutate` that changed nothing returns no Change: the generation stays.
+        `manifest_updates` gives the manifest fields to change from the manifest as
+        committed, which another process may have written since this one loaded it."""
         try:
             with self._store.transaction():
                 committed = _committed_manifest(self.root, self._store, None)
@@ -790,7 +796,7 @@ class Gallery:
                     committed,
                     generation=committed.generation + 1,
                     updated_at=now(),
-                    **manifest_updates,
+                    **(manifest_updates(committed) if manifest_updates else {}),
                 )
                 manifest.index_state = self._backend.stage(change, manifest)
                 self._store.write_manifest(manifest)
@@ -1128,9 +1134,9 @@ class Gallery:
         """Rebuild the index from the stored features, optionally as another type and with
         other `backend_options` (the names `create` takes, e.g. `ef_search=128`), but for
         the Milvus `uri` and `collection`: the index is rebuilt where it is. The stored
-        settings the new type does not read (an IVF `nprobe` on a rebuild to HNSW32) are
-        dropped, and returned for the caller to tell; one given that it does not read is
-        refused, as `create` refuses it."""
+        settings (as last committed, by any process) that the new type does not read (an
+        IVF `nprobe` on a rebuild to HNSW32) are dropped, and returned for the caller to
+        tell; one given that it does not read is refused, as `create` refuses it."""
         self._check_usable()
         Manifest.check_backend_options(self.manifest.backend, backend_options)
         moved = [name for name in LOCATION_OPTIONS if name in backend_options]
@@ -1139,18 +1145,21 @@ class Gallery:
                 f"{self.root}: rebuild keeps the index where it is; {' and '.join(moved)} "
                 "can only be chosen when a library is made (build a new one)"
             )
-        updates: dict[str, Any] = {}
-        if index_type is not None:
-            updates["index_type"] = index_type
-        new_type = index_type or self.manifest.index_type
-        if new_type in INDEX_TYPES:  # an unknown type is refused by name when written
-            Manifest.check_typed_options(new_type, backend_options)
-        stored = self.manifest.backend_options
-        dropped = unread_options(new_type, stored)  # those given: read, as checked above
-        if backend_options or dropped:
+        dropped: dict[str, Any] = {}
+
+        def settings(committed: Manifest) -> dict[str, Any]:
+            """The type and settings, from those committed: decided from this object's
+            copy, a rebuild by another process since was undone (its settings lost, or
+            ones its type never reads kept)."""
+            new_type = index_type or committed.index_type
+            if new_type in INDEX_TYPES:  # an unknown type is refused by name when written
+                Manifest.check_typed_options(new_type, backend_options)
+            stored = committed.backend_options
+            dropped.update(unread_options(new_type, stored))  # those given: read, as checked
             kept = {name: value for name, value in stored.items() if name not in dropped}
-            updates["backend_options"] = {**kept, **backend_options}
-        self._write(lambda: (Change(rebuild=True), None), **updates)
+            return {"index_type": new_type, "backend_options": {**kept, **backend_options}}
+
+        self._write(lambda: (Change(rebuild=True), None), settings)
         return dropped
 
     def reembed(
@@ -1196,9 +1205,11 @@ class Gallery:
             try:
                 count = self._write(
                     mutate,
-                    model_fingerprint=embedder.fingerprint,
-                    embedding_dim=embedder.embedding_size,
-                    preprocessing=dict(embedder.preprocessing),
+                    lambda _: {
+                        "model_fingerprint": embedder.fingerprint,
+                        "embedding_dim": embedder.embedding_size,
+                        "preprocessing": dict(embedder.preprocessing),
+                    },
                 )
             except _AddedMeanwhile as behind:
                 entries = self.entries_with_ids(behind.ids)
