@@ -25,10 +25,11 @@ import pytest
 from shitu.cli.main import main as shitu_main
 from shitu.errors import GalleryError
 from shitu.fileio import file_sha256
-from shitu.index import Gallery, metadata
+from shitu.index import Gallery, GalleryItem, metadata
 from shitu.index import gallery as gallery_module
 from shitu.index.locking import ReadWriteLock
-from tests.index_helpers import clustered, make_images, other_process_holding
+from shitu.index.manifest import ModelMismatchError
+from tests.index_helpers import PixelEmbedder, clustered, make_images, other_process_holding
 
 DIM = 16
 WIDE = 512  # features as a real model's
@@ -238,6 +239,29 @@ def test_a_rebuild_decides_its_settings_from_another_processs_rebuild_since(tmp_
         assert reopened.verify() == []
         assert reopened.manifest.index_type == "HNSW32"
         assert reopened.manifest.backend_options == {"ef_search": 128}
+
+
+def test_an_add_after_another_process_re_embedded_the_library_is_refused(tmp_path):
+    """A library opened without a model, then re-embedded by another process with a model
+    of the same size: an add of the old model's features took them in beside the new
+    model's, silent garbage in every search (of another size, Faiss failed on a bare
+    AssertionError)."""
+    photos = make_images(tmp_path / "photos", 4)
+    old, new = PixelEmbedder(fingerprint="old"), PixelEmbedder(fingerprint="new")
+    path = tmp_path / "lib"
+    Gallery.build(path, old, [GalleryItem(photo, "base") for photo in photos[:2]])
+    with Gallery.open(path) as gallery:
+        with Gallery.open(path) as other_writer:
+            other_writer.reembed(new)
+        with pytest.raises(ModelMismatchError, match="built with model new but this model is old"):
+            gallery.add_files(old, [GalleryItem(photos[2], "late")])
+        wider = PixelEmbedder(side=8, fingerprint="wider")
+        with Gallery.open(path) as other_writer:
+            other_writer.reembed(wider)
+        with pytest.raises(ModelMismatchError, match="holds 192-d features of model wider"):
+            gallery.add(np.ones((1, new.embedding_size), np.float32), ["late"])
+    with Gallery.open(path, embedder=wider) as reopened:
+        assert reopened.verify() == [] and reopened.label_counts() == {"base": 2}
 
 
 def test_other_processes_read_while_a_large_write_is_under_way(tmp_path, monkeypatch):

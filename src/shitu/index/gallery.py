@@ -940,8 +940,13 @@ class Gallery:
         unstorable = [path for path in paths if not self._storable(path)]
         if unstorable:
             raise GalleryError(f"add {unstorable[0]!r}: {NAME_NOT_UTF8}")
+        # The model the features were made for: the library's as this object loaded it
+        model = (self.manifest.model_fingerprint, self.manifest.embedding_dim)
 
         def mutate() -> tuple[Change | None, AddReport]:
+            # Another process may have re-embedded the library with another model since:
+            # these features would be mixed into its new ones (or fail inside Faiss)
+            self.manifest.check_model(*model, str(self.root))
             keep = list(range(count))
             duplicates: list[str] = []
             if not allow_duplicates:
