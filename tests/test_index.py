@@ -966,7 +966,9 @@ def test_reembed_names_the_ids_of_images_it_cannot_read(tmp_path):
             gallery.reembed(PixelEmbedder(side=2, fingerprint="new"))
     assert f"1 of the 3 images could not be read, ids {ids[1]}: {photos[1]} (" in str(caught.value)
     assert "; put the files back" in str(caught.value)
-    assert f"`shitu index remove {path} --id ID ...`" in str(caught.value)
+    assert f"`shitu index remove {path} --id ID ...`, `remove(ids)` in Python" in str(caught.value)
+    # The way on for a moved folder, as a Python caller gives it (not only as the flag)
+    assert "(`--moved OLD NEW`, `moved=[(OLD, NEW)]` in Python: OLD the folder" in str(caught.value)
 
 
 def test_reembed_moved_takes_the_deepest_old_folder_and_refuses_what_is_not_a_pair(tmp_path):

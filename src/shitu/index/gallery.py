@@ -1280,10 +1280,10 @@ class Gallery:
             raise GalleryError(
                 f"cannot re-embed: {len(bad)} of the {len(entries)} images could not be read, "
                 f"ids {_rows(bad)}: {named}; put the files back, or say where a folder of "
-                "them moved to (`--moved OLD NEW`: OLD the folder they were added from), or "
-                "remove those images (`shitu index remove "
-                f"{shlex.quote(str(self.root))} --id ID ...`, or `--missing` for files that "
-                "are gone), and retry; nothing was changed"
+                "them moved to (`--moved OLD NEW`, `moved=[(OLD, NEW)]` in Python: OLD the "
+                "folder they were added from), or remove those images (`shitu index remove "
+                f"{shlex.quote(str(self.root))} --id ID ...`, `remove(ids)` in Python, or "
+                "`--missing` for files that are gone), and retry; nothing was changed"
             )
         usable = finite_rows(result.features)
         broken = [e for (e, _), ok in zip(readable, usable, strict=True) if not ok]
