@@ -246,7 +246,8 @@ def test_a_tree_grouped_by_category_is_warned_of_and_labelled_by_leaf_folders(tm
     expected = (
         f"{tree}: each first-level folder is a label (2: Fruit, Vegetables), but the images "
         f"lie in folders below them ({Path('Fruit/Apple/Golden-Delicious')}, ...): to label "
-        "each image by the folder it is in instead (4 labels), give --leaf-labels"
+        "each image by the folder it is in instead (4 labels), give --leaf-labels "
+        "(leaf_labels=True in Python)"
     )
     assert caplog.messages == [expected]
     caplog.clear()
@@ -256,8 +257,12 @@ def test_a_tree_grouped_by_category_is_warned_of_and_labelled_by_leaf_folders(tm
         "Golden-Delicious", "Golden-Delicious", "Granny-Smith", "Pear", "Leek"
     ]  # fmt: skip
     assert caplog.messages == []
-    with pytest.raises(DataError, match="--label gives every image one label, --leaf-labels"):
+    # Named as a Python caller gives them too, not only as the flags it never typed
+    both = r"--label \(label= in Python\) gives every image one label, --leaf-labels \(leaf"
+    with pytest.raises(DataError, match=both):
         collect_items(tree, label="Fruit", leaf_labels=True)
+    with pytest.raises(DataError, match=r"^--label \(label= in Python\): the label is empty"):
+        collect_items(tree, label=" ")
 
 
 def test_views_of_each_product_in_sub_folders_are_not_warned_of(tmp_path, caplog):

@@ -439,13 +439,13 @@ def test_leaf_labels_without_a_folder_is_said_to_be_unused(models, gallery_list,
     built = shitu("index", "build", gallery_list, "--leaf-labels", "--model", models[128],
                   "--out", lib)  # fmt: skip
     assert built.returncode == 0, built.stderr
-    assert "--leaf-labels is not used: it labels the images of a folder" in caplog.text
+    assert "--leaf-labels (leaf_labels=True in Python) is not used: it labels" in caplog.text
     caplog.clear()
     make_images(tmp_path / "tree" / "Fruit" / "Kiwi", 1)
     added = shitu("index", "add", lib, gallery_list, tmp_path / "tree", "--leaf-labels",
                   "--model", models[128])  # fmt: skip
     assert added.returncode == 0, added.stderr
-    assert "--leaf-labels is not used" not in caplog.text
+    assert "(leaf_labels=True in Python) is not used" not in caplog.text
 
 
 def test_a_label_that_cannot_be_stored_is_refused_as_the_option(models, tmp_path):
@@ -458,7 +458,9 @@ def test_a_label_that_cannot_be_stored_is_refused_as_the_option(models, tmp_path
     for label, problem in [("", "the label is empty"), ("a\tb", "must not contain tabs")]:
         for command in (("build", "--out", lib), ("add", lib)):
             given = shitu("index", *command, tmp_path / "photos", "--label", label)
-            assert given.returncode == 2 and given.stderr.startswith("error: --label: ")
+            assert given.returncode == 2 and given.stderr.startswith(
+                "error: --label (label= in Python): "
+            )
             assert problem in given.stderr and given.stderr.count("\n") == 1, given.stderr
     assert not lib.exists()
 
