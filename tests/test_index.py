@@ -1055,6 +1055,31 @@ def test_a_damaged_database_page_is_a_gallery_error_not_sqlites_traceback(tmp_pa
             assert gallery.verify()[0] == "sqlite: database disk image is malformed"
 
 
+@pytest.mark.parametrize(
+    ("edit", "refusal"),
+    [
+        (
+            "json_remove(document, '$.model_fingerprint')",
+            r"manifest lacks the keys \['model_fingerprint'\]",
+        ),
+        ("'[1, 2]'", "manifest is not a JSON object: \\[1, 2\\]"),
+        ("json_set(document, '$.embedding_dim', 'abc')", "manifest: embedding_dim must be a"),
+    ],
+)
+def test_a_damaged_manifest_is_a_gallery_error_naming_the_library(tmp_path, edit, refusal):
+    """A manifest without a key it must have failed on a TypeError's traceback, one not
+    an object on an AttributeError's, and one with a value out of place was refused
+    without naming the library (`embedding_dim must be a positive integer`)."""
+    path = tmp_path / "lib"
+    with new_gallery(path) as gallery:
+        gallery.add(clustered(10, DIM), labels_for(10))
+    with contextlib.closing(sqlite3.connect(path / "gallery.sqlite")) as conn, conn:
+        conn.execute(f"UPDATE manifest SET document = {edit}")
+    for opening in (Gallery.open, Catalog):
+        with pytest.raises(GalleryError, match=f"^{path / 'gallery.sqlite'}: {refusal}"):
+            opening(path)
+
+
 def test_a_write_to_a_library_whose_manifest_is_gone_says_so_not_attributeerror(tmp_path):
     """The manifest row deleted while the library was open: the write's transaction read
     it as None and failed on `None.generation`, an AttributeError shown above the

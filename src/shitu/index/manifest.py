@@ -11,7 +11,7 @@ import json
 import numbers
 import re
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any
 
@@ -162,12 +162,15 @@ class Manifest:
 
     @classmethod
     def from_json(cls, text: str, source: str) -> Manifest:
-        """Parse `to_json`'s text; a GalleryError naming `source` for another format version
-        or unknown keys."""
+        """Parse `to_json`'s text; a GalleryError naming `source` for another format version,
+        unknown or missing keys, or a value out of place (a damaged manifest failed on a
+        TypeError or AttributeError, or was refused without naming the library)."""
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise GalleryError(f"{source}: manifest is not valid JSON ({exc})") from exc
+        if not isinstance(data, dict):
+            raise GalleryError(f"{source}: manifest is not a JSON object: {text:.80}")
         version = data.get("format_version")
         if version != FORMAT_VERSION:
             raise GalleryError(
@@ -178,7 +181,18 @@ class Manifest:
         unknown = sorted(set(data) - known)
         if unknown:
             raise GalleryError(f"{source}: manifest has unknown keys {unknown}")
-        return cls(**data)
+        # Those with defaults may be absent: a library written before they were added
+        missing = [
+            f.name
+            for f in fields(cls)
+            if f.default is MISSING and f.default_factory is MISSING and f.name not in data
+        ]
+        if missing:
+            raise GalleryError(f"{source}: manifest lacks the keys {missing} (a damaged library)")
+        try:
+            return cls(**data)
+        except GalleryError as exc:
+            raise GalleryError(f"{source}: manifest: {exc}") from None
 
     def check_model(self, fingerprint: str, embedding_dim: int, source: str) -> None:
         """Refuse vectors from another model: mixing embedding spaces gives silent garbage.
