@@ -657,6 +657,15 @@ def test_duplicates_by_content_hash_are_skipped_unless_asked(tmp_path):
         assert len(forced.ids) == 1 and len(gallery) == 4 and gallery.manifest.generation == 2
 
 
+def test_a_remove_of_no_images_writes_nothing(tmp_path):
+    """`remove(ids=gone)` where none were gone committed a new generation, which every
+    other process (a server) then reloaded, as a write that adds or renames nothing does not."""
+    with new_gallery(tmp_path / "lib") as gallery:
+        gallery.add(clustered(3, DIM), ["a", "b", "c"])
+        assert gallery.remove(ids=[]).tolist() == [] and gallery.remove().tolist() == []
+        assert gallery.manifest.generation == 1 and not gallery.stale() and len(gallery) == 3
+
+
 def test_relabel_onto_a_label_in_use_merges_only_when_asked(tmp_path):
     with new_gallery(tmp_path / "lib") as gallery:
         gallery.add(clustered(3, DIM), ["a", "b", "b"])

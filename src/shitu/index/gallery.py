@@ -1091,9 +1091,12 @@ class Gallery:
 
     def remove(self, ids: Iterable[int] = (), labels: Iterable[str] = ()) -> np.ndarray:
         """Remove images by id and/or every image of the given labels; returns removed ids.
-        `ids` may be the arrays that `add` and `search` return."""
+        `ids` may be the arrays that `add` and `search` return. Given none, it writes
+        nothing (the library keeps its generation)."""
         self._check_usable()
         ids, labels = _image_ids(ids, "remove"), _label_names(labels, "remove")
+        if not ids and not labels:  # else a new generation, which other processes reload
+            return np.zeros(0, np.int64)
 
         def mutate() -> tuple[Change, np.ndarray]:
             unknown = [label for label in labels if not self._store.ids_with_labels([label])]
