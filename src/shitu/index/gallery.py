@@ -918,7 +918,9 @@ class Gallery:
         """Add vectors with labels; rows whose content hash is already present are skipped.
 
         A vector with NaN or inf, or all zero in a library that normalises (it has no
-        direction), is refused, and then nothing is added.
+        direction), is refused, and then nothing is added; so are all of them (a
+        ModelMismatchError) where another process has re-embedded the library with another
+        model since this object loaded it: they are the features of the model it had.
         """
         self._check_usable()
         vectors = self._stored_features(features, "add")
