@@ -1072,13 +1072,21 @@ def test_a_damaged_database_page_is_a_gallery_error_not_sqlites_traceback(tmp_pa
             r"manifest lacks the keys \['model_fingerprint'\]",
         ),
         ("'[1, 2]'", "manifest is not a JSON object: \\[1, 2\\]"),
-        ("json_set(document, '$.embedding_dim', 'abc')", "manifest: embedding_dim must be a"),
+        ("json_set(document, '$.index_type', 'Foo')", "manifest: unknown index type 'Foo'"),
+        ("json_set(document, '$.embedding_dim', 'abc')", "manifest: embedding_dim is 'abc', not"),
+        ("json_set(document, '$.generation', 'x')", "manifest: generation is 'x', not int"),
+        (
+            "json_set(document, '$.backend_options', json('[1]'))",
+            "manifest: backend_options is \\[1\\]",
+        ),
+        ("json_set(document, '$.normalize', 1)", "manifest: normalize is 1, not bool"),
     ],
 )
 def test_a_damaged_manifest_is_a_gallery_error_naming_the_library(tmp_path, edit, refusal):
     """A manifest without a key it must have failed on a TypeError's traceback, one not
-    an object on an AttributeError's, and one with a value out of place was refused
-    without naming the library (`embedding_dim must be a positive integer`)."""
+    an object or a value of another type (text for a count, a list for settings) on a
+    TypeError's or AttributeError's, at the first write or at once, and one with a value out
+    of place was refused without naming the library (`unknown index type 'Foo'`)."""
     path = tmp_path / "lib"
     with new_gallery(path) as gallery:
         gallery.add(clustered(10, DIM), labels_for(10))

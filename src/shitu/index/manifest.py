@@ -13,7 +13,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, get_origin, get_type_hints
 
 from shitu.errors import GalleryError, did_you_mean
 
@@ -189,6 +189,15 @@ class Manifest:
         ]
         if missing:
             raise GalleryError(f"{source}: manifest lacks the keys {missing} (a damaged library)")
+        hints = get_type_hints(cls)  # JSON's types: str, int, bool, dict
+        for name, value in data.items():
+            expected = get_origin(hints[name]) or hints[name]
+            # a bool is an int to isinstance: a flag stored for a count, or a count for a flag
+            if not isinstance(value, expected) or (type(value) is bool) != (expected is bool):
+                raise GalleryError(
+                    f"{source}: manifest: {name} is {value!r}, not {expected.__name__} "
+                    "(a damaged library)"
+                )
         try:
             return cls(**data)
         except GalleryError as exc:
