@@ -1698,6 +1698,33 @@ def test_unknown_index_options_and_wrong_values_are_refused(tmp_path):
         assert gallery.search(clustered(1, DIM), k=3).found.all()
 
 
+def test_a_setting_given_as_none_is_left_out_not_stored_as_null(tmp_path):
+    """`backend_options={"ef_search": None}` (a caller passing on a setting it was not
+    given) was stored as null: the first add failed inside Faiss after its commit, and the
+    library never opened again, nor could `index rebuild` mend it. None is a setting left
+    out, as a flag not typed; in a rebuild it keeps the value stored. A library in which
+    an earlier shitu stored such a null opens with the default."""
+    path = tmp_path / "lib"
+    options = {"ef_search": None, "nprobe": None}
+    with new_gallery(path, index_type="HNSW32", backend_options=options) as gallery:
+        gallery.add(clustered(20, DIM), labels_for(20))
+        assert gallery.manifest.backend_options == {}
+        gallery.rebuild("IVF", nprobe=12, ef_search=None)
+        gallery.rebuild(nprobe=None)
+        assert gallery.manifest.backend_options == {"nprobe": 12}
+    earlier = tmp_path / "earlier"
+    with new_gallery(earlier, index_type="HNSW32") as gallery:
+        gallery.add(clustered(20, DIM), labels_for(20))
+    with contextlib.closing(sqlite3.connect(earlier / "gallery.sqlite")) as conn, conn:
+        conn.execute(
+            "UPDATE manifest SET document = json_set(document, '$.backend_options', "
+            "json('{\"ef_search\": null}'))"
+        )
+    with Gallery.open(earlier) as gallery:
+        assert gallery.verify() == [] and gallery.search(clustered(1, DIM), k=3).found.all()
+        assert gallery.manifest.backend_options == {}
+
+
 def test_a_setting_the_index_type_never_reads_is_refused_by_create_and_rebuild(tmp_path):
     """`Gallery.create(index_type="Flat", backend_options={"nprobe": 4})` stored the setting,
     which Flat never reads, and `rebuild` kept one given for a type that does not read it:

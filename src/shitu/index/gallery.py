@@ -49,6 +49,7 @@ from shitu.index.manifest import (
     SHIPPED_MODEL_NOTE,
     Manifest,
     ModelMismatchError,
+    given_options,
     now,
     unread_options,
 )
@@ -389,9 +390,10 @@ class Gallery:
         (IVF lists searched per query, default nlist/16, at least 8); for Milvus those two
         (`nprobe` default 16), `nlist` (IVF lists, default 1024), `uri` (a Milvus Lite `.db`
         file in the library, default `milvus.db`, or a server's `http://host:19530`) and
-        `collection` (default `shitu_gallery`). Faiss's own names (`efSearch`) are refused,
-        and so is a setting `index_type` never reads (`nprobe` on Flat). A Milvus collection
-        that holds vectors is refused as another library's, unless `replace_collection`,
+        `collection` (default `shitu_gallery`); one given as None is left out (its
+        default). Faiss's own names (`efSearch`) are refused, and so is a setting
+        `index_type` never reads (`nprobe` on Flat). A Milvus collection that holds
+        vectors is refused as another library's, unless `replace_collection`,
         which drops them: a collection that no library uses any more (its library deleted,
         or a build killed outright) can be built into again; one that the library it was
         made for (recorded in it) still uses is refused all the same.
@@ -410,8 +412,9 @@ class Gallery:
                 f"FeatureExtractor's fingerprint), got {model_fingerprint!r}; "
                 "Gallery.create_for(path, extractor) takes it from the model"
             )
+        backend_options = given_options(backend_options or {})
         if backend in BACKENDS:  # an unknown backend is refused by name below
-            Manifest.check_backend_options(backend, backend_options or {})
+            Manifest.check_backend_options(backend, backend_options)
         manifest = Manifest(
             embedding_dim=embedding_dim,
             model_fingerprint=model_fingerprint,
@@ -420,7 +423,7 @@ class Gallery:
             normalize=normalize,
             backend=backend,
             index_type=index_type,
-            backend_options=backend_options or {},
+            backend_options=backend_options,
         )
         Manifest.check_typed_options(index_type, manifest.backend_options)  # values first
         root.parent.mkdir(parents=True, exist_ok=True)
@@ -1146,8 +1149,10 @@ class Gallery:
         the Milvus `uri` and `collection`: the index is rebuilt where it is. The stored
         settings (as last committed, by any process) that the new type does not read (an
         IVF `nprobe` on a rebuild to HNSW32) are dropped, and returned for the caller to
-        tell; one given that it does not read is refused, as `create` refuses it."""
+        tell; one given that it does not read is refused, as `create` refuses it, and one
+        given as None keeps the value stored."""
         self._check_usable()
+        backend_options = given_options(backend_options)  # None: the value stored stays
         Manifest.check_backend_options(self.manifest.backend, backend_options)
         moved = [name for name in LOCATION_OPTIONS if name in backend_options]
         if moved:  # the manifest would name a place the index was not built in

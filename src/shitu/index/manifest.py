@@ -49,6 +49,13 @@ def unread_options(index_type: str, options: Mapping[str, Any]) -> dict[str, Any
     }
 
 
+def given_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings of `options` that are given: one set to None is left out, as a flag
+    not typed is (its default; in a rebuild, the value stored). Kept as null, Faiss failed
+    on it after the write that stored it, and on every opening of the library since."""
+    return {name: value for name, value in options.items() if value is not None}
+
+
 class ModelMismatchError(GalleryError):
     """A library opened with another model's (or precision's) features than built it;
     `library_fingerprint` is the fingerprint of the model that built it."""
@@ -104,11 +111,13 @@ class Manifest:
         if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or dim < 1:
             raise GalleryError(f"embedding_dim must be a positive integer, got {dim!r}")
         self.embedding_dim = int(dim)  # a numpy integer, say, as JSON can store it
+        # A null stored by an earlier shitu, which took None for a setting: its default
+        self.backend_options = given_options(self.backend_options)
         if not isinstance(self.normalize, bool):  # "no" was stored, and normalised as true
             raise GalleryError(f"normalize must be True or False, got {self.normalize!r}")
         for key in COUNT_OPTIONS:
             value = self.backend_options.get(key)
-            if value is not None and (type(value) is not int or value < 1):
+            if key in self.backend_options and (type(value) is not int or value < 1):
                 raise GalleryError(f"index option {key} must be a whole number >= 1, got {value!r}")
 
     @staticmethod
