@@ -1698,6 +1698,23 @@ def test_unknown_index_options_and_wrong_values_are_refused(tmp_path):
         assert gallery.search(clustered(1, DIM), k=3).found.all()
 
 
+def test_a_search_setting_beyond_32_bit_is_refused_not_stored(tmp_path):
+    """Faiss keeps nprobe and efSearch as 32-bit integers: an IVF library built with
+    nprobe 2**31 failed every search inside Faiss (a RuntimeError naming its C++ source),
+    and an HNSW32 one with a larger ef_search found fewer hits than asked for."""
+    path = tmp_path / "lib"
+    refusal = "index option nprobe must be at most 2147483647, got 2147483648"
+    with pytest.raises(GalleryError, match=refusal):
+        new_gallery(path, index_type="IVF", backend_options={"nprobe": 2**31})
+    assert not path.exists()
+    with new_gallery(path, index_type="HNSW32") as gallery:
+        gallery.add(clustered(20, DIM), labels_for(20))
+        with pytest.raises(GalleryError, match="ef_search must be at most 2147483647"):
+            gallery.rebuild(ef_search=2**40)
+        assert gallery.manifest.backend_options == {} and gallery.manifest.generation == 1
+        assert gallery.search(clustered(1, DIM), k=3).found.all()
+
+
 def test_a_setting_given_as_none_is_left_out_not_stored_as_null(tmp_path):
     """`backend_options={"ef_search": None}` (a caller passing on a setting it was not
     given) was stored as null: the first add failed inside Faiss after its commit, and the

@@ -250,6 +250,10 @@ def test_build_refuses_an_existing_library_and_bad_lists(models, tmp_path):
         ignored = shitu("index", "build", "--gallery", bad, "--out", tmp_path / "x",
                         "--index-type", index_type, option, "8")  # fmt: skip
         assert ignored.returncode == 2 and expected in ignored.stderr
+    with pytest.raises(SystemExit) as exit_info:  # beyond Faiss's 32-bit settings
+        shitu("index", "build", "--gallery", bad, "--out", tmp_path / "x", "--index-type",
+              "IVF", "--nprobe", str(2**31))  # fmt: skip
+    assert exit_info.value.code == 2
 
 
 def test_a_library_inside_the_folder_it_is_built_from_is_no_part_of_its_scans(models, tmp_path):

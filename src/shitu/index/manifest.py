@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from typing import Any, get_origin, get_type_hints
 
 from shitu.errors import GalleryError, did_you_mean
+from shitu.values import is_whole_number
 
 FORMAT_VERSION = 1
 METRICS = ("ip", "l2")
@@ -23,6 +24,9 @@ INDEX_TYPES = ("Flat", "HNSW32", "IVF", "IVFPQ")
 BACKENDS = ("faiss", "milvus")
 # Backend options that count something (lists, probes, search depth): 0 or less breaks search.
 COUNT_OPTIONS = ("nlist", "nprobe", "ef_search")
+# The largest count Faiss and Milvus take: they keep these as 32-bit integers (a larger
+# nprobe failed every IVF search inside Faiss, a larger ef_search found fewer hits).
+LARGEST_COUNT = 2**31 - 1
 # The options each backend reads, and what they hold: counts (above) or text.
 BACKEND_OPTIONS = {
     "faiss": ("ef_search", "nprobe"),
@@ -125,7 +129,8 @@ class Manifest:
         backend: str, options: dict[str, Any], flags: Mapping[str, str] | None = None
     ) -> None:
         """Refuse options `backend` does not read (a misspelt one would be ignored) and
-        values of the wrong type; counts are checked with the rest of a manifest. `flags`
+        values of the wrong type, and counts beyond LARGEST_COUNT (the rest of their checks
+        are the manifest's). `flags`
         names options as the caller's user gave them (`collection`: `--milvus-collection`),
         for the errors to name what was typed."""
         valid = BACKEND_OPTIONS.get(backend, ())
@@ -137,6 +142,8 @@ class Manifest:
                     f"{', '.join(valid)}"
                 )
             given = (flags or {}).get(name, f"index option {name}")
+            if name in COUNT_OPTIONS and is_whole_number(value) and value > LARGEST_COUNT:
+                raise GalleryError(f"{given} must be at most {LARGEST_COUNT}, got {value}")
             if name not in COUNT_OPTIONS and (not isinstance(value, str) or not value):
                 raise GalleryError(f"{given} must be a non-empty string, got {value!r}")
             if name == "uri" and "://" not in value and not value.endswith(".db"):
