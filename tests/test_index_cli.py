@@ -503,7 +503,10 @@ def test_build_from_unreadable_images_leaves_nothing_and_says_why(models, tmp_pa
     with pytest.raises(SystemExit) as exit_info:  # argparse: usage and the reason, exit 2
         main(["index", "build", "--gallery", str(listing), "--out", str(out), "--ef-search", "0"])
     assert exit_info.value.code == 2
-    assert "--ef-search: expected a whole number >= 1, got 0" in capsys.readouterr().err
+    assert (
+        "--ef-search: expected a whole number from 1 to 2147483647, got 0"
+        in capsys.readouterr().err
+    )
 
 
 def test_a_label_file_written_from_the_working_directory_is_refused_saying_so(
