@@ -46,6 +46,24 @@ def new_gallery(path: Path, **kwargs) -> Gallery:
     return Gallery.create(path, embedding_dim=DIM, model_fingerprint="test-model", **kwargs)
 
 
+def test_a_library_is_built_in_folders_not_made_yet_and_not_under_a_file(tmp_path):
+    """`Gallery.build("out/galleries/mine", ...)` failed on a FileNotFoundError naming its
+    staging folder's lock file (`create` made the folders); a file in the way of either
+    failed on a FileExistsError or NotADirectoryError traceback."""
+    photos = make_images(tmp_path / "photos", 2)
+    items = [GalleryItem(photo, "x") for photo in photos]
+    deep = tmp_path / "out" / "galleries" / "mine"
+    assert len(Gallery.build(deep, PixelEmbedder(), items).ids) == 2
+    with Gallery.open(deep) as gallery:
+        assert gallery.verify() == [] and len(gallery) == 2
+    under_a_file = photos[0] / "lib"
+    refusal = f"^{under_a_file}: {photos[0]} is a file, not a folder$"
+    with pytest.raises(DataError, match=refusal):
+        Gallery.build(under_a_file, PixelEmbedder(), items)
+    with pytest.raises(DataError, match=refusal):
+        new_gallery(under_a_file)
+
+
 @pytest.mark.parametrize(
     "stop", [OSError(28, "No space left on device"), KeyboardInterrupt()], ids=["full", "ctrl-c"]
 )

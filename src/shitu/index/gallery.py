@@ -25,6 +25,7 @@ import numpy as np
 
 from shitu.errors import GalleryError, did_you_mean, first_few
 from shitu.fileio import (
+    check_writable,
     expanded_path,
     file_sha256,
     folder_place,
@@ -426,7 +427,7 @@ class Gallery:
             backend_options=backend_options,
         )
         Manifest.check_typed_options(index_type, manifest.backend_options)  # values first
-        root.parent.mkdir(parents=True, exist_ok=True)
+        check_writable(root.parent, str(root))  # a file in the way: named, no traceback
         # Staged as a build is: a write that fails (a full disk) or is interrupted leaves
         # no folder beside `path`, and one killed outright is removed by the next.
         with staging_folder(root, "creating") as tmp:
@@ -491,6 +492,9 @@ class Gallery:
             )
         _check_embedder(embedder)
         items = gallery_items(items, "build")
+        # The folders it goes in made, as `create` makes them: the staging beside it failed
+        # on a FileNotFoundError that named its lock file
+        check_writable(root.parent, str(root))
         with staging_folder(root, "building") as tmp:
             try:
                 with cls.create_for(tmp, embedder, **options) as gallery:
