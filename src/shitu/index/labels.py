@@ -350,7 +350,7 @@ def _one_label_hint(one_label_option: bool) -> str:
     if one_label_option:
         return (
             "or give them all one label with --label LABEL (`shitu index build` and "
-            "`shitu index add`)"
+            "`shitu index add`; label= in Python)"
         )
     return "or list them in a `path<TAB>label` file"
 
@@ -427,7 +427,7 @@ def collect_items(
             if label is None:
                 how = (
                     "give it one with --label LABEL (`shitu index build` and `shitu index "
-                    "add`), or list it in a `path<TAB>label` file"
+                    "add`; label= in Python), or list it in a `path<TAB>label` file"
                     if one_label_option
                     else "list it in a `path<TAB>label` file, or put it in a sub-folder "
                     "named after its label"
