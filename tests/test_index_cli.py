@@ -1335,7 +1335,9 @@ def test_an_empty_model_is_the_shipped_one(models, tmp_path):
     built = shitu("index", "build", photos[0], "--label", "x", "--model", models[128], "--out", lib)
     assert built.returncode == 0, built.stderr
     searched = shitu("index", "search", lib, photos[0], "--model", "")
-    assert searched.returncode == 2 and "no --model was given" in searched.stderr, searched.stderr
+    assert (
+        searched.returncode == 2 and "no --model (model= in Python) was given" in searched.stderr
+    ), searched.stderr
 
 
 def test_a_source_that_is_a_device_or_fifo_is_named_as_one_not_as_missing(tmp_path):

@@ -550,7 +550,8 @@ class Gallery:
             built_in = [p for p, built in precisions.items() if built == exc.library_fingerprint]
             if built_in:  # the model given, at another precision
                 note = (
-                    f"it holds this model's {built_in[0]} features: give --precision {built_in[0]}"
+                    f"it holds this model's {built_in[0]} features: give --precision "
+                    f"{built_in[0]} (precision= in Python)"
                 )
             elif shipped_model and not built_with_shipped:
                 note = SHIPPED_MODEL_NOTE

@@ -72,12 +72,14 @@ class ModelMismatchError(GalleryError):
 # Added to a ModelMismatchError where no model was named and the shipped one was used: the
 # usual cause is a library built with `--model EXPORT`, then searched without it.
 SHIPPED_MODEL_NOTE = (
-    "no --model was given, so this model is the one shipped with shitu; pass the --model "
-    "export that built the library"
+    "no --model (model= in Python) was given, so this model is the one shipped with shitu; "
+    "pass the --model export that built the library"
 )
 # Added where a --model was given but the library was built with the shipped model: the
 # fingerprints alone do not tell that the way out is to give none.
-SHIPPED_LIBRARY_NOTE = "the library was built with the model shipped with shitu: give no --model"
+SHIPPED_LIBRARY_NOTE = (
+    "the library was built with the model shipped with shitu: give no --model (model= in Python)"
+)
 
 
 def now() -> str:
