@@ -130,11 +130,10 @@ class Manifest:
     def check_backend_options(
         backend: str, options: dict[str, Any], flags: Mapping[str, str] | None = None
     ) -> None:
-        """Refuse options `backend` does not read (a misspelt one would be ignored) and
-        values of the wrong type, and counts beyond LARGEST_COUNT (the rest of their checks
-        are the manifest's). `flags`
-        names options as the caller's user gave them (`collection`: `--milvus-collection`),
-        for the errors to name what was typed."""
+        """Refuse options `backend` does not read (a misspelt one would be ignored), values
+        of the wrong type and counts beyond LARGEST_COUNT (the rest of their checks are the
+        manifest's). `flags` names options as the caller's user gave them (`collection`:
+        `--milvus-collection`), for the errors to name what was typed."""
         valid = BACKEND_OPTIONS.get(backend, ())
         for name, value in options.items():
             if name not in valid:
@@ -199,7 +198,7 @@ class Manifest:
         unknown = sorted(set(data) - known)
         if unknown:
             raise GalleryError(f"{source}: manifest has unknown keys {unknown}")
-        # Those with defaults may be absent: a library written before they were added
+        # Those with defaults are taken as their defaults where absent
         missing = [
             f.name
             for f in fields(cls)
