@@ -264,6 +264,30 @@ def test_an_add_after_another_process_re_embedded_the_library_is_refused(tmp_pat
         assert reopened.verify() == [] and reopened.label_counts() == {"base": 2}
 
 
+def test_a_create_that_another_process_beats_to_its_path_says_so(tmp_path, monkeypatch):
+    """Two processes making one library at once: the one whose rename came second failed
+    on an OSError naming its staging folder (`Directory not empty: .lib.creating-...`),
+    where a build said the library was made meanwhile."""
+    path = tmp_path / "lib"
+    write_manifest = metadata.MetadataStore.write_manifest
+
+    def another_process_creates_it_first(store, manifest):
+        monkeypatch.setattr(metadata.MetadataStore, "write_manifest", write_manifest)
+        script = f"from shitu.index import Gallery\nGallery.create({str(path)!r}, embedding_dim=4, "
+        script += "model_fingerprint='other').close()"
+        subprocess.run([sys.executable, "-c", script], check=True)
+        write_manifest(store, manifest)
+
+    monkeypatch.setattr(metadata.MetadataStore, "write_manifest", another_process_creates_it_first)
+    with pytest.raises(
+        GalleryError, match=rf"^{path}: already exists \(built meanwhile by another"
+    ):
+        Gallery.create(path, embedding_dim=DIM, model_fingerprint="test-model")
+    with Gallery.open(path) as gallery:  # the other's, whole; no staging folder left beside it
+        assert gallery.manifest.model_fingerprint == "other" and gallery.verify() == []
+    assert [p.name for p in tmp_path.iterdir()] == ["lib"]
+
+
 def test_other_processes_read_while_a_large_write_is_under_way(tmp_path, monkeypatch):
     """A write larger than SQLite's page cache (here 3,000 rows of 512-d features, 6 MB)
     spilled its pages into the file, which takes the exclusive lock: from then to its

@@ -439,7 +439,7 @@ class Gallery:
                         store.write_manifest(manifest)
                 finally:
                     store.close()
-                os.replace(tmp, root)
+                _into_place(tmp, root)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
@@ -507,13 +507,7 @@ class Gallery:
                     except BaseException:
                         gallery.discard()  # a Milvus collection, outside the folder
                         raise
-                try:
-                    os.replace(tmp, root)
-                except OSError as exc:  # another build to the same path finished first
-                    raise GalleryError(
-                        f"{root}: already exists (built meanwhile by another process?): "
-                        f"{exc.strerror}"
-                    ) from None
+                _into_place(tmp, root)
             except BaseException as exc:
                 shutil.rmtree(tmp, ignore_errors=True)
                 if isinstance(exc, IndexSyncError):  # not "kept": its library was the staging
@@ -1420,6 +1414,18 @@ def _library_path(path: str | Path) -> Path:
     if not is_given_path(path):
         raise GalleryError(f"expected a gallery library's path, got {path!r}")
     return expanded_path(path)
+
+
+def _into_place(staged: Path, root: Path) -> None:
+    """Rename a library written whole in `staged` to `root`; a GalleryError where another
+    process made one there since `root` was checked (an OSError that named the staging
+    folder, from `create`)."""
+    try:
+        os.replace(staged, root)
+    except OSError as exc:  # another build or create to the same path finished first
+        raise GalleryError(
+            f"{root}: already exists (built meanwhile by another process?): {exc.strerror}"
+        ) from None
 
 
 def _refuse_non_utf8_root(root: Path) -> None:
