@@ -1204,6 +1204,9 @@ def test_a_config_of_the_other_kind_is_named_as_such():
     assert "give the model that `shitu export -c CONFIG --out DIR` makes as --model DIR" in (
         str(info.value)
     )
+    # From Python (Recognizer.open(config=...)), named as its arguments too, not only flags
+    assert "-c here (config= in Python) takes" in str(info.value)
+    assert str(info.value).endswith("as --model DIR (model=DIR in Python)")
 
 
 def test_a_config_saved_as_utf16_loads(config_file, tmp_path):

@@ -122,9 +122,14 @@ def test_a_folder_without_images_is_an_error_naming_it(tmp_path, caplog):
 def test_a_folder_of_photos_without_label_folders_is_told_how_to_label_them(tmp_path):
     photos = tmp_path / "Lemon"
     save(photos / "a.jpg")
-    hint = "give them all one label with --label LABEL (`shitu index build` and `shitu index add`)"
+    hint = (  # as a Python caller gives it too
+        "give them all one label with --label LABEL (`shitu index build` and `shitu index "
+        "add`; label= in Python)"
+    )
     with pytest.raises(DataError, match=f"no images in its label sub-folders.*{re.escape(hint)}$"):
         collect_items([photos])
+    with pytest.raises(DataError, match=re.escape("add`; label= in Python), or list it in")):
+        collect_items([photos / "a.jpg"])  # one image alone
 
 
 def test_unreadable_folders_are_reported(tmp_path, caplog):

@@ -46,6 +46,24 @@ def new_gallery(path: Path, **kwargs) -> Gallery:
     return Gallery.create(path, embedding_dim=DIM, model_fingerprint="test-model", **kwargs)
 
 
+def test_a_library_is_built_in_folders_not_made_yet_and_not_under_a_file(tmp_path):
+    """`Gallery.build("out/galleries/mine", ...)` failed on a FileNotFoundError naming its
+    staging folder's lock file (`create` made the folders); a file in the way of either
+    failed on a FileExistsError or NotADirectoryError traceback."""
+    photos = make_images(tmp_path / "photos", 2)
+    items = [GalleryItem(photo, "x") for photo in photos]
+    deep = tmp_path / "out" / "galleries" / "mine"
+    assert len(Gallery.build(deep, PixelEmbedder(), items).ids) == 2
+    with Gallery.open(deep) as gallery:
+        assert gallery.verify() == [] and len(gallery) == 2
+    under_a_file = photos[0] / "lib"
+    refusal = f"^{under_a_file}: {photos[0]} is a file, not a folder$"
+    with pytest.raises(DataError, match=refusal):
+        Gallery.build(under_a_file, PixelEmbedder(), items)
+    with pytest.raises(DataError, match=refusal):
+        new_gallery(under_a_file)
+
+
 @pytest.mark.parametrize(
     "stop", [OSError(28, "No space left on device"), KeyboardInterrupt()], ids=["full", "ctrl-c"]
 )
@@ -246,7 +264,8 @@ def test_a_tree_grouped_by_category_is_warned_of_and_labelled_by_leaf_folders(tm
     expected = (
         f"{tree}: each first-level folder is a label (2: Fruit, Vegetables), but the images "
         f"lie in folders below them ({Path('Fruit/Apple/Golden-Delicious')}, ...): to label "
-        "each image by the folder it is in instead (4 labels), give --leaf-labels"
+        "each image by the folder it is in instead (4 labels), give --leaf-labels "
+        "(leaf_labels=True in Python)"
     )
     assert caplog.messages == [expected]
     caplog.clear()
@@ -256,8 +275,12 @@ def test_a_tree_grouped_by_category_is_warned_of_and_labelled_by_leaf_folders(tm
         "Golden-Delicious", "Golden-Delicious", "Granny-Smith", "Pear", "Leek"
     ]  # fmt: skip
     assert caplog.messages == []
-    with pytest.raises(DataError, match="--label gives every image one label, --leaf-labels"):
+    # Named as a Python caller gives them too, not only as the flags it never typed
+    both = r"--label \(label= in Python\) gives every image one label, --leaf-labels \(leaf"
+    with pytest.raises(DataError, match=both):
         collect_items(tree, label="Fruit", leaf_labels=True)
+    with pytest.raises(DataError, match=r"^--label \(label= in Python\): the label is empty"):
+        collect_items(tree, label=" ")
 
 
 def test_views_of_each_product_in_sub_folders_are_not_warned_of(tmp_path, caplog):
@@ -652,6 +675,15 @@ def test_duplicates_by_content_hash_are_skipped_unless_asked(tmp_path):
         assert len(forced.ids) == 1 and len(gallery) == 4 and gallery.manifest.generation == 2
 
 
+def test_a_remove_of_no_images_writes_nothing(tmp_path):
+    """`remove(ids=gone)` where none were gone committed a new generation, which every
+    other process (a server) then reloaded, as a write that adds or renames nothing does not."""
+    with new_gallery(tmp_path / "lib") as gallery:
+        gallery.add(clustered(3, DIM), ["a", "b", "c"])
+        assert gallery.remove(ids=[]).tolist() == [] and gallery.remove().tolist() == []
+        assert gallery.manifest.generation == 1 and not gallery.stale() and len(gallery) == 3
+
+
 def test_relabel_onto_a_label_in_use_merges_only_when_asked(tmp_path):
     with new_gallery(tmp_path / "lib") as gallery:
         gallery.add(clustered(3, DIM), ["a", "b", "b"])
@@ -966,7 +998,9 @@ def test_reembed_names_the_ids_of_images_it_cannot_read(tmp_path):
             gallery.reembed(PixelEmbedder(side=2, fingerprint="new"))
     assert f"1 of the 3 images could not be read, ids {ids[1]}: {photos[1]} (" in str(caught.value)
     assert "; put the files back" in str(caught.value)
-    assert f"`shitu index remove {path} --id ID ...`" in str(caught.value)
+    assert f"`shitu index remove {path} --id ID ...`, `remove(ids)` in Python" in str(caught.value)
+    # The way on for a moved folder, as a Python caller gives it (not only as the flag)
+    assert "(`--moved OLD NEW`, `moved=[(OLD, NEW)]` in Python: OLD the folder" in str(caught.value)
 
 
 def test_reembed_moved_takes_the_deepest_old_folder_and_refuses_what_is_not_a_pair(tmp_path):
@@ -1046,6 +1080,39 @@ def test_a_damaged_database_page_is_a_gallery_error_not_sqlites_traceback(tmp_pa
     else:
         with Gallery.open(path) as gallery:
             assert gallery.verify()[0] == "sqlite: database disk image is malformed"
+
+
+@pytest.mark.parametrize(
+    ("edit", "refusal"),
+    [
+        (
+            "json_remove(document, '$.model_fingerprint')",
+            r"manifest lacks the keys \['model_fingerprint'\]",
+        ),
+        ("'[1, 2]'", "manifest is not a JSON object: \\[1, 2\\]"),
+        ("json_set(document, '$.index_type', 'Foo')", "manifest: unknown index type 'Foo'"),
+        ("json_set(document, '$.embedding_dim', 'abc')", "manifest: embedding_dim is 'abc', not"),
+        ("json_set(document, '$.generation', 'x')", "manifest: generation is 'x', not int"),
+        (
+            "json_set(document, '$.backend_options', json('[1]'))",
+            "manifest: backend_options is \\[1\\]",
+        ),
+        ("json_set(document, '$.normalize', 1)", "manifest: normalize is 1, not bool"),
+    ],
+)
+def test_a_damaged_manifest_is_a_gallery_error_naming_the_library(tmp_path, edit, refusal):
+    """A manifest without a key it must have failed on a TypeError's traceback, one not
+    an object or a value of another type (text for a count, a list for settings) on a
+    TypeError's or AttributeError's, at the first write or at once, and one with a value out
+    of place was refused without naming the library (`unknown index type 'Foo'`)."""
+    path = tmp_path / "lib"
+    with new_gallery(path) as gallery:
+        gallery.add(clustered(10, DIM), labels_for(10))
+    with contextlib.closing(sqlite3.connect(path / "gallery.sqlite")) as conn, conn:
+        conn.execute(f"UPDATE manifest SET document = {edit}")
+    for opening in (Gallery.open, Catalog):
+        with pytest.raises(GalleryError, match=f"^{path / 'gallery.sqlite'}: {refusal}"):
+            opening(path)
 
 
 def test_a_write_to_a_library_whose_manifest_is_gone_says_so_not_attributeerror(tmp_path):
@@ -1647,6 +1714,50 @@ def test_unknown_index_options_and_wrong_values_are_refused(tmp_path):
         gallery.rebuild(ef_search=128)
         assert gallery.manifest.backend_options == {"ef_search": 128}
         assert gallery.search(clustered(1, DIM), k=3).found.all()
+
+
+def test_a_search_setting_beyond_32_bit_is_refused_not_stored(tmp_path):
+    """Faiss keeps nprobe and efSearch as 32-bit integers: an IVF library built with
+    nprobe 2**31 failed every search inside Faiss (a RuntimeError naming its C++ source),
+    and an HNSW32 one with a larger ef_search found fewer hits than asked for."""
+    path = tmp_path / "lib"
+    refusal = "index option nprobe must be at most 2147483647, got 2147483648"
+    with pytest.raises(GalleryError, match=refusal):
+        new_gallery(path, index_type="IVF", backend_options={"nprobe": 2**31})
+    assert not path.exists()
+    with new_gallery(path, index_type="HNSW32") as gallery:
+        gallery.add(clustered(20, DIM), labels_for(20))
+        with pytest.raises(GalleryError, match="ef_search must be at most 2147483647"):
+            gallery.rebuild(ef_search=2**40)
+        assert gallery.manifest.backend_options == {} and gallery.manifest.generation == 1
+        assert gallery.search(clustered(1, DIM), k=3).found.all()
+
+
+def test_a_setting_given_as_none_is_left_out_not_stored_as_null(tmp_path):
+    """`backend_options={"ef_search": None}` (a caller passing on a setting it was not
+    given) was stored as null: the first add failed inside Faiss after its commit, and the
+    library never opened again, nor could `index rebuild` mend it. None is a setting left
+    out, as a flag not typed; in a rebuild it keeps the value stored. A library in which
+    an earlier shitu stored such a null opens with the default."""
+    path = tmp_path / "lib"
+    options = {"ef_search": None, "nprobe": None}
+    with new_gallery(path, index_type="HNSW32", backend_options=options) as gallery:
+        gallery.add(clustered(20, DIM), labels_for(20))
+        assert gallery.manifest.backend_options == {}
+        gallery.rebuild("IVF", nprobe=12, ef_search=None)
+        gallery.rebuild(nprobe=None)
+        assert gallery.manifest.backend_options == {"nprobe": 12}
+    earlier = tmp_path / "earlier"
+    with new_gallery(earlier, index_type="HNSW32") as gallery:
+        gallery.add(clustered(20, DIM), labels_for(20))
+    with contextlib.closing(sqlite3.connect(earlier / "gallery.sqlite")) as conn, conn:
+        conn.execute(
+            "UPDATE manifest SET document = json_set(document, '$.backend_options', "
+            "json('{\"ef_search\": null}'))"
+        )
+    with Gallery.open(earlier) as gallery:
+        assert gallery.verify() == [] and gallery.search(clustered(1, DIM), k=3).found.all()
+        assert gallery.manifest.backend_options == {}
 
 
 def test_a_setting_the_index_type_never_reads_is_refused_by_create_and_rebuild(tmp_path):

@@ -250,6 +250,10 @@ def test_build_refuses_an_existing_library_and_bad_lists(models, tmp_path):
         ignored = shitu("index", "build", "--gallery", bad, "--out", tmp_path / "x",
                         "--index-type", index_type, option, "8")  # fmt: skip
         assert ignored.returncode == 2 and expected in ignored.stderr
+    with pytest.raises(SystemExit) as exit_info:  # beyond Faiss's 32-bit settings
+        shitu("index", "build", "--gallery", bad, "--out", tmp_path / "x", "--index-type",
+              "IVF", "--nprobe", str(2**31))  # fmt: skip
+    assert exit_info.value.code == 2
 
 
 def test_a_library_inside_the_folder_it_is_built_from_is_no_part_of_its_scans(models, tmp_path):
@@ -439,13 +443,13 @@ def test_leaf_labels_without_a_folder_is_said_to_be_unused(models, gallery_list,
     built = shitu("index", "build", gallery_list, "--leaf-labels", "--model", models[128],
                   "--out", lib)  # fmt: skip
     assert built.returncode == 0, built.stderr
-    assert "--leaf-labels is not used: it labels the images of a folder" in caplog.text
+    assert "--leaf-labels (leaf_labels=True in Python) is not used: it labels" in caplog.text
     caplog.clear()
     make_images(tmp_path / "tree" / "Fruit" / "Kiwi", 1)
     added = shitu("index", "add", lib, gallery_list, tmp_path / "tree", "--leaf-labels",
                   "--model", models[128])  # fmt: skip
     assert added.returncode == 0, added.stderr
-    assert "--leaf-labels is not used" not in caplog.text
+    assert "(leaf_labels=True in Python) is not used" not in caplog.text
 
 
 def test_a_label_that_cannot_be_stored_is_refused_as_the_option(models, tmp_path):
@@ -458,7 +462,9 @@ def test_a_label_that_cannot_be_stored_is_refused_as_the_option(models, tmp_path
     for label, problem in [("", "the label is empty"), ("a\tb", "must not contain tabs")]:
         for command in (("build", "--out", lib), ("add", lib)):
             given = shitu("index", *command, tmp_path / "photos", "--label", label)
-            assert given.returncode == 2 and given.stderr.startswith("error: --label: ")
+            assert given.returncode == 2 and given.stderr.startswith(
+                "error: --label (label= in Python): "
+            )
             assert problem in given.stderr and given.stderr.count("\n") == 1, given.stderr
     assert not lib.exists()
 
@@ -497,7 +503,10 @@ def test_build_from_unreadable_images_leaves_nothing_and_says_why(models, tmp_pa
     with pytest.raises(SystemExit) as exit_info:  # argparse: usage and the reason, exit 2
         main(["index", "build", "--gallery", str(listing), "--out", str(out), "--ef-search", "0"])
     assert exit_info.value.code == 2
-    assert "--ef-search: expected a whole number >= 1, got 0" in capsys.readouterr().err
+    assert (
+        "--ef-search: expected a whole number from 1 to 2147483647, got 0"
+        in capsys.readouterr().err
+    )
 
 
 def test_a_label_file_written_from_the_working_directory_is_refused_saying_so(
@@ -1326,7 +1335,9 @@ def test_an_empty_model_is_the_shipped_one(models, tmp_path):
     built = shitu("index", "build", photos[0], "--label", "x", "--model", models[128], "--out", lib)
     assert built.returncode == 0, built.stderr
     searched = shitu("index", "search", lib, photos[0], "--model", "")
-    assert searched.returncode == 2 and "no --model was given" in searched.stderr, searched.stderr
+    assert (
+        searched.returncode == 2 and "no --model (model= in Python) was given" in searched.stderr
+    ), searched.stderr
 
 
 def test_a_source_that_is_a_device_or_fifo_is_named_as_one_not_as_missing(tmp_path):

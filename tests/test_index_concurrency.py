@@ -25,10 +25,11 @@ import pytest
 from shitu.cli.main import main as shitu_main
 from shitu.errors import GalleryError
 from shitu.fileio import file_sha256
-from shitu.index import Gallery, metadata
+from shitu.index import Gallery, GalleryItem, metadata
 from shitu.index import gallery as gallery_module
 from shitu.index.locking import ReadWriteLock
-from tests.index_helpers import clustered, make_images, other_process_holding
+from shitu.index.manifest import ModelMismatchError
+from tests.index_helpers import PixelEmbedder, clustered, make_images, other_process_holding
 
 DIM = 16
 WIDE = 512  # features as a real model's
@@ -211,6 +212,80 @@ def test_a_write_committed_by_another_process_just_after_ours_is_loaded_later(
     with Gallery.open(path) as reopened:
         assert reopened.verify() == [] and len(reopened) == 32
         assert reopened.search(other, k=1).labels[0, 0] == "other"
+
+
+def test_a_rebuild_decides_its_settings_from_another_processs_rebuild_since(tmp_path):
+    """Rebuild kept the settings of the manifest as this object had loaded it: after
+    another process rebuilt an HNSW32 library as IVF with its nprobe, an `ef_search`
+    rebuild here wrote IVF with that ef_search, which IVF never reads, and lost the nprobe;
+    a rebuild to HNSW32 said it dropped the ef_search it had, not the nprobe it dropped."""
+    path = tmp_path / "lib"
+    options = {"ef_search": 64}
+    with Gallery.create(
+        path, embedding_dim=DIM, model_fingerprint="m", index_type="HNSW32", backend_options=options
+    ) as gallery:
+        gallery.add(clustered(20, DIM), ["base"] * 20)
+    with Gallery.open(path) as gallery:
+        run_in_other_process(path, "gallery.rebuild('IVF', nprobe=10)")
+        with pytest.raises(GalleryError, match=r"ef_search: only with index_type HNSW32 \(not IVF"):
+            gallery.rebuild(ef_search=128)
+        assert (gallery.manifest.index_type, gallery.manifest.backend_options) == (
+            "IVF",
+            {"nprobe": 10},
+        )
+        run_in_other_process(path, "gallery.rebuild(nprobe=12)")
+        assert gallery.rebuild("HNSW32", ef_search=128) == {"nprobe": 12}
+    with Gallery.open(path) as reopened:
+        assert reopened.verify() == []
+        assert reopened.manifest.index_type == "HNSW32"
+        assert reopened.manifest.backend_options == {"ef_search": 128}
+
+
+def test_an_add_after_another_process_re_embedded_the_library_is_refused(tmp_path):
+    """A library opened without a model, then re-embedded by another process with a model
+    of the same size: an add of the old model's features took them in beside the new
+    model's, silent garbage in every search (of another size, Faiss failed on a bare
+    AssertionError)."""
+    photos = make_images(tmp_path / "photos", 4)
+    old, new = PixelEmbedder(fingerprint="old"), PixelEmbedder(fingerprint="new")
+    path = tmp_path / "lib"
+    Gallery.build(path, old, [GalleryItem(photo, "base") for photo in photos[:2]])
+    with Gallery.open(path) as gallery:
+        with Gallery.open(path) as other_writer:
+            other_writer.reembed(new)
+        with pytest.raises(ModelMismatchError, match="built with model new but this model is old"):
+            gallery.add_files(old, [GalleryItem(photos[2], "late")])
+        wider = PixelEmbedder(side=8, fingerprint="wider")
+        with Gallery.open(path) as other_writer:
+            other_writer.reembed(wider)
+        with pytest.raises(ModelMismatchError, match="holds 192-d features of model wider"):
+            gallery.add(np.ones((1, new.embedding_size), np.float32), ["late"])
+    with Gallery.open(path, embedder=wider) as reopened:
+        assert reopened.verify() == [] and reopened.label_counts() == {"base": 2}
+
+
+def test_a_create_that_another_process_beats_to_its_path_says_so(tmp_path, monkeypatch):
+    """Two processes making one library at once: the one whose rename came second failed
+    on an OSError naming its staging folder (`Directory not empty: .lib.creating-...`),
+    where a build said the library was made meanwhile."""
+    path = tmp_path / "lib"
+    write_manifest = metadata.MetadataStore.write_manifest
+
+    def another_process_creates_it_first(store, manifest):
+        monkeypatch.setattr(metadata.MetadataStore, "write_manifest", write_manifest)
+        script = f"from shitu.index import Gallery\nGallery.create({str(path)!r}, embedding_dim=4, "
+        script += "model_fingerprint='other').close()"
+        subprocess.run([sys.executable, "-c", script], check=True)
+        write_manifest(store, manifest)
+
+    monkeypatch.setattr(metadata.MetadataStore, "write_manifest", another_process_creates_it_first)
+    with pytest.raises(
+        GalleryError, match=rf"^{path}: already exists \(built meanwhile by another"
+    ):
+        Gallery.create(path, embedding_dim=DIM, model_fingerprint="test-model")
+    with Gallery.open(path) as gallery:  # the other's, whole; no staging folder left beside it
+        assert gallery.manifest.model_fingerprint == "other" and gallery.verify() == []
+    assert [p.name for p in tmp_path.iterdir()] == ["lib"]
 
 
 def test_other_processes_read_while_a_large_write_is_under_way(tmp_path, monkeypatch):

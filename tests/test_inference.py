@@ -512,7 +512,9 @@ def test_int8_library_is_built_and_searched_in_int8_from_the_cli(exported, tmp_p
     refused = shitu("recognize", query, "--gallery", library, "--model", model)
     assert refused.returncode != 0 and "another --precision" in refused.stderr
     # the precision that built it, of the model given, is named
-    assert refused.stderr.endswith("(it holds this model's int8 features: give --precision int8)\n")
+    assert refused.stderr.endswith(
+        "(it holds this model's int8 features: give --precision int8 (precision= in Python))\n"
+    )
     # Re-embedded in fp32 and back in int8: the note of the new features names the precision
     # to search with, which the model alone would be refused for, as above
     assert shitu("index", "reembed", library, "--model", model).returncode == 0

@@ -1840,8 +1840,8 @@ def test_a_library_of_an_export_searched_without_model_says_the_shipped_model_wa
     model it got (the fingerprints alone do not); with a --model it says nothing of it."""
     photo, library = str(setup["queries"][0].path), str(setup["library"])
     note = (
-        "no --model was given, so this model is the one shipped with shitu; pass the --model "
-        "export that built the library"
+        "no --model (model= in Python) was given, so this model is the one shipped with shitu; "
+        "pass the --model export that built the library"
     )
     for command in (
         ["recognize", photo, "--gallery", library],
@@ -1865,7 +1865,8 @@ def test_a_library_of_the_shipped_model_searched_with_a_model_says_to_give_none(
     photo, library = str(setup["queries"][0].path), str(tmp_path / "shipped")
     assert shitu_main(["index", "build", photo, "--label", "Banana", "--out", library]) == 0
     capsys.readouterr()
-    note = "the library was built with the model shipped with shitu: give no --model"
+    note = "the library was built with the model shipped with shitu: give no --model (model= in "
+    note += "Python)"
     model = ["--model", str(setup["model"]), "--no-progress"]
     for command in (
         ["recognize", photo, "--gallery", library],

@@ -13,6 +13,7 @@ from shitu.cli.common import (
     add_leaf_labels_argument,
     add_progress_argument,
     add_runtime_arguments,
+    bounded,
     count_of,
     expand_images,
     finite_float,
@@ -48,6 +49,7 @@ from shitu.index.gallery import (
     gone_from,
 )
 from shitu.index.labels import warn_of_labels_apart_by_case
+from shitu.index.manifest import LARGEST_COUNT
 from shitu.index.metadata import ImageEntry, LibraryBusyError
 from shitu.vectors import finite_rows
 
@@ -348,12 +350,13 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_search_arguments(parser: argparse.ArgumentParser) -> None:
+    count = bounded(int, 1, LARGEST_COUNT, f"a whole number from 1 to {LARGEST_COUNT}")
     parser.add_argument(
         "--nprobe",
-        type=positive_int,
+        type=count,
         help="IVF lists searched per query (default: a 16th of the lists, at least 8; Milvus: 16)",
     )
-    parser.add_argument("--ef-search", type=positive_int, help="HNSW search depth (default 64)")
+    parser.add_argument("--ef-search", type=count, help="HNSW search depth (default 64)")
 
 
 def _search_options(args: argparse.Namespace, index_type: str) -> dict[str, int]:

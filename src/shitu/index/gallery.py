@@ -25,6 +25,7 @@ import numpy as np
 
 from shitu.errors import GalleryError, did_you_mean, first_few
 from shitu.fileio import (
+    check_writable,
     expanded_path,
     file_sha256,
     folder_place,
@@ -49,6 +50,7 @@ from shitu.index.manifest import (
     SHIPPED_MODEL_NOTE,
     Manifest,
     ModelMismatchError,
+    given_options,
     now,
     unread_options,
 )
@@ -389,9 +391,10 @@ class Gallery:
         (IVF lists searched per query, default nlist/16, at least 8); for Milvus those two
         (`nprobe` default 16), `nlist` (IVF lists, default 1024), `uri` (a Milvus Lite `.db`
         file in the library, default `milvus.db`, or a server's `http://host:19530`) and
-        `collection` (default `shitu_gallery`). Faiss's own names (`efSearch`) are refused,
-        and so is a setting `index_type` never reads (`nprobe` on Flat). A Milvus collection
-        that holds vectors is refused as another library's, unless `replace_collection`,
+        `collection` (default `shitu_gallery`); one given as None is left out (its
+        default). Faiss's own names (`efSearch`) are refused, and so is a setting
+        `index_type` never reads (`nprobe` on Flat). A Milvus collection that holds
+        vectors is refused as another library's, unless `replace_collection`,
         which drops them: a collection that no library uses any more (its library deleted,
         or a build killed outright) can be built into again; one that the library it was
         made for (recorded in it) still uses is refused all the same.
@@ -410,8 +413,9 @@ class Gallery:
                 f"FeatureExtractor's fingerprint), got {model_fingerprint!r}; "
                 "Gallery.create_for(path, extractor) takes it from the model"
             )
+        backend_options = given_options(backend_options or {})
         if backend in BACKENDS:  # an unknown backend is refused by name below
-            Manifest.check_backend_options(backend, backend_options or {})
+            Manifest.check_backend_options(backend, backend_options)
         manifest = Manifest(
             embedding_dim=embedding_dim,
             model_fingerprint=model_fingerprint,
@@ -420,10 +424,10 @@ class Gallery:
             normalize=normalize,
             backend=backend,
             index_type=index_type,
-            backend_options=backend_options or {},
+            backend_options=backend_options,
         )
         Manifest.check_typed_options(index_type, manifest.backend_options)  # values first
-        root.parent.mkdir(parents=True, exist_ok=True)
+        check_writable(root.parent, str(root))  # a file in the way: named, no traceback
         # Staged as a build is: a write that fails (a full disk) or is interrupted leaves
         # no folder beside `path`, and one killed outright is removed by the next.
         with staging_folder(root, "creating") as tmp:
@@ -435,7 +439,7 @@ class Gallery:
                         store.write_manifest(manifest)
                 finally:
                     store.close()
-                os.replace(tmp, root)
+                _into_place(tmp, root)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
@@ -488,6 +492,9 @@ class Gallery:
             )
         _check_embedder(embedder)
         items = gallery_items(items, "build")
+        # The folders it goes in made, as `create` makes them: the staging beside it failed
+        # on a FileNotFoundError that named its lock file
+        check_writable(root.parent, str(root))
         with staging_folder(root, "building") as tmp:
             try:
                 with cls.create_for(tmp, embedder, **options) as gallery:
@@ -500,13 +507,7 @@ class Gallery:
                     except BaseException:
                         gallery.discard()  # a Milvus collection, outside the folder
                         raise
-                try:
-                    os.replace(tmp, root)
-                except OSError as exc:  # another build to the same path finished first
-                    raise GalleryError(
-                        f"{root}: already exists (built meanwhile by another process?): "
-                        f"{exc.strerror}"
-                    ) from None
+                _into_place(tmp, root)
             except BaseException as exc:
                 shutil.rmtree(tmp, ignore_errors=True)
                 if isinstance(exc, IndexSyncError):  # not "kept": its library was the staging
@@ -543,7 +544,8 @@ class Gallery:
             built_in = [p for p, built in precisions.items() if built == exc.library_fingerprint]
             if built_in:  # the model given, at another precision
                 note = (
-                    f"it holds this model's {built_in[0]} features: give --precision {built_in[0]}"
+                    f"it holds this model's {built_in[0]} features: give --precision "
+                    f"{built_in[0]} (precision= in Python)"
                 )
             elif shipped_model and not built_with_shipped:
                 note = SHIPPED_MODEL_NOTE
@@ -770,9 +772,15 @@ class Gallery:
 
     # ----------------------------------------------------------------------------- writes
 
-    def _write(self, mutate: Callable[[], tuple[Change | None, T]], **manifest_updates: Any) -> T:
+    def _write(
+        self,
+        mutate: Callable[[], tuple[Change | None, T]],
+        manifest_updates: Callable[[Manifest], dict[str, Any]] | None = None,
+    ) -> T:
         """Run `mutate` and stage the index in one transaction; publish after the commit.
-        A `mutate` that changed nothing returns no Change: the generation stays."""
+        A `mutate` that changed nothing returns no Change: the generation stays.
+        `manifest_updates` gives the manifest fields to change from the manifest as
+        committed, which another process may have written since this one loaded it."""
         try:
             with self._store.transaction():
                 committed = _committed_manifest(self.root, self._store, None)
@@ -790,7 +798,7 @@ class Gallery:
                     committed,
                     generation=committed.generation + 1,
                     updated_at=now(),
-                    **manifest_updates,
+                    **(manifest_updates(committed) if manifest_updates else {}),
                 )
                 manifest.index_state = self._backend.stage(change, manifest)
                 self._store.write_manifest(manifest)
@@ -912,7 +920,9 @@ class Gallery:
         """Add vectors with labels; rows whose content hash is already present are skipped.
 
         A vector with NaN or inf, or all zero in a library that normalises (it has no
-        direction), is refused, and then nothing is added.
+        direction), is refused, and then nothing is added; so are all of them (a
+        ModelMismatchError) where another process has re-embedded the library with another
+        model since this object loaded it: they are the features of the model it had.
         """
         self._check_usable()
         vectors = self._stored_features(features, "add")
@@ -934,8 +944,13 @@ class Gallery:
         unstorable = [path for path in paths if not self._storable(path)]
         if unstorable:
             raise GalleryError(f"add {unstorable[0]!r}: {NAME_NOT_UTF8}")
+        # The model the features were made for: the library's as this object loaded it
+        model = (self.manifest.model_fingerprint, self.manifest.embedding_dim)
 
         def mutate() -> tuple[Change | None, AddReport]:
+            # Another process may have re-embedded the library with another model since:
+            # these features would be mixed into its new ones (or fail inside Faiss)
+            self.manifest.check_model(*model, str(self.root))
             keep = list(range(count))
             duplicates: list[str] = []
             if not allow_duplicates:
@@ -1080,9 +1095,12 @@ class Gallery:
 
     def remove(self, ids: Iterable[int] = (), labels: Iterable[str] = ()) -> np.ndarray:
         """Remove images by id and/or every image of the given labels; returns removed ids.
-        `ids` may be the arrays that `add` and `search` return."""
+        `ids` may be the arrays that `add` and `search` return. Given none, it writes
+        nothing (the library keeps its generation)."""
         self._check_usable()
         ids, labels = _image_ids(ids, "remove"), _label_names(labels, "remove")
+        if not ids and not labels:  # else a new generation, which other processes reload
+            return np.zeros(0, np.int64)
 
         def mutate() -> tuple[Change, np.ndarray]:
             unknown = [label for label in labels if not self._store.ids_with_labels([label])]
@@ -1128,10 +1146,12 @@ class Gallery:
         """Rebuild the index from the stored features, optionally as another type and with
         other `backend_options` (the names `create` takes, e.g. `ef_search=128`), but for
         the Milvus `uri` and `collection`: the index is rebuilt where it is. The stored
-        settings the new type does not read (an IVF `nprobe` on a rebuild to HNSW32) are
-        dropped, and returned for the caller to tell; one given that it does not read is
-        refused, as `create` refuses it."""
+        settings (as last committed, by any process) that the new type does not read (an
+        IVF `nprobe` on a rebuild to HNSW32) are dropped, and returned for the caller to
+        tell; one given that it does not read is refused, as `create` refuses it, and one
+        given as None keeps the value stored."""
         self._check_usable()
+        backend_options = given_options(backend_options)  # None: the value stored stays
         Manifest.check_backend_options(self.manifest.backend, backend_options)
         moved = [name for name in LOCATION_OPTIONS if name in backend_options]
         if moved:  # the manifest would name a place the index was not built in
@@ -1139,18 +1159,21 @@ class Gallery:
                 f"{self.root}: rebuild keeps the index where it is; {' and '.join(moved)} "
                 "can only be chosen when a library is made (build a new one)"
             )
-        updates: dict[str, Any] = {}
-        if index_type is not None:
-            updates["index_type"] = index_type
-        new_type = index_type or self.manifest.index_type
-        if new_type in INDEX_TYPES:  # an unknown type is refused by name when written
-            Manifest.check_typed_options(new_type, backend_options)
-        stored = self.manifest.backend_options
-        dropped = unread_options(new_type, stored)  # those given: read, as checked above
-        if backend_options or dropped:
+        dropped: dict[str, Any] = {}
+
+        def settings(committed: Manifest) -> dict[str, Any]:
+            """The type and settings, from those committed: decided from this object's
+            copy, a rebuild by another process since was undone (its settings lost, or
+            ones its type never reads kept)."""
+            new_type = index_type or committed.index_type
+            if new_type in INDEX_TYPES:  # an unknown type is refused by name when written
+                Manifest.check_typed_options(new_type, backend_options)
+            stored = committed.backend_options
+            dropped.update(unread_options(new_type, stored))  # those given: read, as checked
             kept = {name: value for name, value in stored.items() if name not in dropped}
-            updates["backend_options"] = {**kept, **backend_options}
-        self._write(lambda: (Change(rebuild=True), None), **updates)
+            return {"index_type": new_type, "backend_options": {**kept, **backend_options}}
+
+        self._write(lambda: (Change(rebuild=True), None), settings)
         return dropped
 
     def reembed(
@@ -1196,9 +1219,11 @@ class Gallery:
             try:
                 count = self._write(
                     mutate,
-                    model_fingerprint=embedder.fingerprint,
-                    embedding_dim=embedder.embedding_size,
-                    preprocessing=dict(embedder.preprocessing),
+                    lambda _: {
+                        "model_fingerprint": embedder.fingerprint,
+                        "embedding_dim": embedder.embedding_size,
+                        "preprocessing": dict(embedder.preprocessing),
+                    },
                 )
             except _AddedMeanwhile as behind:
                 entries = self.entries_with_ids(behind.ids)
@@ -1264,10 +1289,10 @@ class Gallery:
             raise GalleryError(
                 f"cannot re-embed: {len(bad)} of the {len(entries)} images could not be read, "
                 f"ids {_rows(bad)}: {named}; put the files back, or say where a folder of "
-                "them moved to (`--moved OLD NEW`: OLD the folder they were added from), or "
-                "remove those images (`shitu index remove "
-                f"{shlex.quote(str(self.root))} --id ID ...`, or `--missing` for files that "
-                "are gone), and retry; nothing was changed"
+                "them moved to (`--moved OLD NEW`, `moved=[(OLD, NEW)]` in Python: OLD the "
+                "folder they were added from), or remove those images (`shitu index remove "
+                f"{shlex.quote(str(self.root))} --id ID ...`, `remove(ids)` in Python, or "
+                "`--missing` for files that are gone), and retry; nothing was changed"
             )
         usable = finite_rows(result.features)
         broken = [e for (e, _), ok in zip(readable, usable, strict=True) if not ok]
@@ -1389,6 +1414,18 @@ def _library_path(path: str | Path) -> Path:
     if not is_given_path(path):
         raise GalleryError(f"expected a gallery library's path, got {path!r}")
     return expanded_path(path)
+
+
+def _into_place(staged: Path, root: Path) -> None:
+    """Rename a library written whole in `staged` to `root`; a GalleryError where another
+    process made one there since `root` was checked (an OSError that named the staging
+    folder, from `create`)."""
+    try:
+        os.replace(staged, root)
+    except OSError as exc:  # another build or create to the same path finished first
+        raise GalleryError(
+            f"{root}: already exists (built meanwhile by another process?): {exc.strerror}"
+        ) from None
 
 
 def _refuse_non_utf8_root(root: Path) -> None:

@@ -270,7 +270,7 @@ def scan_label_folders(
     if leaf_labels:
         warn_of_shared_folder_names(root, {image.parent for image in images})
         return [GalleryItem(_found(image, resolve), image.parent.name) for image in images]
-    warn_if_grouped(root, images, "give --leaf-labels")
+    warn_if_grouped(root, images, "give --leaf-labels (leaf_labels=True in Python)")
     return [
         GalleryItem(_found(image, resolve), image.relative_to(root).parts[0]) for image in images
     ]
@@ -350,7 +350,7 @@ def _one_label_hint(one_label_option: bool) -> str:
     if one_label_option:
         return (
             "or give them all one label with --label LABEL (`shitu index build` and "
-            "`shitu index add`)"
+            "`shitu index add`; label= in Python)"
         )
     return "or list them in a `path<TAB>label` file"
 
@@ -394,7 +394,8 @@ def collect_items(
     read as folder-per-label trees (labelled by their first-level folders, or with
     `leaf_labels` by the folder each image is in) and label files carry their own labels.
     Errors about images without a label suggest --label where `one_label_option` (the
-    caller takes it).
+    caller takes it); those about `label` and `leaf_labels` name them as the CLI's flags
+    and as these arguments.
 
     Paths are resolved (absolute, links followed), as a gallery stores them, to be found
     from any working directory; `resolve=False` keeps them as given (a folder's images as
@@ -403,14 +404,14 @@ def collect_items(
     """
     if label is not None and leaf_labels:
         raise DataError(
-            "--label gives every image one label, --leaf-labels takes them from folder names: "
-            "give one or the other"
+            "--label (label= in Python) gives every image one label, --leaf-labels "
+            "(leaf_labels=True) takes them from folder names: give one or the other"
         )
     if label is not None:
         try:  # now, named as the option: after the scan, it was refused as the first image's
             label = check_label(label)
         except BadLabelError as exc:
-            raise BadLabelError(f"--label: {exc}") from None
+            raise BadLabelError(f"--label (label= in Python): {exc}") from None
     paths = [Path(source) for source in _source_list(sources)]
     items: list[GalleryItem] = []
     for source in paths:
@@ -426,7 +427,7 @@ def collect_items(
             if label is None:
                 how = (
                     "give it one with --label LABEL (`shitu index build` and `shitu index "
-                    "add`), or list it in a `path<TAB>label` file"
+                    "add`; label= in Python), or list it in a `path<TAB>label` file"
                     if one_label_option
                     else "list it in a `path<TAB>label` file, or put it in a sub-folder "
                     "named after its label"
@@ -436,8 +437,8 @@ def collect_items(
         elif source.is_file():
             if label is not None:
                 raise DataError(
-                    f"{source}: a label file carries its own labels; --label is for images "
-                    "and folders"
+                    f"{source}: a label file carries its own labels; --label (label= in "
+                    "Python) is for images and folders"
                 )
             items.extend(parse_label_file(source, resolve))
         elif source.exists():  # a device or a FIFO, whose reading would never end
@@ -449,7 +450,8 @@ def collect_items(
         raise DataError(f"no images listed in {', '.join(map(str, paths))}")
     if leaf_labels and not any(source.is_dir() for source in paths):  # else dropped unseen
         logger.warning(
-            "--leaf-labels is not used: it labels the images of a folder by the folders they "
-            "are in, and no folder was given (a label file carries its own labels)"
+            "--leaf-labels (leaf_labels=True in Python) is not used: it labels the images of a "
+            "folder by the folders they are in, and no folder was given (a label file carries "
+            "its own labels)"
         )
     return items

@@ -11,11 +11,12 @@ import json
 import numbers
 import re
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, get_origin, get_type_hints
 
 from shitu.errors import GalleryError, did_you_mean
+from shitu.values import is_whole_number
 
 FORMAT_VERSION = 1
 METRICS = ("ip", "l2")
@@ -23,6 +24,9 @@ INDEX_TYPES = ("Flat", "HNSW32", "IVF", "IVFPQ")
 BACKENDS = ("faiss", "milvus")
 # Backend options that count something (lists, probes, search depth): 0 or less breaks search.
 COUNT_OPTIONS = ("nlist", "nprobe", "ef_search")
+# The largest count Faiss and Milvus take: they keep these as 32-bit integers (a larger
+# nprobe failed every IVF search inside Faiss, a larger ef_search found fewer hits).
+LARGEST_COUNT = 2**31 - 1
 # The options each backend reads, and what they hold: counts (above) or text.
 BACKEND_OPTIONS = {
     "faiss": ("ef_search", "nprobe"),
@@ -49,6 +53,13 @@ def unread_options(index_type: str, options: Mapping[str, Any]) -> dict[str, Any
     }
 
 
+def given_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings of `options` that are given: one set to None is left out, as a flag
+    not typed is (its default; in a rebuild, the value stored). Kept as null, Faiss failed
+    on it after the write that stored it, and on every opening of the library since."""
+    return {name: value for name, value in options.items() if value is not None}
+
+
 class ModelMismatchError(GalleryError):
     """A library opened with another model's (or precision's) features than built it;
     `library_fingerprint` is the fingerprint of the model that built it."""
@@ -61,12 +72,14 @@ class ModelMismatchError(GalleryError):
 # Added to a ModelMismatchError where no model was named and the shipped one was used: the
 # usual cause is a library built with `--model EXPORT`, then searched without it.
 SHIPPED_MODEL_NOTE = (
-    "no --model was given, so this model is the one shipped with shitu; pass the --model "
-    "export that built the library"
+    "no --model (model= in Python) was given, so this model is the one shipped with shitu; "
+    "pass the --model export that built the library"
 )
 # Added where a --model was given but the library was built with the shipped model: the
 # fingerprints alone do not tell that the way out is to give none.
-SHIPPED_LIBRARY_NOTE = "the library was built with the model shipped with shitu: give no --model"
+SHIPPED_LIBRARY_NOTE = (
+    "the library was built with the model shipped with shitu: give no --model (model= in Python)"
+)
 
 
 def now() -> str:
@@ -104,21 +117,23 @@ class Manifest:
         if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or dim < 1:
             raise GalleryError(f"embedding_dim must be a positive integer, got {dim!r}")
         self.embedding_dim = int(dim)  # a numpy integer, say, as JSON can store it
+        # A null stored by an earlier shitu, which took None for a setting: its default
+        self.backend_options = given_options(self.backend_options)
         if not isinstance(self.normalize, bool):  # "no" was stored, and normalised as true
             raise GalleryError(f"normalize must be True or False, got {self.normalize!r}")
         for key in COUNT_OPTIONS:
             value = self.backend_options.get(key)
-            if value is not None and (type(value) is not int or value < 1):
+            if key in self.backend_options and (type(value) is not int or value < 1):
                 raise GalleryError(f"index option {key} must be a whole number >= 1, got {value!r}")
 
     @staticmethod
     def check_backend_options(
         backend: str, options: dict[str, Any], flags: Mapping[str, str] | None = None
     ) -> None:
-        """Refuse options `backend` does not read (a misspelt one would be ignored) and
-        values of the wrong type; counts are checked with the rest of a manifest. `flags`
-        names options as the caller's user gave them (`collection`: `--milvus-collection`),
-        for the errors to name what was typed."""
+        """Refuse options `backend` does not read (a misspelt one would be ignored), values
+        of the wrong type and counts beyond LARGEST_COUNT (the rest of their checks are the
+        manifest's). `flags` names options as the caller's user gave them (`collection`:
+        `--milvus-collection`), for the errors to name what was typed."""
         valid = BACKEND_OPTIONS.get(backend, ())
         for name, value in options.items():
             if name not in valid:
@@ -128,6 +143,8 @@ class Manifest:
                     f"{', '.join(valid)}"
                 )
             given = (flags or {}).get(name, f"index option {name}")
+            if name in COUNT_OPTIONS and is_whole_number(value) and value > LARGEST_COUNT:
+                raise GalleryError(f"{given} must be at most {LARGEST_COUNT}, got {value}")
             if name not in COUNT_OPTIONS and (not isinstance(value, str) or not value):
                 raise GalleryError(f"{given} must be a non-empty string, got {value!r}")
             if name == "uri" and "://" not in value and not value.endswith(".db"):
@@ -162,12 +179,15 @@ class Manifest:
 
     @classmethod
     def from_json(cls, text: str, source: str) -> Manifest:
-        """Parse `to_json`'s text; a GalleryError naming `source` for another format version
-        or unknown keys."""
+        """Parse `to_json`'s text; a GalleryError naming `source` for another format version,
+        unknown or missing keys, or a value out of place (a damaged manifest failed on a
+        TypeError or AttributeError, or was refused without naming the library)."""
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise GalleryError(f"{source}: manifest is not valid JSON ({exc})") from exc
+        if not isinstance(data, dict):
+            raise GalleryError(f"{source}: manifest is not a JSON object: {text:.80}")
         version = data.get("format_version")
         if version != FORMAT_VERSION:
             raise GalleryError(
@@ -178,7 +198,27 @@ class Manifest:
         unknown = sorted(set(data) - known)
         if unknown:
             raise GalleryError(f"{source}: manifest has unknown keys {unknown}")
-        return cls(**data)
+        # Those with defaults are taken as their defaults where absent
+        missing = [
+            f.name
+            for f in fields(cls)
+            if f.default is MISSING and f.default_factory is MISSING and f.name not in data
+        ]
+        if missing:
+            raise GalleryError(f"{source}: manifest lacks the keys {missing} (a damaged library)")
+        hints = get_type_hints(cls)  # JSON's types: str, int, bool, dict
+        for name, value in data.items():
+            expected = get_origin(hints[name]) or hints[name]
+            # a bool is an int to isinstance: a flag stored for a count, or a count for a flag
+            if not isinstance(value, expected) or (type(value) is bool) != (expected is bool):
+                raise GalleryError(
+                    f"{source}: manifest: {name} is {value!r}, not {expected.__name__} "
+                    "(a damaged library)"
+                )
+        try:
+            return cls(**data)
+        except GalleryError as exc:
+            raise GalleryError(f"{source}: manifest: {exc}") from None
 
     def check_model(self, fingerprint: str, embedding_dim: int, source: str) -> None:
         """Refuse vectors from another model: mixing embedding spaces gives silent garbage.

@@ -230,9 +230,10 @@ def load_pipeline_config(
     raw = read_yaml(source) if source else {}
     if "Arch" in raw:  # else a list of each of its keys, unknown
         raise ConfigError(
-            f"{name_or_path}: a training config (its Arch section); -c here takes a recognition "
-            "pipeline config (Global, IndexProcess: PaddleClas's inference_general.yaml): "
-            "give the model that `shitu export -c CONFIG --out DIR` makes as --model DIR"
+            f"{name_or_path}: a training config (its Arch section); -c here (config= in "
+            "Python) takes a recognition pipeline config (Global, IndexProcess: PaddleClas's "
+            "inference_general.yaml): give the model that `shitu export -c CONFIG --out DIR` "
+            "makes as --model DIR (model=DIR in Python)"
         )
     where = str(source) if source else "pipeline defaults"
     attribution = apply_attributed_overrides(raw, overrides, where)

@@ -330,7 +330,7 @@ class MilvusBackend(Backend):
         if self._lite_path and index_type == "IVFPQ":
             raise UnsupportedIndexError(
                 "Milvus Lite has no IVFPQ index; choose Flat, IVF or HNSW32, or "
-                "a Milvus server (--milvus-uri http://host:19530)"
+                "a Milvus server (`uri` http://host:19530, --milvus-uri in the CLI)"
             )
 
     def _create_collection(self) -> None:
