@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import io
 import json
 import logging
 import os
@@ -478,6 +479,23 @@ def test_an_image_opencv_cannot_decode_goes_to_pillow_without_opencvs_warning(tm
     assert result.returncode == 0, result.stderr
     assert "embedded 1 image" in result.stdout and result.stderr == ""
     assert "skipped" not in result.stdout  # no "skipped 0 unreadable files": none to name
+
+
+def test_images_cut_short_are_skipped_without_opencvs_or_libpngs_raw_errors(tmp_path):
+    """A BMP or PNG cut short (an interrupted download) printed OpenCV's `[ERROR:0@0.6]
+    global loadsave.cpp ... Unexpected end of input stream` or libpng's `libpng error: PNG
+    input buffer is incomplete` on stderr, naming no file, beside the warning that does."""
+    photo = Image.fromarray(np.arange(48 * 64 * 3, dtype=np.uint8).reshape(48, 64, 3))
+    photo.save(tmp_path / "whole.png")
+    for suffix in ("bmp", "png"):
+        buffer = io.BytesIO()
+        photo.save(buffer, suffix.upper())
+        (tmp_path / f"cut.{suffix}").write_bytes(buffer.getvalue()[: buffer.tell() // 2])
+    result = run_shitu("extract", str(tmp_path), "--out", str(tmp_path / "feats"))
+    assert result.returncode == 0, result.stderr
+    assert "embedded 1 image" in result.stdout
+    lines = result.stderr.splitlines()
+    assert len(lines) == 2 and all(line.startswith("warning: skipped ") for line in lines), lines
 
 
 def test_photos_with_corrupt_exif_are_read_without_pillows_raw_warnings(tmp_path):
