@@ -29,7 +29,7 @@ from shitu.cli.main import STDOUT_CLOSED_STATUS, SUBCOMMANDS, build_parser
 from shitu.cli.main import main as shitu_main
 from shitu.cli.recognize import format_table, pipeline_config_from_args
 from shitu.errors import DataError
-from shitu.fileio import check_writable
+from shitu.fileio import check_writable, temporary_prefix
 from shitu.inference import default_model_dir, read_manifest
 from shitu.pipeline import FileRecognition, Recognition
 from tests.terminal_helpers import run_in_terminal
@@ -570,6 +570,24 @@ def test_extract_that_cannot_write_its_paths_keeps_the_previous_features_and_pat
         )
         npy, txt = out.with_suffix(".npy").read_bytes(), out.with_suffix(".txt").read_bytes()
         assert (npy, txt) == before
+
+
+def test_extract_removes_what_a_run_killed_while_writing_left(tmp_path):
+    """A run killed outright (SIGKILL, out of memory) while writing its features left their
+    hidden temporary file beside them, as large as they are, which nothing removed."""
+    image = tmp_path / "photo.png"
+    Image.fromarray(np.full((32, 32, 3), 90, np.uint8)).save(image)
+    out = tmp_path / "feats"
+    left = [
+        tmp_path / f"{temporary_prefix(f'feats{suffix}')}k1ll3d_x" for suffix in (".npy", ".txt")
+    ]
+    for path in left:
+        path.write_bytes(b"half")
+    other = tmp_path / f"{temporary_prefix('other.npy')}k1ll3d_x"  # another output's
+    other.write_bytes(b"half")
+    assert run_shitu("extract", str(image), "--out", str(out)).returncode == 0
+    assert not any(path.exists() for path in left) and other.exists()
+    assert len(np.load(out.with_suffix(".npy"))) == 1
 
 
 def test_extract_to_a_link_in_a_loop_is_refused_before_embedding(tmp_path):
