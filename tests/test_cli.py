@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import io
 import json
 import logging
 import os
@@ -28,7 +29,7 @@ from shitu.cli.main import STDOUT_CLOSED_STATUS, SUBCOMMANDS, build_parser
 from shitu.cli.main import main as shitu_main
 from shitu.cli.recognize import format_table, pipeline_config_from_args
 from shitu.errors import DataError
-from shitu.fileio import check_writable
+from shitu.fileio import check_writable, temporary_prefix
 from shitu.inference import default_model_dir, read_manifest
 from shitu.pipeline import FileRecognition, Recognition
 from tests.terminal_helpers import run_in_terminal
@@ -480,6 +481,23 @@ def test_an_image_opencv_cannot_decode_goes_to_pillow_without_opencvs_warning(tm
     assert "skipped" not in result.stdout  # no "skipped 0 unreadable files": none to name
 
 
+def test_images_cut_short_are_skipped_without_opencvs_or_libpngs_raw_errors(tmp_path):
+    """A BMP or PNG cut short (an interrupted download) printed OpenCV's `[ERROR:0@0.6]
+    global loadsave.cpp ... Unexpected end of input stream` or libpng's `libpng error: PNG
+    input buffer is incomplete` on stderr, naming no file, beside the warning that does."""
+    photo = Image.fromarray(np.arange(48 * 64 * 3, dtype=np.uint8).reshape(48, 64, 3))
+    photo.save(tmp_path / "whole.png")
+    for suffix in ("bmp", "png"):
+        buffer = io.BytesIO()
+        photo.save(buffer, suffix.upper())
+        (tmp_path / f"cut.{suffix}").write_bytes(buffer.getvalue()[: buffer.tell() // 2])
+    result = run_shitu("extract", str(tmp_path), "--out", str(tmp_path / "feats"))
+    assert result.returncode == 0, result.stderr
+    assert "embedded 1 image" in result.stdout
+    lines = result.stderr.splitlines()
+    assert len(lines) == 2 and all(line.startswith("warning: skipped ") for line in lines), lines
+
+
 def test_photos_with_corrupt_exif_are_read_without_pillows_raw_warnings(tmp_path):
     """Pillow warns of EXIF tags it cannot read (from its own source line, once per run,
     naming no file); the pixels decode in full and only those tags are skipped, so such
@@ -552,6 +570,24 @@ def test_extract_that_cannot_write_its_paths_keeps_the_previous_features_and_pat
         )
         npy, txt = out.with_suffix(".npy").read_bytes(), out.with_suffix(".txt").read_bytes()
         assert (npy, txt) == before
+
+
+def test_extract_removes_what_a_run_killed_while_writing_left(tmp_path):
+    """A run killed outright (SIGKILL, out of memory) while writing its features left their
+    hidden temporary file beside them, as large as they are, which nothing removed."""
+    image = tmp_path / "photo.png"
+    Image.fromarray(np.full((32, 32, 3), 90, np.uint8)).save(image)
+    out = tmp_path / "feats"
+    left = [
+        tmp_path / f"{temporary_prefix(f'feats{suffix}')}k1ll3d_x" for suffix in (".npy", ".txt")
+    ]
+    for path in left:
+        path.write_bytes(b"half")
+    other = tmp_path / f"{temporary_prefix('other.npy')}k1ll3d_x"  # another output's
+    other.write_bytes(b"half")
+    assert run_shitu("extract", str(image), "--out", str(out)).returncode == 0
+    assert not any(path.exists() for path in left) and other.exists()
+    assert len(np.load(out.with_suffix(".npy"))) == 1
 
 
 def test_extract_to_a_link_in_a_loop_is_refused_before_embedding(tmp_path):

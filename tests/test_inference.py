@@ -40,6 +40,7 @@ from shitu.inference import (
     export_model,
     read_manifest,
 )
+from shitu.inference import default_model as default_model_module
 from shitu.inference import export as export_module
 from shitu.inference.backends import choose_backend, openvino_available
 from shitu.inference.export import fingerprint, load_exported_model
@@ -1719,6 +1720,20 @@ def test_the_shipped_model_exported_again_keeps_its_fingerprint(tmp_path):
     config = load_config("GroceryStore_EfficientNetLite0")
     out = export_model(config, shipped / "model.safetensors", tmp_path / "again", compact=True)
     assert read_manifest(out)["fingerprint"] == read_manifest(shipped)["fingerprint"]
+
+
+def test_a_damaged_shipped_model_says_to_reinstall_shitu(tmp_path, monkeypatch):
+    """The shipped model's weights cut short or deleted (a broken install) said "re-run
+    `shitu export`", which never made that folder: reinstalling shitu restores it."""
+    shipped = shutil.copytree(default_model_dir(), tmp_path / "default_model")
+    monkeypatch.setattr(default_model_module, "DEFAULT_MODEL_DIR", shipped)
+    weights = shipped / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match=r"does not match .*reinstall shitu\)$"):
+        FeatureExtractor.load(default_model_dir())
+    weights.unlink()
+    with pytest.raises(CheckpointError, match=r"missing from the export \(.*reinstall shitu\)$"):
+        FeatureExtractor.load(default_model_dir())
 
 
 def test_int8_asked_of_the_shipped_model_gives_the_command_that_makes_it(tmp_path):

@@ -29,6 +29,7 @@ from shitu.fileio import (
     folder_place,
     held_lock,
     name_within,
+    remove_unfinished_writes,
     removed_if_left_empty,
     write_atomically,
     write_failure_reason,
@@ -123,6 +124,10 @@ def run(args: argparse.Namespace) -> int:
             made.enter_context(removed_if_left_empty(folder))
             check_writable(folder, f"--out {args.out}")
         with _sole_writer_of(out, args.out):
+            # What a run killed outright while writing left (hidden temporary files, as
+            # large as its features): no other extract writes them while this one holds
+            # the output's lock.
+            remove_unfinished_writes(out.parent, [target.name for target in targets])
             return _embed_and_write(args, files, out, targets)
 
 

@@ -365,18 +365,20 @@ class _LevelPrefixFormatter(logging.Formatter):
 
 def _quiet_opencv() -> None:
     """Images OpenCV cannot decode go on to Pillow, which decodes them or says why:
-    OpenCV's own warnings about them (a TIFF of 32-bit samples, say) are noise here.
-    OpenCV reads the level from the environment as it loads, so a command that decodes
-    no image (`index stats`) need not load it."""
+    OpenCV's own warnings and errors about them (a TIFF of 32-bit samples, a BMP cut
+    short: `[ERROR:0@0.6] global loadsave.cpp ... Unexpected end of input stream`, naming
+    no file) are noise here; its failures that matter are raised as exceptions. OpenCV
+    reads the level from the environment as it loads, so a command that decodes no image
+    (`index stats`) need not load it."""
     cv2 = sys.modules.get("cv2")
     if cv2 is None:
-        os.environ["OPENCV_LOG_LEVEL"] = "ERROR"
+        os.environ["OPENCV_LOG_LEVEL"] = "SILENT"
     else:  # loaded already by the program that calls `main`
         opencv_logging = getattr(cv2.utils, "logging", None)  # OpenCV 5; 4.x has none
         if opencv_logging is not None:
-            opencv_logging.setLogLevel(opencv_logging.LOG_LEVEL_ERROR)
+            opencv_logging.setLogLevel(opencv_logging.LOG_LEVEL_SILENT)
         else:
-            cv2.setLogLevel(2)  # OpenCV 4's LOG_LEVEL_ERROR, which it does not export
+            cv2.setLogLevel(0)  # OpenCV 4's LOG_LEVEL_SILENT, which it does not export
 
 
 def _user_message(exc: ShituError | OSError) -> str:

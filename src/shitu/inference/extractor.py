@@ -26,6 +26,7 @@ from shitu.data.transforms.ops import UnreadableImageError, image_list
 from shitu.errors import CheckpointError, ConfigError
 from shitu.fileio import expanded_path, file_sha256, is_given_path
 from shitu.image_files import path_list
+from shitu.inference import default_model
 from shitu.inference.backends import (
     Backend,
     OnnxBackend,
@@ -408,10 +409,22 @@ def _verify(model_dir: Path, manifest: dict, name: str) -> None:
     """The file must be the one the export wrote (a swapped or truncated file is an error)."""
     path = model_dir / name
     expected = manifest.get("files", {}).get(name)
+    shipped = _is_shipped(model_dir)
     if not path.is_file() or expected is None:
         hint = " with --int8-calibration" if name == INT8_FILE else ""
         # A file there but not recorded was put there by hand (or by another export).
         problem = "not one the export recorded" if path.is_file() else "missing from the export"
-        raise CheckpointError(f"{path}: {problem} (re-run `shitu export`{hint})")
+        remedy = SHIPPED_MODEL_DAMAGED if shipped else f"re-run `shitu export`{hint}"
+        raise CheckpointError(f"{path}: {problem} ({remedy})")
     if file_sha256(path) != expected:
-        raise CheckpointError(f"{path}: does not match {model_dir}/shitu_model.json (changed?)")
+        changed = f"changed? {SHIPPED_MODEL_DAMAGED}" if shipped else "changed?"
+        raise CheckpointError(f"{path}: does not match {model_dir}/shitu_model.json ({changed})")
+
+
+# The shipped model's files come with shitu, not from an export the user could run again.
+SHIPPED_MODEL_DAMAGED = "the model shipped with shitu is damaged: reinstall shitu"
+
+
+def _is_shipped(model_dir: Path) -> bool:
+    """Whether `model_dir` is the model shipped with shitu, which no `shitu export` made."""
+    return model_dir.resolve() == default_model.DEFAULT_MODEL_DIR.resolve()

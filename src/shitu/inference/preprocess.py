@@ -368,7 +368,7 @@ def decode_rgb(data: bytes | np.ndarray) -> np.ndarray:
     encoded = _encoded_bytes(data)
     check_encoded_size(encoded)
     image = None
-    if encoded and not decoded_otherwise_by_opencv(encoded):
+    if encoded and not decoded_otherwise_by_opencv(encoded) and not _png_cut_short(encoded):
         buffer = np.frombuffer(_without_png_profile(encoded), np.uint8)
         try:
             # Straight to RGB: the same pixels as BGR then cvtColor, without another pass
@@ -428,6 +428,18 @@ def decoded_otherwise_by_opencv(data: bytes) -> bool:
         or is_cmyk_jpeg(data)
         or _is_32_bit_bmp(data)
     )
+
+
+# The IEND chunk (no data, then its CRC) that ends every whole PNG file.
+PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+
+
+def _png_cut_short(data: bytes) -> bool:
+    """Whether PNG bytes do not end with the chunk that ends a whole PNG (a download cut
+    short, say): OpenCV's libpng prints `libpng error: ...` on stderr for such a file, from
+    C and naming no file, so Pillow reads it instead and says why it cannot (or decodes
+    one that has only more bytes after its end, with the pixels OpenCV would give)."""
+    return data[:8] == PNG_SIGNATURE and not data.endswith(PNG_END)
 
 
 def _without_png_profile(data: bytes) -> bytes:
