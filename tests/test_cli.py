@@ -975,6 +975,24 @@ def test_export_says_how_many_calibration_images_it_uses_and_from_where(tmp_path
     assert refused.stderr.endswith(f"error: {empty}: no images in this folder\n")
 
 
+def test_export_on_a_terminal_draws_a_progress_bar_while_it_calibrates(tmp_path):
+    """Calibrating runs every image through the model, long for a full model at 224 px,
+    and showed nothing meanwhile. Outside a terminal no bar is drawn (the test above)."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for shade in range(3):
+        Image.fromarray(np.full((32, 32, 3), 60 * shade, np.uint8)).save(photos / f"{shade}.png")
+    weights = f"Global.pretrained_model={default_model_dir() / 'model.safetensors'}"
+    export = [*SHITU, "export", "-c", "GroceryStore_EfficientNetLite0", "-o", weights,
+              "--score-thres", "0.6", "--int8-calibration", str(photos)]  # fmt: skip
+    status, shown = run_in_terminal([*export, "--out", str(tmp_path / "model")])
+    assert status == 0, shown
+    assert any(line.startswith("calibrating: 100%|") and "3/3" in line for line in shown), shown
+    status, shown = run_in_terminal([*export, "--out", str(tmp_path / "quiet"), "--no-progress"])
+    assert status == 0, shown
+    assert not any("%|" in line for line in shown), shown
+
+
 def test_int8_images_without_calibration_images_is_refused(tmp_path):
     """It was ignored: the export came without the int8 model the user asked for."""
     result = run_shitu("export", "--out", str(tmp_path / "model"), "--int8-images", "64")

@@ -312,6 +312,21 @@ def test_every_shipped_config_builds_its_model_and_losses(name):
     assert multipliers == {1.0, *config.Optimizer.lr_mult.values()}
 
 
+def test_metric_descending_takes_yes_and_on_as_true_as_switches_do(config_file):
+    """`descending: yes` was refused ("only true ..., got 'yes'"), where a switch such as
+    Global.eval_during_train reads yes and on as true; no and off are still refused."""
+    assert load_config(config_file, ["Global.eval_during_train=yes"]).Global.eval_during_train
+    for word in ("yes", "On"):
+        config = load_config(config_file, [f"Metric.Eval=[{{mAP: {{descending: {word}}}}}]"])
+        assert config.Metric.Eval == [{"mAP": {"descending": word}}]
+    with pytest.raises(ConfigError) as info:
+        load_config(config_file, ["Metric.Eval=[{mAP: {descending: off}}]"])
+    assert (
+        "Metric.Eval[0].mAP.descending: only true (higher similarity ranks first) is "
+        "supported, got 'off'"
+    ) in str(info.value)
+
+
 def test_an_eval_metric_not_computed_is_refused_for_training_only(config_file):
     """Training picks its best model by Global.eval_metric, and stopped at one Metric.Eval
     does not compute once its model and data were built; `shitu eval` does not use it, and

@@ -2456,6 +2456,43 @@ def test_an_ipv6_host_is_listened_on_in_brackets_too(serving_library, tmp_path, 
     )
 
 
+def _ipv6_only_loopback_name() -> str | None:
+    """A name /etc/hosts gives ::1 alone (Debian's `ip6-localhost`), if any."""
+    try:
+        lines = Path("/etc/hosts").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        address, *names = line.split("#", 1)[0].split() or [""]
+        for name in names if address == "::1" else ():
+            try:
+                found = {entry[4][0] for entry in socket.getaddrinfo(name, 0)}
+            except socket.gaierror:
+                continue
+            if found == {"::1"}:
+                return name
+    return None
+
+
+def test_a_host_name_of_an_ipv6_address_only_is_listened_on(serving_library, tmp_path):
+    """A --host name without a colon was bound as IPv4, so one that resolves to ::1 alone
+    failed to start ("Name or service not known")."""
+    with socket.socket(socket.AF_INET6) as probe:
+        try:
+            probe.bind(("::1", 0))
+        except OSError as exc:
+            pytest.skip(f"this machine has no IPv6 loopback: {exc}")
+    name = _ipv6_only_loopback_name()
+    if name is None:
+        pytest.skip("no name in /etc/hosts resolves to ::1 alone (Debian's ip6-localhost)")
+    server = ServerProcess(serving_library, tmp_path, "--host", name)
+    try:
+        assert server.url.startswith("http://[::1]:")
+        assert httpx.get(f"{server.url}/healthz", timeout=10).status_code == 200
+    finally:
+        server.stop()
+
+
 def test_a_port_in_use_or_a_host_that_names_nothing_is_one_line_before_the_models_load(
     serving_library, capsys
 ):

@@ -31,6 +31,7 @@ from pydantic_core import PydanticCustomError
 
 from shitu.errors import ConfigError, did_you_mean, first_few
 from shitu.fileio import home_expanded
+from shitu.values import read_switch_word
 
 T = TypeVar("T", bound=Callable[..., Any])
 
@@ -56,19 +57,13 @@ def refuse_bool_as_number(cls: type[BaseModel], value: Any, info: ValidationInfo
     return value
 
 
-# YAML 1.1's words for true and false, which YAML 1.2 (the configs' rules) leaves text.
-_SWITCH_WORDS = {"yes": True, "on": True, "no": False, "off": False}
-
-
 def switch_words_are_switches(cls: type[BaseModel], value: Any, info: ValidationInfo) -> Any:
     """A `field_validator("*", mode="before")` reading yes/no/on/off as true/false where a
     field takes both a switch and text (a backbone's `pretrained`: true, or a weight
     file): text would win, and `pretrained: no` name a file `no`. A switch alone reads
     them so already, and text alone keeps them."""
     field_types = _types_in(cls.model_fields[info.field_name].annotation)
-    if {bool, str} <= field_types and isinstance(value, str):
-        return _SWITCH_WORDS.get(value.lower(), value)
-    return value
+    return read_switch_word(value) if {bool, str} <= field_types else value
 
 
 def null_is_default(cls: type[BaseModel], value: Any, info: ValidationInfo) -> Any:

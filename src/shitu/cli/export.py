@@ -9,11 +9,13 @@ from pathlib import Path
 
 from shitu.cli.common import (
     add_config_arguments,
+    add_progress_argument,
     config_from_args,
     cosine_similarity,
     count_of,
     expand_images,
     positive_int,
+    progress_wanted,
     trained_weights,
 )
 from shitu.errors import ConfigError, weight_file_setting
@@ -68,6 +70,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "with `shitu eval-pipeline --sweep`); recognition uses it unless told another "
         f"(without it: {DEFAULT_SCORE_THRES})",
     )
+    add_progress_argument(parser)
     parser.set_defaults(func=run)
 
 
@@ -102,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
             calibration_count=count,
             compact=args.compact,
             score_thres=args.score_thres,
+            progress=progress_wanted(args),
         )
     manifest = read_manifest(out)
     files = ", ".join(manifest["files"])

@@ -217,17 +217,34 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _listen(host: str, port: int) -> socket.socket:
-    """Bind before loading anything slow, so a taken port fails at once and port 0 works."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    """Bind before loading anything slow, so a taken port fails at once and port 0 works.
+    `host` is bound at the address it resolves to (`_listen_address`)."""
+    try:
+        family, address = _listen_address(host, port)
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as exc:  # a name no address answers to, or a family the system lacks
+        raise ShituError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind((host, port))
+        sock.bind(address)
     except OSError as exc:
         sock.close()
         raise ShituError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     sock.listen(2048)
     return sock
+
+
+def _listen_address(host: str, port: int) -> tuple[socket.AddressFamily, tuple[Any, ...]]:
+    """The family and socket address `host` resolves to: its first IPv4 address where it
+    has one (a name with both, such as `localhost` on most systems, listens on IPv4 as
+    before), else the first the resolver gives. A name was taken for IPv4 unless it held a
+    colon, so one that resolves to IPv6 only (Debian's `ip6-localhost`, ::1) could not be
+    listened on."""
+    found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    family, _, _, _, address = next(
+        (entry for entry in found if entry[0] == socket.AF_INET), found[0]
+    )
+    return family, address
 
 
 def _is_loopback(sock: socket.socket) -> bool:

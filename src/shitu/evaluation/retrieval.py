@@ -35,7 +35,7 @@ from torch import Tensor
 
 from shitu.errors import ConfigError, ShituError, did_you_mean
 from shitu.evaluation.reranking import ReRanking, distinct_rows, k_reciprocal_distances
-from shitu.values import is_whole_number
+from shitu.values import is_whole_number, read_switch_word
 
 # Working memory the default query block may use: ~7 bytes per query-gallery score (float32
 # scores, three bool masks) -> ~380 queries per block at G = 100k; add ~50 bytes per positive
@@ -165,7 +165,7 @@ class RetrievalEvaluator:
                         f"{where}.{name}.{key}: unknown parameter{_hint(str(key), allowed)}; "
                         f"{name} takes: {', '.join(allowed)}"
                     )
-            if params.get("descending", True) is not True:
+            if read_switch_word(params.get("descending", True)) is not True:
                 raise ConfigError(
                     f"{where}.{name}.descending: only true (higher similarity ranks first) is "
                     f"supported, got {params['descending']!r}"

@@ -121,6 +121,7 @@ def export_model(
     opset: int = OPSET,
     compact: bool = False,
     score_thres: float | None = None,
+    progress: bool = False,
 ) -> Path:
     """Export `config`'s model with `weights` (None: as initialised) to `out_dir`; returns it.
 
@@ -129,7 +130,7 @@ def export_model(
 
     calibration_images: image files for int8 static quantisation (model.int8.onnx); none
     means no int8 model. calibration_count: use at most this many of them, spread over
-    the list (None: all). compact, score_thres: see `write_export`. An existing export at
+    the list (None: all). compact, score_thres, progress: see `write_export`. An existing export at
     `out_dir` is replaced; any other existing folder, or an export that also holds other
     files, is an error (nothing of the user's is deleted).
     """
@@ -160,6 +161,7 @@ def export_model(
         opset=opset,
         compact=compact,
         score_thres=score_thres,
+        progress=progress,
     )
 
 
@@ -177,6 +179,7 @@ def write_export(
     compact: bool = False,
     score_thres: float | None = None,
     format_version: int = FORMAT_VERSION,
+    progress: bool = False,
 ) -> Path:
     """Write the export folder of a built, folded, eval-mode `model`.
 
@@ -187,6 +190,7 @@ def write_export(
     `shitu eval-pipeline --sweep`); the recogniser uses it unless told another. Features do
     not depend on it, so it is not part of the fingerprint. format_version: 1 writes a
     version-1 fingerprint (without the arch), for the cached rebuild of a version-1 export.
+    progress: a bar on stderr while the int8 model is calibrated.
     """
     out_dir = expanded_path(out_dir)
     place = folder_place(out_dir)  # where a link given as out_dir points, as index build
@@ -255,7 +259,7 @@ def write_export(
             if calibration:
                 from shitu.inference.quantize import quantize_calibrated
 
-                quantize_calibrated(staging / ONNX_FILE, staging / INT8_FILE, calibration)
+                quantize_calibrated(staging / ONNX_FILE, staging / INT8_FILE, calibration, progress)
                 files.append(INT8_FILE)
             manifest = {
                 "format": FORMAT,

@@ -19,6 +19,7 @@ from shitu.data.transforms.ops import UnreadableImageError
 from shitu.errors import DataError
 from shitu.image_files import path_list
 from shitu.inference.preprocess import Preprocessing, read_rgb
+from shitu.progress import ImageProgress
 
 CALIBRATION_BATCH = 8
 logger = logging.getLogger(__name__)
@@ -107,8 +108,12 @@ def _left_out(unread: list[str], unfit: list[str]) -> str:
     return "; ".join(parts)
 
 
-def quantize_calibrated(fp32_path: Path, out_path: Path, batches: Sequence[np.ndarray]) -> None:
-    """`quantize_static_onnx` with the activation ranges of `calibration_batches`' batches."""
+def quantize_calibrated(
+    fp32_path: Path, out_path: Path, batches: Sequence[np.ndarray], progress: bool = False
+) -> None:
+    """`quantize_static_onnx` with the activation ranges of `calibration_batches`' batches.
+    `progress`: a bar over the images run through the model, the long part (minutes for a
+    full model at 224 px)."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         QuantFormat,
@@ -118,21 +123,31 @@ def quantize_calibrated(fp32_path: Path, out_path: Path, batches: Sequence[np.nd
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
+        """The batches in turn; each one asked for means the one before has been run."""
+
+        def __init__(self, bar: ImageProgress) -> None:
             self._batches = iter(batches)
+            self._bar = bar
+            self._running = 0
 
         def get_next(self) -> dict[str, np.ndarray] | None:
+            self._bar.update(self._running)
             batch = next(self._batches, None)
+            self._running = 0 if batch is None else len(batch)
             return None if batch is None else {"images": batch}
 
-    with tempfile.TemporaryDirectory(dir=out_path.parent) as scratch:
+    total = sum(len(batch) for batch in batches)
+    with (
+        tempfile.TemporaryDirectory(dir=out_path.parent) as scratch,
+        ImageProgress(total, progress, "calibrating") as bar,
+    ):
         prepared = Path(scratch) / "prepared.onnx"
         quant_pre_process(str(fp32_path), str(prepared))
         with _quiet_per_tensor_fallbacks():
             quantize_static(
                 str(prepared),
                 str(out_path),
-                Reader(),
+                Reader(bar),
                 quant_format=QuantFormat.QDQ,
                 per_channel=True,
                 activation_type=QuantType.QUInt8,
