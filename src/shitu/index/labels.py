@@ -25,6 +25,7 @@ from shitu.fileio import (
 from shitu.image_files import (
     IMAGE_SUFFIXES,
     header_error,
+    holds_an_image,
     is_header,
     scan_images,
     warn_if_grouped,
@@ -422,7 +423,9 @@ def collect_items(
                 images = scan_images(source, foreign=gallery_libraries())
                 _warn_of_one_label_over_folders(source, images, label)
                 items.extend(GalleryItem(_found(image, resolve), label) for image in images)
-        elif source.is_file() and source.suffix.lower() in IMAGE_SUFFIXES:
+        elif source.is_file() and (
+            source.suffix.lower() in IMAGE_SUFFIXES or holds_an_image(source)
+        ):
             if label is None:
                 how = (
                     "give it one with --label LABEL (`shitu index build` and `shitu index "
