@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -573,6 +574,14 @@ def test_index_commands_refuse_what_they_cannot_store_or_find(models, gallery_li
     assert broken.returncode == 2 and "line breaks" in broken.stderr
     mixed = shitu("index", "add", lib, gallery_list, "--label", "X", "--model", model)
     assert mixed.returncode == 2 and "carries its own labels" in mixed.stderr
+    archive = tmp_path / "photos.zip"  # photos zipped to send: no label file, no image
+    with zipfile.ZipFile(archive, "w") as zipped:
+        zipped.write(image, "a.jpg")
+    zipped_photos = shitu("index", "add", lib, archive, "--label", "X", "--model", model)
+    assert zipped_photos.returncode == 2, zipped_photos.stderr
+    assert "--label is for images and folders of images, and this is neither" in (
+        zipped_photos.stderr
+    )
     (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
     unread = shitu("index", "add", lib, tmp_path / "broken.jpg", "--label", "X", "--model", model)
     assert unread.returncode == 1 and "added 0 images" in unread.stdout  # a failure, not 0

@@ -438,9 +438,9 @@ def collect_items(
             items.append(GalleryItem(_found(source, resolve), label))
         elif source.is_file():
             if label is not None:
-                raise DataError(
-                    f"{source}: a label file carries its own labels; --label is for images "
-                    "and folders"
+                raise DataError(  # a label file, or no image at all (a .zip of photos)
+                    f"{source}: --label is for images and folders of images, and this is "
+                    "neither (a label file carries its own labels)"
                 )
             items.extend(parse_label_file(source, resolve))
         elif source.exists():  # a device or a FIFO, whose reading would never end
