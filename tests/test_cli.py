@@ -651,6 +651,11 @@ def test_a_misspelt_option_is_named_by_its_command_with_the_option_meant(capsys)
         # a command of `index` without it: argparse listed the top-level commands alone
         (["build", "photos", "--out", "LIB"], "build", "index build"),
         (["search", "LIB", "photo.jpg"], "search", "index search"),
+        # other tools' names, which by spelling were told another command: `rename` 'remove'
+        (["index", "rename", "LIB", "Kiwi", "Kiwifruit"], "rename", "relabel"),
+        (["index", "create", "photos", "--out", "LIB"], "create", "build"),
+        (["index", "info", "LIB"], "info", "stats"),
+        (["rename", "LIB", "Kiwi", "Kiwifruit"], "rename", "index relabel"),
     ],
 )
 def test_a_misspelt_command_or_choice_is_told_the_one_meant(command, typo, meant, capsys):
