@@ -180,6 +180,13 @@ def parse_label_file(path: Path, resolve: bool = True) -> list[GalleryItem]:
                 "working directory; paths in a label file are relative to its folder (or "
                 "absolute)"
             )
+        if not full.exists() and Path(label).suffix.lower() in IMAGE_SUFFIXES:
+            # `label<TAB>path` (a table exported in that order): every line failed as a
+            # missing file named after its label, and nothing said the columns were swapped
+            raise DataError(
+                f"{path}:{number}: expected `path<TAB>label`, got {line!r}: the label names "
+                f"an image and the path ({image}) no file; are the columns the other way round?"
+            )
         if full.is_dir():  # else skipped when read, with advice for Python callers
             raise DataError(
                 f"{path}:{number}: {image} is a folder; a label file lists image files, one a "
