@@ -156,12 +156,14 @@ def holds_an_image(path: str | os.PathLike) -> bool:
         return False
     if iso_media_kind(head) is not None:
         return True
-    from PIL import Image, UnidentifiedImageError  # here: scans need no decoder
+    from PIL import Image  # here: scans need no decoder
 
     try:
         with Image.open(path):
             return True
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+    except Image.DecompressionBombError:  # an image, too large for Pillow's own check
+        return True
+    except (OSError, ValueError, SyntaxError):  # UnidentifiedImageError is an OSError
         return False
 
 
