@@ -19,6 +19,7 @@ from shitu.fileio import (
     is_given_path,
     listed_file,
     read_text,
+    refuse_url,
     special_kind,
     text_lines,
 )
@@ -385,6 +386,7 @@ def _source_list(sources: object) -> list[str | os.PathLike]:
     for source in listed:
         if not is_given_path(source):
             raise DataError(f"expected {wanted}, got {type(source).__name__} {source!r}")
+        refuse_url(cast("str | os.PathLike", source), "images or label files")
     return cast("list[str | os.PathLike]", listed)  # each one checked by is_given_path
 
 
