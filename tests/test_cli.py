@@ -30,6 +30,7 @@ from shitu.cli.main import main as shitu_main
 from shitu.cli.recognize import format_table, pipeline_config_from_args
 from shitu.errors import DataError
 from shitu.fileio import check_writable, temporary_prefix
+from shitu.index import collect_items
 from shitu.inference import default_model_dir, read_manifest
 from shitu.pipeline import FileRecognition, Recognition
 from tests.terminal_helpers import run_in_terminal
@@ -687,6 +688,11 @@ def test_a_misspelt_option_is_named_by_its_command_with_the_option_meant(capsys)
         # a command of `index` without it: argparse listed the top-level commands alone
         (["build", "photos", "--out", "LIB"], "build", "index build"),
         (["search", "LIB", "photo.jpg"], "search", "index search"),
+        # other tools' names, which by spelling were told another command: `rename` 'remove'
+        (["index", "rename", "LIB", "Kiwi", "Kiwifruit"], "rename", "relabel"),
+        (["index", "create", "photos", "--out", "LIB"], "create", "build"),
+        (["index", "info", "LIB"], "info", "stats"),
+        (["rename", "LIB", "Kiwi", "Kiwifruit"], "rename", "index relabel"),
     ],
 )
 def test_a_misspelt_command_or_choice_is_told_the_one_meant(command, typo, meant, capsys):
@@ -697,6 +703,30 @@ def test_a_misspelt_command_or_choice_is_told_the_one_meant(command, typo, meant
     err = capsys.readouterr().err
     assert f"invalid choice: '{typo}'" in err
     assert err.rstrip().endswith(f"(did you mean '{meant}'?)")
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["recognize", "{url}", "--gallery", "LIB"],
+        ["extract", "{url}", "--out", "feats"],
+        ["index", "add", "LIB", "{url}", "--label", "Kiwi"],
+        ["eval-pipeline", "--queries", "{url}", "--gallery", "LIB"],
+    ],
+)
+def test_an_image_or_list_given_as_a_url_is_refused_as_one(command, tmp_path, monkeypatch, capsys):
+    """Other tools fetch an image URL; shitu read it as a path, the missing file
+    `https:/shop.example/kiwi.jpg` (pathlib merges the slashes), and said no more."""
+    url = "https://shop.example/kiwi.jpg"
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        sys.exit(shitu_main([word.format(url=url) for word in command]))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{url} is a URL, and shitu downloads no " in err
+    assert f"download the file (e.g. `curl -LO {url}`) and give its path" in err
+    with pytest.raises(DataError, match="is a URL"):
+        collect_items([url], label="Kiwi")  # in Python too
 
 
 @pytest.mark.parametrize(

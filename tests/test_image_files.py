@@ -195,3 +195,16 @@ def test_the_image_file_size_limit_grows_with_the_pixel_limit_and_says_so(tmp_pa
     assert read_image_file(photo) == photo.read_bytes()
     with pytest.raises(OSError, match="a character device, not an image file"):
         read_image_file("/dev/zero")
+
+
+def test_an_image_too_large_for_pillows_own_check_given_by_name_is_still_an_image(
+    tmp_path, monkeypatch
+):
+    """Pillow refuses, as it opens it, an image over twice its MAX_IMAGE_PIXELS (a GIF of
+    180 megapixels at its default) with an error of no OSError kind: `index add` of such a
+    file by name stopped with a traceback while telling an image from a label file."""
+    gif = tmp_path / "shelf.gif"
+    Image.new("P", (20, 20)).save(gif)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 400 pixels: over twice the limit
+    items = collect_items([gif], label="Shelf")
+    assert [(item.path, item.label) for item in items] == [(gif.resolve(), "Shelf")]

@@ -185,6 +185,23 @@ def test_a_label_files_header_line_is_refused_saying_to_comment_it_out(tmp_path)
         parse_label_file(listing)
 
 
+def test_a_label_file_with_its_columns_swapped_is_refused_saying_so(tmp_path):
+    """`label<TAB>path` (a table exported in that order) failed image by image as missing
+    files named after the labels, `could not add Kiwi`, nothing saying why."""
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "a.jpg").touch()
+    listing = tmp_path / "gallery.txt"
+    listing.write_text("Kiwi\timgs/a.jpg\n")
+    with pytest.raises(DataError) as caught:
+        parse_label_file(listing)
+    assert str(caught.value) == (
+        f"{listing}:1: expected `path<TAB>label`, got 'Kiwi\\timgs/a.jpg': the label names "
+        "an image and the path (Kiwi) no file; are the columns the other way round?"
+    )
+    listing.write_text("imgs/a.jpg\tKiwi\n")  # as it says: taken
+    assert [item.label for item in parse_label_file(listing)] == ["Kiwi"]
+
+
 def test_label_file_without_tab_is_a_data_error(tmp_path):
     listing = tmp_path / "gallery.txt"
     listing.write_text("imgs/a.jpg Coca Cola\n")

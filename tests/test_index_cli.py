@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -331,6 +332,31 @@ def test_a_single_unlabelled_image_is_told_a_build_option_that_works(
     assert shitu("index", "list", lib).stdout.split() == ["1", "Lemon"]
 
 
+def test_an_image_named_without_a_scanned_suffix_is_read_as_an_image_not_a_label_file(
+    models, gallery_list, tmp_path
+):
+    """A photo given by name is read as one, as `recognize` reads it, whatever its suffix:
+    a GIF is added, and a phone's HEIC is named as unsupported. They were taken for label
+    files, `--label` refused as for a listing ('a label file carries its own labels')."""
+    from PIL import Image
+
+    photo = gallery_list.read_text().splitlines()[0].split("\t")[0]
+    gif = tmp_path / "photo.gif"
+    Image.open(photo).convert("P").save(gif)
+    heic = tmp_path / "IMG_0001.HEIC"  # an iPhone's: an ISO media box of brand heic
+    heic.write_bytes(b"\0\0\0\x18ftypheic\0\0\0\0mif1heic" + bytes(range(256)) * 8)
+    lib = tmp_path / "lib"
+    built = shitu("index", "build", gif, "--label", "Lemon", "--model", models[128], "--out", lib)
+    assert built.returncode == 0, built.stderr
+    assert shitu("index", "list", lib).stdout.split() == ["1", "Lemon"]
+
+    added = shitu("index", "add", lib, heic, "--label", "Lemon", "--model", models[128])
+    assert added.returncode == 1 and "carries its own labels" not in added.stderr
+    assert "HEIC images are not supported: convert it to JPEG or PNG" in added.stderr
+    unlabelled = shitu("index", "add", lib, heic, "--model", models[128])
+    assert unlabelled.returncode == 2 and "a single image needs a label" in unlabelled.stderr
+
+
 def test_a_library_is_not_built_into_another_library_or_an_export(models, tmp_path):
     """`--out EXPORT/lib` built a library among an export's files, which `shitu export`
     then refused to replace, and `--out LIB/inner` one among another library's; as
@@ -557,6 +583,12 @@ def test_index_commands_refuse_what_they_cannot_store_or_find(models, gallery_li
     assert broken.returncode == 2 and "line breaks" in broken.stderr
     mixed = shitu("index", "add", lib, gallery_list, "--label", "X", "--model", model)
     assert mixed.returncode == 2 and "carries its own labels" in mixed.stderr
+    archive = tmp_path / "photos.zip"  # photos zipped to send: no label file, no image
+    with zipfile.ZipFile(archive, "w") as zipped:
+        zipped.write(image, "a.jpg")
+    zipped_photos = shitu("index", "add", lib, archive, "--label", "X", "--model", model)
+    assert zipped_photos.returncode == 2, zipped_photos.stderr
+    assert "is for images and folders of images, and this is neither" in (zipped_photos.stderr)
     (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
     unread = shitu("index", "add", lib, tmp_path / "broken.jpg", "--label", "X", "--model", model)
     assert unread.returncode == 1 and "added 0 images" in unread.stdout  # a failure, not 0

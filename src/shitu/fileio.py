@@ -600,6 +600,27 @@ def _sync_tree(folder: Path) -> None:
         fsync_dir(Path(root))
 
 
+# How a URL starts (`https://`, `s3://`): PaddleClas downloads what one names, shitu reads
+# local files only.
+_URL_START = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def is_url(value: str | os.PathLike) -> bool:
+    """Whether a path as given is a URL: pathlib reads `https://host/a.jpg` as the missing
+    file `https:/host/a.jpg`, and said no more."""
+    return bool(_URL_START.match(os.fspath(value)))
+
+
+def refuse_url(given: str | os.PathLike, what: str) -> None:
+    """A DataError where the path `given` for `what` ("images") is a URL, saying to
+    download it: shitu fetches nothing."""
+    if is_url(given):
+        raise DataError(
+            f"{os.fspath(given)} is a URL, and shitu downloads no {what}: download the file "
+            f"(e.g. `curl -LO {os.fspath(given)}`) and give its path"
+        )
+
+
 def is_given_path(value: object) -> bool:
     """Whether `value` is a path to hand pathlib: text or os.PathLike, not empty. Anything
     else (None, an unset setting) would fail inside pathlib saying only its type, and ''

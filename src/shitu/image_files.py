@@ -141,6 +141,32 @@ def iso_media_kind(data: bytes) -> str | None:
     return ISO_MEDIA_BRANDS.get(data[8:12]) if data[4:8] == b"ftyp" else None
 
 
+def holds_an_image(path: str | os.PathLike) -> bool:
+    """Whether a file named without an image suffix is an image all the same, by its
+    content: a phone's `.HEIC` photo, a `.gif`. Given by name, such a file is to be read
+    (and refused, where it must be, for its format) as an image, not as a label file. Text,
+    as label files are (with a BOM too), never counts as one."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(TEXT_PROBE_BYTES)
+    except OSError:
+        return False
+    boms = (codecs.BOM_UTF8, codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
+    if not head or is_text(head) or head.startswith(boms):
+        return False
+    if iso_media_kind(head) is not None:
+        return True
+    from PIL import Image  # here: scans need no decoder
+
+    try:
+        with Image.open(path):
+            return True
+    except Image.DecompressionBombError:  # an image, too large for Pillow's own check
+        return True
+    except (OSError, ValueError, SyntaxError):  # UnidentifiedImageError is an OSError
+        return False
+
+
 # How many skipped paths the warning shows.
 _EXAMPLES = 3
 

@@ -22,6 +22,7 @@ from shitu.engine.state import training_state_kind
 from shitu.errors import CheckpointError, ConfigError, first_few
 from shitu.fileio import (
     from_working_directory,
+    is_url,
     refuse_non_utf8_path,
     torch_save_atomically,
     write_atomically,
@@ -143,7 +144,7 @@ def weights_file(path: str | Path) -> Path:
     (the first of `WEIGHT_SUFFIXES` found): PaddleClas's `Global.pretrained_model` names
     files without their suffix (`output/RecModel/best_model`). A URL, as PaddleClas (which
     downloads it) takes, is refused naming it: as a path it was "not found: https:/..."."""
-    if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", str(path)):
+    if is_url(path):
         raise CheckpointError(
             f"{path} is a URL, and shitu downloads no weights: download the file (e.g. "
             f"`curl -LO {path}`) and give its path"

@@ -23,6 +23,7 @@ from shitu.fileio import (
     home_expanded,
     name_within,
     refuse_file_in_the_way,
+    refuse_url,
     temporary_prefix,
     write_jpeg,
 )
@@ -96,6 +97,10 @@ def required_path(text: str) -> Path:
     or written as that argument."""
     if not text:
         raise argparse.ArgumentTypeError("empty; give a path")
+    try:  # now: Path() reads `https://host/a.jpg` as the missing file `https:/host/a.jpg`
+        refuse_url(text, "files")
+    except DataError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     return Path(text)
 
 
@@ -391,6 +396,7 @@ def expand_images(
     for given in sources:
         if not given:  # "$PHOTO" of an unset variable: Path("") is the working directory
             raise DataError("an empty path was given: name image files or folders")
+        refuse_url(given, "images")
         source = Path(given)
         if source.is_dir():
             folder = True

@@ -58,18 +58,44 @@ SUBCOMMANDS = (
 )
 
 
+# Other tools' names for shitu's commands, told the command meant: by spelling alone,
+# `index rename` was told 'remove', which deletes images, and `index create` 'relabel'.
+COMMAND_SYNONYMS = {
+    "rename": "relabel",
+    "create": "build",
+    "new": "build",
+    "delete": "remove",
+    "rm": "remove",
+    "info": "stats",
+    "show": "stats",
+    "query": "search",
+    "check": "verify",
+    "predict": "recognize",
+    "classify": "recognize",
+    "embed": "extract",
+}
+
+
 class _SuggestingParser(argparse.ArgumentParser):
     """A value that is not one of an argument's choices is told the choice it may be a
     misspelling of, as misspelt options are (`_parse`): `shitu recognise`, in the spelling
     the docs' prose uses, `--format tabel`; a command of a group given without the group
-    (`shitu build`), the whole command. Subcommands' parsers are of this class too."""
+    (`shitu build`), the whole command; another tool's name for a command
+    (`COMMAND_SYNONYMS`: `index rename`), the command. Subcommands' parsers are of this
+    class too."""
 
     def _check_value(self, action: argparse.Action, value: Any) -> None:
         try:
             super()._check_value(action, value)
         except argparse.ArgumentError as exc:
             choices = [str(choice) for choice in action.choices or ()]
-            hint = _grouped_command_hint(str(value), action) or did_you_mean(str(value), choices)
+            typed = str(value)
+            word = COMMAND_SYNONYMS.get(typed, typed)
+            hint = (
+                (f" (did you mean '{word}'?)" if word != typed and word in choices else "")
+                or _grouped_command_hint(word, action)
+                or did_you_mean(typed, choices)
+            )
             if not hint:
                 raise
             raise argparse.ArgumentError(action, f"{exc.message}{hint}") from None

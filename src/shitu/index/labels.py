@@ -19,12 +19,14 @@ from shitu.fileio import (
     is_given_path,
     listed_file,
     read_text,
+    refuse_url,
     special_kind,
     text_lines,
 )
 from shitu.image_files import (
     IMAGE_SUFFIXES,
     header_error,
+    holds_an_image,
     is_header,
     scan_images,
     warn_if_grouped,
@@ -178,6 +180,13 @@ def parse_label_file(path: Path, resolve: bool = True) -> list[GalleryItem]:
                 f"{path}:{number}: {image} is not in {path.parent.resolve()} but is in the "
                 "working directory; paths in a label file are relative to its folder (or "
                 "absolute)"
+            )
+        if not full.exists() and Path(label).suffix.lower() in IMAGE_SUFFIXES:
+            # `label<TAB>path` (a table exported in that order): every line failed as a
+            # missing file named after its label, and nothing said the columns were swapped
+            raise DataError(
+                f"{path}:{number}: expected `path<TAB>label`, got {line!r}: the label names "
+                f"an image and the path ({image}) no file; are the columns the other way round?"
             )
         if full.is_dir():  # else skipped when read, with advice for Python callers
             raise DataError(
@@ -377,6 +386,7 @@ def _source_list(sources: object) -> list[str | os.PathLike]:
     for source in listed:
         if not is_given_path(source):
             raise DataError(f"expected {wanted}, got {type(source).__name__} {source!r}")
+        refuse_url(cast("str | os.PathLike", source), "images or label files")
     return cast("list[str | os.PathLike]", listed)  # each one checked by is_given_path
 
 
@@ -423,7 +433,9 @@ def collect_items(
                 images = scan_images(source, foreign=gallery_libraries())
                 _warn_of_one_label_over_folders(source, images, label)
                 items.extend(GalleryItem(_found(image, resolve), label) for image in images)
-        elif source.is_file() and source.suffix.lower() in IMAGE_SUFFIXES:
+        elif source.is_file() and (
+            source.suffix.lower() in IMAGE_SUFFIXES or holds_an_image(source)
+        ):
             if label is None:
                 how = (
                     "give it one with --label LABEL (`shitu index build` and `shitu index "
@@ -436,9 +448,9 @@ def collect_items(
             items.append(GalleryItem(_found(source, resolve), label))
         elif source.is_file():
             if label is not None:
-                raise DataError(
-                    f"{source}: a label file carries its own labels; --label (label= in "
-                    "Python) is for images and folders"
+                raise DataError(  # a label file, or no image at all (a .zip of photos)
+                    f"{source}: --label (label= in Python) is for images and folders of "
+                    "images, and this is neither (a label file carries its own labels)"
                 )
             items.extend(parse_label_file(source, resolve))
         elif source.exists():  # a device or a FIFO, whose reading would never end
