@@ -568,6 +568,12 @@ def test_load_detector_errors(tmp_path: Path, caplog) -> None:
         with pytest.raises(ConfigError, match="multiple of 32"):
             export_onnx(build_picodet("picodet_s_esnet"), tmp_path / "d.onnx", input_size=size)
     assert not (tmp_path / "d.onnx").exists()
+    # An ONNX export runs at its own size only, and was said to need the torch backend for
+    # another, its own written as a string included.
+    onnx = export_onnx(build_picodet("picodet_s_esnet", input_size=64), tmp_path / "d64.onnx")
+    for size in ("64", 64.0, 100):
+        with pytest.raises(ConfigError, match=f"a positive multiple of 32, got {size!r}$"):
+            load_detector(onnx, input_size=size)
     with pytest.raises(CheckpointError, match="not found"):
         load_detector(tmp_path / "missing.onnx")
     with pytest.raises(CheckpointError, match=r"is a folder, not a detector file; give our"):

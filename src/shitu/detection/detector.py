@@ -334,8 +334,10 @@ def load_detector(
     num_threads: int | None = None,
 ) -> Detector:
     """A detector from our checkpoint (.pt), a PaddleDetection .pdparams (needs `arch`),
-    or an ONNX export; `backend` is "auto", "torch" or "onnxruntime". num_threads: inference
-    threads (None: the runtime's default; torch's setting is process-wide)."""
+    or an ONNX export; `backend` is "auto", "torch" or "onnxruntime". input_size: the side
+    (an int, a multiple of 32) it runs at (None: the model's own; an ONNX export runs at its
+    own only). num_threads: inference threads (None: the runtime's default; torch's setting
+    is process-wide)."""
     path = Path(path)
     if is_paddle_inference_model(path):
         raise CheckpointError(
@@ -364,6 +366,8 @@ def load_detector(
         raise ConfigError(f"unknown detector backend '{backend}' (auto, torch, onnxruntime)")
     if num_threads:
         check_thread_count(num_threads, "num_threads")
+    if input_size is not None:  # an ONNX export's size is compared with it: "416" never matched
+        check_input_size(input_size)
     if suffix == ".onnx" and backend != "torch":
         _ignored_arch(path, arch, "onnxruntime runs the graph it holds")
         detector = OnnxDetector(path, threads=num_threads or 0)
