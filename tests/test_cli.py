@@ -93,8 +93,11 @@ def test_help_of_every_command_names_every_default(monkeypatch):
                     action.option_strings,
                 )
     result = run_shitu("detect-train", "-h")
-    assert result.returncode == 0 and "training epochs (default: 300)" in result.stdout
-    assert "OUT/model.onnx" in " ".join(result.stdout.split())  # what a run writes
+    text = " ".join(result.stdout.split())
+    assert (
+        result.returncode == 0 and "training epochs (default: 300, with --resume the run's)" in text
+    )
+    assert "OUT/model.onnx" in text  # what a run writes
 
 
 def test_verbose_is_taken_before_and_after_the_command(tmp_path):

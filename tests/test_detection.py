@@ -568,6 +568,12 @@ def test_load_detector_errors(tmp_path: Path, caplog) -> None:
         with pytest.raises(ConfigError, match="multiple of 32"):
             export_onnx(build_picodet("picodet_s_esnet"), tmp_path / "d.onnx", input_size=size)
     assert not (tmp_path / "d.onnx").exists()
+    # An ONNX export runs at its own size only, and was said to need the torch backend for
+    # another, its own written as a string included.
+    onnx = export_onnx(build_picodet("picodet_s_esnet", input_size=64), tmp_path / "d64.onnx")
+    for size in ("64", 64.0, 100):
+        with pytest.raises(ConfigError, match=f"a positive multiple of 32, got {size!r}$"):
+            load_detector(onnx, input_size=size)
     with pytest.raises(CheckpointError, match="not found"):
         load_detector(tmp_path / "missing.onnx")
     with pytest.raises(CheckpointError, match=r"is a folder, not a detector file; give our"):
@@ -940,7 +946,7 @@ def test_an_onnx_detector_that_cannot_take_our_images_is_refused_when_loaded(
     "shapes",
     [
         ([1, 3, 64, 64], [1, 3, 64, 64]),  # another model's image-shaped outputs
-        ([1, 80, 85], [1, 85, 4]),  # 80 boxes scored, 85 boxes given
+        ([1, 80, 85], [1, 90, 4]),  # 80 boxes scored, 90 boxes given
         ([1, 85, 80], [1, 85]),  # boxes of no side axis
         ([1, 85, 80], [1, 85, 6]),  # boxes of 6 numbers
     ],
@@ -970,6 +976,42 @@ def test_outputs_named_as_our_exports_but_shaped_otherwise_are_refused_when_load
     with pytest.raises(CheckpointError, match="are neither our export's") as refused:
         load_detector(path)
     assert str(refused.value).startswith(f"{path}: outputs [")
+
+
+@pytest.mark.parametrize("boxes_first", [True, False])
+def test_a_picodet_export_with_post_processing_but_no_nms_is_named_as_one(
+    tmp_path: Path, boxes_first: bool
+) -> None:
+    """PaddleDetection's 2022 PicoDet models (PicoHeadV2) exported with -o export.nms=False
+    give decoded boxes [1, N, 4] and class-major scores [1, C, N]: refused as "neither our
+    export's nor PicoDet's", which did not say what they are nor what shitu reads. At 64
+    pixels, 4 levels (strides 8 to 64) hold 64 + 16 + 4 + 1 = 85 cells."""
+    image = helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, 64, 64])
+    shapes = {"tmp_16": [1, 85, 4], "concat_4.tmp_0": [1, 2, 85]}  # paddle2onnx's names
+    if not boxes_first:
+        shapes = dict(reversed(shapes.items()))
+    outputs = [
+        helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+        for name, shape in shapes.items()
+    ]
+    nodes = [helper.make_node("ConstantOfShape", [f"{name}_shape"], [name]) for name in shapes]
+    sizes = [
+        numpy_helper.from_array(np.array(shape, np.int64), f"{name}_shape")
+        for name, shape in shapes.items()
+    ]
+    graph = helper.make_graph(nodes, "picodet_without_nms", [image], outputs, initializer=sizes)
+    path = tmp_path / "picodet_without_nms.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)]), path)
+    with pytest.raises(CheckpointError) as refused:
+        load_detector(path)
+    shown = ", ".join(str(shape) for shape in shapes.values())
+    assert str(refused.value) == (
+        f"{path}: outputs {shown} are a PicoDet's decoded boxes [1, N, 4] and scores [1, "
+        "classes, N] (PaddleDetection's export with post-processing but no NMS, -o "
+        "export.nms=False, as of its 2022 PicoHeadV2 models), a layout shitu does not read; "
+        "it reads our export's (scores, boxes) and a (legacy, PicoHead) PicoDet's per-level "
+        "scores and box distributions (PaddleDetection's export with -o export.benchmark=True)"
+    )
 
 
 PADDLECLAS_DET_PREPROCESS = """\

@@ -1098,6 +1098,54 @@ def test_a_resumed_detect_train_goes_on_in_the_folder_of_the_run_it_continues(
     assert [record["step"] for record in read_log(run / "metrics.jsonl")] == [1, 3]
 
 
+def test_a_detect_train_resumed_without_its_options_keeps_the_runs_settings(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--resume RUN/latest.pt` alone (as the stopped run's message says): the options left
+    out are the run's, from its checkpoint; it exported model.onnx and evaluated at the
+    architecture's 416 rather than the run's 64, and trained on to 300 epochs. An option
+    given changes the run's setting, and the summary says so."""
+    torch.set_num_threads(2)
+    coco = _write_coco(tmp_path, _write_images(tmp_path, 4, size=64))
+    dataset = CocoDetection(coco, tmp_path, transform=train_augment)
+    config = DetectionTrainConfig(
+        epochs=3,
+        batch_size=2,  # 2 steps an epoch
+        learning_rate=0.01,
+        train_sizes=(64,),
+        eval_size=64,
+        output_dir=str(tmp_path / "run"),
+        seed=7,
+    )
+    trainer = DetectionTrainer(dataset, config)
+    trainer.train(max_steps=2)  # stopped after its first epoch
+    command = ["detect-train", "--coco", str(coco), "--images", str(tmp_path), "--no-progress",
+               "--resume", str(trainer.checkpoint_path)]  # fmt: skip
+    assert main(command) == 0
+    captured = capsys.readouterr()
+    summary = dict(re.split(r"  +", line, maxsplit=1) for line in captured.err.splitlines()[:12])
+    assert summary["epochs"] == "3" and summary["batch size"] == "2" and summary["seed"] == "7"
+    assert summary["input sizes"] == "64 (evaluation, exports: 64)"
+    assert summary["start"] == f"resumed from {trainer.checkpoint_path} at step 2"
+    assert [record["step"] for record in read_log(tmp_path / "run" / "metrics.jsonl")] == [3, 5]
+    with load_detector(tmp_path / "run" / "model.onnx") as exported:
+        assert exported.input_size == (64, 64)
+    # Given, an option changes the run's setting: more epochs, another export size.
+    assert main([*command, "--epochs", "4", "--input-size", "96"]) == 0
+    summary = dict(
+        re.split(r"  +", line, maxsplit=1) for line in capsys.readouterr().err.splitlines()[:12]
+    )
+    assert summary["start"] == (
+        f"resumed from {trainer.checkpoint_path} at step 6, --epochs 4 (the run's: 3), "
+        "--input-size 96 (the run's: 64)"
+    )
+    assert summary["input sizes"] == "64 (evaluation, exports: 96)"
+    with load_detector(tmp_path / "run" / "model.onnx") as exported:
+        assert exported.input_size == (96, 96)
+    _, progress = load_training_state(trainer.checkpoint_path, kind="detector")
+    assert progress.epoch == 4
+
+
 def test_detect_train_evaluates_on_voc_data(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -44,6 +44,18 @@ _SHOWN_CLASSES = 5
 MULTI_SCALE_STEPS = (-64, -32, 0, 32, 64)
 # The seeds DetectionTrainConfig takes, refused as the option, not as the config's field
 SEED = bounded(int, 0, 2**63 - 1, "a whole number from 0 to 2**63 - 1")
+# The options that set a run, by their DetectionTrainConfig field, with their defaults (None:
+# the architecture's). Left out with --resume, each is the run's own, from its checkpoint: a
+# default in its place exported at another size or stretched the learning-rate schedule.
+RUN_OPTIONS = {
+    "arch": ("arch", "picodet_s_esnet"),
+    "epochs": ("epochs", 300),
+    "batch_size": ("batch_size", 80),
+    "lr": ("learning_rate", 0.1),
+    "input_size": ("eval_size", None),
+    "train_sizes": ("train_sizes", None),
+    "seed": ("seed", 0),
+}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -77,22 +89,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--val-images", help="image directory of --val-coco or --val-voc")
     parser.add_argument(
         "--arch",
-        default="picodet_s_esnet",
-        help="detector architecture (default: picodet_s_esnet; PP-ShiTu's mainbody detector: "
-        "picodet_lcnet_x2_5_mainbody)",
+        help="detector architecture (default: picodet_s_esnet, with --resume the run's; "
+        "PP-ShiTu's mainbody detector: picodet_lcnet_x2_5_mainbody)",
     )
     parser.add_argument(
         "--class-agnostic", action="store_true", help="one 'foreground' class (mainbody)"
     )
-    parser.add_argument("--epochs", type=positive_int, default=300, help="training epochs")
-    parser.add_argument("--batch-size", type=positive_int, default=80, help="images per step")
-    parser.add_argument("--lr", type=positive_float, default=0.1, help="peak learning rate")
+    the_runs = "with --resume the run's"
+    parser.add_argument(
+        "--epochs", type=positive_int, help=f"training epochs (default: 300, {the_runs})"
+    )
+    parser.add_argument(
+        "--batch-size", type=positive_int, help=f"images per step (default: 80, {the_runs})"
+    )
+    parser.add_argument(
+        "--lr", type=positive_float, help=f"peak learning rate (default: 0.1, {the_runs})"
+    )
     parser.add_argument(
         "--input-size",
         type=input_side,
         help="input size of the evaluation and of the exports: model.onnx's fixed size, and "
         "the size model.pt runs at unless given another (default: the architecture's, 416; "
-        "640 for picodet_lcnet_x2_5_mainbody)",
+        f"640 for picodet_lcnet_x2_5_mainbody; {the_runs})",
     )
     parser.add_argument(
         "--train-sizes",
@@ -100,10 +118,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         nargs="+",
         help="input sizes of the multi-scale batches, one drawn per batch (default: the "
         "architecture's input size and 32 and 64 either side: 352 384 416 448 480; 576 to 704 "
-        "for picodet_lcnet_x2_5_mainbody)",
+        f"for picodet_lcnet_x2_5_mainbody; {the_runs})",
     )
     parser.add_argument("--workers", type=non_negative_int, default=0, help="data loader processes")
-    parser.add_argument("--seed", type=SEED, default=0, help="random seed")
+    parser.add_argument("--seed", type=SEED, help=f"random seed (default: 0, {the_runs})")
     parser.add_argument(
         "--out",
         help=f"output folder (default: {DEFAULT_OUT}, or with --resume the folder of the run "
@@ -111,7 +129,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     # Its name before it was called --out, as on every other command; scripts use it.
     parser.add_argument("--output", dest="out", help=argparse.SUPPRESS)
-    parser.add_argument("--resume", help="training checkpoint (latest.pt or its directory)")
+    parser.add_argument(
+        "--resume",
+        help="training checkpoint (latest.pt or its directory); the run's settings (--arch, "
+        "--epochs, --batch-size, --lr, --input-size, --train-sizes, --seed) unless given",
+    )
     parser.add_argument(
         "--checkpoint-every-steps",
         type=positive_int,
@@ -135,8 +157,43 @@ def _dataset(
     return VocDetection(voc, images, class_agnostic=agnostic, transform=transform)
 
 
+def _run_settings(
+    args: argparse.Namespace, saved: dict[str, Any] | None
+) -> tuple[dict[str, Any], list[str]]:
+    """The run's RUN_OPTIONS settings, by DetectionTrainConfig field: each option given, else
+    the checkpoint's `saved` config of a resumed run, else the default; and, in words, the
+    options given that change the resumed run's settings."""
+    from shitu.detection.model import resolve_arch
+
+    settings: dict[str, Any] = {}
+    changes = []
+    for option, (field, default) in RUN_OPTIONS.items():
+        given = getattr(args, option)
+        kept = None if saved is None else saved.get(field)
+        settings[field] = given if given is not None else kept if kept is not None else default
+        if given is not None and kept is not None and _shown(given) != _shown(kept):
+            option_name = f"--{option.replace('_', '-')}"
+            changes.append(f"{option_name} {_shown(given)} (the run's: {_shown(kept)})")
+    # The architecture's own sizes: the mainbody detector was trained and exported at
+    # PicoDet-S's 416, not at PP-ShiTu's 640, without a word.
+    arch_size = resolve_arch(settings["arch"]).input_size
+    settings["eval_size"] = settings["eval_size"] or arch_size
+    sizes = settings["train_sizes"] or [arch_size + step for step in MULTI_SCALE_STEPS]
+    settings["train_sizes"] = tuple(sizes)
+    return settings, changes
+
+
+def _shown(value: Any) -> str:
+    """A setting as its option is written: sizes (a list or, from a checkpoint, a tuple) as
+    space-separated numbers."""
+    return " ".join(map(str, value)) if isinstance(value, list | tuple) else str(value)
+
+
 def _summary(
-    trainer: DetectionTrainer, val: DetectionDataset | None, resumed: str | None
+    trainer: DetectionTrainer,
+    val: DetectionDataset | None,
+    resumed: str | None,
+    changes: list[str],
 ) -> dict[str, Any]:
     """What the run is about to do (`print_summary`): hours of training follow."""
     dataset, config = trainer.dataset, trainer.config
@@ -155,6 +212,7 @@ def _summary(
         f"{config.eval_size})",
         "seed": config.seed,
         "start": f"resumed from {resumed} at step {trainer.progress.global_step}"
+        + "".join(f", {change}" for change in changes)
         if resumed
         else "from scratch",
         "output": config.output_dir,
@@ -166,12 +224,13 @@ def run(args: argparse.Namespace) -> int:
 
     if bool(args.val_coco or args.val_voc) != bool(args.val_images):
         raise ConfigError("--val-images and --val-coco (or --val-voc) go together")
-    resumed = None
+    resumed, saved = None, None
     if args.resume:
         checkpoint = resolve_checkpoint(args.resume, "--resume")
         # Any other file is refused before the run locks that folder (an .onnx given from a
-        # models folder left it a .shitu-train.lock) and reads its training data.
-        load_training_state(checkpoint, "--resume", kind="detector")
+        # models folder left it a .shitu-train.lock) and reads its training data; its run's
+        # settings are those of the options left out.
+        saved = load_training_state(checkpoint, "--resume", kind="detector")[0].get("config", {})
         # The folder of the run resumed, which it goes on writing to unless told otherwise.
         resumed = checkpoint.parent
     output = Path(args.out) if args.out else resumed or Path(DEFAULT_OUT)
@@ -190,7 +249,7 @@ def run(args: argparse.Namespace) -> int:
         # A save killed outright (SIGKILL once a SIGTERM's grace period ran out) left its
         # temporary file, a whole checkpoint's size, beside the file it kept.
         remove_unfinished_writes(output, RUN_FILES)
-        return _train(args, output, continues)
+        return _train(args, saved, output, continues)
 
 
 def _earlier_run_refusal(output: Path, earlier: list[str]) -> ConfigError:
@@ -218,20 +277,19 @@ def _earlier_run_refusal(output: Path, earlier: list[str]) -> ConfigError:
     )
 
 
-def _train(args: argparse.Namespace, output: Path, continues: bool) -> int:
-    """The run, into `output`; `continues`: the run resumed is the one of that folder."""
+def _train(
+    args: argparse.Namespace, saved: dict[str, Any] | None, output: Path, continues: bool
+) -> int:
+    """The run, into `output`; `saved`: the config in the checkpoint resumed, if one is;
+    `continues`: the run resumed is the one of that folder."""
     from tqdm import tqdm
 
     from shitu.detection.export import export_onnx
-    from shitu.detection.model import resolve_arch
     from shitu.detection.train import DetectionTrainConfig, DetectionTrainer, evaluate_detector
     from shitu.engine.metrics_log import MetricsLog
 
-    # The architecture's own sizes: the mainbody detector was trained and exported at
-    # PicoDet-S's 416, not at PP-ShiTu's 640, without a word.
-    arch_size = resolve_arch(args.arch).input_size
-    input_size = args.input_size or arch_size
-    train_sizes = args.train_sizes or [arch_size + step for step in MULTI_SCALE_STEPS]
+    settings, changes = _run_settings(args, saved)
+    input_size = settings["eval_size"]
     dataset = _dataset(args.coco, args.voc, args.images, args.class_agnostic, train=True)
     val = None
     if args.val_images:  # read (and matched to the training classes) before any training
@@ -248,13 +306,7 @@ def _train(args: argparse.Namespace, output: Path, continues: bool) -> int:
         except DataError as exc:
             raise ConfigError(f"{given}: {exc}") from None
     config = DetectionTrainConfig(
-        arch=args.arch,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        learning_rate=args.lr,
-        train_sizes=tuple(train_sizes),
-        eval_size=input_size,
-        seed=args.seed,
+        **settings,
         num_workers=args.workers,
         output_dir=str(output),
         checkpoint_every_steps=args.checkpoint_every_steps,
@@ -262,7 +314,7 @@ def _train(args: argparse.Namespace, output: Path, continues: bool) -> int:
     trainer = DetectionTrainer(dataset, config)
     if args.resume:
         trainer.resume(args.resume)
-    print_summary(_summary(trainer, val, args.resume))
+    print_summary(_summary(trainer, val, args.resume, changes))
     # The losses and the mAP kept beside the model, as stdout may be gone; a run that goes on
     # in its folder drops the records it wrote there after its checkpoint.
     resume_step = trainer.progress.global_step if continues else None

@@ -253,6 +253,15 @@ class OnnxDetector(Detector["InferenceSession"]):
         if len(shapes) % 2 or per_level != cells * 2:
             dims = (", ".join("?" if d is None else str(d) for d in shape) for shape in shapes)
             shown = ", ".join(f"[{text}]" for text in dims)
+            if _post_processed_picodet(shapes, self.input_size):
+                raise CheckpointError(
+                    f"{path}: outputs {shown} are a PicoDet's decoded boxes [1, N, 4] and "
+                    "scores [1, classes, N] (PaddleDetection's export with post-processing but "
+                    "no NMS, -o export.nms=False, as of its 2022 PicoHeadV2 models), a layout "
+                    "shitu does not read; it reads our export's (scores, boxes) and a (legacy, "
+                    "PicoHead) PicoDet's per-level scores and box distributions "
+                    "(PaddleDetection's export with -o export.benchmark=True)"
+                )
             raise CheckpointError(
                 f"{path}: outputs {shown} are neither our export's (scores, boxes) nor "
                 "PicoDet's per-level scores and box distributions (PaddleDetection's export "
@@ -281,6 +290,20 @@ class OnnxDetector(Detector["InferenceSession"]):
         scores = np.concatenate(outs[: self.levels], axis=1)
         reg = np.concatenate(outs[self.levels :], axis=1)
         return scores, decode_distributions(reg, self.points, self.strides)
+
+
+def _post_processed_picodet(shapes: list[list], input_size: tuple[int, int]) -> bool:
+    """Whether two outputs are PicoDet's decoded boxes [B, N, 4] and class-major scores
+    [B, C, N], N the cells of its 3 or 4 levels at `input_size`: PaddleDetection's export
+    with post-processing but no NMS, which was refused as an unknown graph."""
+    if len(shapes) != 2 or any(len(shape) != 3 for shape in shapes):
+        return False
+    level_cells = [h * w for h, w in level_shapes(*input_size, [8, 16, 32, 64])]
+    cells = (sum(level_cells[:3]), sum(level_cells))
+    return any(
+        boxes[2] == 4 and boxes[1] in cells and scores[2] == boxes[1]
+        for boxes, scores in (shapes, shapes[::-1])
+    )
 
 
 def _decoded_shapes(shapes: list[list]) -> bool:
@@ -334,8 +357,10 @@ def load_detector(
     num_threads: int | None = None,
 ) -> Detector:
     """A detector from our checkpoint (.pt), a PaddleDetection .pdparams (needs `arch`),
-    or an ONNX export; `backend` is "auto", "torch" or "onnxruntime". num_threads: inference
-    threads (None: the runtime's default; torch's setting is process-wide)."""
+    or an ONNX export; `backend` is "auto", "torch" or "onnxruntime". input_size: the side
+    (an int, a multiple of 32) it runs at (None: the model's own; an ONNX export runs at its
+    own only). num_threads: inference threads (None: the runtime's default; torch's setting
+    is process-wide)."""
     path = Path(path)
     if is_paddle_inference_model(path):
         raise CheckpointError(
@@ -364,6 +389,8 @@ def load_detector(
         raise ConfigError(f"unknown detector backend '{backend}' (auto, torch, onnxruntime)")
     if num_threads:
         check_thread_count(num_threads, "num_threads")
+    if input_size is not None:  # an ONNX export's size is compared with it: "416" never matched
+        check_input_size(input_size)
     if suffix == ".onnx" and backend != "torch":
         _ignored_arch(path, arch, "onnxruntime runs the graph it holds")
         detector = OnnxDetector(path, threads=num_threads or 0)
