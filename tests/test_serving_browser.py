@@ -27,6 +27,7 @@ from selenium.common.exceptions import (
     StaleElementReferenceException,
 )
 from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webdriver import WebDriver
@@ -990,6 +991,36 @@ def test_a_failed_recognition_leaves_no_photo_behind(serving_library, server, br
     assert not browser.find_element(By.ID, "photo-view").get_attribute("src")
     assert not texts(browser, "#results li")
     assert not browser.find_elements(By.CSS_SELECTOR, "#overlay rect")
+
+
+def choose_by_dialog(driver: WebDriver, field, path: Path) -> None:
+    """`path` chosen in `field`'s file dialog as a user does: the field clicked (the dialog
+    held back, not opened and cancelled as headless Chromium does), then the file picked."""
+    driver.execute_cdp_cmd("Page.setInterceptFileChooserDialog", {"enabled": True})
+    try:
+        ActionChains(driver).click(field).perform()  # a pointer's click: WebDriver's is refused
+        field.send_keys(str(path))
+    finally:
+        driver.execute_cdp_cmd("Page.setInterceptFileChooserDialog", {"enabled": False})
+
+
+def test_the_same_photo_chosen_again_is_recognised_again(serving_library, server, browser):
+    """Choosing the photo a file input already holds is no change to it: the photo refused for
+    a wrong key was not sent again once the key was right, and the page said nothing."""
+    open_page(browser, server)
+    key = browser.find_element(By.ID, "api-key")
+    key.clear()
+    key.send_keys("wrong-key", Keys.TAB)
+    photo = browser.find_element(By.ID, "photo")
+    shelf, products = serving_library.demo.shelves[0]
+    choose_by_dialog(browser, photo, shelf)
+    status = browser.find_element(By.ID, "recognise-status")
+    wait(browser, lambda d: "wrong API key" in status.text, "the refusal shown")
+    key.clear()
+    key.send_keys(KEY, Keys.TAB)
+    choose_by_dialog(browser, photo, shelf)
+    wait(browser, lambda d: len(texts(d, "#results li")) == len(products), "results shown")
+    assert status.text == f"{len(products)} recognised"
 
 
 def test_controls_have_names_and_status_lines_are_announced(server, browser):

@@ -688,6 +688,9 @@ window.addEventListener("DOMContentLoaded", () => {
     sessionStorage.setItem(KEY_STORE, $("api-key").value.trim());
     attempt(() => refresh(selected));
   });
+  // Opening the file dialog forgets the photo chosen before: the same photo chosen again (once
+  // the API key is right, or the gallery has its label) is a change, and is recognised again.
+  $("photo").addEventListener("click", () => { $("photo").value = ""; });
   $("photo").addEventListener("change", () => {
     const file = $("photo").files[0];
     if (file) attempt(() => recognise(file), "recognise-status");
