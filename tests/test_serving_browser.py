@@ -436,6 +436,33 @@ def test_the_page_fits_a_phone_screen(serving_library, server, phone):
     assert add.text == "Add" and add.rect["x"] + add.rect["width"] <= 390
 
 
+def test_captions_of_products_side_by_side_do_not_run_into_each_other(
+    serving_library, server, phone
+):
+    """A shelf of four products on a phone: each caption was as wide as its label, over the
+    next product's caption, both unreadable."""
+    open_page(phone, server)
+    shelf, products = serving_library.demo.shelves[0]
+    phone.find_element(By.ID, "photo").send_keys(str(shelf))
+    wait(phone, lambda d: len(texts(d, "#results li")) == len(products), "results shown")
+    captions = phone.execute_script(
+        "return [...document.querySelectorAll('#overlay text')]"
+        ".map((t) => [t.textContent, t.getBoundingClientRect().toJSON()])"
+    )
+    assert len(captions) == len(products)
+    for index, (text, box) in enumerate(captions):
+        shown = text.removesuffix("…")  # the label and score, or the start of the label
+        assert any(f"{p} ".startswith(shown) or shown.startswith(f"{p} ") for p in products)
+        for other_text, other in captions[index + 1 :]:
+            apart = (
+                box["right"] <= other["left"]
+                or other["right"] <= box["left"]
+                or box["bottom"] <= other["top"]
+                or other["bottom"] <= box["top"]
+            )
+            assert apart, (text, box, other_text, other)
+
+
 # The page's fetch, wrapped: the answer to the next request arguments[0] (method, path and query,
 # "POST /v1/recognize") is held until the test lets it through (RELEASE_HELD), so that it
 # arrives after later answers, or so that the page can be seen waiting for it.
