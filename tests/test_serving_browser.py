@@ -843,6 +843,30 @@ def test_renaming_onto_an_existing_label_asks_before_merging(server, browser):
     assert not browser.find_elements(By.CSS_SELECTOR, '#labels button[data-label="Cocoa Crunch"]')
 
 
+def test_adding_to_a_label_written_as_a_listed_one_in_another_case_asks_first(
+    server, browser, tmp_path
+):
+    """ "tomato soup" typed for "Tomato Soup": the images went to a second label of the same
+    product, without a word."""
+    open_page(browser, server)
+    with httpx.Client(base_url=server.url, headers={"X-API-Key": KEY}) as client:
+        listed = client.get("/v1/gallery/labels/Tomato Soup").json()["count"]
+        browser.find_element(By.ID, "add-label").send_keys("tomato soup")
+        browser.find_element(By.ID, "add-files").send_keys(
+            str(make_images(tmp_path, 1, seed=53)[0])
+        )
+        browser.find_element(By.CSS_SELECTOR, "#add-form button[type=submit]").click()
+        alert = wait(browser, lambda d: d.switch_to.alert, "asked before a new label")
+        assert alert.text == (
+            f'The gallery has "Tomato Soup" ({listed} images), not "tomato soup": '
+            'add the images to a new label "tomato soup"?'
+        )
+        alert.dismiss()  # nothing is sent
+        labels = [entry["label"] for entry in client.get("/v1/gallery/labels").json()["labels"]]
+        assert "tomato soup" not in labels
+        assert browser.find_element(By.ID, "add-status").text == ""
+
+
 def test_a_label_given_images_elsewhere_is_not_merged_into_unasked(server, browser, tmp_path):
     """Renamed onto a label another client created after the page listed the labels: the
     page had not asked, so nothing is merged (it was, silently); the label is listed, and

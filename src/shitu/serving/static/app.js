@@ -647,6 +647,17 @@ async function addImages(label, files) {
   return outcome;
 }
 
+// A new label written as a listed one is, case and accents aside ("banana" beside "Banana"),
+// most likely a slip: its images would make a second label of the same product, silently
+// (`shitu index add` warns of it). Asked first; true to go on.
+function newLabelConfirmed(typed) {
+  const wanted = typed.trim().normalize("NFC"); // as the server keeps labels
+  if (labels.some((entry) => entry.label === wanted)) return true;
+  const like = labels.find((entry) => folded(entry.label) === folded(wanted));
+  return !like || confirm(`The gallery has "${like.label}" (${plural(like.count, "image")}), ` +
+    `not "${wanted}": add the images to a new label "${wanted}"?`);
+}
+
 function reportAdded({ label, added, duplicates, failed }) {
   let text = `added ${added} to "${label}"`;
   if (duplicates.length) text += `, skipped ${duplicates.length} already in the gallery`;
@@ -773,6 +784,7 @@ window.addEventListener("DOMContentLoaded", () => {
     event.preventDefault();
     attempt(() => withDisabled($("add-form").querySelectorAll("button"), async () => {
       $("add-failures").replaceChildren();
+      if (!newLabelConfirmed($("add-label").value)) return;
       const outcome = await addImages($("add-label").value, [...$("add-files").files]);
       reportAdded(outcome);
       if (!outcome.failed.length) $("add-files").value = "";
