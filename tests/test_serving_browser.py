@@ -27,6 +27,7 @@ from selenium.common.exceptions import (
     StaleElementReferenceException,
 )
 from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webdriver import WebDriver
@@ -435,6 +436,33 @@ def test_the_page_fits_a_phone_screen(serving_library, server, phone):
     assert add.text == "Add" and add.rect["x"] + add.rect["width"] <= 390
 
 
+def test_captions_of_products_side_by_side_do_not_run_into_each_other(
+    serving_library, server, phone
+):
+    """A shelf of four products on a phone: each caption was as wide as its label, over the
+    next product's caption, both unreadable."""
+    open_page(phone, server)
+    shelf, products = serving_library.demo.shelves[0]
+    phone.find_element(By.ID, "photo").send_keys(str(shelf))
+    wait(phone, lambda d: len(texts(d, "#results li")) == len(products), "results shown")
+    captions = phone.execute_script(
+        "return [...document.querySelectorAll('#overlay text')]"
+        ".map((t) => [t.textContent, t.getBoundingClientRect().toJSON()])"
+    )
+    assert len(captions) == len(products)
+    for index, (text, box) in enumerate(captions):
+        shown = text.removesuffix("…")  # the label and score, or the start of the label
+        assert any(f"{p} ".startswith(shown) or shown.startswith(f"{p} ") for p in products)
+        for other_text, other in captions[index + 1 :]:
+            apart = (
+                box["right"] <= other["left"]
+                or other["right"] <= box["left"]
+                or box["bottom"] <= other["top"]
+                or other["bottom"] <= box["top"]
+            )
+            assert apart, (text, box, other_text, other)
+
+
 # The page's fetch, wrapped: the answer to the next request arguments[0] (method, path and query,
 # "POST /v1/recognize") is held until the test lets it through (RELEASE_HELD), so that it
 # arrives after later answers, or so that the page can be seen waiting for it.
@@ -815,6 +843,30 @@ def test_renaming_onto_an_existing_label_asks_before_merging(server, browser):
     assert not browser.find_elements(By.CSS_SELECTOR, '#labels button[data-label="Cocoa Crunch"]')
 
 
+def test_adding_to_a_label_written_as_a_listed_one_in_another_case_asks_first(
+    server, browser, tmp_path
+):
+    """ "tomato soup" typed for "Tomato Soup": the images went to a second label of the same
+    product, without a word."""
+    open_page(browser, server)
+    with httpx.Client(base_url=server.url, headers={"X-API-Key": KEY}) as client:
+        listed = client.get("/v1/gallery/labels/Tomato Soup").json()["count"]
+        browser.find_element(By.ID, "add-label").send_keys("tomato soup")
+        browser.find_element(By.ID, "add-files").send_keys(
+            str(make_images(tmp_path, 1, seed=53)[0])
+        )
+        browser.find_element(By.CSS_SELECTOR, "#add-form button[type=submit]").click()
+        alert = wait(browser, lambda d: d.switch_to.alert, "asked before a new label")
+        assert alert.text == (
+            f'The gallery has "Tomato Soup" ({listed} images), not "tomato soup": '
+            'add the images to a new label "tomato soup"?'
+        )
+        alert.dismiss()  # nothing is sent
+        labels = [entry["label"] for entry in client.get("/v1/gallery/labels").json()["labels"]]
+        assert "tomato soup" not in labels
+        assert browser.find_element(By.ID, "add-status").text == ""
+
+
 def test_a_label_given_images_elsewhere_is_not_merged_into_unasked(server, browser, tmp_path):
     """Renamed onto a label another client created after the page listed the labels: the
     page had not asked, so nothing is merged (it was, silently); the label is listed, and
@@ -990,6 +1042,36 @@ def test_a_failed_recognition_leaves_no_photo_behind(serving_library, server, br
     assert not browser.find_element(By.ID, "photo-view").get_attribute("src")
     assert not texts(browser, "#results li")
     assert not browser.find_elements(By.CSS_SELECTOR, "#overlay rect")
+
+
+def choose_by_dialog(driver: WebDriver, field, path: Path) -> None:
+    """`path` chosen in `field`'s file dialog as a user does: the field clicked (the dialog
+    held back, not opened and cancelled as headless Chromium does), then the file picked."""
+    driver.execute_cdp_cmd("Page.setInterceptFileChooserDialog", {"enabled": True})
+    try:
+        ActionChains(driver).click(field).perform()  # a pointer's click: WebDriver's is refused
+        field.send_keys(str(path))
+    finally:
+        driver.execute_cdp_cmd("Page.setInterceptFileChooserDialog", {"enabled": False})
+
+
+def test_the_same_photo_chosen_again_is_recognised_again(serving_library, server, browser):
+    """Choosing the photo a file input already holds is no change to it: the photo refused for
+    a wrong key was not sent again once the key was right, and the page said nothing."""
+    open_page(browser, server)
+    key = browser.find_element(By.ID, "api-key")
+    key.clear()
+    key.send_keys("wrong-key", Keys.TAB)
+    photo = browser.find_element(By.ID, "photo")
+    shelf, products = serving_library.demo.shelves[0]
+    choose_by_dialog(browser, photo, shelf)
+    status = browser.find_element(By.ID, "recognise-status")
+    wait(browser, lambda d: "wrong API key" in status.text, "the refusal shown")
+    key.clear()
+    key.send_keys(KEY, Keys.TAB)
+    choose_by_dialog(browser, photo, shelf)
+    wait(browser, lambda d: len(texts(d, "#results li")) == len(products), "results shown")
+    assert status.text == f"{len(products)} recognised"
 
 
 def test_controls_have_names_and_status_lines_are_announced(server, browser):

@@ -192,6 +192,7 @@ function drawBoxes(results, width, height) {
   const scale = $("photo-view").clientWidth / width || 1; // screen pixels per photo pixel
   const stroke = Math.max(MIN_STROKE_PX / scale, Math.min(width, height) / 150);
   const fontSize = Math.max(MIN_CAPTION_PX / scale, Math.min(width, height) / 28);
+  const captions = [];
   for (const result of results) {
     const [x1, y1, x2, y2] = result.bbox;
     const colour = labelColour(result.label);
@@ -202,18 +203,42 @@ function drawBoxes(results, width, height) {
       x: x1, y: y1, width: x2 - x1, height: y2 - y1,
       fill: "none", stroke: colour, "stroke-width": stroke, class: "box",
     }), caption);
-    // Within the photo: shortened with an ellipsis while wider than it, moved left from the
-    // right edge, and inside the box when there is no room above it.
-    let text = caption.textContent;
-    while (caption.getComputedTextLength() > width && text.length > 1) {
-      text = text.slice(0, -1);
-      caption.textContent = `${text}…`;
-    }
-    const length = caption.getComputedTextLength();
-    const above = y1 - stroke;
-    caption.setAttribute("x", Math.max(0, Math.min(x1 + stroke, width - length)));
-    caption.setAttribute("y", Math.min(height - fontSize * 0.25,
-      above >= fontSize ? above : y1 + stroke + fontSize));
+    const above = y1 - stroke; // inside the box when there is no room above it
+    const y = Math.min(height - fontSize * 0.25, above >= fontSize ? above : y1 + stroke + fontSize);
+    caption.setAttribute("y", y);
+    captions.push({ caption, start: x1 + stroke, y });
+  }
+  placeCaptions(captions, width, fontSize, stroke);
+}
+
+// Each caption starts at its box, within the photo and before the next caption to its right
+// on its line (products side by side on a shelf: a caption ran over the next one, both
+// unreadable), shortened with an ellipsis where it is longer; the results list below names
+// each in full. One with less room than twice its font size (at the photo's right edge)
+// moves left, short of the caption before it.
+function placeCaptions(captions, width, fontSize, stroke) {
+  const minRoom = 2 * fontSize;
+  const sameLine = (one, other) => one !== other && Math.abs(one.y - other.y) < fontSize;
+  for (const entry of [...captions].sort((a, b) => b.start - a.start)) { // right to left
+    const line = captions.filter((other) => sameLine(entry, other));
+    const next = line.filter((other) => other.start > entry.start); // placed already
+    const before = line.filter((other) => other.start < entry.start);
+    const right = Math.min(width, ...next.map((other) => other.x - stroke));
+    const floor = before.length ? Math.max(...before.map((other) => other.start)) + minRoom : 0;
+    const left = Math.min(entry.start, Math.max(right - minRoom, floor));
+    shortenCaption(entry.caption, right - left);
+    entry.x = Math.max(0, Math.min(entry.start, right - entry.caption.getComputedTextLength()));
+    entry.caption.setAttribute("x", entry.x);
+  }
+}
+
+// Shortens `caption` with an ellipsis (to one character at least) while it is longer than
+// `room`, in photo pixels.
+function shortenCaption(caption, room) {
+  let text = caption.textContent;
+  while (caption.getComputedTextLength() > room && text.length > 1) {
+    text = text.slice(0, -1);
+    caption.textContent = `${text}…`;
   }
 }
 
@@ -622,6 +647,17 @@ async function addImages(label, files) {
   return outcome;
 }
 
+// A new label written as a listed one is, case and accents aside ("banana" beside "Banana"),
+// most likely a slip: its images would make a second label of the same product, silently
+// (`shitu index add` warns of it). Asked first; true to go on.
+function newLabelConfirmed(typed) {
+  const wanted = typed.trim().normalize("NFC"); // as the server keeps labels
+  if (labels.some((entry) => entry.label === wanted)) return true;
+  const like = labels.find((entry) => folded(entry.label) === folded(wanted));
+  return !like || confirm(`The gallery has "${like.label}" (${plural(like.count, "image")}), ` +
+    `not "${wanted}": add the images to a new label "${wanted}"?`);
+}
+
 function reportAdded({ label, added, duplicates, failed }) {
   let text = `added ${added} to "${label}"`;
   if (duplicates.length) text += `, skipped ${duplicates.length} already in the gallery`;
@@ -688,6 +724,9 @@ window.addEventListener("DOMContentLoaded", () => {
     sessionStorage.setItem(KEY_STORE, $("api-key").value.trim());
     attempt(() => refresh(selected));
   });
+  // Opening the file dialog forgets the photo chosen before: the same photo chosen again (once
+  // the API key is right, or the gallery has its label) is a change, and is recognised again.
+  $("photo").addEventListener("click", () => { $("photo").value = ""; });
   $("photo").addEventListener("change", () => {
     const file = $("photo").files[0];
     if (file) attempt(() => recognise(file), "recognise-status");
@@ -745,6 +784,7 @@ window.addEventListener("DOMContentLoaded", () => {
     event.preventDefault();
     attempt(() => withDisabled($("add-form").querySelectorAll("button"), async () => {
       $("add-failures").replaceChildren();
+      if (!newLabelConfirmed($("add-label").value)) return;
       const outcome = await addImages($("add-label").value, [...$("add-files").files]);
       reportAdded(outcome);
       if (!outcome.failed.length) $("add-files").value = "";
