@@ -867,6 +867,35 @@ def test_adding_to_a_label_written_as_a_listed_one_in_another_case_asks_first(
         assert browser.find_element(By.ID, "add-status").text == ""
 
 
+def test_renaming_to_a_label_written_as_a_listed_one_in_another_case_asks_first(
+    server, browser, tmp_path
+):
+    """ "kiwi" renamed to "tomato soup" beside "Tomato Soup" made a second label of that
+    product, unasked, as an add did; the case of "kiwi" itself changes without a question."""
+    with httpx.Client(base_url=server.url, headers={"X-API-Key": KEY}, timeout=60) as client:
+        add_one_image_each(client, ["kiwi"], make_images(tmp_path, 1, seed=59))
+        listed = client.get("/v1/gallery/labels/Tomato Soup").json()["count"]
+        open_page(browser, server)
+        choose_label(browser, "kiwi")
+        rename = browser.find_element(By.ID, "rename-input")
+        rename.clear()
+        rename.send_keys("tomato soup", Keys.ENTER)
+        alert = wait(browser, lambda d: d.switch_to.alert, "asked before a new label")
+        assert alert.text == (
+            f'The gallery has "Tomato Soup" ({listed} images), not "tomato soup": '
+            'rename "kiwi" to a new label "tomato soup"?'
+        )
+        alert.dismiss()  # nothing is sent
+        labels = [entry["label"] for entry in client.get("/v1/gallery/labels").json()["labels"]]
+        assert "kiwi" in labels and "tomato soup" not in labels
+        rename.clear()
+        rename.send_keys("Kiwi", Keys.ENTER)
+        status = browser.find_element(By.ID, "label-status")
+        wait(browser, lambda d: status.text.startswith("renamed"), "renamed unasked")
+        assert status.text == 'renamed "kiwi" to "Kiwi" (1 image)'
+        client.delete("/v1/gallery/labels/Kiwi").raise_for_status()
+
+
 def test_a_label_given_images_elsewhere_is_not_merged_into_unasked(server, browser, tmp_path):
     """Renamed onto a label another client created after the page listed the labels: the
     page had not asked, so nothing is merged (it was, silently); the label is listed, and

@@ -649,13 +649,15 @@ async function addImages(label, files) {
 
 // A new label written as a listed one is, case and accents aside ("banana" beside "Banana"),
 // most likely a slip: its images would make a second label of the same product, silently
-// (`shitu index add` warns of it). Asked first; true to go on.
-function newLabelConfirmed(typed) {
+// (`shitu index add` warns of it). Asked first, `action` saying what would be done ("add the
+// images to a new label"); true to go on. `renamed`: the label being renamed, no look-alike
+// of its own new name ("banana" to "Banana" only changes its case).
+function newLabelConfirmed(typed, action, renamed = null) {
   const wanted = typed.trim().normalize("NFC"); // as the server keeps labels
   if (labels.some((entry) => entry.label === wanted)) return true;
-  const like = labels.find((entry) => folded(entry.label) === folded(wanted));
+  const like = labels.find((entry) => entry.label !== renamed && folded(entry.label) === folded(wanted));
   return !like || confirm(`The gallery has "${like.label}" (${plural(like.count, "image")}), ` +
-    `not "${wanted}": add the images to a new label "${wanted}"?`);
+    `not "${wanted}": ${action} "${wanted}"?`);
 }
 
 function reportAdded({ label, added, duplicates, failed }) {
@@ -747,6 +749,7 @@ window.addEventListener("DOMContentLoaded", () => {
       const existing = labels.find((entry) => entry.label === wanted && entry.label !== old);
       if (existing && !confirm(`"${wanted}" already has ${plural(existing.count, "image")}: ` +
         `merge the images of "${old}" into it?`)) return;
+      if (!newLabelConfirmed(wanted, `rename "${old}" to a new label`, old)) return;
       setStatus("label-status", `${existing ? "merging" : "renaming"} "${old}"…`);
       let body;
       try {
@@ -784,7 +787,7 @@ window.addEventListener("DOMContentLoaded", () => {
     event.preventDefault();
     attempt(() => withDisabled($("add-form").querySelectorAll("button"), async () => {
       $("add-failures").replaceChildren();
-      if (!newLabelConfirmed($("add-label").value)) return;
+      if (!newLabelConfirmed($("add-label").value, "add the images to a new label")) return;
       const outcome = await addImages($("add-label").value, [...$("add-files").files]);
       reportAdded(outcome);
       if (!outcome.failed.length) $("add-files").value = "";
