@@ -425,6 +425,20 @@ def test_labels_apart_only_by_case_are_warned_of(models, tmp_path, caplog):
     assert again.returncode == 1, again.stderr  # none of its images could be added
     assert "could not add" in again.stderr + caplog.text
     assert "differ only in case" not in again.stderr + caplog.text
+    # relabel: onto another label's spelling in another case is said; a label's own case
+    # changed, or a merge into the very spelling, is not
+    steps = [
+        ("KIWI", "kiwi", [], "'Kiwi' and 'kiwi';"),
+        ("kiwi", "Kiwi", ["--merge"], None),
+        ("Pear", "pear", [], None),
+        ("pear", "APPLE", [], "'APPLE', 'Apple' and 'apple';"),
+    ]
+    for old, new, merge, warned in steps:
+        caplog.clear()
+        relabelled = shitu("index", "relabel", lib, old, new, *merge)
+        assert relabelled.returncode == 0, relabelled.stderr
+        assert ("differ only in case" in caplog.text) == (warned is not None), caplog.text
+        assert warned is None or f"kept apart: {warned}" in caplog.text
 
 
 def test_a_library_given_after_the_images_is_told_to_come_first(models, tmp_path):
