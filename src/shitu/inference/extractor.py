@@ -46,6 +46,7 @@ from shitu.inference.manifest import (
     ExportError,
     check_fingerprint,
     read_manifest,
+    warn_of_unknown_entries,
 )
 from shitu.inference.preprocess import Preprocessing
 from shitu.progress import ImageProgress
@@ -164,6 +165,7 @@ class FeatureExtractor(Closable[Backend]):
         refuse_url(model_dir, "models", CheckpointError)  # as a Path: `https:/host/model`
         model_dir = expanded_path(model_dir)
         manifest = read_manifest(model_dir)
+        warn_of_unknown_entries(model_dir, manifest)  # its own, not a rebuilt cache entry's
         score_thres = _score_thres(model_dir, manifest)  # a rebuilt cache entry has none
         # The weights every path loads, converts or fingerprints: checked once, here.
         _verify(model_dir, manifest, TORCH_FILE)
