@@ -28,10 +28,11 @@ from shitu.cli.demo import demo_settings
 from shitu.cli.main import STDOUT_CLOSED_STATUS, SUBCOMMANDS, build_parser
 from shitu.cli.main import main as shitu_main
 from shitu.cli.recognize import format_table, pipeline_config_from_args
-from shitu.errors import DataError
+from shitu.detection import load_detector
+from shitu.errors import CheckpointError, DataError, GalleryError
 from shitu.fileio import check_writable, temporary_prefix
-from shitu.index import collect_items
-from shitu.inference import default_model_dir, read_manifest
+from shitu.index import Gallery, collect_items
+from shitu.inference import FeatureExtractor, default_model_dir, read_manifest
 from shitu.pipeline import FileRecognition, Recognition
 from tests.terminal_helpers import run_in_terminal
 
@@ -730,6 +731,71 @@ def test_an_image_or_list_given_as_a_url_is_refused_as_one(command, tmp_path, mo
     assert f"download the file (e.g. `curl -LO {url}`) and give its path" in err
     with pytest.raises(DataError, match="is a URL"):
         collect_items([url], label="Kiwi")  # in Python too
+
+
+@pytest.mark.parametrize(
+    "command, named",
+    [
+        (
+            ["recognize", "q/kiwi/a.png", "--gallery", "{url}"],
+            "shitu downloads no gallery libraries",
+        ),
+        (
+            ["recognize", "q/kiwi/a.png", "--gallery", "LIB", "--model", "{url}"],
+            "Global.rec_inference_model_dir (--model): {url} is a URL",
+        ),
+        (
+            ["recognize", "q/kiwi/a.png", "--gallery", "LIB", "--detector", "{url}"],
+            "Global.det_inference_model_dir (--detector): {url} is a URL",
+        ),
+        (
+            ["recognize", "q/kiwi/a.png", "-o", "IndexProcess.index_dir={url}"],
+            "inference_general.yaml: IndexProcess.index_dir: {url} is a URL",
+        ),
+        (
+            [
+                "recognize",
+                "q/kiwi/a.png",
+                "--gallery",
+                "LIB",
+                "-o",
+                "Global.rec_inference_model_dir={url}",
+            ],
+            "inference_general.yaml: Global.rec_inference_model_dir: {url} is a URL",
+        ),
+        (["eval-pipeline", "--queries", "q", "--gallery", "{url}"], "no gallery libraries"),
+        (["index", "search", "LIB", "q", "--model", "{url}"], "argument --model: {url} is a URL"),
+        (["extract", "q", "--out", "feats", "--model", "{url}"], "shitu downloads no models"),
+        (["detect", "q", "--model", "{url}"], "shitu downloads no detectors"),
+    ],
+)
+def test_a_library_or_model_given_as_a_url_is_refused_as_one(
+    command, named, tmp_path, monkeypatch, capsys
+):
+    """As an image given as a URL: read as a path, `https://host/lib` was the missing
+    `https:/host/lib` (pathlib merges the slashes), said not to be there."""
+    url = "https://models.example/shitu/lib"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "q" / "kiwi").mkdir(parents=True)
+    Image.new("RGB", (32, 32), "green").save(tmp_path / "q" / "kiwi" / "a.png")
+    with pytest.raises(SystemExit) as exit_info:
+        sys.exit(shitu_main([word.format(url=url) for word in command]))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert named.format(url=url) in err
+    assert f"download the file (e.g. `curl -LO {url}`) and give its path" in err
+    assert "read from the working directory" not in err  # not a path from there
+    assert not (tmp_path / "https:").exists()
+
+
+def test_a_library_or_model_given_as_a_url_is_refused_in_python(tmp_path):
+    url = "https://models.example/shitu/lib"
+    with pytest.raises(GalleryError, match="is a URL, and shitu downloads no gallery libraries"):
+        Gallery.open(url)
+    with pytest.raises(CheckpointError, match="is a URL, and shitu downloads no models"):
+        FeatureExtractor.load(url)
+    with pytest.raises(CheckpointError, match="is a URL, and shitu downloads no detectors"):
+        load_detector(url)
 
 
 @pytest.mark.parametrize(

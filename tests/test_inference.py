@@ -25,7 +25,7 @@ import pytest
 import torch
 from PIL import Image
 
-from shitu import image_files, registry
+from shitu import __version__, image_files, registry
 from shitu.checkpoint import read_weights, save_weights
 from shitu.config import load_config
 from shitu.data.datasets.base import check_image
@@ -970,6 +970,33 @@ def test_an_unreadable_manifest_is_named(exported, tmp_path, damage):
     manifest.write_bytes(damage(manifest.read_bytes()))
     with pytest.raises(CheckpointError, match=f"^{manifest}: unreadable manifest"):
         FeatureExtractor.load(edited)
+
+
+def test_a_manifest_entry_shitu_does_not_read_is_named_once_with_the_one_meant(
+    exported, tmp_path, caplog
+):
+    """A misspelt `score_threshold` was ignored without a word: recognition used the
+    default threshold, not the one the user wrote. Unknown entries still load (a newer
+    shitu's), and the exports shitu writes, the shipped model's among them, have none."""
+    edited = shutil.copytree(exported["dir"], tmp_path / "edited")
+    manifest = edited / "shitu_model.json"
+    record = json.loads(manifest.read_text())
+    record["score_threshold"] = 0.7
+    record["made_for"] = "the kiosk"
+    manifest.write_text(json.dumps(record))
+    with caplog.at_level(logging.WARNING, logger="shitu.inference"):
+        for model_dir in (exported["dir"], default_model_dir()):
+            FeatureExtractor.load(model_dir).close()
+        assert caplog.text == ""
+        loaded = FeatureExtractor.load(edited, backend="onnxruntime")
+    assert loaded.score_thres is None  # still ignored, as before
+    loaded.close()
+    warnings = [record.getMessage() for record in caplog.records]
+    assert warnings == [
+        f"{manifest}: 'score_threshold' is not an entry shitu {__version__} reads, so it is "
+        "ignored (did you mean 'score_thres'?)",
+        f"{manifest}: 'made_for' is not an entry shitu {__version__} reads, so it is ignored",
+    ]
 
 
 def test_a_manifest_saved_by_an_editor_with_a_byte_order_mark_loads(exported, tmp_path):

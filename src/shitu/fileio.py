@@ -611,11 +611,11 @@ def is_url(value: str | os.PathLike) -> bool:
     return bool(_URL_START.match(os.fspath(value)))
 
 
-def refuse_url(given: str | os.PathLike, what: str) -> None:
-    """A DataError where the path `given` for `what` ("images") is a URL, saying to
+def refuse_url(given: str | os.PathLike, what: str, error: type[ShituError] = DataError) -> None:
+    """An `error` where the path `given` for `what` ("images") is a URL, saying to
     download it: shitu fetches nothing."""
     if is_url(given):
-        raise DataError(
+        raise error(
             f"{os.fspath(given)} is a URL, and shitu downloads no {what}: download the file "
             f"(e.g. `curl -LO {os.fspath(given)}`) and give its path"
         )

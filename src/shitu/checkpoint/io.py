@@ -22,8 +22,8 @@ from shitu.engine.state import training_state_kind
 from shitu.errors import CheckpointError, ConfigError, first_few
 from shitu.fileio import (
     from_working_directory,
-    is_url,
     refuse_non_utf8_path,
+    refuse_url,
     torch_save_atomically,
     write_atomically,
     write_failure_reason,
@@ -144,11 +144,7 @@ def weights_file(path: str | Path) -> Path:
     (the first of `WEIGHT_SUFFIXES` found): PaddleClas's `Global.pretrained_model` names
     files without their suffix (`output/RecModel/best_model`). A URL, as PaddleClas (which
     downloads it) takes, is refused naming it: as a path it was "not found: https:/..."."""
-    if is_url(path):
-        raise CheckpointError(
-            f"{path} is a URL, and shitu downloads no weights: download the file (e.g. "
-            f"`curl -LO {path}`) and give its path"
-        )
+    refuse_url(path, "weights", CheckpointError)
     path = Path(path)
     if path.exists() or path.suffix.lower() in WEIGHT_SUFFIXES:
         return path

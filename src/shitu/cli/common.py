@@ -86,8 +86,8 @@ detection_score = bounded(float, 0.0, 1.0, "a score from 0 to 1")
 def given_path(text: str) -> Path | None:
     """A path option's value; '' (`--save-vis "$VIS"` of an unset variable) is none given,
     as an empty --detector or --model is, not Path(''): the working directory, where the
-    option's files would then go."""
-    return Path(text) if text else None
+    option's files would then go. A URL is refused, as `required_path` refuses it."""
+    return required_path(text) if text else None
 
 
 def required_path(text: str) -> Path:

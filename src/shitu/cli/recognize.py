@@ -28,7 +28,7 @@ from shitu.cli.common import (
     warn_if_empty,
 )
 from shitu.errors import CheckpointError, ConfigError, GalleryError, ShituError
-from shitu.fileio import removed_if_left_empty
+from shitu.fileio import is_url, removed_if_left_empty
 from shitu.pipeline.defaults import (
     DEFAULT_PIPELINE_CONFIG,
     DEFAULT_SCORE_THRES,
@@ -111,7 +111,8 @@ def naming_config_paths(args: argparse.Namespace, config: PipelineConfig) -> Ite
         if flag is None or getattr(args, flag, None) is not None:
             raise
         section, key = SETTINGS[flag]
-        relative = not Path(getattr(getattr(config, section), key) or "").is_absolute()
+        given = getattr(getattr(config, section), key) or ""
+        relative = not (Path(given).is_absolute() or is_url(given))  # a URL is none
         note = f" (read from the working directory {Path.cwd()})" if relative else ""
         source = find_config(args.config, PIPELINE_CONFIG_DIR, "pipeline config")
         overrides = override_paths([item for group in args.override for item in group])

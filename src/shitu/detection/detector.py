@@ -26,7 +26,7 @@ from shitu.data.transforms.ops import UnreadableImageError, check_rgb_image, ima
 from shitu.detection.boxes import cell_centres, decode_distributions, level_shapes, multiclass_nms
 from shitu.detection.input_size import check_input_size
 from shitu.errors import CheckpointError, ConfigError
-from shitu.fileio import refuse_non_utf8_path, special_kind
+from shitu.fileio import refuse_non_utf8_path, refuse_url, special_kind
 from shitu.inference.extractor import in_batch
 from shitu.inference.manifest import PADDLE_INFERENCE_SUFFIXES
 from shitu.onnx_input import image_input_size
@@ -361,6 +361,7 @@ def load_detector(
     (an int, a multiple of 32) it runs at (None: the model's own; an ONNX export runs at its
     own only). num_threads: inference threads (None: the runtime's default; torch's setting
     is process-wide)."""
+    refuse_url(path, "detectors", CheckpointError)  # as a Path: `https:/host/picodet.onnx`
     path = Path(path)
     if is_paddle_inference_model(path):
         raise CheckpointError(

@@ -33,6 +33,7 @@ from shitu.fileio import (
     is_given_path,
     occupied,
     refuse_non_utf8_path,
+    refuse_url,
     special_kind,
     staging_folder,
 )
@@ -1410,9 +1411,11 @@ class _AddedMeanwhile(Exception):
 
 
 def _library_path(path: str | Path) -> Path:
-    """`path` as a Path, or a GalleryError naming what was given instead (`is_given_path`)."""
+    """`path` as a Path, or a GalleryError naming what was given instead (`is_given_path`,
+    a URL, which as a Path is the missing folder `https:/host/lib`)."""
     if not is_given_path(path):
         raise GalleryError(f"expected a gallery library's path, got {path!r}")
+    refuse_url(path, "gallery libraries", GalleryError)
     return expanded_path(path)
 
 

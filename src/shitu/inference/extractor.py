@@ -24,7 +24,7 @@ import numpy as np
 from shitu.closable import Closable
 from shitu.data.transforms.ops import UnreadableImageError, image_list
 from shitu.errors import CheckpointError, ConfigError
-from shitu.fileio import expanded_path, file_sha256, is_given_path
+from shitu.fileio import expanded_path, file_sha256, is_given_path, refuse_url
 from shitu.image_files import path_list
 from shitu.inference import default_model
 from shitu.inference.backends import (
@@ -46,6 +46,7 @@ from shitu.inference.manifest import (
     ExportError,
     check_fingerprint,
     read_manifest,
+    warn_of_unknown_entries,
 )
 from shitu.inference.preprocess import Preprocessing
 from shitu.progress import ImageProgress
@@ -161,8 +162,10 @@ class FeatureExtractor(Closable[Backend]):
                 f"model_dir: expected an exported model's folder "
                 f"(shitu.inference.default_model_dir() is the shipped one), got {model_dir!r}"
             )
+        refuse_url(model_dir, "models", CheckpointError)  # as a Path: `https:/host/model`
         model_dir = expanded_path(model_dir)
         manifest = read_manifest(model_dir)
+        warn_of_unknown_entries(model_dir, manifest)  # its own, not a rebuilt cache entry's
         score_thres = _score_thres(model_dir, manifest)  # a rebuilt cache entry has none
         # The weights every path loads, converts or fingerprints: checked once, here.
         _verify(model_dir, manifest, TORCH_FILE)

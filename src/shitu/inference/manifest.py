@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,7 +19,7 @@ from safetensors.numpy import load_file
 
 from shitu import __version__
 from shitu.config.schema import TRAINING_ONLY_ARCH
-from shitu.errors import CheckpointError, ShituError
+from shitu.errors import CheckpointError, ShituError, did_you_mean
 from shitu.fileio import read_text, refuse_non_utf8_path
 from shitu.inference.preprocess import Preprocessing
 
@@ -53,6 +54,30 @@ PADDLE_TRAINING_WEIGHTS = ("best_model.pdparams", "latest.pdparams")
 LIBRARY_DATABASE = "gallery.sqlite"
 INPUT_NAME = "images"
 OUTPUT_NAME = "features"
+# Every entry of a manifest, as `write_export` writes it. Another is ignored, as a newer
+# shitu may add entries within a format version, but named: a misspelt `score_threshold`
+# left the model's calibrated score_thres unset without a word.
+MANIFEST_ENTRIES = (
+    "format",
+    "format_version",
+    "shitu_version",
+    "torch_version",
+    "arch_name",
+    "arch",
+    "output_key",
+    "embedding_size",
+    "input",
+    "output",
+    "preprocessing",
+    "fingerprint",
+    "score_thres",
+    "source_weights",
+    "weights_dtype",
+    "onnx_opset",
+    "files",
+)
+
+logger = logging.getLogger(__name__)
 
 
 class ExportError(ShituError):
@@ -222,6 +247,21 @@ _MANIFEST_ENTRIES = {
     "fingerprint": (str, "a string"),
     "files": (dict, "an object"),
 }
+
+
+def warn_of_unknown_entries(model_dir: Path, manifest: dict[str, Any]) -> None:
+    """Warn of each entry of the export's manifest that shitu does not read (a hand edit's
+    misspelt name, a newer shitu's entry), which is ignored, with the entry meant where
+    one is close."""
+    for name in manifest:
+        if name not in MANIFEST_ENTRIES:
+            logger.warning(
+                "%s: %r is not an entry shitu %s reads, so it is ignored%s",
+                Path(model_dir) / MANIFEST,
+                name,
+                __version__,
+                did_you_mean(name, list(MANIFEST_ENTRIES)),
+            )
 
 
 def _check_entries(path: Path, manifest: dict[str, Any]) -> None:

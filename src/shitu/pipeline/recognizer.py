@@ -33,7 +33,7 @@ from shitu.data.transforms.ops import UnreadableImageError, check_rgb_image, ima
 from shitu.detection.boxes import nms
 from shitu.detection.detector import detectors_held, is_paddle_inference_model
 from shitu.errors import CheckpointError, ConfigError, ShituError
-from shitu.fileio import special_kind
+from shitu.fileio import refuse_url, special_kind
 from shitu.image_files import path_list
 from shitu.index import Gallery
 from shitu.index.gallery import NOT_FINITE
@@ -198,6 +198,10 @@ def build_detector(config: PipelineConfig) -> MainbodyDetector | None:
             )
         _warn_of_unused_detector_settings(config)
         return None if name is None else PlainBackgroundDetector()
+    try:  # a URL was "no such file", not said to be one
+        refuse_url(name, "detectors", ConfigError)
+    except ConfigError as exc:
+        raise _setting_error(ConfigError, "detector", str(exc)) from None
     path = Path(name)
     detectors = (
         f"a detector file (.onnx, .pt or .pdparams), '{NO_DETECTOR}' or '{PLAIN_BACKGROUND}'"
@@ -268,10 +272,12 @@ def load_extractor(config: PipelineConfig) -> FeatureExtractor:
     from shitu.inference import default_model_dir
 
     g = config.Global
-    model_dir = Path(g.rec_inference_model_dir or default_model_dir())
-    try:
+    try:  # the setting as given: Path() reads a URL as the missing `https:/host/model`
         return FeatureExtractor.load(
-            model_dir, g.rec_backend, g.cpu_num_threads, precision=g.rec_precision
+            g.rec_inference_model_dir or default_model_dir(),
+            g.rec_backend,
+            g.cpu_num_threads,
+            precision=g.rec_precision,
         )
     except CheckpointError as exc:
         if g.rec_inference_model_dir is None:
