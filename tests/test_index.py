@@ -164,16 +164,21 @@ def test_label_file_lines_end_only_where_the_file_ends_them(tmp_path):
         parse_label_file(listing)
 
 
+def label_file_refusal(listing: Path) -> str:
+    """What `parse_label_file` says in refusing `listing`."""
+    with pytest.raises(DataError) as caught:
+        parse_label_file(listing)
+    return str(caught.value)
+
+
 def test_a_label_files_header_line_is_refused_saying_to_comment_it_out(tmp_path):
     """`path<TAB>label` above the list was warned of as a missing image `path`, and `path
     label` refused for want of a tab: neither said that a `#` comments the header out."""
     listing = tmp_path / "gallery.txt"
     for header in ("path\tlabel", "image path label"):
         listing.write_text(f"{header}\nimgs/a.jpg\tApple\n")
-        with pytest.raises(DataError) as caught:
-            parse_label_file(listing)
         head = header.split("\t")[0]
-        assert str(caught.value) == (
+        assert label_file_refusal(listing) == (
             f"{listing}:1: {header!r} looks like a header, not an image and its label (no "
             f"image {head!r} beside the file); start the line with # to comment it out"
         )
@@ -192,9 +197,7 @@ def test_a_label_file_with_its_columns_swapped_is_refused_saying_so(tmp_path):
     (tmp_path / "imgs" / "a.jpg").touch()
     listing = tmp_path / "gallery.txt"
     listing.write_text("Kiwi\timgs/a.jpg\n")
-    with pytest.raises(DataError) as caught:
-        parse_label_file(listing)
-    assert str(caught.value) == (
+    assert label_file_refusal(listing) == (
         f"{listing}:1: expected `path<TAB>label`, got 'Kiwi\\timgs/a.jpg': the label names "
         "an image and the path (Kiwi) no file; are the columns the other way round?"
     )
@@ -205,9 +208,7 @@ def test_a_label_file_with_its_columns_swapped_is_refused_saying_so(tmp_path):
 def test_label_file_without_tab_is_a_data_error(tmp_path):
     listing = tmp_path / "gallery.txt"
     listing.write_text("imgs/a.jpg Coca Cola\n")
-    with pytest.raises(DataError) as caught:
-        parse_label_file(listing)
-    assert str(caught.value) == (
+    assert label_file_refusal(listing) == (
         f"{listing}:1: expected `path<TAB>label`, got 'imgs/a.jpg Coca Cola' (no tab: paths "
         "and labels may contain spaces, so only a tab separates them)"
     )

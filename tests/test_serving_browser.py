@@ -856,15 +856,23 @@ def test_adding_to_a_label_written_as_a_listed_one_in_another_case_asks_first(
             str(make_images(tmp_path, 1, seed=53)[0])
         )
         browser.find_element(By.CSS_SELECTOR, "#add-form button[type=submit]").click()
-        alert = wait(browser, lambda d: d.switch_to.alert, "asked before a new label")
-        assert alert.text == (
+        labels = labels_after_declining(
+            browser,
+            client,
             f'The gallery has "Tomato Soup" ({listed} images), not "tomato soup": '
-            'add the images to a new label "tomato soup"?'
+            'add the images to a new label "tomato soup"?',
         )
-        alert.dismiss()  # nothing is sent
-        labels = [entry["label"] for entry in client.get("/v1/gallery/labels").json()["labels"]]
         assert "tomato soup" not in labels
         assert browser.find_element(By.ID, "add-status").text == ""
+
+
+def labels_after_declining(browser, client: httpx.Client, question: str) -> list[str]:
+    """Answer no to the page's `question` about a label written as a listed one in another
+    case; the gallery's labels then, which nothing was sent to change."""
+    alert = wait(browser, lambda d: d.switch_to.alert, "asked before a new label")
+    assert alert.text == question
+    alert.dismiss()
+    return [entry["label"] for entry in client.get("/v1/gallery/labels").json()["labels"]]
 
 
 def test_renaming_to_a_label_written_as_a_listed_one_in_another_case_asks_first(
@@ -880,13 +888,12 @@ def test_renaming_to_a_label_written_as_a_listed_one_in_another_case_asks_first(
         rename = browser.find_element(By.ID, "rename-input")
         rename.clear()
         rename.send_keys("tomato soup", Keys.ENTER)
-        alert = wait(browser, lambda d: d.switch_to.alert, "asked before a new label")
-        assert alert.text == (
+        labels = labels_after_declining(
+            browser,
+            client,
             f'The gallery has "Tomato Soup" ({listed} images), not "tomato soup": '
-            'rename "kiwi" to a new label "tomato soup"?'
+            'rename "kiwi" to a new label "tomato soup"?',
         )
-        alert.dismiss()  # nothing is sent
-        labels = [entry["label"] for entry in client.get("/v1/gallery/labels").json()["labels"]]
         assert "kiwi" in labels and "tomato soup" not in labels
         rename.clear()
         rename.send_keys("Kiwi", Keys.ENTER)
