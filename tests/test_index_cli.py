@@ -431,7 +431,7 @@ def test_labels_apart_only_by_case_are_warned_of(models, tmp_path, caplog):
         ("KIWI", "kiwi", [], "'Kiwi' and 'kiwi';"),
         ("kiwi", "Kiwi", ["--merge"], None),
         ("Pear", "pear", [], None),
-        ("pear", "APPLE", [], "'APPLE', 'Apple' and 'apple';"),
+        ("pear", " APPLE ", [], "'APPLE', 'Apple' and 'apple';"),  # stored stripped
     ]
     for old, new, merge, warned in steps:
         caplog.clear()

@@ -693,7 +693,7 @@ def run_relabel(args: argparse.Namespace) -> int:
         count = gallery.relabel(args.old, args.new, merge=args.merge)
         unchanged = gallery.manifest.generation == before
         if not unchanged:  # renamed onto another label's spelling in another case
-            warn_of_labels_apart_by_case(args.library, [args.new], gallery.label_counts())
+            warn_of_labels_apart_by_case(args.library, [args.new.strip()], gallery.label_counts())
     if unchanged:
         print(f"'{args.new.strip()}' is already the label of {count_of(count, 'image')}: no change")
     else:
