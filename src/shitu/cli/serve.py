@@ -123,7 +123,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--host",
         type=listen_host,
         default="127.0.0.1",
-        help="address to listen on (every interface: 0.0.0.0, or :: for IPv6 too)",
+        help="address or host name to listen on (every interface: 0.0.0.0, or :: for IPv6 "
+        "too); a name is listened on at its IPv4 address where it has one, else its IPv6 one",
     )
     parser.add_argument(
         "--port", type=port_number, default=8000, help="port (0: any free port; the URL is printed)"
