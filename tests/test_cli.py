@@ -788,6 +788,35 @@ def test_a_library_or_model_given_as_a_url_is_refused_as_one(
     assert not (tmp_path / "https:").exists()
 
 
+@pytest.mark.parametrize(
+    "command, named",
+    [
+        (["index", "build", "q", "--out", "{url}"], "argument --out: "),
+        (["extract", "q", "--out", "{url}"], "argument --out: "),
+        (["average", "a.pt", "b.pt", "--out", "{url}"], "argument --out: "),
+        (["convert", "a.pt", "--out", "{url}"], "argument --out: "),
+        (["recognize", "q", "--gallery", "LIB", "--save-vis", "{url}"], "argument --save-vis: "),
+        (["demo", "--out", "{url}"], "argument --out: "),
+        (["serve", "--gallery", "LIB", "--upload-dir", "{url}"], "argument --upload-dir: "),
+        (["export", "--out", "{url}"], "--out: "),
+        (["export", "-o", "Global.save_inference_dir={url}"], "Global.save_inference_dir: "),
+    ],
+)
+def test_an_output_given_as_a_url_is_refused_as_one(command, named, tmp_path, monkeypatch, capsys):
+    """`--out https://host/x` was written to the local folder `https:/host/x` (pathlib
+    merges the slashes), or refused with advice to download it, which fits no output."""
+    url = "https://bucket.example/shitu/out"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "q").mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        sys.exit(shitu_main([word.format(url=url) for word in command]))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{named}{url} is a URL, and shitu writes only to local files and folders" in err
+    assert "download" not in err
+    assert not (tmp_path / "https:").exists()
+
+
 def test_a_library_or_model_given_as_a_url_is_refused_in_python(tmp_path):
     url = "https://models.example/shitu/lib"
     with pytest.raises(GalleryError, match="is a URL, and shitu downloads no gallery libraries"):

@@ -10,6 +10,7 @@ from shitu.cli.common import (
     arch_of_model,
     config_from_args,
     model_from_config,
+    output_path,
     required_path,
     weights_folder,
     writable_weights_file,
@@ -35,7 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "weights", type=required_path, nargs="+", help=".safetensors, .pt or .pth checkpoints"
     )
     parser.add_argument(
-        "--out", type=required_path, required=True, help="output file: .safetensors, .pt or .pth"
+        "--out", type=output_path, required=True, help="output file: .safetensors, .pt or .pth"
     )
     parser.add_argument(
         "--weighting",

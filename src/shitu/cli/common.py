@@ -21,6 +21,7 @@ from shitu.fileio import (
     check_writable,
     folder_place,
     home_expanded,
+    is_url,
     name_within,
     refuse_file_in_the_way,
     refuse_url,
@@ -102,6 +103,23 @@ def required_path(text: str) -> Path:
     except DataError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return Path(text)
+
+
+def output_path(text: str) -> Path:
+    """A path to write (an --out), refused as `required_path` refuses a path to read, but
+    for a URL: no download to advise, shitu writes local files only (Path() would read
+    `https://host/out` as the local folder `https:/host/out` and write there)."""
+    if is_url(text):
+        raise argparse.ArgumentTypeError(
+            f"{text} is a URL, and shitu writes only to local files and folders: give a "
+            "local path (and upload what it writes yourself)"
+        )
+    return required_path(text)
+
+
+def given_output_path(text: str) -> Path | None:
+    """An optional path to write: '' is none given, as `given_path` takes it."""
+    return output_path(text) if text else None
 
 
 def add_runtime_arguments(parser: argparse.ArgumentParser, gpu: bool = False) -> None:
@@ -566,7 +584,7 @@ def add_visualisation_arguments(parser: argparse.ArgumentParser) -> None:
     """--save-vis and --vis-font, the same on each command that draws its results."""
     parser.add_argument(
         "--save-vis",
-        type=given_path,
+        type=given_output_path,
         metavar="DIR",
         help="write copies of the images with boxes, labels and scores drawn here, as JPEG "
         "named after the images, in the sub-folders they have under the inputs' common folder",

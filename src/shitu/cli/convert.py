@@ -11,6 +11,7 @@ from shitu.cli.common import (
     count_of,
     count_parameters,
     model_from_config,
+    output_path,
     required_path,
     weights_folder,
     writable_weights_file,
@@ -31,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "weights", type=required_path, help="source weights: .pdparams, .safetensors, .pt or .pth"
     )
     parser.add_argument(
-        "--out", type=required_path, required=True, help="output file: .safetensors, .pt or .pth"
+        "--out", type=output_path, required=True, help="output file: .safetensors, .pt or .pth"
     )
     add_config_arguments(parser)
     parser.add_argument(

@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from shitu.cli.common import VisualisationWriter, given_path
+from shitu.cli.common import VisualisationWriter, given_output_path
 from shitu.cli.recognize import (
     add_pipeline_arguments,
     format_table,
@@ -55,7 +55,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _out_folder(text: str) -> Path:
     """--out; '' (`--out "$OUT"` of an unset variable) is none given, the default folder,
     not Path(''): the working directory, which the demo would fill (an empty one) or refuse."""
-    return given_path(text) or Path(DEFAULT_OUT)
+    return given_output_path(text) or Path(DEFAULT_OUT)
 
 
 def _prepare(out: Path) -> None:

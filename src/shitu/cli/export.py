@@ -14,6 +14,7 @@ from shitu.cli.common import (
     cosine_similarity,
     count_of,
     expand_images,
+    output_path,
     positive_int,
     progress_wanted,
     trained_weights,
@@ -89,7 +90,11 @@ def run(args: argparse.Namespace) -> int:
             "config's Global.save_inference_dir)"
         )
     config = config_from_args(args)
-    out = Path(args.out or config.Global.save_inference_dir)
+    named = "--out" if args.out else "Global.save_inference_dir"
+    try:  # Path() would read `https://host/m` as the local folder `https:/host/m`
+        out = output_path(args.out or config.Global.save_inference_dir)
+    except argparse.ArgumentTypeError as exc:
+        raise ConfigError(f"{named}: {exc}") from None
     check_export_target(out, "--out")  # a refusal naming the flag, not export_model's out_dir
     weights = trained_weights(config, "the export holds")
     calibration: list[Path] = []

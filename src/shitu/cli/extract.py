@@ -16,10 +16,10 @@ from shitu.cli.common import (
     add_runtime_arguments,
     count_of,
     expand_images,
+    output_path,
     positive_int,
     progress_wanted,
     refuse_owned_output,
-    required_path,
     skip_reason,
     thread_count,
 )
@@ -82,9 +82,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _output_prefix(text: str) -> str:
     """--out as typed, a trailing / included (which `run` refuses as a folder); '' (`"$FEATS"`
-    of an unset variable) is refused as `required_path` refuses it: it was said to name a
+    of an unset variable) is refused as `output_path` refuses it: it was said to name a
     folder, `--out : names a folder`."""
-    required_path(text)
+    output_path(text)
     return text
 
 

@@ -18,6 +18,7 @@ from shitu.cli.common import (
     expand_images,
     finite_float,
     given_path,
+    output_path,
     positive_int,
     progress_wanted,
     refuse_owned_output,
@@ -107,7 +108,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     build.add_argument(
         "--out",
-        type=required_path,
+        type=output_path,
         required=True,
         help="library folder to create (or an empty folder to fill; a symbolic link there "
         "is followed)",

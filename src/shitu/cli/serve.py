@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 from shitu.cli.common import (
     bounded,
     count_of,
-    given_path,
+    given_output_path,
     port_number,
     positive_int,
     refuse_inside_gallery_sources,
@@ -169,7 +169,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--upload-dir",
-        type=given_path,
+        type=given_output_path,
         help="where images added over HTTP are kept (default: GALLERY/uploads); not inside "
         "a folder the gallery's images came from, whose next scan would take them",
     )
