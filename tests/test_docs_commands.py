@@ -38,7 +38,7 @@ import pytest
 from shitu import checkpoint
 from shitu.cli import average as average_cli
 from shitu.cli import index as index_cli
-from shitu.cli.common import OVERRIDE_FLAGS, required_path, separate_overrides
+from shitu.cli.common import OVERRIDE_FLAGS, output_path, required_path, separate_overrides
 from shitu.cli.main import build_parser
 from shitu.cli.recognize import pipeline_config_from_args
 from shitu.config import load_config
@@ -409,7 +409,7 @@ def _fill_placeholders(parser: argparse.ArgumentParser, argv: list[str]) -> list
         elif (
             action is not None
             and re.fullmatch(r"[A-Z][A-Z0-9_]*", word)
-            and action.type not in (None, str, Path, required_path)  # a path is any word
+            and action.type not in (None, str, Path, required_path, output_path)  # any word
         ):
             for candidate in PLACEHOLDER_VALUES:
                 try:
