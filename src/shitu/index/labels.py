@@ -181,9 +181,11 @@ def parse_label_file(path: Path, resolve: bool = True) -> list[GalleryItem]:
                 "working directory; paths in a label file are relative to its folder (or "
                 "absolute)"
             )
-        if not full.exists() and Path(label).suffix.lower() in IMAGE_SUFFIXES:
+        if not full.exists() and listed_file(path.parent, label).is_file():
             # `label<TAB>path` (a table exported in that order): every line failed as a
-            # missing file named after its label, and nothing said the columns were swapped
+            # missing file named after its label, and nothing said the columns were swapped.
+            # Only a label naming a file there counts: one missing image labelled
+            # `logo.png` is that line's failure (warned of when read), not the whole file's.
             raise DataError(
                 f"{path}:{number}: expected `path<TAB>label`, got {line!r}: the label names "
                 f"an image and the path ({image}) no file; are the columns the other way round?"
