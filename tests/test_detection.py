@@ -920,7 +920,8 @@ def _onnx_with_nms_inside(tmp_path: Path, inputs: dict[str, int]) -> Path:
             {"image": TensorProto.FLOAT, "scale_factor": TensorProto.FLOAT},
             r"the graph takes 2 inputs \['image', 'scale_factor'\]; a detector takes one, the "
             r"image batch \[N, 3, H, W\]; PaddleDetection exports post-processing and NMS in "
-            r"the graph unless told not to: export with -o export.benchmark=True$",
+            r"the graph unless told not to: use PaddleDetection's export without "
+            r"post-processing, -o export.benchmark=True$",
         ),
         (
             {"image": TensorProto.UINT8},
@@ -928,7 +929,9 @@ def _onnx_with_nms_inside(tmp_path: Path, inputs: dict[str, int]) -> Path:
         ),
         (
             {"image": TensorProto.FLOAT},
-            r"outputs \[1, 6\], \[1\] are neither our export's \(scores, boxes\) nor PicoDet's",
+            r"outputs \[1, 6\], \[1\] are neither our export's \(scores, boxes\) nor PicoDet's "
+            r"per-level scores and box distributions \(PaddleDetection's export without "
+            r"post-processing, -o export.benchmark=True\)$",
         ),
     ],
 )
@@ -1010,7 +1013,8 @@ def test_a_picodet_export_with_post_processing_but_no_nms_is_named_as_one(
         "classes, N] (PaddleDetection's export with post-processing but no NMS, -o "
         "export.nms=False, as of its 2022 PicoHeadV2 models), a layout shitu does not read; "
         "it reads our export's (scores, boxes) and a (legacy, PicoHead) PicoDet's per-level "
-        "scores and box distributions (PaddleDetection's export with -o export.benchmark=True)"
+        "scores and box distributions (PaddleDetection's export without post-processing, -o "
+        "export.benchmark=True)"
     )
 
 

@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,13 @@ from PIL import Image
 from shitu import image_files
 from shitu.cli.common import expand_images
 from shitu.errors import DataError
-from shitu.image_files import TEXT_PROBE_BYTES, is_text, read_image_file, scan_images
+from shitu.image_files import (
+    TEXT_PROBE_BYTES,
+    holds_an_image,
+    is_text,
+    read_image_file,
+    scan_images,
+)
 from shitu.index import collect_items
 
 SUPPORTED = "images are read from .bmp .jpeg .jpg .png .tif .tiff .webp files"
@@ -208,3 +215,16 @@ def test_an_image_too_large_for_pillows_own_check_given_by_name_is_still_an_imag
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 400 pixels: over twice the limit
     items = collect_items([gif], label="Shelf")
     assert [(item.path, item.label) for item in items] == [(gif.resolve(), "Shelf")]
+
+
+def test_telling_a_large_image_from_a_label_file_prints_no_pillow_warning(tmp_path, monkeypatch):
+    """An image between once and twice Pillow's pixel limit made Pillow print its own
+    DecompressionBombWarning on stderr while a scan only asked whether a file named without
+    an image suffix is an image (scans can run before shitu lifts that limit)."""
+    scan = tmp_path / "scan"  # no suffix: told by content
+    Image.new("1", (10_000, 10_000)).save(scan, format="PNG")  # 100 MP in a small file
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1024 * 1024 * 1024 // 4 // 3)  # Pillow's
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert holds_an_image(scan)
+    assert [warning.message for warning in caught] == []

@@ -203,6 +203,12 @@ def test_a_label_file_with_its_columns_swapped_is_refused_saying_so(tmp_path):
     )
     listing.write_text("imgs/a.jpg\tKiwi\n")  # as it says: taken
     assert [item.label for item in parse_label_file(listing)] == ["Kiwi"]
+    # One missing image whose label merely looks like a file name is that line's failure
+    # (when it is read), not a reason to refuse the whole list.
+    long_label = "x" * 300 + ".png"  # longer than a file name may be: names no file
+    listing.write_text(f"imgs/a.jpg\tKiwi\nimgs/gone.jpg\tlogo.png\nimgs/b.jpg\t{long_label}\n")
+    labels = [item.label for item in parse_label_file(listing)]
+    assert labels == ["Kiwi", "logo.png", long_label]
 
 
 def test_label_file_without_tab_is_a_data_error(tmp_path):

@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import reprlib
+import warnings
 from collections import Counter, defaultdict
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -159,8 +160,13 @@ def holds_an_image(path: str | os.PathLike) -> bool:
     from PIL import Image  # here: scans need no decoder
 
     try:
-        with Image.open(path):
-            return True
+        # Pillow warns of an image over its pixel limit on opening it; a probe that only
+        # tells an image from a label file has nothing to warn of (reading it is shitu's
+        # own check), and scans may run before shitu lifts that limit.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path):
+                return True
     except Image.DecompressionBombError:  # an image, too large for Pillow's own check
         return True
     except (OSError, ValueError, SyntaxError):  # UnidentifiedImageError is an OSError

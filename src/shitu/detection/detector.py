@@ -46,6 +46,11 @@ PIXEL_MAX = np.float32(255.0)
 NMS_IOU = 0.6
 NMS_TOP_K = 1000
 CLASS_NAMES_KEY = "shitu.class_names"  # our ONNX export's metadata: its classes, a JSON list
+# How PaddleDetection exports the per-level PicoDet layout shitu reads (no NMS in the
+# graph), as every refusal of another layout names it.
+_PER_LEVEL_PICODET_EXPORT = (
+    "PaddleDetection's export without post-processing, -o export.benchmark=True"
+)
 
 
 def exported_class_names(metadata: Mapping[str, str]) -> tuple[str, ...]:
@@ -260,12 +265,11 @@ class OnnxDetector(Detector["InferenceSession"]):
                     "no NMS, -o export.nms=False, as of its 2022 PicoHeadV2 models), a layout "
                     "shitu does not read; it reads our export's (scores, boxes) and a (legacy, "
                     "PicoHead) PicoDet's per-level scores and box distributions "
-                    "(PaddleDetection's export with -o export.benchmark=True)"
+                    f"({_PER_LEVEL_PICODET_EXPORT})"
                 )
             raise CheckpointError(
                 f"{path}: outputs {shown} are neither our export's (scores, boxes) nor "
-                "PicoDet's per-level scores and box distributions (PaddleDetection's export "
-                "without post-processing)"
+                f"PicoDet's per-level scores and box distributions ({_PER_LEVEL_PICODET_EXPORT})"
             )
         # PaddleDetection's PicoHead puts each cell's point at its centre (cell_offset 0.5)
         self.points, self.strides = cell_centres(sizes, strides, 0.5)
@@ -325,7 +329,7 @@ def _single_float_input(inputs: list[NodeArg], path: str | Path) -> NodeArg:
     if len(inputs) != 1:
         in_graph_nms = (
             "; PaddleDetection exports post-processing and NMS in the graph unless told not "
-            "to: export with -o export.benchmark=True"
+            f"to: use {_PER_LEVEL_PICODET_EXPORT}"
             if "scale_factor" in names
             else ""
         )

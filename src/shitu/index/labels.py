@@ -181,9 +181,11 @@ def parse_label_file(path: Path, resolve: bool = True) -> list[GalleryItem]:
                 "working directory; paths in a label file are relative to its folder (or "
                 "absolute)"
             )
-        if not full.exists() and Path(label).suffix.lower() in IMAGE_SUFFIXES:
+        if not full.exists() and _names_an_image(path.parent, label):
             # `label<TAB>path` (a table exported in that order): every line failed as a
-            # missing file named after its label, and nothing said the columns were swapped
+            # missing file named after its label, and nothing said the columns were swapped.
+            # Only a label naming an image there counts: one missing image labelled
+            # `logo.png` is that line's failure (warned of when read), not the whole file's.
             raise DataError(
                 f"{path}:{number}: expected `path<TAB>label`, got {line!r}: the label names "
                 f"an image and the path ({image}) no file; are the columns the other way round?"
@@ -196,6 +198,17 @@ def parse_label_file(path: Path, resolve: bool = True) -> list[GalleryItem]:
             )
         items.append(GalleryItem(_found(full, resolve), label))
     return items
+
+
+def _names_an_image(folder: Path, label: str) -> bool:
+    """Whether a label file's label is the path of an image file in `folder`, as a file
+    written `label<TAB>path` has; a label too long for a file name names none."""
+    if Path(label).suffix.lower() not in IMAGE_SUFFIXES:
+        return False
+    try:
+        return listed_file(folder, label).is_file()
+    except OSError:  # ENAMETOOLONG: labels may be longer than a file name can be
+        return False
 
 
 def _refuse_a_header(path: Path, text: str) -> None:

@@ -73,9 +73,9 @@ def choose_backend(model_dir: Path, backend: str, precision: str, device: str = 
 
 def _int8_advice(model_dir: Path) -> str:
     """How to get the int8 model `model_dir` lacks; for the shipped one, the whole command."""
-    from shitu.inference.default_model import DEFAULT_MODEL_DIR, default_int8_export_command
+    from shitu.inference.default_model import default_int8_export_command, is_shipped_model
 
-    if model_dir.resolve() != DEFAULT_MODEL_DIR:
+    if not is_shipped_model(model_dir):
         # A compact export has no ONNX model to quantise: --compact refuses the calibration.
         compact = "" if (model_dir / ONNX_FILE).is_file() else " without --compact"
         return (

@@ -24,6 +24,12 @@ def default_model_dir() -> Path:
     return DEFAULT_MODEL_DIR
 
 
+def is_shipped_model(model_dir: Path) -> bool:
+    """Whether `model_dir` is the model shipped with shitu, which no `shitu export` of the
+    user's made: advice for it names reinstalling, or the whole export command."""
+    return Path(model_dir).resolve() == DEFAULT_MODEL_DIR.resolve()
+
+
 def default_model_fingerprint() -> str | None:
     """The shipped model's fingerprint (as fp32 features), so that a library built with it
     can be told apart; None if this install lacks the model."""

@@ -412,7 +412,7 @@ def _verify(model_dir: Path, manifest: dict, name: str) -> None:
     """The file must be the one the export wrote (a swapped or truncated file is an error)."""
     path = model_dir / name
     expected = manifest.get("files", {}).get(name)
-    shipped = _is_shipped(model_dir)
+    shipped = default_model.is_shipped_model(model_dir)
     if not path.is_file() or expected is None:
         hint = " with --int8-calibration" if name == INT8_FILE else ""
         # A file there but not recorded was put there by hand (or by another export).
@@ -426,8 +426,3 @@ def _verify(model_dir: Path, manifest: dict, name: str) -> None:
 
 # The shipped model's files come with shitu, not from an export the user could run again.
 SHIPPED_MODEL_DAMAGED = "the model shipped with shitu is damaged: reinstall shitu"
-
-
-def _is_shipped(model_dir: Path) -> bool:
-    """Whether `model_dir` is the model shipped with shitu, which no `shitu export` made."""
-    return model_dir.resolve() == default_model.DEFAULT_MODEL_DIR.resolve()

@@ -54,10 +54,11 @@ PADDLE_TRAINING_WEIGHTS = ("best_model.pdparams", "latest.pdparams")
 LIBRARY_DATABASE = "gallery.sqlite"
 INPUT_NAME = "images"
 OUTPUT_NAME = "features"
-# Every entry of a manifest, as `write_export` writes it. Another is ignored, as a newer
-# shitu may add entries within a format version, but named: a misspelt `score_threshold`
-# left the model's calibrated score_thres unset without a word.
-MANIFEST_ENTRIES = (
+# Every entry of a manifest, as `write_export` writes it, the entries loading requires
+# (_MANIFEST_ENTRIES, with their types) among them. Another is ignored, as a newer shitu
+# may add entries within a format version, but named: a misspelt `score_threshold` left
+# the model's calibrated score_thres unset without a word.
+KNOWN_ENTRIES = (
     "format",
     "format_version",
     "shitu_version",
@@ -238,7 +239,8 @@ def read_manifest(model_dir: str | Path) -> dict[str, Any]:
     return manifest
 
 
-# What loading a model reads from its manifest: the JSON type each entry must have.
+# What loading a model requires of its manifest: the JSON type each entry must have (all
+# of them among KNOWN_ENTRIES).
 _MANIFEST_ENTRIES = {
     "arch": (dict, "an object"),
     "output_key": (str, "a string"),
@@ -254,13 +256,13 @@ def warn_of_unknown_entries(model_dir: Path, manifest: dict[str, Any]) -> None:
     misspelt name, a newer shitu's entry), which is ignored, with the entry meant where
     one is close."""
     for name in manifest:
-        if name not in MANIFEST_ENTRIES:
+        if name not in KNOWN_ENTRIES:
             logger.warning(
                 "%s: %r is not an entry shitu %s reads, so it is ignored%s",
                 Path(model_dir) / MANIFEST,
                 name,
                 __version__,
-                did_you_mean(name, list(MANIFEST_ENTRIES)),
+                did_you_mean(name, list(KNOWN_ENTRIES)),
             )
 
 
