@@ -49,7 +49,8 @@ def new_gallery(path: Path, **kwargs) -> Gallery:
 def test_a_library_is_built_in_folders_not_made_yet_and_not_under_a_file(tmp_path):
     """`Gallery.build("out/galleries/mine", ...)` failed on a FileNotFoundError naming its
     staging folder's lock file (`create` made the folders); a file in the way of either
-    failed on a FileExistsError or NotADirectoryError traceback."""
+    failed on a FileExistsError or NotADirectoryError traceback, then on a DataError, which
+    a caller catching the GalleryError the rest of the API raises missed."""
     photos = make_images(tmp_path / "photos", 2)
     items = [GalleryItem(photo, "x") for photo in photos]
     deep = tmp_path / "out" / "galleries" / "mine"
@@ -58,10 +59,24 @@ def test_a_library_is_built_in_folders_not_made_yet_and_not_under_a_file(tmp_pat
         assert gallery.verify() == [] and len(gallery) == 2
     under_a_file = photos[0] / "lib"
     refusal = f"^{under_a_file}: {photos[0]} is a file, not a folder$"
-    with pytest.raises(DataError, match=refusal):
+    with pytest.raises(GalleryError, match=refusal):
         Gallery.build(under_a_file, PixelEmbedder(), items)
-    with pytest.raises(DataError, match=refusal):
+    with pytest.raises(GalleryError, match=refusal):
         new_gallery(under_a_file)
+
+
+def test_a_library_in_a_folder_not_writable_is_a_gallery_error(tmp_path):
+    """No permission to make the library's folder (another user's, a read-only mount) came
+    out of create and build as a DataError, not the GalleryError of the rest of the API."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    items = [GalleryItem(photo, "x") for photo in make_images(tmp_path / "photos", 1)]
+    refusal = f"^{locked / 'new' / 'lib'}: cannot make the folder in {locked} "
+    with read_only_folder(locked):
+        with pytest.raises(GalleryError, match=refusal):
+            Gallery.build(locked / "new" / "lib", PixelEmbedder(), items)
+        with pytest.raises(GalleryError, match=refusal):
+            new_gallery(locked / "new" / "lib")
 
 
 @pytest.mark.parametrize(

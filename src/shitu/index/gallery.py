@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
-from shitu.errors import GalleryError, did_you_mean, first_few
+from shitu.errors import DataError, GalleryError, did_you_mean, first_few
 from shitu.fileio import (
     check_writable,
     expanded_path,
@@ -428,7 +428,7 @@ class Gallery:
             backend_options=backend_options,
         )
         Manifest.check_typed_options(index_type, manifest.backend_options)  # values first
-        check_writable(root.parent, str(root))  # a file in the way: named, no traceback
+        _check_writable_place(root)  # a file in the way: named, no traceback
         # Staged as a build is: a write that fails (a full disk) or is interrupted leaves
         # no folder beside `path`, and one killed outright is removed by the next.
         with staging_folder(root, "creating") as tmp:
@@ -495,7 +495,7 @@ class Gallery:
         items = gallery_items(items, "build")
         # The folders it goes in made, as `create` makes them: the staging beside it failed
         # on a FileNotFoundError that named its lock file
-        check_writable(root.parent, str(root))
+        _check_writable_place(root)
         with staging_folder(root, "building") as tmp:
             try:
                 with cls.create_for(tmp, embedder, **options) as gallery:
@@ -1417,6 +1417,17 @@ def _library_path(path: str | Path) -> Path:
         raise GalleryError(f"expected a gallery library's path, got {path!r}")
     refuse_url(path, "gallery libraries", GalleryError)
     return expanded_path(path)
+
+
+def _check_writable_place(root: Path) -> None:
+    """Make the folders the new library `root` goes in and check they can be written in
+    (`check_writable`), refused as a GalleryError: a file in the way, no permission or a
+    read-only disk came out of create and build as a DataError, missed by a caller that
+    catches the GalleryError everything else they refuse with is."""
+    try:
+        check_writable(root.parent, str(root))
+    except DataError as exc:
+        raise GalleryError(str(exc)) from None
 
 
 def _into_place(staged: Path, root: Path) -> None:
