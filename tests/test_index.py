@@ -79,6 +79,24 @@ def test_a_library_in_a_folder_not_writable_is_a_gallery_error(tmp_path):
             new_gallery(locked / "new" / "lib")
 
 
+def test_a_library_that_fails_leaves_no_folder_made_for_it(tmp_path, monkeypatch):
+    """`Gallery.build("new/sub/lib", ...)` that then added nothing, or a create whose write
+    failed (a full disk), left behind the folders made for the library, as the command
+    (`shitu index build --out new/sub/lib`) does not; a folder that was there stays."""
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    with pytest.raises(gallery_module.NothingAddedError):
+        Gallery.build(tmp_path / "new" / "sub" / "lib", PixelEmbedder(), [GalleryItem(broken, "x")])
+
+    def full_disk(self, manifest) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(MetadataStore, "write_manifest", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        new_gallery(tmp_path / "new" / "sub" / "lib")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["broken.png"]
+
+
 @pytest.mark.parametrize(
     "stop", [OSError(28, "No space left on device"), KeyboardInterrupt()], ids=["full", "ctrl-c"]
 )

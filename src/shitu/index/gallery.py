@@ -34,6 +34,7 @@ from shitu.fileio import (
     occupied,
     refuse_non_utf8_path,
     refuse_url,
+    removed_if_left_empty,
     special_kind,
     staging_folder,
 )
@@ -428,31 +429,32 @@ class Gallery:
             backend_options=backend_options,
         )
         Manifest.check_typed_options(index_type, manifest.backend_options)  # values first
-        _check_writable_place(root)  # a file in the way: named, no traceback
-        # Staged as a build is: a write that fails (a full disk) or is interrupted leaves
-        # no folder beside `path`, and one killed outright is removed by the next.
-        with staging_folder(root, "creating") as tmp:
-            tmp.mkdir()
-            try:
-                store = MetadataStore(tmp / LIBRARY_FILE, create=True)
+        with removed_if_left_empty(root.parent):  # a create that fails leaves none of them
+            _check_writable_place(root)  # a file in the way: named, no traceback
+            # Staged as a build is: a write that fails (a full disk) or is interrupted leaves
+            # no folder beside `path`, and one killed outright is removed by the next.
+            with staging_folder(root, "creating") as tmp:
+                tmp.mkdir()
                 try:
-                    with store.transaction():
-                        store.write_manifest(manifest)
-                finally:
-                    store.close()
-                _into_place(tmp, root)
-            except BaseException:
+                    store = MetadataStore(tmp / LIBRARY_FILE, create=True)
+                    try:
+                        with store.transaction():
+                            store.write_manifest(manifest)
+                    finally:
+                        store.close()
+                    _into_place(tmp, root)
+                except BaseException:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    raise
+            fsync_dir(root.parent)
+            try:
+                return cls._open(root, replace_collection=replace_collection)
+            except BaseException:  # e.g. a Milvus collection another library holds: none made
+                os.replace(root, tmp)
                 shutil.rmtree(tmp, ignore_errors=True)
+                if existed:  # the empty folder it was given
+                    root.mkdir()
                 raise
-        fsync_dir(root.parent)
-        try:
-            return cls._open(root, replace_collection=replace_collection)
-        except BaseException:  # e.g. a Milvus collection another library holds: none made
-            os.replace(root, tmp)
-            shutil.rmtree(tmp, ignore_errors=True)
-            if existed:  # the empty folder it was given
-                root.mkdir()
-            raise
 
     @classmethod
     def create_for(cls, path: str | Path, embedder: Embedder, **options: Any) -> Gallery:
@@ -495,31 +497,32 @@ class Gallery:
         items = gallery_items(items, "build")
         # The folders it goes in made, as `create` makes them: the staging beside it failed
         # on a FileNotFoundError that named its lock file
-        _check_writable_place(root)
-        with staging_folder(root, "building") as tmp:
-            try:
-                with cls.create_for(tmp, embedder, **options) as gallery:
-                    try:
-                        report = gallery.add_files(
-                            embedder, items, batch_size, progress, allow_duplicates
-                        )
-                        if not len(report.ids):
-                            raise NothingAddedError(root, len(items), report)
-                    except BaseException:
-                        gallery.discard()  # a Milvus collection, outside the folder
-                        raise
-                _into_place(tmp, root)
-            except BaseException as exc:
-                shutil.rmtree(tmp, ignore_errors=True)
-                if isinstance(exc, IndexSyncError):  # not "kept": its library was the staging
-                    raise GalleryError(f"{root}: not built: {exc.failure}") from exc
-                if isinstance(exc, GalleryError) and str(tmp) in str(exc):
-                    # a write refused in the staging folder (a full disk), which is gone:
-                    # named by the library's path, which the user gave
-                    raise GalleryError(str(exc).replace(str(tmp), str(root))) from exc
-                raise
-        fsync_dir(root.parent)
-        return report
+        with removed_if_left_empty(root.parent):  # a build that fails leaves none of them
+            _check_writable_place(root)
+            with staging_folder(root, "building") as tmp:
+                try:
+                    with cls.create_for(tmp, embedder, **options) as gallery:
+                        try:
+                            report = gallery.add_files(
+                                embedder, items, batch_size, progress, allow_duplicates
+                            )
+                            if not len(report.ids):
+                                raise NothingAddedError(root, len(items), report)
+                        except BaseException:
+                            gallery.discard()  # a Milvus collection, outside the folder
+                            raise
+                    _into_place(tmp, root)
+                except BaseException as exc:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    if isinstance(exc, IndexSyncError):  # not "kept": its library was the staging
+                        raise GalleryError(f"{root}: not built: {exc.failure}") from exc
+                    if isinstance(exc, GalleryError) and str(tmp) in str(exc):
+                        # a write refused in the staging folder (a full disk), which is gone:
+                        # named by the library's path, which the user gave
+                        raise GalleryError(str(exc).replace(str(tmp), str(root))) from exc
+                    raise
+            fsync_dir(root.parent)
+            return report
 
     @classmethod
     def open_for(
