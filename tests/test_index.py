@@ -1489,7 +1489,7 @@ def test_refresh_catches_up_with_other_writers_but_not_with_another_model(tmp_pa
         other = PixelEmbedder(fingerprint="pixels-4-retrained")
         with Gallery.open(path) as writer:
             writer.reembed(other)
-        with pytest.raises(GalleryError, match="built with model pixels-4-retrained"):
+        with pytest.raises(GalleryError, match="re-embedded with model pixels-4-retrained"):
             reader.refresh()  # its features would not match this model's queries
         hits = reader.search(embedder.extract_files([str(images[0])]).features, k=1)
         assert hits.labels[0, 0] == "first"  # still serving what it had

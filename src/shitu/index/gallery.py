@@ -187,6 +187,21 @@ def _committed_manifest(
     return manifest
 
 
+def _refuse_reembedded(root: Path, committed: Manifest, model: tuple[str, int]) -> None:
+    """A ModelMismatchError where the library as `committed` holds another model's features
+    than `model` (fingerprint, embedding size), the one it held when this process opened
+    it: another process has re-embedded it since. `check_model`'s advice (another model or
+    precision, or a re-embedding) is wrong here: the re-embedding is what happened."""
+    fingerprint, size = committed.model_fingerprint, committed.embedding_dim
+    if (fingerprint, size) != model:
+        raise ModelMismatchError(
+            f"{root}: re-embedded with model {fingerprint} ({size}-d features) by another "
+            f"process since this one opened it (of model {model[0]}); nothing was changed: "
+            f"open it again, with model {fingerprint}",
+            fingerprint,
+        )
+
+
 def _open_store(root: Path) -> MetadataStore:
     """The library's database, refused with a one-line error where there is no library."""
     if not root.exists():
@@ -871,7 +886,9 @@ class Gallery:
         this one serving."""
         self.last_change = None
         with self._store.reading():  # one generation's manifest, index file and labels
-            manifest = _committed_manifest(self.root, self._store, self._model)
+            manifest = _committed_manifest(self.root, self._store, None)
+            if self._model is not None:  # it was opened for this model, which it held then
+                _refuse_reembedded(self.root, manifest, self._model)
             id_labels = self._store.id_labels()
             old = self._backend
             catch_up = old.follow(manifest)
@@ -954,7 +971,7 @@ class Gallery:
         def mutate() -> tuple[Change | None, AddReport]:
             # Another process may have re-embedded the library with another model since:
             # these features would be mixed into its new ones (or fail inside Faiss)
-            self.manifest.check_model(*model, str(self.root))
+            _refuse_reembedded(self.root, self.manifest, model)
             keep = list(range(count))
             duplicates: list[str] = []
             if not allow_duplicates:
