@@ -79,6 +79,30 @@ def test_a_library_in_a_folder_not_writable_is_a_gallery_error(tmp_path):
             new_gallery(locked / "new" / "lib")
 
 
+def test_a_library_whose_rename_into_place_is_refused_names_why(tmp_path, monkeypatch):
+    """A rename of the new library into place refused by the system (its folder made
+    read-only meanwhile, a mount point) was said to be a library "built meanwhile by
+    another process?", which there was not."""
+    parent = tmp_path / "parent"
+    parent.mkdir()
+    write_manifest = MetadataStore.write_manifest
+    made_read_only = contextlib.ExitStack()
+
+    def folder_made_read_only(store, manifest) -> None:
+        write_manifest(store, manifest)
+        made_read_only.enter_context(read_only_folder(parent))
+
+    monkeypatch.setattr(MetadataStore, "write_manifest", folder_made_read_only)
+    with made_read_only, pytest.raises(GalleryError) as refused:
+        new_gallery(parent / "lib")
+    assert re.fullmatch(
+        f"{re.escape(str(parent / 'lib'))}: cannot move the new library into place "
+        r"\((Operation not permitted|Permission denied)\)",
+        str(refused.value),
+    ), refused.value
+    assert not (parent / "lib").exists()
+
+
 def test_a_library_that_fails_leaves_no_folder_made_for_it(tmp_path, monkeypatch):
     """`Gallery.build("new/sub/lib", ...)` that then added nothing, or a create whose write
     failed (a full disk), left behind the folders made for the library, as the command

@@ -10,6 +10,7 @@ killed at any point leaves either the previous library or the new one.
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import shlex
@@ -1453,12 +1454,17 @@ def _check_writable_place(root: Path) -> None:
 def _into_place(staged: Path, root: Path) -> None:
     """Rename a library written whole in `staged` to `root`; a GalleryError where another
     process made one there since `root` was checked (an OSError that named the staging
-    folder, from `create`)."""
+    folder, from `create`), or naming the system's reason where the rename failed
+    otherwise (no permission, `root` a mount point), which is no library made meanwhile."""
     try:
         os.replace(staged, root)
-    except OSError as exc:  # another build or create to the same path finished first
+    except OSError as exc:
+        if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):  # another build or create finished first
+            raise GalleryError(
+                f"{root}: already exists (built meanwhile by another process?): {exc.strerror}"
+            ) from None
         raise GalleryError(
-            f"{root}: already exists (built meanwhile by another process?): {exc.strerror}"
+            f"{root}: cannot move the new library into place ({exc.strerror or exc})"
         ) from None
 
 
