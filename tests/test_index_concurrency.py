@@ -241,6 +241,22 @@ def test_a_rebuild_decides_its_settings_from_another_processs_rebuild_since(tmp_
         assert reopened.manifest.backend_options == {"ef_search": 128}
 
 
+def test_a_rebuild_refuses_a_setting_its_type_never_reads_without_the_write_lock(
+    tmp_path, monkeypatch
+):
+    """`rebuild("Flat", nprobe=10)` waited for the library's write lock (up to
+    LOCK_WAIT_S behind another process's write, then refused as busy) before refusing the
+    setting, which it can tell from what it was given alone."""
+    path = tmp_path / "lib"
+    new_library(path)
+    monkeypatch.setattr(metadata, "LOCK_WAIT_S", 0.2)  # without the fix: refused as busy
+    refused = pytest.raises(GalleryError, match=r"^index option nprobe: only with index_type IVF")
+    with Gallery.open(path) as gallery, other_process_holding(path, "BEGIN IMMEDIATE"), refused:
+        gallery.rebuild("Flat", nprobe=10)
+    with Gallery.open(path) as reopened:
+        assert reopened.manifest.index_type == "Flat" and reopened.verify() == []
+
+
 def test_an_add_after_another_process_re_embedded_the_library_is_refused(tmp_path):
     """A library opened without a model, then re-embedded by another process with a model
     of the same size: an add of the old model's features took them in beside the new

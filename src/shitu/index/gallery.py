@@ -1181,6 +1181,10 @@ class Gallery:
                 f"{self.root}: rebuild keeps the index where it is; {' and '.join(moved)} "
                 "can only be chosen when a library is made (build a new one)"
             )
+        # A setting the type given never reads is refused now, not after waiting for the
+        # write lock (an unknown type is refused by name when written)
+        if index_type in INDEX_TYPES:
+            Manifest.check_typed_options(index_type, backend_options)
         dropped: dict[str, Any] = {}
 
         def settings(committed: Manifest) -> dict[str, Any]:
@@ -1188,7 +1192,7 @@ class Gallery:
             copy, a rebuild by another process since was undone (its settings lost, or
             ones its type never reads kept)."""
             new_type = index_type or committed.index_type
-            if new_type in INDEX_TYPES:  # an unknown type is refused by name when written
+            if index_type is None and new_type in INDEX_TYPES:  # the type as committed
                 Manifest.check_typed_options(new_type, backend_options)
             stored = committed.backend_options
             dropped.update(unread_options(new_type, stored))  # those given: read, as checked
