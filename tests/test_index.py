@@ -49,7 +49,8 @@ def new_gallery(path: Path, **kwargs) -> Gallery:
 def test_a_library_is_built_in_folders_not_made_yet_and_not_under_a_file(tmp_path):
     """`Gallery.build("out/galleries/mine", ...)` failed on a FileNotFoundError naming its
     staging folder's lock file (`create` made the folders); a file in the way of either
-    failed on a FileExistsError or NotADirectoryError traceback."""
+    failed on a FileExistsError or NotADirectoryError traceback, then on a DataError, which
+    a caller catching the GalleryError the rest of the API raises missed."""
     photos = make_images(tmp_path / "photos", 2)
     items = [GalleryItem(photo, "x") for photo in photos]
     deep = tmp_path / "out" / "galleries" / "mine"
@@ -58,10 +59,66 @@ def test_a_library_is_built_in_folders_not_made_yet_and_not_under_a_file(tmp_pat
         assert gallery.verify() == [] and len(gallery) == 2
     under_a_file = photos[0] / "lib"
     refusal = f"^{under_a_file}: {photos[0]} is a file, not a folder$"
-    with pytest.raises(DataError, match=refusal):
+    with pytest.raises(GalleryError, match=refusal):
         Gallery.build(under_a_file, PixelEmbedder(), items)
-    with pytest.raises(DataError, match=refusal):
+    with pytest.raises(GalleryError, match=refusal):
         new_gallery(under_a_file)
+
+
+def test_a_library_in_a_folder_not_writable_is_a_gallery_error(tmp_path):
+    """No permission to make the library's folder (another user's, a read-only mount) came
+    out of create and build as a DataError, not the GalleryError of the rest of the API."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    items = [GalleryItem(photo, "x") for photo in make_images(tmp_path / "photos", 1)]
+    refusal = f"^{locked / 'new' / 'lib'}: cannot make the folder in {locked} "
+    with read_only_folder(locked):
+        with pytest.raises(GalleryError, match=refusal):
+            Gallery.build(locked / "new" / "lib", PixelEmbedder(), items)
+        with pytest.raises(GalleryError, match=refusal):
+            new_gallery(locked / "new" / "lib")
+
+
+def test_a_library_whose_rename_into_place_is_refused_names_why(tmp_path, monkeypatch):
+    """A rename of the new library into place refused by the system (its folder made
+    read-only meanwhile, a mount point) was said to be a library "built meanwhile by
+    another process?", which there was not."""
+    parent = tmp_path / "parent"
+    parent.mkdir()
+    write_manifest = MetadataStore.write_manifest
+    made_read_only = contextlib.ExitStack()
+
+    def folder_made_read_only(store, manifest) -> None:
+        write_manifest(store, manifest)
+        made_read_only.enter_context(read_only_folder(parent))
+
+    monkeypatch.setattr(MetadataStore, "write_manifest", folder_made_read_only)
+    with made_read_only, pytest.raises(GalleryError) as refused:
+        new_gallery(parent / "lib")
+    assert re.fullmatch(
+        f"{re.escape(str(parent / 'lib'))}: cannot move the new library into place "
+        r"\((Operation not permitted|Permission denied)\)",
+        str(refused.value),
+    ), refused.value
+    assert not (parent / "lib").exists()
+
+
+def test_a_library_that_fails_leaves_no_folder_made_for_it(tmp_path, monkeypatch):
+    """`Gallery.build("new/sub/lib", ...)` that then added nothing, or a create whose write
+    failed (a full disk), left behind the folders made for the library, as the command
+    (`shitu index build --out new/sub/lib`) does not; a folder that was there stays."""
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    with pytest.raises(gallery_module.NothingAddedError):
+        Gallery.build(tmp_path / "new" / "sub" / "lib", PixelEmbedder(), [GalleryItem(broken, "x")])
+
+    def full_disk(self, manifest) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(MetadataStore, "write_manifest", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        new_gallery(tmp_path / "new" / "sub" / "lib")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["broken.png"]
 
 
 @pytest.mark.parametrize(
@@ -1462,7 +1519,7 @@ def test_refresh_catches_up_with_other_writers_but_not_with_another_model(tmp_pa
         other = PixelEmbedder(fingerprint="pixels-4-retrained")
         with Gallery.open(path) as writer:
             writer.reembed(other)
-        with pytest.raises(GalleryError, match="built with model pixels-4-retrained"):
+        with pytest.raises(GalleryError, match="re-embedded with model pixels-4-retrained"):
             reader.refresh()  # its features would not match this model's queries
         hits = reader.search(embedder.extract_files([str(images[0])]).features, k=1)
         assert hits.labels[0, 0] == "first"  # still serving what it had

@@ -241,24 +241,51 @@ def test_a_rebuild_decides_its_settings_from_another_processs_rebuild_since(tmp_
         assert reopened.manifest.backend_options == {"ef_search": 128}
 
 
+def test_a_rebuild_refuses_a_setting_its_type_never_reads_without_the_write_lock(
+    tmp_path, monkeypatch
+):
+    """`rebuild("Flat", nprobe=10)` waited for the library's write lock (up to
+    LOCK_WAIT_S behind another process's write, then refused as busy) before refusing the
+    setting, which it can tell from what it was given alone."""
+    path = tmp_path / "lib"
+    new_library(path)
+    monkeypatch.setattr(metadata, "LOCK_WAIT_S", 0.2)  # without the fix: refused as busy
+    refused = pytest.raises(GalleryError, match=r"^index option nprobe: only with index_type IVF")
+    with Gallery.open(path) as gallery, other_process_holding(path, "BEGIN IMMEDIATE"), refused:
+        gallery.rebuild("Flat", nprobe=10)
+    with Gallery.open(path) as reopened:
+        assert reopened.manifest.index_type == "Flat" and reopened.verify() == []
+
+
 def test_an_add_after_another_process_re_embedded_the_library_is_refused(tmp_path):
     """A library opened without a model, then re-embedded by another process with a model
     of the same size: an add of the old model's features took them in beside the new
     model's, silent garbage in every search (of another size, Faiss failed on a bare
-    AssertionError)."""
+    AssertionError). The refusal advised another model or --precision, or a re-embedding,
+    where the re-embedding was what happened: it says so, and to open the library again."""
     photos = make_images(tmp_path / "photos", 4)
     old, new = PixelEmbedder(fingerprint="old"), PixelEmbedder(fingerprint="new")
     path = tmp_path / "lib"
     Gallery.build(path, old, [GalleryItem(photo, "base") for photo in photos[:2]])
-    with Gallery.open(path) as gallery:
+
+    def refusal(model: str, size: int, opened_with: str) -> str:
+        return re.escape(
+            f"{path}: re-embedded with model {model} ({size}-d features) by another process "
+            f"since this one opened it (of model {opened_with}); nothing was changed: open it "
+            f"again, with model {model}"
+        )
+
+    with Gallery.open(path) as gallery, Gallery.open(path, embedder=old) as for_old:
         with Gallery.open(path) as other_writer:
             other_writer.reembed(new)
-        with pytest.raises(ModelMismatchError, match="built with model new but this model is old"):
+        with pytest.raises(ModelMismatchError, match=f"^{refusal('new', 48, 'old')}$"):
             gallery.add_files(old, [GalleryItem(photos[2], "late")])
+        with pytest.raises(ModelMismatchError, match=f"^{refusal('new', 48, 'old')}$"):
+            for_old.add_files(old, [GalleryItem(photos[2], "late")])  # `shitu index add`'s way
         wider = PixelEmbedder(side=8, fingerprint="wider")
         with Gallery.open(path) as other_writer:
             other_writer.reembed(wider)
-        with pytest.raises(ModelMismatchError, match="holds 192-d features of model wider"):
+        with pytest.raises(ModelMismatchError, match=f"^{refusal('wider', 192, 'new')}$"):
             gallery.add(np.ones((1, new.embedding_size), np.float32), ["late"])
     with Gallery.open(path, embedder=wider) as reopened:
         assert reopened.verify() == [] and reopened.label_counts() == {"base": 2}

@@ -10,6 +10,7 @@ killed at any point leaves either the previous library or the new one.
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import shlex
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
-from shitu.errors import GalleryError, did_you_mean, first_few
+from shitu.errors import DataError, GalleryError, did_you_mean, first_few
 from shitu.fileio import (
     check_writable,
     expanded_path,
@@ -34,6 +35,7 @@ from shitu.fileio import (
     occupied,
     refuse_non_utf8_path,
     refuse_url,
+    removed_if_left_empty,
     special_kind,
     staging_folder,
 )
@@ -184,6 +186,21 @@ def _committed_manifest(
     if model is not None:
         manifest.check_model(*model, str(root))
     return manifest
+
+
+def _refuse_reembedded(root: Path, committed: Manifest, model: tuple[str, int]) -> None:
+    """A ModelMismatchError where the library as `committed` holds another model's features
+    than `model` (fingerprint, embedding size), the one it held when this process opened
+    it: another process has re-embedded it since. `check_model`'s advice (another model or
+    precision, or a re-embedding) is wrong here: the re-embedding is what happened."""
+    fingerprint, size = committed.model_fingerprint, committed.embedding_dim
+    if (fingerprint, size) != model:
+        raise ModelMismatchError(
+            f"{root}: re-embedded with model {fingerprint} ({size}-d features) by another "
+            f"process since this one opened it (of model {model[0]}); nothing was changed: "
+            f"open it again, with model {fingerprint}",
+            fingerprint,
+        )
 
 
 def _open_store(root: Path) -> MetadataStore:
@@ -428,31 +445,32 @@ class Gallery:
             backend_options=backend_options,
         )
         Manifest.check_typed_options(index_type, manifest.backend_options)  # values first
-        check_writable(root.parent, str(root))  # a file in the way: named, no traceback
-        # Staged as a build is: a write that fails (a full disk) or is interrupted leaves
-        # no folder beside `path`, and one killed outright is removed by the next.
-        with staging_folder(root, "creating") as tmp:
-            tmp.mkdir()
-            try:
-                store = MetadataStore(tmp / LIBRARY_FILE, create=True)
+        with removed_if_left_empty(root.parent):  # a create that fails leaves none of them
+            _check_writable_place(root)  # a file in the way: named, no traceback
+            # Staged as a build is: a write that fails (a full disk) or is interrupted leaves
+            # no folder beside `path`, and one killed outright is removed by the next.
+            with staging_folder(root, "creating") as tmp:
+                tmp.mkdir()
                 try:
-                    with store.transaction():
-                        store.write_manifest(manifest)
-                finally:
-                    store.close()
-                _into_place(tmp, root)
-            except BaseException:
+                    store = MetadataStore(tmp / LIBRARY_FILE, create=True)
+                    try:
+                        with store.transaction():
+                            store.write_manifest(manifest)
+                    finally:
+                        store.close()
+                    _into_place(tmp, root)
+                except BaseException:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    raise
+            fsync_dir(root.parent)
+            try:
+                return cls._open(root, replace_collection=replace_collection)
+            except BaseException:  # e.g. a Milvus collection another library holds: none made
+                os.replace(root, tmp)
                 shutil.rmtree(tmp, ignore_errors=True)
+                if existed:  # the empty folder it was given
+                    root.mkdir()
                 raise
-        fsync_dir(root.parent)
-        try:
-            return cls._open(root, replace_collection=replace_collection)
-        except BaseException:  # e.g. a Milvus collection another library holds: none made
-            os.replace(root, tmp)
-            shutil.rmtree(tmp, ignore_errors=True)
-            if existed:  # the empty folder it was given
-                root.mkdir()
-            raise
 
     @classmethod
     def create_for(cls, path: str | Path, embedder: Embedder, **options: Any) -> Gallery:
@@ -495,31 +513,32 @@ class Gallery:
         items = gallery_items(items, "build")
         # The folders it goes in made, as `create` makes them: the staging beside it failed
         # on a FileNotFoundError that named its lock file
-        check_writable(root.parent, str(root))
-        with staging_folder(root, "building") as tmp:
-            try:
-                with cls.create_for(tmp, embedder, **options) as gallery:
-                    try:
-                        report = gallery.add_files(
-                            embedder, items, batch_size, progress, allow_duplicates
-                        )
-                        if not len(report.ids):
-                            raise NothingAddedError(root, len(items), report)
-                    except BaseException:
-                        gallery.discard()  # a Milvus collection, outside the folder
-                        raise
-                _into_place(tmp, root)
-            except BaseException as exc:
-                shutil.rmtree(tmp, ignore_errors=True)
-                if isinstance(exc, IndexSyncError):  # not "kept": its library was the staging
-                    raise GalleryError(f"{root}: not built: {exc.failure}") from exc
-                if isinstance(exc, GalleryError) and str(tmp) in str(exc):
-                    # a write refused in the staging folder (a full disk), which is gone:
-                    # named by the library's path, which the user gave
-                    raise GalleryError(str(exc).replace(str(tmp), str(root))) from exc
-                raise
-        fsync_dir(root.parent)
-        return report
+        with removed_if_left_empty(root.parent):  # a build that fails leaves none of them
+            _check_writable_place(root)
+            with staging_folder(root, "building") as tmp:
+                try:
+                    with cls.create_for(tmp, embedder, **options) as gallery:
+                        try:
+                            report = gallery.add_files(
+                                embedder, items, batch_size, progress, allow_duplicates
+                            )
+                            if not len(report.ids):
+                                raise NothingAddedError(root, len(items), report)
+                        except BaseException:
+                            gallery.discard()  # a Milvus collection, outside the folder
+                            raise
+                    _into_place(tmp, root)
+                except BaseException as exc:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    if isinstance(exc, IndexSyncError):  # not "kept": its library was the staging
+                        raise GalleryError(f"{root}: not built: {exc.failure}") from exc
+                    if isinstance(exc, GalleryError) and str(tmp) in str(exc):
+                        # a write refused in the staging folder (a full disk), which is gone:
+                        # named by the library's path, which the user gave
+                        raise GalleryError(str(exc).replace(str(tmp), str(root))) from exc
+                    raise
+            fsync_dir(root.parent)
+            return report
 
     @classmethod
     def open_for(
@@ -868,7 +887,9 @@ class Gallery:
         this one serving."""
         self.last_change = None
         with self._store.reading():  # one generation's manifest, index file and labels
-            manifest = _committed_manifest(self.root, self._store, self._model)
+            manifest = _committed_manifest(self.root, self._store, None)
+            if self._model is not None:  # it was opened for this model, which it held then
+                _refuse_reembedded(self.root, manifest, self._model)
             id_labels = self._store.id_labels()
             old = self._backend
             catch_up = old.follow(manifest)
@@ -951,7 +972,7 @@ class Gallery:
         def mutate() -> tuple[Change | None, AddReport]:
             # Another process may have re-embedded the library with another model since:
             # these features would be mixed into its new ones (or fail inside Faiss)
-            self.manifest.check_model(*model, str(self.root))
+            _refuse_reembedded(self.root, self.manifest, model)
             keep = list(range(count))
             duplicates: list[str] = []
             if not allow_duplicates:
@@ -1160,6 +1181,10 @@ class Gallery:
                 f"{self.root}: rebuild keeps the index where it is; {' and '.join(moved)} "
                 "can only be chosen when a library is made (build a new one)"
             )
+        # A setting the type given never reads is refused now, not after waiting for the
+        # write lock (an unknown type is refused by name when written)
+        if index_type in INDEX_TYPES:
+            Manifest.check_typed_options(index_type, backend_options)
         dropped: dict[str, Any] = {}
 
         def settings(committed: Manifest) -> dict[str, Any]:
@@ -1167,7 +1192,7 @@ class Gallery:
             copy, a rebuild by another process since was undone (its settings lost, or
             ones its type never reads kept)."""
             new_type = index_type or committed.index_type
-            if new_type in INDEX_TYPES:  # an unknown type is refused by name when written
+            if index_type is None and new_type in INDEX_TYPES:  # the type as committed
                 Manifest.check_typed_options(new_type, backend_options)
             stored = committed.backend_options
             dropped.update(unread_options(new_type, stored))  # those given: read, as checked
@@ -1419,15 +1444,31 @@ def _library_path(path: str | Path) -> Path:
     return expanded_path(path)
 
 
+def _check_writable_place(root: Path) -> None:
+    """Make the folders the new library `root` goes in and check they can be written in
+    (`check_writable`), refused as a GalleryError: a file in the way, no permission or a
+    read-only disk came out of create and build as a DataError, missed by a caller that
+    catches the GalleryError everything else they refuse with is."""
+    try:
+        check_writable(root.parent, str(root))
+    except DataError as exc:
+        raise GalleryError(str(exc)) from None
+
+
 def _into_place(staged: Path, root: Path) -> None:
     """Rename a library written whole in `staged` to `root`; a GalleryError where another
     process made one there since `root` was checked (an OSError that named the staging
-    folder, from `create`)."""
+    folder, from `create`), or naming the system's reason where the rename failed
+    otherwise (no permission, `root` a mount point), which is no library made meanwhile."""
     try:
         os.replace(staged, root)
-    except OSError as exc:  # another build or create to the same path finished first
+    except OSError as exc:
+        if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):  # another build or create finished first
+            raise GalleryError(
+                f"{root}: already exists (built meanwhile by another process?): {exc.strerror}"
+            ) from None
         raise GalleryError(
-            f"{root}: already exists (built meanwhile by another process?): {exc.strerror}"
+            f"{root}: cannot move the new library into place ({exc.strerror or exc})"
         ) from None
 
 
