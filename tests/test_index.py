@@ -247,6 +247,25 @@ def test_a_label_files_header_line_is_refused_saying_to_comment_it_out(tmp_path)
         parse_label_file(listing)
 
 
+def test_a_label_file_line_naming_a_path_too_long_for_a_file_is_a_missing_image(tmp_path):
+    """A path column over 255 bytes (ENAMETOOLONG, which pathlib's exists() raises) stopped
+    the whole list on an OSError naming no list or line; it names no file, as a missing
+    image's line, which fails alone when read. First (the header check), listed, and
+    commented out, with backslashes (read as a Windows list's)."""
+    long_name = "a" * 300 + ".jpg"
+    (tmp_path / "ok.jpg").touch()
+    listing = tmp_path / "gallery.txt"
+    listing.write_text(
+        f"{long_name}\tKiwi\nok.jpg\tFig\n#{long_name}\tKiwi\nsub\\{long_name}\tPear\n"
+    )
+    items = parse_label_file(listing)
+    assert [(item.path.name, item.label) for item in items] == [
+        (long_name, "Kiwi"),
+        ("ok.jpg", "Fig"),
+        (f"sub\\{long_name}", "Pear"),
+    ]
+
+
 def test_a_label_file_with_its_columns_swapped_is_refused_saying_so(tmp_path):
     """`label<TAB>path` (a table exported in that order) failed image by image as missing
     files named after the labels, `could not add Kiwi`, nothing saying why."""

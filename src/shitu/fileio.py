@@ -523,6 +523,15 @@ def remove_dead_staging(parent: Path, target: str = "*", doing: str = "*") -> No
             continue
 
 
+def path_exists(path: Path) -> bool:
+    """`path.exists()`, but a name too long for a file (ENAMETOOLONG, which pathlib raises)
+    names none: a list's line naming one is a missing file, not a traceback."""
+    try:
+        return path.exists()
+    except OSError:
+        return False
+
+
 def listed_file(folder: Path, name: str) -> Path:
     """The file that a list in `folder` (a label file, a COCO or VOC annotation list) names
     as `name`, relative to it or absolute: on a system whose separator is '/', a name with
@@ -530,9 +539,9 @@ def listed_file(folder: Path, name: str) -> Path:
     a list made on Windows has them (a backslash may be part of a file name there, so the
     name as written comes first)."""
     path = folder / name
-    if "\\" in name and os.sep == "/" and not path.exists():
+    if "\\" in name and os.sep == "/" and not path_exists(path):
         posix = folder / name.replace("\\", "/")
-        if posix.exists():
+        if path_exists(posix):
             return posix
     return path
 

@@ -18,6 +18,7 @@ from shitu.fileio import (
     SAVE_AS_UTF8,
     is_given_path,
     listed_file,
+    path_exists,
     read_text,
     refuse_url,
     special_kind,
@@ -175,13 +176,13 @@ def parse_label_file(path: Path, resolve: bool = True) -> list[GalleryItem]:
             raise DataError(f"{path}:{number}: {exc}") from None
         image = image.strip()
         full = listed_file(path.parent, image)
-        if not full.exists() and Path(image).exists():
+        if not path_exists(full) and path_exists(Path(image)):
             raise DataError(
                 f"{path}:{number}: {image} is not in {path.parent.resolve()} but is in the "
                 "working directory; paths in a label file are relative to its folder (or "
                 "absolute)"
             )
-        if not full.exists() and _names_an_image(path.parent, label):
+        if not path_exists(full) and _names_an_image(path.parent, label):
             # `label<TAB>path` (a table exported in that order): every line failed as a
             # missing file named after its label, and nothing said the columns were swapped.
             # Only a label naming an image there counts: one missing image labelled
@@ -190,7 +191,8 @@ def parse_label_file(path: Path, resolve: bool = True) -> list[GalleryItem]:
                 f"{path}:{number}: expected `path<TAB>label`, got {line!r}: the label names "
                 f"an image and the path ({image}) no file; are the columns the other way round?"
             )
-        if full.is_dir():  # else skipped when read, with advice for Python callers
+        # else skipped when read, with advice for Python callers
+        if path_exists(full) and full.is_dir():
             raise DataError(
                 f"{path}:{number}: {image} is a folder; a label file lists image files, one a "
                 "line (a folder of images is given to the command itself, with --label LABEL "
@@ -205,10 +207,8 @@ def _names_an_image(folder: Path, label: str) -> bool:
     written `label<TAB>path` has; a label too long for a file name names none."""
     if Path(label).suffix.lower() not in IMAGE_SUFFIXES:
         return False
-    try:
-        return listed_file(folder, label).is_file()
-    except OSError:  # ENAMETOOLONG: labels may be longer than a file name can be
-        return False
+    listed = listed_file(folder, label)  # labels may be longer than a file name can be
+    return path_exists(listed) and listed.is_file()
 
 
 def _refuse_a_header(path: Path, text: str) -> None:
@@ -223,7 +223,7 @@ def _refuse_a_header(path: Path, text: str) -> None:
         return
     (number, first), (_, second) = listed[:2]
     head = first.split("\t", 1)[0].strip()
-    if is_header(first, second, listed_file(path.parent, head).exists()):
+    if is_header(first, second, path_exists(listed_file(path.parent, head))):
         raise header_error(path, number, first, head, "beside the file")
 
 
@@ -231,7 +231,8 @@ def _warn_if_a_file_is_commented_out(path: Path, number: int, line: str) -> None
     """Warn of a `#` line, a comment, whose path names a file beside the list: a photo named
     `#1.jpg` would otherwise be left out of the gallery without a word."""
     image = line.split("\t", 1)[0].strip()
-    if "\t" in line and listed_file(path.parent, image).is_file():
+    listed = listed_file(path.parent, image)
+    if "\t" in line and path_exists(listed) and listed.is_file():
         logger.warning(
             "%s:%d: skipped as a comment (it starts with #), though %s is a file there; "
             "to list it, write its path as ./%s",
