@@ -241,18 +241,24 @@ def test_a_rebuild_decides_its_settings_from_another_processs_rebuild_since(tmp_
         assert reopened.manifest.backend_options == {"ef_search": 128}
 
 
-def test_a_rebuild_refuses_a_setting_its_type_never_reads_without_the_write_lock(
+def test_a_rebuild_refuses_a_type_or_setting_it_cannot_build_without_the_write_lock(
     tmp_path, monkeypatch
 ):
-    """`rebuild("Flat", nprobe=10)` waited for the library's write lock (up to
-    LOCK_WAIT_S behind another process's write, then refused as busy) before refusing the
-    setting, which it can tell from what it was given alone."""
+    """`rebuild("Flat", nprobe=10)` or `rebuild("HSNW32")` waited for the library's write
+    lock (up to LOCK_WAIT_S behind another process's write, then refused as busy) before
+    refusing the setting or type, which it can tell from what it was given alone."""
     path = tmp_path / "lib"
     new_library(path)
     monkeypatch.setattr(metadata, "LOCK_WAIT_S", 0.2)  # without the fix: refused as busy
-    refused = pytest.raises(GalleryError, match=r"^index option nprobe: only with index_type IVF")
-    with Gallery.open(path) as gallery, other_process_holding(path, "BEGIN IMMEDIATE"), refused:
-        gallery.rebuild("Flat", nprobe=10)
+    refusals = [
+        (("Flat",), {"nprobe": 10}, r"^index option nprobe: only with index_type IVF"),
+        (("HSNW32",), {}, r"^unknown index type 'HSNW32': choose one of \('Flat', "),
+    ]
+    for args, options, refusal in refusals:
+        refused = pytest.raises(GalleryError, match=refusal)
+        held = other_process_holding(path, "BEGIN IMMEDIATE")
+        with Gallery.open(path) as gallery, held, refused:
+            gallery.rebuild(*args, **options)
     with Gallery.open(path) as reopened:
         assert reopened.manifest.index_type == "Flat" and reopened.verify() == []
 

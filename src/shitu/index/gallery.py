@@ -1181,9 +1181,10 @@ class Gallery:
                 f"{self.root}: rebuild keeps the index where it is; {' and '.join(moved)} "
                 "can only be chosen when a library is made (build a new one)"
             )
-        # A setting the type given never reads is refused now, not after waiting for the
-        # write lock (an unknown type is refused by name when written)
-        if index_type in INDEX_TYPES:
+        # An unknown type given, or a setting it never reads, is refused now, not after
+        # waiting for the write lock
+        if index_type is not None:
+            Manifest.check_index_type(index_type)
             Manifest.check_typed_options(index_type, backend_options)
         dropped: dict[str, Any] = {}
 

@@ -107,10 +107,7 @@ class Manifest:
     def __post_init__(self) -> None:
         if self.metric not in METRICS:
             raise GalleryError(f"unknown metric '{self.metric}': choose one of {METRICS}")
-        if self.index_type not in INDEX_TYPES:
-            raise GalleryError(
-                f"unknown index type '{self.index_type}': choose one of {INDEX_TYPES}"
-            )
+        self.check_index_type(self.index_type)
         if self.backend not in BACKENDS:
             raise GalleryError(f"unknown backend '{self.backend}': choose one of {BACKENDS}")
         dim = self.embedding_dim
@@ -157,6 +154,12 @@ class Manifest:
                     f"{given} must be a letter or underscore followed by "
                     f"letters, digits and underscores, at most 255 in all, got {value!r}"
                 )
+
+    @staticmethod
+    def check_index_type(index_type: str) -> None:
+        """Refuse an index type no backend builds."""
+        if index_type not in INDEX_TYPES:
+            raise GalleryError(f"unknown index type '{index_type}': choose one of {INDEX_TYPES}")
 
     @staticmethod
     def check_typed_options(
