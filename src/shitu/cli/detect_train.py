@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shlex
 import sys
@@ -44,18 +45,19 @@ _SHOWN_CLASSES = 5
 MULTI_SCALE_STEPS = (-64, -32, 0, 32, 64)
 # The seeds DetectionTrainConfig takes, refused as the option, not as the config's field
 SEED = bounded(int, 0, 2**63 - 1, "a whole number from 0 to 2**63 - 1")
-# The options that set a run, by their DetectionTrainConfig field, with their defaults (None:
-# the architecture's). Left out with --resume, each is the run's own, from its checkpoint: a
-# default in its place exported at another size or stretched the learning-rate schedule.
+# The options that set a run, by their DetectionTrainConfig field, whose default they take
+# (the sizes: the architecture's). Left out with --resume, each is the run's own, from its
+# checkpoint: a default in its place exported at another size or stretched the schedule.
 RUN_OPTIONS = {
-    "arch": ("arch", "picodet_s_esnet"),
-    "epochs": ("epochs", 300),
-    "batch_size": ("batch_size", 80),
-    "lr": ("learning_rate", 0.1),
-    "input_size": ("eval_size", None),
-    "train_sizes": ("train_sizes", None),
-    "seed": ("seed", 0),
+    "arch": "arch",
+    "epochs": "epochs",
+    "batch_size": "batch_size",
+    "lr": "learning_rate",
+    "input_size": "eval_size",
+    "train_sizes": "train_sizes",
+    "seed": "seed",
 }
+ARCH_SIZES = ("eval_size", "train_sizes")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -164,10 +166,13 @@ def _run_settings(
     the checkpoint's `saved` config of a resumed run, else the default; and, in words, the
     options given that change the resumed run's settings."""
     from shitu.detection.model import resolve_arch
+    from shitu.detection.train import DetectionTrainConfig
 
+    defaults = {field.name: field.default for field in dataclasses.fields(DetectionTrainConfig)}
     settings: dict[str, Any] = {}
     changes = []
-    for option, (field, default) in RUN_OPTIONS.items():
+    for option, field in RUN_OPTIONS.items():
+        default = None if field in ARCH_SIZES else defaults[field]
         given = getattr(args, option)
         kept = None if saved is None else saved.get(field)
         settings[field] = given if given is not None else kept if kept is not None else default
