@@ -412,14 +412,15 @@ def _verify(model_dir: Path, manifest: dict, name: str) -> None:
     """The file must be the one the export wrote (a swapped or truncated file is an error)."""
     path = model_dir / name
     expected = manifest.get("files", {}).get(name)
-    shipped = default_model.is_shipped_model(model_dir)
     if not path.is_file() or expected is None:
         hint = " with --int8-calibration" if name == INT8_FILE else ""
         # A file there but not recorded was put there by hand (or by another export).
         problem = "not one the export recorded" if path.is_file() else "missing from the export"
+        shipped = default_model.is_shipped_model(model_dir)
         remedy = SHIPPED_MODEL_DAMAGED if shipped else f"re-run `shitu export`{hint}"
         raise CheckpointError(f"{path}: {problem} ({remedy})")
     if file_sha256(path) != expected:
+        shipped = default_model.is_shipped_model(model_dir)
         changed = f"changed? {SHIPPED_MODEL_DAMAGED}" if shipped else "changed?"
         raise CheckpointError(f"{path}: does not match {model_dir}/shitu_model.json ({changed})")
 
