@@ -176,13 +176,14 @@ def parse_label_file(path: Path, resolve: bool = True) -> list[GalleryItem]:
             raise DataError(f"{path}:{number}: {exc}") from None
         image = image.strip()
         full = listed_file(path.parent, image)
-        if not path_exists(full) and path_exists(Path(image)):
+        exists = path_exists(full)  # one look a line, for the checks below
+        if not exists and path_exists(Path(image)):
             raise DataError(
                 f"{path}:{number}: {image} is not in {path.parent.resolve()} but is in the "
                 "working directory; paths in a label file are relative to its folder (or "
                 "absolute)"
             )
-        if not path_exists(full) and _names_an_image(path.parent, label):
+        if not exists and _names_an_image(path.parent, label):
             # `label<TAB>path` (a table exported in that order): every line failed as a
             # missing file named after its label, and nothing said the columns were swapped.
             # Only a label naming an image there counts: one missing image labelled
@@ -192,7 +193,7 @@ def parse_label_file(path: Path, resolve: bool = True) -> list[GalleryItem]:
                 f"an image and the path ({image}) no file; are the columns the other way round?"
             )
         # else skipped when read, with advice for Python callers
-        if path_exists(full) and full.is_dir():
+        if exists and full.is_dir():
             raise DataError(
                 f"{path}:{number}: {image} is a folder; a label file lists image files, one a "
                 "line (a folder of images is given to the command itself, with --label LABEL "
